@@ -1,0 +1,43 @@
+//! Counters the dataplane keeps and the agent reads.
+
+use crate::pod;
+
+/// Packets and bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+impl Counter {
+    pub fn add(&mut self, other: &Counter) {
+        self.packets += other.packets;
+        self.bytes += other.bytes;
+    }
+}
+
+pod!(Counter);
+
+/// XDP verdicts are counted by their action code (`XDP_ABORTED` = 0 .. `XDP_REDIRECT` = 4).
+pub const VERDICTS: u32 = 5;
+pub const VERDICT_NAMES: [&str; VERDICTS as usize] = ["aborted", "drop", "pass", "tx", "redirect"];
+
+/// Index of an interface slot's verdict counter in `IFACE_STATS`.
+#[inline(always)]
+pub const fn iface_stat_index(slot: u32, action: u32) -> u32 {
+    slot * VERDICTS + action
+}
+
+/// Why the dataplane dropped a packet: the index into `DROP_STATS`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    /// A header is truncated or has an impossible length field.
+    Malformed = 0,
+    /// More VLAN tags or IPv6 extension headers than the parser follows.
+    TooDeep = 1,
+}
+
+pub const DROP_REASONS: u32 = 2;
+pub const DROP_REASON_NAMES: [&str; DROP_REASONS as usize] = ["malformed", "too_deep"];

@@ -1,0 +1,229 @@
+//! Parse a frame once into a [`PacketMeta`]. One small function per header, each doing its
+//! own bounds check (the verifier needs the `data + off + size <= data_end` comparison
+//! right before the access) and returning where the next header starts.
+
+use core::mem::size_of;
+
+use aya_ebpf::programs::XdpContext;
+use xdpgate_common::stats::DropReason;
+
+use crate::headers::*;
+
+/// 802.1Q tags followed before giving up (QinQ is two).
+const MAX_VLAN_TAGS: usize = 2;
+/// IPv6 extension headers followed before giving up.
+const MAX_EXT_HDRS: usize = 6;
+/// Headers must start within this many bytes of the frame; it also gives the verifier a
+/// bound on every variable offset.
+const MAX_HDR_OFF: usize = 512;
+
+pub const FRAG_NONE: u8 = 0;
+/// First fragment: L4 header present, more fragments follow.
+pub const FRAG_FIRST: u8 = 1;
+/// Non-first fragment: no L4 header, ports unknown.
+pub const FRAG_LATER: u8 = 2;
+
+/// What the pipeline needs to know about an IP packet. Addresses are network-order bytes;
+/// IPv4 uses the first four.
+#[derive(Clone, Copy)]
+pub struct PacketMeta {
+    pub family: u8,
+    pub proto: u8,
+    pub frag: u8,
+    pub tcp_flags: u8,
+    pub icmp_type: u8,
+    pub icmp_code: u8,
+    /// Source and destination port in host order; for ICMP echo both hold the identifier.
+    pub sport: u16,
+    pub dport: u16,
+    pub l3_off: u16,
+    pub l4_off: u16,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+}
+
+pub enum Parsed {
+    /// Not IPv4 or IPv6 (ARP, LLDP, ...): the dataplane leaves it to the kernel.
+    NotIp,
+    Ip(PacketMeta),
+}
+
+#[inline(always)]
+fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Result<*const T, DropReason> {
+    let start = ctx.data();
+    if off > MAX_HDR_OFF || start + off + size_of::<T>() > ctx.data_end() {
+        return Err(DropReason::Malformed);
+    }
+    Ok((start + off) as *const T)
+}
+
+#[inline(always)]
+pub fn parse(ctx: &XdpContext) -> Result<Parsed, DropReason> {
+    let (ether_type, l3_off) = parse_eth(ctx)?;
+    let mut meta = PacketMeta {
+        family: 0,
+        proto: 0,
+        frag: FRAG_NONE,
+        tcp_flags: 0,
+        icmp_type: 0,
+        icmp_code: 0,
+        sport: 0,
+        dport: 0,
+        l3_off: l3_off as u16,
+        l4_off: 0,
+        src: [0; 16],
+        dst: [0; 16],
+    };
+    let l4_off = match ether_type {
+        ETH_P_IP => parse_ipv4(ctx, l3_off, &mut meta)?,
+        ETH_P_IPV6 => parse_ipv6(ctx, l3_off, &mut meta)?,
+        _ => return Ok(Parsed::NotIp),
+    };
+    meta.l4_off = l4_off as u16;
+    if meta.frag != FRAG_LATER {
+        parse_l4(ctx, l4_off, &mut meta)?;
+    }
+    Ok(Parsed::Ip(meta))
+}
+
+/// Ethernet and up to [`MAX_VLAN_TAGS`] VLAN tags: returns the inner EtherType and the
+/// offset of the L3 header.
+#[inline(always)]
+fn parse_eth(ctx: &XdpContext) -> Result<(u16, usize), DropReason> {
+    let eth: *const EthHdr = ptr_at(ctx, 0)?;
+    let mut ether_type = be16(unsafe { (*eth).ether_type });
+    let mut off = size_of::<EthHdr>();
+    for _ in 0..MAX_VLAN_TAGS {
+        if ether_type != ETH_P_8021Q && ether_type != ETH_P_8021AD {
+            return Ok((ether_type, off));
+        }
+        let vlan: *const VlanHdr = ptr_at(ctx, off)?;
+        ether_type = be16(unsafe { (*vlan).ether_type });
+        off += size_of::<VlanHdr>();
+    }
+    if ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD {
+        return Err(DropReason::TooDeep);
+    }
+    Ok((ether_type, off))
+}
+
+#[inline(always)]
+fn parse_ipv4(ctx: &XdpContext, off: usize, meta: &mut PacketMeta) -> Result<usize, DropReason> {
+    let ip: *const Ipv4Hdr = ptr_at(ctx, off)?;
+    let ip = unsafe { &*ip };
+    let ihl = ((ip.version_ihl & 0x0f) as usize) * 4;
+    let total_len = be16(ip.total_len) as usize;
+    if ip.version_ihl >> 4 != 4 || ihl < size_of::<Ipv4Hdr>() || total_len < ihl {
+        return Err(DropReason::Malformed);
+    }
+    // A packet shorter than its IP length is truncated; trailing Ethernet padding is fine.
+    if ctx.data() + off + total_len > ctx.data_end() {
+        return Err(DropReason::Malformed);
+    }
+    meta.family = 4;
+    meta.proto = ip.proto;
+    meta.src[..4].copy_from_slice(&ip.src);
+    meta.dst[..4].copy_from_slice(&ip.dst);
+    let frag = be16(ip.frag_off);
+    meta.frag = if frag & 0x1fff != 0 {
+        FRAG_LATER
+    } else if frag & 0x2000 != 0 {
+        FRAG_FIRST
+    } else {
+        FRAG_NONE
+    };
+    Ok(off + ihl)
+}
+
+#[inline(always)]
+fn parse_ipv6(ctx: &XdpContext, off: usize, meta: &mut PacketMeta) -> Result<usize, DropReason> {
+    let ip: *const Ipv6Hdr = ptr_at(ctx, off)?;
+    let ip = unsafe { &*ip };
+    if ip.vtc_flow[0] >> 4 != 6 {
+        return Err(DropReason::Malformed);
+    }
+    if ctx.data() + off + size_of::<Ipv6Hdr>() + be16(ip.payload_len) as usize > ctx.data_end() {
+        return Err(DropReason::Malformed);
+    }
+    meta.family = 6;
+    meta.src = ip.src;
+    meta.dst = ip.dst;
+    let mut next = ip.next_hdr;
+    let mut off = off + size_of::<Ipv6Hdr>();
+    for _ in 0..MAX_EXT_HDRS {
+        match next {
+            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
+                let ext: *const Ipv6ExtHdr = ptr_at(ctx, off)?;
+                let ext = unsafe { &*ext };
+                next = ext.next_hdr;
+                off += (ext.hdr_len as usize + 1) * 8;
+            }
+            IPPROTO_FRAGMENT => {
+                let frag: *const Ipv6FragHdr = ptr_at(ctx, off)?;
+                let frag = unsafe { &*frag };
+                next = frag.next_hdr;
+                off += size_of::<Ipv6FragHdr>();
+                let fo = be16(frag.frag_off);
+                if fo & 0xfff8 != 0 {
+                    meta.proto = next;
+                    meta.frag = FRAG_LATER;
+                    return Ok(off);
+                }
+                if fo & 1 != 0 {
+                    meta.frag = FRAG_FIRST;
+                }
+            }
+            _ => {
+                meta.proto = next;
+                return Ok(off);
+            }
+        }
+    }
+    Err(DropReason::TooDeep)
+}
+
+/// Ports, TCP flags and ICMP type. A first fragment too short to hold its L4 header is
+/// dropped: it would hide the ports from the rules (RFC 1858).
+#[inline(always)]
+fn parse_l4(ctx: &XdpContext, off: usize, meta: &mut PacketMeta) -> Result<(), DropReason> {
+    match meta.proto {
+        IPPROTO_TCP => {
+            let tcp: *const TcpHdr = ptr_at(ctx, off)?;
+            let tcp = unsafe { &*tcp };
+            if (tcp.doff_res >> 4) < 5 {
+                return Err(DropReason::Malformed);
+            }
+            meta.sport = be16(tcp.sport);
+            meta.dport = be16(tcp.dport);
+            meta.tcp_flags = tcp.flags;
+        }
+        IPPROTO_UDP => {
+            let udp: *const UdpHdr = ptr_at(ctx, off)?;
+            let udp = unsafe { &*udp };
+            meta.sport = be16(udp.sport);
+            meta.dport = be16(udp.dport);
+        }
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+            let icmp: *const IcmpHdr = ptr_at(ctx, off)?;
+            let icmp = unsafe { &*icmp };
+            meta.icmp_type = icmp.kind;
+            meta.icmp_code = icmp.code;
+            if is_echo(meta.proto, icmp.kind) {
+                let id = be16([icmp.rest[0], icmp.rest[1]]);
+                meta.sport = id;
+                meta.dport = id;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Echo request or reply, the ICMP messages that form a flow by identifier.
+#[inline(always)]
+pub fn is_echo(proto: u8, kind: u8) -> bool {
+    match proto {
+        IPPROTO_ICMP => kind == 0 || kind == 8,
+        _ => kind == 128 || kind == 129,
+    }
+}

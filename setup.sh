@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# One idempotent setup for a fresh Debian machine: everything the eBPF build and the
+# tests need. Fast (a few checks, no network) when everything is already installed.
+set -euo pipefail
+
+need_root() { [ "$(id -u)" = 0 ] || { echo "setup.sh: run as root (XDP and namespaces need it)" >&2; exit 1; }; }
+need_root
+
+# Debian packages: LLVM 22 for bpf-linker, and the tools the tests and benchmarks use.
+pkgs=(llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev iproute2 iputils-ping bpftool tcpdump nftables iperf3
+      netsniff-ng xdp-tools curl python3 ethtool)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# aya-build compiles the eBPF crate with nightly and -Z build-std=core.
+if ! rustup component list --toolchain nightly --installed 2>/dev/null | grep -q '^rust-src'; then
+  echo "setup: adding rust-src to nightly"
+  rustup component add rust-src --toolchain nightly
+fi
+
+# bpf-linker, linked against Debian's LLVM 22.
+if ! command -v bpf-linker >/dev/null 2>&1; then
+  echo "setup: building bpf-linker against LLVM 22 (takes a few minutes once)"
+  LLVM_PREFIX=/usr/lib/llvm-22 cargo install --locked bpf-linker --no-default-features --features llvm-22
+fi
+
+# bpffs for pinned maps.
+if ! mount | grep -q ' /sys/fs/bpf type bpf'; then
+  mount -t bpf bpf /sys/fs/bpf
+fi

@@ -1,0 +1,169 @@
+//! Helpers shared by the kernel and end-to-end tests: network namespaces and veth pairs
+//! that remove themselves, pin directories that detach and vanish, threads that run inside
+//! a namespace, and the xdpgate binary.
+#![allow(dead_code, reason = "each test binary uses a different subset")]
+
+use std::{
+    path::PathBuf,
+    process::{Command, Output},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use xdpgate::dataplane::PinDir;
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A short name unique to this process and call, fit for interfaces (15 chars max).
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}{}x{}", std::process::id() % 100_000, SEQ.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Runs a command, panicking with its output when it fails.
+pub fn run(cmd: &str, args: &[&str]) -> Output {
+    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("spawn {cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {} failed: {}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A network namespace deleted (with its interfaces) on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(prefix: &str) -> Self {
+        let name = unique(prefix);
+        run("ip", &["netns", "add", &name]);
+        let ns = Self { name };
+        ns.exec("ip", &["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// Runs a command inside the namespace, panicking if it fails.
+    pub fn exec(&self, cmd: &str, args: &[&str]) -> Output {
+        let mut full = vec!["netns", "exec", &self.name, cmd];
+        full.extend_from_slice(args);
+        run("ip", &full)
+    }
+
+    /// Runs a command inside the namespace and returns its output, whatever its status.
+    pub fn try_exec(&self, cmd: &str, args: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.name, cmd])
+            .args(args)
+            .output()
+            .expect("spawn ip netns exec")
+    }
+
+    /// Runs `f` on a new thread that has entered this namespace.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        let name = self.name.clone();
+        std::thread::spawn(move || {
+            xdpgate::netns::enter(&name).expect("enter netns");
+            f()
+        })
+    }
+
+    /// Runs `f` inside this namespace and waits for it.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        self.spawn(f).join().expect("thread in netns panicked")
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+/// Joins two namespaces with a veth pair, `a_addr`/`b_addr` as CIDR addresses (v4 or v6,
+/// several comma-separated). Returns the interface names (in a, in b).
+pub fn veth(a: &Netns, a_addrs: &str, b: &Netns, b_addrs: &str) -> (String, String) {
+    let (ia, ib) = (unique("va"), unique("vb"));
+    run(
+        "ip",
+        &[
+            "link", "add", &ia, "netns", &a.name, "type", "veth", "peer", "name", &ib, "netns",
+            &b.name,
+        ],
+    );
+    for (ns, ifname, addrs) in [(a, &ia, a_addrs), (b, &ib, b_addrs)] {
+        for addr in addrs.split(',').filter(|s| !s.is_empty()) {
+            // nodad: IPv6 addresses usable at once.
+            let mut args = vec!["addr", "add", addr, "dev", ifname.as_str()];
+            if addr.contains(':') {
+                args.push("nodad");
+            }
+            ns.exec("ip", &args);
+        }
+        ns.exec("ip", &["link", "set", ifname, "up"]);
+    }
+    (ia, ib)
+}
+
+/// A pin directory of its own for one test, with everything in it detached and removed on
+/// drop.
+pub struct Pins {
+    pub dir: PinDir,
+    /// Namespace the attachments live in, for `xdpgate --netns`.
+    pub netns: Option<String>,
+}
+
+impl Pins {
+    pub fn new() -> Self {
+        let dir = PinDir::new(format!("/sys/fs/bpf/{}", unique("xgtest")));
+        dir.ensure().expect("pin dir");
+        Self { dir, netns: None }
+    }
+
+    pub fn in_netns(ns: &Netns) -> Self {
+        let mut pins = Self::new();
+        pins.netns = Some(ns.name.clone());
+        pins
+    }
+
+    /// Runs the xdpgate binary against this pin directory; panics on failure.
+    pub fn xdpgate(&self, args: &[&str]) -> String {
+        let out = self.try_xdpgate(args);
+        assert!(
+            out.status.success(),
+            "xdpgate {} failed:\n{}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf8")
+    }
+
+    pub fn try_xdpgate(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new(xdpgate_bin());
+        cmd.arg("--pin-dir").arg(self.dir.path());
+        if let Some(ns) = &self.netns {
+            cmd.args(["--netns", ns]);
+        }
+        cmd.args(args).output().expect("spawn xdpgate")
+    }
+}
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        // Unpinning the links detaches the programs; then the map pins can go.
+        let _ = self.try_xdpgate(&["detach", "--all"]);
+        let _ = std::fs::remove_dir_all(self.dir.path());
+    }
+}
+
+pub mod packet;
+
+pub fn xdpgate_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_xdpgate"))
+}

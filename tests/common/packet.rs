@@ -1,0 +1,134 @@
+//! Builds test frames with etherparse (correct lengths and checksums), plus the raw
+//! surgery malformed cases need.
+
+use std::net::IpAddr;
+
+use etherparse::{IpHeaders, PacketBuilder, PacketBuilderStep, VlanId};
+
+pub const MAC_A: [u8; 6] = [0x02, 0, 0, 0, 0, 0xa];
+pub const MAC_B: [u8; 6] = [0x02, 0, 0, 0, 0, 0xb];
+pub const ETH_LEN: usize = 14;
+
+/// The L4 part of a test packet.
+#[derive(Clone, Copy, Debug)]
+pub enum L4 {
+    /// TCP with the given flags byte (e.g. SYN = 0x02).
+    Tcp(u16, u16, u8),
+    Udp(u16, u16),
+    /// ICMP or ICMPv6 echo request with this identifier.
+    Echo(u16),
+}
+
+pub const SYN: u8 = 0x02;
+pub const ACK: u8 = 0x10;
+pub const FIN: u8 = 0x01;
+pub const RST: u8 = 0x04;
+
+fn ip(src: IpAddr, dst: IpAddr, vlans: &[u16]) -> PacketBuilderStep<IpHeaders> {
+    let eth = PacketBuilder::ethernet2(MAC_A, MAC_B);
+    let vid = |v: u16| VlanId::try_new(v).expect("vlan id");
+    match (src, dst, vlans) {
+        (IpAddr::V4(s), IpAddr::V4(d), []) => eth.ipv4(s.octets(), d.octets(), 64),
+        (IpAddr::V4(s), IpAddr::V4(d), [v]) => {
+            eth.single_vlan(vid(*v)).ipv4(s.octets(), d.octets(), 64)
+        }
+        (IpAddr::V4(s), IpAddr::V4(d), [o, i]) => {
+            eth.double_vlan(vid(*o), vid(*i)).ipv4(s.octets(), d.octets(), 64)
+        }
+        (IpAddr::V6(s), IpAddr::V6(d), []) => eth.ipv6(s.octets(), d.octets(), 64),
+        (IpAddr::V6(s), IpAddr::V6(d), [v]) => {
+            eth.single_vlan(vid(*v)).ipv6(s.octets(), d.octets(), 64)
+        }
+        _ => panic!("mixed address families or too many VLANs"),
+    }
+}
+
+/// A complete frame: Ethernet, optional VLAN tags, IPv4 or IPv6, L4 and `payload`.
+pub fn frame_vlan(src: &str, dst: &str, l4: L4, vlans: &[u16], payload: &[u8]) -> Vec<u8> {
+    let (src, dst): (IpAddr, IpAddr) = (src.parse().unwrap(), dst.parse().unwrap());
+    let ip = ip(src, dst, vlans);
+    let mut out = Vec::new();
+    let v6 = src.is_ipv6();
+    match l4 {
+        L4::Tcp(sp, dp, flags) => {
+            let mut b = ip.tcp(sp, dp, 1000, 64240);
+            if flags & SYN != 0 {
+                b = b.syn();
+            }
+            if flags & ACK != 0 {
+                b = b.ack(1);
+            }
+            if flags & FIN != 0 {
+                b = b.fin();
+            }
+            if flags & RST != 0 {
+                b = b.rst();
+            }
+            b.write(&mut out, payload)
+        }
+        L4::Udp(sp, dp) => ip.udp(sp, dp).write(&mut out, payload),
+        L4::Echo(id) if v6 => ip.icmpv6_echo_request(id, 1).write(&mut out, payload),
+        L4::Echo(id) => ip.icmpv4_echo_request(id, 1).write(&mut out, payload),
+    }
+    .expect("build packet");
+    out
+}
+
+pub fn frame(src: &str, dst: &str, l4: L4) -> Vec<u8> {
+    frame_vlan(src, dst, l4, &[], b"xdpgate")
+}
+
+/// Recomputes the IPv4 header checksum after surgery on the header at `off`.
+pub fn fix_ipv4_checksum(p: &mut [u8], off: usize) {
+    let ihl = ((p[off] & 0xf) as usize) * 4;
+    p[off + 10] = 0;
+    p[off + 11] = 0;
+    let mut sum = 0u32;
+    for c in p[off..off + ihl].chunks(2) {
+        sum += u32::from(u16::from_be_bytes([c[0], c[1]]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    p[off + 10..off + 12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+}
+
+/// Sets the IPv4 total length (and checksum).
+pub fn set_ipv4_total_len(p: &mut [u8], off: usize, len: u16) {
+    p[off + 2..off + 4].copy_from_slice(&len.to_be_bytes());
+    fix_ipv4_checksum(p, off);
+}
+
+/// Sets the IPv4 fragment field (flags and offset in 8-byte units).
+pub fn set_ipv4_frag(p: &mut [u8], off: usize, more: bool, offset8: u16) {
+    let v = offset8 | if more { 0x2000 } else { 0 };
+    p[off + 6..off + 8].copy_from_slice(&v.to_be_bytes());
+    fix_ipv4_checksum(p, off);
+}
+
+/// Inserts IPv6 extension headers (each `(type, 8-byte blocks beyond the first)`) between
+/// the IPv6 header and its payload, fixing next-header chain and payload length.
+pub fn insert_ipv6_ext(p: &[u8], exts: &[(u8, u8)]) -> Vec<u8> {
+    let ip = ETH_LEN;
+    let l4 = ip + 40;
+    let mut next = p[ip + 6];
+    let mut ext_bytes = Vec::new();
+    for &(kind, extra) in exts.iter().rev() {
+        let len = 8 * (usize::from(extra) + 1);
+        let mut h = vec![0u8; len];
+        h[0] = next;
+        h[1] = extra;
+        if kind == 44 {
+            assert_eq!(extra, 0, "fragment header is 8 bytes");
+        }
+        ext_bytes.splice(0..0, h);
+        next = kind;
+    }
+    let mut out = p[..l4].to_vec();
+    out[ip + 6] = next;
+    let payload_len = u16::from_be_bytes([p[ip + 4], p[ip + 5]]) as usize + ext_bytes.len();
+    out[ip + 4..ip + 6].copy_from_slice(&(payload_len as u16).to_be_bytes());
+    out.extend_from_slice(&ext_bytes);
+    out.extend_from_slice(&p[l4..]);
+    out
+}

@@ -1,0 +1,200 @@
+//! Loading, attaching and detaching the dataplane, and finding its pinned state again.
+//!
+//! Layout under the pin directory (default `/sys/fs/bpf/xdpgate`): one pin per map, named as
+//! in `xdpgate_common::maps`, and `links/<ifname>` for each attachment, so the program stays
+//! attached after the agent exits and a later `xdpgate detach` finds it.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result, anyhow, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, Map, MapData},
+    programs::{
+        Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+    },
+};
+use xdpgate_common::{
+    iface::{IfaceConfig, Role},
+    maps::{IFACES, MAX_IFACES},
+};
+
+use crate::EBPF_OBJ;
+
+/// Name of the dataplane's XDP program in the object.
+pub const PROGRAM: &str = "xdpgate";
+/// Name of the pass-everything baseline program.
+pub const NOOP_PROGRAM: &str = "xdp_noop";
+
+/// Where the maps and links of one xdpgate instance are pinned.
+#[derive(Clone, Debug)]
+pub struct PinDir(PathBuf);
+
+impl PinDir {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self(path.into())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+
+    fn links(&self) -> PathBuf {
+        self.0.join("links")
+    }
+
+    pub fn link(&self, ifname: &str) -> PathBuf {
+        self.links().join(ifname)
+    }
+
+    /// Names of the interfaces with a pinned attachment.
+    pub fn attached(&self) -> Result<Vec<String>> {
+        let Ok(dir) = fs::read_dir(self.links()) else { return Ok(Vec::new()) };
+        let mut names = dir
+            .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
+            .collect::<Result<Vec<_>>>()?;
+        names.sort();
+        Ok(names)
+    }
+
+    /// Makes sure bpffs is mounted under the pin directory and the directory exists.
+    pub fn ensure(&self) -> Result<()> {
+        ensure_bpffs(&self.0)?;
+        fs::create_dir_all(self.links())
+            .with_context(|| format!("creating pin directory {}", self.0.display()))
+    }
+
+    /// Opens a pinned map by name.
+    pub fn open_map(&self, name: &str) -> Result<Map> {
+        let path = self.map(name);
+        let data = MapData::from_pin(&path).with_context(|| {
+            format!("no pinned map at {} (is xdpgate attached?)", path.display())
+        })?;
+        Ok(Map::from_map_data(data)?)
+    }
+}
+
+/// Mounts bpffs at /sys/fs/bpf when `dir` lies under it and nothing is mounted there.
+fn ensure_bpffs(dir: &Path) -> Result<()> {
+    const BPFFS: &str = "/sys/fs/bpf";
+    if !dir.starts_with(BPFFS) {
+        return Ok(());
+    }
+    let mounts = fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
+    if mounts.lines().any(|l| l.split_whitespace().nth(1) == Some(BPFFS)) {
+        return Ok(());
+    }
+    fs::create_dir_all(BPFFS).context("creating /sys/fs/bpf")?;
+    let status = std::process::Command::new("mount")
+        .args(["-t", "bpf", "bpf", BPFFS])
+        .status()
+        .context("running mount")?;
+    if !status.success() {
+        bail!("mounting bpffs at {BPFFS} failed");
+    }
+    Ok(())
+}
+
+/// Loads the eBPF object with its maps pinned in (or reused from) `pins`.
+pub fn load(pins: &PinDir) -> Result<Ebpf> {
+    pins.ensure()?;
+    EbpfLoader::new()
+        .default_map_pin_directory(pins.path())
+        .load(EBPF_OBJ)
+        .context("loading the xdpgate eBPF object")
+}
+
+/// Loads and verifies one XDP program of `ebpf`.
+pub fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
+    let prog: &mut Xdp = ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("program {name} missing from the object"))?
+        .try_into()?;
+    prog.load().with_context(|| format!("loading program {name} into the kernel"))?;
+    Ok(prog)
+}
+
+/// How to attach: native (driver) mode unless the user asks for generic skb mode.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    #[default]
+    Native,
+    Skb,
+}
+
+/// Attaches the dataplane to `ifname` with `role`, pins the link and registers the interface.
+pub fn attach(pins: &PinDir, ifname: &str, role: Role, mode: Mode) -> Result<()> {
+    let ifindex = ifindex(ifname)?;
+    let link_pin = pins.link(ifname);
+    if link_pin.exists() {
+        bail!("xdpgate is already attached to {ifname} (pinned at {})", link_pin.display());
+    }
+    let mut ebpf = load(pins)?;
+    register(&mut ebpf, ifindex, role)?;
+    let prog = program(&mut ebpf, PROGRAM)?;
+    let xdp_mode = match mode {
+        Mode::Native => XdpMode::Driver,
+        Mode::Skb => XdpMode::Skb,
+    };
+    let id = prog.attach_to_if_index(ifindex, xdp_mode).map_err(|e| {
+        let hint = if mode == Mode::Native {
+            "; the driver may not support native XDP: try --mode skb"
+        } else {
+            ""
+        };
+        anyhow!("attaching to {ifname} in {mode:?} mode: {e}{hint}")
+    })?;
+    let link: FdLink = prog
+        .take_link(id)?
+        .try_into()
+        .map_err(|e| anyhow!("{ifname}: the kernel attached without a bpf_link ({e}), cannot pin"))?;
+    link.pin(&link_pin).with_context(|| format!("pinning link at {}", link_pin.display()))?;
+    Ok(())
+}
+
+/// Detaches the dataplane from `ifname` and forgets the interface.
+pub fn detach(pins: &PinDir, ifname: &str) -> Result<()> {
+    let link_pin = pins.link(ifname);
+    let link = PinnedLink::from_pin(&link_pin)
+        .with_context(|| format!("xdpgate is not attached to {ifname} ({} missing)", link_pin.display()))?;
+    // Unpinning drops the last reference once this handle closes: the kernel detaches.
+    drop(link.unpin()?);
+    if let Ok(ifindex) = ifindex(ifname) {
+        let mut ifaces: HashMap<_, u32, IfaceConfig> = pins.open_map(IFACES)?.try_into()?;
+        let _ = ifaces.remove(&ifindex);
+    }
+    Ok(())
+}
+
+/// Gives `ifindex` a counter slot and a role in the `IFACES` map.
+fn register(ebpf: &mut Ebpf, ifindex: u32, role: Role) -> Result<()> {
+    let mut ifaces: HashMap<_, u32, IfaceConfig> =
+        ebpf.map_mut(IFACES).ok_or_else(|| anyhow!("map {IFACES} missing"))?.try_into()?;
+    let used: Vec<u32> = ifaces.iter().filter_map(|e| e.ok()).map(|(_, c)| c.slot).collect();
+    let slot = match ifaces.get(&ifindex, 0) {
+        Ok(existing) => existing.slot,
+        Err(_) => (1..MAX_IFACES)
+            .find(|s| !used.contains(s))
+            .ok_or_else(|| anyhow!("all {} interface slots are in use", MAX_IFACES - 1))?,
+    };
+    ifaces.insert(ifindex, IfaceConfig { slot, role: role as u32 }, 0)?;
+    Ok(())
+}
+
+/// The ifindex of `ifname` in the current network namespace.
+pub fn ifindex(ifname: &str) -> Result<u32> {
+    let c = std::ffi::CString::new(ifname)?;
+    // SAFETY: c is a valid NUL-terminated string.
+    match unsafe { libc::if_nametoindex(c.as_ptr()) } {
+        0 => bail!("no interface named {ifname:?} in this network namespace"),
+        i => Ok(i),
+    }
+}

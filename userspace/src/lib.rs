@@ -1,0 +1,9 @@
+//! The xdpgate agent: loads the XDP dataplane, attaches it to interfaces, pins its state in
+//! bpffs and reads it back.
+
+pub mod dataplane;
+pub mod netns;
+pub mod stats;
+
+/// The compiled eBPF object (built by `build.rs` from `ebpf/`).
+pub static EBPF_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdpgate"));

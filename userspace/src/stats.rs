@@ -1,0 +1,130 @@
+//! Reading the dataplane's counters from their pins.
+
+use anyhow::Result;
+use aya::maps::{HashMap, PerCpuArray};
+use serde::Serialize;
+use xdpgate_common::{
+    iface::{IfaceConfig, Role},
+    maps::{DROP_STATS, IFACE_STATS, IFACES},
+    stats::{Counter, DROP_REASON_NAMES, DROP_REASONS, VERDICT_NAMES, VERDICTS, iface_stat_index},
+};
+
+use crate::dataplane::PinDir;
+
+#[derive(Debug, Default, Serialize, PartialEq, Eq, Clone, Copy)]
+pub struct Traffic {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+impl From<Counter> for Traffic {
+    fn from(c: Counter) -> Self {
+        Self { packets: c.packets, bytes: c.bytes }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct IfaceStats {
+    /// Interface name, or `ifindex N` when it no longer exists; `(unregistered)` for slot 0.
+    pub iface: String,
+    pub role: Option<&'static str>,
+    /// Verdict name to traffic, every verdict listed.
+    pub verdicts: Vec<(&'static str, Traffic)>,
+}
+
+impl IfaceStats {
+    pub fn verdict(&self, name: &str) -> Traffic {
+        self.verdicts.iter().find(|(n, _)| *n == name).map(|(_, t)| *t).unwrap_or_default()
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct Stats {
+    pub interfaces: Vec<IfaceStats>,
+    /// Drop reason to packets.
+    pub drops: Vec<(&'static str, u64)>,
+}
+
+impl Stats {
+    pub fn iface(&self, name: &str) -> Option<&IfaceStats> {
+        self.interfaces.iter().find(|i| i.iface == name)
+    }
+
+    pub fn drops(&self, reason: &str) -> u64 {
+        self.drops.iter().find(|(n, _)| *n == reason).map_or(0, |(_, v)| *v)
+    }
+
+    /// Human-readable table.
+    pub fn render(&self) -> String {
+        let mut out = format!("{:<18} {:<9} {:<9} {:>12} {:>14}\n", "INTERFACE", "ROLE", "VERDICT", "PACKETS", "BYTES");
+        for i in &self.interfaces {
+            for (verdict, t) in i.verdicts.iter().filter(|(_, t)| t.packets > 0) {
+                out += &format!(
+                    "{:<18} {:<9} {:<9} {:>12} {:>14}\n",
+                    i.iface,
+                    i.role.unwrap_or("-"),
+                    verdict,
+                    t.packets,
+                    t.bytes
+                );
+            }
+        }
+        out += &format!("\n{:<18} {:>12}\n", "DROP REASON", "PACKETS");
+        for (reason, n) in &self.drops {
+            out += &format!("{reason:<18} {n:>12}\n");
+        }
+        out
+    }
+}
+
+/// Sums the per-CPU counters of every registered interface, plus slot 0.
+pub fn read(pins: &PinDir) -> Result<Stats> {
+    let ifaces: HashMap<_, u32, IfaceConfig> = pins.open_map(IFACES)?.try_into()?;
+    let counters: PerCpuArray<_, Counter> = pins.open_map(IFACE_STATS)?.try_into()?;
+    let drops: PerCpuArray<_, u64> = pins.open_map(DROP_STATS)?.try_into()?;
+
+    let slot_stats = |slot: u32| -> Result<Vec<(&'static str, Traffic)>> {
+        (0..VERDICTS)
+            .map(|action| {
+                let mut sum = Counter::default();
+                for c in counters.get(&iface_stat_index(slot, action), 0)?.iter() {
+                    sum.add(c);
+                }
+                Ok((VERDICT_NAMES[action as usize], sum.into()))
+            })
+            .collect()
+    };
+
+    let mut interfaces = Vec::new();
+    let mut registered: Vec<(u32, IfaceConfig)> = ifaces.iter().collect::<Result<_, _>>()?;
+    registered.sort_by_key(|(_, c)| c.slot);
+    for (ifindex, cfg) in registered {
+        let role = match Role::from_u32(cfg.role) {
+            Role::External => "external",
+            Role::Internal => "internal",
+        };
+        interfaces.push(IfaceStats {
+            iface: ifname(ifindex).unwrap_or_else(|| format!("ifindex {ifindex}")),
+            role: Some(role),
+            verdicts: slot_stats(cfg.slot)?,
+        });
+    }
+    interfaces.push(IfaceStats { iface: "(unregistered)".into(), role: None, verdicts: slot_stats(0)? });
+
+    let drops = (0..DROP_REASONS)
+        .map(|r| Ok((DROP_REASON_NAMES[r as usize], drops.get(&r, 0)?.iter().sum())))
+        .collect::<Result<_>>()?;
+    Ok(Stats { interfaces, drops })
+}
+
+/// The name of `ifindex` in the current network namespace.
+pub fn ifname(ifindex: u32) -> Option<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: buf holds IF_NAMESIZE bytes as the call requires.
+    let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: on success buf holds a NUL-terminated name.
+    Some(unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned())
+}

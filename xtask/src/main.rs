@@ -1,0 +1,72 @@
+//! `cargo xtask`: the project's build, test and demo entry points.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "xdpgate developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what the eBPF build and the tests need (idempotent, fast when done).
+    Setup,
+    /// Run every test: unit, BPF_PROG_TEST_RUN and end-to-end (as root, one at a time).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Build a demo topology in network namespaces, attach xdpgate and send real traffic.
+    Demo,
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("spawning {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn setup() -> Result<()> {
+    run(Command::new("bash").arg(root().join("setup.sh")))
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = root();
+    match cli.task {
+        Task::Setup => setup(),
+        Task::Test { args } => {
+            setup()?;
+            // Kernel tests share kernel state (bpffs, namespaces, attached programs): one
+            // test at a time.
+            run(Command::new("cargo")
+                .current_dir(&root)
+                .args(["test", "--workspace", "--exclude", "xdpgate-ebpf"])
+                .args(&args)
+                .args(["--", "--test-threads=1"]))
+        }
+        Task::Demo => {
+            setup()?;
+            run(Command::new("cargo").current_dir(&root).args(["build", "--release", "-p", "xdpgate"]))?;
+            run(Command::new("bash")
+                .arg(root.join("xtask/demo.sh"))
+                .arg(root.join("target/release/xdpgate"))
+                .current_dir(&root))
+        }
+    }
+}
