@@ -163,7 +163,7 @@ fn cases() -> Vec<Case> {
 fn parser_verdicts_and_counters_in_kernel() {
     let pins = Pins::new();
     let mut ebpf = dataplane::load(&pins.dir).expect("load");
-    let prog = dataplane::program(&mut ebpf, dataplane::PROGRAM).expect("program");
+    let prog = dataplane::dataplane(&mut ebpf).expect("program");
 
     let mut failures = Vec::new();
     for c in cases() {

@@ -3,8 +3,10 @@
 //! the same bytes; the `user` feature adds `aya::Pod` for the agent.
 #![no_std]
 
+pub mod flow;
 pub mod iface;
 pub mod maps;
+pub mod nsg;
 pub mod stats;
 
 /// Marks types as plain old data for aya's typed maps, on the agent side only.
@@ -18,3 +20,11 @@ macro_rules! pod {
     };
 }
 pub(crate) use pod;
+
+/// Network-order address (or value) bytes as the `u32` words keys hold them: the same bytes
+/// in memory, with the alignment that spares the dataplane byte-wise copies.
+#[inline(always)]
+pub fn words(b: &[u8; 16]) -> [u32; 4] {
+    let w = |i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    [w(0), w(4), w(8), w(12)]
+}

@@ -14,3 +14,26 @@ pub const DROP_STATS: &str = "DROP_STATS";
 /// Interfaces one dataplane can be attached to at once. Slot 0 counts packets seen on an
 /// interface the agent did not register (for example `BPF_PROG_TEST_RUN` on `lo`).
 pub const MAX_IFACES: u32 = 64;
+
+/// `LpmTrie<FieldKey, RuleBitmap>`: every field of every NSG table.
+pub const NSG_FIELDS: &str = "NSG_FIELDS";
+/// `Array<u32>`: access (`ACCESS_*`) of rule `table * MAX_RULES + bit`.
+pub const NSG_RULES: &str = "NSG_RULES";
+/// `PerCpuArray<u64>`: flows decided by rule `table * MAX_RULES + bit`.
+pub const NSG_HITS: &str = "NSG_HITS";
+/// `Array<u32>` of one entry: the slot packets use.
+pub const ACTIVE_SLOT: &str = "ACTIVE_SLOT";
+/// `Array<PolicyConfig>`, one per slot.
+pub const POLICY_CONFIG: &str = "POLICY_CONFIG";
+/// `LruHashMap<FlowKey, FlowValue>`.
+pub const FLOWS: &str = "FLOWS";
+/// `LruHashMap<FragKey, u32>`: datagrams whose first fragment was allowed.
+pub const FRAGS: &str = "FRAGS";
+
+pub const NSG_FIELD_ENTRIES: u32 = 262_144;
+pub const FLOW_ENTRIES: u32 = 262_144;
+pub const FRAG_ENTRIES: u32 = 16_384;
+/// `ProgramArray`: later pipeline stages, entered by tail call.
+pub const PIPELINE: &str = "PIPELINE";
+/// Index of the policy stage in `PIPELINE`.
+pub const PIPELINE_POLICY: u32 = 0;

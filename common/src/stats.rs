@@ -37,7 +37,14 @@ pub enum DropReason {
     Malformed = 0,
     /// More VLAN tags or IPv6 extension headers than the parser follows.
     TooDeep = 1,
+    /// A network security group rule denied it.
+    Policy = 2,
+    /// A non-first fragment whose first fragment was not allowed (or not seen).
+    Fragment = 3,
+    /// The dataplane could not run a stage (a missing map entry or program); fails closed.
+    Internal = 4,
 }
 
-pub const DROP_REASONS: u32 = 2;
-pub const DROP_REASON_NAMES: [&str; DROP_REASONS as usize] = ["malformed", "too_deep"];
+pub const DROP_REASONS: u32 = 5;
+pub const DROP_REASON_NAMES: [&str; DROP_REASONS as usize] =
+    ["malformed", "too_deep", "policy", "fragment", "internal"];

@@ -2,33 +2,37 @@
 #![no_std]
 #![no_main]
 
+mod flow;
 mod headers;
 mod maps;
+mod nsg;
 mod parse;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use xdpgate_common::{
-    iface::IfaceConfig,
+    iface::{IfaceConfig, Role},
+    maps::PIPELINE_POLICY,
+    nsg::{DIR_INBOUND, DIR_OUTBOUND},
     stats::{DropReason, iface_stat_index},
 };
 
 use crate::{
-    maps::{DROP_STATS, IFACE_STATS, IFACES},
-    parse::{Parsed, parse},
+    maps::{DROP_STATS, IFACE_STATS, IFACES, PIPELINE, SCRATCH},
+    parse::{FRAG_FIRST, FRAG_LATER, Parsed, parse},
 };
 
-/// The dataplane. Every path computes a verdict, which is counted at this single exit.
+/// Stage one: parse. IP packets go on to the policy stage by tail call once a policy is
+/// applied; the split keeps each program small enough for the verifier to check every path
+/// (each parse path would otherwise be explored again through classification).
 #[xdp]
 pub fn xdpgate(ctx: XdpContext) -> u32 {
-    let action = match process(&ctx) {
-        Ok(action) => action,
-        Err(reason) => {
-            count_drop(reason);
-            xdp_action::XDP_DROP
-        }
-    };
-    count_verdict(&ctx, action);
-    action
+    finish(&ctx, parse_stage(&ctx))
+}
+
+/// Stage two: flow lookup (hit: done) -> NSG classify -> create flow.
+#[xdp]
+pub fn xdpgate_policy(ctx: XdpContext) -> u32 {
+    finish(&ctx, policy_stage(&ctx))
 }
 
 /// A program that passes everything: the baseline benchmarks divide by.
@@ -38,10 +42,58 @@ pub fn xdp_noop(_ctx: XdpContext) -> u32 {
 }
 
 #[inline(always)]
-fn process(ctx: &XdpContext) -> Result<u32, DropReason> {
-    match parse(ctx)? {
-        Parsed::NotIp => Ok(xdp_action::XDP_PASS),
-        Parsed::Ip(_meta) => Ok(xdp_action::XDP_PASS),
+fn parse_stage(ctx: &XdpContext) -> Result<u32, DropReason> {
+    let Parsed::Ip(meta) = parse(ctx)? else { return Ok(xdp_action::XDP_PASS) };
+    // Until the first policy is applied there is nothing to enforce.
+    if !nsg::active().is_some_and(|a| a.config.generation != 0) {
+        return Ok(xdp_action::XDP_PASS);
+    }
+    let slot = SCRATCH.get_ptr_mut(0).ok_or(DropReason::Internal)?;
+    unsafe {
+        *slot = meta;
+        PIPELINE.tail_call(ctx, PIPELINE_POLICY);
+    }
+    // Only reached when the policy stage is missing from PIPELINE: fail closed.
+    Err(DropReason::Internal)
+}
+
+#[inline(always)]
+fn policy_stage(ctx: &XdpContext) -> Result<u32, DropReason> {
+    // Written by the parse stage on this CPU just before the tail call.
+    let meta = SCRATCH.get(0).ok_or(DropReason::Internal)?;
+    let active = nsg::active().ok_or(DropReason::Internal)?;
+    let dir = direction(ctx);
+    if meta.frag == FRAG_LATER {
+        flow::later_fragment(&active, meta, dir)?;
+        return Ok(xdp_action::XDP_PASS);
+    }
+    flow::process(&active, meta, dir, (ctx.data_end() - ctx.data()) as u64)?;
+    if meta.frag == FRAG_FIRST {
+        flow::remember_first_fragment(meta);
+    }
+    Ok(xdp_action::XDP_PASS)
+}
+
+/// The single exit of both stages: count the verdict (and the drop reason).
+#[inline(always)]
+fn finish(ctx: &XdpContext, result: Result<u32, DropReason>) -> u32 {
+    let action = match result {
+        Ok(action) => action,
+        Err(reason) => {
+            count_drop(reason);
+            xdp_action::XDP_DROP
+        }
+    };
+    count_verdict(ctx, action);
+    action
+}
+
+/// Packets arriving on an internal interface are outbound, all others inbound.
+#[inline(always)]
+fn direction(ctx: &XdpContext) -> u32 {
+    match iface(ctx) {
+        Some(c) if c.role == Role::Internal as u32 => DIR_OUTBOUND,
+        _ => DIR_INBOUND,
     }
 }
 

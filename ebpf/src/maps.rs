@@ -1,13 +1,16 @@
 //! Every map of the dataplane, in one place. Names come from `xdpgate_common::maps`; all are
 //! pinned by name so a restarted agent finds the running state.
 
+use crate::parse::PacketMeta;
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
 };
 use xdpgate_common::{
+    flow::{FlowKey, FlowValue, FragKey},
     iface::IfaceConfig,
-    maps::MAX_IFACES,
+    maps::{FLOW_ENTRIES, FRAG_ENTRIES, MAX_IFACES, NSG_FIELD_ENTRIES},
+    nsg::{FieldKey, MAX_RULES, PolicyConfig, RuleBitmap, SLOTS, TABLES},
     stats::{Counter, DROP_REASONS, VERDICTS},
 };
 
@@ -22,3 +25,45 @@ pub static IFACE_STATS: PerCpuArray<Counter> = PerCpuArray::pinned(MAX_IFACES * 
 /// Dropped packets per reason.
 #[map(name = "DROP_STATS")]
 pub static DROP_STATS: PerCpuArray<u64> = PerCpuArray::pinned(DROP_REASONS, 0);
+
+/// Every field of every NSG table: (table, field, value prefix) -> bitmap of matching rules.
+#[map(name = "NSG_FIELDS")]
+pub static NSG_FIELDS: LpmTrie<FieldKey, RuleBitmap> = LpmTrie::pinned(NSG_FIELD_ENTRIES, 0);
+
+/// Access of each rule, by global rule index.
+#[map(name = "NSG_RULES")]
+pub static NSG_RULES: Array<u32> = Array::pinned(TABLES * MAX_RULES, 0);
+
+/// Flows decided by each rule, by global rule index.
+#[map(name = "NSG_HITS")]
+pub static NSG_HITS: PerCpuArray<u64> = PerCpuArray::pinned(TABLES * MAX_RULES, 0);
+
+/// The policy slot packets use; flipped by the agent after it wrote the other slot.
+#[map(name = "ACTIVE_SLOT")]
+pub static ACTIVE_SLOT: Array<u32> = Array::pinned(1, 0);
+
+/// Generation, rule counts and timeouts of each slot.
+#[map(name = "POLICY_CONFIG")]
+pub static POLICY_CONFIG: Array<PolicyConfig> = Array::pinned(SLOTS, 0);
+
+/// One entry per direction of each allowed flow.
+#[map(name = "FLOWS")]
+pub static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::pinned(FLOW_ENTRIES, 0);
+
+/// Datagrams whose first fragment was allowed, so their later fragments may pass.
+#[map(name = "FRAGS")]
+pub static FRAGS: LruHashMap<FragKey, u32> = LruHashMap::pinned(FRAG_ENTRIES, 0);
+
+/// The parsed packet, handed from the parse stage to the policy stage on the same CPU.
+#[map(name = "SCRATCH")]
+pub static SCRATCH: PerCpuArray<PacketMeta> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-CPU scratch word for `nsg::opaque`.
+#[map(name = "OPAQUE")]
+pub static OPAQUE: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+/// Later stages of the pipeline, entered by tail call. Pinned: the kernel empties a program
+/// array when no user reference to it is left, and the pin is that reference once the
+/// agent has exited.
+#[map(name = "PIPELINE")]
+pub static PIPELINE: ProgramArray = ProgramArray::pinned(1, 0);

@@ -5,7 +5,7 @@
 use core::mem::size_of;
 
 use aya_ebpf::programs::XdpContext;
-use xdpgate_common::stats::DropReason;
+use xdpgate_common::{stats::DropReason, words};
 
 use crate::headers::*;
 
@@ -23,8 +23,8 @@ pub const FRAG_FIRST: u8 = 1;
 /// Non-first fragment: no L4 header, ports unknown.
 pub const FRAG_LATER: u8 = 2;
 
-/// What the pipeline needs to know about an IP packet. Addresses are network-order bytes;
-/// IPv4 uses the first four.
+/// What the pipeline needs to know about an IP packet. Addresses are network-order bytes
+/// held in `u32` words; IPv4 uses the first word.
 #[derive(Clone, Copy)]
 pub struct PacketMeta {
     pub family: u8,
@@ -36,10 +36,11 @@ pub struct PacketMeta {
     /// Source and destination port in host order; for ICMP echo both hold the identifier.
     pub sport: u16,
     pub dport: u16,
-    pub l3_off: u16,
     pub l4_off: u16,
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
+    /// IP identification of a fragment (IPv4 id or IPv6 fragment-header id).
+    pub frag_id: u32,
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
 }
 
 pub enum Parsed {
@@ -69,10 +70,10 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, DropReason> {
         icmp_code: 0,
         sport: 0,
         dport: 0,
-        l3_off: l3_off as u16,
         l4_off: 0,
-        src: [0; 16],
-        dst: [0; 16],
+        frag_id: 0,
+        src: [0; 4],
+        dst: [0; 4],
     };
     let l4_off = match ether_type {
         ETH_P_IP => parse_ipv4(ctx, l3_off, &mut meta)?,
@@ -122,9 +123,10 @@ fn parse_ipv4(ctx: &XdpContext, off: usize, meta: &mut PacketMeta) -> Result<usi
     }
     meta.family = 4;
     meta.proto = ip.proto;
-    meta.src[..4].copy_from_slice(&ip.src);
-    meta.dst[..4].copy_from_slice(&ip.dst);
+    meta.src[0] = u32::from_ne_bytes(ip.src);
+    meta.dst[0] = u32::from_ne_bytes(ip.dst);
     let frag = be16(ip.frag_off);
+    meta.frag_id = u32::from(be16(ip.id));
     meta.frag = if frag & 0x1fff != 0 {
         FRAG_LATER
     } else if frag & 0x2000 != 0 {
@@ -146,8 +148,8 @@ fn parse_ipv6(ctx: &XdpContext, off: usize, meta: &mut PacketMeta) -> Result<usi
         return Err(DropReason::Malformed);
     }
     meta.family = 6;
-    meta.src = ip.src;
-    meta.dst = ip.dst;
+    meta.src = words(&ip.src);
+    meta.dst = words(&ip.dst);
     let mut next = ip.next_hdr;
     let mut off = off + size_of::<Ipv6Hdr>();
     for _ in 0..MAX_EXT_HDRS {
@@ -164,6 +166,7 @@ fn parse_ipv6(ctx: &XdpContext, off: usize, meta: &mut PacketMeta) -> Result<usi
                 next = frag.next_hdr;
                 off += size_of::<Ipv6FragHdr>();
                 let fo = be16(frag.frag_off);
+                meta.frag_id = u32::from_be_bytes(frag.id);
                 if fo & 0xfff8 != 0 {
                     meta.proto = next;
                     meta.frag = FRAG_LATER;

@@ -12,7 +12,7 @@ use std::{
 use anyhow::{Context, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, Map, MapData},
+    maps::{HashMap, Map, MapData, ProgramArray},
     programs::{
         Xdp, XdpMode,
         links::{FdLink, PinnedLink},
@@ -20,13 +20,15 @@ use aya::{
 };
 use xdpgate_common::{
     iface::{IfaceConfig, Role},
-    maps::{IFACES, MAX_IFACES},
+    maps::{IFACES, MAX_IFACES, PIPELINE, PIPELINE_POLICY},
 };
 
 use crate::EBPF_OBJ;
 
 /// Name of the dataplane's XDP program in the object.
 pub const PROGRAM: &str = "xdpgate";
+/// The policy stage, entered from `PROGRAM` by tail call.
+pub const POLICY_PROGRAM: &str = "xdpgate_policy";
 /// Name of the pass-everything baseline program.
 pub const NOOP_PROGRAM: &str = "xdp_noop";
 
@@ -112,6 +114,16 @@ pub fn load(pins: &PinDir) -> Result<Ebpf> {
         .context("loading the xdpgate eBPF object")
 }
 
+/// Loads the dataplane's programs, links the later stages into `PIPELINE` and returns the
+/// entry program, ready to attach or test-run.
+pub fn dataplane(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
+    let policy_fd = program(ebpf, POLICY_PROGRAM)?.fd()?.try_clone()?;
+    let mut pipeline: ProgramArray<_> =
+        ebpf.map_mut(PIPELINE).ok_or_else(|| anyhow!("map {PIPELINE} missing"))?.try_into()?;
+    pipeline.set(PIPELINE_POLICY, &policy_fd, 0).context("linking the policy stage")?;
+    program(ebpf, PROGRAM)
+}
+
 /// Loads and verifies one XDP program of `ebpf`.
 pub fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
     let prog: &mut Xdp = ebpf
@@ -139,7 +151,7 @@ pub fn attach(pins: &PinDir, ifname: &str, role: Role, mode: Mode) -> Result<()>
     }
     let mut ebpf = load(pins)?;
     register(&mut ebpf, ifindex, role)?;
-    let prog = program(&mut ebpf, PROGRAM)?;
+    let prog = dataplane(&mut ebpf)?;
     let xdp_mode = match mode {
         Mode::Native => XdpMode::Driver,
         Mode::Skb => XdpMode::Skb,
@@ -152,10 +164,9 @@ pub fn attach(pins: &PinDir, ifname: &str, role: Role, mode: Mode) -> Result<()>
         };
         anyhow!("attaching to {ifname} in {mode:?} mode: {e}{hint}")
     })?;
-    let link: FdLink = prog
-        .take_link(id)?
-        .try_into()
-        .map_err(|e| anyhow!("{ifname}: the kernel attached without a bpf_link ({e}), cannot pin"))?;
+    let link: FdLink = prog.take_link(id)?.try_into().map_err(|e| {
+        anyhow!("{ifname}: the kernel attached without a bpf_link ({e}), cannot pin")
+    })?;
     link.pin(&link_pin).with_context(|| format!("pinning link at {}", link_pin.display()))?;
     Ok(())
 }
@@ -163,8 +174,9 @@ pub fn attach(pins: &PinDir, ifname: &str, role: Role, mode: Mode) -> Result<()>
 /// Detaches the dataplane from `ifname` and forgets the interface.
 pub fn detach(pins: &PinDir, ifname: &str) -> Result<()> {
     let link_pin = pins.link(ifname);
-    let link = PinnedLink::from_pin(&link_pin)
-        .with_context(|| format!("xdpgate is not attached to {ifname} ({} missing)", link_pin.display()))?;
+    let link = PinnedLink::from_pin(&link_pin).with_context(|| {
+        format!("xdpgate is not attached to {ifname} ({} missing)", link_pin.display())
+    })?;
     // Unpinning drops the last reference once this handle closes: the kernel detaches.
     drop(link.unpin()?);
     if let Ok(ifindex) = ifindex(ifname) {

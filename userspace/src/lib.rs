@@ -1,8 +1,11 @@
 //! The xdpgate agent: loads the XDP dataplane, attaches it to interfaces, pins its state in
 //! bpffs and reads it back.
 
+pub mod apply;
+pub mod compile;
 pub mod dataplane;
 pub mod netns;
+pub mod policy;
 pub mod stats;
 
 /// The compiled eBPF object (built by `build.rs` from `ebpf/`).

@@ -1,10 +1,13 @@
 //! `xdpgate`: the command-line agent.
 
+use std::path::PathBuf;
+
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use xdpgate::{
+    apply, compile,
     dataplane::{self, Mode, PinDir},
-    netns, stats,
+    netns, policy, stats,
 };
 use xdpgate_common::{iface::Role, maps::DEFAULT_PIN_DIR};
 
@@ -51,12 +54,24 @@ enum Command {
         #[arg(long)]
         all: bool,
     },
+    /// Validate a policy file without touching the kernel. Errors name file, line, field and
+    /// reason.
+    Check { file: PathBuf },
+    /// Validate, compile and swap in a policy atomically; on any error the running policy
+    /// stays in force.
+    Apply { file: PathBuf },
     /// Show packet and byte counters per interface and verdict, and drops by reason.
     Stats {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Loads a policy, printing every validation error (file:line: field: reason).
+fn load_policy(file: &std::path::Path) -> Result<policy::Policy> {
+    policy::load_file(file)
+        .map_err(|errors| anyhow::anyhow!("invalid policy, nothing changed:\n{errors}"))
 }
 
 fn main() -> Result<()> {
@@ -81,6 +96,24 @@ fn main() -> Result<()> {
                 dataplane::detach(&pins, &name)?;
                 println!("detached from {name}");
             }
+        }
+        Command::Check { file } => {
+            let policy = load_policy(&file)?;
+            let compiled = compile::compile(&policy)?;
+            let rules: usize = compiled.tables.iter().map(|t| t.rules.len()).sum();
+            println!(
+                "{}: ok ({} NSGs, {rules} effective rules)",
+                file.display(),
+                policy.nsgs.len()
+            );
+        }
+        Command::Apply { file } => {
+            let policy = load_policy(&file)?;
+            let compiled = compile::compile(&policy)?;
+            let source = std::fs::read_to_string(&file)?;
+            let generation = apply::apply(&pins, &compiled, &policy.settings)?;
+            apply::save_applied(&pins, &source)?;
+            println!("applied {} as generation {generation}", file.display());
         }
         Command::Stats { json } => {
             let stats = stats::read(&pins)?;

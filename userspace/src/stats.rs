@@ -56,7 +56,10 @@ impl Stats {
 
     /// Human-readable table.
     pub fn render(&self) -> String {
-        let mut out = format!("{:<18} {:<9} {:<9} {:>12} {:>14}\n", "INTERFACE", "ROLE", "VERDICT", "PACKETS", "BYTES");
+        let mut out = format!(
+            "{:<18} {:<9} {:<9} {:>12} {:>14}\n",
+            "INTERFACE", "ROLE", "VERDICT", "PACKETS", "BYTES"
+        );
         for i in &self.interfaces {
             for (verdict, t) in i.verdicts.iter().filter(|(_, t)| t.packets > 0) {
                 out += &format!(
@@ -109,7 +112,11 @@ pub fn read(pins: &PinDir) -> Result<Stats> {
             verdicts: slot_stats(cfg.slot)?,
         });
     }
-    interfaces.push(IfaceStats { iface: "(unregistered)".into(), role: None, verdicts: slot_stats(0)? });
+    interfaces.push(IfaceStats {
+        iface: "(unregistered)".into(),
+        role: None,
+        verdicts: slot_stats(0)?,
+    });
 
     let drops = (0..DROP_REASONS)
         .map(|r| Ok((DROP_REASON_NAMES[r as usize], drops.get(&r, 0)?.iter().sum())))

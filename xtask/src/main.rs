@@ -62,7 +62,12 @@ fn main() -> Result<()> {
         }
         Task::Demo => {
             setup()?;
-            run(Command::new("cargo").current_dir(&root).args(["build", "--release", "-p", "xdpgate"]))?;
+            run(Command::new("cargo").current_dir(&root).args([
+                "build",
+                "--release",
+                "-p",
+                "xdpgate",
+            ]))?;
             run(Command::new("bash")
                 .arg(root.join("xtask/demo.sh"))
                 .arg(root.join("target/release/xdpgate"))

@@ -1,0 +1,75 @@
+//! Addresses are network-order bytes held in `u32` words (for alignment); IPv4 uses the
+//! first word.
+//!
+//! The flow table: one entry per direction of every allowed flow, so later packets and
+//! replies cost one lookup.
+
+use crate::pod;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+impl FlowKey {
+    /// The key of the other direction.
+    #[inline(always)]
+    pub fn reversed(&self) -> Self {
+        Self {
+            src: self.dst,
+            dst: self.src,
+            sport: self.dport,
+            dport: self.sport,
+            proto: self.proto,
+            family: self.family,
+            _pad: [0; 2],
+        }
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowValue {
+    /// Policy generation that allowed the flow.
+    pub generation: u64,
+    /// `bpf_ktime_get_ns` of the last packet in this direction.
+    pub last_seen_ns: u64,
+    pub packets: u64,
+    pub bytes: u64,
+    /// Global rule index (table * MAX_RULES + bit) that allowed it, or `NO_RULE`.
+    pub rule: u32,
+    /// Direction (`DIR_*`) of the packet that created the flow.
+    pub direction: u8,
+    /// 1 when this entry is the reply direction.
+    pub reply: u8,
+    /// `TCP_*` state bits.
+    pub tcp: u8,
+    pub _pad: u8,
+}
+
+pub const NO_RULE: u32 = u32::MAX;
+/// This direction sent a FIN.
+pub const TCP_FIN: u8 = 1;
+/// RST seen, or FIN both ways: the flow expires after `TCP_CLOSED_TIMEOUT_NS`.
+pub const TCP_CLOSED: u8 = 2;
+
+/// Non-first fragments pass only when their first fragment was allowed (it carries the ports).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    pub id: u32,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+pod!(FlowKey, FlowValue, FragKey);

@@ -1,0 +1,93 @@
+//! Compiled network-security-group tables.
+//!
+//! Each direction of each layer (subnet, host) of each of the two policy slots is one
+//! *table*. A table's rules are numbered by priority (bit 0 = highest). For every field the
+//! table holds longest-prefix-match entries whose value is the bitmap of rules matching every
+//! value under that prefix; the dataplane ANDs the five field bitmaps and the lowest set bit
+//! is the winning rule. One LPM map serves every field: the key starts with (table, field).
+
+use crate::pod;
+
+/// Rules one table holds; the width of every rule bitmap.
+pub const MAX_RULES: u32 = 4096;
+pub const BITMAP_WORDS: usize = (MAX_RULES / 64) as usize;
+
+/// Two slots (active and staging) x two directions x two layers.
+pub const SLOTS: u32 = 2;
+pub const TABLES_PER_SLOT: u32 = 4;
+pub const TABLES: u32 = SLOTS * TABLES_PER_SLOT;
+
+pub const DIR_INBOUND: u32 = 0;
+pub const DIR_OUTBOUND: u32 = 1;
+pub const LAYER_SUBNET: u32 = 0;
+pub const LAYER_HOST: u32 = 1;
+
+/// Index of a table within a slot.
+#[inline(always)]
+pub const fn table_in_slot(dir: u32, layer: u32) -> u32 {
+    dir * 2 + layer
+}
+
+#[inline(always)]
+pub const fn table(slot: u32, dir: u32, layer: u32) -> u32 {
+    slot * TABLES_PER_SLOT + table_in_slot(dir, layer)
+}
+
+/// Fields of the LPM key. Ports and protocol are matched as 16- and 8-bit prefixes.
+pub const FIELD_SRC4: u8 = 0;
+pub const FIELD_DST4: u8 = 1;
+pub const FIELD_SRC6: u8 = 2;
+pub const FIELD_DST6: u8 = 3;
+pub const FIELD_SPORT: u8 = 4;
+pub const FIELD_DPORT: u8 = 5;
+pub const FIELD_PROTO: u8 = 6;
+
+/// Bits of the key before `value`: table, field and padding. A lookup with exactly this
+/// prefix length finds only a field's `/0` entry: the rules that match any value, which is
+/// what a packet without ports matches.
+pub const KEY_HEADER_BITS: u32 = 32;
+
+/// The data part of an LPM key (the kernel prepends `prefix_len`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FieldKey {
+    pub table: u8,
+    pub field: u8,
+    pub _pad: [u8; 2],
+    /// Network-order bytes (stored as words for alignment): an address, a big-endian port,
+    /// or the protocol number, left-aligned.
+    pub value: [u32; 4],
+}
+
+/// Rules matching a field value, bit `i` for rule `i` of the table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RuleBitmap {
+    pub words: [u64; BITMAP_WORDS],
+}
+
+pub const ACCESS_ALLOW: u32 = 1;
+pub const ACCESS_DENY: u32 = 2;
+
+/// Per-slot settings; the `ACTIVE_SLOT` map says which slot packets use.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyConfig {
+    /// Incremented by every apply; flows remember the generation that decided them.
+    pub generation: u64,
+    /// Rules per table of this slot (0: no NSG at that layer for that direction).
+    pub rule_counts: [u32; TABLES_PER_SLOT as usize],
+    /// `FLAG_REEVALUATE`.
+    pub flags: u32,
+    pub _pad: u32,
+    pub tcp_timeout_ns: u64,
+    pub udp_timeout_ns: u64,
+    pub icmp_timeout_ns: u64,
+}
+
+/// Flows decided under an older generation are classified again.
+pub const FLAG_REEVALUATE: u32 = 1;
+/// Idle timeout of a TCP flow after RST, or FIN both ways.
+pub const TCP_CLOSED_TIMEOUT_NS: u64 = 10_000_000_000;
+
+pod!(FieldKey, RuleBitmap, PolicyConfig);

@@ -1,0 +1,272 @@
+//! Network security groups in the kernel, through BPF_PROG_TEST_RUN: a policy is compiled
+//! and applied to the pinned maps, then crafted packets check allow, deny, the deciding
+//! default rules, stateful replies, fragments and an atomic policy swap.
+
+mod common;
+
+use aya::{
+    maps::HashMap,
+    programs::{TestRun, TestRunOptions, Xdp},
+};
+use common::{
+    Pins,
+    packet::{ACK, ETH_LEN, L4, SYN, frame, set_ipv4_frag, set_ipv4_total_len},
+};
+use xdpgate::{apply, compile, policy, stats};
+use xdpgate_common::{
+    iface::{IfaceConfig, Role},
+    maps::IFACES,
+};
+
+const PASS: u32 = 2;
+const DROP: u32 = 1;
+
+const POLICY: &str = r#"
+virtual_network:
+  address_space: [198.51.100.0/24, 2001:db8:1::/64]
+nsgs:
+  - name: web
+    subnets: [198.51.100.0/24, 2001:db8:1::/64]
+    rules:
+      - {name: allow-web, priority: 100, direction: inbound, access: allow, protocol: tcp,
+         source: ["*"], destination: ["*"], destination_ports: [80, 443]}
+      - {name: deny-ssh-from-internet, priority: 200, direction: inbound, access: deny,
+         protocol: tcp, source: [Internet], destination: ["*"], destination_ports: [22]}
+      - {name: deny-vnet-mysql, priority: 300, direction: inbound, access: deny, protocol: tcp,
+         source: [VirtualNetwork], destination: ["*"], destination_ports: [3306]}
+      - {name: allow-mdns-in, priority: 400, direction: inbound, access: allow, protocol: udp,
+         source: [Internet], destination: ["*"], destination_ports: [5353]}
+      - {name: deny-mdns-out, priority: 100, direction: outbound, access: deny, protocol: udp,
+         source: ["*"], destination: ["*"], source_ports: [5353]}
+"#;
+
+/// The same policy without the web rule.
+fn policy_without_web() -> String {
+    POLICY.replace(
+        "name: allow-web, priority: 100, direction: inbound, access: allow",
+        "name: deny-web, priority: 100, direction: inbound, access: deny",
+    )
+}
+
+struct Kernel {
+    pins: Pins,
+    _ebpf: aya::Ebpf,
+    prog: *mut Xdp,
+}
+
+impl Kernel {
+    fn new() -> Self {
+        let pins = Pins::new();
+        let mut ebpf = xdpgate::dataplane::load(&pins.dir).expect("load");
+        let prog: *mut Xdp = xdpgate::dataplane::dataplane(&mut ebpf).expect("programs");
+        Self { pins, _ebpf: ebpf, prog }
+    }
+
+    fn apply(&self, src: &str) -> u64 {
+        let policy = policy::load_str(src, "test.yaml").unwrap_or_else(|e| panic!("{e}"));
+        let compiled = compile::compile(&policy).expect("compile");
+        apply::apply(&self.pins.dir, &compiled, &policy.settings).expect("apply")
+    }
+
+    /// Packets from test runs arrive on `lo`; its role makes them inbound or outbound.
+    fn arrive_as(&self, role: Role) {
+        let mut ifaces: HashMap<_, u32, IfaceConfig> =
+            self.pins.dir.open_map(IFACES).unwrap().try_into().unwrap();
+        ifaces.insert(1, IfaceConfig { slot: 1, role: role as u32 }, 0).unwrap();
+    }
+
+    fn run(&self, packet: &[u8]) -> u32 {
+        let prog = unsafe { &*self.prog };
+        prog.test_run(TestRunOptions { data_in: Some(packet), ..Default::default() })
+            .expect("test_run")
+            .return_value
+    }
+
+    fn drops(&self, reason: &str) -> u64 {
+        stats::read(&self.pins.dir).unwrap().drops(reason)
+    }
+}
+
+fn check(k: &Kernel, name: &str, packet: &[u8], want: u32, failures: &mut Vec<String>) {
+    let got = k.run(packet);
+    if got != want {
+        failures.push(format!("{name}: verdict {got}, want {want}"));
+    }
+}
+
+#[test]
+fn nsg_verdicts_in_kernel() {
+    let k = Kernel::new();
+    // Before any policy: nothing is enforced.
+    assert_eq!(k.run(&frame("203.0.113.7", "198.51.100.10", L4::Tcp(1, 22, SYN))), PASS);
+    assert_eq!(k.apply(POLICY), 1);
+    let mut f = Vec::new();
+
+    k.arrive_as(Role::External);
+    check(
+        &k,
+        "inbound tcp 80 allowed",
+        &frame("203.0.113.7", "198.51.100.10", L4::Tcp(40000, 80, SYN)),
+        PASS,
+        &mut f,
+    );
+    check(
+        &k,
+        "inbound tcp 22 from internet denied",
+        &frame("203.0.113.7", "198.51.100.10", L4::Tcp(40001, 22, SYN)),
+        DROP,
+        &mut f,
+    );
+    check(
+        &k,
+        "inbound tcp 8080 hits DenyAllInBound",
+        &frame("203.0.113.7", "198.51.100.10", L4::Tcp(40002, 8080, SYN)),
+        DROP,
+        &mut f,
+    );
+    check(
+        &k,
+        "vnet to vnet allowed by AllowVnetInBound",
+        &frame("198.51.100.20", "198.51.100.10", L4::Tcp(40003, 3307, SYN)),
+        PASS,
+        &mut f,
+    );
+    check(
+        &k,
+        "priority 300 overrides AllowVnetInBound",
+        &frame("198.51.100.20", "198.51.100.10", L4::Tcp(40004, 3306, SYN)),
+        DROP,
+        &mut f,
+    );
+    check(
+        &k,
+        "inbound icmp denied by default",
+        &frame("203.0.113.7", "198.51.100.10", L4::Echo(7)),
+        DROP,
+        &mut f,
+    );
+    check(
+        &k,
+        "ipv6 inbound 443 allowed",
+        &frame("2001:db8:2::7", "2001:db8:1::10", L4::Tcp(40005, 443, SYN)),
+        PASS,
+        &mut f,
+    );
+    check(
+        &k,
+        "ipv6 inbound 22 denied",
+        &frame("2001:db8:2::7", "2001:db8:1::10", L4::Tcp(40006, 22, SYN)),
+        DROP,
+        &mut f,
+    );
+    check(
+        &k,
+        "address without an NSG passes",
+        &frame("203.0.113.7", "192.0.2.50", L4::Tcp(40007, 22, SYN)),
+        PASS,
+        &mut f,
+    );
+    check(
+        &k,
+        "inbound udp 5353 allowed",
+        &frame("203.0.113.7", "198.51.100.10", L4::Udp(40008, 5353)),
+        PASS,
+        &mut f,
+    );
+
+    k.arrive_as(Role::Internal);
+    check(
+        &k,
+        "reply of an allowed inbound flow passes although deny-mdns-out matches it",
+        &frame("198.51.100.10", "203.0.113.7", L4::Udp(5353, 40008)),
+        PASS,
+        &mut f,
+    );
+    check(
+        &k,
+        "the same rule denies a new outbound flow",
+        &frame("198.51.100.10", "203.0.113.7", L4::Udp(5353, 40009)),
+        DROP,
+        &mut f,
+    );
+    check(
+        &k,
+        "outbound icmp allowed by AllowInternetOutBound",
+        &frame("198.51.100.10", "203.0.113.7", L4::Echo(9)),
+        PASS,
+        &mut f,
+    );
+    check(
+        &k,
+        "reply of the web flow",
+        &frame("198.51.100.10", "203.0.113.7", L4::Tcp(80, 40000, SYN | ACK)),
+        PASS,
+        &mut f,
+    );
+
+    // Fragments: a later fragment alone is dropped; after its allowed first fragment it passes.
+    k.arrive_as(Role::External);
+    let ip = ETH_LEN;
+    let mut later = frame("203.0.113.7", "198.51.100.10", L4::Tcp(40010, 80, ACK));
+    set_ipv4_frag(&mut later, ip, false, 100);
+    let before = k.drops("fragment");
+    check(&k, "orphan non-first fragment dropped", &later, DROP, &mut f);
+    assert_eq!(k.drops("fragment"), before + 1, "fragment drop counted");
+    let mut first = frame("203.0.113.7", "198.51.100.10", L4::Tcp(40010, 80, ACK));
+    let len = (first.len() - ip) as u16;
+    set_ipv4_total_len(&mut first, ip, len);
+    set_ipv4_frag(&mut first, ip, true, 0);
+    check(&k, "first fragment to an allowed port", &first, PASS, &mut f);
+    check(&k, "its later fragment", &later, PASS, &mut f);
+    let mut first22 = frame("203.0.113.7", "198.51.100.10", L4::Tcp(40011, 22, ACK));
+    set_ipv4_frag(&mut first22, ip, true, 0);
+    let mut later22 = frame("203.0.113.7", "198.51.100.10", L4::Tcp(40011, 22, ACK));
+    later22[ip + 4] ^= 0xff; // another IP id
+    set_ipv4_frag(&mut later22, ip, false, 100);
+    check(&k, "first fragment to a denied port", &first22, DROP, &mut f);
+    check(&k, "later fragments of other datagrams cannot ride along", &later22, DROP, &mut f);
+
+    assert!(f.is_empty(), "cases failed:\n{}", f.join("\n"));
+}
+
+#[test]
+fn policy_swap_cuts_flows_no_longer_allowed() {
+    let k = Kernel::new();
+    k.apply(POLICY);
+    k.arrive_as(Role::External);
+    let web = frame("203.0.113.7", "198.51.100.10", L4::Tcp(40000, 80, ACK));
+    assert_eq!(k.run(&web), PASS, "established under generation 1");
+    assert_eq!(k.run(&web), PASS);
+
+    assert_eq!(k.apply(&policy_without_web()), 2);
+    let before = k.drops("policy");
+    assert_eq!(k.run(&web), DROP, "the flow is classified again under generation 2");
+    assert_eq!(k.drops("policy"), before + 1);
+    // Its reply entry went with it.
+    k.arrive_as(Role::Internal);
+    let reply = frame("198.51.100.10", "203.0.113.7", L4::Tcp(80, 40000, ACK));
+    assert_eq!(
+        k.run(&reply),
+        PASS,
+        "a fresh outbound flow (AllowInternetOutBound), not the old reply"
+    );
+
+    // Swapping back restores it; nothing was left half-written.
+    k.arrive_as(Role::External);
+    assert_eq!(k.apply(POLICY), 3);
+    assert_eq!(k.run(&web), PASS);
+}
+
+#[test]
+fn reevaluation_can_be_turned_off() {
+    let k = Kernel::new();
+    k.apply(POLICY);
+    k.arrive_as(Role::External);
+    let web = frame("203.0.113.7", "198.51.100.10", L4::Tcp(40000, 80, ACK));
+    assert_eq!(k.run(&web), PASS);
+    let keep = format!("settings: {{reevaluate_flows: false}}\n{}", policy_without_web());
+    k.apply(&keep);
+    assert_eq!(k.run(&web), PASS, "established flow kept across the swap");
+    let new = frame("203.0.113.7", "198.51.100.10", L4::Tcp(40001, 80, SYN));
+    assert_eq!(k.run(&new), DROP, "new flows follow the new policy");
+}

@@ -1,0 +1,275 @@
+//! Compiles a validated policy into the dataplane's NSG tables (see `xdpgate_common::nsg`).
+//!
+//! A table holds the rules of one direction of one layer, numbered in priority order. For
+//! each field, every prefix that some rule names becomes an LPM entry whose bitmap is the
+//! union of the rules naming that prefix or any prefix covering it; the kernel's longest
+//! match then yields exactly the rules that match the value. The local address (destination
+//! inbound, source outbound) is narrowed to the prefixes the rule's NSG is associated with,
+//! so rules of different NSGs can share one table.
+
+use std::collections::HashMap;
+
+use anyhow::{Result, bail};
+use ipnet::IpNet;
+use xdpgate_common::nsg::{
+    ACCESS_ALLOW, ACCESS_DENY, BITMAP_WORDS, DIR_INBOUND, DIR_OUTBOUND, FIELD_DPORT, FIELD_DST4,
+    FIELD_DST6, FIELD_PROTO, FIELD_SPORT, FIELD_SRC4, FIELD_SRC6, LAYER_HOST, LAYER_SUBNET,
+    MAX_RULES, RuleBitmap, TABLES_PER_SLOT, table_in_slot,
+};
+
+use crate::policy::{Access, Direction, Layer, Nsg, Policy, PortRange, Ports, Rule};
+
+/// A rule as placed in a table.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct TableRule {
+    pub nsg: String,
+    pub layer: Layer,
+    pub rule: Rule,
+}
+
+/// A field entry: (field, left-aligned value bytes, prefix length in bits of the value).
+pub type FieldEntry = (u8, [u8; 16], u8);
+
+#[derive(Debug, Default)]
+pub struct Table {
+    /// In bit order (priority order).
+    pub rules: Vec<TableRule>,
+    pub fields: Vec<(FieldEntry, RuleBitmap)>,
+}
+
+#[derive(Debug)]
+pub struct Compiled {
+    /// Indexed by `table_in_slot(dir, layer)`.
+    pub tables: Vec<Table>,
+}
+
+pub fn dir_index(d: Direction) -> u32 {
+    match d {
+        Direction::Inbound => DIR_INBOUND,
+        Direction::Outbound => DIR_OUTBOUND,
+    }
+}
+
+pub fn layer_index(l: Layer) -> u32 {
+    match l {
+        Layer::Subnet => LAYER_SUBNET,
+        Layer::Host => LAYER_HOST,
+    }
+}
+
+pub fn access_code(a: Access) -> u32 {
+    match a {
+        Access::Allow => ACCESS_ALLOW,
+        Access::Deny => ACCESS_DENY,
+    }
+}
+
+pub fn compile(policy: &Policy) -> Result<Compiled> {
+    let mut tables: Vec<Table> = (0..TABLES_PER_SLOT).map(|_| Table::default()).collect();
+    for dir in [Direction::Inbound, Direction::Outbound] {
+        for layer in [Layer::Subnet, Layer::Host] {
+            let t = &mut tables[table_in_slot(dir_index(dir), layer_index(layer)) as usize];
+            *t = compile_table(policy, dir, layer)?;
+        }
+    }
+    Ok(Compiled { tables })
+}
+
+fn compile_table(policy: &Policy, dir: Direction, layer: Layer) -> Result<Table> {
+    // Rules of every NSG associated at this layer, by priority (NSGs never overlap, so the
+    // order between NSGs does not matter; ties go by NSG order to stay deterministic).
+    let mut rules: Vec<(&Nsg, &Rule)> = policy
+        .nsgs
+        .iter()
+        .filter(|n| !n.associated(layer).is_empty())
+        .flat_map(|n| n.rules.iter().filter(|r| r.direction == dir).map(move |r| (n, r)))
+        .collect();
+    rules.sort_by_key(|(_, r)| r.priority);
+    if rules.len() > MAX_RULES as usize {
+        bail!("{dir:?} {layer:?}-layer rules: {} exceed the table size {MAX_RULES}", rules.len());
+    }
+
+    let mut fields: HashMap<FieldEntry, RuleBitmap> = HashMap::new();
+    for (bit, (nsg, rule)) in rules.iter().enumerate() {
+        let (src, dst) = match dir {
+            Direction::Inbound => {
+                (rule.source.clone(), intersect(&rule.destination, nsg.associated(layer)))
+            }
+            Direction::Outbound => {
+                (intersect(&rule.source, nsg.associated(layer)), rule.destination.clone())
+            }
+        };
+        let mut entries = Vec::new();
+        for (nets, f4, f6) in [(&src, FIELD_SRC4, FIELD_SRC6), (&dst, FIELD_DST4, FIELD_DST6)] {
+            entries.extend(nets.iter().map(|n| addr_entry(n, f4, f6)));
+        }
+        entries.extend(port_entries(FIELD_SPORT, &rule.source_ports));
+        entries.extend(port_entries(FIELD_DPORT, &rule.destination_ports));
+        match rule.protocol.numbers() {
+            [] => entries.push((FIELD_PROTO, [0; 16], 0)),
+            nums => entries.extend(nums.iter().map(|&p| {
+                let mut v = [0; 16];
+                v[0] = p;
+                (FIELD_PROTO, v, 8)
+            })),
+        }
+        for e in entries {
+            set_bit(fields.entry(e).or_insert(RuleBitmap { words: [0; BITMAP_WORDS] }), bit);
+        }
+    }
+    close_over_covering_prefixes(&mut fields);
+
+    let mut fields: Vec<_> = fields.into_iter().collect();
+    fields.sort_by_key(|(e, _)| *e);
+    Ok(Table {
+        rules: rules
+            .into_iter()
+            .map(|(n, r)| TableRule { nsg: n.name.clone(), layer, rule: r.clone() })
+            .collect(),
+        fields,
+    })
+}
+
+fn set_bit(b: &mut RuleBitmap, bit: usize) {
+    b.words[bit / 64] |= 1 << (bit % 64);
+}
+
+/// Every entry also gets the rules of each shorter entry of its field that covers it, so the
+/// longest match alone answers "which rules match".
+fn close_over_covering_prefixes(fields: &mut HashMap<FieldEntry, RuleBitmap>) {
+    let keys: Vec<FieldEntry> = fields.keys().copied().collect();
+    for &(field, value, len) in &keys {
+        let mut acc = fields[&(field, value, len)];
+        for shorter in 0..len {
+            if let Some(b) = fields.get(&(field, mask(value, shorter), shorter)) {
+                for (a, w) in acc.words.iter_mut().zip(b.words) {
+                    *a |= w;
+                }
+            }
+        }
+        fields.insert((field, value, len), acc);
+    }
+}
+
+/// `value` with only its first `len` bits kept.
+pub fn mask(mut value: [u8; 16], len: u8) -> [u8; 16] {
+    for (i, byte) in value.iter_mut().enumerate() {
+        let start = i as u32 * 8;
+        let keep = (u32::from(len).saturating_sub(start)).min(8);
+        *byte &= if keep == 0 { 0 } else { 0xffu8 << (8 - keep) };
+    }
+    value
+}
+
+fn addr_entry(net: &IpNet, f4: u8, f6: u8) -> FieldEntry {
+    let mut v = [0u8; 16];
+    match net {
+        IpNet::V4(n) => {
+            v[..4].copy_from_slice(&n.network().octets());
+            (f4, v, n.prefix_len())
+        }
+        IpNet::V6(n) => (f6, n.network().octets(), n.prefix_len()),
+    }
+}
+
+fn port_entries(field: u8, ports: &Ports) -> Vec<FieldEntry> {
+    let Some(ranges) = ports else { return vec![(field, [0; 16], 0)] };
+    ranges
+        .iter()
+        .flat_map(|r| range_prefixes(*r))
+        .map(|(port, len)| {
+            let mut v = [0u8; 16];
+            v[..2].copy_from_slice(&port.to_be_bytes());
+            (field, v, len)
+        })
+        .collect()
+}
+
+/// The fewest aligned 16-bit prefixes covering exactly `lo..=hi`.
+pub fn range_prefixes(r: PortRange) -> Vec<(u16, u8)> {
+    let (mut lo, hi) = (u32::from(r.lo), u32::from(r.hi));
+    let mut out = Vec::new();
+    while lo <= hi {
+        let mut size = if lo == 0 { 1 << 16 } else { 1 << lo.trailing_zeros().min(16) };
+        while lo + size - 1 > hi {
+            size >>= 1;
+        }
+        out.push((lo as u16, (16 - size.trailing_zeros()) as u8));
+        lo += size;
+    }
+    out
+}
+
+/// Prefixes of `a` narrowed to those of `b`: nested prefixes intersect as the longer one.
+pub fn intersect(a: &[IpNet], b: &[IpNet]) -> Vec<IpNet> {
+    let mut out: Vec<IpNet> = Vec::new();
+    for x in a {
+        for y in b {
+            let n = if x.contains(y) {
+                *y
+            } else if y.contains(x) {
+                *x
+            } else {
+                continue;
+            };
+            if !out.contains(&n) {
+                out.push(n);
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_ranges_split_into_aligned_prefixes() {
+        let r = |lo, hi| range_prefixes(PortRange { lo, hi });
+        assert_eq!(r(0, 65535), vec![(0, 0)]);
+        assert_eq!(r(80, 80), vec![(80, 16)]);
+        assert_eq!(r(8000, 8080), vec![(8000, 10), (8064, 12), (8080, 16)]);
+        // Every port of a range is covered exactly once, and nothing outside it.
+        for (lo, hi) in [(1, 1023), (1024, 65535), (8000, 8080), (5, 6), (65535, 65535)] {
+            let prefixes = r(lo, hi);
+            for p in 0..=65535u32 {
+                let hits = prefixes
+                    .iter()
+                    .filter(|(v, len)| {
+                        let m =
+                            if *len == 0 { 0 } else { u32::MAX << (32 - u32::from(*len)) >> 16 };
+                        p & m == u32::from(*v) & m
+                    })
+                    .count();
+                assert_eq!(
+                    hits,
+                    usize::from((lo..=hi).contains(&(p as u16))),
+                    "port {p} in {lo}-{hi}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn masks_keep_leading_bits() {
+        let v = [0xff; 16];
+        assert_eq!(mask(v, 0), [0; 16]);
+        assert_eq!(mask(v, 12)[..3], [0xff, 0xf0, 0]);
+        assert_eq!(mask(v, 128), v);
+    }
+
+    #[test]
+    fn intersection_keeps_the_longer_of_nested_prefixes() {
+        let p = |s: &str| s.parse::<IpNet>().unwrap();
+        assert_eq!(
+            intersect(&[p("0.0.0.0/0")], &[p("198.51.100.0/25")]),
+            vec![p("198.51.100.0/25")]
+        );
+        assert_eq!(
+            intersect(&[p("198.51.100.10/32")], &[p("198.51.100.0/25")]),
+            vec![p("198.51.100.10/32")]
+        );
+        assert!(intersect(&[p("203.0.113.0/24")], &[p("198.51.100.0/25")]).is_empty());
+    }
+}

@@ -1,0 +1,10 @@
+//! Network security group policies: the YAML format, its validated and expanded model, and a
+//! reference evaluator of NSG semantics.
+
+pub mod locate;
+pub mod model;
+pub mod reference;
+pub mod yaml;
+
+pub use model::*;
+pub use yaml::{PolicyError, PolicyErrors, load_file, load_str};
