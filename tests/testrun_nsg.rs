@@ -4,22 +4,11 @@
 
 mod common;
 
-use aya::{
-    maps::HashMap,
-    programs::{TestRun, TestRunOptions, Xdp},
-};
 use common::{
-    Pins,
+    kernel::{DROP, Kernel, PASS},
     packet::{ACK, ETH_LEN, L4, SYN, frame, set_ipv4_frag, set_ipv4_total_len},
 };
-use xdpgate::{apply, compile, policy, stats};
-use xdpgate_common::{
-    iface::{IfaceConfig, Role},
-    maps::IFACES,
-};
-
-const PASS: u32 = 2;
-const DROP: u32 = 1;
+use xdpgate_common::iface::Role;
 
 const POLICY: &str = r#"
 virtual_network:
@@ -46,45 +35,6 @@ fn policy_without_web() -> String {
         "name: allow-web, priority: 100, direction: inbound, access: allow",
         "name: deny-web, priority: 100, direction: inbound, access: deny",
     )
-}
-
-struct Kernel {
-    pins: Pins,
-    _ebpf: aya::Ebpf,
-    prog: *mut Xdp,
-}
-
-impl Kernel {
-    fn new() -> Self {
-        let pins = Pins::new();
-        let mut ebpf = xdpgate::dataplane::load(&pins.dir).expect("load");
-        let prog: *mut Xdp = xdpgate::dataplane::dataplane(&mut ebpf).expect("programs");
-        Self { pins, _ebpf: ebpf, prog }
-    }
-
-    fn apply(&self, src: &str) -> u64 {
-        let policy = policy::load_str(src, "test.yaml").unwrap_or_else(|e| panic!("{e}"));
-        let compiled = compile::compile(&policy).expect("compile");
-        apply::apply(&self.pins.dir, &compiled, &policy.settings).expect("apply")
-    }
-
-    /// Packets from test runs arrive on `lo`; its role makes them inbound or outbound.
-    fn arrive_as(&self, role: Role) {
-        let mut ifaces: HashMap<_, u32, IfaceConfig> =
-            self.pins.dir.open_map(IFACES).unwrap().try_into().unwrap();
-        ifaces.insert(1, IfaceConfig { slot: 1, role: role as u32 }, 0).unwrap();
-    }
-
-    fn run(&self, packet: &[u8]) -> u32 {
-        let prog = unsafe { &*self.prog };
-        prog.test_run(TestRunOptions { data_in: Some(packet), ..Default::default() })
-            .expect("test_run")
-            .return_value
-    }
-
-    fn drops(&self, reason: &str) -> u64 {
-        stats::read(&self.pins.dir).unwrap().drops(reason)
-    }
 }
 
 fn check(k: &Kernel, name: &str, packet: &[u8], want: u32, failures: &mut Vec<String>) {

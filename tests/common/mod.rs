@@ -159,9 +159,11 @@ impl Drop for Pins {
         // Unpinning the links detaches the programs; then the map pins can go.
         let _ = self.try_xdpgate(&["detach", "--all"]);
         let _ = std::fs::remove_dir_all(self.dir.path());
+        let _ = std::fs::remove_dir_all(xdpgate::apply::state_dir(&self.dir));
     }
 }
 
+pub mod kernel;
 pub mod packet;
 
 pub fn xdpgate_bin() -> PathBuf {

@@ -1,0 +1,1 @@
+//! End-to-end NSG tests: placeholder until written.

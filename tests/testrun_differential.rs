@@ -1,0 +1,1 @@
+//! Differential test: placeholder until written.
