@@ -55,12 +55,14 @@ pub static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::pinned(FLOW_ENTRI
 pub static FRAGS: LruHashMap<FragKey, u32> = LruHashMap::pinned(FRAG_ENTRIES, 0);
 
 /// The parsed packet, handed from the parse stage to the policy stage on the same CPU.
+/// Pinned like `PIPELINE`: the entry program attached to one interface may tail-call the
+/// policy stage loaded with another, and both must use the same scratch.
 #[map(name = "SCRATCH")]
-pub static SCRATCH: PerCpuArray<PacketMeta> = PerCpuArray::with_max_entries(1, 0);
+pub static SCRATCH: PerCpuArray<PacketMeta> = PerCpuArray::pinned(1, 0);
 
 /// Per-CPU scratch word for `nsg::opaque`.
 #[map(name = "OPAQUE")]
-pub static OPAQUE: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+pub static OPAQUE: PerCpuArray<u32> = PerCpuArray::pinned(1, 0);
 
 /// Later stages of the pipeline, entered by tail call. Pinned: the kernel empties a program
 /// array when no user reference to it is left, and the pin is that reference once the

@@ -33,6 +33,8 @@ pub struct PacketMeta {
     pub tcp_flags: u8,
     pub icmp_type: u8,
     pub icmp_code: u8,
+    /// IPv6 hop limit (0 for IPv4).
+    pub hop_limit: u8,
     /// Source and destination port in host order; for ICMP echo both hold the identifier.
     pub sport: u16,
     pub dport: u16,
@@ -44,8 +46,9 @@ pub struct PacketMeta {
 }
 
 pub enum Parsed {
-    /// Not IPv4 or IPv6 (ARP, LLDP, ...): the dataplane leaves it to the kernel.
-    NotIp,
+    /// Link-level control the dataplane leaves to the kernel: not IP at all (ARP, LLDP, ...),
+    /// or IPv6 neighbour discovery and MLD, which are IPv6's ARP and never cross a router.
+    LinkControl,
     Ip(PacketMeta),
 }
 
@@ -68,6 +71,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, DropReason> {
         tcp_flags: 0,
         icmp_type: 0,
         icmp_code: 0,
+        hop_limit: 0,
         sport: 0,
         dport: 0,
         l4_off: 0,
@@ -78,11 +82,14 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, DropReason> {
     let l4_off = match ether_type {
         ETH_P_IP => parse_ipv4(ctx, l3_off, &mut meta)?,
         ETH_P_IPV6 => parse_ipv6(ctx, l3_off, &mut meta)?,
-        _ => return Ok(Parsed::NotIp),
+        _ => return Ok(Parsed::LinkControl),
     };
     meta.l4_off = l4_off as u16;
     if meta.frag != FRAG_LATER {
         parse_l4(ctx, l4_off, &mut meta)?;
+        if is_link_control(&meta) {
+            return Ok(Parsed::LinkControl);
+        }
     }
     Ok(Parsed::Ip(meta))
 }
@@ -148,6 +155,7 @@ fn parse_ipv6(ctx: &XdpContext, off: usize, meta: &mut PacketMeta) -> Result<usi
         return Err(DropReason::Malformed);
     }
     meta.family = 6;
+    meta.hop_limit = ip.hop_limit;
     meta.src = words(&ip.src);
     meta.dst = words(&ip.dst);
     let mut next = ip.next_hdr;
@@ -229,4 +237,17 @@ pub fn is_echo(proto: u8, kind: u8) -> bool {
         IPPROTO_ICMP => kind == 0 || kind == 8,
         _ => kind == 128 || kind == 129,
     }
+}
+
+/// Neighbour discovery (133-137) with hop limit 255, which receivers require (RFC 4861) and
+/// which proves it was not routed, and MLD (130-132, 143) with hop limit 1 (RFC 3810), which
+/// no router forwards. Neither can carry traffic past the policy.
+#[inline(always)]
+fn is_link_control(meta: &PacketMeta) -> bool {
+    meta.proto == IPPROTO_ICMPV6
+        && match meta.icmp_type {
+            133..=137 => meta.hop_limit == 255,
+            130..=132 | 143 => meta.hop_limit == 1,
+            _ => false,
+        }
 }

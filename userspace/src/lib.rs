@@ -4,8 +4,10 @@
 pub mod apply;
 pub mod compile;
 pub mod dataplane;
+pub mod evaluate;
 pub mod netns;
 pub mod policy;
+pub mod rules;
 pub mod stats;
 
 /// The compiled eBPF object (built by `build.rs` from `ebpf/`).

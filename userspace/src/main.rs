@@ -1,13 +1,18 @@
 //! `xdpgate`: the command-line agent.
 
-use std::path::PathBuf;
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand};
 use xdpgate::{
     apply, compile,
     dataplane::{self, Mode, PinDir},
-    netns, policy, stats,
+    evaluate, netns,
+    policy::{self, reference::Packet},
+    rules, stats,
 };
 use xdpgate_common::{iface::Role, maps::DEFAULT_PIN_DIR};
 
@@ -31,6 +36,12 @@ enum RoleArg {
     External,
     /// Faces a protected subnet: packets arriving here are outbound.
     Internal,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum DirectionArg {
+    Inbound,
+    Outbound,
 }
 
 #[derive(Subcommand)]
@@ -60,6 +71,38 @@ enum Command {
     /// Validate, compile and swap in a policy atomically; on any error the running policy
     /// stays in force.
     Apply { file: PathBuf },
+    /// Would this flow be allowed, and by which rule? Answered from the compiled tables the
+    /// kernel uses, like Azure's IP flow verify.
+    ///
+    /// Example: xdpgate verify-flow --direction inbound --protocol tcp
+    ///          --local 198.51.100.10:80 --remote 203.0.113.7:40000
+    VerifyFlow {
+        #[arg(long, value_enum)]
+        direction: DirectionArg,
+        /// tcp, udp, icmp (ICMPv6 for IPv6 addresses), esp, ah, or a protocol number.
+        #[arg(long)]
+        protocol: String,
+        /// Address of the protected side, with :PORT for TCP and UDP ([v6]:PORT).
+        #[arg(long)]
+        local: String,
+        /// Address of the other side, with :PORT for TCP and UDP.
+        #[arg(long)]
+        remote: String,
+        /// Policy file to ask about (default: the applied policy).
+        #[arg(long)]
+        policy: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the effective rules: service tags, application security groups and default
+    /// rules expanded, in evaluation order.
+    Rules {
+        /// Policy file to show (default: the applied policy).
+        #[arg(long)]
+        policy: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Show packet and byte counters per interface and verdict, and drops by reason.
     Stats {
         /// Print JSON instead of a table.
@@ -68,10 +111,46 @@ enum Command {
     },
 }
 
-/// Loads a policy, printing every validation error (file:line: field: reason).
-fn load_policy(file: &std::path::Path) -> Result<policy::Policy> {
-    policy::load_file(file)
-        .map_err(|errors| anyhow::anyhow!("invalid policy, nothing changed:\n{errors}"))
+/// Loads a policy and its source text; every validation error is listed as
+/// file:line: field: reason.
+fn load_policy(file: &Path) -> Result<(policy::Policy, String)> {
+    let source =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let policy = policy::load_str(&source, &file.display().to_string())
+        .map_err(|errors| anyhow!("invalid policy, nothing changed:\n{errors}"))?;
+    Ok((policy, source))
+}
+
+/// The policy named on the command line, or else the one applied to this dataplane.
+fn chosen_policy(pins: &PinDir, file: Option<PathBuf>) -> Result<policy::Policy> {
+    match file {
+        Some(f) => Ok(load_policy(&f)?.0),
+        None => {
+            let (path, source) = apply::applied_source(pins)
+                .ok_or_else(|| anyhow!("no policy applied here yet; name one with --policy FILE"))?;
+            policy::load_str(&source, &path.display().to_string()).map_err(|e| anyhow!("{e}"))
+        }
+    }
+}
+
+/// `IP` or `IP:PORT` (`[IPv6]:PORT`).
+fn endpoint(s: &str) -> Result<(IpAddr, Option<u16>)> {
+    if let Ok(sa) = s.parse::<SocketAddr>() {
+        return Ok((sa.ip(), Some(sa.port())));
+    }
+    Ok((s.parse().with_context(|| format!("{s:?} is not an address or address:port"))?, None))
+}
+
+fn protocol_number(name: &str, v6: bool) -> Result<u8> {
+    Ok(match name.to_ascii_lowercase().as_str() {
+        "tcp" => 6,
+        "udp" => 17,
+        "icmp" if v6 => 58,
+        "icmp" => 1,
+        "esp" => 50,
+        "ah" => 51,
+        n => n.parse().map_err(|_| anyhow!("unknown protocol {name:?} (tcp, udp, icmp, esp, ah or a number)"))?,
+    })
 }
 
 fn main() -> Result<()> {
@@ -98,19 +177,69 @@ fn main() -> Result<()> {
             }
         }
         Command::Check { file } => {
-            let policy = load_policy(&file)?;
+            let (policy, _) = load_policy(&file)?;
             let compiled = compile::compile(&policy)?;
-            let rules: usize = compiled.tables.iter().map(|t| t.rules.len()).sum();
+            let rules: usize = policy.nsgs.iter().map(|n| n.rules.len()).sum();
+            let entries: usize = compiled.tables.iter().map(|t| t.fields.len()).sum();
             println!(
-                "{}: ok ({} NSGs, {rules} effective rules)",
+                "{}: ok ({} NSGs, {rules} effective rules, {entries} table entries)",
                 file.display(),
                 policy.nsgs.len()
             );
         }
+        Command::VerifyFlow { direction, protocol, local, remote, policy, json } => {
+            let policy = chosen_policy(&pins, policy)?;
+            let (local, local_port) = endpoint(&local)?;
+            let (remote, remote_port) = endpoint(&remote)?;
+            if local.is_ipv4() != remote.is_ipv4() {
+                bail!("--local and --remote must be of the same address family");
+            }
+            let proto = protocol_number(&protocol, local.is_ipv6())?;
+            let pkt = match direction {
+                DirectionArg::Inbound => Packet {
+                    direction: policy::Direction::Inbound,
+                    proto,
+                    src: remote,
+                    dst: local,
+                    sport: remote_port,
+                    dport: local_port,
+                },
+                DirectionArg::Outbound => Packet {
+                    direction: policy::Direction::Outbound,
+                    proto,
+                    src: local,
+                    dst: remote,
+                    sport: local_port,
+                    dport: remote_port,
+                },
+            };
+            if (proto == 6 || proto == 17) && (pkt.sport.is_none() || pkt.dport.is_none()) {
+                bail!("TCP and UDP need ports on both --local and --remote (ADDRESS:PORT)");
+            }
+            let verdict = evaluate::evaluate(&compile::compile(&policy)?, &pkt);
+            if json {
+                let refs: Vec<_> = verdict
+                    .decided_by
+                    .iter()
+                    .map(|r| serde_json::json!({"layer": r.layer, "nsg": r.nsg, "rule": r.rule,
+                        "priority": r.priority, "access": r.access}))
+                    .collect();
+                println!("{}", serde_json::json!({"allowed": verdict.allowed, "decided_by": refs}));
+            } else {
+                print!("{}", rules::render_verdict(&verdict));
+            }
+        }
+        Command::Rules { policy, json } => {
+            let policy = chosen_policy(&pins, policy)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&policy)?);
+            } else {
+                print!("{}", rules::render(&policy));
+            }
+        }
         Command::Apply { file } => {
-            let policy = load_policy(&file)?;
+            let (policy, source) = load_policy(&file)?;
             let compiled = compile::compile(&policy)?;
-            let source = std::fs::read_to_string(&file)?;
             let generation = apply::apply(&pins, &compiled, &policy.settings)?;
             apply::save_applied(&pins, &source)?;
             println!("applied {} as generation {generation}", file.display());

@@ -1,15 +1,20 @@
 //! Reading the dataplane's counters from their pins.
 
-use anyhow::Result;
+use anyhow::{Result, anyhow};
 use aya::maps::{HashMap, PerCpuArray};
 use serde::Serialize;
 use xdpgate_common::{
     iface::{IfaceConfig, Role},
-    maps::{DROP_STATS, IFACE_STATS, IFACES},
+    maps::{DROP_STATS, IFACE_STATS, IFACES, NSG_HITS},
+    nsg::{MAX_RULES, TABLES_PER_SLOT},
     stats::{Counter, DROP_REASON_NAMES, DROP_REASONS, VERDICT_NAMES, VERDICTS, iface_stat_index},
 };
 
-use crate::dataplane::PinDir;
+use crate::{
+    apply, compile,
+    dataplane::PinDir,
+    policy::{self, Direction, Layer},
+};
 
 #[derive(Debug, Default, Serialize, PartialEq, Eq, Clone, Copy)]
 pub struct Traffic {
@@ -38,11 +43,30 @@ impl IfaceStats {
     }
 }
 
+/// Flows one rule decided (NSGs count flows: later packets of a flow never reach the rules).
+#[derive(Debug, Serialize)]
+pub struct RuleHits {
+    pub nsg: String,
+    pub rule: String,
+    pub direction: Direction,
+    pub layer: Layer,
+    pub priority: u32,
+    pub flows: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PolicyStats {
+    pub generation: u64,
+    pub rules: Vec<RuleHits>,
+}
+
 #[derive(Debug, Serialize)]
 pub struct Stats {
     pub interfaces: Vec<IfaceStats>,
     /// Drop reason to packets.
     pub drops: Vec<(&'static str, u64)>,
+    /// Rule hits of the running policy, when one was applied.
+    pub policy: Option<PolicyStats>,
 }
 
 impl Stats {
@@ -75,6 +99,23 @@ impl Stats {
         out += &format!("\n{:<18} {:>12}\n", "DROP REASON", "PACKETS");
         for (reason, n) in &self.drops {
             out += &format!("{reason:<18} {n:>12}\n");
+        }
+        if let Some(p) = &self.policy {
+            out += &format!(
+                "\nRULE HITS (policy generation {})\n{:<16} {:<9} {:<7} {:>6} {:<30} {:>10}\n",
+                p.generation, "NSG", "DIRECTION", "LAYER", "PRIO", "RULE", "FLOWS"
+            );
+            for r in &p.rules {
+                out += &format!(
+                    "{:<16} {:<9} {:<7} {:>6} {:<30} {:>10}\n",
+                    r.nsg,
+                    format!("{:?}", r.direction).to_lowercase(),
+                    format!("{:?}", r.layer).to_lowercase(),
+                    r.priority,
+                    r.rule,
+                    r.flows
+                );
+            }
         }
         out
     }
@@ -121,7 +162,32 @@ pub fn read(pins: &PinDir) -> Result<Stats> {
     let drops = (0..DROP_REASONS)
         .map(|r| Ok((DROP_REASON_NAMES[r as usize], drops.get(&r, 0)?.iter().sum())))
         .collect::<Result<_>>()?;
-    Ok(Stats { interfaces, drops })
+    Ok(Stats { interfaces, drops, policy: policy_stats(pins)? })
+}
+
+/// Hits of every rule of the running policy, named from the applied policy's source.
+fn policy_stats(pins: &PinDir) -> Result<Option<PolicyStats>> {
+    let Some((path, source)) = apply::applied_source(pins) else { return Ok(None) };
+    let (slot, config) = apply::active(pins)?;
+    let policy = policy::load_str(&source, &path.display().to_string()).map_err(|e| anyhow!("{e}"))?;
+    let compiled = compile::compile(&policy)?;
+    let hits: PerCpuArray<_, u64> = pins.open_map(NSG_HITS)?.try_into()?;
+    let mut rules = Vec::new();
+    for (t, table) in compiled.tables.iter().enumerate() {
+        let table_id = slot * TABLES_PER_SLOT + t as u32;
+        for (bit, r) in table.rules.iter().enumerate() {
+            let flows = hits.get(&(table_id * MAX_RULES + bit as u32), 0)?.iter().sum();
+            rules.push(RuleHits {
+                nsg: r.nsg.clone(),
+                rule: r.rule.name.clone(),
+                direction: r.rule.direction,
+                layer: r.layer,
+                priority: r.rule.priority,
+                flows,
+            });
+        }
+    }
+    Ok(Some(PolicyStats { generation: config.generation, rules }))
 }
 
 /// The name of `ifindex` in the current network namespace.
