@@ -6,9 +6,12 @@ mod common;
 
 use common::{
     kernel::{DROP, Kernel, PASS},
-    packet::{ACK, ETH_LEN, L4, SYN, frame, set_ipv4_frag, set_ipv4_total_len},
+    packet::{ACK, ETH_LEN, FIN, L4, RST, SYN, frame, set_ipv4_frag, set_ipv4_total_len},
 };
-use xdpgate_common::iface::Role;
+use xdpgate_common::{
+    flow::{FlowKey, TCP_CLOSED},
+    iface::Role,
+};
 
 const POLICY: &str = r#"
 virtual_network:
@@ -177,6 +180,72 @@ fn nsg_verdicts_in_kernel() {
     check(&k, "later fragments of other datagrams cannot ride along", &later22, DROP, &mut f);
 
     assert!(f.is_empty(), "cases failed:\n{}", f.join("\n"));
+
+    // Rules count the flows they decided; the last apply reset the counters.
+    let web = frame("203.0.113.7", "198.51.100.10", L4::Tcp(40100, 80, SYN));
+    let before = k.rule_flows("allow-web");
+    assert_eq!(k.run(&web), PASS);
+    assert_eq!(k.run(&web), PASS, "second packet: a flow-table hit");
+    assert_eq!(k.rule_flows("allow-web"), before + 1, "one flow, counted once");
+    let denied_before = k.rule_flows("DenyAllInBound");
+    let other = frame("203.0.113.7", "198.51.100.10", L4::Tcp(40101, 9999, SYN));
+    assert_eq!(k.run(&other), DROP);
+    assert_eq!(k.run(&other), DROP, "denied packets are classified every time");
+    assert_eq!(k.rule_flows("DenyAllInBound"), denied_before + 2);
+}
+
+fn key(src: &str, dst: &str, sport: u16, dport: u16, proto: u8) -> FlowKey {
+    let words = |a: &str| match a.parse::<std::net::IpAddr>().unwrap() {
+        std::net::IpAddr::V4(v) => {
+            let mut b = [0u8; 16];
+            b[..4].copy_from_slice(&v.octets());
+            xdpgate_common::words(&b)
+        }
+        std::net::IpAddr::V6(v) => xdpgate_common::words(&v.octets()),
+    };
+    let family = if src.contains(':') { 6 } else { 4 };
+    FlowKey { src: words(src), dst: words(dst), sport, dport, proto, family, _pad: [0; 2] }
+}
+
+#[test]
+fn tcp_close_marks_both_directions_of_a_flow() {
+    let k = Kernel::new();
+    k.apply(POLICY);
+    let fwd = key("203.0.113.7", "198.51.100.10", 40000, 80, 6);
+    let rev = key("198.51.100.10", "203.0.113.7", 80, 40000, 6);
+    let closed = |k: &Kernel| (k.flow(&fwd).unwrap().tcp & TCP_CLOSED != 0, k.flow(&rev).unwrap().tcp & TCP_CLOSED != 0);
+
+    k.arrive_as(Role::External);
+    assert_eq!(k.run(&frame("203.0.113.7", "198.51.100.10", L4::Tcp(40000, 80, SYN))), PASS);
+    assert_eq!(k.flow(&rev).expect("reply entry").reply, 1);
+    assert_eq!(k.run(&frame("203.0.113.7", "198.51.100.10", L4::Tcp(40000, 80, FIN | ACK))), PASS);
+    assert_eq!(closed(&k), (false, false), "half-closed is still open");
+    k.arrive_as(Role::Internal);
+    assert_eq!(k.run(&frame("198.51.100.10", "203.0.113.7", L4::Tcp(80, 40000, FIN | ACK))), PASS);
+    assert_eq!(closed(&k), (true, true), "FIN both ways closes the flow");
+
+    // RST closes at once.
+    let fwd = key("203.0.113.7", "198.51.100.10", 40001, 80, 6);
+    let rev = key("198.51.100.10", "203.0.113.7", 80, 40001, 6);
+    k.arrive_as(Role::External);
+    assert_eq!(k.run(&frame("203.0.113.7", "198.51.100.10", L4::Tcp(40001, 80, SYN))), PASS);
+    assert_eq!(k.run(&frame("203.0.113.7", "198.51.100.10", L4::Tcp(40001, 80, RST))), PASS);
+    assert!(k.flow(&fwd).unwrap().tcp & TCP_CLOSED != 0 && k.flow(&rev).unwrap().tcp & TCP_CLOSED != 0);
+}
+
+#[test]
+fn idle_flows_expire() {
+    let k = Kernel::new();
+    // UDP flows idle out after 4 s (the minimum); the reply direction is then judged by the
+    // rules again, and deny-mdns-out denies it.
+    k.apply(&format!("settings: {{udp_idle_timeout: 4}}\n{POLICY}"));
+    k.arrive_as(Role::External);
+    assert_eq!(k.run(&frame("203.0.113.7", "198.51.100.10", L4::Udp(40000, 5353))), PASS);
+    k.arrive_as(Role::Internal);
+    let reply = frame("198.51.100.10", "203.0.113.7", L4::Udp(5353, 40000));
+    assert_eq!(k.run(&reply), PASS, "reply within the idle timeout");
+    std::thread::sleep(std::time::Duration::from_millis(4500));
+    assert_eq!(k.run(&reply), DROP, "after 4.5 s idle the flow is gone");
 }
 
 #[test]

@@ -7,8 +7,9 @@ use aya::{
 };
 use xdpgate::{apply, compile, policy, stats};
 use xdpgate_common::{
+    flow::{FlowKey, FlowValue},
     iface::{IfaceConfig, Role},
-    maps::IFACES,
+    maps::{FLOWS, IFACES},
 };
 
 use super::Pins;
@@ -33,7 +34,23 @@ impl Kernel {
     pub fn apply(&self, src: &str) -> u64 {
         let policy = policy::load_str(src, "test.yaml").unwrap_or_else(|e| panic!("{e}"));
         let compiled = compile::compile(&policy).expect("compile");
-        apply::apply(&self.pins.dir, &compiled, &policy.settings).expect("apply")
+        let generation = apply::apply(&self.pins.dir, &compiled, &policy.settings).expect("apply");
+        // As the CLI does, so `stats` can name the rules.
+        apply::save_applied(&self.pins.dir, src).expect("save");
+        generation
+    }
+
+    /// Flows decided by a rule of the running policy (summed over layers).
+    pub fn rule_flows(&self, rule: &str) -> u64 {
+        let stats = stats::read(&self.pins.dir).unwrap();
+        stats.policy.expect("a policy is applied").rules.iter().filter(|r| r.rule == rule).map(|r| r.flows).sum()
+    }
+
+    /// The flow-table entry of a 5-tuple, if any.
+    pub fn flow(&self, key: &FlowKey) -> Option<FlowValue> {
+        let flows: aya::maps::HashMap<_, FlowKey, FlowValue> =
+            self.pins.dir.open_map(FLOWS).unwrap().try_into().unwrap();
+        flows.get(key, 0).ok()
     }
 
     /// Packets from test runs arrive on `lo`; its role makes them inbound or outbound.
