@@ -112,7 +112,136 @@ impl Default for Settings {
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct Policy {
     pub nsgs: Vec<Nsg>,
+    pub load_balancers: Vec<LoadBalancer>,
     pub settings: Settings,
+}
+
+/// An Azure-style Layer-4 load balancer. All cross references (frontend, pool, probe) are
+/// validated and resolved to indices into this load balancer's lists.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct LoadBalancer {
+    pub name: String,
+    pub frontends: Vec<Frontend>,
+    pub pools: Vec<BackendPool>,
+    pub probes: Vec<Probe>,
+    /// Load-balancing rules, HA-ports rules included (protocol `All`, frontend port 0).
+    pub rules: Vec<LbRule>,
+    pub inbound_nat_rules: Vec<InboundNatRule>,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Frontend {
+    pub name: String,
+    pub address: std::net::IpAddr,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct BackendPool {
+    pub name: String,
+    /// Unique addresses, in the order written.
+    pub backends: Vec<Backend>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Backend {
+    pub address: std::net::IpAddr,
+    /// Relative share of new flows, 1..=100 (default 1).
+    pub weight: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProbeKind {
+    /// Healthy when a TCP connection to the port is accepted.
+    Tcp,
+    /// Healthy only when `GET path` answers 200.
+    Http,
+    /// Like `Http`, over TLS (the backend's certificate is not verified, as Azure does not).
+    Https,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Probe {
+    pub name: String,
+    pub kind: ProbeKind,
+    pub port: u16,
+    /// Request path for HTTP(S) probes (default "/").
+    pub path: String,
+    /// Milliseconds between probes of one backend (default 5000, 100..=300000).
+    pub interval_ms: u32,
+    /// Milliseconds a probe may take (default the interval, at most the interval).
+    pub timeout_ms: u32,
+    /// Consecutive results that change a backend's state: this many failures take it out,
+    /// this many successes put it back (default 2, 1..=100).
+    pub threshold: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LbProtocol {
+    Tcp,
+    Udp,
+    /// Every protocol (HA-ports rules).
+    All,
+}
+
+/// Which packet fields pick the backend (Azure's distribution modes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Distribution {
+    /// 5-tuple hash.
+    Default,
+    /// Source and destination address.
+    SourceIp,
+    /// Source and destination address and protocol.
+    SourceIpProtocol,
+}
+
+/// What new flows do when every backend of the pool is unhealthy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AllDown {
+    /// No new flows (default): they are dropped and counted.
+    NoNewFlows,
+    /// Spread new flows over every backend, healthy or not.
+    SendToAll,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct LbRule {
+    pub name: String,
+    /// Index into `LoadBalancer::frontends`.
+    pub frontend: usize,
+    pub protocol: LbProtocol,
+    /// 0 with protocol `All`: an HA-ports rule, every port of the frontend.
+    pub frontend_port: u16,
+    /// 0: the frontend port (required for HA ports).
+    pub backend_port: u16,
+    /// Index into `LoadBalancer::pools`.
+    pub pool: usize,
+    /// Index into `LoadBalancer::probes`; `None`: backends are always considered healthy.
+    pub probe: Option<usize>,
+    pub distribution: Distribution,
+    /// Seconds (default 240, 4..=7200).
+    pub idle_timeout: u32,
+    /// Direct server return: the destination stays the frontend address.
+    pub floating_ip: bool,
+    pub all_down: AllDown,
+}
+
+/// Forwards one frontend port to one backend, or a frontend port range across a pool: the
+/// i-th port of the range goes to the i-th backend of the pool.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct InboundNatRule {
+    pub name: String,
+    pub frontend: usize,
+    /// Tcp or Udp.
+    pub protocol: LbProtocol,
+    /// First frontend port of the range (the only one for a single-backend rule).
+    pub frontend_port_start: u16,
+    /// Explicit (frontend port, backend address) pairs this rule produces, in order.
+    pub mappings: Vec<(u16, std::net::IpAddr)>,
+    pub backend_port: u16,
 }
 
 /// The layer an NSG is applied at. Inbound: subnet then host; outbound: host then subnet;

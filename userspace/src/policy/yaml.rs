@@ -326,7 +326,7 @@ impl Loader<'_> {
             self.errors.sort_by_key(|e| e.line);
             return Err(PolicyErrors(self.errors));
         }
-        Ok(Policy { nsgs: nsgs.into_iter().map(|n| n.nsg).collect(), settings })
+        Ok(Policy { nsgs: nsgs.into_iter().map(|n| n.nsg).collect(), load_balancers: Vec::new(), settings })
     }
 
     fn error(&mut self, field: &str, reason: impl Into<String>) {
