@@ -51,8 +51,24 @@ pub struct FlowValue {
     pub reply: u8,
     /// `TCP_*` state bits.
     pub tcp: u8,
-    pub _pad: u8,
+    /// `NAT_*`: which address and port of this direction's packets `nat_addr`/`nat_port`
+    /// replace.
+    pub nat: u8,
+    pub nat_addr: [u32; 4],
+    pub nat_port: u16,
+    pub _pad: u16,
+    /// Load-balancer service and backend of the flow, or `NO_BACKEND`.
+    pub service: u32,
+    pub backend: u32,
 }
+
+pub const NAT_NONE: u8 = 0;
+/// Rewrite the destination (the client's packets to a frontend, DNAT to the backend).
+pub const NAT_DST: u8 = 1;
+/// Rewrite the source (the backend's replies, back to the frontend address).
+pub const NAT_SRC: u8 = 2;
+/// Leave the addresses, forward to `nat_addr` (floating IP: direct server return).
+pub const NAT_NEXT_HOP: u8 = 3;
 
 pub const NO_RULE: u32 = u32::MAX;
 /// This direction sent a FIN.

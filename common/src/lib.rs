@@ -5,6 +5,7 @@
 
 pub mod flow;
 pub mod iface;
+pub mod lb;
 pub mod maps;
 pub mod nsg;
 pub mod stats;

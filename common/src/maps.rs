@@ -37,3 +37,18 @@ pub const FRAG_ENTRIES: u32 = 16_384;
 pub const PIPELINE: &str = "PIPELINE";
 /// Index of the policy stage in `PIPELINE`.
 pub const PIPELINE_POLICY: u32 = 0;
+/// Index of the act stage (rewrite and forward) in `PIPELINE`.
+pub const PIPELINE_ACT: u32 = 1;
+
+/// `HashMap<FrontendKey, Service>`.
+pub const FRONTENDS: &str = "FRONTENDS";
+/// `Array<u32>`: backend index per Maglev slot, `maglev_index(service, table, slot)`.
+pub const MAGLEV: &str = "MAGLEV";
+/// `Array<BackendInfo>`.
+pub const BACKENDS: &str = "BACKENDS";
+/// `PerCpuArray<Counter>` per service id, and per backend index.
+pub const SERVICE_STATS: &str = "SERVICE_STATS";
+pub const BACKEND_STATS: &str = "BACKEND_STATS";
+/// `DevMapHash`: interfaces XDP may redirect to, keyed by ifindex.
+pub const EGRESS: &str = "EGRESS";
+pub const MAX_EGRESS: u32 = 64;

@@ -43,8 +43,10 @@ pub enum DropReason {
     Fragment = 3,
     /// The dataplane could not run a stage (a missing map entry or program); fails closed.
     Internal = 4,
+    /// A frontend whose backends are all unhealthy (with "no new flows").
+    NoBackend = 5,
 }
 
-pub const DROP_REASONS: u32 = 5;
+pub const DROP_REASONS: u32 = 6;
 pub const DROP_REASON_NAMES: [&str; DROP_REASONS as usize] =
-    ["malformed", "too_deep", "policy", "fragment", "internal"];
+    ["malformed", "too_deep", "policy", "fragment", "internal", "no_backend"];

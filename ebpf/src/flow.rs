@@ -4,14 +4,19 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use xdpgate_common::{
-    flow::{FlowKey, FlowValue, FragKey, TCP_CLOSED, TCP_FIN},
+    flow::{
+        FlowKey, FlowValue, FragKey, NAT_DST, NAT_NEXT_HOP, NAT_NONE, NAT_SRC, NO_RULE, TCP_CLOSED,
+        TCP_FIN,
+    },
+    lb::NO_BACKEND,
     nsg::{FLAG_REEVALUATE, PolicyConfig, TCP_CLOSED_TIMEOUT_NS},
     stats::DropReason,
 };
 
 use crate::{
     headers::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP},
-    maps::{FLOWS, FRAGS},
+    lb::{self, Lb},
+    maps::{BACKEND_STATS, BACKENDS, CLASSIFY_SCRATCH, FLOW_SCRATCH, FLOWS, FRAGS, SERVICE_STATS},
     nsg::{Active, classify},
     parse::PacketMeta,
 };
@@ -32,16 +37,54 @@ pub fn key(meta: &PacketMeta) -> FlowKey {
     }
 }
 
-/// The packet as the flow's first packet saw it: a reply entry is re-checked with the
-/// original orientation.
+/// What the dataplane does with an allowed packet beyond passing it: the header rewrite
+/// of its flow direction (`NAT_*`) and, for load-balanced flows, where it goes.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Action {
+    pub nat: u8,
+    pub addr: [u32; 4],
+    pub port: u16,
+}
+
+impl Action {
+    fn of(entry: &FlowValue) -> Self {
+        Action { nat: entry.nat, addr: entry.nat_addr, port: entry.nat_port }
+    }
+}
+
+/// The key of the other direction of an entry's flow: the reverse of the packet as it
+/// leaves, after the entry's rewrite.
 #[inline(always)]
-fn reversed(meta: &PacketMeta) -> PacketMeta {
-    let mut m = *meta;
-    m.src = meta.dst;
-    m.dst = meta.src;
-    m.sport = meta.dport;
-    m.dport = meta.sport;
-    m
+fn twin(key: &FlowKey, entry: &FlowValue) -> FlowKey {
+    let mut k = *key;
+    if entry.nat == NAT_DST {
+        k.dst = entry.nat_addr;
+        k.dport = entry.nat_port;
+    } else if entry.nat == NAT_SRC {
+        k.src = entry.nat_addr;
+        k.sport = entry.nat_port;
+    }
+    k.reversed()
+}
+
+/// The packet as policy judged the flow's first packet: oriented as the first packet, after
+/// load-balancing DNAT (NSG rules name backends, not frontends). Built in per-CPU scratch
+/// to spare the stack.
+#[inline(always)]
+fn as_classified(meta: &PacketMeta, entry: &FlowValue) -> Result<&'static PacketMeta, DropReason> {
+    let m = unsafe { &mut *CLASSIFY_SCRATCH.get_ptr_mut(0).ok_or(DropReason::Internal)? };
+    *m = *meta;
+    if entry.reply != 0 {
+        m.src = meta.dst;
+        m.dst = meta.src;
+        m.sport = meta.dport;
+        m.dport = meta.sport;
+    } else if entry.nat == NAT_DST || entry.nat == NAT_NEXT_HOP {
+        m.dst = entry.nat_addr;
+        m.dport = entry.nat_port;
+    }
+    Ok(m)
 }
 
 #[inline(always)]
@@ -54,57 +97,126 @@ fn timeout_ns(config: &PolicyConfig, proto: u8, tcp: u8) -> u64 {
     }
 }
 
-/// Decides a packet of a flow: allowed packets return Ok, denied ones the drop reason.
+/// Decides a packet of a flow: allowed packets return their action, denied ones the reason.
 #[inline(always)]
 pub fn process(
     active: &Active<'_>,
     meta: &PacketMeta,
     dir: u32,
     len: u64,
-) -> Result<(), DropReason> {
+) -> Result<Action, DropReason> {
     let now = unsafe { bpf_ktime_get_ns() };
     let key = key(meta);
     if let Some(entry) = FLOWS.get_ptr_mut(&key) {
         let entry = unsafe { &mut *entry };
         if now.wrapping_sub(entry.last_seen_ns) <= timeout_ns(active.config, meta.proto, entry.tcp)
+            && backend_usable(meta, entry)
         {
             revalidate(active, meta, &key, entry)?;
             entry.last_seen_ns = now;
             entry.packets += 1;
             entry.bytes += len;
+            count_lb(entry.service, entry.backend, len);
             if meta.proto == IPPROTO_TCP && meta.tcp_flags & (TH_FIN | TH_RST) != 0 {
                 track_close(&key, entry, meta.tcp_flags);
             }
-            return Ok(());
+            return Ok(Action::of(entry));
         }
-        // Idle too long: a new flow, classified afresh.
+        // Idle too long, or its backend is gone: a new flow, decided afresh.
     }
+    create(active, meta, &key, dir, now, len)
+}
 
-    let decision = classify(active, meta, dir);
-    if !decision.allowed {
-        return Err(DropReason::Policy);
-    }
-    let forward = FlowValue {
+/// An established flow keeps its backend while the backend is healthy; TCP flows keep it
+/// until they end (a connection cannot move), other flows move to a healthy backend.
+#[inline(always)]
+fn backend_usable(meta: &PacketMeta, entry: &FlowValue) -> bool {
+    entry.backend == NO_BACKEND
+        || entry.reply != 0
+        || meta.proto == IPPROTO_TCP
+        || BACKENDS.get(entry.backend).is_some_and(|b| b.healthy != 0)
+}
+
+/// The first packet of a flow: load balancing (if it is for a frontend), NSG classification
+/// (of the packet as it will reach the backend), then both directions into the flow table.
+#[inline(always)]
+fn create(
+    active: &Active<'_>,
+    meta: &PacketMeta,
+    key: &FlowKey,
+    dir: u32,
+    now: u64,
+    len: u64,
+) -> Result<Action, DropReason> {
+    // Both entries are built in per-CPU scratch, not on the stack: the stack of this stage
+    // plus that of classification must stay within the verifier's 512 bytes.
+    let pair = FLOW_SCRATCH.get_ptr_mut(0).ok_or(DropReason::Internal)?;
+    let [forward, reply] = unsafe { &mut *pair };
+    *forward = FlowValue {
         generation: active.config.generation,
         last_seen_ns: now,
         packets: 1,
         bytes: len,
-        rule: decision.rule,
+        rule: NO_RULE,
         direction: dir as u8,
         reply: 0,
         tcp: 0,
+        nat: NAT_NONE,
+        nat_addr: [0; 4],
+        nat_port: 0,
         _pad: 0,
+        service: NO_BACKEND,
+        backend: NO_BACKEND,
     };
-    let reply = FlowValue { reply: 1, packets: 0, bytes: 0, ..forward };
+    let decision = match lb::select(meta) {
+        Lb::NotFrontend => classify(active, meta, dir),
+        Lb::NoBackend => return Err(DropReason::NoBackend),
+        Lb::Selected(sel) => {
+            forward.nat = if sel.floating_ip { NAT_NEXT_HOP } else { NAT_DST };
+            forward.nat_addr = sel.addr;
+            forward.nat_port = sel.port;
+            forward.service = sel.service;
+            forward.backend = sel.backend;
+            classify(active, as_classified(meta, forward)?, dir)
+        }
+    };
+    if !decision.allowed {
+        return Err(DropReason::Policy);
+    }
+    forward.rule = decision.rule;
+    // The reply comes back from where the packet goes; a DNAT-ed flow's reply gets the
+    // frontend back as its source.
+    *reply = FlowValue { reply: 1, packets: 0, bytes: 0, nat: NAT_NONE, ..*forward };
+    if forward.nat == NAT_DST {
+        reply.nat = NAT_SRC;
+        reply.nat_addr = meta.dst;
+        reply.nat_port = meta.dport;
+    }
     // A full table evicts the least recently used flows; a failed insert only means the
-    // next packet is classified again.
-    let _ = FLOWS.insert(&key, &forward, 0);
-    let _ = FLOWS.insert(&key.reversed(), &reply, 0);
-    Ok(())
+    // next packet is decided again.
+    let _ = FLOWS.insert(key, &*forward, 0);
+    let _ = FLOWS.insert(&twin(key, forward), &*reply, 0);
+    count_lb(forward.service, forward.backend, len);
+    Ok(Action::of(forward))
 }
 
-/// A flow decided under an older policy is classified again (in the orientation of its first
-/// packet) when the policy asks for it; a flow the new policy denies is removed both ways.
+#[inline(always)]
+fn count_lb(service: u32, backend: u32, len: u64) {
+    if service == NO_BACKEND {
+        return;
+    }
+    for (map, index) in [(&SERVICE_STATS, service), (&BACKEND_STATS, backend)] {
+        if let Some(c) = map.get_ptr_mut(index) {
+            unsafe {
+                (*c).packets += 1;
+                (*c).bytes += len;
+            }
+        }
+    }
+}
+
+/// A flow decided under an older policy is classified again (as its first packet was) when
+/// the policy asks for it; a flow the new policy denies is removed both ways.
 #[inline(always)]
 fn revalidate(
     active: &Active<'_>,
@@ -117,11 +229,10 @@ fn revalidate(
         return Ok(());
     }
     if active.config.flags & FLAG_REEVALUATE != 0 {
-        let original = if entry.reply != 0 { reversed(meta) } else { *meta };
-        let decision = classify(active, &original, u32::from(entry.direction));
+        let decision = classify(active, as_classified(meta, entry)?, u32::from(entry.direction));
         if !decision.allowed {
+            let _ = FLOWS.remove(&twin(key, entry));
             let _ = FLOWS.remove(key);
-            let _ = FLOWS.remove(&key.reversed());
             return Err(DropReason::Policy);
         }
         entry.rule = decision.rule;
@@ -133,7 +244,7 @@ fn revalidate(
 /// RST closes the flow; FIN closes it once both directions have sent one.
 #[inline(always)]
 fn track_close(key: &FlowKey, entry: &mut FlowValue, flags: u8) {
-    let twin = FLOWS.get_ptr_mut(&key.reversed()).map(|p| unsafe { &mut *p });
+    let twin = FLOWS.get_ptr_mut(&twin(key, entry)).map(|p| unsafe { &mut *p });
     if flags & TH_RST != 0 {
         entry.tcp |= TCP_CLOSED;
         if let Some(t) = twin {

@@ -3,21 +3,25 @@
 #![no_main]
 
 mod flow;
+mod forward;
 mod headers;
+mod lb;
 mod maps;
+mod nat;
 mod nsg;
 mod parse;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use xdpgate_common::{
+    flow::{NAT_DST, NAT_NEXT_HOP, NAT_NONE, NAT_SRC},
     iface::{IfaceConfig, Role},
-    maps::PIPELINE_POLICY,
+    maps::{PIPELINE_ACT, PIPELINE_POLICY},
     nsg::{DIR_INBOUND, DIR_OUTBOUND},
     stats::{DropReason, iface_stat_index},
 };
 
 use crate::{
-    maps::{DROP_STATS, IFACE_STATS, IFACES, PIPELINE, SCRATCH},
+    maps::{ACTION, DROP_STATS, IFACE_STATS, IFACES, PIPELINE, SCRATCH},
     parse::{FRAG_FIRST, FRAG_LATER, Parsed, parse},
 };
 
@@ -33,6 +37,12 @@ pub fn xdpgate(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn xdpgate_policy(ctx: XdpContext) -> u32 {
     finish(&ctx, policy_stage(&ctx))
+}
+
+/// Stage three, for flows that rewrite headers: NAT and forwarding.
+#[xdp]
+pub fn xdpgate_act(ctx: XdpContext) -> u32 {
+    finish(&ctx, act_stage(&ctx))
 }
 
 /// A program that passes everything: the baseline benchmarks divide by.
@@ -67,11 +77,41 @@ fn policy_stage(ctx: &XdpContext) -> Result<u32, DropReason> {
         flow::later_fragment(&active, meta, dir)?;
         return Ok(xdp_action::XDP_PASS);
     }
-    flow::process(&active, meta, dir, (ctx.data_end() - ctx.data()) as u64)?;
+    let len = (ctx.data_end() - ctx.data()) as u64;
+    let action = flow::process(&active, meta, dir, len)?;
     if meta.frag == FRAG_FIRST {
         flow::remember_first_fragment(meta);
     }
-    Ok(xdp_action::XDP_PASS)
+    if action.nat == NAT_NONE {
+        return Ok(xdp_action::XDP_PASS);
+    }
+    let slot = ACTION.get_ptr_mut(0).ok_or(DropReason::Internal)?;
+    unsafe {
+        *slot = action;
+        PIPELINE.tail_call(ctx, PIPELINE_ACT);
+    }
+    Err(DropReason::Internal)
+}
+
+/// Applies a flow's rewrite and forwards the packet; a program of its own so that its stack
+/// and paths do not add to the policy stage's.
+#[inline(always)]
+fn act_stage(ctx: &XdpContext) -> Result<u32, DropReason> {
+    let meta = SCRATCH.get(0).ok_or(DropReason::Internal)?;
+    let action = ACTION.get(0).ok_or(DropReason::Internal)?;
+    let len = (ctx.data_end() - ctx.data()) as u64;
+    match action.nat {
+        NAT_NONE => Ok(xdp_action::XDP_PASS),
+        NAT_NEXT_HOP => forward::forward(ctx, meta, &meta.src, &action.addr, len),
+        NAT_DST => {
+            nat::rewrite(ctx, meta, NAT_DST, &action.addr, action.port)?;
+            forward::forward(ctx, meta, &meta.src, &action.addr, len)
+        }
+        _ => {
+            nat::rewrite(ctx, meta, NAT_SRC, &action.addr, action.port)?;
+            forward::forward(ctx, meta, &action.addr, &meta.dst, len)
+        }
+    }
 }
 
 /// The single exit of both stages: count the verdict (and the drop reason).

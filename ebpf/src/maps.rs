@@ -1,15 +1,17 @@
 //! Every map of the dataplane, in one place. Names come from `xdpgate_common::maps`; all are
 //! pinned by name so a restarted agent finds the running state.
 
-use crate::parse::PacketMeta;
+use crate::{flow::Action, parse::PacketMeta};
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
+    maps::lpm_trie::Key,
+    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
 };
 use xdpgate_common::{
     flow::{FlowKey, FlowValue, FragKey},
     iface::IfaceConfig,
-    maps::{FLOW_ENTRIES, FRAG_ENTRIES, MAX_IFACES, NSG_FIELD_ENTRIES},
+    lb::{BackendInfo, FrontendKey, MAGLEV_SIZE, MAX_BACKENDS, MAX_FRONTENDS, MAX_SERVICES, Service},
+    maps::{FLOW_ENTRIES, FRAG_ENTRIES, MAX_EGRESS, MAX_IFACES, NSG_FIELD_ENTRIES},
     nsg::{FieldKey, MAX_RULES, PolicyConfig, RuleBitmap, SLOTS, TABLES},
     stats::{Counter, DROP_REASONS, VERDICTS},
 };
@@ -60,6 +62,22 @@ pub static FRAGS: LruHashMap<FragKey, u32> = LruHashMap::pinned(FRAG_ENTRIES, 0)
 #[map(name = "SCRATCH")]
 pub static SCRATCH: PerCpuArray<PacketMeta> = PerCpuArray::pinned(1, 0);
 
+/// The flow's action, handed from the policy stage to the act stage on the same CPU.
+#[map(name = "ACTION")]
+pub static ACTION: PerCpuArray<Action> = PerCpuArray::pinned(1, 0);
+
+/// Per-CPU room to build a new flow's two entries (see `flow::create`).
+#[map(name = "FLOW_SCRATCH")]
+pub static FLOW_SCRATCH: PerCpuArray<[FlowValue; 2]> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-CPU room for the packet as classification sees it (see `flow::as_classified`).
+#[map(name = "CLASSIFY_SCRATCH")]
+pub static CLASSIFY_SCRATCH: PerCpuArray<PacketMeta> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-CPU room for an NSG field key (see `nsg::lookup`).
+#[map(name = "LPM_KEY")]
+pub static LPM_KEY: PerCpuArray<Key<FieldKey>> = PerCpuArray::with_max_entries(1, 0);
+
 /// Per-CPU scratch word for `nsg::opaque`.
 #[map(name = "OPAQUE")]
 pub static OPAQUE: PerCpuArray<u32> = PerCpuArray::pinned(1, 0);
@@ -68,4 +86,28 @@ pub static OPAQUE: PerCpuArray<u32> = PerCpuArray::pinned(1, 0);
 /// array when no user reference to it is left, and the pin is that reference once the
 /// agent has exited.
 #[map(name = "PIPELINE")]
-pub static PIPELINE: ProgramArray = ProgramArray::pinned(1, 0);
+pub static PIPELINE: ProgramArray = ProgramArray::pinned(2, 0);
+
+/// Frontends (VIP, port, protocol; port 0 and protocol 0 for HA ports) to their service.
+#[map(name = "FRONTENDS")]
+pub static FRONTENDS: HashMap<FrontendKey, Service> = HashMap::pinned(MAX_FRONTENDS, 0);
+
+/// Two Maglev tables per service: backend index per slot.
+#[map(name = "MAGLEV")]
+pub static MAGLEV: Array<u32> = Array::pinned(MAX_SERVICES * 2 * MAGLEV_SIZE, 0);
+
+/// Backend addresses and health.
+#[map(name = "BACKENDS")]
+pub static BACKENDS: Array<BackendInfo> = Array::pinned(MAX_BACKENDS, 0);
+
+/// Packets and bytes per service (both directions).
+#[map(name = "SERVICE_STATS")]
+pub static SERVICE_STATS: PerCpuArray<Counter> = PerCpuArray::pinned(MAX_SERVICES, 0);
+
+/// Packets and bytes per backend (both directions).
+#[map(name = "BACKEND_STATS")]
+pub static BACKEND_STATS: PerCpuArray<Counter> = PerCpuArray::pinned(MAX_BACKENDS, 0);
+
+/// Interfaces XDP may redirect to, by ifindex (the agent adds each attached interface).
+#[map(name = "EGRESS")]
+pub static EGRESS: DevMapHash = DevMapHash::pinned(MAX_EGRESS, 0);

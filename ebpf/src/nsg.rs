@@ -17,7 +17,7 @@ use xdpgate_common::{
 
 use crate::{
     headers::{IPPROTO_TCP, IPPROTO_UDP},
-    maps::{ACTIVE_SLOT, NSG_FIELDS, NSG_HITS, NSG_RULES, OPAQUE, POLICY_CONFIG},
+    maps::{ACTIVE_SLOT, LPM_KEY, NSG_FIELDS, NSG_HITS, NSG_RULES, OPAQUE, POLICY_CONFIG},
     parse::{FRAG_LATER, PacketMeta},
 };
 
@@ -139,11 +139,14 @@ fn port_value(port: u16) -> [u32; 4] {
 
 #[inline(always)]
 fn lookup(table: u32, field: u8, value: &[u32; 4], bits: u32) -> Option<&'static RuleBitmap> {
-    let key = Key::new(
+    // The key is built in per-CPU scratch: five of them on the stack would not fit beside
+    // the callers' frames.
+    let key = unsafe { &mut *LPM_KEY.get_ptr_mut(0)? };
+    *key = Key::new(
         KEY_HEADER_BITS + bits,
         FieldKey { table: table as u8, field, _pad: [0; 2], value: *value },
     );
-    NSG_FIELDS.get(&key)
+    NSG_FIELDS.get(&*key)
 }
 
 #[inline(always)]

@@ -38,6 +38,7 @@ pub struct PacketMeta {
     /// Source and destination port in host order; for ICMP echo both hold the identifier.
     pub sport: u16,
     pub dport: u16,
+    pub l3_off: u16,
     pub l4_off: u16,
     /// IP identification of a fragment (IPv4 id or IPv6 fragment-header id).
     pub frag_id: u32,
@@ -53,7 +54,7 @@ pub enum Parsed {
 }
 
 #[inline(always)]
-fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Result<*const T, DropReason> {
+pub fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Result<*const T, DropReason> {
     let start = ctx.data();
     if off > MAX_HDR_OFF || start + off + size_of::<T>() > ctx.data_end() {
         return Err(DropReason::Malformed);
@@ -74,6 +75,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, DropReason> {
         hop_limit: 0,
         sport: 0,
         dport: 0,
+        l3_off: l3_off as u16,
         l4_off: 0,
         frag_id: 0,
         src: [0; 4],

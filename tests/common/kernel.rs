@@ -5,7 +5,7 @@ use aya::{
     maps::HashMap,
     programs::{TestRun, TestRunOptions, Xdp},
 };
-use xdpgate::{apply, compile, policy, stats};
+use xdpgate::{agent, lb::CompiledLb, policy, stats};
 use xdpgate_common::{
     flow::{FlowKey, FlowValue},
     iface::{IfaceConfig, Role},
@@ -32,18 +32,27 @@ impl Kernel {
 
     /// Loads, compiles and applies a policy from YAML text; returns the new generation.
     pub fn apply(&self, src: &str) -> u64 {
+        self.apply_with_health(src, &|_| true).0
+    }
+
+    /// Applies as `xdpgate apply` does, with `healthy` saying which backends (by index) can
+    /// take new flows.
+    pub fn apply_with_health(&self, src: &str, healthy: &dyn Fn(u32) -> bool) -> (u64, CompiledLb) {
         let policy = policy::load_str(src, "test.yaml").unwrap_or_else(|e| panic!("{e}"));
-        let compiled = compile::compile(&policy).expect("compile");
-        let generation = apply::apply(&self.pins.dir, &compiled, &policy.settings).expect("apply");
-        // As the CLI does, so `stats` can name the rules.
-        apply::save_applied(&self.pins.dir, src).expect("save");
-        generation
+        agent::apply_policy(&self.pins.dir, &policy, src, healthy).expect("apply")
     }
 
     /// Flows decided by a rule of the running policy (summed over layers).
     pub fn rule_flows(&self, rule: &str) -> u64 {
         let stats = stats::read(&self.pins.dir).unwrap();
-        stats.policy.expect("a policy is applied").rules.iter().filter(|r| r.rule == rule).map(|r| r.flows).sum()
+        stats
+            .policy
+            .expect("a policy is applied")
+            .rules
+            .iter()
+            .filter(|r| r.rule == rule)
+            .map(|r| r.flows)
+            .sum()
     }
 
     /// The flow-table entry of a 5-tuple, if any.
@@ -66,10 +75,22 @@ impl Kernel {
 
     /// Runs one packet; returns the XDP verdict.
     pub fn run(&self, packet: &[u8]) -> u32 {
-        self.entry()
-            .test_run(TestRunOptions { data_in: Some(packet), ..Default::default() })
-            .expect("test_run")
-            .return_value
+        self.run_out(packet).0
+    }
+
+    /// Runs one packet; returns the verdict and the packet as the program left it.
+    pub fn run_out(&self, packet: &[u8]) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; packet.len() + 256];
+        let res = self
+            .entry()
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(&mut out),
+                ..Default::default()
+            })
+            .expect("test_run");
+        out.truncate(res.data_size_out as usize);
+        (res.return_value, out)
     }
 
     pub fn drops(&self, reason: &str) -> u64 {

@@ -132,3 +132,59 @@ pub fn insert_ipv6_ext(p: &[u8], exts: &[(u8, u8)]) -> Vec<u8> {
     out.extend_from_slice(&p[l4..]);
     out
 }
+
+fn ones_sum(data: &[u8], mut sum: u32) -> u32 {
+    for c in data.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    }
+    sum
+}
+
+fn folds_to_ffff(mut sum: u32) -> bool {
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum == 0xffff
+}
+
+/// Verifies the IPv4 header checksum and the TCP/UDP/ICMP(v6) checksum of an untagged frame
+/// from scratch (not incrementally, so it can catch a wrong incremental update).
+pub fn checksums_ok(p: &[u8]) -> Result<(), String> {
+    let ip = &p[ETH_LEN..];
+    let (proto, l4, pseudo): (u8, &[u8], u32) = if ip[0] >> 4 == 4 {
+        let ihl = usize::from(ip[0] & 0xf) * 4;
+        let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+        if !folds_to_ffff(ones_sum(&ip[..ihl], 0)) {
+            return Err("IPv4 header checksum".into());
+        }
+        let l4 = &ip[ihl..total];
+        let pseudo = ones_sum(&ip[12..20], 0) + u32::from(ip[9]) + l4.len() as u32;
+        (ip[9], l4, pseudo)
+    } else {
+        let len = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
+        let l4 = &ip[40..40 + len];
+        let pseudo = ones_sum(&ip[8..40], 0) + u32::from(ip[6]) + l4.len() as u32;
+        (ip[6], l4, pseudo)
+    };
+    let ok = match proto {
+        6 | 58 => folds_to_ffff(ones_sum(l4, pseudo)),
+        17 if u16::from_be_bytes([l4[6], l4[7]]) == 0 && ip[0] >> 4 == 4 => true,
+        17 => folds_to_ffff(ones_sum(l4, pseudo)),
+        1 => folds_to_ffff(ones_sum(l4, 0)),
+        _ => true,
+    };
+    if ok { Ok(()) } else { Err(format!("L4 (protocol {proto}) checksum")) }
+}
+
+/// (source, destination, source port, destination port) of an untagged TCP/UDP frame.
+pub fn endpoints(p: &[u8]) -> (IpAddr, IpAddr, u16, u16) {
+    let ip = &p[ETH_LEN..];
+    let (src, dst, l4): (IpAddr, IpAddr, &[u8]) = if ip[0] >> 4 == 4 {
+        let a = |o: usize| IpAddr::from(<[u8; 4]>::try_from(&ip[o..o + 4]).unwrap());
+        (a(12), a(16), &ip[usize::from(ip[0] & 0xf) * 4..])
+    } else {
+        let a = |o: usize| IpAddr::from(<[u8; 16]>::try_from(&ip[o..o + 16]).unwrap());
+        (a(8), a(24), &ip[40..])
+    };
+    (src, dst, u16::from_be_bytes([l4[0], l4[1]]), u16::from_be_bytes([l4[2], l4[3]]))
+}

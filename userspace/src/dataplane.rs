@@ -20,7 +20,7 @@ use aya::{
 };
 use xdpgate_common::{
     iface::{IfaceConfig, Role},
-    maps::{IFACES, MAX_IFACES, PIPELINE, PIPELINE_POLICY},
+    maps::{IFACES, MAX_IFACES, PIPELINE, PIPELINE_ACT, PIPELINE_POLICY},
 };
 
 use crate::EBPF_OBJ;
@@ -29,6 +29,8 @@ use crate::EBPF_OBJ;
 pub const PROGRAM: &str = "xdpgate";
 /// The policy stage, entered from `PROGRAM` by tail call.
 pub const POLICY_PROGRAM: &str = "xdpgate_policy";
+/// The act stage (rewrite and forward), entered from the policy stage by tail call.
+pub const ACT_PROGRAM: &str = "xdpgate_act";
 /// Name of the pass-everything baseline program.
 pub const NOOP_PROGRAM: &str = "xdp_noop";
 
@@ -117,10 +119,12 @@ pub fn load(pins: &PinDir) -> Result<Ebpf> {
 /// Loads the dataplane's programs, links the later stages into `PIPELINE` and returns the
 /// entry program, ready to attach or test-run.
 pub fn dataplane(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
-    let policy_fd = program(ebpf, POLICY_PROGRAM)?.fd()?.try_clone()?;
-    let mut pipeline: ProgramArray<_> =
-        ebpf.map_mut(PIPELINE).ok_or_else(|| anyhow!("map {PIPELINE} missing"))?.try_into()?;
-    pipeline.set(PIPELINE_POLICY, &policy_fd, 0).context("linking the policy stage")?;
+    for (index, name) in [(PIPELINE_POLICY, POLICY_PROGRAM), (PIPELINE_ACT, ACT_PROGRAM)] {
+        let fd = program(ebpf, name)?.fd()?.try_clone()?;
+        let mut pipeline: ProgramArray<_> =
+            ebpf.map_mut(PIPELINE).ok_or_else(|| anyhow!("map {PIPELINE} missing"))?.try_into()?;
+        pipeline.set(index, &fd, 0).with_context(|| format!("linking {name} into {PIPELINE}"))?;
+    }
     program(ebpf, PROGRAM)
 }
 

@@ -1,10 +1,14 @@
 //! The xdpgate agent: loads the XDP dataplane, attaches it to interfaces, pins its state in
 //! bpffs and reads it back.
 
+pub mod agent;
 pub mod apply;
 pub mod compile;
 pub mod dataplane;
 pub mod evaluate;
+pub mod health;
+pub mod lb;
+pub mod maglev;
 pub mod netns;
 pub mod policy;
 pub mod rules;

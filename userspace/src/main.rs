@@ -2,13 +2,13 @@
 
 use std::{
     net::{IpAddr, SocketAddr},
-    path::{Path, PathBuf},
+    path::PathBuf,
 };
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand};
 use xdpgate::{
-    apply, compile,
+    agent, apply, compile,
     dataplane::{self, Mode, PinDir},
     evaluate, netns,
     policy::{self, reference::Packet},
@@ -103,6 +103,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run the agent: apply POLICY, probe the load balancers' backends and keep each
+    /// service's table to its healthy backends. SIGHUP reloads the policy; on exit the
+    /// dataplane keeps running.
+    Run {
+        #[arg(long)]
+        policy: PathBuf,
+        /// Health probes in flight at once.
+        #[arg(long, default_value_t = 64)]
+        probe_concurrency: usize,
+    },
     /// Show packet and byte counters per interface and verdict, and drops by reason.
     Stats {
         /// Print JSON instead of a table.
@@ -111,20 +121,10 @@ enum Command {
     },
 }
 
-/// Loads a policy and its source text; every validation error is listed as
-/// file:line: field: reason.
-fn load_policy(file: &Path) -> Result<(policy::Policy, String)> {
-    let source =
-        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-    let policy = policy::load_str(&source, &file.display().to_string())
-        .map_err(|errors| anyhow!("invalid policy, nothing changed:\n{errors}"))?;
-    Ok((policy, source))
-}
-
 /// The policy named on the command line, or else the one applied to this dataplane.
 fn chosen_policy(pins: &PinDir, file: Option<PathBuf>) -> Result<policy::Policy> {
     match file {
-        Some(f) => Ok(load_policy(&f)?.0),
+        Some(f) => Ok(agent::load(&f)?.0),
         None => {
             let (path, source) = apply::applied_source(pins)
                 .ok_or_else(|| anyhow!("no policy applied here yet; name one with --policy FILE"))?;
@@ -177,7 +177,7 @@ fn main() -> Result<()> {
             }
         }
         Command::Check { file } => {
-            let (policy, _) = load_policy(&file)?;
+            let (policy, _) = agent::load(&file)?;
             let compiled = compile::compile(&policy)?;
             let rules: usize = policy.nsgs.iter().map(|n| n.rules.len()).sum();
             let entries: usize = compiled.tables.iter().map(|t| t.fields.len()).sum();
@@ -238,11 +238,14 @@ fn main() -> Result<()> {
             }
         }
         Command::Apply { file } => {
-            let (policy, source) = load_policy(&file)?;
-            let compiled = compile::compile(&policy)?;
-            let generation = apply::apply(&pins, &compiled, &policy.settings)?;
-            apply::save_applied(&pins, &source)?;
+            let (policy, source) = agent::load(&file)?;
+            // One-shot: every backend counts as healthy; `xdpgate run` probes them.
+            let (generation, _) = agent::apply_policy(&pins, &policy, &source, &|_| true)?;
             println!("applied {} as generation {generation}", file.display());
+        }
+        Command::Run { policy, probe_concurrency } => {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            runtime.block_on(agent::run(&pins, &policy, probe_concurrency))?;
         }
         Command::Stats { json } => {
             let stats = stats::read(&pins)?;

@@ -3,7 +3,7 @@
 //! default rules into a [`Policy`]. `policies/example.yaml` documents the format.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet, hash_map::Entry},
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     ops::RangeInclusive,
@@ -16,7 +16,11 @@ use xdpgate_common::nsg::MAX_RULES;
 
 use super::{
     locate::LineIndex,
-    model::{Access, Direction, Layer, Nsg, Policy, PortRange, Ports, Protocol, Rule, Settings},
+    model::{
+        Access, AllDown, Backend, BackendPool, Direction, Distribution, Frontend, InboundNatRule,
+        Layer, LbProtocol, LbRule, LoadBalancer, Nsg, Policy, PortRange, Ports, Probe, ProbeKind,
+        Protocol, Rule, Settings,
+    },
 };
 
 /// One problem in a policy file, located by line and YAML path.
@@ -118,6 +122,8 @@ struct RawPolicy {
     settings: RawSettings,
     #[serde(default)]
     nsgs: Vec<RawNsg>,
+    #[serde(default)]
+    load_balancers: Vec<RawLoadBalancer>,
 }
 
 #[derive(Deserialize)]
@@ -163,6 +169,121 @@ struct RawRule {
     destination: List,
     #[serde(default = "List::any")]
     destination_ports: List,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLoadBalancer {
+    name: String,
+    #[serde(default)]
+    frontends: Vec<RawFrontend>,
+    #[serde(default)]
+    backend_pools: Vec<RawPool>,
+    #[serde(default)]
+    probes: Vec<RawProbe>,
+    #[serde(default)]
+    rules: Vec<RawLbRule>,
+    #[serde(default)]
+    inbound_nat_rules: Vec<RawNatRule>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFrontend {
+    name: String,
+    address: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPool {
+    name: String,
+    #[serde(default)]
+    backends: Vec<RawBackend>,
+}
+
+/// A backend, written as its address alone or as `{address, weight}`.
+struct RawBackend {
+    address: String,
+    weight: Option<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProbe {
+    name: String,
+    protocol: String,
+    port: i64,
+    path: Option<String>,
+    interval: Option<i64>,
+    timeout: Option<i64>,
+    threshold: Option<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLbRule {
+    name: String,
+    frontend: String,
+    protocol: String,
+    frontend_port: i64,
+    backend_port: Option<i64>,
+    backend_pool: String,
+    probe: Option<String>,
+    distribution: Option<String>,
+    idle_timeout: Option<i64>,
+    #[serde(default)]
+    floating_ip: bool,
+    all_down: Option<String>,
+}
+
+/// Either `frontend_port` with `backend`, or `frontend_port_range` with `backend_pool`;
+/// validation, not serde, sorts out the combinations so that the message can explain them.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNatRule {
+    name: String,
+    frontend: String,
+    protocol: String,
+    frontend_port: Option<i64>,
+    frontend_port_range: Option<Scalar>,
+    backend: Option<String>,
+    backend_pool: Option<String>,
+    backend_port: i64,
+}
+
+/// Items of the document that have a `name`, for the uniqueness and reference checks.
+trait Named {
+    fn name(&self) -> &str;
+}
+
+macro_rules! impl_named {
+    ($($raw:ty),*) => {
+        $(impl Named for $raw {
+            fn name(&self) -> &str {
+                &self.name
+            }
+        })*
+    };
+}
+
+impl_named!(
+    RawNsg,
+    RawRule,
+    RawLoadBalancer,
+    RawFrontend,
+    RawPool,
+    RawProbe,
+    RawLbRule,
+    RawNatRule
+);
+
+/// Each item's name with the YAML path of its `name` field.
+fn item_names<'a, T: Named>(
+    path: &'a str,
+    items: &'a [T],
+) -> impl Iterator<Item = (String, &'a str)> + 'a {
+    items.iter().enumerate().map(move |(i, item)| (format!("{path}[{i}].name"), item.name()))
 }
 
 /// A list of scalars that may also be written as a single scalar. Integers are kept as
@@ -255,6 +376,39 @@ impl<'de> Deserialize<'de> for Scalar {
     }
 }
 
+impl<'de> Deserialize<'de> for RawBackend {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Weighted {
+            address: String,
+            weight: Option<i64>,
+        }
+
+        struct BackendVisitor;
+
+        impl<'de> de::Visitor<'de> for BackendVisitor {
+            type Value = RawBackend;
+
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an address or {address, weight}")
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawBackend, E> {
+                Ok(RawBackend { address: v.to_owned(), weight: None })
+            }
+
+            fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<RawBackend, A::Error> {
+                let Weighted { address, weight } =
+                    Weighted::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                Ok(RawBackend { address, weight })
+            }
+        }
+
+        deserializer.deserialize_any(BackendVisitor)
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Validation and expansion.
 
@@ -316,17 +470,19 @@ impl Loader<'_> {
     fn load(mut self, raw: &RawPolicy) -> Result<Policy, PolicyErrors> {
         let settings = self.settings(&raw.settings);
         let names = self.names(raw);
-        self.check_unique_nsg_names(&raw.nsgs);
+        self.check_unique_names("NSG", item_names("nsgs", &raw.nsgs));
         let nsgs: Vec<LoadedNsg> =
             raw.nsgs.iter().enumerate().map(|(i, nsg)| self.nsg(i, nsg, &names)).collect();
         self.check_subnet_overlaps(&nsgs);
         self.check_host_overlaps(&nsgs);
         self.check_table_sizes(&nsgs);
+        let load_balancers = self.load_balancers(&raw.load_balancers);
         if !self.errors.is_empty() {
             self.errors.sort_by_key(|e| e.line);
             return Err(PolicyErrors(self.errors));
         }
-        Ok(Policy { nsgs: nsgs.into_iter().map(|n| n.nsg).collect(), load_balancers: Vec::new(), settings })
+        let nsgs = nsgs.into_iter().map(|n| n.nsg).collect();
+        Ok(Policy { nsgs, load_balancers, settings })
     }
 
     fn error(&mut self, field: &str, reason: impl Into<String>) {
@@ -341,6 +497,45 @@ impl Loader<'_> {
     /// The value of `result`, or `None` after recording its error at `field`.
     fn check<T>(&mut self, field: &str, result: Result<T, String>) -> Option<T> {
         result.map_err(|reason| self.error(field, reason)).ok()
+    }
+
+    /// `default` if `value` was not written, else `value` parsed (see [`Self::check`]).
+    fn optional<V, T>(
+        &mut self,
+        field: &str,
+        value: Option<V>,
+        parse: impl FnOnce(V) -> Result<T, String>,
+        default: T,
+    ) -> Option<T> {
+        match value {
+            Some(value) => self.check(field, parse(value)),
+            None => Some(default),
+        }
+    }
+
+    fn check_name(&mut self, field: &str, name: &str) {
+        if name.is_empty() {
+            self.error(field, "must not be empty");
+        }
+    }
+
+    /// Reports every name an earlier item of the same list already has. `items` are
+    /// (path of the `name` field, name); `what` names the kind of item in the message.
+    fn check_unique_names<'n>(
+        &mut self,
+        what: &str,
+        items: impl IntoIterator<Item = (String, &'n str)>,
+    ) {
+        let mut seen: HashMap<&str, String> = HashMap::new();
+        // Empty names are reported as such, not as duplicates of each other.
+        for (path, name) in items.into_iter().filter(|(_, name)| !name.is_empty()) {
+            if let Some(first) = seen.get(name) {
+                let line = self.lines.line(first);
+                self.error(&path, format!("{what} name {name} is already used (line {line})"));
+            } else {
+                seen.insert(name, path);
+            }
+        }
     }
 
     fn settings(&mut self, raw: &RawSettings) -> Settings {
@@ -360,10 +555,7 @@ impl Loader<'_> {
     }
 
     fn timeout(&mut self, name: &str, value: Option<i64>) -> Option<u32> {
-        let value = value?;
-        let checked = in_range(value, &TIMEOUTS)
-            .ok_or_else(|| format!("timeout {value} is out of range 4-7200 seconds"));
-        self.check(&format!("settings.{name}"), checked)
+        self.check(&format!("settings.{name}"), parse_idle_timeout(value?))
     }
 
     fn names(&mut self, raw: &RawPolicy) -> Names {
@@ -407,24 +599,9 @@ impl Loader<'_> {
         }
     }
 
-    fn check_unique_nsg_names(&mut self, nsgs: &[RawNsg]) {
-        let mut seen: HashMap<&str, String> = HashMap::new();
-        for (i, nsg) in nsgs.iter().enumerate() {
-            let path = format!("nsgs[{i}].name");
-            if let Some(first) = seen.get(nsg.name.as_str()) {
-                let line = self.lines.line(first);
-                self.error(&path, format!("NSG name {} is already used (line {line})", nsg.name));
-            } else {
-                seen.insert(nsg.name.as_str(), path);
-            }
-        }
-    }
-
     fn nsg(&mut self, i: usize, raw: &RawNsg, names: &Names) -> LoadedNsg {
         let path = format!("nsgs[{i}]");
-        if raw.name.is_empty() {
-            self.error(&format!("{path}.name"), "must not be empty");
-        }
+        self.check_name(&format!("{path}.name"), &raw.name);
         if raw.subnets.items.is_empty() && raw.hosts.items.is_empty() {
             self.error(&path, "not associated with any subnet or host");
         }
@@ -509,20 +686,11 @@ impl Loader<'_> {
     }
 
     fn rules(&mut self, nsg_path: &str, raw: &[RawRule], names: &Names) -> Vec<Rule> {
-        let mut names_seen: HashMap<&str, String> = HashMap::new();
+        self.check_unique_names("rule", item_names(&format!("{nsg_path}.rules"), raw));
         let mut priorities_seen: HashMap<(Direction, i64), (String, &str)> = HashMap::new();
         let mut rules = Vec::new();
         for (j, r) in raw.iter().enumerate() {
             let path = format!("{nsg_path}.rules[{j}]");
-            if let Some(first) = names_seen.get(r.name.as_str()) {
-                let line = self.lines.line(first);
-                self.error(
-                    &format!("{path}.name"),
-                    format!("rule name {} is already used (line {line})", r.name),
-                );
-            } else {
-                names_seen.insert(&r.name, path.clone());
-            }
             if let Ok(direction) = parse_direction(&r.direction) {
                 let key = (direction, r.priority);
                 if let Some((first, first_name)) = priorities_seen.get(&key) {
@@ -548,9 +716,8 @@ impl Loader<'_> {
     fn rule(&mut self, path: &str, r: &RawRule, names: &Names) -> Option<Rule> {
         let errors_before = self.errors.len();
         let field = |name: &str| format!("{path}.{name}");
-        if r.name.is_empty() {
-            self.error(&field("name"), "must not be empty");
-        } else if DEFAULT_RULE_NAMES.contains(&r.name.as_str()) {
+        self.check_name(&field("name"), &r.name);
+        if DEFAULT_RULE_NAMES.contains(&r.name.as_str()) {
             self.error(&field("name"), format!("{} is the name of a default rule", r.name));
         }
         let priority = self.check(&field("priority"), parse_priority(r.priority));
@@ -652,6 +819,628 @@ impl Loader<'_> {
     }
 }
 
+// ---------------------------------------------------------------------------------------
+// Load balancers.
+
+const WEIGHTS: RangeInclusive<i64> = 1..=100;
+const PROBE_INTERVALS: RangeInclusive<i64> = 100..=300_000;
+const PROBE_TIMEOUTS: RangeInclusive<i64> = 1..=300_000;
+const PROBE_THRESHOLDS: RangeInclusive<i64> = 1..=100;
+const DEFAULT_PROBE_INTERVAL: u32 = 5000;
+const DEFAULT_PROBE_THRESHOLD: u32 = 2;
+const DEFAULT_LB_IDLE_TIMEOUT: u32 = 240;
+
+/// Every frontend address of every load balancer -> (frontend name, path of its address),
+/// first definition wins. Backends are checked against all of them: the dataplane
+/// recognizes frontends by address alone, whichever load balancer they belong to.
+type FrontendAddresses = HashMap<IpAddr, (String, String)>;
+
+/// What the rules of one load balancer refer to. Lists are indexed as in the document;
+/// a frontend with an invalid address is `None` but still resolves by name, so that rules
+/// using it do not add "unknown frontend" errors to the one already reported.
+struct LbScope<'a> {
+    raw: &'a RawLoadBalancer,
+    frontends: &'a [Option<Frontend>],
+    /// The valid backends of each pool.
+    pools: &'a [BackendPool],
+}
+
+/// A (frontend address, protocol, port) that an LB rule or a NAT mapping receives.
+/// Protocol `All` with port 0 (HA ports) takes every port and protocol of the address.
+struct Claim {
+    address: IpAddr,
+    protocol: LbProtocol,
+    port: u16,
+    /// The port field that makes the claim, where a conflict is reported.
+    path: String,
+    /// "rule http of load balancer web-lb", for the message about a later conflict.
+    owner: String,
+}
+
+impl Claim {
+    fn is_ha_ports(&self) -> bool {
+        self.protocol == LbProtocol::All
+    }
+
+    fn key(&self) -> (IpAddr, &'static str, u16) {
+        (self.address, lb_protocol_name(self.protocol), self.port)
+    }
+}
+
+/// A validated load balancer and the frontend ports it claims, for the cross-LB checks.
+struct LoadedLb {
+    lb: LoadBalancer,
+    claims: Vec<Claim>,
+}
+
+impl Loader<'_> {
+    fn load_balancers(&mut self, raw: &[RawLoadBalancer]) -> Vec<LoadBalancer> {
+        self.check_unique_names("load balancer", item_names("load_balancers", raw));
+        // Frontends of all load balancers first: every backend is checked against them.
+        let frontends: Vec<Vec<Option<Frontend>>> = raw
+            .iter()
+            .enumerate()
+            .map(|(i, lb)| self.frontends(&format!("load_balancers[{i}]"), lb))
+            .collect();
+        let addresses = frontend_addresses(&frontends);
+        let mut claims = Vec::new();
+        let mut load_balancers = Vec::new();
+        for (i, (lb, frontends)) in raw.iter().zip(frontends).enumerate() {
+            let path = format!("load_balancers[{i}]");
+            let loaded = self.load_balancer(&path, lb, frontends, &addresses);
+            claims.extend(loaded.claims);
+            load_balancers.push(loaded.lb);
+        }
+        self.check_frontend_claims(claims);
+        load_balancers
+    }
+
+    fn frontends(&mut self, lb_path: &str, raw: &RawLoadBalancer) -> Vec<Option<Frontend>> {
+        let mut frontends = Vec::new();
+        for (j, f) in raw.frontends.iter().enumerate() {
+            let path = format!("{lb_path}.frontends[{j}]");
+            self.check_name(&format!("{path}.name"), &f.name);
+            let address = self.check(&format!("{path}.address"), parse_address(&f.address));
+            frontends.push(address.map(|address| Frontend { name: f.name.clone(), address }));
+        }
+        frontends
+    }
+
+    /// Everything of one load balancer but its frontends (already parsed). The model's
+    /// lists keep only valid items; with any invalid one there are errors and the policy is
+    /// rejected, so the indices in its rules never point at the wrong item.
+    fn load_balancer(
+        &mut self,
+        path: &str,
+        raw: &RawLoadBalancer,
+        frontends: Vec<Option<Frontend>>,
+        addresses: &FrontendAddresses,
+    ) -> LoadedLb {
+        self.check_name(&format!("{path}.name"), &raw.name);
+        self.check_unique_lb_item_names(path, raw);
+        let pools: Vec<BackendPool> = (raw.backend_pools.iter().enumerate())
+            .map(|(j, p)| self.pool(&format!("{path}.backend_pools[{j}]"), p, addresses))
+            .collect();
+        let probes: Vec<Option<Probe>> = (raw.probes.iter().enumerate())
+            .map(|(j, p)| self.probe(&format!("{path}.probes[{j}]"), p))
+            .collect();
+        let scope = LbScope { raw, frontends: &frontends, pools: &pools };
+        let rules: Vec<Option<LbRule>> = (raw.rules.iter().enumerate())
+            .map(|(j, r)| self.lb_rule(&format!("{path}.rules[{j}]"), r, &scope))
+            .collect();
+        let nat_rules: Vec<Option<InboundNatRule>> = (raw.inbound_nat_rules.iter().enumerate())
+            .map(|(j, r)| {
+                self.nat_rule(&format!("{path}.inbound_nat_rules[{j}]"), r, &scope, addresses)
+            })
+            .collect();
+        let claims = lb_claims(path, raw, &frontends, &rules, &nat_rules);
+        let lb = LoadBalancer {
+            name: raw.name.clone(),
+            frontends: frontends.into_iter().flatten().collect(),
+            pools,
+            probes: probes.into_iter().flatten().collect(),
+            rules: rules.into_iter().flatten().collect(),
+            inbound_nat_rules: nat_rules.into_iter().flatten().collect(),
+        };
+        LoadedLb { lb, claims }
+    }
+
+    fn check_unique_lb_item_names(&mut self, path: &str, raw: &RawLoadBalancer) {
+        let list = |name: &str| format!("{path}.{name}");
+        self.check_unique_names("frontend", item_names(&list("frontends"), &raw.frontends));
+        self.check_unique_names(
+            "backend pool",
+            item_names(&list("backend_pools"), &raw.backend_pools),
+        );
+        self.check_unique_names("probe", item_names(&list("probes"), &raw.probes));
+        self.check_unique_names("rule", item_names(&list("rules"), &raw.rules));
+        self.check_unique_names(
+            "inbound NAT rule",
+            item_names(&list("inbound_nat_rules"), &raw.inbound_nat_rules),
+        );
+    }
+
+    /// A pool with its valid backends, each address once.
+    fn pool(&mut self, path: &str, raw: &RawPool, addresses: &FrontendAddresses) -> BackendPool {
+        self.check_name(&format!("{path}.name"), &raw.name);
+        let mut first_paths: HashMap<IpAddr, String> = HashMap::new();
+        let mut backends = Vec::new();
+        for (k, b) in raw.backends.iter().enumerate() {
+            let path = format!("{path}.backends[{k}]");
+            let weight = self.optional(&format!("{path}.weight"), b.weight, parse_weight, 1);
+            let Some(address) = self.check(&path, parse_address(&b.address)) else { continue };
+            self.check_not_frontend(&path, address, addresses);
+            match first_paths.entry(address) {
+                Entry::Occupied(first) => {
+                    let line = self.lines.line(first.get());
+                    let reason =
+                        format!("backend {address} is already in pool {} (line {line})", raw.name);
+                    self.error(&path, reason);
+                }
+                Entry::Vacant(slot) => {
+                    slot.insert(path);
+                    backends.extend(weight.map(|weight| Backend { address, weight }));
+                }
+            }
+        }
+        BackendPool { name: raw.name.clone(), backends }
+    }
+
+    /// Packets to a frontend address are load-balanced themselves, so a backend there would
+    /// have its forwarded flows balanced again.
+    fn check_not_frontend(&mut self, field: &str, address: IpAddr, addresses: &FrontendAddresses) {
+        if let Some((name, path)) = addresses.get(&address) {
+            let line = self.lines.line(path);
+            let reason =
+                format!("backend {address} is also the address of frontend {name} (line {line})");
+            self.error(field, reason);
+        }
+    }
+
+    /// One probe; `None` if any of its fields is invalid (all of them are reported).
+    fn probe(&mut self, path: &str, raw: &RawProbe) -> Option<Probe> {
+        let errors_before = self.errors.len();
+        let field = |name: &str| format!("{path}.{name}");
+        self.check_name(&field("name"), &raw.name);
+        let kind = self.check(&field("protocol"), parse_probe_kind(&raw.protocol));
+        let port = self.check(&field("port"), parse_port(raw.port, 1));
+        let interval = self.optional(
+            &field("interval"),
+            raw.interval,
+            parse_probe_interval,
+            DEFAULT_PROBE_INTERVAL,
+        );
+        let timeout = self.probe_timeout(&field("timeout"), raw.timeout, interval);
+        let threshold = self.optional(
+            &field("threshold"),
+            raw.threshold,
+            parse_probe_threshold,
+            DEFAULT_PROBE_THRESHOLD,
+        );
+        let request_path = self.probe_path(&field("path"), raw.path.as_deref(), kind);
+        if self.errors.len() > errors_before {
+            return None;
+        }
+        Some(Probe {
+            name: raw.name.clone(),
+            kind: kind?,
+            port: port?,
+            path: request_path?,
+            interval_ms: interval?,
+            timeout_ms: timeout?,
+            threshold: threshold?,
+        })
+    }
+
+    /// Defaults to the interval; a probe that outlasted it would overlap the next one.
+    fn probe_timeout(
+        &mut self,
+        field: &str,
+        value: Option<i64>,
+        interval: Option<u32>,
+    ) -> Option<u32> {
+        let Some(value) = value else { return interval };
+        let timeout = self.check(field, parse_probe_timeout(value))?;
+        if let Some(interval) = interval
+            && timeout > interval
+        {
+            self.error(field, format!("timeout {timeout} is longer than the interval {interval}"));
+            return None;
+        }
+        Some(timeout)
+    }
+
+    /// The request path of an HTTP(S) probe, default "/". A path on a TCP probe would be
+    /// silently unused, which usually means the protocol is wrong.
+    fn probe_path(
+        &mut self,
+        field: &str,
+        path: Option<&str>,
+        kind: Option<ProbeKind>,
+    ) -> Option<String> {
+        let Some(path) = path else { return Some("/".to_owned()) };
+        if kind == Some(ProbeKind::Tcp) {
+            self.error(field, "a path is only used by http and https probes");
+            return None;
+        }
+        self.check(field, parse_probe_path(path)).map(str::to_owned)
+    }
+
+    /// One load-balancing rule; `None` if any of its fields is invalid (all are reported).
+    fn lb_rule(&mut self, path: &str, raw: &RawLbRule, scope: &LbScope) -> Option<LbRule> {
+        let errors_before = self.errors.len();
+        let field = |name: &str| format!("{path}.{name}");
+        self.check_name(&field("name"), &raw.name);
+        let frontend =
+            self.reference(&field("frontend"), "frontend", &raw.frontend, &scope.raw.frontends);
+        let pool = self.reference(
+            &field("backend_pool"),
+            "backend pool",
+            &raw.backend_pool,
+            &scope.raw.backend_pools,
+        );
+        let probe = (raw.probe.as_deref())
+            .map(|probe| self.reference(&field("probe"), "probe", probe, &scope.raw.probes));
+        let protocol = self.check(&field("protocol"), parse_lb_protocol(&raw.protocol));
+        let ports = self.lb_rule_ports(path, raw, protocol);
+        let distribution = self.optional(
+            &field("distribution"),
+            raw.distribution.as_deref(),
+            parse_distribution,
+            Distribution::Default,
+        );
+        let idle_timeout = self.optional(
+            &field("idle_timeout"),
+            raw.idle_timeout,
+            parse_idle_timeout,
+            DEFAULT_LB_IDLE_TIMEOUT,
+        );
+        let all_down = self.optional(
+            &field("all_down"),
+            raw.all_down.as_deref(),
+            parse_all_down,
+            AllDown::NoNewFlows,
+        );
+        if let (Some(frontend), Some(pool)) = (frontend, pool) {
+            self.check_pool_use(
+                &field("backend_pool"),
+                scope,
+                scope.frontends[frontend].as_ref(),
+                pool,
+            );
+        }
+        if self.errors.len() > errors_before {
+            return None;
+        }
+        let (frontend_port, backend_port) = ports?;
+        Some(LbRule {
+            name: raw.name.clone(),
+            frontend: frontend?,
+            protocol: protocol?,
+            frontend_port,
+            backend_port,
+            pool: pool?,
+            // Written and unresolved was an error, so this is the resolved index or none.
+            probe: probe.flatten(),
+            distribution: distribution?,
+            idle_timeout: idle_timeout?,
+            floating_ip: raw.floating_ip,
+            all_down: all_down?,
+        })
+    }
+
+    /// (frontend port, backend port) of a rule. An HA-ports rule (protocol all) takes every
+    /// port, so both must be 0; tcp and udp rules need real ports. The backend port
+    /// defaults to the frontend port (0 for HA ports: each packet keeps its own).
+    fn lb_rule_ports(
+        &mut self,
+        path: &str,
+        raw: &RawLbRule,
+        protocol: Option<LbProtocol>,
+    ) -> Option<(u16, u16)> {
+        let frontend_field = format!("{path}.frontend_port");
+        let backend_field = format!("{path}.backend_port");
+        let frontend = self.check(&frontend_field, parse_port(raw.frontend_port, 0));
+        let backend =
+            (raw.backend_port).map(|port| self.check(&backend_field, parse_port(port, 0)));
+        let written = [(&frontend_field, frontend), (&backend_field, backend.flatten())];
+        for (field, port) in written {
+            match (protocol, port) {
+                (Some(LbProtocol::All), Some(port)) if port != 0 => {
+                    self.error(field, "must be 0 with protocol all (HA ports)");
+                }
+                (Some(LbProtocol::Tcp | LbProtocol::Udp), Some(0)) => {
+                    self.error(field, "port 0 is only allowed with protocol all (HA ports)");
+                }
+                _ => {}
+            }
+        }
+        let frontend = frontend?;
+        Some((frontend, backend.unwrap_or(Some(frontend))?))
+    }
+
+    /// The index of the item called `name` in `items`, or `None` after an error that lists
+    /// the names there are.
+    fn reference<T: Named>(
+        &mut self,
+        field: &str,
+        what: &str,
+        name: &str,
+        items: &[T],
+    ) -> Option<usize> {
+        if let Some(index) = items.iter().position(|item| item.name() == name) {
+            return Some(index);
+        }
+        let reason = if items.is_empty() {
+            format!("unknown {what} \"{name}\": the load balancer has none")
+        } else {
+            let known: Vec<&str> = items.iter().map(Named::name).collect();
+            format!("unknown {what} \"{name}\"; known: {}", known.join(", "))
+        };
+        self.error(field, reason);
+        None
+    }
+
+    /// A pool that a rule or NAT range sends to needs backends, of the frontend's family
+    /// (the dataplane forwards without translating between IPv4 and IPv6).
+    fn check_pool_use(
+        &mut self,
+        field: &str,
+        scope: &LbScope,
+        frontend: Option<&Frontend>,
+        pool: usize,
+    ) {
+        let raw = &scope.raw.backend_pools[pool];
+        if raw.backends.is_empty() {
+            self.error(field, format!("backend pool {} has no backends", raw.name));
+        }
+        if let Some(frontend) = frontend {
+            let addresses = scope.pools[pool].backends.iter().map(|b| b.address);
+            self.check_family(field, frontend, addresses);
+        }
+    }
+
+    /// Reports the first of `backends` whose family differs from the frontend's.
+    fn check_family(
+        &mut self,
+        field: &str,
+        frontend: &Frontend,
+        backends: impl IntoIterator<Item = IpAddr>,
+    ) {
+        let is_ipv4 = frontend.address.is_ipv4();
+        if let Some(backend) = backends.into_iter().find(|b| b.is_ipv4() != is_ipv4) {
+            let reason = format!(
+                "backend {backend} is {} but frontend {} is {}",
+                family_name(backend),
+                frontend.name,
+                family_name(frontend.address)
+            );
+            self.error(field, reason);
+        }
+    }
+
+    /// One inbound NAT rule; `None` if any of its fields is invalid (all are reported).
+    fn nat_rule(
+        &mut self,
+        path: &str,
+        raw: &RawNatRule,
+        scope: &LbScope,
+        addresses: &FrontendAddresses,
+    ) -> Option<InboundNatRule> {
+        let errors_before = self.errors.len();
+        let field = |name: &str| format!("{path}.{name}");
+        self.check_name(&field("name"), &raw.name);
+        let frontend =
+            self.reference(&field("frontend"), "frontend", &raw.frontend, &scope.raw.frontends);
+        let protocol = self.check(&field("protocol"), parse_nat_protocol(&raw.protocol));
+        let backend_port = self.check(&field("backend_port"), parse_port(raw.backend_port, 1));
+        let frontend_value = frontend.and_then(|f| scope.frontends[f].as_ref());
+        let mappings = self.nat_mappings(path, raw, scope, frontend_value, addresses);
+        if self.errors.len() > errors_before {
+            return None;
+        }
+        let mappings = mappings?;
+        Some(InboundNatRule {
+            name: raw.name.clone(),
+            frontend: frontend?,
+            protocol: protocol?,
+            frontend_port_start: mappings.first()?.0,
+            mappings,
+            backend_port: backend_port?,
+        })
+    }
+
+    /// The (frontend port, backend address) pairs of a NAT rule: one port to one `backend`,
+    /// or a `frontend_port_range` across a `backend_pool`.
+    fn nat_mappings(
+        &mut self,
+        path: &str,
+        raw: &RawNatRule,
+        scope: &LbScope,
+        frontend: Option<&Frontend>,
+        addresses: &FrontendAddresses,
+    ) -> Option<Vec<(u16, IpAddr)>> {
+        match (raw.frontend_port, &raw.frontend_port_range, &raw.backend, &raw.backend_pool) {
+            (Some(port), None, Some(backend), None) => {
+                self.nat_single(path, port, backend, frontend, addresses)
+            }
+            (None, Some(range), None, Some(pool)) => {
+                self.nat_range(path, &range.0, pool, scope, frontend)
+            }
+            _ => {
+                let reason =
+                    "expected frontend_port with backend, or frontend_port_range with backend_pool";
+                self.error(path, reason);
+                None
+            }
+        }
+    }
+
+    fn nat_single(
+        &mut self,
+        path: &str,
+        port: i64,
+        backend: &str,
+        frontend: Option<&Frontend>,
+        addresses: &FrontendAddresses,
+    ) -> Option<Vec<(u16, IpAddr)>> {
+        let port = self.check(&format!("{path}.frontend_port"), parse_port(port, 1));
+        let field = format!("{path}.backend");
+        let address = self.check(&field, parse_address(backend));
+        if let Some(address) = address {
+            self.check_not_frontend(&field, address, addresses);
+            if let Some(frontend) = frontend {
+                self.check_family(&field, frontend, [address]);
+            }
+        }
+        Some(vec![(port?, address?)])
+    }
+
+    /// The i-th port of the range goes to the i-th backend of the pool; ports beyond the
+    /// pool's size are unused (room for the pool to grow without renumbering).
+    fn nat_range(
+        &mut self,
+        path: &str,
+        range: &str,
+        pool: &str,
+        scope: &LbScope,
+        frontend: Option<&Frontend>,
+    ) -> Option<Vec<(u16, IpAddr)>> {
+        let range_field = format!("{path}.frontend_port_range");
+        let pool_field = format!("{path}.backend_pool");
+        let range = self.check(&range_field, parse_nat_port_range(range));
+        let pool = self.reference(&pool_field, "backend pool", pool, &scope.raw.backend_pools)?;
+        self.check_pool_use(&pool_field, scope, frontend, pool);
+        let range = range?;
+        let raw_pool = &scope.raw.backend_pools[pool];
+        let ports = usize::from(range.hi - range.lo) + 1;
+        if ports < raw_pool.backends.len() {
+            let reason = format!(
+                "{} backends in pool {} need at least {} ports; range {}-{} has {ports}",
+                raw_pool.backends.len(),
+                raw_pool.name,
+                raw_pool.backends.len(),
+                range.lo,
+                range.hi,
+            );
+            self.error(&range_field, reason);
+            return None;
+        }
+        let backends = scope.pools[pool].backends.iter();
+        Some((range.lo..=range.hi).zip(backends).map(|(port, b)| (port, b.address)).collect())
+    }
+
+    /// No two rules or NAT mappings may receive the same (address, protocol, port), in any
+    /// load balancer; and, as in Azure, an HA-ports rule has its frontend address to itself.
+    /// Claims are taken in line order so that "already used" points back up the file.
+    fn check_frontend_claims(&mut self, mut claims: Vec<Claim>) {
+        claims.sort_by_key(|c| self.lines.line(&c.path));
+        let mut taken = ClaimIndex::default();
+        // A NAT range may collide on many ports: one error per field is enough.
+        let mut reported: HashSet<&str> = HashSet::new();
+        for claim in &claims {
+            if let Some((first, what)) = taken.conflict(claim)
+                && reported.insert(&claim.path)
+            {
+                let line = self.lines.line(&first.path);
+                self.error(&claim.path, format!("{what} {} (line {line})", first.owner));
+            }
+            // Even a conflicting claim is recorded: whatever comes later collides with it too.
+            taken.insert(claim);
+        }
+    }
+}
+
+/// The frontend ports claimed so far; the first claim of each is kept.
+#[derive(Default)]
+struct ClaimIndex<'c> {
+    ha_ports: HashMap<IpAddr, &'c Claim>,
+    first_on_address: HashMap<IpAddr, &'c Claim>,
+    by_port: HashMap<(IpAddr, &'static str, u16), &'c Claim>,
+}
+
+impl<'c> ClaimIndex<'c> {
+    /// The earlier claim that `claim` collides with, and the message up to its owner.
+    fn conflict(&self, claim: &Claim) -> Option<(&'c Claim, String)> {
+        let address = claim.address;
+        if let Some(&first) = self.ha_ports.get(&address) {
+            return Some((first, format!("frontend {address} belongs to the HA-ports")));
+        }
+        if claim.is_ha_ports()
+            && let Some(&first) = self.first_on_address.get(&address)
+        {
+            let what = format!("HA ports need frontend {address} to themselves; it is used by");
+            return Some((first, what));
+        }
+        let &first = self.by_port.get(&claim.key())?;
+        let (protocol, port) = (lb_protocol_name(claim.protocol), claim.port);
+        Some((first, format!("{protocol} port {port} of frontend {address} is already used by")))
+    }
+
+    fn insert(&mut self, claim: &'c Claim) {
+        if claim.is_ha_ports() {
+            self.ha_ports.entry(claim.address).or_insert(claim);
+        }
+        self.first_on_address.entry(claim.address).or_insert(claim);
+        self.by_port.entry(claim.key()).or_insert(claim);
+    }
+}
+
+fn frontend_addresses(frontends: &[Vec<Option<Frontend>>]) -> FrontendAddresses {
+    let mut addresses = FrontendAddresses::new();
+    for (i, lb) in frontends.iter().enumerate() {
+        for (j, frontend) in lb.iter().enumerate() {
+            if let Some(f) = frontend {
+                let path = format!("load_balancers[{i}].frontends[{j}].address");
+                addresses.entry(f.address).or_insert_with(|| (f.name.clone(), path));
+            }
+        }
+    }
+    addresses
+}
+
+/// The frontend ports the valid rules and NAT mappings of one load balancer receive.
+fn lb_claims(
+    path: &str,
+    raw: &RawLoadBalancer,
+    frontends: &[Option<Frontend>],
+    rules: &[Option<LbRule>],
+    nat_rules: &[Option<InboundNatRule>],
+) -> Vec<Claim> {
+    let address = |frontend: usize| frontends[frontend].as_ref().map(|f| f.address);
+    let mut claims = Vec::new();
+    for (j, rule) in rules.iter().enumerate() {
+        let Some(rule) = rule else { continue };
+        let Some(address) = address(rule.frontend) else { continue };
+        claims.push(Claim {
+            address,
+            protocol: rule.protocol,
+            port: rule.frontend_port,
+            path: format!("{path}.rules[{j}].frontend_port"),
+            owner: format!("rule {} of load balancer {}", rule.name, raw.name),
+        });
+    }
+    for (j, (rule, raw_rule)) in nat_rules.iter().zip(&raw.inbound_nat_rules).enumerate() {
+        let Some(rule) = rule else { continue };
+        let Some(address) = address(rule.frontend) else { continue };
+        let port_field = if raw_rule.frontend_port_range.is_some() {
+            "frontend_port_range"
+        } else {
+            "frontend_port"
+        };
+        for &(port, _) in &rule.mappings {
+            claims.push(Claim {
+                address,
+                protocol: rule.protocol,
+                port,
+                path: format!("{path}.inbound_nat_rules[{j}].{port_field}"),
+                owner: format!("inbound NAT rule {} of load balancer {}", rule.name, raw.name),
+            });
+        }
+    }
+    claims
+}
+
 /// Azure's default rules, present in every NSG below all user rules.
 fn default_rules(names: &Names) -> Vec<Rule> {
     use Access::{Allow, Deny};
@@ -690,6 +1479,11 @@ fn is_any(text: &str) -> bool {
 
 fn in_range(value: i64, range: &RangeInclusive<i64>) -> Option<u32> {
     u32::try_from(value).ok().filter(|_| range.contains(&value))
+}
+
+fn parse_idle_timeout(value: i64) -> Result<u32, String> {
+    in_range(value, &TIMEOUTS)
+        .ok_or_else(|| format!("timeout {value} is out of range 4-7200 seconds"))
 }
 
 fn parse_priority(priority: i64) -> Result<u32, String> {
@@ -755,6 +1549,118 @@ fn protocol_name(protocol: Protocol) -> &'static str {
         Protocol::Ah => "ah",
         Protocol::Any => "any",
     }
+}
+
+/// A port number from `min` (0 or 1) to 65535.
+fn parse_port(value: i64, min: u16) -> Result<u16, String> {
+    u16::try_from(value)
+        .ok()
+        .filter(|port| *port >= min)
+        .ok_or_else(|| format!("port {value} is out of range {min}-65535"))
+}
+
+/// `first-last` (or a single port) of an inbound NAT rule; port 0 is not a real port.
+fn parse_nat_port_range(text: &str) -> Result<PortRange, String> {
+    let port = |s: &str| -> Result<u16, String> {
+        let n: i64 = s.trim().parse().map_err(|_| format!("invalid port range \"{text}\""))?;
+        parse_port(n, 1)
+    };
+    let (lo, hi) = text.split_once('-').unwrap_or((text, text));
+    let (lo, hi) = (port(lo)?, port(hi)?);
+    if lo > hi {
+        return Err(format!("invalid port range \"{text}\": start is after end"));
+    }
+    Ok(PortRange { lo, hi })
+}
+
+fn parse_weight(weight: i64) -> Result<u32, String> {
+    in_range(weight, &WEIGHTS).ok_or_else(|| format!("weight {weight} is out of range 1-100"))
+}
+
+fn parse_probe_interval(value: i64) -> Result<u32, String> {
+    in_range(value, &PROBE_INTERVALS)
+        .ok_or_else(|| format!("interval {value} is out of range 100-300000 milliseconds"))
+}
+
+fn parse_probe_timeout(value: i64) -> Result<u32, String> {
+    in_range(value, &PROBE_TIMEOUTS)
+        .ok_or_else(|| format!("timeout {value} is out of range 1-300000 milliseconds"))
+}
+
+fn parse_probe_threshold(value: i64) -> Result<u32, String> {
+    in_range(value, &PROBE_THRESHOLDS)
+        .ok_or_else(|| format!("threshold {value} is out of range 1-100"))
+}
+
+fn parse_probe_kind(text: &str) -> Result<ProbeKind, String> {
+    match text.to_ascii_lowercase().as_str() {
+        "tcp" => Ok(ProbeKind::Tcp),
+        "http" => Ok(ProbeKind::Http),
+        "https" => Ok(ProbeKind::Https),
+        _ => Err(format!("unknown protocol \"{text}\"; expected tcp, http or https")),
+    }
+}
+
+/// The path goes into the probe's request line as written, so it must be absolute and
+/// must not carry anything that would end the line or the request target early.
+fn parse_probe_path(path: &str) -> Result<&str, String> {
+    if !path.starts_with('/') {
+        Err(format!("path {path:?} must start with \"/\""))
+    } else if path.contains(|c: char| c.is_whitespace() || c.is_control()) {
+        Err(format!("path {path:?} must not contain spaces or control characters"))
+    } else {
+        Ok(path)
+    }
+}
+
+fn parse_lb_protocol(text: &str) -> Result<LbProtocol, String> {
+    match text.to_ascii_lowercase().as_str() {
+        "tcp" => Ok(LbProtocol::Tcp),
+        "udp" => Ok(LbProtocol::Udp),
+        "all" => Ok(LbProtocol::All),
+        _ => Err(format!("unknown protocol \"{text}\"; expected tcp, udp or all")),
+    }
+}
+
+/// A NAT mapping forwards one port, which "all" protocols do not have.
+fn parse_nat_protocol(text: &str) -> Result<LbProtocol, String> {
+    match parse_lb_protocol(text) {
+        Ok(LbProtocol::All) => Err("inbound NAT rules forward tcp or udp, not all".to_owned()),
+        Ok(protocol) => Ok(protocol),
+        Err(_) => Err(format!("unknown protocol \"{text}\"; expected tcp or udp")),
+    }
+}
+
+/// Our names, and Azure's (`SourceIP`, `SourceIPProtocol`), in any case.
+fn parse_distribution(text: &str) -> Result<Distribution, String> {
+    match text.to_ascii_lowercase().as_str() {
+        "default" => Ok(Distribution::Default),
+        "source_ip" | "sourceip" => Ok(Distribution::SourceIp),
+        "source_ip_protocol" | "sourceipprotocol" => Ok(Distribution::SourceIpProtocol),
+        _ => Err(format!(
+            "unknown distribution \"{text}\"; expected default, source_ip or source_ip_protocol"
+        )),
+    }
+}
+
+fn parse_all_down(text: &str) -> Result<AllDown, String> {
+    match text.to_ascii_lowercase().as_str() {
+        "no_new_flows" => Ok(AllDown::NoNewFlows),
+        "send_to_all" => Ok(AllDown::SendToAll),
+        _ => Err(format!("unknown all_down \"{text}\"; expected no_new_flows or send_to_all")),
+    }
+}
+
+fn lb_protocol_name(protocol: LbProtocol) -> &'static str {
+    match protocol {
+        LbProtocol::Tcp => "tcp",
+        LbProtocol::Udp => "udp",
+        LbProtocol::All => "all",
+    }
+}
+
+fn family_name(address: IpAddr) -> &'static str {
+    if address.is_ipv4() { "IPv4" } else { "IPv6" }
 }
 
 /// An address, prefix or range as prefixes; `None` if `text` is none of them (a name).
@@ -1325,5 +2231,676 @@ nsgs:
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../policies/example.yaml");
         let policy = load_file(Path::new(path)).unwrap_or_else(|e| panic!("{e}"));
         assert!(policy.nsgs.len() >= 2);
+        assert!(!policy.load_balancers.is_empty());
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Load balancers.
+
+    /// A valid load balancer, appended to BASE (lines 17-51). Line numbers matter.
+    const LB: &str = "\
+load_balancers:
+  - name: web-lb
+    frontends:
+      - {name: web-v4, address: 192.0.2.10}
+      - {name: web-v6, address: \"2001:db8:f::10\"}
+    backend_pools:
+      - name: web-pool
+        backends:
+          - 198.51.100.11
+          - address: 198.51.100.12
+            weight: 2
+      - name: web6-pool
+        backends: [2001:db8:1::11]
+    probes:
+      - name: http-probe
+        protocol: http
+        port: 80
+        path: /healthz
+        interval: 1000
+        timeout: 500
+    rules:
+      - name: http
+        frontend: web-v4
+        protocol: tcp
+        frontend_port: 80
+        backend_port: 8080
+        backend_pool: web-pool
+        probe: http-probe
+    inbound_nat_rules:
+      - name: ssh
+        frontend: web-v4
+        protocol: tcp
+        frontend_port: 2201
+        backend: 198.51.100.11
+        backend_port: 22
+";
+
+    const LB_SECTIONS: [&str; 5] =
+        ["frontends", "backend_pools", "probes", "rules", "inbound_nat_rules"];
+
+    /// BASE + LB, edited.
+    struct LbDoc(String);
+
+    fn lb() -> LbDoc {
+        LbDoc(LB.to_owned())
+    }
+
+    impl LbDoc {
+        /// Replaces the first occurrence of `from`, which must be there.
+        fn replace(mut self, from: &str, to: &str) -> Self {
+            assert!(self.0.contains(from), "{from:?} not in the fixture");
+            self.0 = self.0.replacen(from, to, 1);
+            self
+        }
+
+        /// Appends the item `- {item}` to the list `section` of the first load balancer.
+        fn push(self, section: &str, item: &str) -> Self {
+            let i = LB_SECTIONS.iter().position(|s| *s == section).expect("an LB section");
+            let line = format!("      - {item}\n");
+            match LB_SECTIONS.get(i + 1) {
+                Some(next) => {
+                    let next = format!("    {next}:\n");
+                    self.replace(&next.clone(), &format!("{line}{next}"))
+                }
+                None => self.text(&line),
+            }
+        }
+
+        /// Appends raw text (another load balancer, say) at the end.
+        fn text(mut self, text: &str) -> Self {
+            self.0 += text;
+            self
+        }
+
+        fn src(&self) -> String {
+            format!("{BASE}{}", self.0)
+        }
+
+        fn load(&self) -> Result<Policy, PolicyErrors> {
+            load(&self.src())
+        }
+
+        fn errors(&self) -> Vec<String> {
+            errors(&self.src())
+        }
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn loads_load_balancer() {
+        let policy = lb().load().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(policy.nsgs.len(), 1);
+        let [lb] = &policy.load_balancers[..] else { panic!("one load balancer") };
+        assert_eq!(lb.name, "web-lb");
+        assert_eq!(
+            lb.frontends,
+            [
+                Frontend { name: "web-v4".into(), address: ip("192.0.2.10") },
+                Frontend { name: "web-v6".into(), address: ip("2001:db8:f::10") },
+            ]
+        );
+        let pool_names: Vec<&str> = lb.pools.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(pool_names, ["web-pool", "web6-pool"]);
+        assert_eq!(
+            lb.pools[0].backends,
+            [
+                Backend { address: ip("198.51.100.11"), weight: 1 },
+                Backend { address: ip("198.51.100.12"), weight: 2 },
+            ]
+        );
+        assert_eq!(
+            lb.probes,
+            [Probe {
+                name: "http-probe".into(),
+                kind: ProbeKind::Http,
+                port: 80,
+                path: "/healthz".into(),
+                interval_ms: 1000,
+                timeout_ms: 500,
+                threshold: 2,
+            }]
+        );
+        assert_eq!(
+            lb.rules,
+            [LbRule {
+                name: "http".into(),
+                frontend: 0,
+                protocol: LbProtocol::Tcp,
+                frontend_port: 80,
+                backend_port: 8080,
+                pool: 0,
+                probe: Some(0),
+                distribution: Distribution::Default,
+                idle_timeout: 240,
+                floating_ip: false,
+                all_down: AllDown::NoNewFlows,
+            }]
+        );
+        assert_eq!(
+            lb.inbound_nat_rules,
+            [InboundNatRule {
+                name: "ssh".into(),
+                frontend: 0,
+                protocol: LbProtocol::Tcp,
+                frontend_port_start: 2201,
+                mappings: vec![(2201, ip("198.51.100.11"))],
+                backend_port: 22,
+            }]
+        );
+        // Without the section there are no load balancers.
+        assert!(load(BASE).unwrap().load_balancers.is_empty());
+    }
+
+    #[test]
+    fn load_balancer_defaults_and_spellings() {
+        let doc = lb()
+            .push("probes", "{name: tcp-probe, protocol: TCP, port: 443}")
+            .push(
+                "rules",
+                "{name: https, frontend: web-v4, protocol: TCP, frontend_port: 443, \
+                 backend_pool: web-pool, distribution: SourceIP, idle_timeout: 7200, \
+                 floating_ip: true, all_down: send_to_all, probe: tcp-probe}",
+            )
+            .push(
+                "rules",
+                "{name: ha, frontend: web-v6, protocol: All, frontend_port: 0, \
+                 backend_pool: web6-pool, distribution: sourceipPROTOCOL}",
+            );
+        let policy = doc.load().unwrap_or_else(|e| panic!("{e}"));
+        let lb = &policy.load_balancers[0];
+        let probe = &lb.probes[1];
+        assert_eq!(
+            (probe.kind, probe.path.as_str(), probe.interval_ms, probe.timeout_ms, probe.threshold),
+            (ProbeKind::Tcp, "/", 5000, 5000, 2)
+        );
+        let https = &lb.rules[1];
+        assert_eq!((https.frontend_port, https.backend_port), (443, 443));
+        assert_eq!(https.distribution, Distribution::SourceIp);
+        assert_eq!((https.idle_timeout, https.floating_ip), (7200, true));
+        assert_eq!((https.all_down, https.probe), (AllDown::SendToAll, Some(1)));
+        let ha = &lb.rules[2];
+        assert_eq!((ha.protocol, ha.frontend_port, ha.backend_port), (LbProtocol::All, 0, 0));
+        assert_eq!((ha.frontend, ha.pool, ha.probe), (1, 1, None));
+        assert_eq!(ha.distribution, Distribution::SourceIpProtocol);
+    }
+
+    #[test]
+    fn nat_port_range() {
+        let range = |range: &str| {
+            lb().push(
+                "inbound_nat_rules",
+                &format!(
+                    "{{name: ssh-range, frontend: web-v4, protocol: udp, \
+                     frontend_port_range: {range}, backend_pool: web-pool, backend_port: 22}}"
+                ),
+            )
+        };
+        let policy = range("\"2300-2309\"").load().unwrap_or_else(|e| panic!("{e}"));
+        let nat = &policy.load_balancers[0].inbound_nat_rules[1];
+        assert_eq!(nat.frontend_port_start, 2300);
+        assert_eq!(nat.mappings, [(2300, ip("198.51.100.11")), (2301, ip("198.51.100.12"))]);
+        assert_eq!(nat.protocol, LbProtocol::Udp);
+        assert_eq!(
+            range("2400").errors(),
+            ["policy.yaml:52: load_balancers[0].inbound_nat_rules[1].frontend_port_range: \
+              2 backends in pool web-pool need at least 2 ports; range 2400-2400 has 1"]
+        );
+        assert_eq!(
+            range("\"2400-2300\"").errors(),
+            ["policy.yaml:52: load_balancers[0].inbound_nat_rules[1].frontend_port_range: \
+              invalid port range \"2400-2300\": start is after end"]
+        );
+        assert_eq!(
+            range("\"0-9\"").errors(),
+            ["policy.yaml:52: load_balancers[0].inbound_nat_rules[1].frontend_port_range: \
+              port 0 is out of range 1-65535"]
+        );
+        assert_eq!(
+            range("ssh").errors(),
+            ["policy.yaml:52: load_balancers[0].inbound_nat_rules[1].frontend_port_range: \
+              invalid port range \"ssh\""]
+        );
+    }
+
+    #[test]
+    fn load_balancer_duplicate_names() {
+        let doc = lb()
+            .push("frontends", "{name: web-v4, address: 192.0.2.11}")
+            .push("backend_pools", "{name: web-pool, backends: [198.51.100.13]}")
+            .push("probes", "{name: http-probe, protocol: tcp, port: 80}")
+            .push(
+                "rules",
+                "{name: http, frontend: web-v4, protocol: udp, frontend_port: 80, \
+                 backend_pool: web-pool}",
+            )
+            .push(
+                "inbound_nat_rules",
+                "{name: ssh, frontend: web-v4, protocol: tcp, frontend_port: 2202, \
+                 backend: 198.51.100.12, backend_port: 22}",
+            )
+            .text("  - name: web-lb\n");
+        assert_eq!(
+            doc.errors(),
+            [
+                "policy.yaml:22: load_balancers[0].frontends[2].name: \
+                 frontend name web-v4 is already used (line 20)",
+                "policy.yaml:31: load_balancers[0].backend_pools[2].name: \
+                 backend pool name web-pool is already used (line 24)",
+                "policy.yaml:39: load_balancers[0].probes[1].name: \
+                 probe name http-probe is already used (line 33)",
+                "policy.yaml:48: load_balancers[0].rules[1].name: \
+                 rule name http is already used (line 41)",
+                "policy.yaml:56: load_balancers[0].inbound_nat_rules[1].name: \
+                 inbound NAT rule name ssh is already used (line 50)",
+                "policy.yaml:57: load_balancers[1].name: \
+                 load balancer name web-lb is already used (line 18)",
+            ]
+        );
+        assert_eq!(
+            lb().replace("name: http-probe", "name: \"\"")
+                .replace("        probe: http-probe\n", "")
+                .errors(),
+            ["policy.yaml:31: load_balancers[0].probes[0].name: must not be empty"]
+        );
+    }
+
+    #[test]
+    fn load_balancer_unknown_references() {
+        let doc = lb()
+            .replace("frontend: web-v4", "frontend: web-v5")
+            .replace("backend_pool: web-pool", "backend_pool: pool")
+            .replace("probe: http-probe", "probe: tcp-probe")
+            .push(
+                "inbound_nat_rules",
+                "{name: range, frontend: web-v4, protocol: tcp, frontend_port_range: 3000-3009, \
+                 backend_pool: web-pol, backend_port: 22}",
+            )
+            .text(
+                "  - name: empty-lb\n    rules:\n      - {name: r, frontend: f, protocol: tcp, \
+                 frontend_port: 1, backend_pool: p, probe: q}\n",
+            );
+        assert_eq!(
+            doc.errors(),
+            [
+                "policy.yaml:39: load_balancers[0].rules[0].frontend: \
+                 unknown frontend \"web-v5\"; known: web-v4, web-v6",
+                "policy.yaml:43: load_balancers[0].rules[0].backend_pool: \
+                 unknown backend pool \"pool\"; known: web-pool, web6-pool",
+                "policy.yaml:44: load_balancers[0].rules[0].probe: \
+                 unknown probe \"tcp-probe\"; known: http-probe",
+                "policy.yaml:52: load_balancers[0].inbound_nat_rules[1].backend_pool: \
+                 unknown backend pool \"web-pol\"; known: web-pool, web6-pool",
+                "policy.yaml:55: load_balancers[1].rules[0].frontend: \
+                 unknown frontend \"f\": the load balancer has none",
+                "policy.yaml:55: load_balancers[1].rules[0].backend_pool: \
+                 unknown backend pool \"p\": the load balancer has none",
+                "policy.yaml:55: load_balancers[1].rules[0].probe: \
+                 unknown probe \"q\": the load balancer has none",
+            ]
+        );
+    }
+
+    #[test]
+    fn frontend_addresses() {
+        // Reported once: the rule and NAT rule using the frontend still resolve it by name.
+        let doc = lb().replace("address: 192.0.2.10}", "address: 192.0.2.0/24}");
+        assert_eq!(
+            doc.errors(),
+            ["policy.yaml:20: load_balancers[0].frontends[0].address: \
+              \"192.0.2.0/24\" is not a single address"]
+        );
+        let doc = lb().replace("address: 192.0.2.10}", "address: vip}");
+        assert_eq!(
+            doc.errors(),
+            ["policy.yaml:20: load_balancers[0].frontends[0].address: invalid address \"vip\""]
+        );
+    }
+
+    #[test]
+    fn load_balancer_address_families() {
+        let doc = lb()
+            .replace("backends: [2001:db8:1::11]", "backends: [2001:db8::1]")
+            .push(
+                "rules",
+                "{name: mixed, frontend: web-v4, protocol: udp, frontend_port: 53, \
+                 backend_pool: web6-pool}",
+            )
+            .push(
+                "inbound_nat_rules",
+                "{name: ssh6, frontend: web-v6, protocol: tcp, frontend_port: 2201, \
+                 backend: 198.51.100.11, backend_port: 22}",
+            );
+        assert_eq!(
+            doc.errors(),
+            [
+                "policy.yaml:45: load_balancers[0].rules[1].backend_pool: \
+                 backend 2001:db8::1 is IPv6 but frontend web-v4 is IPv4",
+                "policy.yaml:53: load_balancers[0].inbound_nat_rules[1].backend: \
+                 backend 198.51.100.11 is IPv4 but frontend web-v6 is IPv6",
+            ]
+        );
+    }
+
+    #[test]
+    fn load_balancer_backends() {
+        let doc = lb()
+            .replace("          - 198.51.100.11\n", "          - 198.51.100.12\n")
+            .replace("weight: 2", "weight: 101")
+            .push("backend_pools", "{name: more, backends: [{address: 198.51.100.20, weight: 0}]}")
+            .push("backend_pools", "{name: bad, backends: [198.51.100.0/24, 192.0.2.10, web]}")
+            .replace("backend: 198.51.100.11", "backend: 192.0.2.10");
+        assert_eq!(
+            doc.errors(),
+            [
+                "policy.yaml:26: load_balancers[0].backend_pools[0].backends[1]: \
+                 backend 198.51.100.12 is already in pool web-pool (line 25)",
+                "policy.yaml:27: load_balancers[0].backend_pools[0].backends[1].weight: \
+                 weight 101 is out of range 1-100",
+                "policy.yaml:30: load_balancers[0].backend_pools[2].backends[0].weight: \
+                 weight 0 is out of range 1-100",
+                "policy.yaml:31: load_balancers[0].backend_pools[3].backends[0]: \
+                 \"198.51.100.0/24\" is not a single address",
+                "policy.yaml:31: load_balancers[0].backend_pools[3].backends[1]: \
+                 backend 192.0.2.10 is also the address of frontend web-v4 (line 20)",
+                "policy.yaml:31: load_balancers[0].backend_pools[3].backends[2]: \
+                 invalid address \"web\"",
+                "policy.yaml:52: load_balancers[0].inbound_nat_rules[0].backend: \
+                 backend 192.0.2.10 is also the address of frontend web-v4 (line 20)",
+            ]
+        );
+    }
+
+    #[test]
+    fn load_balancer_ports() {
+        let doc = lb()
+            .replace("frontend_port: 80\n", "frontend_port: 0\n")
+            .replace("backend_port: 8080", "backend_port: 70000")
+            .push(
+                "rules",
+                "{name: udp, frontend: web-v4, protocol: udp, frontend_port: 53, \
+                 backend_port: 0, backend_pool: web-pool}",
+            )
+            .push(
+                "rules",
+                "{name: ha, frontend: web-v6, protocol: all, frontend_port: 443, \
+                 backend_pool: web6-pool}",
+            )
+            .push(
+                "rules",
+                "{name: ha2, frontend: web-v6, protocol: all, frontend_port: 0, \
+                 backend_port: 22, backend_pool: web6-pool}",
+            )
+            .replace("frontend_port: 2201", "frontend_port: 0")
+            .replace("backend_port: 22\n", "backend_port: 65536\n");
+        assert_eq!(
+            doc.errors(),
+            [
+                "policy.yaml:41: load_balancers[0].rules[0].frontend_port: \
+                 port 0 is only allowed with protocol all (HA ports)",
+                "policy.yaml:42: load_balancers[0].rules[0].backend_port: \
+                 port 70000 is out of range 0-65535",
+                "policy.yaml:45: load_balancers[0].rules[1].backend_port: \
+                 port 0 is only allowed with protocol all (HA ports)",
+                "policy.yaml:46: load_balancers[0].rules[2].frontend_port: \
+                 must be 0 with protocol all (HA ports)",
+                "policy.yaml:47: load_balancers[0].rules[3].backend_port: \
+                 must be 0 with protocol all (HA ports)",
+                "policy.yaml:52: load_balancers[0].inbound_nat_rules[0].frontend_port: \
+                 port 0 is out of range 1-65535",
+                "policy.yaml:54: load_balancers[0].inbound_nat_rules[0].backend_port: \
+                 port 65536 is out of range 1-65535",
+            ]
+        );
+    }
+
+    #[test]
+    fn load_balancer_ha_ports_own_their_frontend() {
+        let ha = "{name: ha, frontend: web-v4, protocol: all, frontend_port: 0, \
+                  backend_pool: web-pool}";
+        assert_eq!(
+            lb().push("rules", ha).errors(),
+            [
+                "policy.yaml:45: load_balancers[0].rules[1].frontend_port: \
+                 HA ports need frontend 192.0.2.10 to themselves; it is used by \
+                 rule http of load balancer web-lb (line 41)",
+                "policy.yaml:50: load_balancers[0].inbound_nat_rules[0].frontend_port: \
+                 frontend 192.0.2.10 belongs to the HA-ports rule ha of load balancer web-lb \
+                 (line 45)",
+            ]
+        );
+        // Written first, the HA-ports rule is the one the others collide with.
+        let doc = lb().replace("    rules:\n", &format!("    rules:\n      - {ha}\n"));
+        assert_eq!(
+            doc.errors(),
+            [
+                "policy.yaml:42: load_balancers[0].rules[1].frontend_port: \
+                 frontend 192.0.2.10 belongs to the HA-ports rule ha of load balancer web-lb \
+                 (line 38)",
+                "policy.yaml:50: load_balancers[0].inbound_nat_rules[0].frontend_port: \
+                 frontend 192.0.2.10 belongs to the HA-ports rule ha of load balancer web-lb \
+                 (line 38)",
+            ]
+        );
+        // Alone on its frontend it is fine.
+        let ha6 = "{name: ha6, frontend: web-v6, protocol: all, frontend_port: 0, \
+                   backend_pool: web6-pool}";
+        assert!(lb().push("rules", ha6).load().is_ok());
+    }
+
+    #[test]
+    fn load_balancer_frontend_ports_are_unique_across_load_balancers() {
+        let other_lb = "  - name: other-lb\n    frontends:\n      \
+                        - {name: same-vip, address: 192.0.2.10}\n    backend_pools:\n      \
+                        - {name: p, backends: [198.51.100.30]}\n    rules:\n      \
+                        - {name: web, frontend: same-vip, protocol: tcp, frontend_port: 80, \
+                        backend_pool: p}\n      \
+                        - {name: dns, frontend: same-vip, protocol: udp, frontend_port: 80, \
+                        backend_pool: p}\n    inbound_nat_rules:\n      \
+                        - {name: range, frontend: same-vip, protocol: tcp, \
+                        frontend_port_range: 2200-2209, backend_pool: p, backend_port: 22}\n";
+        let doc = lb()
+            .push(
+                "rules",
+                "{name: http-again, frontend: web-v4, protocol: tcp, frontend_port: 80, \
+                 backend_port: 81, backend_pool: web-pool}",
+            )
+            .push(
+                "inbound_nat_rules",
+                "{name: ssh-range, frontend: web-v4, protocol: tcp, frontend_port_range: \
+                 2200-2205, backend_pool: web-pool, backend_port: 22}",
+            )
+            .text(other_lb);
+        assert_eq!(
+            doc.errors(),
+            [
+                "policy.yaml:45: load_balancers[0].rules[1].frontend_port: \
+                 tcp port 80 of frontend 192.0.2.10 is already used by \
+                 rule http of load balancer web-lb (line 41)",
+                "policy.yaml:53: load_balancers[0].inbound_nat_rules[1].frontend_port_range: \
+                 tcp port 2201 of frontend 192.0.2.10 is already used by \
+                 inbound NAT rule ssh of load balancer web-lb (line 50)",
+                "policy.yaml:60: load_balancers[1].rules[0].frontend_port: \
+                 tcp port 80 of frontend 192.0.2.10 is already used by \
+                 rule http of load balancer web-lb (line 41)",
+                "policy.yaml:63: load_balancers[1].inbound_nat_rules[0].frontend_port_range: \
+                 tcp port 2200 of frontend 192.0.2.10 is already used by \
+                 inbound NAT rule ssh-range of load balancer web-lb (line 53)",
+            ]
+        );
+    }
+
+    #[test]
+    fn nat_rule_targets() {
+        let nat = |fields: &str| {
+            lb().push(
+                "inbound_nat_rules",
+                &format!("{{name: n, frontend: web-v4, backend_port: 22, {fields}}}"),
+            )
+            .errors()
+        };
+        let expected = "expected frontend_port with backend, or frontend_port_range with \
+                        backend_pool";
+        for fields in [
+            "protocol: tcp, frontend_port: 2202",
+            "protocol: tcp, frontend_port: 2202, backend_pool: web-pool",
+            "protocol: tcp, frontend_port_range: 2300-2309, backend: 198.51.100.11",
+            "protocol: tcp, frontend_port: 2202, frontend_port_range: 2300-2309, \
+             backend_pool: web-pool",
+            "protocol: tcp, frontend_port: 2202, backend: 198.51.100.11, backend_pool: web-pool",
+        ] {
+            assert_eq!(
+                nat(fields),
+                [format!("policy.yaml:52: load_balancers[0].inbound_nat_rules[1]: {expected}")],
+                "{fields}"
+            );
+        }
+        assert_eq!(
+            nat("protocol: all, frontend_port: 2202, backend: 198.51.100.11"),
+            ["policy.yaml:52: load_balancers[0].inbound_nat_rules[1].protocol: \
+              inbound NAT rules forward tcp or udp, not all"]
+        );
+        assert_eq!(
+            nat("protocol: icmp, frontend_port: 2202, backend: 198.51.100.11"),
+            ["policy.yaml:52: load_balancers[0].inbound_nat_rules[1].protocol: \
+              unknown protocol \"icmp\"; expected tcp or udp"]
+        );
+    }
+
+    #[test]
+    fn load_balancer_empty_pool() {
+        let doc = lb()
+            .push("backend_pools", "{name: empty}")
+            .push("backend_pools", "{name: also-empty, backends: []}")
+            .replace("backend_pool: web-pool", "backend_pool: empty")
+            .push(
+                "inbound_nat_rules",
+                "{name: range, frontend: web-v4, protocol: tcp, frontend_port_range: 3000-3009, \
+                 backend_pool: also-empty, backend_port: 22}",
+            );
+        assert_eq!(
+            doc.errors(),
+            [
+                "policy.yaml:45: load_balancers[0].rules[0].backend_pool: \
+                 backend pool empty has no backends",
+                "policy.yaml:54: load_balancers[0].inbound_nat_rules[1].backend_pool: \
+                 backend pool also-empty has no backends",
+            ]
+        );
+        // An unused empty pool is fine (backends may be added later).
+        assert!(lb().push("backend_pools", "{name: empty}").load().is_ok());
+    }
+
+    #[test]
+    fn probe_checks() {
+        let probe = |fields: &str| lb().push("probes", &format!("{{name: p, {fields}}}")).errors();
+        let at = |field: &str, reason: &str| {
+            [format!("policy.yaml:37: load_balancers[0].probes[1].{field}: {reason}")]
+        };
+        assert_eq!(
+            probe("protocol: http, port: 80, interval: 99"),
+            at("interval", "interval 99 is out of range 100-300000 milliseconds")
+        );
+        assert_eq!(
+            probe("protocol: http, port: 80, interval: 300001"),
+            at("interval", "interval 300001 is out of range 100-300000 milliseconds")
+        );
+        assert_eq!(
+            probe("protocol: http, port: 80, interval: 500, timeout: 501"),
+            at("timeout", "timeout 501 is longer than the interval 500")
+        );
+        // The default interval is 5000.
+        assert_eq!(
+            probe("protocol: http, port: 80, timeout: 5001"),
+            at("timeout", "timeout 5001 is longer than the interval 5000")
+        );
+        assert_eq!(
+            probe("protocol: http, port: 80, timeout: 0"),
+            at("timeout", "timeout 0 is out of range 1-300000 milliseconds")
+        );
+        assert_eq!(
+            probe("protocol: http, port: 80, threshold: 0"),
+            at("threshold", "threshold 0 is out of range 1-100")
+        );
+        assert_eq!(
+            probe("protocol: http, port: 80, threshold: 101"),
+            at("threshold", "threshold 101 is out of range 1-100")
+        );
+        assert_eq!(
+            probe("protocol: https, port: 443, path: healthz"),
+            at("path", "path \"healthz\" must start with \"/\"")
+        );
+        assert_eq!(
+            probe("protocol: http, port: 80, path: \"/a b\\r\\n\""),
+            at("path", "path \"/a b\\r\\n\" must not contain spaces or control characters")
+        );
+        assert_eq!(
+            probe("protocol: tcp, port: 22, path: /"),
+            at("path", "a path is only used by http and https probes")
+        );
+        assert_eq!(
+            probe("protocol: icmp, port: 80"),
+            at("protocol", "unknown protocol \"icmp\"; expected tcp, http or https")
+        );
+        assert_eq!(probe("protocol: tcp, port: 0"), at("port", "port 0 is out of range 1-65535"));
+    }
+
+    #[test]
+    fn load_balancer_enumerations() {
+        let doc = lb().replace("protocol: tcp\n", "protocol: sctp\n").replace(
+            "probe: http-probe\n",
+            "probe: http-probe\n        distribution: sticky\n        idle_timeout: 3\n        \
+                 all_down: panic\n",
+        );
+        assert_eq!(
+            doc.errors(),
+            [
+                "policy.yaml:40: load_balancers[0].rules[0].protocol: \
+                 unknown protocol \"sctp\"; expected tcp, udp or all",
+                "policy.yaml:45: load_balancers[0].rules[0].distribution: \
+                 unknown distribution \"sticky\"; expected default, source_ip or \
+                 source_ip_protocol",
+                "policy.yaml:46: load_balancers[0].rules[0].idle_timeout: \
+                 timeout 3 is out of range 4-7200 seconds",
+                "policy.yaml:47: load_balancers[0].rules[0].all_down: \
+                 unknown all_down \"panic\"; expected no_new_flows or send_to_all",
+            ]
+        );
+    }
+
+    #[test]
+    fn load_balancer_serde_errors() {
+        let doc = lb().replace("weight: 2", "weigth: 2");
+        assert_eq!(
+            doc.errors(),
+            ["policy.yaml:27: load_balancers[0].backend_pools[0].backends[1]: \
+              unknown field `weigth`, expected `address` or `weight`"]
+        );
+        let doc = lb().replace("          - 198.51.100.11\n", "          - [198.51.100.11]\n");
+        assert_eq!(
+            doc.errors(),
+            ["policy.yaml:25: load_balancers[0].backend_pools[0].backends[0]: \
+              invalid type: sequence, expected an address or {address, weight}"]
+        );
+    }
+
+    #[test]
+    fn lb_example_policy_loads() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../policies/lb-example.yaml");
+        let policy = load_file(Path::new(path)).unwrap_or_else(|e| panic!("{e}"));
+        let [lb] = &policy.load_balancers[..] else { panic!("one load balancer") };
+        let backends: Vec<IpAddr> = lb.pools[0].backends.iter().map(|b| b.address).collect();
+        assert_eq!(backends, [ip("198.51.100.11"), ip("198.51.100.12"), ip("198.51.100.13")]);
+        assert_eq!(
+            (lb.probes[0].kind, lb.probes[0].port, lb.probes[0].path.as_str()),
+            (ProbeKind::Http, 8080, "/")
+        );
+        assert_eq!((lb.probes[0].interval_ms, lb.probes[0].timeout_ms), (500, 400));
+        assert_eq!((lb.rules[0].frontend_port, lb.rules[0].backend_port), (80, 8080));
+        assert_eq!(lb.inbound_nat_rules[0].mappings, [(2201, ip("198.51.100.11"))]);
+        assert_eq!(lb.inbound_nat_rules[0].backend_port, 8080);
     }
 }

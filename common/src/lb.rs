@@ -1,0 +1,68 @@
+//! Load-balancer tables: frontends (VIP, port, protocol) to services, each service's Maglev
+//! lookup table over its healthy backends, and the backends themselves.
+
+use crate::pod;
+
+/// Services (load-balancing and inbound NAT rules) one dataplane holds.
+pub const MAX_SERVICES: u32 = 128;
+/// Slots of a Maglev table (prime). Each service has two tables; the frontend names the live
+/// one, so a rebuilt table is written beside the old and swapped in whole.
+pub const MAGLEV_SIZE: u32 = 16_381;
+pub const MAX_BACKENDS: u32 = 4_096;
+pub const MAX_FRONTENDS: u32 = 8_192;
+pub const NO_BACKEND: u32 = u32::MAX;
+
+/// A frontend: address, port and protocol of the packet as it arrives. HA-ports frontends
+/// have port 0 and protocol 0 and match every port and protocol of the address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FrontendKey {
+    pub addr: [u32; 4],
+    pub port: u16,
+    pub proto: u8,
+    pub family: u8,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Service {
+    /// Row of the Maglev tables and of the service counters.
+    pub id: u32,
+    /// The backend of an inbound NAT mapping, or `NO_BACKEND` to use the Maglev table.
+    pub backend: u32,
+    /// Destination port at the backend; 0 keeps the frontend port (HA ports).
+    pub backend_port: u16,
+    /// `DIST_*` in the low bits, `SVC_*` flags above.
+    pub flags: u8,
+    /// Which of the service's two Maglev tables is live (0 or 1).
+    pub table: u8,
+    pub idle_timeout_s: u32,
+}
+
+pub const DIST_FIVE_TUPLE: u8 = 0;
+pub const DIST_SOURCE_IP: u8 = 1;
+pub const DIST_SOURCE_IP_PROTOCOL: u8 = 2;
+pub const DIST_MASK: u8 = 3;
+/// Direct server return: the destination stays the frontend address.
+pub const SVC_FLOATING_IP: u8 = 4;
+/// No backend can take new flows (all unhealthy and "no new flows" configured).
+pub const SVC_NO_BACKEND: u8 = 8;
+
+/// Index of a Maglev slot in the `MAGLEV` array.
+#[inline(always)]
+pub const fn maglev_index(service: u32, table: u32, slot: u32) -> u32 {
+    (service * 2 + table) * MAGLEV_SIZE + slot
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendInfo {
+    pub addr: [u32; 4],
+    pub family: u8,
+    /// 1 while the health probe says so; established non-TCP flows move off an unhealthy
+    /// backend, TCP flows stay until they end.
+    pub healthy: u8,
+    pub _pad: [u8; 2],
+}
+
+pod!(FrontendKey, Service, BackendInfo);

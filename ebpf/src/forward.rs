@@ -1,0 +1,57 @@
+//! Forwarding in XDP: the kernel's FIB says the next hop and its MAC, and the frame leaves
+//! through a devmap redirect. Whatever the FIB cannot answer yet (no neighbour entry, a
+//! local destination, an interface outside `EGRESS`) goes to the kernel stack instead, which
+//! forwards the already rewritten packet and learns the neighbour for the next one.
+
+use core::mem::{size_of, zeroed};
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{bpf_fib_lookup, xdp_action},
+    helpers::generated::bpf_fib_lookup as fib_lookup,
+    programs::XdpContext,
+};
+use xdpgate_common::stats::DropReason;
+
+use crate::{
+    headers::EthHdr,
+    maps::EGRESS,
+    nat::decrement_ttl,
+    parse::{PacketMeta, ptr_at},
+};
+
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
+
+/// Sends the packet towards `next_hop` (its destination, or the backend of a floating-IP
+/// flow). Returns the XDP action.
+#[inline(always)]
+pub fn forward(ctx: &XdpContext, meta: &PacketMeta, src: &[u32; 4], next_hop: &[u32; 4], len: u64) -> Result<u32, DropReason> {
+    let mut p: bpf_fib_lookup = unsafe { zeroed() };
+    p.l4_protocol = meta.proto;
+    p.sport = meta.sport.to_be();
+    p.dport = meta.dport.to_be();
+    p.ifindex = ctx.ingress_ifindex() as u32;
+    if meta.family == 4 {
+        p.family = AF_INET;
+        p.__bindgen_anon_1.tot_len = (len as u16).wrapping_sub(meta.l3_off).to_be();
+        p.__bindgen_anon_3.ipv4_src = src[0];
+        p.__bindgen_anon_4.ipv4_dst = next_hop[0];
+    } else {
+        p.family = AF_INET6;
+        p.__bindgen_anon_3.ipv6_src = *src;
+        p.__bindgen_anon_4.ipv6_dst = *next_hop;
+    }
+    let rc = unsafe { fib_lookup(ctx.as_ptr(), &mut p, size_of::<bpf_fib_lookup>() as i32, 0) };
+    if rc != BPF_FIB_LKUP_RET_SUCCESS || EGRESS.get_ifindex(p.ifindex).is_none() {
+        return Ok(xdp_action::XDP_PASS);
+    }
+    if !decrement_ttl(ctx, meta)? {
+        return Ok(xdp_action::XDP_PASS);
+    }
+    let eth = unsafe { &mut *(ptr_at::<EthHdr>(ctx, 0)? as *mut EthHdr) };
+    eth.dst = p.dmac;
+    eth.src = p.smac;
+    Ok(EGRESS.redirect(p.ifindex, 0).unwrap_or(xdp_action::XDP_PASS))
+}

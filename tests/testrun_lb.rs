@@ -1,0 +1,157 @@
+//! The load balancer in the kernel, through BPF_PROG_TEST_RUN: frontends, Maglev selection,
+//! DNAT of the client's packets and un-DNAT of the replies with checksums verified from
+//! scratch, IPv4 and IPv6, TCP and UDP, stickiness, inbound NAT rules, NSGs judging the
+//! translated packet, and what happens when every backend is down.
+
+mod common;
+
+use std::{collections::HashSet, net::IpAddr};
+
+use common::{
+    kernel::{DROP, Kernel, PASS},
+    packet::{ACK, L4, SYN, checksums_ok, endpoints, frame},
+};
+use xdpgate_common::iface::Role;
+
+const POLICY: &str = r#"
+virtual_network:
+  address_space: [198.51.100.0/24, 2001:db8:1::/64]
+nsgs:
+  - name: backends
+    subnets: [198.51.100.0/24, 2001:db8:1::/64]
+    rules:
+      - {name: allow-web, priority: 100, direction: inbound, access: allow, protocol: tcp,
+         source: Internet, destination: "*", destination_ports: [8080, 22]}
+      - {name: allow-dns, priority: 110, direction: inbound, access: allow, protocol: udp,
+         source: Internet, destination: "*", destination_ports: 53}
+load_balancers:
+  - name: lb
+    frontends:
+      - {name: v4, address: 192.0.2.10}
+      - {name: v6, address: "2001:db8:f::10"}
+    backend_pools:
+      - {name: web4, backends: [198.51.100.11, 198.51.100.12, 198.51.100.13]}
+      - {name: web6, backends: ["2001:db8:1::11", "2001:db8:1::12", "2001:db8:1::13"]}
+    rules:
+      - {name: http, frontend: v4, protocol: tcp, frontend_port: 80, backend_port: 8080, backend_pool: web4}
+      - {name: sticky, frontend: v4, protocol: tcp, frontend_port: 81, backend_port: 8080, backend_pool: web4, distribution: source_ip}
+      - {name: closed, frontend: v4, protocol: tcp, frontend_port: 82, backend_port: 9999, backend_pool: web4}
+      - {name: dns6, frontend: v6, protocol: udp, frontend_port: 53, backend_pool: web6}
+      - {name: http6, frontend: v6, protocol: tcp, frontend_port: 80, backend_port: 8080, backend_pool: web6}
+    inbound_nat_rules:
+      - {name: ssh, frontend: v4, protocol: tcp, frontend_port: 2201, backend: 198.51.100.12, backend_port: 22}
+"#;
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// Sends `pkt` and returns the rewritten frame, checking verdict and checksums.
+fn through(k: &Kernel, pkt: &[u8]) -> Vec<u8> {
+    let (verdict, out) = k.run_out(pkt);
+    assert_eq!(verdict, PASS, "verdict");
+    checksums_ok(&out).unwrap_or_else(|e| panic!("bad {e} after rewrite"));
+    out
+}
+
+#[test]
+fn dnat_to_a_backend_and_back_v4_tcp() {
+    let k = Kernel::new();
+    k.apply(POLICY);
+    k.arrive_as(Role::External);
+    let syn = frame("203.0.113.7", "192.0.2.10", L4::Tcp(40000, 80, SYN));
+    let out = through(&k, &syn);
+    let (src, backend, sport, dport) = endpoints(&out);
+    assert_eq!((src, sport, dport), (ip("203.0.113.7"), 40000, 8080), "client side kept, port mapped");
+    assert!(["198.51.100.11", "198.51.100.12", "198.51.100.13"].map(ip).contains(&backend), "{backend}");
+    assert_eq!(out.len(), syn.len());
+
+    // Later packets of the flow go to the same backend.
+    for _ in 0..3 {
+        let out = through(&k, &frame("203.0.113.7", "192.0.2.10", L4::Tcp(40000, 80, ACK)));
+        assert_eq!(endpoints(&out).1, backend);
+    }
+
+    // The backend's reply gets the frontend back as its source.
+    k.arrive_as(Role::Internal);
+    let reply = frame(&backend.to_string(), "203.0.113.7", L4::Tcp(8080, 40000, SYN | ACK));
+    let out = through(&k, &reply);
+    assert_eq!(endpoints(&out), (ip("192.0.2.10"), ip("203.0.113.7"), 80, 40000));
+}
+
+#[test]
+fn dnat_v6_udp_and_tcp() {
+    let k = Kernel::new();
+    k.apply(POLICY);
+    k.arrive_as(Role::External);
+    let out = through(&k, &frame("2001:db8:2::7", "2001:db8:f::10", L4::Udp(5000, 53)));
+    let (_, backend, _, dport) = endpoints(&out);
+    assert_eq!(dport, 53, "backend_port 0 keeps the frontend port");
+    assert!(backend.to_string().starts_with("2001:db8:1::1"), "{backend}");
+    k.arrive_as(Role::Internal);
+    let out = through(&k, &frame(&backend.to_string(), "2001:db8:2::7", L4::Udp(53, 5000)));
+    assert_eq!(endpoints(&out), (ip("2001:db8:f::10"), ip("2001:db8:2::7"), 53, 5000));
+
+    k.arrive_as(Role::External);
+    let out = through(&k, &frame("2001:db8:2::7", "2001:db8:f::10", L4::Tcp(40000, 80, SYN)));
+    assert_eq!(endpoints(&out).3, 8080);
+}
+
+#[test]
+fn flows_spread_and_source_ip_sticks() {
+    let k = Kernel::new();
+    k.apply(POLICY);
+    k.arrive_as(Role::External);
+    let backend = |sport: u16, port: u16| {
+        endpoints(&through(&k, &frame("203.0.113.7", "192.0.2.10", L4::Tcp(sport, port, SYN)))).1
+    };
+    let spread: HashSet<IpAddr> = (0..60).map(|i| backend(41000 + i, 80)).collect();
+    assert_eq!(spread.len(), 3, "60 flows of the 5-tuple rule reach every backend: {spread:?}");
+    let sticky: HashSet<IpAddr> = (0..30).map(|i| backend(42000 + i, 81)).collect();
+    assert_eq!(sticky.len(), 1, "source_ip: one client, one backend: {sticky:?}");
+}
+
+#[test]
+fn inbound_nat_rule_and_nsg_on_the_translated_packet() {
+    let k = Kernel::new();
+    k.apply(POLICY);
+    k.arrive_as(Role::External);
+    let out = through(&k, &frame("203.0.113.7", "192.0.2.10", L4::Tcp(40000, 2201, SYN)));
+    assert_eq!(endpoints(&out), (ip("203.0.113.7"), ip("198.51.100.12"), 40000, 22));
+    // Port 82 balances to backend port 9999, which the NSG does not allow.
+    let before = k.drops("policy");
+    assert_eq!(k.run(&frame("203.0.113.7", "192.0.2.10", L4::Tcp(40001, 82, SYN))), DROP);
+    assert_eq!(k.drops("policy"), before + 1);
+    // A frontend port nobody listens on is no frontend: the packet is judged as addressed.
+    assert_eq!(k.run(&frame("203.0.113.7", "192.0.2.10", L4::Tcp(40002, 443, SYN))), PASS);
+}
+
+#[test]
+fn all_backends_down() {
+    let k = Kernel::new();
+    k.apply_with_health(POLICY, &|_| false);
+    k.arrive_as(Role::External);
+    let before = k.drops("no_backend");
+    assert_eq!(k.run(&frame("203.0.113.7", "192.0.2.10", L4::Tcp(40000, 80, SYN))), DROP);
+    assert_eq!(k.drops("no_backend"), before + 1, "no new flows by default");
+    // Inbound NAT rules do not depend on probes.
+    assert_eq!(k.run(&frame("203.0.113.7", "192.0.2.10", L4::Tcp(40001, 2201, SYN))), PASS);
+
+    let send_to_all = POLICY.replace("backend_port: 8080, backend_pool: web4}", "backend_port: 8080, backend_pool: web4, all_down: send_to_all}");
+    k.apply_with_health(&send_to_all, &|_| false);
+    let out = through(&k, &frame("203.0.113.7", "192.0.2.10", L4::Tcp(40002, 80, SYN)));
+    assert_eq!(endpoints(&out).3, 8080, "send_to_all still balances");
+}
+
+#[test]
+fn unhealthy_backend_gets_no_new_flows() {
+    let k = Kernel::new();
+    // Backend index 0 is the first of web4 (198.51.100.11).
+    k.apply_with_health(POLICY, &|b| b != 0);
+    k.arrive_as(Role::External);
+    let seen: HashSet<IpAddr> = (0..60)
+        .map(|i| endpoints(&through(&k, &frame("203.0.113.7", "192.0.2.10", L4::Tcp(43000 + i, 80, SYN)))).1)
+        .collect();
+    assert!(!seen.contains(&ip("198.51.100.11")), "{seen:?}");
+    assert_eq!(seen.len(), 2, "{seen:?}");
+}

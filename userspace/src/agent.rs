@@ -1,0 +1,147 @@
+//! Applying a whole policy (NSG tables and load balancers), and `xdpgate run`: the
+//! long-running agent that applies a policy, probes the backends and keeps each service's
+//! Maglev table to its healthy backends.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+    path::Path,
+};
+
+use anyhow::{Context, Result, anyhow};
+use log::{info, warn};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+};
+
+use crate::{
+    apply, compile,
+    dataplane::PinDir,
+    health::{Change, Health, Prober, Target},
+    lb::{self, CompiledLb, LbMaps},
+    policy::{self, Policy},
+};
+
+/// Loads a policy file; every validation error is listed as file:line: field: reason.
+pub fn load(file: &Path) -> Result<(Policy, String)> {
+    let source = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let policy = policy::load_str(&source, &file.display().to_string())
+        .map_err(|errors| anyhow!("invalid policy, nothing changed:\n{errors}"))?;
+    Ok((policy, source))
+}
+
+/// Compiles everything first (so a policy that cannot be compiled changes nothing), then
+/// swaps the NSG tables in and installs the load balancers. Returns the generation and
+/// the compiled load balancers.
+pub fn apply_policy(
+    pins: &PinDir,
+    policy: &Policy,
+    source: &str,
+    healthy: &dyn Fn(u32) -> bool,
+) -> Result<(u64, CompiledLb)> {
+    let tables = compile::compile(policy)?;
+    let lbs = lb::compile(policy)?;
+    let mut maps = LbMaps::open(pins)?;
+    let generation = apply::apply(pins, &tables, &policy.settings)?;
+    maps.install(&lbs, healthy)?;
+    apply::save_applied(pins, source)?;
+    Ok((generation, lbs))
+}
+
+/// The probe targets of every service that has a probe.
+fn targets(lbs: &CompiledLb) -> Vec<Target> {
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    for s in &lbs.services {
+        let Some(probe) = &s.probe else { continue };
+        for (b, _) in &s.pool {
+            let backend = lbs.backends[*b as usize];
+            if seen.insert((backend, probe.name.clone())) {
+                out.push(Target { backend, probe: probe.clone() });
+            }
+        }
+    }
+    out
+}
+
+/// Health of backend `b` for service purposes: unhealthy if any probe of a service it
+/// belongs to says so (a backend with no probe is healthy).
+struct HealthView<'a> {
+    lbs: &'a CompiledLb,
+    down: &'a HashSet<(IpAddr, String)>,
+}
+
+impl HealthView<'_> {
+    fn for_service(&self, service: usize, b: u32) -> bool {
+        let addr = self.lbs.backends[b as usize];
+        match &self.lbs.services[service].probe {
+            Some(p) => !self.down.contains(&(addr, p.name.clone())),
+            None => true,
+        }
+    }
+
+    fn overall(&self, b: u32) -> bool {
+        let addr = self.lbs.backends[b as usize];
+        !self.down.iter().any(|(a, _)| *a == addr)
+    }
+}
+
+/// Runs until SIGINT or SIGTERM; SIGHUP re-reads the policy file. The dataplane keeps
+/// running from its pinned state after the agent exits.
+pub async fn run(pins: &PinDir, file: &Path, max_concurrent: usize) -> Result<()> {
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    loop {
+        let (policy, source) = load(file)?;
+        let (generation, lbs) = apply_policy(pins, &policy, &source, &|_| true)?;
+        info!("applied {} as generation {generation}", file.display());
+        let (tx, mut rx) = mpsc::channel::<Change>(256);
+        let prober = Prober::spawn(targets(&lbs), max_concurrent, tx);
+        let mut down: HashSet<(IpAddr, String)> = HashSet::new();
+        let mut maps = LbMaps::open(pins)?;
+        let reload = loop {
+            tokio::select! {
+                Some(change) = rx.recv() => {
+                    on_change(&mut maps, &lbs, &mut down, &change)?;
+                }
+                _ = hup.recv() => break true,
+                _ = term.recv() => break false,
+                _ = tokio::signal::ctrl_c() => break false,
+            }
+        };
+        prober.stop();
+        if !reload {
+            info!("stopping; the dataplane keeps running from its pinned state");
+            return Ok(());
+        }
+        info!("SIGHUP: reloading {}", file.display());
+    }
+}
+
+/// A backend changed state: rebuild the tables of the services it serves.
+fn on_change(maps: &mut LbMaps, lbs: &CompiledLb, down: &mut HashSet<(IpAddr, String)>, change: &Change) -> Result<()> {
+    let key = (change.backend, change.probe.clone());
+    match change.health {
+        Health::Unhealthy => {
+            warn!("backend {} unhealthy (probe {}): {}", change.backend, change.probe, change.reason);
+            down.insert(key);
+        }
+        Health::Healthy => {
+            info!("backend {} healthy again (probe {}): {}", change.backend, change.probe, change.reason);
+            down.remove(&key);
+        }
+    }
+    let view = HealthView { lbs, down };
+    let ids: HashMap<IpAddr, u32> = lbs.backends.iter().enumerate().map(|(i, a)| (*a, i as u32)).collect();
+    let Some(&b) = ids.get(&change.backend) else { return Ok(()) };
+    maps.set_backend(b, change.backend, view.overall(b))?;
+    for (id, s) in lbs.services.iter().enumerate() {
+        let affected = s.probe.as_ref().is_some_and(|p| p.name == change.probe) && s.pool.iter().any(|(m, _)| *m == b);
+        if affected {
+            maps.update_service(lbs, id as u32, &|m| view.for_service(id, m))?;
+            info!("service {}/{}: table rebuilt", s.lb, s.rule);
+        }
+    }
+    Ok(())
+}
