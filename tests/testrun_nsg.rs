@@ -165,13 +165,13 @@ fn nsg_verdicts_in_kernel() {
     let before = k.drops("fragment");
     check(&k, "orphan non-first fragment dropped", &later, DROP, &mut f);
     assert_eq!(k.drops("fragment"), before + 1, "fragment drop counted");
-    let mut first = frame("203.0.113.7", "198.51.100.10", L4::Tcp(40010, 80, ACK));
+    let mut first = frame("203.0.113.7", "198.51.100.10", L4::Tcp(40010, 80, SYN));
     let len = (first.len() - ip) as u16;
     set_ipv4_total_len(&mut first, ip, len);
     set_ipv4_frag(&mut first, ip, true, 0);
     check(&k, "first fragment to an allowed port", &first, PASS, &mut f);
     check(&k, "its later fragment", &later, PASS, &mut f);
-    let mut first22 = frame("203.0.113.7", "198.51.100.10", L4::Tcp(40011, 22, ACK));
+    let mut first22 = frame("203.0.113.7", "198.51.100.10", L4::Tcp(40011, 22, SYN));
     set_ipv4_frag(&mut first22, ip, true, 0);
     let mut later22 = frame("203.0.113.7", "198.51.100.10", L4::Tcp(40011, 22, ACK));
     later22[ip + 4] ^= 0xff; // another IP id
@@ -253,27 +253,29 @@ fn policy_swap_cuts_flows_no_longer_allowed() {
     let k = Kernel::new();
     k.apply(POLICY);
     k.arrive_as(Role::External);
+    let syn = frame("203.0.113.7", "198.51.100.10", L4::Tcp(40000, 80, SYN));
     let web = frame("203.0.113.7", "198.51.100.10", L4::Tcp(40000, 80, ACK));
-    assert_eq!(k.run(&web), PASS, "established under generation 1");
+    assert_eq!(k.run(&syn), PASS, "established under generation 1");
     assert_eq!(k.run(&web), PASS);
 
     assert_eq!(k.apply(&policy_without_web()), 2);
     let before = k.drops("policy");
     assert_eq!(k.run(&web), DROP, "the flow is classified again under generation 2");
     assert_eq!(k.drops("policy"), before + 1);
-    // Its reply entry went with it.
+    // Its reply entry went with it, and the server cannot reopen the connection from the
+    // middle: a segment that is not a SYN starts no flow (AllowInternetOutBound would
+    // otherwise allow it, and its reply entry would let the client back in).
     k.arrive_as(Role::Internal);
     let reply = frame("198.51.100.10", "203.0.113.7", L4::Tcp(80, 40000, ACK));
-    assert_eq!(
-        k.run(&reply),
-        PASS,
-        "a fresh outbound flow (AllowInternetOutBound), not the old reply"
-    );
-
-    // Swapping back restores it; nothing was left half-written.
+    let no_flow = k.drops("no_flow");
+    assert_eq!(k.run(&reply), DROP);
+    assert_eq!(k.drops("no_flow"), no_flow + 1);
     k.arrive_as(Role::External);
+    assert_eq!(k.run(&web), DROP, "still cut");
+
+    // Swapping back: new connections work again; nothing was left half-written.
     assert_eq!(k.apply(POLICY), 3);
-    assert_eq!(k.run(&web), PASS);
+    assert_eq!(k.run(&frame("203.0.113.7", "198.51.100.10", L4::Tcp(40001, 80, SYN))), PASS);
 }
 
 #[test]
@@ -282,6 +284,7 @@ fn reevaluation_can_be_turned_off() {
     k.apply(POLICY);
     k.arrive_as(Role::External);
     let web = frame("203.0.113.7", "198.51.100.10", L4::Tcp(40000, 80, ACK));
+    assert_eq!(k.run(&frame("203.0.113.7", "198.51.100.10", L4::Tcp(40000, 80, SYN))), PASS);
     assert_eq!(k.run(&web), PASS);
     let keep = format!("settings: {{reevaluate_flows: false}}\n{}", policy_without_web());
     k.apply(&keep);

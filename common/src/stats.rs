@@ -45,8 +45,11 @@ pub enum DropReason {
     Internal = 4,
     /// A frontend whose backends are all unhealthy (with "no new flows").
     NoBackend = 5,
+    /// A TCP segment other than a SYN that belongs to no flow: a connection only starts
+    /// with a SYN, so a cut or expired flow cannot be reopened from the middle.
+    NoFlow = 6,
 }
 
-pub const DROP_REASONS: u32 = 6;
+pub const DROP_REASONS: u32 = 7;
 pub const DROP_REASON_NAMES: [&str; DROP_REASONS as usize] =
-    ["malformed", "too_deep", "policy", "fragment", "internal", "no_backend"];
+    ["malformed", "too_deep", "policy", "fragment", "internal", "no_backend", "no_flow"];

@@ -22,7 +22,9 @@ use crate::{
 };
 
 const TH_FIN: u8 = 0x01;
+const TH_SYN: u8 = 0x02;
 const TH_RST: u8 = 0x04;
+const TH_ACK: u8 = 0x10;
 
 #[inline(always)]
 pub fn key(meta: &PacketMeta) -> FlowKey {
@@ -148,6 +150,9 @@ fn create(
     now: u64,
     len: u64,
 ) -> Result<Action, DropReason> {
+    if meta.proto == IPPROTO_TCP && meta.tcp_flags & (TH_SYN | TH_ACK | TH_RST | TH_FIN) != TH_SYN {
+        return Err(DropReason::NoFlow);
+    }
     // Both entries are built in per-CPU scratch, not on the stack: the stack of this stage
     // plus that of classification must stay within the verifier's 512 bytes.
     let pair = FLOW_SCRATCH.get_ptr_mut(0).ok_or(DropReason::Internal)?;

@@ -33,9 +33,10 @@ pub fn forward(ctx: &XdpContext, meta: &PacketMeta, src: &[u32; 4], next_hop: &[
     p.sport = meta.sport.to_be();
     p.dport = meta.dport.to_be();
     p.ifindex = ctx.ingress_ifindex() as u32;
+    // Host order, unlike the addresses: the kernel compares it with the route's MTU.
+    p.__bindgen_anon_1.tot_len = (len as u16).wrapping_sub(meta.l3_off);
     if meta.family == 4 {
         p.family = AF_INET;
-        p.__bindgen_anon_1.tot_len = (len as u16).wrapping_sub(meta.l3_off).to_be();
         p.__bindgen_anon_3.ipv4_src = src[0];
         p.__bindgen_anon_4.ipv4_dst = next_hop[0];
     } else {

@@ -177,6 +177,9 @@ fn port_entries(field: u8, ports: &Ports) -> Vec<FieldEntry> {
     ranges
         .iter()
         .flat_map(|r| range_prefixes(*r))
+        // A written range covering every port still needs a port: its /0 would also be the
+        // entry packets without ports (ICMP, ESP, ...) look up, which only "*" may match.
+        .flat_map(|(port, len)| if len == 0 { vec![(0, 1), (0x8000, 1)] } else { vec![(port, len)] })
         .map(|(port, len)| {
             let mut v = [0u8; 16];
             v[..2].copy_from_slice(&port.to_be_bytes());
@@ -249,6 +252,14 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_full_port_range_is_not_a_wildcard() {
+        let full = port_entries(FIELD_DPORT, &Some(vec![PortRange { lo: 0, hi: 65535 }]));
+        assert!(full.iter().all(|(_, _, len)| *len > 0), "{full:?}");
+        assert_eq!(full.len(), 2);
+        assert_eq!(port_entries(FIELD_DPORT, &None), vec![(FIELD_DPORT, [0; 16], 0)]);
     }
 
     #[test]

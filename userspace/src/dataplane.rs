@@ -12,7 +12,7 @@ use std::{
 use anyhow::{Context, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, Map, MapData, ProgramArray},
+    maps::{DevMapHash, HashMap, Map, MapData, ProgramArray},
     programs::{
         Xdp, XdpMode,
         links::{FdLink, PinnedLink},
@@ -20,7 +20,7 @@ use aya::{
 };
 use xdpgate_common::{
     iface::{IfaceConfig, Role},
-    maps::{IFACES, MAX_IFACES, PIPELINE, PIPELINE_ACT, PIPELINE_POLICY},
+    maps::{EGRESS, IFACES, MAX_IFACES, PIPELINE, PIPELINE_ACT, PIPELINE_POLICY},
 };
 
 use crate::EBPF_OBJ;
@@ -186,6 +186,8 @@ pub fn detach(pins: &PinDir, ifname: &str) -> Result<()> {
     if let Ok(ifindex) = ifindex(ifname) {
         let mut ifaces: HashMap<_, u32, IfaceConfig> = pins.open_map(IFACES)?.try_into()?;
         let _ = ifaces.remove(&ifindex);
+        let mut egress: DevMapHash<_> = pins.open_map(EGRESS)?.try_into()?;
+        let _ = egress.remove(ifindex);
     }
     Ok(())
 }
@@ -202,6 +204,10 @@ fn register(ebpf: &mut Ebpf, ifindex: u32, role: Role) -> Result<()> {
             .ok_or_else(|| anyhow!("all {} interface slots are in use", MAX_IFACES - 1))?,
     };
     ifaces.insert(ifindex, IfaceConfig { slot, role: role as u32 }, 0)?;
+    // XDP may forward out of every interface it is attached to.
+    let mut egress: DevMapHash<_> =
+        ebpf.map_mut(EGRESS).ok_or_else(|| anyhow!("map {EGRESS} missing"))?.try_into()?;
+    egress.insert(ifindex, ifindex, None, 0).context("adding the interface to the egress devmap")?;
     Ok(())
 }
 

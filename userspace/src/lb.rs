@@ -221,3 +221,110 @@ impl LbMaps {
 fn key_bytes(k: &FrontendKey) -> ([u32; 4], u16, u8, u8) {
     (k.addr, k.port, k.proto, k.family)
 }
+
+/// What `xdpgate lb` shows: each service with its frontends, backends, health and counters.
+#[derive(Debug, serde::Serialize)]
+pub struct ServiceReport {
+    pub load_balancer: String,
+    pub rule: String,
+    pub frontends: Vec<String>,
+    pub packets: u64,
+    pub bytes: u64,
+    pub backends: Vec<BackendReport>,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct BackendReport {
+    pub address: IpAddr,
+    pub healthy: bool,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+fn frontend_name(k: &FrontendKey) -> String {
+    let bytes: Vec<u8> = k.addr.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    let addr: IpAddr = if k.family == 4 {
+        IpAddr::from(<[u8; 4]>::try_from(&bytes[..4]).expect("4 bytes"))
+    } else {
+        IpAddr::from(<[u8; 16]>::try_from(&bytes[..]).expect("16 bytes"))
+    };
+    let proto = match k.proto {
+        6 => "tcp",
+        17 => "udp",
+        _ => "all",
+    };
+    match addr {
+        IpAddr::V6(a) => format!("[{a}]:{}/{proto}", k.port),
+        IpAddr::V4(a) => format!("{a}:{}/{proto}", k.port),
+    }
+}
+
+/// Reads the live state of the load balancers of the applied policy.
+pub fn report(pins: &PinDir, lbs: &CompiledLb) -> Result<Vec<ServiceReport>> {
+    use aya::maps::PerCpuArray;
+    use xdpgate_common::{
+        maps::{BACKEND_STATS, SERVICE_STATS},
+        stats::Counter,
+    };
+    let backends: Array<_, BackendInfo> = pins.open_map(BACKENDS)?.try_into()?;
+    let service_stats: PerCpuArray<_, Counter> = pins.open_map(SERVICE_STATS)?.try_into()?;
+    let backend_stats: PerCpuArray<_, Counter> = pins.open_map(BACKEND_STATS)?.try_into()?;
+    let sum = |m: &PerCpuArray<MapData, Counter>, i: u32| -> Result<Counter> {
+        let mut total = Counter::default();
+        for c in m.get(&i, 0)?.iter() {
+            total.add(c);
+        }
+        Ok(total)
+    };
+    let mut out = Vec::new();
+    for (id, spec) in lbs.services.iter().enumerate() {
+        let id = id as u32;
+        let mut members: Vec<u32> = spec.pool.iter().map(|(b, _)| *b).collect();
+        members.extend(lbs.frontends.iter().filter(|f| f.1 == id && f.2 != NO_BACKEND).map(|f| f.2));
+        let stats = sum(&service_stats, id)?;
+        out.push(ServiceReport {
+            load_balancer: spec.lb.clone(),
+            rule: spec.rule.clone(),
+            frontends: lbs.frontends.iter().filter(|f| f.1 == id).map(|f| frontend_name(&f.0)).collect(),
+            packets: stats.packets,
+            bytes: stats.bytes,
+            backends: members
+                .into_iter()
+                .map(|b| {
+                    let c = sum(&backend_stats, b)?;
+                    Ok(BackendReport {
+                        address: lbs.backends[b as usize],
+                        healthy: backends.get(&b, 0)?.healthy != 0,
+                        packets: c.packets,
+                        bytes: c.bytes,
+                    })
+                })
+                .collect::<Result<_>>()?,
+        });
+    }
+    Ok(out)
+}
+
+pub fn render(report: &[ServiceReport]) -> String {
+    let mut out = String::new();
+    for s in report {
+        out += &format!(
+            "{}/{}  {}  {} packets, {} bytes\n",
+            s.load_balancer,
+            s.rule,
+            s.frontends.join(" "),
+            s.packets,
+            s.bytes
+        );
+        for b in &s.backends {
+            out += &format!(
+                "    {:<28} {:<9} {:>10} packets {:>12} bytes\n",
+                b.address.to_string(),
+                if b.healthy { "healthy" } else { "UNHEALTHY" },
+                b.packets,
+                b.bytes
+            );
+        }
+    }
+    out
+}

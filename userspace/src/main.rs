@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use xdpgate::{
     agent, apply, compile,
     dataplane::{self, Mode, PinDir},
-    evaluate, netns,
+    evaluate, lb, netns,
     policy::{self, reference::Packet},
     rules, stats,
 };
@@ -112,6 +112,11 @@ enum Command {
         /// Health probes in flight at once.
         #[arg(long, default_value_t = 64)]
         probe_concurrency: usize,
+    },
+    /// Show the load balancers: frontends, backends, health and counters.
+    Lb {
+        #[arg(long)]
+        json: bool,
     },
     /// Show packet and byte counters per interface and verdict, and drops by reason.
     Stats {
@@ -246,6 +251,15 @@ fn main() -> Result<()> {
         Command::Run { policy, probe_concurrency } => {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             runtime.block_on(agent::run(&pins, &policy, probe_concurrency))?;
+        }
+        Command::Lb { json } => {
+            let policy = chosen_policy(&pins, None)?;
+            let report = lb::report(&pins, &lb::compile(&policy)?)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", lb::render(&report));
+            }
         }
         Command::Stats { json } => {
             let stats = stats::read(&pins)?;
