@@ -7,6 +7,7 @@ pub mod flow;
 pub mod iface;
 pub mod lb;
 pub mod maps;
+pub mod nat;
 pub mod nsg;
 pub mod stats;
 

@@ -39,6 +39,8 @@ pub const PIPELINE: &str = "PIPELINE";
 pub const PIPELINE_POLICY: u32 = 0;
 /// Index of the act stage (rewrite and forward) in `PIPELINE`.
 pub const PIPELINE_ACT: u32 = 1;
+/// Index of the SNAT stage (port claim for new flows through a NAT gateway).
+pub const PIPELINE_SNAT: u32 = 2;
 
 /// `HashMap<FrontendKey, Service>`.
 pub const FRONTENDS: &str = "FRONTENDS";
@@ -52,3 +54,17 @@ pub const BACKEND_STATS: &str = "BACKEND_STATS";
 /// `DevMapHash`: interfaces XDP may redirect to, keyed by ifindex.
 pub const EGRESS: &str = "EGRESS";
 pub const MAX_EGRESS: u32 = 64;
+
+/// `LpmTrie<AddrKey, u32>`: subnet prefix to NAT gateway index.
+pub const NAT_SUBNETS: &str = "NAT_SUBNETS";
+/// `LpmTrie<AddrKey, u32>`: the virtual network; destinations inside it are not translated.
+pub const VNET: &str = "VNET";
+/// `HashMap<AddrKey, u32>`: public address to NAT gateway index.
+pub const NAT_PUBLIC: &str = "NAT_PUBLIC";
+/// `Array<NatGatewayConfig>`.
+pub const NAT_GATEWAYS: &str = "NAT_GATEWAYS";
+/// `HashMap<FlowKey, NatEntry>`: translations under both of their tuples.
+pub const NAT_MAP: &str = "NAT_MAP";
+/// `PerCpuArray<u64>` per gateway: new flows that found no free port.
+pub const NAT_FAILURES: &str = "NAT_FAILURES";
+pub const NAT_PREFIXES: u32 = 1_024;

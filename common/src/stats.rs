@@ -48,8 +48,22 @@ pub enum DropReason {
     /// A TCP segment other than a SYN that belongs to no flow: a connection only starts
     /// with a SYN, so a cut or expired flow cannot be reopened from the middle.
     NoFlow = 6,
+    /// A new outbound flow through a NAT gateway found no free public port (or has no
+    /// ports to translate).
+    NatExhausted = 7,
+    /// A packet to a NAT public address that matches no translation.
+    NatUnmatched = 8,
 }
 
-pub const DROP_REASONS: u32 = 7;
-pub const DROP_REASON_NAMES: [&str; DROP_REASONS as usize] =
-    ["malformed", "too_deep", "policy", "fragment", "internal", "no_backend", "no_flow"];
+pub const DROP_REASONS: u32 = 9;
+pub const DROP_REASON_NAMES: [&str; DROP_REASONS as usize] = [
+    "malformed",
+    "too_deep",
+    "policy",
+    "fragment",
+    "internal",
+    "no_backend",
+    "no_flow",
+    "nat_exhausted",
+    "nat_unmatched",
+];

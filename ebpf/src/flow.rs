@@ -2,20 +2,24 @@
 //! of its reply direction) is one hash lookup. Entries expire by idle time, early once TCP
 //! has closed, and are classified again after a policy change when so configured.
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::XdpContext};
 use xdpgate_common::{
     flow::{
         FlowKey, FlowValue, FragKey, NAT_DST, NAT_NEXT_HOP, NAT_NONE, NAT_SRC, NO_RULE, TCP_CLOSED,
         TCP_FIN,
     },
     lb::NO_BACKEND,
+    nat::NAT_ACTIVE,
+    nsg::DIR_OUTBOUND,
     nsg::{FLAG_REEVALUATE, PolicyConfig, TCP_CLOSED_TIMEOUT_NS},
     stats::DropReason,
 };
 
 use crate::{
     headers::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP},
+    forward,
     lb::{self, Lb},
+    snat,
     maps::{BACKEND_STATS, BACKENDS, CLASSIFY_SCRATCH, FLOW_SCRATCH, FLOWS, FRAGS, SERVICE_STATS},
     nsg::{Active, classify},
     parse::PacketMeta,
@@ -39,6 +43,9 @@ pub fn key(meta: &PacketMeta) -> FlowKey {
     }
 }
 
+/// A new flow that still needs its SNAT port claimed (`port` holds the gateway index).
+pub const NAT_PENDING_SNAT: u8 = 5;
+
 /// What the dataplane does with an allowed packet beyond passing it: the header rewrite
 /// of its flow direction (`NAT_*`) and, for load-balanced flows, where it goes.
 #[repr(C)]
@@ -60,12 +67,20 @@ impl Action {
 #[inline(always)]
 fn twin(key: &FlowKey, entry: &FlowValue) -> FlowKey {
     let mut k = *key;
+    // An echo flow's "ports" are both its identifier, which a translation rewrites.
+    let echo = key.proto == IPPROTO_ICMP || key.proto == IPPROTO_ICMPV6;
     if entry.nat == NAT_DST {
         k.dst = entry.nat_addr;
         k.dport = entry.nat_port;
+        if echo {
+            k.sport = entry.nat_port;
+        }
     } else if entry.nat == NAT_SRC {
         k.src = entry.nat_addr;
         k.sport = entry.nat_port;
+        if echo {
+            k.dport = entry.nat_port;
+        }
     }
     k.reversed()
 }
@@ -102,6 +117,7 @@ fn timeout_ns(config: &PolicyConfig, proto: u8, tcp: u8) -> u64 {
 /// Decides a packet of a flow: allowed packets return their action, denied ones the reason.
 #[inline(always)]
 pub fn process(
+    ctx: &XdpContext,
     active: &Active<'_>,
     meta: &PacketMeta,
     dir: u32,
@@ -126,7 +142,7 @@ pub fn process(
         }
         // Idle too long, or its backend is gone: a new flow, decided afresh.
     }
-    create(active, meta, &key, dir, now, len)
+    create(ctx, active, meta, &key, dir, now, len)
 }
 
 /// An established flow keeps its backend while the backend is healthy; TCP flows keep it
@@ -143,6 +159,7 @@ fn backend_usable(meta: &PacketMeta, entry: &FlowValue) -> bool {
 /// (of the packet as it will reach the backend), then both directions into the flow table.
 #[inline(always)]
 fn create(
+    ctx: &XdpContext,
     active: &Active<'_>,
     meta: &PacketMeta,
     key: &FlowKey,
@@ -150,7 +167,12 @@ fn create(
     now: u64,
     len: u64,
 ) -> Result<Action, DropReason> {
-    if meta.proto == IPPROTO_TCP && meta.tcp_flags & (TH_SYN | TH_ACK | TH_RST | TH_FIN) != TH_SYN {
+    // Forwarded connections start with a SYN. Connections of the host itself are exempt:
+    // XDP never sees the SYNs it sends, only the answers.
+    if meta.proto == IPPROTO_TCP
+        && meta.tcp_flags & (TH_SYN | TH_ACK | TH_RST | TH_FIN) != TH_SYN
+        && !forward::is_local(ctx, meta, len)
+    {
         return Err(DropReason::NoFlow);
     }
     // Both entries are built in per-CPU scratch, not on the stack: the stack of this stage
@@ -173,8 +195,34 @@ fn create(
         service: NO_BACKEND,
         backend: NO_BACKEND,
     };
-    let decision = match lb::select(meta) {
-        Lb::NotFrontend => classify(active, meta, dir),
+    match lb::select(meta) {
+        Lb::NotFrontend => {
+            // A translation outlives its flow-cache entries: rebuild them from it.
+            if let Some(t) = snat::existing(key) {
+                if t.state != NAT_ACTIVE {
+                    return Err(DropReason::NatUnmatched);
+                }
+                forward.nat = t.kind;
+                forward.nat_addr = t.addr;
+                forward.nat_port = t.port;
+                if t.kind == NAT_DST {
+                    // The reply direction of an outbound flow: allowed as its reply.
+                    forward.reply = 1;
+                    forward.direction = DIR_OUTBOUND as u8;
+                } else {
+                    allow(active, meta, dir, forward)?;
+                }
+            } else if snat::to_public_address(meta) {
+                return Err(DropReason::NatUnmatched);
+            } else {
+                allow(active, meta, dir, forward)?;
+                // NSG outbound rules judged the private source, before translation. The
+                // port claim runs in a stage of its own, which then commits the flow.
+                if let Some(gw) = snat::gateway(meta, dir) {
+                    return Ok(Action { nat: NAT_PENDING_SNAT, addr: [0; 4], port: gw as u16 });
+                }
+            }
+        }
         Lb::NoBackend => return Err(DropReason::NoBackend),
         Lb::Selected(sel) => {
             forward.nat = if sel.floating_ip { NAT_NEXT_HOP } else { NAT_DST };
@@ -182,27 +230,64 @@ fn create(
             forward.nat_port = sel.port;
             forward.service = sel.service;
             forward.backend = sel.backend;
-            classify(active, as_classified(meta, forward)?, dir)
+            let decision = classify(active, as_classified(meta, forward)?, dir);
+            if !decision.allowed {
+                return Err(DropReason::Policy);
+            }
+            forward.rule = decision.rule;
         }
-    };
-    if !decision.allowed {
-        return Err(DropReason::Policy);
     }
-    forward.rule = decision.rule;
-    // The reply comes back from where the packet goes; a DNAT-ed flow's reply gets the
-    // frontend back as its source.
-    *reply = FlowValue { reply: 1, packets: 0, bytes: 0, nat: NAT_NONE, ..*forward };
+    commit(meta, key, forward, reply);
+    count_lb(forward.service, forward.backend, len);
+    Ok(Action::of(forward))
+}
+
+/// Puts a new flow's two entries into the flow table: `forward` for the packet's own
+/// direction, and the other direction, which comes back from where the packet goes with
+/// the rewrite undone: a DNAT-ed flow's reply gets the frontend back as its source, a
+/// SNAT-ed flow's reply the private host as its destination.
+#[inline(always)]
+pub fn commit(meta: &PacketMeta, key: &FlowKey, forward: &FlowValue, reply: &mut FlowValue) {
+    *reply = FlowValue { reply: 1 - forward.reply, packets: 0, bytes: 0, nat: NAT_NONE, ..*forward };
     if forward.nat == NAT_DST {
         reply.nat = NAT_SRC;
         reply.nat_addr = meta.dst;
         reply.nat_port = meta.dport;
+    } else if forward.nat == NAT_SRC {
+        reply.nat = NAT_DST;
+        reply.nat_addr = meta.src;
+        reply.nat_port = meta.sport;
     }
     // A full table evicts the least recently used flows; a failed insert only means the
     // next packet is decided again.
-    let _ = FLOWS.insert(key, &*forward, 0);
+    let _ = FLOWS.insert(key, forward, 0);
     let _ = FLOWS.insert(&twin(key, forward), &*reply, 0);
-    count_lb(forward.service, forward.backend, len);
+}
+
+/// The SNAT stage: claims a public port of gateway `gw` for the new flow whose forward entry
+/// the policy stage left in `FLOW_SCRATCH`, and commits the flow.
+#[inline(always)]
+pub fn commit_snat(meta: &PacketMeta, gw: u32) -> Result<Action, DropReason> {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let pair = FLOW_SCRATCH.get_ptr_mut(0).ok_or(DropReason::Internal)?;
+    let [forward, reply] = unsafe { &mut *pair };
+    let claim = snat::allocate(meta, gw, now)?;
+    forward.nat = NAT_SRC;
+    forward.nat_addr = snat::public_address(gw, claim >> 16).ok_or(DropReason::Internal)?;
+    forward.nat_port = claim as u16;
+    commit(meta, &key(meta), forward, reply);
     Ok(Action::of(forward))
+}
+
+/// NSG classification of a new flow that is not load-balanced; records the deciding rule.
+#[inline(always)]
+fn allow(active: &Active<'_>, meta: &PacketMeta, dir: u32, entry: &mut FlowValue) -> Result<(), DropReason> {
+    let decision = classify(active, meta, dir);
+    if !decision.allowed {
+        return Err(DropReason::Policy);
+    }
+    entry.rule = decision.rule;
+    Ok(())
 }
 
 #[inline(always)]

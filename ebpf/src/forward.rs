@@ -15,7 +15,7 @@ use xdpgate_common::stats::DropReason;
 
 use crate::{
     headers::EthHdr,
-    maps::EGRESS,
+    maps::{EGRESS, FIB_PARAMS},
     nat::decrement_ttl,
     parse::{PacketMeta, ptr_at},
 };
@@ -23,12 +23,14 @@ use crate::{
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
+const BPF_FIB_LKUP_RET_NOT_FWDED: i64 = 4;
 
-/// Sends the packet towards `next_hop` (its destination, or the backend of a floating-IP
-/// flow). Returns the XDP action.
+/// Asks the kernel's FIB where a packet from `src` to `dst` goes. The parameters live in
+/// per-CPU scratch, not on the stack, which the callers' stages need.
 #[inline(always)]
-pub fn forward(ctx: &XdpContext, meta: &PacketMeta, src: &[u32; 4], next_hop: &[u32; 4], len: u64) -> Result<u32, DropReason> {
-    let mut p: bpf_fib_lookup = unsafe { zeroed() };
+fn lookup(ctx: &XdpContext, meta: &PacketMeta, src: &[u32; 4], dst: &[u32; 4], len: u64) -> Result<(i64, &'static mut bpf_fib_lookup), DropReason> {
+    let p = unsafe { &mut *FIB_PARAMS.get_ptr_mut(0).ok_or(DropReason::Internal)? };
+    *p = unsafe { zeroed() };
     p.l4_protocol = meta.proto;
     p.sport = meta.sport.to_be();
     p.dport = meta.dport.to_be();
@@ -38,13 +40,27 @@ pub fn forward(ctx: &XdpContext, meta: &PacketMeta, src: &[u32; 4], next_hop: &[
     if meta.family == 4 {
         p.family = AF_INET;
         p.__bindgen_anon_3.ipv4_src = src[0];
-        p.__bindgen_anon_4.ipv4_dst = next_hop[0];
+        p.__bindgen_anon_4.ipv4_dst = dst[0];
     } else {
         p.family = AF_INET6;
         p.__bindgen_anon_3.ipv6_src = *src;
-        p.__bindgen_anon_4.ipv6_dst = *next_hop;
+        p.__bindgen_anon_4.ipv6_dst = *dst;
     }
-    let rc = unsafe { fib_lookup(ctx.as_ptr(), &mut p, size_of::<bpf_fib_lookup>() as i32, 0) };
+    let rc = unsafe { fib_lookup(ctx.as_ptr(), p, size_of::<bpf_fib_lookup>() as i32, 0) };
+    Ok((rc, p))
+}
+
+/// Whether the packet is for this host itself (the kernel would deliver it, not forward it).
+#[inline(always)]
+pub fn is_local(ctx: &XdpContext, meta: &PacketMeta, len: u64) -> bool {
+    matches!(lookup(ctx, meta, &meta.src, &meta.dst, len), Ok((BPF_FIB_LKUP_RET_NOT_FWDED, _)))
+}
+
+/// Sends the packet towards `next_hop` (its destination, or the backend of a floating-IP
+/// flow). Returns the XDP action.
+#[inline(always)]
+pub fn forward(ctx: &XdpContext, meta: &PacketMeta, src: &[u32; 4], next_hop: &[u32; 4], len: u64) -> Result<u32, DropReason> {
+    let (rc, p) = lookup(ctx, meta, src, next_hop, len)?;
     if rc != BPF_FIB_LKUP_RET_SUCCESS || EGRESS.get_ifindex(p.ifindex).is_none() {
         return Ok(xdp_action::XDP_PASS);
     }

@@ -72,7 +72,7 @@ pub fn select(meta: &PacketMeta) -> Lb {
 /// Murmur3-style mixing of the fields the distribution mode names: the 5-tuple, the two
 /// addresses, or the addresses and the protocol.
 #[inline(always)]
-fn hash(meta: &PacketMeta, dist: u8) -> u32 {
+pub fn hash(meta: &PacketMeta, dist: u8) -> u32 {
     let mut h = 0x9747_b28c_u32;
     // Indexed, not iterator-chained: the verifier must see every access in bounds.
     for i in 0..4 {

@@ -5,22 +5,25 @@
 mod flow;
 mod forward;
 mod headers;
+mod icmp;
 mod lb;
 mod maps;
 mod nat;
 mod nsg;
 mod parse;
+mod snat;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use xdpgate_common::{
     flow::{NAT_DST, NAT_NEXT_HOP, NAT_NONE, NAT_SRC},
     iface::{IfaceConfig, Role},
-    maps::{PIPELINE_ACT, PIPELINE_POLICY},
+    maps::{PIPELINE_ACT, PIPELINE_POLICY, PIPELINE_SNAT},
     nsg::{DIR_INBOUND, DIR_OUTBOUND},
     stats::{DropReason, iface_stat_index},
 };
 
 use crate::{
+    flow::{Action, NAT_PENDING_SNAT},
     maps::{ACTION, DROP_STATS, IFACE_STATS, IFACES, PIPELINE, SCRATCH},
     parse::{FRAG_FIRST, FRAG_LATER, Parsed, parse},
 };
@@ -37,6 +40,12 @@ pub fn xdpgate(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn xdpgate_policy(ctx: XdpContext) -> u32 {
     finish(&ctx, policy_stage(&ctx))
+}
+
+/// Stage two and a half, for new flows through a NAT gateway: claim a public port.
+#[xdp]
+pub fn xdpgate_snat(ctx: XdpContext) -> u32 {
+    finish(&ctx, snat_stage(&ctx))
 }
 
 /// Stage three, for flows that rewrite headers: NAT and forwarding.
@@ -78,19 +87,38 @@ fn policy_stage(ctx: &XdpContext) -> Result<u32, DropReason> {
         return Ok(xdp_action::XDP_PASS);
     }
     let len = (ctx.data_end() - ctx.data()) as u64;
-    let action = flow::process(&active, meta, dir, len)?;
+    let action = match icmp::is_error(meta).then(|| icmp::related(ctx, meta)).flatten() {
+        Some(action) => action,
+        None => flow::process(ctx, &active, meta, dir, len)?,
+    };
     if meta.frag == FRAG_FIRST {
         flow::remember_first_fragment(meta);
     }
     if action.nat == NAT_NONE {
         return Ok(xdp_action::XDP_PASS);
     }
+    let next = if action.nat == NAT_PENDING_SNAT { PIPELINE_SNAT } else { PIPELINE_ACT };
+    hand_on(ctx, action, next)
+}
+
+/// Leaves the action for the next stage on this CPU and tail-calls it.
+#[inline(always)]
+fn hand_on(ctx: &XdpContext, action: Action, next: u32) -> Result<u32, DropReason> {
     let slot = ACTION.get_ptr_mut(0).ok_or(DropReason::Internal)?;
     unsafe {
         *slot = action;
-        PIPELINE.tail_call(ctx, PIPELINE_ACT);
+        PIPELINE.tail_call(ctx, next);
     }
+    // Only reached when the stage is missing from PIPELINE: fail closed.
     Err(DropReason::Internal)
+}
+
+#[inline(always)]
+fn snat_stage(ctx: &XdpContext) -> Result<u32, DropReason> {
+    let meta = SCRATCH.get(0).ok_or(DropReason::Internal)?;
+    let gw = u32::from(ACTION.get(0).ok_or(DropReason::Internal)?.port);
+    let action = flow::commit_snat(meta, gw)?;
+    hand_on(ctx, action, PIPELINE_ACT)
 }
 
 /// Applies a flow's rewrite and forwards the packet; a program of its own so that its stack
@@ -105,6 +133,10 @@ fn act_stage(ctx: &XdpContext) -> Result<u32, DropReason> {
         NAT_NEXT_HOP => forward::forward(ctx, meta, &meta.src, &action.addr, len),
         NAT_DST => {
             nat::rewrite(ctx, meta, NAT_DST, &action.addr, action.port)?;
+            forward::forward(ctx, meta, &meta.src, &action.addr, len)
+        }
+        icmp::NAT_ICMP_ERROR => {
+            nat::rewrite_icmp_error(ctx, meta, &action.addr, action.port)?;
             forward::forward(ctx, meta, &meta.src, &action.addr, len)
         }
         _ => {

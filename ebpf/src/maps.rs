@@ -10,8 +10,9 @@ use aya_ebpf::{
 use xdpgate_common::{
     flow::{FlowKey, FlowValue, FragKey},
     iface::IfaceConfig,
+    nat::{AddrKey, MAX_NAT_GATEWAYS, MAX_PUBLIC_ADDRS, NAT_ENTRIES, NatEntry, NatGatewayConfig},
     lb::{BackendInfo, FrontendKey, MAGLEV_SIZE, MAX_BACKENDS, MAX_FRONTENDS, MAX_SERVICES, Service},
-    maps::{FLOW_ENTRIES, FRAG_ENTRIES, MAX_EGRESS, MAX_IFACES, NSG_FIELD_ENTRIES},
+    maps::{FLOW_ENTRIES, FRAG_ENTRIES, MAX_EGRESS, MAX_IFACES, NAT_PREFIXES, NSG_FIELD_ENTRIES},
     nsg::{FieldKey, MAX_RULES, PolicyConfig, RuleBitmap, SLOTS, TABLES},
     stats::{Counter, DROP_REASONS, VERDICTS},
 };
@@ -78,6 +79,10 @@ pub static CLASSIFY_SCRATCH: PerCpuArray<PacketMeta> = PerCpuArray::with_max_ent
 #[map(name = "LPM_KEY")]
 pub static LPM_KEY: PerCpuArray<Key<FieldKey>> = PerCpuArray::with_max_entries(1, 0);
 
+/// Per-CPU room for FIB lookup parameters (see `forward::lookup`).
+#[map(name = "FIB_PARAMS")]
+pub static FIB_PARAMS: PerCpuArray<aya_ebpf::bindings::bpf_fib_lookup> = PerCpuArray::with_max_entries(1, 0);
+
 /// Per-CPU scratch word for `nsg::opaque`.
 #[map(name = "OPAQUE")]
 pub static OPAQUE: PerCpuArray<u32> = PerCpuArray::pinned(1, 0);
@@ -86,7 +91,7 @@ pub static OPAQUE: PerCpuArray<u32> = PerCpuArray::pinned(1, 0);
 /// array when no user reference to it is left, and the pin is that reference once the
 /// agent has exited.
 #[map(name = "PIPELINE")]
-pub static PIPELINE: ProgramArray = ProgramArray::pinned(2, 0);
+pub static PIPELINE: ProgramArray = ProgramArray::pinned(3, 0);
 
 /// Frontends (VIP, port, protocol; port 0 and protocol 0 for HA ports) to their service.
 #[map(name = "FRONTENDS")]
@@ -111,3 +116,28 @@ pub static BACKEND_STATS: PerCpuArray<Counter> = PerCpuArray::pinned(MAX_BACKEND
 /// Interfaces XDP may redirect to, by ifindex (the agent adds each attached interface).
 #[map(name = "EGRESS")]
 pub static EGRESS: DevMapHash = DevMapHash::pinned(MAX_EGRESS, 0);
+
+/// Subnets translated by a NAT gateway, to the gateway's index.
+#[map(name = "NAT_SUBNETS")]
+pub static NAT_SUBNETS: LpmTrie<AddrKey, u32> = LpmTrie::pinned(NAT_PREFIXES, 0);
+
+/// The virtual network: traffic to it is never source-NATed.
+#[map(name = "VNET")]
+pub static VNET: LpmTrie<AddrKey, u32> = LpmTrie::pinned(NAT_PREFIXES, 0);
+
+/// Public addresses of the NAT gateways, to the gateway's index.
+#[map(name = "NAT_PUBLIC")]
+pub static NAT_PUBLIC: HashMap<AddrKey, u32> = HashMap::pinned(MAX_NAT_GATEWAYS * MAX_PUBLIC_ADDRS as u32, 0);
+
+/// Addresses and port range of each NAT gateway.
+#[map(name = "NAT_GATEWAYS")]
+pub static NAT_GATEWAYS: Array<NatGatewayConfig> = Array::pinned(MAX_NAT_GATEWAYS, 0);
+
+/// Translations, under both their tuples. Not LRU: a translation leaves only when the agent
+/// expires it, never to make room, so no port is ever handed out twice.
+#[map(name = "NAT_MAP")]
+pub static NAT_MAP: HashMap<FlowKey, NatEntry> = HashMap::pinned(NAT_ENTRIES * 2, 0);
+
+/// New flows per gateway that found no free port.
+#[map(name = "NAT_FAILURES")]
+pub static NAT_FAILURES: PerCpuArray<u64> = PerCpuArray::pinned(MAX_NAT_GATEWAYS, 0);

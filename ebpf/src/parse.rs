@@ -46,6 +46,22 @@ pub struct PacketMeta {
     pub dst: [u32; 4],
 }
 
+impl PacketMeta {
+    /// Offset of the IP header. Masked: the meta comes back from a map in later stages, and
+    /// the verifier must see a bound on every offset it adds to a packet pointer (the mask
+    /// changes nothing, parsing keeps offsets within `MAX_HDR_OFF`).
+    #[inline(always)]
+    pub fn l3(&self) -> usize {
+        usize::from(self.l3_off) & (2 * MAX_HDR_OFF - 1)
+    }
+
+    /// Offset of the L4 header, masked likewise.
+    #[inline(always)]
+    pub fn l4(&self) -> usize {
+        usize::from(self.l4_off) & (2 * MAX_HDR_OFF - 1)
+    }
+}
+
 pub enum Parsed {
     /// Link-level control the dataplane leaves to the kernel: not IP at all (ARP, LLDP, ...),
     /// or IPv6 neighbour discovery and MLD, which are IPv6's ARP and never cross a router.
@@ -55,8 +71,14 @@ pub enum Parsed {
 
 #[inline(always)]
 pub fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Result<*const T, DropReason> {
+    if off > MAX_HDR_OFF {
+        return Err(DropReason::Malformed);
+    }
+    // A no-op after the check above, but one the verifier sees: offsets that come from a
+    // map are otherwise unbounded to it, and the compiler may fold the comparison away.
+    let off = off & (2 * MAX_HDR_OFF - 1);
     let start = ctx.data();
-    if off > MAX_HDR_OFF || start + off + size_of::<T>() > ctx.data_end() {
+    if start + off + size_of::<T>() > ctx.data_end() {
         return Err(DropReason::Malformed);
     }
     Ok((start + off) as *const T)

@@ -20,6 +20,7 @@ use crate::{
     dataplane::PinDir,
     health::{Change, Health, Prober, Target},
     lb::{self, CompiledLb, LbMaps},
+    nat,
     policy::{self, Policy},
 };
 
@@ -43,8 +44,10 @@ pub fn apply_policy(
     let tables = compile::compile(policy)?;
     let lbs = lb::compile(policy)?;
     let mut maps = LbMaps::open(pins)?;
+    let mut nat_maps = nat::NatMaps::open(pins)?;
     let generation = apply::apply(pins, &tables, &policy.settings)?;
     maps.install(&lbs, healthy)?;
+    nat_maps.install(policy)?;
     apply::save_applied(pins, source)?;
     Ok((generation, lbs))
 }
@@ -89,7 +92,17 @@ impl HealthView<'_> {
 
 /// Runs until SIGINT or SIGTERM; SIGHUP re-reads the policy file. The dataplane keeps
 /// running from its pinned state after the agent exits.
-pub async fn run(pins: &PinDir, file: &Path, max_concurrent: usize) -> Result<()> {
+pub async fn run(
+    pins: &PinDir,
+    file: &Path,
+    max_concurrent: usize,
+    metrics_addr: Option<std::net::SocketAddr>,
+) -> Result<()> {
+    // Serves GET /metrics until run returns (the server stops when dropped).
+    let _metrics = match metrics_addr {
+        Some(addr) => Some(crate::metrics::spawn(addr, pins.clone()).await?),
+        None => None,
+    };
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     loop {
@@ -100,10 +113,17 @@ pub async fn run(pins: &PinDir, file: &Path, max_concurrent: usize) -> Result<()
         let prober = Prober::spawn(targets(&lbs), max_concurrent, tx);
         let mut down: HashSet<(IpAddr, String)> = HashSet::new();
         let mut maps = LbMaps::open(pins)?;
+        let mut expiry = tokio::time::interval(std::time::Duration::from_secs(1));
         let reload = loop {
             tokio::select! {
                 Some(change) = rx.recv() => {
                     on_change(&mut maps, &lbs, &mut down, &change)?;
+                }
+                _ = expiry.tick() => {
+                    let e = nat::expire(pins, &policy, nat::monotonic_ns())?;
+                    if e.expired + e.released > 0 {
+                        info!("NAT: {} translations idled out, {} ports free again", e.expired, e.released);
+                    }
                 }
                 _ = hup.recv() => break true,
                 _ = term.recv() => break false,

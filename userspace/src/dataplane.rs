@@ -20,7 +20,7 @@ use aya::{
 };
 use xdpgate_common::{
     iface::{IfaceConfig, Role},
-    maps::{EGRESS, IFACES, MAX_IFACES, PIPELINE, PIPELINE_ACT, PIPELINE_POLICY},
+    maps::{EGRESS, IFACES, MAX_IFACES, PIPELINE, PIPELINE_ACT, PIPELINE_POLICY, PIPELINE_SNAT},
 };
 
 use crate::EBPF_OBJ;
@@ -31,6 +31,8 @@ pub const PROGRAM: &str = "xdpgate";
 pub const POLICY_PROGRAM: &str = "xdpgate_policy";
 /// The act stage (rewrite and forward), entered from the policy stage by tail call.
 pub const ACT_PROGRAM: &str = "xdpgate_act";
+/// The SNAT stage (port claims), entered from the policy stage by tail call.
+pub const SNAT_PROGRAM: &str = "xdpgate_snat";
 /// Name of the pass-everything baseline program.
 pub const NOOP_PROGRAM: &str = "xdp_noop";
 
@@ -119,7 +121,9 @@ pub fn load(pins: &PinDir) -> Result<Ebpf> {
 /// Loads the dataplane's programs, links the later stages into `PIPELINE` and returns the
 /// entry program, ready to attach or test-run.
 pub fn dataplane(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
-    for (index, name) in [(PIPELINE_POLICY, POLICY_PROGRAM), (PIPELINE_ACT, ACT_PROGRAM)] {
+    for (index, name) in
+        [(PIPELINE_POLICY, POLICY_PROGRAM), (PIPELINE_ACT, ACT_PROGRAM), (PIPELINE_SNAT, SNAT_PROGRAM)]
+    {
         let fd = program(ebpf, name)?.fd()?.try_clone()?;
         let mut pipeline: ProgramArray<_> =
             ebpf.map_mut(PIPELINE).ok_or_else(|| anyhow!("map {PIPELINE} missing"))?.try_into()?;

@@ -6,13 +6,17 @@ pub mod apply;
 pub mod compile;
 pub mod dataplane;
 pub mod evaluate;
+pub mod flows;
 pub mod health;
 pub mod lb;
 pub mod maglev;
+pub mod metrics;
+pub mod nat;
 pub mod netns;
 pub mod policy;
 pub mod rules;
 pub mod stats;
+pub mod status;
 
 /// The compiled eBPF object (built by `build.rs` from `ebpf/`).
 pub static EBPF_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdpgate"));

@@ -10,9 +10,9 @@ use clap::{Parser, Subcommand};
 use xdpgate::{
     agent, apply, compile,
     dataplane::{self, Mode, PinDir},
-    evaluate, lb, netns,
+    evaluate, flows, lb, metrics, nat, netns,
     policy::{self, reference::Packet},
-    rules, stats,
+    rules, stats, status,
 };
 use xdpgate_common::{iface::Role, maps::DEFAULT_PIN_DIR};
 
@@ -112,9 +112,47 @@ enum Command {
         /// Health probes in flight at once.
         #[arg(long, default_value_t = 64)]
         probe_concurrency: usize,
+        /// Serve Prometheus metrics at http://ADDR/metrics (in the agent's network
+        /// namespace), or `off`.
+        #[arg(long, value_name = "ADDR", default_value = metrics::DEFAULT_ADDR)]
+        metrics_addr: metrics::ListenAddr,
     },
     /// Show the load balancers: frontends, backends, health and counters.
     Lb {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the NAT gateways: ports in use per public address, failed allocations.
+    Nat {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the dataplane's counters once in the Prometheus text format (what
+    /// `xdpgate run --metrics-addr` serves at /metrics).
+    Metrics,
+    /// List the flows in the flow table, most bytes first: 5-tuple of the first packet,
+    /// direction, deciding rule, NAT or backend, traffic each way and idle time.
+    ///
+    /// Example: xdpgate flows --port 443 --top 50
+    Flows {
+        /// Show at most N flows (0: all).
+        #[arg(long, value_name = "N", default_value_t = 20)]
+        top: usize,
+        /// Only flows with this address at either end.
+        #[arg(long, value_name = "IP")]
+        addr: Option<IpAddr>,
+        /// Only flows with this port at either end.
+        #[arg(long, value_name = "N")]
+        port: Option<u16>,
+        /// Only flows decided by this rule (RULE or NSG/RULE).
+        #[arg(long, value_name = "NAME")]
+        rule: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show where the dataplane is attached (role, XDP mode), the pin directory, the running
+    /// policy and the size of the flow table.
+    Status {
         #[arg(long)]
         json: bool,
     },
@@ -248,9 +286,26 @@ fn main() -> Result<()> {
             let (generation, _) = agent::apply_policy(&pins, &policy, &source, &|_| true)?;
             println!("applied {} as generation {generation}", file.display());
         }
-        Command::Run { policy, probe_concurrency } => {
+        Command::Run { policy, probe_concurrency, metrics_addr } => {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            runtime.block_on(agent::run(&pins, &policy, probe_concurrency))?;
+            runtime.block_on(agent::run(&pins, &policy, probe_concurrency, metrics_addr.0))?;
+        }
+        Command::Metrics => print!("{}", metrics::render(&pins)?),
+        Command::Flows { top, addr, port, rule, json } => {
+            let list = flows::list(&pins, &flows::Filter { addr, port, rule }, top)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                print!("{}", flows::render(&list));
+            }
+        }
+        Command::Status { json } => {
+            let status = status::read(&pins)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", status::render(&status));
+            }
         }
         Command::Lb { json } => {
             let policy = chosen_policy(&pins, None)?;
@@ -259,6 +314,15 @@ fn main() -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 print!("{}", lb::render(&report));
+            }
+        }
+        Command::Nat { json } => {
+            let policy = chosen_policy(&pins, None)?;
+            let report = nat::report(&pins, &policy)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", nat::render(&report));
             }
         }
         Command::Stats { json } => {

@@ -113,7 +113,30 @@ impl Default for Settings {
 pub struct Policy {
     pub nsgs: Vec<Nsg>,
     pub load_balancers: Vec<LoadBalancer>,
+    pub nat_gateways: Vec<NatGateway>,
+    /// The virtual network's address space and peered ranges (the `VirtualNetwork` tag):
+    /// traffic between these addresses is never source-NATed.
+    pub virtual_network: Vec<IpNet>,
     pub settings: Settings,
+}
+
+/// An Azure-style NAT gateway: outbound flows from its subnets to destinations outside the
+/// virtual network leave with one of its public addresses and a port from its range.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct NatGateway {
+    pub name: String,
+    /// Public addresses (prefixes expanded), one family or both; at most 16.
+    pub public_addresses: Vec<std::net::IpAddr>,
+    /// Subnets whose outbound traffic it translates (never overlapping another gateway's).
+    pub subnets: Vec<IpNet>,
+    /// Seconds a TCP translation may idle (Azure: 4-120 minutes; default 4 minutes).
+    pub tcp_idle_timeout: u32,
+    /// Seconds a UDP or ICMP translation may idle (default 240; 4..=7200 accepted).
+    pub udp_idle_timeout: u32,
+    /// Seconds a released port stays unused for the same destination (default 10).
+    pub port_reuse_cooldown: u32,
+    /// Inclusive port range to allocate from (default 1024-65535).
+    pub ports: PortRange,
 }
 
 /// An Azure-style Layer-4 load balancer. All cross references (frontend, pool, probe) are

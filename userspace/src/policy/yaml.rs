@@ -1,6 +1,9 @@
 //! Loads an NSG policy from YAML: deserializes the raw document, validates it (collecting
 //! every error with its line) and expands service tags, application security groups and
 //! default rules into a [`Policy`]. `policies/example.yaml` documents the format.
+//! NAT gateways are loaded in [`nat`].
+
+mod nat;
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet, hash_map::Entry},
@@ -124,6 +127,8 @@ struct RawPolicy {
     nsgs: Vec<RawNsg>,
     #[serde(default)]
     load_balancers: Vec<RawLoadBalancer>,
+    #[serde(default)]
+    nat_gateways: Vec<nat::RawNatGateway>,
 }
 
 #[derive(Deserialize)]
@@ -477,12 +482,14 @@ impl Loader<'_> {
         self.check_host_overlaps(&nsgs);
         self.check_table_sizes(&nsgs);
         let load_balancers = self.load_balancers(&raw.load_balancers);
+        let nat_gateways = self.nat_gateways(raw, &names);
         if !self.errors.is_empty() {
             self.errors.sort_by_key(|e| e.line);
             return Err(PolicyErrors(self.errors));
         }
         let nsgs = nsgs.into_iter().map(|n| n.nsg).collect();
-        Ok(Policy { nsgs, load_balancers, settings })
+        let virtual_network = names.virtual_network.clone();
+        Ok(Policy { nsgs, load_balancers, nat_gateways, virtual_network, settings })
     }
 
     fn error(&mut self, field: &str, reason: impl Into<String>) {

@@ -1,0 +1,88 @@
+//! ICMP errors (destination unreachable, time exceeded, packet too big, parameter problem)
+//! belong to the flow of the packet they quote. An error about an allowed flow passes as
+//! part of it, and when that flow is translated the error is translated back too (outer
+//! destination, and the quoted packet's source address and port), so path-MTU discovery
+//! works through NAT and load balancing.
+
+use aya_ebpf::programs::XdpContext;
+use xdpgate_common::flow::{FlowKey, NAT_DST, NAT_NONE};
+
+use crate::{
+    flow::Action,
+    headers::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, IcmpHdr, Ipv4Hdr, Ipv6Hdr},
+    maps::FLOWS,
+    parse::{FRAG_LATER, PacketMeta, is_echo, ptr_at},
+};
+
+/// A flow action that rewrites an ICMP error back to the host of a translated flow.
+pub const NAT_ICMP_ERROR: u8 = 4;
+
+#[inline(always)]
+pub fn is_error(meta: &PacketMeta) -> bool {
+    if meta.frag == FRAG_LATER {
+        return false;
+    }
+    match meta.proto {
+        IPPROTO_ICMP => matches!(meta.icmp_type, 3 | 11 | 12),
+        IPPROTO_ICMPV6 => matches!(meta.icmp_type, 1..=4),
+        _ => false,
+    }
+}
+
+/// Offsets of the quoted packet: its IP header and its L4 header.
+#[inline(always)]
+pub fn inner_offsets(ctx: &XdpContext, meta: &PacketMeta) -> Option<(usize, usize, u8)> {
+    let l3 = meta.l4() + 8;
+    if meta.family == 4 {
+        let ip = unsafe { &*ptr_at::<Ipv4Hdr>(ctx, l3).ok()? };
+        let ihl = ((ip.version_ihl & 0x0f) as usize) * 4;
+        if ihl < 20 {
+            return None;
+        }
+        Some((l3, l3 + ihl, ip.proto))
+    } else {
+        let ip = unsafe { &*ptr_at::<Ipv6Hdr>(ctx, l3).ok()? };
+        Some((l3, l3 + 40, ip.next_hdr))
+    }
+}
+
+/// The action for an ICMP error whose quoted packet belongs to a known flow: the error
+/// travels like that flow's replies, so it is looked up as one.
+#[inline(always)]
+pub fn related(ctx: &XdpContext, meta: &PacketMeta) -> Option<Action> {
+    let (l3, l4, proto) = inner_offsets(ctx, meta)?;
+    let mut key = FlowKey { src: [0; 4], dst: [0; 4], sport: 0, dport: 0, proto, family: meta.family, _pad: [0; 2] };
+    // The quoted packet went from its source to its destination; a reply to it comes from
+    // the destination: that is the entry the error belongs to.
+    if meta.family == 4 {
+        let ip = unsafe { &*ptr_at::<Ipv4Hdr>(ctx, l3).ok()? };
+        key.src[0] = u32::from_ne_bytes(ip.dst);
+        key.dst[0] = u32::from_ne_bytes(ip.src);
+    } else {
+        let ip = unsafe { &*ptr_at::<Ipv6Hdr>(ctx, l3).ok()? };
+        key.src = xdpgate_common::words(&ip.dst);
+        key.dst = xdpgate_common::words(&ip.src);
+    }
+    match proto {
+        IPPROTO_TCP | IPPROTO_UDP => {
+            let ports = unsafe { &*ptr_at::<[u8; 4]>(ctx, l4).ok()? };
+            key.sport = u16::from_be_bytes([ports[2], ports[3]]);
+            key.dport = u16::from_be_bytes([ports[0], ports[1]]);
+        }
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+            let icmp = unsafe { &*ptr_at::<IcmpHdr>(ctx, l4).ok()? };
+            if !is_echo(proto, icmp.kind) {
+                return None;
+            }
+            let id = u16::from_be_bytes([icmp.rest[0], icmp.rest[1]]);
+            key.sport = id;
+            key.dport = id;
+        }
+        _ => return None,
+    }
+    let entry = unsafe { FLOWS.get(&key)? };
+    Some(match entry.nat {
+        NAT_DST => Action { nat: NAT_ICMP_ERROR, addr: entry.nat_addr, port: entry.nat_port },
+        _ => Action { nat: NAT_NONE, addr: [0; 4], port: 0 },
+    })
+}

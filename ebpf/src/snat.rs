@@ -1,0 +1,142 @@
+//! Source NAT through a NAT gateway: which new flows are translated, and the claim of a
+//! public port. The claim is the no-overwrite insert of the translation under its reply
+//! tuple (remote -> public address and port): of two CPUs racing for a port, one insert
+//! fails and that CPU probes the next port, so a (public address, port, protocol) is never
+//! handed out twice for the same destination, while it may serve many destinations at once.
+
+use aya_ebpf::bindings::BPF_NOEXIST;
+use xdpgate_common::{
+    flow::{FlowKey, NAT_DST, NAT_SRC},
+    nat::{
+        ADDR_KEY_HEADER_BITS, AddrKey, MAX_PUBLIC_ADDRS, NAT_ACTIVE, NAT_PROBES, NatEntry,
+    },
+    nsg::DIR_OUTBOUND,
+    stats::DropReason,
+};
+use aya_ebpf::maps::lpm_trie::Key;
+
+use crate::{
+    headers::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP},
+    lb,
+    maps::{NAT_FAILURES, NAT_GATEWAYS, NAT_MAP, NAT_PUBLIC, NAT_SUBNETS, VNET},
+    parse::{PacketMeta, is_echo},
+};
+
+#[inline(always)]
+fn addr_key(family: u8, addr: &[u32; 4]) -> AddrKey {
+    AddrKey { family, _pad: [0; 3], addr: *addr }
+}
+
+#[inline(always)]
+fn in_trie(trie: &aya_ebpf::maps::LpmTrie<AddrKey, u32>, family: u8, addr: &[u32; 4]) -> Option<u32> {
+    let bits = if family == 4 { 32 } else { 128 };
+    trie.get(Key::new(ADDR_KEY_HEADER_BITS + bits, addr_key(family, addr))).copied()
+}
+
+/// The NAT gateway that translates this new flow: outbound, from one of its subnets, to a
+/// destination outside the virtual network.
+#[inline(always)]
+pub fn gateway(meta: &PacketMeta, dir: u32) -> Option<u32> {
+    if dir != DIR_OUTBOUND || in_trie(&VNET, meta.family, &meta.dst).is_some() {
+        return None;
+    }
+    in_trie(&NAT_SUBNETS, meta.family, &meta.src)
+}
+
+/// Whether the packet is addressed to a NAT gateway's public address.
+#[inline(always)]
+pub fn to_public_address(meta: &PacketMeta) -> bool {
+    unsafe { NAT_PUBLIC.get(&addr_key(meta.family, &meta.dst)) }.is_some()
+}
+
+/// A translation stored under this tuple, if any.
+#[inline(always)]
+pub fn existing(key: &FlowKey) -> Option<&'static NatEntry> {
+    unsafe { NAT_MAP.get(key) }
+}
+
+/// Protocols whose flows can share a public address: ports, or the echo identifier.
+#[inline(always)]
+fn translatable(meta: &PacketMeta) -> bool {
+    meta.proto == IPPROTO_TCP
+        || meta.proto == IPPROTO_UDP
+        || ((meta.proto == IPPROTO_ICMP || meta.proto == IPPROTO_ICMPV6) && is_echo(meta.proto, meta.icmp_type))
+}
+
+/// Claims a public address and port of gateway `gw` for a new flow and records the
+/// translation both ways. Returns the public address index and port packed as
+/// `index << 16 | port`.
+#[inline(always)]
+pub fn allocate(meta: &PacketMeta, gw: u32, now: u64) -> Result<u32, DropReason> {
+    let config = NAT_GATEWAYS.get(gw).ok_or(DropReason::Internal)?;
+    if !translatable(meta) || config.n_addrs == 0 {
+        return Err(exhausted(gw));
+    }
+    let h = lb::hash(meta, 0);
+    // The same private host keeps the same public address while it has one of its family.
+    let mut index = MAX_PUBLIC_ADDRS as u32;
+    let n = config.n_addrs.min(MAX_PUBLIC_ADDRS as u32);
+    let first = (meta.src[0] ^ meta.src[3]).wrapping_mul(0x9e37_79b1) >> 8;
+    for i in 0..MAX_PUBLIC_ADDRS as u32 {
+        // Masked rather than reduced modulo n: the verifier cannot bound `% n` as an index.
+        let candidate = (first + i) & (MAX_PUBLIC_ADDRS as u32 - 1);
+        if candidate < n && config.families[candidate as usize] == meta.family {
+            index = candidate;
+            break;
+        }
+    }
+    if index >= MAX_PUBLIC_ADDRS as u32 {
+        return Err(exhausted(gw));
+    }
+    let public = config.addrs[index as usize];
+    let echo = meta.proto == IPPROTO_ICMP || meta.proto == IPPROTO_ICMPV6;
+    let range = u32::from(config.port_hi).saturating_sub(u32::from(config.port_lo)) + 1;
+    let start = h % range;
+    for i in 0..NAT_PROBES {
+        // Triangular probing: claimed ports do not pile up into long runs.
+        let port = (u32::from(config.port_lo) + (start + i * (i + 1) / 2) % range) as u16;
+        let reply = FlowKey {
+            src: meta.dst,
+            dst: public,
+            sport: if echo { port } else { meta.dport },
+            dport: port,
+            proto: meta.proto,
+            family: meta.family,
+            _pad: [0; 2],
+        };
+        let back = NatEntry { addr: meta.src, port: meta.sport, kind: NAT_DST, gateway: gw as u8, state: NAT_ACTIVE, time_ns: now };
+        if NAT_MAP.insert(&reply, &back, u64::from(BPF_NOEXIST)).is_ok() {
+            let forward = FlowKey {
+                src: meta.src,
+                dst: meta.dst,
+                sport: meta.sport,
+                dport: meta.dport,
+                proto: meta.proto,
+                family: meta.family,
+                _pad: [0; 2],
+            };
+            let out = NatEntry { addr: public, port, kind: NAT_SRC, gateway: gw as u8, state: NAT_ACTIVE, time_ns: now };
+            if NAT_MAP.insert(&forward, &out, 0).is_err() {
+                let _ = NAT_MAP.remove(&reply);
+                return Err(exhausted(gw));
+            }
+            return Ok((index << 16) | u32::from(port));
+        }
+    }
+    Err(exhausted(gw))
+}
+
+#[inline(always)]
+fn exhausted(gw: u32) -> DropReason {
+    if let Some(c) = NAT_FAILURES.get_ptr_mut(gw) {
+        unsafe { *c += 1 };
+    }
+    DropReason::NatExhausted
+}
+
+/// The public address at `index` of gateway `gw`.
+#[inline(always)]
+pub fn public_address(gw: u32, index: u32) -> Option<[u32; 4]> {
+    let config = NAT_GATEWAYS.get(gw)?;
+    Some(config.addrs[(index & (MAX_PUBLIC_ADDRS as u32 - 1)) as usize])
+}

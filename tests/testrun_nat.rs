@@ -1,0 +1,219 @@
+//! The NAT gateway in the kernel, through BPF_PROG_TEST_RUN: outbound flows take a public
+//! address and port, replies are translated back, checksums verified from scratch both
+//! ways for TCP, UDP and ICMP echo over IPv4 and IPv6, ICMP errors quoting a translated
+//! packet are translated back, unmatched inbound packets and a full pool are counted drops,
+//! and port claims from both CPUs never collide.
+
+mod common;
+
+use std::{collections::HashSet, net::IpAddr};
+
+use common::{
+    kernel::{DROP, Kernel, PASS},
+    packet::{ACK, ETH_LEN, L4, SYN, checksums_ok, endpoints, frame},
+};
+use xdpgate_common::iface::Role;
+
+const POLICY: &str = r#"
+virtual_network:
+  address_space: [198.51.100.0/24, 2001:db8:1::/64]
+nat_gateways:
+  - name: natgw
+    public_addresses: [192.0.2.100, "2001:db8:e::100"]
+    subnets: [198.51.100.0/24, 2001:db8:1::/64]
+"#;
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn through(k: &Kernel, pkt: &[u8]) -> Vec<u8> {
+    let (verdict, out) = k.run_out(pkt);
+    assert_eq!(verdict, PASS, "verdict");
+    checksums_ok(&out).unwrap_or_else(|e| panic!("bad {e} after rewrite"));
+    out
+}
+
+#[test]
+fn snat_out_and_back_tcp_udp_v4_v6() {
+    let k = Kernel::new();
+    k.apply(POLICY);
+    for (private, remote, public) in [
+        ("198.51.100.10", "203.0.113.7", "192.0.2.100"),
+        ("2001:db8:1::10", "2001:db8:2::7", "2001:db8:e::100"),
+    ] {
+        for l4 in [L4::Tcp(40000, 443, SYN), L4::Udp(40000, 53)] {
+            k.arrive_as(Role::Internal);
+            let out = through(&k, &frame(private, remote, l4));
+            let (src, dst, sport, dport) = endpoints(&out);
+            assert_eq!((src, dst), (ip(public), ip(remote)), "{l4:?}: the source becomes the public address");
+            assert!(sport >= 1024, "{l4:?}: public port {sport} from the range");
+            let rport = if matches!(l4, L4::Tcp(..)) { 443 } else { 53 };
+            assert_eq!(dport, rport);
+
+            // The remote's reply is translated back to the private host.
+            k.arrive_as(Role::External);
+            let back = match l4 {
+                L4::Tcp(..) => L4::Tcp(rport, sport, SYN | ACK),
+                _ => L4::Udp(rport, sport),
+            };
+            let out = through(&k, &frame(remote, public, back));
+            assert_eq!(endpoints(&out), (ip(remote), ip(private), rport, 40000), "{l4:?}");
+        }
+    }
+}
+
+#[test]
+fn snat_icmp_echo_by_identifier() {
+    let k = Kernel::new();
+    k.apply(POLICY);
+    for (private, remote, public) in
+        [("198.51.100.10", "203.0.113.7", "192.0.2.100"), ("2001:db8:1::10", "2001:db8:2::7", "2001:db8:e::100")]
+    {
+        k.arrive_as(Role::Internal);
+        let out = through(&k, &frame(private, remote, L4::Echo(777)));
+        let id = u16::from_be_bytes([out[ETH_LEN + ip_len(&out) + 4], out[ETH_LEN + ip_len(&out) + 5]]);
+        assert_eq!(endpoints(&out).0, ip(public));
+        // The echo reply (type 0 / 129) to the public address and identifier.
+        k.arrive_as(Role::External);
+        let mut reply = frame(remote, public, L4::Echo(id));
+        let l4 = ETH_LEN + ip_len(&reply);
+        let old_type = reply[l4];
+        reply[l4] = if old_type == 8 { 0 } else { 129 };
+        // Keep the checksum right for the changed type (8 -> 0 or 128 -> 129).
+        let c = u16::from_be_bytes([reply[l4 + 2], reply[l4 + 3]]);
+        let c = fix16(c, u16::from(old_type) << 8, u16::from(reply[l4]) << 8);
+        reply[l4 + 2..l4 + 4].copy_from_slice(&c.to_be_bytes());
+        checksums_ok(&reply).expect("reply built right");
+        let out = through(&k, &reply);
+        let back_id = u16::from_be_bytes([out[l4 + 4], out[l4 + 5]]);
+        assert_eq!((endpoints(&out).1, back_id), (ip(private), 777), "back to the host and its identifier");
+    }
+}
+
+fn ip_len(p: &[u8]) -> usize {
+    if p[ETH_LEN] >> 4 == 4 { usize::from(p[ETH_LEN] & 0xf) * 4 } else { 40 }
+}
+
+fn fix16(check: u16, old: u16, new: u16) -> u16 {
+    let mut s = u32::from(!check) + u32::from(!old) + u32::from(new);
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    !(s as u16)
+}
+
+/// An ICMP "fragmentation needed" from a router on the way, quoting the translated packet,
+/// reaches the private host with its addresses and ports translated back.
+#[test]
+fn icmp_error_quoting_a_translated_packet_is_translated_back() {
+    let k = Kernel::new();
+    k.apply(POLICY);
+    k.arrive_as(Role::Internal);
+    let out = through(&k, &frame("198.51.100.10", "203.0.113.7", L4::Tcp(40000, 443, SYN)));
+    let quoted = out[ETH_LEN..ETH_LEN + 20 + 8].to_vec(); // IP header + 8 bytes, as routers quote
+    let mut icmp = vec![3u8, 4, 0, 0, 0, 0, 0x05, 0xdc]; // type 3 code 4, next-hop MTU 1500
+    icmp.extend_from_slice(&quoted);
+    let c = !ones(&icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut pkt = frame("203.0.113.1", "192.0.2.100", L4::Echo(1));
+    pkt.truncate(ETH_LEN + 20);
+    pkt.extend_from_slice(&icmp);
+    let total = (pkt.len() - ETH_LEN) as u16;
+    pkt[ETH_LEN + 2..ETH_LEN + 4].copy_from_slice(&total.to_be_bytes());
+    pkt[ETH_LEN + 10..ETH_LEN + 12].copy_from_slice(&[0, 0]);
+    let c = !ones(&pkt[ETH_LEN..ETH_LEN + 20]);
+    pkt[ETH_LEN + 10..ETH_LEN + 12].copy_from_slice(&c.to_be_bytes());
+    checksums_ok(&pkt).expect("error built right");
+
+    k.arrive_as(Role::External);
+    let out = through(&k, &pkt);
+    let inner = ETH_LEN + 20 + 8;
+    assert_eq!(&out[ETH_LEN + 16..ETH_LEN + 20], &[198, 51, 100, 10], "outer destination");
+    assert_eq!(&out[inner + 12..inner + 16], &[198, 51, 100, 10], "quoted source address");
+    assert_eq!(u16::from_be_bytes([out[inner + 20], out[inner + 21]]), 40000, "quoted source port");
+    assert_eq!(!ones(&out[inner..inner + 20]), 0, "quoted IPv4 header checksum");
+}
+
+fn ones(data: &[u8]) -> u16 {
+    let mut sum = 0u32;
+    for c in data.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+#[test]
+fn unmatched_inbound_and_inside_traffic() {
+    let k = Kernel::new();
+    k.apply(POLICY);
+    k.arrive_as(Role::External);
+    let before = k.drops("nat_unmatched");
+    assert_eq!(k.run(&frame("203.0.113.7", "192.0.2.100", L4::Tcp(443, 5555, SYN))), DROP);
+    assert_eq!(k.drops("nat_unmatched"), before + 1);
+    // Within the virtual network nothing is translated.
+    k.arrive_as(Role::Internal);
+    let pkt = frame("198.51.100.10", "198.51.100.20", L4::Tcp(40000, 22, SYN));
+    let (verdict, out) = k.run_out(&pkt);
+    assert_eq!((verdict, out), (PASS, pkt));
+}
+
+#[test]
+fn a_small_pool_runs_out_and_ports_serve_many_destinations() {
+    let k = Kernel::new();
+    k.apply(&POLICY.replace("    subnets:", "    ports: \"2000-2003\"\n    subnets:"));
+    k.arrive_as(Role::Internal);
+    let mut ports = HashSet::new();
+    for i in 0..4 {
+        let out = through(&k, &frame("198.51.100.10", "203.0.113.7", L4::Tcp(40000 + i, 443, SYN)));
+        ports.insert(endpoints(&out).2);
+    }
+    assert_eq!(ports, HashSet::from([2000, 2001, 2002, 2003]), "four flows, four ports");
+    let before = k.drops("nat_exhausted");
+    assert_eq!(k.run(&frame("198.51.100.10", "203.0.113.7", L4::Tcp(40004, 443, SYN))), DROP, "pool full");
+    assert_eq!(k.drops("nat_exhausted"), before + 1);
+    // The same ports serve another destination.
+    let out = through(&k, &frame("198.51.100.10", "203.0.113.8", L4::Tcp(40004, 443, SYN)));
+    assert!((2000..=2003).contains(&endpoints(&out).2));
+    // Existing translations are untouched by the failure.
+    k.arrive_as(Role::External);
+    let port = *ports.iter().next().unwrap();
+    let out = through(&k, &frame("203.0.113.7", "192.0.2.100", L4::Tcp(443, port, SYN | ACK)));
+    assert_eq!(endpoints(&out).1, ip("198.51.100.10"));
+}
+
+/// Two threads pinned to different CPUs create flows to one destination at once; every
+/// flow must get its own public port.
+#[test]
+fn port_claims_from_both_cpus_never_collide() {
+    let k = std::sync::Arc::new(Kernel::new());
+    k.apply(&POLICY.replace("    subnets:", "    ports: \"10000-19999\"\n    subnets:"));
+    k.arrive_as(Role::Internal);
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let handles: Vec<_> = (0..2)
+        .map(|t| {
+            let k = k.clone();
+            std::thread::spawn(move || {
+                // SAFETY: a zeroed cpu_set_t with one CPU set, for this thread.
+                unsafe {
+                    let mut set: libc::cpu_set_t = std::mem::zeroed();
+                    libc::CPU_SET(t % cpus, &mut set);
+                    libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+                }
+                (0..400u16)
+                    .map(|i| {
+                        let sport = 20000 + t as u16 * 1000 + i;
+                        let (v, out) = k.run_out(&frame("198.51.100.10", "203.0.113.7", L4::Udp(sport, 53)));
+                        assert_eq!(v, PASS);
+                        endpoints(&out).2
+                    })
+                    .collect::<Vec<u16>>()
+            })
+        })
+        .collect();
+    let ports: Vec<u16> = handles.into_iter().flat_map(|h| h.join().unwrap()).collect();
+    let unique: HashSet<u16> = ports.iter().copied().collect();
+    assert_eq!(unique.len(), ports.len(), "{} flows, {} distinct public ports", ports.len(), unique.len());
+}

@@ -1,0 +1,598 @@
+//! `xdpgate flows`: the flow table, one line per flow.
+//!
+//! The dataplane keeps one `FLOWS` entry per direction of each flow; here the two are paired
+//! again and shown as the flow's first packet saw it, with the rule that decided it (named
+//! from the applied policy), its NAT or load-balancer backend, and traffic each way.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+};
+
+use anyhow::{Result, anyhow};
+use aya::maps::{HashMap as BpfHashMap, MapData};
+use serde::Serialize;
+use xdpgate_common::{
+    flow::{FlowKey, FlowValue, NAT_DST, NAT_NEXT_HOP, NAT_SRC, NO_RULE, TCP_CLOSED},
+    lb::NO_BACKEND,
+    maps::{FLOW_ENTRIES, FLOWS},
+    nsg::{DIR_OUTBOUND, MAX_RULES, PolicyConfig, TABLES_PER_SLOT, TCP_CLOSED_TIMEOUT_NS},
+};
+
+use crate::{
+    apply,
+    compile::{self, Compiled},
+    dataplane::PinDir,
+    lb::{self, CompiledLb},
+    policy::{self, Layer},
+    stats::Traffic,
+};
+
+/// Gives up on a table walk that keeps restarting (entries removed under it).
+const MAX_WALK: usize = 4 * FLOW_ENTRIES as usize;
+
+/// One flow as its first packet arrived.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Flow {
+    /// `tcp`, `udp`, `icmp`, `icmpv6` or the protocol number.
+    pub protocol: String,
+    pub src: IpAddr,
+    /// Ports of TCP and UDP flows.
+    pub src_port: Option<u16>,
+    pub dst: IpAddr,
+    pub dst_port: Option<u16>,
+    /// Identifier of an ICMP echo flow.
+    pub icmp_id: Option<u16>,
+    /// `inbound` (arrived on an external interface) or `outbound`.
+    pub direction: &'static str,
+    /// Policy generation that decided the flow.
+    pub generation: u64,
+    /// NSG and rule that decided the flow (of the last layer that had an NSG); none when no
+    /// NSG applied, or when the flow was decided by an earlier policy than the applied one.
+    pub nsg: Option<String>,
+    pub rule: Option<String>,
+    pub layer: Option<Layer>,
+    /// Global rule index (`table * 4096 + bit`) as the dataplane recorded it.
+    pub rule_index: Option<u32>,
+    /// Rewrite of the flow's first-direction packets: load balancing (`dnat` to the
+    /// backend), direct server return (`floating_ip`: forwarded to the backend unchanged),
+    /// or a NAT gateway (`snat` to its public address and port).
+    pub nat: Option<Nat>,
+    pub load_balancer: Option<LbFlow>,
+    /// Traffic in the first packet's direction, and back.
+    pub forward: Traffic,
+    pub reply: Traffic,
+    /// Seconds since the last packet either way.
+    pub idle_seconds: f64,
+    /// Idle past its timeout: the next packet starts a new flow.
+    pub expired: bool,
+    /// Only one direction's entry is in the table (the other was evicted).
+    pub incomplete: bool,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Nat {
+    pub kind: &'static str,
+    pub address: IpAddr,
+    pub port: Option<u16>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct LbFlow {
+    pub name: Option<String>,
+    pub rule: Option<String>,
+    pub backend: Option<IpAddr>,
+}
+
+impl Flow {
+    pub fn bytes(&self) -> u64 {
+        self.forward.bytes + self.reply.bytes
+    }
+
+    pub fn packets(&self) -> u64 {
+        self.forward.packets + self.reply.packets
+    }
+
+    fn has_ports(&self) -> bool {
+        self.src_port.is_some()
+    }
+}
+
+/// Which flows to show.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    /// Either end (the backend of a load-balanced flow counts as an end).
+    pub addr: Option<IpAddr>,
+    /// Either end's port, as for `addr`.
+    pub port: Option<u16>,
+    /// Rule name, or `NSG/RULE`.
+    pub rule: Option<String>,
+}
+
+impl Filter {
+    pub fn matches(&self, f: &Flow) -> bool {
+        let nat_addr = f.nat.as_ref().map(|n| n.address);
+        let nat_port = f.nat.as_ref().and_then(|n| n.port);
+        self.addr.is_none_or(|a| f.src == a || f.dst == a || nat_addr == Some(a))
+            && self.port.is_none_or(|p| {
+                f.has_ports()
+                    && (f.src_port == Some(p) || f.dst_port == Some(p) || nat_port == Some(p))
+            })
+            && self.rule.as_ref().is_none_or(|want| match (&f.nsg, &f.rule) {
+                (Some(nsg), Some(rule)) => {
+                    rule == want || want.split_once('/').is_some_and(|(n, r)| n == nsg && r == rule)
+                }
+                _ => false,
+            })
+    }
+}
+
+/// Entries in the flow table.
+pub fn count(pins: &PinDir) -> Result<u64> {
+    let map: BpfHashMap<MapData, FlowKey, FlowValue> = pins.open_map(FLOWS)?.try_into()?;
+    let mut seen = HashSet::new();
+    for (i, key) in map.keys().enumerate() {
+        if i >= MAX_WALK {
+            break;
+        }
+        seen.insert(key?);
+    }
+    Ok(seen.len() as u64)
+}
+
+/// Every entry of the flow table.
+fn entries(pins: &PinDir) -> Result<HashMap<FlowKey, FlowValue>> {
+    let map: BpfHashMap<MapData, FlowKey, FlowValue> = pins.open_map(FLOWS)?.try_into()?;
+    let mut out = HashMap::new();
+    for (i, key) in map.keys().enumerate() {
+        if i >= MAX_WALK {
+            break;
+        }
+        let key = key?;
+        // Gone since the walk found it: skip.
+        if let Ok(v) = map.get(&key, 0) {
+            out.insert(key, v);
+        }
+    }
+    Ok(out)
+}
+
+/// The key of the other direction of an entry's flow (as the dataplane computes it: the
+/// reverse of the packet as it leaves, after the entry's rewrite).
+fn twin(key: &FlowKey, entry: &FlowValue) -> FlowKey {
+    let mut k = *key;
+    // An echo flow's "ports" are both its identifier, which a translation rewrites.
+    let echo = matches!(key.proto, 1 | 58);
+    if entry.nat == NAT_DST {
+        k.dst = entry.nat_addr;
+        k.dport = entry.nat_port;
+        if echo {
+            k.sport = entry.nat_port;
+        }
+    } else if entry.nat == NAT_SRC {
+        k.src = entry.nat_addr;
+        k.sport = entry.nat_port;
+        if echo {
+            k.dport = entry.nat_port;
+        }
+    }
+    k.reversed()
+}
+
+/// A `FlowKey` address (network-order bytes in words).
+pub fn addr(words: &[u32; 4], family: u8) -> IpAddr {
+    let mut b = [0u8; 16];
+    for (i, w) in words.iter().enumerate() {
+        b[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    if family == 6 { IpAddr::from(b) } else { IpAddr::from([b[0], b[1], b[2], b[3]]) }
+}
+
+fn protocol_name(proto: u8) -> String {
+    match proto {
+        6 => "tcp".into(),
+        17 => "udp".into(),
+        1 => "icmp".into(),
+        58 => "icmpv6".into(),
+        50 => "esp".into(),
+        51 => "ah".into(),
+        132 => "sctp".into(),
+        n => n.to_string(),
+    }
+}
+
+fn has_ports(proto: u8) -> bool {
+    matches!(proto, 6 | 17 | 132)
+}
+
+/// What names the numbers in flow entries: the running slot and the applied policy.
+pub struct Names {
+    slot: u32,
+    config: PolicyConfig,
+    tables: Option<Compiled>,
+    lbs: Option<CompiledLb>,
+}
+
+impl Names {
+    pub fn read(pins: &PinDir) -> Result<Self> {
+        let (slot, config) = apply::active(pins)?;
+        let (tables, lbs) = match apply::applied_source(pins) {
+            Some((path, source)) => {
+                let policy = policy::load_str(&source, &path.display().to_string())
+                    .map_err(|e| anyhow!("the applied policy {}: {e}", path.display()))?;
+                (Some(compile::compile(&policy)?), Some(lb::compile(&policy)?))
+            }
+            None => (None, None),
+        };
+        Ok(Self { slot, config, tables, lbs })
+    }
+
+    /// NSG, rule and layer of a global rule index recorded under `generation`.
+    fn rule(&self, index: u32, generation: u64) -> Option<(String, String, Layer)> {
+        // The index names a table of one slot; only the running generation's slot holds the
+        // applied policy (the other holds the one before, whose source is gone).
+        if index == NO_RULE || generation != self.config.generation {
+            return None;
+        }
+        let (table, bit) = (index / MAX_RULES, index % MAX_RULES);
+        if table / TABLES_PER_SLOT != self.slot {
+            return None;
+        }
+        let r = self
+            .tables
+            .as_ref()?
+            .tables
+            .get((table % TABLES_PER_SLOT) as usize)?
+            .rules
+            .get(bit as usize)?;
+        Some((r.nsg.clone(), r.rule.name.clone(), r.layer))
+    }
+
+    fn timeout_ns(&self, proto: u8, tcp: u8) -> u64 {
+        match proto {
+            6 if tcp & TCP_CLOSED != 0 => TCP_CLOSED_TIMEOUT_NS,
+            6 => self.config.tcp_timeout_ns,
+            1 | 58 => self.config.icmp_timeout_ns,
+            _ => self.config.udp_timeout_ns,
+        }
+    }
+}
+
+/// CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: ts is a valid timespec to write.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Pairs the two entries of each flow. `forward` is the entry of the first packet's
+/// direction when present.
+fn pair(
+    entries: &HashMap<FlowKey, FlowValue>,
+) -> Vec<(FlowKey, Option<FlowValue>, Option<FlowValue>)> {
+    let mut used: HashSet<FlowKey> = HashSet::new();
+    let mut out = Vec::new();
+    for (key, value) in entries.iter().filter(|(_, v)| v.reply == 0) {
+        let back = twin(key, value);
+        let reply = entries.get(&back).filter(|v| v.reply != 0).copied();
+        if reply.is_some() {
+            used.insert(back);
+        }
+        out.push((*key, Some(*value), reply));
+    }
+    for (key, value) in entries.iter().filter(|(k, v)| v.reply != 0 && !used.contains(k)) {
+        // A reply entry alone: its twin is the key of the first packet's direction.
+        out.push((twin(key, value), None, Some(*value)));
+    }
+    out
+}
+
+fn describe(
+    names: &Names,
+    now: u64,
+    key: FlowKey,
+    forward: Option<FlowValue>,
+    reply: Option<FlowValue>,
+) -> Flow {
+    let main = forward.or(reply).expect("a flow has an entry");
+    let ports = has_ports(key.proto);
+    let icmp_echo = matches!(key.proto, 1 | 58);
+    let traffic = |v: Option<FlowValue>| {
+        v.map_or_else(Traffic::default, |v| Traffic { packets: v.packets, bytes: v.bytes })
+    };
+    let last_seen = forward.iter().chain(reply.iter()).map(|v| v.last_seen_ns).max().unwrap_or(0);
+    let idle_ns = now.saturating_sub(last_seen);
+    let tcp = forward.iter().chain(reply.iter()).fold(0, |a, v| a | v.tcp);
+    let resolved = names.rule(main.rule, main.generation);
+    // The rewrite lives in the forward entry (a lone reply entry still names a load
+    // balancer's backend by index).
+    let nat = forward.and_then(|f| {
+        let kind = match f.nat {
+            NAT_DST => "dnat",
+            NAT_NEXT_HOP => "floating_ip",
+            NAT_SRC => "snat",
+            _ => return None,
+        };
+        Some(Nat {
+            kind,
+            address: addr(&f.nat_addr, key.family),
+            port: (ports && f.nat != NAT_NEXT_HOP).then_some(f.nat_port),
+        })
+    });
+    let load_balancer = (main.service != NO_BACKEND).then(|| {
+        let lbs = names.lbs.as_ref();
+        let spec = lbs.and_then(|l| l.services.get(main.service as usize));
+        LbFlow {
+            name: spec.map(|s| s.lb.clone()),
+            rule: spec.map(|s| s.rule.clone()),
+            backend: lbs
+                .and_then(|l| l.backends.get(main.backend as usize).copied())
+                .or_else(|| nat.as_ref().map(|n| n.address)),
+        }
+    });
+    Flow {
+        protocol: protocol_name(key.proto),
+        src: addr(&key.src, key.family),
+        src_port: ports.then_some(key.sport),
+        dst: addr(&key.dst, key.family),
+        dst_port: ports.then_some(key.dport),
+        icmp_id: icmp_echo.then_some(key.sport),
+        direction: if u32::from(main.direction) == DIR_OUTBOUND { "outbound" } else { "inbound" },
+        generation: main.generation,
+        nsg: resolved.as_ref().map(|r| r.0.clone()),
+        rule: resolved.as_ref().map(|r| r.1.clone()),
+        layer: resolved.map(|r| r.2),
+        rule_index: (main.rule != NO_RULE).then_some(main.rule),
+        nat,
+        load_balancer,
+        forward: traffic(forward),
+        reply: traffic(reply),
+        idle_seconds: idle_ns as f64 / 1e9,
+        expired: idle_ns > names.timeout_ns(key.proto, tcp),
+        incomplete: forward.is_none() || reply.is_none(),
+    }
+}
+
+/// The flows matching `filter`, most bytes first; at most `top` of them (0: all).
+pub fn list(pins: &PinDir, filter: &Filter, top: usize) -> Result<Vec<Flow>> {
+    let names = Names::read(pins)?;
+    let entries = entries(pins)?;
+    let now = monotonic_ns();
+    let mut flows: Vec<Flow> = pair(&entries)
+        .into_iter()
+        .map(|(k, f, r)| describe(&names, now, k, f, r))
+        .filter(|f| filter.matches(f))
+        .collect();
+    flows.sort_by(|a, b| {
+        b.bytes().cmp(&a.bytes()).then(b.packets().cmp(&a.packets())).then_with(|| {
+            (a.src, a.src_port, a.dst, a.dst_port).cmp(&(b.src, b.src_port, b.dst, b.dst_port))
+        })
+    });
+    if top > 0 {
+        flows.truncate(top);
+    }
+    Ok(flows)
+}
+
+fn endpoint(a: IpAddr, port: Option<u16>) -> String {
+    match (a, port) {
+        (IpAddr::V6(a), Some(p)) => format!("[{a}]:{p}"),
+        (a, Some(p)) => format!("{a}:{p}"),
+        (a, None) => a.to_string(),
+    }
+}
+
+/// Human-readable table.
+pub fn render(flows: &[Flow]) -> String {
+    let header = [
+        "PROTO",
+        "SOURCE",
+        "DESTINATION",
+        "DIR",
+        "RULE",
+        "NAT/BACKEND",
+        "PACKETS FWD/REPLY",
+        "BYTES FWD/REPLY",
+        "IDLE",
+    ];
+    let mut rows: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
+    for f in flows {
+        let proto = match f.icmp_id {
+            Some(id) => format!("{} id {id}", f.protocol),
+            None => f.protocol.clone(),
+        };
+        let rule = match (&f.nsg, &f.rule, f.rule_index) {
+            (Some(n), Some(r), _) => format!("{n}/{r}"),
+            (_, _, Some(i)) => format!("#{i} (generation {})", f.generation),
+            _ => "-".into(),
+        };
+        let via = match (&f.nat, &f.load_balancer) {
+            (Some(n), Some(lb)) => format!(
+                "{}/{} -> {}",
+                lb.name.as_deref().unwrap_or("?"),
+                lb.rule.as_deref().unwrap_or("?"),
+                endpoint(n.address, n.port)
+            ),
+            (Some(n), None) => format!("{} {}", n.kind, endpoint(n.address, n.port)),
+            (None, Some(lb)) => format!(
+                "{}/{}",
+                lb.name.as_deref().unwrap_or("?"),
+                lb.rule.as_deref().unwrap_or("?")
+            ),
+            (None, None) => "-".into(),
+        };
+        let mut idle = format!("{:.1}s", f.idle_seconds);
+        if f.expired {
+            idle += " (expired)";
+        }
+        rows.push(vec![
+            proto,
+            endpoint(f.src, f.src_port),
+            endpoint(f.dst, f.dst_port),
+            f.direction.to_string(),
+            rule,
+            via,
+            format!("{}/{}", f.forward.packets, f.reply.packets),
+            format!("{}/{}", f.forward.bytes, f.reply.bytes),
+            idle,
+        ]);
+    }
+    let widths: Vec<usize> = (0..header.len())
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in &rows {
+        let line: Vec<String> =
+            row.iter().zip(&widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
+        out += line.join("  ").trim_end();
+        out.push('\n');
+    }
+    if flows.is_empty() {
+        out += "(no flows)\n";
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use xdpgate_common::{nsg::DIR_INBOUND, words};
+
+    use super::*;
+
+    fn v4(a: [u8; 4]) -> [u32; 4] {
+        let mut b = [0u8; 16];
+        b[..4].copy_from_slice(&a);
+        words(&b)
+    }
+
+    fn key(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> FlowKey {
+        FlowKey { src: v4(src), dst: v4(dst), sport, dport, proto: 6, family: 4, _pad: [0; 2] }
+    }
+
+    fn value(reply: u8, packets: u64) -> FlowValue {
+        FlowValue {
+            generation: 1,
+            packets,
+            bytes: packets * 100,
+            rule: NO_RULE,
+            direction: DIR_INBOUND as u8,
+            reply,
+            service: NO_BACKEND,
+            backend: NO_BACKEND,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn addresses_round_trip_through_words() {
+        assert_eq!(addr(&v4([203, 0, 113, 10]), 4), "203.0.113.10".parse::<IpAddr>().unwrap());
+        let v6: std::net::Ipv6Addr = "2001:db8::1".parse().unwrap();
+        assert_eq!(addr(&words(&v6.octets()), 6), IpAddr::V6(v6));
+    }
+
+    #[test]
+    fn both_directions_pair_into_one_flow_and_a_lone_reply_is_reoriented() {
+        let client = [203, 0, 113, 10];
+        let (frontend, backend) = ([192, 0, 2, 10], [198, 51, 100, 10]);
+        let mut entries = HashMap::new();
+        // A plain flow: client -> server:80 and its reply.
+        entries.insert(key(client, 40000, backend, 80), value(0, 5));
+        entries.insert(key(backend, 80, client, 40000), value(1, 4));
+        // A load-balanced flow: client -> frontend:8080, DNAT to backend:8080.
+        let mut fwd = value(0, 3);
+        fwd.nat = NAT_DST;
+        fwd.nat_addr = v4(backend);
+        fwd.nat_port = 8080;
+        entries.insert(key(client, 40001, frontend, 8080), fwd);
+        let mut back = value(1, 2);
+        back.nat = NAT_SRC;
+        back.nat_addr = v4(frontend);
+        back.nat_port = 8080;
+        entries.insert(key(backend, 8080, client, 40001), back);
+        // The reply of a flow whose forward entry was evicted.
+        entries.insert(key(backend, 80, client, 40002), value(1, 1));
+
+        let mut flows = pair(&entries);
+        flows.sort_by_key(|(k, _, _)| k.sport);
+        assert_eq!(flows.len(), 3);
+        assert_eq!(flows[0].0, key(client, 40000, backend, 80));
+        assert_eq!((flows[0].1.unwrap().packets, flows[0].2.unwrap().packets), (5, 4));
+        assert_eq!(flows[1].0, key(client, 40001, frontend, 8080));
+        assert_eq!(flows[1].2.unwrap().packets, 2);
+        assert_eq!(flows[2].0, key(client, 40002, backend, 80));
+        assert!(flows[2].1.is_none());
+    }
+
+    fn names() -> Names {
+        let src = "virtual_network:\n  address_space: [198.51.100.0/24]\nnsgs:\n  - name: web\n    \
+                   subnets: [198.51.100.0/24]\n    rules:\n      - {name: allow-web, priority: 100, \
+                   direction: inbound, access: allow, protocol: tcp, source: [Internet], \
+                   destination: [\"*\"], destination_ports: [80]}\n";
+        let policy = policy::load_str(src, "t.yaml").unwrap();
+        Names {
+            slot: 1,
+            config: PolicyConfig {
+                generation: 3,
+                tcp_timeout_ns: 60_000_000_000,
+                ..Default::default()
+            },
+            tables: Some(compile::compile(&policy).unwrap()),
+            lbs: Some(lb::compile(&policy).unwrap()),
+        }
+    }
+
+    #[test]
+    fn rules_are_named_only_for_the_running_generation_and_slot() {
+        let names = names();
+        // Inbound subnet table of slot 1 is table 4; bit 0 is the highest-priority rule.
+        let index = TABLES_PER_SLOT * MAX_RULES;
+        let (nsg, rule, layer) = names.rule(index, 3).expect("named");
+        assert_eq!((nsg.as_str(), rule.as_str(), layer), ("web", "allow-web", Layer::Subnet));
+        assert!(names.rule(index, 2).is_none(), "an older generation's index is not guessed");
+        assert!(names.rule(0, 3).is_none(), "a table of the other slot");
+        assert!(names.rule(NO_RULE, 3).is_none());
+    }
+
+    #[test]
+    fn filters_and_rendering() {
+        let names = names();
+        let mut fwd = value(0, 5);
+        fwd.generation = 3;
+        fwd.rule = TABLES_PER_SLOT * MAX_RULES;
+        fwd.last_seen_ns = 1_000_000_000;
+        let mut back = value(1, 4);
+        back.generation = 3;
+        back.last_seen_ns = 2_000_000_000;
+        let k = key([203, 0, 113, 10], 40000, [198, 51, 100, 10], 80);
+        let f = describe(&names, 4_500_000_000, k, Some(fwd), Some(back));
+        assert_eq!(f.rule.as_deref(), Some("allow-web"));
+        assert_eq!((f.forward.packets, f.reply.bytes), (5, 400));
+        assert!((f.idle_seconds - 2.5).abs() < 1e-9 && !f.expired && !f.incomplete);
+        let some = |addr: Option<&str>, port, rule: Option<&str>| Filter {
+            addr: addr.map(|a| a.parse().unwrap()),
+            port,
+            rule: rule.map(str::to_string),
+        };
+        assert!(some(Some("198.51.100.10"), Some(80), Some("allow-web")).matches(&f));
+        assert!(some(Some("203.0.113.10"), Some(40000), Some("web/allow-web")).matches(&f));
+        assert!(!some(Some("203.0.113.11"), None, None).matches(&f));
+        assert!(!some(None, Some(81), None).matches(&f));
+        assert!(!some(None, None, Some("deny-ssh")).matches(&f));
+        assert!(!some(None, None, Some("other/allow-web")).matches(&f));
+        let text = render(&[f]);
+        let line = text.lines().nth(1).unwrap();
+        for want in [
+            "tcp",
+            "203.0.113.10:40000",
+            "198.51.100.10:80",
+            "inbound",
+            "web/allow-web",
+            "5/4",
+            "500/400",
+            "2.5s",
+        ] {
+            assert!(line.contains(want), "{want} missing from {line:?}");
+        }
+    }
+}

@@ -1,0 +1,234 @@
+//! NAT gateways: compiled into the dataplane's subnet, public-address and gateway tables;
+//! idle translations expired (their ports cooling down before reuse); ports in use reported.
+
+use std::net::IpAddr;
+
+use anyhow::{Result, bail};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray, lpm_trie::{Key, LpmTrie}};
+use ipnet::IpNet;
+use xdpgate_common::{
+    flow::{FlowKey, FlowValue, NAT_DST, TCP_CLOSED},
+    maps::{FLOWS, NAT_FAILURES, NAT_GATEWAYS, NAT_MAP, NAT_PUBLIC, NAT_SUBNETS, VNET},
+    nat::{
+        ADDR_KEY_HEADER_BITS, AddrKey, MAX_NAT_GATEWAYS, MAX_PUBLIC_ADDRS, NAT_ACTIVE, NAT_COOLDOWN, NatEntry,
+        NatGatewayConfig,
+    },
+    nsg::TCP_CLOSED_TIMEOUT_NS,
+    words,
+};
+
+use crate::{dataplane::PinDir, policy::{NatGateway, Policy}};
+
+fn addr_bytes(addr: IpAddr) -> (u8, [u8; 16]) {
+    match addr {
+        IpAddr::V4(a) => {
+            let mut b = [0u8; 16];
+            b[..4].copy_from_slice(&a.octets());
+            (4, b)
+        }
+        IpAddr::V6(a) => (6, a.octets()),
+    }
+}
+
+pub fn addr_key(addr: IpAddr) -> AddrKey {
+    let (family, bytes) = addr_bytes(addr);
+    AddrKey { family, _pad: [0; 3], addr: words(&bytes) }
+}
+
+fn prefix_key(net: &IpNet) -> Key<AddrKey> {
+    Key::new(ADDR_KEY_HEADER_BITS + u32::from(net.prefix_len()), addr_key(net.network()))
+}
+
+pub fn key_addr(family: u8, w: &[u32; 4]) -> IpAddr {
+    let bytes: Vec<u8> = w.iter().flat_map(|x| x.to_ne_bytes()).collect();
+    if family == 4 {
+        IpAddr::from(<[u8; 4]>::try_from(&bytes[..4]).expect("4 bytes"))
+    } else {
+        IpAddr::from(<[u8; 16]>::try_from(&bytes[..]).expect("16 bytes"))
+    }
+}
+
+fn gateway_config(gw: &NatGateway) -> NatGatewayConfig {
+    let mut c = NatGatewayConfig::default();
+    for (i, a) in gw.public_addresses.iter().take(MAX_PUBLIC_ADDRS).enumerate() {
+        let k = addr_key(*a);
+        c.addrs[i] = k.addr;
+        c.families[i] = k.family;
+    }
+    c.n_addrs = gw.public_addresses.len().min(MAX_PUBLIC_ADDRS) as u32;
+    c.port_lo = gw.ports.lo;
+    c.port_hi = gw.ports.hi;
+    c
+}
+
+/// The dataplane's NAT maps, opened from their pins.
+pub struct NatMaps {
+    subnets: LpmTrie<MapData, AddrKey, u32>,
+    vnet: LpmTrie<MapData, AddrKey, u32>,
+    public: HashMap<MapData, AddrKey, u32>,
+    gateways: Array<MapData, NatGatewayConfig>,
+}
+
+impl NatMaps {
+    pub fn open(pins: &PinDir) -> Result<Self> {
+        Ok(Self {
+            subnets: pins.open_map(NAT_SUBNETS)?.try_into()?,
+            vnet: pins.open_map(VNET)?.try_into()?,
+            public: pins.open_map(NAT_PUBLIC)?.try_into()?,
+            gateways: pins.open_map(NAT_GATEWAYS)?.try_into()?,
+        })
+    }
+
+    /// Replaces the gateway tables with the policy's. Existing translations stay (their
+    /// flows keep working) until they idle out.
+    pub fn install(&mut self, policy: &Policy) -> Result<()> {
+        if policy.nat_gateways.len() > MAX_NAT_GATEWAYS as usize {
+            bail!("{} NAT gateways exceed the table size {MAX_NAT_GATEWAYS}", policy.nat_gateways.len());
+        }
+        for (i, gw) in policy.nat_gateways.iter().enumerate() {
+            self.gateways.set(i as u32, gateway_config(gw), 0)?;
+        }
+        let stale: Vec<Key<AddrKey>> = self.subnets.keys().filter_map(|k| k.ok()).collect();
+        for k in stale {
+            self.subnets.remove(&k)?;
+        }
+        let stale: Vec<Key<AddrKey>> = self.vnet.keys().filter_map(|k| k.ok()).collect();
+        for k in stale {
+            self.vnet.remove(&k)?;
+        }
+        let stale: Vec<AddrKey> = self.public.keys().filter_map(|k| k.ok()).collect();
+        for k in stale {
+            self.public.remove(&k)?;
+        }
+        for (i, gw) in policy.nat_gateways.iter().enumerate() {
+            for net in &gw.subnets {
+                self.subnets.insert(&prefix_key(net), i as u32, 0)?;
+            }
+            for a in &gw.public_addresses {
+                self.public.insert(addr_key(*a), i as u32, 0)?;
+            }
+        }
+        for net in &policy.virtual_network {
+            self.vnet.insert(&prefix_key(net), 1, 0)?;
+        }
+        Ok(())
+    }
+}
+
+/// `bpf_ktime_get_ns`'s clock.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid timespec to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The forward tuple (private host to remote) of a translation stored under its reply tuple.
+fn forward_key(reply: &FlowKey, t: &NatEntry) -> FlowKey {
+    let echo = reply.proto == 1 || reply.proto == 58;
+    FlowKey {
+        src: t.addr,
+        dst: reply.src,
+        sport: t.port,
+        dport: if echo { t.port } else { reply.sport },
+        proto: reply.proto,
+        family: reply.family,
+        _pad: [0; 2],
+    }
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Expired {
+    /// Translations that idled out (their ports now cooling down).
+    pub expired: usize,
+    /// Ports whose cooldown ended, free again.
+    pub released: usize,
+}
+
+/// Expires translations idle longer than their gateway's timeout (TCP, or UDP/ICMP; a
+/// closed TCP flow after 10 s) and releases ports whose cooldown has passed. Activity is
+/// the last packet the flow table saw either way.
+pub fn expire(pins: &PinDir, policy: &Policy, now: u64) -> Result<Expired> {
+    let mut map: HashMap<_, FlowKey, NatEntry> = pins.open_map(NAT_MAP)?.try_into()?;
+    let mut flows: HashMap<_, FlowKey, FlowValue> = pins.open_map(FLOWS)?.try_into()?;
+    let entries: Vec<(FlowKey, NatEntry)> = map.iter().filter_map(|e| e.ok()).filter(|(_, t)| t.kind == NAT_DST).collect();
+    let mut out = Expired::default();
+    for (reply, t) in entries {
+        if t.state == NAT_COOLDOWN {
+            if now >= t.time_ns {
+                let _ = map.remove(&reply);
+                out.released += 1;
+            }
+            continue;
+        }
+        let Some(gw) = policy.nat_gateways.get(usize::from(t.gateway)) else { continue };
+        let forward = forward_key(&reply, &t);
+        let seen = [flows.get(&reply, 0).ok(), flows.get(&forward, 0).ok()];
+        let last = seen.iter().flatten().map(|f| f.last_seen_ns).max().unwrap_or(t.time_ns).max(t.time_ns);
+        let closed = seen.iter().flatten().any(|f| f.tcp & TCP_CLOSED != 0);
+        let timeout = match reply.proto {
+            6 if closed => TCP_CLOSED_TIMEOUT_NS,
+            6 => u64::from(gw.tcp_idle_timeout) * 1_000_000_000,
+            _ => u64::from(gw.udp_idle_timeout) * 1_000_000_000,
+        };
+        if now.saturating_sub(last) <= timeout {
+            continue;
+        }
+        let _ = map.remove(&forward);
+        let _ = flows.remove(&forward);
+        let _ = flows.remove(&reply);
+        out.expired += 1;
+        if gw.port_reuse_cooldown == 0 {
+            let _ = map.remove(&reply);
+            out.released += 1;
+        } else {
+            let cooling = NatEntry { state: NAT_COOLDOWN, time_ns: now + u64::from(gw.port_reuse_cooldown) * 1_000_000_000, ..t };
+            map.insert(reply, cooling, 0)?;
+        }
+    }
+    Ok(out)
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct GatewayReport {
+    pub name: String,
+    /// Public address and the ports in use on it (cooling-down ports included).
+    pub addresses: Vec<(IpAddr, usize)>,
+    pub translations: usize,
+    pub failed_allocations: u64,
+}
+
+pub fn report(pins: &PinDir, policy: &Policy) -> Result<Vec<GatewayReport>> {
+    let map: HashMap<_, FlowKey, NatEntry> = pins.open_map(NAT_MAP)?.try_into()?;
+    let failures: PerCpuArray<_, u64> = pins.open_map(NAT_FAILURES)?.try_into()?;
+    let claims: Vec<(FlowKey, NatEntry)> = map.iter().filter_map(|e| e.ok()).filter(|(_, t)| t.kind == NAT_DST).collect();
+    policy
+        .nat_gateways
+        .iter()
+        .enumerate()
+        .map(|(i, gw)| {
+            let mine: Vec<_> = claims.iter().filter(|(_, t)| usize::from(t.gateway) == i).collect();
+            Ok(GatewayReport {
+                name: gw.name.clone(),
+                addresses: gw
+                    .public_addresses
+                    .iter()
+                    .map(|a| (*a, mine.iter().filter(|(k, _)| key_addr(k.family, &k.dst) == *a).count()))
+                    .collect(),
+                translations: mine.iter().filter(|(_, t)| t.state == NAT_ACTIVE).count(),
+                failed_allocations: failures.get(&(i as u32), 0)?.iter().sum(),
+            })
+        })
+        .collect()
+}
+
+pub fn render(report: &[GatewayReport]) -> String {
+    let mut out = String::new();
+    for g in report {
+        out += &format!("{}: {} translations, {} failed allocations\n", g.name, g.translations, g.failed_allocations);
+        for (a, n) in &g.addresses {
+            out += &format!("    {:<28} {n} ports in use\n", a.to_string());
+        }
+    }
+    out
+}

@@ -1,0 +1,265 @@
+//! `xdpgate status`: where the dataplane is attached and in which XDP mode, the pin
+//! directory, the running policy and the size of the flow table.
+
+use std::{
+    path::PathBuf,
+    process::Command,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use aya::maps::HashMap;
+use serde::Serialize;
+use xdpgate_common::{
+    iface::{IfaceConfig, Role},
+    maps::IFACES,
+};
+
+use crate::{apply, dataplane, dataplane::PinDir, flows};
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub pin_dir: PathBuf,
+    /// Interfaces with a pinned attachment.
+    pub interfaces: Vec<IfaceStatus>,
+    /// The running policy; none when the dataplane's maps are not pinned.
+    pub policy: Option<PolicyStatus>,
+    /// Entries in the flow table (one per direction of each flow).
+    pub flow_entries: Option<u64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct IfaceStatus {
+    pub name: String,
+    /// None when the interface no longer exists in this network namespace.
+    pub ifindex: Option<u32>,
+    /// `external` or `internal`, as registered in the `IFACES` map.
+    pub role: Option<&'static str>,
+    /// Counter slot in `IFACE_STATS`.
+    pub slot: Option<u32>,
+    /// `native`, `skb` (generic), `offload`, `none` (nothing attached), or `unknown` when
+    /// `ip` could not tell.
+    pub xdp_mode: String,
+    /// Name and id of the XDP program the interface runs.
+    pub program: Option<String>,
+    pub program_id: Option<u64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PolicyStatus {
+    /// 0 before the first apply.
+    pub generation: u64,
+    /// Policy slot packets use (0 or 1).
+    pub slot: u32,
+    /// The agent's copy of the applied policy.
+    pub applied_path: Option<PathBuf>,
+    /// When it was applied: RFC 3339 UTC, and seconds since the Unix epoch.
+    pub applied_at: Option<String>,
+    pub applied_unix: Option<u64>,
+}
+
+/// What XDP `ip -d link` reports on `ifname`: (mode, program name, program id).
+fn xdp_of(ifname: &str) -> (String, Option<String>, Option<u64>) {
+    let out = Command::new("ip").args(["-j", "-d", "link", "show", "dev", ifname]).output();
+    let Some(out) = out.ok().filter(|o| o.status.success()) else {
+        return ("unknown".into(), None, None);
+    };
+    match serde_json::from_slice::<serde_json::Value>(&out.stdout) {
+        Ok(json) => xdp_from_json(&json[0]),
+        Err(_) => ("unknown".into(), None, None),
+    }
+}
+
+/// Reads the `xdp` object of one link of `ip -j -d link show`: `mode` is the kernel's
+/// `XDP_ATTACHED_*` (1 driver, 2 generic, 3 hardware, 4 several), with the program in
+/// `prog` or, for several, in `attached`.
+fn xdp_from_json(link: &serde_json::Value) -> (String, Option<String>, Option<u64>) {
+    let xdp = &link["xdp"];
+    if xdp.is_null() {
+        return ("none".into(), None, None);
+    }
+    let mode_name = |m: u64| match m {
+        0 => "none",
+        1 => "native",
+        2 => "skb",
+        3 => "offload",
+        _ => "unknown",
+    };
+    let prog_of = |v: &serde_json::Value| {
+        let p = &v["prog"];
+        (p["name"].as_str().map(str::to_string), p["id"].as_u64())
+    };
+    match xdp["mode"].as_u64() {
+        Some(4) => {
+            // Several programs: report ours (the first named xdpgate) or else the first.
+            let attached = xdp["attached"].as_array().cloned().unwrap_or_default();
+            let pick = attached
+                .iter()
+                .find(|a| a["prog"]["name"].as_str() == Some(dataplane::PROGRAM))
+                .or_else(|| attached.first());
+            match pick {
+                Some(a) => {
+                    let (name, id) = prog_of(a);
+                    (mode_name(a["mode"].as_u64().unwrap_or(99)).into(), name, id)
+                }
+                None => ("unknown".into(), None, None),
+            }
+        }
+        Some(m) => {
+            let (name, id) = prog_of(xdp);
+            (mode_name(m).into(), name, id)
+        }
+        None => ("unknown".into(), None, None),
+    }
+}
+
+/// Reads the status; parts that cannot be read (no pinned maps) are left out.
+pub fn read(pins: &PinDir) -> anyhow::Result<Status> {
+    let registered: Vec<(u32, IfaceConfig)> = pins
+        .open_map(IFACES)
+        .ok()
+        .and_then(|m| HashMap::<_, u32, IfaceConfig>::try_from(m).ok())
+        .map(|m| m.iter().filter_map(|e| e.ok()).collect())
+        .unwrap_or_default();
+    let mut interfaces = Vec::new();
+    for name in pins.attached()? {
+        let ifindex = dataplane::ifindex(&name).ok();
+        let config =
+            ifindex.and_then(|i| registered.iter().find(|(k, _)| *k == i)).map(|(_, c)| *c);
+        let (xdp_mode, program, program_id) =
+            if ifindex.is_some() { xdp_of(&name) } else { ("none".into(), None, None) };
+        interfaces.push(IfaceStatus {
+            name,
+            ifindex,
+            role: config.map(|c| match Role::from_u32(c.role) {
+                Role::External => "external",
+                Role::Internal => "internal",
+            }),
+            slot: config.map(|c| c.slot),
+            xdp_mode,
+            program,
+            program_id,
+        });
+    }
+    let policy = apply::active(pins).ok().map(|(slot, config)| {
+        let path = apply::applied_source(pins).map(|(p, _)| p);
+        let unix = path
+            .as_ref()
+            .and_then(|p| std::fs::metadata(p).ok()?.modified().ok())
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map(|d| d.as_secs());
+        PolicyStatus {
+            generation: config.generation,
+            slot,
+            applied_path: path,
+            applied_at: unix.map(rfc3339),
+            applied_unix: unix,
+        }
+    });
+    Ok(Status {
+        pin_dir: pins.path().to_path_buf(),
+        interfaces,
+        policy,
+        flow_entries: flows::count(pins).ok(),
+    })
+}
+
+/// `secs` since the Unix epoch as `YYYY-MM-DDTHH:MM:SSZ`.
+pub fn rfc3339(secs: u64) -> String {
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Human-readable summary.
+pub fn render(s: &Status) -> String {
+    let mut out = format!("pin directory  {}\n", s.pin_dir.display());
+    match &s.policy {
+        Some(p) if p.generation > 0 => {
+            out += &format!("policy         generation {} (slot {})", p.generation, p.slot);
+            if let (Some(at), Some(unix)) = (&p.applied_at, p.applied_unix) {
+                let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+                out += &format!(", applied {at} ({}s ago)", now.saturating_sub(unix));
+            }
+            out.push('\n');
+            if let Some(path) = &p.applied_path {
+                out += &format!("               {}\n", path.display());
+            }
+        }
+        Some(_) => out += "policy         none applied yet\n",
+        None => out += "policy         - (no pinned maps: is xdpgate attached?)\n",
+    }
+    match s.flow_entries {
+        Some(n) => out += &format!("flow table     {n} entries\n"),
+        None => out += "flow table     -\n",
+    }
+    if s.interfaces.is_empty() {
+        out += "\nnot attached to any interface\n";
+        return out;
+    }
+    let mut rows =
+        vec![["INTERFACE", "IFINDEX", "ROLE", "XDP", "PROGRAM"].map(String::from).to_vec()];
+    for i in &s.interfaces {
+        rows.push(vec![
+            i.name.clone(),
+            i.ifindex.map_or("gone".into(), |n| n.to_string()),
+            i.role.unwrap_or("-").into(),
+            i.xdp_mode.clone(),
+            match (&i.program, i.program_id) {
+                (Some(n), Some(id)) => format!("{n} (id {id})"),
+                (None, Some(id)) => format!("id {id}"),
+                _ => "-".into(),
+            },
+        ]);
+    }
+    let widths: Vec<usize> =
+        (0..rows[0].len()).map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0)).collect();
+    out.push('\n');
+    for row in &rows {
+        let cells: Vec<String> = row.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        out += cells.join("  ").trim_end();
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_are_rfc3339_utc() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
+        assert_eq!(rfc3339(4_107_542_399), "2100-02-28T23:59:59Z");
+    }
+
+    #[test]
+    fn xdp_mode_from_ip_json() {
+        let j = |s: &str| serde_json::from_str::<serde_json::Value>(s).unwrap();
+        let native = j(
+            r#"{"ifname":"eth0","xdp":{"mode":1,"prog":{"id":42,"name":"xdpgate","tag":"ab","jited":1}}}"#,
+        );
+        assert_eq!(xdp_from_json(&native), ("native".into(), Some("xdpgate".into()), Some(42)));
+        let generic = j(r#"{"xdp":{"mode":2,"prog":{"id":7,"name":"xdpgate"}}}"#);
+        assert_eq!(xdp_from_json(&generic).0, "skb");
+        assert_eq!(xdp_from_json(&j(r#"{"ifname":"eth0"}"#)).0, "none");
+        let multi = j(r#"{"xdp":{"mode":4,"attached":[{"mode":2,"prog":{"id":5,"name":"other"}},
+                         {"mode":1,"prog":{"id":6,"name":"xdpgate"}}]}}"#);
+        assert_eq!(xdp_from_json(&multi), ("native".into(), Some("xdpgate".into()), Some(6)));
+    }
+}
