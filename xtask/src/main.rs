@@ -1,5 +1,7 @@
 //! `cargo xtask`: the project's build, test and demo entry points.
 
+mod bench;
+
 use std::{
     path::{Path, PathBuf},
     process::Command,
@@ -27,6 +29,13 @@ enum Task {
     },
     /// Build a demo topology in network namespaces, attach xdpgate and send real traffic.
     Demo,
+    /// Measure the NSG dataplane's per-packet cost against a no-op XDP program (writes
+    /// target/bench/nsg.md and nsg.json).
+    Bench {
+        /// Extra arguments for the benchmark (e.g. `--quick`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn root() -> PathBuf {
@@ -72,6 +81,10 @@ fn main() -> Result<()> {
                 .arg(root.join("xtask/demo.sh"))
                 .arg(root.join("target/release/xdpgate"))
                 .current_dir(&root))
+        }
+        Task::Bench { args } => {
+            setup()?;
+            bench::bench(&root, &args)
         }
     }
 }

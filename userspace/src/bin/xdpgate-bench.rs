@@ -4,8 +4,8 @@
 //!
 //! Cases, for policies of 10 to 4,000 inbound user rules that do not match the test packet
 //! plus one allow rule for it at the lowest priority (the worst bit position):
-//! - established flow: an allowed packet repeated N times; after the first run every
-//!   repeat is one flow-table hit;
+//! - established flow: an ACK segment of an allowed flow (opened by its SYN before) repeated
+//!   N times: every repeat is one flow-table hit;
 //! - first packet, allowed: many distinct allowed packets, each run once (repeat 1), so
 //!   each is classified and creates its flow entries;
 //! - first packet, denied: a packet only `DenyAllInBound` (the table's last bit) matches,
@@ -36,8 +36,9 @@ use xdpgate::{
     policy,
 };
 use xdpgate_common::{
+    flow::{FlowKey, FlowValue},
     iface::{IfaceConfig, Role},
-    maps::IFACES,
+    maps::{FLOWS, IFACES},
 };
 
 const XDP_DROP: u32 = 1;
@@ -56,7 +57,7 @@ struct Args {
     /// Small repeat counts: a smoke test of the benchmark, not a measurement.
     #[arg(long)]
     quick: bool,
-    /// Measurements per figure (the median is reported); default 5, 3 with --quick.
+    /// Measurements per figure (the median is reported); default 7, 3 with --quick.
     #[arg(long)]
     runs: Option<usize>,
     /// Where to write nsg.md and nsg.json (default: <workspace>/target/bench).
@@ -108,7 +109,11 @@ struct Row {
     /// Median over the runs of the kernel-reported ns per packet.
     ns: f64,
     noop_ns: f64,
+    /// Median of the per-run ratios (each run's xdpgate figure over the no-op figure measured
+    /// right after it), which cancels slow and fast moments of the machine pairwise.
     ratio: f64,
+    /// Lowest and highest per-run ratio.
+    ratio_range: (f64, f64),
     /// Packets per run: the repeat count, or the number of distinct packets.
     packets_per_run: u64,
     runs_ns: Vec<f64>,
@@ -138,6 +143,8 @@ struct Machine {
     cpu: String,
     cpus: usize,
     date: String,
+    /// /proc/loadavg (1, 5 and 15 minutes) when the benchmark started.
+    load_average: String,
 }
 
 #[derive(Serialize)]
@@ -147,6 +154,7 @@ struct Report {
     runs: usize,
     repeat: u32,
     distinct_packets: u16,
+    apply_runs: usize,
     results: Vec<Row>,
     compile_apply: Vec<ApplyRow>,
 }
@@ -156,7 +164,7 @@ fn main() -> Result<()> {
     let cfg = if args.quick {
         Config { runs: args.runs.unwrap_or(3), repeat: 10_000, distinct: 200, apply_runs: 2 }
     } else {
-        Config { runs: args.runs.unwrap_or(5), repeat: 1_000_000, distinct: 5_000, apply_runs: 5 }
+        Config { runs: args.runs.unwrap_or(7), repeat: 1_000_000, distinct: 5_000, apply_runs: 5 }
     };
     if cfg.runs == 0 {
         bail!("--runs must be at least 1");
@@ -177,13 +185,7 @@ fn main() -> Result<()> {
     );
 
     let started = Instant::now();
-    let mut results = Vec::new();
-    for family in [Family::IPv4, Family::IPv6] {
-        for rules in RULE_COUNTS {
-            eprintln!("  {family:?}, {rules} rules ...");
-            results.extend(measure_policy(&cfg, family, rules)?);
-        }
-    }
+    let results = measure_all(&cfg)?;
     let mut compile_apply = Vec::new();
     for family in [Family::IPv4, Family::IPv6] {
         eprintln!("  compile and apply, {family:?}, {APPLY_RULES} rules ...");
@@ -197,6 +199,7 @@ fn main() -> Result<()> {
         runs: cfg.runs,
         repeat: cfg.repeat,
         distinct_packets: cfg.distinct,
+        apply_runs: cfg.apply_runs,
         results,
         compile_apply,
     };
@@ -322,7 +325,14 @@ const TCP_ACK: u8 = 0x10;
 
 /// Ethernet + IPv4 or IPv6 + TCP (20 bytes) + a small payload, with correct lengths (the
 /// dataplane does not check checksums; the IPv4 header checksum is set anyway).
-fn tcp_frame(family: Family, src: [u8; 16], dst: [u8; 16], sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+fn tcp_frame(
+    family: Family,
+    src: [u8; 16],
+    dst: [u8; 16],
+    sport: u16,
+    dport: u16,
+    flags: u8,
+) -> Vec<u8> {
     const PAYLOAD: &[u8] = b"xdpgate-bench";
     let l4_len = 20 + PAYLOAD.len();
     let mut p = Vec::with_capacity(14 + 40 + l4_len);
@@ -411,7 +421,7 @@ fn policy_yaml(family: Family, rules: usize) -> String {
         for k in 0..fillers {
             let i = filler;
             filler += 1;
-            let access = if i % 3 == 0 { "deny" } else { "allow" };
+            let access = if i.is_multiple_of(3) { "deny" } else { "allow" };
             let protocol = if i % 4 == 3 { "udp" } else { "tcp" };
             // Even: the clients' prefix, another destination port (one per rule).
             // Odd: the service port, from a source outside the clients.
@@ -423,7 +433,9 @@ fn policy_yaml(family: Family, rules: usize) -> String {
                     format!("198.51.100.{host}"),
                     usize::from(ALLOWED_PORT),
                 ),
-                (Family::IPv6, 0) => ("\"2001:db8:2::/64\"".to_string(), "\"*\"".to_string(), 1024 + i),
+                (Family::IPv6, 0) => {
+                    ("\"2001:db8:2::/64\"".to_string(), "\"*\"".to_string(), 1024 + i)
+                }
                 (Family::IPv6, _) => (
                     format!("\"2001:db8:2:1::{:x}\"", i / 2 + 1),
                     if upper {
@@ -445,7 +457,9 @@ fn policy_yaml(family: Family, rules: usize) -> String {
         if allow {
             let (source, destination) = match family {
                 Family::IPv4 => ("203.0.113.0/25".to_string(), SUBNET_HOST_V4.to_string()),
-                Family::IPv6 => ("\"2001:db8:2::/64\"".to_string(), format!("\"{SUBNET_HOST_V6}\"")),
+                Family::IPv6 => {
+                    ("\"2001:db8:2::/64\"".to_string(), format!("\"{SUBNET_HOST_V6}\""))
+                }
             };
             let _ = writeln!(
                 y,
@@ -476,6 +490,9 @@ fn median(v: &[f64]) -> f64 {
 
 fn row(case: Case, rules: usize, family: Family, packets: u64, x: Vec<f64>, noop: Vec<f64>) -> Row {
     let (ns, noop_ns) = (median(&x), median(&noop));
+    let ratios: Vec<f64> = x.iter().zip(&noop).map(|(a, b)| a / b).collect();
+    let lo = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     Row {
         case,
         rules,
@@ -483,52 +500,78 @@ fn row(case: Case, rules: usize, family: Family, packets: u64, x: Vec<f64>, noop
         family,
         ns,
         noop_ns,
-        ratio: ns / noop_ns,
+        ratio: median(&ratios),
+        ratio_range: (lo, hi),
         packets_per_run: packets,
         runs_ns: x,
         runs_noop_ns: noop,
     }
 }
 
-/// The three packet cases for one policy, on a freshly loaded dataplane (so the flow table
-/// starts empty and every "first packet" really is one).
-fn measure_policy(cfg: &Config, family: Family, rules: usize) -> Result<Vec<Row>> {
-    let bench = Bench::new()?;
-    bench.apply(&policy_yaml(family, rules))?;
-    let gate = bench.prog(PROGRAM)?;
-    let noop = bench.prog(NOOP_PROGRAM)?;
-    let fixed = client(family, CLIENT_FIXED);
-    let dst = server(family);
-    let established = tcp_frame(family, fixed, dst, 40_000, ALLOWED_PORT, TCP_ACK);
-    let denied = tcp_frame(family, fixed, dst, 40_001, DENIED_PORT, TCP_SYN);
+/// One policy under test: its own freshly loaded dataplane (so the flow table starts empty
+/// and every "first packet" really is one), its packets and the figures of each run.
+struct Setup {
+    family: Family,
+    rules: usize,
+    bench: Bench,
+    established: Vec<u8>,
+    denied: Vec<u8>,
+    /// (xdpgate, no-op) ns per packet, one entry per run.
+    est: (Vec<f64>, Vec<f64>),
+    den: (Vec<f64>, Vec<f64>),
+    first: (Vec<f64>, Vec<f64>),
+}
 
-    // Create the flow, and check each path's verdict before timing it.
-    expect_verdict("established flow", run(gate, &established, 1)?.0, XDP_PASS)?;
-    expect_verdict("established flow", run(gate, &established, 1)?.0, XDP_PASS)?;
-    expect_verdict("first packet, denied", run(gate, &denied, 1)?.0, XDP_DROP)?;
+impl Setup {
+    fn new(family: Family, rules: usize) -> Result<Self> {
+        let bench = Bench::new()?;
+        bench.apply(&policy_yaml(family, rules))?;
+        let fixed = client(family, CLIENT_FIXED);
+        let dst = server(family);
+        let established = tcp_frame(family, fixed, dst, 40_000, ALLOWED_PORT, TCP_ACK);
+        let denied = tcp_frame(family, fixed, dst, 40_001, DENIED_PORT, TCP_SYN);
+        // Open the flow with its SYN (a TCP flow starts with one), then check each path's
+        // verdict before timing it.
+        let syn = tcp_frame(family, fixed, dst, 40_000, ALLOWED_PORT, TCP_SYN);
+        let gate = bench.prog(PROGRAM)?;
+        expect_verdict("established flow (SYN)", run(gate, &syn, 1)?.0, XDP_PASS)?;
+        expect_verdict("established flow", run(gate, &established, 1)?.0, XDP_PASS)?;
+        expect_verdict("first packet, denied", run(gate, &denied, 1)?.0, XDP_DROP)?;
+        Ok(Self {
+            family,
+            rules,
+            bench,
+            established,
+            denied,
+            est: Default::default(),
+            den: Default::default(),
+            first: Default::default(),
+        })
+    }
 
-    let mut est = (Vec::new(), Vec::new());
-    let mut den = (Vec::new(), Vec::new());
-    let mut first = (Vec::new(), Vec::new());
-    for r in 0..cfg.runs {
+    /// Run `r` of the three cases; each xdpgate figure is followed at once by the no-op's.
+    fn measure(&mut self, cfg: &Config, r: usize) -> Result<()> {
+        let gate = self.bench.prog(PROGRAM)?;
+        let noop = self.bench.prog(NOOP_PROGRAM)?;
+
         // Established: every repeat is a flow hit.
-        let (v, ns) = run(gate, &established, cfg.repeat)?;
+        let (v, ns) = run(gate, &self.established, cfg.repeat)?;
         expect_verdict("established flow", v, XDP_PASS)?;
-        est.0.push(ns);
-        est.1.push(run(noop, &established, cfg.repeat)?.1);
+        self.est.0.push(ns);
+        self.est.1.push(run(noop, &self.established, cfg.repeat)?.1);
 
         // Denied: every repeat is a full classification ending at the last bit.
-        let (v, ns) = run(gate, &denied, cfg.repeat)?;
+        let (v, ns) = run(gate, &self.denied, cfg.repeat)?;
         expect_verdict("first packet, denied", v, XDP_DROP)?;
-        den.0.push(ns);
-        den.1.push(run(noop, &denied, cfg.repeat)?.1);
+        self.den.0.push(ns);
+        self.den.1.push(run(noop, &self.denied, cfg.repeat)?.1);
 
         // First packets: a client of its own per run and distinct source ports, each packet
         // run once; the kernel's per-run figure (timer overhead included) is averaged, and
         // the no-op runs on the very same packets.
-        let src = client(family, 1 + r as u16);
+        let (src, dst) = (client(self.family, 1 + r as u16), server(self.family));
         let packets: Vec<Vec<u8>> = (0..cfg.distinct)
-            .map(|i| tcp_frame(family, src, dst, 10_000 + i, ALLOWED_PORT, TCP_SYN))
+            .map(|i| tcp_frame(self.family, src, dst, 10_000 + i, ALLOWED_PORT, TCP_SYN))
             .collect();
         let (mut sum, mut sum_noop) = (0.0, 0.0);
         for p in &packets {
@@ -539,22 +582,52 @@ fn measure_policy(cfg: &Config, family: Family, rules: usize) -> Result<Vec<Row>
         for p in &packets {
             sum_noop += run(noop, p, 1)?.1;
         }
-        first.0.push(sum / f64::from(cfg.distinct));
-        first.1.push(sum_noop / f64::from(cfg.distinct));
+        self.first.0.push(sum / f64::from(cfg.distinct));
+        self.first.1.push(sum_noop / f64::from(cfg.distinct));
+        Ok(())
     }
-    // Sanity: a first packet run again is now a flow hit (so the runs above were not).
-    expect_verdict(
-        "first packet, allowed (again)",
-        run(gate, &tcp_frame(family, client(family, 1), dst, 10_000, ALLOWED_PORT, TCP_SYN), 1)?.0,
-        XDP_PASS,
-    )?;
 
-    let repeat = u64::from(cfg.repeat);
-    Ok(vec![
-        row(Case::Established, rules, family, repeat, est.0, est.1),
-        row(Case::FirstAllowed, rules, family, u64::from(cfg.distinct), first.0, first.1),
-        row(Case::FirstDenied, rules, family, repeat, den.0, den.1),
-    ])
+    fn finish(self, cfg: &Config) -> Result<Vec<Row>> {
+        // Sanity: every first packet created its two flow entries (forward and reply), so
+        // each was classified; with the established flow, that is all the table holds.
+        let flows: HashMap<_, FlowKey, FlowValue> = self.bench.pins.open_map(FLOWS)?.try_into()?;
+        let count = flows.keys().filter_map(|k| k.ok()).count();
+        let want = 2 * (cfg.runs * usize::from(cfg.distinct) + 1);
+        if count != want {
+            bail!("{count} flow entries after the runs, want {want}: some first packets were not");
+        }
+        let (rules, family) = (self.rules, self.family);
+        let repeat = u64::from(cfg.repeat);
+        let distinct = u64::from(cfg.distinct);
+        Ok(vec![
+            row(Case::Established, rules, family, repeat, self.est.0, self.est.1),
+            row(Case::FirstAllowed, rules, family, distinct, self.first.0, self.first.1),
+            row(Case::FirstDenied, rules, family, repeat, self.den.0, self.den.1),
+        ])
+    }
+}
+
+/// Every policy is loaded first; each run then measures them all in turn, so a slow moment
+/// of the machine touches one run of many rows rather than every run of one row.
+fn measure_all(cfg: &Config) -> Result<Vec<Row>> {
+    let mut setups = Vec::new();
+    for family in [Family::IPv4, Family::IPv6] {
+        for rules in RULE_COUNTS {
+            eprintln!("  loading the dataplane with {rules} {family:?} rules ...");
+            setups.push(Setup::new(family, rules)?);
+        }
+    }
+    for r in 0..cfg.runs {
+        eprintln!("  run {}/{} ...", r + 1, cfg.runs);
+        for s in &mut setups {
+            s.measure(cfg, r)?;
+        }
+    }
+    let mut rows = Vec::new();
+    for s in setups {
+        rows.extend(s.finish(cfg)?);
+    }
+    Ok(rows)
 }
 
 fn ms(d: Duration) -> f64 {
@@ -628,8 +701,13 @@ fn machine() -> Machine {
             (k.trim() == "model name").then(|| v.trim().to_string())
         })
         .unwrap_or_else(|| "unknown CPU".into());
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    Machine { kernel, cpu, cpus, date: utc_now() }
+    // Online CPUs of the machine (the affinity mask is one CPU once pinned).
+    // SAFETY: sysconf has no preconditions.
+    let cpus = usize::try_from(unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }).unwrap_or(1);
+    let load_average = fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default();
+    Machine { kernel, cpu, cpus, date: utc_now(), load_average }
 }
 
 /// The current UTC date and time, "YYYY-MM-DD HH:MM UTC".
@@ -653,7 +731,7 @@ fn thousands(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -670,12 +748,15 @@ fn markdown(r: &Report) -> String {
     }
     let _ = writeln!(
         md,
-        "Linux {}, {} ({} CPUs), {}.  \n\
+        "Linux {}, {} ({} CPUs), {}, load average {} at the start.  \n\
          Absolute figures vary by machine; the ratios to a no-op XDP program, measured in the \
          same run on the same packets, are the claim.\n",
-        m.kernel, m.cpu, m.cpus, m.date
+        m.kernel, m.cpu, m.cpus, m.date, m.load_average
     );
-    let _ = writeln!(md, "| case | rules | family | ns/packet | no-op ns/packet | ratio (xdpgate / no-op) |");
+    let _ = writeln!(
+        md,
+        "| case | rules | family | ns/packet | no-op ns/packet | ratio (xdpgate / no-op) |"
+    );
     let _ = writeln!(md, "|---|---:|---|---:|---:|---:|");
     for case in [Case::Established, Case::FirstAllowed, Case::FirstDenied] {
         for row in r.results.iter().filter(|x| x.case == case) {
@@ -695,9 +776,12 @@ fn markdown(r: &Report) -> String {
         md,
         "\nCompile and apply ({} runs, median, wall clock: YAML parse + compile + write to the \
          maps and flip the slot):\n",
-        r.runs.max(1).min(5)
+        r.apply_runs
     );
-    let _ = writeln!(md, "| rules | family | LPM entries | parse ms | compile ms | apply ms | total ms | re-apply total ms |");
+    let _ = writeln!(
+        md,
+        "| rules | family | LPM entries | parse ms | compile ms | apply ms | total ms | re-apply total ms |"
+    );
     let _ = writeln!(md, "|---:|---|---:|---:|---:|---:|---:|---:|");
     for a in &r.compile_apply {
         let _ = writeln!(
@@ -715,9 +799,12 @@ fn markdown(r: &Report) -> String {
     }
     let _ = writeln!(
         md,
-        "\nMethod: `cargo xtask bench`. Each figure is the median of {runs} runs. \
-         *established flow*: an allowed TCP packet repeated {rep} times (after the first run, \
-         each is one flow-table hit). *first packet, denied*: a packet only DenyAllInBound (the \
+        "\nMethod: `cargo xtask bench`. Each figure is the median of {runs} runs; each run \
+         measures every row in turn, the no-op right after xdpgate on the same packets, and \
+         the ratio is the median of the per-run ratios (so it need not equal the quotient of \
+         the two medians). \
+         *established flow*: an allowed TCP ACK segment of a flow opened by a SYN before, \
+         repeated {rep} times (each is one flow-table hit). *first packet, denied*: a packet only DenyAllInBound (the \
          table's last rule) matches, repeated {rep} times (denied packets create no flow, so \
          each repeat is a full classification). *first packet, allowed*: {dist} distinct \
          packets (distinct source ports), each run once and classified, creating its flow; the \
@@ -727,7 +814,9 @@ fn markdown(r: &Report) -> String {
          them at priority 4096, plus the NSG's default rules. One NSG can use only 3,997 \
          priorities (100-4096), so at 4,000 rules 3 fillers sit in a second NSG on the other \
          half of the subnet, at the same layer and so in the same table (4,006 rules with both \
-         NSGs' defaults). The kernel reports whole nanoseconds per run. Re-apply: the same \
+         NSGs' defaults). The bench thread is pinned to one CPU. The kernel reports \
+         whole nanoseconds per run, rounded down: for the repeat-based cases a no-op figure \
+         near 8 ns carries up to 1 ns (about 12%) of that error into the ratio. Re-apply: the same \
          policy applied again, first clearing the equal policy left in the inactive slot.",
         runs = r.runs,
         rep = thousands(u64::from(r.repeat)),

@@ -1,0 +1,191 @@
+//! The NAT gateway end to end: a host in a private subnet reaches a server on the
+//! "internet" through xdpgate; the server only ever sees the pool address; TCP (a real
+//! download), UDP and ping work; translations idle out; a small pool runs out and recovers.
+//!
+//!   host 198.51.100.10 -- int0 [gw] ext0 -- 203.0.113.10 server
+//!                        public address 192.0.2.100 (routed to the gateway)
+
+mod common;
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use common::{Netns, Pins, run, unique};
+
+fn policy(extra: &str) -> String {
+    format!(
+        r#"
+virtual_network:
+  address_space: [198.51.100.0/24]
+nat_gateways:
+  - name: natgw
+    public_addresses: [192.0.2.100]
+    subnets: [198.51.100.0/24]
+{extra}"#
+    )
+}
+
+struct Lab {
+    host: Netns,
+    gw: Netns,
+    server: Netns,
+    pins: Pins,
+    agent: Option<Child>,
+    file: std::path::PathBuf,
+}
+
+impl Lab {
+    fn new(extra: &str) -> Self {
+        let host = Netns::new("nh");
+        let gw = Netns::new("ng");
+        let server = Netns::new("ns");
+        run("ip", &["link", "add", "eth0", "netns", &host.name, "type", "veth", "peer", "name", "int0", "netns", &gw.name]);
+        run("ip", &["link", "add", "ext0", "netns", &gw.name, "type", "veth", "peer", "name", "eth0", "netns", &server.name]);
+        host.exec("ip", &["addr", "add", "198.51.100.10/24", "dev", "eth0"]);
+        gw.exec("ip", &["addr", "add", "198.51.100.1/24", "dev", "int0"]);
+        gw.exec("ip", &["addr", "add", "203.0.113.1/24", "dev", "ext0"]);
+        server.exec("ip", &["addr", "add", "203.0.113.10/24", "dev", "eth0"]);
+        for (ns, dev) in [(&host, "eth0"), (&gw, "int0"), (&gw, "ext0"), (&server, "eth0")] {
+            ns.exec("ip", &["link", "set", dev, "up"]);
+        }
+        host.exec("ip", &["route", "add", "default", "via", "198.51.100.1"]);
+        // The internet routes the pool address to the gateway; it knows nothing of 198.51.100.0/24.
+        server.exec("ip", &["route", "add", "192.0.2.100/32", "via", "203.0.113.1"]);
+        gw.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
+        // Frames XDP redirects into a veth need NAPI (GRO) on the receiving peer, and
+        // senders must compute full checksums (see tests/e2e_lb.rs).
+        for ns in [&host, &server] {
+            ns.exec("ethtool", &["-K", "eth0", "gro", "on"]);
+            ns.exec("ethtool", &["-K", "eth0", "tx", "off"]);
+        }
+        let pins = Pins::in_netns(&gw);
+        pins.xdpgate(&["attach", "--iface", "ext0", "--role", "external"]);
+        pins.xdpgate(&["attach", "--iface", "int0", "--role", "internal"]);
+        let file = std::env::temp_dir().join(format!("{}.yaml", unique("natpol")));
+        std::fs::write(&file, policy(extra)).unwrap();
+        let agent = Command::new(common::xdpgate_bin())
+            .args(["--netns", &gw.name, "--pin-dir"])
+            .arg(pins.dir.path())
+            .args(["run", "--policy"])
+            .arg(&file)
+            .args(["--metrics-addr", "off"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn xdpgate run");
+        let lab = Self { host, gw, server, pins, agent: Some(agent), file };
+        lab.wait("the policy", Duration::from_secs(10), |l| l.pins.try_xdpgate(&["nat", "--json"]).status.success());
+        lab
+    }
+
+    fn wait(&self, what: &str, limit: Duration, mut ok: impl FnMut(&Self) -> bool) -> Duration {
+        let start = Instant::now();
+        while !ok(self) {
+            assert!(start.elapsed() < limit, "timed out waiting for {what}");
+            thread::sleep(Duration::from_millis(50));
+        }
+        start.elapsed()
+    }
+
+    fn nat(&self) -> serde_json::Value {
+        serde_json::from_str(&self.pins.xdpgate(&["nat", "--json"])).unwrap()
+    }
+
+    fn ports_in_use(&self) -> u64 {
+        self.nat()[0]["addresses"][0][1].as_u64().unwrap()
+    }
+
+    /// A UDP exchange from the host's `sport` to the server's echo on 5353: the address the
+    /// server saw, if the reply came back.
+    fn udp(&self, sport: u16) -> Option<String> {
+        self.host.run(move || {
+            let s = UdpSocket::bind(("198.51.100.10", sport)).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(800))).unwrap();
+            s.send_to(b"who am i", "203.0.113.10:5353").unwrap();
+            let mut buf = [0u8; 64];
+            let (n, _) = s.recv_from(&mut buf).ok()?;
+            Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+        })
+    }
+
+    fn udp_echo(&self) {
+        let sock = self.server.run(|| UdpSocket::bind("203.0.113.10:5353").unwrap());
+        thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            while let Ok((_, from)) = sock.recv_from(&mut buf) {
+                let _ = sock.send_to(from.ip().to_string().as_bytes(), from);
+            }
+        });
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if let Some(mut a) = self.agent.take() {
+            let _ = a.kill();
+            let _ = a.wait();
+        }
+        let _ = std::fs::remove_file(&self.file);
+    }
+}
+
+#[test]
+fn hosts_reach_the_internet_through_the_pool_address() {
+    let lab = Lab::new("    udp_idle_timeout: 4\n    port_reuse_cooldown: 0\n");
+
+    // TCP: a 1 MiB download; the server sees the pool address.
+    const SIZE: usize = 1 << 20;
+    let listener = lab.server.run(|| TcpListener::bind("203.0.113.10:8080").unwrap());
+    let server = thread::spawn(move || {
+        let (mut s, peer) = listener.accept().unwrap();
+        s.write_all(&vec![42u8; SIZE]).unwrap();
+        peer
+    });
+    let got = lab.host.run(|| {
+        let mut s = TcpStream::connect_timeout(&SocketAddr::from(([203, 0, 113, 10], 8080)), Duration::from_secs(3))
+            .expect("connect through NAT");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).unwrap();
+        buf.len()
+    });
+    let peer = server.join().unwrap();
+    assert_eq!(got, SIZE, "the whole download arrived");
+    assert_eq!(peer.ip().to_string(), "192.0.2.100", "the server saw the pool address");
+    assert!(peer.port() >= 1024);
+
+    // UDP and ping.
+    lab.udp_echo();
+    assert_eq!(lab.udp(40000).as_deref(), Some("192.0.2.100"));
+    let ping = lab.host.try_exec("ping", &["-c", "2", "-i", "0.2", "-W", "2", "203.0.113.10"]);
+    assert!(ping.status.success(), "ping through NAT: {}", String::from_utf8_lossy(&ping.stdout));
+    assert!(lab.ports_in_use() >= 2, "{}", lab.nat());
+
+    // The UDP and ICMP translations idle out (4 s for UDP, 30 s... ICMP uses the UDP
+    // timeout too) and their ports are free again; the agent expires them once a second.
+    let took = lab.wait("translations to idle out", Duration::from_secs(10), |l| {
+        l.nat()[0]["addresses"][0][1].as_u64().unwrap() <= 1
+    });
+    println!("UDP/ICMP translations expired after {took:?} (idle timeout 4 s)");
+}
+
+#[test]
+fn a_small_pool_runs_out_and_recovers() {
+    let lab = Lab::new("    ports: \"2000-2001\"\n    udp_idle_timeout: 4\n    port_reuse_cooldown: 0\n");
+    lab.udp_echo();
+    assert_eq!(lab.udp(41000).as_deref(), Some("192.0.2.100"));
+    assert_eq!(lab.udp(41001).as_deref(), Some("192.0.2.100"));
+    assert_eq!(lab.udp(41002), None, "two ports, two flows: the third finds none");
+    let failed = lab.nat()[0]["failed_allocations"].as_u64().unwrap();
+    assert!(failed >= 1, "{}", lab.nat());
+    // The first two flows still work.
+    assert_eq!(lab.udp(41000).as_deref(), Some("192.0.2.100"));
+    // Once they idle out, new flows get ports again.
+    lab.wait("the pool to recover", Duration::from_secs(12), |l| l.udp(41003).is_some());
+    let _ = &lab.gw;
+}
