@@ -19,6 +19,29 @@ pub struct FlowKey {
 }
 
 impl FlowKey {
+    /// The key of the other direction of `entry`'s flow: the reverse of this direction's
+    /// packet as it leaves, after the entry's rewrite. (An echo flow's "ports" are both its
+    /// identifier, which a translation rewrites.)
+    #[inline(always)]
+    pub fn twin(&self, entry: &FlowValue) -> Self {
+        let mut k = *self;
+        let echo = self.proto == 1 || self.proto == 58;
+        if entry.nat == NAT_DST {
+            k.dst = entry.nat_addr;
+            k.dport = entry.nat_port;
+            if echo {
+                k.sport = entry.nat_port;
+            }
+        } else if entry.nat == NAT_SRC {
+            k.src = entry.nat_addr;
+            k.sport = entry.nat_port;
+            if echo {
+                k.dport = entry.nat_port;
+            }
+        }
+        k.reversed()
+    }
+
     /// The key of the other direction.
     #[inline(always)]
     pub fn reversed(&self) -> Self {

@@ -68,3 +68,8 @@ pub const NAT_MAP: &str = "NAT_MAP";
 /// `PerCpuArray<u64>` per gateway: new flows that found no free port.
 pub const NAT_FAILURES: &str = "NAT_FAILURES";
 pub const NAT_PREFIXES: u32 = 1_024;
+
+/// `RingBuf` of `FlowEvent`s.
+pub const EVENTS: &str = "EVENTS";
+/// `PerCpuArray<u64>`: `EVENTS_SUPPRESSED`, `EVENTS_LOST`.
+pub const EVENT_STATS: &str = "EVENT_STATS";

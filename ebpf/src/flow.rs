@@ -4,6 +4,7 @@
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::XdpContext};
 use xdpgate_common::{
+    events::{EVENT_BEGIN, EVENT_DENY},
     flow::{
         FlowKey, FlowValue, FragKey, NAT_DST, NAT_NEXT_HOP, NAT_NONE, NAT_SRC, NO_RULE, TCP_CLOSED,
         TCP_FIN,
@@ -16,8 +17,8 @@ use xdpgate_common::{
 };
 
 use crate::{
+    events, forward,
     headers::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP},
-    forward,
     lb::{self, Lb},
     snat,
     maps::{BACKEND_STATS, BACKENDS, CLASSIFY_SCRATCH, FLOW_SCRATCH, FLOWS, FRAGS, SERVICE_STATS},
@@ -60,29 +61,6 @@ impl Action {
     fn of(entry: &FlowValue) -> Self {
         Action { nat: entry.nat, addr: entry.nat_addr, port: entry.nat_port }
     }
-}
-
-/// The key of the other direction of an entry's flow: the reverse of the packet as it
-/// leaves, after the entry's rewrite.
-#[inline(always)]
-fn twin(key: &FlowKey, entry: &FlowValue) -> FlowKey {
-    let mut k = *key;
-    // An echo flow's "ports" are both its identifier, which a translation rewrites.
-    let echo = key.proto == IPPROTO_ICMP || key.proto == IPPROTO_ICMPV6;
-    if entry.nat == NAT_DST {
-        k.dst = entry.nat_addr;
-        k.dport = entry.nat_port;
-        if echo {
-            k.sport = entry.nat_port;
-        }
-    } else if entry.nat == NAT_SRC {
-        k.src = entry.nat_addr;
-        k.sport = entry.nat_port;
-        if echo {
-            k.dport = entry.nat_port;
-        }
-    }
-    k.reversed()
 }
 
 /// The packet as policy judged the flow's first packet: oriented as the first packet, after
@@ -232,6 +210,7 @@ fn create(
             forward.backend = sel.backend;
             let decision = classify(active, as_classified(meta, forward)?, dir);
             if !decision.allowed {
+                events::emit(EVENT_DENY, key, decision.rule, dir as u8, active.config.generation);
                 return Err(DropReason::Policy);
             }
             forward.rule = decision.rule;
@@ -261,7 +240,10 @@ pub fn commit(meta: &PacketMeta, key: &FlowKey, forward: &FlowValue, reply: &mut
     // A full table evicts the least recently used flows; a failed insert only means the
     // next packet is decided again.
     let _ = FLOWS.insert(key, forward, 0);
-    let _ = FLOWS.insert(&twin(key, forward), &*reply, 0);
+    let _ = FLOWS.insert(&key.twin(forward), &*reply, 0);
+    if forward.reply == 0 {
+        events::emit(EVENT_BEGIN, key, forward.rule, forward.direction, forward.generation);
+    }
 }
 
 /// The SNAT stage: claims a public port of gateway `gw` for the new flow whose forward entry
@@ -284,6 +266,7 @@ pub fn commit_snat(meta: &PacketMeta, gw: u32) -> Result<Action, DropReason> {
 fn allow(active: &Active<'_>, meta: &PacketMeta, dir: u32, entry: &mut FlowValue) -> Result<(), DropReason> {
     let decision = classify(active, meta, dir);
     if !decision.allowed {
+        events::emit(EVENT_DENY, &key(meta), decision.rule, dir as u8, active.config.generation);
         return Err(DropReason::Policy);
     }
     entry.rule = decision.rule;
@@ -321,7 +304,8 @@ fn revalidate(
     if active.config.flags & FLAG_REEVALUATE != 0 {
         let decision = classify(active, as_classified(meta, entry)?, u32::from(entry.direction));
         if !decision.allowed {
-            let _ = FLOWS.remove(&twin(key, entry));
+            events::emit(EVENT_DENY, key, decision.rule, entry.direction, generation);
+            let _ = FLOWS.remove(&key.twin(entry));
             let _ = FLOWS.remove(key);
             return Err(DropReason::Policy);
         }
@@ -334,7 +318,7 @@ fn revalidate(
 /// RST closes the flow; FIN closes it once both directions have sent one.
 #[inline(always)]
 fn track_close(key: &FlowKey, entry: &mut FlowValue, flags: u8) {
-    let twin = FLOWS.get_ptr_mut(&twin(key, entry)).map(|p| unsafe { &mut *p });
+    let twin = FLOWS.get_ptr_mut(&key.twin(entry)).map(|p| unsafe { &mut *p });
     if flags & TH_RST != 0 {
         entry.tcp |= TCP_CLOSED;
         if let Some(t) = twin {

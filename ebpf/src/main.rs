@@ -2,6 +2,7 @@
 #![no_std]
 #![no_main]
 
+mod events;
 mod flow;
 mod forward;
 mod headers;

@@ -5,9 +5,10 @@ use crate::{flow::Action, parse::PacketMeta};
 use aya_ebpf::{
     macros::map,
     maps::lpm_trie::Key,
-    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
+    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use xdpgate_common::{
+    events::{Bucket, EVENT_RING_BYTES},
     flow::{FlowKey, FlowValue, FragKey},
     iface::IfaceConfig,
     nat::{AddrKey, MAX_NAT_GATEWAYS, MAX_PUBLIC_ADDRS, NAT_ENTRIES, NatEntry, NatGatewayConfig},
@@ -141,3 +142,15 @@ pub static NAT_MAP: HashMap<FlowKey, NatEntry> = HashMap::pinned(NAT_ENTRIES * 2
 /// New flows per gateway that found no free port.
 #[map(name = "NAT_FAILURES")]
 pub static NAT_FAILURES: PerCpuArray<u64> = PerCpuArray::pinned(MAX_NAT_GATEWAYS, 0);
+
+/// Flow events for the agent's flow log.
+#[map(name = "EVENTS")]
+pub static EVENTS: RingBuf = RingBuf::pinned(EVENT_RING_BYTES, 0);
+
+/// Denied-flow events suppressed by the rate limit, and events lost to a full ring.
+#[map(name = "EVENT_STATS")]
+pub static EVENT_STATS: PerCpuArray<u64> = PerCpuArray::pinned(2, 0);
+
+/// Per-CPU token bucket of the denied-event rate limit.
+#[map(name = "DENY_BUCKET")]
+pub static DENY_BUCKET: PerCpuArray<Bucket> = PerCpuArray::with_max_entries(1, 0);

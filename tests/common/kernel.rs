@@ -69,7 +69,7 @@ impl Kernel {
         ifaces.insert(1, IfaceConfig { slot: 1, role: role as u32 }, 0).unwrap();
     }
 
-    fn entry(&self) -> &Xdp {
+    pub fn entry(&self) -> &Xdp {
         self.ebpf.program(xdpgate::dataplane::PROGRAM).unwrap().try_into().unwrap()
     }
 

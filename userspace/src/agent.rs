@@ -10,15 +10,19 @@ use std::{
 
 use anyhow::{Context, Result, anyhow};
 use log::{info, warn};
+use aya::maps::{MapData, RingBuf};
 use tokio::{
+    io::{Interest, unix::AsyncFd},
     signal::unix::{SignalKind, signal},
     sync::mpsc,
 };
+use xdpgate_common::{events::FlowEvent, maps::EVENTS};
 
 use crate::{
     apply, compile,
     dataplane::PinDir,
     health::{Change, Health, Prober, Target},
+    flowlog, flows,
     lb::{self, CompiledLb, LbMaps},
     nat,
     policy::{self, Policy},
@@ -97,6 +101,7 @@ pub async fn run(
     file: &Path,
     max_concurrent: usize,
     metrics_addr: Option<std::net::SocketAddr>,
+    mut flow_log: Option<flowlog::Sink>,
 ) -> Result<()> {
     // Serves GET /metrics until run returns (the server stops when dropped).
     let _metrics = match metrics_addr {
@@ -105,6 +110,15 @@ pub async fn run(
     };
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
+    // The dataplane's flow events, read as they come when a flow log is wanted.
+    let mut events = match flow_log {
+        Some(_) => {
+            let ring: RingBuf<MapData> = pins.open_map(EVENTS)?.try_into()?;
+            // SAFETY: the ring owns its map fd, open until the AsyncFd drops it.
+            Some(unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }.map_err(|e| anyhow!("{e}"))?)
+        }
+        None => None,
+    };
     loop {
         let (policy, source) = load(file)?;
         let (generation, lbs) = apply_policy(pins, &policy, &source, &|_| true)?;
@@ -114,8 +128,23 @@ pub async fn run(
         let mut down: HashSet<(IpAddr, String)> = HashSet::new();
         let mut maps = LbMaps::open(pins)?;
         let mut expiry = tokio::time::interval(std::time::Duration::from_secs(1));
+        let names = flows::Names::read(pins)?;
         let reload = loop {
             tokio::select! {
+                ready = async { events.as_mut().expect("guarded").readable_mut().await }, if events.is_some() => {
+                    let mut guard = ready?;
+                    let ring = guard.get_inner_mut();
+                    while let Some(item) = ring.next() {
+                        if item.len() >= std::mem::size_of::<FlowEvent>() {
+                            // SAFETY: the dataplane writes whole FlowEvents (plain data).
+                            let e: FlowEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                            if let Some(sink) = flow_log.as_mut() {
+                                sink.write(&flowlog::event_line(&names, &e))?;
+                            }
+                        }
+                    }
+                    guard.clear_ready();
+                }
                 Some(change) = rx.recv() => {
                     on_change(&mut maps, &lbs, &mut down, &change)?;
                 }
@@ -123,6 +152,11 @@ pub async fn run(
                     let e = nat::expire(pins, &policy, nat::monotonic_ns())?;
                     if e.expired + e.released > 0 {
                         info!("NAT: {} translations idled out, {} ports free again", e.expired, e.released);
+                    }
+                    if let Some(sink) = flow_log.as_mut() {
+                        for line in flowlog::sweep(pins, &names)? {
+                            sink.write(&line)?;
+                        }
                     }
                 }
                 _ = hup.recv() => break true,

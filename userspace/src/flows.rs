@@ -157,28 +157,6 @@ fn entries(pins: &PinDir) -> Result<HashMap<FlowKey, FlowValue>> {
     Ok(out)
 }
 
-/// The key of the other direction of an entry's flow (as the dataplane computes it: the
-/// reverse of the packet as it leaves, after the entry's rewrite).
-fn twin(key: &FlowKey, entry: &FlowValue) -> FlowKey {
-    let mut k = *key;
-    // An echo flow's "ports" are both its identifier, which a translation rewrites.
-    let echo = matches!(key.proto, 1 | 58);
-    if entry.nat == NAT_DST {
-        k.dst = entry.nat_addr;
-        k.dport = entry.nat_port;
-        if echo {
-            k.sport = entry.nat_port;
-        }
-    } else if entry.nat == NAT_SRC {
-        k.src = entry.nat_addr;
-        k.sport = entry.nat_port;
-        if echo {
-            k.dport = entry.nat_port;
-        }
-    }
-    k.reversed()
-}
-
 /// A `FlowKey` address (network-order bytes in words).
 pub fn addr(words: &[u32; 4], family: u8) -> IpAddr {
     let mut b = [0u8; 16];
@@ -228,7 +206,7 @@ impl Names {
     }
 
     /// NSG, rule and layer of a global rule index recorded under `generation`.
-    fn rule(&self, index: u32, generation: u64) -> Option<(String, String, Layer)> {
+    pub fn rule(&self, index: u32, generation: u64) -> Option<(String, String, Layer)> {
         // The index names a table of one slot; only the running generation's slot holds the
         // applied policy (the other holds the one before, whose source is gone).
         if index == NO_RULE || generation != self.config.generation {
@@ -248,7 +226,7 @@ impl Names {
         Some((r.nsg.clone(), r.rule.name.clone(), r.layer))
     }
 
-    fn timeout_ns(&self, proto: u8, tcp: u8) -> u64 {
+    pub fn timeout_ns(&self, proto: u8, tcp: u8) -> u64 {
         match proto {
             6 if tcp & TCP_CLOSED != 0 => TCP_CLOSED_TIMEOUT_NS,
             6 => self.config.tcp_timeout_ns,
@@ -274,7 +252,7 @@ fn pair(
     let mut used: HashSet<FlowKey> = HashSet::new();
     let mut out = Vec::new();
     for (key, value) in entries.iter().filter(|(_, v)| v.reply == 0) {
-        let back = twin(key, value);
+        let back = key.twin(value);
         let reply = entries.get(&back).filter(|v| v.reply != 0).copied();
         if reply.is_some() {
             used.insert(back);
@@ -283,7 +261,7 @@ fn pair(
     }
     for (key, value) in entries.iter().filter(|(k, v)| v.reply != 0 && !used.contains(k)) {
         // A reply entry alone: its twin is the key of the first packet's direction.
-        out.push((twin(key, value), None, Some(*value)));
+        out.push((key.twin(value), None, Some(*value)));
     }
     out
 }

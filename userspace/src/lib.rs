@@ -6,6 +6,7 @@ pub mod apply;
 pub mod compile;
 pub mod dataplane;
 pub mod evaluate;
+pub mod flowlog;
 pub mod flows;
 pub mod health;
 pub mod lb;

@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use xdpgate::{
     agent, apply, compile,
     dataplane::{self, Mode, PinDir},
-    evaluate, flows, lb, metrics, nat, netns,
+    evaluate, flowlog, flows, lb, metrics, nat, netns,
     policy::{self, reference::Packet},
     rules, stats, status,
 };
@@ -116,6 +116,13 @@ enum Command {
         /// namespace), or `off`.
         #[arg(long, value_name = "ADDR", default_value = metrics::DEFAULT_ADDR)]
         metrics_addr: metrics::ListenAddr,
+        /// Write flow logs (JSON lines: begin, deny, end with packets and bytes each way)
+        /// to FILE, or to stdout with `-`.
+        #[arg(long, value_name = "FILE")]
+        flow_log: Option<String>,
+        /// Rotate the flow log to FILE.1 when it reaches this many bytes.
+        #[arg(long, default_value_t = 100 << 20)]
+        flow_log_max_bytes: u64,
     },
     /// Show the load balancers: frontends, backends, health and counters.
     Lb {
@@ -286,9 +293,10 @@ fn main() -> Result<()> {
             let (generation, _) = agent::apply_policy(&pins, &policy, &source, &|_| true)?;
             println!("applied {} as generation {generation}", file.display());
         }
-        Command::Run { policy, probe_concurrency, metrics_addr } => {
+        Command::Run { policy, probe_concurrency, metrics_addr, flow_log, flow_log_max_bytes } => {
+            let sink = flow_log.map(|f| flowlog::Sink::open(&f, flow_log_max_bytes)).transpose()?;
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            runtime.block_on(agent::run(&pins, &policy, probe_concurrency, metrics_addr.0))?;
+            runtime.block_on(agent::run(&pins, &policy, probe_concurrency, metrics_addr.0, sink))?;
         }
         Command::Metrics => print!("{}", metrics::render(&pins)?),
         Command::Flows { top, addr, port, rule, json } => {

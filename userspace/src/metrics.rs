@@ -25,7 +25,7 @@ use tokio::{
 use crate::{
     apply,
     dataplane::PinDir,
-    flows, lb,
+    flows, lb, nat,
     lb::ServiceReport,
     policy,
     stats::{self, Stats},
@@ -178,6 +178,7 @@ pub struct Snapshot {
     pub applied_at: Option<f64>,
     /// Entries in the flow table.
     pub flows: u64,
+    pub nat: Vec<nat::GatewayReport>,
 }
 
 impl Snapshot {
@@ -185,13 +186,13 @@ impl Snapshot {
         let stats = stats::read(pins)?;
         let (_, config) = apply::active(pins)?;
         let applied = apply::applied_source(pins);
-        let services = match &applied {
+        let (services, nat) = match &applied {
             Some((path, source)) => {
                 let policy = policy::load_str(source, &path.display().to_string())
                     .map_err(|e| anyhow!("the applied policy {}: {e}", path.display()))?;
-                lb::report(pins, &lb::compile(&policy)?)?
+                (lb::report(pins, &lb::compile(&policy)?)?, nat::report(pins, &policy)?)
             }
-            None => Vec::new(),
+            None => (Vec::new(), Vec::new()),
         };
         let applied_at = applied
             .and_then(|(path, _)| std::fs::metadata(path).ok()?.modified().ok())
@@ -203,6 +204,7 @@ impl Snapshot {
             generation: config.generation,
             applied_at,
             flows: flows::count(pins)?,
+            nat,
         })
     }
 
@@ -320,9 +322,34 @@ impl Snapshot {
             applied.add(Vec::new(), Value::Float(t));
         }
 
+        let mut events = Family::new(
+            "xdpgate_flow_events_dropped_total",
+            Counter,
+            "Flow-log events the dataplane held back: over the denied-flow rate limit, or lost \
+             to a full ring buffer.",
+        );
+        events.add(vec![("reason", "rate_limited".into())], Int(self.stats.flow_events_rate_limited));
+        events.add(vec![("reason", "ring_full".into())], Int(self.stats.flow_events_lost));
+        let mut nat_ports = Family::new(
+            "xdpgate_nat_ports_in_use",
+            Gauge,
+            "Ports of a NAT gateway's public address held by translations (or cooling down).",
+        );
+        let mut nat_failures = Family::new(
+            "xdpgate_nat_allocation_failures_total",
+            Counter,
+            "New flows through a NAT gateway that found no free public port.",
+        );
+        for g in &self.nat {
+            for (addr, n) in &g.addresses {
+                nat_ports.add(vec![("gateway", g.name.clone()), ("address", addr.to_string())], Int(*n as u64));
+            }
+            nat_failures.add(vec![("gateway", g.name.clone())], Int(g.failed_allocations));
+        }
+
         vec![
             if_packets, if_bytes, drops, rules, fe_packets, fe_bytes, be_packets, be_bytes,
-            be_healthy, flows, generation, applied,
+            be_healthy, flows, generation, applied, events, nat_ports, nat_failures,
         ]
     }
 
@@ -506,6 +533,8 @@ mod tests {
                         flows: 7,
                     }],
                 }),
+                flow_events_rate_limited: 5,
+                flow_events_lost: 0,
             },
             services: vec![ServiceReport {
                 load_balancer: "lb".into(),
@@ -531,6 +560,7 @@ mod tests {
             generation: 4,
             applied_at: Some(1_700_000_000.25),
             flows: 6,
+            nat: Vec::new(),
         }
     }
 
@@ -590,6 +620,9 @@ mod tests {
                 "xdpgate_flows",
                 "xdpgate_policy_generation",
                 "xdpgate_policy_applied_timestamp_seconds",
+                "xdpgate_flow_events_dropped_total",
+                "xdpgate_nat_ports_in_use",
+                "xdpgate_nat_allocation_failures_total",
             ]
         );
     }
@@ -628,9 +661,10 @@ mod tests {
         let text = s.render();
         assert!(text.contains("# TYPE xdpgate_backend_healthy gauge\n# HELP xdpgate_flows"));
         assert!(
-            text.ends_with("# TYPE xdpgate_policy_applied_timestamp_seconds gauge\n"),
+            text.contains("# TYPE xdpgate_policy_applied_timestamp_seconds gauge\n# HELP"),
             "{text}"
         );
+        assert!(text.ends_with("# TYPE xdpgate_nat_allocation_failures_total counter\n"), "{text}");
     }
 
     #[test]

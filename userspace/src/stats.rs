@@ -67,6 +67,10 @@ pub struct Stats {
     pub drops: Vec<(&'static str, u64)>,
     /// Rule hits of the running policy, when one was applied.
     pub policy: Option<PolicyStats>,
+    /// Flow events held back: denied-flow events over the rate limit, and events lost to a
+    /// full ring buffer (no agent reading it, or one too slow).
+    pub flow_events_rate_limited: u64,
+    pub flow_events_lost: u64,
 }
 
 impl Stats {
@@ -100,6 +104,10 @@ impl Stats {
         for (reason, n) in &self.drops {
             out += &format!("{reason:<18} {n:>12}\n");
         }
+        out += &format!(
+            "\nflow events held back: {} over the denied-flow rate limit, {} lost to a full ring\n",
+            self.flow_events_rate_limited, self.flow_events_lost
+        );
         if let Some(p) = &self.policy {
             out += &format!(
                 "\nRULE HITS (policy generation {})\n{:<16} {:<9} {:<7} {:>6} {:<30} {:>10}\n",
@@ -162,7 +170,8 @@ pub fn read(pins: &PinDir) -> Result<Stats> {
     let drops = (0..DROP_REASONS)
         .map(|r| Ok((DROP_REASON_NAMES[r as usize], drops.get(&r, 0)?.iter().sum())))
         .collect::<Result<_>>()?;
-    Ok(Stats { interfaces, drops, policy: policy_stats(pins)? })
+    let (flow_events_rate_limited, flow_events_lost) = crate::flowlog::event_losses(pins)?;
+    Ok(Stats { interfaces, drops, policy: policy_stats(pins)?, flow_events_rate_limited, flow_events_lost })
 }
 
 /// Hits of every rule of the running policy, named from the applied policy's source.

@@ -1,0 +1,165 @@
+//! Flow logs end to end: the agent (`xdpgate run --flow-log FILE`) writes one JSON line per
+//! flow begin, deny and end for known traffic through a gateway, with the deciding rule and,
+//! at the end, the packets and bytes each way.
+
+mod common;
+
+use std::{
+    net::{TcpStream, UdpSocket},
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use common::{Netns, Pins, run, unique};
+use serde_json::Value;
+
+const POLICY: &str = r#"
+virtual_network:
+  address_space: [198.51.100.0/24]
+settings: {udp_idle_timeout: 4}
+nsgs:
+  - name: servers
+    subnets: [198.51.100.0/24]
+    rules:
+      - {name: allow-dns, priority: 100, direction: inbound, access: allow, protocol: udp,
+         source: Internet, destination: "*", destination_ports: 5353}
+      - {name: deny-ssh, priority: 200, direction: inbound, access: deny, protocol: tcp,
+         source: Internet, destination: "*", destination_ports: 22}
+"#;
+
+#[test]
+fn flow_log_lines_for_known_traffic() {
+    let client = Netns::new("fc");
+    let gw = Netns::new("fg");
+    let server = Netns::new("fs");
+    run("ip", &["link", "add", "eth0", "netns", &client.name, "type", "veth", "peer", "name", "ext0", "netns", &gw.name]);
+    run("ip", &["link", "add", "int0", "netns", &gw.name, "type", "veth", "peer", "name", "eth0", "netns", &server.name]);
+    client.exec("ip", &["addr", "add", "203.0.113.10/24", "dev", "eth0"]);
+    gw.exec("ip", &["addr", "add", "203.0.113.1/24", "dev", "ext0"]);
+    gw.exec("ip", &["addr", "add", "198.51.100.1/24", "dev", "int0"]);
+    server.exec("ip", &["addr", "add", "198.51.100.10/24", "dev", "eth0"]);
+    for (ns, dev) in [(&client, "eth0"), (&gw, "ext0"), (&gw, "int0"), (&server, "eth0")] {
+        ns.exec("ip", &["link", "set", dev, "up"]);
+    }
+    client.exec("ip", &["route", "add", "default", "via", "203.0.113.1"]);
+    server.exec("ip", &["route", "add", "default", "via", "198.51.100.1"]);
+    gw.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
+    let pins = Pins::in_netns(&gw);
+    pins.xdpgate(&["attach", "--iface", "ext0", "--role", "external"]);
+    pins.xdpgate(&["attach", "--iface", "int0", "--role", "internal"]);
+
+    let dir = std::env::temp_dir().join(unique("flowlog"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (policy, log) = (dir.join("policy.yaml"), dir.join("flows.jsonl"));
+    std::fs::write(&policy, POLICY).unwrap();
+    let mut agent = Command::new(common::xdpgate_bin())
+        .args(["--netns", &gw.name, "--pin-dir"])
+        .arg(pins.dir.path())
+        .args(["run", "--metrics-addr", "off", "--policy"])
+        .arg(&policy)
+        .arg("--flow-log")
+        .arg(&log)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn xdpgate run");
+    let lines = || -> Vec<Value> {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+            .collect()
+    };
+    let start = Instant::now();
+    while !pins.try_xdpgate(&["status"]).status.success() || start.elapsed() < Duration::from_millis(500) {
+        thread::sleep(Duration::from_millis(50));
+    }
+
+    // Known traffic: three UDP flows of two exchanges each, two SSH attempts.
+    let echo = server.run(|| UdpSocket::bind("198.51.100.10:5353").unwrap());
+    thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        while let Ok((n, from)) = echo.recv_from(&mut buf) {
+            let _ = echo.send_to(&buf[..n], from);
+        }
+    });
+    for sport in [41000u16, 41001, 41002] {
+        client.run(move || {
+            let s = UdpSocket::bind(("203.0.113.10", sport)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            for _ in 0..2 {
+                s.send_to(&[7u8; 100], "198.51.100.10:5353").unwrap();
+                let mut buf = [0u8; 512];
+                s.recv_from(&mut buf).expect("reply through the gateway");
+            }
+        });
+    }
+    for sport in [42000u16, 42001] {
+        client.run(move || {
+            let s = socket2_connect(sport);
+            assert!(s.is_none(), "SSH is denied");
+        });
+    }
+
+    // The UDP flows idle out after 4 s; the agent logs their end within a second or two.
+    let ends = |ls: &[Value]| ls.iter().filter(|l| l["state"] == "end" && l["dport"] == 5353).count();
+    let start = Instant::now();
+    while ends(&lines()) < 3 {
+        assert!(start.elapsed() < Duration::from_secs(12), "end lines missing:\n{:#?}", lines());
+        thread::sleep(Duration::from_millis(200));
+    }
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let all = lines();
+
+    let begins: Vec<&Value> = all.iter().filter(|l| l["state"] == "begin" && l["dport"] == 5353).collect();
+    assert_eq!(begins.len(), 3, "{all:#?}");
+    for b in &begins {
+        assert_eq!(
+            (b["src"].as_str(), b["dst"].as_str(), b["protocol"].as_str(), b["direction"].as_str()),
+            (Some("203.0.113.10"), Some("198.51.100.10"), Some("udp"), Some("inbound"))
+        );
+        assert_eq!((b["nsg"].as_str(), b["rule"].as_str(), b["decision"].as_str()), (Some("servers"), Some("allow-dns"), Some("allow")));
+    }
+    for e in all.iter().filter(|l| l["state"] == "end" && l["dport"] == 5353) {
+        assert_eq!((e["packets_forward"].as_u64(), e["packets_reverse"].as_u64()), (Some(2), Some(2)), "{e}");
+        // 100-byte payloads in 142-byte frames (Ethernet + IPv4 + UDP).
+        assert_eq!((e["bytes_forward"].as_u64(), e["bytes_reverse"].as_u64()), (Some(284), Some(284)), "{e}");
+        assert_eq!(e["rule"].as_str(), Some("allow-dns"));
+    }
+    let denies: Vec<&Value> = all.iter().filter(|l| l["state"] == "deny").collect();
+    assert!(denies.len() >= 2, "{all:#?}");
+    for d in &denies {
+        assert_eq!((d["dport"].as_u64(), d["rule"].as_str(), d["decision"].as_str()), (Some(22), Some("deny-ssh"), Some("deny")));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A TCP connection attempt from a fixed source port, with a short timeout.
+fn socket2_connect(sport: u16) -> Option<TcpStream> {
+    // std cannot bind a TCP client to a port; use a raw socket call.
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain socket calls on a fresh fd, which the TcpStream then owns.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        let mut addr: libc::sockaddr_in = std::mem::zeroed();
+        addr.sin_family = libc::AF_INET as u16;
+        addr.sin_port = sport.to_be();
+        addr.sin_addr.s_addr = u32::from_ne_bytes([203, 0, 113, 10]);
+        libc::bind(fd, (&addr as *const libc::sockaddr_in).cast(), std::mem::size_of::<libc::sockaddr_in>() as u32);
+        let stream = TcpStream::from_raw_fd(fd);
+        let mut to: libc::sockaddr_in = std::mem::zeroed();
+        to.sin_family = libc::AF_INET as u16;
+        to.sin_port = 22u16.to_be();
+        to.sin_addr.s_addr = u32::from_ne_bytes([198, 51, 100, 10]);
+        libc::fcntl(fd, libc::F_SETFL, libc::O_NONBLOCK);
+        libc::connect(fd, (&to as *const libc::sockaddr_in).cast(), std::mem::size_of::<libc::sockaddr_in>() as u32);
+        let mut pfd = libc::pollfd { fd, events: libc::POLLOUT, revents: 0 };
+        let ready = libc::poll(&mut pfd, 1, 1500);
+        let mut err: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as u32;
+        libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_ERROR, (&mut err as *mut libc::c_int).cast(), &mut len);
+        (ready > 0 && err == 0).then_some(stream)
+    }
+}

@@ -1,0 +1,90 @@
+//! Flow events in the kernel, through BPF_PROG_TEST_RUN: an allowed flow sends one `begin`
+//! event with its tuple and rule, a denied flow a `deny` event, and a flood of denied
+//! packets is held to the per-CPU rate limit, with what was held back counted.
+
+mod common;
+
+use aya::{
+    maps::RingBuf,
+    programs::{TestRun, TestRunOptions, Xdp},
+};
+use common::{
+    kernel::{DROP, Kernel, PASS},
+    packet::{L4, SYN, frame},
+};
+use xdpgate::flowlog;
+use xdpgate_common::{
+    events::{DENY_EVENTS_PER_SEC, EVENT_BEGIN, EVENT_DENY, FlowEvent},
+    iface::Role,
+    maps::EVENTS,
+};
+
+const POLICY: &str = r#"
+virtual_network:
+  address_space: [198.51.100.0/24]
+nsgs:
+  - name: web
+    subnets: [198.51.100.0/24]
+    rules:
+      - {name: allow-web, priority: 100, direction: inbound, access: allow, protocol: tcp,
+         source: Internet, destination: "*", destination_ports: 80}
+"#;
+
+fn drain(k: &Kernel) -> Vec<FlowEvent> {
+    let mut ring: RingBuf<_> = k.pins.dir.open_map(EVENTS).unwrap().try_into().unwrap();
+    let mut out = Vec::new();
+    while let Some(item) = ring.next() {
+        // SAFETY: the dataplane writes whole FlowEvents.
+        out.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<FlowEvent>()) });
+    }
+    out
+}
+
+#[test]
+fn allowed_and_denied_flows_send_events() {
+    let k = Kernel::new();
+    k.apply(POLICY);
+    k.arrive_as(Role::External);
+    drain(&k);
+    assert_eq!(k.run(&frame("203.0.113.7", "198.51.100.10", L4::Tcp(40000, 80, SYN))), PASS);
+    assert_eq!(k.run(&frame("203.0.113.7", "198.51.100.10", L4::Tcp(40001, 22, SYN))), DROP);
+    let events = drain(&k);
+    assert_eq!(events.len(), 2, "{events:?}");
+    let (begin, deny) = (&events[0], &events[1]);
+    assert_eq!((begin.kind, begin.key.sport, begin.key.dport, begin.key.proto), (EVENT_BEGIN, 40000, 80, 6));
+    assert_eq!((deny.kind, deny.key.dport), (EVENT_DENY, 22));
+    assert_eq!(begin.generation, 1);
+    // The rule numbers name the deciding rules of the running policy.
+    let names = xdpgate::flows::Names::read(&k.pins.dir).unwrap();
+    let line = flowlog::event_line(&names, begin);
+    assert_eq!((line["nsg"].as_str(), line["rule"].as_str(), line["state"].as_str()), (Some("web"), Some("allow-web"), Some("begin")));
+    let line = flowlog::event_line(&names, deny);
+    assert_eq!((line["rule"].as_str(), line["decision"].as_str()), (Some("DenyAllInBound"), Some("deny")));
+}
+
+#[test]
+fn a_flood_of_denied_packets_is_rate_limited_and_counted() {
+    let k = Kernel::new();
+    k.apply(POLICY);
+    k.arrive_as(Role::External);
+    drain(&k);
+    const FLOOD: u32 = 20_000;
+    let denied = frame("203.0.113.7", "198.51.100.10", L4::Tcp(40000, 22, SYN));
+    let (suppressed_before, lost_before) = flowlog::event_losses(&k.pins.dir).unwrap();
+    let start = std::time::Instant::now();
+    let prog: &Xdp = k.entry();
+    let res = prog
+        .test_run(TestRunOptions { data_in: Some(&denied), repeat: FLOOD, ..Default::default() })
+        .expect("test_run");
+    let elapsed = start.elapsed();
+    assert_eq!(res.return_value, DROP);
+    let sent = drain(&k).len() as u64;
+    let (suppressed, lost) = flowlog::event_losses(&k.pins.dir).unwrap();
+    let (suppressed, lost) = (suppressed - suppressed_before, lost - lost_before);
+    println!("{FLOOD} denied packets in {elapsed:?}: {sent} events, {suppressed} suppressed, {lost} lost");
+    assert_eq!(sent + suppressed + lost, u64::from(FLOOD), "every denied packet is an event or counted");
+    // A full bucket, plus what refills while the flood runs (one per millisecond).
+    let allowance = DENY_EVENTS_PER_SEC + elapsed.as_millis() as u64 * DENY_EVENTS_PER_SEC / 1000 + 1;
+    assert!(sent <= allowance, "{sent} events exceed the rate limit ({allowance})");
+    assert!(sent >= DENY_EVENTS_PER_SEC / 2, "the bucket starts full: {sent} events");
+}
