@@ -61,6 +61,13 @@ pub fn xdp_noop(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
+/// Sends every frame back out of the interface it came in on: run with
+/// BPF_PROG_TEST_RUN in live-frames mode, it makes a traffic generator (`xdpgate pktgen`).
+#[xdp]
+pub fn xdp_tx(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_TX
+}
+
 #[inline(always)]
 fn parse_stage(ctx: &XdpContext) -> Result<u32, DropReason> {
     let Parsed::Ip(meta) = parse(ctx)? else { return Ok(xdp_action::XDP_PASS) };

@@ -33,6 +33,8 @@ pub const POLICY_PROGRAM: &str = "xdpgate_policy";
 pub const ACT_PROGRAM: &str = "xdpgate_act";
 /// The SNAT stage (port claims), entered from the policy stage by tail call.
 pub const SNAT_PROGRAM: &str = "xdpgate_snat";
+/// Name of the transmit-everything program (the live-frames traffic generator).
+pub const TX_PROGRAM: &str = "xdp_tx";
 /// Name of the pass-everything baseline program.
 pub const NOOP_PROGRAM: &str = "xdp_noop";
 
