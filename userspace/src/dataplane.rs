@@ -16,6 +16,7 @@ use aya::{
     programs::{
         Xdp, XdpMode,
         links::{FdLink, PinnedLink},
+        xdp::XdpLink,
     },
 };
 use xdpgate_common::{
@@ -77,7 +78,15 @@ impl PinDir {
     pub fn ensure(&self) -> Result<()> {
         ensure_bpffs(&self.0)?;
         fs::create_dir_all(self.links())
-            .with_context(|| format!("creating pin directory {}", self.0.display()))
+            .with_context(|| format!("creating pin directory {}", self.0.display()))?;
+        // Maps and links are the dataplane's state: only root (or the agent's user) may
+        // open them.
+        use std::os::unix::fs::PermissionsExt as _;
+        for dir in [self.0.clone(), self.links()] {
+            fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
+                .with_context(|| format!("restricting {}", dir.display()))?;
+        }
+        Ok(())
     }
 
     /// Opens a pinned map by name.
@@ -179,6 +188,29 @@ pub fn attach(pins: &PinDir, ifname: &str, role: Role, mode: Mode) -> Result<()>
     })?;
     link.pin(&link_pin).with_context(|| format!("pinning link at {}", link_pin.display()))?;
     Ok(())
+}
+
+/// Replaces the programs on every attached interface with this build's, in place: each
+/// pinned link is pointed at the new program (`bpf_link_update`), so there is no moment
+/// without a program, and the pinned maps (flows, NAT translations, policy, counters) carry
+/// over untouched. Returns the interfaces upgraded.
+pub fn upgrade(pins: &PinDir) -> Result<Vec<String>> {
+    let names = pins.attached()?;
+    if names.is_empty() {
+        bail!("xdpgate is not attached to any interface under {}", pins.path().display());
+    }
+    let mut ebpf = load(pins)?;
+    let prog = dataplane(&mut ebpf)?;
+    for name in &names {
+        let pinned = PinnedLink::from_pin(pins.link(name))
+            .with_context(|| format!("opening the pinned link of {name}"))?;
+        let link = XdpLink::try_from(FdLink::from(pinned))
+            .map_err(|e| anyhow!("{name}: pinned link is not an XDP link: {e}"))?;
+        let id = prog.attach_to_link(link).with_context(|| format!("replacing the program on {name}"))?;
+        // The link stays pinned; this process's handle on it may go.
+        let _ = prog.take_link(id)?;
+    }
+    Ok(names)
 }
 
 /// Detaches the dataplane from `ifname` and forgets the interface.

@@ -58,6 +58,9 @@ enum Command {
         #[arg(long, value_enum, default_value = "native")]
         mode: Mode,
     },
+    /// Replace the running programs on every attached interface with this build's, keeping
+    /// flows, NAT translations, policy and counters (the pinned maps).
+    Upgrade,
     /// Detach the dataplane from an interface, or from every interface with --all.
     Detach {
         #[arg(long, required_unless_present = "all")]
@@ -218,6 +221,11 @@ fn main() -> Result<()> {
             };
             dataplane::attach(&pins, &iface, role, mode)?;
             println!("attached to {iface} ({role:?}, {mode:?} mode)");
+        }
+        Command::Upgrade => {
+            for name in dataplane::upgrade(&pins)? {
+                println!("upgraded {name}");
+            }
         }
         Command::Detach { iface, all } => {
             let names = if all { pins.attached()? } else { iface.into_iter().collect() };

@@ -1,0 +1,102 @@
+//! Upgrading the dataplane in place: `xdpgate upgrade` swaps the programs on the attached
+//! interfaces for a newly loaded build while a TCP connection runs through the gateway. The
+//! program ids change, and the connection carries on: its flow entries (which the next
+//! segment needs, as only a SYN may start a flow) and the counters are the pinned maps,
+//! untouched.
+
+mod common;
+
+use std::{
+    io::{Read, Write},
+    net::{TcpListener, TcpStream},
+    thread,
+    time::Duration,
+};
+
+use common::{Netns, Pins, run};
+
+const POLICY: &str = r#"
+virtual_network:
+  address_space: [198.51.100.0/24]
+nsgs:
+  - name: web
+    subnets: [198.51.100.0/24]
+    rules:
+      - {name: allow-echo, priority: 100, direction: inbound, access: allow, protocol: tcp,
+         source: Internet, destination: "*", destination_ports: 7}
+"#;
+
+fn prog_ids(gw: &Netns) -> Vec<String> {
+    ["ext0", "int0"]
+        .iter()
+        .map(|i| {
+            let out = String::from_utf8_lossy(&gw.exec("ip", &["-d", "link", "show", i]).stdout).into_owned();
+            out.split("prog/xdp id ").nth(1).expect("attached").split(' ').next().unwrap().to_owned()
+        })
+        .collect()
+}
+
+#[test]
+fn upgrade_in_place_keeps_running_connections() {
+    let client = Netns::new("uc");
+    let gw = Netns::new("ug");
+    let server = Netns::new("us");
+    run("ip", &["link", "add", "eth0", "netns", &client.name, "type", "veth", "peer", "name", "ext0", "netns", &gw.name]);
+    run("ip", &["link", "add", "int0", "netns", &gw.name, "type", "veth", "peer", "name", "eth0", "netns", &server.name]);
+    client.exec("ip", &["addr", "add", "203.0.113.10/24", "dev", "eth0"]);
+    gw.exec("ip", &["addr", "add", "203.0.113.1/24", "dev", "ext0"]);
+    gw.exec("ip", &["addr", "add", "198.51.100.1/24", "dev", "int0"]);
+    server.exec("ip", &["addr", "add", "198.51.100.10/24", "dev", "eth0"]);
+    for (ns, dev) in [(&client, "eth0"), (&gw, "ext0"), (&gw, "int0"), (&server, "eth0")] {
+        ns.exec("ip", &["link", "set", dev, "up"]);
+    }
+    client.exec("ip", &["route", "add", "default", "via", "203.0.113.1"]);
+    server.exec("ip", &["route", "add", "default", "via", "198.51.100.1"]);
+    gw.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
+    let pins = Pins::in_netns(&gw);
+    pins.xdpgate(&["attach", "--iface", "ext0", "--role", "external"]);
+    pins.xdpgate(&["attach", "--iface", "int0", "--role", "internal"]);
+    let file = std::env::temp_dir().join(format!("{}.yaml", common::unique("upg")));
+    std::fs::write(&file, POLICY).unwrap();
+    pins.xdpgate(&["apply", file.to_str().unwrap()]);
+
+    let listener = server.run(|| TcpListener::bind("198.51.100.10:7").unwrap());
+    thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 1024];
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 || s.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+    });
+    let mut conn = client.run(|| {
+        let s = TcpStream::connect("198.51.100.10:7").expect("connect through the gateway");
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        s
+    });
+    let echo = |conn: &mut TcpStream, msg: &[u8]| -> bool {
+        let mut buf = vec![0u8; msg.len()];
+        conn.write_all(msg).is_ok() && conn.read_exact(&mut buf).is_ok() && buf == msg
+    };
+    assert!(echo(&mut conn, b"before the upgrade"));
+    let before = prog_ids(&gw);
+    let stats_before: serde_json::Value = serde_json::from_str(&pins.xdpgate(&["stats", "--json"])).unwrap();
+
+    let out = pins.xdpgate(&["upgrade"]);
+    assert!(out.contains("upgraded ext0") && out.contains("upgraded int0"), "{out}");
+    let after = prog_ids(&gw);
+    assert!(before.iter().zip(&after).all(|(b, a)| b != a), "programs replaced: {before:?} -> {after:?}");
+
+    for i in 0..20 {
+        assert!(echo(&mut conn, format!("after the upgrade {i}").as_bytes()), "the connection carries on");
+    }
+    // Counters carried over (the pinned maps), and the flow was not classified again.
+    let stats: serde_json::Value = serde_json::from_str(&pins.xdpgate(&["stats", "--json"])).unwrap();
+    let flows = |s: &serde_json::Value| {
+        s["policy"]["rules"].as_array().unwrap().iter().find(|r| r["rule"] == "allow-echo").unwrap()["flows"].as_u64().unwrap()
+    };
+    assert_eq!(flows(&stats), flows(&stats_before), "still one flow: {stats}");
+    assert_eq!(flows(&stats), 1);
+    let _ = std::fs::remove_file(&file);
+}
