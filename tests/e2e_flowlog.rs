@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Netns, Pins, run, unique};
+use common::gateway::{CLIENT4, Gateway, SERVER4};
 use serde_json::Value;
 
 const POLICY: &str = r#"
@@ -30,31 +30,11 @@ nsgs:
 
 #[test]
 fn flow_log_lines_for_known_traffic() {
-    let client = Netns::new("fc");
-    let gw = Netns::new("fg");
-    let server = Netns::new("fs");
-    run("ip", &["link", "add", "eth0", "netns", &client.name, "type", "veth", "peer", "name", "ext0", "netns", &gw.name]);
-    run("ip", &["link", "add", "int0", "netns", &gw.name, "type", "veth", "peer", "name", "eth0", "netns", &server.name]);
-    client.exec("ip", &["addr", "add", "203.0.113.10/24", "dev", "eth0"]);
-    gw.exec("ip", &["addr", "add", "203.0.113.1/24", "dev", "ext0"]);
-    gw.exec("ip", &["addr", "add", "198.51.100.1/24", "dev", "int0"]);
-    server.exec("ip", &["addr", "add", "198.51.100.10/24", "dev", "eth0"]);
-    for (ns, dev) in [(&client, "eth0"), (&gw, "ext0"), (&gw, "int0"), (&server, "eth0")] {
-        ns.exec("ip", &["link", "set", dev, "up"]);
-    }
-    client.exec("ip", &["route", "add", "default", "via", "203.0.113.1"]);
-    server.exec("ip", &["route", "add", "default", "via", "198.51.100.1"]);
-    gw.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
-    let pins = Pins::in_netns(&gw);
-    pins.xdpgate(&["attach", "--iface", "ext0", "--role", "external"]);
-    pins.xdpgate(&["attach", "--iface", "int0", "--role", "internal"]);
-
-    let dir = std::env::temp_dir().join(unique("flowlog"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (policy, log) = (dir.join("policy.yaml"), dir.join("flows.jsonl"));
-    std::fs::write(&policy, POLICY).unwrap();
+    let lab = Gateway::new();
+    let (client, server, pins) = (&lab.client, &lab.server, &lab.pins);
+    let (policy, log) = (lab.write_policy("policy.yaml", POLICY), lab.dir.join("flows.jsonl"));
     let mut agent = Command::new(common::xdpgate_bin())
-        .args(["--netns", &gw.name, "--pin-dir"])
+        .args(["--netns", &lab.gw.name, "--pin-dir"])
         .arg(pins.dir.path())
         .args(["run", "--metrics-addr", "off", "--policy"])
         .arg(&policy)
@@ -118,7 +98,7 @@ fn flow_log_lines_for_known_traffic() {
     for b in &begins {
         assert_eq!(
             (b["src"].as_str(), b["dst"].as_str(), b["protocol"].as_str(), b["direction"].as_str()),
-            (Some("203.0.113.10"), Some("198.51.100.10"), Some("udp"), Some("inbound"))
+            (Some(CLIENT4), Some(SERVER4), Some("udp"), Some("inbound"))
         );
         assert_eq!((b["nsg"].as_str(), b["rule"].as_str(), b["decision"].as_str()), (Some("servers"), Some("allow-dns"), Some("allow")));
     }
@@ -133,7 +113,6 @@ fn flow_log_lines_for_known_traffic() {
     for d in &denies {
         assert_eq!((d["dport"].as_u64(), d["rule"].as_str(), d["decision"].as_str()), (Some(22), Some("deny-ssh"), Some("deny")));
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A TCP connection attempt from a fixed source port, with a short timeout.

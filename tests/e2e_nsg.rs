@@ -13,7 +13,7 @@ mod common;
 use std::{
     io::{self, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
-    path::{Path, PathBuf},
+    path::Path,
     process::Output,
     sync::{
         Arc,
@@ -23,12 +23,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Netns, Pins, veth};
+use common::{
+    Netns,
+    gateway::{CLIENT4, CLIENT6, Gateway, SERVER4, SERVER6},
+};
 
-const CLIENT4: &str = "203.0.113.10";
-const CLIENT6: &str = "2001:db8:2::10";
-const SERVER4: &str = "198.51.100.10";
-const SERVER6: &str = "2001:db8:1::10";
 
 /// How long to wait for something the policy should drop.
 const DROP_WAIT: Duration = Duration::from_millis(1500);
@@ -134,77 +133,30 @@ impl Drop for EchoServer {
 /// client — gateway — server, xdpgate on both gateway interfaces, an echo service on the
 /// server, and a directory for policy files.
 struct Lab {
-    // Field order is drop order: stop the service, detach (needs the gateway namespace),
-    // then delete the namespaces.
+    // Field order is drop order: stop the service before the topology goes.
     _echo: EchoServer,
-    pins: Pins,
-    client: Netns,
-    /// Only held: `pins` reaches it by name (`--netns`).
-    _gw: Netns,
-    server: Netns,
-    /// Gateway interfaces: facing the client (external) and the server (internal).
-    gw_ext: String,
-    gw_int: String,
-    dir: PathBuf,
+    net: Gateway,
+}
+
+impl std::ops::Deref for Lab {
+    type Target = Gateway;
+
+    fn deref(&self) -> &Gateway {
+        &self.net
+    }
 }
 
 impl Lab {
     fn new() -> Self {
-        let client = Netns::new("xgnc");
-        let gw = Netns::new("xgng");
-        let server = Netns::new("xgns");
-        let (_, gw_ext) = veth(
-            &client,
-            &format!("{CLIENT4}/24,{CLIENT6}/64"),
-            &gw,
-            "203.0.113.1/24,2001:db8:2::1/64",
-        );
-        let (gw_int, _) = veth(
-            &gw,
-            "198.51.100.1/24,2001:db8:1::1/64",
-            &server,
-            &format!("{SERVER4}/24,{SERVER6}/64"),
-        );
-        gw.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
-        gw.exec("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"]);
-        for (ns, v4, v6) in
-            [(&client, "203.0.113.1", "2001:db8:2::1"), (&server, "198.51.100.1", "2001:db8:1::1")]
-        {
-            ns.exec("ip", &["route", "add", "default", "via", v4]);
-            ns.exec("ip", &["-6", "route", "add", "default", "via", v6]);
-        }
-
-        let pins = Pins::in_netns(&gw);
-        for (iface, role) in [(&gw_ext, "external"), (&gw_int, "internal")] {
-            let out = pins.xdpgate(&["attach", "--iface", iface, "--role", role]);
-            assert!(out.contains("attached"), "{out}");
-            let link =
-                String::from_utf8_lossy(&gw.exec("ip", &["-d", "link", "show", iface]).stdout)
-                    .into_owned();
-            assert!(
-                link.contains("prog/xdp") && !link.contains("xdpgeneric"),
-                "not native XDP on {iface}: {link}"
-            );
-        }
-
+        let net = Gateway::new();
         let addrs =
             ECHO_PORTS.iter().flat_map(|p| [sock(SERVER4, *p), sock(SERVER6, *p)]).collect();
-        let echo = EchoServer::start(&server, addrs);
-        let dir = std::env::temp_dir().join(common::unique("pol"));
-        std::fs::create_dir_all(&dir).expect("policy dir");
-        Self { _echo: echo, pins, client, _gw: gw, server, gw_ext, gw_int, dir }
-    }
-
-    fn write_policy(&self, name: &str, text: &str) -> PathBuf {
-        let path = self.dir.join(name);
-        std::fs::write(&path, text).expect("write policy");
-        path
+        Self { _echo: EchoServer::start(&net.server, addrs), net }
     }
 
     /// `xdpgate apply` of `text`, which must succeed; returns its stdout.
     fn apply(&self, name: &str, text: &str) -> String {
-        let path = self.write_policy(name, text);
-        let out = self.pins.xdpgate(&["apply", path.to_str().unwrap()]);
+        let out = self.net.apply(name, text);
         assert!(out.contains("applied"), "apply printed: {out}");
         out
     }
@@ -305,12 +257,6 @@ impl Lab {
             ns.run(move || UdpSocket::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}")));
         s.set_read_timeout(Some(PASS_WAIT)).unwrap();
         s
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -424,7 +370,7 @@ fn allow_deny_and_stateful_replies() {
     let dropped = lab.policy_drops() - drops_before;
     assert!(dropped >= 7, "policy drop counter grew by only {dropped}");
     let stats = lab.stats();
-    for iface in [&lab.gw_ext, &lab.gw_int] {
+    for iface in [&lab.ext, &lab.int] {
         let s = stats["interfaces"]
             .as_array()
             .unwrap()

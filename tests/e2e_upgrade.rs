@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use common::{Netns, Pins, run};
+use common::gateway::Gateway;
 
 const POLICY: &str = r#"
 virtual_network:
@@ -26,11 +26,11 @@ nsgs:
          source: Internet, destination: "*", destination_ports: 7}
 "#;
 
-fn prog_ids(gw: &Netns) -> Vec<String> {
-    ["ext0", "int0"]
+fn prog_ids(lab: &Gateway) -> Vec<String> {
+    [&lab.ext, &lab.int]
         .iter()
         .map(|i| {
-            let out = String::from_utf8_lossy(&gw.exec("ip", &["-d", "link", "show", i]).stdout).into_owned();
+            let out = String::from_utf8_lossy(&lab.gw.exec("ip", &["-d", "link", "show", i]).stdout).into_owned();
             out.split("prog/xdp id ").nth(1).expect("attached").split(' ').next().unwrap().to_owned()
         })
         .collect()
@@ -38,27 +38,9 @@ fn prog_ids(gw: &Netns) -> Vec<String> {
 
 #[test]
 fn upgrade_in_place_keeps_running_connections() {
-    let client = Netns::new("uc");
-    let gw = Netns::new("ug");
-    let server = Netns::new("us");
-    run("ip", &["link", "add", "eth0", "netns", &client.name, "type", "veth", "peer", "name", "ext0", "netns", &gw.name]);
-    run("ip", &["link", "add", "int0", "netns", &gw.name, "type", "veth", "peer", "name", "eth0", "netns", &server.name]);
-    client.exec("ip", &["addr", "add", "203.0.113.10/24", "dev", "eth0"]);
-    gw.exec("ip", &["addr", "add", "203.0.113.1/24", "dev", "ext0"]);
-    gw.exec("ip", &["addr", "add", "198.51.100.1/24", "dev", "int0"]);
-    server.exec("ip", &["addr", "add", "198.51.100.10/24", "dev", "eth0"]);
-    for (ns, dev) in [(&client, "eth0"), (&gw, "ext0"), (&gw, "int0"), (&server, "eth0")] {
-        ns.exec("ip", &["link", "set", dev, "up"]);
-    }
-    client.exec("ip", &["route", "add", "default", "via", "203.0.113.1"]);
-    server.exec("ip", &["route", "add", "default", "via", "198.51.100.1"]);
-    gw.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
-    let pins = Pins::in_netns(&gw);
-    pins.xdpgate(&["attach", "--iface", "ext0", "--role", "external"]);
-    pins.xdpgate(&["attach", "--iface", "int0", "--role", "internal"]);
-    let file = std::env::temp_dir().join(format!("{}.yaml", common::unique("upg")));
-    std::fs::write(&file, POLICY).unwrap();
-    pins.xdpgate(&["apply", file.to_str().unwrap()]);
+    let lab = Gateway::new();
+    lab.apply("policy.yaml", POLICY);
+    let (client, server, pins) = (&lab.client, &lab.server, &lab.pins);
 
     let listener = server.run(|| TcpListener::bind("198.51.100.10:7").unwrap());
     thread::spawn(move || {
@@ -80,12 +62,12 @@ fn upgrade_in_place_keeps_running_connections() {
         conn.write_all(msg).is_ok() && conn.read_exact(&mut buf).is_ok() && buf == msg
     };
     assert!(echo(&mut conn, b"before the upgrade"));
-    let before = prog_ids(&gw);
+    let before = prog_ids(&lab);
     let stats_before: serde_json::Value = serde_json::from_str(&pins.xdpgate(&["stats", "--json"])).unwrap();
 
     let out = pins.xdpgate(&["upgrade"]);
-    assert!(out.contains("upgraded ext0") && out.contains("upgraded int0"), "{out}");
-    let after = prog_ids(&gw);
+    assert!(out.contains(&format!("upgraded {}", lab.ext)) && out.contains(&format!("upgraded {}", lab.int)), "{out}");
+    let after = prog_ids(&lab);
     assert!(before.iter().zip(&after).all(|(b, a)| b != a), "programs replaced: {before:?} -> {after:?}");
 
     for i in 0..20 {
@@ -98,5 +80,4 @@ fn upgrade_in_place_keeps_running_connections() {
     };
     assert_eq!(flows(&stats), flows(&stats_before), "still one flow: {stats}");
     assert_eq!(flows(&stats), 1);
-    let _ = std::fs::remove_file(&file);
 }

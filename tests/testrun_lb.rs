@@ -9,7 +9,7 @@ use std::{collections::HashSet, net::IpAddr};
 
 use common::{
     kernel::{DROP, Kernel, PASS},
-    packet::{ACK, L4, SYN, checksums_ok, endpoints, frame},
+    packet::{ACK, L4, SYN, endpoints, frame},
 };
 use xdpgate_common::iface::Role;
 
@@ -47,12 +47,6 @@ fn ip(s: &str) -> IpAddr {
 }
 
 /// Sends `pkt` and returns the rewritten frame, checking verdict and checksums.
-fn through(k: &Kernel, pkt: &[u8]) -> Vec<u8> {
-    let (verdict, out) = k.run_out(pkt);
-    assert_eq!(verdict, PASS, "verdict");
-    checksums_ok(&out).unwrap_or_else(|e| panic!("bad {e} after rewrite"));
-    out
-}
 
 #[test]
 fn dnat_to_a_backend_and_back_v4_tcp() {
@@ -60,7 +54,7 @@ fn dnat_to_a_backend_and_back_v4_tcp() {
     k.apply(POLICY);
     k.arrive_as(Role::External);
     let syn = frame("203.0.113.7", "192.0.2.10", L4::Tcp(40000, 80, SYN));
-    let out = through(&k, &syn);
+    let out = k.through(&syn);
     let (src, backend, sport, dport) = endpoints(&out);
     assert_eq!((src, sport, dport), (ip("203.0.113.7"), 40000, 8080), "client side kept, port mapped");
     assert!(["198.51.100.11", "198.51.100.12", "198.51.100.13"].map(ip).contains(&backend), "{backend}");
@@ -68,14 +62,14 @@ fn dnat_to_a_backend_and_back_v4_tcp() {
 
     // Later packets of the flow go to the same backend.
     for _ in 0..3 {
-        let out = through(&k, &frame("203.0.113.7", "192.0.2.10", L4::Tcp(40000, 80, ACK)));
+        let out = k.through(&frame("203.0.113.7", "192.0.2.10", L4::Tcp(40000, 80, ACK)));
         assert_eq!(endpoints(&out).1, backend);
     }
 
     // The backend's reply gets the frontend back as its source.
     k.arrive_as(Role::Internal);
     let reply = frame(&backend.to_string(), "203.0.113.7", L4::Tcp(8080, 40000, SYN | ACK));
-    let out = through(&k, &reply);
+    let out = k.through(&reply);
     assert_eq!(endpoints(&out), (ip("192.0.2.10"), ip("203.0.113.7"), 80, 40000));
 }
 
@@ -84,16 +78,16 @@ fn dnat_v6_udp_and_tcp() {
     let k = Kernel::new();
     k.apply(POLICY);
     k.arrive_as(Role::External);
-    let out = through(&k, &frame("2001:db8:2::7", "2001:db8:f::10", L4::Udp(5000, 53)));
+    let out = k.through(&frame("2001:db8:2::7", "2001:db8:f::10", L4::Udp(5000, 53)));
     let (_, backend, _, dport) = endpoints(&out);
     assert_eq!(dport, 53, "backend_port 0 keeps the frontend port");
     assert!(backend.to_string().starts_with("2001:db8:1::1"), "{backend}");
     k.arrive_as(Role::Internal);
-    let out = through(&k, &frame(&backend.to_string(), "2001:db8:2::7", L4::Udp(53, 5000)));
+    let out = k.through(&frame(&backend.to_string(), "2001:db8:2::7", L4::Udp(53, 5000)));
     assert_eq!(endpoints(&out), (ip("2001:db8:f::10"), ip("2001:db8:2::7"), 53, 5000));
 
     k.arrive_as(Role::External);
-    let out = through(&k, &frame("2001:db8:2::7", "2001:db8:f::10", L4::Tcp(40000, 80, SYN)));
+    let out = k.through(&frame("2001:db8:2::7", "2001:db8:f::10", L4::Tcp(40000, 80, SYN)));
     assert_eq!(endpoints(&out).3, 8080);
 }
 
@@ -103,7 +97,7 @@ fn flows_spread_and_source_ip_sticks() {
     k.apply(POLICY);
     k.arrive_as(Role::External);
     let backend = |sport: u16, port: u16| {
-        endpoints(&through(&k, &frame("203.0.113.7", "192.0.2.10", L4::Tcp(sport, port, SYN)))).1
+        endpoints(&k.through(&frame("203.0.113.7", "192.0.2.10", L4::Tcp(sport, port, SYN)))).1
     };
     let spread: HashSet<IpAddr> = (0..60).map(|i| backend(41000 + i, 80)).collect();
     assert_eq!(spread.len(), 3, "60 flows of the 5-tuple rule reach every backend: {spread:?}");
@@ -116,7 +110,7 @@ fn inbound_nat_rule_and_nsg_on_the_translated_packet() {
     let k = Kernel::new();
     k.apply(POLICY);
     k.arrive_as(Role::External);
-    let out = through(&k, &frame("203.0.113.7", "192.0.2.10", L4::Tcp(40000, 2201, SYN)));
+    let out = k.through(&frame("203.0.113.7", "192.0.2.10", L4::Tcp(40000, 2201, SYN)));
     assert_eq!(endpoints(&out), (ip("203.0.113.7"), ip("198.51.100.12"), 40000, 22));
     // Port 82 balances to backend port 9999, which the NSG does not allow.
     let before = k.drops("policy");
@@ -139,7 +133,7 @@ fn all_backends_down() {
 
     let send_to_all = POLICY.replace("backend_port: 8080, backend_pool: web4}", "backend_port: 8080, backend_pool: web4, all_down: send_to_all}");
     k.apply_with_health(&send_to_all, &|_| false);
-    let out = through(&k, &frame("203.0.113.7", "192.0.2.10", L4::Tcp(40002, 80, SYN)));
+    let out = k.through(&frame("203.0.113.7", "192.0.2.10", L4::Tcp(40002, 80, SYN)));
     assert_eq!(endpoints(&out).3, 8080, "send_to_all still balances");
 }
 
@@ -150,7 +144,7 @@ fn unhealthy_backend_gets_no_new_flows() {
     k.apply_with_health(POLICY, &|b| b != 0);
     k.arrive_as(Role::External);
     let seen: HashSet<IpAddr> = (0..60)
-        .map(|i| endpoints(&through(&k, &frame("203.0.113.7", "192.0.2.10", L4::Tcp(43000 + i, 80, SYN)))).1)
+        .map(|i| endpoints(&k.through(&frame("203.0.113.7", "192.0.2.10", L4::Tcp(43000 + i, 80, SYN)))).1)
         .collect();
     assert!(!seen.contains(&ip("198.51.100.11")), "{seen:?}");
     assert_eq!(seen.len(), 2, "{seen:?}");

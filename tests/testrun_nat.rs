@@ -27,12 +27,6 @@ fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
-fn through(k: &Kernel, pkt: &[u8]) -> Vec<u8> {
-    let (verdict, out) = k.run_out(pkt);
-    assert_eq!(verdict, PASS, "verdict");
-    checksums_ok(&out).unwrap_or_else(|e| panic!("bad {e} after rewrite"));
-    out
-}
 
 #[test]
 fn snat_out_and_back_tcp_udp_v4_v6() {
@@ -44,7 +38,7 @@ fn snat_out_and_back_tcp_udp_v4_v6() {
     ] {
         for l4 in [L4::Tcp(40000, 443, SYN), L4::Udp(40000, 53)] {
             k.arrive_as(Role::Internal);
-            let out = through(&k, &frame(private, remote, l4));
+            let out = k.through(&frame(private, remote, l4));
             let (src, dst, sport, dport) = endpoints(&out);
             assert_eq!((src, dst), (ip(public), ip(remote)), "{l4:?}: the source becomes the public address");
             assert!(sport >= 1024, "{l4:?}: public port {sport} from the range");
@@ -57,7 +51,7 @@ fn snat_out_and_back_tcp_udp_v4_v6() {
                 L4::Tcp(..) => L4::Tcp(rport, sport, SYN | ACK),
                 _ => L4::Udp(rport, sport),
             };
-            let out = through(&k, &frame(remote, public, back));
+            let out = k.through(&frame(remote, public, back));
             assert_eq!(endpoints(&out), (ip(remote), ip(private), rport, 40000), "{l4:?}");
         }
     }
@@ -71,7 +65,7 @@ fn snat_icmp_echo_by_identifier() {
         [("198.51.100.10", "203.0.113.7", "192.0.2.100"), ("2001:db8:1::10", "2001:db8:2::7", "2001:db8:e::100")]
     {
         k.arrive_as(Role::Internal);
-        let out = through(&k, &frame(private, remote, L4::Echo(777)));
+        let out = k.through(&frame(private, remote, L4::Echo(777)));
         let id = u16::from_be_bytes([out[ETH_LEN + ip_len(&out) + 4], out[ETH_LEN + ip_len(&out) + 5]]);
         assert_eq!(endpoints(&out).0, ip(public));
         // The echo reply (type 0 / 129) to the public address and identifier.
@@ -85,7 +79,7 @@ fn snat_icmp_echo_by_identifier() {
         let c = fix16(c, u16::from(old_type) << 8, u16::from(reply[l4]) << 8);
         reply[l4 + 2..l4 + 4].copy_from_slice(&c.to_be_bytes());
         checksums_ok(&reply).expect("reply built right");
-        let out = through(&k, &reply);
+        let out = k.through(&reply);
         let back_id = u16::from_be_bytes([out[l4 + 4], out[l4 + 5]]);
         assert_eq!((endpoints(&out).1, back_id), (ip(private), 777), "back to the host and its identifier");
     }
@@ -109,7 +103,7 @@ fn icmp_error_quoting_a_translated_packet_is_translated_back() {
     let k = Kernel::new();
     k.apply(POLICY);
     k.arrive_as(Role::Internal);
-    let out = through(&k, &frame("198.51.100.10", "203.0.113.7", L4::Tcp(40000, 443, SYN)));
+    let out = k.through(&frame("198.51.100.10", "203.0.113.7", L4::Tcp(40000, 443, SYN)));
     let quoted = out[ETH_LEN..ETH_LEN + 20 + 8].to_vec(); // IP header + 8 bytes, as routers quote
     let mut icmp = vec![3u8, 4, 0, 0, 0, 0, 0x05, 0xdc]; // type 3 code 4, next-hop MTU 1500
     icmp.extend_from_slice(&quoted);
@@ -126,7 +120,7 @@ fn icmp_error_quoting_a_translated_packet_is_translated_back() {
     checksums_ok(&pkt).expect("error built right");
 
     k.arrive_as(Role::External);
-    let out = through(&k, &pkt);
+    let out = k.through(&pkt);
     let inner = ETH_LEN + 20 + 8;
     assert_eq!(&out[ETH_LEN + 16..ETH_LEN + 20], &[198, 51, 100, 10], "outer destination");
     assert_eq!(&out[inner + 12..inner + 16], &[198, 51, 100, 10], "quoted source address");
@@ -167,7 +161,7 @@ fn a_small_pool_runs_out_and_ports_serve_many_destinations() {
     k.arrive_as(Role::Internal);
     let mut ports = HashSet::new();
     for i in 0..4 {
-        let out = through(&k, &frame("198.51.100.10", "203.0.113.7", L4::Tcp(40000 + i, 443, SYN)));
+        let out = k.through(&frame("198.51.100.10", "203.0.113.7", L4::Tcp(40000 + i, 443, SYN)));
         ports.insert(endpoints(&out).2);
     }
     assert_eq!(ports, HashSet::from([2000, 2001, 2002, 2003]), "four flows, four ports");
@@ -175,12 +169,12 @@ fn a_small_pool_runs_out_and_ports_serve_many_destinations() {
     assert_eq!(k.run(&frame("198.51.100.10", "203.0.113.7", L4::Tcp(40004, 443, SYN))), DROP, "pool full");
     assert_eq!(k.drops("nat_exhausted"), before + 1);
     // The same ports serve another destination.
-    let out = through(&k, &frame("198.51.100.10", "203.0.113.8", L4::Tcp(40004, 443, SYN)));
+    let out = k.through(&frame("198.51.100.10", "203.0.113.8", L4::Tcp(40004, 443, SYN)));
     assert!((2000..=2003).contains(&endpoints(&out).2));
     // Existing translations are untouched by the failure.
     k.arrive_as(Role::External);
     let port = *ports.iter().next().unwrap();
-    let out = through(&k, &frame("203.0.113.7", "192.0.2.100", L4::Tcp(443, port, SYN | ACK)));
+    let out = k.through(&frame("203.0.113.7", "192.0.2.100", L4::Tcp(443, port, SYN | ACK)));
     assert_eq!(endpoints(&out).1, ip("198.51.100.10"));
 }
 

@@ -93,6 +93,15 @@ impl Kernel {
         (res.return_value, out)
     }
 
+    /// Runs a packet that must pass, checking its checksums from scratch after whatever
+    /// rewrite it got; returns it as it leaves.
+    pub fn through(&self, pkt: &[u8]) -> Vec<u8> {
+        let (verdict, out) = self.run_out(pkt);
+        assert_eq!(verdict, PASS, "verdict");
+        super::packet::checksums_ok(&out).unwrap_or_else(|e| panic!("bad {e} after rewrite"));
+        out
+    }
+
     pub fn drops(&self, reason: &str) -> u64 {
         stats::read(&self.pins.dir).unwrap().drops(reason)
     }

@@ -163,6 +163,7 @@ impl Drop for Pins {
     }
 }
 
+pub mod gateway;
 pub mod kernel;
 pub mod packet;
 

@@ -1,0 +1,73 @@
+//! The usual end-to-end topology: a client on the "internet", the xdpgate gateway, and a
+//! server in the protected subnet, each in its own namespace, IPv4 and IPv6, with xdpgate
+//! attached in native mode on both gateway interfaces.
+//!
+//!   client 203.0.113.10 2001:db8:2::10 -- [gw] -- server 198.51.100.10 2001:db8:1::10
+
+use std::path::PathBuf;
+
+use super::{Netns, Pins, unique, veth};
+
+pub const CLIENT4: &str = "203.0.113.10";
+pub const CLIENT6: &str = "2001:db8:2::10";
+pub const SERVER4: &str = "198.51.100.10";
+pub const SERVER6: &str = "2001:db8:1::10";
+
+pub struct Gateway {
+    // Field order is drop order: detach (needs the gateway namespace) before the
+    // namespaces go.
+    pub pins: Pins,
+    pub client: Netns,
+    pub gw: Netns,
+    pub server: Netns,
+    /// Gateway interfaces: facing the client (external) and the server (internal).
+    pub ext: String,
+    pub int: String,
+    /// Where the test writes its policy files (removed on drop).
+    pub dir: PathBuf,
+}
+
+impl Gateway {
+    pub fn new() -> Self {
+        let client = Netns::new("gwc");
+        let gw = Netns::new("gwg");
+        let server = Netns::new("gws");
+        let (_, ext) = veth(&client, &format!("{CLIENT4}/24,{CLIENT6}/64"), &gw, "203.0.113.1/24,2001:db8:2::1/64");
+        let (int, _) = veth(&gw, "198.51.100.1/24,2001:db8:1::1/64", &server, &format!("{SERVER4}/24,{SERVER6}/64"));
+        gw.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
+        gw.exec("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"]);
+        for (ns, v4, v6) in [(&client, "203.0.113.1", "2001:db8:2::1"), (&server, "198.51.100.1", "2001:db8:1::1")] {
+            ns.exec("ip", &["route", "add", "default", "via", v4]);
+            ns.exec("ip", &["-6", "route", "add", "default", "via", v6]);
+        }
+        let pins = Pins::in_netns(&gw);
+        for (iface, role) in [(&ext, "external"), (&int, "internal")] {
+            let out = pins.xdpgate(&["attach", "--iface", iface, "--role", role]);
+            assert!(out.contains("attached"), "{out}");
+            let link = String::from_utf8_lossy(&gw.exec("ip", &["-d", "link", "show", iface]).stdout).into_owned();
+            assert!(link.contains("prog/xdp") && !link.contains("xdpgeneric"), "not native XDP on {iface}: {link}");
+        }
+        let dir = std::env::temp_dir().join(unique("gwpol"));
+        std::fs::create_dir_all(&dir).expect("policy dir");
+        Self { pins, client, gw, server, ext, int, dir }
+    }
+
+    /// Writes a policy file; returns its path.
+    pub fn write_policy(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.dir.join(name);
+        std::fs::write(&path, text).expect("write policy");
+        path
+    }
+
+    /// Applies a policy with the CLI; returns its output.
+    pub fn apply(&self, name: &str, text: &str) -> String {
+        let path = self.write_policy(name, text);
+        self.pins.xdpgate(&["apply", path.to_str().unwrap()])
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
