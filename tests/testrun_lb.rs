@@ -149,3 +149,67 @@ fn unhealthy_backend_gets_no_new_flows() {
     assert!(!seen.contains(&ip("198.51.100.11")), "{seen:?}");
     assert_eq!(seen.len(), 2, "{seen:?}");
 }
+
+const HA_AND_FLOATING: &str = r#"
+virtual_network:
+  address_space: [198.51.100.0/24]
+load_balancers:
+  - name: lb
+    frontends:
+      - {name: appliance, address: 192.0.2.20}
+      - {name: dsr, address: 192.0.2.30}
+    backend_pools:
+      - {name: nvas, backends: [198.51.100.21, 198.51.100.22]}
+      - {name: web, backends: [198.51.100.31]}
+    rules:
+      - {name: ha-ports, frontend: appliance, protocol: all, frontend_port: 0, backend_pool: nvas}
+      - {name: dsr-web, frontend: dsr, protocol: tcp, frontend_port: 80, backend_pool: web, floating_ip: true}
+"#;
+
+/// HA ports: every protocol and port of the frontend is balanced, ports kept.
+#[test]
+fn ha_ports_balance_every_port_and_protocol() {
+    let k = Kernel::new();
+    k.apply(HA_AND_FLOATING);
+    k.arrive_as(Role::External);
+    let nvas = ["198.51.100.21", "198.51.100.22"].map(ip);
+    for (l4, dport) in [(L4::Tcp(40000, 443, SYN), 443), (L4::Udp(40001, 4500), 4500), (L4::Tcp(40002, 22, SYN), 22)] {
+        let out = k.through(&frame("203.0.113.7", "192.0.2.20", l4));
+        let (_, backend, _, port) = endpoints(&out);
+        assert!(nvas.contains(&backend), "{l4:?} went to {backend}");
+        assert_eq!(port, dport, "HA ports keep the destination port");
+    }
+    // ICMP echo too: the destination becomes a backend, the identifier stays.
+    let out = k.through(&frame("203.0.113.7", "192.0.2.20", L4::Echo(5)));
+    assert!(nvas.contains(&endpoints(&out).1));
+}
+
+/// Floating IP (direct server return): the destination stays the frontend address; the
+/// flow remembers the backend as the next hop.
+#[test]
+fn floating_ip_keeps_the_frontend_address() {
+    let k = Kernel::new();
+    k.apply(HA_AND_FLOATING);
+    k.arrive_as(Role::External);
+    let syn = frame("203.0.113.7", "192.0.2.30", L4::Tcp(40000, 80, SYN));
+    let out = k.through(&syn);
+    assert_eq!(out, syn, "nothing rewritten");
+    let key = xdpgate_common::flow::FlowKey {
+        src: words4("203.0.113.7"),
+        dst: words4("192.0.2.30"),
+        sport: 40000,
+        dport: 80,
+        proto: 6,
+        family: 4,
+        _pad: [0; 2],
+    };
+    let entry = k.flow(&key).expect("flow entry");
+    assert_eq!(entry.nat, xdpgate_common::flow::NAT_NEXT_HOP);
+    assert_eq!(entry.nat_addr, words4("198.51.100.31"), "next hop: the backend");
+}
+
+fn words4(a: &str) -> [u32; 4] {
+    let mut b = [0u8; 16];
+    b[..4].copy_from_slice(&a.parse::<std::net::Ipv4Addr>().unwrap().octets());
+    xdpgate_common::words(&b)
+}

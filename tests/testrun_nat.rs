@@ -211,3 +211,33 @@ fn port_claims_from_both_cpus_never_collide() {
     let unique: HashSet<u16> = ports.iter().copied().collect();
     assert_eq!(unique.len(), ports.len(), "{} flows, {} distinct public ports", ports.len(), unique.len());
 }
+
+/// The agent's expiry: an idle translation releases its port only after the cooldown, so
+/// the port is not reused for the same destination at once; then it is free again.
+#[test]
+fn idle_translations_cool_down_before_their_port_is_reused() {
+    let k = Kernel::new();
+    let src = POLICY.replace("    subnets:", "    ports: \"3000-3000\"\n    udp_idle_timeout: 4\n    port_reuse_cooldown: 10\n    subnets:");
+    k.apply(&src);
+    let policy = xdpgate::policy::load_str(&src, "t.yaml").unwrap();
+    k.arrive_as(Role::Internal);
+    let out = k.through(&frame("198.51.100.10", "203.0.113.7", L4::Udp(40000, 53)));
+    assert_eq!(endpoints(&out).2, 3000);
+    assert_eq!(k.run(&frame("198.51.100.10", "203.0.113.7", L4::Udp(40001, 53))), DROP, "one port, taken");
+
+    let now = xdpgate::nat::monotonic_ns();
+    let s = |secs: u64| secs * 1_000_000_000;
+    let expire = |at: u64| xdpgate::nat::expire(&k.pins.dir, &policy, at).unwrap();
+    assert_eq!(expire(now + s(2)), xdpgate::nat::Expired::default(), "not idle long enough");
+    let e = expire(now + s(5));
+    assert_eq!((e.expired, e.released), (1, 0), "idle: expired, the port cooling down");
+    assert_eq!(k.run(&frame("198.51.100.10", "203.0.113.7", L4::Udp(40001, 53))), DROP, "still cooling down");
+    // The reply to the old translation no longer gets through.
+    k.arrive_as(Role::External);
+    assert_eq!(k.run(&frame("203.0.113.7", "192.0.2.100", L4::Udp(53, 3000))), DROP);
+    let e = expire(now + s(5 + 11));
+    assert_eq!((e.expired, e.released), (0, 1), "cooldown over: released");
+    k.arrive_as(Role::Internal);
+    let out = k.through(&frame("198.51.100.10", "203.0.113.7", L4::Udp(40001, 53)));
+    assert_eq!(endpoints(&out).2, 3000, "the port serves a new flow");
+}
