@@ -88,3 +88,37 @@ fn a_flood_of_denied_packets_is_rate_limited_and_counted() {
     assert!(sent <= allowance, "{sent} events exceed the rate limit ({allowance})");
     assert!(sent >= DENY_EVENTS_PER_SEC / 2, "the bucket starts full: {sent} events");
 }
+
+/// Rare events reach the agent's log through aya-log: here the policy stage goes missing
+/// from the pipeline, the dataplane fails closed and says why.
+#[test]
+fn a_missing_stage_fails_closed_and_is_logged() {
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Capture(Arc<Mutex<Vec<String>>>);
+    impl log::Log for Capture {
+        fn enabled(&self, _: &log::Metadata) -> bool {
+            true
+        }
+        fn log(&self, record: &log::Record) {
+            self.0.lock().unwrap().push(format!("{}", record.args()));
+        }
+        fn flush(&self) {}
+    }
+
+    let mut k = Kernel::new();
+    k.apply(POLICY);
+    let capture = Capture::default();
+    let mut logger = aya_log::EbpfLogger::init_with_logger(k.ebpf_mut(), capture.clone()).expect("logger");
+    let mut pipeline: aya::maps::ProgramArray<_> =
+        k.pins.dir.open_map(xdpgate_common::maps::PIPELINE).unwrap().try_into().unwrap();
+    pipeline.clear_index(&xdpgate_common::maps::PIPELINE_POLICY).unwrap();
+
+    let before = k.drops("internal");
+    assert_eq!(k.run(&frame("203.0.113.7", "198.51.100.10", L4::Tcp(40000, 80, SYN))), DROP, "fails closed");
+    assert_eq!(k.drops("internal"), before + 1);
+    logger.flush();
+    let lines = capture.0.lock().unwrap().clone();
+    assert!(lines.iter().any(|l| l.contains("pipeline stage or scratch map missing")), "{lines:?}");
+}

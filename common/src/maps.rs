@@ -73,3 +73,7 @@ pub const NAT_PREFIXES: u32 = 1_024;
 pub const EVENTS: &str = "EVENTS";
 /// `PerCpuArray<u64>`: `EVENTS_SUPPRESSED`, `EVENTS_LOST`.
 pub const EVENT_STATS: &str = "EVENT_STATS";
+
+/// `PerCpuArray` handing the parsed packet from stage to stage; every program of one
+/// dataplane uses it, which is how the agent finds them (for their aya-log records).
+pub const SCRATCH: &str = "SCRATCH";

@@ -59,13 +59,15 @@ pub fn select(meta: &PacketMeta) -> Lb {
         return Lb::NoBackend;
     }
     let ported = meta.proto == IPPROTO_TCP || meta.proto == IPPROTO_UDP;
-    let port = if ported && svc.backend_port != 0 { svc.backend_port } else { meta.dport };
+    let floating_ip = svc.flags & SVC_FLOATING_IP != 0;
+    // With floating IP the packet reaches the backend unchanged, its port included.
+    let port = if ported && svc.backend_port != 0 && !floating_ip { svc.backend_port } else { meta.dport };
     Lb::Selected(Selection {
         service: svc.id,
         backend,
         addr: info.addr,
         port,
-        floating_ip: svc.flags & SVC_FLOATING_IP != 0,
+        floating_ip,
     })
 }
 

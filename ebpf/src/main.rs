@@ -15,6 +15,7 @@ mod parse;
 mod snat;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use aya_log_ebpf::error;
 use xdpgate_common::{
     flow::{NAT_DST, NAT_NEXT_HOP, NAT_NONE, NAT_SRC},
     iface::{IfaceConfig, Role},
@@ -161,6 +162,11 @@ fn finish(ctx: &XdpContext, result: Result<u32, DropReason>) -> u32 {
         Ok(action) => action,
         Err(reason) => {
             count_drop(reason);
+            if reason == DropReason::Internal {
+                // Rare by construction (a missing stage or scratch map), so worth a log
+                // line; never logged per packet on a normal path.
+                error!(ctx, "xdpgate: pipeline stage or scratch map missing; dropping (fail closed)");
+            }
             xdp_action::XDP_DROP
         }
     };

@@ -69,6 +69,10 @@ impl Kernel {
         ifaces.insert(1, IfaceConfig { slot: 1, role: role as u32 }, 0).unwrap();
     }
 
+    pub fn ebpf_mut(&mut self) -> &mut aya::Ebpf {
+        &mut self.ebpf
+    }
+
     pub fn entry(&self) -> &Xdp {
         self.ebpf.program(xdpgate::dataplane::PROGRAM).unwrap().try_into().unwrap()
     }

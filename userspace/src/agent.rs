@@ -11,12 +11,16 @@ use std::{
 use anyhow::{Context, Result, anyhow};
 use log::{info, warn};
 use aya::maps::{MapData, RingBuf};
+use aya_log::EbpfLogger;
 use tokio::{
     io::{Interest, unix::AsyncFd},
     signal::unix::{SignalKind, signal},
     sync::mpsc,
 };
-use xdpgate_common::{events::FlowEvent, maps::EVENTS};
+use xdpgate_common::{
+    events::FlowEvent,
+    maps::{EVENTS, SCRATCH},
+};
 
 use crate::{
     apply, compile,
@@ -94,6 +98,21 @@ impl HealthView<'_> {
     }
 }
 
+/// Loggers for the aya-log records (rare events only) of every program of this dataplane:
+/// the programs that use its pinned scratch map. Returns the program ids they cover.
+fn dataplane_loggers(pins: &PinDir, have: &mut Vec<(u32, EbpfLogger<&'static dyn log::Log>)>) -> Result<()> {
+    let scratch = MapData::from_pin(pins.map(SCRATCH))?.info()?.id();
+    for info in aya::programs::loaded_programs().filter_map(Result::ok) {
+        let ours = info.map_ids().ok().flatten().is_some_and(|ids| ids.contains(&scratch));
+        if ours && !have.iter().any(|(id, _)| *id == info.id()) {
+            if let Ok(logger) = EbpfLogger::init_from_id(info.id()) {
+                have.push((info.id(), logger));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Runs until SIGINT or SIGTERM; SIGHUP re-reads the policy file. The dataplane keeps
 /// running from its pinned state after the agent exits.
 pub async fn run(
@@ -129,6 +148,8 @@ pub async fn run(
         let mut maps = LbMaps::open(pins)?;
         let mut expiry = tokio::time::interval(std::time::Duration::from_secs(1));
         let names = flows::Names::read(pins)?;
+        // Programs come and go with attach and upgrade: look for new ones every tick.
+        let mut loggers = Vec::new();
         let reload = loop {
             tokio::select! {
                 ready = async { events.as_mut().expect("guarded").readable_mut().await }, if events.is_some() => {
@@ -149,6 +170,10 @@ pub async fn run(
                     on_change(&mut maps, &lbs, &mut down, &change)?;
                 }
                 _ = expiry.tick() => {
+                    dataplane_loggers(pins, &mut loggers)?;
+                    for (_, logger) in &mut loggers {
+                        logger.flush();
+                    }
                     let e = nat::expire(pins, &policy, nat::monotonic_ns())?;
                     if e.expired + e.released > 0 {
                         info!("NAT: {} translations idled out, {} ports free again", e.expired, e.released);

@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use xdpgate::{
     agent, apply, compile,
     dataplane::{self, Mode, PinDir},
-    evaluate, flowlog, flows, lb, metrics, nat, netns,
+    evaluate, flowlog, flows, lb, metrics, nat, netns, pktgen,
     policy::{self, reference::Packet},
     rules, stats, status,
 };
@@ -166,6 +166,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Send generated UDP/TCP frames out of an interface at up to line rate: BPF_PROG_TEST_RUN
+    /// in live-frames mode with the object's xdp_tx program (no kernel pktgen needed). Reports
+    /// what left from the interface's TX counters. `pktgen sink` holds a baseline program
+    /// (xdp_noop) on the receiving interface instead of xdpgate.
+    ///
+    /// Example: xdpgate --netns gen pktgen --iface veth0 --count 1000000 --dst-mac MAC
+    Pktgen(pktgen::Args),
     /// Show packet and byte counters per interface and verdict, and drops by reason.
     Stats {
         /// Print JSON instead of a table.
@@ -206,9 +213,23 @@ fn protocol_number(name: &str, v6: bool) -> Result<u8> {
     })
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
+    // Like other command-line tools: a closed pipe (`xdpgate metrics | head`) ends the
+    // process quietly instead of a panic on write.
+    // SAFETY: restoring the default disposition of one signal at startup.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let cli = Cli::parse();
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The error chain, without a backtrace: these are messages for the operator.
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
     if let Some(ns) = &cli.netns {
         netns::enter(ns)?;
     }
@@ -341,6 +362,7 @@ fn main() -> Result<()> {
                 print!("{}", nat::render(&report));
             }
         }
+        Command::Pktgen(args) => pktgen::main(args)?,
         Command::Stats { json } => {
             let stats = stats::read(&pins)?;
             if json {
