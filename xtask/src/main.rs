@@ -1,6 +1,7 @@
 //! `cargo xtask`: the project's build, test and demo entry points.
 
 mod bench;
+mod pps;
 
 use std::{
     path::{Path, PathBuf},
@@ -33,6 +34,13 @@ enum Task {
     /// target/bench/nsg.md and nsg.json).
     Bench {
         /// Extra arguments for the benchmark (e.g. `--quick`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Packets per second through a veth pair, xdpgate against xdp_noop, with the
+    /// live-frames generator `xdpgate pktgen` (writes target/bench/pps.md).
+    Pps {
+        /// Extra arguments (`--quick`, `--seconds N`, `--rounds N`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -85,6 +93,10 @@ fn main() -> Result<()> {
         Task::Bench { args } => {
             setup()?;
             bench::bench(&root, &args)
+        }
+        Task::Pps { args } => {
+            setup()?;
+            pps::pps(&root, &args)
         }
     }
 }

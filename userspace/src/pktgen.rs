@@ -1,0 +1,1193 @@
+//! `xdpgate pktgen`: a traffic generator on `BPF_PROG_TEST_RUN` in live-frames mode (the
+//! mechanism of xdp-trafficgen), for machines whose kernel has no pktgen module and for rates
+//! AF_PACKET senders cannot reach.
+//!
+//! How frames leave: the object's `xdp_tx` program (it returns `XDP_TX`) is test-run with
+//! `BPF_F_TEST_XDP_LIVE_FRAMES` and an `xdp_md` context whose `ingress_ifindex` names the
+//! sending interface. In that mode the kernel turns the frame into real `xdp_frame`s from a
+//! page pool and acts on the verdict: `XDP_TX` becomes a redirect back to the "ingress"
+//! device, that is a transmission through its `ndo_xdp_xmit`. (`XDP_PASS` would inject the
+//! frame into this namespace's own stack as if it had been received: nothing would leave,
+//! which is why `xdp_noop` cannot drive a generator.) Every run of the program sends one
+//! frame.
+//!
+//! On a veth, `ndo_xdp_xmit` puts the frame straight into the peer's receive ring, which
+//! exists only while the peer has an XDP program attached (xdpgate, or `xdpgate pktgen sink`)
+//! or GRO turned on (`ethtool -K PEER gro on`); otherwise the kernel refuses the frames and
+//! the TX counters stay still. Frames that find the peer's ring full are dropped and counted
+//! as the sender's `tx_dropped`.
+//!
+//! Live frames repeat one frame's bytes, so each test run sends one template: the generator
+//! cycles through `--flows` templates, source ports varying first and then source addresses,
+//! `--burst` frames of each per run. `--rate` shortens the bursts and sleeps between runs.
+//! What was sent is read back from the interface's TX counters in this namespace.
+//!
+//! `xdpgate pktgen sink` is the other end for benchmarks: it attaches a baseline program of
+//! the object (`xdp_noop` by default) to an interface until stopped, and reports what the
+//! interface received.
+
+use std::{
+    fs,
+    net::IpAddr,
+    path::PathBuf,
+    str::FromStr,
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, anyhow, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode},
+};
+use serde::Serialize;
+use xdpgate_common::maps::{
+    BACKEND_STATS, BACKENDS, FLOWS, FRAGS, FRONTENDS, MAGLEV, NAT_MAP, NAT_PUBLIC, NAT_SUBNETS,
+    NSG_FIELDS, NSG_HITS, NSG_RULES, SERVICE_STATS, VNET,
+};
+
+use crate::{
+    EBPF_OBJ,
+    dataplane::{self, Mode, NOOP_PROGRAM, PinDir, TX_PROGRAM},
+};
+
+/// The largest live-frames batch the kernel accepts (`TEST_XDP_MAX_BATCH`).
+pub const MAX_BATCH: u32 = 256;
+/// The largest frame: live frames must fit one page with the kernel's head- and tailroom.
+pub const MAX_FRAME: usize = 3_400;
+
+/// `xdpgate pktgen`: send, or with `sink`, receive.
+#[derive(clap::Args, Debug)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct Args {
+    #[command(subcommand)]
+    pub sink: Option<Sub>,
+    /// None only with a subcommand: sending needs at least --iface.
+    #[command(flatten)]
+    pub send: Option<SendArgs>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum Sub {
+    /// Attach a baseline program of the object (xdp_noop by default) to an interface until
+    /// stopped (SIGINT/SIGTERM) or --duration ends, then report what it received: the far end
+    /// of a generator on a veth, measured without xdpgate.
+    Sink(SinkArgs),
+}
+
+/// What to send, where, how much and how fast.
+#[derive(clap::Args, Debug, Clone)]
+pub struct SendArgs {
+    /// Interface to send from (in --netns, if given). On a veth, the peer needs an XDP program
+    /// or GRO on to take the frames.
+    #[arg(long)]
+    pub iface: String,
+    /// Frames to send (default 1,000,000 unless --duration is given).
+    #[arg(long, value_name = "N")]
+    pub count: Option<u64>,
+    /// Send for this many seconds instead of a count (with --count: whichever ends first).
+    #[arg(long, value_name = "SECS")]
+    pub duration: Option<f64>,
+    /// Target packets per second (e.g. 50000, 2.5M); 0 for as fast as possible. Approximated
+    /// by shorter bursts and sleeping between test runs.
+    #[arg(long, value_name = "PPS", default_value = "0", value_parser = parse_rate)]
+    pub rate: u64,
+    /// udp or tcp (TCP segments are SYNs: the first packet of a flow).
+    #[arg(long, value_enum, default_value = "udp")]
+    pub proto: Proto,
+    /// Source address, or a range FIRST-LAST, varied across templates after the ports.
+    #[arg(long, value_name = "IP[-IP]", default_value = "203.0.113.1")]
+    pub src: String,
+    /// Destination address (same family as --src).
+    #[arg(long, value_name = "IP", default_value = "198.51.100.1")]
+    pub dst: IpAddr,
+    /// Source port, or a range FIRST-LAST, varied first across templates.
+    #[arg(long, value_name = "PORT[-PORT]", default_value = "10000-60000")]
+    pub sport: String,
+    /// Destination port.
+    #[arg(long, value_name = "PORT", default_value_t = 9)]
+    pub dport: u16,
+    /// Distinct frames (flows) to cycle through.
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    pub flows: u32,
+    /// Frame size in bytes without the FCS (default 60, Ethernet's minimum, or the headers'
+    /// length when longer: 74 for TCP over IPv6).
+    #[arg(long, value_name = "BYTES")]
+    pub size: Option<usize>,
+    /// Destination MAC: the receiving interface's, or it may treat the frames as someone
+    /// else's (default broadcast).
+    #[arg(long, value_name = "MAC", default_value = "ff:ff:ff:ff:ff:ff", value_parser = parse_mac)]
+    pub dst_mac: Mac,
+    /// Source MAC (default: the sending interface's).
+    #[arg(long, value_name = "MAC", value_parser = parse_mac)]
+    pub src_mac: Option<Mac>,
+    /// Frames of one template per test run (one system call) before the next template.
+    #[arg(long, value_name = "N", default_value_t = 1024)]
+    pub burst: u32,
+    /// Frames the kernel builds and flushes at a time (1-256).
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    pub batch: u32,
+    /// Sender threads, taking turns through the templates. One keeps a CPU busy; on a veth
+    /// more only contend for the peer's one receive ring.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub threads: usize,
+    /// Run every sender on this CPU (frames are built and sent on the sender's CPU; on a
+    /// veth, the peer's XDP program runs there too unless its NAPI is threaded).
+    #[arg(long, value_name = "N")]
+    pub cpu: Option<usize>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A baseline program held on an interface.
+#[derive(clap::Args, Debug, Clone)]
+pub struct SinkArgs {
+    /// Interface to attach to (in --netns, if given).
+    #[arg(long)]
+    pub iface: String,
+    /// Program of the xdpgate object to attach.
+    #[arg(long, default_value = NOOP_PROGRAM)]
+    pub program: String,
+    /// native (driver) XDP, or skb (generic).
+    #[arg(long, value_enum, default_value = "native")]
+    pub mode: Mode,
+    /// Stop after this many seconds (default: at SIGINT or SIGTERM).
+    #[arg(long, value_name = "SECS")]
+    pub duration: Option<f64>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    Udp,
+    Tcp,
+}
+
+pub type Mac = [u8; 6];
+
+/// Runs `xdpgate pktgen` (in the namespace the caller entered).
+pub fn main(args: Args) -> Result<()> {
+    match args.sink {
+        Some(Sub::Sink(sink_args)) => {
+            let report = sink(&sink_args)?;
+            if sink_args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.render());
+            }
+        }
+        None => {
+            let args = args.send.ok_or_else(|| anyhow!("pktgen needs --iface IF (or `sink`)"))?;
+            let report = send(&args)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.render());
+            }
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Sending
+
+/// What a generator run did.
+#[derive(Debug, Serialize)]
+pub struct SendReport {
+    pub iface: String,
+    pub proto: Proto,
+    pub family: &'static str,
+    pub size: usize,
+    pub flows: usize,
+    /// Frames handed to the kernel (program runs).
+    pub submitted: u64,
+    /// From the interface's TX counters: what left (on a veth: what the peer took in).
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    /// Frames the interface dropped (on a veth: the peer's receive ring was full).
+    pub tx_dropped: u64,
+    /// Wall-clock seconds from the first to the last test run's return.
+    pub seconds: f64,
+    /// tx_packets / seconds.
+    pub pps: f64,
+    /// tx_bytes * 8 / seconds (frames without preamble, FCS and gap).
+    pub bits_per_second: f64,
+    /// Whether a signal cut the run short.
+    pub interrupted: bool,
+}
+
+impl SendReport {
+    pub fn render(&self) -> String {
+        let mut out = format!(
+            "pktgen: {} frames submitted on {} ({}-byte {} {}, {} flows) in {:.3} s\n\
+             sent ({} TX counters): {} packets, {} bytes in {:.3} s: {}, {:.3} Gbit/s\n",
+            self.submitted,
+            self.iface,
+            self.size,
+            format!("{:?}", self.proto).to_uppercase(),
+            self.family,
+            self.flows,
+            self.seconds,
+            self.iface,
+            self.tx_packets,
+            self.tx_bytes,
+            self.seconds,
+            human_rate(self.pps),
+            self.bits_per_second / 1e9,
+        );
+        if self.tx_dropped > 0 {
+            out += &format!(
+                "  {} frames dropped by {} (on a veth: the peer's receive ring was full)\n",
+                self.tx_dropped, self.iface
+            );
+        }
+        if self.submitted > 0 && self.tx_packets == 0 && self.tx_dropped == 0 {
+            out += &format!(
+                "  nothing left {}: on a veth the peer needs an XDP program attached (xdpgate, \
+                 or `xdpgate pktgen sink`) or GRO on (`ethtool -K PEER gro on`)\n",
+                self.iface
+            );
+        }
+        if self.interrupted {
+            out += "  interrupted: stopped early\n";
+        }
+        out
+    }
+}
+
+/// Sends as `args` say and reports from the interface counters.
+pub fn send(args: &SendArgs) -> Result<SendReport> {
+    if !(1..=MAX_BATCH).contains(&args.batch) {
+        bail!("--batch must be 1-{MAX_BATCH}");
+    }
+    if args.burst == 0 || args.flows == 0 {
+        bail!("--burst and --flows must be at least 1");
+    }
+    if let Some(d) = args.duration
+        && !(d.is_finite() && d > 0.0)
+    {
+        bail!("--duration must be a positive number of seconds");
+    }
+    let ifindex = dataplane::ifindex(&args.iface)?;
+    let src_mac = match args.src_mac {
+        Some(mac) => mac,
+        None => hw_addr(&args.iface)?,
+    };
+    let mut spec = FrameSpec {
+        src_mac,
+        dst_mac: args.dst_mac,
+        src: AddrRange::from_str(&args.src)?,
+        dst: args.dst,
+        sport: PortRange::from_str(&args.sport)?,
+        dport: args.dport,
+        proto: args.proto,
+        size: 0,
+    };
+    spec.size = args.size.unwrap_or(spec.headers_len().max(60));
+    let templates = spec.templates(args.flows)?;
+
+    let mut ebpf = load_object()?;
+    let prog = dataplane::program(&mut ebpf, TX_PROGRAM)?;
+    let _hold = match DispatcherHold::new(prog) {
+        Ok(hold) => Some(hold),
+        Err(e) => {
+            eprintln!(
+                "pktgen: warning: cannot hold {TX_PROGRAM} in the XDP dispatcher ({e:#}); each \
+                 test run will wait for RCU twice: use large --burst"
+            );
+            None
+        }
+    };
+
+    let count = match (args.count, args.duration) {
+        (Some(c), _) => c,
+        (None, Some(_)) => u64::MAX,
+        (None, None) => 1_000_000,
+    };
+    let deadline = args.duration.map(Duration::from_secs_f64);
+    // With a rate, about a thousand runs a second: short bursts, even pacing.
+    let burst = if args.rate > 0 {
+        u64::from(args.burst).min((args.rate / 1000).max(1))
+    } else {
+        u64::from(args.burst)
+    };
+
+    let stop = install_stop_handler()?;
+    let before = dev_counters(&args.iface)?;
+    let start = Instant::now();
+    let run = Run {
+        prog,
+        templates: &templates,
+        ifindex,
+        batch: args.batch,
+        burst,
+        rate: args.rate,
+        deadline,
+        start,
+        threads: args.threads.max(1),
+        cpu: args.cpu,
+        budget: AtomicU64::new(count),
+        submitted: AtomicU64::new(0),
+        stop,
+    };
+    let results: Vec<Result<bool>> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..run.threads)
+            .map(|t| {
+                let run = &run;
+                s.spawn(move || run.worker(t))
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().unwrap_or_else(|_| Err(anyhow!("a sender panicked"))))
+            .collect()
+    });
+    let mut interrupted = false;
+    for r in results {
+        interrupted |= r.with_context(|| {
+            format!("live-frames test run of {TX_PROGRAM} on {} (ifindex {ifindex})", args.iface)
+        })?;
+    }
+    let submitted = run.submitted.load(Ordering::Relaxed);
+    let seconds = start.elapsed().as_secs_f64();
+    // A veth counts a frame when the peer's NAPI has taken it from the ring: let it finish.
+    let after = settled_counters(&args.iface)?;
+
+    let tx_packets = after.tx_packets.saturating_sub(before.tx_packets);
+    let tx_bytes = after.tx_bytes.saturating_sub(before.tx_bytes);
+    Ok(SendReport {
+        iface: args.iface.clone(),
+        proto: args.proto,
+        family: if args.dst.is_ipv4() { "IPv4" } else { "IPv6" },
+        size: templates[0].len(),
+        flows: templates.len(),
+        submitted,
+        tx_packets,
+        tx_bytes,
+        tx_dropped: after.tx_dropped.saturating_sub(before.tx_dropped),
+        seconds,
+        pps: rate(tx_packets, seconds),
+        bits_per_second: rate(tx_bytes * 8, seconds),
+        interrupted,
+    })
+}
+
+/// Keeps the generator's program in the kernel's XDP dispatcher for as long as it lives.
+///
+/// A test run that repeats its program more than once adds the program to the dispatcher
+/// (the trampoline native XDP calls through) and takes it out after; each change waits for
+/// an RCU grace period, twice about 12 ms here, whatever the burst, which would cap a
+/// generator of 4,096-frame runs near 150 kpps. A program attached to a device is in the
+/// dispatcher already and a test run only counts one more user. So the program is attached,
+/// in generic mode, to the loopback device of a private network namespace made for it:
+/// nothing is ever received there (its `lo` is down and nothing else lives in it). The
+/// namespace is held by a descriptor only, and vanishes with the attachment when this
+/// process closes it or exits.
+struct DispatcherHold {
+    _netns: fs::File,
+}
+
+impl DispatcherHold {
+    fn new(prog: &mut Xdp) -> Result<Self> {
+        use std::os::fd::AsRawFd as _;
+        let home = fs::File::open("/proc/thread-self/ns/net").context("opening this netns")?;
+        // SAFETY: unshare and setns act on this thread only; `home` is a netns descriptor.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            bail!("unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
+        }
+        let attached = fs::File::open("/proc/thread-self/ns/net")
+            .context("opening the private netns")
+            .and_then(|ns| {
+                prog.attach_to_if_index(1, XdpMode::Skb)
+                    .context("attaching to the private netns's lo in generic mode")?;
+                Ok(ns)
+            });
+        // Back home whatever happened: everything after runs in the caller's namespace.
+        // SAFETY: as above.
+        if unsafe { libc::setns(home.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            bail!("returning to this netns: {}", std::io::Error::last_os_error());
+        }
+        Ok(Self { _netns: attached? })
+    }
+}
+
+/// One generator run shared by its sender threads.
+struct Run<'a> {
+    prog: &'a Xdp,
+    templates: &'a [Vec<u8>],
+    ifindex: u32,
+    batch: u32,
+    burst: u64,
+    rate: u64,
+    deadline: Option<Duration>,
+    start: Instant,
+    threads: usize,
+    cpu: Option<usize>,
+    /// Frames not yet handed out to a sender.
+    budget: AtomicU64,
+    /// Frames the kernel has sent (program runs), all senders.
+    submitted: AtomicU64,
+    stop: &'static AtomicBool,
+}
+
+impl Run<'_> {
+    /// Takes up to `n` frames from the budget.
+    fn reserve(&self, n: u64) -> u64 {
+        let mut left = self.budget.load(Ordering::Relaxed);
+        loop {
+            let take = n.min(left);
+            if take == 0 {
+                return 0;
+            }
+            match self.budget.compare_exchange_weak(
+                left,
+                left - take,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return take,
+                Err(now) => left = now,
+            }
+        }
+    }
+
+    /// Sender `t`: templates t, t + threads, ... in turn, one test run each. Returns whether
+    /// a signal stopped it.
+    fn worker(&self, t: usize) -> Result<bool> {
+        if let Some(cpu) = self.cpu {
+            pin_cpu(cpu)?;
+        }
+        let mut next = t;
+        loop {
+            if self.stop.load(Ordering::Relaxed) {
+                return Ok(true);
+            }
+            if self.deadline.is_some_and(|d| self.start.elapsed() >= d) {
+                return Ok(false);
+            }
+            let n = self.reserve(self.burst);
+            if n == 0 {
+                return Ok(false);
+            }
+            let frame = &self.templates[next % self.templates.len()];
+            next += self.threads;
+            let ctx = xdp_md(frame.len(), self.ifindex);
+            let res = self.prog.test_run(TestRunOptions {
+                data_in: Some(frame),
+                ctx_in: Some(&ctx),
+                repeat: n as u32,
+                attrs: TestRunAttrs::new().xdp_live_frames(self.batch),
+                ..Default::default()
+            });
+            match res {
+                Ok(_) => {}
+                Err(e) if is_eintr(&e) => return Ok(true),
+                Err(e) => return Err(e.into()),
+            }
+            let total = self.submitted.fetch_add(n, Ordering::Relaxed) + n;
+            if self.rate > 0 {
+                let due = Duration::from_secs_f64(total as f64 / self.rate as f64);
+                if let Some(ahead) = due.checked_sub(self.start.elapsed()) {
+                    std::thread::sleep(ahead);
+                }
+            }
+        }
+    }
+}
+
+fn rate(n: u64, seconds: f64) -> f64 {
+    if seconds > 0.0 { n as f64 / seconds } else { 0.0 }
+}
+
+/// "1.235 Mpps", "18.3 kpps", "12 pps".
+pub fn human_rate(pps: f64) -> String {
+    if pps >= 1e6 {
+        format!("{:.3} Mpps", pps / 1e6)
+    } else if pps >= 1e3 {
+        format!("{:.1} kpps", pps / 1e3)
+    } else {
+        format!("{pps:.0} pps")
+    }
+}
+
+fn is_eintr(e: &aya::programs::ProgramError) -> bool {
+    match e {
+        aya::programs::ProgramError::SyscallError(s) => {
+            s.io_error.raw_os_error() == Some(libc::EINTR)
+        }
+        _ => false,
+    }
+}
+
+/// The 24-byte `struct xdp_md` given as `ctx_in`: data at 0 (no metadata), data_end at the
+/// frame's length, and the interface the program runs "on" (where XDP_TX sends).
+fn xdp_md(len: usize, ifindex: u32) -> [u8; 24] {
+    let fields: [u32; 6] = [0, len as u32, 0, ifindex, 0, 0];
+    let mut out = [0u8; 24];
+    for (chunk, f) in out.chunks_exact_mut(4).zip(fields) {
+        chunk.copy_from_slice(&f.to_ne_bytes());
+    }
+    out
+}
+
+/// Pins this thread to `cpu`.
+fn pin_cpu(cpu: usize) -> Result<()> {
+    // SAFETY: a zeroed cpu_set_t owned here, then plain libc calls.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
+            bail!("pinning to CPU {cpu}: {}", std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Receiving: a baseline program held on an interface
+
+#[derive(Debug, Serialize)]
+pub struct SinkReport {
+    pub iface: String,
+    pub program: String,
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub rx_dropped: u64,
+    pub seconds: f64,
+    pub pps: f64,
+}
+
+impl SinkReport {
+    pub fn render(&self) -> String {
+        format!(
+            "sink: {} on {} for {:.3} s: received {} packets, {} bytes ({}), {} dropped\n",
+            self.program,
+            self.iface,
+            self.seconds,
+            self.rx_packets,
+            self.rx_bytes,
+            human_rate(self.pps),
+            self.rx_dropped
+        )
+    }
+}
+
+/// Attaches `args.program` to `args.iface` until SIGINT/SIGTERM or the duration ends; the
+/// program goes with this process.
+pub fn sink(args: &SinkArgs) -> Result<SinkReport> {
+    let ifindex = dataplane::ifindex(&args.iface)?;
+    let stop = install_stop_handler()?;
+    let mut ebpf = load_object()?;
+    let prog = dataplane::program(&mut ebpf, &args.program)?;
+    let mode = match args.mode {
+        Mode::Native => XdpMode::Driver,
+        Mode::Skb => XdpMode::Skb,
+    };
+    prog.attach_to_if_index(ifindex, mode).with_context(|| {
+        format!("attaching {} to {} ({:?} mode)", args.program, args.iface, args.mode)
+    })?;
+    eprintln!("sink: {} attached to {} ({:?} mode)", args.program, args.iface, args.mode);
+    let before = dev_counters(&args.iface)?;
+    let start = Instant::now();
+    let deadline = args.duration.map(Duration::from_secs_f64);
+    while !stop.load(Ordering::Relaxed) && deadline.is_none_or(|d| start.elapsed() < d) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let after = dev_counters(&args.iface)?;
+    drop(ebpf); // detaches
+    let rx_packets = after.rx_packets.saturating_sub(before.rx_packets);
+    Ok(SinkReport {
+        iface: args.iface.clone(),
+        program: args.program.clone(),
+        rx_packets,
+        rx_bytes: after.rx_bytes.saturating_sub(before.rx_bytes),
+        rx_dropped: after.rx_dropped.saturating_sub(before.rx_dropped),
+        seconds,
+        pps: rate(rx_packets, seconds),
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// The object, loaded without disturbing anyone's pins
+
+/// Maps the generator and the baseline programs never touch, shrunk so that loading the
+/// object does not allocate the dataplane's tables (hundreds of MB) for nothing.
+const UNUSED_BIG_MAPS: [&str; 14] = [
+    NSG_FIELDS,
+    NSG_RULES,
+    NSG_HITS,
+    FLOWS,
+    FRAGS,
+    FRONTENDS,
+    MAGLEV,
+    BACKENDS,
+    SERVICE_STATS,
+    BACKEND_STATS,
+    NAT_MAP,
+    NAT_PUBLIC,
+    NAT_SUBNETS,
+    VNET,
+];
+
+/// Loads the eBPF object with its maps pinned in a directory of this process's own, which
+/// is removed once loaded (the maps live on through their descriptors): a generator never
+/// shares or leaves behind the dataplane's pinned state.
+pub fn load_object() -> Result<Ebpf> {
+    let dir = PinDir::new(format!("/sys/fs/bpf/xdpgate-pktgen-{}", std::process::id()));
+    dir.ensure()?;
+    struct Remove(PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+    let _remove = Remove(dir.path().to_path_buf());
+    let mut loader = EbpfLoader::new();
+    loader.default_map_pin_directory(dir.path());
+    for name in UNUSED_BIG_MAPS {
+        loader.map_max_entries(name, 64);
+    }
+    loader.load(EBPF_OBJ).context("loading the xdpgate eBPF object")
+}
+
+// ---------------------------------------------------------------------------------------
+// Stopping on SIGINT/SIGTERM
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::Relaxed);
+}
+
+/// SIGINT and SIGTERM set a flag instead of killing the process, so that a run cut short
+/// still reports and cleans up. A test run in progress returns EINTR.
+fn install_stop_handler() -> Result<&'static AtomicBool> {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: a zeroed sigaction with a handler that only stores to an atomic.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_signal as *const () as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            if libc::sigaction(sig, &sa, std::ptr::null_mut()) != 0 {
+                bail!("installing a signal handler: {}", std::io::Error::last_os_error());
+            }
+        }
+    }
+    Ok(&STOP)
+}
+
+// ---------------------------------------------------------------------------------------
+// Interface counters and addresses, in the current network namespace
+
+/// An interface's counters from /proc/net/dev (of this thread's network namespace: /sys
+/// shows the namespace it was mounted in).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct DevCounters {
+    pub rx_bytes: u64,
+    pub rx_packets: u64,
+    pub rx_dropped: u64,
+    pub tx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_dropped: u64,
+}
+
+pub fn dev_counters(iface: &str) -> Result<DevCounters> {
+    let text = fs::read_to_string("/proc/thread-self/net/dev")
+        .context("reading /proc/thread-self/net/dev")?;
+    parse_net_dev(&text, iface)
+        .ok_or_else(|| anyhow!("{iface} is not in /proc/net/dev of this network namespace"))
+}
+
+/// Reads the counters until two reads 20 ms apart agree (at most about a second).
+fn settled_counters(iface: &str) -> Result<DevCounters> {
+    let mut last = dev_counters(iface)?;
+    for _ in 0..50 {
+        std::thread::sleep(Duration::from_millis(20));
+        let now = dev_counters(iface)?;
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    Ok(last)
+}
+
+fn parse_net_dev(text: &str, iface: &str) -> Option<DevCounters> {
+    text.lines().find_map(|line| {
+        let (name, rest) = line.split_once(':')?;
+        if name.trim() != iface {
+            return None;
+        }
+        let v: Vec<u64> = rest.split_whitespace().map(|f| f.parse().ok()).collect::<Option<_>>()?;
+        (v.len() >= 12).then(|| DevCounters {
+            rx_bytes: v[0],
+            rx_packets: v[1],
+            rx_dropped: v[3],
+            tx_bytes: v[8],
+            tx_packets: v[9],
+            tx_dropped: v[11],
+        })
+    })
+}
+
+/// The MAC address of `iface` (SIOCGIFHWADDR).
+fn hw_addr(iface: &str) -> Result<Mac> {
+    if iface.len() >= libc::IFNAMSIZ {
+        bail!("interface name {iface:?} is too long");
+    }
+    // SAFETY: a datagram socket and a zeroed ifreq with a NUL-terminated name; the socket is
+    // closed before returning.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            bail!("socket: {}", std::io::Error::last_os_error());
+        }
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (d, s) in req.ifr_name.iter_mut().zip(iface.bytes()) {
+            *d = s as libc::c_char;
+        }
+        let rc = libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut req);
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        if rc != 0 {
+            bail!("reading the MAC address of {iface}: {err}");
+        }
+        let data = req.ifr_ifru.ifru_hwaddr.sa_data;
+        Ok(std::array::from_fn(|i| data[i] as u8))
+    }
+}
+
+pub fn parse_mac(s: &str) -> Result<Mac, String> {
+    let parts: Vec<u8> = s
+        .split(':')
+        .map(|p| u8::from_str_radix(p, 16).map_err(|_| format!("{s:?} is not a MAC address")))
+        .collect::<Result<_, _>>()?;
+    parts.try_into().map_err(|_| format!("{s:?} is not a MAC address (six hex bytes)"))
+}
+
+/// "50000", "750k", "2.5M".
+pub fn parse_rate(s: &str) -> Result<u64, String> {
+    let (num, mult) = match s.strip_suffix(['k', 'K']) {
+        Some(n) => (n, 1e3),
+        None => match s.strip_suffix(['m', 'M']) {
+            Some(n) => (n, 1e6),
+            None => (s, 1.0),
+        },
+    };
+    let v: f64 =
+        num.parse().map_err(|_| format!("{s:?} is not a rate (e.g. 50000, 750k, 2.5M)"))?;
+    if !(v.is_finite() && v >= 0.0) {
+        return Err(format!("{s:?} is not a rate"));
+    }
+    Ok((v * mult).round() as u64)
+}
+
+// ---------------------------------------------------------------------------------------
+// Frames
+
+/// A range of addresses, FIRST-LAST inclusive, of one family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AddrRange {
+    pub first: IpAddr,
+    pub last: IpAddr,
+}
+
+impl AddrRange {
+    fn len(&self) -> u128 {
+        (bits(self.last) - bits(self.first)).saturating_add(1)
+    }
+
+    fn nth(&self, i: u128) -> IpAddr {
+        let b = bits(self.first) + i;
+        match self.first {
+            IpAddr::V4(_) => IpAddr::V4((b as u32).into()),
+            IpAddr::V6(_) => IpAddr::V6(b.into()),
+        }
+    }
+}
+
+fn bits(a: IpAddr) -> u128 {
+    match a {
+        IpAddr::V4(a) => u32::from(a).into(),
+        IpAddr::V6(a) => a.into(),
+    }
+}
+
+impl FromStr for AddrRange {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let (a, b) = s.split_once('-').unwrap_or((s, s));
+        let first: IpAddr = a.trim().parse().with_context(|| format!("{a:?} is not an address"))?;
+        let last: IpAddr = b.trim().parse().with_context(|| format!("{b:?} is not an address"))?;
+        if first.is_ipv4() != last.is_ipv4() || bits(last) < bits(first) {
+            bail!("{s:?}: a range is FIRST-LAST of one family, FIRST not above LAST");
+        }
+        Ok(Self { first, last })
+    }
+}
+
+/// A range of ports, FIRST-LAST inclusive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl FromStr for PortRange {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let (a, b) = s.split_once('-').unwrap_or((s, s));
+        let first: u16 = a.trim().parse().with_context(|| format!("{a:?} is not a port"))?;
+        let last: u16 = b.trim().parse().with_context(|| format!("{b:?} is not a port"))?;
+        if last < first {
+            bail!("{s:?}: FIRST-LAST with FIRST not above LAST");
+        }
+        Ok(Self { first, last })
+    }
+}
+
+/// Everything the generated frames share, and what varies between them.
+#[derive(Debug, Clone)]
+pub struct FrameSpec {
+    pub src_mac: Mac,
+    pub dst_mac: Mac,
+    pub src: AddrRange,
+    pub dst: IpAddr,
+    pub sport: PortRange,
+    pub dport: u16,
+    pub proto: Proto,
+    /// Frame length without the FCS.
+    pub size: usize,
+}
+
+const ETH_LEN: usize = 14;
+const IPV4_LEN: usize = 20;
+const IPV6_LEN: usize = 40;
+const UDP_LEN: usize = 8;
+const TCP_LEN: usize = 20;
+
+impl FrameSpec {
+    /// Length of the headers: the smallest frame.
+    pub fn headers_len(&self) -> usize {
+        ETH_LEN
+            + if self.dst.is_ipv4() { IPV4_LEN } else { IPV6_LEN }
+            + match self.proto {
+                Proto::Udp => UDP_LEN,
+                Proto::Tcp => TCP_LEN,
+            }
+    }
+
+    /// `n` distinct frames (fewer if the ranges hold fewer combinations): template `i`
+    /// takes the `i`-th combination of source port (varying fastest) and source address.
+    pub fn templates(&self, n: u32) -> Result<Vec<Vec<u8>>> {
+        if self.src.first.is_ipv4() != self.dst.is_ipv4() {
+            bail!("--src and --dst must be of the same address family");
+        }
+        if self.size < self.headers_len() || self.size > MAX_FRAME {
+            bail!(
+                "--size must be {}-{MAX_FRAME} bytes for {:?} over {}",
+                self.headers_len(),
+                self.proto,
+                if self.dst.is_ipv4() { "IPv4" } else { "IPv6" }
+            );
+        }
+        let ports = u128::from(self.sport.last - self.sport.first) + 1;
+        let combos = ports.saturating_mul(self.src.len());
+        let n = u128::from(n).min(combos);
+        Ok((0..n)
+            .map(|i| {
+                let sport = self.sport.first + (i % ports) as u16;
+                let src = self.src.nth((i / ports) % self.src.len());
+                self.frame(src, sport, i as u32)
+            })
+            .collect())
+    }
+
+    /// One frame from `src`:`sport`, with correct lengths and checksums. UDP payloads fill
+    /// the frame to `size`; TCP SYNs carry no payload and are padded like Ethernet pads.
+    pub fn frame(&self, src: IpAddr, sport: u16, seq: u32) -> Vec<u8> {
+        let l4_hdr = match self.proto {
+            Proto::Udp => UDP_LEN,
+            Proto::Tcp => TCP_LEN,
+        };
+        let l4_len = match self.proto {
+            Proto::Udp => self.size - self.headers_len() + UDP_LEN,
+            Proto::Tcp => TCP_LEN,
+        };
+        let mut l4 = vec![0u8; l4_len];
+        l4[0..2].copy_from_slice(&sport.to_be_bytes());
+        l4[2..4].copy_from_slice(&self.dport.to_be_bytes());
+        let proto_num = match self.proto {
+            Proto::Udp => {
+                l4[4..6].copy_from_slice(&(l4_len as u16).to_be_bytes());
+                for (i, b) in l4[l4_hdr..].iter_mut().enumerate() {
+                    *b = i as u8;
+                }
+                17u8
+            }
+            Proto::Tcp => {
+                l4[4..8].copy_from_slice(&seq.to_be_bytes());
+                l4[12] = (5 << 4) as u8; // data offset: 5 words
+                l4[13] = 0x02; // SYN
+                l4[14..16].copy_from_slice(&64240u16.to_be_bytes());
+                6u8
+            }
+        };
+        let csum_at = match self.proto {
+            Proto::Udp => 6,
+            Proto::Tcp => 16,
+        };
+
+        let mut frame = Vec::with_capacity(self.size);
+        frame.extend_from_slice(&self.dst_mac);
+        frame.extend_from_slice(&self.src_mac);
+        match (src, self.dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                frame.extend_from_slice(&0x0800u16.to_be_bytes());
+                let mut ip = [0u8; IPV4_LEN];
+                ip[0] = 0x45;
+                ip[2..4].copy_from_slice(&((IPV4_LEN + l4_len) as u16).to_be_bytes());
+                ip[4..6].copy_from_slice(&(seq as u16).to_be_bytes());
+                ip[6] = 0x40; // don't fragment
+                ip[8] = 64;
+                ip[9] = proto_num;
+                ip[12..16].copy_from_slice(&s.octets());
+                ip[16..20].copy_from_slice(&d.octets());
+                let c = checksum(&[&ip]);
+                ip[10..12].copy_from_slice(&c.to_be_bytes());
+                let pseudo = [
+                    &s.octets()[..],
+                    &d.octets()[..],
+                    &[0, proto_num],
+                    &(l4_len as u16).to_be_bytes(),
+                ];
+                let mut c = checksum(&[pseudo[0], pseudo[1], pseudo[2], pseudo[3], &l4]);
+                if c == 0 && self.proto == Proto::Udp {
+                    c = 0xffff;
+                }
+                l4[csum_at..csum_at + 2].copy_from_slice(&c.to_be_bytes());
+                frame.extend_from_slice(&ip);
+            }
+            (IpAddr::V6(s), IpAddr::V6(d)) => {
+                frame.extend_from_slice(&0x86ddu16.to_be_bytes());
+                let mut ip = [0u8; IPV6_LEN];
+                ip[0] = 0x60;
+                ip[4..6].copy_from_slice(&(l4_len as u16).to_be_bytes());
+                ip[6] = proto_num;
+                ip[7] = 64;
+                ip[8..24].copy_from_slice(&s.octets());
+                ip[24..40].copy_from_slice(&d.octets());
+                let len = (l4_len as u32).to_be_bytes();
+                let mut c = checksum(&[&s.octets(), &d.octets(), &len, &[0, 0, 0, proto_num], &l4]);
+                if c == 0 && self.proto == Proto::Udp {
+                    c = 0xffff;
+                }
+                l4[csum_at..csum_at + 2].copy_from_slice(&c.to_be_bytes());
+                frame.extend_from_slice(&ip);
+            }
+            _ => unreachable!("families checked in templates()"),
+        }
+        frame.extend_from_slice(&l4);
+        frame.resize(self.size.max(frame.len()), 0);
+        frame
+    }
+}
+
+/// The Internet checksum of the concatenation of `parts` (each of even length but the
+/// last).
+fn checksum(parts: &[&[u8]]) -> u16 {
+    let mut sum: u64 = 0;
+    let mut odd: Option<u8> = None;
+    for part in parts {
+        for &b in *part {
+            match odd.take() {
+                Some(hi) => sum += u64::from(u16::from_be_bytes([hi, b])),
+                None => odd = Some(b),
+            }
+        }
+    }
+    if let Some(hi) = odd {
+        sum += u64::from(u16::from_be_bytes([hi, 0]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+#[cfg(test)]
+mod tests {
+    use etherparse::{NetSlice, SlicedPacket, TransportSlice};
+
+    use super::*;
+
+    fn spec(src: &str, dst: &str, proto: Proto, size: usize) -> FrameSpec {
+        FrameSpec {
+            src_mac: [2, 0, 0, 0, 0, 1],
+            dst_mac: [2, 0, 0, 0, 0, 2],
+            src: src.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            sport: "1000-1003".parse().unwrap(),
+            dport: 9,
+            proto,
+            size,
+        }
+    }
+
+    /// Every template parses, has the right length and ports, and valid checksums
+    /// (verified by etherparse, not by our own checksum code).
+    #[test]
+    fn frames_are_well_formed_with_valid_checksums() {
+        for (src, dst) in [
+            ("203.0.113.1-203.0.113.3", "198.51.100.1"),
+            ("2001:db8::1-2001:db8::3", "2001:db8:1::1"),
+        ] {
+            for proto in [Proto::Udp, Proto::Tcp] {
+                for size in [60, 61, 128, 1514] {
+                    let s =
+                        spec(src, dst, proto, size.max(spec(src, dst, proto, 60).headers_len()));
+                    let frames = s.templates(10).unwrap();
+                    assert_eq!(frames.len(), 10);
+                    for (i, f) in frames.iter().enumerate() {
+                        assert_eq!(f.len(), s.size);
+                        let p = SlicedPacket::from_ethernet(f).unwrap();
+                        let (src_ip, dst_ip, ip_payload_len): (IpAddr, IpAddr, usize) = match &p.net
+                        {
+                            Some(NetSlice::Ipv4(v4)) => {
+                                let h = v4.header();
+                                assert_eq!(
+                                    h.to_header().calc_header_checksum(),
+                                    h.header_checksum()
+                                );
+                                (
+                                    h.source_addr().into(),
+                                    h.destination_addr().into(),
+                                    v4.payload().payload.len(),
+                                )
+                            }
+                            Some(NetSlice::Ipv6(v6)) => {
+                                let h = v6.header();
+                                (
+                                    h.source_addr().into(),
+                                    h.destination_addr().into(),
+                                    v6.payload().payload.len(),
+                                )
+                            }
+                            other => panic!("not IP: {other:?}"),
+                        };
+                        assert_eq!(dst_ip, s.dst);
+                        assert_eq!(
+                            src_ip,
+                            s.src.nth(i as u128 / 4),
+                            "addresses vary after the 4 ports"
+                        );
+                        let ip_hdr = if s.dst.is_ipv4() { IPV4_LEN } else { IPV6_LEN };
+                        assert!(ETH_LEN + ip_hdr + ip_payload_len <= f.len());
+                        match p.transport {
+                            Some(TransportSlice::Udp(u)) => {
+                                assert_eq!(u.source_port(), 1000 + (i % 4) as u16);
+                                assert_eq!(u.destination_port(), 9);
+                                let expect = match (src_ip, dst_ip) {
+                                    (IpAddr::V4(a), IpAddr::V4(b)) => u
+                                        .to_header()
+                                        .calc_checksum_ipv4_raw(a.octets(), b.octets(), u.payload())
+                                        .unwrap(),
+                                    (IpAddr::V6(a), IpAddr::V6(b)) => u
+                                        .to_header()
+                                        .calc_checksum_ipv6_raw(a.octets(), b.octets(), u.payload())
+                                        .unwrap(),
+                                    _ => unreachable!(),
+                                };
+                                assert_eq!(u.checksum(), expect, "UDP checksum");
+                                assert_eq!(
+                                    usize::from(u.length()),
+                                    size.max(s.headers_len()) - s.headers_len() + UDP_LEN
+                                );
+                            }
+                            Some(TransportSlice::Tcp(t)) => {
+                                assert!(t.syn() && !t.ack());
+                                assert_eq!(t.source_port(), 1000 + (i % 4) as u16);
+                                let expect = match (src_ip, dst_ip) {
+                                    (IpAddr::V4(a), IpAddr::V4(b)) => {
+                                        t.calc_checksum_ipv4(a.octets(), b.octets()).unwrap()
+                                    }
+                                    (IpAddr::V6(a), IpAddr::V6(b)) => {
+                                        t.calc_checksum_ipv6(a.octets(), b.octets()).unwrap()
+                                    }
+                                    _ => unreachable!(),
+                                };
+                                assert_eq!(t.checksum(), expect, "TCP checksum");
+                            }
+                            other => panic!("no transport: {other:?}"),
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn templates_are_capped_by_the_combinations() {
+        let s = spec("203.0.113.1-203.0.113.2", "198.51.100.1", Proto::Udp, 60);
+        let frames = s.templates(1000).unwrap();
+        assert_eq!(frames.len(), 8, "4 ports x 2 addresses");
+        let mut sorted = frames.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), 8, "all distinct");
+    }
+
+    #[test]
+    fn bad_specs_are_refused() {
+        assert!(spec("203.0.113.1", "2001:db8::1", Proto::Udp, 80).templates(1).is_err());
+        assert!(spec("203.0.113.1", "198.51.100.1", Proto::Tcp, 50).templates(1).is_err());
+        assert!(
+            spec("203.0.113.1", "198.51.100.1", Proto::Udp, MAX_FRAME + 1).templates(1).is_err()
+        );
+        assert!("203.0.113.9-203.0.113.1".parse::<AddrRange>().is_err());
+        assert!("203.0.113.1-2001:db8::1".parse::<AddrRange>().is_err());
+        assert!("2000-1000".parse::<PortRange>().is_err());
+    }
+
+    #[test]
+    fn rates_macs_and_counters_parse() {
+        assert_eq!(parse_rate("50000"), Ok(50_000));
+        assert_eq!(parse_rate("750k"), Ok(750_000));
+        assert_eq!(parse_rate("2.5M"), Ok(2_500_000));
+        assert!(parse_rate("fast").is_err());
+        assert_eq!(parse_mac("02:00:0a:ff:00:01"), Ok([2, 0, 10, 255, 0, 1]));
+        assert!(parse_mac("02:00:0a:ff:00").is_err());
+        let text = "Inter-|   Receive                                                |  Transmit\n \
+             face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed\n    \
+             lo:       0       0    0    0    0     0          0         0        0       0    0    0    0     0       0          0\n  \
+             veth0: 1000 10 0 2 0 0 0 0 64000 1000 0 7 0 0 0 0\n";
+        assert_eq!(
+            parse_net_dev(text, "veth0"),
+            Some(DevCounters {
+                rx_bytes: 1000,
+                rx_packets: 10,
+                rx_dropped: 2,
+                tx_bytes: 64000,
+                tx_packets: 1000,
+                tx_dropped: 7
+            })
+        );
+        assert_eq!(parse_net_dev(text, "veth"), None);
+    }
+
+    #[test]
+    fn xdp_md_names_the_interface() {
+        let md = xdp_md(60, 7);
+        assert_eq!(u32::from_ne_bytes(md[4..8].try_into().unwrap()), 60);
+        assert_eq!(u32::from_ne_bytes(md[12..16].try_into().unwrap()), 7);
+        assert_eq!(md.iter().filter(|b| **b != 0).count(), 2);
+    }
+}
