@@ -75,6 +75,14 @@ fn as_classified(meta: &PacketMeta, entry: &FlowValue) -> Result<&'static Packet
         m.dst = meta.src;
         m.sport = meta.dport;
         m.dport = meta.sport;
+        if entry.nat == NAT_DST {
+            // The reply of a source-NATed flow: its first packet came from the private host.
+            m.src = entry.nat_addr;
+            m.sport = entry.nat_port;
+            if m.proto == IPPROTO_ICMP || m.proto == IPPROTO_ICMPV6 {
+                m.dport = entry.nat_port;
+            }
+        }
     } else if entry.nat == NAT_DST || entry.nat == NAT_NEXT_HOP {
         m.dst = entry.nat_addr;
         m.dport = entry.nat_port;
@@ -149,7 +157,7 @@ fn create(
     // XDP never sees the SYNs it sends, only the answers.
     if meta.proto == IPPROTO_TCP
         && meta.tcp_flags & (TH_SYN | TH_ACK | TH_RST | TH_FIN) != TH_SYN
-        && !forward::is_local(ctx, meta, len)
+        && (snat::to_public_address(meta) || !forward::is_local(ctx, meta, len))
     {
         return Err(DropReason::NoFlow);
     }
@@ -184,9 +192,15 @@ fn create(
                 forward.nat_addr = t.addr;
                 forward.nat_port = t.port;
                 if t.kind == NAT_DST {
-                    // The reply direction of an outbound flow: allowed as its reply.
+                    // The reply direction of an outbound flow: allowed as its reply, if
+                    // the policy still allows the flow itself.
                     forward.reply = 1;
                     forward.direction = DIR_OUTBOUND as u8;
+                    let decision = classify(active, as_classified(meta, forward)?, DIR_OUTBOUND);
+                    if !decision.allowed {
+                        return Err(DropReason::Policy);
+                    }
+                    forward.rule = decision.rule;
                 } else {
                     allow(active, meta, dir, forward)?;
                 }

@@ -80,6 +80,11 @@ pub fn related(ctx: &XdpContext, meta: &PacketMeta) -> Option<Action> {
         }
         _ => return None,
     }
+    // An error about a packet goes back to that packet's source: one addressed to anyone
+    // else is no part of the flow (it would let ICMP past policy to any host).
+    if meta.dst != key.dst {
+        return None;
+    }
     let entry = unsafe { FLOWS.get(&key)? };
     Some(match entry.nat {
         NAT_DST => Action { nat: NAT_ICMP_ERROR, addr: entry.nat_addr, port: entry.nat_port },

@@ -103,14 +103,14 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, DropReason> {
         src: [0; 4],
         dst: [0; 4],
     };
-    let l4_off = match ether_type {
+    let (l4_off, ip_end) = match ether_type {
         ETH_P_IP => parse_ipv4(ctx, l3_off, &mut meta)?,
         ETH_P_IPV6 => parse_ipv6(ctx, l3_off, &mut meta)?,
         _ => return Ok(Parsed::LinkControl),
     };
     meta.l4_off = l4_off as u16;
     if meta.frag != FRAG_LATER {
-        parse_l4(ctx, l4_off, &mut meta)?;
+        parse_l4(ctx, l4_off, ip_end, &mut meta)?;
         if is_link_control(&meta) {
             return Ok(Parsed::LinkControl);
         }
@@ -140,7 +140,8 @@ fn parse_eth(ctx: &XdpContext) -> Result<(u16, usize), DropReason> {
 }
 
 #[inline(always)]
-fn parse_ipv4(ctx: &XdpContext, off: usize, meta: &mut PacketMeta) -> Result<usize, DropReason> {
+/// Returns the offsets of the L4 header and of the end of the datagram.
+fn parse_ipv4(ctx: &XdpContext, off: usize, meta: &mut PacketMeta) -> Result<(usize, usize), DropReason> {
     let ip: *const Ipv4Hdr = ptr_at(ctx, off)?;
     let ip = unsafe { &*ip };
     let ihl = ((ip.version_ihl & 0x0f) as usize) * 4;
@@ -165,11 +166,12 @@ fn parse_ipv4(ctx: &XdpContext, off: usize, meta: &mut PacketMeta) -> Result<usi
     } else {
         FRAG_NONE
     };
-    Ok(off + ihl)
+    Ok((off + ihl, off + total_len))
 }
 
 #[inline(always)]
-fn parse_ipv6(ctx: &XdpContext, off: usize, meta: &mut PacketMeta) -> Result<usize, DropReason> {
+/// Returns the offsets of the L4 header and of the end of the datagram.
+fn parse_ipv6(ctx: &XdpContext, off: usize, meta: &mut PacketMeta) -> Result<(usize, usize), DropReason> {
     let ip: *const Ipv6Hdr = ptr_at(ctx, off)?;
     let ip = unsafe { &*ip };
     if ip.vtc_flow[0] >> 4 != 6 {
@@ -178,13 +180,15 @@ fn parse_ipv6(ctx: &XdpContext, off: usize, meta: &mut PacketMeta) -> Result<usi
     if ctx.data() + off + size_of::<Ipv6Hdr>() + be16(ip.payload_len) as usize > ctx.data_end() {
         return Err(DropReason::Malformed);
     }
+    let end = off + size_of::<Ipv6Hdr>() + be16(ip.payload_len) as usize;
     meta.family = 6;
     meta.hop_limit = ip.hop_limit;
     meta.src = words(&ip.src);
     meta.dst = words(&ip.dst);
     let mut next = ip.next_hdr;
     let mut off = off + size_of::<Ipv6Hdr>();
-    for _ in 0..MAX_EXT_HDRS {
+    // One more round than headers followed: the last finds the L4 protocol.
+    for _ in 0..=MAX_EXT_HDRS {
         match next {
             IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
                 let ext: *const Ipv6ExtHdr = ptr_at(ctx, off)?;
@@ -202,7 +206,7 @@ fn parse_ipv6(ctx: &XdpContext, off: usize, meta: &mut PacketMeta) -> Result<usi
                 if fo & 0xfff8 != 0 {
                     meta.proto = next;
                     meta.frag = FRAG_LATER;
-                    return Ok(off);
+                    return Ok((off, end));
                 }
                 if fo & 1 != 0 {
                     meta.frag = FRAG_FIRST;
@@ -210,7 +214,7 @@ fn parse_ipv6(ctx: &XdpContext, off: usize, meta: &mut PacketMeta) -> Result<usi
             }
             _ => {
                 meta.proto = next;
-                return Ok(off);
+                return Ok((off, end));
             }
         }
     }
@@ -220,10 +224,10 @@ fn parse_ipv6(ctx: &XdpContext, off: usize, meta: &mut PacketMeta) -> Result<usi
 /// Ports, TCP flags and ICMP type. A first fragment too short to hold its L4 header is
 /// dropped: it would hide the ports from the rules (RFC 1858).
 #[inline(always)]
-fn parse_l4(ctx: &XdpContext, off: usize, meta: &mut PacketMeta) -> Result<(), DropReason> {
+fn parse_l4(ctx: &XdpContext, off: usize, end: usize, meta: &mut PacketMeta) -> Result<(), DropReason> {
     match meta.proto {
         IPPROTO_TCP => {
-            let tcp: *const TcpHdr = ptr_at(ctx, off)?;
+            let tcp: *const TcpHdr = l4_at(ctx, off, end)?;
             let tcp = unsafe { &*tcp };
             if (tcp.doff_res >> 4) < 5 {
                 return Err(DropReason::Malformed);
@@ -233,13 +237,13 @@ fn parse_l4(ctx: &XdpContext, off: usize, meta: &mut PacketMeta) -> Result<(), D
             meta.tcp_flags = tcp.flags;
         }
         IPPROTO_UDP => {
-            let udp: *const UdpHdr = ptr_at(ctx, off)?;
+            let udp: *const UdpHdr = l4_at(ctx, off, end)?;
             let udp = unsafe { &*udp };
             meta.sport = be16(udp.sport);
             meta.dport = be16(udp.dport);
         }
         IPPROTO_ICMP | IPPROTO_ICMPV6 => {
-            let icmp: *const IcmpHdr = ptr_at(ctx, off)?;
+            let icmp: *const IcmpHdr = l4_at(ctx, off, end)?;
             let icmp = unsafe { &*icmp };
             meta.icmp_type = icmp.kind;
             meta.icmp_code = icmp.code;
@@ -252,6 +256,16 @@ fn parse_l4(ctx: &XdpContext, off: usize, meta: &mut PacketMeta) -> Result<(), D
         _ => {}
     }
     Ok(())
+}
+
+/// An L4 header, which must lie inside the IP datagram: bytes past its end (Ethernet padding
+/// of a short frame) are not part of the packet, whatever they look like.
+#[inline(always)]
+fn l4_at<T>(ctx: &XdpContext, off: usize, end: usize) -> Result<*const T, DropReason> {
+    if off + size_of::<T>() > end {
+        return Err(DropReason::Malformed);
+    }
+    ptr_at(ctx, off)
 }
 
 /// Echo request or reply, the ICMP messages that form a flow by identifier.

@@ -32,11 +32,23 @@ impl Gateway {
         let client = Netns::new("gwc");
         let gw = Netns::new("gwg");
         let server = Netns::new("gws");
-        let (_, ext) = veth(&client, &format!("{CLIENT4}/24,{CLIENT6}/64"), &gw, "203.0.113.1/24,2001:db8:2::1/64");
-        let (int, _) = veth(&gw, "198.51.100.1/24,2001:db8:1::1/64", &server, &format!("{SERVER4}/24,{SERVER6}/64"));
+        let (_, ext) = veth(
+            &client,
+            &format!("{CLIENT4}/24,{CLIENT6}/64"),
+            &gw,
+            "203.0.113.1/24,2001:db8:2::1/64",
+        );
+        let (int, _) = veth(
+            &gw,
+            "198.51.100.1/24,2001:db8:1::1/64",
+            &server,
+            &format!("{SERVER4}/24,{SERVER6}/64"),
+        );
         gw.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
         gw.exec("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"]);
-        for (ns, v4, v6) in [(&client, "203.0.113.1", "2001:db8:2::1"), (&server, "198.51.100.1", "2001:db8:1::1")] {
+        for (ns, v4, v6) in
+            [(&client, "203.0.113.1", "2001:db8:2::1"), (&server, "198.51.100.1", "2001:db8:1::1")]
+        {
             ns.exec("ip", &["route", "add", "default", "via", v4]);
             ns.exec("ip", &["-6", "route", "add", "default", "via", v6]);
         }
@@ -44,8 +56,13 @@ impl Gateway {
         for (iface, role) in [(&ext, "external"), (&int, "internal")] {
             let out = pins.xdpgate(&["attach", "--iface", iface, "--role", role]);
             assert!(out.contains("attached"), "{out}");
-            let link = String::from_utf8_lossy(&gw.exec("ip", &["-d", "link", "show", iface]).stdout).into_owned();
-            assert!(link.contains("prog/xdp") && !link.contains("xdpgeneric"), "not native XDP on {iface}: {link}");
+            let link =
+                String::from_utf8_lossy(&gw.exec("ip", &["-d", "link", "show", iface]).stdout)
+                    .into_owned();
+            assert!(
+                link.contains("prog/xdp") && !link.contains("xdpgeneric"),
+                "not native XDP on {iface}: {link}"
+            );
         }
         let dir = std::env::temp_dir().join(unique("gwpol"));
         std::fs::create_dir_all(&dir).expect("policy dir");

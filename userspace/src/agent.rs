@@ -40,6 +40,15 @@ pub fn load(file: &Path) -> Result<(Policy, String)> {
     Ok((policy, source))
 }
 
+/// Compiles every part of a policy and checks it fits the dataplane's tables, touching
+/// nothing: what `xdpgate check` runs, and what `apply` does before it changes anything.
+pub fn compile_all(policy: &Policy) -> Result<(compile::Compiled, CompiledLb)> {
+    let tables = compile::compile(policy)?;
+    let lbs = lb::compile(policy)?;
+    nat::check(policy)?;
+    Ok((tables, lbs))
+}
+
 /// Compiles everything first (so a policy that cannot be compiled changes nothing), then
 /// swaps the NSG tables in and installs the load balancers. Returns the generation and
 /// the compiled load balancers.
@@ -49,8 +58,7 @@ pub fn apply_policy(
     source: &str,
     healthy: &dyn Fn(u32) -> bool,
 ) -> Result<(u64, CompiledLb)> {
-    let tables = compile::compile(policy)?;
-    let lbs = lb::compile(policy)?;
+    let (tables, lbs) = compile_all(policy)?;
     let mut maps = LbMaps::open(pins)?;
     let mut nat_maps = nat::NatMaps::open(pins)?;
     let generation = apply::apply(pins, &tables, &policy.settings)?;

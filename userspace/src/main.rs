@@ -257,7 +257,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Check { file } => {
             let (policy, _) = agent::load(&file)?;
-            let compiled = compile::compile(&policy)?;
+            let (compiled, _) = agent::compile_all(&policy)?;
             let rules: usize = policy.nsgs.iter().map(|n| n.rules.len()).sum();
             let entries: usize = compiled.tables.iter().map(|t| t.fields.len()).sum();
             println!(

@@ -8,7 +8,7 @@ use aya::maps::{Array, HashMap, MapData, PerCpuArray, lpm_trie::{Key, LpmTrie}};
 use ipnet::IpNet;
 use xdpgate_common::{
     flow::{FlowKey, FlowValue, NAT_DST, TCP_CLOSED},
-    maps::{FLOWS, NAT_FAILURES, NAT_GATEWAYS, NAT_MAP, NAT_PUBLIC, NAT_SUBNETS, VNET},
+    maps::{FLOWS, NAT_FAILURES, NAT_GATEWAYS, NAT_MAP, NAT_PREFIXES, NAT_PUBLIC, NAT_SUBNETS, VNET},
     nat::{
         ADDR_KEY_HEADER_BITS, AddrKey, MAX_NAT_GATEWAYS, MAX_PUBLIC_ADDRS, NAT_ACTIVE, NAT_COOLDOWN, NatEntry,
         NatGatewayConfig,
@@ -79,40 +79,70 @@ impl NatMaps {
         })
     }
 
-    /// Replaces the gateway tables with the policy's. Existing translations stay (their
-    /// flows keep working) until they idle out.
+    /// Replaces the gateway tables with the policy's: new entries first, then the stale
+    /// ones removed, so no packet finds the tables empty in between. Existing translations
+    /// stay (their flows keep working) until they idle out.
     pub fn install(&mut self, policy: &Policy) -> Result<()> {
-        if policy.nat_gateways.len() > MAX_NAT_GATEWAYS as usize {
-            bail!("{} NAT gateways exceed the table size {MAX_NAT_GATEWAYS}", policy.nat_gateways.len());
-        }
+        check(policy)?;
         for (i, gw) in policy.nat_gateways.iter().enumerate() {
             self.gateways.set(i as u32, gateway_config(gw), 0)?;
         }
-        let stale: Vec<Key<AddrKey>> = self.subnets.keys().filter_map(|k| k.ok()).collect();
-        for k in stale {
-            self.subnets.remove(&k)?;
+        let subnets: Vec<(Key<AddrKey>, u32)> = policy
+            .nat_gateways
+            .iter()
+            .enumerate()
+            .flat_map(|(i, gw)| gw.subnets.iter().map(move |n| (prefix_key(n), i as u32)))
+            .collect();
+        let vnet: Vec<(Key<AddrKey>, u32)> = policy.virtual_network.iter().map(|n| (prefix_key(n), 1)).collect();
+        let public: Vec<(AddrKey, u32)> = policy
+            .nat_gateways
+            .iter()
+            .enumerate()
+            .flat_map(|(i, gw)| gw.public_addresses.iter().map(move |a| (addr_key(*a), i as u32)))
+            .collect();
+        replace_trie(&mut self.subnets, &subnets)?;
+        replace_trie(&mut self.vnet, &vnet)?;
+        for (k, v) in &public {
+            self.public.insert(k, v, 0)?;
         }
-        let stale: Vec<Key<AddrKey>> = self.vnet.keys().filter_map(|k| k.ok()).collect();
-        for k in stale {
-            self.vnet.remove(&k)?;
-        }
-        let stale: Vec<AddrKey> = self.public.keys().filter_map(|k| k.ok()).collect();
+        let stale: Vec<AddrKey> = self.public.keys().filter_map(|k| k.ok()).filter(|k| !public.iter().any(|(p, _)| p == k)).collect();
         for k in stale {
             self.public.remove(&k)?;
         }
-        for (i, gw) in policy.nat_gateways.iter().enumerate() {
-            for net in &gw.subnets {
-                self.subnets.insert(&prefix_key(net), i as u32, 0)?;
-            }
-            for a in &gw.public_addresses {
-                self.public.insert(addr_key(*a), i as u32, 0)?;
-            }
-        }
-        for net in &policy.virtual_network {
-            self.vnet.insert(&prefix_key(net), 1, 0)?;
-        }
         Ok(())
     }
+}
+
+fn key_bits(k: &Key<AddrKey>) -> (u32, AddrKey) {
+    (k.prefix_len(), k.data())
+}
+
+/// Inserts `entries` into `trie`, then removes whatever else it held.
+fn replace_trie(trie: &mut LpmTrie<MapData, AddrKey, u32>, entries: &[(Key<AddrKey>, u32)]) -> Result<()> {
+    for (k, v) in entries {
+        trie.insert(k, v, 0)?;
+    }
+    let wanted: Vec<(u32, AddrKey)> = entries.iter().map(|(k, _)| key_bits(k)).collect();
+    let stale: Vec<Key<AddrKey>> =
+        trie.keys().filter_map(|k| k.ok()).filter(|k| !wanted.contains(&key_bits(k))).collect();
+    for k in stale {
+        trie.remove(&k)?;
+    }
+    Ok(())
+}
+
+/// Whether the policy's NAT gateways fit the dataplane's tables.
+pub fn check(policy: &Policy) -> Result<()> {
+    let gws = policy.nat_gateways.len();
+    if gws > MAX_NAT_GATEWAYS as usize {
+        bail!("{gws} NAT gateways exceed the table size {MAX_NAT_GATEWAYS}");
+    }
+    let subnets: usize = policy.nat_gateways.iter().map(|g| g.subnets.len()).sum();
+    let prefixes = subnets.max(policy.virtual_network.len());
+    if prefixes > NAT_PREFIXES as usize {
+        bail!("{prefixes} NAT subnet or virtual-network prefixes exceed the table size {NAT_PREFIXES}");
+    }
+    Ok(())
 }
 
 /// `bpf_ktime_get_ns`'s clock.
