@@ -70,6 +70,14 @@ fn a_flood_of_denied_packets_is_rate_limited_and_counted() {
     drain(&k);
     const FLOOD: u32 = 20_000;
     let denied = frame("203.0.113.7", "198.51.100.10", L4::Tcp(40000, 22, SYN));
+    // The limit is per CPU (each CPU has its own bucket): keep the flood on one CPU, which
+    // the kernel's test-run loop would otherwise be free to leave between runs.
+    // SAFETY: a zeroed cpu_set_t with CPU 0 set, for this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set), 0);
+    }
     let (suppressed_before, lost_before) = flowlog::event_losses(&k.pins.dir).unwrap();
     let start = std::time::Instant::now();
     let prog: &Xdp = k.entry();

@@ -1,0 +1,157 @@
+//! `cargo xtask bench`: the cost of the xdpgate dataplane, measured in the kernel with
+//! `BPF_PROG_TEST_RUN` and always reported as a ratio to a no-op XDP program run in the same
+//! process on the same packets; the agent's table work; memory; and peers on the same
+//! traffic.
+//!
+//! Sections (each writes `target/bench/<section>.md` and `.json`; all of them together
+//! `target/bench/README.md` and the chart `target/bench/ratios.svg`):
+//! - `nsg`: NSG established/first-packet cases at 10-4,000 rules, IPv4 and IPv6, and the
+//!   time to compile and apply a policy of 4,000 rules;
+//! - `lb`: load balancer, first packet and established flows with 2/16/256 backends, and
+//!   the Maglev table swap after a probe failure;
+//! - `nat`: NAT gateway, first packet (port claim) and established translated flows;
+//! - `memory`: every map at its configured size, the flow table at 1M entries, the agent's
+//!   resident memory with 4,096 rules and 256 backends;
+//! - `peers`: nftables (linear chain and verdict map), no filter and xdpgate in packets per
+//!   second through a real veth path, and xdp-filter's per-packet cost against the no-op.
+//!
+//! A benchmark, not a test: nothing is asserted about speed. Verdicts, rewritten packets and
+//! table counts are checked, as a wrong one would mean the wrong path was measured.
+
+mod common;
+mod lb;
+mod memory;
+mod nat;
+mod nsg;
+mod peers;
+mod report;
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    time::Instant,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, ValueEnum};
+use serde::Serialize;
+
+use crate::common::{Config, Machine};
+
+#[derive(Parser)]
+#[command(about = "Benchmark the xdpgate dataplane against a no-op XDP program and its peers")]
+struct Args {
+    /// Small repeat counts and short traffic: a smoke test of the benchmark, not a
+    /// measurement.
+    #[arg(long)]
+    quick: bool,
+    /// Measurements per figure (the median is reported); default 7, 3 with --quick.
+    #[arg(long)]
+    runs: Option<usize>,
+    /// Where to write the reports (default: <workspace>/target/bench).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Run only these sections (comma-separated; default: all).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<Section>,
+    /// Internal: measure the agent's resident memory in this fresh process, print JSON.
+    #[arg(long, hide = true)]
+    memory_probe: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Section {
+    Nsg,
+    Lb,
+    Nat,
+    Memory,
+    Peers,
+}
+
+/// What one invocation measured, section by section.
+#[derive(Default)]
+pub struct Results {
+    pub nsg: Option<nsg::Report>,
+    pub lb: Option<lb::Report>,
+    pub nat: Option<nat::Report>,
+    pub memory: Option<memory::Report>,
+    pub peers: Option<peers::Report>,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if args.memory_probe {
+        return memory::probe();
+    }
+    let cfg = Config::new(args.quick, args.runs);
+    if cfg.runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    let out = args.out.unwrap_or_else(|| {
+        Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").join("target/bench")
+    });
+    let wanted = |s: Section| args.only.is_empty() || args.only.contains(&s);
+    let cpu = common::pin_to_current_cpu();
+    let machine = Machine::detect();
+    eprintln!(
+        "xdpgate-bench: kernel {}, {}, {} runs per figure, repeat {}, {} distinct packets{}",
+        machine.kernel,
+        machine.cpu,
+        cfg.runs,
+        cfg.repeat,
+        cfg.distinct,
+        cpu.map(|c| format!(", pinned to CPU {c}")).unwrap_or_default()
+    );
+    fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+
+    let started = Instant::now();
+    let mut results = Results::default();
+    if wanted(Section::Nsg) {
+        eprintln!("NSG ...");
+        let r = nsg::measure(&cfg, &machine)?;
+        write(&out, "nsg", &nsg::markdown(&r), &r)?;
+        results.nsg = Some(r);
+    }
+    if wanted(Section::Lb) {
+        eprintln!("load balancer ...");
+        let r = lb::measure(&cfg, &machine)?;
+        write(&out, "lb", &lb::markdown(&r), &r)?;
+        results.lb = Some(r);
+    }
+    if wanted(Section::Nat) {
+        eprintln!("NAT gateway ...");
+        let r = nat::measure(&cfg, &machine)?;
+        write(&out, "nat", &nat::markdown(&r), &r)?;
+        results.nat = Some(r);
+    }
+    if wanted(Section::Memory) {
+        eprintln!("memory ...");
+        let r = memory::measure(cfg.quick, &machine)?;
+        write(&out, "memory", &memory::markdown(&r), &r)?;
+        results.memory = Some(r);
+    }
+    if wanted(Section::Peers) {
+        eprintln!("peers ...");
+        let r = peers::measure(&cfg, &machine, cpu)?;
+        write(&out, "peers", &peers::markdown(&r), &r)?;
+        results.peers = Some(r);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    eprintln!("xdpgate-bench: done in {elapsed:.0} s");
+
+    let svg = report::svg(&results);
+    fs::write(out.join("ratios.svg"), svg).context("writing ratios.svg")?;
+    let readme = report::readme(&results, &machine, &cfg, elapsed);
+    fs::write(out.join("README.md"), &readme).context("writing README.md")?;
+    print!("{readme}");
+    eprintln!("wrote {}/{{README.md, ratios.svg, <section>.md, <section>.json}}", out.display());
+    Ok(())
+}
+
+/// Writes `<name>.md` and `<name>.json`.
+fn write(out: &Path, name: &str, md: &str, report: &impl Serialize) -> Result<()> {
+    fs::write(out.join(format!("{name}.md")), md).with_context(|| format!("writing {name}.md"))?;
+    fs::write(out.join(format!("{name}.json")), serde_json::to_string_pretty(report)? + "\n")
+        .with_context(|| format!("writing {name}.json"))?;
+    Ok(())
+}
