@@ -52,7 +52,9 @@ fn flow_log_lines_for_known_traffic() {
             .collect()
     };
     let start = Instant::now();
-    while !pins.try_xdpgate(&["status"]).status.success() || start.elapsed() < Duration::from_millis(500) {
+    while !pins.try_xdpgate(&["status"]).status.success()
+        || start.elapsed() < Duration::from_millis(500)
+    {
         thread::sleep(Duration::from_millis(50));
     }
 
@@ -83,7 +85,8 @@ fn flow_log_lines_for_known_traffic() {
     }
 
     // The UDP flows idle out after 4 s; the agent logs their end within a second or two.
-    let ends = |ls: &[Value]| ls.iter().filter(|l| l["state"] == "end" && l["dport"] == 5353).count();
+    let ends =
+        |ls: &[Value]| ls.iter().filter(|l| l["state"] == "end" && l["dport"] == 5353).count();
     let start = Instant::now();
     while ends(&lines()) < 3 {
         assert!(start.elapsed() < Duration::from_secs(12), "end lines missing:\n{:#?}", lines());
@@ -93,25 +96,40 @@ fn flow_log_lines_for_known_traffic() {
     let _ = agent.wait();
     let all = lines();
 
-    let begins: Vec<&Value> = all.iter().filter(|l| l["state"] == "begin" && l["dport"] == 5353).collect();
+    let begins: Vec<&Value> =
+        all.iter().filter(|l| l["state"] == "begin" && l["dport"] == 5353).collect();
     assert_eq!(begins.len(), 3, "{all:#?}");
     for b in &begins {
         assert_eq!(
             (b["src"].as_str(), b["dst"].as_str(), b["protocol"].as_str(), b["direction"].as_str()),
             (Some(CLIENT4), Some(SERVER4), Some("udp"), Some("inbound"))
         );
-        assert_eq!((b["nsg"].as_str(), b["rule"].as_str(), b["decision"].as_str()), (Some("servers"), Some("allow-dns"), Some("allow")));
+        assert_eq!(
+            (b["nsg"].as_str(), b["rule"].as_str(), b["decision"].as_str()),
+            (Some("servers"), Some("allow-dns"), Some("allow"))
+        );
     }
     for e in all.iter().filter(|l| l["state"] == "end" && l["dport"] == 5353) {
-        assert_eq!((e["packets_forward"].as_u64(), e["packets_reverse"].as_u64()), (Some(2), Some(2)), "{e}");
+        assert_eq!(
+            (e["packets_forward"].as_u64(), e["packets_reverse"].as_u64()),
+            (Some(2), Some(2)),
+            "{e}"
+        );
         // 100-byte payloads in 142-byte frames (Ethernet + IPv4 + UDP).
-        assert_eq!((e["bytes_forward"].as_u64(), e["bytes_reverse"].as_u64()), (Some(284), Some(284)), "{e}");
+        assert_eq!(
+            (e["bytes_forward"].as_u64(), e["bytes_reverse"].as_u64()),
+            (Some(284), Some(284)),
+            "{e}"
+        );
         assert_eq!(e["rule"].as_str(), Some("allow-dns"));
     }
     let denies: Vec<&Value> = all.iter().filter(|l| l["state"] == "deny").collect();
     assert!(denies.len() >= 2, "{all:#?}");
     for d in &denies {
-        assert_eq!((d["dport"].as_u64(), d["rule"].as_str(), d["decision"].as_str()), (Some(22), Some("deny-ssh"), Some("deny")));
+        assert_eq!(
+            (d["dport"].as_u64(), d["rule"].as_str(), d["decision"].as_str()),
+            (Some(22), Some("deny-ssh"), Some("deny"))
+        );
     }
 }
 
@@ -126,19 +144,33 @@ fn socket2_connect(sport: u16) -> Option<TcpStream> {
         addr.sin_family = libc::AF_INET as u16;
         addr.sin_port = sport.to_be();
         addr.sin_addr.s_addr = u32::from_ne_bytes([203, 0, 113, 10]);
-        libc::bind(fd, (&addr as *const libc::sockaddr_in).cast(), std::mem::size_of::<libc::sockaddr_in>() as u32);
+        libc::bind(
+            fd,
+            (&addr as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as u32,
+        );
         let stream = TcpStream::from_raw_fd(fd);
         let mut to: libc::sockaddr_in = std::mem::zeroed();
         to.sin_family = libc::AF_INET as u16;
         to.sin_port = 22u16.to_be();
         to.sin_addr.s_addr = u32::from_ne_bytes([198, 51, 100, 10]);
         libc::fcntl(fd, libc::F_SETFL, libc::O_NONBLOCK);
-        libc::connect(fd, (&to as *const libc::sockaddr_in).cast(), std::mem::size_of::<libc::sockaddr_in>() as u32);
+        libc::connect(
+            fd,
+            (&to as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as u32,
+        );
         let mut pfd = libc::pollfd { fd, events: libc::POLLOUT, revents: 0 };
         let ready = libc::poll(&mut pfd, 1, 1500);
         let mut err: libc::c_int = 0;
         let mut len = std::mem::size_of::<libc::c_int>() as u32;
-        libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_ERROR, (&mut err as *mut libc::c_int).cast(), &mut len);
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            (&mut err as *mut libc::c_int).cast(),
+            &mut len,
+        );
         (ready > 0 && err == 0).then_some(stream)
     }
 }

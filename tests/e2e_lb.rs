@@ -63,7 +63,12 @@ struct Backend {
 
 impl Backend {
     fn new(name: &'static str, ns: Netns, addr: &str) -> Self {
-        let b = Self { name, ns, addr: addr.parse().unwrap(), listening: Arc::new(AtomicBool::new(false)) };
+        let b = Self {
+            name,
+            ns,
+            addr: addr.parse().unwrap(),
+            listening: Arc::new(AtomicBool::new(false)),
+        };
         b.start();
         b
     }
@@ -99,7 +104,8 @@ fn serve(mut conn: TcpStream, name: &str) {
         match conn.read(&mut buf) {
             Ok(0) | Err(_) => return,
             Ok(_) => {
-                let reply = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{name}", name.len());
+                let reply =
+                    format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{name}", name.len());
                 if conn.write_all(reply.as_bytes()).is_err() {
                     return;
                 }
@@ -133,7 +139,13 @@ impl Topology {
         let gw = Netns::new("lbg");
         let switch = Netns::new("lbs");
         let link = |a: &Netns, an: &str, b: &Netns, bn: &str| {
-            run("ip", &["link", "add", an, "netns", &a.name, "type", "veth", "peer", "name", bn, "netns", &b.name]);
+            run(
+                "ip",
+                &[
+                    "link", "add", an, "netns", &a.name, "type", "veth", "peer", "name", bn,
+                    "netns", &b.name,
+                ],
+            );
         };
         link(&client, "eth0", &gw, "ext0");
         link(&gw, "int0", &switch, "p0");
@@ -206,7 +218,11 @@ impl Topology {
     fn wait_for(&self, what: &str, limit: Duration, mut ok: impl FnMut(&Self) -> bool) -> Duration {
         let start = Instant::now();
         while !ok(self) {
-            assert!(start.elapsed() < limit, "timed out waiting for {what}; agent log:\n{}", self.agent_log());
+            assert!(
+                start.elapsed() < limit,
+                "timed out waiting for {what}; agent log:\n{}",
+                self.agent_log()
+            );
             thread::sleep(Duration::from_millis(20));
         }
         start.elapsed()
@@ -231,7 +247,11 @@ impl Topology {
     /// Opens a connection from the client to the frontend.
     fn connect(&self, port: u16) -> Option<TcpStream> {
         self.client.run(move || {
-            let s = TcpStream::connect_timeout(&SocketAddr::from(([192, 0, 2, 10], port)), Duration::from_millis(700)).ok()?;
+            let s = TcpStream::connect_timeout(
+                &SocketAddr::from(([192, 0, 2, 10], port)),
+                Duration::from_millis(700),
+            )
+            .ok()?;
             s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
             Some(s)
         })
@@ -241,7 +261,8 @@ impl Topology {
     fn spread(&self, port: u16, n: usize) -> Vec<String> {
         (0..n)
             .map(|_| {
-                let mut c = self.connect(port).unwrap_or_else(|| panic!("connect to frontend port {port}"));
+                let mut c =
+                    self.connect(port).unwrap_or_else(|| panic!("connect to frontend port {port}"));
                 request(&mut c).expect("answer")
             })
             .collect()
@@ -289,16 +310,27 @@ fn load_balancing_end_to_end() {
 
     // b2 stops accepting: out within interval x threshold (+ timeout and slack).
     t.backends[1].stop();
-    let took = t.wait_for("b2 to be marked unhealthy", Duration::from_secs(3), |t| !t.healthy("198.51.100.12"));
+    let took = t.wait_for("b2 to be marked unhealthy", Duration::from_secs(3), |t| {
+        !t.healthy("198.51.100.12")
+    });
     println!("b2 taken out after {took:?} (interval 200 ms x threshold 2)");
-    assert!(t.agent_log().contains("198.51.100.12 unhealthy"), "the change is logged with its reason:\n{}", t.agent_log());
+    assert!(
+        t.agent_log().contains("198.51.100.12 unhealthy"),
+        "the change is logged with its reason:\n{}",
+        t.agent_log()
+    );
     let answers = t.spread(80, 20);
     assert!(!answers.iter().any(|a| a == "b2"), "new connections avoid b2: {answers:?}");
-    assert_eq!(request(&mut to_b2).as_deref(), Some("b2"), "the open connection to b2 keeps working");
+    assert_eq!(
+        request(&mut to_b2).as_deref(),
+        Some("b2"),
+        "the open connection to b2 keeps working"
+    );
 
     // b2 recovers.
     t.backends[1].start();
-    let took = t.wait_for("b2 to be healthy again", Duration::from_secs(3), |t| t.healthy("198.51.100.12"));
+    let took = t
+        .wait_for("b2 to be healthy again", Duration::from_secs(3), |t| t.healthy("198.51.100.12"));
     println!("b2 back after {took:?}");
     let answers = t.spread(80, 30);
     assert!(answers.iter().any(|a| a == "b2"), "b2 takes new connections again: {answers:?}");
@@ -309,13 +341,25 @@ fn load_balancing_end_to_end() {
     }
     t.wait_for("all backends down", Duration::from_secs(3), |t| t.health().iter().all(|(_, h)| !h));
     assert!(t.connect(80).is_none(), "no backend: the connection attempt is dropped");
-    let stats: serde_json::Value = serde_json::from_str(&t.pins.xdpgate(&["stats", "--json"])).unwrap();
-    let no_backend = stats["drops"].as_array().unwrap().iter().find(|d| d[0] == "no_backend").unwrap()[1].as_u64().unwrap();
+    let stats: serde_json::Value =
+        serde_json::from_str(&t.pins.xdpgate(&["stats", "--json"])).unwrap();
+    let no_backend =
+        stats["drops"].as_array().unwrap().iter().find(|d| d[0] == "no_backend").unwrap()[1]
+            .as_u64()
+            .unwrap();
     assert!(no_backend > 0, "drops counted as no_backend: {stats}");
     // Both directions were forwarded by XDP itself (redirect), not handed to the kernel.
     for iface in ["ext0", "int0"] {
-        let i = stats["interfaces"].as_array().unwrap().iter().find(|i| i["iface"] == iface).unwrap();
-        let redirected = i["verdicts"].as_array().unwrap().iter().find(|v| v[0] == "redirect").unwrap()[1]["packets"].as_u64().unwrap();
+        let i =
+            stats["interfaces"].as_array().unwrap().iter().find(|i| i["iface"] == iface).unwrap();
+        let redirected = i["verdicts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v[0] == "redirect")
+            .unwrap()[1]["packets"]
+            .as_u64()
+            .unwrap();
         assert!(redirected > 100, "{iface} redirected only {redirected} packets: {i}");
     }
 

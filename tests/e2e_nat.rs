@@ -44,8 +44,30 @@ impl Lab {
         let host = Netns::new("nh");
         let gw = Netns::new("ng");
         let server = Netns::new("ns");
-        run("ip", &["link", "add", "eth0", "netns", &host.name, "type", "veth", "peer", "name", "int0", "netns", &gw.name]);
-        run("ip", &["link", "add", "ext0", "netns", &gw.name, "type", "veth", "peer", "name", "eth0", "netns", &server.name]);
+        run(
+            "ip",
+            &[
+                "link", "add", "eth0", "netns", &host.name, "type", "veth", "peer", "name", "int0",
+                "netns", &gw.name,
+            ],
+        );
+        run(
+            "ip",
+            &[
+                "link",
+                "add",
+                "ext0",
+                "netns",
+                &gw.name,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                &server.name,
+            ],
+        );
         host.exec("ip", &["addr", "add", "198.51.100.10/24", "dev", "eth0"]);
         gw.exec("ip", &["addr", "add", "198.51.100.1/24", "dev", "int0"]);
         gw.exec("ip", &["addr", "add", "203.0.113.1/24", "dev", "ext0"]);
@@ -79,7 +101,9 @@ impl Lab {
             .spawn()
             .expect("spawn xdpgate run");
         let lab = Self { host, gw, server, pins, agent: Some(agent), file };
-        lab.wait("the policy", Duration::from_secs(10), |l| l.pins.try_xdpgate(&["nat", "--json"]).status.success());
+        lab.wait("the policy", Duration::from_secs(10), |l| {
+            l.pins.try_xdpgate(&["nat", "--json"]).status.success()
+        });
         lab
     }
 
@@ -147,8 +171,11 @@ fn hosts_reach_the_internet_through_the_pool_address() {
         peer
     });
     let got = lab.host.run(|| {
-        let mut s = TcpStream::connect_timeout(&SocketAddr::from(([203, 0, 113, 10], 8080)), Duration::from_secs(3))
-            .expect("connect through NAT");
+        let mut s = TcpStream::connect_timeout(
+            &SocketAddr::from(([203, 0, 113, 10], 8080)),
+            Duration::from_secs(3),
+        )
+        .expect("connect through NAT");
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let mut buf = Vec::new();
         s.read_to_end(&mut buf).unwrap();
@@ -176,7 +203,8 @@ fn hosts_reach_the_internet_through_the_pool_address() {
 
 #[test]
 fn a_small_pool_runs_out_and_recovers() {
-    let lab = Lab::new("    ports: \"2000-2001\"\n    udp_idle_timeout: 4\n    port_reuse_cooldown: 0\n");
+    let lab =
+        Lab::new("    ports: \"2000-2001\"\n    udp_idle_timeout: 4\n    port_reuse_cooldown: 0\n");
     lab.udp_echo();
     assert_eq!(lab.udp(41000).as_deref(), Some("192.0.2.100"));
     assert_eq!(lab.udp(41001).as_deref(), Some("192.0.2.100"));

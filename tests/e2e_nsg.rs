@@ -28,7 +28,6 @@ use common::{
     gateway::{CLIENT4, CLIENT6, Gateway, SERVER4, SERVER6},
 };
 
-
 /// How long to wait for something the policy should drop.
 const DROP_WAIT: Duration = Duration::from_millis(1500);
 /// How long to wait for something that should get through.

@@ -49,7 +49,11 @@ fn runs_with_only_bpf_perfmon_and_net_admin() {
     let needed = "+bpf,+perfmon,+net_admin";
     let ok = |args: &[&str]| {
         let out = xdpgate_with(&b, needed, &pins, args);
-        assert!(out.status.success(), "xdpgate {args:?} with {needed}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "xdpgate {args:?} with {needed}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     ok(&["attach", "--iface", &ib, "--role", "internal"]);
@@ -71,5 +75,7 @@ fn runs_with_only_bpf_perfmon_and_net_admin() {
 
     ok(&["detach", "--all"]);
     let _ = std::fs::remove_file(&policy);
-    let _ = std::fs::remove_dir_all(std::path::Path::new("/run/xdpgate").join(pins.trim_matches('/').replace('/', "_")));
+    let _ = std::fs::remove_dir_all(
+        std::path::Path::new("/run/xdpgate").join(pins.trim_matches('/').replace('/', "_")),
+    );
 }

@@ -30,8 +30,16 @@ fn prog_ids(lab: &Gateway) -> Vec<String> {
     [&lab.ext, &lab.int]
         .iter()
         .map(|i| {
-            let out = String::from_utf8_lossy(&lab.gw.exec("ip", &["-d", "link", "show", i]).stdout).into_owned();
-            out.split("prog/xdp id ").nth(1).expect("attached").split(' ').next().unwrap().to_owned()
+            let out =
+                String::from_utf8_lossy(&lab.gw.exec("ip", &["-d", "link", "show", i]).stdout)
+                    .into_owned();
+            out.split("prog/xdp id ")
+                .nth(1)
+                .expect("attached")
+                .split(' ')
+                .next()
+                .unwrap()
+                .to_owned()
         })
         .collect()
 }
@@ -63,20 +71,35 @@ fn upgrade_in_place_keeps_running_connections() {
     };
     assert!(echo(&mut conn, b"before the upgrade"));
     let before = prog_ids(&lab);
-    let stats_before: serde_json::Value = serde_json::from_str(&pins.xdpgate(&["stats", "--json"])).unwrap();
+    let stats_before: serde_json::Value =
+        serde_json::from_str(&pins.xdpgate(&["stats", "--json"])).unwrap();
 
     let out = pins.xdpgate(&["upgrade"]);
-    assert!(out.contains(&format!("upgraded {}", lab.ext)) && out.contains(&format!("upgraded {}", lab.int)), "{out}");
+    assert!(
+        out.contains(&format!("upgraded {}", lab.ext))
+            && out.contains(&format!("upgraded {}", lab.int)),
+        "{out}"
+    );
     let after = prog_ids(&lab);
-    assert!(before.iter().zip(&after).all(|(b, a)| b != a), "programs replaced: {before:?} -> {after:?}");
+    assert!(
+        before.iter().zip(&after).all(|(b, a)| b != a),
+        "programs replaced: {before:?} -> {after:?}"
+    );
 
     for i in 0..20 {
-        assert!(echo(&mut conn, format!("after the upgrade {i}").as_bytes()), "the connection carries on");
+        assert!(
+            echo(&mut conn, format!("after the upgrade {i}").as_bytes()),
+            "the connection carries on"
+        );
     }
     // Counters carried over (the pinned maps), and the flow was not classified again.
-    let stats: serde_json::Value = serde_json::from_str(&pins.xdpgate(&["stats", "--json"])).unwrap();
+    let stats: serde_json::Value =
+        serde_json::from_str(&pins.xdpgate(&["stats", "--json"])).unwrap();
     let flows = |s: &serde_json::Value| {
-        s["policy"]["rules"].as_array().unwrap().iter().find(|r| r["rule"] == "allow-echo").unwrap()["flows"].as_u64().unwrap()
+        s["policy"]["rules"].as_array().unwrap().iter().find(|r| r["rule"] == "allow-echo").unwrap()
+            ["flows"]
+            .as_u64()
+            .unwrap()
     };
     assert_eq!(flows(&stats), flows(&stats_before), "still one flow: {stats}");
     assert_eq!(flows(&stats), 1);

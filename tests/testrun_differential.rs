@@ -1039,7 +1039,8 @@ impl Harness {
         let got = self.k.run(&p.frame());
         // A TCP segment other than a SYN starts no flow whatever the rules say (drop reason
         // no_flow), and is never classified, so no rule counts it.
-        let starts_flow = !matches!(p.kind, Kind::Tcp(_, _, flags) if flags & (SYN | ACK | FIN | RST) != SYN);
+        let starts_flow =
+            !matches!(p.kind, Kind::Tcp(_, _, flags) if flags & (SYN | ACK | FIN | RST) != SYN);
         let expected = if want.allowed && starts_flow { PASS } else { DROP };
         if got != expected {
             let got = match got {

@@ -51,15 +51,24 @@ fn allowed_and_denied_flows_send_events() {
     let events = drain(&k);
     assert_eq!(events.len(), 2, "{events:?}");
     let (begin, deny) = (&events[0], &events[1]);
-    assert_eq!((begin.kind, begin.key.sport, begin.key.dport, begin.key.proto), (EVENT_BEGIN, 40000, 80, 6));
+    assert_eq!(
+        (begin.kind, begin.key.sport, begin.key.dport, begin.key.proto),
+        (EVENT_BEGIN, 40000, 80, 6)
+    );
     assert_eq!((deny.kind, deny.key.dport), (EVENT_DENY, 22));
     assert_eq!(begin.generation, 1);
     // The rule numbers name the deciding rules of the running policy.
     let names = xdpgate::flows::Names::read(&k.pins.dir).unwrap();
     let line = flowlog::event_line(&names, begin);
-    assert_eq!((line["nsg"].as_str(), line["rule"].as_str(), line["state"].as_str()), (Some("web"), Some("allow-web"), Some("begin")));
+    assert_eq!(
+        (line["nsg"].as_str(), line["rule"].as_str(), line["state"].as_str()),
+        (Some("web"), Some("allow-web"), Some("begin"))
+    );
     let line = flowlog::event_line(&names, deny);
-    assert_eq!((line["rule"].as_str(), line["decision"].as_str()), (Some("DenyAllInBound"), Some("deny")));
+    assert_eq!(
+        (line["rule"].as_str(), line["decision"].as_str()),
+        (Some("DenyAllInBound"), Some("deny"))
+    );
 }
 
 #[test]
@@ -89,10 +98,17 @@ fn a_flood_of_denied_packets_is_rate_limited_and_counted() {
     let sent = drain(&k).len() as u64;
     let (suppressed, lost) = flowlog::event_losses(&k.pins.dir).unwrap();
     let (suppressed, lost) = (suppressed - suppressed_before, lost - lost_before);
-    println!("{FLOOD} denied packets in {elapsed:?}: {sent} events, {suppressed} suppressed, {lost} lost");
-    assert_eq!(sent + suppressed + lost, u64::from(FLOOD), "every denied packet is an event or counted");
+    println!(
+        "{FLOOD} denied packets in {elapsed:?}: {sent} events, {suppressed} suppressed, {lost} lost"
+    );
+    assert_eq!(
+        sent + suppressed + lost,
+        u64::from(FLOOD),
+        "every denied packet is an event or counted"
+    );
     // A full bucket, plus what refills while the flood runs (one per millisecond).
-    let allowance = DENY_EVENTS_PER_SEC + elapsed.as_millis() as u64 * DENY_EVENTS_PER_SEC / 1000 + 1;
+    let allowance =
+        DENY_EVENTS_PER_SEC + elapsed.as_millis() as u64 * DENY_EVENTS_PER_SEC / 1000 + 1;
     assert!(sent <= allowance, "{sent} events exceed the rate limit ({allowance})");
     assert!(sent >= DENY_EVENTS_PER_SEC / 2, "the bucket starts full: {sent} events");
 }
@@ -118,13 +134,18 @@ fn a_missing_stage_fails_closed_and_is_logged() {
     let mut k = Kernel::new();
     k.apply(POLICY);
     let capture = Capture::default();
-    let mut logger = aya_log::EbpfLogger::init_with_logger(k.ebpf_mut(), capture.clone()).expect("logger");
+    let mut logger =
+        aya_log::EbpfLogger::init_with_logger(k.ebpf_mut(), capture.clone()).expect("logger");
     let mut pipeline: aya::maps::ProgramArray<_> =
         k.pins.dir.open_map(xdpgate_common::maps::PIPELINE).unwrap().try_into().unwrap();
     pipeline.clear_index(&xdpgate_common::maps::PIPELINE_POLICY).unwrap();
 
     let before = k.drops("internal");
-    assert_eq!(k.run(&frame("203.0.113.7", "198.51.100.10", L4::Tcp(40000, 80, SYN))), DROP, "fails closed");
+    assert_eq!(
+        k.run(&frame("203.0.113.7", "198.51.100.10", L4::Tcp(40000, 80, SYN))),
+        DROP,
+        "fails closed"
+    );
     assert_eq!(k.drops("internal"), before + 1);
     logger.flush();
     let lines = capture.0.lock().unwrap().clone();

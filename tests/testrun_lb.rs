@@ -56,8 +56,15 @@ fn dnat_to_a_backend_and_back_v4_tcp() {
     let syn = frame("203.0.113.7", "192.0.2.10", L4::Tcp(40000, 80, SYN));
     let out = k.through(&syn);
     let (src, backend, sport, dport) = endpoints(&out);
-    assert_eq!((src, sport, dport), (ip("203.0.113.7"), 40000, 8080), "client side kept, port mapped");
-    assert!(["198.51.100.11", "198.51.100.12", "198.51.100.13"].map(ip).contains(&backend), "{backend}");
+    assert_eq!(
+        (src, sport, dport),
+        (ip("203.0.113.7"), 40000, 8080),
+        "client side kept, port mapped"
+    );
+    assert!(
+        ["198.51.100.11", "198.51.100.12", "198.51.100.13"].map(ip).contains(&backend),
+        "{backend}"
+    );
     assert_eq!(out.len(), syn.len());
 
     // Later packets of the flow go to the same backend.
@@ -131,7 +138,10 @@ fn all_backends_down() {
     // Inbound NAT rules do not depend on probes.
     assert_eq!(k.run(&frame("203.0.113.7", "192.0.2.10", L4::Tcp(40001, 2201, SYN))), PASS);
 
-    let send_to_all = POLICY.replace("backend_port: 8080, backend_pool: web4}", "backend_port: 8080, backend_pool: web4, all_down: send_to_all}");
+    let send_to_all = POLICY.replace(
+        "backend_port: 8080, backend_pool: web4}",
+        "backend_port: 8080, backend_pool: web4, all_down: send_to_all}",
+    );
     k.apply_with_health(&send_to_all, &|_| false);
     let out = k.through(&frame("203.0.113.7", "192.0.2.10", L4::Tcp(40002, 80, SYN)));
     assert_eq!(endpoints(&out).3, 8080, "send_to_all still balances");
@@ -144,7 +154,10 @@ fn unhealthy_backend_gets_no_new_flows() {
     k.apply_with_health(POLICY, &|b| b != 0);
     k.arrive_as(Role::External);
     let seen: HashSet<IpAddr> = (0..60)
-        .map(|i| endpoints(&k.through(&frame("203.0.113.7", "192.0.2.10", L4::Tcp(43000 + i, 80, SYN)))).1)
+        .map(|i| {
+            endpoints(&k.through(&frame("203.0.113.7", "192.0.2.10", L4::Tcp(43000 + i, 80, SYN))))
+                .1
+        })
         .collect();
     assert!(!seen.contains(&ip("198.51.100.11")), "{seen:?}");
     assert_eq!(seen.len(), 2, "{seen:?}");
@@ -173,7 +186,11 @@ fn ha_ports_balance_every_port_and_protocol() {
     k.apply(HA_AND_FLOATING);
     k.arrive_as(Role::External);
     let nvas = ["198.51.100.21", "198.51.100.22"].map(ip);
-    for (l4, dport) in [(L4::Tcp(40000, 443, SYN), 443), (L4::Udp(40001, 4500), 4500), (L4::Tcp(40002, 22, SYN), 22)] {
+    for (l4, dport) in [
+        (L4::Tcp(40000, 443, SYN), 443),
+        (L4::Udp(40001, 4500), 4500),
+        (L4::Tcp(40002, 22, SYN), 22),
+    ] {
         let out = k.through(&frame("203.0.113.7", "192.0.2.20", l4));
         let (_, backend, _, port) = endpoints(&out);
         assert!(nvas.contains(&backend), "{l4:?} went to {backend}");

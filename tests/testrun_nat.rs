@@ -27,7 +27,6 @@ fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
-
 #[test]
 fn snat_out_and_back_tcp_udp_v4_v6() {
     let k = Kernel::new();
@@ -40,7 +39,11 @@ fn snat_out_and_back_tcp_udp_v4_v6() {
             k.arrive_as(Role::Internal);
             let out = k.through(&frame(private, remote, l4));
             let (src, dst, sport, dport) = endpoints(&out);
-            assert_eq!((src, dst), (ip(public), ip(remote)), "{l4:?}: the source becomes the public address");
+            assert_eq!(
+                (src, dst),
+                (ip(public), ip(remote)),
+                "{l4:?}: the source becomes the public address"
+            );
             assert!(sport >= 1024, "{l4:?}: public port {sport} from the range");
             let rport = if matches!(l4, L4::Tcp(..)) { 443 } else { 53 };
             assert_eq!(dport, rport);
@@ -61,12 +64,14 @@ fn snat_out_and_back_tcp_udp_v4_v6() {
 fn snat_icmp_echo_by_identifier() {
     let k = Kernel::new();
     k.apply(POLICY);
-    for (private, remote, public) in
-        [("198.51.100.10", "203.0.113.7", "192.0.2.100"), ("2001:db8:1::10", "2001:db8:2::7", "2001:db8:e::100")]
-    {
+    for (private, remote, public) in [
+        ("198.51.100.10", "203.0.113.7", "192.0.2.100"),
+        ("2001:db8:1::10", "2001:db8:2::7", "2001:db8:e::100"),
+    ] {
         k.arrive_as(Role::Internal);
         let out = k.through(&frame(private, remote, L4::Echo(777)));
-        let id = u16::from_be_bytes([out[ETH_LEN + ip_len(&out) + 4], out[ETH_LEN + ip_len(&out) + 5]]);
+        let id =
+            u16::from_be_bytes([out[ETH_LEN + ip_len(&out) + 4], out[ETH_LEN + ip_len(&out) + 5]]);
         assert_eq!(endpoints(&out).0, ip(public));
         // The echo reply (type 0 / 129) to the public address and identifier.
         k.arrive_as(Role::External);
@@ -81,7 +86,11 @@ fn snat_icmp_echo_by_identifier() {
         checksums_ok(&reply).expect("reply built right");
         let out = k.through(&reply);
         let back_id = u16::from_be_bytes([out[l4 + 4], out[l4 + 5]]);
-        assert_eq!((endpoints(&out).1, back_id), (ip(private), 777), "back to the host and its identifier");
+        assert_eq!(
+            (endpoints(&out).1, back_id),
+            (ip(private), 777),
+            "back to the host and its identifier"
+        );
     }
 }
 
@@ -166,7 +175,11 @@ fn a_small_pool_runs_out_and_ports_serve_many_destinations() {
     }
     assert_eq!(ports, HashSet::from([2000, 2001, 2002, 2003]), "four flows, four ports");
     let before = k.drops("nat_exhausted");
-    assert_eq!(k.run(&frame("198.51.100.10", "203.0.113.7", L4::Tcp(40004, 443, SYN))), DROP, "pool full");
+    assert_eq!(
+        k.run(&frame("198.51.100.10", "203.0.113.7", L4::Tcp(40004, 443, SYN))),
+        DROP,
+        "pool full"
+    );
     assert_eq!(k.drops("nat_exhausted"), before + 1);
     // The same ports serve another destination.
     let out = k.through(&frame("198.51.100.10", "203.0.113.8", L4::Tcp(40004, 443, SYN)));
@@ -199,7 +212,8 @@ fn port_claims_from_both_cpus_never_collide() {
                 (0..400u16)
                     .map(|i| {
                         let sport = 20000 + t as u16 * 1000 + i;
-                        let (v, out) = k.run_out(&frame("198.51.100.10", "203.0.113.7", L4::Udp(sport, 53)));
+                        let (v, out) =
+                            k.run_out(&frame("198.51.100.10", "203.0.113.7", L4::Udp(sport, 53)));
                         assert_eq!(v, PASS);
                         endpoints(&out).2
                     })
@@ -209,7 +223,13 @@ fn port_claims_from_both_cpus_never_collide() {
         .collect();
     let ports: Vec<u16> = handles.into_iter().flat_map(|h| h.join().unwrap()).collect();
     let unique: HashSet<u16> = ports.iter().copied().collect();
-    assert_eq!(unique.len(), ports.len(), "{} flows, {} distinct public ports", ports.len(), unique.len());
+    assert_eq!(
+        unique.len(),
+        ports.len(),
+        "{} flows, {} distinct public ports",
+        ports.len(),
+        unique.len()
+    );
 }
 
 /// The agent's expiry: an idle translation releases its port only after the cooldown, so
@@ -223,7 +243,11 @@ fn idle_translations_cool_down_before_their_port_is_reused() {
     k.arrive_as(Role::Internal);
     let out = k.through(&frame("198.51.100.10", "203.0.113.7", L4::Udp(40000, 53)));
     assert_eq!(endpoints(&out).2, 3000);
-    assert_eq!(k.run(&frame("198.51.100.10", "203.0.113.7", L4::Udp(40001, 53))), DROP, "one port, taken");
+    assert_eq!(
+        k.run(&frame("198.51.100.10", "203.0.113.7", L4::Udp(40001, 53))),
+        DROP,
+        "one port, taken"
+    );
 
     let now = xdpgate::nat::monotonic_ns();
     let s = |secs: u64| secs * 1_000_000_000;
@@ -231,7 +255,11 @@ fn idle_translations_cool_down_before_their_port_is_reused() {
     assert_eq!(expire(now + s(2)), xdpgate::nat::Expired::default(), "not idle long enough");
     let e = expire(now + s(5));
     assert_eq!((e.expired, e.released), (1, 0), "idle: expired, the port cooling down");
-    assert_eq!(k.run(&frame("198.51.100.10", "203.0.113.7", L4::Udp(40001, 53))), DROP, "still cooling down");
+    assert_eq!(
+        k.run(&frame("198.51.100.10", "203.0.113.7", L4::Udp(40001, 53))),
+        DROP,
+        "still cooling down"
+    );
     // The reply to the old translation no longer gets through.
     k.arrive_as(Role::External);
     assert_eq!(k.run(&frame("203.0.113.7", "192.0.2.100", L4::Udp(53, 3000))), DROP);

@@ -213,7 +213,9 @@ fn tcp_close_marks_both_directions_of_a_flow() {
     k.apply(POLICY);
     let fwd = key("203.0.113.7", "198.51.100.10", 40000, 80, 6);
     let rev = key("198.51.100.10", "203.0.113.7", 80, 40000, 6);
-    let closed = |k: &Kernel| (k.flow(&fwd).unwrap().tcp & TCP_CLOSED != 0, k.flow(&rev).unwrap().tcp & TCP_CLOSED != 0);
+    let closed = |k: &Kernel| {
+        (k.flow(&fwd).unwrap().tcp & TCP_CLOSED != 0, k.flow(&rev).unwrap().tcp & TCP_CLOSED != 0)
+    };
 
     k.arrive_as(Role::External);
     assert_eq!(k.run(&frame("203.0.113.7", "198.51.100.10", L4::Tcp(40000, 80, SYN))), PASS);
@@ -230,7 +232,9 @@ fn tcp_close_marks_both_directions_of_a_flow() {
     k.arrive_as(Role::External);
     assert_eq!(k.run(&frame("203.0.113.7", "198.51.100.10", L4::Tcp(40001, 80, SYN))), PASS);
     assert_eq!(k.run(&frame("203.0.113.7", "198.51.100.10", L4::Tcp(40001, 80, RST))), PASS);
-    assert!(k.flow(&fwd).unwrap().tcp & TCP_CLOSED != 0 && k.flow(&rev).unwrap().tcp & TCP_CLOSED != 0);
+    assert!(
+        k.flow(&fwd).unwrap().tcp & TCP_CLOSED != 0 && k.flow(&rev).unwrap().tcp & TCP_CLOSED != 0
+    );
 }
 
 #[test]

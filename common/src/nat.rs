@@ -36,7 +36,13 @@ pub struct NatGatewayConfig {
 
 impl Default for NatGatewayConfig {
     fn default() -> Self {
-        Self { addrs: [[0; 4]; MAX_PUBLIC_ADDRS], families: [0; MAX_PUBLIC_ADDRS], n_addrs: 0, port_lo: 0, port_hi: 0 }
+        Self {
+            addrs: [[0; 4]; MAX_PUBLIC_ADDRS],
+            families: [0; MAX_PUBLIC_ADDRS],
+            n_addrs: 0,
+            port_lo: 0,
+            port_hi: 0,
+        }
     }
 }
 

@@ -20,10 +20,10 @@ use crate::{
     events, forward,
     headers::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP},
     lb::{self, Lb},
-    snat,
     maps::{BACKEND_STATS, BACKENDS, CLASSIFY_SCRATCH, FLOW_SCRATCH, FLOWS, FRAGS, SERVICE_STATS},
     nsg::{Active, classify},
     parse::PacketMeta,
+    snat,
 };
 
 const TH_FIN: u8 = 0x01;
@@ -241,7 +241,8 @@ fn create(
 /// SNAT-ed flow's reply the private host as its destination.
 #[inline(always)]
 pub fn commit(meta: &PacketMeta, key: &FlowKey, forward: &FlowValue, reply: &mut FlowValue) {
-    *reply = FlowValue { reply: 1 - forward.reply, packets: 0, bytes: 0, nat: NAT_NONE, ..*forward };
+    *reply =
+        FlowValue { reply: 1 - forward.reply, packets: 0, bytes: 0, nat: NAT_NONE, ..*forward };
     if forward.nat == NAT_DST {
         reply.nat = NAT_SRC;
         reply.nat_addr = meta.dst;
@@ -277,7 +278,12 @@ pub fn commit_snat(meta: &PacketMeta, gw: u32) -> Result<Action, DropReason> {
 
 /// NSG classification of a new flow that is not load-balanced; records the deciding rule.
 #[inline(always)]
-fn allow(active: &Active<'_>, meta: &PacketMeta, dir: u32, entry: &mut FlowValue) -> Result<(), DropReason> {
+fn allow(
+    active: &Active<'_>,
+    meta: &PacketMeta,
+    dir: u32,
+    entry: &mut FlowValue,
+) -> Result<(), DropReason> {
     let decision = classify(active, meta, dir);
     if !decision.allowed {
         events::emit(EVENT_DENY, &key(meta), decision.rule, dir as u8, active.config.generation);

@@ -28,7 +28,13 @@ const BPF_FIB_LKUP_RET_NOT_FWDED: i64 = 4;
 /// Asks the kernel's FIB where a packet from `src` to `dst` goes. The parameters live in
 /// per-CPU scratch, not on the stack, which the callers' stages need.
 #[inline(always)]
-fn lookup(ctx: &XdpContext, meta: &PacketMeta, src: &[u32; 4], dst: &[u32; 4], len: u64) -> Result<(i64, &'static mut bpf_fib_lookup), DropReason> {
+fn lookup(
+    ctx: &XdpContext,
+    meta: &PacketMeta,
+    src: &[u32; 4],
+    dst: &[u32; 4],
+    len: u64,
+) -> Result<(i64, &'static mut bpf_fib_lookup), DropReason> {
     let p = unsafe { &mut *FIB_PARAMS.get_ptr_mut(0).ok_or(DropReason::Internal)? };
     *p = unsafe { zeroed() };
     p.l4_protocol = meta.proto;
@@ -59,7 +65,13 @@ pub fn is_local(ctx: &XdpContext, meta: &PacketMeta, len: u64) -> bool {
 /// Sends the packet towards `next_hop` (its destination, or the backend of a floating-IP
 /// flow). Returns the XDP action.
 #[inline(always)]
-pub fn forward(ctx: &XdpContext, meta: &PacketMeta, src: &[u32; 4], next_hop: &[u32; 4], len: u64) -> Result<u32, DropReason> {
+pub fn forward(
+    ctx: &XdpContext,
+    meta: &PacketMeta,
+    src: &[u32; 4],
+    next_hop: &[u32; 4],
+    len: u64,
+) -> Result<u32, DropReason> {
     let (rc, p) = lookup(ctx, meta, src, next_hop, len)?;
     if rc != BPF_FIB_LKUP_RET_SUCCESS || EGRESS.get_ifindex(p.ifindex).is_none() {
         return Ok(xdp_action::XDP_PASS);

@@ -51,7 +51,15 @@ pub fn inner_offsets(ctx: &XdpContext, meta: &PacketMeta) -> Option<(usize, usiz
 #[inline(always)]
 pub fn related(ctx: &XdpContext, meta: &PacketMeta) -> Option<Action> {
     let (l3, l4, proto) = inner_offsets(ctx, meta)?;
-    let mut key = FlowKey { src: [0; 4], dst: [0; 4], sport: 0, dport: 0, proto, family: meta.family, _pad: [0; 2] };
+    let mut key = FlowKey {
+        src: [0; 4],
+        dst: [0; 4],
+        sport: 0,
+        dport: 0,
+        proto,
+        family: meta.family,
+        _pad: [0; 2],
+    };
     // The quoted packet went from its source to its destination; a reply to it comes from
     // the destination: that is the entry the error belongs to.
     if meta.family == 4 {

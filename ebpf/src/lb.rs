@@ -31,7 +31,8 @@ pub enum Lb {
 
 #[inline(always)]
 fn frontend(meta: &PacketMeta) -> Option<&'static Service> {
-    let exact = FrontendKey { addr: meta.dst, port: meta.dport, proto: meta.proto, family: meta.family };
+    let exact =
+        FrontendKey { addr: meta.dst, port: meta.dport, proto: meta.proto, family: meta.family };
     if let Some(s) = unsafe { FRONTENDS.get(&exact) } {
         return Some(s);
     }
@@ -61,14 +62,9 @@ pub fn select(meta: &PacketMeta) -> Lb {
     let ported = meta.proto == IPPROTO_TCP || meta.proto == IPPROTO_UDP;
     let floating_ip = svc.flags & SVC_FLOATING_IP != 0;
     // With floating IP the packet reaches the backend unchanged, its port included.
-    let port = if ported && svc.backend_port != 0 && !floating_ip { svc.backend_port } else { meta.dport };
-    Lb::Selected(Selection {
-        service: svc.id,
-        backend,
-        addr: info.addr,
-        port,
-        floating_ip,
-    })
+    let port =
+        if ported && svc.backend_port != 0 && !floating_ip { svc.backend_port } else { meta.dport };
+    Lb::Selected(Selection { service: svc.id, backend, addr: info.addr, port, floating_ip })
 }
 
 /// Murmur3-style mixing of the fields the distribution mode names: the 5-tuple, the two

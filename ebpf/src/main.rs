@@ -165,7 +165,10 @@ fn finish(ctx: &XdpContext, result: Result<u32, DropReason>) -> u32 {
             if reason == DropReason::Internal {
                 // Rare by construction (a missing stage or scratch map), so worth a log
                 // line; never logged per packet on a normal path.
-                error!(ctx, "xdpgate: pipeline stage or scratch map missing; dropping (fail closed)");
+                error!(
+                    ctx,
+                    "xdpgate: pipeline stage or scratch map missing; dropping (fail closed)"
+                );
             }
             xdp_action::XDP_DROP
         }

@@ -11,9 +11,11 @@ use xdpgate_common::{
     events::{Bucket, EVENT_RING_BYTES},
     flow::{FlowKey, FlowValue, FragKey},
     iface::IfaceConfig,
-    nat::{AddrKey, MAX_NAT_GATEWAYS, MAX_PUBLIC_ADDRS, NAT_ENTRIES, NatEntry, NatGatewayConfig},
-    lb::{BackendInfo, FrontendKey, MAGLEV_SIZE, MAX_BACKENDS, MAX_FRONTENDS, MAX_SERVICES, Service},
+    lb::{
+        BackendInfo, FrontendKey, MAGLEV_SIZE, MAX_BACKENDS, MAX_FRONTENDS, MAX_SERVICES, Service,
+    },
     maps::{FLOW_ENTRIES, FRAG_ENTRIES, MAX_EGRESS, MAX_IFACES, NAT_PREFIXES, NSG_FIELD_ENTRIES},
+    nat::{AddrKey, MAX_NAT_GATEWAYS, MAX_PUBLIC_ADDRS, NAT_ENTRIES, NatEntry, NatGatewayConfig},
     nsg::{FieldKey, MAX_RULES, PolicyConfig, RuleBitmap, SLOTS, TABLES},
     stats::{Counter, DROP_REASONS, VERDICTS},
 };
@@ -82,7 +84,8 @@ pub static LPM_KEY: PerCpuArray<Key<FieldKey>> = PerCpuArray::with_max_entries(1
 
 /// Per-CPU room for FIB lookup parameters (see `forward::lookup`).
 #[map(name = "FIB_PARAMS")]
-pub static FIB_PARAMS: PerCpuArray<aya_ebpf::bindings::bpf_fib_lookup> = PerCpuArray::with_max_entries(1, 0);
+pub static FIB_PARAMS: PerCpuArray<aya_ebpf::bindings::bpf_fib_lookup> =
+    PerCpuArray::with_max_entries(1, 0);
 
 /// Per-CPU scratch word for `nsg::opaque`.
 #[map(name = "OPAQUE")]
@@ -128,7 +131,8 @@ pub static VNET: LpmTrie<AddrKey, u32> = LpmTrie::pinned(NAT_PREFIXES, 0);
 
 /// Public addresses of the NAT gateways, to the gateway's index.
 #[map(name = "NAT_PUBLIC")]
-pub static NAT_PUBLIC: HashMap<AddrKey, u32> = HashMap::pinned(MAX_NAT_GATEWAYS * MAX_PUBLIC_ADDRS as u32, 0);
+pub static NAT_PUBLIC: HashMap<AddrKey, u32> =
+    HashMap::pinned(MAX_NAT_GATEWAYS * MAX_PUBLIC_ADDRS as u32, 0);
 
 /// Addresses and port range of each NAT gateway.
 #[map(name = "NAT_GATEWAYS")]

@@ -5,8 +5,8 @@ use aya_ebpf::programs::XdpContext;
 use xdpgate_common::{flow::NAT_DST, stats::DropReason};
 
 use crate::{
-    icmp::inner_offsets,
     headers::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Ipv4Hdr, Ipv6Hdr},
+    icmp::inner_offsets,
     parse::{FRAG_LATER, PacketMeta, is_echo, ptr_at},
 };
 
@@ -22,7 +22,11 @@ pub fn csum_replace16(check: u16, old: u16, new: u16) -> u16 {
 /// The same for a 32-bit word given as network-order bytes.
 #[inline(always)]
 fn csum_replace32(check: u16, old: [u8; 4], new: [u8; 4]) -> u16 {
-    let c = csum_replace16(check, u16::from_be_bytes([old[0], old[1]]), u16::from_be_bytes([new[0], new[1]]));
+    let c = csum_replace16(
+        check,
+        u16::from_be_bytes([old[0], old[1]]),
+        u16::from_be_bytes([new[0], new[1]]),
+    );
     csum_replace16(c, u16::from_be_bytes([old[2], old[3]]), u16::from_be_bytes([new[2], new[3]]))
 }
 
@@ -53,12 +57,20 @@ fn l4_check(meta: &PacketMeta) -> (usize, bool) {
 // Plain values rather than an Option for the checksum: an Option's payload is undefined
 // when None, and the verifier rejects the uninitialised register the compiler may copy.
 #[inline(always)]
-pub fn rewrite(ctx: &XdpContext, meta: &PacketMeta, kind: u8, addr: &[u32; 4], port: u16) -> Result<(), DropReason> {
+pub fn rewrite(
+    ctx: &XdpContext,
+    meta: &PacketMeta,
+    kind: u8,
+    addr: &[u32; 4],
+    port: u16,
+) -> Result<(), DropReason> {
     let dst = kind == NAT_DST;
     let (check_off, pseudo) = l4_check(meta);
-    let mut check = if check_off != 0 { u16::from_be_bytes(*mut_at::<[u8; 2]>(ctx, check_off)?) } else { 0 };
+    let mut check =
+        if check_off != 0 { u16::from_be_bytes(*mut_at::<[u8; 2]>(ctx, check_off)?) } else { 0 };
     // UDP over IPv4 without a checksum stays without one.
-    let update_l4 = check_off != 0 && !(meta.family == 4 && meta.proto == IPPROTO_UDP && check == 0);
+    let update_l4 =
+        check_off != 0 && !(meta.family == 4 && meta.proto == IPPROTO_UDP && check == 0);
 
     if meta.family == 4 {
         let ip: &mut Ipv4Hdr = mut_at(ctx, meta.l3())?;
@@ -135,7 +147,12 @@ pub fn decrement_ttl(ctx: &XdpContext, meta: &PacketMeta) -> Result<bool, DropRe
 /// word changed there, the quoted IPv4 header checksum included. (The quoted L4 checksum
 /// is left as it is: it may not even be in the quote, and no receiver checks it.)
 #[inline(always)]
-pub fn rewrite_icmp_error(ctx: &XdpContext, meta: &PacketMeta, addr: &[u32; 4], port: u16) -> Result<(), DropReason> {
+pub fn rewrite_icmp_error(
+    ctx: &XdpContext,
+    meta: &PacketMeta,
+    addr: &[u32; 4],
+    port: u16,
+) -> Result<(), DropReason> {
     let (l3, l4, proto) = inner_offsets(ctx, meta).ok_or(DropReason::Malformed)?;
     let check_off = meta.l4() + 2;
     let mut check = u16::from_be_bytes(*mut_at::<[u8; 2]>(ctx, check_off)?);
@@ -157,7 +174,12 @@ pub fn rewrite_icmp_error(ctx: &XdpContext, meta: &PacketMeta, addr: &[u32; 4], 
         let outer: &mut Ipv6Hdr = mut_at(ctx, meta.l3())?;
         for (i, w) in addr.iter().enumerate() {
             let new = w.to_ne_bytes();
-            let old = [outer.dst[i * 4], outer.dst[i * 4 + 1], outer.dst[i * 4 + 2], outer.dst[i * 4 + 3]];
+            let old = [
+                outer.dst[i * 4],
+                outer.dst[i * 4 + 1],
+                outer.dst[i * 4 + 2],
+                outer.dst[i * 4 + 3],
+            ];
             outer.dst[i * 4..i * 4 + 4].copy_from_slice(&new);
             // ICMPv6 covers the outer pseudo-header.
             check = csum_replace32(check, old, new);
@@ -165,7 +187,12 @@ pub fn rewrite_icmp_error(ctx: &XdpContext, meta: &PacketMeta, addr: &[u32; 4], 
         let inner: &mut Ipv6Hdr = mut_at(ctx, l3)?;
         for (i, w) in addr.iter().enumerate() {
             let new = w.to_ne_bytes();
-            let old = [inner.src[i * 4], inner.src[i * 4 + 1], inner.src[i * 4 + 2], inner.src[i * 4 + 3]];
+            let old = [
+                inner.src[i * 4],
+                inner.src[i * 4 + 1],
+                inner.src[i * 4 + 2],
+                inner.src[i * 4 + 3],
+            ];
             inner.src[i * 4..i * 4 + 4].copy_from_slice(&new);
             check = csum_replace32(check, old, new);
         }

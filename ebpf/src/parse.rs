@@ -141,7 +141,11 @@ fn parse_eth(ctx: &XdpContext) -> Result<(u16, usize), DropReason> {
 
 #[inline(always)]
 /// Returns the offsets of the L4 header and of the end of the datagram.
-fn parse_ipv4(ctx: &XdpContext, off: usize, meta: &mut PacketMeta) -> Result<(usize, usize), DropReason> {
+fn parse_ipv4(
+    ctx: &XdpContext,
+    off: usize,
+    meta: &mut PacketMeta,
+) -> Result<(usize, usize), DropReason> {
     let ip: *const Ipv4Hdr = ptr_at(ctx, off)?;
     let ip = unsafe { &*ip };
     let ihl = ((ip.version_ihl & 0x0f) as usize) * 4;
@@ -171,7 +175,11 @@ fn parse_ipv4(ctx: &XdpContext, off: usize, meta: &mut PacketMeta) -> Result<(us
 
 #[inline(always)]
 /// Returns the offsets of the L4 header and of the end of the datagram.
-fn parse_ipv6(ctx: &XdpContext, off: usize, meta: &mut PacketMeta) -> Result<(usize, usize), DropReason> {
+fn parse_ipv6(
+    ctx: &XdpContext,
+    off: usize,
+    meta: &mut PacketMeta,
+) -> Result<(usize, usize), DropReason> {
     let ip: *const Ipv6Hdr = ptr_at(ctx, off)?;
     let ip = unsafe { &*ip };
     if ip.vtc_flow[0] >> 4 != 6 {
@@ -224,7 +232,12 @@ fn parse_ipv6(ctx: &XdpContext, off: usize, meta: &mut PacketMeta) -> Result<(us
 /// Ports, TCP flags and ICMP type. A first fragment too short to hold its L4 header is
 /// dropped: it would hide the ports from the rules (RFC 1858).
 #[inline(always)]
-fn parse_l4(ctx: &XdpContext, off: usize, end: usize, meta: &mut PacketMeta) -> Result<(), DropReason> {
+fn parse_l4(
+    ctx: &XdpContext,
+    off: usize,
+    end: usize,
+    meta: &mut PacketMeta,
+) -> Result<(), DropReason> {
     match meta.proto {
         IPPROTO_TCP => {
             let tcp: *const TcpHdr = l4_at(ctx, off, end)?;

@@ -5,15 +5,13 @@
 //! handed out twice for the same destination, while it may serve many destinations at once.
 
 use aya_ebpf::bindings::BPF_NOEXIST;
+use aya_ebpf::maps::lpm_trie::Key;
 use xdpgate_common::{
     flow::{FlowKey, NAT_DST, NAT_SRC},
-    nat::{
-        ADDR_KEY_HEADER_BITS, AddrKey, MAX_PUBLIC_ADDRS, NAT_ACTIVE, NAT_PROBES, NatEntry,
-    },
+    nat::{ADDR_KEY_HEADER_BITS, AddrKey, MAX_PUBLIC_ADDRS, NAT_ACTIVE, NAT_PROBES, NatEntry},
     nsg::DIR_OUTBOUND,
     stats::DropReason,
 };
-use aya_ebpf::maps::lpm_trie::Key;
 
 use crate::{
     headers::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP},
@@ -28,7 +26,11 @@ fn addr_key(family: u8, addr: &[u32; 4]) -> AddrKey {
 }
 
 #[inline(always)]
-fn in_trie(trie: &aya_ebpf::maps::LpmTrie<AddrKey, u32>, family: u8, addr: &[u32; 4]) -> Option<u32> {
+fn in_trie(
+    trie: &aya_ebpf::maps::LpmTrie<AddrKey, u32>,
+    family: u8,
+    addr: &[u32; 4],
+) -> Option<u32> {
     let bits = if family == 4 { 32 } else { 128 };
     trie.get(Key::new(ADDR_KEY_HEADER_BITS + bits, addr_key(family, addr))).copied()
 }
@@ -60,7 +62,8 @@ pub fn existing(key: &FlowKey) -> Option<&'static NatEntry> {
 fn translatable(meta: &PacketMeta) -> bool {
     meta.proto == IPPROTO_TCP
         || meta.proto == IPPROTO_UDP
-        || ((meta.proto == IPPROTO_ICMP || meta.proto == IPPROTO_ICMPV6) && is_echo(meta.proto, meta.icmp_type))
+        || ((meta.proto == IPPROTO_ICMP || meta.proto == IPPROTO_ICMPV6)
+            && is_echo(meta.proto, meta.icmp_type))
 }
 
 /// Claims a public address and port of gateway `gw` for a new flow and records the
@@ -104,7 +107,14 @@ pub fn allocate(meta: &PacketMeta, gw: u32, now: u64) -> Result<u32, DropReason>
             family: meta.family,
             _pad: [0; 2],
         };
-        let back = NatEntry { addr: meta.src, port: meta.sport, kind: NAT_DST, gateway: gw as u8, state: NAT_ACTIVE, time_ns: now };
+        let back = NatEntry {
+            addr: meta.src,
+            port: meta.sport,
+            kind: NAT_DST,
+            gateway: gw as u8,
+            state: NAT_ACTIVE,
+            time_ns: now,
+        };
         if NAT_MAP.insert(&reply, &back, u64::from(BPF_NOEXIST)).is_ok() {
             let forward = FlowKey {
                 src: meta.src,
@@ -115,7 +125,14 @@ pub fn allocate(meta: &PacketMeta, gw: u32, now: u64) -> Result<u32, DropReason>
                 family: meta.family,
                 _pad: [0; 2],
             };
-            let out = NatEntry { addr: public, port, kind: NAT_SRC, gateway: gw as u8, state: NAT_ACTIVE, time_ns: now };
+            let out = NatEntry {
+                addr: public,
+                port,
+                kind: NAT_SRC,
+                gateway: gw as u8,
+                state: NAT_ACTIVE,
+                time_ns: now,
+            };
             if NAT_MAP.insert(&forward, &out, 0).is_err() {
                 let _ = NAT_MAP.remove(&reply);
                 return Err(exhausted(gw));

@@ -9,9 +9,9 @@ use std::{
 };
 
 use anyhow::{Context, Result, anyhow};
-use log::{info, warn};
 use aya::maps::{MapData, RingBuf};
 use aya_log::EbpfLogger;
+use log::{info, warn};
 use tokio::{
     io::{Interest, unix::AsyncFd},
     signal::unix::{SignalKind, signal},
@@ -25,8 +25,8 @@ use xdpgate_common::{
 use crate::{
     apply, compile,
     dataplane::PinDir,
-    health::{Change, Health, Prober, Target},
     flowlog, flows,
+    health::{Change, Health, Prober, Target},
     lb::{self, CompiledLb, LbMaps},
     nat,
     policy::{self, Policy},
@@ -34,7 +34,8 @@ use crate::{
 
 /// Loads a policy file; every validation error is listed as file:line: field: reason.
 pub fn load(file: &Path) -> Result<(Policy, String)> {
-    let source = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let source =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
     let policy = policy::load_str(&source, &file.display().to_string())
         .map_err(|errors| anyhow!("invalid policy, nothing changed:\n{errors}"))?;
     Ok((policy, source))
@@ -108,7 +109,10 @@ impl HealthView<'_> {
 
 /// Loggers for the aya-log records (rare events only) of every program of this dataplane:
 /// the programs that use its pinned scratch map. Returns the program ids they cover.
-fn dataplane_loggers(pins: &PinDir, have: &mut Vec<(u32, EbpfLogger<&'static dyn log::Log>)>) -> Result<()> {
+fn dataplane_loggers(
+    pins: &PinDir,
+    have: &mut Vec<(u32, EbpfLogger<&'static dyn log::Log>)>,
+) -> Result<()> {
     let scratch = MapData::from_pin(pins.map(SCRATCH))?.info()?.id();
     for info in aya::programs::loaded_programs().filter_map(Result::ok) {
         let ours = info.map_ids().ok().flatten().is_some_and(|ids| ids.contains(&scratch));
@@ -142,7 +146,10 @@ pub async fn run(
         Some(_) => {
             let ring: RingBuf<MapData> = pins.open_map(EVENTS)?.try_into()?;
             // SAFETY: the ring owns its map fd, open until the AsyncFd drops it.
-            Some(unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }.map_err(|e| anyhow!("{e}"))?)
+            Some(
+                unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+                    .map_err(|e| anyhow!("{e}"))?,
+            )
         }
         None => None,
     };
@@ -207,24 +214,37 @@ pub async fn run(
 }
 
 /// A backend changed state: rebuild the tables of the services it serves.
-fn on_change(maps: &mut LbMaps, lbs: &CompiledLb, down: &mut HashSet<(IpAddr, String)>, change: &Change) -> Result<()> {
+fn on_change(
+    maps: &mut LbMaps,
+    lbs: &CompiledLb,
+    down: &mut HashSet<(IpAddr, String)>,
+    change: &Change,
+) -> Result<()> {
     let key = (change.backend, change.probe.clone());
     match change.health {
         Health::Unhealthy => {
-            warn!("backend {} unhealthy (probe {}): {}", change.backend, change.probe, change.reason);
+            warn!(
+                "backend {} unhealthy (probe {}): {}",
+                change.backend, change.probe, change.reason
+            );
             down.insert(key);
         }
         Health::Healthy => {
-            info!("backend {} healthy again (probe {}): {}", change.backend, change.probe, change.reason);
+            info!(
+                "backend {} healthy again (probe {}): {}",
+                change.backend, change.probe, change.reason
+            );
             down.remove(&key);
         }
     }
     let view = HealthView { lbs, down };
-    let ids: HashMap<IpAddr, u32> = lbs.backends.iter().enumerate().map(|(i, a)| (*a, i as u32)).collect();
+    let ids: HashMap<IpAddr, u32> =
+        lbs.backends.iter().enumerate().map(|(i, a)| (*a, i as u32)).collect();
     let Some(&b) = ids.get(&change.backend) else { return Ok(()) };
     maps.set_backend(b, change.backend, view.overall(b))?;
     for (id, s) in lbs.services.iter().enumerate() {
-        let affected = s.probe.as_ref().is_some_and(|p| p.name == change.probe) && s.pool.iter().any(|(m, _)| *m == b);
+        let affected = s.probe.as_ref().is_some_and(|p| p.name == change.probe)
+            && s.pool.iter().any(|(m, _)| *m == b);
         if affected {
             maps.update_service(lbs, id as u32, &|m| view.for_service(id, m))?;
             info!("service {}/{}: table rebuilt", s.lb, s.rule);

@@ -179,7 +179,9 @@ fn port_entries(field: u8, ports: &Ports) -> Vec<FieldEntry> {
         .flat_map(|r| range_prefixes(*r))
         // A written range covering every port still needs a port: its /0 would also be the
         // entry packets without ports (ICMP, ESP, ...) look up, which only "*" may match.
-        .flat_map(|(port, len)| if len == 0 { vec![(0, 1), (0x8000, 1)] } else { vec![(port, len)] })
+        .flat_map(
+            |(port, len)| if len == 0 { vec![(0, 1), (0x8000, 1)] } else { vec![(port, len)] },
+        )
         .map(|(port, len)| {
             let mut v = [0u8; 16];
             v[..2].copy_from_slice(&port.to_be_bytes());

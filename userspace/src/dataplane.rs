@@ -132,9 +132,11 @@ pub fn load(pins: &PinDir) -> Result<Ebpf> {
 /// Loads the dataplane's programs, links the later stages into `PIPELINE` and returns the
 /// entry program, ready to attach or test-run.
 pub fn dataplane(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
-    for (index, name) in
-        [(PIPELINE_POLICY, POLICY_PROGRAM), (PIPELINE_ACT, ACT_PROGRAM), (PIPELINE_SNAT, SNAT_PROGRAM)]
-    {
+    for (index, name) in [
+        (PIPELINE_POLICY, POLICY_PROGRAM),
+        (PIPELINE_ACT, ACT_PROGRAM),
+        (PIPELINE_SNAT, SNAT_PROGRAM),
+    ] {
         let fd = program(ebpf, name)?.fd()?.try_clone()?;
         let mut pipeline: ProgramArray<_> =
             ebpf.map_mut(PIPELINE).ok_or_else(|| anyhow!("map {PIPELINE} missing"))?.try_into()?;
@@ -206,7 +208,9 @@ pub fn upgrade(pins: &PinDir) -> Result<Vec<String>> {
             .with_context(|| format!("opening the pinned link of {name}"))?;
         let link = XdpLink::try_from(FdLink::from(pinned))
             .map_err(|e| anyhow!("{name}: pinned link is not an XDP link: {e}"))?;
-        let id = prog.attach_to_link(link).with_context(|| format!("replacing the program on {name}"))?;
+        let id = prog
+            .attach_to_link(link)
+            .with_context(|| format!("replacing the program on {name}"))?;
         // The link stays pinned; this process's handle on it may go.
         let _ = prog.take_link(id)?;
     }
@@ -245,7 +249,9 @@ fn register(ebpf: &mut Ebpf, ifindex: u32, role: Role) -> Result<()> {
     // XDP may forward out of every interface it is attached to.
     let mut egress: DevMapHash<_> =
         ebpf.map_mut(EGRESS).ok_or_else(|| anyhow!("map {EGRESS} missing"))?.try_into()?;
-    egress.insert(ifindex, ifindex, None, 0).context("adding the interface to the egress devmap")?;
+    egress
+        .insert(ifindex, ifindex, None, 0)
+        .context("adding the interface to the egress devmap")?;
     Ok(())
 }
 

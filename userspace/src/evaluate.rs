@@ -6,8 +6,8 @@
 use std::{collections::HashMap, net::IpAddr};
 
 use xdpgate_common::nsg::{
-    FIELD_DPORT, FIELD_DST4, FIELD_DST6, FIELD_PROTO, FIELD_SPORT, FIELD_SRC4, FIELD_SRC6, RuleBitmap,
-    table_in_slot,
+    FIELD_DPORT, FIELD_DST4, FIELD_DST6, FIELD_PROTO, FIELD_SPORT, FIELD_SRC4, FIELD_SRC6,
+    RuleBitmap, table_in_slot,
 };
 
 use crate::{
@@ -36,7 +36,9 @@ impl<'a> Lpm<'a> {
 
     fn first_match(&self, pkt: &Packet) -> Option<usize> {
         let (fs, fd, bits, src, dst) = match (pkt.src, pkt.dst) {
-            (IpAddr::V4(s), IpAddr::V4(d)) => (FIELD_SRC4, FIELD_DST4, 32, v4(s.octets()), v4(d.octets())),
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                (FIELD_SRC4, FIELD_DST4, 32, v4(s.octets()), v4(d.octets()))
+            }
             (IpAddr::V6(s), IpAddr::V6(d)) => (FIELD_SRC6, FIELD_DST6, 128, s.octets(), d.octets()),
             _ => return None,
         };
@@ -56,7 +58,8 @@ impl<'a> Lpm<'a> {
             self.lookup(FIELD_DPORT, dp, dp_bits)?,
             self.lookup(FIELD_PROTO, proto, 8)?,
         ];
-        (0..self.table.rules.len()).find(|&bit| maps.iter().all(|m| m.words[bit / 64] >> (bit % 64) & 1 == 1))
+        (0..self.table.rules.len())
+            .find(|&bit| maps.iter().all(|m| m.words[bit / 64] >> (bit % 64) & 1 == 1))
     }
 }
 
@@ -81,7 +84,8 @@ pub fn evaluate(compiled: &Compiled, pkt: &Packet) -> Verdict {
     };
     let mut decided_by = Vec::new();
     for layer in layers {
-        let table = &compiled.tables[table_in_slot(dir_index(pkt.direction), layer_index(layer)) as usize];
+        let table =
+            &compiled.tables[table_in_slot(dir_index(pkt.direction), layer_index(layer)) as usize];
         let Some(bit) = Lpm::new(table).first_match(pkt) else { continue };
         let r = &table.rules[bit];
         decided_by.push(RuleRef {
@@ -123,8 +127,22 @@ nsgs:
          source: ["*"], destination: ["*"], destination_ports: [8080]}
 "#;
 
-    fn pkt(direction: Direction, proto: u8, src: &str, sport: Option<u16>, dst: &str, dport: Option<u16>) -> Packet {
-        Packet { direction, proto, src: src.parse().unwrap(), dst: dst.parse().unwrap(), sport, dport }
+    fn pkt(
+        direction: Direction,
+        proto: u8,
+        src: &str,
+        sport: Option<u16>,
+        dst: &str,
+        dport: Option<u16>,
+    ) -> Packet {
+        Packet {
+            direction,
+            proto,
+            src: src.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            sport,
+            dport,
+        }
     }
 
     #[test]

@@ -38,7 +38,11 @@ impl Sink {
             return Ok(Sink::Stdout);
         }
         let path = PathBuf::from(target);
-        let file = OpenOptions::new().create(true).append(true).open(&path).with_context(|| format!("opening {target}"))?;
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("opening {target}"))?;
         let written = file.metadata()?.len();
         Ok(Sink::File { path, max_bytes, file, written })
     }
@@ -66,7 +70,10 @@ impl Sink {
 
 /// Converts the dataplane's monotonic nanoseconds to wall-clock seconds.
 fn wall_clock(mono_ns: u64) -> f64 {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs_f64();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64();
     now - (monotonic_ns().saturating_sub(mono_ns)) as f64 / 1e9
 }
 

@@ -81,7 +81,11 @@ pub fn compile(policy: &Policy) -> Result<CompiledLb> {
     for lb in &policy.load_balancers {
         for rule in &lb.rules {
             let id = out.services.len() as u32;
-            let pool = lb.pools[rule.pool].backends.iter().map(|b| (backend(&mut out, b.address), b.weight)).collect();
+            let pool = lb.pools[rule.pool]
+                .backends
+                .iter()
+                .map(|b| (backend(&mut out, b.address), b.weight))
+                .collect();
             let dist = match rule.distribution {
                 Distribution::Default => DIST_FIVE_TUPLE,
                 Distribution::SourceIp => DIST_SOURCE_IP,
@@ -114,12 +118,20 @@ pub fn compile(policy: &Policy) -> Result<CompiledLb> {
             let addr = lb.frontends[nat.frontend].address;
             for &(port, to) in &nat.mappings {
                 let b = backend(&mut out, to);
-                out.frontends.push((frontend_key(addr, port, proto_number(nat.protocol)), id, b, nat.backend_port));
+                out.frontends.push((
+                    frontend_key(addr, port, proto_number(nat.protocol)),
+                    id,
+                    b,
+                    nat.backend_port,
+                ));
             }
         }
     }
     if out.services.len() > MAX_SERVICES as usize {
-        bail!("{} load-balancing and inbound NAT rules exceed the table size {MAX_SERVICES}", out.services.len());
+        bail!(
+            "{} load-balancing and inbound NAT rules exceed the table size {MAX_SERVICES}",
+            out.services.len()
+        );
     }
     if out.backends.len() > MAX_BACKENDS as usize {
         bail!("{} backends exceed the table size {MAX_BACKENDS}", out.backends.len());
@@ -132,15 +144,21 @@ pub fn compile(policy: &Policy) -> Result<CompiledLb> {
 
 /// The Maglev table of a service over the backends `healthy` says can take new flows;
 /// `None` when none can and the service sends no new flows then.
-pub fn maglev_table(spec: &ServiceSpec, backends: &[IpAddr], healthy: &dyn Fn(u32) -> bool) -> Option<Vec<u32>> {
-    let mut members: Vec<(u32, u32)> = spec.pool.iter().copied().filter(|(b, _)| healthy(*b)).collect();
+pub fn maglev_table(
+    spec: &ServiceSpec,
+    backends: &[IpAddr],
+    healthy: &dyn Fn(u32) -> bool,
+) -> Option<Vec<u32>> {
+    let mut members: Vec<(u32, u32)> =
+        spec.pool.iter().copied().filter(|(b, _)| healthy(*b)).collect();
     if members.is_empty() {
         match spec.all_down {
             AllDown::NoNewFlows => return None,
             AllDown::SendToAll => members = spec.pool.clone(),
         }
     }
-    let ids: Vec<(u64, u32)> = members.iter().map(|(b, w)| (maglev::backend_id(backends[*b as usize]), *w)).collect();
+    let ids: Vec<(u64, u32)> =
+        members.iter().map(|(b, w)| (maglev::backend_id(backends[*b as usize]), *w)).collect();
     let table = maglev::table(&ids, MAGLEV_SIZE as usize);
     Some(table.into_iter().map(|i| members[i as usize].0).collect())
 }
@@ -168,8 +186,12 @@ impl LbMaps {
             self.set_backend(i as u32, *addr, healthy(i as u32))?;
         }
         let wanted: BTreeMap<_, _> = lb.frontends.iter().map(|f| (key_bytes(&f.0), f.0)).collect();
-        let stale: Vec<FrontendKey> =
-            self.frontends.keys().filter_map(|k| k.ok()).filter(|k| !wanted.contains_key(&key_bytes(k))).collect();
+        let stale: Vec<FrontendKey> = self
+            .frontends
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| !wanted.contains_key(&key_bytes(k)))
+            .collect();
         for k in stale {
             self.frontends.remove(&k)?;
         }
@@ -181,16 +203,27 @@ impl LbMaps {
 
     pub fn set_backend(&mut self, id: u32, addr: IpAddr, healthy: bool) -> Result<()> {
         let key = frontend_key(addr, 0, 0);
-        let info = BackendInfo { addr: key.addr, family: key.family, healthy: healthy.into(), _pad: [0; 2] };
+        let info = BackendInfo {
+            addr: key.addr,
+            family: key.family,
+            healthy: healthy.into(),
+            _pad: [0; 2],
+        };
         Ok(self.backends.set(id, info, 0)?)
     }
 
     /// Rebuilds service `id`'s Maglev table into its idle copy and points its frontends at
     /// it: flows see the old table or the new one, never a mix.
-    pub fn update_service(&mut self, lb: &CompiledLb, id: u32, healthy: &dyn Fn(u32) -> bool) -> Result<()> {
+    pub fn update_service(
+        &mut self,
+        lb: &CompiledLb,
+        id: u32,
+        healthy: &dyn Fn(u32) -> bool,
+    ) -> Result<()> {
         let spec = &lb.services[id as usize];
         let mine: Vec<_> = lb.frontends.iter().filter(|f| f.1 == id).collect();
-        let live = mine.first().and_then(|f| self.frontends.get(&f.0, 0).ok()).map_or(1, |s| s.table & 1);
+        let live =
+            mine.first().and_then(|f| self.frontends.get(&f.0, 0).ok()).map_or(1, |s| s.table & 1);
         let next = 1 - live;
         let mut flags = spec.flags;
         if !spec.pool.is_empty() {
@@ -280,12 +313,18 @@ pub fn report(pins: &PinDir, lbs: &CompiledLb) -> Result<Vec<ServiceReport>> {
     for (id, spec) in lbs.services.iter().enumerate() {
         let id = id as u32;
         let mut members: Vec<u32> = spec.pool.iter().map(|(b, _)| *b).collect();
-        members.extend(lbs.frontends.iter().filter(|f| f.1 == id && f.2 != NO_BACKEND).map(|f| f.2));
+        members
+            .extend(lbs.frontends.iter().filter(|f| f.1 == id && f.2 != NO_BACKEND).map(|f| f.2));
         let stats = sum(&service_stats, id)?;
         out.push(ServiceReport {
             load_balancer: spec.lb.clone(),
             rule: spec.rule.clone(),
-            frontends: lbs.frontends.iter().filter(|f| f.1 == id).map(|f| frontend_name(&f.0)).collect(),
+            frontends: lbs
+                .frontends
+                .iter()
+                .filter(|f| f.1 == id)
+                .map(|f| frontend_name(&f.0))
+                .collect(),
             packets: stats.packets,
             bytes: stats.bytes,
             backends: members

@@ -186,8 +186,9 @@ fn chosen_policy(pins: &PinDir, file: Option<PathBuf>) -> Result<policy::Policy>
     match file {
         Some(f) => Ok(agent::load(&f)?.0),
         None => {
-            let (path, source) = apply::applied_source(pins)
-                .ok_or_else(|| anyhow!("no policy applied here yet; name one with --policy FILE"))?;
+            let (path, source) = apply::applied_source(pins).ok_or_else(|| {
+                anyhow!("no policy applied here yet; name one with --policy FILE")
+            })?;
             policy::load_str(&source, &path.display().to_string()).map_err(|e| anyhow!("{e}"))
         }
     }
@@ -209,7 +210,9 @@ fn protocol_number(name: &str, v6: bool) -> Result<u8> {
         "icmp" => 1,
         "esp" => 50,
         "ah" => 51,
-        n => n.parse().map_err(|_| anyhow!("unknown protocol {name:?} (tcp, udp, icmp, esp, ah or a number)"))?,
+        n => n.parse().map_err(|_| {
+            anyhow!("unknown protocol {name:?} (tcp, udp, icmp, esp, ah or a number)")
+        })?,
     })
 }
 
@@ -300,8 +303,10 @@ fn run(cli: Cli) -> Result<()> {
                 let refs: Vec<_> = verdict
                     .decided_by
                     .iter()
-                    .map(|r| serde_json::json!({"layer": r.layer, "nsg": r.nsg, "rule": r.rule,
-                        "priority": r.priority, "access": r.access}))
+                    .map(|r| {
+                        serde_json::json!({"layer": r.layer, "nsg": r.nsg, "rule": r.rule,
+                        "priority": r.priority, "access": r.access})
+                    })
                     .collect();
                 println!("{}", serde_json::json!({"allowed": verdict.allowed, "decided_by": refs}));
             } else {
@@ -325,7 +330,13 @@ fn run(cli: Cli) -> Result<()> {
         Command::Run { policy, probe_concurrency, metrics_addr, flow_log, flow_log_max_bytes } => {
             let sink = flow_log.map(|f| flowlog::Sink::open(&f, flow_log_max_bytes)).transpose()?;
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            runtime.block_on(agent::run(&pins, &policy, probe_concurrency, metrics_addr.0, sink))?;
+            runtime.block_on(agent::run(
+                &pins,
+                &policy,
+                probe_concurrency,
+                metrics_addr.0,
+                sink,
+            ))?;
         }
         Command::Metrics => print!("{}", metrics::render(&pins)?),
         Command::Flows { top, addr, port, rule, json } => {

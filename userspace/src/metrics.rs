@@ -25,9 +25,9 @@ use tokio::{
 use crate::{
     apply,
     dataplane::PinDir,
-    flows, lb, nat,
+    flows, lb,
     lb::ServiceReport,
-    policy,
+    nat, policy,
     stats::{self, Stats},
 };
 
@@ -328,7 +328,8 @@ impl Snapshot {
             "Flow-log events the dataplane held back: over the denied-flow rate limit, or lost \
              to a full ring buffer.",
         );
-        events.add(vec![("reason", "rate_limited".into())], Int(self.stats.flow_events_rate_limited));
+        events
+            .add(vec![("reason", "rate_limited".into())], Int(self.stats.flow_events_rate_limited));
         events.add(vec![("reason", "ring_full".into())], Int(self.stats.flow_events_lost));
         let mut nat_ports = Family::new(
             "xdpgate_nat_ports_in_use",
@@ -342,14 +343,30 @@ impl Snapshot {
         );
         for g in &self.nat {
             for (addr, n) in &g.addresses {
-                nat_ports.add(vec![("gateway", g.name.clone()), ("address", addr.to_string())], Int(*n as u64));
+                nat_ports.add(
+                    vec![("gateway", g.name.clone()), ("address", addr.to_string())],
+                    Int(*n as u64),
+                );
             }
             nat_failures.add(vec![("gateway", g.name.clone())], Int(g.failed_allocations));
         }
 
         vec![
-            if_packets, if_bytes, drops, rules, fe_packets, fe_bytes, be_packets, be_bytes,
-            be_healthy, flows, generation, applied, events, nat_ports, nat_failures,
+            if_packets,
+            if_bytes,
+            drops,
+            rules,
+            fe_packets,
+            fe_bytes,
+            be_packets,
+            be_bytes,
+            be_healthy,
+            flows,
+            generation,
+            applied,
+            events,
+            nat_ports,
+            nat_failures,
         ]
     }
 

@@ -4,20 +4,28 @@
 use std::net::IpAddr;
 
 use anyhow::{Result, bail};
-use aya::maps::{Array, HashMap, MapData, PerCpuArray, lpm_trie::{Key, LpmTrie}};
+use aya::maps::{
+    Array, HashMap, MapData, PerCpuArray,
+    lpm_trie::{Key, LpmTrie},
+};
 use ipnet::IpNet;
 use xdpgate_common::{
     flow::{FlowKey, FlowValue, NAT_DST, TCP_CLOSED},
-    maps::{FLOWS, NAT_FAILURES, NAT_GATEWAYS, NAT_MAP, NAT_PREFIXES, NAT_PUBLIC, NAT_SUBNETS, VNET},
+    maps::{
+        FLOWS, NAT_FAILURES, NAT_GATEWAYS, NAT_MAP, NAT_PREFIXES, NAT_PUBLIC, NAT_SUBNETS, VNET,
+    },
     nat::{
-        ADDR_KEY_HEADER_BITS, AddrKey, MAX_NAT_GATEWAYS, MAX_PUBLIC_ADDRS, NAT_ACTIVE, NAT_COOLDOWN, NatEntry,
-        NatGatewayConfig,
+        ADDR_KEY_HEADER_BITS, AddrKey, MAX_NAT_GATEWAYS, MAX_PUBLIC_ADDRS, NAT_ACTIVE,
+        NAT_COOLDOWN, NatEntry, NatGatewayConfig,
     },
     nsg::TCP_CLOSED_TIMEOUT_NS,
     words,
 };
 
-use crate::{dataplane::PinDir, policy::{NatGateway, Policy}};
+use crate::{
+    dataplane::PinDir,
+    policy::{NatGateway, Policy},
+};
 
 fn addr_bytes(addr: IpAddr) -> (u8, [u8; 16]) {
     match addr {
@@ -93,7 +101,8 @@ impl NatMaps {
             .enumerate()
             .flat_map(|(i, gw)| gw.subnets.iter().map(move |n| (prefix_key(n), i as u32)))
             .collect();
-        let vnet: Vec<(Key<AddrKey>, u32)> = policy.virtual_network.iter().map(|n| (prefix_key(n), 1)).collect();
+        let vnet: Vec<(Key<AddrKey>, u32)> =
+            policy.virtual_network.iter().map(|n| (prefix_key(n), 1)).collect();
         let public: Vec<(AddrKey, u32)> = policy
             .nat_gateways
             .iter()
@@ -105,7 +114,12 @@ impl NatMaps {
         for (k, v) in &public {
             self.public.insert(k, v, 0)?;
         }
-        let stale: Vec<AddrKey> = self.public.keys().filter_map(|k| k.ok()).filter(|k| !public.iter().any(|(p, _)| p == k)).collect();
+        let stale: Vec<AddrKey> = self
+            .public
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| !public.iter().any(|(p, _)| p == k))
+            .collect();
         for k in stale {
             self.public.remove(&k)?;
         }
@@ -118,7 +132,10 @@ fn key_bits(k: &Key<AddrKey>) -> (u32, AddrKey) {
 }
 
 /// Inserts `entries` into `trie`, then removes whatever else it held.
-fn replace_trie(trie: &mut LpmTrie<MapData, AddrKey, u32>, entries: &[(Key<AddrKey>, u32)]) -> Result<()> {
+fn replace_trie(
+    trie: &mut LpmTrie<MapData, AddrKey, u32>,
+    entries: &[(Key<AddrKey>, u32)],
+) -> Result<()> {
     for (k, v) in entries {
         trie.insert(k, v, 0)?;
     }
@@ -140,7 +157,9 @@ pub fn check(policy: &Policy) -> Result<()> {
     let subnets: usize = policy.nat_gateways.iter().map(|g| g.subnets.len()).sum();
     let prefixes = subnets.max(policy.virtual_network.len());
     if prefixes > NAT_PREFIXES as usize {
-        bail!("{prefixes} NAT subnet or virtual-network prefixes exceed the table size {NAT_PREFIXES}");
+        bail!(
+            "{prefixes} NAT subnet or virtual-network prefixes exceed the table size {NAT_PREFIXES}"
+        );
     }
     Ok(())
 }
@@ -181,7 +200,8 @@ pub struct Expired {
 pub fn expire(pins: &PinDir, policy: &Policy, now: u64) -> Result<Expired> {
     let mut map: HashMap<_, FlowKey, NatEntry> = pins.open_map(NAT_MAP)?.try_into()?;
     let mut flows: HashMap<_, FlowKey, FlowValue> = pins.open_map(FLOWS)?.try_into()?;
-    let entries: Vec<(FlowKey, NatEntry)> = map.iter().filter_map(|e| e.ok()).filter(|(_, t)| t.kind == NAT_DST).collect();
+    let entries: Vec<(FlowKey, NatEntry)> =
+        map.iter().filter_map(|e| e.ok()).filter(|(_, t)| t.kind == NAT_DST).collect();
     let mut out = Expired::default();
     for (reply, t) in entries {
         if t.state == NAT_COOLDOWN {
@@ -194,7 +214,8 @@ pub fn expire(pins: &PinDir, policy: &Policy, now: u64) -> Result<Expired> {
         let Some(gw) = policy.nat_gateways.get(usize::from(t.gateway)) else { continue };
         let forward = forward_key(&reply, &t);
         let seen = [flows.get(&reply, 0).ok(), flows.get(&forward, 0).ok()];
-        let last = seen.iter().flatten().map(|f| f.last_seen_ns).max().unwrap_or(t.time_ns).max(t.time_ns);
+        let last =
+            seen.iter().flatten().map(|f| f.last_seen_ns).max().unwrap_or(t.time_ns).max(t.time_ns);
         let closed = seen.iter().flatten().any(|f| f.tcp & TCP_CLOSED != 0);
         let timeout = match reply.proto {
             6 if closed => TCP_CLOSED_TIMEOUT_NS,
@@ -212,7 +233,11 @@ pub fn expire(pins: &PinDir, policy: &Policy, now: u64) -> Result<Expired> {
             let _ = map.remove(&reply);
             out.released += 1;
         } else {
-            let cooling = NatEntry { state: NAT_COOLDOWN, time_ns: now + u64::from(gw.port_reuse_cooldown) * 1_000_000_000, ..t };
+            let cooling = NatEntry {
+                state: NAT_COOLDOWN,
+                time_ns: now + u64::from(gw.port_reuse_cooldown) * 1_000_000_000,
+                ..t
+            };
             map.insert(reply, cooling, 0)?;
         }
     }
@@ -231,7 +256,8 @@ pub struct GatewayReport {
 pub fn report(pins: &PinDir, policy: &Policy) -> Result<Vec<GatewayReport>> {
     let map: HashMap<_, FlowKey, NatEntry> = pins.open_map(NAT_MAP)?.try_into()?;
     let failures: PerCpuArray<_, u64> = pins.open_map(NAT_FAILURES)?.try_into()?;
-    let claims: Vec<(FlowKey, NatEntry)> = map.iter().filter_map(|e| e.ok()).filter(|(_, t)| t.kind == NAT_DST).collect();
+    let claims: Vec<(FlowKey, NatEntry)> =
+        map.iter().filter_map(|e| e.ok()).filter(|(_, t)| t.kind == NAT_DST).collect();
     policy
         .nat_gateways
         .iter()
@@ -243,7 +269,9 @@ pub fn report(pins: &PinDir, policy: &Policy) -> Result<Vec<GatewayReport>> {
                 addresses: gw
                     .public_addresses
                     .iter()
-                    .map(|a| (*a, mine.iter().filter(|(k, _)| key_addr(k.family, &k.dst) == *a).count()))
+                    .map(|a| {
+                        (*a, mine.iter().filter(|(k, _)| key_addr(k.family, &k.dst) == *a).count())
+                    })
                     .collect(),
                 translations: mine.iter().filter(|(_, t)| t.state == NAT_ACTIVE).count(),
                 failed_allocations: failures.get(&(i as u32), 0)?.iter().sum(),
@@ -255,7 +283,10 @@ pub fn report(pins: &PinDir, policy: &Policy) -> Result<Vec<GatewayReport>> {
 pub fn render(report: &[GatewayReport]) -> String {
     let mut out = String::new();
     for g in report {
-        out += &format!("{}: {} translations, {} failed allocations\n", g.name, g.translations, g.failed_allocations);
+        out += &format!(
+            "{}: {} translations, {} failed allocations\n",
+            g.name, g.translations, g.failed_allocations
+        );
         for (a, n) in &g.addresses {
             out += &format!("    {:<28} {n} ports in use\n", a.to_string());
         }

@@ -17,7 +17,8 @@ fn prefixes(nets: &[IpNet]) -> String {
     match nets.len() {
         0 => "(none)".into(),
         n if n > SHOWN_PREFIXES => {
-            let shown: Vec<String> = nets[..SHOWN_PREFIXES].iter().map(ToString::to_string).collect();
+            let shown: Vec<String> =
+                nets[..SHOWN_PREFIXES].iter().map(ToString::to_string).collect();
             format!("{},... ({n} prefixes)", shown.join(","))
         }
         _ => nets.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
@@ -56,7 +57,16 @@ fn row(out: &mut String, nsg: &str, r: &Rule) {
 pub fn render(policy: &Policy) -> String {
     let mut out = format!(
         "{:<12} {:<9} {:>6} {:<30} {:<6} {:<6} {:<34} {:<12} {:<34} {:<12}\n",
-        "NSG", "DIRECTION", "PRIO", "RULE", "ACCESS", "PROTO", "SOURCE", "SPORTS", "DESTINATION", "DPORTS"
+        "NSG",
+        "DIRECTION",
+        "PRIO",
+        "RULE",
+        "ACCESS",
+        "PROTO",
+        "SOURCE",
+        "SPORTS",
+        "DESTINATION",
+        "DPORTS"
     );
     for nsg in &policy.nsgs {
         for r in &nsg.rules {

@@ -171,14 +171,21 @@ pub fn read(pins: &PinDir) -> Result<Stats> {
         .map(|r| Ok((DROP_REASON_NAMES[r as usize], drops.get(&r, 0)?.iter().sum())))
         .collect::<Result<_>>()?;
     let (flow_events_rate_limited, flow_events_lost) = crate::flowlog::event_losses(pins)?;
-    Ok(Stats { interfaces, drops, policy: policy_stats(pins)?, flow_events_rate_limited, flow_events_lost })
+    Ok(Stats {
+        interfaces,
+        drops,
+        policy: policy_stats(pins)?,
+        flow_events_rate_limited,
+        flow_events_lost,
+    })
 }
 
 /// Hits of every rule of the running policy, named from the applied policy's source.
 fn policy_stats(pins: &PinDir) -> Result<Option<PolicyStats>> {
     let Some((path, source)) = apply::applied_source(pins) else { return Ok(None) };
     let (slot, config) = apply::active(pins)?;
-    let policy = policy::load_str(&source, &path.display().to_string()).map_err(|e| anyhow!("{e}"))?;
+    let policy =
+        policy::load_str(&source, &path.display().to_string()).map_err(|e| anyhow!("{e}"))?;
     let compiled = compile::compile(&policy)?;
     let hits: PerCpuArray<_, u64> = pins.open_map(NSG_HITS)?.try_into()?;
     let mut rules = Vec::new();

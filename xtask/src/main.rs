@@ -30,8 +30,8 @@ enum Task {
     },
     /// Build a demo topology in network namespaces, attach xdpgate and send real traffic.
     Demo,
-    /// Measure the NSG dataplane's per-packet cost against a no-op XDP program (writes
-    /// target/bench/nsg.md and nsg.json).
+    /// Measure per-packet cost against a no-op XDP program (NSG, load balancer, NAT), memory,
+    /// and peers (writes target/bench/*.md, *.json and ratios.svg).
     Bench {
         /// Extra arguments for the benchmark (e.g. `--quick`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
