@@ -7,7 +7,7 @@ need_root() { [ "$(id -u)" = 0 ] || { echo "setup.sh: run as root (XDP and names
 need_root
 
 # Debian packages: LLVM 22 for bpf-linker, and the tools the tests and benchmarks use.
-pkgs=(llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev iproute2 iputils-ping bpftool tcpdump nftables iperf3
+pkgs=(llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev iproute2 iputils-ping procps bpftool tcpdump nftables iperf3
       netsniff-ng xdp-tools curl python3 ethtool)
 missing=()
 for p in "${pkgs[@]}"; do
