@@ -37,7 +37,7 @@ use common::{
     Netns, Pins,
     kernel::{DROP, Kernel, PASS},
     packet::{ACK, L4, SYN, endpoints, frame},
-    run, unique, veth,
+    run, unique,
 };
 use xdpgate::{agent, apply, flows, policy::load_str};
 use xdpgate_common::{
@@ -200,54 +200,8 @@ nsgs:
     p
 }
 
-/// client -- gw -- server, xdpgate on both gateway interfaces (as in tests/e2e_nsg.rs).
-struct SwapLab {
-    pins: Pins,
-    client: Netns,
-    _gw: Netns,
-    server: Netns,
-    dir: PathBuf,
-}
-
-impl SwapLab {
-    fn new() -> Self {
-        let client = Netns::new("xgsc");
-        let gw = Netns::new("xgsg");
-        let server = Netns::new("xgss");
-        let (_, gw_ext) = veth(
-            &client,
-            &format!("{CLIENT4}/24,{CLIENT6}/64"),
-            &gw,
-            "203.0.113.1/24,2001:db8:2::1/64",
-        );
-        let (gw_int, _) = veth(
-            &gw,
-            "198.51.100.1/24,2001:db8:1::1/64",
-            &server,
-            &format!("{SERVER4}/24,{SERVER6}/64"),
-        );
-        gw.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
-        gw.exec("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"]);
-        for (ns, v4, v6) in
-            [(&client, "203.0.113.1", "2001:db8:2::1"), (&server, "198.51.100.1", "2001:db8:1::1")]
-        {
-            ns.exec("ip", &["route", "add", "default", "via", v4]);
-            ns.exec("ip", &["-6", "route", "add", "default", "via", v6]);
-        }
-        let pins = Pins::in_netns(&gw);
-        pins.xdpgate(&["attach", "--iface", &gw_ext, "--role", "external"]);
-        pins.xdpgate(&["attach", "--iface", &gw_int, "--role", "internal"]);
-        let dir = std::env::temp_dir().join(unique("swap"));
-        std::fs::create_dir_all(&dir).unwrap();
-        Self { pins, client, _gw: gw, server, dir }
-    }
-}
-
-impl Drop for SwapLab {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
+/// client -- gw -- server, xdpgate on both gateway interfaces.
+use common::gateway::Gateway as SwapLab;
 
 /// What a traffic thread saw.
 #[derive(Debug, Default)]
