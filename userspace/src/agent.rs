@@ -107,8 +107,8 @@ impl HealthView<'_> {
     }
 }
 
-/// Loggers for the aya-log records (rare events only) of every program of this dataplane:
-/// the programs that use its pinned scratch map. Returns the program ids they cover.
+/// Adds loggers for the aya-log records (rare events only) of every program of this
+/// dataplane not yet covered: the programs that use its pinned scratch map.
 fn dataplane_loggers(
     pins: &PinDir,
     have: &mut Vec<(u32, EbpfLogger<&'static dyn log::Log>)>,
@@ -116,10 +116,11 @@ fn dataplane_loggers(
     let scratch = MapData::from_pin(pins.map(SCRATCH))?.info()?.id();
     for info in aya::programs::loaded_programs().filter_map(Result::ok) {
         let ours = info.map_ids().ok().flatten().is_some_and(|ids| ids.contains(&scratch));
-        if ours && !have.iter().any(|(id, _)| *id == info.id()) {
-            if let Ok(logger) = EbpfLogger::init_from_id(info.id()) {
-                have.push((info.id(), logger));
-            }
+        if ours
+            && !have.iter().any(|(id, _)| *id == info.id())
+            && let Ok(logger) = EbpfLogger::init_from_id(info.id())
+        {
+            have.push((info.id(), logger));
         }
     }
     Ok(())
