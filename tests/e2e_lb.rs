@@ -22,7 +22,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Netns, Pins, run, unique};
+use common::{
+    Netns,
+    lan::{Lan, backend_addr},
+    unique,
+};
 
 const POLICY: &str = r#"
 virtual_network:
@@ -56,16 +60,17 @@ load_balancers:
 /// keep being served; `start` listens again.
 struct Backend {
     name: &'static str,
-    ns: Netns,
+    /// The namespace it serves in (owned by the `Lan`).
+    ns: String,
     addr: SocketAddr,
     listening: Arc<AtomicBool>,
 }
 
 impl Backend {
-    fn new(name: &'static str, ns: Netns, addr: &str) -> Self {
+    fn new(name: &'static str, ns: &Netns, addr: &str) -> Self {
         let b = Self {
             name,
-            ns,
+            ns: ns.name.clone(),
             addr: addr.parse().unwrap(),
             listening: Arc::new(AtomicBool::new(false)),
         };
@@ -75,7 +80,7 @@ impl Backend {
 
     fn start(&self) {
         let (name, addr, flag) = (self.name, self.addr, self.listening.clone());
-        let listener = self.ns.run(move || TcpListener::bind(addr).expect("bind"));
+        let listener = common::run_in(&self.ns, move || TcpListener::bind(addr).expect("bind"));
         listener.set_nonblocking(true).unwrap();
         flag.store(true, Ordering::SeqCst);
         thread::spawn(move || {
@@ -124,72 +129,33 @@ fn request(conn: &mut TcpStream) -> Option<String> {
 }
 
 struct Topology {
-    client: Netns,
-    gw: Netns,
-    _switch: Netns,
     backends: Vec<Backend>,
-    pins: Pins,
+    net: Lan,
     agent: Option<Child>,
     policy_file: std::path::PathBuf,
 }
 
+impl std::ops::Deref for Topology {
+    type Target = Lan;
+
+    fn deref(&self) -> &Lan {
+        &self.net
+    }
+}
+
 impl Topology {
     fn new() -> Self {
-        let client = Netns::new("lbc");
-        let gw = Netns::new("lbg");
-        let switch = Netns::new("lbs");
-        let link = |a: &Netns, an: &str, b: &Netns, bn: &str| {
-            run(
-                "ip",
-                &[
-                    "link", "add", an, "netns", &a.name, "type", "veth", "peer", "name", bn,
-                    "netns", &b.name,
-                ],
-            );
-        };
-        link(&client, "eth0", &gw, "ext0");
-        link(&gw, "int0", &switch, "p0");
-        switch.exec("ip", &["link", "add", "br0", "type", "bridge"]);
-        switch.exec("ip", &["link", "set", "br0", "up"]);
-        client.exec("ip", &["addr", "add", "203.0.113.10/24", "dev", "eth0"]);
-        gw.exec("ip", &["addr", "add", "203.0.113.1/24", "dev", "ext0"]);
-        gw.exec("ip", &["addr", "add", "198.51.100.1/24", "dev", "int0"]);
-        gw.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
-        for (ns, dev) in [(&client, "eth0"), (&gw, "ext0"), (&gw, "int0"), (&switch, "p0")] {
-            ns.exec("ip", &["link", "set", dev, "up"]);
-        }
-        switch.exec("ip", &["link", "set", "p0", "master", "br0"]);
-        client.exec("ip", &["route", "add", "default", "via", "203.0.113.1"]);
-        // Frames XDP redirects into a veth are received by its peer's NAPI instance, which
-        // veth only runs with GRO on (or an XDP program) on that peer.
-        client.exec("ethtool", &["-K", "eth0", "gro", "on"]);
-        switch.exec("ethtool", &["-K", "p0", "gro", "on"]);
-        // A packet sent by a local stack through veth may carry only a partial checksum
-        // (offload); XDP forwarding hands on the frame without the note that completes it.
-        // Real NICs deliver complete checksums, so senders here compute them in full.
-        client.exec("ethtool", &["-K", "eth0", "tx", "off"]);
-
-        let mut backends = Vec::new();
-        for (i, name) in ["b1", "b2", "b3"].into_iter().enumerate() {
-            let ns = Netns::new("lbb");
-            let port = format!("p{}", i + 1);
-            link(&ns, "eth0", &switch, &port);
-            switch.exec("ip", &["link", "set", &port, "master", "br0"]);
-            switch.exec("ip", &["link", "set", &port, "up"]);
-            let addr = format!("198.51.100.{}", 11 + i);
-            ns.exec("ip", &["addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
-            ns.exec("ip", &["link", "set", "eth0", "up"]);
-            ns.exec("ethtool", &["-K", "eth0", "tx", "off"]);
-            ns.exec("ip", &["route", "add", "default", "via", "198.51.100.1"]);
-            backends.push(Backend::new(name, ns, &format!("{addr}:8080")));
-        }
-
-        let pins = Pins::in_netns(&gw);
-        pins.xdpgate(&["attach", "--iface", "ext0", "--role", "external"]);
-        pins.xdpgate(&["attach", "--iface", "int0", "--role", "internal"]);
+        let net = Lan::new(3);
+        let backends = ["b1", "b2", "b3"]
+            .into_iter()
+            .enumerate()
+            .map(|(i, name)| {
+                Backend::new(name, &net.backends[i], &format!("{}:8080", backend_addr(i)))
+            })
+            .collect();
         let policy_file = std::env::temp_dir().join(format!("{}.yaml", unique("lbpol")));
         std::fs::write(&policy_file, POLICY).unwrap();
-        let mut t = Self { client, gw, _switch: switch, backends, pins, agent: None, policy_file };
+        let mut t = Self { backends, net, agent: None, policy_file };
         t.start_agent();
         t
     }

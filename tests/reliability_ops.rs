@@ -202,6 +202,7 @@ nsgs:
 
 /// client -- gw -- server, xdpgate on both gateway interfaces.
 use common::gateway::Gateway as SwapLab;
+use common::lan::{Lan, backend_addr};
 
 /// What a traffic thread saw.
 #[derive(Debug, Default)]
@@ -601,66 +602,30 @@ fn ask(conn: &mut TcpStream) -> io::Result<String> {
 /// client -- ext0 [gw] int0 -- bridge -- b1 .11, b2 .12, b3 .13 (as in tests/e2e_lb.rs);
 /// the client is also the internet server the backends reach through the NAT gateway.
 struct RestartLab {
-    client: Netns,
-    gw: Netns,
-    _switch: Netns,
-    backends: Vec<Netns>,
-    pins: Pins,
+    net: Lan,
     agent: Option<Child>,
     file: PathBuf,
     /// Peers the client's TCP server on 9000 saw.
     nat_peers: Arc<Mutex<Vec<SocketAddr>>>,
 }
 
+impl std::ops::Deref for RestartLab {
+    type Target = Lan;
+
+    fn deref(&self) -> &Lan {
+        &self.net
+    }
+}
+
 impl RestartLab {
     fn new() -> Self {
-        let client = Netns::new("xgrc");
-        let gw = Netns::new("xgrg");
-        let switch = Netns::new("xgrs");
-        let link = |a: &Netns, an: &str, b: &Netns, bn: &str| {
-            run(
-                "ip",
-                &[
-                    "link", "add", an, "netns", &a.name, "type", "veth", "peer", "name", bn,
-                    "netns", &b.name,
-                ],
-            );
-        };
-        link(&client, "eth0", &gw, "ext0");
-        link(&gw, "int0", &switch, "p0");
-        switch.exec("ip", &["link", "add", "br0", "type", "bridge"]);
-        switch.exec("ip", &["link", "set", "br0", "up"]);
-        client.exec("ip", &["addr", "add", "203.0.113.10/24", "dev", "eth0"]);
-        gw.exec("ip", &["addr", "add", "203.0.113.1/24", "dev", "ext0"]);
-        gw.exec("ip", &["addr", "add", "198.51.100.1/24", "dev", "int0"]);
-        gw.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
-        for (ns, dev) in [(&client, "eth0"), (&gw, "ext0"), (&gw, "int0"), (&switch, "p0")] {
-            ns.exec("ip", &["link", "set", dev, "up"]);
-        }
-        switch.exec("ip", &["link", "set", "p0", "master", "br0"]);
-        client.exec("ip", &["route", "add", "default", "via", "203.0.113.1"]);
-        // XDP-redirected frames need NAPI (GRO) on the receiving peer; senders compute full
-        // checksums (see tests/e2e_lb.rs).
-        client.exec("ethtool", &["-K", "eth0", "gro", "on"]);
-        client.exec("ethtool", &["-K", "eth0", "tx", "off"]);
-        switch.exec("ethtool", &["-K", "p0", "gro", "on"]);
-        let mut backends = Vec::new();
-        for (i, name) in ["b1", "b2", "b3"].into_iter().enumerate() {
-            let ns = Netns::new("xgrb");
-            let port = format!("p{}", i + 1);
-            link(&ns, "eth0", &switch, &port);
-            switch.exec("ip", &["link", "set", &port, "master", "br0"]);
-            switch.exec("ip", &["link", "set", &port, "up"]);
-            let addr = format!("198.51.100.{}", 11 + i);
-            ns.exec("ip", &["addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
-            ns.exec("ip", &["link", "set", "eth0", "up"]);
-            ns.exec("ethtool", &["-K", "eth0", "tx", "off"]);
-            ns.exec("ethtool", &["-K", "eth0", "gro", "on"]);
-            ns.exec("ip", &["route", "add", "default", "via", "198.51.100.1"]);
+        let net = Lan::new(3);
+        for (i, (ns, name)) in net.backends.iter().zip(["b1", "b2", "b3"]).enumerate() {
+            let addr = backend_addr(i);
             let listener = ns.run(move || TcpListener::bind((addr.as_str(), 8080)).unwrap());
             name_server(listener, name);
-            backends.push(ns);
         }
+        let client = &net.client;
         // The "internet" server the backends reach through the NAT gateway: TCP echo on
         // 9000 (noting who connects), UDP on 5353 answering with the address it saw.
         let (tcp, udp) = client.run(|| {
@@ -692,13 +657,9 @@ impl RestartLab {
             }
         });
 
-        let pins = Pins::in_netns(&gw);
-        pins.xdpgate(&["attach", "--iface", "ext0", "--role", "external"]);
-        pins.xdpgate(&["attach", "--iface", "int0", "--role", "internal"]);
         let file = std::env::temp_dir().join(format!("{}.yaml", unique("rstpol")));
         std::fs::write(&file, LB_NAT_POLICY).unwrap();
-        let mut lab =
-            Self { client, gw, _switch: switch, backends, pins, agent: None, file, nat_peers };
+        let mut lab = Self { net, agent: None, file, nat_peers };
         lab.start_agent();
         lab
     }

@@ -66,17 +66,30 @@ impl Netns {
         &self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> std::thread::JoinHandle<T> {
-        let name = self.name.clone();
-        std::thread::spawn(move || {
-            xdpgate::netns::enter(&name).expect("enter netns");
-            f()
-        })
+        spawn_in(&self.name, f)
     }
 
     /// Runs `f` inside this namespace and waits for it.
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        self.spawn(f).join().expect("thread in netns panicked")
+        run_in(&self.name, f)
     }
+}
+
+/// Runs `f` on a new thread that has entered the namespace named `name`.
+pub fn spawn_in<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    let name = name.to_owned();
+    std::thread::spawn(move || {
+        xdpgate::netns::enter(&name).expect("enter netns");
+        f()
+    })
+}
+
+/// Runs `f` inside the namespace named `name` and waits for it.
+pub fn run_in<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    spawn_in(name, f).join().expect("thread in netns panicked")
 }
 
 impl Drop for Netns {
@@ -165,6 +178,7 @@ impl Drop for Pins {
 
 pub mod gateway;
 pub mod kernel;
+pub mod lan;
 pub mod packet;
 
 pub fn xdpgate_bin() -> PathBuf {
