@@ -45,6 +45,7 @@ use common::{
     Netns, Pins,
     kernel::{DROP, Kernel, PASS},
     packet::{ACK, FIN, MAC_A, MAC_B, RST, SYN, fix_ipv4_checksum},
+    rng::Rng,
     veth,
 };
 use etherparse::{IpHeaders, IpNumber, PacketBuilder, PacketBuilderStep, VlanId};
@@ -84,34 +85,6 @@ nsgs:
 
 // ---------------------------------------------------------------------------------------
 // A deterministic PRNG (splitmix64).
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-
-    fn percent(&mut self, p: u64) -> bool {
-        self.next() % 100 < p
-    }
-
-    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-        items[self.below(items.len())]
-    }
-
-    fn byte(&mut self) -> u8 {
-        self.next() as u8
-    }
-}
 
 fn env_number(name: &str) -> Option<u64> {
     let s = std::env::var(name).ok()?;
@@ -1983,9 +1956,9 @@ fn random_policy(rng: &mut Rng) -> String {
         }
         for r in 0..rules {
             let inbound = rng.percent(60);
-            let protocol = rng.pick(PROTOCOLS);
+            let protocol = rng.one_of(PROTOCOLS);
             let ports = |rng: &mut Rng| {
-                if matches!(protocol, "tcp" | "udp" | "any") { rng.pick(PORTS) } else { "" }
+                if matches!(protocol, "tcp" | "udp" | "any") { rng.one_of(PORTS) } else { "" }
             };
             let (sp, dp) = (if rng.percent(20) { ports(rng) } else { "" }, ports(rng));
             let _ = write!(
@@ -1995,8 +1968,8 @@ fn random_policy(rng: &mut Rng) -> String {
                 100 + r * 10,
                 if inbound { "inbound" } else { "outbound" },
                 if rng.percent(50) { "allow" } else { "deny" },
-                rng.pick(ADDRS),
-                rng.pick(ADDRS),
+                rng.one_of(ADDRS),
+                rng.one_of(ADDRS),
             );
             if !sp.is_empty() {
                 let _ = write!(y, ", source_ports: {sp}");
@@ -2011,7 +1984,7 @@ fn random_policy(rng: &mut Rng) -> String {
 }
 
 fn random_inside(rng: &mut Rng, v6: bool) -> String {
-    let last = rng.pick(&[10u16, 10, 5, 130, 200, 64, 127, 128]);
+    let last = rng.one_of(&[10u16, 10, 5, 130, 200, 64, 127, 128]);
     let last = if rng.percent(20) { rng.below(256) as u16 } else { last };
     if v6 { format!("2001:db8:1::{last:x}") } else { format!("198.51.100.{last}") }
 }
@@ -2037,7 +2010,7 @@ fn random_packet(rng: &mut Rng) -> (Vec<u8>, Direction) {
     };
     let port = |rng: &mut Rng| -> u16 {
         if rng.percent(60) {
-            rng.pick(&[80, 22, 443, 53, 1000, 1500, 2000, 2001, 5000, 5010, 0, 1023, 1024, 65535])
+            rng.one_of(&[80, 22, 443, 53, 1000, 1500, 2000, 2001, 5000, 5010, 0, 1023, 1024, 65535])
         } else {
             rng.next() as u16
         }
@@ -2046,17 +2019,17 @@ fn random_packet(rng: &mut Rng) -> (Vec<u8>, Direction) {
     let body = match rng.below(10) {
         0..=3 => {
             let flags =
-                rng.pick(&[SYN, SYN, SYN, SYN, ACK, SYN | ACK, FIN | ACK, RST, 0, SYN | PSH]);
+                rng.one_of(&[SYN, SYN, SYN, SYN, ACK, SYN | ACK, FIN | ACK, RST, 0, SYN | PSH]);
             let sp = if rng.percent(80) { ephemeral(rng) } else { port(rng) };
             Body::Tcp(sp, port(rng), flags)
         }
         4..=6 => Body::Udp(if rng.percent(80) { ephemeral(rng) } else { port(rng) }, port(rng)),
         7 => Body::Echo(rng.next() as u16),
-        8 if v6 => Body::Icmp(rng.pick(&[129, 1, 2, 3, 4, 133, 135, 136, 143, 200]), 0),
-        8 => Body::Icmp(rng.pick(&[0, 3, 5, 11, 12, 13, 17]), 0),
+        8 if v6 => Body::Icmp(rng.one_of(&[129, 1, 2, 3, 4, 133, 135, 136, 143, 200]), 0),
+        8 => Body::Icmp(rng.one_of(&[0, 3, 5, 11, 12, 13, 17]), 0),
         // (etherparse cannot build IPv6 with an extension header number as its protocol.)
-        _ if v6 => Body::Raw(rng.pick(&[50, 51, 47, 132, 4, 41, 59, 255])),
-        _ => Body::Raw(rng.pick(&[50, 51, 47, 132, 4, 41, 0, 59, 255])),
+        _ if v6 => Body::Raw(rng.one_of(&[50, 51, 47, 132, 4, 41, 59, 255])),
+        _ => Body::Raw(rng.one_of(&[50, 51, 47, 132, 4, 41, 0, 59, 255])),
     };
     let vlans: &[u16] = match rng.below(20) {
         0..=2 => &[100],
@@ -2067,7 +2040,7 @@ fn random_packet(rng: &mut Rng) -> (Vec<u8>, Direction) {
     let mut s = spec(&src, &dst, body);
     s.vlans = vlans;
     s.payload = &payload;
-    s.hop = rng.pick(&[64, 64, 64, 255, 1]);
+    s.hop = rng.one_of(&[64, 64, 64, 255, 1]);
     (build(&s), dir)
 }
 
@@ -2089,7 +2062,7 @@ fn mutate(rng: &mut Rng, f: &mut Vec<u8>) {
         }
         2 | 3 => {
             let i = hot(rng, f.len());
-            f[i] = if rng.percent(60) { rng.pick(INTERESTING) } else { rng.byte() };
+            f[i] = if rng.percent(60) { rng.one_of(INTERESTING) } else { rng.byte() };
         }
         4 => {
             let len = 14 + rng.below(f.len() - 13);
@@ -2123,9 +2096,9 @@ fn mutate(rng: &mut Rng, f: &mut Vec<u8>) {
             } else {
                 [l3, l3 + 2, l3 + 3, l3 + 6, l3 + 7, l3 + 9, l4, l4 + 2, l4 + 4, l4 + 12, l4 + 13]
             };
-            let i = rng.pick(&choices);
+            let i = rng.one_of(&choices);
             if i < f.len() {
-                f[i] = if rng.percent(60) { rng.pick(INTERESTING) } else { rng.byte() };
+                f[i] = if rng.percent(60) { rng.one_of(INTERESTING) } else { rng.byte() };
             }
         }
     }
@@ -2225,7 +2198,7 @@ fn fuzz_random_and_mutated_packets() {
                 let mut f: Vec<u8> = (0..len).map(|_| rng.byte()).collect();
                 if rng.percent(60) {
                     let et: [u8; 2] =
-                        rng.pick(&[[0x08, 0x00], [0x86, 0xdd], [0x81, 0x00], [0x88, 0xa8]]);
+                        rng.one_of(&[[0x08, 0x00], [0x86, 0xdd], [0x81, 0x00], [0x88, 0xa8]]);
                     f[12..14].copy_from_slice(&et);
                     if len > 18 && rng.percent(50) {
                         f[14] = if et == [0x86, 0xdd] { 0x60 } else { 0x45 };

@@ -28,35 +28,12 @@ use common::{
     Netns,
     kernel::{DROP, Kernel, PASS},
     packet::{ACK, L4, SYN, frame},
+    rng::Rng,
 };
 use xdpgate::{apply, compile, lb, policy::load_str};
 use xdpgate_common::iface::Role;
 
 const DEFAULT_SEED: u64 = 0x9071_c1e5;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-
-    fn percent(&mut self, p: u64) -> bool {
-        self.next() % 100 < p
-    }
-
-    fn pick<'a, T: ?Sized>(&mut self, items: &[&'a T]) -> &'a T {
-        items[self.below(items.len())]
-    }
-}
 
 fn env_number(name: &str) -> Option<u64> {
     let s = std::env::var(name).ok()?;
@@ -334,14 +311,14 @@ const ADDRESSES: &[&str] = &[
 
 fn random_value(rng: &mut Rng) -> String {
     match rng.below(10) {
-        0..=2 => rng.pick(NUMBERS).to_owned(),
-        3 | 4 => rng.pick(SPECIALS).to_owned(),
-        5 | 6 => rng.pick(WORDS).to_owned(),
-        7 | 8 => rng.pick(ADDRESSES).to_owned(),
+        0..=2 => rng.one_of(NUMBERS).to_owned(),
+        3 | 4 => rng.one_of(SPECIALS).to_owned(),
+        5 | 6 => rng.one_of(WORDS).to_owned(),
+        7 | 8 => rng.one_of(ADDRESSES).to_owned(),
         _ => match rng.below(4) {
             0 => "a".repeat(1 + rng.below(10_000)),
             1 => format!("\"{}\"", "\\u0000".repeat(1 + rng.below(10))),
-            2 => format!("{}{}", rng.pick(WORDS), rng.pick(NUMBERS)),
+            2 => format!("{}{}", rng.one_of(WORDS), rng.one_of(NUMBERS)),
             _ => (0..1 + rng.below(8))
                 .map(|_| char::from_u32(0x20 + rng.below(0x2fff) as u32).unwrap_or('?'))
                 .collect(),
@@ -441,7 +418,7 @@ fn mutate(rng: &mut Rng, doc: &str) -> (String, String) {
         10 => {
             // A field line with a random value, somewhere, at a random indentation.
             let indent = " ".repeat(2 * rng.below(5));
-            let key = rng.pick(WORDS);
+            let key = rng.one_of(WORDS);
             let l = format!("{indent}{key}: {}", random_value(rng));
             lines.insert(at, l);
             format!("inserted a {key} line at {}", at + 1)
@@ -451,7 +428,7 @@ fn mutate(rng: &mut Rng, doc: &str) -> (String, String) {
             let l = &mut lines[at];
             let i = char_boundary(l, rng.below(l.len() + 1));
             if rng.percent(50) || l.is_empty() {
-                let c = rng.pick(&[
+                let c = rng.one_of(&[
                     "\"", "'", "[", "{", ":", "#", "-", " ", "\t", "\\", "&", "*", "!", "|", "é",
                     "\u{0}", "\r",
                 ]);
@@ -466,7 +443,7 @@ fn mutate(rng: &mut Rng, doc: &str) -> (String, String) {
         }
         12 => {
             // Deep nesting in place of a value.
-            let depth = *rng.pick(&[&100usize, &127, &128, &129, &130, &1000]);
+            let depth = *rng.one_of(&[&100usize, &127, &128, &129, &130, &1000]);
             let flow = rng.percent(50);
             let v = if flow {
                 "[".repeat(depth) + &"]".repeat(depth)
@@ -483,7 +460,7 @@ fn mutate(rng: &mut Rng, doc: &str) -> (String, String) {
         }
         13 => {
             // A block of nested mappings, each more indented.
-            let depth = *rng.pick(&[&20usize, &50, &200]);
+            let depth = *rng.one_of(&[&20usize, &50, &200]);
             let block: Vec<String> =
                 (0..depth).map(|d| format!("{}k{d}:", " ".repeat(2 * d))).collect();
             let mut out = lines[..at].to_vec();

@@ -22,6 +22,7 @@ use aya::maps::{MapData, PerCpuArray};
 use common::{
     kernel::{DROP, Kernel, PASS},
     packet::{ACK, FIN, L4, MAC_A, MAC_B, RST, SYN, frame},
+    rng::Rng,
 };
 use etherparse::{IpHeaders, IpNumber, PacketBuilder, PacketBuilderStep};
 use ipnet::IpNet;
@@ -63,62 +64,6 @@ fn cases() -> usize {
 
 // ---------------------------------------------------------------------------------------
 // A deterministic PRNG (splitmix64).
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    /// Inclusive.
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo + 1)
-    }
-
-    fn percent(&mut self, p: u64) -> bool {
-        self.next() % 100 < p
-    }
-
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len())]
-    }
-
-    fn weighted<T: Copy>(&mut self, items: &[(u64, T)]) -> T {
-        let total: u64 = items.iter().map(|(w, _)| w).sum();
-        let mut x = self.next() % total;
-        for &(w, v) in items {
-            if x < w {
-                return v;
-            }
-            x -= w;
-        }
-        unreachable!()
-    }
-
-    fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            let j = self.below(i + 1);
-            v.swap(i, j);
-        }
-    }
-
-    fn u16(&mut self) -> u16 {
-        self.next() as u16
-    }
-
-    fn u128(&mut self) -> u128 {
-        (u128::from(self.next()) << 64) | u128::from(self.next())
-    }
-}
 
 // ---------------------------------------------------------------------------------------
 // Policies as data, rendered to YAML (so a failing one can be shrunk).

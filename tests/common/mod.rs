@@ -180,6 +180,7 @@ pub mod gateway;
 pub mod kernel;
 pub mod lan;
 pub mod packet;
+pub mod rng;
 
 pub fn xdpgate_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_xdpgate"))
