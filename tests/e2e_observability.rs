@@ -11,18 +11,14 @@ mod common;
 
 use std::{
     io::{self, Read, Write},
-    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    net::{Shutdown, SocketAddr, TcpStream},
     path::PathBuf,
     process::{Child, Command, Stdio},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
     thread,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use common::{Netns, Pins, unique, veth};
+use common::{Netns, Pins, echo::EchoServer, unique, veth};
 use serde_json::Value as Json;
 
 const CLIENT: &str = "203.0.113.10";
@@ -59,60 +55,6 @@ load_balancers:
       - {name: alt-web, frontend: vip, protocol: tcp, frontend_port: 8080, backend_port: 8080, backend_pool: servers}
 "#;
 
-/// A TCP echo service: every connection gets back what it sends.
-struct Echo {
-    stop: Arc<AtomicBool>,
-    thread: Option<thread::JoinHandle<()>>,
-}
-
-impl Echo {
-    fn start(ns: &Netns, ports: &[u16]) -> Self {
-        let addrs: Vec<SocketAddr> = ports.iter().map(|p| sock(SERVER, *p)).collect();
-        let listeners: Vec<TcpListener> = ns.run(move || {
-            addrs
-                .iter()
-                .map(|a| TcpListener::bind(a).unwrap_or_else(|e| panic!("{a}: {e}")))
-                .collect()
-        });
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = thread::spawn(move || {
-            for l in &listeners {
-                l.set_nonblocking(true).unwrap();
-            }
-            while !flag.load(Ordering::Relaxed) {
-                for l in &listeners {
-                    if let Ok((s, _)) = l.accept() {
-                        thread::spawn(move || echo(s));
-                    }
-                }
-                thread::sleep(Duration::from_millis(5));
-            }
-        });
-        Self { stop, thread: Some(thread) }
-    }
-}
-
-fn echo(mut s: TcpStream) {
-    let _ = s.set_nonblocking(false);
-    let _ = s.set_read_timeout(Some(Duration::from_secs(20)));
-    let mut buf = [0u8; 16 * 1024];
-    while let Ok(n) = s.read(&mut buf) {
-        if n == 0 || s.write_all(&buf[..n]).is_err() {
-            break;
-        }
-    }
-}
-
-impl Drop for Echo {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 fn sock(ip: &str, port: u16) -> SocketAddr {
     SocketAddr::new(ip.parse().unwrap(), port)
 }
@@ -122,7 +64,7 @@ struct Lab {
     // Drop order: the agent, the service, the pins (detach needs the gateway namespace),
     // then the namespaces.
     agent: Option<Child>,
-    _echo: Echo,
+    _echo: EchoServer,
     pins: Pins,
     client: Netns,
     gw: Netns,
@@ -153,7 +95,8 @@ impl Lab {
         for (iface, role) in [(&gw_ext, "external"), (&gw_int, "internal")] {
             pins.xdpgate(&["attach", "--iface", iface, "--role", role]);
         }
-        let echo = Echo::start(&server, &[80, 22, 8080]);
+        let echo =
+            EchoServer::start(&server, [80, 22, 8080].iter().map(|p| sock(SERVER, *p)).collect());
         let policy = std::env::temp_dir().join(format!("{}.yaml", unique("obspol")));
         std::fs::write(&policy, POLICY).unwrap();
         Self { agent: None, _echo: echo, pins, client, gw, _server: server, gw_ext, gw_int, policy }

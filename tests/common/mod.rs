@@ -176,6 +176,7 @@ impl Drop for Pins {
     }
 }
 
+pub mod echo;
 pub mod gateway;
 pub mod kernel;
 pub mod lan;
