@@ -30,6 +30,18 @@ fn csum_replace32(check: u16, old: [u8; 4], new: [u8; 4]) -> u16 {
     csum_replace16(c, u16::from_be_bytes([old[2], old[3]]), u16::from_be_bytes([new[2], new[3]]))
 }
 
+/// Writes `addr` into an IPv6 address field; returns `check` updated for the change.
+#[inline(always)]
+fn replace_addr6(field: &mut [u8; 16], addr: &[u32; 4], mut check: u16) -> u16 {
+    for (i, w) in addr.iter().enumerate() {
+        let new = w.to_ne_bytes();
+        let old = [field[i * 4], field[i * 4 + 1], field[i * 4 + 2], field[i * 4 + 3]];
+        field[i * 4..i * 4 + 4].copy_from_slice(&new);
+        check = csum_replace32(check, old, new);
+    }
+    check
+}
+
 #[inline(always)]
 fn mut_at<T>(ctx: &XdpContext, off: usize) -> Result<&mut T, DropReason> {
     Ok(unsafe { &mut *(ptr_at::<T>(ctx, off)? as *mut T) })
@@ -85,12 +97,7 @@ pub fn rewrite(
     } else {
         let ip: &mut Ipv6Hdr = mut_at(ctx, meta.l3())?;
         let field = if dst { &mut ip.dst } else { &mut ip.src };
-        for (i, w) in addr.iter().enumerate() {
-            let new = w.to_ne_bytes();
-            let old = [field[i * 4], field[i * 4 + 1], field[i * 4 + 2], field[i * 4 + 3]];
-            field[i * 4..i * 4 + 4].copy_from_slice(&new);
-            check = csum_replace32(check, old, new);
-        }
+        check = replace_addr6(field, addr, check);
     }
 
     if meta.frag != FRAG_LATER {
@@ -172,30 +179,10 @@ pub fn rewrite_icmp_error(
         check = csum_replace16(check, old_inner_check, new_inner_check);
     } else {
         let outer: &mut Ipv6Hdr = mut_at(ctx, meta.l3())?;
-        for (i, w) in addr.iter().enumerate() {
-            let new = w.to_ne_bytes();
-            let old = [
-                outer.dst[i * 4],
-                outer.dst[i * 4 + 1],
-                outer.dst[i * 4 + 2],
-                outer.dst[i * 4 + 3],
-            ];
-            outer.dst[i * 4..i * 4 + 4].copy_from_slice(&new);
-            // ICMPv6 covers the outer pseudo-header.
-            check = csum_replace32(check, old, new);
-        }
+        // ICMPv6 covers the outer pseudo-header.
+        check = replace_addr6(&mut outer.dst, addr, check);
         let inner: &mut Ipv6Hdr = mut_at(ctx, l3)?;
-        for (i, w) in addr.iter().enumerate() {
-            let new = w.to_ne_bytes();
-            let old = [
-                inner.src[i * 4],
-                inner.src[i * 4 + 1],
-                inner.src[i * 4 + 2],
-                inner.src[i * 4 + 3],
-            ];
-            inner.src[i * 4..i * 4 + 4].copy_from_slice(&new);
-            check = csum_replace32(check, old, new);
-        }
+        check = replace_addr6(&mut inner.src, addr, check);
     }
     let at = match proto {
         IPPROTO_TCP | IPPROTO_UDP => 0,
