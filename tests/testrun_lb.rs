@@ -9,7 +9,7 @@ use std::{collections::HashSet, net::IpAddr};
 
 use common::{
     kernel::{DROP, Kernel, PASS},
-    packet::{ACK, L4, SYN, endpoints, frame},
+    packet::{ACK, L4, RST, SYN, endpoints, frame},
 };
 use xdpgate_common::iface::Role;
 
@@ -161,6 +161,27 @@ fn unhealthy_backend_gets_no_new_flows() {
         .collect();
     assert!(!seen.contains(&ip("198.51.100.11")), "{seen:?}");
     assert_eq!(seen.len(), 2, "{seen:?}");
+}
+
+/// A TCP connection keeps its backend after the backend fails its probe, even through a
+/// retransmitted SYN; a new connection on the tuple of a closed one is balanced afresh.
+#[test]
+fn closed_connection_reopened_on_its_tuple_is_balanced_afresh() {
+    let k = Kernel::new();
+    let web4 = ["198.51.100.11", "198.51.100.12", "198.51.100.13"].map(ip);
+    k.apply_with_health(POLICY, &|_| true);
+    k.arrive_as(Role::External);
+    let backend_of = |sport: u16, flags: u8| {
+        endpoints(&k.through(&frame("203.0.113.7", "192.0.2.10", L4::Tcp(sport, 80, flags)))).1
+    };
+    let first = backend_of(44000, SYN);
+    let open = (44001..44200).find(|p| backend_of(*p, SYN) == first).expect("same backend");
+    backend_of(44000, RST);
+
+    let down = web4.iter().position(|a| *a == first).unwrap() as u32;
+    k.apply_with_health(POLICY, &|b| b != down);
+    assert_eq!(backend_of(open, SYN), first, "a retransmitted SYN keeps its backend");
+    assert_ne!(backend_of(44000, SYN), first, "a reopened connection avoids the failed backend");
 }
 
 const HA_AND_FLOATING: &str = r#"

@@ -115,6 +115,7 @@ pub fn process(
         let entry = unsafe { &mut *entry };
         if now.wrapping_sub(entry.last_seen_ns) <= timeout_ns(active.config, meta.proto, entry.tcp)
             && backend_usable(meta, entry)
+            && !reopens(meta, entry)
         {
             revalidate(active, meta, &key, entry)?;
             entry.last_seen_ns = now;
@@ -139,6 +140,16 @@ fn backend_usable(meta: &PacketMeta, entry: &FlowValue) -> bool {
         || entry.reply != 0
         || meta.proto == IPPROTO_TCP
         || BACKENDS.get(entry.backend).is_some_and(|b| b.healthy != 0)
+}
+
+/// A SYN on the tuple of a closed connection (the client reused its port) opens a new one,
+/// decided afresh like any first packet: it may go to another backend.
+#[inline(always)]
+fn reopens(meta: &PacketMeta, entry: &FlowValue) -> bool {
+    meta.proto == IPPROTO_TCP
+        && entry.reply == 0
+        && entry.tcp & TCP_CLOSED != 0
+        && meta.tcp_flags & (TH_SYN | TH_ACK | TH_RST | TH_FIN) == TH_SYN
 }
 
 /// The first packet of a flow: load balancing (if it is for a frontend), NSG classification

@@ -242,7 +242,6 @@ fn on_change(
     let ids: HashMap<IpAddr, u32> =
         lbs.backends.iter().enumerate().map(|(i, a)| (*a, i as u32)).collect();
     let Some(&b) = ids.get(&change.backend) else { return Ok(()) };
-    maps.set_backend(b, change.backend, view.overall(b))?;
     for (id, s) in lbs.services.iter().enumerate() {
         let affected = s.probe.as_ref().is_some_and(|p| p.name == change.probe)
             && s.pool.iter().any(|(m, _)| *m == b);
@@ -251,5 +250,8 @@ fn on_change(
             info!("service {}/{}: table rebuilt", s.lb, s.rule);
         }
     }
+    // The health flag last: once it (and so `xdpgate lb`) says a backend is out, no table
+    // still sends it new flows.
+    maps.set_backend(b, change.backend, view.overall(b))?;
     Ok(())
 }
