@@ -184,6 +184,27 @@ fn closed_connection_reopened_on_its_tuple_is_balanced_afresh() {
     assert_ne!(backend_of(44000, SYN), first, "a reopened connection avoids the failed backend");
 }
 
+/// A load-balancing rule's `idle_timeout` applies to its flows; flows of other rules keep
+/// the policy's timeout (TCP: 240 s).
+#[test]
+fn rule_idle_timeout_applies_to_its_flows() {
+    let k = Kernel::new();
+    let policy =
+        POLICY.replace("distribution: source_ip}", "distribution: source_ip, idle_timeout: 4}");
+    k.apply(&policy);
+    k.arrive_as(Role::External);
+    let packet = |dport, flags| frame("203.0.113.7", "192.0.2.10", L4::Tcp(45000, dport, flags));
+    for port in [80, 81] {
+        assert_ne!(k.run(&packet(port, SYN)), DROP);
+        assert_ne!(k.run(&packet(port, ACK)), DROP);
+    }
+    std::thread::sleep(std::time::Duration::from_millis(4500));
+    assert_ne!(k.run(&packet(80, ACK)), DROP, "the default rule's flow is still there");
+    let before = k.drops("no_flow");
+    assert_eq!(k.run(&packet(81, ACK)), DROP, "after 4.5 s idle the 4 s rule's flow is gone");
+    assert_eq!(k.drops("no_flow"), before + 1);
+}
+
 const HA_AND_FLOATING: &str = r#"
 virtual_network:
   address_space: [198.51.100.0/24]

@@ -94,6 +94,26 @@ fn snat_icmp_echo_by_identifier() {
     }
 }
 
+/// A translated flow lives in the flow table as long as its translation: a TCP connection
+/// idle longer than the policy's TCP timeout, but not the gateway's, still works.
+#[test]
+fn translated_flows_idle_as_long_as_their_translation() {
+    let k = Kernel::new();
+    k.apply(&format!("settings: {{tcp_idle_timeout: 4}}\n{POLICY}"));
+    k.arrive_as(Role::Internal);
+    let out = k.through(&frame("198.51.100.10", "203.0.113.7", L4::Tcp(40100, 443, SYN)));
+    let port = endpoints(&out).2;
+    k.arrive_as(Role::External);
+    k.through(&frame("203.0.113.7", "192.0.2.100", L4::Tcp(443, port, SYN | ACK)));
+    std::thread::sleep(std::time::Duration::from_millis(4500));
+    k.arrive_as(Role::Internal);
+    let out = k.through(&frame("198.51.100.10", "203.0.113.7", L4::Tcp(40100, 443, ACK)));
+    assert_eq!(endpoints(&out).2, port, "still translated after 4.5 s idle");
+    k.arrive_as(Role::External);
+    let back = k.through(&frame("203.0.113.7", "192.0.2.100", L4::Tcp(443, port, ACK)));
+    assert_eq!(endpoints(&back), (ip("203.0.113.7"), ip("198.51.100.10"), 443, 40100));
+}
+
 fn ip_len(p: &[u8]) -> usize {
     if p[ETH_LEN] >> 4 == 4 { usize::from(p[ETH_LEN] & 0xf) * 4 } else { 40 }
 }

@@ -79,7 +79,9 @@ pub struct FlowValue {
     pub nat: u8,
     pub nat_addr: [u32; 4],
     pub nat_port: u16,
-    pub _pad: u16,
+    /// Idle timeout in seconds of the load-balancing rule that chose the backend; 0: the
+    /// policy's timeout for the protocol.
+    pub idle_s: u16,
     /// Load-balancer service and backend of the flow, or `NO_BACKEND`.
     pub service: u32,
     pub backend: u32,

@@ -36,6 +36,7 @@ pub struct Service {
     pub flags: u8,
     /// Which of the service's two Maglev tables is live (0 or 1).
     pub table: u8,
+    /// Idle timeout of the rule's flows in seconds; 0: the policy's timeout for the protocol.
     pub idle_timeout_s: u32,
 }
 

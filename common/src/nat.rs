@@ -32,6 +32,9 @@ pub struct NatGatewayConfig {
     pub n_addrs: u32,
     pub port_lo: u16,
     pub port_hi: u16,
+    /// Idle timeouts of its translations in seconds: its flows live as long.
+    pub tcp_idle_s: u16,
+    pub udp_idle_s: u16,
 }
 
 impl Default for NatGatewayConfig {
@@ -42,6 +45,8 @@ impl Default for NatGatewayConfig {
             n_addrs: 0,
             port_lo: 0,
             port_hi: 0,
+            tcp_idle_s: 0,
+            udp_idle_s: 0,
         }
     }
 }

@@ -85,6 +85,22 @@ pub struct PolicyConfig {
     pub icmp_timeout_ns: u64,
 }
 
+impl PolicyConfig {
+    /// How long a flow may idle: a closed TCP connection briefly; a flow of a load-balancing
+    /// rule with an idle timeout of its own (`rule_idle_s`, 0: none) that long; any other
+    /// flow the policy's timeout for its protocol.
+    #[inline(always)]
+    pub fn idle_timeout_ns(&self, proto: u8, tcp: u8, rule_idle_s: u16) -> u64 {
+        match proto {
+            6 if tcp & crate::flow::TCP_CLOSED != 0 => TCP_CLOSED_TIMEOUT_NS,
+            _ if rule_idle_s != 0 => u64::from(rule_idle_s) * 1_000_000_000,
+            6 => self.tcp_timeout_ns,
+            1 | 58 => self.icmp_timeout_ns,
+            _ => self.udp_timeout_ns,
+        }
+    }
+}
+
 /// Flows decided under an older generation are classified again.
 pub const FLAG_REEVALUATE: u32 = 1;
 /// Idle timeout of a TCP flow after RST, or FIN both ways.

@@ -11,8 +11,7 @@ use xdpgate_common::{
     },
     lb::NO_BACKEND,
     nat::NAT_ACTIVE,
-    nsg::DIR_OUTBOUND,
-    nsg::{FLAG_REEVALUATE, PolicyConfig, TCP_CLOSED_TIMEOUT_NS},
+    nsg::{DIR_OUTBOUND, FLAG_REEVALUATE},
     stats::DropReason,
 };
 
@@ -90,16 +89,6 @@ fn as_classified(meta: &PacketMeta, entry: &FlowValue) -> Result<&'static Packet
     Ok(m)
 }
 
-#[inline(always)]
-fn timeout_ns(config: &PolicyConfig, proto: u8, tcp: u8) -> u64 {
-    match proto {
-        IPPROTO_TCP if tcp & TCP_CLOSED != 0 => TCP_CLOSED_TIMEOUT_NS,
-        IPPROTO_TCP => config.tcp_timeout_ns,
-        IPPROTO_ICMP | IPPROTO_ICMPV6 => config.icmp_timeout_ns,
-        _ => config.udp_timeout_ns,
-    }
-}
-
 /// Decides a packet of a flow: allowed packets return their action, denied ones the reason.
 #[inline(always)]
 pub fn process(
@@ -113,7 +102,8 @@ pub fn process(
     let key = key(meta);
     if let Some(entry) = FLOWS.get_ptr_mut(&key) {
         let entry = unsafe { &mut *entry };
-        if now.wrapping_sub(entry.last_seen_ns) <= timeout_ns(active.config, meta.proto, entry.tcp)
+        if now.wrapping_sub(entry.last_seen_ns)
+            <= active.config.idle_timeout_ns(meta.proto, entry.tcp, entry.idle_s)
             && backend_usable(meta, entry)
             && !reopens(meta, entry)
         {
@@ -188,7 +178,7 @@ fn create(
         nat: NAT_NONE,
         nat_addr: [0; 4],
         nat_port: 0,
-        _pad: 0,
+        idle_s: 0,
         service: NO_BACKEND,
         backend: NO_BACKEND,
     };
@@ -233,6 +223,7 @@ fn create(
             forward.nat_port = sel.port;
             forward.service = sel.service;
             forward.backend = sel.backend;
+            forward.idle_s = sel.idle_s;
             let decision = classify(active, as_classified(meta, forward)?, dir);
             if !decision.allowed {
                 events::emit(EVENT_DENY, key, decision.rule, dir as u8, active.config.generation);
@@ -283,6 +274,7 @@ pub fn commit_snat(meta: &PacketMeta, gw: u32) -> Result<Action, DropReason> {
     forward.nat = NAT_SRC;
     forward.nat_addr = snat::public_address(gw, claim >> 16).ok_or(DropReason::Internal)?;
     forward.nat_port = claim as u16;
+    forward.idle_s = snat::idle_s(gw, meta.proto);
     commit(meta, &key(meta), forward, reply);
     Ok(Action::of(forward))
 }

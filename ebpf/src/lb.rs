@@ -19,6 +19,8 @@ pub struct Selection {
     /// Destination port at the backend.
     pub port: u16,
     pub floating_ip: bool,
+    /// The rule's idle timeout in seconds (0: the policy's).
+    pub idle_s: u16,
 }
 
 pub enum Lb {
@@ -64,7 +66,9 @@ pub fn select(meta: &PacketMeta) -> Lb {
     // With floating IP the packet reaches the backend unchanged, its port included.
     let port =
         if ported && svc.backend_port != 0 && !floating_ip { svc.backend_port } else { meta.dport };
-    Lb::Selected(Selection { service: svc.id, backend, addr: info.addr, port, floating_ip })
+    // Policy checks keep it within 4-7200 s.
+    let idle_s = svc.idle_timeout_s as u16;
+    Lb::Selected(Selection { service: svc.id, backend, addr: info.addr, port, floating_ip, idle_s })
 }
 
 /// Murmur3-style mixing of the fields the distribution mode names: the 5-tuple, the two

@@ -45,6 +45,15 @@ pub fn gateway(meta: &PacketMeta, dir: u32) -> Option<u32> {
     in_trie(&NAT_SUBNETS, meta.family, &meta.src)
 }
 
+/// How long a flow translated by gateway `gw` may idle: as long as its translation, so the
+/// flow table never cuts a connection the gateway still holds.
+#[inline(always)]
+pub fn idle_s(gw: u32, proto: u8) -> u16 {
+    NAT_GATEWAYS
+        .get(gw)
+        .map_or(0, |c| if proto == IPPROTO_TCP { c.tcp_idle_s } else { c.udp_idle_s })
+}
+
 /// Whether the packet is addressed to a NAT gateway's public address.
 #[inline(always)]
 pub fn to_public_address(meta: &PacketMeta) -> bool {

@@ -144,7 +144,7 @@ pub fn sweep(pins: &PinDir, names: &Names) -> Result<Vec<Value>> {
         let back = map.get(&twin, 0).ok();
         let last = fwd.last_seen_ns.max(back.map_or(0, |b| b.last_seen_ns));
         let closed = fwd.tcp | back.map_or(0, |b| b.tcp);
-        if now.saturating_sub(last) <= names.timeout_ns(key.proto, closed) {
+        if now.saturating_sub(last) <= names.timeout_ns(key.proto, closed, fwd.idle_s) {
             continue;
         }
         let _ = map.remove(&key);

@@ -13,10 +13,10 @@ use anyhow::{Result, anyhow};
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use serde::Serialize;
 use xdpgate_common::{
-    flow::{FlowKey, FlowValue, NAT_DST, NAT_NEXT_HOP, NAT_SRC, NO_RULE, TCP_CLOSED},
+    flow::{FlowKey, FlowValue, NAT_DST, NAT_NEXT_HOP, NAT_SRC, NO_RULE},
     lb::NO_BACKEND,
     maps::{FLOW_ENTRIES, FLOWS},
-    nsg::{DIR_OUTBOUND, MAX_RULES, PolicyConfig, TABLES_PER_SLOT, TCP_CLOSED_TIMEOUT_NS},
+    nsg::{DIR_OUTBOUND, MAX_RULES, PolicyConfig, TABLES_PER_SLOT},
 };
 
 use crate::{
@@ -226,13 +226,8 @@ impl Names {
         Some((r.nsg.clone(), r.rule.name.clone(), r.layer))
     }
 
-    pub fn timeout_ns(&self, proto: u8, tcp: u8) -> u64 {
-        match proto {
-            6 if tcp & TCP_CLOSED != 0 => TCP_CLOSED_TIMEOUT_NS,
-            6 => self.config.tcp_timeout_ns,
-            1 | 58 => self.config.icmp_timeout_ns,
-            _ => self.config.udp_timeout_ns,
-        }
+    pub fn timeout_ns(&self, proto: u8, tcp: u8, rule_idle_s: u16) -> u64 {
+        self.config.idle_timeout_ns(proto, tcp, rule_idle_s)
     }
 }
 
@@ -327,7 +322,7 @@ fn describe(
         forward: traffic(forward),
         reply: traffic(reply),
         idle_seconds: idle_ns as f64 / 1e9,
-        expired: idle_ns > names.timeout_ns(key.proto, tcp),
+        expired: idle_ns > names.timeout_ns(key.proto, tcp, main.idle_s),
         incomplete: forward.is_none() || reply.is_none(),
     }
 }

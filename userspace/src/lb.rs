@@ -113,7 +113,7 @@ pub fn compile(policy: &Policy) -> Result<CompiledLb> {
                 probe: None,
                 flags: 0,
                 all_down: AllDown::NoNewFlows,
-                idle_timeout_s: policy.settings.tcp_idle_timeout,
+                idle_timeout_s: 0,
             });
             let addr = lb.frontends[nat.frontend].address;
             for &(port, to) in &nat.mappings {

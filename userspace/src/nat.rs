@@ -66,6 +66,9 @@ fn gateway_config(gw: &NatGateway) -> NatGatewayConfig {
     c.n_addrs = gw.public_addresses.len().min(MAX_PUBLIC_ADDRS) as u32;
     c.port_lo = gw.ports.lo;
     c.port_hi = gw.ports.hi;
+    // Policy checks keep both within 7200 s.
+    c.tcp_idle_s = gw.tcp_idle_timeout as u16;
+    c.udp_idle_s = gw.udp_idle_timeout as u16;
     c
 }
 

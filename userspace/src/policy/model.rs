@@ -245,7 +245,8 @@ pub struct LbRule {
     /// Index into `LoadBalancer::probes`; `None`: backends are always considered healthy.
     pub probe: Option<usize>,
     pub distribution: Distribution,
-    /// Seconds (default 240, 4..=7200).
+    /// Seconds its flows may idle (4..=7200); 0 (the default): the policy's timeout for the
+    /// flow's protocol.
     pub idle_timeout: u32,
     /// Direct server return: the destination stays the frontend address.
     pub floating_ip: bool,

@@ -835,7 +835,6 @@ const PROBE_TIMEOUTS: RangeInclusive<i64> = 1..=300_000;
 const PROBE_THRESHOLDS: RangeInclusive<i64> = 1..=100;
 const DEFAULT_PROBE_INTERVAL: u32 = 5000;
 const DEFAULT_PROBE_THRESHOLD: u32 = 2;
-const DEFAULT_LB_IDLE_TIMEOUT: u32 = 240;
 
 /// Every frontend address of every load balancer -> (frontend name, path of its address),
 /// first definition wins. Backends are checked against all of them: the dataplane
@@ -1096,12 +1095,8 @@ impl Loader<'_> {
             parse_distribution,
             Distribution::Default,
         );
-        let idle_timeout = self.optional(
-            &field("idle_timeout"),
-            raw.idle_timeout,
-            parse_idle_timeout,
-            DEFAULT_LB_IDLE_TIMEOUT,
-        );
+        let idle_timeout =
+            self.optional(&field("idle_timeout"), raw.idle_timeout, parse_idle_timeout, 0);
         let all_down = self.optional(
             &field("all_down"),
             raw.all_down.as_deref(),
@@ -2382,7 +2377,7 @@ load_balancers:
                 pool: 0,
                 probe: Some(0),
                 distribution: Distribution::Default,
-                idle_timeout: 240,
+                idle_timeout: 0,
                 floating_ip: false,
                 all_down: AllDown::NoNewFlows,
             }]
