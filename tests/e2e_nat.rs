@@ -1,6 +1,7 @@
 //! The NAT gateway end to end: a host in a private subnet reaches a server on the
 //! "internet" through xdpgate; the server only ever sees the pool address; TCP (a real
-//! download), UDP and ping work; translations idle out; a small pool runs out and recovers.
+//! download), UDP (fragmented too) and ping work; translations idle out; a small pool runs
+//! out and recovers.
 //!
 //!   host 198.51.100.10 -- int0 [gw] ext0 -- 203.0.113.10 server
 //!                        public address 192.0.2.100 (routed to the gateway)
@@ -127,22 +128,32 @@ impl Lab {
     /// A UDP exchange from the host's `sport` to the server's echo on 5353: the address the
     /// server saw, if the reply came back.
     fn udp(&self, sport: u16) -> Option<String> {
+        self.udp_of(sport, 8).map(|(seen, _)| seen)
+    }
+
+    /// The same with a datagram of `size` bytes, answered by one as long: the address the
+    /// server saw and the size of the answer.
+    fn udp_of(&self, sport: u16, size: usize) -> Option<(String, usize)> {
         self.host.run(move || {
             let s = UdpSocket::bind(("198.51.100.10", sport)).unwrap();
             s.set_read_timeout(Some(Duration::from_millis(800))).unwrap();
-            s.send_to(b"who am i", "203.0.113.10:5353").unwrap();
-            let mut buf = [0u8; 64];
+            s.send_to(&vec![b'?'; size], "203.0.113.10:5353").unwrap();
+            let mut buf = vec![0u8; 65536];
             let (n, _) = s.recv_from(&mut buf).ok()?;
-            Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+            let text = String::from_utf8_lossy(&buf[..n]);
+            Some((text.trim_end_matches('.').to_owned(), n))
         })
     }
 
+    /// Answers each datagram with the address it came from, padded to the datagram's size.
     fn udp_echo(&self) {
         let sock = self.server.run(|| UdpSocket::bind("203.0.113.10:5353").unwrap());
         thread::spawn(move || {
-            let mut buf = [0u8; 64];
-            while let Ok((_, from)) = sock.recv_from(&mut buf) {
-                let _ = sock.send_to(from.ip().to_string().as_bytes(), from);
+            let mut buf = vec![0u8; 65536];
+            while let Ok((n, from)) = sock.recv_from(&mut buf) {
+                let mut answer = from.ip().to_string().into_bytes();
+                answer.resize(answer.len().max(n), b'.');
+                let _ = sock.send_to(&answer, from);
             }
         });
     }
@@ -189,6 +200,10 @@ fn hosts_reach_the_internet_through_the_pool_address() {
     // UDP and ping.
     lab.udp_echo();
     assert_eq!(lab.udp(40000).as_deref(), Some("192.0.2.100"));
+    // A datagram too big for one packet goes out in fragments and comes back in fragments:
+    // translated whole both ways.
+    let big = lab.udp_of(40001, 4000);
+    assert_eq!(big, Some(("192.0.2.100".to_owned(), 4000)), "a fragmented exchange");
     let ping = lab.host.try_exec("ping", &["-c", "2", "-i", "0.2", "-W", "2", "203.0.113.10"]);
     assert!(ping.status.success(), "ping through NAT: {}", String::from_utf8_lossy(&ping.stdout));
     assert!(lab.ports_in_use() >= 2, "{}", lab.nat());

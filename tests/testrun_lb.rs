@@ -9,7 +9,7 @@ use std::{collections::HashSet, net::IpAddr};
 
 use common::{
     kernel::{DROP, Kernel, PASS},
-    packet::{ACK, L4, RST, SYN, endpoints, frame},
+    packet::{ACK, L4, RST, SYN, endpoints, frame, frame_vlan},
 };
 use xdpgate_common::iface::Role;
 
@@ -203,6 +203,25 @@ fn rule_idle_timeout_applies_to_its_flows() {
     let before = k.drops("no_flow");
     assert_eq!(k.run(&packet(81, ACK)), DROP, "after 4.5 s idle the 4 s rule's flow is gone");
     assert_eq!(k.drops("no_flow"), before + 1);
+}
+
+/// A fragmented datagram to a frontend reaches the backend whole, and so does the
+/// backend's fragmented answer on its way back.
+#[test]
+fn fragmented_datagrams_reach_the_backend_whole() {
+    let k = Kernel::new();
+    k.apply(POLICY);
+    let data: Vec<u8> = (0..600u32).map(|i| (i * 7) as u8).collect();
+    k.arrive_as(Role::External);
+    let query = frame_vlan("2001:db8:2::7", "2001:db8:f::10", L4::Udp(40400, 53), &[], &data);
+    let (_, backend, _, port) = endpoints(&k.through_fragmented(&query, 7));
+    assert!(backend.to_string().starts_with("2001:db8:1::1"), "to a web6 backend: {backend}");
+    assert_eq!(port, 53);
+
+    k.arrive_as(Role::Internal);
+    let answer = frame_vlan(&backend.to_string(), "2001:db8:2::7", L4::Udp(53, 40400), &[], &data);
+    let back = k.through_fragmented(&answer, 8);
+    assert_eq!(endpoints(&back), (ip("2001:db8:f::10"), ip("2001:db8:2::7"), 53, 40400));
 }
 
 const HA_AND_FLOATING: &str = r#"

@@ -10,7 +10,7 @@ use std::{collections::HashSet, net::IpAddr};
 
 use common::{
     kernel::{DROP, Kernel, PASS},
-    packet::{ACK, ETH_LEN, L4, SYN, checksums_ok, endpoints, frame},
+    packet::{ACK, ETH_LEN, L4, SYN, checksums_ok, endpoints, frame, frame_vlan},
 };
 use xdpgate_common::iface::Role;
 
@@ -112,6 +112,29 @@ fn translated_flows_idle_as_long_as_their_translation() {
     k.arrive_as(Role::External);
     let back = k.through(&frame("203.0.113.7", "192.0.2.100", L4::Tcp(443, port, ACK)));
     assert_eq!(endpoints(&back), (ip("203.0.113.7"), ip("198.51.100.10"), 443, 40100));
+}
+
+/// A UDP datagram too big for one packet (a large DNS answer, say) is translated whole,
+/// both ways: the first fragment's ports and checksum, every fragment's addresses.
+#[test]
+fn fragmented_datagrams_are_translated_whole() {
+    let k = Kernel::new();
+    k.apply(POLICY);
+    let data: Vec<u8> = (0..600u32).map(|i| i as u8).collect();
+    for (private, remote, public) in [
+        ("198.51.100.10", "203.0.113.7", "192.0.2.100"),
+        ("2001:db8:1::10", "2001:db8:2::7", "2001:db8:e::100"),
+    ] {
+        k.arrive_as(Role::Internal);
+        let out = frame_vlan(private, remote, L4::Udp(40300, 53), &[], &data);
+        let (src, dst, port, dport) = endpoints(&k.through_fragmented(&out, 0x1234));
+        assert_eq!((src, dst, dport), (ip(public), ip(remote), 53), "outbound");
+
+        k.arrive_as(Role::External);
+        let back = frame_vlan(remote, public, L4::Udp(53, port), &[], &data);
+        let whole = k.through_fragmented(&back, 0x5678);
+        assert_eq!(endpoints(&whole), (ip(remote), ip(private), 53, 40300), "the reply");
+    }
 }
 
 fn ip_len(p: &[u8]) -> usize {

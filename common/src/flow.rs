@@ -113,4 +113,15 @@ pub struct FragKey {
     pub _pad: [u8; 2],
 }
 
-pod!(FlowKey, FlowValue, FragKey);
+/// What the first fragment of an allowed datagram became, applied to its later fragments:
+/// the address rewrite (`NAT_*`, `addr`) of its flow. Ports and L4 checksums live in the
+/// first fragment only, so the address is all a later fragment needs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragValue {
+    pub addr: [u32; 4],
+    pub nat: u8,
+    pub _pad: [u8; 3],
+}
+
+pod!(FlowKey, FlowValue, FragKey, FragValue);

@@ -27,7 +27,7 @@ pub const ACTIVE_SLOT: &str = "ACTIVE_SLOT";
 pub const POLICY_CONFIG: &str = "POLICY_CONFIG";
 /// `LruHashMap<FlowKey, FlowValue>`.
 pub const FLOWS: &str = "FLOWS";
-/// `LruHashMap<FragKey, u32>`: datagrams whose first fragment was allowed.
+/// `LruHashMap<FragKey, FragValue>`: datagrams whose first fragment was allowed.
 pub const FRAGS: &str = "FRAGS";
 
 pub const NSG_FIELD_ENTRIES: u32 = 262_144;

@@ -6,8 +6,8 @@ use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::XdpContext};
 use xdpgate_common::{
     events::{EVENT_BEGIN, EVENT_DENY},
     flow::{
-        FlowKey, FlowValue, FragKey, NAT_DST, NAT_NEXT_HOP, NAT_NONE, NAT_SRC, NO_RULE, TCP_CLOSED,
-        TCP_FIN,
+        FlowKey, FlowValue, FragKey, FragValue, NAT_DST, NAT_NEXT_HOP, NAT_NONE, NAT_SRC, NO_RULE,
+        TCP_CLOSED, TCP_FIN,
     },
     lb::NO_BACKEND,
     nat::NAT_ACTIVE,
@@ -18,6 +18,7 @@ use xdpgate_common::{
 use crate::{
     events, forward,
     headers::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP},
+    icmp::NAT_ICMP_ERROR,
     lb::{self, Lb},
     maps::{BACKEND_STATS, BACKENDS, CLASSIFY_SCRATCH, FLOW_SCRATCH, FLOWS, FRAGS, SERVICE_STATS},
     nsg::{Active, classify},
@@ -370,18 +371,35 @@ fn frag_key(meta: &PacketMeta) -> FragKey {
     }
 }
 
-/// The first fragment of a datagram was allowed: let its later fragments through.
+/// The first fragment of a datagram was allowed with `action`: its later fragments follow
+/// it, with the same address rewrite. (An ICMP error's later fragments only quote more of
+/// the packet: they need just the outer destination the error's rewrite gave the first.)
 #[inline(always)]
-pub fn remember_first_fragment(meta: &PacketMeta) {
-    let _ = FRAGS.insert(&frag_key(meta), &1, 0);
+pub fn remember_first_fragment(meta: &PacketMeta, action: &Action) {
+    let nat = match action.nat {
+        NAT_DST | NAT_SRC | NAT_NEXT_HOP => action.nat,
+        NAT_ICMP_ERROR => NAT_DST,
+        _ => NAT_NONE,
+    };
+    let value = FragValue { addr: action.addr, nat, _pad: [0; 3] };
+    let _ = FRAGS.insert(&frag_key(meta), &value, 0);
 }
 
 /// A non-first fragment carries no ports, so rules on ports cannot judge it: it passes only
-/// when its first fragment was allowed, or when no NSG applies to it at all.
+/// when its first fragment was allowed (rewritten as that one was), or when no NSG applies
+/// to it at all.
 #[inline(always)]
-pub fn later_fragment(active: &Active<'_>, meta: &PacketMeta, dir: u32) -> Result<(), DropReason> {
-    if unsafe { FRAGS.get(&frag_key(meta)) }.is_some() {
-        return Ok(());
+pub fn later_fragment(
+    active: &Active<'_>,
+    meta: &PacketMeta,
+    dir: u32,
+) -> Result<Action, DropReason> {
+    if let Some(first) = unsafe { FRAGS.get(&frag_key(meta)) } {
+        return Ok(Action { nat: first.nat, addr: first.addr, port: 0 });
     }
-    if classify(active, meta, dir).unfiltered { Ok(()) } else { Err(DropReason::Fragment) }
+    if classify(active, meta, dir).unfiltered {
+        Ok(Action { nat: NAT_NONE, addr: [0; 4], port: 0 })
+    } else {
+        Err(DropReason::Fragment)
+    }
 }

@@ -92,18 +92,21 @@ fn policy_stage(ctx: &XdpContext) -> Result<u32, DropReason> {
     let active = nsg::active().ok_or(DropReason::Internal)?;
     let dir = direction(ctx);
     if meta.frag == FRAG_LATER {
-        flow::later_fragment(&active, meta, dir)?;
-        return Ok(xdp_action::XDP_PASS);
+        let action = flow::later_fragment(&active, meta, dir)?;
+        if action.nat == NAT_NONE {
+            return Ok(xdp_action::XDP_PASS);
+        }
+        return hand_on(ctx, action, PIPELINE_ACT);
     }
     let len = (ctx.data_end() - ctx.data()) as u64;
     let action = match icmp::is_error(meta).then(|| icmp::related(ctx, meta)).flatten() {
         Some(action) => action,
         None => flow::process(ctx, &active, meta, dir, len)?,
     };
-    if meta.frag == FRAG_FIRST {
-        flow::remember_first_fragment(meta);
-    }
     if action.nat == NAT_NONE {
+        if meta.frag == FRAG_FIRST {
+            flow::remember_first_fragment(meta, &action);
+        }
         return Ok(xdp_action::XDP_PASS);
     }
     let next = if action.nat == NAT_PENDING_SNAT { PIPELINE_SNAT } else { PIPELINE_ACT };
@@ -137,6 +140,10 @@ fn act_stage(ctx: &XdpContext) -> Result<u32, DropReason> {
     let meta = SCRATCH.get(0).ok_or(DropReason::Internal)?;
     let action = ACTION.get(0).ok_or(DropReason::Internal)?;
     let len = (ctx.data_end() - ctx.data()) as u64;
+    // Here, after the SNAT stage, the first fragment's rewrite is final.
+    if meta.frag == FRAG_FIRST {
+        flow::remember_first_fragment(meta, action);
+    }
     match action.nat {
         NAT_NONE => Ok(xdp_action::XDP_PASS),
         NAT_NEXT_HOP => forward::forward(ctx, meta, &meta.src, &action.addr, len),

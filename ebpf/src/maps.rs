@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use xdpgate_common::{
     events::{Bucket, EVENT_RING_BYTES},
-    flow::{FlowKey, FlowValue, FragKey},
+    flow::{FlowKey, FlowValue, FragKey, FragValue},
     iface::IfaceConfig,
     lb::{
         BackendInfo, FrontendKey, MAGLEV_SIZE, MAX_BACKENDS, MAX_FRONTENDS, MAX_SERVICES, Service,
@@ -58,7 +58,7 @@ pub static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::pinned(FLOW_ENTRI
 
 /// Datagrams whose first fragment was allowed, so their later fragments may pass.
 #[map(name = "FRAGS")]
-pub static FRAGS: LruHashMap<FragKey, u32> = LruHashMap::pinned(FRAG_ENTRIES, 0);
+pub static FRAGS: LruHashMap<FragKey, FragValue> = LruHashMap::pinned(FRAG_ENTRIES, 0);
 
 /// The parsed packet, handed from the parse stage to the policy stage on the same CPU.
 /// Pinned like `PIPELINE`: the entry program attached to one interface may tail-call the

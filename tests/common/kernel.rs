@@ -12,7 +12,10 @@ use xdpgate_common::{
     maps::{FLOWS, IFACES},
 };
 
-use super::Pins;
+use super::{
+    Pins,
+    packet::{checksums_ok, fragment, reassemble},
+};
 
 pub const PASS: u32 = 2;
 pub const DROP: u32 = 1;
@@ -102,8 +105,23 @@ impl Kernel {
     pub fn through(&self, pkt: &[u8]) -> Vec<u8> {
         let (verdict, out) = self.run_out(pkt);
         assert_eq!(verdict, PASS, "verdict");
-        super::packet::checksums_ok(&out).unwrap_or_else(|e| panic!("bad {e} after rewrite"));
+        checksums_ok(&out).unwrap_or_else(|e| panic!("bad {e} after rewrite"));
         out
+    }
+
+    /// Both fragments of datagram `dgram` (split 64 bytes after the IP header) through the
+    /// program; returns the datagram they make once reassembled, checked whole: checksums
+    /// right, the later fragment's data unchanged.
+    pub fn through_fragmented(&self, dgram: &[u8], id: u32) -> Vec<u8> {
+        let [first, later] = fragment(dgram, 64, id);
+        let (v1, first) = self.run_out(&first);
+        let (v2, later) = self.run_out(&later);
+        assert_eq!((v1, v2), (PASS, PASS), "both fragments pass");
+        let whole = reassemble(&first, &later);
+        checksums_ok(&whole).unwrap_or_else(|e| panic!("bad {e} in the reassembled datagram"));
+        let tail = later.len() - (first.len() - 64);
+        assert_eq!(whole[whole.len() - tail..], dgram[dgram.len() - tail..], "data unchanged");
+        whole
     }
 
     pub fn drops(&self, reason: &str) -> u64 {

@@ -188,3 +188,61 @@ pub fn endpoints(p: &[u8]) -> (IpAddr, IpAddr, u16, u16) {
     };
     (src, dst, u16::from_be_bytes([l4[0], l4[1]]), u16::from_be_bytes([l4[2], l4[3]]))
 }
+
+/// Splits an unfragmented, untagged frame into two fragments of datagram `id`, the first
+/// carrying the first `at` bytes (a multiple of 8) of what follows the IP header.
+pub fn fragment(p: &[u8], at: usize, id: u32) -> [Vec<u8>; 2] {
+    assert_eq!(at % 8, 0, "fragment offsets are in 8-byte units");
+    let ip = ETH_LEN;
+    if p[ip] >> 4 == 4 {
+        let ihl = usize::from(p[ip] & 0xf) * 4;
+        let (head, data) = p.split_at(ip + ihl);
+        let piece = |bytes: &[u8], more: bool, offset: usize| {
+            let mut f = [head, bytes].concat();
+            f[ip + 4..ip + 6].copy_from_slice(&(id as u16).to_be_bytes());
+            set_ipv4_total_len(&mut f, ip, (ihl + bytes.len()) as u16);
+            set_ipv4_frag(&mut f, ip, more, (offset / 8) as u16);
+            f
+        };
+        [piece(&data[..at], true, 0), piece(&data[at..], false, at)]
+    } else {
+        let (head, data) = p.split_at(ip + 40);
+        let piece = |bytes: &[u8], more: bool, offset: usize| {
+            let mut f = head.to_vec();
+            let next = f[ip + 6];
+            f[ip + 6] = 44;
+            f[ip + 4..ip + 6].copy_from_slice(&((8 + bytes.len()) as u16).to_be_bytes());
+            let field = (offset as u16) | u16::from(more);
+            f.extend_from_slice(&[next, 0]);
+            f.extend_from_slice(&field.to_be_bytes());
+            f.extend_from_slice(&id.to_be_bytes());
+            f.extend_from_slice(bytes);
+            f
+        };
+        [piece(&data[..at], true, 0), piece(&data[at..], false, at)]
+    }
+}
+
+/// Joins the two fragments `fragment` made back into one frame, as the receiver would: only
+/// fragments with the same addresses (and a valid IPv4 header) belong together.
+pub fn reassemble(first: &[u8], later: &[u8]) -> Vec<u8> {
+    let ip = ETH_LEN;
+    let addrs = if first[ip] >> 4 == 4 { ip + 12..ip + 20 } else { ip + 8..ip + 40 };
+    assert_eq!(first[addrs.clone()], later[addrs], "the fragments' addresses differ");
+    if first[ip] >> 4 == 4 {
+        let ihl = usize::from(first[ip] & 0xf) * 4;
+        assert!(folds_to_ffff(ones_sum(&later[ip..ip + ihl], 0)), "later fragment's IPv4 checksum");
+        let mut f = [&first[..], &later[ip + ihl..]].concat();
+        let total = (f.len() - ip) as u16;
+        set_ipv4_total_len(&mut f, ip, total);
+        set_ipv4_frag(&mut f, ip, false, 0);
+        f
+    } else {
+        let mut f = first[..ip + 40].to_vec();
+        f[ip + 6] = first[ip + 40];
+        let data = [&first[ip + 48..], &later[ip + 48..]].concat();
+        f[ip + 4..ip + 6].copy_from_slice(&(data.len() as u16).to_be_bytes());
+        f.extend_from_slice(&data);
+        f
+    }
+}
