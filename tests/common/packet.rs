@@ -232,7 +232,7 @@ pub fn reassemble(first: &[u8], later: &[u8]) -> Vec<u8> {
     if first[ip] >> 4 == 4 {
         let ihl = usize::from(first[ip] & 0xf) * 4;
         assert!(folds_to_ffff(ones_sum(&later[ip..ip + ihl], 0)), "later fragment's IPv4 checksum");
-        let mut f = [&first[..], &later[ip + ihl..]].concat();
+        let mut f = [first, &later[ip + ihl..]].concat();
         let total = (f.len() - ip) as u16;
         set_ipv4_total_len(&mut f, ip, total);
         set_ipv4_frag(&mut f, ip, false, 0);
