@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use common::gateway::Gateway;
+use common::{echo::EchoServer, gateway::Gateway};
 
 const POLICY: &str = r#"
 virtual_network:
@@ -103,4 +103,40 @@ fn upgrade_in_place_keeps_running_connections() {
     };
     assert_eq!(flows(&stats), flows(&stats_before), "still one flow: {stats}");
     assert_eq!(flows(&stats), 1);
+}
+
+/// Maps pinned with another layout (as an older build might have left them) are refused
+/// with an error that names them, and the running dataplane carries on untouched.
+#[test]
+fn upgrade_refuses_maps_pinned_with_another_layout() {
+    let lab = Gateway::new();
+    lab.apply("policy.yaml", POLICY);
+    let _echo = EchoServer::start(&lab.server, vec!["198.51.100.10:7".parse().unwrap()]);
+    let pin = lab.pins.dir.path().join("FRAGS");
+    std::fs::remove_file(&pin).unwrap();
+    let pin = pin.to_str().unwrap();
+    let old = ["type", "lru_hash", "key", "40", "value", "4", "entries", "16", "name", "FRAGS"];
+    common::run("bpftool", &[&["map", "create", pin][..], &old].concat());
+    let before = prog_ids(&lab);
+
+    let out = lab.pins.try_xdpgate(&["upgrade"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "refused");
+    assert!(
+        err.contains("incompatible build")
+            && err.contains(
+                "FRAGS: key 40 B, value 4 B, 16 entries pinned; this build needs 40 B, 20 B"
+            ),
+        "{err}"
+    );
+    assert_eq!(prog_ids(&lab), before, "the programs stay");
+    let echoed = lab.client.run(|| {
+        let mut s = TcpStream::connect("198.51.100.10:7").ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        s.write_all(b"still here").ok()?;
+        let mut buf = [0u8; 10];
+        s.read_exact(&mut buf).ok()?;
+        Some(buf)
+    });
+    assert_eq!(echoed.as_ref().map(|b| &b[..]), Some(&b"still here"[..]), "traffic flows");
 }

@@ -12,7 +12,7 @@ use std::{
 use anyhow::{Context, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{DevMapHash, HashMap, Map, MapData, ProgramArray},
+    maps::{DevMapHash, HashMap, Map, MapData, MapInfo, ProgramArray},
     programs::{
         Xdp, XdpMode,
         links::{FdLink, PinnedLink},
@@ -123,10 +123,49 @@ fn ensure_bpffs(dir: &Path) -> Result<()> {
 /// Loads the eBPF object with its maps pinned in (or reused from) `pins`.
 pub fn load(pins: &PinDir) -> Result<Ebpf> {
     pins.ensure()?;
+    check_pinned_layouts(pins)?;
     EbpfLoader::new()
         .default_map_pin_directory(pins.path())
         .load(EBPF_OBJ)
         .context("loading the xdpgate eBPF object")
+}
+
+/// Refuses maps pinned by a build whose layout differs from this one's. The loader would
+/// reuse them as they are, and the programs would then fail to load with a verifier error,
+/// or worse, read their state wrongly.
+fn check_pinned_layouts(pins: &PinDir) -> Result<()> {
+    let obj = aya_obj::Object::parse(EBPF_OBJ).context("parsing the eBPF object")?;
+    let mut wrong = Vec::new();
+    for (name, map) in &obj.maps {
+        let path = pins.path().join(name);
+        if map.pinning() != aya_obj::maps::PinningType::ByName || !path.exists() {
+            continue;
+        }
+        let info =
+            MapInfo::from_pin(&path).with_context(|| format!("reading {}", path.display()))?;
+        let pinned = (info.key_size(), info.value_size(), info.max_entries());
+        let mut wanted = (map.key_size(), map.value_size(), map.max_entries());
+        if wanted.2 == 0 {
+            // Sized by the loader (one slot per CPU, say): any size will do.
+            wanted.2 = pinned.2;
+        }
+        if pinned != wanted {
+            wrong.push(format!(
+                "{name}: key {} B, value {} B, {} entries pinned; this build needs {} B, {} B, {}",
+                pinned.0, pinned.1, pinned.2, wanted.0, wanted.1, wanted.2
+            ));
+        }
+    }
+    if !wrong.is_empty() {
+        bail!(
+            "the maps pinned under {} were made by an incompatible build of xdpgate:\n  {}\n\
+             Their state (flows, translations) cannot be carried over: detach every interface \
+             and remove that directory, then attach this build afresh.",
+            pins.path().display(),
+            wrong.join("\n  ")
+        );
+    }
+    Ok(())
 }
 
 /// Loads the dataplane's programs, links the later stages into `PIPELINE` and returns the
