@@ -172,9 +172,29 @@ impl Topology {
             .spawn()
             .expect("spawn xdpgate run");
         self.agent = Some(child);
-        self.wait_for("the policy to be applied", Duration::from_secs(10), |t| {
-            t.pins.try_xdpgate(&["lb", "--json"]).status.success()
-        });
+        self.wait_for("the policy to be applied", Duration::from_secs(10), |t| t.applied() == 1);
+    }
+
+    /// How many times this agent has applied the policy (its log says so each time).
+    fn applied(&self) -> usize {
+        self.agent_log().matches(" as generation ").count()
+    }
+
+    /// Kills the agent (SIGKILL: no chance to tidy up) and starts a new one.
+    fn restart_agent(&mut self) {
+        if let Some(mut a) = self.agent.take() {
+            a.kill().unwrap();
+            a.wait().unwrap();
+        }
+        self.start_agent();
+    }
+
+    /// SIGHUP: the agent reads its policy file again and applies it.
+    fn reload_agent(&self) {
+        let before = self.applied();
+        let pid = self.agent.as_ref().unwrap().id().to_string();
+        common::run("kill", &["-HUP", &pid]);
+        self.wait_for("the reload", Duration::from_secs(10), |t| t.applied() > before);
     }
 
     fn agent_log(&self) -> String {
@@ -251,7 +271,7 @@ impl Drop for Topology {
 
 #[test]
 fn load_balancing_end_to_end() {
-    let t = Topology::new();
+    let mut t = Topology::new();
 
     // Requests spread across all three backends.
     let answers = t.spread(80, 30);
@@ -292,6 +312,16 @@ fn load_balancing_end_to_end() {
         Some("b2"),
         "the open connection to b2 keeps working"
     );
+
+    // b2 stays out across an agent restart and a reload, until its probes succeed: neither
+    // puts a dead backend back into rotation, not even for a moment.
+    t.restart_agent();
+    assert!(!t.healthy("198.51.100.12"), "after a restart: {:?}", t.health());
+    assert!(t.agent_log().contains("backend 198.51.100.12 starts unhealthy"), "{}", t.agent_log());
+    t.reload_agent();
+    assert!(!t.healthy("198.51.100.12"), "after a reload: {:?}", t.health());
+    let answers = t.spread(80, 20);
+    assert!(!answers.iter().any(|a| a == "b2"), "still no new connections to b2: {answers:?}");
 
     // b2 recovers.
     t.backends[1].start();

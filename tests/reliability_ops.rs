@@ -39,7 +39,7 @@ use common::{
     packet::{ACK, L4, SYN, endpoints, frame},
     run, unique,
 };
-use xdpgate::{agent, apply, flows, policy::load_str};
+use xdpgate::{agent, apply, flows, lb, policy::load_str};
 use xdpgate_common::{
     flow::FlowKey,
     iface::Role,
@@ -412,7 +412,7 @@ fn policy_swap_under_load() {
             assert!(out.contains("applied"), "{out}");
             via_cli += 1;
         } else {
-            agent::apply_policy(&lab.pins.dir, policy, src, &|_| true).expect("apply");
+            agent::apply_policy(&lab.pins.dir, policy, src, &lb::AllHealthy).expect("apply");
         }
         applied += 1;
     }
@@ -1330,7 +1330,7 @@ fn nat_holds_while_policies_are_applied() {
             thread::spawn(move || {
                 let mut n = 0;
                 while n < applies && !stop.load(Ordering::Relaxed) {
-                    agent::apply_policy(&dir, &loaded, &policy, &|_| true).expect("apply");
+                    agent::apply_policy(&dir, &loaded, &policy, &lb::AllHealthy).expect("apply");
                     n += 1;
                 }
                 n

@@ -32,8 +32,10 @@ load_balancers:
     backend_pools:
       - {name: web4, backends: [198.51.100.11, 198.51.100.12, 198.51.100.13]}
       - {name: web6, backends: ["2001:db8:1::11", "2001:db8:1::12", "2001:db8:1::13"]}
+    probes:
+      - {name: up, protocol: tcp, port: 8080}
     rules:
-      - {name: http, frontend: v4, protocol: tcp, frontend_port: 80, backend_port: 8080, backend_pool: web4}
+      - {name: http, frontend: v4, protocol: tcp, frontend_port: 80, backend_port: 8080, backend_pool: web4, probe: up}
       - {name: sticky, frontend: v4, protocol: tcp, frontend_port: 81, backend_port: 8080, backend_pool: web4, distribution: source_ip}
       - {name: closed, frontend: v4, protocol: tcp, frontend_port: 82, backend_port: 9999, backend_pool: web4}
       - {name: dns6, frontend: v6, protocol: udp, frontend_port: 53, backend_pool: web6}
@@ -130,7 +132,7 @@ fn inbound_nat_rule_and_nsg_on_the_translated_packet() {
 #[test]
 fn all_backends_down() {
     let k = Kernel::new();
-    k.apply_with_health(POLICY, &|_| false);
+    k.apply_with_health(POLICY, |_| false);
     k.arrive_as(Role::External);
     let before = k.drops("no_backend");
     assert_eq!(k.run(&frame("203.0.113.7", "192.0.2.10", L4::Tcp(40000, 80, SYN))), DROP);
@@ -139,10 +141,10 @@ fn all_backends_down() {
     assert_eq!(k.run(&frame("203.0.113.7", "192.0.2.10", L4::Tcp(40001, 2201, SYN))), PASS);
 
     let send_to_all = POLICY.replace(
-        "backend_port: 8080, backend_pool: web4}",
-        "backend_port: 8080, backend_pool: web4, all_down: send_to_all}",
+        "backend_pool: web4, probe: up}",
+        "backend_pool: web4, probe: up, all_down: send_to_all}",
     );
-    k.apply_with_health(&send_to_all, &|_| false);
+    k.apply_with_health(&send_to_all, |_| false);
     let out = k.through(&frame("203.0.113.7", "192.0.2.10", L4::Tcp(40002, 80, SYN)));
     assert_eq!(endpoints(&out).3, 8080, "send_to_all still balances");
 }
@@ -150,8 +152,7 @@ fn all_backends_down() {
 #[test]
 fn unhealthy_backend_gets_no_new_flows() {
     let k = Kernel::new();
-    // Backend index 0 is the first of web4 (198.51.100.11).
-    k.apply_with_health(POLICY, &|b| b != 0);
+    k.apply_with_health(POLICY, |b| b != ip("198.51.100.11"));
     k.arrive_as(Role::External);
     let seen: HashSet<IpAddr> = (0..60)
         .map(|i| {
@@ -163,13 +164,32 @@ fn unhealthy_backend_gets_no_new_flows() {
     assert_eq!(seen.len(), 2, "{seen:?}");
 }
 
+/// `xdpgate apply` (one-shot, no probes of its own) keeps out the backends the dataplane
+/// has taken out, and only those.
+#[test]
+fn a_one_shot_apply_keeps_unhealthy_backends_out() {
+    let k = Kernel::new();
+    k.apply_with_health(POLICY, |b| b != ip("198.51.100.11"));
+    let file = std::env::temp_dir().join(format!("{}.yaml", common::unique("lbapply")));
+    std::fs::write(&file, POLICY).unwrap();
+    k.pins.xdpgate(&["apply", file.to_str().unwrap()]);
+    std::fs::remove_file(&file).unwrap();
+    k.arrive_as(Role::External);
+    let seen: HashSet<IpAddr> = (0..60)
+        .map(|i| {
+            endpoints(&k.through(&frame("203.0.113.7", "192.0.2.10", L4::Tcp(46000 + i, 80, SYN))))
+                .1
+        })
+        .collect();
+    assert_eq!(seen, HashSet::from([ip("198.51.100.12"), ip("198.51.100.13")]));
+}
+
 /// A TCP connection keeps its backend after the backend fails its probe, even through a
 /// retransmitted SYN; a new connection on the tuple of a closed one is balanced afresh.
 #[test]
 fn closed_connection_reopened_on_its_tuple_is_balanced_afresh() {
     let k = Kernel::new();
-    let web4 = ["198.51.100.11", "198.51.100.12", "198.51.100.13"].map(ip);
-    k.apply_with_health(POLICY, &|_| true);
+    k.apply(POLICY);
     k.arrive_as(Role::External);
     let backend_of = |sport: u16, flags: u8| {
         endpoints(&k.through(&frame("203.0.113.7", "192.0.2.10", L4::Tcp(sport, 80, flags)))).1
@@ -178,8 +198,7 @@ fn closed_connection_reopened_on_its_tuple_is_balanced_afresh() {
     let open = (44001..44200).find(|p| backend_of(*p, SYN) == first).expect("same backend");
     backend_of(44000, RST);
 
-    let down = web4.iter().position(|a| *a == first).unwrap() as u32;
-    k.apply_with_health(POLICY, &|b| b != down);
+    k.apply_with_health(POLICY, |b| b != first);
     assert_eq!(backend_of(open, SYN), first, "a retransmitted SYN keeps its backend");
     assert_ne!(backend_of(44000, SYN), first, "a reopened connection avoids the failed backend");
 }

@@ -1,6 +1,8 @@
 //! The dataplane loaded for `BPF_PROG_TEST_RUN`, with its own pins: apply policies, choose
 //! the direction test packets arrive in, run packets, read counters.
 
+use std::net::IpAddr;
+
 use aya::{
     maps::HashMap,
     programs::{TestRun, TestRunOptions, Xdp},
@@ -35,14 +37,18 @@ impl Kernel {
 
     /// Loads, compiles and applies a policy from YAML text; returns the new generation.
     pub fn apply(&self, src: &str) -> u64 {
-        self.apply_with_health(src, &|_| true).0
+        self.apply_with_health(src, |_| true).0
     }
 
-    /// Applies as `xdpgate apply` does, with `healthy` saying which backends (by index) can
-    /// take new flows.
-    pub fn apply_with_health(&self, src: &str, healthy: &dyn Fn(u32) -> bool) -> (u64, CompiledLb) {
+    /// Applies as the agent does, with `healthy` saying which backends (by address) the
+    /// probes of their services have found healthy.
+    pub fn apply_with_health(
+        &self,
+        src: &str,
+        healthy: impl Fn(IpAddr) -> bool,
+    ) -> (u64, CompiledLb) {
         let policy = policy::load_str(src, "test.yaml").unwrap_or_else(|e| panic!("{e}"));
-        agent::apply_policy(&self.pins.dir, &policy, src, healthy).expect("apply")
+        agent::apply_policy(&self.pins.dir, &policy, src, &healthy).expect("apply")
     }
 
     /// Flows decided by a rule of the running policy (summed over layers).

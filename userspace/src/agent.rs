@@ -27,7 +27,7 @@ use crate::{
     dataplane::PinDir,
     flowlog, flows,
     health::{Change, Health, Prober, Target},
-    lb::{self, CompiledLb, LbMaps},
+    lb::{self, BackendHealth, CompiledLb, LbMaps},
     nat,
     policy::{self, Policy},
 };
@@ -57,16 +57,29 @@ pub fn apply_policy(
     pins: &PinDir,
     policy: &Policy,
     source: &str,
-    healthy: &dyn Fn(u32) -> bool,
+    health: &dyn BackendHealth,
 ) -> Result<(u64, CompiledLb)> {
     let (tables, lbs) = compile_all(policy)?;
+    let generation = install(pins, policy, source, &tables, &lbs, health)?;
+    Ok((generation, lbs))
+}
+
+/// The second half of [`apply_policy`], for a policy already compiled.
+fn install(
+    pins: &PinDir,
+    policy: &Policy,
+    source: &str,
+    tables: &compile::Compiled,
+    lbs: &CompiledLb,
+    health: &dyn BackendHealth,
+) -> Result<u64> {
     let mut maps = LbMaps::open(pins)?;
     let mut nat_maps = nat::NatMaps::open(pins)?;
-    let generation = apply::apply(pins, &tables, &policy.settings)?;
-    maps.install(&lbs, healthy)?;
+    let generation = apply::apply(pins, tables, &policy.settings)?;
+    maps.install(lbs, health)?;
     nat_maps.install(policy)?;
     apply::save_applied(pins, source)?;
-    Ok((generation, lbs))
+    Ok(generation)
 }
 
 /// The probe targets of every service that has a probe.
@@ -94,16 +107,17 @@ struct HealthView<'a> {
 
 impl HealthView<'_> {
     fn for_service(&self, service: usize, b: u32) -> bool {
-        let addr = self.lbs.backends[b as usize];
-        match &self.lbs.services[service].probe {
-            Some(p) => !self.down.contains(&(addr, p.name.clone())),
-            None => true,
-        }
+        self.healthy_in(&self.lbs.services[service], self.lbs.backends[b as usize])
+    }
+}
+
+impl BackendHealth for HealthView<'_> {
+    fn healthy(&self, backend: IpAddr) -> bool {
+        !self.down.iter().any(|(a, _)| *a == backend)
     }
 
-    fn overall(&self, b: u32) -> bool {
-        let addr = self.lbs.backends[b as usize];
-        !self.down.iter().any(|(a, _)| *a == addr)
+    fn healthy_in(&self, service: &lb::ServiceSpec, backend: IpAddr) -> bool {
+        service.probe.as_ref().is_none_or(|p| !self.down.contains(&(backend, p.name.clone())))
     }
 }
 
@@ -154,13 +168,29 @@ pub async fn run(
         }
         None => None,
     };
+    // Backends out of service, by probe. They stay out across a reload, and across a
+    // restart (from the flags of the running dataplane), until their probes succeed
+    // `threshold` times: neither puts a dead backend back into rotation.
+    let mut down: HashSet<(IpAddr, String)> = HashSet::new();
+    let mut was_down = lb::pinned_unhealthy(pins)?;
     loop {
         let (policy, source) = load(file)?;
-        let (generation, lbs) = apply_policy(pins, &policy, &source, &|_| true)?;
+        let (tables, lbs) = compile_all(&policy)?;
+        let targets = targets(&lbs);
+        down = targets
+            .iter()
+            .map(|t| (t.backend, t.probe.name.clone()))
+            .filter(|k| down.contains(k) || was_down.contains(&k.0))
+            .collect();
+        was_down.clear();
+        let view = HealthView { lbs: &lbs, down: &down };
+        let generation = install(pins, &policy, &source, &tables, &lbs, &view)?;
         info!("applied {} as generation {generation}", file.display());
+        for (backend, probe) in &down {
+            info!("backend {backend} starts unhealthy (probe {probe}), as it was");
+        }
         let (tx, mut rx) = mpsc::channel::<Change>(256);
-        let prober = Prober::spawn(targets(&lbs), max_concurrent, tx);
-        let mut down: HashSet<(IpAddr, String)> = HashSet::new();
+        let prober = Prober::spawn(targets, &down, max_concurrent, tx);
         let mut maps = LbMaps::open(pins)?;
         let mut expiry = tokio::time::interval(std::time::Duration::from_secs(1));
         let names = flows::Names::read(pins)?;
@@ -252,6 +282,6 @@ fn on_change(
     }
     // The health flag last: once it (and so `xdpgate lb`) says a backend is out, no table
     // still sends it new flows.
-    maps.set_backend(b, change.backend, view.overall(b))?;
+    maps.set_backend(b, change.backend, view.healthy(change.backend))?;
     Ok(())
 }

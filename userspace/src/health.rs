@@ -21,7 +21,7 @@
 //! certificate presented. Every network operation runs inside the probe's timeout, so a
 //! probe never outlives `timeout_ms`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -323,10 +323,12 @@ impl Prober {
     /// was delayed, e.g. by the concurrency limit, delays the next ones rather than bursting).
     /// At most `max_concurrent` (at least 1) probes run at once over all targets. Targets are
     /// identified by (backend, probe name); duplicates after the first are ignored.
-    /// Transitions are sent on `changes`; if the receiver is gone, probing goes on and
-    /// [`Prober::health`] stays current.
+    /// Targets start healthy, but those in `down`, which need `threshold` good probes to
+    /// come back. Transitions are sent on `changes`; if the receiver is gone, probing goes
+    /// on and [`Prober::health`] stays current.
     pub fn spawn(
         targets: Vec<Target>,
+        down: &HashSet<(IpAddr, String)>,
         max_concurrent: usize,
         changes: mpsc::Sender<Change>,
     ) -> Prober {
@@ -334,15 +336,18 @@ impl Prober {
         let limit = Arc::new(Semaphore::new(max_concurrent.max(1)));
         let mut tasks = Vec::with_capacity(targets.len());
         for target in targets {
+            let initial =
+                if down.contains(&target.key()) { Health::Unhealthy } else { Health::Healthy };
             {
                 let mut s = states.lock().unwrap_or_else(|e| e.into_inner());
                 if s.contains_key(&target.key()) {
                     continue;
                 }
-                s.insert(target.key(), Health::Healthy);
+                s.insert(target.key(), initial);
             }
             tasks.push(tokio::spawn(run(
                 target,
+                initial,
                 Arc::clone(&limit),
                 Arc::clone(&states),
                 changes.clone(),
@@ -380,11 +385,17 @@ impl Drop for Prober {
     }
 }
 
-async fn run(target: Target, limit: Arc<Semaphore>, states: States, changes: mpsc::Sender<Change>) {
+async fn run(
+    target: Target,
+    initial: Health,
+    limit: Arc<Semaphore>,
+    states: States,
+    changes: mpsc::Sender<Change>,
+) {
     let period = Duration::from_millis(u64::from(target.probe.interval_ms.max(1)));
     let mut ticks = tokio::time::interval(period);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut tracker = Tracker::default();
+    let mut tracker = Tracker::new(initial);
     loop {
         ticks.tick().await;
         let result = {
@@ -627,7 +638,7 @@ mod tests {
         let s = http_server(|n| status(if n < 8 && n % 2 == 1 { 200 } else { 500 })).await;
         let (tx, mut rx) = mpsc::channel(16);
         let t = Target { backend: LOCALHOST, probe: probe(ProbeKind::Http, s.port, 50, 50, 2) };
-        let prober = Prober::spawn(vec![t], 4, tx);
+        let prober = Prober::spawn(vec![t], &HashSet::new(), 4, tx);
         let change = tokio::time::timeout(Duration::from_secs(3), rx.recv())
             .await
             .expect("a change")
@@ -640,6 +651,24 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(rx.try_recv().is_err(), "only one change");
         prober.stop();
+    }
+
+    #[tokio::test]
+    async fn a_target_that_starts_down_needs_threshold_good_probes() {
+        let listener = TcpListener::bind((LOCALHOST, 0)).await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move { while listener.accept().await.is_ok() {} });
+        let (tx, mut rx) = mpsc::channel(16);
+        let t = Target { backend: LOCALHOST, probe: probe(ProbeKind::Tcp, port, 50, 100, 3) };
+        let down = HashSet::from([(LOCALHOST, "p".to_string())]);
+        let prober = Prober::spawn(vec![t], &down, 1, tx);
+        assert_eq!(prober.health(LOCALHOST, "p"), Some(Health::Unhealthy));
+        let start = Instant::now();
+        let c = tokio::time::timeout(Duration::from_secs(2), rx.recv()).await.unwrap().unwrap();
+        assert_eq!((c.health, c.reason.as_str()), (Health::Healthy, "connected"));
+        // Probes at 0, 50 and 100 ms: the third success brings it back.
+        assert!(start.elapsed() >= Duration::from_millis(90), "{:?}", start.elapsed());
+        assert_eq!(prober.health(LOCALHOST, "p"), Some(Health::Healthy));
     }
 
     #[tokio::test]
@@ -661,7 +690,7 @@ mod tests {
             backend: LOCALHOST,
             probe: probe(ProbeKind::Tcp, port, interval, timeout, threshold),
         };
-        let prober = Prober::spawn(vec![t], 1, tx);
+        let prober = Prober::spawn(vec![t], &HashSet::new(), 1, tx);
         assert_eq!(prober.health(LOCALHOST, "p"), Some(Health::Healthy));
         assert_eq!(prober.health(LOCALHOST, "other"), None);
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -721,7 +750,7 @@ mod tests {
             })
             .collect();
         let (tx, _rx) = mpsc::channel(16);
-        let prober = Prober::spawn(targets, 1, tx);
+        let prober = Prober::spawn(targets, &HashSet::new(), 1, tx);
         tokio::time::sleep(Duration::from_millis(1000)).await;
         prober.stop();
         let n = s.connections.load(Ordering::SeqCst);
@@ -734,7 +763,7 @@ mod tests {
         let s = http_server(|_| status(200)).await;
         let t = Target { backend: LOCALHOST, probe: probe(ProbeKind::Http, s.port, 1000, 500, 2) };
         let (tx, _rx) = mpsc::channel(1);
-        let prober = Prober::spawn(vec![t.clone(), t], 4, tx);
+        let prober = Prober::spawn(vec![t.clone(), t], &HashSet::new(), 4, tx);
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert_eq!(s.connections.load(Ordering::SeqCst), 1);
         assert_eq!(prober.snapshot(), vec![(LOCALHOST, "p".to_string(), Health::Healthy)]);

@@ -3,7 +3,7 @@
 //! changes (written beside the live table, then swapped in with the frontend entries).
 
 use std::{
-    collections::{BTreeMap, HashMap as StdHashMap},
+    collections::{BTreeMap, HashMap as StdHashMap, HashSet},
     net::IpAddr,
 };
 
@@ -37,6 +37,32 @@ pub struct ServiceSpec {
     pub flags: u8,
     pub all_down: AllDown,
     pub idle_timeout_s: u32,
+}
+
+/// Which backends may take new flows: overall (the flag `xdpgate lb` shows, which non-TCP
+/// flows follow) and in one service (the verdict of that service's probe; a service
+/// without a probe takes every backend).
+pub trait BackendHealth {
+    fn healthy(&self, backend: IpAddr) -> bool;
+
+    fn healthy_in(&self, service: &ServiceSpec, backend: IpAddr) -> bool {
+        service.probe.is_none() || self.healthy(backend)
+    }
+}
+
+impl<F: Fn(IpAddr) -> bool> BackendHealth for F {
+    fn healthy(&self, backend: IpAddr) -> bool {
+        self(backend)
+    }
+}
+
+/// Every backend healthy: no probe has said otherwise.
+pub struct AllHealthy;
+
+impl BackendHealth for AllHealthy {
+    fn healthy(&self, _: IpAddr) -> bool {
+        true
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -179,11 +205,17 @@ impl LbMaps {
         })
     }
 
-    /// Installs `lb` in full: backends, every service's table, then the frontends (removing
-    /// frontends the policy no longer has).
-    pub fn install(&mut self, lb: &CompiledLb, healthy: &dyn Fn(u32) -> bool) -> Result<()> {
+    /// Installs `lb` in full: backends (clearing the slots of backends the policy no longer
+    /// has), every service's table, then the frontends (removing frontends the policy no
+    /// longer has).
+    pub fn install(&mut self, lb: &CompiledLb, health: &dyn BackendHealth) -> Result<()> {
         for (i, addr) in lb.backends.iter().enumerate() {
-            self.set_backend(i as u32, *addr, healthy(i as u32))?;
+            self.set_backend(i as u32, *addr, health.healthy(*addr))?;
+        }
+        for i in lb.backends.len() as u32..MAX_BACKENDS {
+            if self.backends.get(&i, 0)?.family != 0 {
+                self.backends.set(i, BackendInfo::default(), 0)?;
+            }
         }
         let wanted: BTreeMap<_, _> = lb.frontends.iter().map(|f| (key_bytes(&f.0), f.0)).collect();
         let stale: Vec<FrontendKey> = self
@@ -195,8 +227,9 @@ impl LbMaps {
         for k in stale {
             self.frontends.remove(&k)?;
         }
-        for id in 0..lb.services.len() as u32 {
-            self.update_service(lb, id, healthy)?;
+        for (id, spec) in lb.services.iter().enumerate() {
+            let healthy = |b: u32| health.healthy_in(spec, lb.backends[b as usize]);
+            self.update_service(lb, id as u32, &healthy)?;
         }
         Ok(())
     }
@@ -249,6 +282,20 @@ impl LbMaps {
         }
         Ok(())
     }
+}
+
+/// The backends the running dataplane has taken out, by address: what an apply keeps out
+/// until probes say otherwise.
+pub fn pinned_unhealthy(pins: &PinDir) -> Result<HashSet<IpAddr>> {
+    let backends: Array<_, BackendInfo> = pins.open_map(BACKENDS)?.try_into()?;
+    let mut out = HashSet::new();
+    for b in backends.iter() {
+        let b = b?;
+        if b.family != 0 && b.healthy == 0 {
+            out.insert(crate::flows::addr(&b.addr, b.family));
+        }
+    }
+    Ok(out)
 }
 
 fn key_bytes(k: &FrontendKey) -> ([u32; 4], u16, u8, u8) {

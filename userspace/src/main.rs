@@ -323,8 +323,11 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Apply { file } => {
             let (policy, source) = agent::load(&file)?;
-            // One-shot: every backend counts as healthy; `xdpgate run` probes them.
-            let (generation, _) = agent::apply_policy(&pins, &policy, &source, &|_| true)?;
+            // One-shot: backends the dataplane has taken out stay out (`xdpgate run` probes
+            // them and brings them back); every other backend counts as healthy.
+            let down = lb::pinned_unhealthy(&pins)?;
+            let health = |b: std::net::IpAddr| !down.contains(&b);
+            let (generation, _) = agent::apply_policy(&pins, &policy, &source, &health)?;
             println!("applied {} as generation {generation}", file.display());
         }
         Command::Run { policy, probe_concurrency, metrics_addr, flow_log, flow_log_max_bytes } => {

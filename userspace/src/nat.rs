@@ -47,15 +47,6 @@ fn prefix_key(net: &IpNet) -> Key<AddrKey> {
     Key::new(ADDR_KEY_HEADER_BITS + u32::from(net.prefix_len()), addr_key(net.network()))
 }
 
-pub fn key_addr(family: u8, w: &[u32; 4]) -> IpAddr {
-    let bytes: Vec<u8> = w.iter().flat_map(|x| x.to_ne_bytes()).collect();
-    if family == 4 {
-        IpAddr::from(<[u8; 4]>::try_from(&bytes[..4]).expect("4 bytes"))
-    } else {
-        IpAddr::from(<[u8; 16]>::try_from(&bytes[..]).expect("16 bytes"))
-    }
-}
-
 fn gateway_config(gw: &NatGateway) -> NatGatewayConfig {
     let mut c = NatGatewayConfig::default();
     for (i, a) in gw.public_addresses.iter().take(MAX_PUBLIC_ADDRS).enumerate() {
@@ -273,7 +264,12 @@ pub fn report(pins: &PinDir, policy: &Policy) -> Result<Vec<GatewayReport>> {
                     .public_addresses
                     .iter()
                     .map(|a| {
-                        (*a, mine.iter().filter(|(k, _)| key_addr(k.family, &k.dst) == *a).count())
+                        (
+                            *a,
+                            mine.iter()
+                                .filter(|(k, _)| crate::flows::addr(&k.dst, k.family) == *a)
+                                .count(),
+                        )
                     })
                     .collect(),
                 translations: mine.iter().filter(|(_, t)| t.state == NAT_ACTIVE).count(),

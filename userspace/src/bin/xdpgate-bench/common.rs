@@ -17,7 +17,7 @@ use serde::Serialize;
 use xdpgate::{
     agent, apply, compile,
     dataplane::{self, NOOP_PROGRAM, PROGRAM, PinDir},
-    lb::CompiledLb,
+    lb::{self, CompiledLb},
     policy,
 };
 use xdpgate_common::{
@@ -147,7 +147,7 @@ impl Bench {
     /// every backend healthy.
     pub fn apply_all(&self, src: &str) -> Result<(policy::Policy, CompiledLb)> {
         let policy = policy::load_str(src, "bench.yaml").map_err(|e| anyhow!("{e}"))?;
-        let (_, lbs) = agent::apply_policy(&self.pins, &policy, src, &|_| true)?;
+        let (_, lbs) = agent::apply_policy(&self.pins, &policy, src, &lb::AllHealthy)?;
         Ok((policy, lbs))
     }
 }
