@@ -48,7 +48,15 @@ fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
-/// Sends `pkt` and returns the rewritten frame, checking verdict and checksums.
+/// The backend a TCP segment from the client to the IPv4 frontend is sent to.
+fn backend_of(k: &Kernel, sport: u16, dport: u16, flags: u8) -> IpAddr {
+    endpoints(&k.through(&frame("203.0.113.7", "192.0.2.10", L4::Tcp(sport, dport, flags)))).1
+}
+
+/// The backends `n` new connections to port 80, from consecutive ports, reach.
+fn spread(k: &Kernel, first_sport: u16, n: u16) -> HashSet<IpAddr> {
+    (first_sport..first_sport + n).map(|p| backend_of(k, p, 80, SYN)).collect()
+}
 
 #[test]
 fn dnat_to_a_backend_and_back_v4_tcp() {
@@ -105,12 +113,9 @@ fn flows_spread_and_source_ip_sticks() {
     let k = Kernel::new();
     k.apply(POLICY);
     k.arrive_as(Role::External);
-    let backend = |sport: u16, port: u16| {
-        endpoints(&k.through(&frame("203.0.113.7", "192.0.2.10", L4::Tcp(sport, port, SYN)))).1
-    };
-    let spread: HashSet<IpAddr> = (0..60).map(|i| backend(41000 + i, 80)).collect();
+    let spread: HashSet<IpAddr> = (0..60).map(|i| backend_of(&k, 41000 + i, 80, SYN)).collect();
     assert_eq!(spread.len(), 3, "60 flows of the 5-tuple rule reach every backend: {spread:?}");
-    let sticky: HashSet<IpAddr> = (0..30).map(|i| backend(42000 + i, 81)).collect();
+    let sticky: HashSet<IpAddr> = (0..30).map(|i| backend_of(&k, 42000 + i, 81, SYN)).collect();
     assert_eq!(sticky.len(), 1, "source_ip: one client, one backend: {sticky:?}");
 }
 
@@ -154,12 +159,7 @@ fn unhealthy_backend_gets_no_new_flows() {
     let k = Kernel::new();
     k.apply_with_health(POLICY, |b| b != ip("198.51.100.11"));
     k.arrive_as(Role::External);
-    let seen: HashSet<IpAddr> = (0..60)
-        .map(|i| {
-            endpoints(&k.through(&frame("203.0.113.7", "192.0.2.10", L4::Tcp(43000 + i, 80, SYN))))
-                .1
-        })
-        .collect();
+    let seen = spread(&k, 43000, 60);
     assert!(!seen.contains(&ip("198.51.100.11")), "{seen:?}");
     assert_eq!(seen.len(), 2, "{seen:?}");
 }
@@ -175,12 +175,7 @@ fn a_one_shot_apply_keeps_unhealthy_backends_out() {
     k.pins.xdpgate(&["apply", file.to_str().unwrap()]);
     std::fs::remove_file(&file).unwrap();
     k.arrive_as(Role::External);
-    let seen: HashSet<IpAddr> = (0..60)
-        .map(|i| {
-            endpoints(&k.through(&frame("203.0.113.7", "192.0.2.10", L4::Tcp(46000 + i, 80, SYN))))
-                .1
-        })
-        .collect();
+    let seen = spread(&k, 46000, 60);
     assert_eq!(seen, HashSet::from([ip("198.51.100.12"), ip("198.51.100.13")]));
 }
 
@@ -191,9 +186,7 @@ fn closed_connection_reopened_on_its_tuple_is_balanced_afresh() {
     let k = Kernel::new();
     k.apply(POLICY);
     k.arrive_as(Role::External);
-    let backend_of = |sport: u16, flags: u8| {
-        endpoints(&k.through(&frame("203.0.113.7", "192.0.2.10", L4::Tcp(sport, 80, flags)))).1
-    };
+    let backend_of = |sport: u16, flags: u8| backend_of(&k, sport, 80, flags);
     let first = backend_of(44000, SYN);
     let open = (44001..44200).find(|p| backend_of(*p, SYN) == first).expect("same backend");
     backend_of(44000, RST);
