@@ -2,7 +2,7 @@
 //! of its reply direction) is one hash lookup. Entries expire by idle time, early once TCP
 //! has closed, and are classified again after a policy change when so configured.
 
-use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::XdpContext};
+use aya_ebpf::{helpers::generated::bpf_ktime_get_coarse_ns, programs::XdpContext};
 use xdpgate_common::{
     events::{EVENT_BEGIN, EVENT_DENY},
     flow::{
@@ -99,7 +99,9 @@ pub fn process(
     dir: u32,
     len: u64,
 ) -> Result<Action, DropReason> {
-    let now = unsafe { bpf_ktime_get_ns() };
+    // The coarse clock (tick resolution) is plenty for timeouts counted in seconds, and
+    // the precise one cost a third of an established packet here (100 vs 68 ns).
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let key = key(meta);
     if let Some(entry) = FLOWS.get_ptr_mut(&key) {
         let entry = unsafe { &mut *entry };
@@ -268,7 +270,7 @@ pub fn commit(meta: &PacketMeta, key: &FlowKey, forward: &FlowValue, reply: &mut
 /// the policy stage left in `FLOW_SCRATCH`, and commits the flow.
 #[inline(always)]
 pub fn commit_snat(meta: &PacketMeta, gw: u32) -> Result<Action, DropReason> {
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let pair = FLOW_SCRATCH.get_ptr_mut(0).ok_or(DropReason::Internal)?;
     let [forward, reply] = unsafe { &mut *pair };
     let claim = snat::allocate(meta, gw, now)?;
