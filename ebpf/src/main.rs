@@ -35,25 +35,29 @@ use crate::{
 /// (each parse path would otherwise be explored again through classification).
 #[xdp]
 pub fn xdpgate(ctx: XdpContext) -> u32 {
-    finish(&ctx, parse_stage(&ctx))
+    let iface = unsafe { IFACES.get(ctx.ingress_ifindex() as u32) };
+    finish(&ctx, iface.map_or(0, |c| c.slot), parse_stage(&ctx, iface))
 }
 
 /// Stage two: flow lookup (hit: done) -> NSG classify -> create flow.
 #[xdp]
 pub fn xdpgate_policy(ctx: XdpContext) -> u32 {
-    finish(&ctx, policy_stage(&ctx))
+    let result = policy_stage(&ctx);
+    finish(&ctx, parsed_slot(), result)
 }
 
 /// Stage two and a half, for new flows through a NAT gateway: claim a public port.
 #[xdp]
 pub fn xdpgate_snat(ctx: XdpContext) -> u32 {
-    finish(&ctx, snat_stage(&ctx))
+    let result = snat_stage(&ctx);
+    finish(&ctx, parsed_slot(), result)
 }
 
 /// Stage three, for flows that rewrite headers: NAT and forwarding.
 #[xdp]
 pub fn xdpgate_act(ctx: XdpContext) -> u32 {
-    finish(&ctx, act_stage(&ctx))
+    let result = act_stage(&ctx);
+    finish(&ctx, parsed_slot(), result)
 }
 
 /// A program that passes everything: the baseline benchmarks divide by.
@@ -70,12 +74,14 @@ pub fn xdp_tx(_ctx: XdpContext) -> u32 {
 }
 
 #[inline(always)]
-fn parse_stage(ctx: &XdpContext) -> Result<u32, DropReason> {
-    let Parsed::Ip(meta) = parse(ctx)? else { return Ok(xdp_action::XDP_PASS) };
+fn parse_stage(ctx: &XdpContext, iface: Option<&IfaceConfig>) -> Result<u32, DropReason> {
+    let Parsed::Ip(mut meta) = parse(ctx)? else { return Ok(xdp_action::XDP_PASS) };
     // Until the first policy is applied there is nothing to enforce.
     if !nsg::active().is_some_and(|a| a.config.generation != 0) {
         return Ok(xdp_action::XDP_PASS);
     }
+    meta.iface_slot = iface.map_or(0, |c| c.slot) as u8;
+    meta.dir = direction(iface) as u8;
     let slot = SCRATCH.get_ptr_mut(0).ok_or(DropReason::Internal)?;
     unsafe {
         *slot = meta;
@@ -90,7 +96,9 @@ fn policy_stage(ctx: &XdpContext) -> Result<u32, DropReason> {
     // Written by the parse stage on this CPU just before the tail call.
     let meta = SCRATCH.get(0).ok_or(DropReason::Internal)?;
     let active = nsg::active().ok_or(DropReason::Internal)?;
-    let dir = direction(ctx);
+    // One of two constants, as the verifier must see it (read from the map it could be any
+    // value, and each use would multiply the paths it explores).
+    let dir = u32::from(meta.dir);
     if meta.frag == FRAG_LATER {
         let action = flow::later_fragment(&active, meta, dir)?;
         if action.nat == NAT_NONE {
@@ -162,9 +170,18 @@ fn act_stage(ctx: &XdpContext) -> Result<u32, DropReason> {
     }
 }
 
-/// The single exit of both stages: count the verdict (and the drop reason).
+/// The arrival interface's counter slot, as the parse stage found it for this packet. Read
+/// after the stage has run: a value held across it takes a register the stage needs, and
+/// the verifier's path count explodes.
 #[inline(always)]
-fn finish(ctx: &XdpContext, result: Result<u32, DropReason>) -> u32 {
+fn parsed_slot() -> u32 {
+    SCRATCH.get(0).map_or(0, |m| u32::from(m.iface_slot))
+}
+
+/// The single exit of every stage: count the verdict per interface `slot` (and the drop
+/// reason).
+#[inline(always)]
+fn finish(ctx: &XdpContext, slot: u32, result: Result<u32, DropReason>) -> u32 {
     let action = match result {
         Ok(action) => action,
         Err(reason) => {
@@ -180,27 +197,21 @@ fn finish(ctx: &XdpContext, result: Result<u32, DropReason>) -> u32 {
             xdp_action::XDP_DROP
         }
     };
-    count_verdict(ctx, action);
+    count_verdict(ctx, slot, action);
     action
 }
 
 /// Packets arriving on an internal interface are outbound, all others inbound.
 #[inline(always)]
-fn direction(ctx: &XdpContext) -> u32 {
-    match iface(ctx) {
+fn direction(iface: Option<&IfaceConfig>) -> u32 {
+    match iface {
         Some(c) if c.role == Role::Internal as u32 => DIR_OUTBOUND,
         _ => DIR_INBOUND,
     }
 }
 
 #[inline(always)]
-fn iface(ctx: &XdpContext) -> Option<&'static IfaceConfig> {
-    unsafe { IFACES.get(ctx.ingress_ifindex() as u32) }
-}
-
-#[inline(always)]
-fn count_verdict(ctx: &XdpContext, action: u32) {
-    let slot = iface(ctx).map_or(0, |c| c.slot);
+fn count_verdict(ctx: &XdpContext, slot: u32, action: u32) {
     if let Some(c) = IFACE_STATS.get_ptr_mut(iface_stat_index(slot, action)) {
         // Per-CPU slot: no other CPU writes it, so plain adds are exact.
         unsafe {

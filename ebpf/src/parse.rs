@@ -35,6 +35,10 @@ pub struct PacketMeta {
     pub icmp_code: u8,
     /// IPv6 hop limit (0 for IPv4).
     pub hop_limit: u8,
+    /// The arrival interface's counter slot and the packet's direction (`DIR_*`), looked up
+    /// once by the parse stage for every stage.
+    pub iface_slot: u8,
+    pub dir: u8,
     /// Source and destination port in host order; for ICMP echo both hold the identifier.
     pub sport: u16,
     pub dport: u16,
@@ -95,6 +99,8 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, DropReason> {
         icmp_type: 0,
         icmp_code: 0,
         hop_limit: 0,
+        iface_slot: 0,
+        dir: 0,
         sport: 0,
         dport: 0,
         l3_off: l3_off as u16,
