@@ -1,8 +1,8 @@
 //! End to end: `xdpgate pktgen` (live frames through the object's `xdp_tx`) sends a known
 //! count of frames out of a veth in one namespace; at the peer in another namespace xdpgate is
 //! attached in native mode, and its own counters (`xdpgate stats --json`) show every frame
-//! arriving. Then the same with `pktgen sink` (xdp_noop) at the peer, TCP over IPv6 and a
-//! rate limit.
+//! the veth sent arriving. Then the same with `pktgen sink` (xdp_noop) at the peer, TCP over
+//! IPv6 and a rate limit.
 
 mod common;
 
@@ -41,6 +41,19 @@ fn pktgen(ns: &Netns, args: &str) -> serde_json::Value {
     json(&out.stdout)
 }
 
+/// Frames the veth transmitted (`tx_packets`), after checking that every submitted frame
+/// was either transmitted or dropped by it. A veth drops what its peer's ring cannot take
+/// when the receiving CPU falls behind, so an unpaced run on a busy machine may lose a few;
+/// what it transmitted must all arrive.
+fn transmitted(report: &serde_json::Value, count: u64) -> u64 {
+    assert_eq!(report["submitted"], count, "{report}");
+    let sent = report["tx_packets"].as_u64().unwrap();
+    let dropped = report["tx_dropped"].as_u64().unwrap();
+    assert!((count..=count + SLACK).contains(&(sent + dropped)), "TX counters: {report}");
+    assert!(sent >= count / 2, "most frames go out: {report}");
+    sent
+}
+
 /// Packets xdpgate counted on `ifname`, all verdicts.
 fn counted(pins: &Pins, ifname: &str) -> u64 {
     let stats = json(pins.xdpgate(&["stats", "--json"]).as_bytes());
@@ -77,18 +90,15 @@ fn pktgen_frames_arrive_at_xdpgate_and_at_a_sink() {
              --sport 20000-20015 --dst 198.51.100.10"
         ),
     );
-    assert_eq!(report["submitted"], COUNT, "{report}");
     assert_eq!(report["flows"], 64, "{report}");
-    let sent = report["tx_packets"].as_u64().unwrap();
-    assert!((COUNT..=COUNT + SLACK).contains(&sent), "TX counters: {report}");
-    assert_eq!(report["tx_dropped"], 0, "{report}");
+    let sent = transmitted(&report, COUNT);
     let arrived = counted(&pins, &di) - before;
     assert!(
-        (COUNT..=COUNT + SLACK).contains(&arrived),
-        "xdpgate counted {arrived} packets on {di}, pktgen sent {COUNT}"
+        arrived.abs_diff(sent) <= SLACK,
+        "xdpgate counted {arrived} packets on {di}, the veth sent {sent}: {report}"
     );
     eprintln!(
-        "{COUNT} frames: {:.0} pps, {arrived} counted by xdpgate",
+        "{COUNT} frames: {:.0} pps, {sent} sent, {arrived} counted by xdpgate",
         report["pps"].as_f64().unwrap()
     );
 
@@ -101,10 +111,10 @@ fn pktgen_frames_arrive_at_xdpgate_and_at_a_sink() {
              --src 2001:db8:2::1 --dst 2001:db8:1::10 --dport 443"
         ),
     );
-    assert_eq!(report["submitted"], 5000, "{report}");
+    let sent = transmitted(&report, 5000);
     assert!(report["seconds"].as_f64().unwrap() >= 0.09, "5000 frames at 50 kpps: {report}");
     let arrived = counted(&pins, &di) - before;
-    assert!((5000..=5000 + SLACK).contains(&arrived), "xdpgate counted {arrived} of 5000");
+    assert!(arrived.abs_diff(sent) <= SLACK, "xdpgate counted {arrived} of {sent}: {report}");
 
     // Without xdpgate: a sink holding xdp_noop takes the frames in just the same, until
     // stopped.
@@ -125,14 +135,14 @@ fn pktgen_frames_arrive_at_xdpgate_and_at_a_sink() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let report = pktgen(&generator, &format!("--iface {gi} --count 10000 --dst-mac {dut_mac}"));
-    assert!(report["tx_packets"].as_u64().unwrap() >= 10_000, "{report}");
+    let sent = transmitted(&report, 10_000);
     // SIGINT ends the sink early: it detaches and reports.
     // SAFETY: signalling our own child by its pid.
     unsafe { libc::kill(sink.id() as libc::pid_t, libc::SIGINT) };
     let out = sink.wait_with_output().expect("sink");
     assert!(out.status.success(), "sink: {}", String::from_utf8_lossy(&out.stderr));
     let received = json(&out.stdout)["rx_packets"].as_u64().unwrap();
-    assert!((10_000..=10_000 + SLACK).contains(&received), "the sink received {received}");
+    assert!(received.abs_diff(sent) <= SLACK, "the sink received {received} of {sent}");
     assert!(!attached(), "the sink detached when it ended");
 
     assert!(started.elapsed() < Duration::from_secs(20), "took {:?}", started.elapsed());
