@@ -96,8 +96,6 @@ fn policy_stage(ctx: &XdpContext) -> Result<u32, DropReason> {
     // Written by the parse stage on this CPU just before the tail call.
     let meta = SCRATCH.get(0).ok_or(DropReason::Internal)?;
     let active = nsg::active().ok_or(DropReason::Internal)?;
-    // One of two constants, as the verifier must see it (read from the map it could be any
-    // value, and each use would multiply the paths it explores).
     let dir = u32::from(meta.dir);
     if meta.frag == FRAG_LATER {
         let action = flow::later_fragment(&active, meta, dir)?;
