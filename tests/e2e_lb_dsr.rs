@@ -15,7 +15,7 @@ use std::{
     time::Duration,
 };
 
-use common::{lan::Lan, unique};
+use common::lan::Lan;
 
 const POLICY: &str = r#"
 virtual_network:
@@ -94,10 +94,7 @@ fn floating_ip_and_ha_ports_end_to_end() {
     for i in 0..2 {
         lan.gw.exec("ping", &["-c", "1", "-W", "2", &common::lan::backend_addr(i)]);
     }
-    let file = std::env::temp_dir().join(format!("{}.yaml", unique("dsrpol")));
-    std::fs::write(&file, POLICY).unwrap();
-    lan.pins.xdpgate(&["apply", file.to_str().unwrap()]);
-    std::fs::remove_file(&file).unwrap();
+    lan.pins.apply(POLICY);
 
     // Floating IP: the backends receive the packets still addressed to the frontend and
     // answer from it themselves; new connections spread over both.

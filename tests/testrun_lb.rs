@@ -170,10 +170,7 @@ fn unhealthy_backend_gets_no_new_flows() {
 fn a_one_shot_apply_keeps_unhealthy_backends_out() {
     let k = Kernel::new();
     k.apply_with_health(POLICY, |b| b != ip("198.51.100.11"));
-    let file = std::env::temp_dir().join(format!("{}.yaml", common::unique("lbapply")));
-    std::fs::write(&file, POLICY).unwrap();
-    k.pins.xdpgate(&["apply", file.to_str().unwrap()]);
-    std::fs::remove_file(&file).unwrap();
+    k.pins.apply(POLICY);
     k.arrive_as(Role::External);
     let seen = spread(&k, 46000, 60);
     assert_eq!(seen, HashSet::from([ip("198.51.100.12"), ip("198.51.100.13")]));

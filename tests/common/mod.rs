@@ -157,6 +157,15 @@ impl Pins {
         String::from_utf8(out.stdout).expect("utf8")
     }
 
+    /// Applies policy `text` one-shot with the CLI (`xdpgate apply`); returns its output.
+    pub fn apply(&self, text: &str) -> String {
+        let file = std::env::temp_dir().join(format!("{}.yaml", unique("policy")));
+        std::fs::write(&file, text).expect("write policy");
+        let out = self.xdpgate(&["apply", file.to_str().unwrap()]);
+        let _ = std::fs::remove_file(&file);
+        out
+    }
+
     pub fn try_xdpgate(&self, args: &[&str]) -> Output {
         let mut cmd = Command::new(xdpgate_bin());
         cmd.arg("--pin-dir").arg(self.dir.path());
