@@ -8,7 +8,7 @@ use std::{
     path::Path,
 };
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use aya::maps::{MapData, RingBuf};
 use aya_log::EbpfLogger;
 use log::{info, warn};
@@ -30,6 +30,7 @@ use crate::{
     lb::{self, BackendHealth, CompiledLb, LbMaps},
     nat,
     policy::{self, Policy},
+    state::{self, AgentLock, WriteLock},
 };
 
 /// Loads a policy file; every validation error is listed as file:line: field: reason.
@@ -51,8 +52,10 @@ pub fn compile_all(policy: &Policy) -> Result<(compile::Compiled, CompiledLb)> {
 }
 
 /// Compiles everything first (so a policy that cannot be compiled changes nothing), then
-/// swaps the NSG tables in and installs the load balancers. Returns the generation and
-/// the compiled load balancers.
+/// swaps the NSG tables in and installs the load balancers, as one writer (the pin
+/// directory's write lock). Refuses while an agent owns the dataplane: the agent would go
+/// on from its own copy of the policy. Returns the generation and the compiled load
+/// balancers.
 pub fn apply_policy(
     pins: &PinDir,
     policy: &Policy,
@@ -60,12 +63,23 @@ pub fn apply_policy(
     health: &dyn BackendHealth,
 ) -> Result<(u64, CompiledLb)> {
     let (tables, lbs) = compile_all(policy)?;
-    let generation = install(pins, policy, source, &tables, &lbs, health)?;
+    let lock = WriteLock::acquire(pins)?;
+    if let Some(pid) = state::agent_pid(pins) {
+        bail!(
+            "the agent (pid {pid}) owns the dataplane at {}: nothing changed. Change the policy \
+             file it runs and reload it (`systemctl reload xdpgate`, or `kill -HUP {pid}`)",
+            pins.path().display()
+        );
+    }
+    let generation = install(&lock, pins, policy, source, &tables, &lbs, health)?;
     Ok((generation, lbs))
 }
 
-/// The second half of [`apply_policy`], for a policy already compiled.
+/// The second half of [`apply_policy`], for a policy already compiled, under the write
+/// lock. The record of the new generation is saved before the flip, so whatever instant
+/// a writer dies at, the running generation has its record.
 fn install(
+    _lock: &WriteLock,
     pins: &PinDir,
     policy: &Policy,
     source: &str,
@@ -75,11 +89,23 @@ fn install(
 ) -> Result<u64> {
     let mut maps = LbMaps::open(pins)?;
     let mut nat_maps = nat::NatMaps::open(pins)?;
-    let generation = apply::apply(pins, tables, &policy.settings)?;
+    let (_, running) = apply::active(pins)?;
+    let running = state::record(pins, running.generation)?;
+    let prepared = apply::prepare(pins, tables, &policy.settings, running.as_ref())?;
+    let record = state::Record::new(
+        prepared.generation,
+        prepared.slot,
+        source,
+        policy,
+        tables,
+        lb::service_names(lbs),
+        lbs.backends.clone(),
+    );
+    state::save(pins, &record)?;
+    apply::switch(pins, &prepared)?;
     maps.install(lbs, health)?;
     nat_maps.install(policy)?;
-    apply::save_applied(pins, source)?;
-    Ok(generation)
+    Ok(prepared.generation)
 }
 
 /// The probe targets of every service that has a probe.
@@ -154,6 +180,8 @@ pub async fn run(
         Some(addr) => Some(crate::metrics::spawn(addr, pins.clone()).await?),
         None => None,
     };
+    // This process is the dataplane's one writer of policy until it exits.
+    let _owner = AgentLock::acquire(pins)?;
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     // The dataplane's flow events, read as they come when a flow log is wanted.
@@ -184,7 +212,10 @@ pub async fn run(
             .collect();
         was_down.clear();
         let view = HealthView { lbs: &lbs, down: &down };
-        let generation = install(pins, &policy, &source, &tables, &lbs, &view)?;
+        let generation = {
+            let lock = WriteLock::acquire(pins)?;
+            install(&lock, pins, &policy, &source, &tables, &lbs, &view)?
+        };
         info!("applied {} as generation {generation}", file.display());
         for (backend, probe) in &down {
             info!("backend {backend} starts unhealthy (probe {probe}), as it was");

@@ -2,9 +2,9 @@
 //! completely, then flip `ACTIVE_SLOT` (one 4-byte write). A packet reads the slot once and
 //! sees either the whole old policy or the whole new one.
 
-use std::{fs, path::PathBuf};
+use std::{collections::HashMap, path::PathBuf};
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use aya::maps::{
     Array, PerCpuArray, PerCpuValues,
     lpm_trie::{Key, LpmTrie},
@@ -22,6 +22,7 @@ use crate::{
     compile::{Compiled, access_code},
     dataplane::PinDir,
     policy::Settings,
+    state::{self, Record, RuleName, WriteLock},
 };
 
 /// What is running: the slot packets use and its settings.
@@ -32,15 +33,29 @@ pub fn active(pins: &PinDir) -> Result<(u32, PolicyConfig)> {
     Ok((slot, configs.get(&slot, 0)?))
 }
 
-/// Writes `compiled` into the inactive slot and makes it active. Returns the new generation.
-pub fn apply(pins: &PinDir, compiled: &Compiled, settings: &Settings) -> Result<u64> {
+/// A policy written into the inactive slot, not yet switched on.
+pub struct Prepared {
+    /// The slot and generation running when the write began (what the flip compares).
+    running: (u32, u64),
+    pub slot: u32,
+    pub generation: u64,
+}
+
+/// Writes `compiled` into the inactive slot, without switching it on. The hit counters of
+/// rules that the running generation (`running`, its record) also has carry over, so a
+/// reload does not reset them. The caller holds the write lock.
+pub fn prepare(
+    pins: &PinDir,
+    compiled: &Compiled,
+    settings: &Settings,
+    running: Option<&Record>,
+) -> Result<Prepared> {
     let (active_slot, active_config) = active(pins)?;
     let slot = 1 - active_slot;
     let mut fields: LpmTrie<_, FieldKey, RuleBitmap> = pins.open_map(NSG_FIELDS)?.try_into()?;
     let mut rules: Array<_, u32> = pins.open_map(NSG_RULES)?.try_into()?;
     let mut hits: PerCpuArray<_, u64> = pins.open_map(NSG_HITS)?.try_into()?;
     let mut configs: Array<_, PolicyConfig> = pins.open_map(POLICY_CONFIG)?.try_into()?;
-    let mut slot_map: Array<_, u32> = pins.open_map(ACTIVE_SLOT)?.try_into()?;
 
     // Clear what an earlier policy left in the inactive slot.
     let first = (slot * TABLES_PER_SLOT) as u8;
@@ -53,6 +68,24 @@ pub fn apply(pins: &PinDir, compiled: &Compiled, settings: &Settings) -> Result<
     for k in stale {
         fields.remove(&k).context("clearing the inactive policy slot")?;
     }
+
+    // Where each rule of the running generation counts its hits, by name.
+    let running_rules: HashMap<_, u32> = running
+        .filter(|r| r.generation == active_config.generation && r.slot == active_slot)
+        .map(|r| {
+            r.tables
+                .iter()
+                .enumerate()
+                .flat_map(|(t, rules)| {
+                    let table_id = active_slot * TABLES_PER_SLOT + t as u32;
+                    rules
+                        .iter()
+                        .enumerate()
+                        .map(move |(bit, n)| (n.id(), table_id * MAX_RULES + bit as u32))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
 
     let nr_cpus = aya::util::nr_cpus().map_err(|(m, e)| anyhow!("{m}: {e}"))?;
     let mut rule_counts = [0u32; TABLES_PER_SLOT as usize];
@@ -73,7 +106,11 @@ pub fn apply(pins: &PinDir, compiled: &Compiled, settings: &Settings) -> Result<
         for (bit, r) in table.rules.iter().enumerate() {
             let index = table_id * MAX_RULES + bit as u32;
             rules.set(index, access_code(r.rule.access), 0)?;
-            hits.set(index, PerCpuValues::try_from(vec![0u64; nr_cpus])?, 0)?;
+            let counts = match running_rules.get(&RuleName::of(r).id()) {
+                Some(&old) => hits.get(&old, 0)?.to_vec(),
+                None => vec![0u64; nr_cpus],
+            };
+            hits.set(index, PerCpuValues::try_from(counts)?, 0)?;
         }
     }
 
@@ -89,25 +126,54 @@ pub fn apply(pins: &PinDir, compiled: &Compiled, settings: &Settings) -> Result<
         icmp_timeout_ns: s(settings.icmp_idle_timeout),
     };
     configs.set(slot, config, 0)?;
-    // The flip: from here on, new packets use the new slot.
-    slot_map.set(0, slot, 0)?;
-    Ok(generation)
+    Ok(Prepared { running: (active_slot, active_config.generation), slot, generation })
 }
 
-/// Where the agent keeps the source of the applied policy, so `rules`, `stats` and
-/// `verify-flow` can name rules later (bpffs holds only maps and links).
+/// Switches the prepared slot on (one 4-byte write: a packet sees the whole old policy or
+/// the whole new one), unless the dataplane changed since `prepare` read it: a
+/// compare-and-swap on the generation, against writers that ignore the lock.
+pub fn switch(pins: &PinDir, prepared: &Prepared) -> Result<()> {
+    let (slot, config) = active(pins)?;
+    if (slot, config.generation) != prepared.running {
+        bail!(
+            "another writer changed the dataplane during this apply (generation {} in slot {}, \
+             was {} in slot {}); nothing was switched",
+            config.generation,
+            slot,
+            prepared.running.1,
+            prepared.running.0
+        );
+    }
+    let mut slot_map: Array<_, u32> = pins.open_map(ACTIVE_SLOT)?.try_into()?;
+    slot_map.set(0, prepared.slot, 0)?;
+    Ok(())
+}
+
+/// Writes and switches on the NSG tables alone, without a record (benchmarks). Returns the
+/// new generation.
+pub fn apply(pins: &PinDir, compiled: &Compiled, settings: &Settings) -> Result<u64> {
+    let _lock = WriteLock::acquire(pins)?;
+    let prepared = prepare(pins, compiled, settings, None)?;
+    switch(pins, &prepared)?;
+    Ok(prepared.generation)
+}
+
+/// Where the state directory is (kept here for callers of the older name).
 pub fn state_dir(pins: &PinDir) -> PathBuf {
-    let name = pins.path().to_string_lossy().trim_matches('/').replace('/', "_");
-    PathBuf::from("/run/xdpgate").join(name)
+    state::dir(pins)
 }
 
-pub fn save_applied(pins: &PinDir, source: &str) -> Result<()> {
-    let dir = state_dir(pins);
-    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    fs::write(dir.join("policy.yaml"), source).context("saving the applied policy")
+/// The record of the running generation: `None` before the first apply, or when the
+/// record is gone (the state directory was removed).
+pub fn running(pins: &PinDir) -> Result<Option<Record>> {
+    let (_, config) = active(pins)?;
+    state::record(pins, config.generation)
 }
 
+/// The running generation's record: its path and policy source. `None` before the first
+/// apply, or when the record is gone (the state directory was removed).
 pub fn applied_source(pins: &PinDir) -> Option<(PathBuf, String)> {
-    let path = state_dir(pins).join("policy.yaml");
-    fs::read_to_string(&path).ok().map(|s| (path, s))
+    let (_, config) = active(pins).ok()?;
+    let record = state::record(pins, config.generation).ok()??;
+    Some((state::path_of(pins, config.generation), record.source))
 }

@@ -9,7 +9,7 @@ use std::{
     net::IpAddr,
 };
 
-use anyhow::{Result, anyhow};
+use anyhow::Result;
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use serde::Serialize;
 use xdpgate_common::{
@@ -21,10 +21,9 @@ use xdpgate_common::{
 
 use crate::{
     apply,
-    compile::{self, Compiled},
     dataplane::PinDir,
-    lb::{self, CompiledLb},
-    policy::{self, Layer},
+    policy::Layer,
+    state::{self, Record, ServiceName},
     stats::Traffic,
 };
 
@@ -183,47 +182,43 @@ fn has_ports(proto: u8) -> bool {
     matches!(proto, 6 | 17 | 132)
 }
 
-/// What names the numbers in flow entries: the running slot and the applied policy.
+/// What names the numbers in flow entries: the records of the running generation and of
+/// the ones before it (a flow keeps the generation that decided it until its next packet).
 pub struct Names {
-    slot: u32,
     config: PolicyConfig,
-    tables: Option<Compiled>,
-    lbs: Option<CompiledLb>,
+    /// Newest first.
+    records: Vec<Record>,
 }
 
 impl Names {
     pub fn read(pins: &PinDir) -> Result<Self> {
-        let (slot, config) = apply::active(pins)?;
-        let (tables, lbs) = match apply::applied_source(pins) {
-            Some((path, source)) => {
-                let policy = policy::load_str(&source, &path.display().to_string())
-                    .map_err(|e| anyhow!("the applied policy {}: {e}", path.display()))?;
-                (Some(compile::compile(&policy)?), Some(lb::compile(&policy)?))
-            }
-            None => (None, None),
-        };
-        Ok(Self { slot, config, tables, lbs })
+        let (_, config) = apply::active(pins)?;
+        Ok(Self { config, records: state::recent(pins, config.generation)? })
     }
 
     /// NSG, rule and layer of a global rule index recorded under `generation`.
     pub fn rule(&self, index: u32, generation: u64) -> Option<(String, String, Layer)> {
-        // The index names a table of one slot; only the running generation's slot holds the
-        // applied policy (the other holds the one before, whose source is gone).
-        if index == NO_RULE || generation != self.config.generation {
+        if index == NO_RULE {
             return None;
         }
+        let record = self.records.iter().find(|r| r.generation == generation)?;
         let (table, bit) = (index / MAX_RULES, index % MAX_RULES);
-        if table / TABLES_PER_SLOT != self.slot {
+        // The index names a table of the slot that generation was written to.
+        if table / TABLES_PER_SLOT != record.slot {
             return None;
         }
-        let r = self
-            .tables
-            .as_ref()?
-            .tables
-            .get((table % TABLES_PER_SLOT) as usize)?
-            .rules
-            .get(bit as usize)?;
-        Some((r.nsg.clone(), r.rule.name.clone(), r.layer))
+        let r = record.tables.get((table % TABLES_PER_SLOT) as usize)?.get(bit as usize)?;
+        Some((r.nsg.clone(), r.rule.clone(), r.layer))
+    }
+
+    /// The running generation's load-balancing service (load balancer, rule) and backend
+    /// address, by id.
+    fn service(&self, id: u32) -> Option<&ServiceName> {
+        self.records.first()?.services.get(id as usize)
+    }
+
+    fn backend(&self, id: u32) -> Option<IpAddr> {
+        self.records.first()?.backends.get(id as usize).copied()
     }
 
     pub fn timeout_ns(&self, proto: u8, tcp: u8, rule_idle_s: u16) -> u64 {
@@ -294,14 +289,11 @@ fn describe(
         })
     });
     let load_balancer = (main.service != NO_BACKEND).then(|| {
-        let lbs = names.lbs.as_ref();
-        let spec = lbs.and_then(|l| l.services.get(main.service as usize));
+        let spec = names.service(main.service);
         LbFlow {
             name: spec.map(|s| s.lb.clone()),
             rule: spec.map(|s| s.rule.clone()),
-            backend: lbs
-                .and_then(|l| l.backends.get(main.backend as usize).copied())
-                .or_else(|| nat.as_ref().map(|n| n.address)),
+            backend: names.backend(main.backend).or_else(|| nat.as_ref().map(|n| n.address)),
         }
     });
     Flow {
@@ -432,6 +424,7 @@ mod tests {
     use xdpgate_common::{nsg::DIR_INBOUND, words};
 
     use super::*;
+    use crate::{compile, lb, policy};
 
     fn v4(a: [u8; 4]) -> [u32; 4] {
         let mut b = [0u8; 16];
@@ -503,26 +496,31 @@ mod tests {
                    direction: inbound, access: allow, protocol: tcp, source: [Internet], \
                    destination: [\"*\"], destination_ports: [80]}\n";
         let policy = policy::load_str(src, "t.yaml").unwrap();
+        let record = |generation, slot| {
+            let lbs = lb::compile(&policy).unwrap();
+            let tables = compile::compile(&policy).unwrap();
+            let services = lb::service_names(&lbs);
+            Record::new(generation, slot, src, &policy, &tables, services, lbs.backends)
+        };
         Names {
-            slot: 1,
             config: PolicyConfig {
                 generation: 3,
                 tcp_timeout_ns: 60_000_000_000,
                 ..Default::default()
             },
-            tables: Some(compile::compile(&policy).unwrap()),
-            lbs: Some(lb::compile(&policy).unwrap()),
+            records: vec![record(3, 1), record(1, 1)],
         }
     }
 
     #[test]
-    fn rules_are_named_only_for_the_running_generation_and_slot() {
+    fn rules_are_named_by_the_generation_and_slot_that_decided() {
         let names = names();
         // Inbound subnet table of slot 1 is table 4; bit 0 is the highest-priority rule.
         let index = TABLES_PER_SLOT * MAX_RULES;
         let (nsg, rule, layer) = names.rule(index, 3).expect("named");
         assert_eq!((nsg.as_str(), rule.as_str(), layer), ("web", "allow-web", Layer::Subnet));
-        assert!(names.rule(index, 2).is_none(), "an older generation's index is not guessed");
+        assert!(names.rule(index, 1).is_some(), "a kept older generation keeps its names");
+        assert!(names.rule(index, 2).is_none(), "a generation without a record is not guessed");
         assert!(names.rule(0, 3).is_none(), "a table of the other slot");
         assert!(names.rule(NO_RULE, 3).is_none());
     }

@@ -23,6 +23,7 @@ use crate::{
     dataplane::PinDir,
     maglev,
     policy::{AllDown, Distribution, LbProtocol, Policy, Probe},
+    state::{Record, ServiceName},
 };
 
 /// One service: a load-balancing rule (Maglev over its pool) or an inbound NAT rule (each
@@ -339,8 +340,34 @@ fn frontend_name(k: &FrontendKey) -> String {
     }
 }
 
-/// Reads the live state of the load balancers of the applied policy.
-pub fn report(pins: &PinDir, lbs: &CompiledLb) -> Result<Vec<ServiceReport>> {
+/// The services of `lbs` as the views name them (saved with each generation's record).
+pub fn service_names(lbs: &CompiledLb) -> Vec<ServiceName> {
+    lbs.services
+        .iter()
+        .enumerate()
+        .map(|(id, spec)| {
+            let id = id as u32;
+            let mut members: Vec<u32> = spec.pool.iter().map(|(b, _)| *b).collect();
+            members.extend(
+                lbs.frontends.iter().filter(|f| f.1 == id && f.2 != NO_BACKEND).map(|f| f.2),
+            );
+            ServiceName {
+                lb: spec.lb.clone(),
+                rule: spec.rule.clone(),
+                frontends: lbs
+                    .frontends
+                    .iter()
+                    .filter(|f| f.1 == id)
+                    .map(|f| frontend_name(&f.0))
+                    .collect(),
+                members,
+            }
+        })
+        .collect()
+}
+
+/// Reads the live state of the load balancers of the running generation (`record`).
+pub fn report(pins: &PinDir, record: &Record) -> Result<Vec<ServiceReport>> {
     use aya::maps::PerCpuArray;
     use xdpgate_common::{
         maps::{BACKEND_STATS, SERVICE_STATS},
@@ -357,29 +384,23 @@ pub fn report(pins: &PinDir, lbs: &CompiledLb) -> Result<Vec<ServiceReport>> {
         Ok(total)
     };
     let mut out = Vec::new();
-    for (id, spec) in lbs.services.iter().enumerate() {
-        let id = id as u32;
-        let mut members: Vec<u32> = spec.pool.iter().map(|(b, _)| *b).collect();
-        members
-            .extend(lbs.frontends.iter().filter(|f| f.1 == id && f.2 != NO_BACKEND).map(|f| f.2));
-        let stats = sum(&service_stats, id)?;
+    for (id, spec) in record.services.iter().enumerate() {
+        let stats = sum(&service_stats, id as u32)?;
         out.push(ServiceReport {
             load_balancer: spec.lb.clone(),
             rule: spec.rule.clone(),
-            frontends: lbs
-                .frontends
-                .iter()
-                .filter(|f| f.1 == id)
-                .map(|f| frontend_name(&f.0))
-                .collect(),
+            frontends: spec.frontends.clone(),
             packets: stats.packets,
             bytes: stats.bytes,
-            backends: members
-                .into_iter()
-                .map(|b| {
+            backends: spec
+                .members
+                .iter()
+                .map(|&b| {
                     let c = sum(&backend_stats, b)?;
                     Ok(BackendReport {
-                        address: lbs.backends[b as usize],
+                        address: *record.backends.get(b as usize).ok_or_else(|| {
+                            anyhow::anyhow!("backend {b} missing from the record")
+                        })?,
                         healthy: backends.get(&b, 0)?.healthy != 0,
                         packets: c.packets,
                         bytes: c.bytes,

@@ -17,6 +17,7 @@ pub mod netns;
 pub mod pktgen;
 pub mod policy;
 pub mod rules;
+pub mod state;
 pub mod stats;
 pub mod status;
 

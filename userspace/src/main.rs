@@ -12,7 +12,9 @@ use xdpgate::{
     dataplane::{self, Mode, PinDir},
     evaluate, flowlog, flows, lb, metrics, nat, netns, pktgen,
     policy::{self, reference::Packet},
-    rules, stats, status,
+    rules,
+    state::WriteLock,
+    stats, status,
 };
 use xdpgate_common::{iface::Role, maps::DEFAULT_PIN_DIR};
 
@@ -194,6 +196,12 @@ fn chosen_policy(pins: &PinDir, file: Option<PathBuf>) -> Result<policy::Policy>
     }
 }
 
+/// The record of the running generation, or an error that says why there is none.
+fn running_record(pins: &PinDir) -> Result<xdpgate::state::Record> {
+    apply::running(pins)?
+        .ok_or_else(|| anyhow!("no policy applied to {} yet", pins.path().display()))
+}
+
 /// `IP` or `IP:PORT` (`[IPv6]:PORT`).
 fn endpoint(s: &str) -> Result<(IpAddr, Option<u16>)> {
     if let Ok(sa) = s.parse::<SocketAddr>() {
@@ -243,16 +251,20 @@ fn run(cli: Cli) -> Result<()> {
                 RoleArg::External => Role::External,
                 RoleArg::Internal => Role::Internal,
             };
+            pins.ensure()?;
+            let _lock = WriteLock::acquire(&pins)?;
             dataplane::attach(&pins, &iface, role, mode)?;
             println!("attached to {iface} ({role:?}, {mode:?} mode)");
         }
         Command::Upgrade => {
+            let _lock = WriteLock::acquire(&pins)?;
             for name in dataplane::upgrade(&pins)? {
                 println!("upgraded {name}");
             }
         }
         Command::Detach { iface, all } => {
             let names = if all { pins.attached()? } else { iface.into_iter().collect() };
+            let _lock = if names.is_empty() { None } else { Some(WriteLock::acquire(&pins)?) };
             for name in names {
                 dataplane::detach(&pins, &name)?;
                 println!("detached from {name}");
@@ -359,8 +371,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Lb { json } => {
-            let policy = chosen_policy(&pins, None)?;
-            let report = lb::report(&pins, &lb::compile(&policy)?)?;
+            let report = lb::report(&pins, &running_record(&pins)?)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -368,8 +379,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Nat { json } => {
-            let policy = chosen_policy(&pins, None)?;
-            let report = nat::report(&pins, &policy)?;
+            let report = nat::report(&pins, &running_record(&pins)?)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {

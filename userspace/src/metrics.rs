@@ -5,15 +5,9 @@
 //! The server answers `GET /metrics` (and `HEAD`) and nothing else: it has no control
 //! endpoints, and binds to loopback unless told otherwise.
 
-use std::{
-    fmt::Write as _,
-    net::SocketAddr,
-    str::FromStr,
-    sync::Arc,
-    time::{Duration, UNIX_EPOCH},
-};
+use std::{fmt::Write as _, net::SocketAddr, str::FromStr, sync::Arc, time::Duration};
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result};
 use log::{debug, info, warn};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -27,7 +21,7 @@ use crate::{
     dataplane::PinDir,
     flows, lb,
     lb::ServiceReport,
-    nat, policy,
+    nat,
     stats::{self, Stats},
 };
 
@@ -185,19 +179,13 @@ impl Snapshot {
     pub fn read(pins: &PinDir) -> Result<Self> {
         let stats = stats::read(pins)?;
         let (_, config) = apply::active(pins)?;
-        let applied = apply::applied_source(pins);
-        let (services, nat) = match &applied {
-            Some((path, source)) => {
-                let policy = policy::load_str(source, &path.display().to_string())
-                    .map_err(|e| anyhow!("the applied policy {}: {e}", path.display()))?;
-                (lb::report(pins, &lb::compile(&policy)?)?, nat::report(pins, &policy)?)
-            }
+        // Names come from the running generation's record: nothing is recompiled per scrape.
+        let record = apply::running(pins)?;
+        let (services, nat) = match &record {
+            Some(r) => (lb::report(pins, r)?, nat::report(pins, r)?),
             None => (Vec::new(), Vec::new()),
         };
-        let applied_at = applied
-            .and_then(|(path, _)| std::fs::metadata(path).ok()?.modified().ok())
-            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-            .map(|d| d.as_secs_f64());
+        let applied_at = record.map(|r| r.applied_unix as f64);
         Ok(Self {
             stats,
             services,

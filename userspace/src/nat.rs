@@ -25,6 +25,7 @@ use xdpgate_common::{
 use crate::{
     dataplane::PinDir,
     policy::{NatGateway, Policy},
+    state::Record,
 };
 
 fn addr_bytes(addr: IpAddr) -> (u8, [u8; 16]) {
@@ -247,21 +248,21 @@ pub struct GatewayReport {
     pub failed_allocations: u64,
 }
 
-pub fn report(pins: &PinDir, policy: &Policy) -> Result<Vec<GatewayReport>> {
+/// Reads the live state of the NAT gateways of the running generation (`record`).
+pub fn report(pins: &PinDir, record: &Record) -> Result<Vec<GatewayReport>> {
     let map: HashMap<_, FlowKey, NatEntry> = pins.open_map(NAT_MAP)?.try_into()?;
     let failures: PerCpuArray<_, u64> = pins.open_map(NAT_FAILURES)?.try_into()?;
     let claims: Vec<(FlowKey, NatEntry)> =
         map.iter().filter_map(|e| e.ok()).filter(|(_, t)| t.kind == NAT_DST).collect();
-    policy
+    record
         .nat_gateways
         .iter()
         .enumerate()
-        .map(|(i, gw)| {
+        .map(|(i, (name, public_addresses))| {
             let mine: Vec<_> = claims.iter().filter(|(_, t)| usize::from(t.gateway) == i).collect();
             Ok(GatewayReport {
-                name: gw.name.clone(),
-                addresses: gw
-                    .public_addresses
+                name: name.clone(),
+                addresses: public_addresses
                     .iter()
                     .map(|a| {
                         (

@@ -1,6 +1,6 @@
 //! Reading the dataplane's counters from their pins.
 
-use anyhow::{Result, anyhow};
+use anyhow::Result;
 use aya::maps::{HashMap, PerCpuArray};
 use serde::Serialize;
 use xdpgate_common::{
@@ -11,9 +11,10 @@ use xdpgate_common::{
 };
 
 use crate::{
-    apply, compile,
+    apply,
     dataplane::PinDir,
-    policy::{self, Direction, Layer},
+    policy::{Direction, Layer},
+    state,
 };
 
 #[derive(Debug, Default, Serialize, PartialEq, Eq, Clone, Copy)]
@@ -180,25 +181,22 @@ pub fn read(pins: &PinDir) -> Result<Stats> {
     })
 }
 
-/// Hits of every rule of the running policy, named from the applied policy's source.
+/// Hits of every rule of the running policy, named from its generation's record.
 fn policy_stats(pins: &PinDir) -> Result<Option<PolicyStats>> {
-    let Some((path, source)) = apply::applied_source(pins) else { return Ok(None) };
     let (slot, config) = apply::active(pins)?;
-    let policy =
-        policy::load_str(&source, &path.display().to_string()).map_err(|e| anyhow!("{e}"))?;
-    let compiled = compile::compile(&policy)?;
+    let Some(record) = state::record(pins, config.generation)? else { return Ok(None) };
     let hits: PerCpuArray<_, u64> = pins.open_map(NSG_HITS)?.try_into()?;
     let mut rules = Vec::new();
-    for (t, table) in compiled.tables.iter().enumerate() {
+    for (t, table) in record.tables.iter().enumerate() {
         let table_id = slot * TABLES_PER_SLOT + t as u32;
-        for (bit, r) in table.rules.iter().enumerate() {
+        for (bit, r) in table.iter().enumerate() {
             let flows = hits.get(&(table_id * MAX_RULES + bit as u32), 0)?.iter().sum();
             rules.push(RuleHits {
                 nsg: r.nsg.clone(),
-                rule: r.rule.name.clone(),
-                direction: r.rule.direction,
+                rule: r.rule.clone(),
+                direction: r.direction,
                 layer: r.layer,
-                priority: r.rule.priority,
+                priority: r.priority,
                 flows,
             });
         }

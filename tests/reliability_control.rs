@@ -1,0 +1,283 @@
+//! One writer per dataplane: concurrent and killed `xdpgate apply`s never leave tables that
+//! are neither policy, nor a saved policy that differs from the kernel's; a one-shot apply
+//! beside a running agent is refused.
+
+mod common;
+
+use std::{
+    collections::BTreeSet,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use aya::maps::{MapData, lpm_trie::LpmTrie};
+use common::{Pins, kernel::Kernel, rng::Rng, unique, xdpgate_bin};
+use xdpgate::{apply, compile, policy};
+use xdpgate_common::{
+    maps::NSG_FIELDS,
+    nsg::{FieldKey, KEY_HEADER_BITS, RuleBitmap, TABLES_PER_SLOT},
+    words,
+};
+
+/// A policy whose only user rule allows inbound TCP to ports `lo`-`hi`.
+fn policy(lo: u16, hi: u16) -> String {
+    format!(
+        "virtual_network:\n  address_space: [198.51.100.0/24]\nnsgs:\n  - name: web\n    \
+         subnets: [198.51.100.0/24]\n    rules:\n      - {{name: allow-{lo}, priority: 100, \
+         direction: inbound, access: allow, protocol: tcp, source: [Internet], destination: \
+         [\"*\"], destination_ports: [\"{lo}-{hi}\"]}}\n"
+    )
+}
+
+/// One NSG field entry, slot-independent: (table in slot, field, value, prefix length, rules).
+type Entry = (u8, u8, [u32; 4], u32, Vec<u64>);
+
+fn compiled_entries(src: &str) -> BTreeSet<Entry> {
+    let p = policy::load_str(src, "t.yaml").unwrap_or_else(|e| panic!("{e}"));
+    let c = compile::compile(&p).expect("compile");
+    let mut out = BTreeSet::new();
+    for (t, table) in c.tables.iter().enumerate() {
+        for ((field, value, len), bitmap) in &table.fields {
+            out.insert((
+                t as u8,
+                *field,
+                words(value),
+                KEY_HEADER_BITS + u32::from(*len),
+                bitmap.words.to_vec(),
+            ));
+        }
+    }
+    out
+}
+
+/// The NSG field entries of the slot packets use now.
+fn running_entries(pins: &Pins) -> BTreeSet<Entry> {
+    let (slot, _) = apply::active(&pins.dir).expect("active slot");
+    let map = pins.dir.open_map(NSG_FIELDS).expect("fields");
+    let fields: LpmTrie<MapData, FieldKey, RuleBitmap> = map.try_into().expect("trie");
+    let mut out = BTreeSet::new();
+    for item in fields.iter() {
+        let (k, v) = item.expect("entry");
+        let d = k.data();
+        if u32::from(d.table) / TABLES_PER_SLOT == slot {
+            out.insert((
+                (u32::from(d.table) % TABLES_PER_SLOT) as u8,
+                d.field,
+                d.value,
+                k.prefix_len(),
+                v.words.to_vec(),
+            ));
+        }
+    }
+    out
+}
+
+struct Policies {
+    files: Vec<std::path::PathBuf>,
+    sources: Vec<String>,
+    entries: Vec<BTreeSet<Entry>>,
+}
+
+impl Policies {
+    fn new(ranges: &[(u16, u16)]) -> Self {
+        let sources: Vec<String> = ranges.iter().map(|&(lo, hi)| policy(lo, hi)).collect();
+        let files = sources
+            .iter()
+            .map(|s| {
+                let f = std::env::temp_dir().join(format!("{}.yaml", unique("ctl")));
+                std::fs::write(&f, s).expect("write policy");
+                f
+            })
+            .collect();
+        let entries = sources.iter().map(|s| compiled_entries(s)).collect();
+        Self { files, sources, entries }
+    }
+
+    /// Which policy the kernel runs; panics when its tables are none of them (mixed), or
+    /// when the saved policy is not the kernel's.
+    fn running(&self, pins: &Pins, context: &str) -> usize {
+        let now = running_entries(pins);
+        let i = self.entries.iter().position(|e| *e == now).unwrap_or_else(|| {
+            panic!(
+                "{context}: the running NSG tables ({} entries) are none of the policies",
+                now.len()
+            )
+        });
+        let (_, saved) = apply::applied_source(&pins.dir)
+            .unwrap_or_else(|| panic!("{context}: no saved policy for the running generation"));
+        assert_eq!(saved, self.sources[i], "{context}: the saved policy is not the kernel's");
+        i
+    }
+
+    fn spawn_apply(&self, pins: &Pins, i: usize) -> Child {
+        Command::new(xdpgate_bin())
+            .arg("--pin-dir")
+            .arg(pins.dir.path())
+            .arg("apply")
+            .arg(&self.files[i])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn xdpgate apply")
+    }
+}
+
+impl Drop for Policies {
+    fn drop(&mut self) {
+        for f in &self.files {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+}
+
+#[test]
+fn concurrent_applies_leave_one_whole_policy_and_distinct_generations() {
+    let k = Kernel::new();
+    let p = Policies::new(&[(1000, 1999), (3000, 3999)]);
+    assert_ne!(p.entries[0], p.entries[1]);
+    k.apply(&p.sources[0]);
+    let races = if std::env::var_os("XDPGATE_LONG").is_some() { 1000 } else { 200 };
+    for race in 0..races {
+        let children = [p.spawn_apply(&k.pins, 0), p.spawn_apply(&k.pins, 1)];
+        let mut generations = Vec::new();
+        for c in children {
+            let out = c.wait_with_output().expect("wait apply");
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success(),
+                "race {race}: an apply failed: {stdout}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let generation: u64 = stdout
+                .rsplit("generation ")
+                .next()
+                .and_then(|g| g.trim().parse().ok())
+                .unwrap_or_else(|| panic!("race {race}: no generation in {stdout:?}"));
+            generations.push(generation);
+        }
+        assert_ne!(generations[0], generations[1], "race {race}: two applies, one generation");
+        let (_, config) = apply::active(&k.pins.dir).unwrap();
+        assert_eq!(config.generation, *generations.iter().max().unwrap(), "race {race}");
+        p.running(&k.pins, &format!("race {race}"));
+    }
+}
+
+#[test]
+fn a_killed_apply_leaves_the_kernel_and_the_saved_policy_equal_and_whole() {
+    let k = Kernel::new();
+    let p = Policies::new(&[(1000, 1999), (3000, 3999)]);
+    k.apply(&p.sources[0]);
+    // How long one apply takes here, so the kills spread over its whole run.
+    let start = Instant::now();
+    let out = p.spawn_apply(&k.pins, 1).wait_with_output().unwrap();
+    assert!(out.status.success());
+    let span = start.elapsed().as_micros() as u64;
+    let mut rng = Rng(0x6b11_ed);
+    let mut cut = 0;
+    for round in 0..100 {
+        let mut child = p.spawn_apply(&k.pins, round % 2);
+        std::thread::sleep(Duration::from_micros(rng.range(0, span)));
+        let _ = child.kill();
+        let status = child.wait().unwrap();
+        cut += usize::from(!status.success());
+        p.running(&k.pins, &format!("kill {round} ({status})"));
+    }
+    // The kills must land inside applies, not only after them.
+    assert!(cut >= 20, "only {cut} of 100 applies were cut short: the test did not test");
+    // And the next apply goes through (a killed writer's lock died with it).
+    k.pins.xdpgate(&["apply", p.files[0].to_str().unwrap()]);
+    assert_eq!(p.running(&k.pins, "after the kills"), 0);
+}
+
+#[test]
+fn apply_beside_a_running_agent_is_refused_and_changes_nothing() {
+    let k = Kernel::new();
+    let p = Policies::new(&[(1000, 1999), (3000, 3999)]);
+    let mut agent = Command::new(xdpgate_bin())
+        .arg("--pin-dir")
+        .arg(k.pins.dir.path())
+        .args(["run", "--metrics-addr", "off", "--policy"])
+        .arg(&p.files[0])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn agent");
+    struct Stop<'a>(&'a mut Child);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let agent = Stop(&mut agent);
+    // The agent owns the dataplane once its policy runs and its record is saved.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while apply::applied_source(&k.pins.dir).is_none_or(|(_, s)| s != p.sources[0]) {
+        assert!(Instant::now() < deadline, "the agent never applied its policy");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let before = apply::active(&k.pins.dir).unwrap().1.generation;
+    let out = k.pins.try_xdpgate(&["apply", p.files[1].to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "apply beside the agent succeeded");
+    assert!(
+        stderr.contains(&format!("agent (pid {})", agent.0.id())) && stderr.contains("reload"),
+        "the refusal names the agent and how to reload: {stderr}"
+    );
+    assert_eq!(apply::active(&k.pins.dir).unwrap().1.generation, before);
+    assert_eq!(p.running(&k.pins, "after the refused apply"), 0);
+    // A second agent is refused the same way.
+    let second = k.pins.try_xdpgate(&[
+        "run",
+        "--metrics-addr",
+        "off",
+        "--policy",
+        p.files[1].to_str().unwrap(),
+    ]);
+    assert!(!second.status.success(), "a second agent started");
+    drop(agent);
+    // Once the agent is gone, a one-shot apply is the writer again.
+    k.pins.xdpgate(&["apply", p.files[1].to_str().unwrap()]);
+    assert_eq!(p.running(&k.pins, "after the agent stopped"), 1);
+}
+
+#[test]
+fn reloads_keep_rule_names_of_older_generations_and_rule_counters() {
+    use common::{
+        kernel::PASS,
+        packet::{L4, SYN, frame},
+    };
+    use xdpgate_common::iface::Role;
+    let k = Kernel::new();
+    let web = policy(80, 80);
+    k.apply(&web);
+    k.arrive_as(Role::External);
+    for port in 0..3 {
+        let syn = frame("203.0.113.7", "198.51.100.10", L4::Tcp(40000 + port, 80, SYN));
+        assert_eq!(k.run(&syn), PASS);
+    }
+    assert_eq!(k.rule_flows("allow-80"), 3);
+    // A reload that keeps the rule and adds one: the three flows were decided under the
+    // older generation, and still carry its number until their next packet.
+    let more = web.replace(
+        "    rules:\n",
+        "    rules:\n      - {name: allow-dns, priority: 200, direction: inbound, access: allow, \
+         protocol: udp, source: [Internet], destination: [\"*\"], destination_ports: [53]}\n",
+    );
+    k.apply(&more);
+    assert_eq!(k.rule_flows("allow-80"), 3, "the rule's counter survived the reload");
+    assert_eq!(k.rule_flows("allow-dns"), 0);
+    let flows = xdpgate::flows::list(&k.pins.dir, &Default::default(), 0).expect("flows");
+    assert_eq!(flows.len(), 3);
+    for f in &flows {
+        assert_eq!(f.generation, 1, "decided under the first generation");
+        assert_eq!(
+            (f.nsg.as_deref(), f.rule.as_deref()),
+            (Some("web"), Some("allow-80")),
+            "a flow of an older generation keeps its rule's name"
+        );
+    }
+    // A rule removed and added back starts again from zero.
+    k.apply(&more.replace("allow-80", "allow-http"));
+    assert_eq!(k.rule_flows("allow-http"), 0);
+}

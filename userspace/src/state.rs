@@ -1,0 +1,325 @@
+//! What the control plane keeps beside the pinned maps, and the locks that make it the only
+//! writer of one dataplane.
+//!
+//! - The *write lock* is an exclusive `flock` on the pin directory, held by every writer from
+//!   reading the active slot to the flip (and by attach, detach and upgrade).
+//! - The *agent lock* is held by `xdpgate run` for its lifetime, so a one-shot `apply` knows an
+//!   agent owns the dataplane and refuses instead of leaving the agent with a stale policy.
+//! - One *record* per generation (`generations/<N>.json` in the state directory, root's and
+//!   private) holds the policy source and the names of the rules of each table, written
+//!   atomically *before* the flip. Readers take the generation from the kernel and read its
+//!   record, so the saved policy always equals the running one, even when a writer is killed
+//!   at any instant; recent generations stay, so flows decided under them keep their names.
+
+use std::{
+    fs::{self, File, OpenOptions},
+    io::Write as _,
+    net::IpAddr,
+    os::{
+        fd::AsRawFd as _,
+        unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _},
+    },
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    compile::{Compiled, TableRule},
+    dataplane::PinDir,
+    policy::{Access, Direction, Layer, Policy},
+};
+
+/// How many generations' records are kept (flows decided under older ones lose their names).
+pub const KEEP_GENERATIONS: u64 = 32;
+
+/// How long a writer waits for another one to finish before it gives up.
+pub const LOCK_WAIT: Duration = Duration::from_secs(30);
+
+/// Where xdpgate keeps the records of the dataplane pinned at `pins` (bpffs holds only maps
+/// and links).
+pub fn dir(pins: &PinDir) -> PathBuf {
+    let name = pins.path().to_string_lossy().trim_matches('/').replace('/', "_");
+    PathBuf::from("/run/xdpgate").join(name)
+}
+
+/// Creates the state directory (and /run/xdpgate) private to root.
+fn ensure_dir(pins: &PinDir) -> Result<PathBuf> {
+    let dir = dir(pins);
+    let generations = dir.join("generations");
+    for d in [Path::new("/run/xdpgate"), dir.as_path(), generations.as_path()] {
+        match fs::DirBuilder::new().mode(0o700).create(d) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e).with_context(|| format!("creating {}", d.display())),
+        }
+        // An older build made these 0755.
+        fs::set_permissions(d, fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("restricting {}", d.display()))?;
+    }
+    Ok(dir)
+}
+
+/// Writes `bytes` to `path` so that readers see the old file or the new one, whole: a
+/// private temporary file, synced, renamed over `path`.
+pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)
+            .with_context(|| format!("creating {}", tmp.display()))?;
+        f.write_all(bytes).with_context(|| format!("writing {}", tmp.display()))?;
+        f.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
+        fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+        if let Some(parent) = path.parent() {
+            File::open(parent).and_then(|d| d.sync_all()).ok();
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// `flock` on an open file, waiting up to `wait` (polling: flock has no timeout of its own).
+fn flock(file: &File, kind: libc::c_int, wait: Duration) -> std::io::Result<bool> {
+    let start = Instant::now();
+    loop {
+        // SAFETY: flock on a file descriptor this function borrows.
+        if unsafe { libc::flock(file.as_raw_fd(), kind | libc::LOCK_NB) } == 0 {
+            return Ok(true);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(e);
+        }
+        if start.elapsed() >= wait {
+            return Ok(false);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The exclusive right to change the dataplane at one pin directory; released on drop
+/// (and by the kernel when the holder dies, so a killed writer never wedges the next one).
+pub struct WriteLock(#[expect(dead_code, reason = "held for its lock")] File);
+
+impl WriteLock {
+    pub fn acquire(pins: &PinDir) -> Result<Self> {
+        Self::acquire_within(pins, LOCK_WAIT)
+    }
+
+    pub fn acquire_within(pins: &PinDir, wait: Duration) -> Result<Self> {
+        let dir = pins.path();
+        let file = File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
+        if !flock(&file, libc::LOCK_EX, wait)
+            .with_context(|| format!("locking {}", dir.display()))?
+        {
+            bail!(
+                "another xdpgate is changing the dataplane at {} and did not finish within {} s; \
+                 nothing was changed, try again",
+                dir.display(),
+                wait.as_secs()
+            );
+        }
+        Ok(Self(file))
+    }
+}
+
+/// Held by `xdpgate run` while it owns the dataplane at one pin directory.
+pub struct AgentLock(#[expect(dead_code, reason = "held for its lock")] File);
+
+fn agent_lock_path(pins: &PinDir) -> PathBuf {
+    dir(pins).join("agent.lock")
+}
+
+impl AgentLock {
+    /// Takes ownership of the dataplane for this process, or says which agent has it.
+    pub fn acquire(pins: &PinDir) -> Result<Self> {
+        ensure_dir(pins)?;
+        let path = agent_lock_path(pins);
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        if !flock(&file, libc::LOCK_EX, Duration::ZERO)? {
+            let pid = fs::read_to_string(&path).unwrap_or_default();
+            bail!(
+                "an agent (pid {}) already runs the dataplane at {}",
+                pid.trim(),
+                pins.path().display()
+            );
+        }
+        file.set_len(0)?;
+        write!(file, "{}", std::process::id())?;
+        Ok(Self(file))
+    }
+}
+
+/// The pid of the agent that owns the dataplane at `pins`, if one runs.
+pub fn agent_pid(pins: &PinDir) -> Option<u32> {
+    let path = agent_lock_path(pins);
+    let file = File::open(&path).ok()?;
+    match flock(&file, libc::LOCK_SH, Duration::ZERO) {
+        Ok(false) => Some(fs::read_to_string(&path).ok()?.trim().parse().unwrap_or(0)),
+        _ => None,
+    }
+}
+
+/// The name of one rule of a compiled table.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RuleName {
+    pub nsg: String,
+    pub rule: String,
+    pub direction: Direction,
+    pub layer: Layer,
+    pub priority: u32,
+    pub access: Access,
+}
+
+impl RuleName {
+    pub fn of(r: &TableRule) -> Self {
+        Self {
+            nsg: r.nsg.clone(),
+            rule: r.rule.name.clone(),
+            direction: r.rule.direction,
+            layer: r.layer,
+            priority: r.rule.priority,
+            access: r.rule.access,
+        }
+    }
+
+    /// What makes two generations' rules the same rule (for counters that carry over).
+    pub fn id(&self) -> (&str, &str, Direction, Layer) {
+        (&self.nsg, &self.rule, self.direction, self.layer)
+    }
+}
+
+/// What one generation installed, by name.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Record {
+    pub generation: u64,
+    /// The policy slot this generation's NSG tables were written to.
+    pub slot: u32,
+    /// Seconds since the Unix epoch.
+    pub applied_unix: u64,
+    /// The policy's YAML source.
+    pub source: String,
+    /// Rule names of each table of the slot, in bit order.
+    pub tables: Vec<Vec<RuleName>>,
+    /// Load-balancing services, by service id.
+    pub services: Vec<ServiceName>,
+    /// Backend addresses, by backend id.
+    pub backends: Vec<IpAddr>,
+    /// NAT gateways as (name, public addresses), by gateway id.
+    pub nat_gateways: Vec<(String, Vec<IpAddr>)>,
+}
+
+/// A load-balancing service as the views name it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ServiceName {
+    pub lb: String,
+    pub rule: String,
+    /// `ADDR:PORT/PROTO` of each frontend.
+    pub frontends: Vec<String>,
+    /// Backend ids: the pool, then the fixed backends of inbound NAT rules.
+    pub members: Vec<u32>,
+}
+
+impl Record {
+    pub fn new(
+        generation: u64,
+        slot: u32,
+        source: &str,
+        policy: &Policy,
+        nsg: &Compiled,
+        services: Vec<ServiceName>,
+        backends: Vec<IpAddr>,
+    ) -> Self {
+        let tables =
+            nsg.tables.iter().map(|t| t.rules.iter().map(RuleName::of).collect()).collect();
+        let applied_unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        Self {
+            generation,
+            slot,
+            applied_unix,
+            source: source.to_owned(),
+            tables,
+            services,
+            backends,
+            nat_gateways: policy
+                .nat_gateways
+                .iter()
+                .map(|g| (g.name.clone(), g.public_addresses.clone()))
+                .collect(),
+        }
+    }
+}
+
+fn record_path(pins: &PinDir, generation: u64) -> PathBuf {
+    dir(pins).join("generations").join(format!("{generation}.json"))
+}
+
+/// Saves the record of a generation about to be switched on, and forgets old ones.
+pub fn save(pins: &PinDir, record: &Record) -> Result<()> {
+    ensure_dir(pins)?;
+    let path = record_path(pins, record.generation);
+    write_atomic(&path, &serde_json::to_vec(record)?, 0o600)
+        .context("saving the record of the applied policy")?;
+    let oldest = record.generation.saturating_sub(KEEP_GENERATIONS);
+    if let Ok(entries) = fs::read_dir(path.parent().expect("in a directory")) {
+        for e in entries.filter_map(Result::ok) {
+            let name = e.file_name();
+            let generation =
+                name.to_str().and_then(|n| n.strip_suffix(".json")?.parse::<u64>().ok());
+            // Newer ones are leftovers of writers killed before their flip: the next
+            // apply of that number overwrites them.
+            if generation.is_some_and(|g| g <= oldest) {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The record of `generation`, if it is still kept.
+pub fn record(pins: &PinDir, generation: u64) -> Result<Option<Record>> {
+    let path = record_path(pins, generation);
+    let bytes = match fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let record: Record =
+        serde_json::from_slice(&bytes).with_context(|| format!("reading {}", path.display()))?;
+    Ok(Some(record))
+}
+
+/// The records of the kept generations up to `newest`, newest first.
+pub fn recent(pins: &PinDir, newest: u64) -> Result<Vec<Record>> {
+    let mut out = Vec::new();
+    for g in (newest.saturating_sub(KEEP_GENERATIONS - 1)..=newest).rev() {
+        if let Some(r) = record(pins, g)? {
+            out.push(r);
+        }
+    }
+    Ok(out)
+}
+
+/// Where the record of `generation` lives (its modification time is when it was applied).
+pub fn path_of(pins: &PinDir, generation: u64) -> PathBuf {
+    record_path(pins, generation)
+}
