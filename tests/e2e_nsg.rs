@@ -550,8 +550,8 @@ fn failed_apply_leaves_the_running_policy_in_force() {
         scope.spawn(|| lab.tcp_blocked(&[(sock(SERVER4, 22), "deny-ssh after failed applies")]));
         lab.ping_blocked(&[(&lab.client, SERVER4, "DenyAllInBound after failed applies")]);
     });
-    let (_, applied) =
-        xdpgate::apply::applied_source(&lab.pins.dir).expect("record of the applied policy");
+    let (_, applied) = xdpgate_dataplane::apply::applied_source(&lab.pins.dir)
+        .expect("record of the applied policy");
     assert_eq!(applied, POLICY, "a failed apply replaced the record of the applied policy");
     // No generation was used up: the next good apply is generation 2.
     let out = lab.apply("base-again.yaml", POLICY);

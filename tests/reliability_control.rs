@@ -12,12 +12,13 @@ use std::{
 
 use aya::maps::{MapData, lpm_trie::LpmTrie};
 use common::{Pins, kernel::Kernel, rng::Rng, unique, xdpgate_bin};
-use xdpgate::{apply, compile, policy};
 use xdpgate_common::{
     maps::NSG_FIELDS,
     nsg::{FieldKey, KEY_HEADER_BITS, RuleBitmap, TABLES_PER_SLOT},
     words,
 };
+use xdpgate_dataplane::apply;
+use xdpgate_policy::{self as policy, compile};
 
 /// A policy whose only user rule allows inbound TCP to ports `lo`-`hi`.
 fn policy(lo: u16, hi: u16) -> String {
@@ -267,7 +268,7 @@ fn reloads_keep_rule_names_of_older_generations_and_rule_counters() {
     k.apply(&more);
     assert_eq!(k.rule_flows("allow-80"), 3, "the rule's counter survived the reload");
     assert_eq!(k.rule_flows("allow-dns"), 0);
-    let flows = xdpgate::flows::list(&k.pins.dir, &Default::default(), 0).expect("flows");
+    let flows = xdpgate_dataplane::flows::list(&k.pins.dir, &Default::default(), 0).expect("flows");
     assert_eq!(flows.len(), 3);
     for f in &flows {
         assert_eq!(f.generation, 1, "decided under the first generation");

@@ -39,13 +39,14 @@ use common::{
     packet::{ACK, L4, SYN, endpoints, frame},
     run, unique,
 };
-use xdpgate::{agent, apply, flows, lb, policy::load_str};
 use xdpgate_common::{
     flow::FlowKey,
     iface::Role,
     maps::{FLOW_ENTRIES, NAT_MAP},
     nat::NatEntry,
 };
+use xdpgate_dataplane::{apply, flows, transaction};
+use xdpgate_policy::{lb as lb_image, load_str};
 
 fn long() -> bool {
     std::env::var("XDPGATE_LONG").is_ok_and(|v| v == "1")
@@ -412,7 +413,8 @@ fn policy_swap_under_load() {
             assert!(out.contains("applied"), "{out}");
             via_cli += 1;
         } else {
-            agent::apply_policy(&lab.pins.dir, policy, src, &lb::AllHealthy).expect("apply");
+            transaction::apply_policy(&lab.pins.dir, policy, src, &lb_image::AllHealthy)
+                .expect("apply");
         }
         applied += 1;
     }
@@ -1330,7 +1332,8 @@ fn nat_holds_while_policies_are_applied() {
             thread::spawn(move || {
                 let mut n = 0;
                 while n < applies && !stop.load(Ordering::Relaxed) {
-                    agent::apply_policy(&dir, &loaded, &policy, &lb::AllHealthy).expect("apply");
+                    transaction::apply_policy(&dir, &loaded, &policy, &lb_image::AllHealthy)
+                        .expect("apply");
                     n += 1;
                 }
                 n

@@ -49,14 +49,12 @@ use common::{
     veth,
 };
 use etherparse::{IpHeaders, IpNumber, PacketBuilder, PacketBuilderStep, VlanId};
-use xdpgate::{
-    policy::{
-        Direction, Policy, load_str,
-        reference::{Packet, evaluate},
-    },
-    stats,
-};
 use xdpgate_common::iface::Role;
+use xdpgate_dataplane::stats;
+use xdpgate_policy::{
+    Direction, Policy, load_str,
+    reference::{Packet, evaluate},
+};
 
 const PSH: u8 = 0x08;
 const URG: u8 = 0x20;
@@ -727,7 +725,7 @@ impl Model {
         Self { policy, flows: HashSet::new(), frags: HashSet::new() }
     }
 
-    fn reference(&self, m: &Meta, dir: Direction) -> xdpgate::policy::reference::Verdict {
+    fn reference(&self, m: &Meta, dir: Direction) -> xdpgate_policy::reference::Verdict {
         let ported = m.has_ports();
         evaluate(
             &self.policy,

@@ -30,8 +30,9 @@ use common::{
     packet::{ACK, L4, SYN, frame},
     rng::Rng,
 };
-use xdpgate::{apply, compile, lb, policy::load_str};
 use xdpgate_common::iface::Role;
+use xdpgate_dataplane::apply;
+use xdpgate_policy::{compile, lb, load_str};
 
 const DEFAULT_SEED: u64 = 0x9071_c1e5;
 

@@ -26,17 +26,15 @@ use common::{
 };
 use etherparse::{IpHeaders, IpNumber, PacketBuilder, PacketBuilderStep};
 use ipnet::IpNet;
-use xdpgate::{
-    apply, compile,
-    policy::{
-        Access, Direction, Layer, Policy, Ports, Protocol, load_str,
-        reference::{Packet, Verdict, evaluate},
-    },
-};
 use xdpgate_common::{
     iface::Role,
     maps::NSG_HITS,
     nsg::{MAX_RULES, TABLES_PER_SLOT},
+};
+use xdpgate_dataplane::apply;
+use xdpgate_policy::{
+    Access, Direction, Layer, Policy, Ports, Protocol, compile, load_str,
+    reference::{Packet, Verdict, evaluate},
 };
 
 const DEFAULT_SEED: u64 = 0x5eed_d1ff;

@@ -58,7 +58,7 @@ fn allowed_and_denied_flows_send_events() {
     assert_eq!((deny.kind, deny.key.dport), (EVENT_DENY, 22));
     assert_eq!(begin.generation, 1);
     // The rule numbers name the deciding rules of the running policy.
-    let names = xdpgate::flows::Names::read(&k.pins.dir).unwrap();
+    let names = xdpgate_dataplane::flows::Names::read(&k.pins.dir).unwrap();
     let line = flowlog::event_line(&names, begin);
     assert_eq!(
         (line["nsg"].as_str(), line["rule"].as_str(), line["state"].as_str()),
@@ -87,7 +87,8 @@ fn a_flood_of_denied_packets_is_rate_limited_and_counted() {
         libc::CPU_SET(0, &mut set);
         assert_eq!(libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set), 0);
     }
-    let (suppressed_before, lost_before) = flowlog::event_losses(&k.pins.dir).unwrap();
+    let (suppressed_before, lost_before) =
+        xdpgate_dataplane::stats::event_losses(&k.pins.dir).unwrap();
     let start = std::time::Instant::now();
     let prog: &Xdp = k.entry();
     let res = prog
@@ -96,7 +97,7 @@ fn a_flood_of_denied_packets_is_rate_limited_and_counted() {
     let elapsed = start.elapsed();
     assert_eq!(res.return_value, DROP);
     let sent = drain(&k).len() as u64;
-    let (suppressed, lost) = flowlog::event_losses(&k.pins.dir).unwrap();
+    let (suppressed, lost) = xdpgate_dataplane::stats::event_losses(&k.pins.dir).unwrap();
     let (suppressed, lost) = (suppressed - suppressed_before, lost - lost_before);
     println!(
         "{FLOOD} denied packets in {elapsed:?}: {sent} events, {suppressed} suppressed, {lost} lost"

@@ -282,7 +282,7 @@ fn idle_translations_cool_down_before_their_port_is_reused() {
     let k = Kernel::new();
     let src = POLICY.replace("    subnets:", "    ports: \"3000-3000\"\n    udp_idle_timeout: 4\n    port_reuse_cooldown: 10\n    subnets:");
     k.apply(&src);
-    let policy = xdpgate::policy::load_str(&src, "t.yaml").unwrap();
+    let policy = xdpgate_policy::load_str(&src, "t.yaml").unwrap();
     k.arrive_as(Role::Internal);
     let out = k.through(&frame("198.51.100.10", "203.0.113.7", L4::Udp(40000, 53)));
     assert_eq!(endpoints(&out).2, 3000);
@@ -292,10 +292,14 @@ fn idle_translations_cool_down_before_their_port_is_reused() {
         "one port, taken"
     );
 
-    let now = xdpgate::nat::monotonic_ns();
+    let now = xdpgate_dataplane::nat::monotonic_ns();
     let s = |secs: u64| secs * 1_000_000_000;
-    let expire = |at: u64| xdpgate::nat::expire(&k.pins.dir, &policy, at).unwrap();
-    assert_eq!(expire(now + s(2)), xdpgate::nat::Expired::default(), "not idle long enough");
+    let expire = |at: u64| xdpgate_dataplane::nat::expire(&k.pins.dir, &policy, at).unwrap();
+    assert_eq!(
+        expire(now + s(2)),
+        xdpgate_dataplane::nat::Expired::default(),
+        "not idle long enough"
+    );
     let e = expire(now + s(5));
     assert_eq!((e.expired, e.released), (1, 0), "idle: expired, the port cooling down");
     assert_eq!(

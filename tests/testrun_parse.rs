@@ -11,7 +11,7 @@ use common::{
         set_ipv4_total_len,
     },
 };
-use xdpgate::{dataplane, stats};
+use xdpgate_dataplane::{self as dataplane, stats};
 
 const PASS: u32 = 2;
 const DROP: u32 = 1;

@@ -7,12 +7,13 @@ use aya::{
     maps::HashMap,
     programs::{TestRun, TestRunOptions, Xdp},
 };
-use xdpgate::{agent, lb::CompiledLb, policy, stats};
 use xdpgate_common::{
     flow::{FlowKey, FlowValue},
     iface::{IfaceConfig, Role},
     maps::{FLOWS, IFACES},
 };
+use xdpgate_dataplane::{stats, transaction};
+use xdpgate_policy::{self as policy, lb::CompiledLb};
 
 use super::{
     Pins,
@@ -30,8 +31,8 @@ pub struct Kernel {
 impl Kernel {
     pub fn new() -> Self {
         let pins = Pins::new();
-        let mut ebpf = xdpgate::dataplane::load(&pins.dir).expect("load");
-        xdpgate::dataplane::dataplane(&mut ebpf).expect("programs");
+        let mut ebpf = xdpgate_dataplane::load(&pins.dir).expect("load");
+        xdpgate_dataplane::dataplane(&mut ebpf).expect("programs");
         Self { pins, ebpf }
     }
 
@@ -48,7 +49,7 @@ impl Kernel {
         healthy: impl Fn(IpAddr) -> bool,
     ) -> (u64, CompiledLb) {
         let policy = policy::load_str(src, "test.yaml").unwrap_or_else(|e| panic!("{e}"));
-        agent::apply_policy(&self.pins.dir, &policy, src, &healthy).expect("apply")
+        transaction::apply_policy(&self.pins.dir, &policy, src, &healthy).expect("apply")
     }
 
     /// Flows decided by a rule of the running policy (summed over layers).
@@ -83,7 +84,7 @@ impl Kernel {
     }
 
     pub fn entry(&self) -> &Xdp {
-        self.ebpf.program(xdpgate::dataplane::PROGRAM).unwrap().try_into().unwrap()
+        self.ebpf.program(xdpgate_dataplane::PROGRAM).unwrap().try_into().unwrap()
     }
 
     /// Runs one packet; returns the XDP verdict.

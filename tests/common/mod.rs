@@ -9,7 +9,7 @@ use std::{
     sync::atomic::{AtomicU32, Ordering},
 };
 
-use xdpgate::dataplane::PinDir;
+use xdpgate_dataplane::PinDir;
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
@@ -82,7 +82,7 @@ pub fn spawn_in<T: Send + 'static>(
 ) -> std::thread::JoinHandle<T> {
     let name = name.to_owned();
     std::thread::spawn(move || {
-        xdpgate::netns::enter(&name).expect("enter netns");
+        xdpgate_dataplane::netns::enter(&name).expect("enter netns");
         f()
     })
 }
@@ -181,7 +181,7 @@ impl Drop for Pins {
         // Unpinning the links detaches the programs; then the map pins can go.
         let _ = self.try_xdpgate(&["detach", "--all"]);
         let _ = std::fs::remove_dir_all(self.dir.path());
-        let _ = std::fs::remove_dir_all(xdpgate::apply::state_dir(&self.dir));
+        let _ = std::fs::remove_dir_all(xdpgate_dataplane::apply::state_dir(&self.dir));
     }
 }
 

@@ -1,6 +1,5 @@
-//! Applying a whole policy (NSG tables and load balancers), and `xdpgate run`: the
-//! long-running agent that applies a policy, probes the backends and keeps each service's
-//! Maglev table to its healthy backends.
+//! `xdpgate run`: the long-running agent that applies a policy, probes the backends and
+//! keeps each service's Maglev table to its healthy backends.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -8,8 +7,7 @@ use std::{
     path::Path,
 };
 
-use anyhow::{Context, Result, anyhow, bail};
-use aya::maps::{MapData, RingBuf};
+use anyhow::{Result, anyhow};
 use aya_log::EbpfLogger;
 use log::{info, warn};
 use tokio::{
@@ -17,96 +15,24 @@ use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc,
 };
-use xdpgate_common::{
-    events::FlowEvent,
-    maps::{EVENTS, SCRATCH},
+use xdpgate_common::events::FlowEvent;
+
+use xdpgate_dataplane::{
+    self as dataplane, PinDir, flows,
+    lb::{self, LbMaps},
+    nat,
+    state::{AgentLock, WriteLock},
+    transaction,
+};
+use xdpgate_policy::{
+    self as policy,
+    lb::{BackendHealth, CompiledLb, ServiceSpec},
 };
 
 use crate::{
-    apply, compile,
-    dataplane::PinDir,
-    flowlog, flows,
+    flowlog,
     health::{Change, Health, Prober, Target},
-    lb::{self, BackendHealth, CompiledLb, LbMaps},
-    nat,
-    policy::{self, Policy},
-    state::{self, AgentLock, WriteLock},
 };
-
-/// Loads a policy file; every validation error is listed as file:line: field: reason.
-pub fn load(file: &Path) -> Result<(Policy, String)> {
-    let source =
-        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-    let policy = policy::load_str(&source, &file.display().to_string())
-        .map_err(|errors| anyhow!("invalid policy, nothing changed:\n{errors}"))?;
-    Ok((policy, source))
-}
-
-/// Compiles every part of a policy and checks it fits the dataplane's tables, touching
-/// nothing: what `xdpgate check` runs, and what `apply` does before it changes anything.
-pub fn compile_all(policy: &Policy) -> Result<(compile::Compiled, CompiledLb)> {
-    let tables = compile::compile(policy)?;
-    let lbs = lb::compile(policy)?;
-    nat::check(policy)?;
-    Ok((tables, lbs))
-}
-
-/// Compiles everything first (so a policy that cannot be compiled changes nothing), then
-/// swaps the NSG tables in and installs the load balancers, as one writer (the pin
-/// directory's write lock). Refuses while an agent owns the dataplane: the agent would go
-/// on from its own copy of the policy. Returns the generation and the compiled load
-/// balancers.
-pub fn apply_policy(
-    pins: &PinDir,
-    policy: &Policy,
-    source: &str,
-    health: &dyn BackendHealth,
-) -> Result<(u64, CompiledLb)> {
-    let (tables, lbs) = compile_all(policy)?;
-    let lock = WriteLock::acquire(pins)?;
-    if let Some(pid) = state::agent_pid(pins) {
-        bail!(
-            "the agent (pid {pid}) owns the dataplane at {}: nothing changed. Change the policy \
-             file it runs and reload it (`systemctl reload xdpgate`, or `kill -HUP {pid}`)",
-            pins.path().display()
-        );
-    }
-    let generation = install(&lock, pins, policy, source, &tables, &lbs, health)?;
-    Ok((generation, lbs))
-}
-
-/// The second half of [`apply_policy`], for a policy already compiled, under the write
-/// lock. The record of the new generation is saved before the flip, so whatever instant
-/// a writer dies at, the running generation has its record.
-fn install(
-    _lock: &WriteLock,
-    pins: &PinDir,
-    policy: &Policy,
-    source: &str,
-    tables: &compile::Compiled,
-    lbs: &CompiledLb,
-    health: &dyn BackendHealth,
-) -> Result<u64> {
-    let mut maps = LbMaps::open(pins)?;
-    let mut nat_maps = nat::NatMaps::open(pins)?;
-    let (_, running) = apply::active(pins)?;
-    let running = state::record(pins, running.generation)?;
-    let prepared = apply::prepare(pins, tables, &policy.settings, running.as_ref())?;
-    let record = state::Record::new(
-        prepared.generation,
-        prepared.slot,
-        source,
-        policy,
-        tables,
-        lb::service_names(lbs),
-        lbs.backends.clone(),
-    );
-    state::save(pins, &record)?;
-    apply::switch(pins, &prepared)?;
-    maps.install(lbs, health)?;
-    nat_maps.install(policy)?;
-    Ok(prepared.generation)
-}
 
 /// The probe targets of every service that has a probe.
 fn targets(lbs: &CompiledLb) -> Vec<Target> {
@@ -142,7 +68,7 @@ impl BackendHealth for HealthView<'_> {
         !self.down.iter().any(|(a, _)| *a == backend)
     }
 
-    fn healthy_in(&self, service: &lb::ServiceSpec, backend: IpAddr) -> bool {
+    fn healthy_in(&self, service: &ServiceSpec, backend: IpAddr) -> bool {
         service.probe.as_ref().is_none_or(|p| !self.down.contains(&(backend, p.name.clone())))
     }
 }
@@ -153,14 +79,11 @@ fn dataplane_loggers(
     pins: &PinDir,
     have: &mut Vec<(u32, EbpfLogger<&'static dyn log::Log>)>,
 ) -> Result<()> {
-    let scratch = MapData::from_pin(pins.map(SCRATCH))?.info()?.id();
-    for info in aya::programs::loaded_programs().filter_map(Result::ok) {
-        let ours = info.map_ids().ok().flatten().is_some_and(|ids| ids.contains(&scratch));
-        if ours
-            && !have.iter().any(|(id, _)| *id == info.id())
-            && let Ok(logger) = EbpfLogger::init_from_id(info.id())
+    for id in dataplane::program_ids(pins)? {
+        if !have.iter().any(|(have, _)| *have == id)
+            && let Ok(logger) = EbpfLogger::init_from_id(id)
         {
-            have.push((info.id(), logger));
+            have.push((id, logger));
         }
     }
     Ok(())
@@ -187,7 +110,7 @@ pub async fn run(
     // The dataplane's flow events, read as they come when a flow log is wanted.
     let mut events = match flow_log {
         Some(_) => {
-            let ring: RingBuf<MapData> = pins.open_map(EVENTS)?.try_into()?;
+            let ring = dataplane::event_ring(pins)?;
             // SAFETY: the ring owns its map fd, open until the AsyncFd drops it.
             Some(
                 unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
@@ -202,8 +125,8 @@ pub async fn run(
     let mut down: HashSet<(IpAddr, String)> = HashSet::new();
     let mut was_down = lb::pinned_unhealthy(pins)?;
     loop {
-        let (policy, source) = load(file)?;
-        let (tables, lbs) = compile_all(&policy)?;
+        let (policy, source) = policy::load(file)?;
+        let (tables, lbs) = policy::compile_all(&policy)?;
         let targets = targets(&lbs);
         down = targets
             .iter()
@@ -214,7 +137,7 @@ pub async fn run(
         let view = HealthView { lbs: &lbs, down: &down };
         let generation = {
             let lock = WriteLock::acquire(pins)?;
-            install(&lock, pins, &policy, &source, &tables, &lbs, &view)?
+            transaction::install(&lock, pins, &policy, &source, &tables, &lbs, &view)?
         };
         info!("applied {} as generation {generation}", file.display());
         for (backend, probe) in &down {

@@ -10,17 +10,15 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use aya::maps::{HashMap, MapData, PerCpuArray};
 use serde_json::{Value, json};
 use xdpgate_common::{
-    events::{EVENT_BEGIN, EVENTS_LOST, EVENTS_SUPPRESSED, FlowEvent},
-    flow::{FlowKey, FlowValue},
-    maps::{EVENT_STATS, FLOWS},
+    events::{EVENT_BEGIN, FlowEvent},
+    flow::FlowKey,
     nsg::DIR_INBOUND,
 };
 
-use crate::{
-    dataplane::PinDir,
+use xdpgate_dataplane::{
+    PinDir,
     flows::{self, Names},
     nat::monotonic_ns,
 };
@@ -131,24 +129,9 @@ pub fn event_line(names: &Names, e: &FlowEvent) -> Value {
 /// each, with its packets and bytes both ways. (The dataplane already treats them as gone;
 /// this makes their end visible and frees the entries.)
 pub fn sweep(pins: &PinDir, names: &Names) -> Result<Vec<Value>> {
-    let mut map: HashMap<MapData, FlowKey, FlowValue> = pins.open_map(FLOWS)?.try_into()?;
-    let now = monotonic_ns();
-    let keys: Vec<FlowKey> = map.keys().filter_map(|k| k.ok()).collect();
     let mut lines = Vec::new();
-    for key in keys {
-        let Ok(fwd) = map.get(&key, 0) else { continue };
-        if fwd.reply != 0 {
-            continue;
-        }
-        let twin = key.twin(&fwd);
-        let back = map.get(&twin, 0).ok();
+    for (key, fwd, back) in flows::remove_idle(pins, names)? {
         let last = fwd.last_seen_ns.max(back.map_or(0, |b| b.last_seen_ns));
-        let closed = fwd.tcp | back.map_or(0, |b| b.tcp);
-        if now.saturating_sub(last) <= names.timeout_ns(key.proto, closed, fwd.idle_s) {
-            continue;
-        }
-        let _ = map.remove(&key);
-        let _ = map.remove(&twin);
         lines.push(merge(
             merge(
                 json!({
@@ -167,11 +150,4 @@ pub fn sweep(pins: &PinDir, names: &Names) -> Result<Vec<Value>> {
         ));
     }
     Ok(lines)
-}
-
-/// Denied-flow events the rate limit held back, and events lost to a full ring buffer.
-pub fn event_losses(pins: &PinDir) -> Result<(u64, u64)> {
-    let stats: PerCpuArray<_, u64> = pins.open_map(EVENT_STATS)?.try_into()?;
-    let sum = |i: u32| -> Result<u64> { Ok(stats.get(&i, 0)?.iter().sum()) };
-    Ok((sum(EVENTS_SUPPRESSED)?, sum(EVENTS_LOST)?))
 }

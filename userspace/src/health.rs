@@ -36,7 +36,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinHandle;
 
-use crate::policy::model::{Probe, ProbeKind};
+use xdpgate_policy::model::{Probe, ProbeKind};
 
 /// One backend probed with one probe.
 #[derive(Clone, Debug, PartialEq)]

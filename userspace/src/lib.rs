@@ -1,25 +1,11 @@
-//! The xdpgate agent: loads the XDP dataplane, attaches it to interfaces, pins its state in
-//! bpffs and reads it back.
+//! The `xdpgate` binary's own layer, above `xdpgate-dataplane` and `xdpgate-policy`: the
+//! agent's jobs (reload, health probes, NAT expiry, flow log, metrics) and the operator
+//! views.
 
 pub mod agent;
-pub mod apply;
-pub mod compile;
-pub mod dataplane;
-pub mod evaluate;
 pub mod flowlog;
-pub mod flows;
 pub mod health;
-pub mod lb;
-pub mod maglev;
 pub mod metrics;
-pub mod nat;
-pub mod netns;
 pub mod pktgen;
-pub mod policy;
 pub mod rules;
-pub mod state;
-pub mod stats;
 pub mod status;
-
-/// The compiled eBPF object (built by `build.rs` from `ebpf/`).
-pub static EBPF_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdpgate"));

@@ -7,16 +7,13 @@ use std::{
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand};
-use xdpgate::{
-    agent, apply, compile,
-    dataplane::{self, Mode, PinDir},
-    evaluate, flowlog, flows, lb, metrics, nat, netns, pktgen,
-    policy::{self, reference::Packet},
-    rules,
-    state::WriteLock,
-    stats, status,
-};
+use xdpgate::{agent, flowlog, metrics, pktgen, rules, status};
 use xdpgate_common::{iface::Role, maps::DEFAULT_PIN_DIR};
+use xdpgate_dataplane::{
+    self as dataplane, Mode, PinDir, apply, flows, lb, nat, netns, state::WriteLock, stats,
+    transaction,
+};
+use xdpgate_policy::{self as policy, compile, evaluate, reference::Packet};
 
 #[derive(Parser)]
 #[command(version, about = "XDP packet filter, L4 load balancer and NAT", long_about = None)]
@@ -186,7 +183,7 @@ enum Command {
 /// The policy named on the command line, or else the one applied to this dataplane.
 fn chosen_policy(pins: &PinDir, file: Option<PathBuf>) -> Result<policy::Policy> {
     match file {
-        Some(f) => Ok(agent::load(&f)?.0),
+        Some(f) => Ok(policy::load(&f)?.0),
         None => {
             let (path, source) = apply::applied_source(pins).ok_or_else(|| {
                 anyhow!("no policy applied here yet; name one with --policy FILE")
@@ -197,7 +194,7 @@ fn chosen_policy(pins: &PinDir, file: Option<PathBuf>) -> Result<policy::Policy>
 }
 
 /// The record of the running generation, or an error that says why there is none.
-fn running_record(pins: &PinDir) -> Result<xdpgate::state::Record> {
+fn running_record(pins: &PinDir) -> Result<policy::names::Record> {
     apply::running(pins)?
         .ok_or_else(|| anyhow!("no policy applied to {} yet", pins.path().display()))
 }
@@ -271,8 +268,8 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Check { file } => {
-            let (policy, _) = agent::load(&file)?;
-            let (compiled, _) = agent::compile_all(&policy)?;
+            let (policy, _) = policy::load(&file)?;
+            let (compiled, _) = policy::compile_all(&policy)?;
             let rules: usize = policy.nsgs.iter().map(|n| n.rules.len()).sum();
             let entries: usize = compiled.tables.iter().map(|t| t.fields.len()).sum();
             println!(
@@ -334,12 +331,12 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Apply { file } => {
-            let (policy, source) = agent::load(&file)?;
+            let (policy, source) = policy::load(&file)?;
             // One-shot: backends the dataplane has taken out stay out (`xdpgate run` probes
             // them and brings them back); every other backend counts as healthy.
             let down = lb::pinned_unhealthy(&pins)?;
             let health = |b: std::net::IpAddr| !down.contains(&b);
-            let (generation, _) = agent::apply_policy(&pins, &policy, &source, &health)?;
+            let (generation, _) = transaction::apply_policy(&pins, &policy, &source, &health)?;
             println!("applied {} as generation {generation}", file.display());
         }
         Command::Run { policy, probe_concurrency, metrics_addr, flow_log, flow_log_max_bytes } => {

@@ -16,11 +16,9 @@ use tokio::{
     task::JoinHandle,
 };
 
-use crate::{
-    apply,
-    dataplane::PinDir,
-    flows, lb,
-    lb::ServiceReport,
+use xdpgate_dataplane::{
+    PinDir, apply, flows,
+    lb::{self, ServiceReport},
     nat,
     stats::{self, Stats},
 };
@@ -504,11 +502,11 @@ mod tests {
     use std::net::IpAddr;
 
     use super::*;
-    use crate::{
+    use xdpgate_dataplane::{
         lb::BackendReport,
-        policy::{Direction, Layer},
         stats::{IfaceStats, PolicyStats, RuleHits, Traffic},
     };
+    use xdpgate_policy::{Direction, Layer};
 
     fn snapshot() -> Snapshot {
         let t = |packets, bytes| Traffic { packets, bytes };

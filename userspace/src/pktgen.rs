@@ -46,10 +46,7 @@ use xdpgate_common::maps::{
     NSG_FIELDS, NSG_HITS, NSG_RULES, SERVICE_STATS, VNET,
 };
 
-use crate::{
-    EBPF_OBJ,
-    dataplane::{self, Mode, NOOP_PROGRAM, PinDir, TX_PROGRAM},
-};
+use xdpgate_dataplane::{self as dataplane, EBPF_OBJ, Mode, NOOP_PROGRAM, PinDir, TX_PROGRAM};
 
 /// The largest live-frames batch the kernel accepts (`TEST_XDP_MAX_BATCH`).
 pub const MAX_BATCH: u32 = 256;

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 
 use ipnet::IpNet;
 
-use crate::policy::{
+use xdpgate_policy::{
     Policy, Ports, Rule,
     reference::{RuleRef, Verdict},
 };

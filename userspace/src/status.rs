@@ -7,14 +7,10 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use aya::maps::HashMap;
 use serde::Serialize;
-use xdpgate_common::{
-    iface::{IfaceConfig, Role},
-    maps::IFACES,
-};
+use xdpgate_common::iface::Role;
 
-use crate::{apply, dataplane, dataplane::PinDir, flows};
+use xdpgate_dataplane::{self as dataplane, PinDir, apply, flows};
 
 #[derive(Debug, Serialize)]
 pub struct Status {
@@ -114,12 +110,7 @@ fn xdp_from_json(link: &serde_json::Value) -> (String, Option<String>, Option<u6
 
 /// Reads the status; parts that cannot be read (no pinned maps) are left out.
 pub fn read(pins: &PinDir) -> anyhow::Result<Status> {
-    let registered: Vec<(u32, IfaceConfig)> = pins
-        .open_map(IFACES)
-        .ok()
-        .and_then(|m| HashMap::<_, u32, IfaceConfig>::try_from(m).ok())
-        .map(|m| m.iter().filter_map(|e| e.ok()).collect())
-        .unwrap_or_default();
+    let registered = dataplane::registered(pins).unwrap_or_default();
     let mut interfaces = Vec::new();
     for name in pins.attached()? {
         let ifindex = dataplane::ifindex(&name).ok();

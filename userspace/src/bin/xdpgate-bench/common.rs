@@ -14,15 +14,14 @@ use aya::{
     programs::{TestRun, TestRunOptions, Xdp},
 };
 use serde::Serialize;
-use xdpgate::{
-    agent, apply, compile,
-    dataplane::{self, NOOP_PROGRAM, PROGRAM, PinDir},
-    lb::{self, CompiledLb},
-    policy,
-};
 use xdpgate_common::{
     iface::{IfaceConfig, Role},
     maps::IFACES,
+};
+use xdpgate_dataplane::{self as dataplane, NOOP_PROGRAM, PROGRAM, PinDir, apply, transaction};
+use xdpgate_policy::{
+    self as policy, compile,
+    lb::{self, CompiledLb},
 };
 
 pub const XDP_DROP: u32 = 1;
@@ -147,7 +146,7 @@ impl Bench {
     /// every backend healthy.
     pub fn apply_all(&self, src: &str) -> Result<(policy::Policy, CompiledLb)> {
         let policy = policy::load_str(src, "bench.yaml").map_err(|e| anyhow!("{e}"))?;
-        let (_, lbs) = agent::apply_policy(&self.pins, &policy, src, &lb::AllHealthy)?;
+        let (_, lbs) = transaction::apply_policy(&self.pins, &policy, src, &lb::AllHealthy)?;
         Ok((policy, lbs))
     }
 }

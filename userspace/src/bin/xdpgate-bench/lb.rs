@@ -9,12 +9,13 @@ use std::{collections::HashSet, fmt::Write as _, net::Ipv4Addr, time::Instant};
 use anyhow::{Result, bail};
 use aya::maps::HashMap;
 use serde::Serialize;
-use xdpgate::lb::{self, CompiledLb, LbMaps};
 use xdpgate_common::{
     flow::{FlowKey, FlowValue},
     lb::MAGLEV_SIZE,
     maps::FLOWS,
 };
+use xdpgate_dataplane::lb::LbMaps;
+use xdpgate_policy::lb::{self, CompiledLb};
 
 use crate::common::{
     Bench, Config, Family, Machine, Ratio, TCP_ACK, TCP_SYN, XDP_PASS, addr4, checksums_ok,

@@ -15,11 +15,10 @@ use std::{
 use anyhow::{Context, Result, anyhow, bail};
 use aya::{EbpfLoader, maps::MapInfo};
 use serde::{Deserialize, Serialize};
-use xdpgate::{
-    EBPF_OBJ,
-    dataplane::{ACT_PROGRAM, NOOP_PROGRAM, POLICY_PROGRAM, PROGRAM, PinDir, SNAT_PROGRAM},
-};
 use xdpgate_common::maps::{FLOW_ENTRIES, FLOWS, NAT_MAP, NSG_FIELDS};
+use xdpgate_dataplane::{
+    ACT_PROGRAM, EBPF_OBJ, NOOP_PROGRAM, POLICY_PROGRAM, PROGRAM, PinDir, SNAT_PROGRAM,
+};
 
 use crate::common::{Bench, Family, Machine, bytes, ms, thousands, unique_pin_dir};
 

@@ -8,13 +8,13 @@ use std::{collections::HashSet, fmt::Write as _, net::Ipv4Addr};
 use anyhow::{Result, bail};
 use aya::maps::HashMap;
 use serde::Serialize;
-use xdpgate::stats;
 use xdpgate_common::{
     flow::{FlowKey, FlowValue},
     iface::Role,
     maps::{FLOWS, NAT_MAP},
     nat::{NAT_ENTRIES, NatEntry},
 };
+use xdpgate_dataplane::stats;
 
 use crate::common::{
     Bench, Config, Family, Machine, Ratio, TCP_ACK, TCP_SYN, XDP_PASS, addr4, checksums_ok,

@@ -24,11 +24,8 @@ use std::{
 use anyhow::{Context, Result, anyhow, bail};
 use aya::programs::loaded_programs;
 use serde::Serialize;
-use xdpgate::{
-    dataplane::{self, Mode, PinDir},
-    netns,
-};
 use xdpgate_common::iface::Role;
+use xdpgate_dataplane::{self as dataplane, Mode, PinDir, netns};
 
 use crate::{
     common::{

@@ -385,7 +385,7 @@ mod tests {
         super::{PolicyErrors, load_file, load_str},
         *,
     };
-    use crate::policy::model::Policy;
+    use crate::model::Policy;
 
     /// A valid policy with a load balancer and a NAT gateway (lines 13-21). Line numbers
     /// matter.

@@ -19,13 +19,12 @@ use xdpgate_common::{
     nsg::{DIR_OUTBOUND, MAX_RULES, PolicyConfig, TABLES_PER_SLOT},
 };
 
-use crate::{
-    apply,
-    dataplane::PinDir,
-    policy::Layer,
-    state::{self, Record, ServiceName},
-    stats::Traffic,
+use xdpgate_policy::{
+    Layer,
+    names::{Record, ServiceName},
 };
+
+use crate::{PinDir, apply, state, stats::Traffic};
 
 /// Gives up on a table walk that keeps restarting (entries removed under it).
 const MAX_WALK: usize = 4 * FLOW_ENTRIES as usize;
@@ -226,6 +225,36 @@ impl Names {
     }
 }
 
+/// Removes flows idle past their timeout from the flow table; returns each one's key and
+/// entries (forward, and reply when present). The dataplane already treats them as gone;
+/// this frees the entries and lets the flow log show their end.
+pub fn remove_idle(
+    pins: &PinDir,
+    names: &Names,
+) -> Result<Vec<(FlowKey, FlowValue, Option<FlowValue>)>> {
+    let mut map: BpfHashMap<MapData, FlowKey, FlowValue> = pins.open_map(FLOWS)?.try_into()?;
+    let now = monotonic_ns();
+    let keys: Vec<FlowKey> = map.keys().filter_map(|k| k.ok()).collect();
+    let mut out = Vec::new();
+    for key in keys {
+        let Ok(fwd) = map.get(&key, 0) else { continue };
+        if fwd.reply != 0 {
+            continue;
+        }
+        let twin = key.twin(&fwd);
+        let back = map.get(&twin, 0).ok();
+        let last = fwd.last_seen_ns.max(back.map_or(0, |b| b.last_seen_ns));
+        let closed = fwd.tcp | back.map_or(0, |b| b.tcp);
+        if now.saturating_sub(last) <= names.timeout_ns(key.proto, closed, fwd.idle_s) {
+            continue;
+        }
+        let _ = map.remove(&key);
+        let _ = map.remove(&twin);
+        out.push((key, fwd, back));
+    }
+    Ok(out)
+}
+
 /// CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`.
 fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
@@ -424,7 +453,7 @@ mod tests {
     use xdpgate_common::{nsg::DIR_INBOUND, words};
 
     use super::*;
-    use crate::{compile, lb, policy};
+    use xdpgate_policy::{self as policy, compile, lb};
 
     fn v4(a: [u8; 4]) -> [u32; 4] {
         let mut b = [0u8; 16];

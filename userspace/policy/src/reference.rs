@@ -106,7 +106,7 @@ fn in_port_range(range: &PortRange, port: u16) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::load_str;
+    use crate::load_str;
 
     const POLICY: &str = "\
 virtual_network:

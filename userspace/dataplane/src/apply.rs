@@ -18,11 +18,15 @@ use xdpgate_common::{
     words,
 };
 
-use crate::{
+use xdpgate_policy::{
+    Settings,
     compile::{Compiled, access_code},
-    dataplane::PinDir,
-    policy::Settings,
-    state::{self, Record, RuleName, WriteLock},
+    names::{Record, RuleName},
+};
+
+use crate::{
+    PinDir,
+    state::{self, WriteLock},
 };
 
 /// What is running: the slot packets use and its settings.

@@ -1,4 +1,5 @@
-//! Loading, attaching and detaching the dataplane, and finding its pinned state again.
+//! The dataplane: the only code that opens its maps. Loading, attaching, upgrading and
+//! detaching the programs, finding their pinned state again, and changing it as one writer.
 //!
 //! Layout under the pin directory (default `/sys/fs/bpf/xdpgate`): one pin per map, named as
 //! in `xdpgate_common::maps`, and `links/<ifname>` for each attachment, so the program stays
@@ -12,7 +13,7 @@ use std::{
 use anyhow::{Context, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{DevMapHash, HashMap, Map, MapData, MapInfo, ProgramArray},
+    maps::{DevMapHash, HashMap, Map, MapData, MapInfo, ProgramArray, RingBuf},
     programs::{
         Xdp, XdpMode,
         links::{FdLink, PinnedLink},
@@ -21,10 +22,23 @@ use aya::{
 };
 use xdpgate_common::{
     iface::{IfaceConfig, Role},
-    maps::{EGRESS, IFACES, MAX_IFACES, PIPELINE, PIPELINE_ACT, PIPELINE_POLICY, PIPELINE_SNAT},
+    maps::{
+        EGRESS, EVENTS, IFACES, MAX_IFACES, PIPELINE, PIPELINE_ACT, PIPELINE_POLICY, PIPELINE_SNAT,
+        SCRATCH,
+    },
 };
 
-use crate::EBPF_OBJ;
+pub mod apply;
+pub mod flows;
+pub mod lb;
+pub mod nat;
+pub mod netns;
+pub mod state;
+pub mod stats;
+pub mod transaction;
+
+/// The compiled eBPF object (built by `build.rs` from `ebpf/`).
+pub static EBPF_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdpgate"));
 
 /// Name of the dataplane's XDP program in the object.
 pub const PROGRAM: &str = "xdpgate";
@@ -271,6 +285,28 @@ pub fn detach(pins: &PinDir, ifname: &str) -> Result<()> {
         let _ = egress.remove(ifindex);
     }
     Ok(())
+}
+
+/// The interfaces registered in `IFACES`, by ifindex, with their slot and role.
+pub fn registered(pins: &PinDir) -> Result<Vec<(u32, IfaceConfig)>> {
+    let ifaces: HashMap<_, u32, IfaceConfig> = pins.open_map(IFACES)?.try_into()?;
+    Ok(ifaces.iter().filter_map(|e| e.ok()).collect())
+}
+
+/// The ids of the loaded programs of this dataplane: those that use its pinned scratch map
+/// (programs come and go with attach and upgrade).
+pub fn program_ids(pins: &PinDir) -> Result<Vec<u32>> {
+    let scratch = MapData::from_pin(pins.map(SCRATCH))?.info()?.id();
+    Ok(aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|info| info.map_ids().ok().flatten().is_some_and(|ids| ids.contains(&scratch)))
+        .map(|info| info.id())
+        .collect())
+}
+
+/// The dataplane's ring buffer of flow events (`begin` and `deny`).
+pub fn event_ring(pins: &PinDir) -> Result<RingBuf<MapData>> {
+    Ok(pins.open_map(EVENTS)?.try_into()?)
 }
 
 /// Gives `ifindex` a counter slot and a role in the `IFACES` map.

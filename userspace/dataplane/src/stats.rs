@@ -4,18 +4,16 @@ use anyhow::Result;
 use aya::maps::{HashMap, PerCpuArray};
 use serde::Serialize;
 use xdpgate_common::{
+    events::{EVENTS_LOST, EVENTS_SUPPRESSED},
     iface::{IfaceConfig, Role},
-    maps::{DROP_STATS, IFACE_STATS, IFACES, NSG_HITS},
+    maps::{DROP_STATS, EVENT_STATS, IFACE_STATS, IFACES, NSG_HITS},
     nsg::{MAX_RULES, TABLES_PER_SLOT},
     stats::{Counter, DROP_REASON_NAMES, DROP_REASONS, VERDICT_NAMES, VERDICTS, iface_stat_index},
 };
 
-use crate::{
-    apply,
-    dataplane::PinDir,
-    policy::{Direction, Layer},
-    state,
-};
+use xdpgate_policy::{Direction, Layer};
+
+use crate::{PinDir, apply, state};
 
 #[derive(Debug, Default, Serialize, PartialEq, Eq, Clone, Copy)]
 pub struct Traffic {
@@ -171,7 +169,7 @@ pub fn read(pins: &PinDir) -> Result<Stats> {
     let drops = (0..DROP_REASONS)
         .map(|r| Ok((DROP_REASON_NAMES[r as usize], drops.get(&r, 0)?.iter().sum())))
         .collect::<Result<_>>()?;
-    let (flow_events_rate_limited, flow_events_lost) = crate::flowlog::event_losses(pins)?;
+    let (flow_events_rate_limited, flow_events_lost) = event_losses(pins)?;
     Ok(Stats {
         interfaces,
         drops,
@@ -214,4 +212,11 @@ pub fn ifname(ifindex: u32) -> Option<String> {
     }
     // SAFETY: on success buf holds a NUL-terminated name.
     Some(unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned())
+}
+
+/// Denied-flow events the rate limit held back, and events lost to a full ring buffer.
+pub fn event_losses(pins: &PinDir) -> Result<(u64, u64)> {
+    let stats: PerCpuArray<_, u64> = pins.open_map(EVENT_STATS)?.try_into()?;
+    let sum = |i: u32| -> Result<u64> { Ok(stats.get(&i, 0)?.iter().sum()) };
+    Ok((sum(EVENTS_SUPPRESSED)?, sum(EVENTS_LOST)?))
 }

@@ -3,7 +3,7 @@
 
 use std::net::IpAddr;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use aya::maps::{
     Array, HashMap, MapData, PerCpuArray,
     lpm_trie::{Key, LpmTrie},
@@ -11,22 +11,18 @@ use aya::maps::{
 use ipnet::IpNet;
 use xdpgate_common::{
     flow::{FlowKey, FlowValue, NAT_DST, TCP_CLOSED},
-    maps::{
-        FLOWS, NAT_FAILURES, NAT_GATEWAYS, NAT_MAP, NAT_PREFIXES, NAT_PUBLIC, NAT_SUBNETS, VNET,
-    },
+    maps::{FLOWS, NAT_FAILURES, NAT_GATEWAYS, NAT_MAP, NAT_PUBLIC, NAT_SUBNETS, VNET},
     nat::{
-        ADDR_KEY_HEADER_BITS, AddrKey, MAX_NAT_GATEWAYS, MAX_PUBLIC_ADDRS, NAT_ACTIVE,
-        NAT_COOLDOWN, NatEntry, NatGatewayConfig,
+        ADDR_KEY_HEADER_BITS, AddrKey, MAX_PUBLIC_ADDRS, NAT_ACTIVE, NAT_COOLDOWN, NatEntry,
+        NatGatewayConfig,
     },
     nsg::TCP_CLOSED_TIMEOUT_NS,
     words,
 };
 
-use crate::{
-    dataplane::PinDir,
-    policy::{NatGateway, Policy},
-    state::Record,
-};
+use xdpgate_policy::{NatGateway, Policy, names::Record};
+
+use crate::PinDir;
 
 fn addr_bytes(addr: IpAddr) -> (u8, [u8; 16]) {
     match addr {
@@ -86,7 +82,7 @@ impl NatMaps {
     /// ones removed, so no packet finds the tables empty in between. Existing translations
     /// stay (their flows keep working) until they idle out.
     pub fn install(&mut self, policy: &Policy) -> Result<()> {
-        check(policy)?;
+        xdpgate_policy::nat::check(policy)?;
         for (i, gw) in policy.nat_gateways.iter().enumerate() {
             self.gateways.set(i as u32, gateway_config(gw), 0)?;
         }
@@ -139,22 +135,6 @@ fn replace_trie(
         trie.keys().filter_map(|k| k.ok()).filter(|k| !wanted.contains(&key_bits(k))).collect();
     for k in stale {
         trie.remove(&k)?;
-    }
-    Ok(())
-}
-
-/// Whether the policy's NAT gateways fit the dataplane's tables.
-pub fn check(policy: &Policy) -> Result<()> {
-    let gws = policy.nat_gateways.len();
-    if gws > MAX_NAT_GATEWAYS as usize {
-        bail!("{gws} NAT gateways exceed the table size {MAX_NAT_GATEWAYS}");
-    }
-    let subnets: usize = policy.nat_gateways.iter().map(|g| g.subnets.len()).sum();
-    let prefixes = subnets.max(policy.virtual_network.len());
-    if prefixes > NAT_PREFIXES as usize {
-        bail!(
-            "{prefixes} NAT subnet or virtual-network prefixes exceed the table size {NAT_PREFIXES}"
-        );
     }
     Ok(())
 }

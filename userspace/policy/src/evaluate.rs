@@ -11,11 +11,9 @@ use xdpgate_common::nsg::{
 };
 
 use crate::{
+    Access, Direction, Layer,
     compile::{Compiled, FieldEntry, Table, dir_index, layer_index, mask},
-    policy::{
-        Access, Direction, Layer,
-        reference::{Packet, RuleRef, Verdict},
-    },
+    reference::{Packet, RuleRef, Verdict},
 };
 
 /// One table's field entries, indexed for longest-prefix lookups.
@@ -105,7 +103,7 @@ pub fn evaluate(compiled: &Compiled, pkt: &Packet) -> Verdict {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{compile::compile, policy::load_str, policy::reference};
+    use crate::{compile::compile, load_str, reference};
 
     const POLICY: &str = r#"
 virtual_network:

@@ -17,7 +17,7 @@ use xdpgate_common::nsg::{
     MAX_RULES, RuleBitmap, TABLES_PER_SLOT, table_in_slot,
 };
 
-use crate::policy::{Access, Direction, Layer, Nsg, Policy, PortRange, Ports, Rule};
+use crate::{Access, Direction, Layer, Nsg, Policy, PortRange, Ports, Rule};
 
 /// A rule as placed in a table.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]

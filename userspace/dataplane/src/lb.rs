@@ -1,0 +1,224 @@
+//! The load balancers' maps: installs a compiled image into the frontend, service, backend
+//! and Maglev tables, and rewrites a service's Maglev table when its backends' health
+//! changes (written beside the live table, then swapped in with the frontend entries).
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    net::IpAddr,
+};
+
+use anyhow::Result;
+use aya::maps::{Array, HashMap, MapData};
+use xdpgate_common::{
+    lb::{BackendInfo, FrontendKey, MAX_BACKENDS, SVC_NO_BACKEND, Service, maglev_index},
+    maps::{BACKENDS, FRONTENDS, MAGLEV},
+};
+
+use xdpgate_policy::{
+    lb::{BackendHealth, CompiledLb, frontend_key, maglev_table},
+    names::Record,
+};
+
+use crate::PinDir;
+
+/// The dataplane's load-balancer maps, opened from their pins.
+pub struct LbMaps {
+    frontends: HashMap<MapData, FrontendKey, Service>,
+    maglev: Array<MapData, u32>,
+    backends: Array<MapData, BackendInfo>,
+}
+
+impl LbMaps {
+    pub fn open(pins: &PinDir) -> Result<Self> {
+        Ok(Self {
+            frontends: pins.open_map(FRONTENDS)?.try_into()?,
+            maglev: pins.open_map(MAGLEV)?.try_into()?,
+            backends: pins.open_map(BACKENDS)?.try_into()?,
+        })
+    }
+
+    /// Installs `lb` in full: backends (clearing the slots of backends the policy no longer
+    /// has), every service's table, then the frontends (removing frontends the policy no
+    /// longer has).
+    pub fn install(&mut self, lb: &CompiledLb, health: &dyn BackendHealth) -> Result<()> {
+        for (i, addr) in lb.backends.iter().enumerate() {
+            self.set_backend(i as u32, *addr, health.healthy(*addr))?;
+        }
+        for i in lb.backends.len() as u32..MAX_BACKENDS {
+            if self.backends.get(&i, 0)?.family != 0 {
+                self.backends.set(i, BackendInfo::default(), 0)?;
+            }
+        }
+        let wanted: BTreeMap<_, _> = lb.frontends.iter().map(|f| (key_bytes(&f.0), f.0)).collect();
+        let stale: Vec<FrontendKey> = self
+            .frontends
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| !wanted.contains_key(&key_bytes(k)))
+            .collect();
+        for k in stale {
+            self.frontends.remove(&k)?;
+        }
+        for (id, spec) in lb.services.iter().enumerate() {
+            let healthy = |b: u32| health.healthy_in(spec, lb.backends[b as usize]);
+            self.update_service(lb, id as u32, &healthy)?;
+        }
+        Ok(())
+    }
+
+    pub fn set_backend(&mut self, id: u32, addr: IpAddr, healthy: bool) -> Result<()> {
+        let key = frontend_key(addr, 0, 0);
+        let info = BackendInfo {
+            addr: key.addr,
+            family: key.family,
+            healthy: healthy.into(),
+            _pad: [0; 2],
+        };
+        Ok(self.backends.set(id, info, 0)?)
+    }
+
+    /// Rebuilds service `id`'s Maglev table into its idle copy and points its frontends at
+    /// it: flows see the old table or the new one, never a mix.
+    pub fn update_service(
+        &mut self,
+        lb: &CompiledLb,
+        id: u32,
+        healthy: &dyn Fn(u32) -> bool,
+    ) -> Result<()> {
+        let spec = &lb.services[id as usize];
+        let mine: Vec<_> = lb.frontends.iter().filter(|f| f.1 == id).collect();
+        let live =
+            mine.first().and_then(|f| self.frontends.get(&f.0, 0).ok()).map_or(1, |s| s.table & 1);
+        let next = 1 - live;
+        let mut flags = spec.flags;
+        if !spec.pool.is_empty() {
+            match maglev_table(spec, &lb.backends, healthy) {
+                Some(table) => {
+                    for (slot, b) in table.iter().enumerate() {
+                        self.maglev.set(maglev_index(id, u32::from(next), slot as u32), *b, 0)?;
+                    }
+                }
+                None => flags |= SVC_NO_BACKEND,
+            }
+        }
+        for (key, _, backend, backend_port) in mine {
+            let svc = Service {
+                id,
+                backend: *backend,
+                backend_port: *backend_port,
+                flags,
+                table: next,
+                idle_timeout_s: spec.idle_timeout_s,
+            };
+            self.frontends.insert(key, svc, 0)?;
+        }
+        Ok(())
+    }
+}
+
+/// The backends the running dataplane has taken out, by address: what an apply keeps out
+/// until probes say otherwise.
+pub fn pinned_unhealthy(pins: &PinDir) -> Result<HashSet<IpAddr>> {
+    let backends: Array<_, BackendInfo> = pins.open_map(BACKENDS)?.try_into()?;
+    let mut out = HashSet::new();
+    for b in backends.iter() {
+        let b = b?;
+        if b.family != 0 && b.healthy == 0 {
+            out.insert(crate::flows::addr(&b.addr, b.family));
+        }
+    }
+    Ok(out)
+}
+
+fn key_bytes(k: &FrontendKey) -> ([u32; 4], u16, u8, u8) {
+    (k.addr, k.port, k.proto, k.family)
+}
+
+/// What `xdpgate lb` shows: each service with its frontends, backends, health and counters.
+#[derive(Debug, serde::Serialize)]
+pub struct ServiceReport {
+    pub load_balancer: String,
+    pub rule: String,
+    pub frontends: Vec<String>,
+    pub packets: u64,
+    pub bytes: u64,
+    pub backends: Vec<BackendReport>,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct BackendReport {
+    pub address: IpAddr,
+    pub healthy: bool,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Reads the live state of the load balancers of the running generation (`record`).
+pub fn report(pins: &PinDir, record: &Record) -> Result<Vec<ServiceReport>> {
+    use aya::maps::PerCpuArray;
+    use xdpgate_common::{
+        maps::{BACKEND_STATS, SERVICE_STATS},
+        stats::Counter,
+    };
+    let backends: Array<_, BackendInfo> = pins.open_map(BACKENDS)?.try_into()?;
+    let service_stats: PerCpuArray<_, Counter> = pins.open_map(SERVICE_STATS)?.try_into()?;
+    let backend_stats: PerCpuArray<_, Counter> = pins.open_map(BACKEND_STATS)?.try_into()?;
+    let sum = |m: &PerCpuArray<MapData, Counter>, i: u32| -> Result<Counter> {
+        let mut total = Counter::default();
+        for c in m.get(&i, 0)?.iter() {
+            total.add(c);
+        }
+        Ok(total)
+    };
+    let mut out = Vec::new();
+    for (id, spec) in record.services.iter().enumerate() {
+        let stats = sum(&service_stats, id as u32)?;
+        out.push(ServiceReport {
+            load_balancer: spec.lb.clone(),
+            rule: spec.rule.clone(),
+            frontends: spec.frontends.clone(),
+            packets: stats.packets,
+            bytes: stats.bytes,
+            backends: spec
+                .members
+                .iter()
+                .map(|&b| {
+                    let c = sum(&backend_stats, b)?;
+                    Ok(BackendReport {
+                        address: *record.backends.get(b as usize).ok_or_else(|| {
+                            anyhow::anyhow!("backend {b} missing from the record")
+                        })?,
+                        healthy: backends.get(&b, 0)?.healthy != 0,
+                        packets: c.packets,
+                        bytes: c.bytes,
+                    })
+                })
+                .collect::<Result<_>>()?,
+        });
+    }
+    Ok(out)
+}
+
+pub fn render(report: &[ServiceReport]) -> String {
+    let mut out = String::new();
+    for s in report {
+        out += &format!(
+            "{}/{}  {}  {} packets, {} bytes\n",
+            s.load_balancer,
+            s.rule,
+            s.frontends.join(" "),
+            s.packets,
+            s.bytes
+        );
+        for b in &s.backends {
+            out += &format!(
+                "    {:<28} {:<9} {:>10} packets {:>12} bytes\n",
+                b.address.to_string(),
+                if b.healthy { "healthy" } else { "UNHEALTHY" },
+                b.packets,
+                b.bytes
+            );
+        }
+    }
+    out
+}

@@ -1,0 +1,74 @@
+//! A whole policy applied as one transaction by the dataplane's one writer: NSG tables into
+//! the inactive slot, the generation's record saved, the flip, then the load balancers and
+//! NAT gateways.
+
+use anyhow::{Result, bail};
+use xdpgate_policy::{
+    Policy, compile, compile_all,
+    lb::{self, BackendHealth, CompiledLb},
+    names::Record,
+};
+
+use crate::{
+    PinDir, apply,
+    lb::LbMaps,
+    nat,
+    state::{self, WriteLock},
+};
+
+/// Compiles everything first (so a policy that cannot be compiled changes nothing), then
+/// swaps the NSG tables in and installs the load balancers, as one writer (the pin
+/// directory's write lock). Refuses while an agent owns the dataplane: the agent would go
+/// on from its own copy of the policy. Returns the generation and the compiled load
+/// balancers.
+pub fn apply_policy(
+    pins: &PinDir,
+    policy: &Policy,
+    source: &str,
+    health: &dyn BackendHealth,
+) -> Result<(u64, CompiledLb)> {
+    let (tables, lbs) = compile_all(policy)?;
+    let lock = WriteLock::acquire(pins)?;
+    if let Some(pid) = state::agent_pid(pins) {
+        bail!(
+            "the agent (pid {pid}) owns the dataplane at {}: nothing changed. Change the policy \
+             file it runs and reload it (`systemctl reload xdpgate`, or `kill -HUP {pid}`)",
+            pins.path().display()
+        );
+    }
+    let generation = install(&lock, pins, policy, source, &tables, &lbs, health)?;
+    Ok((generation, lbs))
+}
+
+/// The second half of [`apply_policy`], for a policy already compiled, under the write
+/// lock. The record of the new generation is saved before the flip, so whatever instant
+/// a writer dies at, the running generation has its record.
+pub fn install(
+    _lock: &WriteLock,
+    pins: &PinDir,
+    policy: &Policy,
+    source: &str,
+    tables: &compile::Compiled,
+    lbs: &CompiledLb,
+    health: &dyn BackendHealth,
+) -> Result<u64> {
+    let mut maps = LbMaps::open(pins)?;
+    let mut nat_maps = nat::NatMaps::open(pins)?;
+    let (_, running) = apply::active(pins)?;
+    let running = state::record(pins, running.generation)?;
+    let prepared = apply::prepare(pins, tables, &policy.settings, running.as_ref())?;
+    let record = Record::new(
+        prepared.generation,
+        prepared.slot,
+        source,
+        policy,
+        tables,
+        lb::service_names(lbs),
+        lbs.backends.clone(),
+    );
+    state::save(pins, &record)?;
+    apply::switch(pins, &prepared)?;
+    maps.install(lbs, health)?;
+    nat_maps.install(policy)?;
+    Ok(prepared.generation)
+}

@@ -1,0 +1,39 @@
+//! Policies, with no kernel access: the YAML format, its validated and expanded model, the
+//! reference evaluator of NSG semantics, and the compiled images the dataplane crate
+//! writes (NSG tables, load balancers with their Maglev tables, NAT gateways), with the
+//! names saved beside each generation.
+
+pub mod compile;
+pub mod evaluate;
+pub mod lb;
+pub mod locate;
+pub mod maglev;
+pub mod model;
+pub mod names;
+pub mod nat;
+pub mod reference;
+pub mod yaml;
+
+use std::path::Path;
+
+use anyhow::{Context, Result, anyhow};
+pub use model::*;
+pub use yaml::{PolicyError, PolicyErrors, load_file, load_str};
+
+/// Loads a policy file; every validation error is listed as file:line: field: reason.
+pub fn load(file: &Path) -> Result<(Policy, String)> {
+    let source =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let policy = load_str(&source, &file.display().to_string())
+        .map_err(|errors| anyhow!("invalid policy, nothing changed:\n{errors}"))?;
+    Ok((policy, source))
+}
+
+/// Compiles every part of a policy and checks it fits the dataplane's tables, touching
+/// nothing: what `xdpgate check` runs, and what `apply` does before it changes anything.
+pub fn compile_all(policy: &Policy) -> Result<(compile::Compiled, lb::CompiledLb)> {
+    let tables = compile::compile(policy)?;
+    let lbs = lb::compile(policy)?;
+    nat::check(policy)?;
+    Ok((tables, lbs))
+}
