@@ -487,7 +487,12 @@ fn metrics_flows_and_status_match_known_traffic() {
     let status = lab.json(&["status", "--json"]);
     assert_eq!(status["pin_dir"], lab.pins.dir.path().to_str().unwrap());
     assert_eq!(status["policy"]["generation"], 1, "{status:#}");
-    assert!(status["policy"]["applied_path"].as_str().is_some_and(|p| p.ends_with("policy.yaml")));
+    // The record of the running generation.
+    assert!(
+        status["policy"]["applied_path"]
+            .as_str()
+            .is_some_and(|p| p.ends_with("generations/1.json"))
+    );
     assert!(status["policy"]["applied_at"].as_str().is_some_and(|t| t.ends_with('Z')));
     assert!(status["flow_entries"].as_u64().unwrap() >= (2 * (N_WEB + L_LB + 1)) as u64);
     let ifaces = status["interfaces"].as_array().unwrap();
