@@ -318,3 +318,30 @@ fn status_names_the_namespace_a_link_lives_in() {
     let text = ok(xdpgate(&pins, None, &["status"]), "status");
     assert!(text.contains("gone"), "{text}");
 }
+
+#[test]
+fn xdpgate_mounts_bpffs_for_root_alone() {
+    let a = Netns::new("pma");
+    let b = Netns::new("pmb");
+    let (_, ib) = common::veth(&a, "198.51.100.1/24", &b, "198.51.100.2/24");
+    // A mount namespace of the test's own without bpffs at /sys/fs/bpf: attach mounts one
+    // there. The namespace, that bpffs and the pins in it go when the shell exits.
+    let script = format!(
+        "umount /sys/fs/bpf && {} --netns {} --pin-dir /sys/fs/bpf/xdpgate attach --iface {ib} \
+         >/dev/null && stat -c '%a %U' /sys/fs/bpf && grep ' /sys/fs/bpf ' /proc/self/mounts",
+        xdpgate_bin().display(),
+        b.name
+    );
+    let out = run("unshare", &["--mount", "--propagation", "private", "sh", "-c", &script]);
+    let out = String::from_utf8(out.stdout).unwrap();
+    let mut lines = out.lines();
+    // The kernel adds the sticky bit whatever the mode.
+    assert_eq!(lines.next(), Some("1700 root"), "{out}");
+    assert!(lines.next().is_some_and(|m| m.contains("mode=700")), "{out}");
+    // The pinned link went with its bpffs.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while xdp_on(&b, &ib) != "" && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(xdp_on(&b, &ib), "", "still attached after its bpffs went");
+}
