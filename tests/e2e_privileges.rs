@@ -340,7 +340,7 @@ fn xdpgate_mounts_bpffs_for_root_alone() {
     assert!(lines.next().is_some_and(|m| m.contains("mode=700")), "{out}");
     // The pinned link went with its bpffs.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while xdp_on(&b, &ib) != "" && Instant::now() < deadline {
+    while !xdp_on(&b, &ib).is_empty() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(xdp_on(&b, &ib), "", "still attached after its bpffs went");

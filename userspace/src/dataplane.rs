@@ -84,19 +84,28 @@ pub enum PinDirError {
     Other { what: &'static str, path: PathBuf, source: nix::Error },
 }
 
-/// Whether `e` is the kernel refusing for want of privileges (file permissions on the pins,
-/// or a missing capability).
-pub fn is_permission_error(e: &(dyn std::error::Error + 'static)) -> bool {
+/// Whether `e` says the kernel refused a bpf() call or the pins for want of privileges
+/// (file permissions on the pins, or a missing capability). Only errors from bpf() calls
+/// and the pin directory count: a policy file nobody may read is not a missing CAP_BPF.
+pub fn is_permission_error(e: &anyhow::Error) -> bool {
     use nix::errno::Errno;
-    if let Some(PinDirError::PermissionDenied { .. }) = e.downcast_ref() {
-        return true;
+    let mut from_bpf = false;
+    for cause in e.chain() {
+        if let Some(PinDirError::PermissionDenied { .. }) = cause.downcast_ref() {
+            return true;
+        }
+        from_bpf |= cause.is::<aya::sys::SyscallError>()
+            || cause.is::<aya::programs::ProgramError>()
+            || cause.is::<aya::maps::MapError>()
+            || cause.is::<aya::programs::links::LinkError>()
+            || cause.is::<aya::pin::PinError>()
+            || cause.is::<aya::EbpfError>();
+        let errno = cause.downcast_ref::<std::io::Error>().and_then(|io| io.raw_os_error());
+        if from_bpf && matches!(errno.map(Errno::from_raw), Some(Errno::EACCES | Errno::EPERM)) {
+            return true;
+        }
     }
-    let errno = if let Some(io) = e.downcast_ref::<std::io::Error>() {
-        io.raw_os_error().map(Errno::from_raw)
-    } else {
-        e.downcast_ref::<Errno>().copied()
-    };
-    matches!(errno, Some(Errno::EACCES | Errno::EPERM))
+    false
 }
 
 impl PinDir {
@@ -499,7 +508,16 @@ pub fn link_info(pins: &PinDir, ifname: &str) -> Result<XdpLinkInfo> {
         let ret = unsafe {
             libc::syscall(libc::SYS_bpf, cmd as libc::c_long, attr, size_of::<bpf_attr>())
         };
-        if ret < 0 { Err(std::io::Error::last_os_error()) } else { Ok(ret) }
+        if ret < 0 {
+            let call = if matches!(cmd, bpf_cmd::BPF_OBJ_GET) {
+                "BPF_OBJ_GET"
+            } else {
+                "BPF_OBJ_GET_INFO_BY_FD"
+            };
+            Err(aya::sys::SyscallError { call, io_error: std::io::Error::last_os_error() })
+        } else {
+            Ok(ret)
+        }
     };
     // SAFETY: all-zero is a valid bpf_attr.
     let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
@@ -525,4 +543,28 @@ pub fn link_info(pins: &PinDir, ifname: &str) -> Result<XdpLinkInfo> {
         // SAFETY: the xdp member is the one the kernel fills for XDP links (checked above).
         ifindex: unsafe { info.__bindgen_anon_1.xdp.ifindex },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_refusals_of_bpf_calls_and_pins_need_privileges() {
+        let io = |errno| std::io::Error::from_raw_os_error(errno);
+        let bpf = |errno| aya::sys::SyscallError { call: "BPF_OBJ_GET", io_error: io(errno) };
+        let denied = anyhow::Error::from(bpf(libc::EACCES)).context("opening map FLOWS");
+        assert!(is_permission_error(&denied));
+        assert!(is_permission_error(&anyhow::Error::from(bpf(libc::EPERM))));
+        assert!(!is_permission_error(&anyhow::Error::from(bpf(libc::ENOENT))));
+        let pins = PinDirError::PermissionDenied {
+            what: "opening",
+            path: "/sys/fs/bpf/xdpgate".into(),
+            source: nix::errno::Errno::EACCES,
+        };
+        assert!(is_permission_error(&anyhow::Error::from(pins).context("status")));
+        // A file this user may not read is not a matter of CAP_BPF.
+        let file = anyhow::Error::from(io(libc::EACCES)).context("reading policy.yaml");
+        assert!(!is_permission_error(&file));
+    }
 }

@@ -236,7 +236,7 @@ const EXIT_NO_PERMISSION: u8 = 77;
 /// (the pin directory's check, a pinned map, a bpf() call), reads "permission denied: needs
 /// root or CAP_BPF" followed by what failed.
 fn report(e: &anyhow::Error) -> std::process::ExitCode {
-    if e.chain().any(dataplane::is_permission_error) {
+    if dataplane::is_permission_error(e) {
         let chain = format!("{e:#}");
         if chain.contains(dataplane::NEEDS_PRIVILEGES) {
             eprintln!("error: {chain}");

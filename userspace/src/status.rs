@@ -206,7 +206,7 @@ pub fn read(pins: &PinDir) -> anyhow::Result<Status> {
         let link = match dataplane::link_info(pins, &name) {
             Ok(link) => Some(link),
             // A user without privileges is told so, not shown a detached interface.
-            Err(e) if e.chain().any(dataplane::is_permission_error) => return Err(e),
+            Err(e) if dataplane::is_permission_error(&e) => return Err(e),
             Err(e) => {
                 log::warn!("{name}: {e:#}");
                 None
