@@ -345,3 +345,27 @@ fn xdpgate_mounts_bpffs_for_root_alone() {
     }
     assert_eq!(xdp_on(&b, &ib), "", "still attached after its bpffs went");
 }
+
+#[test]
+fn detach_from_another_namespace_forgets_the_interface() {
+    use aya::maps::HashMap;
+    use xdpgate_common::{iface::IfaceConfig, maps::IFACES};
+
+    let a = Netns::new("pda");
+    let b = Netns::new("pdb");
+    let (_, ib) = common::veth(&a, "198.51.100.1/24", &b, "198.51.100.2/24");
+    let bpffs = Bpffs::new();
+    let pins = format!("{}/xdpgate", bpffs.0);
+    ok(xdpgate(&pins, Some(&b), &["attach", "--iface", &ib]), "attach");
+    let registered = || -> Vec<u32> {
+        let map = xdpgate::dataplane::PinDir::new(&pins).open_map(IFACES).unwrap();
+        let ifaces: HashMap<_, u32, IfaceConfig> = map.try_into().unwrap();
+        ifaces.keys().map(|k| k.unwrap()).collect()
+    };
+    assert_eq!(registered().len(), 1);
+    // From the host's namespace, where no device has that name: the link says which
+    // ifindex it was registered under.
+    ok(xdpgate(&pins, None, &["detach", "--iface", &ib]), "detach from the host");
+    assert_eq!(xdp_on(&b, &ib), "");
+    assert_eq!(registered(), Vec::<u32>::new(), "the interface is still registered");
+}

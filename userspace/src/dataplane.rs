@@ -437,9 +437,14 @@ pub fn detach(pins: &PinDir, ifname: &str) -> Result<()> {
     let link = PinnedLink::from_pin(&link_pin).with_context(|| {
         format!("xdpgate is not attached to {ifname} ({} missing)", link_pin.display())
     })?;
+    // The link knows its device's ifindex even when the device lives in another network
+    // namespace, where looking `ifname` up here would find nothing, or another device.
+    // 0: the device is gone, and with it the way to tell which registration was its.
+    let registered = link_info(pins, ifname).map(|l| l.ifindex)?;
     // Unpinning drops the last reference once this handle closes: the kernel detaches.
     drop(link.unpin()?);
-    if let Ok(ifindex) = ifindex(ifname) {
+    if registered != 0 {
+        let ifindex = registered;
         let mut ifaces: HashMap<_, u32, IfaceConfig> = pins.open_map(IFACES)?.try_into()?;
         let _ = ifaces.remove(&ifindex);
         let mut egress: DevMapHash<_> = pins.open_map(EGRESS)?.try_into()?;

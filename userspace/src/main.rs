@@ -286,6 +286,9 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Detach { iface, all } => {
             let names = if all { pins.attached()? } else { iface.into_iter().collect() };
+            if names.is_empty() {
+                println!("not attached to any interface under {}", pins.path().display());
+            }
             for name in names {
                 dataplane::detach(&pins, &name)?;
                 println!("detached from {name}");

@@ -33,7 +33,8 @@ pub struct IfaceStatus {
     pub name: String,
     /// Where the pinned link's device is: `here` (this network namespace), `netns` (the
     /// namespace named in `netns`), `unnamed-netns` (a namespace without a name under
-    /// /run/netns), or `gone` (the link is detached: its device was deleted).
+    /// /run/netns), `gone` (the link is detached: its device was deleted), or `unknown`
+    /// (`ip` could not list the devices).
     pub place: &'static str,
     /// The `ip netns` name of the device's namespace when it is not this one.
     pub netns: Option<String>,
@@ -131,7 +132,11 @@ impl Finder {
         &mut self,
         link: &dataplane::XdpLinkInfo,
     ) -> (&'static str, Option<String>, Option<serde_json::Value>) {
-        if let Some(d) = self.here.as_deref().and_then(|devs| device_of(devs, link)) {
+        let Some(here) = &self.here else {
+            // Without `ip` nothing can be told apart.
+            return ("unknown", None, None);
+        };
+        if let Some(d) = device_of(here, link) {
             return ("here", None, Some(d.clone()));
         }
         let others = self.others.get_or_insert_with(|| {
