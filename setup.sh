@@ -31,7 +31,8 @@ if ! command -v bpf-linker >/dev/null 2>&1; then
   LLVM_PREFIX=/usr/lib/llvm-22 cargo install --locked bpf-linker --no-default-features --features llvm-22
 fi
 
-# bpffs for pinned maps.
+# bpffs for pinned maps, root's alone (as systemd mounts it): in the kernel's default mode
+# 1777 any user could make xdpgate's pin directory first and unlink its links.
 if ! mount | grep -q ' /sys/fs/bpf type bpf'; then
-  mount -t bpf bpf /sys/fs/bpf
+  mount -t bpf -o mode=0700,nosuid,nodev bpf /sys/fs/bpf
 fi

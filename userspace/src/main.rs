@@ -229,10 +229,40 @@ fn main() -> std::process::ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     match run(Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            // The error chain, without a backtrace: these are messages for the operator.
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
+        Err(e) => report(&e),
+    }
+}
+
+/// Exit status when the kernel refused for want of privileges (EX_NOPERM of sysexits.h).
+const EXIT_NO_PERMISSION: u8 = 77;
+
+/// Prints the error chain (without a backtrace: these are messages for the operator) and
+/// chooses the exit status. Every refusal for want of privileges, wherever it came from
+/// (the pin directory's check, a pinned map, a bpf() call), reads "permission denied: needs
+/// root or CAP_BPF" followed by what failed.
+fn report(e: &anyhow::Error) -> std::process::ExitCode {
+    if dataplane::is_permission_error(e) {
+        let chain = format!("{e:#}");
+        if chain.contains(dataplane::NEEDS_PRIVILEGES) {
+            eprintln!("error: {chain}");
+        } else {
+            eprintln!("error: {}: {chain}", dataplane::NEEDS_PRIVILEGES);
+        }
+        return std::process::ExitCode::from(EXIT_NO_PERMISSION);
+    }
+    eprintln!("error: {e:#}");
+    std::process::ExitCode::FAILURE
+}
+
+impl Command {
+    /// Whether the command reads or changes the dataplane's pins (or the state saved beside
+    /// them), so that the pin directory is checked first: a user without privileges is told
+    /// so instead of seeing an empty or missing dataplane.
+    fn uses_pins(&self) -> bool {
+        match self {
+            Command::Check { .. } | Command::Pktgen(_) => false,
+            Command::VerifyFlow { policy, .. } | Command::Rules { policy, .. } => policy.is_none(),
+            _ => true,
         }
     }
 }
@@ -242,6 +272,9 @@ fn run(cli: Cli) -> Result<()> {
         netns::enter(ns)?;
     }
     let pins = PinDir::new(&cli.pin_dir);
+    if cli.command.uses_pins() {
+        pins.check()?;
+    }
     match cli.command {
         Command::Attach { iface, role, mode } => {
             let role = match role {
@@ -261,6 +294,9 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Detach { iface, all } => {
             let names = if all { pins.attached()? } else { iface.into_iter().collect() };
+            if names.is_empty() {
+                println!("not attached to any interface under {}", pins.path().display());
+            }
             let _lock = if names.is_empty() { None } else { Some(WriteLock::acquire(&pins)?) };
             for name in names {
                 dataplane::detach(&pins, &name)?;

@@ -25,8 +25,16 @@ pub struct Status {
 
 #[derive(Debug, Serialize)]
 pub struct IfaceStatus {
+    /// The interface's name when it was attached (the name of its pinned link).
     pub name: String,
-    /// None when the interface no longer exists in this network namespace.
+    /// Where the pinned link's device is: `here` (this network namespace), `netns` (the
+    /// namespace named in `netns`), `unnamed-netns` (a namespace without a name under
+    /// /run/netns), `gone` (the link is detached: its device was deleted), or `unknown`
+    /// (`ip` could not list the devices).
+    pub place: &'static str,
+    /// The `ip netns` name of the device's namespace when it is not this one.
+    pub netns: Option<String>,
+    /// The device's ifindex in its namespace; none once the link is detached.
     pub ifindex: Option<u32>,
     /// `external` or `internal`, as registered in the `IFACES` map.
     pub role: Option<&'static str>,
@@ -38,6 +46,8 @@ pub struct IfaceStatus {
     /// Name and id of the XDP program the interface runs.
     pub program: Option<String>,
     pub program_id: Option<u64>,
+    /// The bpf_link's id (`bpftool link show id N`).
+    pub link_id: Option<u32>,
 }
 
 #[derive(Debug, Serialize)]
@@ -53,15 +63,90 @@ pub struct PolicyStatus {
     pub applied_unix: Option<u64>,
 }
 
-/// What XDP `ip -d link` reports on `ifname`: (mode, program name, program id).
-fn xdp_of(ifname: &str) -> (String, Option<String>, Option<u64>) {
-    let out = Command::new("ip").args(["-j", "-d", "link", "show", "dev", ifname]).output();
-    let Some(out) = out.ok().filter(|o| o.status.success()) else {
-        return ("unknown".into(), None, None);
-    };
-    match serde_json::from_slice::<serde_json::Value>(&out.stdout) {
-        Ok(json) => xdp_from_json(&json[0]),
-        Err(_) => ("unknown".into(), None, None),
+/// The devices of one network namespace, as `ip -j -d link show` lists them (`ip -n NAME`
+/// for a named one); none when `ip` fails.
+fn devices(netns: Option<&str>) -> Option<Vec<serde_json::Value>> {
+    let mut cmd = Command::new("ip");
+    if let Some(ns) = netns {
+        cmd.args(["-n", ns]);
+    }
+    let out =
+        cmd.args(["-j", "-d", "link", "show"]).output().ok().filter(|o| o.status.success())?;
+    serde_json::from_slice::<serde_json::Value>(&out.stdout).ok()?.as_array().cloned()
+}
+
+/// The device of `devices` that is `link`'s: same ifindex and running the link's program
+/// (ifindexes repeat across namespaces, program ids do not).
+fn device_of<'a>(
+    devices: &'a [serde_json::Value],
+    link: &dataplane::XdpLinkInfo,
+) -> Option<&'a serde_json::Value> {
+    devices.iter().find(|d| {
+        d["ifindex"].as_u64() == Some(u64::from(link.ifindex))
+            && xdp_programs(d).contains(&u64::from(link.prog_id))
+    })
+}
+
+/// Ids of every XDP program attached to one device of `ip -j -d link show`.
+fn xdp_programs(link: &serde_json::Value) -> Vec<u64> {
+    let xdp = &link["xdp"];
+    let mut ids: Vec<u64> = xdp["prog"]["id"].as_u64().into_iter().collect();
+    if let Some(all) = xdp["attached"].as_array() {
+        ids.extend(all.iter().filter_map(|a| a["prog"]["id"].as_u64()));
+    }
+    ids
+}
+
+/// The named network namespaces (`ip netns` names, /run/netns/*) other than this one.
+fn other_named_netns() -> Vec<String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let id = |p: &std::path::Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    let here = id("/proc/thread-self/ns/net".as_ref());
+    let Ok(dir) = std::fs::read_dir("/run/netns") else { return Vec::new() };
+    let mut names: Vec<String> = dir
+        .filter_map(|e| e.ok())
+        .filter(|e| id(&e.path()).is_some_and(|i| Some(i) != here))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Finds where a pinned link's device lives: here, in a named namespace, or neither.
+/// Lists each namespace's devices at most once per status.
+struct Finder {
+    here: Option<Vec<serde_json::Value>>,
+    others: Option<Vec<(String, Vec<serde_json::Value>)>>,
+}
+
+impl Finder {
+    fn new() -> Self {
+        Self { here: devices(None), others: None }
+    }
+
+    fn find(
+        &mut self,
+        link: &dataplane::XdpLinkInfo,
+    ) -> (&'static str, Option<String>, Option<serde_json::Value>) {
+        let Some(here) = &self.here else {
+            // Without `ip` nothing can be told apart.
+            return ("unknown", None, None);
+        };
+        if let Some(d) = device_of(here, link) {
+            return ("here", None, Some(d.clone()));
+        }
+        let others = self.others.get_or_insert_with(|| {
+            other_named_netns()
+                .into_iter()
+                .filter_map(|ns| Some((ns.clone(), devices(Some(&ns))?)))
+                .collect()
+        });
+        for (ns, devs) in others.iter() {
+            if let Some(d) = device_of(devs, link) {
+                return ("netns", Some(ns.clone()), Some(d.clone()));
+            }
+        }
+        ("unnamed-netns", None, None)
     }
 }
 
@@ -112,14 +197,35 @@ fn xdp_from_json(link: &serde_json::Value) -> (String, Option<String>, Option<u6
 pub fn read(pins: &PinDir) -> anyhow::Result<Status> {
     let registered = dataplane::registered(pins).unwrap_or_default();
     let mut interfaces = Vec::new();
+    let mut finder = Finder::new();
     for name in pins.attached()? {
-        let ifindex = dataplane::ifindex(&name).ok();
+        let link = match dataplane::link_info(pins, &name) {
+            Ok(link) => Some(link),
+            // A user without privileges is told so, not shown a detached interface.
+            Err(e) if dataplane::is_permission_error(&e) => return Err(e),
+            Err(e) => {
+                log::warn!("{name}: {e:#}");
+                None
+            }
+        };
+        // ifindex 0: the kernel has detached the link (its device was deleted).
+        let link = link.filter(|l| l.ifindex != 0);
+        let (place, netns, device) = match &link {
+            Some(link) => finder.find(link),
+            None => ("gone", None, None),
+        };
+        let ifindex = link.map(|l| l.ifindex);
         let config =
             ifindex.and_then(|i| registered.iter().find(|(k, _)| *k == i)).map(|(_, c)| *c);
-        let (xdp_mode, program, program_id) =
-            if ifindex.is_some() { xdp_of(&name) } else { ("none".into(), None, None) };
+        let (xdp_mode, program, program_id) = match (&device, &link) {
+            (Some(d), _) => xdp_from_json(d),
+            (None, Some(l)) => ("unknown".into(), None, Some(u64::from(l.prog_id))),
+            (None, None) => ("none".into(), None, None),
+        };
         interfaces.push(IfaceStatus {
             name,
+            place,
+            netns,
             ifindex,
             role: config.map(|c| match Role::from_u32(c.role) {
                 Role::External => "external",
@@ -129,6 +235,7 @@ pub fn read(pins: &PinDir) -> anyhow::Result<Status> {
             xdp_mode,
             program,
             program_id,
+            link_id: link.map(|l| l.link_id),
         });
     }
     let policy = apply::active(pins).ok().map(|(slot, config)| {
@@ -204,8 +311,13 @@ pub fn render(s: &Status) -> String {
     let mut rows =
         vec![["INTERFACE", "IFINDEX", "ROLE", "XDP", "PROGRAM"].map(String::from).to_vec()];
     for i in &s.interfaces {
+        let name = match (i.place, &i.netns) {
+            ("netns", Some(ns)) => format!("{} in netns {ns}", i.name),
+            ("unnamed-netns", _) => format!("{} in an unnamed netns", i.name),
+            _ => i.name.clone(),
+        };
         rows.push(vec![
-            i.name.clone(),
+            name,
             i.ifindex.map_or("gone".into(), |n| n.to_string()),
             i.role.unwrap_or("-").into(),
             i.xdp_mode.clone(),
@@ -237,6 +349,23 @@ mod tests {
         assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
         assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
         assert_eq!(rfc3339(4_107_542_399), "2100-02-28T23:59:59Z");
+    }
+
+    #[test]
+    fn a_link_is_matched_by_ifindex_and_program() {
+        let devs: Vec<serde_json::Value> = serde_json::from_str(
+            r#"[{"ifindex":2,"ifname":"a","xdp":{"mode":1,"prog":{"id":10}}},
+                {"ifindex":3,"ifname":"b","xdp":{"mode":4,"attached":[{"mode":2,"prog":{"id":11}},
+                 {"mode":1,"prog":{"id":12}}]}},
+                {"ifindex":4,"ifname":"c"}]"#,
+        )
+        .unwrap();
+        let link = |ifindex, prog_id| dataplane::XdpLinkInfo { link_id: 1, prog_id, ifindex };
+        assert_eq!(device_of(&devs, &link(2, 10)).unwrap()["ifname"], "a");
+        assert_eq!(device_of(&devs, &link(3, 12)).unwrap()["ifname"], "b");
+        // The same ifindex running another program is another namespace's device.
+        assert!(device_of(&devs, &link(2, 12)).is_none());
+        assert!(device_of(&devs, &link(4, 10)).is_none());
     }
 
     #[test]

@@ -57,6 +57,71 @@ pub const NOOP_PROGRAM: &str = "xdp_noop";
 #[derive(Clone, Debug)]
 pub struct PinDir(PathBuf);
 
+/// The message of every refusal for want of privileges, so scripts and people see one
+/// phrase whatever operation failed.
+pub const NEEDS_PRIVILEGES: &str = "permission denied: needs root or CAP_BPF";
+
+/// Why a pin directory is not used. Whoever can unlink a pinned link detaches the filter,
+/// so the directory and `links/` must be root's alone.
+#[derive(Debug, thiserror::Error)]
+pub enum PinDirError {
+    #[error("{NEEDS_PRIVILEGES}: {what} {}", path.display())]
+    PermissionDenied { what: &'static str, path: PathBuf, source: nix::Error },
+    #[error(
+        "refusing pin directory {}: it is a symbolic link, which would let its owner redirect \
+         the dataplane's pins; remove it (rm {}) and attach again",
+        path.display(), path.display()
+    )]
+    Symlink { path: PathBuf },
+    #[error("refusing pin directory {}: not a directory", path.display())]
+    NotDirectory { path: PathBuf },
+    #[error(
+        "refusing pin directory {}: it is owned by uid {uid}, not root, and its owner could \
+         unlink pinned links and detach the filter; check its contents, then `chown -R root: \
+         {}` (or remove it and attach again)",
+        path.display(), path.display()
+    )]
+    NotRootOwned { path: PathBuf, uid: u32 },
+    #[error(
+        "refusing pin directory {}: mode {mode:04o} lets group or others write to it, so \
+         they could unlink pinned links and detach the filter; `chmod 0700 {}`",
+        path.display(), path.display()
+    )]
+    Writable { path: PathBuf, mode: u32 },
+    #[error(
+        "refusing pin directory {}: its parent {} is {}, so someone other than root could \
+         replace it; use a pin directory under a root-owned parent",
+        path.display(), parent.display(), why
+    )]
+    UnsafeParent { path: PathBuf, parent: PathBuf, why: String },
+    #[error("{what} {}", path.display())]
+    Other { what: &'static str, path: PathBuf, source: nix::Error },
+}
+
+/// Whether `e` says the kernel refused a bpf() call or the pins for want of privileges
+/// (file permissions on the pins, or a missing capability). Only errors from bpf() calls
+/// and the pin directory count: a policy file nobody may read is not a missing CAP_BPF.
+pub fn is_permission_error(e: &anyhow::Error) -> bool {
+    use nix::errno::Errno;
+    let mut from_bpf = false;
+    for cause in e.chain() {
+        if let Some(PinDirError::PermissionDenied { .. }) = cause.downcast_ref() {
+            return true;
+        }
+        from_bpf |= cause.is::<aya::sys::SyscallError>()
+            || cause.is::<aya::programs::ProgramError>()
+            || cause.is::<aya::maps::MapError>()
+            || cause.is::<aya::programs::links::LinkError>()
+            || cause.is::<aya::pin::PinError>()
+            || cause.is::<aya::EbpfError>();
+        let errno = cause.downcast_ref::<std::io::Error>().and_then(|io| io.raw_os_error());
+        if from_bpf && matches!(errno.map(Errno::from_raw), Some(Errno::EACCES | Errno::EPERM)) {
+            return true;
+        }
+    }
+    false
+}
+
 impl PinDir {
     pub fn new(path: impl Into<PathBuf>) -> Self {
         Self(path.into())
@@ -80,7 +145,16 @@ impl PinDir {
 
     /// Names of the interfaces with a pinned attachment.
     pub fn attached(&self) -> Result<Vec<String>> {
-        let Ok(dir) = fs::read_dir(self.links()) else { return Ok(Vec::new()) };
+        if !self.check()? {
+            return Ok(Vec::new());
+        }
+        let dir = match fs::read_dir(self.links()) {
+            Ok(dir) => dir,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => {
+                return Err(e).with_context(|| format!("listing {}", self.links().display()));
+            }
+        };
         let mut names = dir
             .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
             .collect::<Result<Vec<_>>>()?;
@@ -88,15 +162,70 @@ impl PinDir {
         Ok(names)
     }
 
-    /// Makes sure bpffs is mounted under the pin directory and the directory exists.
+    /// Checks the pin directory and its `links/` before anything is read from or written to
+    /// them: each must be a real directory (not a symbolic link), owned by root, writable by
+    /// no group or other user, under parents only root can change, and readable by this
+    /// process. Returns whether the pin directory exists.
+    pub fn check(&self) -> Result<bool, PinDirError> {
+        self.check_parents()?;
+        if !check_dir(&self.0)? {
+            return Ok(false);
+        }
+        check_dir(&self.links())?;
+        Ok(true)
+    }
+
+    /// Every existing ancestor must be root's, and if others may write to it, sticky (as
+    /// bpffs's own 1777 root is), so nobody else can rename the pin directory away and put
+    /// their own in its place.
+    fn check_parents(&self) -> Result<(), PinDirError> {
+        use nix::sys::stat::{Mode, stat};
+        for parent in self.0.ancestors().skip(1).filter(|p| !p.as_os_str().is_empty()) {
+            let st = match stat(parent) {
+                Ok(st) => st,
+                Err(nix::errno::Errno::ENOENT) => continue,
+                Err(e) => return Err(denied_or_other("inspecting", parent, e)),
+            };
+            let mode = Mode::from_bits_truncate(st.st_mode);
+            let why = if st.st_uid != 0 {
+                format!("owned by uid {}", st.st_uid)
+            } else if mode.intersects(Mode::S_IWGRP | Mode::S_IWOTH)
+                && !mode.contains(Mode::S_ISVTX)
+            {
+                format!("writable by group or others (mode {:04o})", st.st_mode & 0o7777)
+            } else {
+                continue;
+            };
+            return Err(PinDirError::UnsafeParent {
+                path: self.0.clone(),
+                parent: parent.to_path_buf(),
+                why,
+            });
+        }
+        Ok(())
+    }
+
+    /// Makes sure bpffs is mounted under the pin directory and the directory exists. A
+    /// directory that is already there is checked, never adopted: chmod would not take it
+    /// from an owner who made it first.
     pub fn ensure(&self) -> Result<()> {
         ensure_bpffs(&self.0)?;
-        fs::create_dir_all(self.links())
-            .with_context(|| format!("creating pin directory {}", self.0.display()))?;
-        // Maps and links are the dataplane's state: only root (or the agent's user) may
-        // open them.
+        self.check_parents()?;
+        if let Some(parent) = self.0.parent() {
+            fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        }
         use std::os::unix::fs::PermissionsExt as _;
+
+        use nix::sys::stat::Mode;
+        // The pin directory is checked before links/ is made in it.
         for dir in [self.0.clone(), self.links()] {
+            // Maps and links are the dataplane's state: only root may open them.
+            match nix::unistd::mkdir(&dir, Mode::S_IRWXU) {
+                Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
+                Err(e) => return Err(denied_or_other("creating", &dir, e).into()),
+            }
+            check_dir(&dir)?;
+            // Root's own (just checked): tighten what older builds made 0755.
             fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
                 .with_context(|| format!("restricting {}", dir.display()))?;
         }
@@ -105,6 +234,7 @@ impl PinDir {
 
     /// Opens a pinned map by name.
     pub fn open_map(&self, name: &str) -> Result<Map> {
+        self.check()?;
         let path = self.map(name);
         let data = MapData::from_pin(&path).with_context(|| {
             format!("no pinned map at {} (is xdpgate attached?)", path.display())
@@ -113,7 +243,50 @@ impl PinDir {
     }
 }
 
-/// Mounts bpffs at /sys/fs/bpf when `dir` lies under it and nothing is mounted there.
+/// Checks one directory of the pins (see [`PinDir::check`]); false if it does not exist.
+fn check_dir(path: &Path) -> Result<bool, PinDirError> {
+    use nix::{
+        errno::Errno,
+        fcntl::{OFlag, open},
+        sys::stat::{Mode, SFlag, lstat},
+    };
+    // lstat, not stat: a symlink is refused, not followed.
+    let st = match lstat(path) {
+        Ok(st) => st,
+        Err(Errno::ENOENT) => return Ok(false),
+        Err(e) => return Err(denied_or_other("inspecting", path, e)),
+    };
+    let path_buf = || path.to_path_buf();
+    match SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) {
+        SFlag::S_IFLNK => return Err(PinDirError::Symlink { path: path_buf() }),
+        SFlag::S_IFDIR => {}
+        _ => return Err(PinDirError::NotDirectory { path: path_buf() }),
+    }
+    if st.st_uid != 0 {
+        return Err(PinDirError::NotRootOwned { path: path_buf(), uid: st.st_uid });
+    }
+    if Mode::from_bits_truncate(st.st_mode).intersects(Mode::S_IWGRP | Mode::S_IWOTH) {
+        return Err(PinDirError::Writable { path: path_buf(), mode: st.st_mode & 0o7777 });
+    }
+    // Can this process use it? Asked here so that a user without privileges is told so,
+    // rather than seeing an empty directory or a missing map.
+    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    open(path, flags, Mode::empty()).map_err(|e| denied_or_other("opening", path, e))?;
+    Ok(true)
+}
+
+fn denied_or_other(what: &'static str, path: &Path, e: nix::Error) -> PinDirError {
+    match e {
+        nix::errno::Errno::EACCES | nix::errno::Errno::EPERM => {
+            PinDirError::PermissionDenied { what, path: path.to_path_buf(), source: e }
+        }
+        _ => PinDirError::Other { what, path: path.to_path_buf(), source: e },
+    }
+}
+
+/// Mounts bpffs at /sys/fs/bpf when `dir` lies under it and nothing is mounted there. Mode
+/// 0700, as systemd mounts it: the kernel's default (1777) lets any user create the pin
+/// directory before root does.
 fn ensure_bpffs(dir: &Path) -> Result<()> {
     const BPFFS: &str = "/sys/fs/bpf";
     if !dir.starts_with(BPFFS) {
@@ -124,13 +297,14 @@ fn ensure_bpffs(dir: &Path) -> Result<()> {
         return Ok(());
     }
     fs::create_dir_all(BPFFS).context("creating /sys/fs/bpf")?;
-    let status = std::process::Command::new("mount")
-        .args(["-t", "bpf", "bpf", BPFFS])
-        .status()
-        .context("running mount")?;
-    if !status.success() {
-        bail!("mounting bpffs at {BPFFS} failed");
-    }
+    nix::mount::mount(
+        Some("bpf"),
+        BPFFS,
+        Some("bpf"),
+        nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
+        Some("mode=0700"),
+    )
+    .with_context(|| format!("mounting bpffs at {BPFFS}"))?;
     Ok(())
 }
 
@@ -272,13 +446,19 @@ pub fn upgrade(pins: &PinDir) -> Result<Vec<String>> {
 
 /// Detaches the dataplane from `ifname` and forgets the interface.
 pub fn detach(pins: &PinDir, ifname: &str) -> Result<()> {
+    pins.check()?;
     let link_pin = pins.link(ifname);
     let link = PinnedLink::from_pin(&link_pin).with_context(|| {
         format!("xdpgate is not attached to {ifname} ({} missing)", link_pin.display())
     })?;
+    // The link knows its device's ifindex even when the device lives in another network
+    // namespace, where looking `ifname` up here would find nothing, or another device.
+    // 0: the device is gone, and with it the way to tell which registration was its.
+    let registered = link_info(pins, ifname).map(|l| l.ifindex)?;
     // Unpinning drops the last reference once this handle closes: the kernel detaches.
     drop(link.unpin()?);
-    if let Ok(ifindex) = ifindex(ifname) {
+    if registered != 0 {
+        let ifindex = registered;
         let mut ifaces: HashMap<_, u32, IfaceConfig> = pins.open_map(IFACES)?.try_into()?;
         let _ = ifaces.remove(&ifindex);
         let mut egress: DevMapHash<_> = pins.open_map(EGRESS)?.try_into()?;
@@ -337,5 +517,95 @@ pub fn ifindex(ifname: &str) -> Result<u32> {
     match unsafe { libc::if_nametoindex(c.as_ptr()) } {
         0 => bail!("no interface named {ifname:?} in this network namespace"),
         i => Ok(i),
+    }
+}
+
+/// What the kernel says of a pinned XDP link (`bpf_link_info`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct XdpLinkInfo {
+    pub link_id: u32,
+    pub prog_id: u32,
+    /// The device's ifindex in its own network namespace; 0 once the link is detached (its
+    /// device deleted). The kernel does not report the namespace of an XDP link.
+    pub ifindex: u32,
+}
+
+/// Reads the `bpf_link_info` of the link pinned for `ifname`. aya's `LinkInfo` leaves out
+/// the XDP part, hence the two bpf() calls here.
+pub fn link_info(pins: &PinDir, ifname: &str) -> Result<XdpLinkInfo> {
+    use std::os::{
+        fd::{FromRawFd as _, OwnedFd},
+        unix::ffi::OsStrExt as _,
+    };
+
+    use aya_obj::generated::{bpf_attr, bpf_cmd, bpf_link_info, bpf_link_type};
+
+    pins.check()?;
+    let path = pins.link(ifname);
+    let cpath = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    let bpf = |cmd: bpf_cmd, attr: &mut bpf_attr| {
+        // SAFETY: attr is a valid bpf_attr for `cmd`, and the pointers in it (the path, the
+        // info buffer) outlive the call.
+        let ret = unsafe {
+            libc::syscall(libc::SYS_bpf, cmd as libc::c_long, attr, size_of::<bpf_attr>())
+        };
+        if ret < 0 {
+            let call = if matches!(cmd, bpf_cmd::BPF_OBJ_GET) {
+                "BPF_OBJ_GET"
+            } else {
+                "BPF_OBJ_GET_INFO_BY_FD"
+            };
+            Err(aya::sys::SyscallError { call, io_error: std::io::Error::last_os_error() })
+        } else {
+            Ok(ret)
+        }
+    };
+    // SAFETY: all-zero is a valid bpf_attr.
+    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+    attr.__bindgen_anon_4.pathname = cpath.as_ptr() as u64;
+    let fd = bpf(bpf_cmd::BPF_OBJ_GET, &mut attr)
+        .with_context(|| format!("opening the pinned link {}", path.display()))?;
+    // SAFETY: BPF_OBJ_GET returned a new file descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // SAFETY: all-zero is a valid bpf_link_info and bpf_attr.
+    let mut info: bpf_link_info = unsafe { std::mem::zeroed() };
+    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+    attr.info.bpf_fd = std::os::fd::AsRawFd::as_raw_fd(&fd) as u32;
+    attr.info.info_len = size_of::<bpf_link_info>() as u32;
+    attr.info.info = &mut info as *mut _ as u64;
+    bpf(bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &mut attr)
+        .with_context(|| format!("reading the link info of {}", path.display()))?;
+    if info.type_ != bpf_link_type::BPF_LINK_TYPE_XDP as u32 {
+        bail!("{} is not an XDP link (bpf link type {})", path.display(), info.type_);
+    }
+    Ok(XdpLinkInfo {
+        link_id: info.id,
+        prog_id: info.prog_id,
+        // SAFETY: the xdp member is the one the kernel fills for XDP links (checked above).
+        ifindex: unsafe { info.__bindgen_anon_1.xdp.ifindex },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_refusals_of_bpf_calls_and_pins_need_privileges() {
+        let io = |errno| std::io::Error::from_raw_os_error(errno);
+        let bpf = |errno| aya::sys::SyscallError { call: "BPF_OBJ_GET", io_error: io(errno) };
+        let denied = anyhow::Error::from(bpf(libc::EACCES)).context("opening map FLOWS");
+        assert!(is_permission_error(&denied));
+        assert!(is_permission_error(&anyhow::Error::from(bpf(libc::EPERM))));
+        assert!(!is_permission_error(&anyhow::Error::from(bpf(libc::ENOENT))));
+        let pins = PinDirError::PermissionDenied {
+            what: "opening",
+            path: "/sys/fs/bpf/xdpgate".into(),
+            source: nix::errno::Errno::EACCES,
+        };
+        assert!(is_permission_error(&anyhow::Error::from(pins).context("status")));
+        // A file this user may not read is not a matter of CAP_BPF.
+        let file = anyhow::Error::from(io(libc::EACCES)).context("reading policy.yaml");
+        assert!(!is_permission_error(&file));
     }
 }
