@@ -413,4 +413,3 @@ pub fn random_policy(rng: &mut Rng) -> PolicySpec {
     }
     spec
 }
-

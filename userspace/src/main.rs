@@ -3,12 +3,13 @@
 use std::{
     net::{IpAddr, SocketAddr},
     path::PathBuf,
+    process::ExitCode,
 };
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand};
 use xdpgate::{
-    agent, apply, compile,
+    agent, apply,
     dataplane::{self, Mode, PinDir},
     evaluate, flowlog, flows, lb, metrics, nat, netns, pktgen,
     policy::{self, reference::Packet},
@@ -74,8 +75,15 @@ enum Command {
     /// Validate, compile and swap in a policy atomically; on any error the running policy
     /// stays in force.
     Apply { file: PathBuf },
-    /// Would this flow be allowed, and by which rule? Answered from the compiled tables the
-    /// kernel uses, like Azure's IP flow verify.
+    /// Would this flow be allowed, and by which rule? Like Azure's IP flow verify.
+    ///
+    /// Answered from the NSG tables the kernel is using (the active slot's pinned maps, read
+    /// without running the program: no flow is created, no counter moves), evaluated as the
+    /// dataplane does; the answer names the generation and slot it asked. Rules are named
+    /// from the saved policy when its tables are the kernel's, and otherwise it says so.
+    /// With --policy FILE it compiles that file instead and says so.
+    ///
+    /// Exit status: 0 allowed, 1 denied, 2 error (nothing was answered).
     ///
     /// Example: xdpgate verify-flow --direction inbound --protocol tcp
     ///          --local 198.51.100.10:80 --remote 203.0.113.7:40000
@@ -91,7 +99,7 @@ enum Command {
         /// Address of the other side, with :PORT for TCP and UDP.
         #[arg(long)]
         remote: String,
-        /// Policy file to ask about (default: the applied policy).
+        /// Compile this policy file and ask it instead of the kernel.
         #[arg(long)]
         policy: Option<PathBuf>,
         #[arg(long)]
@@ -216,23 +224,34 @@ fn protocol_number(name: &str, v6: bool) -> Result<u8> {
     })
 }
 
-fn main() -> std::process::ExitCode {
+fn main() -> ExitCode {
     // Like other command-line tools: a closed pipe (`xdpgate metrics | head`) ends the
     // process quietly instead of a panic on write.
     // SAFETY: restoring the default disposition of one signal at startup.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    match run(Cli::parse()) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+    let cli = Cli::parse();
+    // verify-flow's status is its answer (0 allowed, 1 denied), so its errors need another.
+    let error = if matches!(cli.command, Command::VerifyFlow { .. }) {
+        ExitCode::from(VERIFY_ERROR)
+    } else {
+        ExitCode::FAILURE
+    };
+    match run(cli) {
+        Ok(code) => code,
         Err(e) => {
             // The error chain, without a backtrace: these are messages for the operator.
             eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
+            error
         }
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
+/// `verify-flow` exit statuses besides 0 (allowed).
+const VERIFY_DENIED: u8 = 1;
+const VERIFY_ERROR: u8 = 2;
+
+fn run(cli: Cli) -> Result<ExitCode> {
     if let Some(ns) = &cli.netns {
         netns::enter(ns)?;
     }
@@ -270,7 +289,6 @@ fn run(cli: Cli) -> Result<()> {
             );
         }
         Command::VerifyFlow { direction, protocol, local, remote, policy, json } => {
-            let policy = chosen_policy(&pins, policy)?;
             let (local, local_port) = endpoint(&local)?;
             let (remote, remote_port) = endpoint(&remote)?;
             if local.is_ipv4() != remote.is_ipv4() {
@@ -298,19 +316,14 @@ fn run(cli: Cli) -> Result<()> {
             if (proto == 6 || proto == 17) && (pkt.sport.is_none() || pkt.dport.is_none()) {
                 bail!("TCP and UDP need ports on both --local and --remote (ADDRESS:PORT)");
             }
-            let verdict = evaluate::evaluate(&compile::compile(&policy)?, &pkt);
+            let answer = evaluate::verify_flow(&pins, policy.as_deref(), &pkt)?;
             if json {
-                let refs: Vec<_> = verdict
-                    .decided_by
-                    .iter()
-                    .map(|r| {
-                        serde_json::json!({"layer": r.layer, "nsg": r.nsg, "rule": r.rule,
-                        "priority": r.priority, "access": r.access})
-                    })
-                    .collect();
-                println!("{}", serde_json::json!({"allowed": verdict.allowed, "decided_by": refs}));
+                println!("{}", rules::answer_json(&answer));
             } else {
-                print!("{}", rules::render_verdict(&verdict));
+                print!("{}", rules::render_answer(&answer));
+            }
+            if !answer.decision.allowed {
+                return Ok(ExitCode::from(VERIFY_DENIED));
             }
         }
         Command::Rules { policy, json } => {
@@ -386,5 +399,5 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
