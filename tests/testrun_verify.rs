@@ -156,6 +156,49 @@ fn exit_status_is_the_answer() {
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
 }
 
+#[test]
+fn answers_are_whole_generations_while_policies_are_applied() {
+    const APPLIES: u64 = 60;
+    let kernel = Kernel::new();
+    let (a, b) = (policy("allow-a", "1000-1999"), policy("allow-b", "3000-3999"));
+    let first = kernel.apply(&a);
+    let pins = kernel.pins.dir.path().to_owned();
+    // A at odd generations, B at even ones.
+    let applier = std::thread::spawn(move || {
+        let pins = xdpgate::dataplane::PinDir::new(pins);
+        for i in 1..=APPLIES {
+            let src = if (first + i) % 2 == 1 { &a } else { &b };
+            let p = load_str(src, "t.yaml").unwrap();
+            xdpgate::agent::apply_policy(&pins, &p, src, &|_| true).unwrap();
+        }
+    });
+    let pkt = Packet {
+        direction: Direction::Inbound,
+        proto: 6,
+        src: "203.0.113.7".parse().unwrap(),
+        dst: "198.51.100.10".parse().unwrap(),
+        sport: Some(40000),
+        dport: Some(1005),
+    };
+    let (mut answers, mut named) = (0, 0);
+    let mut generations = std::collections::BTreeSet::new();
+    while !applier.is_finished() {
+        let answer = evaluate::verify_flow(&kernel.pins.dir, None, &pkt).unwrap();
+        let Source::Kernel { generation, .. } = answer.source else { panic!("{answer:?}") };
+        let a_applied = generation % 2 == 1;
+        assert_eq!(answer.decision.allowed, a_applied, "generation {generation}: {answer:?}");
+        if let Some(Some(r)) = answer.names.first() {
+            assert_eq!(r.rule, if a_applied { "allow-a" } else { "DenyAllInBound" }, "{answer:?}");
+            named += 1;
+        }
+        answers += 1;
+        generations.insert(generation);
+    }
+    applier.join().unwrap();
+    eprintln!("{answers} answers ({named} named) over {} generations", generations.len());
+    assert!(generations.len() > 10, "{generations:?}");
+}
+
 /// A random address in `net`.
 fn inside(rng: &mut Rng, net: IpNet) -> IpAddr {
     match net {

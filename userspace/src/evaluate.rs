@@ -387,7 +387,12 @@ pub fn verify_flow(pins: &PinDir, file: Option<&Path>, pkt: &Packet) -> Result<A
             );
         }
         let decision = decide(&kernel, pkt)?;
-        let names = kernel_names(pins, &kernel);
+        // Names are needed only when some rule decided (and cost a compile of the saved policy).
+        let names = if decision.decided_by.is_empty() {
+            Ok(None)
+        } else {
+            kernel_names(pins, &kernel).map(Some)
+        };
         // Only an apply switches slots; the slot read stays whole while it stays active, so
         // an unchanged generation means every lookup saw that generation.
         let (slot, config) = apply::active(pins)?;
@@ -395,7 +400,8 @@ pub fn verify_flow(pins: &PinDir, file: Option<&Path>, pkt: &Packet) -> Result<A
             continue;
         }
         let (names, unnamed) = match names {
-            Ok(c) => (decision.decided_by.iter().map(|h| name(&c, h)).collect(), None),
+            Ok(None) => (Vec::new(), None),
+            Ok(Some(c)) => (decision.decided_by.iter().map(|h| name(&c, h)).collect(), None),
             Err(why) => (vec![None; decision.decided_by.len()], Some(why)),
         };
         let source = Source::Kernel { generation: kernel.generation(), slot: kernel.slot };
