@@ -86,7 +86,8 @@ for args in "inbound tcp --local 198.51.100.11:8080 --remote 203.0.113.10:40000"
             "outbound tcp --local 198.51.100.11:40000 --remote 203.0.113.10:25"; do
   set -- $args
   echo "$args:"
-  xg verify-flow --direction "$1" --protocol "$2" "${@:3}" | sed 's/^/  /'
+  # Exit status 1 means denied, which is an answer here.
+  { xg verify-flow --direction "$1" --protocol "$2" "${@:3}" || [ $? -eq 1 ]; } | sed 's/^/  /'
 done
 
 step "Load balancing: six requests to the frontend 192.0.2.10:80"

@@ -190,6 +190,7 @@ pub mod gateway;
 pub mod kernel;
 pub mod lan;
 pub mod packet;
+pub mod policygen;
 pub mod rng;
 
 pub fn xdpgate_bin() -> PathBuf {

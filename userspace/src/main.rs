@@ -3,6 +3,7 @@
 use std::{
     net::{IpAddr, SocketAddr},
     path::PathBuf,
+    process::ExitCode,
 };
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -11,9 +12,9 @@ use xdpgate::{agent, flowlog, metrics, pktgen, rules, status};
 use xdpgate_common::{iface::Role, maps::DEFAULT_PIN_DIR};
 use xdpgate_dataplane::{
     self as dataplane, Mode, PinDir, apply, flows, lb, nat, netns, state::WriteLock, stats,
-    transaction,
+    transaction, verify,
 };
-use xdpgate_policy::{self as policy, compile, evaluate, reference::Packet};
+use xdpgate_policy::{self as policy, reference::Packet};
 
 #[derive(Parser)]
 #[command(version, about = "XDP packet filter, L4 load balancer and NAT", long_about = None)]
@@ -73,8 +74,15 @@ enum Command {
     /// Validate, compile and swap in a policy atomically; on any error the running policy
     /// stays in force.
     Apply { file: PathBuf },
-    /// Would this flow be allowed, and by which rule? Answered from the compiled tables the
-    /// kernel uses, like Azure's IP flow verify.
+    /// Would this flow be allowed, and by which rule? Like Azure's IP flow verify.
+    ///
+    /// Answered from the NSG tables the kernel is using (the active slot's pinned maps, read
+    /// without running the program: no flow is created, no counter moves), evaluated as the
+    /// dataplane does; the answer names the generation and slot it asked. Rules are named
+    /// from the saved policy when its tables are the kernel's, and otherwise it says so.
+    /// With --policy FILE it compiles that file instead and says so.
+    ///
+    /// Exit status: 0 allowed, 1 denied, 2 error (nothing was answered).
     ///
     /// Example: xdpgate verify-flow --direction inbound --protocol tcp
     ///          --local 198.51.100.10:80 --remote 203.0.113.7:40000
@@ -90,7 +98,7 @@ enum Command {
         /// Address of the other side, with :PORT for TCP and UDP.
         #[arg(long)]
         remote: String,
-        /// Policy file to ask about (default: the applied policy).
+        /// Compile this policy file and ask it instead of the kernel.
         #[arg(long)]
         policy: Option<PathBuf>,
         #[arg(long)]
@@ -221,15 +229,18 @@ fn protocol_number(name: &str, v6: bool) -> Result<u8> {
     })
 }
 
-fn main() -> std::process::ExitCode {
+fn main() -> ExitCode {
     // Like other command-line tools: a closed pipe (`xdpgate metrics | head`) ends the
     // process quietly instead of a panic on write.
     // SAFETY: restoring the default disposition of one signal at startup.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    match run(Cli::parse()) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => report(&e),
+    let cli = Cli::parse();
+    // verify-flow's status is its answer (0 allowed, 1 denied), so its errors need another.
+    let verify = matches!(cli.command, Command::VerifyFlow { .. });
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => report(&e, verify),
     }
 }
 
@@ -240,7 +251,7 @@ const EXIT_NO_PERMISSION: u8 = 77;
 /// chooses the exit status. Every refusal for want of privileges, wherever it came from
 /// (the pin directory's check, a pinned map, a bpf() call), reads "permission denied: needs
 /// root or CAP_BPF" followed by what failed.
-fn report(e: &anyhow::Error) -> std::process::ExitCode {
+fn report(e: &anyhow::Error, verify: bool) -> ExitCode {
     if dataplane::is_permission_error(e) {
         let chain = format!("{e:#}");
         if chain.contains(dataplane::NEEDS_PRIVILEGES) {
@@ -248,10 +259,10 @@ fn report(e: &anyhow::Error) -> std::process::ExitCode {
         } else {
             eprintln!("error: {}: {chain}", dataplane::NEEDS_PRIVILEGES);
         }
-        return std::process::ExitCode::from(EXIT_NO_PERMISSION);
+        return ExitCode::from(EXIT_NO_PERMISSION);
     }
     eprintln!("error: {e:#}");
-    std::process::ExitCode::FAILURE
+    if verify { ExitCode::from(VERIFY_ERROR) } else { ExitCode::FAILURE }
 }
 
 impl Command {
@@ -267,7 +278,11 @@ impl Command {
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
+/// `verify-flow` exit statuses besides 0 (allowed).
+const VERIFY_DENIED: u8 = 1;
+const VERIFY_ERROR: u8 = 2;
+
+fn run(cli: Cli) -> Result<ExitCode> {
     if let Some(ns) = &cli.netns {
         netns::enter(ns)?;
     }
@@ -315,7 +330,6 @@ fn run(cli: Cli) -> Result<()> {
             );
         }
         Command::VerifyFlow { direction, protocol, local, remote, policy, json } => {
-            let policy = chosen_policy(&pins, policy)?;
             let (local, local_port) = endpoint(&local)?;
             let (remote, remote_port) = endpoint(&remote)?;
             if local.is_ipv4() != remote.is_ipv4() {
@@ -343,19 +357,14 @@ fn run(cli: Cli) -> Result<()> {
             if (proto == 6 || proto == 17) && (pkt.sport.is_none() || pkt.dport.is_none()) {
                 bail!("TCP and UDP need ports on both --local and --remote (ADDRESS:PORT)");
             }
-            let verdict = evaluate::evaluate(&compile::compile(&policy)?, &pkt);
+            let answer = verify::verify_flow(&pins, policy.as_deref(), &pkt)?;
             if json {
-                let refs: Vec<_> = verdict
-                    .decided_by
-                    .iter()
-                    .map(|r| {
-                        serde_json::json!({"layer": r.layer, "nsg": r.nsg, "rule": r.rule,
-                        "priority": r.priority, "access": r.access})
-                    })
-                    .collect();
-                println!("{}", serde_json::json!({"allowed": verdict.allowed, "decided_by": refs}));
+                println!("{}", rules::answer_json(&answer));
             } else {
-                print!("{}", rules::render_verdict(&verdict));
+                print!("{}", rules::render_answer(&answer));
+            }
+            if !answer.decision.allowed {
+                return Ok(ExitCode::from(VERIFY_DENIED));
             }
         }
         Command::Rules { policy, json } => {
@@ -429,5 +438,5 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }

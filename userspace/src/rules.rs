@@ -5,8 +5,10 @@ use std::fmt::Write as _;
 
 use ipnet::IpNet;
 
+use xdpgate_common::nsg::DIR_INBOUND;
+use xdpgate_dataplane::verify::{Answer, Source};
 use xdpgate_policy::{
-    Policy, Ports, Rule,
+    Direction, Policy, Ports, Rule,
     reference::{RuleRef, Verdict},
 };
 
@@ -100,4 +102,73 @@ pub fn render_verdict(v: &Verdict) -> String {
             out
         }
     }
+}
+
+fn source(s: &Source) -> String {
+    match s {
+        Source::Kernel { generation, slot } => {
+            format!("asked the kernel: generation {generation}, slot {slot}")
+        }
+        Source::File(f) => format!("asked {} compiled here, not the kernel", f.display()),
+    }
+}
+
+/// `verify-flow`'s answer: the decision, which tables answered, and the rule that decided
+/// at each layer (by name when the names of those tables are known).
+pub fn render_answer(a: &Answer) -> String {
+    let decision = if a.decision.allowed { "Allowed" } else { "Denied" };
+    let mut out = if a.decision.decided_by.is_empty() {
+        format!("{decision}: no NSG applies to the local address ({})\n", source(&a.source))
+    } else {
+        format!("{decision} ({})\n", source(&a.source))
+    };
+    for (hit, name) in a.decision.decided_by.iter().zip(&a.names) {
+        let _ = match name {
+            Some(r) => writeln!(out, "  {}", rule_ref(r)),
+            None => writeln!(
+                out,
+                "  rule #{} of the {} {} table ({})",
+                hit.bit,
+                lower(direction_of(hit.table)),
+                lower(hit.layer),
+                lower(hit.access)
+            ),
+        };
+    }
+    if let Some(why) = &a.unnamed {
+        let _ = writeln!(out, "rule names unknown: {why}");
+    }
+    out
+}
+
+/// The same answer as JSON.
+pub fn answer_json(a: &Answer) -> serde_json::Value {
+    let source = match &a.source {
+        Source::Kernel { generation, slot } => {
+            serde_json::json!({"kernel": {"generation": generation, "slot": slot}})
+        }
+        Source::File(f) => serde_json::json!({"file": f}),
+    };
+    let refs: Vec<_> = a
+        .decision
+        .decided_by
+        .iter()
+        .zip(&a.names)
+        .map(|(h, n)| {
+            serde_json::json!({"layer": h.layer, "direction": direction_of(h.table),
+                "table": h.table, "bit": h.bit, "access": h.access,
+                "nsg": n.as_ref().map(|r| &r.nsg), "rule": n.as_ref().map(|r| &r.rule),
+                "priority": n.as_ref().map(|r| r.priority)})
+        })
+        .collect();
+    serde_json::json!({"allowed": a.decision.allowed, "source": source, "decided_by": refs,
+        "names_unknown": a.unnamed})
+}
+
+fn direction_of(table: u32) -> Direction {
+    if table / 2 == DIR_INBOUND { Direction::Inbound } else { Direction::Outbound }
+}
+
+fn lower(v: impl std::fmt::Debug) -> String {
+    format!("{v:?}").to_lowercase()
 }

@@ -36,6 +36,7 @@ pub mod netns;
 pub mod state;
 pub mod stats;
 pub mod transaction;
+pub mod verify;
 
 /// The compiled eBPF object (built by `build.rs` from `ebpf/`).
 pub static EBPF_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdpgate"));

@@ -1,64 +1,121 @@
-//! Answers "would this packet be allowed, and by which rule?" from the compiled tables, the
-//! way the dataplane does: longest-prefix match per field, AND of the bitmaps, lowest bit.
-//! `verify-flow` uses it, so the operator sees what the kernel will do, not what a second
-//! implementation of the semantics thinks.
+//! Answers "would this packet be allowed, and by which rule?" the way the dataplane's
+//! classifier (`ebpf/src/nsg.rs`) does: per table, a longest-prefix match per field, the AND
+//! of the five bitmaps, the lowest bit; inbound subnet then host layer, outbound host then
+//! subnet; a layer's rule denies when `NSG_RULES` says deny.
+//!
+//! [`decide`] is written once over [`NsgTables`], which both a compiled image ([`Compiled`])
+//! and the kernel's pinned maps (`xdpgate_dataplane::verify::PinnedTables`) implement. So `verify-flow` answers from
+//! the very tables packets use, and `--policy FILE` from the tables that file compiles to,
+//! with the same code.
 
-use std::{collections::HashMap, net::IpAddr};
+use std::net::IpAddr;
 
+use anyhow::{Result, bail};
 use xdpgate_common::nsg::{
-    FIELD_DPORT, FIELD_DST4, FIELD_DST6, FIELD_PROTO, FIELD_SPORT, FIELD_SRC4, FIELD_SRC6,
-    RuleBitmap, table_in_slot,
+    ACCESS_DENY, BITMAP_WORDS, FIELD_DPORT, FIELD_DST4, FIELD_DST6, FIELD_PROTO, FIELD_SPORT,
+    FIELD_SRC4, FIELD_SRC6, RuleBitmap, table_in_slot,
 };
 
 use crate::{
     Access, Direction, Layer,
-    compile::{Compiled, FieldEntry, Table, dir_index, layer_index, mask},
+    compile::{Compiled, FieldEntry, access_code, dir_index, layer_index, mask},
     reference::{Packet, RuleRef, Verdict},
 };
 
-/// One table's field entries, indexed for longest-prefix lookups.
-struct Lpm<'a> {
-    table: &'a Table,
-    entries: HashMap<FieldEntry, &'a RuleBitmap>,
+/// The NSG tables of one policy slot, wherever they are kept. Tables are numbered within
+/// the slot (`table_in_slot`).
+pub trait NsgTables {
+    /// Rules in table `t`; 0 when no NSG applies at that layer in that direction.
+    fn rule_count(&self, t: u32) -> Result<u32>;
+    /// The bitmap of the longest entry of `field` in table `t` covering the first `bits`
+    /// bits of `value` (left-aligned bytes).
+    fn lookup(&self, t: u32, field: u8, value: [u8; 16], bits: u8) -> Result<Option<RuleBitmap>>;
+    /// The access code (`ACCESS_ALLOW`, `ACCESS_DENY`) of rule `bit` of table `t`.
+    fn access(&self, t: u32, bit: u32) -> Result<u32>;
 }
 
-impl<'a> Lpm<'a> {
-    fn new(table: &'a Table) -> Self {
-        Self { table, entries: table.fields.iter().map(|(e, b)| (*e, b)).collect() }
-    }
+/// The rule that decided at one layer, as the dataplane knows it: a table and a bit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hit {
+    pub layer: Layer,
+    /// Table within the slot (`table_in_slot(dir, layer)`).
+    pub table: u32,
+    /// Rule number in the table: its rank by priority.
+    pub bit: u32,
+    pub access: Access,
+}
 
-    /// The bitmap of the longest entry of `field` covering the first `bits` bits of `value`.
-    fn lookup(&self, field: u8, value: [u8; 16], bits: u8) -> Option<&'a RuleBitmap> {
-        (0..=bits).rev().find_map(|len| self.entries.get(&(field, mask(value, len), len)).copied())
-    }
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub allowed: bool,
+    /// One hit per layer that had a matching rule, in evaluation order; a deny ends it.
+    pub decided_by: Vec<Hit>,
+}
 
-    fn first_match(&self, pkt: &Packet) -> Option<usize> {
-        let (fs, fd, bits, src, dst) = match (pkt.src, pkt.dst) {
-            (IpAddr::V4(s), IpAddr::V4(d)) => {
-                (FIELD_SRC4, FIELD_DST4, 32, v4(s.octets()), v4(d.octets()))
-            }
-            (IpAddr::V6(s), IpAddr::V6(d)) => (FIELD_SRC6, FIELD_DST6, 128, s.octets(), d.octets()),
-            _ => return None,
-        };
-        let port = |p: Option<u16>| match p {
-            // Ports count only for TCP and UDP, as in the dataplane.
-            Some(p) if pkt.proto == 6 || pkt.proto == 17 => (port_value(p), 16),
-            _ => ([0; 16], 0),
-        };
-        let (sp, sp_bits) = port(pkt.sport);
-        let (dp, dp_bits) = port(pkt.dport);
-        let mut proto = [0u8; 16];
-        proto[0] = pkt.proto;
-        let maps = [
-            self.lookup(fs, src, bits)?,
-            self.lookup(fd, dst, bits)?,
-            self.lookup(FIELD_SPORT, sp, sp_bits)?,
-            self.lookup(FIELD_DPORT, dp, dp_bits)?,
-            self.lookup(FIELD_PROTO, proto, 8)?,
-        ];
-        (0..self.table.rules.len())
-            .find(|&bit| maps.iter().all(|m| m.words[bit / 64] >> (bit % 64) & 1 == 1))
+/// Decides `pkt` over `tables` exactly as the classifier does.
+pub fn decide(tables: &impl NsgTables, pkt: &Packet) -> Result<Decision> {
+    let dir = dir_index(pkt.direction);
+    let layers = match pkt.direction {
+        Direction::Inbound => [Layer::Subnet, Layer::Host],
+        Direction::Outbound => [Layer::Host, Layer::Subnet],
+    };
+    let mut decided_by = Vec::new();
+    for layer in layers {
+        let t = table_in_slot(dir, layer_index(layer));
+        let count = tables.rule_count(t)?;
+        if count == 0 {
+            continue;
+        }
+        let Some(bit) = match_table(tables, t, count, pkt)? else { continue };
+        // As in the kernel: only an explicit deny code denies.
+        let access =
+            if tables.access(t, bit)? == ACCESS_DENY { Access::Deny } else { Access::Allow };
+        decided_by.push(Hit { layer, table: t, bit, access });
+        if access == Access::Deny {
+            return Ok(Decision { allowed: false, decided_by });
+        }
     }
+    Ok(Decision { allowed: true, decided_by })
+}
+
+fn match_table(tables: &impl NsgTables, t: u32, count: u32, pkt: &Packet) -> Result<Option<u32>> {
+    let (fs, fd, bits, src, dst) = match (pkt.src, pkt.dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            (FIELD_SRC4, FIELD_DST4, 32, v4(s.octets()), v4(d.octets()))
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => (FIELD_SRC6, FIELD_DST6, 128, s.octets(), d.octets()),
+        _ => bail!("source and destination must be of the same address family"),
+    };
+    // Ports count only for TCP and UDP; other packets look up a port field's /0 entry.
+    let port = |p: Option<u16>| match p {
+        Some(p) if pkt.proto == 6 || pkt.proto == 17 => (port_value(p), 16),
+        _ => ([0; 16], 0),
+    };
+    let (sp, sp_bits) = port(pkt.sport);
+    let (dp, dp_bits) = port(pkt.dport);
+    let mut proto = [0u8; 16];
+    proto[0] = pkt.proto;
+    let mut maps = Vec::with_capacity(5);
+    for (field, value, bits) in [
+        (fs, src, bits),
+        (fd, dst, bits),
+        (FIELD_SPORT, sp, sp_bits),
+        (FIELD_DPORT, dp, dp_bits),
+        (FIELD_PROTO, proto, 8),
+    ] {
+        match tables.lookup(t, field, value, bits)? {
+            Some(b) => maps.push(b),
+            None => return Ok(None),
+        }
+    }
+    let words = (count.div_ceil(64) as usize).min(BITMAP_WORDS);
+    for i in 0..words {
+        let w = maps.iter().fold(!0u64, |acc, m| acc & m.words[i]);
+        if w != 0 {
+            return Ok(Some(i as u32 * 64 + w.trailing_zeros()));
+        }
+    }
+    Ok(None)
 }
 
 fn v4(o: [u8; 4]) -> [u8; 16] {
@@ -73,37 +130,52 @@ fn port_value(p: u16) -> [u8; 16] {
     v
 }
 
-/// Evaluates `pkt` against the compiled tables: inbound subnet then host layer, outbound host
-/// then subnet; every layer whose table has a matching rule must allow.
-pub fn evaluate(compiled: &Compiled, pkt: &Packet) -> Verdict {
-    let layers = match pkt.direction {
-        Direction::Inbound => [Layer::Subnet, Layer::Host],
-        Direction::Outbound => [Layer::Host, Layer::Subnet],
-    };
-    let mut decided_by = Vec::new();
-    for layer in layers {
-        let table =
-            &compiled.tables[table_in_slot(dir_index(pkt.direction), layer_index(layer)) as usize];
-        let Some(bit) = Lpm::new(table).first_match(pkt) else { continue };
-        let r = &table.rules[bit];
-        decided_by.push(RuleRef {
-            layer,
-            nsg: r.nsg.clone(),
-            rule: r.rule.name.clone(),
-            priority: r.rule.priority,
-            access: r.rule.access,
-        });
-        if r.rule.access == Access::Deny {
-            return Verdict { allowed: false, decided_by };
-        }
+/// A compiled image's tables: what `apply` would write into a slot.
+impl NsgTables for Compiled {
+    fn rule_count(&self, t: u32) -> Result<u32> {
+        Ok(self.tables.get(t as usize).map_or(0, |t| t.rules.len() as u32))
     }
-    Verdict { allowed: true, decided_by }
+
+    fn lookup(&self, t: u32, field: u8, value: [u8; 16], bits: u8) -> Result<Option<RuleBitmap>> {
+        let Some(table) = self.tables.get(t as usize) else { return Ok(None) };
+        // Entries are sorted by (field, value, length): a binary search per candidate length.
+        Ok((0..=bits).rev().find_map(|len| {
+            let key: FieldEntry = (field, mask(value, len), len);
+            table.fields.binary_search_by(|(e, _)| e.cmp(&key)).ok().map(|i| table.fields[i].1)
+        }))
+    }
+
+    fn access(&self, t: u32, bit: u32) -> Result<u32> {
+        let rule = self.tables.get(t as usize).and_then(|t| t.rules.get(bit as usize));
+        Ok(rule.map_or(0, |r| access_code(r.rule.access)))
+    }
+}
+
+/// The rule behind a hit, by the names of `names`.
+pub fn name(names: &Compiled, hit: &Hit) -> Option<RuleRef> {
+    let r = names.tables.get(hit.table as usize)?.rules.get(hit.bit as usize)?;
+    Some(RuleRef {
+        layer: hit.layer,
+        nsg: r.nsg.clone(),
+        rule: r.rule.name.clone(),
+        priority: r.rule.priority,
+        access: hit.access,
+    })
+}
+
+/// Evaluates `pkt` against compiled tables, naming the deciding rules.
+pub fn evaluate(compiled: &Compiled, pkt: &Packet) -> Verdict {
+    let d = decide(compiled, pkt).expect("a compiled image has every table");
+    Verdict {
+        allowed: d.allowed,
+        decided_by: d.decided_by.iter().filter_map(|h| name(compiled, h)).collect(),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{compile::compile, load_str, reference};
+    use crate::{compile::compile, policy::load_str, policy::reference};
 
     const POLICY: &str = r#"
 virtual_network:

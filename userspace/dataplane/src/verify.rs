@@ -1,0 +1,276 @@
+//! `verify-flow`: answers from the running dataplane's own tables (or a policy file compiled
+//! here), with [`xdpgate_policy::evaluate::decide`] over the active slot's pinned maps.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result, anyhow, bail};
+use aya::maps::{
+    Array, MapData, MapError,
+    lpm_trie::{Key, LpmTrie},
+};
+use xdpgate_common::{
+    maps::{NSG_FIELDS, NSG_RULES},
+    nsg::{
+        FieldKey, KEY_HEADER_BITS, MAX_RULES, PolicyConfig, RuleBitmap, TABLES_PER_SLOT,
+        table_in_slot,
+    },
+    words,
+};
+use xdpgate_policy::{
+    Direction, Layer,
+    compile::{self, Compiled, FieldEntry, access_code, dir_index, layer_index, mask},
+    evaluate::{Decision, Hit, NsgTables, decide, name},
+    names::Record,
+    reference::{Packet, RuleRef},
+};
+
+use crate::{PinDir, apply, state};
+
+/// The active slot of a running dataplane, read through its pinned maps. Lookups on the LPM
+/// trie are the kernel's own longest-prefix match; nothing runs the program, so no flow is
+/// created and no counter moves.
+pub struct PinnedTables {
+    pub slot: u32,
+    pub config: PolicyConfig,
+    fields: LpmTrie<MapData, FieldKey, RuleBitmap>,
+    rules: Array<MapData, u32>,
+}
+
+impl PinnedTables {
+    pub fn open(pins: &PinDir) -> Result<Self> {
+        let (slot, config) = apply::active(pins).context("reading the active policy slot")?;
+        Ok(Self {
+            slot,
+            config,
+            fields: pins.open_map(NSG_FIELDS)?.try_into()?,
+            rules: pins.open_map(NSG_RULES)?.try_into()?,
+        })
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.config.generation
+    }
+
+    fn table_id(&self, t: u32) -> u32 {
+        self.slot * TABLES_PER_SLOT + t
+    }
+
+    /// Where the tables of this slot differ from `compiled` (rule counts, access codes and
+    /// every field entry), or `None` when they hold the same rules in the same order.
+    /// Names are not in the kernel: two policies that differ only in names compare equal.
+    /// The cheap checks come first; the field entries are read only when those agree.
+    pub fn differs_from(&self, compiled: &Compiled) -> Result<Option<String>> {
+        let tables = || {
+            [Direction::Inbound, Direction::Outbound].into_iter().flat_map(|dir| {
+                [Layer::Subnet, Layer::Host].map(|layer| {
+                    let t = table_in_slot(dir_index(dir), layer_index(layer));
+                    (t, format!("{} {} table", lower(dir), lower(layer)))
+                })
+            })
+        };
+        for (t, what) in tables() {
+            let (have, want) = (self.rule_count(t)?, compiled.rule_count(t)?);
+            if have != want {
+                return Ok(Some(format!("its {what} has {want} rules, the kernel's {have}")));
+            }
+            for bit in 0..have {
+                if self.access(t, bit)? != compiled.access(t, bit)? {
+                    return Ok(Some(format!("rule #{bit} of its {what} differs in access")));
+                }
+            }
+        }
+        let kernel = self.field_entries()?;
+        for (t, what) in tables() {
+            let (have, want) = (&kernel[t as usize], &compiled.tables[t as usize].fields);
+            if have.len() != want.len() {
+                return Ok(Some(format!(
+                    "its {what} has {} field entries, the kernel's {}",
+                    want.len(),
+                    have.len()
+                )));
+            }
+            if let Some(((field, value, len), _)) =
+                want.iter().find(|(e, b)| have.get(&(e.0, mask(e.1, e.2), e.2)) != Some(b))
+            {
+                return Ok(Some(format!(
+                    "its {what} differs in the entry for field {field}, prefix {value:02x?}/{len}"
+                )));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Every field entry of this slot's tables, by table within the slot.
+    fn field_entries(&self) -> Result<Vec<HashMap<FieldEntry, RuleBitmap>>> {
+        let mut out: Vec<HashMap<FieldEntry, RuleBitmap>> =
+            (0..TABLES_PER_SLOT).map(|_| HashMap::new()).collect();
+        let first = self.table_id(0);
+        for key in self.fields.keys() {
+            let key = key.context("listing NSG field entries")?;
+            let data = key.data();
+            let table = u32::from(data.table);
+            if !(first..first + TABLES_PER_SLOT).contains(&table) {
+                continue;
+            }
+            let len = (key.prefix_len() - KEY_HEADER_BITS) as u8;
+            let mut value = [0u8; 16];
+            for (chunk, w) in value.chunks_mut(4).zip(data.value) {
+                chunk.copy_from_slice(&w.to_ne_bytes());
+            }
+            let bitmap = match self.fields.get(&key, 0) {
+                Ok(b) => b,
+                // Removed between listing and reading: only a writer of this very slot does
+                // that, and the caller's generation check sees it.
+                Err(MapError::KeyNotFound) => continue,
+                Err(e) => return Err(e).context("reading an NSG field entry"),
+            };
+            out[(table - first) as usize].insert((data.field, mask(value, len), len), bitmap);
+        }
+        Ok(out)
+    }
+}
+
+impl NsgTables for PinnedTables {
+    fn rule_count(&self, t: u32) -> Result<u32> {
+        Ok(self.config.rule_counts.get(t as usize).copied().unwrap_or(0))
+    }
+
+    fn lookup(&self, t: u32, field: u8, value: [u8; 16], bits: u8) -> Result<Option<RuleBitmap>> {
+        let key =
+            FieldKey { table: self.table_id(t) as u8, field, _pad: [0; 2], value: words(&value) };
+        match self.fields.get(&Key::new(KEY_HEADER_BITS + u32::from(bits), key), 0) {
+            Ok(b) => Ok(Some(b)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e).context("looking up NSG_FIELDS"),
+        }
+    }
+
+    fn access(&self, t: u32, bit: u32) -> Result<u32> {
+        let index = self.table_id(t) * MAX_RULES + bit;
+        match self.rules.get(&index, 0) {
+            Ok(a) => Ok(a),
+            Err(MapError::KeyNotFound) => Ok(0),
+            Err(e) => Err(e).context("reading NSG_RULES"),
+        }
+    }
+}
+
+fn lower(v: impl std::fmt::Debug) -> String {
+    format!("{v:?}").to_lowercase()
+}
+
+/// Which tables answered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// The running dataplane's active slot.
+    Kernel { generation: u64, slot: u32 },
+    /// A policy file, compiled here.
+    File(PathBuf),
+}
+
+/// What `verify-flow` says.
+#[derive(Clone, Debug)]
+pub struct Answer {
+    pub source: Source,
+    pub decision: Decision,
+    /// Per hit, its rule's name when known.
+    pub names: Vec<Option<RuleRef>>,
+    /// Why rules are not named (names unknown for the kernel's generation).
+    pub unnamed: Option<String>,
+}
+
+/// Rule names for the kernel's running tables: the record saved with its generation (under
+/// the write lock, before the flip). Its rule counts and access codes must be the kernel's:
+/// a record that does not fit the tables names nothing. This is the one place that knows
+/// where names come from.
+pub fn kernel_names(pins: &PinDir, kernel: &PinnedTables) -> Result<Record, String> {
+    let generation = kernel.generation();
+    let record =
+        state::record(pins, generation).map_err(|e| format!("{e:#}"))?.ok_or_else(|| {
+            format!("no record of generation {generation} under {}", state::dir(pins).display())
+        })?;
+    for (t, rules) in record.tables.iter().enumerate() {
+        let t = t as u32;
+        let have = kernel.rule_count(t).map_err(|e| format!("{e:#}"))?;
+        if have as usize != rules.len() {
+            return Err(format!(
+                "the record of generation {generation} has {} rules in table {t}, the kernel {have}",
+                rules.len()
+            ));
+        }
+        for (bit, r) in rules.iter().enumerate() {
+            if kernel.access(t, bit as u32).map_err(|e| format!("{e:#}"))? != access_code(r.access)
+            {
+                return Err(format!(
+                    "rule {}/{} of the record of generation {generation} differs from the \
+                     kernel's in access",
+                    r.nsg, r.rule
+                ));
+            }
+        }
+    }
+    Ok(record)
+}
+
+/// The rule behind a hit, by a generation's record.
+fn recorded(record: &Record, hit: &Hit) -> Option<RuleRef> {
+    let r = record.tables.get(hit.table as usize)?.get(hit.bit as usize)?;
+    Some(RuleRef {
+        layer: hit.layer,
+        nsg: r.nsg.clone(),
+        rule: r.rule.clone(),
+        priority: r.priority,
+        access: hit.access,
+    })
+}
+
+/// Times the kernel's tables are read again when a policy is applied meanwhile.
+const ATTEMPTS: usize = 5;
+
+/// Answers `pkt`: from the kernel's active slot, or with `file` from that policy compiled.
+pub fn verify_flow(pins: &PinDir, file: Option<&Path>, pkt: &Packet) -> Result<Answer> {
+    if let Some(file) = file {
+        let (policy, _) = xdpgate_policy::load(file)?;
+        let compiled = compile::compile(&policy)?;
+        let decision = decide(&compiled, pkt)?;
+        let names = decision.decided_by.iter().map(|h| name(&compiled, h)).collect();
+        return Ok(Answer {
+            source: Source::File(file.to_owned()),
+            decision,
+            names,
+            unnamed: None,
+        });
+    }
+    for _ in 0..ATTEMPTS {
+        let kernel = PinnedTables::open(pins)?;
+        if kernel.generation() == 0 {
+            bail!(
+                "no policy applied to {} yet; name one with --policy FILE",
+                pins.path().display()
+            );
+        }
+        let decision = decide(&kernel, pkt)?;
+        let names = if decision.decided_by.is_empty() {
+            Ok(None)
+        } else {
+            kernel_names(pins, &kernel).map(Some)
+        };
+        // Only an apply switches slots; the slot read stays whole while it stays active, so
+        // an unchanged generation means every lookup saw that generation.
+        let (slot, config) = apply::active(pins)?;
+        if (slot, config.generation) != (kernel.slot, kernel.generation()) {
+            continue;
+        }
+        let (names, unnamed) = match names {
+            Ok(None) => (Vec::new(), None),
+            Ok(Some(r)) => (decision.decided_by.iter().map(|h| recorded(&r, h)).collect(), None),
+            Err(why) => (vec![None; decision.decided_by.len()], Some(why)),
+        };
+        let source = Source::Kernel { generation: kernel.generation(), slot: kernel.slot };
+        return Ok(Answer { source, decision, names, unnamed });
+    }
+    Err(anyhow!("the policy changed {ATTEMPTS} times while it was read; ask again"))
+}
