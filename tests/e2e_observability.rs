@@ -16,7 +16,7 @@ use std::{
     process::{Child, Command, Stdio},
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     thread,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -539,12 +539,25 @@ fn slow_connection(addr: SocketAddr) -> io::Result<TcpStream> {
 }
 
 /// Keeps `n` slow connections to `addr` open until `stop` is set: every one the server
-/// closes (or answers, which ends it too) is opened again at once. Returns how many
-/// connections it opened in all.
-fn slowloris(addr: SocketAddr, n: usize, stop: &AtomicBool) -> usize {
-    let mut conns: Vec<Option<TcpStream>> = (0..n).map(|_| slow_connection(addr).ok()).collect();
-    let mut opened = n;
+/// closes (or answers, which ends it too) is opened again at once. Adds 1 to `ready` once
+/// all `n` are open. Returns how many connections it opened in all, and in how many passes
+/// over them.
+fn slowloris(addr: SocketAddr, n: usize, ready: &AtomicUsize, stop: &AtomicBool) -> (usize, usize) {
+    let mut conns: Vec<Option<TcpStream>> = (0..n)
+        .map(|_| {
+            loop {
+                match slow_connection(addr) {
+                    Ok(s) => break Some(s),
+                    Err(_) if !stop.load(Ordering::Relaxed) => {}
+                    Err(_) => break None,
+                }
+            }
+        })
+        .collect();
+    ready.fetch_add(1, Ordering::SeqCst);
+    let (mut opened, mut passes) = (n, 0);
     while !stop.load(Ordering::Relaxed) {
+        passes += 1;
         for c in conns.iter_mut() {
             let open = c.as_mut().is_some_and(|s| {
                 matches!(s.read(&mut [0u8; 256]), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
@@ -556,7 +569,7 @@ fn slowloris(addr: SocketAddr, n: usize, stop: &AtomicBool) -> usize {
         }
         thread::sleep(Duration::from_millis(10));
     }
-    opened
+    (opened, passes)
 }
 
 /// 1,000 clients that each send part of a request and stall, and reconnect whenever the
@@ -579,13 +592,18 @@ fn slow_connections_do_not_starve_scrapes() {
     );
     let addr = sock("127.0.0.1", METRICS_PORT);
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let attacker = {
-        let stop = stop.clone();
-        lab.gw.spawn(move || slowloris(addr, SLOW, &stop))
-    };
-    // Let the attack reach full strength: every slow connection opened at least once.
-    thread::sleep(Duration::from_millis(500));
+    // Ten attackers, so that one waiting out a dropped SYN holds back only its own share.
+    const ATTACKERS: usize = 10;
+    let (ready, stop) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicBool::new(false)));
+    let attackers: Vec<_> = (0..ATTACKERS)
+        .map(|_| {
+            let (ready, stop) = (ready.clone(), stop.clone());
+            lab.gw.spawn(move || slowloris(addr, SLOW / ATTACKERS, &ready, &stop))
+        })
+        .collect();
+    lab.wait_for("every slow connection to be open", Duration::from_secs(60), || {
+        ready.load(Ordering::SeqCst) == ATTACKERS
+    });
     let start = Instant::now();
     let (mut scrapes, mut slowest) = (0, Duration::ZERO);
     let mut failures = Vec::new();
@@ -604,10 +622,13 @@ fn slow_connections_do_not_starve_scrapes() {
         thread::sleep(Duration::from_millis(100));
     }
     stop.store(true, Ordering::Relaxed);
-    let opened = attacker.join().unwrap();
+    let (opened, passes) = attackers
+        .into_iter()
+        .map(|a| a.join().unwrap())
+        .fold((0, 0), |(o, p), (ao, ap)| (o + ao, p + ap));
     eprintln!(
         "slow_connections_do_not_starve_scrapes: {SLOW} slow clients opened {opened} \
-         connections; {scrapes} scrapes, {} failed, slowest {slowest:?}",
+         connections ({passes} passes); {scrapes} scrapes, {} failed, slowest {slowest:?}",
         failures.len()
     );
     assert!(failures.is_empty(), "{} of {scrapes} scrapes failed: {failures:?}", failures.len());

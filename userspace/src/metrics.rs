@@ -33,7 +33,7 @@ use prometheus::{
     proto::{self, LabelPair, Metric, MetricFamily, MetricType},
 };
 use tokio::{
-    net::{TcpListener, TcpStream},
+    net::{TcpListener, TcpSocket, TcpStream},
     sync::{Notify, Semaphore},
     task::JoinHandle,
 };
@@ -62,6 +62,10 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(3);
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 /// Scrapes rendered at once: each reads the dataplane's maps.
 const MAX_RENDERS: usize = 2;
+/// Connections the kernel queues until they are accepted (capped by net.core.somaxconn).
+/// tokio's default of 128 overflows under a flood of reconnecting slow clients, and the
+/// kernel then drops SYNs, a scrape's among them.
+const LISTEN_BACKLOG: u32 = 4096;
 
 /// `--metrics-addr`: an address to listen on, or `off`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -471,13 +475,20 @@ impl Drop for Server {
 /// Binds `addr` now (so a bad address or a port in use fails the caller) and serves
 /// `GET /metrics` in tasks of the current runtime until the returned server is dropped.
 pub async fn spawn(addr: SocketAddr, pins: PinDir) -> Result<Server> {
-    let listener =
-        TcpListener::bind(addr).await.with_context(|| format!("metrics: listening on {addr}"))?;
+    let listener = listen(addr).with_context(|| format!("metrics: listening on {addr}"))?;
     let addr = listener.local_addr()?;
     info!("metrics at http://{addr}/metrics");
     let conns = Arc::new(Connections::default());
     let task = tokio::spawn(accept_loop(listener, pins, conns.clone()));
     Ok(Server { task, conns, addr })
+}
+
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }?;
+    // As TcpListener::bind does: a restarted agent can bind again at once.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 async fn accept_loop(listener: TcpListener, pins: PinDir, conns: Arc<Connections>) {
