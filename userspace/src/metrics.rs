@@ -663,7 +663,12 @@ mod tests {
             generation: 4,
             applied_at: Some(1_700_000_000.25),
             flows: 6,
-            nat: Vec::new(),
+            nat: vec![nat::GatewayReport {
+                name: "egress".into(),
+                addresses: vec![("203.0.113.5".parse().unwrap(), 17)],
+                translations: 17,
+                failed_allocations: 2,
+            }],
         }
     }
 
@@ -720,6 +725,8 @@ mod tests {
                 "xdpgate_policy_generation",
                 "xdpgate_policy_applied_timestamp_seconds",
                 "xdpgate_flow_events_dropped_total",
+                "xdpgate_nat_ports_in_use",
+                "xdpgate_nat_allocation_failures_total",
             ]
         );
     }
@@ -750,6 +757,10 @@ mod tests {
             "# HELP xdpgate_flow_events_dropped_total Flow-log events the dataplane held back: \
              over the denied-flow rate limit, or lost to a full ring buffer.",
             r#"xdpgate_flow_events_dropped_total{reason="rate_limited"} 5"#,
+            r#"xdpgate_flow_events_dropped_total{reason="ring_full"} 0"#,
+            "# TYPE xdpgate_nat_ports_in_use gauge",
+            r#"xdpgate_nat_ports_in_use{gateway="egress",address="203.0.113.5"} 17"#,
+            r#"xdpgate_nat_allocation_failures_total{gateway="egress"} 2"#,
         ] {
             assert!(text.lines().any(|l| l == want), "missing {want:?} in\n{text}");
         }
