@@ -14,6 +14,10 @@ use std::{
     net::{Shutdown, SocketAddr, TcpStream},
     path::PathBuf,
     process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
     thread,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -526,4 +530,129 @@ fn metrics_flows_and_status_match_known_traffic() {
          checks {checks:?}, total {:?}",
         started.elapsed()
     );
+}
+
+/// A request head cut off before its end: the server must wait for more or give up.
+const PARTIAL_HEAD: &[u8] = b"GET /metrics HTTP/1.1\r\nHost: slow\r\n";
+
+/// A slow client: connects, sends a partial request head and stalls.
+fn slow_connection(addr: SocketAddr) -> io::Result<TcpStream> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.write_all(PARTIAL_HEAD)?;
+    s.set_nonblocking(true)?;
+    Ok(s)
+}
+
+/// Keeps `n` slow connections to `addr` open until `stop` is set: every one the server
+/// closes (or answers, which ends it too) is opened again at once. Adds 1 to `ready` once
+/// all `n` are open. Returns how many connections it opened in all, and in how many passes
+/// over them.
+fn slowloris(addr: SocketAddr, n: usize, ready: &AtomicUsize, stop: &AtomicBool) -> (usize, usize) {
+    let mut conns: Vec<Option<TcpStream>> = (0..n)
+        .map(|_| {
+            loop {
+                match slow_connection(addr) {
+                    Ok(s) => break Some(s),
+                    Err(_) if !stop.load(Ordering::Relaxed) => {}
+                    Err(_) => break None,
+                }
+            }
+        })
+        .collect();
+    ready.fetch_add(1, Ordering::SeqCst);
+    let (mut opened, mut passes) = (n, 0);
+    while !stop.load(Ordering::Relaxed) {
+        passes += 1;
+        for c in conns.iter_mut() {
+            let open = c.as_mut().is_some_and(|s| {
+                matches!(s.read(&mut [0u8; 256]), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            });
+            if !open {
+                *c = slow_connection(addr).ok();
+                opened += 1;
+            }
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    (opened, passes)
+}
+
+/// 1,000 clients that each send part of a request and stall, and reconnect whenever the
+/// server drops them, must not starve scrapes: every scrape made meanwhile is answered,
+/// promptly and in full. A slow client alone is dropped after the header timeout.
+#[test]
+fn slow_connections_do_not_starve_scrapes() {
+    const SLOW: usize = 1000;
+    const UNDER_ATTACK: Duration = Duration::from_secs(6);
+    let mut lab = Lab::new();
+    lab.start_agent(&format!("127.0.0.1:{METRICS_PORT}"));
+    lab.wait_for(
+        "the agent to apply the policy and serve metrics",
+        Duration::from_secs(10),
+        || {
+            lab.http_get("/metrics").is_ok_and(|r| {
+                r.status == 200 && r.body.lines().any(|l| l == "xdpgate_policy_generation 1")
+            })
+        },
+    );
+    let addr = sock("127.0.0.1", METRICS_PORT);
+
+    // Ten attackers, so that one waiting out a dropped SYN holds back only its own share.
+    const ATTACKERS: usize = 10;
+    let (ready, stop) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicBool::new(false)));
+    let attackers: Vec<_> = (0..ATTACKERS)
+        .map(|_| {
+            let (ready, stop) = (ready.clone(), stop.clone());
+            lab.gw.spawn(move || slowloris(addr, SLOW / ATTACKERS, &ready, &stop))
+        })
+        .collect();
+    lab.wait_for("every slow connection to be open", Duration::from_secs(60), || {
+        ready.load(Ordering::SeqCst) == ATTACKERS
+    });
+    let start = Instant::now();
+    let (mut scrapes, mut slowest) = (0, Duration::ZERO);
+    let mut failures = Vec::new();
+    while start.elapsed() < UNDER_ATTACK {
+        let t = Instant::now();
+        match lab.http_get("/metrics") {
+            Ok(r) if r.status == 200 => {
+                let scrape = parse_metrics(&r.body);
+                assert_eq!(sample(&scrape, "xdpgate_policy_generation", &[]), 1.0);
+            }
+            Ok(r) => failures.push(format!("status {}: {}", r.status, r.body)),
+            Err(e) => failures.push(e.to_string()),
+        }
+        scrapes += 1;
+        slowest = slowest.max(t.elapsed());
+        thread::sleep(Duration::from_millis(100));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (opened, passes) = attackers
+        .into_iter()
+        .map(|a| a.join().unwrap())
+        .fold((0, 0), |(o, p), (ao, ap)| (o + ao, p + ap));
+    eprintln!(
+        "slow_connections_do_not_starve_scrapes: {SLOW} slow clients opened {opened} \
+         connections ({passes} passes); {scrapes} scrapes, {} failed, slowest {slowest:?}",
+        failures.len()
+    );
+    assert!(failures.is_empty(), "{} of {scrapes} scrapes failed: {failures:?}", failures.len());
+    assert!(slowest < Duration::from_secs(2), "slowest scrape {slowest:?}");
+
+    // One slow client, alone: the server hangs up on it after its header timeout.
+    let lone = lab.gw.run(move || {
+        let mut s = slow_connection(addr).unwrap();
+        s.set_nonblocking(false).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let start = Instant::now();
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        start.elapsed()
+    });
+    assert!(
+        (Duration::from_secs(1)..Duration::from_secs(6)).contains(&lone),
+        "a stalled request head was dropped after {lone:?}"
+    );
+
+    lab.stop_agent();
 }

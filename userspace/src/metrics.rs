@@ -1,18 +1,40 @@
 //! Prometheus metrics: the dataplane's counters in the text exposition format (version
-//! 0.0.4), served over HTTP by `xdpgate run --metrics-addr` and printed once by
-//! `xdpgate metrics`.
+//! 0.0.4, encoded by the `prometheus` crate), served over HTTP (hyper) by
+//! `xdpgate run --metrics-addr` and printed once by `xdpgate metrics`.
 //!
 //! The server answers `GET /metrics` (and `HEAD`) and nothing else: it has no control
 //! endpoints, and binds to loopback unless told otherwise.
 
-use std::{fmt::Write as _, net::SocketAddr, str::FromStr, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeMap,
+    convert::Infallible,
+    net::SocketAddr,
+    str::FromStr,
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use anyhow::{Context, Result};
+use http_body_util::Full;
+use hyper::{
+    Method, Request, Response, StatusCode,
+    body::{Bytes, Incoming},
+    header,
+    server::conn::http1,
+    service::service_fn,
+};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use log::{debug, info, warn};
+use prometheus::{
+    Encoder, TextEncoder,
+    proto::{self, LabelPair, Metric, MetricFamily, MetricType},
+};
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
-    sync::Semaphore,
+    net::{TcpListener, TcpSocket, TcpStream},
+    sync::{Notify, Semaphore},
     task::JoinHandle,
 };
 
@@ -28,12 +50,20 @@ pub const DEFAULT_ADDR: &str = "127.0.0.1:9477";
 /// The `Content-Type` of the text exposition format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// Scrapes served at once; further connections are closed at once.
-const MAX_CONNECTIONS: usize = 16;
+/// Connections held at once. When all are taken, a new one takes the place of the oldest
+/// that is not being answered (stalled clients cannot starve scrapes); when every one is
+/// being answered, the new one is closed at once.
+const MAX_CONNECTIONS: usize = 64;
 /// A client has this long to send its request head.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// Longest request head read.
-const MAX_REQUEST: usize = 8 * 1024;
+const HEADER_TIMEOUT: Duration = Duration::from_secs(3);
+/// Longest a connection lives, answer included (a client that never reads its answer).
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+/// Scrapes rendered at once: each reads the dataplane's maps.
+const MAX_RENDERS: usize = 2;
+/// Connections the kernel queues until they are accepted (capped by net.core.somaxconn).
+/// tokio's default of 128 overflows under a flood of reconnecting slow clients, and the
+/// kernel then drops SYNs, a scrape's among them.
+const LISTEN_BACKLOG: u32 = 4096;
 
 /// `--metrics-addr`: an address to listen on, or `off`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,36 +89,24 @@ pub enum Kind {
     Gauge,
 }
 
-impl Kind {
-    fn name(self) -> &'static str {
-        match self {
-            Kind::Counter => "counter",
-            Kind::Gauge => "gauge",
-        }
-    }
-}
-
-/// A sample value: counters stay exact integers, times are fractional seconds.
+/// A sample value: counts or fractional seconds. (The exposition carries every value as
+/// a float; counts are exact up to 2^53.)
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Value {
     Int(u64),
     Float(f64),
 }
 
-impl std::fmt::Display for Value {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match *self {
-            Value::Int(v) => write!(f, "{v}"),
-            Value::Float(v) if v.is_nan() => f.write_str("NaN"),
-            Value::Float(v) if v.is_infinite() => {
-                f.write_str(if v > 0.0 { "+Inf" } else { "-Inf" })
-            }
-            Value::Float(v) => write!(f, "{v}"),
+impl Value {
+    fn get(self) -> f64 {
+        match self {
+            Value::Int(v) => v as f64,
+            Value::Float(v) => v,
         }
     }
 }
 
-/// One metric family: its `# HELP` and `# TYPE` lines and its samples.
+/// One metric family: its name, kind and help text, and its samples in order.
 #[derive(Clone, Debug)]
 pub struct Family {
     pub name: &'static str,
@@ -105,57 +123,59 @@ impl Family {
     pub fn add(&mut self, labels: Vec<(&'static str, String)>, value: Value) {
         self.samples.push((labels, value));
     }
-}
 
-/// `\`, `"` and line feeds escaped, as label values need.
-pub fn escape_label_value(v: &str) -> String {
-    let mut out = String::with_capacity(v.len());
-    for c in v.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '"' => out.push_str("\\\""),
-            '\n' => out.push_str("\\n"),
-            c => out.push(c),
-        }
-    }
-    out
-}
-
-/// `\` and line feeds escaped, as `# HELP` text needs.
-pub fn escape_help(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('\n', "\\n")
-}
-
-fn valid_name(name: &str) -> bool {
-    let mut chars = name.chars();
-    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
-}
-
-/// The text exposition of `families`, in order.
-pub fn exposition(families: &[Family]) -> String {
-    let mut out = String::new();
-    for f in families {
-        debug_assert!(valid_name(f.name), "metric name {:?}", f.name);
-        let _ = writeln!(out, "# HELP {} {}", f.name, escape_help(f.help));
-        let _ = writeln!(out, "# TYPE {} {}", f.name, f.kind.name());
-        for (labels, value) in &f.samples {
-            out += f.name;
-            if !labels.is_empty() {
-                out.push('{');
-                for (i, (k, v)) in labels.iter().enumerate() {
-                    debug_assert!(valid_name(k) && !k.contains(':'), "label name {k:?}");
-                    if i > 0 {
-                        out.push(',');
+    /// The family in the `prometheus` crate's data model, labels in the order given.
+    fn to_proto(&self) -> MetricFamily {
+        let mut mf = MetricFamily::default();
+        mf.set_name(self.name.into());
+        mf.set_help(self.help.into());
+        mf.set_field_type(match self.kind {
+            Kind::Counter => MetricType::COUNTER,
+            Kind::Gauge => MetricType::GAUGE,
+        });
+        let metrics = self
+            .samples
+            .iter()
+            .map(|(labels, value)| {
+                let mut m = Metric::from_label(
+                    labels
+                        .iter()
+                        .map(|(k, v)| {
+                            let mut l = LabelPair::default();
+                            l.set_name((*k).into());
+                            l.set_value(v.clone());
+                            l
+                        })
+                        .collect(),
+                );
+                match self.kind {
+                    Kind::Counter => {
+                        let mut c = proto::Counter::default();
+                        c.set_value(value.get());
+                        m.set_counter(c);
                     }
-                    let _ = write!(out, "{k}=\"{}\"", escape_label_value(v));
+                    Kind::Gauge => {
+                        let mut g = proto::Gauge::default();
+                        g.set_value(value.get());
+                        m.set_gauge(g);
+                    }
                 }
-                out.push('}');
-            }
-            let _ = writeln!(out, " {value}");
-        }
+                m
+            })
+            .collect();
+        mf.set_metric(metrics);
+        mf
     }
-    out
+}
+
+/// The text exposition of `families`, in order. Families without samples are left out
+/// (the encoder refuses them, and they carry nothing).
+pub fn exposition(families: &[Family]) -> Result<String> {
+    let protos: Vec<MetricFamily> =
+        families.iter().filter(|f| !f.samples.is_empty()).map(Family::to_proto).collect();
+    let mut out = Vec::new();
+    TextEncoder::new().encode(&protos, &mut out).context("encoding the metrics")?;
+    String::from_utf8(out).context("encoding the metrics")
 }
 
 /// Everything the metrics are made of, read at one time.
@@ -356,30 +376,121 @@ impl Snapshot {
         ]
     }
 
-    pub fn render(&self) -> String {
+    pub fn render(&self) -> Result<String> {
         exposition(&self.families())
     }
 }
 
 /// The metrics of the dataplane pinned in `pins`, in the text exposition format.
 pub fn render(pins: &PinDir) -> Result<String> {
-    Ok(Snapshot::read(pins)?.render())
+    Snapshot::read(pins)?.render()
 }
 
-/// Serves `GET /metrics` on `addr` until the task is dropped or fails to accept.
-pub async fn serve(addr: SocketAddr, pins: PinDir) -> Result<()> {
-    let listener = bind(addr).await?;
-    serve_on(listener, pins).await
+/// The connections the server holds, oldest first.
+#[derive(Default)]
+struct Connections(Mutex<ConnTable>);
+
+#[derive(Default)]
+struct ConnTable {
+    next_id: u64,
+    open: BTreeMap<u64, Conn>,
 }
 
-async fn bind(addr: SocketAddr) -> Result<TcpListener> {
-    TcpListener::bind(addr).await.with_context(|| format!("metrics: listening on {addr}"))
+struct Conn {
+    /// Notified to close the connection.
+    close: Arc<Notify>,
+    /// Set while its request is being answered.
+    answering: Arc<AtomicBool>,
 }
 
-/// Serves scrapes on an already bound listener.
-pub async fn serve_on(listener: TcpListener, pins: PinDir) -> Result<()> {
-    info!("metrics at http://{}/metrics", listener.local_addr()?);
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+impl Connections {
+    fn table(&self) -> std::sync::MutexGuard<'_, ConnTable> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A place for a new connection: free, or taken from the oldest connection not being
+    /// answered (closed). None when all are being answered.
+    fn admit(self: &Arc<Self>) -> Option<(Slot, Arc<Notify>, Arc<AtomicBool>)> {
+        let mut table = self.table();
+        if table.open.len() >= MAX_CONNECTIONS {
+            let oldest = table
+                .open
+                .iter()
+                .find(|(_, c)| !c.answering.load(Ordering::Acquire))
+                .map(|(id, _)| *id)?;
+            let evicted = table.open.remove(&oldest).expect("listed");
+            // notify_one keeps the wake-up if the task is not waiting yet.
+            evicted.close.notify_one();
+        }
+        let id = table.next_id;
+        table.next_id += 1;
+        let conn = Conn { close: Arc::new(Notify::new()), answering: Arc::default() };
+        let handles = (conn.close.clone(), conn.answering.clone());
+        table.open.insert(id, conn);
+        Some((Slot { conns: self.clone(), id }, handles.0, handles.1))
+    }
+
+    fn close_all(&self) {
+        for (_, c) in std::mem::take(&mut self.table().open) {
+            c.close.notify_one();
+        }
+    }
+}
+
+/// A connection's place in the table, given back when the connection ends.
+struct Slot {
+    conns: Arc<Connections>,
+    id: u64,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.conns.table().open.remove(&self.id);
+    }
+}
+
+/// The metrics server of `xdpgate run`; stops, with every connection, when dropped.
+pub struct Server {
+    task: JoinHandle<()>,
+    conns: Arc<Connections>,
+    addr: SocketAddr,
+}
+
+impl Server {
+    /// The address it listens on (the port chosen when bound to port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.conns.close_all();
+    }
+}
+
+/// Binds `addr` now (so a bad address or a port in use fails the caller) and serves
+/// `GET /metrics` in tasks of the current runtime until the returned server is dropped.
+pub async fn spawn(addr: SocketAddr, pins: PinDir) -> Result<Server> {
+    let listener = listen(addr).with_context(|| format!("metrics: listening on {addr}"))?;
+    let addr = listener.local_addr()?;
+    info!("metrics at http://{addr}/metrics");
+    let conns = Arc::new(Connections::default());
+    let task = tokio::spawn(accept_loop(listener, pins, conns.clone()));
+    Ok(Server { task, conns, addr })
+}
+
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }?;
+    // As TcpListener::bind does: a restarted agent can bind again at once.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+async fn accept_loop(listener: TcpListener, pins: PinDir, conns: Arc<Connections>) {
+    let renders = Arc::new(Semaphore::new(MAX_RENDERS));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -390,116 +501,103 @@ pub async fn serve_on(listener: TcpListener, pins: PinDir) -> Result<()> {
                 continue;
             }
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            debug!("metrics: {MAX_CONNECTIONS} scrapes in progress, closing {peer}");
+        let Some((slot, close, answering)) = conns.admit() else {
+            debug!("metrics: {MAX_CONNECTIONS} requests being answered, closing {peer}");
             continue;
         };
-        let pins = pins.clone();
+        let (pins, renders) = (pins.clone(), renders.clone());
         tokio::spawn(async move {
-            if let Err(e) = handle(stream, pins).await {
-                debug!("metrics: {peer}: {e:#}");
+            tokio::select! {
+                r = tokio::time::timeout(
+                    CONNECTION_TIMEOUT,
+                    serve_connection(stream, pins, answering, renders),
+                ) => match r {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => debug!("metrics: {peer}: {e}"),
+                    Err(_) => debug!("metrics: {peer}: closed after {CONNECTION_TIMEOUT:?}"),
+                },
+                () = close.notified() => debug!("metrics: {peer}: closed for a newer connection"),
             }
             drop(slot);
         });
+        // Let the new connection read its request before more are accepted: a scrape
+        // then marks itself answered before a flood of new connections can displace it.
+        tokio::task::yield_now().await;
     }
 }
 
-/// The metrics server of `xdpgate run`; stops when dropped.
-pub struct Server(JoinHandle<()>);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
+/// One request per connection (no keep-alive), its head read within HEADER_TIMEOUT.
+async fn serve_connection(
+    stream: TcpStream,
+    pins: PinDir,
+    answering: Arc<AtomicBool>,
+    renders: Arc<Semaphore>,
+) -> hyper::Result<()> {
+    let service =
+        service_fn(move |req| answer(req, pins.clone(), answering.clone(), renders.clone()));
+    http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .keep_alive(false)
+        .max_headers(32)
+        .serve_connection(TokioIo::new(stream), service)
+        .await
 }
 
-/// Binds `addr` now (so a bad address or a port in use fails the caller) and serves in a
-/// task of the current runtime.
-pub async fn spawn(addr: SocketAddr, pins: PinDir) -> Result<Server> {
-    let listener = bind(addr).await?;
-    Ok(Server(tokio::spawn(async move {
-        if let Err(e) = serve_on(listener, pins).await {
-            warn!("metrics server stopped: {e:#}");
+async fn answer(
+    req: Request<Incoming>,
+    pins: PinDir,
+    answering: Arc<AtomicBool>,
+    renders: Arc<Semaphore>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let text = |status: StatusCode, body: String| {
+        let mut r = Response::new(Full::new(Bytes::from(body)));
+        *r.status_mut() = status;
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        r
+    };
+    if req.uri().path() != "/metrics" {
+        return Ok(text(StatusCode::NOT_FOUND, "not found: try GET /metrics\n".into()));
+    }
+    if !matches!(*req.method(), Method::GET | Method::HEAD) {
+        let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed: try GET\n".into());
+        r.headers_mut().insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
+        return Ok(r);
+    }
+    // A request being answered keeps its connection (it is not displaced).
+    answering.store(true, Ordering::Release);
+    let rendered = match renders.acquire().await {
+        Ok(_permit) => tokio::task::spawn_blocking(move || render(&pins))
+            .await
+            .unwrap_or_else(|e| Err(anyhow::anyhow!("rendering the metrics: {e}"))),
+        Err(e) => Err(anyhow::anyhow!("{e}")),
+    };
+    answering.store(false, Ordering::Release);
+    Ok(match rendered {
+        Ok(body) => {
+            let mut r = Response::new(Full::new(Bytes::from(body)));
+            r.headers_mut()
+                .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(CONTENT_TYPE));
+            r
         }
-    })))
-}
-
-/// Reads the request head (the body, if any, is ignored) and answers it.
-async fn handle(mut stream: TcpStream, pins: PinDir) -> Result<()> {
-    let mut head = Vec::with_capacity(512);
-    let complete = tokio::time::timeout(REQUEST_TIMEOUT, async {
-        let mut buf = [0u8; 1024];
-        loop {
-            let n = stream.read(&mut buf).await?;
-            if n == 0 {
-                return Ok::<bool, std::io::Error>(false);
-            }
-            head.extend_from_slice(&buf[..n]);
-            if head.windows(4).any(|w| w == b"\r\n\r\n") || head.windows(2).any(|w| w == b"\n\n") {
-                return Ok(true);
-            }
-            if head.len() > MAX_REQUEST {
-                return Ok(false);
-            }
+        Err(e) => {
+            warn!("metrics: {e:#}");
+            text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("reading the dataplane's counters failed: {e:#}\n"),
+            )
         }
     })
-    .await
-    .context("request timed out")??;
-
-    let line = String::from_utf8_lossy(head.split(|&b| b == b'\n').next().unwrap_or_default())
-        .trim_end()
-        .to_string();
-    let mut parts = line.split(' ');
-    let (method, target, version) = (parts.next(), parts.next(), parts.next());
-    let response = match (method, target, version) {
-        _ if !complete => response("400 Bad Request", "text/plain", "bad request\n".into(), true),
-        (Some(m @ ("GET" | "HEAD")), Some(t), Some(v)) if v.starts_with("HTTP/") => {
-            let path = t.split(['?', '#']).next().unwrap_or_default();
-            if path == "/metrics" {
-                let pins = pins.clone();
-                match tokio::task::spawn_blocking(move || render(&pins)).await? {
-                    Ok(body) => response("200 OK", CONTENT_TYPE, body, m == "GET"),
-                    Err(e) => {
-                        warn!("metrics: {e:#}");
-                        let body = format!("reading the dataplane's counters failed: {e:#}\n");
-                        response("500 Internal Server Error", "text/plain", body, m == "GET")
-                    }
-                }
-            } else {
-                response(
-                    "404 Not Found",
-                    "text/plain",
-                    "not found: try /metrics\n".into(),
-                    m == "GET",
-                )
-            }
-        }
-        (Some(_), Some(_), Some(v)) if v.starts_with("HTTP/") => {
-            response("404 Not Found", "text/plain", "not found: try GET /metrics\n".into(), true)
-        }
-        _ => response("400 Bad Request", "text/plain", "bad request\n".into(), true),
-    };
-    stream.write_all(&response).await?;
-    stream.shutdown().await?;
-    Ok(())
-}
-
-fn response(status: &str, content_type: &str, body: String, with_body: bool) -> Vec<u8> {
-    let mut out = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
-         Connection: close\r\n\r\n",
-        body.len()
-    )
-    .into_bytes();
-    if with_body {
-        out.extend_from_slice(body.as_bytes());
-    }
-    out
 }
 
 #[cfg(test)]
 mod tests {
     use std::net::IpAddr;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
     use xdpgate_dataplane::{
@@ -563,17 +661,18 @@ mod tests {
             generation: 4,
             applied_at: Some(1_700_000_000.25),
             flows: 6,
-            nat: Vec::new(),
+            nat: vec![nat::GatewayReport {
+                name: "egress".into(),
+                addresses: vec![("203.0.113.5".parse().unwrap(), 17)],
+                translations: 17,
+                failed_allocations: 2,
+            }],
         }
     }
 
     #[test]
-    fn label_values_and_help_are_escaped() {
-        assert_eq!(escape_label_value(r#"a\b"c"#), r#"a\\b\"c"#);
-        assert_eq!(escape_label_value("line\nbreak"), r"line\nbreak");
-        assert_eq!(escape_label_value("plain-name_1.2"), "plain-name_1.2");
-        assert_eq!(escape_help("a \\ b\nc \"quoted\""), "a \\\\ b\\nc \"quoted\"");
-        let text = snapshot().render();
+    fn label_values_are_escaped() {
+        let text = snapshot().render().unwrap();
         assert!(
             text.contains(
                 r#"xdpgate_rule_flows_total{nsg="web \"edge\"",rule="allow\\web\nnew",direction="inbound",layer="subnet",priority="100"} 7"#
@@ -584,7 +683,7 @@ mod tests {
 
     #[test]
     fn every_family_has_help_and_type_before_its_samples() {
-        let text = snapshot().render();
+        let text = snapshot().render().unwrap();
         let mut declared: Vec<(String, String)> = Vec::new();
         for line in text.lines() {
             assert!(!line.is_empty(), "empty line in\n{text}");
@@ -630,9 +729,11 @@ mod tests {
         );
     }
 
+    /// The exposition is exactly what the hand-written encoder this replaced printed
+    /// (names, HELP texts, label order and values), so nothing a user scrapes changes.
     #[test]
     fn samples_carry_their_labels_and_values() {
-        let text = snapshot().render();
+        let text = snapshot().render().unwrap();
         for want in [
             "# HELP xdpgate_drops_total Packets the dataplane dropped, by reason.",
             "# TYPE xdpgate_drops_total counter",
@@ -651,31 +752,30 @@ mod tests {
             "# TYPE xdpgate_flows gauge",
             "xdpgate_policy_generation 4",
             "xdpgate_policy_applied_timestamp_seconds 1700000000.25",
+            "# HELP xdpgate_flow_events_dropped_total Flow-log events the dataplane held back: \
+             over the denied-flow rate limit, or lost to a full ring buffer.",
+            r#"xdpgate_flow_events_dropped_total{reason="rate_limited"} 5"#,
+            r#"xdpgate_flow_events_dropped_total{reason="ring_full"} 0"#,
+            "# TYPE xdpgate_nat_ports_in_use gauge",
+            r#"xdpgate_nat_ports_in_use{gateway="egress",address="203.0.113.5"} 17"#,
+            r#"xdpgate_nat_allocation_failures_total{gateway="egress"} 2"#,
         ] {
             assert!(text.lines().any(|l| l == want), "missing {want:?} in\n{text}");
         }
     }
 
+    /// The encoder refuses a family without samples: such families are left out, and the
+    /// rest still render.
     #[test]
-    fn families_without_samples_keep_their_help_and_type() {
+    fn families_without_samples_are_left_out() {
         let mut s = snapshot();
         s.services.clear();
         s.applied_at = None;
-        let text = s.render();
-        assert!(text.contains("# TYPE xdpgate_backend_healthy gauge\n# HELP xdpgate_flows"));
-        assert!(
-            text.contains("# TYPE xdpgate_policy_applied_timestamp_seconds gauge\n# HELP"),
-            "{text}"
-        );
-        assert!(text.ends_with("# TYPE xdpgate_nat_allocation_failures_total counter\n"), "{text}");
-    }
-
-    #[test]
-    fn special_floats_use_the_exposition_spelling() {
-        assert_eq!(Value::Float(f64::INFINITY).to_string(), "+Inf");
-        assert_eq!(Value::Float(f64::NEG_INFINITY).to_string(), "-Inf");
-        assert_eq!(Value::Float(f64::NAN).to_string(), "NaN");
-        assert_eq!(Value::Int(u64::MAX).to_string(), "18446744073709551615");
+        let text = s.render().unwrap();
+        for gone in ["xdpgate_backend_healthy", "xdpgate_policy_applied_timestamp_seconds"] {
+            assert!(!text.contains(gone), "{gone} in\n{text}");
+        }
+        assert!(text.contains("# TYPE xdpgate_flows gauge\nxdpgate_flows 6\n"), "{text}");
     }
 
     #[test]
@@ -689,33 +789,131 @@ mod tests {
         assert!("localhost".parse::<ListenAddr>().is_err());
     }
 
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+    }
+
+    /// A server for a pin directory that holds no dataplane: `/metrics` answers 500.
+    async fn server() -> Server {
+        let pins = PinDir::new("/nonexistent/xdpgate-metrics-test");
+        spawn("127.0.0.1:0".parse().unwrap(), pins).await.unwrap()
+    }
+
+    /// Sends `req` and reads the whole answer (the server closes after one).
+    async fn exchange(addr: SocketAddr, req: &str) -> String {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
     /// The server on a real socket: `/metrics` is served (here failing with 500, as the
-    /// pin directory holds no dataplane), anything else is 404.
+    /// pin directory holds no dataplane), other paths are 404, other methods 405.
     #[test]
     fn server_answers_only_metrics() {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        rt.block_on(async {
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            let pins = PinDir::new("/nonexistent/xdpgate-metrics-test");
-            let server = tokio::spawn(serve_on(listener, pins));
-            let get = |req: &'static str| async move {
-                let mut s = TcpStream::connect(addr).await.unwrap();
-                s.write_all(req.as_bytes()).await.unwrap();
-                let mut out = String::new();
-                s.read_to_string(&mut out).await.unwrap();
-                out
-            };
+        runtime().block_on(async {
+            let server = server().await;
+            let addr = server.local_addr();
+            let get = |req: &'static str| exchange(addr, req);
             let other = get("GET /other HTTP/1.1\r\nHost: x\r\n\r\n").await;
             assert!(other.starts_with("HTTP/1.1 404 Not Found\r\n"), "{other}");
-            let post = get("POST /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
-            assert!(post.starts_with("HTTP/1.1 404 "), "{post}");
+            assert!(other.to_ascii_lowercase().contains("connection: close\r\n"), "{other}");
+            let post = get("POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n").await;
+            assert!(post.starts_with("HTTP/1.1 405 "), "{post}");
+            assert!(post.to_ascii_lowercase().contains("allow: get, head\r\n"), "{post}");
             let garbage = get("hello\r\n\r\n").await;
             assert!(garbage.starts_with("HTTP/1.1 400 "), "{garbage}");
-            let metrics = get("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+            let metrics = get("GET /metrics?x=1 HTTP/1.1\r\nHost: x\r\n\r\n").await;
             assert!(metrics.starts_with("HTTP/1.1 500 "), "{metrics}");
             assert!(metrics.contains("no pinned map"), "{metrics}");
-            server.abort();
+            let head = get("HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+            assert!(head.starts_with("HTTP/1.1 500 "), "{head}");
+            assert!(head.ends_with("\r\n\r\n"), "HEAD has no body: {head}");
+            let http10 = get("GET /metrics HTTP/1.0\r\n\r\n").await;
+            assert!(http10.starts_with("HTTP/1.0 500 "), "{http10}");
+        });
+    }
+
+    /// A client that stalls in its request head is dropped after HEADER_TIMEOUT, and one
+    /// that sends nothing too.
+    #[test]
+    fn stalled_request_heads_time_out() {
+        runtime().block_on(async {
+            let server = server().await;
+            let addr = server.local_addr();
+            let start = tokio::time::Instant::now();
+            let mut partial = TcpStream::connect(addr).await.unwrap();
+            partial.write_all(b"GET /metrics HTTP/1.1\r\nHost:").await.unwrap();
+            let mut silent = TcpStream::connect(addr).await.unwrap();
+            for s in [&mut partial, &mut silent] {
+                let mut out = Vec::new();
+                let read = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut out));
+                assert!(read.await.is_ok(), "the server kept a stalled connection 20 s");
+                let held = start.elapsed();
+                assert!(
+                    (HEADER_TIMEOUT..HEADER_TIMEOUT + Duration::from_secs(2)).contains(&held),
+                    "dropped after {held:?}"
+                );
+            }
+        });
+    }
+
+    /// With every place taken by stalled clients, a scrape displaces the oldest of them
+    /// and is answered at once (not after their header timeout).
+    #[test]
+    fn stalled_clients_make_room_for_a_scrape() {
+        runtime().block_on(async {
+            let server = server().await;
+            let addr = server.local_addr();
+            let mut stalled = Vec::new();
+            for _ in 0..2 * MAX_CONNECTIONS {
+                let mut s = TcpStream::connect(addr).await.unwrap();
+                s.write_all(b"GET /metrics HTTP/1.1\r\n").await.unwrap();
+                stalled.push(s);
+            }
+            let start = tokio::time::Instant::now();
+            let answer = exchange(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+            assert!(answer.contains("no pinned map"), "{answer}");
+            assert!(
+                start.elapsed() < Duration::from_secs(1),
+                "answered after {:?}",
+                start.elapsed()
+            );
+            // The server held no more than its cap: the oldest stalled clients were closed.
+            let mut closed = 0;
+            for s in &mut stalled {
+                let mut b = [0u8; 16];
+                // End of stream, or a reset for a client closed before its head was read.
+                if let Ok(Ok(0) | Err(_)) =
+                    tokio::time::timeout(Duration::from_millis(1), s.read(&mut b)).await
+                {
+                    closed += 1;
+                }
+            }
+            assert!(
+                closed >= MAX_CONNECTIONS,
+                "{closed} of {} stalled clients closed",
+                stalled.len()
+            );
+        });
+    }
+
+    /// Dropping the server closes the connections it holds, not just the listener.
+    #[test]
+    fn dropping_the_server_closes_its_connections() {
+        runtime().block_on(async {
+            let server = server().await;
+            let mut s = TcpStream::connect(server.local_addr()).await.unwrap();
+            s.write_all(b"GET /metrics HTTP/1.1\r\n").await.unwrap();
+            // The server has accepted it once the connection is in its table.
+            while server.conns.table().open.is_empty() {
+                tokio::task::yield_now().await;
+            }
+            drop(server);
+            let mut out = Vec::new();
+            let read = tokio::time::timeout(Duration::from_secs(1), s.read_to_end(&mut out));
+            assert!(matches!(read.await, Ok(Ok(0))), "connection still open");
         });
     }
 }
