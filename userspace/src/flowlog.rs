@@ -6,7 +6,8 @@
 use std::{
     fs::{self, File, OpenOptions},
     io::{self, Write},
-    path::PathBuf,
+    os::unix::fs::{MetadataExt as _, OpenOptionsExt as _},
+    path::{Path, PathBuf},
 };
 
 use anyhow::{Context, Result};
@@ -31,6 +32,19 @@ pub enum Sink {
     File { path: PathBuf, max_bytes: u64, file: File, written: u64 },
 }
 
+/// Opens `path` for appending, created mode 0640 (flow logs name every peer: not for
+/// every local user).
+fn open_append(path: &Path) -> Result<(File, u64)> {
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o640)
+        .open(path)
+        .with_context(|| format!("opening flow log {}", path.display()))?;
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    Ok((file, len))
+}
+
 impl Sink {
     /// `-` for stdout, else a file appended to.
     pub fn open(target: &str, max_bytes: u64) -> Result<Self> {
@@ -38,29 +52,75 @@ impl Sink {
             return Ok(Sink::Stdout);
         }
         let path = PathBuf::from(target);
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .with_context(|| format!("opening {target}"))?;
-        let written = file.metadata()?.len();
+        let (file, written) = open_append(&path)?;
         Ok(Sink::File { path, max_bytes, file, written })
     }
 
+    /// Opens the file at the path anew (logrotate style: after the old one was moved away,
+    /// lines go to a new file at the same path).
+    pub fn reopen(&mut self) -> Result<()> {
+        if let Sink::File { path, file, written, .. } = self {
+            (*file, *written) = open_append(path)?;
+        }
+        Ok(())
+    }
+
+    /// Reopens the file if the path no longer names the file being written (removed or
+    /// moved away); returns its path if it did.
+    pub fn follow(&mut self) -> Result<Option<PathBuf>> {
+        let Sink::File { path, file, .. } = self else { return Ok(None) };
+        let same = match (fs::metadata(&*path), file.metadata()) {
+            (Ok(p), Ok(f)) => (p.dev(), p.ino()) == (f.dev(), f.ino()),
+            _ => false,
+        };
+        if same {
+            return Ok(None);
+        }
+        let path = path.clone();
+        self.reopen()?;
+        Ok(Some(path))
+    }
+
+    /// Writes one line; a file that fails is reopened and the line tried once more.
     pub fn write(&mut self, line: &Value) -> Result<()> {
         let mut text = line.to_string();
         text.push('\n');
         match self {
-            Sink::Stdout => io::stdout().write_all(text.as_bytes())?,
+            Sink::Stdout => {
+                io::stdout().write_all(text.as_bytes()).context("writing flow log to stdout")?
+            }
             Sink::File { path, max_bytes, file, written } => {
                 if *written > 0 && *written + text.len() as u64 > *max_bytes {
                     let mut rotated = path.clone().into_os_string();
                     rotated.push(".1");
-                    fs::rename(&*path, &rotated)?;
-                    *file = OpenOptions::new().create(true).append(true).open(&*path)?;
-                    *written = 0;
+                    match fs::rename(&*path, &rotated) {
+                        // Removed under us: nothing to rotate, start a new file.
+                        Ok(()) => {}
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                            log::warn!(
+                                "flow log {} was removed; writing to a new file there",
+                                path.display()
+                            );
+                        }
+                        Err(e) => {
+                            return Err(e).with_context(|| {
+                                format!(
+                                    "rotating flow log {} to {}",
+                                    path.display(),
+                                    Path::new(&rotated).display()
+                                )
+                            });
+                        }
+                    }
+                    (*file, *written) = open_append(path)?;
                 }
-                file.write_all(text.as_bytes())?;
+                if let Err(first) = file.write_all(text.as_bytes()) {
+                    (*file, *written) = open_append(path)
+                        .with_context(|| format!("after writing it failed: {first}"))?;
+                    file.write_all(text.as_bytes()).with_context(|| {
+                        format!("writing flow log {} (reopened after: {first})", path.display())
+                    })?;
+                }
                 *written += text.len() as u64;
             }
         }

@@ -2,6 +2,7 @@
 //! bpffs and reads it back.
 
 pub mod agent;
+pub mod agent_state;
 pub mod apply;
 pub mod compile;
 pub mod dataplane;
@@ -14,6 +15,7 @@ pub mod maglev;
 pub mod metrics;
 pub mod nat;
 pub mod netns;
+pub mod node;
 pub mod pktgen;
 pub mod policy;
 pub mod rules;

@@ -23,6 +23,7 @@ use tokio::{
 };
 
 use crate::{
+    agent_state::{self, AgentState},
     apply,
     dataplane::PinDir,
     flows, lb,
@@ -179,6 +180,8 @@ pub struct Snapshot {
     /// Entries in the flow table.
     pub flows: u64,
     pub nat: Vec<nat::GatewayReport>,
+    /// The running agent's last policy load (none without a running agent).
+    pub agent: Option<AgentState>,
 }
 
 impl Snapshot {
@@ -205,6 +208,7 @@ impl Snapshot {
             applied_at,
             flows: flows::count(pins)?,
             nat,
+            agent: agent_state::read(pins).filter(AgentState::running),
         })
     }
 
@@ -351,6 +355,25 @@ impl Snapshot {
             nat_failures.add(vec![("gateway", g.name.clone())], Int(g.failed_allocations));
         }
 
+        // As Prometheus reports its own configuration reloads.
+        let mut reload_ok = Family::new(
+            "xdpgate_config_last_reload_successful",
+            Gauge,
+            "Whether the agent's last load of its policy file succeeded (1) or failed (0); \
+             after a failure the previous policy stays in force.",
+        );
+        let mut reload_at = Family::new(
+            "xdpgate_config_last_reload_success_timestamp_seconds",
+            Gauge,
+            "When the agent last loaded its policy file successfully.",
+        );
+        if let Some(agent) = &self.agent {
+            reload_ok.add(Vec::new(), Int(u64::from(agent.last_reload.successful)));
+            if let Some(t) = agent.last_success_unix {
+                reload_at.add(Vec::new(), Value::Float(t));
+            }
+        }
+
         vec![
             if_packets,
             if_bytes,
@@ -367,6 +390,8 @@ impl Snapshot {
             events,
             nat_ports,
             nat_failures,
+            reload_ok,
+            reload_at,
         ]
     }
 
@@ -578,6 +603,19 @@ mod tests {
             applied_at: Some(1_700_000_000.25),
             flows: 6,
             nat: Vec::new(),
+            agent: Some(AgentState {
+                pid: 1,
+                policy_file: "/etc/xdpgate/policy.yaml".into(),
+                generation: 4,
+                last_reload: crate::agent_state::Reload {
+                    at: "2023-11-14T22:13:30Z".into(),
+                    unix: 1_700_000_010.0,
+                    successful: false,
+                    errors: vec!["invalid policy".into()],
+                },
+                last_success_unix: Some(1_700_000_000.5),
+                failing: Vec::new(),
+            }),
         }
     }
 
@@ -640,6 +678,8 @@ mod tests {
                 "xdpgate_flow_events_dropped_total",
                 "xdpgate_nat_ports_in_use",
                 "xdpgate_nat_allocation_failures_total",
+                "xdpgate_config_last_reload_successful",
+                "xdpgate_config_last_reload_success_timestamp_seconds",
             ]
         );
     }
@@ -665,6 +705,9 @@ mod tests {
             "# TYPE xdpgate_flows gauge",
             "xdpgate_policy_generation 4",
             "xdpgate_policy_applied_timestamp_seconds 1700000000.25",
+            "# TYPE xdpgate_config_last_reload_successful gauge",
+            "xdpgate_config_last_reload_successful 0",
+            "xdpgate_config_last_reload_success_timestamp_seconds 1700000000.5",
         ] {
             assert!(text.lines().any(|l| l == want), "missing {want:?} in\n{text}");
         }
@@ -675,13 +718,17 @@ mod tests {
         let mut s = snapshot();
         s.services.clear();
         s.applied_at = None;
+        s.agent = None;
         let text = s.render();
         assert!(text.contains("# TYPE xdpgate_backend_healthy gauge\n# HELP xdpgate_flows"));
         assert!(
             text.contains("# TYPE xdpgate_policy_applied_timestamp_seconds gauge\n# HELP"),
             "{text}"
         );
-        assert!(text.ends_with("# TYPE xdpgate_nat_allocation_failures_total counter\n"), "{text}");
+        assert!(
+            text.ends_with("# TYPE xdpgate_config_last_reload_success_timestamp_seconds gauge\n"),
+            "{text}"
+        );
     }
 
     #[test]
