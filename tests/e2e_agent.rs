@@ -196,10 +196,16 @@ fn sighup_with_a_broken_policy_keeps_the_running_one() {
     let text = lab.pins.xdpgate(&["status"]);
     assert!(text.contains("reload failed") && text.contains("99999"), "status says so:\n{text}");
     assert_eq!(status(&lab.pins)["agent"]["last_reload"]["successful"], false);
-    // The health, NAT and flow-log jobs go on: the agent answers a second broken reload too.
+    // And a second broken reload, recorded as a new attempt.
+    let first_try = state["last_reload"]["unix"].as_f64().unwrap();
     agent.signal(libc::SIGHUP);
-    thread::sleep(Duration::from_millis(300));
-    agent.assert_running("a second SIGHUP with an invalid policy");
+    wait_for("the second failed reload recorded", Duration::from_secs(10), || {
+        agent.assert_running("a second SIGHUP with an invalid policy");
+        agent_state(&lab.pins).is_some_and(|s| {
+            s["last_reload"]["unix"].as_f64() > Some(first_try)
+                && s["last_reload"]["successful"] == false
+        })
+    });
 
     // A fixed file reloads.
     std::fs::write(&file, policy(9090)).unwrap();
@@ -307,7 +313,7 @@ fn simulated_reboot_attaches_from_the_node_file() {
     let node = lab.write_policy(
         "node.yaml",
         &format!(
-            "interfaces:\n  - {{name: {}, role: external, mode: native}}\n  - {{name: {}, role: internal}}\n",
+            "interfaces:\n  - {{name: {}, role: external, mode: native}}\n  - {{name: {}, role: internal}}\n  - {{name: late0, role: internal, mode: skb}}\n",
             lab.ext, lab.int
         ),
     );
@@ -354,6 +360,7 @@ fn simulated_reboot_attaches_from_the_node_file() {
             && programs(&lab.pins).iter().filter(|(_, mode, _)| mode == "native").count() == 2
     });
     let after = programs(&lab.pins);
+    // (late0 does not exist yet: not attached, not listed.)
     let mut names: Vec<&str> = after
         .iter()
         .map(|(n, m, _)| {
@@ -375,5 +382,17 @@ fn simulated_reboot_attaches_from_the_node_file() {
     assert!(roles.contains(&(lab.int.clone(), "internal".into())), "{roles:?}");
     assert!(reaches(&lab, 8080), "allowed port reaches the server");
     assert!(!reaches(&lab, 9090), "the policy filters again after the reboot");
+
+    // An interface of the node file that does not exist yet is reported, and attached once
+    // it appears.
+    let failing = status(&lab.pins)["agent"]["failing"].to_string();
+    assert!(failing.contains("late0"), "{failing}");
+    assert!(lab.pins.xdpgate(&["status"]).contains("failing: node file"));
+    lab.gw.exec("ip", &["link", "add", "late0", "type", "veth", "peer", "name", "late1"]);
+    lab.gw.exec("ip", &["link", "set", "late0", "up"]);
+    wait_for("late0 attached", Duration::from_secs(30), || {
+        agent.assert_running("late0 appeared");
+        programs(&lab.pins).iter().any(|(n, mode, _)| n == "late0" && mode == "skb")
+    });
     agent.stop();
 }

@@ -214,6 +214,10 @@ fn log_errors(what: &str, e: &anyhow::Error) {
 pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     let RunConfig { policy: file, node, max_concurrent, metrics_addr, mut flow_log } = config;
     let file = file.as_path();
+    // First: a SIGTERM or SIGHUP during start-up is handled once it is done, instead of
+    // ending the process with the default action.
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
     // Fails before anything changes, with every error.
     let (policy, source, tables, lbs) = prepare(file)?;
     // Serves GET /metrics until run returns (the server stops when dropped). A bad
@@ -271,8 +275,6 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     let names = flows::Names::read(pins)?;
     let mut running = Running { policy, lbs, names };
 
-    let mut hup = signal(SignalKind::hangup())?;
-    let mut term = signal(SignalKind::terminate())?;
     // The dataplane's flow events, read as they come when a flow log is wanted.
     let mut events = match flow_log {
         Some(_) => {
@@ -289,6 +291,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     let mut expiry = tokio::time::interval(std::time::Duration::from_secs(1));
     // Programs come and go with attach and upgrade: look for new ones every tick.
     let mut loggers = Vec::new();
+    let mut ticks = 0u64;
     let (mut tx, mut rx) = mpsc::channel::<Change>(256);
     let mut prober = Prober::spawn(targets_now, &down, max_concurrent, tx.clone());
     save_state(pins, &mut state, &failing);
@@ -320,7 +323,16 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
             }
             _ = expiry.tick() => {
                 let before = failing.list();
-                tick(pins, &running, node.as_ref(), &mut loggers, flow_log.as_mut(), &mut failing);
+                // An interface of the node file that appears late (or came back) is
+                // attached; tried every 10 s, as a failing attach loads the programs.
+                ticks += 1;
+                if let Some(node) = &node
+                    && ticks.is_multiple_of(10)
+                    && !node::missing(pins, node).is_empty()
+                {
+                    attach_node(pins, node, &mut failing);
+                }
+                tick(pins, &running, &mut loggers, flow_log.as_mut(), &mut failing);
                 if failing.list() != before {
                     save_state(pins, &mut state, &failing);
                 }
@@ -367,14 +379,21 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                         state.generation = generation;
                         state.last_success_unix = Some(state.last_reload.unix);
                     }
-                    Err(e) => log_errors(
-                        &format!(
-                            "reload of {} failed; generation {} stays in force:",
-                            file.display(),
-                            state.generation
-                        ),
-                        &e,
-                    ),
+                    Err(e) => {
+                        // What the kernel runs now (an apply that failed part-way may have
+                        // switched the NSG tables already).
+                        if let Ok((_, config)) = apply::active(pins) {
+                            state.generation = config.generation;
+                        }
+                        log_errors(
+                            &format!(
+                                "reload of {} failed; generation {} stays in force:",
+                                file.display(),
+                                state.generation
+                            ),
+                            &e,
+                        );
+                    }
                 }
                 save_state(pins, &mut state, &failing);
             }
@@ -416,17 +435,10 @@ fn attach_node(pins: &PinDir, node: &Node, failing: &mut Failing) {
 fn tick(
     pins: &PinDir,
     running: &Running,
-    node: Option<&Node>,
     loggers: &mut Vec<(u32, EbpfLogger<&'static dyn log::Log>)>,
     flow_log: Option<&mut flowlog::Sink>,
     failing: &mut Failing,
 ) {
-    // An interface that appears late (or came back) is attached once it exists.
-    if let Some(node) = node
-        && !node::missing(pins, node).is_empty()
-    {
-        attach_node(pins, node, failing);
-    }
     failing.check("dataplane log readers", dataplane_loggers(pins, loggers));
     for (_, logger) in loggers.iter_mut() {
         logger.flush();
