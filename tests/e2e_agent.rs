@@ -396,3 +396,86 @@ fn simulated_reboot_attaches_from_the_node_file() {
     });
     agent.stop();
 }
+
+/// A small tmpfs, unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn new(at: PathBuf) -> Self {
+        std::fs::create_dir_all(&at).unwrap();
+        common::run("mount", &["-t", "tmpfs", "-o", "size=64k", "tmpfs", at.to_str().unwrap()]);
+        Self(at)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn flow_log_write_errors_are_logged_and_survived() {
+    let lab = Gateway::new();
+    let file = lab.write_policy("policy.yaml", &policy(8080));
+    let disk = Tmpfs::new(lab.dir.join("disk"));
+    let log = disk.0.join("flows.jsonl");
+    let mut agent = Agent::start(
+        &lab,
+        &[
+            "--policy",
+            file.to_str().unwrap(),
+            "--metrics-addr",
+            "off",
+            "--flow-log",
+            log.to_str().unwrap(),
+        ],
+    );
+    wait_for("the policy applied", Duration::from_secs(20), || {
+        agent.assert_running("start");
+        generation(&lab.pins) >= 1
+    });
+    udp_flow(&lab, 41000);
+    wait_for("the first begin line", Duration::from_secs(10), || begins(&log, Some(41000)) == 1);
+
+    // The disk fills up: writes fail, the agent says which file and runs on.
+    let filler = disk.0.join("filler");
+    let _ = Command::new("dd")
+        .args(["if=/dev/zero", "bs=4k", &format!("of={}", filler.display())])
+        .stderr(Stdio::null())
+        .status();
+    let mut sport = 41001;
+    let error = format!("writing flow log {}", log.display());
+    wait_for("the write error logged", Duration::from_secs(15), || {
+        agent.assert_running("flow-log writes failed");
+        udp_flow(&lab, sport);
+        sport += 1;
+        thread::sleep(Duration::from_millis(100));
+        agent.log().contains(&error)
+    });
+    let text = agent.log();
+    assert!(text.contains("No space left on device"), "{text}");
+    wait_for("status to list the failing flow log", Duration::from_secs(5), || {
+        status(&lab.pins)["agent"]["failing"].to_string().contains(&error)
+    });
+
+    // Space again: lines come again, and every line in the file is whole JSON.
+    std::fs::remove_file(&filler).unwrap();
+    let resumed = sport + 1000;
+    let mut next = resumed;
+    wait_for("lines after the disk has space again", Duration::from_secs(15), || {
+        agent.assert_running("the disk had space again");
+        udp_flow(&lab, next);
+        next += 1;
+        thread::sleep(Duration::from_millis(100));
+        (resumed..next).any(|p| begins(&log, Some(p)) == 1)
+    });
+    let content = std::fs::read_to_string(&log).unwrap();
+    for line in content.lines() {
+        assert!(serde_json::from_str::<Value>(line).is_ok(), "not a JSON line: {line:?}");
+    }
+    wait_for("the recovery logged", Duration::from_secs(5), || {
+        agent.log().contains("flow log: working again")
+    });
+    agent.stop();
+}

@@ -322,7 +322,6 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                 on_change(&mut maps, &running.lbs, &mut down, &change, &mut failing);
             }
             _ = expiry.tick() => {
-                let before = failing.list();
                 // An interface of the node file that appears late (or came back) is
                 // attached; tried every 10 s, as a failing attach loads the programs.
                 ticks += 1;
@@ -333,7 +332,9 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                     attach_node(pins, node, &mut failing);
                 }
                 tick(pins, &running, &mut loggers, flow_log.as_mut(), &mut failing);
-                if failing.list() != before {
+                // Failures (and recoveries) of any job since the last write, at most once a
+                // second.
+                if failing.list() != state.failing {
                     save_state(pins, &mut state, &failing);
                 }
             }
