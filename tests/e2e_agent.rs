@@ -358,7 +358,13 @@ fn simulated_reboot_attaches_from_the_node_file() {
         lab.pins.try_xdpgate(&["status", "--json"]).status.success()
             && generation(&lab.pins) >= 1
             && programs(&lab.pins).iter().filter(|(_, mode, _)| mode == "native").count() == 2
+            && agent_state(&lab.pins).is_some()
     });
+    // The state directory, made anew (as /run is after a reboot), is root's only.
+    let state_dir = xdpgate::apply::state_dir(&lab.pins.dir);
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&state_dir), 0o700);
+    assert_eq!(mode(&state_dir.join("agent.json")), 0o600);
     let after = programs(&lab.pins);
     // (late0 does not exist yet: not attached, not listed.)
     let mut names: Vec<&str> = after

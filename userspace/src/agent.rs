@@ -252,6 +252,8 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
         .map(|t| (t.backend, t.probe.name.clone()))
         .filter(|k| was_down.contains(&k.0))
         .collect();
+    // Before the first apply writes into it.
+    agent_state::ensure_dir(pins)?;
     let generation = {
         let view = HealthView { lbs: &lbs, down: &down };
         install(pins, &policy, &source, &tables, &lbs, &view)?

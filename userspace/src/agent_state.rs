@@ -77,14 +77,8 @@ impl AgentState {
 
     /// Writes `agent.json` whole: a reader sees the old or the new state, never a part.
     pub fn write(&self, pins: &PinDir) -> Result<()> {
-        let file = path(pins);
-        let dir = file.parent().expect("state dir");
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .with_context(|| format!("creating {}", dir.display()))?;
-        write_atomically(&file, &serde_json::to_vec_pretty(self)?, 0o600)
+        ensure_dir(pins)?;
+        write_atomically(&path(pins), &serde_json::to_vec_pretty(self)?, 0o600)
     }
 }
 
@@ -104,6 +98,17 @@ pub fn write_atomically(file: &Path, bytes: &[u8], mode: u32) -> Result<()> {
         let _ = fs::remove_file(&tmp);
     }
     written.with_context(|| format!("writing {}", file.display()))
+}
+
+/// Creates the state directory (and `/run/xdpgate`) mode 0700 where missing: it holds the
+/// policy, which is not for every local user.
+pub fn ensure_dir(pins: &PinDir) -> Result<()> {
+    let dir = apply::state_dir(pins);
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .with_context(|| format!("creating {}", dir.display()))
 }
 
 pub fn remove(pins: &PinDir) {
