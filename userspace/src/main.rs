@@ -112,8 +112,9 @@ enum Command {
         json: bool,
     },
     /// Run the agent: apply POLICY, probe the load balancers' backends and keep each
-    /// service's table to its healthy backends. SIGHUP reloads the policy; on exit the
-    /// dataplane keeps running.
+    /// service's table to its healthy backends. SIGHUP reloads the policy (one that fails
+    /// changes nothing: see `status`) and reopens the flow log; on exit the dataplane keeps
+    /// running.
     Run {
         #[arg(long)]
         policy: PathBuf,
