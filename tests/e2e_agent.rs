@@ -7,7 +7,9 @@
 //! * The flow-log file removed (and later moved away, logrotate style) under the agent: the
 //!   agent runs on and writes its lines to a new file at the same path.
 //! * A simulated reboot (links detached, pins and state removed): `xdpgate run --node FILE`
-//!   attaches the interfaces itself and the policy filters real traffic.
+//!   attaches the interfaces itself and the policy filters real traffic; and so it does
+//!   with only the capabilities deploy/xdpgate.service grants.
+//! * A full disk under the flow log: the error is logged with the file name, lines resume.
 
 mod common;
 
@@ -484,4 +486,88 @@ fn flow_log_write_errors_are_logged_and_survived() {
         agent.log().contains("flow log: working again")
     });
     agent.stop();
+}
+
+/// A bpffs of the test's own outside /sys (which `ip netns exec` remounts), whose
+/// dataplane is detached and which is unmounted on drop.
+struct OwnBpffs {
+    mnt: String,
+    pins: String,
+    ns: String,
+}
+
+impl Drop for OwnBpffs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "exec", &self.ns])
+            .arg(common::xdpgate_bin())
+            .args(["--pin-dir", &self.pins, "detach", "--all"])
+            .output();
+        let state = xdpgate::apply::state_dir(&xdpgate::dataplane::PinDir::new(&self.pins));
+        let _ = std::fs::remove_dir_all(state);
+        let _ = Command::new("umount").arg(&self.mnt).status();
+        let _ = std::fs::remove_dir(&self.mnt);
+    }
+}
+
+#[test]
+fn boots_from_the_node_file_with_only_the_units_capabilities() {
+    let a = common::Netns::new("ca");
+    let b = common::Netns::new("cb");
+    let (_, ib) = common::veth(&a, "198.51.100.1/24", &b, "198.51.100.2/24");
+    let mnt = format!("/run/{}", common::unique("xgbpf"));
+    std::fs::create_dir_all(&mnt).unwrap();
+    common::run("mount", &["-t", "bpf", "bpf", &mnt]);
+    let own = OwnBpffs { pins: format!("{mnt}/xdpgate"), mnt, ns: b.name.clone() };
+    let dir = std::env::temp_dir().join(common::unique("capboot"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let policy = dir.join("policy.yaml");
+    std::fs::write(&policy, policy_text()).unwrap();
+    let node = dir.join("node.yaml");
+    std::fs::write(&node, format!("interfaces:\n  - {{name: {ib}, role: internal}}\n")).unwrap();
+
+    // What deploy/xdpgate.service grants: CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, nothing else.
+    let caps = "-all,+bpf,+perfmon,+net_admin";
+    let log = dir.join("agent.log");
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &b.name, "setpriv"])
+        .args(["--bounding-set", caps, "--inh-caps", caps, "--ambient-caps", caps])
+        .arg(common::xdpgate_bin())
+        .args(["--pin-dir", &own.pins, "run", "--metrics-addr", "off", "--policy"])
+        .arg(&policy)
+        .arg("--node")
+        .arg(&node)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("spawn the agent");
+    let status = || -> Option<Value> {
+        let out = b.try_exec(
+            common::xdpgate_bin().to_str().unwrap(),
+            &["--pin-dir", &own.pins, "status", "--json"],
+        );
+        serde_json::from_slice(&out.stdout).ok()
+    };
+    let agent_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_for("the agent attached and applied", Duration::from_secs(30), || {
+        if let Some(s) = child.try_wait().unwrap() {
+            panic!("the agent exited ({s}):\n{}", agent_log());
+        }
+        status().is_some_and(|s| {
+            s["policy"]["generation"].as_u64() >= Some(1)
+                && s["interfaces"][0]["name"] == ib.as_str()
+                && s["interfaces"][0]["xdp_mode"] == "native"
+                && s["agent"]["last_reload"]["successful"] == true
+        })
+    });
+    // SAFETY: a signal to our own child (ip netns exec and setpriv exec into xdpgate).
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let exit = child.wait().unwrap();
+    assert!(exit.success(), "agent stopped with {exit}:\n{}", agent_log());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Allows nothing in particular: the default rules only.
+fn policy_text() -> &'static str {
+    "virtual_network: {address_space: [198.51.100.0/24]}\nnsgs:\n  - name: n\n    subnets: [198.51.100.0/24]\n    rules: []\n"
 }
