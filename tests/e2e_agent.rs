@@ -571,3 +571,43 @@ fn boots_from_the_node_file_with_only_the_units_capabilities() {
 fn policy_text() -> &'static str {
     "virtual_network: {address_space: [198.51.100.0/24]}\nnsgs:\n  - name: n\n    subnets: [198.51.100.0/24]\n    rules: []\n"
 }
+
+#[test]
+fn a_reload_whose_apply_fails_keeps_the_running_policy() {
+    let lab = Gateway::new();
+    let file = lab.write_policy("policy.yaml", &policy(8080));
+    let mut agent =
+        Agent::start(&lab, &["--policy", file.to_str().unwrap(), "--metrics-addr", "off"]);
+    wait_for("the first policy applied", Duration::from_secs(20), || {
+        agent.assert_running("start");
+        agent_state(&lab.pins).is_some_and(|s| s["last_reload"]["successful"] == true)
+    });
+    let before = generation(&lab.pins);
+
+    // A valid policy that cannot be installed: a map the load balancer needs is not where
+    // the agent looks (the programs keep it open).
+    let map = lab.pins.dir.map(xdpgate_common::maps::FRONTENDS);
+    let away = lab.pins.dir.map("away");
+    std::fs::rename(&map, &away).unwrap();
+    std::fs::write(&file, policy(9090)).unwrap();
+    agent.signal(libc::SIGHUP);
+    wait_for("the failed reload recorded", Duration::from_secs(10), || {
+        agent.assert_running("SIGHUP with a policy that cannot be installed");
+        agent_state(&lab.pins).is_some_and(|s| s["last_reload"]["successful"] == false)
+    });
+    let errors = agent_state(&lab.pins).unwrap()["last_reload"]["errors"].to_string();
+    assert!(errors.contains(xdpgate_common::maps::FRONTENDS), "{errors}");
+    assert_eq!(generation(&lab.pins), before, "nothing applied");
+    assert!(reaches(&lab, 8080) && !reaches(&lab, 9090), "the old policy stays in force");
+
+    // Back in place: the next reload applies.
+    std::fs::rename(&away, &map).unwrap();
+    agent.signal(libc::SIGHUP);
+    wait_for("the good reload recorded", Duration::from_secs(10), || {
+        agent.assert_running("SIGHUP with the map back");
+        agent_state(&lab.pins).is_some_and(|s| s["last_reload"]["successful"] == true)
+    });
+    assert_eq!(generation(&lab.pins), before + 1);
+    assert!(reaches(&lab, 9090) && !reaches(&lab, 8080), "the new policy is in force");
+    agent.stop();
+}
