@@ -580,7 +580,7 @@ fn a_reload_whose_apply_fails_keeps_the_running_policy() {
         Agent::start(&lab, &["--policy", file.to_str().unwrap(), "--metrics-addr", "off"]);
     wait_for("the first policy applied", Duration::from_secs(20), || {
         agent.assert_running("start");
-        agent_state(&lab.pins).is_some_and(|s| s["last_reload"]["successful"] == true)
+        generation(&lab.pins) >= 1
     });
     let before = generation(&lab.pins);
 
