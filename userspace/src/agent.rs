@@ -1,38 +1,53 @@
-//! `xdpgate run`: the long-running agent that applies a policy, probes the backends and
-//! keeps each service's Maglev table to its healthy backends.
+//! Applying a whole policy (NSG tables and load balancers), and `xdpgate run`: the
+//! long-running agent that applies a policy, probes the backends and keeps each service's
+//! Maglev table to its healthy backends.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     net::IpAddr,
-    path::Path,
+    path::{Path, PathBuf},
 };
 
-use anyhow::{Result, anyhow};
+use anyhow::{Context, Result, anyhow};
 use aya_log::EbpfLogger;
-use log::{info, warn};
+use log::{error, info, warn};
 use tokio::{
     io::{Interest, unix::AsyncFd},
     signal::unix::{SignalKind, signal},
     sync::mpsc,
 };
 use xdpgate_common::events::FlowEvent;
-
 use xdpgate_dataplane::{
-    self as dataplane, PinDir, flows,
+    self as dataplane, PinDir, apply, flows,
     lb::{self, LbMaps},
     nat,
     state::{AgentLock, WriteLock},
     transaction,
 };
 use xdpgate_policy::{
-    self as policy,
+    self as policy, Policy, compile,
     lb::{BackendHealth, CompiledLb, ServiceSpec},
 };
 
 use crate::{
+    agent_state::{self, AgentState, Reload},
     flowlog,
     health::{Change, Health, Prober, Target},
+    node::{self, Node},
 };
+
+/// Applies a compiled policy as the dataplane's one writer.
+fn install(
+    pins: &PinDir,
+    policy: &Policy,
+    source: &str,
+    tables: &compile::Compiled,
+    lbs: &CompiledLb,
+    health: &dyn BackendHealth,
+) -> Result<u64> {
+    let lock = WriteLock::acquire(pins)?;
+    transaction::install(&lock, pins, policy, source, tables, lbs, health)
+}
 
 /// The probe targets of every service that has a probe.
 fn targets(lbs: &CompiledLb) -> Vec<Target> {
@@ -89,24 +104,144 @@ fn dataplane_loggers(
     Ok(())
 }
 
-/// Runs until SIGINT or SIGTERM; SIGHUP re-reads the policy file. The dataplane keeps
-/// running from its pinned state after the agent exits.
-pub async fn run(
-    pins: &PinDir,
-    file: &Path,
-    max_concurrent: usize,
-    metrics_addr: Option<std::net::SocketAddr>,
-    mut flow_log: Option<flowlog::Sink>,
-) -> Result<()> {
-    // Serves GET /metrics until run returns (the server stops when dropped).
+/// What `xdpgate run` is told at start.
+pub struct RunConfig {
+    pub policy: PathBuf,
+    /// Interfaces to attach when they are not (the node file); none: attach nothing.
+    pub node: Option<Node>,
+    pub max_concurrent: usize,
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    pub flow_log: Option<flowlog::Sink>,
+}
+
+/// The policy the agent runs, compiled.
+struct Running {
+    policy: Policy,
+    lbs: CompiledLb,
+    names: flows::Names,
+}
+
+/// Recurring jobs that fail are logged once per distinct error, not every second, and
+/// again when they work again; what fails now is kept for `agent.json`.
+#[derive(Default)]
+struct Failing(BTreeMap<&'static str, String>);
+
+impl Failing {
+    fn check<T>(&mut self, job: &'static str, result: Result<T>) -> Option<T> {
+        match result {
+            Ok(v) => {
+                if self.0.remove(job).is_some() {
+                    info!("{job}: working again");
+                }
+                Some(v)
+            }
+            Err(e) => {
+                let msg = format!("{e:#}");
+                if self.0.get(job) != Some(&msg) {
+                    error!("{job}: {msg} (the agent goes on and retries)");
+                    self.0.insert(job, msg);
+                }
+                None
+            }
+        }
+    }
+
+    fn list(&self) -> Vec<String> {
+        self.0.iter().map(|(job, msg)| format!("{job}: {msg}")).collect()
+    }
+}
+
+/// Loads and compiles the policy file, touching nothing.
+fn prepare(file: &Path) -> Result<(Policy, String, compile::Compiled, CompiledLb)> {
+    let (policy, source) = policy::load(file)?;
+    let (tables, lbs) = policy::compile_all(&policy)?;
+    Ok((policy, source, tables, lbs))
+}
+
+/// Logs every line of a failed load, so each error is its own timestamped log line.
+fn log_errors(what: &str, e: &anyhow::Error) {
+    error!("{what}");
+    for line in format!("{e:#}").lines() {
+        error!("  {line}");
+    }
+}
+
+/// Runs until SIGINT or SIGTERM; SIGHUP re-reads the policy file and reopens the flow log.
+/// The dataplane keeps running from its pinned state after the agent exits.
+///
+/// Only start-up can fail: an unreadable or invalid policy, or no dataplane to run it. After
+/// that, no error ends the agent: a reload that fails keeps the running policy (recorded in
+/// `agent.json` for `xdpgate status` and the metrics), and a failing job (health-change table
+/// rebuild, NAT expiry, flow log) is logged and retried.
+pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
+    let RunConfig { policy: file, node, max_concurrent, metrics_addr, mut flow_log } = config;
+    let file = file.as_path();
+    // First: a SIGTERM or SIGHUP during start-up is handled once it is done, instead of
+    // ending the process with the default action.
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    // Fails before anything changes, with every error.
+    let (policy, source, tables, lbs) = prepare(file)?;
+    // This process is the dataplane's one writer of policy until it exits: a one-shot
+    // `apply` is refused meanwhile, so the agent never runs on a stale copy.
+    let _owner = AgentLock::acquire(pins)?;
+    // Serves GET /metrics until run returns (the server stops when dropped). A bad
+    // address or a port in use fails here, before anything changes.
     let _metrics = match metrics_addr {
         Some(addr) => Some(crate::metrics::spawn(addr, pins.clone()).await?),
         None => None,
     };
-    // This process is the dataplane's one writer of policy until it exits.
-    let _owner = AgentLock::acquire(pins)?;
-    let mut hup = signal(SignalKind::hangup())?;
-    let mut term = signal(SignalKind::terminate())?;
+    if let Some(node) = &node
+        && !node::missing(pins, node).is_empty()
+        && dataplane::event_ring(pins).is_err()
+    {
+        // After a reboot: create the maps (pinned) and apply the policy before the first
+        // attach, so no packet meets an empty policy.
+        dataplane::load(pins).context("loading the dataplane")?;
+    }
+    dataplane::event_ring(pins).map_err(|_| {
+        anyhow!(
+            "no dataplane is loaded under {}: attach interfaces first (xdpgate attach) or \
+             list them in a node file (xdpgate run --node FILE)",
+            pins.path().display()
+        )
+    })?;
+    let mut failing = Failing::default();
+    // Backends out of service, by probe. They stay out across a reload, and across a
+    // restart (from the flags of the running dataplane), until their probes succeed
+    // `threshold` times: neither puts a dead backend back into rotation.
+    let was_down = lb::pinned_unhealthy(pins)?;
+    let targets_now = targets(&lbs);
+    let mut down: HashSet<(IpAddr, String)> = targets_now
+        .iter()
+        .map(|t| (t.backend, t.probe.name.clone()))
+        .filter(|k| was_down.contains(&k.0))
+        .collect();
+    // Before the first apply writes into it.
+    agent_state::ensure_dir(pins)?;
+    let generation = {
+        let view = HealthView { lbs: &lbs, down: &down };
+        install(pins, &policy, &source, &tables, &lbs, &view)?
+    };
+    info!("applied {} as generation {generation}", file.display());
+    for (backend, probe) in &down {
+        info!("backend {backend} starts unhealthy (probe {probe}), as it was");
+    }
+    let mut state = AgentState {
+        pid: std::process::id(),
+        policy_file: file.to_path_buf(),
+        generation,
+        last_reload: Reload::now(&Ok(generation)),
+        last_success_unix: None,
+        failing: Vec::new(),
+    };
+    state.last_success_unix = Some(state.last_reload.unix);
+    if let Some(node) = &node {
+        attach_node(pins, node, &mut failing);
+    }
+    let names = flows::Names::read(pins)?;
+    let mut running = Running { policy, lbs, names };
+
     // The dataplane's flow events, read as they come when a flow log is wanted.
     let mut events = match flow_log {
         Some(_) => {
@@ -119,82 +254,178 @@ pub async fn run(
         }
         None => None,
     };
-    // Backends out of service, by probe. They stay out across a reload, and across a
-    // restart (from the flags of the running dataplane), until their probes succeed
-    // `threshold` times: neither puts a dead backend back into rotation.
-    let mut down: HashSet<(IpAddr, String)> = HashSet::new();
-    let mut was_down = lb::pinned_unhealthy(pins)?;
+    let mut maps = LbMaps::open(pins)?;
+    let mut expiry = tokio::time::interval(std::time::Duration::from_secs(1));
+    // Programs come and go with attach and upgrade: look for new ones every tick.
+    let mut loggers = Vec::new();
+    let mut ticks = 0u64;
+    let (mut tx, mut rx) = mpsc::channel::<Change>(256);
+    let mut prober = Prober::spawn(targets_now, &down, max_concurrent, tx.clone());
+    save_state(pins, &mut state, &failing);
     loop {
-        let (policy, source) = policy::load(file)?;
-        let (tables, lbs) = policy::compile_all(&policy)?;
-        let targets = targets(&lbs);
-        down = targets
-            .iter()
-            .map(|t| (t.backend, t.probe.name.clone()))
-            .filter(|k| down.contains(k) || was_down.contains(&k.0))
-            .collect();
-        was_down.clear();
-        let view = HealthView { lbs: &lbs, down: &down };
-        let generation = {
-            let lock = WriteLock::acquire(pins)?;
-            transaction::install(&lock, pins, &policy, &source, &tables, &lbs, &view)?
-        };
-        info!("applied {} as generation {generation}", file.display());
-        for (backend, probe) in &down {
-            info!("backend {backend} starts unhealthy (probe {probe}), as it was");
-        }
-        let (tx, mut rx) = mpsc::channel::<Change>(256);
-        let prober = Prober::spawn(targets, &down, max_concurrent, tx);
-        let mut maps = LbMaps::open(pins)?;
-        let mut expiry = tokio::time::interval(std::time::Duration::from_secs(1));
-        let names = flows::Names::read(pins)?;
-        // Programs come and go with attach and upgrade: look for new ones every tick.
-        let mut loggers = Vec::new();
-        let reload = loop {
-            tokio::select! {
-                ready = async { events.as_mut().expect("guarded").readable_mut().await }, if events.is_some() => {
-                    let mut guard = ready?;
-                    let ring = guard.get_inner_mut();
-                    while let Some(item) = ring.next() {
-                        if item.len() >= std::mem::size_of::<FlowEvent>() {
-                            // SAFETY: the dataplane writes whole FlowEvents (plain data).
-                            let e: FlowEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-                            if let Some(sink) = flow_log.as_mut() {
-                                sink.write(&flowlog::event_line(&names, &e))?;
+        tokio::select! {
+            ready = async { events.as_mut().expect("guarded").readable_mut().await }, if events.is_some() => {
+                let mut guard = match ready {
+                    Ok(guard) => guard,
+                    Err(e) => {
+                        error!("flow log: reading the dataplane's events failed: {e}; flow begin and deny lines stop (end lines go on)");
+                        events = None;
+                        continue;
+                    }
+                };
+                let ring = guard.get_inner_mut();
+                while let Some(item) = ring.next() {
+                    if item.len() >= std::mem::size_of::<FlowEvent>() {
+                        // SAFETY: the dataplane writes whole FlowEvents (plain data).
+                        let e: FlowEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                        if let Some(sink) = flow_log.as_mut() {
+                            failing.check("flow log", sink.write(&flowlog::event_line(&running.names, &e)));
+                        }
+                    }
+                }
+                guard.clear_ready();
+            }
+            Some(change) = rx.recv() => {
+                on_change(&mut maps, &running.lbs, &mut down, &change, &mut failing);
+            }
+            _ = expiry.tick() => {
+                // An interface of the node file that appears late (or came back) is
+                // attached; tried every 10 s, as a failing attach loads the programs.
+                ticks += 1;
+                if let Some(node) = &node
+                    && ticks.is_multiple_of(10)
+                    && !node::missing(pins, node).is_empty()
+                {
+                    attach_node(pins, node, &mut failing);
+                }
+                tick(pins, &running, &mut loggers, flow_log.as_mut(), &mut failing);
+                // Failures (and recoveries) of any job since the last write, at most once a
+                // second.
+                if failing.list() != state.failing {
+                    save_state(pins, &mut state, &failing);
+                }
+            }
+            _ = hup.recv() => {
+                info!("SIGHUP: reloading {}", file.display());
+                if let Some(sink) = flow_log.as_mut() {
+                    failing.check("flow log", sink.reopen());
+                }
+                let result = match prepare(file) {
+                    Err(e) => Err(e),
+                    Ok((policy, source, tables, lbs)) => {
+                        let targets_new = targets(&lbs);
+                        let down_new: HashSet<_> = targets_new
+                            .iter()
+                            .map(|t| (t.backend, t.probe.name.clone()))
+                            .filter(|k| down.contains(k))
+                            .collect();
+                        // The old probes stop, so that no change of theirs lands on the new
+                        // tables; on failure they start again on the old policy.
+                        drop(prober);
+                        (tx, rx) = mpsc::channel::<Change>(256);
+                        let view = HealthView { lbs: &lbs, down: &down_new };
+                        match install(pins, &policy, &source, &tables, &lbs, &view) {
+                            Ok(generation) => {
+                                let names = failing.check("reading the new policy's rule names", flows::Names::read(pins));
+                                let names = names.unwrap_or(running.names);
+                                running = Running { policy, lbs, names };
+                                down = down_new;
+                                prober = Prober::spawn(targets_new, &down, max_concurrent, tx.clone());
+                                Ok(generation)
+                            }
+                            Err(e) => {
+                                prober = Prober::spawn(targets(&running.lbs), &down, max_concurrent, tx.clone());
+                                Err(e)
                             }
                         }
                     }
-                    guard.clear_ready();
-                }
-                Some(change) = rx.recv() => {
-                    on_change(&mut maps, &lbs, &mut down, &change)?;
-                }
-                _ = expiry.tick() => {
-                    dataplane_loggers(pins, &mut loggers)?;
-                    for (_, logger) in &mut loggers {
-                        logger.flush();
+                };
+                state.last_reload = Reload::now(&result);
+                match result {
+                    Ok(generation) => {
+                        info!("applied {} as generation {generation}", file.display());
+                        state.generation = generation;
+                        state.last_success_unix = Some(state.last_reload.unix);
                     }
-                    let e = nat::expire(pins, &policy, nat::monotonic_ns())?;
-                    if e.expired + e.released > 0 {
-                        info!("NAT: {} translations idled out, {} ports free again", e.expired, e.released);
-                    }
-                    if let Some(sink) = flow_log.as_mut() {
-                        for line in flowlog::sweep(pins, &names)? {
-                            sink.write(&line)?;
+                    Err(e) => {
+                        // What the kernel runs now (an apply that failed part-way may have
+                        // switched the NSG tables already).
+                        if let Ok((_, config)) = apply::active(pins) {
+                            state.generation = config.generation;
                         }
+                        log_errors(
+                            &format!(
+                                "reload of {} failed; generation {} stays in force:",
+                                file.display(),
+                                state.generation
+                            ),
+                            &e,
+                        );
                     }
                 }
-                _ = hup.recv() => break true,
-                _ = term.recv() => break false,
-                _ = tokio::signal::ctrl_c() => break false,
+                save_state(pins, &mut state, &failing);
             }
-        };
-        prober.stop();
-        if !reload {
-            info!("stopping; the dataplane keeps running from its pinned state");
-            return Ok(());
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
         }
-        info!("SIGHUP: reloading {}", file.display());
+    }
+    drop(prober);
+    agent_state::remove(pins);
+    info!("stopping; the dataplane keeps running from its pinned state");
+    Ok(())
+}
+
+/// Writes `agent.json`; a failure is logged (the agent's work does not depend on it).
+fn save_state(pins: &PinDir, state: &mut AgentState, failing: &Failing) {
+    state.failing = failing.list();
+    if let Err(e) = state.write(pins) {
+        warn!("agent state: {e:#}");
+    }
+}
+
+/// Attaches the interfaces of the node file that have no pinned link.
+fn attach_node(pins: &PinDir, node: &Node, failing: &mut Failing) {
+    let (attached, errors) = node::attach_missing(pins, node);
+    for name in attached {
+        info!("attached to {name} (node file)");
+    }
+    let result = match errors.as_slice() {
+        [] => Ok(()),
+        errors => Err(anyhow!(
+            "{}",
+            errors.iter().map(|e| format!("{e:#}")).collect::<Vec<_>>().join("; ")
+        )),
+    };
+    failing.check("node file", result);
+}
+
+/// The once-a-second jobs; none of their errors ends the agent.
+fn tick(
+    pins: &PinDir,
+    running: &Running,
+    loggers: &mut Vec<(u32, EbpfLogger<&'static dyn log::Log>)>,
+    flow_log: Option<&mut flowlog::Sink>,
+    failing: &mut Failing,
+) {
+    failing.check("dataplane log readers", dataplane_loggers(pins, loggers));
+    for (_, logger) in loggers.iter_mut() {
+        logger.flush();
+    }
+    let expired = nat::expire(pins, &running.policy, nat::monotonic_ns());
+    if let Some(e) = failing.check("NAT expiry", expired)
+        && e.expired + e.released > 0
+    {
+        info!("NAT: {} translations idled out, {} ports free again", e.expired, e.released);
+    }
+    if let Some(sink) = flow_log {
+        if let Some(Some(path)) = failing.check("flow log", sink.follow()) {
+            warn!("flow log {} was moved or removed; writing to a new file there", path.display());
+        }
+        if let Some(lines) = failing.check("flow-log sweep", flowlog::sweep(pins, &running.names)) {
+            for line in lines {
+                failing.check("flow log", sink.write(&line));
+            }
+        }
     }
 }
 
@@ -204,7 +435,8 @@ fn on_change(
     lbs: &CompiledLb,
     down: &mut HashSet<(IpAddr, String)>,
     change: &Change,
-) -> Result<()> {
+    failing: &mut Failing,
+) {
     let key = (change.backend, change.probe.clone());
     match change.health {
         Health::Unhealthy => {
@@ -225,17 +457,23 @@ fn on_change(
     let view = HealthView { lbs, down };
     let ids: HashMap<IpAddr, u32> =
         lbs.backends.iter().enumerate().map(|(i, a)| (*a, i as u32)).collect();
-    let Some(&b) = ids.get(&change.backend) else { return Ok(()) };
+    let Some(&b) = ids.get(&change.backend) else { return };
     for (id, s) in lbs.services.iter().enumerate() {
         let affected = s.probe.as_ref().is_some_and(|p| p.name == change.probe)
             && s.pool.iter().any(|(m, _)| *m == b);
         if affected {
-            maps.update_service(lbs, id as u32, &|m| view.for_service(id, m))?;
-            info!("service {}/{}: table rebuilt", s.lb, s.rule);
+            let rebuilt = maps.update_service(lbs, id as u32, &|m| view.for_service(id, m));
+            let what = format!("service {}/{}: rebuilding its table", s.lb, s.rule);
+            if let Err(e) = rebuilt {
+                // The table keeps its previous backends; the next change rebuilds it again.
+                error!("{what} after backend {} changed failed: {e:#}", change.backend);
+            } else {
+                info!("service {}/{}: table rebuilt", s.lb, s.rule);
+            }
         }
     }
     // The health flag last: once it (and so `xdpgate lb`) says a backend is out, no table
     // still sends it new flows.
-    maps.set_backend(b, change.backend, view.healthy(change.backend))?;
-    Ok(())
+    let flagged = maps.set_backend(b, change.backend, view.healthy(change.backend));
+    failing.check("backend health flags", flagged);
 }

@@ -6,7 +6,8 @@
 use std::{
     fs::{self, File, OpenOptions},
     io::{self, Write},
-    path::PathBuf,
+    os::unix::fs::{FileExt as _, MetadataExt as _, OpenOptionsExt as _},
+    path::{Path, PathBuf},
 };
 
 use anyhow::{Context, Result};
@@ -26,7 +27,97 @@ use xdpgate_dataplane::{
 /// Where log lines go: stdout, or a file rotated to `FILE.1` when it reaches `max_bytes`.
 pub enum Sink {
     Stdout,
-    File { path: PathBuf, max_bytes: u64, file: File, written: u64 },
+    File(FileSink),
+}
+
+pub struct FileSink {
+    path: PathBuf,
+    max_bytes: u64,
+    file: File,
+    written: u64,
+    /// The file ends in part of a line that could not be cut off: the next line starts on
+    /// a new one.
+    mid_line: bool,
+}
+
+/// Cuts a partial last line (left by a write that failed half-way) off the file, so every
+/// line stays whole JSON. Returns the length, and whether the file still ends mid-line (it
+/// could not be cut): then the next line starts with a line break.
+fn cut_partial_line(file: &File, len: u64) -> (u64, bool) {
+    let take = len.min(64 << 10);
+    let mut tail = vec![0u8; take as usize];
+    if take == 0 || file.read_exact_at(&mut tail, len - take).is_err() {
+        return (len, false);
+    }
+    let keep = match tail.iter().rposition(|&b| b == b'\n') {
+        Some(i) if i + 1 == tail.len() => return (len, false),
+        Some(i) => len - take + i as u64 + 1,
+        None if take == len => 0,
+        // No line end in the last 64 KiB: not a flow log to cut.
+        None => return (len, true),
+    };
+    match file.set_len(keep) {
+        Ok(()) => {
+            log::warn!("flow log: cut a partial last line of {} bytes", len - keep);
+            (keep, false)
+        }
+        Err(_) => (len, true),
+    }
+}
+
+impl FileSink {
+    /// Opens `path` for appending, created mode 0640 (flow logs name every peer: not for
+    /// every local user).
+    fn open(path: PathBuf, max_bytes: u64) -> Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .create(true)
+            .append(true)
+            .mode(0o640)
+            .open(&path)
+            .with_context(|| format!("opening flow log {}", path.display()))?;
+        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let (written, mid_line) = cut_partial_line(&file, len);
+        Ok(Self { path, max_bytes, file, written, mid_line })
+    }
+
+    fn reopen(&mut self) -> Result<()> {
+        *self = Self::open(self.path.clone(), self.max_bytes)?;
+        Ok(())
+    }
+
+    fn rotate(&mut self) -> Result<()> {
+        let mut rotated = self.path.clone().into_os_string();
+        rotated.push(".1");
+        match fs::rename(&self.path, &rotated) {
+            Ok(()) => {}
+            // Removed under us: nothing to rotate, start a new file.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                log::warn!(
+                    "flow log {} was removed; writing to a new file there",
+                    self.path.display()
+                );
+            }
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!(
+                        "rotating flow log {} to {}",
+                        self.path.display(),
+                        Path::new(&rotated).display()
+                    )
+                });
+            }
+        }
+        self.reopen()
+    }
+
+    fn append(&mut self, text: &str) -> io::Result<()> {
+        let text = if self.mid_line { format!("\n{text}") } else { text.to_owned() };
+        let result = self.file.write_all(text.as_bytes());
+        // After a failure, what part got written is unknown: ask the file.
+        self.reopen().map_err(io::Error::other)?;
+        result
+    }
 }
 
 impl Sink {
@@ -35,31 +126,53 @@ impl Sink {
         if target == "-" {
             return Ok(Sink::Stdout);
         }
-        let path = PathBuf::from(target);
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .with_context(|| format!("opening {target}"))?;
-        let written = file.metadata()?.len();
-        Ok(Sink::File { path, max_bytes, file, written })
+        Ok(Sink::File(FileSink::open(PathBuf::from(target), max_bytes)?))
     }
 
+    /// Opens the file at the path anew (logrotate style: after the old one was moved away,
+    /// lines go to a new file at the same path).
+    pub fn reopen(&mut self) -> Result<()> {
+        if let Sink::File(f) = self {
+            f.reopen()?;
+        }
+        Ok(())
+    }
+
+    /// Reopens the file if the path no longer names the file being written (removed or
+    /// moved away); returns its path if it did.
+    pub fn follow(&mut self) -> Result<Option<PathBuf>> {
+        let Sink::File(f) = self else { return Ok(None) };
+        let same = match (fs::metadata(&f.path), f.file.metadata()) {
+            (Ok(p), Ok(o)) => (p.dev(), p.ino()) == (o.dev(), o.ino()),
+            _ => false,
+        };
+        if same {
+            return Ok(None);
+        }
+        f.reopen()?;
+        Ok(Some(f.path.clone()))
+    }
+
+    /// Writes one line; a file that fails is reopened and the line tried once more.
     pub fn write(&mut self, line: &Value) -> Result<()> {
         let mut text = line.to_string();
         text.push('\n');
         match self {
-            Sink::Stdout => io::stdout().write_all(text.as_bytes())?,
-            Sink::File { path, max_bytes, file, written } => {
-                if *written > 0 && *written + text.len() as u64 > *max_bytes {
-                    let mut rotated = path.clone().into_os_string();
-                    rotated.push(".1");
-                    fs::rename(&*path, &rotated)?;
-                    *file = OpenOptions::new().create(true).append(true).open(&*path)?;
-                    *written = 0;
+            Sink::Stdout => {
+                io::stdout().write_all(text.as_bytes()).context("writing flow log to stdout")?
+            }
+            Sink::File(f) => {
+                if f.written > 0 && f.written + text.len() as u64 > f.max_bytes {
+                    f.rotate()?;
                 }
-                file.write_all(text.as_bytes())?;
-                *written += text.len() as u64;
+                if f.mid_line || f.file.write_all(text.as_bytes()).is_err() {
+                    // A failed write (or one before): reopen, and once more from a new line.
+                    f.reopen()?;
+                    f.append(&text)
+                        .with_context(|| format!("writing flow log {}", f.path.display()))?;
+                } else {
+                    f.written += text.len() as u64;
+                }
             }
         }
         Ok(())
@@ -150,4 +263,33 @@ pub fn sweep(pins: &PinDir, names: &Names) -> Result<Vec<Value>> {
         ));
     }
     Ok(lines)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_partial_last_line_is_cut_off() {
+        let dir = std::env::temp_dir().join(format!("xgflowlog{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        for (before, after, mid_line) in [
+            ("", "", false),
+            ("{\"a\":1}\n", "{\"a\":1}\n", false),
+            ("{\"a\":1}\n{\"b\":", "{\"a\":1}\n", false),
+            ("{\"b\":", "", false),
+        ] {
+            let path = dir.join("f.jsonl");
+            fs::write(&path, before).unwrap();
+            let f = FileSink::open(path.clone(), 1 << 20).unwrap();
+            assert_eq!(fs::read_to_string(&path).unwrap(), after, "{before:?}");
+            assert_eq!((f.written, f.mid_line), (after.len() as u64, mid_line));
+        }
+        // A long line with no line end in the last 64 KiB is not ours to cut.
+        let path = dir.join("g.jsonl");
+        fs::write(&path, format!("x\n{}", "y".repeat(70_000))).unwrap();
+        let f = FileSink::open(path.clone(), 1 << 20).unwrap();
+        assert_eq!((f.written, f.mid_line), (70_002, true));
+        let _ = fs::remove_dir_all(&dir);
+    }
 }

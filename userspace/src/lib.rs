@@ -3,9 +3,11 @@
 //! views.
 
 pub mod agent;
+pub mod agent_state;
 pub mod flowlog;
 pub mod health;
 pub mod metrics;
+pub mod node;
 pub mod pktgen;
 pub mod rules;
 pub mod status;

@@ -70,7 +70,12 @@ enum Command {
     },
     /// Validate a policy file without touching the kernel. Errors name file, line, field and
     /// reason.
-    Check { file: PathBuf },
+    Check {
+        file: PathBuf,
+        /// Also check a node file (the interfaces `xdpgate run --node` attaches).
+        #[arg(long, value_name = "FILE")]
+        node: Option<PathBuf>,
+    },
     /// Validate, compile and swap in a policy atomically; on any error the running policy
     /// stays in force.
     Apply { file: PathBuf },
@@ -114,11 +119,20 @@ enum Command {
         json: bool,
     },
     /// Run the agent: apply POLICY, probe the load balancers' backends and keep each
-    /// service's table to its healthy backends. SIGHUP reloads the policy; on exit the
-    /// dataplane keeps running.
+    /// service's table to its healthy backends. SIGHUP reloads the policy (one that fails
+    /// changes nothing: see `status`) and reopens the flow log; on exit the dataplane keeps
+    /// running.
     Run {
         #[arg(long)]
         policy: PathBuf,
+        /// Node file listing this machine's interfaces, their roles and XDP mode; those not
+        /// attached (after a reboot, say) are attached at start.
+        ///
+        /// interfaces:
+        ///   - {name: eth0, role: external}
+        ///   - {name: eth1, role: internal, mode: skb}
+        #[arg(long, value_name = "FILE", verbatim_doc_comment)]
+        node: Option<PathBuf>,
         /// Health probes in flight at once.
         #[arg(long, default_value_t = 64)]
         probe_concurrency: usize,
@@ -318,7 +332,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 println!("detached from {name}");
             }
         }
-        Command::Check { file } => {
+        Command::Check { file, node } => {
+            if let Some(node) = node {
+                let n = xdpgate::node::load(&node)?;
+                println!("{}: ok ({} interfaces)", node.display(), n.interfaces.len());
+            }
             let (policy, _) = policy::load(&file)?;
             let (compiled, _) = policy::compile_all(&policy)?;
             let rules: usize = policy.nsgs.iter().map(|n| n.rules.len()).sum();
@@ -384,15 +402,29 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let (generation, _) = transaction::apply_policy(&pins, &policy, &source, &health)?;
             println!("applied {} as generation {generation}", file.display());
         }
-        Command::Run { policy, probe_concurrency, metrics_addr, flow_log, flow_log_max_bytes } => {
+        Command::Run {
+            policy,
+            node,
+            probe_concurrency,
+            metrics_addr,
+            flow_log,
+            flow_log_max_bytes,
+        } => {
+            // The agent reports write errors (a closed stdout flow log) instead of dying.
+            // SAFETY: setting one signal's disposition before any thread starts.
+            unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+            let node = node.map(|n| xdpgate::node::load(&n)).transpose()?;
             let sink = flow_log.map(|f| flowlog::Sink::open(&f, flow_log_max_bytes)).transpose()?;
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             runtime.block_on(agent::run(
                 &pins,
-                &policy,
-                probe_concurrency,
-                metrics_addr.0,
-                sink,
+                agent::RunConfig {
+                    policy,
+                    node,
+                    max_concurrent: probe_concurrency,
+                    metrics_addr: metrics_addr.0,
+                    flow_log: sink,
+                },
             ))?;
         }
         Command::Metrics => print!("{}", metrics::render(&pins)?),

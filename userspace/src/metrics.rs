@@ -45,6 +45,8 @@ use xdpgate_dataplane::{
     stats::{self, Stats},
 };
 
+use crate::agent_state::{self, AgentState};
+
 /// Where `xdpgate run` serves metrics unless told otherwise.
 pub const DEFAULT_ADDR: &str = "127.0.0.1:9477";
 /// The `Content-Type` of the text exposition format.
@@ -191,6 +193,8 @@ pub struct Snapshot {
     /// Entries in the flow table.
     pub flows: u64,
     pub nat: Vec<nat::GatewayReport>,
+    /// The running agent's last policy load (none without a running agent).
+    pub agent: Option<AgentState>,
 }
 
 impl Snapshot {
@@ -211,6 +215,7 @@ impl Snapshot {
             applied_at,
             flows: flows::count(pins)?,
             nat,
+            agent: agent_state::read(pins).filter(AgentState::running),
         })
     }
 
@@ -357,6 +362,25 @@ impl Snapshot {
             nat_failures.add(vec![("gateway", g.name.clone())], Int(g.failed_allocations));
         }
 
+        // As Prometheus reports its own configuration reloads.
+        let mut reload_ok = Family::new(
+            "xdpgate_config_last_reload_successful",
+            Gauge,
+            "Whether the agent's last load of its policy file succeeded (1) or failed (0); \
+             after a failure the previous policy stays in force.",
+        );
+        let mut reload_at = Family::new(
+            "xdpgate_config_last_reload_success_timestamp_seconds",
+            Gauge,
+            "When the agent last loaded its policy file successfully.",
+        );
+        if let Some(agent) = &self.agent {
+            reload_ok.add(Vec::new(), Int(u64::from(agent.last_reload.successful)));
+            if let Some(t) = agent.last_success_unix {
+                reload_at.add(Vec::new(), Value::Float(t));
+            }
+        }
+
         vec![
             if_packets,
             if_bytes,
@@ -373,6 +397,8 @@ impl Snapshot {
             events,
             nat_ports,
             nat_failures,
+            reload_ok,
+            reload_at,
         ]
     }
 
@@ -667,6 +693,19 @@ mod tests {
                 translations: 17,
                 failed_allocations: 2,
             }],
+            agent: Some(AgentState {
+                pid: 1,
+                policy_file: "/etc/xdpgate/policy.yaml".into(),
+                generation: 4,
+                last_reload: crate::agent_state::Reload {
+                    at: "2023-11-14T22:13:30Z".into(),
+                    unix: 1_700_000_010.0,
+                    successful: false,
+                    errors: vec!["invalid policy".into()],
+                },
+                last_success_unix: Some(1_700_000_000.5),
+                failing: Vec::new(),
+            }),
         }
     }
 
@@ -725,6 +764,8 @@ mod tests {
                 "xdpgate_flow_events_dropped_total",
                 "xdpgate_nat_ports_in_use",
                 "xdpgate_nat_allocation_failures_total",
+                "xdpgate_config_last_reload_successful",
+                "xdpgate_config_last_reload_success_timestamp_seconds",
             ]
         );
     }
@@ -759,6 +800,9 @@ mod tests {
             "# TYPE xdpgate_nat_ports_in_use gauge",
             r#"xdpgate_nat_ports_in_use{gateway="egress",address="203.0.113.5"} 17"#,
             r#"xdpgate_nat_allocation_failures_total{gateway="egress"} 2"#,
+            "# TYPE xdpgate_config_last_reload_successful gauge",
+            "xdpgate_config_last_reload_successful 0",
+            "xdpgate_config_last_reload_success_timestamp_seconds 1700000000.5",
         ] {
             assert!(text.lines().any(|l| l == want), "missing {want:?} in\n{text}");
         }
@@ -771,8 +815,13 @@ mod tests {
         let mut s = snapshot();
         s.services.clear();
         s.applied_at = None;
+        s.agent = None;
         let text = s.render().unwrap();
-        for gone in ["xdpgate_backend_healthy", "xdpgate_policy_applied_timestamp_seconds"] {
+        for gone in [
+            "xdpgate_backend_healthy",
+            "xdpgate_policy_applied_timestamp_seconds",
+            "xdpgate_config_last_reload_successful",
+        ] {
             assert!(!text.contains(gone), "{gone} in\n{text}");
         }
         assert!(text.contains("# TYPE xdpgate_flows gauge\nxdpgate_flows 6\n"), "{text}");

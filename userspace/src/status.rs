@@ -12,6 +12,8 @@ use xdpgate_common::iface::Role;
 
 use xdpgate_dataplane::{self as dataplane, PinDir, apply, flows};
 
+use crate::agent_state::{self, AgentState};
+
 #[derive(Debug, Serialize)]
 pub struct Status {
     pub pin_dir: PathBuf,
@@ -21,6 +23,16 @@ pub struct Status {
     pub policy: Option<PolicyStatus>,
     /// Entries in the flow table (one per direction of each flow).
     pub flow_entries: Option<u64>,
+    /// What the agent (`xdpgate run`) last wrote about itself; none if it never ran here.
+    pub agent: Option<AgentStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct AgentStatus {
+    /// Whether its process still exists.
+    pub running: bool,
+    #[serde(flatten)]
+    pub state: AgentState,
 }
 
 #[derive(Debug, Serialize)]
@@ -258,6 +270,7 @@ pub fn read(pins: &PinDir) -> anyhow::Result<Status> {
         interfaces,
         policy,
         flow_entries: flows::count(pins).ok(),
+        agent: agent_state::read(pins).map(|state| AgentStatus { running: state.running(), state }),
     })
 }
 
@@ -304,6 +317,9 @@ pub fn render(s: &Status) -> String {
         Some(n) => out += &format!("flow table     {n} entries\n"),
         None => out += "flow table     -\n",
     }
+    if let Some(a) = &s.agent {
+        out += &render_agent(a);
+    }
     if s.interfaces.is_empty() {
         out += "\nnot attached to any interface\n";
         return out;
@@ -335,6 +351,31 @@ pub fn render(s: &Status) -> String {
         let cells: Vec<String> = row.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
         out += cells.join("  ").trim_end();
         out.push('\n');
+    }
+    out
+}
+
+/// The agent's lines: pid, and the last reload with every error when it failed.
+fn render_agent(a: &AgentStatus) -> String {
+    let st = &a.state;
+    let r = &st.last_reload;
+    if !a.running {
+        return format!("agent          not running (pid {} gone)\n", st.pid);
+    }
+    let mut out = format!("agent          pid {}, {}\n", st.pid, st.policy_file.display());
+    if r.successful {
+        out += &format!("               last reload {} ok (generation {})\n", r.at, st.generation);
+    } else {
+        out += &format!(
+            "               reload failed at {}; generation {} stays in force:\n",
+            r.at, st.generation
+        );
+        for e in &r.errors {
+            out += &format!("                 {e}\n");
+        }
+    }
+    for f in &st.failing {
+        out += &format!("               failing: {f}\n");
     }
     out
 }

@@ -1,0 +1,614 @@
+//! The agent (`xdpgate run`) under operator mistakes and a reboot, end to end through a
+//! gateway namespace:
+//!
+//! * SIGHUP with a broken policy: the agent runs on, the old policy stays in force in the
+//!   kernel, `agent.json`, `xdpgate status` and the metric say the reload failed; a fixed
+//!   file then reloads.
+//! * The flow-log file removed (and later moved away, logrotate style) under the agent: the
+//!   agent runs on and writes its lines to a new file at the same path.
+//! * A simulated reboot (links detached, pins and state removed): `xdpgate run --node FILE`
+//!   attaches the interfaces itself and the policy filters real traffic; and so it does
+//!   with only the capabilities deploy/xdpgate.service grants.
+//! * A full disk under the flow log: the error is logged with the file name, lines resume.
+
+mod common;
+
+use std::{
+    io::{self, Read, Write},
+    net::{SocketAddr, TcpStream, UdpSocket},
+    os::unix::fs::{MetadataExt, PermissionsExt},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use common::{
+    Pins,
+    gateway::{Gateway, SERVER4},
+};
+use serde_json::Value;
+
+/// Allows TCP `port` (and UDP 5353) from the Internet to the servers; the default rules
+/// deny every other inbound port.
+fn policy(port: u16) -> String {
+    format!(
+        r#"virtual_network:
+  address_space: [198.51.100.0/24, 2001:db8:1::/64]
+settings: {{udp_idle_timeout: 4}}
+nsgs:
+  - name: web
+    subnets: [198.51.100.0/24, 2001:db8:1::/64]
+    rules:
+      - {{name: allow-{port}, priority: 100, direction: inbound, access: allow, protocol: tcp,
+         source: Internet, destination: "*", destination_ports: {port}}}
+      - {{name: allow-dns, priority: 110, direction: inbound, access: allow, protocol: udp,
+         source: Internet, destination: "*", destination_ports: 5353}}
+"#
+    )
+}
+
+/// Fails validation: a priority outside 100-4096 and an unknown protocol.
+const BROKEN: &str = r#"virtual_network:
+  address_space: [198.51.100.0/24]
+nsgs:
+  - name: web
+    subnets: [198.51.100.0/24]
+    rules:
+      - {name: too-high, priority: 99999, direction: inbound, access: allow, protocol: tcp,
+         source: Internet, destination: "*", destination_ports: 9090}
+      - {name: bad-proto, priority: 200, direction: inbound, access: allow, protocol: sctpx,
+         source: Internet, destination: "*"}
+"#;
+
+fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !ok() {
+        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `xdpgate run` in the gateway namespace, its log in a file; killed on drop.
+struct Agent {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Agent {
+    fn start(lab: &Gateway, args: &[&str]) -> Self {
+        let log = lab.dir.join(format!("agent-{}.log", common::unique("a")));
+        let child = Command::new(common::xdpgate_bin())
+            .args(["--netns", &lab.gw.name, "--pin-dir"])
+            .arg(lab.pins.dir.path())
+            .arg("run")
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("agent log"))
+            .spawn()
+            .expect("spawn xdpgate run");
+        Self { child, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Panics (with the agent's log) if the agent has exited.
+    fn assert_running(&mut self, after: &str) {
+        if let Some(status) = self.child.try_wait().expect("try_wait") {
+            panic!("the agent exited ({status}) after {after}; its log:\n{}", self.log());
+        }
+    }
+
+    fn signal(&self, sig: libc::c_int) {
+        // SAFETY: a signal to our own child.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, sig) }, 0);
+    }
+
+    fn stop(mut self) {
+        self.signal(libc::SIGTERM);
+        let status = self.child.wait().expect("wait");
+        assert!(status.success(), "agent stopped with {status}; log:\n{}", self.log());
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The agent's state file (`agent.json` in the state directory), if written yet.
+fn agent_state(pins: &Pins) -> Option<Value> {
+    let path = xdpgate_dataplane::apply::state_dir(&pins.dir).join("agent.json");
+    serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
+}
+
+fn status(pins: &Pins) -> Value {
+    serde_json::from_str(&pins.xdpgate(&["status", "--json"])).expect("status JSON")
+}
+
+fn generation(pins: &Pins) -> u64 {
+    status(pins)["policy"]["generation"].as_u64().unwrap_or(0)
+}
+
+/// Does a TCP SYN from the client reach the server's port? A refusal (no listener) comes
+/// from the server, so the SYN got through; a timeout means the gateway dropped it.
+fn reaches(lab: &Gateway, port: u16) -> bool {
+    let addr: SocketAddr = format!("{SERVER4}:{port}").parse().unwrap();
+    lab.client.run(move || match TcpStream::connect_timeout(&addr, Duration::from_millis(800)) {
+        Ok(_) => true,
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => true,
+        Err(e) if e.kind() == io::ErrorKind::TimedOut => false,
+        Err(e) => panic!("connect to {addr}: {e}"),
+    })
+}
+
+/// One sample of a metric family as served at http://127.0.0.1:9477/metrics in the gateway
+/// namespace.
+fn served_metric(lab: &Gateway, name: &'static str) -> Option<f64> {
+    let body = lab.gw.run(|| -> io::Result<String> {
+        let mut s = TcpStream::connect("127.0.0.1:9477")?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        Ok(text)
+    });
+    let body = body.ok()?;
+    body.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+#[test]
+fn sighup_with_a_broken_policy_keeps_the_running_one() {
+    let lab = Gateway::new();
+    let file = lab.write_policy("policy.yaml", &policy(8080));
+    let mut agent = Agent::start(&lab, &["--policy", file.to_str().unwrap()]);
+    wait_for("the first policy applied", Duration::from_secs(20), || {
+        agent.assert_running("start");
+        generation(&lab.pins) >= 1
+    });
+    assert!(reaches(&lab, 8080) && !reaches(&lab, 9090), "policy 8080 in force");
+    let before = generation(&lab.pins);
+
+    // An invalid file and a reload: nothing may change, and the agent must stay.
+    std::fs::write(&file, BROKEN).unwrap();
+    agent.signal(libc::SIGHUP);
+    wait_for("the failed reload recorded", Duration::from_secs(10), || {
+        agent.assert_running("SIGHUP with an invalid policy");
+        agent_state(&lab.pins).is_some_and(|s| s["last_reload"]["successful"] == false)
+    });
+    let state = agent_state(&lab.pins).unwrap();
+    assert_eq!(state["pid"].as_u64(), Some(u64::from(agent.child.id())), "{state}");
+    let errors = state["last_reload"]["errors"].to_string();
+    assert!(errors.contains("99999") && errors.contains("sctpx"), "every error kept: {errors}");
+    let log = agent.log();
+    assert!(log.contains("99999") && log.contains("sctpx"), "every error logged:\n{log}");
+    // Log lines carry a timestamp (RFC 3339, UTC).
+    let first = log.lines().next().unwrap_or_default();
+    assert!(first.starts_with("[20") && first.contains('T'), "timestamped: {first}");
+
+    assert_eq!(generation(&lab.pins), before, "the kernel's policy is unchanged");
+    assert!(reaches(&lab, 8080) && !reaches(&lab, 9090), "the old policy stays in force");
+    assert_eq!(served_metric(&lab, "xdpgate_config_last_reload_successful"), Some(0.0));
+    let good_at = served_metric(&lab, "xdpgate_config_last_reload_success_timestamp_seconds")
+        .expect("time of the last good reload");
+    assert!(good_at > 1.6e9, "{good_at}");
+    let text = lab.pins.xdpgate(&["status"]);
+    assert!(text.contains("reload failed") && text.contains("99999"), "status says so:\n{text}");
+    assert_eq!(status(&lab.pins)["agent"]["last_reload"]["successful"], false);
+    // And a second broken reload, recorded as a new attempt.
+    let first_try = state["last_reload"]["unix"].as_f64().unwrap();
+    agent.signal(libc::SIGHUP);
+    wait_for("the second failed reload recorded", Duration::from_secs(10), || {
+        agent.assert_running("a second SIGHUP with an invalid policy");
+        agent_state(&lab.pins).is_some_and(|s| {
+            s["last_reload"]["unix"].as_f64() > Some(first_try)
+                && s["last_reload"]["successful"] == false
+        })
+    });
+
+    // A fixed file reloads.
+    std::fs::write(&file, policy(9090)).unwrap();
+    agent.signal(libc::SIGHUP);
+    wait_for("the good reload recorded", Duration::from_secs(10), || {
+        agent.assert_running("SIGHUP with a valid policy");
+        agent_state(&lab.pins).is_some_and(|s| s["last_reload"]["successful"] == true)
+    });
+    assert_eq!(generation(&lab.pins), before + 1);
+    assert!(reaches(&lab, 9090) && !reaches(&lab, 8080), "the new policy is in force");
+    assert_eq!(served_metric(&lab, "xdpgate_config_last_reload_successful"), Some(1.0));
+    let now_good = served_metric(&lab, "xdpgate_config_last_reload_success_timestamp_seconds");
+    assert!(now_good.unwrap() >= good_at, "{now_good:?} {good_at}");
+    assert!(!lab.pins.xdpgate(&["status"]).contains("reload failed"));
+    agent.stop();
+}
+
+/// Opens a UDP flow to the server's port 5353 from `sport` (one datagram).
+fn udp_flow(lab: &Gateway, sport: u16) {
+    lab.client.run(move || {
+        let s = UdpSocket::bind(("203.0.113.10", sport)).unwrap();
+        s.send_to(&[7u8; 64], (SERVER4, 5353)).unwrap();
+    });
+}
+
+/// `begin` lines of UDP flows to 5353 (from `sport`, or any port) in the file at `path`.
+fn begins(path: &Path, sport: Option<u16>) -> usize {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|l| l["state"] == "begin" && l["dport"] == 5353)
+        .filter(|l| sport.is_none_or(|p| l["sport"] == p))
+        .count()
+}
+
+#[test]
+fn flow_log_removed_or_moved_under_the_agent() {
+    let lab = Gateway::new();
+    let file = lab.write_policy("policy.yaml", &policy(8080));
+    let log = lab.dir.join("flows.jsonl");
+    let mut agent = Agent::start(
+        &lab,
+        &[
+            "--policy",
+            file.to_str().unwrap(),
+            "--metrics-addr",
+            "off",
+            "--flow-log",
+            log.to_str().unwrap(),
+            // A few lines per file: rotations happen while the test runs.
+            "--flow-log-max-bytes",
+            "1500",
+        ],
+    );
+    wait_for("the policy applied", Duration::from_secs(20), || {
+        agent.assert_running("start");
+        generation(&lab.pins) >= 1
+    });
+    udp_flow(&lab, 40000);
+    wait_for("the first begin line", Duration::from_secs(10), || begins(&log, Some(40000)) == 1);
+
+    // Removed: the agent runs on and writes to a new file at the same path.
+    std::fs::remove_file(&log).unwrap();
+    let _ = std::fs::remove_file(lab.dir.join("flows.jsonl.1"));
+    // New flows until their lines show up in a new file (each line ~250 bytes: the
+    // writes into the removed file reach the rotation size on the way).
+    let mut sport = 40001;
+    wait_for("lines in a new flow log", Duration::from_secs(15), || {
+        agent.assert_running("the flow log was removed");
+        udp_flow(&lab, sport);
+        sport += 1;
+        thread::sleep(Duration::from_millis(100));
+        begins(&log, None) + begins(&lab.dir.join("flows.jsonl.1"), None) > 0
+    });
+    let text = agent.log();
+    assert!(text.contains(log.to_str().unwrap()), "the log names the file:\n{text}");
+    let mode = std::fs::metadata(&log).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o640, "flow log mode {mode:o}");
+
+    // Moved away and SIGHUP (logrotate's create + postrotate): new lines go to a new file.
+    let _ = std::fs::remove_file(lab.dir.join("flows.jsonl.1"));
+    let moved = lab.dir.join("flows.jsonl.old");
+    std::fs::rename(&log, &moved).unwrap();
+    let old_inode = std::fs::metadata(&moved).unwrap().ino();
+    agent.signal(libc::SIGHUP);
+    wait_for("the flow log reopened", Duration::from_secs(10), || {
+        agent.assert_running("SIGHUP after the flow log moved");
+        std::fs::metadata(&log).is_ok_and(|m| m.ino() != old_inode)
+    });
+    let moved_len = std::fs::metadata(&moved).unwrap().len();
+    udp_flow(&lab, 40100);
+    wait_for("a begin line in the reopened file", Duration::from_secs(10), || {
+        agent.assert_running("SIGHUP after the flow log moved");
+        begins(&log, Some(40100)) == 1
+    });
+    assert_eq!(std::fs::metadata(&moved).unwrap().len(), moved_len, "old file untouched");
+    agent.stop();
+}
+
+#[test]
+fn simulated_reboot_attaches_from_the_node_file() {
+    let lab = Gateway::new();
+    let file = lab.write_policy("policy.yaml", &policy(8080));
+    let node = lab.write_policy(
+        "node.yaml",
+        &format!(
+            "interfaces:\n  - {{name: {}, role: external, mode: native}}\n  - {{name: {}, role: internal}}\n  - {{name: late0, role: internal, mode: skb}}\n",
+            lab.ext, lab.int
+        ),
+    );
+    let args = ["--policy", file.to_str().unwrap(), "--node", node.to_str().unwrap()];
+    let check =
+        lab.pins.xdpgate(&["check", file.to_str().unwrap(), "--node", node.to_str().unwrap()]);
+    assert!(check.contains("ok"), "{check}");
+
+    // Interfaces already attached (by Gateway::new) are left alone: same programs.
+    let programs = |pins: &Pins| -> Vec<(String, String, u64)> {
+        status(pins)["interfaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| {
+                (
+                    i["name"].as_str().unwrap().to_owned(),
+                    i["xdp_mode"].as_str().unwrap().to_owned(),
+                    i["program_id"].as_u64().unwrap_or(0),
+                )
+            })
+            .collect()
+    };
+    let before = programs(&lab.pins);
+    let mut agent = Agent::start(&lab, &args);
+    wait_for("the policy applied", Duration::from_secs(20), || {
+        agent.assert_running("start with everything attached");
+        generation(&lab.pins) >= 1
+    });
+    assert_eq!(programs(&lab.pins), before, "attached interfaces left alone");
+    agent.stop();
+
+    // The reboot: links and pins gone, state directory (tmpfs /run) gone.
+    lab.pins.xdpgate(&["detach", "--all"]);
+    std::fs::remove_dir_all(lab.pins.dir.path()).unwrap();
+    let _ = std::fs::remove_dir_all(xdpgate_dataplane::apply::state_dir(&lab.pins.dir));
+    assert!(reaches(&lab, 9090), "nothing filters after the reboot");
+
+    let mut agent = Agent::start(&lab, &args);
+    wait_for("the policy applied after the reboot", Duration::from_secs(30), || {
+        agent.assert_running("start after a reboot");
+        lab.pins.try_xdpgate(&["status", "--json"]).status.success()
+            && generation(&lab.pins) >= 1
+            && programs(&lab.pins).iter().filter(|(_, mode, _)| mode == "native").count() == 2
+            && agent_state(&lab.pins).is_some()
+    });
+    // The state directory, made anew (as /run is after a reboot), is root's only.
+    let state_dir = xdpgate_dataplane::apply::state_dir(&lab.pins.dir);
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&state_dir), 0o700);
+    assert_eq!(mode(&state_dir.join("agent.json")), 0o600);
+    let after = programs(&lab.pins);
+    // (late0 does not exist yet: not attached, not listed.)
+    let mut names: Vec<&str> = after
+        .iter()
+        .map(|(n, m, _)| {
+            assert_eq!(m, "native", "{after:?}");
+            n.as_str()
+        })
+        .collect();
+    names.sort();
+    let mut want = [lab.ext.as_str(), lab.int.as_str()];
+    want.sort();
+    assert_eq!(names, want);
+    let roles: Vec<(String, String)> = status(&lab.pins)["interfaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| (i["name"].as_str().unwrap().into(), i["role"].as_str().unwrap_or("-").into()))
+        .collect();
+    assert!(roles.contains(&(lab.ext.clone(), "external".into())), "{roles:?}");
+    assert!(roles.contains(&(lab.int.clone(), "internal".into())), "{roles:?}");
+    assert!(reaches(&lab, 8080), "allowed port reaches the server");
+    assert!(!reaches(&lab, 9090), "the policy filters again after the reboot");
+
+    // An interface of the node file that does not exist yet is reported, and attached once
+    // it appears.
+    let failing = status(&lab.pins)["agent"]["failing"].to_string();
+    assert!(failing.contains("late0"), "{failing}");
+    assert!(lab.pins.xdpgate(&["status"]).contains("failing: node file"));
+    lab.gw.exec("ip", &["link", "add", "late0", "type", "veth", "peer", "name", "late1"]);
+    lab.gw.exec("ip", &["link", "set", "late0", "up"]);
+    wait_for("late0 attached", Duration::from_secs(30), || {
+        agent.assert_running("late0 appeared");
+        programs(&lab.pins).iter().any(|(n, mode, _)| n == "late0" && mode == "skb")
+    });
+    agent.stop();
+}
+
+/// A small tmpfs, unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn new(at: PathBuf) -> Self {
+        std::fs::create_dir_all(&at).unwrap();
+        common::run("mount", &["-t", "tmpfs", "-o", "size=64k", "tmpfs", at.to_str().unwrap()]);
+        Self(at)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn flow_log_write_errors_are_logged_and_survived() {
+    let lab = Gateway::new();
+    let file = lab.write_policy("policy.yaml", &policy(8080));
+    let disk = Tmpfs::new(lab.dir.join("disk"));
+    let log = disk.0.join("flows.jsonl");
+    let mut agent = Agent::start(
+        &lab,
+        &[
+            "--policy",
+            file.to_str().unwrap(),
+            "--metrics-addr",
+            "off",
+            "--flow-log",
+            log.to_str().unwrap(),
+        ],
+    );
+    wait_for("the policy applied", Duration::from_secs(20), || {
+        agent.assert_running("start");
+        generation(&lab.pins) >= 1
+    });
+    udp_flow(&lab, 41000);
+    wait_for("the first begin line", Duration::from_secs(10), || begins(&log, Some(41000)) == 1);
+
+    // The disk fills up: writes fail, the agent says which file and runs on.
+    let filler = disk.0.join("filler");
+    let _ = Command::new("dd")
+        .args(["if=/dev/zero", "bs=4k", &format!("of={}", filler.display())])
+        .stderr(Stdio::null())
+        .status();
+    let mut sport = 41001;
+    let error = format!("writing flow log {}", log.display());
+    wait_for("the write error logged", Duration::from_secs(15), || {
+        agent.assert_running("flow-log writes failed");
+        udp_flow(&lab, sport);
+        sport += 1;
+        thread::sleep(Duration::from_millis(100));
+        agent.log().contains(&error)
+    });
+    let text = agent.log();
+    assert!(text.contains("No space left on device"), "{text}");
+    wait_for("status to list the failing flow log", Duration::from_secs(5), || {
+        status(&lab.pins)["agent"]["failing"].to_string().contains(&error)
+    });
+
+    // Space again: lines come again, and every line in the file is whole JSON.
+    std::fs::remove_file(&filler).unwrap();
+    let resumed = sport + 1000;
+    let mut next = resumed;
+    wait_for("lines after the disk has space again", Duration::from_secs(15), || {
+        agent.assert_running("the disk had space again");
+        udp_flow(&lab, next);
+        next += 1;
+        thread::sleep(Duration::from_millis(100));
+        (resumed..next).any(|p| begins(&log, Some(p)) == 1)
+    });
+    let content = std::fs::read_to_string(&log).unwrap();
+    for line in content.lines() {
+        assert!(serde_json::from_str::<Value>(line).is_ok(), "not a JSON line: {line:?}");
+    }
+    wait_for("the recovery logged", Duration::from_secs(5), || {
+        agent.log().contains("flow log: working again")
+    });
+    agent.stop();
+}
+
+/// A bpffs of the test's own outside /sys (which `ip netns exec` remounts), whose
+/// dataplane is detached and which is unmounted on drop.
+struct OwnBpffs {
+    mnt: String,
+    pins: String,
+    ns: String,
+}
+
+impl Drop for OwnBpffs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "exec", &self.ns])
+            .arg(common::xdpgate_bin())
+            .args(["--pin-dir", &self.pins, "detach", "--all"])
+            .output();
+        let state =
+            xdpgate_dataplane::apply::state_dir(&xdpgate_dataplane::PinDir::new(&self.pins));
+        let _ = std::fs::remove_dir_all(state);
+        let _ = Command::new("umount").arg(&self.mnt).status();
+        let _ = std::fs::remove_dir(&self.mnt);
+    }
+}
+
+#[test]
+fn boots_from_the_node_file_with_only_the_units_capabilities() {
+    let a = common::Netns::new("ca");
+    let b = common::Netns::new("cb");
+    let (_, ib) = common::veth(&a, "198.51.100.1/24", &b, "198.51.100.2/24");
+    let mnt = format!("/run/{}", common::unique("xgbpf"));
+    std::fs::create_dir_all(&mnt).unwrap();
+    common::run("mount", &["-t", "bpf", "bpf", &mnt]);
+    let own = OwnBpffs { pins: format!("{mnt}/xdpgate"), mnt, ns: b.name.clone() };
+    let dir = std::env::temp_dir().join(common::unique("capboot"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let policy = dir.join("policy.yaml");
+    std::fs::write(&policy, policy_text()).unwrap();
+    let node = dir.join("node.yaml");
+    std::fs::write(&node, format!("interfaces:\n  - {{name: {ib}, role: internal}}\n")).unwrap();
+
+    // What deploy/xdpgate.service grants: CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, nothing else.
+    let caps = "-all,+bpf,+perfmon,+net_admin";
+    let log = dir.join("agent.log");
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &b.name, "setpriv"])
+        .args(["--bounding-set", caps, "--inh-caps", caps, "--ambient-caps", caps])
+        .arg(common::xdpgate_bin())
+        .args(["--pin-dir", &own.pins, "run", "--metrics-addr", "off", "--policy"])
+        .arg(&policy)
+        .arg("--node")
+        .arg(&node)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("spawn the agent");
+    let status = || -> Option<Value> {
+        let out = b.try_exec(
+            common::xdpgate_bin().to_str().unwrap(),
+            &["--pin-dir", &own.pins, "status", "--json"],
+        );
+        serde_json::from_slice(&out.stdout).ok()
+    };
+    let agent_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_for("the agent attached and applied", Duration::from_secs(30), || {
+        if let Some(s) = child.try_wait().unwrap() {
+            panic!("the agent exited ({s}):\n{}", agent_log());
+        }
+        status().is_some_and(|s| {
+            s["policy"]["generation"].as_u64() >= Some(1)
+                && s["interfaces"][0]["name"] == ib.as_str()
+                && s["interfaces"][0]["xdp_mode"] == "native"
+                && s["agent"]["last_reload"]["successful"] == true
+        })
+    });
+    // SAFETY: a signal to our own child (ip netns exec and setpriv exec into xdpgate).
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let exit = child.wait().unwrap();
+    assert!(exit.success(), "agent stopped with {exit}:\n{}", agent_log());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Allows nothing in particular: the default rules only.
+fn policy_text() -> &'static str {
+    "virtual_network: {address_space: [198.51.100.0/24]}\nnsgs:\n  - name: n\n    subnets: [198.51.100.0/24]\n    rules: []\n"
+}
+
+#[test]
+fn a_reload_whose_apply_fails_keeps_the_running_policy() {
+    let lab = Gateway::new();
+    let file = lab.write_policy("policy.yaml", &policy(8080));
+    let mut agent =
+        Agent::start(&lab, &["--policy", file.to_str().unwrap(), "--metrics-addr", "off"]);
+    wait_for("the first policy applied", Duration::from_secs(20), || {
+        agent.assert_running("start");
+        generation(&lab.pins) >= 1
+    });
+    let before = generation(&lab.pins);
+
+    // A valid policy that cannot be installed: a map the load balancer needs is not where
+    // the agent looks (the programs keep it open).
+    let map = lab.pins.dir.map(xdpgate_common::maps::FRONTENDS);
+    let away = lab.pins.dir.map("away");
+    std::fs::rename(&map, &away).unwrap();
+    std::fs::write(&file, policy(9090)).unwrap();
+    agent.signal(libc::SIGHUP);
+    wait_for("the failed reload recorded", Duration::from_secs(10), || {
+        agent.assert_running("SIGHUP with a policy that cannot be installed");
+        agent_state(&lab.pins).is_some_and(|s| s["last_reload"]["successful"] == false)
+    });
+    let errors = agent_state(&lab.pins).unwrap()["last_reload"]["errors"].to_string();
+    assert!(errors.contains(xdpgate_common::maps::FRONTENDS), "{errors}");
+    assert_eq!(generation(&lab.pins), before, "nothing applied");
+    assert!(reaches(&lab, 8080) && !reaches(&lab, 9090), "the old policy stays in force");
+
+    // Back in place: the next reload applies.
+    std::fs::rename(&away, &map).unwrap();
+    agent.signal(libc::SIGHUP);
+    wait_for("the good reload recorded", Duration::from_secs(10), || {
+        agent.assert_running("SIGHUP with the map back");
+        agent_state(&lab.pins).is_some_and(|s| s["last_reload"]["successful"] == true)
+    });
+    assert_eq!(generation(&lab.pins), before + 1);
+    assert!(reaches(&lab, 9090) && !reaches(&lab, 8080), "the new policy is in force");
+    agent.stop();
+}

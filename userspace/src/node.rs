@@ -1,0 +1,141 @@
+//! The node file (`xdpgate run --node /etc/xdpgate/node.yaml`): which interfaces of this
+//! machine xdpgate guards, in which role and XDP mode. It is kept apart from the policy
+//! because the policy says what traffic is allowed and may be shared by several gateways,
+//! while interface names belong to one machine. After a reboot bpffs is empty; the agent
+//! attaches every interface listed here that has no pinned link, and leaves the others alone.
+//!
+//! ```yaml
+//! interfaces:
+//!   - {name: eth0, role: external}              # mode: native (default) or skb
+//!   - {name: eth1, role: internal, mode: skb}
+//! ```
+
+use std::{collections::HashSet, path::Path};
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde::Deserialize;
+use xdpgate_common::iface::Role;
+
+use xdpgate_dataplane::{self as dataplane, Mode, PinDir};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Node {
+    pub interfaces: Vec<Interface>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Interface {
+    pub name: String,
+    pub role: RoleName,
+    #[serde(default)]
+    pub mode: ModeName,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RoleName {
+    External,
+    Internal,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ModeName {
+    #[default]
+    Native,
+    Skb,
+}
+
+impl Interface {
+    pub fn role(&self) -> Role {
+        match self.role {
+            RoleName::External => Role::External,
+            RoleName::Internal => Role::Internal,
+        }
+    }
+
+    pub fn mode(&self) -> Mode {
+        match self.mode {
+            ModeName::Native => Mode::Native,
+            ModeName::Skb => Mode::Skb,
+        }
+    }
+}
+
+/// Reads and checks a node file.
+pub fn load(file: &Path) -> Result<Node> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    parse(&text).with_context(|| format!("node file {}", file.display()))
+}
+
+pub fn parse(text: &str) -> Result<Node> {
+    let node: Node = serde_yaml::from_str(text).map_err(|e| anyhow!("{e}"))?;
+    if node.interfaces.is_empty() {
+        bail!("interfaces: lists no interface");
+    }
+    let mut seen = HashSet::new();
+    for i in &node.interfaces {
+        // IFNAMSIZ - 1; '/' and whitespace cannot be in a name (and '/' would escape links/).
+        if i.name.is_empty()
+            || i.name.len() > 15
+            || i.name.contains(['/', '\0'])
+            || i.name.chars().any(char::is_whitespace)
+            || i.name == "."
+            || i.name == ".."
+        {
+            bail!("interfaces: {:?} is not an interface name", i.name);
+        }
+        if !seen.insert(&i.name) {
+            bail!("interfaces: {} is listed twice", i.name);
+        }
+    }
+    Ok(node)
+}
+
+/// The interfaces of `node` with no pinned link (not attached by this pin directory).
+pub fn missing<'a>(pins: &PinDir, node: &'a Node) -> Vec<&'a Interface> {
+    node.interfaces.iter().filter(|i| !pins.link(&i.name).exists()).collect()
+}
+
+/// Attaches every interface of `node` that has no pinned link; returns the ones attached,
+/// and an error for each that could not be.
+pub fn attach_missing(pins: &PinDir, node: &Node) -> (Vec<String>, Vec<anyhow::Error>) {
+    let (mut done, mut failed) = (Vec::new(), Vec::new());
+    for i in missing(pins, node) {
+        match dataplane::attach(pins, &i.name, i.role(), i.mode()) {
+            Ok(()) => done.push(i.name.clone()),
+            Err(e) => failed.push(e.context(format!("attaching {} ({:?})", i.name, i.role))),
+        }
+    }
+    (done, failed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_files() {
+        let n = parse(
+            "interfaces:\n  - {name: eth0, role: external}\n  - {name: eth1, role: internal, mode: skb}\n",
+        )
+        .unwrap();
+        assert_eq!(n.interfaces.len(), 2);
+        assert_eq!((n.interfaces[0].mode(), n.interfaces[1].mode()), (Mode::Native, Mode::Skb));
+        assert_eq!(n.interfaces[1].role(), Role::Internal);
+        for (bad, why) in [
+            ("interfaces: []", "lists no interface"),
+            ("interfaces:\n  - {name: eth0, role: outside}", "unknown variant"),
+            ("interfaces:\n  - {name: eth0, role: external, mtu: 9000}", "unknown field"),
+            ("interfaces:\n  - {name: ../x, role: external}", "not an interface name"),
+            ("interfaces:\n  - {name: averyveryverylongname, role: external}", "not an interface"),
+            ("interfaces:\n  - {name: a, role: external}\n  - {name: a, role: internal}", "twice"),
+        ] {
+            let e = format!("{:#}", parse(bad).unwrap_err());
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
+}
