@@ -14,7 +14,6 @@ pub mod maglev;
 pub mod metrics;
 pub mod nat;
 pub mod netns;
-pub mod pktgen;
 pub mod policy;
 pub mod rules;
 pub mod stats;

@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use xdpgate::{
     agent, apply, compile,
     dataplane::{self, Mode, PinDir},
-    evaluate, flowlog, flows, lb, metrics, nat, netns, pktgen,
+    evaluate, flowlog, flows, lb, metrics, nat, netns,
     policy::{self, reference::Packet},
     rules, stats, status,
 };
@@ -166,13 +166,6 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Send generated UDP/TCP frames out of an interface at up to line rate: BPF_PROG_TEST_RUN
-    /// in live-frames mode with the object's xdp_tx program (no kernel pktgen needed). Reports
-    /// what left from the interface's TX counters. `pktgen sink` holds a baseline program
-    /// (xdp_noop) on the receiving interface instead of xdpgate.
-    ///
-    /// Example: xdpgate --netns gen pktgen --iface veth0 --count 1000000 --dst-mac MAC
-    Pktgen(pktgen::Args),
     /// Show packet and byte counters per interface and verdict, and drops by reason.
     Stats {
         /// Print JSON instead of a table.
@@ -376,7 +369,6 @@ fn run(cli: Cli) -> Result<()> {
                 print!("{}", nat::render(&report));
             }
         }
-        Command::Pktgen(args) => pktgen::main(args)?,
         Command::Stats { json } => {
             let stats = stats::read(&pins)?;
             if json {
