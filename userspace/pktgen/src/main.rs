@@ -177,17 +177,7 @@ fn main() -> std::process::ExitCode {
     // on write, as in `xdpgate`.
     // SAFETY: restoring the default disposition of one signal at startup.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
-    let args = <Args as clap::Parser>::parse();
-    // Checked here, not by clap's args_conflicts_with_subcommands, which would refuse the
-    // global --netns before `sink` too.
-    if args.sink.is_some() && args.send.is_some() {
-        <Args as clap::CommandFactory>::command()
-            .error(
-                clap::error::ErrorKind::ArgumentConflict,
-                "sending options cannot be used with `sink`; give the sink's own after it",
-            )
-            .exit();
-    }
+    let args = parse(std::env::args_os()).unwrap_or_else(|e| e.exit());
     match run(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -195,6 +185,25 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// The command line, with sending options and `sink` refused together. Checked here, not by
+/// clap's args_conflicts_with_subcommands, which would refuse the global --netns before
+/// `sink` too.
+fn parse<I, T>(argv: I) -> Result<Args, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    use clap::{CommandFactory as _, Parser as _};
+    let args = Args::try_parse_from(argv)?;
+    if args.sink.is_some() && args.send.is_some() {
+        return Err(Args::command().error(
+            clap::error::ErrorKind::ArgumentConflict,
+            "sending options cannot be used with `sink`; give the sink's own after it",
+        ));
+    }
+    Ok(args)
 }
 
 fn run(args: Args) -> Result<()> {
@@ -847,6 +856,27 @@ mod tests {
             })
         );
         assert_eq!(parse_net_dev(text, "veth"), None);
+    }
+
+    /// --netns is global: before or after `sink` alike; sending options and `sink` exclude
+    /// each other.
+    #[test]
+    fn command_lines_parse() {
+        let p = |line: &str| parse(std::iter::once("xdpgate-pktgen").chain(line.split(' ')));
+        for line in ["--netns gen sink --iface v0", "sink --netns gen --iface v0"] {
+            let args = p(line).unwrap_or_else(|e| panic!("{line}: {e}"));
+            assert_eq!(args.netns.as_deref(), Some("gen"), "{line}");
+            assert!(matches!(args.sink, Some(Sub::Sink(ref s)) if s.iface == "v0"), "{line}");
+            assert!(args.send.is_none(), "{line}");
+        }
+        let args = p("--netns gen --iface v0 --count 5 --rate 2.5M").unwrap();
+        let send = args.send.expect("sending");
+        assert_eq!((send.iface.as_str(), send.count, send.rate), ("v0", Some(5), 2_500_000));
+        assert!(args.sink.is_none());
+        let e = p("--iface v0 sink --iface v1").unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::ArgumentConflict);
+        assert!(p("--count 5").is_err(), "sending needs --iface");
+        assert!(p("sink --iface v0 --count 5").is_err(), "the sink does not count");
     }
 
     #[test]
