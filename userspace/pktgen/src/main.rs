@@ -43,15 +43,14 @@ use aya::{
     programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode},
 };
 use serde::Serialize;
-use xdpgate_common::maps::{
-    BACKEND_STATS, BACKENDS, FLOWS, FRAGS, FRONTENDS, MAGLEV, NAT_MAP, NAT_PUBLIC, NAT_SUBNETS,
-    NSG_FIELDS, NSG_HITS, NSG_RULES, SERVICE_STATS, VNET,
-};
-
 use xdpgate::{
     EBPF_OBJ,
     dataplane::{self, Mode, NOOP_PROGRAM, PinDir, TX_PROGRAM},
     netns,
+};
+use xdpgate_common::maps::{
+    BACKEND_STATS, BACKENDS, FLOWS, FRAGS, FRONTENDS, MAGLEV, NAT_MAP, NAT_PUBLIC, NAT_SUBNETS,
+    NSG_FIELDS, NSG_HITS, NSG_RULES, SERVICE_STATS, VNET,
 };
 
 use crate::frame::{AddrRange, FrameSpec, Mac, PortRange, Proto};
