@@ -1,8 +1,8 @@
-//! End to end: `xdpgate pktgen` (live frames through the object's `xdp_tx`) sends a known
+//! End to end: `xdpgate-pktgen` (live frames through the object's `xdp_tx`) sends a known
 //! count of frames out of a veth in one namespace; at the peer in another namespace xdpgate is
 //! attached in native mode, and its own counters (`xdpgate stats --json`) show every frame
-//! the veth sent arriving. Then the same with `pktgen sink` (xdp_noop) at the peer, TCP over
-//! IPv6 and a rate limit.
+//! the veth sent arriving. Then the same with `xdpgate-pktgen sink` (xdp_noop) at the peer,
+//! TCP over IPv6 and a rate limit.
 
 mod common;
 
@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Netns, Pins, veth, xdpgate_bin};
+use common::{Netns, Pins, pktgen_bin, veth};
 
 /// Frames in the counted run.
 const COUNT: u64 = 200_000;
@@ -23,18 +23,18 @@ fn json(out: &[u8]) -> serde_json::Value {
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(out)))
 }
 
-/// Runs `xdpgate --netns NS pktgen ARGS --json` (ARGS split at spaces) and returns its
+/// Runs `xdpgate-pktgen --netns NS ARGS --json` (ARGS split at spaces) and returns its
 /// report.
 fn pktgen(ns: &Netns, args: &str) -> serde_json::Value {
-    let out = Command::new(xdpgate_bin())
-        .args(["--netns", &ns.name, "pktgen"])
+    let out = Command::new(pktgen_bin())
+        .args(["--netns", &ns.name])
         .args(args.split_whitespace())
         .arg("--json")
         .output()
-        .expect("spawn xdpgate pktgen");
+        .expect("spawn xdpgate-pktgen");
     assert!(
         out.status.success(),
-        "xdpgate pktgen {args} failed: {}{}",
+        "xdpgate-pktgen {args} failed: {}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
@@ -73,6 +73,8 @@ fn mac(ns: &Netns, ifname: &str) -> String {
 
 #[test]
 fn pktgen_frames_arrive_at_xdpgate_and_at_a_sink() {
+    // Built (if need be) before the clock starts: the time limit is for the traffic.
+    pktgen_bin();
     let started = Instant::now();
     let generator = Netns::new("xgpg");
     let dut = Netns::new("xgpd");
@@ -119,8 +121,8 @@ fn pktgen_frames_arrive_at_xdpgate_and_at_a_sink() {
     // Without xdpgate: a sink holding xdp_noop takes the frames in just the same, until
     // stopped.
     pins.xdpgate(&["detach", "--iface", &di]);
-    let sink = Command::new(xdpgate_bin())
-        .args(["--netns", &dut.name, "pktgen", "sink", "--iface", &di, "--duration", "15"])
+    let sink = Command::new(pktgen_bin())
+        .args(["--netns", &dut.name, "sink", "--iface", &di, "--duration", "15"])
         .arg("--json")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -7,7 +7,7 @@
 #
 # 60-byte UDP frames of 256 flows (64 source ports x 4 source addresses of 203.0.113.0/24)
 # go to 198.51.100.10:9, addressed to the DUT's MAC. Each round measures, in turn:
-#   noop   xdp_noop, held by `xdpgate pktgen sink`: XDP_PASS, the DUT's stack drops the frame
+#   noop   xdp_noop, held by `xdpgate-pktgen sink`: XDP_PASS, the DUT's stack drops the frame
 #          (not its address, no forwarding)
 #   allow  xdpgate with an NSG allowing the traffic: established flows, XDP_PASS, same drop
 #   deny   xdpgate with an NSG denying it: every packet classified, dropped in XDP
@@ -21,8 +21,9 @@
 #   THREADS=1          pktgen threads (kpktgend_0..N-1), one CPU each
 #   DUT_CPU=           if set, the DUT's veth NAPI is threaded and pinned to this CPU;
 #                      otherwise it runs in softirq on the sender's CPU
-#   GENERATOR=kernel   kernel (pktgen), xdp (`xdpgate pktgen`: live frames), or both
+#   GENERATOR=kernel   kernel (pktgen), xdp (`xdpgate-pktgen`: live frames), or both
 #   XDPGATE=<repo>/target/release/xdpgate
+#   PKTGEN=<repo>/target/release/xdpgate-pktgen
 #   OUT=<repo>/target/bench/pktgen-vm.md
 set -euo pipefail
 
@@ -33,6 +34,7 @@ THREADS="${THREADS:-1}"
 DUT_CPU="${DUT_CPU:-}"
 GENERATOR="${GENERATOR:-kernel}"
 XDPGATE="${XDPGATE:-$ROOT/target/release/xdpgate}"
+PKTGEN="${PKTGEN:-$ROOT/target/release/xdpgate-pktgen}"
 OUT="${OUT:-$ROOT/target/bench/pktgen-vm.md}"
 
 GEN_NS=xgpb-gen
@@ -49,6 +51,7 @@ log() { echo "pktgen-bench: $*" >&2; }
 
 [ "$(id -u)" = 0 ] || die "run as root"
 [ -x "$XDPGATE" ] || die "no xdpgate binary at $XDPGATE (cargo build --release -p xdpgate)"
+[ -x "$PKTGEN" ] || die "no xdpgate-pktgen binary at $PKTGEN (cargo build --release -p xdpgate-pktgen)"
 case "$GENERATOR" in kernel | xdp | both) ;; *) die "GENERATOR is kernel, xdp or both" ;; esac
 if [ "$GENERATOR" != xdp ]; then
   modprobe pktgen 2>/dev/null || die "no pktgen module in kernel $(uname -r): run" \
@@ -108,7 +111,7 @@ stop_sink() {
 attach() { # noop | allow | deny
   case "$1" in
     noop)
-      "$XDPGATE" --netns "$DUT_NS" pktgen sink --iface "$DUT_IF" >/dev/null 2>&1 &
+      "$PKTGEN" --netns "$DUT_NS" sink --iface "$DUT_IF" >/dev/null 2>&1 &
       SINK_PID=$!
       for _ in $(seq 500); do attached && break; sleep 0.02; done
       attached || die "the sink did not attach xdp_noop"
@@ -170,7 +173,7 @@ kernel_pktgen() { # COUNT
 
 xdp_pktgen() { # COUNT
   local json
-  json=$("$XDPGATE" --netns "$GEN_NS" pktgen --iface "$GEN_IF" --count "$1" --dst-mac "$DUT_MAC" \
+  json=$("$PKTGEN" --netns "$GEN_NS" --iface "$GEN_IF" --count "$1" --dst-mac "$DUT_MAC" \
     --src 203.0.113.1-203.0.113.4 --sport 10000-10063 --flows 256 --dst "$DST" --dport 9 --json)
   local submitted seconds
   submitted=$(echo "$json" | sed -n 's/.*"submitted": \([0-9]*\).*/\1/p')
@@ -233,7 +236,7 @@ napi="softirq on the sender's CPU"
         allow) what="xdpgate, NSG allows"; verdict="pass: DUT stack drops it" ;;
         deny) what="xdpgate, NSG denies"; verdict="drop in XDP" ;;
       esac
-      label=$([ "$gen" = kernel ] && echo "kernel pktgen" || echo "xdpgate pktgen (live frames)")
+      label=$([ "$gen" = kernel ] && echo "kernel pktgen" || echo "xdpgate-pktgen (live frames)")
       awk -v g="$label" -v w="$what" -v v="$verdict" -v s="$sent" -v t="$taken" -v b="$base" \
         'BEGIN { printf "| %s | %s | %s | %.3f | %.3f | %.2f |\n", g, w, v, s / 1e6, t / 1e6, t / b }'
     done

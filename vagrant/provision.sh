@@ -8,7 +8,7 @@
 #                         reboot afterwards when it says so (the Vagrantfile does)
 #   provision.sh setup    base packages, Rust (rustup, stable and nightly + rust-src), then
 #                         the project's own setup.sh, as the README does
-#   provision.sh build    cargo build --release -p xdpgate
+#   provision.sh build    cargo build --release -p xdpgate -p xdpgate-pktgen
 #   provision.sh check    report what the benchmark needs: pktgen, bpffs, the binary
 #
 # Several steps may be given in order (default: setup build). The workspace is the parent
@@ -118,8 +118,8 @@ step_setup() {
 
 step_build() {
   if [ -f "$HOME/.cargo/env" ]; then . "$HOME/.cargo/env"; fi
-  log "building xdpgate (release)"
-  (cd "$ROOT" && cargo build --release -p xdpgate)
+  log "building xdpgate and xdpgate-pktgen (release)"
+  (cd "$ROOT" && cargo build --release -p xdpgate -p xdpgate-pktgen)
 }
 
 step_check() {
@@ -131,12 +131,14 @@ step_check() {
     ok=0
   fi
   if mount | grep -q ' /sys/fs/bpf type bpf'; then log "bpffs: mounted"; else log "bpffs: not mounted"; ok=0; fi
-  if [ -x "$ROOT/target/release/xdpgate" ]; then
-    log "xdpgate: $ROOT/target/release/xdpgate"
-  else
-    log "xdpgate: not built (run: provision.sh build)"
-    ok=0
-  fi
+  for bin in xdpgate xdpgate-pktgen; do
+    if [ -x "$ROOT/target/release/$bin" ]; then
+      log "$bin: $ROOT/target/release/$bin"
+    else
+      log "$bin: not built (run: provision.sh build)"
+      ok=0
+    fi
+  done
   [ $ok = 1 ] && log "ready: sudo $ROOT/vagrant/pktgen-bench.sh"
   return 0
 }

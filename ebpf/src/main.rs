@@ -67,7 +67,7 @@ pub fn xdp_noop(_ctx: XdpContext) -> u32 {
 }
 
 /// Sends every frame back out of the interface it came in on: run with
-/// BPF_PROG_TEST_RUN in live-frames mode, it makes a traffic generator (`xdpgate pktgen`).
+/// BPF_PROG_TEST_RUN in live-frames mode, it makes a traffic generator (`xdpgate-pktgen`).
 #[xdp]
 pub fn xdp_tx(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_TX

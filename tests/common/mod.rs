@@ -1,12 +1,15 @@
 //! Helpers shared by the kernel and end-to-end tests: network namespaces and veth pairs
 //! that remove themselves, pin directories that detach and vanish, threads that run inside
-//! a namespace, and the xdpgate binary.
+//! a namespace, and the xdpgate and xdpgate-pktgen binaries.
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
 use std::{
     path::PathBuf,
-    process::{Command, Output},
-    sync::atomic::{AtomicU32, Ordering},
+    process::{Command, Output, Stdio},
+    sync::{
+        OnceLock,
+        atomic::{AtomicU32, Ordering},
+    },
 };
 
 use xdpgate_dataplane::PinDir;
@@ -195,4 +198,58 @@ pub mod rng;
 
 pub fn xdpgate_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_xdpgate"))
+}
+
+/// The traffic generator. It is a package of its own, which Cargo does not build for this
+/// package's tests, so it is built here once per test process (a no-op when up to date), with
+/// the profile the xdpgate binary was built with, at the path Cargo reports.
+pub fn pktgen_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let dir = xdpgate_bin().parent().and_then(|d| d.file_name()).map(|d| d.to_owned());
+        let profile = match dir.as_ref().and_then(|d| d.to_str()) {
+            Some("debug") | None => "dev".to_string(),
+            Some(other) => other.to_string(),
+        };
+        let mut cargo = Command::new(env!("CARGO"));
+        // Without the variables Cargo sets for this test run: build scripts that watch one
+        // (ring's watches CARGO_MANIFEST_DIR and OUT_DIR) would rerun, and everything above
+        // them be rebuilt, on every call.
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            if key.starts_with("CARGO_PKG_")
+                || [
+                    "OUT_DIR",
+                    "CARGO_MANIFEST_DIR",
+                    "CARGO_MANIFEST_PATH",
+                    "CARGO_CRATE_NAME",
+                    "CARGO_BIN_NAME",
+                    "CARGO_PRIMARY_PACKAGE",
+                    "CARGO_TARGET_TMPDIR",
+                    "CARGO_RUSTC_CURRENT_DIR",
+                ]
+                .contains(&key.as_ref())
+            {
+                cargo.env_remove(key.as_ref());
+            }
+        }
+        let out = cargo
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args(["build", "-p", "xdpgate-pktgen", "--bin", "xdpgate-pktgen", "--profile"])
+            .arg(&profile)
+            .arg("--message-format=json-render-diagnostics")
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("spawn cargo build -p xdpgate-pktgen");
+        assert!(out.status.success(), "cargo build -p xdpgate-pktgen failed");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|m| {
+                m["reason"] == "compiler-artifact" && m["target"]["name"] == "xdpgate-pktgen"
+            })
+            .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+            .expect("cargo reported no xdpgate-pktgen executable")
+    })
+    .clone()
 }

@@ -8,7 +8,7 @@ use std::{
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand};
-use xdpgate::{agent, flowlog, metrics, pktgen, rules, status};
+use xdpgate::{agent, flowlog, metrics, rules, status};
 use xdpgate_common::{iface::Role, maps::DEFAULT_PIN_DIR};
 use xdpgate_dataplane::{
     self as dataplane, Mode, PinDir, apply, flows, lb, nat, netns, state::WriteLock, stats,
@@ -187,13 +187,6 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Send generated UDP/TCP frames out of an interface at up to line rate: BPF_PROG_TEST_RUN
-    /// in live-frames mode with the object's xdp_tx program (no kernel pktgen needed). Reports
-    /// what left from the interface's TX counters. `pktgen sink` holds a baseline program
-    /// (xdp_noop) on the receiving interface instead of xdpgate.
-    ///
-    /// Example: xdpgate --netns gen pktgen --iface veth0 --count 1000000 --dst-mac MAC
-    Pktgen(pktgen::Args),
     /// Show packet and byte counters per interface and verdict, and drops by reason.
     Stats {
         /// Print JSON instead of a table.
@@ -285,7 +278,7 @@ impl Command {
     /// so instead of seeing an empty or missing dataplane.
     fn uses_pins(&self) -> bool {
         match self {
-            Command::Check { .. } | Command::Pktgen(_) => false,
+            Command::Check { .. } => false,
             Command::VerifyFlow { policy, .. } | Command::Rules { policy, .. } => policy.is_none(),
             _ => true,
         }
@@ -460,7 +453,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 print!("{}", nat::render(&report));
             }
         }
-        Command::Pktgen(args) => pktgen::main(args)?,
         Command::Stats { json } => {
             let stats = stats::read(&pins)?;
             if json {

@@ -17,7 +17,7 @@ pub fn bench(root: &Path, args: &[String]) -> Result<()> {
     super::run(
         Command::new("cargo")
             .current_dir(root)
-            .args(["run", "--release", "-p", "xdpgate", "--bin", "xdpgate-bench", "--"])
+            .args(["run", "--release", "-p", "xdpgate-bench", "--"])
             .args(args),
     )
 }

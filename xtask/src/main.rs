@@ -38,7 +38,7 @@ enum Task {
         args: Vec<String>,
     },
     /// Packets per second through a veth pair, xdpgate against xdp_noop, with the
-    /// live-frames generator `xdpgate pktgen` (writes target/bench/pps.md).
+    /// live-frames generator `xdpgate-pktgen` (writes target/bench/pps.md).
     Pps {
         /// Extra arguments (`--quick`, `--seconds N`, `--rounds N`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]

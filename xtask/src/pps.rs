@@ -3,13 +3,13 @@
 //!
 //! ```text
 //!   [gen ns] ppsgN ==veth==> ppsdN [dut ns]   program on ppsdN: xdp_noop | xdpgate
-//!   xdpgate pktgen (live frames, xdp_tx)       the DUT's stack drops what is passed
+//!   xdpgate-pktgen (live frames, xdp_tx)       the DUT's stack drops what is passed
 //! ```
 //!
-//! The generator (`xdpgate pktgen`, on CPU 0) sends 60-byte UDP frames of 256 flows from
+//! The generator (`xdpgate-pktgen`, on CPU 0) sends 60-byte UDP frames of 256 flows from
 //! 203.0.113.0/24 to 198.51.100.10:9, addressed to the DUT's MAC. Each round measures, in
 //! turn:
-//! - `xdp_noop` held by `xdpgate pktgen sink`: XDP_PASS, so the DUT's stack takes every frame
+//! - `xdp_noop` held by `xdpgate-pktgen sink`: XDP_PASS, so the DUT's stack takes every frame
 //!   and drops it (the address is not the DUT's and it does not forward);
 //! - xdpgate with an NSG that allows the traffic: established flows, XDP_PASS, the same stack
 //!   drop after;
@@ -123,8 +123,13 @@ pub fn pps(root: &Path, raw: &[String]) -> Result<()> {
         "--release",
         "-p",
         "xdpgate",
+        "-p",
+        "xdpgate-pktgen",
     ]))?;
-    let bin = root.join("target/release/xdpgate");
+    let bins = Bins {
+        xdpgate: root.join("target/release/xdpgate"),
+        pktgen: root.join("target/release/xdpgate-pktgen"),
+    };
     let out_dir = root.join("target/bench");
     fs::create_dir_all(&out_dir)?;
     let allow = out_dir.join("pps-allow.yaml");
@@ -134,7 +139,7 @@ pub fn pps(root: &Path, raw: &[String]) -> Result<()> {
     fs::write(&deny, denying)?;
 
     let machine = machine(cpus);
-    let lab = Lab::new(bin)?;
+    let lab = Lab::new(bins)?;
     let mut placements = vec![Placement::OneCpu];
     if args.two_cpus {
         if cpus < 2 {
@@ -174,10 +179,16 @@ pub fn pps(root: &Path, raw: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// The release binaries the benchmark runs.
+struct Bins {
+    xdpgate: PathBuf,
+    pktgen: PathBuf,
+}
+
 /// Two namespaces joined by a veth pair, a pin directory, and whatever is attached; all
 /// removed on drop.
 struct Lab {
-    bin: PathBuf,
+    bins: Bins,
     gen_ns: String,
     dut_ns: String,
     gen_if: String,
@@ -187,10 +198,10 @@ struct Lab {
 }
 
 impl Lab {
-    fn new(bin: PathBuf) -> Result<Self> {
+    fn new(bins: Bins) -> Result<Self> {
         let id = std::process::id() % 10_000;
         let lab = Self {
-            bin,
+            bins,
             gen_ns: format!("xgpps-gen{id}"),
             dut_ns: format!("xgpps-dut{id}"),
             gen_if: format!("ppsg{id}"),
@@ -232,7 +243,7 @@ impl Lab {
     }
 
     fn xdpgate(&self, args: &[&str]) -> Result<String> {
-        let mut cmd = Command::new(&self.bin);
+        let mut cmd = Command::new(&self.bins.xdpgate);
         cmd.args(["--pin-dir", &self.pins, "--netns", &self.dut_ns]).args(args);
         output(&mut cmd)
     }
@@ -254,12 +265,12 @@ impl Lab {
         let mut sink = None;
         match case {
             Case::Noop => {
-                let child = Command::new(&self.bin)
-                    .args(["--netns", &self.dut_ns, "pktgen", "sink", "--iface", &self.dut_if])
+                let child = Command::new(&self.bins.pktgen)
+                    .args(["--netns", &self.dut_ns, "sink", "--iface", &self.dut_if])
                     .stdout(Stdio::null())
                     .stderr(Stdio::null())
                     .spawn()
-                    .context("spawning xdpgate pktgen sink")?;
+                    .context("spawning xdpgate-pktgen sink")?;
                 sink = Some(Sink(child));
                 let deadline = Instant::now() + Duration::from_secs(10);
                 while !self.attached() {
@@ -325,12 +336,12 @@ impl Lab {
 
     fn generate(&self, seconds: f64) -> Result<Sample> {
         let args = format!(
-            "--netns {} pktgen --iface {} --duration {seconds} --cpu 0 --dst-mac {} \
+            "--netns {} --iface {} --duration {seconds} --cpu 0 --dst-mac {} \
              --src 203.0.113.1-203.0.113.200 --sport 10000-10063 --flows {FLOWS} --dst {DST} \
              --dport 9 --json",
             self.gen_ns, self.gen_if, self.dut_mac
         );
-        let json = output(Command::new(&self.bin).args(args.split_whitespace()))?;
+        let json = output(Command::new(&self.bins.pktgen).args(args.split_whitespace()))?;
         let secs = number(&json, "seconds")?;
         Ok(Sample {
             pps: number(&json, "pps")?,
@@ -353,7 +364,7 @@ impl Drop for Lab {
     }
 }
 
-/// A running `xdpgate pktgen sink`: SIGINT on drop (it detaches and exits), then reaped.
+/// A running `xdpgate-pktgen sink`: SIGINT on drop (it detaches and exits), then reaped.
 struct Sink(Child);
 
 impl Drop for Sink {
@@ -502,7 +513,7 @@ fn markdown(
     }
     let _ = writeln!(
         md,
-        "Method: `cargo xtask pps`. Generator: `xdpgate pktgen` (BPF_PROG_TEST_RUN live frames, \
+        "Method: `cargo xtask pps`. Generator: `xdpgate-pktgen` (BPF_PROG_TEST_RUN live frames, \
          `xdp_tx`) in its own network namespace, 60-byte UDP/IPv4 frames of {FLOWS} flows \
          (64 source ports x 4 addresses of 203.0.113.0/24) to {DST}:9, addressed to the DUT's \
          MAC, over a veth pair into the DUT's namespace. Each figure is the median of {rounds} \

@@ -175,7 +175,7 @@ pub fn evaluate(compiled: &Compiled, pkt: &Packet) -> Verdict {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{compile::compile, policy::load_str, policy::reference};
+    use crate::{compile::compile, load_str, reference};
 
     const POLICY: &str = r#"
 virtual_network:

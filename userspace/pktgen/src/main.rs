@@ -1,4 +1,4 @@
-//! `xdpgate pktgen`: a traffic generator on `BPF_PROG_TEST_RUN` in live-frames mode (the
+//! `xdpgate-pktgen`: a traffic generator on `BPF_PROG_TEST_RUN` in live-frames mode (the
 //! mechanism of xdp-trafficgen), for machines whose kernel has no pktgen module and for rates
 //! AF_PACKET senders cannot reach.
 //!
@@ -12,7 +12,7 @@
 //! frame.
 //!
 //! On a veth, `ndo_xdp_xmit` puts the frame straight into the peer's receive ring, which
-//! exists only while the peer has an XDP program attached (xdpgate, or `xdpgate pktgen sink`)
+//! exists only while the peer has an XDP program attached (xdpgate, or `xdpgate-pktgen sink`)
 //! or GRO turned on (`ethtool -K PEER gro on`); otherwise the kernel refuses the frames and
 //! the TX counters stay still. Frames that find the peer's ring full are dropped and counted
 //! as the sender's `tx_dropped`.
@@ -22,9 +22,11 @@
 //! `--burst` frames of each per run. `--rate` shortens the bursts and sleeps between runs.
 //! What was sent is read back from the interface's TX counters in this namespace.
 //!
-//! `xdpgate pktgen sink` is the other end for benchmarks: it attaches a baseline program of
+//! `xdpgate-pktgen sink` is the other end for benchmarks: it attaches a baseline program of
 //! the object (`xdp_noop` by default) to an interface until stopped, and reports what the
 //! interface received.
+
+mod frame;
 
 use std::{
     fs,
@@ -45,18 +47,28 @@ use xdpgate_common::maps::{
     BACKEND_STATS, BACKENDS, FLOWS, FRAGS, FRONTENDS, MAGLEV, NAT_MAP, NAT_PUBLIC, NAT_SUBNETS,
     NSG_FIELDS, NSG_HITS, NSG_RULES, SERVICE_STATS, VNET,
 };
+use xdpgate_dataplane::{
+    self as dataplane, EBPF_OBJ, Mode, NOOP_PROGRAM, PinDir, TX_PROGRAM, netns,
+};
 
-use xdpgate_dataplane::{self as dataplane, EBPF_OBJ, Mode, NOOP_PROGRAM, PinDir, TX_PROGRAM};
+use crate::frame::{AddrRange, FrameSpec, Mac, PortRange, Proto};
 
 /// The largest live-frames batch the kernel accepts (`TEST_XDP_MAX_BATCH`).
 pub const MAX_BATCH: u32 = 256;
-/// The largest frame: live frames must fit one page with the kernel's head- and tailroom.
-pub const MAX_FRAME: usize = 3_400;
 
-/// `xdpgate pktgen`: send, or with `sink`, receive.
-#[derive(clap::Args, Debug)]
-#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+/// Send generated UDP/TCP frames out of an interface at up to line rate: BPF_PROG_TEST_RUN in
+/// live-frames mode with the xdpgate object's xdp_tx program (no kernel pktgen needed).
+/// Reports what left from the interface's TX counters. `xdpgate-pktgen sink` holds a baseline
+/// program (xdp_noop) on the receiving interface instead of xdpgate.
+///
+/// Example: xdpgate-pktgen --netns gen --iface veth0 --count 1000000 --dst-mac MAC
+#[derive(clap::Parser, Debug)]
+#[command(version, subcommand_negates_reqs = true)]
 pub struct Args {
+    /// Run in the named network namespace (as created by `ip netns add`), keeping the host's
+    /// bpffs.
+    #[arg(long, global = true)]
+    pub netns: Option<String>,
     #[command(subcommand)]
     pub sink: Option<Sub>,
     /// None only with a subcommand: sending needs at least --iface.
@@ -157,17 +169,44 @@ pub struct SinkArgs {
     pub json: bool,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Proto {
-    Udp,
-    Tcp,
+fn main() -> std::process::ExitCode {
+    // A closed pipe (`xdpgate-pktgen ... | head`) ends the process quietly instead of a panic
+    // on write, as in `xdpgate`.
+    // SAFETY: restoring the default disposition of one signal at startup.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    let args = parse(std::env::args_os()).unwrap_or_else(|e| e.exit());
+    match run(args) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
-pub type Mac = [u8; 6];
+/// The command line, with sending options and `sink` refused together. Checked here, not by
+/// clap's args_conflicts_with_subcommands, which would refuse the global --netns before
+/// `sink` too.
+fn parse<I, T>(argv: I) -> Result<Args, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    use clap::{CommandFactory as _, Parser as _};
+    let args = Args::try_parse_from(argv)?;
+    if args.sink.is_some() && args.send.is_some() {
+        return Err(Args::command().error(
+            clap::error::ErrorKind::ArgumentConflict,
+            "sending options cannot be used with `sink`; give the sink's own after it",
+        ));
+    }
+    Ok(args)
+}
 
-/// Runs `xdpgate pktgen` (in the namespace the caller entered).
-pub fn main(args: Args) -> Result<()> {
+fn run(args: Args) -> Result<()> {
+    if let Some(ns) = &args.netns {
+        netns::enter(ns)?;
+    }
     match args.sink {
         Some(Sub::Sink(sink_args)) => {
             let report = sink(&sink_args)?;
@@ -178,7 +217,8 @@ pub fn main(args: Args) -> Result<()> {
             }
         }
         None => {
-            let args = args.send.ok_or_else(|| anyhow!("pktgen needs --iface IF (or `sink`)"))?;
+            let args =
+                args.send.ok_or_else(|| anyhow!("xdpgate-pktgen needs --iface IF (or `sink`)"))?;
             let report = send(&args)?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
@@ -246,7 +286,7 @@ impl SendReport {
         if self.submitted > 0 && self.tx_packets == 0 && self.tx_dropped == 0 {
             out += &format!(
                 "  nothing left {}: on a veth the peer needs an XDP program attached (xdpgate, \
-                 or `xdpgate pktgen sink`) or GRO on (`ethtool -K PEER gro on`)\n",
+                 or `xdpgate-pktgen sink`) or GRO on (`ethtool -K PEER gro on`)\n",
                 self.iface
             );
         }
@@ -785,374 +825,9 @@ pub fn parse_rate(s: &str) -> Result<u64, String> {
     Ok((v * mult).round() as u64)
 }
 
-// ---------------------------------------------------------------------------------------
-// Frames
-
-/// A range of addresses, FIRST-LAST inclusive, of one family.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AddrRange {
-    pub first: IpAddr,
-    pub last: IpAddr,
-}
-
-impl AddrRange {
-    fn len(&self) -> u128 {
-        (bits(self.last) - bits(self.first)).saturating_add(1)
-    }
-
-    fn nth(&self, i: u128) -> IpAddr {
-        let b = bits(self.first) + i;
-        match self.first {
-            IpAddr::V4(_) => IpAddr::V4((b as u32).into()),
-            IpAddr::V6(_) => IpAddr::V6(b.into()),
-        }
-    }
-}
-
-fn bits(a: IpAddr) -> u128 {
-    match a {
-        IpAddr::V4(a) => u32::from(a).into(),
-        IpAddr::V6(a) => a.into(),
-    }
-}
-
-impl FromStr for AddrRange {
-    type Err = anyhow::Error;
-
-    fn from_str(s: &str) -> Result<Self> {
-        let (a, b) = s.split_once('-').unwrap_or((s, s));
-        let first: IpAddr = a.trim().parse().with_context(|| format!("{a:?} is not an address"))?;
-        let last: IpAddr = b.trim().parse().with_context(|| format!("{b:?} is not an address"))?;
-        if first.is_ipv4() != last.is_ipv4() || bits(last) < bits(first) {
-            bail!("{s:?}: a range is FIRST-LAST of one family, FIRST not above LAST");
-        }
-        Ok(Self { first, last })
-    }
-}
-
-/// A range of ports, FIRST-LAST inclusive.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PortRange {
-    pub first: u16,
-    pub last: u16,
-}
-
-impl FromStr for PortRange {
-    type Err = anyhow::Error;
-
-    fn from_str(s: &str) -> Result<Self> {
-        let (a, b) = s.split_once('-').unwrap_or((s, s));
-        let first: u16 = a.trim().parse().with_context(|| format!("{a:?} is not a port"))?;
-        let last: u16 = b.trim().parse().with_context(|| format!("{b:?} is not a port"))?;
-        if last < first {
-            bail!("{s:?}: FIRST-LAST with FIRST not above LAST");
-        }
-        Ok(Self { first, last })
-    }
-}
-
-/// Everything the generated frames share, and what varies between them.
-#[derive(Debug, Clone)]
-pub struct FrameSpec {
-    pub src_mac: Mac,
-    pub dst_mac: Mac,
-    pub src: AddrRange,
-    pub dst: IpAddr,
-    pub sport: PortRange,
-    pub dport: u16,
-    pub proto: Proto,
-    /// Frame length without the FCS.
-    pub size: usize,
-}
-
-const ETH_LEN: usize = 14;
-const IPV4_LEN: usize = 20;
-const IPV6_LEN: usize = 40;
-const UDP_LEN: usize = 8;
-const TCP_LEN: usize = 20;
-
-impl FrameSpec {
-    /// Length of the headers: the smallest frame.
-    pub fn headers_len(&self) -> usize {
-        ETH_LEN
-            + if self.dst.is_ipv4() { IPV4_LEN } else { IPV6_LEN }
-            + match self.proto {
-                Proto::Udp => UDP_LEN,
-                Proto::Tcp => TCP_LEN,
-            }
-    }
-
-    /// `n` distinct frames (fewer if the ranges hold fewer combinations): template `i`
-    /// takes the `i`-th combination of source port (varying fastest) and source address.
-    pub fn templates(&self, n: u32) -> Result<Vec<Vec<u8>>> {
-        if self.src.first.is_ipv4() != self.dst.is_ipv4() {
-            bail!("--src and --dst must be of the same address family");
-        }
-        if self.size < self.headers_len() || self.size > MAX_FRAME {
-            bail!(
-                "--size must be {}-{MAX_FRAME} bytes for {:?} over {}",
-                self.headers_len(),
-                self.proto,
-                if self.dst.is_ipv4() { "IPv4" } else { "IPv6" }
-            );
-        }
-        let ports = u128::from(self.sport.last - self.sport.first) + 1;
-        let combos = ports.saturating_mul(self.src.len());
-        let n = u128::from(n).min(combos);
-        Ok((0..n)
-            .map(|i| {
-                let sport = self.sport.first + (i % ports) as u16;
-                let src = self.src.nth((i / ports) % self.src.len());
-                self.frame(src, sport, i as u32)
-            })
-            .collect())
-    }
-
-    /// One frame from `src`:`sport`, with correct lengths and checksums. UDP payloads fill
-    /// the frame to `size`; TCP SYNs carry no payload and are padded like Ethernet pads.
-    pub fn frame(&self, src: IpAddr, sport: u16, seq: u32) -> Vec<u8> {
-        let l4_hdr = match self.proto {
-            Proto::Udp => UDP_LEN,
-            Proto::Tcp => TCP_LEN,
-        };
-        let l4_len = match self.proto {
-            Proto::Udp => self.size - self.headers_len() + UDP_LEN,
-            Proto::Tcp => TCP_LEN,
-        };
-        let mut l4 = vec![0u8; l4_len];
-        l4[0..2].copy_from_slice(&sport.to_be_bytes());
-        l4[2..4].copy_from_slice(&self.dport.to_be_bytes());
-        let proto_num = match self.proto {
-            Proto::Udp => {
-                l4[4..6].copy_from_slice(&(l4_len as u16).to_be_bytes());
-                for (i, b) in l4[l4_hdr..].iter_mut().enumerate() {
-                    *b = i as u8;
-                }
-                17u8
-            }
-            Proto::Tcp => {
-                l4[4..8].copy_from_slice(&seq.to_be_bytes());
-                l4[12] = (5 << 4) as u8; // data offset: 5 words
-                l4[13] = 0x02; // SYN
-                l4[14..16].copy_from_slice(&64240u16.to_be_bytes());
-                6u8
-            }
-        };
-        let csum_at = match self.proto {
-            Proto::Udp => 6,
-            Proto::Tcp => 16,
-        };
-
-        let mut frame = Vec::with_capacity(self.size);
-        frame.extend_from_slice(&self.dst_mac);
-        frame.extend_from_slice(&self.src_mac);
-        match (src, self.dst) {
-            (IpAddr::V4(s), IpAddr::V4(d)) => {
-                frame.extend_from_slice(&0x0800u16.to_be_bytes());
-                let mut ip = [0u8; IPV4_LEN];
-                ip[0] = 0x45;
-                ip[2..4].copy_from_slice(&((IPV4_LEN + l4_len) as u16).to_be_bytes());
-                ip[4..6].copy_from_slice(&(seq as u16).to_be_bytes());
-                ip[6] = 0x40; // don't fragment
-                ip[8] = 64;
-                ip[9] = proto_num;
-                ip[12..16].copy_from_slice(&s.octets());
-                ip[16..20].copy_from_slice(&d.octets());
-                let c = checksum(&[&ip]);
-                ip[10..12].copy_from_slice(&c.to_be_bytes());
-                let pseudo = [
-                    &s.octets()[..],
-                    &d.octets()[..],
-                    &[0, proto_num],
-                    &(l4_len as u16).to_be_bytes(),
-                ];
-                let mut c = checksum(&[pseudo[0], pseudo[1], pseudo[2], pseudo[3], &l4]);
-                if c == 0 && self.proto == Proto::Udp {
-                    c = 0xffff;
-                }
-                l4[csum_at..csum_at + 2].copy_from_slice(&c.to_be_bytes());
-                frame.extend_from_slice(&ip);
-            }
-            (IpAddr::V6(s), IpAddr::V6(d)) => {
-                frame.extend_from_slice(&0x86ddu16.to_be_bytes());
-                let mut ip = [0u8; IPV6_LEN];
-                ip[0] = 0x60;
-                ip[4..6].copy_from_slice(&(l4_len as u16).to_be_bytes());
-                ip[6] = proto_num;
-                ip[7] = 64;
-                ip[8..24].copy_from_slice(&s.octets());
-                ip[24..40].copy_from_slice(&d.octets());
-                let len = (l4_len as u32).to_be_bytes();
-                let mut c = checksum(&[&s.octets(), &d.octets(), &len, &[0, 0, 0, proto_num], &l4]);
-                if c == 0 && self.proto == Proto::Udp {
-                    c = 0xffff;
-                }
-                l4[csum_at..csum_at + 2].copy_from_slice(&c.to_be_bytes());
-                frame.extend_from_slice(&ip);
-            }
-            _ => unreachable!("families checked in templates()"),
-        }
-        frame.extend_from_slice(&l4);
-        frame.resize(self.size.max(frame.len()), 0);
-        frame
-    }
-}
-
-/// The Internet checksum of the concatenation of `parts` (each of even length but the
-/// last).
-fn checksum(parts: &[&[u8]]) -> u16 {
-    let mut sum: u64 = 0;
-    let mut odd: Option<u8> = None;
-    for part in parts {
-        for &b in *part {
-            match odd.take() {
-                Some(hi) => sum += u64::from(u16::from_be_bytes([hi, b])),
-                None => odd = Some(b),
-            }
-        }
-    }
-    if let Some(hi) = odd {
-        sum += u64::from(u16::from_be_bytes([hi, 0]));
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
 #[cfg(test)]
 mod tests {
-    use etherparse::{NetSlice, SlicedPacket, TransportSlice};
-
     use super::*;
-
-    fn spec(src: &str, dst: &str, proto: Proto, size: usize) -> FrameSpec {
-        FrameSpec {
-            src_mac: [2, 0, 0, 0, 0, 1],
-            dst_mac: [2, 0, 0, 0, 0, 2],
-            src: src.parse().unwrap(),
-            dst: dst.parse().unwrap(),
-            sport: "1000-1003".parse().unwrap(),
-            dport: 9,
-            proto,
-            size,
-        }
-    }
-
-    /// Every template parses, has the right length and ports, and valid checksums
-    /// (verified by etherparse, not by our own checksum code).
-    #[test]
-    fn frames_are_well_formed_with_valid_checksums() {
-        for (src, dst) in [
-            ("203.0.113.1-203.0.113.3", "198.51.100.1"),
-            ("2001:db8::1-2001:db8::3", "2001:db8:1::1"),
-        ] {
-            for proto in [Proto::Udp, Proto::Tcp] {
-                for size in [60, 61, 128, 1514] {
-                    let s =
-                        spec(src, dst, proto, size.max(spec(src, dst, proto, 60).headers_len()));
-                    let frames = s.templates(10).unwrap();
-                    assert_eq!(frames.len(), 10);
-                    for (i, f) in frames.iter().enumerate() {
-                        assert_eq!(f.len(), s.size);
-                        let p = SlicedPacket::from_ethernet(f).unwrap();
-                        let (src_ip, dst_ip, ip_payload_len): (IpAddr, IpAddr, usize) = match &p.net
-                        {
-                            Some(NetSlice::Ipv4(v4)) => {
-                                let h = v4.header();
-                                assert_eq!(
-                                    h.to_header().calc_header_checksum(),
-                                    h.header_checksum()
-                                );
-                                (
-                                    h.source_addr().into(),
-                                    h.destination_addr().into(),
-                                    v4.payload().payload.len(),
-                                )
-                            }
-                            Some(NetSlice::Ipv6(v6)) => {
-                                let h = v6.header();
-                                (
-                                    h.source_addr().into(),
-                                    h.destination_addr().into(),
-                                    v6.payload().payload.len(),
-                                )
-                            }
-                            other => panic!("not IP: {other:?}"),
-                        };
-                        assert_eq!(dst_ip, s.dst);
-                        assert_eq!(
-                            src_ip,
-                            s.src.nth(i as u128 / 4),
-                            "addresses vary after the 4 ports"
-                        );
-                        let ip_hdr = if s.dst.is_ipv4() { IPV4_LEN } else { IPV6_LEN };
-                        assert!(ETH_LEN + ip_hdr + ip_payload_len <= f.len());
-                        match p.transport {
-                            Some(TransportSlice::Udp(u)) => {
-                                assert_eq!(u.source_port(), 1000 + (i % 4) as u16);
-                                assert_eq!(u.destination_port(), 9);
-                                let expect = match (src_ip, dst_ip) {
-                                    (IpAddr::V4(a), IpAddr::V4(b)) => u
-                                        .to_header()
-                                        .calc_checksum_ipv4_raw(a.octets(), b.octets(), u.payload())
-                                        .unwrap(),
-                                    (IpAddr::V6(a), IpAddr::V6(b)) => u
-                                        .to_header()
-                                        .calc_checksum_ipv6_raw(a.octets(), b.octets(), u.payload())
-                                        .unwrap(),
-                                    _ => unreachable!(),
-                                };
-                                assert_eq!(u.checksum(), expect, "UDP checksum");
-                                assert_eq!(
-                                    usize::from(u.length()),
-                                    size.max(s.headers_len()) - s.headers_len() + UDP_LEN
-                                );
-                            }
-                            Some(TransportSlice::Tcp(t)) => {
-                                assert!(t.syn() && !t.ack());
-                                assert_eq!(t.source_port(), 1000 + (i % 4) as u16);
-                                let expect = match (src_ip, dst_ip) {
-                                    (IpAddr::V4(a), IpAddr::V4(b)) => {
-                                        t.calc_checksum_ipv4(a.octets(), b.octets()).unwrap()
-                                    }
-                                    (IpAddr::V6(a), IpAddr::V6(b)) => {
-                                        t.calc_checksum_ipv6(a.octets(), b.octets()).unwrap()
-                                    }
-                                    _ => unreachable!(),
-                                };
-                                assert_eq!(t.checksum(), expect, "TCP checksum");
-                            }
-                            other => panic!("no transport: {other:?}"),
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn templates_are_capped_by_the_combinations() {
-        let s = spec("203.0.113.1-203.0.113.2", "198.51.100.1", Proto::Udp, 60);
-        let frames = s.templates(1000).unwrap();
-        assert_eq!(frames.len(), 8, "4 ports x 2 addresses");
-        let mut sorted = frames.clone();
-        sorted.sort();
-        sorted.dedup();
-        assert_eq!(sorted.len(), 8, "all distinct");
-    }
-
-    #[test]
-    fn bad_specs_are_refused() {
-        assert!(spec("203.0.113.1", "2001:db8::1", Proto::Udp, 80).templates(1).is_err());
-        assert!(spec("203.0.113.1", "198.51.100.1", Proto::Tcp, 50).templates(1).is_err());
-        assert!(
-            spec("203.0.113.1", "198.51.100.1", Proto::Udp, MAX_FRAME + 1).templates(1).is_err()
-        );
-        assert!("203.0.113.9-203.0.113.1".parse::<AddrRange>().is_err());
-        assert!("203.0.113.1-2001:db8::1".parse::<AddrRange>().is_err());
-        assert!("2000-1000".parse::<PortRange>().is_err());
-    }
 
     #[test]
     fn rates_macs_and_counters_parse() {
@@ -1178,6 +853,27 @@ mod tests {
             })
         );
         assert_eq!(parse_net_dev(text, "veth"), None);
+    }
+
+    /// --netns is global: before or after `sink` alike; sending options and `sink` exclude
+    /// each other.
+    #[test]
+    fn command_lines_parse() {
+        let p = |line: &str| parse(std::iter::once("xdpgate-pktgen").chain(line.split(' ')));
+        for line in ["--netns gen sink --iface v0", "sink --netns gen --iface v0"] {
+            let args = p(line).unwrap_or_else(|e| panic!("{line}: {e}"));
+            assert_eq!(args.netns.as_deref(), Some("gen"), "{line}");
+            assert!(matches!(args.sink, Some(Sub::Sink(ref s)) if s.iface == "v0"), "{line}");
+            assert!(args.send.is_none(), "{line}");
+        }
+        let args = p("--netns gen --iface v0 --count 5 --rate 2.5M").unwrap();
+        let send = args.send.expect("sending");
+        assert_eq!((send.iface.as_str(), send.count, send.rate), ("v0", Some(5), 2_500_000));
+        assert!(args.sink.is_none());
+        let e = p("--iface v0 sink --iface v1").unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::ArgumentConflict);
+        assert!(p("--count 5").is_err(), "sending needs --iface");
+        assert!(p("sink --iface v0 --count 5").is_err(), "the sink does not count");
     }
 
     #[test]

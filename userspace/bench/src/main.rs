@@ -88,7 +88,11 @@ fn main() -> Result<()> {
         bail!("--runs must be at least 1");
     }
     let out = args.out.unwrap_or_else(|| {
-        Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").join("target/bench")
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .ancestors()
+            .nth(2)
+            .expect("workspace root")
+            .join("target/bench")
     });
     let wanted = |s: Section| args.only.is_empty() || args.only.contains(&s);
     let cpu = common::pin_to_current_cpu();
