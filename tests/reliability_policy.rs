@@ -4,8 +4,9 @@
 //!   a hand or a tool can break them (lines deleted, duplicated, swapped, re-indented; tokens
 //!   replaced by huge numbers, YAML specials, unicode, addresses that are almost right;
 //!   characters inserted; deep nesting; alias bombs) go through `policy::load_str`, which
-//!   must never panic; every rejection lists errors shaped `file:line: field: reason` (line
-//!   inside the document, non-empty reason, in line order); what it accepts must compile.
+//!   must never panic; every rejection lists errors shaped `file:line:column: field: reason`
+//!   (line inside the document, non-empty reason, bounded length, in line order); what it
+//!   accepts must compile.
 //! * In the kernel: a good policy applied, then `xdpgate apply` of many rejected policies:
 //!   each fails, and the running generation, the record of the applied policy and the
 //!   verdicts (a known allowed and a known denied packet through BPF_PROG_TEST_RUN, and an
@@ -526,16 +527,30 @@ fn check(doc: &str) -> Result<Outcome, String> {
             if errors.0.is_empty() {
                 return Err("rejected without a single error".into());
             }
-            let mut previous = 0;
+            let mut previous = (0, 0);
             for e in &errors.0 {
                 let shown = e.to_string();
-                let want = if e.field.is_empty() {
-                    format!("fuzz.yaml:{}: {}", e.line, e.reason)
+                let at = if e.line > 0 {
+                    format!("fuzz.yaml:{}:{}: ", e.line, e.column)
                 } else {
-                    format!("fuzz.yaml:{}: {}: {}", e.line, e.field, e.reason)
+                    "fuzz.yaml: ".to_owned()
+                };
+                let want = if e.field.is_empty() {
+                    format!("{at}{}", e.reason)
+                } else {
+                    format!("{at}{}: {}", e.field, e.reason)
                 };
                 if e.file != "fuzz.yaml" || shown != want {
-                    return Err(format!("error not shaped file:line: field: reason: {shown:?}"));
+                    return Err(format!(
+                        "error not shaped file:line:column: field: reason: {shown:?}"
+                    ));
+                }
+                if e.line > 0 && e.column == 0 {
+                    return Err(format!("error with a line but no column: {shown:?}"));
+                }
+                // Messages echo values elided: none may run on for a whole huge value.
+                if shown.chars().count() > 1000 {
+                    return Err(format!("error {} characters long", shown.chars().count()));
                 }
                 if e.reason.trim().is_empty() {
                     return Err(format!("error without a reason: {shown:?}"));
@@ -546,10 +561,10 @@ fn check(doc: &str) -> Result<Outcome, String> {
                         e.line
                     ));
                 }
-                if e.line < previous {
+                if (e.line, e.column) < previous {
                     return Err(format!("errors out of line order: {errors}"));
                 }
-                previous = e.line;
+                previous = (e.line, e.column);
             }
             let located = errors.0.iter().any(|e| e.line > 0);
             if !located && std::env::var("XDPGATE_SHOW").is_ok() {

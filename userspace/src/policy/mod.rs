@@ -1,9 +1,9 @@
 //! Network security group policies: the YAML format, its validated and expanded model, and a
 //! reference evaluator of NSG semantics.
 
-pub mod locate;
 pub mod model;
 pub mod reference;
+pub mod tree;
 pub mod yaml;
 
 pub use model::*;
