@@ -668,6 +668,140 @@ fn mutated_policies_never_panic_and_explain_every_rejection() {
     assert!(rejected * 2 > total && accepted * 20 > total, "mutations too mild or too wild");
 }
 
+fn error_lines(doc: &str) -> Vec<String> {
+    let errors = load_str(doc, "p.yaml").expect_err("the policy should be rejected");
+    errors.0.iter().map(ToString::to_string).collect()
+}
+
+/// One run reports every problem, each at its line and column: an unknown field does not
+/// hide the rest, and a wrong type does not stop the reading.
+#[test]
+fn every_error_is_reported_in_one_run() {
+    let doc = "\
+virtual_network:
+  address_space: [198.51.100.0/24]
+nsgs:
+  - name: web
+    subnets: [198.51.100.0/25]
+    colour: blue
+    rules:
+      - name: a
+        priority: high
+        direction: inbound
+        access: allow
+        protocol: tcp
+        source: Intranet
+        destination: \"*\"
+      - name: b
+        priority: 5000
+        direction: inbound
+        access: allow
+        protocol: tcp
+        source: \"*\"
+        destination: \"*\"
+        destination_ports: [80, http]
+";
+    assert_eq!(
+        error_lines(doc),
+        [
+            "p.yaml:6:5: nsgs[0]: unknown field \"colour\"; expected one of: name, subnets, \
+             hosts, rules",
+            "p.yaml:9:19: nsgs[0].rules[0].priority: expected an integer, found string \"high\"",
+            "p.yaml:13:17: nsgs[0].rules[0].source: unknown service tag or application \
+             security group \"Intranet\"; did you mean \"Internet\"?",
+            "p.yaml:16:19: nsgs[0].rules[1].priority: priority 5000 is out of range 100-4096",
+            "p.yaml:22:33: nsgs[0].rules[1].destination_ports[1]: invalid port \"http\"",
+        ]
+    );
+}
+
+/// Names that are almost right get a suggestion: fields, service tags, application
+/// security groups.
+#[test]
+fn near_misses_get_a_suggestion() {
+    let doc = "\
+virtual_network: {address_space: [198.51.100.0/24]}
+application_security_groups: {web-servers: [198.51.100.10]}
+nsgs:
+  - name: web
+    subnets: [198.51.100.0/25]
+    rules:
+      - {name: a, prority: 100, direction: inbound, access: allow, protocol: tcp,
+         source: Internt, destination: [web-server]}
+";
+    assert_eq!(
+        error_lines(doc),
+        [
+            "p.yaml:7:19: nsgs[0].rules[0]: unknown field \"prority\"; did you mean \
+             \"priority\"?",
+            "p.yaml:8:18: nsgs[0].rules[0].source: unknown service tag or application \
+             security group \"Internt\"; did you mean \"Internet\"?",
+            "p.yaml:8:41: nsgs[0].rules[0].destination[0]: unknown service tag or application \
+             security group \"web-server\"; did you mean \"web-servers\"?",
+        ]
+    );
+}
+
+/// A 10 MB key or value is named by its first 40 characters, not echoed whole.
+#[test]
+fn huge_keys_and_values_are_elided() {
+    let huge = "k".repeat(10 << 20);
+    let vnet = "virtual_network: {address_space: [198.51.100.0/24]}\n";
+    let docs = [
+        // Implicit keys are limited to 1024 characters by YAML; explicit ones (`? key`) not.
+        ("an unknown key", format!("{vnet}? {huge}\n: 1\n")),
+        ("a service tag name", format!("{vnet}service_tags:\n  ? {huge}\n  : [192.0.2.0/24]\n")),
+        ("an address", format!("virtual_network: {{address_space: [\"{huge}\"]}}\n")),
+        ("an NSG name", format!("{vnet}nsgs:\n  - {{name: {huge}, subnets: [198.51.100.0/25]}}\n")),
+    ];
+    for (what, doc) in docs {
+        let started = Instant::now();
+        let errors = error_lines(&doc).join("\n");
+        // A bound against hangs, as for the pathological documents (debug build, shared CI).
+        assert!(started.elapsed() < Duration::from_secs(30), "{what}: {:?}", started.elapsed());
+        assert!(errors.len() < 600, "{what}: {} bytes: {}", errors.len(), &errors[..600]);
+        assert!(errors.contains(&format!("{}…", "k".repeat(40))), "{what}: {errors}");
+    }
+}
+
+/// Nesting is bounded before anything recurses: 100,000 levels are refused at once.
+#[test]
+fn deep_nesting_is_refused_quickly() {
+    let docs = [
+        ("flow lists", "[".repeat(100_000)),
+        ("block lists", "- ".repeat(100_000) + "x\n"),
+        ("flow mappings in a value", format!("nsgs: {}", "{a: ".repeat(100_000))),
+    ];
+    for (what, doc) in docs {
+        let started = Instant::now();
+        let errors = error_lines(&doc);
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(1), "{what}: {took:?}");
+        assert_eq!(errors.len(), 1, "{what}: {errors:?}");
+        assert!(errors[0].ends_with("nested deeper than 64 levels"), "{what}: {errors:?}");
+    }
+}
+
+/// Names are limited to Azure's 80 characters.
+#[test]
+fn names_longer_than_80_characters_are_refused() {
+    let name = "r".repeat(81);
+    let doc = format!(
+        "virtual_network: {{address_space: [198.51.100.0/24]}}\nnsgs:\n  - name: web\n    \
+         subnets: [198.51.100.0/25]\n    rules:\n      - {{name: {name}, priority: 100, \
+         direction: inbound, access: allow, protocol: tcp, source: \"*\", destination: \"*\"}}\n"
+    );
+    assert_eq!(
+        error_lines(&doc),
+        [format!(
+            "p.yaml:6:16: nsgs[0].rules[0].name: name \"{}…\" is 81 characters long; at most 80 \
+             are allowed",
+            "r".repeat(40)
+        )]
+    );
+    assert!(load_str(&doc.replace(&name, &"r".repeat(80)), "p.yaml").is_ok());
+}
+
 /// Documents built to hurt: each must load or fail quickly and without a panic.
 #[test]
 fn pathological_documents() {

@@ -204,6 +204,11 @@ fn resolve(text: &str) -> Value<'_> {
         | ".nan" | ".NaN" | ".NAN" => return Value::Float,
         _ => {}
     }
+    // Most scalars are names and addresses: settle them without scanning (a value may be
+    // megabytes long, and is looked at more than once).
+    if !matches!(text.as_bytes()[0], b'0'..=b'9' | b'+' | b'-' | b'.') {
+        return Value::Str(text);
+    }
     let (negative, digits) = match text.as_bytes()[0] {
         b'-' => (true, &text[1..]),
         b'+' => (false, &text[1..]),

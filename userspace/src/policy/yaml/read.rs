@@ -63,6 +63,10 @@ pub(super) fn suggest<'c>(
     word: &str,
     candidates: impl IntoIterator<Item = &'c str>,
 ) -> Option<&'c str> {
+    // Nothing is meant by a word this long, and comparing it would take time.
+    if word.len() > 200 {
+        return None;
+    }
     let word = word.to_lowercase();
     candidates
         .into_iter()
@@ -84,6 +88,8 @@ pub(super) fn did_you_mean<'c>(
 pub(super) struct Fields<'n> {
     pub path: String,
     entries: HashMap<&'n str, &'n Node>,
+    /// Known fields that an unknown one was taken for: not also reported missing.
+    suggested: HashSet<&'static str>,
 }
 
 pub(super) struct Reader<'f> {
@@ -158,12 +164,18 @@ impl<'f> Reader<'f> {
 
     /// A mapping whose keys must be among `known`; `None` (after an error) if `node` is not
     /// a mapping.
-    pub fn fields<'n>(&mut self, path: &str, node: &'n Node, known: &[&str]) -> Option<Fields<'n>> {
+    pub fn fields<'n>(
+        &mut self,
+        path: &str,
+        node: &'n Node,
+        known: &[&'static str],
+    ) -> Option<Fields<'n>> {
         if !matches!(node.kind, Kind::Map(_)) {
             self.wrong_type(path, node, "a mapping");
             return None;
         }
-        let mut fields = Fields { path: path.to_owned(), entries: HashMap::new() };
+        let mut fields =
+            Fields { path: path.to_owned(), entries: HashMap::new(), suggested: HashSet::new() };
         let Kind::Map(entries) = &node.kind else { return None };
         for (key, value) in self.entries(path, node) {
             if known.contains(&key) {
@@ -175,7 +187,10 @@ impl<'f> Reader<'f> {
                 .find(|(k, _)| matches!(&k.kind, Kind::Scalar { text, .. } if text == key))
                 .map_or(node.pos, |(k, _)| k.pos);
             let reason = match suggest(key, known.iter().copied()) {
-                Some(s) => format!("unknown field \"{}\"; did you mean \"{s}\"?", elide(key)),
+                Some(s) => {
+                    fields.suggested.insert(s);
+                    format!("unknown field \"{}\"; did you mean \"{s}\"?", elide(key))
+                }
                 None => {
                     format!(
                         "unknown field \"{}\"; expected one of: {}",
@@ -196,6 +211,11 @@ impl<'f> Reader<'f> {
 
     fn missing(&mut self, f: &Fields, name: &str) {
         let path = child(&f.path, name);
+        if f.suggested.contains(name) {
+            // "did you mean" already said where it is.
+            self.index.bad.insert(path);
+            return;
+        }
         let reason = match f.entries.contains_key(name) {
             true => format!("\"{name}\" needs a value"),
             false => format!("missing field \"{name}\""),
