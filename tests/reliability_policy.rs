@@ -1111,3 +1111,124 @@ fn a_policy_that_fails_to_install_changes_nothing() {
     });
     assert!(failures.is_empty(), "{}\n(apply said: {})", failures.join("\n"), stderr.trim());
 }
+
+// ---------------------------------------------------------------------------------------
+// Capacity: `check` and `apply` use the same numbers.
+
+/// GOOD with two UDP rules (so the TCP verdicts `Running` checks stay GOOD's) on every odd
+/// destination port, the NSG also on a host: each of the four tables of a slot gets 32,768
+/// port entries, so the policy needs just over half of `NSG_FIELDS` (262,144 entries for
+/// both slots). `allow_web` false turns GOOD's allow rule into a deny.
+fn over_half(allow_web: bool) -> String {
+    let ports: Vec<String> = (1..=65535u32).step_by(2).map(|p| p.to_string()).collect();
+    let ports = ports.join(", ");
+    let mut doc = GOOD.replace(
+        "subnets: [198.51.100.0/24, 2001:db8:1::/64]",
+        "subnets: [198.51.100.0/24, 2001:db8:1::/64]\n    hosts: [198.51.100.200]",
+    );
+    if !allow_web {
+        doc = doc.replace(
+            "name: allow-web, priority: 100, direction: inbound, access: allow",
+            "name: allow-web, priority: 100, direction: inbound, access: deny",
+        );
+    }
+    for (name, priority, direction) in [("bulk-in", 300, "inbound"), ("bulk-out", 300, "outbound")]
+    {
+        let _ = writeln!(
+            doc,
+            "      - {{name: {name}, priority: {priority}, direction: {direction}, access: deny, \
+             protocol: udp, source: [\"*\"], destination: [\"*\"], destination_ports: [{ports}]}}"
+        );
+    }
+    doc
+}
+
+fn nsg_field_entries(pins: &xdpgate::dataplane::PinDir) -> usize {
+    let map = pins.open_map(xdpgate_common::maps::NSG_FIELDS).unwrap();
+    let trie: aya::maps::LpmTrie<
+        _,
+        xdpgate_common::nsg::FieldKey,
+        xdpgate_common::nsg::RuleBitmap,
+    > = map.try_into().unwrap();
+    trie.keys().filter_map(Result::ok).count()
+}
+
+/// A policy that needs more than half of the NSG field trie could not always be replaced
+/// (the running policy keeps its half while the new one is written): the real `xdpgate
+/// check` refuses it and says why; one a little smaller passes.
+#[test]
+fn check_refuses_a_policy_over_the_nsg_field_capacity() {
+    let dir = std::env::temp_dir().join(common::unique("relcap"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("over-half.yaml");
+    std::fs::write(&path, over_half(true)).unwrap();
+    let out = std::process::Command::new(common::xdpgate_bin())
+        .args(["check", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "check accepted it: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        stderr.contains("cannot be applied")
+            && stderr.contains("a policy may use at most 131072 (half"),
+        "{stderr}"
+    );
+    // Without the outbound bulk rule: half the port entries, and it fits.
+    let fits: String = over_half(true)
+        .lines()
+        .filter(|l| !l.contains("bulk-out"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&path, fits).unwrap();
+    let out = std::process::Command::new(common::xdpgate_bin())
+        .args(["check", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("of 131072 NSG table entries"));
+}
+
+/// Two policies that each fit the trie alone but not beside each other: applying the second
+/// over the first is refused before anything is written, with a message that says so, and
+/// the running policy, its record and the trie stay exactly as they were.
+#[test]
+fn apply_refuses_a_policy_that_does_not_fit_beside_the_running_one() {
+    let (failures, stderr) = isolated(|| {
+        let k = Kernel::new();
+        let dir = std::env::temp_dir().join(common::unique("relcap"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let first = dir.join("first.yaml");
+        let source = over_half(true);
+        std::fs::write(&first, &source).unwrap();
+        k.pins.xdpgate(&["apply", first.to_str().unwrap()]);
+        k.arrive_as(Role::External);
+        assert_eq!(k.run(&frame("203.0.113.7", "198.51.100.10", L4::Tcp(999, 80, SYN))), PASS);
+        let (_, config) = apply::active(&k.pins.dir).unwrap();
+        let mut running = Running { k: &k, generation: config.generation, source, port: 30000 };
+        let entries = nsg_field_entries(&k.pins.dir);
+
+        let second = dir.join("second.yaml");
+        std::fs::write(&second, over_half(false)).unwrap();
+        let started = Instant::now();
+        let out = k.pins.try_xdpgate(&["apply", second.to_str().unwrap()]);
+        let took = started.elapsed();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        let mut failures = Vec::new();
+        if out.status.success() {
+            failures.push("the second policy was applied".to_owned());
+        }
+        if !stderr.contains("the running policy uses") {
+            failures.push("the message does not say the running policy takes the room".into());
+        }
+        let after = nsg_field_entries(&k.pins.dir);
+        if after != entries {
+            failures.push(format!("NSG_FIELDS held {entries} entries, now {after}"));
+        }
+        failures.extend(running.check("after the refused apply"));
+        let _ = std::fs::remove_dir_all(&dir);
+        println!("refused in {took:.1?}; {entries} entries in NSG_FIELDS");
+        (failures, stderr)
+    });
+    assert!(failures.is_empty(), "{}\n(apply said: {})", failures.join("\n"), stderr.trim());
+}
