@@ -782,6 +782,22 @@ fn deep_nesting_is_refused_quickly() {
     }
 }
 
+/// A file wrong 100,000 times is answered quickly with the first 1,000 errors and a count.
+#[test]
+fn a_flood_of_errors_is_bounded() {
+    let mut doc = String::from("virtual_network: {address_space: [198.51.100.0/24]}\n");
+    for i in 0..100_000 {
+        let _ = writeln!(doc, "unknown{i}: 1");
+    }
+    let started = Instant::now();
+    let errors = error_lines(&doc);
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    assert_eq!(errors.len(), 1001);
+    assert!(errors[0].starts_with("p.yaml:2:1: unknown field \"unknown0\""), "{}", errors[0]);
+    assert_eq!(errors[1000], "p.yaml:1001:1: 99000 more errors not shown");
+}
+
 /// Names are limited to Azure's 80 characters.
 #[test]
 fn names_longer_than_80_characters_are_refused() {

@@ -298,6 +298,18 @@ mod tests {
     }
 
     #[test]
+    fn refuses_files_over_the_size_limit() {
+        let e = parse(&" ".repeat(MAX_FILE_BYTES + 1)).unwrap_err();
+        assert_eq!(
+            e.reason,
+            format!(
+                "the file is {} bytes; at most {MAX_FILE_BYTES} are accepted",
+                MAX_FILE_BYTES + 1
+            )
+        );
+    }
+
+    #[test]
     fn elides_long_text() {
         assert_eq!(elide("short"), "short");
         let long = "é".repeat(10_000);

@@ -557,6 +557,8 @@ impl List {
 const PRIORITIES: RangeInclusive<i64> = 100..=4096;
 /// Azure allows 80 characters for the names of rules and resources.
 const MAX_NAME_CHARS: usize = 80;
+/// Errors listed for one file; the rest are counted.
+const MAX_ERRORS: usize = 1000;
 /// Names listed in an "unknown name" message.
 const MAX_LISTED: usize = 10;
 const TIMEOUTS: RangeInclusive<i64> = 4..=7200;
@@ -626,6 +628,18 @@ impl Loader<'_> {
         let nat_gateways = self.nat_gateways(raw, &names);
         if !self.errors.is_empty() {
             self.errors.sort_by_key(|e| (e.line, e.column));
+            // A generated file can be wrong a million times over; the first ones say enough.
+            if self.errors.len() > MAX_ERRORS {
+                let more = self.errors.len() - MAX_ERRORS;
+                self.errors.truncate(MAX_ERRORS);
+                let last = &self.errors[MAX_ERRORS - 1];
+                let summary = PolicyError {
+                    reason: format!("{more} more errors not shown"),
+                    field: String::new(),
+                    ..last.clone()
+                };
+                self.errors.push(summary);
+            }
             return Err(PolicyErrors(self.errors));
         }
         let nsgs = nsgs.into_iter().map(|n| n.nsg).collect();

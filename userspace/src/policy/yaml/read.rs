@@ -133,6 +133,11 @@ impl<'f> Reader<'f> {
 
     /// The keys and values of a mapping with any keys, each key once.
     pub fn entries<'n>(&mut self, path: &str, node: &'n Node) -> Vec<(&'n str, &'n Node)> {
+        self.keyed_entries(path, node).into_iter().map(|(k, _, v)| (k, v)).collect()
+    }
+
+    /// [`Self::entries`] with the position of each key.
+    fn keyed_entries<'n>(&mut self, path: &str, node: &'n Node) -> Vec<(&'n str, Pos, &'n Node)> {
         let Kind::Map(entries) = &node.kind else {
             if node.value() != Some(Value::Null) {
                 self.wrong_type(path, node, "a mapping");
@@ -157,7 +162,7 @@ impl<'f> Reader<'f> {
             // item of a block list is on a later line).
             let at = if matches!(value.kind, Kind::Scalar { .. }) { value } else { key };
             self.record(&child(path, text), at);
-            out.push((text.as_str(), value));
+            out.push((text.as_str(), key.pos, value));
         }
         out
     }
@@ -176,16 +181,11 @@ impl<'f> Reader<'f> {
         }
         let mut fields =
             Fields { path: path.to_owned(), entries: HashMap::new(), suggested: HashSet::new() };
-        let Kind::Map(entries) = &node.kind else { return None };
-        for (key, value) in self.entries(path, node) {
+        for (key, key_pos, value) in self.keyed_entries(path, node) {
             if known.contains(&key) {
                 fields.entries.insert(key, value);
                 continue;
             }
-            let key_pos = entries
-                .iter()
-                .find(|(k, _)| matches!(&k.kind, Kind::Scalar { text, .. } if text == key))
-                .map_or(node.pos, |(k, _)| k.pos);
             let reason = match suggest(key, known.iter().copied()) {
                 Some(s) => {
                     fields.suggested.insert(s);
