@@ -792,7 +792,8 @@ fn a_flood_of_errors_is_bounded() {
     let started = Instant::now();
     let errors = error_lines(&doc);
     let took = started.elapsed();
-    assert!(took < Duration::from_secs(10), "{took:?}");
+    // Linear work (a quadratic search took 288 s); the bound is loose for a loaded debug build.
+    assert!(took < Duration::from_secs(60), "{took:?}");
     assert_eq!(errors.len(), 1001);
     assert!(errors[0].starts_with("p.yaml:2:1: unknown field \"unknown0\""), "{}", errors[0]);
     assert_eq!(errors[1000], "p.yaml:1001:1: 99000 more errors not shown");
