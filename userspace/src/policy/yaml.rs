@@ -1459,9 +1459,16 @@ impl Loader<'_> {
                 self.nat_range(path, range, pool, scope, frontend)
             }
             _ => {
-                let reason =
-                    "expected frontend_port with backend, or frontend_port_range with backend_pool";
-                self.error(path, reason);
+                // A field that could not be read is reported already, and may be the one
+                // that looks missing here.
+                let unread = ["frontend_port", "frontend_port_range", "backend", "backend_pool"]
+                    .iter()
+                    .any(|f| self.lines.is_bad(&format!("{path}.{f}")));
+                if !unread {
+                    let reason = "expected frontend_port with backend, or frontend_port_range \
+                                  with backend_pool";
+                    self.error(path, reason);
+                }
                 None
             }
         }
@@ -2983,6 +2990,12 @@ load_balancers:
                 "{fields}"
             );
         }
+        // A port that could not be read is reported as such, not also as missing.
+        assert_eq!(
+            nat("protocol: tcp, frontend_port: http, backend: 198.51.100.11"),
+            ["policy.yaml:52:85: load_balancers[0].inbound_nat_rules[1].frontend_port: \
+              expected an integer, found string \"http\""]
+        );
         assert_eq!(
             nat("protocol: all, frontend_port: 2202, backend: 198.51.100.11"),
             ["policy.yaml:52:65: load_balancers[0].inbound_nat_rules[1].protocol: \
