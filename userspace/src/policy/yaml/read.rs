@@ -5,8 +5,10 @@
 
 use std::collections::{HashMap, HashSet};
 
-use super::{super::tree::Pos, List, PolicyError};
-use crate::policy::tree::{Kind, Node, Value, elide};
+use super::{
+    super::tree::{Kind, Node, Pos, Value, elide},
+    List, PolicyError,
+};
 
 /// Where the value of each path is, and which paths could not be read.
 #[derive(Debug, Default)]
