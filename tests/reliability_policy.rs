@@ -4,8 +4,9 @@
 //!   a hand or a tool can break them (lines deleted, duplicated, swapped, re-indented; tokens
 //!   replaced by huge numbers, YAML specials, unicode, addresses that are almost right;
 //!   characters inserted; deep nesting; alias bombs) go through `policy::load_str`, which
-//!   must never panic; every rejection lists errors shaped `file:line: field: reason` (line
-//!   inside the document, non-empty reason, in line order); what it accepts must compile.
+//!   must never panic; every rejection lists errors shaped `file:line:column: field: reason`
+//!   (line inside the document, non-empty reason, bounded length, in line order); what it
+//!   accepts must compile.
 //! * In the kernel: a good policy applied, then `xdpgate apply` of many rejected policies:
 //!   each fails, and the running generation, the record of the applied policy and the
 //!   verdicts (a known allowed and a known denied packet through BPF_PROG_TEST_RUN, and an
@@ -527,16 +528,30 @@ fn check(doc: &str) -> Result<Outcome, String> {
             if errors.0.is_empty() {
                 return Err("rejected without a single error".into());
             }
-            let mut previous = 0;
+            let mut previous = (0, 0);
             for e in &errors.0 {
                 let shown = e.to_string();
-                let want = if e.field.is_empty() {
-                    format!("fuzz.yaml:{}: {}", e.line, e.reason)
+                let at = if e.line > 0 {
+                    format!("fuzz.yaml:{}:{}: ", e.line, e.column)
                 } else {
-                    format!("fuzz.yaml:{}: {}: {}", e.line, e.field, e.reason)
+                    "fuzz.yaml: ".to_owned()
+                };
+                let want = if e.field.is_empty() {
+                    format!("{at}{}", e.reason)
+                } else {
+                    format!("{at}{}: {}", e.field, e.reason)
                 };
                 if e.file != "fuzz.yaml" || shown != want {
-                    return Err(format!("error not shaped file:line: field: reason: {shown:?}"));
+                    return Err(format!(
+                        "error not shaped file:line:column: field: reason: {shown:?}"
+                    ));
+                }
+                if e.line > 0 && e.column == 0 {
+                    return Err(format!("error with a line but no column: {shown:?}"));
+                }
+                // Messages echo values elided: none may run on for a whole huge value.
+                if shown.chars().count() > 1000 {
+                    return Err(format!("error {} characters long", shown.chars().count()));
                 }
                 if e.reason.trim().is_empty() {
                     return Err(format!("error without a reason: {shown:?}"));
@@ -547,10 +562,10 @@ fn check(doc: &str) -> Result<Outcome, String> {
                         e.line
                     ));
                 }
-                if e.line < previous {
+                if (e.line, e.column) < previous {
                     return Err(format!("errors out of line order: {errors}"));
                 }
-                previous = e.line;
+                previous = (e.line, e.column);
             }
             let located = errors.0.iter().any(|e| e.line > 0);
             if !located && std::env::var("XDPGATE_SHOW").is_ok() {
@@ -652,6 +667,158 @@ fn mutated_policies_never_panic_and_explain_every_rejection() {
         failures.join("\n")
     );
     assert!(rejected * 2 > total && accepted * 20 > total, "mutations too mild or too wild");
+}
+
+fn error_lines(doc: &str) -> Vec<String> {
+    let errors = load_str(doc, "p.yaml").expect_err("the policy should be rejected");
+    errors.0.iter().map(ToString::to_string).collect()
+}
+
+/// One run reports every problem, each at its line and column: an unknown field does not
+/// hide the rest, and a wrong type does not stop the reading.
+#[test]
+fn every_error_is_reported_in_one_run() {
+    let doc = "\
+virtual_network:
+  address_space: [198.51.100.0/24]
+nsgs:
+  - name: web
+    subnets: [198.51.100.0/25]
+    colour: blue
+    rules:
+      - name: a
+        priority: high
+        direction: inbound
+        access: allow
+        protocol: tcp
+        source: Intranet
+        destination: \"*\"
+      - name: b
+        priority: 5000
+        direction: inbound
+        access: allow
+        protocol: tcp
+        source: \"*\"
+        destination: \"*\"
+        destination_ports: [80, http]
+";
+    assert_eq!(
+        error_lines(doc),
+        [
+            "p.yaml:6:5: nsgs[0]: unknown field \"colour\"; expected one of: name, subnets, \
+             hosts, rules",
+            "p.yaml:9:19: nsgs[0].rules[0].priority: expected an integer, found string \"high\"",
+            "p.yaml:13:17: nsgs[0].rules[0].source: unknown service tag or application \
+             security group \"Intranet\"; did you mean \"Internet\"?",
+            "p.yaml:16:19: nsgs[0].rules[1].priority: priority 5000 is out of range 100-4096",
+            "p.yaml:22:33: nsgs[0].rules[1].destination_ports[1]: invalid port \"http\"",
+        ]
+    );
+}
+
+/// Names that are almost right get a suggestion: fields, service tags, application
+/// security groups.
+#[test]
+fn near_misses_get_a_suggestion() {
+    let doc = "\
+virtual_network: {address_space: [198.51.100.0/24]}
+application_security_groups: {web-servers: [198.51.100.10]}
+nsgs:
+  - name: web
+    subnets: [198.51.100.0/25]
+    rules:
+      - {name: a, prority: 100, direction: inbound, access: allow, protocol: tcp,
+         source: Internt, destination: [web-server]}
+";
+    assert_eq!(
+        error_lines(doc),
+        [
+            "p.yaml:7:19: nsgs[0].rules[0]: unknown field \"prority\"; did you mean \
+             \"priority\"?",
+            "p.yaml:8:18: nsgs[0].rules[0].source: unknown service tag or application \
+             security group \"Internt\"; did you mean \"Internet\"?",
+            "p.yaml:8:41: nsgs[0].rules[0].destination[0]: unknown service tag or application \
+             security group \"web-server\"; did you mean \"web-servers\"?",
+        ]
+    );
+}
+
+/// A 10 MB key or value is named by its first 40 characters, not echoed whole.
+#[test]
+fn huge_keys_and_values_are_elided() {
+    let huge = "k".repeat(10 << 20);
+    let vnet = "virtual_network: {address_space: [198.51.100.0/24]}\n";
+    let docs = [
+        // Implicit keys are limited to 1024 characters by YAML; explicit ones (`? key`) not.
+        ("an unknown key", format!("{vnet}? {huge}\n: 1\n")),
+        ("a service tag name", format!("{vnet}service_tags:\n  ? {huge}\n  : [192.0.2.0/24]\n")),
+        ("an address", format!("virtual_network: {{address_space: [\"{huge}\"]}}\n")),
+        ("an NSG name", format!("{vnet}nsgs:\n  - {{name: {huge}, subnets: [198.51.100.0/25]}}\n")),
+    ];
+    for (what, doc) in docs {
+        let started = Instant::now();
+        let errors = error_lines(&doc).join("\n");
+        // A bound against hangs, as for the pathological documents (debug build, shared CI).
+        assert!(started.elapsed() < Duration::from_secs(30), "{what}: {:?}", started.elapsed());
+        assert!(errors.len() < 600, "{what}: {} bytes: {}", errors.len(), &errors[..600]);
+        assert!(errors.contains(&format!("{}…", "k".repeat(40))), "{what}: {errors}");
+    }
+}
+
+/// Nesting is bounded before anything recurses: 100,000 levels are refused at once.
+#[test]
+fn deep_nesting_is_refused_quickly() {
+    let docs = [
+        ("flow lists", "[".repeat(100_000)),
+        ("block lists", "- ".repeat(100_000) + "x\n"),
+        ("flow mappings in a value", format!("nsgs: {}", "{a: ".repeat(100_000))),
+    ];
+    for (what, doc) in docs {
+        let started = Instant::now();
+        let errors = error_lines(&doc);
+        let took = started.elapsed();
+        println!("100,000 levels of {what}: refused in {took:.1?}");
+        assert!(took < Duration::from_secs(1), "{what}: {took:?}");
+        assert_eq!(errors.len(), 1, "{what}: {errors:?}");
+        assert!(errors[0].ends_with("nested deeper than 64 levels"), "{what}: {errors:?}");
+    }
+}
+
+/// A file wrong 100,000 times is answered quickly with the first 1,000 errors and a count.
+#[test]
+fn a_flood_of_errors_is_bounded() {
+    let mut doc = String::from("virtual_network: {address_space: [198.51.100.0/24]}\n");
+    for i in 0..100_000 {
+        let _ = writeln!(doc, "unknown{i}: 1");
+    }
+    let started = Instant::now();
+    let errors = error_lines(&doc);
+    let took = started.elapsed();
+    // Linear work (a quadratic search took 288 s); the bound is loose for a loaded debug build.
+    assert!(took < Duration::from_secs(60), "{took:?}");
+    assert_eq!(errors.len(), 1001);
+    assert!(errors[0].starts_with("p.yaml:2:1: unknown field \"unknown0\""), "{}", errors[0]);
+    assert_eq!(errors[1000], "p.yaml:1001:1: 99000 more errors not shown");
+}
+
+/// Names are limited to Azure's 80 characters.
+#[test]
+fn names_longer_than_80_characters_are_refused() {
+    let name = "r".repeat(81);
+    let doc = format!(
+        "virtual_network: {{address_space: [198.51.100.0/24]}}\nnsgs:\n  - name: web\n    \
+         subnets: [198.51.100.0/25]\n    rules:\n      - {{name: {name}, priority: 100, \
+         direction: inbound, access: allow, protocol: tcp, source: \"*\", destination: \"*\"}}\n"
+    );
+    assert_eq!(
+        error_lines(&doc),
+        [format!(
+            "p.yaml:6:16: nsgs[0].rules[0].name: name \"{}…\" is 81 characters long; at most 80 \
+             are allowed",
+            "r".repeat(40)
+        )]
+    );
+    assert!(load_str(&doc.replace(&name, &"r".repeat(80)), "p.yaml").is_ok());
 }
 
 /// Documents built to hurt: each must load or fail quickly and without a panic.
@@ -959,6 +1126,127 @@ fn a_policy_that_fails_to_install_changes_nothing() {
         }
         failures.extend(running.check("after the failed apply"));
         let _ = std::fs::remove_dir_all(&dir);
+        (failures, stderr)
+    });
+    assert!(failures.is_empty(), "{}\n(apply said: {})", failures.join("\n"), stderr.trim());
+}
+
+// ---------------------------------------------------------------------------------------
+// Capacity: `check` and `apply` use the same numbers.
+
+/// GOOD with two UDP rules (so the TCP verdicts `Running` checks stay GOOD's) on every odd
+/// destination port, the NSG also on a host: each of the four tables of a slot gets 32,768
+/// port entries, so the policy needs just over half of `NSG_FIELDS` (262,144 entries for
+/// both slots). `allow_web` false turns GOOD's allow rule into a deny.
+fn over_half(allow_web: bool) -> String {
+    let ports: Vec<String> = (1..=65535u32).step_by(2).map(|p| p.to_string()).collect();
+    let ports = ports.join(", ");
+    let mut doc = GOOD.replace(
+        "subnets: [198.51.100.0/24, 2001:db8:1::/64]",
+        "subnets: [198.51.100.0/24, 2001:db8:1::/64]\n    hosts: [198.51.100.200]",
+    );
+    if !allow_web {
+        doc = doc.replace(
+            "name: allow-web, priority: 100, direction: inbound, access: allow",
+            "name: allow-web, priority: 100, direction: inbound, access: deny",
+        );
+    }
+    for (name, priority, direction) in [("bulk-in", 300, "inbound"), ("bulk-out", 300, "outbound")]
+    {
+        let _ = writeln!(
+            doc,
+            "      - {{name: {name}, priority: {priority}, direction: {direction}, access: deny, \
+             protocol: udp, source: [\"*\"], destination: [\"*\"], destination_ports: [{ports}]}}"
+        );
+    }
+    doc
+}
+
+fn nsg_field_entries(pins: &xdpgate_dataplane::PinDir) -> usize {
+    let map = pins.open_map(xdpgate_common::maps::NSG_FIELDS).unwrap();
+    let trie: aya::maps::LpmTrie<
+        _,
+        xdpgate_common::nsg::FieldKey,
+        xdpgate_common::nsg::RuleBitmap,
+    > = map.try_into().unwrap();
+    trie.keys().filter_map(Result::ok).count()
+}
+
+/// A policy that needs more than half of the NSG field trie could not always be replaced
+/// (the running policy keeps its half while the new one is written): the real `xdpgate
+/// check` refuses it and says why; one a little smaller passes.
+#[test]
+fn check_refuses_a_policy_over_the_nsg_field_capacity() {
+    let dir = std::env::temp_dir().join(common::unique("relcap"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("over-half.yaml");
+    std::fs::write(&path, over_half(true)).unwrap();
+    let out = std::process::Command::new(common::xdpgate_bin())
+        .args(["check", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "check accepted it: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        stderr.contains("cannot be applied")
+            && stderr.contains("a policy may use at most 131072 (half"),
+        "{stderr}"
+    );
+    // Without the outbound bulk rule: half the port entries, and it fits.
+    let fits: String = over_half(true)
+        .lines()
+        .filter(|l| !l.contains("bulk-out"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&path, fits).unwrap();
+    let out = std::process::Command::new(common::xdpgate_bin())
+        .args(["check", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("of 131072 NSG table entries"));
+}
+
+/// Two policies that each fit the trie alone but not beside each other: applying the second
+/// over the first is refused before anything is written, with a message that says so, and
+/// the running policy, its record and the trie stay exactly as they were.
+#[test]
+fn apply_refuses_a_policy_that_does_not_fit_beside_the_running_one() {
+    let (failures, stderr) = isolated(|| {
+        let k = Kernel::new();
+        let dir = std::env::temp_dir().join(common::unique("relcap"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let first = dir.join("first.yaml");
+        let source = over_half(true);
+        std::fs::write(&first, &source).unwrap();
+        k.pins.xdpgate(&["apply", first.to_str().unwrap()]);
+        k.arrive_as(Role::External);
+        assert_eq!(k.run(&frame("203.0.113.7", "198.51.100.10", L4::Tcp(999, 80, SYN))), PASS);
+        let (_, config) = apply::active(&k.pins.dir).unwrap();
+        let mut running = Running { k: &k, generation: config.generation, source, port: 30000 };
+        let entries = nsg_field_entries(&k.pins.dir);
+
+        let second = dir.join("second.yaml");
+        std::fs::write(&second, over_half(false)).unwrap();
+        let started = Instant::now();
+        let out = k.pins.try_xdpgate(&["apply", second.to_str().unwrap()]);
+        let took = started.elapsed();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        let mut failures = Vec::new();
+        if out.status.success() {
+            failures.push("the second policy was applied".to_owned());
+        }
+        if !stderr.contains("the running policy uses") {
+            failures.push("the message does not say the running policy takes the room".into());
+        }
+        let after = nsg_field_entries(&k.pins.dir);
+        if after != entries {
+            failures.push(format!("NSG_FIELDS held {entries} entries, now {after}"));
+        }
+        failures.extend(running.check("after the refused apply"));
+        let _ = std::fs::remove_dir_all(&dir);
+        println!("refused in {took:.1?}; {entries} entries in NSG_FIELDS");
         (failures, stderr)
     });
     assert!(failures.is_empty(), "{}\n(apply said: {})", failures.join("\n"), stderr.trim());

@@ -14,7 +14,7 @@ use xdpgate_dataplane::{
     self as dataplane, Mode, PinDir, apply, flows, lb, nat, netns, state::WriteLock, stats,
     transaction, verify,
 };
-use xdpgate_policy::{self as policy, reference::Packet};
+use xdpgate_policy::{self as policy, compile, reference::Packet};
 
 #[derive(Parser)]
 #[command(version, about = "XDP packet filter, L4 load balancer and NAT", long_about = None)]
@@ -332,12 +332,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             let (policy, _) = policy::load(&file)?;
             let (compiled, _) = policy::compile_all(&policy)?;
+            // With the numbers apply uses, for whatever policy runs before or after it.
+            compile::check_capacity(&policy, &compiled)
+                .with_context(|| format!("{}: cannot be applied", file.display()))?;
             let rules: usize = policy.nsgs.iter().map(|n| n.rules.len()).sum();
-            let entries: usize = compiled.tables.iter().map(|t| t.fields.len()).sum();
             println!(
-                "{}: ok ({} NSGs, {rules} effective rules, {entries} table entries)",
+                "{}: ok ({} NSGs, {rules} effective rules, {} of {} NSG table entries a \
+                 policy may use)",
                 file.display(),
-                policy.nsgs.len()
+                policy.nsgs.len(),
+                compiled.field_entries(),
+                compile::NSG_FIELDS_PER_POLICY,
             );
         }
         Command::VerifyFlow { direction, protocol, local, remote, policy, json } => {

@@ -12,36 +12,31 @@
 
 use std::{collections::HashSet, path::Path};
 
-use anyhow::{Context, Result, anyhow, bail};
-use serde::Deserialize;
+use anyhow::{Context, Result, bail};
 use xdpgate_common::iface::Role;
+use xdpgate_policy::tree::{self, Kind, Value};
 
 use xdpgate_dataplane::{self as dataplane, Mode, PinDir};
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug)]
 pub struct Node {
     pub interfaces: Vec<Interface>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug)]
 pub struct Interface {
     pub name: String,
     pub role: RoleName,
-    #[serde(default)]
     pub mode: ModeName,
 }
 
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RoleName {
     External,
     Internal,
 }
 
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ModeName {
     #[default]
     Native,
@@ -71,8 +66,77 @@ pub fn load(file: &Path) -> Result<Node> {
     parse(&text).with_context(|| format!("node file {}", file.display()))
 }
 
+/// Reads the document with the policy's positioned YAML reader: `interfaces:`, a list of
+/// `{name, role, mode}` (mode optional), nothing else.
+fn read(text: &str) -> Result<Node> {
+    let at = |pos: tree::Pos| format!("line {}, column {}", pos.line, pos.column);
+    let doc = tree::parse(text)
+        .map_err(|e| anyhow::anyhow!("{}: {}", at(e.pos), e.reason))?
+        .ok_or_else(|| anyhow::anyhow!("the file is empty: expected `interfaces:`"))?;
+    let Kind::Map(entries) = &doc.kind else {
+        bail!("{}: expected a mapping with `interfaces:`, found {}", at(doc.pos), doc.describe());
+    };
+    let text_of = |n: &tree::Node| match n.value() {
+        Some(Value::Str(s)) => Some(s.to_owned()),
+        _ => None,
+    };
+    let mut interfaces = None;
+    for (k, v) in entries {
+        match text_of(k).as_deref() {
+            Some("interfaces") => {
+                let Kind::Seq(items) = &v.kind else {
+                    bail!("{}: interfaces: expected a list, found {}", at(v.pos), v.describe());
+                };
+                let mut list = Vec::new();
+                for item in items {
+                    let Kind::Map(fields) = &item.kind else {
+                        bail!(
+                            "{}: interfaces: expected a mapping, found {}",
+                            at(item.pos),
+                            item.describe()
+                        );
+                    };
+                    let (mut name, mut role, mut mode) = (None, None, ModeName::default());
+                    for (k, v) in fields {
+                        let key = text_of(k).unwrap_or_default();
+                        let value = text_of(v);
+                        match (key.as_str(), value.as_deref()) {
+                            ("name", Some(n)) => name = Some(n.to_owned()),
+                            ("role", Some("external")) => role = Some(RoleName::External),
+                            ("role", Some("internal")) => role = Some(RoleName::Internal),
+                            ("mode", Some("native")) => mode = ModeName::Native,
+                            ("mode", Some("skb")) => mode = ModeName::Skb,
+                            ("name" | "role" | "mode", _) => bail!(
+                                "{}: {key}: {} is not valid here (role: external or internal; \
+                                 mode: native or skb)",
+                                at(v.pos),
+                                v.describe()
+                            ),
+                            _ => bail!(
+                                "{}: unknown field {:?} (known: name, role, mode)",
+                                at(k.pos),
+                                tree::elide(&key)
+                            ),
+                        }
+                    }
+                    let Some(name) = name else { bail!("{}: name is missing", at(item.pos)) };
+                    let Some(role) = role else { bail!("{}: role is missing", at(item.pos)) };
+                    list.push(Interface { name, role, mode });
+                }
+                interfaces = Some(list);
+            }
+            _ => bail!(
+                "{}: unknown field {:?} (known: interfaces)",
+                at(k.pos),
+                tree::elide(&text_of(k).unwrap_or_default())
+            ),
+        }
+    }
+    Ok(Node { interfaces: interfaces.unwrap_or_default() })
+}
+
 pub fn parse(text: &str) -> Result<Node> {
-    let node: Node = serde_yaml::from_str(text).map_err(|e| anyhow!("{e}"))?;
+    let node = read(text)?;
     if node.interfaces.is_empty() {
         bail!("interfaces: lists no interface");
     }
@@ -128,8 +192,14 @@ mod tests {
         assert_eq!(n.interfaces[1].role(), Role::Internal);
         for (bad, why) in [
             ("interfaces: []", "lists no interface"),
-            ("interfaces:\n  - {name: eth0, role: outside}", "unknown variant"),
-            ("interfaces:\n  - {name: eth0, role: external, mtu: 9000}", "unknown field"),
+            (
+                "interfaces:\n  - {name: eth0, role: outside}",
+                "line 2, column 24: role: string \"outside\" is not valid",
+            ),
+            (
+                "interfaces:\n  - {name: eth0, role: external, mtu: 9000}",
+                "column 34: unknown field \"mtu\"",
+            ),
             ("interfaces:\n  - {name: ../x, role: external}", "not an interface name"),
             ("interfaces:\n  - {name: averyveryverylongname, role: external}", "not an interface"),
             ("interfaces:\n  - {name: a, role: external}\n  - {name: a, role: internal}", "twice"),

@@ -20,7 +20,7 @@ use xdpgate_common::{
 
 use xdpgate_policy::{
     Settings,
-    compile::{Compiled, access_code},
+    compile::{Compiled, access_code, check_nsg_fields},
     names::{Record, RuleName},
 };
 
@@ -61,14 +61,14 @@ pub fn prepare(
     let mut hits: PerCpuArray<_, u64> = pins.open_map(NSG_HITS)?.try_into()?;
     let mut configs: Array<_, PolicyConfig> = pins.open_map(POLICY_CONFIG)?.try_into()?;
 
-    // Clear what an earlier policy left in the inactive slot.
+    // What the trie holds: the running policy's entries and what an earlier policy left in
+    // the inactive slot. The new policy must fit beside the running one; checked before
+    // anything is written, so a policy that cannot fit changes nothing.
     let first = (slot * TABLES_PER_SLOT) as u8;
     let last = first + TABLES_PER_SLOT as u8;
-    let stale: Vec<Key<FieldKey>> = fields
-        .keys()
-        .filter_map(|k| k.ok())
-        .filter(|k| (first..last).contains(&k.data().table))
-        .collect();
+    let (stale, running_entries): (Vec<Key<FieldKey>>, Vec<Key<FieldKey>>) =
+        fields.keys().filter_map(|k| k.ok()).partition(|k| (first..last).contains(&k.data().table));
+    check_nsg_fields(compiled.field_entries(), Some(running_entries.len()))?;
     for k in stale {
         fields.remove(&k).context("clearing the inactive policy slot")?;
     }

@@ -17,6 +17,11 @@ use xdpgate_common::nsg::{
     MAX_RULES, RuleBitmap, TABLES_PER_SLOT, table_in_slot,
 };
 
+use xdpgate_common::{
+    maps::{NAT_PREFIXES, NSG_FIELD_ENTRIES},
+    nat::{MAX_NAT_GATEWAYS, MAX_PUBLIC_ADDRS},
+};
+
 use crate::{Access, Direction, Layer, Nsg, Policy, PortRange, Ports, Rule};
 
 /// A rule as placed in a table.
@@ -41,6 +46,84 @@ pub struct Table {
 pub struct Compiled {
     /// Indexed by `table_in_slot(dir, layer)`.
     pub tables: Vec<Table>,
+}
+
+impl Compiled {
+    /// Entries the policy needs in `NSG_FIELDS`.
+    pub fn field_entries(&self) -> usize {
+        self.tables.iter().map(|t| t.fields.len()).sum()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Capacity. `xdpgate check` and `apply` use these same numbers.
+//
+// `NSG_FIELDS` is one LPM trie for both policy slots: a new policy is written into the idle
+// slot while the running one stays in the other. A policy can therefore always be applied
+// over, and be replaced by, any other only if it takes at most half the trie; that is what
+// `check` requires. `apply` knows what the running policy uses and checks exactly.
+// Per-slot tables (rules per table) and the load-balancer tables, which are replaced in
+// place, are checked against their full size (`compile`, `lb::compile`).
+
+/// `NSG_FIELDS` entries a policy may use so that it can replace, and be replaced by, any
+/// other policy that also passes `check`.
+pub const NSG_FIELDS_PER_POLICY: usize = NSG_FIELD_ENTRIES as usize / 2;
+
+/// Whether `entries` new entries fit in `NSG_FIELDS` beside `running` entries of the active
+/// slot; `None`: whatever policy runs (worst case: one that passed `check`).
+pub fn check_nsg_fields(entries: usize, running: Option<usize>) -> Result<()> {
+    let total = NSG_FIELD_ENTRIES as usize;
+    match running {
+        None if entries > NSG_FIELDS_PER_POLICY => bail!(
+            "the policy needs {entries} NSG field entries; the table holds {total} for both \
+             policy slots, so a policy may use at most {NSG_FIELDS_PER_POLICY} (half: the \
+             running policy stays in the other slot while a new one is written)"
+        ),
+        Some(running) if entries + running > total => bail!(
+            "the policy needs {entries} NSG field entries but only {} are free: the table \
+             holds {total} for both policy slots and the running policy uses {running}; \
+             nothing was changed",
+            total.saturating_sub(running)
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// NAT tables are replaced new-entries-first (no packet finds them empty), so the old and
+/// the new entries are there at once: each policy may use half of each.
+pub const NAT_PREFIXES_PER_POLICY: usize = NAT_PREFIXES as usize / 2;
+pub const NAT_PUBLIC_PER_POLICY: usize = (MAX_NAT_GATEWAYS as usize * MAX_PUBLIC_ADDRS) / 2;
+
+/// Whether a compiled policy fits every dataplane table whatever policy runs before or
+/// after it: what `xdpgate check` requires.
+pub fn check_capacity(policy: &Policy, compiled: &Compiled) -> Result<()> {
+    let mut problems = Vec::new();
+    if let Err(e) = check_nsg_fields(compiled.field_entries(), None) {
+        problems.push(e.to_string());
+    }
+    let subnets: usize = policy.nat_gateways.iter().map(|g| g.subnets.len()).sum();
+    for (what, n) in [
+        ("NAT gateway subnet prefixes", subnets),
+        ("virtual-network prefixes", policy.virtual_network.len()),
+    ] {
+        if n > NAT_PREFIXES_PER_POLICY {
+            problems.push(format!(
+                "{n} {what}; a policy may use at most {NAT_PREFIXES_PER_POLICY} (half the \
+                 table: old and new entries are both there while a policy is replaced)"
+            ));
+        }
+    }
+    let public: usize = policy.nat_gateways.iter().map(|g| g.public_addresses.len()).sum();
+    if public > NAT_PUBLIC_PER_POLICY {
+        problems.push(format!(
+            "{public} NAT public addresses; a policy may use at most {NAT_PUBLIC_PER_POLICY} \
+             (half the table: old and new entries are both there while a policy is replaced)"
+        ));
+    }
+    if !problems.is_empty() {
+        bail!("the policy does not fit the dataplane's tables:\n  {}", problems.join("\n  "));
+    }
+    Ok(())
 }
 
 pub fn dir_index(d: Direction) -> u32 {

@@ -6,12 +6,12 @@
 pub mod compile;
 pub mod evaluate;
 pub mod lb;
-pub mod locate;
 pub mod maglev;
 pub mod model;
 pub mod names;
 pub mod nat;
 pub mod reference;
+pub mod tree;
 pub mod yaml;
 
 use std::path::Path;

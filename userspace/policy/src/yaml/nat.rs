@@ -11,11 +11,13 @@ use std::{
 };
 
 use ipnet::IpNet;
-use serde::Deserialize;
 
 use super::{
-    super::model::{NatGateway, PortRange},
-    List, Loader, Located, Named, Names, RawLoadBalancer, RawPolicy, Scalar, family_name, in_range,
+    super::{
+        model::{NatGateway, PortRange},
+        tree::Node,
+    },
+    List, Loader, Located, Named, Names, RawLoadBalancer, RawPolicy, Reader, family_name, in_range,
     item_names, normalized, parse_address, parse_idle_timeout, parse_literal, parse_nat_port_range,
     parse_prefix,
 };
@@ -30,13 +32,10 @@ const DEFAULT_UDP_IDLE_TIMEOUT: u32 = 240;
 const DEFAULT_COOLDOWN: u32 = 10;
 const DEFAULT_PORTS: PortRange = PortRange { lo: 1024, hi: 65535 };
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Default)]
 pub(super) struct RawNatGateway {
     name: String,
-    #[serde(default)]
     public_addresses: List,
-    #[serde(default)]
     subnets: List,
     /// Minutes.
     tcp_idle_timeout: Option<i64>,
@@ -44,7 +43,31 @@ pub(super) struct RawNatGateway {
     udp_idle_timeout: Option<i64>,
     /// Seconds.
     port_reuse_cooldown: Option<i64>,
-    ports: Option<Scalar>,
+    ports: Option<String>,
+}
+
+impl RawNatGateway {
+    pub(super) fn read(r: &mut Reader, path: &str, node: &Node) -> Self {
+        let known = [
+            "name",
+            "public_addresses",
+            "subnets",
+            "tcp_idle_timeout",
+            "udp_idle_timeout",
+            "port_reuse_cooldown",
+            "ports",
+        ];
+        let Some(f) = r.fields(path, node, &known) else { return Self::default() };
+        Self {
+            name: r.string(&f, "name"),
+            public_addresses: r.list(&f, "public_addresses").unwrap_or_default(),
+            subnets: r.list(&f, "subnets").unwrap_or_default(),
+            tcp_idle_timeout: r.opt_int(&f, "tcp_idle_timeout"),
+            udp_idle_timeout: r.opt_int(&f, "udp_idle_timeout"),
+            port_reuse_cooldown: r.opt_int(&f, "port_reuse_cooldown"),
+            ports: r.opt_scalar(&f, "ports"),
+        }
+    }
 }
 
 impl Named for RawNatGateway {
@@ -132,7 +155,7 @@ impl Loader<'_> {
         let ports = self.optional(
             &field("ports"),
             raw.ports.as_ref(),
-            |ports| parse_nat_port_range(&ports.0),
+            |ports| parse_nat_port_range(ports),
             DEFAULT_PORTS,
         );
         // Invalid values were reported, so the policy is rejected: the fallbacks are unused.
@@ -535,29 +558,29 @@ nat_gateways:
         assert_eq!(
             doc.errors(),
             [
-                "policy.yaml:22: nat_gateways[0].tcp_idle_timeout: \
+                "policy.yaml:22:23: nat_gateways[0].tcp_idle_timeout: \
                  timeout 3 is out of range 4-120 minutes",
-                "policy.yaml:23: nat_gateways[0].udp_idle_timeout: \
+                "policy.yaml:23:23: nat_gateways[0].udp_idle_timeout: \
                  timeout 3 is out of range 4-7200 seconds",
-                "policy.yaml:24: nat_gateways[0].port_reuse_cooldown: \
+                "policy.yaml:24:26: nat_gateways[0].port_reuse_cooldown: \
                  cooldown -1 is out of range 0-600 seconds",
-                "policy.yaml:25: nat_gateways[0].ports: port 0 is out of range 1-65535",
-                "policy.yaml:29: nat_gateways[1].tcp_idle_timeout: \
+                "policy.yaml:25:12: nat_gateways[0].ports: port 0 is out of range 1-65535",
+                "policy.yaml:29:23: nat_gateways[1].tcp_idle_timeout: \
                  timeout 121 is out of range 4-120 minutes",
-                "policy.yaml:30: nat_gateways[1].udp_idle_timeout: \
+                "policy.yaml:30:23: nat_gateways[1].udp_idle_timeout: \
                  timeout 7201 is out of range 4-7200 seconds",
-                "policy.yaml:31: nat_gateways[1].port_reuse_cooldown: \
+                "policy.yaml:31:26: nat_gateways[1].port_reuse_cooldown: \
                  cooldown 601 is out of range 0-600 seconds",
-                "policy.yaml:32: nat_gateways[1].ports: \
+                "policy.yaml:32:12: nat_gateways[1].ports: \
                  invalid port range \"2000-1000\": start is after end",
-                "policy.yaml:35: nat_gateways[2].subnets[0]: subnet 198.51.100.128/26 of \
+                "policy.yaml:35:15: nat_gateways[2].subnets[0]: subnet 198.51.100.128/26 of \
                  NAT gateway third overlaps subnet 198.51.100.128/25 of NAT gateway other \
                  (line 28)",
-                "policy.yaml:36: nat_gateways[2].ports: port 70000 is out of range 1-65535",
-                "policy.yaml:39: nat_gateways[3].subnets[0]: subnet 198.51.100.192/26 of \
+                "policy.yaml:36:12: nat_gateways[2].ports: port 70000 is out of range 1-65535",
+                "policy.yaml:39:15: nat_gateways[3].subnets[0]: subnet 198.51.100.192/26 of \
                  NAT gateway fourth overlaps subnet 198.51.100.128/25 of NAT gateway other \
                  (line 28)",
-                "policy.yaml:40: nat_gateways[3].ports: invalid port range \"1024-x\"",
+                "policy.yaml:40:12: nat_gateways[3].ports: invalid port range \"1024-x\"",
             ]
         );
     }
@@ -572,9 +595,9 @@ nat_gateways:
         assert_eq!(
             doc.errors(),
             [
-                "policy.yaml:22: nat_gateways[1].name: \
+                "policy.yaml:22:11: nat_gateways[1].name: \
                  NAT gateway name natgw is already used (line 14)",
-                "policy.yaml:25: nat_gateways[2].name: must not be empty",
+                "policy.yaml:25:11: nat_gateways[2].name: must not be empty",
             ]
         );
     }
@@ -592,19 +615,19 @@ nat_gateways:
         assert_eq!(
             doc.errors(),
             [
-                "policy.yaml:16: nat_gateways[0].public_addresses[0]: \
+                "policy.yaml:16:9: nat_gateways[0].public_addresses[0]: \
                  invalid address \"192.0.2.300\"",
-                "policy.yaml:17: nat_gateways[0].public_addresses[1]: invalid address \"public\"",
-                "policy.yaml:18: nat_gateways[0].public_addresses[2]: \
+                "policy.yaml:17:9: nat_gateways[0].public_addresses[1]: invalid address \"public\"",
+                "policy.yaml:18:9: nat_gateways[0].public_addresses[2]: \
                  invalid prefix \"192.0.2.105/30\": host bits set; did you mean 192.0.2.104/30?",
-                "policy.yaml:19: nat_gateways[0].public_addresses[3]: \
+                "policy.yaml:19:9: nat_gateways[0].public_addresses[3]: \
                  prefix 2001:db8:e::/64 is too large: a NAT gateway has at most 16 public \
                  addresses",
-                "policy.yaml:20: nat_gateways[0].public_addresses[4]: \
+                "policy.yaml:20:9: nat_gateways[0].public_addresses[4]: \
                  prefix 192.0.2.0/24 is too large: a NAT gateway has at most 16 public addresses",
-                "policy.yaml:21: nat_gateways[0].public_addresses[5]: \
+                "policy.yaml:21:9: nat_gateways[0].public_addresses[5]: \
                  invalid prefix \"192.0.2.0/33\"",
-                "policy.yaml:22: nat_gateways[0].public_addresses[6]: \
+                "policy.yaml:22:9: nat_gateways[0].public_addresses[6]: \
                  \"192.0.2.100-192.0.2.103\" is not an address or prefix",
             ]
         );
@@ -614,7 +637,7 @@ nat_gateways:
             .replace("      - 2001:db8:e::100\n", "      - 2001:db8:e::/124\n");
         assert_eq!(
             doc.errors(),
-            ["policy.yaml:15: nat_gateways[0].public_addresses: \
+            ["policy.yaml:15:5: nat_gateways[0].public_addresses: \
               17 public addresses (prefixes expanded); a NAT gateway has at most 16"]
         );
         let doc = nat()
@@ -643,24 +666,24 @@ nat_gateways:
         assert_eq!(
             doc.errors(),
             [
-                "policy.yaml:16: nat_gateways[0].public_addresses[0]: \
+                "policy.yaml:16:9: nat_gateways[0].public_addresses[0]: \
                  public address 198.51.100.5 is inside the virtual network (198.51.100.0/24)",
-                "policy.yaml:17: nat_gateways[0].public_addresses[1]: \
+                "policy.yaml:17:9: nat_gateways[0].public_addresses[1]: \
                  public address 192.0.2.128 (of 192.0.2.128/31) is inside the virtual network \
                  (192.0.2.128/25)",
-                "policy.yaml:18: nat_gateways[0].public_addresses[2]: public address \
+                "policy.yaml:18:9: nat_gateways[0].public_addresses[2]: public address \
                  192.0.2.10 is also the address of frontend web-v4 of load balancer web-lb \
                  (line 7)",
-                "policy.yaml:19: nat_gateways[0].public_addresses[3]: public address \
+                "policy.yaml:19:9: nat_gateways[0].public_addresses[3]: public address \
                  203.0.113.5 is also a backend of load balancer web-lb (line 10)",
-                "policy.yaml:20: nat_gateways[0].public_addresses[4]: public address \
+                "policy.yaml:20:9: nat_gateways[0].public_addresses[4]: public address \
                  203.0.113.9 is also a backend of load balancer web-lb (line 12)",
-                "policy.yaml:23: nat_gateways[0].public_addresses[7]: public address \
+                "policy.yaml:23:9: nat_gateways[0].public_addresses[7]: public address \
                  192.0.2.105 (of 192.0.2.104/30) is already used by NAT gateway natgw \
                  (line 22)",
-                "policy.yaml:24: nat_gateways[0].public_addresses[8]: public address \
+                "policy.yaml:24:9: nat_gateways[0].public_addresses[8]: public address \
                  2001:db8:1::100 is inside the virtual network (2001:db8:1::/64)",
-                "policy.yaml:29: nat_gateways[1].public_addresses[0]: public address \
+                "policy.yaml:29:24: nat_gateways[1].public_addresses[0]: public address \
                  192.0.2.100 is already used by NAT gateway natgw (line 21)",
             ]
         );
@@ -682,24 +705,24 @@ nat_gateways:
         assert_eq!(
             doc.errors(),
             [
-                "policy.yaml:21: nat_gateways[0].subnets[1]: \
+                "policy.yaml:21:9: nat_gateways[0].subnets[1]: \
                  subnet 203.0.113.0/24 is not inside the virtual network's address space",
-                "policy.yaml:22: nat_gateways[0].subnets[2]: \
+                "policy.yaml:22:9: nat_gateways[0].subnets[2]: \
                  subnet 192.0.2.128/25 is not inside the virtual network's address space",
-                "policy.yaml:23: nat_gateways[0].subnets[3]: \
+                "policy.yaml:23:9: nat_gateways[0].subnets[3]: \
                  \"198.51.100.1\" is not a prefix such as 198.51.100.0/24",
-                "policy.yaml:24: nat_gateways[0].subnets[4]: \
+                "policy.yaml:24:9: nat_gateways[0].subnets[4]: \
                  invalid prefix \"198.51.100.1/25\": host bits set; did you mean \
                  198.51.100.0/25?",
-                "policy.yaml:25: nat_gateways[0].subnets[5]: \
+                "policy.yaml:25:9: nat_gateways[0].subnets[5]: \
                  subnet 198.51.100.0/23 is not inside the virtual network's address space",
-                "policy.yaml:29: nat_gateways[1].subnets[0]: subnet 198.51.100.64/26 of \
+                "policy.yaml:29:15: nat_gateways[1].subnets[0]: subnet 198.51.100.64/26 of \
                  NAT gateway second overlaps subnet 198.51.100.0/25 of NAT gateway natgw \
                  (line 20)",
-                "policy.yaml:29: nat_gateways[1].subnets[0]: subnet 198.51.100.64/26 of \
+                "policy.yaml:29:15: nat_gateways[1].subnets[0]: subnet 198.51.100.64/26 of \
                  NAT gateway second overlaps subnet 198.51.100.0/23 of NAT gateway natgw \
                  (line 25)",
-                "policy.yaml:32: nat_gateways[2].subnets[0]: subnet 198.51.100.128/25 of \
+                "policy.yaml:32:15: nat_gateways[2].subnets[0]: subnet 198.51.100.128/25 of \
                  NAT gateway third overlaps subnet 198.51.100.0/23 of NAT gateway natgw \
                  (line 25)",
             ]
@@ -718,10 +741,10 @@ nat_gateways:
         assert_eq!(
             doc.errors(),
             [
-                "policy.yaml:22: nat_gateways[1].public_addresses: must not be empty",
-                "policy.yaml:22: nat_gateways[1].subnets: must not be empty",
-                "policy.yaml:24: nat_gateways[2].public_addresses: must not be empty",
-                "policy.yaml:25: nat_gateways[2].subnets: must not be empty",
+                "policy.yaml:22:5: nat_gateways[1].public_addresses: must not be empty",
+                "policy.yaml:22:5: nat_gateways[1].subnets: must not be empty",
+                "policy.yaml:24:5: nat_gateways[2].public_addresses: must not be empty",
+                "policy.yaml:25:5: nat_gateways[2].subnets: must not be empty",
             ]
         );
     }
@@ -734,7 +757,7 @@ nat_gateways:
         );
         assert_eq!(
             doc.errors(),
-            ["policy.yaml:20: nat_gateways[0].subnets[1]: \
+            ["policy.yaml:20:9: nat_gateways[0].subnets[1]: \
               subnet 2001:db8:1::/65 is IPv6 but the gateway has no IPv6 public address"]
         );
         let doc = nat().replace("      - 192.0.2.100\n      - 192.0.2.104/30\n", "").replace(
@@ -743,21 +766,21 @@ nat_gateways:
         );
         assert_eq!(
             doc.errors(),
-            ["policy.yaml:19: nat_gateways[0].subnets[1]: \
+            ["policy.yaml:19:9: nat_gateways[0].subnets[1]: \
               subnet 198.51.100.0/25 is IPv4 but the gateway has no IPv4 public address"]
         );
         // Without the IPv6 public address, the fixture's IPv6 subnet has no way out.
         let doc = nat().replace("      - 2001:db8:e::100\n", "");
         assert_eq!(
             doc.errors(),
-            ["policy.yaml:20: nat_gateways[0].subnets[1]: \
+            ["policy.yaml:20:9: nat_gateways[0].subnets[1]: \
               subnet 2001:db8:1::/64 is IPv6 but the gateway has no IPv6 public address"]
         );
         // An invalid public address may have been the missing family: no guess.
         let doc = nat().replace("      - 2001:db8:e::100\n", "      - 2001:db8:e::x\n");
         assert_eq!(
             doc.errors(),
-            ["policy.yaml:18: nat_gateways[0].public_addresses[2]: \
+            ["policy.yaml:18:9: nat_gateways[0].public_addresses[2]: \
               invalid address \"2001:db8:e::x\""]
         );
         // A family without subnets is simply unused.
@@ -770,9 +793,8 @@ nat_gateways:
         let doc = nat().set("idle_timeout", "4");
         assert_eq!(
             doc.errors(),
-            ["policy.yaml:22: nat_gateways[0]: unknown field `idle_timeout`, expected one of \
-              `name`, `public_addresses`, `subnets`, `tcp_idle_timeout`, `udp_idle_timeout`, \
-              `port_reuse_cooldown`, `ports`"]
+            ["policy.yaml:22:5: nat_gateways[0]: unknown field \"idle_timeout\"; \
+              did you mean \"udp_idle_timeout\"?"]
         );
     }
 
