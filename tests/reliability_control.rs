@@ -173,7 +173,7 @@ fn a_killed_apply_leaves_the_kernel_and_the_saved_policy_equal_and_whole() {
     let out = p.spawn_apply(&k.pins, 1).wait_with_output().unwrap();
     assert!(out.status.success());
     let span = start.elapsed().as_micros() as u64;
-    let mut rng = Rng(0x6b11_ed);
+    let mut rng = Rng(0x006b_11ed);
     let mut cut = 0;
     for round in 0..100 {
         let mut child = p.spawn_apply(&k.pins, round % 2);
