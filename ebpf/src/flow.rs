@@ -16,9 +16,9 @@ use xdpgate_common::{
 };
 
 use crate::{
+    action::{Action, NAT_ICMP_ERROR, NAT_PENDING_SNAT},
     events, forward,
     headers::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP},
-    icmp::NAT_ICMP_ERROR,
     lb::{self, Lb},
     maps::{BACKEND_STATS, BACKENDS, CLASSIFY_SCRATCH, FLOW_SCRATCH, FLOWS, FRAGS, SERVICE_STATS},
     nsg::{Active, classify},
@@ -41,25 +41,6 @@ pub fn key(meta: &PacketMeta) -> FlowKey {
         proto: meta.proto,
         family: meta.family,
         _pad: [0; 2],
-    }
-}
-
-/// A new flow that still needs its SNAT port claimed (`port` holds the gateway index).
-pub const NAT_PENDING_SNAT: u8 = 5;
-
-/// What the dataplane does with an allowed packet beyond passing it: the header rewrite
-/// of its flow direction (`NAT_*`) and, for load-balanced flows, where it goes.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct Action {
-    pub nat: u8,
-    pub addr: [u32; 4],
-    pub port: u16,
-}
-
-impl Action {
-    fn of(entry: &FlowValue) -> Self {
-        Action { nat: entry.nat, addr: entry.nat_addr, port: entry.nat_port }
     }
 }
 

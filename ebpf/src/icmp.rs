@@ -8,14 +8,11 @@ use aya_ebpf::programs::XdpContext;
 use xdpgate_common::flow::{FlowKey, NAT_DST, NAT_NONE};
 
 use crate::{
-    flow::Action,
+    action::{Action, NAT_ICMP_ERROR},
     headers::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, IcmpHdr, Ipv4Hdr, Ipv6Hdr},
     maps::FLOWS,
     parse::{FRAG_LATER, PacketMeta, is_echo, ptr_at},
 };
-
-/// A flow action that rewrites an ICMP error back to the host of a translated flow.
-pub const NAT_ICMP_ERROR: u8 = 4;
 
 #[inline(always)]
 pub fn is_error(meta: &PacketMeta) -> bool {

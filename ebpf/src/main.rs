@@ -2,6 +2,7 @@
 #![no_std]
 #![no_main]
 
+mod action;
 mod events;
 mod flow;
 mod forward;
@@ -25,7 +26,7 @@ use xdpgate_common::{
 };
 
 use crate::{
-    flow::{Action, NAT_PENDING_SNAT},
+    action::{Action, NAT_ICMP_ERROR, NAT_PENDING_SNAT},
     maps::{ACTION, DROP_STATS, IFACE_STATS, IFACES, PIPELINE, SCRATCH},
     parse::{FRAG_FIRST, FRAG_LATER, Parsed, parse},
 };
@@ -157,7 +158,7 @@ fn act_stage(ctx: &XdpContext) -> Result<u32, DropReason> {
             nat::rewrite(ctx, meta, NAT_DST, &action.addr, action.port)?;
             forward::forward(ctx, meta, &meta.src, &action.addr, len)
         }
-        icmp::NAT_ICMP_ERROR => {
+        NAT_ICMP_ERROR => {
             nat::rewrite_icmp_error(ctx, meta, &action.addr, action.port)?;
             forward::forward(ctx, meta, &meta.src, &action.addr, len)
         }

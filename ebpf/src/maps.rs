@@ -1,7 +1,7 @@
 //! Every map of the dataplane, in one place. Names come from `xdpgate_common::maps`; all are
 //! pinned by name so a restarted agent finds the running state.
 
-use crate::{flow::Action, parse::PacketMeta};
+use crate::{action::Action, parse::PacketMeta};
 use aya_ebpf::{
     macros::map,
     maps::lpm_trie::Key,

@@ -1,0 +1,28 @@
+//! What a flow does with its packets beyond passing them: a type shared by the maps, the
+//! flow table and the stages, kept apart from their logic so that no module imports one
+//! above it.
+
+use xdpgate_common::flow::FlowValue;
+
+/// A flow action that rewrites an ICMP error back to the host of a translated flow.
+pub const NAT_ICMP_ERROR: u8 = 4;
+
+/// A new flow that still needs its SNAT port claimed (`port` holds the gateway index).
+pub const NAT_PENDING_SNAT: u8 = 5;
+
+/// What the dataplane does with an allowed packet beyond passing it: the header rewrite
+/// of its flow direction (`NAT_*`) and, for load-balanced flows, where it goes.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Action {
+    pub nat: u8,
+    pub addr: [u32; 4],
+    pub port: u16,
+}
+
+impl Action {
+    #[inline(always)]
+    pub fn of(entry: &FlowValue) -> Self {
+        Action { nat: entry.nat, addr: entry.nat_addr, port: entry.nat_port }
+    }
+}
