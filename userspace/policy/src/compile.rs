@@ -17,10 +17,7 @@ use xdpgate_common::nsg::{
     MAX_RULES, RuleBitmap, TABLES_PER_SLOT, table_in_slot,
 };
 
-use xdpgate_common::{
-    maps::{NAT_PREFIXES, NSG_FIELD_ENTRIES},
-    nat::{MAX_NAT_GATEWAYS, MAX_PUBLIC_ADDRS},
-};
+use xdpgate_common::maps::NSG_FIELD_ENTRIES;
 
 use crate::{Access, Direction, Layer, Nsg, Policy, PortRange, Ports, Rule};
 
@@ -89,11 +86,6 @@ pub fn check_nsg_fields(entries: usize, running: Option<usize>) -> Result<()> {
     }
 }
 
-/// NAT tables are replaced new-entries-first (no packet finds them empty), so the old and
-/// the new entries are there at once: each policy may use half of each.
-pub const NAT_PREFIXES_PER_POLICY: usize = NAT_PREFIXES as usize / 2;
-pub const NAT_PUBLIC_PER_POLICY: usize = (MAX_NAT_GATEWAYS as usize * MAX_PUBLIC_ADDRS) / 2;
-
 /// Whether a compiled policy fits every dataplane table whatever policy runs before or
 /// after it: what `xdpgate check` requires.
 pub fn check_capacity(policy: &Policy, compiled: &Compiled) -> Result<()> {
@@ -101,25 +93,7 @@ pub fn check_capacity(policy: &Policy, compiled: &Compiled) -> Result<()> {
     if let Err(e) = check_nsg_fields(compiled.field_entries(), None) {
         problems.push(e.to_string());
     }
-    let subnets: usize = policy.nat_gateways.iter().map(|g| g.subnets.len()).sum();
-    for (what, n) in [
-        ("NAT gateway subnet prefixes", subnets),
-        ("virtual-network prefixes", policy.virtual_network.len()),
-    ] {
-        if n > NAT_PREFIXES_PER_POLICY {
-            problems.push(format!(
-                "{n} {what}; a policy may use at most {NAT_PREFIXES_PER_POLICY} (half the \
-                 table: old and new entries are both there while a policy is replaced)"
-            ));
-        }
-    }
-    let public: usize = policy.nat_gateways.iter().map(|g| g.public_addresses.len()).sum();
-    if public > NAT_PUBLIC_PER_POLICY {
-        problems.push(format!(
-            "{public} NAT public addresses; a policy may use at most {NAT_PUBLIC_PER_POLICY} \
-             (half the table: old and new entries are both there while a policy is replaced)"
-        ));
-    }
+    problems.extend(crate::nat::problems(policy));
     if !problems.is_empty() {
         bail!("the policy does not fit the dataplane's tables:\n  {}", problems.join("\n  "));
     }
