@@ -200,12 +200,17 @@ pub fn xdpgate_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_xdpgate"))
 }
 
-/// The traffic generator. It is a package of its own, which Cargo does not build for this
-/// package's tests, so it is built here once per test process (a no-op when up to date), with
-/// the profile the xdpgate binary was built with, at the path Cargo reports.
+/// The traffic generator, a package of its own. `cargo test --workspace` (what `cargo xtask
+/// test` runs) builds it beside the xdpgate binary, for its own integration test, in the
+/// same build; a test run of this package alone builds it here once (a separate build,
+/// with features unified differently, so it may rebuild dependencies).
 pub fn pktgen_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
+        let beside = xdpgate_bin().with_file_name("xdpgate-pktgen");
+        if beside.exists() {
+            return beside;
+        }
         let dir = xdpgate_bin().parent().and_then(|d| d.file_name()).map(|d| d.to_owned());
         let profile = match dir.as_ref().and_then(|d| d.to_str()) {
             Some("debug") | None => "dev".to_string(),
