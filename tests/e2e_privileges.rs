@@ -50,6 +50,8 @@ impl Bpffs {
 
 impl Drop for Bpffs {
     fn drop(&mut self) {
+        let pins = xdpgate_dataplane::PinDir::new(format!("{}/xdpgate", self.0));
+        let _ = std::fs::remove_dir_all(xdpgate_dataplane::state::dir(&pins));
         let _ = Command::new("umount").arg(&self.0).status();
         let _ = std::fs::remove_dir(&self.0);
     }
