@@ -21,7 +21,7 @@ use xdpgate_dataplane::{
     self as dataplane, PinDir, apply, flows,
     lb::{self, LbMaps},
     nat,
-    state::{AgentLock, WriteLock},
+    state::AgentLock,
     transaction,
 };
 use xdpgate_policy::{
@@ -35,19 +35,6 @@ use crate::{
     health::{Change, Health, Prober, Target},
     node::{self, Node},
 };
-
-/// Applies a compiled policy as the dataplane's one writer.
-fn install(
-    pins: &PinDir,
-    policy: &Policy,
-    source: &str,
-    tables: &compile::Compiled,
-    lbs: &CompiledLb,
-    health: &dyn BackendHealth,
-) -> Result<u64> {
-    let lock = WriteLock::acquire(pins)?;
-    transaction::install(&lock, pins, policy, source, tables, lbs, health)
-}
 
 /// The probe targets of every service that has a probe.
 fn targets(lbs: &CompiledLb) -> Vec<Target> {
@@ -221,7 +208,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     agent_state::ensure_dir(pins)?;
     let generation = {
         let view = HealthView { lbs: &lbs, down: &down };
-        install(pins, &policy, &source, &tables, &lbs, &view)?
+        transaction::install(pins, &policy, &source, &tables, &lbs, &view)?
     };
     info!("applied {} as generation {generation}", file.display());
     for (backend, probe) in &down {
@@ -324,7 +311,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                         drop(prober);
                         (tx, rx) = mpsc::channel::<Change>(256);
                         let view = HealthView { lbs: &lbs, down: &down_new };
-                        match install(pins, &policy, &source, &tables, &lbs, &view) {
+                        match transaction::install(pins, &policy, &source, &tables, &lbs, &view) {
                             Ok(generation) => {
                                 let names = failing.check("reading the new policy's rule names", flows::Names::read(pins));
                                 let names = names.unwrap_or(running.names);

@@ -36,14 +36,28 @@ pub fn apply_policy(
             pins.path().display()
         );
     }
-    let generation = install(&lock, pins, policy, source, &tables, &lbs, health)?;
+    let generation = install_locked(&lock, pins, policy, source, &tables, &lbs, health)?;
     Ok((generation, lbs))
 }
 
-/// The second half of [`apply_policy`], for a policy already compiled, under the write
-/// lock. The record of the new generation is saved before the flip, so whatever instant
-/// a writer dies at, the running generation has its record.
+/// Applies a policy already compiled, as the dataplane's one writer (waits for the lock).
+/// What the agent does: it owns the dataplane, so no agent check.
 pub fn install(
+    pins: &PinDir,
+    policy: &Policy,
+    source: &str,
+    tables: &compile::Compiled,
+    lbs: &CompiledLb,
+    health: &dyn BackendHealth,
+) -> Result<u64> {
+    let lock = WriteLock::acquire(pins)?;
+    install_locked(&lock, pins, policy, source, tables, lbs, health)
+}
+
+/// The second half of [`apply_policy`], under the write lock. The record of the new
+/// generation is saved before the flip, so whatever instant a writer dies at, the running
+/// generation has its record.
+fn install_locked(
     _lock: &WriteLock,
     pins: &PinDir,
     policy: &Policy,
