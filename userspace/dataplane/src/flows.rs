@@ -24,7 +24,7 @@ use xdpgate_policy::{
     names::{Record, ServiceName},
 };
 
-use crate::{PinDir, apply, state, stats::Traffic};
+use crate::{PinDir, apply, monotonic_ns, state, stats::Traffic};
 
 /// Gives up on a table walk that keeps restarting (entries removed under it).
 const MAX_WALK: usize = 4 * FLOW_ENTRIES as usize;
@@ -253,14 +253,6 @@ pub fn remove_idle(
         out.push((key, fwd, back));
     }
     Ok(out)
-}
-
-/// CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: ts is a valid timespec to write.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Pairs the two entries of each flow. `forward` is the entry of the first packet's

@@ -511,14 +511,18 @@ fn register(ebpf: &mut Ebpf, ifindex: u32, role: Role) -> Result<()> {
     Ok(())
 }
 
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns` (flow and translation
+/// timestamps).
+pub fn monotonic_ns() -> u64 {
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .expect("CLOCK_MONOTONIC is always there");
+    ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
+}
+
 /// The ifindex of `ifname` in the current network namespace.
 pub fn ifindex(ifname: &str) -> Result<u32> {
-    let c = std::ffi::CString::new(ifname)?;
-    // SAFETY: c is a valid NUL-terminated string.
-    match unsafe { libc::if_nametoindex(c.as_ptr()) } {
-        0 => bail!("no interface named {ifname:?} in this network namespace"),
-        i => Ok(i),
-    }
+    nix::net::if_::if_nametoindex(ifname)
+        .map_err(|_| anyhow!("no interface named {ifname:?} in this network namespace"))
 }
 
 /// What the kernel says of a pinned XDP link (`bpf_link_info`).

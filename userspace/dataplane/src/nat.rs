@@ -139,13 +139,7 @@ fn replace_trie(
     Ok(())
 }
 
-/// `bpf_ktime_get_ns`'s clock.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: a valid timespec to fill.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
+pub use crate::monotonic_ns;
 
 /// The forward tuple (private host to remote) of a translation stored under its reply tuple.
 fn forward_key(reply: &FlowKey, t: &NatEntry) -> FlowKey {

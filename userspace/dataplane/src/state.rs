@@ -14,15 +14,16 @@
 use std::{
     fs::{self, File, OpenOptions},
     io::Write as _,
-    os::{
-        fd::AsRawFd as _,
-        unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _},
-    },
+    os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
+use nix::{
+    errno::Errno,
+    fcntl::{Flock, FlockArg},
+};
 use xdpgate_policy::names::Record;
 
 use crate::PinDir;
@@ -84,19 +85,15 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
 }
 
 /// `flock` on an open file, waiting up to `wait` (polling: flock has no timeout of its own).
-fn flock(file: &File, kind: libc::c_int, wait: Duration) -> std::io::Result<bool> {
+/// `None` when another holder kept it that long.
+fn flock(mut file: File, arg: FlockArg, wait: Duration) -> std::io::Result<Option<Flock<File>>> {
     let start = Instant::now();
     loop {
-        // SAFETY: flock on a file descriptor this function borrows.
-        if unsafe { libc::flock(file.as_raw_fd(), kind | libc::LOCK_NB) } == 0 {
-            return Ok(true);
-        }
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
-            return Err(e);
-        }
-        if start.elapsed() >= wait {
-            return Ok(false);
+        match Flock::lock(file, arg) {
+            Ok(locked) => return Ok(Some(locked)),
+            Err((back, Errno::EWOULDBLOCK)) if start.elapsed() < wait => file = back,
+            Err((_, Errno::EWOULDBLOCK)) => return Ok(None),
+            Err((_, e)) => return Err(e.into()),
         }
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -104,7 +101,7 @@ fn flock(file: &File, kind: libc::c_int, wait: Duration) -> std::io::Result<bool
 
 /// The exclusive right to change the dataplane at one pin directory; released on drop
 /// (and by the kernel when the holder dies, so a killed writer never wedges the next one).
-pub struct WriteLock(#[expect(dead_code, reason = "held for its lock")] File);
+pub struct WriteLock(#[expect(dead_code, reason = "held for its lock")] Flock<File>);
 
 impl WriteLock {
     pub fn acquire(pins: &PinDir) -> Result<Self> {
@@ -114,22 +111,22 @@ impl WriteLock {
     pub fn acquire_within(pins: &PinDir, wait: Duration) -> Result<Self> {
         let dir = pins.path();
         let file = File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
-        if !flock(&file, libc::LOCK_EX, wait)
+        match flock(file, FlockArg::LockExclusiveNonblock, wait)
             .with_context(|| format!("locking {}", dir.display()))?
         {
-            bail!(
+            Some(locked) => Ok(Self(locked)),
+            None => bail!(
                 "another xdpgate is changing the dataplane at {} and did not finish within {} s; \
                  nothing was changed, try again",
                 dir.display(),
                 wait.as_secs()
-            );
+            ),
         }
-        Ok(Self(file))
     }
 }
 
 /// Held by `xdpgate run` while it owns the dataplane at one pin directory.
-pub struct AgentLock(#[expect(dead_code, reason = "held for its lock")] File);
+pub struct AgentLock(#[expect(dead_code, reason = "held for its lock")] Flock<File>);
 
 fn agent_lock_path(pins: &PinDir) -> PathBuf {
     dir(pins).join("agent.lock")
@@ -140,7 +137,7 @@ impl AgentLock {
     pub fn acquire(pins: &PinDir) -> Result<Self> {
         ensure_dir(pins)?;
         let path = agent_lock_path(pins);
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
@@ -148,17 +145,17 @@ impl AgentLock {
             .mode(0o600)
             .open(&path)
             .with_context(|| format!("opening {}", path.display()))?;
-        if !flock(&file, libc::LOCK_EX, Duration::ZERO)? {
+        let Some(mut locked) = flock(file, FlockArg::LockExclusiveNonblock, Duration::ZERO)? else {
             let pid = fs::read_to_string(&path).unwrap_or_default();
             bail!(
                 "an agent (pid {}) already runs the dataplane at {}",
                 pid.trim(),
                 pins.path().display()
             );
-        }
-        file.set_len(0)?;
-        write!(file, "{}", std::process::id())?;
-        Ok(Self(file))
+        };
+        locked.set_len(0)?;
+        write!(locked, "{}", std::process::id())?;
+        Ok(Self(locked))
     }
 }
 
@@ -166,8 +163,8 @@ impl AgentLock {
 pub fn agent_pid(pins: &PinDir) -> Option<u32> {
     let path = agent_lock_path(pins);
     let file = File::open(&path).ok()?;
-    match flock(&file, libc::LOCK_SH, Duration::ZERO) {
-        Ok(false) => Some(fs::read_to_string(&path).ok()?.trim().parse().unwrap_or(0)),
+    match flock(file, FlockArg::LockSharedNonblock, Duration::ZERO) {
+        Ok(None) => Some(fs::read_to_string(&path).ok()?.trim().parse().unwrap_or(0)),
         _ => None,
     }
 }
