@@ -2460,7 +2460,7 @@ nsgs:
 
     #[test]
     fn example_policy_loads() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../policies/example.yaml");
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../policies/example.yaml");
         let policy = load_file(Path::new(path)).unwrap_or_else(|e| panic!("{e}"));
         assert!(policy.nsgs.len() >= 2);
         assert!(!policy.load_balancers.is_empty());
@@ -3135,7 +3135,7 @@ load_balancers:
 
     #[test]
     fn lb_example_policy_loads() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../policies/lb-example.yaml");
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../policies/lb-example.yaml");
         let policy = load_file(Path::new(path)).unwrap_or_else(|e| panic!("{e}"));
         let [lb] = &policy.load_balancers[..] else { panic!("one load balancer") };
         let backends: Vec<IpAddr> = lb.pools[0].backends.iter().map(|b| b.address).collect();

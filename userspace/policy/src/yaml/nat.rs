@@ -800,7 +800,7 @@ nat_gateways:
 
     #[test]
     fn nat_example_policy_loads() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../policies/nat-example.yaml");
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../policies/nat-example.yaml");
         let policy = load_file(Path::new(path)).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(policy.nsgs.len(), 1);
         assert_eq!(
@@ -820,7 +820,7 @@ nat_gateways:
 
     #[test]
     fn example_policy_nat_gateway() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../policies/example.yaml");
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../policies/example.yaml");
         let policy = load_file(Path::new(path)).unwrap_or_else(|e| panic!("{e}"));
         let [gateway] = &policy.nat_gateways[..] else { panic!("one NAT gateway") };
         assert_eq!(gateway.public_addresses.len(), 6);
