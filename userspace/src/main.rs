@@ -440,3 +440,36 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every view takes the output layer's options.
+    #[test]
+    fn every_view_takes_json_and_output() {
+        let verify = [
+            "verify-flow",
+            "--direction",
+            "inbound",
+            "--protocol",
+            "icmp",
+            "--local",
+            "198.51.100.2",
+            "--remote",
+            "203.0.113.9",
+        ];
+        let views: [&[&str]; 7] =
+            [&["status"], &["stats"], &["flows"], &["lb"], &["nat"], &["rules"], &verify];
+        for view in views {
+            for flags in [&["--json"][..], &["-o", "json"], &["--output", "table"]] {
+                let args = ["xdpgate"].iter().chain(view).chain(flags);
+                if let Err(e) = Cli::try_parse_from(args) {
+                    panic!("{view:?} {flags:?}: {e}");
+                }
+            }
+        }
+        // Commands that are not views do not pretend to print JSON.
+        assert!(Cli::try_parse_from(["xdpgate", "detach", "--all", "--json"]).is_err());
+    }
+}

@@ -122,6 +122,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn json_is_asked_for_by_either_flag_and_not_by_both() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            output: OutputArgs,
+        }
+        let format = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("x").chain(args.iter().copied()))
+                .map(|c| c.output.format())
+                .map_err(|e| e.kind())
+        };
+        assert_eq!(format(&[]), Ok(Format::Table));
+        assert_eq!(format(&["--json"]), Ok(Format::Json));
+        assert_eq!(format(&["-o", "json"]), Ok(Format::Json));
+        assert_eq!(format(&["--output", "table"]), Ok(Format::Table));
+        assert_eq!(
+            format(&["--json", "-o", "table"]),
+            Err(clap::error::ErrorKind::ArgumentConflict)
+        );
+        assert_eq!(format(&["-o", "yaml"]), Err(clap::error::ErrorKind::InvalidValue));
+    }
+
+    #[test]
     fn grid_aligns_columns_without_borders_or_trailing_blanks() {
         let mut g = Grid::new(&["NAME", "PACKETS", "NOTE"]).right(&[1]);
         g.row(["a", "5", ""]);
