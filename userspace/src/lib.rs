@@ -8,5 +8,5 @@ pub mod flowlog;
 pub mod health;
 pub mod metrics;
 pub mod node;
-pub mod rules;
 pub mod status;
+pub mod views;

@@ -8,7 +8,10 @@ use std::{
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand};
-use xdpgate::{agent, flowlog, metrics, rules, status};
+use xdpgate::{
+    agent, flowlog, metrics, status,
+    views::{self, OutputArgs},
+};
 use xdpgate_common::{iface::Role, maps::DEFAULT_PIN_DIR};
 use xdpgate_dataplane::{
     self as dataplane, Mode, PinDir, apply, flows, lb, nat, netns, state::WriteLock, stats,
@@ -106,8 +109,8 @@ enum Command {
         /// Compile this policy file and ask it instead of the kernel.
         #[arg(long)]
         policy: Option<PathBuf>,
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        output: OutputArgs,
     },
     /// Print the effective rules: service tags, application security groups and default
     /// rules expanded, in evaluation order.
@@ -115,8 +118,8 @@ enum Command {
         /// Policy file to show (default: the applied policy).
         #[arg(long)]
         policy: Option<PathBuf>,
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        output: OutputArgs,
     },
     /// Run the agent: apply POLICY, probe the load balancers' backends and keep each
     /// service's table to its healthy backends. SIGHUP reloads the policy (one that fails
@@ -150,13 +153,13 @@ enum Command {
     },
     /// Show the load balancers: frontends, backends, health and counters.
     Lb {
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        output: OutputArgs,
     },
     /// Show the NAT gateways: ports in use per public address, failed allocations.
     Nat {
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        output: OutputArgs,
     },
     /// Print the dataplane's counters once in the Prometheus text format (what
     /// `xdpgate run --metrics-addr` serves at /metrics).
@@ -178,20 +181,19 @@ enum Command {
         /// Only flows decided by this rule (RULE or NSG/RULE).
         #[arg(long, value_name = "NAME")]
         rule: Option<String>,
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        output: OutputArgs,
     },
     /// Show where the dataplane is attached (role, XDP mode), the pin directory, the running
     /// policy and the size of the flow table.
     Status {
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        output: OutputArgs,
     },
     /// Show packet and byte counters per interface and verdict, and drops by reason.
     Stats {
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        output: OutputArgs,
     },
 }
 
@@ -345,7 +347,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 compile::NSG_FIELDS_PER_POLICY,
             );
         }
-        Command::VerifyFlow { direction, protocol, local, remote, policy, json } => {
+        Command::VerifyFlow { direction, protocol, local, remote, policy, output } => {
             let (local, local_port) = endpoint(&local)?;
             let (remote, remote_port) = endpoint(&remote)?;
             if local.is_ipv4() != remote.is_ipv4() {
@@ -374,22 +376,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 bail!("TCP and UDP need ports on both --local and --remote (ADDRESS:PORT)");
             }
             let answer = verify::verify_flow(&pins, policy.as_deref(), &pkt)?;
-            if json {
-                println!("{}", rules::answer_json(&answer));
-            } else {
-                print!("{}", rules::render_answer(&answer));
-            }
+            views::print(&answer, output.format())?;
             if !answer.decision.allowed {
                 return Ok(ExitCode::from(VERIFY_DENIED));
             }
         }
-        Command::Rules { policy, json } => {
-            let policy = chosen_policy(&pins, policy)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&policy)?);
-            } else {
-                print!("{}", rules::render(&policy));
-            }
+        Command::Rules { policy, output } => {
+            views::print(&chosen_policy(&pins, policy)?, output.format())?;
         }
         Command::Apply { file } => {
             let (policy, source) = policy::load(&file)?;
@@ -426,46 +419,57 @@ fn run(cli: Cli) -> Result<ExitCode> {
             ))?;
         }
         Command::Metrics => print!("{}", metrics::render(&pins)?),
-        Command::Flows { top, addr, port, rule, json } => {
+        Command::Flows { top, addr, port, rule, output } => {
             let list = flows::list(&pins, &flows::Filter { addr, port, rule }, top)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&list)?);
-            } else {
-                print!("{}", flows::render(&list));
-            }
+            views::print(list.as_slice(), output.format())?;
         }
-        Command::Status { json } => {
-            let status = status::read(&pins)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&status)?);
-            } else {
-                print!("{}", status::render(&status));
-            }
+        Command::Status { output } => {
+            views::print(&status::read(&pins)?, output.format())?;
         }
-        Command::Lb { json } => {
+        Command::Lb { output } => {
             let report = lb::report(&pins, &running_record(&pins)?)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                print!("{}", lb::render(&report));
-            }
+            views::print(report.as_slice(), output.format())?;
         }
-        Command::Nat { json } => {
+        Command::Nat { output } => {
             let report = nat::report(&pins, &running_record(&pins)?)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                print!("{}", nat::render(&report));
-            }
+            views::print(report.as_slice(), output.format())?;
         }
-        Command::Stats { json } => {
-            let stats = stats::read(&pins)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&stats).context("encoding JSON")?);
-            } else {
-                print!("{}", stats.render());
-            }
+        Command::Stats { output } => {
+            views::print(&stats::read(&pins)?, output.format())?;
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every view takes the output layer's options.
+    #[test]
+    fn every_view_takes_json_and_output() {
+        let verify = [
+            "verify-flow",
+            "--direction",
+            "inbound",
+            "--protocol",
+            "icmp",
+            "--local",
+            "198.51.100.2",
+            "--remote",
+            "203.0.113.9",
+        ];
+        let views: [&[&str]; 7] =
+            [&["status"], &["stats"], &["flows"], &["lb"], &["nat"], &["rules"], &verify];
+        for view in views {
+            for flags in [&["--json"][..], &["-o", "json"], &["--output", "table"]] {
+                let args = ["xdpgate"].iter().chain(view).chain(flags);
+                if let Err(e) = Cli::try_parse_from(args) {
+                    panic!("{view:?} {flags:?}: {e}");
+                }
+            }
+        }
+        // Commands that are not views do not pretend to print JSON.
+        assert!(Cli::try_parse_from(["xdpgate", "detach", "--all", "--json"]).is_err());
+    }
 }

@@ -1,11 +1,8 @@
-//! `xdpgate status`: where the dataplane is attached and in which XDP mode, the pin
-//! directory, the running policy and the size of the flow table.
+//! What `xdpgate status` reports (`views::status` shows it): where the dataplane is
+//! attached and in which XDP mode, the pin directory, the running policy, the size of the
+//! flow table and the agent's state.
 
-use std::{
-    path::PathBuf,
-    process::Command,
-    time::{SystemTime, UNIX_EPOCH},
-};
+use std::{path::PathBuf, process::Command, time::UNIX_EPOCH};
 
 use serde::Serialize;
 use xdpgate_common::iface::Role;
@@ -293,91 +290,6 @@ pub fn rfc3339(secs: u64) -> String {
         rem % 3600 / 60,
         rem % 60
     )
-}
-
-/// Human-readable summary.
-pub fn render(s: &Status) -> String {
-    let mut out = format!("pin directory  {}\n", s.pin_dir.display());
-    match &s.policy {
-        Some(p) if p.generation > 0 => {
-            out += &format!("policy         generation {} (slot {})", p.generation, p.slot);
-            if let (Some(at), Some(unix)) = (&p.applied_at, p.applied_unix) {
-                let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-                out += &format!(", applied {at} ({}s ago)", now.saturating_sub(unix));
-            }
-            out.push('\n');
-            if let Some(path) = &p.applied_path {
-                out += &format!("               {}\n", path.display());
-            }
-        }
-        Some(_) => out += "policy         none applied yet\n",
-        None => out += "policy         - (no pinned maps: is xdpgate attached?)\n",
-    }
-    match s.flow_entries {
-        Some(n) => out += &format!("flow table     {n} entries\n"),
-        None => out += "flow table     -\n",
-    }
-    if let Some(a) = &s.agent {
-        out += &render_agent(a);
-    }
-    if s.interfaces.is_empty() {
-        out += "\nnot attached to any interface\n";
-        return out;
-    }
-    let mut rows =
-        vec![["INTERFACE", "IFINDEX", "ROLE", "XDP", "PROGRAM"].map(String::from).to_vec()];
-    for i in &s.interfaces {
-        let name = match (i.place, &i.netns) {
-            ("netns", Some(ns)) => format!("{} in netns {ns}", i.name),
-            ("unnamed-netns", _) => format!("{} in an unnamed netns", i.name),
-            _ => i.name.clone(),
-        };
-        rows.push(vec![
-            name,
-            i.ifindex.map_or("gone".into(), |n| n.to_string()),
-            i.role.unwrap_or("-").into(),
-            i.xdp_mode.clone(),
-            match (&i.program, i.program_id) {
-                (Some(n), Some(id)) => format!("{n} (id {id})"),
-                (None, Some(id)) => format!("id {id}"),
-                _ => "-".into(),
-            },
-        ]);
-    }
-    let widths: Vec<usize> =
-        (0..rows[0].len()).map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0)).collect();
-    out.push('\n');
-    for row in &rows {
-        let cells: Vec<String> = row.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        out += cells.join("  ").trim_end();
-        out.push('\n');
-    }
-    out
-}
-
-/// The agent's lines: pid, and the last reload with every error when it failed.
-fn render_agent(a: &AgentStatus) -> String {
-    let st = &a.state;
-    let r = &st.last_reload;
-    if !a.running {
-        return format!("agent          not running (pid {} gone)\n", st.pid);
-    }
-    let mut out = format!("agent          pid {}, {}\n", st.pid, st.policy_file.display());
-    if r.successful {
-        out += &format!("               last reload {} ok (generation {})\n", r.at, st.generation);
-    } else {
-        out += &format!(
-            "               reload failed at {}; generation {} stays in force:\n",
-            r.at, st.generation
-        );
-        for e in &r.errors {
-            out += &format!("                 {e}\n");
-        }
-    }
-    for f in &st.failing {
-        out += &format!("               failing: {f}\n");
-    }
-    out
 }
 
 #[cfg(test)]

@@ -198,27 +198,3 @@ pub fn report(pins: &PinDir, record: &Record) -> Result<Vec<ServiceReport>> {
     }
     Ok(out)
 }
-
-pub fn render(report: &[ServiceReport]) -> String {
-    let mut out = String::new();
-    for s in report {
-        out += &format!(
-            "{}/{}  {}  {} packets, {} bytes\n",
-            s.load_balancer,
-            s.rule,
-            s.frontends.join(" "),
-            s.packets,
-            s.bytes
-        );
-        for b in &s.backends {
-            out += &format!(
-                "    {:<28} {:<9} {:>10} packets {:>12} bytes\n",
-                b.address.to_string(),
-                if b.healthy { "healthy" } else { "UNHEALTHY" },
-                b.packets,
-                b.bytes
-            );
-        }
-    }
-    out
-}

@@ -253,17 +253,3 @@ pub fn report(pins: &PinDir, record: &Record) -> Result<Vec<GatewayReport>> {
         })
         .collect()
 }
-
-pub fn render(report: &[GatewayReport]) -> String {
-    let mut out = String::new();
-    for g in report {
-        out += &format!(
-            "{}: {} translations, {} failed allocations\n",
-            g.name, g.translations, g.failed_allocations
-        );
-        for (a, n) in &g.addresses {
-            out += &format!("    {:<28} {n} ports in use\n", a.to_string());
-        }
-    }
-    out
-}

@@ -80,52 +80,6 @@ impl Stats {
     pub fn drops(&self, reason: &str) -> u64 {
         self.drops.iter().find(|(n, _)| *n == reason).map_or(0, |(_, v)| *v)
     }
-
-    /// Human-readable table.
-    pub fn render(&self) -> String {
-        let mut out = format!(
-            "{:<18} {:<9} {:<9} {:>12} {:>14}\n",
-            "INTERFACE", "ROLE", "VERDICT", "PACKETS", "BYTES"
-        );
-        for i in &self.interfaces {
-            for (verdict, t) in i.verdicts.iter().filter(|(_, t)| t.packets > 0) {
-                out += &format!(
-                    "{:<18} {:<9} {:<9} {:>12} {:>14}\n",
-                    i.iface,
-                    i.role.unwrap_or("-"),
-                    verdict,
-                    t.packets,
-                    t.bytes
-                );
-            }
-        }
-        out += &format!("\n{:<18} {:>12}\n", "DROP REASON", "PACKETS");
-        for (reason, n) in &self.drops {
-            out += &format!("{reason:<18} {n:>12}\n");
-        }
-        out += &format!(
-            "\nflow events held back: {} over the denied-flow rate limit, {} lost to a full ring\n",
-            self.flow_events_rate_limited, self.flow_events_lost
-        );
-        if let Some(p) = &self.policy {
-            out += &format!(
-                "\nRULE HITS (policy generation {})\n{:<16} {:<9} {:<7} {:>6} {:<30} {:>10}\n",
-                p.generation, "NSG", "DIRECTION", "LAYER", "PRIO", "RULE", "FLOWS"
-            );
-            for r in &p.rules {
-                out += &format!(
-                    "{:<16} {:<9} {:<7} {:>6} {:<30} {:>10}\n",
-                    r.nsg,
-                    format!("{:?}", r.direction).to_lowercase(),
-                    format!("{:?}", r.layer).to_lowercase(),
-                    r.priority,
-                    r.rule,
-                    r.flows
-                );
-            }
-        }
-        out
-    }
 }
 
 /// Sums the per-CPU counters of every registered interface, plus slot 0.

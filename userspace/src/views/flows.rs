@@ -1,0 +1,170 @@
+//! `xdpgate flows`: one line per flow, most bytes first.
+
+use std::net::IpAddr;
+
+use anyhow::Result;
+use xdpgate_dataplane::flows::Flow;
+
+use super::{Grid, View};
+
+/// `ADDR:PORT` (`[v6]:PORT`), or the address alone.
+pub fn endpoint(a: IpAddr, port: Option<u16>) -> String {
+    match (a, port) {
+        (IpAddr::V6(a), Some(p)) => format!("[{a}]:{p}"),
+        (a, Some(p)) => format!("{a}:{p}"),
+        (a, None) => a.to_string(),
+    }
+}
+
+/// The deciding rule as `NSG/RULE`, or its index when the generation's names are gone.
+fn rule(f: &Flow) -> String {
+    match (&f.nsg, &f.rule, f.rule_index) {
+        (Some(n), Some(r), _) => format!("{n}/{r}"),
+        (_, _, Some(i)) => format!("#{i} (generation {})", f.generation),
+        _ => "-".into(),
+    }
+}
+
+/// The rewrite: a load balancer's rule and backend, or a NAT.
+fn via(f: &Flow) -> String {
+    let lb_name = |lb: &xdpgate_dataplane::flows::LbFlow| {
+        format!("{}/{}", lb.name.as_deref().unwrap_or("?"), lb.rule.as_deref().unwrap_or("?"))
+    };
+    match (&f.nat, &f.load_balancer) {
+        (Some(n), Some(lb)) => format!("{} -> {}", lb_name(lb), endpoint(n.address, n.port)),
+        (Some(n), None) => format!("{} {}", n.kind, endpoint(n.address, n.port)),
+        (None, Some(lb)) => lb_name(lb),
+        (None, None) => "-".into(),
+    }
+}
+
+impl View for [Flow] {
+    fn json(&self) -> Result<serde_json::Value> {
+        super::to_json(&self)
+    }
+
+    fn text(&self) -> String {
+        let mut g = Grid::new(&[
+            "PROTO",
+            "SOURCE",
+            "DESTINATION",
+            "DIR",
+            "RULE",
+            "NAT/BACKEND",
+            "PACKETS FWD/REPLY",
+            "BYTES FWD/REPLY",
+            "IDLE",
+        ])
+        .right(&[6, 7, 8]);
+        for f in self {
+            let proto = match f.icmp_id {
+                Some(id) => format!("{} id {id}", f.protocol),
+                None => f.protocol.clone(),
+            };
+            let mut idle = format!("{:.1}s", f.idle_seconds);
+            if f.expired {
+                idle += " (expired)";
+            }
+            g.row([
+                proto,
+                endpoint(f.src, f.src_port),
+                endpoint(f.dst, f.dst_port),
+                f.direction.to_string(),
+                rule(f),
+                via(f),
+                format!("{}/{}", f.forward.packets, f.reply.packets),
+                format!("{}/{}", f.forward.bytes, f.reply.bytes),
+                idle,
+            ]);
+        }
+        let mut out = g.render();
+        if self.is_empty() {
+            out += "(no flows)\n";
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use xdpgate_dataplane::{
+        flows::{LbFlow, Nat},
+        stats::Traffic,
+    };
+    use xdpgate_policy::Layer;
+
+    use super::*;
+
+    fn flow() -> Flow {
+        Flow {
+            protocol: "tcp".into(),
+            src: "203.0.113.10".parse().unwrap(),
+            src_port: Some(40000),
+            dst: "198.51.100.10".parse().unwrap(),
+            dst_port: Some(80),
+            icmp_id: None,
+            direction: "inbound",
+            generation: 3,
+            nsg: Some("web".into()),
+            rule: Some("allow-web".into()),
+            layer: Some(Layer::Subnet),
+            rule_index: Some(4 * 4096),
+            nat: None,
+            load_balancer: None,
+            forward: Traffic { packets: 5, bytes: 500 },
+            reply: Traffic { packets: 4, bytes: 400 },
+            idle_seconds: 2.5,
+            expired: false,
+            incomplete: false,
+        }
+    }
+
+    #[test]
+    fn a_flow_is_one_line_under_the_header() {
+        let text = [flow()].text();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(lines[0].starts_with("PROTO") && lines[0].ends_with("IDLE"), "{text}");
+        for want in [
+            "tcp",
+            "203.0.113.10:40000",
+            "198.51.100.10:80",
+            "inbound",
+            "web/allow-web",
+            "5/4",
+            "500/400",
+            "2.5s",
+        ] {
+            assert!(lines[1].contains(want), "{want} missing from {text}");
+        }
+        let json = [flow()].json().unwrap();
+        assert_eq!(json[0]["rule"], "allow-web");
+        assert_eq!(json[0]["forward"]["bytes"], 500);
+    }
+
+    #[test]
+    fn unnamed_rules_rewrites_and_no_flows() {
+        let mut f = flow();
+        (f.nsg, f.rule, f.expired) = (None, None, true);
+        f.src = "2001:db8::1".parse().unwrap();
+        f.nat =
+            Some(Nat { kind: "dnat", address: "198.51.100.20".parse().unwrap(), port: Some(8080) });
+        f.load_balancer = Some(LbFlow {
+            name: Some("edge".into()),
+            rule: Some("http".into()),
+            backend: "198.51.100.20".parse().ok(),
+        });
+        let text = [f].text();
+        for want in [
+            "#16384 (generation 3)",
+            "edge/http -> 198.51.100.20:8080",
+            "[2001:db8::1]:40000",
+            "(expired)",
+        ] {
+            assert!(text.contains(want), "{want} missing from {text}");
+        }
+        let none: [Flow; 0] = [];
+        assert!(none.text().ends_with("(no flows)\n"));
+        assert_eq!(none.json().unwrap(), serde_json::json!([]));
+    }
+}

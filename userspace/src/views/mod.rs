@@ -1,0 +1,162 @@
+//! Operator views: every view command (`status`, `stats`, `flows`, `lb`, `nat`, `rules`,
+//! `verify-flow`) prints through [`print`], as a table for people or as JSON (`--json`,
+//! `-o json`) for programs. The data comes from the dataplane crate's reports (and
+//! `crate::status`); these modules only present it.
+
+pub mod flows;
+pub mod lb;
+pub mod nat;
+pub mod rules;
+pub mod stats;
+pub mod status;
+
+use std::io::Write as _;
+
+use anyhow::{Context, Result};
+use comfy_table::{Cell, CellAlignment, Table, presets};
+
+/// How a view is printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// Aligned columns and short summaries, for people.
+    Table,
+    /// The whole report as pretty-printed JSON, for programs.
+    Json,
+}
+
+/// The output options every view command takes: `--json`, or `-o table|json`.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct OutputArgs {
+    /// Print JSON instead of a table (same as `-o json`).
+    #[arg(long)]
+    json: bool,
+    /// Output format.
+    #[arg(short, long, value_enum, conflicts_with = "json")]
+    output: Option<Format>,
+}
+
+impl OutputArgs {
+    pub fn format(&self) -> Format {
+        if self.json { Format::Json } else { self.output.unwrap_or(Format::Table) }
+    }
+}
+
+/// A report that can be shown either way.
+pub trait View {
+    /// What `--json` prints.
+    fn json(&self) -> Result<serde_json::Value>;
+    /// What a terminal gets: tables and summary lines, each line ending in a newline.
+    fn text(&self) -> String;
+}
+
+/// The one place view commands print.
+pub fn print<V: View + ?Sized>(view: &V, format: Format) -> Result<()> {
+    let out = match format {
+        Format::Table => view.text(),
+        Format::Json => {
+            let mut s = serde_json::to_string_pretty(&view.json()?).context("encoding JSON")?;
+            s.push('\n');
+            s
+        }
+    };
+    // A closed pipe ends the process quietly (SIGPIPE is at its default in main).
+    std::io::stdout().lock().write_all(out.as_bytes()).context("writing to stdout")
+}
+
+/// `serde_json::to_value` with the error said in words.
+pub fn to_json(v: &impl serde::Serialize) -> Result<serde_json::Value> {
+    serde_json::to_value(v).context("encoding JSON")
+}
+
+/// A borderless table like `ip` or `kubectl` print: a header line, columns two spaces
+/// apart, no trailing blanks; numeric columns aligned right.
+pub struct Grid {
+    table: Table,
+    right: Vec<usize>,
+}
+
+impl Grid {
+    pub fn new(header: &[&str]) -> Self {
+        let mut table = Table::new();
+        table.load_style(presets::NOTHING);
+        table.set_header(header.iter().map(|h| Cell::new(*h)));
+        Self { table, right: Vec::new() }
+    }
+
+    /// Aligns these columns (by index) to the right.
+    pub fn right(mut self, columns: &[usize]) -> Self {
+        self.right.extend_from_slice(columns);
+        self
+    }
+
+    pub fn row<S: Into<String>>(&mut self, cells: impl IntoIterator<Item = S>) {
+        self.table.add_row(cells.into_iter().map(|c| Cell::new(c.into())));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.table.row_count() == 0
+    }
+
+    pub fn render(mut self) -> String {
+        // Columns exist once rows do, so their layout is set last.
+        let count = self.table.column_count();
+        for (i, column) in self.table.column_iter_mut().enumerate() {
+            column.set_padding((0, if i + 1 == count { 0 } else { 2 }));
+            if self.right.contains(&i) {
+                column.set_cell_alignment(CellAlignment::Right);
+            }
+        }
+        let mut out = self.table.trim_fmt();
+        out.push('\n');
+        out
+    }
+}
+
+/// `Debug` of a plain enum in lower case (`Inbound` -> `inbound`).
+pub fn lower(v: impl std::fmt::Debug) -> String {
+    format!("{v:?}").to_lowercase()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_is_asked_for_by_either_flag_and_not_by_both() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            output: OutputArgs,
+        }
+        let format = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("x").chain(args.iter().copied()))
+                .map(|c| c.output.format())
+                .map_err(|e| e.kind())
+        };
+        assert_eq!(format(&[]), Ok(Format::Table));
+        assert_eq!(format(&["--json"]), Ok(Format::Json));
+        assert_eq!(format(&["-o", "json"]), Ok(Format::Json));
+        assert_eq!(format(&["--output", "table"]), Ok(Format::Table));
+        assert_eq!(
+            format(&["--json", "-o", "table"]),
+            Err(clap::error::ErrorKind::ArgumentConflict)
+        );
+        assert_eq!(format(&["-o", "yaml"]), Err(clap::error::ErrorKind::InvalidValue));
+    }
+
+    #[test]
+    fn grid_aligns_columns_without_borders_or_trailing_blanks() {
+        let mut g = Grid::new(&["NAME", "PACKETS", "NOTE"]).right(&[1]);
+        g.row(["a", "5", ""]);
+        g.row(["longer-name", "12345", "x"]);
+        let text = g.render();
+        assert_eq!(
+            text,
+            "NAME         PACKETS  NOTE\n\
+             a                  5\n\
+             longer-name    12345  x\n",
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,78 @@
+//! `xdpgate nat`: each NAT gateway's public addresses with the ports in use on each,
+//! active translations and failed allocations.
+
+use anyhow::Result;
+use xdpgate_dataplane::nat::GatewayReport;
+
+use super::{Grid, View};
+
+impl View for [GatewayReport] {
+    fn json(&self) -> Result<serde_json::Value> {
+        super::to_json(&self)
+    }
+
+    fn text(&self) -> String {
+        let mut g = Grid::new(&[
+            "GATEWAY",
+            "PUBLIC ADDRESS",
+            "PORTS IN USE",
+            "TRANSLATIONS",
+            "FAILED ALLOCATIONS",
+        ])
+        .right(&[2, 3, 4]);
+        for gw in self {
+            // The gateway's own figures on its first line; one line per address.
+            let mut first = true;
+            for (addr, ports) in &gw.addresses {
+                let (name, translations, failed) = if first {
+                    (
+                        gw.name.clone(),
+                        gw.translations.to_string(),
+                        gw.failed_allocations.to_string(),
+                    )
+                } else {
+                    Default::default()
+                };
+                first = false;
+                g.row([name, addr.to_string(), ports.to_string(), translations, failed]);
+            }
+            if first {
+                g.row([
+                    gw.name.clone(),
+                    "-".into(),
+                    "-".into(),
+                    gw.translations.to_string(),
+                    gw.failed_allocations.to_string(),
+                ]);
+            }
+        }
+        let mut out = g.render();
+        if self.is_empty() {
+            out += "(no NAT gateways)\n";
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_line_per_public_address() {
+        let report = [GatewayReport {
+            name: "egress".into(),
+            addresses: vec![("192.0.2.1".parse().unwrap(), 7), ("192.0.2.2".parse().unwrap(), 3)],
+            translations: 9,
+            failed_allocations: 2,
+        }];
+        let text = report.text();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        let words = |l: &str| l.split_whitespace().map(str::to_string).collect::<Vec<_>>();
+        assert_eq!(words(lines[1]), ["egress", "192.0.2.1", "7", "9", "2"], "{text}");
+        assert_eq!(words(lines[2]), ["192.0.2.2", "3"], "{text}");
+        // The JSON keeps its shape: [address, ports in use] pairs.
+        assert_eq!(report.json().unwrap()[0]["addresses"][0][1], 7);
+    }
+}

@@ -1,0 +1,109 @@
+//! `xdpgate stats`: packets and bytes per interface and verdict, drops by reason, flow
+//! events held back, and the flows each rule of the running policy decided.
+
+use anyhow::Result;
+use xdpgate_dataplane::stats::Stats;
+
+use super::{Grid, View, lower};
+
+impl View for Stats {
+    fn json(&self) -> Result<serde_json::Value> {
+        super::to_json(self)
+    }
+
+    fn text(&self) -> String {
+        let mut g = Grid::new(&["INTERFACE", "ROLE", "VERDICT", "PACKETS", "BYTES"]).right(&[3, 4]);
+        for i in &self.interfaces {
+            for (verdict, t) in i.verdicts.iter().filter(|(_, t)| t.packets > 0) {
+                g.row([
+                    i.iface.clone(),
+                    i.role.unwrap_or("-").into(),
+                    verdict.to_string(),
+                    t.packets.to_string(),
+                    t.bytes.to_string(),
+                ]);
+            }
+        }
+        let mut out = g.render();
+        let mut g = Grid::new(&["DROP REASON", "PACKETS"]).right(&[1]);
+        for (reason, n) in &self.drops {
+            g.row([reason.to_string(), n.to_string()]);
+        }
+        out += "\n";
+        out += &g.render();
+        out += &format!(
+            "\nflow events held back: {} over the denied-flow rate limit, {} lost to a full ring\n",
+            self.flow_events_rate_limited, self.flow_events_lost
+        );
+        if let Some(p) = &self.policy {
+            let mut g =
+                Grid::new(&["NSG", "DIRECTION", "LAYER", "PRIO", "RULE", "FLOWS"]).right(&[3, 5]);
+            for r in &p.rules {
+                g.row([
+                    r.nsg.clone(),
+                    lower(r.direction),
+                    lower(r.layer),
+                    r.priority.to_string(),
+                    r.rule.clone(),
+                    r.flows.to_string(),
+                ]);
+            }
+            out += &format!("\nRULE HITS (policy generation {})\n", p.generation);
+            out += &g.render();
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use xdpgate_dataplane::stats::{IfaceStats, PolicyStats, RuleHits, Traffic};
+    use xdpgate_policy::{Direction, Layer};
+
+    use super::*;
+
+    #[test]
+    fn sections_and_json_shape() {
+        let t = |packets| Traffic { packets, bytes: packets * 100 };
+        let stats = Stats {
+            interfaces: vec![IfaceStats {
+                iface: "eth0".into(),
+                role: Some("external"),
+                verdicts: vec![("drop", t(0)), ("pass", t(12))],
+            }],
+            drops: vec![("policy", 3), ("no_backend", 0)],
+            policy: Some(PolicyStats {
+                generation: 4,
+                rules: vec![RuleHits {
+                    nsg: "web".into(),
+                    rule: "allow-web".into(),
+                    direction: Direction::Inbound,
+                    layer: Layer::Subnet,
+                    priority: 100,
+                    flows: 9,
+                }],
+            }),
+            flow_events_rate_limited: 1,
+            flow_events_lost: 2,
+        };
+        let text = stats.text();
+        let words = |l: &str| l.split_whitespace().map(str::to_string).collect::<Vec<_>>();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(words(lines[1]), ["eth0", "external", "pass", "12", "1200"], "{text}");
+        assert!(!text.contains("drop "), "verdicts without packets are left out: {text}");
+        assert!(lines.iter().any(|l| words(l) == ["policy", "3"]), "{text}");
+        assert!(text.contains("1 over the denied-flow rate limit, 2 lost"), "{text}");
+        assert!(text.contains("RULE HITS (policy generation 4)"), "{text}");
+        assert_eq!(
+            words(lines.last().unwrap()),
+            ["web", "inbound", "subnet", "100", "allow-web", "9"]
+        );
+        let json = stats.json().unwrap();
+        assert_eq!(
+            json["interfaces"][0]["verdicts"][1],
+            serde_json::json!(["pass", {"packets": 12, "bytes": 1200}])
+        );
+        assert_eq!(json["drops"][0], serde_json::json!(["policy", 3]));
+        assert_eq!(json["policy"]["rules"][0]["flows"], 9);
+    }
+}

@@ -1,0 +1,165 @@
+//! `xdpgate status`: the pin directory, the running policy, the flow table's size and the
+//! agent, then a table of the interfaces the dataplane is attached to.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::Result;
+
+use crate::status::{AgentStatus, Status};
+
+use super::{Grid, View};
+
+impl View for Status {
+    fn json(&self) -> Result<serde_json::Value> {
+        super::to_json(self)
+    }
+
+    fn text(&self) -> String {
+        let s = self;
+        let mut out = format!("pin directory  {}\n", s.pin_dir.display());
+        match &s.policy {
+            Some(p) if p.generation > 0 => {
+                out += &format!("policy         generation {} (slot {})", p.generation, p.slot);
+                if let (Some(at), Some(unix)) = (&p.applied_at, p.applied_unix) {
+                    let now =
+                        SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+                    out += &format!(", applied {at} ({}s ago)", now.saturating_sub(unix));
+                }
+                out.push('\n');
+                if let Some(path) = &p.applied_path {
+                    out += &format!("               {}\n", path.display());
+                }
+            }
+            Some(_) => out += "policy         none applied yet\n",
+            None => out += "policy         - (no pinned maps: is xdpgate attached?)\n",
+        }
+        match s.flow_entries {
+            Some(n) => out += &format!("flow table     {n} entries\n"),
+            None => out += "flow table     -\n",
+        }
+        if let Some(a) = &s.agent {
+            out += &agent(a);
+        }
+        if s.interfaces.is_empty() {
+            out += "\nnot attached to any interface\n";
+            return out;
+        }
+        let mut g = Grid::new(&["INTERFACE", "IFINDEX", "ROLE", "XDP", "PROGRAM"]);
+        for i in &s.interfaces {
+            let name = match (i.place, &i.netns) {
+                ("netns", Some(ns)) => format!("{} in netns {ns}", i.name),
+                ("unnamed-netns", _) => format!("{} in an unnamed netns", i.name),
+                _ => i.name.clone(),
+            };
+            g.row([
+                name,
+                i.ifindex.map_or("gone".into(), |n| n.to_string()),
+                i.role.unwrap_or("-").into(),
+                i.xdp_mode.clone(),
+                match (&i.program, i.program_id) {
+                    (Some(n), Some(id)) => format!("{n} (id {id})"),
+                    (None, Some(id)) => format!("id {id}"),
+                    _ => "-".into(),
+                },
+            ]);
+        }
+        out.push('\n');
+        out += &g.render();
+        out
+    }
+}
+
+/// The agent's lines: pid, and the last reload with every error when it failed.
+fn agent(a: &AgentStatus) -> String {
+    let st = &a.state;
+    let r = &st.last_reload;
+    if !a.running {
+        return format!("agent          not running (pid {} gone)\n", st.pid);
+    }
+    let mut out = format!("agent          pid {}, {}\n", st.pid, st.policy_file.display());
+    if r.successful {
+        out += &format!("               last reload {} ok (generation {})\n", r.at, st.generation);
+    } else {
+        out += &format!(
+            "               reload failed at {}; generation {} stays in force:\n",
+            r.at, st.generation
+        );
+        for e in &r.errors {
+            out += &format!("                 {e}\n");
+        }
+    }
+    for f in &st.failing {
+        out += &format!("               failing: {f}\n");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use crate::status::{IfaceStatus, PolicyStatus};
+
+    use super::*;
+
+    fn iface(
+        name: &str,
+        place: &'static str,
+        netns: Option<&str>,
+        ifindex: Option<u32>,
+    ) -> IfaceStatus {
+        IfaceStatus {
+            name: name.into(),
+            place,
+            netns: netns.map(str::to_string),
+            ifindex,
+            role: Some("external"),
+            slot: Some(1),
+            xdp_mode: if ifindex.is_some() { "native" } else { "none" }.into(),
+            program: ifindex.map(|_| "xdpgate".into()),
+            program_id: ifindex.map(|_| 42),
+            link_id: ifindex.map(|_| 7),
+        }
+    }
+
+    #[test]
+    fn summary_then_one_line_per_interface() {
+        let status = Status {
+            pin_dir: PathBuf::from("/sys/fs/bpf/xdpgate"),
+            interfaces: vec![
+                iface("eth0", "here", None, Some(2)),
+                iface("veth1", "netns", Some("blue"), Some(5)),
+                iface("old0", "gone", None, None),
+            ],
+            policy: Some(PolicyStatus {
+                generation: 3,
+                slot: 1,
+                applied_path: Some("/run/xdpgate/generations/3.json".into()),
+                applied_at: Some("2026-11-29T21:00:00Z".into()),
+                applied_unix: Some(1),
+            }),
+            flow_entries: Some(12),
+            agent: None,
+        };
+        let text = status.text();
+        assert!(
+            text.contains("policy         generation 3 (slot 1), applied 2026-11-29T21:00:00Z"),
+            "{text}"
+        );
+        assert!(text.contains("flow table     12 entries"), "{text}");
+        let words = |l: &str| l.split_whitespace().map(str::to_string).collect::<Vec<_>>();
+        let table: Vec<&str> = text.lines().skip_while(|l| !l.starts_with("INTERFACE")).collect();
+        assert_eq!(table.len(), 4, "{text}");
+        assert_eq!(words(table[1]), ["eth0", "2", "external", "native", "xdpgate", "(id", "42)"]);
+        assert!(table[2].starts_with("veth1 in netns blue "), "{text}");
+        assert_eq!(words(table[3]), ["old0", "gone", "external", "none", "-"]);
+        assert_eq!(status.json().unwrap()["interfaces"][1]["netns"], "blue");
+
+        let none = Status { interfaces: vec![], policy: None, flow_entries: None, ..status };
+        let text = none.text();
+        assert!(
+            text.contains("no pinned maps") && text.ends_with("not attached to any interface\n"),
+            "{text}"
+        );
+    }
+}
