@@ -122,7 +122,7 @@ impl Drop for Agent {
 
 /// The agent's state file (`agent.json` in the state directory), if written yet.
 fn agent_state(pins: &Pins) -> Option<Value> {
-    let path = xdpgate_dataplane::apply::state_dir(&pins.dir).join("agent.json");
+    let path = xdpgate_dataplane::state::dir(&pins.dir).join("agent.json");
     serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
 }
 
@@ -351,7 +351,7 @@ fn simulated_reboot_attaches_from_the_node_file() {
     // The reboot: links and pins gone, state directory (tmpfs /run) gone.
     lab.pins.xdpgate(&["detach", "--all"]);
     std::fs::remove_dir_all(lab.pins.dir.path()).unwrap();
-    let _ = std::fs::remove_dir_all(xdpgate_dataplane::apply::state_dir(&lab.pins.dir));
+    let _ = std::fs::remove_dir_all(xdpgate_dataplane::state::dir(&lab.pins.dir));
     assert!(reaches(&lab, 9090), "nothing filters after the reboot");
 
     let mut agent = Agent::start(&lab, &args);
@@ -363,7 +363,7 @@ fn simulated_reboot_attaches_from_the_node_file() {
             && agent_state(&lab.pins).is_some()
     });
     // The state directory, made anew (as /run is after a reboot), is root's only.
-    let state_dir = xdpgate_dataplane::apply::state_dir(&lab.pins.dir);
+    let state_dir = xdpgate_dataplane::state::dir(&lab.pins.dir);
     let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&state_dir), 0o700);
     assert_eq!(mode(&state_dir.join("agent.json")), 0o600);
@@ -503,8 +503,7 @@ impl Drop for OwnBpffs {
             .arg(common::xdpgate_bin())
             .args(["--pin-dir", &self.pins, "detach", "--all"])
             .output();
-        let state =
-            xdpgate_dataplane::apply::state_dir(&xdpgate_dataplane::PinDir::new(&self.pins));
+        let state = xdpgate_dataplane::state::dir(&xdpgate_dataplane::PinDir::new(&self.pins));
         let _ = std::fs::remove_dir_all(state);
         let _ = Command::new("umount").arg(&self.mnt).status();
         let _ = std::fs::remove_dir(&self.mnt);

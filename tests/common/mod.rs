@@ -184,7 +184,7 @@ impl Drop for Pins {
         // Unpinning the links detaches the programs; then the map pins can go.
         let _ = self.try_xdpgate(&["detach", "--all"]);
         let _ = std::fs::remove_dir_all(self.dir.path());
-        let _ = std::fs::remove_dir_all(xdpgate_dataplane::apply::state_dir(&self.dir));
+        let _ = std::fs::remove_dir_all(xdpgate_dataplane::state::dir(&self.dir));
     }
 }
 

@@ -205,7 +205,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
         .filter(|k| was_down.contains(&k.0))
         .collect();
     // Before the first apply writes into it.
-    agent_state::ensure_dir(pins)?;
+    xdpgate_dataplane::state::ensure_dir(pins)?;
     let generation = {
         let view = HealthView { lbs: &lbs, down: &down };
         transaction::install(pins, &policy, &source, &tables, &lbs, &view)?

@@ -4,16 +4,13 @@
 
 use std::{
     fs,
-    io::Write as _,
-    os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _},
-    path::{Path, PathBuf},
+    path::PathBuf,
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde::{Deserialize, Serialize};
-
-use xdpgate_dataplane::{PinDir, apply};
+use xdpgate_dataplane::{PinDir, state};
 
 use crate::status::rfc3339;
 
@@ -60,7 +57,7 @@ pub fn now_unix() -> f64 {
 }
 
 pub fn path(pins: &PinDir) -> PathBuf {
-    apply::state_dir(pins).join("agent.json")
+    state::dir(pins).join("agent.json")
 }
 
 /// The state the agent last wrote, if any (whether or not it still runs: see
@@ -79,38 +76,9 @@ impl AgentState {
 
     /// Writes `agent.json` whole: a reader sees the old or the new state, never a part.
     pub fn write(&self, pins: &PinDir) -> Result<()> {
-        ensure_dir(pins)?;
-        write_atomically(&path(pins), &serde_json::to_vec_pretty(self)?, 0o600)
+        state::ensure_dir(pins)?;
+        state::write_atomic(&path(pins), &serde_json::to_vec_pretty(self)?, 0o600)
     }
-}
-
-/// Writes `bytes` to a temporary file beside `file` (mode `mode`) and renames it over `file`.
-pub fn write_atomically(file: &Path, bytes: &[u8], mode: u32) -> Result<()> {
-    let mut tmp = file.as_os_str().to_owned();
-    tmp.push(format!(".tmp{}", std::process::id()));
-    let tmp = PathBuf::from(tmp);
-    let _ = fs::remove_file(&tmp);
-    let written = (|| -> std::io::Result<()> {
-        let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, file)
-    })();
-    if written.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    written.with_context(|| format!("writing {}", file.display()))
-}
-
-/// Creates the state directory (and `/run/xdpgate`) mode 0700 where missing: it holds the
-/// policy, which is not for every local user.
-pub fn ensure_dir(pins: &PinDir) -> Result<()> {
-    let dir = apply::state_dir(pins);
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&dir)
-        .with_context(|| format!("creating {}", dir.display()))
 }
 
 pub fn remove(pins: &PinDir) {

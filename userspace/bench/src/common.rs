@@ -157,7 +157,7 @@ impl Drop for Bench {
         // through this handle; attachments made elsewhere are detached by their owners).
         self.ebpf = None;
         let _ = fs::remove_dir_all(self.pins.path());
-        let _ = fs::remove_dir_all(apply::state_dir(&self.pins));
+        let _ = fs::remove_dir_all(xdpgate_dataplane::state::dir(&self.pins));
     }
 }
 

@@ -162,11 +162,6 @@ pub fn apply(pins: &PinDir, compiled: &Compiled, settings: &Settings) -> Result<
     Ok(prepared.generation)
 }
 
-/// Where the state directory is (kept here for callers of the older name).
-pub fn state_dir(pins: &PinDir) -> PathBuf {
-    state::dir(pins)
-}
-
 /// The record of the running generation: `None` before the first apply, or when the
 /// record is gone (the state directory was removed).
 pub fn running(pins: &PinDir) -> Result<Option<Record>> {

@@ -41,8 +41,9 @@ pub fn dir(pins: &PinDir) -> PathBuf {
     PathBuf::from("/run/xdpgate").join(name)
 }
 
-/// Creates the state directory (and /run/xdpgate) private to root.
-fn ensure_dir(pins: &PinDir) -> Result<PathBuf> {
+/// Creates the state directory (and /run/xdpgate) private to root, and makes it so where
+/// an older build left it open.
+pub fn ensure_dir(pins: &PinDir) -> Result<PathBuf> {
     let dir = dir(pins);
     let generations = dir.join("generations");
     for d in [Path::new("/run/xdpgate"), dir.as_path(), generations.as_path()] {
