@@ -85,6 +85,9 @@ pub struct FlowValue {
     /// Load-balancer service and backend of the flow, or `NO_BACKEND`.
     pub service: u32,
     pub backend: u32,
+    /// Embryonic TCP flows: the acknowledgement number the initiator's ACK must carry to
+    /// confirm the flow (the responder's SYN-ACK sequence number + 1; see `TCP_ANSWERED`).
+    pub ack: u32,
 }
 
 pub const NAT_NONE: u8 = 0;
@@ -100,6 +103,25 @@ pub const NO_RULE: u32 = u32::MAX;
 pub const TCP_FIN: u8 = 1;
 /// RST seen, or FIN both ways: the flow expires after `TCP_CLOSED_TIMEOUT_NS`.
 pub const TCP_CLOSED: u8 = 2;
+/// Embryonic TCP flow (forward entry): the responder answered with a SYN-ACK, whose sequence
+/// number + 1 is in `ack`.
+pub const TCP_ANSWERED: u8 = 4;
+
+/// `FLOW_STATS` counters. An embryonic flow ends in one of four ways: confirmed (moved to
+/// the established table), expired (a packet of it found it idle past its timeout), refused
+/// (confirmed while the established table was full) or closed (RST, or denied after a policy
+/// change, before confirmation); the rest were evicted by newer embryonic flows, or are still
+/// in the table.
+pub const FLOW_STAT_EMBRYOS_CREATED: u32 = 0;
+pub const FLOW_STAT_EMBRYOS_CONFIRMED: u32 = 1;
+pub const FLOW_STAT_EMBRYOS_EXPIRED: u32 = 2;
+pub const FLOW_STAT_EMBRYOS_REFUSED: u32 = 3;
+pub const FLOW_STAT_EMBRYOS_CLOSED: u32 = 4;
+/// Established flows rebuilt from a live NAT translation after their entries were gone.
+pub const FLOW_STAT_REBUILT: u32 = 5;
+/// Non-SYN TCP segments taken up as new flows (mid-stream pickup).
+pub const FLOW_STAT_PICKED_UP: u32 = 6;
+pub const FLOW_STATS_LEN: u32 = 7;
 
 /// Non-first fragments pass only when their first fragment was allowed (it carries the ports).
 #[repr(C)]

@@ -48,6 +48,8 @@ pub const DIST_MASK: u8 = 3;
 pub const SVC_FLOATING_IP: u8 = 4;
 /// No backend can take new flows (all unhealthy and "no new flows" configured).
 pub const SVC_NO_BACKEND: u8 = 8;
+/// Mid-stream pickup for this rule's frontend (see `nsg::FLAG_MIDSTREAM`).
+pub const SVC_MIDSTREAM: u8 = 16;
 
 /// Index of a Maglev slot in the `MAGLEV` array.
 #[inline(always)]

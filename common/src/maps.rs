@@ -25,13 +25,27 @@ pub const NSG_HITS: &str = "NSG_HITS";
 pub const ACTIVE_SLOT: &str = "ACTIVE_SLOT";
 /// `Array<PolicyConfig>`, one per slot.
 pub const POLICY_CONFIG: &str = "POLICY_CONFIG";
-/// `LruHashMap<FlowKey, FlowValue>`.
+/// `HashMap<FlowKey, FlowValue>`: established (confirmed) flows, one entry per direction.
+/// Not LRU: a full table refuses new flows instead of evicting live ones; the agent removes
+/// idle entries.
 pub const FLOWS: &str = "FLOWS";
+/// `LruHashMap<FlowKey, FlowValue>`: embryonic (unconfirmed) flows, one entry per direction.
+/// A flood of new flows evicts only other embryonic ones.
+pub const EMBRYOS: &str = "EMBRYOS";
+/// `PerCpuArray<u64>`: flow-table counters, indexed by `flow::FLOW_STAT_*`.
+pub const FLOW_STATS: &str = "FLOW_STATS";
 /// `LruHashMap<FragKey, FragValue>`: datagrams whose first fragment was allowed.
 pub const FRAGS: &str = "FRAGS";
 
 pub const NSG_FIELD_ENTRIES: u32 = 262_144;
-pub const FLOW_ENTRIES: u32 = 262_144;
+/// Flows the established table holds unless the operator sizes it at first attach (Azure
+/// allows 500,000 flows per NIC; Cilium's TCP conntrack default is 524,288 entries).
+pub const DEFAULT_FLOWS: u32 = 524_288;
+/// `FLOWS` entries as declared: two per flow. The loader resizes it.
+pub const FLOW_ENTRIES: u32 = 2 * DEFAULT_FLOWS;
+/// `EMBRYOS` entries per `FLOWS` entry: the embryonic table holds a quarter as many flows.
+pub const EMBRYO_DIVISOR: u32 = 4;
+pub const EMBRYO_ENTRIES: u32 = FLOW_ENTRIES / EMBRYO_DIVISOR;
 pub const FRAG_ENTRIES: u32 = 16_384;
 /// `ProgramArray`: later pipeline stages, entered by tail call.
 pub const PIPELINE: &str = "PIPELINE";

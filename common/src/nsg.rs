@@ -83,6 +83,8 @@ pub struct PolicyConfig {
     pub tcp_timeout_ns: u64,
     pub udp_timeout_ns: u64,
     pub icmp_timeout_ns: u64,
+    /// How long an embryonic (unconfirmed) flow may idle.
+    pub embryonic_timeout_ns: u64,
 }
 
 impl PolicyConfig {
@@ -103,6 +105,10 @@ impl PolicyConfig {
 
 /// Flows decided under an older generation are classified again.
 pub const FLAG_REEVALUATE: u32 = 1;
+/// Mid-stream pickup for every flow: a TCP segment other than a SYN with no flow is
+/// classified as a new flow (conntrack's `nf_conntrack_tcp_loose`). Per load-balancing rule:
+/// `lb::SVC_MIDSTREAM`.
+pub const FLAG_MIDSTREAM: u32 = 2;
 /// Idle timeout of a TCP flow after RST, or FIN both ways.
 pub const TCP_CLOSED_TIMEOUT_NS: u64 = 10_000_000_000;
 

@@ -53,9 +53,12 @@ pub enum DropReason {
     NatExhausted = 7,
     /// A packet to a NAT public address that matches no translation.
     NatUnmatched = 8,
+    /// A flow was confirmed while the table of established flows was full: refused, so that
+    /// no established flow is evicted for it.
+    FlowTableFull = 9,
 }
 
-pub const DROP_REASONS: u32 = 9;
+pub const DROP_REASONS: u32 = 10;
 pub const DROP_REASON_NAMES: [&str; DROP_REASONS as usize] = [
     "malformed",
     "too_deep",
@@ -66,4 +69,5 @@ pub const DROP_REASON_NAMES: [&str; DROP_REASONS as usize] = [
     "no_flow",
     "nat_exhausted",
     "nat_unmatched",
+    "flow_table_full",
 ];

@@ -165,6 +165,7 @@ fn create(
         idle_s: 0,
         service: NO_BACKEND,
         backend: NO_BACKEND,
+        ack: 0,
     };
     match lb::select(meta) {
         Lb::NotFrontend => {

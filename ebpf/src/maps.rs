@@ -9,12 +9,15 @@ use aya_ebpf::{
 };
 use xdpgate_common::{
     events::{Bucket, EVENT_RING_BYTES},
-    flow::{FlowKey, FlowValue, FragKey, FragValue},
+    flow::{FLOW_STATS_LEN, FlowKey, FlowValue, FragKey, FragValue},
     iface::IfaceConfig,
     lb::{
         BackendInfo, FrontendKey, MAGLEV_SIZE, MAX_BACKENDS, MAX_FRONTENDS, MAX_SERVICES, Service,
     },
-    maps::{FLOW_ENTRIES, FRAG_ENTRIES, MAX_EGRESS, MAX_IFACES, NAT_PREFIXES, NSG_FIELD_ENTRIES},
+    maps::{
+        EMBRYO_ENTRIES, FLOW_ENTRIES, FRAG_ENTRIES, MAX_EGRESS, MAX_IFACES, NAT_PREFIXES,
+        NSG_FIELD_ENTRIES,
+    },
     nat::{AddrKey, MAX_NAT_GATEWAYS, MAX_PUBLIC_ADDRS, NAT_ENTRIES, NatEntry, NatGatewayConfig},
     nsg::{FieldKey, MAX_RULES, PolicyConfig, RuleBitmap, SLOTS, TABLES},
     stats::{Counter, DROP_REASONS, VERDICTS},
@@ -52,9 +55,20 @@ pub static ACTIVE_SLOT: Array<u32> = Array::pinned(1, 0);
 #[map(name = "POLICY_CONFIG")]
 pub static POLICY_CONFIG: Array<PolicyConfig> = Array::pinned(SLOTS, 0);
 
-/// One entry per direction of each allowed flow.
+/// Established flows, one entry per direction. A plain hash: when full, new flows are
+/// refused rather than live ones evicted. Sized by the loader.
 #[map(name = "FLOWS")]
-pub static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::pinned(FLOW_ENTRIES, 0);
+pub static FLOWS: HashMap<FlowKey, FlowValue> = HashMap::pinned(FLOW_ENTRIES, 0);
+
+/// Embryonic flows, one entry per direction, until confirmed; LRU, so a flood of new flows
+/// evicts only its own kind. Sized by the loader.
+#[map(name = "EMBRYOS")]
+pub static EMBRYOS: LruHashMap<FlowKey, FlowValue> = LruHashMap::pinned(EMBRYO_ENTRIES, 0);
+
+/// Embryonic flows created, confirmed, expired, refused and closed; flows rebuilt and
+/// picked up (`flow::FLOW_STAT_*`).
+#[map(name = "FLOW_STATS")]
+pub static FLOW_STATS: PerCpuArray<u64> = PerCpuArray::pinned(FLOW_STATS_LEN, 0);
 
 /// Datagrams whose first fragment was allowed, so their later fragments may pass.
 #[map(name = "FRAGS")]

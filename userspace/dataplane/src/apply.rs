@@ -12,8 +12,8 @@ use aya::maps::{
 use xdpgate_common::{
     maps::{ACTIVE_SLOT, NSG_FIELDS, NSG_HITS, NSG_RULES, POLICY_CONFIG},
     nsg::{
-        FLAG_REEVALUATE, FieldKey, KEY_HEADER_BITS, MAX_RULES, PolicyConfig, RuleBitmap,
-        TABLES_PER_SLOT,
+        FLAG_MIDSTREAM, FLAG_REEVALUATE, FieldKey, KEY_HEADER_BITS, MAX_RULES, PolicyConfig,
+        RuleBitmap, TABLES_PER_SLOT,
     },
     words,
 };
@@ -123,11 +123,13 @@ pub fn prepare(
     let config = PolicyConfig {
         generation,
         rule_counts,
-        flags: if settings.reevaluate_flows { FLAG_REEVALUATE } else { 0 },
+        flags: if settings.reevaluate_flows { FLAG_REEVALUATE } else { 0 }
+            | if settings.midstream_pickup { FLAG_MIDSTREAM } else { 0 },
         _pad: 0,
         tcp_timeout_ns: s(settings.tcp_idle_timeout),
         udp_timeout_ns: s(settings.udp_idle_timeout),
         icmp_timeout_ns: s(settings.icmp_idle_timeout),
+        embryonic_timeout_ns: s(settings.embryonic_timeout),
     };
     configs.set(slot, config, 0)?;
     Ok(Prepared { running: (active_slot, active_config.generation), slot, generation })

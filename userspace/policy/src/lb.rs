@@ -7,7 +7,7 @@ use anyhow::{Result, bail};
 use xdpgate_common::{
     lb::{
         DIST_FIVE_TUPLE, DIST_SOURCE_IP, DIST_SOURCE_IP_PROTOCOL, FrontendKey, MAGLEV_SIZE,
-        MAX_BACKENDS, MAX_FRONTENDS, MAX_SERVICES, NO_BACKEND, SVC_FLOATING_IP,
+        MAX_BACKENDS, MAX_FRONTENDS, MAX_SERVICES, NO_BACKEND, SVC_FLOATING_IP, SVC_MIDSTREAM,
     },
     words,
 };
@@ -111,7 +111,9 @@ pub fn compile(policy: &Policy) -> Result<CompiledLb> {
                 rule: rule.name.clone(),
                 pool,
                 probe: rule.probe.map(|p| lb.probes[p].clone()),
-                flags: dist | if rule.floating_ip { SVC_FLOATING_IP } else { 0 },
+                flags: dist
+                    | if rule.floating_ip { SVC_FLOATING_IP } else { 0 }
+                    | if rule.midstream_pickup { SVC_MIDSTREAM } else { 0 },
                 all_down: rule.all_down,
                 idle_timeout_s: rule.idle_timeout,
             });

@@ -98,6 +98,12 @@ pub struct Settings {
     /// After a policy change, flows decided under the old policy are classified again
     /// (default true): removing an allow rule cuts the flows it allowed.
     pub reevaluate_flows: bool,
+    /// Seconds an embryonic (unconfirmed) flow may idle (default 60; conntrack uses 60-120
+    /// for a TCP handshake).
+    pub embryonic_timeout: u32,
+    /// Take up a TCP segment other than a SYN that has no flow as a new flow (default
+    /// false), for every flow; load-balancing rules can ask for it on their own.
+    pub midstream_pickup: bool,
 }
 
 impl Default for Settings {
@@ -107,6 +113,8 @@ impl Default for Settings {
             udp_idle_timeout: 240,
             icmp_idle_timeout: 30,
             reevaluate_flows: true,
+            embryonic_timeout: 60,
+            midstream_pickup: false,
         }
     }
 }
@@ -252,6 +260,10 @@ pub struct LbRule {
     pub idle_timeout: u32,
     /// Direct server return: the destination stays the frontend address.
     pub floating_ip: bool,
+    /// Take up a TCP segment other than a SYN with no flow as a new flow through this rule:
+    /// Maglev sends it to the backend it chose before while the backends are unchanged (for
+    /// flows that move between gateways, or whose flow state was lost).
+    pub midstream_pickup: bool,
     pub all_down: AllDown,
 }
 

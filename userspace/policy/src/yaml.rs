@@ -224,18 +224,28 @@ struct RawSettings {
     udp_idle_timeout: Option<i64>,
     icmp_idle_timeout: Option<i64>,
     reevaluate_flows: Option<bool>,
+    embryonic_timeout: Option<i64>,
+    midstream_pickup: Option<bool>,
 }
 
 impl RawSettings {
     fn read(r: &mut Reader, path: &str, node: &Node) -> Self {
-        let known =
-            ["tcp_idle_timeout", "udp_idle_timeout", "icmp_idle_timeout", "reevaluate_flows"];
+        let known = [
+            "tcp_idle_timeout",
+            "udp_idle_timeout",
+            "icmp_idle_timeout",
+            "reevaluate_flows",
+            "embryonic_timeout",
+            "midstream_pickup",
+        ];
         let Some(f) = r.fields(path, node, &known) else { return Self::default() };
         Self {
             tcp_idle_timeout: r.opt_int(&f, "tcp_idle_timeout"),
             udp_idle_timeout: r.opt_int(&f, "udp_idle_timeout"),
             icmp_idle_timeout: r.opt_int(&f, "icmp_idle_timeout"),
             reevaluate_flows: r.opt_bool(&f, "reevaluate_flows"),
+            embryonic_timeout: r.opt_int(&f, "embryonic_timeout"),
+            midstream_pickup: r.opt_bool(&f, "midstream_pickup"),
         }
     }
 }
@@ -419,6 +429,7 @@ struct RawLbRule {
     distribution: Option<String>,
     idle_timeout: Option<i64>,
     floating_ip: bool,
+    midstream_pickup: bool,
     all_down: Option<String>,
 }
 
@@ -435,6 +446,7 @@ impl RawLbRule {
             "distribution",
             "idle_timeout",
             "floating_ip",
+            "midstream_pickup",
             "all_down",
         ];
         let Some(f) = r.fields(path, node, &known) else { return Self::default() };
@@ -449,6 +461,7 @@ impl RawLbRule {
             distribution: r.opt_string(&f, "distribution"),
             idle_timeout: r.opt_int(&f, "idle_timeout"),
             floating_ip: r.opt_bool(&f, "floating_ip").unwrap_or(false),
+            midstream_pickup: r.opt_bool(&f, "midstream_pickup").unwrap_or(false),
             all_down: r.opt_string(&f, "all_down"),
         }
     }
@@ -732,6 +745,10 @@ impl Loader<'_> {
                 .timeout("icmp_idle_timeout", raw.icmp_idle_timeout)
                 .unwrap_or(default.icmp_idle_timeout),
             reevaluate_flows: raw.reevaluate_flows.unwrap_or(default.reevaluate_flows),
+            embryonic_timeout: self
+                .timeout("embryonic_timeout", raw.embryonic_timeout)
+                .unwrap_or(default.embryonic_timeout),
+            midstream_pickup: raw.midstream_pickup.unwrap_or(default.midstream_pickup),
         }
     }
 
@@ -1308,6 +1325,7 @@ impl Loader<'_> {
             distribution: distribution?,
             idle_timeout: idle_timeout?,
             floating_ip: raw.floating_ip,
+            midstream_pickup: raw.midstream_pickup,
             all_down: all_down?,
         })
     }
@@ -2609,6 +2627,7 @@ load_balancers:
                 distribution: Distribution::Default,
                 idle_timeout: 0,
                 floating_ip: false,
+                midstream_pickup: false,
                 all_down: AllDown::NoNewFlows,
             }]
         );
