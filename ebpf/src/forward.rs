@@ -24,6 +24,8 @@ const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
 const BPF_FIB_LKUP_RET_NOT_FWDED: i64 = 4;
+/// Look up in the main table only, skipping the policy rules (and with them the local table).
+const BPF_FIB_LOOKUP_DIRECT: u32 = 1;
 
 /// Asks the kernel's FIB where a packet from `src` to `dst` goes. The parameters live in
 /// per-CPU scratch, not on the stack, which the callers' stages need.
@@ -34,6 +36,7 @@ fn lookup(
     src: &[u32; 4],
     dst: &[u32; 4],
     len: u64,
+    flags: u32,
 ) -> Result<(i64, &'static mut bpf_fib_lookup), DropReason> {
     let p = unsafe { &mut *FIB_PARAMS.get_ptr_mut(0).ok_or(DropReason::Internal)? };
     *p = unsafe { zeroed() };
@@ -52,14 +55,21 @@ fn lookup(
         p.__bindgen_anon_3.ipv6_src = *src;
         p.__bindgen_anon_4.ipv6_dst = *dst;
     }
-    let rc = unsafe { fib_lookup(ctx.as_ptr(), p, size_of::<bpf_fib_lookup>() as i32, 0) };
+    let rc = unsafe { fib_lookup(ctx.as_ptr(), p, size_of::<bpf_fib_lookup>() as i32, flags) };
     Ok((rc, p))
 }
 
 /// Whether the packet is for this host itself (the kernel would deliver it, not forward it).
+/// The FIB says "not forwarded" both for one of this host's addresses and for no route at
+/// all; only the first is local: a destination the main table routes, which the full lookup
+/// (local table first) does not forward, is this host's.
 #[inline(always)]
 pub fn is_local(ctx: &XdpContext, meta: &PacketMeta, len: u64) -> bool {
-    matches!(lookup(ctx, meta, &meta.src, &meta.dst, len), Ok((BPF_FIB_LKUP_RET_NOT_FWDED, _)))
+    matches!(lookup(ctx, meta, &meta.src, &meta.dst, len, 0), Ok((BPF_FIB_LKUP_RET_NOT_FWDED, _)))
+        && !matches!(
+            lookup(ctx, meta, &meta.src, &meta.dst, len, BPF_FIB_LOOKUP_DIRECT),
+            Ok((BPF_FIB_LKUP_RET_NOT_FWDED, _)) | Err(_)
+        )
 }
 
 /// Sends the packet towards `next_hop` (its destination, or the backend of a floating-IP
@@ -72,7 +82,7 @@ pub fn forward(
     next_hop: &[u32; 4],
     len: u64,
 ) -> Result<u32, DropReason> {
-    let (rc, p) = lookup(ctx, meta, src, next_hop, len)?;
+    let (rc, p) = lookup(ctx, meta, src, next_hop, len, 0)?;
     if rc != BPF_FIB_LKUP_RET_SUCCESS || EGRESS.get_ifindex(p.ifindex).is_none() {
         return Ok(xdp_action::XDP_PASS);
     }
