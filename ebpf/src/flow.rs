@@ -109,9 +109,10 @@ pub fn lookup(
             }
             return Some(Ok(Action::of(entry)));
         }
-        // Idle too long, or its backend is gone: a new flow, decided afresh. (Its entries
-        // stay until the agent's sweep logs their end, or a new flow of the tuple replaces
-        // them.)
+        // Idle too long, its backend gone, or its tuple reused: a new flow, decided afresh.
+        // The old entries go now, or they would shadow the new flow's until it is confirmed.
+        let _ = FLOWS.remove(&key.twin(entry));
+        let _ = FLOWS.remove(&key);
     }
     let entry = EMBRYOS.get_ptr_mut(&key)?;
     embryo(active, meta, &key, unsafe { &mut *entry }, now, len)
@@ -263,8 +264,8 @@ pub fn create(
     let key = &key(meta);
     // Connections start with a SYN. Any other segment without a flow starts one only when
     // its state can be rebuilt (a NAT translation still holds it), when the policy or its
-    // load-balancing rule picks flows up mid-stream, or when it is for this host itself
-    // (XDP never sees the SYNs the host sends, only the answers).
+    // load-balancing rule picks flows up mid-stream, or when it belongs to a connection of
+    // this host itself (XDP never sees the SYNs the host sends, only the answers).
     let midstream =
         meta.proto == IPPROTO_TCP && meta.tcp_flags & (TH_SYN | TH_ACK | TH_RST | TH_FIN) != TH_SYN;
     let pickup = active.config.flags & FLAG_MIDSTREAM != 0;
@@ -319,7 +320,7 @@ pub fn create(
             } else if snat::to_public_address(meta) {
                 return Err(if midstream { DropReason::NoFlow } else { DropReason::NatUnmatched });
             } else {
-                if midstream && !pickup && !forward::is_local(ctx, meta, len) {
+                if midstream && !pickup && !forward::host_connection(ctx, meta) {
                     return Err(DropReason::NoFlow);
                 }
                 allow(active, meta, dir, forward)?;

@@ -7,8 +7,12 @@ use core::mem::{size_of, zeroed};
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{bpf_fib_lookup, xdp_action},
-    helpers::generated::bpf_fib_lookup as fib_lookup,
+    bindings::{
+        BPF_F_CURRENT_NETNS, bpf_fib_lookup, bpf_sock_tuple,
+        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2,
+        xdp_action,
+    },
+    helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_sk_lookup_tcp, bpf_sk_release},
     programs::XdpContext,
 };
 use xdpgate_common::stats::DropReason;
@@ -23,9 +27,8 @@ use crate::{
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
-const BPF_FIB_LKUP_RET_NOT_FWDED: i64 = 4;
-/// Look up in the main table only, skipping the policy rules (and with them the local table).
-const BPF_FIB_LOOKUP_DIRECT: u32 = 1;
+/// `bpf_sock.state` of a listening socket.
+const TCP_LISTEN: u32 = 10;
 
 /// Asks the kernel's FIB where a packet from `src` to `dst` goes. The parameters live in
 /// per-CPU scratch, not on the stack, which the callers' stages need.
@@ -36,7 +39,6 @@ fn lookup(
     src: &[u32; 4],
     dst: &[u32; 4],
     len: u64,
-    flags: u32,
 ) -> Result<(i64, &'static mut bpf_fib_lookup), DropReason> {
     let p = unsafe { &mut *FIB_PARAMS.get_ptr_mut(0).ok_or(DropReason::Internal)? };
     *p = unsafe { zeroed() };
@@ -55,21 +57,41 @@ fn lookup(
         p.__bindgen_anon_3.ipv6_src = *src;
         p.__bindgen_anon_4.ipv6_dst = *dst;
     }
-    let rc = unsafe { fib_lookup(ctx.as_ptr(), p, size_of::<bpf_fib_lookup>() as i32, flags) };
+    let rc = unsafe { fib_lookup(ctx.as_ptr(), p, size_of::<bpf_fib_lookup>() as i32, 0) };
     Ok((rc, p))
 }
 
-/// Whether the packet is for this host itself (the kernel would deliver it, not forward it).
-/// The FIB says "not forwarded" both for one of this host's addresses and for no route at
-/// all; only the first is local: a destination the main table routes, which the full lookup
-/// (local table first) does not forward, is this host's.
+/// Whether a TCP segment belongs to a connection of this host itself: a socket of this
+/// namespace other than a listener owns its tuple. (The FIB cannot tell: it answers "not
+/// forwarded" alike for one of this host's addresses and for no route at all.)
 #[inline(always)]
-pub fn is_local(ctx: &XdpContext, meta: &PacketMeta, len: u64) -> bool {
-    matches!(lookup(ctx, meta, &meta.src, &meta.dst, len, 0), Ok((BPF_FIB_LKUP_RET_NOT_FWDED, _)))
-        && !matches!(
-            lookup(ctx, meta, &meta.src, &meta.dst, len, BPF_FIB_LOOKUP_DIRECT),
-            Ok((BPF_FIB_LKUP_RET_NOT_FWDED, _)) | Err(_)
-        )
+pub fn host_connection(ctx: &XdpContext, meta: &PacketMeta) -> bool {
+    let mut tuple: bpf_sock_tuple = unsafe { zeroed() };
+    let size = if meta.family == 4 {
+        tuple.__bindgen_anon_1.ipv4 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
+            saddr: meta.src[0],
+            daddr: meta.dst[0],
+            sport: meta.sport.to_be(),
+            dport: meta.dport.to_be(),
+        };
+        size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>()
+    } else {
+        tuple.__bindgen_anon_1.ipv6 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 {
+            saddr: meta.src,
+            daddr: meta.dst,
+            sport: meta.sport.to_be(),
+            dport: meta.dport.to_be(),
+        };
+        size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2>()
+    };
+    let netns = BPF_F_CURRENT_NETNS as u64;
+    let sk = unsafe { bpf_sk_lookup_tcp(ctx.as_ptr(), &mut tuple, size as u32, netns, 0) };
+    if sk.is_null() {
+        return false;
+    }
+    let state = unsafe { (*sk).state };
+    unsafe { bpf_sk_release(sk as *mut _) };
+    state != TCP_LISTEN
 }
 
 /// Sends the packet towards `next_hop` (its destination, or the backend of a floating-IP
@@ -82,7 +104,7 @@ pub fn forward(
     next_hop: &[u32; 4],
     len: u64,
 ) -> Result<u32, DropReason> {
-    let (rc, p) = lookup(ctx, meta, src, next_hop, len, 0)?;
+    let (rc, p) = lookup(ctx, meta, src, next_hop, len)?;
     if rc != BPF_FIB_LKUP_RET_SUCCESS || EGRESS.get_ifindex(p.ifindex).is_none() {
         return Ok(xdp_action::XDP_PASS);
     }

@@ -10,7 +10,7 @@ use aya::{
 use xdpgate_common::{
     flow::{FlowKey, FlowValue},
     iface::{IfaceConfig, Role},
-    maps::{EMBRYOS, FLOWS, IFACES},
+    maps::{EMBRYOS, FLOW_STATS, FLOWS, IFACES},
 };
 use xdpgate_dataplane::{stats, transaction};
 use xdpgate_policy::{self as policy, lb::CompiledLb};
@@ -143,6 +143,13 @@ impl Kernel {
         let tail = later.len() - (first.len() - 64);
         assert_eq!(whole[whole.len() - tail..], dgram[dgram.len() - tail..], "data unchanged");
         whole
+    }
+
+    /// A `FLOW_STATS` counter (`FLOW_STAT_*`), summed over CPUs.
+    pub fn flow_stat(&self, index: u32) -> u64 {
+        let map: aya::maps::PerCpuArray<_, u64> =
+            self.pins.dir.open_map(FLOW_STATS).unwrap().try_into().unwrap();
+        map.get(&index, 0).unwrap().iter().sum()
     }
 
     pub fn drops(&self, reason: &str) -> u64 {
