@@ -13,7 +13,7 @@ use aya::maps::HashMap;
 use common::{
     Netns,
     kernel::{DROP, Kernel, PASS},
-    packet::{ACK, L4, SYN, endpoints, frame, tcp_frame},
+    packet::{ACK, SYN, endpoints, tcp_frame},
 };
 use xdpgate_common::{
     flow::{
