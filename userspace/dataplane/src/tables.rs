@@ -1,0 +1,209 @@
+//! Table sizes the operator chooses when the dataplane is first attached: established flows
+//! (`FLOWS` holds two entries per flow, `EMBRYOS` a quarter as many) and NAT translations
+//! (`NAT_MAP`, two entries each). The maps are created and pinned at those sizes; every later
+//! load (another attach, `upgrade`, the agent) takes the pinned sizes, since a map's size
+//! cannot change while it holds state. Resizing means detaching everything and removing the
+//! pins.
+
+use anyhow::{Context, Result, bail};
+use aya::maps::MapInfo;
+use serde::Serialize;
+use xdpgate_common::{
+    maps::{DEFAULT_FLOWS, EMBRYO_DIVISOR, EMBRYOS, FLOWS, NAT_MAP},
+    nat::NAT_ENTRIES,
+};
+
+use crate::PinDir;
+
+/// The maps whose size the operator chooses (any pinned size passes the layout check).
+pub const SIZED_MAPS: [&str; 3] = [FLOWS, EMBRYOS, NAT_MAP];
+
+/// Smallest and largest table the operator may ask for. The smallest keeps the embryonic
+/// LRU above a few entries per CPU; the largest keeps the map's buckets within what the
+/// kernel's hash map allows (2^28 buckets for 2^28 entries).
+pub const MIN_FLOWS: u32 = 64;
+pub const MAX_FLOWS: u32 = 1 << 27;
+pub const MIN_NAT_TRANSLATIONS: u32 = 64;
+pub const MAX_NAT_TRANSLATIONS: u32 = 1 << 27;
+
+/// Sizes of the operator-sized tables, in flows and translations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct TableSizes {
+    /// Established flows (`FLOWS` entries / 2).
+    pub flows: u32,
+    /// NAT translations (`NAT_MAP` entries / 2).
+    pub nat_translations: u32,
+}
+
+impl Default for TableSizes {
+    fn default() -> Self {
+        Self { flows: DEFAULT_FLOWS, nat_translations: NAT_ENTRIES }
+    }
+}
+
+impl TableSizes {
+    /// `FLOWS` entries: one per direction.
+    pub fn flow_entries(&self) -> u32 {
+        2 * self.flows
+    }
+
+    /// `EMBRYOS` entries.
+    pub fn embryo_entries(&self) -> u32 {
+        self.flow_entries() / EMBRYO_DIVISOR
+    }
+
+    /// `NAT_MAP` entries: each translation under both of its tuples.
+    pub fn nat_entries(&self) -> u32 {
+        2 * self.nat_translations
+    }
+
+    /// The sizes of the tables pinned under `pins`; none when `FLOWS` is not pinned (no
+    /// dataplane loaded there). A NAT map not pinned counts at its default size.
+    pub fn pinned(pins: &PinDir) -> Result<Option<Self>> {
+        let Some(flows) = pinned_entries(pins, FLOWS)? else { return Ok(None) };
+        let nat = pinned_entries(pins, NAT_MAP)?.map_or(NAT_ENTRIES, |n| n / 2);
+        Ok(Some(Self { flows: flows / 2, nat_translations: nat }))
+    }
+}
+
+/// What the operator asked for; `None` keeps the pinned size, or else the default.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SizeRequest {
+    pub flows: Option<u32>,
+    pub nat_translations: Option<u32>,
+}
+
+impl SizeRequest {
+    /// Refuses sizes outside the limits, naming them as the CLI does.
+    pub fn check(&self) -> Result<()> {
+        for (what, n, lo, hi) in [
+            ("flows", self.flows, MIN_FLOWS, MAX_FLOWS),
+            ("nat-translations", self.nat_translations, MIN_NAT_TRANSLATIONS, MAX_NAT_TRANSLATIONS),
+        ] {
+            if let Some(n) = n
+                && !(lo..=hi).contains(&n)
+            {
+                bail!(
+                    "{what} {}: must be between {} and {}",
+                    thousands(n.into()),
+                    thousands(lo.into()),
+                    thousands(hi.into())
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `max_entries` of the map pinned as `name`, if it is pinned.
+pub fn pinned_entries(pins: &PinDir, name: &str) -> Result<Option<u32>> {
+    let path = pins.map(name);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let info = MapInfo::from_pin(&path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(Some(info.max_entries()))
+}
+
+/// The sizes a load under `pins` gives the tables, and each sized map's `max_entries` for
+/// the loader: the pinned sizes where the maps are pinned, else the request, else the
+/// defaults. A request that differs from a pinned size is refused: the map cannot be
+/// resized in place, and silently keeping the old size would hide it.
+pub fn plan(pins: &PinDir, req: &SizeRequest) -> Result<(TableSizes, Vec<(&'static str, u32)>)> {
+    req.check()?;
+    let defaults = TableSizes::default();
+    let flows = pinned_entries(pins, FLOWS)?;
+    let embryos = pinned_entries(pins, EMBRYOS)?;
+    let nat = pinned_entries(pins, NAT_MAP)?;
+    let mut wrong = Vec::new();
+    if let (Some(want), Some(n)) = (req.flows, flows)
+        && want != n / 2
+    {
+        wrong.push(format!(
+            "{} flows asked for, but {FLOWS} is pinned with {} entries ({} flows)",
+            thousands(want.into()),
+            thousands(n.into()),
+            thousands((n / 2).into())
+        ));
+    }
+    if let (Some(want), Some(n)) = (req.nat_translations, nat)
+        && want != n / 2
+    {
+        wrong.push(format!(
+            "{} NAT translations asked for, but {NAT_MAP} is pinned with {} entries ({} \
+             translations)",
+            thousands(want.into()),
+            thousands(n.into()),
+            thousands((n / 2).into())
+        ));
+    }
+    if !wrong.is_empty() {
+        bail!(
+            "the tables under {} were sized when the dataplane was first attached: {}. A \
+             pinned table keeps its size (upgrade and later attaches use it); to resize, \
+             detach every interface (xdpgate detach --all), remove {} (its flows and NAT \
+             translations are lost), and attach again with the new size",
+            pins.path().display(),
+            wrong.join("; "),
+            pins.path().display()
+        );
+    }
+    let sizes = TableSizes {
+        flows: flows.map_or(req.flows.unwrap_or(defaults.flows), |n| n / 2),
+        nat_translations: nat
+            .map_or(req.nat_translations.unwrap_or(defaults.nat_translations), |n| n / 2),
+    };
+    let entries = vec![
+        (FLOWS, flows.unwrap_or(sizes.flow_entries())),
+        (EMBRYOS, embryos.unwrap_or(sizes.embryo_entries())),
+        (NAT_MAP, nat.unwrap_or(sizes.nat_entries())),
+    ];
+    Ok((sizes, entries))
+}
+
+/// `1234567` as `1,234,567`.
+pub fn thousands(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_entries() {
+        let d = TableSizes::default();
+        assert_eq!((d.flows, d.flow_entries(), d.embryo_entries()), (524_288, 1_048_576, 262_144));
+        assert_eq!((d.nat_translations, d.nat_entries()), (NAT_ENTRIES, 2 * NAT_ENTRIES));
+        let big = TableSizes { flows: MAX_FLOWS, nat_translations: MAX_NAT_TRANSLATIONS };
+        assert_eq!((big.flow_entries(), big.nat_entries()), (1 << 28, 1 << 28));
+    }
+
+    #[test]
+    fn requests_outside_the_limits_are_refused() {
+        assert!(SizeRequest::default().check().is_ok());
+        let ok =
+            SizeRequest { flows: Some(1_000_000), nat_translations: Some(MIN_NAT_TRANSLATIONS) };
+        assert!(ok.check().is_ok());
+        let e = SizeRequest { flows: Some(10), ..Default::default() }.check().unwrap_err();
+        assert_eq!(e.to_string(), "flows 10: must be between 64 and 134,217,728");
+        let e = SizeRequest { nat_translations: Some(u32::MAX), ..Default::default() };
+        assert!(e.check().unwrap_err().to_string().starts_with("nat-translations 4,294,967,295"));
+    }
+
+    #[test]
+    fn thousands_separators() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1_000), "1,000");
+        assert_eq!(thousands(2_097_152), "2,097,152");
+    }
+}
