@@ -6,7 +6,7 @@
 //! pins.
 
 use anyhow::{Context, Result, bail};
-use aya::maps::MapInfo;
+use aya::maps::{MapData, MapInfo};
 use serde::Serialize;
 use xdpgate_common::{
     maps::{DEFAULT_FLOWS, EMBRYO_DIVISOR, EMBRYOS, FLOWS, NAT_MAP},
@@ -159,6 +159,66 @@ pub fn plan(pins: &PinDir, req: &SizeRequest) -> Result<(TableSizes, Vec<(&'stat
         (NAT_MAP, nat.unwrap_or(sizes.nat_entries())),
     ];
     Ok((sizes, entries))
+}
+
+/// One sized table as `status` shows it.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct TableStatus {
+    /// The pinned map.
+    pub map: &'static str,
+    /// Its `max_entries`.
+    pub entries: u32,
+    /// Flows (or translations) it holds: two entries each.
+    pub capacity: u32,
+    /// Kernel memory charged for it (the map's `memlock`, as `bpftool map show` reports
+    /// it); none when it could not be read. The tables are preallocated: this is what they
+    /// take empty or full.
+    pub bytes: Option<u64>,
+}
+
+/// The sized tables of a loaded dataplane.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct TablesStatus {
+    /// Established flows (`FLOWS`).
+    pub flows: TableStatus,
+    /// Embryonic flows (`EMBRYOS`).
+    pub embryonic: TableStatus,
+    /// NAT translations (`NAT_MAP`).
+    pub nat_translations: TableStatus,
+}
+
+impl TablesStatus {
+    /// The tables pinned under `pins`; none when no dataplane is loaded there.
+    pub fn read(pins: &PinDir) -> Result<Option<Self>> {
+        if pinned_entries(pins, FLOWS)?.is_none() {
+            return Ok(None);
+        }
+        let table = |map: &'static str| -> Result<TableStatus> {
+            let path = pins.map(map);
+            let data =
+                MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+            let entries = data.info()?.max_entries();
+            let bytes = memlock(data.fd()).ok();
+            Ok(TableStatus { map, entries, capacity: entries / 2, bytes })
+        };
+        Ok(Some(Self {
+            flows: table(FLOWS)?,
+            embryonic: table(EMBRYOS)?,
+            nat_translations: table(NAT_MAP)?,
+        }))
+    }
+}
+
+/// The `memlock:` figure of an open bpf object's fdinfo: the kernel's own count of what the
+/// map takes.
+pub fn memlock(fd: impl std::os::fd::AsFd) -> Result<u64> {
+    use std::os::fd::AsRawFd as _;
+    let raw = fd.as_fd().as_raw_fd();
+    let path = format!("/proc/self/fdinfo/{raw}");
+    let info = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("memlock:").and_then(|v| v.trim().parse().ok()))
+        .with_context(|| format!("no memlock in {path}"))
 }
 
 /// `1234567` as `1,234,567`.
