@@ -72,6 +72,13 @@ impl Kernel {
         flows.get(key, 0).ok()
     }
 
+    /// Entries the pinned flow table holds at most (`FLOWS`'s size).
+    pub fn flow_table_entries(&self) -> u32 {
+        xdpgate_dataplane::tables::pinned_entries(&self.pins.dir, FLOWS)
+            .unwrap()
+            .expect("FLOWS pinned")
+    }
+
     /// Packets from test runs arrive on `lo`; its role makes them inbound or outbound.
     pub fn arrive_as(&self, role: Role) {
         let mut ifaces: HashMap<_, u32, IfaceConfig> =
