@@ -38,12 +38,13 @@ struct Cli {
 #[derive(clap::Args)]
 struct TablesArgs {
     /// Established flows the flow table holds (two entries each; the embryonic table holds
-    /// a quarter as many). Default 524,288 (about 352 MB). Only on the first attach: a
-    /// size other than the pinned one is refused.
+    /// a quarter as many). Default 524,288; 440 bytes of kernel memory per flow (220 MiB
+    /// at the default). Only on the first attach: a size other than the pinned one is
+    /// refused.
     #[arg(long, value_name = "N")]
     flows: Option<u32>,
-    /// NAT translations the translation table holds (two entries each). Default 262,144.
-    /// Only on the first attach, like --flows.
+    /// NAT translations the translation table holds (two entries each). Default 262,144;
+    /// 272 bytes per translation. Only on the first attach, like --flows.
     #[arg(long, value_name = "N")]
     nat_translations: Option<u32>,
 }
@@ -152,11 +153,13 @@ enum Command {
         #[arg(long)]
         policy: PathBuf,
         /// Node file listing this machine's interfaces, their roles and XDP mode; those not
-        /// attached (after a reboot, say) are attached at start.
+        /// attached (after a reboot, say) are attached at start. `tables:` sizes the flow
+        /// and NAT tables when they are created (as attach --flows, --nat-translations).
         ///
         /// interfaces:
         ///   - {name: eth0, role: external}
         ///   - {name: eth1, role: internal, mode: skb}
+        /// tables: {flows: 1000000, nat_translations: 262144}
         #[arg(long, value_name = "FILE", verbatim_doc_comment)]
         node: Option<PathBuf>,
         /// Health probes in flight at once.
@@ -208,7 +211,8 @@ enum Command {
         output: OutputArgs,
     },
     /// Show where the dataplane is attached (role, XDP mode), the pin directory, the running
-    /// policy and the size of the flow table.
+    /// policy, the flow table's entries in use, and the sizes and memory of the flow and NAT
+    /// tables.
     Status {
         #[command(flatten)]
         output: OutputArgs,
