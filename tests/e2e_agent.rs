@@ -355,6 +355,17 @@ fn simulated_reboot_attaches_from_the_node_file() {
     assert!(lab.pins.xdpgate(&["status"]).contains("failing: node file"));
     assert_eq!(status(&lab.pins)["tables"]["flows"]["capacity"], 524_288);
     agent.stop();
+    // An interface that lost its link is attached all the same, with the pinned tables (left
+    // out, it would pass traffic unfiltered).
+    lab.pins.xdpgate(&["detach", "--iface", &lab.int]);
+    let mut agent = Agent::start(&lab, &args);
+    wait_for("the interface attached again, the size reported", Duration::from_secs(20), || {
+        agent.assert_running("start with a table size that is not the pinned one");
+        programs(&lab.pins).iter().any(|(n, mode, _)| n == &lab.int && mode == "native")
+            && agent_state(&lab.pins).is_some_and(|s| s["failing"].to_string().contains(mismatch))
+    });
+    assert_eq!(status(&lab.pins)["tables"]["flows"]["capacity"], 524_288);
+    agent.stop();
 
     // The reboot: links and pins gone, state directory (tmpfs /run) gone.
     lab.pins.xdpgate(&["detach", "--all"]);

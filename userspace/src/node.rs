@@ -217,17 +217,18 @@ pub fn missing<'a>(pins: &PinDir, node: &'a Node) -> Vec<&'a Interface> {
 
 /// Attaches every interface of `node` that has no pinned link, creating the tables at the
 /// node's sizes if they are not pinned yet; returns the ones attached, and an error for each
-/// that could not be. Table sizes that differ from the pinned ones are one error, whether
-/// or not anything is left to attach (nothing is then), so that `status` shows the node
-/// file is not in force.
+/// that could not be. Table sizes that differ from the pinned ones are an error too, so that
+/// `status` shows the node file is not in force, but the interfaces are attached all the
+/// same, with the pinned tables: an interface left unattached would pass traffic unfiltered.
 pub fn attach_missing(pins: &PinDir, node: &Node) -> (Vec<String>, Vec<anyhow::Error>) {
     let (mut done, mut failed) = (Vec::new(), Vec::new());
-    if let Err(e) = dataplane::tables::plan(pins, &node.tables) {
+    let mut sizes = node.tables;
+    if let Err(e) = dataplane::tables::plan(pins, &sizes) {
         failed.push(e.context("node file tables"));
-        return (done, failed);
+        sizes = dataplane::SizeRequest::default();
     }
     for i in missing(pins, node) {
-        match dataplane::attach_sized(pins, &i.name, i.role(), i.mode(), &node.tables) {
+        match dataplane::attach_sized(pins, &i.name, i.role(), i.mode(), &sizes) {
             Ok(()) => done.push(i.name.clone()),
             Err(e) => failed.push(e.context(format!("attaching {} ({:?})", i.name, i.role))),
         }
