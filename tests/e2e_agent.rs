@@ -352,7 +352,7 @@ fn simulated_reboot_attaches_from_the_node_file() {
     wait_for("the table size reported as failing", Duration::from_secs(10), || {
         agent_state(&lab.pins).is_some_and(|s| s["failing"].to_string().contains(mismatch))
     });
-    assert!(lab.pins.xdpgate(&["status"]).contains("failing: node file"));
+    assert!(lab.pins.xdpgate(&["status"]).contains("failing: node file: tables: the tables under"));
     assert_eq!(status(&lab.pins)["tables"]["flows"]["capacity"], 524_288);
     agent.stop();
     // An interface that lost its link is attached all the same, with the pinned tables (left

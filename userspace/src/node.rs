@@ -224,7 +224,7 @@ pub fn attach_missing(pins: &PinDir, node: &Node) -> (Vec<String>, Vec<anyhow::E
     let (mut done, mut failed) = (Vec::new(), Vec::new());
     let mut sizes = node.tables;
     if let Err(e) = dataplane::tables::plan(pins, &sizes) {
-        failed.push(e.context("node file tables"));
+        failed.push(e.context("tables"));
         sizes = dataplane::SizeRequest::default();
     }
     for i in missing(pins, node) {
