@@ -156,10 +156,10 @@ enum Command {
         /// attached (after a reboot, say) are attached at start. `tables:` sizes the flow
         /// and NAT tables when they are created (as attach --flows, --nat-translations).
         ///
+        /// tables: {flows: 1000000, nat_translations: 262144}
         /// interfaces:
         ///   - {name: eth0, role: external}
         ///   - {name: eth1, role: internal, mode: skb}
-        /// tables: {flows: 1000000, nat_translations: 262144}
         #[arg(long, value_name = "FILE", verbatim_doc_comment)]
         node: Option<PathBuf>,
         /// Health probes in flight at once.
