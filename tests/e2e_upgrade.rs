@@ -294,3 +294,42 @@ fn a_flow_table_of_another_map_type_is_refused() {
     refused(&["attach", "--iface", &lab.int, "--role", "internal"]);
     assert!(!lab.pins.dir.link(&lab.int).exists(), "not attached");
 }
+
+/// Tables larger than the machine's available memory are refused before the kernel is asked
+/// to allocate them (a preallocated table takes its whole size at once), and nothing is made.
+#[test]
+fn tables_the_machine_cannot_hold_are_refused_before_anything_is_made() {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let available: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap()
+        * 1024;
+    let largest = xdpgate_dataplane::tables::MAX_FLOWS;
+    let need = xdpgate_dataplane::tables::table_bytes("FLOWS", 2 * largest);
+    assert!(
+        need > available,
+        "this machine has {available} bytes available: the largest table ({need} bytes) fits, so \
+         the refusal cannot be tested here"
+    );
+    let (a, b) = (common::Netns::new("szma"), common::Netns::new("szmb"));
+    let (ia, _) = common::veth(&a, "192.0.2.1/24", &b, "192.0.2.2/24");
+    let pins = Pins::in_netns(&a);
+    let flows = largest.to_string();
+    let out = pins.try_xdpgate(&["attach", "--iface", &ia, "--flows", &flows]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "refused");
+    assert!(
+        err.contains("tables for 134,217,728 flows and 262,144 NAT translations need about")
+            && err.contains("MiB available: ask for fewer (--flows, --nat-translations)"),
+        "{err}"
+    );
+    let made: Vec<_> = std::fs::read_dir(pins.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "links")
+        .collect();
+    assert!(made.is_empty(), "nothing pinned: {made:?}");
+    assert!(!pins.dir.link(&ia).exists(), "not attached");
+}

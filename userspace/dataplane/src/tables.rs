@@ -9,8 +9,9 @@ use anyhow::{Context, Result, bail};
 use aya::maps::{MapData, MapInfo};
 use serde::Serialize;
 use xdpgate_common::{
+    flow::{FlowKey, FlowValue},
     maps::{DEFAULT_FLOWS, EMBRYO_DIVISOR, EMBRYOS, FLOWS, NAT_MAP},
-    nat::NAT_ENTRIES,
+    nat::{NAT_ENTRIES, NatEntry},
 };
 
 use crate::PinDir;
@@ -158,7 +159,53 @@ pub fn plan(pins: &PinDir, req: &SizeRequest) -> Result<(TableSizes, Vec<(&'stat
         (EMBRYOS, embryos.unwrap_or(sizes.embryo_entries())),
         (NAT_MAP, nat.unwrap_or(sizes.nat_entries())),
     ];
+    // The tables to be made are allocated whole at once: refuse sizes the machine cannot
+    // hold, before the kernel tries (and squeezes everything else on the gateway).
+    let new: u64 = [(FLOWS, flows), (EMBRYOS, embryos), (NAT_MAP, nat)]
+        .iter()
+        .zip(&entries)
+        .filter(|((_, pinned), _)| pinned.is_none())
+        .map(|((name, _), (_, n))| table_bytes(name, *n))
+        .sum();
+    if let Some(available) = mem_available()
+        && new > available
+    {
+        bail!(
+            "tables for {} flows and {} NAT translations need about {} MiB of kernel memory \
+             (preallocated), but this machine has {} MiB available: ask for fewer (--flows, \
+             --nat-translations)",
+            thousands(sizes.flows.into()),
+            thousands(sizes.nat_translations.into()),
+            thousands(new >> 20),
+            thousands(available >> 20)
+        );
+    }
     Ok((sizes, entries))
+}
+
+/// Kernel memory of a preallocated hash of `entries` (within a few KiB of its `memlock`,
+/// measured at 2^20 to 2^22 entries): per element its key and value (each rounded up to 8
+/// bytes) and the kernel's 48-byte element header, and a 16-byte bucket per entry rounded
+/// up to a power of two.
+pub fn table_bytes(map: &str, entries: u32) -> u64 {
+    let value = if map == NAT_MAP { size_of::<NatEntry>() } else { size_of::<FlowValue>() };
+    let round8 = |n: usize| n.div_ceil(8) as u64 * 8;
+    let element = round8(size_of::<FlowKey>()) + round8(value) + 48;
+    u64::from(entries) * element + u64::from(entries).next_power_of_two() * 16
+}
+
+/// `MemAvailable` of /proc/meminfo in bytes; none if it cannot be read.
+fn mem_available() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
 }
 
 /// One sized table as `status` shows it.
@@ -257,6 +304,22 @@ mod tests {
         assert_eq!(e.to_string(), "flows 10: must be between 64 and 134,217,728");
         let e = SizeRequest { nat_translations: Some(u32::MAX), ..Default::default() };
         assert!(e.check().unwrap_err().to_string().starts_with("nat-translations 4,294,967,295"));
+    }
+
+    /// Against the `memlock` the kernel reported for these maps (README, "Table sizes").
+    #[test]
+    fn table_bytes_match_the_kernels_memlock() {
+        for (map, entries, memlock) in [
+            (FLOWS, 1_048_576, 184_550_608u64),
+            (FLOWS, 2_000_000, 353_555_664),
+            (FLOWS, 4_194_304, 738_198_736),
+            (EMBRYOS, 1_048_576, 184_550_272),
+            (NAT_MAP, 524_288, 71_304_320),
+            (NAT_MAP, 2_097_152, 285_213_824),
+        ] {
+            let est = table_bytes(map, entries);
+            assert!(est.abs_diff(memlock) < 64 << 10, "{map} {entries}: {est} vs {memlock}");
+        }
     }
 
     #[test]
