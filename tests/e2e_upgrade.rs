@@ -333,3 +333,45 @@ fn tables_the_machine_cannot_hold_are_refused_before_anything_is_made() {
     assert!(made.is_empty(), "nothing pinned: {made:?}");
     assert!(!pins.dir.link(&ia).exists(), "not attached");
 }
+
+/// `Kernel::sized` (for tests that want a small table) loads the tables at the asked sizes,
+/// and the program keeps flows in them.
+#[test]
+fn a_small_table_for_test_runs_holds_flows() {
+    use common::{
+        kernel::{Kernel, PASS},
+        packet::{L4, frame},
+    };
+    use xdpgate_common::iface::Role;
+    let k = Kernel::sized(&xdpgate_dataplane::SizeRequest {
+        flows: Some(64),
+        nat_translations: Some(64),
+    });
+    assert_eq!(k.flow_table_entries(), 128);
+    let sizes = xdpgate_dataplane::TableSizes::pinned(&k.pins.dir).unwrap();
+    assert_eq!(sizes, Some(xdpgate_dataplane::TableSizes { flows: 64, nat_translations: 64 }));
+    k.apply(
+        "virtual_network: {address_space: [198.51.100.0/24]}\nnsgs:\n  - name: web\n    \
+         subnets: [198.51.100.0/24]\n    rules:\n      - {name: allow-udp, priority: 100, \
+         direction: inbound, access: allow, protocol: udp, source: \"*\", destination: \"*\"}\n",
+    );
+    k.arrive_as(Role::External);
+    assert_eq!(k.run(&frame("203.0.113.7", "198.51.100.10", L4::Udp(4000, 53))), PASS);
+    k.arrive_as(Role::Internal);
+    assert_eq!(k.run(&frame("198.51.100.10", "203.0.113.7", L4::Udp(53, 4000))), PASS);
+    let words = |a: [u8; 4]| {
+        let mut b = [0u8; 16];
+        b[..4].copy_from_slice(&a);
+        xdpgate_common::words(&b)
+    };
+    let key = FlowKey {
+        src: words([203, 0, 113, 7]),
+        dst: words([198, 51, 100, 10]),
+        sport: 4000,
+        dport: 53,
+        proto: 17,
+        family: 4,
+        _pad: [0; 2],
+    };
+    assert!(k.flow(&key).is_some(), "the flow is in the 128-entry table");
+}
