@@ -184,7 +184,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     {
         // After a reboot: create the maps (pinned) and apply the policy before the first
         // attach, so no packet meets an empty policy.
-        dataplane::load(pins).context("loading the dataplane")?;
+        dataplane::load_sized(pins, &node.tables).context("loading the dataplane")?;
     }
     dataplane::event_ring(pins).map_err(|_| {
         anyhow!(
