@@ -518,8 +518,10 @@ fn tick(
     {
         info!("NAT: {} translations idled out, {} ports free again", e.expired, e.released);
     }
+    // A job of its own: finding the file in place says nothing of whether writes work, so
+    // it must not clear a write failure that `status` shows.
     if let Some(sink) = flow_log
-        && let Some(Some(path)) = failing.check("flow log", sink.follow())
+        && let Some(Some(path)) = failing.check("flow log path", sink.follow())
     {
         warn!("flow log {} was moved or removed; writing to a new file there", path.display());
     }
