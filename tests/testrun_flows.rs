@@ -20,7 +20,8 @@ use xdpgate_common::{
     flow::{FlowKey, FlowValue, NAT_DST, NAT_SRC, NO_RULE, TCP_CLOSED},
     iface::Role,
     lb::NO_BACKEND,
-    maps::{EMBRYO_ENTRIES, EMBRYOS, FLOW_ENTRIES, FLOWS},
+    maps::{EMBRYO_ENTRIES, EMBRYOS, FLOW_ENTRIES, FLOWS, NAT_MAP},
+    nat::{NAT_ACTIVE, NatEntry},
     nsg::DIR_INBOUND,
 };
 use xdpgate_dataplane::{
@@ -144,15 +145,47 @@ fn the_sweep_removes_idle_flows_and_keeps_used_ones() {
     (lb_reply.nat, lb_reply.nat_port) = (NAT_SRC, 80);
     lb_reply.nat_addr = key(frontend, 0, frontend, 0, 6).src;
     map.insert(lb_back, lb_reply, 0).unwrap();
+    // Flows through a NAT gateway, idle: one whose translation is active (left to the NAT
+    // expiry, which removes both), one whose translation is gone.
+    let public = "192.0.2.50";
+    let snat = |host: &str, port: u16| {
+        let fwd = key(host, port, "203.0.113.9", 443, 6);
+        let back = key("203.0.113.9", 443, public, port, 6);
+        let mut out = entry(0, now - 11 * S);
+        (out.tcp, out.nat, out.nat_port) = (TCP_CLOSED, NAT_SRC, port);
+        out.nat_addr = back.dst;
+        let mut answer = entry(1, now - 11 * S);
+        (answer.tcp, answer.nat, answer.nat_port) = (TCP_CLOSED, NAT_DST, port);
+        answer.nat_addr = fwd.src;
+        (fwd, out, back, answer)
+    };
+    let (nat_kept, nat_gone) = (snat("198.51.100.20", 40010), snat("198.51.100.21", 40011));
+    for (f, fv, b, bv) in [nat_kept, nat_gone] {
+        map.insert(f, fv, 0).unwrap();
+        map.insert(b, bv, 0).unwrap();
+    }
+    let mut translations: BpfHashMap<_, FlowKey, NatEntry> =
+        k.pins.dir.open_map(NAT_MAP).unwrap().try_into().unwrap();
+    let (f, _, b, _) = nat_kept;
+    let t = |addr: [u32; 4], port, kind| NatEntry {
+        addr,
+        port,
+        kind,
+        gateway: 0,
+        state: NAT_ACTIVE,
+        time_ns: now - 11 * S,
+    };
+    translations.insert(b, t(f.src, f.sport, NAT_DST), 0).unwrap();
+    translations.insert(f, t(b.dst, b.dport, NAT_SRC), 0).unwrap();
     // An embryonic flow, long idle: the sweep leaves that table to its LRU.
     let mut embryos = table_of(&k.pins.dir, EMBRYOS);
     let embryo = key("203.0.113.8", 5008, server, 53, 17);
     embryos.insert(embryo, entry(0, now - 3600 * S), 0).unwrap();
     embryos.insert(key(server, 53, "203.0.113.8", 5008, 17), entry(1, now - 3600 * S), 0).unwrap();
-    assert_eq!(flows::count(&k.pins.dir).unwrap(), 13);
+    assert_eq!(flows::count(&k.pins.dir).unwrap(), 17);
 
     let (swept, mut ended) = sweep(&k);
-    assert_eq!((swept.seen, swept.removed), (13, 7), "{ended:#?}");
+    assert_eq!((swept.seen, swept.removed), (17, 9), "{ended:#?}");
     ended.sort_by_key(|e| e.key.sport);
     let summary: Vec<(FlowKey, Option<u64>, Option<u64>)> = ended
         .iter()
@@ -166,8 +199,10 @@ fn the_sweep_removes_idle_flows_and_keeps_used_ones() {
             (key("203.0.113.4", 5004, server, 53, 17), None, Some(1)),
             (key(closed_c.0, closed_c.1, server, 80, 6), Some(1), Some(1)),
             (lb_fwd, Some(1), Some(1)),
+            (nat_gone.0, Some(1), Some(1)),
         ]
     );
+    assert!(k.flow(&nat_kept.0).is_some() && k.flow(&nat_kept.2).is_some(), "translated");
     let present = |key: &FlowKey| k.flow(key).is_some();
     assert!(!present(&fwd(idle)) && !present(&back(idle)) && !present(&orphan));
     assert!(!present(&lb_fwd) && !present(&lb_back));
@@ -176,7 +211,7 @@ fn the_sweep_removes_idle_flows_and_keeps_used_ones() {
         assert!(present(&fwd(c)) && present(&back(c)), "{c:?} kept both ways");
     }
     assert!(present(&key(open_c.0, open_c.1, server, 80, 6)), "open TCP flow kept");
-    assert_eq!(flows::count(&k.pins.dir).unwrap(), 6);
+    assert_eq!(flows::count(&k.pins.dir).unwrap(), 8);
     assert!(embryos.get(&embryo, 0).is_ok(), "embryonic flows are not swept");
 
     // The flow kept is the one packets use: its counter goes on, no new flow replaces it.
@@ -197,17 +232,17 @@ fn the_sweep_removes_idle_flows_and_keeps_used_ones() {
         l.sort_by_key(|(_, p)| *p);
         l
     };
-    let established = [5002, 5003, 40006].map(|p| (FlowState::Established, p));
+    let established = [5002, 5003, 40006, 40010].map(|p| (FlowState::Established, p));
     assert_eq!(list(Some(FlowState::Established)), established);
     assert_eq!(list(Some(FlowState::Embryonic)), [(FlowState::Embryonic, 5008)]);
-    assert_eq!(list(None).len(), 4);
+    assert_eq!(list(None).len(), 5);
     let shown = flows::list(&k.pins.dir, &Filter::default(), 0).unwrap();
     let embryo_shown = shown.iter().find(|f| f.state == FlowState::Embryonic).unwrap();
     assert!(embryo_shown.expired && !embryo_shown.incomplete, "{embryo_shown:?}");
 
     // `xdpgate stats`: sizes from the maps, entries and live embryos counted.
     let table = stats::read(&k.pins.dir).unwrap().flow_table;
-    assert_eq!((table.flows.capacity, table.flows.entries), (u64::from(FLOW_ENTRIES / 2), 6));
+    assert_eq!((table.flows.capacity, table.flows.entries), (u64::from(FLOW_ENTRIES / 2), 8));
     assert_eq!(
         (table.embryonic.capacity, table.embryonic.live, table.embryonic.entries),
         (u64::from(EMBRYO_ENTRIES / 2), 1, 2)

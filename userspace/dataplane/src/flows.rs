@@ -19,7 +19,8 @@ use serde::Serialize;
 use xdpgate_common::{
     flow::{FlowKey, FlowValue, NAT_DST, NAT_NEXT_HOP, NAT_SRC, NO_RULE},
     lb::NO_BACKEND,
-    maps::{EMBRYOS, FLOWS},
+    maps::{EMBRYOS, FLOWS, NAT_MAP},
+    nat::{NAT_ACTIVE, NatEntry},
     nsg::{DIR_OUTBOUND, MAX_RULES, PolicyConfig, TABLES_PER_SLOT},
 };
 
@@ -302,8 +303,10 @@ pub struct Swept {
 /// whose other direction is still used stays, so the flow is seen and logged whole); an
 /// entry alone, its other direction gone, once it is idle. The table is read in batches;
 /// each idle entry is read again, with its twin, just before it is removed, so one that a
-/// packet used meanwhile stays. Cost: a bpf() call per 4,096 entries, and four per removed
-/// flow.
+/// packet used meanwhile stays. A flow through a NAT gateway stays while its translation is
+/// active: the NAT expiry (`nat::expire`) removes the two together, and measures the
+/// translation's idle time from these entries. Cost: a bpf() call per 4,096 entries, and
+/// four per removed flow.
 pub fn remove_idle(
     pins: &PinDir,
     names: &Names,
@@ -312,6 +315,15 @@ pub fn remove_idle(
 ) -> Result<Swept> {
     let walk = open(pins, FLOWS)?;
     let mut map = open(pins, FLOWS)?;
+    let translations: BpfHashMap<MapData, FlowKey, NatEntry> =
+        pins.open_map(NAT_MAP)?.try_into()?;
+    // Either direction's tuple names an active translation of a NAT gateway's flow (not a
+    // load balancer's rewrite, which has no translation).
+    let translated = |key: &FlowKey, v: &FlowValue| {
+        v.service == NO_BACKEND
+            && matches!(v.nat, NAT_SRC | NAT_DST)
+            && translations.get(key, 0).is_ok_and(|t| t.state == NAT_ACTIVE)
+    };
     let mut swept = Swept::default();
     let now = monotonic_ns();
     let idle = |key: &FlowKey, v: &FlowValue| {
@@ -330,9 +342,12 @@ pub fn remove_idle(
         if !idle(key, &value) {
             return Ok(());
         }
+        if translated(key, &value) {
+            return Ok(());
+        }
         let twin_key = key.twin(&value);
         let twin = map.get(&twin_key, 0).ok();
-        if twin.is_some_and(|t| !idle(&twin_key, &t)) {
+        if twin.is_some_and(|t| !idle(&twin_key, &t) || translated(&twin_key, &t)) {
             return Ok(());
         }
         if map.remove(key).is_ok() {
