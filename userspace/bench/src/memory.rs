@@ -1,6 +1,6 @@
 //! Memory: what every map of a freshly loaded dataplane takes at its configured size (the
-//! kernel's `memlock` figure from each map's fdinfo), the flow table at 262,144 and at
-//! 1,048,576 entries, and the agent's resident memory holding a policy of 4,096 rules and
+//! kernel's `memlock` figure from each map's fdinfo), the established flow table at its
+//! configured size and at one million flows (2,097,152 entries), and the agent's resident memory holding a policy of 4,096 rules and
 //! a load balancer of 256 backends (measured in a fresh child process).
 
 use std::{
@@ -15,7 +15,7 @@ use std::{
 use anyhow::{Context, Result, anyhow, bail};
 use aya::{EbpfLoader, maps::MapInfo};
 use serde::{Deserialize, Serialize};
-use xdpgate_common::maps::{FLOW_ENTRIES, FLOWS, NAT_MAP, NSG_FIELDS};
+use xdpgate_common::maps::{EMBRYOS, FLOW_ENTRIES, FLOWS, NAT_MAP, NSG_FIELDS};
 use xdpgate_dataplane::{
     ACT_PROGRAM, EBPF_OBJ, NEW_FLOW_PROGRAM, NOOP_PROGRAM, POLICY_PROGRAM, PROGRAM, PinDir,
     SNAT_PROGRAM,
@@ -23,8 +23,8 @@ use xdpgate_dataplane::{
 
 use crate::common::{Bench, Family, Machine, bytes, ms, thousands, unique_pin_dir};
 
-/// The flow-table size of the "1M flows" figure.
-const MILLION_FLOWS: u32 = 1 << 20;
+/// The established table's entries for one million flows (two entries each).
+const MILLION_FLOWS: u32 = 2 << 20;
 /// Rules and backends of the resident-memory figure: 4,090 user rules in two NSGs, with
 /// their 6 defaults the 4,096 rules the inbound table holds.
 pub const RSS_USER_RULES: usize = 4_090;
@@ -65,7 +65,7 @@ pub struct Report {
     /// Programs' memlock (JIT images and metadata), by program.
     pub programs: Vec<(String, u64)>,
     pub flows_default: (u32, u64),
-    /// The flow table loaded with 1,048,576 entries (or why it could not be).
+    /// The flow table loaded with 2,097,152 entries (or why it could not be).
     pub flows_million: Result<(u32, u64), String>,
     pub rss: Result<Rss, String>,
     /// `NSG_FIELDS` (an LPM trie, allocated per entry) after applying the resident-memory
@@ -300,7 +300,11 @@ pub fn markdown(r: &Report) -> String {
         r.programs.iter().map(|(n, b)| format!("{n} {}", bytes(*b))).collect::<Vec<_>>().join(", ")
     );
     let (n, b) = r.flows_default;
-    let _ = writeln!(md, "Flow table (`FLOWS`, LRU hash, preallocated):\n");
+    let _ = writeln!(
+        md,
+        "Established flow table (`FLOWS`, a hash, not LRU: when full it refuses new flows \
+         rather than evict live ones; preallocated):\n"
+    );
     let _ = writeln!(md, "| entries | flows (two entries each) | memory | per entry |");
     let _ = writeln!(md, "|---:|---:|---:|---:|");
     let _ = writeln!(
@@ -315,7 +319,7 @@ pub fn markdown(r: &Report) -> String {
         Ok((n, b)) => {
             let _ = writeln!(
                 md,
-                "| {} (loaded with `map_max_entries(\"FLOWS\", 1 << 20)`) | {} | {} | {:.0} B |",
+                "| {} (loaded with `map_max_entries(\"FLOWS\", 2 << 20)`) | {} | {} | {:.0} B |",
                 thousands(u64::from(*n)),
                 thousands(u64::from(n / 2)),
                 bytes(*b),
@@ -323,21 +327,21 @@ pub fn markdown(r: &Report) -> String {
             );
         }
         Err(e) => {
-            let _ = writeln!(md, "| 1,048,576 | - | not measured: {e} | - |");
+            let _ = writeln!(md, "| 2,097,152 | - | not measured: {e} | - |");
         }
     }
+    let embryos = r.maps.iter().find(|m| m.name == EMBRYOS);
     let _ = writeln!(
         md,
         "\nA flow takes two entries (forward and reply tuple), so the configured table holds \
-         {} flows and 1,048,576 entries hold {} flows; one million flows need 2,097,152 \
-         entries, about {} at the measured per-entry size. The translation map (`{NAT_MAP}`) \
-         likewise holds each translation twice.\n",
+         {} flows. New flows wait in the embryonic table (`{EMBRYOS}`, an LRU hash: a flood \
+         evicts only embryos) until confirmed: {} entries ({} embryonic flows), {} (in the \
+         map list above). The translation map (`{NAT_MAP}`) likewise holds each translation \
+         twice.\n",
         thousands(u64::from(n / 2)),
-        thousands(u64::from(MILLION_FLOWS / 2)),
-        r.flows_million
-            .as_ref()
-            .map(|(n, b)| bytes((*b as f64 / f64::from(*n) * 2_097_152.0) as u64))
-            .unwrap_or_else(|_| "?".into())
+        embryos.map_or("?".into(), |m| thousands(u64::from(m.max_entries))),
+        embryos.map_or("?".into(), |m| thousands(u64::from(m.max_entries / 2))),
+        embryos.map_or("?".into(), |m| bytes(m.bytes)),
     );
     match &r.rss {
         Ok(s) => {
