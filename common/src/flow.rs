@@ -106,6 +106,8 @@ pub const TCP_CLOSED: u8 = 2;
 /// Embryonic TCP flow (forward entry): the responder answered with a SYN-ACK, whose sequence
 /// number + 1 is in `ack`.
 pub const TCP_ANSWERED: u8 = 4;
+/// The flow was taken up from a TCP segment other than a SYN: an answer confirms it.
+pub const TCP_MIDSTREAM: u8 = 8;
 
 /// `FLOW_STATS` counters. An embryonic flow ends in one of four ways: confirmed (moved to
 /// the established table), expired (a packet of it found it idle past its timeout), refused

@@ -55,6 +55,10 @@ pub const PIPELINE_POLICY: u32 = 0;
 pub const PIPELINE_ACT: u32 = 1;
 /// Index of the SNAT stage (port claim for new flows through a NAT gateway).
 pub const PIPELINE_SNAT: u32 = 2;
+/// Index of the new-flow stage (NSG classification, load balancing, flow creation): entered
+/// when a packet has no flow, so the lookup stage stays small for the verifier.
+pub const PIPELINE_NEW: u32 = 3;
+pub const PIPELINE_STAGES: u32 = 4;
 
 /// `HashMap<FrontendKey, Service>`.
 pub const FRONTENDS: &str = "FRONTENDS";

@@ -1,17 +1,21 @@
-//! The flow table: the first packet of a flow is classified, every later packet of it (and
-//! of its reply direction) is one hash lookup. Entries expire by idle time, early once TCP
-//! has closed, and are classified again after a policy change when so configured.
+//! The flow tables: the first packet of a flow is classified, every later packet of it (and
+//! of its reply direction) is one hash lookup. A new flow is embryonic until both ends have
+//! taken part, then established; a flood of new flows can evict only embryos, and a full
+//! established table refuses new flows. Entries expire by idle time, early once TCP has
+//! closed, and are classified again after a policy change when so configured.
 
 use aya_ebpf::{helpers::generated::bpf_ktime_get_coarse_ns, programs::XdpContext};
 use xdpgate_common::{
     events::{EVENT_BEGIN, EVENT_DENY},
     flow::{
-        FlowKey, FlowValue, FragKey, FragValue, NAT_DST, NAT_NEXT_HOP, NAT_NONE, NAT_SRC, NO_RULE,
-        TCP_CLOSED, TCP_FIN,
+        FLOW_STAT_EMBRYOS_CLOSED, FLOW_STAT_EMBRYOS_CONFIRMED, FLOW_STAT_EMBRYOS_CREATED,
+        FLOW_STAT_EMBRYOS_EXPIRED, FLOW_STAT_EMBRYOS_REFUSED, FLOW_STAT_PICKED_UP,
+        FLOW_STAT_REBUILT, FlowKey, FlowValue, FragKey, FragValue, NAT_DST, NAT_NEXT_HOP, NAT_NONE,
+        NAT_SRC, NO_RULE, TCP_ANSWERED, TCP_CLOSED, TCP_FIN, TCP_MIDSTREAM,
     },
     lb::NO_BACKEND,
     nat::NAT_ACTIVE,
-    nsg::{DIR_OUTBOUND, FLAG_REEVALUATE},
+    nsg::{DIR_OUTBOUND, FLAG_MIDSTREAM, FLAG_REEVALUATE},
     stats::DropReason,
 };
 
@@ -20,7 +24,10 @@ use crate::{
     events, forward,
     headers::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP},
     lb::{self, Lb},
-    maps::{BACKEND_STATS, BACKENDS, CLASSIFY_SCRATCH, FLOW_SCRATCH, FLOWS, FRAGS, SERVICE_STATS},
+    maps::{
+        BACKEND_STATS, BACKENDS, CLASSIFY_SCRATCH, EMBRYOS, FLOW_SCRATCH, FLOW_STATS, FLOWS, FRAGS,
+        SERVICE_STATS,
+    },
     nsg::{Active, classify},
     parse::PacketMeta,
     snat,
@@ -71,39 +78,156 @@ fn as_classified(meta: &PacketMeta, entry: &FlowValue) -> Result<&'static Packet
     Ok(m)
 }
 
-/// Decides a packet of a flow: allowed packets return their action, denied ones the reason.
+/// Decides a packet of a known flow: established flows are one lookup; a miss looks among
+/// the embryonic flows. `None`: the packet has no flow and is decided as a new one
+/// ([`create`]).
 #[inline(always)]
-pub fn process(
-    ctx: &XdpContext,
+pub fn lookup(
     active: &Active<'_>,
     meta: &PacketMeta,
-    dir: u32,
     len: u64,
-) -> Result<Action, DropReason> {
+) -> Option<Result<Action, DropReason>> {
     // The coarse clock (tick resolution) is plenty for timeouts counted in seconds, and
     // the precise one cost a third of an established packet here (100 vs 68 ns).
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let key = key(meta);
     if let Some(entry) = FLOWS.get_ptr_mut(&key) {
         let entry = unsafe { &mut *entry };
-        if now.wrapping_sub(entry.last_seen_ns)
-            <= active.config.idle_timeout_ns(meta.proto, entry.tcp, entry.idle_s)
+        let timeout = active.config.idle_timeout_ns(meta.proto, entry.tcp, entry.idle_s);
+        if now.wrapping_sub(entry.last_seen_ns) <= timeout
             && backend_usable(meta, entry)
             && !reopens(meta, entry)
         {
-            revalidate(active, meta, &key, entry)?;
-            entry.last_seen_ns = now;
-            entry.packets += 1;
-            entry.bytes += len;
-            count_lb(entry.service, entry.backend, len);
+            if let Err(e) = revalidate(active, meta, &key, entry) {
+                let _ = FLOWS.remove(&key.twin(entry));
+                let _ = FLOWS.remove(&key);
+                return Some(Err(e));
+            }
+            touch(entry, now, len);
             if meta.proto == IPPROTO_TCP && meta.tcp_flags & (TH_FIN | TH_RST) != 0 {
                 track_close(&key, entry, meta.tcp_flags);
             }
-            return Ok(Action::of(entry));
+            return Some(Ok(Action::of(entry)));
         }
-        // Idle too long, or its backend is gone: a new flow, decided afresh.
+        // Idle too long, its backend gone, or its tuple reused: a new flow, decided afresh.
+        // The old entries go now, or they would shadow the new flow's until it is confirmed.
+        let _ = FLOWS.remove(&key.twin(entry));
+        let _ = FLOWS.remove(&key);
     }
-    create(ctx, active, meta, &key, dir, now, len)
+    let entry = EMBRYOS.get_ptr_mut(&key)?;
+    embryo(active, meta, &key, unsafe { &mut *entry }, now, len)
+}
+
+#[inline(always)]
+fn touch(entry: &mut FlowValue, now: u64, len: u64) {
+    entry.last_seen_ns = now;
+    entry.packets += 1;
+    entry.bytes += len;
+    count_lb(entry.service, entry.backend, len);
+}
+
+/// A packet of an embryonic flow passes as the flow's, and confirms it (moves it to the
+/// established table) when it shows both ends take part, as conntrack's ASSURED does: for
+/// TCP the initiator's ACK of the responder's SYN-ACK (the acknowledgement number must
+/// match, so a blind spoofer cannot confirm), or any answer to a flow picked up mid-stream;
+/// for other protocols an answer. `None`: the embryo is over (idle too long, its backend
+/// gone, its tuple reused), and the packet starts a new flow.
+#[inline(always)]
+fn embryo(
+    active: &Active<'_>,
+    meta: &PacketMeta,
+    key: &FlowKey,
+    entry: &mut FlowValue,
+    now: u64,
+    len: u64,
+) -> Option<Result<Action, DropReason>> {
+    // Never longer than the flow may idle once established.
+    let timeout = active.config.idle_timeout_ns(meta.proto, entry.tcp, entry.idle_s);
+    if now.wrapping_sub(entry.last_seen_ns) > timeout.min(active.config.embryonic_timeout_ns) {
+        count(FLOW_STAT_EMBRYOS_EXPIRED);
+        forget_embryo(key, entry);
+        return None;
+    }
+    if !backend_usable(meta, entry) || reopens(meta, entry) {
+        count(FLOW_STAT_EMBRYOS_CLOSED);
+        forget_embryo(key, entry);
+        return None;
+    }
+    if let Err(e) = revalidate(active, meta, key, entry) {
+        count(FLOW_STAT_EMBRYOS_CLOSED);
+        forget_embryo(key, entry);
+        return Some(Err(e));
+    }
+    touch(entry, now, len);
+    let action = Action::of(entry);
+    if meta.proto == IPPROTO_TCP {
+        let flags = meta.tcp_flags;
+        if flags & TH_RST != 0 {
+            // Refused or aborted before it was established: over, and its RST passes.
+            count(FLOW_STAT_EMBRYOS_CLOSED);
+            forget_embryo(key, entry);
+            return Some(Ok(action));
+        }
+        let confirms = if entry.reply != 0 {
+            if flags & (TH_SYN | TH_ACK) == TH_SYN | TH_ACK
+                && let Some(first) = EMBRYOS.get_ptr_mut(&key.twin(entry))
+            {
+                let first = unsafe { &mut *first };
+                first.tcp |= TCP_ANSWERED;
+                first.ack = meta.tcp_seq.wrapping_add(1);
+            }
+            flags & TH_SYN == 0 && entry.tcp & TCP_MIDSTREAM != 0
+        } else {
+            entry.tcp & TCP_ANSWERED != 0
+                && flags & (TH_SYN | TH_ACK) == TH_ACK
+                && meta.tcp_ack == entry.ack
+        };
+        if !confirms {
+            return Some(Ok(action));
+        }
+    } else if entry.reply == 0 {
+        return Some(Ok(action));
+    }
+    Some(confirm(key, entry).map(|()| action))
+}
+
+/// Moves an embryonic flow's two entries to the established table. A full table refuses
+/// the flow (it is forgotten, its packet dropped): no established flow makes room for it.
+#[inline(always)]
+fn confirm(key: &FlowKey, entry: &FlowValue) -> Result<(), DropReason> {
+    let twin_key = key.twin(entry);
+    let Some(twin) = (unsafe { EMBRYOS.get(&twin_key) }) else {
+        // Its other half was evicted: stays embryonic, confirmed by no one; it idles out.
+        return Ok(());
+    };
+    if FLOWS.insert(key, entry, 0).is_err() {
+        count(FLOW_STAT_EMBRYOS_REFUSED);
+        forget_embryo(key, entry);
+        return Err(DropReason::FlowTableFull);
+    }
+    if FLOWS.insert(&twin_key, twin, 0).is_err() {
+        let _ = FLOWS.remove(key);
+        count(FLOW_STAT_EMBRYOS_REFUSED);
+        forget_embryo(key, entry);
+        return Err(DropReason::FlowTableFull);
+    }
+    count(FLOW_STAT_EMBRYOS_CONFIRMED);
+    forget_embryo(key, entry);
+    Ok(())
+}
+
+#[inline(always)]
+fn forget_embryo(key: &FlowKey, entry: &FlowValue) {
+    let _ = EMBRYOS.remove(&key.twin(entry));
+    let _ = EMBRYOS.remove(key);
+}
+
+#[inline(always)]
+fn count(stat: u32) {
+    if let Some(c) = FLOW_STATS.get_ptr_mut(stat) {
+        // Per-CPU slot: plain adds are exact.
+        unsafe { *c += 1 };
+    }
 }
 
 /// An established flow keeps its backend while the backend is healthy; TCP flows keep it
@@ -129,23 +253,22 @@ fn reopens(meta: &PacketMeta, entry: &FlowValue) -> bool {
 /// The first packet of a flow: load balancing (if it is for a frontend), NSG classification
 /// (of the packet as it will reach the backend), then both directions into the flow table.
 #[inline(always)]
-fn create(
+pub fn create(
     ctx: &XdpContext,
     active: &Active<'_>,
     meta: &PacketMeta,
-    key: &FlowKey,
     dir: u32,
-    now: u64,
     len: u64,
 ) -> Result<Action, DropReason> {
-    // Forwarded connections start with a SYN. Connections of the host itself are exempt:
-    // XDP never sees the SYNs it sends, only the answers.
-    if meta.proto == IPPROTO_TCP
-        && meta.tcp_flags & (TH_SYN | TH_ACK | TH_RST | TH_FIN) != TH_SYN
-        && (snat::to_public_address(meta) || !forward::is_local(ctx, meta, len))
-    {
-        return Err(DropReason::NoFlow);
-    }
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let key = &key(meta);
+    // Connections start with a SYN. Any other segment without a flow starts one only when
+    // its state can be rebuilt (a NAT translation still holds it), when the policy or its
+    // load-balancing rule picks flows up mid-stream, or when it belongs to a connection of
+    // this host itself (XDP never sees the SYNs the host sends, only the answers).
+    let midstream =
+        meta.proto == IPPROTO_TCP && meta.tcp_flags & (TH_SYN | TH_ACK | TH_RST | TH_FIN) != TH_SYN;
+    let pickup = active.config.flags & FLAG_MIDSTREAM != 0;
     // Both entries are built in per-CPU scratch, not on the stack: the stack of this stage
     // plus that of classification must stay within the verifier's 512 bytes.
     let pair = FLOW_SCRATCH.get_ptr_mut(0).ok_or(DropReason::Internal)?;
@@ -158,7 +281,7 @@ fn create(
         rule: NO_RULE,
         direction: dir as u8,
         reply: 0,
-        tcp: 0,
+        tcp: if midstream { TCP_MIDSTREAM } else { 0 },
         nat: NAT_NONE,
         nat_addr: [0; 4],
         nat_port: 0,
@@ -167,10 +290,14 @@ fn create(
         backend: NO_BACKEND,
         ack: 0,
     };
+    // Rebuilt from a translation: established at once (a translation exists only for a
+    // flow the policy allowed, one per translation, so this cannot flood the table).
+    let mut rebuilt = false;
     match lb::select(meta) {
         Lb::NotFrontend => {
-            // A translation outlives its flow-cache entries: rebuild them from it.
+            // A translation outlives its flow entries: rebuild them from it.
             if let Some(t) = snat::existing(key) {
+                rebuilt = midstream;
                 if t.state != NAT_ACTIVE {
                     return Err(DropReason::NatUnmatched);
                 }
@@ -191,8 +318,11 @@ fn create(
                     allow(active, meta, dir, forward)?;
                 }
             } else if snat::to_public_address(meta) {
-                return Err(DropReason::NatUnmatched);
+                return Err(if midstream { DropReason::NoFlow } else { DropReason::NatUnmatched });
             } else {
+                if midstream && !pickup && !forward::host_connection(ctx, meta) {
+                    return Err(DropReason::NoFlow);
+                }
                 allow(active, meta, dir, forward)?;
                 // NSG outbound rules judged the private source, before translation. The
                 // port claim runs in a stage of its own, which then commits the flow.
@@ -201,8 +331,12 @@ fn create(
                 }
             }
         }
+        Lb::NoBackend if midstream => return Err(DropReason::NoFlow),
         Lb::NoBackend => return Err(DropReason::NoBackend),
         Lb::Selected(sel) => {
+            if midstream && !pickup && !sel.midstream {
+                return Err(DropReason::NoFlow);
+            }
             forward.nat = if sel.floating_ip { NAT_NEXT_HOP } else { NAT_DST };
             forward.nat_addr = sel.addr;
             forward.nat_port = sel.port;
@@ -217,17 +351,27 @@ fn create(
             forward.rule = decision.rule;
         }
     }
-    commit(meta, key, forward, reply);
+    if midstream && !rebuilt {
+        count(FLOW_STAT_PICKED_UP);
+    }
+    commit(meta, key, forward, reply, rebuilt)?;
     count_lb(forward.service, forward.backend, len);
     Ok(Action::of(forward))
 }
 
-/// Puts a new flow's two entries into the flow table: `forward` for the packet's own
+/// Puts a new flow's two entries into the embryonic table (the established one when
+/// `established`, refused there when it is full): `forward` for the packet's own
 /// direction, and the other direction, which comes back from where the packet goes with
 /// the rewrite undone: a DNAT-ed flow's reply gets the frontend back as its source, a
 /// SNAT-ed flow's reply the private host as its destination.
 #[inline(always)]
-pub fn commit(meta: &PacketMeta, key: &FlowKey, forward: &FlowValue, reply: &mut FlowValue) {
+pub fn commit(
+    meta: &PacketMeta,
+    key: &FlowKey,
+    forward: &FlowValue,
+    reply: &mut FlowValue,
+    established: bool,
+) -> Result<(), DropReason> {
     *reply =
         FlowValue { reply: 1 - forward.reply, packets: 0, bytes: 0, nat: NAT_NONE, ..*forward };
     if forward.nat == NAT_DST {
@@ -239,13 +383,27 @@ pub fn commit(meta: &PacketMeta, key: &FlowKey, forward: &FlowValue, reply: &mut
         reply.nat_addr = meta.src;
         reply.nat_port = meta.sport;
     }
-    // A full table evicts the least recently used flows; a failed insert only means the
-    // next packet is decided again.
-    let _ = FLOWS.insert(key, forward, 0);
-    let _ = FLOWS.insert(&key.twin(forward), &*reply, 0);
+    let twin = key.twin(forward);
+    if established {
+        if FLOWS.insert(key, forward, 0).is_err() {
+            return Err(DropReason::FlowTableFull);
+        }
+        if FLOWS.insert(&twin, &*reply, 0).is_err() {
+            let _ = FLOWS.remove(key);
+            return Err(DropReason::FlowTableFull);
+        }
+        count(FLOW_STAT_REBUILT);
+    } else {
+        // A full embryonic table evicts its least recently used entries; a failed insert
+        // only means the next packet is decided again.
+        let _ = EMBRYOS.insert(key, forward, 0);
+        let _ = EMBRYOS.insert(&twin, &*reply, 0);
+        count(FLOW_STAT_EMBRYOS_CREATED);
+    }
     if forward.reply == 0 {
         events::emit(EVENT_BEGIN, key, forward.rule, forward.direction, forward.generation);
     }
+    Ok(())
 }
 
 /// The SNAT stage: claims a public port of gateway `gw` for the new flow whose forward entry
@@ -260,7 +418,7 @@ pub fn commit_snat(meta: &PacketMeta, gw: u32) -> Result<Action, DropReason> {
     forward.nat_addr = snat::public_address(gw, claim >> 16).ok_or(DropReason::Internal)?;
     forward.nat_port = claim as u16;
     forward.idle_s = snat::idle_s(gw, meta.proto);
-    commit(meta, &key(meta), forward, reply);
+    commit(meta, &key(meta), forward, reply, false)?;
     Ok(Action::of(forward))
 }
 
@@ -297,7 +455,7 @@ fn count_lb(service: u32, backend: u32, len: u64) {
 }
 
 /// A flow decided under an older policy is classified again (as its first packet was) when
-/// the policy asks for it; a flow the new policy denies is removed both ways.
+/// the policy asks for it; the caller removes a flow the new policy denies, both ways.
 #[inline(always)]
 fn revalidate(
     active: &Active<'_>,
@@ -313,8 +471,6 @@ fn revalidate(
         let decision = classify(active, as_classified(meta, entry)?, u32::from(entry.direction));
         if !decision.allowed {
             events::emit(EVENT_DENY, key, decision.rule, entry.direction, generation);
-            let _ = FLOWS.remove(&key.twin(entry));
-            let _ = FLOWS.remove(key);
             return Err(DropReason::Policy);
         }
         entry.rule = decision.rule;

@@ -7,8 +7,12 @@ use core::mem::{size_of, zeroed};
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{bpf_fib_lookup, xdp_action},
-    helpers::generated::bpf_fib_lookup as fib_lookup,
+    bindings::{
+        BPF_F_CURRENT_NETNS, bpf_fib_lookup, bpf_sock_tuple,
+        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2,
+        xdp_action,
+    },
+    helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_sk_lookup_tcp, bpf_sk_release},
     programs::XdpContext,
 };
 use xdpgate_common::stats::DropReason;
@@ -23,7 +27,8 @@ use crate::{
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
-const BPF_FIB_LKUP_RET_NOT_FWDED: i64 = 4;
+/// `bpf_sock.state` of a listening socket.
+const TCP_LISTEN: u32 = 10;
 
 /// Asks the kernel's FIB where a packet from `src` to `dst` goes. The parameters live in
 /// per-CPU scratch, not on the stack, which the callers' stages need.
@@ -56,10 +61,37 @@ fn lookup(
     Ok((rc, p))
 }
 
-/// Whether the packet is for this host itself (the kernel would deliver it, not forward it).
+/// Whether a TCP segment belongs to a connection of this host itself: a socket of this
+/// namespace other than a listener owns its tuple. (The FIB cannot tell: it answers "not
+/// forwarded" alike for one of this host's addresses and for no route at all.)
 #[inline(always)]
-pub fn is_local(ctx: &XdpContext, meta: &PacketMeta, len: u64) -> bool {
-    matches!(lookup(ctx, meta, &meta.src, &meta.dst, len), Ok((BPF_FIB_LKUP_RET_NOT_FWDED, _)))
+pub fn host_connection(ctx: &XdpContext, meta: &PacketMeta) -> bool {
+    let mut tuple: bpf_sock_tuple = unsafe { zeroed() };
+    let size = if meta.family == 4 {
+        tuple.__bindgen_anon_1.ipv4 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
+            saddr: meta.src[0],
+            daddr: meta.dst[0],
+            sport: meta.sport.to_be(),
+            dport: meta.dport.to_be(),
+        };
+        size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>()
+    } else {
+        tuple.__bindgen_anon_1.ipv6 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 {
+            saddr: meta.src,
+            daddr: meta.dst,
+            sport: meta.sport.to_be(),
+            dport: meta.dport.to_be(),
+        };
+        size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2>()
+    };
+    let netns = BPF_F_CURRENT_NETNS as u64;
+    let sk = unsafe { bpf_sk_lookup_tcp(ctx.as_ptr(), &mut tuple, size as u32, netns, 0) };
+    if sk.is_null() {
+        return false;
+    }
+    let state = unsafe { (*sk).state };
+    unsafe { bpf_sk_release(sk as *mut _) };
+    state != TCP_LISTEN
 }
 
 /// Sends the packet towards `next_hop` (its destination, or the backend of a floating-IP

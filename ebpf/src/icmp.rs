@@ -10,7 +10,7 @@ use xdpgate_common::flow::{FlowKey, NAT_DST, NAT_NONE};
 use crate::{
     action::{Action, NAT_ICMP_ERROR},
     headers::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, IcmpHdr, Ipv4Hdr, Ipv6Hdr},
-    maps::FLOWS,
+    maps::{EMBRYOS, FLOWS},
     parse::{FRAG_LATER, PacketMeta, is_echo, ptr_at},
 };
 
@@ -90,7 +90,8 @@ pub fn related(ctx: &XdpContext, meta: &PacketMeta) -> Option<Action> {
     if meta.dst != key.dst {
         return None;
     }
-    let entry = unsafe { FLOWS.get(&key)? };
+    // Errors about a flow's first packets (an unreachable port, say) belong to an embryo.
+    let entry = unsafe { FLOWS.get(&key).or_else(|| EMBRYOS.get(&key))? };
     Some(match entry.nat {
         NAT_DST => Action { nat: NAT_ICMP_ERROR, addr: entry.nat_addr, port: entry.nat_port },
         _ => Action { nat: NAT_NONE, addr: [0; 4], port: 0 },

@@ -3,7 +3,7 @@
 
 use xdpgate_common::lb::{
     BackendInfo, DIST_MASK, DIST_SOURCE_IP, DIST_SOURCE_IP_PROTOCOL, FrontendKey, MAGLEV_SIZE,
-    NO_BACKEND, SVC_FLOATING_IP, SVC_NO_BACKEND, Service, maglev_index,
+    NO_BACKEND, SVC_FLOATING_IP, SVC_MIDSTREAM, SVC_NO_BACKEND, Service, maglev_index,
 };
 
 use crate::{
@@ -21,6 +21,8 @@ pub struct Selection {
     pub floating_ip: bool,
     /// The rule's idle timeout in seconds (0: the policy's).
     pub idle_s: u16,
+    /// The rule takes up TCP segments other than SYNs as new flows.
+    pub midstream: bool,
 }
 
 pub enum Lb {
@@ -68,7 +70,16 @@ pub fn select(meta: &PacketMeta) -> Lb {
         if ported && svc.backend_port != 0 && !floating_ip { svc.backend_port } else { meta.dport };
     // Policy checks keep it within 4-7200 s.
     let idle_s = svc.idle_timeout_s as u16;
-    Lb::Selected(Selection { service: svc.id, backend, addr: info.addr, port, floating_ip, idle_s })
+    let midstream = svc.flags & SVC_MIDSTREAM != 0;
+    Lb::Selected(Selection {
+        service: svc.id,
+        backend,
+        addr: info.addr,
+        port,
+        floating_ip,
+        idle_s,
+        midstream,
+    })
 }
 
 /// Murmur3-style mixing of the fields the distribution mode names: the 5-tuple, the two

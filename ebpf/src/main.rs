@@ -1,4 +1,4 @@
-//! The xdpgate XDP dataplane: parse -> (classify -> act) -> count.
+//! The xdpgate XDP dataplane: parse -> flow lookup (-> new flow) (-> SNAT) (-> act) -> count.
 #![no_std]
 #![no_main]
 
@@ -20,7 +20,7 @@ use aya_log_ebpf::error;
 use xdpgate_common::{
     flow::{NAT_DST, NAT_NEXT_HOP, NAT_NONE, NAT_SRC},
     iface::{IfaceConfig, Role},
-    maps::{PIPELINE_ACT, PIPELINE_POLICY, PIPELINE_SNAT},
+    maps::{PIPELINE_ACT, PIPELINE_NEW, PIPELINE_POLICY, PIPELINE_SNAT},
     nsg::{DIR_INBOUND, DIR_OUTBOUND},
     stats::{DropReason, iface_stat_index},
 };
@@ -28,7 +28,7 @@ use xdpgate_common::{
 use crate::{
     action::{Action, NAT_ICMP_ERROR, NAT_PENDING_SNAT},
     maps::{ACTION, DROP_STATS, IFACE_STATS, IFACES, PIPELINE, SCRATCH},
-    parse::{FRAG_FIRST, FRAG_LATER, Parsed, parse},
+    parse::{FRAG_FIRST, FRAG_LATER, PacketMeta, Parsed, parse},
 };
 
 /// Stage one: parse. IP packets go on to the policy stage by tail call once a policy is
@@ -40,10 +40,17 @@ pub fn xdpgate(ctx: XdpContext) -> u32 {
     finish(&ctx, iface.map_or(0, |c| c.slot), parse_stage(&ctx, iface))
 }
 
-/// Stage two: flow lookup (hit: done) -> NSG classify -> create flow.
+/// Stage two: flow lookup (hit: done; miss: the new-flow stage).
 #[xdp]
 pub fn xdpgate_policy(ctx: XdpContext) -> u32 {
     let result = policy_stage(&ctx);
+    finish(&ctx, parsed_slot(), result)
+}
+
+/// Stage two, for a packet without a flow: load balancing, NSG classification, a new flow.
+#[xdp]
+pub fn xdpgate_new_flow(ctx: XdpContext) -> u32 {
+    let result = new_flow_stage(&ctx);
     finish(&ctx, parsed_slot(), result)
 }
 
@@ -108,8 +115,30 @@ fn policy_stage(ctx: &XdpContext) -> Result<u32, DropReason> {
     let len = (ctx.data_end() - ctx.data()) as u64;
     let action = match icmp::is_error(meta).then(|| icmp::related(ctx, meta)).flatten() {
         Some(action) => action,
-        None => flow::process(ctx, &active, meta, dir, len)?,
+        None => match flow::lookup(&active, meta, len) {
+            Some(result) => result?,
+            None => {
+                unsafe { PIPELINE.tail_call(ctx, PIPELINE_NEW) };
+                // Only reached when the stage is missing from PIPELINE: fail closed.
+                return Err(DropReason::Internal);
+            }
+        },
     };
+    decided(ctx, meta, action)
+}
+
+#[inline(always)]
+fn new_flow_stage(ctx: &XdpContext) -> Result<u32, DropReason> {
+    let meta = SCRATCH.get(0).ok_or(DropReason::Internal)?;
+    let active = nsg::active().ok_or(DropReason::Internal)?;
+    let len = (ctx.data_end() - ctx.data()) as u64;
+    let action = flow::create(ctx, &active, meta, u32::from(meta.dir), len)?;
+    decided(ctx, meta, action)
+}
+
+/// Passes a packet whose flow needs no rewrite, or hands it to the stage that rewrites it.
+#[inline(always)]
+fn decided(ctx: &XdpContext, meta: &PacketMeta, action: Action) -> Result<u32, DropReason> {
     if action.nat == NAT_NONE {
         if meta.frag == FRAG_FIRST {
             flow::remember_first_fragment(meta, &action);

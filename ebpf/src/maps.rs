@@ -16,7 +16,7 @@ use xdpgate_common::{
     },
     maps::{
         EMBRYO_ENTRIES, FLOW_ENTRIES, FRAG_ENTRIES, MAX_EGRESS, MAX_IFACES, NAT_PREFIXES,
-        NSG_FIELD_ENTRIES,
+        NSG_FIELD_ENTRIES, PIPELINE_STAGES,
     },
     nat::{AddrKey, MAX_NAT_GATEWAYS, MAX_PUBLIC_ADDRS, NAT_ENTRIES, NatEntry, NatGatewayConfig},
     nsg::{FieldKey, MAX_RULES, PolicyConfig, RuleBitmap, SLOTS, TABLES},
@@ -109,7 +109,7 @@ pub static OPAQUE: PerCpuArray<u32> = PerCpuArray::pinned(1, 0);
 /// array when no user reference to it is left, and the pin is that reference once the
 /// agent has exited.
 #[map(name = "PIPELINE")]
-pub static PIPELINE: ProgramArray = ProgramArray::pinned(3, 0);
+pub static PIPELINE: ProgramArray = ProgramArray::pinned(PIPELINE_STAGES, 0);
 
 /// Frontends (VIP, port, protocol; port 0 and protocol 0 for HA ports) to their service.
 #[map(name = "FRONTENDS")]

@@ -46,6 +46,10 @@ pub struct PacketMeta {
     pub l4_off: u16,
     /// IP identification of a fragment (IPv4 id or IPv6 fragment-header id).
     pub frag_id: u32,
+    /// TCP sequence and acknowledgement numbers (host order): a SYN-ACK's sequence number
+    /// and the ACK that answers it confirm an embryonic flow.
+    pub tcp_seq: u32,
+    pub tcp_ack: u32,
     pub src: [u32; 4],
     pub dst: [u32; 4],
 }
@@ -106,6 +110,8 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, DropReason> {
         l3_off: l3_off as u16,
         l4_off: 0,
         frag_id: 0,
+        tcp_seq: 0,
+        tcp_ack: 0,
         src: [0; 4],
         dst: [0; 4],
     };
@@ -254,6 +260,8 @@ fn parse_l4(
             meta.sport = be16(tcp.sport);
             meta.dport = be16(tcp.dport);
             meta.tcp_flags = tcp.flags;
+            meta.tcp_seq = u32::from_be_bytes(tcp.seq);
+            meta.tcp_ack = u32::from_be_bytes(tcp.ack);
         }
         IPPROTO_UDP => {
             let udp: *const UdpHdr = l4_at(ctx, off, end)?;

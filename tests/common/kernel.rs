@@ -10,7 +10,7 @@ use aya::{
 use xdpgate_common::{
     flow::{FlowKey, FlowValue},
     iface::{IfaceConfig, Role},
-    maps::{FLOWS, IFACES},
+    maps::{EMBRYOS, FLOW_STATS, FLOWS, IFACES},
 };
 use xdpgate_dataplane::{stats, transaction};
 use xdpgate_policy::{self as policy, lb::CompiledLb};
@@ -65,11 +65,25 @@ impl Kernel {
             .sum()
     }
 
-    /// The flow-table entry of a 5-tuple, if any.
+    /// The flow entry of a 5-tuple, established or embryonic, if any.
     pub fn flow(&self, key: &FlowKey) -> Option<FlowValue> {
-        let flows: aya::maps::HashMap<_, FlowKey, FlowValue> =
-            self.pins.dir.open_map(FLOWS).unwrap().try_into().unwrap();
-        flows.get(key, 0).ok()
+        self.established(key).or_else(|| self.embryo(key))
+    }
+
+    /// The established-flow entry of a 5-tuple, if any.
+    pub fn established(&self, key: &FlowKey) -> Option<FlowValue> {
+        self.lookup(FLOWS, key)
+    }
+
+    /// The embryonic-flow entry of a 5-tuple, if any.
+    pub fn embryo(&self, key: &FlowKey) -> Option<FlowValue> {
+        self.lookup(EMBRYOS, key)
+    }
+
+    fn lookup(&self, table: &str, key: &FlowKey) -> Option<FlowValue> {
+        let map: aya::maps::HashMap<_, FlowKey, FlowValue> =
+            self.pins.dir.open_map(table).unwrap().try_into().unwrap();
+        map.get(key, 0).ok()
     }
 
     /// Packets from test runs arrive on `lo`; its role makes them inbound or outbound.
@@ -129,6 +143,13 @@ impl Kernel {
         let tail = later.len() - (first.len() - 64);
         assert_eq!(whole[whole.len() - tail..], dgram[dgram.len() - tail..], "data unchanged");
         whole
+    }
+
+    /// A `FLOW_STATS` counter (`FLOW_STAT_*`), summed over CPUs.
+    pub fn flow_stat(&self, index: u32) -> u64 {
+        let map: aya::maps::PerCpuArray<_, u64> =
+            self.pins.dir.open_map(FLOW_STATS).unwrap().try_into().unwrap();
+        map.get(&index, 0).unwrap().iter().sum()
     }
 
     pub fn drops(&self, reason: &str) -> u64 {

@@ -246,3 +246,32 @@ pub fn reassemble(first: &[u8], later: &[u8]) -> Vec<u8> {
         f
     }
 }
+
+/// A TCP frame with chosen sequence and acknowledgement numbers (the handshake's numbers
+/// confirm an embryonic flow).
+pub fn tcp_frame(
+    src: &str,
+    dst: &str,
+    ports: (u16, u16),
+    flags: u8,
+    seq: u32,
+    ack: u32,
+) -> Vec<u8> {
+    let (s, d): (IpAddr, IpAddr) = (src.parse().unwrap(), dst.parse().unwrap());
+    let mut b = ip(s, d, &[]).tcp(ports.0, ports.1, seq, 64240);
+    if flags & SYN != 0 {
+        b = b.syn();
+    }
+    if flags & ACK != 0 {
+        b = b.ack(ack);
+    }
+    if flags & FIN != 0 {
+        b = b.fin();
+    }
+    if flags & RST != 0 {
+        b = b.rst();
+    }
+    let mut out = Vec::new();
+    b.write(&mut out, b"xdpgate").expect("build packet");
+    out
+}

@@ -17,7 +17,8 @@ use aya::{EbpfLoader, maps::MapInfo};
 use serde::{Deserialize, Serialize};
 use xdpgate_common::maps::{FLOW_ENTRIES, FLOWS, NAT_MAP, NSG_FIELDS};
 use xdpgate_dataplane::{
-    ACT_PROGRAM, EBPF_OBJ, NOOP_PROGRAM, POLICY_PROGRAM, PROGRAM, PinDir, SNAT_PROGRAM,
+    ACT_PROGRAM, EBPF_OBJ, NEW_FLOW_PROGRAM, NOOP_PROGRAM, POLICY_PROGRAM, PROGRAM, PinDir,
+    SNAT_PROGRAM,
 };
 
 use crate::common::{Bench, Family, Machine, bytes, ms, thousands, unique_pin_dir};
@@ -119,7 +120,8 @@ fn maps_of(bench: &Bench) -> Result<Vec<MapRow>> {
             .with_context(|| format!("opening pinned map {name}"))?;
         rows.insert(info.id(), map_row(&info, name, true)?);
     }
-    for prog in [PROGRAM, POLICY_PROGRAM, ACT_PROGRAM, SNAT_PROGRAM, NOOP_PROGRAM] {
+    for prog in [PROGRAM, POLICY_PROGRAM, NEW_FLOW_PROGRAM, ACT_PROGRAM, SNAT_PROGRAM, NOOP_PROGRAM]
+    {
         let ids = bench.prog(prog)?.info()?.map_ids()?.unwrap_or_default();
         for id in ids {
             if rows.contains_key(&id) {
@@ -137,7 +139,7 @@ fn maps_of(bench: &Bench) -> Result<Vec<MapRow>> {
 
 fn programs_of(bench: &Bench) -> Result<Vec<(String, u64)>> {
     let mut out = Vec::new();
-    for prog in [PROGRAM, POLICY_PROGRAM, ACT_PROGRAM, SNAT_PROGRAM] {
+    for prog in [PROGRAM, POLICY_PROGRAM, NEW_FLOW_PROGRAM, ACT_PROGRAM, SNAT_PROGRAM] {
         out.push((prog.to_string(), memlock(bench.prog(prog)?.fd()?)?));
     }
     Ok(out)

@@ -23,8 +23,8 @@ use aya::{
 use xdpgate_common::{
     iface::{IfaceConfig, Role},
     maps::{
-        EGRESS, EVENTS, IFACES, MAX_IFACES, PIPELINE, PIPELINE_ACT, PIPELINE_POLICY, PIPELINE_SNAT,
-        SCRATCH,
+        EGRESS, EVENTS, IFACES, MAX_IFACES, PIPELINE, PIPELINE_ACT, PIPELINE_NEW, PIPELINE_POLICY,
+        PIPELINE_SNAT, SCRATCH,
     },
 };
 
@@ -49,6 +49,7 @@ pub const POLICY_PROGRAM: &str = "xdpgate_policy";
 pub const ACT_PROGRAM: &str = "xdpgate_act";
 /// The SNAT stage (port claims), entered from the policy stage by tail call.
 pub const SNAT_PROGRAM: &str = "xdpgate_snat";
+pub const NEW_FLOW_PROGRAM: &str = "xdpgate_new_flow";
 /// Name of the transmit-everything program (the live-frames traffic generator).
 pub const TX_PROGRAM: &str = "xdp_tx";
 /// Name of the pass-everything baseline program.
@@ -364,6 +365,7 @@ pub fn dataplane(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
         (PIPELINE_POLICY, POLICY_PROGRAM),
         (PIPELINE_ACT, ACT_PROGRAM),
         (PIPELINE_SNAT, SNAT_PROGRAM),
+        (PIPELINE_NEW, NEW_FLOW_PROGRAM),
     ] {
         let fd = program(ebpf, name)?.fd()?.try_clone()?;
         let mut pipeline: ProgramArray<_> =

@@ -11,7 +11,7 @@ use aya::maps::{
 use ipnet::IpNet;
 use xdpgate_common::{
     flow::{FlowKey, FlowValue, NAT_DST, TCP_CLOSED},
-    maps::{FLOWS, NAT_FAILURES, NAT_GATEWAYS, NAT_MAP, NAT_PUBLIC, NAT_SUBNETS, VNET},
+    maps::{EMBRYOS, FLOWS, NAT_FAILURES, NAT_GATEWAYS, NAT_MAP, NAT_PUBLIC, NAT_SUBNETS, VNET},
     nat::{
         ADDR_KEY_HEADER_BITS, AddrKey, MAX_PUBLIC_ADDRS, NAT_ACTIVE, NAT_COOLDOWN, NatEntry,
         NatGatewayConfig,
@@ -168,7 +168,9 @@ pub struct Expired {
 /// the last packet the flow table saw either way.
 pub fn expire(pins: &PinDir, policy: &Policy, now: u64) -> Result<Expired> {
     let mut map: HashMap<_, FlowKey, NatEntry> = pins.open_map(NAT_MAP)?.try_into()?;
-    let mut flows: HashMap<_, FlowKey, FlowValue> = pins.open_map(FLOWS)?.try_into()?;
+    // A translated flow's entries are established or still embryonic.
+    let mut tables: Vec<HashMap<_, FlowKey, FlowValue>> =
+        vec![pins.open_map(FLOWS)?.try_into()?, pins.open_map(EMBRYOS)?.try_into()?];
     let entries: Vec<(FlowKey, NatEntry)> =
         map.iter().filter_map(|e| e.ok()).filter(|(_, t)| t.kind == NAT_DST).collect();
     let mut out = Expired::default();
@@ -182,10 +184,13 @@ pub fn expire(pins: &PinDir, policy: &Policy, now: u64) -> Result<Expired> {
         }
         let Some(gw) = policy.nat_gateways.get(usize::from(t.gateway)) else { continue };
         let forward = forward_key(&reply, &t);
-        let seen = [flows.get(&reply, 0).ok(), flows.get(&forward, 0).ok()];
-        let last =
-            seen.iter().flatten().map(|f| f.last_seen_ns).max().unwrap_or(t.time_ns).max(t.time_ns);
-        let closed = seen.iter().flatten().any(|f| f.tcp & TCP_CLOSED != 0);
+        let seen: Vec<FlowValue> = tables
+            .iter()
+            .flat_map(|m| [m.get(&reply, 0).ok(), m.get(&forward, 0).ok()])
+            .flatten()
+            .collect();
+        let last = seen.iter().map(|f| f.last_seen_ns).max().unwrap_or(t.time_ns).max(t.time_ns);
+        let closed = seen.iter().any(|f| f.tcp & TCP_CLOSED != 0);
         let timeout = match reply.proto {
             6 if closed => TCP_CLOSED_TIMEOUT_NS,
             6 => u64::from(gw.tcp_idle_timeout) * 1_000_000_000,
@@ -195,8 +200,10 @@ pub fn expire(pins: &PinDir, policy: &Policy, now: u64) -> Result<Expired> {
             continue;
         }
         let _ = map.remove(&forward);
-        let _ = flows.remove(&forward);
-        let _ = flows.remove(&reply);
+        for m in &mut tables {
+            let _ = m.remove(&forward);
+            let _ = m.remove(&reply);
+        }
         out.expired += 1;
         if gw.port_reuse_cooldown == 0 {
             let _ = map.remove(&reply);

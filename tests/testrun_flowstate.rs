@@ -1,0 +1,442 @@
+//! Flow state under pressure, in the kernel through BPF_PROG_TEST_RUN: new flows are
+//! embryonic until both ends take part, so a SYN flood evicts only embryos and never an
+//! idle established connection (plain, load-balanced or translated, IPv4 and IPv6); a full
+//! established table refuses new flows and keeps its own; a blind ACK confirms nothing; a
+//! translated connection whose entries are gone is rebuilt from its translation; mid-stream
+//! pickup follows its settings; a destination without a route is not "this host".
+
+mod common;
+
+use std::net::IpAddr;
+
+use aya::maps::HashMap;
+use common::{
+    Netns,
+    kernel::{DROP, Kernel, PASS},
+    packet::{ACK, L4, SYN, endpoints, frame, tcp_frame},
+};
+use xdpgate_common::{
+    flow::{
+        FLOW_STAT_EMBRYOS_CONFIRMED, FLOW_STAT_EMBRYOS_CREATED, FLOW_STAT_EMBRYOS_REFUSED,
+        FLOW_STAT_PICKED_UP, FLOW_STAT_REBUILT, FlowKey, FlowValue,
+    },
+    iface::Role,
+    maps::{EMBRYO_ENTRIES, FLOWS},
+};
+
+const POLICY: &str = r#"
+virtual_network:
+  address_space: [198.51.100.0/24, 2001:db8:1::/64]
+nsgs:
+  - name: servers
+    subnets: [198.51.100.0/24, 2001:db8:1::/64]
+    rules:
+      - {name: allow-web, priority: 100, direction: inbound, access: allow, protocol: tcp,
+         source: Internet, destination: "*", destination_ports: [80, 8080]}
+load_balancers:
+  - name: lb
+    frontends:
+      - {name: v4, address: 192.0.2.10}
+      - {name: v6, address: "2001:db8:f::10"}
+    backend_pools:
+      - {name: web4, backends: [198.51.100.11, 198.51.100.12, 198.51.100.13]}
+      - {name: web6, backends: ["2001:db8:1::11", "2001:db8:1::12", "2001:db8:1::13"]}
+    rules:
+      - {name: http, frontend: v4, protocol: tcp, frontend_port: 80, backend_port: 8080, backend_pool: web4}
+      - {name: http6, frontend: v6, protocol: tcp, frontend_port: 80, backend_port: 8080, backend_pool: web6}
+      - {name: moving, frontend: v4, protocol: tcp, frontend_port: 81, backend_port: 8080, backend_pool: web4, midstream_pickup: true}
+nat_gateways:
+  - name: natgw
+    public_addresses: [192.0.2.100, "2001:db8:e::100"]
+    subnets: [198.51.100.0/24, 2001:db8:1::/64]
+"#;
+
+/// Runs `f` on a thread inside a fresh namespace, with forwarding as given, so the test
+/// runs' FIB lookups answer alike on every machine.
+fn isolated<T: Send + 'static>(
+    forwarding: bool,
+    f: impl FnOnce(String) -> T + Send + 'static,
+) -> T {
+    let ns = Netns::new("xgfs");
+    let on = if forwarding { "1" } else { "0" };
+    for key in ["net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"] {
+        ns.exec("sysctl", &["-qw", &format!("{key}={on}")]);
+    }
+    ns.exec("ip", &["link", "set", "lo", "up"]);
+    let name = ns.name.clone();
+    let out = ns.spawn(move || f(name)).join();
+    drop(ns);
+    out.unwrap_or_else(|e| std::panic::resume_unwind(e))
+}
+
+fn key(src: &str, dst: &str, sport: u16, dport: u16) -> FlowKey {
+    let words = |a: &str| match a.parse::<IpAddr>().unwrap() {
+        IpAddr::V4(v) => {
+            let mut b = [0u8; 16];
+            b[..4].copy_from_slice(&v.octets());
+            xdpgate_common::words(&b)
+        }
+        IpAddr::V6(v) => xdpgate_common::words(&v.octets()),
+    };
+    let family = if src.contains(':') { 6 } else { 4 };
+    FlowKey { src: words(src), dst: words(dst), sport, dport, proto: 6, family, _pad: [0; 2] }
+}
+
+/// A TCP connection through the gateway, by the addresses each side's packets carry as
+/// they arrive: the client's go to `to` (a server, a frontend, or a remote host), the
+/// answers come from `from` to `back_to` (the backend's to the client, or the remote's to
+/// the NAT gateway's public address and port).
+struct Conn {
+    what: String,
+    client: (String, u16),
+    to: (String, u16),
+    client_role: Role,
+    /// Where the answers come from and go to, known once the SYN went through.
+    answer: Option<((String, u16), (String, u16))>,
+}
+
+const CLIENT_ISN: u32 = 7_000;
+const SERVER_ISN: u32 = 90_000;
+
+impl Conn {
+    fn new(what: &str, client: (&str, u16), to: (&str, u16), client_role: Role) -> Self {
+        Self {
+            what: what.into(),
+            client: (client.0.into(), client.1),
+            to: (to.0.into(), to.1),
+            client_role,
+            answer: None,
+        }
+    }
+
+    fn server_role(&self) -> Role {
+        if self.client_role == Role::External { Role::Internal } else { Role::External }
+    }
+
+    /// The three-way handshake, with real sequence numbers: the connection is established.
+    fn open(&mut self, k: &Kernel) {
+        k.arrive_as(self.client_role);
+        let syn =
+            tcp_frame(&self.client.0, &self.to.0, (self.client.1, self.to.1), SYN, CLIENT_ISN, 0);
+        let (v, out) = k.run_out(&syn);
+        assert_eq!(v, PASS, "{}: SYN", self.what);
+        let (src, dst, sport, dport) = endpoints(&out);
+        // The answer comes from where the SYN went, back to where it came from.
+        let answer = ((dst.to_string(), dport), (src.to_string(), sport));
+        k.arrive_as(self.server_role());
+        let synack = tcp_frame(
+            &answer.0.0,
+            &answer.1.0,
+            (answer.0.1, answer.1.1),
+            SYN | ACK,
+            SERVER_ISN,
+            CLIENT_ISN + 1,
+        );
+        assert_eq!(k.run(&synack), PASS, "{}: SYN-ACK", self.what);
+        self.answer = Some(answer);
+        assert_eq!(self.forward(k), PASS, "{}: the handshake's ACK", self.what);
+    }
+
+    fn forward(&self, k: &Kernel) -> u32 {
+        k.arrive_as(self.client_role);
+        k.run(&tcp_frame(
+            &self.client.0,
+            &self.to.0,
+            (self.client.1, self.to.1),
+            ACK,
+            CLIENT_ISN + 1,
+            SERVER_ISN + 1,
+        ))
+    }
+
+    fn back(&self, k: &Kernel) -> u32 {
+        let (from, to) = self.answer.as_ref().expect("opened");
+        k.arrive_as(self.server_role());
+        k.run(&tcp_frame(&from.0, &to.0, (from.1, to.1), ACK, SERVER_ISN + 1, CLIENT_ISN + 1))
+    }
+
+    fn established(&self, k: &Kernel) -> bool {
+        k.established(&key(&self.client.0, &self.to.0, self.client.1, self.to.1)).is_some()
+    }
+}
+
+/// Connections of every kind, IPv4 and IPv6: to a protected server, through the load
+/// balancer, and out through the NAT gateway.
+fn connections() -> Vec<Conn> {
+    vec![
+        Conn::new("plain v4", ("203.0.113.7", 40000), ("198.51.100.20", 80), Role::External),
+        Conn::new("lb v4", ("203.0.113.7", 40001), ("192.0.2.10", 80), Role::External),
+        Conn::new("snat v4", ("198.51.100.30", 40002), ("203.0.113.9", 443), Role::Internal),
+        Conn::new("plain v6", ("2001:db8:2::7", 40000), ("2001:db8:1::20", 80), Role::External),
+        Conn::new("lb v6", ("2001:db8:2::7", 40001), ("2001:db8:f::10", 80), Role::External),
+        Conn::new("snat v6", ("2001:db8:1::30", 40002), ("2001:db8:2::9", 443), Role::Internal),
+    ]
+}
+
+/// Spoofed SYNs from `n` sources to an allowed port of a protected server.
+fn syn_flood(k: &Kernel, n: u32, v6: bool) -> u64 {
+    k.arrive_as(Role::External);
+    let (src, dst) =
+        if v6 { ("2001:db8:3::1", "2001:db8:1::20") } else { ("203.0.113.1", "198.51.100.20") };
+    let mut pkt = frame(src, dst, L4::Tcp(1024, 80, SYN));
+    // The source address's last two bytes and the source port vary.
+    let src_end = if v6 { 14 + 8 + 16 } else { 14 + 12 + 4 };
+    let l4 = if v6 { 14 + 40 } else { 14 + 20 };
+    let mut passed = 0;
+    for i in 0..n {
+        pkt[src_end - 2..src_end].copy_from_slice(&(i as u16).to_be_bytes());
+        pkt[l4..l4 + 2].copy_from_slice(&(1024 + (i >> 16) as u16).to_be_bytes());
+        // Checksums are not checked on the way in; the flood needs only distinct tuples.
+        if k.run(&pkt) == PASS {
+            passed += 1;
+        }
+    }
+    passed
+}
+
+#[test]
+fn a_syn_flood_evicts_only_embryos() {
+    isolated(false, |_| {
+        let k = Kernel::new();
+        k.apply(POLICY);
+        let mut conns = connections();
+        for c in &mut conns {
+            c.open(&k);
+            assert!(c.established(&k), "{}: established after its handshake", c.what);
+        }
+        let created = k.flow_stat(FLOW_STAT_EMBRYOS_CREATED);
+        assert_eq!(created, conns.len() as u64);
+        assert_eq!(k.flow_stat(FLOW_STAT_EMBRYOS_CONFIRMED), conns.len() as u64);
+        // More SYNs than the embryonic table holds flows, each family: the connections stay
+        // idle throughout.
+        let flood = EMBRYO_ENTRIES / 2 + EMBRYO_ENTRIES / 4;
+        let no_flow = k.drops("no_flow");
+        for v6 in [false, true] {
+            assert_eq!(syn_flood(&k, flood, v6), u64::from(flood), "every SYN is allowed");
+        }
+        let mut cut = Vec::new();
+        for c in &conns {
+            let (f, b) = (c.forward(&k), c.back(&k));
+            if (f, b) != (PASS, PASS) || !c.established(&k) {
+                cut.push(format!(
+                    "{}: forward {f}, back {b}, established {}",
+                    c.what,
+                    c.established(&k)
+                ));
+            }
+        }
+        assert!(cut.is_empty(), "idle connections cut by {} SYNs:\n{}", 2 * flood, cut.join("\n"));
+        assert_eq!(k.drops("no_flow"), no_flow, "no packet dropped for want of a flow");
+        assert_eq!(
+            k.flow_stat(FLOW_STAT_EMBRYOS_CREATED) - created,
+            2 * u64::from(flood),
+            "one embryo per SYN"
+        );
+        assert_eq!(k.flow_stat(FLOW_STAT_EMBRYOS_CONFIRMED), conns.len() as u64, "none confirmed");
+    });
+}
+
+#[test]
+fn a_full_established_table_refuses_new_flows() {
+    isolated(false, |_| {
+        let k = Kernel::new();
+        k.apply(POLICY);
+        let mut old =
+            Conn::new("old", ("203.0.113.7", 40000), ("198.51.100.20", 80), Role::External);
+        old.open(&k);
+        // Fill the established table to the last entry with flows of other hosts.
+        let mut flows: HashMap<_, FlowKey, FlowValue> =
+            k.pins.dir.open_map(FLOWS).unwrap().try_into().unwrap();
+        let mut filler = key("203.0.113.200", "198.51.100.200", 1, 1);
+        let value = k.established(&key("203.0.113.7", "198.51.100.20", 40000, 80)).unwrap();
+        let mut filled = 2u64;
+        loop {
+            filler.sport = (filled % 60000) as u16 + 1;
+            filler.dport = (filled / 60000) as u16 + 1;
+            if flows.insert(filler, value, 0).is_err() {
+                break;
+            }
+            filled += 1;
+        }
+        let refused = k.flow_stat(FLOW_STAT_EMBRYOS_REFUSED);
+        let full = k.drops("flow_table_full");
+        // A new connection gets through its handshake as an embryo, and is refused when it
+        // would become established.
+        let mut new =
+            Conn::new("new", ("203.0.113.8", 40000), ("198.51.100.20", 80), Role::External);
+        k.arrive_as(Role::External);
+        let syn = tcp_frame("203.0.113.8", "198.51.100.20", (40000, 80), SYN, CLIENT_ISN, 0);
+        assert_eq!(k.run(&syn), PASS, "SYN of a new connection");
+        k.arrive_as(Role::Internal);
+        let synack = tcp_frame(
+            "198.51.100.20",
+            "203.0.113.8",
+            (80, 40000),
+            SYN | ACK,
+            SERVER_ISN,
+            CLIENT_ISN + 1,
+        );
+        assert_eq!(k.run(&synack), PASS, "SYN-ACK");
+        new.answer = Some((("198.51.100.20".into(), 80), ("203.0.113.8".into(), 40000)));
+        assert_eq!(new.forward(&k), DROP, "the confirming ACK, with {filled} entries in the table");
+        assert_eq!(k.flow_stat(FLOW_STAT_EMBRYOS_REFUSED), refused + 1);
+        assert_eq!(k.drops("flow_table_full"), full + 1);
+        assert!(!new.established(&k));
+        // The established connection keeps working both ways.
+        assert_eq!((old.forward(&k), old.back(&k)), (PASS, PASS), "the old connection");
+        assert!(old.established(&k));
+        println!("full table: {filled} entries; a new flow refused, the old one kept");
+    });
+}
+
+#[test]
+fn a_blind_ack_confirms_nothing() {
+    isolated(false, |_| {
+        let k = Kernel::new();
+        k.apply(POLICY);
+        let (c, s) = ("203.0.113.7", "198.51.100.20");
+        k.arrive_as(Role::External);
+        assert_eq!(k.run(&tcp_frame(c, s, (40000, 80), SYN, CLIENT_ISN, 0)), PASS);
+        // A spoofer never sees the SYN-ACK, so it cannot acknowledge its sequence number.
+        k.arrive_as(Role::Internal);
+        assert_eq!(
+            k.run(&tcp_frame(s, c, (80, 40000), SYN | ACK, SERVER_ISN, CLIENT_ISN + 1)),
+            PASS
+        );
+        k.arrive_as(Role::External);
+        assert_eq!(k.run(&tcp_frame(c, s, (40000, 80), ACK, CLIENT_ISN + 1, 12345)), PASS);
+        let fwd = key(c, s, 40000, 80);
+        assert!(k.established(&fwd).is_none() && k.embryo(&fwd).is_some(), "still embryonic");
+        assert_eq!(k.run(&tcp_frame(c, s, (40000, 80), ACK, CLIENT_ISN + 1, SERVER_ISN + 1)), PASS);
+        assert!(k.established(&fwd).is_some() && k.embryo(&fwd).is_none(), "established");
+        assert!(k.established(&key(s, c, 80, 40000)).is_some(), "both directions");
+    });
+}
+
+#[test]
+fn a_translated_connection_is_rebuilt_from_its_translation() {
+    isolated(false, |_| {
+        let k = Kernel::new();
+        k.apply(POLICY);
+        for (client, remote) in
+            [("198.51.100.30", "203.0.113.9"), ("2001:db8:1::30", "2001:db8:2::9")]
+        {
+            let mut c = Conn::new("snat", (client, 40002), (remote, 443), Role::Internal);
+            c.open(&k);
+            let (from, to) = c.answer.clone().unwrap();
+            // Its flow entries go (a sweep, say); its translation stays.
+            let mut flows: HashMap<_, FlowKey, FlowValue> =
+                k.pins.dir.open_map(FLOWS).unwrap().try_into().unwrap();
+            flows.remove(&key(client, remote, 40002, 443)).unwrap();
+            flows.remove(&key(&from.0, &to.0, from.1, to.1)).unwrap();
+            let rebuilt = k.flow_stat(FLOW_STAT_REBUILT);
+            // The remote's next segment arrives first: translated back to the client.
+            k.arrive_as(Role::External);
+            let (v, out) = k.run_out(&tcp_frame(
+                &from.0,
+                &to.0,
+                (from.1, to.1),
+                ACK,
+                SERVER_ISN + 1,
+                CLIENT_ISN + 1,
+            ));
+            assert_eq!(v, PASS, "{client}: the answer after the flow entries were lost");
+            assert_eq!(endpoints(&out).1, client.parse::<IpAddr>().unwrap());
+            assert_eq!(k.flow_stat(FLOW_STAT_REBUILT), rebuilt + 1);
+            assert!(c.established(&k), "{client}: rebuilt as established");
+            assert_eq!(c.forward(&k), PASS);
+        }
+    });
+}
+
+#[test]
+fn midstream_pickup_follows_its_settings() {
+    isolated(false, |_| {
+        let k = Kernel::new();
+        k.apply(POLICY);
+        let client = "203.0.113.7";
+        // Where a connection to the rule that picks up goes, then its state is lost.
+        k.arrive_as(Role::External);
+        let (v, out) = k.run_out(&tcp_frame(client, "192.0.2.10", (40100, 81), SYN, CLIENT_ISN, 0));
+        assert_eq!(v, PASS);
+        let backend = endpoints(&out).1;
+        let mut embryos: HashMap<_, FlowKey, FlowValue> =
+            k.pins.dir.open_map(xdpgate_common::maps::EMBRYOS).unwrap().try_into().unwrap();
+        let keys: Vec<FlowKey> = embryos.keys().map(|k| k.unwrap()).collect();
+        for key in keys {
+            embryos.remove(&key).unwrap();
+        }
+        let picked = k.flow_stat(FLOW_STAT_PICKED_UP);
+        let ack = |port: u16| {
+            tcp_frame(client, "192.0.2.10", (40100, port), ACK, CLIENT_ISN + 1, SERVER_ISN + 1)
+        };
+        let (v, out) = k.run_out(&ack(81));
+        assert_eq!(v, PASS, "a mid-stream segment to a rule that picks up");
+        assert_eq!(endpoints(&out).1, backend, "reaches the backend the SYN reached");
+        assert_eq!(k.flow_stat(FLOW_STAT_PICKED_UP), picked + 1);
+        // Picked up as an embryo: the backend's answer confirms it.
+        let fwd = key(client, "192.0.2.10", 40100, 81);
+        assert!(k.embryo(&fwd).is_some());
+        k.arrive_as(Role::Internal);
+        let answer = tcp_frame(
+            &backend.to_string(),
+            client,
+            (8080, 40100),
+            ACK,
+            SERVER_ISN + 1,
+            CLIENT_ISN + 1,
+        );
+        assert_eq!(k.run(&answer), PASS);
+        assert!(k.established(&fwd).is_some(), "confirmed by the answer");
+
+        // Another rule, and a plain server, pick nothing up by default...
+        k.arrive_as(Role::External);
+        let no_flow = k.drops("no_flow");
+        assert_eq!(k.run(&ack(80)), DROP, "rule without pickup");
+        let plain = tcp_frame(client, "198.51.100.20", (40101, 80), ACK, 1, 1);
+        assert_eq!(k.run(&plain), DROP, "plain flow without pickup");
+        assert_eq!(k.drops("no_flow"), no_flow + 2);
+        // ...until the policy asks for it everywhere.
+        k.apply(
+            &POLICY.replace(
+                "virtual_network:",
+                "settings: {midstream_pickup: true}\nvirtual_network:",
+            ),
+        );
+        k.arrive_as(Role::External);
+        assert_eq!(k.run(&ack(80)), PASS, "every rule picks up");
+        assert_eq!(k.run(&plain), PASS, "every flow picks up");
+        assert_eq!(k.flow_stat(FLOW_STAT_PICKED_UP), picked + 3);
+    });
+}
+
+/// A segment without a flow is let through to the policy as "for this host" only when a
+/// connection of the host owns it: not for a destination without a route (the old test
+/// asked the FIB, which says "not forwarded" for both), nor for an address of the host
+/// where no connection has that tuple.
+#[test]
+fn only_the_hosts_own_connections_are_exempt() {
+    isolated(true, |ns| {
+        let k = Kernel::new();
+        k.apply(POLICY);
+        k.arrive_as(Role::External);
+        let no_flow = k.drops("no_flow");
+        let ack = tcp_frame("203.0.113.7", "198.51.100.77", (40000, 80), ACK, 1, 1);
+        assert_eq!(k.run(&ack), DROP, "no route to 198.51.100.77");
+        common::run("ip", &["-n", &ns, "addr", "add", "198.51.100.77/32", "dev", "lo"]);
+        assert_eq!(
+            k.run(&ack),
+            DROP,
+            "198.51.100.77 is this host's, but no connection has that tuple"
+        );
+        assert_eq!(k.drops("no_flow"), no_flow + 2);
+        // A connection of the host itself: an answer to it has no flow (XDP never saw the
+        // host's SYN) and is judged by the policy, which allows it within the network.
+        let server = std::net::TcpListener::bind("198.51.100.77:5555").unwrap();
+        let client = std::net::TcpStream::connect("198.51.100.77:5555").unwrap();
+        let port = client.local_addr().unwrap().port();
+        let answer = tcp_frame("198.51.100.77", "198.51.100.77", (5555, port), ACK, 1, 1);
+        assert_eq!(k.run(&answer), PASS, "an answer to the host's own connection");
+        drop((server, client));
+    });
+}
