@@ -459,7 +459,17 @@ impl Services {
         };
         let mut client = ns
             .run(move || TcpStream::connect_timeout(&to, Duration::from_secs(5)))
-            .unwrap_or_else(|e| panic!("{name}: connect to {to}: {e}"));
+            .unwrap_or_else(|e| {
+                let stats = lab.stats();
+                panic!(
+                    "{name}: connect to {to}: {e}; drops {}, interfaces {}, flows:\n{}\nlb:\n{}\nagent log:\n{}",
+                    stats["drops"],
+                    stats["interfaces"],
+                    lab.pins.xdpgate(&["flows"]),
+                    lab.pins.xdpgate(&["lb"]),
+                    lab.agent_log()
+                )
+            });
         let mut server = accept(listener);
         server.set_nonblocking(false).unwrap();
         let seen = server.peer_addr().unwrap().ip();
