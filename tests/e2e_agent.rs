@@ -315,7 +315,7 @@ fn simulated_reboot_attaches_from_the_node_file() {
     let node = lab.write_policy(
         "node.yaml",
         &format!(
-            "interfaces:\n  - {{name: {}, role: external, mode: native}}\n  - {{name: {}, role: internal}}\n  - {{name: late0, role: internal, mode: skb}}\n",
+            "interfaces:\n  - {{name: {}, role: external, mode: native}}\n  - {{name: {}, role: internal}}\n  - {{name: late0, role: internal, mode: skb}}\ntables:\n  flows: 100000\n",
             lab.ext, lab.int
         ),
     );
@@ -346,6 +346,25 @@ fn simulated_reboot_attaches_from_the_node_file() {
         generation(&lab.pins) >= 1
     });
     assert_eq!(programs(&lab.pins), before, "attached interfaces left alone");
+    // The tables were made at the default size by `attach`: the node file's size is not in
+    // force, and says so; the pinned tables stay.
+    let mismatch = "100,000 flows asked for, but FLOWS is pinned with 1,048,576 entries";
+    wait_for("the table size reported as failing", Duration::from_secs(10), || {
+        agent_state(&lab.pins).is_some_and(|s| s["failing"].to_string().contains(mismatch))
+    });
+    assert!(lab.pins.xdpgate(&["status"]).contains("failing: node file: tables: the tables under"));
+    assert_eq!(status(&lab.pins)["tables"]["flows"]["capacity"], 524_288);
+    agent.stop();
+    // An interface that lost its link is attached all the same, with the pinned tables (left
+    // out, it would pass traffic unfiltered).
+    lab.pins.xdpgate(&["detach", "--iface", &lab.int]);
+    let mut agent = Agent::start(&lab, &args);
+    wait_for("the interface attached again, the size reported", Duration::from_secs(20), || {
+        agent.assert_running("start with a table size that is not the pinned one");
+        programs(&lab.pins).iter().any(|(n, mode, _)| n == &lab.int && mode == "native")
+            && agent_state(&lab.pins).is_some_and(|s| s["failing"].to_string().contains(mismatch))
+    });
+    assert_eq!(status(&lab.pins)["tables"]["flows"]["capacity"], 524_288);
     agent.stop();
 
     // The reboot: links and pins gone, state directory (tmpfs /run) gone.
@@ -388,13 +407,21 @@ fn simulated_reboot_attaches_from_the_node_file() {
         .collect();
     assert!(roles.contains(&(lab.ext.clone(), "external".into())), "{roles:?}");
     assert!(roles.contains(&(lab.int.clone(), "internal".into())), "{roles:?}");
+    // Tables made by the agent at the node file's size.
+    let tables = &status(&lab.pins)["tables"];
+    assert_eq!(
+        (&tables["flows"]["entries"], &tables["flows"]["capacity"]),
+        (&Value::from(200_000), &Value::from(100_000)),
+        "{tables}"
+    );
+    assert_eq!(tables["embryonic"]["entries"], 50_000, "{tables}");
     assert!(reaches(&lab, 8080), "allowed port reaches the server");
     assert!(!reaches(&lab, 9090), "the policy filters again after the reboot");
 
     // An interface of the node file that does not exist yet is reported, and attached once
     // it appears.
     let failing = status(&lab.pins)["agent"]["failing"].to_string();
-    assert!(failing.contains("late0"), "{failing}");
+    assert!(failing.contains("late0") && !failing.contains("asked for"), "{failing}");
     assert!(lab.pins.xdpgate(&["status"]).contains("failing: node file"));
     lab.gw.exec("ip", &["link", "add", "late0", "type", "veth", "peer", "name", "late1"]);
     lab.gw.exec("ip", &["link", "set", "late0", "up"]);

@@ -3,6 +3,11 @@
 //! program ids change, and the connection carries on: its flow entries (which the next
 //! segment needs, as only a SYN may start a flow) and the counters are the pinned maps,
 //! untouched.
+//!
+//! Table sizes: a dataplane attached with a flow table of 2,097,152 entries (`--flows
+//! 1048576`) carries real traffic, keeps its sizes across `upgrade`, and refuses another
+//! size on a later attach. Maps pinned with another layout, or another map type (the flow
+//! table of a build from before it became a plain hash), are refused.
 
 mod common;
 
@@ -13,7 +18,8 @@ use std::{
     time::Duration,
 };
 
-use common::{echo::EchoServer, gateway::Gateway};
+use common::{Pins, echo::EchoServer, gateway::Gateway};
+use xdpgate_common::flow::{FlowKey, FlowValue};
 
 const POLICY: &str = r#"
 virtual_network:
@@ -139,4 +145,233 @@ fn upgrade_refuses_maps_pinned_with_another_layout() {
         Some(buf)
     });
     assert_eq!(echoed.as_ref().map(|b| &b[..]), Some(&b"still here"[..]), "traffic flows");
+}
+
+fn status(pins: &Pins) -> serde_json::Value {
+    serde_json::from_str(&pins.xdpgate(&["status", "--json"])).unwrap()
+}
+
+/// (entries, capacity) of each sized table as `status` reports it, with the map's
+/// `max_entries` as bpftool (the kernel) reports it, which must agree.
+fn table_sizes(pins: &Pins) -> Vec<(String, u64, u64)> {
+    let st = status(pins);
+    ["flows", "embryonic", "nat_translations"]
+        .iter()
+        .map(|t| {
+            let row = &st["tables"][t];
+            let map = row["map"].as_str().unwrap_or_else(|| panic!("no tables in {st}"));
+            let pin = pins.dir.map(map);
+            let out =
+                common::run("bpftool", &["-j", "map", "show", "pinned", pin.to_str().unwrap()]);
+            let kernel: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            assert_eq!(kernel["max_entries"], row["entries"], "{map}: status and bpftool");
+            assert_eq!(kernel["bytes_memlock"], row["bytes"], "{map}: memory");
+            (map.to_owned(), row["entries"].as_u64().unwrap(), row["capacity"].as_u64().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn sized_tables_carry_traffic_and_keep_their_size_across_upgrade() {
+    let lab = Gateway::attached_with(&["--flows", "1048576", "--nat-translations", "100000"]);
+    let want = vec![
+        ("FLOWS".to_owned(), 2_097_152, 1_048_576),
+        ("EMBRYOS".to_owned(), 524_288, 262_144),
+        ("NAT_MAP".to_owned(), 200_000, 100_000),
+    ];
+    assert_eq!(table_sizes(&lab.pins), want, "sized at first attach");
+    let text = lab.pins.xdpgate(&["status"]);
+    assert!(text.contains("tables         1,048,576 flows (FLOWS: 2,097,152 entries, "), "{text}");
+
+    lab.apply("policy.yaml", POLICY);
+    let _echo = EchoServer::start(&lab.server, vec!["198.51.100.10:7".parse().unwrap()]);
+    let mut conn = lab.client.run(|| {
+        let s = TcpStream::connect("198.51.100.10:7").expect("connect through the gateway");
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        s
+    });
+    let echo = |conn: &mut TcpStream, msg: &[u8]| -> bool {
+        let mut buf = vec![0u8; msg.len()];
+        conn.write_all(msg).is_ok() && conn.read_exact(&mut buf).is_ok() && buf == msg
+    };
+    assert!(echo(&mut conn, b"through the big table"));
+    let flows = |pins: &Pins| -> serde_json::Value {
+        serde_json::from_str(&pins.xdpgate(&["flows", "--port", "7", "--json"])).unwrap()
+    };
+    let listed = flows(&lab.pins);
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "the connection's flow: {listed}");
+    assert_eq!(listed[0]["dst_port"], 7);
+    assert_eq!(listed[0]["incomplete"], false, "both directions' entries: {listed}");
+
+    let before = prog_ids(&lab);
+    let out = lab.pins.xdpgate(&["upgrade"]);
+    assert!(out.contains(&format!("upgraded {}", lab.ext)), "{out}");
+    assert!(before.iter().zip(&prog_ids(&lab)).all(|(b, a)| b != a), "programs replaced");
+    assert_eq!(table_sizes(&lab.pins), want, "sizes kept by upgrade");
+    assert!(echo(&mut conn, b"after the upgrade"), "the connection carries on");
+    assert_eq!(flows(&lab.pins)[0]["src_port"], listed[0]["src_port"], "same flow");
+
+    // Another size on a later attach is refused, and changes nothing; the pinned size or
+    // no size at all is accepted.
+    lab.pins.xdpgate(&["detach", "--iface", &lab.int]);
+    for (args, says) in [
+        (
+            &["--flows", "524288"][..],
+            "524,288 flows asked for, but FLOWS is pinned with 2,097,152 entries (1,048,576 flows)",
+        ),
+        (
+            &["--nat-translations", "262144"][..],
+            "262,144 NAT translations asked for, but NAT_MAP is pinned with 200,000 entries \
+             (100,000 translations)",
+        ),
+    ] {
+        let attach = [&["attach", "--iface", &lab.int, "--role", "internal"][..], args].concat();
+        let out = lab.pins.try_xdpgate(&attach);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "refused: {args:?}");
+        assert!(
+            err.contains(says)
+                && err.contains("to resize, detach every interface (xdpgate detach --all), remove"),
+            "{err}"
+        );
+        assert!(!lab.pins.dir.link(&lab.int).exists(), "not attached");
+        assert_eq!(table_sizes(&lab.pins), want, "sizes unchanged");
+    }
+    for args in [&["--flows", "1048576"][..], &[][..]] {
+        let attach = [&["attach", "--iface", &lab.int, "--role", "internal"][..], args].concat();
+        lab.pins.xdpgate(&attach);
+        assert_eq!(table_sizes(&lab.pins), want, "{args:?}: sizes kept");
+        lab.pins.xdpgate(&["detach", "--iface", &lab.int]);
+    }
+    // A size outside the limits is refused before anything is made.
+    let out = lab.pins.try_xdpgate(&["attach", "--iface", &lab.int, "--flows", "10"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("flows 10: must be between 64 and 134,217,728"), "{err}");
+}
+
+/// A flow table pinned by a build from before it became a plain hash (an LRU hash, with
+/// this build's key and value) is refused by `upgrade` and `attach`, not reused: an LRU
+/// table would evict established flows, which this build promises never to do.
+#[test]
+fn a_flow_table_of_another_map_type_is_refused() {
+    let lab = Gateway::new();
+    lab.apply("policy.yaml", POLICY);
+    let _echo = EchoServer::start(&lab.server, vec!["198.51.100.10:7".parse().unwrap()]);
+    let pin = lab.pins.dir.map("FLOWS");
+    std::fs::remove_file(&pin).unwrap();
+    let (key, value) = (size_of::<FlowKey>().to_string(), size_of::<FlowValue>().to_string());
+    let old =
+        ["type", "lru_hash", "key", &key, "value", &value, "entries", "262144", "name", "FLOWS"];
+    common::run("bpftool", &[&["map", "create", pin.to_str().unwrap()][..], &old].concat());
+    let before = prog_ids(&lab);
+
+    let refused = |args: &[&str]| {
+        let out = lab.pins.try_xdpgate(args);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "{args:?} refused");
+        assert!(
+            err.contains("incompatible build")
+                && err.contains("FLOWS: lru_hash pinned; this build needs hash")
+                && !err.contains("FLOWS: key"),
+            "{err}"
+        );
+    };
+    refused(&["upgrade"]);
+    assert_eq!(prog_ids(&lab), before, "the programs stay");
+    // They run on with the flow table they were loaded with: traffic is still filtered and
+    // answered.
+    let echoed = lab.client.run(|| {
+        let mut s = TcpStream::connect("198.51.100.10:7").ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        s.write_all(b"still here").ok()?;
+        let mut buf = [0u8; 10];
+        s.read_exact(&mut buf).ok()?;
+        Some(buf)
+    });
+    assert_eq!(echoed.as_ref().map(|b| &b[..]), Some(&b"still here"[..]), "traffic flows");
+    lab.pins.xdpgate(&["detach", "--iface", &lab.int]);
+    refused(&["attach", "--iface", &lab.int, "--role", "internal"]);
+    assert!(!lab.pins.dir.link(&lab.int).exists(), "not attached");
+}
+
+/// Tables larger than the machine's available memory are refused before the kernel is asked
+/// to allocate them (a preallocated table takes its whole size at once), and nothing is made.
+#[test]
+fn tables_the_machine_cannot_hold_are_refused_before_anything_is_made() {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let available: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap()
+        * 1024;
+    let largest = xdpgate_dataplane::tables::MAX_FLOWS;
+    let need = xdpgate_dataplane::tables::table_bytes("FLOWS", 2 * largest);
+    assert!(
+        need > available,
+        "this machine has {available} bytes available: the largest table ({need} bytes) fits, so \
+         the refusal cannot be tested here"
+    );
+    let (a, b) = (common::Netns::new("szma"), common::Netns::new("szmb"));
+    let (ia, _) = common::veth(&a, "192.0.2.1/24", &b, "192.0.2.2/24");
+    let pins = Pins::in_netns(&a);
+    let flows = largest.to_string();
+    let out = pins.try_xdpgate(&["attach", "--iface", &ia, "--flows", &flows]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "refused");
+    assert!(
+        err.contains("tables for 134,217,728 flows and 262,144 NAT translations need about")
+            && err.contains("MiB available: ask for fewer (--flows, --nat-translations)"),
+        "{err}"
+    );
+    let made: Vec<_> = std::fs::read_dir(pins.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "links")
+        .collect();
+    assert!(made.is_empty(), "nothing pinned: {made:?}");
+    assert!(!pins.dir.link(&ia).exists(), "not attached");
+}
+
+/// `Kernel::sized` (for tests that want a small table) loads the tables at the asked sizes,
+/// and the program keeps flows in them.
+#[test]
+fn a_small_table_for_test_runs_holds_flows() {
+    use common::{
+        kernel::{Kernel, PASS},
+        packet::{L4, frame},
+    };
+    use xdpgate_common::iface::Role;
+    let k = Kernel::sized(&xdpgate_dataplane::SizeRequest {
+        flows: Some(64),
+        nat_translations: Some(64),
+    });
+    assert_eq!(k.flow_table_entries(), 128);
+    let sizes = xdpgate_dataplane::TableSizes::pinned(&k.pins.dir).unwrap();
+    assert_eq!(sizes, Some(xdpgate_dataplane::TableSizes { flows: 64, nat_translations: 64 }));
+    k.apply(
+        "virtual_network: {address_space: [198.51.100.0/24]}\nnsgs:\n  - name: web\n    \
+         subnets: [198.51.100.0/24]\n    rules:\n      - {name: allow-udp, priority: 100, \
+         direction: inbound, access: allow, protocol: udp, source: \"*\", destination: \"*\"}\n",
+    );
+    k.arrive_as(Role::External);
+    assert_eq!(k.run(&frame("203.0.113.7", "198.51.100.10", L4::Udp(4000, 53))), PASS);
+    k.arrive_as(Role::Internal);
+    assert_eq!(k.run(&frame("198.51.100.10", "203.0.113.7", L4::Udp(53, 4000))), PASS);
+    let words = |a: [u8; 4]| {
+        let mut b = [0u8; 16];
+        b[..4].copy_from_slice(&a);
+        xdpgate_common::words(&b)
+    };
+    let key = FlowKey {
+        src: words([203, 0, 113, 7]),
+        dst: words([198, 51, 100, 10]),
+        sport: 4000,
+        dport: 53,
+        proto: 17,
+        family: 4,
+        _pad: [0; 2],
+    };
+    assert!(k.flow(&key).is_some(), "the flow is in the 128-entry table");
 }

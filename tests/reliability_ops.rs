@@ -39,12 +39,7 @@ use common::{
     packet::{ACK, L4, SYN, endpoints, frame},
     run, unique,
 };
-use xdpgate_common::{
-    flow::FlowKey,
-    iface::Role,
-    maps::{FLOW_ENTRIES, NAT_MAP},
-    nat::NatEntry,
-};
+use xdpgate_common::{flow::FlowKey, iface::Role, maps::NAT_MAP, nat::NatEntry};
 use xdpgate_dataplane::{apply, flows, transaction};
 use xdpgate_policy::{lb as lb_image, load_str};
 
@@ -1098,9 +1093,10 @@ fn full_flow_table_keeps_established_flows() {
                 "the established connection's entries (forward, reply) present: {both_entries:?}"
             ));
         }
+        let table = k.flow_table_entries();
         let report = format!(
             "flow table full: {fill} new flows ({fill_pass} passed) in {filling:.1?} through a \
-             {FLOW_ENTRIES}-entry table, {entries} entries at the end; the connection used both \
+             {table}-entry table, {entries} entries at the end; the connection used both \
              ways kept both entries {both_entries:?} and never lost a packet; the one used \
              forward only kept (forward, reply) = {one_way_entries:?}, its reply then got {}",
             if one_way_back == PASS { "PASS" } else { "DROP" }
@@ -1245,10 +1241,11 @@ fn syn_flood_with_the_agent_running() {
         if !(flood as u64..=flood as u64 + 6).contains(&decided) {
             failures.push(format!("allow-web decided {decided} flows for {flood} SYNs"));
         }
+        let table = k.flow_table_entries();
         let report = format!(
             "SYN flood: {flood} SYNs from distinct sources in {flooding:.1?} ({:.0} per second), \
              {passed} passed; allow-web decided {} new flows (the SYNs, and the established \
-             connections' entries once more after the reload); flow table {entries} of {FLOW_ENTRIES} entries; established connections \
+             connections' entries once more after the reload); flow table {entries} of {table} entries; established connections \
              never lost a packet; `xdpgate stats` answered {} times, slowest {slowest:.1?}; SIGHUP \
              reload seen after {:.1?}; `xdpgate status` (walks the flow table) took \
              {status_took:.1?}; drops {}",

@@ -23,6 +23,7 @@ use xdpgate_common::{
     iface::Role,
     maps::{EMBRYO_ENTRIES, FLOWS},
 };
+use xdpgate_dataplane::SizeRequest;
 
 const POLICY: &str = r#"
 virtual_network:
@@ -259,29 +260,40 @@ fn a_syn_flood_evicts_only_embryos() {
 #[test]
 fn a_full_established_table_refuses_new_flows() {
     isolated(false, |_| {
-        let k = Kernel::new();
+        // A small table, filled through the program by answered UDP flows.
+        let flows = 1_024;
+        let k = Kernel::sized(&SizeRequest { flows: Some(flows), nat_translations: None });
         k.apply(POLICY);
         let mut old =
             Conn::new("old", ("203.0.113.7", 40000), ("198.51.100.20", 80), Role::External);
         old.open(&k);
-        // Fill the established table to the last entry with flows of other hosts.
-        let mut flows: HashMap<_, FlowKey, FlowValue> =
-            k.pins.dir.open_map(FLOWS).unwrap().try_into().unwrap();
-        let mut filler = key("203.0.113.200", "198.51.100.200", 1, 1);
-        let value = k.established(&key("203.0.113.7", "198.51.100.20", 40000, 80)).unwrap();
-        let mut filled = 2u64;
-        loop {
-            filler.sport = (filled % 60000) as u16 + 1;
-            filler.dport = (filled / 60000) as u16 + 1;
-            if flows.insert(filler, value, 0).is_err() {
-                break;
-            }
-            filled += 1;
-        }
         let refused = k.flow_stat(FLOW_STAT_EMBRYOS_REFUSED);
         let full = k.drops("flow_table_full");
-        // A new connection gets through its handshake as an embryo, and is refused when it
-        // would become established.
+        let mut confirmed = 1u32;
+        let mut first_refused = None;
+        for i in 0..2 * flows {
+            let port = 10_000 + i as u16;
+            k.arrive_as(Role::Internal);
+            // Out to a DNS server on the internet (translated) and answered.
+            let (v, out) = k.run_out(&frame("198.51.100.40", "203.0.113.53", L4::Udp(port, 53)));
+            assert_eq!(v, PASS, "request {i}");
+            let (_, public, _, public_port) = endpoints(&out);
+            k.arrive_as(Role::External);
+            let answer = frame("203.0.113.53", &public.to_string(), L4::Udp(53, public_port));
+            match k.run(&answer) {
+                PASS => confirmed += 1,
+                _ => {
+                    first_refused.get_or_insert(i);
+                }
+            }
+        }
+        let first = first_refused.expect("the table filled up");
+        assert_eq!(confirmed, flows, "established flows: the table's capacity");
+        let refusals = u64::from(2 * flows - first);
+        assert_eq!(k.flow_stat(FLOW_STAT_EMBRYOS_REFUSED) - refused, refusals, "refused");
+        assert_eq!(k.drops("flow_table_full") - full, refusals, "dropped as flow_table_full");
+        // A new TCP connection gets through its handshake as an embryo, and is refused when
+        // it would become established.
         let mut new =
             Conn::new("new", ("203.0.113.8", 40000), ("198.51.100.20", 80), Role::External);
         k.arrive_as(Role::External);
@@ -298,14 +310,15 @@ fn a_full_established_table_refuses_new_flows() {
         );
         assert_eq!(k.run(&synack), PASS, "SYN-ACK");
         new.answer = Some((("198.51.100.20".into(), 80), ("203.0.113.8".into(), 40000)));
-        assert_eq!(new.forward(&k), DROP, "the confirming ACK, with {filled} entries in the table");
-        assert_eq!(k.flow_stat(FLOW_STAT_EMBRYOS_REFUSED), refused + 1);
-        assert_eq!(k.drops("flow_table_full"), full + 1);
+        assert_eq!(new.forward(&k), DROP, "the confirming ACK in a full table");
         assert!(!new.established(&k));
         // The established connection keeps working both ways.
         assert_eq!((old.forward(&k), old.back(&k)), (PASS, PASS), "the old connection");
         assert!(old.established(&k));
-        println!("full table: {filled} entries; a new flow refused, the old one kept");
+        println!(
+            "full table of {flows} flows: filled by answered flows, then {refusals} new flows \
+             and a TCP connection refused; the old connection kept"
+        );
     });
 }
 

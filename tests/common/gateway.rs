@@ -29,6 +29,11 @@ pub struct Gateway {
 
 impl Gateway {
     pub fn new() -> Self {
+        Self::attached_with(&[])
+    }
+
+    /// The topology with `extra` added to each `xdpgate attach` (table sizes, say).
+    pub fn attached_with(extra: &[&str]) -> Self {
         let client = Netns::new("gwc");
         let gw = Netns::new("gwg");
         let server = Netns::new("gws");
@@ -54,7 +59,8 @@ impl Gateway {
         }
         let pins = Pins::in_netns(&gw);
         for (iface, role) in [(&ext, "external"), (&int, "internal")] {
-            let out = pins.xdpgate(&["attach", "--iface", iface, "--role", role]);
+            let args = [&["attach", "--iface", iface, "--role", role][..], extra].concat();
+            let out = pins.xdpgate(&args);
             assert!(out.contains("attached"), "{out}");
             let link =
                 String::from_utf8_lossy(&gw.exec("ip", &["-d", "link", "show", iface]).stdout)

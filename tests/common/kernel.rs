@@ -29,9 +29,16 @@ pub struct Kernel {
 }
 
 impl Kernel {
+    /// The dataplane with its tables at the default sizes.
     pub fn new() -> Self {
+        Self::sized(&xdpgate_dataplane::SizeRequest::default())
+    }
+
+    /// The dataplane with its flow and NAT tables sized as `attach --flows N
+    /// --nat-translations N` would (a small table fills fast).
+    pub fn sized(sizes: &xdpgate_dataplane::SizeRequest) -> Self {
         let pins = Pins::new();
-        let mut ebpf = xdpgate_dataplane::load(&pins.dir).expect("load");
+        let mut ebpf = xdpgate_dataplane::load_sized(&pins.dir, sizes).expect("load");
         xdpgate_dataplane::dataplane(&mut ebpf).expect("programs");
         Self { pins, ebpf }
     }
@@ -84,6 +91,13 @@ impl Kernel {
         let map: aya::maps::HashMap<_, FlowKey, FlowValue> =
             self.pins.dir.open_map(table).unwrap().try_into().unwrap();
         map.get(key, 0).ok()
+    }
+
+    /// Entries the pinned flow table holds at most (`FLOWS`'s size).
+    pub fn flow_table_entries(&self) -> u32 {
+        xdpgate_dataplane::tables::pinned_entries(&self.pins.dir, FLOWS)
+            .unwrap()
+            .expect("FLOWS pinned")
     }
 
     /// Packets from test runs arrive on `lo`; its role makes them inbound or outbound.

@@ -184,7 +184,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     {
         // After a reboot: create the maps (pinned) and apply the policy before the first
         // attach, so no packet meets an empty policy.
-        dataplane::load(pins).context("loading the dataplane")?;
+        dataplane::load_sized(pins, &node.tables).context("loading the dataplane")?;
     }
     dataplane::event_ring(pins).map_err(|_| {
         anyhow!(
@@ -295,7 +295,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
             _ = hup.recv() => {
                 info!("SIGHUP: reloading {}", file.display());
                 if let Some(sink) = flow_log.as_mut() {
-                    failing.check("flow log", sink.reopen());
+                    failing.check("flow log file", sink.reopen());
                 }
                 let result = match prepare(file) {
                     Err(e) => Err(e),
@@ -405,7 +405,8 @@ fn tick(
         info!("NAT: {} translations idled out, {} ports free again", e.expired, e.released);
     }
     if let Some(sink) = flow_log {
-        if let Some(Some(path)) = failing.check("flow log", sink.follow()) {
+        // A job of its own: the file being there says nothing about whether writes work.
+        if let Some(Some(path)) = failing.check("flow log file", sink.follow()) {
             warn!("flow log {} was moved or removed; writing to a new file there", path.display());
         }
         if let Some(lines) = failing.check("flow-log sweep", flowlog::sweep(pins, &running.names)) {

@@ -33,6 +33,28 @@ struct Cli {
     command: Command,
 }
 
+/// Table sizes, fixed when the dataplane is first attached (the maps are created then);
+/// later attaches, `upgrade` and the agent keep the pinned sizes.
+#[derive(clap::Args)]
+struct TablesArgs {
+    /// Established flows the flow table holds (two entries each; the embryonic table holds
+    /// a quarter as many). Default 524,288; 440 bytes of kernel memory per flow (220 MiB
+    /// at the default). Only on the first attach: a size other than the pinned one is
+    /// refused.
+    #[arg(long, value_name = "N")]
+    flows: Option<u32>,
+    /// NAT translations the translation table holds (two entries each). Default 262,144;
+    /// 272 bytes per translation. Only on the first attach, like --flows.
+    #[arg(long, value_name = "N")]
+    nat_translations: Option<u32>,
+}
+
+impl TablesArgs {
+    fn request(&self) -> dataplane::SizeRequest {
+        dataplane::SizeRequest { flows: self.flows, nat_translations: self.nat_translations }
+    }
+}
+
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum RoleArg {
     /// Faces the outside: packets arriving here are inbound.
@@ -60,6 +82,8 @@ enum Command {
         /// native (driver) XDP, or skb (generic) for drivers without native support.
         #[arg(long, value_enum, default_value = "native")]
         mode: Mode,
+        #[command(flatten)]
+        tables: TablesArgs,
     },
     /// Replace the running programs on every attached interface with this build's, keeping
     /// flows, NAT translations, policy and counters (the pinned maps).
@@ -129,8 +153,10 @@ enum Command {
         #[arg(long)]
         policy: PathBuf,
         /// Node file listing this machine's interfaces, their roles and XDP mode; those not
-        /// attached (after a reboot, say) are attached at start.
+        /// attached (after a reboot, say) are attached at start. `tables:` sizes the flow
+        /// and NAT tables when they are created (as attach --flows, --nat-translations).
         ///
+        /// tables: {flows: 1000000, nat_translations: 262144}
         /// interfaces:
         ///   - {name: eth0, role: external}
         ///   - {name: eth1, role: internal, mode: skb}
@@ -185,7 +211,8 @@ enum Command {
         output: OutputArgs,
     },
     /// Show where the dataplane is attached (role, XDP mode), the pin directory, the running
-    /// policy and the size of the flow table.
+    /// policy, the flow table's entries in use, and the sizes and memory of the flow and NAT
+    /// tables.
     Status {
         #[command(flatten)]
         output: OutputArgs,
@@ -300,14 +327,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
         pins.check()?;
     }
     match cli.command {
-        Command::Attach { iface, role, mode } => {
+        Command::Attach { iface, role, mode, tables } => {
             let role = match role {
                 RoleArg::External => Role::External,
                 RoleArg::Internal => Role::Internal,
             };
+            // Before anything is made: a size out of range changes nothing.
+            let sizes = tables.request();
+            sizes.check()?;
             pins.ensure()?;
             let _lock = WriteLock::acquire(&pins)?;
-            dataplane::attach(&pins, &iface, role, mode)?;
+            dataplane::attach_sized(&pins, &iface, role, mode, &sizes)?;
             println!("attached to {iface} ({role:?}, {mode:?} mode)");
         }
         Command::Upgrade => {

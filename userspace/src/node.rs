@@ -8,7 +8,14 @@
 //! interfaces:
 //!   - {name: eth0, role: external}              # mode: native (default) or skb
 //!   - {name: eth1, role: internal, mode: skb}
+//! tables:                                       # optional, as `xdpgate attach --flows`
+//!   flows: 1000000                              # established flows (default 524,288)
+//!   nat_translations: 262144                    # NAT translations (default 262,144)
 //! ```
+//!
+//! `tables:` sizes the flow and NAT tables when the agent creates them (the first attach
+//! after a reboot); while they are pinned a different size is reported as failing (`status`)
+//! and the pinned size stays.
 
 use std::{collections::HashSet, path::Path};
 
@@ -16,11 +23,16 @@ use anyhow::{Context, Result, bail};
 use xdpgate_common::iface::Role;
 use xdpgate_policy::tree::{self, Kind, Value};
 
-use xdpgate_dataplane::{self as dataplane, Mode, PinDir};
+use xdpgate_dataplane::{
+    self as dataplane, Mode, PinDir,
+    tables::{MAX_FLOWS, MAX_NAT_TRANSLATIONS, MIN_FLOWS, MIN_NAT_TRANSLATIONS, thousands},
+};
 
 #[derive(Debug)]
 pub struct Node {
     pub interfaces: Vec<Interface>,
+    /// Table sizes for the first attach (`tables:`); none asked: the defaults.
+    pub tables: dataplane::SizeRequest,
 }
 
 #[derive(Debug)]
@@ -67,7 +79,8 @@ pub fn load(file: &Path) -> Result<Node> {
 }
 
 /// Reads the document with the policy's positioned YAML reader: `interfaces:`, a list of
-/// `{name, role, mode}` (mode optional), nothing else.
+/// `{name, role, mode}` (mode optional), and optionally `tables:` with `flows` and
+/// `nat_translations`; nothing else.
 fn read(text: &str) -> Result<Node> {
     let at = |pos: tree::Pos| format!("line {}, column {}", pos.line, pos.column);
     let doc = tree::parse(text)
@@ -81,6 +94,7 @@ fn read(text: &str) -> Result<Node> {
         _ => None,
     };
     let mut interfaces = None;
+    let mut tables = dataplane::SizeRequest::default();
     for (k, v) in entries {
         match text_of(k).as_deref() {
             Some("interfaces") => {
@@ -125,14 +139,51 @@ fn read(text: &str) -> Result<Node> {
                 }
                 interfaces = Some(list);
             }
+            Some("tables") => {
+                let Kind::Map(fields) = &v.kind else {
+                    bail!("{}: tables: expected a mapping, found {}", at(v.pos), v.describe());
+                };
+                for (k, v) in fields {
+                    let key = text_of(k).unwrap_or_default();
+                    let (slot, lo, hi) = match key.as_str() {
+                        "flows" => (&mut tables.flows, MIN_FLOWS, MAX_FLOWS),
+                        "nat_translations" => (
+                            &mut tables.nat_translations,
+                            MIN_NAT_TRANSLATIONS,
+                            MAX_NAT_TRANSLATIONS,
+                        ),
+                        _ => bail!(
+                            "{}: tables: unknown field {:?} (known: flows, nat_translations)",
+                            at(k.pos),
+                            tree::elide(&key)
+                        ),
+                    };
+                    let Some(Value::Int(Some(n))) = v.value() else {
+                        bail!(
+                            "{}: tables: {key}: expected a number, found {}",
+                            at(v.pos),
+                            v.describe()
+                        );
+                    };
+                    let Some(n) = u32::try_from(n).ok().filter(|n| (lo..=hi).contains(n)) else {
+                        bail!(
+                            "{}: tables: {key}: {n} is out of range (between {} and {})",
+                            at(v.pos),
+                            thousands(lo.into()),
+                            thousands(hi.into())
+                        );
+                    };
+                    *slot = Some(n);
+                }
+            }
             _ => bail!(
-                "{}: unknown field {:?} (known: interfaces)",
+                "{}: unknown field {:?} (known: interfaces, tables)",
                 at(k.pos),
                 tree::elide(&text_of(k).unwrap_or_default())
             ),
         }
     }
-    Ok(Node { interfaces: interfaces.unwrap_or_default() })
+    Ok(Node { interfaces: interfaces.unwrap_or_default(), tables })
 }
 
 pub fn parse(text: &str) -> Result<Node> {
@@ -164,12 +215,20 @@ pub fn missing<'a>(pins: &PinDir, node: &'a Node) -> Vec<&'a Interface> {
     node.interfaces.iter().filter(|i| !pins.link(&i.name).exists()).collect()
 }
 
-/// Attaches every interface of `node` that has no pinned link; returns the ones attached,
-/// and an error for each that could not be.
+/// Attaches every interface of `node` that has no pinned link, creating the tables at the
+/// node's sizes if they are not pinned yet; returns the ones attached, and an error for each
+/// that could not be. Table sizes that differ from the pinned ones are an error too, so that
+/// `status` shows the node file is not in force, but the interfaces are attached all the
+/// same, with the pinned tables: an interface left unattached would pass traffic unfiltered.
 pub fn attach_missing(pins: &PinDir, node: &Node) -> (Vec<String>, Vec<anyhow::Error>) {
     let (mut done, mut failed) = (Vec::new(), Vec::new());
+    let mut sizes = node.tables;
+    if let Err(e) = dataplane::tables::plan(pins, &sizes) {
+        failed.push(e.context("tables"));
+        sizes = dataplane::SizeRequest::default();
+    }
     for i in missing(pins, node) {
-        match dataplane::attach(pins, &i.name, i.role(), i.mode()) {
+        match dataplane::attach_sized(pins, &i.name, i.role(), i.mode(), &sizes) {
             Ok(()) => done.push(i.name.clone()),
             Err(e) => failed.push(e.context(format!("attaching {} ({:?})", i.name, i.role))),
         }
@@ -190,6 +249,16 @@ mod tests {
         assert_eq!(n.interfaces.len(), 2);
         assert_eq!((n.interfaces[0].mode(), n.interfaces[1].mode()), (Mode::Native, Mode::Skb));
         assert_eq!(n.interfaces[1].role(), Role::Internal);
+        assert_eq!(n.tables, dataplane::SizeRequest::default());
+        let sized = parse(
+            "interfaces:\n  - {name: eth0, role: external}\ntables:\n  flows: 1000000\n  \
+             nat_translations: 65536\n",
+        )
+        .unwrap();
+        assert_eq!(
+            sized.tables,
+            dataplane::SizeRequest { flows: Some(1_000_000), nat_translations: Some(65_536) }
+        );
         for (bad, why) in [
             ("interfaces: []", "lists no interface"),
             (
@@ -203,6 +272,23 @@ mod tests {
             ("interfaces:\n  - {name: ../x, role: external}", "not an interface name"),
             ("interfaces:\n  - {name: averyveryverylongname, role: external}", "not an interface"),
             ("interfaces:\n  - {name: a, role: external}\n  - {name: a, role: internal}", "twice"),
+            (
+                "interfaces:\n  - {name: a, role: external}\ntables: {flows: 10}",
+                "line 3, column 17: tables: flows: 10 is out of range (between 64 and \
+                 134,217,728)",
+            ),
+            (
+                "interfaces:\n  - {name: a, role: external}\ntables: {flows: 5000000000}",
+                "flows: 5000000000 is out of range",
+            ),
+            (
+                "interfaces:\n  - {name: a, role: external}\ntables: {flows: lots}",
+                "tables: flows: expected a number, found string \"lots\"",
+            ),
+            (
+                "interfaces:\n  - {name: a, role: external}\ntables: {embryos: 4}",
+                "tables: unknown field \"embryos\" (known: flows, nat_translations)",
+            ),
         ] {
             let e = format!("{:#}", parse(bad).unwrap_err());
             assert!(e.contains(why), "{bad}: {e}");

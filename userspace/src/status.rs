@@ -7,7 +7,7 @@ use std::{path::PathBuf, process::Command, time::UNIX_EPOCH};
 use serde::Serialize;
 use xdpgate_common::iface::Role;
 
-use xdpgate_dataplane::{self as dataplane, PinDir, apply, flows};
+use xdpgate_dataplane::{self as dataplane, PinDir, apply, flows, tables::TablesStatus};
 
 use crate::agent_state::{self, AgentState};
 
@@ -20,6 +20,9 @@ pub struct Status {
     pub policy: Option<PolicyStatus>,
     /// Entries in the flow table (one per direction of each flow).
     pub flow_entries: Option<u64>,
+    /// Sizes of the flow, embryonic and NAT tables (chosen at first attach) and the kernel
+    /// memory they take; none when the dataplane's maps are not pinned.
+    pub tables: Option<TablesStatus>,
     /// What the agent (`xdpgate run`) last wrote about itself; none if it never ran here.
     pub agent: Option<AgentStatus>,
 }
@@ -267,6 +270,10 @@ pub fn read(pins: &PinDir) -> anyhow::Result<Status> {
         interfaces,
         policy,
         flow_entries: flows::count(pins).ok(),
+        tables: TablesStatus::read(pins).unwrap_or_else(|e| {
+            log::warn!("table sizes: {e:#}");
+            None
+        }),
         agent: agent_state::read(pins).map(|state| AgentStatus { running: state.running(), state }),
     })
 }

@@ -1,7 +1,8 @@
-//! Memory: what every map of a freshly loaded dataplane takes at its configured size (the
-//! kernel's `memlock` figure from each map's fdinfo), the flow table at 262,144 and at
-//! 1,048,576 entries, and the agent's resident memory holding a policy of 4,096 rules and
-//! a load balancer of 256 backends (measured in a fresh child process).
+//! Memory: what every map of a freshly loaded dataplane takes at its default size (the
+//! kernel's `memlock` figure from each map's fdinfo), the flow tables (established and
+//! embryonic) at the default size and at 2,097,152 flows, and the agent's resident memory
+//! holding a policy of 4,096 rules and a load balancer of 256 backends (measured in a fresh
+//! child process).
 
 use std::{
     collections::BTreeMap,
@@ -13,23 +14,43 @@ use std::{
 };
 
 use anyhow::{Context, Result, anyhow, bail};
-use aya::{EbpfLoader, maps::MapInfo};
+use aya::maps::MapInfo;
 use serde::{Deserialize, Serialize};
-use xdpgate_common::maps::{FLOW_ENTRIES, FLOWS, NAT_MAP, NSG_FIELDS};
+use xdpgate_common::maps::{EMBRYOS, FLOWS, NAT_MAP, NSG_FIELDS};
 use xdpgate_dataplane::{
-    ACT_PROGRAM, EBPF_OBJ, NEW_FLOW_PROGRAM, NOOP_PROGRAM, POLICY_PROGRAM, PROGRAM, PinDir,
-    SNAT_PROGRAM,
+    ACT_PROGRAM, NEW_FLOW_PROGRAM, NOOP_PROGRAM, POLICY_PROGRAM, PROGRAM, PinDir, SNAT_PROGRAM,
+    SizeRequest,
 };
 
 use crate::common::{Bench, Family, Machine, bytes, ms, thousands, unique_pin_dir};
 
-/// The flow-table size of the "1M flows" figure.
-const MILLION_FLOWS: u32 = 1 << 20;
+/// The flow-table size of the "2M flows" figure.
+const BIG_FLOWS: u32 = 2 << 20;
 /// Rules and backends of the resident-memory figure: 4,090 user rules in two NSGs, with
 /// their 6 defaults the 4,096 rules the inbound table holds.
 pub const RSS_USER_RULES: usize = 4_090;
 pub const RSS_TABLE_RULES: usize = 4_096;
 pub const RSS_BACKENDS: usize = 256;
+
+/// The flow tables of one size: flows, and each table's entries and memory.
+#[derive(Serialize, Clone, Copy)]
+pub struct FlowTables {
+    pub flows: u32,
+    pub flows_entries: u32,
+    pub flows_bytes: u64,
+    pub embryos_entries: u32,
+    pub embryos_bytes: u64,
+}
+
+impl FlowTables {
+    pub fn bytes(&self) -> u64 {
+        self.flows_bytes + self.embryos_bytes
+    }
+
+    pub fn per_flow(&self) -> f64 {
+        self.bytes() as f64 / f64::from(self.flows)
+    }
+}
 
 #[derive(Serialize)]
 pub struct MapRow {
@@ -64,9 +85,9 @@ pub struct Report {
     pub total_bytes: u64,
     /// Programs' memlock (JIT images and metadata), by program.
     pub programs: Vec<(String, u64)>,
-    pub flows_default: (u32, u64),
-    /// The flow table loaded with 1,048,576 entries (or why it could not be).
-    pub flows_million: Result<(u32, u64), String>,
+    pub flows_default: FlowTables,
+    /// The flow tables sized for 2,097,152 flows (or why they could not be).
+    pub flows_big: Result<FlowTables, String>,
     pub rss: Result<Rss, String>,
     /// `NSG_FIELDS` (an LPM trie, allocated per entry) after applying the resident-memory
     /// policy once: (LPM entries, bytes).
@@ -145,24 +166,29 @@ fn programs_of(bench: &Bench) -> Result<Vec<(String, u64)>> {
     Ok(out)
 }
 
-/// Loads the object with `FLOWS` sized to `entries` in a pin directory of its own (maps
-/// only: no program is loaded) and returns what the flow table takes.
-fn flows_at(entries: u32) -> Result<u64> {
+/// Loads the object with its flow tables sized for `flows` in a pin directory of its own
+/// (maps only: no program is loaded), as `xdpgate attach --flows` does, and returns what
+/// the flow tables take.
+fn flows_at(flows: u32) -> Result<FlowTables> {
     let pins = PinDir::new(unique_pin_dir("xdpgate-bench-flows"));
-    pins.ensure()?;
     let result = (|| {
-        let ebpf = EbpfLoader::new()
-            .default_map_pin_directory(pins.path())
-            .map_max_entries(FLOWS, entries)
-            .load(EBPF_OBJ)
-            .context("loading the object with a larger flow table")?;
-        let info = MapInfo::from_pin(pins.map(FLOWS))?;
-        if info.max_entries() != entries {
-            bail!("FLOWS has {} entries, want {entries}", info.max_entries());
+        let ebpf = xdpgate_dataplane::load_sized(
+            &pins,
+            &SizeRequest { flows: Some(flows), ..Default::default() },
+        )?;
+        let (f, e) = (MapInfo::from_pin(pins.map(FLOWS))?, MapInfo::from_pin(pins.map(EMBRYOS))?);
+        if f.max_entries() != 2 * flows {
+            bail!("FLOWS has {} entries, want {}", f.max_entries(), 2 * flows);
         }
-        let b = memlock(info.fd()?)?;
+        let tables = FlowTables {
+            flows,
+            flows_entries: f.max_entries(),
+            flows_bytes: memlock(f.fd()?)?,
+            embryos_entries: e.max_entries(),
+            embryos_bytes: memlock(e.fd()?)?,
+        };
         drop(ebpf);
-        Ok(b)
+        Ok(tables)
     })();
     let _ = fs::remove_dir_all(pins.path());
     result
@@ -181,10 +207,20 @@ pub fn measure(quick: bool, machine: &Machine) -> Result<Report> {
         .ok();
     drop(bench);
     let total_bytes = maps.iter().map(|m| m.bytes).sum();
-    let flows_bytes = maps.iter().find(|m| m.name == FLOWS).map_or(0, |m| m.bytes);
-    eprintln!("  flow table at {} entries ...", thousands(u64::from(MILLION_FLOWS)));
-    let flows_million =
-        flows_at(MILLION_FLOWS).map(|b| (MILLION_FLOWS, b)).map_err(|e| format!("{e:#}"));
+    let row = |name: &str| {
+        maps.iter().find(|m| m.name == name).map_or((0, 0), |m| (m.max_entries, m.bytes))
+    };
+    let (flows_entries, flows_bytes) = row(FLOWS);
+    let (embryos_entries, embryos_bytes) = row(EMBRYOS);
+    let flows_default = FlowTables {
+        flows: flows_entries / 2,
+        flows_entries,
+        flows_bytes,
+        embryos_entries,
+        embryos_bytes,
+    };
+    eprintln!("  flow tables at {} flows ...", thousands(u64::from(BIG_FLOWS)));
+    let flows_big = flows_at(BIG_FLOWS).map_err(|e| format!("{e:#}"));
     eprintln!("  resident memory of {RSS_USER_RULES} rules and {RSS_BACKENDS} backends ...");
     let rss = rss_in_child().map_err(|e| format!("{e:#}"));
     Ok(Report {
@@ -193,8 +229,8 @@ pub fn measure(quick: bool, machine: &Machine) -> Result<Report> {
         maps,
         total_bytes,
         programs,
-        flows_default: (FLOW_ENTRIES, flows_bytes),
-        flows_million,
+        flows_default,
+        flows_big,
         rss,
         nsg_fields_applied,
     })
@@ -299,45 +335,43 @@ pub fn markdown(r: &Report) -> String {
         bytes(progs),
         r.programs.iter().map(|(n, b)| format!("{n} {}", bytes(*b))).collect::<Vec<_>>().join(", ")
     );
-    let (n, b) = r.flows_default;
-    let _ = writeln!(md, "Flow table (`FLOWS`, LRU hash, preallocated):\n");
-    let _ = writeln!(md, "| entries | flows (two entries each) | memory | per entry |");
-    let _ = writeln!(md, "|---:|---:|---:|---:|");
     let _ = writeln!(
         md,
-        "| {} (configured) | {} | {} | {:.0} B |",
-        thousands(u64::from(n)),
-        thousands(u64::from(n / 2)),
-        bytes(b),
-        b as f64 / f64::from(n)
+        "Flow tables (`FLOWS`, a hash, two entries per established flow; `EMBRYOS`, an LRU \
+         hash of a quarter as many entries for embryonic flows; both preallocated), sized at \
+         first attach (`xdpgate attach --flows N`):\n"
     );
-    match &r.flows_million {
-        Ok((n, b)) => {
-            let _ = writeln!(
-                md,
-                "| {} (loaded with `map_max_entries(\"FLOWS\", 1 << 20)`) | {} | {} | {:.0} B |",
-                thousands(u64::from(*n)),
-                thousands(u64::from(n / 2)),
-                bytes(*b),
-                *b as f64 / f64::from(*n)
-            );
-        }
+    let _ = writeln!(
+        md,
+        "| flows | `FLOWS` entries | `FLOWS` memory | `EMBRYOS` entries | `EMBRYOS` memory | \
+         memory in all | per flow |"
+    );
+    let _ = writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|");
+    let row = |md: &mut String, t: &FlowTables, what: &str| {
+        let _ = writeln!(
+            md,
+            "| {}{what} | {} | {} | {} | {} | {} | {:.0} B |",
+            thousands(u64::from(t.flows)),
+            thousands(u64::from(t.flows_entries)),
+            bytes(t.flows_bytes),
+            thousands(u64::from(t.embryos_entries)),
+            bytes(t.embryos_bytes),
+            bytes(t.bytes()),
+            t.per_flow()
+        );
+    };
+    row(&mut md, &r.flows_default, " (default)");
+    match &r.flows_big {
+        Ok(t) => row(&mut md, t, " (`--flows 2097152`)"),
         Err(e) => {
-            let _ = writeln!(md, "| 1,048,576 | - | not measured: {e} | - |");
+            let _ =
+                writeln!(md, "| {} | not measured: {e} | | | | | |", thousands(BIG_FLOWS.into()));
         }
     }
     let _ = writeln!(
         md,
-        "\nA flow takes two entries (forward and reply tuple), so the configured table holds \
-         {} flows and 1,048,576 entries hold {} flows; one million flows need 2,097,152 \
-         entries, about {} at the measured per-entry size. The translation map (`{NAT_MAP}`) \
-         likewise holds each translation twice.\n",
-        thousands(u64::from(n / 2)),
-        thousands(u64::from(MILLION_FLOWS / 2)),
-        r.flows_million
-            .as_ref()
-            .map(|(n, b)| bytes((*b as f64 / f64::from(*n) * 2_097_152.0) as u64))
-            .unwrap_or_else(|_| "?".into())
+        "\nThe translation map (`{NAT_MAP}`) likewise holds each translation twice (`xdpgate \
+         attach --nat-translations N`).\n"
     );
     match &r.rss {
         Ok(s) => {

@@ -12,7 +12,7 @@ use xdpgate_common::{
     flow::{FlowKey, FlowValue},
     iface::Role,
     maps::{FLOWS, NAT_MAP},
-    nat::{NAT_ENTRIES, NatEntry},
+    nat::NatEntry,
 };
 use xdpgate_dataplane::stats;
 
@@ -75,7 +75,7 @@ pub struct Report {
     /// `NAT_MAP` entries after the runs, and translations (two entries each).
     pub nat_map_entries: usize,
     pub translations_held: usize,
-    /// The map's size: translations it can hold (`NAT_ENTRIES`, two entries each).
+    /// The map's size: translations it can hold (the pinned `NAT_MAP`'s entries / 2).
     pub translations_capacity: u32,
     /// Bytes the translation map takes (kernel's memlock figure for the map).
     pub nat_map_bytes: u64,
@@ -105,6 +105,8 @@ fn check_snat(what: &str, v: u32, out: &[u8], dst: Ipv4Addr) -> Result<u16> {
 pub fn measure(cfg: &Config, machine: &Machine) -> Result<Report> {
     let bench = Bench::new()?;
     let nat_map_bytes = crate::memory::pinned_bytes(&bench.pins, NAT_MAP)?;
+    let translations_capacity =
+        xdpgate_dataplane::tables::pinned_entries(&bench.pins, NAT_MAP)?.unwrap_or(0) / 2;
     bench.apply_all(&policy_yaml())?;
     // Private hosts' packets are outbound: they arrive on an internal interface.
     bench.arrive_as(Role::Internal)?;
@@ -232,7 +234,7 @@ pub fn measure(cfg: &Config, machine: &Machine) -> Result<Report> {
         ],
         nat_map_entries,
         translations_held: nat_map_entries / 2,
-        translations_capacity: NAT_ENTRIES,
+        translations_capacity,
         nat_map_bytes,
         flow_entries,
         nat_exhausted_drops,

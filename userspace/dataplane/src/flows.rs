@@ -26,8 +26,12 @@ use xdpgate_policy::{
 
 use crate::{PinDir, apply, monotonic_ns, state, stats::Traffic};
 
-/// Gives up on a table walk that keeps restarting (entries removed under it).
-const MAX_WALK: usize = 4 * FLOW_ENTRIES as usize;
+/// Keys a walk of the flow table reads at most: it gives up on a walk that keeps restarting
+/// (entries removed under it). Four times the pinned table's size.
+fn max_walk(pins: &PinDir) -> usize {
+    let entries = crate::tables::pinned_entries(pins, FLOWS).ok().flatten();
+    4 * entries.unwrap_or(FLOW_ENTRIES) as usize
+}
 
 /// One flow as its first packet arrived.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -128,9 +132,10 @@ impl Filter {
 /// Entries in the flow table.
 pub fn count(pins: &PinDir) -> Result<u64> {
     let map: BpfHashMap<MapData, FlowKey, FlowValue> = pins.open_map(FLOWS)?.try_into()?;
+    let max_walk = max_walk(pins);
     let mut seen = HashSet::new();
     for (i, key) in map.keys().enumerate() {
-        if i >= MAX_WALK {
+        if i >= max_walk {
             break;
         }
         seen.insert(key?);
@@ -141,9 +146,10 @@ pub fn count(pins: &PinDir) -> Result<u64> {
 /// Every entry of the flow table.
 fn entries(pins: &PinDir) -> Result<HashMap<FlowKey, FlowValue>> {
     let map: BpfHashMap<MapData, FlowKey, FlowValue> = pins.open_map(FLOWS)?.try_into()?;
+    let max_walk = max_walk(pins);
     let mut out = HashMap::new();
     for (i, key) in map.keys().enumerate() {
-        if i >= MAX_WALK {
+        if i >= max_walk {
             break;
         }
         let key = key?;

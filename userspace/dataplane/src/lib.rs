@@ -35,8 +35,11 @@ pub mod nat;
 pub mod netns;
 pub mod state;
 pub mod stats;
+pub mod tables;
 pub mod transaction;
 pub mod verify;
+
+pub use tables::{SizeRequest, TableSizes};
 
 /// The compiled eBPF object (built by `build.rs` from `ebpf/`).
 pub static EBPF_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdpgate"));
@@ -310,19 +313,49 @@ fn ensure_bpffs(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Loads the eBPF object with its maps pinned in (or reused from) `pins`.
+/// Loads the eBPF object with its maps pinned in (or reused from) `pins`, the sized tables
+/// at their pinned sizes, or at the default sizes when nothing is pinned yet.
 pub fn load(pins: &PinDir) -> Result<Ebpf> {
-    pins.ensure()?;
-    check_pinned_layouts(pins)?;
-    EbpfLoader::new()
-        .default_map_pin_directory(pins.path())
-        .load(EBPF_OBJ)
-        .context("loading the xdpgate eBPF object")
+    load_sized(pins, &SizeRequest::default())
 }
 
-/// Refuses maps pinned by a build whose layout differs from this one's. The loader would
-/// reuse them as they are, and the programs would then fail to load with a verifier error,
-/// or worse, read their state wrongly.
+/// Loads the eBPF object as [`load`] does, creating the tables not pinned yet at the sizes
+/// of `sizes` (the defaults where it asks for none). A size that differs from a pinned
+/// table's is refused before anything changes.
+pub fn load_sized(pins: &PinDir, sizes: &SizeRequest) -> Result<Ebpf> {
+    sizes.check()?;
+    pins.ensure()?;
+    check_pinned_layouts(pins)?;
+    let (chosen, entries) = tables::plan(pins, sizes)?;
+    let mut loader = EbpfLoader::new();
+    loader.default_map_pin_directory(pins.path());
+    for (name, n) in entries {
+        loader.map_max_entries(name, n);
+    }
+    loader.load(EBPF_OBJ).with_context(|| {
+        format!(
+            "loading the xdpgate eBPF object (tables for {} flows and {} NAT translations)",
+            tables::thousands(chosen.flows.into()),
+            tables::thousands(chosen.nat_translations.into())
+        )
+    })
+}
+
+/// The name of a map type as `bpftool` spells it (`hash`, `lru_hash`).
+fn map_type_name(t: u32) -> String {
+    use aya_obj::generated::bpf_map_type;
+    let name = bpf_map_type::try_from(t).map(|t| format!("{t:?}")).unwrap_or_default();
+    match name.strip_prefix("BPF_MAP_TYPE_") {
+        Some(n) => n.to_ascii_lowercase(),
+        None => format!("type {t}"),
+    }
+}
+
+/// Refuses maps pinned by a build whose layout differs from this one's: another map type
+/// (the flow table was an LRU hash before it became a plain hash), key or value size, or
+/// number of entries (except for the tables the operator sizes). The loader would reuse
+/// them as they are, and the programs would then fail to load with a verifier error, or
+/// worse, read their state wrongly or evict what they must keep.
 fn check_pinned_layouts(pins: &PinDir) -> Result<()> {
     let obj = aya_obj::Object::parse(EBPF_OBJ).context("parsing the eBPF object")?;
     let mut wrong = Vec::new();
@@ -333,10 +366,19 @@ fn check_pinned_layouts(pins: &PinDir) -> Result<()> {
         }
         let info =
             MapInfo::from_pin(&path).with_context(|| format!("reading {}", path.display()))?;
+        let pinned_type = info_type(&info);
+        if pinned_type != map.map_type() {
+            wrong.push(format!(
+                "{name}: {} pinned; this build needs {}",
+                map_type_name(pinned_type),
+                map_type_name(map.map_type())
+            ));
+        }
         let pinned = (info.key_size(), info.value_size(), info.max_entries());
         let mut wanted = (map.key_size(), map.value_size(), map.max_entries());
-        if wanted.2 == 0 {
-            // Sized by the loader (one slot per CPU, say): any size will do.
+        if wanted.2 == 0 || tables::SIZED_MAPS.contains(&name.as_str()) {
+            // Sized by the loader (one slot per CPU, say) or by the operator at first
+            // attach: any size will do.
             wanted.2 = pinned.2;
         }
         if pinned != wanted {
@@ -356,6 +398,12 @@ fn check_pinned_layouts(pins: &PinDir) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The kernel's `bpf_map_type` of a map (`MapInfo::map_type` gives aya's enum, which has no
+/// name for types aya does not know).
+fn info_type(info: &MapInfo) -> u32 {
+    info.map_type().map_or(u32::MAX, |t| t as u32)
 }
 
 /// Loads the dataplane's programs, links the later stages into `PIPELINE` and returns the
@@ -394,13 +442,26 @@ pub enum Mode {
 }
 
 /// Attaches the dataplane to `ifname` with `role`, pins the link and registers the interface.
+/// The tables keep their pinned sizes, or get the default sizes on a first attach.
 pub fn attach(pins: &PinDir, ifname: &str, role: Role, mode: Mode) -> Result<()> {
+    attach_sized(pins, ifname, role, mode, &SizeRequest::default())
+}
+
+/// Attaches as [`attach`] does; a first attach creates the tables at the sizes of `sizes`,
+/// a later one refuses sizes that differ from the pinned tables'.
+pub fn attach_sized(
+    pins: &PinDir,
+    ifname: &str,
+    role: Role,
+    mode: Mode,
+    sizes: &SizeRequest,
+) -> Result<()> {
     let ifindex = ifindex(ifname)?;
     let link_pin = pins.link(ifname);
     if link_pin.exists() {
         bail!("xdpgate is already attached to {ifname} (pinned at {})", link_pin.display());
     }
-    let mut ebpf = load(pins)?;
+    let mut ebpf = load_sized(pins, sizes)?;
     register(&mut ebpf, ifindex, role)?;
     let prog = dataplane(&mut ebpf)?;
     let xdp_mode = match mode {

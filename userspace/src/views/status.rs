@@ -1,9 +1,12 @@
-//! `xdpgate status`: the pin directory, the running policy, the flow table's size and the
-//! agent, then a table of the interfaces the dataplane is attached to.
+//! `xdpgate status`: the pin directory, the running policy, the flow table's size, the sizes
+//! of the flow and NAT tables with their memory, and the agent, then a table of the
+//! interfaces the dataplane is attached to.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Result;
+
+use xdpgate_dataplane::tables::{TableStatus, TablesStatus, thousands};
 
 use crate::status::{AgentStatus, Status};
 
@@ -37,6 +40,9 @@ impl View for Status {
             Some(n) => out += &format!("flow table     {n} entries\n"),
             None => out += "flow table     -\n",
         }
+        if let Some(t) = &s.tables {
+            out += &tables(t);
+        }
         if let Some(a) = &s.agent {
             out += &agent(a);
         }
@@ -67,6 +73,28 @@ impl View for Status {
         out += &g.render();
         out
     }
+}
+
+/// The sized tables, one line each: what they hold, their entries and kernel memory.
+fn tables(t: &TablesStatus) -> String {
+    let line = |what: &str, t: &TableStatus| {
+        let mem = t.bytes.map_or("-".into(), |b| format!("{:.1} MiB", b as f64 / 1048576.0));
+        format!(
+            "{} {what} ({}: {} entries, {mem})",
+            thousands(t.capacity.into()),
+            t.map,
+            thousands(t.entries.into())
+        )
+    };
+    let total: Option<u64> =
+        [&t.flows, &t.embryonic, &t.nat_translations].iter().map(|t| t.bytes).sum();
+    let mut out = format!("tables         {}\n", line("flows", &t.flows));
+    out += &format!("               {}\n", line("embryonic flows", &t.embryonic));
+    out += &format!("               {}\n", line("NAT translations", &t.nat_translations));
+    if let Some(b) = total {
+        out += &format!("               {:.1} MiB in all\n", b as f64 / 1048576.0);
+    }
+    out
 }
 
 /// The agent's lines: pid, and the last reload with every error when it failed.
@@ -139,6 +167,26 @@ mod tests {
                 applied_unix: Some(1),
             }),
             flow_entries: Some(12),
+            tables: Some(TablesStatus {
+                flows: TableStatus {
+                    map: "FLOWS",
+                    entries: 2_097_152,
+                    capacity: 1_048_576,
+                    bytes: Some(369_099_984),
+                },
+                embryonic: TableStatus {
+                    map: "EMBRYOS",
+                    entries: 524_288,
+                    capacity: 262_144,
+                    bytes: Some(92_275_584),
+                },
+                nat_translations: TableStatus {
+                    map: "NAT_MAP",
+                    entries: 524_288,
+                    capacity: 262_144,
+                    bytes: Some(71_304_320),
+                },
+            }),
             agent: None,
         };
         let text = status.text();
@@ -147,6 +195,18 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("flow table     12 entries"), "{text}");
+        assert!(
+            text.contains(
+                "tables         1,048,576 flows (FLOWS: 2,097,152 entries, 352.0 MiB)\n               \
+                 262,144 embryonic flows (EMBRYOS: 524,288 entries, 88.0 MiB)\n               \
+                 262,144 NAT translations (NAT_MAP: 524,288 entries, 68.0 MiB)\n               \
+                 508.0 MiB in all\n"
+            ),
+            "{text}"
+        );
+        let json = status.json().unwrap();
+        assert_eq!(json["tables"]["flows"]["capacity"], 1_048_576, "{json}");
+        assert_eq!(json["tables"]["nat_translations"]["bytes"], 71_304_320, "{json}");
         let words = |l: &str| l.split_whitespace().map(str::to_string).collect::<Vec<_>>();
         let table: Vec<&str> = text.lines().skip_while(|l| !l.starts_with("INTERFACE")).collect();
         assert_eq!(table.len(), 4, "{text}");
@@ -155,7 +215,8 @@ mod tests {
         assert_eq!(words(table[3]), ["old0", "gone", "external", "none", "-"]);
         assert_eq!(status.json().unwrap()["interfaces"][1]["netns"], "blue");
 
-        let none = Status { interfaces: vec![], policy: None, flow_entries: None, ..status };
+        let none =
+            Status { interfaces: vec![], policy: None, flow_entries: None, tables: None, ..status };
         let text = none.text();
         assert!(
             text.contains("no pinned maps") && text.ends_with("not attached to any interface\n"),
