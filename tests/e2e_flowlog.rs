@@ -1,12 +1,17 @@
 //! Flow logs end to end: the agent (`xdpgate run --flow-log FILE`) writes one JSON line per
 //! flow begin, deny and end for known traffic through a gateway, with the deciding rule and,
-//! at the end, the packets and bytes each way.
+//! at the end, the packets and bytes each way. And the sweep behind the `end` lines, which
+//! runs without a flow log too: idle flows leave the flow table, used ones stay.
 
 mod common;
 
 use std::{
     net::{TcpStream, UdpSocket},
     process::{Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     thread,
     time::{Duration, Instant},
 };
@@ -131,6 +136,107 @@ fn flow_log_lines_for_known_traffic() {
             (Some(22), Some("deny-ssh"), Some("deny"))
         );
     }
+}
+
+/// The established flow table is not LRU: nothing but the agent's sweep frees an idle flow's
+/// entries, and the agent sweeps with no flow log as well. A flow left idle leaves
+/// `xdpgate flows` once its 4 s timeout has passed (not before), while a flow in use all
+/// along stays.
+#[test]
+fn idle_flows_leave_the_table_without_a_flow_log() {
+    let lab = Gateway::new();
+    let (client, server, pins) = (&lab.client, &lab.server, &lab.pins);
+    let policy = lab.write_policy("policy.yaml", POLICY);
+    let mut agent = Command::new(common::xdpgate_bin())
+        .args(["--netns", &lab.gw.name, "--pin-dir"])
+        .arg(pins.dir.path())
+        .args(["run", "--metrics-addr", "off", "--policy"])
+        .arg(&policy)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn xdpgate run");
+    let json = |args: &[&str]| -> Value {
+        serde_json::from_str(&pins.xdpgate(args)).expect("JSON output")
+    };
+    let start = Instant::now();
+    while json(&["status", "--json"])["agent"]["running"] != true {
+        assert!(start.elapsed() < Duration::from_secs(10), "the agent did not start");
+        thread::sleep(Duration::from_millis(50));
+    }
+
+    let echo = server.run(|| UdpSocket::bind("198.51.100.10:5353").unwrap());
+    thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        while let Ok((n, from)) = echo.recv_from(&mut buf) {
+            let _ = echo.send_to(&buf[..n], from);
+        }
+    });
+    let exchange = |s: &UdpSocket| {
+        s.send_to(&[7u8; 100], "198.51.100.10:5353").unwrap();
+        let mut buf = [0u8; 512];
+        s.recv_from(&mut buf).expect("reply through the gateway");
+    };
+    let socket = |sport: u16| {
+        client.run(move || {
+            let s = UdpSocket::bind(("203.0.113.10", sport)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            s
+        })
+    };
+    // The busy flow: an exchange every 300 ms until the test ends.
+    let (busy, stop) = (socket(41101), Arc::new(AtomicBool::new(false)));
+    exchange(&busy);
+    let busy_thread = {
+        let stop = stop.clone();
+        thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                thread::sleep(Duration::from_millis(300));
+                exchange(&busy);
+            }
+        })
+    };
+    let idle = socket(41100);
+    exchange(&idle);
+    exchange(&idle);
+    let last_packet = Instant::now();
+
+    let listed = || -> Vec<(u64, String)> {
+        json(&["flows", "--json", "--top", "0", "--port", "5353"])
+            .as_array()
+            .expect("a list")
+            .iter()
+            .map(|f| (f["src_port"].as_u64().unwrap(), f["state"].as_str().unwrap().to_string()))
+            .collect()
+    };
+    let has = |l: &[(u64, String)], port| l.iter().any(|(p, _)| *p == port);
+    let first = listed();
+    assert!(first.contains(&(41100, "established".into())), "{first:?}");
+    let gone_after = loop {
+        let l = listed();
+        // Read after the list, so an early removal cannot pass for a late one.
+        let elapsed = last_packet.elapsed();
+        assert!(has(&l, 41101), "the flow in use left the table after {elapsed:.1?}: {l:?}");
+        if !has(&l, 41100) {
+            break elapsed;
+        }
+        assert!(elapsed < Duration::from_secs(12), "the idle flow is still listed: {l:?}");
+        thread::sleep(Duration::from_millis(200));
+    };
+    // Its last packet was a little before `last_packet`, on the kernel's coarse clock.
+    assert!(
+        gone_after >= Duration::from_millis(3_900),
+        "the idle flow left the table {gone_after:.1?} after its last packet, before its 4 s \
+         timeout"
+    );
+    stop.store(true, Ordering::Relaxed);
+    busy_thread.join().expect("the busy flow's exchanges all answered");
+    let stats = json(&["stats", "--json"]);
+    let _ = agent.kill();
+    let _ = agent.wait();
+    // The busy flow's two entries, and nothing of the idle one.
+    assert_eq!(stats["flow_table"]["flows"]["entries"], 2, "{}", stats["flow_table"]);
+    println!("the idle flow left the table {gone_after:.1?} after its last packet (timeout 4 s)");
 }
 
 /// A TCP connection attempt from a fixed source port, with a short timeout.

@@ -24,6 +24,7 @@ use std::{
 
 use common::{Netns, Pins, echo::EchoServer, unique, veth};
 use serde_json::Value as Json;
+use xdpgate_common::maps::{EMBRYO_ENTRIES, FLOW_ENTRIES};
 
 const CLIENT: &str = "203.0.113.10";
 const SERVER: &str = "198.51.100.10";
@@ -295,7 +296,7 @@ fn ids(flows: &[Json]) -> Vec<String> {
         .collect()
 }
 
-const FAMILIES: [&str; 12] = [
+const FAMILIES: [&str; 17] = [
     "xdpgate_interface_packets_total",
     "xdpgate_interface_bytes_total",
     "xdpgate_drops_total",
@@ -306,6 +307,11 @@ const FAMILIES: [&str; 12] = [
     "xdpgate_backend_bytes_total",
     "xdpgate_backend_healthy",
     "xdpgate_flows",
+    "xdpgate_flow_table_capacity",
+    "xdpgate_flow_table_entries",
+    "xdpgate_embryonic_flows_total",
+    "xdpgate_flows_rebuilt_total",
+    "xdpgate_flows_picked_up_total",
     "xdpgate_policy_generation",
     "xdpgate_policy_applied_timestamp_seconds",
 ];
@@ -391,6 +397,16 @@ fn metrics_flows_and_status_match_known_traffic() {
     assert_eq!(sample(&scrape, "xdpgate_policy_generation", &[]), 1.0);
     let flows_gauge = sample(&scrape, "xdpgate_flows", &[]);
     assert!(flows_gauge >= (2 * (N_WEB + L_LB + 1)) as f64, "flow entries {flows_gauge}");
+    let table = |name, t| sample(&scrape, name, &[("table", t)]);
+    assert_eq!(table("xdpgate_flow_table_entries", "flows"), flows_gauge);
+    // The default sizes, in flows (two entries each).
+    assert_eq!(
+        (
+            table("xdpgate_flow_table_capacity", "flows"),
+            table("xdpgate_flow_table_capacity", "embryonic")
+        ),
+        (f64::from(FLOW_ENTRIES / 2), f64::from(EMBRYO_ENTRIES / 2))
+    );
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs_f64();
     let applied = sample(&scrape, "xdpgate_policy_applied_timestamp_seconds", &[]);
     assert!((now - 120.0..=now + 1.0).contains(&applied), "applied at {applied}, now {now}");

@@ -277,7 +277,7 @@ fn a_full_established_table_refuses_new_flows() {
             // Out to a DNS server on the internet (translated) and answered.
             let (v, out) = k.run_out(&frame("198.51.100.40", "203.0.113.53", L4::Udp(port, 53)));
             assert_eq!(v, PASS, "request {i}");
-            let (_, public, _, public_port) = endpoints(&out);
+            let (public, _, public_port, _) = endpoints(&out);
             k.arrive_as(Role::External);
             let answer = frame("203.0.113.53", &public.to_string(), L4::Udp(53, public_port));
             match k.run(&answer) {

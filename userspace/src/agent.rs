@@ -6,19 +6,26 @@ use std::{
     collections::{BTreeMap, HashMap, HashSet},
     net::IpAddr,
     path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, anyhow};
 use aya_log::EbpfLogger;
-use log::{error, info, warn};
+use log::{debug, error, info, warn};
 use tokio::{
     io::{Interest, unix::AsyncFd},
     signal::unix::{SignalKind, signal},
     sync::mpsc,
+    task::JoinHandle,
 };
 use xdpgate_common::events::FlowEvent;
 use xdpgate_dataplane::{
-    self as dataplane, PinDir, apply, flows,
+    self as dataplane, PinDir, apply,
+    flows::{self, Ended, Swept},
     lb::{self, LbMaps},
     nat,
     state::AgentLock,
@@ -105,7 +112,92 @@ pub struct RunConfig {
 struct Running {
     policy: Policy,
     lbs: CompiledLb,
-    names: flows::Names,
+    names: Arc<flows::Names>,
+}
+
+/// When the sweep of idle flows may run next: a pass starts at most once per max(1 s, 20
+/// times the last pass's duration), so however big the flow table, the sweep takes at most
+/// a twentieth of one CPU (a pass over a million entries takes about a second).
+#[derive(Debug)]
+struct Pace {
+    next: Instant,
+}
+
+impl Pace {
+    const MIN: Duration = Duration::from_secs(1);
+    const FACTOR: u32 = 20;
+
+    fn due(&self, now: Instant) -> bool {
+        now >= self.next
+    }
+
+    fn done(&mut self, started: Instant, took: Duration) {
+        self.next = started + Self::MIN.max(took * Self::FACTOR);
+    }
+}
+
+/// The sweep of idle established flows (`flows::remove_idle`). The dataplane never frees
+/// their entries (`FLOWS` is not LRU), so it runs whether or not there is a flow log. A pass
+/// runs on a blocking thread, so a big table does not hold up events, probes or signals;
+/// with a flow log it sends the flows it removes back for their `end` lines.
+struct Sweeper {
+    pace: Pace,
+    /// The pass under way: when it started, and its thread.
+    pass: Option<(Instant, JoinHandle<Result<Swept>>)>,
+    /// Flows the pass removed, for the flow log; open until the pass is done and every one
+    /// has been taken.
+    ends: Option<mpsc::Receiver<Ended>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Sweeper {
+    fn new() -> Self {
+        Self {
+            pace: Pace { next: Instant::now() },
+            pass: None,
+            ends: None,
+            stop: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Starts a pass if none is under way and one is due.
+    fn start(&mut self, pins: &PinDir, names: &Arc<flows::Names>, flow_log: bool) {
+        let now = Instant::now();
+        if self.pass.is_some() || self.ends.is_some() || !self.pace.due(now) {
+            return;
+        }
+        let (pins, names, stop) = (pins.clone(), names.clone(), self.stop.clone());
+        let (tx, rx) = mpsc::channel::<Ended>(1024);
+        self.ends = flow_log.then_some(rx);
+        let handle = tokio::task::spawn_blocking(move || {
+            flows::remove_idle(&pins, &names, &stop, |ended| {
+                if flow_log {
+                    // The agent's loop is gone (it is stopping): the pass ends.
+                    tx.blocking_send(ended).map_err(|_| anyhow!("the agent is stopping"))?;
+                }
+                Ok(())
+            })
+        });
+        self.pass = Some((now, handle));
+    }
+
+    /// The pass under way has ended: paces the next one; returns what it did.
+    fn finished(
+        &mut self,
+        joined: Result<Result<Swept>, tokio::task::JoinError>,
+    ) -> Result<(Swept, Duration)> {
+        let (started, _) = self.pass.take().expect("a pass was under way");
+        let took = started.elapsed();
+        self.pace.done(started, took);
+        let swept = joined.map_err(|e| anyhow!("the sweep's thread failed: {e}"))??;
+        Ok((swept, took))
+    }
+
+    /// Ends a pass under way soon (at the next entry it looks at).
+    fn stop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.ends = None;
+    }
 }
 
 /// Recurring jobs that fail are logged once per distinct error, not every second, and
@@ -226,8 +318,9 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     if let Some(node) = &node {
         attach_node(pins, node, &mut failing);
     }
-    let names = flows::Names::read(pins)?;
+    let names = Arc::new(flows::Names::read(pins)?);
     let mut running = Running { policy, lbs, names };
+    let mut sweeper = Sweeper::new();
 
     // The dataplane's flow events, read as they come when a flow log is wanted.
     let mut events = match flow_log {
@@ -272,6 +365,25 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                 }
                 guard.clear_ready();
             }
+            joined = async { (&mut sweeper.pass.as_mut().expect("guarded").1).await }, if sweeper.pass.is_some() => {
+                if let Some((swept, took)) = failing.check("flow sweep", sweeper.finished(joined)) {
+                    debug!(
+                        "flow sweep: {} of {} entries removed in {took:.1?}",
+                        swept.removed, swept.seen
+                    );
+                }
+            }
+            ended = async { sweeper.ends.as_mut().expect("guarded").recv().await }, if sweeper.ends.is_some() => {
+                match ended {
+                    Some(ended) => {
+                        if let Some(sink) = flow_log.as_mut() {
+                            failing.check("flow log", sink.write(&flowlog::end_line(&running.names, &ended)));
+                        }
+                    }
+                    // The pass is done and every flow it removed is logged.
+                    None => sweeper.ends = None,
+                }
+            }
             Some(change) = rx.recv() => {
                 on_change(&mut maps, &running.lbs, &mut down, &change, &mut failing);
             }
@@ -286,6 +398,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                     attach_node(pins, node, &mut failing);
                 }
                 tick(pins, &running, &mut loggers, flow_log.as_mut(), &mut failing);
+                sweeper.start(pins, &running.names, flow_log.is_some());
                 // Failures (and recoveries) of any job since the last write, at most once a
                 // second.
                 if failing.list() != state.failing {
@@ -295,7 +408,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
             _ = hup.recv() => {
                 info!("SIGHUP: reloading {}", file.display());
                 if let Some(sink) = flow_log.as_mut() {
-                    failing.check("flow log file", sink.reopen());
+                    failing.check("flow log path", sink.reopen());
                 }
                 let result = match prepare(file) {
                     Err(e) => Err(e),
@@ -314,7 +427,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                         match transaction::install(pins, &policy, &source, &tables, &lbs, &view) {
                             Ok(generation) => {
                                 let names = failing.check("reading the new policy's rule names", flows::Names::read(pins));
-                                let names = names.unwrap_or(running.names);
+                                let names = names.map(Arc::new).unwrap_or(running.names);
                                 running = Running { policy, lbs, names };
                                 down = down_new;
                                 prober = Prober::spawn(targets_new, &down, max_concurrent, tx.clone());
@@ -357,6 +470,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
         }
     }
     drop(prober);
+    sweeper.stop();
     agent_state::remove(pins);
     info!("stopping; the dataplane keeps running from its pinned state");
     Ok(())
@@ -404,16 +518,12 @@ fn tick(
     {
         info!("NAT: {} translations idled out, {} ports free again", e.expired, e.released);
     }
-    if let Some(sink) = flow_log {
-        // A job of its own: the file being there says nothing about whether writes work.
-        if let Some(Some(path)) = failing.check("flow log file", sink.follow()) {
-            warn!("flow log {} was moved or removed; writing to a new file there", path.display());
-        }
-        if let Some(lines) = failing.check("flow-log sweep", flowlog::sweep(pins, &running.names)) {
-            for line in lines {
-                failing.check("flow log", sink.write(&line));
-            }
-        }
+    // A job of its own: finding the file in place says nothing of whether writes work, so
+    // it must not clear a write failure that `status` shows.
+    if let Some(sink) = flow_log
+        && let Some(Some(path)) = failing.check("flow log path", sink.follow())
+    {
+        warn!("flow log {} was moved or removed; writing to a new file there", path.display());
     }
 }
 
@@ -464,4 +574,26 @@ fn on_change(
     // still sends it new flows.
     let flagged = maps.set_backend(b, change.backend, view.healthy(change.backend));
     failing.check("backend health flags", flagged);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sweep_runs_at_most_once_per_twenty_times_its_duration_or_a_second() {
+        let t0 = Instant::now();
+        let mut pace = Pace { next: t0 };
+        assert!(pace.due(t0));
+        // A quick pass: the next one a second after the last began.
+        pace.done(t0, Duration::from_millis(10));
+        assert!(!pace.due(t0 + Duration::from_millis(999)));
+        assert!(pace.due(t0 + Duration::from_secs(1)));
+        // A pass of 300 ms (a big table): the next one 6 s after it began, so the sweep
+        // keeps to a twentieth of a CPU.
+        let t1 = t0 + Duration::from_secs(1);
+        pace.done(t1, Duration::from_millis(300));
+        assert!(!pace.due(t1 + Duration::from_millis(5_999)));
+        assert!(pace.due(t1 + Duration::from_secs(6)));
+    }
 }

@@ -1,7 +1,8 @@
 //! Flow logs in the spirit of Azure's NSG flow logs: one JSON object per line and flow
 //! tuple, with the NSG and rule that decided it, the decision and the flow state (`begin`,
 //! `end`; `deny`), and for ended flows the packets and bytes each way. `begin` and `deny`
-//! come from the dataplane's ring buffer; `end` from the agent's sweep of idle flows.
+//! come from the dataplane's ring buffer; `end` from the agent's sweep of idle flows
+//! (`flows::remove_idle`), which runs with or without a flow log.
 
 use std::{
     fs::{self, File, OpenOptions},
@@ -14,13 +15,12 @@ use anyhow::{Context, Result};
 use serde_json::{Value, json};
 use xdpgate_common::{
     events::{EVENT_BEGIN, FlowEvent},
-    flow::FlowKey,
+    flow::{FlowKey, FlowValue},
     nsg::DIR_INBOUND,
 };
 
 use xdpgate_dataplane::{
-    PinDir,
-    flows::{self, Names},
+    flows::{self, Ended, Names},
     nat::monotonic_ns,
 };
 
@@ -238,31 +238,30 @@ pub fn event_line(names: &Names, e: &FlowEvent) -> Value {
     )
 }
 
-/// Removes flows idle past their timeout from the flow table and returns an `end` line for
-/// each, with its packets and bytes both ways. (The dataplane already treats them as gone;
-/// this makes their end visible and frees the entries.)
-pub fn sweep(pins: &PinDir, names: &Names) -> Result<Vec<Value>> {
-    let mut lines = Vec::new();
-    for (key, fwd, back) in flows::remove_idle(pins, names)? {
-        let last = fwd.last_seen_ns.max(back.map_or(0, |b| b.last_seen_ns));
-        lines.push(merge(
-            merge(
-                json!({
-                    "time": wall_clock(last),
-                    "direction": if u32::from(fwd.direction) == DIR_INBOUND { "inbound" } else { "outbound" },
-                    "decision": "allow",
-                    "state": "end",
-                    "packets_forward": fwd.packets,
-                    "bytes_forward": fwd.bytes,
-                    "packets_reverse": back.map_or(0, |b| b.packets),
-                    "bytes_reverse": back.map_or(0, |b| b.bytes),
-                }),
-                tuple(&key),
-            ),
-            rule_fields(names, fwd.rule, fwd.generation),
-        ));
-    }
-    Ok(lines)
+/// The `end` line of a flow the agent's sweep removed, with its packets and bytes both ways
+/// (zero for a direction whose entry was already gone).
+pub fn end_line(names: &Names, ended: &Ended) -> Value {
+    let main = ended.main();
+    let traffic = |v: Option<FlowValue>| v.map_or((0, 0), |v| (v.packets, v.bytes));
+    let (packets_forward, bytes_forward) = traffic(ended.forward);
+    let (packets_reverse, bytes_reverse) = traffic(ended.reply);
+    let last = ended.forward.iter().chain(ended.reply.iter()).map(|v| v.last_seen_ns).max();
+    merge(
+        merge(
+            json!({
+                "time": wall_clock(last.unwrap_or(0)),
+                "direction": if u32::from(main.direction) == DIR_INBOUND { "inbound" } else { "outbound" },
+                "decision": "allow",
+                "state": "end",
+                "packets_forward": packets_forward,
+                "bytes_forward": bytes_forward,
+                "packets_reverse": packets_reverse,
+                "bytes_reverse": bytes_reverse,
+            }),
+            tuple(&ended.key),
+        ),
+        rule_fields(names, main.rule, main.generation),
+    )
 }
 
 #[cfg(test)]

@@ -190,8 +190,9 @@ enum Command {
     /// Print the dataplane's counters once in the Prometheus text format (what
     /// `xdpgate run --metrics-addr` serves at /metrics).
     Metrics,
-    /// List the flows in the flow table, most bytes first: 5-tuple of the first packet,
-    /// direction, deciding rule, NAT or backend, traffic each way and idle time.
+    /// List the flows in the flow tables, most bytes first: state (embryonic: not confirmed
+    /// yet; established), 5-tuple of the first packet, direction, deciding rule, NAT or
+    /// backend, traffic each way and idle time.
     ///
     /// Example: xdpgate flows --port 443 --top 50
     Flows {
@@ -207,6 +208,9 @@ enum Command {
         /// Only flows decided by this rule (RULE or NSG/RULE).
         #[arg(long, value_name = "NAME")]
         rule: Option<String>,
+        /// Only flows in this state: embryonic or established.
+        #[arg(long, value_name = "STATE")]
+        state: Option<flows::FlowState>,
         #[command(flatten)]
         output: OutputArgs,
     },
@@ -449,8 +453,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             ))?;
         }
         Command::Metrics => print!("{}", metrics::render(&pins)?),
-        Command::Flows { top, addr, port, rule, output } => {
-            let list = flows::list(&pins, &flows::Filter { addr, port, rule }, top)?;
+        Command::Flows { top, addr, port, rule, state, output } => {
+            let list = flows::list(&pins, &flows::Filter { addr, port, rule, state }, top)?;
             views::print(list.as_slice(), output.format())?;
         }
         Command::Status { output } => {

@@ -39,7 +39,7 @@ use tokio::{
 };
 
 use xdpgate_dataplane::{
-    PinDir, apply, flows,
+    PinDir, apply,
     lb::{self, ServiceReport},
     nat,
     stats::{self, Stats},
@@ -190,8 +190,6 @@ pub struct Snapshot {
     pub generation: u64,
     /// When the applied policy was saved, in seconds since the Unix epoch.
     pub applied_at: Option<f64>,
-    /// Entries in the flow table.
-    pub flows: u64,
     pub nat: Vec<nat::GatewayReport>,
     /// The running agent's last policy load (none without a running agent).
     pub agent: Option<AgentState>,
@@ -213,7 +211,6 @@ impl Snapshot {
             services,
             generation: config.generation,
             applied_at,
-            flows: flows::count(pins)?,
             nat,
             agent: agent_state::read(pins).filter(AgentState::running),
         })
@@ -311,13 +308,63 @@ impl Snapshot {
             }
         }
 
+        let table = &self.stats.flow_table;
         let mut flows = Family::new(
             "xdpgate_flows",
             Gauge,
-            "Entries in the flow table (one per direction of each flow; idle entries stay until \
-             reused or evicted).",
+            "Entries in the table of established flows (one per direction of each flow; the \
+             agent removes idle ones).",
         );
-        flows.add(Vec::new(), Int(self.flows));
+        flows.add(Vec::new(), Int(table.flows.entries));
+        let mut capacity = Family::new(
+            "xdpgate_flow_table_capacity",
+            Gauge,
+            "Flows a flow table holds (two entries each): flows (established) or embryonic (not \
+             confirmed yet).",
+        );
+        let mut entries = Family::new(
+            "xdpgate_flow_table_entries",
+            Gauge,
+            "Entries in a flow table, one per direction of each flow: the table is full at \
+             twice its capacity.",
+        );
+        for (name, cap, n) in [
+            ("flows", table.flows.capacity, table.flows.entries),
+            ("embryonic", table.embryonic.capacity, table.embryonic.entries),
+        ] {
+            capacity.add(vec![("table", name.into())], Int(cap));
+            entries.add(vec![("table", name.into())], Int(n));
+        }
+        let mut embryos = Family::new(
+            "xdpgate_embryonic_flows_total",
+            Counter,
+            "Embryonic (not yet confirmed) flows by outcome: created, and ended as confirmed, \
+             expired, refused (established table full), closed, or evicted by newer embryonic \
+             flows (derived: created less the other outcomes and the live ones).",
+        );
+        let e = &table.embryonic;
+        for (outcome, n) in [
+            ("created", e.created),
+            ("confirmed", e.confirmed),
+            ("expired", e.expired),
+            ("refused", e.refused),
+            ("closed", e.closed),
+            ("evicted", e.evicted),
+        ] {
+            embryos.add(vec![("outcome", outcome.into())], Int(n));
+        }
+        let mut rebuilt = Family::new(
+            "xdpgate_flows_rebuilt_total",
+            Counter,
+            "Established flows rebuilt from a live NAT translation after their entries were gone.",
+        );
+        rebuilt.add(Vec::new(), Int(table.rebuilt));
+        let mut picked_up = Family::new(
+            "xdpgate_flows_picked_up_total",
+            Counter,
+            "TCP segments other than a SYN taken up as new flows (mid-stream pickup).",
+        );
+        picked_up.add(Vec::new(), Int(table.picked_up));
         let mut generation = Family::new(
             "xdpgate_policy_generation",
             Gauge,
@@ -392,6 +439,11 @@ impl Snapshot {
             be_bytes,
             be_healthy,
             flows,
+            capacity,
+            entries,
+            embryos,
+            rebuilt,
+            picked_up,
             generation,
             applied,
             events,
@@ -628,7 +680,9 @@ mod tests {
     use super::*;
     use xdpgate_dataplane::{
         lb::BackendReport,
-        stats::{IfaceStats, PolicyStats, RuleHits, Traffic},
+        stats::{
+            EmbryonicTable, EstablishedTable, FlowTable, IfaceStats, PolicyStats, RuleHits, Traffic,
+        },
     };
     use xdpgate_policy::{Direction, Layer};
 
@@ -662,6 +716,22 @@ mod tests {
                 }),
                 flow_events_rate_limited: 5,
                 flow_events_lost: 0,
+                flow_table: FlowTable {
+                    flows: EstablishedTable { capacity: 524_288, entries: 6 },
+                    embryonic: EmbryonicTable {
+                        capacity: 131_072,
+                        live: 2,
+                        entries: 5,
+                        created: 30,
+                        confirmed: 20,
+                        expired: 3,
+                        refused: 1,
+                        closed: 2,
+                        evicted: 2,
+                    },
+                    rebuilt: 4,
+                    picked_up: 9,
+                },
             },
             services: vec![ServiceReport {
                 load_balancer: "lb".into(),
@@ -686,7 +756,6 @@ mod tests {
             }],
             generation: 4,
             applied_at: Some(1_700_000_000.25),
-            flows: 6,
             nat: vec![nat::GatewayReport {
                 name: "egress".into(),
                 addresses: vec![("203.0.113.5".parse().unwrap(), 17)],
@@ -759,6 +828,11 @@ mod tests {
                 "xdpgate_backend_bytes_total",
                 "xdpgate_backend_healthy",
                 "xdpgate_flows",
+                "xdpgate_flow_table_capacity",
+                "xdpgate_flow_table_entries",
+                "xdpgate_embryonic_flows_total",
+                "xdpgate_flows_rebuilt_total",
+                "xdpgate_flows_picked_up_total",
                 "xdpgate_policy_generation",
                 "xdpgate_policy_applied_timestamp_seconds",
                 "xdpgate_flow_events_dropped_total",
@@ -791,6 +865,19 @@ mod tests {
             "# TYPE xdpgate_backend_healthy gauge",
             "xdpgate_flows 6",
             "# TYPE xdpgate_flows gauge",
+            r#"xdpgate_flow_table_capacity{table="flows"} 524288"#,
+            r#"xdpgate_flow_table_capacity{table="embryonic"} 131072"#,
+            r#"xdpgate_flow_table_entries{table="flows"} 6"#,
+            r#"xdpgate_flow_table_entries{table="embryonic"} 5"#,
+            "# TYPE xdpgate_embryonic_flows_total counter",
+            r#"xdpgate_embryonic_flows_total{outcome="created"} 30"#,
+            r#"xdpgate_embryonic_flows_total{outcome="confirmed"} 20"#,
+            r#"xdpgate_embryonic_flows_total{outcome="expired"} 3"#,
+            r#"xdpgate_embryonic_flows_total{outcome="refused"} 1"#,
+            r#"xdpgate_embryonic_flows_total{outcome="closed"} 2"#,
+            r#"xdpgate_embryonic_flows_total{outcome="evicted"} 2"#,
+            "xdpgate_flows_rebuilt_total 4",
+            "xdpgate_flows_picked_up_total 9",
             "xdpgate_policy_generation 4",
             "xdpgate_policy_applied_timestamp_seconds 1700000000.25",
             "# HELP xdpgate_flow_events_dropped_total Flow-log events the dataplane held back: \

@@ -3,20 +3,22 @@
 
 use std::{
     fs,
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{Context, Result, anyhow, bail};
 use aya::{
     Ebpf,
-    maps::HashMap,
+    maps::{HashMap, MapData, MapError},
     programs::{TestRun, TestRunOptions, Xdp},
 };
 use serde::Serialize;
 use xdpgate_common::{
+    flow::{FlowKey, FlowValue},
     iface::{IfaceConfig, Role},
-    maps::IFACES,
+    maps::{EMBRYOS, FLOWS, IFACES},
+    words,
 };
 use xdpgate_dataplane::{self as dataplane, NOOP_PROGRAM, PROGRAM, PinDir, apply, transaction};
 use xdpgate_policy::{
@@ -262,12 +264,20 @@ pub fn addr4(a: Ipv4Addr) -> [u8; 16] {
 
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_ACK: u8 = 0x10;
+pub const TCP_SYN_ACK: u8 = TCP_SYN | TCP_ACK;
+/// Initial sequence numbers of the benchmark's TCP connections: the client's SYN carries
+/// `CLIENT_ISN`, the server's (backend's, remote's) SYN-ACK `SERVER_ISN`; every later
+/// client segment acknowledges `SERVER_ISN + 1`, which is what confirms an embryonic flow.
+pub const CLIENT_ISN: u32 = 1_000;
+pub const SERVER_ISN: u32 = 90_000;
 pub const ETH_LEN: usize = 14;
 pub const MAC_DST: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0b];
 pub const MAC_SRC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0a];
 
 /// Ethernet + IPv4 or IPv6 + TCP (20 bytes) + a small payload, with correct lengths and
-/// checksums (IPv4 header and TCP).
+/// checksums (IPv4 header and TCP), numbered as a segment of the benchmark's connections:
+/// a SYN is the client's first segment, a SYN-ACK the server's answer to it, any other
+/// segment the client's after the handshake (see [`CLIENT_ISN`]).
 pub fn tcp_frame(
     family: Family,
     src: [u8; 16],
@@ -275,6 +285,26 @@ pub fn tcp_frame(
     sport: u16,
     dport: u16,
     flags: u8,
+) -> Vec<u8> {
+    let (seq, ack) = match flags & TCP_SYN_ACK {
+        TCP_SYN => (CLIENT_ISN, 0),
+        TCP_SYN_ACK => (SERVER_ISN, CLIENT_ISN.wrapping_add(1)),
+        _ => (CLIENT_ISN.wrapping_add(1), SERVER_ISN.wrapping_add(1)),
+    };
+    tcp_segment(family, src, dst, sport, dport, flags, seq, ack)
+}
+
+/// [`tcp_frame`] with the sequence and acknowledgement numbers given.
+#[allow(clippy::too_many_arguments)]
+pub fn tcp_segment(
+    family: Family,
+    src: [u8; 16],
+    dst: [u8; 16],
+    sport: u16,
+    dport: u16,
+    flags: u8,
+    seq: u32,
+    ack: u32,
 ) -> Vec<u8> {
     const PAYLOAD: &[u8] = b"xdpgate-bench";
     let l4_len = 20 + PAYLOAD.len();
@@ -306,8 +336,8 @@ pub fn tcp_frame(
     let l4 = p.len();
     p.extend_from_slice(&sport.to_be_bytes());
     p.extend_from_slice(&dport.to_be_bytes());
-    p.extend_from_slice(&1000u32.to_be_bytes()); // sequence
-    p.extend_from_slice(&(if flags & TCP_ACK != 0 { 1u32 } else { 0 }).to_be_bytes());
+    p.extend_from_slice(&seq.to_be_bytes());
+    p.extend_from_slice(&ack.to_be_bytes());
     p.extend_from_slice(&[0x50, flags]); // data offset 5 words; flags
     p.extend_from_slice(&64240u16.to_be_bytes()); // window
     p.extend_from_slice(&[0, 0, 0, 0]); // checksum (below), urgent pointer
@@ -366,6 +396,136 @@ pub fn endpoints4(p: &[u8]) -> (Ipv4Addr, Ipv4Addr, u16, u16) {
     let a = |o: usize| Ipv4Addr::new(ip[o], ip[o + 1], ip[o + 2], ip[o + 3]);
     let l4 = &ip[usize::from(ip[0] & 0xf) * 4..];
     (a(12), a(16), u16::from_be_bytes([l4[0], l4[1]]), u16::from_be_bytes([l4[2], l4[3]]))
+}
+
+// ---------------------------------------------------------------------------------------
+// Flow tables: which path a packet of a flow takes
+
+/// Where a packet finds its flow: nowhere (it starts one), among the embryonic flows
+/// (`EMBRYOS`: a miss in `FLOWS` first), or among the established ones (`FLOWS`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlowState {
+    None,
+    Embryonic,
+    Established,
+    /// In both tables: never left so by the dataplane.
+    Both,
+}
+
+/// The flow tables of a dataplane under test.
+pub struct FlowTables {
+    flows: HashMap<MapData, FlowKey, FlowValue>,
+    embryos: HashMap<MapData, FlowKey, FlowValue>,
+}
+
+impl FlowTables {
+    pub fn open(bench: &Bench) -> Result<Self> {
+        Ok(Self {
+            flows: bench.pins.open_map(FLOWS)?.try_into()?,
+            embryos: bench.pins.open_map(EMBRYOS)?.try_into()?,
+        })
+    }
+
+    /// The state of the flow of `frame` (an untagged TCP frame), by its key as it arrives.
+    pub fn state(&self, frame: &[u8]) -> Result<FlowState> {
+        let key = flow_key(frame)?;
+        let has = |m: &HashMap<MapData, FlowKey, FlowValue>| match m.get(&key, 0) {
+            Ok(_) => Ok(true),
+            Err(MapError::KeyNotFound) => Ok(false),
+            Err(e) => Err(e),
+        };
+        Ok(match (has(&self.flows)?, has(&self.embryos)?) {
+            (false, false) => FlowState::None,
+            (false, true) => FlowState::Embryonic,
+            (true, false) => FlowState::Established,
+            (true, true) => FlowState::Both,
+        })
+    }
+
+    /// Fails unless the flow of every frame is in state `want`: otherwise the benchmark
+    /// would measure another path than the one it names.
+    pub fn expect(&self, what: &str, want: FlowState, frames: &[&[u8]]) -> Result<()> {
+        for f in frames {
+            let got = self.state(f)?;
+            if got != want {
+                let (s, d, sp, dp) = endpoints(f);
+                bail!(
+                    "{what}: the flow entry of {s}:{sp} -> {d}:{dp} is {got:?}, want {want:?}: \
+                     the benchmark would measure the wrong path"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Entries in `FLOWS` and in `EMBRYOS`.
+    pub fn entries(&self) -> (usize, usize) {
+        let n = |m: &HashMap<MapData, FlowKey, FlowValue>| m.keys().filter_map(|k| k.ok()).count();
+        (n(&self.flows), n(&self.embryos))
+    }
+}
+
+/// Opens a TCP connection through a dataplane that does not rewrite it, as its two ends
+/// would: the client's SYN (arriving from outside), the server's SYN-ACK (from inside), the
+/// client's ACK of it; checks that every segment passes and that the ACK, not the SYN-ACK,
+/// confirmed the flow. Returns the client's ACK, the segment of the established flow.
+pub fn handshake(
+    bench: &Bench,
+    what: &str,
+    family: Family,
+    (client, cport): ([u8; 16], u16),
+    (server, sport): ([u8; 16], u16),
+) -> Result<Vec<u8>> {
+    let gate = bench.gate()?;
+    let tables = FlowTables::open(bench)?;
+    let syn = tcp_frame(family, client, server, cport, sport, TCP_SYN);
+    let syn_ack = tcp_frame(family, server, client, sport, cport, TCP_SYN_ACK);
+    let ack = tcp_frame(family, client, server, cport, sport, TCP_ACK);
+    expect_verdict(&format!("{what} (SYN)"), run(gate, &syn, 1)?.0, XDP_PASS)?;
+    bench.arrive_as(Role::Internal)?;
+    let answered = run(gate, &syn_ack, 1);
+    bench.arrive_as(Role::External)?;
+    expect_verdict(&format!("{what} (SYN-ACK)"), answered?.0, XDP_PASS)?;
+    tables.expect(&format!("{what}, answered"), FlowState::Embryonic, &[&syn, &syn_ack])?;
+    expect_verdict(&format!("{what} (ACK)"), run(gate, &ack, 1)?.0, XDP_PASS)?;
+    tables.expect(what, FlowState::Established, &[&ack, &syn_ack])?;
+    Ok(ack)
+}
+
+/// The flow key of an untagged IPv4 or IPv6 TCP frame, as the dataplane builds it.
+pub fn flow_key(p: &[u8]) -> Result<FlowKey> {
+    let ip = &p[ETH_LEN..];
+    let (family, src, dst, l4) = match ip[0] >> 4 {
+        4 => {
+            let (mut s, mut d) = ([0u8; 16], [0u8; 16]);
+            s[..4].copy_from_slice(&ip[12..16]);
+            d[..4].copy_from_slice(&ip[16..20]);
+            (4, s, d, &ip[usize::from(ip[0] & 0xf) * 4..])
+        }
+        6 => (6, ip[8..24].try_into()?, ip[24..40].try_into()?, &ip[40..]),
+        v => bail!("not an IP frame (version {v})"),
+    };
+    Ok(FlowKey {
+        src: words(&src),
+        dst: words(&dst),
+        sport: u16::from_be_bytes([l4[0], l4[1]]),
+        dport: u16::from_be_bytes([l4[2], l4[3]]),
+        proto: 6,
+        family,
+        _pad: [0; 2],
+    })
+}
+
+/// (source, destination, source port, destination port) of an untagged IPv4 or IPv6 TCP
+/// frame, for messages.
+fn endpoints(p: &[u8]) -> (IpAddr, IpAddr, u16, u16) {
+    let ip = &p[ETH_LEN..];
+    if ip[0] >> 4 == 4 {
+        let (s, d, sp, dp) = endpoints4(p);
+        return (s.into(), d.into(), sp, dp);
+    }
+    let a = |o: usize| IpAddr::from(<[u8; 16]>::try_from(&ip[o..o + 16]).expect("16 bytes"));
+    (a(8), a(24), u16::from_be_bytes([ip[40], ip[41]]), u16::from_be_bytes([ip[42], ip[43]]))
 }
 
 // ---------------------------------------------------------------------------------------

@@ -7,19 +7,15 @@
 use std::{collections::HashSet, fmt::Write as _, net::Ipv4Addr, time::Instant};
 
 use anyhow::{Result, bail};
-use aya::maps::HashMap;
 use serde::Serialize;
-use xdpgate_common::{
-    flow::{FlowKey, FlowValue},
-    lb::MAGLEV_SIZE,
-    maps::FLOWS,
-};
+use xdpgate_common::{iface::Role, lb::MAGLEV_SIZE};
 use xdpgate_dataplane::lb::LbMaps;
 use xdpgate_policy::lb::{self, CompiledLb};
 
 use crate::common::{
-    Bench, Config, Family, Machine, Ratio, TCP_ACK, TCP_SYN, XDP_PASS, addr4, checksums_ok,
-    endpoints4, expect_verdict, median, ms, run_each, tcp_frame, thousands,
+    Bench, Config, Family, FlowState, FlowTables, Machine, Ratio, TCP_ACK, TCP_SYN, TCP_SYN_ACK,
+    XDP_PASS, addr4, checksums_ok, endpoints4, expect_verdict, handshake, median, ms, run_each,
+    tcp_frame, thousands,
 };
 
 pub const BACKEND_COUNTS: [usize; 3] = [2, 16, 256];
@@ -166,6 +162,20 @@ fn check_dnat(
     Ok(dst)
 }
 
+/// Checks a backend's answer as it leaves: passed, from the frontend's address and port
+/// (the DNAT undone), to the client unchanged, checksums right from scratch.
+fn check_answer(what: &str, v: u32, out: &[u8], client: [u8; 16], cport: u16) -> Result<()> {
+    expect_verdict(what, v, XDP_PASS)?;
+    let (src, dst, sp, dp) = endpoints4(out);
+    if src != FRONTEND || sp != FRONTEND_PORT || dst.octets() != client[..4] || dp != cport {
+        bail!("{what}: not translated back to the frontend ({src}:{sp} -> {dst}:{dp})");
+    }
+    if !checksums_ok(out) {
+        bail!("{what}: checksums wrong after the rewrite");
+    }
+    Ok(())
+}
+
 impl Setup {
     fn new(cfg: &Config, n: usize, reference: bool) -> Result<Self> {
         let bench = Bench::new()?;
@@ -173,7 +183,9 @@ impl Setup {
         let backends: HashSet<Ipv4Addr> = (0..n).map(backend).collect();
         let gate = bench.gate()?;
         let (fe, c) = (addr4(FRONTEND), client(100));
-        // Open the flows of the established case with their SYNs.
+        // Establish the flows of the established case as their two ends would: the
+        // client's SYNs to the frontend, the backends' SYN-ACKs (from inside), the client's
+        // ACKs of them, which confirm the flows.
         let syns: Vec<Vec<u8>> = (0..cfg.open_flows)
             .map(|j| tcp_frame(Family::IPv4, c, fe, 30_000 + j, FRONTEND_PORT, TCP_SYN))
             .collect();
@@ -183,6 +195,19 @@ impl Setup {
             Ok(())
         })?;
         let spread = flow_backend.iter().collect::<HashSet<_>>().len();
+        let syn_acks: Vec<Vec<u8>> = flow_backend
+            .iter()
+            .enumerate()
+            .map(|(j, b)| {
+                tcp_frame(Family::IPv4, addr4(*b), c, BACKEND_PORT, 30_000 + j as u16, TCP_SYN_ACK)
+            })
+            .collect();
+        bench.arrive_as(Role::Internal)?;
+        let answered = run_each(gate, &syn_acks, |j, v, out| {
+            check_answer("SYN-ACK", v, out, c, 30_000 + j as u16)
+        });
+        bench.arrive_as(Role::External)?;
+        answered?;
         let (mut acks, mut ack_backend) = (Vec::new(), Vec::new());
         for i in 0..usize::from(cfg.distinct) {
             let j = i % usize::from(cfg.open_flows);
@@ -190,13 +215,25 @@ impl Setup {
             acks.push(tcp_frame(Family::IPv4, c, fe, sport, FRONTEND_PORT, TCP_ACK));
             ack_backend.push(flow_backend[j]);
         }
+        let open = usize::from(cfg.open_flows);
+        run_each(gate, &acks[..open], |j, v, out| {
+            let b = check_dnat("ACK of the SYN-ACK", &backends, v, out, 30_000 + j as u16)?;
+            if b != flow_backend[j] {
+                bail!("ACK of the SYN-ACK went to {b}, its SYN to {}", flow_backend[j]);
+            }
+            Ok(())
+        })?;
+        let tables = FlowTables::open(&bench)?;
+        for (ack, syn_ack) in acks.iter().zip(&syn_acks) {
+            tables.expect("established flow", FlowState::Established, &[ack, syn_ack])?;
+        }
         // The reference: flows straight to a backend's address, which only the NSG judges.
         let reference = if reference {
             let (c, b) = (client(101), addr4(backend(0)));
-            let syns: Vec<Vec<u8>> = (0..cfg.open_flows)
-                .map(|j| tcp_frame(Family::IPv4, c, b, 30_000 + j, BACKEND_PORT, TCP_SYN))
-                .collect();
-            run_each(gate, &syns, |_, v, _| expect_verdict("reference SYN", v, XDP_PASS))?;
+            for j in 0..cfg.open_flows {
+                let ends = ((c, 30_000 + j), (b, BACKEND_PORT));
+                handshake(&bench, "reference flow", Family::IPv4, ends.0, ends.1)?;
+            }
             Some(
                 (0..usize::from(cfg.distinct))
                     .map(|i| {
@@ -262,20 +299,30 @@ impl Setup {
         Ok(())
     }
 
-    /// Checks the flow table holds exactly the flows the runs created (two entries each).
-    fn check_flows(&self, cfg: &Config) -> Result<usize> {
-        let flows: HashMap<_, FlowKey, FlowValue> = self.bench.pins.open_map(FLOWS)?.try_into()?;
-        let count = flows.keys().filter_map(|k| k.ok()).count();
-        let opened = usize::from(cfg.open_flows) * if self.reference.is_some() { 2 } else { 1 };
-        let want = 2 * (cfg.runs * usize::from(cfg.distinct) + opened);
-        if count != want {
+    /// Checks the measured flows are still established, and the flow tables hold exactly
+    /// the flows the runs created (two entries each): the established flows in `FLOWS`,
+    /// the first packets' in `EMBRYOS`.
+    fn check_flows(&self, cfg: &Config) -> Result<()> {
+        let tables = FlowTables::open(&self.bench)?;
+        let open = usize::from(cfg.open_flows);
+        let measured =
+            self.acks[..open].iter().chain(self.reference.iter().flat_map(|r| &r[..open]));
+        for ack in measured {
+            tables.expect("established flow, after the runs", FlowState::Established, &[ack])?;
+        }
+        let (flows, embryos) = tables.entries();
+        let opened = open * if self.reference.is_some() { 2 } else { 1 };
+        let want = (2 * opened, 2 * cfg.runs * usize::from(cfg.distinct));
+        if (flows, embryos) != want {
             bail!(
-                "{} backends: {count} flow entries after the runs, want {want}: some first \
-                 packets did not create their flow",
-                self.n
+                "{} backends: {flows} established and {embryos} embryonic entries after the \
+                 runs, want {} and {}: some first packets did not create their flow",
+                self.n,
+                want.0,
+                want.1
             );
         }
-        Ok(count)
+        Ok(())
     }
 
     /// Times the swap after a probe failure: backend 0 out, then back in, `update_runs`
@@ -486,9 +533,13 @@ pub fn markdown(r: &Report) -> String {
         "\nMethod: a frontend 192.0.2.10:80 balancing TCP to port 8080 of 2, 16 or 256 \
          backends, an NSG allowing port 8080 from the Internet, each backend count in its own \
          freshly loaded dataplane, applied with `agent::apply_policy` (every backend healthy). \
-         *first packet*: {dist} SYNs with distinct source ports per run, each run once. \
-         *established flow*: {open} flows opened by their SYNs before the runs, then {dist} \
-         ACK segments of them per run (cycling through the flows), each run once. A test run \
+         *first packet*: {dist} SYNs with distinct source ports per run, each run once \
+         (each misses both flow tables and creates its embryonic flow in the new-flow stage). \
+         *established flow*: {open} flows established before the runs by their handshakes \
+         (the client's SYN to the frontend, the backend's SYN-ACK, translated back, and the \
+         client's ACK of it, which moves the flow from the embryonic to the established \
+         table; checked for every flow before and after the runs), then {dist} ACK segments \
+         of them per run (cycling through the flows), each run once. A test run \
          that rewrites a packet cannot be repeated (the kernel feeds the rewritten packet to \
          the next repeat, which would take another path), so every figure here is one \
          packet per test run, no-op included: each carries the kernel's per-test-run overhead \
@@ -499,7 +550,8 @@ pub fn markdown(r: &Report) -> String {
          load balancer's rewrite adds to a flow hit. Every output packet is checked: verdict \
          XDP_PASS, destination a backend on port 8080, client side kept, IPv4 and TCP \
          checksums right from scratch, and an established flow keeps its backend; after the \
-         runs the flow table must hold exactly two entries per flow created. In \
+         runs the established table must hold exactly two entries per established flow, \
+         and the embryonic table two per first packet. In \
          BPF_PROG_TEST_RUN `bpf_fib_lookup` finds no route to the backends, so rewritten \
          packets return XDP_PASS after the rewrite: the rewrite and the checksums are \
          measured, the redirect (a devmap XDP_REDIRECT in production) is not. Spread sanity: \

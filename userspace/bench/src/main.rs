@@ -5,18 +5,20 @@
 //!
 //! Sections (each writes `target/bench/<section>.md` and `.json`; all of them together
 //! `target/bench/README.md` and the chart `target/bench/ratios.svg`):
-//! - `nsg`: NSG established/first-packet cases at 10-4,000 rules, IPv4 and IPv6, and the
-//!   time to compile and apply a policy of 4,000 rules;
+//! - `nsg`: NSG established/embryonic/first-packet cases at 10-4,000 rules, IPv4 and IPv6,
+//!   and the time to compile and apply a policy of 4,000 rules;
 //! - `lb`: load balancer, first packet and established flows with 2/16/256 backends, and
 //!   the Maglev table swap after a probe failure;
 //! - `nat`: NAT gateway, first packet (port claim) and established translated flows;
-//! - `memory`: every map at its configured size, the flow table at 1M entries, the agent's
+//! - `memory`: every map at its configured size, the flow table at 1M flows, the agent's
 //!   resident memory with 4,096 rules and 256 backends;
 //! - `peers`: nftables (linear chain and verdict map), no filter and xdpgate in packets per
 //!   second through a real veth path, and xdp-filter's per-packet cost against the no-op.
 //!
-//! A benchmark, not a test: nothing is asserted about speed. Verdicts, rewritten packets and
-//! table counts are checked, as a wrong one would mean the wrong path was measured.
+//! A benchmark, not a test: nothing is asserted about speed. Verdicts, rewritten packets,
+//! flow states (an "established" flow must be in the established table, after a full TCP
+//! handshake) and table counts are checked, as a wrong one would mean the wrong path was
+//! measured.
 
 mod common;
 mod lb;

@@ -8,17 +8,12 @@ use std::{collections::HashSet, fmt::Write as _, net::Ipv4Addr};
 use anyhow::{Result, bail};
 use aya::maps::HashMap;
 use serde::Serialize;
-use xdpgate_common::{
-    flow::{FlowKey, FlowValue},
-    iface::Role,
-    maps::{FLOWS, NAT_MAP},
-    nat::NatEntry,
-};
+use xdpgate_common::{flow::FlowKey, iface::Role, maps::NAT_MAP, nat::NatEntry};
 use xdpgate_dataplane::stats;
 
 use crate::common::{
-    Bench, Config, Family, Machine, Ratio, TCP_ACK, TCP_SYN, XDP_PASS, addr4, checksums_ok,
-    endpoints4, expect_verdict, run_each, tcp_frame, thousands,
+    Bench, Config, Family, FlowState, FlowTables, Machine, Ratio, TCP_ACK, TCP_SYN, TCP_SYN_ACK,
+    XDP_PASS, addr4, checksums_ok, endpoints4, expect_verdict, run_each, tcp_frame, thousands,
 };
 
 const PUBLIC: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 100);
@@ -79,7 +74,10 @@ pub struct Report {
     pub translations_capacity: u32,
     /// Bytes the translation map takes (kernel's memlock figure for the map).
     pub nat_map_bytes: u64,
+    /// Entries after the runs in the established (`FLOWS`) and embryonic (`EMBRYOS`) flow
+    /// tables.
     pub flow_entries: usize,
+    pub embryo_entries: usize,
     pub nat_exhausted_drops: u64,
     /// Distinct public ports the established flows got (each its own).
     pub established_ports: usize,
@@ -102,6 +100,20 @@ fn check_snat(what: &str, v: u32, out: &[u8], dst: Ipv4Addr) -> Result<u16> {
     Ok(sp)
 }
 
+/// A remote's answer as it leaves: passed, translated back to the private host and port,
+/// from the remote unchanged, checksums right from scratch.
+fn check_answer(what: &str, v: u32, out: &[u8], from: Ipv4Addr, to: (Ipv4Addr, u16)) -> Result<()> {
+    expect_verdict(what, v, XDP_PASS)?;
+    let (s, d, sp, dp) = endpoints4(out);
+    if s != from || sp != REMOTE_PORT || (d, dp) != to {
+        bail!("{what}: not translated back ({s}:{sp} -> {d}:{dp})");
+    }
+    if !checksums_ok(out) {
+        bail!("{what}: checksums wrong after the rewrite");
+    }
+    Ok(())
+}
+
 pub fn measure(cfg: &Config, machine: &Machine) -> Result<Report> {
     let bench = Bench::new()?;
     let nat_map_bytes = crate::memory::pinned_bytes(&bench.pins, NAT_MAP)?;
@@ -114,7 +126,9 @@ pub fn measure(cfg: &Config, machine: &Machine) -> Result<Report> {
     let noop = bench.noop()?;
     let (private, far) = (addr4(PRIVATE), Ipv4Addr::new(203, 0, 113, 200));
 
-    // Established: flows opened by their SYNs, then ACKs of them, cycling.
+    // Established: flows established by their handshakes (the private host's SYN, the
+    // remote's SYN-ACK to the public address and port, arriving from outside, the host's ACK
+    // of it, which confirms the flow), then ACKs of them, cycling.
     let open = usize::from(cfg.open_flows);
     let syns: Vec<Vec<u8>> = (0..cfg.open_flows)
         .map(|j| tcp_frame(Family::IPv4, private, addr4(far), 30_000 + j, REMOTE_PORT, TCP_SYN))
@@ -128,24 +142,58 @@ pub fn measure(cfg: &Config, machine: &Machine) -> Result<Report> {
     if established_ports != open {
         bail!("{open} flows to one destination got {established_ports} distinct public ports");
     }
+    let syn_acks: Vec<Vec<u8>> = ports
+        .iter()
+        .map(|&port| {
+            tcp_frame(Family::IPv4, addr4(far), addr4(PUBLIC), REMOTE_PORT, port, TCP_SYN_ACK)
+        })
+        .collect();
+    bench.arrive_as(Role::External)?;
+    let answered = run_each(gate, &syn_acks, |j, v, out| {
+        check_answer("SYN-ACK", v, out, far, (PRIVATE, 30_000 + j as u16))
+    });
+    bench.arrive_as(Role::Internal)?;
+    answered?;
     let acks: Vec<Vec<u8>> = (0..usize::from(cfg.distinct))
         .map(|i| {
             let sport = 30_000 + (i % open) as u16;
             tcp_frame(Family::IPv4, private, addr4(far), sport, REMOTE_PORT, TCP_ACK)
         })
         .collect();
-    // Reference: flows inside the virtual network, which are not translated.
-    let inside = addr4(Ipv4Addr::new(198, 51, 100, 20));
+    run_each(gate, &acks[..open], |j, v, out| {
+        if check_snat("ACK of the SYN-ACK", v, out, far)? != ports[j] {
+            bail!("ACK of the SYN-ACK left from another public port than its SYN");
+        }
+        Ok(())
+    })?;
+    let tables = FlowTables::open(&bench)?;
+    for (ack, syn_ack) in acks.iter().zip(&syn_acks) {
+        tables.expect("established flow", FlowState::Established, &[ack, syn_ack])?;
+    }
+    // Reference: flows inside the virtual network, which are not translated; the answers
+    // come from inside too.
+    let inside_addr = Ipv4Addr::new(198, 51, 100, 20);
+    let inside = addr4(inside_addr);
     let ref_syns: Vec<Vec<u8>> = (0..cfg.open_flows)
         .map(|j| tcp_frame(Family::IPv4, private, inside, 30_000 + j, REMOTE_PORT, TCP_SYN))
         .collect();
     run_each(gate, &ref_syns, |_, v, _| expect_verdict("reference SYN", v, XDP_PASS))?;
+    let ref_syn_acks: Vec<Vec<u8>> = (0..cfg.open_flows)
+        .map(|j| tcp_frame(Family::IPv4, inside, private, REMOTE_PORT, 30_000 + j, TCP_SYN_ACK))
+        .collect();
+    run_each(gate, &ref_syn_acks, |j, v, out| {
+        check_answer("reference SYN-ACK", v, out, inside_addr, (PRIVATE, 30_000 + j as u16))
+    })?;
     let refs: Vec<Vec<u8>> = (0..usize::from(cfg.distinct))
         .map(|i| {
             let sport = 30_000 + (i % open) as u16;
             tcp_frame(Family::IPv4, private, inside, sport, REMOTE_PORT, TCP_ACK)
         })
         .collect();
+    run_each(gate, &refs[..open], |_, v, _| expect_verdict("reference ACK", v, XDP_PASS))?;
+    for (ack, syn_ack) in refs.iter().zip(&ref_syn_acks) {
+        tables.expect("reference flow", FlowState::Established, &[ack, syn_ack])?;
+    }
 
     let (mut first, mut est, mut refr) =
         ((Vec::new(), Vec::new()), (Vec::new(), Vec::new()), (Vec::new(), Vec::new()));
@@ -201,11 +249,20 @@ pub fn measure(cfg: &Config, machine: &Machine) -> Result<Report> {
             2 * translations
         );
     }
-    let flows: HashMap<_, FlowKey, FlowValue> = bench.pins.open_map(FLOWS)?.try_into()?;
-    let flow_entries = flows.keys().filter_map(|k| k.ok()).count();
-    let want = 2 * (translations + open);
-    if flow_entries != want {
-        bail!("{flow_entries} flow entries after the runs, want {want}");
+    // The measured flows are still established; the established table holds them (the
+    // translated ones and the reference ones), the embryonic one the first packets' flows.
+    for ack in acks[..open].iter().chain(&refs[..open]) {
+        tables.expect("established flow, after the runs", FlowState::Established, &[ack])?;
+    }
+    let (flow_entries, embryo_entries) = tables.entries();
+    let want = (2 * 2 * open, 2 * cfg.runs * usize::from(cfg.distinct));
+    if (flow_entries, embryo_entries) != want {
+        bail!(
+            "{flow_entries} established and {embryo_entries} embryonic entries after the runs, \
+             want {} and {}",
+            want.0,
+            want.1
+        );
     }
     let nat_exhausted_drops = stats::read(&bench.pins)?.drops("nat_exhausted");
     let noop_single_ns = run_each(noop, &acks, |_, _, _| Ok(()))?;
@@ -237,6 +294,7 @@ pub fn measure(cfg: &Config, machine: &Machine) -> Result<Report> {
         translations_capacity,
         nat_map_bytes,
         flow_entries,
+        embryo_entries,
         nat_exhausted_drops,
         established_ports,
         noop_single_ns,
@@ -296,10 +354,14 @@ pub fn markdown(r: &Report) -> String {
          (203.0.113.1, .2, ...), so no destination's pool is more than {fill:.1}% used and \
          the port claim rarely probes twice; each creates its translation (the no-overwrite \
          insert under the reply tuple that claims the port, then the forward tuple) and its \
-         flow. *established flow*: {open} translated flows to 203.0.113.200:443 opened by \
-         their SYNs before the runs (every one got its own public port), then {dist} ACK \
-         segments of them per run. *reference*: the same host's established flows to \
-         198.51.100.20, inside the virtual network (not translated), measured the same way. \
+         embryonic flow. *established flow*: {open} translated flows to 203.0.113.200:443 \
+         established before the runs by their handshakes (the host's SYN, every one given \
+         its own public port; the remote's SYN-ACK to that port, arriving from outside and \
+         translated back; the host's ACK of it, which moves the flow from the embryonic to \
+         the established table; checked for every flow before and after the runs), then \
+         {dist} ACK segments of them per run. *reference*: the same host's flows to \
+         198.51.100.20, inside the virtual network (not translated), established and \
+         measured the same way. \
          As with the load balancer, rewritten packets cannot be repeated in one test run, so \
          every figure (no-op included) is one packet per test run and carries the kernel's \
          per-test-run overhead (no-op: {single:.1} ns per packet this way, {rep:.1} ns repeated \
@@ -308,8 +370,8 @@ pub fn markdown(r: &Report) -> String {
          a flow hit. Checked for every packet: XDP_PASS, source 192.0.2.100 with a \
          port of the range, destination kept, checksums right from scratch, an established \
          flow keeps its port; after the runs `NAT_MAP` must hold exactly two entries per \
-         translation ({held} translations) and the flow table two per flow ({flows} \
-         entries). Translations stay until the agent's idle sweep (not running here) removes \
+         translation ({held} translations), the established table two per established flow \
+         ({flows} entries) and the embryonic table two per first packet ({embryos} entries). Translations stay until the agent's idle sweep (not running here) removes \
          them. Memory: the kernel's figure for the map (`memlock` in the map's fdinfo), \
          preallocated at its configured size whatever it holds (see the memory table). As \
          with the load balancer, `bpf_fib_lookup` finds no route in BPF_PROG_TEST_RUN: the \
@@ -319,6 +381,7 @@ pub fn markdown(r: &Report) -> String {
         open = thousands(r.established_ports as u64),
         held = thousands(r.translations_held as u64),
         flows = thousands(r.flow_entries as u64),
+        embryos = thousands(r.embryo_entries as u64),
         single = r.noop_single_ns,
         rep = r.noop_repeat_ns,
     );

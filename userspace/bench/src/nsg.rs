@@ -2,8 +2,11 @@
 //! do not match the test packet plus one allow rule for it at the lowest priority (the
 //! worst bit position), and the time to compile and apply such a policy.
 //!
-//! - established flow: an ACK segment of an allowed flow (opened by its SYN before) repeated
-//!   N times: every repeat is one flow-table hit;
+//! - established flow: an ACK segment of an allowed flow (established before by a full
+//!   handshake) repeated N times: every repeat is one hit in the established table;
+//! - embryonic flow: the SYN of a flow no one answered, sent again N times: every repeat
+//!   misses the established table and hits the embryonic one (a SYN retransmission, or a
+//!   SYN flood's repeated tuple);
 //! - first packet, allowed: many distinct allowed packets, each run once (repeat 1), so
 //!   each is classified and creates its flow entries;
 //! - first packet, denied: a packet only `DenyAllInBound` (the table's last bit) matches,
@@ -12,17 +15,12 @@
 use std::fmt::Write as _;
 
 use anyhow::{Result, bail};
-use aya::maps::HashMap;
 use serde::Serialize;
-use xdpgate_common::{
-    flow::{FlowKey, FlowValue},
-    maps::FLOWS,
-};
 
 use crate::common::{
-    ALLOWED_PORT, Bench, CLIENT_FIXED, Config, DENIED_PORT, Family, Machine, SUBNET_HOST_V4,
-    SUBNET_HOST_V6, TCP_ACK, TCP_SYN, XDP_DROP, XDP_PASS, client, expect_verdict, median, ms, run,
-    server, tcp_frame, thousands,
+    ALLOWED_PORT, Bench, CLIENT_FIXED, Config, DENIED_PORT, Family, FlowState, FlowTables, Machine,
+    SUBNET_HOST_V4, SUBNET_HOST_V6, TCP_SYN, XDP_DROP, XDP_PASS, client, expect_verdict, handshake,
+    median, ms, run, server, tcp_frame, thousands,
 };
 
 /// User-rule counts measured (the inbound subnet table holds 4,096 rules, defaults included).
@@ -36,14 +34,19 @@ const APPLY_RULES: usize = 4_000;
 #[serde(rename_all = "snake_case")]
 pub enum Case {
     Established,
+    Embryonic,
     FirstAllowed,
     FirstDenied,
 }
 
 impl Case {
+    pub const ALL: [Case; 4] =
+        [Case::Established, Case::Embryonic, Case::FirstAllowed, Case::FirstDenied];
+
     pub fn label(self) -> &'static str {
         match self {
             Case::Established => "established flow",
+            Case::Embryonic => "embryonic flow (unanswered SYN again)",
             Case::FirstAllowed => "first packet, allowed",
             Case::FirstDenied => "first packet, denied",
         }
@@ -315,9 +318,12 @@ struct Setup {
     rules: usize,
     bench: Bench,
     established: Vec<u8>,
+    /// The SYN of a flow no one answers: it stays embryonic.
+    embryonic: Vec<u8>,
     denied: Vec<u8>,
     /// (xdpgate, no-op) ns per packet, one entry per run.
     est: (Vec<f64>, Vec<f64>),
+    emb: (Vec<f64>, Vec<f64>),
     den: (Vec<f64>, Vec<f64>),
     first: (Vec<f64>, Vec<f64>),
 }
@@ -328,22 +334,29 @@ impl Setup {
         bench.apply(&policy_yaml(family, rules))?;
         let fixed = client(family, CLIENT_FIXED);
         let dst = server(family);
-        let established = tcp_frame(family, fixed, dst, 40_000, ALLOWED_PORT, TCP_ACK);
+        // Establish the flow as its two ends would (SYN, SYN-ACK, ACK), open an embryonic
+        // one with a SYN no one answers, and check each path's verdict before timing it.
+        let established =
+            handshake(&bench, "established flow", family, (fixed, 40_000), (dst, ALLOWED_PORT))?;
+        let embryonic = tcp_frame(family, fixed, dst, 40_002, ALLOWED_PORT, TCP_SYN);
         let denied = tcp_frame(family, fixed, dst, 40_001, DENIED_PORT, TCP_SYN);
-        // Open the flow with its SYN (a TCP flow starts with one), then check each path's
-        // verdict before timing it.
-        let syn = tcp_frame(family, fixed, dst, 40_000, ALLOWED_PORT, TCP_SYN);
         let gate = bench.gate()?;
-        expect_verdict("established flow (SYN)", run(gate, &syn, 1)?.0, XDP_PASS)?;
         expect_verdict("established flow", run(gate, &established, 1)?.0, XDP_PASS)?;
+        expect_verdict("embryonic flow", run(gate, &embryonic, 1)?.0, XDP_PASS)?;
         expect_verdict("first packet, denied", run(gate, &denied, 1)?.0, XDP_DROP)?;
+        let tables = FlowTables::open(&bench)?;
+        tables.expect("established flow", FlowState::Established, &[&established])?;
+        tables.expect("embryonic flow", FlowState::Embryonic, &[&embryonic])?;
+        tables.expect("first packet, denied", FlowState::None, &[&denied])?;
         Ok(Self {
             family,
             rules,
             bench,
             established,
+            embryonic,
             denied,
             est: Default::default(),
+            emb: Default::default(),
             den: Default::default(),
             first: Default::default(),
         })
@@ -354,11 +367,17 @@ impl Setup {
         let gate = self.bench.gate()?;
         let noop = self.bench.noop()?;
 
-        // Established: every repeat is a flow hit.
+        // Established: every repeat is a hit in the established table.
         let (v, ns) = run(gate, &self.established, cfg.repeat)?;
         expect_verdict("established flow", v, XDP_PASS)?;
         self.est.0.push(ns);
         self.est.1.push(run(noop, &self.established, cfg.repeat)?.1);
+
+        // Embryonic: every repeat misses the established table and hits the embryonic one.
+        let (v, ns) = run(gate, &self.embryonic, cfg.repeat)?;
+        expect_verdict("embryonic flow", v, XDP_PASS)?;
+        self.emb.0.push(ns);
+        self.emb.1.push(run(noop, &self.embryonic, cfg.repeat)?.1);
 
         // Denied: every repeat is a full classification ending at the last bit.
         let (v, ns) = run(gate, &self.denied, cfg.repeat)?;
@@ -388,19 +407,26 @@ impl Setup {
     }
 
     fn finish(self, cfg: &Config) -> Result<Vec<Row>> {
-        // Sanity: every first packet created its two flow entries (forward and reply), so
-        // each was classified; with the established flow, that is all the table holds.
-        let flows: HashMap<_, FlowKey, FlowValue> = self.bench.pins.open_map(FLOWS)?.try_into()?;
-        let count = flows.keys().filter_map(|k| k.ok()).count();
+        // Sanity: the measured flows are still where their rows say; every first packet
+        // created its two embryonic entries (forward and reply), so each was classified; and
+        // the established table holds only the established flow.
+        let tables = FlowTables::open(&self.bench)?;
+        tables.expect("established flow", FlowState::Established, &[&self.established])?;
+        tables.expect("embryonic flow", FlowState::Embryonic, &[&self.embryonic])?;
+        let (flows, embryos) = tables.entries();
         let want = 2 * (cfg.runs * usize::from(cfg.distinct) + 1);
-        if count != want {
-            bail!("{count} flow entries after the runs, want {want}: some first packets were not");
+        if (flows, embryos) != (2, want) {
+            bail!(
+                "{flows} established and {embryos} embryonic entries after the runs, want 2 and \
+                 {want}: some first packets did not create their flow"
+            );
         }
         let (rules, family) = (self.rules, self.family);
         let repeat = u64::from(cfg.repeat);
         let distinct = u64::from(cfg.distinct);
         Ok(vec![
             row(Case::Established, rules, family, repeat, self.est.0, self.est.1),
+            row(Case::Embryonic, rules, family, repeat, self.emb.0, self.emb.1),
             row(Case::FirstAllowed, rules, family, distinct, self.first.0, self.first.1),
             row(Case::FirstDenied, rules, family, repeat, self.den.0, self.den.1),
         ])
@@ -478,7 +504,7 @@ pub fn markdown(r: &Report) -> String {
         "| case | rules | family | ns/packet | no-op ns/packet | ratio (xdpgate / no-op) |"
     );
     let _ = writeln!(md, "|---|---:|---|---:|---:|---:|");
-    for case in [Case::Established, Case::FirstAllowed, Case::FirstDenied] {
+    for case in Case::ALL {
         for row in r.results.iter().filter(|x| x.case == case) {
             let _ = writeln!(
                 md,
@@ -523,11 +549,18 @@ pub fn markdown(r: &Report) -> String {
          measures every row in turn, the no-op right after xdpgate on the same packets, and \
          the ratio is the median of the per-run ratios (so it need not equal the quotient of \
          the two medians). \
-         *established flow*: an allowed TCP ACK segment of a flow opened by a SYN before, \
-         repeated {rep} times (each is one flow-table hit). *first packet, denied*: a packet only DenyAllInBound (the \
+         *established flow*: an allowed TCP ACK segment of a flow established before by \
+         its handshake (the client's SYN, the server's SYN-ACK, the client's ACK of it, which \
+         moves the flow from the embryonic to the established table; checked), repeated \
+         {rep} times (each is one hit in the established table). *embryonic flow*: the SYN of \
+         an allowed flow no one answered, sent again {rep} times (each misses the \
+         established table and hits the embryonic one: what a SYN retransmission or a \
+         flood's repeated tuple costs; the flow is checked to stay embryonic). *first \
+         packet, denied*: a packet only DenyAllInBound (the \
          table's last rule) matches, repeated {rep} times (denied packets create no flow, so \
          each repeat is a full classification). *first packet, allowed*: {dist} distinct \
-         packets (distinct source ports), each run once and classified, creating its flow; the \
+         packets (distinct source ports), each run once and classified, creating its flow (two \
+         embryonic entries, in the new-flow stage; checked after the runs); the \
          kernel's per-run time (its timer overhead included) is averaged, and the no-op runs on \
          the same packets the same way. *rules*: inbound user rules that do not match the test \
          packets (other destination ports or other sources), the last being the allow rule for \

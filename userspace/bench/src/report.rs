@@ -22,7 +22,7 @@ const PATH_COLOUR: &str = "#76b7b2";
 fn testrun_bars(r: &Results) -> Vec<Bar> {
     let mut bars = Vec::new();
     if let Some(n) = &r.nsg {
-        for case in [nsg::Case::Established, nsg::Case::FirstAllowed, nsg::Case::FirstDenied] {
+        for case in nsg::Case::ALL {
             for row in n.results.iter().filter(|x| x.case == case && x.family == Family::IPv4) {
                 bars.push((
                     format!("NSG {}, {} rules", case.label(), thousands(row.rules as u64)),

@@ -1,21 +1,26 @@
-//! The flow table read as flows (what `xdpgate flows` shows).
+//! The flow tables read as flows (what `xdpgate flows` shows), and the agent's sweep of idle
+//! established flows.
 //!
-//! The dataplane keeps one `FLOWS` entry per direction of each flow; here the two are paired
-//! again and described as the flow's first packet saw it, with the rule that decided it (named
-//! from the applied policy), its NAT or load-balancer backend, and traffic each way.
+//! The dataplane keeps one entry per direction of each flow, in `FLOWS` once the flow is
+//! established and in `EMBRYOS` until then; here the two are paired again and described as
+//! the flow's first packet saw it, with the rule that decided it (named from the applied
+//! policy), its NAT or load-balancer backend, and traffic each way.
 
 use std::{
     collections::{HashMap, HashSet},
     net::IpAddr,
+    str::FromStr,
+    sync::atomic::{AtomicBool, Ordering},
 };
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use serde::Serialize;
 use xdpgate_common::{
     flow::{FlowKey, FlowValue, NAT_DST, NAT_NEXT_HOP, NAT_SRC, NO_RULE},
     lb::NO_BACKEND,
-    maps::{FLOW_ENTRIES, FLOWS},
+    maps::{EMBRYOS, FLOWS, NAT_MAP},
+    nat::{NAT_ACTIVE, NatEntry},
     nsg::{DIR_OUTBOUND, MAX_RULES, PolicyConfig, TABLES_PER_SLOT},
 };
 
@@ -24,18 +29,44 @@ use xdpgate_policy::{
     names::{Record, ServiceName},
 };
 
-use crate::{PinDir, apply, monotonic_ns, state, stats::Traffic};
+use crate::{PinDir, apply, monotonic_ns, state, stats::Traffic, table};
 
-/// Keys a walk of the flow table reads at most: it gives up on a walk that keeps restarting
-/// (entries removed under it). Four times the pinned table's size.
-fn max_walk(pins: &PinDir) -> usize {
-    let entries = crate::tables::pinned_entries(pins, FLOWS).ok().flatten();
-    4 * entries.unwrap_or(FLOW_ENTRIES) as usize
+/// Which table a flow is in.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum FlowState {
+    /// Not confirmed yet (TCP: no handshake seen through; UDP and ICMP: no reply yet), in
+    /// `EMBRYOS`: a flood of new flows evicts these first.
+    Embryonic,
+    /// Confirmed, in `FLOWS`.
+    Established,
+}
+
+impl FlowState {
+    pub fn name(self) -> &'static str {
+        match self {
+            FlowState::Embryonic => "embryonic",
+            FlowState::Established => "established",
+        }
+    }
+}
+
+impl FromStr for FlowState {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "embryonic" => Ok(FlowState::Embryonic),
+            "established" => Ok(FlowState::Established),
+            _ => Err(format!("{s:?} is not a flow state (embryonic or established)")),
+        }
+    }
 }
 
 /// One flow as its first packet arrived.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Flow {
+    pub state: FlowState,
     /// `tcp`, `udp`, `icmp`, `icmpv6` or the protocol number.
     pub protocol: String,
     pub src: IpAddr,
@@ -68,7 +99,8 @@ pub struct Flow {
     pub idle_seconds: f64,
     /// Idle past its timeout: the next packet starts a new flow.
     pub expired: bool,
-    /// Only one direction's entry is in the table (the other was evicted).
+    /// Only one direction's entry is in the table (the other was evicted, or replaced by a
+    /// newer flow's).
     pub incomplete: bool,
 }
 
@@ -109,13 +141,15 @@ pub struct Filter {
     pub port: Option<u16>,
     /// Rule name, or `NSG/RULE`.
     pub rule: Option<String>,
+    pub state: Option<FlowState>,
 }
 
 impl Filter {
     pub fn matches(&self, f: &Flow) -> bool {
         let nat_addr = f.nat.as_ref().map(|n| n.address);
         let nat_port = f.nat.as_ref().and_then(|n| n.port);
-        self.addr.is_none_or(|a| f.src == a || f.dst == a || nat_addr == Some(a))
+        self.state.is_none_or(|s| f.state == s)
+            && self.addr.is_none_or(|a| f.src == a || f.dst == a || nat_addr == Some(a))
             && self.port.is_none_or(|p| {
                 f.has_ports()
                     && (f.src_port == Some(p) || f.dst_port == Some(p) || nat_port == Some(p))
@@ -129,35 +163,22 @@ impl Filter {
     }
 }
 
-/// Entries in the flow table.
-pub fn count(pins: &PinDir) -> Result<u64> {
-    let map: BpfHashMap<MapData, FlowKey, FlowValue> = pins.open_map(FLOWS)?.try_into()?;
-    let max_walk = max_walk(pins);
-    let mut seen = HashSet::new();
-    for (i, key) in map.keys().enumerate() {
-        if i >= max_walk {
-            break;
-        }
-        seen.insert(key?);
-    }
-    Ok(seen.len() as u64)
+fn open(pins: &PinDir, name: &str) -> Result<BpfHashMap<MapData, FlowKey, FlowValue>> {
+    Ok(pins.open_map(name)?.try_into()?)
 }
 
-/// Every entry of the flow table.
-fn entries(pins: &PinDir) -> Result<HashMap<FlowKey, FlowValue>> {
-    let map: BpfHashMap<MapData, FlowKey, FlowValue> = pins.open_map(FLOWS)?.try_into()?;
-    let max_walk = max_walk(pins);
+/// Entries in the table of established flows (`FLOWS`: one per direction of each flow).
+pub fn count(pins: &PinDir) -> Result<u64> {
+    table::count(&open(pins, FLOWS)?)
+}
+
+/// Every entry of a flow table.
+fn entries(pins: &PinDir, name: &str) -> Result<HashMap<FlowKey, FlowValue>> {
     let mut out = HashMap::new();
-    for (i, key) in map.keys().enumerate() {
-        if i >= max_walk {
-            break;
-        }
-        let key = key?;
-        // Gone since the walk found it: skip.
-        if let Ok(v) = map.get(&key, 0) {
-            out.insert(key, v);
-        }
-    }
+    table::for_each(&open(pins, name)?, |k, v| {
+        out.insert(*k, *v);
+        Ok(())
+    })?;
     Ok(out)
 }
 
@@ -189,6 +210,7 @@ fn has_ports(proto: u8) -> bool {
 
 /// What names the numbers in flow entries: the records of the running generation and of
 /// the ones before it (a flow keeps the generation that decided it until its next packet).
+#[derive(Clone)]
 pub struct Names {
     config: PolicyConfig,
     /// Newest first.
@@ -226,39 +248,117 @@ impl Names {
         self.records.first()?.backends.get(id as usize).copied()
     }
 
+    /// Idle timeout of an established flow's entry.
     pub fn timeout_ns(&self, proto: u8, tcp: u8, rule_idle_s: u16) -> u64 {
         self.config.idle_timeout_ns(proto, tcp, rule_idle_s)
     }
+
+    /// Idle timeout of an embryonic flow's entry (`settings.embryonic_timeout`).
+    pub fn embryonic_timeout_ns(&self) -> u64 {
+        self.config.embryonic_timeout_ns
+    }
 }
 
-/// Removes flows idle past their timeout from the flow table; returns each one's key and
-/// entries (forward, and reply when present). The dataplane already treats them as gone;
-/// this frees the entries and lets the flow log show their end.
+/// A flow the sweep removed: the key of its first packet's direction and its entries (a
+/// flow whose forward entry was already gone has only its reply entry).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Ended {
+    pub key: FlowKey,
+    pub forward: Option<FlowValue>,
+    pub reply: Option<FlowValue>,
+}
+
+impl Ended {
+    fn of(key: FlowKey, value: FlowValue, twin_key: FlowKey, twin: Option<FlowValue>) -> Self {
+        match (value.reply, twin) {
+            (0, _) => Self { key, forward: Some(value), reply: twin },
+            (_, Some(t)) if t.reply == 0 => {
+                Self { key: twin_key, forward: Some(t), reply: Some(value) }
+            }
+            _ => Self { key: twin_key, forward: None, reply: Some(value) },
+        }
+    }
+
+    /// The entry that names the flow's rule, direction and generation.
+    pub fn main(&self) -> FlowValue {
+        self.forward.or(self.reply).expect("an ended flow had an entry")
+    }
+}
+
+/// What one pass of the sweep did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Swept {
+    /// Entries the pass looked at.
+    pub seen: u64,
+    /// Entries it removed.
+    pub removed: u64,
+}
+
+/// Removes the established flows idle past their timeout from `FLOWS` (not LRU: nothing
+/// else frees these entries), and hands each one to `on_end` (for the flow log). Setting
+/// `stop`, or an error from `on_end`, ends the pass early. The dataplane already treats an idle entry as gone (its
+/// next packet starts a new flow), so removing one changes no verdict.
+///
+/// An entry is removed once it and the other direction's entry are both idle (an entry
+/// whose other direction is still used stays, so the flow is seen and logged whole); an
+/// entry alone, its other direction gone, once it is idle. The table is read in batches;
+/// each idle entry is read again, with its twin, just before it is removed, so one that a
+/// packet used meanwhile stays. A flow through a NAT gateway stays while its translation is
+/// active: the NAT expiry (`nat::expire`) removes the two together, and measures the
+/// translation's idle time from these entries. Cost: a bpf() call per 4,096 entries, and
+/// four per removed flow.
 pub fn remove_idle(
     pins: &PinDir,
     names: &Names,
-) -> Result<Vec<(FlowKey, FlowValue, Option<FlowValue>)>> {
-    let mut map: BpfHashMap<MapData, FlowKey, FlowValue> = pins.open_map(FLOWS)?.try_into()?;
+    stop: &AtomicBool,
+    mut on_end: impl FnMut(Ended) -> Result<()>,
+) -> Result<Swept> {
+    let walk = open(pins, FLOWS)?;
+    let mut map = open(pins, FLOWS)?;
+    let translations: BpfHashMap<MapData, FlowKey, NatEntry> =
+        pins.open_map(NAT_MAP)?.try_into()?;
+    // Either direction's tuple names an active translation of a NAT gateway's flow (not a
+    // load balancer's rewrite, which has no translation).
+    let translated = |key: &FlowKey, v: &FlowValue| {
+        v.service == NO_BACKEND
+            && matches!(v.nat, NAT_SRC | NAT_DST)
+            && translations.get(key, 0).is_ok_and(|t| t.state == NAT_ACTIVE)
+    };
+    let mut swept = Swept::default();
     let now = monotonic_ns();
-    let keys: Vec<FlowKey> = map.keys().filter_map(|k| k.ok()).collect();
-    let mut out = Vec::new();
-    for key in keys {
-        let Ok(fwd) = map.get(&key, 0) else { continue };
-        if fwd.reply != 0 {
-            continue;
+    let idle = |key: &FlowKey, v: &FlowValue| {
+        now.saturating_sub(v.last_seen_ns) > names.timeout_ns(key.proto, v.tcp, v.idle_s)
+    };
+    table::for_each(&walk, |key, seen| {
+        if stop.load(Ordering::Relaxed) {
+            bail!("stopped");
         }
-        let twin = key.twin(&fwd);
-        let back = map.get(&twin, 0).ok();
-        let last = fwd.last_seen_ns.max(back.map_or(0, |b| b.last_seen_ns));
-        let closed = fwd.tcp | back.map_or(0, |b| b.tcp);
-        if now.saturating_sub(last) <= names.timeout_ns(key.proto, closed, fwd.idle_s) {
-            continue;
+        swept.seen += 1;
+        if !idle(key, seen) {
+            return Ok(());
         }
-        let _ = map.remove(&key);
-        let _ = map.remove(&twin);
-        out.push((key, fwd, back));
-    }
-    Ok(out)
+        // Read again: gone (removed with its twin earlier in this pass) or used since.
+        let Ok(value) = map.get(key, 0) else { return Ok(()) };
+        if !idle(key, &value) {
+            return Ok(());
+        }
+        if translated(key, &value) {
+            return Ok(());
+        }
+        let twin_key = key.twin(&value);
+        let twin = map.get(&twin_key, 0).ok();
+        if twin.is_some_and(|t| !idle(&twin_key, &t) || translated(&twin_key, &t)) {
+            return Ok(());
+        }
+        if map.remove(key).is_ok() {
+            swept.removed += 1;
+        }
+        if twin.is_some() && map.remove(&twin_key).is_ok() {
+            swept.removed += 1;
+        }
+        on_end(Ended::of(*key, value, twin_key, twin))
+    })?;
+    Ok(swept)
 }
 
 /// Pairs the two entries of each flow. `forward` is the entry of the first packet's
@@ -286,6 +386,7 @@ fn pair(
 fn describe(
     names: &Names,
     now: u64,
+    state: FlowState,
     key: FlowKey,
     forward: Option<FlowValue>,
     reply: Option<FlowValue>,
@@ -299,6 +400,10 @@ fn describe(
     let last_seen = forward.iter().chain(reply.iter()).map(|v| v.last_seen_ns).max().unwrap_or(0);
     let idle_ns = now.saturating_sub(last_seen);
     let tcp = forward.iter().chain(reply.iter()).fold(0, |a, v| a | v.tcp);
+    let timeout = match state {
+        FlowState::Established => names.timeout_ns(key.proto, tcp, main.idle_s),
+        FlowState::Embryonic => names.embryonic_timeout_ns(),
+    };
     let resolved = names.rule(main.rule, main.generation);
     // The rewrite lives in the forward entry (a lone reply entry still names a load
     // balancer's backend by index).
@@ -324,6 +429,7 @@ fn describe(
         }
     });
     Flow {
+        state,
         protocol: protocol_name(key.proto),
         src: addr(&key.src, key.family),
         src_port: ports.then_some(key.sport),
@@ -341,19 +447,29 @@ fn describe(
         forward: traffic(forward),
         reply: traffic(reply),
         idle_seconds: idle_ns as f64 / 1e9,
-        expired: idle_ns > names.timeout_ns(key.proto, tcp, main.idle_s),
+        expired: idle_ns > timeout,
         incomplete: forward.is_none() || reply.is_none(),
     }
 }
 
-/// The flows matching `filter`, most bytes first; at most `top` of them (0: all).
+/// The flows matching `filter`, most bytes first; at most `top` of them (0: all). Each
+/// table is read in one walk: a flow confirmed during the read may be seen in both, and is
+/// then listed once, as established.
 pub fn list(pins: &PinDir, filter: &Filter, top: usize) -> Result<Vec<Flow>> {
     let names = Names::read(pins)?;
-    let entries = entries(pins)?;
+    let want = |s: FlowState| filter.state.is_none_or(|f| f == s);
+    let established =
+        if want(FlowState::Established) { entries(pins, FLOWS)? } else { HashMap::new() };
+    let embryos = if want(FlowState::Embryonic) { entries(pins, EMBRYOS)? } else { HashMap::new() };
     let now = monotonic_ns();
-    let mut flows: Vec<Flow> = pair(&entries)
-        .into_iter()
-        .map(|(k, f, r)| describe(&names, now, k, f, r))
+    let pairs = pair(&established).into_iter().map(|p| (FlowState::Established, p)).chain(
+        pair(&embryos)
+            .into_iter()
+            .filter(|(k, _, _)| !established.contains_key(k))
+            .map(|p| (FlowState::Embryonic, p)),
+    );
+    let mut flows: Vec<Flow> = pairs
+        .map(|(state, (k, f, r))| describe(&names, now, state, k, f, r))
         .filter(|f| filter.matches(f))
         .collect();
     flows.sort_by(|a, b| {
@@ -396,6 +512,53 @@ mod tests {
             backend: NO_BACKEND,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn an_ended_flow_is_told_from_its_first_packets_direction() {
+        let (client, server) = ([203, 0, 113, 10], [198, 51, 100, 10]);
+        let fwd_key = key(client, 40000, server, 80);
+        let back_key = key(server, 80, client, 40000);
+        let (fwd, back) = (value(0, 5), value(1, 4));
+        // Found from either entry, the flow is the same.
+        let want = Ended { key: fwd_key, forward: Some(fwd), reply: Some(back) };
+        assert_eq!(Ended::of(fwd_key, fwd, back_key, Some(back)), want);
+        assert_eq!(Ended::of(back_key, back, fwd_key, Some(fwd)), want);
+        // One entry alone.
+        assert_eq!(
+            Ended::of(fwd_key, fwd, back_key, None),
+            Ended { key: fwd_key, forward: Some(fwd), reply: None }
+        );
+        let lone = Ended::of(back_key, back, fwd_key, None);
+        assert_eq!(lone, Ended { key: fwd_key, forward: None, reply: Some(back) });
+        assert_eq!(lone.main(), back);
+    }
+
+    #[test]
+    fn states_parse_and_filter() {
+        assert_eq!("embryonic".parse(), Ok(FlowState::Embryonic));
+        assert_eq!("established".parse(), Ok(FlowState::Established));
+        let err = "syn_sent".parse::<FlowState>().unwrap_err();
+        assert!(err.contains("embryonic or established"), "{err}");
+        let names = names();
+        let k = key([203, 0, 113, 10], 40000, [198, 51, 100, 10], 80);
+        let embryo = describe(&names, 2, FlowState::Embryonic, k, Some(value(0, 1)), None);
+        let only = |state| Filter { state: Some(state), ..Default::default() };
+        assert!(only(FlowState::Embryonic).matches(&embryo));
+        assert!(!only(FlowState::Established).matches(&embryo));
+        assert!(Filter::default().matches(&embryo));
+    }
+
+    #[test]
+    fn embryos_expire_after_the_embryonic_timeout() {
+        let mut names = names();
+        names.config.embryonic_timeout_ns = 5_000_000_000;
+        let k = key([203, 0, 113, 10], 40000, [198, 51, 100, 10], 80);
+        let at = |state, now| describe(&names, now, state, k, Some(value(0, 1)), None).expired;
+        // The TCP timeout is 60 s: 6 s idle is past an embryo's timeout only.
+        assert!(at(FlowState::Embryonic, 6_000_000_000));
+        assert!(!at(FlowState::Embryonic, 4_000_000_000));
+        assert!(!at(FlowState::Established, 6_000_000_000));
     }
 
     #[test]
@@ -484,7 +647,7 @@ mod tests {
         back.generation = 3;
         back.last_seen_ns = 2_000_000_000;
         let k = key([203, 0, 113, 10], 40000, [198, 51, 100, 10], 80);
-        let f = describe(&names, 4_500_000_000, k, Some(fwd), Some(back));
+        let f = describe(&names, 4_500_000_000, FlowState::Established, k, Some(fwd), Some(back));
         assert_eq!(f.rule.as_deref(), Some("allow-web"));
         assert_eq!((f.forward.packets, f.reply.bytes), (5, 400));
         assert!((f.idle_seconds - 2.5).abs() < 1e-9 && !f.expired && !f.incomplete);
@@ -492,6 +655,7 @@ mod tests {
             addr: addr.map(|a| a.parse().unwrap()),
             port,
             rule: rule.map(str::to_string),
+            state: None,
         };
         assert!(some(Some("198.51.100.10"), Some(80), Some("allow-web")).matches(&f));
         assert!(some(Some("203.0.113.10"), Some(40000), Some("web/allow-web")).matches(&f));

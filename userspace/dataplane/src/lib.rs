@@ -35,6 +35,7 @@ pub mod nat;
 pub mod netns;
 pub mod state;
 pub mod stats;
+pub mod table;
 pub mod tables;
 pub mod transaction;
 pub mod verify;

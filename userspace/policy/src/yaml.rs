@@ -2408,6 +2408,20 @@ nsgs:
     }
 
     #[test]
+    fn flow_state_settings() {
+        let defaults = load(BASE).unwrap().settings;
+        assert_eq!((defaults.embryonic_timeout, defaults.midstream_pickup), (60, false));
+        let src = format!("{BASE}settings:\n  embryonic_timeout: 30\n  midstream_pickup: true\n");
+        let settings = load(&src).unwrap_or_else(|e| panic!("{e}")).settings;
+        assert_eq!((settings.embryonic_timeout, settings.midstream_pickup), (30, true));
+        let src = format!("{BASE}settings:\n  embryonic_timeout: 2\n  midstream_pickup: yes\n");
+        let errors = errors(&src);
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(errors[0].contains("settings.embryonic_timeout: timeout 2 is out of range"));
+        assert!(errors[1].contains("settings.midstream_pickup"), "{errors:?}");
+    }
+
+    #[test]
     fn settings_and_tags() {
         let src = BASE.replace(
             "application_security_groups:\n  web: [198.51.100.10, 198.51.100.11]\n",
@@ -2654,7 +2668,8 @@ load_balancers:
                 "rules",
                 "{name: https, frontend: web-v4, protocol: TCP, frontend_port: 443, \
                  backend_pool: web-pool, distribution: SourceIP, idle_timeout: 7200, \
-                 floating_ip: true, all_down: send_to_all, probe: tcp-probe}",
+                 floating_ip: true, all_down: send_to_all, probe: tcp-probe, \
+                 midstream_pickup: true}",
             )
             .push(
                 "rules",
@@ -2672,6 +2687,7 @@ load_balancers:
         assert_eq!((https.frontend_port, https.backend_port), (443, 443));
         assert_eq!(https.distribution, Distribution::SourceIp);
         assert_eq!((https.idle_timeout, https.floating_ip), (7200, true));
+        assert!(https.midstream_pickup && !lb.rules[0].midstream_pickup, "off unless asked");
         assert_eq!((https.all_down, https.probe), (AllDown::SendToAll, Some(1)));
         let ha = &lb.rules[2];
         assert_eq!((ha.protocol, ha.frontend_port, ha.backend_port), (LbProtocol::All, 0, 0));

@@ -1,4 +1,4 @@
-//! `xdpgate flows`: one line per flow, most bytes first.
+//! `xdpgate flows`: one line per flow, most bytes first, embryonic and established.
 
 use std::net::IpAddr;
 
@@ -45,6 +45,7 @@ impl View for [Flow] {
 
     fn text(&self) -> String {
         let mut g = Grid::new(&[
+            "STATE",
             "PROTO",
             "SOURCE",
             "DESTINATION",
@@ -55,7 +56,7 @@ impl View for [Flow] {
             "BYTES FWD/REPLY",
             "IDLE",
         ])
-        .right(&[6, 7, 8]);
+        .right(&[7, 8, 9]);
         for f in self {
             let proto = match f.icmp_id {
                 Some(id) => format!("{} id {id}", f.protocol),
@@ -66,6 +67,7 @@ impl View for [Flow] {
                 idle += " (expired)";
             }
             g.row([
+                f.state.name().to_string(),
                 proto,
                 endpoint(f.src, f.src_port),
                 endpoint(f.dst, f.dst_port),
@@ -88,7 +90,7 @@ impl View for [Flow] {
 #[cfg(test)]
 mod tests {
     use xdpgate_dataplane::{
-        flows::{LbFlow, Nat},
+        flows::{FlowState, LbFlow, Nat},
         stats::Traffic,
     };
     use xdpgate_policy::Layer;
@@ -97,6 +99,7 @@ mod tests {
 
     fn flow() -> Flow {
         Flow {
+            state: FlowState::Established,
             protocol: "tcp".into(),
             src: "203.0.113.10".parse().unwrap(),
             src_port: Some(40000),
@@ -124,8 +127,9 @@ mod tests {
         let text = [flow()].text();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 2, "{text}");
-        assert!(lines[0].starts_with("PROTO") && lines[0].ends_with("IDLE"), "{text}");
+        assert!(lines[0].starts_with("STATE") && lines[0].ends_with("IDLE"), "{text}");
         for want in [
+            "established",
             "tcp",
             "203.0.113.10:40000",
             "198.51.100.10:80",
@@ -140,12 +144,13 @@ mod tests {
         let json = [flow()].json().unwrap();
         assert_eq!(json[0]["rule"], "allow-web");
         assert_eq!(json[0]["forward"]["bytes"], 500);
+        assert_eq!(json[0]["state"], "established");
     }
 
     #[test]
     fn unnamed_rules_rewrites_and_no_flows() {
         let mut f = flow();
-        (f.nsg, f.rule, f.expired) = (None, None, true);
+        (f.nsg, f.rule, f.expired, f.state) = (None, None, true, FlowState::Embryonic);
         f.src = "2001:db8::1".parse().unwrap();
         f.nat =
             Some(Nat { kind: "dnat", address: "198.51.100.20".parse().unwrap(), port: Some(8080) });
@@ -160,6 +165,7 @@ mod tests {
             "edge/http -> 198.51.100.20:8080",
             "[2001:db8::1]:40000",
             "(expired)",
+            "embryonic",
         ] {
             assert!(text.contains(want), "{want} missing from {text}");
         }

@@ -1,5 +1,6 @@
 //! `xdpgate stats`: packets and bytes per interface and verdict, drops by reason, flow
-//! events held back, and the flows each rule of the running policy decided.
+//! events held back, the flow tables' fill and embryonic flows' outcomes, and the flows each
+//! rule of the running policy decided.
 
 use anyhow::Result;
 use xdpgate_dataplane::stats::Stats;
@@ -35,6 +36,27 @@ impl View for Stats {
             "\nflow events held back: {} over the denied-flow rate limit, {} lost to a full ring\n",
             self.flow_events_rate_limited, self.flow_events_lost
         );
+        let t = &self.flow_table;
+        let e = &t.embryonic;
+        out += &format!(
+            "\nFLOW TABLES\n\
+             established: {} entries (two per flow), room for {} flows\n\
+             embryonic: {} flows, room for {}; created {}, confirmed {}, expired {}, refused {}, \
+             closed {}, evicted {}\n\
+             flows rebuilt from NAT translations {}, picked up mid-stream {}\n",
+            t.flows.entries,
+            t.flows.capacity,
+            e.live,
+            e.capacity,
+            e.created,
+            e.confirmed,
+            e.expired,
+            e.refused,
+            e.closed,
+            e.evicted,
+            t.rebuilt,
+            t.picked_up
+        );
         if let Some(p) = &self.policy {
             let mut g =
                 Grid::new(&["NSG", "DIRECTION", "LAYER", "PRIO", "RULE", "FLOWS"]).right(&[3, 5]);
@@ -57,7 +79,9 @@ impl View for Stats {
 
 #[cfg(test)]
 mod tests {
-    use xdpgate_dataplane::stats::{IfaceStats, PolicyStats, RuleHits, Traffic};
+    use xdpgate_dataplane::stats::{
+        EmbryonicTable, EstablishedTable, FlowTable, IfaceStats, PolicyStats, RuleHits, Traffic,
+    };
     use xdpgate_policy::{Direction, Layer};
 
     use super::*;
@@ -85,6 +109,22 @@ mod tests {
             }),
             flow_events_rate_limited: 1,
             flow_events_lost: 2,
+            flow_table: FlowTable {
+                flows: EstablishedTable { capacity: 524_288, entries: 10 },
+                embryonic: EmbryonicTable {
+                    capacity: 131_072,
+                    live: 3,
+                    entries: 6,
+                    created: 40,
+                    confirmed: 5,
+                    expired: 4,
+                    refused: 2,
+                    closed: 1,
+                    evicted: 25,
+                },
+                rebuilt: 7,
+                picked_up: 8,
+            },
         };
         let text = stats.text();
         let words = |l: &str| l.split_whitespace().map(str::to_string).collect::<Vec<_>>();
@@ -93,6 +133,14 @@ mod tests {
         assert!(!text.contains("drop "), "verdicts without packets are left out: {text}");
         assert!(lines.iter().any(|l| words(l) == ["policy", "3"]), "{text}");
         assert!(text.contains("1 over the denied-flow rate limit, 2 lost"), "{text}");
+        for want in [
+            "established: 10 entries (two per flow), room for 524288 flows",
+            "embryonic: 3 flows, room for 131072; created 40, confirmed 5, expired 4, refused 2, \
+             closed 1, evicted 25",
+            "rebuilt from NAT translations 7, picked up mid-stream 8",
+        ] {
+            assert!(text.contains(want), "{want} missing from {text}");
+        }
         assert!(text.contains("RULE HITS (policy generation 4)"), "{text}");
         assert_eq!(
             words(lines.last().unwrap()),
@@ -105,5 +153,15 @@ mod tests {
         );
         assert_eq!(json["drops"][0], serde_json::json!(["policy", 3]));
         assert_eq!(json["policy"]["rules"][0]["flows"], 9);
+        assert_eq!(
+            json["flow_table"],
+            serde_json::json!({
+                "flows": {"capacity": 524_288, "entries": 10},
+                "embryonic": {"capacity": 131_072, "live": 3, "created": 40, "confirmed": 5,
+                              "expired": 4, "refused": 2, "closed": 1, "evicted": 25},
+                "rebuilt": 7,
+                "picked_up": 8,
+            })
+        );
     }
 }

@@ -1,0 +1,320 @@
+//! The flow tables from userspace (BPF_PROG_TEST_RUN and the pinned maps): the agent's sweep
+//! of idle established flows (`flows::remove_idle`), what `xdpgate flows` lists from both
+//! tables, the flow-table section of `xdpgate stats`, and what a sweep of a million entries
+//! costs.
+
+mod common;
+
+use std::{
+    net::IpAddr,
+    sync::atomic::AtomicBool,
+    time::{Duration, Instant},
+};
+
+use aya::maps::HashMap as BpfHashMap;
+use common::{
+    kernel::{Kernel, PASS},
+    packet::{L4, frame},
+};
+use xdpgate_common::{
+    flow::{FlowKey, FlowValue, NAT_DST, NAT_SRC, NO_RULE, TCP_CLOSED},
+    iface::Role,
+    lb::NO_BACKEND,
+    maps::{EMBRYO_ENTRIES, EMBRYOS, FLOW_ENTRIES, FLOWS, NAT_MAP},
+    nat::{NAT_ACTIVE, NatEntry},
+    nsg::DIR_INBOUND,
+};
+use xdpgate_dataplane::{
+    PinDir,
+    flows::{self, Ended, Filter, FlowState, Names},
+    monotonic_ns, stats, table,
+};
+
+const POLICY: &str = r#"
+virtual_network:
+  address_space: [198.51.100.0/24]
+settings: {udp_idle_timeout: 30, tcp_idle_timeout: 240}
+nsgs:
+  - name: web
+    subnets: [198.51.100.0/24]
+    rules:
+      - {name: allow-udp, priority: 100, direction: inbound, access: allow, protocol: udp,
+         source: ["*"], destination: ["*"]}
+"#;
+
+const S: u64 = 1_000_000_000;
+
+fn key(src: &str, sport: u16, dst: &str, dport: u16, proto: u8) -> FlowKey {
+    let words = |a: &str| match a.parse::<IpAddr>().unwrap() {
+        IpAddr::V4(v) => {
+            let mut b = [0u8; 16];
+            b[..4].copy_from_slice(&v.octets());
+            xdpgate_common::words(&b)
+        }
+        IpAddr::V6(v) => xdpgate_common::words(&v.octets()),
+    };
+    let family = if src.contains(':') { 6 } else { 4 };
+    FlowKey { src: words(src), dst: words(dst), sport, dport, proto, family, _pad: [0; 2] }
+}
+
+fn entry(reply: u8, last_seen_ns: u64) -> FlowValue {
+    FlowValue {
+        generation: 1,
+        last_seen_ns,
+        packets: 1,
+        bytes: 100,
+        rule: NO_RULE,
+        direction: DIR_INBOUND as u8,
+        reply,
+        service: NO_BACKEND,
+        backend: NO_BACKEND,
+        ..Default::default()
+    }
+}
+
+fn table_of(pins: &PinDir, name: &str) -> BpfHashMap<aya::maps::MapData, FlowKey, FlowValue> {
+    pins.open_map(name).unwrap().try_into().unwrap()
+}
+
+/// One UDP exchange through the program: the request arrives outside, the answer inside.
+fn udp_exchange(k: &Kernel, client: (&str, u16), server: (&str, u16)) {
+    k.arrive_as(Role::External);
+    assert_eq!(k.run(&frame(client.0, server.0, L4::Udp(client.1, server.1))), PASS, "request");
+    k.arrive_as(Role::Internal);
+    assert_eq!(k.run(&frame(server.0, client.0, L4::Udp(server.1, client.1))), PASS, "answer");
+}
+
+fn sweep(k: &Kernel) -> (flows::Swept, Vec<Ended>) {
+    let names = Names::read(&k.pins.dir).unwrap();
+    let mut ended = Vec::new();
+    let swept = flows::remove_idle(&k.pins.dir, &names, &AtomicBool::new(false), |e| {
+        ended.push(e);
+        Ok(())
+    })
+    .expect("sweep");
+    (swept, ended)
+}
+
+#[test]
+fn the_sweep_removes_idle_flows_and_keeps_used_ones() {
+    let k = Kernel::new();
+    k.apply(POLICY);
+    let server = "198.51.100.10";
+    // Real flows, made by packets: one to be left idle, one in use, one whose forward
+    // direction went quiet while its answers go on.
+    let (idle, used, one_way) =
+        (("203.0.113.1", 5001), ("203.0.113.2", 5002), ("203.0.113.3", 5003));
+    for client in [idle, used, one_way] {
+        udp_exchange(&k, client, (server, 53));
+    }
+    let fwd = |c: (&str, u16)| key(c.0, c.1, server, 53, 17);
+    let back = |c: (&str, u16)| key(server, 53, c.0, c.1, 17);
+    for c in [idle, used, one_way] {
+        assert!(k.flow(&fwd(c)).is_some() && k.flow(&back(c)).is_some(), "{c:?} established");
+    }
+    let mut map = table_of(&k.pins.dir, FLOWS);
+    let now = monotonic_ns();
+    let age = |map: &mut BpfHashMap<_, FlowKey, FlowValue>, key: &FlowKey, by: u64| {
+        let mut v = map.get(key, 0).unwrap();
+        v.last_seen_ns = now - by;
+        map.insert(key, v, 0).unwrap();
+    };
+    // Idle past the 30 s UDP timeout both ways; the one-way flow only forward.
+    age(&mut map, &fwd(idle), 31 * S);
+    age(&mut map, &back(idle), 31 * S);
+    age(&mut map, &fwd(one_way), 31 * S);
+    // Entries written directly: a reply whose forward entry is gone (idle: removed); TCP
+    // flows idle for 11 s, one closed (10 s timeout: removed), one open (240 s: kept); a
+    // load-balanced flow (its twin found through the rewrite), idle.
+    let orphan = key(server, 53, "203.0.113.4", 5004, 17);
+    map.insert(orphan, entry(1, now - 31 * S), 0).unwrap();
+    let (closed_c, open_c) = (("203.0.113.5", 40005), ("203.0.113.6", 40006));
+    for (c, tcp) in [(closed_c, TCP_CLOSED), (open_c, 0)] {
+        for (k_, reply) in [(key(c.0, c.1, server, 80, 6), 0), (key(server, 80, c.0, c.1, 6), 1)] {
+            map.insert(k_, FlowValue { tcp, ..entry(reply, now - 11 * S) }, 0).unwrap();
+        }
+    }
+    let frontend = "192.0.2.10";
+    let lb_fwd = key("203.0.113.7", 40007, frontend, 80, 6);
+    let lb_back = key(server, 8080, "203.0.113.7", 40007, 6);
+    let mut lb_entry = FlowValue { tcp: TCP_CLOSED, ..entry(0, now - 11 * S) };
+    (lb_entry.nat, lb_entry.nat_port) = (NAT_DST, 8080);
+    lb_entry.nat_addr = key(server, 0, server, 0, 6).src;
+    map.insert(lb_fwd, lb_entry, 0).unwrap();
+    let mut lb_reply = FlowValue { tcp: TCP_CLOSED, ..entry(1, now - 11 * S) };
+    (lb_reply.nat, lb_reply.nat_port) = (NAT_SRC, 80);
+    lb_reply.nat_addr = key(frontend, 0, frontend, 0, 6).src;
+    map.insert(lb_back, lb_reply, 0).unwrap();
+    // Flows through a NAT gateway, idle: one whose translation is active (left to the NAT
+    // expiry, which removes both), one whose translation is gone.
+    let public = "192.0.2.50";
+    let snat = |host: &str, port: u16| {
+        let fwd = key(host, port, "203.0.113.9", 443, 6);
+        let back = key("203.0.113.9", 443, public, port, 6);
+        let mut out = entry(0, now - 11 * S);
+        (out.tcp, out.nat, out.nat_port) = (TCP_CLOSED, NAT_SRC, port);
+        out.nat_addr = back.dst;
+        let mut answer = entry(1, now - 11 * S);
+        (answer.tcp, answer.nat, answer.nat_port) = (TCP_CLOSED, NAT_DST, port);
+        answer.nat_addr = fwd.src;
+        (fwd, out, back, answer)
+    };
+    let (nat_kept, nat_gone) = (snat("198.51.100.20", 40010), snat("198.51.100.21", 40011));
+    for (f, fv, b, bv) in [nat_kept, nat_gone] {
+        map.insert(f, fv, 0).unwrap();
+        map.insert(b, bv, 0).unwrap();
+    }
+    let mut translations: BpfHashMap<_, FlowKey, NatEntry> =
+        k.pins.dir.open_map(NAT_MAP).unwrap().try_into().unwrap();
+    let (f, _, b, _) = nat_kept;
+    let t = |addr: [u32; 4], port, kind| NatEntry {
+        addr,
+        port,
+        kind,
+        gateway: 0,
+        state: NAT_ACTIVE,
+        time_ns: now - 11 * S,
+    };
+    translations.insert(b, t(f.src, f.sport, NAT_DST), 0).unwrap();
+    translations.insert(f, t(b.dst, b.dport, NAT_SRC), 0).unwrap();
+    // An embryonic flow, long idle: the sweep leaves that table to its LRU.
+    let mut embryos = table_of(&k.pins.dir, EMBRYOS);
+    let embryo = key("203.0.113.8", 5008, server, 53, 17);
+    embryos.insert(embryo, entry(0, now - 3600 * S), 0).unwrap();
+    embryos.insert(key(server, 53, "203.0.113.8", 5008, 17), entry(1, now - 3600 * S), 0).unwrap();
+    assert_eq!(flows::count(&k.pins.dir).unwrap(), 17);
+
+    let (swept, mut ended) = sweep(&k);
+    assert_eq!((swept.seen, swept.removed), (17, 9), "{ended:#?}");
+    ended.sort_by_key(|e| e.key.sport);
+    let summary: Vec<(FlowKey, Option<u64>, Option<u64>)> = ended
+        .iter()
+        .map(|e| (e.key, e.forward.map(|v| v.packets), e.reply.map(|v| v.packets)))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            // Told from the first packet's direction however the walk met it.
+            (fwd(idle), Some(1), Some(1)),
+            (key("203.0.113.4", 5004, server, 53, 17), None, Some(1)),
+            (key(closed_c.0, closed_c.1, server, 80, 6), Some(1), Some(1)),
+            (lb_fwd, Some(1), Some(1)),
+            (nat_gone.0, Some(1), Some(1)),
+        ]
+    );
+    assert!(k.flow(&nat_kept.0).is_some() && k.flow(&nat_kept.2).is_some(), "translated");
+    let present = |key: &FlowKey| k.flow(key).is_some();
+    assert!(!present(&fwd(idle)) && !present(&back(idle)) && !present(&orphan));
+    assert!(!present(&lb_fwd) && !present(&lb_back));
+    assert!(!present(&key(closed_c.0, closed_c.1, server, 80, 6)));
+    for c in [used, one_way] {
+        assert!(present(&fwd(c)) && present(&back(c)), "{c:?} kept both ways");
+    }
+    assert!(present(&key(open_c.0, open_c.1, server, 80, 6)), "open TCP flow kept");
+    assert_eq!(flows::count(&k.pins.dir).unwrap(), 8);
+    assert!(embryos.get(&embryo, 0).is_ok(), "embryonic flows are not swept");
+
+    // The flow kept is the one packets use: its counter goes on, no new flow replaces it.
+    let before = k.flow(&fwd(used)).unwrap();
+    k.arrive_as(Role::External);
+    assert_eq!(k.run(&frame(used.0, server, L4::Udp(used.1, 53))), PASS);
+    let after = k.flow(&fwd(used)).unwrap();
+    assert_eq!(after.packets, before.packets + 1, "{before:?} then {after:?}");
+    assert!(after.last_seen_ns >= before.last_seen_ns);
+    // A second pass finds nothing more.
+    assert_eq!(sweep(&k).0.removed, 0);
+
+    // `xdpgate flows` lists both tables, each flow with its state.
+    let list = |state| {
+        let filter = Filter { state, ..Default::default() };
+        let mut l: Vec<(FlowState, u16)> = flows::list(&k.pins.dir, &filter, 0)
+            .unwrap()
+            .iter()
+            .map(|f| (f.state, f.src_port.unwrap()))
+            .collect();
+        l.sort_by_key(|(_, p)| *p);
+        l
+    };
+    let established = [5002, 5003, 40006, 40010].map(|p| (FlowState::Established, p));
+    assert_eq!(list(Some(FlowState::Established)), established);
+    assert_eq!(list(Some(FlowState::Embryonic)), [(FlowState::Embryonic, 5008)]);
+    assert_eq!(list(None).len(), 5);
+    let shown = flows::list(&k.pins.dir, &Filter::default(), 0).unwrap();
+    let embryo_shown = shown.iter().find(|f| f.state == FlowState::Embryonic).unwrap();
+    assert!(embryo_shown.expired && !embryo_shown.incomplete, "{embryo_shown:?}");
+
+    // `xdpgate stats`: sizes from the maps, entries and live embryos counted.
+    let table = stats::read(&k.pins.dir).unwrap().flow_table;
+    assert_eq!((table.flows.capacity, table.flows.entries), (u64::from(FLOW_ENTRIES / 2), 8));
+    assert_eq!(
+        (table.embryonic.capacity, table.embryonic.live, table.embryonic.entries),
+        (u64::from(EMBRYO_ENTRIES / 2), 1, 2)
+    );
+}
+
+/// The sweep of a table of a million entries: what a pass costs when nothing is idle, and
+/// when half of it is. Printed per 100,000 entries; the figures in the README come from here.
+#[test]
+fn sweep_cost_on_a_million_entries() {
+    let k = Kernel::new();
+    k.apply(POLICY);
+    let mut map = table_of(&k.pins.dir, FLOWS);
+    let pairs: u32 = 500_000;
+    let now = monotonic_ns();
+    let t = Instant::now();
+    for i in 0..pairs {
+        // Every other flow idle past the 30 s UDP timeout.
+        let seen = if i % 2 == 0 { now - 31 * S } else { now };
+        let client = format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255);
+        let port = 1024 + (i % 60_000) as u16;
+        map.insert(key(&client, port, "198.51.100.10", 53, 17), entry(0, seen), 0).unwrap();
+        map.insert(key("198.51.100.10", 53, &client, port, 17), entry(1, seen), 0).unwrap();
+    }
+    let filled = t.elapsed();
+    let walk = |what: &str| {
+        let t = Instant::now();
+        let n = table::count(&map).unwrap();
+        let took = t.elapsed();
+        println!("{what}: {n} entries read in {took:.1?} ({:.1?} per 100k)", per_100k(took, n));
+        n
+    };
+    assert_eq!(walk("batched read"), u64::from(2 * pairs));
+    // aya's key walk, as every reader did before: one call per key.
+    let t = Instant::now();
+    let keys = map.keys().count();
+    let took = t.elapsed();
+    println!(
+        "key walk (no values): {keys} keys in {took:.1?} ({:.1?} per 100k)",
+        per_100k(took, keys as u64)
+    );
+
+    let t = Instant::now();
+    let (swept, ended) = sweep(&k);
+    let took = t.elapsed();
+    println!(
+        "sweep, half idle: {} entries read, {} removed in {took:.1?} ({:.1?} per 100k entries \
+         read)",
+        swept.seen,
+        swept.removed,
+        per_100k(took, swept.seen)
+    );
+    // Every entry in use, and each idle flow once or twice: a twin removed before the walk
+    // reached it is not seen.
+    assert!((u64::from(pairs) * 3 / 2..=u64::from(2 * pairs)).contains(&swept.seen), "{swept:?}");
+    assert_eq!(swept.removed, u64::from(pairs));
+    assert_eq!(ended.len(), pairs as usize / 2);
+    assert!(ended.iter().all(|e| e.forward.is_some() && e.reply.is_some()));
+    let t = Instant::now();
+    let (swept, _) = sweep(&k);
+    let took = t.elapsed();
+    println!(
+        "sweep, nothing idle: {} entries in {took:.1?} ({:.1?} per 100k); table filled in {filled:.1?}",
+        swept.seen,
+        per_100k(took, swept.seen)
+    );
+    assert_eq!((swept.seen, swept.removed), (u64::from(pairs), 0));
+}
+
+fn per_100k(took: Duration, n: u64) -> Duration {
+    took.mul_f64(100_000.0 / n.max(1) as f64)
+}
