@@ -6,7 +6,9 @@ mod common;
 
 use common::{
     kernel::{DROP, Kernel, PASS},
-    packet::{ACK, ETH_LEN, FIN, L4, RST, SYN, frame, set_ipv4_frag, set_ipv4_total_len},
+    packet::{
+        ACK, ETH_LEN, FIN, L4, RST, SYN, frame, set_ipv4_frag, set_ipv4_total_len, tcp_frame,
+    },
 };
 use xdpgate_common::{
     flow::{FlowKey, TCP_CLOSED},
@@ -207,6 +209,19 @@ fn key(src: &str, dst: &str, sport: u16, dport: u16, proto: u8) -> FlowKey {
     FlowKey { src: words(src), dst: words(dst), sport, dport, proto, family, _pad: [0; 2] }
 }
 
+/// The three-way handshake of a connection from 203.0.113.7:`port` to 198.51.100.10:80,
+/// with real sequence numbers: the flow is established.
+fn establish(k: &Kernel, port: u16) {
+    let (c, s) = ("203.0.113.7", "198.51.100.10");
+    k.arrive_as(Role::External);
+    assert_eq!(k.run(&tcp_frame(c, s, (port, 80), SYN, 7_000, 0)), PASS);
+    k.arrive_as(Role::Internal);
+    assert_eq!(k.run(&tcp_frame(s, c, (80, port), SYN | ACK, 90_000, 7_001)), PASS);
+    k.arrive_as(Role::External);
+    assert_eq!(k.run(&tcp_frame(c, s, (port, 80), ACK, 7_001, 90_001)), PASS);
+    assert!(k.established(&key(c, s, port, 80, 6)).is_some(), "established");
+}
+
 #[test]
 fn tcp_close_marks_both_directions_of_a_flow() {
     let k = Kernel::new();
@@ -217,8 +232,7 @@ fn tcp_close_marks_both_directions_of_a_flow() {
         (k.flow(&fwd).unwrap().tcp & TCP_CLOSED != 0, k.flow(&rev).unwrap().tcp & TCP_CLOSED != 0)
     };
 
-    k.arrive_as(Role::External);
-    assert_eq!(k.run(&frame("203.0.113.7", "198.51.100.10", L4::Tcp(40000, 80, SYN))), PASS);
+    establish(&k, 40000);
     assert_eq!(k.flow(&rev).expect("reply entry").reply, 1);
     assert_eq!(k.run(&frame("203.0.113.7", "198.51.100.10", L4::Tcp(40000, 80, FIN | ACK))), PASS);
     assert_eq!(closed(&k), (false, false), "half-closed is still open");
@@ -229,12 +243,18 @@ fn tcp_close_marks_both_directions_of_a_flow() {
     // RST closes at once.
     let fwd = key("203.0.113.7", "198.51.100.10", 40001, 80, 6);
     let rev = key("198.51.100.10", "203.0.113.7", 80, 40001, 6);
-    k.arrive_as(Role::External);
-    assert_eq!(k.run(&frame("203.0.113.7", "198.51.100.10", L4::Tcp(40001, 80, SYN))), PASS);
+    establish(&k, 40001);
     assert_eq!(k.run(&frame("203.0.113.7", "198.51.100.10", L4::Tcp(40001, 80, RST))), PASS);
     assert!(
         k.flow(&fwd).unwrap().tcp & TCP_CLOSED != 0 && k.flow(&rev).unwrap().tcp & TCP_CLOSED != 0
     );
+
+    // An RST before the connection was established ends the embryo: its next packet is new.
+    let fwd = key("203.0.113.7", "198.51.100.10", 40002, 80, 6);
+    assert_eq!(k.run(&frame("203.0.113.7", "198.51.100.10", L4::Tcp(40002, 80, SYN))), PASS);
+    assert!(k.embryo(&fwd).is_some());
+    assert_eq!(k.run(&frame("203.0.113.7", "198.51.100.10", L4::Tcp(40002, 80, RST))), PASS);
+    assert!(k.flow(&fwd).is_none(), "the refused connection's embryo is gone");
 }
 
 #[test]
