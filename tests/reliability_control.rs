@@ -13,7 +13,8 @@ use std::{
 use aya::maps::{MapData, lpm_trie::LpmTrie};
 use common::{Pins, kernel::Kernel, rng::Rng, unique, xdpgate_bin};
 use xdpgate_common::{
-    maps::NSG_FIELDS,
+    lb::{FrontendKey, Service},
+    maps::{FRONTENDS, NSG_FIELDS},
     nsg::{FieldKey, KEY_HEADER_BITS, RuleBitmap, TABLES_PER_SLOT},
     words,
 };
@@ -281,4 +282,70 @@ fn reloads_keep_rule_names_of_older_generations_and_rule_counters() {
     // A rule removed and added back starts again from zero.
     k.apply(&more.replace("allow-80", "allow-http"));
     assert_eq!(k.rule_flows("allow-http"), 0);
+}
+
+/// The first policy of a dataplane, with a load balancer, applied by `xdpgate apply`s killed
+/// at random instants: whenever a policy runs, its frontends are there. (The dataplane passes
+/// everything until the first policy; a policy running without its frontends turns a SYN to
+/// a frontend into a plain flow to its address that outlives the install.)
+#[test]
+fn a_killed_first_apply_never_runs_a_policy_without_its_frontends() {
+    let src = format!(
+        "{}load_balancers:
+  - name: lb
+    frontends: [{{name: v4, address: 192.0.2.10}}, {{name: v6, address: \"2001:db8:f::10\"}}]
+    backend_pools:
+      - {{name: web4, backends: [198.51.100.11, 198.51.100.12]}}
+      - {{name: web6, backends: [\"2001:db8:1::11\", \"2001:db8:1::12\"]}}
+    rules:
+      - {{name: http, frontend: v4, protocol: tcp, frontend_port: 80, backend_pool: web4}}
+      - {{name: https, frontend: v4, protocol: tcp, frontend_port: 443, backend_pool: web4}}
+      - {{name: http6, frontend: v6, protocol: tcp, frontend_port: 80, backend_pool: web6}}
+",
+        policy(1000, 1999)
+    );
+    let file = std::env::temp_dir().join(format!("{}.yaml", unique("ctlfirst")));
+    std::fs::write(&file, &src).unwrap();
+    let small = xdpgate_dataplane::SizeRequest { flows: Some(1024), nat_translations: Some(1024) };
+    let state = |k: &Kernel| {
+        let generation = apply::active(&k.pins.dir).unwrap().1.generation;
+        let frontends: aya::maps::HashMap<_, FrontendKey, Service> =
+            k.pins.dir.open_map(FRONTENDS).unwrap().try_into().unwrap();
+        (generation, frontends.keys().count())
+    };
+    let spawn = |k: &Kernel| {
+        Command::new(xdpgate_bin())
+            .arg("--pin-dir")
+            .arg(k.pins.dir.path())
+            .arg("apply")
+            .arg(&file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn xdpgate apply")
+    };
+    // How long a first apply takes here, and what it leaves.
+    let k = Kernel::sized(&small);
+    let start = Instant::now();
+    assert!(spawn(&k).wait().unwrap().success());
+    let span = start.elapsed().as_micros() as u64;
+    let whole = state(&k);
+    assert_eq!(whole, (1, 3), "a whole first apply: generation 1, three frontends");
+    let mut rng = Rng(0x00f1_257a);
+    let (mut cut, mut running) = (0, 0);
+    for round in 0..30 {
+        let k = Kernel::sized(&small);
+        let mut child = spawn(&k);
+        std::thread::sleep(Duration::from_micros(rng.range(0, span)));
+        let _ = child.kill();
+        cut += usize::from(!child.wait().unwrap().success());
+        let (generation, frontends) = state(&k);
+        if generation > 0 {
+            running += 1;
+            assert_eq!(frontends, 3, "kill {round}: a policy runs with {frontends} of 3 frontends");
+        }
+    }
+    let _ = std::fs::remove_file(&file);
+    assert!(cut >= 6, "only {cut} of 30 applies were cut short: the test did not test");
+    println!("30 first applies killed at random: {cut} cut short, {running} left a policy running");
 }

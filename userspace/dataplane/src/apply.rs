@@ -45,6 +45,13 @@ pub struct Prepared {
     pub generation: u64,
 }
 
+impl Prepared {
+    /// The generation running when the write began (0: no policy yet).
+    pub fn running_generation(&self) -> u64 {
+        self.running.1
+    }
+}
+
 /// Writes `compiled` into the inactive slot, without switching it on. The hit counters of
 /// rules that the running generation (`running`, its record) also has carry over, so a
 /// reload does not reset them. The caller holds the write lock.

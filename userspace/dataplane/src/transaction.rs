@@ -1,6 +1,6 @@
 //! A whole policy applied as one transaction by the dataplane's one writer: NSG tables into
 //! the inactive slot, the generation's record saved, the flip, then the load balancers and
-//! NAT gateways.
+//! NAT gateways (before the flip when no policy runs yet).
 
 use anyhow::{Result, bail};
 use xdpgate_policy::{
@@ -81,8 +81,19 @@ fn install_locked(
         lbs.backends.clone(),
     );
     state::save(pins, &record)?;
+    // Before the first policy the dataplane passes every packet untouched, so the load
+    // balancers and NAT gateways go in first and the first policy starts whole. The other
+    // order left a moment (forever, if the writer died in it) where a SYN to a frontend
+    // found no frontend and started a plain flow to its address, which outlived the install.
+    let first = prepared.running_generation() == 0;
+    if first {
+        maps.install(lbs, health)?;
+        nat_maps.install(policy)?;
+    }
     apply::switch(pins, &prepared)?;
-    maps.install(lbs, health)?;
-    nat_maps.install(policy)?;
+    if !first {
+        maps.install(lbs, health)?;
+        nat_maps.install(policy)?;
+    }
     Ok(prepared.generation)
 }
