@@ -469,7 +469,9 @@ fn only_the_hosts_own_connections_are_exempt() {
         let client = std::net::TcpStream::connect("198.51.100.77:5555").unwrap();
         let port = client.local_addr().unwrap().port();
         let answer = tcp_frame("198.51.100.77", "198.51.100.77", (5555, port), ACK, 1, 1);
+        let picked = k.flow_stat(FLOW_STAT_PICKED_UP);
         assert_eq!(k.run(&answer), PASS, "an answer to the host's own connection");
+        assert_eq!(k.flow_stat(FLOW_STAT_PICKED_UP), picked, "the host's own is no pickup");
         drop((server, client));
     });
 }

@@ -121,7 +121,8 @@ pub const FLOW_STAT_EMBRYOS_REFUSED: u32 = 3;
 pub const FLOW_STAT_EMBRYOS_CLOSED: u32 = 4;
 /// Established flows rebuilt from a live NAT translation after their entries were gone.
 pub const FLOW_STAT_REBUILT: u32 = 5;
-/// Non-SYN TCP segments taken up as new flows (mid-stream pickup).
+/// TCP segments other than SYNs, without a flow, taken up for classification as new flows
+/// (mid-stream pickup; the policy may still deny them). Not the host's own connections.
 pub const FLOW_STAT_PICKED_UP: u32 = 6;
 pub const FLOW_STATS_LEN: u32 = 7;
 

@@ -320,8 +320,11 @@ pub fn create(
             } else if snat::to_public_address(meta) {
                 return Err(if midstream { DropReason::NoFlow } else { DropReason::NatUnmatched });
             } else {
-                if midstream && !pickup && !forward::host_connection(ctx, meta) {
-                    return Err(DropReason::NoFlow);
+                if midstream && !forward::host_connection(ctx, meta) {
+                    if !pickup {
+                        return Err(DropReason::NoFlow);
+                    }
+                    count(FLOW_STAT_PICKED_UP);
                 }
                 allow(active, meta, dir, forward)?;
                 // NSG outbound rules judged the private source, before translation. The
@@ -334,8 +337,11 @@ pub fn create(
         Lb::NoBackend if midstream => return Err(DropReason::NoFlow),
         Lb::NoBackend => return Err(DropReason::NoBackend),
         Lb::Selected(sel) => {
-            if midstream && !pickup && !sel.midstream {
-                return Err(DropReason::NoFlow);
+            if midstream {
+                if !pickup && !sel.midstream {
+                    return Err(DropReason::NoFlow);
+                }
+                count(FLOW_STAT_PICKED_UP);
             }
             forward.nat = if sel.floating_ip { NAT_NEXT_HOP } else { NAT_DST };
             forward.nat_addr = sel.addr;
@@ -350,9 +356,6 @@ pub fn create(
             }
             forward.rule = decision.rule;
         }
-    }
-    if midstream && !rebuilt {
-        count(FLOW_STAT_PICKED_UP);
     }
     commit(meta, key, forward, reply, rebuilt)?;
     count_lb(forward.service, forward.backend, len);
