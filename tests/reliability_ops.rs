@@ -21,7 +21,7 @@ mod common;
 use std::{
     collections::{BTreeMap, BTreeSet},
     io::{self, Read, Write},
-    net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{
@@ -34,9 +34,9 @@ use std::{
 
 use aya::maps::HashMap as BpfHashMap;
 use common::{
-    Netns, Pins,
+    Netns, Pins, isolated,
     kernel::{DROP, Kernel, PASS},
-    packet::{ACK, L4, SYN, endpoints, frame, tcp_frame},
+    packet::{ACK, L4, SYN, endpoints, flow_key, frame, tcp_frame},
     run, unique,
 };
 use xdpgate_common::{flow::FlowKey, iface::Role, maps::NAT_MAP, nat::NatEntry};
@@ -45,19 +45,6 @@ use xdpgate_policy::{lb as lb_image, load_str};
 
 fn long() -> bool {
     std::env::var("XDPGATE_LONG").is_ok_and(|v| v == "1")
-}
-
-/// Runs `f` on a thread inside a fresh namespace with forwarding off, so test runs' FIB
-/// lookups answer alike on every machine; the namespace's name is passed in.
-fn isolated<T: Send + 'static>(f: impl FnOnce(String) -> T + Send + 'static) -> T {
-    let ns = Netns::new("xgro");
-    for key in ["net.ipv4.ip_forward=0", "net.ipv6.conf.all.forwarding=0"] {
-        ns.exec("sysctl", &["-qw", key]);
-    }
-    let name = ns.name.clone();
-    let out = ns.spawn(move || f(name)).join();
-    drop(ns);
-    out.unwrap_or_else(|e| std::panic::resume_unwind(e))
 }
 
 fn json(text: &str) -> serde_json::Value {
@@ -494,7 +481,7 @@ nat_gateways:
 /// cut both ways too: the remote end may not go on sending to the private host.
 #[test]
 fn policy_swap_cuts_a_translated_flow_both_ways() {
-    let failures = isolated(|_| {
+    let failures = isolated(false, |_| {
         let k = Kernel::new();
         k.apply(&NAT_POLICY.replace("RULE", "allow-out").replace("ACCESS", "allow"));
         let mut failures = Vec::new();
@@ -1019,24 +1006,11 @@ impl Conn {
 const CLIENT_ISN: u32 = 7_000;
 const SERVER_ISN: u32 = 90_000;
 
-fn key(src: &str, dst: &str, sport: u16, dport: u16, proto: u8) -> FlowKey {
-    let words = |a: &str| match a.parse::<IpAddr>().unwrap() {
-        IpAddr::V4(v) => {
-            let mut b = [0u8; 16];
-            b[..4].copy_from_slice(&v.octets());
-            xdpgate_common::words(&b)
-        }
-        IpAddr::V6(v) => xdpgate_common::words(&v.octets()),
-    };
-    let family = if src.contains(':') { 6 } else { 4 };
-    FlowKey { src: words(src), dst: words(dst), sport, dport, proto, family, _pad: [0; 2] }
-}
-
 #[test]
 fn full_embryonic_table_keeps_established_flows() {
     let fill = if long() { 1_000_000 } else { 300_000 };
     let started = Instant::now();
-    let report = isolated(move |_| {
+    let report = isolated(false, move |_| {
         let k = Kernel::new();
         k.apply(OPEN_POLICY);
         let both = Conn::new("203.0.113.7", 40000, "198.51.100.10", 80);
@@ -1070,8 +1044,10 @@ fn full_embryonic_table_keeps_established_flows() {
         let entries = flows::count(&k.pins.dir).unwrap();
         let present = |c: &Conn| {
             (
-                k.established(&key(&c.client.0, &c.server.0, c.client.1, c.server.1, 6)).is_some(),
-                k.established(&key(&c.server.0, &c.client.0, c.server.1, c.client.1, 6)).is_some(),
+                k.established(&flow_key(&c.client.0, &c.server.0, c.client.1, c.server.1, 6))
+                    .is_some(),
+                k.established(&flow_key(&c.server.0, &c.client.0, c.server.1, c.client.1, 6))
+                    .is_some(),
             )
         };
         let (both_entries, idle_entries) = (present(&both), present(&idle));
@@ -1080,7 +1056,7 @@ fn full_embryonic_table_keeps_established_flows() {
         k.arrive_as(Role::External);
         let fresh = frame("203.0.113.99", "198.51.100.30", L4::Udp(4444, 53));
         let fresh_pass = k.run(&fresh) == PASS
-            && k.flow(&key("203.0.113.99", "198.51.100.30", 4444, 53, 17)).is_some();
+            && k.flow(&flow_key("203.0.113.99", "198.51.100.30", 4444, 53, 17)).is_some();
         if !fresh_pass {
             failures.push("a new flow in the full table was not created".into());
         }
@@ -1117,7 +1093,7 @@ fn write_policy(dir: &Path, text: &str) -> PathBuf {
 fn syn_flood_with_the_agent_running() {
     let flood = if long() { 1_000_000 } else { 200_000 };
     let started = Instant::now();
-    let (report, failures) = isolated(move |netns| {
+    let (report, failures) = isolated(false, move |netns| {
         let k = Kernel::new();
         let dir = std::env::temp_dir().join(unique("flood"));
         let file = write_policy(&dir, OPEN_POLICY);
@@ -1265,7 +1241,7 @@ fn syn_flood_with_the_agent_running() {
 #[test]
 fn denied_flood_leaves_the_flow_table_alone() {
     let n: u32 = if long() { 500_000 } else { 100_000 };
-    let (report, failures) = isolated(move |_| {
+    let (report, failures) = isolated(false, move |_| {
         let k = Kernel::new();
         k.apply(OPEN_POLICY);
         let conn = Conn::new("203.0.113.7", 40000, "198.51.100.10", 80);
@@ -1317,7 +1293,7 @@ fn denied_flood_leaves_the_flow_table_alone() {
 #[test]
 fn nat_holds_while_policies_are_applied() {
     let applies = if long() { 3000 } else { 300 };
-    let (report, failures) = isolated(move |_| {
+    let (report, failures) = isolated(false, move |_| {
         let k = Kernel::new();
         let policy = NAT_POLICY.replace("RULE", "allow-out").replace("ACCESS", "allow");
         k.apply(&policy);

@@ -42,7 +42,7 @@ use std::{
 
 use aya::programs::{TestRun, TestRunOptions};
 use common::{
-    Netns, Pins,
+    Netns, Pins, isolated,
     kernel::{DROP, Kernel, PASS},
     packet::{ACK, FIN, MAC_A, MAC_B, RST, SYN, fix_ipv4_checksum},
     rng::Rng,
@@ -1220,26 +1220,6 @@ fn corpus() -> Vec<Case> {
 // ---------------------------------------------------------------------------------------
 // Running frames in the kernel.
 
-/// Runs `f` on a thread inside a fresh namespace with forwarding off (see the module
-/// documentation).
-fn isolated<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    let ns = Netns::new("xgrp");
-    for key in [
-        "net.ipv4.ip_forward=0",
-        "net.ipv4.conf.all.forwarding=0",
-        "net.ipv4.conf.lo.forwarding=0",
-        "net.ipv6.conf.all.forwarding=0",
-    ] {
-        ns.exec("sysctl", &["-qw", key]);
-    }
-    let out = ns.spawn(f).join();
-    drop(ns);
-    match out {
-        Ok(v) => v,
-        Err(e) => std::panic::resume_unwind(e),
-    }
-}
-
 fn try_run(k: &Kernel, frame: &[u8]) -> io::Result<u32> {
     let res = k
         .entry()
@@ -1380,7 +1360,7 @@ fn still_sane(k: &Kernel, failures: &mut Vec<String>) {
 
 #[test]
 fn hostile_corpus_through_test_run() {
-    let (tally, failures, drops) = isolated(|| {
+    let (tally, failures, drops) = isolated(false, |_| {
         let k = Kernel::new();
         k.apply(POLICY);
         k.arrive_as(Role::External);
@@ -1428,7 +1408,7 @@ fn hostile_corpus_through_test_run() {
 /// hold its L4 header must be dropped (RFC 1858, `parse::parse_l4`), padded or not.
 #[test]
 fn l4_header_in_ethernet_padding_is_not_trusted() {
-    let failures = isolated(|| {
+    let failures = isolated(false, |_| {
         let k = Kernel::new();
         k.apply(POLICY);
         k.arrive_as(Role::External);
@@ -1469,7 +1449,7 @@ fn l4_header_in_ethernet_padding_is_not_trusted() {
 /// not carry an ICMP error to a third host that the policy closes to ICMP.
 #[test]
 fn icmp_error_quoting_a_flow_reaches_only_its_host() {
-    let failures = isolated(|| {
+    let failures = isolated(false, |_| {
         let k = Kernel::new();
         k.apply(POLICY);
         k.arrive_as(Role::External);
@@ -2159,7 +2139,7 @@ fn fuzz_random_and_mutated_packets() {
     let total = env_number("XDPGATE_FUZZ_CASES")
         .map_or(if long() { 200_000 } else { 20_000 }, |n| n as usize);
     let started = Instant::now();
-    let (tally, failures) = isolated(move || {
+    let (tally, failures) = isolated(false, move |_| {
         let k = Kernel::new();
         let mut rng = Rng(seed);
         let mut t = FuzzTally::default();

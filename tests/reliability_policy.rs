@@ -26,7 +26,7 @@ use std::{
 };
 
 use common::{
-    Netns,
+    isolated,
     kernel::{DROP, Kernel, PASS},
     packet::{ACK, L4, SYN, frame},
     rng::Rng,
@@ -954,18 +954,6 @@ nsgs:
       - {name: deny-ssh, priority: 200, direction: inbound, access: deny, protocol: tcp, source: [Internet], destination: ["*"], destination_ports: [22]}
 "#;
 
-/// Runs `f` on a thread inside a fresh namespace with forwarding off (test runs' FIB
-/// lookups then answer alike everywhere).
-fn isolated<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    let ns = Netns::new("xgrq");
-    for key in ["net.ipv4.ip_forward=0", "net.ipv6.conf.all.forwarding=0"] {
-        ns.exec("sysctl", &["-qw", key]);
-    }
-    let out = ns.spawn(f).join();
-    drop(ns);
-    out.unwrap_or_else(|e| std::panic::resume_unwind(e))
-}
-
 /// What must not change while rejected policies come and go: the generation, the record of
 /// the applied policy, and the verdicts.
 struct Running<'a> {
@@ -1012,7 +1000,7 @@ fn rejected_applies_leave_the_running_policy_in_force() {
     let seed = env_number("XDPGATE_POLICY_SEED").unwrap_or(DEFAULT_SEED) ^ 0xa991;
     let wanted = if long() { 1000 } else { 150 };
     let started = Instant::now();
-    let (tried, failures) = isolated(move || {
+    let (tried, failures) = isolated(false, move |_| {
         let k = Kernel::new();
         let dir = std::env::temp_dir().join(common::unique("relpol"));
         std::fs::create_dir_all(&dir).unwrap();
@@ -1083,7 +1071,7 @@ fn rejected_applies_leave_the_running_policy_in_force() {
 /// running policy stays in force").
 #[test]
 fn a_policy_that_fails_to_install_changes_nothing() {
-    let (failures, stderr) = isolated(|| {
+    let (failures, stderr) = isolated(false, |_| {
         let k = Kernel::new();
         let dir = std::env::temp_dir().join(common::unique("relpol"));
         std::fs::create_dir_all(&dir).unwrap();
@@ -1213,7 +1201,7 @@ fn check_refuses_a_policy_over_the_nsg_field_capacity() {
 /// the running policy, its record and the trie stay exactly as they were.
 #[test]
 fn apply_refuses_a_policy_that_does_not_fit_beside_the_running_one() {
-    let (failures, stderr) = isolated(|| {
+    let (failures, stderr) = isolated(false, |_| {
         let k = Kernel::new();
         let dir = std::env::temp_dir().join(common::unique("relcap"));
         std::fs::create_dir_all(&dir).unwrap();

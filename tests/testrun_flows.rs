@@ -6,7 +6,6 @@
 mod common;
 
 use std::{
-    net::IpAddr,
     sync::atomic::AtomicBool,
     time::{Duration, Instant},
 };
@@ -14,7 +13,7 @@ use std::{
 use aya::maps::HashMap as BpfHashMap;
 use common::{
     kernel::{Kernel, PASS},
-    packet::{L4, frame},
+    packet::{L4, flow_key, frame},
 };
 use xdpgate_common::{
     flow::{FlowKey, FlowValue, NAT_DST, NAT_SRC, NO_RULE, TCP_CLOSED},
@@ -43,19 +42,6 @@ nsgs:
 "#;
 
 const S: u64 = 1_000_000_000;
-
-fn key(src: &str, sport: u16, dst: &str, dport: u16, proto: u8) -> FlowKey {
-    let words = |a: &str| match a.parse::<IpAddr>().unwrap() {
-        IpAddr::V4(v) => {
-            let mut b = [0u8; 16];
-            b[..4].copy_from_slice(&v.octets());
-            xdpgate_common::words(&b)
-        }
-        IpAddr::V6(v) => xdpgate_common::words(&v.octets()),
-    };
-    let family = if src.contains(':') { 6 } else { 4 };
-    FlowKey { src: words(src), dst: words(dst), sport, dport, proto, family, _pad: [0; 2] }
-}
 
 fn entry(reply: u8, last_seen_ns: u64) -> FlowValue {
     FlowValue {
@@ -107,8 +93,8 @@ fn the_sweep_removes_idle_flows_and_keeps_used_ones() {
     for client in [idle, used, one_way] {
         udp_exchange(&k, client, (server, 53));
     }
-    let fwd = |c: (&str, u16)| key(c.0, c.1, server, 53, 17);
-    let back = |c: (&str, u16)| key(server, 53, c.0, c.1, 17);
+    let fwd = |c: (&str, u16)| flow_key(c.0, server, c.1, 53, 17);
+    let back = |c: (&str, u16)| flow_key(server, c.0, 53, c.1, 17);
     for c in [idle, used, one_way] {
         assert!(k.flow(&fwd(c)).is_some() && k.flow(&back(c)).is_some(), "{c:?} established");
     }
@@ -126,31 +112,33 @@ fn the_sweep_removes_idle_flows_and_keeps_used_ones() {
     // Entries written directly: a reply whose forward entry is gone (idle: removed); TCP
     // flows idle for 11 s, one closed (10 s timeout: removed), one open (240 s: kept); a
     // load-balanced flow (its twin found through the rewrite), idle.
-    let orphan = key(server, 53, "203.0.113.4", 5004, 17);
+    let orphan = flow_key(server, "203.0.113.4", 53, 5004, 17);
     map.insert(orphan, entry(1, now - 31 * S), 0).unwrap();
     let (closed_c, open_c) = (("203.0.113.5", 40005), ("203.0.113.6", 40006));
     for (c, tcp) in [(closed_c, TCP_CLOSED), (open_c, 0)] {
-        for (k_, reply) in [(key(c.0, c.1, server, 80, 6), 0), (key(server, 80, c.0, c.1, 6), 1)] {
+        for (k_, reply) in
+            [(flow_key(c.0, server, c.1, 80, 6), 0), (flow_key(server, c.0, 80, c.1, 6), 1)]
+        {
             map.insert(k_, FlowValue { tcp, ..entry(reply, now - 11 * S) }, 0).unwrap();
         }
     }
     let frontend = "192.0.2.10";
-    let lb_fwd = key("203.0.113.7", 40007, frontend, 80, 6);
-    let lb_back = key(server, 8080, "203.0.113.7", 40007, 6);
+    let lb_fwd = flow_key("203.0.113.7", frontend, 40007, 80, 6);
+    let lb_back = flow_key(server, "203.0.113.7", 8080, 40007, 6);
     let mut lb_entry = FlowValue { tcp: TCP_CLOSED, ..entry(0, now - 11 * S) };
     (lb_entry.nat, lb_entry.nat_port) = (NAT_DST, 8080);
-    lb_entry.nat_addr = key(server, 0, server, 0, 6).src;
+    lb_entry.nat_addr = flow_key(server, server, 0, 0, 6).src;
     map.insert(lb_fwd, lb_entry, 0).unwrap();
     let mut lb_reply = FlowValue { tcp: TCP_CLOSED, ..entry(1, now - 11 * S) };
     (lb_reply.nat, lb_reply.nat_port) = (NAT_SRC, 80);
-    lb_reply.nat_addr = key(frontend, 0, frontend, 0, 6).src;
+    lb_reply.nat_addr = flow_key(frontend, frontend, 0, 0, 6).src;
     map.insert(lb_back, lb_reply, 0).unwrap();
     // Flows through a NAT gateway, idle: one whose translation is active (left to the NAT
     // expiry, which removes both), one whose translation is gone.
     let public = "192.0.2.50";
     let snat = |host: &str, port: u16| {
-        let fwd = key(host, port, "203.0.113.9", 443, 6);
-        let back = key("203.0.113.9", 443, public, port, 6);
+        let fwd = flow_key(host, "203.0.113.9", port, 443, 6);
+        let back = flow_key("203.0.113.9", public, 443, port, 6);
         let mut out = entry(0, now - 11 * S);
         (out.tcp, out.nat, out.nat_port) = (TCP_CLOSED, NAT_SRC, port);
         out.nat_addr = back.dst;
@@ -179,9 +167,11 @@ fn the_sweep_removes_idle_flows_and_keeps_used_ones() {
     translations.insert(f, t(b.dst, b.dport, NAT_SRC), 0).unwrap();
     // An embryonic flow, long idle: the sweep leaves that table to its LRU.
     let mut embryos = table_of(&k.pins.dir, EMBRYOS);
-    let embryo = key("203.0.113.8", 5008, server, 53, 17);
+    let embryo = flow_key("203.0.113.8", server, 5008, 53, 17);
     embryos.insert(embryo, entry(0, now - 3600 * S), 0).unwrap();
-    embryos.insert(key(server, 53, "203.0.113.8", 5008, 17), entry(1, now - 3600 * S), 0).unwrap();
+    embryos
+        .insert(flow_key(server, "203.0.113.8", 53, 5008, 17), entry(1, now - 3600 * S), 0)
+        .unwrap();
     assert_eq!(flows::count(&k.pins.dir).unwrap(), 17);
 
     let (swept, mut ended) = sweep(&k);
@@ -196,8 +186,8 @@ fn the_sweep_removes_idle_flows_and_keeps_used_ones() {
         [
             // Told from the first packet's direction however the walk met it.
             (fwd(idle), Some(1), Some(1)),
-            (key("203.0.113.4", 5004, server, 53, 17), None, Some(1)),
-            (key(closed_c.0, closed_c.1, server, 80, 6), Some(1), Some(1)),
+            (flow_key("203.0.113.4", server, 5004, 53, 17), None, Some(1)),
+            (flow_key(closed_c.0, server, closed_c.1, 80, 6), Some(1), Some(1)),
             (lb_fwd, Some(1), Some(1)),
             (nat_gone.0, Some(1), Some(1)),
         ]
@@ -206,11 +196,11 @@ fn the_sweep_removes_idle_flows_and_keeps_used_ones() {
     let present = |key: &FlowKey| k.flow(key).is_some();
     assert!(!present(&fwd(idle)) && !present(&back(idle)) && !present(&orphan));
     assert!(!present(&lb_fwd) && !present(&lb_back));
-    assert!(!present(&key(closed_c.0, closed_c.1, server, 80, 6)));
+    assert!(!present(&flow_key(closed_c.0, server, closed_c.1, 80, 6)));
     for c in [used, one_way] {
         assert!(present(&fwd(c)) && present(&back(c)), "{c:?} kept both ways");
     }
-    assert!(present(&key(open_c.0, open_c.1, server, 80, 6)), "open TCP flow kept");
+    assert!(present(&flow_key(open_c.0, server, open_c.1, 80, 6)), "open TCP flow kept");
     assert_eq!(flows::count(&k.pins.dir).unwrap(), 8);
     assert!(embryos.get(&embryo, 0).is_ok(), "embryonic flows are not swept");
 
@@ -267,8 +257,8 @@ fn sweep_cost_on_a_million_entries() {
         let seen = if i % 2 == 0 { now - 31 * S } else { now };
         let client = format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255);
         let port = 1024 + (i % 60_000) as u16;
-        map.insert(key(&client, port, "198.51.100.10", 53, 17), entry(0, seen), 0).unwrap();
-        map.insert(key("198.51.100.10", 53, &client, port, 17), entry(1, seen), 0).unwrap();
+        map.insert(flow_key(&client, "198.51.100.10", port, 53, 17), entry(0, seen), 0).unwrap();
+        map.insert(flow_key("198.51.100.10", &client, 53, port, 17), entry(1, seen), 0).unwrap();
     }
     let filled = t.elapsed();
     let walk = |what: &str| {

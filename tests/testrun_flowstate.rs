@@ -11,9 +11,9 @@ use std::net::IpAddr;
 
 use aya::maps::HashMap;
 use common::{
-    Netns,
+    isolated,
     kernel::{DROP, Kernel, PASS},
-    packet::{ACK, L4, SYN, endpoints, frame, tcp_frame},
+    packet::{ACK, L4, SYN, endpoints, flow_key, frame, tcp_frame},
 };
 use xdpgate_common::{
     flow::{
@@ -51,37 +51,6 @@ nat_gateways:
     public_addresses: [192.0.2.100, "2001:db8:e::100"]
     subnets: [198.51.100.0/24, 2001:db8:1::/64]
 "#;
-
-/// Runs `f` on a thread inside a fresh namespace, with forwarding as given, so the test
-/// runs' FIB lookups answer alike on every machine.
-fn isolated<T: Send + 'static>(
-    forwarding: bool,
-    f: impl FnOnce(String) -> T + Send + 'static,
-) -> T {
-    let ns = Netns::new("xgfs");
-    let on = if forwarding { "1" } else { "0" };
-    for key in ["net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"] {
-        ns.exec("sysctl", &["-qw", &format!("{key}={on}")]);
-    }
-    ns.exec("ip", &["link", "set", "lo", "up"]);
-    let name = ns.name.clone();
-    let out = ns.spawn(move || f(name)).join();
-    drop(ns);
-    out.unwrap_or_else(|e| std::panic::resume_unwind(e))
-}
-
-fn key(src: &str, dst: &str, sport: u16, dport: u16) -> FlowKey {
-    let words = |a: &str| match a.parse::<IpAddr>().unwrap() {
-        IpAddr::V4(v) => {
-            let mut b = [0u8; 16];
-            b[..4].copy_from_slice(&v.octets());
-            xdpgate_common::words(&b)
-        }
-        IpAddr::V6(v) => xdpgate_common::words(&v.octets()),
-    };
-    let family = if src.contains(':') { 6 } else { 4 };
-    FlowKey { src: words(src), dst: words(dst), sport, dport, proto: 6, family, _pad: [0; 2] }
-}
 
 /// A TCP connection through the gateway, by the addresses each side's packets carry as
 /// they arrive: the client's go to `to` (a server, a frontend, or a remote host), the
@@ -157,7 +126,7 @@ impl Conn {
     }
 
     fn established(&self, k: &Kernel) -> bool {
-        k.established(&key(&self.client.0, &self.to.0, self.client.1, self.to.1)).is_some()
+        k.established(&flow_key(&self.client.0, &self.to.0, self.client.1, self.to.1, 6)).is_some()
     }
 }
 
@@ -338,11 +307,11 @@ fn a_blind_ack_confirms_nothing() {
         );
         k.arrive_as(Role::External);
         assert_eq!(k.run(&tcp_frame(c, s, (40000, 80), ACK, CLIENT_ISN + 1, 12345)), PASS);
-        let fwd = key(c, s, 40000, 80);
+        let fwd = flow_key(c, s, 40000, 80, 6);
         assert!(k.established(&fwd).is_none() && k.embryo(&fwd).is_some(), "still embryonic");
         assert_eq!(k.run(&tcp_frame(c, s, (40000, 80), ACK, CLIENT_ISN + 1, SERVER_ISN + 1)), PASS);
         assert!(k.established(&fwd).is_some() && k.embryo(&fwd).is_none(), "established");
-        assert!(k.established(&key(s, c, 80, 40000)).is_some(), "both directions");
+        assert!(k.established(&flow_key(s, c, 80, 40000, 6)).is_some(), "both directions");
     });
 }
 
@@ -360,8 +329,8 @@ fn a_translated_connection_is_rebuilt_from_its_translation() {
             // Its flow entries go (a sweep, say); its translation stays.
             let mut flows: HashMap<_, FlowKey, FlowValue> =
                 k.pins.dir.open_map(FLOWS).unwrap().try_into().unwrap();
-            flows.remove(&key(client, remote, 40002, 443)).unwrap();
-            flows.remove(&key(&from.0, &to.0, from.1, to.1)).unwrap();
+            flows.remove(&flow_key(client, remote, 40002, 443, 6)).unwrap();
+            flows.remove(&flow_key(&from.0, &to.0, from.1, to.1, 6)).unwrap();
             let rebuilt = k.flow_stat(FLOW_STAT_REBUILT);
             // The remote's next segment arrives first: translated back to the client.
             k.arrive_as(Role::External);
@@ -408,7 +377,7 @@ fn midstream_pickup_follows_its_settings() {
         assert_eq!(endpoints(&out).1, backend, "reaches the backend the SYN reached");
         assert_eq!(k.flow_stat(FLOW_STAT_PICKED_UP), picked + 1);
         // Picked up as an embryo: the backend's answer confirms it.
-        let fwd = key(client, "192.0.2.10", 40100, 81);
+        let fwd = flow_key(client, "192.0.2.10", 40100, 81, 6);
         assert!(k.embryo(&fwd).is_some());
         k.arrive_as(Role::Internal);
         let answer = tcp_frame(
@@ -456,6 +425,7 @@ fn only_the_hosts_own_connections_are_exempt() {
         let no_flow = k.drops("no_flow");
         let ack = tcp_frame("203.0.113.7", "198.51.100.77", (40000, 80), ACK, 1, 1);
         assert_eq!(k.run(&ack), DROP, "no route to 198.51.100.77");
+        common::run("ip", &["-n", &ns, "link", "set", "lo", "up"]);
         common::run("ip", &["-n", &ns, "addr", "add", "198.51.100.77/32", "dev", "lo"]);
         assert_eq!(
             k.run(&ack),

@@ -7,13 +7,11 @@ mod common;
 use common::{
     kernel::{DROP, Kernel, PASS},
     packet::{
-        ACK, ETH_LEN, FIN, L4, RST, SYN, frame, set_ipv4_frag, set_ipv4_total_len, tcp_frame,
+        ACK, ETH_LEN, FIN, L4, RST, SYN, flow_key, frame, set_ipv4_frag, set_ipv4_total_len,
+        tcp_frame,
     },
 };
-use xdpgate_common::{
-    flow::{FlowKey, TCP_CLOSED},
-    iface::Role,
-};
+use xdpgate_common::{flow::TCP_CLOSED, iface::Role};
 
 const POLICY: &str = r#"
 virtual_network:
@@ -196,19 +194,6 @@ fn nsg_verdicts_in_kernel() {
     assert_eq!(k.rule_flows("DenyAllInBound"), denied_before + 2);
 }
 
-fn key(src: &str, dst: &str, sport: u16, dport: u16, proto: u8) -> FlowKey {
-    let words = |a: &str| match a.parse::<std::net::IpAddr>().unwrap() {
-        std::net::IpAddr::V4(v) => {
-            let mut b = [0u8; 16];
-            b[..4].copy_from_slice(&v.octets());
-            xdpgate_common::words(&b)
-        }
-        std::net::IpAddr::V6(v) => xdpgate_common::words(&v.octets()),
-    };
-    let family = if src.contains(':') { 6 } else { 4 };
-    FlowKey { src: words(src), dst: words(dst), sport, dport, proto, family, _pad: [0; 2] }
-}
-
 /// The three-way handshake of a connection from 203.0.113.7:`port` to 198.51.100.10:80,
 /// with real sequence numbers: the flow is established.
 fn establish(k: &Kernel, port: u16) {
@@ -219,15 +204,15 @@ fn establish(k: &Kernel, port: u16) {
     assert_eq!(k.run(&tcp_frame(s, c, (80, port), SYN | ACK, 90_000, 7_001)), PASS);
     k.arrive_as(Role::External);
     assert_eq!(k.run(&tcp_frame(c, s, (port, 80), ACK, 7_001, 90_001)), PASS);
-    assert!(k.established(&key(c, s, port, 80, 6)).is_some(), "established");
+    assert!(k.established(&flow_key(c, s, port, 80, 6)).is_some(), "established");
 }
 
 #[test]
 fn tcp_close_marks_both_directions_of_a_flow() {
     let k = Kernel::new();
     k.apply(POLICY);
-    let fwd = key("203.0.113.7", "198.51.100.10", 40000, 80, 6);
-    let rev = key("198.51.100.10", "203.0.113.7", 80, 40000, 6);
+    let fwd = flow_key("203.0.113.7", "198.51.100.10", 40000, 80, 6);
+    let rev = flow_key("198.51.100.10", "203.0.113.7", 80, 40000, 6);
     let closed = |k: &Kernel| {
         (k.flow(&fwd).unwrap().tcp & TCP_CLOSED != 0, k.flow(&rev).unwrap().tcp & TCP_CLOSED != 0)
     };
@@ -241,8 +226,8 @@ fn tcp_close_marks_both_directions_of_a_flow() {
     assert_eq!(closed(&k), (true, true), "FIN both ways closes the flow");
 
     // RST closes at once.
-    let fwd = key("203.0.113.7", "198.51.100.10", 40001, 80, 6);
-    let rev = key("198.51.100.10", "203.0.113.7", 80, 40001, 6);
+    let fwd = flow_key("203.0.113.7", "198.51.100.10", 40001, 80, 6);
+    let rev = flow_key("198.51.100.10", "203.0.113.7", 80, 40001, 6);
     establish(&k, 40001);
     assert_eq!(k.run(&frame("203.0.113.7", "198.51.100.10", L4::Tcp(40001, 80, RST))), PASS);
     assert!(
@@ -250,7 +235,7 @@ fn tcp_close_marks_both_directions_of_a_flow() {
     );
 
     // An RST before the connection was established ends the embryo: its next packet is new.
-    let fwd = key("203.0.113.7", "198.51.100.10", 40002, 80, 6);
+    let fwd = flow_key("203.0.113.7", "198.51.100.10", 40002, 80, 6);
     assert_eq!(k.run(&frame("203.0.113.7", "198.51.100.10", L4::Tcp(40002, 80, SYN))), PASS);
     assert!(k.embryo(&fwd).is_some());
     assert_eq!(k.run(&frame("203.0.113.7", "198.51.100.10", L4::Tcp(40002, 80, RST))), PASS);

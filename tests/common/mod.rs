@@ -95,6 +95,28 @@ pub fn run_in<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'sta
     spawn_in(name, f).join().expect("thread in netns panicked")
 }
 
+/// Runs `f` on a thread inside a fresh namespace (its name passed in) with forwarding on
+/// or off, so test runs' FIB lookups answer alike on every machine.
+pub fn isolated<T: Send + 'static>(
+    forwarding: bool,
+    f: impl FnOnce(String) -> T + Send + 'static,
+) -> T {
+    let ns = Netns::new("xgis");
+    let on = if forwarding { "1" } else { "0" };
+    for key in [
+        "net.ipv4.ip_forward",
+        "net.ipv4.conf.all.forwarding",
+        "net.ipv4.conf.lo.forwarding",
+        "net.ipv6.conf.all.forwarding",
+    ] {
+        ns.exec("sysctl", &["-qw", &format!("{key}={on}")]);
+    }
+    let name = ns.name.clone();
+    let out = ns.spawn(move || f(name)).join();
+    drop(ns);
+    out.unwrap_or_else(|e| std::panic::resume_unwind(e))
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["netns", "del", &self.name]).status();

@@ -4,6 +4,7 @@
 use std::net::IpAddr;
 
 use etherparse::{IpHeaders, PacketBuilder, PacketBuilderStep, VlanId};
+use xdpgate_common::flow::FlowKey;
 
 pub const MAC_A: [u8; 6] = [0x02, 0, 0, 0, 0, 0xa];
 pub const MAC_B: [u8; 6] = [0x02, 0, 0, 0, 0, 0xb];
@@ -274,4 +275,18 @@ pub fn tcp_frame(
     let mut out = Vec::new();
     b.write(&mut out, b"xdpgate").expect("build packet");
     out
+}
+
+/// The flow-table key of a packet from `src`:`sport` to `dst`:`dport` with protocol `proto`.
+pub fn flow_key(src: &str, dst: &str, sport: u16, dport: u16, proto: u8) -> FlowKey {
+    let words = |a: &str| match a.parse::<IpAddr>().unwrap() {
+        IpAddr::V4(v) => {
+            let mut b = [0u8; 16];
+            b[..4].copy_from_slice(&v.octets());
+            xdpgate_common::words(&b)
+        }
+        IpAddr::V6(v) => xdpgate_common::words(&v.octets()),
+    };
+    let family = if src.contains(':') { 6 } else { 4 };
+    FlowKey { src: words(src), dst: words(dst), sport, dport, proto, family, _pad: [0; 2] }
 }
