@@ -573,17 +573,7 @@ pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-pub fn thousands(n: u64) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
+pub use xdpgate_dataplane::tables::thousands;
 
 /// Bytes as KiB, MiB or GiB with one decimal.
 pub fn bytes(n: u64) -> String {

@@ -4,22 +4,15 @@
 //! holding a policy of 4,096 rules and a load balancer of 256 backends (measured in a fresh
 //! child process).
 
-use std::{
-    collections::BTreeMap,
-    fmt::Write as _,
-    fs,
-    os::fd::{AsFd, AsRawFd},
-    process::Command,
-    time::Instant,
-};
+use std::{collections::BTreeMap, fmt::Write as _, fs, process::Command, time::Instant};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use aya::maps::MapInfo;
 use serde::{Deserialize, Serialize};
 use xdpgate_common::maps::{EMBRYOS, FLOWS, NAT_MAP, NSG_FIELDS};
 use xdpgate_dataplane::{
     ACT_PROGRAM, NEW_FLOW_PROGRAM, NOOP_PROGRAM, POLICY_PROGRAM, PROGRAM, PinDir, SNAT_PROGRAM,
-    SizeRequest,
+    SizeRequest, tables::memlock,
 };
 
 use crate::common::{Bench, Family, Machine, bytes, ms, thousands, unique_pin_dir};
@@ -98,15 +91,6 @@ impl Report {
     pub fn map_bytes(&self, name: &str) -> u64 {
         self.maps.iter().find(|m| m.name == name).map_or(0, |m| m.bytes)
     }
-}
-
-/// The `memlock:` figure of an open bpf object's fdinfo.
-fn memlock(fd: impl AsFd) -> Result<u64> {
-    let raw = fd.as_fd().as_raw_fd();
-    let info = fs::read_to_string(format!("/proc/self/fdinfo/{raw}"))?;
-    info.lines()
-        .find_map(|l| l.strip_prefix("memlock:").and_then(|v| v.trim().parse().ok()))
-        .ok_or_else(|| anyhow!("no memlock in fdinfo of fd {raw}"))
 }
 
 /// What the pinned map `name` takes.
