@@ -85,15 +85,16 @@ fn install_locked(
     // balancers and NAT gateways go in first and the first policy starts whole. The other
     // order left a moment (forever, if the writer died in it) where a SYN to a frontend
     // found no frontend and started a plain flow to its address, which outlived the install.
-    let first = prepared.running_generation() == 0;
-    if first {
+    let mut install = || -> Result<()> {
         maps.install(lbs, health)?;
-        nat_maps.install(policy)?;
-    }
-    apply::switch(pins, &prepared)?;
-    if !first {
-        maps.install(lbs, health)?;
-        nat_maps.install(policy)?;
+        nat_maps.install(policy)
+    };
+    if prepared.running_generation() == 0 {
+        install()?;
+        apply::switch(pins, &prepared)?;
+    } else {
+        apply::switch(pins, &prepared)?;
+        install()?;
     }
     Ok(prepared.generation)
 }
