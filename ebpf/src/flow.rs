@@ -200,19 +200,30 @@ fn confirm(key: &FlowKey, entry: &FlowValue) -> Result<(), DropReason> {
         // Its other half was evicted: stays embryonic, confirmed by no one; it idles out.
         return Ok(());
     };
-    if FLOWS.insert(key, entry, 0).is_err() {
-        count(FLOW_STAT_EMBRYOS_REFUSED);
-        forget_embryo(key, entry);
-        return Err(DropReason::FlowTableFull);
-    }
-    if FLOWS.insert(&twin_key, twin, 0).is_err() {
-        let _ = FLOWS.remove(key);
-        count(FLOW_STAT_EMBRYOS_REFUSED);
-        forget_embryo(key, entry);
-        return Err(DropReason::FlowTableFull);
-    }
-    count(FLOW_STAT_EMBRYOS_CONFIRMED);
+    let established = establish(key, entry, &twin_key, twin);
+    count(if established.is_ok() {
+        FLOW_STAT_EMBRYOS_CONFIRMED
+    } else {
+        FLOW_STAT_EMBRYOS_REFUSED
+    });
     forget_embryo(key, entry);
+    established
+}
+
+/// Puts a flow's two entries into the established table, both or neither: a full table
+/// refuses the flow.
+#[inline(always)]
+fn establish(
+    key: &FlowKey,
+    entry: &FlowValue,
+    twin_key: &FlowKey,
+    twin: &FlowValue,
+) -> Result<(), DropReason> {
+    FLOWS.insert(key, entry, 0).map_err(|_| DropReason::FlowTableFull)?;
+    if FLOWS.insert(twin_key, twin, 0).is_err() {
+        let _ = FLOWS.remove(key);
+        return Err(DropReason::FlowTableFull);
+    }
     Ok(())
 }
 
@@ -388,13 +399,7 @@ pub fn commit(
     }
     let twin = key.twin(forward);
     if established {
-        if FLOWS.insert(key, forward, 0).is_err() {
-            return Err(DropReason::FlowTableFull);
-        }
-        if FLOWS.insert(&twin, &*reply, 0).is_err() {
-            let _ = FLOWS.remove(key);
-            return Err(DropReason::FlowTableFull);
-        }
+        establish(key, forward, &twin, reply)?;
         count(FLOW_STAT_REBUILT);
     } else {
         // A full embryonic table evicts its least recently used entries; a failed insert
