@@ -91,12 +91,8 @@ fn parse_stage(ctx: &XdpContext, iface: Option<&IfaceConfig>) -> Result<u32, Dro
     meta.iface_slot = iface.map_or(0, |c| c.slot) as u8;
     meta.dir = direction(iface) as u8;
     let slot = SCRATCH.get_ptr_mut(0).ok_or(DropReason::Internal)?;
-    unsafe {
-        *slot = meta;
-        PIPELINE.tail_call(ctx, PIPELINE_POLICY);
-    }
-    // Only reached when the policy stage is missing from PIPELINE: fail closed.
-    Err(DropReason::Internal)
+    unsafe { *slot = meta };
+    enter(ctx, PIPELINE_POLICY)
 }
 
 #[inline(always)]
@@ -117,11 +113,7 @@ fn policy_stage(ctx: &XdpContext) -> Result<u32, DropReason> {
         Some(action) => action,
         None => match flow::lookup(&active, meta, len) {
             Some(result) => result?,
-            None => {
-                unsafe { PIPELINE.tail_call(ctx, PIPELINE_NEW) };
-                // Only reached when the stage is missing from PIPELINE: fail closed.
-                return Err(DropReason::Internal);
-            }
+            None => return enter(ctx, PIPELINE_NEW),
         },
     };
     decided(ctx, meta, action)
@@ -153,11 +145,15 @@ fn decided(ctx: &XdpContext, meta: &PacketMeta, action: Action) -> Result<u32, D
 #[inline(always)]
 fn hand_on(ctx: &XdpContext, action: Action, next: u32) -> Result<u32, DropReason> {
     let slot = ACTION.get_ptr_mut(0).ok_or(DropReason::Internal)?;
-    unsafe {
-        *slot = action;
-        PIPELINE.tail_call(ctx, next);
-    }
-    // Only reached when the stage is missing from PIPELINE: fail closed.
+    unsafe { *slot = action };
+    enter(ctx, next)
+}
+
+/// Tail-calls stage `index` of `PIPELINE`. Returns only when that stage is missing: fail
+/// closed.
+#[inline(always)]
+fn enter(ctx: &XdpContext, index: u32) -> Result<u32, DropReason> {
+    unsafe { PIPELINE.tail_call(ctx, index) };
     Err(DropReason::Internal)
 }
 
