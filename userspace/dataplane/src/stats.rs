@@ -1,7 +1,7 @@
 //! Reading the dataplane's counters from their pins.
 
 use anyhow::{Context, Result};
-use aya::maps::{HashMap, MapData, MapInfo, PerCpuArray};
+use aya::maps::{HashMap, MapData, PerCpuArray};
 use serde::Serialize;
 use xdpgate_common::{
     events::{EVENTS_LOST, EVENTS_SUPPRESSED},
@@ -18,7 +18,7 @@ use xdpgate_common::{
 
 use xdpgate_policy::{Direction, Layer};
 
-use crate::{PinDir, apply, state, table};
+use crate::{PinDir, apply, state, table, tables};
 
 #[derive(Debug, Default, Serialize, PartialEq, Eq, Clone, Copy)]
 pub struct Traffic {
@@ -197,10 +197,11 @@ pub fn read(pins: &PinDir) -> Result<Stats> {
 pub fn flow_table(pins: &PinDir) -> Result<FlowTable> {
     let stats: PerCpuArray<_, u64> = pins.open_map(FLOW_STATS)?.try_into()?;
     let sum = |i: u32| -> Result<u64> { Ok(stats.get(&i, 0)?.iter().sum()) };
+    // Flows: two entries each.
     let capacity = |name: &str| -> Result<u64> {
-        let info = MapInfo::from_pin(pins.map(name))
-            .with_context(|| format!("reading the size of {name}"))?;
-        Ok(u64::from(info.max_entries()) / 2)
+        let entries = tables::pinned_entries(pins, name)?
+            .with_context(|| format!("reading the size of {name}: not pinned"))?;
+        Ok(u64::from(entries) / 2)
     };
     let mut embryonic = EmbryonicTable {
         capacity: capacity(EMBRYOS)?,
