@@ -71,6 +71,54 @@ fn allowed_and_denied_flows_send_events() {
     );
 }
 
+/// An east-west flow's events name the deciding rule of each side: the source subnet's
+/// outbound rule and the destination subnet's inbound rule.
+#[test]
+fn east_west_events_name_both_sides() {
+    let k = Kernel::new();
+    k.apply(
+        r#"
+virtual_network:
+  address_space: [198.51.100.0/24]
+nsgs:
+  - name: a
+    subnets: [198.51.100.0/25]
+    rules:
+      - {name: a-web-out, priority: 100, direction: outbound, access: allow, protocol: tcp,
+         source: "*", destination: "*", destination_ports: 80}
+  - name: b
+    subnets: [198.51.100.128/25]
+    rules:
+      - {name: b-web-in, priority: 100, direction: inbound, access: allow, protocol: tcp,
+         source: "*", destination: "*", destination_ports: 80}
+      - {name: b-no-ssh, priority: 110, direction: inbound, access: deny, protocol: tcp,
+         source: "*", destination: "*", destination_ports: 22}
+"#,
+    );
+    k.arrive_as(Role::Internal);
+    drain(&k);
+    assert_eq!(k.run(&frame("198.51.100.10", "198.51.100.140", L4::Tcp(40000, 80, SYN))), PASS);
+    assert_eq!(k.run(&frame("198.51.100.10", "198.51.100.140", L4::Tcp(40001, 22, SYN))), DROP);
+    let events = drain(&k);
+    assert_eq!(events.len(), 2, "{events:?}");
+    let names = xdpgate_dataplane::flows::Names::read(&k.pins.dir).unwrap();
+    let begin = flowlog::event_line(&names, &events[0]);
+    assert_eq!(
+        (begin["rule"].as_str(), begin["direction"].as_str(), begin["state"].as_str()),
+        (Some("b-web-in"), Some("outbound"), Some("begin")),
+        "{begin}"
+    );
+    assert_eq!(begin["rules"]["outbound"]["rule"], "a-web-out", "{begin}");
+    assert_eq!(begin["rules"]["inbound"]["nsg"], "b", "{begin}");
+    let deny = flowlog::event_line(&names, &events[1]);
+    assert_eq!(
+        (deny["rule"].as_str(), deny["decision"].as_str()),
+        (Some("b-no-ssh"), Some("deny"))
+    );
+    // The source side let it out (its default rule) before the destination denied it.
+    assert_eq!(deny["rules"]["outbound"]["rule"], "AllowVnetOutBound", "{deny}");
+}
+
 #[test]
 fn a_flood_of_denied_packets_is_rate_limited_and_counted() {
     let k = Kernel::new();
