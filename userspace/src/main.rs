@@ -119,6 +119,9 @@ enum Command {
     /// Example: xdpgate verify-flow --direction inbound --protocol tcp
     ///          --local 198.51.100.10:80 --remote 203.0.113.7:40000
     VerifyFlow {
+        /// Which way the flow's first packet goes: inbound (remote to local) or outbound
+        /// (local to remote). Both sides' NSGs judge it: the source's outbound layers, then
+        /// the destination's inbound layers.
         #[arg(long, value_enum)]
         direction: DirectionArg,
         /// tcp, udp, icmp (ICMPv6 for IPv6 addresses), esp, ah, or a protocol number.
