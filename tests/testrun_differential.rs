@@ -338,7 +338,13 @@ impl Universe {
         } else {
             self.addr(rng, nets, 100)
         };
-        let far = self.addr(rng, nets, 100);
+        // A quarter east-west: both ends in the policy's own addresses, so the source's
+        // outbound and the destination's inbound layers both judge it.
+        let far = if !local.is_empty() && rng.percent(25) {
+            self.addr(rng, local, 20)
+        } else {
+            self.addr(rng, nets, 100)
+        };
         let (src, dst) = match dir {
             Direction::Inbound => (far, near),
             Direction::Outbound => (near, far),
@@ -511,7 +517,8 @@ fn describe(v: &Verdict) -> String {
         .iter()
         .map(|r| {
             let access = if r.access == Access::Allow { "allow" } else { "deny" };
-            format!("{:?} {}/{} (priority {}, {access})", r.layer, r.nsg, r.rule, r.priority)
+            let (dir, layer, nsg, rule, prio) = (r.direction, r.layer, &r.nsg, &r.rule, r.priority);
+            format!("{dir:?} {layer:?} {nsg}/{rule} (priority {prio}, {access})")
         })
         .collect();
     let verdict = if v.allowed { "allow" } else { "deny" };

@@ -16,7 +16,7 @@ use common::{
     packet::{L4, flow_key, frame},
 };
 use xdpgate_common::{
-    flow::{FlowKey, FlowValue, NAT_DST, NAT_SRC, NO_RULE, TCP_CLOSED},
+    flow::{FlowKey, FlowValue, NAT_DST, NAT_SRC, NO_RULES, TCP_CLOSED},
     iface::Role,
     lb::NO_BACKEND,
     maps::{EMBRYO_ENTRIES, EMBRYOS, FLOW_ENTRIES, FLOWS, NAT_MAP},
@@ -49,7 +49,7 @@ fn entry(reply: u8, last_seen_ns: u64) -> FlowValue {
         last_seen_ns,
         packets: 1,
         bytes: 100,
-        rule: NO_RULE,
+        rules: NO_RULES,
         direction: DIR_INBOUND as u8,
         reply,
         service: NO_BACKEND,

@@ -301,3 +301,87 @@ fn reevaluation_can_be_turned_off() {
     let new = frame("203.0.113.7", "198.51.100.10", L4::Tcp(40001, 80, SYN));
     assert_eq!(k.run(&new), DROP, "new flows follow the new policy");
 }
+
+/// Two protected subnets behind one gateway, and a host NSG on one host of the second.
+const EAST_WEST: &str = r#"
+virtual_network:
+  address_space: [198.51.100.0/24, 2001:db8:1::/64]
+nsgs:
+  - name: a
+    subnets: [198.51.100.0/25, "2001:db8:1::/80"]
+    rules:
+      - {name: a-no-8080-out, priority: 100, direction: outbound, access: deny, protocol: tcp,
+         source: ["*"], destination: ["*"], destination_ports: [8080]}
+  - name: b
+    subnets: [198.51.100.128/25, "2001:db8:1:0:1::/80"]
+    rules:
+      - {name: b-no-telnet-from-a, priority: 100, direction: inbound, access: deny,
+         protocol: tcp, source: [198.51.100.0/25, "2001:db8:1::/80"], destination: ["*"],
+         destination_ports: [23]}
+  - name: b1
+    hosts: [198.51.100.140, "2001:db8:1:0:1::140"]
+    rules:
+      - {name: b1-no-ssh, priority: 100, direction: inbound, access: deny, protocol: tcp,
+         source: [VirtualNetwork], destination: ["*"], destination_ports: [22]}
+"#;
+
+/// A flow between two protected subnets passes the source's outbound layers and then the
+/// destination's inbound layers, whichever role the arrival interface has, and its entry
+/// names the deciding rule of each side.
+#[test]
+fn east_west_flows_pass_the_source_outbound_and_the_destination_inbound() {
+    use xdpgate_common::{
+        flow::NO_RULE,
+        nsg::{DIR_INBOUND, DIR_OUTBOUND},
+    };
+    let k = Kernel::new();
+    k.apply(EAST_WEST);
+    let mut f = Vec::new();
+    let mut port = 41000;
+    for (a1, b1, b2) in [
+        ("198.51.100.10", "198.51.100.140", "198.51.100.141"),
+        ("2001:db8:1::10", "2001:db8:1:0:1::140", "2001:db8:1:0:1::141"),
+    ] {
+        for role in [Role::Internal, Role::External] {
+            k.arrive_as(role);
+            let mut syn = |src: &str, dst: &str, dport: u16| {
+                port += 1;
+                (frame(src, dst, L4::Tcp(port, dport, SYN)), flow_key(src, dst, port, dport, 6))
+            };
+            let case = |what: &str| format!("{what} ({b1}, arriving on {role:?})");
+            let ssh = k.rule_flows("b1-no-ssh");
+            let (pkt, _) = syn(a1, b1, 22);
+            check(&k, &case("a1 -> b1:22, the destination host denies"), &pkt, DROP, &mut f);
+            if k.rule_flows("b1-no-ssh") != ssh + 1 {
+                f.push(case("b1-no-ssh did not count the denied flow"));
+            }
+            let (pkt, _) = syn(a1, b2, 23);
+            check(&k, &case("a1 -> b2:23, the destination subnet denies"), &pkt, DROP, &mut f);
+            let (pkt, _) = syn(a1, b1, 8080);
+            check(&k, &case("a1 -> b1:8080, the source subnet denies"), &pkt, DROP, &mut f);
+            let (pkt, key) = syn(a1, b1, 80);
+            check(&k, &case("a1 -> b1:80, both sides allow"), &pkt, PASS, &mut f);
+            match k.flow(&key) {
+                Some(v) => {
+                    let (inb, out) =
+                        (v.rules[DIR_INBOUND as usize], v.rules[DIR_OUTBOUND as usize]);
+                    if inb == NO_RULE || out == NO_RULE || inb == out {
+                        f.push(case(&format!("a1 -> b1:80 records rules {:?}", v.rules)));
+                    }
+                }
+                None => f.push(case("a1 -> b1:80 has no flow")),
+            }
+            let (pkt, _) = syn(b1, a1, 22);
+            check(
+                &k,
+                &case("b1 -> a1:22, a's defaults allow the virtual network"),
+                &pkt,
+                PASS,
+                &mut f,
+            );
+            let (pkt, _) = syn(b1, a1, 8080);
+            check(&k, &case("b1 -> a1:8080, a's outbound rule is not b's"), &pkt, PASS, &mut f);
+        }
+    }
+    assert!(f.is_empty(), "{}", f.join("\n"));
+}

@@ -108,7 +108,7 @@ fn answers_from_the_kernel_when_the_saved_policy_differs() {
     // With the kernel's own record saved again, the deciding rules have names.
     state::save(&pins.dir, &real).unwrap();
     let named = text(&verify(pins, &[], 1006));
-    assert!(named.contains("web/allow-a (priority 100, subnet layer, allow)"), "{named}");
+    assert!(named.contains("web/allow-a (priority 100, inbound subnet layer, allow)"), "{named}");
     assert!(!named.contains("rule names unknown"), "{named}");
     let denied = text(&verify(pins, &[], 3005));
     assert!(denied.contains("web/DenyAllInBound (priority 65500"), "{denied}");

@@ -11,8 +11,8 @@ pub struct FlowEvent {
     pub generation: u64,
     /// The flow's first packet, as it arrived.
     pub key: FlowKey,
-    /// Global rule index of the deciding rule, or `NO_RULE`.
-    pub rule: u32,
+    /// The deciding rule of each side (see `FlowValue::rules`).
+    pub rules: [u16; 2],
     /// `EVENT_*`.
     pub kind: u8,
     /// `DIR_*`.

@@ -66,8 +66,10 @@ pub struct FlowValue {
     pub last_seen_ns: u64,
     pub packets: u64,
     pub bytes: u64,
-    /// Global rule index (table * MAX_RULES + bit) that allowed it, or `NO_RULE`.
-    pub rule: u32,
+    /// The deciding rule of each side, indexed by `DIR_*`: `[DIR_INBOUND]` the destination's
+    /// inbound layers, `[DIR_OUTBOUND]` the source's outbound layers. A global rule index
+    /// (table * MAX_RULES + bit), or `NO_RULE` where no NSG applied on that side.
+    pub rules: [u16; 2],
     /// Direction (`DIR_*`) of the packet that created the flow.
     pub direction: u8,
     /// 1 when this entry is the reply direction.
@@ -98,7 +100,11 @@ pub const NAT_SRC: u8 = 2;
 /// Leave the addresses, forward to `nat_addr` (floating IP: direct server return).
 pub const NAT_NEXT_HOP: u8 = 3;
 
-pub const NO_RULE: u32 = u32::MAX;
+/// No NSG applied: the rule index of a side no layer filtered. (Global rule indexes are below
+/// `TABLES * MAX_RULES` = 32,768, so they fit 16 bits.)
+pub const NO_RULE: u16 = u16::MAX;
+/// Neither side had a rule.
+pub const NO_RULES: [u16; 2] = [NO_RULE; 2];
 /// This direction sent a FIN.
 pub const TCP_FIN: u8 = 1;
 /// RST seen, or FIN both ways: the flow expires after `TCP_CLOSED_TIMEOUT_NS`.

@@ -10,6 +10,10 @@ pub const NAT_ICMP_ERROR: u8 = 4;
 /// A new flow that still needs its SNAT port claimed (`port` holds the gateway index).
 pub const NAT_PENDING_SNAT: u8 = 5;
 
+/// Not a rewrite: the policy stage asks the new-flow stage to classify the packet's flow
+/// again (it was decided under an older policy).
+pub const RECLASSIFY: Action = Action { nat: 6, addr: [0; 4], port: 0 };
+
 /// What the dataplane does with an allowed packet beyond passing it: the header rewrite
 /// of its flow direction (`NAT_*`) and, for load-balanced flows, where it goes.
 #[repr(C)]

@@ -38,7 +38,7 @@ fn take_token(now: u64) -> bool {
 
 /// Sends a flow event; written straight into the ring buffer, not built on the stack.
 #[inline(always)]
-pub fn emit(kind: u8, key: &FlowKey, rule: u32, direction: u8, generation: u64) {
+pub fn emit(kind: u8, key: &FlowKey, rules: [u16; 2], direction: u8, generation: u64) {
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     if kind == EVENT_DENY && !take_token(now) {
         count(EVENTS_SUPPRESSED);
@@ -53,7 +53,7 @@ pub fn emit(kind: u8, key: &FlowKey, rule: u32, direction: u8, generation: u64) 
         (*e).time_ns = now;
         (*e).generation = generation;
         (*e).key = *key;
-        (*e).rule = rule;
+        (*e).rules = rules;
         (*e).kind = kind;
         (*e).direction = direction;
         (*e)._pad = [0; 2];

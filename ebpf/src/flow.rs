@@ -11,7 +11,7 @@ use xdpgate_common::{
         FLOW_STAT_EMBRYOS_CLOSED, FLOW_STAT_EMBRYOS_CONFIRMED, FLOW_STAT_EMBRYOS_CREATED,
         FLOW_STAT_EMBRYOS_EXPIRED, FLOW_STAT_EMBRYOS_REFUSED, FLOW_STAT_PICKED_UP,
         FLOW_STAT_REBUILT, FlowKey, FlowValue, FragKey, FragValue, NAT_DST, NAT_NEXT_HOP, NAT_NONE,
-        NAT_SRC, NO_RULE, TCP_ANSWERED, TCP_CLOSED, TCP_FIN, TCP_MIDSTREAM,
+        NAT_SRC, NO_RULES, TCP_ANSWERED, TCP_CLOSED, TCP_FIN, TCP_MIDSTREAM,
     },
     lb::NO_BACKEND,
     nat::NAT_ACTIVE,
@@ -78,15 +78,22 @@ fn as_classified(meta: &PacketMeta, entry: &FlowValue) -> Result<&'static Packet
     Ok(m)
 }
 
+/// What the flow tables say of a packet.
+pub enum Lookup {
+    /// A packet of a known flow, passed with the flow's action.
+    Hit(Action),
+    /// No flow: decided as a new one ([`create`]).
+    Miss,
+    /// A flow decided under an older policy, to be classified again ([`reclassify`])
+    /// before its packet is decided.
+    Stale,
+}
+
 /// Decides a packet of a known flow: established flows are one lookup; a miss looks among
-/// the embryonic flows. `None`: the packet has no flow and is decided as a new one
-/// ([`create`]).
+/// the embryonic flows. Never classifies: that is the new-flow stage's work, which keeps
+/// this stage small.
 #[inline(always)]
-pub fn lookup(
-    active: &Active<'_>,
-    meta: &PacketMeta,
-    len: u64,
-) -> Option<Result<Action, DropReason>> {
+pub fn lookup(active: &Active<'_>, meta: &PacketMeta, len: u64) -> Result<Lookup, DropReason> {
     // The coarse clock (tick resolution) is plenty for timeouts counted in seconds, and
     // the precise one cost a third of an established packet here (100 vs 68 ns).
     let now = unsafe { bpf_ktime_get_coarse_ns() };
@@ -98,23 +105,21 @@ pub fn lookup(
             && backend_usable(meta, entry)
             && !reopens(meta, entry)
         {
-            if let Err(e) = revalidate(active, meta, &key, entry) {
-                let _ = FLOWS.remove(&key.twin(entry));
-                let _ = FLOWS.remove(&key);
-                return Some(Err(e));
+            if stale(active, entry) {
+                return Ok(Lookup::Stale);
             }
             touch(entry, now, len);
             if meta.proto == IPPROTO_TCP && meta.tcp_flags & (TH_FIN | TH_RST) != 0 {
                 track_close(&key, entry, meta.tcp_flags);
             }
-            return Some(Ok(Action::of(entry)));
+            return Ok(Lookup::Hit(Action::of(entry)));
         }
         // Idle too long, its backend gone, or its tuple reused: a new flow, decided afresh.
         // The old entries go now, or they would shadow the new flow's until it is confirmed.
         let _ = FLOWS.remove(&key.twin(entry));
         let _ = FLOWS.remove(&key);
     }
-    let entry = EMBRYOS.get_ptr_mut(&key)?;
+    let Some(entry) = EMBRYOS.get_ptr_mut(&key) else { return Ok(Lookup::Miss) };
     embryo(active, meta, &key, unsafe { &mut *entry }, now, len)
 }
 
@@ -130,7 +135,7 @@ fn touch(entry: &mut FlowValue, now: u64, len: u64) {
 /// established table) when it shows both ends take part, as conntrack's ASSURED does: for
 /// TCP the initiator's ACK of the responder's SYN-ACK (the acknowledgement number must
 /// match, so a blind spoofer cannot confirm), or any answer to a flow picked up mid-stream;
-/// for other protocols an answer. `None`: the embryo is over (idle too long, its backend
+/// for other protocols an answer. A miss: the embryo is over (idle too long, its backend
 /// gone, its tuple reused), and the packet starts a new flow.
 #[inline(always)]
 fn embryo(
@@ -140,23 +145,21 @@ fn embryo(
     entry: &mut FlowValue,
     now: u64,
     len: u64,
-) -> Option<Result<Action, DropReason>> {
+) -> Result<Lookup, DropReason> {
     // Never longer than the flow may idle once established.
     let timeout = active.config.idle_timeout_ns(meta.proto, entry.tcp, entry.idle_s);
     if now.wrapping_sub(entry.last_seen_ns) > timeout.min(active.config.embryonic_timeout_ns) {
         count(FLOW_STAT_EMBRYOS_EXPIRED);
         forget_embryo(key, entry);
-        return None;
+        return Ok(Lookup::Miss);
     }
     if !backend_usable(meta, entry) || reopens(meta, entry) {
         count(FLOW_STAT_EMBRYOS_CLOSED);
         forget_embryo(key, entry);
-        return None;
+        return Ok(Lookup::Miss);
     }
-    if let Err(e) = revalidate(active, meta, key, entry) {
-        count(FLOW_STAT_EMBRYOS_CLOSED);
-        forget_embryo(key, entry);
-        return Some(Err(e));
+    if stale(active, entry) {
+        return Ok(Lookup::Stale);
     }
     touch(entry, now, len);
     let action = Action::of(entry);
@@ -166,7 +169,7 @@ fn embryo(
             // Refused or aborted before it was established: over, and its RST passes.
             count(FLOW_STAT_EMBRYOS_CLOSED);
             forget_embryo(key, entry);
-            return Some(Ok(action));
+            return Ok(Lookup::Hit(action));
         }
         let confirms = if entry.reply != 0 {
             if flags & (TH_SYN | TH_ACK) == TH_SYN | TH_ACK
@@ -183,12 +186,12 @@ fn embryo(
                 && meta.tcp_ack == entry.ack
         };
         if !confirms {
-            return Some(Ok(action));
+            return Ok(Lookup::Hit(action));
         }
     } else if entry.reply == 0 {
-        return Some(Ok(action));
+        return Ok(Lookup::Hit(action));
     }
-    Some(confirm(key, entry).map(|()| action))
+    confirm(key, entry).map(|()| Lookup::Hit(action))
 }
 
 /// Moves an embryonic flow's two entries to the established table. A full table refuses
@@ -289,7 +292,7 @@ pub fn create(
         last_seen_ns: now,
         packets: 1,
         bytes: len,
-        rule: NO_RULE,
+        rules: NO_RULES,
         direction: dir as u8,
         reply: 0,
         tcp: if midstream { TCP_MIDSTREAM } else { 0 },
@@ -304,6 +307,8 @@ pub fn create(
     // Rebuilt from a translation: established at once (a translation exists only for a
     // flow the policy allowed, one per translation, so this cannot flood the table).
     let mut rebuilt = false;
+    // A NAT gateway whose port the SNAT stage claims once the policy allows the flow.
+    let mut snat_gateway = None;
     match lb::select(meta) {
         Lb::NotFrontend => {
             // A translation outlives its flow entries: rebuild them from it.
@@ -320,13 +325,6 @@ pub fn create(
                     // the policy still allows the flow itself.
                     forward.reply = 1;
                     forward.direction = DIR_OUTBOUND as u8;
-                    let decision = classify(active, as_classified(meta, forward)?, DIR_OUTBOUND);
-                    if !decision.allowed {
-                        return Err(DropReason::Policy);
-                    }
-                    forward.rule = decision.rule;
-                } else {
-                    allow(active, meta, dir, forward)?;
                 }
             } else if snat::to_public_address(meta) {
                 return Err(if midstream { DropReason::NoFlow } else { DropReason::NatUnmatched });
@@ -337,12 +335,8 @@ pub fn create(
                     }
                     count(FLOW_STAT_PICKED_UP);
                 }
-                allow(active, meta, dir, forward)?;
-                // NSG outbound rules judged the private source, before translation. The
-                // port claim runs in a stage of its own, which then commits the flow.
-                if let Some(gw) = snat::gateway(meta, dir) {
-                    return Ok(Action { nat: NAT_PENDING_SNAT, addr: [0; 4], port: gw as u16 });
-                }
+                // NSG outbound rules judge the private source, before translation.
+                snat_gateway = snat::gateway(meta, dir);
             }
         }
         Lb::NoBackend if midstream => return Err(DropReason::NoFlow),
@@ -360,13 +354,19 @@ pub fn create(
             forward.service = sel.service;
             forward.backend = sel.backend;
             forward.idle_s = sel.idle_s;
-            let decision = classify(active, as_classified(meta, forward)?, dir);
-            if !decision.allowed {
-                events::emit(EVENT_DENY, key, decision.rule, dir as u8, active.config.generation);
-                return Err(DropReason::Policy);
-            }
-            forward.rule = decision.rule;
         }
+    }
+    // One classification for every kind of new flow (each call site costs the verifier a
+    // walk of the classifier): the packet as its flow's first packet reaches its host.
+    let decision = classify(active, as_classified(meta, forward)?);
+    if !decision.allowed {
+        events::emit(EVENT_DENY, key, decision.rules, forward.direction, forward.generation);
+        return Err(DropReason::Policy);
+    }
+    forward.rules = decision.rules;
+    if let Some(gw) = snat_gateway {
+        // The port claim runs in a stage of its own, which then commits the flow.
+        return Ok(Action { nat: NAT_PENDING_SNAT, addr: [0; 4], port: gw as u16 });
     }
     commit(meta, key, forward, reply, rebuilt)?;
     count_lb(forward.service, forward.backend, len);
@@ -409,7 +409,7 @@ pub fn commit(
         count(FLOW_STAT_EMBRYOS_CREATED);
     }
     if forward.reply == 0 {
-        events::emit(EVENT_BEGIN, key, forward.rule, forward.direction, forward.generation);
+        events::emit(EVENT_BEGIN, key, forward.rules, forward.direction, forward.generation);
     }
     Ok(())
 }
@@ -430,23 +430,6 @@ pub fn commit_snat(meta: &PacketMeta, gw: u32) -> Result<Action, DropReason> {
     Ok(Action::of(forward))
 }
 
-/// NSG classification of a new flow that is not load-balanced; records the deciding rule.
-#[inline(always)]
-fn allow(
-    active: &Active<'_>,
-    meta: &PacketMeta,
-    dir: u32,
-    entry: &mut FlowValue,
-) -> Result<(), DropReason> {
-    let decision = classify(active, meta, dir);
-    if !decision.allowed {
-        events::emit(EVENT_DENY, &key(meta), decision.rule, dir as u8, active.config.generation);
-        return Err(DropReason::Policy);
-    }
-    entry.rule = decision.rule;
-    Ok(())
-}
-
 #[inline(always)]
 fn count_lb(service: u32, backend: u32, len: u64) {
     if service == NO_BACKEND {
@@ -462,29 +445,52 @@ fn count_lb(service: u32, backend: u32, len: u64) {
     }
 }
 
-/// A flow decided under an older policy is classified again (as its first packet was) when
-/// the policy asks for it; the caller removes a flow the new policy denies, both ways.
+/// Whether a flow was decided under an older policy and the policy asks for flows to be
+/// classified again; when it does not, the flow just takes the new generation.
 #[inline(always)]
-fn revalidate(
-    active: &Active<'_>,
-    meta: &PacketMeta,
-    key: &FlowKey,
-    entry: &mut FlowValue,
-) -> Result<(), DropReason> {
+fn stale(active: &Active<'_>, entry: &mut FlowValue) -> bool {
     let generation = active.config.generation;
     if entry.generation == generation {
-        return Ok(());
+        return false;
     }
     if active.config.flags & FLAG_REEVALUATE != 0 {
-        let decision = classify(active, as_classified(meta, entry)?, u32::from(entry.direction));
-        if !decision.allowed {
-            events::emit(EVENT_DENY, key, decision.rule, entry.direction, generation);
-            return Err(DropReason::Policy);
-        }
-        entry.rule = decision.rule;
+        return true;
     }
     entry.generation = generation;
-    Ok(())
+    false
+}
+
+/// Classifies the packet's flow, decided under an older policy, again (as its first packet
+/// was): a flow the new policy denies is removed, both ways, and its packet dropped; one it
+/// allows takes the new generation and deciding rules.
+#[inline(always)]
+pub fn reclassify(active: &Active<'_>, meta: &PacketMeta) -> Result<(), DropReason> {
+    let key = key(meta);
+    let (entry, established) = match FLOWS.get_ptr_mut(&key) {
+        Some(e) => (e, true),
+        None => match EMBRYOS.get_ptr_mut(&key) {
+            Some(e) => (e, false),
+            // Gone meanwhile: the packet is decided afresh.
+            None => return Ok(()),
+        },
+    };
+    let entry = unsafe { &mut *entry };
+    let generation = active.config.generation;
+    let decision = classify(active, as_classified(meta, entry)?);
+    if decision.allowed {
+        entry.rules = decision.rules;
+        entry.generation = generation;
+        return Ok(());
+    }
+    events::emit(EVENT_DENY, &key, decision.rules, entry.direction, generation);
+    if established {
+        let _ = FLOWS.remove(&key.twin(entry));
+        let _ = FLOWS.remove(&key);
+    } else {
+        count(FLOW_STAT_EMBRYOS_CLOSED);
+        forget_embryo(&key, entry);
+    }
+    Err(DropReason::Policy)
 }
 
 /// RST closes the flow; FIN closes it once both directions have sent one.
@@ -533,21 +539,18 @@ pub fn remember_first_fragment(meta: &PacketMeta, action: &Action) {
     let _ = FRAGS.insert(&frag_key(meta), &value, 0);
 }
 
-/// A non-first fragment carries no ports, so rules on ports cannot judge it: it passes only
-/// when its first fragment was allowed (rewritten as that one was), or when no NSG applies
-/// to it at all.
+/// A non-first fragment carries no ports, so rules on ports cannot judge it: it passes when
+/// its first fragment was allowed, rewritten as that one was. `None`: that is not known
+/// ([`unknown_fragment`] decides).
 #[inline(always)]
-pub fn later_fragment(
-    active: &Active<'_>,
-    meta: &PacketMeta,
-    dir: u32,
-) -> Result<Action, DropReason> {
-    if let Some(first) = unsafe { FRAGS.get(&frag_key(meta)) } {
-        return Ok(Action { nat: first.nat, addr: first.addr, port: 0 });
-    }
-    if classify(active, meta, dir).unfiltered {
-        Ok(Action { nat: NAT_NONE, addr: [0; 4], port: 0 })
-    } else {
-        Err(DropReason::Fragment)
-    }
+pub fn later_fragment(meta: &PacketMeta) -> Option<Action> {
+    let first = unsafe { FRAGS.get(&frag_key(meta)) }?;
+    Some(Action { nat: first.nat, addr: first.addr, port: 0 })
+}
+
+/// A non-first fragment whose first fragment was not allowed (or not seen) passes only when
+/// no NSG applies to it at all.
+#[inline(always)]
+pub fn unknown_fragment(active: &Active<'_>, meta: &PacketMeta) -> Result<(), DropReason> {
+    if classify(active, meta).unfiltered { Ok(()) } else { Err(DropReason::Fragment) }
 }

@@ -26,7 +26,8 @@ use xdpgate_common::{
 };
 
 use crate::{
-    action::{Action, NAT_ICMP_ERROR, NAT_PENDING_SNAT},
+    action::{Action, NAT_ICMP_ERROR, NAT_PENDING_SNAT, RECLASSIFY},
+    flow::Lookup,
     maps::{ACTION, DROP_STATS, IFACE_STATS, IFACES, PIPELINE, SCRATCH},
     parse::{FRAG_FIRST, FRAG_LATER, PacketMeta, Parsed, parse},
 };
@@ -100,9 +101,8 @@ fn policy_stage(ctx: &XdpContext) -> Result<u32, DropReason> {
     // Written by the parse stage on this CPU just before the tail call.
     let meta = SCRATCH.get(0).ok_or(DropReason::Internal)?;
     let active = nsg::active().ok_or(DropReason::Internal)?;
-    let dir = u32::from(meta.dir);
     if meta.frag == FRAG_LATER {
-        let action = flow::later_fragment(&active, meta, dir)?;
+        let Some(action) = flow::later_fragment(meta) else { return enter(ctx, PIPELINE_NEW) };
         if action.nat == NAT_NONE {
             return Ok(xdp_action::XDP_PASS);
         }
@@ -111,21 +111,46 @@ fn policy_stage(ctx: &XdpContext) -> Result<u32, DropReason> {
     let len = (ctx.data_end() - ctx.data()) as u64;
     let action = match icmp::is_error(meta).then(|| icmp::related(ctx, meta)).flatten() {
         Some(action) => action,
-        None => match flow::lookup(&active, meta, len) {
-            Some(result) => result?,
-            None => return enter(ctx, PIPELINE_NEW),
+        None => match flow::lookup(&active, meta, len)? {
+            Lookup::Hit(action) => action,
+            Lookup::Miss => return enter(ctx, PIPELINE_NEW),
+            Lookup::Stale => return hand_on(ctx, RECLASSIFY, PIPELINE_NEW),
         },
     };
     decided(ctx, meta, action)
 }
 
+/// Whatever needs the NSG classifier: a new flow, a flow decided under an older policy (it
+/// goes back to the policy stage once classified again), a later fragment of an unknown
+/// datagram.
 #[inline(always)]
 fn new_flow_stage(ctx: &XdpContext) -> Result<u32, DropReason> {
     let meta = SCRATCH.get(0).ok_or(DropReason::Internal)?;
     let active = nsg::active().ok_or(DropReason::Internal)?;
+    if meta.frag == FRAG_LATER {
+        flow::unknown_fragment(&active, meta)?;
+        return Ok(xdp_action::XDP_PASS);
+    }
+    if take_reclassify() {
+        flow::reclassify(&active, meta)?;
+        return enter(ctx, PIPELINE_POLICY);
+    }
     let len = (ctx.data_end() - ctx.data()) as u64;
     let action = flow::create(ctx, &active, meta, u32::from(meta.dir), len)?;
     decided(ctx, meta, action)
+}
+
+/// Whether the policy stage handed this packet over to have its flow classified again
+/// (`RECLASSIFY` in `ACTION`); clears the request.
+#[inline(always)]
+fn take_reclassify() -> bool {
+    match ACTION.get_ptr_mut(0) {
+        Some(a) if unsafe { (*a).nat } == RECLASSIFY.nat => {
+            unsafe { (*a).nat = NAT_NONE };
+            true
+        }
+        _ => false,
+    }
 }
 
 /// Passes a packet whose flow needs no rewrite, or hands it to the stage that rewrites it.

@@ -5,13 +5,13 @@
 //! five is the highest-priority matching rule. The cost depends on the bitmap width, not on
 //! how many rules there are or how many match.
 
-use aya_ebpf::maps::lpm_trie::Key;
+use aya_ebpf::{cty::c_void, helpers::generated::bpf_loop, maps::lpm_trie::Key};
 use xdpgate_common::{
-    flow::NO_RULE,
+    flow::NO_RULES,
     nsg::{
-        ACCESS_DENY, BITMAP_WORDS, DIR_INBOUND, FIELD_DPORT, FIELD_DST4, FIELD_DST6, FIELD_PROTO,
-        FIELD_SPORT, FIELD_SRC4, FIELD_SRC6, FieldKey, KEY_HEADER_BITS, LAYER_HOST, LAYER_SUBNET,
-        MAX_RULES, PolicyConfig, RuleBitmap, TABLES_PER_SLOT, table_in_slot,
+        ACCESS_DENY, BITMAP_WORDS, DIR_INBOUND, DIR_OUTBOUND, FIELD_DPORT, FIELD_DST4, FIELD_DST6,
+        FIELD_PROTO, FIELD_SPORT, FIELD_SRC4, FIELD_SRC6, FieldKey, KEY_HEADER_BITS, LAYER_HOST,
+        LAYER_SUBNET, MAX_RULES, PolicyConfig, RuleBitmap, TABLES_PER_SLOT, table_in_slot,
     },
 };
 
@@ -36,34 +36,33 @@ pub fn active() -> Option<Active<'static>> {
 
 pub struct Decision {
     pub allowed: bool,
-    /// The deciding rule of the last layer that had one (the denying rule when denied).
-    pub rule: u32,
+    /// The deciding rule of each side, indexed by `DIR_*` (see `FlowValue::rules`): of the
+    /// last layer of that side that had one, or the denying rule.
+    pub rules: [u16; 2],
     /// No NSG applied at any layer.
     pub unfiltered: bool,
 }
 
-/// Evaluates every layer that has an NSG for the packet's local address: inbound subnet
-/// then host, outbound host then subnet. Each must allow.
-#[inline(always)]
-pub fn classify(active: &Active<'_>, meta: &PacketMeta, dir: u32) -> Decision {
-    let packed = classify_call(active.slot, active.config, meta, dir);
-    Decision { allowed: packed & 1 != 0, unfiltered: packed & 2 != 0, rule: (packed >> 32) as u32 }
-}
+/// The layers every new flow passes, in Azure's order: the source's outbound layers (host,
+/// then subnet), then the destination's inbound layers (subnet, then host). Each table is
+/// narrowed to the addresses its NSGs are associated with, so only the layers that have an
+/// NSG for the source (outbound) or the destination (inbound) filter: a flow between two
+/// protected subnets (east-west) passes both sides, one from or to outside only one. Each
+/// must allow.
+const LAYERS: [(u32, u32); 4] = [
+    (DIR_OUTBOUND, LAYER_HOST),
+    (DIR_OUTBOUND, LAYER_SUBNET),
+    (DIR_INBOUND, LAYER_SUBNET),
+    (DIR_INBOUND, LAYER_HOST),
+];
 
-/// A BPF subprogram of its own (not inlined) so its stack frame is not added to each of its
-/// callers' frames; the decision comes back packed in a register.
-#[inline(never)]
-fn classify_call(slot: u32, config: &PolicyConfig, meta: &PacketMeta, dir: u32) -> u64 {
-    let d = classify_inline(&Active { slot, config }, meta, dir);
-    (u64::from(d.rule) << 32) | u64::from(d.allowed) | (u64::from(d.unfiltered) << 1)
-}
-
+/// Inlined into its callers: a frame of its own would add to the chain of frames under the
+/// new-flow stage (with `match_table` and the scan below it), which the verifier caps at
+/// 512 bytes.
 #[inline(always)]
-fn classify_inline(active: &Active<'_>, meta: &PacketMeta, dir: u32) -> Decision {
-    let (first, second) =
-        if dir == DIR_INBOUND { (LAYER_SUBNET, LAYER_HOST) } else { (LAYER_HOST, LAYER_SUBNET) };
-    let mut decision = Decision { allowed: true, rule: NO_RULE, unfiltered: true };
-    for layer in [first, second] {
+pub fn classify(active: &Active<'_>, meta: &PacketMeta) -> Decision {
+    let mut decision = Decision { allowed: true, rules: NO_RULES, unfiltered: true };
+    for (dir, layer) in LAYERS {
         let t = table_in_slot(dir, layer);
         let count = active.config.rule_counts[(t % TABLES_PER_SLOT) as usize];
         if count == 0 {
@@ -73,7 +72,13 @@ fn classify_inline(active: &Active<'_>, meta: &PacketMeta, dir: u32) -> Decision
         let Some(bit) = match_table(table, count, meta) else { continue };
         let rule = table * MAX_RULES + bit;
         count_hit(rule);
-        decision.rule = rule;
+        // Two branches, not an index: the compiler would turn an indexed store into pointer
+        // arithmetic the verifier refuses on the stack.
+        if dir == DIR_INBOUND {
+            decision.rules[DIR_INBOUND as usize] = rule as u16;
+        } else {
+            decision.rules[DIR_OUTBOUND as usize] = rule as u16;
+        }
         decision.unfiltered = false;
         if NSG_RULES.get(rule).is_some_and(|a| *a == ACCESS_DENY) {
             decision.allowed = false;
@@ -83,8 +88,9 @@ fn classify_inline(active: &Active<'_>, meta: &PacketMeta, dir: u32) -> Decision
     decision
 }
 
-/// The highest-priority rule of `table` matching the packet.
-#[inline(always)]
+/// The highest-priority rule of `table` matching the packet. A subprogram of its own so that
+/// its frame (the scan's state) is not added to the classifier's.
+#[inline(never)]
 fn match_table(table: u32, count: u32, meta: &PacketMeta) -> Option<u32> {
     let (fs, fd) =
         if meta.family == 4 { (FIELD_SRC4, FIELD_DST4) } else { (FIELD_SRC6, FIELD_DST6) };
@@ -99,17 +105,40 @@ fn match_table(table: u32, count: u32, meta: &PacketMeta) -> Option<u32> {
     let proto =
         lookup(table, FIELD_PROTO, &[u32::from_ne_bytes([meta.proto, 0, 0, 0]), 0, 0, 0], 8)?;
 
-    let words = count.div_ceil(64) as usize;
-    for i in 0..BITMAP_WORDS {
-        if i >= words {
-            break;
-        }
-        let w = src.words[i] & dst.words[i] & sport.words[i] & dport.words[i] & proto.words[i];
-        if w != 0 {
-            return Some(opaque(i as u32 * 64 + w.trailing_zeros()));
-        }
+    let mut scan = Scan { maps: [src, dst, sport, dport, proto], found: NOT_FOUND };
+    // bpf_loop: the verifier checks the scan's body once, not once per word (64) at every
+    // layer of every call site, which is what the program's complexity limit allows.
+    let words = count.div_ceil(64).min(BITMAP_WORDS as u32);
+    unsafe {
+        bpf_loop(words, scan_word as *mut c_void, &mut scan as *mut Scan as *mut c_void, 0);
     }
-    None
+    (scan.found != NOT_FOUND).then(|| opaque(scan.found))
+}
+
+const NOT_FOUND: u32 = u32::MAX;
+
+/// The five field bitmaps of a table lookup, and the first rule set in all of them.
+#[repr(C)]
+struct Scan {
+    maps: [&'static RuleBitmap; 5],
+    found: u32,
+}
+
+/// One word of the bitmap scan (a `bpf_loop` body): stops at the first word with a rule
+/// set in all five bitmaps.
+extern "C" fn scan_word(index: u64, ctx: *mut c_void) -> i64 {
+    let scan = unsafe { &mut *(ctx as *mut Scan) };
+    let i = index as usize;
+    if i >= BITMAP_WORDS {
+        return 1;
+    }
+    let [a, b, c, d, e] = scan.maps;
+    let w = a.words[i] & b.words[i] & c.words[i] & d.words[i] & e.words[i];
+    if w == 0 {
+        return 0;
+    }
+    scan.found = i as u32 * 64 + w.trailing_zeros();
+    1
 }
 
 /// Hides a value from the verifier's range tracking (a volatile round trip through a

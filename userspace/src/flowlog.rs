@@ -20,7 +20,7 @@ use xdpgate_common::{
 };
 
 use xdpgate_dataplane::{
-    flows::{self, Ended, Names},
+    flows::{self, Ended, Names, RuleName},
     nat::monotonic_ns,
 };
 
@@ -214,11 +214,16 @@ fn merge(mut a: Value, b: Value) -> Value {
     a
 }
 
-fn rule_fields(names: &Names, rule: u32, generation: u64) -> Value {
-    match names.rule(rule, generation) {
-        Some((nsg, rule, _)) => json!({"nsg": nsg, "rule": rule}),
-        None => json!({"nsg": null, "rule": null}),
-    }
+/// The deciding rule (`nsg`, `rule`: the destination side's when an NSG applied there, else
+/// the source side's) and the rule of each side (`rules.outbound`, `rules.inbound`).
+fn rule_fields(names: &Names, rules: [u16; 2], generation: u64) -> Value {
+    let sides = names.rules(rules, generation);
+    let name = |r: Option<&RuleName>| r.map(|r| json!({"nsg": r.nsg, "rule": r.rule}));
+    json!({
+        "nsg": sides.deciding().map(|r| &r.nsg),
+        "rule": sides.deciding().map(|r| &r.rule),
+        "rules": {"outbound": name(sides.outbound.as_ref()), "inbound": name(sides.inbound.as_ref())},
+    })
 }
 
 /// The log line of a dataplane event.
@@ -234,7 +239,7 @@ pub fn event_line(names: &Names, e: &FlowEvent) -> Value {
             }),
             tuple(&e.key),
         ),
-        rule_fields(names, e.rule, e.generation),
+        rule_fields(names, e.rules, e.generation),
     )
 }
 
@@ -260,7 +265,7 @@ pub fn end_line(names: &Names, ended: &Ended) -> Value {
             }),
             tuple(&ended.key),
         ),
-        rule_fields(names, main.rule, main.generation),
+        rule_fields(names, main.rules, main.generation),
     )
 }
 

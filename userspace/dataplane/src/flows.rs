@@ -21,7 +21,7 @@ use xdpgate_common::{
     lb::NO_BACKEND,
     maps::{EMBRYOS, FLOWS, NAT_MAP},
     nat::{NAT_ACTIVE, NatEntry},
-    nsg::{DIR_OUTBOUND, MAX_RULES, PolicyConfig, TABLES_PER_SLOT},
+    nsg::{DIR_INBOUND, DIR_OUTBOUND, MAX_RULES, PolicyConfig, TABLES_PER_SLOT},
 };
 
 use xdpgate_policy::{
@@ -80,13 +80,17 @@ pub struct Flow {
     pub direction: &'static str,
     /// Policy generation that decided the flow.
     pub generation: u64,
-    /// NSG and rule that decided the flow (of the last layer that had an NSG); none when no
-    /// NSG applied, or when the flow was decided by an earlier policy than the applied one.
+    /// NSG and rule that decided the flow (of the last layer that had an NSG: the
+    /// destination's when an NSG applied there, else the source's); none when no NSG
+    /// applied, or when the names of the generation that decided it are gone.
     pub nsg: Option<String>,
     pub rule: Option<String>,
     pub layer: Option<Layer>,
-    /// Global rule index (`table * 4096 + bit`) as the dataplane recorded it.
-    pub rule_index: Option<u32>,
+    /// Global rule index (`table * 4096 + bit`) of that rule as the dataplane recorded it.
+    pub rule_index: Option<u16>,
+    /// The deciding rule of each side: a flow between two protected addresses (east-west)
+    /// passed both.
+    pub rules: SideRules,
     /// Rewrite of the flow's first-direction packets: load balancing (`dnat` to the
     /// backend), direct server return (`floating_ip`: forwarded to the backend unchanged),
     /// or a NAT gateway (`snat` to its public address and port).
@@ -102,6 +106,34 @@ pub struct Flow {
     /// Only one direction's entry is in the table (the other was evicted, or replaced by a
     /// newer flow's).
     pub incomplete: bool,
+}
+
+/// A rule as the generation that decided a flow names it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct RuleName {
+    pub nsg: String,
+    pub rule: String,
+    pub layer: Layer,
+}
+
+/// The rule that decided each side of a flow: the source's outbound layers and the
+/// destination's inbound layers; none where no NSG applied (or its names are gone).
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct SideRules {
+    pub outbound: Option<RuleName>,
+    pub inbound: Option<RuleName>,
+}
+
+impl SideRules {
+    /// The rule that decided last: the destination's, else the source's.
+    pub fn deciding(&self) -> Option<&RuleName> {
+        self.inbound.as_ref().or(self.outbound.as_ref())
+    }
+}
+
+/// The global rule index that decided last among a flow's `rules` (see [`SideRules::deciding`]).
+pub fn deciding_index(rules: [u16; 2]) -> Option<u16> {
+    [rules[DIR_INBOUND as usize], rules[DIR_OUTBOUND as usize]].into_iter().find(|&r| r != NO_RULE)
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -154,11 +186,11 @@ impl Filter {
                 f.has_ports()
                     && (f.src_port == Some(p) || f.dst_port == Some(p) || nat_port == Some(p))
             })
-            && self.rule.as_ref().is_none_or(|want| match (&f.nsg, &f.rule) {
-                (Some(nsg), Some(rule)) => {
-                    rule == want || want.split_once('/').is_some_and(|(n, r)| n == nsg && r == rule)
-                }
-                _ => false,
+            && self.rule.as_ref().is_none_or(|want| {
+                [&f.rules.outbound, &f.rules.inbound].into_iter().flatten().any(|r| {
+                    &r.rule == want
+                        || want.split_once('/').is_some_and(|(n, x)| n == r.nsg && x == r.rule)
+                })
             })
     }
 }
@@ -223,19 +255,27 @@ impl Names {
         Ok(Self { config, records: state::recent(pins, config.generation)? })
     }
 
-    /// NSG, rule and layer of a global rule index recorded under `generation`.
-    pub fn rule(&self, index: u32, generation: u64) -> Option<(String, String, Layer)> {
+    /// The rule of a global rule index recorded under `generation` for side `dir`
+    /// (`DIR_*`).
+    pub fn rule(&self, index: u16, generation: u64, dir: u32) -> Option<RuleName> {
         if index == NO_RULE {
             return None;
         }
         let record = self.records.iter().find(|r| r.generation == generation)?;
-        let (table, bit) = (index / MAX_RULES, index % MAX_RULES);
-        // The index names a table of the slot that generation was written to.
-        if table / TABLES_PER_SLOT != record.slot {
+        let (table, bit) = (u32::from(index) / MAX_RULES, u32::from(index) % MAX_RULES);
+        // The index names a table of that side in the slot that generation was written to.
+        let t = table % TABLES_PER_SLOT;
+        if table / TABLES_PER_SLOT != record.slot || t / 2 != dir {
             return None;
         }
-        let r = record.tables.get((table % TABLES_PER_SLOT) as usize)?.get(bit as usize)?;
-        Some((r.nsg.clone(), r.rule.clone(), r.layer))
+        let r = record.tables.get(t as usize)?.get(bit as usize)?;
+        Some(RuleName { nsg: r.nsg.clone(), rule: r.rule.clone(), layer: r.layer })
+    }
+
+    /// The rules of both sides of a flow decided under `generation`.
+    pub fn rules(&self, rules: [u16; 2], generation: u64) -> SideRules {
+        let side = |dir: u32| self.rule(rules[dir as usize], generation, dir);
+        SideRules { outbound: side(DIR_OUTBOUND), inbound: side(DIR_INBOUND) }
     }
 
     /// The running generation's load-balancing service (load balancer, rule) and backend
@@ -404,7 +444,8 @@ fn describe(
         FlowState::Established => names.timeout_ns(key.proto, tcp, main.idle_s),
         FlowState::Embryonic => names.embryonic_timeout_ns(),
     };
-    let resolved = names.rule(main.rule, main.generation);
+    let rules = names.rules(main.rules, main.generation);
+    let resolved = rules.deciding().cloned();
     // The rewrite lives in the forward entry (a lone reply entry still names a load
     // balancer's backend by index).
     let nat = forward.and_then(|f| {
@@ -438,10 +479,11 @@ fn describe(
         icmp_id: icmp_echo.then_some(key.sport),
         direction: if u32::from(main.direction) == DIR_OUTBOUND { "outbound" } else { "inbound" },
         generation: main.generation,
-        nsg: resolved.as_ref().map(|r| r.0.clone()),
-        rule: resolved.as_ref().map(|r| r.1.clone()),
-        layer: resolved.map(|r| r.2),
-        rule_index: (main.rule != NO_RULE).then_some(main.rule),
+        nsg: resolved.as_ref().map(|r| r.nsg.clone()),
+        rule: resolved.as_ref().map(|r| r.rule.clone()),
+        layer: resolved.map(|r| r.layer),
+        rule_index: deciding_index(main.rules),
+        rules,
         nat,
         load_balancer,
         forward: traffic(forward),
@@ -485,7 +527,7 @@ pub fn list(pins: &PinDir, filter: &Filter, top: usize) -> Result<Vec<Flow>> {
 
 #[cfg(test)]
 mod tests {
-    use xdpgate_common::{nsg::DIR_INBOUND, words};
+    use xdpgate_common::{flow::NO_RULES, words};
 
     use super::*;
     use xdpgate_policy::{self as policy, compile, lb};
@@ -505,7 +547,7 @@ mod tests {
             generation: 1,
             packets,
             bytes: packets * 100,
-            rule: NO_RULE,
+            rules: NO_RULES,
             direction: DIR_INBOUND as u8,
             reply,
             service: NO_BACKEND,
@@ -624,16 +666,25 @@ mod tests {
     }
 
     #[test]
-    fn rules_are_named_by_the_generation_and_slot_that_decided() {
+    fn rules_are_named_by_the_generation_slot_and_side_that_decided() {
         let names = names();
         // Inbound subnet table of slot 1 is table 4; bit 0 is the highest-priority rule.
-        let index = TABLES_PER_SLOT * MAX_RULES;
-        let (nsg, rule, layer) = names.rule(index, 3).expect("named");
-        assert_eq!((nsg.as_str(), rule.as_str(), layer), ("web", "allow-web", Layer::Subnet));
-        assert!(names.rule(index, 1).is_some(), "a kept older generation keeps its names");
-        assert!(names.rule(index, 2).is_none(), "a generation without a record is not guessed");
-        assert!(names.rule(0, 3).is_none(), "a table of the other slot");
-        assert!(names.rule(NO_RULE, 3).is_none());
+        let index = (TABLES_PER_SLOT * MAX_RULES) as u16;
+        let r = names.rule(index, 3, DIR_INBOUND).expect("named");
+        assert_eq!((r.nsg.as_str(), r.rule.as_str(), r.layer), ("web", "allow-web", Layer::Subnet));
+        assert!(names.rule(index, 1, DIR_INBOUND).is_some(), "a kept older generation");
+        assert!(names.rule(index, 2, DIR_INBOUND).is_none(), "a generation without a record");
+        assert!(names.rule(0, 3, DIR_INBOUND).is_none(), "a table of the other slot");
+        assert!(names.rule(index, 3, DIR_OUTBOUND).is_none(), "an inbound table is no source side");
+        assert!(names.rule(NO_RULE, 3, DIR_INBOUND).is_none());
+        // Outbound subnet table of slot 1 (table 6): the web NSG's AllowVnetOutBound etc.
+        let out = (6 * MAX_RULES) as u16;
+        let both = names.rules([index, out], 3);
+        assert_eq!(both.inbound.as_ref().map(|r| r.rule.as_str()), Some("allow-web"));
+        assert!(both.outbound.is_some());
+        assert_eq!(both.deciding().map(|r| r.rule.as_str()), Some("allow-web"));
+        assert_eq!(deciding_index([NO_RULE, out]), Some(out));
+        assert_eq!(deciding_index([NO_RULE, NO_RULE]), None);
     }
 
     #[test]
@@ -641,7 +692,7 @@ mod tests {
         let names = names();
         let mut fwd = value(0, 5);
         fwd.generation = 3;
-        fwd.rule = TABLES_PER_SLOT * MAX_RULES;
+        fwd.rules = [(TABLES_PER_SLOT * MAX_RULES) as u16, NO_RULE];
         fwd.last_seen_ns = 1_000_000_000;
         let mut back = value(1, 4);
         back.generation = 3;

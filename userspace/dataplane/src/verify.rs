@@ -219,6 +219,7 @@ pub fn kernel_names(pins: &PinDir, kernel: &PinnedTables) -> Result<Record, Stri
 fn recorded(record: &Record, hit: &Hit) -> Option<RuleRef> {
     let r = record.tables.get(hit.table as usize)?.get(hit.bit as usize)?;
     Some(RuleRef {
+        direction: hit.direction,
         layer: hit.layer,
         nsg: r.nsg.clone(),
         rule: r.rule.clone(),

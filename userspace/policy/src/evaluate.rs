@@ -1,7 +1,8 @@
 //! Answers "would this packet be allowed, and by which rule?" the way the dataplane's
 //! classifier (`ebpf/src/nsg.rs`) does: per table, a longest-prefix match per field, the AND
-//! of the five bitmaps, the lowest bit; inbound subnet then host layer, outbound host then
-//! subnet; a layer's rule denies when `NSG_RULES` says deny.
+//! of the five bitmaps, the lowest bit; the source's outbound layers (host, subnet), then the
+//! destination's inbound layers (subnet, host); a layer's rule denies when `NSG_RULES` says
+//! deny.
 //!
 //! [`decide`] is written once over [`NsgTables`], which both a compiled image ([`Compiled`])
 //! and the kernel's pinned maps (`xdpgate_dataplane::verify::PinnedTables`) implement. So `verify-flow` answers from
@@ -19,7 +20,7 @@ use xdpgate_common::nsg::{
 use crate::{
     Access, Direction, Layer,
     compile::{Compiled, FieldEntry, access_code, dir_index, layer_index, mask},
-    reference::{Packet, RuleRef, Verdict},
+    reference::{self, Packet, RuleRef, Verdict},
 };
 
 /// The NSG tables of one policy slot, wherever they are kept. Tables are numbered within
@@ -37,6 +38,8 @@ pub trait NsgTables {
 /// The rule that decided at one layer, as the dataplane knows it: a table and a bit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Hit {
+    /// Outbound: a layer of the source; inbound: a layer of the destination.
+    pub direction: Direction,
     pub layer: Layer,
     /// Table within the slot (`table_in_slot(dir, layer)`).
     pub table: u32,
@@ -52,16 +55,12 @@ pub struct Decision {
     pub decided_by: Vec<Hit>,
 }
 
-/// Decides `pkt` over `tables` exactly as the classifier does.
+/// Decides `pkt` over `tables` exactly as the classifier does: the layers of
+/// [`reference::PATH`], the source's outbound ones then the destination's inbound ones.
 pub fn decide(tables: &impl NsgTables, pkt: &Packet) -> Result<Decision> {
-    let dir = dir_index(pkt.direction);
-    let layers = match pkt.direction {
-        Direction::Inbound => [Layer::Subnet, Layer::Host],
-        Direction::Outbound => [Layer::Host, Layer::Subnet],
-    };
     let mut decided_by = Vec::new();
-    for layer in layers {
-        let t = table_in_slot(dir, layer_index(layer));
+    for (direction, layer) in reference::PATH {
+        let t = table_in_slot(dir_index(direction), layer_index(layer));
         let count = tables.rule_count(t)?;
         if count == 0 {
             continue;
@@ -70,7 +69,7 @@ pub fn decide(tables: &impl NsgTables, pkt: &Packet) -> Result<Decision> {
         // As in the kernel: only an explicit deny code denies.
         let access =
             if tables.access(t, bit)? == ACCESS_DENY { Access::Deny } else { Access::Allow };
-        decided_by.push(Hit { layer, table: t, bit, access });
+        decided_by.push(Hit { direction, layer, table: t, bit, access });
         if access == Access::Deny {
             return Ok(Decision { allowed: false, decided_by });
         }
@@ -155,6 +154,7 @@ impl NsgTables for Compiled {
 pub fn name(names: &Compiled, hit: &Hit) -> Option<RuleRef> {
     let r = names.tables.get(hit.table as usize)?.rules.get(hit.bit as usize)?;
     Some(RuleRef {
+        direction: hit.direction,
         layer: hit.layer,
         nsg: r.nsg.clone(),
         rule: r.rule.name.clone(),
@@ -245,7 +245,11 @@ nsgs:
         assert_eq!(names(&cases[0]), (false, vec!["web".to_owned(), "DenyAllInBound".to_owned()]));
         assert_eq!(names(&cases[1]), (false, vec!["web".to_owned(), "no-8080".to_owned()]));
         assert_eq!(names(&cases[3]), (false, vec!["DenyAllInBound".to_owned()]));
-        assert_eq!(names(&cases[4]), (false, vec!["no-ssh".to_owned()]));
+        // Both ends in the subnet: its outbound side lets it out, its inbound side denies.
+        assert_eq!(
+            names(&cases[4]),
+            (false, vec!["AllowVnetOutBound".to_owned(), "no-ssh".to_owned()])
+        );
         assert_eq!(names(&cases[10]), (true, vec![]));
     }
 }

@@ -10,6 +10,8 @@ use super::model::{Access, Direction, Layer, Policy, PortRange, Ports, Rule};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Packet {
+    /// The direction it arrives in (the role of its interface: external inbound, internal
+    /// outbound). NSG evaluation does not depend on it; load balancing and NAT do.
     pub direction: Direction,
     /// IP protocol number (ICMPv6 is 58).
     pub proto: u8,
@@ -23,6 +25,8 @@ pub struct Packet {
 /// The rule that decided a packet at one layer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RuleRef {
+    /// Outbound: a layer of the source; inbound: a layer of the destination.
+    pub direction: Direction,
     pub layer: Layer,
     pub nsg: String,
     pub rule: String,
@@ -37,27 +41,39 @@ pub struct Verdict {
     pub decided_by: Vec<RuleRef>,
 }
 
-/// Evaluates `pkt` as Azure does: each layer with an NSG for the local address must allow it.
+/// The layers a packet passes, in Azure's order: the source's outbound layers (its host's
+/// NSG, then its subnet's), then the destination's inbound layers (its subnet's NSG, then its
+/// host's). Traffic between two protected addresses passes both sides.
+pub const PATH: [(Direction, Layer); 4] = [
+    (Direction::Outbound, Layer::Host),
+    (Direction::Outbound, Layer::Subnet),
+    (Direction::Inbound, Layer::Subnet),
+    (Direction::Inbound, Layer::Host),
+];
+
+/// Evaluates `pkt` as Azure does: each layer of [`PATH`] with an NSG for its address (the
+/// source outbound, the destination inbound) must allow it.
 pub fn evaluate(policy: &Policy, pkt: &Packet) -> Verdict {
-    let (local, layers) = match pkt.direction {
-        Direction::Inbound => (pkt.dst, [Layer::Subnet, Layer::Host]),
-        Direction::Outbound => (pkt.src, [Layer::Host, Layer::Subnet]),
-    };
     let mut decided_by = Vec::new();
-    for layer in layers {
+    for (direction, layer) in PATH {
+        let addr = match direction {
+            Direction::Outbound => pkt.src,
+            Direction::Inbound => pkt.dst,
+        };
         let Some(nsg) = policy
             .nsgs
             .iter()
-            .find(|nsg| nsg.associated(layer).iter().any(|net| net.contains(&local)))
+            .find(|nsg| nsg.associated(layer).iter().any(|net| net.contains(&addr)))
         else {
             continue;
         };
         // Loaded policies always end with the DenyAll default rules, so some rule matches;
         // should none match anyway, fail closed.
-        let Some(rule) = winning_rule(&nsg.rules, pkt) else {
+        let Some(rule) = winning_rule(&nsg.rules, direction, pkt) else {
             return Verdict { allowed: false, decided_by };
         };
         decided_by.push(RuleRef {
+            direction,
             layer,
             nsg: nsg.name.clone(),
             rule: rule.name.clone(),
@@ -71,14 +87,17 @@ pub fn evaluate(policy: &Policy, pkt: &Packet) -> Verdict {
     Verdict { allowed: true, decided_by }
 }
 
-/// The matching rule with the lowest priority number (independent of the rules' order).
-fn winning_rule<'a>(rules: &'a [Rule], pkt: &Packet) -> Option<&'a Rule> {
-    rules.iter().filter(|rule| rule_matches(rule, pkt)).min_by_key(|rule| rule.priority)
+/// The matching rule of `direction` with the lowest priority number (independent of the
+/// rules' order).
+fn winning_rule<'a>(rules: &'a [Rule], direction: Direction, pkt: &Packet) -> Option<&'a Rule> {
+    rules
+        .iter()
+        .filter(|rule| rule.direction == direction && rule_matches(rule, pkt))
+        .min_by_key(|rule| rule.priority)
 }
 
 fn rule_matches(rule: &Rule, pkt: &Packet) -> bool {
-    rule.direction == pkt.direction
-        && rule.protocol.matches(pkt.proto)
+    rule.protocol.matches(pkt.proto)
         && address_matches(&rule.source, pkt.src)
         && address_matches(&rule.destination, pkt.dst)
         && port_matches(&rule.source_ports, pkt.sport)
@@ -184,12 +203,17 @@ nsgs:
             decisions(&verdict),
             [(Subnet, "allow-web", Allow), (Host, "DenyAllInBound", Deny)]
         );
-        // From inside the virtual network both layers allow by default.
+        // From inside the virtual network every layer allows by default: the source's
+        // subnet outbound, then the destination's subnet and host inbound.
         let verdict = evaluate(&policy, &tcp(Inbound, "198.51.100.20", "198.51.100.10", 80));
         assert!(verdict.allowed);
         assert_eq!(
             decisions(&verdict),
-            [(Subnet, "AllowVnetInBound", Allow), (Host, "AllowVnetInBound", Allow)]
+            [
+                (Subnet, "AllowVnetOutBound", Allow),
+                (Subnet, "AllowVnetInBound", Allow),
+                (Host, "AllowVnetInBound", Allow)
+            ]
         );
     }
 
@@ -201,6 +225,35 @@ nsgs:
             decisions(&verdict),
             [(Host, "AllowVnetOutBound", Allow), (Subnet, "no-vnet-smtp", Deny)]
         );
+    }
+
+    #[test]
+    fn east_west_passes_the_source_outbound_then_the_destination_inbound() {
+        let policy = policy();
+        // 198.51.100.20 (subnet-nsg only) to the host NSG's 198.51.100.10: the destination's
+        // host layer denies 8080 whatever the arrival direction says.
+        for arrival in [Inbound, Outbound] {
+            let verdict = evaluate(&policy, &tcp(arrival, "198.51.100.20", "198.51.100.10", 8080));
+            assert!(!verdict.allowed);
+            let sides: Vec<_> = verdict
+                .decided_by
+                .iter()
+                .map(|r| (r.direction, r.layer, r.rule.as_str()))
+                .collect();
+            assert_eq!(
+                sides,
+                [
+                    (Outbound, Subnet, "AllowVnetOutBound"),
+                    (Inbound, Subnet, "AllowVnetInBound"),
+                    (Inbound, Host, "deny-8080")
+                ]
+            );
+        }
+        // The source side decides first: its subnet denies SMTP into the virtual network,
+        // and the destination's layers are never reached.
+        let verdict = evaluate(&policy, &tcp(Inbound, "198.51.100.20", "198.51.100.10", 25));
+        assert_eq!(decisions(&verdict), [(Subnet, "no-vnet-smtp", Deny)]);
+        assert_eq!(verdict.decided_by[0].direction, Outbound);
     }
 
     #[test]
@@ -230,9 +283,13 @@ nsgs:
         let policy = policy();
         let verdict = evaluate(&policy, &tcp(Inbound, "2001:db8:2::1", "2001:db8:1::10", 80));
         assert_eq!(decisions(&verdict), [(Subnet, "allow-web", Allow)]);
-        // Not from the internet: falls through to AllowVnetInBound, which allows it.
+        // Not from the internet: falls through to AllowVnetInBound, which allows it (after
+        // the source's own subnet NSG let it out).
         let verdict = evaluate(&policy, &tcp(Inbound, "2001:db8:1::99", "2001:db8:1::10", 443));
-        assert_eq!(decisions(&verdict), [(Subnet, "AllowVnetInBound", Allow)]);
+        assert_eq!(
+            decisions(&verdict),
+            [(Subnet, "AllowVnetOutBound", Allow), (Subnet, "AllowVnetInBound", Allow)]
+        );
         // Internet-sourced, but to a port allow-web does not open.
         let verdict = evaluate(&policy, &tcp(Inbound, "2001:db8:2::1", "2001:db8:1::10", 443));
         assert_eq!(decisions(&verdict), [(Subnet, "DenyAllInBound", Deny)]);

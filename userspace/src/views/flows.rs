@@ -3,7 +3,7 @@
 use std::net::IpAddr;
 
 use anyhow::Result;
-use xdpgate_dataplane::flows::Flow;
+use xdpgate_dataplane::flows::{Flow, RuleName};
 
 use super::{Grid, View};
 
@@ -16,12 +16,15 @@ pub fn endpoint(a: IpAddr, port: Option<u16>) -> String {
     }
 }
 
-/// The deciding rule as `NSG/RULE`, or its index when the generation's names are gone.
+/// The deciding rule as `NSG/RULE` (east-west: the source side's, `>`, the destination
+/// side's), or its index when the generation's names are gone.
 fn rule(f: &Flow) -> String {
-    match (&f.nsg, &f.rule, f.rule_index) {
-        (Some(n), Some(r), _) => format!("{n}/{r}"),
-        (_, _, Some(i)) => format!("#{i} (generation {})", f.generation),
-        _ => "-".into(),
+    let name = |r: &RuleName| format!("{}/{}", r.nsg, r.rule);
+    match (&f.rules.outbound, &f.rules.inbound, f.rule_index) {
+        (Some(o), Some(i), _) => format!("{} > {}", name(o), name(i)),
+        (Some(r), None, _) | (None, Some(r), _) => name(r),
+        (None, None, Some(i)) => format!("#{i} (generation {})", f.generation),
+        (None, None, None) => "-".into(),
     }
 }
 
@@ -90,7 +93,7 @@ impl View for [Flow] {
 #[cfg(test)]
 mod tests {
     use xdpgate_dataplane::{
-        flows::{FlowState, LbFlow, Nat},
+        flows::{FlowState, LbFlow, Nat, SideRules},
         stats::Traffic,
     };
     use xdpgate_policy::Layer;
@@ -112,6 +115,14 @@ mod tests {
             rule: Some("allow-web".into()),
             layer: Some(Layer::Subnet),
             rule_index: Some(4 * 4096),
+            rules: SideRules {
+                outbound: None,
+                inbound: Some(RuleName {
+                    nsg: "web".into(),
+                    rule: "allow-web".into(),
+                    layer: Layer::Subnet,
+                }),
+            },
             nat: None,
             load_balancer: None,
             forward: Traffic { packets: 5, bytes: 500 },
@@ -148,9 +159,19 @@ mod tests {
     }
 
     #[test]
+    fn an_east_west_flow_names_both_sides() {
+        let mut f = flow();
+        f.rules.outbound =
+            Some(RuleName { nsg: "a".into(), rule: "allow-out".into(), layer: Layer::Subnet });
+        let text = [f].text();
+        assert!(text.contains("a/allow-out > web/allow-web"), "{text}");
+    }
+
+    #[test]
     fn unnamed_rules_rewrites_and_no_flows() {
         let mut f = flow();
         (f.nsg, f.rule, f.expired, f.state) = (None, None, true, FlowState::Embryonic);
+        f.rules = SideRules::default();
         f.src = "2001:db8::1".parse().unwrap();
         f.nat =
             Some(Nat { kind: "dnat", address: "198.51.100.20".parse().unwrap(), port: Some(8080) });

@@ -5,9 +5,8 @@ use std::fmt::Write as _;
 
 use anyhow::Result;
 use ipnet::IpNet;
-use xdpgate_common::nsg::DIR_INBOUND;
 use xdpgate_dataplane::verify::{Answer, Source};
-use xdpgate_policy::{Direction, Policy, Ports, reference::RuleRef};
+use xdpgate_policy::{Policy, Ports, reference::RuleRef};
 
 use super::{Grid, View, lower};
 
@@ -79,10 +78,11 @@ impl View for Policy {
 
 fn rule_ref(r: &RuleRef) -> String {
     format!(
-        "{}/{} (priority {}, {} layer, {})",
+        "{}/{} (priority {}, {} {} layer, {})",
         r.nsg,
         r.rule,
         r.priority,
+        lower(r.direction),
         lower(r.layer),
         lower(r.access)
     )
@@ -95,10 +95,6 @@ fn source(s: &Source) -> String {
         }
         Source::File(f) => format!("asked {} compiled here, not the kernel", f.display()),
     }
-}
-
-fn direction_of(table: u32) -> Direction {
-    if table / 2 == DIR_INBOUND { Direction::Inbound } else { Direction::Outbound }
 }
 
 impl View for Answer {
@@ -115,7 +111,7 @@ impl View for Answer {
             .iter()
             .zip(&self.names)
             .map(|(h, n)| {
-                serde_json::json!({"layer": h.layer, "direction": direction_of(h.table),
+                serde_json::json!({"layer": h.layer, "direction": h.direction,
                     "table": h.table, "bit": h.bit, "access": h.access,
                     "nsg": n.as_ref().map(|r| &r.nsg), "rule": n.as_ref().map(|r| &r.rule),
                     "priority": n.as_ref().map(|r| r.priority)})
@@ -141,7 +137,7 @@ impl View for Answer {
                     out,
                     "  rule #{} of the {} {} table ({})",
                     hit.bit,
-                    lower(direction_of(hit.table)),
+                    lower(hit.direction),
                     lower(hit.layer),
                     lower(hit.access)
                 ),
