@@ -16,9 +16,10 @@
 //! rule acted). Each test attaches the two gateway interfaces with one combination of roles
 //! and runs the table of cases over IPv4, then IPv6, checking for each: the real TCP
 //! connection (allowed ones echo data, denied ones get no answer at all), the drop counter
-//! (reason `policy`), the deciding rules' hit counters, the flow entry's rule names, and
-//! `xdpgate verify-flow` (from the kernel and with `--policy FILE`, asked from either end)
-//! against what the kernel did. Every mismatch is collected, so a failure lists all of them.
+//! (reason `policy`), the deciding rules' hit counters, the rule the flow entry records for
+//! each side and its direction label (the arrival interface's role), and `xdpgate
+//! verify-flow` (from the kernel and with `--policy FILE`, asked from either end) against
+//! what the kernel did. Every mismatch is collected, so a failure lists all of them.
 
 mod common;
 
@@ -104,10 +105,19 @@ struct Case {
     /// subnet layers, then destination's inbound subnet and host layers, up to the first
     /// deny); for a denied flow the last one denies. Each must be named by verify-flow.
     decided_by: &'static [Rule],
-    /// Rules whose hit counters the connection must move: the deny, or for an allowed flow
-    /// with one layer per side, the deciding rule of each side, which its flow entry must
-    /// name too.
-    counted: &'static [Rule],
+    /// For an allowed flow, the rule its entry records for each side, outbound (source)
+    /// then inbound (destination): the last layer of that side that had an NSG.
+    flow: Option<[Rule; 2]>,
+}
+
+impl Case {
+    /// Rules whose hit counters the connection must move: the deny, or each side's rule.
+    fn counted(&self) -> Vec<Rule> {
+        match self.flow {
+            Some(sides) => sides.to_vec(),
+            None => self.decided_by.last().into_iter().copied().collect(),
+        }
+    }
 }
 
 const CASES: &[Case] = &[
@@ -122,7 +132,7 @@ const CASES: &[Case] = &[
             ("nsg-b", "AllowVnetInBound", "inbound"),
             ("nsg-b1", "deny-ssh-from-vnet", "inbound"),
         ],
-        counted: &[("nsg-b1", "deny-ssh-from-vnet", "inbound")],
+        flow: None,
     },
     Case {
         what: "a1 -> b1:80, allowed by both sides and b1's host NSG",
@@ -135,7 +145,10 @@ const CASES: &[Case] = &[
             ("nsg-b", "allow-web-from-a", "inbound"),
             ("nsg-b1", "AllowVnetInBound", "inbound"),
         ],
-        counted: &[],
+        flow: Some([
+            ("nsg-a", "allow-web-to-b", "outbound"),
+            ("nsg-b1", "AllowVnetInBound", "inbound"),
+        ]),
     },
     Case {
         what: "a1 -> b2:23, denied by B's subnet NSG (destination subnet layer)",
@@ -147,7 +160,7 @@ const CASES: &[Case] = &[
             ("nsg-a", "AllowVnetOutBound", "outbound"),
             ("nsg-b", "deny-telnet-from-a", "inbound"),
         ],
-        counted: &[("nsg-b", "deny-telnet-from-a", "inbound")],
+        flow: None,
     },
     Case {
         what: "a1 -> b2:80, allowed by A's outbound and B's inbound rule",
@@ -159,10 +172,10 @@ const CASES: &[Case] = &[
             ("nsg-a", "allow-web-to-b", "outbound"),
             ("nsg-b", "allow-web-from-a", "inbound"),
         ],
-        counted: &[
+        flow: Some([
             ("nsg-a", "allow-web-to-b", "outbound"),
             ("nsg-b", "allow-web-from-a", "inbound"),
-        ],
+        ]),
     },
     Case {
         what: "a1 -> b1:8080, denied by A's outbound rule although B's inbound allows it",
@@ -171,7 +184,7 @@ const CASES: &[Case] = &[
         port: 8080,
         allowed: false,
         decided_by: &[("nsg-a", "deny-8080-to-b", "outbound")],
-        counted: &[("nsg-a", "deny-8080-to-b", "outbound")],
+        flow: None,
     },
     Case {
         what: "b1 -> a1:22, denied by A's subnet NSG inbound",
@@ -184,7 +197,7 @@ const CASES: &[Case] = &[
             ("nsg-b", "AllowVnetOutBound", "outbound"),
             ("nsg-a", "deny-ssh-from-b", "inbound"),
         ],
-        counted: &[("nsg-a", "deny-ssh-from-b", "inbound")],
+        flow: None,
     },
     Case {
         what: "b1 -> a1:8080, denied by b1's host NSG outbound although A's inbound allows it",
@@ -193,7 +206,7 @@ const CASES: &[Case] = &[
         port: 8080,
         allowed: false,
         decided_by: &[("nsg-b1", "deny-8080-out", "outbound")],
-        counted: &[("nsg-b1", "deny-8080-out", "outbound")],
+        flow: None,
     },
     Case {
         what: "b2 -> a1:80, allowed by B's outbound and A's inbound rule",
@@ -205,10 +218,10 @@ const CASES: &[Case] = &[
             ("nsg-b", "allow-web-to-a", "outbound"),
             ("nsg-a", "allow-web-from-b", "inbound"),
         ],
-        counted: &[
+        flow: Some([
             ("nsg-b", "allow-web-to-a", "outbound"),
             ("nsg-a", "allow-web-from-b", "inbound"),
-        ],
+        ]),
     },
 ];
 
@@ -316,14 +329,14 @@ impl Lab {
         let rules = stats["policy"]["rules"].as_array().unwrap_or_else(|| panic!("{stats}"));
         CASES
             .iter()
-            .flat_map(|c| c.counted)
+            .flat_map(Case::counted)
             .map(|r| {
                 let n = rules
                     .iter()
                     .find(|h| h["nsg"] == r.0 && h["rule"] == r.1 && h["direction"] == r.2)
                     .and_then(|h| h["flows"].as_u64())
                     .unwrap_or_else(|| panic!("no counter for {r:?} in {stats}"));
-                (*r, n)
+                (r, n)
             })
             .collect()
     }
@@ -420,8 +433,9 @@ fn check_verdict(case: &Case, out: &Output) -> Option<String> {
     None
 }
 
-/// Runs every case over one family; returns what went wrong.
-fn run_family(lab: &Lab, v6: bool) -> Vec<String> {
+/// Runs every case over one family, subnet A's interface attached as `role_a` and subnet
+/// B's as `role_b`; returns what went wrong.
+fn run_family(lab: &Lab, v6: bool, role_a: &str, role_b: &str) -> Vec<String> {
     let family = if v6 { "IPv6" } else { "IPv4" };
     let mut failures = Vec::new();
     let (drops_before, hits_before) = (lab.policy_drops(), lab.hits());
@@ -461,8 +475,8 @@ fn run_family(lab: &Lab, v6: bool) -> Vec<String> {
     }
     let hits_after = lab.hits();
     for case in CASES {
-        for rule in case.counted {
-            let count = |hits: &[(Rule, u64)]| hits.iter().find(|(r, _)| r == rule).unwrap().1;
+        for rule in case.counted() {
+            let count = |hits: &[(Rule, u64)]| hits.iter().find(|(r, _)| *r == rule).unwrap().1;
             if count(&hits_after) <= count(&hits_before) {
                 failures.push(format!(
                     "{family} {}: the hit counter of {}/{} ({}) did not grow ({})",
@@ -476,11 +490,10 @@ fn run_family(lab: &Lab, v6: bool) -> Vec<String> {
         }
     }
 
-    // The flow entry of an allowed connection names the deciding rule of each side.
+    // The flow entry of an allowed connection names the deciding rule of each side, and
+    // its direction label is the role of the interface its first packet arrived on.
     for (case, outcome) in CASES.iter().zip(&outcomes) {
-        let (true, Ok(stream), false) = (case.allowed, outcome, case.counted.is_empty()) else {
-            continue;
-        };
+        let (Some(sides), Ok(stream)) = (case.flow, outcome) else { continue };
         let local = stream.local_addr().unwrap();
         let flows = lab.json(&["flows", "--json", "--top", "0", "--addr", &local.ip().to_string()]);
         let flow = flows.as_array().and_then(|fs| {
@@ -496,14 +509,22 @@ fn run_family(lab: &Lab, v6: bool) -> Vec<String> {
             failures.push(format!("{family} {}: no flow from {local} in {flows}", case.what));
             continue;
         };
-        let text = flow.to_string();
-        for rule in case.counted {
-            if !text.contains(&format!("\"{}\"", rule.1)) {
+        for (nsg, rule, side) in sides {
+            let named = &flow["rules"][side];
+            if named["nsg"] != nsg || named["rule"] != rule {
                 failures.push(format!(
-                    "{family} {}: the flow does not name {}/{} ({}): {flow}",
-                    case.what, rule.0, rule.1, rule.2
+                    "{family} {}: the flow's {side} rule is not {nsg}/{rule}: {flow}",
+                    case.what
                 ));
             }
+        }
+        let arrival = if case.from == Host::A1 { role_a } else { role_b };
+        let label = if arrival == "internal" { "outbound" } else { "inbound" };
+        if flow["direction"] != label {
+            failures.push(format!(
+                "{family} {}: arrived on an {arrival} interface, the flow says {}",
+                case.what, flow["direction"]
+            ));
         }
     }
     drop(outcomes);
@@ -534,8 +555,8 @@ fn run_family(lab: &Lab, v6: bool) -> Vec<String> {
 fn east_west(role_a: &str, role_b: &str) {
     let started = Instant::now();
     let lab = Lab::new(role_a, role_b);
-    let mut failures = run_family(&lab, false);
-    failures.extend(run_family(&lab, true));
+    let mut failures = run_family(&lab, false, role_a, role_b);
+    failures.extend(run_family(&lab, true, role_a, role_b));
     assert!(
         failures.is_empty(),
         "subnet A's interface {role_a}, subnet B's {role_b}: {} failures:\n  {}",
