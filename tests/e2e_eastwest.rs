@@ -237,7 +237,16 @@ struct Lab {
     _switch: Netns,
     b1: Netns,
     b2: Netns,
-    policy: PathBuf,
+    policy: PolicyFile,
+}
+
+/// The policy file, removed on drop (also when the lab fails to come up).
+struct PolicyFile(PathBuf);
+
+impl Drop for PolicyFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 impl Lab {
@@ -279,9 +288,9 @@ impl Lab {
             let out = pins.xdpgate(&["attach", "--iface", iface, "--role", role]);
             assert!(out.contains("attached"), "{out}");
         }
-        let policy = std::env::temp_dir().join(format!("{}.yaml", unique("eastwest")));
-        std::fs::write(&policy, POLICY).expect("write policy");
-        let out = pins.xdpgate(&["apply", policy.to_str().unwrap()]);
+        let policy = PolicyFile(std::env::temp_dir().join(format!("{}.yaml", unique("eastwest"))));
+        std::fs::write(&policy.0, POLICY).expect("write policy");
+        let out = pins.xdpgate(&["apply", policy.0.to_str().unwrap()]);
         assert!(out.contains("applied"), "apply printed: {out}");
 
         let echo = [(Host::A1, &a1), (Host::B1, &b1), (Host::B2, &b2)]
@@ -339,12 +348,6 @@ impl Lab {
                 (r, n)
             })
             .collect()
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.policy);
     }
 }
 
@@ -531,7 +534,7 @@ fn run_family(lab: &Lab, v6: bool, role_a: &str, role_b: &str) -> Vec<String> {
 
     // verify-flow agrees with the kernel, asked from either end, of the kernel's tables and
     // of the policy file.
-    let file = lab.policy.to_str().unwrap();
+    let file = lab.policy.0.to_str().unwrap();
     for case in CASES {
         for from_source in [true, false] {
             for policy in [None, Some(file)] {
