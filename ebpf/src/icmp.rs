@@ -19,13 +19,13 @@ use crate::{
 
 #[inline(always)]
 pub fn is_error(meta: &PacketMeta) -> bool {
-    if meta.frag == FRAG_LATER {
+    if meta.frag == FRAG_LATER || !meta.is_icmp() {
         return false;
     }
-    match meta.family {
-        _ if !meta.is_icmp() => false,
-        4 => matches!(meta.icmp_type, 3 | 11 | 12),
-        _ => matches!(meta.icmp_type, 1..=4),
+    if meta.family == 4 {
+        matches!(meta.icmp_type, 3 | 11 | 12)
+    } else {
+        matches!(meta.icmp_type, 1..=4)
     }
 }
 
