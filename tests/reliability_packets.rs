@@ -376,10 +376,10 @@ impl Meta {
 
     fn is_error(&self) -> bool {
         self.frag != Frag::Later
+            && is_icmp(self.src.is_ipv6(), self.proto)
             && match self.proto {
                 1 => matches!(self.icmp_type, 3 | 11 | 12),
-                58 => matches!(self.icmp_type, 1..=4),
-                _ => false,
+                _ => matches!(self.icmp_type, 1..=4),
             }
     }
 
@@ -411,11 +411,15 @@ fn need(p: &[u8], off: usize, size: usize) -> bool {
     off <= MAX_HDR_OFF && off + size <= p.len()
 }
 
-fn is_echo(proto: u8, kind: u8) -> bool {
-    match proto {
-        1 => kind == 0 || kind == 8,
-        _ => kind == 128 || kind == 129,
-    }
+/// ICMP is protocol 1 under IPv4 and next header 58 under IPv6; the other family's number
+/// is a plain protocol there.
+fn is_icmp(v6: bool, proto: u8) -> bool {
+    proto == if v6 { 58 } else { 1 }
+}
+
+/// `kind` is the type of an ICMP message of its own family.
+fn is_echo(v6: bool, kind: u8) -> bool {
+    if v6 { kind == 128 || kind == 129 } else { kind == 0 || kind == 8 }
 }
 
 fn addr_at(p: &[u8], off: usize, v6: bool) -> IpAddr {
@@ -596,7 +600,7 @@ fn l4(p: &[u8], off: usize, end: usize, hop: u8, mut m: Meta, v6: bool) -> Shape
     let size = match m.proto {
         6 => 20,
         17 => 8,
-        1 | 58 => 8,
+        n if is_icmp(v6, n) => 8,
         _ => return Shape::Ip(m),
     };
     if !need(p, off, size) {
@@ -628,13 +632,12 @@ fn l4(p: &[u8], off: usize, end: usize, hop: u8, mut m: Meta, v6: bool) -> Shape
         }
         _ => {
             m.icmp_type = p[off];
-            if is_echo(m.proto, p[off]) {
+            if is_echo(v6, p[off]) {
                 let id = be16(&p[off + 4..]);
                 m.sport = id;
                 m.dport = id;
             }
             if v6
-                && m.proto == 58
                 && match m.icmp_type {
                     133..=137 => hop == 255,
                     130..=132 | 143 => hop == 1,
@@ -676,8 +679,9 @@ fn related(p: &[u8], icmp: usize, v6: bool) -> Option<Tuple> {
             }
             Some((dst, src, be16(&p[l4 + 2..]), be16(&p[l4..]), proto))
         }
-        1 | 58 => {
-            if !need(p, l4, 8) || !is_echo(proto, p[l4]) {
+        // The quoted packet is of the error's family.
+        n if is_icmp(v6, n) => {
+            if !need(p, l4, 8) || !is_echo(v6, p[l4]) {
                 return None;
             }
             let id = be16(&p[l4 + 4..]);

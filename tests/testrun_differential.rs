@@ -77,7 +77,7 @@ enum Kind {
     },
     /// An ICMP(v6) message other than echo, by type.
     Icmp(u8),
-    /// Another IP protocol (ESP, AH, GRE, SCTP), no ports.
+    /// Another IP protocol (ESP, AH, GRE, SCTP, the other family's ICMP), no ports.
     Raw(u8),
 }
 
@@ -146,6 +146,13 @@ impl Pkt {
             }
             Kind::Icmp(t) => {
                 ip_step(self.src, self.dst).icmpv4_raw(t, 0, [0; 4]).write(&mut out, payload)
+            }
+            // The other family's ICMP number carries that family's echo request: what a
+            // family-blind parser would take for an echo with an identifier.
+            Kind::Raw(p @ (1 | 58)) => {
+                let kind = if p == 58 { 128 } else { 8 };
+                let echo = [&[kind, 0, 0, 0, 0x12, 0x34, 0, 1][..], payload].concat();
+                ip_step(self.src, self.dst).write(&mut out, IpNumber(p), &echo)
             }
             Kind::Raw(p) => ip_step(self.src, self.dst).write(&mut out, IpNumber(p), payload),
         }
@@ -349,7 +356,7 @@ impl Universe {
             Direction::Inbound => (far, near),
             Direction::Outbound => (near, far),
         };
-        let proto = rng.weighted(&[(34, 0), (25, 1), (14, 2), (4, 3), (8, 4), (15, 5)]);
+        let proto = rng.weighted(&[(34, 0), (25, 1), (14, 2), (4, 3), (8, 4), (15, 5), (6, 6)]);
         let kind = self.kind(rng, proto, six, &None, &None);
         Pkt { dir, src, dst, kind }
     }
@@ -373,9 +380,12 @@ impl Universe {
         let proto = match t.protocol {
             Protocol::Tcp => 0,
             Protocol::Udp => 1,
-            Protocol::Icmp => rng.weighted(&[(6, 2), (2, 3), (2, 4)]),
+            // ICMP of the other family is no ICMP: the rule's near miss.
+            Protocol::Icmp => rng.weighted(&[(6, 2), (2, 3), (2, 4), (3, 6)]),
             Protocol::Esp | Protocol::Ah => 5,
-            Protocol::Any => rng.weighted(&[(40, 0), (40, 1), (8, 2), (4, 3), (4, 4), (4, 5)]),
+            Protocol::Any => {
+                rng.weighted(&[(40, 0), (40, 1), (8, 2), (4, 3), (4, 4), (4, 5), (4, 6)])
+            }
         };
         let mut kind = self.kind(rng, proto, six, &t.sport, &t.dport);
         match (t.protocol, &mut kind) {
@@ -386,7 +396,8 @@ impl Universe {
         Pkt { dir: t.dir, src, dst, kind }
     }
 
-    /// The L4 part: 0 TCP, 1 UDP, 2 echo request, 3 echo reply, 4 other ICMP, 5 no ports.
+    /// The L4 part: 0 TCP, 1 UDP, 2 echo request, 3 echo reply, 4 other ICMP, 5 no ports,
+    /// 6 the other family's ICMP protocol number (a plain protocol here).
     fn kind(&self, rng: &mut Rng, proto: u8, six: bool, sport: &Ports, dport: &Ports) -> Kind {
         let ports = |rng: &mut Rng| {
             let s = if sport.is_none() && rng.percent(40) {
@@ -410,7 +421,8 @@ impl Universe {
             4 => {
                 Kind::Icmp(if six { *rng.pick(&[1, 2, 3, 4]) } else { *rng.pick(&[3, 5, 11, 13]) })
             }
-            _ => Kind::Raw(*rng.pick(&[50, 50, 51, 51, 47, 132])),
+            5 => Kind::Raw(*rng.pick(&[50, 50, 51, 51, 47, 132])),
+            _ => Kind::Raw(if six { 1 } else { 58 }),
         }
     }
 }

@@ -12,6 +12,7 @@ use std::{
 
 use aya::maps::HashMap as BpfHashMap;
 use common::{
+    crossfamily::{self, Case},
     kernel::{Kernel, PASS},
     packet::{L4, flow_key, frame},
 };
@@ -307,4 +308,61 @@ fn sweep_cost_on_a_million_entries() {
 
 fn per_100k(took: Duration, n: u64) -> Duration {
     took.mul_f64(100_000.0 / n.max(1) as f64)
+}
+
+/// A flow of the other family's ICMP number is a plain protocol's: keyed and listed without
+/// an echo identifier, named by its number, and kept until the UDP idle timeout where ICMP
+/// flows idle out after ICMP's.
+#[test]
+fn the_other_familys_icmp_number_is_a_plain_protocol_in_the_flow_table() {
+    let k = Kernel::new();
+    let settings = "settings: {icmp_idle_timeout: 5, udp_idle_timeout: 240}";
+    k.apply(&format!("{settings}\n{}", crossfamily::POLICY));
+    // ICMP and ICMPv6 echoes to the pingable hosts, and the other family's numbers to the
+    // hosts whose allow-any rule lets them in; each answered, so each is established.
+    let cases: Vec<Case> = crossfamily::CASES.iter().filter(|c| c.allowed).copied().collect();
+    let key = |c: &Case, id: u16| {
+        let port = if c.is_icmp() { id } else { 0 };
+        flow_key(c.src, c.dst, port, port, c.proto)
+    };
+    for (i, c) in cases.iter().enumerate() {
+        let id = 3000 + i as u16;
+        k.arrive_as(Role::External);
+        assert_eq!(k.run(&c.frame(id)), PASS, "{}", c.name);
+        k.arrive_as(Role::Internal);
+        let answer = Case { src: c.dst, dst: c.src, ..*c };
+        assert_eq!(k.run(&answer.frame(id)), PASS, "{}: the answer", c.name);
+        assert!(k.established(&key(c, id)).is_some(), "{}: established", c.name);
+    }
+    let mut shown: Vec<_> = flows::list(&k.pins.dir, &Filter::default(), 0)
+        .unwrap()
+        .into_iter()
+        .map(|f| (f.dst.to_string(), f.protocol, f.icmp_id, f.src_port))
+        .collect();
+    shown.sort();
+    let want = [
+        (crossfamily::PINGABLE4, "icmp", Some(3000)),
+        (crossfamily::PINGABLE6, "icmpv6", Some(3001)),
+        (crossfamily::NO_PING4, "58", None),
+        (crossfamily::NO_PING6, "1", None),
+    ];
+    let mut want: Vec<_> =
+        want.iter().map(|(d, p, id)| (d.to_string(), p.to_string(), *id, None)).collect();
+    want.sort();
+    assert_eq!(shown, want);
+
+    // Ten seconds idle: past ICMP's timeout, well within UDP's.
+    let mut map = table_of(&k.pins.dir, FLOWS);
+    let now = monotonic_ns();
+    let keys: Vec<FlowKey> = map.keys().map(|k| k.unwrap()).collect();
+    for key in keys {
+        let v = map.get(&key, 0).unwrap();
+        map.insert(key, FlowValue { last_seen_ns: now - 10 * S, ..v }, 0).unwrap();
+    }
+    let (swept, _) = sweep(&k);
+    assert_eq!(swept.removed, 4, "both entries of the two ICMP flows");
+    for (i, c) in cases.iter().enumerate() {
+        let kept = k.established(&key(c, 3000 + i as u16)).is_some();
+        assert_eq!(kept, !c.is_icmp(), "{}: kept", c.name);
+    }
 }

@@ -5,10 +5,11 @@
 mod common;
 
 use common::{
+    crossfamily,
     kernel::{DROP, Kernel, PASS},
     packet::{
-        ACK, ETH_LEN, FIN, L4, RST, SYN, flow_key, frame, set_ipv4_frag, set_ipv4_total_len,
-        tcp_frame,
+        ACK, ETH_LEN, FIN, L4, RST, SYN, flow_key, frame, frame_vlan, set_ipv4_frag,
+        set_ipv4_total_len, tcp_frame,
     },
 };
 use xdpgate_common::{flow::TCP_CLOSED, iface::Role};
@@ -384,4 +385,75 @@ fn east_west_flows_pass_the_source_outbound_and_the_destination_inbound() {
         }
     }
     assert!(f.is_empty(), "{}", f.join("\n"));
+}
+
+/// `icmp` is ICMP of the packet's own family. An IPv4 packet of protocol 58 or an IPv6
+/// packet of next header 1 (here carrying the other family's echo request) is a plain
+/// protocol: the allow-icmp rule does not let it past DenyAllInBound, the deny-icmp rule
+/// does not stop it, and its flow has no echo identifier for ports.
+#[test]
+fn icmp_rules_match_icmp_of_the_packets_family() {
+    let k = Kernel::new();
+    k.apply(crossfamily::POLICY);
+    k.arrive_as(Role::External);
+    let rules = ["allow-icmp", "DenyAllInBound", "deny-icmp", "allow-any"];
+    let hits = |k: &Kernel| rules.map(|r| k.rule_flows(r));
+    let mut f = Vec::new();
+    for (i, c) in crossfamily::CASES.iter().enumerate() {
+        let id = 1000 + i as u16;
+        let (before, drops) = (hits(&k), k.drops("policy"));
+        let got = k.run(&c.frame(id));
+        let want = if c.allowed { PASS } else { DROP };
+        if got != want {
+            f.push(format!("{}: verdict {got}, want {want}", c.name));
+        }
+        let after = hits(&k);
+        let moved: Vec<_> = (0..rules.len()).filter(|&r| after[r] != before[r]).collect();
+        let named: Vec<_> = moved.iter().map(|&r| (rules[r], after[r] - before[r])).collect();
+        if named != [(c.rule, 1)] {
+            f.push(format!("{}: rule hits {named:?}, want [({:?}, 1)]", c.name, c.rule));
+        }
+        if k.drops("policy") - drops != u64::from(!c.allowed) {
+            f.push(format!("{}: policy drops {}", c.name, k.drops("policy") - drops));
+        }
+        if c.allowed {
+            // An echo's flow is keyed by its identifier; a plain protocol's has no ports.
+            let port = if c.is_icmp() { id } else { 0 };
+            if k.flow(&flow_key(c.src, c.dst, port, port, c.proto)).is_none() {
+                f.push(format!("{}: no flow keyed by ports {port}", c.name));
+            }
+        }
+    }
+    assert!(f.is_empty(), "{}", f.join("\n"));
+}
+
+/// An ICMP error quoting a packet of a known flow passes as part of that flow; the other
+/// family's error message carried as a plain protocol is no error, and the policy judges it
+/// as the new flow it is.
+#[test]
+fn cross_family_icmp_errors_are_judged_by_policy() {
+    use crossfamily::{PINGABLE4, PINGABLE6};
+    let k = Kernel::new();
+    k.apply(crossfamily::POLICY);
+    for (host, router, v6) in [(PINGABLE4, "192.0.2.1", false), (PINGABLE6, "2001:db8:9::1", true)]
+    {
+        // The host opens a connection out (AllowInternetOutBound)...
+        let remote = if v6 { "2001:db8:2::7" } else { "203.0.113.7" };
+        k.arrive_as(Role::Internal);
+        let syn = frame(host, remote, L4::Tcp(40000, 80, SYN));
+        assert_eq!(k.run(&syn), PASS);
+        // ...and a router on the way reports it unreachable.
+        k.arrive_as(Role::External);
+        let quote = &syn[ETH_LEN..ETH_LEN + if v6 { 48 } else { 28 }];
+        let error = |proto: u8, kind: u8, code: u8| {
+            let payload = [&[kind, code, 0, 0, 0, 0, 0, 0][..], quote].concat();
+            frame_vlan(router, host, L4::Raw(proto), &[], &payload)
+        };
+        let (own, other) =
+            if v6 { (error(58, 1, 4), error(1, 3, 3)) } else { (error(1, 3, 3), error(58, 1, 4)) };
+        assert_eq!(k.run(&own), PASS, "v6 {v6}: the error passes with its flow");
+        let drops = k.drops("policy");
+        assert_eq!(k.run(&other), DROP, "v6 {v6}: the other family's error is a new flow");
+        assert_eq!(k.drops("policy"), drops + 1, "v6 {v6}: denied by policy");
+    }
 }

@@ -120,6 +120,15 @@ fn cases() -> Vec<Case> {
     let mut short = p[..ip + 24].to_vec();
     set_ipv4_total_len(&mut short, ip, 24);
     v.push(case("icmp header truncated", short, DROP, Some("malformed")));
+    let short = frame_vlan("2001:db8:2::7", "2001:db8:1::10", L4::Raw(58), &[], &[128, 0, 0, 0]);
+    v.push(case("icmpv6 header truncated", short, DROP, Some("malformed")));
+    // The other family's ICMP number is a plain protocol: no ICMP header to read, none
+    // missing (4 bytes are too short for one).
+    let bytes = [8, 0, 0, 0];
+    let p = frame_vlan("203.0.113.7", "198.51.100.10", L4::Raw(58), &[], &bytes);
+    v.push(case("ipv4 protocol 58, 4 bytes", p, PASS, None));
+    let p = frame_vlan("2001:db8:2::7", "2001:db8:1::10", L4::Raw(1), &[], &bytes);
+    v.push(case("ipv6 next header 1, 4 bytes", p, PASS, None));
 
     // Fragments: a later fragment carries no ports and is passed on to the pipeline; a first
     // fragment too short for its TCP header is dropped (tiny-fragment attack, RFC 1858).

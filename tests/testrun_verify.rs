@@ -333,3 +333,71 @@ fn pinned_tables_agree_with_the_compiled_image_and_the_reference() {
     assert!(allowed > total / 10 && denied > total / 10, "{allowed} allowed, {denied} denied");
     assert!(hits > total / 2, "{hits} hits");
 }
+
+/// `icmp` is ICMP of the packet's family: verify-flow, asked the kernel or a policy file,
+/// by protocol number or as `icmp`, the compiled image and the reference evaluator give the
+/// kernel's answer and deciding rule for ICMP, ICMPv6, IPv4 protocol 58 and IPv6 next
+/// header 1.
+#[test]
+fn icmp_by_family_agrees_with_the_kernel() {
+    use common::crossfamily::{CASES, POLICY};
+    let kernel = Kernel::new();
+    kernel.apply(POLICY);
+    kernel.arrive_as(Role::External);
+    let file = std::env::temp_dir().join(format!("{}.yaml", unique("policy")));
+    std::fs::write(&file, POLICY).unwrap();
+    let policy = load_str(POLICY, "t.yaml").unwrap();
+    let compiled = compile::compile(&policy).unwrap();
+    let mut f = Vec::new();
+    for (i, c) in CASES.iter().enumerate() {
+        let allowed = kernel.run(&c.frame(2000 + i as u16)) == PASS;
+        if allowed != c.allowed {
+            f.push(format!("{}: the kernel allowed {allowed}", c.name));
+        }
+        let number = c.proto.to_string();
+        let names = if c.is_icmp() { vec![number.as_str(), "icmp"] } else { vec![number.as_str()] };
+        for proto in names {
+            for from in [None, Some(file.to_str().unwrap())] {
+                let mut args = vec![
+                    "verify-flow",
+                    "--direction",
+                    "inbound",
+                    "--protocol",
+                    proto,
+                    "--local",
+                    c.dst,
+                    "--remote",
+                    c.src,
+                    "--json",
+                ];
+                args.extend(from.iter().flat_map(|f| ["--policy", f]));
+                let out = kernel.pins.try_xdpgate(&args);
+                let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+                    .unwrap_or_else(|e| panic!("{args:?}: {e}: {}", text(&out)));
+                let rule = v["decided_by"].as_array().and_then(|d| d.last()).map(|h| &h["rule"]);
+                if out.status.code() != Some(i32::from(!allowed)) || rule != Some(&c.rule.into()) {
+                    f.push(format!("{}: verify-flow {args:?} answered {v}", c.name));
+                }
+            }
+        }
+        let pkt = Packet {
+            direction: Direction::Inbound,
+            proto: c.proto,
+            src: c.src.parse().unwrap(),
+            dst: c.dst.parse().unwrap(),
+            sport: None,
+            dport: None,
+        };
+        let want = reference::evaluate(&policy, &pkt);
+        if want.allowed != allowed
+            || want.decided_by.last().map(|r| r.rule.as_str()) != Some(c.rule)
+        {
+            f.push(format!("{}: the reference evaluator answered {want:?}", c.name));
+        }
+        if evaluate::evaluate(&compiled, &pkt) != want {
+            f.push(format!("{}: the compiled image disagrees with the reference", c.name));
+        }
+    }
+    std::fs::remove_file(&file).unwrap();
+    assert!(f.is_empty(), "{}", f.join("\n"));
+}

@@ -25,7 +25,7 @@ impl FlowKey {
     #[inline(always)]
     pub fn twin(&self, entry: &FlowValue) -> Self {
         let mut k = *self;
-        let echo = self.proto == 1 || self.proto == 58;
+        let echo = crate::is_icmp(self.family, self.proto);
         if entry.nat == NAT_DST {
             k.dst = entry.nat_addr;
             k.dport = entry.nat_port;

@@ -24,6 +24,24 @@ macro_rules! pod {
 }
 pub(crate) use pod;
 
+/// ICMP's protocol number under IPv4, and ICMPv6's next header under IPv6.
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_ICMPV6: u8 = 58;
+
+/// ICMP's number in address family `family` (4 or 6).
+#[inline(always)]
+pub const fn icmp_proto(family: u8) -> u8 {
+    if family == 6 { IPPROTO_ICMPV6 } else { IPPROTO_ICMP }
+}
+
+/// Whether `proto` is ICMP of its packet's address family: protocol 1 under IPv4, next
+/// header 58 under IPv6. The other family's number is a plain protocol there (no ICMP
+/// type, echo identifier or error), as the kernel's own stack treats it.
+#[inline(always)]
+pub const fn is_icmp(family: u8, proto: u8) -> bool {
+    (family == 4 && proto == IPPROTO_ICMP) || (family == 6 && proto == IPPROTO_ICMPV6)
+}
+
 /// Network-order address (or value) bytes as the `u32` words keys hold them: the same bytes
 /// in memory, with the alignment that spares the dataplane byte-wise copies.
 #[inline(always)]

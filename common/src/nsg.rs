@@ -33,7 +33,8 @@ pub const fn table(slot: u32, dir: u32, layer: u32) -> u32 {
     slot * TABLES_PER_SLOT + table_in_slot(dir, layer)
 }
 
-/// Fields of the LPM key. Ports and protocol are matched as 16- and 8-bit prefixes.
+/// Fields of the LPM key. Ports are matched as 16-bit prefixes, the protocol as the 16-bit
+/// `proto_value`.
 pub const FIELD_SRC4: u8 = 0;
 pub const FIELD_DST4: u8 = 1;
 pub const FIELD_SRC6: u8 = 2;
@@ -41,6 +42,15 @@ pub const FIELD_DST6: u8 = 3;
 pub const FIELD_SPORT: u8 = 4;
 pub const FIELD_DPORT: u8 = 5;
 pub const FIELD_PROTO: u8 = 6;
+
+/// The protocol field's value: the protocol number, then the address family (4 or 6). A
+/// rule for a protocol of either family holds the 8-bit prefix `[proto]`; `icmp` holds
+/// `[1, 4]` and `[58, 6]` (`crate::is_icmp`), so the other family's number matches only
+/// `any` (the /0).
+#[inline(always)]
+pub const fn proto_value(family: u8, proto: u8) -> [u8; 2] {
+    [proto, family]
+}
 
 /// Bits of the key before `value`: table, field and padding. A lookup with exactly this
 /// prefix length finds only a field's `/0` entry: the rules that match any value, which is
@@ -55,7 +65,7 @@ pub struct FieldKey {
     pub field: u8,
     pub _pad: [u8; 2],
     /// Network-order bytes (stored as words for alignment): an address, a big-endian port,
-    /// or the protocol number, left-aligned.
+    /// or the `proto_value`, left-aligned.
     pub value: [u32; 4],
 }
 
@@ -90,14 +100,14 @@ pub struct PolicyConfig {
 impl PolicyConfig {
     /// How long a flow may idle: a closed TCP connection briefly; a flow of a load-balancing
     /// rule with an idle timeout of its own (`rule_idle_s`, 0: none) that long; any other
-    /// flow the policy's timeout for its protocol.
+    /// flow the policy's timeout for its protocol (ICMP's in its own family only).
     #[inline(always)]
-    pub fn idle_timeout_ns(&self, proto: u8, tcp: u8, rule_idle_s: u16) -> u64 {
+    pub fn idle_timeout_ns(&self, family: u8, proto: u8, tcp: u8, rule_idle_s: u16) -> u64 {
         match proto {
             6 if tcp & crate::flow::TCP_CLOSED != 0 => TCP_CLOSED_TIMEOUT_NS,
             _ if rule_idle_s != 0 => u64::from(rule_idle_s) * 1_000_000_000,
             6 => self.tcp_timeout_ns,
-            1 | 58 => self.icmp_timeout_ns,
+            p if crate::is_icmp(family, p) => self.icmp_timeout_ns,
             _ => self.udp_timeout_ns,
         }
     }

@@ -22,7 +22,7 @@ use xdpgate_common::{
 use crate::{
     action::{Action, NAT_ICMP_ERROR, NAT_PENDING_SNAT},
     events, forward,
-    headers::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP},
+    headers::IPPROTO_TCP,
     lb::{self, Lb},
     maps::{
         BACKEND_STATS, BACKENDS, CLASSIFY_SCRATCH, EMBRYOS, FLOW_SCRATCH, FLOW_STATS, FLOWS, FRAGS,
@@ -67,7 +67,7 @@ fn as_classified(meta: &PacketMeta, entry: &FlowValue) -> Result<&'static Packet
             // The reply of a source-NATed flow: its first packet came from the private host.
             m.src = entry.nat_addr;
             m.sport = entry.nat_port;
-            if m.proto == IPPROTO_ICMP || m.proto == IPPROTO_ICMPV6 {
+            if m.is_icmp() {
                 m.dport = entry.nat_port;
             }
         }
@@ -100,7 +100,8 @@ pub fn lookup(active: &Active<'_>, meta: &PacketMeta, len: u64) -> Result<Lookup
     let key = key(meta);
     if let Some(entry) = FLOWS.get_ptr_mut(&key) {
         let entry = unsafe { &mut *entry };
-        let timeout = active.config.idle_timeout_ns(meta.proto, entry.tcp, entry.idle_s);
+        let timeout =
+            active.config.idle_timeout_ns(meta.family, meta.proto, entry.tcp, entry.idle_s);
         if now.wrapping_sub(entry.last_seen_ns) <= timeout
             && backend_usable(meta, entry)
             && !reopens(meta, entry)
@@ -147,7 +148,7 @@ fn embryo(
     len: u64,
 ) -> Result<Lookup, DropReason> {
     // Never longer than the flow may idle once established.
-    let timeout = active.config.idle_timeout_ns(meta.proto, entry.tcp, entry.idle_s);
+    let timeout = active.config.idle_timeout_ns(meta.family, meta.proto, entry.tcp, entry.idle_s);
     if now.wrapping_sub(entry.last_seen_ns) > timeout.min(active.config.embryonic_timeout_ns) {
         count(FLOW_STAT_EMBRYOS_EXPIRED);
         forget_embryo(key, entry);

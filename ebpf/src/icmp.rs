@@ -5,24 +5,27 @@
 //! works through NAT and load balancing.
 
 use aya_ebpf::programs::XdpContext;
-use xdpgate_common::flow::{FlowKey, NAT_DST, NAT_NONE};
+use xdpgate_common::{
+    flow::{FlowKey, NAT_DST, NAT_NONE},
+    is_icmp,
+};
 
 use crate::{
     action::{Action, NAT_ICMP_ERROR},
-    headers::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, IcmpHdr, Ipv4Hdr, Ipv6Hdr},
+    headers::{IPPROTO_TCP, IPPROTO_UDP, IcmpHdr, Ipv4Hdr, Ipv6Hdr},
     maps::{EMBRYOS, FLOWS},
     parse::{FRAG_LATER, PacketMeta, is_echo, ptr_at},
 };
 
 #[inline(always)]
 pub fn is_error(meta: &PacketMeta) -> bool {
-    if meta.frag == FRAG_LATER {
+    if meta.frag == FRAG_LATER || !meta.is_icmp() {
         return false;
     }
-    match meta.proto {
-        IPPROTO_ICMP => matches!(meta.icmp_type, 3 | 11 | 12),
-        IPPROTO_ICMPV6 => matches!(meta.icmp_type, 1..=4),
-        _ => false,
+    if meta.family == 4 {
+        matches!(meta.icmp_type, 3 | 11 | 12)
+    } else {
+        matches!(meta.icmp_type, 1..=4)
     }
 }
 
@@ -74,9 +77,10 @@ pub fn related(ctx: &XdpContext, meta: &PacketMeta) -> Option<Action> {
             key.sport = u16::from_be_bytes([ports[2], ports[3]]);
             key.dport = u16::from_be_bytes([ports[0], ports[1]]);
         }
-        IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+        // The quoted packet is of the error's family.
+        p if is_icmp(meta.family, p) => {
             let icmp = unsafe { &*ptr_at::<IcmpHdr>(ctx, l4).ok()? };
-            if !is_echo(proto, icmp.kind) {
+            if !is_echo(meta.family, icmp.kind) {
                 return None;
             }
             let id = u16::from_be_bytes([icmp.rest[0], icmp.rest[1]]);

@@ -5,7 +5,7 @@ use aya_ebpf::programs::XdpContext;
 use xdpgate_common::{flow::NAT_DST, stats::DropReason};
 
 use crate::{
-    headers::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Ipv4Hdr, Ipv6Hdr},
+    headers::{IPPROTO_TCP, IPPROTO_UDP, Ipv4Hdr, Ipv6Hdr},
     icmp::inner_offsets,
     parse::{FRAG_LATER, PacketMeta, is_echo, ptr_at},
 };
@@ -58,8 +58,7 @@ fn l4_check(meta: &PacketMeta) -> (usize, bool) {
     match meta.proto {
         IPPROTO_TCP => (off + 16, true),
         IPPROTO_UDP => (off + 6, true),
-        IPPROTO_ICMPV6 => (off + 2, true),
-        IPPROTO_ICMP => (off + 2, false),
+        _ if meta.is_icmp() => (off + 2, meta.family == 6),
         _ => (0, false),
     }
 }
@@ -104,7 +103,7 @@ pub fn rewrite(
         let at = match meta.proto {
             IPPROTO_TCP | IPPROTO_UDP if dst => 2,
             IPPROTO_TCP | IPPROTO_UDP => 0,
-            IPPROTO_ICMP | IPPROTO_ICMPV6 if is_echo(meta.proto, meta.icmp_type) => 4,
+            _ if meta.is_icmp() && is_echo(meta.family, meta.icmp_type) => 4,
             _ => usize::MAX,
         };
         if at != usize::MAX {

@@ -11,7 +11,8 @@ use xdpgate_common::{
     nsg::{
         ACCESS_DENY, BITMAP_WORDS, DIR_INBOUND, DIR_OUTBOUND, FIELD_DPORT, FIELD_DST4, FIELD_DST6,
         FIELD_PROTO, FIELD_SPORT, FIELD_SRC4, FIELD_SRC6, FieldKey, KEY_HEADER_BITS, LAYER_HOST,
-        LAYER_SUBNET, MAX_RULES, PolicyConfig, RuleBitmap, TABLES_PER_SLOT, table_in_slot,
+        LAYER_SUBNET, MAX_RULES, PolicyConfig, RuleBitmap, TABLES_PER_SLOT, proto_value,
+        table_in_slot,
     },
 };
 
@@ -102,8 +103,8 @@ fn match_table(table: u32, count: u32, meta: &PacketMeta) -> Option<u32> {
     let port_bits = if has_ports(meta) { 16 } else { 0 };
     let sport = lookup(table, FIELD_SPORT, &port_value(meta.sport), port_bits)?;
     let dport = lookup(table, FIELD_DPORT, &port_value(meta.dport), port_bits)?;
-    let proto =
-        lookup(table, FIELD_PROTO, &[u32::from_ne_bytes([meta.proto, 0, 0, 0]), 0, 0, 0], 8)?;
+    let [p, f] = proto_value(meta.family, meta.proto);
+    let proto = lookup(table, FIELD_PROTO, &[u32::from_ne_bytes([p, f, 0, 0]), 0, 0, 0], 16)?;
 
     let mut scan = Scan { maps: [src, dst, sport, dport, proto], found: NOT_FOUND };
     // bpf_loop: the verifier checks the scan's body once, not once per word (64) at every

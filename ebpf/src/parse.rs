@@ -55,6 +55,13 @@ pub struct PacketMeta {
 }
 
 impl PacketMeta {
+    /// ICMP of the packet's own family (`xdpgate_common::is_icmp`): only then are there an
+    /// ICMP type, an echo identifier or a quoted packet.
+    #[inline(always)]
+    pub fn is_icmp(&self) -> bool {
+        xdpgate_common::is_icmp(self.family, self.proto)
+    }
+
     /// Offset of the IP header. Masked: the meta comes back from a map in later stages, and
     /// the verifier must see a bound on every offset it adds to a packet pointer (the mask
     /// changes nothing, parsing keeps offsets within `MAX_HDR_OFF`).
@@ -269,12 +276,12 @@ fn parse_l4(
             meta.sport = be16(udp.sport);
             meta.dport = be16(udp.dport);
         }
-        IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+        _ if meta.is_icmp() => {
             let icmp: *const IcmpHdr = l4_at(ctx, off, end)?;
             let icmp = unsafe { &*icmp };
             meta.icmp_type = icmp.kind;
             meta.icmp_code = icmp.code;
-            if is_echo(meta.proto, icmp.kind) {
+            if is_echo(meta.family, icmp.kind) {
                 let id = be16([icmp.rest[0], icmp.rest[1]]);
                 meta.sport = id;
                 meta.dport = id;
@@ -295,13 +302,11 @@ fn l4_at<T>(ctx: &XdpContext, off: usize, end: usize) -> Result<*const T, DropRe
     ptr_at(ctx, off)
 }
 
-/// Echo request or reply, the ICMP messages that form a flow by identifier.
+/// Echo request or reply, the ICMP messages that form a flow by identifier: `kind` is the
+/// type of an ICMP message of address family `family`.
 #[inline(always)]
-pub fn is_echo(proto: u8, kind: u8) -> bool {
-    match proto {
-        IPPROTO_ICMP => kind == 0 || kind == 8,
-        _ => kind == 128 || kind == 129,
-    }
+pub fn is_echo(family: u8, kind: u8) -> bool {
+    if family == 4 { kind == 0 || kind == 8 } else { kind == 128 || kind == 129 }
 }
 
 /// Neighbour discovery (133-137) with hop limit 255, which receivers require (RFC 4861) and
@@ -309,7 +314,8 @@ pub fn is_echo(proto: u8, kind: u8) -> bool {
 /// no router forwards. Neither can carry traffic past the policy.
 #[inline(always)]
 fn is_link_control(meta: &PacketMeta) -> bool {
-    meta.proto == IPPROTO_ICMPV6
+    meta.family == 6
+        && meta.is_icmp()
         && match meta.icmp_type {
             133..=137 => meta.hop_limit == 255,
             130..=132 | 143 => meta.hop_limit == 1,

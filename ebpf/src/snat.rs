@@ -14,7 +14,7 @@ use xdpgate_common::{
 };
 
 use crate::{
-    headers::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP},
+    headers::{IPPROTO_TCP, IPPROTO_UDP},
     lb,
     maps::{NAT_FAILURES, NAT_GATEWAYS, NAT_MAP, NAT_PUBLIC, NAT_SUBNETS, VNET},
     parse::{PacketMeta, is_echo},
@@ -71,8 +71,7 @@ pub fn existing(key: &FlowKey) -> Option<&'static NatEntry> {
 fn translatable(meta: &PacketMeta) -> bool {
     meta.proto == IPPROTO_TCP
         || meta.proto == IPPROTO_UDP
-        || ((meta.proto == IPPROTO_ICMP || meta.proto == IPPROTO_ICMPV6)
-            && is_echo(meta.proto, meta.icmp_type))
+        || (meta.is_icmp() && is_echo(meta.family, meta.icmp_type))
 }
 
 /// Claims a public address and port of gateway `gw` for a new flow and records the
@@ -101,7 +100,7 @@ pub fn allocate(meta: &PacketMeta, gw: u32, now: u64) -> Result<u32, DropReason>
         return Err(exhausted(gw));
     }
     let public = config.addrs[index as usize];
-    let echo = meta.proto == IPPROTO_ICMP || meta.proto == IPPROTO_ICMPV6;
+    let echo = meta.is_icmp();
     let range = u32::from(config.port_hi).saturating_sub(u32::from(config.port_lo)) + 1;
     let start = h % range;
     for i in 0..NAT_PROBES {

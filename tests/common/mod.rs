@@ -210,6 +210,7 @@ impl Drop for Pins {
     }
 }
 
+pub mod crossfamily;
 pub mod echo;
 pub mod gateway;
 pub mod kernel;

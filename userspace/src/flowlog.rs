@@ -188,11 +188,12 @@ fn wall_clock(mono_ns: u64) -> f64 {
     now - (monotonic_ns().saturating_sub(mono_ns)) as f64 / 1e9
 }
 
-fn protocol(p: u8) -> Value {
+fn protocol(family: u8, p: u8) -> Value {
     match p {
         6 => json!("tcp"),
         17 => json!("udp"),
-        1 | 58 => json!("icmp"),
+        // ICMP of the flow's family; the other family's number is a plain protocol.
+        p if xdpgate_common::is_icmp(family, p) => json!("icmp"),
         n => json!(n),
     }
 }
@@ -203,7 +204,7 @@ fn tuple(key: &FlowKey) -> Value {
         "sport": key.sport,
         "dst": flows::addr(&key.dst, key.family).to_string(),
         "dport": key.dport,
-        "protocol": protocol(key.proto),
+        "protocol": protocol(key.family, key.proto),
     })
 }
 

@@ -262,8 +262,7 @@ fn protocol_number(name: &str, v6: bool) -> Result<u8> {
     Ok(match name.to_ascii_lowercase().as_str() {
         "tcp" => 6,
         "udp" => 17,
-        "icmp" if v6 => 58,
-        "icmp" => 1,
+        "icmp" => xdpgate_common::icmp_proto(if v6 { 6 } else { 4 }),
         "esp" => 50,
         "ah" => 51,
         n => n.parse().map_err(|_| {

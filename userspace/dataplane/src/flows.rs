@@ -18,6 +18,7 @@ use aya::maps::{HashMap as BpfHashMap, MapData};
 use serde::Serialize;
 use xdpgate_common::{
     flow::{FlowKey, FlowValue, NAT_DST, NAT_NEXT_HOP, NAT_SRC, NO_RULE},
+    is_icmp,
     lb::NO_BACKEND,
     maps::{EMBRYOS, FLOWS, NAT_MAP},
     nat::{NAT_ACTIVE, NatEntry},
@@ -223,12 +224,12 @@ pub fn addr(words: &[u32; 4], family: u8) -> IpAddr {
     if family == 6 { IpAddr::from(b) } else { IpAddr::from([b[0], b[1], b[2], b[3]]) }
 }
 
-fn protocol_name(proto: u8) -> String {
+fn protocol_name(family: u8, proto: u8) -> String {
     match proto {
         6 => "tcp".into(),
         17 => "udp".into(),
-        1 => "icmp".into(),
-        58 => "icmpv6".into(),
+        // The other family's ICMP number is a plain protocol, named by its number.
+        p if is_icmp(family, p) => if family == 6 { "icmpv6" } else { "icmp" }.into(),
         50 => "esp".into(),
         51 => "ah".into(),
         132 => "sctp".into(),
@@ -289,8 +290,8 @@ impl Names {
     }
 
     /// Idle timeout of an established flow's entry.
-    pub fn timeout_ns(&self, proto: u8, tcp: u8, rule_idle_s: u16) -> u64 {
-        self.config.idle_timeout_ns(proto, tcp, rule_idle_s)
+    pub fn timeout_ns(&self, family: u8, proto: u8, tcp: u8, rule_idle_s: u16) -> u64 {
+        self.config.idle_timeout_ns(family, proto, tcp, rule_idle_s)
     }
 
     /// Idle timeout of an embryonic flow's entry (`settings.embryonic_timeout`).
@@ -367,7 +368,8 @@ pub fn remove_idle(
     let mut swept = Swept::default();
     let now = monotonic_ns();
     let idle = |key: &FlowKey, v: &FlowValue| {
-        now.saturating_sub(v.last_seen_ns) > names.timeout_ns(key.proto, v.tcp, v.idle_s)
+        now.saturating_sub(v.last_seen_ns)
+            > names.timeout_ns(key.family, key.proto, v.tcp, v.idle_s)
     };
     table::for_each(&walk, |key, seen| {
         if stop.load(Ordering::Relaxed) {
@@ -433,7 +435,7 @@ fn describe(
 ) -> Flow {
     let main = forward.or(reply).expect("a flow has an entry");
     let ports = has_ports(key.proto);
-    let icmp_echo = matches!(key.proto, 1 | 58);
+    let icmp_echo = is_icmp(key.family, key.proto);
     let traffic = |v: Option<FlowValue>| {
         v.map_or_else(Traffic::default, |v| Traffic { packets: v.packets, bytes: v.bytes })
     };
@@ -441,7 +443,7 @@ fn describe(
     let idle_ns = now.saturating_sub(last_seen);
     let tcp = forward.iter().chain(reply.iter()).fold(0, |a, v| a | v.tcp);
     let timeout = match state {
-        FlowState::Established => names.timeout_ns(key.proto, tcp, main.idle_s),
+        FlowState::Established => names.timeout_ns(key.family, key.proto, tcp, main.idle_s),
         FlowState::Embryonic => names.embryonic_timeout_ns(),
     };
     let rules = names.rules(main.rules, main.generation);
@@ -471,7 +473,7 @@ fn describe(
     });
     Flow {
         state,
-        protocol: protocol_name(key.proto),
+        protocol: protocol_name(key.family, key.proto),
         src: addr(&key.src, key.family),
         src_port: ports.then_some(key.sport),
         dst: addr(&key.dst, key.family),
@@ -530,6 +532,15 @@ mod tests {
     use xdpgate_common::{flow::NO_RULES, words};
 
     use super::*;
+
+    #[test]
+    fn icmp_is_named_in_its_own_family_only() {
+        assert_eq!(protocol_name(4, 1), "icmp");
+        assert_eq!(protocol_name(6, 58), "icmpv6");
+        assert_eq!(protocol_name(4, 58), "58");
+        assert_eq!(protocol_name(6, 1), "1");
+        assert_eq!(protocol_name(6, 6), "tcp");
+    }
     use xdpgate_policy::{self as policy, compile, lb};
 
     fn v4(a: [u8; 4]) -> [u32; 4] {

@@ -143,7 +143,7 @@ pub use crate::monotonic_ns;
 
 /// The forward tuple (private host to remote) of a translation stored under its reply tuple.
 fn forward_key(reply: &FlowKey, t: &NatEntry) -> FlowKey {
-    let echo = reply.proto == 1 || reply.proto == 58;
+    let echo = xdpgate_common::is_icmp(reply.family, reply.proto);
     FlowKey {
         src: t.addr,
         dst: reply.src,

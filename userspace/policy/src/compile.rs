@@ -11,15 +11,16 @@ use std::collections::HashMap;
 
 use anyhow::{Result, bail};
 use ipnet::IpNet;
+use xdpgate_common::icmp_proto;
 use xdpgate_common::nsg::{
     ACCESS_ALLOW, ACCESS_DENY, BITMAP_WORDS, DIR_INBOUND, DIR_OUTBOUND, FIELD_DPORT, FIELD_DST4,
     FIELD_DST6, FIELD_PROTO, FIELD_SPORT, FIELD_SRC4, FIELD_SRC6, LAYER_HOST, LAYER_SUBNET,
-    MAX_RULES, RuleBitmap, TABLES_PER_SLOT, table_in_slot,
+    MAX_RULES, RuleBitmap, TABLES_PER_SLOT, proto_value, table_in_slot,
 };
 
 use xdpgate_common::maps::NSG_FIELD_ENTRIES;
 
-use crate::{Access, Direction, Layer, Nsg, Policy, PortRange, Ports, Rule};
+use crate::{Access, Direction, Layer, Nsg, Policy, PortRange, Ports, Protocol, Rule};
 
 /// A rule as placed in a table.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
@@ -162,14 +163,7 @@ fn compile_table(policy: &Policy, dir: Direction, layer: Layer) -> Result<Table>
         }
         entries.extend(port_entries(FIELD_SPORT, &rule.source_ports));
         entries.extend(port_entries(FIELD_DPORT, &rule.destination_ports));
-        match rule.protocol.numbers() {
-            [] => entries.push((FIELD_PROTO, [0; 16], 0)),
-            nums => entries.extend(nums.iter().map(|&p| {
-                let mut v = [0; 16];
-                v[0] = p;
-                (FIELD_PROTO, v, 8)
-            })),
-        }
+        entries.extend(proto_entries(rule.protocol));
         for e in entries {
             set_bit(fields.entry(e).or_insert(RuleBitmap { words: [0; BITMAP_WORDS] }), bit);
         }
@@ -226,6 +220,23 @@ fn addr_entry(net: &IpNet, f4: u8, f6: u8) -> FieldEntry {
             (f4, v, n.prefix_len())
         }
         IpNet::V6(n) => (f6, n.network().octets(), n.prefix_len()),
+    }
+}
+
+/// The protocol field's entries (values `[proto, family]`, see `proto_value`): an 8-bit
+/// `[proto]` for a protocol of either family, `[1, 4]` and `[58, 6]` for ICMP, /0 for any.
+fn proto_entries(protocol: Protocol) -> Vec<FieldEntry> {
+    let entry = |value: [u8; 2], len| {
+        let mut v = [0; 16];
+        v[..2].copy_from_slice(&value);
+        (FIELD_PROTO, v, len)
+    };
+    match (protocol, protocol.number()) {
+        (_, Some(n)) => vec![entry([n, 0], 8)],
+        (Protocol::Icmp, None) => {
+            [4, 6].map(|family| entry(proto_value(family, icmp_proto(family)), 16)).into()
+        }
+        _ => vec![(FIELD_PROTO, [0; 16], 0)],
     }
 }
 

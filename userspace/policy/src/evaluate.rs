@@ -14,7 +14,7 @@ use std::net::IpAddr;
 use anyhow::{Result, bail};
 use xdpgate_common::nsg::{
     ACCESS_DENY, BITMAP_WORDS, FIELD_DPORT, FIELD_DST4, FIELD_DST6, FIELD_PROTO, FIELD_SPORT,
-    FIELD_SRC4, FIELD_SRC6, RuleBitmap, table_in_slot,
+    FIELD_SRC4, FIELD_SRC6, RuleBitmap, proto_value, table_in_slot,
 };
 
 use crate::{
@@ -78,11 +78,11 @@ pub fn decide(tables: &impl NsgTables, pkt: &Packet) -> Result<Decision> {
 }
 
 fn match_table(tables: &impl NsgTables, t: u32, count: u32, pkt: &Packet) -> Result<Option<u32>> {
-    let (fs, fd, bits, src, dst) = match (pkt.src, pkt.dst) {
+    let (family, fs, fd, bits, src, dst) = match (pkt.src, pkt.dst) {
         (IpAddr::V4(s), IpAddr::V4(d)) => {
-            (FIELD_SRC4, FIELD_DST4, 32, v4(s.octets()), v4(d.octets()))
+            (4, FIELD_SRC4, FIELD_DST4, 32, v4(s.octets()), v4(d.octets()))
         }
-        (IpAddr::V6(s), IpAddr::V6(d)) => (FIELD_SRC6, FIELD_DST6, 128, s.octets(), d.octets()),
+        (IpAddr::V6(s), IpAddr::V6(d)) => (6, FIELD_SRC6, FIELD_DST6, 128, s.octets(), d.octets()),
         _ => bail!("source and destination must be of the same address family"),
     };
     // Ports count only for TCP and UDP; other packets look up a port field's /0 entry.
@@ -93,14 +93,14 @@ fn match_table(tables: &impl NsgTables, t: u32, count: u32, pkt: &Packet) -> Res
     let (sp, sp_bits) = port(pkt.sport);
     let (dp, dp_bits) = port(pkt.dport);
     let mut proto = [0u8; 16];
-    proto[0] = pkt.proto;
+    proto[..2].copy_from_slice(&proto_value(family, pkt.proto));
     let mut maps = Vec::with_capacity(5);
     for (field, value, bits) in [
         (fs, src, bits),
         (fd, dst, bits),
         (FIELD_SPORT, sp, sp_bits),
         (FIELD_DPORT, dp, dp_bits),
-        (FIELD_PROTO, proto, 8),
+        (FIELD_PROTO, proto, 16),
     ] {
         match tables.lookup(t, field, value, bits)? {
             Some(b) => maps.push(b),
@@ -251,5 +251,43 @@ nsgs:
             (false, vec!["AllowVnetOutBound".to_owned(), "no-ssh".to_owned()])
         );
         assert_eq!(names(&cases[10]), (true, vec![]));
+    }
+
+    #[test]
+    fn icmp_is_icmp_of_the_packets_family() {
+        const ICMP: &str = r#"
+virtual_network:
+  address_space: [198.51.100.0/24, 2001:db8:1::/64]
+nsgs:
+  - name: subnet
+    subnets: [198.51.100.0/24, 2001:db8:1::/64]
+    rules:
+      - {name: icmp, priority: 100, direction: inbound, access: allow, protocol: icmp,
+         source: ["*"], destination: ["*"]}
+      - {name: esp, priority: 110, direction: inbound, access: allow, protocol: esp,
+         source: ["*"], destination: ["*"]}
+"#;
+        let policy = load_str(ICMP, "t.yaml").unwrap();
+        let compiled = compile(&policy).unwrap();
+        let allowed = |proto, src, dst| {
+            let p = pkt(Direction::Inbound, proto, src, None, dst, None);
+            let v = evaluate(&compiled, &p);
+            assert_eq!(v, reference::evaluate(&policy, &p), "{p:?}");
+            v.allowed
+        };
+        let (v4, v6) = (("203.0.113.7", "198.51.100.10"), ("2001:db8:2::7", "2001:db8:1::10"));
+        assert!(allowed(1, v4.0, v4.1) && allowed(58, v6.0, v6.1));
+        // The other family's number is a plain protocol: DenyAllInBound.
+        assert!(!allowed(58, v4.0, v4.1) && !allowed(1, v6.0, v6.1));
+        assert!(allowed(50, v4.0, v4.1) && allowed(50, v6.0, v6.1));
+        // The protocol field holds [proto, family]: ICMP's number with its family (16 bits),
+        // ESP's number alone (8 bits, either family), the defaults' any (/0).
+        let protos: Vec<_> = compiled.tables[0]
+            .fields
+            .iter()
+            .filter(|((field, ..), _)| *field == FIELD_PROTO)
+            .map(|((_, v, len), _)| (v[0], v[1], *len))
+            .collect();
+        assert_eq!(protos, [(0, 0, 0), (1, 4, 16), (50, 0, 8), (58, 6, 16)]);
     }
 }

@@ -19,7 +19,9 @@ pub enum Access {
     Deny,
 }
 
-/// `Icmp` covers ICMP (1) and ICMPv6 (58).
+/// `Icmp` is ICMP of the packet's address family: protocol 1 under IPv4, next header 58
+/// under IPv6 (`xdpgate_common::is_icmp`). The other family's number is a plain protocol
+/// that only `Any` matches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
@@ -32,20 +34,25 @@ pub enum Protocol {
 }
 
 impl Protocol {
-    /// IP protocol numbers this matches; empty for `Any`.
-    pub fn numbers(self) -> &'static [u8] {
+    /// The IP protocol number this matches in either family; `None` for `Icmp`, whose
+    /// number is its family's (`xdpgate_common::icmp_proto`), and for `Any`.
+    pub fn number(self) -> Option<u8> {
         match self {
-            Protocol::Tcp => &[6],
-            Protocol::Udp => &[17],
-            Protocol::Icmp => &[1, 58],
-            Protocol::Esp => &[50],
-            Protocol::Ah => &[51],
-            Protocol::Any => &[],
+            Protocol::Tcp => Some(6),
+            Protocol::Udp => Some(17),
+            Protocol::Esp => Some(50),
+            Protocol::Ah => Some(51),
+            Protocol::Icmp | Protocol::Any => None,
         }
     }
 
-    pub fn matches(self, proto: u8) -> bool {
-        self == Protocol::Any || self.numbers().contains(&proto)
+    /// Whether a packet of address family `family` (4 or 6) and protocol `proto` matches.
+    pub fn matches(self, family: u8, proto: u8) -> bool {
+        match self {
+            Protocol::Any => true,
+            Protocol::Icmp => xdpgate_common::is_icmp(family, proto),
+            p => p.number() == Some(proto),
+        }
     }
 }
 

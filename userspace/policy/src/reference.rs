@@ -13,7 +13,8 @@ pub struct Packet {
     /// The direction it arrives in (the role of its interface: external inbound, internal
     /// outbound). NSG evaluation does not depend on it; load balancing and NAT do.
     pub direction: Direction,
-    /// IP protocol number (ICMPv6 is 58).
+    /// IP protocol number (IPv6 next header). `icmp` is 1 under IPv4 and 58 under IPv6,
+    /// the addresses' family.
     pub proto: u8,
     pub src: IpAddr,
     pub dst: IpAddr,
@@ -97,11 +98,15 @@ fn winning_rule<'a>(rules: &'a [Rule], direction: Direction, pkt: &Packet) -> Op
 }
 
 fn rule_matches(rule: &Rule, pkt: &Packet) -> bool {
-    rule.protocol.matches(pkt.proto)
+    rule.protocol.matches(family(pkt.src), pkt.proto)
         && address_matches(&rule.source, pkt.src)
         && address_matches(&rule.destination, pkt.dst)
         && port_matches(&rule.source_ports, pkt.sport)
         && port_matches(&rule.destination_ports, pkt.dport)
+}
+
+fn family(addr: IpAddr) -> u8 {
+    if addr.is_ipv6() { 6 } else { 4 }
 }
 
 fn address_matches(prefixes: &[IpNet], addr: IpAddr) -> bool {
@@ -311,5 +316,45 @@ nsgs:
             evaluate(&policy, &tcp(Inbound, "203.0.113.1", "2001:db8:1::10", dport)).allowed
         };
         assert!(to_web(8000) && to_web(8080) && !to_web(7999) && !to_web(8081));
+    }
+
+    #[test]
+    fn icmp_is_icmp_of_the_packets_family() {
+        use crate::Protocol;
+        for family in [4, 6] {
+            for proto in 0..=255 {
+                let icmp = xdpgate_common::is_icmp(family, proto);
+                assert_eq!(Protocol::Icmp.matches(family, proto), icmp, "{family} {proto}");
+                assert!(Protocol::Any.matches(family, proto));
+                assert_eq!(Protocol::Tcp.matches(family, proto), proto == 6);
+            }
+        }
+        assert!(xdpgate_common::is_icmp(4, 1) && xdpgate_common::is_icmp(6, 58));
+        assert!(!xdpgate_common::is_icmp(4, 58) && !xdpgate_common::is_icmp(6, 1));
+
+        let policy = load_str(
+            &POLICY.replace(
+                "    rules:\n      - {name: allow-web",
+                "    rules:\n      - {name: ping, priority: 150, direction: inbound, access: allow, \
+                 protocol: icmp, source: '*', destination: '*'}\n      - {name: allow-web",
+            ),
+            "policy.yaml",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let ping = |proto, src: &str, dst: &str| {
+            let p = Packet {
+                direction: Inbound,
+                proto,
+                src: src.parse().unwrap(),
+                dst: dst.parse().unwrap(),
+                sport: None,
+                dport: None,
+            };
+            decisions(&evaluate(&policy, &p)).iter().map(|d| d.1.to_owned()).collect::<Vec<_>>()
+        };
+        assert_eq!(ping(1, "203.0.113.1", "198.51.100.20"), ["ping"]);
+        assert_eq!(ping(58, "2001:db8:2::1", "2001:db8:1::10"), ["ping"]);
+        assert_eq!(ping(58, "203.0.113.1", "198.51.100.20"), ["DenyAllInBound"]);
+        assert_eq!(ping(1, "2001:db8:2::1", "2001:db8:1::10"), ["DenyAllInBound"]);
     }
 }
