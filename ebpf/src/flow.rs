@@ -271,36 +271,15 @@ pub fn create(
     dir: u32,
     len: u64,
 ) -> Result<Action, DropReason> {
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let key = &key(meta);
     // Connections start with a SYN. Any other segment without a flow starts one only when
     // its state can be rebuilt (a NAT translation still holds it), when the policy or its
     // load-balancing rule picks flows up mid-stream, or when it belongs to a connection of
-    // this host itself (XDP never sees the SYNs the host sends, only the answers).
-    let midstream =
-        meta.proto == IPPROTO_TCP && meta.tcp_flags & (TH_SYN | TH_ACK | TH_RST | TH_FIN) != TH_SYN;
+    // this host itself (one from before the attach: the egress program sees the SYNs the
+    // host sends now).
+    let midstream = midstream(meta);
     let pickup = active.config.flags & FLAG_MIDSTREAM != 0;
-    // Both entries are built in per-CPU scratch, not on the stack: the stack of this stage
-    // plus that of classification must stay within the verifier's 512 bytes.
-    let pair = FLOW_SCRATCH.get_ptr_mut(0).ok_or(DropReason::Internal)?;
-    let [forward, reply] = unsafe { &mut *pair };
-    *forward = FlowValue {
-        generation: active.config.generation,
-        last_seen_ns: now,
-        packets: 1,
-        bytes: len,
-        rule: NO_RULE,
-        direction: dir as u8,
-        reply: 0,
-        tcp: if midstream { TCP_MIDSTREAM } else { 0 },
-        nat: NAT_NONE,
-        nat_addr: [0; 4],
-        nat_port: 0,
-        idle_s: 0,
-        service: NO_BACKEND,
-        backend: NO_BACKEND,
-        ack: 0,
-    };
+    let [forward, reply] = fresh(active, meta, dir, len)?;
     // Rebuilt from a translation: established at once (a translation exists only for a
     // flow the policy allowed, one per translation, so this cannot flood the table).
     let mut rebuilt = false;
@@ -371,6 +350,60 @@ pub fn create(
     commit(meta, key, forward, reply, rebuilt)?;
     count_lb(forward.service, forward.backend, len);
     Ok(Action::of(forward))
+}
+
+/// A TCP segment other than a SYN: it cannot start a connection.
+#[inline(always)]
+fn midstream(meta: &PacketMeta) -> bool {
+    meta.proto == IPPROTO_TCP && meta.tcp_flags & (TH_SYN | TH_ACK | TH_RST | TH_FIN) != TH_SYN
+}
+
+/// A new flow's two entries, the forward one filled in for the packet's direction `dir`, the
+/// other left for [`commit`]. Built in per-CPU scratch, not on the stack: the stack of a
+/// stage plus that of classification must stay within the verifier's 512 bytes.
+#[inline(always)]
+fn fresh(
+    active: &Active<'_>,
+    meta: &PacketMeta,
+    dir: u32,
+    len: u64,
+) -> Result<&'static mut [FlowValue; 2], DropReason> {
+    let pair = unsafe { &mut *FLOW_SCRATCH.get_ptr_mut(0).ok_or(DropReason::Internal)? };
+    pair[0] = FlowValue {
+        generation: active.config.generation,
+        last_seen_ns: unsafe { bpf_ktime_get_coarse_ns() },
+        packets: 1,
+        bytes: len,
+        rule: NO_RULE,
+        direction: dir as u8,
+        reply: 0,
+        tcp: if midstream(meta) { TCP_MIDSTREAM } else { 0 },
+        nat: NAT_NONE,
+        nat_addr: [0; 4],
+        nat_port: 0,
+        idle_s: 0,
+        service: NO_BACKEND,
+        backend: NO_BACKEND,
+        ack: 0,
+    };
+    Ok(pair)
+}
+
+/// The first packet of a flow the host itself sends (seen by the tc egress program): judged
+/// by the rules of direction `dir` (outbound), both entries into the embryonic table. No
+/// load balancing, no translation. A TCP segment other than a SYN starts one too, mid-stream
+/// (a connection from before the attach, or whose flow expired): the host's own socket
+/// vouches for it, and an answer confirms it.
+#[inline(always)]
+pub fn create_host(
+    active: &Active<'_>,
+    meta: &PacketMeta,
+    dir: u32,
+    len: u64,
+) -> Result<(), DropReason> {
+    let [forward, reply] = fresh(active, meta, dir, len)?;
+    allow(active, meta, dir, forward)?;
+    commit(meta, &key(meta), forward, reply, false)
 }
 
 /// Puts a new flow's two entries into the embryonic table (the established one when
@@ -546,7 +579,7 @@ pub fn later_fragment(
         return Ok(Action { nat: first.nat, addr: first.addr, port: 0 });
     }
     if classify(active, meta, dir).unfiltered {
-        Ok(Action { nat: NAT_NONE, addr: [0; 4], port: 0 })
+        Ok(Action::PASS)
     } else {
         Err(DropReason::Fragment)
     }
