@@ -1,0 +1,248 @@
+//! Host mode end to end, as a VM's NIC NSG would be used: xdpgate attached (role external)
+//! to the host's own interface, an "internet" namespace on the other end of a veth, and a
+//! host NSG that allows only SSH inbound and denies TCP 25 outbound. The host's own traffic
+//! leaves through the tc egress program, which judges it with the outbound rules and records
+//! its flows, so the answers arriving at XDP match statefully.
+
+mod common;
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use common::{Netns, Pins, veth};
+use serde_json::Value;
+
+/// How long to wait for what the policy should drop, and for what should get through.
+const DROP_WAIT: Duration = Duration::from_millis(1500);
+const PASS_WAIT: Duration = Duration::from_secs(5);
+
+const HOST4: &str = "198.51.100.10";
+const HOST6: &str = "2001:db8:1::10";
+const NET4: &str = "203.0.113.20";
+const NET6: &str = "2001:db8:2::20";
+
+const POLICY: &str = r#"virtual_network:
+  address_space: [198.51.100.0/24, 2001:db8:1::/64]
+nsgs:
+  - name: host-nsg
+    hosts: [198.51.100.10, 2001:db8:1::10]
+    rules:
+      - {name: allow-ssh, priority: 100, direction: inbound, access: allow, protocol: tcp, source: ["*"], destination: ["*"], destination_ports: [22]}
+      - {name: deny-smtp-out, priority: 100, direction: outbound, access: deny, protocol: tcp, source: ["*"], destination: ["*"], destination_ports: [25]}
+"#;
+
+/// A TCP service that counts the connections it accepts and answers each with an HTTP
+/// response, then closes.
+struct Server {
+    accepted: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Server {
+    fn start(ns: &Netns, addrs: Vec<SocketAddr>) -> Self {
+        // Sockets belong to the namespace they are created in, whichever thread uses them.
+        let listeners: Vec<TcpListener> = ns.run(move || {
+            addrs.iter().map(|a| TcpListener::bind(a).unwrap_or_else(|e| panic!("{a}: {e}"))).collect()
+        });
+        for l in &listeners {
+            l.set_nonblocking(true).unwrap();
+        }
+        let accepted = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (count, flag) = (accepted.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                for l in &listeners {
+                    if let Ok((mut s, _)) = l.accept() {
+                        count.fetch_add(1, Ordering::Relaxed);
+                        let _ = s.set_nonblocking(false);
+                        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                        let mut buf = [0u8; 1024];
+                        let _ = s.read(&mut buf);
+                        let _ = s.write_all(
+                            b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+                        );
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        Self { accepted, stop, thread: Some(thread) }
+    }
+
+    fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// An HTTP GET from namespace `ns` to `to`: the response, or why there is none.
+fn http_get(ns: &Netns, to: SocketAddr, wait: Duration) -> Result<String, String> {
+    ns.run(move || {
+        let mut s = TcpStream::connect_timeout(&to, wait).map_err(|e| format!("connect: {e}"))?;
+        s.set_read_timeout(Some(wait)).unwrap();
+        s.write_all(b"GET / HTTP/1.0\r\n\r\n").map_err(|e| format!("send: {e}"))?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).map_err(|e| format!("read: {e}"))?;
+        Ok(out)
+    })
+}
+
+fn connects(ns: &Netns, to: SocketAddr, wait: Duration) -> bool {
+    ns.run(move || TcpStream::connect_timeout(&to, wait).is_ok())
+}
+
+fn stats(pins: &Pins) -> Value {
+    serde_json::from_str(&pins.xdpgate(&["stats", "--json"])).expect("stats json")
+}
+
+fn drops(s: &Value, reason: &str) -> u64 {
+    s["drops"].as_array().unwrap().iter().find(|d| d[0] == reason).unwrap()[1].as_u64().unwrap()
+}
+
+fn rule_hits(s: &Value, rule: &str) -> u64 {
+    s["policy"]["rules"].as_array().unwrap().iter().find(|r| r["rule"] == rule).unwrap()["flows"]
+        .as_u64()
+        .unwrap()
+}
+
+/// The egress program's count of the host's own packets with `verdict` on `iface`.
+fn egress(s: &Value, iface: &str, verdict: &str) -> u64 {
+    let i = s["interfaces"].as_array().unwrap().iter().find(|i| i["iface"] == iface).unwrap();
+    i["egress"].as_array().unwrap().iter().find(|v| v[0] == verdict).unwrap()[1]["packets"]
+        .as_u64()
+        .unwrap()
+}
+
+struct Lab {
+    host: Netns,
+    net: Netns,
+    pins: Pins,
+    iface: String,
+    /// The internet's web server (80) and mail server (25).
+    web: Server,
+    mail: Server,
+    /// The host's own listeners: SSH (22), and a web server (80) the policy keeps closed.
+    host_ssh: Server,
+    host_web: Server,
+}
+
+impl Lab {
+    fn new() -> Self {
+        let host = Netns::new("xghh");
+        let net = Netns::new("xghi");
+        let (iface, inet_if) = veth(
+            &host,
+            &format!("{HOST4}/24,{HOST6}/64"),
+            &net,
+            &format!("{NET4}/24,{NET6}/64"),
+        );
+        // One link, two networks: each side reaches the other's directly.
+        host.exec("ip", &["route", "add", "203.0.113.0/24", "dev", &iface]);
+        host.exec("ip", &["-6", "route", "add", "2001:db8:2::/64", "dev", &iface]);
+        net.exec("ip", &["route", "add", "198.51.100.0/24", "dev", &inet_if]);
+        net.exec("ip", &["-6", "route", "add", "2001:db8:1::/64", "dev", &inet_if]);
+        let sa = |a: &str, p: u16| SocketAddr::new(a.parse().unwrap(), p);
+        let web = Server::start(&net, vec![sa(NET4, 80), sa(NET6, 80)]);
+        let mail = Server::start(&net, vec![sa(NET4, 25), sa(NET6, 25)]);
+        let host_ssh = Server::start(&host, vec![sa(HOST4, 22), sa(HOST6, 22)]);
+        let host_web = Server::start(&host, vec![sa(HOST4, 80), sa(HOST6, 80)]);
+        // Counts the segments to port 25 that reach the internet's stack.
+        net.exec("nft", &["add", "table", "inet", "xgh"]);
+        let hook = "{ type filter hook input priority 0; }";
+        net.exec("nft", &["add", "chain", "inet", "xgh", "input", hook]);
+        net.exec("nft", &["add", "rule", "inet", "xgh", "input", "tcp", "dport", "25", "counter"]);
+        let pins = Pins::in_netns(&host);
+        Self { host, net, pins, iface, web, mail, host_ssh, host_web }
+    }
+
+    /// Segments to TCP port 25 that reached the internet namespace.
+    fn smtp_segments(&self) -> u64 {
+        let out = self.net.exec("nft", &["list", "chain", "inet", "xgh", "input"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let n = text.split("counter packets ").nth(1).and_then(|r| r.split(' ').next());
+        n.and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("no nft counter: {text}"))
+    }
+
+    fn attach_and_apply(&self) {
+        self.pins.xdpgate(&["attach", "--iface", &self.iface, "--role", "external"]);
+        self.pins.apply(POLICY);
+    }
+}
+
+/// The scenario for one family: `host` and `net` are the two ends' addresses.
+fn host_mode(lab: &Lab, host: &str, net: &str) {
+    let sa = |a: &str, p: u16| SocketAddr::new(a.parse().unwrap(), p);
+
+    // The host's own HTTP GET to the internet: its SYN makes the flow, the answers match it.
+    let got = http_get(&lab.host, sa(net, 80), PASS_WAIT);
+    assert!(
+        got.as_ref().is_ok_and(|r| r.starts_with("HTTP/1.0 200") && r.ends_with("hello")),
+        "the host's own HTTP GET to {net} failed: {got:?}\n{}",
+        lab.pins.xdpgate(&["stats"])
+    );
+
+    // Its ping: the echo replies match the flow its request made.
+    let out = lab.host.try_exec("ping", &["-c", "1", "-W", "2", net]);
+    assert!(out.status.success(), "the host's ping to {net}: {}", String::from_utf8_lossy(&out.stdout));
+
+    // SSH into the host is allowed; its web server is not reachable from outside.
+    assert!(connects(&lab.net, sa(host, 22), PASS_WAIT), "SSH to {host} refused");
+    assert!(!connects(&lab.net, sa(host, 80), DROP_WAIT), "TCP 80 to {host} got through");
+    assert_eq!(lab.host_web.accepted(), 0, "TCP 80 to {host} got through");
+
+    // Its connection to port 25 is blocked by the outbound rule: the SYN never leaves.
+    let before = stats(&lab.pins);
+    assert!(!connects(&lab.host, sa(net, 25), DROP_WAIT), "the host reached {net}:25");
+    let after = stats(&lab.pins);
+    assert_eq!(lab.smtp_segments(), 0, "a SYN to {net}:25 reached the internet");
+    assert_eq!(lab.mail.accepted(), 0);
+    assert!(
+        rule_hits(&after, "deny-smtp-out") > rule_hits(&before, "deny-smtp-out"),
+        "deny-smtp-out not counted: {after}"
+    );
+    assert!(drops(&after, "policy") > drops(&before, "policy"), "{after}");
+    assert!(
+        egress(&after, &lab.iface, "drop") > egress(&before, &lab.iface, "drop"),
+        "no egress drop counted: {after}"
+    );
+    assert!(egress(&after, &lab.iface, "pass") > 0, "{after}");
+    assert!(lab.web.accepted() > 0 && lab.host_ssh.accepted() > 0);
+
+    // Both programs are there, as status shows them.
+    let status: Value =
+        serde_json::from_str(&lab.pins.xdpgate(&["status", "--json"])).expect("status json");
+    let iface = &status["interfaces"][0];
+    assert!(iface["egress_program_id"].as_u64().is_some(), "{status}");
+}
+
+#[test]
+fn host_protects_itself_ipv4() {
+    let lab = Lab::new();
+    lab.attach_and_apply();
+    host_mode(&lab, HOST4, NET4);
+}
+
+#[test]
+fn host_protects_itself_ipv6() {
+    let lab = Lab::new();
+    lab.attach_and_apply();
+    host_mode(&lab, HOST6, NET6);
+}
