@@ -17,7 +17,12 @@ use std::{
     time::Duration,
 };
 
-use common::{Netns, Pins, veth};
+use common::{
+    Netns, Pins,
+    echo::EchoServer,
+    gateway::{CLIENT4, CLIENT6, Gateway, SERVER4, SERVER6},
+    veth,
+};
 use serde_json::Value;
 
 /// How long to wait for what the policy should drop, and for what should get through.
@@ -51,7 +56,10 @@ impl Server {
     fn start(ns: &Netns, addrs: Vec<SocketAddr>) -> Self {
         // Sockets belong to the namespace they are created in, whichever thread uses them.
         let listeners: Vec<TcpListener> = ns.run(move || {
-            addrs.iter().map(|a| TcpListener::bind(a).unwrap_or_else(|e| panic!("{a}: {e}"))).collect()
+            addrs
+                .iter()
+                .map(|a| TcpListener::bind(a).unwrap_or_else(|e| panic!("{a}: {e}")))
+                .collect()
         });
         for l in &listeners {
             l.set_nonblocking(true).unwrap();
@@ -68,9 +76,7 @@ impl Server {
                         let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
                         let mut buf = [0u8; 1024];
                         let _ = s.read(&mut buf);
-                        let _ = s.write_all(
-                            b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\nhello",
-                        );
+                        let _ = s.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\nhello");
                     }
                 }
                 std::thread::sleep(Duration::from_millis(5));
@@ -91,6 +97,12 @@ impl Drop for Server {
             let _ = t.join();
         }
     }
+}
+
+/// Packets the egress program judged on `iface` (passed and dropped), and the packets XDP
+/// redirected there.
+fn egress_judged(s: &Value, iface: &str) -> u64 {
+    egress(s, iface, "pass") + egress(s, iface, "drop")
 }
 
 /// An HTTP GET from namespace `ns` to `to`: the response, or why there is none.
@@ -148,12 +160,8 @@ impl Lab {
     fn new() -> Self {
         let host = Netns::new("xghh");
         let net = Netns::new("xghi");
-        let (iface, inet_if) = veth(
-            &host,
-            &format!("{HOST4}/24,{HOST6}/64"),
-            &net,
-            &format!("{NET4}/24,{NET6}/64"),
-        );
+        let (iface, inet_if) =
+            veth(&host, &format!("{HOST4}/24,{HOST6}/64"), &net, &format!("{NET4}/24,{NET6}/64"));
         // One link, two networks: each side reaches the other's directly.
         host.exec("ip", &["route", "add", "203.0.113.0/24", "dev", &iface]);
         host.exec("ip", &["-6", "route", "add", "2001:db8:2::/64", "dev", &iface]);
@@ -201,7 +209,11 @@ fn host_mode(lab: &Lab, host: &str, net: &str) {
 
     // Its ping: the echo replies match the flow its request made.
     let out = lab.host.try_exec("ping", &["-c", "1", "-W", "2", net]);
-    assert!(out.status.success(), "the host's ping to {net}: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "the host's ping to {net}: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 
     // SSH into the host is allowed; its web server is not reachable from outside.
     assert!(connects(&lab.net, sa(host, 22), PASS_WAIT), "SSH to {host} refused");
@@ -245,4 +257,52 @@ fn host_protects_itself_ipv6() {
     let lab = Lab::new();
     lab.attach_and_apply();
     host_mode(&lab, HOST6, NET6);
+}
+
+/// On a gateway, forwarded packets were judged by XDP where they arrived: the egress program
+/// leaves them alone (`ingress_ifindex` is set on a forwarded socket buffer) and judges only
+/// what the gateway itself sends.
+#[test]
+fn forwarded_packets_are_not_the_hosts_own() {
+    let lab = Gateway::new();
+    let sa = |a: &str, p: u16| SocketAddr::new(a.parse().unwrap(), p);
+    let _echo = EchoServer::start(&lab.server, vec![sa(SERVER4, 80), sa(SERVER6, 80)]);
+    lab.pins.apply(
+        r#"virtual_network:
+  address_space: [198.51.100.0/24, 2001:db8:1::/64]
+nsgs:
+  - name: web
+    subnets: [198.51.100.0/24, 2001:db8:1::/64]
+    rules:
+      - {name: allow-web, priority: 100, direction: inbound, access: allow, protocol: tcp, source: [Internet], destination: ["*"], destination_ports: [80]}
+"#,
+    );
+    // Forwarded both ways: connections in, pings out; the kernel forwards them (XDP passes
+    // them up, as it has no devmap route to the namespaces' veth peers).
+    for server in [SERVER4, SERVER6] {
+        let to = sa(server, 80);
+        let echoed = lab.client.run(move || {
+            let mut s = TcpStream::connect_timeout(&to, PASS_WAIT)?;
+            s.set_read_timeout(Some(PASS_WAIT))?;
+            s.write_all(b"hello")?;
+            let mut back = [0u8; 5];
+            s.read_exact(&mut back).map(|()| back)
+        });
+        assert!(echoed.is_ok_and(|b| &b == b"hello"), "TCP 80 to {server} through the gateway");
+    }
+    for client in [CLIENT4, CLIENT6] {
+        let out = lab.server.try_exec("ping", &["-c", "2", "-i", "0.2", "-W", "2", client]);
+        assert!(out.status.success(), "the server's ping to {client} through the gateway");
+    }
+    let s = stats(&lab.pins);
+    for iface in [&lab.ext, &lab.int] {
+        assert_eq!(egress_judged(&s, iface), 0, "forwarded packets judged on egress: {s}");
+    }
+    // The gateway's own ping is its own: judged (no NSG for its address: allowed), and the
+    // replies match its flow.
+    let out = lab.gw.try_exec("ping", &["-c", "2", "-i", "0.2", "-W", "2", CLIENT4]);
+    assert!(out.status.success(), "the gateway's own ping");
+    let s = stats(&lab.pins);
+    assert!(egress(&s, &lab.ext, "pass") >= 2, "the gateway's own ping not judged: {s}");
+    assert_eq!(egress(&s, &lab.int, "pass"), 0, "{s}");
 }
