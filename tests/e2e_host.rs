@@ -306,3 +306,57 @@ nsgs:
     assert!(egress(&s, &lab.ext, "pass") >= 2, "the gateway's own ping not judged: {s}");
     assert_eq!(egress(&s, &lab.int, "pass"), 0, "{s}");
 }
+
+/// An interface attached by a build without the egress program (its XDP link alone, as
+/// unpinning the egress link leaves it): the host's own connections fail as they did, status
+/// says the program is missing, and `upgrade` adds it. A later upgrade replaces it in place,
+/// and `detach` removes both programs.
+#[test]
+fn upgrade_adds_the_egress_program_and_detach_removes_both() {
+    let lab = Lab::new();
+    lab.attach_and_apply();
+    let sa = |a: &str, p: u16| SocketAddr::new(a.parse().unwrap(), p);
+    let status = || -> Value {
+        serde_json::from_str(&lab.pins.xdpgate(&["status", "--json"])).expect("status json")
+    };
+    let egress_ids = || {
+        let s = status();
+        let i = &s["interfaces"][0];
+        (i["egress_link_id"].as_u64(), i["egress_program_id"].as_u64())
+    };
+    // The programs on the interface's tcx egress hook, by name.
+    let tcx = || {
+        let iface = lab.iface.clone();
+        lab.host.run(move || {
+            use aya::programs::{SchedClassifier, TcAttachType};
+            let (_, progs) = SchedClassifier::query_tcx(&iface, TcAttachType::Egress).unwrap();
+            progs.iter().map(|p| p.name_as_str().unwrap_or("?").to_string()).collect::<Vec<_>>()
+        })
+    };
+    assert_eq!(tcx(), ["xdpgate_egress"]);
+
+    std::fs::remove_file(lab.pins.dir.egress_link(&lab.iface)).unwrap();
+    assert_eq!(egress_ids(), (None, None));
+    assert!(tcx().is_empty(), "{:?}", tcx());
+    assert!(lab.pins.xdpgate(&["status"]).contains("none (xdpgate upgrade adds it)"));
+    let got = http_get(&lab.host, sa(NET4, 80), DROP_WAIT);
+    assert!(got.is_err(), "without the egress program the answers are new inbound flows");
+
+    let out = lab.pins.xdpgate(&["upgrade"]);
+    assert!(out.contains(&format!("upgraded {} (egress program added)", lab.iface)), "{out}");
+    let (link, prog) = egress_ids();
+    assert!(link.is_some() && prog.is_some());
+    let got = http_get(&lab.host, sa(NET4, 80), PASS_WAIT);
+    assert!(got.is_ok(), "the host's own HTTP GET after upgrade: {got:?}");
+
+    // In place: the same link runs the new program.
+    let out = lab.pins.xdpgate(&["upgrade"]);
+    assert!(out.contains(&format!("upgraded {}\n", lab.iface)), "{out}");
+    let (link2, prog2) = egress_ids();
+    assert_eq!(link2, link);
+    assert_ne!(prog2, prog);
+
+    lab.pins.xdpgate(&["detach", "--iface", &lab.iface]);
+    assert!(!lab.pins.dir.egress_link(&lab.iface).exists());
+    assert!(tcx().is_empty(), "{:?}", tcx());
+}
