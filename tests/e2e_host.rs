@@ -8,7 +8,7 @@ mod common;
 
 use std::{
     io::{Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -21,6 +21,7 @@ use common::{
     Netns, Pins,
     echo::EchoServer,
     gateway::{CLIENT4, CLIENT6, Gateway, SERVER4, SERVER6},
+    packet::{L4, SYN, frame_vlan},
     veth,
 };
 use serde_json::Value;
@@ -105,6 +106,16 @@ fn egress_judged(s: &Value, iface: &str) -> u64 {
     egress(s, iface, "pass") + egress(s, iface, "drop")
 }
 
+/// The programs on the tcx egress hook of `ifname` in `ns`, by name.
+fn tcx_egress(ns: &Netns, ifname: &str) -> Vec<String> {
+    let ifname = ifname.to_string();
+    ns.run(move || {
+        use aya::programs::{SchedClassifier, TcAttachType};
+        let (_, progs) = SchedClassifier::query_tcx(&ifname, TcAttachType::Egress).unwrap();
+        progs.iter().map(|p| p.name_as_str().unwrap_or("?").to_string()).collect()
+    })
+}
+
 /// An HTTP GET from namespace `ns` to `to`: the response, or why there is none.
 fn http_get(ns: &Netns, to: SocketAddr, wait: Duration) -> Result<String, String> {
     ns.run(move || {
@@ -147,7 +158,9 @@ struct Lab {
     host: Netns,
     net: Netns,
     pins: Pins,
+    /// The host's interface, and the internet's end of the link.
     iface: String,
+    inet_if: String,
     /// The internet's web server (80) and mail server (25).
     web: Server,
     mail: Server,
@@ -178,7 +191,7 @@ impl Lab {
         net.exec("nft", &["add", "chain", "inet", "xgh", "input", hook]);
         net.exec("nft", &["add", "rule", "inet", "xgh", "input", "tcp", "dport", "25", "counter"]);
         let pins = Pins::in_netns(&host);
-        Self { host, net, pins, iface, web, mail, host_ssh, host_web }
+        Self { host, net, pins, iface, inet_if, web, mail, host_ssh, host_web }
     }
 
     /// Segments to TCP port 25 that reached the internet namespace.
@@ -190,7 +203,12 @@ impl Lab {
     }
 
     fn attach_and_apply(&self) {
-        self.pins.xdpgate(&["attach", "--iface", &self.iface, "--role", "external"]);
+        self.attach_and_apply_with(&[]);
+    }
+
+    fn attach_and_apply_with(&self, extra: &[&str]) {
+        let args = [&["attach", "--iface", &self.iface, "--role", "external"][..], extra].concat();
+        self.pins.xdpgate(&args);
         self.pins.apply(POLICY);
     }
 }
@@ -324,15 +342,7 @@ fn upgrade_adds_the_egress_program_and_detach_removes_both() {
         let i = &s["interfaces"][0];
         (i["egress_link_id"].as_u64(), i["egress_program_id"].as_u64())
     };
-    // The programs on the interface's tcx egress hook, by name.
-    let tcx = || {
-        let iface = lab.iface.clone();
-        lab.host.run(move || {
-            use aya::programs::{SchedClassifier, TcAttachType};
-            let (_, progs) = SchedClassifier::query_tcx(&iface, TcAttachType::Egress).unwrap();
-            progs.iter().map(|p| p.name_as_str().unwrap_or("?").to_string()).collect::<Vec<_>>()
-        })
-    };
+    let tcx = || tcx_egress(&lab.host, &lab.iface);
     assert_eq!(tcx(), ["xdpgate_egress"]);
 
     std::fs::remove_file(lab.pins.dir.egress_link(&lab.iface)).unwrap();
@@ -359,4 +369,100 @@ fn upgrade_adds_the_egress_program_and_detach_removes_both() {
     lab.pins.xdpgate(&["detach", "--iface", &lab.iface]);
     assert!(!lab.pins.dir.egress_link(&lab.iface).exists());
     assert!(tcx().is_empty(), "{:?}", tcx());
+}
+
+/// The MAC address of `ifname` in namespace `ns`.
+fn mac(ns: &Netns, ifname: &str) -> [u8; 6] {
+    let out = ns.exec("cat", &[&format!("/sys/class/net/{ifname}/address")]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let bytes: Vec<u8> =
+        text.trim().split(':').map(|b| u8::from_str_radix(b, 16).unwrap()).collect();
+    bytes.try_into().unwrap()
+}
+
+/// Writes `frame` out of `ifname` of namespace `ns` through an AF_PACKET socket, with the
+/// interface's MAC address as source and `dst_mac` as destination.
+fn send_frame(
+    ns: &Netns,
+    ifname: &str,
+    dst_mac: [u8; 6],
+    mut frame: Vec<u8>,
+) -> Result<(), String> {
+    frame[..6].copy_from_slice(&dst_mac);
+    frame[6..12].copy_from_slice(&mac(ns, ifname));
+    let ifname = ifname.to_string();
+    let sent = ns.run(move || {
+        let ifindex = xdpgate_dataplane::ifindex(&ifname).unwrap();
+        // SAFETY: plain socket calls with valid arguments; the fd is closed before return.
+        unsafe {
+            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+            assert!(fd >= 0, "socket(AF_PACKET): {}", std::io::Error::last_os_error());
+            let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_protocol = u16::from_be_bytes([frame[12], frame[13]]).to_be();
+            sll.sll_ifindex = ifindex as i32;
+            sll.sll_halen = 6;
+            let n = libc::sendto(
+                fd,
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&raw const sll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            );
+            let err = std::io::Error::last_os_error();
+            libc::close(fd);
+            (n, err)
+        }
+    });
+    if sent.0 > 0 { Ok(()) } else { Err(format!("sendto(AF_PACKET): {}", sent.1)) }
+}
+
+/// A frame of the host's whose headers lie outside the socket buffer's linear area (a packet
+/// socket puts only the Ethernet header there for a frame of a page or more): the egress
+/// program pulls them in and judges the packet, rather than dropping it as malformed.
+#[test]
+fn headers_outside_the_linear_area_are_pulled_and_judged() {
+    let lab = Lab::new();
+    for (ns, ifname) in [(&lab.host, &lab.iface), (&lab.net, &lab.inet_if)] {
+        ns.exec("ip", &["link", "set", ifname, "mtu", "9000"]);
+    }
+    let inet_mac = mac(&lab.net, &lab.inet_if);
+    // veth has no native XDP for this MTU: the refused attach leaves nothing behind, the
+    // egress program included.
+    let out = lab.pins.try_xdpgate(&["attach", "--iface", &lab.iface, "--role", "external"]);
+    assert!(!out.status.success());
+    assert!(tcx_egress(&lab.host, &lab.iface).is_empty());
+    assert!(!lab.pins.dir.egress_link(&lab.iface).exists());
+    assert!(lab.pins.xdpgate(&["status"]).contains("not attached to any interface"));
+    lab.attach_and_apply_with(&["--mode", "skb"]);
+    let sink = lab.net.run(|| UdpSocket::bind((NET4, 5000)).unwrap());
+    sink.set_read_timeout(Some(PASS_WAIT)).unwrap();
+    let payload = vec![7u8; 6000];
+
+    // Allowed (AllowInternetOutBound): arrives whole.
+    let before = stats(&lab.pins);
+    let sent = send_frame(
+        &lab.host,
+        &lab.iface,
+        inet_mac,
+        frame_vlan(HOST4, NET4, L4::Udp(40000, 5000), &[], &payload),
+    );
+    assert!(sent.is_ok(), "{sent:?}: {}", lab.pins.xdpgate(&["stats"]));
+    let mut buf = vec![0u8; 9000];
+    let got = sink.recv_from(&mut buf).map(|(n, _)| n);
+    let after = stats(&lab.pins);
+    assert_eq!(got.ok(), Some(payload.len()), "the host's large datagram: {after}");
+    assert_eq!(drops(&after, "malformed"), drops(&before, "malformed"));
+
+    // Denied by deny-smtp-out: judged as a SYN to port 25, not as a malformed packet.
+    let tcp = frame_vlan(HOST4, NET4, L4::Tcp(40001, 25, SYN), &[], &payload);
+    // Dropped on its way out: the sender is told (ENOBUFS).
+    let sent = send_frame(&lab.host, &lab.iface, inet_mac, tcp);
+    assert!(sent.is_err(), "the denied frame was sent");
+    let last = stats(&lab.pins);
+    assert_eq!(rule_hits(&last, "deny-smtp-out"), rule_hits(&after, "deny-smtp-out") + 1, "{last}");
+    assert_eq!(drops(&last, "policy"), drops(&after, "policy") + 1, "{last}");
+    assert_eq!(drops(&last, "malformed"), drops(&before, "malformed"), "{last}");
+    assert_eq!(lab.smtp_segments(), 0);
 }

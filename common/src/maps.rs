@@ -66,9 +66,12 @@ pub const EGRESS_PIPELINE: &str = "EGRESS_PIPELINE";
 /// Index of the egress entry (parse) stage, which enters itself again once after pulling
 /// headers into the linear area of the socket buffer.
 pub const EGRESS_PARSE: u32 = 0;
-/// Index of the egress policy stage (flow lookup, or a new flow of the host's).
+/// Index of the egress policy stage (flow lookup).
 pub const EGRESS_POLICY: u32 = 1;
-pub const EGRESS_STAGES: u32 = 2;
+/// Index of the egress new-flow stage (a packet of the host's without a flow), apart so
+/// that the lookup stage stays small for the verifier.
+pub const EGRESS_NEW: u32 = 2;
+pub const EGRESS_STAGES: u32 = 3;
 /// `PerCpuArray<Counter>`: the host's own packets passed and dropped by the egress program,
 /// per interface slot (`stats::egress_stat_index`).
 pub const EGRESS_STATS: &str = "EGRESS_STATS";

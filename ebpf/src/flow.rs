@@ -23,6 +23,7 @@ use crate::{
     action::{Action, NAT_ICMP_ERROR, NAT_PENDING_SNAT},
     events, forward,
     headers::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP},
+    icmp,
     lb::{self, Lb},
     maps::{
         BACKEND_STATS, BACKENDS, CLASSIFY_SCRATCH, EMBRYOS, FLOW_SCRATCH, FLOW_STATS, FLOWS, FRAGS,
@@ -401,6 +402,11 @@ pub fn create_host(
     dir: u32,
     len: u64,
 ) -> Result<(), DropReason> {
+    // An ICMP error about no flow, or a reset: it answers a packet and opens nothing. Judged,
+    // but it makes no flow, which would let the peer's ICMP or segments in as its answers.
+    if icmp::is_error(meta) || (meta.proto == IPPROTO_TCP && meta.tcp_flags & TH_RST != 0) {
+        return judge(active, meta, dir).map(|_| ());
+    }
     let [forward, reply] = fresh(active, meta, dir, len)?;
     allow(active, meta, dir, forward)?;
     commit(meta, &key(meta), forward, reply, false)
@@ -471,13 +477,20 @@ fn allow(
     dir: u32,
     entry: &mut FlowValue,
 ) -> Result<(), DropReason> {
+    entry.rule = judge(active, meta, dir)?;
+    Ok(())
+}
+
+/// NSG classification of a packet as the first of a flow: the deciding rule, or a policy
+/// drop (with its deny event).
+#[inline(always)]
+fn judge(active: &Active<'_>, meta: &PacketMeta, dir: u32) -> Result<u32, DropReason> {
     let decision = classify(active, meta, dir);
     if !decision.allowed {
         events::emit(EVENT_DENY, &key(meta), decision.rule, dir as u8, active.config.generation);
         return Err(DropReason::Policy);
     }
-    entry.rule = decision.rule;
-    Ok(())
+    Ok(decision.rule)
 }
 
 #[inline(always)]

@@ -29,7 +29,8 @@ use xdpgate_common::{
     flow::{NAT_DST, NAT_NEXT_HOP, NAT_NONE, NAT_SRC},
     iface::{IfaceConfig, Role},
     maps::{
-        EGRESS_PARSE, EGRESS_POLICY, PIPELINE_ACT, PIPELINE_NEW, PIPELINE_POLICY, PIPELINE_SNAT,
+        EGRESS_NEW, EGRESS_PARSE, EGRESS_POLICY, PIPELINE_ACT, PIPELINE_NEW, PIPELINE_POLICY,
+        PIPELINE_SNAT,
     },
     nsg::{DIR_INBOUND, DIR_OUTBOUND},
     stats::{DropReason, egress_stat_index, iface_stat_index},
@@ -273,10 +274,18 @@ pub fn xdpgate_egress(ctx: TcContext) -> i32 {
     finish_egress(&ctx, slot, egress_parse_stage(&ctx, slot))
 }
 
-/// Egress stage two: flow lookup, or a new flow of the host's.
+/// Egress stage two: flow lookup (hit: done; miss: the new-flow stage).
 #[classifier]
 pub fn xdpgate_egress_policy(ctx: TcContext) -> i32 {
     let result = egress_policy_stage(&ctx);
+    finish_egress(&ctx, parsed_slot(), result)
+}
+
+/// Egress stage three, for a packet of the host's without a flow: NSG classification, a new
+/// flow.
+#[classifier]
+pub fn xdpgate_egress_new(ctx: TcContext) -> i32 {
+    let result = egress_new_stage(&ctx);
     finish_egress(&ctx, parsed_slot(), result)
 }
 
@@ -319,32 +328,42 @@ fn egress_parse_stage(ctx: &TcContext, slot: u32) -> Result<Option<()>, DropReas
     enter(ctx, &EGRESS_PIPELINE, EGRESS_POLICY)
 }
 
-/// The host's packet passes as part of a known flow (a later fragment, an ICMP error
-/// quoting it, a hit in the flow tables: their TCP tracking and confirmation run as on
-/// arrival), or starts a new flow of the host's, judged by the outbound rules.
+/// The host's packet passes as part of a known flow: a later fragment, an ICMP error
+/// quoting it, a hit in the flow tables (their TCP tracking and confirmation run as on
+/// arrival). Without one, the new-flow stage.
 #[inline(always)]
 fn egress_policy_stage(ctx: &TcContext) -> Result<Option<()>, DropReason> {
     let meta = SCRATCH.get(0).ok_or(DropReason::Internal)?;
     let active = nsg::active().ok_or(DropReason::Internal)?;
-    let dir = u32::from(meta.dir);
     if meta.frag == FRAG_LATER {
-        flow::later_fragment(&active, meta, dir)?;
+        flow::later_fragment(&active, meta, u32::from(meta.dir))?;
         return Ok(Some(()));
     }
     if icmp::is_error(meta) && icmp::related(ctx, meta).is_some() {
         return Ok(Some(()));
     }
-    let len = u64::from(ctx.len());
-    match flow::lookup(&active, meta, len) {
-        Some(result) => {
-            result?;
-        }
-        None => flow::create_host(&active, meta, dir, len)?,
+    match flow::lookup(&active, meta, u64::from(ctx.len())) {
+        Some(result) => result.map(|_| egress_passed(meta)),
+        None => enter(ctx, &EGRESS_PIPELINE, EGRESS_NEW),
     }
+}
+
+/// A packet of the host's without a flow, judged by the outbound rules as a new flow.
+#[inline(always)]
+fn egress_new_stage(ctx: &TcContext) -> Result<Option<()>, DropReason> {
+    let meta = SCRATCH.get(0).ok_or(DropReason::Internal)?;
+    let active = nsg::active().ok_or(DropReason::Internal)?;
+    flow::create_host(&active, meta, u32::from(meta.dir), u64::from(ctx.len()))?;
+    Ok(egress_passed(meta))
+}
+
+/// The host's packet passes: its later fragments will follow it.
+#[inline(always)]
+fn egress_passed(meta: &PacketMeta) -> Option<()> {
     if meta.frag == FRAG_FIRST {
         flow::remember_first_fragment(meta, &Action::PASS);
     }
-    Ok(Some(()))
+    Some(())
 }
 
 /// The single exit of the egress stages: `Some` is a verdict on a packet of the host's,

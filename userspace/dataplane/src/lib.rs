@@ -25,8 +25,8 @@ use aya::{
 use xdpgate_common::{
     iface::{IfaceConfig, Role},
     maps::{
-        EGRESS, EGRESS_PARSE, EGRESS_PIPELINE, EGRESS_POLICY, EVENTS, IFACES, MAX_IFACES, PIPELINE,
-        PIPELINE_ACT, PIPELINE_NEW, PIPELINE_POLICY, PIPELINE_SNAT, SCRATCH,
+        EGRESS, EGRESS_NEW, EGRESS_PARSE, EGRESS_PIPELINE, EGRESS_POLICY, EVENTS, IFACES,
+        MAX_IFACES, PIPELINE, PIPELINE_ACT, PIPELINE_NEW, PIPELINE_POLICY, PIPELINE_SNAT, SCRATCH,
     },
 };
 
@@ -58,8 +58,9 @@ pub const SNAT_PROGRAM: &str = "xdpgate_snat";
 pub const NEW_FLOW_PROGRAM: &str = "xdpgate_new_flow";
 /// The tc egress program (the host's own packets), attached with tcx beside `PROGRAM`.
 pub const EGRESS_PROGRAM: &str = "xdpgate_egress";
-/// Its policy stage, entered by tail call.
+/// Its policy stage and new-flow stage, entered by tail call.
 pub const EGRESS_POLICY_PROGRAM: &str = "xdpgate_egress_policy";
+pub const EGRESS_NEW_PROGRAM: &str = "xdpgate_egress_new";
 /// Name of the transmit-everything program (the live-frames traffic generator).
 pub const TX_PROGRAM: &str = "xdp_tx";
 /// Name of the pass-everything baseline program.
@@ -440,17 +441,22 @@ pub fn dataplane(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
     program(ebpf, PROGRAM)
 }
 
-/// Loads the egress programs, links the policy stage (and the entry stage, which enters
+/// Loads the egress programs, links the later stages (and the entry stage, which enters
 /// itself again after pulling headers) into `EGRESS_PIPELINE`, and returns the entry program.
 pub fn egress_dataplane(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
-    for name in [EGRESS_POLICY_PROGRAM, EGRESS_PROGRAM] {
+    let stages = [
+        (EGRESS_PARSE, EGRESS_PROGRAM),
+        (EGRESS_POLICY, EGRESS_POLICY_PROGRAM),
+        (EGRESS_NEW, EGRESS_NEW_PROGRAM),
+    ];
+    for (_, name) in stages {
         let prog: &mut SchedClassifier = ebpf
             .program_mut(name)
             .ok_or_else(|| anyhow!("program {name} missing from the object"))?
             .try_into()?;
         prog.load().with_context(|| format!("loading program {name} into the kernel"))?;
     }
-    for (index, name) in [(EGRESS_PARSE, EGRESS_PROGRAM), (EGRESS_POLICY, EGRESS_POLICY_PROGRAM)] {
+    for (index, name) in stages {
         let prog: &SchedClassifier = ebpf
             .program(name)
             .ok_or_else(|| anyhow!("program {name} missing from the object"))?
