@@ -466,3 +466,59 @@ fn headers_outside_the_linear_area_are_pulled_and_judged() {
     assert_eq!(drops(&last, "malformed"), drops(&before, "malformed"), "{last}");
     assert_eq!(lab.smtp_segments(), 0);
 }
+
+/// Entries of the flow tables (`EMBRYOS`, `FLOWS`) with TCP port `port` on either side.
+fn flow_entries(pins: &Pins, map: &str, port: u16) -> Vec<xdpgate_common::flow::FlowKey> {
+    use xdpgate_common::flow::{FlowKey, FlowValue};
+    let table: aya::maps::HashMap<_, FlowKey, FlowValue> =
+        pins.dir.open_map(map).unwrap().try_into().unwrap();
+    table.keys().filter_map(Result::ok).filter(|k| k.sport == port || k.dport == port).collect()
+}
+
+/// A SYN-ACK the host sends for a SYN whose embryo is gone (a flood pushes embryos out)
+/// makes no flow: a spoofer's blind ACK to its own spoofed SYN then confirms nothing.
+#[test]
+fn a_syn_ack_without_its_embryo_makes_no_flow() {
+    use xdpgate_common::{flow::FlowKey, maps::EMBRYOS, maps::FLOWS};
+    let lab = Lab::new();
+    lab.attach_and_apply();
+    // A spoofed source on the internet's side of the link: nobody there answers the host's
+    // SYN-ACKs (a reset would end the embryo), so the host retransmits them.
+    const SPOOF: &str = "203.0.113.99";
+    const PORT: u16 = 40999;
+    let hex = mac(&lab.net, &lab.inet_if).map(|b| format!("{b:02x}")).join(":");
+    lab.host.exec(
+        "ip",
+        &["neigh", "add", SPOOF, "lladdr", &hex, "dev", &lab.iface, "nud", "permanent"],
+    );
+    let host_mac = mac(&lab.host, &lab.iface);
+    let syn = frame_vlan(SPOOF, HOST4, L4::Tcp(PORT, 22, SYN), &[], &[]);
+    send_frame(&lab.net, &lab.inet_if, host_mac, syn).unwrap();
+    let wait_for = |what: &str, done: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + PASS_WAIT;
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_for("the SYN's embryo", &|| flow_entries(&lab.pins, EMBRYOS, PORT).len() == 2);
+    // Pushed out, as by a flood, after the first SYN-ACK.
+    let passed = egress(&stats(&lab.pins), &lab.iface, "pass");
+    let mut embryos: aya::maps::HashMap<_, FlowKey, xdpgate_common::flow::FlowValue> =
+        lab.pins.dir.open_map(EMBRYOS).unwrap().try_into().unwrap();
+    for key in flow_entries(&lab.pins, EMBRYOS, PORT) {
+        embryos.remove(&key).unwrap();
+    }
+    // The kernel retransmits the SYN-ACK after a second.
+    wait_for("the retransmitted SYN-ACK", &|| {
+        egress(&stats(&lab.pins), &lab.iface, "pass") > passed
+    });
+    assert_eq!(flow_entries(&lab.pins, EMBRYOS, PORT), [], "a flow made from the SYN-ACK");
+    // The spoofer's blind ACK: no flow to confirm, dropped.
+    let before = drops(&stats(&lab.pins), "no_flow");
+    let ack = frame_vlan(SPOOF, HOST4, L4::Tcp(PORT, 22, common::packet::ACK), &[], &[]);
+    send_frame(&lab.net, &lab.inet_if, host_mac, ack).unwrap();
+    wait_for("the blind ACK's drop", &|| drops(&stats(&lab.pins), "no_flow") > before);
+    assert_eq!(flow_entries(&lab.pins, FLOWS, PORT), []);
+    assert_eq!(flow_entries(&lab.pins, EMBRYOS, PORT), []);
+}

@@ -394,7 +394,7 @@ fn fresh(
 /// by the rules of direction `dir` (outbound), both entries into the embryonic table. No
 /// load balancing, no translation. A TCP segment other than a SYN starts one too, mid-stream
 /// (a connection from before the attach, or whose flow expired): the host's own socket
-/// vouches for it, and an answer confirms it.
+/// vouches for it, and an answer confirms it. Answers that open nothing make no flow.
 #[inline(always)]
 pub fn create_host(
     active: &Active<'_>,
@@ -402,9 +402,12 @@ pub fn create_host(
     dir: u32,
     len: u64,
 ) -> Result<(), DropReason> {
-    // An ICMP error about no flow, or a reset: it answers a packet and opens nothing. Judged,
-    // but it makes no flow, which would let the peer's ICMP or segments in as its answers.
-    if icmp::is_error(meta) || (meta.proto == IPPROTO_TCP && meta.tcp_flags & TH_RST != 0) {
+    // An ICMP error about no flow, a reset, or a SYN-ACK whose embryo is gone (pushed out by
+    // a flood, say): it answers a packet and opens nothing. Judged, but it makes no flow,
+    // which would let the peer's ICMP or segments in as its answers (a spoofer's blind ACK
+    // would confirm a flow made from the SYN-ACK to its spoofed SYN).
+    let tcp = if meta.proto == IPPROTO_TCP { meta.tcp_flags } else { 0 };
+    if icmp::is_error(meta) || tcp & TH_RST != 0 || tcp & (TH_SYN | TH_ACK) == TH_SYN | TH_ACK {
         return judge(active, meta, dir).map(|_| ());
     }
     let [forward, reply] = fresh(active, meta, dir, len)?;
