@@ -352,6 +352,21 @@ fn upgrade_adds_the_egress_program_and_detach_removes_both() {
     let got = http_get(&lab.host, sa(NET4, 80), DROP_WAIT);
     assert!(got.is_err(), "without the egress program the answers are new inbound flows");
 
+    // From another network namespace the program cannot be attached: refused, nothing
+    // changes.
+    let xdp_prog = || status()["interfaces"][0]["program_id"].as_u64();
+    let before = xdp_prog();
+    let out = std::process::Command::new(common::xdpgate_bin())
+        .arg("--pin-dir")
+        .arg(lab.pins.dir.path())
+        .arg("upgrade")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--netns"), "{err}");
+    assert_eq!(xdp_prog(), before, "a refused upgrade replaced the XDP program");
+    assert_eq!(egress_ids(), (None, None));
+
     let out = lab.pins.xdpgate(&["upgrade"]);
     assert!(out.contains(&format!("upgraded {} (egress program added)", lab.iface)), "{out}");
     let (link, prog) = egress_ids();

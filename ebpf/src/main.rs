@@ -289,9 +289,10 @@ pub fn xdpgate_egress_new(ctx: TcContext) -> i32 {
     finish_egress(&ctx, parsed_slot(), result)
 }
 
-/// Headers are pulled into the linear area of the socket buffer at most this far (a short
-/// packet, up to its end) when they do not lie there already.
-const EGRESS_PULL: u32 = 256;
+/// Headers are pulled into the linear area of the socket buffer this far (a short packet, to
+/// its end) when they do not lie there already: past the deepest the parser follows
+/// (`MAX_HDR_OFF`) and an ICMP error's quote.
+const EGRESS_PULL: u32 = 1024;
 
 /// `Ok(None)`: not the host's own packet, or nothing to enforce yet: passed untouched.
 #[inline(always)]

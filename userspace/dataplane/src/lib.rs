@@ -184,10 +184,10 @@ impl PinDir {
         Ok(names)
     }
 
-    /// Checks the pin directory, its `links/` and `egress/` before anything is read from or written to
-    /// them: each must be a real directory (not a symbolic link), owned by root, writable by
-    /// no group or other user, under parents only root can change, and readable by this
-    /// process. Returns whether the pin directory exists.
+    /// Checks the pin directory, its `links/` and `egress/` before anything is read from or
+    /// written to them: each must be a real directory (not a symbolic link), owned by root,
+    /// writable by no group or other user, under parents only root can change, and readable
+    /// by this process. Returns whether the pin directory exists.
     pub fn check(&self) -> Result<bool, PinDirError> {
         self.check_parents()?;
         if !check_dir(&self.0)? {
@@ -594,10 +594,12 @@ pub fn upgrade(pins: &PinDir) -> Result<Vec<(String, bool)>> {
         bail!("xdpgate is not attached to any interface under {}", pins.path().display());
     }
     let mut ebpf = load(pins)?;
+    // Every interface is checked before any changes: a refusal leaves all as they were.
+    let steps = names.iter().map(|name| egress_step(pins, name)).collect::<Result<Vec<_>>>()?;
     let egress = egress_dataplane(&mut ebpf)?;
     let mut added = Vec::new();
-    for name in &names {
-        added.push(upgrade_egress(egress, pins, name)?);
+    for (name, step) in names.iter().zip(steps) {
+        added.push(upgrade_egress(egress, pins, name, step)?);
     }
     let prog = dataplane(&mut ebpf)?;
     for name in &names {
@@ -614,36 +616,62 @@ pub fn upgrade(pins: &PinDir) -> Result<Vec<(String, bool)>> {
     Ok(names.into_iter().zip(added).collect())
 }
 
-/// Points the pinned egress link of `name` at `prog`, or attaches `prog` when an older build
-/// left none (then returns true). That needs the device in this network namespace: the XDP
-/// link says which.
-fn upgrade_egress(prog: &mut SchedClassifier, pins: &PinDir, name: &str) -> Result<bool> {
-    let pin = pins.egress_link(name);
-    if pin.exists() {
-        let pinned = PinnedLink::from_pin(&pin)
-            .with_context(|| format!("opening the pinned egress link of {name}"))?;
-        let link = SchedClassifierLink::try_from(FdLink::from(pinned))
-            .map_err(|e| anyhow!("{name}: pinned egress link is not a tcx link: {e}"))?;
-        let id = prog
-            .attach_to_link(link)
-            .with_context(|| format!("replacing the egress program on {name}"))?;
-        let _ = prog.take_link(id)?;
-        return Ok(false);
+/// What `upgrade` does to the egress program of an interface.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum EgressStep {
+    /// Points its pinned link at the new program.
+    Replace,
+    /// Attaches it: a build without the egress program attached the interface.
+    Add,
+    /// Nothing: the interface's device is gone (`detach` clears what is left).
+    None,
+}
+
+/// Decides what `upgrade` does to the egress program of `name`. Adding one needs the
+/// device in this network namespace, as the XDP link says it is.
+fn egress_step(pins: &PinDir, name: &str) -> Result<EgressStep> {
+    if pins.egress_link(name).exists() {
+        return Ok(EgressStep::Replace);
     }
     let xdp = link_info(pins, name)?;
     if xdp.ifindex == 0 {
-        // Its device is gone; `detach` clears what is left.
-        return Ok(false);
+        return Ok(EgressStep::None);
     }
     if ifindex(name).ok() != Some(xdp.ifindex) || !runs_xdp(name, xdp.prog_id) {
         bail!(
             "{name} was attached by a build without the egress program, and its device is not \
              in this network namespace, where the program must be attached: run `xdpgate \
-             --netns <its namespace> upgrade`, or detach and attach it again"
+             --netns <its namespace> upgrade`, or detach and attach it again; nothing was \
+             upgraded"
         );
     }
-    attach_egress(prog, pins, name)?;
-    Ok(true)
+    Ok(EgressStep::Add)
+}
+
+/// Points the pinned egress link of `name` at `prog`, or attaches `prog` (then returns
+/// true), as `step` says.
+fn upgrade_egress(
+    prog: &mut SchedClassifier,
+    pins: &PinDir,
+    name: &str,
+    step: EgressStep,
+) -> Result<bool> {
+    match step {
+        EgressStep::Replace => {
+            let pinned = PinnedLink::from_pin(pins.egress_link(name))
+                .with_context(|| format!("opening the pinned egress link of {name}"))?;
+            let link = SchedClassifierLink::try_from(FdLink::from(pinned))
+                .map_err(|e| anyhow!("{name}: pinned egress link is not a tcx link: {e}"))?;
+            let id = prog
+                .attach_to_link(link)
+                .with_context(|| format!("replacing the egress program on {name}"))?;
+            // The link stays pinned; this process's handle on it may go.
+            let _ = prog.take_link(id)?;
+            Ok(false)
+        }
+        EgressStep::Add => attach_egress(prog, pins, name).map(|()| true),
+        EgressStep::None => Ok(false),
+    }
 }
 
 /// Whether `ifname` of this network namespace runs XDP program `prog_id`, as `ip` lists it
