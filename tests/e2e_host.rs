@@ -537,3 +537,42 @@ fn a_syn_ack_without_its_embryo_makes_no_flow() {
     assert_eq!(flow_entries(&lab.pins, FLOWS, PORT), []);
     assert_eq!(flow_entries(&lab.pins, EMBRYOS, PORT), []);
 }
+
+/// A connection the host opened before the attach carries on: the host's next segment has
+/// no flow, and starts one mid-stream (its socket vouches for it) that the outbound rules
+/// allow and the peer's answer confirms.
+#[test]
+fn the_hosts_connection_from_before_the_attach_carries_on() {
+    use xdpgate_common::maps::FLOWS;
+    let lab = Lab::new();
+    let sa = |a: &str, p: u16| SocketAddr::new(a.parse().unwrap(), p);
+    let _echo = EchoServer::start(&lab.net, vec![sa(NET4, 8080), sa(NET6, 8080)]);
+    let exchange = |s: &mut TcpStream, what: &[u8]| -> std::io::Result<Vec<u8>> {
+        s.set_read_timeout(Some(PASS_WAIT))?;
+        s.write_all(what)?;
+        let mut back = vec![0u8; what.len()];
+        s.read_exact(&mut back).map(|()| back)
+    };
+    let mut conns: Vec<TcpStream> = [NET4, NET6]
+        .into_iter()
+        .map(|a| {
+            let to = sa(a, 8080);
+            lab.host.run(move || TcpStream::connect_timeout(&to, PASS_WAIT).expect("connect"))
+        })
+        .collect();
+    for s in &mut conns {
+        assert_eq!(exchange(s, b"before").unwrap(), b"before");
+    }
+    lab.attach_and_apply();
+    for s in &mut conns {
+        let got = exchange(s, b"after the attach");
+        assert!(
+            got.as_deref().is_ok_and(|b| b == b"after the attach"),
+            "{:?}: {got:?}\n{}",
+            s.peer_addr(),
+            lab.pins.xdpgate(&["stats"])
+        );
+    }
+    // Both confirmed: two entries each in the established table.
+    assert_eq!(flow_entries(&lab.pins, FLOWS, 8080).len(), 4);
+}
