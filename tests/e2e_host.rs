@@ -3,6 +3,11 @@
 //! host NSG that allows only SSH inbound and denies TCP 25 outbound. The host's own traffic
 //! leaves through the tc egress program, which judges it with the outbound rules and records
 //! its flows, so the answers arriving at XDP match statefully.
+//!
+//! Also: forwarded packets through a gateway are left to XDP; `upgrade` adds the egress
+//! program where an older build attached none, and `detach` removes both programs; a
+//! connection open before the attach carries on; headers outside the socket buffer's linear
+//! area are pulled in; a SYN-ACK whose embryo is gone makes no flow.
 
 mod common;
 
