@@ -578,6 +578,7 @@ fn the_hosts_connection_from_before_the_attach_carries_on() {
             lab.pins.xdpgate(&["stats"])
         );
     }
-    // Both confirmed: two entries each in the established table.
+    // Both picked up, and confirmed: two entries each in the established table.
+    assert_eq!(stats(&lab.pins)["flow_table"]["picked_up"], 2);
     assert_eq!(flow_entries(&lab.pins, FLOWS, 8080).len(), 4);
 }

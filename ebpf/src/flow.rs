@@ -412,6 +412,9 @@ pub fn create_host(
     }
     let [forward, reply] = fresh(active, meta, dir, len)?;
     allow(active, meta, dir, forward)?;
+    if forward.tcp & TCP_MIDSTREAM != 0 {
+        count(FLOW_STAT_PICKED_UP);
+    }
     commit(meta, &key(meta), forward, reply, false)
 }
 
