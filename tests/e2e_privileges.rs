@@ -83,7 +83,7 @@ fn runs_with_only_bpf_perfmon_and_net_admin() {
     assert!(ok(&["stats", "--json"]).contains(&ib));
     ok(&["upgrade"]);
     // The pins are the owner's alone.
-    for dir in [pins.clone(), format!("{pins}/links")] {
+    for dir in [pins.clone(), format!("{pins}/links"), format!("{pins}/egress")] {
         let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o700, "{dir}");
     }
@@ -212,6 +212,13 @@ fn pin_directories_anyone_but_root_could_change_are_refused() {
     }
     assert_eq!(xdp_on(&b, &ib), "xdpgate");
     std::os::unix::fs::chown(&links, Some(0), None).unwrap();
+    // egress/ holds the links of the egress programs: checked alike.
+    let egress = format!("{pins}/egress");
+    std::os::unix::fs::chown(&egress, Some(65534), None).unwrap();
+    for args in [&["status"][..], &["detach", "--all"]] {
+        refused(xdpgate(&pins, Some(&b), args), &format!("{args:?}"), &[&egress, "not root"]);
+    }
+    std::os::unix::fs::chown(&egress, Some(0), None).unwrap();
     ok(xdpgate(&pins, Some(&b), &["detach", "--all"]), "detach once links/ is root's");
     assert_eq!(xdp_on(&b, &ib), "");
     let _ = std::fs::remove_file(&policy);

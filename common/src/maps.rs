@@ -60,6 +60,22 @@ pub const PIPELINE_SNAT: u32 = 2;
 pub const PIPELINE_NEW: u32 = 3;
 pub const PIPELINE_STAGES: u32 = 4;
 
+/// `ProgramArray` of the tc egress pipeline (the host's own packets): a program array holds
+/// programs of one type, and these are classifiers, not XDP programs.
+pub const EGRESS_PIPELINE: &str = "EGRESS_PIPELINE";
+/// Index of the egress entry (parse) stage, which enters itself again once after pulling
+/// headers into the linear area of the socket buffer.
+pub const EGRESS_PARSE: u32 = 0;
+/// Index of the egress policy stage (flow lookup).
+pub const EGRESS_POLICY: u32 = 1;
+/// Index of the egress new-flow stage (a packet of the host's without a flow), apart so
+/// that the lookup stage stays small for the verifier.
+pub const EGRESS_NEW: u32 = 2;
+pub const EGRESS_STAGES: u32 = 3;
+/// `PerCpuArray<Counter>`: the host's own packets passed and dropped by the egress program,
+/// per interface slot (`stats::egress_stat_index`).
+pub const EGRESS_STATS: &str = "EGRESS_STATS";
+
 /// `HashMap<FrontendKey, Service>`.
 pub const FRONTENDS: &str = "FRONTENDS";
 /// `Array<u32>`: backend index per Maglev slot, `maglev_index(service, table, slot)`.

@@ -29,6 +29,16 @@ pub const fn iface_stat_index(slot: u32, action: u32) -> u32 {
     slot * VERDICTS + action
 }
 
+/// Verdicts of the egress program on the host's own packets: passed, dropped.
+pub const EGRESS_VERDICTS: u32 = 2;
+pub const EGRESS_VERDICT_NAMES: [&str; EGRESS_VERDICTS as usize] = ["pass", "drop"];
+
+/// Index of an interface slot's egress counter in `EGRESS_STATS` (`drop`: the drop counter).
+#[inline(always)]
+pub const fn egress_stat_index(slot: u32, drop: bool) -> u32 {
+    slot * EGRESS_VERDICTS + drop as u32
+}
+
 /// Why the dataplane dropped a packet: the index into `DROP_STATS`.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

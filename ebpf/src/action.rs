@@ -2,7 +2,7 @@
 //! flow table and the stages, kept apart from their logic so that no module imports one
 //! above it.
 
-use xdpgate_common::flow::FlowValue;
+use xdpgate_common::flow::{FlowValue, NAT_NONE};
 
 /// A flow action that rewrites an ICMP error back to the host of a translated flow.
 pub const NAT_ICMP_ERROR: u8 = 4;
@@ -25,6 +25,9 @@ pub struct Action {
 }
 
 impl Action {
+    /// Passes the packet as it is.
+    pub const PASS: Action = Action { nat: NAT_NONE, addr: [0; 4], port: 0 };
+
     #[inline(always)]
     pub fn of(entry: &FlowValue) -> Self {
         Action { nat: entry.nat, addr: entry.nat_addr, port: entry.nat_port }

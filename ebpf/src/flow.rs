@@ -23,6 +23,7 @@ use crate::{
     action::{Action, NAT_ICMP_ERROR, NAT_PENDING_SNAT},
     events, forward,
     headers::IPPROTO_TCP,
+    icmp,
     lb::{self, Lb},
     maps::{
         BACKEND_STATS, BACKENDS, CLASSIFY_SCRATCH, EMBRYOS, FLOW_SCRATCH, FLOW_STATS, FLOWS, FRAGS,
@@ -275,36 +276,15 @@ pub fn create(
     dir: u32,
     len: u64,
 ) -> Result<Action, DropReason> {
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let key = &key(meta);
     // Connections start with a SYN. Any other segment without a flow starts one only when
     // its state can be rebuilt (a NAT translation still holds it), when the policy or its
     // load-balancing rule picks flows up mid-stream, or when it belongs to a connection of
-    // this host itself (XDP never sees the SYNs the host sends, only the answers).
-    let midstream =
-        meta.proto == IPPROTO_TCP && meta.tcp_flags & (TH_SYN | TH_ACK | TH_RST | TH_FIN) != TH_SYN;
+    // this host itself (one from before the attach: the egress program sees the SYNs the
+    // host sends now).
+    let midstream = midstream(meta);
     let pickup = active.config.flags & FLAG_MIDSTREAM != 0;
-    // Both entries are built in per-CPU scratch, not on the stack: the stack of this stage
-    // plus that of classification must stay within the verifier's 512 bytes.
-    let pair = FLOW_SCRATCH.get_ptr_mut(0).ok_or(DropReason::Internal)?;
-    let [forward, reply] = unsafe { &mut *pair };
-    *forward = FlowValue {
-        generation: active.config.generation,
-        last_seen_ns: now,
-        packets: 1,
-        bytes: len,
-        rules: NO_RULES,
-        direction: dir as u8,
-        reply: 0,
-        tcp: if midstream { TCP_MIDSTREAM } else { 0 },
-        nat: NAT_NONE,
-        nat_addr: [0; 4],
-        nat_port: 0,
-        idle_s: 0,
-        service: NO_BACKEND,
-        backend: NO_BACKEND,
-        ack: 0,
-    };
+    let [forward, reply] = fresh(active, meta, dir, len)?;
     // Rebuilt from a translation: established at once (a translation exists only for a
     // flow the policy allowed, one per translation, so this cannot flood the table).
     let mut rebuilt = false;
@@ -374,6 +354,71 @@ pub fn create(
     Ok(Action::of(forward))
 }
 
+/// A TCP segment other than a SYN: it cannot start a connection.
+#[inline(always)]
+fn midstream(meta: &PacketMeta) -> bool {
+    meta.proto == IPPROTO_TCP && meta.tcp_flags & (TH_SYN | TH_ACK | TH_RST | TH_FIN) != TH_SYN
+}
+
+/// A new flow's two entries, the forward one filled in for the packet's direction `dir`, the
+/// other left for [`commit`]. Built in per-CPU scratch, not on the stack: the stack of a
+/// stage plus that of classification must stay within the verifier's 512 bytes.
+#[inline(always)]
+fn fresh(
+    active: &Active<'_>,
+    meta: &PacketMeta,
+    dir: u32,
+    len: u64,
+) -> Result<&'static mut [FlowValue; 2], DropReason> {
+    let pair = unsafe { &mut *FLOW_SCRATCH.get_ptr_mut(0).ok_or(DropReason::Internal)? };
+    pair[0] = FlowValue {
+        generation: active.config.generation,
+        last_seen_ns: unsafe { bpf_ktime_get_coarse_ns() },
+        packets: 1,
+        bytes: len,
+        rules: NO_RULES,
+        direction: dir as u8,
+        reply: 0,
+        tcp: if midstream(meta) { TCP_MIDSTREAM } else { 0 },
+        nat: NAT_NONE,
+        nat_addr: [0; 4],
+        nat_port: 0,
+        idle_s: 0,
+        service: NO_BACKEND,
+        backend: NO_BACKEND,
+        ack: 0,
+    };
+    Ok(pair)
+}
+
+/// The first packet of a flow the host itself sends (seen by the tc egress program): judged
+/// by the rules of direction `dir` (outbound), both entries into the embryonic table. No
+/// load balancing, no translation. A TCP segment other than a SYN starts one too, mid-stream
+/// (a connection from before the attach, or whose flow expired): the host's own socket
+/// vouches for it, and an answer confirms it. Answers that open nothing make no flow.
+#[inline(always)]
+pub fn create_host(
+    active: &Active<'_>,
+    meta: &PacketMeta,
+    dir: u32,
+    len: u64,
+) -> Result<(), DropReason> {
+    // An ICMP error about no flow, a reset, or a SYN-ACK whose embryo is gone (pushed out by
+    // a flood, say): it answers a packet and opens nothing. Judged, but it makes no flow,
+    // which would let the peer's ICMP or segments in as its answers (a spoofer's blind ACK
+    // would confirm a flow made from the SYN-ACK to its spoofed SYN).
+    let tcp = if meta.proto == IPPROTO_TCP { meta.tcp_flags } else { 0 };
+    if icmp::is_error(meta) || tcp & TH_RST != 0 || tcp & (TH_SYN | TH_ACK) == TH_SYN | TH_ACK {
+        return judge(active, meta, dir).map(|_| ());
+    }
+    let [forward, reply] = fresh(active, meta, dir, len)?;
+    forward.rules = judge(active, meta, dir)?;
+    if forward.tcp & TCP_MIDSTREAM != 0 {
+        count(FLOW_STAT_PICKED_UP);
+    }
+    commit(meta, &key(meta), forward, reply, false)
+}
+
 /// Puts a new flow's two entries into the embryonic table (the established one when
 /// `established`, refused there when it is full): `forward` for the packet's own
 /// direction, and the other direction, which comes back from where the packet goes with
@@ -429,6 +474,18 @@ pub fn commit_snat(meta: &PacketMeta, gw: u32) -> Result<Action, DropReason> {
     forward.idle_s = snat::idle_s(gw, meta.proto);
     commit(meta, &key(meta), forward, reply, false)?;
     Ok(Action::of(forward))
+}
+
+/// NSG classification of a packet as the first of a flow: the deciding rule of each side, or
+/// a policy drop (with its deny event).
+#[inline(always)]
+fn judge(active: &Active<'_>, meta: &PacketMeta, dir: u32) -> Result<[u16; 2], DropReason> {
+    let decision = classify(active, meta);
+    if !decision.allowed {
+        events::emit(EVENT_DENY, &key(meta), decision.rules, dir as u8, active.config.generation);
+        return Err(DropReason::Policy);
+    }
+    Ok(decision.rules)
 }
 
 #[inline(always)]

@@ -4,9 +4,8 @@
 //! destination, and the quoted packet's source address and port), so path-MTU discovery
 //! works through NAT and load balancing.
 
-use aya_ebpf::programs::XdpContext;
 use xdpgate_common::{
-    flow::{FlowKey, NAT_DST, NAT_NONE},
+    flow::{FlowKey, NAT_DST},
     is_icmp,
 };
 
@@ -14,7 +13,7 @@ use crate::{
     action::{Action, NAT_ICMP_ERROR},
     headers::{IPPROTO_TCP, IPPROTO_UDP, IcmpHdr, Ipv4Hdr, Ipv6Hdr},
     maps::{EMBRYOS, FLOWS},
-    parse::{FRAG_LATER, PacketMeta, is_echo, ptr_at},
+    parse::{FRAG_LATER, Packet, PacketMeta, is_echo, ptr_at},
 };
 
 #[inline(always)]
@@ -31,7 +30,7 @@ pub fn is_error(meta: &PacketMeta) -> bool {
 
 /// Offsets of the quoted packet: its IP header and its L4 header.
 #[inline(always)]
-pub fn inner_offsets(ctx: &XdpContext, meta: &PacketMeta) -> Option<(usize, usize, u8)> {
+pub fn inner_offsets(ctx: &impl Packet, meta: &PacketMeta) -> Option<(usize, usize, u8)> {
     let l3 = meta.l4() + 8;
     if meta.family == 4 {
         let ip = unsafe { &*ptr_at::<Ipv4Hdr>(ctx, l3).ok()? };
@@ -49,7 +48,7 @@ pub fn inner_offsets(ctx: &XdpContext, meta: &PacketMeta) -> Option<(usize, usiz
 /// The action for an ICMP error whose quoted packet belongs to a known flow: the error
 /// travels like that flow's replies, so it is looked up as one.
 #[inline(always)]
-pub fn related(ctx: &XdpContext, meta: &PacketMeta) -> Option<Action> {
+pub fn related(ctx: &impl Packet, meta: &PacketMeta) -> Option<Action> {
     let (l3, l4, proto) = inner_offsets(ctx, meta)?;
     let mut key = FlowKey {
         src: [0; 4],
@@ -98,6 +97,6 @@ pub fn related(ctx: &XdpContext, meta: &PacketMeta) -> Option<Action> {
     let entry = unsafe { FLOWS.get(&key).or_else(|| EMBRYOS.get(&key))? };
     Some(match entry.nat {
         NAT_DST => Action { nat: NAT_ICMP_ERROR, addr: entry.nat_addr, port: entry.nat_port },
-        _ => Action { nat: NAT_NONE, addr: [0; 4], port: 0 },
+        _ => Action::PASS,
     })
 }

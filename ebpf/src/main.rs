@@ -1,4 +1,6 @@
-//! The xdpgate XDP dataplane: parse -> flow lookup (-> new flow) (-> SNAT) (-> act) -> count.
+//! The xdpgate XDP dataplane: parse -> flow lookup (-> new flow) (-> SNAT) (-> act) -> count;
+//! and beside it on tc egress, for the packets the host itself sends: parse -> flow lookup
+//! (-> new flow of the host's) -> count.
 #![no_std]
 #![no_main]
 
@@ -15,20 +17,31 @@ mod nsg;
 mod parse;
 mod snat;
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
+    macros::{classifier, xdp},
+    maps::ProgramArray,
+    programs::{TcContext, XdpContext},
+};
 use aya_log_ebpf::error;
 use xdpgate_common::{
     flow::{NAT_DST, NAT_NEXT_HOP, NAT_NONE, NAT_SRC},
     iface::{IfaceConfig, Role},
-    maps::{PIPELINE_ACT, PIPELINE_NEW, PIPELINE_POLICY, PIPELINE_SNAT},
+    maps::{
+        EGRESS_NEW, EGRESS_PARSE, EGRESS_POLICY, PIPELINE_ACT, PIPELINE_NEW, PIPELINE_POLICY,
+        PIPELINE_SNAT,
+    },
     nsg::{DIR_INBOUND, DIR_OUTBOUND},
-    stats::{DropReason, iface_stat_index},
+    stats::{DropReason, egress_stat_index, iface_stat_index},
 };
 
 use crate::{
     action::{Action, NAT_ICMP_ERROR, NAT_PENDING_SNAT, RECLASSIFY},
     flow::Lookup,
-    maps::{ACTION, DROP_STATS, IFACE_STATS, IFACES, PIPELINE, SCRATCH},
+    maps::{
+        ACTION, DROP_STATS, EGRESS_PIPELINE, EGRESS_STATS, IFACE_STATS, IFACES, PIPELINE, SCRATCH,
+    },
     parse::{FRAG_FIRST, FRAG_LATER, PacketMeta, Parsed, parse},
 };
 
@@ -93,7 +106,7 @@ fn parse_stage(ctx: &XdpContext, iface: Option<&IfaceConfig>) -> Result<u32, Dro
     meta.dir = direction(iface) as u8;
     let slot = SCRATCH.get_ptr_mut(0).ok_or(DropReason::Internal)?;
     unsafe { *slot = meta };
-    enter(ctx, PIPELINE_POLICY)
+    enter(ctx, &PIPELINE, PIPELINE_POLICY)
 }
 
 #[inline(always)]
@@ -102,7 +115,9 @@ fn policy_stage(ctx: &XdpContext) -> Result<u32, DropReason> {
     let meta = SCRATCH.get(0).ok_or(DropReason::Internal)?;
     let active = nsg::active().ok_or(DropReason::Internal)?;
     if meta.frag == FRAG_LATER {
-        let Some(action) = flow::later_fragment(meta) else { return enter(ctx, PIPELINE_NEW) };
+        let Some(action) = flow::later_fragment(meta) else {
+            return enter(ctx, &PIPELINE, PIPELINE_NEW);
+        };
         if action.nat == NAT_NONE {
             return Ok(xdp_action::XDP_PASS);
         }
@@ -113,8 +128,11 @@ fn policy_stage(ctx: &XdpContext) -> Result<u32, DropReason> {
         Some(action) => action,
         None => match flow::lookup(&active, meta, len)? {
             Lookup::Hit(action) => action,
-            Lookup::Miss => return enter(ctx, PIPELINE_NEW),
-            Lookup::Stale => return hand_on(ctx, RECLASSIFY, PIPELINE_NEW),
+            Lookup::Miss => return enter(ctx, &PIPELINE, PIPELINE_NEW),
+            Lookup::Stale => {
+                request_reclassify()?;
+                return enter(ctx, &PIPELINE, PIPELINE_NEW);
+            }
         },
     };
     decided(ctx, meta, action)
@@ -133,11 +151,19 @@ fn new_flow_stage(ctx: &XdpContext) -> Result<u32, DropReason> {
     }
     if take_reclassify() {
         flow::reclassify(&active, meta)?;
-        return enter(ctx, PIPELINE_POLICY);
+        return enter(ctx, &PIPELINE, PIPELINE_POLICY);
     }
     let len = (ctx.data_end() - ctx.data()) as u64;
     let action = flow::create(ctx, &active, meta, u32::from(meta.dir), len)?;
     decided(ctx, meta, action)
+}
+
+/// Asks the new-flow stage entered next to classify the packet's flow again.
+#[inline(always)]
+fn request_reclassify() -> Result<(), DropReason> {
+    let slot = ACTION.get_ptr_mut(0).ok_or(DropReason::Internal)?;
+    unsafe { *slot = RECLASSIFY };
+    Ok(())
 }
 
 /// Whether the policy stage handed this packet over to have its flow classified again
@@ -171,14 +197,14 @@ fn decided(ctx: &XdpContext, meta: &PacketMeta, action: Action) -> Result<u32, D
 fn hand_on(ctx: &XdpContext, action: Action, next: u32) -> Result<u32, DropReason> {
     let slot = ACTION.get_ptr_mut(0).ok_or(DropReason::Internal)?;
     unsafe { *slot = action };
-    enter(ctx, next)
+    enter(ctx, &PIPELINE, next)
 }
 
-/// Tail-calls stage `index` of `PIPELINE`. Returns only when that stage is missing: fail
+/// Tail-calls stage `index` of `stages`. Returns only when that stage is missing: fail
 /// closed.
 #[inline(always)]
-fn enter(ctx: &XdpContext, index: u32) -> Result<u32, DropReason> {
-    unsafe { PIPELINE.tail_call(ctx, index) };
+fn enter<R>(ctx: &impl EbpfContext, stages: &ProgramArray, index: u32) -> Result<R, DropReason> {
+    unsafe { stages.tail_call(ctx, index) };
     Err(DropReason::Internal)
 }
 
@@ -231,21 +257,10 @@ fn parsed_slot() -> u32 {
 /// reason).
 #[inline(always)]
 fn finish(ctx: &XdpContext, slot: u32, result: Result<u32, DropReason>) -> u32 {
-    let action = match result {
-        Ok(action) => action,
-        Err(reason) => {
-            count_drop(reason);
-            if reason == DropReason::Internal {
-                // Rare by construction (a missing stage or scratch map), so worth a log
-                // line; never logged per packet on a normal path.
-                error!(
-                    ctx,
-                    "xdpgate: pipeline stage or scratch map missing; dropping (fail closed)"
-                );
-            }
-            xdp_action::XDP_DROP
-        }
-    };
+    let action = result.unwrap_or_else(|reason| {
+        count_drop(ctx, reason);
+        xdp_action::XDP_DROP
+    });
     count_verdict(ctx, slot, action);
     action
 }
@@ -271,10 +286,160 @@ fn count_verdict(ctx: &XdpContext, slot: u32, action: u32) {
 }
 
 #[inline(always)]
-fn count_drop(reason: DropReason) {
+fn count_drop(ctx: &impl EbpfContext, reason: DropReason) {
     if let Some(c) = DROP_STATS.get_ptr_mut(reason as u32) {
         unsafe { *c += 1 };
     }
+    if reason == DropReason::Internal {
+        // Rare by construction (a missing stage or scratch map), so worth a log line; never
+        // logged per packet on a normal path.
+        error!(ctx, "xdpgate: pipeline stage or scratch map missing; dropping (fail closed)");
+    }
+}
+
+// The host's own packets, on tc egress. XDP sees only arriving packets: without this, the
+// outbound rules would never judge what the host sends, and the answers to the host's own
+// connections would arrive as new inbound flows. Forwarded packets were judged by XDP on
+// arrival and pass untouched. The stages share the per-CPU scratch maps with the XDP
+// stages: tc egress runs with bottom halves disabled, so no XDP program (NAPI softirq) runs
+// on this CPU in the middle of an egress pipeline, and an egress program never runs in the
+// middle of an XDP one (XDP transmits through devmaps, past tc).
+
+/// Egress stage one: parse the host's own IP packets, then the policy stage.
+#[classifier]
+pub fn xdpgate_egress(ctx: TcContext) -> i32 {
+    let slot = unsafe { IFACES.get((*ctx.skb.skb).ifindex) }.map_or(0, |c| c.slot);
+    finish_egress(&ctx, slot, egress_parse_stage(&ctx, slot))
+}
+
+/// Egress stage two: flow lookup (hit: done; miss: the new-flow stage).
+#[classifier]
+pub fn xdpgate_egress_policy(ctx: TcContext) -> i32 {
+    let result = egress_policy_stage(&ctx);
+    finish_egress(&ctx, parsed_slot(), result)
+}
+
+/// Egress stage three, for a packet of the host's without a flow: NSG classification, a new
+/// flow.
+#[classifier]
+pub fn xdpgate_egress_new(ctx: TcContext) -> i32 {
+    let result = egress_new_stage(&ctx);
+    finish_egress(&ctx, parsed_slot(), result)
+}
+
+/// Headers are pulled into the linear area of the socket buffer this far (a short packet, to
+/// its end) when they do not lie there already: past the deepest the parser follows
+/// (`MAX_HDR_OFF`) and an ICMP error's quote.
+const EGRESS_PULL: u32 = 1024;
+
+/// `Ok(None)`: not the host's own packet, or nothing to enforce yet: passed untouched.
+#[inline(always)]
+fn egress_parse_stage(ctx: &TcContext, slot: u32) -> Result<Option<()>, DropReason> {
+    // skb_iif: the interface a forwarded packet arrived on; 0 for a packet built by this
+    // host (skb_scrub_packet zeroes it too when a tunnel or veth hands a packet on, so the
+    // outer packet of a tunnel this host encapsulates is judged as the host's own).
+    if unsafe { (*ctx.skb.skb).ingress_ifindex } != 0 {
+        return Ok(None);
+    }
+    let meta = match parse(ctx) {
+        Ok(Parsed::Ip(meta)) => meta,
+        Ok(Parsed::LinkControl) => return Ok(None),
+        Err(e) => {
+            // The host builds its headers in the linear area, but a packet from a raw or
+            // packet socket may not: pull them there and parse once more (after the pull
+            // the linear area holds what it can, so this happens once).
+            let want = ctx.len().min(EGRESS_PULL);
+            if ((ctx.data_end() - ctx.data()) as u32) < want && ctx.pull_data(want).is_ok() {
+                return enter(ctx, &EGRESS_PIPELINE, EGRESS_PARSE);
+            }
+            return Err(e);
+        }
+    };
+    if !nsg::active().is_some_and(|a| a.config.generation != 0) {
+        return Ok(None);
+    }
+    let scratch = SCRATCH.get_ptr_mut(0).ok_or(DropReason::Internal)?;
+    unsafe {
+        *scratch = meta;
+        (*scratch).iface_slot = slot as u8;
+        (*scratch).dir = DIR_OUTBOUND as u8;
+    }
+    enter(ctx, &EGRESS_PIPELINE, EGRESS_POLICY)
+}
+
+/// The host's packet passes as part of a known flow: a later fragment, an ICMP error
+/// quoting it, a hit in the flow tables (their TCP tracking and confirmation run as on
+/// arrival). Without one, the new-flow stage.
+#[inline(always)]
+fn egress_policy_stage(ctx: &TcContext) -> Result<Option<()>, DropReason> {
+    let meta = SCRATCH.get(0).ok_or(DropReason::Internal)?;
+    let active = nsg::active().ok_or(DropReason::Internal)?;
+    if meta.frag == FRAG_LATER {
+        return match flow::later_fragment(meta) {
+            Some(_) => Ok(Some(())),
+            None => enter(ctx, &EGRESS_PIPELINE, EGRESS_NEW),
+        };
+    }
+    if icmp::is_error(meta) && icmp::related(ctx, meta).is_some() {
+        return Ok(Some(()));
+    }
+    match flow::lookup(&active, meta, u64::from(ctx.len()))? {
+        Lookup::Hit(_) => Ok(egress_passed(meta)),
+        Lookup::Miss => enter(ctx, &EGRESS_PIPELINE, EGRESS_NEW),
+        Lookup::Stale => {
+            request_reclassify()?;
+            enter(ctx, &EGRESS_PIPELINE, EGRESS_NEW)
+        }
+    }
+}
+
+/// A packet of the host's without a flow, judged by the outbound rules as a new flow.
+#[inline(always)]
+fn egress_new_stage(ctx: &TcContext) -> Result<Option<()>, DropReason> {
+    let meta = SCRATCH.get(0).ok_or(DropReason::Internal)?;
+    let active = nsg::active().ok_or(DropReason::Internal)?;
+    if meta.frag == FRAG_LATER {
+        flow::unknown_fragment(&active, meta)?;
+        return Ok(Some(()));
+    }
+    if take_reclassify() {
+        flow::reclassify(&active, meta)?;
+        return enter(ctx, &EGRESS_PIPELINE, EGRESS_POLICY);
+    }
+    flow::create_host(&active, meta, u32::from(meta.dir), u64::from(ctx.len()))?;
+    Ok(egress_passed(meta))
+}
+
+/// The host's packet passes: its later fragments will follow it.
+#[inline(always)]
+fn egress_passed(meta: &PacketMeta) -> Option<()> {
+    if meta.frag == FRAG_FIRST {
+        flow::remember_first_fragment(meta, &Action::PASS);
+    }
+    Some(())
+}
+
+/// The single exit of the egress stages: `Some` is a verdict on a packet of the host's,
+/// counted per interface `slot`. Passing leaves the packet to whatever runs after this
+/// program (`TCX_NEXT`).
+#[inline(always)]
+fn finish_egress(ctx: &TcContext, slot: u32, result: Result<Option<()>, DropReason>) -> i32 {
+    let dropped = match result {
+        Ok(None) => return TC_ACT_UNSPEC,
+        Ok(Some(())) => false,
+        Err(reason) => {
+            count_drop(ctx, reason);
+            true
+        }
+    };
+    if let Some(c) = EGRESS_STATS.get_ptr_mut(egress_stat_index(slot, dropped)) {
+        // Per-CPU slot: plain adds are exact.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += u64::from(ctx.len());
+        }
+    }
+    if dropped { TC_ACT_SHOT as i32 } else { TC_ACT_UNSPEC }
 }
 
 #[cfg(not(test))]

@@ -15,12 +15,12 @@ use xdpgate_common::{
         BackendInfo, FrontendKey, MAGLEV_SIZE, MAX_BACKENDS, MAX_FRONTENDS, MAX_SERVICES, Service,
     },
     maps::{
-        EMBRYO_ENTRIES, FLOW_ENTRIES, FRAG_ENTRIES, MAX_EGRESS, MAX_IFACES, NAT_PREFIXES,
-        NSG_FIELD_ENTRIES, PIPELINE_STAGES,
+        EGRESS_STAGES, EMBRYO_ENTRIES, FLOW_ENTRIES, FRAG_ENTRIES, MAX_EGRESS, MAX_IFACES,
+        NAT_PREFIXES, NSG_FIELD_ENTRIES, PIPELINE_STAGES,
     },
     nat::{AddrKey, MAX_NAT_GATEWAYS, MAX_PUBLIC_ADDRS, NAT_ENTRIES, NatEntry, NatGatewayConfig},
     nsg::{FieldKey, MAX_RULES, PolicyConfig, RuleBitmap, SLOTS, TABLES},
-    stats::{Counter, DROP_REASONS, VERDICTS},
+    stats::{Counter, DROP_REASONS, EGRESS_VERDICTS, VERDICTS},
 };
 
 /// Interfaces xdpgate is attached to, by ifindex: counter slot and role.
@@ -110,6 +110,16 @@ pub static OPAQUE: PerCpuArray<u32> = PerCpuArray::pinned(1, 0);
 /// agent has exited.
 #[map(name = "PIPELINE")]
 pub static PIPELINE: ProgramArray = ProgramArray::pinned(PIPELINE_STAGES, 0);
+
+/// The stages of the tc egress program (the host's own packets), entered by tail call; a
+/// program array of its own, as one holds programs of a single type. Pinned like `PIPELINE`.
+#[map(name = "EGRESS_PIPELINE")]
+pub static EGRESS_PIPELINE: ProgramArray = ProgramArray::pinned(EGRESS_STAGES, 0);
+
+/// The host's own packets passed and dropped by the egress program, per interface slot.
+#[map(name = "EGRESS_STATS")]
+pub static EGRESS_STATS: PerCpuArray<Counter> =
+    PerCpuArray::pinned(MAX_IFACES * EGRESS_VERDICTS, 0);
 
 /// Frontends (VIP, port, protocol; port 0 and protocol 0 for HA ports) to their service.
 #[map(name = "FRONTENDS")]

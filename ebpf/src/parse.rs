@@ -4,7 +4,7 @@
 
 use core::mem::size_of;
 
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::programs::{TcContext, XdpContext};
 use xdpgate_common::{stats::DropReason, words};
 
 use crate::headers::*;
@@ -77,6 +77,49 @@ impl PacketMeta {
     }
 }
 
+/// What the parser reads a packet from: an XDP frame, or on tc egress a socket buffer, of
+/// which only the linear area (`data()..data_end()`) can be read directly.
+pub trait Packet {
+    fn data(&self) -> usize;
+    fn data_end(&self) -> usize;
+    /// Length of the whole packet, which for a socket buffer goes on past its linear area.
+    fn len(&self) -> usize;
+}
+
+impl Packet for XdpContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        XdpContext::data(self)
+    }
+
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        XdpContext::data_end(self)
+    }
+
+    #[inline(always)]
+    fn len(&self) -> usize {
+        XdpContext::data_end(self) - XdpContext::data(self)
+    }
+}
+
+impl Packet for TcContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        TcContext::data(self)
+    }
+
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        TcContext::data_end(self)
+    }
+
+    #[inline(always)]
+    fn len(&self) -> usize {
+        TcContext::len(self) as usize
+    }
+}
+
 pub enum Parsed {
     /// Link-level control the dataplane leaves to the kernel: not IP at all (ARP, LLDP, ...),
     /// or IPv6 neighbour discovery and MLD, which are IPv6's ARP and never cross a router.
@@ -85,7 +128,7 @@ pub enum Parsed {
 }
 
 #[inline(always)]
-pub fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Result<*const T, DropReason> {
+pub fn ptr_at<T>(ctx: &impl Packet, off: usize) -> Result<*const T, DropReason> {
     if off > MAX_HDR_OFF {
         return Err(DropReason::Malformed);
     }
@@ -100,7 +143,7 @@ pub fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Result<*const T, DropReason> {
 }
 
 #[inline(always)]
-pub fn parse(ctx: &XdpContext) -> Result<Parsed, DropReason> {
+pub fn parse(ctx: &impl Packet) -> Result<Parsed, DropReason> {
     let (ether_type, l3_off) = parse_eth(ctx)?;
     let mut meta = PacketMeta {
         family: 0,
@@ -140,7 +183,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, DropReason> {
 /// Ethernet and up to [`MAX_VLAN_TAGS`] VLAN tags: returns the inner EtherType and the
 /// offset of the L3 header.
 #[inline(always)]
-fn parse_eth(ctx: &XdpContext) -> Result<(u16, usize), DropReason> {
+fn parse_eth(ctx: &impl Packet) -> Result<(u16, usize), DropReason> {
     let eth: *const EthHdr = ptr_at(ctx, 0)?;
     let mut ether_type = be16(unsafe { (*eth).ether_type });
     let mut off = size_of::<EthHdr>();
@@ -161,7 +204,7 @@ fn parse_eth(ctx: &XdpContext) -> Result<(u16, usize), DropReason> {
 #[inline(always)]
 /// Returns the offsets of the L4 header and of the end of the datagram.
 fn parse_ipv4(
-    ctx: &XdpContext,
+    ctx: &impl Packet,
     off: usize,
     meta: &mut PacketMeta,
 ) -> Result<(usize, usize), DropReason> {
@@ -173,7 +216,7 @@ fn parse_ipv4(
         return Err(DropReason::Malformed);
     }
     // A packet shorter than its IP length is truncated; trailing Ethernet padding is fine.
-    if ctx.data() + off + total_len > ctx.data_end() {
+    if off + total_len > ctx.len() {
         return Err(DropReason::Malformed);
     }
     meta.family = 4;
@@ -195,7 +238,7 @@ fn parse_ipv4(
 #[inline(always)]
 /// Returns the offsets of the L4 header and of the end of the datagram.
 fn parse_ipv6(
-    ctx: &XdpContext,
+    ctx: &impl Packet,
     off: usize,
     meta: &mut PacketMeta,
 ) -> Result<(usize, usize), DropReason> {
@@ -204,7 +247,7 @@ fn parse_ipv6(
     if ip.vtc_flow[0] >> 4 != 6 {
         return Err(DropReason::Malformed);
     }
-    if ctx.data() + off + size_of::<Ipv6Hdr>() + be16(ip.payload_len) as usize > ctx.data_end() {
+    if off + size_of::<Ipv6Hdr>() + be16(ip.payload_len) as usize > ctx.len() {
         return Err(DropReason::Malformed);
     }
     let end = off + size_of::<Ipv6Hdr>() + be16(ip.payload_len) as usize;
@@ -252,7 +295,7 @@ fn parse_ipv6(
 /// dropped: it would hide the ports from the rules (RFC 1858).
 #[inline(always)]
 fn parse_l4(
-    ctx: &XdpContext,
+    ctx: &impl Packet,
     off: usize,
     end: usize,
     meta: &mut PacketMeta,
@@ -295,7 +338,7 @@ fn parse_l4(
 /// An L4 header, which must lie inside the IP datagram: bytes past its end (Ethernet padding
 /// of a short frame) are not part of the packet, whatever they look like.
 #[inline(always)]
-fn l4_at<T>(ctx: &XdpContext, off: usize, end: usize) -> Result<*const T, DropReason> {
+fn l4_at<T>(ctx: &impl Packet, off: usize, end: usize) -> Result<*const T, DropReason> {
     if off + size_of::<T>() > end {
         return Err(DropReason::Malformed);
     }

@@ -344,12 +344,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             pins.ensure()?;
             let _lock = WriteLock::acquire(&pins)?;
             dataplane::attach_sized(&pins, &iface, role, mode, &sizes)?;
-            println!("attached to {iface} ({role:?}, {mode:?} mode)");
+            println!("attached to {iface} ({role:?}, {mode:?} mode; egress program with tcx)");
         }
         Command::Upgrade => {
             let _lock = WriteLock::acquire(&pins)?;
-            for name in dataplane::upgrade(&pins)? {
-                println!("upgraded {name}");
+            for (name, egress_added) in dataplane::upgrade(&pins)? {
+                let added = if egress_added { " (egress program added)" } else { "" };
+                println!("upgraded {name}{added}");
             }
         }
         Command::Detach { iface, all } => {

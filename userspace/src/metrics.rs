@@ -241,6 +241,28 @@ impl Snapshot {
                 if_bytes.add(labels, Int(t.bytes));
             }
         }
+        let mut eg_packets = Family::new(
+            "xdpgate_interface_egress_packets_total",
+            Counter,
+            "Packets the host itself sent out of an interface, by the egress program's verdict.",
+        );
+        let mut eg_bytes = Family::new(
+            "xdpgate_interface_egress_bytes_total",
+            Counter,
+            "Bytes of the packets the host itself sent out of an interface, by the egress \
+             program's verdict.",
+        );
+        for i in &self.stats.interfaces {
+            for (verdict, t) in &i.egress {
+                let labels = vec![
+                    ("interface", i.iface.clone()),
+                    ("role", i.role.unwrap_or("").to_string()),
+                    ("verdict", verdict.to_string()),
+                ];
+                eg_packets.add(labels.clone(), Int(t.packets));
+                eg_bytes.add(labels, Int(t.bytes));
+            }
+        }
 
         let mut drops = Family::new(
             "xdpgate_drops_total",
@@ -431,6 +453,8 @@ impl Snapshot {
         vec![
             if_packets,
             if_bytes,
+            eg_packets,
+            eg_bytes,
             drops,
             rules,
             fe_packets,
@@ -695,11 +719,13 @@ mod tests {
                         iface: "eth0".into(),
                         role: Some("external"),
                         verdicts: vec![("drop", t(3, 180)), ("pass", t(10, 1500))],
+                        egress: vec![("pass", t(4, 400)), ("drop", t(1, 60))],
                     },
                     IfaceStats {
                         iface: "(unregistered)".into(),
                         role: None,
                         verdicts: vec![("pass", t(0, 0))],
+                        egress: vec![("pass", t(0, 0)), ("drop", t(0, 0))],
                     },
                 ],
                 drops: vec![("malformed", 0), ("policy", 3)],
@@ -820,6 +846,8 @@ mod tests {
             [
                 "xdpgate_interface_packets_total",
                 "xdpgate_interface_bytes_total",
+                "xdpgate_interface_egress_packets_total",
+                "xdpgate_interface_egress_bytes_total",
                 "xdpgate_drops_total",
                 "xdpgate_rule_flows_total",
                 "xdpgate_frontend_packets_total",
@@ -856,6 +884,8 @@ mod tests {
             r#"xdpgate_interface_packets_total{interface="eth0",role="external",verdict="pass"} 10"#,
             r#"xdpgate_interface_bytes_total{interface="eth0",role="external",verdict="drop"} 180"#,
             r#"xdpgate_interface_packets_total{interface="(unregistered)",role="",verdict="pass"} 0"#,
+            r#"xdpgate_interface_egress_packets_total{interface="eth0",role="external",verdict="drop"} 1"#,
+            r#"xdpgate_interface_egress_bytes_total{interface="eth0",role="external",verdict="pass"} 400"#,
             r#"xdpgate_frontend_packets_total{load_balancer="lb",rule="http"} 20"#,
             r#"xdpgate_frontend_bytes_total{load_balancer="lb",rule="http"} 2000"#,
             r#"xdpgate_backend_packets_total{load_balancer="lb",rule="http",backend="198.51.100.11"} 12"#,

@@ -60,6 +60,10 @@ pub struct IfaceStatus {
     pub program_id: Option<u64>,
     /// The bpf_link's id (`bpftool link show id N`).
     pub link_id: Option<u32>,
+    /// The tcx egress program judging the host's own packets: its id and its link's; none
+    /// when the interface was attached by a build without it (`xdpgate upgrade` adds it).
+    pub egress_program_id: Option<u32>,
+    pub egress_link_id: Option<u32>,
 }
 
 #[derive(Debug, Serialize)]
@@ -229,6 +233,14 @@ pub fn read(pins: &PinDir) -> anyhow::Result<Status> {
         let ifindex = link.map(|l| l.ifindex);
         let config =
             ifindex.and_then(|i| registered.iter().find(|(k, _)| *k == i)).map(|(_, c)| *c);
+        let egress = match dataplane::egress_link_info(pins, &name) {
+            Ok(egress) => egress,
+            Err(e) if dataplane::is_permission_error(&e) => return Err(e),
+            Err(e) => {
+                log::warn!("{name}: egress link: {e:#}");
+                None
+            }
+        };
         let (xdp_mode, program, program_id) = match (&device, &link) {
             (Some(d), _) => xdp_from_json(d),
             (None, Some(l)) => ("unknown".into(), None, Some(u64::from(l.prog_id))),
@@ -248,6 +260,8 @@ pub fn read(pins: &PinDir) -> anyhow::Result<Status> {
             program,
             program_id,
             link_id: link.map(|l| l.link_id),
+            egress_link_id: egress.map(|(link, _)| link),
+            egress_program_id: egress.map(|(_, prog)| prog),
         });
     }
     let policy = apply::active(pins).ok().map(|(slot, config)| {

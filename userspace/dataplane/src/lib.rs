@@ -2,8 +2,9 @@
 //! detaching the programs, finding their pinned state again, and changing it as one writer.
 //!
 //! Layout under the pin directory (default `/sys/fs/bpf/xdpgate`): one pin per map, named as
-//! in `xdpgate_common::maps`, and `links/<ifname>` for each attachment, so the program stays
-//! attached after the agent exits and a later `xdpgate detach` finds it.
+//! in `xdpgate_common::maps`, and for each attached interface `links/<ifname>` (the XDP
+//! program) and `egress/<ifname>` (the tc egress program, tcx), so the programs stay
+//! attached after the agent exits and a later `xdpgate detach` finds them.
 
 use std::{
     fs,
@@ -15,16 +16,17 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{DevMapHash, HashMap, Map, MapData, MapInfo, ProgramArray, RingBuf},
     programs::{
-        Xdp, XdpMode,
+        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
         xdp::XdpLink,
     },
 };
 use xdpgate_common::{
     iface::{IfaceConfig, Role},
     maps::{
-        EGRESS, EVENTS, IFACES, MAX_IFACES, PIPELINE, PIPELINE_ACT, PIPELINE_NEW, PIPELINE_POLICY,
-        PIPELINE_SNAT, SCRATCH,
+        EGRESS, EGRESS_NEW, EGRESS_PARSE, EGRESS_PIPELINE, EGRESS_POLICY, EVENTS, IFACES,
+        MAX_IFACES, PIPELINE, PIPELINE_ACT, PIPELINE_NEW, PIPELINE_POLICY, PIPELINE_SNAT, SCRATCH,
     },
 };
 
@@ -54,6 +56,11 @@ pub const ACT_PROGRAM: &str = "xdpgate_act";
 /// The SNAT stage (port claims), entered from the policy stage by tail call.
 pub const SNAT_PROGRAM: &str = "xdpgate_snat";
 pub const NEW_FLOW_PROGRAM: &str = "xdpgate_new_flow";
+/// The tc egress program (the host's own packets), attached with tcx beside `PROGRAM`.
+pub const EGRESS_PROGRAM: &str = "xdpgate_egress";
+/// Its policy stage and new-flow stage, entered by tail call.
+pub const EGRESS_POLICY_PROGRAM: &str = "xdpgate_egress_policy";
+pub const EGRESS_NEW_PROGRAM: &str = "xdpgate_egress_new";
 /// Name of the transmit-everything program (the live-frames traffic generator).
 pub const TX_PROGRAM: &str = "xdp_tx";
 /// Name of the pass-everything baseline program.
@@ -149,6 +156,15 @@ impl PinDir {
         self.links().join(ifname)
     }
 
+    fn egress_links(&self) -> PathBuf {
+        self.0.join("egress")
+    }
+
+    /// The pinned tcx link of the egress program on `ifname`.
+    pub fn egress_link(&self, ifname: &str) -> PathBuf {
+        self.egress_links().join(ifname)
+    }
+
     /// Names of the interfaces with a pinned attachment.
     pub fn attached(&self) -> Result<Vec<String>> {
         if !self.check()? {
@@ -168,16 +184,17 @@ impl PinDir {
         Ok(names)
     }
 
-    /// Checks the pin directory and its `links/` before anything is read from or written to
-    /// them: each must be a real directory (not a symbolic link), owned by root, writable by
-    /// no group or other user, under parents only root can change, and readable by this
-    /// process. Returns whether the pin directory exists.
+    /// Checks the pin directory, its `links/` and `egress/` before anything is read from or
+    /// written to them: each must be a real directory (not a symbolic link), owned by root,
+    /// writable by no group or other user, under parents only root can change, and readable
+    /// by this process. Returns whether the pin directory exists.
     pub fn check(&self) -> Result<bool, PinDirError> {
         self.check_parents()?;
         if !check_dir(&self.0)? {
             return Ok(false);
         }
         check_dir(&self.links())?;
+        check_dir(&self.egress_links())?;
         Ok(true)
     }
 
@@ -223,8 +240,8 @@ impl PinDir {
         use std::os::unix::fs::PermissionsExt as _;
 
         use nix::sys::stat::Mode;
-        // The pin directory is checked before links/ is made in it.
-        for dir in [self.0.clone(), self.links()] {
+        // The pin directory is checked before links/ and egress/ are made in it.
+        for dir in [self.0.clone(), self.links(), self.egress_links()] {
             // Maps and links are the dataplane's state: only root may open them.
             match nix::unistd::mkdir(&dir, Mode::S_IRWXU) {
                 Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
@@ -424,6 +441,56 @@ pub fn dataplane(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
     program(ebpf, PROGRAM)
 }
 
+/// Loads the egress programs, links the later stages (and the entry stage, which enters
+/// itself again after pulling headers) into `EGRESS_PIPELINE`, and returns the entry program.
+pub fn egress_dataplane(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
+    let stages = [
+        (EGRESS_PARSE, EGRESS_PROGRAM),
+        (EGRESS_POLICY, EGRESS_POLICY_PROGRAM),
+        (EGRESS_NEW, EGRESS_NEW_PROGRAM),
+    ];
+    for (_, name) in stages {
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("program {name} missing from the object"))?
+            .try_into()?;
+        prog.load().with_context(|| format!("loading program {name} into the kernel"))?;
+    }
+    for (index, name) in stages {
+        let prog: &SchedClassifier = ebpf
+            .program(name)
+            .ok_or_else(|| anyhow!("program {name} missing from the object"))?
+            .try_into()?;
+        let fd = prog.fd()?.try_clone()?;
+        let mut stages: ProgramArray<_> = ebpf
+            .map_mut(EGRESS_PIPELINE)
+            .ok_or_else(|| anyhow!("map {EGRESS_PIPELINE} missing"))?
+            .try_into()?;
+        stages
+            .set(index, &fd, 0)
+            .with_context(|| format!("linking {name} into {EGRESS_PIPELINE}"))?;
+    }
+    Ok(ebpf.program_mut(EGRESS_PROGRAM).expect("loaded above").try_into()?)
+}
+
+/// Attaches the egress program to `ifname` (of this network namespace) with tcx, ahead of
+/// other tcx programs there, and pins its link.
+fn attach_egress(prog: &mut SchedClassifier, pins: &PinDir, ifname: &str) -> Result<()> {
+    let pin = pins.egress_link(ifname);
+    let id = prog
+        .attach_with_options(
+            ifname,
+            TcAttachType::Egress,
+            TcAttachOptions::TcxOrder(LinkOrder::first()),
+        )
+        .with_context(|| format!("attaching the egress program to {ifname} (tcx)"))?;
+    let link: FdLink = prog.take_link(id)?.try_into().map_err(|e| {
+        anyhow!("{ifname}: the kernel attached the egress program without a bpf_link ({e})")
+    })?;
+    link.pin(&pin).with_context(|| format!("pinning link at {}", pin.display()))?;
+    Ok(())
+}
+
 /// Loads and verifies one XDP program of `ebpf`.
 pub fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
     let prog: &mut Xdp = ebpf
@@ -463,8 +530,39 @@ pub fn attach_sized(
         bail!("xdpgate is already attached to {ifname} (pinned at {})", link_pin.display());
     }
     let mut ebpf = load_sized(pins, sizes)?;
+    // Both programs are loaded (verified) before anything is attached or registered.
+    egress_dataplane(&mut ebpf)?;
+    dataplane(&mut ebpf)?;
+    let egress_pin = pins.egress_link(ifname);
+    if egress_pin.exists() {
+        // Left by a detach that failed half way: the XDP link is gone, so this one goes too.
+        fs::remove_file(&egress_pin)
+            .with_context(|| format!("removing the stale {}", egress_pin.display()))?;
+    }
     register(&mut ebpf, ifindex, role)?;
-    let prog = dataplane(&mut ebpf)?;
+    let attached = attach_both(&mut ebpf, pins, ifname, ifindex, mode);
+    if attached.is_err() {
+        // Bad input changes nothing: no half attachment, no registration left behind.
+        let _ = fs::remove_file(&egress_pin);
+        unregister(pins, ifindex);
+    }
+    attached
+}
+
+/// Attaches the egress program, then the XDP program, and pins the XDP link last: until
+/// then, a failure detaches both (their links close with this process).
+fn attach_both(
+    ebpf: &mut Ebpf,
+    pins: &PinDir,
+    ifname: &str,
+    ifindex: u32,
+    mode: Mode,
+) -> Result<()> {
+    let link_pin = pins.link(ifname);
+    let egress: &mut SchedClassifier =
+        ebpf.program_mut(EGRESS_PROGRAM).expect("loaded by egress_dataplane").try_into()?;
+    attach_egress(egress, pins, ifname)?;
+    let prog: &mut Xdp = ebpf.program_mut(PROGRAM).expect("loaded by dataplane").try_into()?;
     let xdp_mode = match mode {
         Mode::Native => XdpMode::Driver,
         Mode::Skb => XdpMode::Skb,
@@ -485,15 +583,24 @@ pub fn attach_sized(
 }
 
 /// Replaces the programs on every attached interface with this build's, in place: each
-/// pinned link is pointed at the new program (`bpf_link_update`), so there is no moment
-/// without a program, and the pinned maps (flows, NAT translations, policy, counters) carry
-/// over untouched. Returns the interfaces upgraded.
-pub fn upgrade(pins: &PinDir) -> Result<Vec<String>> {
+/// pinned link (XDP and egress) is pointed at the new program (`bpf_link_update`), so there
+/// is no moment without a program, and the pinned maps (flows, NAT translations, policy,
+/// counters) carry over untouched. An interface attached by a build without the egress
+/// program gets it now. Returns the interfaces upgraded, each with whether its egress program
+/// was added.
+pub fn upgrade(pins: &PinDir) -> Result<Vec<(String, bool)>> {
     let names = pins.attached()?;
     if names.is_empty() {
         bail!("xdpgate is not attached to any interface under {}", pins.path().display());
     }
     let mut ebpf = load(pins)?;
+    // Every interface is checked before any changes: a refusal leaves all as they were.
+    let steps = names.iter().map(|name| egress_step(pins, name)).collect::<Result<Vec<_>>>()?;
+    let egress = egress_dataplane(&mut ebpf)?;
+    let mut added = Vec::new();
+    for (name, step) in names.iter().zip(steps) {
+        added.push(upgrade_egress(egress, pins, name, step)?);
+    }
     let prog = dataplane(&mut ebpf)?;
     for name in &names {
         let pinned = PinnedLink::from_pin(pins.link(name))
@@ -506,7 +613,79 @@ pub fn upgrade(pins: &PinDir) -> Result<Vec<String>> {
         // The link stays pinned; this process's handle on it may go.
         let _ = prog.take_link(id)?;
     }
-    Ok(names)
+    Ok(names.into_iter().zip(added).collect())
+}
+
+/// What `upgrade` does to the egress program of an interface.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum EgressStep {
+    /// Points its pinned link at the new program.
+    Replace,
+    /// Attaches it: a build without the egress program attached the interface.
+    Add,
+    /// Nothing: the interface's device is gone (`detach` clears what is left).
+    None,
+}
+
+/// Decides what `upgrade` does to the egress program of `name`. Adding one needs the
+/// device in this network namespace, as the XDP link says it is.
+fn egress_step(pins: &PinDir, name: &str) -> Result<EgressStep> {
+    if pins.egress_link(name).exists() {
+        return Ok(EgressStep::Replace);
+    }
+    let xdp = link_info(pins, name)?;
+    if xdp.ifindex == 0 {
+        return Ok(EgressStep::None);
+    }
+    if ifindex(name).ok() != Some(xdp.ifindex) || !runs_xdp(name, xdp.prog_id) {
+        bail!(
+            "{name} was attached by a build without the egress program, and its device is not \
+             in this network namespace, where the program must be attached: run `xdpgate \
+             --netns <its namespace> upgrade`, or detach and attach it again; nothing was \
+             upgraded"
+        );
+    }
+    Ok(EgressStep::Add)
+}
+
+/// Points the pinned egress link of `name` at `prog`, or attaches `prog` (then returns
+/// true), as `step` says.
+fn upgrade_egress(
+    prog: &mut SchedClassifier,
+    pins: &PinDir,
+    name: &str,
+    step: EgressStep,
+) -> Result<bool> {
+    match step {
+        EgressStep::Replace => {
+            let pinned = PinnedLink::from_pin(pins.egress_link(name))
+                .with_context(|| format!("opening the pinned egress link of {name}"))?;
+            let link = SchedClassifierLink::try_from(FdLink::from(pinned))
+                .map_err(|e| anyhow!("{name}: pinned egress link is not a tcx link: {e}"))?;
+            let id = prog
+                .attach_to_link(link)
+                .with_context(|| format!("replacing the egress program on {name}"))?;
+            // The link stays pinned; this process's handle on it may go.
+            let _ = prog.take_link(id)?;
+            Ok(false)
+        }
+        EgressStep::Add => attach_egress(prog, pins, name).map(|()| true),
+        EgressStep::None => Ok(false),
+    }
+}
+
+/// Whether `ifname` of this network namespace runs XDP program `prog_id`, as `ip` lists it
+/// (ifindexes repeat across namespaces, program ids do not).
+fn runs_xdp(ifname: &str, prog_id: u32) -> bool {
+    let Ok(out) =
+        std::process::Command::new("ip").args(["-j", "-d", "link", "show", "dev", ifname]).output()
+    else {
+        return false;
+    };
+    let Ok(devs) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else { return false };
+    let xdp = &devs[0]["xdp"];
+    let ours = |p: &serde_json::Value| p["prog"]["id"].as_u64() == Some(u64::from(prog_id));
+    ours(xdp) || xdp["attached"].as_array().is_some_and(|all| all.iter().any(ours))
 }
 
 /// Detaches the dataplane from `ifname` and forgets the interface.
@@ -520,7 +699,17 @@ pub fn detach(pins: &PinDir, ifname: &str) -> Result<()> {
     // namespace, where looking `ifname` up here would find nothing, or another device.
     // 0: the device is gone, and with it the way to tell which registration was its.
     let registered = link_info(pins, ifname).map(|l| l.ifindex)?;
-    // Unpinning drops the last reference once this handle closes: the kernel detaches.
+    // Unpinning drops the last reference once this handle closes: the kernel detaches. The
+    // egress link first: an XDP link without it is what an older build left, and detaches
+    // alike.
+    let egress_pin = pins.egress_link(ifname);
+    match PinnedLink::from_pin(&egress_pin) {
+        Ok(egress) => drop(egress.unpin()?),
+        Err(_) if !egress_pin.exists() => {}
+        Err(e) => {
+            return Err(e).with_context(|| format!("opening {}", egress_pin.display()));
+        }
+    }
     drop(link.unpin()?);
     if registered != 0 {
         let ifindex = registered;
@@ -530,6 +719,20 @@ pub fn detach(pins: &PinDir, ifname: &str) -> Result<()> {
         let _ = egress.remove(ifindex);
     }
     Ok(())
+}
+
+/// Forgets `ifindex` (after a failed attach).
+fn unregister(pins: &PinDir, ifindex: u32) {
+    if let Ok(map) = pins.open_map(IFACES)
+        && let Ok(mut ifaces) = HashMap::<_, u32, IfaceConfig>::try_from(map)
+    {
+        let _ = ifaces.remove(&ifindex);
+    }
+    if let Ok(map) = pins.open_map(EGRESS)
+        && let Ok(mut egress) = DevMapHash::try_from(map)
+    {
+        let _ = egress.remove(ifindex);
+    }
 }
 
 /// The interfaces registered in `IFACES`, by ifindex, with their slot and role.
@@ -587,6 +790,20 @@ pub fn monotonic_ns() -> u64 {
 pub fn ifindex(ifname: &str) -> Result<u32> {
     nix::net::if_::if_nametoindex(ifname)
         .map_err(|_| anyhow!("no interface named {ifname:?} in this network namespace"))
+}
+
+/// The ids of the pinned egress (tcx) link of `ifname` and of the program it runs; none when
+/// an older build attached the interface without one.
+pub fn egress_link_info(pins: &PinDir, ifname: &str) -> Result<Option<(u32, u32)>> {
+    pins.check()?;
+    let path = pins.egress_link(ifname);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let link = PinnedLink::from_pin(&path)
+        .with_context(|| format!("opening the pinned link {}", path.display()))?;
+    let info = FdLink::from(link).info()?;
+    Ok(Some((info.id(), info.program_id())))
 }
 
 /// What the kernel says of a pinned XDP link (`bpf_link_info`).

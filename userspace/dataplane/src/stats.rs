@@ -11,9 +11,15 @@ use xdpgate_common::{
         FLOW_STAT_REBUILT, FlowKey, FlowValue,
     },
     iface::{IfaceConfig, Role},
-    maps::{DROP_STATS, EMBRYOS, EVENT_STATS, FLOW_STATS, FLOWS, IFACE_STATS, IFACES, NSG_HITS},
+    maps::{
+        DROP_STATS, EGRESS_STATS, EMBRYOS, EVENT_STATS, FLOW_STATS, FLOWS, IFACE_STATS, IFACES,
+        NSG_HITS,
+    },
     nsg::{MAX_RULES, TABLES_PER_SLOT},
-    stats::{Counter, DROP_REASON_NAMES, DROP_REASONS, VERDICT_NAMES, VERDICTS, iface_stat_index},
+    stats::{
+        Counter, DROP_REASON_NAMES, DROP_REASONS, EGRESS_VERDICT_NAMES, EGRESS_VERDICTS,
+        VERDICT_NAMES, VERDICTS, egress_stat_index, iface_stat_index,
+    },
 };
 
 use xdpgate_policy::{Direction, Layer};
@@ -39,11 +45,18 @@ pub struct IfaceStats {
     pub role: Option<&'static str>,
     /// Verdict name to traffic, every verdict listed.
     pub verdicts: Vec<(&'static str, Traffic)>,
+    /// The egress program's verdicts (`pass`, `drop`) on the packets the host itself sent
+    /// out of the interface; forwarded packets are not counted here.
+    pub egress: Vec<(&'static str, Traffic)>,
 }
 
 impl IfaceStats {
     pub fn verdict(&self, name: &str) -> Traffic {
         self.verdicts.iter().find(|(n, _)| *n == name).map(|(_, t)| *t).unwrap_or_default()
+    }
+
+    pub fn egress_verdict(&self, name: &str) -> Traffic {
+        self.egress.iter().find(|(n, _)| *n == name).map(|(_, t)| *t).unwrap_or_default()
     }
 }
 
@@ -144,6 +157,9 @@ pub fn read(pins: &PinDir) -> Result<Stats> {
     let ifaces: HashMap<_, u32, IfaceConfig> = pins.open_map(IFACES)?.try_into()?;
     let counters: PerCpuArray<_, Counter> = pins.open_map(IFACE_STATS)?.try_into()?;
     let drops: PerCpuArray<_, u64> = pins.open_map(DROP_STATS)?.try_into()?;
+    // Pinned by the first attach of a build with the egress program; none before.
+    let egress: Option<PerCpuArray<_, Counter>> =
+        pins.open_map(EGRESS_STATS).ok().map(TryInto::try_into).transpose()?;
 
     let slot_stats = |slot: u32| -> Result<Vec<(&'static str, Traffic)>> {
         (0..VERDICTS)
@@ -153,6 +169,19 @@ pub fn read(pins: &PinDir) -> Result<Stats> {
                     sum.add(c);
                 }
                 Ok((VERDICT_NAMES[action as usize], sum.into()))
+            })
+            .collect()
+    };
+    let egress_stats = |slot: u32| -> Result<Vec<(&'static str, Traffic)>> {
+        (0..EGRESS_VERDICTS)
+            .map(|v| {
+                let mut sum = Counter::default();
+                if let Some(egress) = &egress {
+                    for c in egress.get(&egress_stat_index(slot, v == 1), 0)?.iter() {
+                        sum.add(c);
+                    }
+                }
+                Ok((EGRESS_VERDICT_NAMES[v as usize], sum.into()))
             })
             .collect()
     };
@@ -169,12 +198,14 @@ pub fn read(pins: &PinDir) -> Result<Stats> {
             iface: ifname(ifindex).unwrap_or_else(|| format!("ifindex {ifindex}")),
             role: Some(role),
             verdicts: slot_stats(cfg.slot)?,
+            egress: egress_stats(cfg.slot)?,
         });
     }
     interfaces.push(IfaceStats {
         iface: "(unregistered)".into(),
         role: None,
         verdicts: slot_stats(0)?,
+        egress: egress_stats(0)?,
     });
 
     let drops = (0..DROP_REASONS)

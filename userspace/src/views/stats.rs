@@ -15,11 +15,13 @@ impl View for Stats {
     fn text(&self) -> String {
         let mut g = Grid::new(&["INTERFACE", "ROLE", "VERDICT", "PACKETS", "BYTES"]).right(&[3, 4]);
         for i in &self.interfaces {
-            for (verdict, t) in i.verdicts.iter().filter(|(_, t)| t.packets > 0) {
+            let xdp = i.verdicts.iter().map(|(v, t)| (v.to_string(), t));
+            let egress = i.egress.iter().map(|(v, t)| (format!("egress {v}"), t));
+            for (verdict, t) in xdp.chain(egress).filter(|(_, t)| t.packets > 0) {
                 g.row([
                     i.iface.clone(),
                     i.role.unwrap_or("-").into(),
-                    verdict.to_string(),
+                    verdict,
                     t.packets.to_string(),
                     t.bytes.to_string(),
                 ]);
@@ -94,6 +96,7 @@ mod tests {
                 iface: "eth0".into(),
                 role: Some("external"),
                 verdicts: vec![("drop", t(0)), ("pass", t(12))],
+                egress: vec![("pass", t(0)), ("drop", t(2))],
             }],
             drops: vec![("policy", 3), ("no_backend", 0)],
             policy: Some(PolicyStats {
@@ -130,7 +133,11 @@ mod tests {
         let words = |l: &str| l.split_whitespace().map(str::to_string).collect::<Vec<_>>();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(words(lines[1]), ["eth0", "external", "pass", "12", "1200"], "{text}");
-        assert!(!text.contains("drop "), "verdicts without packets are left out: {text}");
+        assert_eq!(words(lines[2]), ["eth0", "external", "egress", "drop", "2", "200"], "{text}");
+        let verdict_rows =
+            |v: &str| lines.iter().filter(|l| words(l).get(2).is_some_and(|w| w == v)).count();
+        assert_eq!(verdict_rows("drop"), 0, "verdicts without packets are left out: {text}");
+        assert!(!text.contains("egress pass"), "verdicts without packets are left out: {text}");
         assert!(lines.iter().any(|l| words(l) == ["policy", "3"]), "{text}");
         assert!(text.contains("1 over the denied-flow rate limit, 2 lost"), "{text}");
         for want in [

@@ -50,7 +50,7 @@ impl View for Status {
             out += "\nnot attached to any interface\n";
             return out;
         }
-        let mut g = Grid::new(&["INTERFACE", "IFINDEX", "ROLE", "XDP", "PROGRAM"]);
+        let mut g = Grid::new(&["INTERFACE", "IFINDEX", "ROLE", "XDP", "PROGRAM", "EGRESS"]);
         for i in &s.interfaces {
             let name = match (i.place, &i.netns) {
                 ("netns", Some(ns)) => format!("{} in netns {ns}", i.name),
@@ -66,6 +66,12 @@ impl View for Status {
                     (Some(n), Some(id)) => format!("{n} (id {id})"),
                     (None, Some(id)) => format!("id {id}"),
                     _ => "-".into(),
+                },
+                match (i.egress_program_id, i.ifindex) {
+                    (Some(id), _) => format!("tcx (id {id})"),
+                    // Attached by a build without the egress program.
+                    (None, Some(_)) => "none (xdpgate upgrade adds it)".into(),
+                    (None, None) => "-".into(),
                 },
             ]);
         }
@@ -147,6 +153,8 @@ mod tests {
             program: ifindex.map(|_| "xdpgate".into()),
             program_id: ifindex.map(|_| 42),
             link_id: ifindex.map(|_| 7),
+            egress_program_id: ifindex.filter(|&i| i == 2).map(|_| 43),
+            egress_link_id: ifindex.filter(|&i| i == 2).map(|_| 8),
         }
     }
 
@@ -210,9 +218,13 @@ mod tests {
         let words = |l: &str| l.split_whitespace().map(str::to_string).collect::<Vec<_>>();
         let table: Vec<&str> = text.lines().skip_while(|l| !l.starts_with("INTERFACE")).collect();
         assert_eq!(table.len(), 4, "{text}");
-        assert_eq!(words(table[1]), ["eth0", "2", "external", "native", "xdpgate", "(id", "42)"]);
+        assert_eq!(
+            words(table[1]),
+            ["eth0", "2", "external", "native", "xdpgate", "(id", "42)", "tcx", "(id", "43)"]
+        );
         assert!(table[2].starts_with("veth1 in netns blue "), "{text}");
-        assert_eq!(words(table[3]), ["old0", "gone", "external", "none", "-"]);
+        assert!(table[2].ends_with("none (xdpgate upgrade adds it)"), "{text}");
+        assert_eq!(words(table[3]), ["old0", "gone", "external", "none", "-", "-"]);
         assert_eq!(status.json().unwrap()["interfaces"][1]["netns"], "blue");
 
         let none =

@@ -1,0 +1,584 @@
+//! Host mode end to end, as a VM's NIC NSG would be used: xdpgate attached (role external)
+//! to the host's own interface, an "internet" namespace on the other end of a veth, and a
+//! host NSG that allows only SSH inbound and denies TCP 25 outbound. The host's own traffic
+//! leaves through the tc egress program, which judges it with the outbound rules and records
+//! its flows, so the answers arriving at XDP match statefully.
+//!
+//! Also: forwarded packets through a gateway are left to XDP; `upgrade` adds the egress
+//! program where an older build attached none, and `detach` removes both programs; a
+//! connection open before the attach carries on; headers outside the socket buffer's linear
+//! area are pulled in; a SYN-ACK whose embryo is gone makes no flow.
+
+mod common;
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use common::{
+    Netns, Pins,
+    echo::EchoServer,
+    gateway::{CLIENT4, CLIENT6, Gateway, SERVER4, SERVER6},
+    packet::{L4, SYN, frame_vlan},
+    veth,
+};
+use serde_json::Value;
+
+/// How long to wait for what the policy should drop, and for what should get through.
+const DROP_WAIT: Duration = Duration::from_millis(1500);
+const PASS_WAIT: Duration = Duration::from_secs(5);
+
+const HOST4: &str = "198.51.100.10";
+const HOST6: &str = "2001:db8:1::10";
+const NET4: &str = "203.0.113.20";
+const NET6: &str = "2001:db8:2::20";
+
+const POLICY: &str = r#"virtual_network:
+  address_space: [198.51.100.0/24, 2001:db8:1::/64]
+nsgs:
+  - name: host-nsg
+    hosts: [198.51.100.10, 2001:db8:1::10]
+    rules:
+      - {name: allow-ssh, priority: 100, direction: inbound, access: allow, protocol: tcp, source: ["*"], destination: ["*"], destination_ports: [22]}
+      - {name: deny-smtp-out, priority: 100, direction: outbound, access: deny, protocol: tcp, source: ["*"], destination: ["*"], destination_ports: [25]}
+"#;
+
+/// A TCP service that counts the connections it accepts and answers each with an HTTP
+/// response, then closes.
+struct Server {
+    accepted: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Server {
+    fn start(ns: &Netns, addrs: Vec<SocketAddr>) -> Self {
+        // Sockets belong to the namespace they are created in, whichever thread uses them.
+        let listeners: Vec<TcpListener> = ns.run(move || {
+            addrs
+                .iter()
+                .map(|a| TcpListener::bind(a).unwrap_or_else(|e| panic!("{a}: {e}")))
+                .collect()
+        });
+        for l in &listeners {
+            l.set_nonblocking(true).unwrap();
+        }
+        let accepted = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (count, flag) = (accepted.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                for l in &listeners {
+                    if let Ok((mut s, _)) = l.accept() {
+                        count.fetch_add(1, Ordering::Relaxed);
+                        let _ = s.set_nonblocking(false);
+                        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                        let mut buf = [0u8; 1024];
+                        let _ = s.read(&mut buf);
+                        let _ = s.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\nhello");
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        Self { accepted, stop, thread: Some(thread) }
+    }
+
+    fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Packets the egress program judged on `iface` (passed and dropped), and the packets XDP
+/// redirected there.
+fn egress_judged(s: &Value, iface: &str) -> u64 {
+    egress(s, iface, "pass") + egress(s, iface, "drop")
+}
+
+/// The programs on the tcx egress hook of `ifname` in `ns`, by name.
+fn tcx_egress(ns: &Netns, ifname: &str) -> Vec<String> {
+    let ifname = ifname.to_string();
+    ns.run(move || {
+        use aya::programs::{SchedClassifier, TcAttachType};
+        let (_, progs) = SchedClassifier::query_tcx(&ifname, TcAttachType::Egress).unwrap();
+        progs.iter().map(|p| p.name_as_str().unwrap_or("?").to_string()).collect()
+    })
+}
+
+/// An HTTP GET from namespace `ns` to `to`: the response, or why there is none.
+fn http_get(ns: &Netns, to: SocketAddr, wait: Duration) -> Result<String, String> {
+    ns.run(move || {
+        let mut s = TcpStream::connect_timeout(&to, wait).map_err(|e| format!("connect: {e}"))?;
+        s.set_read_timeout(Some(wait)).unwrap();
+        s.write_all(b"GET / HTTP/1.0\r\n\r\n").map_err(|e| format!("send: {e}"))?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).map_err(|e| format!("read: {e}"))?;
+        Ok(out)
+    })
+}
+
+fn connects(ns: &Netns, to: SocketAddr, wait: Duration) -> bool {
+    ns.run(move || TcpStream::connect_timeout(&to, wait).is_ok())
+}
+
+fn stats(pins: &Pins) -> Value {
+    serde_json::from_str(&pins.xdpgate(&["stats", "--json"])).expect("stats json")
+}
+
+fn drops(s: &Value, reason: &str) -> u64 {
+    s["drops"].as_array().unwrap().iter().find(|d| d[0] == reason).unwrap()[1].as_u64().unwrap()
+}
+
+fn rule_hits(s: &Value, rule: &str) -> u64 {
+    s["policy"]["rules"].as_array().unwrap().iter().find(|r| r["rule"] == rule).unwrap()["flows"]
+        .as_u64()
+        .unwrap()
+}
+
+/// The egress program's count of the host's own packets with `verdict` on `iface`.
+fn egress(s: &Value, iface: &str, verdict: &str) -> u64 {
+    let i = s["interfaces"].as_array().unwrap().iter().find(|i| i["iface"] == iface).unwrap();
+    i["egress"].as_array().unwrap().iter().find(|v| v[0] == verdict).unwrap()[1]["packets"]
+        .as_u64()
+        .unwrap()
+}
+
+struct Lab {
+    host: Netns,
+    net: Netns,
+    pins: Pins,
+    /// The host's interface, and the internet's end of the link.
+    iface: String,
+    inet_if: String,
+    /// The internet's web server (80) and mail server (25).
+    web: Server,
+    mail: Server,
+    /// The host's own listeners: SSH (22), and a web server (80) the policy keeps closed.
+    host_ssh: Server,
+    host_web: Server,
+}
+
+impl Lab {
+    fn new() -> Self {
+        let host = Netns::new("xghh");
+        let net = Netns::new("xghi");
+        let (iface, inet_if) =
+            veth(&host, &format!("{HOST4}/24,{HOST6}/64"), &net, &format!("{NET4}/24,{NET6}/64"));
+        // One link, two networks: each side reaches the other's directly.
+        host.exec("ip", &["route", "add", "203.0.113.0/24", "dev", &iface]);
+        host.exec("ip", &["-6", "route", "add", "2001:db8:2::/64", "dev", &iface]);
+        net.exec("ip", &["route", "add", "198.51.100.0/24", "dev", &inet_if]);
+        net.exec("ip", &["-6", "route", "add", "2001:db8:1::/64", "dev", &inet_if]);
+        let sa = |a: &str, p: u16| SocketAddr::new(a.parse().unwrap(), p);
+        let web = Server::start(&net, vec![sa(NET4, 80), sa(NET6, 80)]);
+        let mail = Server::start(&net, vec![sa(NET4, 25), sa(NET6, 25)]);
+        let host_ssh = Server::start(&host, vec![sa(HOST4, 22), sa(HOST6, 22)]);
+        let host_web = Server::start(&host, vec![sa(HOST4, 80), sa(HOST6, 80)]);
+        // Counts the segments to port 25 that reach the internet's stack.
+        net.exec("nft", &["add", "table", "inet", "xgh"]);
+        let hook = "{ type filter hook input priority 0; }";
+        net.exec("nft", &["add", "chain", "inet", "xgh", "input", hook]);
+        net.exec("nft", &["add", "rule", "inet", "xgh", "input", "tcp", "dport", "25", "counter"]);
+        let pins = Pins::in_netns(&host);
+        Self { host, net, pins, iface, inet_if, web, mail, host_ssh, host_web }
+    }
+
+    /// Segments to TCP port 25 that reached the internet namespace.
+    fn smtp_segments(&self) -> u64 {
+        let out = self.net.exec("nft", &["list", "chain", "inet", "xgh", "input"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let n = text.split("counter packets ").nth(1).and_then(|r| r.split(' ').next());
+        n.and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("no nft counter: {text}"))
+    }
+
+    fn attach_and_apply(&self) {
+        self.attach_and_apply_with(&[]);
+    }
+
+    fn attach_and_apply_with(&self, extra: &[&str]) {
+        let args = [&["attach", "--iface", &self.iface, "--role", "external"][..], extra].concat();
+        self.pins.xdpgate(&args);
+        self.pins.apply(POLICY);
+    }
+}
+
+/// The scenario for one family: `host` and `net` are the two ends' addresses.
+fn host_mode(lab: &Lab, host: &str, net: &str) {
+    let sa = |a: &str, p: u16| SocketAddr::new(a.parse().unwrap(), p);
+
+    // The host's own HTTP GET to the internet: its SYN makes the flow, the answers match it.
+    let got = http_get(&lab.host, sa(net, 80), PASS_WAIT);
+    assert!(
+        got.as_ref().is_ok_and(|r| r.starts_with("HTTP/1.0 200") && r.ends_with("hello")),
+        "the host's own HTTP GET to {net} failed: {got:?}\n{}",
+        lab.pins.xdpgate(&["stats"])
+    );
+
+    // Its ping: the echo replies match the flow its request made.
+    let out = lab.host.try_exec("ping", &["-c", "1", "-W", "2", net]);
+    assert!(
+        out.status.success(),
+        "the host's ping to {net}: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    // SSH into the host is allowed; its web server is not reachable from outside.
+    assert!(connects(&lab.net, sa(host, 22), PASS_WAIT), "SSH to {host} refused");
+    assert!(!connects(&lab.net, sa(host, 80), DROP_WAIT), "TCP 80 to {host} got through");
+    assert_eq!(lab.host_web.accepted(), 0, "TCP 80 to {host} got through");
+
+    // Its connection to port 25 is blocked by the outbound rule: the SYN never leaves.
+    let before = stats(&lab.pins);
+    assert!(!connects(&lab.host, sa(net, 25), DROP_WAIT), "the host reached {net}:25");
+    let after = stats(&lab.pins);
+    assert_eq!(lab.smtp_segments(), 0, "a SYN to {net}:25 reached the internet");
+    assert_eq!(lab.mail.accepted(), 0);
+    assert!(
+        rule_hits(&after, "deny-smtp-out") > rule_hits(&before, "deny-smtp-out"),
+        "deny-smtp-out not counted: {after}"
+    );
+    assert!(drops(&after, "policy") > drops(&before, "policy"), "{after}");
+    assert!(
+        egress(&after, &lab.iface, "drop") > egress(&before, &lab.iface, "drop"),
+        "no egress drop counted: {after}"
+    );
+    assert!(egress(&after, &lab.iface, "pass") > 0, "{after}");
+    assert!(lab.web.accepted() > 0 && lab.host_ssh.accepted() > 0);
+
+    // Both programs are there, as status shows them.
+    let status: Value =
+        serde_json::from_str(&lab.pins.xdpgate(&["status", "--json"])).expect("status json");
+    let iface = &status["interfaces"][0];
+    assert!(iface["egress_program_id"].as_u64().is_some(), "{status}");
+}
+
+#[test]
+fn host_protects_itself_ipv4() {
+    let lab = Lab::new();
+    lab.attach_and_apply();
+    host_mode(&lab, HOST4, NET4);
+}
+
+#[test]
+fn host_protects_itself_ipv6() {
+    let lab = Lab::new();
+    lab.attach_and_apply();
+    host_mode(&lab, HOST6, NET6);
+}
+
+/// On a gateway, forwarded packets were judged by XDP where they arrived: the egress program
+/// leaves them alone (`ingress_ifindex` is set on a forwarded socket buffer) and judges only
+/// what the gateway itself sends.
+#[test]
+fn forwarded_packets_are_not_the_hosts_own() {
+    let lab = Gateway::new();
+    let sa = |a: &str, p: u16| SocketAddr::new(a.parse().unwrap(), p);
+    let _echo = EchoServer::start(&lab.server, vec![sa(SERVER4, 80), sa(SERVER6, 80)]);
+    lab.pins.apply(
+        r#"virtual_network:
+  address_space: [198.51.100.0/24, 2001:db8:1::/64]
+nsgs:
+  - name: web
+    subnets: [198.51.100.0/24, 2001:db8:1::/64]
+    rules:
+      - {name: allow-web, priority: 100, direction: inbound, access: allow, protocol: tcp, source: [Internet], destination: ["*"], destination_ports: [80]}
+"#,
+    );
+    // Forwarded both ways: connections in, pings out; the kernel forwards them (XDP passes
+    // them up, as it has no devmap route to the namespaces' veth peers).
+    for server in [SERVER4, SERVER6] {
+        let to = sa(server, 80);
+        let echoed = lab.client.run(move || {
+            let mut s = TcpStream::connect_timeout(&to, PASS_WAIT)?;
+            s.set_read_timeout(Some(PASS_WAIT))?;
+            s.write_all(b"hello")?;
+            let mut back = [0u8; 5];
+            s.read_exact(&mut back).map(|()| back)
+        });
+        assert!(echoed.is_ok_and(|b| &b == b"hello"), "TCP 80 to {server} through the gateway");
+    }
+    for client in [CLIENT4, CLIENT6] {
+        let out = lab.server.try_exec("ping", &["-c", "2", "-i", "0.2", "-W", "2", client]);
+        assert!(out.status.success(), "the server's ping to {client} through the gateway");
+    }
+    let s = stats(&lab.pins);
+    for iface in [&lab.ext, &lab.int] {
+        assert_eq!(egress_judged(&s, iface), 0, "forwarded packets judged on egress: {s}");
+    }
+    // The gateway's own ping is its own: judged (no NSG for its address: allowed), and the
+    // replies match its flow.
+    let out = lab.gw.try_exec("ping", &["-c", "2", "-i", "0.2", "-W", "2", CLIENT4]);
+    assert!(out.status.success(), "the gateway's own ping");
+    let s = stats(&lab.pins);
+    assert!(egress(&s, &lab.ext, "pass") >= 2, "the gateway's own ping not judged: {s}");
+    assert_eq!(egress(&s, &lab.int, "pass"), 0, "{s}");
+}
+
+/// An interface attached by a build without the egress program (its XDP link alone, as
+/// unpinning the egress link leaves it): the host's own connections fail as they did, status
+/// says the program is missing, and `upgrade` adds it. A later upgrade replaces it in place,
+/// and `detach` removes both programs.
+#[test]
+fn upgrade_adds_the_egress_program_and_detach_removes_both() {
+    let lab = Lab::new();
+    lab.attach_and_apply();
+    let sa = |a: &str, p: u16| SocketAddr::new(a.parse().unwrap(), p);
+    let status = || -> Value {
+        serde_json::from_str(&lab.pins.xdpgate(&["status", "--json"])).expect("status json")
+    };
+    let egress_ids = || {
+        let s = status();
+        let i = &s["interfaces"][0];
+        (i["egress_link_id"].as_u64(), i["egress_program_id"].as_u64())
+    };
+    let tcx = || tcx_egress(&lab.host, &lab.iface);
+    assert_eq!(tcx(), ["xdpgate_egress"]);
+
+    std::fs::remove_file(lab.pins.dir.egress_link(&lab.iface)).unwrap();
+    assert_eq!(egress_ids(), (None, None));
+    assert!(tcx().is_empty(), "{:?}", tcx());
+    assert!(lab.pins.xdpgate(&["status"]).contains("none (xdpgate upgrade adds it)"));
+    let got = http_get(&lab.host, sa(NET4, 80), DROP_WAIT);
+    assert!(got.is_err(), "without the egress program the answers are new inbound flows");
+
+    // From another network namespace the program cannot be attached: refused, nothing
+    // changes.
+    let xdp_prog = || status()["interfaces"][0]["program_id"].as_u64();
+    let before = xdp_prog();
+    let out = std::process::Command::new(common::xdpgate_bin())
+        .arg("--pin-dir")
+        .arg(lab.pins.dir.path())
+        .arg("upgrade")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--netns"), "{err}");
+    assert_eq!(xdp_prog(), before, "a refused upgrade replaced the XDP program");
+    assert_eq!(egress_ids(), (None, None));
+
+    let out = lab.pins.xdpgate(&["upgrade"]);
+    assert!(out.contains(&format!("upgraded {} (egress program added)", lab.iface)), "{out}");
+    let (link, prog) = egress_ids();
+    assert!(link.is_some() && prog.is_some());
+    let got = http_get(&lab.host, sa(NET4, 80), PASS_WAIT);
+    assert!(got.is_ok(), "the host's own HTTP GET after upgrade: {got:?}");
+
+    // In place: the same link runs the new program.
+    let out = lab.pins.xdpgate(&["upgrade"]);
+    assert!(out.contains(&format!("upgraded {}\n", lab.iface)), "{out}");
+    let (link2, prog2) = egress_ids();
+    assert_eq!(link2, link);
+    assert_ne!(prog2, prog);
+
+    lab.pins.xdpgate(&["detach", "--iface", &lab.iface]);
+    assert!(!lab.pins.dir.egress_link(&lab.iface).exists());
+    assert!(tcx().is_empty(), "{:?}", tcx());
+}
+
+/// The MAC address of `ifname` in namespace `ns`.
+fn mac(ns: &Netns, ifname: &str) -> [u8; 6] {
+    let out = ns.exec("cat", &[&format!("/sys/class/net/{ifname}/address")]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let bytes: Vec<u8> =
+        text.trim().split(':').map(|b| u8::from_str_radix(b, 16).unwrap()).collect();
+    bytes.try_into().unwrap()
+}
+
+/// Writes `frame` out of `ifname` of namespace `ns` through an AF_PACKET socket, with the
+/// interface's MAC address as source and `dst_mac` as destination.
+fn send_frame(
+    ns: &Netns,
+    ifname: &str,
+    dst_mac: [u8; 6],
+    mut frame: Vec<u8>,
+) -> Result<(), String> {
+    frame[..6].copy_from_slice(&dst_mac);
+    frame[6..12].copy_from_slice(&mac(ns, ifname));
+    let ifname = ifname.to_string();
+    let sent = ns.run(move || {
+        let ifindex = xdpgate_dataplane::ifindex(&ifname).unwrap();
+        // SAFETY: plain socket calls with valid arguments; the fd is closed before return.
+        unsafe {
+            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+            assert!(fd >= 0, "socket(AF_PACKET): {}", std::io::Error::last_os_error());
+            let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_protocol = u16::from_be_bytes([frame[12], frame[13]]).to_be();
+            sll.sll_ifindex = ifindex as i32;
+            sll.sll_halen = 6;
+            let n = libc::sendto(
+                fd,
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&raw const sll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            );
+            let err = std::io::Error::last_os_error();
+            libc::close(fd);
+            (n, err)
+        }
+    });
+    if sent.0 > 0 { Ok(()) } else { Err(format!("sendto(AF_PACKET): {}", sent.1)) }
+}
+
+/// A frame of the host's whose headers lie outside the socket buffer's linear area (a packet
+/// socket puts only the Ethernet header there for a frame of a page or more): the egress
+/// program pulls them in and judges the packet, rather than dropping it as malformed.
+#[test]
+fn headers_outside_the_linear_area_are_pulled_and_judged() {
+    let lab = Lab::new();
+    for (ns, ifname) in [(&lab.host, &lab.iface), (&lab.net, &lab.inet_if)] {
+        ns.exec("ip", &["link", "set", ifname, "mtu", "9000"]);
+    }
+    let inet_mac = mac(&lab.net, &lab.inet_if);
+    // veth has no native XDP for this MTU: the refused attach leaves nothing behind, the
+    // egress program included.
+    let out = lab.pins.try_xdpgate(&["attach", "--iface", &lab.iface, "--role", "external"]);
+    assert!(!out.status.success());
+    assert!(tcx_egress(&lab.host, &lab.iface).is_empty());
+    assert!(!lab.pins.dir.egress_link(&lab.iface).exists());
+    assert!(lab.pins.xdpgate(&["status"]).contains("not attached to any interface"));
+    lab.attach_and_apply_with(&["--mode", "skb"]);
+    let sink = lab.net.run(|| UdpSocket::bind((NET4, 5000)).unwrap());
+    sink.set_read_timeout(Some(PASS_WAIT)).unwrap();
+    let payload = vec![7u8; 6000];
+
+    // Allowed (AllowInternetOutBound): arrives whole.
+    let before = stats(&lab.pins);
+    let sent = send_frame(
+        &lab.host,
+        &lab.iface,
+        inet_mac,
+        frame_vlan(HOST4, NET4, L4::Udp(40000, 5000), &[], &payload),
+    );
+    assert!(sent.is_ok(), "{sent:?}: {}", lab.pins.xdpgate(&["stats"]));
+    let mut buf = vec![0u8; 9000];
+    let got = sink.recv_from(&mut buf).map(|(n, _)| n);
+    let after = stats(&lab.pins);
+    assert_eq!(got.ok(), Some(payload.len()), "the host's large datagram: {after}");
+    assert_eq!(drops(&after, "malformed"), drops(&before, "malformed"));
+
+    // Denied by deny-smtp-out: judged as a SYN to port 25, not as a malformed packet.
+    let tcp = frame_vlan(HOST4, NET4, L4::Tcp(40001, 25, SYN), &[], &payload);
+    // Dropped on its way out: the sender is told (ENOBUFS).
+    let sent = send_frame(&lab.host, &lab.iface, inet_mac, tcp);
+    assert!(sent.is_err(), "the denied frame was sent");
+    let last = stats(&lab.pins);
+    assert_eq!(rule_hits(&last, "deny-smtp-out"), rule_hits(&after, "deny-smtp-out") + 1, "{last}");
+    assert_eq!(drops(&last, "policy"), drops(&after, "policy") + 1, "{last}");
+    assert_eq!(drops(&last, "malformed"), drops(&before, "malformed"), "{last}");
+    assert_eq!(lab.smtp_segments(), 0);
+}
+
+/// Entries of the flow tables (`EMBRYOS`, `FLOWS`) with TCP port `port` on either side.
+fn flow_entries(pins: &Pins, map: &str, port: u16) -> Vec<xdpgate_common::flow::FlowKey> {
+    use xdpgate_common::flow::{FlowKey, FlowValue};
+    let table: aya::maps::HashMap<_, FlowKey, FlowValue> =
+        pins.dir.open_map(map).unwrap().try_into().unwrap();
+    table.keys().filter_map(Result::ok).filter(|k| k.sport == port || k.dport == port).collect()
+}
+
+/// A SYN-ACK the host sends for a SYN whose embryo is gone (a flood pushes embryos out)
+/// makes no flow: a spoofer's blind ACK to its own spoofed SYN then confirms nothing.
+#[test]
+fn a_syn_ack_without_its_embryo_makes_no_flow() {
+    use xdpgate_common::{flow::FlowKey, maps::EMBRYOS, maps::FLOWS};
+    let lab = Lab::new();
+    lab.attach_and_apply();
+    // A spoofed source on the internet's side of the link: nobody there answers the host's
+    // SYN-ACKs (a reset would end the embryo), so the host retransmits them.
+    const SPOOF: &str = "203.0.113.99";
+    const PORT: u16 = 40999;
+    let hex = mac(&lab.net, &lab.inet_if).map(|b| format!("{b:02x}")).join(":");
+    lab.host.exec(
+        "ip",
+        &["neigh", "add", SPOOF, "lladdr", &hex, "dev", &lab.iface, "nud", "permanent"],
+    );
+    let host_mac = mac(&lab.host, &lab.iface);
+    let syn = frame_vlan(SPOOF, HOST4, L4::Tcp(PORT, 22, SYN), &[], &[]);
+    send_frame(&lab.net, &lab.inet_if, host_mac, syn).unwrap();
+    let wait_for = |what: &str, done: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + PASS_WAIT;
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_for("the SYN's embryo", &|| flow_entries(&lab.pins, EMBRYOS, PORT).len() == 2);
+    // Pushed out, as by a flood, after the first SYN-ACK.
+    let passed = egress(&stats(&lab.pins), &lab.iface, "pass");
+    let mut embryos: aya::maps::HashMap<_, FlowKey, xdpgate_common::flow::FlowValue> =
+        lab.pins.dir.open_map(EMBRYOS).unwrap().try_into().unwrap();
+    for key in flow_entries(&lab.pins, EMBRYOS, PORT) {
+        embryos.remove(&key).unwrap();
+    }
+    // The kernel retransmits the SYN-ACK after a second.
+    wait_for("the retransmitted SYN-ACK", &|| {
+        egress(&stats(&lab.pins), &lab.iface, "pass") > passed
+    });
+    assert_eq!(flow_entries(&lab.pins, EMBRYOS, PORT), [], "a flow made from the SYN-ACK");
+    // The spoofer's blind ACK: no flow to confirm, dropped.
+    let before = drops(&stats(&lab.pins), "no_flow");
+    let ack = frame_vlan(SPOOF, HOST4, L4::Tcp(PORT, 22, common::packet::ACK), &[], &[]);
+    send_frame(&lab.net, &lab.inet_if, host_mac, ack).unwrap();
+    wait_for("the blind ACK's drop", &|| drops(&stats(&lab.pins), "no_flow") > before);
+    assert_eq!(flow_entries(&lab.pins, FLOWS, PORT), []);
+    assert_eq!(flow_entries(&lab.pins, EMBRYOS, PORT), []);
+}
+
+/// A connection the host opened before the attach carries on: the host's next segment has
+/// no flow, and starts one mid-stream (its socket vouches for it) that the outbound rules
+/// allow and the peer's answer confirms.
+#[test]
+fn the_hosts_connection_from_before_the_attach_carries_on() {
+    use xdpgate_common::maps::FLOWS;
+    let lab = Lab::new();
+    let sa = |a: &str, p: u16| SocketAddr::new(a.parse().unwrap(), p);
+    let _echo = EchoServer::start(&lab.net, vec![sa(NET4, 8080), sa(NET6, 8080)]);
+    let exchange = |s: &mut TcpStream, what: &[u8]| -> std::io::Result<Vec<u8>> {
+        s.set_read_timeout(Some(PASS_WAIT))?;
+        s.write_all(what)?;
+        let mut back = vec![0u8; what.len()];
+        s.read_exact(&mut back).map(|()| back)
+    };
+    let mut conns: Vec<TcpStream> = [NET4, NET6]
+        .into_iter()
+        .map(|a| {
+            let to = sa(a, 8080);
+            lab.host.run(move || TcpStream::connect_timeout(&to, PASS_WAIT).expect("connect"))
+        })
+        .collect();
+    for s in &mut conns {
+        assert_eq!(exchange(s, b"before").unwrap(), b"before");
+    }
+    lab.attach_and_apply();
+    for s in &mut conns {
+        let got = exchange(s, b"after the attach");
+        assert!(
+            got.as_deref().is_ok_and(|b| b == b"after the attach"),
+            "{:?}: {got:?}\n{}",
+            s.peer_addr(),
+            lab.pins.xdpgate(&["stats"])
+        );
+    }
+    // Both picked up, and confirmed: two entries each in the established table.
+    assert_eq!(stats(&lab.pins)["flow_table"]["picked_up"], 2);
+    assert_eq!(flow_entries(&lab.pins, FLOWS, 8080).len(), 4);
+}
