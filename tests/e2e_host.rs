@@ -261,6 +261,27 @@ fn host_mode(lab: &Lab, host: &str, net: &str) {
     assert!(egress(&after, &lab.iface, "pass") > 0, "{after}");
     assert!(lab.web.accepted() > 0 && lab.host_ssh.accepted() > 0);
 
+    // verify-flow, asked of the kernel, agrees with what the host's traffic met.
+    let endpoint = |a: &str, p: u16| sa(a, p).to_string();
+    for (direction, local, remote, allowed, rule) in [
+        ("outbound", endpoint(host, 40000), endpoint(net, 25), false, "deny-smtp-out"),
+        ("outbound", endpoint(host, 40000), endpoint(net, 80), true, "AllowInternetOutBound"),
+        ("inbound", endpoint(host, 22), endpoint(net, 40000), true, "allow-ssh"),
+        ("inbound", endpoint(host, 80), endpoint(net, 40000), false, "DenyAllInBound"),
+    ] {
+        let args = ["verify-flow", "--json", "--direction", direction, "--protocol", "tcp"];
+        let out =
+            lab.pins.try_xdpgate(&[&args[..], &["--local", &local, "--remote", &remote]].concat());
+        let v: Value = serde_json::from_slice(&out.stdout).expect("verify-flow json");
+        let rules: Vec<&str> =
+            v["decided_by"].as_array().unwrap().iter().filter_map(|h| h["rule"].as_str()).collect();
+        assert_eq!(
+            (out.status.code(), v["allowed"].as_bool(), rules.last().copied()),
+            (Some(i32::from(!allowed)), Some(allowed), Some(rule)),
+            "verify-flow {direction} {local} {remote}: {v}"
+        );
+    }
+
     // Both programs are there, as status shows them.
     let status: Value =
         serde_json::from_str(&lab.pins.xdpgate(&["status", "--json"])).expect("status json");
