@@ -603,3 +603,90 @@ fn the_hosts_connection_from_before_the_attach_carries_on() {
     assert_eq!(stats(&lab.pins)["flow_table"]["picked_up"], 2);
     assert_eq!(flow_entries(&lab.pins, FLOWS, 8080).len(), 4);
 }
+
+/// The agent, killed and its files removed on drop (even when the test fails).
+struct FlowLogAgent {
+    child: std::process::Child,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for FlowLogAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The host's own flows reach the flow log as any flow does: its HTTP GET as a `begin` line
+/// (outbound, decided on the source side by the host NSG), its SYN to port 25 as a `deny`
+/// line naming deny-smtp-out on that side.
+#[test]
+fn the_hosts_own_flows_are_in_the_flow_log() {
+    let lab = Lab::new();
+    lab.pins.xdpgate(&["attach", "--iface", &lab.iface, "--role", "external"]);
+    let dir = std::env::temp_dir().join(common::unique("xghlog"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (policy, log) = (dir.join("policy.yaml"), dir.join("flows.jsonl"));
+    std::fs::write(&policy, POLICY).unwrap();
+    let child = std::process::Command::new(common::xdpgate_bin())
+        .args(["--netns", &lab.host.name, "--pin-dir"])
+        .arg(lab.pins.dir.path())
+        .args(["run", "--metrics-addr", "off", "--policy"])
+        .arg(&policy)
+        .arg("--flow-log")
+        .arg(&log)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn xdpgate run");
+    let _agent = FlowLogAgent { child, dir };
+    let sa = |a: &str, p: u16| SocketAddr::new(a.parse().unwrap(), p);
+    let lines = || -> Vec<Value> {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+            .collect()
+    };
+    let find = |ls: &[Value], state: &str, dport: u64| {
+        ls.iter().find(|l| l["state"] == state && l["dport"] == dport && l["src"] == HOST4).cloned()
+    };
+    // Until the agent has applied its policy, nothing is enforced.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while {
+        let out = lab.pins.try_xdpgate(&["status", "--json"]);
+        let st: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        st["policy"]["generation"].as_u64().unwrap_or(0) == 0
+    } {
+        assert!(std::time::Instant::now() < deadline, "the agent applied no policy");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let smtp = lab.smtp_segments();
+    // The host's traffic, again until both lines are there (the agent opens its flow log
+    // as it starts).
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let (begin, deny) = loop {
+        let _ = http_get(&lab.host, sa(NET4, 80), PASS_WAIT);
+        let _ = connects(&lab.host, sa(NET4, 25), DROP_WAIT);
+        let ls = lines();
+        if let (Some(b), Some(d)) = (find(&ls, "begin", 80), find(&ls, "deny", 25)) {
+            break (b, d);
+        }
+        assert!(std::time::Instant::now() < deadline, "flow log lines missing: {ls:#?}");
+    };
+    assert_eq!(
+        (begin["direction"].as_str(), begin["decision"].as_str(), begin["dst"].as_str()),
+        (Some("outbound"), Some("allow"), Some(NET4)),
+        "{begin}"
+    );
+    assert_eq!(begin["rules"]["outbound"]["nsg"], "host-nsg", "{begin}");
+    assert_eq!(begin["rules"]["inbound"], Value::Null, "{begin}");
+    assert_eq!(
+        (deny["rule"].as_str(), deny["decision"].as_str()),
+        (Some("deny-smtp-out"), Some("deny")),
+        "{deny}"
+    );
+    assert_eq!(deny["rules"]["outbound"]["rule"], "deny-smtp-out", "{deny}");
+    assert_eq!(lab.smtp_segments(), smtp, "a SYN to {NET4}:25 reached the internet");
+}
