@@ -246,9 +246,13 @@ impl Topology {
     fn spread(&self, port: u16, n: usize) -> Vec<String> {
         (0..n)
             .map(|_| {
-                let mut c = self
-                    .connect(port)
-                    .unwrap_or_else(|e| panic!("connect to frontend port {port}: {e}"));
+                let mut c = self.connect(port).unwrap_or_else(|e| {
+                    panic!(
+                        "connect to frontend port {port}: {e}\n{}\n{}",
+                        self.pins.xdpgate(&["stats"]),
+                        self.pins.xdpgate(&["flows", "--top", "0"])
+                    )
+                });
                 request(&mut c).expect("answer")
             })
             .collect()

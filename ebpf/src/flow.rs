@@ -232,6 +232,19 @@ fn establish(
     Ok(())
 }
 
+/// Removes a closed TCP connection's established entries from `key` (both directions),
+/// which a new flow's other direction takes: its entries linger a while after the close,
+/// and the established table is looked in first, so they would answer for the new flow.
+/// Two frontend ports of one client port reach one backend port this way, for example.
+#[inline(always)]
+fn forget_closed(key: &FlowKey) {
+    let Some(old) = (unsafe { FLOWS.get(key) }) else { return };
+    if old.tcp & TCP_CLOSED != 0 {
+        let _ = FLOWS.remove(&key.twin(old));
+        let _ = FLOWS.remove(key);
+    }
+}
+
 #[inline(always)]
 fn forget_embryo(key: &FlowKey, entry: &FlowValue) {
     let _ = EMBRYOS.remove(&key.twin(entry));
@@ -444,6 +457,7 @@ pub fn commit(
         reply.nat_port = meta.sport;
     }
     let twin = key.twin(forward);
+    forget_closed(&twin);
     if established {
         establish(key, forward, &twin, reply)?;
         count(FLOW_STAT_REBUILT);
