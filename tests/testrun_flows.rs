@@ -366,3 +366,28 @@ fn the_other_familys_icmp_number_is_a_plain_protocol_in_the_flow_table() {
         assert_eq!(kept, !c.is_icmp(), "{}: kept", c.name);
     }
 }
+
+/// An embryonic flow that lost one of its two entries to the table's LRU cannot be confirmed
+/// any more (its answer finds no flow, or the other half is gone): `stats` counts it evicted,
+/// not live, so live flows never exceed the table's capacity. (A SYN flood in CI once showed
+/// 131,521 "live" of 131,072: forward entries whose reply entries had been pushed out.)
+#[test]
+fn an_embryo_missing_either_entry_is_counted_evicted_not_live() {
+    let k = Kernel::new();
+    k.apply(POLICY);
+    let server = "198.51.100.10";
+    k.arrive_as(Role::External);
+    for port in 6001..=6004 {
+        assert_eq!(k.run(&frame("203.0.113.9", server, L4::Udp(port, 53))), PASS);
+    }
+    let read = || stats::read(&k.pins.dir).unwrap().flow_table.embryonic;
+    let e = read();
+    assert_eq!((e.created, e.live, e.entries, e.evicted), (4, 4, 8, 0), "{e:?}");
+
+    let mut embryos = table_of(&k.pins.dir, EMBRYOS);
+    // One loses its reply entry, another its forward entry.
+    embryos.remove(&flow_key(server, "203.0.113.9", 53, 6001, 17)).unwrap();
+    embryos.remove(&flow_key("203.0.113.9", server, 6002, 53, 17)).unwrap();
+    let e = read();
+    assert_eq!((e.created, e.live, e.entries, e.evicted), (4, 2, 6, 2), "{e:?}");
+}

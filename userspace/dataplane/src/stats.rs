@@ -1,5 +1,7 @@
 //! Reading the dataplane's counters from their pins.
 
+use std::collections::HashSet;
+
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, MapData, PerCpuArray};
 use serde::Serialize;
@@ -115,7 +117,7 @@ pub struct EstablishedTable {
 pub struct EmbryonicTable {
     /// Flows the table holds (two entries each).
     pub capacity: u64,
-    /// Embryonic flows in the table now (their forward entries).
+    /// Embryonic flows in the table now with both their entries.
     pub live: u64,
     /// Entries in the table (one per direction; an evicted flow may leave one behind).
     /// Shown in the metrics; `stats --json` keeps to the agreed fields.
@@ -126,8 +128,8 @@ pub struct EmbryonicTable {
     pub expired: u64,
     pub refused: u64,
     pub closed: u64,
-    /// Pushed out of the table by newer embryonic flows: what was created and neither ended
-    /// another way nor is still live. Derived, so it can be off by the flows created or ended
+    /// Pushed out of the table, wholly or by half, by newer embryonic flows: what was
+    /// created and neither ended another way nor is still live. Derived, so it can be off by the flows created or ended
     /// while the table was read.
     pub evicted: u64,
 }
@@ -244,12 +246,20 @@ pub fn flow_table(pins: &PinDir) -> Result<FlowTable> {
         ..Default::default()
     };
     let (rebuilt, picked_up) = (sum(FLOW_STAT_REBUILT)?, sum(FLOW_STAT_PICKED_UP)?);
+    // Live: flows with both entries. One that lost either to the LRU cannot be confirmed
+    // any more, so it counts as evicted (and live stays within the capacity).
     let embryos: HashMap<MapData, FlowKey, FlowValue> = pins.open_map(EMBRYOS)?.try_into()?;
-    table::for_each(&embryos, |_, v| {
+    let (mut replies, mut twins) = (HashSet::new(), Vec::new());
+    table::for_each(&embryos, |k, v| {
         embryonic.entries += 1;
-        embryonic.live += u64::from(v.reply == 0);
+        if v.reply == 0 {
+            twins.push(k.twin(v));
+        } else {
+            replies.insert(*k);
+        }
         Ok(())
     })?;
+    embryonic.live = twins.iter().filter(|t| replies.contains(t)).count() as u64;
     let flows: HashMap<MapData, FlowKey, FlowValue> = pins.open_map(FLOWS)?.try_into()?;
     Ok(FlowTable {
         flows: EstablishedTable { capacity: capacity(FLOWS)?, entries: table::count(&flows)? },
