@@ -14,7 +14,7 @@ use common::{
 };
 use xdpgate::flowlog;
 use xdpgate_common::{
-    events::{DENY_EVENTS_PER_SEC, EVENT_BEGIN, EVENT_DENY, FlowEvent},
+    events::{DENY_EVENTS_PER_SEC, EVENT_BEGIN, EVENT_DENY, EVENT_WAKE_BYTES, FlowEvent},
     iface::Role,
     maps::EVENTS,
 };
@@ -199,4 +199,68 @@ fn a_missing_stage_fails_closed_and_is_logged() {
     logger.flush();
     let lines = capture.0.lock().unwrap().clone();
     assert!(lines.iter().any(|l| l.contains("pipeline stage or scratch map missing")), "{lines:?}");
+}
+
+/// IRQ work interrupts taken so far on `cpu` (a ring buffer's wake-up is one).
+fn irq_work(cpu: usize) -> u64 {
+    let text = std::fs::read_to_string("/proc/interrupts").unwrap();
+    let line = text.lines().find(|l| l.trim_start().starts_with("IWI:")).expect("an IWI line");
+    line.split_whitespace().nth(1 + cpu).unwrap().parse().unwrap()
+}
+
+/// Runs this thread on one CPU, so the program runs (and queues its IRQ work) there.
+fn pin_to_cpu() -> usize {
+    let cpu = unsafe { libc::sched_getcpu() } as usize;
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    assert_eq!(unsafe { libc::sched_setaffinity(0, size_of_val(&set), &set) }, 0);
+    cpu
+}
+
+/// A new flow's event does not wake the reader (an interrupt per flow, several microseconds
+/// of its first packet) even when the reader has caught up: it polls. Filled past
+/// `EVENT_WAKE_BYTES`, the ring wakes it with every event, so a burst cannot overrun it
+/// between polls. (Before: 200 wake-ups for 200 flows, one per event.)
+#[test]
+fn events_wake_the_reader_only_once_the_ring_fills() {
+    let k = Kernel::new();
+    k.apply(POLICY);
+    k.arrive_as(Role::External);
+    let cpu = pin_to_cpu();
+    let mut ring: RingBuf<_> = k.pins.dir.open_map(EVENTS).unwrap().try_into().unwrap();
+    let mut read = || {
+        let mut n = 0;
+        while ring.next().is_some() {
+            n += 1;
+        }
+        n
+    };
+    read();
+    let syn = |port: u16| frame("203.0.113.7", "198.51.100.10", L4::Tcp(port, 80, SYN));
+    // Caught up before every flow: the case in which the kernel would wake the reader.
+    let before = irq_work(cpu);
+    for port in 1000..1200 {
+        assert_eq!(k.run(&syn(port)), PASS);
+        assert_eq!(read(), 1);
+    }
+    let woken = irq_work(cpu) - before;
+    // Other IRQ work on this CPU (timers, other tests' programs) may add a few.
+    assert!(woken < 20, "{woken} IRQ work interrupts for 200 events");
+
+    // Filled to just below the wake-up level, then past it.
+    let record = (size_of::<FlowEvent>() + 8) as u32;
+    let below = (EVENT_WAKE_BYTES - 1) / record;
+    let before = irq_work(cpu);
+    for i in 0..below {
+        assert_eq!(k.run(&syn(2000 + i as u16)), PASS);
+    }
+    let quiet = irq_work(cpu) - before;
+    let before = irq_work(cpu);
+    for i in 0..100u16 {
+        assert_eq!(k.run(&syn(30000 + i)), PASS);
+    }
+    let woken = irq_work(cpu) - before;
+    assert!(quiet < 20, "{quiet} IRQ work interrupts for {below} events below the level");
+    assert!(woken >= 100, "{woken} IRQ work interrupts for 100 events past the level");
+    assert_eq!(read(), below as usize + 100, "none lost");
 }

@@ -2,10 +2,21 @@
 //! is denied. Denied-flow events go through a per-CPU token bucket, so a flood of denied
 //! packets costs the agent a bounded number of events; what the bucket or a full ring
 //! buffer holds back is counted.
+//!
+//! Events are submitted without waking the reader (a wake-up is an interrupt, and costs the
+//! first packet of every flow several microseconds when the reader has caught up): the agent
+//! polls the ring on a short interval, and is woken only once the ring is filled past
+//! `EVENT_WAKE_BYTES`, so a burst cannot overrun it between polls.
 
-use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
+use aya_ebpf::{
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    helpers::generated::bpf_ktime_get_coarse_ns,
+};
 use xdpgate_common::{
-    events::{DENY_EVENTS_PER_SEC, EVENT_DENY, EVENTS_LOST, EVENTS_SUPPRESSED, FlowEvent},
+    events::{
+        DENY_EVENTS_PER_SEC, EVENT_DENY, EVENT_WAKE_BYTES, EVENTS_LOST, EVENTS_SUPPRESSED,
+        FlowEvent,
+    },
     flow::FlowKey,
 };
 
@@ -58,5 +69,10 @@ pub fn emit(kind: u8, key: &FlowKey, rules: [u16; 2], direction: u8, generation:
         (*e).direction = direction;
         (*e)._pad = [0; 2];
     }
-    entry.submit(0);
+    let wake = if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= EVENT_WAKE_BYTES as u64 {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    entry.submit(wake as u64);
 }

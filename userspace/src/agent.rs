@@ -14,6 +14,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, anyhow};
+use aya::maps::{MapData, RingBuf};
 use aya_log::EbpfLogger;
 use log::{debug, error, info, warn};
 use tokio::{
@@ -22,7 +23,7 @@ use tokio::{
     sync::mpsc,
     task::JoinHandle,
 };
-use xdpgate_common::events::FlowEvent;
+use xdpgate_common::events::{EVENT_POLL_MS, FlowEvent};
 use xdpgate_dataplane::{
     self as dataplane, PinDir, apply,
     flows::{self, Ended, Swept},
@@ -334,6 +335,8 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
         }
         None => None,
     };
+    let mut event_poll = tokio::time::interval(std::time::Duration::from_millis(EVENT_POLL_MS));
+    event_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut maps = LbMaps::open(pins)?;
     let mut expiry = tokio::time::interval(std::time::Duration::from_secs(1));
     // Programs come and go with attach and upgrade: look for new ones every tick.
@@ -353,17 +356,13 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                         continue;
                     }
                 };
-                let ring = guard.get_inner_mut();
-                while let Some(item) = ring.next() {
-                    if item.len() >= std::mem::size_of::<FlowEvent>() {
-                        // SAFETY: the dataplane writes whole FlowEvents (plain data).
-                        let e: FlowEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-                        if let Some(sink) = flow_log.as_mut() {
-                            failing.check("flow log", sink.write(&flowlog::event_line(&running.names, &e)));
-                        }
-                    }
-                }
+                log_events(guard.get_inner_mut(), &running.names, flow_log.as_mut(), &mut failing);
                 guard.clear_ready();
+            }
+            // The dataplane wakes the reader only once the ring fills: read it on a tick.
+            _ = event_poll.tick(), if events.is_some() => {
+                let ring = events.as_mut().expect("guarded").get_mut();
+                log_events(ring, &running.names, flow_log.as_mut(), &mut failing);
             }
             joined = async { (&mut sweeper.pass.as_mut().expect("guarded").1).await }, if sweeper.pass.is_some() => {
                 if let Some((swept, took)) = failing.check("flow sweep", sweeper.finished(joined)) {
@@ -498,6 +497,24 @@ fn attach_node(pins: &PinDir, node: &Node, failing: &mut Failing) {
         )),
     };
     failing.check("node file", result);
+}
+
+/// Writes the flow events waiting in the ring to the flow log.
+fn log_events(
+    ring: &mut RingBuf<MapData>,
+    names: &flows::Names,
+    mut flow_log: Option<&mut flowlog::Sink>,
+    failing: &mut Failing,
+) {
+    while let Some(item) = ring.next() {
+        if item.len() >= std::mem::size_of::<FlowEvent>() {
+            // SAFETY: the dataplane writes whole FlowEvents (plain data).
+            let e: FlowEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            if let Some(sink) = flow_log.as_deref_mut() {
+                failing.check("flow log", sink.write(&flowlog::event_line(names, &e)));
+            }
+        }
+    }
 }
 
 /// The once-a-second jobs; none of their errors ends the agent.
