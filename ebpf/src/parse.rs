@@ -201,6 +201,15 @@ fn parse_eth(ctx: &impl Packet) -> Result<(u16, usize), DropReason> {
     Ok((ether_type, off))
 }
 
+/// The length of the IP packet at `off` whose length field says `field`. A field of 0 on a
+/// packet longer than any field can say is a BIG TCP aggregate of the host's stack (on tc
+/// egress; GSO sizes past 64 KiB): it runs to the end of the packet.
+#[inline(always)]
+fn ip_len(ctx: &impl Packet, off: usize, field: usize) -> usize {
+    let rest = ctx.len().saturating_sub(off);
+    if field == 0 && rest > usize::from(u16::MAX) { rest } else { field }
+}
+
 #[inline(always)]
 /// Returns the offsets of the L4 header and of the end of the datagram.
 fn parse_ipv4(
@@ -211,7 +220,7 @@ fn parse_ipv4(
     let ip: *const Ipv4Hdr = ptr_at(ctx, off)?;
     let ip = unsafe { &*ip };
     let ihl = ((ip.version_ihl & 0x0f) as usize) * 4;
-    let total_len = be16(ip.total_len) as usize;
+    let total_len = ip_len(ctx, off, be16(ip.total_len) as usize);
     if ip.version_ihl >> 4 != 4 || ihl < size_of::<Ipv4Hdr>() || total_len < ihl {
         return Err(DropReason::Malformed);
     }
@@ -247,10 +256,12 @@ fn parse_ipv6(
     if ip.vtc_flow[0] >> 4 != 6 {
         return Err(DropReason::Malformed);
     }
-    if off + size_of::<Ipv6Hdr>() + be16(ip.payload_len) as usize > ctx.len() {
+    let hdr = size_of::<Ipv6Hdr>();
+    let len = hdr + be16(ip.payload_len) as usize;
+    let end = off + if len == hdr { ip_len(ctx, off, 0).max(hdr) } else { len };
+    if end > ctx.len() {
         return Err(DropReason::Malformed);
     }
-    let end = off + size_of::<Ipv6Hdr>() + be16(ip.payload_len) as usize;
     meta.family = 6;
     meta.hop_limit = ip.hop_limit;
     meta.src = words(&ip.src);
