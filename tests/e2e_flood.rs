@@ -28,7 +28,6 @@ mod common;
 use std::{
     io::{ErrorKind, Read, Write},
     net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream},
-    os::fd::AsRawFd,
     path::PathBuf,
     process::{Child, Command, Stdio},
     sync::{
@@ -39,7 +38,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Netns, Pins, pktgen_bin, run, unique};
+use common::{Netns, Pins, pktgen_bin, retransmissions, run, unique};
 use serde_json::Value;
 
 const ECHO_PORT: u16 = 9000;
@@ -330,24 +329,6 @@ impl Conn {
             self.client.peer_addr().map_or("?".into(), |a| a.to_string())
         )
     }
-}
-
-/// Retransmitted segments of a socket so far (TCP_INFO `tcpi_total_retrans`).
-fn retransmissions(s: &TcpStream) -> u32 {
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: `info` is a tcp_info of `len` bytes; the descriptor is a TCP socket we own.
-    let rc = unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&raw mut info).cast(),
-            &raw mut len,
-        )
-    };
-    assert_eq!(rc, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
-    info.tcpi_total_retrans
 }
 
 /// Byte `i` of a stream: not periodic over any short span, so a lost, repeated or

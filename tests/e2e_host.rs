@@ -413,14 +413,6 @@ fn upgrade_adds_the_egress_program_and_detach_removes_both() {
 }
 
 /// The MAC address of `ifname` in namespace `ns`.
-fn mac(ns: &Netns, ifname: &str) -> [u8; 6] {
-    let out = ns.exec("cat", &[&format!("/sys/class/net/{ifname}/address")]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    let bytes: Vec<u8> =
-        text.trim().split(':').map(|b| u8::from_str_radix(b, 16).unwrap()).collect();
-    bytes.try_into().unwrap()
-}
-
 /// Writes `frame` out of `ifname` of namespace `ns` through an AF_PACKET socket, with the
 /// interface's MAC address as source and `dst_mac` as destination.
 fn send_frame(
@@ -430,7 +422,7 @@ fn send_frame(
     mut frame: Vec<u8>,
 ) -> Result<(), String> {
     frame[..6].copy_from_slice(&dst_mac);
-    frame[6..12].copy_from_slice(&mac(ns, ifname));
+    frame[6..12].copy_from_slice(&ns.mac(ifname));
     let ifname = ifname.to_string();
     let sent = ns.run(move || {
         let ifindex = xdpgate_dataplane::ifindex(&ifname).unwrap();
@@ -468,7 +460,7 @@ fn headers_outside_the_linear_area_are_pulled_and_judged() {
     for (ns, ifname) in [(&lab.host, &lab.iface), (&lab.net, &lab.inet_if)] {
         ns.exec("ip", &["link", "set", ifname, "mtu", "9000"]);
     }
-    let inet_mac = mac(&lab.net, &lab.inet_if);
+    let inet_mac = lab.net.mac(&lab.inet_if);
     // veth has no native XDP for this MTU: the refused attach leaves nothing behind, the
     // egress program included.
     let out = lab.pins.try_xdpgate(&["attach", "--iface", &lab.iface, "--role", "external"]);
@@ -527,12 +519,12 @@ fn a_syn_ack_without_its_embryo_makes_no_flow() {
     // SYN-ACKs (a reset would end the embryo), so the host retransmits them.
     const SPOOF: &str = "203.0.113.99";
     const PORT: u16 = 40999;
-    let hex = mac(&lab.net, &lab.inet_if).map(|b| format!("{b:02x}")).join(":");
+    let hex = lab.net.mac(&lab.inet_if).map(|b| format!("{b:02x}")).join(":");
     lab.host.exec(
         "ip",
         &["neigh", "add", SPOOF, "lladdr", &hex, "dev", &lab.iface, "nud", "permanent"],
     );
-    let host_mac = mac(&lab.host, &lab.iface);
+    let host_mac = lab.host.mac(&lab.iface);
     let syn = frame_vlan(SPOOF, HOST4, L4::Tcp(PORT, 22, SYN), &[], &[]);
     send_frame(&lab.net, &lab.inet_if, host_mac, syn).unwrap();
     let wait_for = |what: &str, done: &dyn Fn() -> bool| {

@@ -232,3 +232,89 @@ fn a_small_pool_runs_out_and_recovers() {
     lab.wait("the pool to recover", Duration::from_secs(12), |l| l.udp(41003).is_some());
     let _ = &lab.gw;
 }
+
+/// The cached next hop of the translated flow from the host's `sport` to the server's
+/// echo port: the MAC it is sent to and the interface it leaves by.
+fn cached_hop(pins: &Pins, sport: u16) -> ([u8; 6], u32) {
+    use aya::maps::HashMap;
+    use xdpgate_common::flow::{FlowKey, FlowValue};
+    let flows: HashMap<_, FlowKey, FlowValue> =
+        pins.dir.open_map(xdpgate_common::maps::FLOWS).unwrap().try_into().unwrap();
+    let key = FlowKey {
+        src: [u32::from_ne_bytes([198, 51, 100, 10]), 0, 0, 0],
+        dst: [u32::from_ne_bytes([203, 0, 113, 10]), 0, 0, 0],
+        sport,
+        dport: 7,
+        proto: 6,
+        family: 4,
+        _pad: [0; 2],
+    };
+    let hop = flows.get(&key, 0).expect("the connection's established entry").hop;
+    (hop.dmac, hop.ifindex)
+}
+
+fn route_generation(pins: &Pins) -> u32 {
+    let map: aya::maps::Array<_, u32> =
+        pins.dir.open_map(xdpgate_common::maps::ROUTE_GENERATION).unwrap().try_into().unwrap();
+    map.get(&0, 0).unwrap()
+}
+
+/// One message echoed over `s`, within `wait`.
+fn echoed(s: &mut TcpStream, wait: Duration) -> bool {
+    s.set_read_timeout(Some(wait)).unwrap();
+    let mut buf = [0u8; 5];
+    s.write_all(b"hello").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"hello"
+}
+
+/// A translated flow keeps its next hop (the server's MAC, the external interface) in its
+/// entry instead of asking the FIB per packet. When the server's MAC changes and the gateway
+/// learns it, the agent hears the neighbour change over netlink and bumps the route
+/// generation, so the very next segment goes to the new MAC (not one retransmission); with
+/// no agent running, the cached hop gives way by age, within a second.
+#[test]
+fn a_translated_flow_follows_its_next_hop_when_it_changes() {
+    let mut lab = Lab::new("");
+    let _echo =
+        common::echo::EchoServer::start(&lab.server, vec!["203.0.113.10:7".parse().unwrap()]);
+    let mut s = lab.host.run(|| {
+        TcpStream::connect_timeout(&"203.0.113.10:7".parse().unwrap(), Duration::from_secs(3))
+            .expect("connect through NAT")
+    });
+    assert!(echoed(&mut s, Duration::from_secs(3)));
+    let sport = s.local_addr().unwrap().port();
+    let ext0: u32 =
+        String::from_utf8_lossy(&lab.gw.exec("cat", &["/sys/class/net/ext0/ifindex"]).stdout)
+            .trim()
+            .parse()
+            .unwrap();
+    assert_eq!(cached_hop(&lab.pins, sport), (lab.server.mac("eth0"), ext0), "cached");
+
+    // The server moves to another MAC; the gateway's neighbour entry follows.
+    let move_to = |mac: &str| {
+        lab.server.exec("ip", &["link", "set", "dev", "eth0", "address", mac]);
+        lab.gw.exec(
+            "ip",
+            &["neigh", "replace", "203.0.113.10", "lladdr", mac, "dev", "ext0", "nud", "reachable"],
+        );
+    };
+    let generation = route_generation(&lab.pins);
+    let retransmitted = common::retransmissions(&s);
+    move_to("02:00:00:00:00:07");
+    lab.wait("the agent to bump the route generation", Duration::from_secs(5), |l| {
+        route_generation(&l.pins) != generation
+    });
+    assert!(echoed(&mut s, Duration::from_secs(3)), "echo after the MAC change");
+    assert_eq!(common::retransmissions(&s), retransmitted, "no segment lost to the old MAC");
+    assert_eq!(cached_hop(&lab.pins, sport).0, [2, 0, 0, 0, 0, 7]);
+
+    // No agent: nothing bumps the generation; the cached hop is asked again after at most
+    // 100 ticks (0.1-1 s), and TCP's retransmission gets through.
+    let mut agent = lab.agent.take().unwrap();
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    let generation = route_generation(&lab.pins);
+    move_to("02:00:00:00:00:08");
+    assert!(echoed(&mut s, Duration::from_secs(5)), "echo after the second MAC change");
+    assert_eq!(route_generation(&lab.pins), generation);
+    assert_eq!(cached_hop(&lab.pins, sport).0, [2, 0, 0, 0, 0, 8]);
+}

@@ -19,7 +19,10 @@ use std::{
 };
 
 use common::{Pins, echo::EchoServer, gateway::Gateway};
-use xdpgate_common::flow::{FlowKey, FlowValue};
+use xdpgate_common::{
+    flow::{FlowKey, FlowValue},
+    maps::{EMBRYOS, FLOWS},
+};
 
 const POLICY: &str = r#"
 virtual_network:
@@ -175,13 +178,14 @@ fn table_sizes(pins: &Pins) -> Vec<(String, u64, u64)> {
 fn sized_tables_carry_traffic_and_keep_their_size_across_upgrade() {
     let lab = Gateway::attached_with(&["--flows", "1048576", "--nat-translations", "100000"]);
     let want = vec![
-        ("FLOWS".to_owned(), 2_097_152, 1_048_576),
-        ("EMBRYOS".to_owned(), 524_288, 262_144),
+        (FLOWS.to_owned(), 2_097_152, 1_048_576),
+        (EMBRYOS.to_owned(), 524_288, 262_144),
         ("NAT_MAP".to_owned(), 200_000, 100_000),
     ];
     assert_eq!(table_sizes(&lab.pins), want, "sized at first attach");
     let text = lab.pins.xdpgate(&["status"]);
-    assert!(text.contains("tables         1,048,576 flows (FLOWS: 2,097,152 entries, "), "{text}");
+    let shown = format!("tables         1,048,576 flows ({FLOWS}: 2,097,152 entries, ");
+    assert!(text.contains(&shown), "{text}");
 
     lab.apply("policy.yaml", POLICY);
     let _echo = EchoServer::start(&lab.server, vec!["198.51.100.10:7".parse().unwrap()]);
@@ -217,7 +221,7 @@ fn sized_tables_carry_traffic_and_keep_their_size_across_upgrade() {
     for (args, says) in [
         (
             &["--flows", "524288"][..],
-            "524,288 flows asked for, but FLOWS is pinned with 2,097,152 entries (1,048,576 flows)",
+            "524,288 flows asked for, but FLOWS_V2 is pinned with 2,097,152 entries (1,048,576 flows)",
         ),
         (
             &["--nat-translations", "262144"][..],
@@ -258,11 +262,11 @@ fn a_flow_table_of_another_map_type_is_refused() {
     let lab = Gateway::new();
     lab.apply("policy.yaml", POLICY);
     let _echo = EchoServer::start(&lab.server, vec!["198.51.100.10:7".parse().unwrap()]);
-    let pin = lab.pins.dir.map("FLOWS");
+    let pin = lab.pins.dir.map(FLOWS);
     std::fs::remove_file(&pin).unwrap();
     let (key, value) = (size_of::<FlowKey>().to_string(), size_of::<FlowValue>().to_string());
     let old =
-        ["type", "lru_hash", "key", &key, "value", &value, "entries", "262144", "name", "FLOWS"];
+        ["type", "lru_hash", "key", &key, "value", &value, "entries", "262144", "name", "FLOWS_V2"];
     common::run("bpftool", &[&["map", "create", pin.to_str().unwrap()][..], &old].concat());
     let before = prog_ids(&lab);
 
@@ -272,8 +276,8 @@ fn a_flow_table_of_another_map_type_is_refused() {
         assert!(!out.status.success(), "{args:?} refused");
         assert!(
             err.contains("incompatible build")
-                && err.contains("FLOWS: lru_hash pinned; this build needs hash")
-                && !err.contains("FLOWS: key"),
+                && err.contains(&format!("{FLOWS}: lru_hash pinned; this build needs hash"))
+                && !err.contains(&format!("{FLOWS}: key")),
             "{err}"
         );
     };
@@ -307,7 +311,7 @@ fn tables_the_machine_cannot_hold_are_refused_before_anything_is_made() {
         .unwrap()
         * 1024;
     let largest = xdpgate_dataplane::tables::MAX_FLOWS;
-    let need = xdpgate_dataplane::tables::table_bytes("FLOWS", 2 * largest);
+    let need = xdpgate_dataplane::tables::table_bytes(FLOWS, 2 * largest);
     assert!(
         need > available,
         "this machine has {available} bytes available: the largest table ({need} bytes) fits, so \
@@ -374,4 +378,84 @@ fn a_small_table_for_test_runs_holds_flows() {
         _pad: [0; 2],
     };
     assert!(k.flow(&key).is_some(), "the flow is in the 128-entry table");
+}
+
+/// Flow tables pinned by a build from before the next-hop cache (`FLOWS` and `EMBRYOS`,
+/// whose entries lack `hop`) are carried over by `upgrade`: copied into this build's tables
+/// (at the old sizes), the programs replaced, the old tables unpinned, and a connection
+/// through the gateway carries on, its next segment finding its flow. Until then, commands
+/// that need the new tables say to upgrade, and `attach` refuses (it would split the flows
+/// between two tables).
+#[test]
+fn upgrade_carries_flows_over_from_the_earlier_layout() {
+    use aya::maps::{HashMap, MapData};
+    use xdpgate_common::maps::{EMBRYOS_V1, FLOWS_V1};
+    let lab = Gateway::new();
+    lab.apply("policy.yaml", POLICY);
+    let _echo = EchoServer::start(&lab.server, vec!["198.51.100.10:7".parse().unwrap()]);
+    let mut s = lab.client.run(|| TcpStream::connect("198.51.100.10:7").unwrap());
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let exchange = |s: &mut TcpStream| {
+        s.write_all(b"hello").unwrap();
+        let mut buf = [0u8; 5];
+        s.read_exact(&mut buf).map(|()| buf)
+    };
+    assert_eq!(exchange(&mut s).unwrap(), *b"hello");
+
+    // The pins as an earlier build left them: its tables, holding the flows, under the old
+    // names; this build's not pinned (the running programs keep theirs).
+    let mut carried = 0;
+    for (new, old, kind) in [(FLOWS, FLOWS_V1, "hash"), (EMBRYOS, EMBRYOS_V1, "lru_hash")] {
+        let current: HashMap<MapData, FlowKey, FlowValue> =
+            lab.pins.dir.open_map(new).unwrap().try_into().unwrap();
+        let entries: Vec<(FlowKey, FlowValue)> = current.iter().map(|e| e.unwrap()).collect();
+        let size = xdpgate_dataplane::tables::pinned_entries(&lab.pins.dir, new).unwrap();
+        let size = size.unwrap().to_string();
+        let pin = lab.pins.dir.map(old);
+        let args = ["type", kind, "key", "40", "value", "72", "entries", &size, "name", old];
+        common::run("bpftool", &[&["map", "create", pin.to_str().unwrap()][..], &args].concat());
+        let mut earlier: HashMap<MapData, FlowKey, [u8; 72]> =
+            lab.pins.dir.open_map(old).unwrap().try_into().unwrap();
+        for (k, v) in &entries {
+            // The earlier layout is this one without the next hop at its end.
+            let bytes: [u8; size_of::<FlowValue>()] = unsafe { std::mem::transmute(*v) };
+            earlier.insert(k, <[u8; 72]>::try_from(&bytes[..72]).unwrap(), 0).unwrap();
+        }
+        carried += entries.len();
+        std::fs::remove_file(lab.pins.dir.map(new)).unwrap();
+    }
+    assert!(carried >= 2, "the connection's two entries");
+
+    let out = lab.pins.try_xdpgate(&["flows"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("run `xdpgate upgrade`"), "{err}");
+    lab.gw.exec("ip", &["link", "add", "xgspare", "type", "veth", "peer", "name", "xgspare1"]);
+    let out = lab.pins.try_xdpgate(&["attach", "--iface", "xgspare", "--role", "internal"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("run `xdpgate upgrade` first"), "{err}");
+
+    let before = prog_ids(&lab);
+    lab.pins.xdpgate(&["upgrade"]);
+    assert_ne!(prog_ids(&lab), before, "programs replaced");
+    for old in [FLOWS_V1, EMBRYOS_V1] {
+        assert!(!lab.pins.dir.map(old).exists(), "{old} unpinned");
+    }
+    let flows: HashMap<MapData, FlowKey, FlowValue> =
+        lab.pins.dir.open_map(FLOWS).unwrap().try_into().unwrap();
+    let on_port_7: Vec<FlowValue> = flows
+        .iter()
+        .map(|e| e.unwrap())
+        .filter(|(k, _)| k.dport == 7 || k.sport == 7)
+        .map(|e| e.1)
+        .collect();
+    assert_eq!(on_port_7.len(), 2, "the connection's entries carried over");
+    assert!(on_port_7.iter().all(|v| v.packets > 0 && v.generation > 0), "{on_port_7:?}");
+    let stats = |what: &str| -> u64 {
+        let v: serde_json::Value =
+            serde_json::from_str(&lab.pins.xdpgate(&["stats", "--json"])).unwrap();
+        v["drops"].as_array().unwrap().iter().find(|d| d[0] == what).unwrap()[1].as_u64().unwrap()
+    };
+    let no_flow = stats("no_flow");
+    assert_eq!(exchange(&mut s).unwrap(), *b"hello", "the connection carries on");
+    assert_eq!(stats("no_flow"), no_flow);
 }

@@ -90,7 +90,47 @@ pub struct FlowValue {
     /// Embryonic TCP flows: the acknowledgement number the initiator's ACK must carry to
     /// confirm the flow (the responder's SYN-ACK sequence number + 1; see `TCP_ANSWERED`).
     pub ack: u32,
+    /// Where this direction's packets were last forwarded (flows the dataplane forwards
+    /// itself: load-balanced and translated ones), so that the FIB need not be asked again.
+    pub hop: NextHop,
 }
+
+/// A forwarded flow direction's next hop, as the kernel's FIB gave it. Used while the
+/// agent's route generation is what it was (the agent bumps it on every route, neighbour and
+/// link change it hears) and for at most `HOP_MAX_AGE_JIFFIES` (so a change the agent does
+/// not see, as when none runs, is followed too), for packets no longer than the FIB passed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NextHop {
+    /// The route generation it was looked up in.
+    pub generation: u32,
+    /// The low 32 bits of `jiffies` when it was looked up.
+    pub jiffies: u32,
+    /// The interface it leaves by; 0: none cached.
+    pub ifindex: u32,
+    pub dmac: [u8; 6],
+    pub smac: [u8; 6],
+    /// The longest packet (from the IP header on) the FIB has passed to it.
+    pub max_len: u16,
+    /// Rounds `FlowValue` to its 8-byte alignment with no hidden padding.
+    pub _pad: [u8; 6],
+}
+
+impl NextHop {
+    pub const NONE: NextHop = NextHop {
+        generation: 0,
+        jiffies: 0,
+        ifindex: 0,
+        dmac: [0; 6],
+        smac: [0; 6],
+        max_len: 0,
+        _pad: [0; 6],
+    };
+}
+
+/// How long a cached next hop is used without asking the FIB again: 100 ms to 1 s, as the
+/// kernel's tick is 1,000 to 100 per second.
+pub const HOP_MAX_AGE_JIFFIES: u32 = 100;
 
 pub const NAT_NONE: u8 = 0;
 /// Rewrite the destination (the client's packets to a frontend, DNAT to the backend).
@@ -155,4 +195,4 @@ pub struct FragValue {
     pub _pad: [u8; 3],
 }
 
-pod!(FlowKey, FlowValue, FragKey, FragValue);
+pod!(FlowKey, FlowValue, NextHop, FragKey, FragValue);

@@ -27,11 +27,20 @@ pub const ACTIVE_SLOT: &str = "ACTIVE_SLOT";
 pub const POLICY_CONFIG: &str = "POLICY_CONFIG";
 /// `HashMap<FlowKey, FlowValue>`: established (confirmed) flows, one entry per direction.
 /// Not LRU: a full table refuses new flows instead of evicting live ones; the agent removes
-/// idle entries.
-pub const FLOWS: &str = "FLOWS";
+/// idle entries. The name carries the layout's version: a build with another layout pins
+/// its own table beside the old one, and `upgrade` copies the flows over (see `FLOWS_V1`).
+pub const FLOWS: &str = "FLOWS_V2";
 /// `LruHashMap<FlowKey, FlowValue>`: embryonic (unconfirmed) flows, one entry per direction.
-/// A flood of new flows evicts only other embryonic ones.
-pub const EMBRYOS: &str = "EMBRYOS";
+/// A flood of new flows evicts only other embryonic ones. Versioned as `FLOWS` is.
+pub const EMBRYOS: &str = "EMBRYOS_V2";
+/// The flow tables of builds before the next-hop cache (`FlowValue` without `hop`), which
+/// `upgrade` carries over.
+pub const FLOWS_V1: &str = "FLOWS";
+pub const EMBRYOS_V1: &str = "EMBRYOS";
+/// `Array<u32>`, one entry: the route generation next hops are cached under
+/// (`flow::NextHop`). The agent bumps it on route, neighbour and link changes; 0 (no agent
+/// has run) keeps the cache to its age limit alone.
+pub const ROUTE_GENERATION: &str = "ROUTE_GEN";
 /// `PerCpuArray<u64>`: flow-table counters, indexed by `flow::FLOW_STAT_*`.
 pub const FLOW_STATS: &str = "FLOW_STATS";
 /// `LruHashMap<FragKey, FragValue>`: datagrams whose first fragment was allowed.

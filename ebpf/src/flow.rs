@@ -11,7 +11,7 @@ use xdpgate_common::{
         FLOW_STAT_EMBRYOS_CLOSED, FLOW_STAT_EMBRYOS_CONFIRMED, FLOW_STAT_EMBRYOS_CREATED,
         FLOW_STAT_EMBRYOS_EXPIRED, FLOW_STAT_EMBRYOS_REFUSED, FLOW_STAT_PICKED_UP,
         FLOW_STAT_REBUILT, FlowKey, FlowValue, FragKey, FragValue, NAT_DST, NAT_NEXT_HOP, NAT_NONE,
-        NAT_SRC, NO_RULES, TCP_ANSWERED, TCP_CLOSED, TCP_FIN, TCP_MIDSTREAM,
+        NAT_SRC, NO_RULES, NextHop, TCP_ANSWERED, TCP_CLOSED, TCP_FIN, TCP_MIDSTREAM,
     },
     lb::NO_BACKEND,
     nat::NAT_ACTIVE,
@@ -50,6 +50,15 @@ pub fn key(meta: &PacketMeta) -> FlowKey {
         family: meta.family,
         _pad: [0; 2],
     }
+}
+
+/// The cached next hop of the flow direction `meta` belongs to, established or embryonic
+/// (a floating-IP flow, whose answers bypass the gateway, stays embryonic).
+#[inline(always)]
+pub fn next_hop_cache(meta: &PacketMeta) -> Option<&'static mut NextHop> {
+    let key = key(meta);
+    let entry = FLOWS.get_ptr_mut(&key).or_else(|| EMBRYOS.get_ptr_mut(&key))?;
+    Some(unsafe { &mut (*entry).hop })
 }
 
 /// The packet as policy judged the flow's first packet: oriented as the first packet, after
@@ -400,6 +409,7 @@ fn fresh(
         service: NO_BACKEND,
         backend: NO_BACKEND,
         ack: 0,
+        hop: NextHop::NONE,
     };
     Ok(pair)
 }

@@ -1,7 +1,9 @@
 //! Forwarding in XDP: the kernel's FIB says the next hop and its MAC, and the frame leaves
 //! through a devmap redirect. Whatever the FIB cannot answer yet (no neighbour entry, a
 //! local destination, an interface outside `EGRESS`) goes to the kernel stack instead, which
-//! forwards the already rewritten packet and learns the neighbour for the next one.
+//! forwards the already rewritten packet and learns the neighbour for the next one. A flow
+//! direction keeps its next hop in its entry, so the FIB is asked once per flow (and again
+//! after a route change or a short while), not per packet.
 
 use core::mem::{size_of, zeroed};
 
@@ -12,14 +14,19 @@ use aya_ebpf::{
         bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2,
         xdp_action,
     },
-    helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_sk_lookup_tcp, bpf_sk_release},
+    helpers::generated::{
+        bpf_fib_lookup as fib_lookup, bpf_jiffies64, bpf_sk_lookup_tcp, bpf_sk_release,
+    },
     programs::XdpContext,
 };
-use xdpgate_common::stats::DropReason;
+use xdpgate_common::{
+    flow::{HOP_MAX_AGE_JIFFIES, NextHop},
+    stats::DropReason,
+};
 
 use crate::{
     headers::EthHdr,
-    maps::{EGRESS, FIB_PARAMS},
+    maps::{EGRESS, FIB_PARAMS, ROUTE_GENERATION},
     nat::decrement_ttl,
     parse::{PacketMeta, ptr_at},
 };
@@ -95,7 +102,8 @@ pub fn host_connection(ctx: &XdpContext, meta: &PacketMeta) -> bool {
 }
 
 /// Sends the packet towards `next_hop` (its destination, or the backend of a floating-IP
-/// flow). Returns the XDP action.
+/// flow), by the flow direction's cached next hop `cache` while it holds, or else by the
+/// FIB, whose answer is then cached. Returns the XDP action.
 #[inline(always)]
 pub fn forward(
     ctx: &XdpContext,
@@ -103,16 +111,50 @@ pub fn forward(
     src: &[u32; 4],
     next_hop: &[u32; 4],
     len: u64,
+    cache: Option<&mut NextHop>,
 ) -> Result<u32, DropReason> {
-    let (rc, p) = lookup(ctx, meta, src, next_hop, len)?;
-    if rc != BPF_FIB_LKUP_RET_SUCCESS || EGRESS.get_ifindex(p.ifindex).is_none() {
-        return Ok(xdp_action::XDP_PASS);
-    }
+    let ip_len = (len as u16).wrapping_sub(meta.l3_off);
+    let generation = ROUTE_GENERATION.get(0).copied().unwrap_or(0);
+    // The low bits: ages are told by wrapping differences.
+    let now = unsafe { bpf_jiffies64() } as u32;
+    let hop = match cache {
+        Some(hop) if holds(hop, generation, now, ip_len) => *hop,
+        cache => {
+            let (rc, p) = lookup(ctx, meta, src, next_hop, len)?;
+            if rc != BPF_FIB_LKUP_RET_SUCCESS || EGRESS.get_ifindex(p.ifindex).is_none() {
+                return Ok(xdp_action::XDP_PASS);
+            }
+            let hop = NextHop {
+                generation,
+                jiffies: now,
+                ifindex: p.ifindex,
+                dmac: p.dmac,
+                smac: p.smac,
+                max_len: ip_len,
+                _pad: [0; 6],
+            };
+            if let Some(cache) = cache {
+                *cache = hop;
+            }
+            hop
+        }
+    };
     if !decrement_ttl(ctx, meta)? {
         return Ok(xdp_action::XDP_PASS);
     }
     let eth = unsafe { &mut *(ptr_at::<EthHdr>(ctx, 0)? as *mut EthHdr) };
-    eth.dst = p.dmac;
-    eth.src = p.smac;
-    Ok(EGRESS.redirect(p.ifindex, 0).unwrap_or(xdp_action::XDP_PASS))
+    eth.dst = hop.dmac;
+    eth.src = hop.smac;
+    Ok(EGRESS.redirect(hop.ifindex, 0).unwrap_or(xdp_action::XDP_PASS))
+}
+
+/// Whether a cached next hop still holds for a packet of `ip_len` bytes: looked up under
+/// this route generation, recently enough, for a packet at least as long (the FIB checked
+/// that one against the route's MTU).
+#[inline(always)]
+fn holds(hop: &NextHop, generation: u32, now: u32, ip_len: u16) -> bool {
+    hop.ifindex != 0
+        && hop.generation == generation
+        && now.wrapping_sub(hop.jiffies) < HOP_MAX_AGE_JIFFIES
+        && ip_len <= hop.max_len
 }

@@ -229,18 +229,24 @@ fn act_stage(ctx: &XdpContext) -> Result<u32, DropReason> {
     }
     match action.nat {
         NAT_NONE => Ok(xdp_action::XDP_PASS),
-        NAT_NEXT_HOP => forward::forward(ctx, meta, &meta.src, &action.addr, len),
+        NAT_NEXT_HOP => {
+            let hop = flow::next_hop_cache(meta);
+            forward::forward(ctx, meta, &meta.src, &action.addr, len, hop)
+        }
         NAT_DST => {
             nat::rewrite(ctx, meta, NAT_DST, &action.addr, action.port)?;
-            forward::forward(ctx, meta, &meta.src, &action.addr, len)
+            let hop = flow::next_hop_cache(meta);
+            forward::forward(ctx, meta, &meta.src, &action.addr, len, hop)
         }
+        // Not a flow's own packet: no flow entry to keep its next hop in.
         NAT_ICMP_ERROR => {
             nat::rewrite_icmp_error(ctx, meta, &action.addr, action.port)?;
-            forward::forward(ctx, meta, &meta.src, &action.addr, len)
+            forward::forward(ctx, meta, &meta.src, &action.addr, len, None)
         }
         _ => {
             nat::rewrite(ctx, meta, NAT_SRC, &action.addr, action.port)?;
-            forward::forward(ctx, meta, &action.addr, &meta.dst, len)
+            let hop = flow::next_hop_cache(meta);
+            forward::forward(ctx, meta, &action.addr, &meta.dst, len, hop)
         }
     }
 }

@@ -57,12 +57,12 @@ pub static POLICY_CONFIG: Array<PolicyConfig> = Array::pinned(SLOTS, 0);
 
 /// Established flows, one entry per direction. A plain hash: when full, new flows are
 /// refused rather than live ones evicted. Sized by the loader.
-#[map(name = "FLOWS")]
+#[map(name = "FLOWS_V2")]
 pub static FLOWS: HashMap<FlowKey, FlowValue> = HashMap::pinned(FLOW_ENTRIES, 0);
 
 /// Embryonic flows, one entry per direction, until confirmed; LRU, so a flood of new flows
 /// evicts only its own kind. Sized by the loader.
-#[map(name = "EMBRYOS")]
+#[map(name = "EMBRYOS_V2")]
 pub static EMBRYOS: LruHashMap<FlowKey, FlowValue> = LruHashMap::pinned(EMBRYO_ENTRIES, 0);
 
 /// Embryonic flows created, confirmed, expired, refused and closed; flows rebuilt and
@@ -142,6 +142,10 @@ pub static SERVICE_STATS: PerCpuArray<Counter> = PerCpuArray::pinned(MAX_SERVICE
 pub static BACKEND_STATS: PerCpuArray<Counter> = PerCpuArray::pinned(MAX_BACKENDS, 0);
 
 /// Interfaces XDP may redirect to, by ifindex (the agent adds each attached interface).
+/// The route generation next hops are cached under (`flow::NextHop`); the agent bumps it.
+#[map(name = "ROUTE_GEN")]
+pub static ROUTE_GENERATION: Array<u32> = Array::pinned(1, 0);
+
 #[map(name = "EGRESS")]
 pub static EGRESS: DevMapHash = DevMapHash::pinned(MAX_EGRESS, 0);
 

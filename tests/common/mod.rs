@@ -76,6 +76,34 @@ impl Netns {
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
         run_in(&self.name, f)
     }
+
+    /// The MAC address of `ifname` in this namespace.
+    pub fn mac(&self, ifname: &str) -> [u8; 6] {
+        let out = self.exec("cat", &[&format!("/sys/class/net/{ifname}/address")]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        let bytes: Vec<u8> =
+            text.trim().split(':').map(|b| u8::from_str_radix(b, 16).unwrap()).collect();
+        bytes.try_into().unwrap()
+    }
+}
+
+/// Retransmitted segments of a socket so far (TCP_INFO `tcpi_total_retrans`).
+pub fn retransmissions(s: &std::net::TcpStream) -> u32 {
+    use std::os::fd::AsRawFd;
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `info` is a tcp_info of `len` bytes; the descriptor is a TCP socket we own.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &raw mut len,
+        )
+    };
+    assert_eq!(rc, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+    info.tcpi_total_retrans
 }
 
 /// Runs `f` on a new thread that has entered the namespace named `name`.

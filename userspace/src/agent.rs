@@ -28,7 +28,7 @@ use xdpgate_dataplane::{
     self as dataplane, PinDir, apply,
     flows::{self, Ended, Swept},
     lb::{self, LbMaps},
-    nat,
+    nat, routes,
     state::AgentLock,
     transaction,
 };
@@ -335,6 +335,20 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
         }
         None => None,
     };
+    // Next hops cached by the dataplane follow route, neighbour and link changes at once.
+    let mut routes = match routes::Watch::open().and_then(|w| {
+        // SAFETY: the watch owns its socket, open until the AsyncFd drops it.
+        unsafe { AsyncFd::register_with_interest(w, Interest::READABLE) }
+            .map_err(|e| anyhow!("{e}"))
+    }) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            error!("{e:#}: cached next hops follow route changes only by age (within a second)");
+            None
+        }
+    };
+    // Changes made while no agent ran.
+    failing.check("route generation", routes::invalidate(pins));
     let mut event_poll = tokio::time::interval(std::time::Duration::from_millis(EVENT_POLL_MS));
     event_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut maps = LbMaps::open(pins)?;
@@ -358,6 +372,21 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                 };
                 log_events(guard.get_inner_mut(), &running.names, flow_log.as_mut(), &mut failing);
                 guard.clear_ready();
+            }
+            ready = async { routes.as_mut().expect("guarded").readable_mut().await }, if routes.is_some() => {
+                let mut guard = match ready {
+                    Ok(guard) => guard,
+                    Err(e) => {
+                        error!("route watch failed: {e}; cached next hops follow route changes only by age");
+                        routes = None;
+                        continue;
+                    }
+                };
+                let changed = guard.get_inner().drain();
+                guard.clear_ready();
+                if failing.check("route watch", changed) == Some(true) {
+                    failing.check("route generation", routes::invalidate(pins));
+                }
             }
             // The dataplane wakes the reader only once the ring fills: read it on a tick.
             _ = event_poll.tick(), if events.is_some() => {

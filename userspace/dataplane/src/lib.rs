@@ -33,8 +33,10 @@ use xdpgate_common::{
 pub mod apply;
 pub mod flows;
 pub mod lb;
+pub mod migrate;
 pub mod nat;
 pub mod netns;
+pub mod routes;
 pub mod state;
 pub mod stats;
 pub mod table;
@@ -260,7 +262,16 @@ impl PinDir {
         self.check()?;
         let path = self.map(name);
         let data = MapData::from_pin(&path).with_context(|| {
-            format!("no pinned map at {} (is xdpgate attached?)", path.display())
+            if migrate::pending(self) {
+                format!(
+                    "no pinned map at {}: the dataplane under {} is an earlier build's, whose \
+                     flow tables have another layout; run `xdpgate upgrade` to carry them over",
+                    path.display(),
+                    self.path().display()
+                )
+            } else {
+                format!("no pinned map at {} (is xdpgate attached?)", path.display())
+            }
         })?;
         Ok(Map::from_map_data(data)?)
     }
@@ -529,7 +540,20 @@ pub fn attach_sized(
     if link_pin.exists() {
         bail!("xdpgate is already attached to {ifname} (pinned at {})", link_pin.display());
     }
+    if migrate::pending(pins) && !pins.attached()?.is_empty() {
+        bail!(
+            "the interfaces attached under {} run an earlier build, whose flow tables have \
+             another layout: run `xdpgate upgrade` first, which carries their flows over; \
+             nothing was attached",
+            pins.path().display()
+        );
+    }
     let mut ebpf = load_sized(pins, sizes)?;
+    if migrate::pending(pins) {
+        // No program uses the earlier tables any more: carried over in one pass.
+        migrate::copy(pins)?;
+        migrate::finish(pins)?;
+    }
     // Both programs are loaded (verified) before anything is attached or registered.
     egress_dataplane(&mut ebpf)?;
     dataplane(&mut ebpf)?;
@@ -585,17 +609,22 @@ fn attach_both(
 /// Replaces the programs on every attached interface with this build's, in place: each
 /// pinned link (XDP and egress) is pointed at the new program (`bpf_link_update`), so there
 /// is no moment without a program, and the pinned maps (flows, NAT translations, policy,
-/// counters) carry over untouched. An interface attached by a build without the egress
-/// program gets it now. Returns the interfaces upgraded, each with whether its egress program
+/// counters) carry over untouched; flow tables of an earlier layout are copied over
+/// (`migrate`). An interface attached by a build without the egress program gets it now. Returns the interfaces upgraded, each with whether its egress program
 /// was added.
 pub fn upgrade(pins: &PinDir) -> Result<Vec<(String, bool)>> {
     let names = pins.attached()?;
     if names.is_empty() {
         bail!("xdpgate is not attached to any interface under {}", pins.path().display());
     }
+    let migrating = migrate::pending(pins);
     let mut ebpf = load(pins)?;
     // Every interface is checked before any changes: a refusal leaves all as they were.
     let steps = names.iter().map(|name| egress_step(pins, name)).collect::<Result<Vec<_>>>()?;
+    if migrating {
+        // The flows so far, before the new programs look for them.
+        migrate::copy(pins)?;
+    }
     let egress = egress_dataplane(&mut ebpf)?;
     let mut added = Vec::new();
     for (name, step) in names.iter().zip(steps) {
@@ -612,6 +641,11 @@ pub fn upgrade(pins: &PinDir) -> Result<Vec<(String, bool)>> {
             .with_context(|| format!("replacing the program on {name}"))?;
         // The link stays pinned; this process's handle on it may go.
         let _ = prog.take_link(id)?;
+    }
+    if migrating {
+        // The flows the earlier programs made until they were replaced; then their tables go.
+        migrate::copy(pins)?;
+        migrate::finish(pins)?;
     }
     Ok(names.into_iter().zip(added).collect())
 }

@@ -10,7 +10,7 @@ use aya::maps::{MapData, MapInfo};
 use serde::Serialize;
 use xdpgate_common::{
     flow::{FlowKey, FlowValue},
-    maps::{DEFAULT_FLOWS, EMBRYO_DIVISOR, EMBRYOS, FLOWS, NAT_MAP},
+    maps::{DEFAULT_FLOWS, EMBRYO_DIVISOR, EMBRYOS, EMBRYOS_V1, FLOWS, FLOWS_V1, NAT_MAP},
     nat::{NAT_ENTRIES, NatEntry},
 };
 
@@ -61,7 +61,8 @@ impl TableSizes {
     /// The sizes of the tables pinned under `pins`; none when `FLOWS` is not pinned (no
     /// dataplane loaded there). A NAT map not pinned counts at its default size.
     pub fn pinned(pins: &PinDir) -> Result<Option<Self>> {
-        let Some(flows) = pinned_entries(pins, FLOWS)? else { return Ok(None) };
+        let made = pinned_entries(pins, FLOWS)?;
+        let Some(flows) = previous_or(pins, made, FLOWS_V1)? else { return Ok(None) };
         let nat = pinned_entries(pins, NAT_MAP)?.map_or(NAT_ENTRIES, |n| n / 2);
         Ok(Some(Self { flows: flows / 2, nat_translations: nat }))
     }
@@ -113,8 +114,10 @@ pub fn pinned_entries(pins: &PinDir, name: &str) -> Result<Option<u32>> {
 pub fn plan(pins: &PinDir, req: &SizeRequest) -> Result<(TableSizes, Vec<(&'static str, u32)>)> {
     req.check()?;
     let defaults = TableSizes::default();
-    let flows = pinned_entries(pins, FLOWS)?;
-    let embryos = pinned_entries(pins, EMBRYOS)?;
+    let (made_flows, made_embryos) = (pinned_entries(pins, FLOWS)?, pinned_entries(pins, EMBRYOS)?);
+    // Tables of an earlier layout, still to be carried over, give the new ones their sizes.
+    let flows = previous_or(pins, made_flows, FLOWS_V1)?;
+    let embryos = previous_or(pins, made_embryos, EMBRYOS_V1)?;
     let nat = pinned_entries(pins, NAT_MAP)?;
     let mut wrong = Vec::new();
     if let (Some(want), Some(n)) = (req.flows, flows)
@@ -161,7 +164,7 @@ pub fn plan(pins: &PinDir, req: &SizeRequest) -> Result<(TableSizes, Vec<(&'stat
     ];
     // The tables to be made are allocated whole at once: refuse sizes the machine cannot
     // hold, before the kernel tries (and squeezes everything else on the gateway).
-    let new: u64 = [(FLOWS, flows), (EMBRYOS, embryos), (NAT_MAP, nat)]
+    let new: u64 = [(FLOWS, made_flows), (EMBRYOS, made_embryos), (NAT_MAP, nat)]
         .iter()
         .zip(&entries)
         .filter(|((_, pinned), _)| pinned.is_none())
@@ -181,6 +184,15 @@ pub fn plan(pins: &PinDir, req: &SizeRequest) -> Result<(TableSizes, Vec<(&'stat
         );
     }
     Ok((sizes, entries))
+}
+
+/// `made`, the entries of a pinned table, or when it is not pinned those of its earlier
+/// layout's table `previous`.
+fn previous_or(pins: &PinDir, made: Option<u32>, previous: &str) -> Result<Option<u32>> {
+    match made {
+        Some(n) => Ok(Some(n)),
+        None => pinned_entries(pins, previous),
+    }
 }
 
 /// Kernel memory of a preallocated hash of `entries` (within a few KiB of its `memlock`,
@@ -310,10 +322,10 @@ mod tests {
     #[test]
     fn table_bytes_match_the_kernels_memlock() {
         for (map, entries, memlock) in [
-            (FLOWS, 1_048_576, 184_550_608u64),
-            (FLOWS, 2_000_000, 353_555_664),
-            (FLOWS, 4_194_304, 738_198_736),
-            (EMBRYOS, 1_048_576, 184_550_272),
+            (FLOWS, 1_048_576, 218_105_104u64),
+            (FLOWS, 2_000_000, 417_555_728),
+            (FLOWS, 4_194_304, 872_416_528),
+            (EMBRYOS, 1_048_576, 218_104_704),
             (NAT_MAP, 524_288, 71_304_320),
             (NAT_MAP, 2_097_152, 285_213_824),
         ] {
