@@ -21,6 +21,7 @@
 //! measured.
 
 mod common;
+mod events;
 mod lb;
 mod memory;
 mod nat;
@@ -68,6 +69,7 @@ enum Section {
     Nat,
     Memory,
     Peers,
+    Events,
 }
 
 /// What one invocation measured, section by section.
@@ -78,6 +80,7 @@ pub struct Results {
     pub nat: Option<nat::Report>,
     pub memory: Option<memory::Report>,
     pub peers: Option<peers::Report>,
+    pub events: Option<events::Report>,
 }
 
 fn main() -> Result<()> {
@@ -141,6 +144,12 @@ fn main() -> Result<()> {
         let r = peers::measure(&cfg, &machine, cpu)?;
         write(&out, "peers", &peers::markdown(&r), &r)?;
         results.peers = Some(r);
+    }
+    if wanted(Section::Events) {
+        eprintln!("first packets and the event reader ...");
+        let r = events::measure(&cfg, &machine)?;
+        write(&out, "events", &events::markdown(&r), &r)?;
+        results.events = Some(r);
     }
     let elapsed = started.elapsed().as_secs_f64();
     eprintln!("xdpgate-bench: done in {elapsed:.0} s");
