@@ -30,6 +30,7 @@ use xdpgate_policy::{
 
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
+pub const XDP_REDIRECT: u32 = 4;
 
 /// How long and how often each section measures.
 pub struct Config {
@@ -237,6 +238,23 @@ pub fn run_out_on(
         .context("BPF_PROG_TEST_RUN")?;
     out.truncate(r.data_size_out as usize);
     Ok((r.return_value, r.duration.as_nanos() as f64))
+}
+
+/// [`run_each`] with every packet arriving on `ifindex` (see [`run_out_on`]).
+pub fn run_each_on(
+    prog: &Xdp,
+    ifindex: u32,
+    packets: &[Vec<u8>],
+    mut check: impl FnMut(usize, u32, &[u8]) -> Result<()>,
+) -> Result<f64> {
+    let mut out = Vec::new();
+    let mut sum = 0.0;
+    for (i, p) in packets.iter().enumerate() {
+        let (v, ns) = run_out_on(prog, ifindex, p, &mut out)?;
+        check(i, v, &out)?;
+        sum += ns;
+    }
+    Ok(sum / packets.len().max(1) as f64)
 }
 
 /// IRQ-work interrupts (`IWI` in /proc/interrupts) so far, summed over the CPUs: how the

@@ -22,6 +22,7 @@
 
 mod common;
 mod events;
+mod forward;
 mod lb;
 mod memory;
 mod nat;
@@ -70,6 +71,7 @@ enum Section {
     Memory,
     Peers,
     Events,
+    Forward,
 }
 
 /// What one invocation measured, section by section.
@@ -81,6 +83,7 @@ pub struct Results {
     pub memory: Option<memory::Report>,
     pub peers: Option<peers::Report>,
     pub events: Option<events::Report>,
+    pub forward: Option<forward::Report>,
 }
 
 fn main() -> Result<()> {
@@ -150,6 +153,12 @@ fn main() -> Result<()> {
         let r = events::measure(&cfg, &machine)?;
         write(&out, "events", &events::markdown(&r), &r)?;
         results.events = Some(r);
+    }
+    if wanted(Section::Forward) {
+        eprintln!("established flows with forwarding on ...");
+        let r = forward::measure(&cfg, &machine)?;
+        write(&out, "forward", &forward::markdown(&r), &r)?;
+        results.forward = Some(r);
     }
     let elapsed = started.elapsed().as_secs_f64();
     eprintln!("xdpgate-bench: done in {elapsed:.0} s");
