@@ -22,6 +22,7 @@
 
 mod common;
 mod events;
+mod flows;
 mod forward;
 mod lb;
 mod memory;
@@ -72,6 +73,7 @@ enum Section {
     Peers,
     Events,
     Forward,
+    Flows,
 }
 
 /// What one invocation measured, section by section.
@@ -84,6 +86,7 @@ pub struct Results {
     pub peers: Option<peers::Report>,
     pub events: Option<events::Report>,
     pub forward: Option<forward::Report>,
+    pub flows: Option<flows::Report>,
 }
 
 fn main() -> Result<()> {
@@ -159,6 +162,12 @@ fn main() -> Result<()> {
         let r = forward::measure(&cfg, &machine)?;
         write(&out, "forward", &forward::markdown(&r), &r)?;
         results.forward = Some(r);
+    }
+    if wanted(Section::Flows) {
+        eprintln!("established flows with many flows live ...");
+        let r = flows::measure(&cfg, &machine)?;
+        write(&out, "flows", &flows::markdown(&r), &r)?;
+        results.flows = Some(r);
     }
     let elapsed = started.elapsed().as_secs_f64();
     eprintln!("xdpgate-bench: done in {elapsed:.0} s");
