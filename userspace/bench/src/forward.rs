@@ -44,19 +44,19 @@ const REMOTE: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 200);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Case {
-    LbEstablished,
-    NatEstablished,
-    NsgEstablished,
+    Lb,
+    Nat,
+    NsgOnly,
 }
 
 impl Case {
-    pub const ALL: [Case; 3] = [Case::LbEstablished, Case::NatEstablished, Case::NsgEstablished];
+    pub const ALL: [Case; 3] = [Case::Lb, Case::Nat, Case::NsgOnly];
 
     pub fn label(self) -> &'static str {
         match self {
-            Case::LbEstablished => "LB established (ACK: flow hit, DNAT, FIB, MACs, redirect)",
-            Case::NatEstablished => "NAT established (ACK: flow hit, SNAT, FIB, MACs, redirect)",
-            Case::NsgEstablished => "NSG-only established (ACK: flow hit, XDP_PASS to the kernel)",
+            Case::Lb => "LB established (ACK: flow hit, DNAT, FIB, MACs, redirect)",
+            Case::Nat => "NAT established (ACK: flow hit, SNAT, FIB, MACs, redirect)",
+            Case::NsgOnly => "NSG-only established (ACK: flow hit, XDP_PASS to the kernel)",
         }
     }
 }
@@ -331,18 +331,18 @@ fn nat_flows(cfg: &Config, bench: &Bench, ext: u32, int: u32) -> Result<Flows> {
 /// Checks one measured packet of `case` as it leaves.
 fn check(case: Case, v: u32, out: &[u8]) -> Result<()> {
     match case {
-        Case::LbEstablished => {
+        Case::Lb => {
             let (_, d, _, dp) = check_forwarded("LB established", v, out, TO_INSIDE)?;
             if dp != lb::BACKEND_PORT || !(0..BACKENDS).any(|i| lb::backend(i) == d) {
                 bail!("LB established flow not translated to a backend");
             }
         }
-        Case::NatEstablished => {
+        Case::Nat => {
             if check_forwarded("NAT established", v, out, TO_OUTSIDE)?.0 != nat::PUBLIC {
                 bail!("NAT established flow not translated");
             }
         }
-        Case::NsgEstablished => expect_verdict("NSG established", v, XDP_PASS)?,
+        Case::NsgOnly => expect_verdict("NSG established", v, XDP_PASS)?,
     }
     Ok(())
 }

@@ -12,6 +12,11 @@
 //! - `nat`: NAT gateway, first packet (port claim) and established translated flows;
 //! - `memory`: every map at its configured size, the flow table at 1M flows, the agent's
 //!   resident memory with 4,096 rules and 256 backends;
+//! - `events`: the first packet of a new flow with the flow-event ring read as the agent
+//!   reads it (on another CPU, on the same one), with nobody reading but room, and full;
+//! - `forward`: LB and NAT established flows with forwarding on (XDP_REDIRECT, MACs
+//!   rewritten) beside an NSG-only flow;
+//! - `flows`: the established path with 1,000, 100,000 and 1,000,000 live flows, cold;
 //! - `peers`: nftables (linear chain and verdict map), no filter and xdpgate in packets per
 //!   second through a real veth path, and xdp-filter's per-packet cost against the no-op.
 //!
