@@ -97,6 +97,8 @@ pub struct Row {
 #[derive(Serialize)]
 pub struct Report {
     pub machine: Machine,
+    /// /proc/loadavg when this section finished (the machine's is from the start).
+    pub load_after: String,
     pub quick: bool,
     pub runs: usize,
     pub rules: usize,
@@ -338,6 +340,7 @@ pub fn measure(cfg: &Config, machine: &Machine) -> Result<Report> {
     let rows = Case::ALL.into_iter().zip(figs).map(|(c, f)| f.row(c, per_run)).collect();
     Ok(Report {
         machine: machine.clone(),
+        load_after: crate::common::load_average(),
         quick: cfg.quick,
         runs: cfg.runs,
         rules: RULES,
@@ -408,5 +411,6 @@ pub fn markdown(r: &Report) -> String {
         drained = thousands(r.drained),
         lost_full = thousands(r.lost_ring_full),
     );
+    let _ = writeln!(md, "\nLoad average when this section finished: {}.", r.load_after);
     md
 }

@@ -53,6 +53,8 @@ pub struct Row {
 #[derive(Serialize)]
 pub struct Report {
     pub machine: Machine,
+    /// /proc/loadavg when this section finished (the machine's is from the start).
+    pub load_after: String,
     pub quick: bool,
     pub runs: usize,
     pub table_flows: u32,
@@ -150,6 +152,7 @@ pub fn measure(cfg: &Config, machine: &Machine) -> Result<Report> {
     let (small, big) = (&rows[0], &rows[counts.len() - 1]);
     Ok(Report {
         machine: machine.clone(),
+        load_after: crate::common::load_average(),
         quick: cfg.quick,
         runs: cfg.runs,
         table_flows: TABLE_FLOWS,
@@ -233,5 +236,6 @@ pub fn markdown(r: &Report) -> String {
         chunk = thousands(CHUNK.into()),
         entries = thousands(r.flow_entries as u64),
     );
+    let _ = writeln!(md, "\nLoad average when this section finished: {}.", r.load_after);
     md
 }

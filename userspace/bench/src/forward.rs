@@ -47,16 +47,25 @@ pub enum Case {
     Lb,
     Nat,
     NsgOnly,
+    LbForwardingOff,
+    NatForwardingOff,
 }
 
 impl Case {
-    pub const ALL: [Case; 3] = [Case::Lb, Case::Nat, Case::NsgOnly];
+    pub const ALL: [Case; 5] =
+        [Case::Lb, Case::Nat, Case::NsgOnly, Case::LbForwardingOff, Case::NatForwardingOff];
 
     pub fn label(self) -> &'static str {
         match self {
             Case::Lb => "LB established (ACK: flow hit, DNAT, FIB, MACs, redirect)",
             Case::Nat => "NAT established (ACK: flow hit, SNAT, FIB, MACs, redirect)",
             Case::NsgOnly => "NSG-only established (ACK: flow hit, XDP_PASS to the kernel)",
+            Case::LbForwardingOff => {
+                "LB established, forwarding off (flow hit, DNAT, FIB gives up, XDP_PASS)"
+            }
+            Case::NatForwardingOff => {
+                "NAT established, forwarding off (flow hit, SNAT, FIB gives up, XDP_PASS)"
+            }
         }
     }
 }
@@ -76,6 +85,8 @@ pub struct Row {
 #[derive(Serialize)]
 pub struct Report {
     pub machine: Machine,
+    /// /proc/loadavg when this section finished (the machine's is from the start).
+    pub load_after: String,
     pub quick: bool,
     pub runs: usize,
     pub backends: usize,
@@ -158,6 +169,13 @@ fn enter(ns: &Netns) -> Result<()> {
         bail!("setns: {}", std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Turns IPv4 forwarding of this thread's namespace on or off (the FIB lookup of an XDP
+/// program gives up at once when the arrival interface does not forward).
+fn ip_forward(on: bool) -> Result<()> {
+    std::fs::write("/proc/sys/net/ipv4/ip_forward", if on { "1" } else { "0" })
+        .context("writing net.ipv4.ip_forward")
 }
 
 fn ifindex(name: &str) -> Result<u32> {
@@ -343,6 +361,18 @@ fn check(case: Case, v: u32, out: &[u8]) -> Result<()> {
             }
         }
         Case::NsgOnly => expect_verdict("NSG established", v, XDP_PASS)?,
+        Case::LbForwardingOff | Case::NatForwardingOff => {
+            expect_verdict("established, forwarding off", v, XDP_PASS)?;
+            let (s, d, _, dp) = endpoints4(out);
+            let translated = if case == Case::LbForwardingOff {
+                dp == lb::BACKEND_PORT && (0..BACKENDS).any(|i| lb::backend(i) == d)
+            } else {
+                s == nat::PUBLIC
+            };
+            if !translated || !checksums_ok(out) || out[14 + 8] != 64 {
+                bail!("{case:?}: not translated, or forwarded");
+            }
+        }
     }
     Ok(())
 }
@@ -362,21 +392,29 @@ fn measure_in_ns(cfg: &Config, cpu: usize, ns: &Netns) -> Result<Vec<(Vec<f64>, 
     let nat_bench = Bench::new()?;
     register(&nat_bench)?;
     nat_bench.apply_all(&nat::policy_yaml())?;
+    let (lb, nat) = (lb_flows(cfg, &lb_bench, ext, int)?, nat_flows(cfg, &nat_bench, ext, int)?);
+    let nsg = nsg_flows(cfg, &lb_bench, ext, int)?;
+    // The same flows, with forwarding on and then off (each row's order in `Case::ALL`).
     let cases = [
-        (&lb_bench, lb_flows(cfg, &lb_bench, ext, int)?),
-        (&nat_bench, nat_flows(cfg, &nat_bench, ext, int)?),
-        (&lb_bench, nsg_flows(cfg, &lb_bench, ext, int)?),
+        (&lb_bench, &lb),
+        (&nat_bench, &nat),
+        (&lb_bench, &nsg),
+        (&lb_bench, &lb),
+        (&nat_bench, &nat),
     ];
     let mut figs = vec![(Vec::new(), Vec::new()); cases.len()];
     for r in 0..cfg.runs {
         eprintln!("  run {}/{} ...", r + 1, cfg.runs);
-        for ((case, (bench, flows)), fig) in Case::ALL.into_iter().zip(&cases).zip(&mut figs) {
+        for ((case, (bench, flows)), fig) in Case::ALL.into_iter().zip(cases).zip(&mut figs) {
+            let off = matches!(case, Case::LbForwardingOff | Case::NatForwardingOff);
+            ip_forward(!off)?;
             let (gate, noop) = (bench.gate()?, bench.noop()?);
             fig.0.push(run_each_on(gate, flows.ifindex, &flows.acks, |_, v, out| {
                 check(case, v, out)
             })?);
             fig.1.push(run_each_on(noop, flows.ifindex, &flows.acks, |_, _, _| Ok(()))?);
         }
+        ip_forward(true)?;
     }
     Ok(figs)
 }
@@ -409,6 +447,7 @@ pub fn measure(cfg: &Config, machine: &Machine) -> Result<Report> {
         .collect();
     Ok(Report {
         machine: machine.clone(),
+        load_after: crate::common::load_average(),
         quick: cfg.quick,
         runs: cfg.runs,
         backends: BACKENDS,
@@ -465,5 +504,6 @@ pub fn markdown(r: &Report) -> String {
         open = thousands(r.open_flows as u64),
         dist = thousands(r.rows.first().map_or(0, |x| x.packets_per_run as u64)),
     );
+    let _ = writeln!(md, "\nLoad average when this section finished: {}.", r.load_after);
     md
 }

@@ -77,6 +77,8 @@ fn testrun_bars(r: &Results) -> Vec<Bar> {
                 forward::Case::Lb => ("LB established, forwarded*", LB_COLOUR),
                 forward::Case::Nat => ("NAT established, forwarded*", NAT_COLOUR),
                 forward::Case::NsgOnly => ("NSG-only established, forwarding on*", REF_COLOUR),
+                forward::Case::LbForwardingOff => ("LB established, forwarding off*", LB_COLOUR),
+                forward::Case::NatForwardingOff => ("NAT established, forwarding off*", NAT_COLOUR),
             };
             bars.push((label.into(), row.figures.ratio, colour));
         }
