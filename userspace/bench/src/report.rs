@@ -63,10 +63,10 @@ fn testrun_bars(r: &Results) -> Vec<Bar> {
     if let Some(e) = &r.events {
         for row in &e.rows {
             let label = match row.case {
-                events::Case::ConsumerOtherCpu => "first packet, event reader on other CPU",
-                events::Case::ConsumerSameCpu => "first packet, event reader on same CPU",
-                events::Case::NoConsumer => "first packet, no reader, ring has room",
-                events::Case::RingFull => "first packet, no reader, ring full",
+                events::Case::ConsumerOtherCpu => "first packet, event reader on other CPU*",
+                events::Case::ConsumerSameCpu => "first packet, event reader on same CPU*",
+                events::Case::NoConsumer => "first packet, no reader, ring has room*",
+                events::Case::RingFull => "first packet, no reader, ring full*",
             };
             bars.push((label.into(), row.figures.ratio, NSG_COLOUR));
         }
