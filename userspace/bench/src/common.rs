@@ -10,17 +10,19 @@ use std::{
 use anyhow::{Context, Result, anyhow, bail};
 use aya::{
     Ebpf,
-    maps::{HashMap, MapData, MapError},
+    maps::{DevMapHash, HashMap, MapData, MapError},
     programs::{TestRun, TestRunOptions, Xdp},
 };
 use serde::Serialize;
 use xdpgate_common::{
     flow::{FlowKey, FlowValue},
     iface::{IfaceConfig, Role},
-    maps::{EMBRYOS, FLOWS, IFACES},
+    maps::{EGRESS, EMBRYOS, FLOWS, IFACES},
     words,
 };
-use xdpgate_dataplane::{self as dataplane, NOOP_PROGRAM, PROGRAM, PinDir, apply, transaction};
+use xdpgate_dataplane::{
+    self as dataplane, NOOP_PROGRAM, PROGRAM, PinDir, SizeRequest, apply, transaction,
+};
 use xdpgate_policy::{
     self as policy, compile,
     lb::{self, CompiledLb},
@@ -28,6 +30,7 @@ use xdpgate_policy::{
 
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
+pub const XDP_REDIRECT: u32 = 4;
 
 /// How long and how often each section measures.
 pub struct Config {
@@ -93,10 +96,15 @@ pub struct Bench {
 
 impl Bench {
     pub fn new() -> Result<Self> {
+        Self::new_sized(&SizeRequest::default())
+    }
+
+    /// [`Bench::new`] with the flow and translation tables sized as `sizes` asks.
+    pub fn new_sized(sizes: &SizeRequest) -> Result<Self> {
         let pins = PinDir::new(unique_pin_dir("xdpgate-bench"));
         // From here on, drop removes the pins whatever fails.
         let mut bench = Self { pins, ebpf: None };
-        let mut ebpf = dataplane::load(&bench.pins)?;
+        let mut ebpf = dataplane::load_sized(&bench.pins, sizes)?;
         dataplane::dataplane(&mut ebpf)?;
         dataplane::program(&mut ebpf, NOOP_PROGRAM)?;
         bench.ebpf = Some(ebpf);
@@ -114,6 +122,17 @@ impl Bench {
     pub fn arrive_as(&self, role: Role) -> Result<()> {
         let mut ifaces: HashMap<_, u32, IfaceConfig> = self.pins.open_map(IFACES)?.try_into()?;
         ifaces.insert(1, IfaceConfig { slot: 1, role: role as u32 }, 0)?;
+        Ok(())
+    }
+
+    /// Registers `ifindex` as an attachment of `role` in counter slot `slot`, and as an
+    /// egress device XDP may redirect to (as `xdpgate attach` does). The devmap resolves
+    /// the ifindex in the caller's network namespace.
+    pub fn register(&self, ifindex: u32, slot: u32, role: Role) -> Result<()> {
+        let mut ifaces: HashMap<_, u32, IfaceConfig> = self.pins.open_map(IFACES)?.try_into()?;
+        ifaces.insert(ifindex, IfaceConfig { slot, role: role as u32 }, 0)?;
+        let mut egress: DevMapHash<_> = self.pins.open_map(EGRESS)?.try_into()?;
+        egress.insert(ifindex, ifindex, None, 0).context("adding to the egress devmap")?;
         Ok(())
     }
 
@@ -192,6 +211,63 @@ pub fn run_out(prog: &Xdp, packet: &[u8], out: &mut Vec<u8>) -> Result<(u32, f64
         .context("BPF_PROG_TEST_RUN")?;
     out.truncate(r.data_size_out as usize);
     Ok((r.return_value, r.duration.as_nanos() as f64))
+}
+
+/// [`run_out`] with the packet arriving on `ifindex` (of the caller's network namespace),
+/// as the kernel's `xdp_md` context says: the FIB lookup then starts from that interface.
+pub fn run_out_on(
+    prog: &Xdp,
+    ifindex: u32,
+    packet: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(u32, f64)> {
+    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+    // egress_ifindex.
+    let mut ctx = [0u8; 24];
+    ctx[4..8].copy_from_slice(&(packet.len() as u32).to_ne_bytes());
+    ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+    out.clear();
+    out.resize(packet.len() + 256, 0);
+    let r = prog
+        .test_run(TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(out.as_mut_slice()),
+            ctx_in: Some(&ctx),
+            ..Default::default()
+        })
+        .context("BPF_PROG_TEST_RUN")?;
+    out.truncate(r.data_size_out as usize);
+    Ok((r.return_value, r.duration.as_nanos() as f64))
+}
+
+/// [`run_each`] with every packet arriving on `ifindex` (see [`run_out_on`]).
+pub fn run_each_on(
+    prog: &Xdp,
+    ifindex: u32,
+    packets: &[Vec<u8>],
+    mut check: impl FnMut(usize, u32, &[u8]) -> Result<()>,
+) -> Result<f64> {
+    let mut out = Vec::new();
+    let mut sum = 0.0;
+    for (i, p) in packets.iter().enumerate() {
+        let (v, ns) = run_out_on(prog, ifindex, p, &mut out)?;
+        check(i, v, &out)?;
+        sum += ns;
+    }
+    Ok(sum / packets.len().max(1) as f64)
+}
+
+/// IRQ-work interrupts (`IWI` in /proc/interrupts) so far, summed over the CPUs: how the
+/// kernel defers a ring buffer's wake-up out of the producer's context.
+pub fn irq_work_count() -> Option<u64> {
+    let s = fs::read_to_string("/proc/interrupts").ok()?;
+    let line = s.lines().find(|l| l.trim_start().starts_with("IWI:"))?;
+    Some(
+        line.trim_start()["IWI:".len()..]
+            .split_whitespace()
+            .map_while(|w| w.parse::<u64>().ok())
+            .sum(),
+    )
 }
 
 /// Runs every packet once (a test run of repeat 1 each); `check` sees each verdict and

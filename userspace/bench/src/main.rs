@@ -12,6 +12,11 @@
 //! - `nat`: NAT gateway, first packet (port claim) and established translated flows;
 //! - `memory`: every map at its configured size, the flow table at 1M flows, the agent's
 //!   resident memory with 4,096 rules and 256 backends;
+//! - `events`: the first packet of a new flow with the flow-event ring read as the agent
+//!   reads it (on another CPU, on the same one), with nobody reading but room, and full;
+//! - `forward`: LB and NAT established flows with forwarding on (XDP_REDIRECT, MACs
+//!   rewritten) beside an NSG-only flow;
+//! - `flows`: the established path with 1,000, 100,000 and 1,000,000 live flows, cold;
 //! - `peers`: nftables (linear chain and verdict map), no filter and xdpgate in packets per
 //!   second through a real veth path, and xdp-filter's per-packet cost against the no-op.
 //!
@@ -21,6 +26,9 @@
 //! measured.
 
 mod common;
+mod events;
+mod flows;
+mod forward;
 mod lb;
 mod memory;
 mod nat;
@@ -68,6 +76,9 @@ enum Section {
     Nat,
     Memory,
     Peers,
+    Events,
+    Forward,
+    Flows,
 }
 
 /// What one invocation measured, section by section.
@@ -78,6 +89,9 @@ pub struct Results {
     pub nat: Option<nat::Report>,
     pub memory: Option<memory::Report>,
     pub peers: Option<peers::Report>,
+    pub events: Option<events::Report>,
+    pub forward: Option<forward::Report>,
+    pub flows: Option<flows::Report>,
 }
 
 fn main() -> Result<()> {
@@ -141,6 +155,24 @@ fn main() -> Result<()> {
         let r = peers::measure(&cfg, &machine, cpu)?;
         write(&out, "peers", &peers::markdown(&r), &r)?;
         results.peers = Some(r);
+    }
+    if wanted(Section::Events) {
+        eprintln!("first packets and the event reader ...");
+        let r = events::measure(&cfg, &machine)?;
+        write(&out, "events", &events::markdown(&r), &r)?;
+        results.events = Some(r);
+    }
+    if wanted(Section::Forward) {
+        eprintln!("established flows with forwarding on ...");
+        let r = forward::measure(&cfg, &machine)?;
+        write(&out, "forward", &forward::markdown(&r), &r)?;
+        results.forward = Some(r);
+    }
+    if wanted(Section::Flows) {
+        eprintln!("established flows with many flows live ...");
+        let r = flows::measure(&cfg, &machine)?;
+        write(&out, "flows", &flows::markdown(&r), &r)?;
+        results.flows = Some(r);
     }
     let elapsed = started.elapsed().as_secs_f64();
     eprintln!("xdpgate-bench: done in {elapsed:.0} s");

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use crate::{
     Results,
     common::{Config, Family, Machine, thousands},
-    lb, memory, nat, nsg, peers,
+    events, flows, forward, lb, memory, nat, nsg, peers,
 };
 
 /// One bar: label, value, colour.
@@ -58,6 +58,38 @@ fn testrun_bars(r: &Results) -> Vec<Bar> {
                 nat::Case::Reference => ("reference: no NAT, established*", REF_COLOUR),
             };
             bars.push((label.into(), row.figures.ratio, colour));
+        }
+    }
+    if let Some(e) = &r.events {
+        for row in &e.rows {
+            let label = match row.case {
+                events::Case::ConsumerOtherCpu => "first packet, event reader on other CPU*",
+                events::Case::ConsumerSameCpu => "first packet, event reader on same CPU*",
+                events::Case::NoConsumer => "first packet, no reader, ring has room*",
+                events::Case::RingFull => "first packet, no reader, ring full*",
+            };
+            bars.push((label.into(), row.figures.ratio, NSG_COLOUR));
+        }
+    }
+    if let Some(f) = &r.forward {
+        for row in &f.rows {
+            let (label, colour) = match row.case {
+                forward::Case::Lb => ("LB established, forwarded*", LB_COLOUR),
+                forward::Case::Nat => ("NAT established, forwarded*", NAT_COLOUR),
+                forward::Case::NsgOnly => ("NSG-only established, forwarding on*", REF_COLOUR),
+                forward::Case::LbForwardingOff => ("LB established, forwarding off*", LB_COLOUR),
+                forward::Case::NatForwardingOff => ("NAT established, forwarding off*", NAT_COLOUR),
+            };
+            bars.push((label.into(), row.figures.ratio, colour));
+        }
+    }
+    if let Some(f) = &r.flows {
+        for row in f.rows.iter().filter(|x| !x.hot) {
+            bars.push((
+                format!("NSG established, {} live flows, cold*", thousands(row.live_flows.into())),
+                row.figures.ratio,
+                NSG_COLOUR,
+            ));
         }
     }
     if let Some(Ok(f)) = r.peers.as_ref().map(|p| &p.xdp_filter) {
@@ -262,9 +294,10 @@ pub fn readme(r: &Results, machine: &Machine, cfg: &Config, elapsed: f64) -> Str
     let _ = writeln!(
         md,
         "Run with `cargo xtask bench` (as root; `--quick` for a smoke test, `--only \
-         nsg,lb,nat,memory,peers` for some sections, `--runs N`). This run took {elapsed:.0} s. \
-         Each section is also in its own file (`nsg.md`, `lb.md`, `nat.md`, `memory.md`, \
-         `peers.md`, with the raw figures in the matching `.json`).\n\n\
+         nsg,lb,nat,memory,peers,events,forward,flows` for some sections, `--runs N`). This \
+         run took {elapsed:.0} s. Each section is also in its own file (`nsg.md`, `lb.md`, \
+         `nat.md`, `memory.md`, `peers.md`, `events.md`, `forward.md`, `flows.md`, with the \
+         raw figures in the matching `.json`).\n\n\
          ![ratios](ratios.svg)\n"
     );
     if let Some(x) = &r.nsg {
@@ -275,6 +308,15 @@ pub fn readme(r: &Results, machine: &Machine, cfg: &Config, elapsed: f64) -> Str
     }
     if let Some(x) = &r.nat {
         md.push_str(&strip_header(&nat::markdown(x)));
+    }
+    if let Some(x) = &r.events {
+        md.push_str(&strip_header(&events::markdown(x)));
+    }
+    if let Some(x) = &r.forward {
+        md.push_str(&strip_header(&forward::markdown(x)));
+    }
+    if let Some(x) = &r.flows {
+        md.push_str(&strip_header(&flows::markdown(x)));
     }
     if let Some(x) = &r.memory {
         md.push_str(&strip_header(&memory::markdown(x)));
