@@ -44,8 +44,8 @@ use crate::{
 };
 
 /// The consumer's bounded wait: it reads the ring at least this often even when no
-/// wake-up comes.
-pub const POLL_MS: i32 = 100;
+/// wake-up comes, as the agent does.
+pub const POLL_MS: i32 = xdpgate_common::events::EVENT_POLL_MS as i32;
 /// User rules of the policy (the first-packet cost at other rule counts is in the NSG table).
 const RULES: usize = 10;
 /// First packets written to fill the ring of the ring-full case (more than it holds).
