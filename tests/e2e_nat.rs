@@ -269,8 +269,9 @@ fn echoed(s: &mut TcpStream, wait: Duration) -> bool {
 /// A translated flow keeps its next hop (the server's MAC, the external interface) in its
 /// entry instead of asking the FIB per packet. When the server's MAC changes and the gateway
 /// learns it, the agent hears the neighbour change over netlink and bumps the route
-/// generation, so the very next segment goes to the new MAC (not one retransmission); with
-/// no agent running, the cached hop gives way by age, within a second.
+/// generation, so the very next segment goes to the new MAC (not one retransmission); it
+/// hears forwarding turned off too. With no agent running, the cached hop gives way by age,
+/// within a second.
 #[test]
 fn a_translated_flow_follows_its_next_hop_when_it_changes() {
     let mut lab = Lab::new("");
@@ -306,6 +307,13 @@ fn a_translated_flow_follows_its_next_hop_when_it_changes() {
     assert!(echoed(&mut s, Duration::from_secs(3)), "echo after the MAC change");
     assert_eq!(common::retransmissions(&s), retransmitted, "no segment lost to the old MAC");
     assert_eq!(cached_hop(&lab.pins, sport).0, [2, 0, 0, 0, 0, 7]);
+    // Forwarding turned off is heard too (netconf): no cached hop forwards past it.
+    let generation = route_generation(&lab.pins);
+    lab.gw.exec("sysctl", &["-qw", "net.ipv4.ip_forward=0"]);
+    lab.wait("a bump for forwarding turned off", Duration::from_secs(5), |l| {
+        route_generation(&l.pins) != generation
+    });
+    lab.gw.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
 
     // No agent: nothing bumps the generation; the cached hop is asked again after at most
     // 100 ticks (0.1-1 s), and TCP's retransmission gets through.

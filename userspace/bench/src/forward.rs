@@ -408,6 +408,8 @@ fn measure_in_ns(cfg: &Config, cpu: usize, ns: &Netns) -> Result<Vec<(Vec<f64>, 
         for ((case, (bench, flows)), fig) in Case::ALL.into_iter().zip(cases).zip(&mut figs) {
             let off = matches!(case, Case::LbForwardingOff | Case::NatForwardingOff);
             ip_forward(!off)?;
+            // As the agent does when it hears of the change: cached next hops are stale.
+            xdpgate_dataplane::routes::invalidate(&bench.pins)?;
             let (gate, noop) = (bench.gate()?, bench.noop()?);
             fig.0.push(run_each_on(gate, flows.ifindex, &flows.acks, |_, v, out| {
                 check(case, v, out)

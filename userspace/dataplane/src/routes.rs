@@ -25,9 +25,10 @@ pub fn invalidate(pins: &PinDir) -> Result<u32> {
     Ok(next)
 }
 
-/// The rtnetlink groups whose messages can change a FIB answer: links, neighbours, IPv4 and
-/// IPv6 addresses and routes (`RTMGRP_*`).
-const GROUPS: u32 = 0x1 | 0x4 | 0x10 | 0x40 | 0x100 | 0x400;
+/// The rtnetlink groups whose messages can change a FIB answer (`RTMGRP_*`, and group n as
+/// bit n-1): links, neighbours, IPv4 and IPv6 addresses and routes, and IPv4 and IPv6
+/// netconf (forwarding turned on or off).
+const GROUPS: u32 = 0x1 | 0x4 | 0x10 | 0x40 | 0x100 | 0x400 | 1 << 23 | 1 << 24;
 
 /// A netlink socket subscribed to the changes that can move a next hop, in the network
 /// namespace of the thread that opens it.
