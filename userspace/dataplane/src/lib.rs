@@ -487,7 +487,13 @@ pub fn egress_dataplane(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
 /// Attaches the egress program to `ifname` (of this network namespace) with tcx, ahead of
 /// other tcx programs there, and pins its link.
 fn attach_egress(prog: &mut SchedClassifier, pins: &PinDir, ifname: &str) -> Result<()> {
-    let pin = pins.egress_link(ifname);
+    pin_egress(attach_egress_unpinned(prog, ifname)?, pins, ifname)
+}
+
+/// Attaches the egress program as [`attach_egress`] does; its link goes when the returned
+/// handle does, at once (a pin's reference would go only after an RCU grace period and a
+/// work item, leaving a refused attach's program running for a moment).
+fn attach_egress_unpinned(prog: &mut SchedClassifier, ifname: &str) -> Result<FdLink> {
     let id = prog
         .attach_with_options(
             ifname,
@@ -495,9 +501,13 @@ fn attach_egress(prog: &mut SchedClassifier, pins: &PinDir, ifname: &str) -> Res
             TcAttachOptions::TcxOrder(LinkOrder::first()),
         )
         .with_context(|| format!("attaching the egress program to {ifname} (tcx)"))?;
-    let link: FdLink = prog.take_link(id)?.try_into().map_err(|e| {
+    prog.take_link(id)?.try_into().map_err(|e| {
         anyhow!("{ifname}: the kernel attached the egress program without a bpf_link ({e})")
-    })?;
+    })
+}
+
+fn pin_egress(link: FdLink, pins: &PinDir, ifname: &str) -> Result<()> {
+    let pin = pins.egress_link(ifname);
     link.pin(&pin).with_context(|| format!("pinning link at {}", pin.display()))?;
     Ok(())
 }
@@ -573,8 +583,9 @@ pub fn attach_sized(
     attached
 }
 
-/// Attaches the egress program, then the XDP program, and pins the XDP link last: until
-/// then, a failure detaches both (their links close with this process).
+/// Attaches the egress program, then the XDP program, and only then pins their links (the
+/// XDP link last): a failure before detaches both at once, as their links close with this
+/// process. (A removed pin lets its link go only after an RCU grace period.)
 fn attach_both(
     ebpf: &mut Ebpf,
     pins: &PinDir,
@@ -585,7 +596,7 @@ fn attach_both(
     let link_pin = pins.link(ifname);
     let egress: &mut SchedClassifier =
         ebpf.program_mut(EGRESS_PROGRAM).expect("loaded by egress_dataplane").try_into()?;
-    attach_egress(egress, pins, ifname)?;
+    let egress_link = attach_egress_unpinned(egress, ifname)?;
     let prog: &mut Xdp = ebpf.program_mut(PROGRAM).expect("loaded by dataplane").try_into()?;
     let xdp_mode = match mode {
         Mode::Native => XdpMode::Driver,
@@ -602,6 +613,7 @@ fn attach_both(
     let link: FdLink = prog.take_link(id)?.try_into().map_err(|e| {
         anyhow!("{ifname}: the kernel attached without a bpf_link ({e}), cannot pin")
     })?;
+    pin_egress(egress_link, pins, ifname)?;
     link.pin(&link_pin).with_context(|| format!("pinning link at {}", link_pin.display()))?;
     Ok(())
 }
@@ -610,8 +622,8 @@ fn attach_both(
 /// pinned link (XDP and egress) is pointed at the new program (`bpf_link_update`), so there
 /// is no moment without a program, and the pinned maps (flows, NAT translations, policy,
 /// counters) carry over untouched; flow tables of an earlier layout are copied over
-/// (`migrate`). An interface attached by a build without the egress program gets it now. Returns the interfaces upgraded, each with whether its egress program
-/// was added.
+/// (`migrate`). An interface attached by a build without the egress program gets it now.
+/// Returns the interfaces upgraded, each with whether its egress program was added.
 pub fn upgrade(pins: &PinDir) -> Result<Vec<(String, bool)>> {
     let names = pins.attached()?;
     if names.is_empty() {
