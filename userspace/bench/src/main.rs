@@ -13,7 +13,9 @@
 //! - `memory`: every map at its configured size, the flow table at 1M flows, the agent's
 //!   resident memory with 4,096 rules and 256 backends;
 //! - `peers`: nftables (linear chain and verdict map), no filter and xdpgate in packets per
-//!   second through a real veth path, and xdp-filter's per-packet cost against the no-op.
+//!   second through a real veth path, and xdp-filter's per-packet cost against the no-op;
+//! - `throughput`: TCP throughput (iperf3) and CPU per gigabyte through a veth gateway for
+//!   kernel forwarding, nftables (filter, SNAT, DNAT) and xdpgate (filter, NAT, LB).
 //!
 //! A benchmark, not a test: nothing is asserted about speed. Verdicts, rewritten packets,
 //! flow states (an "established" flow must be in the established table, after a full TCP
@@ -27,6 +29,7 @@ mod nat;
 mod nsg;
 mod peers;
 mod report;
+mod throughput;
 
 use std::{
     fs,
@@ -68,6 +71,7 @@ enum Section {
     Nat,
     Memory,
     Peers,
+    Throughput,
 }
 
 /// What one invocation measured, section by section.
@@ -78,6 +82,7 @@ pub struct Results {
     pub nat: Option<nat::Report>,
     pub memory: Option<memory::Report>,
     pub peers: Option<peers::Report>,
+    pub throughput: Option<throughput::Report>,
 }
 
 fn main() -> Result<()> {
@@ -141,6 +146,12 @@ fn main() -> Result<()> {
         let r = peers::measure(&cfg, &machine, cpu)?;
         write(&out, "peers", &peers::markdown(&r), &r)?;
         results.peers = Some(r);
+    }
+    if wanted(Section::Throughput) {
+        eprintln!("TCP throughput through a veth gateway ...");
+        let r = throughput::measure(&cfg, &machine)?;
+        write(&out, "throughput", &throughput::markdown(&r), &r)?;
+        results.throughput = Some(r);
     }
     let elapsed = started.elapsed().as_secs_f64();
     eprintln!("xdpgate-bench: done in {elapsed:.0} s");

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use crate::{
     Results,
     common::{Config, Family, Machine, thousands},
-    lb, memory, nat, nsg, peers,
+    lb, memory, nat, nsg, peers, throughput,
 };
 
 /// One bar: label, value, colour.
@@ -262,9 +262,10 @@ pub fn readme(r: &Results, machine: &Machine, cfg: &Config, elapsed: f64) -> Str
     let _ = writeln!(
         md,
         "Run with `cargo xtask bench` (as root; `--quick` for a smoke test, `--only \
-         nsg,lb,nat,memory,peers` for some sections, `--runs N`). This run took {elapsed:.0} s. \
-         Each section is also in its own file (`nsg.md`, `lb.md`, `nat.md`, `memory.md`, \
-         `peers.md`, with the raw figures in the matching `.json`).\n\n\
+         nsg,lb,nat,memory,peers,throughput` for some sections, `--runs N`). This run took \
+         {elapsed:.0} s. Each section is also in its own file (`nsg.md`, `lb.md`, `nat.md`, \
+         `memory.md`, `peers.md`, `throughput.md`, with the raw figures in the matching \
+         `.json`).\n\n\
          ![ratios](ratios.svg)\n"
     );
     if let Some(x) = &r.nsg {
@@ -281,6 +282,9 @@ pub fn readme(r: &Results, machine: &Machine, cfg: &Config, elapsed: f64) -> Str
     }
     if let Some(x) = &r.peers {
         md.push_str(&strip_header(&peers::markdown(x)));
+    }
+    if let Some(x) = &r.throughput {
+        md.push_str(&strip_header(&throughput::markdown(x)));
     }
     md
 }
