@@ -67,12 +67,15 @@ pub struct Case {
     pub dir: Dir,
     /// User rules of the filter cases (0 otherwise).
     pub rules: usize,
+    /// Checksum offload and TSO left on at the endpoints (the veth default), in a topology
+    /// of its own; otherwise off.
+    pub offload: bool,
 }
 
 impl Case {
     pub fn label(&self) -> String {
         let n = thousands(self.rules as u64);
-        match self.kind {
+        let label: String = match self.kind {
             Kind::Plain => match self.dir {
                 Dir::Inbound => "kernel forwarding, inet → lan".into(),
                 Dir::Outbound => "kernel forwarding, lan → inet".into(),
@@ -83,7 +86,8 @@ impl Case {
             Kind::XdpgateFilter => format!("xdpgate NSG filter, {n} rules"),
             Kind::XdpgateNat => "xdpgate NAT gateway (SNAT)".into(),
             Kind::XdpgateLb => "xdpgate load balancer, 3 backends".into(),
-        }
+        };
+        if self.offload { format!("{label}; TSO on") } else { label }
     }
 
     /// (client namespace is inet, destination address).
@@ -179,9 +183,9 @@ struct Topology {
 }
 
 impl Topology {
-    fn new() -> Result<Self> {
+    fn new(offload: bool) -> Result<Self> {
         let (inet, gw, lan) = (Ns::new("xgti")?, Ns::new("xgtg")?, Ns::new("xgtl")?);
-        let tag = std::process::id() % 100_000;
+        let tag = format!("{}{}", std::process::id() % 100_000, if offload { "o" } else { "" });
         let (i0, g0, g1, l0) = (
             format!("xt{tag}i0"),
             format!("xt{tag}g0"),
@@ -212,7 +216,7 @@ impl Topology {
             // NAPI instance XDP redirects into). Checksum offload off at the endpoints:
             // xdpgate rewrites and redirects frames in XDP, where a partial checksum would
             // stay unfinished; the same for every case.
-            let endpoint = dev == &i0 || dev == &l0;
+            let endpoint = !offload && (dev == &i0 || dev == &l0);
             let mut args = vec!["-K", dev.as_str(), "gro", "on"];
             if endpoint {
                 args.extend(["tx", "off"]);
@@ -579,12 +583,20 @@ pub fn measure(cfg: &Config, machine: &Machine) -> Result<Report> {
     let (secs, rounds) = if cfg.quick { (2, 1) } else { (5, cfg.path_runs.max(2)) };
     let filter_rules: Vec<usize> = if cfg.quick { vec![100] } else { vec![100, 1_000] };
     eprintln!("  throughput: setting up inet, gateway and lan namespaces ...");
-    let topo = Topology::new()?;
-    let mut gw = Gateway { topo: &topo, pins: BTreeMap::new(), filter_rulesets: BTreeMap::new() };
-    for &n in &filter_rules {
-        gw.filter_rulesets.insert(n, nft_ruleset(&nsg::nsgs(Family::IPv4, n), false, true).0);
-    }
-    let plain = |dir| Case { kind: Kind::Plain, dir, rules: 0 };
+    let topo = Topology::new(false)?;
+    // Not with --quick: the same gateway with the endpoints' offloads left on.
+    let topo_offload = if cfg.quick { None } else { Some(Topology::new(true)?) };
+    let rulesets: BTreeMap<usize, String> = filter_rules
+        .iter()
+        .map(|&n| (n, nft_ruleset(&nsg::nsgs(Family::IPv4, n), false, true).0))
+        .collect();
+    let mut gw = Gateway { topo: &topo, pins: BTreeMap::new(), filter_rulesets: rulesets.clone() };
+    let mut gw_offload = topo_offload.as_ref().map(|topo| Gateway {
+        topo,
+        pins: BTreeMap::new(),
+        filter_rulesets: rulesets.clone(),
+    });
+    let plain = |dir| Case { kind: Kind::Plain, dir, rules: 0, offload: false };
     let mut cases = vec![plain(Dir::Inbound), plain(Dir::Outbound)];
     let have_nft = which("nft").is_ok();
     let mut skipped = Vec::new();
@@ -593,16 +605,26 @@ pub fn measure(cfg: &Config, machine: &Machine) -> Result<Report> {
     }
     for &rules in &filter_rules {
         if have_nft {
-            cases.push(Case { kind: Kind::NftFilter, dir: Dir::Inbound, rules });
+            cases.push(Case { kind: Kind::NftFilter, dir: Dir::Inbound, rules, offload: false });
         }
-        cases.push(Case { kind: Kind::XdpgateFilter, dir: Dir::Inbound, rules });
+        cases.push(Case { kind: Kind::XdpgateFilter, dir: Dir::Inbound, rules, offload: false });
     }
+    let (inbound, outbound) = (Dir::Inbound, Dir::Outbound);
     if have_nft {
-        cases.push(Case { kind: Kind::NftSnat, dir: Dir::Outbound, rules: 0 });
-        cases.push(Case { kind: Kind::NftDnat, dir: Dir::Inbound, rules: 0 });
+        cases.push(Case { kind: Kind::NftSnat, dir: outbound, rules: 0, offload: false });
+        cases.push(Case { kind: Kind::NftDnat, dir: inbound, rules: 0, offload: false });
     }
-    cases.push(Case { kind: Kind::XdpgateNat, dir: Dir::Outbound, rules: 0 });
-    cases.push(Case { kind: Kind::XdpgateLb, dir: Dir::Inbound, rules: 0 });
+    cases.push(Case { kind: Kind::XdpgateNat, dir: outbound, rules: 0, offload: false });
+    cases.push(Case { kind: Kind::XdpgateLb, dir: inbound, rules: 0, offload: false });
+    if gw_offload.is_some() {
+        let mut more = vec![(Kind::Plain, 0), (Kind::XdpgateFilter, 100), (Kind::XdpgateLb, 0)];
+        if have_nft {
+            more.extend([(Kind::NftFilter, 100), (Kind::NftDnat, 0)]);
+        }
+        for (kind, rules) in more {
+            cases.push(Case { kind, dir: inbound, rules, offload: true });
+        }
+    }
 
     let mut samples: BTreeMap<Case, Vec<Sample>> = BTreeMap::new();
     let mut failed = BTreeMap::new();
@@ -615,6 +637,10 @@ pub fn measure(cfg: &Config, machine: &Machine) -> Result<Report> {
             if failed.contains_key(&case) {
                 continue;
             }
+            let gw = match gw_offload.as_mut() {
+                Some(g) if case.offload => g,
+                _ => &mut gw,
+            };
             match gw.measure(case, secs, round) {
                 Ok(s) => {
                     eprintln!(
@@ -639,13 +665,17 @@ pub fn measure(cfg: &Config, machine: &Machine) -> Result<Report> {
     }
     skipped.extend(failed.into_values());
     drop(gw);
+    drop(gw_offload);
 
     let mut rows = Vec::new();
     let mut warnings = Vec::new();
     let per_gb = |s: &Sample, x: f64| x / (s.bytes as f64 / 1e9);
     for case in &cases {
         let Some(runs) = samples.get(case) else { continue };
-        let reference = samples.get(&plain(case.dir)).cloned().unwrap_or_default();
+        let reference = samples
+            .get(&Case { offload: case.offload, ..plain(case.dir) })
+            .cloned()
+            .unwrap_or_default();
         let same_round = |s: &Sample| reference.iter().find(|r| r.round == s.round);
         let ratios: Vec<f64> =
             runs.iter().filter_map(|s| Some(s.gbps / same_round(s)?.gbps)).collect();
@@ -778,6 +808,19 @@ pub fn markdown(r: &Report) -> String {
         secs = r.secs,
         rounds = r.rounds,
     );
+    if r.rows.iter().any(|x| x.case.offload) {
+        let _ = writeln!(
+            md,
+            "\nRows marked *TSO on*: a second gateway, the same but with the endpoints' checksum \
+             offload and TSO left on (the veth default): the senders pass 64 KB segments that \
+             cross both veths whole while nothing on the gateway runs XDP; once XDP runs on a \
+             veth, its peer stops offering TSO and XDP sees every 1,500-byte frame. Their \
+             ratios are to kernel forwarding in that topology. A frame whose checksum the \
+             sender left to offload (CHECKSUM_PARTIAL) loses that state when XDP redirects it, \
+             so the receiver drops it as corrupt: xdpgate's NAT and load balancer cannot carry \
+             such traffic through a veth gateway."
+        );
+    }
     if !r.warnings.is_empty() {
         let _ = writeln!(md, "\nWarnings: {}.", r.warnings.join("; "));
     }
