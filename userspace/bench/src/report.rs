@@ -91,6 +91,18 @@ fn path_bars(r: &Results) -> Vec<Bar> {
         .unwrap_or_default()
 }
 
+fn throughput_bars(r: &Results) -> Vec<Bar> {
+    let Some(t) = &r.throughput else { return Vec::new() };
+    t.rows
+        .iter()
+        .filter(|x| x.case.kind != throughput::Kind::Plain && x.ratio.is_finite())
+        .map(|x| {
+            let colour = if x.label.starts_with("xdpgate") { PATH_COLOUR } else { PEER_COLOUR };
+            (x.label.clone(), x.ratio, colour)
+        })
+        .collect()
+}
+
 fn escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
@@ -238,6 +250,18 @@ pub fn svg(r: &Results) -> String {
             &path,
             y,
             true,
+        );
+        body.push_str(&s);
+        y += h;
+    }
+    let throughput = throughput_bars(r);
+    if !throughput.is_empty() {
+        let (s, h) = panel(
+            "TCP throughput through a veth gateway ÷ kernel forwarding's (iperf3, 4 streams)",
+            "same run, median of per-round ratios; higher is better; see throughput.md",
+            &throughput,
+            y,
+            false,
         );
         body.push_str(&s);
         y += h;
