@@ -18,7 +18,9 @@
 //!   rewritten) beside an NSG-only flow;
 //! - `flows`: the established path with 1,000, 100,000 and 1,000,000 live flows, cold;
 //! - `peers`: nftables (linear chain and verdict map), no filter and xdpgate in packets per
-//!   second through a real veth path, and xdp-filter's per-packet cost against the no-op.
+//!   second through a real veth path, and xdp-filter's per-packet cost against the no-op;
+//! - `throughput`: TCP throughput (iperf3) and CPU per gigabyte through a veth gateway for
+//!   kernel forwarding, nftables (filter, SNAT, DNAT) and xdpgate (filter, NAT, LB).
 //!
 //! A benchmark, not a test: nothing is asserted about speed. Verdicts, rewritten packets,
 //! flow states (an "established" flow must be in the established table, after a full TCP
@@ -35,6 +37,7 @@ mod nat;
 mod nsg;
 mod peers;
 mod report;
+mod throughput;
 
 use std::{
     fs,
@@ -79,6 +82,7 @@ enum Section {
     Events,
     Forward,
     Flows,
+    Throughput,
 }
 
 /// What one invocation measured, section by section.
@@ -92,6 +96,7 @@ pub struct Results {
     pub events: Option<events::Report>,
     pub forward: Option<forward::Report>,
     pub flows: Option<flows::Report>,
+    pub throughput: Option<throughput::Report>,
 }
 
 fn main() -> Result<()> {
@@ -173,6 +178,12 @@ fn main() -> Result<()> {
         let r = flows::measure(&cfg, &machine)?;
         write(&out, "flows", &flows::markdown(&r), &r)?;
         results.flows = Some(r);
+    }
+    if wanted(Section::Throughput) {
+        eprintln!("TCP throughput through a veth gateway ...");
+        let r = throughput::measure(&cfg, &machine)?;
+        write(&out, "throughput", &throughput::markdown(&r), &r)?;
+        results.throughput = Some(r);
     }
     let elapsed = started.elapsed().as_secs_f64();
     eprintln!("xdpgate-bench: done in {elapsed:.0} s");

@@ -161,7 +161,7 @@ pub fn measure(cfg: &Config, machine: &Machine, cpu: Option<usize>) -> Result<Re
 // ---------------------------------------------------------------------------------------
 // Commands, namespaces, raw bpf
 
-fn sh(cmd: &str, args: &[&str]) -> Result<String> {
+pub(crate) fn sh(cmd: &str, args: &[&str]) -> Result<String> {
     let out = Command::new(cmd)
         .args(args)
         .stdin(Stdio::null())
@@ -180,7 +180,7 @@ fn sh(cmd: &str, args: &[&str]) -> Result<String> {
 
 /// Runs a command in namespace `ns` without a new mount namespace (`ip netns exec` would
 /// remount /sys and hide bpffs, which libxdp and bpftool need).
-fn nsenter(ns: &str, cmd: &str, args: &[&str]) -> Result<String> {
+pub(crate) fn nsenter(ns: &str, cmd: &str, args: &[&str]) -> Result<String> {
     let net = format!("--net=/run/netns/{ns}");
     let mut full = vec![net.as_str(), cmd];
     full.extend_from_slice(args);
@@ -188,14 +188,14 @@ fn nsenter(ns: &str, cmd: &str, args: &[&str]) -> Result<String> {
 }
 
 /// Runs a command in `ns` through `ip netns exec` (its own /sys: for sysfs of the ns).
-fn ip_exec(ns: &str, cmd: &str, args: &[&str]) -> Result<String> {
+pub(crate) fn ip_exec(ns: &str, cmd: &str, args: &[&str]) -> Result<String> {
     let mut full = vec!["netns", "exec", ns, cmd];
     full.extend_from_slice(args);
     sh("ip", &full)
 }
 
 /// Runs `f` with this thread in network namespace `ns`, then returns it to its own.
-fn with_netns<T>(ns: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+pub(crate) fn with_netns<T>(ns: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     let home = File::open("/proc/thread-self/ns/net").context("opening this thread's netns")?;
     netns::enter(ns)?;
     let result = f();
@@ -271,7 +271,7 @@ fn run_fd(prog: BorrowedFd<'_>, packet: &[u8], repeat: u32) -> Result<(u32, f64)
 }
 
 /// A name unique to this process and call, fit for namespaces and interfaces (15 chars).
-fn unique(prefix: &str) -> String {
+pub(crate) fn unique(prefix: &str) -> String {
     static SEQ: AtomicU32 = AtomicU32::new(0);
     format!("{prefix}{}x{}", std::process::id() % 100_000, SEQ.fetch_add(1, Ordering::Relaxed))
 }
@@ -347,7 +347,7 @@ impl Drop for XdpFilterGuard {
     }
 }
 
-fn which(tool: &str) -> Result<()> {
+pub(crate) fn which(tool: &str) -> Result<()> {
     let found = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).exists()))
         .unwrap_or(false);
@@ -358,10 +358,10 @@ fn which(tool: &str) -> Result<()> {
 }
 
 /// A namespace removed (with its interfaces) on drop.
-struct Ns(String);
+pub(crate) struct Ns(pub(crate) String);
 
 impl Ns {
-    fn new(prefix: &str) -> Result<Self> {
+    pub(crate) fn new(prefix: &str) -> Result<Self> {
         let name = unique(prefix);
         sh("ip", &["netns", "add", &name])?;
         let ns = Self(name);
@@ -820,7 +820,13 @@ impl Path {
 /// The nftables rulesets of a generated policy: `linear` one rule per NSG rule in priority
 /// order, `map` one lookup in a verdict map of (source, destination, protocol, port)
 /// intervals per NSG, then the defaults. Returns (ruleset, rules, map elements).
-fn nft_ruleset(nsgs: &[Nsg], map: bool) -> (String, usize, usize) {
+/// With `established_first`, the forward chain begins with `ct state established,related
+/// counter accept` (commented `established`), as a stateful gateway's ruleset does.
+pub(crate) fn nft_ruleset(
+    nsgs: &[Nsg],
+    map: bool,
+    established_first: bool,
+) -> (String, usize, usize) {
     let mut out = String::from("table inet xgb {\n");
     let (mut rules, mut elements) = (0, 0);
     let chain = |n: &Nsg| n.name.replace('-', "_");
@@ -878,6 +884,10 @@ fn nft_ruleset(nsgs: &[Nsg], map: bool) -> (String, usize, usize) {
         out,
         "  chain forward {{\n    type filter hook forward priority filter; policy accept;"
     );
+    if established_first {
+        out.push_str("    ct state established,related counter accept comment \"established\"\n");
+        rules += 1;
+    }
     for n in nsgs {
         let _ = writeln!(out, "    ip daddr {} jump {}", n.subnet_v4(), chain(n));
         rules += 1;
@@ -886,7 +896,7 @@ fn nft_ruleset(nsgs: &[Nsg], map: bool) -> (String, usize, usize) {
     (out, rules, elements)
 }
 
-fn nft_load(ns: &str, ruleset: &str) -> Result<()> {
+pub(crate) fn nft_load(ns: &str, ruleset: &str) -> Result<()> {
     let mut child = Command::new("nsenter")
         .args([&format!("--net=/run/netns/{ns}"), "nft", "-f", "-"])
         .stdin(Stdio::piped())
@@ -903,7 +913,7 @@ fn nft_load(ns: &str, ruleset: &str) -> Result<()> {
     Ok(())
 }
 
-fn nft_flush(ns: &str) {
+pub(crate) fn nft_flush(ns: &str) {
     let _ = nsenter(ns, "nft", &["flush", "ruleset"]);
 }
 
@@ -998,8 +1008,8 @@ fn veth_path(cfg: &Config, _pins: &PinDir, main_cpu: Option<usize>) -> Result<Pa
     let mut nft_sizes = Vec::new();
     for &rules in &cfg.path_rules {
         let nsgs = nsg::nsgs(Family::IPv4, rules);
-        let (linear, n_linear, _) = nft_ruleset(&nsgs, false);
-        let (map, n_map, elements) = nft_ruleset(&nsgs, true);
+        let (linear, n_linear, _) = nft_ruleset(&nsgs, false, false);
+        let (map, n_map, elements) = nft_ruleset(&nsgs, true, false);
         nft_sizes.push((rules, n_linear, elements));
         let _ = n_map;
         nft.push((rules, linear, map));

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use crate::{
     Results,
     common::{Config, Family, Machine, thousands},
-    events, flows, forward, lb, memory, nat, nsg, peers,
+    events, flows, forward, lb, memory, nat, nsg, peers, throughput,
 };
 
 /// One bar: label, value, colour.
@@ -121,6 +121,18 @@ fn path_bars(r: &Results) -> Vec<Bar> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+fn throughput_bars(r: &Results) -> Vec<Bar> {
+    let Some(t) = &r.throughput else { return Vec::new() };
+    t.rows
+        .iter()
+        .filter(|x| x.case.kind != throughput::Kind::Plain && x.ratio.is_finite())
+        .map(|x| {
+            let colour = if x.label.starts_with("xdpgate") { PATH_COLOUR } else { PEER_COLOUR };
+            (x.label.clone(), x.ratio, colour)
+        })
+        .collect()
 }
 
 fn escape(s: &str) -> String {
@@ -274,6 +286,18 @@ pub fn svg(r: &Results) -> String {
         body.push_str(&s);
         y += h;
     }
+    let throughput = throughput_bars(r);
+    if !throughput.is_empty() {
+        let (s, h) = panel(
+            "TCP throughput through a veth gateway ÷ kernel forwarding's (iperf3, 4 streams)",
+            "same run, median of per-round ratios; higher is better; see throughput.md",
+            &throughput,
+            y,
+            false,
+        );
+        body.push_str(&s);
+        y += h;
+    }
     if body.is_empty() {
         body.push_str(
             r##"<text x="10" y="20" font-size="13">No ratios were measured in this run.</text>"##,
@@ -294,10 +318,10 @@ pub fn readme(r: &Results, machine: &Machine, cfg: &Config, elapsed: f64) -> Str
     let _ = writeln!(
         md,
         "Run with `cargo xtask bench` (as root; `--quick` for a smoke test, `--only \
-         nsg,lb,nat,memory,peers,events,forward,flows` for some sections, `--runs N`). This \
-         run took {elapsed:.0} s. Each section is also in its own file (`nsg.md`, `lb.md`, \
-         `nat.md`, `memory.md`, `peers.md`, `events.md`, `forward.md`, `flows.md`, with the \
-         raw figures in the matching `.json`).\n\n\
+         nsg,lb,nat,memory,peers,events,forward,flows,throughput` for some sections, `--runs \
+         N`). This run took {elapsed:.0} s. Each section is also in its own file (`nsg.md`, \
+         `lb.md`, `nat.md`, `memory.md`, `peers.md`, `events.md`, `forward.md`, `flows.md`, \
+         `throughput.md`, with the raw figures in the matching `.json`).\n\n\
          ![ratios](ratios.svg)\n"
     );
     if let Some(x) = &r.nsg {
@@ -323,6 +347,9 @@ pub fn readme(r: &Results, machine: &Machine, cfg: &Config, elapsed: f64) -> Str
     }
     if let Some(x) = &r.peers {
         md.push_str(&strip_header(&peers::markdown(x)));
+    }
+    if let Some(x) = &r.throughput {
+        md.push_str(&strip_header(&throughput::markdown(x)));
     }
     md
 }
