@@ -308,6 +308,11 @@ fn status_names_the_namespace_a_link_lives_in() {
     let text = ok(xdpgate(&pins, None, &["status"]), "status");
     assert!(text.contains(&format!("{ib} in netns {}", b.name)), "{text}");
     assert!(!text.contains("gone"), "{text}");
+    // `stats` from the host names the interface as attached, not after whichever host
+    // interface has its ifindex.
+    let stats: Value =
+        serde_json::from_str(&ok(xdpgate(&pins, None, &["stats", "--json"]), "stats")).unwrap();
+    assert_eq!(stats["interfaces"][0]["iface"].as_str(), Some(ib.as_str()), "{stats:#}");
 
     // Asked from b: here.
     let i = only(&status(Some(&b)));

@@ -188,6 +188,14 @@ pub fn read(pins: &PinDir) -> Result<Stats> {
             .collect()
     };
 
+    // Attached interfaces by the names they were attached under (their pins): the ifindex
+    // may name another device here when they live in another network namespace.
+    let attached: std::collections::HashMap<u32, String> = pins
+        .attached()?
+        .into_iter()
+        .filter_map(|name| Some((crate::link_info(pins, &name).ok()?.ifindex, name)))
+        .filter(|(ifindex, _)| *ifindex != 0)
+        .collect();
     let mut interfaces = Vec::new();
     let mut registered: Vec<(u32, IfaceConfig)> = ifaces.iter().collect::<Result<_, _>>()?;
     registered.sort_by_key(|(_, c)| c.slot);
@@ -197,7 +205,11 @@ pub fn read(pins: &PinDir) -> Result<Stats> {
             Role::Internal => "internal",
         };
         interfaces.push(IfaceStats {
-            iface: ifname(ifindex).unwrap_or_else(|| format!("ifindex {ifindex}")),
+            iface: attached
+                .get(&ifindex)
+                .cloned()
+                .or_else(|| ifname(ifindex))
+                .unwrap_or_else(|| format!("ifindex {ifindex}")),
             role: Some(role),
             verdicts: slot_stats(cfg.slot)?,
             egress: egress_stats(cfg.slot)?,
