@@ -110,10 +110,13 @@ pub struct NextHop {
     pub ifindex: u32,
     pub dmac: [u8; 6],
     pub smac: [u8; 6],
+    /// The interface the packets arrived by when it was looked up (the FIB's answer may
+    /// depend on it: VRFs, `iif` rules).
+    pub iif: u32,
     /// The longest packet (from the IP header on) the FIB has passed to it.
     pub max_len: u16,
     /// Rounds `FlowValue` to its 8-byte alignment with no hidden padding.
-    pub _pad: [u8; 6],
+    pub _pad: [u8; 2],
 }
 
 impl NextHop {
@@ -123,8 +126,9 @@ impl NextHop {
         ifindex: 0,
         dmac: [0; 6],
         smac: [0; 6],
+        iif: 0,
         max_len: 0,
-        _pad: [0; 6],
+        _pad: [0; 2],
     };
 }
 

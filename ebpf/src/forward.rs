@@ -117,8 +117,9 @@ pub fn forward(
     let generation = ROUTE_GENERATION.get(0).copied().unwrap_or(0);
     // The low bits: ages are told by wrapping differences.
     let now = unsafe { bpf_jiffies64() } as u32;
+    let iif = ctx.ingress_ifindex() as u32;
     let hop = match cache {
-        Some(hop) if holds(hop, generation, now, ip_len) => *hop,
+        Some(hop) if holds(hop, generation, now, iif, ip_len) => *hop,
         cache => {
             let (rc, p) = lookup(ctx, meta, src, next_hop, len)?;
             if rc != BPF_FIB_LKUP_RET_SUCCESS || EGRESS.get_ifindex(p.ifindex).is_none() {
@@ -130,8 +131,9 @@ pub fn forward(
                 ifindex: p.ifindex,
                 dmac: p.dmac,
                 smac: p.smac,
+                iif,
                 max_len: ip_len,
-                _pad: [0; 6],
+                _pad: [0; 2],
             };
             if let Some(cache) = cache {
                 *cache = hop;
@@ -148,13 +150,17 @@ pub fn forward(
     Ok(EGRESS.redirect(hop.ifindex, 0).unwrap_or(xdp_action::XDP_PASS))
 }
 
-/// Whether a cached next hop still holds for a packet of `ip_len` bytes: looked up under
-/// this route generation, recently enough, for a packet at least as long (the FIB checked
-/// that one against the route's MTU).
+/// Whether a cached next hop still holds for a packet of `ip_len` bytes arriving by `iif`:
+/// looked up under this route generation, recently enough, for a packet that arrived by the
+/// same interface and was at least as long (the FIB checked that one against the route's
+/// MTU). Another CPU may be writing the entry's hop at the same moment (two packets of one
+/// flow direction at once, after a change): a torn copy is at worst a mix of two answers
+/// the FIB gave for this flow within a tick, and is asked again after the age limit.
 #[inline(always)]
-fn holds(hop: &NextHop, generation: u32, now: u32, ip_len: u16) -> bool {
+fn holds(hop: &NextHop, generation: u32, now: u32, iif: u32, ip_len: u16) -> bool {
     hop.ifindex != 0
         && hop.generation == generation
         && now.wrapping_sub(hop.jiffies) < HOP_MAX_AGE_JIFFIES
+        && hop.iif == iif
         && ip_len <= hop.max_len
 }

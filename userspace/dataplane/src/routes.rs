@@ -26,9 +26,10 @@ pub fn invalidate(pins: &PinDir) -> Result<u32> {
 }
 
 /// The rtnetlink groups whose messages can change a FIB answer (`RTMGRP_*`, and group n as
-/// bit n-1): links, neighbours, IPv4 and IPv6 addresses and routes, and IPv4 and IPv6
-/// netconf (forwarding turned on or off).
-const GROUPS: u32 = 0x1 | 0x4 | 0x10 | 0x40 | 0x100 | 0x400 | 1 << 23 | 1 << 24;
+/// bit n-1): links, neighbours, IPv4 and IPv6 addresses, routes and policy-routing rules,
+/// IPv4 and IPv6 netconf (forwarding turned on or off), and nexthop objects.
+const GROUPS: u32 =
+    0x1 | 0x4 | 0x10 | 0x40 | 0x80 | 0x100 | 0x400 | 1 << 18 | 1 << 23 | 1 << 24 | 1 << 31;
 
 /// A netlink socket subscribed to the changes that can move a next hop, in the network
 /// namespace of the thread that opens it.
