@@ -380,30 +380,15 @@ fn a_small_table_for_test_runs_holds_flows() {
     assert!(k.flow(&key).is_some(), "the flow is in the 128-entry table");
 }
 
-/// Flow tables pinned by a build from before the next-hop cache (`FLOWS` and `EMBRYOS`,
-/// whose entries lack `hop`) are carried over by `upgrade`: copied into this build's tables
-/// (at the old sizes), the programs replaced, the old tables unpinned, and a connection
-/// through the gateway carries on, its next segment finding its flow. Until then, commands
-/// that need the new tables say to upgrade, and `attach` refuses (it would split the flows
-/// between two tables).
-#[test]
-fn upgrade_carries_flows_over_from_the_earlier_layout() {
+/// Makes the pins look as a build from before the next-hop cache left them, with the running
+/// programs as that build: their flow tables (entries copied into the earlier layout) and
+/// their pipelines under the earlier names, and this build's names unpinned. Returns how
+/// many flow entries the earlier tables hold.
+fn as_earlier_build(lab: &Gateway) -> usize {
     use aya::maps::{HashMap, MapData};
-    use xdpgate_common::maps::{EMBRYOS_V1, FLOWS_V1};
-    let lab = Gateway::new();
-    lab.apply("policy.yaml", POLICY);
-    let _echo = EchoServer::start(&lab.server, vec!["198.51.100.10:7".parse().unwrap()]);
-    let mut s = lab.client.run(|| TcpStream::connect("198.51.100.10:7").unwrap());
-    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-    let exchange = |s: &mut TcpStream| {
-        s.write_all(b"hello").unwrap();
-        let mut buf = [0u8; 5];
-        s.read_exact(&mut buf).map(|()| buf)
+    use xdpgate_common::maps::{
+        EGRESS_PIPELINE, EGRESS_PIPELINE_V1, EMBRYOS_V1, FLOWS_V1, PIPELINE, PIPELINE_V1,
     };
-    assert_eq!(exchange(&mut s).unwrap(), *b"hello");
-
-    // The pins as an earlier build left them: its tables, holding the flows, under the old
-    // names; this build's not pinned (the running programs keep theirs).
     let mut carried = 0;
     for (new, old, kind) in [(FLOWS, FLOWS_V1, "hash"), (EMBRYOS, EMBRYOS_V1, "lru_hash")] {
         let current: HashMap<MapData, FlowKey, FlowValue> =
@@ -424,7 +409,41 @@ fn upgrade_carries_flows_over_from_the_earlier_layout() {
         carried += entries.len();
         std::fs::remove_file(lab.pins.dir.map(new)).unwrap();
     }
-    assert!(carried >= 2, "the connection's two entries");
+    for (new, old) in [(PIPELINE, PIPELINE_V1), (EGRESS_PIPELINE, EGRESS_PIPELINE_V1)] {
+        std::fs::rename(lab.pins.dir.map(new), lab.pins.dir.map(old)).unwrap();
+    }
+    carried
+}
+
+fn exchange(s: &mut TcpStream) -> std::io::Result<[u8; 5]> {
+    s.write_all(b"hello")?;
+    let mut buf = [0u8; 5];
+    s.read_exact(&mut buf).map(|()| buf)
+}
+
+fn drops(lab: &Gateway, reason: &str) -> u64 {
+    let v: serde_json::Value =
+        serde_json::from_str(&lab.pins.xdpgate(&["stats", "--json"])).unwrap();
+    v["drops"].as_array().unwrap().iter().find(|d| d[0] == reason).unwrap()[1].as_u64().unwrap()
+}
+
+/// Flow tables pinned by a build from before the next-hop cache (`FLOWS` and `EMBRYOS`,
+/// whose entries lack `hop`) are carried over by `upgrade`: copied into this build's tables
+/// (at the old sizes), the programs replaced, the old tables and pipelines unpinned, and a
+/// connection through the gateway carries on, its next segment finding its flow; a new
+/// connection works too. Until then, commands that need the new tables say to upgrade, and
+/// `attach` refuses (it would split the flows between two tables).
+#[test]
+fn upgrade_carries_flows_over_from_the_earlier_layout() {
+    use aya::maps::{HashMap, MapData};
+    use xdpgate_common::maps::{EGRESS_PIPELINE_V1, EMBRYOS_V1, FLOWS_V1, PIPELINE_V1};
+    let lab = Gateway::new();
+    lab.apply("policy.yaml", POLICY);
+    let _echo = EchoServer::start(&lab.server, vec!["198.51.100.10:7".parse().unwrap()]);
+    let mut s = lab.client.run(|| TcpStream::connect("198.51.100.10:7").unwrap());
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    assert_eq!(exchange(&mut s).unwrap(), *b"hello");
+    assert!(as_earlier_build(&lab) >= 2, "the connection's two entries");
 
     let out = lab.pins.try_xdpgate(&["flows"]);
     let err = String::from_utf8_lossy(&out.stderr);
@@ -437,7 +456,7 @@ fn upgrade_carries_flows_over_from_the_earlier_layout() {
     let before = prog_ids(&lab);
     lab.pins.xdpgate(&["upgrade"]);
     assert_ne!(prog_ids(&lab), before, "programs replaced");
-    for old in [FLOWS_V1, EMBRYOS_V1] {
+    for old in [FLOWS_V1, EMBRYOS_V1, PIPELINE_V1, EGRESS_PIPELINE_V1] {
         assert!(!lab.pins.dir.map(old).exists(), "{old} unpinned");
     }
     let flows: HashMap<MapData, FlowKey, FlowValue> =
@@ -450,12 +469,45 @@ fn upgrade_carries_flows_over_from_the_earlier_layout() {
         .collect();
     assert_eq!(on_port_7.len(), 2, "the connection's entries carried over");
     assert!(on_port_7.iter().all(|v| v.packets > 0 && v.generation > 0), "{on_port_7:?}");
-    let stats = |what: &str| -> u64 {
-        let v: serde_json::Value =
-            serde_json::from_str(&lab.pins.xdpgate(&["stats", "--json"])).unwrap();
-        v["drops"].as_array().unwrap().iter().find(|d| d[0] == what).unwrap()[1].as_u64().unwrap()
-    };
-    let no_flow = stats("no_flow");
+    let no_flow = drops(&lab, "no_flow");
     assert_eq!(exchange(&mut s).unwrap(), *b"hello", "the connection carries on");
-    assert_eq!(stats("no_flow"), no_flow);
+    let mut fresh = lab.client.run(|| TcpStream::connect("198.51.100.10:7").unwrap());
+    fresh.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    assert_eq!(exchange(&mut fresh).unwrap(), *b"hello", "a new connection");
+    assert_eq!(drops(&lab, "no_flow"), no_flow);
+}
+
+/// An upgrade from the earlier layout that is refused (here: an interface attached by a
+/// build without the egress program, asked from outside its namespace) leaves nothing of
+/// the new layout pinned, so nothing reads empty new tables as the flows (an agent's NAT
+/// expiry would take a busy translation for idle). Flow sweeps and NAT expiry wait for the
+/// upgrade. (Before: the new tables stayed pinned and `flows` listed none.)
+#[test]
+fn a_refused_upgrade_from_the_earlier_layout_pins_nothing_new() {
+    let lab = Gateway::new();
+    lab.apply("policy.yaml", POLICY);
+    let _echo = EchoServer::start(&lab.server, vec!["198.51.100.10:7".parse().unwrap()]);
+    let mut s = lab.client.run(|| TcpStream::connect("198.51.100.10:7").unwrap());
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    exchange(&mut s).unwrap();
+    as_earlier_build(&lab);
+    let names = lab.pins.dir.attached().unwrap();
+    std::fs::remove_file(lab.pins.dir.egress_link(&names[0])).unwrap();
+    let out = std::process::Command::new(common::xdpgate_bin())
+        .arg("--pin-dir")
+        .arg(lab.pins.dir.path())
+        .arg("upgrade")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("nothing was upgraded"), "{err}");
+    for new in [FLOWS, EMBRYOS] {
+        assert!(!lab.pins.dir.map(new).exists(), "{new} pinned after a refused upgrade");
+    }
+    let out = lab.pins.try_xdpgate(&["flows"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("run `xdpgate upgrade`"), "{err}");
+    let expired = xdpgate_dataplane::migrate::ensure_done(&lab.pins.dir);
+    assert!(expired.is_err_and(|e| e.to_string().contains("NAT expiry wait")));
+    assert_eq!(exchange(&mut s).unwrap(), *b"hello", "the earlier dataplane runs on");
 }

@@ -37,6 +37,9 @@ pub const EMBRYOS: &str = "EMBRYOS_V2";
 /// `upgrade` carries over.
 pub const FLOWS_V1: &str = "FLOWS";
 pub const EMBRYOS_V1: &str = "EMBRYOS";
+/// Their pipelines, unpinned once the tables are carried over.
+pub const PIPELINE_V1: &str = "PIPELINE";
+pub const EGRESS_PIPELINE_V1: &str = "EGRESS_PIPELINE";
 /// `Array<u32>`, one entry: the route generation next hops are cached under
 /// (`flow::NextHop`). The agent bumps it on route, neighbour and link changes; 0 (no agent
 /// has run) keeps the cache to its age limit alone.
@@ -56,8 +59,11 @@ pub const FLOW_ENTRIES: u32 = 2 * DEFAULT_FLOWS;
 pub const EMBRYO_DIVISOR: u32 = 4;
 pub const EMBRYO_ENTRIES: u32 = FLOW_ENTRIES / EMBRYO_DIVISOR;
 pub const FRAG_ENTRIES: u32 = 16_384;
-/// `ProgramArray`: later pipeline stages, entered by tail call.
-pub const PIPELINE: &str = "PIPELINE";
+/// `ProgramArray`: later pipeline stages, entered by tail call. Versioned with the flow
+/// tables (`FLOWS`): the running entry programs tail-call through it, so a build whose stages
+/// use other flow tables must not put them there; it fills its own, which its entry programs
+/// use once they replace the old ones.
+pub const PIPELINE: &str = "PIPELINE_V2";
 /// Index of the policy stage in `PIPELINE`.
 pub const PIPELINE_POLICY: u32 = 0;
 /// Index of the act stage (rewrite and forward) in `PIPELINE`.
@@ -71,7 +77,8 @@ pub const PIPELINE_STAGES: u32 = 4;
 
 /// `ProgramArray` of the tc egress pipeline (the host's own packets): a program array holds
 /// programs of one type, and these are classifiers, not XDP programs.
-pub const EGRESS_PIPELINE: &str = "EGRESS_PIPELINE";
+/// Versioned as `PIPELINE` is.
+pub const EGRESS_PIPELINE: &str = "EGRESS_PIPE_V2";
 /// Index of the egress entry (parse) stage, which enters itself again once after pulling
 /// headers into the linear area of the socket buffer.
 pub const EGRESS_PARSE: u32 = 0;

@@ -107,13 +107,13 @@ pub static OPAQUE: PerCpuArray<u32> = PerCpuArray::pinned(1, 0);
 
 /// Later stages of the pipeline, entered by tail call. Pinned: the kernel empties a program
 /// array when no user reference to it is left, and the pin is that reference once the
-/// agent has exited.
-#[map(name = "PIPELINE")]
+/// agent has exited. Its name is versioned with the flow tables' (see `maps::PIPELINE`).
+#[map(name = "PIPELINE_V2")]
 pub static PIPELINE: ProgramArray = ProgramArray::pinned(PIPELINE_STAGES, 0);
 
 /// The stages of the tc egress program (the host's own packets), entered by tail call; a
 /// program array of its own, as one holds programs of a single type. Pinned like `PIPELINE`.
-#[map(name = "EGRESS_PIPELINE")]
+#[map(name = "EGRESS_PIPE_V2")]
 pub static EGRESS_PIPELINE: ProgramArray = ProgramArray::pinned(EGRESS_STAGES, 0);
 
 /// The host's own packets passed and dropped by the egress program, per interface slot.

@@ -354,6 +354,7 @@ pub fn remove_idle(
     stop: &AtomicBool,
     mut on_end: impl FnMut(Ended) -> Result<()>,
 ) -> Result<Swept> {
+    crate::migrate::ensure_done(pins)?;
     let walk = open(pins, FLOWS)?;
     let mut map = open(pins, FLOWS)?;
     let translations: BpfHashMap<MapData, FlowKey, NatEntry> =

@@ -629,20 +629,37 @@ pub fn upgrade(pins: &PinDir) -> Result<Vec<(String, bool)>> {
     if names.is_empty() {
         bail!("xdpgate is not attached to any interface under {}", pins.path().display());
     }
-    let migrating = migrate::pending(pins);
-    let mut ebpf = load(pins)?;
-    // Every interface is checked before any changes: a refusal leaves all as they were.
+    // Every interface is checked, and every program loaded and verified, before any
+    // changes: a refusal leaves all as they were.
     let steps = names.iter().map(|name| egress_step(pins, name)).collect::<Result<Vec<_>>>()?;
-    if migrating {
-        // The flows so far, before the new programs look for them.
-        migrate::copy(pins)?;
-    }
-    let egress = egress_dataplane(&mut ebpf)?;
+    let migrating = migrate::pending(pins);
+    let prepared = load(pins).and_then(|mut ebpf| {
+        egress_dataplane(&mut ebpf)?;
+        dataplane(&mut ebpf)?;
+        if migrating {
+            // The flows so far, before the new programs look for them.
+            migrate::copy(pins)?;
+        }
+        Ok(ebpf)
+    });
+    let mut ebpf = match prepared {
+        Ok(ebpf) => ebpf,
+        Err(e) => {
+            if migrating && !migrate::in_use(pins).unwrap_or(true) {
+                // Its new tables hold copies no program uses; left pinned, they would be
+                // read as the flows (by views, and by an agent's sweeps and NAT expiry).
+                migrate::abandon(pins);
+            }
+            return Err(e);
+        }
+    };
+    let egress: &mut SchedClassifier =
+        ebpf.program_mut(EGRESS_PROGRAM).expect("loaded above").try_into()?;
     let mut added = Vec::new();
     for (name, step) in names.iter().zip(steps) {
         added.push(upgrade_egress(egress, pins, name, step)?);
     }
-    let prog = dataplane(&mut ebpf)?;
+    let prog: &mut Xdp = ebpf.program_mut(PROGRAM).expect("loaded above").try_into()?;
     for name in &names {
         let pinned = PinnedLink::from_pin(pins.link(name))
             .with_context(|| format!("opening the pinned link of {name}"))?;

@@ -2,8 +2,9 @@
 //! tables' pin names carry the layout's version (`FLOWS_V2`), so the new build pins its own
 //! tables beside the old ones, which the old programs go on using until they are replaced:
 //! `upgrade` copies the flows over, swaps the programs, copies what the old programs added
-//! meanwhile, and then unpins the old tables. Every step can be repeated, so an upgrade
-//! stopped at any point is finished by running it again.
+//! meanwhile, and then unpins the old tables. The pipelines are versioned alike, so an old
+//! entry program never tail-calls a stage that uses the new tables. Every step can be
+//! repeated, so an upgrade stopped at any point is finished by running it again.
 
 use anyhow::{Context, Result};
 use aya::{
@@ -12,13 +13,19 @@ use aya::{
 };
 use xdpgate_common::{
     flow::{FlowKey, FlowValue, NextHop},
-    maps::{EMBRYOS, EMBRYOS_V1, FLOWS, FLOWS_V1},
+    maps::{
+        EGRESS_PIPELINE, EGRESS_PIPELINE_V1, EMBRYOS, EMBRYOS_V1, FLOWS, FLOWS_V1, PIPELINE,
+        PIPELINE_V1,
+    },
 };
 
 use crate::{PinDir, table};
 
 /// The tables of an earlier layout and the tables that replace them.
 const TABLES: [(&str, &str); 2] = [(FLOWS_V1, FLOWS), (EMBRYOS_V1, EMBRYOS)];
+/// The earlier layout's pipelines and this one's (their stages use their own tables).
+const PIPELINES: [(&str, &str); 2] =
+    [(PIPELINE_V1, PIPELINE), (EGRESS_PIPELINE_V1, EGRESS_PIPELINE)];
 
 /// `FlowValue` before the next-hop cache.
 #[repr(C)]
@@ -72,9 +79,53 @@ pub fn pending(pins: &PinDir) -> bool {
     TABLES.iter().any(|(old, _)| pins.map(old).exists())
 }
 
-/// Copies the entries of the earlier layout's tables that the new tables lack (entries the
-/// new programs made since are newer, and kept). Returns how many were copied.
+/// Refuses, while the earlier layout's tables are pinned, a job that would judge flows by
+/// the new tables (idle sweeps, NAT expiry): until `upgrade` has carried them over, the
+/// new tables do not hold the flows, and a translation would look idle while in use.
+pub fn ensure_done(pins: &PinDir) -> Result<()> {
+    if pending(pins) {
+        anyhow::bail!(
+            "flow tables of an earlier build are pinned under {}: run `xdpgate upgrade` to \
+             carry them over (flow sweeps and NAT expiry wait until then)",
+            pins.path().display()
+        );
+    }
+    Ok(())
+}
+
+/// Whether programs of this layout run on any attached interface: an entry program
+/// tail-calls through this layout's pipeline. Until then the new tables hold only copies.
+pub fn in_use(pins: &PinDir) -> Result<bool> {
+    let ids = |name: &str| -> Result<Option<u32>> {
+        if !pins.map(name).exists() {
+            return Ok(None);
+        }
+        Ok(Some(aya::maps::MapInfo::from_pin(pins.map(name))?.id()))
+    };
+    let pipelines = [ids(PIPELINE)?, ids(EGRESS_PIPELINE)?];
+    let mut attached = Vec::new();
+    for name in pins.attached()? {
+        attached.push(crate::link_info(pins, &name)?.prog_id);
+        attached.extend(crate::egress_link_info(pins, &name)?.map(|(_, prog)| prog));
+    }
+    for info in aya::programs::loaded_programs() {
+        let info = info?;
+        if attached.contains(&info.id()) {
+            let maps = info.map_ids()?.unwrap_or_default();
+            if pipelines.iter().flatten().any(|p| maps.contains(p)) {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
+}
+
+/// Copies the entries of the earlier layout's tables into the new ones. Before any program
+/// of this layout runs, the new tables hold only earlier copies (of an upgrade stopped half
+/// way), which are cleared first: the earlier tables are the truth. After, an entry in both
+/// is taken from whichever saw a packet last. Returns how many were copied.
 pub fn copy(pins: &PinDir) -> Result<u64> {
+    let fresh = !in_use(pins)?;
     let mut copied = 0;
     for (old, new) in TABLES {
         if !pins.map(old).exists() {
@@ -85,16 +136,28 @@ pub fn copy(pins: &PinDir) -> Result<u64> {
             .try_into()
             .with_context(|| format!("{old}: not a flow table of the earlier layout"))?;
         let mut to: HashMap<MapData, FlowKey, FlowValue> = pins.open_map(new)?.try_into()?;
+        if fresh {
+            let mut stale = Vec::new();
+            table::for_each(&to, |k, _| {
+                stale.push(*k);
+                Ok(())
+            })?;
+            for k in stale {
+                let _ = to.remove(&k);
+            }
+        }
         let mut entries = Vec::new();
         table::for_each(&from, |k, v| {
             entries.push((*k, FlowValue::from(*v)));
             Ok(())
         })?;
         for (k, v) in entries {
-            // BPF_NOEXIST: an entry already there is as new or newer. A full table (of the
-            // same size, so only if flows came meanwhile) refuses the rest: they are decided
-            // again on their next packet.
-            if to.insert(k, v, u64::from(aya_obj::generated::BPF_NOEXIST)).is_ok() {
+            if to.get(&k, 0).is_ok_and(|there| there.last_seen_ns >= v.last_seen_ns) {
+                continue;
+            }
+            // A full table (of the same size, so only if flows came meanwhile) refuses the
+            // rest: they are decided again on their next packet.
+            if to.insert(k, v, 0).is_ok() {
                 copied += 1;
             }
         }
@@ -102,9 +165,18 @@ pub fn copy(pins: &PinDir) -> Result<u64> {
     Ok(copied)
 }
 
-/// Unpins the earlier layout's tables; the kernel frees them once no program uses them.
+/// Unpins the tables and pipelines this layout made, when an upgrade fails before any of
+/// its programs runs: nothing uses them, and the earlier ones stay the truth.
+pub fn abandon(pins: &PinDir) {
+    for (_, new) in TABLES.iter().chain(&PIPELINES) {
+        let _ = std::fs::remove_file(pins.map(new));
+    }
+}
+
+/// Unpins the earlier layout's tables and pipelines; the kernel frees them once no program
+/// uses them.
 pub fn finish(pins: &PinDir) -> Result<()> {
-    for (old, _) in TABLES {
+    for (old, _) in TABLES.iter().chain(&PIPELINES) {
         let path = pins.map(old);
         if path.exists() {
             std::fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;

@@ -167,6 +167,7 @@ pub struct Expired {
 /// closed TCP flow after 10 s) and releases ports whose cooldown has passed. Activity is
 /// the last packet the flow table saw either way.
 pub fn expire(pins: &PinDir, policy: &Policy, now: u64) -> Result<Expired> {
+    crate::migrate::ensure_done(pins)?;
     let mut map: HashMap<_, FlowKey, NatEntry> = pins.open_map(NAT_MAP)?.try_into()?;
     // A translated flow's entries are established or still embryonic.
     let mut tables: Vec<HashMap<_, FlowKey, FlowValue>> =
