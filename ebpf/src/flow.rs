@@ -15,7 +15,7 @@ use xdpgate_common::{
     },
     lb::NO_BACKEND,
     nat::NAT_ACTIVE,
-    nsg::{DIR_OUTBOUND, FLAG_MIDSTREAM, FLAG_REEVALUATE},
+    nsg::{DIR_OUTBOUND, FLAG_MIDSTREAM, FLAG_NO_FRONTENDS, FLAG_NO_NAT, FLAG_REEVALUATE},
     stats::DropReason,
 };
 
@@ -303,10 +303,16 @@ pub fn create(
     let mut rebuilt = false;
     // A NAT gateway whose port the SNAT stage claims once the policy allows the flow.
     let mut snat_gateway = None;
-    match lb::select(meta) {
+    // Without a load balancer or a NAT gateway in the policy (flags the agent sets at
+    // apply), their hash and trie lookups are skipped.
+    let lookup_frontends = active.config.flags & FLAG_NO_FRONTENDS == 0;
+    let nat = active.config.flags & FLAG_NO_NAT == 0;
+    let lb = if lookup_frontends { lb::select(meta) } else { Lb::NotFrontend };
+    match lb {
         Lb::NotFrontend => {
             // A translation outlives its flow entries: rebuild them from it.
-            if let Some(t) = snat::existing(key) {
+            let translation = if nat { snat::existing(key) } else { None };
+            if let Some(t) = translation {
                 rebuilt = midstream;
                 if t.state != NAT_ACTIVE {
                     return Err(DropReason::NatUnmatched);
@@ -320,7 +326,7 @@ pub fn create(
                     forward.reply = 1;
                     forward.direction = DIR_OUTBOUND as u8;
                 }
-            } else if snat::to_public_address(meta) {
+            } else if nat && snat::to_public_address(meta) {
                 return Err(if midstream { DropReason::NoFlow } else { DropReason::NatUnmatched });
             } else {
                 if midstream && !forward::host_connection(ctx, meta) {
@@ -330,7 +336,7 @@ pub fn create(
                     count(FLOW_STAT_PICKED_UP);
                 }
                 // NSG outbound rules judge the private source, before translation.
-                snat_gateway = snat::gateway(meta, dir);
+                snat_gateway = if nat { snat::gateway(meta, dir) } else { None };
             }
         }
         Lb::NoBackend if midstream => return Err(DropReason::NoFlow),
