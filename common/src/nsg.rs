@@ -89,8 +89,8 @@ pub struct PolicyConfig {
     pub rule_counts: [u32; TABLES_PER_SLOT as usize],
     /// `FLAG_*`.
     pub flags: u32,
-    /// Fields every rule of a table leaves `*`, which classification does not look up: bit
-    /// `wildcard_bit(table_in_slot, field)`. Never a destination field. (Was padding: 0,
+    /// Port and protocol fields every rule of a table leaves `*`, which classification does
+    /// not look up: bit `wildcard_bit(table_in_slot, field)`. Never an address field. (Was padding: 0,
     /// as an older agent leaves it, skips nothing.)
     pub wildcard_fields: u32,
     pub tcp_timeout_ns: u64,

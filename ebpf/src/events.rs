@@ -3,7 +3,6 @@
 //! packets costs the agent a bounded number of events; what the bucket or a full ring
 //! buffer holds back is counted.
 
-use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use xdpgate_common::{
     events::{DENY_EVENTS_PER_SEC, EVENT_DENY, EVENTS_LOST, EVENTS_SUPPRESSED, FlowEvent},
     flow::FlowKey,
@@ -36,10 +35,10 @@ fn take_token(now: u64) -> bool {
     true
 }
 
-/// Sends a flow event; written straight into the ring buffer, not built on the stack.
+/// Sends a flow event at `now` (the coarse clock); written straight into the ring buffer,
+/// not built on the stack.
 #[inline(always)]
-pub fn emit(kind: u8, key: &FlowKey, rules: [u16; 2], direction: u8, generation: u64) {
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+pub fn emit(kind: u8, key: &FlowKey, rules: [u16; 2], direction: u8, generation: u64, now: u64) {
     if kind == EVENT_DENY && !take_token(now) {
         count(EVENTS_SUPPRESSED);
         return;

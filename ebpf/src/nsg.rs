@@ -93,38 +93,48 @@ pub fn classify(active: &Active<'_>, meta: &PacketMeta) -> Decision {
 /// The highest-priority rule of `table` matching the packet. A subprogram of its own so that
 /// its frame (the scan's state) is not added to the classifier's.
 ///
-/// `wildcards`: the fields every rule of the table leaves `*` (bit `1 << field`), not looked
-/// up: the destination's bitmap stands in for theirs (ANDing it twice changes nothing).
+/// `wildcards`: the port and protocol fields every rule of the table leaves `*` (bit
+/// `1 << field`), not looked up: the local address's bitmap stands in for theirs (ANDing it
+/// twice changes nothing).
 #[inline(never)]
 fn match_table(table: u32, count: u32, wildcards: u32, meta: &PacketMeta) -> Option<u32> {
     let (fs, fd) =
         if meta.family == 4 { (FIELD_SRC4, FIELD_DST4) } else { (FIELD_SRC6, FIELD_DST6) };
     let addr_bits = if meta.family == 4 { 32 } else { 128 };
+    // The local address first (the destination in inbound tables, the source in outbound
+    // ones): narrowed to the prefixes of the table's NSGs, it is the field that most often
+    // has no entry, and that ends the table's lookups at the first.
+    let inbound = table % TABLES_PER_SLOT / 2 == DIR_INBOUND;
+    let (local, remote) = if inbound {
+        let dst = lookup(table, fd, &meta.dst, addr_bits)?;
+        (dst, lookup(table, fs, &meta.src, addr_bits)?)
+    } else {
+        let src = lookup(table, fs, &meta.src, addr_bits)?;
+        (src, lookup(table, fd, &meta.dst, addr_bits)?)
+    };
     let wild = |field: u8| wildcards & (1 << field) != 0;
-    let dst = lookup(table, fd, &meta.dst, addr_bits)?;
-    let src = if wild(fs) { dst } else { lookup(table, fs, &meta.src, addr_bits)? };
     // Ports exist for TCP and UDP, except in non-first fragments; other packets match only
     // rules whose ports are `*` (a field's /0 entry).
     let port_bits = if has_ports(meta) { 16 } else { 0 };
     let sport = if wild(FIELD_SPORT) {
-        dst
+        local
     } else {
         lookup(table, FIELD_SPORT, &port_value(meta.sport), port_bits)?
     };
     let dport = if wild(FIELD_DPORT) {
-        dst
+        local
     } else {
         lookup(table, FIELD_DPORT, &port_value(meta.dport), port_bits)?
     };
     let [p, f] = proto_value(meta.family, meta.proto);
     let proto = if wild(FIELD_PROTO) {
-        dst
+        local
     } else {
         lookup(table, FIELD_PROTO, &[u32::from_ne_bytes([p, f, 0, 0]), 0, 0, 0], 16)?
     };
 
     let words = count.div_ceil(64).min(BITMAP_WORDS as u32);
-    let mut scan = Scan { maps: [src, dst, sport, dport, proto], words, found: NOT_FOUND };
+    let mut scan = Scan { maps: [local, remote, sport, dport, proto], words, found: NOT_FOUND };
     // bpf_loop: the verifier checks the scan's body once, not once per word (64) at every
     // layer of every call site, which is what the program's complexity limit allows.
     unsafe {

@@ -41,17 +41,18 @@ pub struct Table {
 }
 
 impl Table {
-    /// The fields in which every rule of the table is `*` (bit `1 << field`): the field
-    /// holds only its `/0` entry, with every rule's bit, so a lookup of it narrows nothing
-    /// and the dataplane skips it. Never the destination, which the dataplane always looks
-    /// up (it stands in for the skipped fields' bitmaps).
+    /// The port and protocol fields in which every rule of the table is `*` (bit
+    /// `1 << field`): the field holds only its `/0` entry, with every rule's bit, so a
+    /// lookup of it narrows nothing and the dataplane skips it. Never an address: the
+    /// dataplane always looks both up (the local one, narrowed to the NSGs' prefixes, stands
+    /// in for the skipped fields' bitmaps).
     pub fn wildcard_fields(&self) -> u8 {
         let mut all = RuleBitmap { words: [0; BITMAP_WORDS] };
         for bit in 0..self.rules.len() {
             all.words[bit / 64] |= 1 << (bit % 64);
         }
         let mut mask = 0;
-        for field in [FIELD_SRC4, FIELD_SRC6, FIELD_SPORT, FIELD_DPORT, FIELD_PROTO] {
+        for field in [FIELD_SPORT, FIELD_DPORT, FIELD_PROTO] {
             let mut entries = self.fields.iter().filter(|((f, _, _), _)| *f == field);
             if let (Some(((_, _, 0), bitmap)), None) = (entries.next(), entries.next())
                 && *bitmap == all
@@ -372,8 +373,8 @@ nsgs:
         let policy = crate::load_str(src, "t.yaml").unwrap();
         let compiled = compile(&policy).unwrap();
         let inbound = &compiled.tables[table_in_slot(DIR_INBOUND, LAYER_SUBNET) as usize];
-        // Source ports are `*` in every rule, the defaults' included; the rest is not: rule
-        // b names a source, rule a a port and a protocol, the defaults sources.
+        // Source ports are `*` in every rule, the defaults' included; destination ports and
+        // protocols are not (rule a names them). Addresses are never skipped.
         assert_eq!(inbound.wildcard_fields(), 1 << FIELD_SPORT);
         // A table without rules leaves nothing to skip: a lookup of its fields finds no
         // entry, and no rule matches.
