@@ -339,3 +339,47 @@ fn words4(a: &str) -> [u32; 4] {
     b[..4].copy_from_slice(&a.parse::<std::net::Ipv4Addr>().unwrap().octets());
     xdpgate_common::words(&b)
 }
+
+/// The frontend lookups of new flows follow the policy applied: off without a load
+/// balancer (a frontend left in the map is not looked at), on again as soon as a policy
+/// has one, off again when it goes.
+#[test]
+fn frontend_lookups_switch_with_the_policy() {
+    use aya::maps::HashMap;
+    use xdpgate_common::{
+        lb::{FrontendKey, Service},
+        maps::FRONTENDS,
+        nsg::FLAG_NO_FRONTENDS,
+    };
+    let without = POLICY.split("load_balancers:").next().unwrap();
+    let k = Kernel::new();
+    let skips = || {
+        let (_, config) = xdpgate_dataplane::apply::active(&k.pins.dir).unwrap();
+        config.flags & FLAG_NO_FRONTENDS != 0
+    };
+    let to_vip = |sport| frame("203.0.113.7", "192.0.2.10", L4::Tcp(sport, 80, SYN));
+    k.arrive_as(Role::External);
+
+    k.apply(without);
+    assert!(skips(), "no load balancer: no frontend lookups");
+    assert_eq!(endpoints(&k.through(&to_vip(40000))).1, ip("192.0.2.10"), "a plain flow");
+
+    k.apply(POLICY);
+    assert!(!skips(), "a load balancer applied after none turns the lookups on");
+    let backend = endpoints(&k.through(&to_vip(40001))).1;
+    assert!(backend.to_string().starts_with("198.51.100.1"), "balanced: {backend}");
+    let frontends: HashMap<_, FrontendKey, Service> =
+        k.pins.dir.open_map(FRONTENDS).unwrap().try_into().unwrap();
+    let saved: Vec<(FrontendKey, Service)> = frontends.iter().map(|e| e.unwrap()).collect();
+    assert!(!saved.is_empty());
+
+    k.apply(without);
+    assert!(skips(), "the load balancer removed: lookups off again");
+    // Put the frontends back behind the agent's back: a new flow must not look at them.
+    let mut frontends: HashMap<_, FrontendKey, Service> =
+        k.pins.dir.open_map(FRONTENDS).unwrap().try_into().unwrap();
+    for (key, svc) in &saved {
+        frontends.insert(key, svc, 0).unwrap();
+    }
+    assert_eq!(endpoints(&k.through(&to_vip(40002))).1, ip("192.0.2.10"), "not balanced");
+}

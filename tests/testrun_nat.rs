@@ -316,3 +316,60 @@ fn idle_translations_cool_down_before_their_port_is_reused() {
     let out = k.through(&frame("198.51.100.10", "203.0.113.7", L4::Udp(40001, 53)));
     assert_eq!(endpoints(&out).2, 3000, "the port serves a new flow");
 }
+
+/// The NAT lookups of new flows follow the policy applied: off without a NAT gateway (a
+/// public address left in the map is not looked at), on as soon as a policy has one, kept
+/// on after it goes while its translations are left, off once none is.
+#[test]
+fn nat_lookups_switch_with_the_policy() {
+    use aya::maps::HashMap;
+    use xdpgate_common::{
+        flow::FlowKey,
+        maps::{NAT_MAP, NAT_PUBLIC},
+        nat::{AddrKey, NatEntry},
+        nsg::FLAG_NO_NAT,
+    };
+    let without = POLICY.split("nat_gateways:").next().unwrap();
+    let k = Kernel::new();
+    let skips = || {
+        let (_, config) = xdpgate_dataplane::apply::active(&k.pins.dir).unwrap();
+        config.flags & FLAG_NO_NAT != 0
+    };
+    let out = |sport| frame("198.51.100.10", "203.0.113.7", L4::Tcp(sport, 443, SYN));
+    let to_public = |sport| frame("203.0.113.7", "192.0.2.100", L4::Tcp(443, sport, SYN));
+
+    k.apply(without);
+    assert!(skips(), "no NAT gateway: no NAT lookups");
+    k.arrive_as(Role::Internal);
+    assert_eq!(endpoints(&k.through(&out(40000))).0, ip("198.51.100.10"), "not translated");
+
+    k.apply(POLICY);
+    assert!(!skips(), "a NAT gateway applied after none turns the lookups on");
+    assert_eq!(endpoints(&k.through(&out(40001))).0, ip("192.0.2.100"), "translated");
+    let public: HashMap<_, AddrKey, u32> =
+        k.pins.dir.open_map(NAT_PUBLIC).unwrap().try_into().unwrap();
+    let saved: Vec<(AddrKey, u32)> = public.iter().map(|e| e.unwrap()).collect();
+    k.arrive_as(Role::External);
+    assert_eq!(k.run(&to_public(50000)), DROP, "no translation for this tuple");
+
+    k.apply(without);
+    assert!(!skips(), "the gateway removed, its translation left: lookups still on");
+
+    let mut translations: HashMap<_, FlowKey, NatEntry> =
+        k.pins.dir.open_map(NAT_MAP).unwrap().try_into().unwrap();
+    let keys: Vec<FlowKey> = translations.keys().map(|k| k.unwrap()).collect();
+    assert!(!keys.is_empty());
+    for key in keys {
+        translations.remove(&key).unwrap();
+    }
+    k.apply(without);
+    assert!(skips(), "no gateway, no translation: lookups off");
+    // Put the public addresses back behind the agent's back: a new flow must not look at
+    // them (it would be dropped as addressed to a public address without a translation).
+    let mut public: HashMap<_, AddrKey, u32> =
+        k.pins.dir.open_map(NAT_PUBLIC).unwrap().try_into().unwrap();
+    for (key, gw) in &saved {
+        public.insert(key, gw, 0).unwrap();
+    }
+    assert_eq!(k.run(&to_public(50001)), PASS, "judged as a plain flow");
+}

@@ -457,3 +457,41 @@ fn cross_family_icmp_errors_are_judged_by_policy() {
         assert_eq!(k.drops("policy"), drops + 1, "v6 {v6}: denied by policy");
     }
 }
+
+/// A field every rule of a table leaves `*` is not looked up; a policy that names it again
+/// turns its lookup back on, and the rule naming it decides.
+#[test]
+fn wildcard_fields_switch_with_the_policy() {
+    use xdpgate_common::nsg::{
+        DIR_INBOUND, FIELD_SPORT, LAYER_SUBNET, table_in_slot, wildcard_bit,
+    };
+    let k = Kernel::new();
+    let inbound_sport = wildcard_bit(table_in_slot(DIR_INBOUND, LAYER_SUBNET), FIELD_SPORT);
+    let skipped = || {
+        let (_, config) = xdpgate_dataplane::apply::active(&k.pins.dir).unwrap();
+        config.wildcard_fields & inbound_sport != 0
+    };
+    k.arrive_as(Role::External);
+    let syn = |sport| frame("203.0.113.7", "198.51.100.10", L4::Tcp(sport, 22, SYN));
+
+    k.apply(POLICY);
+    assert!(skipped(), "no inbound rule names a source port");
+    assert_eq!(k.run(&syn(40000)), DROP, "deny-ssh-from-internet");
+
+    let named = POLICY.replace(
+        "      - {name: deny-ssh-from-internet",
+        "      - {name: allow-ssh-from-port-1022, priority: 150, direction: inbound, \
+         access: allow, protocol: tcp, source: [Internet], destination: [\"*\"], \
+         source_ports: [1022], destination_ports: [22]}\n      - {name: deny-ssh-from-internet",
+    );
+    k.apply(&named);
+    assert!(!skipped(), "a rule names a source port");
+    assert_eq!(k.run(&syn(1022)), PASS, "allowed from its source port");
+    assert_eq!(k.run(&syn(40001)), DROP, "denied from any other");
+
+    k.apply(POLICY);
+    assert!(skipped(), "skipped again");
+    // Another client: the flow allowed above is not in the way.
+    let other = frame("203.0.113.8", "198.51.100.10", L4::Tcp(1022, 22, SYN));
+    assert_eq!(k.run(&other), DROP, "the rule is gone: port 1022 denied too");
+}

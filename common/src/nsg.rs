@@ -87,9 +87,12 @@ pub struct PolicyConfig {
     pub generation: u64,
     /// Rules per table of this slot (0: no NSG at that layer for that direction).
     pub rule_counts: [u32; TABLES_PER_SLOT as usize],
-    /// `FLAG_REEVALUATE`.
+    /// `FLAG_*`.
     pub flags: u32,
-    pub _pad: u32,
+    /// Port and protocol fields every rule of a table leaves `*`, which classification does
+    /// not look up: bit `wildcard_bit(table_in_slot, field)`. Never an address field. (Was padding: 0,
+    /// as an older agent leaves it, skips nothing.)
+    pub wildcard_fields: u32,
     pub tcp_timeout_ns: u64,
     pub udp_timeout_ns: u64,
     pub icmp_timeout_ns: u64,
@@ -113,12 +116,27 @@ impl PolicyConfig {
     }
 }
 
+/// The bit of `PolicyConfig::wildcard_fields` for `field` of the table at `table_in_slot`.
+#[inline(always)]
+pub const fn wildcard_bit(table_in_slot: u32, field: u8) -> u32 {
+    1 << (table_in_slot * 8 + field as u32)
+}
+
 /// Flows decided under an older generation are classified again.
 pub const FLAG_REEVALUATE: u32 = 1;
 /// Mid-stream pickup for every flow: a TCP segment other than a SYN with no flow is
 /// classified as a new flow (conntrack's `nf_conntrack_tcp_loose`). Per load-balancing rule:
 /// `lb::SVC_MIDSTREAM`.
 pub const FLAG_MIDSTREAM: u32 = 2;
+/// No load balancer or inbound NAT rule: a new flow looks up no frontend. The agent sets
+/// it when the policy it applies has none. A skip rather than a presence flag, so that a
+/// configuration written without it (by an older agent, kept across an upgrade) keeps
+/// every lookup.
+pub const FLAG_NO_FRONTENDS: u32 = 4;
+/// No NAT gateway and no translation: a new flow looks up no translation, public address
+/// or NAT subnet. Set when the policy has no gateway and no translation is left (those of a
+/// removed gateway are rebuilt into flows until they idle out). A skip, as above.
+pub const FLAG_NO_NAT: u32 = 8;
 /// Idle timeout of a TCP flow after RST, or FIN both ways.
 pub const TCP_CLOSED_TIMEOUT_NS: u64 = 10_000_000_000;
 

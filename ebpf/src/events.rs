@@ -8,10 +8,7 @@
 //! polls the ring on a short interval, and is woken only once the ring is filled past
 //! `EVENT_WAKE_BYTES`, so a burst cannot overrun it between polls.
 
-use aya_ebpf::{
-    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
-    helpers::generated::bpf_ktime_get_coarse_ns,
-};
+use aya_ebpf::bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
 use xdpgate_common::{
     events::{
         DENY_EVENTS_PER_SEC, EVENT_DENY, EVENT_WAKE_BYTES, EVENTS_LOST, EVENTS_SUPPRESSED,
@@ -47,10 +44,10 @@ fn take_token(now: u64) -> bool {
     true
 }
 
-/// Sends a flow event; written straight into the ring buffer, not built on the stack.
+/// Sends a flow event at `now` (the coarse clock); written straight into the ring buffer,
+/// not built on the stack.
 #[inline(always)]
-pub fn emit(kind: u8, key: &FlowKey, rules: [u16; 2], direction: u8, generation: u64) {
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+pub fn emit(kind: u8, key: &FlowKey, rules: [u16; 2], direction: u8, generation: u64, now: u64) {
     if kind == EVENT_DENY && !take_token(now) {
         count(EVENTS_SUPPRESSED);
         return;

@@ -15,7 +15,7 @@ use xdpgate_common::{
     },
     lb::NO_BACKEND,
     nat::NAT_ACTIVE,
-    nsg::{DIR_OUTBOUND, FLAG_MIDSTREAM, FLAG_REEVALUATE},
+    nsg::{DIR_OUTBOUND, FLAG_MIDSTREAM, FLAG_NO_FRONTENDS, FLAG_NO_NAT, FLAG_REEVALUATE},
     stats::DropReason,
 };
 
@@ -312,10 +312,16 @@ pub fn create(
     let mut rebuilt = false;
     // A NAT gateway whose port the SNAT stage claims once the policy allows the flow.
     let mut snat_gateway = None;
-    match lb::select(meta) {
+    // Without a load balancer or a NAT gateway in the policy (flags the agent sets at
+    // apply), their hash and trie lookups are skipped.
+    let lookup_frontends = active.config.flags & FLAG_NO_FRONTENDS == 0;
+    let nat = active.config.flags & FLAG_NO_NAT == 0;
+    let lb = if lookup_frontends { lb::select(meta) } else { Lb::NotFrontend };
+    match lb {
         Lb::NotFrontend => {
             // A translation outlives its flow entries: rebuild them from it.
-            if let Some(t) = snat::existing(key) {
+            let translation = if nat { snat::existing(key) } else { None };
+            if let Some(t) = translation {
                 rebuilt = midstream;
                 if t.state != NAT_ACTIVE {
                     return Err(DropReason::NatUnmatched);
@@ -329,7 +335,7 @@ pub fn create(
                     forward.reply = 1;
                     forward.direction = DIR_OUTBOUND as u8;
                 }
-            } else if snat::to_public_address(meta) {
+            } else if nat && snat::to_public_address(meta) {
                 return Err(if midstream { DropReason::NoFlow } else { DropReason::NatUnmatched });
             } else {
                 if midstream && !forward::host_connection(ctx, meta) {
@@ -339,7 +345,7 @@ pub fn create(
                     count(FLOW_STAT_PICKED_UP);
                 }
                 // NSG outbound rules judge the private source, before translation.
-                snat_gateway = snat::gateway(meta, dir);
+                snat_gateway = if nat { snat::gateway(meta, dir) } else { None };
             }
         }
         Lb::NoBackend if midstream => return Err(DropReason::NoFlow),
@@ -363,7 +369,9 @@ pub fn create(
     // walk of the classifier): the packet as its flow's first packet reaches its host.
     let decision = classify(active, as_classified(meta, forward)?);
     if !decision.allowed {
-        events::emit(EVENT_DENY, key, decision.rules, forward.direction, forward.generation);
+        // The clock as `fresh` read it: a helper call fewer on the denied path.
+        let now = forward.last_seen_ns;
+        events::emit(EVENT_DENY, key, decision.rules, forward.direction, forward.generation, now);
         return Err(DropReason::Policy);
     }
     forward.rules = decision.rules;
@@ -393,24 +401,25 @@ fn fresh(
     len: u64,
 ) -> Result<&'static mut [FlowValue; 2], DropReason> {
     let pair = unsafe { &mut *FLOW_SCRATCH.get_ptr_mut(0).ok_or(DropReason::Internal)? };
-    pair[0] = FlowValue {
-        generation: active.config.generation,
-        last_seen_ns: unsafe { bpf_ktime_get_coarse_ns() },
-        packets: 1,
-        bytes: len,
-        rules: NO_RULES,
-        direction: dir as u8,
-        reply: 0,
-        tcp: if midstream(meta) { TCP_MIDSTREAM } else { 0 },
-        nat: NAT_NONE,
-        nat_addr: [0; 4],
-        nat_port: 0,
-        idle_s: 0,
-        service: NO_BACKEND,
-        backend: NO_BACKEND,
-        ack: 0,
-        hop: NextHop::NONE,
-    };
+    // Field by field: a struct literal is built on the stack first, and the new-flow
+    // stage's chain of frames has no room left for it.
+    let f = &mut pair[0];
+    f.generation = active.config.generation;
+    f.last_seen_ns = unsafe { bpf_ktime_get_coarse_ns() };
+    f.packets = 1;
+    f.bytes = len;
+    f.rules = NO_RULES;
+    f.direction = dir as u8;
+    f.reply = 0;
+    f.tcp = if midstream(meta) { TCP_MIDSTREAM } else { 0 };
+    f.nat = NAT_NONE;
+    f.nat_addr = [0; 4];
+    f.nat_port = 0;
+    f.idle_s = 0;
+    f.service = NO_BACKEND;
+    f.backend = NO_BACKEND;
+    f.ack = 0;
+    f.hop = NextHop::NONE;
     Ok(pair)
 }
 
@@ -455,8 +464,11 @@ pub fn commit(
     reply: &mut FlowValue,
     established: bool,
 ) -> Result<(), DropReason> {
-    *reply =
-        FlowValue { reply: 1 - forward.reply, packets: 0, bytes: 0, nat: NAT_NONE, ..*forward };
+    *reply = *forward;
+    reply.reply = 1 - forward.reply;
+    reply.packets = 0;
+    reply.bytes = 0;
+    reply.nat = NAT_NONE;
     if forward.nat == NAT_DST {
         reply.nat = NAT_SRC;
         reply.nat_addr = meta.dst;
@@ -479,7 +491,8 @@ pub fn commit(
         count(FLOW_STAT_EMBRYOS_CREATED);
     }
     if forward.reply == 0 {
-        events::emit(EVENT_BEGIN, key, forward.rules, forward.direction, forward.generation);
+        let (rules, now) = (forward.rules, forward.last_seen_ns);
+        events::emit(EVENT_BEGIN, key, rules, forward.direction, forward.generation, now);
     }
     Ok(())
 }
@@ -506,7 +519,9 @@ pub fn commit_snat(meta: &PacketMeta, gw: u32) -> Result<Action, DropReason> {
 fn judge(active: &Active<'_>, meta: &PacketMeta, dir: u32) -> Result<[u16; 2], DropReason> {
     let decision = classify(active, meta);
     if !decision.allowed {
-        events::emit(EVENT_DENY, &key(meta), decision.rules, dir as u8, active.config.generation);
+        let now = unsafe { bpf_ktime_get_coarse_ns() };
+        let generation = active.config.generation;
+        events::emit(EVENT_DENY, &key(meta), decision.rules, dir as u8, generation, now);
         return Err(DropReason::Policy);
     }
     Ok(decision.rules)
@@ -564,7 +579,8 @@ pub fn reclassify(active: &Active<'_>, meta: &PacketMeta) -> Result<(), DropReas
         entry.generation = generation;
         return Ok(());
     }
-    events::emit(EVENT_DENY, &key, decision.rules, entry.direction, generation);
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    events::emit(EVENT_DENY, &key, decision.rules, entry.direction, generation, now);
     if established {
         let _ = FLOWS.remove(&key.twin(entry));
         let _ = FLOWS.remove(&key);

@@ -70,7 +70,8 @@ pub fn classify(active: &Active<'_>, meta: &PacketMeta) -> Decision {
             continue;
         }
         let table = active.slot * TABLES_PER_SLOT + t;
-        let Some(bit) = match_table(table, count, meta) else { continue };
+        let wildcards = active.config.wildcard_fields >> (t % TABLES_PER_SLOT * 8) & 0xff;
+        let Some(bit) = match_table(table, count, wildcards, meta) else { continue };
         let rule = table * MAX_RULES + bit;
         count_hit(rule);
         // Two branches, not an index: the compiler would turn an indexed store into pointer
@@ -91,55 +92,97 @@ pub fn classify(active: &Active<'_>, meta: &PacketMeta) -> Decision {
 
 /// The highest-priority rule of `table` matching the packet. A subprogram of its own so that
 /// its frame (the scan's state) is not added to the classifier's.
+///
+/// `wildcards`: the port and protocol fields every rule of the table leaves `*` (bit
+/// `1 << field`), not looked up: the local address's bitmap stands in for theirs (ANDing it
+/// twice changes nothing).
 #[inline(never)]
-fn match_table(table: u32, count: u32, meta: &PacketMeta) -> Option<u32> {
+fn match_table(table: u32, count: u32, wildcards: u32, meta: &PacketMeta) -> Option<u32> {
     let (fs, fd) =
         if meta.family == 4 { (FIELD_SRC4, FIELD_DST4) } else { (FIELD_SRC6, FIELD_DST6) };
     let addr_bits = if meta.family == 4 { 32 } else { 128 };
-    let src = lookup(table, fs, &meta.src, addr_bits)?;
-    let dst = lookup(table, fd, &meta.dst, addr_bits)?;
+    // The local address first (the destination in inbound tables, the source in outbound
+    // ones): narrowed to the prefixes of the table's NSGs, it is the field that most often
+    // has no entry, and that ends the table's lookups at the first.
+    let inbound = table % TABLES_PER_SLOT / 2 == DIR_INBOUND;
+    let (local, remote) = if inbound {
+        let dst = lookup(table, fd, &meta.dst, addr_bits)?;
+        (dst, lookup(table, fs, &meta.src, addr_bits)?)
+    } else {
+        let src = lookup(table, fs, &meta.src, addr_bits)?;
+        (src, lookup(table, fd, &meta.dst, addr_bits)?)
+    };
+    let wild = |field: u8| wildcards & (1 << field) != 0;
     // Ports exist for TCP and UDP, except in non-first fragments; other packets match only
     // rules whose ports are `*` (a field's /0 entry).
     let port_bits = if has_ports(meta) { 16 } else { 0 };
-    let sport = lookup(table, FIELD_SPORT, &port_value(meta.sport), port_bits)?;
-    let dport = lookup(table, FIELD_DPORT, &port_value(meta.dport), port_bits)?;
+    let sport = if wild(FIELD_SPORT) {
+        local
+    } else {
+        lookup(table, FIELD_SPORT, &port_value(meta.sport), port_bits)?
+    };
+    let dport = if wild(FIELD_DPORT) {
+        local
+    } else {
+        lookup(table, FIELD_DPORT, &port_value(meta.dport), port_bits)?
+    };
     let [p, f] = proto_value(meta.family, meta.proto);
-    let proto = lookup(table, FIELD_PROTO, &[u32::from_ne_bytes([p, f, 0, 0]), 0, 0, 0], 16)?;
+    let proto = if wild(FIELD_PROTO) {
+        local
+    } else {
+        lookup(table, FIELD_PROTO, &[u32::from_ne_bytes([p, f, 0, 0]), 0, 0, 0], 16)?
+    };
 
-    let mut scan = Scan { maps: [src, dst, sport, dport, proto], found: NOT_FOUND };
+    let words = count.div_ceil(64).min(BITMAP_WORDS as u32);
+    let mut scan = Scan { maps: [local, remote, sport, dport, proto], words, found: NOT_FOUND };
     // bpf_loop: the verifier checks the scan's body once, not once per word (64) at every
     // layer of every call site, which is what the program's complexity limit allows.
-    let words = count.div_ceil(64).min(BITMAP_WORDS as u32);
     unsafe {
-        bpf_loop(words, scan_word as *mut c_void, &mut scan as *mut Scan as *mut c_void, 0);
+        bpf_loop(
+            words.div_ceil(SCAN_STRIDE as u32),
+            scan_words as *mut c_void,
+            &mut scan as *mut Scan as *mut c_void,
+            0,
+        );
     }
     (scan.found != NOT_FOUND).then(|| opaque(scan.found))
 }
 
 const NOT_FOUND: u32 = u32::MAX;
 
-/// The five field bitmaps of a table lookup, and the first rule set in all of them.
+/// Words of the bitmaps one `bpf_loop` iteration scans: an iteration (an indirect call)
+/// cost about as much as the five loads of a word, and a rule matched only by the table's
+/// last rule (a denied packet) walks every word.
+const SCAN_STRIDE: usize = 8;
+
+/// The five field bitmaps of a table lookup, the words in use, and the first rule set in all
+/// of them.
 #[repr(C)]
 struct Scan {
     maps: [&'static RuleBitmap; 5],
+    words: u32,
     found: u32,
 }
 
-/// One word of the bitmap scan (a `bpf_loop` body): stops at the first word with a rule
-/// set in all five bitmaps.
-extern "C" fn scan_word(index: u64, ctx: *mut c_void) -> i64 {
+/// `SCAN_STRIDE` words of the bitmap scan (a `bpf_loop` body): stops at the first word with
+/// a rule set in all five bitmaps.
+extern "C" fn scan_words(index: u64, ctx: *mut c_void) -> i64 {
     let scan = unsafe { &mut *(ctx as *mut Scan) };
-    let i = index as usize;
-    if i >= BITMAP_WORDS {
-        return 1;
-    }
     let [a, b, c, d, e] = scan.maps;
-    let w = a.words[i] & b.words[i] & c.words[i] & d.words[i] & e.words[i];
-    if w == 0 {
-        return 0;
+    let words = (scan.words as usize).min(BITMAP_WORDS);
+    let base = index as usize * SCAN_STRIDE;
+    for j in 0..SCAN_STRIDE {
+        let i = base + j;
+        if i >= words {
+            return 1;
+        }
+        let w = a.words[i] & b.words[i] & c.words[i] & d.words[i] & e.words[i];
+        if w != 0 {
+            scan.found = i as u32 * 64 + w.trailing_zeros();
+            return 1;
+        }
     }
-    scan.found = i as u32 * 64 + w.trailing_zeros();
-    1
+    0
 }
 
 /// Hides a value from the verifier's range tracking (a volatile round trip through a

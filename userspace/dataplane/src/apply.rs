@@ -5,15 +5,23 @@
 use std::{collections::HashMap, path::PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
-use aya::maps::{
-    Array, PerCpuArray, PerCpuValues,
-    lpm_trie::{Key, LpmTrie},
+use aya::{
+    Pod,
+    maps::{
+        Array, PerCpuArray, PerCpuValues,
+        lpm_trie::{Key, LpmTrie},
+    },
 };
 use xdpgate_common::{
-    maps::{ACTIVE_SLOT, NSG_FIELDS, NSG_HITS, NSG_RULES, POLICY_CONFIG},
+    flow::FlowKey,
+    lb::{FrontendKey, Service},
+    maps::{
+        ACTIVE_SLOT, FRONTENDS, NAT_MAP, NAT_PUBLIC, NSG_FIELDS, NSG_HITS, NSG_RULES, POLICY_CONFIG,
+    },
+    nat::{AddrKey, NatEntry},
     nsg::{
-        FLAG_MIDSTREAM, FLAG_REEVALUATE, FieldKey, KEY_HEADER_BITS, MAX_RULES, PolicyConfig,
-        RuleBitmap, TABLES_PER_SLOT,
+        FLAG_MIDSTREAM, FLAG_NO_FRONTENDS, FLAG_NO_NAT, FLAG_REEVALUATE, FieldKey, KEY_HEADER_BITS,
+        MAX_RULES, PolicyConfig, RuleBitmap, TABLES_PER_SLOT, wildcard_bit,
     },
     words,
 };
@@ -35,6 +43,45 @@ pub fn active(pins: &PinDir) -> Result<(u32, PolicyConfig)> {
     let configs: Array<_, PolicyConfig> = pins.open_map(POLICY_CONFIG)?.try_into()?;
     let slot = slot_map.get(&0, 0)? & 1;
     Ok((slot, configs.get(&slot, 0)?))
+}
+
+/// What a new flow must look up besides the NSG tables; the rest is skipped
+/// (`FLAG_NO_FRONTENDS`, `FLAG_NO_NAT`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Lookups {
+    /// Load-balancer frontends (and inbound NAT rules).
+    pub frontends: bool,
+    /// NAT gateways and their translations.
+    pub nat: bool,
+}
+
+impl Lookups {
+    /// For a policy with (or without) load balancers and NAT gateways. Translations left in
+    /// `NAT_MAP` (a gateway removed, or being removed by this apply) keep the NAT lookups
+    /// on: a flow whose entries are gone is rebuilt from its translation, and the reply to
+    /// a cooling port is refused, until an apply finds the map empty.
+    pub fn of(pins: &PinDir, load_balancers: bool, nat_gateways: bool) -> Result<Self> {
+        let nat = nat_gateways || !map_empty::<FlowKey, NatEntry>(pins, NAT_MAP)?;
+        Ok(Self { frontends: load_balancers, nat })
+    }
+
+    /// What the maps hold now: for an apply of the NSG tables alone (benchmarks), which
+    /// leaves the load balancers and NAT gateways installed as they are.
+    pub fn installed(pins: &PinDir) -> Result<Self> {
+        let frontends = !map_empty::<FrontendKey, Service>(pins, FRONTENDS)?;
+        let gateways = !map_empty::<AddrKey, u32>(pins, NAT_PUBLIC)?;
+        Self::of(pins, frontends, gateways)
+    }
+
+    fn flags(self) -> u32 {
+        (if self.frontends { 0 } else { FLAG_NO_FRONTENDS })
+            | if self.nat { 0 } else { FLAG_NO_NAT }
+    }
+}
+
+fn map_empty<K: Pod, V: Pod>(pins: &PinDir, name: &str) -> Result<bool> {
+    let map: aya::maps::HashMap<_, K, V> = pins.open_map(name)?.try_into()?;
+    Ok(map.keys().next().is_none())
 }
 
 /// A policy written into the inactive slot, not yet switched on.
@@ -59,6 +106,7 @@ pub fn prepare(
     pins: &PinDir,
     compiled: &Compiled,
     settings: &Settings,
+    lookups: Lookups,
     running: Option<&Record>,
 ) -> Result<Prepared> {
     let (active_slot, active_config) = active(pins)?;
@@ -100,9 +148,16 @@ pub fn prepare(
 
     let nr_cpus = aya::util::nr_cpus().map_err(|(m, e)| anyhow!("{m}: {e}"))?;
     let mut rule_counts = [0u32; TABLES_PER_SLOT as usize];
+    let mut wildcard_fields = 0;
     for (t, table) in compiled.tables.iter().enumerate() {
         let table_id = slot * TABLES_PER_SLOT + t as u32;
         rule_counts[t] = table.rules.len() as u32;
+        let wildcards = table.wildcard_fields();
+        for field in 0..8 {
+            if wildcards & (1 << field) != 0 {
+                wildcard_fields |= wildcard_bit(t as u32, field);
+            }
+        }
         for ((field, value, len), bitmap) in &table.fields {
             let key = FieldKey {
                 table: table_id as u8,
@@ -131,8 +186,9 @@ pub fn prepare(
         generation,
         rule_counts,
         flags: if settings.reevaluate_flows { FLAG_REEVALUATE } else { 0 }
-            | if settings.midstream_pickup { FLAG_MIDSTREAM } else { 0 },
-        _pad: 0,
+            | if settings.midstream_pickup { FLAG_MIDSTREAM } else { 0 }
+            | lookups.flags(),
+        wildcard_fields,
         tcp_timeout_ns: s(settings.tcp_idle_timeout),
         udp_timeout_ns: s(settings.udp_idle_timeout),
         icmp_timeout_ns: s(settings.icmp_idle_timeout),
@@ -166,7 +222,7 @@ pub fn switch(pins: &PinDir, prepared: &Prepared) -> Result<()> {
 /// new generation.
 pub fn apply(pins: &PinDir, compiled: &Compiled, settings: &Settings) -> Result<u64> {
     let _lock = WriteLock::acquire(pins)?;
-    let prepared = prepare(pins, compiled, settings, None)?;
+    let prepared = prepare(pins, compiled, settings, Lookups::installed(pins)?, None)?;
     switch(pins, &prepared)?;
     Ok(prepared.generation)
 }

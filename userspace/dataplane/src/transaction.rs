@@ -70,7 +70,9 @@ fn install_locked(
     let mut nat_maps = nat::NatMaps::open(pins)?;
     let (_, running) = apply::active(pins)?;
     let running = state::record(pins, running.generation)?;
-    let prepared = apply::prepare(pins, tables, &policy.settings, running.as_ref())?;
+    let lookups =
+        apply::Lookups::of(pins, !lbs.frontends.is_empty(), !policy.nat_gateways.is_empty())?;
+    let prepared = apply::prepare(pins, tables, &policy.settings, lookups, running.as_ref())?;
     let record = Record::new(
         prepared.generation,
         prepared.slot,

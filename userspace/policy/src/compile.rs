@@ -40,6 +40,30 @@ pub struct Table {
     pub fields: Vec<(FieldEntry, RuleBitmap)>,
 }
 
+impl Table {
+    /// The port and protocol fields in which every rule of the table is `*` (bit
+    /// `1 << field`): the field holds only its `/0` entry, with every rule's bit, so a
+    /// lookup of it narrows nothing and the dataplane skips it. Never an address: the
+    /// dataplane always looks both up (the local one, narrowed to the NSGs' prefixes, stands
+    /// in for the skipped fields' bitmaps).
+    pub fn wildcard_fields(&self) -> u8 {
+        let mut all = RuleBitmap { words: [0; BITMAP_WORDS] };
+        for bit in 0..self.rules.len() {
+            all.words[bit / 64] |= 1 << (bit % 64);
+        }
+        let mut mask = 0;
+        for field in [FIELD_SPORT, FIELD_DPORT, FIELD_PROTO] {
+            let mut entries = self.fields.iter().filter(|((f, _, _), _)| *f == field);
+            if let (Some(((_, _, 0), bitmap)), None) = (entries.next(), entries.next())
+                && *bitmap == all
+            {
+                mask |= 1 << field;
+            }
+        }
+        mask
+    }
+}
+
 #[derive(Debug)]
 pub struct Compiled {
     /// Indexed by `table_in_slot(dir, layer)`.
@@ -330,6 +354,31 @@ mod tests {
         assert!(full.iter().all(|(_, _, len)| *len > 0), "{full:?}");
         assert_eq!(full.len(), 2);
         assert_eq!(port_entries(FIELD_DPORT, &None), vec![(FIELD_DPORT, [0; 16], 0)]);
+    }
+
+    #[test]
+    fn wildcard_fields_are_those_every_rule_leaves_open() {
+        let src = r#"
+virtual_network:
+  address_space: [198.51.100.0/24]
+nsgs:
+  - name: web
+    subnets: [198.51.100.0/24]
+    rules:
+      - {name: a, priority: 100, direction: inbound, access: allow, protocol: tcp,
+         source: "*", destination: "*", destination_ports: [80]}
+      - {name: b, priority: 110, direction: inbound, access: deny, protocol: "*",
+         source: 203.0.113.0/24, destination: "*", destination_ports: "*"}
+"#;
+        let policy = crate::load_str(src, "t.yaml").unwrap();
+        let compiled = compile(&policy).unwrap();
+        let inbound = &compiled.tables[table_in_slot(DIR_INBOUND, LAYER_SUBNET) as usize];
+        // Source ports are `*` in every rule, the defaults' included; destination ports and
+        // protocols are not (rule a names them). Addresses are never skipped.
+        assert_eq!(inbound.wildcard_fields(), 1 << FIELD_SPORT);
+        // A table without rules leaves nothing to skip: a lookup of its fields finds no
+        // entry, and no rule matches.
+        assert_eq!(Table::default().wildcard_fields() & (1 << FIELD_DST4), 0);
     }
 
     #[test]
