@@ -348,7 +348,7 @@ fn simulated_reboot_attaches_from_the_node_file() {
     assert_eq!(programs(&lab.pins), before, "attached interfaces left alone");
     // The tables were made at the default size by `attach`: the node file's size is not in
     // force, and says so; the pinned tables stay.
-    let mismatch = "100,000 flows asked for, but FLOWS is pinned with 1,048,576 entries";
+    let mismatch = "100,000 flows asked for, but FLOWS_V2 is pinned with 1,048,576 entries";
     wait_for("the table size reported as failing", Duration::from_secs(10), || {
         agent_state(&lab.pins).is_some_and(|s| s["failing"].to_string().contains(mismatch))
     });
