@@ -5,6 +5,7 @@
 #![no_main]
 
 mod action;
+mod clock;
 mod events;
 mod flow;
 mod forward;

@@ -101,6 +101,17 @@ pub static LPM_KEY: PerCpuArray<Key<FieldKey>> = PerCpuArray::with_max_entries(1
 pub static FIB_PARAMS: PerCpuArray<aya_ebpf::bindings::bpf_fib_lookup> =
     PerCpuArray::with_max_entries(1, 0);
 
+/// Per-CPU cache of the coarse clock for the current tick (see `clock::now_ns`).
+#[map(name = "CLOCK")]
+pub static CLOCK: PerCpuArray<CachedClock> = PerCpuArray::with_max_entries(1, 0);
+
+/// The coarse clock's value (`ns`) as read in tick `jiffies` on this CPU.
+#[repr(C)]
+pub struct CachedClock {
+    pub jiffies: u64,
+    pub ns: u64,
+}
+
 /// Per-CPU scratch word for `nsg::opaque`.
 #[map(name = "OPAQUE")]
 pub static OPAQUE: PerCpuArray<u32> = PerCpuArray::pinned(1, 0);
