@@ -41,7 +41,8 @@ use crate::{
     action::{Action, NAT_ICMP_ERROR, NAT_PENDING_SNAT, RECLASSIFY},
     flow::Lookup,
     maps::{
-        ACTION, DROP_STATS, EGRESS_PIPELINE, EGRESS_STATS, IFACE_STATS, IFACES, PIPELINE, SCRATCH,
+        ACTION, DROP_STATS, EGRESS_PIPELINE, EGRESS_STATS, IFACE_STATS, PIPELINE, SCRATCH,
+        iface_config,
     },
     parse::{FRAG_FIRST, FRAG_LATER, PacketMeta, Parsed, parse},
 };
@@ -51,7 +52,7 @@ use crate::{
 /// (each parse path would otherwise be explored again through classification).
 #[xdp]
 pub fn xdpgate(ctx: XdpContext) -> u32 {
-    let iface = unsafe { IFACES.get(ctx.ingress_ifindex() as u32) };
+    let iface = iface_config(ctx.ingress_ifindex() as u32);
     finish(&ctx, iface.map_or(0, |c| c.slot), parse_stage(&ctx, iface))
 }
 
@@ -309,7 +310,7 @@ fn count_drop(ctx: &impl EbpfContext, reason: DropReason) {
 /// Egress stage one: parse the host's own IP packets, then the policy stage.
 #[classifier]
 pub fn xdpgate_egress(ctx: TcContext) -> i32 {
-    let slot = unsafe { IFACES.get((*ctx.skb.skb).ifindex) }.map_or(0, |c| c.slot);
+    let slot = iface_config(unsafe { (*ctx.skb.skb).ifindex }).map_or(0, |c| c.slot);
     finish_egress(&ctx, slot, egress_parse_stage(&ctx, slot))
 }
 
