@@ -38,13 +38,13 @@ use xdpgate_common::{
 };
 
 use crate::{
-    action::{Action, NAT_ICMP_ERROR, NAT_PENDING_SNAT, RECLASSIFY},
+    action::{Action, NAT_ICMP_ERROR, NAT_PENDING_SNAT, NOT_ESTABLISHED, RECLASSIFY},
     flow::Lookup,
     maps::{
         ACTION, DROP_STATS, EGRESS_PIPELINE, EGRESS_STATS, IFACE_STATS, PIPELINE, SCRATCH,
         iface_config,
     },
-    parse::{FRAG_FIRST, FRAG_LATER, PacketMeta, Parsed, parse},
+    parse::{FRAG_FIRST, FRAG_LATER, FRAG_NONE, PacketMeta, Parsed, parse},
 };
 
 /// Stage one: parse. IP packets go on to the policy stage by tail call once a policy is
@@ -101,14 +101,40 @@ pub fn xdp_tx(_ctx: XdpContext) -> u32 {
 fn parse_stage(ctx: &XdpContext, iface: Option<&IfaceConfig>) -> Result<u32, DropReason> {
     let Parsed::Ip(mut meta) = parse(ctx)? else { return Ok(xdp_action::XDP_PASS) };
     // Until the first policy is applied there is nothing to enforce.
-    if !nsg::active().is_some_and(|a| a.config.generation != 0) {
+    let Some(active) = nsg::active().filter(|a| a.config.generation != 0) else {
         return Ok(xdp_action::XDP_PASS);
-    }
+    };
     meta.iface_slot = iface.map_or(0, |c| c.slot) as u8;
     meta.dir = direction(iface) as u8;
+    // Most packets belong to an established flow: decided here, without the policy stage.
+    let looked = meta.frag == FRAG_NONE && !icmp::is_error(&meta);
+    let found = if looked {
+        let len = (ctx.data_end() - ctx.data()) as u64;
+        flow::lookup_established(&active, &meta, len)
+    } else {
+        None
+    };
+    if let Some(Lookup::Hit(action)) = found
+        && action.nat == NAT_NONE
+    {
+        return Ok(xdp_action::XDP_PASS);
+    }
     let slot = SCRATCH.get_ptr_mut(0).ok_or(DropReason::Internal)?;
     unsafe { *slot = meta };
-    enter(ctx, &PIPELINE, PIPELINE_POLICY)
+    match found {
+        Some(Lookup::Hit(action)) => decided(ctx, &meta, action),
+        Some(Lookup::Stale) => {
+            request_reclassify()?;
+            enter(ctx, &PIPELINE, PIPELINE_NEW)
+        }
+        _ => {
+            // The policy stage need not ask the established table again.
+            let note = if looked { NOT_ESTABLISHED } else { Action::PASS };
+            let slot = ACTION.get_ptr_mut(0).ok_or(DropReason::Internal)?;
+            unsafe { *slot = note };
+            enter(ctx, &PIPELINE, PIPELINE_POLICY)
+        }
+    }
 }
 
 #[inline(always)]
@@ -116,6 +142,7 @@ fn policy_stage(ctx: &XdpContext) -> Result<u32, DropReason> {
     // Written by the parse stage on this CPU just before the tail call.
     let meta = SCRATCH.get(0).ok_or(DropReason::Internal)?;
     let active = nsg::active().ok_or(DropReason::Internal)?;
+    let not_established = take_request(NOT_ESTABLISHED);
     if meta.frag == FRAG_LATER {
         let Some(action) = flow::later_fragment(meta) else {
             return enter(ctx, &PIPELINE, PIPELINE_NEW);
@@ -128,7 +155,11 @@ fn policy_stage(ctx: &XdpContext) -> Result<u32, DropReason> {
     let len = (ctx.data_end() - ctx.data()) as u64;
     let action = match icmp::is_error(meta).then(|| icmp::related(ctx, meta)).flatten() {
         Some(action) => action,
-        None => match flow::lookup(&active, meta, len)? {
+        None => match if not_established {
+            flow::lookup_embryo(&active, meta, &flow::key(meta), clock::now_ns(), len)?
+        } else {
+            flow::lookup(&active, meta, len)?
+        } {
             Lookup::Hit(action) => action,
             Lookup::Miss => return enter(ctx, &PIPELINE, PIPELINE_NEW),
             Lookup::Stale => {
@@ -172,8 +203,14 @@ fn request_reclassify() -> Result<(), DropReason> {
 /// (`RECLASSIFY` in `ACTION`); clears the request.
 #[inline(always)]
 fn take_reclassify() -> bool {
+    take_request(RECLASSIFY)
+}
+
+/// Whether the stage before left `request` in `ACTION`; clears it.
+#[inline(always)]
+fn take_request(request: Action) -> bool {
     match ACTION.get_ptr_mut(0) {
-        Some(a) if unsafe { (*a).nat } == RECLASSIFY.nat => {
+        Some(a) if unsafe { (*a).nat } == request.nat => {
             unsafe { (*a).nat = NAT_NONE };
             true
         }
