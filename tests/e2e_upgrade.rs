@@ -186,6 +186,20 @@ fn upgrade_from_a_build_without_the_interface_array_finds_the_interfaces() {
     );
 }
 
+/// `detach` of an interface that a build without `IFACE_INDEX` attached (no such map
+/// pinned, no upgrade since) detaches it and forgets it, with nothing in the array to clear.
+#[test]
+fn detach_of_a_build_without_the_interface_array() {
+    let lab = Gateway::new();
+    lab.apply("policy.yaml", POLICY);
+    std::fs::remove_file(lab.pins.dir.path().join("IFACE_INDEX")).unwrap();
+    for ifname in [&lab.ext, &lab.int] {
+        let out = lab.pins.try_xdpgate(&["detach", "--iface", ifname]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert!(xdpgate_dataplane::registered(&lab.pins.dir).unwrap().is_empty(), "forgotten");
+}
+
 fn status(pins: &Pins) -> serde_json::Value {
     serde_json::from_str(&pins.xdpgate(&["status", "--json"])).unwrap()
 }

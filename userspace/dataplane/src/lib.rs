@@ -788,7 +788,10 @@ pub fn write_iface(pins: &PinDir, ifindex: u32, config: Option<IfaceConfig>) -> 
         // Already gone is fine.
         None => drop(ifaces.remove(&ifindex)),
     }
-    if ifindex < IFACE_INDEX_ENTRIES {
+    // A build without the array attached the interface (nothing loaded this build since):
+    // there is nothing in it to clear.
+    let unindexed = config.is_none() && !pins.map(IFACE_INDEX).exists();
+    if ifindex < IFACE_INDEX_ENTRIES && !unindexed {
         let mut index: Array<_, IfaceConfig> = pins.open_map(IFACE_INDEX)?.try_into()?;
         let unregistered = IfaceConfig { slot: 0, role: 0 };
         index.set(ifindex, config.unwrap_or(unregistered), 0)?;
