@@ -394,15 +394,30 @@ fn egress_parse_stage(ctx: &TcContext, slot: u32) -> Result<Option<()>, DropReas
             return Err(e);
         }
     };
-    if !nsg::active().is_some_and(|a| a.config.generation != 0) {
+    let Some(active) = nsg::active().filter(|a| a.config.generation != 0) else {
         return Ok(None);
+    };
+    let mut meta = meta;
+    meta.iface_slot = slot as u8;
+    meta.dir = DIR_OUTBOUND as u8;
+    // As on arrival: a packet of an established flow is decided here, without the policy
+    // stage.
+    let looked = meta.frag == FRAG_NONE && !icmp::is_error(&meta);
+    let found =
+        if looked { flow::lookup_established(&active, &meta, u64::from(ctx.len())) } else { None };
+    if let Some(Lookup::Hit(_)) = found {
+        return Ok(Some(()));
     }
     let scratch = SCRATCH.get_ptr_mut(0).ok_or(DropReason::Internal)?;
-    unsafe {
-        *scratch = meta;
-        (*scratch).iface_slot = slot as u8;
-        (*scratch).dir = DIR_OUTBOUND as u8;
+    unsafe { *scratch = meta };
+    if let Some(Lookup::Stale) = found {
+        request_reclassify()?;
+        return enter(ctx, &EGRESS_PIPELINE, EGRESS_NEW);
     }
+    // The policy stage need not ask the established table again.
+    let note = if looked { NOT_ESTABLISHED } else { Action::PASS };
+    let action = ACTION.get_ptr_mut(0).ok_or(DropReason::Internal)?;
+    unsafe { *action = note };
     enter(ctx, &EGRESS_PIPELINE, EGRESS_POLICY)
 }
 
@@ -413,6 +428,7 @@ fn egress_parse_stage(ctx: &TcContext, slot: u32) -> Result<Option<()>, DropReas
 fn egress_policy_stage(ctx: &TcContext) -> Result<Option<()>, DropReason> {
     let meta = SCRATCH.get(0).ok_or(DropReason::Internal)?;
     let active = nsg::active().ok_or(DropReason::Internal)?;
+    let not_established = take_request(NOT_ESTABLISHED);
     if meta.frag == FRAG_LATER {
         return match flow::later_fragment(meta) {
             Some(_) => Ok(Some(())),
@@ -422,7 +438,13 @@ fn egress_policy_stage(ctx: &TcContext) -> Result<Option<()>, DropReason> {
     if icmp::is_error(meta) && icmp::related(ctx, meta).is_some() {
         return Ok(Some(()));
     }
-    match flow::lookup(&active, meta, u64::from(ctx.len()))? {
+    let len = u64::from(ctx.len());
+    let found = if not_established {
+        flow::lookup_embryo(&active, meta, &flow::key(meta), clock::now_ns(), len)?
+    } else {
+        flow::lookup(&active, meta, len)?
+    };
+    match found {
         Lookup::Hit(_) => Ok(egress_passed(meta)),
         Lookup::Miss => enter(ctx, &EGRESS_PIPELINE, EGRESS_NEW),
         Lookup::Stale => {
