@@ -150,6 +150,59 @@ fn upgrade_refuses_maps_pinned_with_another_layout() {
     assert_eq!(echoed.as_ref().map(|b| &b[..]), Some(&b"still here"[..]), "traffic flows");
 }
 
+/// A build from before `IFACE_INDEX` registered its interfaces in `IFACES` alone, and left
+/// no such map pinned; this build's programs look interfaces up in that array. The upgrade
+/// fills it from `IFACES`: each interface's packets go on counting under its own name (in
+/// the unregistered slot otherwise), and connections carry on.
+#[test]
+fn upgrade_from_a_build_without_the_interface_array_finds_the_interfaces() {
+    let lab = Gateway::new();
+    lab.apply("policy.yaml", POLICY);
+    let _echo = EchoServer::start(&lab.server, vec!["198.51.100.10:7".parse().unwrap()]);
+    let echoed = || {
+        lab.client.run(|| {
+            let mut s = TcpStream::connect("198.51.100.10:7").ok()?;
+            s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+            s.write_all(b"echo").ok()?;
+            let mut buf = [0u8; 4];
+            s.read_exact(&mut buf).ok()?;
+            Some(buf)
+        })
+    };
+    assert_eq!(echoed(), Some(*b"echo"), "before the upgrade");
+    std::fs::remove_file(lab.pins.dir.path().join("IFACE_INDEX")).unwrap();
+    lab.pins.xdpgate(&["upgrade"]);
+    let passed = |ifname: &str| {
+        let stats: serde_json::Value =
+            serde_json::from_str(&lab.pins.xdpgate(&["stats", "--json"])).unwrap();
+        let iface = stats["interfaces"].as_array().unwrap().iter().find(|i| i["iface"] == ifname);
+        let verdicts = iface.unwrap_or_else(|| panic!("{ifname} in {stats}"))["verdicts"].clone();
+        let pass = verdicts.as_array().unwrap().iter().find(|v| v[0] == "pass").cloned();
+        pass.map_or(0, |p| p[1]["packets"].as_u64().unwrap())
+    };
+    let before = (passed(&lab.ext), passed(&lab.int));
+    assert_eq!(echoed(), Some(*b"echo"), "after the upgrade");
+    let after = (passed(&lab.ext), passed(&lab.int));
+    assert!(
+        after.0 > before.0 && after.1 > before.1,
+        "counted per interface: {before:?} {after:?}"
+    );
+}
+
+/// `detach` of an interface that a build without `IFACE_INDEX` attached (no such map
+/// pinned, no upgrade since) detaches it and forgets it, with nothing in the array to clear.
+#[test]
+fn detach_of_a_build_without_the_interface_array() {
+    let lab = Gateway::new();
+    lab.apply("policy.yaml", POLICY);
+    std::fs::remove_file(lab.pins.dir.path().join("IFACE_INDEX")).unwrap();
+    for ifname in [&lab.ext, &lab.int] {
+        let out = lab.pins.try_xdpgate(&["detach", "--iface", ifname]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert!(xdpgate_dataplane::registered(&lab.pins.dir).unwrap().is_empty(), "forgotten");
+}
+
 fn status(pins: &Pins) -> serde_json::Value {
     serde_json::from_str(&pins.xdpgate(&["status", "--json"])).unwrap()
 }

@@ -82,6 +82,28 @@ fn sweep(k: &Kernel) -> (flows::Swept, Vec<Ended>) {
     (swept, ended)
 }
 
+/// A last-seen stamp a little ahead of the clock a packet read (another CPU stamped the
+/// entry after this packet read its clock, or read the coarse clock a tick later) is no idle
+/// time: the packet is the flow's, not the first of a new one, and the stamp stays.
+#[test]
+fn a_stamp_ahead_of_the_packets_clock_is_no_idle_time() {
+    let k = Kernel::new();
+    k.apply(POLICY);
+    let (client, server) = (("203.0.113.1", 5001), ("198.51.100.10", 53));
+    udp_exchange(&k, client, server);
+    let fwd = flow_key(client.0, server.0, client.1, server.1, 17);
+    let mut map = table_of(&k.pins.dir, FLOWS);
+    let mut before = map.get(&fwd, 0).expect("established");
+    // The coarse clock lags CLOCK_MONOTONIC by up to a tick (10 ms at HZ=100).
+    before.last_seen_ns = monotonic_ns() + 20_000_000;
+    map.insert(fwd, before, 0).unwrap();
+    k.arrive_as(Role::External);
+    assert_eq!(k.run(&frame(client.0, server.0, L4::Udp(client.1, server.1))), PASS);
+    let after = k.established(&fwd).expect("still the established flow");
+    assert_eq!(after.packets, before.packets + 1, "{before:?} then {after:?}");
+    assert_eq!(after.last_seen_ns, before.last_seen_ns, "a stamp never moves back");
+}
+
 #[test]
 fn the_sweep_removes_idle_flows_and_keeps_used_ones() {
     let k = Kernel::new();

@@ -6,6 +6,16 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/xdpgate";
 
 /// `HashMap<u32 ifindex, IfaceConfig>`: interfaces xdpgate is attached to.
 pub const IFACES: &str = "IFACES";
+/// `Array<IfaceConfig>` indexed by ifindex, for ifindexes below [`IFACE_INDEX_ENTRIES`]: the
+/// same registrations as `IFACES` (the agent writes both), found by the programs without
+/// hashing (a hash lookup was a quarter of an established packet's cost). An entry with slot
+/// 0 is an interface not registered. `IFACES` stays the list the agent reads, and the
+/// programs' answer for larger ifindexes.
+pub const IFACE_INDEX: &str = "IFACE_INDEX";
+/// Ifindexes the `IFACE_INDEX` array covers (32 KiB). A namespace numbers its devices from
+/// 1, so a gateway's NICs lie far below; only a host that has created thousands of devices
+/// (container churn) reaches past it, and its interfaces there cost a hash lookup again.
+pub const IFACE_INDEX_ENTRIES: u32 = 4_096;
 /// `PerCpuArray<Counter>`: packets and bytes per interface slot and XDP verdict.
 pub const IFACE_STATS: &str = "IFACE_STATS";
 /// `PerCpuArray<u64>`: dropped packets per [`crate::stats::DropReason`].

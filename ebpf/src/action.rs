@@ -14,6 +14,10 @@ pub const NAT_PENDING_SNAT: u8 = 5;
 /// again (it was decided under an older policy).
 pub const RECLASSIFY: Action = Action { nat: 6, addr: [0; 4], port: 0 };
 
+/// Not a rewrite: the entry stage found the packet's flow in no established entry (it looks
+/// there itself), so the policy stage looks among the embryonic flows alone.
+pub const NOT_ESTABLISHED: Action = Action { nat: 7, addr: [0; 4], port: 0 };
+
 /// What the dataplane does with an allowed packet beyond passing it: the header rewrite
 /// of its flow direction (`NAT_*`) and, for load-balanced flows, where it goes.
 #[repr(C)]

@@ -4,7 +4,7 @@
 //! established table refuses new flows. Entries expire by idle time, early once TCP has
 //! closed, and are classified again after a policy change when so configured.
 
-use aya_ebpf::{helpers::generated::bpf_ktime_get_coarse_ns, programs::XdpContext};
+use aya_ebpf::programs::XdpContext;
 use xdpgate_common::{
     events::{EVENT_BEGIN, EVENT_DENY},
     flow::{
@@ -21,7 +21,7 @@ use xdpgate_common::{
 
 use crate::{
     action::{Action, NAT_ICMP_ERROR, NAT_PENDING_SNAT},
-    events, forward,
+    clock, events, forward,
     headers::IPPROTO_TCP,
     icmp,
     lb::{self, Lb},
@@ -106,37 +106,68 @@ pub enum Lookup {
 pub fn lookup(active: &Active<'_>, meta: &PacketMeta, len: u64) -> Result<Lookup, DropReason> {
     // The coarse clock (tick resolution) is plenty for timeouts counted in seconds, and
     // the precise one cost a third of an established packet here (100 vs 68 ns).
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = clock::now_ns();
     let key = key(meta);
-    if let Some(entry) = FLOWS.get_ptr_mut(&key) {
-        let entry = unsafe { &mut *entry };
-        let timeout =
-            active.config.idle_timeout_ns(meta.family, meta.proto, entry.tcp, entry.idle_s);
-        if now.wrapping_sub(entry.last_seen_ns) <= timeout
-            && backend_usable(meta, entry)
-            && !reopens(meta, entry)
-        {
-            if stale(active, entry) {
-                return Ok(Lookup::Stale);
-            }
-            touch(entry, now, len);
-            if meta.proto == IPPROTO_TCP && meta.tcp_flags & (TH_FIN | TH_RST) != 0 {
-                track_close(&key, entry, meta.tcp_flags);
-            }
-            return Ok(Lookup::Hit(Action::of(entry)));
-        }
-        // Idle too long, its backend gone, or its tuple reused: a new flow, decided afresh.
-        // The old entries go now, or they would shadow the new flow's until it is confirmed.
-        let _ = FLOWS.remove(&key.twin(entry));
-        let _ = FLOWS.remove(&key);
+    if let Some(found) = established(active, meta, &key, now, len) {
+        return Ok(found);
     }
-    let Some(entry) = EMBRYOS.get_ptr_mut(&key) else { return Ok(Lookup::Miss) };
-    embryo(active, meta, &key, unsafe { &mut *entry }, now, len)
+    lookup_embryo(active, meta, &key, now, len)
+}
+
+/// [`lookup`] in the established table alone: `None` when the flow is not there, or is
+/// there no more (its entries are removed), and the embryonic table decides.
+#[inline(always)]
+pub fn lookup_established(active: &Active<'_>, meta: &PacketMeta, len: u64) -> Option<Lookup> {
+    established(active, meta, &key(meta), clock::now_ns(), len)
+}
+
+/// [`lookup`] in the embryonic table alone, once the established table had no flow.
+#[inline(always)]
+pub fn lookup_embryo(
+    active: &Active<'_>,
+    meta: &PacketMeta,
+    key: &FlowKey,
+    now: u64,
+    len: u64,
+) -> Result<Lookup, DropReason> {
+    let Some(entry) = EMBRYOS.get_ptr_mut(key) else { return Ok(Lookup::Miss) };
+    embryo(active, meta, key, unsafe { &mut *entry }, now, len)
+}
+
+#[inline(always)]
+fn established(
+    active: &Active<'_>,
+    meta: &PacketMeta,
+    key: &FlowKey,
+    now: u64,
+    len: u64,
+) -> Option<Lookup> {
+    let entry = unsafe { &mut *FLOWS.get_ptr_mut(key)? };
+    let timeout = active.config.idle_timeout_ns(meta.family, meta.proto, entry.tcp, entry.idle_s);
+    // Saturating: another CPU may have stamped the entry after this packet read the clock.
+    if now.saturating_sub(entry.last_seen_ns) <= timeout
+        && backend_usable(meta, entry)
+        && !reopens(meta, entry)
+    {
+        if stale(active, entry) {
+            return Some(Lookup::Stale);
+        }
+        touch(entry, now, len);
+        if meta.proto == IPPROTO_TCP && meta.tcp_flags & (TH_FIN | TH_RST) != 0 {
+            track_close(key, entry, meta.tcp_flags);
+        }
+        return Some(Lookup::Hit(Action::of(entry)));
+    }
+    // Idle too long, its backend gone, or its tuple reused: a new flow, decided afresh.
+    // The old entries go now, or they would shadow the new flow's until it is confirmed.
+    let _ = FLOWS.remove(&key.twin(entry));
+    let _ = FLOWS.remove(key);
+    None
 }
 
 #[inline(always)]
 fn touch(entry: &mut FlowValue, now: u64, len: u64) {
-    entry.last_seen_ns = now;
+    clock::stamp(&mut entry.last_seen_ns, now);
     entry.packets += 1;
     entry.bytes += len;
     count_lb(entry.service, entry.backend, len);
@@ -159,7 +190,7 @@ fn embryo(
 ) -> Result<Lookup, DropReason> {
     // Never longer than the flow may idle once established.
     let timeout = active.config.idle_timeout_ns(meta.family, meta.proto, entry.tcp, entry.idle_s);
-    if now.wrapping_sub(entry.last_seen_ns) > timeout.min(active.config.embryonic_timeout_ns) {
+    if now.saturating_sub(entry.last_seen_ns) > timeout.min(active.config.embryonic_timeout_ns) {
         count(FLOW_STAT_EMBRYOS_EXPIRED);
         forget_embryo(key, entry);
         return Ok(Lookup::Miss);
@@ -405,7 +436,7 @@ fn fresh(
     // stage's chain of frames has no room left for it.
     let f = &mut pair[0];
     f.generation = active.config.generation;
-    f.last_seen_ns = unsafe { bpf_ktime_get_coarse_ns() };
+    f.last_seen_ns = clock::now_ns();
     f.packets = 1;
     f.bytes = len;
     f.rules = NO_RULES;
@@ -501,7 +532,7 @@ pub fn commit(
 /// the policy stage left in `FLOW_SCRATCH`, and commits the flow.
 #[inline(always)]
 pub fn commit_snat(meta: &PacketMeta, gw: u32) -> Result<Action, DropReason> {
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = clock::now_ns();
     let pair = FLOW_SCRATCH.get_ptr_mut(0).ok_or(DropReason::Internal)?;
     let [forward, reply] = unsafe { &mut *pair };
     let claim = snat::allocate(meta, gw, now)?;
@@ -519,7 +550,7 @@ pub fn commit_snat(meta: &PacketMeta, gw: u32) -> Result<Action, DropReason> {
 fn judge(active: &Active<'_>, meta: &PacketMeta, dir: u32) -> Result<[u16; 2], DropReason> {
     let decision = classify(active, meta);
     if !decision.allowed {
-        let now = unsafe { bpf_ktime_get_coarse_ns() };
+        let now = clock::now_ns();
         let generation = active.config.generation;
         events::emit(EVENT_DENY, &key(meta), decision.rules, dir as u8, generation, now);
         return Err(DropReason::Policy);
@@ -579,7 +610,7 @@ pub fn reclassify(active: &Active<'_>, meta: &PacketMeta) -> Result<(), DropReas
         entry.generation = generation;
         return Ok(());
     }
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = clock::now_ns();
     events::emit(EVENT_DENY, &key, decision.rules, entry.direction, generation, now);
     if established {
         let _ = FLOWS.remove(&key.twin(entry));

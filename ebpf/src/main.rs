@@ -5,6 +5,7 @@
 #![no_main]
 
 mod action;
+mod clock;
 mod events;
 mod flow;
 mod forward;
@@ -37,12 +38,13 @@ use xdpgate_common::{
 };
 
 use crate::{
-    action::{Action, NAT_ICMP_ERROR, NAT_PENDING_SNAT, RECLASSIFY},
+    action::{Action, NAT_ICMP_ERROR, NAT_PENDING_SNAT, NOT_ESTABLISHED, RECLASSIFY},
     flow::Lookup,
     maps::{
-        ACTION, DROP_STATS, EGRESS_PIPELINE, EGRESS_STATS, IFACE_STATS, IFACES, PIPELINE, SCRATCH,
+        ACTION, DROP_STATS, EGRESS_PIPELINE, EGRESS_STATS, IFACE_STATS, PIPELINE, SCRATCH,
+        iface_config,
     },
-    parse::{FRAG_FIRST, FRAG_LATER, PacketMeta, Parsed, parse},
+    parse::{FRAG_FIRST, FRAG_LATER, FRAG_NONE, PacketMeta, Parsed, parse},
 };
 
 /// Stage one: parse. IP packets go on to the policy stage by tail call once a policy is
@@ -50,7 +52,7 @@ use crate::{
 /// (each parse path would otherwise be explored again through classification).
 #[xdp]
 pub fn xdpgate(ctx: XdpContext) -> u32 {
-    let iface = unsafe { IFACES.get(ctx.ingress_ifindex() as u32) };
+    let iface = iface_config(ctx.ingress_ifindex() as u32);
     finish(&ctx, iface.map_or(0, |c| c.slot), parse_stage(&ctx, iface))
 }
 
@@ -99,14 +101,40 @@ pub fn xdp_tx(_ctx: XdpContext) -> u32 {
 fn parse_stage(ctx: &XdpContext, iface: Option<&IfaceConfig>) -> Result<u32, DropReason> {
     let Parsed::Ip(mut meta) = parse(ctx)? else { return Ok(xdp_action::XDP_PASS) };
     // Until the first policy is applied there is nothing to enforce.
-    if !nsg::active().is_some_and(|a| a.config.generation != 0) {
+    let Some(active) = nsg::active().filter(|a| a.config.generation != 0) else {
         return Ok(xdp_action::XDP_PASS);
-    }
+    };
     meta.iface_slot = iface.map_or(0, |c| c.slot) as u8;
     meta.dir = direction(iface) as u8;
+    // Most packets belong to an established flow: decided here, without the policy stage.
+    let looked = meta.frag == FRAG_NONE && !icmp::is_error(&meta);
+    let found = if looked {
+        let len = (ctx.data_end() - ctx.data()) as u64;
+        flow::lookup_established(&active, &meta, len)
+    } else {
+        None
+    };
+    if let Some(Lookup::Hit(action)) = found
+        && action.nat == NAT_NONE
+    {
+        return Ok(xdp_action::XDP_PASS);
+    }
     let slot = SCRATCH.get_ptr_mut(0).ok_or(DropReason::Internal)?;
     unsafe { *slot = meta };
-    enter(ctx, &PIPELINE, PIPELINE_POLICY)
+    match found {
+        Some(Lookup::Hit(action)) => decided(ctx, &meta, action),
+        Some(Lookup::Stale) => {
+            request_reclassify()?;
+            enter(ctx, &PIPELINE, PIPELINE_NEW)
+        }
+        _ => {
+            // The policy stage need not ask the established table again.
+            let note = if looked { NOT_ESTABLISHED } else { Action::PASS };
+            let slot = ACTION.get_ptr_mut(0).ok_or(DropReason::Internal)?;
+            unsafe { *slot = note };
+            enter(ctx, &PIPELINE, PIPELINE_POLICY)
+        }
+    }
 }
 
 #[inline(always)]
@@ -114,6 +142,7 @@ fn policy_stage(ctx: &XdpContext) -> Result<u32, DropReason> {
     // Written by the parse stage on this CPU just before the tail call.
     let meta = SCRATCH.get(0).ok_or(DropReason::Internal)?;
     let active = nsg::active().ok_or(DropReason::Internal)?;
+    let not_established = take_request(NOT_ESTABLISHED);
     if meta.frag == FRAG_LATER {
         let Some(action) = flow::later_fragment(meta) else {
             return enter(ctx, &PIPELINE, PIPELINE_NEW);
@@ -126,7 +155,11 @@ fn policy_stage(ctx: &XdpContext) -> Result<u32, DropReason> {
     let len = (ctx.data_end() - ctx.data()) as u64;
     let action = match icmp::is_error(meta).then(|| icmp::related(ctx, meta)).flatten() {
         Some(action) => action,
-        None => match flow::lookup(&active, meta, len)? {
+        None => match if not_established {
+            flow::lookup_embryo(&active, meta, &flow::key(meta), clock::now_ns(), len)?
+        } else {
+            flow::lookup(&active, meta, len)?
+        } {
             Lookup::Hit(action) => action,
             Lookup::Miss => return enter(ctx, &PIPELINE, PIPELINE_NEW),
             Lookup::Stale => {
@@ -170,8 +203,14 @@ fn request_reclassify() -> Result<(), DropReason> {
 /// (`RECLASSIFY` in `ACTION`); clears the request.
 #[inline(always)]
 fn take_reclassify() -> bool {
+    take_request(RECLASSIFY)
+}
+
+/// Whether the stage before left `request` in `ACTION`; clears it.
+#[inline(always)]
+fn take_request(request: Action) -> bool {
     match ACTION.get_ptr_mut(0) {
-        Some(a) if unsafe { (*a).nat } == RECLASSIFY.nat => {
+        Some(a) if unsafe { (*a).nat } == request.nat => {
             unsafe { (*a).nat = NAT_NONE };
             true
         }
@@ -314,7 +353,7 @@ fn count_drop(ctx: &impl EbpfContext, reason: DropReason) {
 /// Egress stage one: parse the host's own IP packets, then the policy stage.
 #[classifier]
 pub fn xdpgate_egress(ctx: TcContext) -> i32 {
-    let slot = unsafe { IFACES.get((*ctx.skb.skb).ifindex) }.map_or(0, |c| c.slot);
+    let slot = iface_config(unsafe { (*ctx.skb.skb).ifindex }).map_or(0, |c| c.slot);
     finish_egress(&ctx, slot, egress_parse_stage(&ctx, slot))
 }
 
@@ -361,15 +400,30 @@ fn egress_parse_stage(ctx: &TcContext, slot: u32) -> Result<Option<()>, DropReas
             return Err(e);
         }
     };
-    if !nsg::active().is_some_and(|a| a.config.generation != 0) {
+    let Some(active) = nsg::active().filter(|a| a.config.generation != 0) else {
         return Ok(None);
+    };
+    let mut meta = meta;
+    meta.iface_slot = slot as u8;
+    meta.dir = DIR_OUTBOUND as u8;
+    // As on arrival: a packet of an established flow is decided here, without the policy
+    // stage.
+    let looked = meta.frag == FRAG_NONE && !icmp::is_error(&meta);
+    let found =
+        if looked { flow::lookup_established(&active, &meta, u64::from(ctx.len())) } else { None };
+    if let Some(Lookup::Hit(_)) = found {
+        return Ok(Some(()));
     }
     let scratch = SCRATCH.get_ptr_mut(0).ok_or(DropReason::Internal)?;
-    unsafe {
-        *scratch = meta;
-        (*scratch).iface_slot = slot as u8;
-        (*scratch).dir = DIR_OUTBOUND as u8;
+    unsafe { *scratch = meta };
+    if let Some(Lookup::Stale) = found {
+        request_reclassify()?;
+        return enter(ctx, &EGRESS_PIPELINE, EGRESS_NEW);
     }
+    // The policy stage need not ask the established table again.
+    let note = if looked { NOT_ESTABLISHED } else { Action::PASS };
+    let action = ACTION.get_ptr_mut(0).ok_or(DropReason::Internal)?;
+    unsafe { *action = note };
     enter(ctx, &EGRESS_PIPELINE, EGRESS_POLICY)
 }
 
@@ -380,6 +434,7 @@ fn egress_parse_stage(ctx: &TcContext, slot: u32) -> Result<Option<()>, DropReas
 fn egress_policy_stage(ctx: &TcContext) -> Result<Option<()>, DropReason> {
     let meta = SCRATCH.get(0).ok_or(DropReason::Internal)?;
     let active = nsg::active().ok_or(DropReason::Internal)?;
+    let not_established = take_request(NOT_ESTABLISHED);
     if meta.frag == FRAG_LATER {
         return match flow::later_fragment(meta) {
             Some(_) => Ok(Some(())),
@@ -389,7 +444,13 @@ fn egress_policy_stage(ctx: &TcContext) -> Result<Option<()>, DropReason> {
     if icmp::is_error(meta) && icmp::related(ctx, meta).is_some() {
         return Ok(Some(()));
     }
-    match flow::lookup(&active, meta, u64::from(ctx.len()))? {
+    let len = u64::from(ctx.len());
+    let found = if not_established {
+        flow::lookup_embryo(&active, meta, &flow::key(meta), clock::now_ns(), len)?
+    } else {
+        flow::lookup(&active, meta, len)?
+    };
+    match found {
         Lookup::Hit(_) => Ok(egress_passed(meta)),
         Lookup::Miss => enter(ctx, &EGRESS_PIPELINE, EGRESS_NEW),
         Lookup::Stale => {

@@ -15,8 +15,8 @@ use xdpgate_common::{
         BackendInfo, FrontendKey, MAGLEV_SIZE, MAX_BACKENDS, MAX_FRONTENDS, MAX_SERVICES, Service,
     },
     maps::{
-        EGRESS_STAGES, EMBRYO_ENTRIES, FLOW_ENTRIES, FRAG_ENTRIES, MAX_EGRESS, MAX_IFACES,
-        NAT_PREFIXES, NSG_FIELD_ENTRIES, PIPELINE_STAGES,
+        EGRESS_STAGES, EMBRYO_ENTRIES, FLOW_ENTRIES, FRAG_ENTRIES, IFACE_INDEX_ENTRIES, MAX_EGRESS,
+        MAX_IFACES, NAT_PREFIXES, NSG_FIELD_ENTRIES, PIPELINE_STAGES,
     },
     nat::{AddrKey, MAX_NAT_GATEWAYS, MAX_PUBLIC_ADDRS, NAT_ENTRIES, NatEntry, NatGatewayConfig},
     nsg::{FieldKey, MAX_RULES, PolicyConfig, RuleBitmap, SLOTS, TABLES},
@@ -26,6 +26,22 @@ use xdpgate_common::{
 /// Interfaces xdpgate is attached to, by ifindex: counter slot and role.
 #[map(name = "IFACES")]
 pub static IFACES: HashMap<u32, IfaceConfig> = HashMap::pinned(MAX_IFACES, 0);
+
+/// `IFACES` again, as an array indexed by ifindex (below `IFACE_INDEX_ENTRIES`): no hashing
+/// on every packet (see `iface_config`).
+#[map(name = "IFACE_INDEX")]
+pub static IFACE_INDEX: Array<IfaceConfig> = Array::pinned(IFACE_INDEX_ENTRIES, 0);
+
+/// The registration of the interface with `ifindex` (slot 0: none), from the array where it
+/// covers the ifindex, else from the hash.
+#[inline(always)]
+pub fn iface_config(ifindex: u32) -> Option<&'static IfaceConfig> {
+    if ifindex < IFACE_INDEX_ENTRIES {
+        IFACE_INDEX.get(ifindex)
+    } else {
+        unsafe { IFACES.get(ifindex) }
+    }
+}
 
 /// Packets and bytes per interface slot and verdict.
 #[map(name = "IFACE_STATS")]
@@ -100,6 +116,17 @@ pub static LPM_KEY: PerCpuArray<Key<FieldKey>> = PerCpuArray::with_max_entries(1
 #[map(name = "FIB_PARAMS")]
 pub static FIB_PARAMS: PerCpuArray<aya_ebpf::bindings::bpf_fib_lookup> =
     PerCpuArray::with_max_entries(1, 0);
+
+/// Per-CPU cache of the coarse clock for the current tick (see `clock::now_ns`).
+#[map(name = "CLOCK")]
+pub static CLOCK: PerCpuArray<CachedClock> = PerCpuArray::with_max_entries(1, 0);
+
+/// The coarse clock's value (`ns`) as read in tick `jiffies` on this CPU.
+#[repr(C)]
+pub struct CachedClock {
+    pub jiffies: u64,
+    pub ns: u64,
+}
 
 /// Per-CPU scratch word for `nsg::opaque`.
 #[map(name = "OPAQUE")]

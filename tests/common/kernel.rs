@@ -3,14 +3,11 @@
 
 use std::net::IpAddr;
 
-use aya::{
-    maps::HashMap,
-    programs::{TestRun, TestRunOptions, Xdp},
-};
+use aya::programs::{TestRun, TestRunOptions, Xdp};
 use xdpgate_common::{
     flow::{FlowKey, FlowValue},
     iface::{IfaceConfig, Role},
-    maps::{EMBRYOS, FLOW_STATS, FLOWS, IFACES},
+    maps::{EMBRYOS, FLOW_STATS, FLOWS},
 };
 use xdpgate_dataplane::{stats, transaction};
 use xdpgate_policy::{self as policy, lb::CompiledLb};
@@ -102,9 +99,8 @@ impl Kernel {
 
     /// Packets from test runs arrive on `lo`; its role makes them inbound or outbound.
     pub fn arrive_as(&self, role: Role) {
-        let mut ifaces: HashMap<_, u32, IfaceConfig> =
-            self.pins.dir.open_map(IFACES).unwrap().try_into().unwrap();
-        ifaces.insert(1, IfaceConfig { slot: 1, role: role as u32 }, 0).unwrap();
+        let config = IfaceConfig { slot: 1, role: role as u32 };
+        xdpgate_dataplane::write_iface(&self.pins.dir, 1, Some(config)).unwrap();
     }
 
     pub fn ebpf_mut(&mut self) -> &mut aya::Ebpf {

@@ -120,8 +120,7 @@ impl Bench {
 
     /// Test-run packets arrive on `lo`; its role makes them inbound (external) or outbound.
     pub fn arrive_as(&self, role: Role) -> Result<()> {
-        let mut ifaces: HashMap<_, u32, IfaceConfig> = self.pins.open_map(IFACES)?.try_into()?;
-        ifaces.insert(1, IfaceConfig { slot: 1, role: role as u32 }, 0)?;
+        dataplane::write_iface(&self.pins, 1, Some(IfaceConfig { slot: 1, role: role as u32 }))?;
         Ok(())
     }
 

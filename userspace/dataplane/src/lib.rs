@@ -14,7 +14,7 @@ use std::{
 use anyhow::{Context, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{DevMapHash, HashMap, Map, MapData, MapInfo, ProgramArray, RingBuf},
+    maps::{Array, DevMapHash, HashMap, Map, MapData, MapInfo, ProgramArray, RingBuf},
     programs::{
         LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
@@ -25,8 +25,9 @@ use aya::{
 use xdpgate_common::{
     iface::{IfaceConfig, Role},
     maps::{
-        EGRESS, EGRESS_NEW, EGRESS_PARSE, EGRESS_PIPELINE, EGRESS_POLICY, EVENTS, IFACES,
-        MAX_IFACES, PIPELINE, PIPELINE_ACT, PIPELINE_NEW, PIPELINE_POLICY, PIPELINE_SNAT, SCRATCH,
+        EGRESS, EGRESS_NEW, EGRESS_PARSE, EGRESS_PIPELINE, EGRESS_POLICY, EVENTS, IFACE_INDEX,
+        IFACE_INDEX_ENTRIES, IFACES, MAX_IFACES, PIPELINE, PIPELINE_ACT, PIPELINE_NEW,
+        PIPELINE_POLICY, PIPELINE_SNAT, SCRATCH,
     },
 };
 
@@ -564,6 +565,7 @@ pub fn attach_sized(
         migrate::copy(pins)?;
         migrate::finish(pins)?;
     }
+    index_ifaces(pins)?;
     // Both programs are loaded (verified) before anything is attached or registered.
     egress_dataplane(&mut ebpf)?;
     dataplane(&mut ebpf)?;
@@ -573,7 +575,7 @@ pub fn attach_sized(
         fs::remove_file(&egress_pin)
             .with_context(|| format!("removing the stale {}", egress_pin.display()))?;
     }
-    register(&mut ebpf, ifindex, role)?;
+    register(&mut ebpf, pins, ifindex, role)?;
     let attached = attach_both(&mut ebpf, pins, ifname, ifindex, mode);
     if attached.is_err() {
         // Bad input changes nothing: no half attachment, no registration left behind.
@@ -634,6 +636,9 @@ pub fn upgrade(pins: &PinDir) -> Result<Vec<(String, bool)>> {
     let steps = names.iter().map(|name| egress_step(pins, name)).collect::<Result<Vec<_>>>()?;
     let migrating = migrate::pending(pins);
     let prepared = load(pins).and_then(|mut ebpf| {
+        // A build without `IFACE_INDEX` registered these interfaces in `IFACES` alone: the
+        // new programs find them in the array.
+        index_ifaces(pins)?;
         egress_dataplane(&mut ebpf)?;
         dataplane(&mut ebpf)?;
         if migrating {
@@ -776,8 +781,7 @@ pub fn detach(pins: &PinDir, ifname: &str) -> Result<()> {
     drop(link.unpin()?);
     if registered != 0 {
         let ifindex = registered;
-        let mut ifaces: HashMap<_, u32, IfaceConfig> = pins.open_map(IFACES)?.try_into()?;
-        let _ = ifaces.remove(&ifindex);
+        write_iface(pins, ifindex, None)?;
         let mut egress: DevMapHash<_> = pins.open_map(EGRESS)?.try_into()?;
         let _ = egress.remove(ifindex);
     }
@@ -786,11 +790,7 @@ pub fn detach(pins: &PinDir, ifname: &str) -> Result<()> {
 
 /// Forgets `ifindex` (after a failed attach).
 fn unregister(pins: &PinDir, ifindex: u32) {
-    if let Ok(map) = pins.open_map(IFACES)
-        && let Ok(mut ifaces) = HashMap::<_, u32, IfaceConfig>::try_from(map)
-    {
-        let _ = ifaces.remove(&ifindex);
-    }
+    let _ = write_iface(pins, ifindex, None);
     if let Ok(map) = pins.open_map(EGRESS)
         && let Ok(mut egress) = DevMapHash::try_from(map)
     {
@@ -820,10 +820,10 @@ pub fn event_ring(pins: &PinDir) -> Result<RingBuf<MapData>> {
     Ok(pins.open_map(EVENTS)?.try_into()?)
 }
 
-/// Gives `ifindex` a counter slot and a role in the `IFACES` map.
-fn register(ebpf: &mut Ebpf, ifindex: u32, role: Role) -> Result<()> {
-    let mut ifaces: HashMap<_, u32, IfaceConfig> =
-        ebpf.map_mut(IFACES).ok_or_else(|| anyhow!("map {IFACES} missing"))?.try_into()?;
+/// Gives `ifindex` a counter slot and a role in the `IFACES` map (and `IFACE_INDEX`).
+fn register(ebpf: &mut Ebpf, pins: &PinDir, ifindex: u32, role: Role) -> Result<()> {
+    let ifaces: HashMap<_, u32, IfaceConfig> =
+        ebpf.map(IFACES).ok_or_else(|| anyhow!("map {IFACES} missing"))?.try_into()?;
     let used: Vec<u32> = ifaces.iter().filter_map(|e| e.ok()).map(|(_, c)| c.slot).collect();
     let slot = match ifaces.get(&ifindex, 0) {
         Ok(existing) => existing.slot,
@@ -831,13 +831,47 @@ fn register(ebpf: &mut Ebpf, ifindex: u32, role: Role) -> Result<()> {
             .find(|s| !used.contains(s))
             .ok_or_else(|| anyhow!("all {} interface slots are in use", MAX_IFACES - 1))?,
     };
-    ifaces.insert(ifindex, IfaceConfig { slot, role: role as u32 }, 0)?;
+    write_iface(pins, ifindex, Some(IfaceConfig { slot, role: role as u32 }))?;
     // XDP may forward out of every interface it is attached to.
     let mut egress: DevMapHash<_> =
         ebpf.map_mut(EGRESS).ok_or_else(|| anyhow!("map {EGRESS} missing"))?.try_into()?;
     egress
         .insert(ifindex, ifindex, None, 0)
         .context("adding the interface to the egress devmap")?;
+    Ok(())
+}
+
+/// Registers `ifindex` with `config` (`None`: forgets it) where the programs look: `IFACES`,
+/// and `IFACE_INDEX` when the ifindex lies within the array. Every change of a registration
+/// goes through here, so the two never disagree.
+pub fn write_iface(pins: &PinDir, ifindex: u32, config: Option<IfaceConfig>) -> Result<()> {
+    let mut ifaces: HashMap<_, u32, IfaceConfig> = pins.open_map(IFACES)?.try_into()?;
+    match config {
+        Some(c) => ifaces.insert(ifindex, c, 0)?,
+        // Already gone is fine.
+        None => drop(ifaces.remove(&ifindex)),
+    }
+    // A build without the array attached the interface (nothing loaded this build since):
+    // there is nothing in it to clear.
+    let unindexed = config.is_none() && !pins.map(IFACE_INDEX).exists();
+    if ifindex < IFACE_INDEX_ENTRIES && !unindexed {
+        let mut index: Array<_, IfaceConfig> = pins.open_map(IFACE_INDEX)?.try_into()?;
+        let unregistered = IfaceConfig { slot: 0, role: 0 };
+        index.set(ifindex, config.unwrap_or(unregistered), 0)?;
+    }
+    Ok(())
+}
+
+/// Copies every registration of `IFACES` into `IFACE_INDEX` (see [`write_iface`]): after a
+/// load, for the interfaces an older build registered in the hash alone.
+fn index_ifaces(pins: &PinDir) -> Result<()> {
+    let ifaces: HashMap<_, u32, IfaceConfig> = pins.open_map(IFACES)?.try_into()?;
+    let mut index: Array<_, IfaceConfig> = pins.open_map(IFACE_INDEX)?.try_into()?;
+    for (ifindex, config) in ifaces.iter().filter_map(Result::ok) {
+        if ifindex < IFACE_INDEX_ENTRIES {
+            index.set(ifindex, config, 0)?;
+        }
+    }
     Ok(())
 }
 
