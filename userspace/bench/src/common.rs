@@ -17,7 +17,7 @@ use serde::Serialize;
 use xdpgate_common::{
     flow::{FlowKey, FlowValue},
     iface::{IfaceConfig, Role},
-    maps::{EGRESS, EMBRYOS, FLOWS, IFACES},
+    maps::{EGRESS, EMBRYOS, FLOWS},
     words,
 };
 use xdpgate_dataplane::{
@@ -128,8 +128,8 @@ impl Bench {
     /// egress device XDP may redirect to (as `xdpgate attach` does). The devmap resolves
     /// the ifindex in the caller's network namespace.
     pub fn register(&self, ifindex: u32, slot: u32, role: Role) -> Result<()> {
-        let mut ifaces: HashMap<_, u32, IfaceConfig> = self.pins.open_map(IFACES)?.try_into()?;
-        ifaces.insert(ifindex, IfaceConfig { slot, role: role as u32 }, 0)?;
+        let config = IfaceConfig { slot, role: role as u32 };
+        xdpgate_dataplane::write_iface(&self.pins, ifindex, Some(config))?;
         let mut egress: DevMapHash<_> = self.pins.open_map(EGRESS)?.try_into()?;
         egress.insert(ifindex, ifindex, None, 0).context("adding to the egress devmap")?;
         Ok(())
