@@ -76,6 +76,48 @@ pub struct RuleBitmap {
     pub words: [u64; BITMAP_WORDS],
 }
 
+/// A port class's rules: the rules whose port field matches every port of the class, with
+/// a summary bit per word (bit `i`: `bitmap.words[i]` has a rule). The classifier scans
+/// only the words the summaries of the table's port classes leave: a denied packet that
+/// only the table's last rule matches reads one word instead of every word.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortClass {
+    pub summary: u64,
+    pub bitmap: RuleBitmap,
+}
+
+/// Port fields with class arrays: source and destination port (`FIELD_SPORT + i`).
+pub const PORT_FIELDS: u32 = 2;
+pub const PORTS: u32 = 65_536;
+/// Class ids (`u16`) per `NSG_PORT_CLASS` entry: an array's entries take 8 bytes however
+/// small the value, so four ids share one.
+pub const CLASSES_PER_ENTRY: u32 = 4;
+/// `NSG_PORT_CLASS` entries: every port of each port field of every table of both slots.
+pub const PORT_CLASS_ENTRIES: u32 = TABLES * PORT_FIELDS * PORTS / CLASSES_PER_ENTRY;
+/// Port classes (distinct bitmaps) one slot holds for all its tables' port fields; a field
+/// whose classes do not fit is looked up in the trie as before (its `port_class_bit` clear).
+pub const PORT_CLASSES_PER_SLOT: u32 = 4_096;
+/// No class: a port field without classes (never read: its bit is clear).
+pub const NO_PORT_CLASS: u16 = u16::MAX;
+
+/// The `NSG_PORT_CLASS` entry and the id within it of `port` in `field` (`FIELD_SPORT` or
+/// `FIELD_DPORT`) of `table` (a global table id, slot included).
+#[inline(always)]
+pub const fn port_class_index(table: u32, field: u8, port: u16) -> (u32, u32) {
+    let i = (table * PORT_FIELDS + (field - FIELD_SPORT) as u32) * PORTS + port as u32;
+    (i / CLASSES_PER_ENTRY, i % CLASSES_PER_ENTRY)
+}
+
+/// The `PolicyConfig::flags` bit saying that `field` (a port field) of the table at
+/// `table_in_slot` is classified through `NSG_PORT_CLASS` rather than the trie. A
+/// configuration written by an agent from before the arrays has none set: the trie, which
+/// every apply still fills, answers.
+#[inline(always)]
+pub const fn port_class_bit(table_in_slot: u32, field: u8) -> u32 {
+    1 << (16 + table_in_slot * PORT_FIELDS + (field - FIELD_SPORT) as u32)
+}
+
 pub const ACCESS_ALLOW: u32 = 1;
 pub const ACCESS_DENY: u32 = 2;
 
@@ -140,4 +182,4 @@ pub const FLAG_NO_NAT: u32 = 8;
 /// Idle timeout of a TCP flow after RST, or FIN both ways.
 pub const TCP_CLOSED_TIMEOUT_NS: u64 = 10_000_000_000;
 
-pod!(FieldKey, RuleBitmap, PolicyConfig);
+pod!(FieldKey, RuleBitmap, PortClass, PolicyConfig);

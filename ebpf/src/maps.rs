@@ -19,7 +19,10 @@ use xdpgate_common::{
         MAX_IFACES, NAT_PREFIXES, NSG_FIELD_ENTRIES, PIPELINE_STAGES,
     },
     nat::{AddrKey, MAX_NAT_GATEWAYS, MAX_PUBLIC_ADDRS, NAT_ENTRIES, NatEntry, NatGatewayConfig},
-    nsg::{FieldKey, MAX_RULES, PolicyConfig, RuleBitmap, SLOTS, TABLES},
+    nsg::{
+        FieldKey, MAX_RULES, PORT_CLASS_ENTRIES, PORT_CLASSES_PER_SLOT, PolicyConfig, PortClass,
+        RuleBitmap, SLOTS, TABLES,
+    },
     stats::{Counter, DROP_REASONS, EGRESS_VERDICTS, VERDICTS},
 };
 
@@ -54,6 +57,15 @@ pub static DROP_STATS: PerCpuArray<u64> = PerCpuArray::pinned(DROP_REASONS, 0);
 /// Every field of every NSG table: (table, field, value prefix) -> bitmap of matching rules.
 #[map(name = "NSG_FIELDS")]
 pub static NSG_FIELDS: LpmTrie<FieldKey, RuleBitmap> = LpmTrie::pinned(NSG_FIELD_ENTRIES, 0);
+
+/// The class of every port of every port field of every NSG table (four `u16` ids an entry,
+/// see `nsg::port_class_index`): an array index in place of a trie lookup.
+#[map(name = "NSG_PORT_CLASS")]
+pub static NSG_PORT_CLASS: Array<[u16; 4]> = Array::pinned(PORT_CLASS_ENTRIES, 0);
+
+/// The rules of each port class (with their word summary), `PORT_CLASSES_PER_SLOT` per slot.
+#[map(name = "NSG_PORT_BITMAPS")]
+pub static NSG_PORT_BITMAPS: Array<PortClass> = Array::pinned(SLOTS * PORT_CLASSES_PER_SLOT, 0);
 
 /// Access of each rule, by global rule index.
 #[map(name = "NSG_RULES")]

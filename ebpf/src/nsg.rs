@@ -11,14 +11,17 @@ use xdpgate_common::{
     nsg::{
         ACCESS_DENY, BITMAP_WORDS, DIR_INBOUND, DIR_OUTBOUND, FIELD_DPORT, FIELD_DST4, FIELD_DST6,
         FIELD_PROTO, FIELD_SPORT, FIELD_SRC4, FIELD_SRC6, FieldKey, KEY_HEADER_BITS, LAYER_HOST,
-        LAYER_SUBNET, MAX_RULES, PolicyConfig, RuleBitmap, TABLES_PER_SLOT, proto_value,
-        table_in_slot,
+        LAYER_SUBNET, MAX_RULES, PORT_CLASSES_PER_SLOT, PolicyConfig, PortClass, RuleBitmap,
+        TABLES_PER_SLOT, port_class_index, proto_value, table_in_slot,
     },
 };
 
 use crate::{
     headers::{IPPROTO_TCP, IPPROTO_UDP},
-    maps::{ACTIVE_SLOT, LPM_KEY, NSG_FIELDS, NSG_HITS, NSG_RULES, OPAQUE, POLICY_CONFIG},
+    maps::{
+        ACTIVE_SLOT, LPM_KEY, NSG_FIELDS, NSG_HITS, NSG_PORT_BITMAPS, NSG_PORT_CLASS, NSG_RULES,
+        OPAQUE, POLICY_CONFIG,
+    },
     parse::{FRAG_LATER, PacketMeta},
 };
 
@@ -70,8 +73,12 @@ pub fn classify(active: &Active<'_>, meta: &PacketMeta) -> Decision {
             continue;
         }
         let table = active.slot * TABLES_PER_SLOT + t;
-        let wildcards = active.config.wildcard_fields >> (t % TABLES_PER_SLOT * 8) & 0xff;
-        let Some(bit) = match_table(table, count, wildcards, meta) else { continue };
+        let t_in = t % TABLES_PER_SLOT;
+        // One argument for both (a subprogram takes five): the wildcard fields in the low
+        // byte, the port fields with classes (`port_class_bit`) at `CLASS_SHIFT`.
+        let fields = active.config.wildcard_fields >> (t_in * 8) & 0xff
+            | (active.config.flags >> (16 + t_in * 2) & 3) << CLASS_SHIFT;
+        let Some(bit) = match_table(table, count, fields, meta) else { continue };
         let rule = table * MAX_RULES + bit;
         count_hit(rule);
         // Two branches, not an index: the compiler would turn an indexed store into pointer
@@ -93,11 +100,12 @@ pub fn classify(active: &Active<'_>, meta: &PacketMeta) -> Decision {
 /// The highest-priority rule of `table` matching the packet. A subprogram of its own so that
 /// its frame (the scan's state) is not added to the classifier's.
 ///
-/// `wildcards`: the port and protocol fields every rule of the table leaves `*` (bit
+/// `fields`: the port and protocol fields every rule of the table leaves `*` (bit
 /// `1 << field`), not looked up: the local address's bitmap stands in for theirs (ANDing it
-/// twice changes nothing).
+/// twice changes nothing); and at `CLASS_SHIFT`, the port fields (bit `field - FIELD_SPORT`)
+/// found through their class arrays instead of the trie.
 #[inline(never)]
-fn match_table(table: u32, count: u32, wildcards: u32, meta: &PacketMeta) -> Option<u32> {
+fn match_table(table: u32, count: u32, fields: u32, meta: &PacketMeta) -> Option<u32> {
     let (fs, fd) =
         if meta.family == 4 { (FIELD_SRC4, FIELD_DST4) } else { (FIELD_SRC6, FIELD_DST6) };
     let addr_bits = if meta.family == 4 { 32 } else { 128 };
@@ -112,17 +120,31 @@ fn match_table(table: u32, count: u32, wildcards: u32, meta: &PacketMeta) -> Opt
         let src = lookup(table, fs, &meta.src, addr_bits)?;
         (src, lookup(table, fd, &meta.dst, addr_bits)?)
     };
-    let wild = |field: u8| wildcards & (1 << field) != 0;
+    let wild = |field: u8| fields & (1 << field) != 0;
+    let classes = |field: u8| fields & (1 << (CLASS_SHIFT + u32::from(field - FIELD_SPORT))) != 0;
+    let words = count.div_ceil(64).min(BITMAP_WORDS as u32);
+    // The words the scan reads: those of the rules in use, narrowed by each port class's
+    // summary to the words where it has a rule.
+    let mut todo = if words >= 64 { u64::MAX } else { (1u64 << words) - 1 };
     // Ports exist for TCP and UDP, except in non-first fragments; other packets match only
-    // rules whose ports are `*` (a field's /0 entry).
-    let port_bits = if has_ports(meta) { 16 } else { 0 };
+    // rules whose ports are `*` (a field's /0 entry; they never use the class arrays).
+    let ports = has_ports(meta);
+    let port_bits = if ports { 16 } else { 0 };
     let sport = if wild(FIELD_SPORT) {
         local
+    } else if ports && classes(FIELD_SPORT) {
+        let c = port_class(table, FIELD_SPORT, meta.sport)?;
+        todo &= c.summary;
+        &c.bitmap
     } else {
         lookup(table, FIELD_SPORT, &port_value(meta.sport), port_bits)?
     };
     let dport = if wild(FIELD_DPORT) {
         local
+    } else if ports && classes(FIELD_DPORT) {
+        let c = port_class(table, FIELD_DPORT, meta.dport)?;
+        todo &= c.summary;
+        &c.bitmap
     } else {
         lookup(table, FIELD_DPORT, &port_value(meta.dport), port_bits)?
     };
@@ -133,8 +155,10 @@ fn match_table(table: u32, count: u32, wildcards: u32, meta: &PacketMeta) -> Opt
         lookup(table, FIELD_PROTO, &[u32::from_ne_bytes([p, f, 0, 0]), 0, 0, 0], 16)?
     };
 
-    let words = count.div_ceil(64).min(BITMAP_WORDS as u32);
-    let mut scan = Scan { maps: [local, remote, sport, dport, proto], words, found: NOT_FOUND };
+    if todo == 0 {
+        return None;
+    }
+    let mut scan = Scan { maps: [local, remote, sport, dport, proto], todo };
     // bpf_loop: the verifier checks the scan's body once, not once per word (64) at every
     // layer of every call site, which is what the program's complexity limit allows.
     unsafe {
@@ -145,44 +169,63 @@ fn match_table(table: u32, count: u32, wildcards: u32, meta: &PacketMeta) -> Opt
             0,
         );
     }
-    (scan.found != NOT_FOUND).then(|| opaque(scan.found))
+    (scan.todo & FOUND != 0).then(|| opaque(scan.todo as u32 & (MAX_RULES - 1)))
 }
 
-const NOT_FOUND: u32 = u32::MAX;
+/// Where `match_table`'s `fields` has its port-class bits.
+const CLASS_SHIFT: u32 = 8;
+
+/// The class of `port` in port field `field` of `table`, with its rules.
+#[inline(always)]
+fn port_class(table: u32, field: u8, port: u16) -> Option<&'static PortClass> {
+    let (entry, id) = port_class_index(table, field, port);
+    let class = NSG_PORT_CLASS.get(entry)?[id as usize & 3];
+    NSG_PORT_BITMAPS.get(table / TABLES_PER_SLOT * PORT_CLASSES_PER_SLOT + u32::from(class))
+}
+
+/// `Scan::todo` once a rule is found: this bit and the rule's number.
+const FOUND: u64 = 1 << 63;
 
 /// Words of the bitmaps one `bpf_loop` iteration scans: an iteration (an indirect call)
 /// cost about as much as the five loads of a word, and a rule matched only by the table's
 /// last rule (a denied packet) walks every word.
 const SCAN_STRIDE: usize = 8;
 
-/// The five field bitmaps of a table lookup, the words in use, and the first rule set in all
-/// of them.
+/// The five field bitmaps of a table lookup and the words still to scan (bit `i`: word
+/// `i`), or, once found, `FOUND` and the first rule set in all five. One word for both keeps
+/// the frame (on the stack under the new-flow stage's, 512 bytes for the chain) as it was.
 #[repr(C)]
 struct Scan {
     maps: [&'static RuleBitmap; 5],
-    words: u32,
-    found: u32,
+    todo: u64,
 }
 
 /// `SCAN_STRIDE` words of the bitmap scan (a `bpf_loop` body): stops at the first word with
-/// a rule set in all five bitmaps.
+/// a rule set in all five bitmaps, or when no word is left to scan. A stride without any
+/// word to scan (the port classes' summaries rule it out) costs one test.
 extern "C" fn scan_words(index: u64, ctx: *mut c_void) -> i64 {
     let scan = unsafe { &mut *(ctx as *mut Scan) };
-    let [a, b, c, d, e] = scan.maps;
-    let words = (scan.words as usize).min(BITMAP_WORDS);
-    let base = index as usize * SCAN_STRIDE;
-    for j in 0..SCAN_STRIDE {
-        let i = base + j;
-        if i >= words {
-            return 1;
-        }
-        let w = a.words[i] & b.words[i] & c.words[i] & d.words[i] & e.words[i];
-        if w != 0 {
-            scan.found = i as u32 * 64 + w.trailing_zeros();
-            return 1;
+    let base = (index as usize * SCAN_STRIDE) & (BITMAP_WORDS - 1);
+    let todo = scan.todo;
+    let stride = todo >> base & ((1 << SCAN_STRIDE) - 1);
+    if stride != 0 {
+        let [a, b, c, d, e] = scan.maps;
+        for j in 0..SCAN_STRIDE {
+            if stride & (1 << j) == 0 {
+                continue;
+            }
+            let i = base + j;
+            let w = a.words[i] & b.words[i] & c.words[i] & d.words[i] & e.words[i];
+            if w != 0 {
+                scan.todo = FOUND | (i as u64 * 64 + u64::from(w.trailing_zeros()));
+                return 1;
+            }
         }
     }
-    0
+    // Done with this stride: what is left lies beyond it.
+    let left = todo & !(((1 << SCAN_STRIDE) - 1) << base);
+    scan.todo = left;
+    i64::from(left == 0)
 }
 
 /// Hides a value from the verifier's range tracking (a volatile round trip through a

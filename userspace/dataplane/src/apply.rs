@@ -16,12 +16,15 @@ use xdpgate_common::{
     flow::FlowKey,
     lb::{FrontendKey, Service},
     maps::{
-        ACTIVE_SLOT, FRONTENDS, NAT_MAP, NAT_PUBLIC, NSG_FIELDS, NSG_HITS, NSG_RULES, POLICY_CONFIG,
+        ACTIVE_SLOT, FRONTENDS, NAT_MAP, NAT_PUBLIC, NSG_FIELDS, NSG_HITS, NSG_PORT_BITMAPS,
+        NSG_PORT_CLASS, NSG_RULES, POLICY_CONFIG,
     },
     nat::{AddrKey, NatEntry},
     nsg::{
-        FLAG_MIDSTREAM, FLAG_NO_FRONTENDS, FLAG_NO_NAT, FLAG_REEVALUATE, FieldKey, KEY_HEADER_BITS,
-        MAX_RULES, PolicyConfig, RuleBitmap, TABLES_PER_SLOT, wildcard_bit,
+        BITMAP_WORDS, CLASSES_PER_ENTRY, FIELD_DPORT, FIELD_SPORT, FLAG_MIDSTREAM,
+        FLAG_NO_FRONTENDS, FLAG_NO_NAT, FLAG_REEVALUATE, FieldKey, KEY_HEADER_BITS, MAX_RULES,
+        PORT_CLASSES_PER_SLOT, PolicyConfig, PortClass, RuleBitmap, TABLES_PER_SLOT,
+        port_class_bit, port_class_index, wildcard_bit,
     },
     words,
 };
@@ -77,6 +80,43 @@ impl Lookups {
         (if self.frontends { 0 } else { FLAG_NO_FRONTENDS })
             | if self.nat { 0 } else { FLAG_NO_NAT }
     }
+}
+
+/// Writes the port classes of the port fields the trie would otherwise answer (not `*` in
+/// every rule) into `slot`'s part of `NSG_PORT_CLASS` and `NSG_PORT_BITMAPS`, as long as
+/// the slot's classes fit, and returns their `port_class_bit`s. A field whose classes do
+/// not fit is left to the trie, which holds every field as before.
+fn write_port_classes(pins: &PinDir, compiled: &Compiled, slot: u32) -> Result<u32> {
+    let mut ids: Array<_, [u16; 4]> = pins.open_map(NSG_PORT_CLASS)?.try_into()?;
+    let mut bitmaps: Array<_, PortClass> = pins.open_map(NSG_PORT_BITMAPS)?.try_into()?;
+    let mut used = 0u32;
+    let mut bits = 0;
+    for (t, table) in compiled.tables.iter().enumerate() {
+        let table_id = slot * TABLES_PER_SLOT + t as u32;
+        let wildcards = table.wildcard_fields();
+        for field in [FIELD_SPORT, FIELD_DPORT] {
+            if table.rules.is_empty() || wildcards & (1 << field) != 0 {
+                continue;
+            }
+            let room = (PORT_CLASSES_PER_SLOT - used) as usize;
+            let Some(classes) = table.port_classes(field, room) else { continue };
+            for (id, bitmap) in classes.bitmaps.iter().enumerate() {
+                let summary = (0..BITMAP_WORDS)
+                    .filter(|&w| bitmap.words[w] != 0)
+                    .fold(0u64, |s, w| s | 1 << w);
+                let index = slot * PORT_CLASSES_PER_SLOT + used + id as u32;
+                bitmaps.set(index, PortClass { summary, bitmap: *bitmap }, 0)?;
+            }
+            let (first, _) = port_class_index(table_id, field, 0);
+            for (n, chunk) in classes.ids.chunks(CLASSES_PER_ENTRY as usize).enumerate() {
+                let entry: [u16; 4] = std::array::from_fn(|i| chunk[i] + used as u16);
+                ids.set(first + n as u32, entry, 0).context("writing NSG port classes")?;
+            }
+            used += classes.bitmaps.len() as u32;
+            bits |= port_class_bit(t as u32, field);
+        }
+    }
+    Ok(bits)
 }
 
 fn map_empty<K: Pod, V: Pod>(pins: &PinDir, name: &str) -> Result<bool> {
@@ -180,6 +220,8 @@ pub fn prepare(
         }
     }
 
+    let port_classes = write_port_classes(pins, compiled, slot)?;
+
     let generation = active_config.generation + 1;
     let s = |secs: u32| u64::from(secs) * 1_000_000_000;
     let config = PolicyConfig {
@@ -187,7 +229,8 @@ pub fn prepare(
         rule_counts,
         flags: if settings.reevaluate_flows { FLAG_REEVALUATE } else { 0 }
             | if settings.midstream_pickup { FLAG_MIDSTREAM } else { 0 }
-            | lookups.flags(),
+            | lookups.flags()
+            | port_classes,
         wildcard_fields,
         tcp_timeout_ns: s(settings.tcp_idle_timeout),
         udp_timeout_ns: s(settings.udp_idle_timeout),

@@ -64,6 +64,78 @@ impl Table {
     }
 }
 
+/// A port field's classes: the ports whose rules are the same share a class. The dataplane
+/// finds a port's rules with two array reads instead of a trie lookup.
+#[derive(Debug, PartialEq)]
+pub struct PortClasses {
+    /// The class of every port, indexed by port (65,536).
+    pub ids: Vec<u16>,
+    /// The rules of each class, by class id.
+    pub bitmaps: Vec<RuleBitmap>,
+}
+
+impl Table {
+    /// The classes of port field `field` (`FIELD_SPORT` or `FIELD_DPORT`): for every port,
+    /// exactly the rules the field's trie entries give it (a rule's ranges, or `*`). `None`
+    /// past `limit` classes.
+    pub fn port_classes(&self, field: u8, limit: usize) -> Option<PortClasses> {
+        // Where each rule's ranges start and end (one past), swept in port order; a count
+        // per rule, in case two of its ranges overlap.
+        let mut edges: Vec<(u32, bool, usize)> = Vec::new();
+        for (bit, r) in self.rules.iter().enumerate() {
+            let ports =
+                if field == FIELD_SPORT { &r.rule.source_ports } else { &r.rule.destination_ports };
+            let full = [PortRange { lo: 0, hi: u16::MAX }];
+            for range in ports.as_deref().unwrap_or(&full) {
+                edges.push((u32::from(range.lo), true, bit));
+                edges.push((u32::from(range.hi) + 1, false, bit));
+            }
+        }
+        edges.sort_unstable();
+        let mut counts = vec![0u32; self.rules.len()];
+        let mut current = RuleBitmap { words: [0; BITMAP_WORDS] };
+        let mut classes: HashMap<[u64; BITMAP_WORDS], u16> = HashMap::new();
+        let mut bitmaps = Vec::new();
+        let mut ids = Vec::with_capacity(1 << 16);
+        let mut next = edges.iter().peekable();
+        let mut id = 0;
+        for port in 0..1u32 << 16 {
+            let mut changed = port == 0;
+            while let Some(&&(at, start, bit)) = next.peek() {
+                if at != port {
+                    break;
+                }
+                next.next();
+                changed = true;
+                if start {
+                    counts[bit] += 1;
+                } else {
+                    counts[bit] -= 1;
+                }
+                let word = &mut current.words[bit / 64];
+                if counts[bit] > 0 {
+                    *word |= 1 << (bit % 64);
+                } else {
+                    *word &= !(1 << (bit % 64));
+                }
+            }
+            if changed {
+                id = match classes.get(&current.words) {
+                    Some(&id) => id,
+                    None if bitmaps.len() < limit.min(usize::from(u16::MAX)) => {
+                        bitmaps.push(current);
+                        classes.insert(current.words, (bitmaps.len() - 1) as u16);
+                        (bitmaps.len() - 1) as u16
+                    }
+                    None => return None,
+                };
+            }
+            ids.push(id);
+        }
+        Some(PortClasses { ids, bitmaps })
+    }
+}
+
 #[derive(Debug)]
 pub struct Compiled {
     /// Indexed by `table_in_slot(dir, layer)`.
