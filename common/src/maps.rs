@@ -30,10 +30,10 @@ pub const NSG_FIELDS: &str = "NSG_FIELDS";
 /// `Array<u32>`: access (`ACCESS_*`) of rule `table * MAX_RULES + bit`.
 pub const NSG_RULES: &str = "NSG_RULES";
 /// `Array<[u16; 4]>`: the class of every port of the port fields of every NSG table
-/// (`nsg::port_class_index`), for the fields whose `nsg::port_class_bit` is set.
-pub const NSG_PORT_CLASS: &str = "NSG_PORT_CLASS";
-/// `Array<PortClass>`: the port classes' rules, `nsg::PORT_CLASSES_PER_SLOT` per slot.
-pub const NSG_PORT_BITMAPS: &str = "NSG_PORT_BITMAPS";
+/// (`nsg::class_index`), for the fields whose `nsg::class_bit` is set.
+pub const NSG_CLASS_IDS: &str = "NSG_CLASS_IDS";
+/// `Array<FieldClass>`: the port classes' rules, `nsg::CLASSES_PER_SLOT` per slot.
+pub const NSG_CLASSES: &str = "NSG_CLASSES";
 /// `PerCpuArray<u64>`: flows decided by rule `table * MAX_RULES + bit`.
 pub const NSG_HITS: &str = "NSG_HITS";
 /// `Array<u32>` of one entry: the slot packets use.

@@ -76,46 +76,62 @@ pub struct RuleBitmap {
     pub words: [u64; BITMAP_WORDS],
 }
 
-/// A port class's rules: the rules whose port field matches every port of the class, with
-/// a summary bit per word (bit `i`: `bitmap.words[i]` has a rule). The classifier scans
-/// only the words the summaries of the table's port classes leave: a denied packet that
-/// only the table's last rule matches reads one word instead of every word.
+/// A field class's rules: the rules whose field (a port, or the protocol) matches every
+/// value of the class, with a summary bit per word (bit `i`: `bitmap.words[i]` has a rule).
+/// The classifier scans only the words every class it looked up has rules in: a denied
+/// packet that only the table's last rule matches reads one word instead of every word.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PortClass {
+pub struct FieldClass {
     pub summary: u64,
     pub bitmap: RuleBitmap,
 }
 
-/// Port fields with class arrays: source and destination port (`FIELD_SPORT + i`).
-pub const PORT_FIELDS: u32 = 2;
-pub const PORTS: u32 = 65_536;
-/// Class ids (`u16`) per `NSG_PORT_CLASS` entry: an array's entries take 8 bytes however
+/// Values of a port field in the class arrays: every port, then `NO_PORT` (and padding to
+/// a whole `NSG_CLASS_IDS` entry).
+pub const PORT_VALUES: u32 = 65_540;
+/// The port value of a packet without ports (not TCP or UDP, or a non-first fragment): it
+/// matches only rules whose ports are `*`.
+pub const NO_PORT: u32 = 65_536;
+/// Protocol values: the protocol number, and 256 more for IPv6's (`proto_class_value`).
+pub const PROTO_VALUES: u32 = 512;
+/// Class ids (`u16`) per `NSG_CLASS_IDS` entry: an array's entries take 8 bytes however
 /// small the value, so four ids share one.
 pub const CLASSES_PER_ENTRY: u32 = 4;
-/// `NSG_PORT_CLASS` entries: every port of each port field of every table of both slots.
-pub const PORT_CLASS_ENTRIES: u32 = TABLES * PORT_FIELDS * PORTS / CLASSES_PER_ENTRY;
-/// Port classes (distinct bitmaps) one slot holds for all its tables' port fields; a field
-/// whose classes do not fit is looked up in the trie as before (its `port_class_bit` clear).
-pub const PORT_CLASSES_PER_SLOT: u32 = 4_096;
-/// No class: a port field without classes (never read: its bit is clear).
-pub const NO_PORT_CLASS: u16 = u16::MAX;
+/// `NSG_CLASS_IDS` entries: the values of both port fields, then the protocol values, of
+/// every table of both slots.
+pub const CLASS_ID_ENTRIES: u32 = TABLES * (2 * PORT_VALUES + PROTO_VALUES) / CLASSES_PER_ENTRY;
+/// Classes (distinct bitmaps) one slot holds for all its tables' fields; a table whose
+/// classes do not fit is looked up in the trie as before (its `class_bit` clear).
+pub const CLASSES_PER_SLOT: u32 = 4_096;
 
-/// The `NSG_PORT_CLASS` entry and the id within it of `port` in `field` (`FIELD_SPORT` or
-/// `FIELD_DPORT`) of `table` (a global table id, slot included).
+/// The protocol field's value in the class arrays: the family matters only to ICMP, but
+/// the rules of a protocol number may differ by family (`proto_value`).
 #[inline(always)]
-pub const fn port_class_index(table: u32, field: u8, port: u16) -> (u32, u32) {
-    let i = (table * PORT_FIELDS + (field - FIELD_SPORT) as u32) * PORTS + port as u32;
+pub const fn proto_class_value(family: u8, proto: u8) -> u32 {
+    (if family == 6 { 256 } else { 0 }) + proto as u32
+}
+
+/// The `NSG_CLASS_IDS` entry and the id within it of `value` (a port or `NO_PORT`, or a
+/// `proto_class_value`) in `field` (`FIELD_SPORT`, `FIELD_DPORT` or `FIELD_PROTO`) of
+/// `table` (a global table id, slot included).
+#[inline(always)]
+pub const fn class_index(table: u32, field: u8, value: u32) -> (u32, u32) {
+    let i = if field == FIELD_PROTO {
+        TABLES * 2 * PORT_VALUES + table * PROTO_VALUES + value
+    } else {
+        (table * 2 + (field - FIELD_SPORT) as u32) * PORT_VALUES + value
+    };
     (i / CLASSES_PER_ENTRY, i % CLASSES_PER_ENTRY)
 }
 
-/// The `PolicyConfig::flags` bit saying that `field` (a port field) of the table at
-/// `table_in_slot` is classified through `NSG_PORT_CLASS` rather than the trie. A
+/// The `PolicyConfig::flags` bit saying that the table at `table_in_slot` finds its port
+/// and protocol fields through `NSG_CLASS_IDS` rather than the trie (bits 16-19). A
 /// configuration written by an agent from before the arrays has none set: the trie, which
 /// every apply still fills, answers.
 #[inline(always)]
-pub const fn port_class_bit(table_in_slot: u32, field: u8) -> u32 {
-    1 << (16 + table_in_slot * PORT_FIELDS + (field - FIELD_SPORT) as u32)
+pub const fn class_bit(table_in_slot: u32) -> u32 {
+    1 << (16 + table_in_slot)
 }
 
 pub const ACCESS_ALLOW: u32 = 1;
@@ -182,4 +198,4 @@ pub const FLAG_NO_NAT: u32 = 8;
 /// Idle timeout of a TCP flow after RST, or FIN both ways.
 pub const TCP_CLOSED_TIMEOUT_NS: u64 = 10_000_000_000;
 
-pod!(FieldKey, RuleBitmap, PortClass, PolicyConfig);
+pod!(FieldKey, RuleBitmap, FieldClass, PolicyConfig);

@@ -20,7 +20,7 @@ use xdpgate_common::{
     },
     nat::{AddrKey, MAX_NAT_GATEWAYS, MAX_PUBLIC_ADDRS, NAT_ENTRIES, NatEntry, NatGatewayConfig},
     nsg::{
-        FieldKey, MAX_RULES, PORT_CLASS_ENTRIES, PORT_CLASSES_PER_SLOT, PolicyConfig, PortClass,
+        CLASS_ID_ENTRIES, CLASSES_PER_SLOT, FieldClass, FieldKey, MAX_RULES, PolicyConfig,
         RuleBitmap, SLOTS, TABLES,
     },
     stats::{Counter, DROP_REASONS, EGRESS_VERDICTS, VERDICTS},
@@ -59,13 +59,13 @@ pub static DROP_STATS: PerCpuArray<u64> = PerCpuArray::pinned(DROP_REASONS, 0);
 pub static NSG_FIELDS: LpmTrie<FieldKey, RuleBitmap> = LpmTrie::pinned(NSG_FIELD_ENTRIES, 0);
 
 /// The class of every port of every port field of every NSG table (four `u16` ids an entry,
-/// see `nsg::port_class_index`): an array index in place of a trie lookup.
-#[map(name = "NSG_PORT_CLASS")]
-pub static NSG_PORT_CLASS: Array<[u16; 4]> = Array::pinned(PORT_CLASS_ENTRIES, 0);
+/// see `nsg::class_index`): an array index in place of a trie lookup.
+#[map(name = "NSG_CLASS_IDS")]
+pub static NSG_CLASS_IDS: Array<[u16; 4]> = Array::pinned(CLASS_ID_ENTRIES, 0);
 
-/// The rules of each port class (with their word summary), `PORT_CLASSES_PER_SLOT` per slot.
-#[map(name = "NSG_PORT_BITMAPS")]
-pub static NSG_PORT_BITMAPS: Array<PortClass> = Array::pinned(SLOTS * PORT_CLASSES_PER_SLOT, 0);
+/// The rules of each port class (with their word summary), `CLASSES_PER_SLOT` per slot.
+#[map(name = "NSG_CLASSES")]
+pub static NSG_CLASSES: Array<FieldClass> = Array::pinned(SLOTS * CLASSES_PER_SLOT, 0);
 
 /// Access of each rule, by global rule index.
 #[map(name = "NSG_RULES")]

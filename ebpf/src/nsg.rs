@@ -9,18 +9,19 @@ use aya_ebpf::{cty::c_void, helpers::generated::bpf_loop, maps::lpm_trie::Key};
 use xdpgate_common::{
     flow::NO_RULES,
     nsg::{
-        ACCESS_DENY, BITMAP_WORDS, DIR_INBOUND, DIR_OUTBOUND, FIELD_DPORT, FIELD_DST4, FIELD_DST6,
-        FIELD_PROTO, FIELD_SPORT, FIELD_SRC4, FIELD_SRC6, FieldKey, KEY_HEADER_BITS, LAYER_HOST,
-        LAYER_SUBNET, MAX_RULES, PORT_CLASSES_PER_SLOT, PolicyConfig, PortClass, RuleBitmap,
-        TABLES_PER_SLOT, port_class_index, proto_value, table_in_slot,
+        ACCESS_DENY, BITMAP_WORDS, CLASSES_PER_SLOT, DIR_INBOUND, DIR_OUTBOUND, FIELD_DPORT,
+        FIELD_DST4, FIELD_DST6, FIELD_PROTO, FIELD_SPORT, FIELD_SRC4, FIELD_SRC6, FieldClass,
+        FieldKey, KEY_HEADER_BITS, LAYER_HOST, LAYER_SUBNET, MAX_RULES, NO_PORT, PolicyConfig,
+        RuleBitmap, TABLES_PER_SLOT, class_bit, class_index, proto_class_value, proto_value,
+        table_in_slot,
     },
 };
 
 use crate::{
     headers::{IPPROTO_TCP, IPPROTO_UDP},
     maps::{
-        ACTIVE_SLOT, LPM_KEY, NSG_FIELDS, NSG_HITS, NSG_PORT_BITMAPS, NSG_PORT_CLASS, NSG_RULES,
-        OPAQUE, POLICY_CONFIG,
+        ACTIVE_SLOT, LPM_KEY, NSG_CLASS_IDS, NSG_CLASSES, NSG_FIELDS, NSG_HITS, NSG_RULES, OPAQUE,
+        POLICY_CONFIG,
     },
     parse::{FRAG_LATER, PacketMeta},
 };
@@ -75,9 +76,9 @@ pub fn classify(active: &Active<'_>, meta: &PacketMeta) -> Decision {
         let table = active.slot * TABLES_PER_SLOT + t;
         let t_in = t % TABLES_PER_SLOT;
         // One argument for both (a subprogram takes five): the wildcard fields in the low
-        // byte, the port fields with classes (`port_class_bit`) at `CLASS_SHIFT`.
+        // byte, and whether the table has its port and protocol classes (`class_bit`).
         let fields = active.config.wildcard_fields >> (t_in * 8) & 0xff
-            | (active.config.flags >> (16 + t_in * 2) & 3) << CLASS_SHIFT;
+            | if active.config.flags & class_bit(t_in) != 0 { CLASSES } else { 0 };
         let Some(bit) = match_table(table, count, fields, meta) else { continue };
         let rule = table * MAX_RULES + bit;
         count_hit(rule);
@@ -102,8 +103,8 @@ pub fn classify(active: &Active<'_>, meta: &PacketMeta) -> Decision {
 ///
 /// `fields`: the port and protocol fields every rule of the table leaves `*` (bit
 /// `1 << field`), not looked up: the local address's bitmap stands in for theirs (ANDing it
-/// twice changes nothing); and at `CLASS_SHIFT`, the port fields (bit `field - FIELD_SPORT`)
-/// found through their class arrays instead of the trie.
+/// twice changes nothing); and `CLASSES`: the ports and the protocol are found through
+/// the table's class arrays instead of the trie (wildcards or not).
 #[inline(never)]
 fn match_table(table: u32, count: u32, fields: u32, meta: &PacketMeta) -> Option<u32> {
     let (fs, fd) =
@@ -120,39 +121,41 @@ fn match_table(table: u32, count: u32, fields: u32, meta: &PacketMeta) -> Option
         let src = lookup(table, fs, &meta.src, addr_bits)?;
         (src, lookup(table, fd, &meta.dst, addr_bits)?)
     };
-    let wild = |field: u8| fields & (1 << field) != 0;
-    let classes = |field: u8| fields & (1 << (CLASS_SHIFT + u32::from(field - FIELD_SPORT))) != 0;
     let words = count.div_ceil(64).min(BITMAP_WORDS as u32);
-    // The words the scan reads: those of the rules in use, narrowed by each port class's
-    // summary to the words where it has a rule.
-    let mut todo = if words >= 64 { u64::MAX } else { (1u64 << words) - 1 };
+    // The words the scan reads: those of the rules in use.
+    let in_use = if words >= 64 { u64::MAX } else { (1u64 << words) - 1 };
     // Ports exist for TCP and UDP, except in non-first fragments; other packets match only
-    // rules whose ports are `*` (a field's /0 entry; they never use the class arrays).
+    // rules whose ports are `*` (a field's /0 entry, or the `NO_PORT` class).
     let ports = has_ports(meta);
-    let port_bits = if ports { 16 } else { 0 };
-    let sport = if wild(FIELD_SPORT) {
-        local
-    } else if ports && classes(FIELD_SPORT) {
-        let c = port_class(table, FIELD_SPORT, meta.sport)?;
-        todo &= c.summary;
-        &c.bitmap
+    let (sport, dport, proto, todo) = if fields & CLASSES != 0 {
+        // Two array reads per field instead of a trie lookup, and each class's summary
+        // narrows the words to scan to those where it has rules.
+        let (sp, dp) =
+            if ports { (u32::from(meta.sport), u32::from(meta.dport)) } else { (NO_PORT, NO_PORT) };
+        let s = class(table, FIELD_SPORT, sp)?;
+        let d = class(table, FIELD_DPORT, dp)?;
+        let p = class(table, FIELD_PROTO, proto_class_value(meta.family, meta.proto))?;
+        (&s.bitmap, &d.bitmap, &p.bitmap, in_use & s.summary & d.summary & p.summary)
     } else {
-        lookup(table, FIELD_SPORT, &port_value(meta.sport), port_bits)?
-    };
-    let dport = if wild(FIELD_DPORT) {
-        local
-    } else if ports && classes(FIELD_DPORT) {
-        let c = port_class(table, FIELD_DPORT, meta.dport)?;
-        todo &= c.summary;
-        &c.bitmap
-    } else {
-        lookup(table, FIELD_DPORT, &port_value(meta.dport), port_bits)?
-    };
-    let [p, f] = proto_value(meta.family, meta.proto);
-    let proto = if wild(FIELD_PROTO) {
-        local
-    } else {
-        lookup(table, FIELD_PROTO, &[u32::from_ne_bytes([p, f, 0, 0]), 0, 0, 0], 16)?
+        let wild = |field: u8| fields & (1 << field) != 0;
+        let port_bits = if ports { 16 } else { 0 };
+        let sport = if wild(FIELD_SPORT) {
+            local
+        } else {
+            lookup(table, FIELD_SPORT, &port_value(meta.sport), port_bits)?
+        };
+        let dport = if wild(FIELD_DPORT) {
+            local
+        } else {
+            lookup(table, FIELD_DPORT, &port_value(meta.dport), port_bits)?
+        };
+        let [p, f] = proto_value(meta.family, meta.proto);
+        let proto = if wild(FIELD_PROTO) {
+            local
+        } else {
+            lookup(table, FIELD_PROTO, &[u32::from_ne_bytes([p, f, 0, 0]), 0, 0, 0], 16)?
+        };
+        (sport, dport, proto, in_use)
     };
 
     if todo == 0 {
@@ -172,15 +175,15 @@ fn match_table(table: u32, count: u32, fields: u32, meta: &PacketMeta) -> Option
     (scan.todo & FOUND != 0).then(|| opaque(scan.todo as u32 & (MAX_RULES - 1)))
 }
 
-/// Where `match_table`'s `fields` has its port-class bits.
-const CLASS_SHIFT: u32 = 8;
+/// `match_table`'s `fields` bit for a table with classes.
+const CLASSES: u32 = 1 << 8;
 
-/// The class of `port` in port field `field` of `table`, with its rules.
+/// The class of `value` in `field` of `table`, with its rules.
 #[inline(always)]
-fn port_class(table: u32, field: u8, port: u16) -> Option<&'static PortClass> {
-    let (entry, id) = port_class_index(table, field, port);
-    let class = NSG_PORT_CLASS.get(entry)?[id as usize & 3];
-    NSG_PORT_BITMAPS.get(table / TABLES_PER_SLOT * PORT_CLASSES_PER_SLOT + u32::from(class))
+fn class(table: u32, field: u8, value: u32) -> Option<&'static FieldClass> {
+    let (entry, id) = class_index(table, field, value);
+    let class = NSG_CLASS_IDS.get(entry)?[id as usize & 3];
+    NSG_CLASSES.get(table / TABLES_PER_SLOT * CLASSES_PER_SLOT + u32::from(class))
 }
 
 /// `Scan::todo` once a rule is found: this bit and the rule's number.

@@ -16,15 +16,15 @@ use xdpgate_common::{
     flow::FlowKey,
     lb::{FrontendKey, Service},
     maps::{
-        ACTIVE_SLOT, FRONTENDS, NAT_MAP, NAT_PUBLIC, NSG_FIELDS, NSG_HITS, NSG_PORT_BITMAPS,
-        NSG_PORT_CLASS, NSG_RULES, POLICY_CONFIG,
+        ACTIVE_SLOT, FRONTENDS, NAT_MAP, NAT_PUBLIC, NSG_CLASS_IDS, NSG_CLASSES, NSG_FIELDS,
+        NSG_HITS, NSG_RULES, POLICY_CONFIG,
     },
     nat::{AddrKey, NatEntry},
     nsg::{
-        BITMAP_WORDS, CLASSES_PER_ENTRY, FIELD_DPORT, FIELD_SPORT, FLAG_MIDSTREAM,
-        FLAG_NO_FRONTENDS, FLAG_NO_NAT, FLAG_REEVALUATE, FieldKey, KEY_HEADER_BITS, MAX_RULES,
-        PORT_CLASSES_PER_SLOT, PolicyConfig, PortClass, RuleBitmap, TABLES_PER_SLOT,
-        port_class_bit, port_class_index, wildcard_bit,
+        BITMAP_WORDS, CLASSES_PER_ENTRY, CLASSES_PER_SLOT, FIELD_DPORT, FIELD_PROTO, FIELD_SPORT,
+        FLAG_MIDSTREAM, FLAG_NO_FRONTENDS, FLAG_NO_NAT, FLAG_REEVALUATE, FieldClass, FieldKey,
+        KEY_HEADER_BITS, MAX_RULES, PolicyConfig, RuleBitmap, TABLES_PER_SLOT, class_bit,
+        class_index, wildcard_bit,
     },
     words,
 };
@@ -82,39 +82,46 @@ impl Lookups {
     }
 }
 
-/// Writes the port classes of the port fields the trie would otherwise answer (not `*` in
-/// every rule) into `slot`'s part of `NSG_PORT_CLASS` and `NSG_PORT_BITMAPS`, as long as
-/// the slot's classes fit, and returns their `port_class_bit`s. A field whose classes do
-/// not fit is left to the trie, which holds every field as before.
-fn write_port_classes(pins: &PinDir, compiled: &Compiled, slot: u32) -> Result<u32> {
-    let mut ids: Array<_, [u16; 4]> = pins.open_map(NSG_PORT_CLASS)?.try_into()?;
-    let mut bitmaps: Array<_, PortClass> = pins.open_map(NSG_PORT_BITMAPS)?.try_into()?;
+/// Writes the classes of the port and protocol fields of `slot`'s tables into its part of
+/// `NSG_CLASS_IDS` and `NSG_CLASSES`, as long as the slot's classes fit, and returns the
+/// `class_bit`s of the tables written. A table whose classes do not fit is left to the trie,
+/// which holds every field as before.
+fn write_classes(pins: &PinDir, compiled: &Compiled, slot: u32) -> Result<u32> {
+    let mut ids: Array<_, [u16; 4]> = pins.open_map(NSG_CLASS_IDS)?.try_into()?;
+    let mut bitmaps: Array<_, FieldClass> = pins.open_map(NSG_CLASSES)?.try_into()?;
     let mut used = 0u32;
     let mut bits = 0;
     for (t, table) in compiled.tables.iter().enumerate() {
+        if table.rules.is_empty() {
+            continue;
+        }
+        let mut fields = Vec::new();
+        let mut room = (CLASSES_PER_SLOT - used) as usize;
+        for field in [FIELD_SPORT, FIELD_DPORT, FIELD_PROTO] {
+            let Some(classes) = table.classes(field, room) else { break };
+            room -= classes.bitmaps.len();
+            fields.push((field, classes));
+        }
+        if fields.len() < 3 {
+            continue;
+        }
         let table_id = slot * TABLES_PER_SLOT + t as u32;
-        let wildcards = table.wildcard_fields();
-        for field in [FIELD_SPORT, FIELD_DPORT] {
-            if table.rules.is_empty() || wildcards & (1 << field) != 0 {
-                continue;
-            }
-            let room = (PORT_CLASSES_PER_SLOT - used) as usize;
-            let Some(classes) = table.port_classes(field, room) else { continue };
+        for (field, classes) in fields {
             for (id, bitmap) in classes.bitmaps.iter().enumerate() {
                 let summary = (0..BITMAP_WORDS)
                     .filter(|&w| bitmap.words[w] != 0)
                     .fold(0u64, |s, w| s | 1 << w);
-                let index = slot * PORT_CLASSES_PER_SLOT + used + id as u32;
-                bitmaps.set(index, PortClass { summary, bitmap: *bitmap }, 0)?;
+                let index = slot * CLASSES_PER_SLOT + used + id as u32;
+                bitmaps.set(index, FieldClass { summary, bitmap: *bitmap }, 0)?;
             }
-            let (first, _) = port_class_index(table_id, field, 0);
+            let (first, _) = class_index(table_id, field, 0);
             for (n, chunk) in classes.ids.chunks(CLASSES_PER_ENTRY as usize).enumerate() {
                 let entry: [u16; 4] = std::array::from_fn(|i| chunk[i] + used as u16);
-                ids.set(first + n as u32, entry, 0).context("writing NSG port classes")?;
+                ids.set(first + n as u32, entry, 0).context("writing NSG classes")?;
             }
             used += classes.bitmaps.len() as u32;
-            bits |= port_class_bit(t as u32, field);
         }
+        bits |= class_bit(t as u32);
     }
     Ok(bits)
 }
@@ -220,7 +227,7 @@ pub fn prepare(
         }
     }
 
-    let port_classes = write_port_classes(pins, compiled, slot)?;
+    let classes = write_classes(pins, compiled, slot)?;
 
     let generation = active_config.generation + 1;
     let s = |secs: u32| u64::from(secs) * 1_000_000_000;
@@ -230,7 +237,7 @@ pub fn prepare(
         flags: if settings.reevaluate_flows { FLAG_REEVALUATE } else { 0 }
             | if settings.midstream_pickup { FLAG_MIDSTREAM } else { 0 }
             | lookups.flags()
-            | port_classes,
+            | classes,
         wildcard_fields,
         tcp_timeout_ns: s(settings.tcp_idle_timeout),
         udp_timeout_ns: s(settings.udp_idle_timeout),

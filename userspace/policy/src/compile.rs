@@ -15,7 +15,8 @@ use xdpgate_common::icmp_proto;
 use xdpgate_common::nsg::{
     ACCESS_ALLOW, ACCESS_DENY, BITMAP_WORDS, DIR_INBOUND, DIR_OUTBOUND, FIELD_DPORT, FIELD_DST4,
     FIELD_DST6, FIELD_PROTO, FIELD_SPORT, FIELD_SRC4, FIELD_SRC6, LAYER_HOST, LAYER_SUBNET,
-    MAX_RULES, RuleBitmap, TABLES_PER_SLOT, proto_value, table_in_slot,
+    MAX_RULES, PORT_VALUES, PROTO_VALUES, RuleBitmap, TABLES_PER_SLOT, proto_class_value,
+    proto_value, table_in_slot,
 };
 
 use xdpgate_common::maps::NSG_FIELD_ENTRIES;
@@ -64,21 +65,81 @@ impl Table {
     }
 }
 
-/// A port field's classes: the ports whose rules are the same share a class. The dataplane
-/// finds a port's rules with two array reads instead of a trie lookup.
+/// A field's classes: the values (ports, or protocols) whose rules are the same share a
+/// class. The dataplane finds a value's rules with two array reads instead of a trie lookup.
 #[derive(Debug, PartialEq)]
-pub struct PortClasses {
-    /// The class of every port, indexed by port (65,536).
+pub struct FieldClasses {
+    /// The class of every value, indexed by port (then `NO_PORT` and padding:
+    /// `PORT_VALUES`), or by `proto_class_value` (`PROTO_VALUES`).
     pub ids: Vec<u16>,
     /// The rules of each class, by class id.
     pub bitmaps: Vec<RuleBitmap>,
 }
 
+/// Class ids for a sequence of bitmaps, equal bitmaps sharing one; `None` past `limit`.
+#[derive(Default)]
+struct Interner {
+    ids: HashMap<[u64; BITMAP_WORDS], u16>,
+    bitmaps: Vec<RuleBitmap>,
+}
+
+impl Interner {
+    fn id(&mut self, bitmap: &RuleBitmap, limit: usize) -> Option<u16> {
+        if let Some(&id) = self.ids.get(&bitmap.words) {
+            return Some(id);
+        }
+        if self.bitmaps.len() >= limit.min(usize::from(u16::MAX)) {
+            return None;
+        }
+        let id = self.bitmaps.len() as u16;
+        self.bitmaps.push(*bitmap);
+        self.ids.insert(bitmap.words, id);
+        Some(id)
+    }
+}
+
 impl Table {
-    /// The classes of port field `field` (`FIELD_SPORT` or `FIELD_DPORT`): for every port,
-    /// exactly the rules the field's trie entries give it (a rule's ranges, or `*`). `None`
-    /// past `limit` classes.
-    pub fn port_classes(&self, field: u8, limit: usize) -> Option<PortClasses> {
+    /// The classes of `field` (`FIELD_SPORT`, `FIELD_DPORT` or `FIELD_PROTO`): for every
+    /// value, exactly the rules the field's trie lookup gives it. `None` past `limit`
+    /// classes.
+    pub fn classes(&self, field: u8, limit: usize) -> Option<FieldClasses> {
+        if field == FIELD_PROTO {
+            self.proto_classes(limit)
+        } else {
+            self.port_classes(field, limit)
+        }
+    }
+
+    /// Every `proto_class_value`'s rules: the longest of the field's entries matching the
+    /// value `[proto, family]` (closed over covering prefixes, as the trie holds them).
+    fn proto_classes(&self, limit: usize) -> Option<FieldClasses> {
+        let entries: HashMap<_, _> = self
+            .fields
+            .iter()
+            .filter(|((f, _, _), _)| *f == FIELD_PROTO)
+            .map(|((_, value, len), bitmap)| ((*value, *len), bitmap))
+            .collect();
+        let none = RuleBitmap { words: [0; BITMAP_WORDS] };
+        let mut interner = Interner::default();
+        let mut ids = vec![0; PROTO_VALUES as usize];
+        for family in [4, 6] {
+            for proto in 0..=u8::MAX {
+                let mut value = [0; 16];
+                value[..2].copy_from_slice(&proto_value(family, proto));
+                let bitmap = [16, 8, 0]
+                    .into_iter()
+                    .find_map(|len| entries.get(&(mask(value, len), len)).copied())
+                    .unwrap_or(&none);
+                ids[proto_class_value(family, proto) as usize] = interner.id(bitmap, limit)?;
+            }
+        }
+        Some(FieldClasses { ids, bitmaps: interner.bitmaps })
+    }
+
+    /// A port field's classes: for every port, the rules whose ranges hold it, or whose
+    /// ports are `*` (what the trie's longest match gives a port); for `NO_PORT`, the rules
+    /// whose ports are `*` (a written full range needs a port).
+    fn port_classes(&self, field: u8, limit: usize) -> Option<FieldClasses> {
         // Where each rule's ranges start and end (one past), swept in port order; a count
         // per rule, in case two of its ranges overlap.
         let mut edges: Vec<(u32, bool, usize)> = Vec::new();
@@ -94,8 +155,7 @@ impl Table {
         edges.sort_unstable();
         let mut counts = vec![0u32; self.rules.len()];
         let mut current = RuleBitmap { words: [0; BITMAP_WORDS] };
-        let mut classes: HashMap<[u64; BITMAP_WORDS], u16> = HashMap::new();
-        let mut bitmaps = Vec::new();
+        let mut interner = Interner::default();
         let mut ids = Vec::with_capacity(1 << 16);
         let mut next = edges.iter().peekable();
         let mut id = 0;
@@ -120,19 +180,21 @@ impl Table {
                 }
             }
             if changed {
-                id = match classes.get(&current.words) {
-                    Some(&id) => id,
-                    None if bitmaps.len() < limit.min(usize::from(u16::MAX)) => {
-                        bitmaps.push(current);
-                        classes.insert(current.words, (bitmaps.len() - 1) as u16);
-                        (bitmaps.len() - 1) as u16
-                    }
-                    None => return None,
-                };
+                id = interner.id(&current, limit)?;
             }
             ids.push(id);
         }
-        Some(PortClasses { ids, bitmaps })
+        let mut any = RuleBitmap { words: [0; BITMAP_WORDS] };
+        for (bit, r) in self.rules.iter().enumerate() {
+            let ports =
+                if field == FIELD_SPORT { &r.rule.source_ports } else { &r.rule.destination_ports };
+            if ports.is_none() {
+                set_bit(&mut any, bit);
+            }
+        }
+        let id = interner.id(&any, limit)?;
+        ids.resize(PORT_VALUES as usize, id);
+        Some(FieldClasses { ids, bitmaps: interner.bitmaps })
     }
 }
 
