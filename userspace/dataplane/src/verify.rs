@@ -12,10 +12,11 @@ use aya::maps::{
     lpm_trie::{Key, LpmTrie},
 };
 use xdpgate_common::{
-    maps::{NSG_FIELDS, NSG_RULES},
+    maps::{NSG_CLASS_IDS, NSG_CLASSES, NSG_FIELDS, NSG_RULES},
     nsg::{
-        FieldKey, KEY_HEADER_BITS, MAX_RULES, PolicyConfig, RuleBitmap, TABLES_PER_SLOT,
-        table_in_slot,
+        CLASSES_PER_SLOT, FIELD_DPORT, FIELD_PROTO, FIELD_SPORT, FieldClass, FieldKey,
+        KEY_HEADER_BITS, MAX_RULES, NO_PORT, PolicyConfig, RuleBitmap, TABLES_PER_SLOT,
+        class_bit, class_index, proto_class_value, table_in_slot,
     },
     words,
 };
@@ -37,6 +38,9 @@ pub struct PinnedTables {
     pub config: PolicyConfig,
     fields: LpmTrie<MapData, FieldKey, RuleBitmap>,
     rules: Array<MapData, u32>,
+    /// `NSG_CLASS_IDS` and `NSG_CLASSES`, where the ports and protocols of the tables whose
+    /// `class_bit` is set are looked up (absent under a dataplane from before them).
+    classes: Option<(Array<MapData, [u16; 4]>, Array<MapData, FieldClass>)>,
 }
 
 impl PinnedTables {
@@ -47,6 +51,10 @@ impl PinnedTables {
             config,
             fields: pins.open_map(NSG_FIELDS)?.try_into()?,
             rules: pins.open_map(NSG_RULES)?.try_into()?,
+            classes: match (pins.open_map(NSG_CLASS_IDS), pins.open_map(NSG_CLASSES)) {
+                (Ok(ids), Ok(bitmaps)) => Some((ids.try_into()?, bitmaps.try_into()?)),
+                _ => None,
+            },
         })
     }
 
@@ -139,6 +147,21 @@ impl NsgTables for PinnedTables {
     }
 
     fn lookup(&self, t: u32, field: u8, value: [u8; 16], bits: u8) -> Result<Option<RuleBitmap>> {
+        // The class arrays the kernel reads for this table's ports and protocol, as it does.
+        if let Some((ids, bitmaps)) = &self.classes
+            && self.config.flags & class_bit(t) != 0
+            && [FIELD_SPORT, FIELD_DPORT, FIELD_PROTO].contains(&field)
+        {
+            let v = match (field, bits) {
+                (FIELD_PROTO, _) => proto_class_value(value[1], value[0]),
+                (_, 0) => NO_PORT,
+                _ => u32::from(u16::from_be_bytes([value[0], value[1]])),
+            };
+            let (entry, id) = class_index(self.table_id(t), field, v);
+            let class = ids.get(&entry, 0).context("reading NSG_CLASS_IDS")?[id as usize];
+            let index = self.slot * CLASSES_PER_SLOT + u32::from(class);
+            return Ok(Some(bitmaps.get(&index, 0).context("reading NSG_CLASSES")?.bitmap));
+        }
         let key =
             FieldKey { table: self.table_id(t) as u8, field, _pad: [0; 2], value: words(&value) };
         match self.fields.get(&Key::new(KEY_HEADER_BITS + u32::from(bits), key), 0) {
