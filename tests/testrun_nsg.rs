@@ -495,3 +495,64 @@ fn wildcard_fields_switch_with_the_policy() {
     let other = frame("203.0.113.8", "198.51.100.10", L4::Tcp(1022, 22, SYN));
     assert_eq!(k.run(&other), DROP, "the rule is gone: port 1022 denied too");
 }
+
+/// A table's ports and protocol come from the class arrays when its `class_bit` is set,
+/// and from the trie otherwise (the configuration an agent from before the arrays wrote,
+/// which an upgraded dataplane keeps until the next apply): both give every verdict alike.
+#[test]
+fn class_arrays_and_the_trie_agree() {
+    use aya::maps::Array;
+    use xdpgate_common::{
+        maps::POLICY_CONFIG,
+        nsg::{DIR_INBOUND, DIR_OUTBOUND, LAYER_SUBNET, PolicyConfig, class_bit, table_in_slot},
+    };
+    let k = Kernel::new();
+    k.arrive_as(Role::External);
+    k.apply(POLICY);
+    let inbound = class_bit(table_in_slot(DIR_INBOUND, LAYER_SUBNET));
+    let outbound = class_bit(table_in_slot(DIR_OUTBOUND, LAYER_SUBNET));
+    let (slot, config) = xdpgate_dataplane::apply::active(&k.pins.dir).unwrap();
+    assert_eq!(config.flags & (inbound | outbound), inbound | outbound, "{:#x}", config.flags);
+
+    // Each pass uses its own source port (or echo id) range, so no flow an earlier pass
+    // allowed answers for a later one.
+    let verdicts = |pass: u16| {
+        let p = 1000 * pass;
+        let cases = [
+            (
+                "tcp 80 from the internet",
+                frame("203.0.113.7", "198.51.100.10", L4::Tcp(40000 + p, 80, SYN)),
+            ),
+            ("tcp 443 v6", frame("2001:db8:9::7", "2001:db8:1::10", L4::Tcp(40001 + p, 443, SYN))),
+            (
+                "ssh from the internet",
+                frame("203.0.113.7", "198.51.100.10", L4::Tcp(40002 + p, 22, SYN)),
+            ),
+            (
+                "mysql from the vnet",
+                frame("198.51.100.20", "198.51.100.10", L4::Tcp(40003 + p, 3306, SYN)),
+            ),
+            (
+                "tcp 8080 from the vnet",
+                frame("198.51.100.20", "198.51.100.10", L4::Tcp(40004 + p, 8080, SYN)),
+            ),
+            ("mdns in", frame("203.0.113.7", "198.51.100.10", L4::Udp(40005 + p, 5353))),
+            ("mdns out", frame("198.51.100.10", "203.0.113.7", L4::Udp(5353, 40006 + p))),
+            ("udp 53 out", frame("198.51.100.10", "203.0.113.7", L4::Udp(40007 + p, 53))),
+            ("echo from the internet", frame("203.0.113.7", "198.51.100.10", L4::Echo(1 + p))),
+            ("echo from the vnet", frame("198.51.100.20", "198.51.100.10", L4::Echo(2 + p))),
+            ("esp from the vnet", frame("198.51.100.20", "198.51.100.10", L4::Raw(50))),
+        ];
+        cases.map(|(name, packet)| (name, k.run(&packet)))
+    };
+    let with_classes = verdicts(1);
+    let mut configs: Array<_, PolicyConfig> =
+        k.pins.dir.open_map(POLICY_CONFIG).unwrap().try_into().unwrap();
+    let trie_only = PolicyConfig { flags: config.flags & !(inbound | outbound), ..config };
+    configs.set(slot, trie_only, 0).unwrap();
+    let with_the_trie = verdicts(2);
+    assert_eq!(with_classes, with_the_trie);
+    // And the verdicts are the policy's.
+    let want = [PASS, PASS, DROP, DROP, PASS, PASS, DROP, PASS, DROP, PASS, PASS];
+    assert_eq!(with_classes.map(|(_, v)| v), want, "{with_classes:?}");
+}

@@ -15,8 +15,8 @@ use xdpgate_common::{
     maps::{NSG_CLASS_IDS, NSG_CLASSES, NSG_FIELDS, NSG_RULES},
     nsg::{
         CLASSES_PER_SLOT, FIELD_DPORT, FIELD_PROTO, FIELD_SPORT, FieldClass, FieldKey,
-        KEY_HEADER_BITS, MAX_RULES, NO_PORT, PolicyConfig, RuleBitmap, TABLES_PER_SLOT,
-        class_bit, class_index, proto_class_value, table_in_slot,
+        KEY_HEADER_BITS, MAX_RULES, NO_PORT, PolicyConfig, RuleBitmap, TABLES_PER_SLOT, class_bit,
+        class_index, proto_class_value, table_in_slot,
     },
     words,
 };
@@ -40,8 +40,11 @@ pub struct PinnedTables {
     rules: Array<MapData, u32>,
     /// `NSG_CLASS_IDS` and `NSG_CLASSES`, where the ports and protocols of the tables whose
     /// `class_bit` is set are looked up (absent under a dataplane from before them).
-    classes: Option<(Array<MapData, [u16; 4]>, Array<MapData, FieldClass>)>,
+    classes: Option<ClassMaps>,
 }
+
+/// `NSG_CLASS_IDS` and `NSG_CLASSES`.
+type ClassMaps = (Array<MapData, [u16; 4]>, Array<MapData, FieldClass>);
 
 impl PinnedTables {
     pub fn open(pins: &PinDir) -> Result<Self> {

@@ -454,6 +454,7 @@ pub fn intersect(a: &[IpNet], b: &[IpNet]) -> Vec<IpNet> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use xdpgate_common::nsg::NO_PORT;
 
     #[test]
     fn port_ranges_split_into_aligned_prefixes() {
@@ -513,6 +514,66 @@ nsgs:
         // A table without rules leaves nothing to skip: a lookup of its fields finds no
         // entry, and no rule matches.
         assert_eq!(Table::default().wildcard_fields() & (1 << FIELD_DST4), 0);
+    }
+
+    /// The longest of a table's entries for `field` that covers `value`'s first `bits`.
+    fn trie_answer(table: &Table, field: u8, value: [u8; 16], bits: u8) -> RuleBitmap {
+        (0..=bits)
+            .rev()
+            .find_map(|len| {
+                table.fields.iter().find(|(e, _)| *e == (field, mask(value, len), len)).map(|e| e.1)
+            })
+            .unwrap_or(RuleBitmap { words: [0; BITMAP_WORDS] })
+    }
+
+    #[test]
+    fn classes_give_every_value_the_tries_rules() {
+        let src = r#"
+virtual_network:
+  address_space: [198.51.100.0/24]
+nsgs:
+  - name: web
+    subnets: [198.51.100.0/24]
+    rules:
+      - {name: a, priority: 100, direction: inbound, access: allow, protocol: tcp,
+         source: "*", destination: "*", destination_ports: [80, 8000-8080, 0-65535]}
+      - {name: b, priority: 110, direction: inbound, access: deny, protocol: udp,
+         source: "*", source_ports: [1-1023], destination: "*", destination_ports: [53]}
+      - {name: c, priority: 120, direction: inbound, access: allow, protocol: icmp,
+         source: "*", destination: "*", destination_ports: "*"}
+      - {name: d, priority: 130, direction: inbound, access: deny, protocol: "*",
+         source: "*", destination: "*", destination_ports: [8080-9000, 65535]}
+"#;
+        let policy = crate::load_str(src, "t.yaml").unwrap();
+        let compiled = compile(&policy).unwrap();
+        let table = &compiled.tables[table_in_slot(DIR_INBOUND, LAYER_SUBNET) as usize];
+        for field in [FIELD_SPORT, FIELD_DPORT] {
+            let classes = table.classes(field, 4096).unwrap();
+            assert_eq!(classes.ids.len(), PORT_VALUES as usize);
+            for port in 0..=u16::MAX {
+                let mut value = [0; 16];
+                value[..2].copy_from_slice(&port.to_be_bytes());
+                let want = trie_answer(table, field, value, 16);
+                let got = classes.bitmaps[usize::from(classes.ids[usize::from(port)])];
+                assert_eq!(got, want, "field {field} port {port}");
+            }
+            // A packet without ports: the field's /0 entry, the rules whose ports are `*`.
+            let got = classes.bitmaps[usize::from(classes.ids[NO_PORT as usize])];
+            assert_eq!(got, trie_answer(table, field, [0; 16], 0), "field {field} without ports");
+        }
+        let classes = table.classes(FIELD_PROTO, 4096).unwrap();
+        for family in [4, 6] {
+            for proto in 0..=u8::MAX {
+                let mut value = [0; 16];
+                value[..2].copy_from_slice(&proto_value(family, proto));
+                let want = trie_answer(table, FIELD_PROTO, value, 16);
+                let got = classes.bitmaps
+                    [usize::from(classes.ids[proto_class_value(family, proto) as usize])];
+                assert_eq!(got, want, "protocol {proto} of IPv{family}");
+            }
+        }
+        // Past the limit, no classes.
+        assert!(table.classes(FIELD_DPORT, 2).is_none());
     }
 
     #[test]
