@@ -89,7 +89,7 @@ impl Lookups {
 /// which holds every field as before.
 fn write_classes(pins: &PinDir, compiled: &Compiled, slot: u32) -> Result<u32> {
     let ids: Array<_, [u16; 4]> = pins.open_map(NSG_CLASS_IDS)?.try_into()?;
-    let mut bitmaps: Array<_, FieldClass> = pins.open_map(NSG_CLASSES)?.try_into()?;
+    let bitmaps: Array<_, FieldClass> = pins.open_map(NSG_CLASSES)?.try_into()?;
     let mut used = 0u32;
     let mut bits = 0;
     for (t, table) in compiled.tables.iter().enumerate() {
@@ -108,13 +108,18 @@ fn write_classes(pins: &PinDir, compiled: &Compiled, slot: u32) -> Result<u32> {
         }
         let table_id = slot * TABLES_PER_SLOT + t as u32;
         for (field, classes) in fields {
-            for (id, bitmap) in classes.bitmaps.iter().enumerate() {
-                let summary = (0..BITMAP_WORDS)
-                    .filter(|&w| bitmap.words[w] != 0)
-                    .fold(0u64, |s, w| s | 1 << w);
-                let index = slot * CLASSES_PER_SLOT + used + id as u32;
-                bitmaps.set(index, FieldClass { summary, bitmap: *bitmap }, 0)?;
-            }
+            let values: Vec<FieldClass> = classes
+                .bitmaps
+                .iter()
+                .map(|bitmap| FieldClass {
+                    summary: (0..BITMAP_WORDS)
+                        .filter(|&w| bitmap.words[w] != 0)
+                        .fold(0, |s, w| s | 1 << w),
+                    bitmap: *bitmap,
+                })
+                .collect();
+            update_batch(&bitmaps, slot * CLASSES_PER_SLOT + used, &values)
+                .context("writing NSG classes")?;
             let (first, _) = class_index(table_id, field, 0);
             let entries: Vec<[u16; 4]> = classes
                 .ids
@@ -130,7 +135,8 @@ fn write_classes(pins: &PinDir, compiled: &Compiled, slot: u32) -> Result<u32> {
 }
 
 /// Writes `values` into `array` from index `first` on in one `BPF_MAP_UPDATE_BATCH` call
-/// (Linux 5.6): a port field's 16,385 entries one `bpf()` call each took 10-20 ms.
+/// (Linux 5.6): a port field's 16,385 entries, and its classes, one `bpf()` call each
+/// took tens of milliseconds.
 fn update_batch<V: Pod>(array: &Array<MapData, V>, first: u32, values: &[V]) -> Result<()> {
     use aya::maps::IterableMap as _;
     use std::os::fd::{AsFd as _, AsRawFd as _};
