@@ -45,7 +45,7 @@ use aya::{
 use serde::Serialize;
 use xdpgate_common::maps::{
     BACKEND_STATS, BACKENDS, FLOWS, FRAGS, FRONTENDS, MAGLEV, NAT_MAP, NAT_PUBLIC, NAT_SUBNETS,
-    NSG_FIELDS, NSG_HITS, NSG_RULES, SERVICE_STATS, VNET,
+    NSG_CLASS_IDS, NSG_CLASSES, NSG_FIELDS, NSG_HITS, NSG_RULES, SERVICE_STATS, VNET,
 };
 use xdpgate_dataplane::{
     self as dataplane, EBPF_OBJ, Mode, NOOP_PROGRAM, PinDir, TX_PROGRAM, netns,
@@ -655,8 +655,10 @@ pub fn sink(args: &SinkArgs) -> Result<SinkReport> {
 
 /// Maps the generator and the baseline programs never touch, shrunk so that loading the
 /// object does not allocate the dataplane's tables (hundreds of MB) for nothing.
-const UNUSED_BIG_MAPS: [&str; 14] = [
+const UNUSED_BIG_MAPS: [&str; 16] = [
     NSG_FIELDS,
+    NSG_CLASS_IDS,
+    NSG_CLASSES,
     NSG_RULES,
     NSG_HITS,
     FLOWS,
