@@ -84,6 +84,39 @@ pub fn xdpgate_act(ctx: XdpContext) -> u32 {
     finish(&ctx, parsed_slot(), result)
 }
 
+// The tc attach mode: the same pipeline at tc ingress (tcx), for interfaces where XDP is the
+// wrong hook (veth, drivers without native XDP). Skeleton: every stage passes.
+
+/// tc stage one: parse.
+#[classifier]
+pub fn xdpgate_tc(_ctx: TcContext) -> i32 {
+    TC_ACT_UNSPEC
+}
+
+/// tc stage two: flow lookup.
+#[classifier]
+pub fn xdpgate_tc_policy(_ctx: TcContext) -> i32 {
+    TC_ACT_UNSPEC
+}
+
+/// tc new-flow stage.
+#[classifier]
+pub fn xdpgate_tc_new_flow(_ctx: TcContext) -> i32 {
+    TC_ACT_UNSPEC
+}
+
+/// tc SNAT stage.
+#[classifier]
+pub fn xdpgate_tc_snat(_ctx: TcContext) -> i32 {
+    TC_ACT_UNSPEC
+}
+
+/// tc act stage.
+#[classifier]
+pub fn xdpgate_tc_act(_ctx: TcContext) -> i32 {
+    TC_ACT_UNSPEC
+}
+
 /// A program that passes everything: the baseline benchmarks divide by.
 #[xdp]
 pub fn xdp_noop(_ctx: XdpContext) -> u32 {

@@ -143,6 +143,11 @@ pub static PIPELINE: ProgramArray = ProgramArray::pinned(PIPELINE_STAGES, 0);
 #[map(name = "EGRESS_PIPE_V2")]
 pub static EGRESS_PIPELINE: ProgramArray = ProgramArray::pinned(EGRESS_STAGES, 0);
 
+/// The stages of the tc ingress pipeline (the tc attach mode), at `PIPELINE`'s indices.
+/// Pinned like `PIPELINE`.
+#[map(name = "TC_PIPE_V2")]
+pub static TC_PIPELINE: ProgramArray = ProgramArray::pinned(PIPELINE_STAGES, 0);
+
 /// The host's own packets passed and dropped by the egress program, per interface slot.
 #[map(name = "EGRESS_STATS")]
 pub static EGRESS_STATS: PerCpuArray<Counter> =
