@@ -1,6 +1,8 @@
-//! Forwarding in XDP: the kernel's FIB says the next hop and its MAC, and the frame leaves
-//! through a devmap redirect. Whatever the FIB cannot answer yet (no neighbour entry, a
-//! local destination, an interface outside `EGRESS`) goes to the kernel stack instead, which
+//! Forwarding in XDP or from tc: the kernel's FIB says the next hop and its MAC, and the
+//! packet leaves by a redirect (a devmap one from XDP, `bpf_redirect` from tc; see
+//! `hook::Hook::send`). Whatever the FIB cannot answer yet (no neighbour entry, a local
+//! destination, an interface the hook may not send to, a packet too long for the route)
+//! goes to the kernel stack instead, which
 //! forwards the already rewritten packet and learns the neighbour for the next one. A flow
 //! direction keeps its next hop in its entry, so the FIB is asked once per flow (and again
 //! after a route change or a short while), not per packet.
@@ -17,7 +19,6 @@ use aya_ebpf::{
     helpers::generated::{
         bpf_fib_lookup as fib_lookup, bpf_jiffies64, bpf_sk_lookup_tcp, bpf_sk_release,
     },
-    programs::XdpContext,
 };
 use xdpgate_common::{
     flow::{HOP_MAX_AGE_JIFFIES, NextHop},
@@ -25,10 +26,9 @@ use xdpgate_common::{
 };
 
 use crate::{
-    headers::EthHdr,
-    maps::{EGRESS, FIB_PARAMS, ROUTE_GENERATION},
-    nat::decrement_ttl,
-    parse::{PacketMeta, ptr_at},
+    hook::Hook,
+    maps::{FIB_PARAMS, ROUTE_GENERATION},
+    parse::PacketMeta,
 };
 
 const AF_INET: u8 = 2;
@@ -40,8 +40,8 @@ const TCP_LISTEN: u32 = 10;
 /// Asks the kernel's FIB where a packet from `src` to `dst` goes. The parameters live in
 /// per-CPU scratch, not on the stack, which the callers' stages need.
 #[inline(always)]
-fn lookup(
-    ctx: &XdpContext,
+fn lookup<H: Hook>(
+    ctx: &H,
     meta: &PacketMeta,
     src: &[u32; 4],
     dst: &[u32; 4],
@@ -52,9 +52,9 @@ fn lookup(
     p.l4_protocol = meta.proto;
     p.sport = meta.sport.to_be();
     p.dport = meta.dport.to_be();
-    p.ifindex = ctx.ingress_ifindex() as u32;
+    p.ifindex = ctx.arrival();
     // Host order, unlike the addresses: the kernel compares it with the route's MTU.
-    p.__bindgen_anon_1.tot_len = (len as u16).wrapping_sub(meta.l3_off);
+    p.__bindgen_anon_1.tot_len = ctx.fib_len((len as u16).wrapping_sub(meta.l3_off));
     if meta.family == 4 {
         p.family = AF_INET;
         p.__bindgen_anon_3.ipv4_src = src[0];
@@ -72,7 +72,7 @@ fn lookup(
 /// namespace other than a listener owns its tuple. (The FIB cannot tell: it answers "not
 /// forwarded" alike for one of this host's addresses and for no route at all.)
 #[inline(always)]
-pub fn host_connection(ctx: &XdpContext, meta: &PacketMeta) -> bool {
+pub fn host_connection(ctx: &impl EbpfContext, meta: &PacketMeta) -> bool {
     let mut tuple: bpf_sock_tuple = unsafe { zeroed() };
     let size = if meta.family == 4 {
         tuple.__bindgen_anon_1.ipv4 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
@@ -105,24 +105,24 @@ pub fn host_connection(ctx: &XdpContext, meta: &PacketMeta) -> bool {
 /// flow), by the flow direction's cached next hop `cache` while it holds, or else by the
 /// FIB, whose answer is then cached. Returns the XDP action.
 #[inline(always)]
-pub fn forward(
-    ctx: &XdpContext,
+pub fn forward<H: Hook>(
+    ctx: &H,
     meta: &PacketMeta,
     src: &[u32; 4],
     next_hop: &[u32; 4],
     len: u64,
     cache: Option<&mut NextHop>,
 ) -> Result<u32, DropReason> {
-    let ip_len = (len as u16).wrapping_sub(meta.l3_off);
+    let ip_len = ctx.wire_len(meta, (len as u16).wrapping_sub(meta.l3_off));
     let generation = ROUTE_GENERATION.get(0).copied().unwrap_or(0);
     // The low bits: ages are told by wrapping differences.
     let now = unsafe { bpf_jiffies64() } as u32;
-    let iif = ctx.ingress_ifindex() as u32;
+    let iif = ctx.arrival();
     let hop = match cache {
         Some(hop) if holds(hop, generation, now, iif, ip_len) => *hop,
         cache => {
             let (rc, p) = lookup(ctx, meta, src, next_hop, len)?;
-            if rc != BPF_FIB_LKUP_RET_SUCCESS || EGRESS.get_ifindex(p.ifindex).is_none() {
+            if rc != BPF_FIB_LKUP_RET_SUCCESS || !H::may_send_to(p.ifindex) {
                 return Ok(xdp_action::XDP_PASS);
             }
             let hop = NextHop {
@@ -141,13 +141,10 @@ pub fn forward(
             hop
         }
     };
-    if !decrement_ttl(ctx, meta)? {
+    if !ctx.decrement_ttl(meta)? {
         return Ok(xdp_action::XDP_PASS);
     }
-    let eth = unsafe { &mut *(ptr_at::<EthHdr>(ctx, 0)? as *mut EthHdr) };
-    eth.dst = hop.dmac;
-    eth.src = hop.smac;
-    Ok(EGRESS.redirect(hop.ifindex, 0).unwrap_or(xdp_action::XDP_PASS))
+    ctx.send(&hop)
 }
 
 /// Whether a cached next hop still holds for a packet of `ip_len` bytes arriving by `iif`:
