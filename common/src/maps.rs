@@ -103,6 +103,16 @@ pub const EGRESS_POLICY: u32 = 1;
 /// that the lookup stage stays small for the verifier.
 pub const EGRESS_NEW: u32 = 2;
 pub const EGRESS_STAGES: u32 = 3;
+/// `ProgramArray` of the tc ingress pipeline (the tc attach mode, for interfaces where XDP is
+/// the wrong hook): the same stages as `PIPELINE`, as classifiers, at the same indices
+/// (`PIPELINE_POLICY`, `PIPELINE_ACT`, `PIPELINE_SNAT`, `PIPELINE_NEW`). A program array holds
+/// programs of one type, so it cannot share `PIPELINE`. Versioned as `PIPELINE` is.
+pub const TC_PIPELINE: &str = "TC_PIPE_V2";
+/// Index of the tc entry (parse) stage itself in `TC_PIPELINE`, beyond `PIPELINE`'s: it
+/// enters itself again once after pulling headers into the linear area of the socket
+/// buffer (as `EGRESS_PARSE` does).
+pub const TC_PARSE: u32 = PIPELINE_STAGES;
+pub const TC_STAGES: u32 = PIPELINE_STAGES + 1;
 /// `PerCpuArray<Counter>`: the host's own packets passed and dropped by the egress program,
 /// per interface slot (`stats::egress_stat_index`).
 pub const EGRESS_STATS: &str = "EGRESS_STATS";

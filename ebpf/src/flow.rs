@@ -4,7 +4,7 @@
 //! established table refuses new flows. Entries expire by idle time, early once TCP has
 //! closed, and are classified again after a policy change when so configured.
 
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::EbpfContext;
 use xdpgate_common::{
     events::{EVENT_BEGIN, EVENT_DENY},
     flow::{
@@ -323,7 +323,7 @@ fn reopens(meta: &PacketMeta, entry: &FlowValue) -> bool {
 /// (of the packet as it will reach the backend), then both directions into the flow table.
 #[inline(always)]
 pub fn create(
-    ctx: &XdpContext,
+    ctx: &impl EbpfContext,
     active: &Active<'_>,
     meta: &PacketMeta,
     dir: u32,

@@ -1,6 +1,8 @@
-//! Forwarding in XDP: the kernel's FIB says the next hop and its MAC, and the frame leaves
-//! through a devmap redirect. Whatever the FIB cannot answer yet (no neighbour entry, a
-//! local destination, an interface outside `EGRESS`) goes to the kernel stack instead, which
+//! Forwarding in XDP or from tc: the kernel's FIB says the next hop and its MAC, and the
+//! packet leaves by a redirect (a devmap one from XDP, `bpf_redirect` from tc; see
+//! `hook::Hook::send`). Whatever the FIB cannot answer yet (no neighbour entry, a local
+//! destination, an interface the hook may not send to, a packet too long for the route)
+//! goes to the kernel stack instead, which
 //! forwards the already rewritten packet and learns the neighbour for the next one. A flow
 //! direction keeps its next hop in its entry, so the FIB is asked once per flow (and again
 //! after a route change or a short while), not per packet.
@@ -17,7 +19,6 @@ use aya_ebpf::{
     helpers::generated::{
         bpf_fib_lookup as fib_lookup, bpf_jiffies64, bpf_sk_lookup_tcp, bpf_sk_release,
     },
-    programs::XdpContext,
 };
 use xdpgate_common::{
     flow::{HOP_MAX_AGE_JIFFIES, NextHop},
@@ -25,36 +26,39 @@ use xdpgate_common::{
 };
 
 use crate::{
-    headers::EthHdr,
-    maps::{EGRESS, FIB_PARAMS, ROUTE_GENERATION},
-    nat::decrement_ttl,
-    parse::{PacketMeta, ptr_at},
+    hook::Hook,
+    maps::{FIB_PARAMS, ROUTE_GENERATION},
+    parse::{Packet, PacketMeta, ptr_at},
 };
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
+const BPF_FIB_LKUP_RET_FRAG_NEEDED: i64 = 8;
 /// `bpf_sock.state` of a listening socket.
 const TCP_LISTEN: u32 = 10;
 
 /// Asks the kernel's FIB where a packet from `src` to `dst` goes. The parameters live in
 /// per-CPU scratch, not on the stack, which the callers' stages need.
 #[inline(always)]
-fn lookup(
-    ctx: &XdpContext,
+fn lookup<H: Hook>(
+    ctx: &H,
     meta: &PacketMeta,
     src: &[u32; 4],
     dst: &[u32; 4],
-    len: u64,
+    ip_len: u16,
 ) -> Result<(i64, &'static mut bpf_fib_lookup), DropReason> {
     let p = unsafe { &mut *FIB_PARAMS.get_ptr_mut(0).ok_or(DropReason::Internal)? };
     *p = unsafe { zeroed() };
     p.l4_protocol = meta.proto;
     p.sport = meta.sport.to_be();
     p.dport = meta.dport.to_be();
-    p.ifindex = ctx.ingress_ifindex() as u32;
-    // Host order, unlike the addresses: the kernel compares it with the route's MTU.
-    p.__bindgen_anon_1.tot_len = (len as u16).wrapping_sub(meta.l3_off);
+    p.ifindex = ctx.arrival();
+    // Host order, unlike the addresses: the kernel compares it with the route's MTU. Never
+    // 0, which would skip that check (and, on a socket buffer, leave only the device's MTU
+    // checked, by `is_skb_forwardable`, which passes any GSO aggregate unchecked): the
+    // length of what will leave (`Hook::wire_len`: a GSO aggregate's segments).
+    p.__bindgen_anon_1.tot_len = ip_len;
     if meta.family == 4 {
         p.family = AF_INET;
         p.__bindgen_anon_3.ipv4_src = src[0];
@@ -72,7 +76,7 @@ fn lookup(
 /// namespace other than a listener owns its tuple. (The FIB cannot tell: it answers "not
 /// forwarded" alike for one of this host's addresses and for no route at all.)
 #[inline(always)]
-pub fn host_connection(ctx: &XdpContext, meta: &PacketMeta) -> bool {
+pub fn host_connection(ctx: &impl EbpfContext, meta: &PacketMeta) -> bool {
     let mut tuple: bpf_sock_tuple = unsafe { zeroed() };
     let size = if meta.family == 4 {
         tuple.__bindgen_anon_1.ipv4 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
@@ -103,51 +107,89 @@ pub fn host_connection(ctx: &XdpContext, meta: &PacketMeta) -> bool {
 
 /// Sends the packet towards `next_hop` (its destination, or the backend of a floating-IP
 /// flow), by the flow direction's cached next hop `cache` while it holds, or else by the
-/// FIB, whose answer is then cached. Returns the XDP action.
+/// FIB, whose answer is then cached; `rewrite` translates it first. Returns the XDP action.
+///
+/// A packet the stack will drop with an ICMP error of its own (its TTL runs out here, or it
+/// is longer than the route allows and may not be fragmented) goes to the stack as it
+/// arrived when `own_errors` (a source translation): the error then reaches the sender,
+/// quoting what it sent (translated, it would go to the public address, where nothing
+/// answers; traceroute's first hop and path-MTU discovery through this hop would fail).
+/// Every other packet passed to the stack is translated first, so that nothing leaves
+/// untranslated.
 #[inline(always)]
-pub fn forward(
-    ctx: &XdpContext,
+pub fn forward<H: Hook>(
+    ctx: &H,
     meta: &PacketMeta,
     src: &[u32; 4],
     next_hop: &[u32; 4],
     len: u64,
     cache: Option<&mut NextHop>,
+    own_errors: bool,
+    rewrite: impl FnOnce() -> Result<(), DropReason>,
 ) -> Result<u32, DropReason> {
-    let ip_len = (len as u16).wrapping_sub(meta.l3_off);
+    // Whatever the route: the stack drops such a packet too when it cannot be sent from
+    // here (no neighbour entry yet, an egress interface xdpgate is not attached to).
+    if own_errors && ttl(ctx, meta)? <= 1 {
+        return Ok(xdp_action::XDP_PASS);
+    }
+    let ip_len = ctx.wire_len(meta, (len as u16).wrapping_sub(meta.l3_off));
     let generation = ROUTE_GENERATION.get(0).copied().unwrap_or(0);
     // The low bits: ages are told by wrapping differences.
     let now = unsafe { bpf_jiffies64() } as u32;
-    let iif = ctx.ingress_ifindex() as u32;
+    let iif = ctx.arrival();
     let hop = match cache {
-        Some(hop) if holds(hop, generation, now, iif, ip_len) => *hop,
+        Some(hop) if holds(hop, generation, now, iif, ip_len) => Some(*hop),
         cache => {
-            let (rc, p) = lookup(ctx, meta, src, next_hop, len)?;
-            if rc != BPF_FIB_LKUP_RET_SUCCESS || EGRESS.get_ifindex(p.ifindex).is_none() {
-                return Ok(xdp_action::XDP_PASS);
+            let (rc, p) = lookup(ctx, meta, src, next_hop, ip_len)?;
+            if rc != BPF_FIB_LKUP_RET_SUCCESS || !H::may_send_to(p.ifindex) {
+                if own_errors && rc == BPF_FIB_LKUP_RET_FRAG_NEEDED && !fragmentable(ctx, meta)? {
+                    return Ok(xdp_action::XDP_PASS);
+                }
+                None
+            } else {
+                let hop = NextHop {
+                    generation,
+                    jiffies: now,
+                    ifindex: p.ifindex,
+                    dmac: p.dmac,
+                    smac: p.smac,
+                    iif,
+                    max_len: ip_len,
+                    _pad: [0; 2],
+                };
+                if let Some(cache) = cache {
+                    *cache = hop;
+                }
+                Some(hop)
             }
-            let hop = NextHop {
-                generation,
-                jiffies: now,
-                ifindex: p.ifindex,
-                dmac: p.dmac,
-                smac: p.smac,
-                iif,
-                max_len: ip_len,
-                _pad: [0; 2],
-            };
-            if let Some(cache) = cache {
-                *cache = hop;
-            }
-            hop
         }
     };
-    if !decrement_ttl(ctx, meta)? {
+    // One call site, so that the rewrite is inlined here.
+    rewrite()?;
+    let Some(hop) = hop else { return Ok(xdp_action::XDP_PASS) };
+    if !ctx.decrement_ttl(meta)? {
         return Ok(xdp_action::XDP_PASS);
     }
-    let eth = unsafe { &mut *(ptr_at::<EthHdr>(ctx, 0)? as *mut EthHdr) };
-    eth.dst = hop.dmac;
-    eth.src = hop.smac;
-    Ok(EGRESS.redirect(hop.ifindex, 0).unwrap_or(xdp_action::XDP_PASS))
+    ctx.send(&hop)
+}
+
+/// The first 9 bytes of the IP header: IPv4 flags (byte 6) and TTL (8), IPv6 hop limit (7).
+#[inline(always)]
+fn ip_start(ctx: &impl Packet, meta: &PacketMeta) -> Result<[u8; 9], DropReason> {
+    Ok(unsafe { *ptr_at::<[u8; 9]>(ctx, meta.l3())? })
+}
+
+/// The packet's TTL (hop limit).
+#[inline(always)]
+fn ttl(ctx: &impl Packet, meta: &PacketMeta) -> Result<u8, DropReason> {
+    let h = ip_start(ctx, meta)?;
+    Ok(if meta.family == 4 { h[8] } else { h[7] })
+}
+
+/// Whether a router may fragment the packet: IPv4 without DF (IPv6 never).
+#[inline(always)]
+fn fragmentable(ctx: &impl Packet, meta: &PacketMeta) -> Result<bool, DropReason> {
+    Ok(meta.family == 4 && ip_start(ctx, meta)?[6] & 0x40 == 0)
 }
 
 /// Whether a cached next hop still holds for a packet of `ip_len` bytes arriving by `iif`:

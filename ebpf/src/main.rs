@@ -1,6 +1,7 @@
-//! The xdpgate XDP dataplane: parse -> flow lookup (-> new flow) (-> SNAT) (-> act) -> count;
-//! and beside it on tc egress, for the packets the host itself sends: parse -> flow lookup
-//! (-> new flow of the host's) -> count.
+//! The xdpgate dataplane: parse -> flow lookup (-> new flow) (-> SNAT) (-> act) -> count, at
+//! XDP or, on interfaces attached with the tc hook, at tc ingress (one copy of the stages,
+//! generic over `hook::Hook`); and beside it on tc egress, for the packets the host itself
+//! sends: parse -> flow lookup (-> new flow of the host's) -> count.
 #![no_std]
 #![no_main]
 
@@ -10,6 +11,7 @@ mod events;
 mod flow;
 mod forward;
 mod headers;
+mod hook;
 mod icmp;
 mod lb;
 mod maps;
@@ -40,11 +42,9 @@ use xdpgate_common::{
 use crate::{
     action::{Action, NAT_ICMP_ERROR, NAT_PENDING_SNAT, NOT_ESTABLISHED, RECLASSIFY},
     flow::Lookup,
-    maps::{
-        ACTION, DROP_STATS, EGRESS_PIPELINE, EGRESS_STATS, IFACE_STATS, PIPELINE, SCRATCH,
-        iface_config,
-    },
-    parse::{FRAG_FIRST, FRAG_LATER, FRAG_NONE, PacketMeta, Parsed, parse},
+    hook::{Hook, tc_verdict},
+    maps::{ACTION, DROP_STATS, EGRESS_PIPELINE, EGRESS_STATS, IFACE_STATS, SCRATCH, iface_config},
+    parse::{FRAG_FIRST, FRAG_LATER, FRAG_NONE, Packet, PacketMeta, Parsed, parse},
 };
 
 /// Stage one: parse. IP packets go on to the policy stage by tail call once a policy is
@@ -84,6 +84,51 @@ pub fn xdpgate_act(ctx: XdpContext) -> u32 {
     finish(&ctx, parsed_slot(), result)
 }
 
+// The tc attach mode: the same pipeline at tc ingress (tcx), for interfaces where XDP is the
+// wrong hook (veth, drivers without native XDP): it runs once per GRO aggregate rather than
+// per frame, on the socket buffer the stack already has (XDP on a veth copies every cloned
+// one into a page), and a redirect keeps the buffer's checksum state (an XDP redirect loses
+// CHECKSUM_PARTIAL). The stages are the XDP ones, generic over `hook::Hook`. They share the
+// per-CPU SCRATCH and ACTION with the XDP and egress stages: tc ingress runs in the receive
+// softirq (or with bottom halves disabled, for a packet a local sender hands a veth), as
+// XDP does, so no other pipeline starts on this CPU between a stage writing them and the
+// next one reading them.
+
+/// tc stage one: parse (see `xdpgate`).
+#[classifier]
+pub fn xdpgate_tc(ctx: TcContext) -> i32 {
+    let iface = iface_config(ctx.arrival());
+    tc_verdict(finish(&ctx, iface.map_or(0, |c| c.slot), parse_stage(&ctx, iface)))
+}
+
+/// tc stage two: flow lookup (see `xdpgate_policy`).
+#[classifier]
+pub fn xdpgate_tc_policy(ctx: TcContext) -> i32 {
+    let result = policy_stage(&ctx);
+    tc_verdict(finish(&ctx, parsed_slot(), result))
+}
+
+/// tc new-flow stage (see `xdpgate_new_flow`).
+#[classifier]
+pub fn xdpgate_tc_new_flow(ctx: TcContext) -> i32 {
+    let result = new_flow_stage(&ctx);
+    tc_verdict(finish(&ctx, parsed_slot(), result))
+}
+
+/// tc SNAT stage (see `xdpgate_snat`).
+#[classifier]
+pub fn xdpgate_tc_snat(ctx: TcContext) -> i32 {
+    let result = snat_stage(&ctx);
+    tc_verdict(finish(&ctx, parsed_slot(), result))
+}
+
+/// tc act stage: NAT and forwarding (see `xdpgate_act`).
+#[classifier]
+pub fn xdpgate_tc_act(ctx: TcContext) -> i32 {
+    let result = act_stage(&ctx);
+    tc_verdict(finish(&ctx, parsed_slot(), result))
+}
+
 /// A program that passes everything: the baseline benchmarks divide by.
 #[xdp]
 pub fn xdp_noop(_ctx: XdpContext) -> u32 {
@@ -98,8 +143,15 @@ pub fn xdp_tx(_ctx: XdpContext) -> u32 {
 }
 
 #[inline(always)]
-fn parse_stage(ctx: &XdpContext, iface: Option<&IfaceConfig>) -> Result<u32, DropReason> {
-    let Parsed::Ip(mut meta) = parse(ctx)? else { return Ok(xdp_action::XDP_PASS) };
+fn parse_stage<H: Hook>(ctx: &H, iface: Option<&IfaceConfig>) -> Result<u32, DropReason> {
+    let parsed = match parse(ctx) {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            ctx.parse_again()?;
+            return Err(e);
+        }
+    };
+    let Parsed::Ip(mut meta) = parsed else { return Ok(xdp_action::XDP_PASS) };
     // Until the first policy is applied there is nothing to enforce.
     let Some(active) = nsg::active().filter(|a| a.config.generation != 0) else {
         return Ok(xdp_action::XDP_PASS);
@@ -109,7 +161,7 @@ fn parse_stage(ctx: &XdpContext, iface: Option<&IfaceConfig>) -> Result<u32, Dro
     // Most packets belong to an established flow: decided here, without the policy stage.
     let looked = meta.frag == FRAG_NONE && !icmp::is_error(&meta);
     let found = if looked {
-        let len = (ctx.data_end() - ctx.data()) as u64;
+        let len = Packet::len(ctx) as u64;
         flow::lookup_established(&active, &meta, len)
     } else {
         None
@@ -125,34 +177,34 @@ fn parse_stage(ctx: &XdpContext, iface: Option<&IfaceConfig>) -> Result<u32, Dro
         Some(Lookup::Hit(action)) => decided(ctx, &meta, action),
         Some(Lookup::Stale) => {
             request_reclassify()?;
-            enter(ctx, &PIPELINE, PIPELINE_NEW)
+            enter(ctx, H::stages(), PIPELINE_NEW)
         }
         _ => {
             // The policy stage need not ask the established table again.
             let note = if looked { NOT_ESTABLISHED } else { Action::PASS };
             let slot = ACTION.get_ptr_mut(0).ok_or(DropReason::Internal)?;
             unsafe { *slot = note };
-            enter(ctx, &PIPELINE, PIPELINE_POLICY)
+            enter(ctx, H::stages(), PIPELINE_POLICY)
         }
     }
 }
 
 #[inline(always)]
-fn policy_stage(ctx: &XdpContext) -> Result<u32, DropReason> {
+fn policy_stage<H: Hook>(ctx: &H) -> Result<u32, DropReason> {
     // Written by the parse stage on this CPU just before the tail call.
     let meta = SCRATCH.get(0).ok_or(DropReason::Internal)?;
     let active = nsg::active().ok_or(DropReason::Internal)?;
     let not_established = take_request(NOT_ESTABLISHED);
     if meta.frag == FRAG_LATER {
         let Some(action) = flow::later_fragment(meta) else {
-            return enter(ctx, &PIPELINE, PIPELINE_NEW);
+            return enter(ctx, H::stages(), PIPELINE_NEW);
         };
         if action.nat == NAT_NONE {
             return Ok(xdp_action::XDP_PASS);
         }
         return hand_on(ctx, action, PIPELINE_ACT);
     }
-    let len = (ctx.data_end() - ctx.data()) as u64;
+    let len = Packet::len(ctx) as u64;
     let action = match icmp::is_error(meta).then(|| icmp::related(ctx, meta)).flatten() {
         Some(action) => action,
         None => match if not_established {
@@ -161,10 +213,10 @@ fn policy_stage(ctx: &XdpContext) -> Result<u32, DropReason> {
             flow::lookup(&active, meta, len)?
         } {
             Lookup::Hit(action) => action,
-            Lookup::Miss => return enter(ctx, &PIPELINE, PIPELINE_NEW),
+            Lookup::Miss => return enter(ctx, H::stages(), PIPELINE_NEW),
             Lookup::Stale => {
                 request_reclassify()?;
-                return enter(ctx, &PIPELINE, PIPELINE_NEW);
+                return enter(ctx, H::stages(), PIPELINE_NEW);
             }
         },
     };
@@ -175,7 +227,7 @@ fn policy_stage(ctx: &XdpContext) -> Result<u32, DropReason> {
 /// goes back to the policy stage once classified again), a later fragment of an unknown
 /// datagram.
 #[inline(always)]
-fn new_flow_stage(ctx: &XdpContext) -> Result<u32, DropReason> {
+fn new_flow_stage<H: Hook>(ctx: &H) -> Result<u32, DropReason> {
     let meta = SCRATCH.get(0).ok_or(DropReason::Internal)?;
     let active = nsg::active().ok_or(DropReason::Internal)?;
     if meta.frag == FRAG_LATER {
@@ -184,9 +236,9 @@ fn new_flow_stage(ctx: &XdpContext) -> Result<u32, DropReason> {
     }
     if take_reclassify() {
         flow::reclassify(&active, meta)?;
-        return enter(ctx, &PIPELINE, PIPELINE_POLICY);
+        return enter(ctx, H::stages(), PIPELINE_POLICY);
     }
-    let len = (ctx.data_end() - ctx.data()) as u64;
+    let len = Packet::len(ctx) as u64;
     let action = flow::create(ctx, &active, meta, u32::from(meta.dir), len)?;
     decided(ctx, meta, action)
 }
@@ -220,7 +272,7 @@ fn take_request(request: Action) -> bool {
 
 /// Passes a packet whose flow needs no rewrite, or hands it to the stage that rewrites it.
 #[inline(always)]
-fn decided(ctx: &XdpContext, meta: &PacketMeta, action: Action) -> Result<u32, DropReason> {
+fn decided<H: Hook>(ctx: &H, meta: &PacketMeta, action: Action) -> Result<u32, DropReason> {
     if action.nat == NAT_NONE {
         if meta.frag == FRAG_FIRST {
             flow::remember_first_fragment(meta, &action);
@@ -233,10 +285,10 @@ fn decided(ctx: &XdpContext, meta: &PacketMeta, action: Action) -> Result<u32, D
 
 /// Leaves the action for the next stage on this CPU and tail-calls it.
 #[inline(always)]
-fn hand_on(ctx: &XdpContext, action: Action, next: u32) -> Result<u32, DropReason> {
+fn hand_on<H: Hook>(ctx: &H, action: Action, next: u32) -> Result<u32, DropReason> {
     let slot = ACTION.get_ptr_mut(0).ok_or(DropReason::Internal)?;
     unsafe { *slot = action };
-    enter(ctx, &PIPELINE, next)
+    enter(ctx, H::stages(), next)
 }
 
 /// Tail-calls stage `index` of `stages`. Returns only when that stage is missing: fail
@@ -248,7 +300,7 @@ fn enter<R>(ctx: &impl EbpfContext, stages: &ProgramArray, index: u32) -> Result
 }
 
 #[inline(always)]
-fn snat_stage(ctx: &XdpContext) -> Result<u32, DropReason> {
+fn snat_stage<H: Hook>(ctx: &H) -> Result<u32, DropReason> {
     let meta = SCRATCH.get(0).ok_or(DropReason::Internal)?;
     let gw = u32::from(ACTION.get(0).ok_or(DropReason::Internal)?.port);
     let action = flow::commit_snat(meta, gw)?;
@@ -258,10 +310,10 @@ fn snat_stage(ctx: &XdpContext) -> Result<u32, DropReason> {
 /// Applies a flow's rewrite and forwards the packet; a program of its own so that its stack
 /// and paths do not add to the policy stage's.
 #[inline(always)]
-fn act_stage(ctx: &XdpContext) -> Result<u32, DropReason> {
+fn act_stage<H: Hook>(ctx: &H) -> Result<u32, DropReason> {
     let meta = SCRATCH.get(0).ok_or(DropReason::Internal)?;
     let action = ACTION.get(0).ok_or(DropReason::Internal)?;
-    let len = (ctx.data_end() - ctx.data()) as u64;
+    let len = Packet::len(ctx) as u64;
     // Here, after the SNAT stage, the first fragment's rewrite is final.
     if meta.frag == FRAG_FIRST {
         flow::remember_first_fragment(meta, action);
@@ -270,22 +322,28 @@ fn act_stage(ctx: &XdpContext) -> Result<u32, DropReason> {
         NAT_NONE => Ok(xdp_action::XDP_PASS),
         NAT_NEXT_HOP => {
             let hop = flow::next_hop_cache(meta);
-            forward::forward(ctx, meta, &meta.src, &action.addr, len, hop)
+            forward::forward(ctx, meta, &meta.src, &action.addr, len, hop, false, || Ok(()))
         }
+        // The stack's own errors about a destination-translated packet (one of a load
+        // balancer's, whose frontend may be this host's address) would need translating on
+        // their way out; not done: such a packet goes to the stack translated.
         NAT_DST => {
-            nat::rewrite(ctx, meta, NAT_DST, &action.addr, action.port)?;
             let hop = flow::next_hop_cache(meta);
-            forward::forward(ctx, meta, &meta.src, &action.addr, len, hop)
+            forward::forward(ctx, meta, &meta.src, &action.addr, len, hop, false, || {
+                ctx.rewrite(meta, NAT_DST, &action.addr, action.port)
+            })
         }
         // Not a flow's own packet: no flow entry to keep its next hop in.
         NAT_ICMP_ERROR => {
-            nat::rewrite_icmp_error(ctx, meta, &action.addr, action.port)?;
-            forward::forward(ctx, meta, &meta.src, &action.addr, len, None)
+            forward::forward(ctx, meta, &meta.src, &action.addr, len, None, false, || {
+                ctx.rewrite_icmp_error(meta, &action.addr, action.port)
+            })
         }
         _ => {
-            nat::rewrite(ctx, meta, NAT_SRC, &action.addr, action.port)?;
             let hop = flow::next_hop_cache(meta);
-            forward::forward(ctx, meta, &action.addr, &meta.dst, len, hop)
+            forward::forward(ctx, meta, &action.addr, &meta.dst, len, hop, true, || {
+                ctx.rewrite(meta, NAT_SRC, &action.addr, action.port)
+            })
         }
     }
 }
@@ -301,7 +359,7 @@ fn parsed_slot() -> u32 {
 /// The single exit of every stage: count the verdict per interface `slot` (and the drop
 /// reason).
 #[inline(always)]
-fn finish(ctx: &XdpContext, slot: u32, result: Result<u32, DropReason>) -> u32 {
+fn finish<H: Hook>(ctx: &H, slot: u32, result: Result<u32, DropReason>) -> u32 {
     let action = result.unwrap_or_else(|reason| {
         count_drop(ctx, reason);
         xdp_action::XDP_DROP
@@ -320,12 +378,13 @@ fn direction(iface: Option<&IfaceConfig>) -> u32 {
 }
 
 #[inline(always)]
-fn count_verdict(ctx: &XdpContext, slot: u32, action: u32) {
+fn count_verdict(ctx: &impl Packet, slot: u32, action: u32) {
     if let Some(c) = IFACE_STATS.get_ptr_mut(iface_stat_index(slot, action)) {
         // Per-CPU slot: no other CPU writes it, so plain adds are exact.
         unsafe {
             (*c).packets += 1;
-            (*c).bytes += (ctx.data_end() - ctx.data()) as u64;
+            // A frame's length; a socket buffer's whole length (a GRO aggregate's bytes).
+            (*c).bytes += ctx.len() as u64;
         }
     }
 }

@@ -16,7 +16,7 @@ use xdpgate_common::{
     },
     maps::{
         EGRESS_STAGES, EMBRYO_ENTRIES, FLOW_ENTRIES, FRAG_ENTRIES, IFACE_INDEX_ENTRIES, MAX_EGRESS,
-        MAX_IFACES, NAT_PREFIXES, NSG_FIELD_ENTRIES, PIPELINE_STAGES,
+        MAX_IFACES, NAT_PREFIXES, NSG_FIELD_ENTRIES, PIPELINE_STAGES, TC_STAGES,
     },
     nat::{AddrKey, MAX_NAT_GATEWAYS, MAX_PUBLIC_ADDRS, NAT_ENTRIES, NatEntry, NatGatewayConfig},
     nsg::{
@@ -154,6 +154,11 @@ pub static PIPELINE: ProgramArray = ProgramArray::pinned(PIPELINE_STAGES, 0);
 /// program array of its own, as one holds programs of a single type. Pinned like `PIPELINE`.
 #[map(name = "EGRESS_PIPE_V2")]
 pub static EGRESS_PIPELINE: ProgramArray = ProgramArray::pinned(EGRESS_STAGES, 0);
+
+/// The stages of the tc ingress pipeline (the tc attach mode), at `PIPELINE`'s indices.
+/// Pinned like `PIPELINE`.
+#[map(name = "TC_PIPE_V2")]
+pub static TC_PIPELINE: ProgramArray = ProgramArray::pinned(TC_STAGES, 0);
 
 /// The host's own packets passed and dropped by the egress program, per interface slot.
 #[map(name = "EGRESS_STATS")]

@@ -1,7 +1,11 @@
 //! Header rewrites with incremental checksum updates (RFC 1624): the address and port of
-//! one side of a packet, and the TTL of a forwarded packet.
+//! one side of a packet, and the TTL of a forwarded packet; on a frame (XDP) in place, on a
+//! socket buffer (tc) with the kernel's checksum helpers (`*_skb`).
 
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    programs::{TcContext, XdpContext},
+};
 use xdpgate_common::{flow::NAT_DST, stats::DropReason};
 
 use crate::{
@@ -192,5 +196,172 @@ pub fn rewrite_icmp_error(
     *field = port.to_be_bytes();
     check = csum_replace16(check, old, port);
     *mut_at::<[u8; 2]>(ctx, check_off)? = check.to_be_bytes();
+    Ok(())
+}
+
+// The same rewrites on a socket buffer (the tc hook). Its L4 checksum may be
+// CHECKSUM_PARTIAL (a GRO aggregate, or a local sender's packet across a veth: the field
+// holds only the pseudo-header's sum, the device or GSO completes it) or CHECKSUM_COMPLETE
+// (`skb->csum` sums the packet), where the frame's in-place RFC 1624 update would be wrong.
+// The kernel's helpers know the state: `bpf_l4_csum_replace` with `BPF_F_PSEUDO_HDR` for
+// a word of the pseudo-header (the addresses), without it for a word of the segment (a
+// port), and `BPF_F_MARK_MANGLED_0` keeps a UDP checksum of 0 ("none") as it is. They
+// invalidate packet pointers: every access below derives its pointer afresh.
+
+/// `bpf_l4_csum_replace`'s size flag for a 16-bit and a 32-bit word.
+const CSUM_16: u64 = 2;
+const CSUM_32: u64 = 4;
+
+/// Reads by `bpf_skb_load_bytes`: the writes here are helpers too, and direct reads between
+/// them made the compiler merge bounds checks into ones the verifier cannot follow.
+#[inline(always)]
+fn read<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, DropReason> {
+    ctx.load::<T>(off).map_err(|_| DropReason::Malformed)
+}
+
+/// Writes `new` (network-order bytes) over the 32-bit word at `off`, updating the IPv4
+/// header checksum at `ip_check` (0: none) and the L4 checksum at `l4_check` (0: none) with
+/// `l4_flags`.
+#[inline(always)]
+fn replace32(
+    ctx: &TcContext,
+    off: usize,
+    new: u32,
+    ip_check: usize,
+    l4_check: usize,
+    l4_flags: u64,
+) -> Result<(), DropReason> {
+    let old: u32 = read(ctx, off)?;
+    ctx.store(off, &new, 0).map_err(|_| DropReason::Malformed)?;
+    if ip_check != 0 {
+        ctx.l3_csum_replace(ip_check, u64::from(old), u64::from(new), CSUM_32)
+            .map_err(|_| DropReason::Malformed)?;
+    }
+    if l4_check != 0 {
+        ctx.l4_csum_replace(l4_check, u64::from(old), u64::from(new), l4_flags | CSUM_32)
+            .map_err(|_| DropReason::Malformed)?;
+    }
+    Ok(())
+}
+
+/// The same for a 16-bit word (`new` in host order); returns the old value (host order).
+#[inline(always)]
+fn replace16(
+    ctx: &TcContext,
+    off: usize,
+    new: u16,
+    l4_check: usize,
+    l4_flags: u64,
+) -> Result<u16, DropReason> {
+    let old: [u8; 2] = read(ctx, off)?;
+    let new = new.to_be_bytes();
+    ctx.store(off, &new, 0).map_err(|_| DropReason::Malformed)?;
+    if l4_check != 0 {
+        let (old, new) = (u16::from_ne_bytes(old), u16::from_ne_bytes(new));
+        ctx.l4_csum_replace(l4_check, u64::from(old), u64::from(new), l4_flags | CSUM_16)
+            .map_err(|_| DropReason::Malformed)?;
+    }
+    Ok(u16::from_be_bytes(old))
+}
+
+/// [`rewrite`] on a socket buffer.
+#[inline(always)]
+pub fn rewrite_skb(
+    ctx: &TcContext,
+    meta: &PacketMeta,
+    kind: u8,
+    addr: &[u32; 4],
+    port: u16,
+) -> Result<(), DropReason> {
+    let dst = kind == NAT_DST;
+    let (check_off, pseudo) = l4_check(meta);
+    let mangled = if meta.proto == IPPROTO_UDP { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
+    let addr_check = if pseudo { check_off } else { 0 };
+    let addr_flags = BPF_F_PSEUDO_HDR as u64 | mangled;
+    let l3 = meta.l3();
+    if meta.family == 4 {
+        let off = l3 + if dst { 16 } else { 12 };
+        replace32(ctx, off, addr[0], l3 + 10, addr_check, addr_flags)?;
+    } else {
+        let off = l3 + if dst { 24 } else { 8 };
+        for (i, w) in addr.iter().enumerate() {
+            replace32(ctx, off + 4 * i, *w, 0, addr_check, addr_flags)?;
+        }
+    }
+    if meta.frag != FRAG_LATER {
+        let at = match meta.proto {
+            IPPROTO_TCP | IPPROTO_UDP if dst => 2,
+            IPPROTO_TCP | IPPROTO_UDP => 0,
+            _ if meta.is_icmp() && is_echo(meta.family, meta.icmp_type) => 4,
+            _ => usize::MAX,
+        };
+        if at != usize::MAX {
+            replace16(ctx, meta.l4() + at, port, check_off, mangled)?;
+        }
+    }
+    Ok(())
+}
+
+/// [`decrement_ttl`] on a socket buffer.
+#[inline(always)]
+pub fn decrement_ttl_skb(ctx: &TcContext, meta: &PacketMeta) -> Result<bool, DropReason> {
+    let l3 = meta.l3();
+    if meta.family == 4 {
+        // TTL and protocol: the 16-bit word the header checksum sees change.
+        let old: [u8; 2] = read(ctx, l3 + 8)?;
+        if old[0] <= 1 {
+            return Ok(false);
+        }
+        let new = [old[0] - 1, old[1]];
+        ctx.store(l3 + 8, &new, 0).map_err(|_| DropReason::Malformed)?;
+        let (old, new) = (u16::from_ne_bytes(old), u16::from_ne_bytes(new));
+        ctx.l3_csum_replace(l3 + 10, u64::from(old), u64::from(new), CSUM_16)
+            .map_err(|_| DropReason::Malformed)?;
+    } else {
+        let hop: u8 = read(ctx, l3 + 7)?;
+        if hop <= 1 {
+            return Ok(false);
+        }
+        ctx.store(l3 + 7, &(hop - 1), 0).map_err(|_| DropReason::Malformed)?;
+    }
+    Ok(true)
+}
+
+/// [`rewrite_icmp_error`] on a socket buffer. Every word changed inside the quote is ICMP
+/// payload (no pseudo-header); the outer IPv6 destination is in ICMPv6's pseudo-header.
+#[inline(always)]
+pub fn rewrite_icmp_error_skb(
+    ctx: &TcContext,
+    meta: &PacketMeta,
+    addr: &[u32; 4],
+    port: u16,
+) -> Result<(), DropReason> {
+    let (l3, l4, proto) = inner_offsets(ctx, meta).ok_or(DropReason::Malformed)?;
+    let check = meta.l4() + 2;
+    let outer = meta.l3();
+    if meta.family == 4 {
+        replace32(ctx, outer + 16, addr[0], outer + 10, 0, 0)?;
+        // The quoted header's checksum is ICMP payload too: computed here, then replaced
+        // like any other word of it.
+        // TTL, protocol, checksum and source in one read.
+        let h = read::<[u8; 8]>(ctx, l3 + 8)?;
+        let old = [h[4], h[5], h[6], h[7]];
+        let new_inner_check =
+            csum_replace32(u16::from_be_bytes([h[2], h[3]]), old, addr[0].to_ne_bytes());
+        replace32(ctx, l3 + 12, addr[0], 0, check, 0)?;
+        replace16(ctx, l3 + 10, new_inner_check, check, 0)?;
+    } else {
+        for (i, w) in addr.iter().enumerate() {
+            replace32(ctx, outer + 24 + 4 * i, *w, 0, check, BPF_F_PSEUDO_HDR as u64)?;
+        }
+        for (i, w) in addr.iter().enumerate() {
+            replace32(ctx, l3 + 8 + 4 * i, *w, 0, check, 0)?;
+        }
+    }
+    let at = match proto {
+        IPPROTO_TCP | IPPROTO_UDP => 0,
+        _ => 4,
+    };
+    replace16(ctx, l4 + at, port, check, 0)?;
     Ok(())
 }

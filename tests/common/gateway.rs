@@ -1,12 +1,12 @@
 //! The usual end-to-end topology: a client on the "internet", the xdpgate gateway, and a
 //! server in the protected subnet, each in its own namespace, IPv4 and IPv6, with xdpgate
-//! attached in native mode on both gateway interfaces.
+//! attached on both gateway interfaces: in native XDP mode, or at tc ingress ([`Gateway::tc`]).
 //!
 //!   client 203.0.113.10 2001:db8:2::10 -- [gw] -- server 198.51.100.10 2001:db8:1::10
 
 use std::path::PathBuf;
 
-use super::{Netns, Pins, unique, veth};
+use super::{Netns, Pins, assert_ingress_hook, unique, veth};
 
 pub const CLIENT4: &str = "203.0.113.10";
 pub const CLIENT6: &str = "2001:db8:2::10";
@@ -32,8 +32,19 @@ impl Gateway {
         Self::attached_with(&[])
     }
 
+    /// The topology attached with `--hook tc`, offloads as veth has them (TSO, checksum
+    /// offload: what XDP forwarding breaks) and GRO on at the gateway, so its programs see
+    /// GRO aggregates.
+    pub fn tc() -> Self {
+        Self::build(&["--hook", "tc"], "tc")
+    }
+
     /// The topology with `extra` added to each `xdpgate attach` (table sizes, say).
     pub fn attached_with(extra: &[&str]) -> Self {
+        Self::build(extra, "xdp")
+    }
+
+    fn build(extra: &[&str], hook: &str) -> Self {
         let client = Netns::new("gwc");
         let gw = Netns::new("gwg");
         let server = Netns::new("gws");
@@ -59,16 +70,13 @@ impl Gateway {
         }
         let pins = Pins::in_netns(&gw);
         for (iface, role) in [(&ext, "external"), (&int, "internal")] {
+            if hook == "tc" {
+                gw.exec("ethtool", &["-K", iface, "gro", "on"]);
+            }
             let args = [&["attach", "--iface", iface, "--role", role][..], extra].concat();
             let out = pins.xdpgate(&args);
             assert!(out.contains("attached"), "{out}");
-            let link =
-                String::from_utf8_lossy(&gw.exec("ip", &["-d", "link", "show", iface]).stdout)
-                    .into_owned();
-            assert!(
-                link.contains("prog/xdp") && !link.contains("xdpgeneric"),
-                "not native XDP on {iface}: {link}"
-            );
+            assert_ingress_hook(&pins, &gw, iface, hook);
         }
         let dir = std::env::temp_dir().join(unique("gwpol"));
         std::fs::create_dir_all(&dir).expect("policy dir");

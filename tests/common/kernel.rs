@@ -103,6 +103,10 @@ impl Kernel {
         xdpgate_dataplane::write_iface(&self.pins.dir, 1, Some(config)).unwrap();
     }
 
+    pub fn ebpf(&self) -> &aya::Ebpf {
+        &self.ebpf
+    }
+
     pub fn ebpf_mut(&mut self) -> &mut aya::Ebpf {
         &mut self.ebpf
     }

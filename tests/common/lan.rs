@@ -1,10 +1,11 @@
 //! The load-balancer topology: a client on the "internet", the xdpgate gateway, and a
 //! subnet of backends on a bridge, each in its own namespace, xdpgate attached in native
-//! mode on both gateway interfaces (`ext0` external, `int0` internal).
+//! XDP mode (or at tc ingress: [`Lan::with_hook`]) on both gateway interfaces (`ext0`
+//! external, `int0` internal).
 //!
 //!   client 203.0.113.10 -- ext0 [gw] int0 -- bridge -- backend i 198.51.100.(11 + i)
 
-use super::{Netns, Pins, run};
+use super::{Netns, Pins, assert_ingress_hook, run};
 
 pub struct Lan {
     // Field order is drop order: detach (needs the gateway namespace) before the
@@ -34,6 +35,14 @@ fn link(a: &Netns, an: &str, b: &Netns, bn: &str) {
 
 impl Lan {
     pub fn new(backends: usize) -> Self {
+        Self::with_hook(backends, "xdp")
+    }
+
+    /// The topology attached on `hook` (`xdp` or `tc`). With `tc` the hosts keep their
+    /// checksum offload and TSO (what XDP forwarding breaks), and the gateway turns GRO on,
+    /// so its programs see GRO aggregates.
+    pub fn with_hook(backends: usize, hook: &str) -> Self {
+        let xdp = hook == "xdp";
         let client = Netns::new("lanc");
         let gw = Netns::new("lang");
         let switch = Netns::new("lans");
@@ -55,8 +64,13 @@ impl Lan {
         // a local stack through veth may carry only a partial checksum (offload); XDP
         // forwarding hands on the frame without the note that completes it. Real NICs
         // need neither setting.
-        client.exec("ethtool", &["-K", "eth0", "gro", "on", "tx", "off"]);
+        client.exec("ethtool", &["-K", "eth0", "gro", "on", "tx", if xdp { "off" } else { "on" }]);
         switch.exec("ethtool", &["-K", "p0", "gro", "on"]);
+        if !xdp {
+            for dev in ["ext0", "int0"] {
+                gw.exec("ethtool", &["-K", dev, "gro", "on"]);
+            }
+        }
 
         let backends = (0..backends)
             .map(|i| {
@@ -67,15 +81,18 @@ impl Lan {
                 switch.exec("ip", &["link", "set", &port, "up"]);
                 ns.exec("ip", &["addr", "add", &format!("{}/24", backend_addr(i)), "dev", "eth0"]);
                 ns.exec("ip", &["link", "set", "eth0", "up"]);
-                ns.exec("ethtool", &["-K", "eth0", "gro", "on", "tx", "off"]);
+                let tx = if xdp { "off" } else { "on" };
+                ns.exec("ethtool", &["-K", "eth0", "gro", "on", "tx", tx]);
                 ns.exec("ip", &["route", "add", "default", "via", "198.51.100.1"]);
                 ns
             })
             .collect();
 
         let pins = Pins::in_netns(&gw);
-        pins.xdpgate(&["attach", "--iface", "ext0", "--role", "external"]);
-        pins.xdpgate(&["attach", "--iface", "int0", "--role", "internal"]);
+        for (dev, role) in [("ext0", "external"), ("int0", "internal")] {
+            pins.xdpgate(&["attach", "--iface", dev, "--role", role, "--hook", hook]);
+            assert_ingress_hook(&pins, &gw, dev, hook);
+        }
         Self { pins, client, gw, switch, backends }
     }
 }

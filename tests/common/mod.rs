@@ -238,6 +238,35 @@ impl Drop for Pins {
     }
 }
 
+/// Checks that xdpgate's ingress pipeline runs on `iface` of `ns` at `hook`: `xdp` (native
+/// XDP, as `ip` shows it) or `tc` (`status` reports its tcx link, `ip` no XDP program).
+pub fn assert_ingress_hook(pins: &Pins, ns: &Netns, iface: &str, hook: &str) {
+    let link =
+        String::from_utf8_lossy(&ns.exec("ip", &["-d", "link", "show", iface]).stdout).into_owned();
+    let status: serde_json::Value =
+        serde_json::from_str(&pins.xdpgate(&["status", "--json"])).expect("status json");
+    let i = status["interfaces"]
+        .as_array()
+        .and_then(|all| all.iter().find(|i| i["name"] == iface))
+        .unwrap_or_else(|| panic!("{iface} missing from status: {status}"));
+    assert_eq!(i["hook"], hook, "{iface}: {i}");
+    match hook {
+        "xdp" => assert!(
+            link.contains("prog/xdp") && !link.contains("xdpgeneric"),
+            "not native XDP on {iface}: {link}"
+        ),
+        "tc" => {
+            assert!(!link.contains("prog/xdp"), "an XDP program on tc-attached {iface}: {link}");
+            assert_eq!(
+                (i["place"].as_str(), i["program"].as_str(), i["xdp_mode"].as_str()),
+                (Some("here"), Some("xdpgate_tc"), Some("none")),
+                "{iface}: {i}"
+            );
+        }
+        _ => panic!("no hook {hook}"),
+    }
+}
+
 pub mod crossfamily;
 pub mod echo;
 pub mod gateway;

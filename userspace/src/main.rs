@@ -7,15 +7,15 @@ use std::{
 };
 
 use anyhow::{Context, Result, anyhow, bail};
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum as _};
 use xdpgate::{
     agent, flowlog, metrics, status,
     views::{self, OutputArgs},
 };
 use xdpgate_common::{iface::Role, maps::DEFAULT_PIN_DIR};
 use xdpgate_dataplane::{
-    self as dataplane, Mode, PinDir, apply, flows, lb, nat, netns, state::WriteLock, stats,
-    transaction, verify,
+    self as dataplane, Hook, Ingress, Mode, PinDir, apply, flows, lb, nat, netns, state::WriteLock,
+    stats, transaction, verify,
 };
 use xdpgate_policy::{self as policy, compile, reference::Packet};
 
@@ -79,9 +79,15 @@ enum Command {
         iface: String,
         #[arg(long, value_enum, default_value = "external")]
         role: RoleArg,
-        /// native (driver) XDP, or skb (generic) for drivers without native support.
-        #[arg(long, value_enum, default_value = "native")]
-        mode: Mode,
+        /// Where the pipeline runs on this interface's ingress: xdp (per frame, before the
+        /// kernel makes an skb: physical NICs) or tc (tcx ingress, per skb after GRO: veth
+        /// and drivers without native XDP, where XDP loses TSO/GRO).
+        #[arg(long, value_enum, default_value = "xdp")]
+        hook: Hook,
+        /// XDP only: native (driver, the default) or skb (generic) for drivers without
+        /// native support. Refused with --hook tc.
+        #[arg(long, value_enum)]
+        mode: Option<Mode>,
         #[command(flatten)]
         tables: TablesArgs,
     },
@@ -155,14 +161,16 @@ enum Command {
     Run {
         #[arg(long)]
         policy: PathBuf,
-        /// Node file listing this machine's interfaces, their roles and XDP mode; those not
-        /// attached (after a reboot, say) are attached at start. `tables:` sizes the flow
-        /// and NAT tables when they are created (as attach --flows, --nat-translations).
+        /// Node file listing this machine's interfaces, their roles and hooks (XDP in a mode,
+        /// or tc); those not attached (after a reboot, say) are attached at start. `tables:`
+        /// sizes the flow and NAT tables when they are created (as attach --flows,
+        /// --nat-translations).
         ///
         /// tables: {flows: 1000000, nat_translations: 262144}
         /// interfaces:
         ///   - {name: eth0, role: external}
         ///   - {name: eth1, role: internal, mode: skb}
+        ///   - {name: veth0, role: internal, hook: tc}
         #[arg(long, value_name = "FILE", verbatim_doc_comment)]
         node: Option<PathBuf>,
         /// Health probes in flight at once.
@@ -217,7 +225,7 @@ enum Command {
         #[command(flatten)]
         output: OutputArgs,
     },
-    /// Show where the dataplane is attached (role, XDP mode), the pin directory, the running
+    /// Show where the dataplane is attached (role, hook and XDP mode), the pin directory, the running
     /// policy, the flow table's entries in use, and the sizes and memory of the flow and NAT
     /// tables.
     Status {
@@ -333,18 +341,31 @@ fn run(cli: Cli) -> Result<ExitCode> {
         pins.check()?;
     }
     match cli.command {
-        Command::Attach { iface, role, mode, tables } => {
+        Command::Attach { iface, role, hook, mode, tables } => {
             let role = match role {
                 RoleArg::External => Role::External,
                 RoleArg::Internal => Role::Internal,
+            };
+            let ingress = match (hook, mode) {
+                (Hook::Xdp, mode) => Ingress::Xdp(mode.unwrap_or_default()),
+                (Hook::Tc, None) => Ingress::Tc,
+                (Hook::Tc, Some(mode)) => bail!(
+                    "--mode {} applies to XDP only: --hook tc attaches at tc ingress (tcx), \
+                     which has no modes; leave out --mode",
+                    mode.to_possible_value().expect("no skipped values").get_name()
+                ),
             };
             // Before anything is made: a size out of range changes nothing.
             let sizes = tables.request();
             sizes.check()?;
             pins.ensure()?;
             let _lock = WriteLock::acquire(&pins)?;
-            dataplane::attach_sized(&pins, &iface, role, mode, &sizes)?;
-            println!("attached to {iface} ({role:?}, {mode:?} mode; egress program with tcx)");
+            dataplane::attach_sized(&pins, &iface, role, ingress, &sizes)?;
+            let how = match ingress {
+                Ingress::Xdp(mode) => format!("XDP in {mode:?} mode"),
+                Ingress::Tc => "tc ingress with tcx".into(),
+            };
+            println!("attached to {iface} ({role:?}, {how}; egress program with tcx)");
         }
         Command::Upgrade => {
             let _lock = WriteLock::acquire(&pins)?;

@@ -1,5 +1,5 @@
 //! The node file (`xdpgate run --node /etc/xdpgate/node.yaml`): which interfaces of this
-//! machine xdpgate guards, in which role and XDP mode. It is kept apart from the policy
+//! machine xdpgate guards, in which role and on which hook (XDP in a mode, or tc). It is kept apart from the policy
 //! because the policy says what traffic is allowed and may be shared by several gateways,
 //! while interface names belong to one machine. After a reboot bpffs is empty; the agent
 //! attaches every interface listed here that has no pinned link, and leaves the others alone.
@@ -8,6 +8,7 @@
 //! interfaces:
 //!   - {name: eth0, role: external}              # mode: native (default) or skb
 //!   - {name: eth1, role: internal, mode: skb}
+//!   - {name: veth0, role: internal, hook: tc}   # hook: xdp (default) or tc; no mode
 //! tables:                                       # optional, as `xdpgate attach --flows`
 //!   flows: 1000000                              # established flows (default 524,288)
 //!   nat_translations: 262144                    # NAT translations (default 262,144)
@@ -24,7 +25,7 @@ use xdpgate_common::iface::Role;
 use xdpgate_policy::tree::{self, Kind, Value};
 
 use xdpgate_dataplane::{
-    self as dataplane, Mode, PinDir,
+    self as dataplane, Hook, Ingress, Mode, PinDir,
     tables::{MAX_FLOWS, MAX_NAT_TRANSLATIONS, MIN_FLOWS, MIN_NAT_TRANSLATIONS, thousands},
 };
 
@@ -39,7 +40,9 @@ pub struct Node {
 pub struct Interface {
     pub name: String,
     pub role: RoleName,
-    pub mode: ModeName,
+    pub hook: Hook,
+    /// `mode:`; only with `hook: xdp` (the default).
+    pub mode: Option<ModeName>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,10 +66,11 @@ impl Interface {
         }
     }
 
-    pub fn mode(&self) -> Mode {
-        match self.mode {
-            ModeName::Native => Mode::Native,
-            ModeName::Skb => Mode::Skb,
+    pub fn ingress(&self) -> Ingress {
+        match (self.hook, self.mode.unwrap_or_default()) {
+            (Hook::Tc, _) => Ingress::Tc,
+            (Hook::Xdp, ModeName::Native) => Ingress::Xdp(Mode::Native),
+            (Hook::Xdp, ModeName::Skb) => Ingress::Xdp(Mode::Skb),
         }
     }
 }
@@ -79,7 +83,7 @@ pub fn load(file: &Path) -> Result<Node> {
 }
 
 /// Reads the document with the policy's positioned YAML reader: `interfaces:`, a list of
-/// `{name, role, mode}` (mode optional), and optionally `tables:` with `flows` and
+/// `{name, role, hook, mode}` (hook and mode optional, mode only with `hook: xdp`), and optionally `tables:` with `flows` and
 /// `nat_translations`; nothing else.
 fn read(text: &str) -> Result<Node> {
     let at = |pos: tree::Pos| format!("line {}, column {}", pos.line, pos.column);
@@ -110,7 +114,8 @@ fn read(text: &str) -> Result<Node> {
                             item.describe()
                         );
                     };
-                    let (mut name, mut role, mut mode) = (None, None, ModeName::default());
+                    let (mut name, mut role, mut mode) = (None, None, None);
+                    let mut hook = Hook::default();
                     for (k, v) in fields {
                         let key = text_of(k).unwrap_or_default();
                         let value = text_of(v);
@@ -118,16 +123,18 @@ fn read(text: &str) -> Result<Node> {
                             ("name", Some(n)) => name = Some(n.to_owned()),
                             ("role", Some("external")) => role = Some(RoleName::External),
                             ("role", Some("internal")) => role = Some(RoleName::Internal),
-                            ("mode", Some("native")) => mode = ModeName::Native,
-                            ("mode", Some("skb")) => mode = ModeName::Skb,
-                            ("name" | "role" | "mode", _) => bail!(
+                            ("mode", Some("native")) => mode = Some((ModeName::Native, v.pos)),
+                            ("mode", Some("skb")) => mode = Some((ModeName::Skb, v.pos)),
+                            ("hook", Some("xdp")) => hook = Hook::Xdp,
+                            ("hook", Some("tc")) => hook = Hook::Tc,
+                            ("name" | "role" | "mode" | "hook", _) => bail!(
                                 "{}: {key}: {} is not valid here (role: external or internal; \
-                                 mode: native or skb)",
+                                 hook: xdp or tc; mode: native or skb)",
                                 at(v.pos),
                                 v.describe()
                             ),
                             _ => bail!(
-                                "{}: unknown field {:?} (known: name, role, mode)",
+                                "{}: unknown field {:?} (known: name, role, hook, mode)",
                                 at(k.pos),
                                 tree::elide(&key)
                             ),
@@ -135,7 +142,14 @@ fn read(text: &str) -> Result<Node> {
                     }
                     let Some(name) = name else { bail!("{}: name is missing", at(item.pos)) };
                     let Some(role) = role else { bail!("{}: role is missing", at(item.pos)) };
-                    list.push(Interface { name, role, mode });
+                    if let (Hook::Tc, Some((_, pos))) = (hook, mode) {
+                        bail!(
+                            "{}: mode: applies to XDP only; hook: tc attaches at tc ingress \
+                             (tcx), which has no modes",
+                            at(pos)
+                        );
+                    }
+                    list.push(Interface { name, role, hook, mode: mode.map(|(m, _)| m) });
                 }
                 interfaces = Some(list);
             }
@@ -228,7 +242,7 @@ pub fn attach_missing(pins: &PinDir, node: &Node) -> (Vec<String>, Vec<anyhow::E
         sizes = dataplane::SizeRequest::default();
     }
     for i in missing(pins, node) {
-        match dataplane::attach_sized(pins, &i.name, i.role(), i.mode(), &sizes) {
+        match dataplane::attach_sized(pins, &i.name, i.role(), i.ingress(), &sizes) {
             Ok(()) => done.push(i.name.clone()),
             Err(e) => failed.push(e.context(format!("attaching {} ({:?})", i.name, i.role))),
         }
@@ -243,11 +257,21 @@ mod tests {
     #[test]
     fn node_files() {
         let n = parse(
-            "interfaces:\n  - {name: eth0, role: external}\n  - {name: eth1, role: internal, mode: skb}\n",
+            "interfaces:\n  - {name: eth0, role: external}\n  - {name: eth1, role: internal, mode: skb}\n  \
+             - {name: veth0, role: internal, hook: tc}\n  - {name: eth2, role: external, hook: xdp}\n",
         )
         .unwrap();
-        assert_eq!(n.interfaces.len(), 2);
-        assert_eq!((n.interfaces[0].mode(), n.interfaces[1].mode()), (Mode::Native, Mode::Skb));
+        assert_eq!(n.interfaces.len(), 4);
+        let ingress: Vec<_> = n.interfaces.iter().map(Interface::ingress).collect();
+        assert_eq!(
+            ingress,
+            [
+                Ingress::Xdp(Mode::Native),
+                Ingress::Xdp(Mode::Skb),
+                Ingress::Tc,
+                Ingress::Xdp(Mode::Native)
+            ]
+        );
         assert_eq!(n.interfaces[1].role(), Role::Internal);
         assert_eq!(n.tables, dataplane::SizeRequest::default());
         let sized = parse(
@@ -270,6 +294,11 @@ mod tests {
                 "column 34: unknown field \"mtu\"",
             ),
             ("interfaces:\n  - {name: ../x, role: external}", "not an interface name"),
+            (
+                "interfaces:\n  - {name: v, role: external, hook: tc, mode: skb}",
+                "line 2, column 47: mode: applies to XDP only",
+            ),
+            ("interfaces:\n  - {name: v, role: external, hook: ebpf}", "hook: xdp or tc"),
             ("interfaces:\n  - {name: averyveryverylongname, role: external}", "not an interface"),
             ("interfaces:\n  - {name: a, role: external}\n  - {name: a, role: internal}", "twice"),
             (

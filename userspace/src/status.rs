@@ -1,5 +1,5 @@
 //! What `xdpgate status` reports (`views::status` shows it): where the dataplane is
-//! attached and in which XDP mode, the pin directory, the running policy, the size of the
+//! attached, on which hook and in which XDP mode, the pin directory, the running policy, the size of the
 //! flow table and the agent's state.
 
 use std::{path::PathBuf, process::Command, time::UNIX_EPOCH};
@@ -52,10 +52,13 @@ pub struct IfaceStatus {
     pub role: Option<&'static str>,
     /// Counter slot in `IFACE_STATS`.
     pub slot: Option<u32>,
-    /// `native`, `skb` (generic), `offload`, `none` (nothing attached), or `unknown` when
-    /// `ip` could not tell.
+    /// Where the ingress pipeline runs: `xdp` or `tc` (tcx ingress), as its pinned link
+    /// says; none when the link cannot be read.
+    pub hook: Option<dataplane::Hook>,
+    /// `native`, `skb` (generic), `offload`, `none` (no XDP program: so with `hook: tc`),
+    /// or `unknown` when `ip` could not tell.
     pub xdp_mode: String,
-    /// Name and id of the XDP program the interface runs.
+    /// Name and id of the ingress program the interface runs (XDP, or tc with `hook: tc`).
     pub program: Option<String>,
     pub program_id: Option<u64>,
     /// The bpf_link's id (`bpftool link show id N`).
@@ -91,16 +94,49 @@ fn devices(netns: Option<&str>) -> Option<Vec<serde_json::Value>> {
     serde_json::from_slice::<serde_json::Value>(&out.stdout).ok()?.as_array().cloned()
 }
 
-/// The device of `devices` that is `link`'s: same ifindex and running the link's program
-/// (ifindexes repeat across namespaces, program ids do not).
+/// The device of `devices` (of network namespace `netns`, none: this one) that is
+/// `link`'s: same ifindex and running the link's program (ifindexes repeat across
+/// namespaces, program ids do not).
 fn device_of<'a>(
     devices: &'a [serde_json::Value],
-    link: &dataplane::XdpLinkInfo,
+    netns: Option<&str>,
+    link: &dataplane::IngressLinkInfo,
 ) -> Option<&'a serde_json::Value> {
     devices.iter().find(|d| {
         d["ifindex"].as_u64() == Some(u64::from(link.ifindex))
-            && xdp_programs(d).contains(&u64::from(link.prog_id))
+            && match link.hook {
+                dataplane::Hook::Xdp => xdp_programs(d).contains(&u64::from(link.prog_id)),
+                // `ip` does not list tcx programs: the kernel is asked.
+                dataplane::Hook::Tc => d["ifname"]
+                    .as_str()
+                    .is_some_and(|name| tc_ingress_programs(netns, name).contains(&link.prog_id)),
+            }
     })
+}
+
+/// Ids of the tcx ingress programs of device `ifname` of network namespace `netns` (none:
+/// this one); empty when they cannot be read.
+fn tc_ingress_programs(netns: Option<&str>, ifname: &str) -> Vec<u32> {
+    use aya::programs::{SchedClassifier, tc::TcAttachType};
+    let query = || {
+        SchedClassifier::query_tcx(ifname, TcAttachType::Ingress)
+            .map(|(_, progs)| progs.iter().map(|p| p.id()).collect())
+            .unwrap_or_default()
+    };
+    match netns {
+        None => query(),
+        // setns moves the calling thread only: a thread of its own goes there and ends.
+        Some(ns) => std::thread::scope(|s| {
+            s.spawn(|| {
+                if dataplane::netns::enter(ns).is_err() {
+                    return Vec::new();
+                }
+                query()
+            })
+            .join()
+            .unwrap_or_default()
+        }),
+    }
 }
 
 /// Ids of every XDP program attached to one device of `ip -j -d link show`.
@@ -142,13 +178,13 @@ impl Finder {
 
     fn find(
         &mut self,
-        link: &dataplane::XdpLinkInfo,
+        link: &dataplane::IngressLinkInfo,
     ) -> (&'static str, Option<String>, Option<serde_json::Value>) {
         let Some(here) = &self.here else {
             // Without `ip` nothing can be told apart.
             return ("unknown", None, None);
         };
-        if let Some(d) = device_of(here, link) {
+        if let Some(d) = device_of(here, None, link) {
             return ("here", None, Some(d.clone()));
         }
         let others = self.others.get_or_insert_with(|| {
@@ -158,7 +194,7 @@ impl Finder {
                 .collect()
         });
         for (ns, devs) in others.iter() {
-            if let Some(d) = device_of(devs, link) {
+            if let Some(d) = device_of(devs, Some(ns), link) {
                 return ("netns", Some(ns.clone()), Some(d.clone()));
             }
         }
@@ -242,6 +278,15 @@ pub fn read(pins: &PinDir) -> anyhow::Result<Status> {
             }
         };
         let (xdp_mode, program, program_id) = match (&device, &link) {
+            (Some(d), Some(l)) if l.hook == dataplane::Hook::Tc => {
+                // The device's XDP (none, unless another program put some there) and the tc
+                // program, named as the kernel names it.
+                let name = aya::programs::loaded_programs()
+                    .filter_map(Result::ok)
+                    .find(|p| p.id() == l.prog_id)
+                    .and_then(|p| p.name_as_str().map(str::to_string));
+                (xdp_from_json(d).0, name, Some(u64::from(l.prog_id)))
+            }
             (Some(d), _) => xdp_from_json(d),
             (None, Some(l)) => ("unknown".into(), None, Some(u64::from(l.prog_id))),
             (None, None) => ("none".into(), None, None),
@@ -256,6 +301,7 @@ pub fn read(pins: &PinDir) -> anyhow::Result<Status> {
                 Role::Internal => "internal",
             }),
             slot: config.map(|c| c.slot),
+            hook: link.map(|l| l.hook),
             xdp_mode,
             program,
             program_id,
@@ -334,12 +380,17 @@ mod tests {
                 {"ifindex":4,"ifname":"c"}]"#,
         )
         .unwrap();
-        let link = |ifindex, prog_id| dataplane::XdpLinkInfo { link_id: 1, prog_id, ifindex };
-        assert_eq!(device_of(&devs, &link(2, 10)).unwrap()["ifname"], "a");
-        assert_eq!(device_of(&devs, &link(3, 12)).unwrap()["ifname"], "b");
+        let link = |ifindex, prog_id| dataplane::IngressLinkInfo {
+            link_id: 1,
+            prog_id,
+            ifindex,
+            hook: dataplane::Hook::Xdp,
+        };
+        assert_eq!(device_of(&devs, None, &link(2, 10)).unwrap()["ifname"], "a");
+        assert_eq!(device_of(&devs, None, &link(3, 12)).unwrap()["ifname"], "b");
         // The same ifindex running another program is another namespace's device.
-        assert!(device_of(&devs, &link(2, 12)).is_none());
-        assert!(device_of(&devs, &link(4, 10)).is_none());
+        assert!(device_of(&devs, None, &link(2, 12)).is_none());
+        assert!(device_of(&devs, None, &link(4, 10)).is_none());
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! same run: iperf3 (4 streams) from one namespace to another through a gateway namespace
 //! that forwards with the kernel alone, with nftables (filter, SNAT, DNAT to 3 backends) or
 //! with xdpgate (NSG filter, NAT gateway, load balancer; attached and configured with the
-//! real CLI). Several rounds, the case order alternating; every figure is also given as a
+//! real CLI, at XDP and at tc ingress with `--hook tc`). Several rounds, the case order alternating; every figure is also given as a
 //! ratio to plain forwarding in the same direction in the same round.
 //!
 //! ```text
@@ -70,6 +70,8 @@ pub struct Case {
     /// Checksum offload and TSO left on at the endpoints (the veth default), in a topology
     /// of its own; otherwise off.
     pub offload: bool,
+    /// xdpgate attached at tc ingress (`--hook tc`) rather than XDP.
+    pub tc: bool,
 }
 
 impl Case {
@@ -87,6 +89,7 @@ impl Case {
             Kind::XdpgateNat => "xdpgate NAT gateway (SNAT)".into(),
             Kind::XdpgateLb => "xdpgate load balancer, 3 backends".into(),
         };
+        let label = if self.tc { label.replacen("xdpgate", "xdpgate tc", 1) } else { label };
         if self.offload { format!("{label}; TSO on") } else { label }
     }
 
@@ -530,30 +533,49 @@ impl Gateway<'_> {
                 let file = std::env::temp_dir()
                     .join(format!("xdpgate-bench-tp-{}.yaml", std::process::id()));
                 fs::write(&file, policy)?;
+                let hook = if case.tc { "tc" } else { "xdp" };
                 let r = (|| {
-                    xdpgate(topo, &pins, &["attach", "--iface", &topo.g0, "--role", "external"])?;
-                    xdpgate(topo, &pins, &["attach", "--iface", &topo.g1, "--role", "internal"])?;
+                    for (iface, role) in [(&topo.g0, "external"), (&topo.g1, "internal")] {
+                        let args = ["attach", "--iface", iface, "--role", role, "--hook", hook];
+                        xdpgate(topo, &pins, &args)?;
+                    }
                     xdpgate(topo, &pins, &["apply", file.to_str().unwrap_or_default()])?;
-                    let verdict =
-                        if case.kind == Kind::XdpgateFilter { "pass" } else { "redirect" };
-                    let before = xdpgate_verdict(topo, &pins, verdict)?;
+                    // At tc a translated packet may be handed to the stack (pass) rather than
+                    // redirected, by design: the server's view of each connection already
+                    // shows the translation, so both verdicts count as the path there.
+                    let verdicts: &[&str] = match (case.kind, case.tc) {
+                        (Kind::XdpgateFilter, _) => &["pass"],
+                        (_, false) => &["redirect"],
+                        (_, true) => &["pass", "redirect"],
+                    };
+                    let counted = || -> Result<Vec<(u64, u64)>> {
+                        verdicts.iter().map(|v| xdpgate_verdict(topo, &pins, v)).collect()
+                    };
+                    let before = counted()?;
                     let mut s = iperf(topo, case, secs, round)?;
-                    let after = xdpgate_verdict(topo, &pins, verdict)?;
-                    let (p, b) = (after.0 - before.0, after.1 - before.1);
-                    // Most of the data must have gone through XDP with that verdict (a few
-                    // first packets go to the stack before the neighbours are known).
+                    let after = counted()?;
+                    let moved: Vec<(u64, u64)> =
+                        after.iter().zip(&before).map(|(a, b)| (a.0 - b.0, a.1 - b.1)).collect();
+                    let b: u64 = moved.iter().map(|m| m.1).sum();
+                    let verdict = verdicts.join("+");
+                    // Most of the data must have gone through xdpgate with that verdict (a
+                    // few first packets go to the stack before the neighbours are known).
                     if (b as f64) < 0.5 * s.bytes as f64 {
                         bail!(
-                            "xdpgate counted {} bytes as {verdict} for {} moved: not the intended path",
+                            "xdpgate ({hook}) counted {} bytes as {verdict} for {} moved: not the \
+                             intended path",
                             thousands(b),
                             thousands(s.bytes)
                         );
                     }
-                    s.evidence = format!(
-                        "xdpgate {verdict}: {} packets, {} bytes",
-                        thousands(p),
-                        thousands(b)
-                    );
+                    let each: Vec<String> = verdicts
+                        .iter()
+                        .zip(&moved)
+                        .map(|(v, (p, b))| {
+                            format!("{v}: {} packets, {} bytes", thousands(*p), thousands(*b))
+                        })
+                        .collect();
+                    s.evidence = format!("xdpgate {hook} {}", each.join("; "));
                     Ok(s)
                 })();
                 let _ = xdpgate(topo, &pins, &["detach", "--all"]);
@@ -596,33 +618,48 @@ pub fn measure(cfg: &Config, machine: &Machine) -> Result<Report> {
         pins: BTreeMap::new(),
         filter_rulesets: rulesets.clone(),
     });
-    let plain = |dir| Case { kind: Kind::Plain, dir, rules: 0, offload: false };
+    let plain = |dir| Case { kind: Kind::Plain, dir, rules: 0, offload: false, tc: false };
+    let case = |kind, dir, rules, offload, tc| Case { kind, dir, rules, offload, tc };
     let mut cases = vec![plain(Dir::Inbound), plain(Dir::Outbound)];
     let have_nft = which("nft").is_ok();
     let mut skipped = Vec::new();
     if !have_nft {
         skipped.push("nftables: nft is not installed".into());
     }
+    let (inbound, outbound) = (Dir::Inbound, Dir::Outbound);
     for &rules in &filter_rules {
         if have_nft {
-            cases.push(Case { kind: Kind::NftFilter, dir: Dir::Inbound, rules, offload: false });
+            cases.push(case(Kind::NftFilter, inbound, rules, false, false));
         }
-        cases.push(Case { kind: Kind::XdpgateFilter, dir: Dir::Inbound, rules, offload: false });
+        for tc in [false, true] {
+            cases.push(case(Kind::XdpgateFilter, inbound, rules, false, tc));
+        }
     }
-    let (inbound, outbound) = (Dir::Inbound, Dir::Outbound);
     if have_nft {
-        cases.push(Case { kind: Kind::NftSnat, dir: outbound, rules: 0, offload: false });
-        cases.push(Case { kind: Kind::NftDnat, dir: inbound, rules: 0, offload: false });
+        cases.push(case(Kind::NftSnat, outbound, 0, false, false));
+        cases.push(case(Kind::NftDnat, inbound, 0, false, false));
     }
-    cases.push(Case { kind: Kind::XdpgateNat, dir: outbound, rules: 0, offload: false });
-    cases.push(Case { kind: Kind::XdpgateLb, dir: inbound, rules: 0, offload: false });
+    for tc in [false, true] {
+        cases.push(case(Kind::XdpgateNat, outbound, 0, false, tc));
+        cases.push(case(Kind::XdpgateLb, inbound, 0, false, tc));
+    }
     if gw_offload.is_some() {
-        let mut more = vec![(Kind::Plain, 0), (Kind::XdpgateFilter, 100), (Kind::XdpgateLb, 0)];
+        // Every case with TSO on too: the plain forwarding of both directions for the ratios.
+        let mut more = vec![(Kind::Plain, inbound, 0), (Kind::Plain, outbound, 0)];
         if have_nft {
-            more.extend([(Kind::NftFilter, 100), (Kind::NftDnat, 0)]);
+            more.extend([
+                (Kind::NftFilter, inbound, 100),
+                (Kind::NftSnat, outbound, 0),
+                (Kind::NftDnat, inbound, 0),
+            ]);
         }
-        for (kind, rules) in more {
-            cases.push(Case { kind, dir: inbound, rules, offload: true });
+        for (kind, dir, rules) in more {
+            cases.push(case(kind, dir, rules, true, false));
+        }
+        for tc in [false, true] {
+            cases.push(case(Kind::XdpgateFilter, inbound, 100, true, tc));
+            cases.push(case(Kind::XdpgateNat, outbound, 0, true, tc));
+            cases.push(case(Kind::XdpgateLb, inbound, 0, true, tc));
         }
     }
 

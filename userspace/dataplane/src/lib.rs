@@ -2,9 +2,12 @@
 //! detaching the programs, finding their pinned state again, and changing it as one writer.
 //!
 //! Layout under the pin directory (default `/sys/fs/bpf/xdpgate`): one pin per map, named as
-//! in `xdpgate_common::maps`, and for each attached interface `links/<ifname>` (the XDP
-//! program) and `egress/<ifname>` (the tc egress program, tcx), so the programs stay
-//! attached after the agent exits and a later `xdpgate detach` finds them.
+//! in `xdpgate_common::maps`, and for each attached interface `links/<ifname>` (the ingress
+//! pipeline's link: XDP, or tcx ingress with `--hook tc`) and `egress/<ifname>` (the tc
+//! egress program, tcx), so the programs stay attached after the agent exits and a later
+//! `xdpgate detach` finds them. Both hooks pin their ingress link at the same path, so an
+//! interface has one ingress hook, never both, and whatever lists the attached interfaces
+//! (the agent, `status`, `stats`, `upgrade`) sees either.
 
 use std::{
     fs,
@@ -27,7 +30,7 @@ use xdpgate_common::{
     maps::{
         EGRESS, EGRESS_NEW, EGRESS_PARSE, EGRESS_PIPELINE, EGRESS_POLICY, EVENTS, IFACE_INDEX,
         IFACE_INDEX_ENTRIES, IFACES, MAX_IFACES, PIPELINE, PIPELINE_ACT, PIPELINE_NEW,
-        PIPELINE_POLICY, PIPELINE_SNAT, SCRATCH,
+        PIPELINE_POLICY, PIPELINE_SNAT, SCRATCH, TC_PIPELINE,
     },
 };
 
@@ -64,6 +67,13 @@ pub const EGRESS_PROGRAM: &str = "xdpgate_egress";
 /// Its policy stage and new-flow stage, entered by tail call.
 pub const EGRESS_POLICY_PROGRAM: &str = "xdpgate_egress_policy";
 pub const EGRESS_NEW_PROGRAM: &str = "xdpgate_egress_new";
+/// The ingress pipeline at tc (`--hook tc`): entry program, attached with tcx ingress, and
+/// its later stages, entered by tail call through `TC_PIPELINE` (indices as in `PIPELINE`).
+pub const TC_PROGRAM: &str = "xdpgate_tc";
+pub const TC_POLICY_PROGRAM: &str = "xdpgate_tc_policy";
+pub const TC_NEW_FLOW_PROGRAM: &str = "xdpgate_tc_new_flow";
+pub const TC_SNAT_PROGRAM: &str = "xdpgate_tc_snat";
+pub const TC_ACT_PROGRAM: &str = "xdpgate_tc_act";
 /// Name of the transmit-everything program (the live-frames traffic generator).
 pub const TX_PROGRAM: &str = "xdp_tx";
 /// Name of the pass-everything baseline program.
@@ -453,6 +463,36 @@ pub fn dataplane(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
     program(ebpf, PROGRAM)
 }
 
+/// Loads the tc ingress programs (`--hook tc`), links the later stages into `TC_PIPELINE`
+/// and returns the entry program, ready to attach.
+pub fn tc_dataplane(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
+    let stages = [
+        (PIPELINE_POLICY, TC_POLICY_PROGRAM),
+        (PIPELINE_ACT, TC_ACT_PROGRAM),
+        (PIPELINE_SNAT, TC_SNAT_PROGRAM),
+        (PIPELINE_NEW, TC_NEW_FLOW_PROGRAM),
+    ];
+    for name in stages.iter().map(|(_, name)| *name).chain([TC_PROGRAM]) {
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("program {name} missing from the object"))?
+            .try_into()?;
+        prog.load().with_context(|| format!("loading program {name} into the kernel"))?;
+    }
+    for (index, name) in stages {
+        let prog: &SchedClassifier = ebpf.program(name).expect("loaded above").try_into()?;
+        let fd = prog.fd()?.try_clone()?;
+        let mut pipeline: ProgramArray<_> = ebpf
+            .map_mut(TC_PIPELINE)
+            .ok_or_else(|| anyhow!("map {TC_PIPELINE} missing"))?
+            .try_into()?;
+        pipeline
+            .set(index, &fd, 0)
+            .with_context(|| format!("linking {name} into {TC_PIPELINE}"))?;
+    }
+    Ok(ebpf.program_mut(TC_PROGRAM).expect("loaded above").try_into()?)
+}
+
 /// Loads the egress programs, links the later stages (and the entry stage, which enters
 /// itself again after pulling headers) into `EGRESS_PIPELINE`, and returns the entry program.
 pub fn egress_dataplane(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
@@ -523,7 +563,7 @@ pub fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
     Ok(prog)
 }
 
-/// How to attach: native (driver) mode unless the user asks for generic skb mode.
+/// How to attach XDP: native (driver) mode unless the user asks for generic skb mode.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
     #[default]
@@ -531,10 +571,43 @@ pub enum Mode {
     Skb,
 }
 
+/// Where an interface's ingress pipeline runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Hook {
+    /// XDP: once per frame, before the kernel allocates an skb (physical NICs).
+    #[default]
+    Xdp,
+    /// tc ingress (tcx): once per skb, after GRO (veth and drivers without native XDP).
+    Tc,
+}
+
+/// How an interface's ingress pipeline is attached: XDP in a mode, or tc ingress.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ingress {
+    Xdp(Mode),
+    Tc,
+}
+
+impl Ingress {
+    pub fn hook(self) -> Hook {
+        match self {
+            Ingress::Xdp(_) => Hook::Xdp,
+            Ingress::Tc => Hook::Tc,
+        }
+    }
+}
+
+impl From<Mode> for Ingress {
+    fn from(mode: Mode) -> Self {
+        Ingress::Xdp(mode)
+    }
+}
+
 /// Attaches the dataplane to `ifname` with `role`, pins the link and registers the interface.
 /// The tables keep their pinned sizes, or get the default sizes on a first attach.
-pub fn attach(pins: &PinDir, ifname: &str, role: Role, mode: Mode) -> Result<()> {
-    attach_sized(pins, ifname, role, mode, &SizeRequest::default())
+pub fn attach(pins: &PinDir, ifname: &str, role: Role, ingress: impl Into<Ingress>) -> Result<()> {
+    attach_sized(pins, ifname, role, ingress, &SizeRequest::default())
 }
 
 /// Attaches as [`attach`] does; a first attach creates the tables at the sizes of `sizes`,
@@ -543,13 +616,24 @@ pub fn attach_sized(
     pins: &PinDir,
     ifname: &str,
     role: Role,
-    mode: Mode,
+    ingress: impl Into<Ingress>,
     sizes: &SizeRequest,
 ) -> Result<()> {
+    let ingress = ingress.into();
     let ifindex = ifindex(ifname)?;
     let link_pin = pins.link(ifname);
     if link_pin.exists() {
-        bail!("xdpgate is already attached to {ifname} (pinned at {})", link_pin.display());
+        // One ingress hook per interface: switching is refused rather than done in two
+        // steps, where for a moment both pipelines (or neither) would judge its packets.
+        let hook = match link_info(pins, ifname) {
+            Ok(l) => format!(" with --hook {}", l.hook.name()),
+            Err(_) => String::new(),
+        };
+        bail!(
+            "xdpgate is already attached to {ifname}{hook} (pinned at {}); to change its hook, \
+             detach it and attach it again",
+            link_pin.display()
+        );
     }
     if migrate::pending(pins) && !pins.attached()?.is_empty() {
         bail!(
@@ -568,7 +652,10 @@ pub fn attach_sized(
     index_ifaces(pins)?;
     // Both programs are loaded (verified) before anything is attached or registered.
     egress_dataplane(&mut ebpf)?;
-    dataplane(&mut ebpf)?;
+    match ingress {
+        Ingress::Xdp(_) => drop(dataplane(&mut ebpf)?),
+        Ingress::Tc => drop(tc_dataplane(&mut ebpf)?),
+    }
     let egress_pin = pins.egress_link(ifname);
     if egress_pin.exists() {
         // Left by a detach that failed half way: the XDP link is gone, so this one goes too.
@@ -576,7 +663,7 @@ pub fn attach_sized(
             .with_context(|| format!("removing the stale {}", egress_pin.display()))?;
     }
     register(&mut ebpf, pins, ifindex, role)?;
-    let attached = attach_both(&mut ebpf, pins, ifname, ifindex, mode);
+    let attached = attach_both(&mut ebpf, pins, ifname, ifindex, ingress);
     if attached.is_err() {
         // Bad input changes nothing: no half attachment, no registration left behind.
         let _ = fs::remove_file(&egress_pin);
@@ -585,36 +672,56 @@ pub fn attach_sized(
     attached
 }
 
-/// Attaches the egress program, then the XDP program, and only then pins their links (the
-/// XDP link last): a failure before detaches both at once, as their links close with this
-/// process. (A removed pin lets its link go only after an RCU grace period.)
+/// Attaches the egress program, then the ingress program (XDP or tc), and only then pins
+/// their links (the ingress link last): a failure before detaches both at once, as their
+/// links close with this process. (A removed pin lets its link go only after an RCU grace
+/// period.)
 fn attach_both(
     ebpf: &mut Ebpf,
     pins: &PinDir,
     ifname: &str,
     ifindex: u32,
-    mode: Mode,
+    ingress: Ingress,
 ) -> Result<()> {
     let link_pin = pins.link(ifname);
     let egress: &mut SchedClassifier =
         ebpf.program_mut(EGRESS_PROGRAM).expect("loaded by egress_dataplane").try_into()?;
     let egress_link = attach_egress_unpinned(egress, ifname)?;
-    let prog: &mut Xdp = ebpf.program_mut(PROGRAM).expect("loaded by dataplane").try_into()?;
-    let xdp_mode = match mode {
-        Mode::Native => XdpMode::Driver,
-        Mode::Skb => XdpMode::Skb,
+    let link: FdLink = match ingress {
+        Ingress::Xdp(mode) => {
+            let prog: &mut Xdp =
+                ebpf.program_mut(PROGRAM).expect("loaded by dataplane").try_into()?;
+            let xdp_mode = match mode {
+                Mode::Native => XdpMode::Driver,
+                Mode::Skb => XdpMode::Skb,
+            };
+            let id = prog.attach_to_if_index(ifindex, xdp_mode).map_err(|e| {
+                let hint = if mode == Mode::Native {
+                    "; the driver may not support native XDP: try --mode skb, or --hook tc"
+                } else {
+                    ""
+                };
+                anyhow!("attaching to {ifname} in {mode:?} mode: {e}{hint}")
+            })?;
+            prog.take_link(id)?.try_into().map_err(|e| {
+                anyhow!("{ifname}: the kernel attached without a bpf_link ({e}), cannot pin")
+            })?
+        }
+        Ingress::Tc => {
+            let prog: &mut SchedClassifier =
+                ebpf.program_mut(TC_PROGRAM).expect("loaded by tc_dataplane").try_into()?;
+            let id = prog
+                .attach_with_options(
+                    ifname,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::TcxOrder(LinkOrder::first()),
+                )
+                .with_context(|| format!("attaching to {ifname} at tc ingress (tcx)"))?;
+            prog.take_link(id)?.try_into().map_err(|e| {
+                anyhow!("{ifname}: the kernel attached at tc ingress without a bpf_link ({e})")
+            })?
+        }
     };
-    let id = prog.attach_to_if_index(ifindex, xdp_mode).map_err(|e| {
-        let hint = if mode == Mode::Native {
-            "; the driver may not support native XDP: try --mode skb"
-        } else {
-            ""
-        };
-        anyhow!("attaching to {ifname} in {mode:?} mode: {e}{hint}")
-    })?;
-    let link: FdLink = prog.take_link(id)?.try_into().map_err(|e| {
-        anyhow!("{ifname}: the kernel attached without a bpf_link ({e}), cannot pin")
-    })?;
     pin_egress(egress_link, pins, ifname)?;
     link.pin(&link_pin).with_context(|| format!("pinning link at {}", link_pin.display()))?;
     Ok(())
@@ -634,6 +741,8 @@ pub fn upgrade(pins: &PinDir) -> Result<Vec<(String, bool)>> {
     // Every interface is checked, and every program loaded and verified, before any
     // changes: a refusal leaves all as they were.
     let steps = names.iter().map(|name| egress_step(pins, name)).collect::<Result<Vec<_>>>()?;
+    let hooks =
+        names.iter().map(|name| Ok(link_info(pins, name)?.hook)).collect::<Result<Vec<_>>>()?;
     let migrating = migrate::pending(pins);
     let prepared = load(pins).and_then(|mut ebpf| {
         // A build without `IFACE_INDEX` registered these interfaces in `IFACES` alone: the
@@ -641,6 +750,9 @@ pub fn upgrade(pins: &PinDir) -> Result<Vec<(String, bool)>> {
         index_ifaces(pins)?;
         egress_dataplane(&mut ebpf)?;
         dataplane(&mut ebpf)?;
+        if hooks.contains(&Hook::Tc) {
+            tc_dataplane(&mut ebpf)?;
+        }
         if migrating {
             // The flows so far, before the new programs look for them.
             migrate::copy(pins)?;
@@ -664,17 +776,31 @@ pub fn upgrade(pins: &PinDir) -> Result<Vec<(String, bool)>> {
     for (name, step) in names.iter().zip(steps) {
         added.push(upgrade_egress(egress, pins, name, step)?);
     }
-    let prog: &mut Xdp = ebpf.program_mut(PROGRAM).expect("loaded above").try_into()?;
-    for name in &names {
+    for (name, hook) in names.iter().zip(hooks) {
         let pinned = PinnedLink::from_pin(pins.link(name))
             .with_context(|| format!("opening the pinned link of {name}"))?;
-        let link = XdpLink::try_from(FdLink::from(pinned))
-            .map_err(|e| anyhow!("{name}: pinned link is not an XDP link: {e}"))?;
-        let id = prog
-            .attach_to_link(link)
-            .with_context(|| format!("replacing the program on {name}"))?;
         // The link stays pinned; this process's handle on it may go.
-        let _ = prog.take_link(id)?;
+        match hook {
+            Hook::Xdp => {
+                let prog: &mut Xdp = ebpf.program_mut(PROGRAM).expect("loaded above").try_into()?;
+                let link = XdpLink::try_from(FdLink::from(pinned))
+                    .map_err(|e| anyhow!("{name}: pinned link is not an XDP link: {e}"))?;
+                let id = prog
+                    .attach_to_link(link)
+                    .with_context(|| format!("replacing the program on {name}"))?;
+                let _ = prog.take_link(id)?;
+            }
+            Hook::Tc => {
+                let prog: &mut SchedClassifier =
+                    ebpf.program_mut(TC_PROGRAM).expect("loaded above").try_into()?;
+                let link = SchedClassifierLink::try_from(FdLink::from(pinned))
+                    .map_err(|e| anyhow!("{name}: pinned link is not a tcx link: {e}"))?;
+                let id = prog
+                    .attach_to_link(link)
+                    .with_context(|| format!("replacing the tc program on {name}"))?;
+                let _ = prog.take_link(id)?;
+            }
+        }
     }
     if migrating {
         // The flows the earlier programs made until they were replaced; then their tables go.
@@ -705,7 +831,12 @@ fn egress_step(pins: &PinDir, name: &str) -> Result<EgressStep> {
     if xdp.ifindex == 0 {
         return Ok(EgressStep::None);
     }
-    if ifindex(name).ok() != Some(xdp.ifindex) || !runs_xdp(name, xdp.prog_id) {
+    // Only builds with the egress program attach at tc, so an ingress link there always has
+    // an egress link beside it, unless a detach failed half way (and detach clears that).
+    if ifindex(name).ok() != Some(xdp.ifindex)
+        || xdp.hook != Hook::Xdp
+        || !runs_xdp(name, xdp.prog_id)
+    {
         bail!(
             "{name} was attached by a build without the egress program, and its device is not \
              in this network namespace, where the program must be attached: run `xdpgate \
@@ -903,19 +1034,30 @@ pub fn egress_link_info(pins: &PinDir, ifname: &str) -> Result<Option<(u32, u32)
     Ok(Some((info.id(), info.program_id())))
 }
 
-/// What the kernel says of a pinned XDP link (`bpf_link_info`).
+impl Hook {
+    pub fn name(self) -> &'static str {
+        match self {
+            Hook::Xdp => "xdp",
+            Hook::Tc => "tc",
+        }
+    }
+}
+
+/// What the kernel says of a pinned ingress link (`bpf_link_info`): XDP, or tcx ingress.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct XdpLinkInfo {
+pub struct IngressLinkInfo {
     pub link_id: u32,
     pub prog_id: u32,
     /// The device's ifindex in its own network namespace; 0 once the link is detached (its
-    /// device deleted). The kernel does not report the namespace of an XDP link.
+    /// device deleted). The kernel does not report the namespace of the link.
     pub ifindex: u32,
+    /// Which hook the link is: an XDP link, or a tcx link at ingress.
+    pub hook: Hook,
 }
 
-/// Reads the `bpf_link_info` of the link pinned for `ifname`. aya's `LinkInfo` leaves out
-/// the XDP part, hence the two bpf() calls here.
-pub fn link_info(pins: &PinDir, ifname: &str) -> Result<XdpLinkInfo> {
+/// Reads the `bpf_link_info` of the ingress link pinned for `ifname`. aya's `LinkInfo`
+/// leaves out the XDP and tcx parts, hence the two bpf() calls here.
+pub fn link_info(pins: &PinDir, ifname: &str) -> Result<IngressLinkInfo> {
     use std::os::{
         fd::{FromRawFd as _, OwnedFd},
         unix::ffi::OsStrExt as _,
@@ -958,15 +1100,24 @@ pub fn link_info(pins: &PinDir, ifname: &str) -> Result<XdpLinkInfo> {
     attr.info.info = &mut info as *mut _ as u64;
     bpf(bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &mut attr)
         .with_context(|| format!("reading the link info of {}", path.display()))?;
-    if info.type_ != bpf_link_type::BPF_LINK_TYPE_XDP as u32 {
-        bail!("{} is not an XDP link (bpf link type {})", path.display(), info.type_);
-    }
-    Ok(XdpLinkInfo {
-        link_id: info.id,
-        prog_id: info.prog_id,
-        // SAFETY: the xdp member is the one the kernel fills for XDP links (checked above).
-        ifindex: unsafe { info.__bindgen_anon_1.xdp.ifindex },
-    })
+    let (hook, ifindex) = if info.type_ == bpf_link_type::BPF_LINK_TYPE_XDP as u32 {
+        // SAFETY: the xdp member is the one the kernel fills for XDP links.
+        (Hook::Xdp, unsafe { info.__bindgen_anon_1.xdp.ifindex })
+    } else if info.type_ == bpf_link_type::BPF_LINK_TYPE_TCX as u32 {
+        // SAFETY: the tcx member is the one the kernel fills for tcx links.
+        let tcx = unsafe { info.__bindgen_anon_1.tcx };
+        if tcx.attach_type != aya_obj::generated::bpf_attach_type::BPF_TCX_INGRESS as u32 {
+            bail!("{} is a tcx link, but not at ingress", path.display());
+        }
+        (Hook::Tc, tcx.ifindex)
+    } else {
+        bail!(
+            "{} is neither an XDP nor a tcx ingress link (bpf link type {})",
+            path.display(),
+            info.type_
+        );
+    };
+    Ok(IngressLinkInfo { link_id: info.id, prog_id: info.prog_id, ifindex, hook })
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! `xdpgate status`: the pin directory, the running policy, the flow table's size, the sizes
 //! of the flow and NAT tables with their memory, and the agent, then a table of the
-//! interfaces the dataplane is attached to.
+//! interfaces the dataplane is attached to, with the hook of each (xdp or tc).
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -50,7 +50,8 @@ impl View for Status {
             out += "\nnot attached to any interface\n";
             return out;
         }
-        let mut g = Grid::new(&["INTERFACE", "IFINDEX", "ROLE", "XDP", "PROGRAM", "EGRESS"]);
+        let mut g =
+            Grid::new(&["INTERFACE", "IFINDEX", "ROLE", "HOOK", "XDP", "PROGRAM", "EGRESS"]);
         for i in &s.interfaces {
             let name = match (i.place, &i.netns) {
                 ("netns", Some(ns)) => format!("{} in netns {ns}", i.name),
@@ -61,6 +62,7 @@ impl View for Status {
                 name,
                 i.ifindex.map_or("gone".into(), |n| n.to_string()),
                 i.role.unwrap_or("-").into(),
+                i.hook.map_or("-", |h| h.name()).into(),
                 i.xdp_mode.clone(),
                 match (&i.program, i.program_id) {
                     (Some(n), Some(id)) => format!("{n} (id {id})"),
@@ -132,6 +134,8 @@ fn agent(a: &AgentStatus) -> String {
 mod tests {
     use std::path::PathBuf;
 
+    use xdpgate_dataplane::Hook;
+
     use crate::status::{IfaceStatus, PolicyStatus};
 
     use super::*;
@@ -149,6 +153,7 @@ mod tests {
             ifindex,
             role: Some("external"),
             slot: Some(1),
+            hook: ifindex.map(|i| if i == 9 { Hook::Tc } else { Hook::Xdp }),
             xdp_mode: if ifindex.is_some() { "native" } else { "none" }.into(),
             program: ifindex.map(|_| "xdpgate".into()),
             program_id: ifindex.map(|_| 42),
@@ -166,6 +171,7 @@ mod tests {
                 iface("eth0", "here", None, Some(2)),
                 iface("veth1", "netns", Some("blue"), Some(5)),
                 iface("old0", "gone", None, None),
+                iface("veth9", "here", None, Some(9)),
             ],
             policy: Some(PolicyStatus {
                 generation: 3,
@@ -217,15 +223,21 @@ mod tests {
         assert_eq!(json["tables"]["nat_translations"]["bytes"], 71_304_320, "{json}");
         let words = |l: &str| l.split_whitespace().map(str::to_string).collect::<Vec<_>>();
         let table: Vec<&str> = text.lines().skip_while(|l| !l.starts_with("INTERFACE")).collect();
-        assert_eq!(table.len(), 4, "{text}");
+        assert_eq!(table.len(), 5, "{text}");
         assert_eq!(
             words(table[1]),
-            ["eth0", "2", "external", "native", "xdpgate", "(id", "42)", "tcx", "(id", "43)"]
+            [
+                "eth0", "2", "external", "xdp", "native", "xdpgate", "(id", "42)", "tcx", "(id",
+                "43)"
+            ]
         );
         assert!(table[2].starts_with("veth1 in netns blue "), "{text}");
         assert!(table[2].ends_with("none (xdpgate upgrade adds it)"), "{text}");
-        assert_eq!(words(table[3]), ["old0", "gone", "external", "none", "-", "-"]);
-        assert_eq!(status.json().unwrap()["interfaces"][1]["netns"], "blue");
+        assert_eq!(words(table[3]), ["old0", "gone", "external", "-", "none", "-", "-"]);
+        assert_eq!(words(table[4])[..4], ["veth9", "9", "external", "tc"]);
+        let json = status.json().unwrap();
+        assert_eq!(json["interfaces"][1]["netns"], "blue");
+        assert_eq!([&json["interfaces"][0]["hook"], &json["interfaces"][3]["hook"]], ["xdp", "tc"]);
 
         let none =
             Status { interfaces: vec![], policy: None, flow_entries: None, tables: None, ..status };

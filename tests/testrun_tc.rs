@@ -1,0 +1,312 @@
+//! The tc ingress pipeline (the tc attach mode) in the kernel, through BPF_PROG_TEST_RUN of
+//! its classifiers on socket buffers: it loads beside the XDP one, its verdicts are tc
+//! verdicts counted under the XDP verdict they correspond to, and it rewrites packets as the
+//! XDP pipeline does (NAT out and back, load balancing, ICMP errors, TTL), with checksums
+//! verified from scratch: the helpers that keep a socket buffer's checksum state right must
+//! also leave a plain packet's checksums right.
+
+mod common;
+
+use std::net::IpAddr;
+
+use aya::{
+    maps::ProgramArray,
+    programs::{SchedClassifier, TestRun, TestRunOptions},
+};
+use common::{
+    kernel::{Kernel, PASS},
+    packet::{ACK, ETH_LEN, L4, SYN, checksums_ok, endpoints, frame, frame_vlan},
+};
+use xdpgate_common::{
+    iface::Role,
+    maps::{PIPELINE_ACT, PIPELINE_NEW, PIPELINE_POLICY, PIPELINE_SNAT, TC_PARSE, TC_PIPELINE},
+};
+use xdpgate_dataplane::stats;
+
+const TC_ACT_UNSPEC: u32 = -1i32 as u32;
+const TC_ACT_SHOT: u32 = 2;
+
+/// The dataplane with the tc ingress programs loaded and linked into `TC_PIPELINE` (as the
+/// loader does for `attach --hook tc`).
+struct Tc {
+    k: Kernel,
+}
+
+impl Tc {
+    fn new() -> Self {
+        let mut k = Kernel::new();
+        let ebpf = k.ebpf_mut();
+        let stages = [
+            (TC_PARSE, "xdpgate_tc"),
+            (PIPELINE_POLICY, "xdpgate_tc_policy"),
+            (PIPELINE_NEW, "xdpgate_tc_new_flow"),
+            (PIPELINE_SNAT, "xdpgate_tc_snat"),
+            (PIPELINE_ACT, "xdpgate_tc_act"),
+        ];
+        for (index, name) in stages {
+            let prog: &mut SchedClassifier =
+                ebpf.program_mut(name).unwrap_or_else(|| panic!("{name}")).try_into().unwrap();
+            prog.load().unwrap_or_else(|e| panic!("loading {name}: {e:#}"));
+            let fd = prog.fd().unwrap().try_clone().unwrap();
+            let mut array: ProgramArray<_> = ebpf.map_mut(TC_PIPELINE).unwrap().try_into().unwrap();
+            array.set(index, &fd, 0).unwrap();
+        }
+        Self { k }
+    }
+
+    /// Runs one packet through the tc entry; returns the tc verdict and the packet as left.
+    fn run_out(&self, packet: &[u8]) -> (u32, Vec<u8>) {
+        let prog: &SchedClassifier =
+            self.k.ebpf().program("xdpgate_tc").unwrap().try_into().unwrap();
+        let mut out = vec![0u8; packet.len() + 256];
+        let res = prog
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(&mut out),
+                ..Default::default()
+            })
+            .expect("test_run");
+        out.truncate(res.data_size_out as usize);
+        (res.return_value, out)
+    }
+
+    /// A packet that must pass (`TC_ACT_UNSPEC`), its checksums right after any rewrite.
+    fn through(&self, pkt: &[u8]) -> Vec<u8> {
+        let (verdict, out) = self.run_out(pkt);
+        assert_eq!(verdict, TC_ACT_UNSPEC, "verdict");
+        checksums_ok(&out).unwrap_or_else(|e| panic!("bad {e} after rewrite"));
+        out
+    }
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+const NSG: &str = r#"
+virtual_network:
+  address_space: [198.51.100.0/24, 2001:db8:1::/64]
+nsgs:
+  - name: web
+    subnets: [198.51.100.0/24, 2001:db8:1::/64]
+    rules:
+      - {name: allow-web, priority: 100, direction: inbound, access: allow, protocol: tcp,
+         source: Internet, destination: "*", destination_ports: 443}
+"#;
+
+/// Allowed passes as `TC_ACT_UNSPEC` (the next tcx program, then the stack), denied is
+/// `TC_ACT_SHOT`; both counted per interface under pass and drop, bytes the packet's length,
+/// as `stats` reads them for XDP.
+#[test]
+fn verdicts_are_tc_verdicts_counted_as_xdp_ones() {
+    let t = Tc::new();
+    t.k.apply(NSG);
+    t.k.arrive_as(Role::External);
+    let pins = &t.k.pins.dir;
+    let counted =
+        |v: &str| stats::read(pins).unwrap().iface("lo").expect("lo registered").verdict(v);
+    let allowed = frame("203.0.113.7", "198.51.100.10", L4::Tcp(40000, 443, SYN));
+    let denied = frame("203.0.113.7", "198.51.100.10", L4::Tcp(40000, 22, SYN));
+    let (pass0, drop0) = (counted("pass"), counted("drop"));
+    let (v, out) = t.run_out(&allowed);
+    assert_eq!(v, TC_ACT_UNSPEC, "allowed");
+    assert_eq!(out, allowed, "passed untouched");
+    let (v, _) = t.run_out(&denied);
+    assert_eq!(v, TC_ACT_SHOT, "denied");
+    // The established flow's next packet, decided by the entry stage alone.
+    let (v, _) = t.run_out(&frame("203.0.113.7", "198.51.100.10", L4::Tcp(40000, 443, ACK)));
+    assert_eq!(v, TC_ACT_UNSPEC, "established");
+    let (pass1, drop1) = (counted("pass"), counted("drop"));
+    let delta = |a: stats::Traffic, b: stats::Traffic| (b.packets - a.packets, b.bytes - a.bytes);
+    assert_eq!(delta(pass0, pass1), (2, 2 * allowed.len() as u64), "pass counted");
+    assert_eq!(delta(drop0, drop1), (1, denied.len() as u64), "drop counted");
+}
+
+const NAT: &str = r#"
+virtual_network:
+  address_space: [198.51.100.0/24, 2001:db8:1::/64]
+nat_gateways:
+  - name: natgw
+    public_addresses: [192.0.2.100, "2001:db8:e::100"]
+    subnets: [198.51.100.0/24, 2001:db8:1::/64]
+"#;
+
+/// SNAT out and back on socket buffers: TCP, UDP and ICMP echo, IPv4 and IPv6, checksums
+/// verified from scratch.
+#[test]
+fn snat_out_and_back_on_skbs() {
+    let t = Tc::new();
+    t.k.apply(NAT);
+    for (private, remote, public) in [
+        ("198.51.100.10", "203.0.113.7", "192.0.2.100"),
+        ("2001:db8:1::10", "2001:db8:2::7", "2001:db8:e::100"),
+    ] {
+        for l4 in [L4::Tcp(40000, 443, SYN), L4::Udp(40000, 53)] {
+            t.k.arrive_as(Role::Internal);
+            let out = t.through(&frame(private, remote, l4));
+            let (src, dst, sport, dport) = endpoints(&out);
+            assert_eq!((src, dst), (ip(public), ip(remote)), "{l4:?}: source translated");
+            assert!(sport >= 1024, "{l4:?}: public port {sport}");
+            t.k.arrive_as(Role::External);
+            let back = match l4 {
+                L4::Tcp(..) => L4::Tcp(dport, sport, SYN | ACK),
+                _ => L4::Udp(dport, sport),
+            };
+            let out = t.through(&frame(remote, public, back));
+            assert_eq!(endpoints(&out), (ip(remote), ip(private), dport, 40000), "{l4:?} back");
+        }
+        t.k.arrive_as(Role::Internal);
+        let out = t.through(&frame(private, remote, L4::Echo(777)));
+        assert_eq!(endpoints(&out).0, ip(public), "echo source translated");
+    }
+}
+
+/// A UDP/IPv4 datagram sent without a checksum (0) keeps none through the rewrite
+/// (`BPF_F_MARK_MANGLED_0`), rather than getting a wrong one.
+#[test]
+fn udp_without_checksum_keeps_none() {
+    let t = Tc::new();
+    t.k.apply(NAT);
+    t.k.arrive_as(Role::Internal);
+    let mut pkt = frame("198.51.100.10", "203.0.113.7", L4::Udp(40000, 53));
+    let check = ETH_LEN + 20 + 6;
+    pkt[check..check + 2].copy_from_slice(&[0, 0]);
+    let out = t.through(&pkt);
+    assert_eq!(endpoints(&out).0, ip("192.0.2.100"));
+    assert_eq!(&out[check..check + 2], &[0, 0], "still no checksum");
+}
+
+/// An ICMP "fragmentation needed" quoting a translated packet is translated back on a
+/// socket buffer too: outer destination, quoted source and port, both checksums.
+#[test]
+fn icmp_error_translated_back_on_skbs() {
+    let t = Tc::new();
+    t.k.apply(NAT);
+    t.k.arrive_as(Role::Internal);
+    let out = t.through(&frame("198.51.100.10", "203.0.113.7", L4::Tcp(40000, 443, SYN)));
+    let quoted = out[ETH_LEN..ETH_LEN + 20 + 8].to_vec();
+    let mut icmp = vec![3u8, 4, 0, 0, 0, 0, 0x05, 0xdc];
+    icmp.extend_from_slice(&quoted);
+    let c = !ones(&icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut pkt = frame("203.0.113.1", "192.0.2.100", L4::Echo(1));
+    pkt.truncate(ETH_LEN + 20);
+    pkt.extend_from_slice(&icmp);
+    let total = (pkt.len() - ETH_LEN) as u16;
+    pkt[ETH_LEN + 2..ETH_LEN + 4].copy_from_slice(&total.to_be_bytes());
+    pkt[ETH_LEN + 10..ETH_LEN + 12].copy_from_slice(&[0, 0]);
+    let c = !ones(&pkt[ETH_LEN..ETH_LEN + 20]);
+    pkt[ETH_LEN + 10..ETH_LEN + 12].copy_from_slice(&c.to_be_bytes());
+    checksums_ok(&pkt).expect("error built right");
+
+    t.k.arrive_as(Role::External);
+    let out = t.through(&pkt);
+    let inner = ETH_LEN + 20 + 8;
+    assert_eq!(&out[ETH_LEN + 16..ETH_LEN + 20], &[198, 51, 100, 10], "outer destination");
+    assert_eq!(&out[inner + 12..inner + 16], &[198, 51, 100, 10], "quoted source address");
+    assert_eq!(u16::from_be_bytes([out[inner + 20], out[inner + 21]]), 40000, "quoted port");
+    assert_eq!(!ones(&out[inner..inner + 20]), 0, "quoted IPv4 header checksum");
+}
+
+/// ICMPv6 "packet too big" quoting a translated IPv6 packet, on a socket buffer: the outer
+/// destination is in ICMPv6's pseudo-header, the quoted source and port in its payload.
+#[test]
+fn icmpv6_error_translated_back_on_skbs() {
+    let t = Tc::new();
+    t.k.apply(NAT);
+    t.k.arrive_as(Role::Internal);
+    let out = t.through(&frame("2001:db8:1::10", "2001:db8:2::7", L4::Tcp(40000, 443, SYN)));
+    let public = &out[ETH_LEN + 8..ETH_LEN + 24];
+    assert_eq!(public, "2001:db8:e::100".parse::<std::net::Ipv6Addr>().unwrap().octets());
+    let mut icmp = vec![2u8, 0, 0, 0, 0, 0, 0x05, 0x00]; // packet too big, MTU 1280
+    icmp.extend_from_slice(&out[ETH_LEN..ETH_LEN + 40 + 8]);
+    let mut pkt = frame_vlan("2001:db8:2::1", "2001:db8:e::100", L4::Raw(58), &[], &icmp);
+    let l4 = ETH_LEN + 40;
+    let mut pseudo = pkt[ETH_LEN + 8..ETH_LEN + 40].to_vec();
+    pseudo.extend_from_slice(&(icmp.len() as u32).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, 58]);
+    pseudo.extend_from_slice(&pkt[l4..]);
+    let c = !ones(&pseudo);
+    pkt[l4 + 2..l4 + 4].copy_from_slice(&c.to_be_bytes());
+    checksums_ok(&pkt).expect("error built right");
+
+    t.k.arrive_as(Role::External);
+    let out = t.through(&pkt);
+    let private = "2001:db8:1::10".parse::<std::net::Ipv6Addr>().unwrap().octets();
+    let inner = l4 + 8;
+    assert_eq!(&out[ETH_LEN + 24..ETH_LEN + 40], &private, "outer destination");
+    assert_eq!(&out[inner + 8..inner + 24], &private, "quoted source address");
+    assert_eq!(u16::from_be_bytes([out[inner + 40], out[inner + 41]]), 40000, "quoted port");
+}
+
+const LB: &str = r#"
+virtual_network:
+  address_space: [198.51.100.0/24, 2001:db8:1::/64]
+load_balancers:
+  - name: lb
+    frontends:
+      - {name: v4, address: 192.0.2.10}
+      - {name: v6, address: "2001:db8:f::10"}
+    backend_pools:
+      - {name: web4, backends: [198.51.100.11, 198.51.100.12]}
+      - {name: web6, backends: ["2001:db8:1::11", "2001:db8:1::12"]}
+    rules:
+      - {name: http, frontend: v4, protocol: tcp, frontend_port: 80, backend_port: 8080, backend_pool: web4}
+      - {name: http6, frontend: v6, protocol: tcp, frontend_port: 80, backend_port: 8080, backend_pool: web6}
+"#;
+
+/// The load balancer on socket buffers makes the same choice and the same bytes as on
+/// frames: a client's packets through the tc pipeline and through the XDP one (each with
+/// its own tables) come out identical, and so do the backend's replies.
+#[test]
+fn load_balancing_same_bytes_as_xdp() {
+    let t = Tc::new();
+    let x = Kernel::new();
+    for k in [&t.k, &x] {
+        k.apply(LB);
+        k.arrive_as(Role::External);
+    }
+    for (client, vip) in [("203.0.113.7", "192.0.2.10"), ("2001:db8:2::7", "2001:db8:f::10")] {
+        for port in [40000u16, 40001, 40002, 40003] {
+            let syn = frame(client, vip, L4::Tcp(port, 80, SYN));
+            let tc_out = t.through(&syn);
+            let (v, xdp_out) = x.run_out(&syn);
+            assert_eq!(v, PASS);
+            assert_eq!(tc_out, xdp_out, "{client}:{port}: DNAT as XDP does it");
+            let (_, backend, _, bport) = endpoints(&tc_out);
+            assert_eq!(bport, 8080);
+            let reply = frame(&backend.to_string(), client, L4::Tcp(8080, port, SYN | ACK));
+            t.k.arrive_as(Role::Internal);
+            x.arrive_as(Role::Internal);
+            let tc_back = t.through(&reply);
+            assert_eq!(x.run_out(&reply), (PASS, tc_back.clone()), "reply as XDP does it");
+            assert_eq!(endpoints(&tc_back), (ip(vip), ip(client), 80, port), "un-DNAT");
+            t.k.arrive_as(Role::External);
+            x.arrive_as(Role::External);
+        }
+    }
+}
+
+/// A truncated packet (TCP header cut short) is dropped as malformed (the pull finds nothing more to pull; no
+/// loop through the parse stage).
+#[test]
+fn truncated_packet_dropped_once() {
+    let t = Tc::new();
+    t.k.apply(NSG);
+    let pkt = frame("203.0.113.7", "198.51.100.10", L4::Tcp(40000, 443, SYN));
+    let drops = t.k.drops("malformed");
+    let (v, _) = t.run_out(&pkt[..ETH_LEN + 20 + 10]);
+    assert_eq!(v, TC_ACT_SHOT);
+    assert_eq!(t.k.drops("malformed"), drops + 1);
+}
+
+fn ones(data: &[u8]) -> u16 {
+    let mut sum = 0u32;
+    for c in data.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    }
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
