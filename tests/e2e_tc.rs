@@ -345,6 +345,30 @@ fn tc_status_detach_and_one_hook_per_interface() {
     let row = text.lines().find(|l| l.starts_with(net.ext.as_str())).expect("a row");
     assert_eq!(row.split_whitespace().nth(3), Some("tc"), "{text}");
 
+    // Every stage of the tc pipeline is linked, the entry itself too (it re-enters itself
+    // once after pulling headers out of the skb's paged data).
+    let pin = net.pins.dir.map(xdpgate_common::maps::TC_PIPELINE);
+    let dump = common::run("bpftool", &["-j", "map", "dump", "pinned", pin.to_str().unwrap()]);
+    let slots: serde_json::Value = serde_json::from_slice(&dump.stdout).expect("bpftool json");
+    // Without BTF bpftool gives keys as little-endian bytes in hex; only filled slots.
+    let filled: Vec<u64> = slots
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let bytes = e["key"].as_array().expect("key bytes");
+            bytes.iter().rev().fold(0, |n, b| {
+                n << 8
+                    | u64::from_str_radix(b.as_str().unwrap().trim_start_matches("0x"), 16).unwrap()
+            })
+        })
+        .collect();
+    assert_eq!(
+        filled,
+        (0..u64::from(xdpgate_common::maps::TC_STAGES)).collect::<Vec<_>>(),
+        "{slots}"
+    );
+
     // Another hook on an attached interface is refused, and nothing changes.
     for (args, why) in [
         (vec!["--hook", "xdp"], "already attached"),

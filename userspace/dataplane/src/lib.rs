@@ -30,7 +30,7 @@ use xdpgate_common::{
     maps::{
         EGRESS, EGRESS_NEW, EGRESS_PARSE, EGRESS_PIPELINE, EGRESS_POLICY, EVENTS, IFACE_INDEX,
         IFACE_INDEX_ENTRIES, IFACES, MAX_IFACES, PIPELINE, PIPELINE_ACT, PIPELINE_NEW,
-        PIPELINE_POLICY, PIPELINE_SNAT, SCRATCH, TC_PIPELINE,
+        PIPELINE_POLICY, PIPELINE_SNAT, SCRATCH, TC_PARSE, TC_PIPELINE,
     },
 };
 
@@ -463,16 +463,18 @@ pub fn dataplane(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
     program(ebpf, PROGRAM)
 }
 
-/// Loads the tc ingress programs (`--hook tc`), links the later stages into `TC_PIPELINE`
-/// and returns the entry program, ready to attach.
+/// Loads the tc ingress programs (`--hook tc`), links the later stages (and the entry
+/// stage, which enters itself again after pulling headers out of paged data) into
+/// `TC_PIPELINE`, and returns the entry program, ready to attach.
 pub fn tc_dataplane(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
     let stages = [
         (PIPELINE_POLICY, TC_POLICY_PROGRAM),
         (PIPELINE_ACT, TC_ACT_PROGRAM),
         (PIPELINE_SNAT, TC_SNAT_PROGRAM),
         (PIPELINE_NEW, TC_NEW_FLOW_PROGRAM),
+        (TC_PARSE, TC_PROGRAM),
     ];
-    for name in stages.iter().map(|(_, name)| *name).chain([TC_PROGRAM]) {
+    for (_, name) in stages {
         let prog: &mut SchedClassifier = ebpf
             .program_mut(name)
             .ok_or_else(|| anyhow!("program {name} missing from the object"))?
