@@ -345,6 +345,27 @@ fn tc_status_detach_and_one_hook_per_interface() {
     let row = text.lines().find(|l| l.starts_with(net.ext.as_str())).expect("a row");
     assert_eq!(row.split_whitespace().nth(3), Some("tc"), "{text}");
 
+    // From the host's namespace, status finds the tcx link's device in the gateway's.
+    let host = Command::new(common::xdpgate_bin())
+        .arg("--pin-dir")
+        .arg(net.pins.dir.path())
+        .args(["status", "--json"])
+        .output()
+        .expect("spawn xdpgate");
+    let host: serde_json::Value = serde_json::from_slice(&host.stdout).expect("status json");
+    for i in host["interfaces"].as_array().unwrap() {
+        assert_eq!(
+            (i["place"].as_str(), i["netns"].as_str()),
+            (Some("netns"), Some(net.gw.name.as_str())),
+            "{i}"
+        );
+        assert_eq!(
+            (i["hook"].as_str(), i["program"].as_str()),
+            (Some("tc"), Some("xdpgate_tc")),
+            "{i}"
+        );
+    }
+
     // Every stage of the tc pipeline is linked, the entry itself too (it re-enters itself
     // once after pulling headers out of the skb's paged data).
     let pin = net.pins.dir.map(xdpgate_common::maps::TC_PIPELINE);
