@@ -136,3 +136,35 @@ fn tc_route_mtu_holds_for_gso_aggregates() {
     let seen = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(seen.trim().is_empty(), "packets longer than the route MTU crossed it:\n{seen}");
 }
+
+/// An L3 device (tun here; WireGuard, ipip and GRE alike) has no Ethernet header: its
+/// packets start at the IP header, which the parser would read as Ethernet (the EtherType
+/// being the source address's first two bytes) and pass as non-IP, so the NSG would judge
+/// none of them while `attach` said it was attached (seen: SYNs from a tun to a port the
+/// NSG denies reached the server, with either hook). Refused, for either hook, leaving
+/// nothing attached.
+#[test]
+fn attach_refuses_a_device_without_ethernet_header() {
+    let ns = common::Netns::new("l3dev");
+    ns.exec("ip", &["tuntap", "add", "mode", "tun", "name", "tun0"]);
+    ns.exec("ip", &["link", "set", "tun0", "up"]);
+    let pins = common::Pins::in_netns(&ns);
+    for hook in [&["--hook", "tc"][..], &["--hook", "xdp", "--mode", "skb"]] {
+        let args = [&["attach", "--iface", "tun0", "--role", "external"][..], hook].concat();
+        let out = pins.try_xdpgate(&args);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "attach {hook:?} to a tun device succeeded:\n{text}");
+        assert!(text.contains("not an Ethernet interface"), "{text}");
+        assert!(!pins.dir.link("tun0").exists(), "a link was pinned");
+        let link = String::from_utf8_lossy(&ns.exec("ip", &["-d", "link", "show", "tun0"]).stdout)
+            .into_owned();
+        assert!(!link.contains("xdp"), "an XDP program stayed on tun0:\n{link}");
+    }
+    // Nothing at tcx either (ingress or egress).
+    let tc = ns.try_exec("tc", &["filter", "show", "dev", "tun0", "ingress"]);
+    let tcx = ns.try_exec("bpftool", &["net", "show", "dev", "tun0"]);
+    let shown =
+        String::from_utf8_lossy(&tc.stdout).into_owned() + &String::from_utf8_lossy(&tcx.stdout);
+    assert!(!shown.contains("xdpgate"), "a program stayed on tun0:\n{shown}");
+}

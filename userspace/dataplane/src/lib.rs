@@ -623,6 +623,7 @@ pub fn attach_sized(
 ) -> Result<()> {
     let ingress = ingress.into();
     let ifindex = ifindex(ifname)?;
+    ethernet(ifname)?;
     let link_pin = pins.link(ifname);
     if link_pin.exists() {
         // One ingress hook per interface: switching is refused rather than done in two
@@ -1020,6 +1021,40 @@ pub fn monotonic_ns() -> u64 {
 pub fn ifindex(ifname: &str) -> Result<u32> {
     nix::net::if_::if_nametoindex(ifname)
         .map_err(|_| anyhow!("no interface named {ifname:?} in this network namespace"))
+}
+
+/// Refuses an interface whose packets do not start with an Ethernet header (tun, WireGuard,
+/// ipip, GRE: an L3 device's packets start at the IP header): the parser would read the IP
+/// header as Ethernet and pass every packet as non-IP, unjudged by the NSG, at either hook.
+fn ethernet(ifname: &str) -> Result<()> {
+    const ARPHRD_ETHER: u16 = 1;
+    let sock = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Inet,
+        nix::sys::socket::SockType::Datagram,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .context("socket for SIOCGIFHWADDR")?;
+    // SAFETY: a zeroed ifreq is valid; the name is copied with room for its NUL.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(ifname.bytes().take(libc::IFNAMSIZ - 1)) {
+        *d = s as libc::c_char;
+    }
+    use std::os::fd::AsRawFd;
+    // SAFETY: SIOCGIFHWADDR fills the ifreq it is given.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFHWADDR, &mut req) } != 0 {
+        bail!("reading the link type of {ifname}: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: SIOCGIFHWADDR sets the hwaddr member.
+    let kind = unsafe { req.ifr_ifru.ifru_hwaddr.sa_family };
+    if kind != ARPHRD_ETHER {
+        bail!(
+            "{ifname} is not an Ethernet interface (link type {kind}: an L3 device such as tun, \
+             WireGuard or an IP tunnel): xdpgate parses Ethernet frames and would judge none of \
+             its packets; attach it to the Ethernet interface the traffic arrives by"
+        );
+    }
+    Ok(())
 }
 
 /// The ids of the pinned egress (tcx) link of `ifname` and of the program it runs; none when
