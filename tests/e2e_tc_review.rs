@@ -168,3 +168,24 @@ fn attach_refuses_a_device_without_ethernet_header() {
         String::from_utf8_lossy(&tc.stdout).into_owned() + &String::from_utf8_lossy(&tcx.stdout);
     assert!(!shown.contains("xdpgate"), "a program stayed on tun0:\n{shown}");
 }
+
+/// The gateway's own ICMP errors about a translated flow reach the private host, as
+/// nftables' NAT delivers them (checked by hand on the same topology): "fragmentation
+/// needed" for a DF packet too long for the route (path-MTU discovery through the
+/// gateway's own hop) and "time exceeded" for TTL 1 (traceroute's first hop). Known defect,
+/// at XDP as at tc: the NAT rewrite is done before the TTL and MTU are found to send the
+/// packet to the stack, whose error then goes to the public address. Kept to show the fix.
+#[test]
+#[ignore = "known defect, both hooks: REVIEW 3 in /work/wt/prompts/contract-notes.md"]
+fn tc_snat_host_gets_the_gateways_own_icmp_errors() {
+    let net = Gateway::tc();
+    net.apply("nat.yaml", NAT_POLICY);
+    net.gw.exec(
+        "ip",
+        &["route", "replace", "203.0.113.0/24", "dev", &net.ext, "mtu", "lock", "1280"],
+    );
+    let (_, text) = ping_from_server(&net, &["-M", "do", "-s", "1400"]);
+    assert!(text.contains("Frag needed"), "no fragmentation-needed error came back:\n{text}");
+    let (_, text) = ping_from_server(&net, &["-t", "1"]);
+    assert!(text.contains("Time to live exceeded"), "no time-exceeded came back:\n{text}");
+}
