@@ -6,8 +6,8 @@ mod common;
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{TcpListener, TcpStream},
-    process::{Command, Stdio},
-    time::Duration,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
 };
 
 use common::gateway::{CLIENT4, Gateway};
@@ -188,4 +188,63 @@ fn tc_snat_host_gets_the_gateways_own_icmp_errors() {
     assert!(text.contains("Frag needed"), "no fragmentation-needed error came back:\n{text}");
     let (_, text) = ping_from_server(&net, &["-t", "1"]);
     assert!(text.contains("Time to live exceeded"), "no time-exceeded came back:\n{text}");
+}
+
+/// A node file's `hook: tc` for an interface already attached with XDP (by hand, or under
+/// an earlier node file: the agent attaches only interfaces without a link) is not in force:
+/// the agent says so (`status`: failing "node file") rather than leaving the operator to
+/// believe it is. It used to say nothing.
+#[test]
+fn agent_reports_an_interface_on_another_hook_than_its_node_file() {
+    let a = common::Netns::new("nha");
+    let b = common::Netns::new("nhb");
+    let (_, vb) = common::veth(&a, "198.51.100.1/24", &b, "198.51.100.2/24");
+    let pins = common::Pins::in_netns(&b);
+    pins.xdpgate(&["attach", "--iface", &vb, "--role", "internal"]);
+    let dir = std::env::temp_dir().join(common::unique("nhnode"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (policy, node) = (dir.join("policy.yaml"), dir.join("node.yaml"));
+    std::fs::write(&policy, "virtual_network:\n  address_space: [198.51.100.0/24]\n").unwrap();
+    std::fs::write(&node, format!("interfaces:\n  - {{name: {vb}, role: internal, hook: tc}}\n"))
+        .unwrap();
+    struct Agent(Child, std::path::PathBuf);
+    impl Drop for Agent {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+            let _ = std::fs::remove_dir_all(&self.1);
+        }
+    }
+    let child = Command::new(common::xdpgate_bin())
+        .args(["--netns", &b.name, "--pin-dir"])
+        .arg(pins.dir.path())
+        .arg("run")
+        .arg("--policy")
+        .arg(&policy)
+        .arg("--node")
+        .arg(&node)
+        .args(["--metrics-addr", "off"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn xdpgate run");
+    let _agent = Agent(child, dir);
+    // The agent's state as status reads it, until it names the interface's hook (or the
+    // agent has written its state for a while without doing so).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let failing = loop {
+        let out = pins.xdpgate(&["status", "--json"]);
+        let status: serde_json::Value = serde_json::from_str(&out).expect("status json");
+        let failing = status["agent"]["failing"].to_string();
+        if failing.contains("node file says hook: tc") || Instant::now() > deadline {
+            break failing;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        failing.contains(&format!("{vb} is attached with hook xdp, the node file says hook: tc")),
+        "the agent did not report the hook mismatch; failing: {failing}"
+    );
+    // Left as it was: switching would leave the interface unfiltered for a moment.
+    common::assert_ingress_hook(&pins, &b, &vb, "xdp");
 }
