@@ -165,8 +165,6 @@ fn pin_directories_anyone_but_root_could_change_are_refused() {
     let a = Netns::new("pra");
     let b = Netns::new("prb");
     let (_, ib) = common::veth(&a, "198.51.100.1/24", &b, "198.51.100.2/24");
-    // A second interface, attached at tc ingress.
-    let (_, ib_tc) = common::veth(&a, "198.51.101.1/24", &b, "198.51.101.2/24");
     let bpffs = Bpffs::new();
     let attach = |pins: &str| xdpgate(pins, Some(&b), &["attach", "--iface", &ib]);
 
@@ -236,8 +234,6 @@ fn a_user_without_privileges_is_told_so() {
     let a = Netns::new("pua");
     let b = Netns::new("pub");
     let (_, ib) = common::veth(&a, "198.51.100.1/24", &b, "198.51.100.2/24");
-    // A second interface, attached at tc ingress.
-    let (_, ib_tc) = common::veth(&a, "198.51.101.1/24", &b, "198.51.101.2/24");
     let bpffs = Bpffs::new();
     let pins = format!("{}/xdpgate", bpffs.0);
     ok(xdpgate(&pins, Some(&b), &["attach", "--iface", &ib]), "attach");
@@ -292,8 +288,6 @@ fn status_names_the_namespace_a_link_lives_in() {
     let a = Netns::new("psa");
     let b = Netns::new("psb");
     let (_, ib) = common::veth(&a, "198.51.100.1/24", &b, "198.51.100.2/24");
-    // A second interface, attached at tc ingress.
-    let (_, ib_tc) = common::veth(&a, "198.51.101.1/24", &b, "198.51.101.2/24");
     let bpffs = Bpffs::new();
     let pins = format!("{}/xdpgate", bpffs.0);
     ok(xdpgate(&pins, Some(&b), &["attach", "--iface", &ib, "--role", "internal"]), "attach");
@@ -379,8 +373,6 @@ fn detach_from_another_namespace_forgets_the_interface() {
     let a = Netns::new("pda");
     let b = Netns::new("pdb");
     let (_, ib) = common::veth(&a, "198.51.100.1/24", &b, "198.51.100.2/24");
-    // A second interface, attached at tc ingress.
-    let (_, ib_tc) = common::veth(&a, "198.51.101.1/24", &b, "198.51.101.2/24");
     let bpffs = Bpffs::new();
     let pins = format!("{}/xdpgate", bpffs.0);
     ok(xdpgate(&pins, Some(&b), &["attach", "--iface", &ib]), "attach");

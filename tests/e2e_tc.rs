@@ -15,7 +15,10 @@ use std::{
     io::{self, Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
     process::{Child, Command, Stdio},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     thread::{self, JoinHandle},
     time::{Duration, Instant},
 };
@@ -100,9 +103,11 @@ struct Served {
 }
 
 /// A transfer service on `addrs` in `ns`: each connection uploads `up` bytes of
-/// `pattern(up, 1)`, then gets `greeting` and `pattern(down, 2)` back, then EOF.
+/// `pattern(up, 1)`, then gets `greeting` and `pattern(down, 2)` back, then EOF. Stops
+/// listening on drop (a listener left open would keep its namespace alive).
 struct Transfers {
-    _threads: Vec<JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
     served: std::sync::mpsc::Receiver<Served>,
 }
 
@@ -117,34 +122,56 @@ impl Transfers {
         let (tx, served) = std::sync::mpsc::channel();
         let reply = Arc::new([greeting.as_bytes(), &pattern(down, 2)].concat());
         let expect = Arc::new(pattern(up, 1));
+        let stop = Arc::new(AtomicBool::new(false));
         let threads = listeners
             .into_iter()
             .map(|l| {
-                let (tx, reply, expect) = (tx.clone(), reply.clone(), expect.clone());
+                let (tx, reply, expect, stop) =
+                    (tx.clone(), reply.clone(), expect.clone(), stop.clone());
+                l.set_nonblocking(true).unwrap();
                 thread::spawn(move || {
-                    for conn in l.incoming() {
-                        let Ok(mut conn) = conn else { return };
+                    while !stop.load(Ordering::Relaxed) {
+                        let mut conn = match l.accept() {
+                            Ok((conn, _)) => conn,
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                                thread::sleep(Duration::from_millis(5));
+                                continue;
+                            }
+                            Err(e) => panic!("accept: {e}"),
+                        };
                         let (tx, reply, expect) = (tx.clone(), reply.clone(), expect.clone());
                         thread::spawn(move || {
+                            let _ = conn.set_nonblocking(false);
                             let _ = conn.set_read_timeout(Some(IO_WAIT));
                             let _ = conn.set_write_timeout(Some(IO_WAIT));
                             let mut got = vec![0u8; expect.len()];
                             let upload_exact = conn.read_exact(&mut got).is_ok() && got == *expect;
+                            let peer = conn.peer_addr().expect("peer");
+                            // Reported before the answer: once the client has it all, the
+                            // report is there to read.
+                            let _ = tx.send(Served { peer, upload_exact });
                             let _ = conn.write_all(&reply);
                             let _ = conn.shutdown(Shutdown::Write);
-                            let peer = conn.peer_addr().expect("peer");
-                            let _ = tx.send(Served { peer, upload_exact });
                         });
                     }
                 })
             })
             .collect();
-        Self { _threads: threads, served }
+        Self { stop, threads, served }
     }
 
     /// The next connection served.
     fn next(&self) -> Served {
         self.served.recv_timeout(IO_WAIT).expect("no connection was served")
+    }
+}
+
+impl Drop for Transfers {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
     }
 }
 
@@ -326,12 +353,16 @@ fn tc_load_balancer_spreads_connections_and_carries_them_exactly() {
     }
     let spread: HashSet<&str> = seen.iter().map(String::as_str).collect();
     assert_eq!(spread, HashSet::from(["b1", "b2", "b3"]), "12 connections: {seen:?}");
+    // Every connection was reported before its answer was sent: all 12 are there.
+    let mut reported = 0;
     for (i, b) in backends.iter().enumerate() {
         while let Ok(served) = b.served.try_recv() {
             assert!(served.upload_exact, "an upload to b{} differs", i + 1);
             assert_eq!(served.peer.ip().to_string(), CLIENT4, "DNAT only: the client's address");
+            reported += 1;
         }
     }
+    assert_eq!(reported, 12);
 }
 
 #[test]
