@@ -248,3 +248,90 @@ fn agent_reports_an_interface_on_another_hook_than_its_node_file() {
     // Left as it was: switching would leave the interface unfiltered for a moment.
     common::assert_ingress_hook(&pins, &b, &vb, "xdp");
 }
+
+/// Recreates `name` in `b` as a new veth to `a` (a container's veth after a restart: same
+/// name, a new device).
+fn recreate(a: &common::Netns, b: &common::Netns, name: &str) {
+    b.exec("ip", &["link", "del", name]);
+    common::run(
+        "ip",
+        &[
+            "link", "add", name, "netns", &b.name, "type", "veth", "peer", "name", "p0", "netns",
+            &a.name,
+        ],
+    );
+    b.exec("ip", &["link", "set", name, "up"]);
+}
+
+/// An attached device deleted and created again under its name (a veth of a restarted
+/// container: the tc hook's very case) is attached again: by `attach`, and by the agent for
+/// a node-file interface. Its old links, detached by the kernel with the old device, used
+/// to stay pinned: `attach` refused ("already attached ... with --hook tc") and the agent
+/// saw nothing missing, so the new device ran unfiltered.
+#[test]
+fn recreated_device_is_attached_again() {
+    let a = common::Netns::new("rca");
+    let b = common::Netns::new("rcb");
+    b.exec("ip", &["link", "add", "gw0", "type", "veth", "peer", "name", "p0", "netns", &a.name]);
+    b.exec("ip", &["link", "set", "gw0", "up"]);
+    let pins = common::Pins::in_netns(&b);
+    let attach = ["attach", "--iface", "gw0", "--role", "internal", "--hook", "tc"];
+    pins.xdpgate(&attach);
+    recreate(&a, &b, "gw0");
+    let out = pins.try_xdpgate(&attach);
+    assert!(
+        out.status.success(),
+        "attach of the recreated device refused:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    common::assert_ingress_hook(&pins, &b, "gw0", "tc");
+
+    // The agent, for a node-file interface.
+    recreate(&a, &b, "gw0");
+    let dir = std::env::temp_dir().join(common::unique("rcnode"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (policy, node) = (dir.join("policy.yaml"), dir.join("node.yaml"));
+    std::fs::write(&policy, "virtual_network:\n  address_space: [198.51.100.0/24]\n").unwrap();
+    std::fs::write(&node, "interfaces:\n  - {name: gw0, role: internal, hook: tc}\n").unwrap();
+    struct Agent(Child, std::path::PathBuf);
+    impl Drop for Agent {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+            let _ = std::fs::remove_dir_all(&self.1);
+        }
+    }
+    let child = Command::new(common::xdpgate_bin())
+        .args(["--netns", &b.name, "--pin-dir"])
+        .arg(pins.dir.path())
+        .arg("run")
+        .arg("--policy")
+        .arg(&policy)
+        .arg("--node")
+        .arg(&node)
+        .args(["--metrics-addr", "off"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn xdpgate run");
+    let _agent = Agent(child, dir);
+    let ifindex = || {
+        let out = pins.xdpgate(&["status", "--json"]);
+        let status: serde_json::Value = serde_json::from_str(&out).expect("status json");
+        status["interfaces"]
+            .as_array()
+            .and_then(|all| all.iter().find(|i| i["name"] == "gw0").map(|i| i["ifindex"].clone()))
+    };
+    // Until status shows the link on a live device (or the agent had its time).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let live = |shown: &Option<serde_json::Value>| {
+        shown.as_ref().and_then(serde_json::Value::as_u64).is_some_and(|i| i != 0)
+    };
+    let mut shown = ifindex();
+    while !live(&shown) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        shown = ifindex();
+    }
+    assert!(live(&shown), "the agent did not attach the recreated gw0: status ifindex {shown:?}");
+    common::assert_ingress_hook(&pins, &b, "gw0", "tc");
+}

@@ -224,9 +224,13 @@ pub fn parse(text: &str) -> Result<Node> {
     Ok(node)
 }
 
-/// The interfaces of `node` with no pinned link (not attached by this pin directory).
+/// The interfaces of `node` with no pinned link (not attached by this pin directory), or
+/// with the link of a device of that name that was deleted (attached again as a new one).
 pub fn missing<'a>(pins: &PinDir, node: &'a Node) -> Vec<&'a Interface> {
-    node.interfaces.iter().filter(|i| !pins.link(&i.name).exists()).collect()
+    node.interfaces
+        .iter()
+        .filter(|i| !pins.link(&i.name).exists() || dataplane::link_gone(pins, &i.name))
+        .collect()
 }
 
 /// Attaches every interface of `node` that has no pinned link, creating the tables at the

@@ -625,6 +625,12 @@ pub fn attach_sized(
     let ifindex = ifindex(ifname)?;
     ethernet(ifname)?;
     let link_pin = pins.link(ifname);
+    if link_gone(pins, ifname) {
+        // The device this name was attached to was deleted (a veth recreated with its
+        // container, say): its links are detached for good, and left pinned they would
+        // refuse this attach and leave the new device unfiltered.
+        detach(pins, ifname).with_context(|| format!("removing the stale links of {ifname}"))?;
+    }
     if link_pin.exists() {
         // One ingress hook per interface: switching is refused rather than done in two
         // steps, where for a moment both pipelines (or neither) would judge its packets.
@@ -920,6 +926,13 @@ pub fn detach(pins: &PinDir, ifname: &str) -> Result<()> {
         let _ = egress.remove(ifindex);
     }
     Ok(())
+}
+
+/// Whether `ifname`'s pinned ingress link is left from a device that was deleted (the
+/// kernel detached it: its ifindex reads 0), so that a device of that name now is not
+/// attached.
+pub fn link_gone(pins: &PinDir, ifname: &str) -> bool {
+    pins.link(ifname).exists() && link_info(pins, ifname).is_ok_and(|l| l.ifindex == 0)
 }
 
 /// Forgets `ifindex` (after a failed attach).
