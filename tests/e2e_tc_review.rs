@@ -335,3 +335,41 @@ fn recreated_device_is_attached_again() {
     assert!(live(&shown), "the agent did not attach the recreated gw0: status ifindex {shown:?}");
     common::assert_ingress_hook(&pins, &b, "gw0", "tc");
 }
+
+/// `upgrade` with one attached device deleted upgrades the others and says it skipped that
+/// one. It used to fail half way ("replacing the egress program on g2: Link has been
+/// severed"), after replacing g1's egress program but not its ingress one.
+#[test]
+fn upgrade_skips_a_deleted_device() {
+    let a = common::Netns::new("uga");
+    let b = common::Netns::new("ugb");
+    for (g, p) in [("g1", "p1"), ("g2", "p2")] {
+        b.exec("ip", &["link", "add", g, "type", "veth", "peer", "name", p, "netns", &a.name]);
+        b.exec("ip", &["link", "set", g, "up"]);
+    }
+    let pins = common::Pins::in_netns(&b);
+    pins.xdpgate(&["attach", "--iface", "g1", "--role", "internal", "--hook", "tc"]);
+    pins.xdpgate(&["attach", "--iface", "g2", "--role", "external", "--hook", "tc"]);
+    let ids = || {
+        let out = pins.xdpgate(&["status", "--json"]);
+        let status: serde_json::Value = serde_json::from_str(&out).expect("status json");
+        let g1 = status["interfaces"]
+            .as_array()
+            .and_then(|all| all.iter().find(|i| i["name"] == "g1").cloned())
+            .expect("g1 in status");
+        (g1["program_id"].as_u64(), g1["egress_program_id"].as_u64())
+    };
+    let before = ids();
+    b.exec("ip", &["link", "del", "g2"]);
+    let out = pins.try_xdpgate(&["upgrade"]);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "upgrade failed:\n{text}");
+    assert!(text.contains("upgraded g1") && text.contains("skipped g2"), "{text}");
+    let after = ids();
+    assert!(
+        after.0 != before.0 && after.1 != before.1,
+        "g1's programs not both replaced: {before:?} -> {after:?}"
+    );
+    common::assert_ingress_hook(&pins, &b, "g1", "tc");
+}

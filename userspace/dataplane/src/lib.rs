@@ -743,9 +743,20 @@ fn attach_both(
 /// (`migrate`). An interface attached by a build without the egress program gets it now.
 /// Returns the interfaces upgraded, each with whether its egress program was added.
 pub fn upgrade(pins: &PinDir) -> Result<Vec<(String, bool)>> {
-    let names = pins.attached()?;
-    if names.is_empty() {
+    let attached = pins.attached()?;
+    if attached.is_empty() {
         bail!("xdpgate is not attached to any interface under {}", pins.path().display());
+    }
+    // A deleted device's links were detached by the kernel and cannot be updated: they
+    // would fail the upgrade half way (`Link has been severed`), after other interfaces'
+    // egress programs were replaced. They are left as they are (an attach of the name
+    // removes them).
+    let names: Vec<String> = attached.into_iter().filter(|n| !link_gone(pins, n)).collect();
+    if names.is_empty() {
+        bail!(
+            "the devices of every interface attached under {} were deleted: nothing to upgrade",
+            pins.path().display()
+        );
     }
     // Every interface is checked, and every program loaded and verified, before any
     // changes: a refusal leaves all as they were.
