@@ -373,3 +373,38 @@ fn upgrade_skips_a_deleted_device() {
     );
     common::assert_ingress_hook(&pins, &b, "g1", "tc");
 }
+
+/// Each recreation of an attached device attached again keeps one registration (one of the
+/// 63 interface slots): the deleted device's is forgotten, a live one's is kept. They used to
+/// pile up, one per restart of the container, until `attach` failed with every slot in use.
+#[test]
+fn recreated_device_does_not_leak_interface_slots() {
+    let a = common::Netns::new("lka");
+    let b = common::Netns::new("lkb");
+    for g in ["keep0", "gw0"] {
+        let p = format!("p{g}");
+        b.exec("ip", &["link", "add", g, "type", "veth", "peer", "name", &p, "netns", &a.name]);
+        b.exec("ip", &["link", "set", g, "up"]);
+    }
+    let pins = common::Pins::in_netns(&b);
+    pins.xdpgate(&["attach", "--iface", "keep0", "--role", "external", "--hook", "tc"]);
+    let attach = ["attach", "--iface", "gw0", "--role", "internal", "--hook", "tc"];
+    pins.xdpgate(&attach);
+    for _ in 0..3 {
+        recreate(&a, &b, "gw0");
+        pins.xdpgate(&attach);
+    }
+    let map = pins.dir.path().join("IFACES");
+    let out = common::run("bpftool", &["-j", "map", "dump", "pinned", map.to_str().unwrap()]);
+    let entries: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool json");
+    assert_eq!(entries.as_array().map(Vec::len), Some(2), "IFACES: {entries}");
+    let status: serde_json::Value =
+        serde_json::from_str(&pins.xdpgate(&["status", "--json"])).expect("status json");
+    let role = |name: &str| {
+        status["interfaces"]
+            .as_array()
+            .and_then(|all| all.iter().find(|i| i["name"] == name).map(|i| i["role"].clone()))
+    };
+    assert_eq!(role("keep0"), Some("external".into()), "{status}");
+    assert_eq!(role("gw0"), Some("internal".into()), "{status}");
+}

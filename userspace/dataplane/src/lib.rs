@@ -630,6 +630,7 @@ pub fn attach_sized(
         // container, say): its links are detached for good, and left pinned they would
         // refuse this attach and leave the new device unfiltered.
         detach(pins, ifname).with_context(|| format!("removing the stale links of {ifname}"))?;
+        forget_dead_registrations(pins)?;
     }
     if link_pin.exists() {
         // One ingress hook per interface: switching is refused rather than done in two
@@ -944,6 +945,27 @@ pub fn detach(pins: &PinDir, ifname: &str) -> Result<()> {
 /// attached.
 pub fn link_gone(pins: &PinDir, ifname: &str) -> bool {
     pins.link(ifname).exists() && link_info(pins, ifname).is_ok_and(|l| l.ifindex == 0)
+}
+
+/// Forgets the registrations of deleted devices: those of no live pinned link. A deleted
+/// device's link no longer tells its ifindex, so its detach cannot forget it; each device
+/// recreated and attached again (a restarted container's veth) would otherwise hold on to
+/// one more of the `MAX_IFACES` slots.
+fn forget_dead_registrations(pins: &PinDir) -> Result<()> {
+    let live: Vec<u32> = pins
+        .attached()?
+        .iter()
+        .filter_map(|name| link_info(pins, name).ok())
+        .map(|l| l.ifindex)
+        .filter(|&i| i != 0)
+        .collect();
+    let ifaces: HashMap<_, u32, IfaceConfig> = pins.open_map(IFACES)?.try_into()?;
+    let dead: Vec<u32> =
+        ifaces.keys().filter_map(|k| k.ok()).filter(|i| !live.contains(i)).collect();
+    for ifindex in dead {
+        unregister(pins, ifindex);
+    }
+    Ok(())
 }
 
 /// Forgets `ifindex` (after a failed attach).
