@@ -15,7 +15,7 @@ use aya::{
 };
 use common::{
     kernel::{Kernel, PASS},
-    packet::{ACK, ETH_LEN, L4, SYN, checksums_ok, endpoints, frame},
+    packet::{ACK, ETH_LEN, L4, SYN, checksums_ok, endpoints, frame, frame_vlan},
 };
 use xdpgate_common::{
     iface::Role,
@@ -206,6 +206,37 @@ fn icmp_error_translated_back_on_skbs() {
     assert_eq!(&out[inner + 12..inner + 16], &[198, 51, 100, 10], "quoted source address");
     assert_eq!(u16::from_be_bytes([out[inner + 20], out[inner + 21]]), 40000, "quoted port");
     assert_eq!(!ones(&out[inner..inner + 20]), 0, "quoted IPv4 header checksum");
+}
+
+/// ICMPv6 "packet too big" quoting a translated IPv6 packet, on a socket buffer: the outer
+/// destination is in ICMPv6's pseudo-header, the quoted source and port in its payload.
+#[test]
+fn icmpv6_error_translated_back_on_skbs() {
+    let t = Tc::new();
+    t.k.apply(NAT);
+    t.k.arrive_as(Role::Internal);
+    let out = t.through(&frame("2001:db8:1::10", "2001:db8:2::7", L4::Tcp(40000, 443, SYN)));
+    let public = &out[ETH_LEN + 8..ETH_LEN + 24];
+    assert_eq!(public, "2001:db8:e::100".parse::<std::net::Ipv6Addr>().unwrap().octets());
+    let mut icmp = vec![2u8, 0, 0, 0, 0, 0, 0x05, 0x00]; // packet too big, MTU 1280
+    icmp.extend_from_slice(&out[ETH_LEN..ETH_LEN + 40 + 8]);
+    let mut pkt = frame_vlan("2001:db8:2::1", "2001:db8:e::100", L4::Raw(58), &[], &icmp);
+    let l4 = ETH_LEN + 40;
+    let mut pseudo = pkt[ETH_LEN + 8..ETH_LEN + 40].to_vec();
+    pseudo.extend_from_slice(&(icmp.len() as u32).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, 58]);
+    pseudo.extend_from_slice(&pkt[l4..]);
+    let c = !ones(&pseudo);
+    pkt[l4 + 2..l4 + 4].copy_from_slice(&c.to_be_bytes());
+    checksums_ok(&pkt).expect("error built right");
+
+    t.k.arrive_as(Role::External);
+    let out = t.through(&pkt);
+    let private = "2001:db8:1::10".parse::<std::net::Ipv6Addr>().unwrap().octets();
+    let inner = l4 + 8;
+    assert_eq!(&out[ETH_LEN + 24..ETH_LEN + 40], &private, "outer destination");
+    assert_eq!(&out[inner + 8..inner + 24], &private, "quoted source address");
+    assert_eq!(u16::from_be_bytes([out[inner + 40], out[inner + 41]]), 40000, "quoted port");
 }
 
 const LB: &str = r#"

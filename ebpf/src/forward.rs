@@ -45,7 +45,7 @@ fn lookup<H: Hook>(
     meta: &PacketMeta,
     src: &[u32; 4],
     dst: &[u32; 4],
-    len: u64,
+    ip_len: u16,
 ) -> Result<(i64, &'static mut bpf_fib_lookup), DropReason> {
     let p = unsafe { &mut *FIB_PARAMS.get_ptr_mut(0).ok_or(DropReason::Internal)? };
     *p = unsafe { zeroed() };
@@ -53,8 +53,11 @@ fn lookup<H: Hook>(
     p.sport = meta.sport.to_be();
     p.dport = meta.dport.to_be();
     p.ifindex = ctx.arrival();
-    // Host order, unlike the addresses: the kernel compares it with the route's MTU.
-    p.__bindgen_anon_1.tot_len = ctx.fib_len((len as u16).wrapping_sub(meta.l3_off));
+    // Host order, unlike the addresses: the kernel compares it with the route's MTU. Never
+    // 0, which would skip that check (and, on a socket buffer, leave only the device's MTU
+    // checked, by `is_skb_forwardable`, which passes any GSO aggregate unchecked): the
+    // length of what will leave (`Hook::wire_len`: a GSO aggregate's segments).
+    p.__bindgen_anon_1.tot_len = ip_len;
     if meta.family == 4 {
         p.family = AF_INET;
         p.__bindgen_anon_3.ipv4_src = src[0];
@@ -121,7 +124,7 @@ pub fn forward<H: Hook>(
     let hop = match cache {
         Some(hop) if holds(hop, generation, now, iif, ip_len) => *hop,
         cache => {
-            let (rc, p) = lookup(ctx, meta, src, next_hop, len)?;
+            let (rc, p) = lookup(ctx, meta, src, next_hop, ip_len)?;
             if rc != BPF_FIB_LKUP_RET_SUCCESS || !H::may_send_to(p.ifindex) {
                 return Ok(xdp_action::XDP_PASS);
             }

@@ -54,10 +54,9 @@ pub trait Hook: EbpfContext + Packet + Sized {
     ) -> Result<(), DropReason>;
     /// Decrements the TTL (hop limit); false when it would reach zero.
     fn decrement_ttl(&self, meta: &PacketMeta) -> Result<bool, DropReason>;
-    /// `bpf_fib_lookup`'s `tot_len` for a packet of `ip_len` bytes of IP (see `forward`).
-    fn fib_len(&self, ip_len: u16) -> u16;
-    /// The IP length a cached next hop must have been checked for (`NextHop.max_len`): the
-    /// longest packet that will leave the egress interface for this one.
+    /// The IP length of what leaves the egress interface for this packet, of `ip_len` bytes
+    /// of IP: what the FIB checks against the route's MTU, and a cached next hop must have
+    /// been checked for (`NextHop.max_len`).
     fn wire_len(&self, meta: &PacketMeta, ip_len: u16) -> u16;
     /// After the parser failed: pulls the headers into the linear area and enters the parse
     /// stage again if they may lie past it (returns only when it does not, or with an
@@ -115,12 +114,7 @@ impl Hook for XdpContext {
         nat::decrement_ttl(self, meta)
     }
 
-    /// A frame is what leaves: the FIB checks its length against the route's MTU.
-    #[inline(always)]
-    fn fib_len(&self, ip_len: u16) -> u16 {
-        ip_len
-    }
-
+    /// A frame is what leaves.
     #[inline(always)]
     fn wire_len(&self, _meta: &PacketMeta, ip_len: u16) -> u16 {
         ip_len
@@ -183,17 +177,11 @@ impl Hook for TcContext {
         nat::decrement_ttl_skb(self, meta)
     }
 
-    /// 0: the kernel then checks the socket buffer itself against the egress device
-    /// (`is_skb_forwardable`, which validates a GSO aggregate by its segments); a length
-    /// would have it compare a 64 KiB aggregate with the MTU and answer "fragmentation
-    /// needed".
-    #[inline(always)]
-    fn fib_len(&self, _ip_len: u16) -> u16 {
-        0
-    }
-
     /// A GSO aggregate leaves as segments of `gso_size` bytes of payload behind copies of
-    /// its headers: that is the length the next hop was (or must have been) checked for.
+    /// its headers: that is the length to check against the route's MTU (its whole length,
+    /// up to 64 KiB and more, would always be "fragmentation needed"; and 0, the FIB's other
+    /// choice for a socket buffer, checks only the device's MTU with `is_skb_forwardable`,
+    /// which passes every GSO aggregate unchecked).
     #[inline(always)]
     fn wire_len(&self, meta: &PacketMeta, ip_len: u16) -> u16 {
         let gso = unsafe { (*self.skb.skb).gso_size };

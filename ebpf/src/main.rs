@@ -1,6 +1,7 @@
-//! The xdpgate XDP dataplane: parse -> flow lookup (-> new flow) (-> SNAT) (-> act) -> count;
-//! and beside it on tc egress, for the packets the host itself sends: parse -> flow lookup
-//! (-> new flow of the host's) -> count.
+//! The xdpgate dataplane: parse -> flow lookup (-> new flow) (-> SNAT) (-> act) -> count, at
+//! XDP or, on interfaces attached with the tc hook, at tc ingress (one copy of the stages,
+//! generic over `hook::Hook`); and beside it on tc egress, for the packets the host itself
+//! sends: parse -> flow lookup (-> new flow of the host's) -> count.
 #![no_std]
 #![no_main]
 
