@@ -570,3 +570,26 @@ fn tc_agent_attaches_node_file_interfaces_with_hook_tc() {
     });
     common::assert_ingress_hook(&pins, &b, &vb, "tc");
 }
+
+/// An XDP interface forwards NAT replies to a tc-attached one through the stack: only
+/// XDP-attached interfaces are XDP redirect targets (the `EGRESS` devmap). The server's
+/// interface runs no NAPI (GRO off, no XDP), so a frame XDP redirected into the gateway's
+/// veth towards it would be dropped.
+#[test]
+fn an_xdp_interface_forwards_to_a_tc_interface_through_the_stack() {
+    let net = Gateway::with_hooks("xdp", "tc");
+    // The internet host sends through XDP, which rewrites in place: full checksums (as the
+    // XDP tests do); the server's end has no NAPI.
+    net.client.exec("ethtool", &["-K", &net.client_if, "tx", "off"]);
+    net.server.exec("ethtool", &["-K", &net.server_if, "gro", "off"]);
+    net.apply("nat.yaml", NAT_POLICY);
+    const UP: usize = 64 << 10;
+    const DOWN: usize = 2 << 20;
+    let internet = Transfers::start(&net.client, vec![sock(CLIENT4, 8080)], "", UP, DOWN);
+    let back = transfer(&net.server, sock(CLIENT4, 8080), UP)
+        .unwrap_or_else(|e| panic!("download through NAT, XDP outside, tc inside: {e}"));
+    assert_download(&back, "", DOWN, "download through NAT, XDP outside, tc inside");
+    let served = internet.next();
+    assert!(served.upload_exact);
+    assert_eq!(served.peer.ip().to_string(), "192.0.2.100", "the internet saw the pool address");
+}

@@ -672,7 +672,7 @@ pub fn attach_sized(
         fs::remove_file(&egress_pin)
             .with_context(|| format!("removing the stale {}", egress_pin.display()))?;
     }
-    register(&mut ebpf, pins, ifindex, role)?;
+    register(&mut ebpf, pins, ifindex, role, ingress.hook())?;
     let attached = attach_both(&mut ebpf, pins, ifname, ifindex, ingress);
     if attached.is_err() {
         // Bad input changes nothing: no half attachment, no registration left behind.
@@ -1000,8 +1000,9 @@ pub fn event_ring(pins: &PinDir) -> Result<RingBuf<MapData>> {
     Ok(pins.open_map(EVENTS)?.try_into()?)
 }
 
-/// Gives `ifindex` a counter slot and a role in the `IFACES` map (and `IFACE_INDEX`).
-fn register(ebpf: &mut Ebpf, pins: &PinDir, ifindex: u32, role: Role) -> Result<()> {
+/// Gives `ifindex` a counter slot and a role in the `IFACES` map (and `IFACE_INDEX`), and
+/// with `hook` XDP, a place in the `EGRESS` devmap XDP forwards through.
+fn register(ebpf: &mut Ebpf, pins: &PinDir, ifindex: u32, role: Role, hook: Hook) -> Result<()> {
     let ifaces: HashMap<_, u32, IfaceConfig> =
         ebpf.map(IFACES).ok_or_else(|| anyhow!("map {IFACES} missing"))?.try_into()?;
     let used: Vec<u32> = ifaces.iter().filter_map(|e| e.ok()).map(|(_, c)| c.slot).collect();
@@ -1012,7 +1013,13 @@ fn register(ebpf: &mut Ebpf, pins: &PinDir, ifindex: u32, role: Role) -> Result<
             .ok_or_else(|| anyhow!("all {} interface slots are in use", MAX_IFACES - 1))?,
     };
     write_iface(pins, ifindex, Some(IfaceConfig { slot, role: role as u32 }))?;
-    // XDP may forward out of every interface it is attached to.
+    if hook == Hook::Tc {
+        // Not a target of XDP redirects: a frame redirected into a veth is dropped unless
+        // the peer runs NAPI, and would skip GRO. XDP passes packets routed here to the
+        // stack, which forwards them; tc forwards to any registered interface itself.
+        return Ok(());
+    }
+    // XDP may forward out of every interface it is attached to with XDP.
     let mut egress: DevMapHash<_> =
         ebpf.map_mut(EGRESS).ok_or_else(|| anyhow!("map {EGRESS} missing"))?.try_into()?;
     egress
