@@ -89,6 +89,9 @@ fn links(ns: &common::Netns) -> Vec<String> {
 /// as one socket buffer): their segments are longer than the route's MTU, so they must not
 /// be sent over it either (the stack's forwarding checks each segment's length:
 /// `skb_gso_validate_network_len`). The tc hook redirected them whatever the route said.
+/// The gateway's interface towards the client segments what it sends (no TSO), so the
+/// client sees the segments' lengths; aggregates of shorter segments (after path-MTU
+/// discovery) may cross.
 #[test]
 fn tc_route_mtu_holds_for_gso_aggregates() {
     let net = Gateway::tc();
@@ -97,6 +100,7 @@ fn tc_route_mtu_holds_for_gso_aggregates() {
         "ip",
         &["route", "replace", "203.0.113.0/24", "dev", &net.ext, "mtu", "lock", "1280"],
     );
+    net.gw.exec("ethtool", &["-K", &net.ext, "tso", "off", "gso", "off"]);
     let listener: TcpListener =
         net.client.run(|| TcpListener::bind((CLIENT4, 5001)).expect("bind"));
     let reader = std::thread::spawn(move || {
@@ -172,11 +176,10 @@ fn attach_refuses_a_device_without_ethernet_header() {
 /// The gateway's own ICMP errors about a translated flow reach the private host, as
 /// nftables' NAT delivers them (checked by hand on the same topology): "fragmentation
 /// needed" for a DF packet too long for the route (path-MTU discovery through the
-/// gateway's own hop) and "time exceeded" for TTL 1 (traceroute's first hop). Known defect,
-/// at XDP as at tc: the NAT rewrite is done before the TTL and MTU are found to send the
-/// packet to the stack, whose error then goes to the public address. Kept to show the fix.
+/// gateway's own hop) and "time exceeded" for TTL 1 (traceroute's first hop). Seen failing
+/// at XDP and tc before TCDP's 851c636: the NAT rewrite was done before the TTL and MTU
+/// sent the packet to the stack, whose error then went to the public address.
 #[test]
-#[ignore = "known defect, both hooks: REVIEW 3 in /work/wt/prompts/contract-notes.md"]
 fn tc_snat_host_gets_the_gateways_own_icmp_errors() {
     let net = Gateway::tc();
     net.apply("nat.yaml", NAT_POLICY);
