@@ -127,44 +127,46 @@ pub fn forward<H: Hook>(
     own_errors: bool,
     rewrite: impl FnOnce() -> Result<(), DropReason>,
 ) -> Result<u32, DropReason> {
-    // Whatever the route: the stack drops such a packet too when it cannot be sent from
-    // here (no neighbour entry yet, an egress interface xdpgate is not attached to).
-    if own_errors && ttl(ctx, meta)? <= 1 {
-        return Ok(xdp_action::XDP_PASS);
-    }
     let ip_len = ctx.wire_len(meta, (len as u16).wrapping_sub(meta.l3_off));
     let generation = ROUTE_GENERATION.get(0).copied().unwrap_or(0);
     // The low bits: ages are told by wrapping differences.
     let now = unsafe { bpf_jiffies64() } as u32;
     let iif = ctx.arrival();
     let hop = match cache {
-        Some(hop) if holds(hop, generation, now, iif, ip_len) => *hop,
+        Some(hop) if holds(hop, generation, now, iif, ip_len) => Some(*hop),
         cache => {
             let (rc, p) = lookup(ctx, meta, src, next_hop, ip_len)?;
             if rc != BPF_FIB_LKUP_RET_SUCCESS || !H::may_send_to(p.ifindex) {
                 if own_errors && rc == BPF_FIB_LKUP_RET_FRAG_NEEDED && !fragmentable(ctx, meta)? {
                     return Ok(xdp_action::XDP_PASS);
                 }
-                rewrite()?;
-                return Ok(xdp_action::XDP_PASS);
+                None
+            } else {
+                let hop = NextHop {
+                    generation,
+                    jiffies: now,
+                    ifindex: p.ifindex,
+                    dmac: p.dmac,
+                    smac: p.smac,
+                    iif,
+                    max_len: ip_len,
+                    _pad: [0; 2],
+                };
+                if let Some(cache) = cache {
+                    *cache = hop;
+                }
+                Some(hop)
             }
-            let hop = NextHop {
-                generation,
-                jiffies: now,
-                ifindex: p.ifindex,
-                dmac: p.dmac,
-                smac: p.smac,
-                iif,
-                max_len: ip_len,
-                _pad: [0; 2],
-            };
-            if let Some(cache) = cache {
-                *cache = hop;
-            }
-            hop
         }
     };
+    // Whatever the route said: the stack drops such a packet also when xdpgate cannot send
+    // it (no neighbour entry yet, an egress interface xdpgate is not attached to).
+    if own_errors && ttl(ctx, meta)? <= 1 {
+        return Ok(xdp_action::XDP_PASS);
+    }
+    // One call site, so that the rewrite is inlined here.
     rewrite()?;
+    let Some(hop) = hop else { return Ok(xdp_action::XDP_PASS) };
     if !ctx.decrement_ttl(meta)? {
         return Ok(xdp_action::XDP_PASS);
     }
