@@ -127,6 +127,11 @@ pub fn forward<H: Hook>(
     own_errors: bool,
     rewrite: impl FnOnce() -> Result<(), DropReason>,
 ) -> Result<u32, DropReason> {
+    // Whatever the route: the stack drops such a packet too when it cannot be sent from
+    // here (no neighbour entry yet, an egress interface xdpgate is not attached to).
+    if own_errors && ttl(ctx, meta)? <= 1 {
+        return Ok(xdp_action::XDP_PASS);
+    }
     let ip_len = ctx.wire_len(meta, (len as u16).wrapping_sub(meta.l3_off));
     let generation = ROUTE_GENERATION.get(0).copied().unwrap_or(0);
     // The low bits: ages are told by wrapping differences.
@@ -159,11 +164,6 @@ pub fn forward<H: Hook>(
             }
         }
     };
-    // Whatever the route said: the stack drops such a packet also when xdpgate cannot send
-    // it (no neighbour entry yet, an egress interface xdpgate is not attached to).
-    if own_errors && ttl(ctx, meta)? <= 1 {
-        return Ok(xdp_action::XDP_PASS);
-    }
     // One call site, so that the rewrite is inlined here.
     rewrite()?;
     let Some(hop) = hop else { return Ok(xdp_action::XDP_PASS) };
