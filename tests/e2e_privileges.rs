@@ -62,6 +62,8 @@ fn runs_with_only_bpf_perfmon_and_net_admin() {
     let a = Netns::new("pa");
     let b = Netns::new("pb");
     let (_, ib) = common::veth(&a, "198.51.100.1/24", &b, "198.51.100.2/24");
+    // A second interface, attached at tc ingress.
+    let (_, ib_tc) = common::veth(&a, "198.51.101.1/24", &b, "198.51.101.2/24");
     let bpffs = Bpffs::new();
     let mnt = bpffs.0.clone();
     let pins = format!("{mnt}/xdpgate");
@@ -79,9 +81,12 @@ fn runs_with_only_bpf_perfmon_and_net_admin() {
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     ok(&["attach", "--iface", &ib, "--role", "internal"]);
+    ok(&["attach", "--iface", &ib_tc, "--role", "external", "--hook", "tc"]);
     ok(&["apply", policy.to_str().unwrap()]);
-    assert!(ok(&["stats", "--json"]).contains(&ib));
-    ok(&["upgrade"]);
+    let stats = ok(&["stats", "--json"]);
+    assert!(stats.contains(&ib) && stats.contains(&ib_tc), "{stats}");
+    let upgraded = ok(&["upgrade"]);
+    assert!(upgraded.contains(&format!("upgraded {ib_tc}")), "{upgraded}");
     // The pins are the owner's alone.
     for dir in [pins.clone(), format!("{pins}/links"), format!("{pins}/egress")] {
         let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;

@@ -15,7 +15,10 @@ use std::{
     io::{self, Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
     process::{Child, Command, Stdio},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     thread::{self, JoinHandle},
     time::{Duration, Instant},
 };
@@ -100,9 +103,11 @@ struct Served {
 }
 
 /// A transfer service on `addrs` in `ns`: each connection uploads `up` bytes of
-/// `pattern(up, 1)`, then gets `greeting` and `pattern(down, 2)` back, then EOF.
+/// `pattern(up, 1)`, then gets `greeting` and `pattern(down, 2)` back, then EOF. Stops
+/// listening on drop (a listener left open would keep its namespace alive).
 struct Transfers {
-    _threads: Vec<JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
     served: std::sync::mpsc::Receiver<Served>,
 }
 
@@ -117,34 +122,56 @@ impl Transfers {
         let (tx, served) = std::sync::mpsc::channel();
         let reply = Arc::new([greeting.as_bytes(), &pattern(down, 2)].concat());
         let expect = Arc::new(pattern(up, 1));
+        let stop = Arc::new(AtomicBool::new(false));
         let threads = listeners
             .into_iter()
             .map(|l| {
-                let (tx, reply, expect) = (tx.clone(), reply.clone(), expect.clone());
+                let (tx, reply, expect, stop) =
+                    (tx.clone(), reply.clone(), expect.clone(), stop.clone());
+                l.set_nonblocking(true).unwrap();
                 thread::spawn(move || {
-                    for conn in l.incoming() {
-                        let Ok(mut conn) = conn else { return };
+                    while !stop.load(Ordering::Relaxed) {
+                        let mut conn = match l.accept() {
+                            Ok((conn, _)) => conn,
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                                thread::sleep(Duration::from_millis(5));
+                                continue;
+                            }
+                            Err(e) => panic!("accept: {e}"),
+                        };
                         let (tx, reply, expect) = (tx.clone(), reply.clone(), expect.clone());
                         thread::spawn(move || {
+                            let _ = conn.set_nonblocking(false);
                             let _ = conn.set_read_timeout(Some(IO_WAIT));
                             let _ = conn.set_write_timeout(Some(IO_WAIT));
                             let mut got = vec![0u8; expect.len()];
                             let upload_exact = conn.read_exact(&mut got).is_ok() && got == *expect;
+                            let peer = conn.peer_addr().expect("peer");
+                            // Reported before the answer: once the client has it all, the
+                            // report is there to read.
+                            let _ = tx.send(Served { peer, upload_exact });
                             let _ = conn.write_all(&reply);
                             let _ = conn.shutdown(Shutdown::Write);
-                            let peer = conn.peer_addr().expect("peer");
-                            let _ = tx.send(Served { peer, upload_exact });
                         });
                     }
                 })
             })
             .collect();
-        Self { _threads: threads, served }
+        Self { stop, threads, served }
     }
 
     /// The next connection served.
     fn next(&self) -> Served {
         self.served.recv_timeout(IO_WAIT).expect("no connection was served")
+    }
+}
+
+impl Drop for Transfers {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
     }
 }
 
@@ -326,12 +353,16 @@ fn tc_load_balancer_spreads_connections_and_carries_them_exactly() {
     }
     let spread: HashSet<&str> = seen.iter().map(String::as_str).collect();
     assert_eq!(spread, HashSet::from(["b1", "b2", "b3"]), "12 connections: {seen:?}");
+    // Every connection was reported before its answer was sent: all 12 are there.
+    let mut reported = 0;
     for (i, b) in backends.iter().enumerate() {
         while let Ok(served) = b.served.try_recv() {
             assert!(served.upload_exact, "an upload to b{} differs", i + 1);
             assert_eq!(served.peer.ip().to_string(), CLIENT4, "DNAT only: the client's address");
+            reported += 1;
         }
     }
+    assert_eq!(reported, 12);
 }
 
 #[test]
@@ -344,6 +375,51 @@ fn tc_status_detach_and_one_hook_per_interface() {
     let text = net.pins.xdpgate(&["status"]);
     let row = text.lines().find(|l| l.starts_with(net.ext.as_str())).expect("a row");
     assert_eq!(row.split_whitespace().nth(3), Some("tc"), "{text}");
+
+    // From the host's namespace, status finds the tcx link's device in the gateway's.
+    let host = Command::new(common::xdpgate_bin())
+        .arg("--pin-dir")
+        .arg(net.pins.dir.path())
+        .args(["status", "--json"])
+        .output()
+        .expect("spawn xdpgate");
+    let host: serde_json::Value = serde_json::from_slice(&host.stdout).expect("status json");
+    for i in host["interfaces"].as_array().unwrap() {
+        assert_eq!(
+            (i["place"].as_str(), i["netns"].as_str()),
+            (Some("netns"), Some(net.gw.name.as_str())),
+            "{i}"
+        );
+        assert_eq!(
+            (i["hook"].as_str(), i["program"].as_str()),
+            (Some("tc"), Some("xdpgate_tc")),
+            "{i}"
+        );
+    }
+
+    // Every stage of the tc pipeline is linked, the entry itself too (it re-enters itself
+    // once after pulling headers out of the skb's paged data).
+    let pin = net.pins.dir.map(xdpgate_common::maps::TC_PIPELINE);
+    let dump = common::run("bpftool", &["-j", "map", "dump", "pinned", pin.to_str().unwrap()]);
+    let slots: serde_json::Value = serde_json::from_slice(&dump.stdout).expect("bpftool json");
+    // Without BTF bpftool gives keys as little-endian bytes in hex; only filled slots.
+    let filled: Vec<u64> = slots
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let bytes = e["key"].as_array().expect("key bytes");
+            bytes.iter().rev().fold(0, |n, b| {
+                n << 8
+                    | u64::from_str_radix(b.as_str().unwrap().trim_start_matches("0x"), 16).unwrap()
+            })
+        })
+        .collect();
+    assert_eq!(
+        filled,
+        (0..u64::from(xdpgate_common::maps::TC_STAGES)).collect::<Vec<_>>(),
+        "{slots}"
+    );
 
     // Another hook on an attached interface is refused, and nothing changes.
     for (args, why) in [
@@ -493,4 +569,27 @@ fn tc_agent_attaches_node_file_interfaces_with_hook_tc() {
             .is_some_and(|all| all.iter().any(|i| i["name"] == vb.as_str()))
     });
     common::assert_ingress_hook(&pins, &b, &vb, "tc");
+}
+
+/// An XDP interface forwards NAT replies to a tc-attached one through the stack: only
+/// XDP-attached interfaces are XDP redirect targets (the `EGRESS` devmap). The server's
+/// interface runs no NAPI (GRO off, no XDP), so a frame XDP redirected into the gateway's
+/// veth towards it would be dropped.
+#[test]
+fn an_xdp_interface_forwards_to_a_tc_interface_through_the_stack() {
+    let net = Gateway::with_hooks("xdp", "tc");
+    // The internet host sends through XDP, which rewrites in place: full checksums (as the
+    // XDP tests do); the server's end has no NAPI.
+    net.client.exec("ethtool", &["-K", &net.client_if, "tx", "off"]);
+    net.server.exec("ethtool", &["-K", &net.server_if, "gro", "off"]);
+    net.apply("nat.yaml", NAT_POLICY);
+    const UP: usize = 64 << 10;
+    const DOWN: usize = 2 << 20;
+    let internet = Transfers::start(&net.client, vec![sock(CLIENT4, 8080)], "", UP, DOWN);
+    let back = transfer(&net.server, sock(CLIENT4, 8080), UP)
+        .unwrap_or_else(|e| panic!("download through NAT, XDP outside, tc inside: {e}"));
+    assert_download(&back, "", DOWN, "download through NAT, XDP outside, tc inside");
+    let served = internet.next();
+    assert!(served.upload_exact);
+    assert_eq!(served.peer.ip().to_string(), "192.0.2.100", "the internet saw the pool address");
 }

@@ -23,6 +23,9 @@ pub struct Gateway {
     /// Gateway interfaces: facing the client (external) and the server (internal).
     pub ext: String,
     pub int: String,
+    /// Their peers: the client's and the server's interface.
+    pub client_if: String,
+    pub server_if: String,
     /// Where the test writes its policy files (removed on drop).
     pub dir: PathBuf,
 }
@@ -36,25 +39,31 @@ impl Gateway {
     /// offload: what XDP forwarding breaks) and GRO on at the gateway, so its programs see
     /// GRO aggregates.
     pub fn tc() -> Self {
-        Self::build(&["--hook", "tc"], "tc")
+        Self::build(&[], ["tc", "tc"])
+    }
+
+    /// The topology with the external interface attached at `ext` and the internal one at
+    /// `int` (hooks `xdp` or `tc`), GRO on at the tc ones.
+    pub fn with_hooks(ext: &str, int: &str) -> Self {
+        Self::build(&[], [ext, int])
     }
 
     /// The topology with `extra` added to each `xdpgate attach` (table sizes, say).
     pub fn attached_with(extra: &[&str]) -> Self {
-        Self::build(extra, "xdp")
+        Self::build(extra, ["xdp", "xdp"])
     }
 
-    fn build(extra: &[&str], hook: &str) -> Self {
+    fn build(extra: &[&str], hooks: [&str; 2]) -> Self {
         let client = Netns::new("gwc");
         let gw = Netns::new("gwg");
         let server = Netns::new("gws");
-        let (_, ext) = veth(
+        let (client_if, ext) = veth(
             &client,
             &format!("{CLIENT4}/24,{CLIENT6}/64"),
             &gw,
             "203.0.113.1/24,2001:db8:2::1/64",
         );
-        let (int, _) = veth(
+        let (int, server_if) = veth(
             &gw,
             "198.51.100.1/24,2001:db8:1::1/64",
             &server,
@@ -69,18 +78,20 @@ impl Gateway {
             ns.exec("ip", &["-6", "route", "add", "default", "via", v6]);
         }
         let pins = Pins::in_netns(&gw);
-        for (iface, role) in [(&ext, "external"), (&int, "internal")] {
+        for ((iface, role), hook) in [(&ext, "external"), (&int, "internal")].into_iter().zip(hooks)
+        {
             if hook == "tc" {
                 gw.exec("ethtool", &["-K", iface, "gro", "on"]);
             }
-            let args = [&["attach", "--iface", iface, "--role", role][..], extra].concat();
+            let args =
+                [&["attach", "--iface", iface, "--role", role, "--hook", hook][..], extra].concat();
             let out = pins.xdpgate(&args);
             assert!(out.contains("attached"), "{out}");
             assert_ingress_hook(&pins, &gw, iface, hook);
         }
         let dir = std::env::temp_dir().join(unique("gwpol"));
         std::fs::create_dir_all(&dir).expect("policy dir");
-        Self { pins, client, gw, server, ext, int, dir }
+        Self { pins, client, gw, server, ext, int, client_if, server_if, dir }
     }
 
     /// Writes a policy file; returns its path.

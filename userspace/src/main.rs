@@ -369,6 +369,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Upgrade => {
             let _lock = WriteLock::acquire(&pins)?;
+            for name in pins.attached()?.iter().filter(|n| dataplane::link_gone(&pins, n)) {
+                println!(
+                    "skipped {name}: its device was deleted (attach it again when it is back)"
+                );
+            }
             for (name, egress_added) in dataplane::upgrade(&pins)? {
                 let added = if egress_added { " (egress program added)" } else { "" };
                 println!("upgraded {name}{added}");

@@ -224,9 +224,13 @@ pub fn parse(text: &str) -> Result<Node> {
     Ok(node)
 }
 
-/// The interfaces of `node` with no pinned link (not attached by this pin directory).
+/// The interfaces of `node` with no pinned link (not attached by this pin directory), or
+/// with the link of a device of that name that was deleted (attached again as a new one).
 pub fn missing<'a>(pins: &PinDir, node: &'a Node) -> Vec<&'a Interface> {
-    node.interfaces.iter().filter(|i| !pins.link(&i.name).exists()).collect()
+    node.interfaces
+        .iter()
+        .filter(|i| !pins.link(&i.name).exists() || dataplane::link_gone(pins, &i.name))
+        .collect()
 }
 
 /// Attaches every interface of `node` that has no pinned link, creating the tables at the
@@ -247,7 +251,35 @@ pub fn attach_missing(pins: &PinDir, node: &Node) -> (Vec<String>, Vec<anyhow::E
             Err(e) => failed.push(e.context(format!("attaching {} ({:?})", i.name, i.role))),
         }
     }
+    failed.extend(other_hook(pins, node));
     (done, failed)
+}
+
+/// An error for each interface of `node` attached with another hook than the node file's
+/// (attached by hand, or under an earlier node file): it stays on that hook, as switching
+/// means a moment without the filter, but the operator who wrote `hook: tc` must not
+/// believe it is in force (on a veth, XDP breaks NAT of TSO traffic).
+fn other_hook(pins: &PinDir, node: &Node) -> Vec<anyhow::Error> {
+    node.interfaces
+        .iter()
+        .filter(|i| pins.link(&i.name).exists())
+        .filter_map(|i| {
+            let running = dataplane::link_info(pins, &i.name).ok()?.hook;
+            let wanted = i.ingress().hook();
+            (running != wanted).then(|| {
+                anyhow::anyhow!(
+                    "{} is attached with hook {}, the node file says hook: {}: it stays on {} \
+                     until detached (xdpgate detach --iface {}), then the agent attaches it as \
+                     the node file says",
+                    i.name,
+                    running.name(),
+                    wanted.name(),
+                    running.name(),
+                    i.name
+                )
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]

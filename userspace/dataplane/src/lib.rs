@@ -30,7 +30,7 @@ use xdpgate_common::{
     maps::{
         EGRESS, EGRESS_NEW, EGRESS_PARSE, EGRESS_PIPELINE, EGRESS_POLICY, EVENTS, IFACE_INDEX,
         IFACE_INDEX_ENTRIES, IFACES, MAX_IFACES, PIPELINE, PIPELINE_ACT, PIPELINE_NEW,
-        PIPELINE_POLICY, PIPELINE_SNAT, SCRATCH, TC_PIPELINE,
+        PIPELINE_POLICY, PIPELINE_SNAT, SCRATCH, TC_PARSE, TC_PIPELINE,
     },
 };
 
@@ -463,16 +463,18 @@ pub fn dataplane(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
     program(ebpf, PROGRAM)
 }
 
-/// Loads the tc ingress programs (`--hook tc`), links the later stages into `TC_PIPELINE`
-/// and returns the entry program, ready to attach.
+/// Loads the tc ingress programs (`--hook tc`), links the later stages (and the entry
+/// stage, which enters itself again after pulling headers out of paged data) into
+/// `TC_PIPELINE`, and returns the entry program, ready to attach.
 pub fn tc_dataplane(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
     let stages = [
         (PIPELINE_POLICY, TC_POLICY_PROGRAM),
         (PIPELINE_ACT, TC_ACT_PROGRAM),
         (PIPELINE_SNAT, TC_SNAT_PROGRAM),
         (PIPELINE_NEW, TC_NEW_FLOW_PROGRAM),
+        (TC_PARSE, TC_PROGRAM),
     ];
-    for name in stages.iter().map(|(_, name)| *name).chain([TC_PROGRAM]) {
+    for (_, name) in stages {
         let prog: &mut SchedClassifier = ebpf
             .program_mut(name)
             .ok_or_else(|| anyhow!("program {name} missing from the object"))?
@@ -621,7 +623,15 @@ pub fn attach_sized(
 ) -> Result<()> {
     let ingress = ingress.into();
     let ifindex = ifindex(ifname)?;
+    ethernet(ifname)?;
     let link_pin = pins.link(ifname);
+    if link_gone(pins, ifname) {
+        // The device this name was attached to was deleted (a veth recreated with its
+        // container, say): its links are detached for good, and left pinned they would
+        // refuse this attach and leave the new device unfiltered.
+        detach(pins, ifname).with_context(|| format!("removing the stale links of {ifname}"))?;
+        forget_dead_registrations(pins)?;
+    }
     if link_pin.exists() {
         // One ingress hook per interface: switching is refused rather than done in two
         // steps, where for a moment both pipelines (or neither) would judge its packets.
@@ -662,7 +672,7 @@ pub fn attach_sized(
         fs::remove_file(&egress_pin)
             .with_context(|| format!("removing the stale {}", egress_pin.display()))?;
     }
-    register(&mut ebpf, pins, ifindex, role)?;
+    register(&mut ebpf, pins, ifindex, role, ingress.hook())?;
     let attached = attach_both(&mut ebpf, pins, ifname, ifindex, ingress);
     if attached.is_err() {
         // Bad input changes nothing: no half attachment, no registration left behind.
@@ -734,9 +744,20 @@ fn attach_both(
 /// (`migrate`). An interface attached by a build without the egress program gets it now.
 /// Returns the interfaces upgraded, each with whether its egress program was added.
 pub fn upgrade(pins: &PinDir) -> Result<Vec<(String, bool)>> {
-    let names = pins.attached()?;
-    if names.is_empty() {
+    let attached = pins.attached()?;
+    if attached.is_empty() {
         bail!("xdpgate is not attached to any interface under {}", pins.path().display());
+    }
+    // A deleted device's links were detached by the kernel and cannot be updated: they
+    // would fail the upgrade half way (`Link has been severed`), after other interfaces'
+    // egress programs were replaced. They are left as they are (an attach of the name
+    // removes them).
+    let names: Vec<String> = attached.into_iter().filter(|n| !link_gone(pins, n)).collect();
+    if names.is_empty() {
+        bail!(
+            "the devices of every interface attached under {} were deleted: nothing to upgrade",
+            pins.path().display()
+        );
     }
     // Every interface is checked, and every program loaded and verified, before any
     // changes: a refusal leaves all as they were.
@@ -919,6 +940,34 @@ pub fn detach(pins: &PinDir, ifname: &str) -> Result<()> {
     Ok(())
 }
 
+/// Whether `ifname`'s pinned ingress link is left from a device that was deleted (the
+/// kernel detached it: its ifindex reads 0), so that a device of that name now is not
+/// attached.
+pub fn link_gone(pins: &PinDir, ifname: &str) -> bool {
+    pins.link(ifname).exists() && link_info(pins, ifname).is_ok_and(|l| l.ifindex == 0)
+}
+
+/// Forgets the registrations of deleted devices: those of no live pinned link. A deleted
+/// device's link no longer tells its ifindex, so its detach cannot forget it; each device
+/// recreated and attached again (a restarted container's veth) would otherwise hold on to
+/// one more of the `MAX_IFACES` slots.
+fn forget_dead_registrations(pins: &PinDir) -> Result<()> {
+    let live: Vec<u32> = pins
+        .attached()?
+        .iter()
+        .filter_map(|name| link_info(pins, name).ok())
+        .map(|l| l.ifindex)
+        .filter(|&i| i != 0)
+        .collect();
+    let ifaces: HashMap<_, u32, IfaceConfig> = pins.open_map(IFACES)?.try_into()?;
+    let dead: Vec<u32> =
+        ifaces.keys().filter_map(|k| k.ok()).filter(|i| !live.contains(i)).collect();
+    for ifindex in dead {
+        unregister(pins, ifindex);
+    }
+    Ok(())
+}
+
 /// Forgets `ifindex` (after a failed attach).
 fn unregister(pins: &PinDir, ifindex: u32) {
     let _ = write_iface(pins, ifindex, None);
@@ -951,8 +1000,9 @@ pub fn event_ring(pins: &PinDir) -> Result<RingBuf<MapData>> {
     Ok(pins.open_map(EVENTS)?.try_into()?)
 }
 
-/// Gives `ifindex` a counter slot and a role in the `IFACES` map (and `IFACE_INDEX`).
-fn register(ebpf: &mut Ebpf, pins: &PinDir, ifindex: u32, role: Role) -> Result<()> {
+/// Gives `ifindex` a counter slot and a role in the `IFACES` map (and `IFACE_INDEX`), and
+/// with `hook` XDP, a place in the `EGRESS` devmap XDP forwards through.
+fn register(ebpf: &mut Ebpf, pins: &PinDir, ifindex: u32, role: Role, hook: Hook) -> Result<()> {
     let ifaces: HashMap<_, u32, IfaceConfig> =
         ebpf.map(IFACES).ok_or_else(|| anyhow!("map {IFACES} missing"))?.try_into()?;
     let used: Vec<u32> = ifaces.iter().filter_map(|e| e.ok()).map(|(_, c)| c.slot).collect();
@@ -963,7 +1013,13 @@ fn register(ebpf: &mut Ebpf, pins: &PinDir, ifindex: u32, role: Role) -> Result<
             .ok_or_else(|| anyhow!("all {} interface slots are in use", MAX_IFACES - 1))?,
     };
     write_iface(pins, ifindex, Some(IfaceConfig { slot, role: role as u32 }))?;
-    // XDP may forward out of every interface it is attached to.
+    if hook == Hook::Tc {
+        // Not a target of XDP redirects: a frame redirected into a veth is dropped unless
+        // the peer runs NAPI, and would skip GRO. XDP passes packets routed here to the
+        // stack, which forwards them; tc forwards to any registered interface itself.
+        return Ok(());
+    }
+    // XDP may forward out of every interface it is attached to with XDP.
     let mut egress: DevMapHash<_> =
         ebpf.map_mut(EGRESS).ok_or_else(|| anyhow!("map {EGRESS} missing"))?.try_into()?;
     egress
@@ -1018,6 +1074,40 @@ pub fn monotonic_ns() -> u64 {
 pub fn ifindex(ifname: &str) -> Result<u32> {
     nix::net::if_::if_nametoindex(ifname)
         .map_err(|_| anyhow!("no interface named {ifname:?} in this network namespace"))
+}
+
+/// Refuses an interface whose packets do not start with an Ethernet header (tun, WireGuard,
+/// ipip, GRE: an L3 device's packets start at the IP header): the parser would read the IP
+/// header as Ethernet and pass every packet as non-IP, unjudged by the NSG, at either hook.
+fn ethernet(ifname: &str) -> Result<()> {
+    const ARPHRD_ETHER: u16 = 1;
+    let sock = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Inet,
+        nix::sys::socket::SockType::Datagram,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .context("socket for SIOCGIFHWADDR")?;
+    // SAFETY: a zeroed ifreq is valid; the name is copied with room for its NUL.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(ifname.bytes().take(libc::IFNAMSIZ - 1)) {
+        *d = s as libc::c_char;
+    }
+    use std::os::fd::AsRawFd;
+    // SAFETY: SIOCGIFHWADDR fills the ifreq it is given.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFHWADDR, &mut req) } != 0 {
+        bail!("reading the link type of {ifname}: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: SIOCGIFHWADDR sets the hwaddr member.
+    let kind = unsafe { req.ifr_ifru.ifru_hwaddr.sa_family };
+    if kind != ARPHRD_ETHER {
+        bail!(
+            "{ifname} is not an Ethernet interface (link type {kind}: an L3 device such as tun, \
+             WireGuard or an IP tunnel): xdpgate parses Ethernet frames and would judge none of \
+             its packets; attach it to the Ethernet interface the traffic arrives by"
+        );
+    }
+    Ok(())
 }
 
 /// The ids of the pinned egress (tcx) link of `ifname` and of the program it runs; none when
