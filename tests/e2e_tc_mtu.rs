@@ -71,3 +71,68 @@ fn tc_forwarding_keeps_to_the_route_mtu() {
     // 1,428 bytes of IP with DF over a 1,280-byte route: never delivered.
     assert_eq!(replies(&net, 1400, 3), 0, "DF pings longer than the route's MTU");
 }
+
+/// The gateway's own ICMP errors about a source-translated flow's packet reach the private
+/// host, quoting what it sent: "fragmentation needed" over the small route (path-MTU
+/// discovery through this hop) and "time exceeded" for TTL 1 (traceroute's first hop), at
+/// either hook. They used to go to the public address: the packet was translated before
+/// the stack was left to answer.
+fn snat_host_gets_the_gateways_own_errors(net: Gateway) {
+    net.apply("nat.yaml", NAT_POLICY);
+    net.gw.exec(
+        "ip",
+        &["route", "replace", "203.0.113.0/24", "dev", &net.ext, "mtu", "lock", "1280"],
+    );
+    // TTL 1 before the gateway knows the client's address (no neighbour entry: the packet
+    // could not be sent from here anyway), then once it does (a usable next hop).
+    let text = ping_text(&net, &["-t", "1"]);
+    assert!(
+        text.contains("Time to live exceeded"),
+        "no time-exceeded (no neighbour):
+{text}"
+    );
+    assert!(
+        text.contains("From 198.51.100.1"),
+        "from the gateway's hop:
+{text}"
+    );
+    assert_eq!(replies(&net, 56, 2), 2, "plain pings");
+    let text = ping_text(&net, &["-t", "1"]);
+    assert!(
+        text.contains("Time to live exceeded"),
+        "no time-exceeded came back:
+{text}"
+    );
+    let text = ping_text(&net, &["-M", "do", "-s", "1400"]);
+    assert!(
+        text.contains("Frag needed"),
+        "no fragmentation-needed came back:
+{text}"
+    );
+    assert!(text.contains("mtu = 1280"), "{text}");
+}
+
+fn ping_text(net: &Gateway, args: &[&str]) -> String {
+    let args = [&["-n"], args, &["-c", "2", "-i", "0.3", "-W", "1", CLIENT4]].concat();
+    let out = net.server.try_exec("ping", &args);
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+#[test]
+fn tc_snat_host_gets_the_gateways_own_errors() {
+    snat_host_gets_the_gateways_own_errors(Gateway::tc());
+}
+
+#[test]
+fn xdp_snat_host_gets_the_gateways_own_errors() {
+    let net = Gateway::new();
+    // An XDP redirect into a veth needs NAPI at its peer: GRO on at the hosts' ends.
+    for ns in [&net.client, &net.server] {
+        let out = ns.exec("ip", &["-o", "link", "show", "type", "veth"]);
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let name = line.split(": ").nth(1).and_then(|n| n.split('@').next()).unwrap();
+            ns.exec("ethtool", &["-K", name, "gro", "on"]);
+        }
+    }
+    snat_host_gets_the_gateways_own_errors(net);
+}

@@ -28,12 +28,13 @@ use xdpgate_common::{
 use crate::{
     hook::Hook,
     maps::{FIB_PARAMS, ROUTE_GENERATION},
-    parse::PacketMeta,
+    parse::{Packet, PacketMeta, ptr_at},
 };
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
+const BPF_FIB_LKUP_RET_FRAG_NEEDED: i64 = 8;
 /// `bpf_sock.state` of a listening socket.
 const TCP_LISTEN: u32 = 10;
 
@@ -106,7 +107,15 @@ pub fn host_connection(ctx: &impl EbpfContext, meta: &PacketMeta) -> bool {
 
 /// Sends the packet towards `next_hop` (its destination, or the backend of a floating-IP
 /// flow), by the flow direction's cached next hop `cache` while it holds, or else by the
-/// FIB, whose answer is then cached. Returns the XDP action.
+/// FIB, whose answer is then cached; `rewrite` translates it first. Returns the XDP action.
+///
+/// A packet the stack will drop with an ICMP error of its own (its TTL runs out here, or it
+/// is longer than the route allows and may not be fragmented) goes to the stack as it
+/// arrived when `own_errors` (a source translation): the error then reaches the sender,
+/// quoting what it sent (translated, it would go to the public address, where nothing
+/// answers; traceroute's first hop and path-MTU discovery through this hop would fail).
+/// Every other packet passed to the stack is translated first, so that nothing leaves
+/// untranslated.
 #[inline(always)]
 pub fn forward<H: Hook>(
     ctx: &H,
@@ -115,39 +124,72 @@ pub fn forward<H: Hook>(
     next_hop: &[u32; 4],
     len: u64,
     cache: Option<&mut NextHop>,
+    own_errors: bool,
+    rewrite: impl FnOnce() -> Result<(), DropReason>,
 ) -> Result<u32, DropReason> {
+    // Whatever the route: the stack drops such a packet too when it cannot be sent from
+    // here (no neighbour entry yet, an egress interface xdpgate is not attached to).
+    if own_errors && ttl(ctx, meta)? <= 1 {
+        return Ok(xdp_action::XDP_PASS);
+    }
     let ip_len = ctx.wire_len(meta, (len as u16).wrapping_sub(meta.l3_off));
     let generation = ROUTE_GENERATION.get(0).copied().unwrap_or(0);
     // The low bits: ages are told by wrapping differences.
     let now = unsafe { bpf_jiffies64() } as u32;
     let iif = ctx.arrival();
     let hop = match cache {
-        Some(hop) if holds(hop, generation, now, iif, ip_len) => *hop,
+        Some(hop) if holds(hop, generation, now, iif, ip_len) => Some(*hop),
         cache => {
             let (rc, p) = lookup(ctx, meta, src, next_hop, ip_len)?;
             if rc != BPF_FIB_LKUP_RET_SUCCESS || !H::may_send_to(p.ifindex) {
-                return Ok(xdp_action::XDP_PASS);
+                if own_errors && rc == BPF_FIB_LKUP_RET_FRAG_NEEDED && !fragmentable(ctx, meta)? {
+                    return Ok(xdp_action::XDP_PASS);
+                }
+                None
+            } else {
+                let hop = NextHop {
+                    generation,
+                    jiffies: now,
+                    ifindex: p.ifindex,
+                    dmac: p.dmac,
+                    smac: p.smac,
+                    iif,
+                    max_len: ip_len,
+                    _pad: [0; 2],
+                };
+                if let Some(cache) = cache {
+                    *cache = hop;
+                }
+                Some(hop)
             }
-            let hop = NextHop {
-                generation,
-                jiffies: now,
-                ifindex: p.ifindex,
-                dmac: p.dmac,
-                smac: p.smac,
-                iif,
-                max_len: ip_len,
-                _pad: [0; 2],
-            };
-            if let Some(cache) = cache {
-                *cache = hop;
-            }
-            hop
         }
     };
+    // One call site, so that the rewrite is inlined here.
+    rewrite()?;
+    let Some(hop) = hop else { return Ok(xdp_action::XDP_PASS) };
     if !ctx.decrement_ttl(meta)? {
         return Ok(xdp_action::XDP_PASS);
     }
     ctx.send(&hop)
+}
+
+/// The first 9 bytes of the IP header: IPv4 flags (byte 6) and TTL (8), IPv6 hop limit (7).
+#[inline(always)]
+fn ip_start(ctx: &impl Packet, meta: &PacketMeta) -> Result<[u8; 9], DropReason> {
+    Ok(unsafe { *ptr_at::<[u8; 9]>(ctx, meta.l3())? })
+}
+
+/// The packet's TTL (hop limit).
+#[inline(always)]
+fn ttl(ctx: &impl Packet, meta: &PacketMeta) -> Result<u8, DropReason> {
+    let h = ip_start(ctx, meta)?;
+    Ok(if meta.family == 4 { h[8] } else { h[7] })
+}
+
+/// Whether a router may fragment the packet: IPv4 without DF (IPv6 never).
+#[inline(always)]
+fn fragmentable(ctx: &impl Packet, meta: &PacketMeta) -> Result<bool, DropReason> {
+    Ok(meta.family == 4 && ip_start(ctx, meta)?[6] & 0x40 == 0)
 }
 
 /// Whether a cached next hop still holds for a packet of `ip_len` bytes arriving by `iif`:

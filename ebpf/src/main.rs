@@ -322,22 +322,28 @@ fn act_stage<H: Hook>(ctx: &H) -> Result<u32, DropReason> {
         NAT_NONE => Ok(xdp_action::XDP_PASS),
         NAT_NEXT_HOP => {
             let hop = flow::next_hop_cache(meta);
-            forward::forward(ctx, meta, &meta.src, &action.addr, len, hop)
+            forward::forward(ctx, meta, &meta.src, &action.addr, len, hop, false, || Ok(()))
         }
+        // The stack's own errors about a destination-translated packet (one of a load
+        // balancer's, whose frontend may be this host's address) would need translating on
+        // their way out; not done: such a packet goes to the stack translated.
         NAT_DST => {
-            ctx.rewrite(meta, NAT_DST, &action.addr, action.port)?;
             let hop = flow::next_hop_cache(meta);
-            forward::forward(ctx, meta, &meta.src, &action.addr, len, hop)
+            forward::forward(ctx, meta, &meta.src, &action.addr, len, hop, false, || {
+                ctx.rewrite(meta, NAT_DST, &action.addr, action.port)
+            })
         }
         // Not a flow's own packet: no flow entry to keep its next hop in.
         NAT_ICMP_ERROR => {
-            ctx.rewrite_icmp_error(meta, &action.addr, action.port)?;
-            forward::forward(ctx, meta, &meta.src, &action.addr, len, None)
+            forward::forward(ctx, meta, &meta.src, &action.addr, len, None, false, || {
+                ctx.rewrite_icmp_error(meta, &action.addr, action.port)
+            })
         }
         _ => {
-            ctx.rewrite(meta, NAT_SRC, &action.addr, action.port)?;
             let hop = flow::next_hop_cache(meta);
-            forward::forward(ctx, meta, &action.addr, &meta.dst, len, hop)
+            forward::forward(ctx, meta, &action.addr, &meta.dst, len, hop, true, || {
+                ctx.rewrite(meta, NAT_SRC, &action.addr, action.port)
+            })
         }
     }
 }
