@@ -117,8 +117,16 @@ pub fn lookup(active: &Active<'_>, meta: &PacketMeta, len: u64) -> Result<Lookup
 /// [`lookup`] in the established table alone: `None` when the flow is not there, or is
 /// there no more (its entries are removed), and the embryonic table decides.
 #[inline(always)]
-pub fn lookup_established(active: &Active<'_>, meta: &PacketMeta, len: u64) -> Option<Lookup> {
-    established(active, meta, &key(meta), clock::now_ns(), len)
+pub fn lookup_established(
+    active: &Active<'_>,
+    meta: &PacketMeta,
+    len: u64,
+) -> Option<(Lookup, &'static mut NextHop)> {
+    let key = key(meta);
+    let entry = unsafe { &mut *FLOWS.get_ptr_mut(&key)? };
+    let found = established_entry(active, meta, &key, entry, clock::now_ns(), len)?;
+    // The entry's own next-hop cache: a translated hit is forwarded without a second lookup.
+    Some((found, &mut entry.hop))
 }
 
 /// [`lookup`] in the embryonic table alone, once the established table had no flow.
@@ -143,6 +151,18 @@ fn established(
     len: u64,
 ) -> Option<Lookup> {
     let entry = unsafe { &mut *FLOWS.get_ptr_mut(key)? };
+    established_entry(active, meta, key, entry, now, len)
+}
+
+#[inline(always)]
+fn established_entry(
+    active: &Active<'_>,
+    meta: &PacketMeta,
+    key: &FlowKey,
+    entry: &mut FlowValue,
+    now: u64,
+    len: u64,
+) -> Option<Lookup> {
     let timeout = active.config.idle_timeout_ns(meta.family, meta.proto, entry.tcp, entry.idle_s);
     // Saturating: another CPU may have stamped the entry after this packet read the clock.
     if now.saturating_sub(entry.last_seen_ns) <= timeout

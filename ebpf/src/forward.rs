@@ -164,7 +164,43 @@ pub fn forward<H: Hook>(
             }
         }
     };
-    // One call site, so that the rewrite is inlined here.
+    send(ctx, meta, hop, rewrite)
+}
+
+/// [`forward`] by the cached next hop alone, for a packet of an established flow in the
+/// entry stage: `None` when the cache does not hold or the TTL runs out here, and the
+/// packet goes the act stage's way (the FIB and the stack's own errors), which would take
+/// the entry stage past its stack limit.
+#[inline(always)]
+pub fn by_cache<H: Hook>(
+    ctx: &H,
+    meta: &PacketMeta,
+    len: u64,
+    cache: &NextHop,
+    rewrite: impl FnOnce() -> Result<(), DropReason>,
+) -> Option<Result<u32, DropReason>> {
+    if ttl(ctx, meta).ok()? <= 1 {
+        return None;
+    }
+    let ip_len = ctx.wire_len(meta, (len as u16).wrapping_sub(meta.l3_off));
+    let generation = ROUTE_GENERATION.get(0).copied().unwrap_or(0);
+    let now = unsafe { bpf_jiffies64() } as u32;
+    if !holds(cache, generation, now, ctx.arrival(), ip_len) {
+        return None;
+    }
+    Some(send(ctx, meta, Some(*cache), rewrite))
+}
+
+/// Rewrites the packet and sends it by `hop`; without one (or with its TTL out), to the
+/// stack.
+#[inline(always)]
+fn send<H: Hook>(
+    ctx: &H,
+    meta: &PacketMeta,
+    hop: Option<NextHop>,
+    rewrite: impl FnOnce() -> Result<(), DropReason>,
+) -> Result<u32, DropReason> {
+    // One call site per caller, so that the rewrite is inlined there.
     rewrite()?;
     let Some(hop) = hop else { return Ok(xdp_action::XDP_PASS) };
     if !ctx.decrement_ttl(meta)? {

@@ -29,7 +29,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::error;
 use xdpgate_common::{
-    flow::{NAT_DST, NAT_NEXT_HOP, NAT_NONE, NAT_SRC},
+    flow::{NAT_DST, NAT_NEXT_HOP, NAT_NONE, NAT_SRC, NextHop},
     iface::{IfaceConfig, Role},
     maps::{
         EGRESS_NEW, EGRESS_PARSE, EGRESS_POLICY, PIPELINE_ACT, PIPELINE_NEW, PIPELINE_POLICY,
@@ -166,16 +166,19 @@ fn parse_stage<H: Hook>(ctx: &H, iface: Option<&IfaceConfig>) -> Result<u32, Dro
     } else {
         None
     };
-    if let Some(Lookup::Hit(action)) = found
-        && action.nat == NAT_NONE
-    {
-        return Ok(xdp_action::XDP_PASS);
+    if let Some((Lookup::Hit(action), hop)) = &found {
+        if action.nat == NAT_NONE {
+            return Ok(xdp_action::XDP_PASS);
+        }
+        if let Some(verdict) = act_cached(ctx, &meta, action, hop) {
+            return verdict;
+        }
     }
     let slot = SCRATCH.get_ptr_mut(0).ok_or(DropReason::Internal)?;
     unsafe { *slot = meta };
     match found {
-        Some(Lookup::Hit(action)) => decided(ctx, &meta, action),
-        Some(Lookup::Stale) => {
+        Some((Lookup::Hit(action), _)) => decided(ctx, &meta, action),
+        Some((Lookup::Stale, _)) => {
             request_reclassify()?;
             enter(ctx, H::stages(), PIPELINE_NEW)
         }
@@ -313,38 +316,70 @@ fn snat_stage<H: Hook>(ctx: &H) -> Result<u32, DropReason> {
 fn act_stage<H: Hook>(ctx: &H) -> Result<u32, DropReason> {
     let meta = SCRATCH.get(0).ok_or(DropReason::Internal)?;
     let action = ACTION.get(0).ok_or(DropReason::Internal)?;
-    let len = Packet::len(ctx) as u64;
     // Here, after the SNAT stage, the first fragment's rewrite is final.
     if meta.frag == FRAG_FIRST {
         flow::remember_first_fragment(meta, action);
     }
+    let hop = match action.nat {
+        NAT_NONE | NAT_ICMP_ERROR => None,
+        _ => flow::next_hop_cache(meta),
+    };
+    act(ctx, meta, action, hop)
+}
+
+/// A translated flow's established packet, rewritten and forwarded in the entry stage by
+/// its entry's cached next hop: no tail call and no second lookup for the hop. `None`: the
+/// act stage's way.
+#[inline(always)]
+fn act_cached<H: Hook>(
+    ctx: &H,
+    meta: &PacketMeta,
+    action: &Action,
+    hop: &NextHop,
+) -> Option<Result<u32, DropReason>> {
+    let len = Packet::len(ctx) as u64;
+    match action.nat {
+        NAT_NEXT_HOP => forward::by_cache(ctx, meta, len, hop, || Ok(())),
+        NAT_DST => forward::by_cache(ctx, meta, len, hop, || {
+            ctx.rewrite(meta, NAT_DST, &action.addr, action.port)
+        }),
+        NAT_SRC => forward::by_cache(ctx, meta, len, hop, || {
+            ctx.rewrite(meta, NAT_SRC, &action.addr, action.port)
+        }),
+        _ => None,
+    }
+}
+
+/// Applies the rewrite of `action` and forwards the packet, by the flow direction's cached
+/// next hop `hop` while it holds.
+#[inline(always)]
+fn act<H: Hook>(
+    ctx: &H,
+    meta: &PacketMeta,
+    action: &Action,
+    hop: Option<&mut NextHop>,
+) -> Result<u32, DropReason> {
+    let len = Packet::len(ctx) as u64;
     match action.nat {
         NAT_NONE => Ok(xdp_action::XDP_PASS),
         NAT_NEXT_HOP => {
-            let hop = flow::next_hop_cache(meta);
             forward::forward(ctx, meta, &meta.src, &action.addr, len, hop, false, || Ok(()))
         }
         // The stack's own errors about a destination-translated packet (one of a load
         // balancer's, whose frontend may be this host's address) would need translating on
         // their way out; not done: such a packet goes to the stack translated.
-        NAT_DST => {
-            let hop = flow::next_hop_cache(meta);
-            forward::forward(ctx, meta, &meta.src, &action.addr, len, hop, false, || {
-                ctx.rewrite(meta, NAT_DST, &action.addr, action.port)
-            })
-        }
+        NAT_DST => forward::forward(ctx, meta, &meta.src, &action.addr, len, hop, false, || {
+            ctx.rewrite(meta, NAT_DST, &action.addr, action.port)
+        }),
         // Not a flow's own packet: no flow entry to keep its next hop in.
         NAT_ICMP_ERROR => {
             forward::forward(ctx, meta, &meta.src, &action.addr, len, None, false, || {
                 ctx.rewrite_icmp_error(meta, &action.addr, action.port)
             })
         }
-        _ => {
-            let hop = flow::next_hop_cache(meta);
-            forward::forward(ctx, meta, &action.addr, &meta.dst, len, hop, true, || {
-                ctx.rewrite(meta, NAT_SRC, &action.addr, action.port)
-            })
-        }
+        _ => forward::forward(ctx, meta, &action.addr, &meta.dst, len, hop, true, || {
+            ctx.rewrite(meta, NAT_SRC, &action.addr, action.port)
+        }),
     }
 }
 
@@ -470,12 +505,12 @@ fn egress_parse_stage(ctx: &TcContext, slot: u32) -> Result<Option<()>, DropReas
     let looked = meta.frag == FRAG_NONE && !icmp::is_error(&meta);
     let found =
         if looked { flow::lookup_established(&active, &meta, u64::from(ctx.len())) } else { None };
-    if let Some(Lookup::Hit(_)) = found {
+    if let Some((Lookup::Hit(_), _)) = found {
         return Ok(Some(()));
     }
     let scratch = SCRATCH.get_ptr_mut(0).ok_or(DropReason::Internal)?;
     unsafe { *scratch = meta };
-    if let Some(Lookup::Stale) = found {
+    if let Some((Lookup::Stale, _)) = found {
         request_reclassify()?;
         return enter(ctx, &EGRESS_PIPELINE, EGRESS_NEW);
     }
