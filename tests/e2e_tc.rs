@@ -343,17 +343,21 @@ fn tc_load_balancer_spreads_connections_and_carries_them_exactly() {
             Transfers::start(&lan.backends[i], vec![addr], &format!("b{}\n", i + 1), UP, DOWN)
         })
         .collect();
+    // Twelve connections, and more until each backend has had one: the source ports are the
+    // kernel's choice, so twelve alone miss a backend about once in 40 runs (3 * (2/3)^12);
+    // sixty miss one about once in 10^10.
     let mut seen = Vec::new();
-    for n in 0..12 {
+    let all = HashSet::from(["b1", "b2", "b3"]);
+    while seen.len() < 12 || seen.iter().map(String::as_str).collect::<HashSet<_>>() != all {
+        let n = seen.len();
+        assert!(n < 60, "60 connections and a backend never chosen: {seen:?}");
         let back = transfer(&lan.client, sock("192.0.2.10", 80), UP)
             .unwrap_or_else(|e| panic!("connection {n} to the frontend: {e}"));
         let name = String::from_utf8_lossy(&back[..3]).into_owned();
         assert_download(&back, &name, DOWN, &format!("connection {n} (from {name})"));
         seen.push(name.trim().to_owned());
     }
-    let spread: HashSet<&str> = seen.iter().map(String::as_str).collect();
-    assert_eq!(spread, HashSet::from(["b1", "b2", "b3"]), "12 connections: {seen:?}");
-    // Every connection was reported before its answer was sent: all 12 are there.
+    // Every connection was reported before its answer was sent: all of them are there.
     let mut reported = 0;
     for (i, b) in backends.iter().enumerate() {
         while let Ok(served) = b.served.try_recv() {
@@ -362,7 +366,7 @@ fn tc_load_balancer_spreads_connections_and_carries_them_exactly() {
             reported += 1;
         }
     }
-    assert_eq!(reported, 12);
+    assert_eq!(reported, seen.len());
 }
 
 #[test]
