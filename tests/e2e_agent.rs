@@ -315,7 +315,7 @@ fn simulated_reboot_attaches_from_the_node_file() {
     let node = lab.write_policy(
         "node.yaml",
         &format!(
-            "interfaces:\n  - {{name: {}, role: external, mode: native}}\n  - {{name: {}, role: internal}}\n  - {{name: late0, role: internal, mode: skb}}\ntables:\n  flows: 100000\n",
+            "interfaces:\n  - {{name: {}, role: external, mode: native}}\n  - {{name: {}, role: internal, hook: xdp}}\n  - {{name: late0, role: internal, mode: skb}}\ntables:\n  flows: 100000\n",
             lab.ext, lab.int
         ),
     );
@@ -551,7 +551,8 @@ fn boots_from_the_node_file_with_only_the_units_capabilities() {
     let policy = dir.join("policy.yaml");
     std::fs::write(&policy, policy_text()).unwrap();
     let node = dir.join("node.yaml");
-    std::fs::write(&node, format!("interfaces:\n  - {{name: {ib}, role: internal}}\n")).unwrap();
+    std::fs::write(&node, format!("interfaces:\n  - {{name: {ib}, role: internal, hook: xdp}}\n"))
+        .unwrap();
 
     // What deploy/xdpgate.service grants: CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, nothing else.
     let caps = "-all,+bpf,+perfmon,+net_admin";

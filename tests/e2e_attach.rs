@@ -48,13 +48,13 @@ fn attach_counts_real_tcp_udp_icmp_then_detaches() {
     );
     let pins = Pins::in_netns(&server);
 
-    let out = pins.xdpgate(&["attach", "--iface", &sb, "--role", "internal"]);
+    let out = pins.xdpgate(&["attach", "--hook", "xdp", "--iface", &sb, "--role", "internal"]);
     assert!(out.contains("attached"), "{out}");
     let link = String::from_utf8_lossy(&server.exec("ip", &["-d", "link", "show", &sb]).stdout)
         .into_owned();
     assert!(link.contains("prog/xdp") && !link.contains("xdpgeneric"), "not native XDP: {link}");
     // A second attach to the same interface is refused, not stacked.
-    assert!(!pins.try_xdpgate(&["attach", "--iface", &sb]).status.success());
+    assert!(!pins.try_xdpgate(&["attach", "--hook", "xdp", "--iface", &sb]).status.success());
 
     let rx_before = rx_packets(&server, &sb);
     let (pkts_before, bytes_before) = pass_counter(&pins, &sb);

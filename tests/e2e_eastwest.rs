@@ -285,7 +285,7 @@ impl Lab {
         }
         let pins = Pins::in_netns(&gw);
         for (iface, role) in [(&gw_a, role_a), (&gw_b, role_b)] {
-            let out = pins.xdpgate(&["attach", "--iface", iface, "--role", role]);
+            let out = pins.xdpgate(&["attach", "--hook", "xdp", "--iface", iface, "--role", role]);
             assert!(out.contains("attached"), "{out}");
         }
         let policy = PolicyFile(std::env::temp_dir().join(format!("{}.yaml", unique("eastwest"))));

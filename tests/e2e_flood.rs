@@ -245,7 +245,7 @@ impl Lab {
         }
         let pins = Pins::in_netns(&gw);
         for (iface, role) in [("ext0", "external"), ("int0", "internal"), ("ext1", "external")] {
-            pins.xdpgate(&["attach", "--iface", iface, "--role", role]);
+            pins.xdpgate(&["attach", "--hook", "xdp", "--iface", iface, "--role", role]);
         }
         let dir = std::env::temp_dir().join(unique("flood"));
         std::fs::create_dir_all(&dir).unwrap();

@@ -212,7 +212,9 @@ impl Lab {
     }
 
     fn attach_and_apply_with(&self, extra: &[&str]) {
-        let args = [&["attach", "--iface", &self.iface, "--role", "external"][..], extra].concat();
+        let args =
+            [&["attach", "--hook", "xdp", "--iface", &self.iface, "--role", "external"][..], extra]
+                .concat();
         self.pins.xdpgate(&args);
         self.pins.apply(POLICY);
     }
@@ -463,7 +465,9 @@ fn headers_outside_the_linear_area_are_pulled_and_judged() {
     let inet_mac = lab.net.mac(&lab.inet_if);
     // veth has no native XDP for this MTU: the refused attach leaves nothing behind, the
     // egress program included.
-    let out = lab.pins.try_xdpgate(&["attach", "--iface", &lab.iface, "--role", "external"]);
+    let out = lab
+        .pins
+        .try_xdpgate(&["attach", "--hook", "xdp", "--iface", &lab.iface, "--role", "external"]);
     assert!(!out.status.success());
     assert!(tcx_egress(&lab.host, &lab.iface).is_empty());
     assert!(!lab.pins.dir.egress_link(&lab.iface).exists());
@@ -616,7 +620,7 @@ impl Drop for FlowLogAgent {
 #[test]
 fn the_hosts_own_flows_are_in_the_flow_log() {
     let lab = Lab::new();
-    lab.pins.xdpgate(&["attach", "--iface", &lab.iface, "--role", "external"]);
+    lab.pins.xdpgate(&["attach", "--hook", "xdp", "--iface", &lab.iface, "--role", "external"]);
     let dir = std::env::temp_dir().join(common::unique("xghlog"));
     std::fs::create_dir_all(&dir).unwrap();
     let (policy, log) = (dir.join("policy.yaml"), dir.join("flows.jsonl"));

@@ -87,8 +87,8 @@ impl Lab {
             ns.exec("ethtool", &["-K", "eth0", "tx", "off"]);
         }
         let pins = Pins::in_netns(&gw);
-        pins.xdpgate(&["attach", "--iface", "ext0", "--role", "external"]);
-        pins.xdpgate(&["attach", "--iface", "int0", "--role", "internal"]);
+        pins.xdpgate(&["attach", "--hook", "xdp", "--iface", "ext0", "--role", "external"]);
+        pins.xdpgate(&["attach", "--hook", "xdp", "--iface", "int0", "--role", "internal"]);
         let file = std::env::temp_dir().join(format!("{}.yaml", unique("natpol")));
         std::fs::write(&file, policy(extra)).unwrap();
         let agent = Command::new(common::xdpgate_bin())

@@ -98,7 +98,7 @@ impl Lab {
 
         let pins = Pins::in_netns(&gw);
         for (iface, role) in [(&gw_ext, "external"), (&gw_int, "internal")] {
-            pins.xdpgate(&["attach", "--iface", iface, "--role", role]);
+            pins.xdpgate(&["attach", "--hook", "xdp", "--iface", iface, "--role", role]);
         }
         let echo =
             EchoServer::start(&server, [80, 22, 8080].iter().map(|p| sock(SERVER, *p)).collect());

@@ -81,7 +81,7 @@ fn pktgen_frames_arrive_at_xdpgate_and_at_a_sink() {
     let (gi, di) = veth(&generator, "", &dut, "198.51.100.1/24,2001:db8:1::1/64");
     let dut_mac = mac(&dut, &di);
     let pins = Pins::in_netns(&dut);
-    pins.xdpgate(&["attach", "--iface", &di, "--role", "external"]);
+    pins.xdpgate(&["attach", "--hook", "xdp", "--iface", &di, "--role", "external"]);
 
     // UDP over IPv4, 64 flows from 4 addresses x 16 ports: every frame reaches xdpgate.
     let before = counted(&pins, &di);

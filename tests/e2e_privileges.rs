@@ -80,7 +80,7 @@ fn runs_with_only_bpf_perfmon_and_net_admin() {
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    ok(&["attach", "--iface", &ib, "--role", "internal"]);
+    ok(&["attach", "--hook", "xdp", "--iface", &ib, "--role", "internal"]);
     ok(&["attach", "--iface", &ib_tc, "--role", "external", "--hook", "tc"]);
     ok(&["apply", policy.to_str().unwrap()]);
     let stats = ok(&["stats", "--json"]);
@@ -166,7 +166,7 @@ fn pin_directories_anyone_but_root_could_change_are_refused() {
     let b = Netns::new("prb");
     let (_, ib) = common::veth(&a, "198.51.100.1/24", &b, "198.51.100.2/24");
     let bpffs = Bpffs::new();
-    let attach = |pins: &str| xdpgate(pins, Some(&b), &["attach", "--iface", &ib]);
+    let attach = |pins: &str| xdpgate(pins, Some(&b), &["attach", "--hook", "xdp", "--iface", &ib]);
 
     // The attack: a local user makes the pin directory before root's first attach.
     let squatted = format!("{}/xdpgate", bpffs.0);
@@ -236,7 +236,7 @@ fn a_user_without_privileges_is_told_so() {
     let (_, ib) = common::veth(&a, "198.51.100.1/24", &b, "198.51.100.2/24");
     let bpffs = Bpffs::new();
     let pins = format!("{}/xdpgate", bpffs.0);
-    ok(xdpgate(&pins, Some(&b), &["attach", "--iface", &ib]), "attach");
+    ok(xdpgate(&pins, Some(&b), &["attach", "--hook", "xdp", "--iface", &ib]), "attach");
     let policy = std::env::temp_dir().join(format!("{}.yaml", unique("pupol")));
     std::fs::write(&policy, "virtual_network: {address_space: [198.51.100.0/24]}\nnsgs: []\n")
         .unwrap();
@@ -290,7 +290,14 @@ fn status_names_the_namespace_a_link_lives_in() {
     let (_, ib) = common::veth(&a, "198.51.100.1/24", &b, "198.51.100.2/24");
     let bpffs = Bpffs::new();
     let pins = format!("{}/xdpgate", bpffs.0);
-    ok(xdpgate(&pins, Some(&b), &["attach", "--iface", &ib, "--role", "internal"]), "attach");
+    ok(
+        xdpgate(
+            &pins,
+            Some(&b),
+            &["attach", "--hook", "xdp", "--iface", &ib, "--role", "internal"],
+        ),
+        "attach",
+    );
     let status = |ns: Option<&Netns>| -> Value {
         serde_json::from_str(&ok(xdpgate(&pins, ns, &["status", "--json"]), "status")).unwrap()
     };
@@ -375,7 +382,7 @@ fn detach_from_another_namespace_forgets_the_interface() {
     let (_, ib) = common::veth(&a, "198.51.100.1/24", &b, "198.51.100.2/24");
     let bpffs = Bpffs::new();
     let pins = format!("{}/xdpgate", bpffs.0);
-    ok(xdpgate(&pins, Some(&b), &["attach", "--iface", &ib]), "attach");
+    ok(xdpgate(&pins, Some(&b), &["attach", "--hook", "xdp", "--iface", &ib]), "attach");
     let registered = || -> Vec<u32> {
         let map = xdpgate_dataplane::PinDir::new(&pins).open_map(IFACES).unwrap();
         let ifaces: HashMap<_, u32, IfaceConfig> = map.try_into().unwrap();

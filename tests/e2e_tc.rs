@@ -597,3 +597,24 @@ fn an_xdp_interface_forwards_to_a_tc_interface_through_the_stack() {
     assert!(served.upload_exact);
     assert_eq!(served.peer.ip().to_string(), "192.0.2.100", "the internet saw the pool address");
 }
+
+/// Without `--hook`, a veth gets the tc hook (its driver's default); `--mode` asks for XDP,
+/// and `--hook xdp` still attaches XDP to a veth.
+#[test]
+fn a_veth_attached_without_hook_gets_tc() {
+    let a = Netns::new("dha");
+    let b = Netns::new("dhb");
+    let (_, vb) = veth(&a, "198.51.100.1/24", &b, "198.51.100.2/24");
+    let pins = Pins::in_netns(&b);
+    for (args, hook) in [
+        (&[][..], "tc"),
+        (&["--mode", "native"][..], "xdp"),
+        (&["--hook", "xdp"][..], "xdp"),
+        (&["--hook", "tc"][..], "tc"),
+    ] {
+        let attach = [&["attach", "--iface", &vb, "--role", "internal"][..], args].concat();
+        pins.xdpgate(&attach);
+        common::assert_ingress_hook(&pins, &b, &vb, hook);
+        pins.xdpgate(&["detach", "--iface", &vb]);
+    }
+}

@@ -203,7 +203,7 @@ fn agent_reports_an_interface_on_another_hook_than_its_node_file() {
     let b = common::Netns::new("nhb");
     let (_, vb) = common::veth(&a, "198.51.100.1/24", &b, "198.51.100.2/24");
     let pins = common::Pins::in_netns(&b);
-    pins.xdpgate(&["attach", "--iface", &vb, "--role", "internal"]);
+    pins.xdpgate(&["attach", "--hook", "xdp", "--iface", &vb, "--role", "internal"]);
     let dir = std::env::temp_dir().join(common::unique("nhnode"));
     std::fs::create_dir_all(&dir).unwrap();
     let (policy, node) = (dir.join("policy.yaml"), dir.join("node.yaml"));

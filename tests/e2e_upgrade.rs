@@ -282,7 +282,9 @@ fn sized_tables_carry_traffic_and_keep_their_size_across_upgrade() {
              (100,000 translations)",
         ),
     ] {
-        let attach = [&["attach", "--iface", &lab.int, "--role", "internal"][..], args].concat();
+        let attach =
+            [&["attach", "--hook", "xdp", "--iface", &lab.int, "--role", "internal"][..], args]
+                .concat();
         let out = lab.pins.try_xdpgate(&attach);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "refused: {args:?}");
@@ -295,13 +297,16 @@ fn sized_tables_carry_traffic_and_keep_their_size_across_upgrade() {
         assert_eq!(table_sizes(&lab.pins), want, "sizes unchanged");
     }
     for args in [&["--flows", "1048576"][..], &[][..]] {
-        let attach = [&["attach", "--iface", &lab.int, "--role", "internal"][..], args].concat();
+        let attach =
+            [&["attach", "--hook", "xdp", "--iface", &lab.int, "--role", "internal"][..], args]
+                .concat();
         lab.pins.xdpgate(&attach);
         assert_eq!(table_sizes(&lab.pins), want, "{args:?}: sizes kept");
         lab.pins.xdpgate(&["detach", "--iface", &lab.int]);
     }
     // A size outside the limits is refused before anything is made.
-    let out = lab.pins.try_xdpgate(&["attach", "--iface", &lab.int, "--flows", "10"]);
+    let out =
+        lab.pins.try_xdpgate(&["attach", "--hook", "xdp", "--iface", &lab.int, "--flows", "10"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("flows 10: must be between 64 and 134,217,728"), "{err}");
@@ -348,7 +353,7 @@ fn a_flow_table_of_another_map_type_is_refused() {
     });
     assert_eq!(echoed.as_ref().map(|b| &b[..]), Some(&b"still here"[..]), "traffic flows");
     lab.pins.xdpgate(&["detach", "--iface", &lab.int]);
-    refused(&["attach", "--iface", &lab.int, "--role", "internal"]);
+    refused(&["attach", "--hook", "xdp", "--iface", &lab.int, "--role", "internal"]);
     assert!(!lab.pins.dir.link(&lab.int).exists(), "not attached");
 }
 
@@ -374,7 +379,7 @@ fn tables_the_machine_cannot_hold_are_refused_before_anything_is_made() {
     let (ia, _) = common::veth(&a, "192.0.2.1/24", &b, "192.0.2.2/24");
     let pins = Pins::in_netns(&a);
     let flows = largest.to_string();
-    let out = pins.try_xdpgate(&["attach", "--iface", &ia, "--flows", &flows]);
+    let out = pins.try_xdpgate(&["attach", "--hook", "xdp", "--iface", &ia, "--flows", &flows]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "refused");
     assert!(
@@ -502,7 +507,9 @@ fn upgrade_carries_flows_over_from_the_earlier_layout() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("run `xdpgate upgrade`"), "{err}");
     lab.gw.exec("ip", &["link", "add", "xgspare", "type", "veth", "peer", "name", "xgspare1"]);
-    let out = lab.pins.try_xdpgate(&["attach", "--iface", "xgspare", "--role", "internal"]);
+    let out = lab
+        .pins
+        .try_xdpgate(&["attach", "--hook", "xdp", "--iface", "xgspare", "--role", "internal"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("run `xdpgate upgrade` first"), "{err}");
 

@@ -1703,7 +1703,7 @@ fn hostile_corpus_over_a_real_interface() {
     target.exec("ip", &["-6", "route", "add", "default", "via", "2001:db8:1::1"]);
 
     let pins = Pins::in_netns(&target);
-    let out = pins.xdpgate(&["attach", "--iface", &ib, "--role", "external"]);
+    let out = pins.xdpgate(&["attach", "--hook", "xdp", "--iface", &ib, "--role", "external"]);
     assert!(out.contains("attached"), "{out}");
     let dir = std::env::temp_dir().join(common::unique("relpkt"));
     std::fs::create_dir_all(&dir).unwrap();

@@ -81,9 +81,10 @@ enum Command {
         role: RoleArg,
         /// Where the pipeline runs on this interface's ingress: xdp (per frame, before the
         /// kernel makes an skb: physical NICs) or tc (tcx ingress, per skb after GRO: veth
-        /// and drivers without native XDP, where XDP loses TSO/GRO).
-        #[arg(long, value_enum, default_value = "xdp")]
-        hook: Hook,
+        /// and drivers without native XDP, where XDP loses TSO/GRO). Default: tc for veth
+        /// and virtual drivers without native XDP, xdp for the rest (and with --mode).
+        #[arg(long, value_enum)]
+        hook: Option<Hook>,
         /// XDP only: native (driver, the default) or skb (generic) for drivers without
         /// native support. Refused with --hook tc.
         #[arg(long, value_enum)]
@@ -347,9 +348,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 RoleArg::Internal => Role::Internal,
             };
             let ingress = match (hook, mode) {
-                (Hook::Xdp, mode) => Ingress::Xdp(mode.unwrap_or_default()),
-                (Hook::Tc, None) => Ingress::Tc,
-                (Hook::Tc, Some(mode)) => bail!(
+                (Some(Hook::Xdp), mode) => Ingress::Xdp(mode.unwrap_or_default()),
+                (None, Some(mode)) => Ingress::Xdp(mode),
+                (Some(Hook::Tc), None) => Ingress::Tc,
+                (None, None) => match Hook::default_for(&iface)? {
+                    Hook::Xdp => Ingress::Xdp(Mode::default()),
+                    Hook::Tc => Ingress::Tc,
+                },
+                (Some(Hook::Tc), Some(mode)) => bail!(
                     "--mode {} applies to XDP only: --hook tc attaches at tc ingress (tcx), \
                      which has no modes; leave out --mode",
                     mode.to_possible_value().expect("no skipped values").get_name()

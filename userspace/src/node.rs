@@ -40,8 +40,10 @@ pub struct Node {
 pub struct Interface {
     pub name: String,
     pub role: RoleName,
-    pub hook: Hook,
-    /// `mode:`; only with `hook: xdp` (the default).
+    /// `hook:`; without it, XDP when a `mode:` is given, or else the interface driver's
+    /// default ([`Hook::default_for`]).
+    pub hook: Option<Hook>,
+    /// `mode:`; only with `hook: xdp`.
     pub mode: Option<ModeName>,
 }
 
@@ -66,12 +68,18 @@ impl Interface {
         }
     }
 
-    pub fn ingress(&self) -> Ingress {
-        match (self.hook, self.mode.unwrap_or_default()) {
+    /// Where the interface's pipeline goes; the default hook needs the interface present.
+    pub fn ingress(&self) -> Result<Ingress> {
+        let hook = match (self.hook, self.mode) {
+            (Some(hook), _) => hook,
+            (None, Some(_)) => Hook::Xdp,
+            (None, None) => Hook::default_for(&self.name)?,
+        };
+        Ok(match (hook, self.mode.unwrap_or_default()) {
             (Hook::Tc, _) => Ingress::Tc,
             (Hook::Xdp, ModeName::Native) => Ingress::Xdp(Mode::Native),
             (Hook::Xdp, ModeName::Skb) => Ingress::Xdp(Mode::Skb),
-        }
+        })
     }
 }
 
@@ -115,7 +123,7 @@ fn read(text: &str) -> Result<Node> {
                         );
                     };
                     let (mut name, mut role, mut mode) = (None, None, None);
-                    let mut hook = Hook::default();
+                    let mut hook = None;
                     for (k, v) in fields {
                         let key = text_of(k).unwrap_or_default();
                         let value = text_of(v);
@@ -125,8 +133,8 @@ fn read(text: &str) -> Result<Node> {
                             ("role", Some("internal")) => role = Some(RoleName::Internal),
                             ("mode", Some("native")) => mode = Some((ModeName::Native, v.pos)),
                             ("mode", Some("skb")) => mode = Some((ModeName::Skb, v.pos)),
-                            ("hook", Some("xdp")) => hook = Hook::Xdp,
-                            ("hook", Some("tc")) => hook = Hook::Tc,
+                            ("hook", Some("xdp")) => hook = Some(Hook::Xdp),
+                            ("hook", Some("tc")) => hook = Some(Hook::Tc),
                             ("name" | "role" | "mode" | "hook", _) => bail!(
                                 "{}: {key}: {} is not valid here (role: external or internal; \
                                  hook: xdp or tc; mode: native or skb)",
@@ -142,7 +150,7 @@ fn read(text: &str) -> Result<Node> {
                     }
                     let Some(name) = name else { bail!("{}: name is missing", at(item.pos)) };
                     let Some(role) = role else { bail!("{}: role is missing", at(item.pos)) };
-                    if let (Hook::Tc, Some((_, pos))) = (hook, mode) {
+                    if let (Some(Hook::Tc), Some((_, pos))) = (hook, mode) {
                         bail!(
                             "{}: mode: applies to XDP only; hook: tc attaches at tc ingress \
                              (tcx), which has no modes",
@@ -246,7 +254,10 @@ pub fn attach_missing(pins: &PinDir, node: &Node) -> (Vec<String>, Vec<anyhow::E
         sizes = dataplane::SizeRequest::default();
     }
     for i in missing(pins, node) {
-        match dataplane::attach_sized(pins, &i.name, i.role(), i.ingress(), &sizes) {
+        let attached = i
+            .ingress()
+            .and_then(|ingress| dataplane::attach_sized(pins, &i.name, i.role(), ingress, &sizes));
+        match attached {
             Ok(()) => done.push(i.name.clone()),
             Err(e) => failed.push(e.context(format!("attaching {} ({:?})", i.name, i.role))),
         }
@@ -258,14 +269,15 @@ pub fn attach_missing(pins: &PinDir, node: &Node) -> (Vec<String>, Vec<anyhow::E
 /// An error for each interface of `node` attached with another hook than the node file's
 /// (attached by hand, or under an earlier node file): it stays on that hook, as switching
 /// means a moment without the filter, but the operator who wrote `hook: tc` must not
-/// believe it is in force (on a veth, XDP breaks NAT of TSO traffic).
+/// believe it is in force (on a veth, XDP breaks NAT of TSO traffic). Only for a hook the
+/// node file names: an interface attached before the per-driver default stays as it is.
 fn other_hook(pins: &PinDir, node: &Node) -> Vec<anyhow::Error> {
     node.interfaces
         .iter()
         .filter(|i| pins.link(&i.name).exists())
         .filter_map(|i| {
+            let wanted = i.hook?;
             let running = dataplane::link_info(pins, &i.name).ok()?.hook;
-            let wanted = i.ingress().hook();
             (running != wanted).then(|| {
                 anyhow::anyhow!(
                     "{} is attached with hook {}, the node file says hook: {}: it stays on {} \
@@ -294,16 +306,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(n.interfaces.len(), 4);
-        let ingress: Vec<_> = n.interfaces.iter().map(Interface::ingress).collect();
-        assert_eq!(
-            ingress,
-            [
-                Ingress::Xdp(Mode::Native),
-                Ingress::Xdp(Mode::Skb),
-                Ingress::Tc,
-                Ingress::Xdp(Mode::Native)
-            ]
-        );
+        // Without hook: or mode:, the driver's default, asked when attaching.
+        assert_eq!((n.interfaces[0].hook, n.interfaces[0].mode), (None, None));
+        let ingress: Vec<_> = n.interfaces[1..].iter().map(|i| i.ingress().unwrap()).collect();
+        assert_eq!(ingress, [Ingress::Xdp(Mode::Skb), Ingress::Tc, Ingress::Xdp(Mode::Native)]);
         assert_eq!(n.interfaces[1].role(), Role::Internal);
         assert_eq!(n.tables, dataplane::SizeRequest::default());
         let sized = parse(

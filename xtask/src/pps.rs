@@ -281,7 +281,15 @@ impl Lab {
                 }
             }
             Case::Allow | Case::Deny => {
-                self.xdpgate(&["attach", "--iface", &self.dut_if, "--role", "external"])?;
+                self.xdpgate(&[
+                    "attach",
+                    "--hook",
+                    "xdp",
+                    "--iface",
+                    &self.dut_if,
+                    "--role",
+                    "external",
+                ])?;
                 let policy = if case == Case::Allow { allow } else { deny };
                 self.xdpgate(&["apply", &policy.to_string_lossy()])?;
             }

@@ -574,14 +574,74 @@ pub enum Mode {
 }
 
 /// Where an interface's ingress pipeline runs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Hook {
     /// XDP: once per frame, before the kernel allocates an skb (physical NICs).
-    #[default]
     Xdp,
     /// tc ingress (tcx): once per skb, after GRO (veth and drivers without native XDP).
     Tc,
+}
+
+/// Drivers whose interfaces get the tc hook when none is asked: veth, where XDP runs on a
+/// copy of every frame, per frame rather than per GRO aggregate, and loses a redirected
+/// frame's partial checksum (so NAT and load balancing cannot carry TCP from senders with
+/// TSO); and virtual drivers without native XDP, where XDP would be the generic kind.
+const TC_DRIVERS: &[&str] =
+    &["veth", "bridge", "macvlan", "ipvlan", "802.1Q VLAN Support", "vxlan", "geneve", "dummy"];
+
+impl Hook {
+    /// The hook for `ifname` (of the current network namespace) when none is asked: tc for
+    /// the drivers in `TC_DRIVERS`, XDP for the rest (physical NICs).
+    pub fn default_for(ifname: &str) -> Result<Hook> {
+        let driver = driver(ifname)?;
+        Ok(if TC_DRIVERS.contains(&driver.as_str()) { Hook::Tc } else { Hook::Xdp })
+    }
+}
+
+/// The name of `ifname`'s driver, as `ethtool -i` gives it (ETHTOOL_GDRVINFO).
+fn driver(ifname: &str) -> Result<String> {
+    const ETHTOOL_GDRVINFO: u32 = 3;
+    // struct ethtool_drvinfo: the command, the driver's name, then fields not read here.
+    #[repr(C)]
+    struct DrvInfo {
+        cmd: u32,
+        driver: [u8; 32],
+        rest: [u8; 160],
+    }
+    let mut info = DrvInfo { cmd: ETHTOOL_GDRVINFO, driver: [0; 32], rest: [0; 160] };
+    let mut req = ifreq(ifname);
+    req.ifr_ifru.ifru_data = (&raw mut info).cast();
+    let sock = inet_socket("SIOCETHTOOL")?;
+    use std::os::fd::AsRawFd;
+    // SAFETY: SIOCETHTOOL with ETHTOOL_GDRVINFO fills the ethtool_drvinfo `info` points to,
+    // which lives across the call.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCETHTOOL, &mut req) } != 0 {
+        bail!("reading the driver of {ifname}: {}", std::io::Error::last_os_error());
+    }
+    let end = info.driver.iter().position(|&b| b == 0).unwrap_or(info.driver.len());
+    Ok(String::from_utf8_lossy(&info.driver[..end]).into_owned())
+}
+
+/// An `ifreq` naming `ifname`.
+fn ifreq(ifname: &str) -> libc::ifreq {
+    // SAFETY: a zeroed ifreq is valid; the name is copied with room for its NUL.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(ifname.bytes().take(libc::IFNAMSIZ - 1)) {
+        *d = s as libc::c_char;
+    }
+    req
+}
+
+/// A socket to ask interface ioctls (`what`) on.
+fn inet_socket(what: &str) -> Result<std::os::fd::OwnedFd> {
+    nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Inet,
+        nix::sys::socket::SockType::Datagram,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .with_context(|| format!("socket for {what}"))
 }
 
 /// How an interface's ingress pipeline is attached: XDP in a mode, or tc ingress.
@@ -1081,18 +1141,8 @@ pub fn ifindex(ifname: &str) -> Result<u32> {
 /// header as Ethernet and pass every packet as non-IP, unjudged by the NSG, at either hook.
 fn ethernet(ifname: &str) -> Result<()> {
     const ARPHRD_ETHER: u16 = 1;
-    let sock = nix::sys::socket::socket(
-        nix::sys::socket::AddressFamily::Inet,
-        nix::sys::socket::SockType::Datagram,
-        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .context("socket for SIOCGIFHWADDR")?;
-    // SAFETY: a zeroed ifreq is valid; the name is copied with room for its NUL.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (d, s) in req.ifr_name.iter_mut().zip(ifname.bytes().take(libc::IFNAMSIZ - 1)) {
-        *d = s as libc::c_char;
-    }
+    let sock = inet_socket("SIOCGIFHWADDR")?;
+    let mut req = ifreq(ifname);
     use std::os::fd::AsRawFd;
     // SAFETY: SIOCGIFHWADDR fills the ifreq it is given.
     if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFHWADDR, &mut req) } != 0 {
