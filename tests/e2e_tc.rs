@@ -14,7 +14,7 @@ use std::{
     collections::HashSet,
     io::{self, Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
-    process::{Child, Command, Stdio},
+    process::Command,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -28,7 +28,7 @@ use common::{
     echo::EchoServer,
     gateway::{CLIENT4, Gateway, SERVER4, SERVER6},
     lan::{Lan, backend_addr},
-    unique, veth,
+    veth,
 };
 
 /// Long enough for a transfer of several MB on a loaded 2-core VM, short enough that a
@@ -538,34 +538,12 @@ fn tc_agent_attaches_node_file_interfaces_with_hook_tc() {
     let b = Netns::new("tcb");
     let (_, vb) = veth(&a, "198.51.100.1/24", &b, "198.51.100.2/24");
     let pins = Pins::in_netns(&b);
-    let dir = std::env::temp_dir().join(unique("tcnode"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (policy, node) = (dir.join("policy.yaml"), dir.join("node.yaml"));
-    std::fs::write(&policy, "virtual_network:\n  address_space: [198.51.100.0/24]\n").unwrap();
-    std::fs::write(&node, format!("interfaces:\n  - {{name: {vb}, role: internal, hook: tc}}\n"))
-        .unwrap();
-    struct Agent(Child, std::path::PathBuf);
-    impl Drop for Agent {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-            let _ = std::fs::remove_dir_all(&self.1);
-        }
-    }
-    let child = Command::new(common::xdpgate_bin())
-        .args(["--netns", &b.name, "--pin-dir"])
-        .arg(pins.dir.path())
-        .arg("run")
-        .arg("--policy")
-        .arg(&policy)
-        .arg("--node")
-        .arg(&node)
-        .args(["--metrics-addr", "off"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn xdpgate run");
-    let _agent = Agent(child, dir);
+    let _agent = common::agent::NodeAgent::start(
+        &b,
+        &pins,
+        "virtual_network:\n  address_space: [198.51.100.0/24]\n",
+        &format!("interfaces:\n  - {{name: {vb}, role: internal, hook: tc}}\n"),
+    );
     wait_for("the agent to attach", Duration::from_secs(20), || {
         let status = json(&pins, &["status", "--json"]);
         status["interfaces"]

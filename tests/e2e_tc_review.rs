@@ -6,7 +6,7 @@ mod common;
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{TcpListener, TcpStream},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -204,34 +204,12 @@ fn agent_reports_an_interface_on_another_hook_than_its_node_file() {
     let (_, vb) = common::veth(&a, "198.51.100.1/24", &b, "198.51.100.2/24");
     let pins = common::Pins::in_netns(&b);
     pins.xdpgate(&["attach", "--hook", "xdp", "--iface", &vb, "--role", "internal"]);
-    let dir = std::env::temp_dir().join(common::unique("nhnode"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (policy, node) = (dir.join("policy.yaml"), dir.join("node.yaml"));
-    std::fs::write(&policy, "virtual_network:\n  address_space: [198.51.100.0/24]\n").unwrap();
-    std::fs::write(&node, format!("interfaces:\n  - {{name: {vb}, role: internal, hook: tc}}\n"))
-        .unwrap();
-    struct Agent(Child, std::path::PathBuf);
-    impl Drop for Agent {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-            let _ = std::fs::remove_dir_all(&self.1);
-        }
-    }
-    let child = Command::new(common::xdpgate_bin())
-        .args(["--netns", &b.name, "--pin-dir"])
-        .arg(pins.dir.path())
-        .arg("run")
-        .arg("--policy")
-        .arg(&policy)
-        .arg("--node")
-        .arg(&node)
-        .args(["--metrics-addr", "off"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn xdpgate run");
-    let _agent = Agent(child, dir);
+    let _agent = common::agent::NodeAgent::start(
+        &b,
+        &pins,
+        "virtual_network:\n  address_space: [198.51.100.0/24]\n",
+        &format!("interfaces:\n  - {{name: {vb}, role: internal, hook: tc}}\n"),
+    );
     // The agent's state as status reads it, until it names the interface's hook (or the
     // agent has written its state for a while without doing so).
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -291,33 +269,12 @@ fn recreated_device_is_attached_again() {
 
     // The agent, for a node-file interface.
     recreate(&a, &b, "gw0");
-    let dir = std::env::temp_dir().join(common::unique("rcnode"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (policy, node) = (dir.join("policy.yaml"), dir.join("node.yaml"));
-    std::fs::write(&policy, "virtual_network:\n  address_space: [198.51.100.0/24]\n").unwrap();
-    std::fs::write(&node, "interfaces:\n  - {name: gw0, role: internal, hook: tc}\n").unwrap();
-    struct Agent(Child, std::path::PathBuf);
-    impl Drop for Agent {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-            let _ = std::fs::remove_dir_all(&self.1);
-        }
-    }
-    let child = Command::new(common::xdpgate_bin())
-        .args(["--netns", &b.name, "--pin-dir"])
-        .arg(pins.dir.path())
-        .arg("run")
-        .arg("--policy")
-        .arg(&policy)
-        .arg("--node")
-        .arg(&node)
-        .args(["--metrics-addr", "off"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn xdpgate run");
-    let _agent = Agent(child, dir);
+    let _agent = common::agent::NodeAgent::start(
+        &b,
+        &pins,
+        "virtual_network:\n  address_space: [198.51.100.0/24]\n",
+        "interfaces:\n  - {name: gw0, role: internal, hook: tc}\n",
+    );
     let ifindex = || {
         let out = pins.xdpgate(&["status", "--json"]);
         let status: serde_json::Value = serde_json::from_str(&out).expect("status json");

@@ -474,25 +474,7 @@ pub fn tc_dataplane(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
         (PIPELINE_NEW, TC_NEW_FLOW_PROGRAM),
         (TC_PARSE, TC_PROGRAM),
     ];
-    for (_, name) in stages {
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(name)
-            .ok_or_else(|| anyhow!("program {name} missing from the object"))?
-            .try_into()?;
-        prog.load().with_context(|| format!("loading program {name} into the kernel"))?;
-    }
-    for (index, name) in stages {
-        let prog: &SchedClassifier = ebpf.program(name).expect("loaded above").try_into()?;
-        let fd = prog.fd()?.try_clone()?;
-        let mut pipeline: ProgramArray<_> = ebpf
-            .map_mut(TC_PIPELINE)
-            .ok_or_else(|| anyhow!("map {TC_PIPELINE} missing"))?
-            .try_into()?;
-        pipeline
-            .set(index, &fd, 0)
-            .with_context(|| format!("linking {name} into {TC_PIPELINE}"))?;
-    }
-    Ok(ebpf.program_mut(TC_PROGRAM).expect("loaded above").try_into()?)
+    classifier_pipeline(ebpf, TC_PIPELINE, &stages, TC_PROGRAM)
 }
 
 /// Loads the egress programs, links the later stages (and the entry stage, which enters
@@ -503,28 +485,32 @@ pub fn egress_dataplane(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
         (EGRESS_POLICY, EGRESS_POLICY_PROGRAM),
         (EGRESS_NEW, EGRESS_NEW_PROGRAM),
     ];
-    for (_, name) in stages {
+    classifier_pipeline(ebpf, EGRESS_PIPELINE, &stages, EGRESS_PROGRAM)
+}
+
+/// Loads the tc programs `stages` names, links each into `map` at its index, and returns
+/// the `entry` program.
+fn classifier_pipeline<'a>(
+    ebpf: &'a mut Ebpf,
+    map: &str,
+    stages: &[(u32, &str)],
+    entry: &str,
+) -> Result<&'a mut SchedClassifier> {
+    for &(_, name) in stages {
         let prog: &mut SchedClassifier = ebpf
             .program_mut(name)
             .ok_or_else(|| anyhow!("program {name} missing from the object"))?
             .try_into()?;
         prog.load().with_context(|| format!("loading program {name} into the kernel"))?;
     }
-    for (index, name) in stages {
-        let prog: &SchedClassifier = ebpf
-            .program(name)
-            .ok_or_else(|| anyhow!("program {name} missing from the object"))?
-            .try_into()?;
+    for &(index, name) in stages {
+        let prog: &SchedClassifier = ebpf.program(name).expect("loaded above").try_into()?;
         let fd = prog.fd()?.try_clone()?;
-        let mut stages: ProgramArray<_> = ebpf
-            .map_mut(EGRESS_PIPELINE)
-            .ok_or_else(|| anyhow!("map {EGRESS_PIPELINE} missing"))?
-            .try_into()?;
-        stages
-            .set(index, &fd, 0)
-            .with_context(|| format!("linking {name} into {EGRESS_PIPELINE}"))?;
+        let mut pipeline: ProgramArray<_> =
+            ebpf.map_mut(map).ok_or_else(|| anyhow!("map {map} missing"))?.try_into()?;
+        pipeline.set(index, &fd, 0).with_context(|| format!("linking {name} into {map}"))?;
     }
-    Ok(ebpf.program_mut(EGRESS_PROGRAM).expect("loaded above").try_into()?)
+    Ok(ebpf.program_mut(entry).ok_or_else(|| anyhow!("program {entry} missing"))?.try_into()?)
 }
 
 /// Attaches the egress program to `ifname` (of this network namespace) with tcx, ahead of

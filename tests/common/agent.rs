@@ -1,0 +1,48 @@
+//! An agent (`xdpgate run`) in a test's network namespace, with a policy and a node file of
+//! its own; stopped, and its files removed, when dropped (a failing test included).
+
+use std::{
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+};
+
+use super::{Netns, Pins, unique, xdpgate_bin};
+
+pub struct NodeAgent {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl NodeAgent {
+    /// Starts `xdpgate run` in `ns` against `pins` with `policy` and the node file `node`
+    /// (texts), metrics off.
+    pub fn start(ns: &Netns, pins: &Pins, policy: &str, node: &str) -> Self {
+        let dir = std::env::temp_dir().join(unique("node"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (policy_file, node_file) = (dir.join("policy.yaml"), dir.join("node.yaml"));
+        std::fs::write(&policy_file, policy).unwrap();
+        std::fs::write(&node_file, node).unwrap();
+        let child = Command::new(xdpgate_bin())
+            .args(["--netns", &ns.name, "--pin-dir"])
+            .arg(pins.dir.path())
+            .arg("run")
+            .arg("--policy")
+            .arg(&policy_file)
+            .arg("--node")
+            .arg(&node_file)
+            .args(["--metrics-addr", "off"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn xdpgate run");
+        Self { child, dir }
+    }
+}
+
+impl Drop for NodeAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
