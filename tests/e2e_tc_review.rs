@@ -230,6 +230,37 @@ fn agent_reports_an_interface_on_another_hook_than_its_node_file() {
     common::assert_ingress_hook(&pins, &b, &vb, "xdp");
 }
 
+/// A node file that names no hook leaves an interface attached before the per-driver
+/// default (XDP on a veth) as it is, and reports nothing: only a hook the node file names is
+/// held against the running one.
+#[test]
+fn agent_keeps_an_earlier_hook_when_the_node_file_names_none() {
+    let a = common::Netns::new("nna");
+    let b = common::Netns::new("nnb");
+    let (_, vb) = common::veth(&a, "198.51.100.1/24", &b, "198.51.100.2/24");
+    let pins = common::Pins::in_netns(&b);
+    pins.xdpgate(&["attach", "--hook", "xdp", "--iface", &vb, "--role", "internal"]);
+    let _agent = common::agent::NodeAgent::start(
+        &b,
+        &pins,
+        "virtual_network:\n  address_space: [198.51.100.0/24]\n",
+        &format!("interfaces:\n  - {{name: {vb}, role: internal}}\n"),
+    );
+    // The agent writes its state once its first pass over the node file is done.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let agent = loop {
+        let out = pins.xdpgate(&["status", "--json"]);
+        let status: serde_json::Value = serde_json::from_str(&out).expect("status json");
+        if status["agent"]["running"] == true {
+            break status["agent"].clone();
+        }
+        assert!(Instant::now() < deadline, "the agent wrote no state: {status}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(!agent["failing"].to_string().contains("hook"), "reported: {agent}");
+    common::assert_ingress_hook(&pins, &b, &vb, "xdp");
+}
+
 /// Recreates `name` in `b` as a new veth to `a` (a container's veth after a restart: same
 /// name, a new device).
 fn recreate(a: &common::Netns, b: &common::Netns, name: &str) {
