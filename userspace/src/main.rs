@@ -238,6 +238,13 @@ enum Command {
         #[command(flatten)]
         output: OutputArgs,
     },
+    /// Where the dataplane would send a flow, like Network Watcher's next hop: the FIB's
+    /// answer (bpf_fib_lookup as the forwarding stage asks it) after any load-balancer or
+    /// NAT translation: egress interface, gateway, neighbour, MTU, and whether the
+    /// dataplane redirects it or hands it to the host's stack.
+    ///
+    /// Example: xdpgate next-hop --src 203.0.113.7 --dst 198.51.100.10:80
+    NextHop(views::nexthop::NextHopArgs),
 }
 
 /// The policy named on the command line, or else the one applied to this dataplane.
@@ -506,6 +513,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Stats { output } => {
             views::print(&stats::read(&pins)?, output.format())?;
         }
+        Command::NextHop(args) => views::nexthop::run(&pins, &args)?,
     }
     Ok(ExitCode::SUCCESS)
 }

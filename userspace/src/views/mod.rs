@@ -6,6 +6,7 @@
 pub mod flows;
 pub mod lb;
 pub mod nat;
+pub mod nexthop;
 pub mod rules;
 pub mod stats;
 pub mod status;

@@ -1,0 +1,677 @@
+//! `xdpgate next-hop`: where the dataplane would send a flow. The running policy's load
+//! balancers and NAT gateways translate it first (as the new-flow stage would), then the
+//! kernel's FIB is asked exactly as the forwarding stage asks it (`bpf_fib_lookup` from XDP,
+//! see `xdpgate_dataplane::fib`), and the answer is read against the interfaces xdpgate is
+//! attached to: redirected by the dataplane, or handed to the host's stack.
+
+use std::{
+    collections::HashSet,
+    net::{IpAddr, SocketAddr},
+};
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde::Serialize;
+use xdpgate_dataplane::{
+    Hook, PinDir, apply,
+    fib::{self, NeighbourState, Outcome},
+    flows::protocol_name,
+    lb,
+};
+use xdpgate_policy::{LbProtocol, Policy};
+
+use crate::status::{self, IfaceStatus};
+
+use super::{OutputArgs, View};
+
+/// A flow as the operator names it, shared by `next-hop` and `connectivity`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct FlowArgs {
+    /// Source of the flow: ADDRESS, or ADDRESS:PORT ([v6]:PORT) for TCP and UDP.
+    #[arg(long, value_name = "ADDR[:PORT]")]
+    pub src: String,
+    /// Destination of the flow: ADDRESS, or ADDRESS:PORT ([v6]:PORT) for TCP and UDP.
+    #[arg(long, value_name = "ADDR[:PORT]")]
+    pub dst: String,
+    /// tcp, udp, icmp (ICMPv6 for IPv6 addresses) or a protocol number. Default: tcp when
+    /// --dst has a port, icmp otherwise.
+    #[arg(long)]
+    pub protocol: Option<String>,
+    /// The interface the flow arrives by. Default: the one the route back to --src leaves
+    /// by (none when --src is this host's own address).
+    #[arg(long, value_name = "NAME")]
+    pub iface: Option<String>,
+}
+
+/// A flow, parsed.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Flow {
+    #[serde(serialize_with = "ser_protocol")]
+    pub protocol: (u8, u8),
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub src_port: Option<u16>,
+    pub dst_port: Option<u16>,
+}
+
+fn ser_protocol<S: serde::Serializer>(p: &(u8, u8), s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&protocol_name(p.0, p.1))
+}
+
+impl Flow {
+    pub fn proto(&self) -> u8 {
+        self.protocol.1
+    }
+
+    /// `tcp 10.0.0.1:4000 -> 192.0.2.1:80`.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} {} -> {}",
+            protocol_name(self.protocol.0, self.protocol.1),
+            endpoint_string(self.src, self.src_port),
+            endpoint_string(self.dst, self.dst_port)
+        )
+    }
+}
+
+pub fn endpoint_string(addr: IpAddr, port: Option<u16>) -> String {
+    match port {
+        Some(p) => SocketAddr::new(addr, p).to_string(),
+        None => addr.to_string(),
+    }
+}
+
+fn parse_endpoint(flag: &str, s: &str) -> Result<(IpAddr, Option<u16>)> {
+    if let Ok(sa) = s.parse::<SocketAddr>() {
+        return Ok((sa.ip(), Some(sa.port())));
+    }
+    s.parse().map(|a| (a, None)).map_err(|_| {
+        anyhow!("{flag} {s:?} is not an address or address:port (IPv6 with a port: [v6]:PORT)")
+    })
+}
+
+impl FlowArgs {
+    pub fn flow(&self) -> Result<Flow> {
+        let (src, src_port) = parse_endpoint("--src", &self.src)?;
+        let (dst, dst_port) = parse_endpoint("--dst", &self.dst)?;
+        if src.is_ipv4() != dst.is_ipv4() {
+            bail!("--src and --dst must be of the same address family");
+        }
+        let family = if src.is_ipv4() { 4 } else { 6 };
+        let default = if dst_port.is_some() { "tcp" } else { "icmp" };
+        let name = self.protocol.as_deref().unwrap_or(default);
+        let proto = match name.to_ascii_lowercase().as_str() {
+            "tcp" => 6,
+            "udp" => 17,
+            "icmp" | "icmpv6" => xdpgate_common::icmp_proto(family),
+            n => n.parse().map_err(|_| {
+                anyhow!("unknown protocol {name:?} (tcp, udp, icmp or a protocol number)")
+            })?,
+        };
+        let ported = proto == 6 || proto == 17;
+        if !ported && (src_port.is_some() || dst_port.is_some()) {
+            bail!("protocol {name} has no ports: leave the port out of --src and --dst");
+        }
+        if ported && dst_port.is_none() {
+            bail!("{name} needs a destination port: --dst ADDRESS:PORT ([v6]:PORT for IPv6)");
+        }
+        // An unnamed source port: any ephemeral one (it changes no route, nor, unless a rule
+        // names source ports, a verdict).
+        let src_port = if ported { Some(src_port.unwrap_or(49152)) } else { None };
+        Ok(Flow { protocol: (family, proto), src, dst, src_port, dst_port })
+    }
+}
+
+/// The policy applied to this dataplane, if any.
+pub fn running_policy(pins: &PinDir) -> Result<Option<Policy>> {
+    let Some((path, source)) = apply::applied_source(pins) else { return Ok(None) };
+    xdpgate_policy::load_str(&source, &path.display().to_string())
+        .map(Some)
+        .map_err(|e| anyhow!("the applied policy {}: {e}", path.display()))
+}
+
+/// A backend of a load-balancing rule and whether the dataplane sends new flows to it.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackendHealth {
+    pub address: IpAddr,
+    pub healthy: bool,
+}
+
+/// What the dataplane does to the flow's addresses before it forwards it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Translation {
+    /// A load-balancing rule's frontend: the destination becomes a backend.
+    LoadBalancer {
+        load_balancer: String,
+        rule: String,
+        backends: Vec<BackendHealth>,
+        /// The backend looked up here (the first one new flows may go to; the dataplane
+        /// picks among them per flow by Maglev hash). `None`: none takes new flows.
+        backend: Option<IpAddr>,
+        backend_port: Option<u16>,
+        /// Direct server return: the destination address stays the frontend's.
+        floating_ip: bool,
+        /// All backends down, and the rule sends new flows to all of them anyway.
+        send_to_all: bool,
+    },
+    /// An inbound NAT rule: one frontend port to one backend.
+    InboundNat { load_balancer: String, rule: String, backend: IpAddr, backend_port: u16 },
+    /// A NAT gateway: the source becomes one of its public addresses.
+    NatGateway { gateway: String, public_addresses: Vec<IpAddr>, port_first: u16, port_last: u16 },
+}
+
+fn lb_protocol_matches(p: LbProtocol, proto: u8) -> bool {
+    match p {
+        LbProtocol::Tcp => proto == 6,
+        LbProtocol::Udp => proto == 17,
+        LbProtocol::All => true,
+    }
+}
+
+/// The translation the new-flow stage would give `flow`, arriving inbound or outbound.
+pub fn translation(
+    policy: &Policy,
+    unhealthy: &HashSet<IpAddr>,
+    flow: &Flow,
+    outbound: bool,
+) -> Option<Translation> {
+    let port = flow.dst_port.unwrap_or(0);
+    for lb in &policy.load_balancers {
+        for rule in &lb.rules {
+            let fe = &lb.frontends[rule.frontend];
+            if fe.address != flow.dst
+                || !lb_protocol_matches(rule.protocol, flow.proto())
+                || (rule.frontend_port != 0 && rule.frontend_port != port)
+            {
+                continue;
+            }
+            let backends: Vec<BackendHealth> = lb.pools[rule.pool]
+                .backends
+                .iter()
+                .map(|b| BackendHealth {
+                    address: b.address,
+                    healthy: rule.probe.is_none() || !unhealthy.contains(&b.address),
+                })
+                .collect();
+            let send_to_all = !backends.iter().any(|b| b.healthy)
+                && rule.all_down == xdpgate_policy::AllDown::SendToAll;
+            let backend = backends.iter().find(|b| b.healthy || send_to_all).map(|b| b.address);
+            let backend_port = flow.dst_port.map(|p| match rule.backend_port {
+                0 => p,
+                b => b,
+            });
+            return Some(Translation::LoadBalancer {
+                load_balancer: lb.name.clone(),
+                rule: rule.name.clone(),
+                backends,
+                backend,
+                backend_port,
+                floating_ip: rule.floating_ip,
+                send_to_all,
+            });
+        }
+        for rule in &lb.inbound_nat_rules {
+            let fe = &lb.frontends[rule.frontend];
+            if fe.address != flow.dst || !lb_protocol_matches(rule.protocol, flow.proto()) {
+                continue;
+            }
+            if let Some((_, backend)) = rule.mappings.iter().find(|(p, _)| *p == port) {
+                return Some(Translation::InboundNat {
+                    load_balancer: lb.name.clone(),
+                    rule: rule.name.clone(),
+                    backend: *backend,
+                    backend_port: rule.backend_port,
+                });
+            }
+        }
+    }
+    if !outbound || policy.virtual_network.iter().any(|n| n.contains(&flow.dst)) {
+        return None;
+    }
+    // The gateway of the longest subnet holding the source (subnets never overlap across
+    // gateways, so there is at most one).
+    policy
+        .nat_gateways
+        .iter()
+        .filter(|g| g.subnets.iter().any(|n| n.contains(&flow.src)))
+        .map(|g| {
+            let public: Vec<IpAddr> = g
+                .public_addresses
+                .iter()
+                .copied()
+                .filter(|a| a.is_ipv4() == flow.src.is_ipv4())
+                .collect();
+            Translation::NatGateway {
+                gateway: g.name.clone(),
+                public_addresses: public,
+                port_first: g.ports.lo,
+                port_last: g.ports.hi,
+            }
+        })
+        .next()
+}
+
+impl Translation {
+    /// The flow as the forwarding stage sees it after this translation (`None`: no backend
+    /// to send it to).
+    pub fn apply(&self, flow: &Flow) -> Option<Flow> {
+        let mut out = *flow;
+        match self {
+            Translation::LoadBalancer { backend, backend_port, floating_ip, .. } => {
+                if !floating_ip {
+                    out.dst = (*backend)?;
+                    out.dst_port = *backend_port;
+                } else {
+                    backend.as_ref()?;
+                }
+            }
+            Translation::InboundNat { backend, backend_port, .. } => {
+                out.dst = *backend;
+                out.dst_port = flow.dst_port.map(|_| *backend_port);
+            }
+            Translation::NatGateway { public_addresses, port_first, .. } => {
+                out.src = *public_addresses.first()?;
+                out.src_port = flow.src_port.map(|_| *port_first);
+            }
+        }
+        Some(out)
+    }
+
+    /// One line for people.
+    pub fn describe(&self) -> String {
+        match self {
+            Translation::LoadBalancer {
+                load_balancer,
+                rule,
+                backends,
+                backend,
+                backend_port,
+                floating_ip,
+                send_to_all,
+            } => {
+                let healthy = backends.iter().filter(|b| b.healthy).count();
+                let to = match backend {
+                    Some(b) if *floating_ip => format!("backend {b} (floating IP: dst kept)"),
+                    Some(b) => format!("backend {}", endpoint_string(*b, *backend_port)),
+                    None => "no healthy backend".into(),
+                };
+                let all = if *send_to_all { ", all down: sent to all" } else { "" };
+                format!(
+                    "load balancer {load_balancer}, rule {rule}: {to} ({healthy} of {} \
+                     backends healthy{all})",
+                    backends.len()
+                )
+            }
+            Translation::InboundNat { load_balancer, rule, backend, backend_port } => format!(
+                "load balancer {load_balancer}, inbound NAT rule {rule}: backend {}",
+                SocketAddr::new(*backend, *backend_port)
+            ),
+            Translation::NatGateway { gateway, public_addresses, port_first, port_last } => {
+                let addrs: Vec<String> = public_addresses.iter().map(|a| a.to_string()).collect();
+                format!(
+                    "NAT gateway {gateway}: source becomes {} port {port_first}-{port_last}",
+                    if addrs.is_empty() {
+                        "(no public address of this family)".into()
+                    } else {
+                        addrs.join(" or ")
+                    }
+                )
+            }
+        }
+    }
+}
+
+/// An interface with what xdpgate knows of it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Interface {
+    pub interface: String,
+    pub ifindex: u32,
+    /// external or internal, when xdpgate is attached to it.
+    pub role: Option<&'static str>,
+    /// xdp or tc, when attached.
+    pub hook: Option<Hook>,
+}
+
+/// The neighbour entry the packet needs.
+#[derive(Debug, Clone, Serialize)]
+pub struct NeighbourReport {
+    pub address: IpAddr,
+    /// The kernel's state for it, or none when there is no entry.
+    pub state: NeighbourState,
+    pub mac: Option<String>,
+}
+
+/// How the packet leaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Forwarding {
+    /// The dataplane redirects it out of the egress interface itself.
+    Redirect,
+    /// The dataplane passes it to the host's stack, which routes it.
+    Stack,
+    /// Delivered to this host.
+    Local,
+    /// Nowhere: no route (or a blackhole, unreachable or prohibit route).
+    NoRoute,
+    /// The stack cannot reach the next hop: its neighbour entry failed.
+    NeighbourFailed,
+    /// Forwarding is off on the arrival interface.
+    ForwardingDisabled,
+    /// No backend takes new flows.
+    NoBackend,
+}
+
+/// What `next-hop` says.
+#[derive(Debug, Clone, Serialize)]
+pub struct NextHop {
+    pub flow: Flow,
+    /// The interface the flow arrives by; `None`: sent by this host.
+    pub arrival: Option<Interface>,
+    pub translation: Option<Translation>,
+    /// The flow the FIB was asked about (after translation).
+    pub looked_up: Option<Flow>,
+    /// How it was asked.
+    pub method: &'static str,
+    pub outcome: Option<Outcome>,
+    pub egress: Option<Interface>,
+    pub gateway: Option<IpAddr>,
+    pub neighbour: Option<NeighbourReport>,
+    pub mtu: Option<u32>,
+    pub forwarding: Forwarding,
+    /// Why, in words.
+    pub reason: String,
+}
+
+const METHOD: &str = "bpf_fib_lookup from XDP (BPF_PROG_TEST_RUN), as the forwarding stage";
+
+fn interface(ifindex: u32, attached: &[IfaceStatus]) -> Interface {
+    let a = attached.iter().find(|i| i.ifindex == Some(ifindex) && i.place == "here");
+    Interface {
+        interface: fib::ifname(ifindex).unwrap_or_else(|| format!("ifindex {ifindex}")),
+        ifindex,
+        role: a.and_then(|a| a.role),
+        hook: a.and_then(|a| a.hook),
+    }
+}
+
+/// The interface the route back to `src` leaves by: where its packets arrive. `None` when
+/// `src` is this host's (or unreachable from here).
+fn arrival_of(flow: &Flow) -> Result<Option<u32>> {
+    let back = fib::lookup(&fib::Query {
+        src: flow.dst,
+        dst: flow.src,
+        proto: flow.proto(),
+        sport: flow.dst_port.unwrap_or(0),
+        dport: flow.src_port.unwrap_or(0),
+        ifindex: LOOPBACK,
+    })?;
+    Ok(back.ifindex)
+}
+
+/// The loopback device's ifindex (always 1).
+const LOOPBACK: u32 = 1;
+
+/// Whether `addr` is one of this host's addresses (in the current network namespace).
+pub fn is_local(addr: IpAddr) -> Result<bool> {
+    let addrs = nix::ifaddrs::getifaddrs().context("listing this host's addresses")?;
+    Ok(addrs.filter_map(|a| a.address).any(|s| {
+        s.as_sockaddr_in().map(|v4| IpAddr::V4(v4.ip())) == Some(addr)
+            || s.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())) == Some(addr)
+    }))
+}
+
+/// Answers `next-hop` for `flow` arriving by `iface` (or the interface the route to its
+/// source leaves by).
+pub fn resolve(pins: &PinDir, flow: &Flow, iface: Option<&str>) -> Result<NextHop> {
+    let attached = if pins.path().exists() { status::read(pins)?.interfaces } else { vec![] };
+    let arrival = match iface {
+        Some(name) => Some(fib::ifindex(name)?),
+        None if is_local(flow.src)? => None,
+        None => Some(arrival_of(flow)?.ok_or_else(|| {
+            anyhow!(
+                "no route back to {}: cannot tell which interface its packets arrive by; \
+                 name it with --iface",
+                flow.src
+            )
+        })?),
+    };
+    let arrival = arrival.map(|i| interface(i, &attached));
+    let outbound = arrival.as_ref().is_some_and(|a| a.role == Some("internal"));
+    let policy = if pins.path().exists() { running_policy(pins)? } else { None };
+    let unhealthy = if policy.is_some() { lb::pinned_unhealthy(pins)? } else { HashSet::new() };
+    let translation = policy.as_ref().and_then(|p| translation(p, &unhealthy, flow, outbound));
+    let mut hop = NextHop {
+        flow: *flow,
+        arrival: arrival.clone(),
+        translation: translation.clone(),
+        looked_up: None,
+        method: METHOD,
+        outcome: None,
+        egress: None,
+        gateway: None,
+        neighbour: None,
+        mtu: None,
+        forwarding: Forwarding::NoBackend,
+        reason: String::new(),
+    };
+    let looked_up = match &translation {
+        Some(t) => match t.apply(flow) {
+            Some(f) => f,
+            None => {
+                hop.reason = format!("no backend to send it to: {}", t.describe());
+                return Ok(hop);
+            }
+        },
+        None => *flow,
+    };
+    hop.looked_up = Some(looked_up);
+    let answer = fib::lookup(&fib::Query {
+        src: looked_up.src,
+        dst: looked_up.dst,
+        proto: looked_up.proto(),
+        sport: looked_up.src_port.unwrap_or(0),
+        dport: looked_up.dst_port.unwrap_or(0),
+        ifindex: arrival.as_ref().map_or(LOOPBACK, |a| a.ifindex),
+    })?;
+    hop.outcome = Some(answer.outcome);
+    hop.egress = answer.ifindex.map(|i| interface(i, &attached));
+    hop.gateway = answer.neighbour.filter(|_| answer.via_gateway);
+    if let (Some(egress), Some(n)) = (&hop.egress, answer.neighbour) {
+        let entry = fib::neighbour(egress.ifindex, n)?;
+        hop.neighbour = Some(NeighbourReport {
+            address: n,
+            state: entry.as_ref().map_or(NeighbourState::None, |e| e.state),
+            mac: entry.and_then(|e| e.mac).or(answer.dmac).map(|m| fib::mac_string(&m)),
+        });
+        hop.mtu = match answer.mtu {
+            Some(m) if m > 0 => Some(u32::from(m)),
+            _ => fib::link_mtu(&egress.interface).ok(),
+        };
+    }
+    (hop.forwarding, hop.reason) = judge(&hop, &answer, looked_up.dst)?;
+    Ok(hop)
+}
+
+/// How the packet leaves, and why.
+fn judge(hop: &NextHop, answer: &fib::Answer, dst: IpAddr) -> Result<(Forwarding, String)> {
+    let egress = hop.egress.as_ref().map_or("-", |e| e.interface.as_str());
+    let arrival = match &hop.arrival {
+        None => {
+            return Ok(match answer.outcome {
+                o if o.routed() => (
+                    Forwarding::Stack,
+                    match hop.egress.as_ref().and_then(|e| e.hook) {
+                        Some(_) => format!(
+                            "sent by this host: the host's stack routes it out of {egress}, \
+                             where the dataplane's egress program judges it"
+                        ),
+                        None => {
+                            format!("sent by this host: the host's stack routes it out of {egress}")
+                        }
+                    },
+                ),
+                _ => no_route(answer.outcome, dst)?,
+            });
+        }
+        Some(a) => a,
+    };
+    let Some(hook) = arrival.hook else {
+        return Ok(match answer.outcome {
+            o if o.routed() => (
+                Forwarding::Stack,
+                format!(
+                    "{} is not attached to xdpgate: the host's stack forwards it out of \
+                     {egress} without the dataplane",
+                    arrival.interface
+                ),
+            ),
+            _ => no_route(answer.outcome, dst)?,
+        });
+    };
+    Ok(match answer.outcome {
+        Outcome::Success => {
+            let egress_hook = hop.egress.as_ref().and_then(|e| e.hook);
+            // XDP redirects only into interfaces attached with XDP (the EGRESS devmap); tc
+            // to any registered interface.
+            let redirects = match hook {
+                Hook::Xdp => egress_hook == Some(Hook::Xdp),
+                Hook::Tc => egress_hook.is_some(),
+            };
+            if redirects {
+                (
+                    Forwarding::Redirect,
+                    format!("the dataplane ({}) redirects it out of {egress}", hook.name()),
+                )
+            } else {
+                (
+                    Forwarding::Stack,
+                    format!(
+                        "{egress} is not a redirect target of the {} hook ({}): the dataplane \
+                         passes it to the host's stack, which forwards it",
+                        hook.name(),
+                        match hook {
+                            Hook::Xdp => "XDP redirects only to interfaces attached with XDP",
+                            Hook::Tc => "tc redirects only to attached interfaces",
+                        }
+                    ),
+                )
+            }
+        }
+        Outcome::NoNeighbour => match hop.neighbour.as_ref().map(|n| n.state) {
+            Some(NeighbourState::Failed) => (
+                Forwarding::NeighbourFailed,
+                format!(
+                    "next hop {} on {egress} does not answer (neighbour entry failed): the \
+                     stack drops it with host unreachable",
+                    answer.neighbour.map_or("-".into(), |n| n.to_string())
+                ),
+            ),
+            state => (
+                Forwarding::Stack,
+                format!(
+                    "no resolved neighbour for {} on {egress} ({}): the dataplane passes it \
+                     to the host's stack, which resolves it and forwards it",
+                    answer.neighbour.map_or("-".into(), |n| n.to_string()),
+                    state.map_or("no entry", |s| if s == NeighbourState::None {
+                        "no entry"
+                    } else {
+                        s.name()
+                    })
+                ),
+            ),
+        },
+        Outcome::ForwardingDisabled => (
+            Forwarding::ForwardingDisabled,
+            format!("forwarding is disabled on {}", arrival.interface),
+        ),
+        o => no_route(o, dst)?,
+    })
+}
+
+fn no_route(outcome: Outcome, dst: IpAddr) -> Result<(Forwarding, String)> {
+    Ok(match outcome {
+        Outcome::NotForwarded if is_local(dst)? => {
+            (Forwarding::Local, format!("{dst} is this host's own address: delivered locally"))
+        }
+        Outcome::NotForwarded => (Forwarding::NoRoute, format!("no route to {dst}")),
+        Outcome::ForwardingDisabled => (
+            Forwarding::ForwardingDisabled,
+            "forwarding is disabled on the arrival interface".into(),
+        ),
+        o => (Forwarding::NoRoute, format!("no route to {dst}: the FIB says {}", outcome_name(o))),
+    })
+}
+
+pub fn outcome_name(o: Outcome) -> String {
+    match serde_json::to_value(o) {
+        Ok(serde_json::Value::String(s)) => s.replace('_', " "),
+        _ => format!("{o:?}"),
+    }
+}
+
+fn iface_line(i: &Interface) -> String {
+    match (i.role, i.hook) {
+        (Some(role), Some(hook)) => format!("{} ({role}, {})", i.interface, hook.name()),
+        _ => format!("{} (not attached to xdpgate)", i.interface),
+    }
+}
+
+impl View for NextHop {
+    fn json(&self) -> Result<serde_json::Value> {
+        super::to_json(self)
+    }
+
+    fn text(&self) -> String {
+        let mut out = format!("flow         {}\n", self.flow.describe());
+        out += &format!(
+            "arrives by   {}\n",
+            self.arrival.as_ref().map_or("this host (its own traffic)".into(), iface_line)
+        );
+        if let Some(t) = &self.translation {
+            out += &format!("translation  {}\n", t.describe());
+        }
+        if let Some(l) = &self.looked_up {
+            out += &format!("looked up    {}\n", l.describe());
+        }
+        if let Some(o) = self.outcome {
+            out += &format!("fib          {}\n", outcome_name(o));
+        }
+        if let Some(e) = &self.egress {
+            out += &format!("egress       {}\n", iface_line(e));
+        }
+        if self.egress.is_some() {
+            out += &format!(
+                "gateway      {}\n",
+                self.gateway.map_or("none (directly connected)".into(), |g| g.to_string())
+            );
+        }
+        if let Some(n) = &self.neighbour {
+            out += &format!(
+                "neighbour    {} {}{}\n",
+                n.address,
+                n.state.name(),
+                n.mac.as_ref().map_or(String::new(), |m| format!(" {m}"))
+            );
+        }
+        if let Some(m) = self.mtu {
+            out += &format!("mtu          {m}\n");
+        }
+        out += &format!("next hop     {}\n", self.reason);
+        out
+    }
+}
+
+/// `xdpgate next-hop`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct NextHopArgs {
+    #[command(flatten)]
+    pub flow: FlowArgs,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+pub fn run(pins: &PinDir, args: &NextHopArgs) -> Result<()> {
+    let flow = args.flow.flow()?;
+    let hop = resolve(pins, &flow, args.flow.iface.as_deref())?;
+    super::print(&hop, args.output.format())
+}
