@@ -6,9 +6,10 @@ set -euo pipefail
 need_root() { [ "$(id -u)" = 0 ] || { echo "setup.sh: run as root (XDP and namespaces need it)" >&2; exit 1; }; }
 need_root
 
-# Debian packages: LLVM 22 for bpf-linker, and the tools the tests and benchmarks use.
+# Debian packages: LLVM 22 for bpf-linker, and the tools the tests and benchmarks use
+# (graphviz: `dot`, which `xdpgate topology --format svg` runs).
 pkgs=(llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev iproute2 iputils-ping procps bpftool tcpdump nftables iperf3
-      netsniff-ng xdp-tools curl python3 ethtool)
+      netsniff-ng xdp-tools curl python3 ethtool graphviz)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

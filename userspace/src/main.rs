@@ -245,6 +245,21 @@ enum Command {
     ///
     /// Example: xdpgate next-hop --src 203.0.113.7 --dst 198.51.100.10:80
     NextHop(views::nexthop::NextHopArgs),
+    /// Would SRC reach DST:PORT, and if not, why: the load balancer and its backends'
+    /// health, the NSG layers of both ends (Azure's order, from the kernel's tables), the NAT
+    /// gateway and the next hop, with the first step that blocks.
+    ///
+    /// Exit status: 0 reachable, 1 not, 2 error (nothing was answered).
+    ///
+    /// Example: xdpgate connectivity --src 203.0.113.7 --dst 198.51.100.10:443
+    Connectivity(views::connectivity::ConnectivityArgs),
+    /// What this gateway connects, like Network Watcher's topology: interfaces (role, hook,
+    /// XDP mode, addresses), subnets, NSGs and their associations, load balancers with
+    /// frontends and backend health, NAT gateways with their public addresses. As a table,
+    /// JSON, Graphviz DOT, or SVG (drawn by Graphviz's `dot`).
+    ///
+    /// Example: xdpgate topology --format svg > topology.svg
+    Topology(views::topology::TopologyArgs),
 }
 
 /// The policy named on the command line, or else the one applied to this dataplane.
@@ -295,7 +310,7 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     // verify-flow's status is its answer (0 allowed, 1 denied), so its errors need another.
-    let verify = matches!(cli.command, Command::VerifyFlow { .. });
+    let verify = matches!(cli.command, Command::VerifyFlow { .. } | Command::Connectivity(_));
     match run(cli) {
         Ok(code) => code,
         Err(e) => report(&e, verify),
@@ -514,6 +529,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             views::print(&stats::read(&pins)?, output.format())?;
         }
         Command::NextHop(args) => views::nexthop::run(&pins, &args)?,
+        Command::Topology(args) => views::topology::run(&pins, &args)?,
+        Command::Connectivity(args) => {
+            if !views::connectivity::run(&pins, &args)? {
+                return Ok(ExitCode::from(views::connectivity::UNREACHABLE));
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -3,6 +3,7 @@
 //! `-o json`) for programs. The data comes from the dataplane crate's reports (and
 //! `crate::status`); these modules only present it.
 
+pub mod connectivity;
 pub mod flows;
 pub mod lb;
 pub mod nat;
@@ -10,6 +11,7 @@ pub mod nexthop;
 pub mod rules;
 pub mod stats;
 pub mod status;
+pub mod topology;
 
 use std::io::Write as _;
 

@@ -160,6 +160,23 @@ pub enum Translation {
     NatGateway { gateway: String, public_addresses: Vec<IpAddr>, port_first: u16, port_last: u16 },
 }
 
+/// A load-balancing rule's backends with their health as the dataplane holds it (a rule
+/// without a probe counts every backend healthy).
+pub fn backend_health(
+    lb: &xdpgate_policy::LoadBalancer,
+    rule: &xdpgate_policy::LbRule,
+    unhealthy: &HashSet<IpAddr>,
+) -> Vec<BackendHealth> {
+    lb.pools[rule.pool]
+        .backends
+        .iter()
+        .map(|b| BackendHealth {
+            address: b.address,
+            healthy: rule.probe.is_none() || !unhealthy.contains(&b.address),
+        })
+        .collect()
+}
+
 fn lb_protocol_matches(p: LbProtocol, proto: u8) -> bool {
     match p {
         LbProtocol::Tcp => proto == 6,
@@ -185,14 +202,7 @@ pub fn translation(
             {
                 continue;
             }
-            let backends: Vec<BackendHealth> = lb.pools[rule.pool]
-                .backends
-                .iter()
-                .map(|b| BackendHealth {
-                    address: b.address,
-                    healthy: rule.probe.is_none() || !unhealthy.contains(&b.address),
-                })
-                .collect();
+            let backends = backend_health(lb, rule, unhealthy);
             let send_to_all = !backends.iter().any(|b| b.healthy)
                 && rule.all_down == xdpgate_policy::AllDown::SendToAll;
             let backend = backends.iter().find(|b| b.healthy || send_to_all).map(|b| b.address);
@@ -257,12 +267,12 @@ impl Translation {
     pub fn apply(&self, flow: &Flow) -> Option<Flow> {
         let mut out = *flow;
         match self {
+            // With a floating IP the destination stays the frontend's, but the packet is
+            // still sent towards the backend: the FIB is asked about the backend alike.
             Translation::LoadBalancer { backend, backend_port, floating_ip, .. } => {
+                out.dst = (*backend)?;
                 if !floating_ip {
-                    out.dst = (*backend)?;
                     out.dst_port = *backend_port;
-                } else {
-                    backend.as_ref()?;
                 }
             }
             Translation::InboundNat { backend, backend_port, .. } => {
@@ -488,12 +498,17 @@ pub fn resolve(pins: &PinDir, flow: &Flow, iface: Option<&str>) -> Result<NextHo
             _ => fib::link_mtu(&egress.interface).ok(),
         };
     }
-    (hop.forwarding, hop.reason) = judge(&hop, &answer, looked_up.dst)?;
+    (hop.forwarding, hop.reason) = judge(&hop, &answer, looked_up.dst, policy.is_some())?;
     Ok(hop)
 }
 
 /// How the packet leaves, and why.
-fn judge(hop: &NextHop, answer: &fib::Answer, dst: IpAddr) -> Result<(Forwarding, String)> {
+fn judge(
+    hop: &NextHop,
+    answer: &fib::Answer,
+    dst: IpAddr,
+    applied: bool,
+) -> Result<(Forwarding, String)> {
     let egress = hop.egress.as_ref().map_or("-", |e| e.interface.as_str());
     let arrival = match &hop.arrival {
         None => {
@@ -529,6 +544,21 @@ fn judge(hop: &NextHop, answer: &fib::Answer, dst: IpAddr) -> Result<(Forwarding
         });
     };
     Ok(match answer.outcome {
+        Outcome::Success if !applied => (
+            Forwarding::Stack,
+            format!(
+                "no policy applied yet: the dataplane passes every packet to the host's stack, \
+                 which forwards it out of {egress}"
+            ),
+        ),
+        // Only translated flows are forwarded by the dataplane itself (the act stage).
+        Outcome::Success if hop.translation.is_none() => (
+            Forwarding::Stack,
+            format!(
+                "no translation: the dataplane passes it (once allowed) to the host's stack, \
+                 which forwards it out of {egress} by this same FIB answer"
+            ),
+        ),
         Outcome::Success => {
             let egress_hook = hop.egress.as_ref().and_then(|e| e.hook);
             // XDP redirects only into interfaces attached with XDP (the EGRESS devmap); tc
