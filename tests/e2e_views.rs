@@ -1,0 +1,352 @@
+//! Network Watcher's other views end to end: `next-hop`, `connectivity` and `topology`
+//! against real interfaces, routes, neighbours, an agent probing real backends, and real
+//! packets that go (or do not go) where the views say.
+
+mod common;
+
+use std::{
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    process::{Command, Output, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use common::{
+    Netns, Pins,
+    agent::NodeAgent,
+    gateway::{CLIENT4, CLIENT6, Gateway, SERVER4, SERVER6},
+    lan::Lan,
+    veth,
+};
+use serde_json::Value;
+
+fn json(out: &Output) -> Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// `next-hop ARGS --json`, which must succeed.
+fn next_hop(pins: &Pins, args: &[&str]) -> Value {
+    let out = pins.try_xdpgate(&[&["next-hop", "--json"][..], args].concat());
+    assert!(out.status.success(), "next-hop {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    json(&out)
+}
+
+/// `connectivity ARGS --json`: the answer and the exit status.
+fn connectivity(pins: &Pins, args: &[&str]) -> (Value, i32) {
+    let out = pins.try_xdpgate(&[&["connectivity", "--json"][..], args].concat());
+    let code = out.status.code().expect("exit status");
+    assert!(
+        code == 0 || code == 1,
+        "connectivity {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (json(&out), code)
+}
+
+/// Polls `ok` until it holds; panics after `limit`, saying what it waited for.
+fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !ok() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Sends one UDP datagram from `from` to `to` and says whether `at` receives it on a socket
+/// bound to any of its addresses at `to`'s port.
+fn udp_arrives(from: &Netns, at: &Netns, to: SocketAddr) -> bool {
+    let any = move |port| {
+        let ip: std::net::IpAddr = if to.is_ipv4() {
+            std::net::Ipv4Addr::UNSPECIFIED.into()
+        } else {
+            std::net::Ipv6Addr::UNSPECIFIED.into()
+        };
+        SocketAddr::new(ip, port)
+    };
+    let sock = at.run(move || UdpSocket::bind(any(to.port())).expect("bind"));
+    sock.set_read_timeout(Some(Duration::from_millis(1500))).unwrap();
+    from.run(move || {
+        let s = UdpSocket::bind(any(0)).unwrap();
+        s.send_to(b"which way?", to).unwrap();
+    });
+    let mut buf = [0u8; 64];
+    matches!(sock.recv_from(&mut buf), Ok((10, _)))
+}
+
+const OPEN: &str = "virtual_network:\n  address_space: [198.51.100.0/24]\n";
+
+/// The gateway of `Gateway` with two more routes beside its connected subnets: 192.0.2.0/27
+/// via the server (which holds 192.0.2.20), 192.0.2.32/27 out of a third interface (to a
+/// namespace holding 192.0.2.34, not attached to xdpgate), and 192.0.2.64/27 via a gateway
+/// that never answers; 192.0.2.200 has no route.
+#[test]
+fn next_hop_is_where_packets_go_and_names_missing_routes_and_failed_neighbours() {
+    let g = Gateway::new();
+    g.apply("open.yaml", OPEN);
+    let other = Netns::new("vwo");
+    let (alt, _) = veth(&g.gw, "192.0.2.33/27", &other, "192.0.2.34/27");
+    other.exec("ip", &["route", "add", "default", "via", "192.0.2.33"]);
+    g.server.exec("ip", &["addr", "add", "192.0.2.20/32", "dev", "lo"]);
+    g.gw.exec("ip", &["route", "add", "192.0.2.0/27", "via", SERVER4]);
+    g.gw.exec("ip", &["route", "add", "192.0.2.64/27", "via", "198.51.100.99"]);
+
+    // Via the server: the arrival interface found from the route back to the client.
+    let hop =
+        next_hop(&g.pins, &["--src", CLIENT4, "--dst", "192.0.2.20:7000", "--protocol", "udp"]);
+    assert_eq!(hop["arrival"]["interface"], g.ext.as_str(), "{hop}");
+    assert_eq!(hop["arrival"]["role"], "external", "{hop}");
+    assert_eq!(hop["arrival"]["hook"], "xdp", "{hop}");
+    assert_eq!(hop["egress"]["interface"], g.int.as_str(), "{hop}");
+    assert_eq!(hop["gateway"], SERVER4, "{hop}");
+    assert_eq!(hop["neighbour"]["address"], SERVER4, "{hop}");
+    assert!(hop["mtu"].as_u64().is_some_and(|m| m == 1500), "{hop}");
+    assert!(udp_arrives(&g.client, &g.server, "192.0.2.20:7000".parse().unwrap()));
+    // The datagram resolved the neighbour: now the FIB answers in full, with its MAC.
+    let hop =
+        next_hop(&g.pins, &["--src", CLIENT4, "--dst", "192.0.2.20:7000", "--protocol", "udp"]);
+    assert_eq!(hop["outcome"], "success", "{hop}");
+    let server_mac = g.server.mac(&g.server_if);
+    let mac = server_mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+    assert_eq!(hop["neighbour"]["mac"], mac.as_str(), "{hop}");
+    // Untranslated: the dataplane leaves it to the stack.
+    assert_eq!(hop["forwarding"], "stack", "{hop}");
+
+    // Out of the third interface, directly connected.
+    let hop = next_hop(&g.pins, &["--src", CLIENT4, "--dst", "192.0.2.34"]);
+    assert_eq!(hop["egress"]["interface"], alt.as_str(), "{hop}");
+    assert_eq!(hop["egress"]["hook"], Value::Null, "{hop}");
+    assert_eq!(hop["gateway"], Value::Null, "{hop}");
+    assert!(udp_arrives(&g.client, &other, "192.0.2.34:7000".parse().unwrap()));
+
+    // IPv6 too.
+    let hop = next_hop(&g.pins, &["--src", CLIENT6, "--dst", SERVER6]);
+    assert_eq!(hop["egress"]["interface"], g.int.as_str(), "{hop}");
+    assert_eq!(hop["flow"]["protocol"], "icmpv6", "{hop}");
+
+    // No route.
+    let hop = next_hop(&g.pins, &["--src", CLIENT4, "--dst", "192.0.2.200", "--iface", &g.ext]);
+    assert_eq!(hop["forwarding"], "no_route", "{hop}");
+    assert_eq!(hop["reason"], "no route to 192.0.2.200", "{hop}");
+    assert!(!udp_arrives(&g.client, &g.server, "192.0.2.200:7000".parse().unwrap()));
+    let (c, code) = connectivity(&g.pins, &["--src", CLIENT4, "--dst", "192.0.2.200:80"]);
+    assert_eq!((code, &c["reachable"]), (1, &Value::Bool(false)), "{c}");
+    assert_eq!(c["blocked_by"], "no route to 192.0.2.200", "{c}");
+
+    // A gateway that never answers: once its neighbour entry has failed, next-hop says so.
+    let text = g.pins.xdpgate(&["next-hop", "--src", CLIENT4, "--dst", "192.0.2.65"]);
+    assert!(text.contains("gateway      198.51.100.99"), "{text}");
+    g.gw.try_exec("ping", &["-c", "1", "-W", "1", "192.0.2.65"]);
+    wait_for("the neighbour entry of 198.51.100.99 to fail", Duration::from_secs(20), || {
+        let out = g.gw.exec("ip", &["neigh", "show", "198.51.100.99", "dev", &g.int]);
+        let shown = String::from_utf8_lossy(&out.stdout).into_owned();
+        if shown.trim().is_empty() {
+            // Asked again when the kernel forgot it.
+            g.gw.try_exec("ping", &["-c", "1", "-W", "1", "192.0.2.65"]);
+        }
+        shown.contains("FAILED")
+    });
+    let hop = next_hop(&g.pins, &["--src", CLIENT4, "--dst", "192.0.2.65"]);
+    assert_eq!(hop["forwarding"], "neighbour_failed", "{hop}");
+    assert_eq!(hop["neighbour"]["state"], "failed", "{hop}");
+    assert_eq!(hop["gateway"], "198.51.100.99", "{hop}");
+    let (c, code) = connectivity(&g.pins, &["--src", CLIENT4, "--dst", "192.0.2.65:80"]);
+    assert_eq!(code, 1, "{c}");
+    assert!(c["blocked_by"].as_str().unwrap().contains("neighbour entry failed"), "{c}");
+}
+
+const POLICY: &str = r#"
+virtual_network:
+  address_space: [198.51.100.0/24]
+nsgs:
+  - name: web
+    subnets: [198.51.100.0/24]
+    rules:
+      - {name: allow-web, priority: 100, direction: inbound, access: allow, protocol: tcp,
+         source: Internet, destination: "*", destination_ports: 8080}
+      - {name: deny-ssh, priority: 200, direction: inbound, access: deny, protocol: tcp,
+         source: "*", destination: "*", destination_ports: 22}
+load_balancers:
+  - name: edge
+    frontends:
+      - {name: vip, address: 192.0.2.10}
+    backend_pools:
+      - {name: live, backends: [198.51.100.11]}
+      - {name: dead, backends: [198.51.100.12, 198.51.100.13]}
+    probes:
+      - {name: up, protocol: tcp, port: 8080, interval: 200, timeout: 150, threshold: 2}
+    rules:
+      - {name: http, frontend: vip, protocol: tcp, frontend_port: 80, backend_port: 8080,
+         backend_pool: live, probe: up}
+      - {name: gone, frontend: vip, protocol: tcp, frontend_port: 81, backend_port: 8080,
+         backend_pool: dead, probe: up}
+nat_gateways:
+  - name: natgw
+    public_addresses: [192.0.2.100]
+    subnets: [198.51.100.0/24]
+"#;
+
+const NODE: &str = "interfaces:\n  - {name: ext0, role: external, hook: xdp}\n  - {name: int0, role: internal, hook: xdp}\n";
+
+/// Connects from the client; true when the handshake completes.
+fn connects(lan: &Lan, to: &str) -> bool {
+    let to: SocketAddr = to.parse().unwrap();
+    lan.client.run(move || TcpStream::connect_timeout(&to, Duration::from_millis(1500)).is_ok())
+}
+
+/// Health of each backend of the rules of `xdpgate lb --json`, by rule name.
+fn health(pins: &Pins, rule: &str) -> Vec<bool> {
+    // Before the agent's first apply there is nothing to show.
+    let out = pins.try_xdpgate(&["lb", "--json"]);
+    let Ok(out) = serde_json::from_slice::<Value>(&out.stdout) else { return vec![] };
+    out.as_array()
+        .and_then(|s| s.iter().find(|s| s["rule"] == rule))
+        .map(|s| s["backends"].as_array().unwrap().iter().map(|b| b["healthy"] == true).collect())
+        .unwrap_or_default()
+}
+
+/// A gateway with an NSG, a load balancer (one rule with a live backend, one whose every
+/// backend fails its probe) and a NAT gateway, run by the agent.
+#[test]
+fn topology_and_connectivity_of_a_gateway_with_lb_nat_and_nsg() {
+    let lan = Lan::new(3);
+    // Backend 1 listens on the probed port and on 22 (which the NSG denies); 2 and 3 on
+    // nothing, so their probes fail.
+    let _listeners: Vec<TcpListener> = ["198.51.100.11:8080", "198.51.100.11:22"]
+        .into_iter()
+        .map(|a| lan.backends[0].run(move || TcpListener::bind(a).expect("listen")))
+        .collect();
+    let _agent = NodeAgent::start(&lan.gw, &lan.pins, POLICY, NODE);
+    wait_for("backend health: 1 up, 2 and 3 down", Duration::from_secs(20), || {
+        health(&lan.pins, "http") == [true] && health(&lan.pins, "gone") == [false, false]
+    });
+
+    // Topology, as JSON.
+    let t: Value = serde_json::from_str(&lan.pins.xdpgate(&["topology", "--json"])).unwrap();
+    let iface = |name: &str| {
+        t["interfaces"].as_array().unwrap().iter().find(|i| i["interface"] == name).cloned()
+    };
+    let ext = iface("ext0").expect("ext0");
+    assert_eq!(
+        (&ext["role"], &ext["hook"], &ext["xdp_mode"]),
+        (&"external".into(), &"xdp".into(), &"native".into()),
+        "{t}"
+    );
+    assert_eq!(ext["addresses"][0], "203.0.113.1/24", "{t}");
+    assert_eq!(iface("int0").expect("int0")["role"], "internal", "{t}");
+    let subnet = t["subnets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["prefix"] == "198.51.100.0/24")
+        .cloned()
+        .expect("the protected subnet");
+    assert_eq!(
+        (&subnet["interface"], &subnet["nsg"], &subnet["nat_gateway"]),
+        (&"int0".into(), &"web".into(), &"natgw".into()),
+        "{t}"
+    );
+    assert_eq!(t["nsgs"][0]["name"], "web", "{t}");
+    let services = &t["load_balancers"][0]["services"];
+    assert_eq!(services[0]["rule"], "http", "{t}");
+    assert_eq!(services[0]["frontend"], "192.0.2.10", "{t}");
+    assert_eq!(services[0]["backends"][0]["healthy"], true, "{t}");
+    assert_eq!(services[1]["backends"][1]["healthy"], false, "{t}");
+    assert_eq!(t["nat_gateways"][0]["public_addresses"][0], "192.0.2.100", "{t}");
+
+    // As text.
+    let text = lan.pins.xdpgate(&["topology"]);
+    for want in [
+        "ext0",
+        "external, xdp native",
+        "198.51.100.0/24",
+        "web",
+        "192.0.2.10:80/tcp",
+        "198.51.100.12 (DOWN)",
+        "natgw",
+        "192.0.2.100",
+    ] {
+        assert!(text.contains(want), "{want} missing:\n{text}");
+    }
+    assert!(text.lines().all(|l| l.len() <= 100), "{text}");
+
+    // As DOT, which Graphviz reads, with healthy and failed backends drawn apart.
+    let dot = lan.pins.xdpgate(&["topology", "--format", "dot"]);
+    assert!(dot.starts_with("digraph xdpgate {") && dot.trim_end().ends_with('}'), "{dot}");
+    assert!(
+        dot.contains("\"lb:edge/http\" -> \"backend:198.51.100.11\" [color=darkgreen"),
+        "{dot}"
+    );
+    assert!(dot.contains("\"lb:edge/gone\" -> \"backend:198.51.100.12\" [color=red"), "{dot}");
+    assert!(dot.contains("\"subnet:198.51.100.0/24\" -> \"nat:natgw\""), "{dot}");
+    let mut child = Command::new("dot")
+        .arg("-Tsvg")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("Graphviz's dot (setup.sh installs graphviz)");
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), dot.as_bytes()).unwrap();
+    let rendered = child.wait_with_output().unwrap();
+    assert!(rendered.status.success(), "{}", String::from_utf8_lossy(&rendered.stderr));
+    let svg = lan.pins.xdpgate(&["topology", "--format", "svg"]);
+    assert!(svg.contains("<svg") && svg.contains("natgw"), "{svg}");
+
+    // An open port behind the load balancer: reachable, through the live backend, and a
+    // real connection gets through.
+    let (c, code) = connectivity(&lan.pins, &["--src", "203.0.113.10", "--dst", "192.0.2.10:80"]);
+    assert_eq!((code, &c["reachable"]), (0, &Value::Bool(true)), "{c}");
+    assert_eq!(c["next_hop"]["translation"]["backend"], "198.51.100.11", "{c}");
+    assert_eq!(c["nsg_layers"][0]["rule"], "allow-web", "{c}");
+    assert_eq!(c["next_hop"]["egress"]["interface"], "int0", "{c}");
+    assert!(connects(&lan, "192.0.2.10:80"));
+    // Translated, between two XDP interfaces, with the backend's neighbour now known: the
+    // dataplane sends it itself.
+    let hop = next_hop(&lan.pins, &["--src", "203.0.113.10", "--dst", "192.0.2.10:80"]);
+    assert_eq!(hop["forwarding"], "redirect", "{hop}");
+    assert_eq!(hop["looked_up"]["dst"], "198.51.100.11", "{hop}");
+    assert_eq!(hop["looked_up"]["dst_port"], 8080, "{hop}");
+
+    // A closed port: the denying rule is named, and the connection does not get through
+    // (the backend listens there).
+    let (c, code) =
+        connectivity(&lan.pins, &["--src", "203.0.113.10", "--dst", "198.51.100.11:22"]);
+    assert_eq!(code, 1, "{c}");
+    let why = c["blocked_by"].as_str().unwrap();
+    assert!(why.contains("web/deny-ssh") && why.contains("inbound subnet layer"), "{c}");
+    assert!(!connects(&lan, "198.51.100.11:22"));
+
+    // Every backend down.
+    let (c, code) = connectivity(&lan.pins, &["--src", "203.0.113.10", "--dst", "192.0.2.10:81"]);
+    assert_eq!(code, 1, "{c}");
+    assert!(c["blocked_by"].as_str().unwrap().contains("no healthy backend"), "{c}");
+    assert!(!connects(&lan, "192.0.2.10:81"));
+    let text = String::from_utf8(
+        lan.pins
+            .try_xdpgate(&["connectivity", "--src", "203.0.113.10", "--dst", "192.0.2.10:81"])
+            .stdout,
+    )
+    .unwrap();
+    assert!(
+        text.contains(
+            "verdict        unreachable: load balancer edge, rule gone: no healthy backend"
+        ),
+        "{text}"
+    );
+
+    // Outbound through the NAT gateway.
+    let (c, code) =
+        connectivity(&lan.pins, &["--src", "198.51.100.11", "--dst", "203.0.113.10:80"]);
+    assert_eq!(code, 0, "{c}");
+    assert_eq!(c["next_hop"]["translation"]["kind"], "nat_gateway", "{c}");
+    assert_eq!(c["next_hop"]["looked_up"]["src"], "192.0.2.100", "{c}");
+    assert_eq!(c["next_hop"]["arrival"]["interface"], "int0", "{c}");
+    assert_eq!(c["next_hop"]["egress"]["interface"], "ext0", "{c}");
+    let nat = c["steps"].as_array().unwrap().iter().find(|s| s["step"] == "nat").cloned();
+    assert!(nat.is_some_and(|s| s["detail"].as_str().unwrap().contains("192.0.2.100")), "{c}");
+}
