@@ -267,6 +267,9 @@ fn a_user_without_privileges_is_told_so() {
             "203.0.113.9",
         ],
         &["metrics"],
+        &["next-hop", "--src", "198.51.100.1", "--dst", "198.51.100.2"],
+        &["connectivity", "--src", "198.51.100.1", "--dst", "198.51.100.2:80"],
+        &["topology"],
         &["upgrade"],
         &["apply", policy.to_str().unwrap()],
     ] {

@@ -191,7 +191,13 @@ nat_gateways:
     subnets: [198.51.100.0/24]
 "#;
 
-const NODE: &str = "interfaces:\n  - {name: ext0, role: external, hook: xdp}\n  - {name: int0, role: internal, hook: xdp}\n";
+/// The node file for the agent: both interfaces at `hook`.
+fn node(hook: &str) -> String {
+    format!(
+        "interfaces:\n  - {{name: ext0, role: external, hook: {hook}}}\n  - {{name: int0, role: \
+         internal, hook: {hook}}}\n"
+    )
+}
 
 /// Connects from the client; true when the handshake completes.
 fn connects(lan: &Lan, to: &str) -> bool {
@@ -210,18 +216,27 @@ fn health(pins: &Pins, rule: &str) -> Vec<bool> {
         .unwrap_or_default()
 }
 
-/// A gateway with an NSG, a load balancer (one rule with a live backend, one whose every
-/// backend fails its probe) and a NAT gateway, run by the agent.
 #[test]
 fn topology_and_connectivity_of_a_gateway_with_lb_nat_and_nsg() {
-    let lan = Lan::new(3);
+    lb_nat_and_nsg("xdp");
+}
+
+#[test]
+fn topology_and_connectivity_at_the_tc_hook() {
+    lb_nat_and_nsg("tc");
+}
+
+/// A gateway with an NSG, a load balancer (one rule with a live backend, one whose every
+/// backend fails its probe) and a NAT gateway, run by the agent, attached at `hook`.
+fn lb_nat_and_nsg(hook: &str) {
+    let lan = Lan::with_hook(3, hook);
     // Backend 1 listens on the probed port and on 22 (which the NSG denies); 2 and 3 on
     // nothing, so their probes fail.
     let _listeners: Vec<TcpListener> = ["198.51.100.11:8080", "198.51.100.11:22"]
         .into_iter()
         .map(|a| lan.backends[0].run(move || TcpListener::bind(a).expect("listen")))
         .collect();
-    let _agent = NodeAgent::start(&lan.gw, &lan.pins, POLICY, NODE);
+    let _agent = NodeAgent::start(&lan.gw, &lan.pins, POLICY, &node(hook));
     wait_for("backend health: 1 up, 2 and 3 down", Duration::from_secs(20), || {
         health(&lan.pins, "http") == [true] && health(&lan.pins, "gone") == [false, false]
     });
@@ -232,9 +247,10 @@ fn topology_and_connectivity_of_a_gateway_with_lb_nat_and_nsg() {
         t["interfaces"].as_array().unwrap().iter().find(|i| i["interface"] == name).cloned()
     };
     let ext = iface("ext0").expect("ext0");
+    let mode = if hook == "xdp" { Value::from("native") } else { Value::Null };
     assert_eq!(
         (&ext["role"], &ext["hook"], &ext["xdp_mode"]),
-        (&"external".into(), &"xdp".into(), &"native".into()),
+        (&"external".into(), &hook.into(), &mode),
         "{t}"
     );
     assert_eq!(ext["addresses"][0], "203.0.113.1/24", "{t}");
@@ -261,9 +277,10 @@ fn topology_and_connectivity_of_a_gateway_with_lb_nat_and_nsg() {
 
     // As text.
     let text = lan.pins.xdpgate(&["topology"]);
+    let attached = if hook == "xdp" { "external, xdp native" } else { "external, tc" };
     for want in [
         "ext0",
-        "external, xdp native",
+        attached,
         "198.51.100.0/24",
         "web",
         "192.0.2.10:80/tcp",
@@ -305,8 +322,8 @@ fn topology_and_connectivity_of_a_gateway_with_lb_nat_and_nsg() {
     assert_eq!(c["nsg_layers"][0]["rule"], "allow-web", "{c}");
     assert_eq!(c["next_hop"]["egress"]["interface"], "int0", "{c}");
     assert!(connects(&lan, "192.0.2.10:80"));
-    // Translated, between two XDP interfaces, with the backend's neighbour now known: the
-    // dataplane sends it itself.
+    // Translated, between two attached interfaces (of one hook), with the backend's
+    // neighbour now known: the dataplane sends it itself.
     let hop = next_hop(&lan.pins, &["--src", "203.0.113.10", "--dst", "192.0.2.10:80"]);
     assert_eq!(hop["forwarding"], "redirect", "{hop}");
     assert_eq!(hop["looked_up"]["dst"], "198.51.100.11", "{hop}");
