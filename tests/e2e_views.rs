@@ -313,6 +313,12 @@ fn lb_nat_and_nsg(hook: &str) {
     assert!(rendered.status.success(), "{}", String::from_utf8_lossy(&rendered.stderr));
     let svg = lan.pins.xdpgate(&["topology", "--format", "svg"]);
     assert!(svg.contains("<svg") && svg.contains("natgw"), "{svg}");
+    // Shown with --nocapture (the README's examples).
+    println!("$ xdpgate topology\n{text}");
+    let svg_file = std::env::temp_dir().join(format!("xdpgate-topology-{hook}.svg"));
+    std::fs::write(&svg_file, &svg).unwrap();
+    std::fs::write(svg_file.with_extension("dot"), &dot).unwrap();
+    println!("(SVG in {})", svg_file.display());
 
     // An open port behind the load balancer: reachable, through the live backend, and a
     // real connection gets through.
@@ -328,6 +334,17 @@ fn lb_nat_and_nsg(hook: &str) {
     assert_eq!(hop["forwarding"], "redirect", "{hop}");
     assert_eq!(hop["looked_up"]["dst"], "198.51.100.11", "{hop}");
     assert_eq!(hop["looked_up"]["dst_port"], 8080, "{hop}");
+    for args in [
+        &["next-hop", "--src", "203.0.113.10", "--dst", "192.0.2.10:80"][..],
+        &["connectivity", "--src", "203.0.113.10", "--dst", "192.0.2.10:80"],
+        &["connectivity", "--src", "203.0.113.10", "--dst", "198.51.100.11:22"],
+        &["connectivity", "--src", "198.51.100.11", "--dst", "203.0.113.10:443"],
+    ] {
+        let out = lan.pins.try_xdpgate(args);
+        let text = String::from_utf8_lossy(&out.stdout);
+        println!("$ xdpgate {}\n{text}", args.join(" "));
+        assert!(text.lines().all(|l| l.len() <= 100), "{text}");
+    }
 
     // A closed port: the denying rule is named, and the connection does not get through
     // (the backend listens there).
@@ -349,10 +366,9 @@ fn lb_nat_and_nsg(hook: &str) {
             .stdout,
     )
     .unwrap();
+    let words = text.split_whitespace().collect::<Vec<_>>().join(" ");
     assert!(
-        text.contains(
-            "verdict        unreachable: load balancer edge, rule gone: no healthy backend"
-        ),
+        words.contains("verdict unreachable: load balancer edge, rule gone: no healthy backend"),
         "{text}"
     );
 

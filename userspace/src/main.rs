@@ -557,8 +557,20 @@ mod tests {
             "--remote",
             "203.0.113.9",
         ];
-        let views: [&[&str]; 7] =
-            [&["status"], &["stats"], &["flows"], &["lb"], &["nat"], &["rules"], &verify];
+        let next_hop = ["next-hop", "--src", "203.0.113.9", "--dst", "198.51.100.2:80"];
+        let connectivity = ["connectivity", "--src", "203.0.113.9", "--dst", "198.51.100.2:80"];
+        let views: [&[&str]; 10] = [
+            &["status"],
+            &["stats"],
+            &["flows"],
+            &["lb"],
+            &["nat"],
+            &["rules"],
+            &verify,
+            &next_hop,
+            &connectivity,
+            &["topology"],
+        ];
         for view in views {
             for flags in [&["--json"][..], &["-o", "json"], &["--output", "table"]] {
                 let args = ["xdpgate"].iter().chain(view).chain(flags);

@@ -77,7 +77,8 @@ pub fn check(pins: &PinDir, hop: NextHop) -> Result<Connectivity> {
                 sport: flow.src_port,
                 dport: seen.dst_port,
             };
-            steps.push(nsg_step(pins, &pkt, &mut layers)?);
+            let translated = (seen.dst, seen.dst_port) != (flow.dst, flow.dst_port);
+            steps.push(nsg_step(pins, &pkt, translated, &mut layers)?);
         } else {
             steps.push(Step {
                 step: "nsg",
@@ -109,18 +110,17 @@ pub fn check(pins: &PinDir, hop: NextHop) -> Result<Connectivity> {
     })
 }
 
-fn nsg_step(pins: &PinDir, pkt: &Packet, layers: &mut Vec<LayerHit>) -> Result<Step> {
-    let flow = format!(
-        "{} -> {}",
-        nexthop::endpoint_string(pkt.src, pkt.sport),
-        nexthop::endpoint_string(pkt.dst, pkt.dport)
-    );
+/// The NSG layers' verdict on `pkt`; `translated`: its destination is a backend's, not the
+/// one asked about.
+fn nsg_step(
+    pins: &PinDir,
+    pkt: &Packet,
+    translated: bool,
+    layers: &mut Vec<LayerHit>,
+) -> Result<Step> {
     if xdpgate_dataplane::apply::running(pins)?.is_none() {
-        return Ok(Step {
-            step: "nsg",
-            ok: true,
-            detail: format!("no policy applied: nothing filters {flow}"),
-        });
+        let detail = "no policy applied: nothing filters it".into();
+        return Ok(Step { step: "nsg", ok: true, detail });
     }
     let answer = verify::verify_flow(pins, None, pkt)?;
     for (hit, name) in answer.decision.decided_by.iter().zip(&answer.names) {
@@ -133,26 +133,24 @@ fn nsg_step(pins: &PinDir, pkt: &Packet, layers: &mut Vec<LayerHit>) -> Result<S
             priority: name.as_ref().map(|n| n.priority),
         });
     }
-    let rule = |h: &LayerHit| match (&h.nsg, &h.rule, h.priority) {
-        (Some(n), Some(r), Some(p)) => format!("{n}/{r} (priority {p})"),
-        _ => "a rule (names unknown)".into(),
+    let rule = |h: &LayerHit| {
+        let layer = format!("{} {} layer", lower(h.direction), lower(h.layer));
+        match (&h.nsg, &h.rule, h.priority) {
+            (Some(n), Some(r), Some(p)) => format!("{n}/{r} (priority {p}, {layer})"),
+            _ => format!("a rule of the {layer} (names unknown)"),
+        }
+    };
+    let to = if translated {
+        format!("to {}: ", nexthop::endpoint_string(pkt.dst, pkt.dport))
+    } else {
+        String::new()
     };
     let detail = match layers.iter().find(|h| h.access == xdpgate_policy::Access::Deny) {
-        Some(h) => format!(
-            "{flow} denied by {} at the {} {} layer",
-            rule(h),
-            lower(h.direction),
-            lower(h.layer)
-        ),
-        None if layers.is_empty() => format!("{flow} allowed: no NSG applies to either end"),
-        None => format!(
-            "{flow} allowed by {}",
-            layers
-                .iter()
-                .map(|h| format!("{} ({} {})", rule(h), lower(h.direction), lower(h.layer)))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
+        Some(h) => format!("{to}denied by {}", rule(h)),
+        None if layers.is_empty() => format!("{to}allowed: no NSG applies to either end"),
+        None => {
+            format!("{to}allowed by {}", layers.iter().map(rule).collect::<Vec<_>>().join(", "))
+        }
     };
     Ok(Step { step: "nsg", ok: answer.decision.allowed, detail })
 }
@@ -170,12 +168,14 @@ impl View for Connectivity {
                 "next_hop" => "next hop",
                 other => other,
             };
-            out +=
-                &format!("{name:<14} {} {}\n", if s.ok { "ok     " } else { "BLOCKED" }, s.detail);
+            let verdict = if s.ok { "ok     " } else { "BLOCKED" };
+            out += &format!("{name:<14} {verdict} {}\n", super::wrap(&s.detail, 23));
         }
         out += &match &self.blocked_by {
             None => "verdict        reachable\n".to_string(),
-            Some(why) => format!("verdict        unreachable: {why}\n"),
+            Some(why) => {
+                format!("verdict        {}\n", super::wrap(&format!("unreachable: {why}"), 15))
+            }
         };
         out
     }

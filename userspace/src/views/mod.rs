@@ -115,6 +115,29 @@ impl Grid {
     }
 }
 
+/// Text for a labelled line: `text` wrapped at spaces so that no line, with the label's
+/// `indent` columns before it, passes 100 columns; the lines after the first indented to
+/// line up under it. A word longer than a line stands alone.
+pub fn wrap(text: &str, indent: usize) -> String {
+    const WIDTH: usize = 100;
+    let room = WIDTH.saturating_sub(indent).max(20);
+    let mut out = String::new();
+    let mut line = 0;
+    for word in text.split(' ') {
+        if line > 0 && line + 1 + word.len() > room {
+            out.push('\n');
+            out.push_str(&" ".repeat(indent));
+            line = 0;
+        } else if line > 0 {
+            out.push(' ');
+            line += 1;
+        }
+        out.push_str(word);
+        line += word.len();
+    }
+    out
+}
+
 /// `Debug` of a plain enum in lower case (`Inbound` -> `inbound`).
 pub fn lower(v: impl std::fmt::Debug) -> String {
     format!("{v:?}").to_lowercase()
@@ -146,6 +169,18 @@ mod tests {
             Err(clap::error::ErrorKind::ArgumentConflict)
         );
         assert_eq!(format(&["-o", "yaml"]), Err(clap::error::ErrorKind::InvalidValue));
+    }
+
+    #[test]
+    fn wrap_keeps_lines_within_100_columns_and_aligned() {
+        let text = "word ".repeat(40);
+        let wrapped = wrap(text.trim_end(), 15);
+        let lines: Vec<&str> = wrapped.lines().collect();
+        assert_eq!(lines.len(), 3, "{wrapped}");
+        assert!(lines[0].len() <= 85 && lines[0].len() > 75, "{wrapped}");
+        assert!(lines[1..].iter().all(|l| l.starts_with(&" ".repeat(15)) && l.len() <= 100));
+        assert_eq!(wrapped.split_whitespace().count(), 40);
+        assert_eq!(wrap("short", 15), "short");
     }
 
     #[test]

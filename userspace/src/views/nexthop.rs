@@ -658,7 +658,7 @@ impl View for NextHop {
             self.arrival.as_ref().map_or("this host (its own traffic)".into(), iface_line)
         );
         if let Some(t) = &self.translation {
-            out += &format!("translation  {}\n", t.describe());
+            out += &format!("translation  {}\n", super::wrap(&t.describe(), 13));
         }
         if let Some(l) = &self.looked_up {
             out += &format!("looked up    {}\n", l.describe());
@@ -686,7 +686,7 @@ impl View for NextHop {
         if let Some(m) = self.mtu {
             out += &format!("mtu          {m}\n");
         }
-        out += &format!("next hop     {}\n", self.reason);
+        out += &format!("next hop     {}\n", super::wrap(&self.reason, 13));
         out
     }
 }
@@ -704,4 +704,36 @@ pub fn run(pins: &PinDir, args: &NextHopArgs) -> Result<()> {
     let flow = args.flow.flow()?;
     let hop = resolve(pins, &flow, args.flow.iface.as_deref())?;
     super::print(&hop, args.output.format())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(src: &str, dst: &str, protocol: Option<&str>) -> FlowArgs {
+        FlowArgs {
+            src: src.into(),
+            dst: dst.into(),
+            protocol: protocol.map(str::to_string),
+            iface: None,
+        }
+    }
+
+    #[test]
+    fn flows_are_read_with_clear_errors() {
+        let f = args("203.0.113.7", "192.0.2.10:80", None).flow().unwrap();
+        assert_eq!((f.proto(), f.src_port, f.dst_port), (6, Some(49152), Some(80)));
+        let f = args("2001:db8::1", "2001:db8::2", None).flow().unwrap();
+        assert_eq!(f.proto(), 58);
+        assert_eq!(serde_json::to_value(f).unwrap()["protocol"], "icmpv6");
+        let err = |a: FlowArgs| format!("{:#}", a.flow().unwrap_err());
+        assert!(err(args("203.0.113.7", "192.0.2.10:80", Some("icmp"))).contains("has no ports"));
+        assert!(err(args("203.0.113.7", "192.0.2.10", Some("udp"))).contains("destination port"));
+        assert!(
+            err(args("2001:db8::1", "2001:db8::2:80", Some("tcp"))).contains("destination port")
+        );
+        assert!(err(args("203.0.113.7", "2001:db8::2", None)).contains("same address family"));
+        assert!(err(args("nowhere", "192.0.2.1", None)).contains("--src \"nowhere\""));
+        assert!(err(args("203.0.113.7", "192.0.2.1", Some("gre"))).contains("unknown protocol"));
+    }
 }

@@ -109,7 +109,10 @@ fn interfaces(attached: &[status::IfaceStatus]) -> Result<Vec<Interface>> {
                 _ => None,
             },
         };
-        if let Some(net) = net {
+        // Link-local addresses name no subnet the gateway routes.
+        if let Some(net) =
+            net.filter(|n| !matches!(n.addr(), IpAddr::V6(a) if a.is_unicast_link_local()))
+        {
             addrs.entry(a.interface_name).or_default().push(net);
         }
     }
@@ -504,12 +507,12 @@ pub enum TopologyFormat {
 /// `xdpgate topology`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct TopologyArgs {
-    /// Print JSON (same as --format json).
-    #[arg(long, conflicts_with = "format")]
+    /// Print JSON (same as -o json).
+    #[arg(long, conflicts_with = "output")]
     pub json: bool,
-    /// Output format.
-    #[arg(short = 'o', long, value_enum, default_value = "table")]
-    pub format: TopologyFormat,
+    /// Output format: table, json, dot or svg (--format is the same flag).
+    #[arg(short = 'o', long, visible_alias = "format", value_enum, default_value = "table")]
+    pub output: TopologyFormat,
 }
 
 /// Runs `dot -Tsvg` over `dot`.
@@ -538,7 +541,7 @@ pub fn svg(dot: &str) -> Result<Vec<u8>> {
 
 pub fn run(pins: &PinDir, args: &TopologyArgs) -> Result<()> {
     let topology = read(pins)?;
-    let format = if args.json { TopologyFormat::Json } else { args.format };
+    let format = if args.json { TopologyFormat::Json } else { args.output };
     let out = match format {
         TopologyFormat::Table => return super::print(&topology, super::Format::Table),
         TopologyFormat::Json => return super::print(&topology, super::Format::Json),
@@ -546,4 +549,102 @@ pub fn run(pins: &PinDir, args: &TopologyArgs) -> Result<()> {
         TopologyFormat::Svg => svg(&topology.dot())?,
     };
     std::io::stdout().lock().write_all(&out).context("writing to stdout")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn topology() -> Topology {
+        let net = |s: &str| s.parse::<IpNet>().unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        Topology {
+            generation: Some(3),
+            interfaces: vec![
+                Interface {
+                    interface: "ext0".into(),
+                    ifindex: 2,
+                    role: Some("external"),
+                    hook: Some(Hook::Xdp),
+                    xdp_mode: Some("native".into()),
+                    addresses: vec![net("203.0.113.1/24")],
+                },
+                Interface {
+                    interface: "int\"0".into(),
+                    ifindex: 3,
+                    role: None,
+                    hook: None,
+                    xdp_mode: None,
+                    addresses: vec![],
+                },
+            ],
+            subnets: vec![Subnet {
+                prefix: net("198.51.100.0/24"),
+                interface: Some("int\"0".into()),
+                nsg: Some("web".into()),
+                nat_gateway: Some("gw".into()),
+            }],
+            nsgs: vec![NsgNode {
+                name: "web".into(),
+                subnets: vec![net("198.51.100.0/24")],
+                hosts: vec![net("198.51.100.7/32")],
+                rules: 8,
+            }],
+            load_balancers: vec![LbNode {
+                name: "edge".into(),
+                services: vec![Service {
+                    rule: "ssh".into(),
+                    kind: "inbound_nat",
+                    frontend: ip("2001:db8::10"),
+                    frontend_port: 2200,
+                    protocol: "tcp",
+                    backends: vec![
+                        BackendHealth { address: ip("198.51.100.11"), healthy: true },
+                        BackendHealth { address: ip("198.51.100.12"), healthy: false },
+                    ],
+                }],
+            }],
+            nat_gateways: vec![NatNode {
+                name: "gw".into(),
+                public_addresses: vec![ip("192.0.2.100")],
+                subnets: vec![net("198.51.100.0/24")],
+                port_first: 1024,
+                port_last: 65535,
+            }],
+        }
+    }
+
+    #[test]
+    fn text_has_one_table_per_kind() {
+        let text = topology().text();
+        let words = |l: &str| l.split_whitespace().map(str::to_string).collect::<Vec<_>>();
+        let line = |start: &str| text.lines().find(|l| l.starts_with(start)).map(words);
+        assert_eq!(line("ext0").unwrap(), ["ext0", "external,", "xdp", "native", "203.0.113.1/24"]);
+        assert_eq!(line("int\"0").unwrap(), ["int\"0", "not", "attached", "-"]);
+        assert_eq!(line("198.51.100.0/24").unwrap(), ["198.51.100.0/24", "int\"0", "web", "gw"]);
+        assert_eq!(
+            line("edge").unwrap(),
+            [
+                "edge",
+                "ssh",
+                "[2001:db8::10]:2200-2201/tcp",
+                "198.51.100.11",
+                "198.51.100.12",
+                "(DOWN)"
+            ]
+        );
+        assert!(text.contains("policy generation 3"), "{text}");
+    }
+
+    #[test]
+    fn dot_quotes_names_and_draws_health() {
+        let dot = topology().dot();
+        assert!(dot.contains("\"if:int\\\"0\" [shape=box, style=dashed"), "{dot}");
+        assert!(dot.contains("\"lb:edge/ssh\" -> \"backend:198.51.100.12\" [color=red"), "{dot}");
+        assert!(dot.contains("\"subnet:198.51.100.0/24\" -> \"backend:198.51.100.11\""), "{dot}");
+        assert!(dot.contains("\"nat:gw\" -> \"if:ext0\""), "{dot}");
+        // Balanced braces and quotes: what any DOT reader needs first.
+        assert_eq!(dot.matches('{').count(), dot.matches('}').count());
+        assert_eq!(dot.replace("\\\"", "").matches('"').count() % 2, 0, "{dot}");
+    }
 }
