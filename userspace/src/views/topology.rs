@@ -427,6 +427,8 @@ impl Topology {
                 let _ = writeln!(d, "  {id} -> {host} [style=dotted, dir=none, label=\"guards\"];");
             }
         }
+        let external: Vec<&Interface> =
+            self.interfaces.iter().filter(|i| i.role == Some("external")).collect();
         let mut backends_drawn = HashSet::new();
         for lb in &self.load_balancers {
             for s in &lb.services {
@@ -436,6 +438,14 @@ impl Topology {
                     "  {id} [shape=component, style=filled, fillcolor=lightblue, label={}];",
                     q(&format!("LB {} / {}\n{}", lb.name, s.rule, frontend(s)))
                 );
+                // Frontends are reached from outside.
+                for i in &external {
+                    let _ = writeln!(
+                        d,
+                        "  {} -> {id} [color=grey];",
+                        q(&format!("if:{}", i.interface))
+                    );
+                }
                 for b in &s.backends {
                     let bid = q(&format!("backend:{}", b.address));
                     if backends_drawn.insert(b.address) {
@@ -464,8 +474,6 @@ impl Topology {
                 }
             }
         }
-        let external: Vec<&Interface> =
-            self.interfaces.iter().filter(|i| i.role == Some("external")).collect();
         for n in &self.nat_gateways {
             let id = q(&format!("nat:{}", n.name));
             let _ = writeln!(
