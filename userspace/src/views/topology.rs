@@ -20,18 +20,16 @@ use xdpgate_policy::{LbProtocol, LoadBalancer, NatGateway, Nsg, Policy};
 
 use super::{
     Grid, View,
-    nexthop::{BackendHealth, backend_health, running_policy},
+    nexthop::{self, BackendHealth, backend_health, running_policy},
 };
 use crate::status;
 
 /// A network interface of this namespace.
 #[derive(Debug, Clone, Serialize)]
 pub struct Interface {
-    pub interface: String,
-    pub ifindex: u32,
-    /// external or internal, where xdpgate is attached.
-    pub role: Option<&'static str>,
-    pub hook: Option<Hook>,
+    /// Name, index, and xdpgate's role and hook where attached.
+    #[serde(flatten)]
+    pub link: nexthop::Interface,
     /// The XDP mode as the kernel reports it (native, skb, none) where attached.
     pub xdp_mode: Option<String>,
     pub addresses: Vec<IpNet>,
@@ -124,12 +122,14 @@ fn interfaces(attached: &[status::IfaceStatus]) -> Result<Vec<Interface>> {
         }
         let a = attached.iter().find(|a| a.name == name && a.place == "here");
         out.push(Interface {
-            ifindex: i.index(),
-            role: a.and_then(|a| a.role),
-            hook: a.and_then(|a| a.hook),
             xdp_mode: a.filter(|a| a.hook == Some(Hook::Xdp)).map(|a| a.xdp_mode.clone()),
             addresses: addrs.remove(&name).unwrap_or_default(),
-            interface: name,
+            link: nexthop::Interface {
+                ifindex: i.index(),
+                role: a.and_then(|a| a.role),
+                hook: a.and_then(|a| a.hook),
+                interface: name,
+            },
         });
     }
     Ok(out)
@@ -192,7 +192,7 @@ fn build(
             interface: interfaces
                 .iter()
                 .find(|i| i.addresses.iter().any(|a| overlaps(&a.trunc(), &prefix)))
-                .map(|i| i.interface.clone()),
+                .map(|i| i.link.interface.clone()),
             nsg: nsg_list
                 .iter()
                 .find(|n| n.subnets.iter().any(|s| overlaps(s, &prefix)))
@@ -276,7 +276,7 @@ fn list<T: ToString>(v: &[T]) -> String {
 }
 
 fn attachment(i: &Interface) -> String {
-    match (i.role, i.hook) {
+    match (i.link.role, i.link.hook) {
         (Some(role), Some(hook)) => {
             let mode = i.xdp_mode.as_deref().map_or(String::new(), |m| format!(" {m}"));
             format!("{role}, {}{mode}", hook.name())
@@ -294,7 +294,7 @@ impl View for Topology {
         let mut out = String::new();
         let mut g = Grid::new(&["INTERFACE", "XDPGATE", "ADDRESSES"]);
         for i in &self.interfaces {
-            g.row([i.interface.clone(), attachment(i), list(&i.addresses)]);
+            g.row([i.link.interface.clone(), attachment(i), list(&i.addresses)]);
         }
         out += &g.render();
         let mut g = Grid::new(&["SUBNET", "INTERFACE", "NSG", "NAT GATEWAY"]);
@@ -376,12 +376,12 @@ impl Topology {
              label=\"xdpgate gateway\";\n    style=rounded;\n",
         );
         for i in &self.interfaces {
-            let label = format!("{}\n{}\n{}", i.interface, attachment(i), list(&i.addresses));
-            let style = if i.hook.is_some() { "bold" } else { "dashed" };
+            let label = format!("{}\n{}\n{}", i.link.interface, attachment(i), list(&i.addresses));
+            let style = if i.link.hook.is_some() { "bold" } else { "dashed" };
             let _ = writeln!(
                 d,
                 "    {} [shape=box, style={style}, label={}];",
-                q(&format!("if:{}", i.interface)),
+                q(&format!("if:{}", i.link.interface)),
                 q(&label)
             );
         }
@@ -428,7 +428,7 @@ impl Topology {
             }
         }
         let external: Vec<&Interface> =
-            self.interfaces.iter().filter(|i| i.role == Some("external")).collect();
+            self.interfaces.iter().filter(|i| i.link.role == Some("external")).collect();
         let mut backends_drawn = HashSet::new();
         for lb in &self.load_balancers {
             for s in &lb.services {
@@ -443,7 +443,7 @@ impl Topology {
                     let _ = writeln!(
                         d,
                         "  {} -> {id} [color=grey];",
-                        q(&format!("if:{}", i.interface))
+                        q(&format!("if:{}", i.link.interface))
                     );
                 }
                 for b in &s.backends {
@@ -491,7 +491,7 @@ impl Topology {
                 let _ = writeln!(d, "  {} -> {id} [label=\"SNAT\"];", q(&format!("subnet:{s}")));
             }
             for i in &external {
-                let _ = writeln!(d, "  {id} -> {};", q(&format!("if:{}", i.interface)));
+                let _ = writeln!(d, "  {id} -> {};", q(&format!("if:{}", i.link.interface)));
             }
         }
         d += "}\n";
@@ -570,18 +570,22 @@ mod tests {
             generation: Some(3),
             interfaces: vec![
                 Interface {
-                    interface: "ext0".into(),
-                    ifindex: 2,
-                    role: Some("external"),
-                    hook: Some(Hook::Xdp),
+                    link: nexthop::Interface {
+                        interface: "ext0".into(),
+                        ifindex: 2,
+                        role: Some("external"),
+                        hook: Some(Hook::Xdp),
+                    },
                     xdp_mode: Some("native".into()),
                     addresses: vec![net("203.0.113.1/24")],
                 },
                 Interface {
-                    interface: "int\"0".into(),
-                    ifindex: 3,
-                    role: None,
-                    hook: None,
+                    link: nexthop::Interface {
+                        interface: "int\"0".into(),
+                        ifindex: 3,
+                        role: None,
+                        hook: None,
+                    },
                     xdp_mode: None,
                     addresses: vec![],
                 },
