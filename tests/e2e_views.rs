@@ -374,3 +374,49 @@ fn lb_nat_and_nsg(hook: &str) {
     let nat = c["steps"].as_array().unwrap().iter().find(|s| s["step"] == "nat").cloned();
     assert!(nat.is_some_and(|s| s["detail"].as_str().unwrap().contains("192.0.2.100")), "{c}");
 }
+
+/// Packets the external interface's ingress program sent on itself (redirect) and left to
+/// the stack (pass), from the dataplane's own counters.
+fn external_verdicts(pins: &Pins) -> (u64, u64) {
+    let stats = xdpgate_dataplane::stats::read(&pins.dir).expect("stats");
+    let ext = stats
+        .interfaces
+        .iter()
+        .find(|i| i.role == Some("external"))
+        .expect("the external interface's counters");
+    (ext.verdict("redirect").packets, ext.verdict("pass").packets)
+}
+
+/// Whether the dataplane forwards a load-balanced flow itself depends on the hooks: XDP
+/// redirects only to interfaces attached with XDP, tc to any attached one. `next-hop` says
+/// which, and the dataplane's verdict counters agree when a real connection goes through.
+#[test]
+fn next_hop_says_redirect_or_stack_as_the_dataplane_does() {
+    let policy = format!(
+        "virtual_network:\n  address_space: [198.51.100.0/24]\nload_balancers:\n  - name: edge\n    \
+         frontends: [{{name: vip, address: 192.0.2.10}}]\n    backend_pools: [{{name: p, \
+         backends: [{SERVER4}]}}]\n    rules:\n      - {{name: web, frontend: vip, protocol: \
+         tcp, frontend_port: 80, backend_port: 8080, backend_pool: p}}\n"
+    );
+    for (ext, int, expected) in [("xdp", "tc", "stack"), ("tc", "xdp", "redirect")] {
+        let g = Gateway::with_hooks(ext, int);
+        g.apply("lb.yaml", &policy);
+        let _listener = g.server.run(|| TcpListener::bind((SERVER4, 8080)).expect("listen"));
+        // The backend's neighbour entry, so that the FIB answers in full.
+        g.gw.exec("ping", &["-c", "1", "-W", "1", SERVER4]);
+        let hop = next_hop(&g.pins, &["--src", CLIENT4, "--dst", "192.0.2.10:80"]);
+        assert_eq!(hop["outcome"], "success", "{ext}->{int}: {hop}");
+        assert_eq!(hop["egress"]["hook"], int, "{hop}");
+        assert_eq!(hop["forwarding"], expected, "{ext}->{int}: {hop}");
+        let (redirected, _) = external_verdicts(&g.pins);
+        let to: SocketAddr = "192.0.2.10:80".parse().unwrap();
+        let connected =
+            g.client.run(move || TcpStream::connect_timeout(&to, Duration::from_secs(2)).is_ok());
+        assert!(connected, "{ext}->{int}: no connection through the load balancer");
+        let (after, passed) = external_verdicts(&g.pins);
+        match expected {
+            "redirect" => assert!(after > redirected, "{ext}->{int}: nothing redirected"),
+            _ => assert!(after == redirected && passed > 0, "{ext}->{int}: {after} redirected"),
+        }
+    }
+}
