@@ -118,6 +118,10 @@ fn nsg_step(
     translated: bool,
     layers: &mut Vec<LayerHit>,
 ) -> Result<Step> {
+    if !pins.path().exists() {
+        let detail = format!("no dataplane under {}: nothing filters it", pins.path().display());
+        return Ok(Step { step: "nsg", ok: true, detail });
+    }
     if xdpgate_dataplane::apply::running(pins)?.is_none() {
         let detail = "no policy applied: nothing filters it".into();
         return Ok(Step { step: "nsg", ok: true, detail });

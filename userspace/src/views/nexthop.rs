@@ -525,6 +525,16 @@ fn judge(
                         }
                     },
                 ),
+                _ if is_local(dst)? => no_route(Outcome::NotForwarded, dst)?,
+                // The helper checks forwarding on the interface it is asked from, here the
+                // loopback device, before it looks at any route.
+                Outcome::ForwardingDisabled => (
+                    Forwarding::Stack,
+                    "sent by this host: the FIB can be asked only from the loopback device, \
+                     where forwarding is off, so the route is unknown here (the host's stack \
+                     routes it)"
+                        .into(),
+                ),
                 _ => no_route(answer.outcome, dst)?,
             });
         }
