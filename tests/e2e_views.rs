@@ -420,3 +420,24 @@ fn next_hop_says_redirect_or_stack_as_the_dataplane_does() {
         }
     }
 }
+
+/// The host's own traffic where forwarding is off (the FIB helper refuses to answer from
+/// the loopback device): to one of its addresses it is local and reachable, elsewhere the
+/// route is left unknown rather than called blocked; a pin directory with nothing attached
+/// filters nothing. (Seen failing before the fixes: connectivity stopped at the missing
+/// pinned maps with an error; then both said "forwarding is disabled", exit status 1.)
+#[test]
+fn the_hosts_own_traffic_with_forwarding_off() {
+    common::isolated(false, |name| {
+        common::run("ip", &["-n", &name, "link", "set", "lo", "up"]);
+        common::run("ip", &["-n", &name, "addr", "add", "198.51.100.1/24", "dev", "lo"]);
+        let mut pins = Pins::new();
+        pins.netns = Some(name);
+        let (c, code) = connectivity(&pins, &["--src", "198.51.100.1", "--dst", "198.51.100.1:80"]);
+        assert_eq!((code, &c["next_hop"]["forwarding"]), (0, &"local".into()), "{c}");
+        let hop = next_hop(&pins, &["--src", "198.51.100.1", "--dst", "198.51.100.7"]);
+        assert_eq!(hop["outcome"], "forwarding_disabled", "{hop}");
+        assert_eq!(hop["forwarding"], "stack", "{hop}");
+        assert!(hop["reason"].as_str().unwrap().contains("route is unknown"), "{hop}");
+    });
+}

@@ -118,7 +118,8 @@ fn nsg_step(
     translated: bool,
     layers: &mut Vec<LayerHit>,
 ) -> Result<Step> {
-    if !pins.path().exists() {
+    // Never attached here: no pinned maps (the directory alone may exist).
+    if !pins.map(xdpgate_common::maps::ACTIVE_SLOT).exists() {
         let detail = format!("no dataplane under {}: nothing filters it", pins.path().display());
         return Ok(Step { step: "nsg", ok: true, detail });
     }
