@@ -9,4 +9,5 @@ pub mod health;
 pub mod metrics;
 pub mod node;
 pub mod status;
+pub mod verify_flow;
 pub mod views;

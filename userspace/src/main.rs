@@ -1,23 +1,19 @@
 //! `xdpgate`: the command-line agent.
 
-use std::{
-    net::{IpAddr, SocketAddr},
-    path::PathBuf,
-    process::ExitCode,
-};
+use std::{net::IpAddr, path::PathBuf, process::ExitCode};
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand, ValueEnum as _};
 use xdpgate::{
-    agent, flowlog, metrics, status,
+    agent, flowlog, metrics, status, verify_flow,
     views::{self, OutputArgs},
 };
 use xdpgate_common::{iface::Role, maps::DEFAULT_PIN_DIR};
 use xdpgate_dataplane::{
     self as dataplane, Hook, Ingress, Mode, PinDir, apply, flows, lb, nat, netns, state::WriteLock,
-    stats, transaction, verify,
+    stats, transaction,
 };
-use xdpgate_policy::{self as policy, compile, reference::Packet};
+use xdpgate_policy::{self as policy, compile};
 
 #[derive(Parser)]
 #[command(version, about = "XDP packet filter, L4 load balancer and NAT", long_about = None)]
@@ -63,12 +59,6 @@ enum RoleArg {
     Internal,
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum DirectionArg {
-    Inbound,
-    Outbound,
-}
-
 #[derive(Subcommand)]
 enum Command {
     /// Attach the dataplane to an interface (stays attached after this command exits).
@@ -112,40 +102,10 @@ enum Command {
     },
     /// Validate, compile and swap in a policy atomically; on any error the running policy
     /// stays in force.
-    Apply { file: PathBuf },
-    /// Would this flow be allowed, and by which rule? Like Azure's IP flow verify.
-    ///
-    /// Answered from the NSG tables the kernel is using (the active slot's pinned maps, read
-    /// without running the program: no flow is created, no counter moves), evaluated as the
-    /// dataplane does; the answer names the generation and slot it asked. Rules are named
-    /// from the saved policy when its tables are the kernel's, and otherwise it says so.
-    /// With --policy FILE it compiles that file instead and says so.
-    ///
-    /// Exit status: 0 allowed, 1 denied, 2 error (nothing was answered).
-    ///
-    /// Example: xdpgate verify-flow --direction inbound --protocol tcp
-    ///          --local 198.51.100.10:80 --remote 203.0.113.7:40000
-    VerifyFlow {
-        /// Which way the flow's first packet goes: inbound (remote to local) or outbound
-        /// (local to remote). Both sides' NSGs judge it: the source's outbound layers, then
-        /// the destination's inbound layers.
-        #[arg(long, value_enum)]
-        direction: DirectionArg,
-        /// tcp, udp, icmp (ICMPv6 for IPv6 addresses), esp, ah, or a protocol number.
-        #[arg(long)]
-        protocol: String,
-        /// Address of the protected side, with :PORT for TCP and UDP ([v6]:PORT).
-        #[arg(long)]
-        local: String,
-        /// Address of the other side, with :PORT for TCP and UDP.
-        #[arg(long)]
-        remote: String,
-        /// Compile this policy file and ask it instead of the kernel.
-        #[arg(long)]
-        policy: Option<PathBuf>,
-        #[command(flatten)]
-        output: OutputArgs,
+    Apply {
+        file: PathBuf,
     },
+    VerifyFlow(verify_flow::Args),
     /// Print the effective rules: service tags, application security groups and default
     /// rules expanded, in evaluation order.
     Rules {
@@ -259,27 +219,6 @@ fn running_record(pins: &PinDir) -> Result<policy::names::Record> {
         .ok_or_else(|| anyhow!("no policy applied to {} yet", pins.path().display()))
 }
 
-/// `IP` or `IP:PORT` (`[IPv6]:PORT`).
-fn endpoint(s: &str) -> Result<(IpAddr, Option<u16>)> {
-    if let Ok(sa) = s.parse::<SocketAddr>() {
-        return Ok((sa.ip(), Some(sa.port())));
-    }
-    Ok((s.parse().with_context(|| format!("{s:?} is not an address or address:port"))?, None))
-}
-
-fn protocol_number(name: &str, v6: bool) -> Result<u8> {
-    Ok(match name.to_ascii_lowercase().as_str() {
-        "tcp" => 6,
-        "udp" => 17,
-        "icmp" => xdpgate_common::icmp_proto(if v6 { 6 } else { 4 }),
-        "esp" => 50,
-        "ah" => 51,
-        n => n.parse().map_err(|_| {
-            anyhow!("unknown protocol {name:?} (tcp, udp, icmp, esp, ah or a number)")
-        })?,
-    })
-}
-
 fn main() -> ExitCode {
     // Like other command-line tools: a closed pipe (`xdpgate metrics | head`) ends the
     // process quietly instead of a panic on write.
@@ -288,7 +227,7 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     // verify-flow's status is its answer (0 allowed, 1 denied), so its errors need another.
-    let verify = matches!(cli.command, Command::VerifyFlow { .. });
+    let verify = matches!(cli.command, Command::VerifyFlow(_));
     match run(cli) {
         Ok(code) => code,
         Err(e) => report(&e, verify),
@@ -313,7 +252,7 @@ fn report(e: &anyhow::Error, verify: bool) -> ExitCode {
         return ExitCode::from(EXIT_NO_PERMISSION);
     }
     eprintln!("error: {e:#}");
-    if verify { ExitCode::from(VERIFY_ERROR) } else { ExitCode::FAILURE }
+    if verify { ExitCode::from(verify_flow::ERROR) } else { ExitCode::FAILURE }
 }
 
 impl Command {
@@ -323,15 +262,12 @@ impl Command {
     fn uses_pins(&self) -> bool {
         match self {
             Command::Check { .. } => false,
-            Command::VerifyFlow { policy, .. } | Command::Rules { policy, .. } => policy.is_none(),
+            Command::VerifyFlow(args) => args.policy.is_none(),
+            Command::Rules { policy, .. } => policy.is_none(),
             _ => true,
         }
     }
 }
-
-/// `verify-flow` exit statuses besides 0 (allowed).
-const VERIFY_DENIED: u8 = 1;
-const VERIFY_ERROR: u8 = 2;
 
 fn run(cli: Cli) -> Result<ExitCode> {
     if let Some(ns) = &cli.netns {
@@ -416,40 +352,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 compile::NSG_FIELDS_PER_POLICY,
             );
         }
-        Command::VerifyFlow { direction, protocol, local, remote, policy, output } => {
-            let (local, local_port) = endpoint(&local)?;
-            let (remote, remote_port) = endpoint(&remote)?;
-            if local.is_ipv4() != remote.is_ipv4() {
-                bail!("--local and --remote must be of the same address family");
-            }
-            let proto = protocol_number(&protocol, local.is_ipv6())?;
-            let pkt = match direction {
-                DirectionArg::Inbound => Packet {
-                    direction: policy::Direction::Inbound,
-                    proto,
-                    src: remote,
-                    dst: local,
-                    sport: remote_port,
-                    dport: local_port,
-                },
-                DirectionArg::Outbound => Packet {
-                    direction: policy::Direction::Outbound,
-                    proto,
-                    src: local,
-                    dst: remote,
-                    sport: local_port,
-                    dport: remote_port,
-                },
-            };
-            if (proto == 6 || proto == 17) && (pkt.sport.is_none() || pkt.dport.is_none()) {
-                bail!("TCP and UDP need ports on both --local and --remote (ADDRESS:PORT)");
-            }
-            let answer = verify::verify_flow(&pins, policy.as_deref(), &pkt)?;
-            views::print(&answer, output.format())?;
-            if !answer.decision.allowed {
-                return Ok(ExitCode::from(VERIFY_DENIED));
-            }
-        }
+        Command::VerifyFlow(args) => return verify_flow::run(&pins, args),
         Command::Rules { policy, output } => {
             views::print(&chosen_policy(&pins, policy)?, output.format())?;
         }
