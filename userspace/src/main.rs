@@ -3,9 +3,9 @@
 use std::{net::IpAddr, path::PathBuf, process::ExitCode};
 
 use anyhow::{Context, Result, anyhow, bail};
-use clap::{Parser, Subcommand, ValueEnum as _};
+use clap::{CommandFactory as _, Parser, Subcommand, ValueEnum as _};
 use xdpgate::{
-    agent, flowlog, metrics, status, verify_flow,
+    agent, cli_docs, flowlog, metrics, status, verify_flow,
     views::{self, OutputArgs},
 };
 use xdpgate_common::{iface::Role, maps::DEFAULT_PIN_DIR};
@@ -65,8 +65,11 @@ enum Command {
     ///
     /// Example: xdpgate attach --iface eth0 --role external
     Attach {
+        /// The interface to attach to (in the --netns namespace when given).
         #[arg(long)]
         iface: String,
+        /// Which side the interface faces: external (packets arriving are inbound) or
+        /// internal (a protected subnet: packets arriving are outbound).
         #[arg(long, value_enum, default_value = "external")]
         role: RoleArg,
         /// Where the pipeline runs on this interface's ingress: xdp (per frame, before the
@@ -87,14 +90,17 @@ enum Command {
     Upgrade,
     /// Detach the dataplane from an interface, or from every interface with --all.
     Detach {
+        /// The interface to detach from.
         #[arg(long, required_unless_present = "all")]
         iface: Option<String>,
+        /// Detach from every interface the pin directory records.
         #[arg(long)]
         all: bool,
     },
     /// Validate a policy file without touching the kernel. Errors name file, line, field and
     /// reason.
     Check {
+        /// The policy file (YAML).
         file: PathBuf,
         /// Also check a node file (the interfaces `xdpgate run --node` attaches).
         #[arg(long, value_name = "FILE")]
@@ -103,6 +109,7 @@ enum Command {
     /// Validate, compile and swap in a policy atomically; on any error the running policy
     /// stays in force.
     Apply {
+        /// The policy file (YAML).
         file: PathBuf,
     },
     VerifyFlow(verify_flow::Args),
@@ -120,7 +127,8 @@ enum Command {
     /// changes nothing: see `status`) and reopens the flow log; on exit the dataplane keeps
     /// running.
     Run {
-        #[arg(long)]
+        /// The policy file to apply and reload on SIGHUP.
+        #[arg(long, value_name = "FILE")]
         policy: PathBuf,
         /// Node file listing this machine's interfaces, their roles and hooks (XDP in a mode,
         /// or tc); those not attached (after a reboot, say) are attached at start. `tables:`
@@ -198,6 +206,10 @@ enum Command {
         #[command(flatten)]
         output: OutputArgs,
     },
+    /// Print a shell completion script.
+    Completions(cli_docs::CompletionsArgs),
+    /// Print the man page (roff), or write one page per command into --dir.
+    Man(cli_docs::ManArgs),
 }
 
 /// The policy named on the command line, or else the one applied to this dataplane.
@@ -261,7 +273,7 @@ impl Command {
     /// so instead of seeing an empty or missing dataplane.
     fn uses_pins(&self) -> bool {
         match self {
-            Command::Check { .. } => false,
+            Command::Check { .. } | Command::Completions(_) | Command::Man(_) => false,
             Command::VerifyFlow(args) => args.policy.is_none(),
             Command::Rules { policy, .. } => policy.is_none(),
             _ => true,
@@ -409,6 +421,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Stats { output } => {
             views::print(&stats::read(&pins)?, output.format())?;
         }
+        Command::Completions(args) => {
+            cli_docs::completions(Cli::command(), &args, &mut std::io::stdout().lock())?;
+        }
+        Command::Man(args) => cli_docs::man(Cli::command(), &args, &mut std::io::stdout().lock())?,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -443,5 +459,65 @@ mod tests {
         }
         // Commands that are not views do not pretend to print JSON.
         assert!(Cli::try_parse_from(["xdpgate", "detach", "--all", "--json"]).is_err());
+    }
+
+    /// `--help` explains every command, flag and listed value.
+    #[test]
+    fn every_command_flag_and_value_has_help() {
+        let missing = xdpgate::cli_docs::without_help(&Cli::command());
+        assert!(missing.is_empty(), "without help text:\n{}", missing.join("\n"));
+    }
+
+    /// Completion scripts name every command and flag, and the shells that are installed
+    /// here accept them.
+    #[test]
+    fn completions_for_bash_zsh_and_fish() {
+        for shell in ["bash", "zsh", "fish"] {
+            let cli = Cli::try_parse_from(["xdpgate", "completions", shell]).unwrap();
+            let Command::Completions(args) = cli.command else { panic!("completions") };
+            let mut script = Vec::new();
+            cli_docs::completions(Cli::command(), &args, &mut script).unwrap();
+            let script = String::from_utf8(script).unwrap();
+            for word in ["verify-flow", "batch", "flows", "completions", "pin-dir"] {
+                assert!(script.contains(word), "{shell}: {word} missing");
+            }
+            let checked = std::process::Command::new(shell)
+                .arg("-n")
+                .stdin(std::process::Stdio::piped())
+                .spawn()
+                .map(|mut child| {
+                    use std::io::Write as _;
+                    child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+                    child.wait().unwrap()
+                });
+            match checked {
+                Ok(status) => assert!(status.success(), "{shell} -n rejects the script"),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => panic!("{shell}: {e}"),
+            }
+        }
+    }
+
+    /// The man page is roff generated from the same definition: every command is in it.
+    #[test]
+    fn man_page_lists_every_command() {
+        let mut page = Vec::new();
+        cli_docs::man(Cli::command(), &cli_docs::ManArgs { dir: None }, &mut page).unwrap();
+        let page = String::from_utf8(page).unwrap();
+        assert!(page.starts_with(".ie") || page.contains(".TH xdpgate"), "{page}");
+        for sub in Cli::command().get_subcommands() {
+            // roff writes a hyphen as \-.
+            let name = sub.get_name().replace('-', "\\-");
+            assert!(page.contains(&name), "{name} missing");
+        }
+        let dir = std::env::temp_dir().join(format!("xdpgate-man-{}", std::process::id()));
+        let mut listed = Vec::new();
+        cli_docs::man(Cli::command(), &cli_docs::ManArgs { dir: Some(dir.clone()) }, &mut listed)
+            .unwrap();
+        let listed = String::from_utf8(listed).unwrap();
+        assert!(listed.contains("xdpgate-verify-flow.1"), "{listed}");
+        let flows = std::fs::read_to_string(dir.join("xdpgate-flows.1")).unwrap();
+        assert!(flows.contains("top"), "{flows}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
