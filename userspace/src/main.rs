@@ -176,9 +176,10 @@ enum Command {
     ///
     /// Example: xdpgate flows --port 443 --top 50
     Flows {
-        /// Show at most N flows (0: all).
-        #[arg(long, value_name = "N", default_value_t = 20)]
-        top: usize,
+        /// Show at most N flows, 0 for all. Default: 20 in the table (which says how many it
+        /// left out), all with --json.
+        #[arg(long, value_name = "N")]
+        top: Option<usize>,
         /// Only flows with this address at either end.
         #[arg(long, value_name = "IP")]
         addr: Option<IpAddr>,
@@ -404,8 +405,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Metrics => print!("{}", metrics::render(&pins)?),
         Command::Flows { top, addr, port, rule, state, output } => {
-            let list = flows::list(&pins, &flows::Filter { addr, port, rule, state }, top)?;
-            views::print(list.as_slice(), output.format())?;
+            let all = flows::list(&pins, &flows::Filter { addr, port, rule, state }, 0)?;
+            let format = output.format();
+            views::print(&views::flows::Listed::new(all, top, format), format)?;
         }
         Command::Status { output } => {
             views::print(&status::read(&pins)?, output.format())?;
