@@ -118,7 +118,7 @@ impl View for [Flow] {
                 rule(f),
                 via(f),
                 format!("{}/{}", f.forward.packets, f.reply.packets),
-                format!("{}/{}", f.forward.bytes, f.reply.bytes),
+                format!("{}/{}", super::bytes(f.forward.bytes), super::bytes(f.reply.bytes)),
                 idle,
             ]);
         }
@@ -187,7 +187,7 @@ mod tests {
             "inbound",
             "web/allow-web",
             "5/4",
-            "500/400",
+            "500 B/400 B",
             "2.5s",
         ] {
             assert!(lines[1].contains(want), "{want} missing from {text}");
