@@ -199,12 +199,12 @@ fn sighup_with_a_broken_policy_keeps_the_running_one() {
     assert!(text.contains("reload failed") && text.contains("99999"), "status says so:\n{text}");
     assert_eq!(status(&lab.pins)["agent"]["last_reload"]["successful"], false);
     // And a second broken reload, recorded as a new attempt.
-    let first_try = state["last_reload"]["unix"].as_f64().unwrap();
+    let first_try = state["last_reload"]["unix_seconds"].as_f64().unwrap();
     agent.signal(libc::SIGHUP);
     wait_for("the second failed reload recorded", Duration::from_secs(10), || {
         agent.assert_running("a second SIGHUP with an invalid policy");
         agent_state(&lab.pins).is_some_and(|s| {
-            s["last_reload"]["unix"].as_f64() > Some(first_try)
+            s["last_reload"]["unix_seconds"].as_f64() > Some(first_try)
                 && s["last_reload"]["successful"] == false
         })
     });

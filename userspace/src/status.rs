@@ -80,6 +80,7 @@ pub struct PolicyStatus {
     pub applied_path: Option<PathBuf>,
     /// When it was applied: RFC 3339 UTC, and seconds since the Unix epoch.
     pub applied_at: Option<String>,
+    #[serde(rename = "applied_unix_seconds")]
     pub applied_unix: Option<u64>,
 }
 

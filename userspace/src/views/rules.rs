@@ -186,7 +186,10 @@ mod tests {
             ["in", "100", "allow-web", "allow", "tcp", "192.0.2.1/32,"],
             "{text}"
         );
-        assert!(text.contains("192.0.2.3/32, ... (4") && text.contains("* port 80,8000-8080"), "{text}");
+        assert!(
+            text.contains("192.0.2.3/32, ... (4") && text.contains("* port 80,8000-8080"),
+            "{text}"
+        );
         // Default rules follow, in evaluation order.
         assert!(text.contains("DenyAllInBound"), "{text}");
         for line in text.lines() {
