@@ -262,7 +262,8 @@ const ATTEMPTS: usize = 5;
 /// switches the generation between two answers).
 pub enum Verifier<'a> {
     File { path: PathBuf, compiled: Compiled },
-    Kernel { pins: &'a PinDir, tables: PinnedTables, names: Option<Result<Record, String>> },
+    // Boxed: the tables' map handles are large beside a compiled policy's vectors.
+    Kernel { pins: &'a PinDir, tables: Box<PinnedTables>, names: Option<Result<Record, String>> },
 }
 
 impl<'a> Verifier<'a> {
@@ -280,7 +281,7 @@ impl<'a> Verifier<'a> {
                 pins.path().display()
             );
         }
-        Ok(Self::Kernel { pins, tables, names: None })
+        Ok(Self::Kernel { pins, tables: Box::new(tables), names: None })
     }
 
     /// Answers `pkt`.
@@ -295,7 +296,7 @@ impl<'a> Verifier<'a> {
             Self::Kernel { pins, tables, names } => (*pins, tables, names),
         };
         for _ in 0..ATTEMPTS {
-            let decision = decide(&*tables, pkt)?;
+            let decision = decide(&**tables, pkt)?;
             if !decision.decided_by.is_empty() && names.is_none() {
                 *names = Some(kernel_names(pins, tables));
             }
@@ -303,7 +304,7 @@ impl<'a> Verifier<'a> {
             // so an unchanged generation means every lookup saw that generation.
             let (slot, config) = apply::active(pins)?;
             if (slot, config.generation) != (tables.slot, tables.generation()) {
-                *tables = PinnedTables::open(pins)?;
+                **tables = PinnedTables::open(pins)?;
                 *names = None;
                 continue;
             }
