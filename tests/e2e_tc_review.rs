@@ -394,7 +394,7 @@ fn recreated_device_does_not_leak_interface_slots() {
     let role = |name: &str| {
         status["interfaces"]
             .as_array()
-            .and_then(|all| all.iter().find(|i| i["name"] == name).map(|i| i["role"].clone()))
+            .and_then(|all| all.iter().find(|i| i["interface"] == name).map(|i| i["role"].clone()))
     };
     assert_eq!(role("keep0"), Some("external".into()), "{status}");
     assert_eq!(role("gw0"), Some("internal".into()), "{status}");
