@@ -69,8 +69,8 @@ pub struct Args {
     #[arg(long, required_unless_present = "batch", conflicts_with = "batch")]
     remote: Option<String>,
     /// Answer every flow of FILE (- for standard input), one per line as
-    /// `DIRECTION PROTOCOL LOCAL REMOTE`; prints JSON lines.
-    #[arg(long, value_name = "FILE")]
+    /// `DIRECTION PROTOCOL LOCAL REMOTE`; prints JSON lines (so -o table is refused).
+    #[arg(long, value_name = "FILE", conflicts_with = "output")]
     batch: Option<String>,
     /// Compile this policy file and ask it instead of the kernel.
     #[arg(long, value_name = "FILE")]
@@ -295,6 +295,35 @@ mod tests {
         let p =
             packet(DirectionArg::Outbound, "tcp", "[2001:db8::1]:80", "[2001:db8::2]:9").unwrap();
         assert_eq!((p.sport, p.dport, p.proto), (Some(80), Some(9), 6));
+    }
+
+    #[test]
+    fn a_batch_takes_no_flow_flags_and_no_table() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: Args,
+        }
+        let parse = |more: &[&str]| {
+            Cli::try_parse_from(["verify-flow"].iter().chain(more))
+                .map(|_| ())
+                .map_err(|e| e.kind())
+        };
+        assert_eq!(parse(&["--batch", "-"]), Ok(()));
+        assert_eq!(parse(&["--batch", "-", "--json"]), Ok(()));
+        assert_eq!(
+            parse(&["--batch", "-", "-o", "table"]),
+            Err(clap::error::ErrorKind::ArgumentConflict)
+        );
+        assert_eq!(
+            parse(&["--batch", "-", "--protocol", "tcp"]),
+            Err(clap::error::ErrorKind::ArgumentConflict)
+        );
+        assert_eq!(
+            parse(&["--protocol", "tcp"]),
+            Err(clap::error::ErrorKind::MissingRequiredArgument)
+        );
     }
 
     #[test]
