@@ -199,12 +199,12 @@ fn sighup_with_a_broken_policy_keeps_the_running_one() {
     assert!(text.contains("reload failed") && text.contains("99999"), "status says so:\n{text}");
     assert_eq!(status(&lab.pins)["agent"]["last_reload"]["successful"], false);
     // And a second broken reload, recorded as a new attempt.
-    let first_try = state["last_reload"]["unix"].as_f64().unwrap();
+    let first_try = state["last_reload"]["unix_seconds"].as_f64().unwrap();
     agent.signal(libc::SIGHUP);
     wait_for("the second failed reload recorded", Duration::from_secs(10), || {
         agent.assert_running("a second SIGHUP with an invalid policy");
         agent_state(&lab.pins).is_some_and(|s| {
-            s["last_reload"]["unix"].as_f64() > Some(first_try)
+            s["last_reload"]["unix_seconds"].as_f64() > Some(first_try)
                 && s["last_reload"]["successful"] == false
         })
     });
@@ -332,7 +332,7 @@ fn simulated_reboot_attaches_from_the_node_file() {
             .iter()
             .map(|i| {
                 (
-                    i["name"].as_str().unwrap().to_owned(),
+                    i["interface"].as_str().unwrap().to_owned(),
                     i["xdp_mode"].as_str().unwrap().to_owned(),
                     i["program_id"].as_u64().unwrap_or(0),
                 )
@@ -403,7 +403,9 @@ fn simulated_reboot_attaches_from_the_node_file() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|i| (i["name"].as_str().unwrap().into(), i["role"].as_str().unwrap_or("-").into()))
+        .map(|i| {
+            (i["interface"].as_str().unwrap().into(), i["role"].as_str().unwrap_or("-").into())
+        })
         .collect();
     assert!(roles.contains(&(lab.ext.clone(), "external".into())), "{roles:?}");
     assert!(roles.contains(&(lab.int.clone(), "internal".into())), "{roles:?}");
@@ -583,7 +585,7 @@ fn boots_from_the_node_file_with_only_the_units_capabilities() {
         }
         status().is_some_and(|s| {
             s["policy"]["generation"].as_u64() >= Some(1)
-                && s["interfaces"][0]["name"] == ib.as_str()
+                && s["interfaces"][0]["interface"] == ib.as_str()
                 && s["interfaces"][0]["xdp_mode"] == "native"
                 && s["agent"]["last_reload"]["successful"] == true
         })

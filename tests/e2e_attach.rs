@@ -24,15 +24,9 @@ fn pass_counter(pins: &Pins, ifname: &str) -> (u64, u64) {
         .as_array()
         .unwrap()
         .iter()
-        .find(|i| i["iface"] == ifname)
+        .find(|i| i["interface"] == ifname)
         .unwrap_or_else(|| panic!("{ifname} missing from stats: {json}"));
-    let pass = iface["verdicts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v[0] == "pass")
-        .expect("pass verdict")[1]
-        .clone();
+    let pass = &iface["verdicts"]["pass"];
     (pass["packets"].as_u64().unwrap(), pass["bytes"].as_u64().unwrap())
 }
 

@@ -325,10 +325,8 @@ impl Lab {
     /// Packets dropped with reason `policy`.
     fn policy_drops(&self) -> u64 {
         let stats = self.json(&["stats", "--json"]);
-        stats["drops"]
-            .as_array()
-            .and_then(|d| d.iter().find(|d| d[0] == "policy"))
-            .and_then(|d| d[1].as_u64())
+        stats["drops"]["policy"]["packets"]
+            .as_u64()
             .unwrap_or_else(|| panic!("no policy drop counter: {stats}"))
     }
 

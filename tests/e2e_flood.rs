@@ -627,10 +627,10 @@ fn flood(lab: &Lab, v6: bool, count: u64) -> Value {
 
 fn drops(stats: &Value) -> Vec<(String, u64)> {
     stats["drops"]
-        .as_array()
+        .as_object()
         .expect("drops in stats")
         .iter()
-        .map(|d| (d[0].as_str().unwrap().to_owned(), d[1].as_u64().unwrap()))
+        .map(|(reason, d)| (reason.clone(), d["packets"].as_u64().unwrap()))
         .collect()
 }
 
@@ -654,12 +654,12 @@ fn iface_packets(stats: &Value, iface: &str) -> u64 {
         .as_array()
         .unwrap()
         .iter()
-        .find(|i| i["iface"] == iface)
+        .find(|i| i["interface"] == iface)
         .unwrap_or_else(|| panic!("{iface} missing from stats: {stats}"))["verdicts"]
-        .as_array()
+        .as_object()
         .unwrap()
-        .iter()
-        .map(|v| v[1]["packets"].as_u64().unwrap())
+        .values()
+        .map(|v| v["packets"].as_u64().unwrap())
         .sum()
 }
 

@@ -142,7 +142,7 @@ fn stats(pins: &Pins) -> Value {
 }
 
 fn drops(s: &Value, reason: &str) -> u64 {
-    s["drops"].as_array().unwrap().iter().find(|d| d[0] == reason).unwrap()[1].as_u64().unwrap()
+    s["drops"][reason]["packets"].as_u64().unwrap()
 }
 
 fn rule_hits(s: &Value, rule: &str) -> u64 {
@@ -153,10 +153,8 @@ fn rule_hits(s: &Value, rule: &str) -> u64 {
 
 /// The egress program's count of the host's own packets with `verdict` on `iface`.
 fn egress(s: &Value, iface: &str, verdict: &str) -> u64 {
-    let i = s["interfaces"].as_array().unwrap().iter().find(|i| i["iface"] == iface).unwrap();
-    i["egress"].as_array().unwrap().iter().find(|v| v[0] == verdict).unwrap()[1]["packets"]
-        .as_u64()
-        .unwrap()
+    let i = s["interfaces"].as_array().unwrap().iter().find(|i| i["interface"] == iface).unwrap();
+    i["egress"][verdict]["packets"].as_u64().unwrap()
 }
 
 struct Lab {
@@ -742,10 +740,10 @@ fn the_hosts_big_tcp_aggregates_pass() {
         );
         // The aggregates were big: more bytes than 64 KiB per packet on average would be
         // impossible otherwise, so check the counters saw some.
-        let i = after["interfaces"].as_array().unwrap().iter().find(|i| i["iface"] == lab.iface);
-        let pass = &i.unwrap()["egress"].as_array().unwrap().iter().find(|v| v[0] == "pass");
-        let (packets, b) =
-            (pass.unwrap()[1]["packets"].as_u64(), pass.unwrap()[1]["bytes"].as_u64());
+        let i =
+            after["interfaces"].as_array().unwrap().iter().find(|i| i["interface"] == lab.iface);
+        let pass = &i.unwrap()["egress"]["pass"];
+        let (packets, b) = (pass["packets"].as_u64(), pass["bytes"].as_u64());
         println!("{net}: egress passed {packets:?} packets, {b:?} bytes in all");
     }
 }

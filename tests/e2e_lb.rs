@@ -345,29 +345,23 @@ fn load_balancing_end_to_end() {
     assert_eq!(attempt, Err(std::io::ErrorKind::TimedOut), "no backend: the SYN is dropped");
     let stats: serde_json::Value =
         serde_json::from_str(&t.pins.xdpgate(&["stats", "--json"])).unwrap();
-    let no_backend =
-        stats["drops"].as_array().unwrap().iter().find(|d| d[0] == "no_backend").unwrap()[1]
-            .as_u64()
-            .unwrap();
+    let no_backend = stats["drops"]["no_backend"]["packets"].as_u64().unwrap();
     assert!(no_backend > 0, "drops counted as no_backend: {stats}");
     // Both directions were forwarded by XDP itself (redirect), not handed to the kernel.
     for iface in ["ext0", "int0"] {
-        let i =
-            stats["interfaces"].as_array().unwrap().iter().find(|i| i["iface"] == iface).unwrap();
-        let redirected = i["verdicts"]
+        let i = stats["interfaces"]
             .as_array()
             .unwrap()
             .iter()
-            .find(|v| v[0] == "redirect")
-            .unwrap()[1]["packets"]
-            .as_u64()
+            .find(|i| i["interface"] == iface)
             .unwrap();
+        let redirected = i["verdicts"]["redirect"]["packets"].as_u64().unwrap();
         assert!(redirected > 100, "{iface} redirected only {redirected} packets: {i}");
     }
 
     // Counters: every backend carried packets, and the lb view adds them up.
     let lb: serde_json::Value = serde_json::from_str(&t.pins.xdpgate(&["lb", "--json"])).unwrap();
     for b in lb[0]["backends"].as_array().unwrap() {
-        assert!(b["packets"].as_u64().unwrap() > 0, "{b}");
+        assert!(b["traffic"]["packets"].as_u64().unwrap() > 0, "{b}");
     }
 }

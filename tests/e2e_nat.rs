@@ -122,7 +122,7 @@ impl Lab {
     }
 
     fn ports_in_use(&self) -> u64 {
-        self.nat()[0]["addresses"][0][1].as_u64().unwrap()
+        self.nat()[0]["addresses"][0]["ports_in_use"].as_u64().unwrap()
     }
 
     /// A UDP exchange from the host's `sport` to the server's echo on 5353: the address the
@@ -211,7 +211,7 @@ fn hosts_reach_the_internet_through_the_pool_address() {
     // The UDP and ICMP translations idle out (4 s for UDP, 30 s... ICMP uses the UDP
     // timeout too) and their ports are free again; the agent expires them once a second.
     let took = lab.wait("translations to idle out", Duration::from_secs(10), |l| {
-        l.nat()[0]["addresses"][0][1].as_u64().unwrap() <= 1
+        l.nat()[0]["addresses"][0]["ports_in_use"].as_u64().unwrap() <= 1
     });
     println!("UDP/ICMP translations expired after {took:?} (idle timeout 4 s)");
 }

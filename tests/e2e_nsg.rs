@@ -108,14 +108,9 @@ impl Lab {
     /// Packets dropped by policy, over both interfaces.
     fn policy_drops(&self) -> u64 {
         let json = self.stats();
-        json["drops"]
-            .as_array()
-            .expect("drops array")
-            .iter()
-            .find(|d| d[0] == "policy")
-            .unwrap_or_else(|| panic!("no policy drop counter: {json}"))[1]
+        json["drops"]["policy"]["packets"]
             .as_u64()
-            .unwrap()
+            .unwrap_or_else(|| panic!("no policy drop counter: {json}"))
     }
 
     fn connect(&self, addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
@@ -311,10 +306,9 @@ fn allow_deny_and_stateful_replies() {
             .as_array()
             .unwrap()
             .iter()
-            .find(|i| i["iface"] == **iface)
+            .find(|i| i["interface"] == **iface)
             .unwrap_or_else(|| panic!("{iface} missing from stats: {stats}"));
-        let drop = s["verdicts"].as_array().unwrap().iter().find(|v| v[0] == "drop");
-        let packets = drop.map_or(0, |d| d[1]["packets"].as_u64().unwrap());
+        let packets = s["verdicts"]["drop"]["packets"].as_u64().unwrap_or(0);
         assert!(packets > 0, "no drop verdict counted on {iface}: {s}");
     }
     eprintln!("allow_deny_and_stateful_replies: {:?}", started.elapsed());

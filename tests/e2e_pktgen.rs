@@ -61,9 +61,9 @@ fn counted(pins: &Pins, ifname: &str) -> u64 {
         .as_array()
         .unwrap()
         .iter()
-        .find(|i| i["iface"] == ifname)
+        .find(|i| i["interface"] == ifname)
         .unwrap_or_else(|| panic!("{ifname} missing from stats: {stats}"));
-    iface["verdicts"].as_array().unwrap().iter().map(|v| v[1]["packets"].as_u64().unwrap()).sum()
+    iface["verdicts"].as_object().unwrap().values().map(|v| v["packets"].as_u64().unwrap()).sum()
 }
 
 fn mac(ns: &Netns, ifname: &str) -> String {

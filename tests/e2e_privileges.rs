@@ -327,7 +327,7 @@ fn status_names_the_namespace_a_link_lives_in() {
     // interface has its ifindex.
     let stats: Value =
         serde_json::from_str(&ok(xdpgate(&pins, None, &["stats", "--json"]), "stats")).unwrap();
-    assert_eq!(stats["interfaces"][0]["iface"].as_str(), Some(ib.as_str()), "{stats:#}");
+    assert_eq!(stats["interfaces"][0]["interface"].as_str(), Some(ib.as_str()), "{stats:#}");
 
     // Asked from b: here.
     let i = only(&status(Some(&b)));

@@ -212,17 +212,15 @@ fn json(pins: &Pins, args: &[&str]) -> serde_json::Value {
 fn iface_stats(stats: &serde_json::Value, iface: &str) -> serde_json::Value {
     stats["interfaces"]
         .as_array()
-        .and_then(|all| all.iter().find(|i| i["iface"] == iface))
+        .and_then(|all| all.iter().find(|i| i["interface"] == iface))
         .unwrap_or_else(|| panic!("{iface} missing from stats: {stats}"))
         .clone()
 }
 
 /// Packets and bytes of `verdict` on one interface of `stats --json`.
 fn verdict(iface: &serde_json::Value, verdict: &str) -> (u64, u64) {
-    iface["verdicts"]
-        .as_array()
-        .and_then(|all| all.iter().find(|v| v[0] == verdict))
-        .map_or((0, 0), |v| (v[1]["packets"].as_u64().unwrap(), v[1]["bytes"].as_u64().unwrap()))
+    let v = &iface["verdicts"][verdict];
+    (v["packets"].as_u64().unwrap_or(0), v["bytes"].as_u64().unwrap_or(0))
 }
 
 /// The flows counted for rule `rule` of NSG `nsg` (stats' rule hits).
@@ -328,7 +326,7 @@ fn tc_nat_gateway_translates_a_download_exactly() {
         assert!(served.peer.port() >= 1024, "{}", served.peer);
     }
     let nat = json(&net.pins, &["nat", "--json"]);
-    assert!(nat[0]["addresses"][0][1].as_u64().unwrap() >= 1, "ports in use: {nat}");
+    assert!(nat[0]["addresses"][0]["ports_in_use"].as_u64().unwrap() >= 1, "ports in use: {nat}");
 }
 
 #[test]
@@ -459,7 +457,7 @@ fn tc_status_detach_and_one_hook_per_interface() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|i| i["name"].as_str().unwrap())
+        .map(|i| i["interface"].as_str().unwrap())
         .collect();
     assert_eq!(names, [net.int.as_str()], "{status}");
 
@@ -548,7 +546,7 @@ fn tc_agent_attaches_node_file_interfaces_with_hook_tc() {
         let status = json(&pins, &["status", "--json"]);
         status["interfaces"]
             .as_array()
-            .is_some_and(|all| all.iter().any(|i| i["name"] == vb.as_str()))
+            .is_some_and(|all| all.iter().any(|i| i["interface"] == vb.as_str()))
     });
     common::assert_ingress_hook(&pins, &b, &vb, "tc");
 }

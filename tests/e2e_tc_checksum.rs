@@ -101,12 +101,9 @@ fn snat_of_partial_checksum_segments_is_checksummed_right() {
     for iface in [&net.int, &net.ext] {
         let entry = stats["interfaces"]
             .as_array()
-            .and_then(|all| all.iter().find(|i| i["iface"] == iface.as_str()))
+            .and_then(|all| all.iter().find(|i| i["interface"] == iface.as_str()))
             .unwrap_or_else(|| panic!("{iface} missing: {stats}"));
-        let redirected = entry["verdicts"]
-            .as_array()
-            .and_then(|all| all.iter().find(|v| v[0] == "redirect"))
-            .map_or(0, |v| v[1]["packets"].as_u64().unwrap());
+        let redirected = entry["verdicts"]["redirect"]["packets"].as_u64().unwrap_or(0);
         assert!(redirected > 10, "{redirected} packets redirected from {iface}: {entry}");
     }
 }

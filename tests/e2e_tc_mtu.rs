@@ -60,12 +60,9 @@ fn tc_forwarding_keeps_to_the_route_mtu() {
         serde_json::from_str(&net.pins.xdpgate(&["stats", "--json"])).unwrap();
     let int = stats["interfaces"]
         .as_array()
-        .and_then(|all| all.iter().find(|i| i["iface"] == net.int.as_str()))
+        .and_then(|all| all.iter().find(|i| i["interface"] == net.int.as_str()))
         .unwrap_or_else(|| panic!("{} missing: {stats}", net.int));
-    let redirected = int["verdicts"]
-        .as_array()
-        .and_then(|all| all.iter().find(|v| v[0] == "redirect"))
-        .map_or(0, |v| v[1]["packets"].as_u64().unwrap());
+    let redirected = int["verdicts"]["redirect"]["packets"].as_u64().unwrap_or(0);
     assert!(redirected >= 2, "{redirected} packets redirected from {}: {int}", net.int);
 
     // 1,428 bytes of IP with DF over a 1,280-byte route: never delivered.

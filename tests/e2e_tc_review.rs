@@ -309,9 +309,9 @@ fn recreated_device_is_attached_again() {
     let ifindex = || {
         let out = pins.xdpgate(&["status", "--json"]);
         let status: serde_json::Value = serde_json::from_str(&out).expect("status json");
-        status["interfaces"]
-            .as_array()
-            .and_then(|all| all.iter().find(|i| i["name"] == "gw0").map(|i| i["ifindex"].clone()))
+        status["interfaces"].as_array().and_then(|all| {
+            all.iter().find(|i| i["interface"] == "gw0").map(|i| i["ifindex"].clone())
+        })
     };
     // Until status shows the link on a live device (or the agent had its time).
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -346,7 +346,7 @@ fn upgrade_skips_a_deleted_device() {
         let status: serde_json::Value = serde_json::from_str(&out).expect("status json");
         let g1 = status["interfaces"]
             .as_array()
-            .and_then(|all| all.iter().find(|i| i["name"] == "g1").cloned())
+            .and_then(|all| all.iter().find(|i| i["interface"] == "g1").cloned())
             .expect("g1 in status");
         (g1["program_id"].as_u64(), g1["egress_program_id"].as_u64())
     };
@@ -394,7 +394,7 @@ fn recreated_device_does_not_leak_interface_slots() {
     let role = |name: &str| {
         status["interfaces"]
             .as_array()
-            .and_then(|all| all.iter().find(|i| i["name"] == name).map(|i| i["role"].clone()))
+            .and_then(|all| all.iter().find(|i| i["interface"] == name).map(|i| i["role"].clone()))
     };
     assert_eq!(role("keep0"), Some("external".into()), "{status}");
     assert_eq!(role("gw0"), Some("internal".into()), "{status}");

@@ -175,10 +175,10 @@ fn upgrade_from_a_build_without_the_interface_array_finds_the_interfaces() {
     let passed = |ifname: &str| {
         let stats: serde_json::Value =
             serde_json::from_str(&lab.pins.xdpgate(&["stats", "--json"])).unwrap();
-        let iface = stats["interfaces"].as_array().unwrap().iter().find(|i| i["iface"] == ifname);
-        let verdicts = iface.unwrap_or_else(|| panic!("{ifname} in {stats}"))["verdicts"].clone();
-        let pass = verdicts.as_array().unwrap().iter().find(|v| v[0] == "pass").cloned();
-        pass.map_or(0, |p| p[1]["packets"].as_u64().unwrap())
+        let iface =
+            stats["interfaces"].as_array().unwrap().iter().find(|i| i["interface"] == ifname);
+        let verdicts = &iface.unwrap_or_else(|| panic!("{ifname} in {stats}"))["verdicts"];
+        verdicts["pass"]["packets"].as_u64().unwrap_or(0)
     };
     let before = (passed(&lab.ext), passed(&lab.int));
     assert_eq!(echoed(), Some(*b"echo"), "after the upgrade");
@@ -482,7 +482,7 @@ fn exchange(s: &mut TcpStream) -> std::io::Result<[u8; 5]> {
 fn drops(lab: &Gateway, reason: &str) -> u64 {
     let v: serde_json::Value =
         serde_json::from_str(&lab.pins.xdpgate(&["stats", "--json"])).unwrap();
-    v["drops"].as_array().unwrap().iter().find(|d| d[0] == reason).unwrap()[1].as_u64().unwrap()
+    v["drops"][reason]["packets"].as_u64().unwrap()
 }
 
 /// Flow tables pinned by a build from before the next-hop cache (`FLOWS` and `EMBRYOS`,

@@ -54,10 +54,10 @@ fn json(text: &str) -> serde_json::Value {
 /// Drops by reason, as `xdpgate stats --json` reports them.
 fn drops(pins: &Pins) -> BTreeMap<String, u64> {
     json(&pins.xdpgate(&["stats", "--json"]))["drops"]
-        .as_array()
+        .as_object()
         .unwrap()
         .iter()
-        .map(|d| (d[0].as_str().unwrap().to_owned(), d[1].as_u64().unwrap()))
+        .map(|(reason, d)| (reason.clone(), d["packets"].as_u64().unwrap()))
         .collect()
 }
 

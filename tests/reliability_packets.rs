@@ -1648,16 +1648,9 @@ fn iface_stats(pins: &Pins, iface: &str) -> (u64, u64) {
         .as_array()
         .unwrap()
         .iter()
-        .find(|i| i["iface"] == iface)
+        .find(|i| i["interface"] == iface)
         .unwrap_or_else(|| panic!("{iface} missing from stats: {json}"));
-    let verdict = |name: &str| {
-        i["verdicts"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|v| v[0] == name)
-            .map_or(0, |v| v[1]["packets"].as_u64().unwrap())
-    };
+    let verdict = |name: &str| i["verdicts"][name]["packets"].as_u64().unwrap_or(0);
     (verdict("drop"), verdict("aborted"))
 }
 

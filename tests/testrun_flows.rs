@@ -413,3 +413,31 @@ fn an_embryo_missing_either_entry_is_counted_evicted_not_live() {
     let e = read();
     assert_eq!((e.created, e.live, e.entries, e.evicted), (4, 2, 6, 2), "{e:?}");
 }
+
+/// `flows --json` is for programs: every flow unless --top says otherwise. The table keeps a
+/// default of 20 for people and says what it left out.
+#[test]
+fn flows_json_lists_every_flow_and_the_table_says_what_it_holds_back() {
+    let k = Kernel::new();
+    k.apply(POLICY);
+    for port in 0..25 {
+        udp_exchange(&k, ("203.0.113.1", 6000 + port), ("198.51.100.10", 53));
+    }
+    let json = |args: &[&str]| -> Vec<serde_json::Value> {
+        let out = k.pins.xdpgate(&[&["flows", "--json"], args].concat());
+        serde_json::from_str::<serde_json::Value>(&out).unwrap().as_array().unwrap().clone()
+    };
+    assert_eq!(json(&[]).len(), 25);
+    assert_eq!(json(&["--top", "5"]).len(), 5);
+    assert_eq!(json(&["--top", "0"]).len(), 25);
+    let text = k.pins.xdpgate(&["flows"]);
+    let rows = text.lines().filter(|l| l.starts_with("established")).count();
+    assert_eq!(rows, 20, "{text}");
+    assert!(
+        text.ends_with("showing 20 of 25 flows (--top N for more, --top 0 for all)\n"),
+        "{text}"
+    );
+    let all = k.pins.xdpgate(&["flows", "--top", "0"]);
+    assert_eq!(all.lines().filter(|l| l.starts_with("established")).count(), 25, "{all}");
+    assert!(!all.contains("showing"), "{all}");
+}

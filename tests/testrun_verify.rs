@@ -401,3 +401,91 @@ fn icmp_by_family_agrees_with_the_kernel() {
     std::fs::remove_file(&file).unwrap();
     assert!(f.is_empty(), "{}", f.join("\n"));
 }
+
+/// Runs `xdpgate verify-flow --batch - EXTRA` with `input` on standard input.
+fn verify_batch(pins: &Pins, extra: &[&str], input: &str) -> Output {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new(common::xdpgate_bin())
+        .args(["--pin-dir", pins.dir.path().to_str().unwrap(), "verify-flow", "--batch", "-"])
+        .args(extra)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn a_batch_answers_as_single_calls_do_and_goes_on_past_a_bad_line() {
+    let kernel = Kernel::new();
+    let pins = &kernel.pins;
+    let src = policy("allow-a", "1000-1999").replace(
+        "    rules:\n",
+        "    rules:\n      - {name: deny-dns, priority: 101, direction: inbound, access: deny, \
+         protocol: udp, source: [\"*\"], destination: [\"*\"], destination_ports: [53]}\n      - {name: no-out, priority: 102, direction: \
+         outbound, access: deny, protocol: \"*\", source: [\"*\"], destination: \
+         [192.0.2.0/24]}\n",
+    );
+    pins.apply(&src);
+    let flows = [
+        ("inbound", "tcp", "198.51.100.10:1500", "203.0.113.7:40000"),
+        ("inbound", "tcp", "198.51.100.10:2500", "203.0.113.7:40000"),
+        ("inbound", "udp", "198.51.100.10:53", "203.0.113.7:5353"),
+        ("outbound", "tcp", "198.51.100.10:40000", "203.0.113.7:443"),
+        ("outbound", "icmp", "198.51.100.10", "192.0.2.9"),
+        ("inbound", "icmp", "198.51.100.10", "203.0.113.7"),
+    ];
+    let single = |extra: &[&str], (d, p, l, r): (&str, &str, &str, &str)| {
+        let args = [
+            &["verify-flow", "--direction", d, "--protocol", p, "--local", l, "--remote", r],
+            extra,
+            &["--json"],
+        ]
+        .concat();
+        let out = pins.try_xdpgate(&args);
+        assert!(matches!(out.status.code(), Some(0 | 1)), "{args:?}: {}", text(&out));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let mut input = String::from("# direction protocol local remote\n\n");
+    for (i, (d, p, l, r)) in flows.iter().enumerate() {
+        input += &format!("{d} {p} {l} {r}\n");
+        if i == 2 {
+            // Errors in the middle: a port on a portless protocol, a word missing.
+            input += "inbound icmp 198.51.100.10:80 203.0.113.7\ninbound tcp 198.51.100.10:80\n";
+        }
+    }
+    let file = std::env::temp_dir().join(format!("{}.yaml", unique("policy")));
+    std::fs::write(&file, &src).unwrap();
+    for extra in [&[][..], &["--policy", file.to_str().unwrap()]] {
+        let out = verify_batch(pins, extra, &input);
+        assert_eq!(out.status.code(), Some(2), "a bad line makes the status 2: {}", text(&out));
+        let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout.clone())
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), flows.len() + 2, "{}", text(&out));
+        let (errors, answers): (Vec<_>, Vec<_>) =
+            lines.into_iter().partition(|v| v.get("error").is_some());
+        assert_eq!(errors[0]["line"], 6);
+        assert_eq!(errors[0]["input"], "inbound icmp 198.51.100.10:80 203.0.113.7");
+        assert!(errors[0]["error"].as_str().unwrap().contains("icmp has no ports"), "{errors:?}");
+        assert_eq!(errors[1]["line"], 7);
+        assert!(errors[1]["error"].as_str().unwrap().contains("found 3 words"), "{errors:?}");
+        let mut allowed = Vec::new();
+        for (mut batch, flow) in answers.into_iter().zip(flows) {
+            assert!(batch["line"].as_u64().is_some(), "{batch}");
+            batch.as_object_mut().unwrap().remove("line");
+            assert_eq!(batch, single(extra, flow), "{flow:?}");
+            allowed.push(batch["allowed"].as_bool().unwrap());
+        }
+        // The answers are not all alike: the batch is checked on allows and denies.
+        assert_eq!(allowed, [true, false, false, true, false, false], "{extra:?}");
+    }
+    // Every line answered: status 0.
+    let out = verify_batch(pins, &[], "inbound tcp 198.51.100.10:1500 203.0.113.7:40000\n");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    std::fs::remove_file(&file).unwrap();
+}

@@ -247,7 +247,7 @@ pub fn assert_ingress_hook(pins: &Pins, ns: &Netns, iface: &str, hook: &str) {
         serde_json::from_str(&pins.xdpgate(&["status", "--json"])).expect("status json");
     let i = status["interfaces"]
         .as_array()
-        .and_then(|all| all.iter().find(|i| i["name"] == iface))
+        .and_then(|all| all.iter().find(|i| i["interface"] == iface))
         .unwrap_or_else(|| panic!("{iface} missing from status: {status}"));
     assert_eq!(i["hook"], hook, "{iface}: {i}");
     match hook {

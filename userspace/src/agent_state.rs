@@ -35,6 +35,8 @@ pub struct AgentState {
 pub struct Reload {
     /// RFC 3339 UTC, and seconds since the Unix epoch.
     pub at: String,
+    /// `unix` in state files of agents before the JSON names were unified.
+    #[serde(rename = "unix_seconds", alias = "unix")]
     pub unix: f64,
     pub successful: bool,
     /// Every error, one per line of the report (empty on success).

@@ -4,9 +4,11 @@
 
 pub mod agent;
 pub mod agent_state;
+pub mod cli_docs;
 pub mod flowlog;
 pub mod health;
 pub mod metrics;
 pub mod node;
 pub mod status;
+pub mod verify_flow;
 pub mod views;

@@ -1,23 +1,19 @@
 //! `xdpgate`: the command-line agent.
 
-use std::{
-    net::{IpAddr, SocketAddr},
-    path::PathBuf,
-    process::ExitCode,
-};
+use std::{net::IpAddr, path::PathBuf, process::ExitCode};
 
 use anyhow::{Context, Result, anyhow, bail};
-use clap::{Parser, Subcommand, ValueEnum as _};
+use clap::{CommandFactory as _, Parser, Subcommand, ValueEnum as _};
 use xdpgate::{
-    agent, flowlog, metrics, status,
+    agent, cli_docs, flowlog, metrics, status, verify_flow,
     views::{self, OutputArgs},
 };
 use xdpgate_common::{iface::Role, maps::DEFAULT_PIN_DIR};
 use xdpgate_dataplane::{
     self as dataplane, Hook, Ingress, Mode, PinDir, apply, flows, lb, nat, netns, state::WriteLock,
-    stats, transaction, verify,
+    stats, transaction,
 };
-use xdpgate_policy::{self as policy, compile, reference::Packet};
+use xdpgate_policy::{self as policy, compile};
 
 #[derive(Parser)]
 #[command(version, about = "XDP packet filter, L4 load balancer and NAT", long_about = None)]
@@ -63,20 +59,17 @@ enum RoleArg {
     Internal,
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum DirectionArg {
-    Inbound,
-    Outbound,
-}
-
 #[derive(Subcommand)]
 enum Command {
     /// Attach the dataplane to an interface (stays attached after this command exits).
     ///
     /// Example: xdpgate attach --iface eth0 --role external
     Attach {
+        /// The interface to attach to (in the --netns namespace when given).
         #[arg(long)]
         iface: String,
+        /// Which side the interface faces: external (packets arriving are inbound) or
+        /// internal (a protected subnet: packets arriving are outbound).
         #[arg(long, value_enum, default_value = "external")]
         role: RoleArg,
         /// Where the pipeline runs on this interface's ingress: xdp (per frame, before the
@@ -97,14 +90,17 @@ enum Command {
     Upgrade,
     /// Detach the dataplane from an interface, or from every interface with --all.
     Detach {
+        /// The interface to detach from.
         #[arg(long, required_unless_present = "all")]
         iface: Option<String>,
+        /// Detach from every interface the pin directory records.
         #[arg(long)]
         all: bool,
     },
     /// Validate a policy file without touching the kernel. Errors name file, line, field and
     /// reason.
     Check {
+        /// The policy file (YAML).
         file: PathBuf,
         /// Also check a node file (the interfaces `xdpgate run --node` attaches).
         #[arg(long, value_name = "FILE")]
@@ -112,40 +108,11 @@ enum Command {
     },
     /// Validate, compile and swap in a policy atomically; on any error the running policy
     /// stays in force.
-    Apply { file: PathBuf },
-    /// Would this flow be allowed, and by which rule? Like Azure's IP flow verify.
-    ///
-    /// Answered from the NSG tables the kernel is using (the active slot's pinned maps, read
-    /// without running the program: no flow is created, no counter moves), evaluated as the
-    /// dataplane does; the answer names the generation and slot it asked. Rules are named
-    /// from the saved policy when its tables are the kernel's, and otherwise it says so.
-    /// With --policy FILE it compiles that file instead and says so.
-    ///
-    /// Exit status: 0 allowed, 1 denied, 2 error (nothing was answered).
-    ///
-    /// Example: xdpgate verify-flow --direction inbound --protocol tcp
-    ///          --local 198.51.100.10:80 --remote 203.0.113.7:40000
-    VerifyFlow {
-        /// Which way the flow's first packet goes: inbound (remote to local) or outbound
-        /// (local to remote). Both sides' NSGs judge it: the source's outbound layers, then
-        /// the destination's inbound layers.
-        #[arg(long, value_enum)]
-        direction: DirectionArg,
-        /// tcp, udp, icmp (ICMPv6 for IPv6 addresses), esp, ah, or a protocol number.
-        #[arg(long)]
-        protocol: String,
-        /// Address of the protected side, with :PORT for TCP and UDP ([v6]:PORT).
-        #[arg(long)]
-        local: String,
-        /// Address of the other side, with :PORT for TCP and UDP.
-        #[arg(long)]
-        remote: String,
-        /// Compile this policy file and ask it instead of the kernel.
-        #[arg(long)]
-        policy: Option<PathBuf>,
-        #[command(flatten)]
-        output: OutputArgs,
+    Apply {
+        /// The policy file (YAML).
+        file: PathBuf,
     },
+    VerifyFlow(verify_flow::Args),
     /// Print the effective rules: service tags, application security groups and default
     /// rules expanded, in evaluation order.
     Rules {
@@ -160,7 +127,8 @@ enum Command {
     /// changes nothing: see `status`) and reopens the flow log; on exit the dataplane keeps
     /// running.
     Run {
-        #[arg(long)]
+        /// The policy file to apply and reload on SIGHUP.
+        #[arg(long, value_name = "FILE")]
         policy: PathBuf,
         /// Node file listing this machine's interfaces, their roles and hooks (XDP in a mode,
         /// or tc); those not attached (after a reboot, say) are attached at start. `tables:`
@@ -208,9 +176,10 @@ enum Command {
     ///
     /// Example: xdpgate flows --port 443 --top 50
     Flows {
-        /// Show at most N flows (0: all).
-        #[arg(long, value_name = "N", default_value_t = 20)]
-        top: usize,
+        /// Show at most N flows, 0 for all. Default: 20 in the table (which says how many it
+        /// left out), all with --json.
+        #[arg(long, value_name = "N")]
+        top: Option<usize>,
         /// Only flows with this address at either end.
         #[arg(long, value_name = "IP")]
         addr: Option<IpAddr>,
@@ -260,6 +229,10 @@ enum Command {
     ///
     /// Example: xdpgate topology --format svg > topology.svg
     Topology(views::topology::TopologyArgs),
+    /// Print a shell completion script.
+    Completions(cli_docs::CompletionsArgs),
+    /// Print the man page (roff), or write one page per command into --dir.
+    Man(cli_docs::ManArgs),
 }
 
 /// The policy named on the command line, or else the one applied to this dataplane.
@@ -281,27 +254,6 @@ fn running_record(pins: &PinDir) -> Result<policy::names::Record> {
         .ok_or_else(|| anyhow!("no policy applied to {} yet", pins.path().display()))
 }
 
-/// `IP` or `IP:PORT` (`[IPv6]:PORT`).
-fn endpoint(s: &str) -> Result<(IpAddr, Option<u16>)> {
-    if let Ok(sa) = s.parse::<SocketAddr>() {
-        return Ok((sa.ip(), Some(sa.port())));
-    }
-    Ok((s.parse().with_context(|| format!("{s:?} is not an address or address:port"))?, None))
-}
-
-fn protocol_number(name: &str, v6: bool) -> Result<u8> {
-    Ok(match name.to_ascii_lowercase().as_str() {
-        "tcp" => 6,
-        "udp" => 17,
-        "icmp" => xdpgate_common::icmp_proto(if v6 { 6 } else { 4 }),
-        "esp" => 50,
-        "ah" => 51,
-        n => n.parse().map_err(|_| {
-            anyhow!("unknown protocol {name:?} (tcp, udp, icmp, esp, ah or a number)")
-        })?,
-    })
-}
-
 fn main() -> ExitCode {
     // Like other command-line tools: a closed pipe (`xdpgate metrics | head`) ends the
     // process quietly instead of a panic on write.
@@ -310,7 +262,7 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     // verify-flow's status is its answer (0 allowed, 1 denied), so its errors need another.
-    let verify = matches!(cli.command, Command::VerifyFlow { .. } | Command::Connectivity(_));
+    let verify = matches!(cli.command, Command::VerifyFlow(_) | Command::Connectivity(_));
     match run(cli) {
         Ok(code) => code,
         Err(e) => report(&e, verify),
@@ -335,7 +287,7 @@ fn report(e: &anyhow::Error, verify: bool) -> ExitCode {
         return ExitCode::from(EXIT_NO_PERMISSION);
     }
     eprintln!("error: {e:#}");
-    if verify { ExitCode::from(VERIFY_ERROR) } else { ExitCode::FAILURE }
+    if verify { ExitCode::from(verify_flow::ERROR) } else { ExitCode::FAILURE }
 }
 
 impl Command {
@@ -344,16 +296,13 @@ impl Command {
     /// so instead of seeing an empty or missing dataplane.
     fn uses_pins(&self) -> bool {
         match self {
-            Command::Check { .. } => false,
-            Command::VerifyFlow { policy, .. } | Command::Rules { policy, .. } => policy.is_none(),
+            Command::Check { .. } | Command::Completions(_) | Command::Man(_) => false,
+            Command::VerifyFlow(args) => args.policy.is_none(),
+            Command::Rules { policy, .. } => policy.is_none(),
             _ => true,
         }
     }
 }
-
-/// `verify-flow` exit statuses besides 0 (allowed).
-const VERIFY_DENIED: u8 = 1;
-const VERIFY_ERROR: u8 = 2;
 
 fn run(cli: Cli) -> Result<ExitCode> {
     if let Some(ns) = &cli.netns {
@@ -438,40 +387,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 compile::NSG_FIELDS_PER_POLICY,
             );
         }
-        Command::VerifyFlow { direction, protocol, local, remote, policy, output } => {
-            let (local, local_port) = endpoint(&local)?;
-            let (remote, remote_port) = endpoint(&remote)?;
-            if local.is_ipv4() != remote.is_ipv4() {
-                bail!("--local and --remote must be of the same address family");
-            }
-            let proto = protocol_number(&protocol, local.is_ipv6())?;
-            let pkt = match direction {
-                DirectionArg::Inbound => Packet {
-                    direction: policy::Direction::Inbound,
-                    proto,
-                    src: remote,
-                    dst: local,
-                    sport: remote_port,
-                    dport: local_port,
-                },
-                DirectionArg::Outbound => Packet {
-                    direction: policy::Direction::Outbound,
-                    proto,
-                    src: local,
-                    dst: remote,
-                    sport: local_port,
-                    dport: remote_port,
-                },
-            };
-            if (proto == 6 || proto == 17) && (pkt.sport.is_none() || pkt.dport.is_none()) {
-                bail!("TCP and UDP need ports on both --local and --remote (ADDRESS:PORT)");
-            }
-            let answer = verify::verify_flow(&pins, policy.as_deref(), &pkt)?;
-            views::print(&answer, output.format())?;
-            if !answer.decision.allowed {
-                return Ok(ExitCode::from(VERIFY_DENIED));
-            }
-        }
+        Command::VerifyFlow(args) => return verify_flow::run(&pins, args),
         Command::Rules { policy, output } => {
             views::print(&chosen_policy(&pins, policy)?, output.format())?;
         }
@@ -511,8 +427,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Metrics => print!("{}", metrics::render(&pins)?),
         Command::Flows { top, addr, port, rule, state, output } => {
-            let list = flows::list(&pins, &flows::Filter { addr, port, rule, state }, top)?;
-            views::print(list.as_slice(), output.format())?;
+            let all = flows::list(&pins, &flows::Filter { addr, port, rule, state }, 0)?;
+            let format = output.format();
+            views::print(&views::flows::Listed::new(all, top, format), format)?;
         }
         Command::Status { output } => {
             views::print(&status::read(&pins)?, output.format())?;
@@ -535,6 +452,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 return Ok(ExitCode::from(views::connectivity::UNREACHABLE));
             }
         }
+        Command::Completions(args) => {
+            cli_docs::completions(Cli::command(), &args, &mut std::io::stdout().lock())?;
+        }
+        Command::Man(args) => cli_docs::man(Cli::command(), &args, &mut std::io::stdout().lock())?,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -581,5 +502,65 @@ mod tests {
         }
         // Commands that are not views do not pretend to print JSON.
         assert!(Cli::try_parse_from(["xdpgate", "detach", "--all", "--json"]).is_err());
+    }
+
+    /// `--help` explains every command, flag and listed value.
+    #[test]
+    fn every_command_flag_and_value_has_help() {
+        let missing = xdpgate::cli_docs::without_help(&Cli::command());
+        assert!(missing.is_empty(), "without help text:\n{}", missing.join("\n"));
+    }
+
+    /// Completion scripts name every command and flag, and the shells that are installed
+    /// here accept them.
+    #[test]
+    fn completions_for_bash_zsh_and_fish() {
+        for shell in ["bash", "zsh", "fish"] {
+            let cli = Cli::try_parse_from(["xdpgate", "completions", shell]).unwrap();
+            let Command::Completions(args) = cli.command else { panic!("completions") };
+            let mut script = Vec::new();
+            cli_docs::completions(Cli::command(), &args, &mut script).unwrap();
+            let script = String::from_utf8(script).unwrap();
+            for word in ["verify-flow", "batch", "flows", "completions", "pin-dir"] {
+                assert!(script.contains(word), "{shell}: {word} missing");
+            }
+            let checked = std::process::Command::new(shell)
+                .arg("-n")
+                .stdin(std::process::Stdio::piped())
+                .spawn()
+                .map(|mut child| {
+                    use std::io::Write as _;
+                    child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+                    child.wait().unwrap()
+                });
+            match checked {
+                Ok(status) => assert!(status.success(), "{shell} -n rejects the script"),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => panic!("{shell}: {e}"),
+            }
+        }
+    }
+
+    /// The man page is roff generated from the same definition: every command is in it.
+    #[test]
+    fn man_page_lists_every_command() {
+        let mut page = Vec::new();
+        cli_docs::man(Cli::command(), &cli_docs::ManArgs { dir: None }, &mut page).unwrap();
+        let page = String::from_utf8(page).unwrap();
+        assert!(page.starts_with(".ie") || page.contains(".TH xdpgate"), "{page}");
+        for sub in Cli::command().get_subcommands() {
+            // roff writes a hyphen as \-.
+            let name = sub.get_name().replace('-', "\\-");
+            assert!(page.contains(&name), "{name} missing");
+        }
+        let dir = std::env::temp_dir().join(format!("xdpgate-man-{}", std::process::id()));
+        let mut listed = Vec::new();
+        cli_docs::man(Cli::command(), &cli_docs::ManArgs { dir: Some(dir.clone()) }, &mut listed)
+            .unwrap();
+        let listed = String::from_utf8(listed).unwrap();
+        assert!(listed.contains("xdpgate-verify-flow.1"), "{listed}");
+        let flows = std::fs::read_to_string(dir.join("xdpgate-flows.1")).unwrap();
+        assert!(flows.contains("top"), "{flows}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -38,6 +38,7 @@ pub struct AgentStatus {
 #[derive(Debug, Serialize)]
 pub struct IfaceStatus {
     /// The interface's name when it was attached (the name of its pinned link).
+    #[serde(rename = "interface")]
     pub name: String,
     /// Where the pinned link's device is: `here` (this network namespace), `netns` (the
     /// namespace named in `netns`), `unnamed-netns` (a namespace without a name under
@@ -79,6 +80,7 @@ pub struct PolicyStatus {
     pub applied_path: Option<PathBuf>,
     /// When it was applied: RFC 3339 UTC, and seconds since the Unix epoch.
     pub applied_at: Option<String>,
+    #[serde(rename = "applied_unix_seconds")]
     pub applied_unix: Option<u64>,
 }
 

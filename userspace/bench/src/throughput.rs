@@ -410,12 +410,9 @@ fn xdpgate_verdict(topo: &Topology, pins: &str, verdict: &str) -> Result<(u64, u
     let v: serde_json::Value = serde_json::from_str(&xdpgate(topo, pins, &["stats", "--json"])?)?;
     let mut sum = (0, 0);
     for i in v["interfaces"].as_array().into_iter().flatten() {
-        for pair in i["verdicts"].as_array().into_iter().flatten() {
-            if pair[0].as_str() == Some(verdict) {
-                sum.0 += pair[1]["packets"].as_u64().unwrap_or(0);
-                sum.1 += pair[1]["bytes"].as_u64().unwrap_or(0);
-            }
-        }
+        let t = &i["verdicts"][verdict];
+        sum.0 += t["packets"].as_u64().unwrap_or(0);
+        sum.1 += t["bytes"].as_u64().unwrap_or(0);
     }
     Ok(sum)
 }

@@ -224,6 +224,8 @@ pub fn addr(words: &[u32; 4], family: u8) -> IpAddr {
     if family == 6 { IpAddr::from(b) } else { IpAddr::from([b[0], b[1], b[2], b[3]]) }
 }
 
+/// A protocol as the views name it: tcp, udp, icmp (icmpv6 in IPv6), esp, ah, sctp, or its
+/// number.
 pub fn protocol_name(family: u8, proto: u8) -> String {
     match proto {
         6 => "tcp".into(),

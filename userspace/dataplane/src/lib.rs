@@ -555,8 +555,10 @@ pub fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
 /// How to attach XDP: native (driver) mode unless the user asks for generic skb mode.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
+    /// In the driver, before an skb is made (needs the driver's XDP support).
     #[default]
     Native,
+    /// Generic XDP, after the skb is made: any driver, slower.
     Skb,
 }
 

@@ -223,14 +223,26 @@ pub fn expire(pins: &PinDir, policy: &Policy, now: u64) -> Result<Expired> {
 
 #[derive(Debug, serde::Serialize)]
 pub struct GatewayReport {
+    #[serde(rename = "nat_gateway")]
     pub name: String,
-    /// Public address and the ports in use on it (cooling-down ports included).
+    /// Public address and the ports in use on it (cooling-down ports included); in JSON
+    /// `[{"address": .., "ports_in_use": n}]`.
+    #[serde(serialize_with = "addresses_json")]
     pub addresses: Vec<(IpAddr, usize)>,
     pub translations: usize,
     pub failed_allocations: u64,
 }
 
 /// Reads the live state of the NAT gateways of the running generation (`record`).
+fn addresses_json<S: serde::Serializer>(a: &[(IpAddr, usize)], s: S) -> Result<S::Ok, S::Error> {
+    #[derive(serde::Serialize)]
+    struct Address {
+        address: IpAddr,
+        ports_in_use: usize,
+    }
+    s.collect_seq(a.iter().map(|&(address, ports_in_use)| Address { address, ports_in_use }))
+}
+
 pub fn report(pins: &PinDir, record: &Record) -> Result<Vec<GatewayReport>> {
     let map: HashMap<_, FlowKey, NatEntry> = pins.open_map(NAT_MAP)?.try_into()?;
     let failures: PerCpuArray<_, u64> = pins.open_map(NAT_FAILURES)?.try_into()?;

@@ -40,15 +40,39 @@ impl From<Counter> for Traffic {
     }
 }
 
+/// `[(name, counter)]` as one JSON object keyed by name: JSON has no `[name, value]` pairs.
+fn by_name<S: serde::Serializer, T: Serialize>(
+    pairs: &[(&'static str, T)],
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_map(pairs.iter().map(|(name, v)| (name, v)))
+}
+
+/// A packet count in JSON: `{"packets": n}`, the shape of every counter.
+#[derive(Serialize)]
+struct Packets {
+    packets: u64,
+}
+
+fn drops_by_reason<S: serde::Serializer>(
+    pairs: &[(&'static str, u64)],
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_map(pairs.iter().map(|&(name, packets)| (name, Packets { packets })))
+}
+
 #[derive(Debug, Serialize)]
 pub struct IfaceStats {
     /// Interface name, or `ifindex N` when it no longer exists; `(unregistered)` for slot 0.
+    #[serde(rename = "interface")]
     pub iface: String,
     pub role: Option<&'static str>,
     /// Verdict name to traffic, every verdict listed.
+    #[serde(serialize_with = "by_name")]
     pub verdicts: Vec<(&'static str, Traffic)>,
     /// The egress program's verdicts (`pass`, `drop`) on the packets the host itself sent
     /// out of the interface; forwarded packets are not counted here.
+    #[serde(serialize_with = "by_name")]
     pub egress: Vec<(&'static str, Traffic)>,
 }
 
@@ -82,7 +106,8 @@ pub struct PolicyStats {
 #[derive(Debug, Serialize)]
 pub struct Stats {
     pub interfaces: Vec<IfaceStats>,
-    /// Drop reason to packets.
+    /// Drop reason to packets (JSON: `{"policy": {"packets": n}, ...}`).
+    #[serde(serialize_with = "drops_by_reason")]
     pub drops: Vec<(&'static str, u64)>,
     /// Rule hits of the running policy, when one was applied.
     pub policy: Option<PolicyStats>,

@@ -257,47 +257,74 @@ fn recorded(record: &Record, hit: &Hit) -> Option<RuleRef> {
 /// Times the kernel's tables are read again when a policy is applied meanwhile.
 const ATTEMPTS: usize = 5;
 
-/// Answers `pkt`: from the kernel's active slot, or with `file` from that policy compiled.
-pub fn verify_flow(pins: &PinDir, file: Option<&Path>, pkt: &Packet) -> Result<Answer> {
-    if let Some(file) = file {
-        let (policy, _) = xdpgate_policy::load(file)?;
-        let compiled = compile::compile(&policy)?;
-        let decision = decide(&compiled, pkt)?;
-        let names = decision.decided_by.iter().map(|h| name(&compiled, h)).collect();
-        return Ok(Answer {
-            source: Source::File(file.to_owned()),
-            decision,
-            names,
-            unnamed: None,
-        });
-    }
-    for _ in 0..ATTEMPTS {
-        let kernel = PinnedTables::open(pins)?;
-        if kernel.generation() == 0 {
+/// Answers many flows from one reading of the policy: a file is parsed and compiled once,
+/// the kernel's tables are opened and their rule names read once (again only when an apply
+/// switches the generation between two answers).
+pub enum Verifier<'a> {
+    File { path: PathBuf, compiled: Compiled },
+    // Boxed: the tables' map handles are large beside a compiled policy's vectors.
+    Kernel { pins: &'a PinDir, tables: Box<PinnedTables>, names: Option<Result<Record, String>> },
+}
+
+impl<'a> Verifier<'a> {
+    /// The kernel's active slot, or with `file` that policy compiled here.
+    pub fn new(pins: &'a PinDir, file: Option<&Path>) -> Result<Self> {
+        if let Some(file) = file {
+            let (policy, _) = xdpgate_policy::load(file)?;
+            let compiled = compile::compile(&policy)?;
+            return Ok(Self::File { path: file.to_owned(), compiled });
+        }
+        let tables = PinnedTables::open(pins)?;
+        if tables.generation() == 0 {
             bail!(
                 "no policy applied to {} yet; name one with --policy FILE",
                 pins.path().display()
             );
         }
-        let decision = decide(&kernel, pkt)?;
-        let names = if decision.decided_by.is_empty() {
-            Ok(None)
-        } else {
-            kernel_names(pins, &kernel).map(Some)
-        };
-        // Only an apply switches slots; the slot read stays whole while it stays active, so
-        // an unchanged generation means every lookup saw that generation.
-        let (slot, config) = apply::active(pins)?;
-        if (slot, config.generation) != (kernel.slot, kernel.generation()) {
-            continue;
-        }
-        let (names, unnamed) = match names {
-            Ok(None) => (Vec::new(), None),
-            Ok(Some(r)) => (decision.decided_by.iter().map(|h| recorded(&r, h)).collect(), None),
-            Err(why) => (vec![None; decision.decided_by.len()], Some(why)),
-        };
-        let source = Source::Kernel { generation: kernel.generation(), slot: kernel.slot };
-        return Ok(Answer { source, decision, names, unnamed });
+        Ok(Self::Kernel { pins, tables: Box::new(tables), names: None })
     }
-    Err(anyhow!("the policy changed {ATTEMPTS} times while it was read; ask again"))
+
+    /// Answers `pkt`.
+    pub fn answer(&mut self, pkt: &Packet) -> Result<Answer> {
+        let (pins, tables, names) = match self {
+            Self::File { path, compiled } => {
+                let decision = decide(compiled, pkt)?;
+                let names = decision.decided_by.iter().map(|h| name(compiled, h)).collect();
+                let source = Source::File(path.clone());
+                return Ok(Answer { source, decision, names, unnamed: None });
+            }
+            Self::Kernel { pins, tables, names } => (*pins, tables, names),
+        };
+        for _ in 0..ATTEMPTS {
+            let decision = decide(&**tables, pkt)?;
+            if !decision.decided_by.is_empty() && names.is_none() {
+                *names = Some(kernel_names(pins, tables));
+            }
+            // Only an apply switches slots; the slot read stays whole while it stays active,
+            // so an unchanged generation means every lookup saw that generation.
+            let (slot, config) = apply::active(pins)?;
+            if (slot, config.generation) != (tables.slot, tables.generation()) {
+                **tables = PinnedTables::open(pins)?;
+                *names = None;
+                continue;
+            }
+            let (names, unnamed) = match (&*names, decision.decided_by.is_empty()) {
+                (_, true) | (None, _) => (Vec::new(), None),
+                (Some(Ok(r)), false) => {
+                    (decision.decided_by.iter().map(|h| recorded(r, h)).collect(), None)
+                }
+                (Some(Err(why)), false) => {
+                    (vec![None; decision.decided_by.len()], Some(why.clone()))
+                }
+            };
+            let source = Source::Kernel { generation: tables.generation(), slot: tables.slot };
+            return Ok(Answer { source, decision, names, unnamed });
+        }
+        Err(anyhow!("the policy changed {ATTEMPTS} times while it was read; ask again"))
+    }
+}
+
+/// Answers `pkt`: from the kernel's active slot, or with `file` from that policy compiled.
+pub fn verify_flow(pins: &PinDir, file: Option<&Path>, pkt: &Packet) -> Result<Answer> {
+    Verifier::new(pins, file)?.answer(pkt)
 }

@@ -41,6 +41,46 @@ fn via(f: &Flow) -> String {
     }
 }
 
+/// Flows the table shows unless --top says otherwise (JSON has them all).
+pub const TABLE_TOP: usize = 20;
+
+/// The flows shown, out of how many matched.
+pub struct Listed {
+    pub flows: Vec<Flow>,
+    pub total: usize,
+}
+
+impl Listed {
+    /// `all` (most bytes first) cut to `top` (0: all; none given: [`TABLE_TOP`] in a table,
+    /// all in JSON).
+    pub fn new(mut all: Vec<Flow>, top: Option<usize>, format: super::Format) -> Self {
+        let total = all.len();
+        let top = top.unwrap_or(if format == super::Format::Json { 0 } else { TABLE_TOP });
+        if top > 0 {
+            all.truncate(top);
+        }
+        Self { flows: all, total }
+    }
+}
+
+impl View for Listed {
+    fn json(&self) -> Result<serde_json::Value> {
+        self.flows.json()
+    }
+
+    fn text(&self) -> String {
+        let mut out = self.flows.text();
+        if self.flows.len() < self.total {
+            out += &format!(
+                "showing {} of {} flows (--top N for more, --top 0 for all)\n",
+                self.flows.len(),
+                self.total
+            );
+        }
+        out
+    }
+}
+
 impl View for [Flow] {
     fn json(&self) -> Result<serde_json::Value> {
         super::to_json(&self)
@@ -78,7 +118,7 @@ impl View for [Flow] {
                 rule(f),
                 via(f),
                 format!("{}/{}", f.forward.packets, f.reply.packets),
-                format!("{}/{}", f.forward.bytes, f.reply.bytes),
+                format!("{}/{}", super::bytes(f.forward.bytes), super::bytes(f.reply.bytes)),
                 idle,
             ]);
         }
@@ -147,7 +187,7 @@ mod tests {
             "inbound",
             "web/allow-web",
             "5/4",
-            "500/400",
+            "500 B/400 B",
             "2.5s",
         ] {
             assert!(lines[1].contains(want), "{want} missing from {text}");

@@ -7,8 +7,16 @@ use xdpgate_dataplane::lb::ServiceReport;
 use super::{Grid, View};
 
 impl View for [ServiceReport] {
+    /// Each service's and backend's counters as `"traffic": {"packets", "bytes"}`.
     fn json(&self) -> Result<serde_json::Value> {
-        super::to_json(&self)
+        let mut json = super::to_json(&self)?;
+        for service in json.as_array_mut().into_iter().flatten() {
+            super::group_traffic(service);
+            for backend in service["backends"].as_array_mut().into_iter().flatten() {
+                super::group_traffic(backend);
+            }
+        }
+        Ok(json)
     }
 
     fn text(&self) -> String {
@@ -20,7 +28,7 @@ impl View for [ServiceReport] {
                 s.frontends.join(" "),
                 String::new(),
                 s.packets.to_string(),
-                s.bytes.to_string(),
+                super::bytes(s.bytes),
             ]);
             for b in &s.backends {
                 g.row([
@@ -28,7 +36,7 @@ impl View for [ServiceReport] {
                     format!("  {}", b.address),
                     if b.healthy { "healthy" } else { "UNHEALTHY" }.to_string(),
                     b.packets.to_string(),
-                    b.bytes.to_string(),
+                    super::bytes(b.bytes),
                 ]);
             }
         }
@@ -80,12 +88,15 @@ mod tests {
         assert!(
             lines[2].contains("198.51.100.10")
                 && lines[2].contains("healthy")
-                && lines[2].ends_with("2000"),
+                && lines[2].ends_with("20  2.0 KiB"),
             "{text}"
         );
         assert!(lines[3].contains("198.51.100.11") && lines[3].contains("UNHEALTHY"), "{text}");
         let json = report.json().unwrap();
         assert_eq!(json[0]["backends"][1]["healthy"], false);
         assert_eq!(json[0]["backends"][0]["address"], "198.51.100.10");
+        assert_eq!(json[0]["traffic"], serde_json::json!({"packets": 30, "bytes": 3000}));
+        assert_eq!(json[0]["backends"][1]["traffic"]["bytes"], 1000);
+        assert!(json[0].get("packets").is_none(), "{json}");
     }
 }

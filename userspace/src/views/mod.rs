@@ -16,7 +16,7 @@ pub mod topology;
 use std::io::Write as _;
 
 use anyhow::{Context, Result};
-use comfy_table::{Cell, CellAlignment, Table, presets};
+use comfy_table::{Cell, CellAlignment, ColumnConstraint, ContentArrangement, Table, presets};
 
 /// How a view is printed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -71,11 +71,42 @@ pub fn to_json(v: &impl serde::Serialize) -> Result<serde_json::Value> {
     serde_json::to_value(v).context("encoding JSON")
 }
 
+/// Moves an object's flat `packets` and `bytes` into `"traffic": {"packets": .., "bytes": ..}`,
+/// the shape every counter has in JSON.
+pub fn group_traffic(v: &mut serde_json::Value) {
+    let Some(object) = v.as_object_mut() else { return };
+    if let (Some(packets), Some(bytes)) = (object.remove("packets"), object.remove("bytes")) {
+        object.insert("traffic".into(), serde_json::json!({"packets": packets, "bytes": bytes}));
+    }
+}
+
+/// Bytes for people in tables: `512 B`, `1.2 KiB`, `3.4 MiB` (binary units, one decimal);
+/// JSON keeps the exact count.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = 0;
+    // Rounded to one decimal: 1023.96 KiB shows as 1.0 MiB, not 1024.0 KiB.
+    while v >= 1023.95 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
+/// Columns a table is fitted to when asked ([`Grid::fit`]): an 100-column terminal.
+pub const WIDTH: u16 = 100;
+
 /// A borderless table like `ip` or `kubectl` print: a header line, columns two spaces
 /// apart, no trailing blanks; numeric columns aligned right.
 pub struct Grid {
     table: Table,
     right: Vec<usize>,
+    /// With [`Grid::fit`]: the columns that may wrap (the others keep their width).
+    wrap: Option<Vec<usize>>,
 }
 
 impl Grid {
@@ -83,7 +114,16 @@ impl Grid {
         let mut table = Table::new();
         table.load_style(presets::NOTHING);
         table.set_header(header.iter().map(|h| Cell::new(*h)));
-        Self { table, right: Vec::new() }
+        Self { table, right: Vec::new(), wrap: None }
+    }
+
+    /// Wraps the cells of the `wrap` columns (at spaces where it can) so that lines fit
+    /// [`WIDTH`] columns; the other columns are never wrapped.
+    pub fn fit(mut self, wrap: &[usize]) -> Self {
+        self.table.set_content_arrangement(ContentArrangement::Dynamic);
+        self.table.set_width(WIDTH);
+        self.wrap = Some(wrap.to_vec());
+        self
     }
 
     /// Aligns these columns (by index) to the right.
@@ -108,6 +148,9 @@ impl Grid {
             if self.right.contains(&i) {
                 column.set_cell_alignment(CellAlignment::Right);
             }
+            if self.wrap.as_ref().is_some_and(|w| !w.contains(&i)) {
+                column.set_constraint(ColumnConstraint::ContentWidth);
+            }
         }
         let mut out = self.table.trim_fmt();
         out.push('\n');
@@ -119,8 +162,7 @@ impl Grid {
 /// `indent` columns before it, passes 100 columns; the lines after the first indented to
 /// line up under it. A word longer than a line stands alone.
 pub fn wrap(text: &str, indent: usize) -> String {
-    const WIDTH: usize = 100;
-    let room = WIDTH.saturating_sub(indent).max(20);
+    let room = (WIDTH as usize).saturating_sub(indent).max(20);
     let mut out = String::new();
     let mut line = 0;
     for word in text.split(' ') {
@@ -181,6 +223,38 @@ mod tests {
         assert!(lines[1..].iter().all(|l| l.starts_with(&" ".repeat(15)) && l.len() <= 100));
         assert_eq!(wrapped.split_whitespace().count(), 40);
         assert_eq!(wrap("short", 15), "short");
+    }
+
+    #[test]
+    fn bytes_for_people() {
+        let cases = [
+            (0, "0 B"),
+            (1023, "1023 B"),
+            (1024, "1.0 KiB"),
+            (1229, "1.2 KiB"),
+            (1_258_291, "1.2 MiB"),
+            (1024 * 1024 - 1, "1.0 MiB"),
+            (5 << 30, "5.0 GiB"),
+            (u64::MAX, "16.0 EiB"),
+        ];
+        for (n, want) in cases {
+            assert_eq!(bytes(n), want, "{n}");
+        }
+    }
+
+    #[test]
+    fn a_fitted_grid_wraps_to_the_width() {
+        let mut g = Grid::new(&["NAME", "LIST"]).fit(&[1]);
+        let long: Vec<String> = (0..40).map(|i| format!("192.0.2.{i}/32")).collect();
+        g.row(["a".to_string(), long.join(", ")]);
+        let text = g.render();
+        assert!(text.lines().count() > 2, "{text}");
+        for line in text.lines() {
+            assert!(line.chars().count() <= WIDTH as usize, "{} columns: {line}", line.len());
+        }
+        for p in &long {
+            assert!(text.contains(p.as_str()), "{p} missing: {text}");
+        }
     }
 
     #[test]

@@ -72,7 +72,11 @@ mod tests {
         let words = |l: &str| l.split_whitespace().map(str::to_string).collect::<Vec<_>>();
         assert_eq!(words(lines[1]), ["egress", "192.0.2.1", "7", "9", "2"], "{text}");
         assert_eq!(words(lines[2]), ["192.0.2.2", "3"], "{text}");
-        // The JSON keeps its shape: [address, ports in use] pairs.
-        assert_eq!(report.json().unwrap()[0]["addresses"][0][1], 7);
+        let json = report.json().unwrap();
+        assert_eq!(json[0]["nat_gateway"], "egress");
+        assert_eq!(
+            json[0]["addresses"][1],
+            serde_json::json!({"address": "192.0.2.2", "ports_in_use": 3})
+        );
     }
 }

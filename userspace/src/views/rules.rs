@@ -13,15 +13,35 @@ use super::{Grid, View, lower};
 /// Prefix lists longer than this are shortened in tables (`--json` has them all).
 const SHOWN_PREFIXES: usize = 3;
 
+/// Prefixes joined by ", " (so a fitted table wraps between them); both families' whole
+/// space is `*`.
 fn prefixes(nets: &[IpNet]) -> String {
+    let all = |s: &str| nets.iter().any(|n| n.to_string() == s);
     match nets.len() {
         0 => "(none)".into(),
+        2 if all("0.0.0.0/0") && all("::/0") => "*".into(),
         n if n > SHOWN_PREFIXES => {
             let shown: Vec<String> =
                 nets[..SHOWN_PREFIXES].iter().map(ToString::to_string).collect();
-            format!("{},... ({n} prefixes)", shown.join(","))
+            format!("{}, ... ({n} prefixes)", shown.join(", "))
         }
-        _ => nets.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+        _ => nets.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
+    }
+}
+
+/// One side of a rule: its prefixes, then its ports unless any port goes.
+fn side(nets: &[IpNet], p: &Ports) -> String {
+    match p {
+        None => prefixes(nets),
+        Some(_) => format!("{} port {}", prefixes(nets), ports(p)),
+    }
+}
+
+/// `in` or `out`: the direction column kept narrow.
+fn short(d: xdpgate_policy::Direction) -> &'static str {
+    match d {
+        xdpgate_policy::Direction::Inbound => "in",
+        xdpgate_policy::Direction::Outbound => "out",
     }
 }
 
@@ -41,38 +61,33 @@ impl View for Policy {
         super::to_json(self)
     }
 
-    /// Every NSG's effective rules in evaluation order, one per line.
+    /// Every NSG's effective rules in evaluation order under the NSG's name, one per rule,
+    /// fitted to 100 columns (long address lists wrap; `--json` has everything).
     fn text(&self) -> String {
-        let mut g = Grid::new(&[
-            "NSG",
-            "DIRECTION",
-            "PRIO",
-            "RULE",
-            "ACCESS",
-            "PROTO",
-            "SOURCE",
-            "SPORTS",
-            "DESTINATION",
-            "DPORTS",
-        ])
-        .right(&[2]);
+        let mut out = String::new();
         for nsg in &self.nsgs {
+            let mut g =
+                Grid::new(&["DIR", "PRIO", "RULE", "ACCESS", "PROTO", "SOURCE", "DESTINATION"])
+                    .right(&[1])
+                    .fit(&[5, 6]);
             for r in &nsg.rules {
                 g.row([
-                    nsg.name.clone(),
-                    lower(r.direction),
+                    short(r.direction).into(),
                     r.priority.to_string(),
                     r.name.clone(),
                     lower(r.access),
                     lower(r.protocol),
-                    prefixes(&r.source),
-                    ports(&r.source_ports),
-                    prefixes(&r.destination),
-                    ports(&r.destination_ports),
+                    side(&r.source, &r.source_ports),
+                    side(&r.destination, &r.destination_ports),
                 ]);
             }
+            if !out.is_empty() {
+                out.push('\n');
+            }
+            out += &format!("NSG {}\n", nsg.name);
+            out += &g.render();
         }
-        g.render()
+        out
     }
 }
 
@@ -155,31 +170,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn effective_rules_one_per_line_with_long_lists_shortened() {
+    fn effective_rules_under_their_nsg_fit_100_columns() {
         let src = "virtual_network:\n  address_space: [198.51.100.0/24]\nnsgs:\n  - name: web\n    \
                    subnets: [198.51.100.0/24]\n    rules:\n      - {name: allow-web, priority: 100, \
                    direction: inbound, access: allow, protocol: tcp, source: [192.0.2.1, 192.0.2.2, \
                    192.0.2.3, 192.0.2.4], destination: [\"*\"], destination_ports: [80, 8000-8080]}\n";
         let policy = xdpgate_policy::load_str(src, "t.yaml").unwrap();
         let text = policy.text();
+        assert!(text.starts_with("NSG web\nDIR"), "{text}");
+        assert!(text.contains("AllowAzureLoadBalancerInBound "), "names do not wrap: {text}");
         let line = text.lines().find(|l| l.contains("allow-web")).expect(&text);
         let words: Vec<&str> = line.split_whitespace().collect();
         assert_eq!(
-            &words[..7],
-            [
-                "web",
-                "inbound",
-                "100",
-                "allow-web",
-                "allow",
-                "tcp",
-                "192.0.2.1/32,192.0.2.2/32,192.0.2.3/32,..."
-            ],
+            &words[..6],
+            ["in", "100", "allow-web", "allow", "tcp", "192.0.2.1/32,"],
             "{text}"
         );
-        assert!(line.contains("(4 prefixes)") && line.ends_with("80,8000-8080"), "{text}");
+        assert!(
+            text.contains("192.0.2.3/32, ... (4") && text.contains("* port 80,8000-8080"),
+            "{text}"
+        );
         // Default rules follow, in evaluation order.
         assert!(text.contains("DenyAllInBound"), "{text}");
+        for line in text.lines() {
+            assert!(line.chars().count() <= super::super::WIDTH as usize, "too wide: {line}");
+        }
         assert_eq!(policy.json().unwrap()["nsgs"][0]["name"], "web");
     }
 }

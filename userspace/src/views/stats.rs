@@ -23,7 +23,7 @@ impl View for Stats {
                     i.role.unwrap_or("-").into(),
                     verdict,
                     t.packets.to_string(),
-                    t.bytes.to_string(),
+                    super::bytes(t.bytes),
                 ]);
             }
         }
@@ -132,8 +132,12 @@ mod tests {
         let text = stats.text();
         let words = |l: &str| l.split_whitespace().map(str::to_string).collect::<Vec<_>>();
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(words(lines[1]), ["eth0", "external", "pass", "12", "1200"], "{text}");
-        assert_eq!(words(lines[2]), ["eth0", "external", "egress", "drop", "2", "200"], "{text}");
+        assert_eq!(words(lines[1]), ["eth0", "external", "pass", "12", "1.2", "KiB"], "{text}");
+        assert_eq!(
+            words(lines[2]),
+            ["eth0", "external", "egress", "drop", "2", "200", "B"],
+            "{text}"
+        );
         let verdict_rows =
             |v: &str| lines.iter().filter(|l| words(l).get(2).is_some_and(|w| w == v)).count();
         assert_eq!(verdict_rows("drop"), 0, "verdicts without packets are left out: {text}");
@@ -154,11 +158,16 @@ mod tests {
             ["web", "inbound", "subnet", "100", "allow-web", "9"]
         );
         let json = stats.json().unwrap();
+        assert_eq!(json["interfaces"][0]["interface"], "eth0");
         assert_eq!(
-            json["interfaces"][0]["verdicts"][1],
-            serde_json::json!(["pass", {"packets": 12, "bytes": 1200}])
+            json["interfaces"][0]["verdicts"]["pass"],
+            serde_json::json!({"packets": 12, "bytes": 1200})
         );
-        assert_eq!(json["drops"][0], serde_json::json!(["policy", 3]));
+        assert_eq!(json["interfaces"][0]["egress"]["drop"]["packets"], 2);
+        assert_eq!(
+            json["drops"],
+            serde_json::json!({"policy": {"packets": 3}, "no_backend": {"packets": 0}})
+        );
         assert_eq!(json["policy"]["rules"][0]["flows"], 9);
         assert_eq!(
             json["flow_table"],

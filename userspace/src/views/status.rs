@@ -86,7 +86,7 @@ impl View for Status {
 /// The sized tables, one line each: what they hold, their entries and kernel memory.
 fn tables(t: &TablesStatus) -> String {
     let line = |what: &str, t: &TableStatus| {
-        let mem = t.bytes.map_or("-".into(), |b| format!("{:.1} MiB", b as f64 / 1048576.0));
+        let mem = t.bytes.map_or("-".into(), super::bytes);
         format!(
             "{} {what} ({}: {} entries, {mem})",
             thousands(t.capacity.into()),
@@ -100,7 +100,7 @@ fn tables(t: &TablesStatus) -> String {
     out += &format!("               {}\n", line("embryonic flows", &t.embryonic));
     out += &format!("               {}\n", line("NAT translations", &t.nat_translations));
     if let Some(b) = total {
-        out += &format!("               {:.1} MiB in all\n", b as f64 / 1048576.0);
+        out += &format!("               {} in all\n", super::bytes(b));
     }
     out
 }
@@ -237,6 +237,7 @@ mod tests {
         assert_eq!(words(table[4])[..4], ["veth9", "9", "external", "tc"]);
         let json = status.json().unwrap();
         assert_eq!(json["interfaces"][1]["netns"], "blue");
+        assert_eq!(json["interfaces"][1]["interface"], "veth1");
         assert_eq!([&json["interfaces"][0]["hook"], &json["interfaces"][3]["hook"]], ["xdp", "tc"]);
 
         let none =
