@@ -6,6 +6,7 @@ pub mod agent;
 pub mod agent_state;
 pub mod flowlog;
 pub mod health;
+pub mod lb;
 pub mod metrics;
 pub mod node;
 pub mod status;

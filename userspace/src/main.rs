@@ -189,11 +189,9 @@ enum Command {
         #[arg(long, default_value_t = 100 << 20)]
         flow_log_max_bytes: u64,
     },
-    /// Show the load balancers: frontends, backends, health and counters.
-    Lb {
-        #[command(flatten)]
-        output: OutputArgs,
-    },
+    /// Show the load balancers: frontends, backends, health, drained backends, live flows
+    /// and counters; `lb drain` / `lb enable` take a backend out of rotation and back.
+    Lb(xdpgate::lb::LbArgs),
     /// Show the NAT gateways: ports in use per public address, failed allocations.
     Nat {
         #[command(flatten)]
@@ -495,10 +493,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Status { output } => {
             views::print(&status::read(&pins)?, output.format())?;
         }
-        Command::Lb { output } => {
-            let report = lb::report(&pins, &running_record(&pins)?)?;
-            views::print(report.as_slice(), output.format())?;
-        }
+        Command::Lb(args) => xdpgate::lb::run(&pins, args)?,
         Command::Nat { output } => {
             let report = nat::report(&pins, &running_record(&pins)?)?;
             views::print(report.as_slice(), output.format())?;

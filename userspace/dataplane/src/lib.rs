@@ -35,6 +35,7 @@ use xdpgate_common::{
 };
 
 pub mod apply;
+pub mod drain;
 pub mod flows;
 pub mod lb;
 pub mod migrate;

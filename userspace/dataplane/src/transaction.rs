@@ -10,7 +10,7 @@ use xdpgate_policy::{
 };
 
 use crate::{
-    PinDir, apply,
+    PinDir, apply, drain,
     lb::LbMaps,
     nat,
     state::{self, WriteLock},
@@ -87,8 +87,11 @@ fn install_locked(
     // balancers and NAT gateways go in first and the first policy starts whole. The other
     // order left a moment (forever, if the writer died in it) where a SYN to a frontend
     // found no frontend and started a plain flow to its address, which outlived the install.
+    // Drained backends stay out of the tables whatever the probes say.
+    let drained = drain::read(pins)?;
+    let health = drain::WithDrained { health, drained: &drained };
     let mut install = || -> Result<()> {
-        maps.install(lbs, health)?;
+        maps.install(lbs, &health)?;
         nat_maps.install(policy)
     };
     if prepared.running_generation() == 0 {
