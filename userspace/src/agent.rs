@@ -225,8 +225,9 @@ impl Failing {
 }
 
 /// Loads and compiles the policy file, touching nothing.
-fn prepare(file: &Path) -> Result<(Policy, String, compile::Compiled, CompiledLb)> {
-    let (policy, source) = policy::load(file)?;
+fn prepare(pins: &PinDir, file: &Path) -> Result<(Policy, String, compile::Compiled, CompiledLb)> {
+    // With the sets' run-time changes (`xdpgate set`), which a reload keeps.
+    let (policy, source) = policy::load_with_sets(file, &dataplane::sets::changes(pins)?)?;
     let (tables, lbs) = policy::compile_all(&policy)?;
     Ok((policy, source, tables, lbs))
 }
@@ -254,7 +255,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     // Fails before anything changes, with every error.
-    let (policy, source, tables, lbs) = prepare(file)?;
+    let (policy, source, tables, lbs) = prepare(pins, file)?;
     // This process is the dataplane's one writer of policy until it exits: a one-shot
     // `apply` is refused meanwhile, so the agent never runs on a stale copy.
     let _owner = AgentLock::acquire(pins)?;
@@ -431,7 +432,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                 if let Some(sink) = flow_log.as_mut() {
                     failing.check("flow log path", sink.reopen());
                 }
-                let result = match prepare(file) {
+                let result = match prepare(pins, file) {
                     Err(e) => Err(e),
                     Ok((policy, source, tables, lbs)) => {
                         let targets_new = targets(&lbs);

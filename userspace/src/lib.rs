@@ -9,5 +9,6 @@ pub mod health;
 pub mod lb;
 pub mod metrics;
 pub mod node;
+pub mod set;
 pub mod status;
 pub mod views;

@@ -42,6 +42,7 @@ pub mod migrate;
 pub mod nat;
 pub mod netns;
 pub mod routes;
+pub mod sets;
 pub mod state;
 pub mod stats;
 pub mod table;

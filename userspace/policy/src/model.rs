@@ -135,6 +135,9 @@ pub struct Policy {
     /// traffic between these addresses is never source-NATed.
     pub virtual_network: Vec<IpNet>,
     pub settings: Settings,
+    /// Named address sets with their elements (the file's, with run-time changes laid
+    /// over them); rules name them like service tags.
+    pub sets: std::collections::BTreeMap<String, Vec<IpNet>>,
 }
 
 /// An Azure-style NAT gateway: outbound flows from its subnets to destinations outside the
