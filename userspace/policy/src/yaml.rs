@@ -3223,4 +3223,32 @@ load_balancers:
         assert_eq!(lb.inbound_nat_rules[0].mappings, [(2201, ip("198.51.100.11"))]);
         assert_eq!(lb.inbound_nat_rules[0].backend_port, 8080);
     }
+
+    #[test]
+    fn sets_are_named_like_tags_and_take_run_time_changes() {
+        let src = BASE.replace("source: Internet", "source: [blocklist]")
+            + "sets:\n  blocklist: [203.0.113.0/24, 192.0.2.7]\n  empty: []\n";
+        let p = load(&src).unwrap_or_else(|e| panic!("{e}"));
+        let net = |s: &str| s.parse::<IpNet>().unwrap();
+        assert_eq!(p.sets["blocklist"], [net("192.0.2.7/32"), net("203.0.113.0/24")]);
+        assert!(p.sets["empty"].is_empty());
+        assert_eq!(p.nsgs[0].rules[0].source, [net("192.0.2.7/32"), net("203.0.113.0/24")]);
+        let mut changes = SetChanges::default();
+        changes.add("blocklist", &[net("198.51.100.200/32")]);
+        changes.del("blocklist", &[net("192.0.2.7/32")], &p.sets["blocklist"]).unwrap();
+        let p = load_str_with_sets(&src, "policy.yaml", &changes).unwrap();
+        assert_eq!(p.nsgs[0].rules[0].source, [net("198.51.100.200/32"), net("203.0.113.0/24")]);
+
+        // Errors with their positions, as for service tags.
+        let bad = BASE.to_owned()
+            + "sets:\n  blocklist: [203.0.113.300]\n  web: [192.0.2.1]\n  Internet: []\n";
+        assert_eq!(
+            errors(&bad),
+            [
+                "policy.yaml:18:15: sets.blocklist[0]: invalid address \"203.0.113.300\"",
+                "policy.yaml:19:3: sets.web: web is also defined as a service tag or group",
+                "policy.yaml:20:3: sets.Internet: set Internet would shadow the built-in Internet",
+            ]
+        );
+    }
 }
