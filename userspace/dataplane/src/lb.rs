@@ -176,18 +176,7 @@ pub fn report(pins: &PinDir, record: &Record) -> Result<Vec<ServiceReport>> {
         Ok(total)
     };
     let drained = crate::drain::read(pins)?;
-    let flows = crate::flows::list(pins, &crate::flows::Filter::default(), 0)?;
-    let live = |lb: &str, rule: &str, backend: IpAddr| {
-        flows
-            .iter()
-            .filter_map(|f| f.load_balancer.as_ref())
-            .filter(|l| {
-                l.name.as_deref() == Some(lb)
-                    && l.rule.as_deref() == Some(rule)
-                    && l.backend == Some(backend)
-            })
-            .count() as u64
-    };
+    let flows = crate::flows::per_backend(pins)?;
     let mut out = Vec::new();
     for (id, spec) in record.services.iter().enumerate() {
         let stats = sum(&service_stats, id as u32)?;
@@ -210,7 +199,7 @@ pub fn report(pins: &PinDir, record: &Record) -> Result<Vec<ServiceReport>> {
                         address,
                         healthy: backends.get(&b, 0)?.healthy != 0,
                         drained: drained.contains(&spec.lb, address),
-                        flows: live(&spec.lb, &spec.rule, address),
+                        flows: flows.get(&(id as u32, b)).copied().unwrap_or(0),
                         packets: c.packets,
                         bytes: c.bytes,
                     })

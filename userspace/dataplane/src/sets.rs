@@ -79,12 +79,12 @@ pub fn list(pins: &PinDir) -> Result<Vec<SetReport>> {
     let policy = load(&record, &changes)?;
     Ok(policy
         .sets
-        .into_iter()
-        .map(|(name, elements)| {
-            let delta = changes.0.get(&name).cloned().unwrap_or_default();
+        .keys()
+        .map(|name| {
+            let delta = changes.0.get(name).cloned().unwrap_or_default();
             SetReport {
-                name,
-                elements,
+                name: name.clone(),
+                elements: policy.set_elements(name).unwrap_or_default(),
                 added: delta.added.into_iter().collect(),
                 removed: delta.removed.into_iter().collect(),
             }
@@ -122,22 +122,25 @@ pub fn change(pins: &PinDir, name: &str, what: Change) -> Result<Changed> {
     let started = Instant::now();
     let record = running(pins)?;
     let old = changes(pins)?;
-    let current = load(&record, &old)?;
-    let Some(elements) = current.sets.get(name) else {
-        let names: Vec<&str> = current.sets.keys().map(String::as_str).collect();
+    let mut new = old.clone();
+    match what {
+        Change::Add(nets) => new.add(name, nets),
+        Change::Del(nets) => new.del(name, nets),
+        Change::Reset => new.reset(name),
+    }
+    // One parse, with the changes asked for; checked before anything is written.
+    let policy = load(&record, &new)?;
+    let Some(file) = policy.sets.get(name) else {
+        let names: Vec<&str> = policy.sets.keys().map(String::as_str).collect();
         bail!(
             "no set {name:?} in the applied policy (it has: {}); sets are declared under \
              `sets:` in the policy file",
             if names.is_empty() { "none".to_owned() } else { names.join(", ") }
         );
     };
-    let mut new = old.clone();
-    match what {
-        Change::Add(nets) => new.add(name, nets),
-        Change::Del(nets) => new.del(name, nets, elements)?,
-        Change::Reset => new.reset(name),
+    if let Change::Del(nets) = what {
+        old.check_elements(name, nets, file)?;
     }
-    let policy = load(&record, &new)?;
     let compiled = compile::compile(&policy)?;
     let (slot, config) = apply::active(pins)?;
     // The bits of the live tables are the record's rules: a set changes which addresses

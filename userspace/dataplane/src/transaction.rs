@@ -68,14 +68,11 @@ fn install_locked(
 ) -> Result<u64> {
     // The sets' run-time changes the policy was loaded with are still the kept ones (an
     // `xdpgate set` between the load and this lock would otherwise be undone).
-    if !policy.sets.is_empty() {
-        let now = xdpgate_policy::load_str_with_sets(source, "the policy", &sets::changes(pins)?)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        if now.sets != policy.sets {
-            bail!(
-                "a set was changed (xdpgate set) while this policy was loaded: nothing changed, apply it again"
-            );
-        }
+    if !policy.sets.is_empty() && sets::changes(pins)? != policy.set_changes {
+        bail!(
+            "a set was changed (xdpgate set) while this policy was loaded: nothing changed, \
+             apply it again"
+        );
     }
     let mut maps = LbMaps::open(pins)?;
     let mut nat_maps = nat::NatMaps::open(pins)?;

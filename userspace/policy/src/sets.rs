@@ -39,21 +39,27 @@ impl SetChanges {
         }
     }
 
-    /// Removes `nets` from set `name`, whose elements are `current` now. Each must be an
-    /// element as written (a prefix inside an element is not split out of it).
-    pub fn del(&mut self, name: &str, nets: &[IpNet], current: &[IpNet]) -> Result<()> {
+    /// An error naming those of `nets` that are not elements of set `name` (whose file
+    /// lists `file`) as written: `del` takes out elements, it does not cut a prefix out of
+    /// one.
+    pub fn check_elements(&self, name: &str, nets: &[IpNet], file: &[IpNet]) -> Result<()> {
+        let current = self.effective(name, file);
         let missing: Vec<String> =
             nets.iter().filter(|n| !current.contains(n)).map(IpNet::to_string).collect();
         if !missing.is_empty() {
             bail!("not in set {name}: {} (nothing was changed)", missing.join(", "));
         }
+        Ok(())
+    }
+
+    /// Removes `nets` from set `name` (see [`Self::check_elements`]).
+    pub fn del(&mut self, name: &str, nets: &[IpNet]) {
         let d = self.0.entry(name.to_owned()).or_default();
         for n in nets {
             if !d.added.remove(n) {
                 d.removed.insert(*n);
             }
         }
-        Ok(())
     }
 
     /// Forgets the changes to set `name`: it holds the file's elements again.
@@ -79,14 +85,14 @@ mod tests {
             c.effective("block", &file),
             nets(&["192.0.2.0/24", "198.51.100.7/32", "203.0.113.0/24"])
         );
-        let now = c.effective("block", &file);
-        c.del("block", &nets(&["192.0.2.0/24", "203.0.113.0/24"]), &now).unwrap();
+        let gone = nets(&["192.0.2.0/24", "203.0.113.0/24"]);
+        c.check_elements("block", &gone, &file).unwrap();
+        c.del("block", &gone);
         assert_eq!(c.effective("block", &file), nets(&["198.51.100.7/32"]));
         // A file element removed at run time stays out; added again, it is back.
         assert!(c.0["block"].removed.contains(&"192.0.2.0/24".parse().unwrap()));
         assert!(c.0["block"].added.is_empty());
-        let now = c.effective("block", &file);
-        let err = c.del("block", &nets(&["192.0.2.0/25"]), &now).unwrap_err();
+        let err = c.check_elements("block", &nets(&["192.0.2.0/25"]), &file).unwrap_err();
         assert!(err.to_string().contains("not in set block: 192.0.2.0/25"), "{err}");
         c.add("block", &nets(&["192.0.2.0/24"]));
         assert_eq!(c.effective("block", &file), file);

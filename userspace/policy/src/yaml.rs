@@ -623,7 +623,7 @@ struct Names {
     load_balancer: Vec<IpNet>,
     /// User service tags, application security groups and sets.
     user: HashMap<String, Vec<IpNet>>,
-    /// The sets' elements (before normalizing), by name.
+    /// The sets' elements as the file lists them, by name.
     sets: BTreeMap<String, Vec<IpNet>>,
 }
 
@@ -675,8 +675,16 @@ impl Loader<'_> {
         }
         let nsgs = nsgs.into_iter().map(|n| n.nsg).collect();
         let virtual_network = names.virtual_network.clone();
-        let sets = names.sets;
-        Ok(Policy { nsgs, load_balancers, nat_gateways, virtual_network, settings, sets })
+        let (sets, set_changes) = (names.sets, self.changes.clone());
+        Ok(Policy {
+            nsgs,
+            load_balancers,
+            nat_gateways,
+            virtual_network,
+            settings,
+            sets,
+            set_changes,
+        })
     }
 
     fn error(&mut self, field: &str, reason: impl Into<String>) {
@@ -816,9 +824,9 @@ impl Loader<'_> {
             {
                 self.error(&path, format!("{name} is also defined as a service tag or group"));
             }
-            let elements = self.changes.effective(name, &self.literals(&path, items));
-            names.user.insert(name.clone(), normalized(elements.clone()));
-            names.sets.insert(name.clone(), elements);
+            let file = normalized(self.literals(&path, items));
+            names.user.insert(name.clone(), normalized(self.changes.effective(name, &file)));
+            names.sets.insert(name.clone(), file);
         }
         names
     }
@@ -3235,9 +3243,15 @@ load_balancers:
         assert_eq!(p.nsgs[0].rules[0].source, [net("192.0.2.7/32"), net("203.0.113.0/24")]);
         let mut changes = SetChanges::default();
         changes.add("blocklist", &[net("198.51.100.200/32")]);
-        changes.del("blocklist", &[net("192.0.2.7/32")], &p.sets["blocklist"]).unwrap();
+        changes.del("blocklist", &[net("192.0.2.7/32")]);
         let p = load_str_with_sets(&src, "policy.yaml", &changes).unwrap();
         assert_eq!(p.nsgs[0].rules[0].source, [net("198.51.100.200/32"), net("203.0.113.0/24")]);
+        assert_eq!(p.sets["blocklist"], [net("192.0.2.7/32"), net("203.0.113.0/24")]);
+        assert_eq!(
+            p.set_elements("blocklist").unwrap(),
+            [net("198.51.100.200/32"), net("203.0.113.0/24")]
+        );
+        assert_eq!(p.set_changes, changes);
 
         // Errors with their positions, as for service tags.
         let bad = BASE.to_owned()
