@@ -8,7 +8,7 @@
 //! reload and health changes, drain and enable themselves) reads it under that lock, so a
 //! drain survives reloads and restarts and the agent never puts a drained backend back.
 
-use std::{collections::BTreeSet, net::IpAddr, path::PathBuf};
+use std::{collections::BTreeSet, net::IpAddr};
 
 use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
@@ -34,27 +34,12 @@ impl Drained {
     }
 }
 
-fn path(pins: &PinDir) -> PathBuf {
-    state::dir(pins).join("drained.json")
-}
+const FILE: &str = "drained.json";
 
 /// The drained backends (none when the file is absent). Read under the write lock by
 /// whoever then builds tables from it.
 pub fn read(pins: &PinDir) -> Result<Drained> {
-    let path = path(pins);
-    match std::fs::read(&path) {
-        Ok(bytes) => {
-            serde_json::from_slice(&bytes).with_context(|| format!("reading {}", path.display()))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Drained::default()),
-        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
-    }
-}
-
-fn write(pins: &PinDir, drained: &Drained) -> Result<()> {
-    state::ensure_dir(pins)?;
-    state::write_atomic(&path(pins), &serde_json::to_vec_pretty(drained)?, 0o600)
-        .context("saving the drained backends")
+    state::read_json(pins, FILE)
 }
 
 /// `health` with the drained backends taken out of their load balancers' tables. The
@@ -112,7 +97,7 @@ pub fn set(pins: &PinDir, lb_name: &str, backend: IpAddr, drain: bool) -> Result
     let mut drained = read(pins)?;
     let key = (lb_name.to_owned(), backend);
     let unchanged = if drain { !drained.0.insert(key) } else { !drained.0.remove(&key) };
-    write(pins, &drained)?;
+    state::write_json(pins, FILE, &drained)?;
     let services = rebuild(pins, &lbs, &drained, lb_name, backend)?;
     Ok(Changed { load_balancer: lb_name.to_owned(), backend, drained: drain, services, unchanged })
 }

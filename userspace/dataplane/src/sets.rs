@@ -11,7 +11,6 @@
 
 use std::{
     collections::HashMap,
-    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -38,27 +37,12 @@ use crate::{
     state::{self, WriteLock},
 };
 
-fn path(pins: &PinDir) -> PathBuf {
-    state::dir(pins).join("sets.json")
-}
+const FILE: &str = "sets.json";
 
 /// The run-time changes to the sets of the policy running at `pins` (none when the file is
 /// absent).
 pub fn changes(pins: &PinDir) -> Result<SetChanges> {
-    let path = path(pins);
-    match std::fs::read(&path) {
-        Ok(bytes) => {
-            serde_json::from_slice(&bytes).with_context(|| format!("reading {}", path.display()))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(SetChanges::default()),
-        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
-    }
-}
-
-fn save(pins: &PinDir, changes: &SetChanges) -> Result<()> {
-    state::ensure_dir(pins)?;
-    state::write_atomic(&path(pins), &serde_json::to_vec_pretty(changes)?, 0o600)
-        .context("saving the sets' changes")
+    state::read_json(pins, FILE)
 }
 
 /// One set as it runs: the file's elements with the run-time changes.
@@ -199,7 +183,7 @@ pub fn change(pins: &PinDir, name: &str, what: Change) -> Result<Changed> {
     for id in &removals {
         fields.remove(&entry_key(id)).context("removing NSG field entries")?;
     }
-    save(pins, &new)?;
+    state::write_json(pins, FILE, &new)?;
     let generation = next_generation(pins, &record, slot, config)?;
     Ok(Changed {
         set: name.to_owned(),
