@@ -635,3 +635,53 @@ fn set_add_and_del_block_and_allow_again_without_an_apply() {
     assert_eq!(lab.blocklist(), ["192.0.2.99/32"]);
     lab.tcp_works(sock(SERVER6, 80), "allowed after set reset");
 }
+
+/// The agent's `generation` and `pid` as `xdpgate status --json` shows them, once it has
+/// applied its policy.
+fn agent_state(lab: &Lab) -> Option<(u64, u32)> {
+    let status: serde_json::Value =
+        serde_json::from_str(&lab.pins.xdpgate(&["status", "--json"])).unwrap();
+    let agent = &status["agent"];
+    Some((agent["generation"].as_u64()?, agent["pid"].as_u64()? as u32))
+}
+
+fn wait_for_agent(lab: &Lab, what: &str, ok: impl Fn(u64) -> bool) -> (u64, u32) {
+    let start = Instant::now();
+    loop {
+        if let Some((generation, pid)) = agent_state(lab)
+            && ok(generation)
+        {
+            return (generation, pid);
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `xdpgate set` works while an agent owns the dataplane, and the agent's SIGHUP reload of
+/// its policy file keeps the run-time elements.
+#[test]
+fn an_agent_reload_keeps_the_sets_run_time_elements() {
+    let lab = Lab::new();
+    let node = format!(
+        "interfaces:\n  - {{name: {}, role: external, hook: xdp}}\n  \
+         - {{name: {}, role: internal, hook: xdp}}\n",
+        lab.ext, lab.int
+    );
+    let _agent =
+        common::agent::NodeAgent::start(&lab.gw, &lab.pins, &policy_with_blocklist(), &node);
+    let (started, pid) = wait_for_agent(&lab, "the agent's apply", |g| g > 0);
+    lab.tcp_works(sock(SERVER4, 80), "allowed under the agent");
+
+    lab.pins.xdpgate(&["set", "add", "blocklist", CLIENT4]);
+    lab.tcp_blocked(&[(sock(SERVER4, 80), "blocked by set add under the agent")]);
+
+    common::run("kill", &["-HUP", &pid.to_string()]);
+    // set add moved the generation on by one; the reload applies the next one.
+    wait_for_agent(&lab, "the agent's reload", |g| g > started + 1);
+    assert_eq!(lab.blocklist(), ["192.0.2.99/32", "203.0.113.10/32"]);
+    lab.tcp_blocked(&[(sock(SERVER4, 80), "still blocked after the agent's reload")]);
+
+    lab.pins.xdpgate(&["set", "del", "blocklist", CLIENT4]);
+    lab.tcp_works(sock(SERVER4, 80), "allowed again after set del under the agent");
+}
