@@ -606,6 +606,21 @@ fn set_add_and_del_block_and_allow_again_without_an_apply() {
     lab.ping_blocked(&[(&lab.client, SERVER4, "ping from a blocked source")]);
     let rules = lab.pins.xdpgate(&["rules"]);
     assert!(rules.contains("203.0.113.0/24"), "rules shows the set's elements:\n{rules}");
+    // verify-flow asks the kernel's tables, and names the rule from the generation's record.
+    let verify = lab.pins.try_xdpgate(&[
+        "verify-flow",
+        "--direction",
+        "inbound",
+        "--protocol",
+        "tcp",
+        "--local",
+        "198.51.100.10:80",
+        "--remote",
+        "203.0.113.10:40000",
+    ]);
+    let answer = String::from_utf8_lossy(&verify.stdout);
+    assert_eq!(verify.status.code(), Some(1), "denied: {answer}");
+    assert!(answer.contains("deny-blocklist") && !answer.contains("unknown"), "{answer}");
 
     // Bad input: a clear error naming it, nothing changed.
     for (args, says) in [
