@@ -365,3 +365,112 @@ fn load_balancing_end_to_end() {
         assert!(b["traffic"]["packets"].as_u64().unwrap() > 0, "{b}");
     }
 }
+
+impl Topology {
+    /// The `http` rule's backend at `addr` as `xdpgate lb --json` reports it.
+    fn backend(&self, addr: &str) -> serde_json::Value {
+        let json: serde_json::Value =
+            serde_json::from_str(&self.pins.xdpgate(&["lb", "--json"])).unwrap();
+        json[0]["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["address"] == addr)
+            .unwrap()
+            .clone()
+    }
+
+    fn drained(&self, addr: &str) -> bool {
+        self.backend(addr)["drained"].as_bool().unwrap()
+    }
+
+    /// A connection to port 80 that backend `name` answers.
+    fn connection_to(&self, name: &str) -> TcpStream {
+        loop {
+            let mut c = self.connect(80).expect("connect");
+            if request(&mut c).as_deref() == Some(name) {
+                return c;
+            }
+        }
+    }
+
+    fn stop_agent(&mut self) {
+        let mut a = self.agent.take().unwrap();
+        a.kill().unwrap();
+        a.wait().unwrap();
+    }
+}
+
+/// Admin-disable: a drained backend gets no new flows while its open connections go on; the
+/// drain survives an agent restart, a reload and the agent's own health changes, works with
+/// no agent running, and `enable` undoes it.
+#[test]
+fn drain_and_enable_a_backend() {
+    let mut t = Topology::new();
+    let (b1, b2, b3) = ("198.51.100.11", "198.51.100.12", "198.51.100.13");
+    let mut to_b2 = t.connection_to("b2");
+
+    let out = t.pins.xdpgate(&["lb", "drain", "lb", b2]);
+    assert!(out.contains("lb/http") && out.contains("lb/sticky"), "{out}");
+    let b = t.backend(b2);
+    assert_eq!((b["drained"].as_bool(), b["healthy"].as_bool()), (Some(true), Some(true)), "{b}");
+    assert!(b["flows"].as_u64().unwrap() >= 1, "the open connection is counted: {b}");
+    let text = t.pins.xdpgate(&["lb"]);
+    assert!(text.lines().any(|l| l.contains(b2) && l.contains("drained")), "{text}");
+    let answers = t.spread(80, 20);
+    assert!(!answers.iter().any(|a| a == "b2"), "new connections avoid drained b2: {answers:?}");
+    assert_eq!(request(&mut to_b2).as_deref(), Some("b2"), "the open connection keeps working");
+
+    // The agent keeps it out: after a restart, a reload, and a table it rebuilds itself
+    // when another backend's health changes.
+    t.restart_agent();
+    assert!(t.drained(b2), "after a restart");
+    t.reload_agent();
+    assert!(t.drained(b2), "after a reload");
+    t.backends[0].stop();
+    t.wait_for("b1 to be marked unhealthy", Duration::from_secs(3), |t| !t.healthy(b1));
+    let answers = t.spread(80, 10);
+    assert!(answers.iter().all(|a| a == "b3"), "b1 down, b2 drained: {answers:?}");
+    t.backends[0].start();
+    t.wait_for("b1 to be healthy again", Duration::from_secs(3), |t| t.healthy(b1));
+    let answers = t.spread(80, 20);
+    assert!(!answers.iter().any(|a| a == "b2"), "b2 stays drained: {answers:?}");
+    assert_eq!(request(&mut to_b2).as_deref(), Some("b2"), "and its connection still works");
+
+    // Draining the last backends in rotation: what all-unhealthy gives (no new flows).
+    t.pins.xdpgate(&["lb", "drain", "lb", b1]);
+    t.pins.xdpgate(&["lb", "drain", "lb", b3]);
+    let attempt = t.connect(80).map(|_| ()).map_err(|e| e.kind());
+    assert_eq!(attempt, Err(std::io::ErrorKind::TimedOut), "every backend drained: dropped");
+    assert_eq!(request(&mut to_b2).as_deref(), Some("b2"), "drained, not cut");
+    t.pins.xdpgate(&["lb", "enable", "lb", b3]);
+    assert_eq!(t.spread(80, 5), vec!["b3"; 5]);
+
+    // With no agent running the CLI changes the tables itself; the next agent keeps it.
+    t.stop_agent();
+    t.pins.xdpgate(&["lb", "enable", "lb", b1]);
+    t.pins.xdpgate(&["lb", "drain", "lb", b3]);
+    assert_eq!(t.spread(80, 5), vec!["b1"; 5]);
+    t.start_agent();
+    assert!(t.drained(b3) && t.drained(b2) && !t.drained(b1));
+    assert_eq!(t.spread(80, 5), vec!["b1"; 5]);
+
+    // Enable brings b2 back.
+    let out = t.pins.xdpgate(&["lb", "enable", "lb", b2]);
+    assert!(out.contains("enabled"), "{out}");
+    assert!(!t.drained(b2));
+    let answers = t.spread(80, 30);
+    assert!(answers.iter().any(|a| a == "b2"), "b2 takes new connections again: {answers:?}");
+
+    // Names that are not in the policy: an error naming them, nothing changed.
+    for (args, says) in [
+        (["lb", "drain", "nope", b1], "no load balancer \"nope\""),
+        (["lb", "drain", "lb", "198.51.100.99"], "198.51.100.99 is not a backend"),
+    ] {
+        let out = t.pins.try_xdpgate(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(says), "{args:?}: {err}");
+    }
+    assert!(!t.drained(b1) && !t.drained(b2) && t.drained(b3));
+    assert!(t.pins.try_xdpgate(&["lb", "drain", "lb", "not-an-address"]).status.code() == Some(2));
+}

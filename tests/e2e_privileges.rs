@@ -253,6 +253,9 @@ fn a_user_without_privileges_is_told_so() {
         &["flows"],
         &["stats"],
         &["lb"],
+        &["lb", "drain", "edge", "198.51.100.9"],
+        &["set", "list"],
+        &["set", "add", "blocklist", "192.0.2.1"],
         &["nat"],
         &["rules"],
         &[

@@ -25,11 +25,11 @@ use tokio::{
 };
 use xdpgate_common::events::{EVENT_POLL_MS, FlowEvent};
 use xdpgate_dataplane::{
-    self as dataplane, PinDir, apply,
+    self as dataplane, PinDir, apply, drain,
     flows::{self, Ended, Swept},
     lb::{self, LbMaps},
     nat, routes,
-    state::AgentLock,
+    state::{AgentLock, WriteLock},
     transaction,
 };
 use xdpgate_policy::{
@@ -63,14 +63,7 @@ fn targets(lbs: &CompiledLb) -> Vec<Target> {
 /// Health of backend `b` for service purposes: unhealthy if any probe of a service it
 /// belongs to says so (a backend with no probe is healthy).
 struct HealthView<'a> {
-    lbs: &'a CompiledLb,
     down: &'a HashSet<(IpAddr, String)>,
-}
-
-impl HealthView<'_> {
-    fn for_service(&self, service: usize, b: u32) -> bool {
-        self.healthy_in(&self.lbs.services[service], self.lbs.backends[b as usize])
-    }
 }
 
 impl BackendHealth for HealthView<'_> {
@@ -232,8 +225,9 @@ impl Failing {
 }
 
 /// Loads and compiles the policy file, touching nothing.
-fn prepare(file: &Path) -> Result<(Policy, String, compile::Compiled, CompiledLb)> {
-    let (policy, source) = policy::load(file)?;
+fn prepare(pins: &PinDir, file: &Path) -> Result<(Policy, String, compile::Compiled, CompiledLb)> {
+    // With the sets' run-time changes (`xdpgate set`), which a reload keeps.
+    let (policy, source) = policy::load_with_sets(file, &dataplane::sets::changes(pins)?)?;
     let (tables, lbs) = policy::compile_all(&policy)?;
     Ok((policy, source, tables, lbs))
 }
@@ -261,7 +255,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     // Fails before anything changes, with every error.
-    let (policy, source, tables, lbs) = prepare(file)?;
+    let (policy, source, tables, lbs) = prepare(pins, file)?;
     // This process is the dataplane's one writer of policy until it exits: a one-shot
     // `apply` is refused meanwhile, so the agent never runs on a stale copy.
     let _owner = AgentLock::acquire(pins)?;
@@ -300,7 +294,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     // Before the first apply writes into it.
     xdpgate_dataplane::state::ensure_dir(pins)?;
     let generation = {
-        let view = HealthView { lbs: &lbs, down: &down };
+        let view = HealthView { down: &down };
         transaction::install(pins, &policy, &source, &tables, &lbs, &view)?
     };
     info!("applied {} as generation {generation}", file.display());
@@ -413,7 +407,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                 }
             }
             Some(change) = rx.recv() => {
-                on_change(&mut maps, &running.lbs, &mut down, &change, &mut failing);
+                on_change(pins, &mut maps, &running.lbs, &mut down, &change, &mut failing);
             }
             _ = expiry.tick() => {
                 // An interface of the node file that appears late (or came back) is
@@ -438,7 +432,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                 if let Some(sink) = flow_log.as_mut() {
                     failing.check("flow log path", sink.reopen());
                 }
-                let result = match prepare(file) {
+                let result = match prepare(pins, file) {
                     Err(e) => Err(e),
                     Ok((policy, source, tables, lbs)) => {
                         let targets_new = targets(&lbs);
@@ -451,7 +445,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                         // tables; on failure they start again on the old policy.
                         drop(prober);
                         (tx, rx) = mpsc::channel::<Change>(256);
-                        let view = HealthView { lbs: &lbs, down: &down_new };
+                        let view = HealthView { down: &down_new };
                         match transaction::install(pins, &policy, &source, &tables, &lbs, &view) {
                             Ok(generation) => {
                                 let names = failing.check("reading the new policy's rule names", flows::Names::read(pins));
@@ -575,6 +569,7 @@ fn tick(
 
 /// A backend changed state: rebuild the tables of the services it serves.
 fn on_change(
+    pins: &PinDir,
     maps: &mut LbMaps,
     lbs: &CompiledLb,
     down: &mut HashSet<(IpAddr, String)>,
@@ -598,15 +593,21 @@ fn on_change(
             down.remove(&key);
         }
     }
-    let view = HealthView { lbs, down };
+    let view = HealthView { down };
     let ids: HashMap<IpAddr, u32> =
         lbs.backends.iter().enumerate().map(|(i, a)| (*a, i as u32)).collect();
     let Some(&b) = ids.get(&change.backend) else { return };
+    // As one writer with `xdpgate lb drain`: the drained backends read under the lock stay
+    // out of the tables rebuilt under it.
+    let Some(_lock) = failing.check("write lock", WriteLock::acquire(pins)) else { return };
+    let Some(drained) = failing.check("drained backends", drain::read(pins)) else { return };
+    let with_drained = drain::WithDrained { health: &view, drained: &drained };
     for (id, s) in lbs.services.iter().enumerate() {
         let affected = s.probe.as_ref().is_some_and(|p| p.name == change.probe)
             && s.pool.iter().any(|(m, _)| *m == b);
         if affected {
-            let rebuilt = maps.update_service(lbs, id as u32, &|m| view.for_service(id, m));
+            let healthy = |m: u32| with_drained.healthy_in(s, lbs.backends[m as usize]);
+            let rebuilt = maps.update_service(lbs, id as u32, &healthy);
             let what = format!("service {}/{}: rebuilding its table", s.lb, s.rule);
             if let Err(e) = rebuilt {
                 // The table keeps its previous backends; the next change rebuilds it again.

@@ -157,11 +157,12 @@ enum Command {
         #[arg(long, default_value_t = 100 << 20)]
         flow_log_max_bytes: u64,
     },
-    /// Show the load balancers: frontends, backends, health and counters.
-    Lb {
-        #[command(flatten)]
-        output: OutputArgs,
-    },
+    /// Show the load balancers: frontends, backends, health, drained backends, live flows
+    /// and counters; `lb drain` / `lb enable` take a backend out of rotation and back.
+    Lb(xdpgate::lb::LbArgs),
+    /// Named address sets of the running policy: list them, or add and delete elements in
+    /// the kernel without a re-apply (kept by later applies and reloads).
+    Set(xdpgate::set::SetArgs),
     /// Show the NAT gateways: ports in use per public address, failed allocations.
     Nat {
         #[command(flatten)]
@@ -243,7 +244,9 @@ fn chosen_policy(pins: &PinDir, file: Option<PathBuf>) -> Result<policy::Policy>
             let (path, source) = apply::applied_source(pins).ok_or_else(|| {
                 anyhow!("no policy applied here yet; name one with --policy FILE")
             })?;
-            policy::load_str(&source, &path.display().to_string()).map_err(|e| anyhow!("{e}"))
+            let changes = dataplane::sets::changes(pins)?;
+            policy::load_str_with_sets(&source, &path.display().to_string(), &changes)
+                .map_err(|e| anyhow!("{e}"))
         }
     }
 }
@@ -392,7 +395,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             views::print(&chosen_policy(&pins, policy)?, output.format())?;
         }
         Command::Apply { file } => {
-            let (policy, source) = policy::load(&file)?;
+            // Sets keep their run-time changes (`xdpgate set`) over the file's elements.
+            let (policy, source) =
+                policy::load_with_sets(&file, &dataplane::sets::changes(&pins)?)?;
             // One-shot: backends the dataplane has taken out stay out (`xdpgate run` probes
             // them and brings them back); every other backend counts as healthy.
             let down = lb::pinned_unhealthy(&pins)?;
@@ -434,10 +439,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Status { output } => {
             views::print(&status::read(&pins)?, output.format())?;
         }
-        Command::Lb { output } => {
-            let report = lb::report(&pins, &running_record(&pins)?)?;
-            views::print(report.as_slice(), output.format())?;
-        }
+        Command::Lb(args) => xdpgate::lb::run(&pins, args)?,
+        Command::Set(args) => xdpgate::set::run(&pins, args)?,
         Command::Nat { output } => {
             let report = nat::report(&pins, &running_record(&pins)?)?;
             views::print(report.as_slice(), output.format())?;

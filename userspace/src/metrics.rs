@@ -769,12 +769,16 @@ mod tests {
                     BackendReport {
                         address: "198.51.100.11".parse::<IpAddr>().unwrap(),
                         healthy: true,
+                        drained: false,
+                        flows: 0,
                         packets: 12,
                         bytes: 1200,
                     },
                     BackendReport {
                         address: "2001:db8::11".parse::<IpAddr>().unwrap(),
                         healthy: false,
+                        drained: false,
+                        flows: 0,
                         packets: 8,
                         bytes: 800,
                     },

@@ -530,6 +530,21 @@ pub fn list(pins: &PinDir, filter: &Filter, top: usize) -> Result<Vec<Flow>> {
     Ok(flows)
 }
 
+/// Flows per load-balancing service and backend (ids), counted once each (by the entry of
+/// the first packet's direction): what `xdpgate lb` shows, without naming every flow.
+pub fn per_backend(pins: &PinDir) -> Result<HashMap<(u32, u32), u64>> {
+    let established = entries(pins, FLOWS)?;
+    let embryos = entries(pins, EMBRYOS)?;
+    let young = embryos.iter().filter(|(k, _)| !established.contains_key(k));
+    let mut out = HashMap::new();
+    for (_, v) in established.iter().chain(young) {
+        if v.reply == 0 && v.service != NO_BACKEND {
+            *out.entry((v.service, v.backend)).or_default() += 1;
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use xdpgate_common::{flow::NO_RULES, words};

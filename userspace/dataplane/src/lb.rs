@@ -149,6 +149,11 @@ pub struct ServiceReport {
 pub struct BackendReport {
     pub address: IpAddr,
     pub healthy: bool,
+    /// Taken out of this load balancer by `xdpgate lb drain`: no new flows.
+    pub drained: bool,
+    /// Flows of this service pinned to the backend now (established and embryonic): a
+    /// drained backend is empty when this reaches 0.
+    pub flows: u64,
     pub packets: u64,
     pub bytes: u64,
 }
@@ -170,6 +175,8 @@ pub fn report(pins: &PinDir, record: &Record) -> Result<Vec<ServiceReport>> {
         }
         Ok(total)
     };
+    let drained = crate::drain::read(pins)?;
+    let flows = crate::flows::per_backend(pins)?;
     let mut out = Vec::new();
     for (id, spec) in record.services.iter().enumerate() {
         let stats = sum(&service_stats, id as u32)?;
@@ -184,11 +191,15 @@ pub fn report(pins: &PinDir, record: &Record) -> Result<Vec<ServiceReport>> {
                 .iter()
                 .map(|&b| {
                     let c = sum(&backend_stats, b)?;
+                    let address = *record
+                        .backends
+                        .get(b as usize)
+                        .ok_or_else(|| anyhow::anyhow!("backend {b} missing from the record"))?;
                     Ok(BackendReport {
-                        address: *record.backends.get(b as usize).ok_or_else(|| {
-                            anyhow::anyhow!("backend {b} missing from the record")
-                        })?,
+                        address,
                         healthy: backends.get(&b, 0)?.healthy != 0,
+                        drained: drained.contains(&spec.lb, address),
+                        flows: flows.get(&(id as u32, b)).copied().unwrap_or(0),
                         packets: c.packets,
                         bytes: c.bytes,
                     })

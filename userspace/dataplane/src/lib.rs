@@ -36,12 +36,14 @@ use xdpgate_common::{
 
 pub mod apply;
 pub mod fib;
+pub mod drain;
 pub mod flows;
 pub mod lb;
 pub mod migrate;
 pub mod nat;
 pub mod netns;
 pub mod routes;
+pub mod sets;
 pub mod state;
 pub mod stats;
 pub mod table;

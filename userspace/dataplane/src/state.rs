@@ -85,6 +85,25 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
     result
 }
 
+/// A JSON file `name` of the state directory, or `T::default()` when there is none.
+pub fn read_json<T: serde::de::DeserializeOwned + Default>(pins: &PinDir, name: &str) -> Result<T> {
+    let path = dir(pins).join(name);
+    match fs::read(&path) {
+        Ok(bytes) => {
+            serde_json::from_slice(&bytes).with_context(|| format!("reading {}", path.display()))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(T::default()),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// Writes `value` as the JSON file `name` of the state directory, whole (root's, private).
+pub fn write_json<T: serde::Serialize>(pins: &PinDir, name: &str, value: &T) -> Result<()> {
+    let path = ensure_dir(pins)?.join(name);
+    write_atomic(&path, &serde_json::to_vec_pretty(value)?, 0o600)
+        .with_context(|| format!("saving {}", path.display()))
+}
+
 /// `flock` on an open file, waiting up to `wait` (polling: flock has no timeout of its own).
 /// `None` when another holder kept it that long.
 fn flock(mut file: File, arg: FlockArg, wait: Duration) -> std::io::Result<Option<Flock<File>>> {

@@ -10,9 +10,9 @@ use xdpgate_policy::{
 };
 
 use crate::{
-    PinDir, apply,
+    PinDir, apply, drain,
     lb::LbMaps,
-    nat,
+    nat, sets,
     state::{self, WriteLock},
 };
 
@@ -66,6 +66,14 @@ fn install_locked(
     lbs: &CompiledLb,
     health: &dyn BackendHealth,
 ) -> Result<u64> {
+    // The sets' run-time changes the policy was loaded with are still the kept ones (an
+    // `xdpgate set` between the load and this lock would otherwise be undone).
+    if !policy.sets.is_empty() && sets::changes(pins)? != policy.set_changes {
+        bail!(
+            "a set was changed (xdpgate set) while this policy was loaded: nothing changed, \
+             apply it again"
+        );
+    }
     let mut maps = LbMaps::open(pins)?;
     let mut nat_maps = nat::NatMaps::open(pins)?;
     let (_, running) = apply::active(pins)?;
@@ -87,8 +95,11 @@ fn install_locked(
     // balancers and NAT gateways go in first and the first policy starts whole. The other
     // order left a moment (forever, if the writer died in it) where a SYN to a frontend
     // found no frontend and started a plain flow to its address, which outlived the install.
+    // Drained backends stay out of the tables whatever the probes say.
+    let drained = drain::read(pins)?;
+    let health = drain::WithDrained { health, drained: &drained };
     let mut install = || -> Result<()> {
-        maps.install(lbs, health)?;
+        maps.install(lbs, &health)?;
         nat_maps.install(policy)
     };
     if prepared.running_generation() == 0 {

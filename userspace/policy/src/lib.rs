@@ -11,6 +11,7 @@ pub mod model;
 pub mod names;
 pub mod nat;
 pub mod reference;
+pub mod sets;
 pub mod tree;
 pub mod yaml;
 
@@ -18,13 +19,20 @@ use std::path::Path;
 
 use anyhow::{Context, Result, anyhow};
 pub use model::*;
-pub use yaml::{PolicyError, PolicyErrors, load_file, load_str};
+pub use yaml::{
+    PolicyError, PolicyErrors, load_file, load_str, load_str_with_sets, parse_set_element,
+};
 
 /// Loads a policy file; every validation error is listed as file:line: field: reason.
 pub fn load(file: &Path) -> Result<(Policy, String)> {
+    load_with_sets(file, &sets::SetChanges::default())
+}
+
+/// Loads a policy file with the sets changed at run time laid over its own (what runs).
+pub fn load_with_sets(file: &Path, changes: &sets::SetChanges) -> Result<(Policy, String)> {
     let source =
         std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-    let policy = load_str(&source, &file.display().to_string())
+    let policy = load_str_with_sets(&source, &file.display().to_string(), changes)
         .map_err(|errors| anyhow!("invalid policy, nothing changed:\n{errors}"))?;
     Ok((policy, source))
 }

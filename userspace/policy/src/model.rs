@@ -135,6 +135,18 @@ pub struct Policy {
     /// traffic between these addresses is never source-NATed.
     pub virtual_network: Vec<IpNet>,
     pub settings: Settings,
+    /// Named address sets with their elements as the file lists them; rules name them like
+    /// service tags, and match [`Policy::set_elements`].
+    pub sets: std::collections::BTreeMap<String, Vec<IpNet>>,
+    /// The run-time changes (`xdpgate set`) the policy was loaded with.
+    pub set_changes: crate::sets::SetChanges,
+}
+
+impl Policy {
+    /// The elements set `name` runs with: the file's with the run-time changes.
+    pub fn set_elements(&self, name: &str) -> Option<Vec<IpNet>> {
+        Some(self.set_changes.effective(name, self.sets.get(name)?))
+    }
 }
 
 /// An Azure-style NAT gateway: outbound flows from its subnets to destinations outside the

@@ -24,6 +24,7 @@ use super::{
         Layer, LbProtocol, LbRule, LoadBalancer, Nsg, Policy, PortRange, Ports, Probe, ProbeKind,
         Protocol, Rule, Settings,
     },
+    sets::SetChanges,
     tree::{self, Node},
 };
 
@@ -78,6 +79,15 @@ impl std::error::Error for PolicyErrors {}
 /// reported, in line order: the document is read from a positioned tree, so unknown
 /// fields, wrong types and invalid values are all found in one pass.
 pub fn load_str(src: &str, file: &str) -> Result<Policy, PolicyErrors> {
+    load_str_with_sets(src, file, &SetChanges::default())
+}
+
+/// [`load_str`] with the sets changed at run time (`xdpgate set`) laid over the file's.
+pub fn load_str_with_sets(
+    src: &str,
+    file: &str,
+    changes: &SetChanges,
+) -> Result<Policy, PolicyErrors> {
     let document = tree::parse(src).map_err(|e| {
         PolicyErrors(vec![PolicyError {
             file: file.to_owned(),
@@ -105,7 +115,7 @@ pub fn load_str(src: &str, file: &str) -> Result<Policy, PolicyErrors> {
         }
     };
     drop(document);
-    Loader { file, lines: reader.index, errors: reader.errors }.load(&raw)
+    Loader { file, lines: reader.index, errors: reader.errors, changes }.load(&raw)
 }
 
 /// Reads, loads and validates the policy file at `path`.
@@ -148,6 +158,7 @@ struct RawPolicy {
     health_probe_source: List,
     service_tags: BTreeMap<String, List>,
     application_security_groups: BTreeMap<String, List>,
+    sets: BTreeMap<String, List>,
     settings: RawSettings,
     nsgs: Vec<RawNsg>,
     load_balancers: Vec<RawLoadBalancer>,
@@ -161,6 +172,7 @@ impl RawPolicy {
             "health_probe_source",
             "service_tags",
             "application_security_groups",
+            "sets",
             "settings",
             "nsgs",
             "load_balancers",
@@ -185,11 +197,13 @@ impl RawPolicy {
         };
         let service_tags = named_lists(r, "service_tags");
         let application_security_groups = named_lists(r, "application_security_groups");
+        let sets = named_lists(r, "sets");
         Self {
             virtual_network,
             health_probe_source: r.list(&f, "health_probe_source").unwrap_or_default(),
             service_tags,
             application_security_groups,
+            sets,
             settings: r
                 .node(&f, "settings")
                 .map_or_else(RawSettings::default, |n| RawSettings::read(r, "settings", n)),
@@ -592,6 +606,8 @@ struct Loader<'a> {
     file: &'a str,
     lines: Index,
     errors: Vec<PolicyError>,
+    /// Run-time changes to the named sets.
+    changes: &'a SetChanges,
 }
 
 /// A parsed value and the YAML path it came from, for errors found later.
@@ -605,8 +621,10 @@ struct Names {
     virtual_network: Vec<IpNet>,
     internet: Vec<IpNet>,
     load_balancer: Vec<IpNet>,
-    /// User service tags and application security groups.
+    /// User service tags, application security groups and sets.
     user: HashMap<String, Vec<IpNet>>,
+    /// The sets' elements as the file lists them, by name.
+    sets: BTreeMap<String, Vec<IpNet>>,
 }
 
 impl Names {
@@ -657,7 +675,16 @@ impl Loader<'_> {
         }
         let nsgs = nsgs.into_iter().map(|n| n.nsg).collect();
         let virtual_network = names.virtual_network.clone();
-        Ok(Policy { nsgs, load_balancers, nat_gateways, virtual_network, settings })
+        let (sets, set_changes) = (names.sets, self.changes.clone());
+        Ok(Policy {
+            nsgs,
+            load_balancers,
+            nat_gateways,
+            virtual_network,
+            settings,
+            sets,
+            set_changes,
+        })
     }
 
     fn error(&mut self, field: &str, reason: impl Into<String>) {
@@ -771,6 +798,7 @@ impl Loader<'_> {
                 self.literals("health_probe_source", &raw.health_probe_source),
             ),
             user: HashMap::new(),
+            sets: BTreeMap::new(),
         };
         for (name, items) in &raw.service_tags {
             let path = read::child("service_tags", name);
@@ -787,6 +815,18 @@ impl Loader<'_> {
             let addresses = self.addresses(&path, members);
             let prefixes = addresses.into_iter().map(|a| a.value.into()).collect();
             names.user.insert(name.clone(), normalized(prefixes));
+        }
+        for (name, items) in &raw.sets {
+            let path = read::child("sets", name);
+            self.check_user_name(&path, name, "set");
+            if raw.service_tags.contains_key(name)
+                || raw.application_security_groups.contains_key(name)
+            {
+                self.error(&path, format!("{name} is also defined as a service tag or group"));
+            }
+            let file = normalized(self.literals(&path, items));
+            names.user.insert(name.clone(), normalized(self.changes.effective(name, &file)));
+            names.sets.insert(name.clone(), file);
         }
         names
     }
@@ -1908,6 +1948,13 @@ fn family_name(address: IpAddr) -> &'static str {
 }
 
 /// An address, prefix or range as prefixes; `None` if `text` is none of them (a name).
+/// An element given to a named set at run time (`xdpgate set add`): an address, a prefix
+/// (no host bits) or a range, as in the policy file.
+pub fn parse_set_element(text: &str) -> Result<Vec<IpNet>, String> {
+    parse_literal(text)
+        .unwrap_or_else(|| Err(format!("\"{text}\" is not an address, prefix or range")))
+}
+
 fn parse_literal(text: &str) -> Option<Result<Vec<IpNet>, String>> {
     if let Ok(addr) = text.parse::<IpAddr>() {
         return Some(Ok(vec![addr.into()]));
@@ -3183,5 +3230,39 @@ load_balancers:
         assert_eq!((lb.rules[0].frontend_port, lb.rules[0].backend_port), (80, 8080));
         assert_eq!(lb.inbound_nat_rules[0].mappings, [(2201, ip("198.51.100.11"))]);
         assert_eq!(lb.inbound_nat_rules[0].backend_port, 8080);
+    }
+
+    #[test]
+    fn sets_are_named_like_tags_and_take_run_time_changes() {
+        let src = BASE.replace("source: Internet", "source: [blocklist]")
+            + "sets:\n  blocklist: [203.0.113.0/24, 192.0.2.7]\n  empty: []\n";
+        let p = load(&src).unwrap_or_else(|e| panic!("{e}"));
+        let net = |s: &str| s.parse::<IpNet>().unwrap();
+        assert_eq!(p.sets["blocklist"], [net("192.0.2.7/32"), net("203.0.113.0/24")]);
+        assert!(p.sets["empty"].is_empty());
+        assert_eq!(p.nsgs[0].rules[0].source, [net("192.0.2.7/32"), net("203.0.113.0/24")]);
+        let mut changes = SetChanges::default();
+        changes.add("blocklist", &[net("198.51.100.200/32")]);
+        changes.del("blocklist", &[net("192.0.2.7/32")]);
+        let p = load_str_with_sets(&src, "policy.yaml", &changes).unwrap();
+        assert_eq!(p.nsgs[0].rules[0].source, [net("198.51.100.200/32"), net("203.0.113.0/24")]);
+        assert_eq!(p.sets["blocklist"], [net("192.0.2.7/32"), net("203.0.113.0/24")]);
+        assert_eq!(
+            p.set_elements("blocklist").unwrap(),
+            [net("198.51.100.200/32"), net("203.0.113.0/24")]
+        );
+        assert_eq!(p.set_changes, changes);
+
+        // Errors with their positions, as for service tags.
+        let bad = BASE.to_owned()
+            + "sets:\n  blocklist: [203.0.113.300]\n  web: [192.0.2.1]\n  Internet: []\n";
+        assert_eq!(
+            errors(&bad),
+            [
+                "policy.yaml:18:15: sets.blocklist[0]: invalid address \"203.0.113.300\"",
+                "policy.yaml:19:3: sets.web: web is also defined as a service tag or group",
+                "policy.yaml:20:3: sets.Internet: set Internet would shadow the built-in Internet",
+            ]
+        );
     }
 }

@@ -1,8 +1,9 @@
 //! `xdpgate lb`: each load-balancing rule with its frontends and counters, then its
-//! backends with their health and counters.
+//! backends with their health (and whether an operator drained them), live flows and
+//! counters.
 
 use anyhow::Result;
-use xdpgate_dataplane::lb::ServiceReport;
+use xdpgate_dataplane::lb::{BackendReport, ServiceReport};
 
 use super::{Grid, View};
 
@@ -20,12 +21,14 @@ impl View for [ServiceReport] {
     }
 
     fn text(&self) -> String {
-        let mut g = Grid::new(&["SERVICE", "FRONTENDS / BACKEND", "HEALTH", "PACKETS", "BYTES"])
-            .right(&[3, 4]);
+        let mut g =
+            Grid::new(&["SERVICE", "FRONTENDS / BACKEND", "HEALTH", "FLOWS", "PACKETS", "BYTES"])
+                .right(&[3, 4, 5]);
         for s in self {
             g.row([
                 format!("{}/{}", s.load_balancer, s.rule),
                 s.frontends.join(" "),
+                String::new(),
                 String::new(),
                 s.packets.to_string(),
                 super::bytes(s.bytes),
@@ -34,7 +37,8 @@ impl View for [ServiceReport] {
                 g.row([
                     String::new(),
                     format!("  {}", b.address),
-                    if b.healthy { "healthy" } else { "UNHEALTHY" }.to_string(),
+                    health(b),
+                    b.flows.to_string(),
                     b.packets.to_string(),
                     super::bytes(b.bytes),
                 ]);
@@ -48,10 +52,19 @@ impl View for [ServiceReport] {
     }
 }
 
+/// A drained backend takes no new flows whatever its probes say; its flows finish.
+fn health(b: &BackendReport) -> String {
+    match (b.healthy, b.drained) {
+        (true, false) => "healthy",
+        (false, false) => "UNHEALTHY",
+        (true, true) => "drained",
+        (false, true) => "UNHEALTHY,drained",
+    }
+    .to_string()
+}
+
 #[cfg(test)]
 mod tests {
-    use xdpgate_dataplane::lb::BackendReport;
-
     use super::*;
 
     #[test]
@@ -66,12 +79,16 @@ mod tests {
                 BackendReport {
                     address: "198.51.100.10".parse().unwrap(),
                     healthy: true,
+                    drained: false,
+                    flows: 2,
                     packets: 20,
                     bytes: 2000,
                 },
                 BackendReport {
                     address: "198.51.100.11".parse().unwrap(),
-                    healthy: false,
+                    healthy: true,
+                    drained: true,
+                    flows: 1,
                     packets: 10,
                     bytes: 1000,
                 },
@@ -91,9 +108,10 @@ mod tests {
                 && lines[2].ends_with("20  2.0 KiB"),
             "{text}"
         );
-        assert!(lines[3].contains("198.51.100.11") && lines[3].contains("UNHEALTHY"), "{text}");
+        assert!(lines[3].contains("198.51.100.11") && lines[3].contains(" drained "), "{text}");
         let json = report.json().unwrap();
-        assert_eq!(json[0]["backends"][1]["healthy"], false);
+        assert_eq!(json[0]["backends"][1]["drained"], true);
+        assert_eq!(json[0]["backends"][1]["flows"], 1);
         assert_eq!(json[0]["backends"][0]["address"], "198.51.100.10");
         assert_eq!(json[0]["traffic"], serde_json::json!({"packets": 30, "bytes": 3000}));
         assert_eq!(json[0]["backends"][1]["traffic"]["bytes"], 1000);

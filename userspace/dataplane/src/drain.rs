@@ -1,0 +1,137 @@
+//! Backends an operator took out of rotation (`xdpgate lb drain`, Katran's and HAProxy's
+//! admin-disable): a drained backend leaves the Maglev tables of its load balancer's
+//! services, as an unhealthy one does, but its health flag stays up, so the flows already
+//! pinned to it keep it until they end.
+//!
+//! The drained backends are kept in `drained.json` in the state directory, written under
+//! the write lock. Every writer that builds a Maglev table (apply, the agent's start,
+//! reload and health changes, drain and enable themselves) reads it under that lock, so a
+//! drain survives reloads and restarts and the agent never puts a drained backend back.
+
+use std::{collections::BTreeSet, net::IpAddr};
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde::{Deserialize, Serialize};
+use xdpgate_policy::lb::{BackendHealth, CompiledLb, ServiceSpec};
+
+use crate::{
+    PinDir, apply,
+    lb::{self, LbMaps},
+    state::{self, WriteLock},
+};
+
+/// Drained backends, as (load balancer, backend address).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Drained(BTreeSet<(String, IpAddr)>);
+
+impl Drained {
+    pub fn contains(&self, lb: &str, backend: IpAddr) -> bool {
+        self.0.contains(&(lb.to_owned(), backend))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+const FILE: &str = "drained.json";
+
+/// The drained backends (none when the file is absent). Read under the write lock by
+/// whoever then builds tables from it.
+pub fn read(pins: &PinDir) -> Result<Drained> {
+    state::read_json(pins, FILE)
+}
+
+/// `health` with the drained backends taken out of their load balancers' tables. The
+/// overall flag (`healthy`) is left alone: it is what keeps established flows on a backend.
+pub struct WithDrained<'a> {
+    pub health: &'a dyn BackendHealth,
+    pub drained: &'a Drained,
+}
+
+impl BackendHealth for WithDrained<'_> {
+    fn healthy(&self, backend: IpAddr) -> bool {
+        self.health.healthy(backend)
+    }
+
+    fn healthy_in(&self, service: &ServiceSpec, backend: IpAddr) -> bool {
+        !self.drained.contains(&service.lb, backend) && self.health.healthy_in(service, backend)
+    }
+}
+
+/// What [`set`] did.
+#[derive(Debug, Serialize)]
+pub struct Changed {
+    pub load_balancer: String,
+    pub backend: IpAddr,
+    pub drained: bool,
+    /// `lb/rule` of the services whose tables were rebuilt.
+    pub services: Vec<String>,
+    /// Whether the backend was already in that state (nothing changed).
+    pub unchanged: bool,
+}
+
+/// Drains (`drain`) or enables backend `backend` of load balancer `lb` in the running
+/// policy: saves the state, then rebuilds the tables of the load balancer's services that
+/// have it in their pool (each swapped whole). Backends taken out by probes stay out.
+pub fn set(pins: &PinDir, lb_name: &str, backend: IpAddr, drain: bool) -> Result<Changed> {
+    let _lock = WriteLock::acquire(pins)?;
+    let record = apply::running(pins)?
+        .ok_or_else(|| anyhow!("no policy applied to {} yet", pins.path().display()))?;
+    let policy = xdpgate_policy::load_str(&record.source, "the applied policy")
+        .map_err(|e| anyhow!("the applied policy no longer loads: {e}"))?;
+    let lbs = xdpgate_policy::lb::compile(&policy)?;
+    let Some(lb_policy) = policy.load_balancers.iter().find(|l| l.name == lb_name) else {
+        let names: Vec<&str> = policy.load_balancers.iter().map(|l| l.name.as_str()).collect();
+        bail!("no load balancer {lb_name:?} in the applied policy (it has: {})", list(&names));
+    };
+    let members: BTreeSet<IpAddr> =
+        lb_policy.pools.iter().flat_map(|p| p.backends.iter().map(|b| b.address)).collect();
+    if !members.contains(&backend) {
+        let names: Vec<String> = members.iter().map(IpAddr::to_string).collect();
+        bail!(
+            "{backend} is not a backend of load balancer {lb_name:?} (its pools have: {})",
+            list(&names)
+        );
+    }
+    let mut drained = read(pins)?;
+    let key = (lb_name.to_owned(), backend);
+    let unchanged = if drain { !drained.0.insert(key) } else { !drained.0.remove(&key) };
+    state::write_json(pins, FILE, &drained)?;
+    let services = rebuild(pins, &lbs, &drained, lb_name, backend)?;
+    Ok(Changed { load_balancer: lb_name.to_owned(), backend, drained: drain, services, unchanged })
+}
+
+/// Rebuilds the tables of `lb_name`'s services with `backend` in their pool, with probe
+/// health as the dataplane's flags hold it. The caller holds the write lock.
+fn rebuild(
+    pins: &PinDir,
+    lbs: &CompiledLb,
+    drained: &Drained,
+    lb_name: &str,
+    backend: IpAddr,
+) -> Result<Vec<String>> {
+    let down = lb::pinned_unhealthy(pins)?;
+    let probes = |b: IpAddr| !down.contains(&b);
+    let health = WithDrained { health: &probes, drained };
+    let mut maps = LbMaps::open(pins)?;
+    let mut done = Vec::new();
+    for (id, spec) in lbs.services.iter().enumerate() {
+        let member = spec.pool.iter().any(|(b, _)| lbs.backends[*b as usize] == backend);
+        if spec.lb != lb_name || !member {
+            continue;
+        }
+        let healthy = |b: u32| health.healthy_in(spec, lbs.backends[b as usize]);
+        maps.update_service(lbs, id as u32, &healthy)
+            .with_context(|| format!("rebuilding the table of {}/{}", spec.lb, spec.rule))?;
+        done.push(format!("{}/{}", spec.lb, spec.rule));
+    }
+    Ok(done)
+}
+
+fn list<S: AsRef<str>>(names: &[S]) -> String {
+    if names.is_empty() {
+        return "none".into();
+    }
+    names.iter().map(AsRef::as_ref).collect::<Vec<_>>().join(", ")
+}

@@ -1,0 +1,224 @@
+//! `xdpgate set add|del|reset`: a named address set of the running policy changed in the
+//! kernel without a re-apply. The changes are kept in `sets.json` in the state directory
+//! (`xdpgate_policy::sets::SetChanges`); every load of a policy for this dataplane (apply,
+//! the agent's start and reload) lays them over the file's elements.
+//!
+//! A change recompiles the NSG tables of the running policy with the new elements and
+//! writes only the trie entries that differ from what the active slot holds (read back from
+//! the kernel, so a writer killed half-way is made whole by the next one), longest prefixes
+//! first and removals last; then it moves the running generation on (its record copied), so
+//! flows decided before the change are classified again as after an apply.
+
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, anyhow, bail};
+use aya::maps::{
+    Array,
+    lpm_trie::{Key, LpmTrie},
+};
+use ipnet::IpNet;
+use serde::Serialize;
+use xdpgate_common::{
+    maps::{NSG_FIELD_ENTRIES, NSG_FIELDS, POLICY_CONFIG},
+    nsg::{FieldKey, KEY_HEADER_BITS, PolicyConfig, RuleBitmap, TABLES_PER_SLOT},
+    words,
+};
+use xdpgate_policy::{
+    compile,
+    names::{Record, RuleName},
+    sets::SetChanges,
+};
+
+use crate::{
+    PinDir, apply,
+    state::{self, WriteLock},
+};
+
+const FILE: &str = "sets.json";
+
+/// The run-time changes to the sets of the policy running at `pins` (none when the file is
+/// absent).
+pub fn changes(pins: &PinDir) -> Result<SetChanges> {
+    state::read_json(pins, FILE)
+}
+
+/// One set as it runs: the file's elements with the run-time changes.
+#[derive(Debug, Serialize)]
+pub struct SetReport {
+    pub name: String,
+    pub elements: Vec<IpNet>,
+    /// Elements added at run time (not in the file).
+    pub added: Vec<IpNet>,
+    /// File elements removed at run time.
+    pub removed: Vec<IpNet>,
+}
+
+/// The sets of the running policy.
+pub fn list(pins: &PinDir) -> Result<Vec<SetReport>> {
+    let record = running(pins)?;
+    let changes = changes(pins)?;
+    let policy = load(&record, &changes)?;
+    Ok(policy
+        .sets
+        .keys()
+        .map(|name| {
+            let delta = changes.0.get(name).cloned().unwrap_or_default();
+            SetReport {
+                name: name.clone(),
+                elements: policy.set_elements(name).unwrap_or_default(),
+                added: delta.added.into_iter().collect(),
+                removed: delta.removed.into_iter().collect(),
+            }
+        })
+        .collect())
+}
+
+/// What one change asks.
+pub enum Change<'a> {
+    Add(&'a [IpNet]),
+    Del(&'a [IpNet]),
+    /// Back to the file's elements.
+    Reset,
+}
+
+/// What [`change`] did.
+#[derive(Debug, Serialize)]
+pub struct Changed {
+    pub set: String,
+    /// Trie entries written (new or with other rules) and removed.
+    pub entries_written: usize,
+    pub entries_removed: usize,
+    /// The generation flows now compare with (moved on by one).
+    pub generation: u64,
+    /// Recompiling and computing the difference, and writing it.
+    pub compile: Duration,
+    pub write: Duration,
+}
+
+/// Changes set `name` of the running policy in the kernel, as the dataplane's one writer.
+/// A change that cannot be made (unknown set, an element it does not have, tables that do
+/// not fit) changes nothing.
+pub fn change(pins: &PinDir, name: &str, what: Change) -> Result<Changed> {
+    let _lock = WriteLock::acquire(pins)?;
+    let started = Instant::now();
+    let record = running(pins)?;
+    let old = changes(pins)?;
+    let mut new = old.clone();
+    match what {
+        Change::Add(nets) => new.add(name, nets),
+        Change::Del(nets) => new.del(name, nets),
+        Change::Reset => new.reset(name),
+    }
+    // One parse, with the changes asked for; checked before anything is written.
+    let policy = load(&record, &new)?;
+    let Some(file) = policy.sets.get(name) else {
+        let names: Vec<&str> = policy.sets.keys().map(String::as_str).collect();
+        bail!(
+            "no set {name:?} in the applied policy (it has: {}); sets are declared under \
+             `sets:` in the policy file",
+            if names.is_empty() { "none".to_owned() } else { names.join(", ") }
+        );
+    };
+    if let Change::Del(nets) = what {
+        old.check_elements(name, nets, file)?;
+    }
+    let compiled = compile::compile(&policy)?;
+    let (slot, config) = apply::active(pins)?;
+    // The bits of the live tables are the record's rules: a set changes which addresses
+    // match, never which rules there are or their order.
+    for (t, table) in compiled.tables.iter().enumerate() {
+        let names: Vec<RuleName> = table.rules.iter().map(RuleName::of).collect();
+        if record.slot != slot
+            || record.tables.get(t) != Some(&names)
+            || config.rule_counts[t] as usize != names.len()
+        {
+            bail!(
+                "the running tables are not those of the applied policy's record; apply it again"
+            );
+        }
+    }
+    let mut fields: LpmTrie<_, FieldKey, RuleBitmap> = pins.open_map(NSG_FIELDS)?.try_into()?;
+    let first = (slot * TABLES_PER_SLOT) as u8;
+    let mut live: HashMap<EntryId, RuleBitmap> = HashMap::new();
+    let mut entries = 0usize;
+    for item in fields.iter() {
+        let (key, bitmap) = item.context("reading the NSG field entries")?;
+        entries += 1;
+        let k = key.data();
+        if (first..first + TABLES_PER_SLOT as u8).contains(&k.table) {
+            live.insert((k.table, k.field, k.value, key.prefix_len()), bitmap);
+        }
+    }
+    let mut wanted: HashMap<EntryId, RuleBitmap> = HashMap::new();
+    for (t, table) in compiled.tables.iter().enumerate() {
+        for ((field, value, len), bitmap) in &table.fields {
+            let id = (first + t as u8, *field, words(value), KEY_HEADER_BITS + u32::from(*len));
+            wanted.insert(id, *bitmap);
+        }
+    }
+    let mut writes: Vec<(&EntryId, &RuleBitmap)> =
+        wanted.iter().filter(|(id, b)| live.get(*id) != Some(*b)).collect();
+    let removals: Vec<&EntryId> = live.keys().filter(|id| !wanted.contains_key(*id)).collect();
+    let added = writes.iter().filter(|(id, _)| !live.contains_key(*id)).count();
+    if entries + added > NSG_FIELD_ENTRIES as usize {
+        bail!(
+            "the set's new entries do not fit the NSG table ({} of {NSG_FIELD_ENTRIES} in use, \
+             {added} more needed); nothing was changed",
+            entries
+        );
+    }
+    // Longest prefixes first: an address inside a new prefix never meets the new shorter
+    // entry while its own longer one still has the old rules.
+    writes.sort_by_key(|(id, _)| std::cmp::Reverse(id.3));
+    let compile_took = started.elapsed();
+    let writing = Instant::now();
+    for (id, bitmap) in &writes {
+        fields
+            .insert(&entry_key(id), *bitmap, 0)
+            .context("writing NSG field entries (is the table full?)")?;
+    }
+    for id in &removals {
+        fields.remove(&entry_key(id)).context("removing NSG field entries")?;
+    }
+    state::write_json(pins, FILE, &new)?;
+    let generation = next_generation(pins, &record, slot, config)?;
+    Ok(Changed {
+        set: name.to_owned(),
+        entries_written: writes.len(),
+        entries_removed: removals.len(),
+        generation,
+        compile: compile_took,
+        write: writing.elapsed(),
+    })
+}
+
+/// (table, field, value, prefix length in the key): one trie entry.
+type EntryId = (u8, u8, [u32; 4], u32);
+
+fn entry_key(id: &EntryId) -> Key<FieldKey> {
+    Key::new(id.3, FieldKey { table: id.0, field: id.1, _pad: [0; 2], value: id.2 })
+}
+
+/// Moves the running generation on by one in place, its record saved first under the new
+/// number: flows decided before compare unequal and are classified again (when the policy
+/// asks for it, as after an apply).
+fn next_generation(pins: &PinDir, record: &Record, slot: u32, config: PolicyConfig) -> Result<u64> {
+    let generation = config.generation + 1;
+    state::save(pins, &Record { generation, ..record.clone() })?;
+    let mut configs: Array<_, PolicyConfig> = pins.open_map(POLICY_CONFIG)?.try_into()?;
+    configs.set(slot, PolicyConfig { generation, ..config }, 0)?;
+    Ok(generation)
+}
+
+fn running(pins: &PinDir) -> Result<Record> {
+    apply::running(pins)?
+        .ok_or_else(|| anyhow!("no policy applied to {} yet", pins.path().display()))
+}
+
+fn load(record: &Record, changes: &SetChanges) -> Result<xdpgate_policy::Policy> {
+    xdpgate_policy::load_str_with_sets(&record.source, "the applied policy", changes)
+        .map_err(|e| anyhow!("the applied policy with the sets' changes does not load: {e}"))
+}

@@ -1,0 +1,118 @@
+//! `xdpgate set`: list the named address sets of the running policy, and add elements to
+//! or delete them from a set in the kernel without a re-apply (`xdpgate_dataplane::sets`).
+
+use anyhow::{Result, anyhow};
+use ipnet::IpNet;
+use xdpgate_dataplane::{
+    PinDir,
+    sets::{self, Change, SetReport},
+};
+
+use crate::views::{self, Grid, OutputArgs, View};
+
+#[derive(Debug, clap::Args)]
+pub struct SetArgs {
+    #[command(subcommand)]
+    pub action: SetAction,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum SetAction {
+    /// Show each set of the running policy: its elements, and those added or removed at
+    /// run time.
+    List {
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// Add elements to a set in the running tables (no re-apply). A deny rule naming the
+    /// set then matches more (stronger); an allow rule naming it matches more too (wider).
+    ///
+    /// Example: xdpgate set add blocklist 203.0.113.7 198.51.100.0/24
+    Add(Elements),
+    /// Delete elements from a set in the running tables (each as it is listed: a prefix
+    /// inside an element is not cut out of it).
+    Del(Elements),
+    /// Forget a set's run-time changes: it holds the policy file's elements again.
+    Reset {
+        /// The set's name in the policy (`sets:`).
+        name: String,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct Elements {
+    /// The set's name in the policy (`sets:`).
+    pub name: String,
+    /// Addresses, prefixes (no host bits) or ranges (A-B).
+    #[arg(required = true, value_name = "PREFIX")]
+    pub elements: Vec<String>,
+}
+
+impl Elements {
+    /// Every element parsed, or an error naming each bad one (nothing is changed).
+    fn parse(&self) -> Result<Vec<IpNet>> {
+        let mut nets = Vec::new();
+        let mut bad = Vec::new();
+        for text in &self.elements {
+            match xdpgate_policy::parse_set_element(text) {
+                Ok(n) => nets.extend(n),
+                Err(e) => bad.push(e),
+            }
+        }
+        if bad.is_empty() {
+            Ok(nets)
+        } else {
+            Err(anyhow!("{}; nothing was changed", bad.join("; ")))
+        }
+    }
+}
+
+pub fn run(pins: &PinDir, args: SetArgs) -> Result<()> {
+    let (name, nets, verb) = match &args.action {
+        SetAction::List { output } => {
+            return views::print(sets::list(pins)?.as_slice(), output.format());
+        }
+        SetAction::Add(e) => (&e.name, e.parse()?, "added to"),
+        SetAction::Del(e) => (&e.name, e.parse()?, "deleted from"),
+        SetAction::Reset { name } => (name, Vec::new(), "reset"),
+    };
+    let change = match &args.action {
+        SetAction::Add(_) => Change::Add(&nets),
+        SetAction::Del(_) => Change::Del(&nets),
+        _ => Change::Reset,
+    };
+    let done = sets::change(pins, name, change)?;
+    let what = match nets.len() {
+        0 => format!("set {name} {verb} the policy file's elements"),
+        n => format!("{n} elements {verb} set {name}"),
+    };
+    println!(
+        "{what}: {} NSG table entries written, {} removed in {:.1} ms (compile {:.1} ms); \
+         generation {}",
+        done.entries_written,
+        done.entries_removed,
+        done.write.as_secs_f64() * 1e3,
+        done.compile.as_secs_f64() * 1e3,
+        done.generation
+    );
+    Ok(())
+}
+
+impl View for [SetReport] {
+    fn json(&self) -> Result<serde_json::Value> {
+        views::to_json(&self)
+    }
+
+    fn text(&self) -> String {
+        let mut g = Grid::new(&["SET", "ELEMENTS", "ADDED", "REMOVED"]);
+        for s in self {
+            let join = |v: &[IpNet]| v.iter().map(IpNet::to_string).collect::<Vec<_>>().join(" ");
+            g.row([s.name.clone(), join(&s.elements), join(&s.added), join(&s.removed)]);
+        }
+        let mut out = g.render();
+        if self.is_empty() {
+            out += "(no sets in the running policy)\n";
+        }
+        out
+    }
+}
