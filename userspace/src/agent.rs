@@ -40,7 +40,7 @@ use xdpgate_policy::{
 use crate::{
     agent_state::{self, AgentState, Reload},
     flowlog,
-    health::{Change, Health, Prober, Target},
+    health::{Change, Health, ProbeStats, Prober, Target},
     node::{self, Node},
 };
 
@@ -267,8 +267,10 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     let _owner = AgentLock::acquire(pins)?;
     // Serves GET /metrics until run returns (the server stops when dropped). A bad
     // address or a port in use fails here, before anything changes.
+    // Probe results and durations, for the metrics; kept across reloads.
+    let probe_stats = ProbeStats::default();
     let _metrics = match metrics_addr {
-        Some(addr) => Some(crate::metrics::spawn(addr, pins.clone()).await?),
+        Some(addr) => Some(crate::metrics::spawn(addr, pins.clone(), probe_stats.clone()).await?),
         None => None,
     };
     if let Some(node) = &node
@@ -357,7 +359,8 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     let mut loggers = Vec::new();
     let mut ticks = 0u64;
     let (mut tx, mut rx) = mpsc::channel::<Change>(256);
-    let mut prober = Prober::spawn(targets_now, &down, max_concurrent, tx.clone());
+    let mut prober =
+        Prober::spawn_counted(targets_now, &down, max_concurrent, tx.clone(), probe_stats.clone());
     save_state(pins, &mut state, &failing);
     loop {
         tokio::select! {
@@ -458,11 +461,11 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                                 let names = names.map(Arc::new).unwrap_or(running.names);
                                 running = Running { policy, lbs, names };
                                 down = down_new;
-                                prober = Prober::spawn(targets_new, &down, max_concurrent, tx.clone());
+                                prober = Prober::spawn_counted(targets_new, &down, max_concurrent, tx.clone(), probe_stats.clone());
                                 Ok(generation)
                             }
                             Err(e) => {
-                                prober = Prober::spawn(targets(&running.lbs), &down, max_concurrent, tx.clone());
+                                prober = Prober::spawn_counted(targets(&running.lbs), &down, max_concurrent, tx.clone(), probe_stats.clone());
                                 Err(e)
                             }
                         }

@@ -228,12 +228,15 @@ pub struct GatewayReport {
     pub addresses: Vec<(IpAddr, usize)>,
     pub translations: usize,
     pub failed_allocations: u64,
+    /// Ports of its range on each public address (each can serve many destinations).
+    pub ports_per_address: u32,
 }
 
 /// Reads the live state of the NAT gateways of the running generation (`record`).
 pub fn report(pins: &PinDir, record: &Record) -> Result<Vec<GatewayReport>> {
     let map: HashMap<_, FlowKey, NatEntry> = pins.open_map(NAT_MAP)?.try_into()?;
     let failures: PerCpuArray<_, u64> = pins.open_map(NAT_FAILURES)?.try_into()?;
+    let configs: Array<_, NatGatewayConfig> = pins.open_map(NAT_GATEWAYS)?.try_into()?;
     let claims: Vec<(FlowKey, NatEntry)> =
         map.iter().filter_map(|e| e.ok()).filter(|(_, t)| t.kind == NAT_DST).collect();
     record
@@ -257,6 +260,9 @@ pub fn report(pins: &PinDir, record: &Record) -> Result<Vec<GatewayReport>> {
                     .collect(),
                 translations: mine.iter().filter(|(_, t)| t.state == NAT_ACTIVE).count(),
                 failed_allocations: failures.get(&(i as u32), 0)?.iter().sum(),
+                ports_per_address: configs.get(&(i as u32), 0).map_or(0, |c| {
+                    if c.port_hi >= c.port_lo { u32::from(c.port_hi - c.port_lo) + 1 } else { 0 }
+                }),
             })
         })
         .collect()

@@ -65,6 +65,7 @@ mod tests {
             addresses: vec![("192.0.2.1".parse().unwrap(), 7), ("192.0.2.2".parse().unwrap(), 3)],
             translations: 9,
             failed_allocations: 2,
+            ports_per_address: 64_512,
         }];
         let text = report.text();
         let lines: Vec<&str> = text.lines().collect();
