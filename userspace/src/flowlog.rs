@@ -1,28 +1,89 @@
-//! Flow logs in the spirit of Azure's NSG flow logs: one JSON object per line and flow
-//! tuple, with the NSG and rule that decided it, the decision and the flow state (`begin`,
-//! `end`; `deny`), and for ended flows the packets and bytes each way. `begin` and `deny`
-//! come from the dataplane's ring buffer; `end` from the agent's sweep of idle flows
-//! (`flows::remove_idle`), which runs with or without a flow log.
+//! Flow logs in the spirit of Azure's NSG flow logs (version 2): one JSON object per line
+//! and flow tuple, with `"version": 2`, the NSG and rule that decided it, the decision and
+//! the flow state: `begin`, `continuing` (an interim record of a long flow, Azure's "C"),
+//! `end`; `deny`. `continuing` and `end` records carry the packets and bytes each way, in
+//! all and since the flow's previous record. `begin` and `deny` come from the dataplane's
+//! ring buffer; `end` from the agent's sweep of idle flows (`flows::remove_idle`, which
+//! runs with or without a flow log); `continuing` from a walk of the flow table every
+//! `--flow-log-interval`. The agent's own health-probe connections are left out, or marked.
+//! The schema is in docs/flowlog.md.
 
 use std::{
+    collections::{HashMap, HashSet},
     fs::{self, File, OpenOptions},
     io::{self, Write},
+    net::IpAddr,
     os::unix::fs::{FileExt as _, MetadataExt as _, OpenOptionsExt as _},
     path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use anyhow::{Context, Result};
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 use xdpgate_common::{
     events::{EVENT_BEGIN, FlowEvent},
-    flow::{FlowKey, FlowValue},
+    flow::FlowKey,
     nsg::DIR_INBOUND,
 };
 
 use xdpgate_dataplane::{
-    flows::{self, Ended, Names, RuleName},
+    PinDir,
+    flows::{self, Ended, Flow, Names, RuleName},
     nat::monotonic_ns,
+    stats::Traffic,
 };
+
+use crate::status::rfc3339;
+
+/// The schema version every record carries.
+pub const VERSION: u32 = 2;
+
+/// The flow log's flags of `xdpgate run`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct FlowLogArgs {
+    /// Write flow logs (JSON lines, schema version 2: begin, continuing, end with packets
+    /// and bytes each way; deny) to FILE, or to stdout with `-`.
+    #[arg(long, value_name = "FILE")]
+    pub flow_log: Option<String>,
+    /// Rotate the flow log to FILE.1 when it reaches this many bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = 100 << 20)]
+    pub flow_log_max_bytes: u64,
+    /// Rotated flow logs kept: FILE.1 (newest) to FILE.N; older ones are deleted. 0 keeps
+    /// none (a full file is deleted).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub flow_log_keep: u32,
+    /// Write an interim (`continuing`) record of each flow that had traffic since its last
+    /// record every SECONDS (Azure's version 2 "C" records); 0: none.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    pub flow_log_interval: u64,
+    /// The agent's own health-probe connections: left out of the flow log (`omit`), or
+    /// written with `"probe": true` (`mark`).
+    #[arg(long, value_enum, value_name = "HOW", default_value_t = ProbeTraffic::Omit)]
+    pub flow_log_probes: ProbeTraffic,
+}
+
+impl FlowLogArgs {
+    /// The interval of interim records; none when 0.
+    pub fn interval(&self) -> Option<Duration> {
+        (self.flow_log_interval > 0).then(|| Duration::from_secs(self.flow_log_interval))
+    }
+
+    /// The sink, when a flow log is wanted.
+    pub fn open(&self) -> Result<Option<Sink>> {
+        self.flow_log
+            .as_deref()
+            .map(|f| Sink::open(f, self.flow_log_max_bytes, self.flow_log_keep))
+            .transpose()
+    }
+}
+
+/// What the flow log does with the agent's own health-probe connections.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProbeTraffic {
+    Omit,
+    Mark,
+}
 
 /// Where log lines go: stdout, or a file rotated to `FILE.1` when it reaches `max_bytes`.
 pub enum Sink {
@@ -33,6 +94,8 @@ pub enum Sink {
 pub struct FileSink {
     path: PathBuf,
     max_bytes: u64,
+    /// Rotated files kept (FILE.1 ..= FILE.keep).
+    keep: u32,
     file: File,
     written: u64,
     /// The file ends in part of a line that could not be cut off: the next line starts on
@@ -68,7 +131,7 @@ fn cut_partial_line(file: &File, len: u64) -> (u64, bool) {
 impl FileSink {
     /// Opens `path` for appending, created mode 0640 (flow logs name every peer: not for
     /// every local user).
-    fn open(path: PathBuf, max_bytes: u64) -> Result<Self> {
+    fn open(path: PathBuf, max_bytes: u64, keep: u32) -> Result<Self> {
         let file = OpenOptions::new()
             .read(true)
             .create(true)
@@ -78,35 +141,62 @@ impl FileSink {
             .with_context(|| format!("opening flow log {}", path.display()))?;
         let len = file.metadata().map(|m| m.len()).unwrap_or(0);
         let (written, mid_line) = cut_partial_line(&file, len);
-        Ok(Self { path, max_bytes, file, written, mid_line })
+        Ok(Self { path, max_bytes, keep, file, written, mid_line })
     }
 
     fn reopen(&mut self) -> Result<()> {
-        *self = Self::open(self.path.clone(), self.max_bytes)?;
+        *self = Self::open(self.path.clone(), self.max_bytes, self.keep)?;
         Ok(())
     }
 
+    /// `FILE.n` (FILE itself for 0).
+    fn numbered(&self, n: u32) -> PathBuf {
+        let mut p = self.path.clone().into_os_string();
+        if n > 0 {
+            p.push(format!(".{n}"));
+        }
+        PathBuf::from(p)
+    }
+
+    /// Shifts FILE.1 .. FILE.keep-1 up by one (the oldest, FILE.keep, is replaced), moves
+    /// FILE to FILE.1 (with `keep` 0: deletes it), and starts a new FILE.
     fn rotate(&mut self) -> Result<()> {
-        let mut rotated = self.path.clone().into_os_string();
-        rotated.push(".1");
-        match fs::rename(&self.path, &rotated) {
+        let moved = if self.keep == 0 {
+            fs::remove_file(&self.path).with_context(|| {
+                format!("removing the full flow log {} (--flow-log-keep 0)", self.path.display())
+            })
+        } else {
+            for n in (1..self.keep).rev() {
+                match fs::rename(self.numbered(n), self.numbered(n + 1)) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                        return Err(e).with_context(|| {
+                            format!("rotating flow log {}", self.numbered(n).display())
+                        });
+                    }
+                    _ => {}
+                }
+            }
+            fs::rename(&self.path, self.numbered(1)).with_context(|| {
+                format!(
+                    "rotating flow log {} to {}",
+                    self.path.display(),
+                    Path::new(&self.numbered(1)).display()
+                )
+            })
+        };
+        match moved {
             Ok(()) => {}
             // Removed under us: nothing to rotate, start a new file.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            Err(e)
+                if e.downcast_ref::<io::Error>().map(io::Error::kind)
+                    == Some(io::ErrorKind::NotFound) =>
+            {
                 log::warn!(
                     "flow log {} was removed; writing to a new file there",
                     self.path.display()
                 );
             }
-            Err(e) => {
-                return Err(e).with_context(|| {
-                    format!(
-                        "rotating flow log {} to {}",
-                        self.path.display(),
-                        Path::new(&rotated).display()
-                    )
-                });
-            }
+            Err(e) => return Err(e),
         }
         self.reopen()
     }
@@ -121,12 +211,13 @@ impl FileSink {
 }
 
 impl Sink {
-    /// `-` for stdout, else a file appended to.
-    pub fn open(target: &str, max_bytes: u64) -> Result<Self> {
+    /// `-` for stdout, else a file appended to, rotated at `max_bytes` with `keep` old
+    /// files kept.
+    pub fn open(target: &str, max_bytes: u64, keep: u32) -> Result<Self> {
         if target == "-" {
             return Ok(Sink::Stdout);
         }
-        Ok(Sink::File(FileSink::open(PathBuf::from(target), max_bytes)?))
+        Ok(Sink::File(FileSink::open(PathBuf::from(target), max_bytes, keep)?))
     }
 
     /// Opens the file at the path anew (logrotate style: after the old one was moved away,
@@ -179,7 +270,7 @@ impl Sink {
     }
 }
 
-/// Converts the dataplane's monotonic nanoseconds to wall-clock seconds.
+/// The dataplane's monotonic nanoseconds as wall-clock seconds since the Unix epoch.
 fn wall_clock(mono_ns: u64) -> f64 {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -188,86 +279,216 @@ fn wall_clock(mono_ns: u64) -> f64 {
     now - (monotonic_ns().saturating_sub(mono_ns)) as f64 / 1e9
 }
 
-fn protocol(family: u8, p: u8) -> Value {
-    match p {
-        6 => json!("tcp"),
-        17 => json!("udp"),
-        // ICMP of the flow's family; the other family's number is a plain protocol.
-        p if xdpgate_common::is_icmp(family, p) => json!("icmp"),
-        n => json!(n),
-    }
+/// RFC 3339 in UTC with milliseconds.
+fn time(unix: f64) -> String {
+    let ms = (unix.max(0.0) * 1e3).round() as u64;
+    let whole = rfc3339(ms / 1000);
+    format!("{}.{:03}Z", whole.trim_end_matches('Z'), ms % 1000)
 }
 
-fn tuple(key: &FlowKey) -> Value {
-    json!({
-        "src": flows::addr(&key.src, key.family).to_string(),
-        "sport": key.sport,
-        "dst": flows::addr(&key.dst, key.family).to_string(),
-        "dport": key.dport,
-        "protocol": protocol(key.family, key.proto),
-    })
-}
-
-fn merge(mut a: Value, b: Value) -> Value {
-    if let (Some(a), Value::Object(b)) = (a.as_object_mut(), b) {
-        a.extend(b);
-    }
-    a
+fn rule_name(r: Option<&RuleName>) -> Value {
+    r.map_or(Value::Null, |r| json!({"nsg": r.nsg, "rule": r.rule}))
 }
 
 /// The deciding rule (`nsg`, `rule`: the destination side's when an NSG applied there, else
 /// the source side's) and the rule of each side (`rules.outbound`, `rules.inbound`).
-fn rule_fields(names: &Names, rules: [u16; 2], generation: u64) -> Value {
-    let sides = names.rules(rules, generation);
-    let name = |r: Option<&RuleName>| r.map(|r| json!({"nsg": r.nsg, "rule": r.rule}));
-    json!({
-        "nsg": sides.deciding().map(|r| &r.nsg),
-        "rule": sides.deciding().map(|r| &r.rule),
-        "rules": {"outbound": name(sides.outbound.as_ref()), "inbound": name(sides.inbound.as_ref())},
-    })
+fn rule_fields(out: &mut Map<String, Value>, rules: &flows::SideRules) {
+    out.insert("nsg".into(), rules.deciding().map_or(Value::Null, |r| json!(r.nsg)));
+    out.insert("rule".into(), rules.deciding().map_or(Value::Null, |r| json!(r.rule)));
+    out.insert(
+        "rules".into(),
+        json!({"outbound": rule_name(rules.outbound.as_ref()), "inbound": rule_name(rules.inbound.as_ref())}),
+    );
 }
 
-/// The log line of a dataplane event.
+/// `version`, `time`, `state` and `decision`, the fields every record starts with.
+fn record(time_unix: f64, state: &str, decision: &str) -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert("version".into(), json!(VERSION));
+    m.insert("time".into(), json!(time(time_unix)));
+    m.insert("state".into(), json!(state));
+    m.insert("decision".into(), json!(decision));
+    m
+}
+
+/// The 5-tuple of the flow's first packet: `protocol`, `src`, `src_port`, `dst`,
+/// `dst_port` (ports for TCP, UDP and SCTP only; `icmp_id` for ICMP echo).
+fn tuple(out: &mut Map<String, Value>, key: &FlowKey) {
+    let ports = matches!(key.proto, 6 | 17 | 132);
+    out.insert("protocol".into(), json!(flows::protocol_name(key.family, key.proto)));
+    out.insert("src".into(), json!(flows::addr(&key.src, key.family).to_string()));
+    out.insert("src_port".into(), if ports { json!(key.sport) } else { Value::Null });
+    out.insert("dst".into(), json!(flows::addr(&key.dst, key.family).to_string()));
+    out.insert("dst_port".into(), if ports { json!(key.dport) } else { Value::Null });
+    if xdpgate_common::is_icmp(key.family, key.proto) {
+        out.insert("icmp_id".into(), json!(key.sport));
+    }
+}
+
+fn direction(d: u8) -> &'static str {
+    if u32::from(d) == DIR_INBOUND { "inbound" } else { "outbound" }
+}
+
+/// The log line of a dataplane event (`begin` or `deny`).
 pub fn event_line(names: &Names, e: &FlowEvent) -> Value {
     let begin = e.kind == EVENT_BEGIN;
-    merge(
-        merge(
-            json!({
-                "time": wall_clock(e.time_ns),
-                "direction": if u32::from(e.direction) == DIR_INBOUND { "inbound" } else { "outbound" },
-                "decision": if begin { "allow" } else { "deny" },
-                "state": if begin { "begin" } else { "deny" },
-            }),
-            tuple(&e.key),
-        ),
-        rule_fields(names, e.rules, e.generation),
-    )
+    let mut m = if begin {
+        record(wall_clock(e.time_ns), "begin", "allow")
+    } else {
+        record(wall_clock(e.time_ns), "deny", "deny")
+    };
+    m.insert("direction".into(), json!(direction(e.direction)));
+    tuple(&mut m, &e.key);
+    rule_fields(&mut m, &names.rules(e.rules, e.generation));
+    Value::Object(m)
+}
+
+fn traffic(t: Traffic) -> Value {
+    json!({"packets": t.packets, "bytes": t.bytes})
+}
+
+fn minus(a: Traffic, b: Traffic) -> Traffic {
+    Traffic { packets: a.packets.saturating_sub(b.packets), bytes: a.bytes.saturating_sub(b.bytes) }
+}
+
+/// A `continuing` or `end` line: the flow as the table has it, its totals each way and
+/// what came since `before` (the totals of its previous record, zero if none).
+fn flow_line(
+    key: &FlowKey,
+    flow: &Flow,
+    state: &str,
+    time_unix: f64,
+    before: (Traffic, Traffic),
+) -> Value {
+    let mut m = record(time_unix, state, "allow");
+    m.insert("direction".into(), json!(flow.direction));
+    tuple(&mut m, key);
+    rule_fields(&mut m, &flow.rules);
+    if let Some(nat) = &flow.nat {
+        m.insert("nat".into(), json!(nat));
+    }
+    if let Some(lb) = &flow.load_balancer {
+        m.insert("load_balancer".into(), json!(lb));
+    }
+    m.insert("forward".into(), traffic(flow.forward));
+    m.insert("reply".into(), traffic(flow.reply));
+    m.insert(
+        "delta".into(),
+        json!({
+            "forward": traffic(minus(flow.forward, before.0)),
+            "reply": traffic(minus(flow.reply, before.1)),
+        }),
+    );
+    Value::Object(m)
+}
+
+/// Totals of the last record written for each live flow (`continuing`), by the key of its
+/// first packet's direction: what the next record's `delta` is counted from.
+#[derive(Clone, Default)]
+pub struct Reported(Arc<Mutex<HashMap<FlowKey, (Traffic, Traffic)>>>);
+
+impl Reported {
+    fn take(&self, key: &FlowKey) -> (Traffic, Traffic) {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        m.remove(key).unwrap_or_default()
+    }
 }
 
 /// The `end` line of a flow the agent's sweep removed, with its packets and bytes both ways
 /// (zero for a direction whose entry was already gone).
-pub fn end_line(names: &Names, ended: &Ended) -> Value {
-    let main = ended.main();
-    let traffic = |v: Option<FlowValue>| v.map_or((0, 0), |v| (v.packets, v.bytes));
-    let (packets_forward, bytes_forward) = traffic(ended.forward);
-    let (packets_reverse, bytes_reverse) = traffic(ended.reply);
+pub fn end_line(names: &Names, ended: &Ended, reported: &Reported) -> Value {
     let last = ended.forward.iter().chain(ended.reply.iter()).map(|v| v.last_seen_ns).max();
-    merge(
-        merge(
-            json!({
-                "time": wall_clock(last.unwrap_or(0)),
-                "direction": if u32::from(main.direction) == DIR_INBOUND { "inbound" } else { "outbound" },
-                "decision": "allow",
-                "state": "end",
-                "packets_forward": packets_forward,
-                "bytes_forward": bytes_forward,
-                "packets_reverse": packets_reverse,
-                "bytes_reverse": bytes_reverse,
-            }),
-            tuple(&ended.key),
-        ),
-        rule_fields(names, main.rules, main.generation),
-    )
+    let flow = ended.describe(names);
+    flow_line(&ended.key, &flow, "end", wall_clock(last.unwrap_or(0)), reported.take(&ended.key))
+}
+
+/// The `continuing` lines of one walk of the flow table: one for each flow with traffic
+/// since its last record. Flows no longer in the table are forgotten. Runs on a blocking
+/// thread (a walk of a big table takes a while).
+pub fn interim_lines(pins: &PinDir, names: &Names, reported: &Reported) -> Result<Vec<Value>> {
+    let live = flows::established(pins, names)?;
+    let now = wall_clock(monotonic_ns());
+    let mut m = reported.0.lock().unwrap_or_else(|e| e.into_inner());
+    let keys: HashSet<FlowKey> = live.iter().map(|(k, _)| *k).collect();
+    m.retain(|k, _| keys.contains(k));
+    let mut lines = Vec::new();
+    for (key, flow) in &live {
+        let before = m.get(key).copied().unwrap_or_default();
+        if (flow.forward, flow.reply) == before {
+            continue;
+        }
+        lines.push(flow_line(key, flow, "continuing", now, before));
+        m.insert(*key, (flow.forward, flow.reply));
+    }
+    Ok(lines)
+}
+
+/// The agent's own health-probe connections: a local address to a probe target's port on
+/// a backend (TCP; HTTP and HTTPS probes are TCP too).
+#[derive(Clone, Debug, Default)]
+pub struct ProbeConnections {
+    /// Backend and port of each probe target.
+    pub targets: HashSet<(IpAddr, u16)>,
+    /// The host's addresses (in the agent's network namespace).
+    pub local: HashSet<IpAddr>,
+}
+
+impl ProbeConnections {
+    /// Whether a line (with `src`, `src_port`, `dst`, `dst_port`, `protocol`) is one of them.
+    pub fn matches(&self, line: &Value) -> bool {
+        let end = |a: &str, p: &str| -> Option<(IpAddr, u16)> {
+            Some((line[a].as_str()?.parse().ok()?, u16::try_from(line[p].as_u64()?).ok()?))
+        };
+        let (Some(src), Some(dst)) = (end("src", "src_port"), end("dst", "dst_port")) else {
+            return false;
+        };
+        line["protocol"] == "tcp"
+            && ((self.targets.contains(&dst) && self.local.contains(&src.0))
+                || (self.targets.contains(&src) && self.local.contains(&dst.0)))
+    }
+
+    /// The host's addresses now.
+    pub fn local_addresses() -> Result<HashSet<IpAddr>> {
+        let addrs = nix::ifaddrs::getifaddrs().context("listing the host's addresses")?;
+        Ok(addrs
+            .filter_map(|a| a.address)
+            .filter_map(|a| {
+                a.as_sockaddr_in()
+                    .map(|s| IpAddr::V4(s.ip()))
+                    .or_else(|| a.as_sockaddr_in6().map(|s| IpAddr::V6(s.ip())))
+            })
+            .collect())
+    }
+}
+
+/// The flow log: its sink and how probe connections are treated.
+pub struct FlowLog {
+    pub sink: Sink,
+    pub probes: ProbeTraffic,
+    pub probe_connections: ProbeConnections,
+    pub reported: Reported,
+}
+
+impl FlowLog {
+    pub fn new(sink: Sink, probes: ProbeTraffic) -> Self {
+        Self {
+            sink,
+            probes,
+            probe_connections: ProbeConnections::default(),
+            reported: Reported::default(),
+        }
+    }
+
+    /// Writes `line`, unless it is a probe connection left out (marked when asked).
+    pub fn write(&mut self, mut line: Value) -> Result<()> {
+        if self.probe_connections.matches(&line) {
+            match self.probes {
+                ProbeTraffic::Omit => return Ok(()),
+                ProbeTraffic::Mark => line["probe"] = json!(true),
+            }
+        }
+        self.sink.write(&line)
+    }
 }
 
 #[cfg(test)]
@@ -286,14 +507,14 @@ mod tests {
         ] {
             let path = dir.join("f.jsonl");
             fs::write(&path, before).unwrap();
-            let f = FileSink::open(path.clone(), 1 << 20).unwrap();
+            let f = FileSink::open(path.clone(), 1 << 20, 1).unwrap();
             assert_eq!(fs::read_to_string(&path).unwrap(), after, "{before:?}");
             assert_eq!((f.written, f.mid_line), (after.len() as u64, mid_line));
         }
         // A long line with no line end in the last 64 KiB is not ours to cut.
         let path = dir.join("g.jsonl");
         fs::write(&path, format!("x\n{}", "y".repeat(70_000))).unwrap();
-        let f = FileSink::open(path.clone(), 1 << 20).unwrap();
+        let f = FileSink::open(path.clone(), 1 << 20, 1).unwrap();
         assert_eq!((f.written, f.mid_line), (70_002, true));
         let _ = fs::remove_dir_all(&dir);
     }

@@ -224,7 +224,7 @@ pub fn addr(words: &[u32; 4], family: u8) -> IpAddr {
     if family == 6 { IpAddr::from(b) } else { IpAddr::from([b[0], b[1], b[2], b[3]]) }
 }
 
-fn protocol_name(family: u8, proto: u8) -> String {
+pub fn protocol_name(family: u8, proto: u8) -> String {
     match proto {
         6 => "tcp".into(),
         17 => "udp".into(),
@@ -323,6 +323,11 @@ impl Ended {
     /// The entry that names the flow's rule, direction and generation.
     pub fn main(&self) -> FlowValue {
         self.forward.or(self.reply).expect("an ended flow had an entry")
+    }
+
+    /// The flow as `xdpgate flows` would have shown it last.
+    pub fn describe(&self, names: &Names) -> Flow {
+        describe(names, monotonic_ns(), FlowState::Established, self.key, self.forward, self.reply)
     }
 }
 
@@ -526,6 +531,16 @@ pub fn list(pins: &PinDir, filter: &Filter, top: usize) -> Result<Vec<Flow>> {
         flows.truncate(top);
     }
     Ok(flows)
+}
+
+/// Every established flow, under the key of its first packet's direction (one walk of
+/// `FLOWS`; for the flow log's interim records).
+pub fn established(pins: &PinDir, names: &Names) -> Result<Vec<(FlowKey, Flow)>> {
+    let now = monotonic_ns();
+    Ok(pair(&entries(pins, FLOWS)?)
+        .into_iter()
+        .map(|(k, f, r)| (k, describe(names, now, FlowState::Established, k, f, r)))
+        .collect())
 }
 
 #[cfg(test)]
