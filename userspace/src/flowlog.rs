@@ -518,4 +518,50 @@ mod tests {
         assert_eq!((f.written, f.mid_line), (70_002, true));
         let _ = fs::remove_dir_all(&dir);
     }
+
+    /// Each line 32 bytes, files rotated past 100 bytes (three lines each): after 20 lines,
+    /// FILE and FILE.1 ..= FILE.keep hold the newest lines in order, and nothing older is
+    /// kept; with keep 0 only FILE.
+    #[test]
+    fn rotation_keeps_n_files() {
+        for keep in [0u32, 1, 3] {
+            let dir = std::env::temp_dir().join(format!("xgrotate{}-{keep}", std::process::id()));
+            let _ = fs::remove_dir_all(&dir);
+            fs::create_dir_all(&dir).unwrap();
+            let path = dir.join("flows.jsonl");
+            let mut sink = Sink::open(path.to_str().unwrap(), 100, keep).unwrap();
+            for i in 0..20u32 {
+                sink.write(&json!({"line": format!("{i:020}")})).unwrap();
+            }
+            let mut names: Vec<String> = fs::read_dir(&dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            names.sort();
+            let want: Vec<String> = std::iter::once("flows.jsonl".to_string())
+                .chain((1..=keep).map(|n| format!("flows.jsonl.{n}")))
+                .collect();
+            assert_eq!(names, want, "keep {keep}");
+            // Oldest first: FILE.keep .. FILE.1, then FILE.
+            let text: String = (1..=keep)
+                .rev()
+                .map(|n| dir.join(format!("flows.jsonl.{n}")))
+                .chain(std::iter::once(path.clone()))
+                .map(|p| fs::read_to_string(p).unwrap())
+                .collect();
+            let lines: Vec<u32> = text
+                .lines()
+                .map(|l| {
+                    serde_json::from_str::<Value>(l).unwrap()["line"]
+                        .as_str()
+                        .unwrap()
+                        .parse()
+                        .unwrap()
+                })
+                .collect();
+            let kept = 3 * keep as usize + 2;
+            assert_eq!(lines, (20 - kept as u32..20).collect::<Vec<_>>(), "keep {keep}");
+            let _ = fs::remove_dir_all(&dir);
+        }
+    }
 }
