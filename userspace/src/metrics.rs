@@ -1080,6 +1080,57 @@ mod tests {
         assert!(text.contains("# TYPE xdpgate_flows gauge\nxdpgate_flows 6\n"), "{text}");
     }
 
+    /// The `xdpgate_*` names in `text` (`xdpgate_*` itself, a wildcard in prose, is not one).
+    fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+        text.match_indices("xdpgate_")
+            .map(|(i, _)| {
+                let rest = &text[i..];
+                let end = rest
+                    .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+                    .unwrap_or(rest.len());
+                rest[..end].to_string()
+            })
+            .filter(|n| n.len() > "xdpgate_".len())
+            .collect()
+    }
+
+    /// Every metric the Grafana dashboard and the Prometheus alert rules in deploy/ use is
+    /// one the agent serves (and the dashboard is JSON whose panels all query something).
+    #[test]
+    fn every_metric_the_dashboard_and_alerts_use_is_served() {
+        let served: Vec<&str> = snapshot().families().iter().map(|f| f.name).collect();
+        let dashboard = include_str!("../../deploy/grafana/xdpgate-dashboard.json");
+        let alerts = include_str!("../../deploy/prometheus/xdpgate-alerts.yml");
+        let parsed: serde_json::Value = serde_json::from_str(dashboard).expect("dashboard JSON");
+        let panels = parsed["panels"].as_array().expect("panels");
+        for p in panels.iter().filter(|p| p["type"] != "row") {
+            let exprs = p["targets"].as_array().expect("targets");
+            assert!(
+                !exprs.is_empty()
+                    && exprs.iter().all(|t| t["expr"].as_str().is_some_and(|e| !e.is_empty())),
+                "panel {} queries nothing",
+                p["title"]
+            );
+        }
+        for (file, text) in [("dashboard", dashboard), ("alerts", alerts)] {
+            let used = metric_names(text);
+            assert!(used.len() > 5, "{file}: {used:?}");
+            for name in &used {
+                assert!(served.contains(&name.as_str()), "{file} uses {name}, which is not served");
+            }
+        }
+        // The alerts the issue asks for are there.
+        for alert in [
+            "XdpgateBackendDown",
+            "XdpgateNatPortsNearExhaustion",
+            "XdpgateDropSpike",
+            "XdpgateReloadFailed",
+            "XdpgateFlowTableNearFull",
+        ] {
+            assert!(alerts.contains(&format!("alert: {alert}\n")), "{alert} missing");
+        }
+    }
+
     #[test]
     fn listen_addr_parses_addresses_and_off() {
         assert_eq!("off".parse(), Ok(ListenAddr(None)));
