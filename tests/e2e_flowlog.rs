@@ -406,6 +406,9 @@ fn interim_records_of_a_long_flow_carry_the_traffic_since_the_last_record() {
         .map(|r| r["delta"]["forward"]["packets"].as_u64().unwrap())
         .sum();
     assert_eq!(since, 5, "{records:#?}");
+    for r in &records {
+        println!("{r}");
+    }
 }
 
 const PROBED_POLICY: &str = r#"
@@ -488,6 +491,9 @@ fn the_agents_probe_connections_are_left_out_or_marked() {
     let marked = read_lines(&log);
     for l in &marked {
         assert_eq!(l["probe"] == true, probe_port(l), "{l}");
+    }
+    for l in marked.iter().filter(|l| l["probe"] == true) {
+        println!("{l}");
     }
     let probes = marked.iter().filter(|l| l["probe"] == true).count();
     println!("{probes} of {} lines were the agent's probe connections", marked.len());
