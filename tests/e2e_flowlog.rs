@@ -411,16 +411,8 @@ fn interim_records_of_a_long_flow_carry_the_traffic_since_the_last_record() {
     }
 }
 
-const PROBED_POLICY: &str = r#"
-virtual_network:
-  address_space: [198.51.100.0/24]
-settings: {udp_idle_timeout: 4}
-nsgs:
-  - name: servers
-    subnets: [198.51.100.0/24]
-    rules:
-      - {name: allow-dns, priority: 100, direction: inbound, access: allow, protocol: udp,
-         source: Internet, destination: "*", destination_ports: 5353}
+/// POLICY with a load balancer whose probe the agent runs against the server.
+const PROBED_LB: &str = r#"
 load_balancers:
   - name: lb
     frontends:
@@ -440,8 +432,8 @@ load_balancers:
 #[test]
 fn the_agents_probe_connections_are_left_out_or_marked() {
     let lab = Gateway::new();
-    let (policy, log) =
-        (lab.write_policy("policy.yaml", PROBED_POLICY), lab.dir.join("flows.jsonl"));
+    let policy = lab.write_policy("policy.yaml", &format!("{POLICY}{PROBED_LB}"));
+    let log = lab.dir.join("flows.jsonl");
     let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let listener = lab.server.run(|| std::net::TcpListener::bind("198.51.100.10:7070").unwrap());
     {
