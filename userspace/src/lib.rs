@@ -9,5 +9,6 @@ pub mod flowlog;
 pub mod health;
 pub mod metrics;
 pub mod node;
+pub mod observe;
 pub mod status;
 pub mod views;
