@@ -22,16 +22,17 @@ use std::{
 use anyhow::{Context, Result};
 use serde_json::{Map, Value, json};
 use xdpgate_common::{
-    events::{EVENT_BEGIN, FlowEvent},
-    flow::FlowKey,
+    events::{EVENT_AT_EGRESS, EVENT_BEGIN, EVENT_DENY, FlowEvent, NO_REASON},
+    flow::{FlowKey, FlowValue},
     nsg::DIR_INBOUND,
+    stats::DROP_REASON_NAMES,
 };
 
 use xdpgate_dataplane::{
     PinDir,
     flows::{self, Ended, Flow, Names, RuleName},
     nat::monotonic_ns,
-    stats::Traffic,
+    stats::{self, Traffic},
 };
 
 use crate::status::rfc3339;
@@ -271,7 +272,7 @@ impl Sink {
 }
 
 /// The dataplane's monotonic nanoseconds as wall-clock seconds since the Unix epoch.
-fn wall_clock(mono_ns: u64) -> f64 {
+pub fn wall_clock(mono_ns: u64) -> f64 {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
@@ -301,7 +302,7 @@ fn rule_fields(out: &mut Map<String, Value>, rules: &flows::SideRules) {
     );
 }
 
-/// `version`, `time`, `state` and `decision`, the fields every record starts with.
+/// `version`, `time`, `state` and `decision`, the fields every record has.
 fn record(time_unix: f64, state: &str, decision: &str) -> Map<String, Value> {
     let mut m = Map::new();
     m.insert("version".into(), json!(VERSION));
@@ -315,7 +316,9 @@ fn record(time_unix: f64, state: &str, decision: &str) -> Map<String, Value> {
 /// `dst_port` (ports for TCP, UDP and SCTP only; `icmp_id` for ICMP echo).
 fn tuple(out: &mut Map<String, Value>, key: &FlowKey) {
     let ports = matches!(key.proto, 6 | 17 | 132);
-    out.insert("protocol".into(), json!(flows::protocol_name(key.family, key.proto)));
+    let name = flows::protocol_name(key.family, key.proto);
+    // Named, or its number (as a number).
+    out.insert("protocol".into(), name.parse::<u8>().map_or_else(|_| json!(name), |n| json!(n)));
     out.insert("src".into(), json!(flows::addr(&key.src, key.family).to_string()));
     out.insert("src_port".into(), if ports { json!(key.sport) } else { Value::Null });
     out.insert("dst".into(), json!(flows::addr(&key.dst, key.family).to_string()));
@@ -329,17 +332,64 @@ fn direction(d: u8) -> &'static str {
     if u32::from(d) == DIR_INBOUND { "inbound" } else { "outbound" }
 }
 
-/// The log line of a dataplane event (`begin` or `deny`).
-pub fn event_line(names: &Names, e: &FlowEvent) -> Value {
-    let begin = e.kind == EVENT_BEGIN;
-    let mut m = if begin {
-        record(wall_clock(e.time_ns), "begin", "allow")
-    } else {
-        record(wall_clock(e.time_ns), "deny", "deny")
+/// The log line of a dataplane event: `begin` (an allowed flow's first packet), `deny` (an
+/// NSG rule denied the packet) or `drop` (dropped for another reason the flow log hears of:
+/// `nat_unmatched`). Version-2 events add the interface (`interface`, named as the event was
+/// read, and `hook`: `ingress` or `egress` for the host's own packets), the drop `reason`,
+/// the packet's `tcp_flags`, and for a begin the rewrite (`nat`) and backend
+/// (`load_balancer`), named as `xdpgate flows` names them.
+pub fn event_line(names: &Names, e: &FlowEvent, interface: Option<&str>) -> Value {
+    let (state, decision) = match e.kind {
+        EVENT_BEGIN => ("begin", "allow"),
+        EVENT_DENY => ("deny", "deny"),
+        _ => ("drop", "drop"),
     };
+    let mut m = record(wall_clock(e.time_ns), state, decision);
     m.insert("direction".into(), json!(direction(e.direction)));
-    tuple(&mut m, &e.key);
-    rule_fields(&mut m, &names.rules(e.rules, e.generation));
+    if matches!(e.key.family, 4 | 6) {
+        tuple(&mut m, &e.key);
+    } else {
+        // Dropped before its headers were read.
+        for k in ["protocol", "src", "src_port", "dst", "dst_port"] {
+            m.insert(k.into(), Value::Null);
+        }
+    }
+    // The event as the first entry of its flow: the same naming as flows and `end` lines.
+    let entry = FlowValue {
+        generation: e.generation,
+        rules: e.rules,
+        direction: e.direction,
+        nat: e.nat,
+        nat_addr: e.nat_addr,
+        nat_port: e.nat_port,
+        service: e.service,
+        backend: e.backend,
+        ..FlowValue::default()
+    };
+    let flow = Ended { key: e.key, forward: Some(entry), reply: None }.describe(names);
+    rule_fields(&mut m, &flow.rules);
+    if e.version >= 2 {
+        if e.kind == EVENT_BEGIN {
+            if let Some(nat) = &flow.nat {
+                m.insert("nat".into(), json!(nat));
+            }
+            if let Some(lb) = &flow.load_balancer {
+                m.insert("load_balancer".into(), json!(lb));
+            }
+        }
+        m.insert("interface".into(), json!(interface));
+        m.insert(
+            "hook".into(),
+            json!(if e.point == EVENT_AT_EGRESS { "egress" } else { "ingress" }),
+        );
+        if e.key.proto == 6 {
+            m.insert("tcp_flags".into(), json!(crate::observe::tcp_flags(e.tcp_flags)));
+        }
+    }
+    if e.reason != NO_REASON {
+        let reason = DROP_REASON_NAMES.get(usize::from(e.reason)).copied();
+        m.insert("reason".into(), json!(reason));
+    }
     Value::Object(m)
 }
 
@@ -467,6 +517,8 @@ pub struct FlowLog {
     pub probes: ProbeTraffic,
     pub probe_connections: ProbeConnections,
     pub reported: Reported,
+    /// Interface names by index, looked up once.
+    ifnames: HashMap<u32, Option<String>>,
 }
 
 impl FlowLog {
@@ -476,7 +528,17 @@ impl FlowLog {
             probes,
             probe_connections: ProbeConnections::default(),
             reported: Reported::default(),
+            ifnames: HashMap::new(),
         }
+    }
+
+    /// Writes the line of a dataplane event.
+    pub fn write_event(&mut self, names: &Names, e: &FlowEvent) -> Result<()> {
+        let interface = (e.version >= 2)
+            .then(|| self.ifnames.entry(e.ifindex).or_insert_with(|| stats::ifname(e.ifindex)))
+            .and_then(|n| n.as_deref());
+        let line = event_line(names, e, interface);
+        self.write(line)
     }
 
     /// Writes `line`, unless it is a probe connection left out (marked when asked).

@@ -4,9 +4,11 @@
 
 pub mod agent;
 pub mod agent_state;
+pub mod filter;
 pub mod flowlog;
 pub mod health;
 pub mod metrics;
 pub mod node;
+pub mod observe;
 pub mod status;
 pub mod views;

@@ -9,7 +9,7 @@ use std::{
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand, ValueEnum as _};
 use xdpgate::{
-    agent, flowlog, metrics, status,
+    agent, flowlog, metrics, observe, status,
     views::{self, OutputArgs},
 };
 use xdpgate_common::{iface::Role, maps::DEFAULT_PIN_DIR};
@@ -112,7 +112,9 @@ enum Command {
     },
     /// Validate, compile and swap in a policy atomically; on any error the running policy
     /// stays in force.
-    Apply { file: PathBuf },
+    Apply {
+        file: PathBuf,
+    },
     /// Would this flow be allowed, and by which rule? Like Azure's IP flow verify.
     ///
     /// Answered from the NSG tables the kernel is using (the active slot's pinned maps, read
@@ -228,6 +230,7 @@ enum Command {
         #[command(flatten)]
         output: OutputArgs,
     },
+    Observe(observe::ObserveArgs),
     /// Show packet and byte counters per interface and verdict, and drops by reason.
     Stats {
         #[command(flatten)]
@@ -492,6 +495,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let report = nat::report(&pins, &running_record(&pins)?)?;
             views::print(report.as_slice(), output.format())?;
         }
+        Command::Observe(args) => observe::run(&pins, args)?,
         Command::Stats { output } => {
             views::print(&stats::read(&pins)?, output.format())?;
         }
