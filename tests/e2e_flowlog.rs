@@ -17,7 +17,7 @@ use std::{
 };
 
 use common::gateway::{CLIENT4, Gateway, SERVER4};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 const POLICY: &str = r#"
 virtual_network:
@@ -489,6 +489,123 @@ fn the_agents_probe_connections_are_left_out_or_marked() {
     }
     let probes = marked.iter().filter(|l| l["probe"] == true).count();
     println!("{probes} of {} lines were the agent's probe connections", marked.len());
+}
+
+/// A load balancer in front of the server and a NAT gateway for its subnet.
+const TRANSLATING_POLICY: &str = r#"
+virtual_network:
+  address_space: [198.51.100.0/24]
+nsgs:
+  - name: servers
+    subnets: [198.51.100.0/24]
+    rules:
+      - {name: allow-web, priority: 110, direction: inbound, access: allow, protocol: tcp,
+         source: Internet, destination: "*", destination_ports: 8080}
+      - {name: deny-ssh, priority: 200, direction: inbound, access: deny, protocol: tcp,
+         source: Internet, destination: "*", destination_ports: 22}
+load_balancers:
+  - name: lb
+    frontends:
+      - {name: vip, address: 192.0.2.10}
+    backend_pools:
+      - {name: web, backends: [198.51.100.10]}
+    rules:
+      - {name: http, frontend: vip, protocol: tcp, frontend_port: 80, backend_port: 8080,
+         backend_pool: web}
+nat_gateways:
+  - name: natgw
+    public_addresses: [192.0.2.100]
+    subnets: [198.51.100.0/24]
+"#;
+
+/// Event lines name where and why: a load-balanced flow's begin has its backend and
+/// rewrite, a NAT'd one its public address and port, each the interface it arrived on and
+/// its TCP flags; a denied SYN has reason `policy`; a packet to the NAT gateway's public
+/// address that matches no translation is a `drop` line with reason `nat_unmatched`.
+#[test]
+fn event_lines_name_interface_reason_flags_and_translation() {
+    let lab = Gateway::new();
+    // Frames XDP redirects into a veth need NAPI (GRO) on the receiving peer, and senders
+    // must complete their checksums (no offload note survives a redirect).
+    for (ns, ifname) in [(&lab.client, &lab.client_if), (&lab.server, &lab.server_if)] {
+        ns.exec("ethtool", &["-K", ifname, "gro", "on", "tx", "off"]);
+    }
+    let policy = lab.write_policy("policy.yaml", TRANSLATING_POLICY);
+    let log = lab.dir.join("flows.jsonl");
+    let _agent = start_agent(&lab, &policy, &log, &[]);
+    wait_for_policy(&lab);
+    let line = |what: &str, want: &dyn Fn(&Value) -> bool| -> Value {
+        let mut found = None;
+        wait_until(what, Duration::from_secs(5), || {
+            found = read_lines(&log).into_iter().find(|l| want(l));
+            found.is_some()
+        });
+        found.unwrap()
+    };
+
+    let web = lab.server.run(|| std::net::TcpListener::bind("198.51.100.10:8080").unwrap());
+    thread::spawn(move || while web.accept().is_ok() {});
+    lab.client.run(|| {
+        TcpStream::connect_timeout(&"192.0.2.10:80".parse().unwrap(), Duration::from_secs(3))
+            .expect("the load balancer forwards to the backend");
+    });
+    let b = line("the load-balanced begin", &|l| l["state"] == "begin" && l["dst_port"] == 80);
+    assert_eq!(
+        (&b["version"], &b["dst"], &b["interface"], &b["hook"], &b["tcp_flags"]),
+        (&json!(2), &json!("192.0.2.10"), &json!(lab.ext), &json!("ingress"), &json!("SYN")),
+        "{b}"
+    );
+    assert_eq!(b["load_balancer"], json!({"name": "lb", "rule": "http", "backend": SERVER4}));
+    assert_eq!(b["nat"], json!({"kind": "dnat", "address": SERVER4, "port": 8080}), "{b}");
+    assert_eq!((b["rule"].as_str(), b.get("reason")), (Some("allow-web"), None), "{b}");
+
+    let listener = lab.client.run(|| std::net::TcpListener::bind("203.0.113.10:9000").unwrap());
+    thread::spawn(move || while listener.accept().is_ok() {});
+    lab.server.run(|| {
+        TcpStream::connect_timeout(&"203.0.113.10:9000".parse().unwrap(), Duration::from_secs(3))
+            .expect("out through the NAT gateway");
+    });
+    let n = line("the NAT'd begin", &|l| l["state"] == "begin" && l["dst_port"] == 9000);
+    assert_eq!(
+        (&n["direction"], &n["src"], &n["interface"], &n["nat"]["kind"], &n["nat"]["address"]),
+        (
+            &json!("outbound"),
+            &json!(SERVER4),
+            &json!(lab.int),
+            &json!("snat"),
+            &json!("192.0.2.100")
+        ),
+        "{n}"
+    );
+    assert!(n["nat"]["port"].as_u64().is_some_and(|p| p > 0), "{n}");
+    assert!(n.get("load_balancer").is_none(), "{n}");
+
+    lab.client.run(|| socket2_connect(42100).is_none());
+    let d = line("the deny", &|l| l["state"] == "deny" && l["src_port"] == 42100);
+    assert_eq!(
+        (&d["decision"], &d["reason"], &d["tcp_flags"], &d["rule"], &d["interface"]),
+        (&json!("deny"), &json!("policy"), &json!("SYN"), &json!("deny-ssh"), &json!(lab.ext)),
+        "{d}"
+    );
+
+    lab.client.run(|| {
+        UdpSocket::bind("203.0.113.10:0").unwrap().send_to(b"x", "192.0.2.100:7777").unwrap();
+    });
+    let u = line("the nat_unmatched drop", &|l| l["state"] == "drop" && l["dst_port"] == 7777);
+    assert_eq!(
+        (&u["decision"], &u["reason"], &u["protocol"], &u["interface"], &u["dst"]),
+        (
+            &json!("drop"),
+            &json!("nat_unmatched"),
+            &json!("udp"),
+            &json!(lab.ext),
+            &json!("192.0.2.100")
+        ),
+        "{u}"
+    );
+    for l in [&b, &n, &d, &u] {
+        println!("{l}");
+    }
 }
 
 /// A TCP connection attempt from a fixed source port, with a short timeout.

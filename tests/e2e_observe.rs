@@ -338,7 +338,7 @@ fn the_flow_log_keeps_its_events_while_observing() {
         std::fs::read_to_string(&log)
             .unwrap_or_default()
             .lines()
-            .filter(|l| l.contains("\"deny\"") && l.contains("\"dport\":22"))
+            .filter(|l| l.contains("\"deny\"") && l.contains("\"dst_port\":22"))
             .count()
     };
     while logged() == 0 {
