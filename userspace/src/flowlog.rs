@@ -16,7 +16,7 @@ use std::{
     os::unix::fs::{FileExt as _, MetadataExt as _, OpenOptionsExt as _},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result};
@@ -43,8 +43,8 @@ pub const VERSION: u32 = 2;
 /// The flow log's flags of `xdpgate run`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct FlowLogArgs {
-    /// Write flow logs (JSON lines, schema version 2: begin, continuing, end with packets
-    /// and bytes each way; deny) to FILE, or to stdout with `-`.
+    /// Write flow logs (JSON lines, schema version 2: begin, continuing and end with packets
+    /// and bytes each way; deny, drop) to FILE, or to stdout with `-`.
     #[arg(long, value_name = "FILE")]
     pub flow_log: Option<String>,
     /// Rotate the flow log to FILE.1 when it reaches this many bytes.
@@ -432,15 +432,33 @@ fn flow_line(
     Value::Object(m)
 }
 
-/// Totals of the last record written for each live flow (`continuing`), by the key of its
-/// first packet's direction: what the next record's `delta` is counted from.
+/// What the flow log has written of live flows, by the key of each flow's first packet's
+/// direction, shared by the `end` lines and the walks for `continuing` ones.
 #[derive(Clone, Default)]
-pub struct Reported(Arc<Mutex<HashMap<FlowKey, (Traffic, Traffic)>>>);
+pub struct Reported(Arc<Mutex<ReportedState>>);
+
+#[derive(Default)]
+struct ReportedState {
+    /// Totals of each flow's last `continuing` record: what the next `delta` counts from;
+    /// and whether the last walk missed the flow. A flow the sweep removed has its `end`
+    /// line written soon after (the line takes the entry); one gone otherwise (NAT expiry,
+    /// `flows delete`) is forgotten when a second walk misses it.
+    last: HashMap<FlowKey, (Traffic, Traffic, bool)>,
+    /// Flows ended (their `end` line written) since the walk under way began: it may have
+    /// read them before the sweep removed them, and must not write them again.
+    ended: HashMap<FlowKey, Instant>,
+}
 
 impl Reported {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ReportedState> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The flow ended: the totals of its last record (zero if none).
     fn take(&self, key: &FlowKey) -> (Traffic, Traffic) {
-        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        m.remove(key).unwrap_or_default()
+        let mut m = self.lock();
+        m.ended.insert(*key, Instant::now());
+        m.last.remove(key).map(|(f, r, _)| (f, r)).unwrap_or_default()
     }
 }
 
@@ -456,21 +474,35 @@ pub fn end_line(names: &Names, ended: &Ended, reported: &Reported) -> Value {
 /// since its last record. Flows no longer in the table are forgotten. Runs on a blocking
 /// thread (a walk of a big table takes a while).
 pub fn interim_lines(pins: &PinDir, names: &Names, reported: &Reported) -> Result<Vec<Value>> {
+    let started = Instant::now();
     let live = flows::established(pins, names)?;
+    Ok(continuing(&live, started, reported))
+}
+
+/// The `continuing` lines of the flows a walk that began at `started` read.
+fn continuing(live: &[(FlowKey, Flow)], started: Instant, reported: &Reported) -> Vec<Value> {
     let now = wall_clock(monotonic_ns());
-    let mut m = reported.0.lock().unwrap_or_else(|e| e.into_inner());
+    let mut guard = reported.lock();
+    let ReportedState { last, ended } = &mut *guard;
+    // Ended before the walk began: what it read under those keys are new flows.
+    ended.retain(|_, at| *at >= started);
     let keys: HashSet<FlowKey> = live.iter().map(|(k, _)| *k).collect();
-    m.retain(|k, _| keys.contains(k));
+    last.retain(|k, (_, _, missed)| {
+        let seen = keys.contains(k);
+        let keep = seen || !*missed;
+        *missed = !seen;
+        keep
+    });
     let mut lines = Vec::new();
-    for (key, flow) in &live {
-        let before = m.get(key).copied().unwrap_or_default();
+    for (key, flow) in live.iter().filter(|(k, _)| !ended.contains_key(k)) {
+        let before = last.get(key).map(|&(f, r, _)| (f, r)).unwrap_or_default();
         if (flow.forward, flow.reply) == before {
             continue;
         }
         lines.push(flow_line(key, flow, "continuing", now, before));
-        m.insert(*key, (flow.forward, flow.reply));
+        last.insert(*key, (flow.forward, flow.reply, false));
     }
-    Ok(lines)
+    lines
 }
 
 /// The agent's own health-probe connections: a local address to a probe target's port on
@@ -579,6 +611,73 @@ mod tests {
         let f = FileSink::open(path.clone(), 1 << 20, 1).unwrap();
         assert_eq!((f.written, f.mid_line), (70_002, true));
         let _ = fs::remove_dir_all(&dir);
+    }
+
+    fn flow(packets: u64) -> (FlowKey, Flow) {
+        let t = Traffic { packets, bytes: 100 * packets };
+        let key = FlowKey { sport: 1000, dport: 53, proto: 17, family: 4, ..FlowKey::default() };
+        let flow = Flow {
+            state: flows::FlowState::Established,
+            protocol: "udp".into(),
+            src: [192, 0, 2, 1].into(),
+            src_port: Some(1000),
+            dst: [198, 51, 100, 1].into(),
+            dst_port: Some(53),
+            icmp_id: None,
+            direction: "inbound",
+            generation: 1,
+            nsg: None,
+            rule: None,
+            layer: None,
+            rule_index: None,
+            rules: flows::SideRules::default(),
+            nat: None,
+            load_balancer: None,
+            forward: t,
+            reply: t,
+            idle_seconds: 0.0,
+            expired: false,
+            incomplete: false,
+        };
+        (key, flow)
+    }
+
+    fn delta(l: &Value) -> u64 {
+        l["delta"]["forward"]["packets"].as_u64().unwrap()
+    }
+
+    /// The walk and the sweep race (the walk runs on its own thread, the sweep on another,
+    /// the `end` line is written by the agent's loop): a flow the walk read before the sweep
+    /// removed it gets no `continuing` line after its `end`; and a walk that runs between
+    /// the removal and the `end` line does not lose what the `end` line counts from.
+    #[test]
+    fn continuing_and_end_lines_race_without_double_counting() {
+        let reported = Reported::default();
+        let (key, f3) = flow(3);
+        let first = continuing(&[(key, f3.clone())], Instant::now(), &reported);
+        assert_eq!(first.iter().map(delta).collect::<Vec<_>>(), [3]);
+        // Nothing new: no line.
+        assert!(continuing(&[(key, f3)], Instant::now(), &reported).is_empty());
+
+        // A walk reads the flow (8 packets), the sweep removes it and its end line is
+        // written, then the walk goes on: nothing from the walk.
+        let (_, f8) = flow(8);
+        let started = Instant::now();
+        assert_eq!(reported.take(&key).0.packets, 3, "the end counts from the last record");
+        assert!(continuing(&[(key, f8.clone())], started, &reported).is_empty());
+        // A new flow with the same tuple, read by a later walk: reported from zero.
+        let again = continuing(&[(key, f8.clone())], Instant::now(), &reported);
+        assert_eq!(again.iter().map(delta).collect::<Vec<_>>(), [8]);
+
+        // Removed by the sweep, then a walk misses it before its end line is written: the
+        // end line still counts from the last record; a flow missed twice is forgotten.
+        assert!(continuing(&[], Instant::now(), &reported).is_empty());
+        assert_eq!(reported.take(&key).0.packets, 8);
+        let other = Reported::default();
+        continuing(&[(key, f8)], Instant::now(), &other);
+        continuing(&[], Instant::now(), &other);
+        continuing(&[], Instant::now(), &other);
+        assert!(other.lock().last.is_empty());
     }
 
     /// Each line 32 bytes, files rotated past 100 bytes (three lines each): after 20 lines,
