@@ -89,15 +89,19 @@ fn allowed_and_denied_flows_send_events() {
     assert_eq!(begin.generation, 1);
     // The rule numbers name the deciding rules of the running policy.
     let names = xdpgate_dataplane::flows::Names::read(&k.pins.dir).unwrap();
-    let line = flowlog::event_line(&names, begin);
+    let line = flowlog::event_line(&names, begin, None);
     assert_eq!(
         (line["nsg"].as_str(), line["rule"].as_str(), line["state"].as_str()),
         (Some("web"), Some("allow-web"), Some("begin"))
     );
-    let line = flowlog::event_line(&names, deny);
+    let line = flowlog::event_line(&names, deny, None);
     assert_eq!(
         (line["rule"].as_str(), line["decision"].as_str()),
         (Some("DenyAllInBound"), Some("deny"))
+    );
+    assert_eq!(
+        (line["reason"].as_str(), line["tcp_flags"].as_str()),
+        (Some("policy"), Some("SYN"))
     );
 }
 
@@ -132,7 +136,7 @@ nsgs:
     let events = drain(&k);
     assert_eq!(events.len(), 2, "{events:?}");
     let names = xdpgate_dataplane::flows::Names::read(&k.pins.dir).unwrap();
-    let begin = flowlog::event_line(&names, &events[0]);
+    let begin = flowlog::event_line(&names, &events[0], None);
     assert_eq!(
         (begin["rule"].as_str(), begin["direction"].as_str(), begin["state"].as_str()),
         (Some("b-web-in"), Some("outbound"), Some("begin")),
@@ -140,7 +144,7 @@ nsgs:
     );
     assert_eq!(begin["rules"]["outbound"]["rule"], "a-web-out", "{begin}");
     assert_eq!(begin["rules"]["inbound"]["nsg"], "b", "{begin}");
-    let deny = flowlog::event_line(&names, &events[1]);
+    let deny = flowlog::event_line(&names, &events[1], None);
     assert_eq!(
         (deny["rule"].as_str(), deny["decision"].as_str()),
         (Some("b-no-ssh"), Some("deny"))

@@ -609,10 +609,10 @@ fn log_events(
 ) {
     while let Some(item) = ring.next() {
         // Of either version: records of programs before an upgrade stay in the ring.
-        if let Some(e) = FlowEvent::from_record(&item) {
-            if let Some(log) = flow_log.as_deref_mut() {
-                failing.check("flow log", log.write_event(names, &e));
-            }
+        if let Some(e) = FlowEvent::from_record(&item)
+            && let Some(log) = flow_log.as_deref_mut()
+        {
+            failing.check("flow log", log.write_event(names, &e));
         }
     }
 }
