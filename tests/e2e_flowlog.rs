@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::gateway::{CLIENT4, Gateway, SERVER4};
+use common::gateway::{CLIENT4, Gateway, SERVER4, TRANSLATING_POLICY};
 use serde_json::{Value, json};
 
 const POLICY: &str = r#"
@@ -490,33 +490,6 @@ fn the_agents_probe_connections_are_left_out_or_marked() {
     let probes = marked.iter().filter(|l| l["probe"] == true).count();
     println!("{probes} of {} lines were the agent's probe connections", marked.len());
 }
-
-/// A load balancer in front of the server and a NAT gateway for its subnet.
-const TRANSLATING_POLICY: &str = r#"
-virtual_network:
-  address_space: [198.51.100.0/24]
-nsgs:
-  - name: servers
-    subnets: [198.51.100.0/24]
-    rules:
-      - {name: allow-web, priority: 110, direction: inbound, access: allow, protocol: tcp,
-         source: Internet, destination: "*", destination_ports: 8080}
-      - {name: deny-ssh, priority: 200, direction: inbound, access: deny, protocol: tcp,
-         source: Internet, destination: "*", destination_ports: 22}
-load_balancers:
-  - name: lb
-    frontends:
-      - {name: vip, address: 192.0.2.10}
-    backend_pools:
-      - {name: web, backends: [198.51.100.10]}
-    rules:
-      - {name: http, frontend: vip, protocol: tcp, frontend_port: 80, backend_port: 8080,
-         backend_pool: web}
-nat_gateways:
-  - name: natgw
-    public_addresses: [192.0.2.100]
-    subnets: [198.51.100.0/24]
-"#;
 
 /// Event lines name where and why: a load-balanced flow's begin has its backend and
 /// rewrite, a NAT'd one its public address and port, each the interface it arrived on and

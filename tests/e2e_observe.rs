@@ -15,37 +15,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::gateway::{CLIENT4, Gateway, SERVER4};
+use common::gateway::{CLIENT4, Gateway, SERVER4, TRANSLATING_POLICY as POLICY};
 use serde_json::Value;
 use xdpgate_dataplane::monitor;
-
-const POLICY: &str = r#"
-virtual_network:
-  address_space: [198.51.100.0/24]
-nsgs:
-  - name: servers
-    subnets: [198.51.100.0/24]
-    rules:
-      - {name: allow-dns, priority: 100, direction: inbound, access: allow, protocol: udp,
-         source: Internet, destination: "*", destination_ports: 5353}
-      - {name: allow-web, priority: 110, direction: inbound, access: allow, protocol: tcp,
-         source: Internet, destination: "*", destination_ports: 8080}
-      - {name: deny-ssh, priority: 200, direction: inbound, access: deny, protocol: tcp,
-         source: Internet, destination: "*", destination_ports: 22}
-load_balancers:
-  - name: lb
-    frontends:
-      - {name: vip, address: 192.0.2.10}
-    backend_pools:
-      - {name: web, backends: [198.51.100.10]}
-    rules:
-      - {name: http, frontend: vip, protocol: tcp, frontend_port: 80, backend_port: 8080,
-         backend_pool: web}
-nat_gateways:
-  - name: natgw
-    public_addresses: [192.0.2.100]
-    subnets: [198.51.100.0/24]
-"#;
 
 /// A running `xdpgate observe --json`, its lines collected as they come.
 struct Observer {
