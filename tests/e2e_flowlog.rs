@@ -36,41 +36,14 @@ nsgs:
 #[test]
 fn flow_log_lines_for_known_traffic() {
     let lab = Gateway::new();
-    let (client, server, pins) = (&lab.client, &lab.server, &lab.pins);
+    let client = &lab.client;
     let (policy, log) = (lab.write_policy("policy.yaml", POLICY), lab.dir.join("flows.jsonl"));
-    let mut agent = Command::new(common::xdpgate_bin())
-        .args(["--netns", &lab.gw.name, "--pin-dir"])
-        .arg(pins.dir.path())
-        .args(["run", "--metrics-addr", "off", "--policy"])
-        .arg(&policy)
-        .arg("--flow-log")
-        .arg(&log)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn xdpgate run");
-    let lines = || -> Vec<Value> {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("each line is JSON"))
-            .collect()
-    };
-    let start = Instant::now();
-    while !pins.try_xdpgate(&["status"]).status.success()
-        || start.elapsed() < Duration::from_millis(500)
-    {
-        thread::sleep(Duration::from_millis(50));
-    }
+    let agent = start_agent(&lab, &policy, &log, &[]);
+    let lines = || read_lines(&log);
+    wait_for_policy(&lab);
 
     // Known traffic: three UDP flows of two exchanges each, two SSH attempts.
-    let echo = server.run(|| UdpSocket::bind("198.51.100.10:5353").unwrap());
-    thread::spawn(move || {
-        let mut buf = [0u8; 512];
-        while let Ok((n, from)) = echo.recv_from(&mut buf) {
-            let _ = echo.send_to(&buf[..n], from);
-        }
-    });
+    udp_echo(&lab);
     for sport in [41000u16, 41001, 41002] {
         client.run(move || {
             let s = UdpSocket::bind(("203.0.113.10", sport)).unwrap();
@@ -97,8 +70,7 @@ fn flow_log_lines_for_known_traffic() {
         assert!(start.elapsed() < Duration::from_secs(12), "end lines missing:\n{:#?}", lines());
         thread::sleep(Duration::from_millis(200));
     }
-    let _ = agent.kill();
-    let _ = agent.wait();
+    drop(agent);
     let all = lines();
 
     for l in &all {
