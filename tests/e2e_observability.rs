@@ -662,6 +662,35 @@ fn a_backend_of_several_rules_is_counted_once_and_unprobed_rules_report_no_healt
     lab.stop_agent();
 }
 
+/// NAT gateway metrics for known traffic: three connections out through the gateway are
+/// three translations created and active, on one public address of the gateway's range.
+#[test]
+fn nat_gateway_metrics_count_translations() {
+    let lab = common::gateway::Gateway::new();
+    // Frames XDP redirects into a veth need GRO on the receiving peer, and checksums done.
+    for (ns, ifname) in [(&lab.client, &lab.client_if), (&lab.server, &lab.server_if)] {
+        ns.exec("ethtool", &["-K", ifname, "gro", "on", "tx", "off"]);
+    }
+    lab.apply("policy.yaml", common::gateway::TRANSLATING_POLICY);
+    let listener = lab.client.run(|| std::net::TcpListener::bind("203.0.113.10:9000").unwrap());
+    thread::spawn(move || while listener.accept().is_ok() {});
+    for _ in 0..3 {
+        lab.server.run(|| {
+            TcpStream::connect_timeout(&sock(CLIENT, 9000), Duration::from_secs(3))
+                .expect("out through the NAT gateway");
+        });
+    }
+    let scrape = parse_metrics(&lab.pins.xdpgate(&["metrics"]));
+    let gw = [("gateway", "natgw")];
+    assert_eq!(sample(&scrape, "xdpgate_nat_translations_created_total", &gw), 3.0);
+    assert_eq!(sample(&scrape, "xdpgate_nat_translations", &gw), 3.0);
+    assert_eq!(sample(&scrape, "xdpgate_nat_allocation_failures_total", &gw), 0.0);
+    let address = [("gateway", "natgw"), ("address", "192.0.2.100")];
+    assert_eq!(sample(&scrape, "xdpgate_nat_ports_in_use", &address), 3.0);
+    // The default range: 1024-65535.
+    assert_eq!(sample(&scrape, "xdpgate_nat_ports_per_address", &gw), 64_512.0);
+}
+
 /// A request head cut off before its end: the server must wait for more or give up.
 const PARTIAL_HEAD: &[u8] = b"GET /metrics HTTP/1.1\r\nHost: slow\r\n";
 

@@ -142,6 +142,9 @@ pub const NAT_GATEWAYS: &str = "NAT_GATEWAYS";
 pub const NAT_MAP: &str = "NAT_MAP";
 /// `PerCpuArray<u64>` per gateway: new flows that found no free port.
 pub const NAT_FAILURES: &str = "NAT_FAILURES";
+/// `PerCpuArray<u64>` per gateway: new flows that got a public port. Created by a load of
+/// programs that have it (a dataplane from before has none).
+pub const NAT_CREATED: &str = "NAT_CREATED";
 pub const NAT_PREFIXES: u32 = 1_024;
 
 /// `RingBuf` of `FlowEvent`s.

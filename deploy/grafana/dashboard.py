@@ -51,6 +51,7 @@ panel("Probe latency (mean)", [(f"sum by (backend, probe) (rate({m('xdpgate_prob
 panel("Probe failures", [(f"sum by (backend, probe) (rate({m('xdpgate_probes_total', FAIL)}{R}))", "{{backend}} {{probe}}")], unit="ops")
 row("NAT gateways")
 panel("Active translations", [(m("xdpgate_nat_translations"), "{{gateway}}")])
+panel("New translations", [(f"sum by (gateway) (rate({m('xdpgate_nat_translations_created_total')}{R}))", "{{gateway}}")], unit="ops", desc="New flows that got a public port (Azure's SNAT connection count).")
 panel("Ports in use per public address", [(f"{m('xdpgate_nat_ports_in_use')} / on (instance, gateway) group_left {m('xdpgate_nat_ports_per_address')}", "{{gateway}} {{address}}")], unit="percentunit", desc="Ports held (or cooling down) over the port range; a port serves one translation per destination.")
 panel("New flows with no free port", [(f"sum by (gateway) (rate({m('xdpgate_nat_allocation_failures_total')}{R}))", "{{gateway}}")], unit="ops")
 panel("NAT drops", [(f"sum by (reason) (rate({m('xdpgate_drops_total', NAT)}{R}))", "{{reason}}")], unit="pps")

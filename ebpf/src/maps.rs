@@ -219,6 +219,10 @@ pub static NAT_MAP: HashMap<FlowKey, NatEntry> = HashMap::pinned(NAT_ENTRIES * 2
 #[map(name = "NAT_FAILURES")]
 pub static NAT_FAILURES: PerCpuArray<u64> = PerCpuArray::pinned(MAX_NAT_GATEWAYS, 0);
 
+/// New flows per gateway that got a public port (translations created).
+#[map(name = "NAT_CREATED")]
+pub static NAT_CREATED: PerCpuArray<u64> = PerCpuArray::pinned(MAX_NAT_GATEWAYS, 0);
+
 /// Flow events for the agent's flow log.
 #[map(name = "EVENTS")]
 pub static EVENTS: RingBuf = RingBuf::pinned(EVENT_RING_BYTES, 0);

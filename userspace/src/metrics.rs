@@ -495,6 +495,12 @@ impl Snapshot {
             Gauge,
             "Active translations of a NAT gateway (as Azure's total SNAT connection count).",
         );
+        let mut nat_created = Family::new(
+            "xdpgate_nat_translations_created_total",
+            Counter,
+            "New flows through a NAT gateway that got a public port (as Azure's SNAT connection \
+             count, successful).",
+        );
         let mut nat_failures = Family::new(
             "xdpgate_nat_allocation_failures_total",
             Counter,
@@ -511,6 +517,9 @@ impl Snapshot {
             }
             nat_port_range.add(gw(), Int(g.ports_per_address.into()));
             nat_translations.add(gw(), Int(g.translations as u64));
+            if let Some(n) = g.created {
+                nat_created.add(gw(), Int(n));
+            }
             nat_failures.add(gw(), Int(g.failed_allocations));
         }
 
@@ -570,6 +579,7 @@ impl Snapshot {
             nat_ports,
             nat_port_range,
             nat_translations,
+            nat_created,
             nat_failures,
             reload_ok,
             reload_at,
@@ -899,6 +909,7 @@ mod tests {
                 name: "egress".into(),
                 addresses: vec![("203.0.113.5".parse().unwrap(), 17)],
                 translations: 17,
+                created: Some(40),
                 failed_allocations: 2,
                 ports_per_address: 64_512,
             }],
@@ -992,6 +1003,7 @@ mod tests {
                 "xdpgate_nat_ports_in_use",
                 "xdpgate_nat_ports_per_address",
                 "xdpgate_nat_translations",
+                "xdpgate_nat_translations_created_total",
                 "xdpgate_nat_allocation_failures_total",
                 "xdpgate_config_last_reload_successful",
                 "xdpgate_config_last_reload_success_timestamp_seconds",
@@ -1025,6 +1037,7 @@ mod tests {
             r#"xdpgate_probe_last_duration_seconds{backend="198.51.100.11",probe="up"} 0.25"#,
             r#"xdpgate_nat_ports_per_address{gateway="egress"} 64512"#,
             r#"xdpgate_nat_translations{gateway="egress"} 17"#,
+            r#"xdpgate_nat_translations_created_total{gateway="egress"} 40"#,
             concat!(r#"xdpgate_build_info{version=""#, env!("CARGO_PKG_VERSION"), r#""} 1"#),
             r#"xdpgate_backend_healthy{load_balancer="lb",rule="http",backend="198.51.100.11"} 1"#,
             r#"xdpgate_backend_healthy{load_balancer="lb",rule="http",backend="2001:db8::11"} 0"#,
