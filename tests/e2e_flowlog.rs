@@ -470,11 +470,7 @@ fn the_agents_probe_connections_are_left_out_or_marked() {
 #[test]
 fn event_lines_name_interface_reason_flags_and_translation() {
     let lab = Gateway::new();
-    // Frames XDP redirects into a veth need NAPI (GRO) on the receiving peer, and senders
-    // must complete their checksums (no offload note survives a redirect).
-    for (ns, ifname) in [(&lab.client, &lab.client_if), (&lab.server, &lab.server_if)] {
-        ns.exec("ethtool", &["-K", ifname, "gro", "on", "tx", "off"]);
-    }
+    lab.take_redirects();
     let policy = lab.write_policy("policy.yaml", TRANSLATING_POLICY);
     let log = lab.dir.join("flows.jsonl");
     let _agent = start_agent(&lab, &policy, &log, &[]);

@@ -667,10 +667,7 @@ fn a_backend_of_several_rules_is_counted_once_and_unprobed_rules_report_no_healt
 #[test]
 fn nat_gateway_metrics_count_translations() {
     let lab = common::gateway::Gateway::new();
-    // Frames XDP redirects into a veth need GRO on the receiving peer, and checksums done.
-    for (ns, ifname) in [(&lab.client, &lab.client_if), (&lab.server, &lab.server_if)] {
-        ns.exec("ethtool", &["-K", ifname, "gro", "on", "tx", "off"]);
-    }
+    lab.take_redirects();
     lab.apply("policy.yaml", common::gateway::TRANSLATING_POLICY);
     let listener = lab.client.run(|| std::net::TcpListener::bind("203.0.113.10:9000").unwrap());
     thread::spawn(move || while listener.accept().is_ok() {});

@@ -124,6 +124,15 @@ impl Gateway {
         Self { pins, client, gw, server, ext, int, client_if, server_if, dir }
     }
 
+    /// Readies the client and the server for frames the gateway's XDP redirects to them
+    /// (load-balanced and translated flows): a veth needs GRO (NAPI) on the receiving peer,
+    /// and senders must complete their checksums (no offload note survives a redirect).
+    pub fn take_redirects(&self) {
+        for (ns, ifname) in [(&self.client, &self.client_if), (&self.server, &self.server_if)] {
+            ns.exec("ethtool", &["-K", ifname, "gro", "on", "tx", "off"]);
+        }
+    }
+
     /// Writes a policy file; returns its path.
     pub fn write_policy(&self, name: &str, text: &str) -> PathBuf {
         let path = self.dir.join(name);
