@@ -84,6 +84,7 @@ impl Drop for Observer {
 
 fn lab(hooks: [&str; 2]) -> Gateway {
     let lab = Gateway::with_hooks(hooks[0], hooks[1]);
+    lab.take_redirects();
     lab.apply("policy.yaml", POLICY);
     lab
 }
