@@ -280,8 +280,8 @@ pub fn wall_clock(mono_ns: u64) -> f64 {
     now - (monotonic_ns().saturating_sub(mono_ns)) as f64 / 1e9
 }
 
-/// RFC 3339 in UTC with milliseconds.
-fn time(unix: f64) -> String {
+/// Seconds since the Unix epoch as RFC 3339 in UTC with milliseconds.
+pub fn time(unix: f64) -> String {
     let ms = (unix.max(0.0) * 1e3).round() as u64;
     let whole = rfc3339(ms / 1000);
     format!("{}.{:03}Z", whole.trim_end_matches('Z'), ms % 1000)

@@ -145,9 +145,7 @@ pub fn tcp_flags(flags: u8) -> String {
 
 /// `time_ns` (the dataplane's monotonic clock) as RFC 3339 UTC with milliseconds.
 fn time(mono_ns: u64) -> String {
-    let wall = flowlog::wall_clock(mono_ns).max(0.0);
-    let ms = (wall.fract() * 1000.0) as u32;
-    status::rfc3339(wall as u64).replace('Z', &format!(".{ms:03}Z"))
+    flowlog::time(flowlog::wall_clock(mono_ns))
 }
 
 /// Reads events with the names they need: rules, backends (re-read when a newer policy
