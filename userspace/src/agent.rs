@@ -314,10 +314,10 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     // This process is the dataplane's one writer of policy until it exits: a one-shot
     // `apply` is refused meanwhile, so the agent never runs on a stale copy.
     let _owner = AgentLock::acquire(pins)?;
-    // Serves GET /metrics until run returns (the server stops when dropped). A bad
-    // address or a port in use fails here, before anything changes.
     // Probe results and durations, for the metrics; kept across reloads.
     let probe_stats = ProbeStats::default();
+    // Serves GET /metrics until run returns (the server stops when dropped). A bad
+    // address or a port in use fails here, before anything changes.
     let _metrics = match metrics_addr {
         Some(addr) => Some(crate::metrics::spawn(addr, pins.clone(), probe_stats.clone()).await?),
         None => None,
