@@ -537,10 +537,8 @@ fn log_events(
 ) {
     while let Some(item) = ring.next() {
         // Of either version: records of programs before an upgrade stay in the ring.
-        if let Some(e) = FlowEvent::from_record(&item) {
-            if let Some(sink) = flow_log.as_deref_mut() {
-                failing.check("flow log", sink.write(&flowlog::event_line(names, &e)));
-            }
+        if let (Some(e), Some(sink)) = (FlowEvent::from_record(&item), flow_log.as_deref_mut()) {
+            failing.check("flow log", sink.write(&flowlog::event_line(names, &e)));
         }
     }
 }

@@ -204,15 +204,15 @@ impl Describer {
             }),
             _ => None,
         };
-        let names = self.names(e.generation).cloned();
-        let rules = names.as_ref().map(|n| n.rules(e.rules, e.generation)).unwrap_or_default();
+        // Borrowed, not cloned: the records of a big policy are large.
+        let names = self.names(e.generation);
+        let rules = names.map(|n| n.rules(e.rules, e.generation)).unwrap_or_default();
         let backend = (e.service != NO_BACKEND).then(|| {
-            let service = names.as_ref().and_then(|n| n.service(e.service));
+            let service = names.and_then(|n| n.service(e.service));
             Backend {
                 load_balancer: service.map(|s| s.lb.clone()),
                 rule: service.map(|s| s.rule.clone()),
                 address: names
-                    .as_ref()
                     .and_then(|n| n.backend(e.backend))
                     .or((e.nat == NAT_NEXT_HOP || e.nat == NAT_DST)
                         .then(|| flows::addr(&e.nat_addr, family))),
