@@ -267,6 +267,7 @@ fn a_user_without_privileges_is_told_so() {
             "203.0.113.9",
         ],
         &["metrics"],
+        &["observe", "--count", "1"],
         &["upgrade"],
         &["apply", policy.to_str().unwrap()],
     ] {

@@ -2,7 +2,11 @@
 //! (`EVENTS`), and the same records, per dropped packet as well, for `xdpgate observe`
 //! (`MONITOR`, written only while an observer holds the lease).
 
-use crate::{flow::FlowKey, lb::NO_BACKEND, pod};
+use crate::{
+    flow::{FlowKey, NAT_DST, NAT_SRC},
+    lb::NO_BACKEND,
+    pod,
+};
 
 /// One event. The first 64 bytes are the version-1 record (programs before version 2 wrote
 /// only those, with `version` and `reason` zero), so a record left in the pinned ring by
@@ -98,6 +102,26 @@ impl FlowEvent {
             e.reason = if e.kind == EVENT_DENY { 2 } else { NO_REASON };
         }
         Some(e)
+    }
+}
+
+impl FlowEvent {
+    /// Whether the fields after `reason` were written (a version-2 record or later).
+    pub fn has_v2(&self) -> bool {
+        self.version >= 2
+    }
+
+    /// What the dataplane did: `allowed`, `translated` (allowed and rewritten by a load
+    /// balancer or NAT gateway; version 2 only), `denied` (by a rule) or `dropped` (see
+    /// `reason`).
+    pub fn verdict(&self) -> &'static str {
+        match self.kind {
+            EVENT_BEGIN if self.nat == NAT_DST || self.nat == NAT_SRC => "translated",
+            EVENT_BEGIN if self.service != NO_BACKEND => "translated",
+            EVENT_BEGIN => "allowed",
+            EVENT_DENY => "denied",
+            _ => "dropped",
+        }
     }
 }
 

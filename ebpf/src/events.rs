@@ -156,7 +156,6 @@ fn fill(
 /// A flow event (`EVENT_BEGIN`, `EVENT_DENY`), sent from within a stage that noted the
 /// packet's origin: to the flow log and the observers.
 #[inline(always)]
-#[expect(clippy::too_many_arguments, reason = "inlined: the facts of one event")]
 pub fn emit(
     kind: u8,
     key: &FlowKey,

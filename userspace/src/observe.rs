@@ -20,7 +20,7 @@ use std::{
 use anyhow::{Context, Result};
 use serde::Serialize;
 use xdpgate_common::{
-    events::{EVENT_AT_EGRESS, EVENT_BEGIN, EVENT_DENY, FlowEvent, NO_REASON},
+    events::{EVENT_AT_EGRESS, FlowEvent, NO_REASON},
     flow::{NAT_DST, NAT_NEXT_HOP, NAT_SRC},
     is_icmp,
     lb::NO_BACKEND,
@@ -153,18 +153,23 @@ fn time(mono_ns: u64) -> String {
 pub struct Describer {
     pins: PinDir,
     names: Option<Names>,
+    /// The newest generation `names` were read for.
+    known: Option<u64>,
     ifnames: HashMap<u32, Option<String>>,
 }
 
 impl Describer {
     pub fn new(pins: &PinDir) -> Self {
-        Self { pins: pins.clone(), names: None, ifnames: HashMap::new() }
+        Self { pins: pins.clone(), names: None, known: None, ifnames: HashMap::new() }
     }
 
+    /// The names of `generation` and those before it: read again only for a newer one (not
+    /// per event: a flood of drops would read the records thousands of times a second).
     fn names(&mut self, generation: u64) -> Option<&Names> {
-        if self.names.as_ref().is_none_or(|n| n.generation() < generation) {
+        if self.known.is_none_or(|known| generation > known) {
             // No policy yet (or its records unreadable): events go unnamed.
             self.names = Names::read(&self.pins).ok();
+            self.known = Some(self.names.as_ref().map_or(generation, |n| n.generation()));
         }
         self.names.as_ref()
     }
@@ -175,12 +180,10 @@ impl Describer {
         let ports = flows::has_ports(e.key.proto);
         let addr = |w: &[u32; 4]| parsed.then(|| flows::addr(w, family));
         let port = |p: u16| (parsed && ports).then_some(p);
-        let verdict = match e.kind {
-            EVENT_BEGIN if e.nat == NAT_DST || e.nat == NAT_SRC || e.service != NO_BACKEND => {
-                Verdict::Translated
-            }
-            EVENT_BEGIN => Verdict::Allowed,
-            EVENT_DENY => Verdict::Denied,
+        let verdict = match e.verdict() {
+            "translated" => Verdict::Translated,
+            "allowed" => Verdict::Allowed,
+            "denied" => Verdict::Denied,
             _ => Verdict::Dropped,
         };
         let (src, dst) = (addr(&e.key.src), addr(&e.key.dst));
@@ -200,15 +203,15 @@ impl Describer {
             }),
             _ => None,
         };
-        let names = self.names(e.generation).cloned();
-        let rules = names.as_ref().map(|n| n.rules(e.rules, e.generation)).unwrap_or_default();
+        // Borrowed, not cloned: the records of a big policy are large.
+        let names = self.names(e.generation);
+        let rules = names.map(|n| n.rules(e.rules, e.generation)).unwrap_or_default();
         let backend = (e.service != NO_BACKEND).then(|| {
-            let service = names.as_ref().and_then(|n| n.service(e.service));
+            let service = names.and_then(|n| n.service(e.service));
             Backend {
                 load_balancer: service.map(|s| s.lb.clone()),
                 rule: service.map(|s| s.rule.clone()),
                 address: names
-                    .as_ref()
                     .and_then(|n| n.backend(e.backend))
                     .or((e.nat == NAT_NEXT_HOP || e.nat == NAT_DST)
                         .then(|| flows::addr(&e.nat_addr, family))),
@@ -302,7 +305,7 @@ impl Event {
     }
 
     /// One line, within 100 columns for IPv4:
-    /// `12:00:01.250 denied  policy veth0 in tcp 203.0.113.7:40000 -> 198.51.100.10:22 SYN web/deny-ssh`
+    /// `12:00:01.250 denied veth0 in tcp 203.0.113.7:40000 -> 198.51.100.10:22 SYN web/deny-ssh`
     pub fn line(&self) -> String {
         let clock = self.time.get(11..23).unwrap_or(&self.time);
         let what = match self.reason {
@@ -312,7 +315,7 @@ impl Event {
         let dir = if self.direction == "inbound" { "in" } else { "out" };
         let at = if self.hook == "egress" { "(egress)" } else { "" };
         let iface = self.interface.clone().unwrap_or_else(|| format!("#{}", self.ifindex));
-        let mut line = format!("{clock} {what:<10} {iface}{at} {dir}");
+        let mut line = format!("{clock} {what} {iface}{at} {dir}");
         match (self.src, self.dst) {
             (Some(src), Some(dst)) => {
                 let proto = match &self.protocol {
@@ -433,4 +436,94 @@ pub fn run(pins: &PinDir, args: ObserveArgs) -> Result<()> {
 
 fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs()
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+    use xdpgate_common::{
+        events::{EVENT_BEGIN, EVENT_DROP, EVENT_VERSION},
+        flow::FlowKey,
+        stats::DropReason,
+    };
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        filter: FlowFilter,
+    }
+
+    fn filter(args: &[&str]) -> FlowFilter {
+        Cli::try_parse_from(std::iter::once("t").chain(args.iter().copied())).unwrap().filter
+    }
+
+    fn words(a: [u8; 4]) -> [u32; 4] {
+        [u32::from_ne_bytes(a), 0, 0, 0]
+    }
+
+    fn describe(e: &FlowEvent) -> Event {
+        // No dataplane there: events go unnamed.
+        Describer::new(&PinDir::new("/nonexistent/xdpgate-observe-test")).describe(e)
+    }
+
+    #[test]
+    fn a_load_balanced_flow_shows_the_backend_it_went_to() {
+        let e = FlowEvent {
+            kind: EVENT_BEGIN,
+            version: EVENT_VERSION,
+            key: FlowKey {
+                src: words([203, 0, 113, 7]),
+                dst: words([192, 0, 2, 10]),
+                sport: 40000,
+                dport: 80,
+                proto: 6,
+                family: 4,
+                _pad: [0; 2],
+            },
+            tcp_flags: 0x02,
+            nat: NAT_DST,
+            nat_addr: words([198, 51, 100, 10]),
+            nat_port: 8080,
+            service: 0,
+            backend: 0,
+            ..Default::default()
+        };
+        let ev = describe(&e);
+        assert_eq!(ev.verdict, Verdict::Translated);
+        let t = ev.translated.as_ref().unwrap();
+        assert_eq!(
+            (t.dst.to_string(), t.dst_port, t.src_port),
+            ("198.51.100.10".into(), Some(8080), Some(40000))
+        );
+        let line = ev.line();
+        assert!(
+            line.contains("tcp 203.0.113.7:40000 -> 192.0.2.10:80 => 198.51.100.10:8080 SYN"),
+            "{line}"
+        );
+        assert!(filter(&["--dst", "198.51.100.0/24"]).matches(&ev.subject().unwrap()));
+        assert!(ev.selected(EventType::Flow, &filter(&["--port", "8080"])));
+        assert!(!ev.selected(EventType::Drop, &filter(&[])));
+    }
+
+    #[test]
+    fn a_drop_before_parsing_has_no_addresses_and_meets_only_packetless_filters() {
+        let e = FlowEvent {
+            kind: EVENT_DROP,
+            version: EVENT_VERSION,
+            reason: DropReason::Malformed as u8,
+            ifindex: 1,
+            ..Default::default()
+        };
+        let ev = describe(&e);
+        assert_eq!(
+            (ev.src, ev.protocol.clone(), ev.reason),
+            (None, serde_json::Value::Null, Some("malformed"))
+        );
+        assert!(ev.line().contains("dropped malformed"), "{}", ev.line());
+        assert!(ev.selected(EventType::Drop, &filter(&["--reason", "malformed"])));
+        assert!(!ev.selected(EventType::Drop, &filter(&["--reason", "no_flow"])));
+        assert!(!ev.selected(EventType::All, &filter(&["--port", "22"])));
+    }
 }
