@@ -239,8 +239,8 @@ fn begins(path: &Path, sport: Option<u16>) -> usize {
         .unwrap_or_default()
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|l| l["state"] == "begin" && l["dport"] == 5353)
-        .filter(|l| sport.is_none_or(|p| l["sport"] == p))
+        .filter(|l| l["state"] == "begin" && l["dst_port"] == 5353)
+        .filter(|l| sport.is_none_or(|p| l["src_port"] == p))
         .count()
 }
 

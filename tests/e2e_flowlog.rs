@@ -16,8 +16,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::gateway::{CLIENT4, Gateway, SERVER4};
-use serde_json::Value;
+use common::gateway::{CLIENT4, Gateway, SERVER4, TRANSLATING_POLICY};
+use serde_json::{Value, json};
 
 const POLICY: &str = r#"
 virtual_network:
@@ -36,41 +36,14 @@ nsgs:
 #[test]
 fn flow_log_lines_for_known_traffic() {
     let lab = Gateway::new();
-    let (client, server, pins) = (&lab.client, &lab.server, &lab.pins);
+    let client = &lab.client;
     let (policy, log) = (lab.write_policy("policy.yaml", POLICY), lab.dir.join("flows.jsonl"));
-    let mut agent = Command::new(common::xdpgate_bin())
-        .args(["--netns", &lab.gw.name, "--pin-dir"])
-        .arg(pins.dir.path())
-        .args(["run", "--metrics-addr", "off", "--policy"])
-        .arg(&policy)
-        .arg("--flow-log")
-        .arg(&log)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn xdpgate run");
-    let lines = || -> Vec<Value> {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("each line is JSON"))
-            .collect()
-    };
-    let start = Instant::now();
-    while !pins.try_xdpgate(&["status"]).status.success()
-        || start.elapsed() < Duration::from_millis(500)
-    {
-        thread::sleep(Duration::from_millis(50));
-    }
+    let agent = start_agent(&lab, &policy, &log, &[]);
+    let lines = || read_lines(&log);
+    wait_for_policy(&lab);
 
     // Known traffic: three UDP flows of two exchanges each, two SSH attempts.
-    let echo = server.run(|| UdpSocket::bind("198.51.100.10:5353").unwrap());
-    thread::spawn(move || {
-        let mut buf = [0u8; 512];
-        while let Ok((n, from)) = echo.recv_from(&mut buf) {
-            let _ = echo.send_to(&buf[..n], from);
-        }
-    });
+    udp_echo(&lab);
     for sport in [41000u16, 41001, 41002] {
         client.run(move || {
             let s = UdpSocket::bind(("203.0.113.10", sport)).unwrap();
@@ -91,18 +64,22 @@ fn flow_log_lines_for_known_traffic() {
 
     // The UDP flows idle out after 4 s; the agent logs their end within a second or two.
     let ends =
-        |ls: &[Value]| ls.iter().filter(|l| l["state"] == "end" && l["dport"] == 5353).count();
+        |ls: &[Value]| ls.iter().filter(|l| l["state"] == "end" && l["dst_port"] == 5353).count();
     let start = Instant::now();
     while ends(&lines()) < 3 {
         assert!(start.elapsed() < Duration::from_secs(12), "end lines missing:\n{:#?}", lines());
         thread::sleep(Duration::from_millis(200));
     }
-    let _ = agent.kill();
-    let _ = agent.wait();
+    drop(agent);
     let all = lines();
 
+    for l in &all {
+        assert_eq!(l["version"], 2, "{l}");
+        let t = l["time"].as_str().unwrap_or_default();
+        assert!(t.len() == 24 && t.ends_with('Z') && t.as_bytes()[10] == b'T', "time {t}");
+    }
     let begins: Vec<&Value> =
-        all.iter().filter(|l| l["state"] == "begin" && l["dport"] == 5353).collect();
+        all.iter().filter(|l| l["state"] == "begin" && l["dst_port"] == 5353).collect();
     assert_eq!(begins.len(), 3, "{all:#?}");
     for b in &begins {
         assert_eq!(
@@ -114,25 +91,28 @@ fn flow_log_lines_for_known_traffic() {
             (Some("servers"), Some("allow-dns"), Some("allow"))
         );
     }
-    for e in all.iter().filter(|l| l["state"] == "end" && l["dport"] == 5353) {
+    for e in all.iter().filter(|l| l["state"] == "end" && l["dst_port"] == 5353) {
         assert_eq!(
-            (e["packets_forward"].as_u64(), e["packets_reverse"].as_u64()),
+            (e["forward"]["packets"].as_u64(), e["reply"]["packets"].as_u64()),
             (Some(2), Some(2)),
             "{e}"
         );
         // 100-byte payloads in 142-byte frames (Ethernet + IPv4 + UDP).
         assert_eq!(
-            (e["bytes_forward"].as_u64(), e["bytes_reverse"].as_u64()),
+            (e["forward"]["bytes"].as_u64(), e["reply"]["bytes"].as_u64()),
             (Some(284), Some(284)),
             "{e}"
         );
+        // No interim record came before (the default interval is 60 s): all since begin.
+        assert_eq!(e["delta"]["forward"], e["forward"], "{e}");
+        assert_eq!(e["delta"]["reply"], e["reply"], "{e}");
         assert_eq!(e["rule"].as_str(), Some("allow-dns"));
     }
     let denies: Vec<&Value> = all.iter().filter(|l| l["state"] == "deny").collect();
     assert!(denies.len() >= 2, "{all:#?}");
     for d in &denies {
         assert_eq!(
-            (d["dport"].as_u64(), d["rule"].as_str(), d["decision"].as_str()),
+            (d["dst_port"].as_u64(), d["rule"].as_str(), d["decision"].as_str()),
             (Some(22), Some("deny-ssh"), Some("deny"))
         );
     }
@@ -237,6 +217,336 @@ fn idle_flows_leave_the_table_without_a_flow_log() {
     // The busy flow's two entries, and nothing of the idle one.
     assert_eq!(stats["flow_table"]["flows"]["entries"], 2, "{}", stats["flow_table"]);
     println!("the idle flow left the table {gone_after:.1?} after its last packet (timeout 4 s)");
+}
+
+/// `xdpgate run` in the gateway's namespace with `policy` and a flow log at `log`, and
+/// `extra` flags.
+fn start_agent(
+    lab: &Gateway,
+    policy: &std::path::Path,
+    log: &std::path::Path,
+    extra: &[&str],
+) -> Agent {
+    let child = Command::new(common::xdpgate_bin())
+        .args(["--netns", &lab.gw.name, "--pin-dir"])
+        .arg(lab.pins.dir.path())
+        .args(["run", "--metrics-addr", "off", "--policy"])
+        .arg(policy)
+        .arg("--flow-log")
+        .arg(log)
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log.with_extension("agent.log")).unwrap())
+        .spawn()
+        .expect("spawn xdpgate run");
+    Agent(child, log.with_extension("agent.log"))
+}
+
+/// The agent process and its log, killed when dropped (the log printed if the test fails).
+struct Agent(std::process::Child, std::path::PathBuf);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        if thread::panicking() {
+            eprintln!("agent log:\n{}", std::fs::read_to_string(&self.1).unwrap_or_default());
+            let flow_log = self.1.with_extension("").with_extension("jsonl");
+            eprintln!("flow log:\n{}", std::fs::read_to_string(flow_log).unwrap_or_default());
+        }
+    }
+}
+
+/// Every line of the flow log at `path`, parsed.
+fn read_lines(path: &std::path::Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+        .collect()
+}
+
+fn wait_until(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !ok() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits until the agent runs and has applied its policy.
+fn wait_for_policy(lab: &Gateway) {
+    wait_until("the agent to apply its policy", Duration::from_secs(10), || {
+        let out = lab.pins.try_xdpgate(&["status", "--json"]);
+        serde_json::from_slice::<Value>(&out.stdout).is_ok_and(|s| {
+            s["agent"]["running"] == true && s["agent"]["last_reload"]["successful"] == true
+        })
+    });
+}
+
+/// A UDP echo on the server at 198.51.100.10:5353.
+fn udp_echo(lab: &Gateway) {
+    let echo = lab.server.run(|| UdpSocket::bind("198.51.100.10:5353").unwrap());
+    thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        while let Ok((n, from)) = echo.recv_from(&mut buf) {
+            let _ = echo.send_to(&buf[..n], from);
+        }
+    });
+}
+
+/// A long UDP flow gets `continuing` records every second: each carries the flow's totals
+/// and what came since the flow's previous record, and its `end` record what came after the
+/// last one. Known traffic: 100-byte datagrams (142-byte frames), three, a pause, five more.
+#[test]
+fn interim_records_of_a_long_flow_carry_the_traffic_since_the_last_record() {
+    let lab = Gateway::new();
+    let (policy, log) = (lab.write_policy("policy.yaml", POLICY), lab.dir.join("flows.jsonl"));
+    let _agent = start_agent(&lab, &policy, &log, &["--flow-log-interval", "1"]);
+    wait_for_policy(&lab);
+    udp_echo(&lab);
+    let socket = lab.client.run(|| {
+        let s = UdpSocket::bind(("203.0.113.10", 41500)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        s
+    });
+    let exchange = |n: usize| {
+        for _ in 0..n {
+            socket.send_to(&[7u8; 100], "198.51.100.10:5353").unwrap();
+            let mut buf = [0u8; 512];
+            socket.recv_from(&mut buf).expect("reply through the gateway");
+        }
+    };
+    let of_flow = |state: &str| -> Vec<Value> {
+        read_lines(&log)
+            .into_iter()
+            .filter(|l| l["state"] == state && l["src_port"] == 41500 && l["dst_port"] == 5353)
+            .collect()
+    };
+    let forward_packets = |l: &Value| l["forward"]["packets"].as_u64().unwrap();
+    exchange(3);
+    wait_until("a continuing record of the first three", Duration::from_secs(5), || {
+        of_flow("continuing").last().is_some_and(|l| forward_packets(l) == 3)
+    });
+    exchange(5);
+    wait_until("a continuing record of all eight", Duration::from_secs(5), || {
+        of_flow("continuing").last().is_some_and(|l| forward_packets(l) == 8)
+    });
+    // The flow idles out after 4 s: its end record.
+    wait_until("the end record", Duration::from_secs(12), || !of_flow("end").is_empty());
+    let mut records = of_flow("continuing");
+    records.extend(of_flow("end"));
+    assert!(records.len() >= 3, "{records:#?}");
+    // Each record: its delta is its totals less the previous record's (none: zero).
+    let mut before = (0, 0, 0, 0);
+    for r in &records {
+        let t = |d: &str, f: &str| r[d][f].as_u64().unwrap();
+        let d = |d: &str, f: &str| r["delta"][d][f].as_u64().unwrap();
+        let now = (
+            t("forward", "packets"),
+            t("forward", "bytes"),
+            t("reply", "packets"),
+            t("reply", "bytes"),
+        );
+        assert_eq!(
+            (
+                d("forward", "packets"),
+                d("forward", "bytes"),
+                d("reply", "packets"),
+                d("reply", "bytes")
+            ),
+            (now.0 - before.0, now.1 - before.1, now.2 - before.2, now.3 - before.3),
+            "{r}"
+        );
+        // A continuing record is written only for a flow with new traffic.
+        assert!(r["state"] == "end" || now != before, "{r}");
+        assert_eq!(
+            (r["version"].as_u64(), r["rule"].as_str()),
+            (Some(2), Some("allow-dns")),
+            "{r}"
+        );
+        before = now;
+    }
+    assert_eq!(before, (8, 8 * 142, 8, 8 * 142), "the end record's totals");
+    // The record of all eight counts the five since the record of the first three (one
+    // more record between them would have taken some).
+    let three = records.iter().position(|r| forward_packets(r) == 3).unwrap();
+    let eight = records.iter().position(|r| forward_packets(r) == 8).unwrap();
+    let since: u64 = records[three + 1..=eight]
+        .iter()
+        .map(|r| r["delta"]["forward"]["packets"].as_u64().unwrap())
+        .sum();
+    assert_eq!(since, 5, "{records:#?}");
+    for r in &records {
+        println!("{r}");
+    }
+}
+
+/// POLICY with a load balancer whose probe the agent runs against the server.
+const PROBED_LB: &str = r#"
+load_balancers:
+  - name: lb
+    frontends:
+      - {name: vip, address: 192.0.2.10}
+    backend_pools:
+      - {name: servers, backends: [198.51.100.10]}
+    probes:
+      - {name: up, protocol: tcp, port: 7070, interval: 200, timeout: 150, threshold: 2}
+    rules:
+      - {name: web, frontend: vip, protocol: tcp, frontend_port: 80, backend_port: 7070,
+         backend_pool: servers, probe: up}
+"#;
+
+/// The agent probes its backend (TCP to 198.51.100.10:7070 every 200 ms): by default none
+/// of those connections is in the flow log, while a client's flow is; with
+/// `--flow-log-probes mark` they are, marked `"probe": true` (and only they are).
+#[test]
+fn the_agents_probe_connections_are_left_out_or_marked() {
+    let lab = Gateway::new();
+    let policy = lab.write_policy("policy.yaml", &format!("{POLICY}{PROBED_LB}"));
+    let log = lab.dir.join("flows.jsonl");
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let listener = lab.server.run(|| std::net::TcpListener::bind("198.51.100.10:7070").unwrap());
+    {
+        let accepted = accepted.clone();
+        thread::spawn(move || {
+            for c in listener.incoming() {
+                drop(c);
+                accepted.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+    }
+    udp_echo(&lab);
+    let client_flow = |sport: u16| {
+        lab.client.run(move || {
+            let s = UdpSocket::bind(("203.0.113.10", sport)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            s.send_to(&[7u8; 100], "198.51.100.10:5353").unwrap();
+            let mut buf = [0u8; 512];
+            s.recv_from(&mut buf).expect("reply through the gateway");
+        })
+    };
+    let probe_port = |l: &Value| l["src_port"] == 7070 || l["dst_port"] == 7070;
+    let client_begin = |sport: u16| {
+        read_lines(&log).iter().any(|l| l["state"] == "begin" && l["src_port"] == sport)
+    };
+
+    let agent = start_agent(&lab, &policy, &log, &[]);
+    wait_for_policy(&lab);
+    let base = accepted.load(Ordering::Relaxed);
+    wait_until("ten probes", Duration::from_secs(10), || {
+        accepted.load(Ordering::Relaxed) >= base + 10
+    });
+    client_flow(41600);
+    wait_until("the client's begin record", Duration::from_secs(5), || client_begin(41600));
+    let omitted = read_lines(&log);
+    assert!(!omitted.iter().any(probe_port), "probe connections logged: {omitted:#?}");
+    drop(agent);
+
+    std::fs::remove_file(&log).unwrap();
+    let _agent = start_agent(&lab, &policy, &log, &["--flow-log-probes", "mark"]);
+    wait_for_policy(&lab);
+    wait_until("a marked probe connection", Duration::from_secs(10), || {
+        read_lines(&log).iter().any(|l| l["probe"] == true)
+    });
+    client_flow(41601);
+    wait_until("the client's begin record", Duration::from_secs(5), || client_begin(41601));
+    let marked = read_lines(&log);
+    for l in &marked {
+        assert_eq!(l["probe"] == true, probe_port(l), "{l}");
+    }
+    for l in marked.iter().filter(|l| l["probe"] == true) {
+        println!("{l}");
+    }
+    let probes = marked.iter().filter(|l| l["probe"] == true).count();
+    println!("{probes} of {} lines were the agent's probe connections", marked.len());
+}
+
+/// Event lines name where and why: a load-balanced flow's begin has its backend and
+/// rewrite, a NAT'd one its public address and port, each the interface it arrived on and
+/// its TCP flags; a denied SYN has reason `policy`; a packet to the NAT gateway's public
+/// address that matches no translation is a `drop` line with reason `nat_unmatched`.
+#[test]
+fn event_lines_name_interface_reason_flags_and_translation() {
+    let lab = Gateway::new();
+    lab.take_redirects();
+    let policy = lab.write_policy("policy.yaml", TRANSLATING_POLICY);
+    let log = lab.dir.join("flows.jsonl");
+    let _agent = start_agent(&lab, &policy, &log, &[]);
+    wait_for_policy(&lab);
+    let line = |what: &str, want: &dyn Fn(&Value) -> bool| -> Value {
+        let mut found = None;
+        wait_until(what, Duration::from_secs(5), || {
+            found = read_lines(&log).into_iter().find(|l| want(l));
+            found.is_some()
+        });
+        found.unwrap()
+    };
+
+    let web = lab.server.run(|| std::net::TcpListener::bind("198.51.100.10:8080").unwrap());
+    thread::spawn(move || while web.accept().is_ok() {});
+    lab.client.run(|| {
+        TcpStream::connect_timeout(&"192.0.2.10:80".parse().unwrap(), Duration::from_secs(3))
+            .expect("the load balancer forwards to the backend");
+    });
+    let b = line("the load-balanced begin", &|l| l["state"] == "begin" && l["dst_port"] == 80);
+    assert_eq!(
+        (&b["version"], &b["dst"], &b["interface"], &b["hook"], &b["tcp_flags"]),
+        (&json!(2), &json!("192.0.2.10"), &json!(lab.ext), &json!("ingress"), &json!("SYN")),
+        "{b}"
+    );
+    assert_eq!(b["load_balancer"], json!({"name": "lb", "rule": "http", "backend": SERVER4}));
+    assert_eq!(b["nat"], json!({"kind": "dnat", "address": SERVER4, "port": 8080}), "{b}");
+    assert_eq!((b["rule"].as_str(), b.get("reason")), (Some("allow-web"), None), "{b}");
+
+    let listener = lab.client.run(|| std::net::TcpListener::bind("203.0.113.10:9000").unwrap());
+    thread::spawn(move || while listener.accept().is_ok() {});
+    lab.server.run(|| {
+        TcpStream::connect_timeout(&"203.0.113.10:9000".parse().unwrap(), Duration::from_secs(3))
+            .expect("out through the NAT gateway");
+    });
+    let n = line("the NAT'd begin", &|l| l["state"] == "begin" && l["dst_port"] == 9000);
+    assert_eq!(
+        (&n["direction"], &n["src"], &n["interface"], &n["nat"]["kind"], &n["nat"]["address"]),
+        (
+            &json!("outbound"),
+            &json!(SERVER4),
+            &json!(lab.int),
+            &json!("snat"),
+            &json!("192.0.2.100")
+        ),
+        "{n}"
+    );
+    assert!(n["nat"]["port"].as_u64().is_some_and(|p| p > 0), "{n}");
+    assert!(n.get("load_balancer").is_none(), "{n}");
+
+    lab.client.run(|| socket2_connect(42100).is_none());
+    let d = line("the deny", &|l| l["state"] == "deny" && l["src_port"] == 42100);
+    assert_eq!(
+        (&d["decision"], &d["reason"], &d["tcp_flags"], &d["rule"], &d["interface"]),
+        (&json!("deny"), &json!("policy"), &json!("SYN"), &json!("deny-ssh"), &json!(lab.ext)),
+        "{d}"
+    );
+
+    lab.client.run(|| {
+        UdpSocket::bind("203.0.113.10:0").unwrap().send_to(b"x", "192.0.2.100:7777").unwrap();
+    });
+    let u = line("the nat_unmatched drop", &|l| l["state"] == "drop" && l["dst_port"] == 7777);
+    assert_eq!(
+        (&u["decision"], &u["reason"], &u["protocol"], &u["interface"], &u["dst"]),
+        (
+            &json!("drop"),
+            &json!("nat_unmatched"),
+            &json!("udp"),
+            &json!(lab.ext),
+            &json!("192.0.2.100")
+        ),
+        "{u}"
+    );
+    for l in [&b, &n, &d, &u] {
+        println!("{l}");
+    }
 }
 
 /// A TCP connection attempt from a fixed source port, with a short timeout.

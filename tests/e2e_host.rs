@@ -644,7 +644,9 @@ fn the_hosts_own_flows_are_in_the_flow_log() {
             .collect()
     };
     let find = |ls: &[Value], state: &str, dport: u64| {
-        ls.iter().find(|l| l["state"] == state && l["dport"] == dport && l["src"] == HOST4).cloned()
+        ls.iter()
+            .find(|l| l["state"] == state && l["dst_port"] == dport && l["src"] == HOST4)
+            .cloned()
     };
     // Until the agent has applied its policy, nothing is enforced.
     let deadline = std::time::Instant::now() + Duration::from_secs(15);

@@ -81,6 +81,10 @@ struct Lab {
 
 impl Lab {
     fn new() -> Self {
+        Self::with_policy(POLICY)
+    }
+
+    fn with_policy(policy_yaml: &str) -> Self {
         let client = Netns::new("xgoc");
         let gw = Netns::new("xgog");
         let server = Netns::new("xgos");
@@ -103,7 +107,7 @@ impl Lab {
         let echo =
             EchoServer::start(&server, [80, 22, 8080].iter().map(|p| sock(SERVER, *p)).collect());
         let policy = std::env::temp_dir().join(format!("{}.yaml", unique("obspol")));
-        std::fs::write(&policy, POLICY).unwrap();
+        std::fs::write(&policy, policy_yaml).unwrap();
         Self { agent: None, _echo: echo, pins, client, gw, _server: server, gw_ext, gw_int, policy }
     }
 
@@ -296,7 +300,8 @@ fn ids(flows: &[Json]) -> Vec<String> {
         .collect()
 }
 
-const FAMILIES: [&str; 17] = [
+const FAMILIES: [&str; 18] = [
+    "xdpgate_build_info",
     "xdpgate_interface_packets_total",
     "xdpgate_interface_bytes_total",
     "xdpgate_drops_total",
@@ -305,7 +310,7 @@ const FAMILIES: [&str; 17] = [
     "xdpgate_frontend_bytes_total",
     "xdpgate_backend_packets_total",
     "xdpgate_backend_bytes_total",
-    "xdpgate_backend_healthy",
+    "xdpgate_load_balancer_backends",
     "xdpgate_flows",
     "xdpgate_flow_table_capacity",
     "xdpgate_flow_table_entries",
@@ -391,9 +396,11 @@ fn metrics_flows_and_status_match_known_traffic() {
     let fe = sample(&scrape, "xdpgate_frontend_packets_total", &lb);
     assert!(fe >= 2.0 * L_LB as f64, "frontend packets {fe}");
     assert!(sample(&scrape, "xdpgate_frontend_bytes_total", &lb) >= (L_LB * 1000) as f64);
-    let be = [("load_balancer", "edge"), ("rule", "alt-web"), ("backend", SERVER)];
+    let be = [("backend", SERVER)];
     assert_eq!(sample(&scrape, "xdpgate_backend_packets_total", &be), fe, "one backend takes all");
-    assert_eq!(sample(&scrape, "xdpgate_backend_healthy", &be), 1.0);
+    // The rule has no probe: its backend's health is unknown, not 1.
+    let unprobed = [("load_balancer", "edge"), ("rule", "alt-web"), ("state", "unprobed")];
+    assert_eq!(sample(&scrape, "xdpgate_load_balancer_backends", &unprobed), 1.0);
     assert_eq!(sample(&scrape, "xdpgate_policy_generation", &[]), 1.0);
     let flows_gauge = sample(&scrape, "xdpgate_flows", &[]);
     assert!(flows_gauge >= (2 * (N_WEB + L_LB + 1)) as f64, "flow entries {flows_gauge}");
@@ -547,6 +554,139 @@ fn metrics_flows_and_status_match_known_traffic() {
          checks {checks:?}, total {:?}",
         started.elapsed()
     );
+}
+
+/// One backend behind two probed load-balancing rules and an inbound NAT rule (no probe).
+const SHARED_BACKEND_POLICY: &str = r#"virtual_network:
+  address_space: [198.51.100.0/24]
+nsgs:
+  - name: web
+    subnets: [198.51.100.0/24]
+    rules:
+      - {name: allow-lb, priority: 110, direction: inbound, access: allow, protocol: tcp, source: [Internet], destination: ["*"], destination_ports: [8080, 80]}
+load_balancers:
+  - name: edge
+    frontends:
+      - {name: vip, address: 192.0.2.10}
+    backend_pools:
+      - {name: servers, backends: [198.51.100.10]}
+    probes:
+      - {name: up, protocol: tcp, port: 8080, interval: 200, timeout: 150, threshold: 2}
+    rules:
+      - {name: alt-web, frontend: vip, protocol: tcp, frontend_port: 8080, backend_port: 8080, backend_pool: servers, probe: up}
+      - {name: alt-web2, frontend: vip, protocol: tcp, frontend_port: 8081, backend_port: 8080, backend_pool: servers, probe: up}
+    inbound_nat_rules:
+      - {name: to-server, frontend: vip, protocol: tcp, frontend_port: 2201, backend: 198.51.100.10, backend_port: 80}
+"#;
+
+/// The sum of every sample of `name` whose labels include `labels`.
+fn sum(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Gauge(v) => v,
+            ref other => panic!("{name}: unexpected value {other:?}"),
+        })
+        .sum()
+}
+
+/// A backend that serves three rules is counted once: `sum by (backend)` of its packets is
+/// what the frontends sent it (it was three times that). Its health is reported only under
+/// the rules that probe it; the inbound NAT rule reports it unprobed. Probe results and
+/// latency, the health percentage and build_info are served.
+#[test]
+fn a_backend_of_several_rules_is_counted_once_and_unprobed_rules_report_no_health() {
+    let mut lab = Lab::with_policy(SHARED_BACKEND_POLICY);
+    lab.start_agent(&format!("127.0.0.1:{METRICS_PORT}"));
+    lab.wait_for("the agent to apply the policy", Duration::from_secs(10), || {
+        lab.http_get("/metrics").is_ok_and(|r| {
+            r.status == 200 && r.body.lines().any(|l| l == "xdpgate_policy_generation 1")
+        })
+    });
+    for _ in 0..L_LB {
+        lab.tcp_exchange(sock(FRONTEND, 8080), 1000);
+    }
+    lab.wait_for("the last ACKs to be counted", Duration::from_secs(5), || {
+        let scrape = parse_metrics(&lab.http_get("/metrics").unwrap().body);
+        sum(&scrape, "xdpgate_frontend_packets_total", &[]) >= (3 * L_LB) as f64
+    });
+    let scrape = parse_metrics(&lab.http_get("/metrics").unwrap().body);
+    let fe = sum(&scrape, "xdpgate_frontend_packets_total", &[]);
+    assert_eq!(sum(&scrape, "xdpgate_backend_packets_total", &[("backend", SERVER)]), fe);
+    assert_eq!(
+        sum(&scrape, "xdpgate_backend_bytes_total", &[("backend", SERVER)]),
+        sum(&scrape, "xdpgate_frontend_bytes_total", &[])
+    );
+    // Health: under the probed rules only, once the first probe is in.
+    lab.wait_for("a successful probe", Duration::from_secs(10), || {
+        let scrape = parse_metrics(&lab.http_get("/metrics").unwrap().body);
+        sum(&scrape, "xdpgate_probes_total", &[("result", "success")]) >= 1.0
+    });
+    let scrape = parse_metrics(&lab.http_get("/metrics").unwrap().body);
+    for rule in ["alt-web", "alt-web2"] {
+        let labels = [("rule", rule), ("backend", SERVER)];
+        assert_eq!(sample(&scrape, "xdpgate_backend_healthy", &labels), 1.0, "{rule}");
+        let labels = [("rule", rule), ("state", "healthy")];
+        assert_eq!(sample(&scrape, "xdpgate_load_balancer_backends", &labels), 1.0);
+        let labels = [("load_balancer", "edge"), ("rule", rule)];
+        assert_eq!(sample(&scrape, "xdpgate_load_balancer_health_percent", &labels), 100.0);
+    }
+    assert_eq!(sum(&scrape, "xdpgate_backend_healthy", &[("rule", "to-server")]), 0.0);
+    assert!(
+        !scrape
+            .samples
+            .iter()
+            .any(|s| s.metric == "xdpgate_backend_healthy"
+                && s.labels.get("rule") == Some("to-server")),
+        "an unprobed rule reports no health"
+    );
+    let unprobed = [("rule", "to-server"), ("state", "unprobed")];
+    assert_eq!(sample(&scrape, "xdpgate_load_balancer_backends", &unprobed), 1.0);
+    assert!(!scrape.samples.iter().any(|s| s.metric == "xdpgate_load_balancer_health_percent"
+        && s.labels.get("rule") == Some("to-server")));
+    // One probe target (backend, probe), shared by both rules.
+    let probe = [("backend", SERVER), ("probe", "up")];
+    let ok = sample(&scrape, "xdpgate_probes_total", &[probe[0], probe[1], ("result", "success")]);
+    assert!(ok >= 1.0, "successful probes {ok}");
+    assert_eq!(
+        sample(&scrape, "xdpgate_probes_total", &[probe[0], probe[1], ("result", "failure")]),
+        0.0
+    );
+    let took = sample(&scrape, "xdpgate_probe_duration_seconds_total", &probe);
+    assert!(took > 0.0 && took < 0.15 * ok, "{took} s for {ok} probes (timeout 150 ms)");
+    let last = sample(&scrape, "xdpgate_probe_last_duration_seconds", &probe);
+    assert!(last > 0.0 && last < 0.15, "last probe {last} s");
+    let version = env!("CARGO_PKG_VERSION");
+    assert_eq!(sample(&scrape, "xdpgate_build_info", &[("version", version)]), 1.0);
+    lab.stop_agent();
+}
+
+/// NAT gateway metrics for known traffic: three connections out through the gateway are
+/// three translations created and active, on one public address of the gateway's range.
+#[test]
+fn nat_gateway_metrics_count_translations() {
+    let lab = common::gateway::Gateway::new();
+    lab.take_redirects();
+    lab.apply("policy.yaml", common::gateway::TRANSLATING_POLICY);
+    let listener = lab.client.run(|| std::net::TcpListener::bind("203.0.113.10:9000").unwrap());
+    thread::spawn(move || while listener.accept().is_ok() {});
+    for _ in 0..3 {
+        lab.server.run(|| {
+            TcpStream::connect_timeout(&sock(CLIENT, 9000), Duration::from_secs(3))
+                .expect("out through the NAT gateway");
+        });
+    }
+    let scrape = parse_metrics(&lab.pins.xdpgate(&["metrics"]));
+    let gw = [("gateway", "natgw")];
+    assert_eq!(sample(&scrape, "xdpgate_nat_translations_created_total", &gw), 3.0);
+    assert_eq!(sample(&scrape, "xdpgate_nat_translations", &gw), 3.0);
+    assert_eq!(sample(&scrape, "xdpgate_nat_allocation_failures_total", &gw), 0.0);
+    let address = [("gateway", "natgw"), ("address", "192.0.2.100")];
+    assert_eq!(sample(&scrape, "xdpgate_nat_ports_in_use", &address), 3.0);
+    // The default range: 1024-65535.
+    assert_eq!(sample(&scrape, "xdpgate_nat_ports_per_address", &gw), 64_512.0);
 }
 
 /// A request head cut off before its end: the server must wait for more or give up.

@@ -273,6 +273,7 @@ fn a_user_without_privileges_is_told_so() {
         &["next-hop", "--src", "198.51.100.1", "--dst", "198.51.100.2"],
         &["connectivity", "--src", "198.51.100.1", "--dst", "198.51.100.2:80"],
         &["topology"],
+        &["observe", "--count", "1"],
         &["upgrade"],
         &["apply", policy.to_str().unwrap()],
     ] {

@@ -14,9 +14,13 @@ use common::{
 };
 use xdpgate::flowlog;
 use xdpgate_common::{
-    events::{DENY_EVENTS_PER_SEC, EVENT_BEGIN, EVENT_DENY, EVENT_WAKE_BYTES, FlowEvent},
+    events::{
+        DENY_EVENTS_PER_SEC, EVENT_BEGIN, EVENT_DENY, EVENT_DROP, EVENT_VERSION, EVENT_WAKE_BYTES,
+        FlowEvent,
+    },
     iface::Role,
     maps::EVENTS,
+    stats::DROP_REASON_NAMES,
 };
 
 const POLICY: &str = r#"
@@ -34,10 +38,36 @@ fn drain(k: &Kernel) -> Vec<FlowEvent> {
     let mut ring: RingBuf<_> = k.pins.dir.open_map(EVENTS).unwrap().try_into().unwrap();
     let mut out = Vec::new();
     while let Some(item) = ring.next() {
-        // SAFETY: the dataplane writes whole FlowEvents.
-        out.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<FlowEvent>()) });
+        out.push(FlowEvent::from_record(&item).expect("a whole event"));
     }
     out
+}
+
+/// A packet to a NAT gateway's public address that matches no translation reaches the flow
+/// log as a drop with its reason (before: counted only), with the version-2 fields: the
+/// interface, TCP flags and length.
+#[test]
+fn nat_unmatched_drops_reach_the_flow_log() {
+    let k = Kernel::new();
+    k.apply(
+        r#"
+virtual_network:
+  address_space: [198.51.100.0/24]
+nat_gateways:
+  - {name: natgw, public_addresses: [192.0.2.100], subnets: [198.51.100.0/24]}
+"#,
+    );
+    k.arrive_as(Role::External);
+    drain(&k);
+    let pkt = frame("203.0.113.7", "192.0.2.100", L4::Tcp(443, 5555, SYN));
+    assert_eq!(k.run(&pkt), DROP);
+    let events = drain(&k);
+    assert_eq!(events.len(), 1, "{events:?}");
+    let e = &events[0];
+    assert_eq!((e.kind, e.version, e.key.dport), (EVENT_DROP, EVENT_VERSION, 5555));
+    assert_eq!(DROP_REASON_NAMES[usize::from(e.reason)], "nat_unmatched");
+    assert_eq!((e.tcp_flags, e.bytes as usize), (SYN, pkt.len()));
+    assert_eq!(e.ifindex, 1, "the interface it arrived by (lo, as `arrive_as` registers)");
 }
 
 #[test]
@@ -59,15 +89,19 @@ fn allowed_and_denied_flows_send_events() {
     assert_eq!(begin.generation, 1);
     // The rule numbers name the deciding rules of the running policy.
     let names = xdpgate_dataplane::flows::Names::read(&k.pins.dir).unwrap();
-    let line = flowlog::event_line(&names, begin);
+    let line = flowlog::event_line(&names, begin, None);
     assert_eq!(
         (line["nsg"].as_str(), line["rule"].as_str(), line["state"].as_str()),
         (Some("web"), Some("allow-web"), Some("begin"))
     );
-    let line = flowlog::event_line(&names, deny);
+    let line = flowlog::event_line(&names, deny, None);
     assert_eq!(
         (line["rule"].as_str(), line["decision"].as_str()),
         (Some("DenyAllInBound"), Some("deny"))
+    );
+    assert_eq!(
+        (line["reason"].as_str(), line["tcp_flags"].as_str()),
+        (Some("policy"), Some("SYN"))
     );
 }
 
@@ -102,7 +136,7 @@ nsgs:
     let events = drain(&k);
     assert_eq!(events.len(), 2, "{events:?}");
     let names = xdpgate_dataplane::flows::Names::read(&k.pins.dir).unwrap();
-    let begin = flowlog::event_line(&names, &events[0]);
+    let begin = flowlog::event_line(&names, &events[0], None);
     assert_eq!(
         (begin["rule"].as_str(), begin["direction"].as_str(), begin["state"].as_str()),
         (Some("b-web-in"), Some("outbound"), Some("begin")),
@@ -110,7 +144,7 @@ nsgs:
     );
     assert_eq!(begin["rules"]["outbound"]["rule"], "a-web-out", "{begin}");
     assert_eq!(begin["rules"]["inbound"]["nsg"], "b", "{begin}");
-    let deny = flowlog::event_line(&names, &events[1]);
+    let deny = flowlog::event_line(&names, &events[1], None);
     assert_eq!(
         (deny["rule"].as_str(), deny["decision"].as_str()),
         (Some("b-no-ssh"), Some("deny"))

@@ -16,7 +16,7 @@ use xdpgate_common::{
 use crate::{
     headers::{IPPROTO_TCP, IPPROTO_UDP},
     lb,
-    maps::{NAT_FAILURES, NAT_GATEWAYS, NAT_MAP, NAT_PUBLIC, NAT_SUBNETS, VNET},
+    maps::{NAT_CREATED, NAT_FAILURES, NAT_GATEWAYS, NAT_MAP, NAT_PUBLIC, NAT_SUBNETS, VNET},
     parse::{PacketMeta, is_echo},
 };
 
@@ -144,6 +144,9 @@ pub fn allocate(meta: &PacketMeta, gw: u32, now: u64) -> Result<u32, DropReason>
             if NAT_MAP.insert(&forward, &out, 0).is_err() {
                 let _ = NAT_MAP.remove(&reply);
                 return Err(exhausted(gw));
+            }
+            if let Some(c) = NAT_CREATED.get_ptr_mut(gw) {
+                unsafe { *c += 1 };
             }
             return Ok((index << 16) | u32::from(port));
         }

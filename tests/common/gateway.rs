@@ -8,6 +8,36 @@ use std::path::PathBuf;
 
 use super::{Netns, Pins, assert_ingress_hook, unique, veth};
 
+/// The server's subnet allowing DNS and web in and denying SSH, a load balancer in front of
+/// the server (192.0.2.10:80 to port 8080) and a NAT gateway (192.0.2.100) for the subnet.
+pub const TRANSLATING_POLICY: &str = r#"
+virtual_network:
+  address_space: [198.51.100.0/24]
+nsgs:
+  - name: servers
+    subnets: [198.51.100.0/24]
+    rules:
+      - {name: allow-dns, priority: 100, direction: inbound, access: allow, protocol: udp,
+         source: Internet, destination: "*", destination_ports: 5353}
+      - {name: allow-web, priority: 110, direction: inbound, access: allow, protocol: tcp,
+         source: Internet, destination: "*", destination_ports: 8080}
+      - {name: deny-ssh, priority: 200, direction: inbound, access: deny, protocol: tcp,
+         source: Internet, destination: "*", destination_ports: 22}
+load_balancers:
+  - name: lb
+    frontends:
+      - {name: vip, address: 192.0.2.10}
+    backend_pools:
+      - {name: web, backends: [198.51.100.10]}
+    rules:
+      - {name: http, frontend: vip, protocol: tcp, frontend_port: 80, backend_port: 8080,
+         backend_pool: web}
+nat_gateways:
+  - name: natgw
+    public_addresses: [192.0.2.100]
+    subnets: [198.51.100.0/24]
+"#;
+
 pub const CLIENT4: &str = "203.0.113.10";
 pub const CLIENT6: &str = "2001:db8:2::10";
 pub const SERVER4: &str = "198.51.100.10";
@@ -92,6 +122,15 @@ impl Gateway {
         let dir = std::env::temp_dir().join(unique("gwpol"));
         std::fs::create_dir_all(&dir).expect("policy dir");
         Self { pins, client, gw, server, ext, int, client_if, server_if, dir }
+    }
+
+    /// Readies the client and the server for frames the gateway's XDP redirects to them
+    /// (load-balanced and translated flows): a veth needs GRO (NAPI) on the receiving peer,
+    /// and senders must complete their checksums (no offload note survives a redirect).
+    pub fn take_redirects(&self) {
+        for (ns, ifname) in [(&self.client, &self.client_if), (&self.server, &self.server_if)] {
+            ns.exec("ethtool", &["-K", ifname, "gro", "on", "tx", "off"]);
+        }
     }
 
     /// Writes a policy file; returns its path.

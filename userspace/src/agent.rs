@@ -40,7 +40,7 @@ use xdpgate_policy::{
 use crate::{
     agent_state::{self, AgentState, Reload},
     flowlog,
-    health::{Change, Health, Prober, Target},
+    health::{Change, Health, ProbeStats, Prober, Target},
     node::{self, Node},
 };
 
@@ -99,7 +99,9 @@ pub struct RunConfig {
     pub node: Option<Node>,
     pub max_concurrent: usize,
     pub metrics_addr: Option<std::net::SocketAddr>,
-    pub flow_log: Option<flowlog::Sink>,
+    pub flow_log: Option<flowlog::FlowLog>,
+    /// How often the flow log's interim records are written; none: never.
+    pub flow_log_interval: Option<Duration>,
 }
 
 /// The policy the agent runs, compiled.
@@ -194,6 +196,46 @@ impl Sweeper {
     }
 }
 
+/// The flow log's interim (`continuing`) records: a walk of the flow table every interval,
+/// on a blocking thread.
+struct Interim {
+    every: Option<Duration>,
+    next: Instant,
+    pass: Option<JoinHandle<Result<Vec<serde_json::Value>>>>,
+}
+
+impl Interim {
+    fn new(every: Option<Duration>) -> Self {
+        Self { every, next: Instant::now() + every.unwrap_or_default(), pass: None }
+    }
+
+    /// Starts a walk if one is due and none is under way.
+    fn start(&mut self, pins: &PinDir, names: &Arc<flows::Names>, reported: &flowlog::Reported) {
+        let Some(every) = self.every else { return };
+        let now = Instant::now();
+        if self.pass.is_some() || now < self.next {
+            return;
+        }
+        self.next = now + every;
+        let (pins, names, reported) = (pins.clone(), names.clone(), reported.clone());
+        self.pass = Some(tokio::task::spawn_blocking(move || {
+            flowlog::interim_lines(&pins, &names, &reported)
+        }));
+    }
+}
+
+/// The probe targets of the running policy and the host's addresses, for telling the
+/// agent's own probe connections in the flow log.
+fn refresh_probe_connections(log: &mut flowlog::FlowLog, lbs: &CompiledLb, failing: &mut Failing) {
+    log.probe_connections.targets =
+        targets(lbs).iter().map(|t| (t.backend, t.probe.port)).collect();
+    if let Some(local) =
+        failing.check("host addresses", flowlog::ProbeConnections::local_addresses())
+    {
+        log.probe_connections.local = local;
+    }
+}
+
 /// Recurring jobs that fail are logged once per distinct error, not every second, and
 /// again when they work again; what fails now is kept for `agent.json`.
 #[derive(Default)]
@@ -248,7 +290,14 @@ fn log_errors(what: &str, e: &anyhow::Error) {
 /// `agent.json` for `xdpgate status` and the metrics), and a failing job (health-change table
 /// rebuild, NAT expiry, flow log) is logged and retried.
 pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
-    let RunConfig { policy: file, node, max_concurrent, metrics_addr, mut flow_log } = config;
+    let RunConfig {
+        policy: file,
+        node,
+        max_concurrent,
+        metrics_addr,
+        mut flow_log,
+        flow_log_interval,
+    } = config;
     let file = file.as_path();
     // First: a SIGTERM or SIGHUP during start-up is handled once it is done, instead of
     // ending the process with the default action.
@@ -259,10 +308,12 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     // This process is the dataplane's one writer of policy until it exits: a one-shot
     // `apply` is refused meanwhile, so the agent never runs on a stale copy.
     let _owner = AgentLock::acquire(pins)?;
+    // Probe results and durations, for the metrics; kept across reloads.
+    let probe_stats = ProbeStats::default();
     // Serves GET /metrics until run returns (the server stops when dropped). A bad
     // address or a port in use fails here, before anything changes.
     let _metrics = match metrics_addr {
-        Some(addr) => Some(crate::metrics::spawn(addr, pins.clone()).await?),
+        Some(addr) => Some(crate::metrics::spawn(addr, pins.clone(), probe_stats.clone()).await?),
         None => None,
     };
     if let Some(node) = &node
@@ -316,6 +367,10 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     let names = Arc::new(flows::Names::read(pins)?);
     let mut running = Running { policy, lbs, names };
     let mut sweeper = Sweeper::new();
+    let mut interim = Interim::new(flow_log_interval);
+    if let Some(log) = flow_log.as_mut() {
+        refresh_probe_connections(log, &running.lbs, &mut failing);
+    }
 
     // The dataplane's flow events, read as they come when a flow log is wanted.
     let mut events = match flow_log {
@@ -351,7 +406,8 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     let mut loggers = Vec::new();
     let mut ticks = 0u64;
     let (mut tx, mut rx) = mpsc::channel::<Change>(256);
-    let mut prober = Prober::spawn(targets_now, &down, max_concurrent, tx.clone());
+    let mut prober =
+        Prober::spawn_counted(targets_now, &down, max_concurrent, tx.clone(), probe_stats.clone());
     save_state(pins, &mut state, &failing);
     loop {
         tokio::select! {
@@ -398,12 +454,24 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
             ended = async { sweeper.ends.as_mut().expect("guarded").recv().await }, if sweeper.ends.is_some() => {
                 match ended {
                     Some(ended) => {
-                        if let Some(sink) = flow_log.as_mut() {
-                            failing.check("flow log", sink.write(&flowlog::end_line(&running.names, &ended)));
+                        if let Some(log) = flow_log.as_mut() {
+                            let line = flowlog::end_line(&running.names, &ended, &log.reported);
+                            failing.check("flow log", log.write(line));
                         }
                     }
                     // The pass is done and every flow it removed is logged.
                     None => sweeper.ends = None,
+                }
+            }
+            joined = async { interim.pass.as_mut().expect("guarded").await }, if interim.pass.is_some() => {
+                interim.pass = None;
+                let lines = joined.map_err(|e| anyhow!("the interim records' thread failed: {e}"));
+                if let Some(lines) = failing.check("flow log interim records", lines.and_then(|r| r))
+                    && let Some(log) = flow_log.as_mut()
+                {
+                    for line in lines {
+                        failing.check("flow log", log.write(line));
+                    }
                 }
             }
             Some(change) = rx.recv() => {
@@ -421,6 +489,10 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                 }
                 tick(pins, &running, &mut loggers, flow_log.as_mut(), &mut failing);
                 sweeper.start(pins, &running.names, flow_log.is_some());
+                if let Some(log) = flow_log.as_mut() {
+                    refresh_probe_connections(log, &running.lbs, &mut failing);
+                    interim.start(pins, &running.names, &log.reported);
+                }
                 // Failures (and recoveries) of any job since the last write, at most once a
                 // second.
                 if failing.list() != state.failing {
@@ -429,8 +501,8 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
             }
             _ = hup.recv() => {
                 info!("SIGHUP: reloading {}", file.display());
-                if let Some(sink) = flow_log.as_mut() {
-                    failing.check("flow log path", sink.reopen());
+                if let Some(log) = flow_log.as_mut() {
+                    failing.check("flow log path", log.sink.reopen());
                 }
                 let result = match prepare(pins, file) {
                     Err(e) => Err(e),
@@ -452,11 +524,11 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                                 let names = names.map(Arc::new).unwrap_or(running.names);
                                 running = Running { policy, lbs, names };
                                 down = down_new;
-                                prober = Prober::spawn(targets_new, &down, max_concurrent, tx.clone());
+                                prober = Prober::spawn_counted(targets_new, &down, max_concurrent, tx.clone(), probe_stats.clone());
                                 Ok(generation)
                             }
                             Err(e) => {
-                                prober = Prober::spawn(targets(&running.lbs), &down, max_concurrent, tx.clone());
+                                prober = Prober::spawn_counted(targets(&running.lbs), &down, max_concurrent, tx.clone(), probe_stats.clone());
                                 Err(e)
                             }
                         }
@@ -526,16 +598,15 @@ fn attach_node(pins: &PinDir, node: &Node, failing: &mut Failing) {
 fn log_events(
     ring: &mut RingBuf<MapData>,
     names: &flows::Names,
-    mut flow_log: Option<&mut flowlog::Sink>,
+    mut flow_log: Option<&mut flowlog::FlowLog>,
     failing: &mut Failing,
 ) {
     while let Some(item) = ring.next() {
-        if item.len() >= std::mem::size_of::<FlowEvent>() {
-            // SAFETY: the dataplane writes whole FlowEvents (plain data).
-            let e: FlowEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-            if let Some(sink) = flow_log.as_deref_mut() {
-                failing.check("flow log", sink.write(&flowlog::event_line(names, &e)));
-            }
+        // Of either version: records of programs before an upgrade stay in the ring.
+        if let Some(e) = FlowEvent::from_record(&item)
+            && let Some(log) = flow_log.as_deref_mut()
+        {
+            failing.check("flow log", log.write_event(names, &e));
         }
     }
 }
@@ -545,7 +616,7 @@ fn tick(
     pins: &PinDir,
     running: &Running,
     loggers: &mut Vec<(u32, EbpfLogger<&'static dyn log::Log>)>,
-    flow_log: Option<&mut flowlog::Sink>,
+    flow_log: Option<&mut flowlog::FlowLog>,
     failing: &mut Failing,
 ) {
     failing.check("dataplane log readers", dataplane_loggers(pins, loggers));
@@ -560,8 +631,8 @@ fn tick(
     }
     // A job of its own: finding the file in place says nothing of whether writes work, so
     // it must not clear a write failure that `status` shows.
-    if let Some(sink) = flow_log
-        && let Some(Some(path)) = failing.check("flow log path", sink.follow())
+    if let Some(log) = flow_log
+        && let Some(Some(path)) = failing.check("flow log path", log.sink.follow())
     {
         warn!("flow log {} was moved or removed; writing to a new file there", path.display());
     }

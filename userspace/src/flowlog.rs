@@ -1,28 +1,90 @@
-//! Flow logs in the spirit of Azure's NSG flow logs: one JSON object per line and flow
-//! tuple, with the NSG and rule that decided it, the decision and the flow state (`begin`,
-//! `end`; `deny`), and for ended flows the packets and bytes each way. `begin` and `deny`
-//! come from the dataplane's ring buffer; `end` from the agent's sweep of idle flows
-//! (`flows::remove_idle`), which runs with or without a flow log.
+//! Flow logs in the spirit of Azure's NSG flow logs (version 2): one JSON object per line
+//! and flow tuple, with `"version": 2`, the NSG and rule that decided it, the decision and
+//! the flow state: `begin`, `continuing` (an interim record of a long flow, Azure's "C"),
+//! `end`; `deny`. `continuing` and `end` records carry the packets and bytes each way, in
+//! all and since the flow's previous record. `begin` and `deny` come from the dataplane's
+//! ring buffer; `end` from the agent's sweep of idle flows (`flows::remove_idle`, which
+//! runs with or without a flow log); `continuing` from a walk of the flow table every
+//! `--flow-log-interval`. The agent's own health-probe connections are left out, or marked.
+//! The schema is in docs/flowlog.md.
 
 use std::{
+    collections::{HashMap, HashSet},
     fs::{self, File, OpenOptions},
     io::{self, Write},
+    net::IpAddr,
     os::unix::fs::{FileExt as _, MetadataExt as _, OpenOptionsExt as _},
     path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result};
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 use xdpgate_common::{
-    events::{EVENT_BEGIN, FlowEvent},
+    events::{EVENT_AT_EGRESS, EVENT_BEGIN, EVENT_DENY, FlowEvent, NO_REASON},
     flow::{FlowKey, FlowValue},
     nsg::DIR_INBOUND,
+    stats::DROP_REASON_NAMES,
 };
 
 use xdpgate_dataplane::{
-    flows::{self, Ended, Names, RuleName},
+    PinDir,
+    flows::{self, Ended, Flow, Names, RuleName},
     nat::monotonic_ns,
+    stats::{self, Traffic},
 };
+
+use crate::status::rfc3339;
+
+/// The schema version every record carries.
+pub const VERSION: u32 = 2;
+
+/// The flow log's flags of `xdpgate run`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct FlowLogArgs {
+    /// Write flow logs (JSON lines, schema version 2: begin, continuing and end with packets
+    /// and bytes each way; deny, drop) to FILE, or to stdout with `-`.
+    #[arg(long, value_name = "FILE")]
+    pub flow_log: Option<String>,
+    /// Rotate the flow log to FILE.1 when it reaches this many bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = 100 << 20)]
+    pub flow_log_max_bytes: u64,
+    /// Rotated flow logs kept: FILE.1 (newest) to FILE.N; older ones are deleted. 0 keeps
+    /// none (a full file is deleted).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub flow_log_keep: u32,
+    /// Write an interim (`continuing`) record of each flow that had traffic since its last
+    /// record every SECONDS (Azure's version 2 "C" records); 0: none.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    pub flow_log_interval: u64,
+    /// The agent's own health-probe connections: left out of the flow log (`omit`), or
+    /// written with `"probe": true` (`mark`).
+    #[arg(long, value_enum, value_name = "HOW", default_value_t = ProbeTraffic::Omit)]
+    pub flow_log_probes: ProbeTraffic,
+}
+
+impl FlowLogArgs {
+    /// The interval of interim records; none when 0.
+    pub fn interval(&self) -> Option<Duration> {
+        (self.flow_log_interval > 0).then(|| Duration::from_secs(self.flow_log_interval))
+    }
+
+    /// The sink, when a flow log is wanted.
+    pub fn open(&self) -> Result<Option<Sink>> {
+        self.flow_log
+            .as_deref()
+            .map(|f| Sink::open(f, self.flow_log_max_bytes, self.flow_log_keep))
+            .transpose()
+    }
+}
+
+/// What the flow log does with the agent's own health-probe connections.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProbeTraffic {
+    Omit,
+    Mark,
+}
 
 /// Where log lines go: stdout, or a file rotated to `FILE.1` when it reaches `max_bytes`.
 pub enum Sink {
@@ -33,6 +95,8 @@ pub enum Sink {
 pub struct FileSink {
     path: PathBuf,
     max_bytes: u64,
+    /// Rotated files kept (FILE.1 ..= FILE.keep).
+    keep: u32,
     file: File,
     written: u64,
     /// The file ends in part of a line that could not be cut off: the next line starts on
@@ -68,7 +132,7 @@ fn cut_partial_line(file: &File, len: u64) -> (u64, bool) {
 impl FileSink {
     /// Opens `path` for appending, created mode 0640 (flow logs name every peer: not for
     /// every local user).
-    fn open(path: PathBuf, max_bytes: u64) -> Result<Self> {
+    fn open(path: PathBuf, max_bytes: u64, keep: u32) -> Result<Self> {
         let file = OpenOptions::new()
             .read(true)
             .create(true)
@@ -78,35 +142,62 @@ impl FileSink {
             .with_context(|| format!("opening flow log {}", path.display()))?;
         let len = file.metadata().map(|m| m.len()).unwrap_or(0);
         let (written, mid_line) = cut_partial_line(&file, len);
-        Ok(Self { path, max_bytes, file, written, mid_line })
+        Ok(Self { path, max_bytes, keep, file, written, mid_line })
     }
 
     fn reopen(&mut self) -> Result<()> {
-        *self = Self::open(self.path.clone(), self.max_bytes)?;
+        *self = Self::open(self.path.clone(), self.max_bytes, self.keep)?;
         Ok(())
     }
 
+    /// `FILE.n` (FILE itself for 0).
+    fn numbered(&self, n: u32) -> PathBuf {
+        let mut p = self.path.clone().into_os_string();
+        if n > 0 {
+            p.push(format!(".{n}"));
+        }
+        PathBuf::from(p)
+    }
+
+    /// Shifts FILE.1 .. FILE.keep-1 up by one (the oldest, FILE.keep, is replaced), moves
+    /// FILE to FILE.1 (with `keep` 0: deletes it), and starts a new FILE.
     fn rotate(&mut self) -> Result<()> {
-        let mut rotated = self.path.clone().into_os_string();
-        rotated.push(".1");
-        match fs::rename(&self.path, &rotated) {
+        let moved = if self.keep == 0 {
+            fs::remove_file(&self.path).with_context(|| {
+                format!("removing the full flow log {} (--flow-log-keep 0)", self.path.display())
+            })
+        } else {
+            for n in (1..self.keep).rev() {
+                match fs::rename(self.numbered(n), self.numbered(n + 1)) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                        return Err(e).with_context(|| {
+                            format!("rotating flow log {}", self.numbered(n).display())
+                        });
+                    }
+                    _ => {}
+                }
+            }
+            fs::rename(&self.path, self.numbered(1)).with_context(|| {
+                format!(
+                    "rotating flow log {} to {}",
+                    self.path.display(),
+                    Path::new(&self.numbered(1)).display()
+                )
+            })
+        };
+        match moved {
             Ok(()) => {}
             // Removed under us: nothing to rotate, start a new file.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            Err(e)
+                if e.downcast_ref::<io::Error>().map(io::Error::kind)
+                    == Some(io::ErrorKind::NotFound) =>
+            {
                 log::warn!(
                     "flow log {} was removed; writing to a new file there",
                     self.path.display()
                 );
             }
-            Err(e) => {
-                return Err(e).with_context(|| {
-                    format!(
-                        "rotating flow log {} to {}",
-                        self.path.display(),
-                        Path::new(&rotated).display()
-                    )
-                });
-            }
+            Err(e) => return Err(e),
         }
         self.reopen()
     }
@@ -121,12 +212,13 @@ impl FileSink {
 }
 
 impl Sink {
-    /// `-` for stdout, else a file appended to.
-    pub fn open(target: &str, max_bytes: u64) -> Result<Self> {
+    /// `-` for stdout, else a file appended to, rotated at `max_bytes` with `keep` old
+    /// files kept.
+    pub fn open(target: &str, max_bytes: u64, keep: u32) -> Result<Self> {
         if target == "-" {
             return Ok(Sink::Stdout);
         }
-        Ok(Sink::File(FileSink::open(PathBuf::from(target), max_bytes)?))
+        Ok(Sink::File(FileSink::open(PathBuf::from(target), max_bytes, keep)?))
     }
 
     /// Opens the file at the path anew (logrotate style: after the old one was moved away,
@@ -179,8 +271,8 @@ impl Sink {
     }
 }
 
-/// Converts the dataplane's monotonic nanoseconds to wall-clock seconds.
-fn wall_clock(mono_ns: u64) -> f64 {
+/// The dataplane's monotonic nanoseconds as wall-clock seconds since the Unix epoch.
+pub fn wall_clock(mono_ns: u64) -> f64 {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
@@ -188,86 +280,309 @@ fn wall_clock(mono_ns: u64) -> f64 {
     now - (monotonic_ns().saturating_sub(mono_ns)) as f64 / 1e9
 }
 
-fn protocol(family: u8, p: u8) -> Value {
-    match p {
-        6 => json!("tcp"),
-        17 => json!("udp"),
-        // ICMP of the flow's family; the other family's number is a plain protocol.
-        p if xdpgate_common::is_icmp(family, p) => json!("icmp"),
-        n => json!(n),
-    }
+/// Seconds since the Unix epoch as RFC 3339 in UTC with milliseconds.
+pub fn time(unix: f64) -> String {
+    let ms = (unix.max(0.0) * 1e3).round() as u64;
+    let whole = rfc3339(ms / 1000);
+    format!("{}.{:03}Z", whole.trim_end_matches('Z'), ms % 1000)
 }
 
-fn tuple(key: &FlowKey) -> Value {
-    json!({
-        "src": flows::addr(&key.src, key.family).to_string(),
-        "sport": key.sport,
-        "dst": flows::addr(&key.dst, key.family).to_string(),
-        "dport": key.dport,
-        "protocol": protocol(key.family, key.proto),
-    })
-}
-
-fn merge(mut a: Value, b: Value) -> Value {
-    if let (Some(a), Value::Object(b)) = (a.as_object_mut(), b) {
-        a.extend(b);
-    }
-    a
+fn rule_name(r: Option<&RuleName>) -> Value {
+    r.map_or(Value::Null, |r| json!({"nsg": r.nsg, "rule": r.rule}))
 }
 
 /// The deciding rule (`nsg`, `rule`: the destination side's when an NSG applied there, else
 /// the source side's) and the rule of each side (`rules.outbound`, `rules.inbound`).
-fn rule_fields(names: &Names, rules: [u16; 2], generation: u64) -> Value {
-    let sides = names.rules(rules, generation);
-    let name = |r: Option<&RuleName>| r.map(|r| json!({"nsg": r.nsg, "rule": r.rule}));
-    json!({
-        "nsg": sides.deciding().map(|r| &r.nsg),
-        "rule": sides.deciding().map(|r| &r.rule),
-        "rules": {"outbound": name(sides.outbound.as_ref()), "inbound": name(sides.inbound.as_ref())},
-    })
+fn rule_fields(out: &mut Map<String, Value>, rules: &flows::SideRules) {
+    out.insert("nsg".into(), rules.deciding().map_or(Value::Null, |r| json!(r.nsg)));
+    out.insert("rule".into(), rules.deciding().map_or(Value::Null, |r| json!(r.rule)));
+    out.insert(
+        "rules".into(),
+        json!({"outbound": rule_name(rules.outbound.as_ref()), "inbound": rule_name(rules.inbound.as_ref())}),
+    );
 }
 
-/// The log line of a dataplane event.
-pub fn event_line(names: &Names, e: &FlowEvent) -> Value {
-    let begin = e.kind == EVENT_BEGIN;
-    merge(
-        merge(
-            json!({
-                "time": wall_clock(e.time_ns),
-                "direction": if u32::from(e.direction) == DIR_INBOUND { "inbound" } else { "outbound" },
-                "decision": if begin { "allow" } else { "deny" },
-                "state": if begin { "begin" } else { "deny" },
-            }),
-            tuple(&e.key),
-        ),
-        rule_fields(names, e.rules, e.generation),
-    )
+/// `version`, `time`, `state` and `decision`, the fields every record has.
+fn record(time_unix: f64, state: &str, decision: &str) -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert("version".into(), json!(VERSION));
+    m.insert("time".into(), json!(time(time_unix)));
+    m.insert("state".into(), json!(state));
+    m.insert("decision".into(), json!(decision));
+    m
+}
+
+/// The 5-tuple of the flow's first packet: `protocol`, `src`, `src_port`, `dst`,
+/// `dst_port` (ports for TCP, UDP and SCTP only; `icmp_id` for ICMP echo).
+fn tuple(out: &mut Map<String, Value>, key: &FlowKey) {
+    let ports = matches!(key.proto, 6 | 17 | 132);
+    let name = flows::protocol_name(key.family, key.proto);
+    // Named, or its number (as a number).
+    out.insert("protocol".into(), name.parse::<u8>().map_or_else(|_| json!(name), |n| json!(n)));
+    out.insert("src".into(), json!(flows::addr(&key.src, key.family).to_string()));
+    out.insert("src_port".into(), if ports { json!(key.sport) } else { Value::Null });
+    out.insert("dst".into(), json!(flows::addr(&key.dst, key.family).to_string()));
+    out.insert("dst_port".into(), if ports { json!(key.dport) } else { Value::Null });
+    if xdpgate_common::is_icmp(key.family, key.proto) {
+        out.insert("icmp_id".into(), json!(key.sport));
+    }
+}
+
+fn direction(d: u8) -> &'static str {
+    if u32::from(d) == DIR_INBOUND { "inbound" } else { "outbound" }
+}
+
+/// The log line of a dataplane event: `begin` (an allowed flow's first packet), `deny` (an
+/// NSG rule denied the packet) or `drop` (dropped for another reason the flow log hears of:
+/// `nat_unmatched`). Version-2 events add the interface (`interface`, named as the event was
+/// read, and `hook`: `ingress` or `egress` for the host's own packets), the drop `reason`,
+/// the packet's `tcp_flags`, and for a begin the rewrite (`nat`) and backend
+/// (`load_balancer`), named as `xdpgate flows` names them.
+pub fn event_line(names: &Names, e: &FlowEvent, interface: Option<&str>) -> Value {
+    let (state, decision) = match e.kind {
+        EVENT_BEGIN => ("begin", "allow"),
+        EVENT_DENY => ("deny", "deny"),
+        _ => ("drop", "drop"),
+    };
+    let mut m = record(wall_clock(e.time_ns), state, decision);
+    m.insert("direction".into(), json!(direction(e.direction)));
+    if matches!(e.key.family, 4 | 6) {
+        tuple(&mut m, &e.key);
+    } else {
+        // Dropped before its headers were read.
+        for k in ["protocol", "src", "src_port", "dst", "dst_port"] {
+            m.insert(k.into(), Value::Null);
+        }
+    }
+    // The event as the first entry of its flow: the same naming as flows and `end` lines.
+    let entry = FlowValue {
+        generation: e.generation,
+        rules: e.rules,
+        direction: e.direction,
+        nat: e.nat,
+        nat_addr: e.nat_addr,
+        nat_port: e.nat_port,
+        service: e.service,
+        backend: e.backend,
+        ..FlowValue::default()
+    };
+    let flow = Ended { key: e.key, forward: Some(entry), reply: None }.describe(names);
+    rule_fields(&mut m, &flow.rules);
+    if e.version >= 2 {
+        if e.kind == EVENT_BEGIN {
+            if let Some(nat) = &flow.nat {
+                m.insert("nat".into(), json!(nat));
+            }
+            if let Some(lb) = &flow.load_balancer {
+                m.insert("load_balancer".into(), json!(lb));
+            }
+        }
+        m.insert("interface".into(), json!(interface));
+        m.insert(
+            "hook".into(),
+            json!(if e.point == EVENT_AT_EGRESS { "egress" } else { "ingress" }),
+        );
+        if e.key.proto == 6 {
+            m.insert("tcp_flags".into(), json!(crate::observe::tcp_flags(e.tcp_flags)));
+        }
+    }
+    if e.reason != NO_REASON {
+        let reason = DROP_REASON_NAMES.get(usize::from(e.reason)).copied();
+        m.insert("reason".into(), json!(reason));
+    }
+    Value::Object(m)
+}
+
+fn traffic(t: Traffic) -> Value {
+    json!({"packets": t.packets, "bytes": t.bytes})
+}
+
+fn minus(a: Traffic, b: Traffic) -> Traffic {
+    Traffic { packets: a.packets.saturating_sub(b.packets), bytes: a.bytes.saturating_sub(b.bytes) }
+}
+
+/// A `continuing` or `end` line: the flow as the table has it, its totals each way and
+/// what came since `before` (the totals of its previous record, zero if none).
+fn flow_line(
+    key: &FlowKey,
+    flow: &Flow,
+    state: &str,
+    time_unix: f64,
+    before: (Traffic, Traffic),
+) -> Value {
+    let mut m = record(time_unix, state, "allow");
+    m.insert("direction".into(), json!(flow.direction));
+    tuple(&mut m, key);
+    rule_fields(&mut m, &flow.rules);
+    if let Some(nat) = &flow.nat {
+        m.insert("nat".into(), json!(nat));
+    }
+    if let Some(lb) = &flow.load_balancer {
+        m.insert("load_balancer".into(), json!(lb));
+    }
+    m.insert("forward".into(), traffic(flow.forward));
+    m.insert("reply".into(), traffic(flow.reply));
+    m.insert(
+        "delta".into(),
+        json!({
+            "forward": traffic(minus(flow.forward, before.0)),
+            "reply": traffic(minus(flow.reply, before.1)),
+        }),
+    );
+    Value::Object(m)
+}
+
+/// What the flow log has written of live flows, by the key of each flow's first packet's
+/// direction, shared by the `end` lines and the walks for `continuing` ones.
+#[derive(Clone, Default)]
+pub struct Reported(Arc<Mutex<ReportedState>>);
+
+#[derive(Default)]
+struct ReportedState {
+    /// Totals of each flow's last `continuing` record: what the next `delta` counts from;
+    /// and whether the last walk missed the flow. A flow the sweep removed has its `end`
+    /// line written soon after (the line takes the entry); one gone otherwise (NAT expiry,
+    /// `flows delete`) is forgotten when a second walk misses it.
+    last: HashMap<FlowKey, (Traffic, Traffic, bool)>,
+    /// Flows ended (their `end` line written) since the walk under way began: it may have
+    /// read them before the sweep removed them, and must not write them again.
+    ended: HashMap<FlowKey, Instant>,
+}
+
+impl Reported {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ReportedState> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The flow ended: the totals of its last record (zero if none).
+    fn take(&self, key: &FlowKey) -> (Traffic, Traffic) {
+        let mut m = self.lock();
+        m.ended.insert(*key, Instant::now());
+        m.last.remove(key).map(|(f, r, _)| (f, r)).unwrap_or_default()
+    }
 }
 
 /// The `end` line of a flow the agent's sweep removed, with its packets and bytes both ways
 /// (zero for a direction whose entry was already gone).
-pub fn end_line(names: &Names, ended: &Ended) -> Value {
-    let main = ended.main();
-    let traffic = |v: Option<FlowValue>| v.map_or((0, 0), |v| (v.packets, v.bytes));
-    let (packets_forward, bytes_forward) = traffic(ended.forward);
-    let (packets_reverse, bytes_reverse) = traffic(ended.reply);
+pub fn end_line(names: &Names, ended: &Ended, reported: &Reported) -> Value {
     let last = ended.forward.iter().chain(ended.reply.iter()).map(|v| v.last_seen_ns).max();
-    merge(
-        merge(
-            json!({
-                "time": wall_clock(last.unwrap_or(0)),
-                "direction": if u32::from(main.direction) == DIR_INBOUND { "inbound" } else { "outbound" },
-                "decision": "allow",
-                "state": "end",
-                "packets_forward": packets_forward,
-                "bytes_forward": bytes_forward,
-                "packets_reverse": packets_reverse,
-                "bytes_reverse": bytes_reverse,
-            }),
-            tuple(&ended.key),
-        ),
-        rule_fields(names, main.rules, main.generation),
-    )
+    let flow = ended.describe(names);
+    flow_line(&ended.key, &flow, "end", wall_clock(last.unwrap_or(0)), reported.take(&ended.key))
+}
+
+/// The `continuing` lines of one walk of the flow table: one for each flow with traffic
+/// since its last record. Flows no longer in the table are forgotten. Runs on a blocking
+/// thread (a walk of a big table takes a while).
+pub fn interim_lines(pins: &PinDir, names: &Names, reported: &Reported) -> Result<Vec<Value>> {
+    let started = Instant::now();
+    let live = flows::established(pins, names)?;
+    Ok(continuing(&live, started, reported))
+}
+
+/// The `continuing` lines of the flows a walk that began at `started` read.
+fn continuing(live: &[(FlowKey, Flow)], started: Instant, reported: &Reported) -> Vec<Value> {
+    let now = wall_clock(monotonic_ns());
+    let mut guard = reported.lock();
+    let ReportedState { last, ended } = &mut *guard;
+    // Ended before the walk began: what it read under those keys are new flows.
+    ended.retain(|_, at| *at >= started);
+    let keys: HashSet<FlowKey> = live.iter().map(|(k, _)| *k).collect();
+    last.retain(|k, (_, _, missed)| {
+        let seen = keys.contains(k);
+        let keep = seen || !*missed;
+        *missed = !seen;
+        keep
+    });
+    let mut lines = Vec::new();
+    for (key, flow) in live.iter().filter(|(k, _)| !ended.contains_key(k)) {
+        let before = last.get(key).map(|&(f, r, _)| (f, r)).unwrap_or_default();
+        if (flow.forward, flow.reply) == before {
+            continue;
+        }
+        lines.push(flow_line(key, flow, "continuing", now, before));
+        last.insert(*key, (flow.forward, flow.reply, false));
+    }
+    lines
+}
+
+/// The agent's own health-probe connections: a local address to a probe target's port on
+/// a backend (TCP; HTTP and HTTPS probes are TCP too).
+#[derive(Clone, Debug, Default)]
+pub struct ProbeConnections {
+    /// Backend and port of each probe target.
+    pub targets: HashSet<(IpAddr, u16)>,
+    /// The host's addresses (in the agent's network namespace).
+    pub local: HashSet<IpAddr>,
+}
+
+impl ProbeConnections {
+    /// Whether a line (with `src`, `src_port`, `dst`, `dst_port`, `protocol`) is one of them.
+    pub fn matches(&self, line: &Value) -> bool {
+        let end = |a: &str, p: &str| -> Option<(IpAddr, u16)> {
+            Some((line[a].as_str()?.parse().ok()?, u16::try_from(line[p].as_u64()?).ok()?))
+        };
+        let (Some(src), Some(dst)) = (end("src", "src_port"), end("dst", "dst_port")) else {
+            return false;
+        };
+        line["protocol"] == "tcp"
+            && ((self.targets.contains(&dst) && self.local.contains(&src.0))
+                || (self.targets.contains(&src) && self.local.contains(&dst.0)))
+    }
+
+    /// The host's addresses now.
+    pub fn local_addresses() -> Result<HashSet<IpAddr>> {
+        let addrs = nix::ifaddrs::getifaddrs().context("listing the host's addresses")?;
+        Ok(addrs
+            .filter_map(|a| a.address)
+            .filter_map(|a| {
+                a.as_sockaddr_in()
+                    .map(|s| IpAddr::V4(s.ip()))
+                    .or_else(|| a.as_sockaddr_in6().map(|s| IpAddr::V6(s.ip())))
+            })
+            .collect())
+    }
+}
+
+/// The flow log: its sink and how probe connections are treated.
+pub struct FlowLog {
+    pub sink: Sink,
+    pub probes: ProbeTraffic,
+    pub probe_connections: ProbeConnections,
+    pub reported: Reported,
+    /// Interface names by index, looked up once.
+    ifnames: HashMap<u32, Option<String>>,
+}
+
+impl FlowLog {
+    pub fn new(sink: Sink, probes: ProbeTraffic) -> Self {
+        Self {
+            sink,
+            probes,
+            probe_connections: ProbeConnections::default(),
+            reported: Reported::default(),
+            ifnames: HashMap::new(),
+        }
+    }
+
+    /// Writes the line of a dataplane event.
+    pub fn write_event(&mut self, names: &Names, e: &FlowEvent) -> Result<()> {
+        let interface = (e.version >= 2)
+            .then(|| self.ifnames.entry(e.ifindex).or_insert_with(|| stats::ifname(e.ifindex)))
+            .and_then(|n| n.as_deref());
+        let line = event_line(names, e, interface);
+        self.write(line)
+    }
+
+    /// Writes `line`, unless it is a probe connection left out (marked when asked).
+    pub fn write(&mut self, mut line: Value) -> Result<()> {
+        if self.probe_connections.matches(&line) {
+            match self.probes {
+                ProbeTraffic::Omit => return Ok(()),
+                ProbeTraffic::Mark => line["probe"] = json!(true),
+            }
+        }
+        self.sink.write(&line)
+    }
 }
 
 #[cfg(test)]
@@ -286,15 +601,128 @@ mod tests {
         ] {
             let path = dir.join("f.jsonl");
             fs::write(&path, before).unwrap();
-            let f = FileSink::open(path.clone(), 1 << 20).unwrap();
+            let f = FileSink::open(path.clone(), 1 << 20, 1).unwrap();
             assert_eq!(fs::read_to_string(&path).unwrap(), after, "{before:?}");
             assert_eq!((f.written, f.mid_line), (after.len() as u64, mid_line));
         }
         // A long line with no line end in the last 64 KiB is not ours to cut.
         let path = dir.join("g.jsonl");
         fs::write(&path, format!("x\n{}", "y".repeat(70_000))).unwrap();
-        let f = FileSink::open(path.clone(), 1 << 20).unwrap();
+        let f = FileSink::open(path.clone(), 1 << 20, 1).unwrap();
         assert_eq!((f.written, f.mid_line), (70_002, true));
         let _ = fs::remove_dir_all(&dir);
+    }
+
+    fn flow(packets: u64) -> (FlowKey, Flow) {
+        let t = Traffic { packets, bytes: 100 * packets };
+        let key = FlowKey { sport: 1000, dport: 53, proto: 17, family: 4, ..FlowKey::default() };
+        let flow = Flow {
+            state: flows::FlowState::Established,
+            protocol: "udp".into(),
+            src: [192, 0, 2, 1].into(),
+            src_port: Some(1000),
+            dst: [198, 51, 100, 1].into(),
+            dst_port: Some(53),
+            icmp_id: None,
+            direction: "inbound",
+            generation: 1,
+            nsg: None,
+            rule: None,
+            layer: None,
+            rule_index: None,
+            rules: flows::SideRules::default(),
+            nat: None,
+            load_balancer: None,
+            forward: t,
+            reply: t,
+            idle_seconds: 0.0,
+            expired: false,
+            incomplete: false,
+        };
+        (key, flow)
+    }
+
+    fn delta(l: &Value) -> u64 {
+        l["delta"]["forward"]["packets"].as_u64().unwrap()
+    }
+
+    /// The walk and the sweep race (the walk runs on its own thread, the sweep on another,
+    /// the `end` line is written by the agent's loop): a flow the walk read before the sweep
+    /// removed it gets no `continuing` line after its `end`; and a walk that runs between
+    /// the removal and the `end` line does not lose what the `end` line counts from.
+    #[test]
+    fn continuing_and_end_lines_race_without_double_counting() {
+        let reported = Reported::default();
+        let (key, f3) = flow(3);
+        let first = continuing(&[(key, f3.clone())], Instant::now(), &reported);
+        assert_eq!(first.iter().map(delta).collect::<Vec<_>>(), [3]);
+        // Nothing new: no line.
+        assert!(continuing(&[(key, f3)], Instant::now(), &reported).is_empty());
+
+        // A walk reads the flow (8 packets), the sweep removes it and its end line is
+        // written, then the walk goes on: nothing from the walk.
+        let (_, f8) = flow(8);
+        let started = Instant::now();
+        assert_eq!(reported.take(&key).0.packets, 3, "the end counts from the last record");
+        assert!(continuing(&[(key, f8.clone())], started, &reported).is_empty());
+        // A new flow with the same tuple, read by a later walk: reported from zero.
+        let again = continuing(&[(key, f8.clone())], Instant::now(), &reported);
+        assert_eq!(again.iter().map(delta).collect::<Vec<_>>(), [8]);
+
+        // Removed by the sweep, then a walk misses it before its end line is written: the
+        // end line still counts from the last record; a flow missed twice is forgotten.
+        assert!(continuing(&[], Instant::now(), &reported).is_empty());
+        assert_eq!(reported.take(&key).0.packets, 8);
+        let other = Reported::default();
+        continuing(&[(key, f8)], Instant::now(), &other);
+        continuing(&[], Instant::now(), &other);
+        continuing(&[], Instant::now(), &other);
+        assert!(other.lock().last.is_empty());
+    }
+
+    /// Each line 32 bytes, files rotated past 100 bytes (three lines each): after 20 lines,
+    /// FILE and FILE.1 ..= FILE.keep hold the newest lines in order, and nothing older is
+    /// kept; with keep 0 only FILE.
+    #[test]
+    fn rotation_keeps_n_files() {
+        for keep in [0u32, 1, 3] {
+            let dir = std::env::temp_dir().join(format!("xgrotate{}-{keep}", std::process::id()));
+            let _ = fs::remove_dir_all(&dir);
+            fs::create_dir_all(&dir).unwrap();
+            let path = dir.join("flows.jsonl");
+            let mut sink = Sink::open(path.to_str().unwrap(), 100, keep).unwrap();
+            for i in 0..20u32 {
+                sink.write(&json!({"line": format!("{i:020}")})).unwrap();
+            }
+            let mut names: Vec<String> = fs::read_dir(&dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            names.sort();
+            let want: Vec<String> = std::iter::once("flows.jsonl".to_string())
+                .chain((1..=keep).map(|n| format!("flows.jsonl.{n}")))
+                .collect();
+            assert_eq!(names, want, "keep {keep}");
+            // Oldest first: FILE.keep .. FILE.1, then FILE.
+            let text: String = (1..=keep)
+                .rev()
+                .map(|n| dir.join(format!("flows.jsonl.{n}")))
+                .chain(std::iter::once(path.clone()))
+                .map(|p| fs::read_to_string(p).unwrap())
+                .collect();
+            let lines: Vec<u32> = text
+                .lines()
+                .map(|l| {
+                    serde_json::from_str::<Value>(l).unwrap()["line"]
+                        .as_str()
+                        .unwrap()
+                        .parse()
+                        .unwrap()
+                })
+                .collect();
+            let kept = 3 * keep as usize + 2;
+            assert_eq!(lines, (20 - kept as u32..20).collect::<Vec<_>>(), "keep {keep}");
+            let _ = fs::remove_dir_all(&dir);
+        }
     }
 }

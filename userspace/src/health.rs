@@ -21,11 +21,11 @@
 //! certificate presented. Every network operation runs inside the probe's timeout, so a
 //! probe never outlives `timeout_ms`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::WebPkiSupportedAlgorithms;
@@ -311,6 +311,41 @@ impl Tracker {
 
 type States = Arc<Mutex<HashMap<(IpAddr, String), Health>>>;
 
+/// How one target's probes went, since the agent started (kept across reloads).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ProbeCounts {
+    pub successes: u64,
+    pub failures: u64,
+    /// Time all its probes took, failed ones included (a timeout counts its full wait).
+    pub seconds_total: f64,
+    /// Time the last probe took.
+    pub last_seconds: f64,
+}
+
+/// Every target's [`ProbeCounts`], shared by the probers and the metrics server.
+#[derive(Clone, Debug, Default)]
+pub struct ProbeStats(Arc<Mutex<BTreeMap<(IpAddr, String), ProbeCounts>>>);
+
+impl ProbeStats {
+    fn record(&self, key: (IpAddr, String), ok: bool, took: Duration) {
+        let mut all = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let c = all.entry(key).or_default();
+        if ok {
+            c.successes += 1;
+        } else {
+            c.failures += 1;
+        }
+        c.seconds_total += took.as_secs_f64();
+        c.last_seconds = took.as_secs_f64();
+    }
+
+    /// Every target probed so far, sorted by (backend, probe).
+    pub fn snapshot(&self) -> Vec<(IpAddr, String, ProbeCounts)> {
+        let all = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        all.iter().map(|((a, p), c)| (*a, p.clone(), *c)).collect()
+    }
+}
+
 /// Probes a set of targets periodically. Dropping it (or [`Prober::stop`]) stops the probes.
 pub struct Prober {
     states: States,
@@ -332,6 +367,17 @@ impl Prober {
         max_concurrent: usize,
         changes: mpsc::Sender<Change>,
     ) -> Prober {
+        Self::spawn_counted(targets, down, max_concurrent, changes, ProbeStats::default())
+    }
+
+    /// [`Prober::spawn`], adding each probe's result and duration to `stats`.
+    pub fn spawn_counted(
+        targets: Vec<Target>,
+        down: &HashSet<(IpAddr, String)>,
+        max_concurrent: usize,
+        changes: mpsc::Sender<Change>,
+        stats: ProbeStats,
+    ) -> Prober {
         let states: States = Arc::default();
         let limit = Arc::new(Semaphore::new(max_concurrent.max(1)));
         let mut tasks = Vec::with_capacity(targets.len());
@@ -351,6 +397,7 @@ impl Prober {
                 Arc::clone(&limit),
                 Arc::clone(&states),
                 changes.clone(),
+                stats.clone(),
             )));
         }
         Prober { states, tasks }
@@ -391,6 +438,7 @@ async fn run(
     limit: Arc<Semaphore>,
     states: States,
     changes: mpsc::Sender<Change>,
+    stats: ProbeStats,
 ) {
     let period = Duration::from_millis(u64::from(target.probe.interval_ms.max(1)));
     let mut ticks = tokio::time::interval(period);
@@ -402,7 +450,10 @@ async fn run(
             let Ok(_permit) = limit.acquire().await else {
                 return; // the semaphore is never closed
             };
-            probe_once(&target).await
+            let start = Instant::now();
+            let result = probe_once(&target).await;
+            stats.record(target.key(), result.is_ok(), start.elapsed());
+            result
         };
         let Some(health) = tracker.record(result.is_ok(), target.probe.threshold) else {
             continue;

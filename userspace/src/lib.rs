@@ -5,12 +5,14 @@
 pub mod agent;
 pub mod agent_state;
 pub mod cli_docs;
+pub mod filter;
 pub mod flowlog;
 pub mod health;
 pub mod lb;
 pub mod metrics;
 pub mod node;
 pub mod set;
+pub mod observe;
 pub mod status;
 pub mod verify_flow;
 pub mod views;

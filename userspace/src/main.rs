@@ -5,7 +5,7 @@ use std::{net::IpAddr, path::PathBuf, process::ExitCode};
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{CommandFactory as _, Parser, Subcommand, ValueEnum as _};
 use xdpgate::{
-    agent, cli_docs, flowlog, metrics, status, verify_flow,
+    agent, cli_docs, flowlog, metrics, observe, status, verify_flow,
     views::{self, OutputArgs},
 };
 use xdpgate_common::{iface::Role, maps::DEFAULT_PIN_DIR};
@@ -149,13 +149,8 @@ enum Command {
         /// namespace), or `off`.
         #[arg(long, value_name = "ADDR", default_value = metrics::DEFAULT_ADDR)]
         metrics_addr: metrics::ListenAddr,
-        /// Write flow logs (JSON lines: begin, deny, end with packets and bytes each way)
-        /// to FILE, or to stdout with `-`.
-        #[arg(long, value_name = "FILE")]
-        flow_log: Option<String>,
-        /// Rotate the flow log to FILE.1 when it reaches this many bytes.
-        #[arg(long, default_value_t = 100 << 20)]
-        flow_log_max_bytes: u64,
+        #[command(flatten)]
+        flow_log: flowlog::FlowLogArgs,
     },
     /// Show the load balancers: frontends, backends, health, drained backends, live flows
     /// and counters; `lb drain` / `lb enable` take a backend out of rotation and back.
@@ -203,6 +198,7 @@ enum Command {
         #[command(flatten)]
         output: OutputArgs,
     },
+    Observe(observe::ObserveArgs),
     /// Show packet and byte counters per interface and verdict, and drops by reason.
     Stats {
         #[command(flatten)]
@@ -405,19 +401,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let (generation, _) = transaction::apply_policy(&pins, &policy, &source, &health)?;
             println!("applied {} as generation {generation}", file.display());
         }
-        Command::Run {
-            policy,
-            node,
-            probe_concurrency,
-            metrics_addr,
-            flow_log,
-            flow_log_max_bytes,
-        } => {
+        Command::Run { policy, node, probe_concurrency, metrics_addr, flow_log } => {
             // The agent reports write errors (a closed stdout flow log) instead of dying.
             // SAFETY: setting one signal's disposition before any thread starts.
             unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
             let node = node.map(|n| xdpgate::node::load(&n)).transpose()?;
-            let sink = flow_log.map(|f| flowlog::Sink::open(&f, flow_log_max_bytes)).transpose()?;
+            let log = flow_log.open()?.map(|s| flowlog::FlowLog::new(s, flow_log.flow_log_probes));
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             runtime.block_on(agent::run(
                 &pins,
@@ -426,7 +415,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     node,
                     max_concurrent: probe_concurrency,
                     metrics_addr: metrics_addr.0,
-                    flow_log: sink,
+                    flow_log: log,
+                    flow_log_interval: flow_log.interval(),
                 },
             ))?;
         }
@@ -445,6 +435,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let report = nat::report(&pins, &running_record(&pins)?)?;
             views::print(report.as_slice(), output.format())?;
         }
+        Command::Observe(args) => observe::run(&pins, args)?,
         Command::Stats { output } => {
             views::print(&stats::read(&pins)?, output.format())?;
         }

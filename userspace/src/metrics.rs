@@ -8,7 +8,7 @@
 use std::{
     collections::BTreeMap,
     convert::Infallible,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     str::FromStr,
     sync::{
         Arc, Mutex, PoisonError,
@@ -45,7 +45,10 @@ use xdpgate_dataplane::{
     stats::{self, Stats},
 };
 
-use crate::agent_state::{self, AgentState};
+use crate::{
+    agent_state::{self, AgentState},
+    health::{ProbeCounts, ProbeStats},
+};
 
 /// Where `xdpgate run` serves metrics unless told otherwise.
 pub const DEFAULT_ADDR: &str = "127.0.0.1:9477";
@@ -193,10 +196,12 @@ pub struct Snapshot {
     pub nat: Vec<nat::GatewayReport>,
     /// The running agent's last policy load (none without a running agent).
     pub agent: Option<AgentState>,
+    /// The agent's health probes so far (served by the agent only).
+    pub probes: Vec<(IpAddr, String, ProbeCounts)>,
 }
 
 impl Snapshot {
-    pub fn read(pins: &PinDir) -> Result<Self> {
+    pub fn read(pins: &PinDir, probes: Option<&ProbeStats>) -> Result<Self> {
         let stats = stats::read(pins)?;
         let (_, config) = apply::active(pins)?;
         // Names come from the running generation's record: nothing is recompiled per scrape.
@@ -213,6 +218,7 @@ impl Snapshot {
             applied_at,
             nat,
             agent: agent_state::read(pins).filter(AgentState::running),
+            probes: probes.map(ProbeStats::snapshot).unwrap_or_default(),
         })
     }
 
@@ -305,29 +311,91 @@ impl Snapshot {
         let mut be_packets = Family::new(
             "xdpgate_backend_packets_total",
             Counter,
-            "Packets load balancing sent to a backend (over every rule the backend serves).",
+            "Packets load balancing sent to a backend, over every rule it serves (one sample \
+             per backend: the dataplane counts per backend, not per rule).",
         );
         let mut be_bytes = Family::new(
             "xdpgate_backend_bytes_total",
             Counter,
-            "Bytes load balancing sent to a backend (over every rule the backend serves).",
+            "Bytes load balancing sent to a backend, over every rule it serves (one sample per \
+             backend).",
         );
         let mut be_healthy = Family::new(
             "xdpgate_backend_healthy",
             Gauge,
-            "1 while a backend's health probe says it can take new flows, else 0.",
+            "1 while a rule's health probe says a backend can take new flows, else 0. Only \
+             for rules with a probe: see xdpgate_load_balancer_backends{state=\"unprobed\"}.",
         );
+        let mut lb_backends = Family::new(
+            "xdpgate_load_balancer_backends",
+            Gauge,
+            "Backends of a load-balancing or inbound NAT rule by state: healthy and unhealthy \
+             (by the rule's probe), or unprobed (the rule has no probe; health unknown).",
+        );
+        let mut lb_health = Family::new(
+            "xdpgate_load_balancer_health_percent",
+            Gauge,
+            "Share of a probed rule's backends that its probe finds healthy, in percent (as \
+             Azure's health probe status).",
+        );
+        // A backend serving several rules has one counter: sample it once.
+        let mut counted = std::collections::BTreeSet::new();
         for s in &self.services {
             let svc = || vec![("load_balancer", s.load_balancer.clone()), ("rule", s.rule.clone())];
             fe_packets.add(svc(), Int(s.packets));
             fe_bytes.add(svc(), Int(s.bytes));
             for b in &s.backends {
-                let mut labels = svc();
-                labels.push(("backend", b.address.to_string()));
-                be_packets.add(labels.clone(), Int(b.packets));
-                be_bytes.add(labels.clone(), Int(b.bytes));
-                be_healthy.add(labels, Int(b.healthy.into()));
+                if counted.insert(b.address) {
+                    let labels = vec![("backend", b.address.to_string())];
+                    be_packets.add(labels.clone(), Int(b.packets));
+                    be_bytes.add(labels, Int(b.bytes));
+                }
+                if s.probe.is_some() {
+                    let mut labels = svc();
+                    labels.push(("backend", b.address.to_string()));
+                    be_healthy.add(labels, Int(b.healthy.into()));
+                }
             }
+            let healthy = s.backends.iter().filter(|b| b.healthy).count();
+            let states = match s.probe {
+                Some(_) => vec![("healthy", healthy), ("unhealthy", s.backends.len() - healthy)],
+                None => vec![("unprobed", s.backends.len())],
+            };
+            for (state, n) in states {
+                let mut labels = svc();
+                labels.push(("state", state.into()));
+                lb_backends.add(labels, Int(n as u64));
+            }
+            if s.probe.is_some() && !s.backends.is_empty() {
+                let percent = 100.0 * healthy as f64 / s.backends.len() as f64;
+                lb_health.add(svc(), Value::Float(percent));
+            }
+        }
+        let mut probes = Family::new(
+            "xdpgate_probes_total",
+            Counter,
+            "Health probes the agent ran, by backend, probe and result (success or failure).",
+        );
+        let mut probe_seconds = Family::new(
+            "xdpgate_probe_duration_seconds_total",
+            Counter,
+            "Time the agent's health probes of a backend took in all (divide its rate by \
+             xdpgate_probes_total's for the mean latency); a timed-out probe counts its timeout.",
+        );
+        let mut probe_last = Family::new(
+            "xdpgate_probe_last_duration_seconds",
+            Gauge,
+            "Time the last health probe of a backend took.",
+        );
+        for (backend, probe, c) in &self.probes {
+            let labels = || vec![("backend", backend.to_string()), ("probe", probe.clone())];
+            for (result, n) in [("success", c.successes), ("failure", c.failures)] {
+                let mut l = labels();
+                l.push(("result", result.into()));
+                probes.add(l, Int(n));
+            }
+            probe_seconds.add(labels(), Value::Float(c.seconds_total));
+            probe_last.add(labels(), Value::Float(c.last_seconds));
         }
 
         let table = &self.stats.flow_table;
@@ -416,19 +484,43 @@ impl Snapshot {
             Gauge,
             "Ports of a NAT gateway's public address held by translations (or cooling down).",
         );
+        let mut nat_port_range = Family::new(
+            "xdpgate_nat_ports_per_address",
+            Gauge,
+            "Ports in a NAT gateway's range on each of its public addresses (a port serves \
+             one translation per destination address and port).",
+        );
+        let mut nat_translations = Family::new(
+            "xdpgate_nat_translations",
+            Gauge,
+            "Active translations of a NAT gateway (as Azure's total SNAT connection count).",
+        );
+        let mut nat_created = Family::new(
+            "xdpgate_nat_translations_created_total",
+            Counter,
+            "New flows through a NAT gateway that got a public port (as Azure's SNAT connection \
+             count, successful).",
+        );
         let mut nat_failures = Family::new(
             "xdpgate_nat_allocation_failures_total",
             Counter,
-            "New flows through a NAT gateway that found no free public port.",
+            "New flows through a NAT gateway that found no free public port (dropped, as \
+             xdpgate_drops_total{reason=\"nat_exhausted\"}).",
         );
         for g in &self.nat {
+            let gw = || vec![("gateway", g.name.clone())];
             for (addr, n) in &g.addresses {
                 nat_ports.add(
                     vec![("gateway", g.name.clone()), ("address", addr.to_string())],
                     Int(*n as u64),
                 );
             }
-            nat_failures.add(vec![("gateway", g.name.clone())], Int(g.failed_allocations));
+            nat_port_range.add(gw(), Int(g.ports_per_address.into()));
+            nat_translations.add(gw(), Int(g.translations as u64));
+            if let Some(n) = g.created {
+                nat_created.add(gw(), Int(n));
+            }
+            nat_failures.add(gw(), Int(g.failed_allocations));
         }
 
         // As Prometheus reports its own configuration reloads.
@@ -450,7 +542,15 @@ impl Snapshot {
             }
         }
 
+        let mut build = Family::new(
+            "xdpgate_build_info",
+            Gauge,
+            "Always 1; the labels name the running xdpgate's version.",
+        );
+        build.add(vec![("version", env!("CARGO_PKG_VERSION").into())], Int(1));
+
         vec![
+            build,
             if_packets,
             if_bytes,
             eg_packets,
@@ -462,6 +562,11 @@ impl Snapshot {
             be_packets,
             be_bytes,
             be_healthy,
+            lb_backends,
+            lb_health,
+            probes,
+            probe_seconds,
+            probe_last,
             flows,
             capacity,
             entries,
@@ -472,6 +577,9 @@ impl Snapshot {
             applied,
             events,
             nat_ports,
+            nat_port_range,
+            nat_translations,
+            nat_created,
             nat_failures,
             reload_ok,
             reload_at,
@@ -485,7 +593,12 @@ impl Snapshot {
 
 /// The metrics of the dataplane pinned in `pins`, in the text exposition format.
 pub fn render(pins: &PinDir) -> Result<String> {
-    Snapshot::read(pins)?.render()
+    Snapshot::read(pins, None)?.render()
+}
+
+/// As [`render`], with the agent's probe results.
+fn render_served(pins: &PinDir, probes: &ProbeStats) -> Result<String> {
+    Snapshot::read(pins, Some(probes))?.render()
 }
 
 /// The connections the server holds, oldest first.
@@ -574,12 +687,19 @@ impl Drop for Server {
 
 /// Binds `addr` now (so a bad address or a port in use fails the caller) and serves
 /// `GET /metrics` in tasks of the current runtime until the returned server is dropped.
-pub async fn spawn(addr: SocketAddr, pins: PinDir) -> Result<Server> {
+/// What a scrape reads: the pinned dataplane, and the agent's probe results.
+#[derive(Clone)]
+struct Source {
+    pins: PinDir,
+    probes: ProbeStats,
+}
+
+pub async fn spawn(addr: SocketAddr, pins: PinDir, probes: ProbeStats) -> Result<Server> {
     let listener = listen(addr).with_context(|| format!("metrics: listening on {addr}"))?;
     let addr = listener.local_addr()?;
     info!("metrics at http://{addr}/metrics");
     let conns = Arc::new(Connections::default());
-    let task = tokio::spawn(accept_loop(listener, pins, conns.clone()));
+    let task = tokio::spawn(accept_loop(listener, Source { pins, probes }, conns.clone()));
     Ok(Server { task, conns, addr })
 }
 
@@ -591,7 +711,7 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
-async fn accept_loop(listener: TcpListener, pins: PinDir, conns: Arc<Connections>) {
+async fn accept_loop(listener: TcpListener, source: Source, conns: Arc<Connections>) {
     let renders = Arc::new(Semaphore::new(MAX_RENDERS));
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -607,12 +727,12 @@ async fn accept_loop(listener: TcpListener, pins: PinDir, conns: Arc<Connections
             debug!("metrics: {MAX_CONNECTIONS} requests being answered, closing {peer}");
             continue;
         };
-        let (pins, renders) = (pins.clone(), renders.clone());
+        let (source, renders) = (source.clone(), renders.clone());
         tokio::spawn(async move {
             tokio::select! {
                 r = tokio::time::timeout(
                     CONNECTION_TIMEOUT,
-                    serve_connection(stream, pins, answering, renders),
+                    serve_connection(stream, source, answering, renders),
                 ) => match r {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => debug!("metrics: {peer}: {e}"),
@@ -631,12 +751,12 @@ async fn accept_loop(listener: TcpListener, pins: PinDir, conns: Arc<Connections
 /// One request per connection (no keep-alive), its head read within HEADER_TIMEOUT.
 async fn serve_connection(
     stream: TcpStream,
-    pins: PinDir,
+    source: Source,
     answering: Arc<AtomicBool>,
     renders: Arc<Semaphore>,
 ) -> hyper::Result<()> {
     let service =
-        service_fn(move |req| answer(req, pins.clone(), answering.clone(), renders.clone()));
+        service_fn(move |req| answer(req, source.clone(), answering.clone(), renders.clone()));
     http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT)
@@ -648,7 +768,7 @@ async fn serve_connection(
 
 async fn answer(
     req: Request<Incoming>,
-    pins: PinDir,
+    source: Source,
     answering: Arc<AtomicBool>,
     renders: Arc<Semaphore>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
@@ -672,9 +792,11 @@ async fn answer(
     // A request being answered keeps its connection (it is not displaced).
     answering.store(true, Ordering::Release);
     let rendered = match renders.acquire().await {
-        Ok(_permit) => tokio::task::spawn_blocking(move || render(&pins))
-            .await
-            .unwrap_or_else(|e| Err(anyhow::anyhow!("rendering the metrics: {e}"))),
+        Ok(_permit) => {
+            tokio::task::spawn_blocking(move || render_served(&source.pins, &source.probes))
+                .await
+                .unwrap_or_else(|e| Err(anyhow::anyhow!("rendering the metrics: {e}")))
+        }
         Err(e) => Err(anyhow::anyhow!("{e}")),
     };
     answering.store(false, Ordering::Release);
@@ -763,6 +885,7 @@ mod tests {
                 load_balancer: "lb".into(),
                 rule: "http".into(),
                 frontends: vec!["192.0.2.10:80/tcp".into()],
+                probe: Some("up".into()),
                 packets: 20,
                 bytes: 2000,
                 backends: vec![
@@ -790,7 +913,9 @@ mod tests {
                 name: "egress".into(),
                 addresses: vec![("203.0.113.5".parse().unwrap(), 17)],
                 translations: 17,
+                created: Some(40),
                 failed_allocations: 2,
+                ports_per_address: 64_512,
             }],
             agent: Some(AgentState {
                 pid: 1,
@@ -805,6 +930,11 @@ mod tests {
                 last_success_unix: Some(1_700_000_000.5),
                 failing: Vec::new(),
             }),
+            probes: vec![(
+                "198.51.100.11".parse().unwrap(),
+                "up".into(),
+                ProbeCounts { successes: 9, failures: 1, seconds_total: 0.5, last_seconds: 0.25 },
+            )],
         }
     }
 
@@ -848,6 +978,7 @@ mod tests {
         assert_eq!(
             names,
             [
+                "xdpgate_build_info",
                 "xdpgate_interface_packets_total",
                 "xdpgate_interface_bytes_total",
                 "xdpgate_interface_egress_packets_total",
@@ -859,6 +990,11 @@ mod tests {
                 "xdpgate_backend_packets_total",
                 "xdpgate_backend_bytes_total",
                 "xdpgate_backend_healthy",
+                "xdpgate_load_balancer_backends",
+                "xdpgate_load_balancer_health_percent",
+                "xdpgate_probes_total",
+                "xdpgate_probe_duration_seconds_total",
+                "xdpgate_probe_last_duration_seconds",
                 "xdpgate_flows",
                 "xdpgate_flow_table_capacity",
                 "xdpgate_flow_table_entries",
@@ -869,6 +1005,9 @@ mod tests {
                 "xdpgate_policy_applied_timestamp_seconds",
                 "xdpgate_flow_events_dropped_total",
                 "xdpgate_nat_ports_in_use",
+                "xdpgate_nat_ports_per_address",
+                "xdpgate_nat_translations",
+                "xdpgate_nat_translations_created_total",
                 "xdpgate_nat_allocation_failures_total",
                 "xdpgate_config_last_reload_successful",
                 "xdpgate_config_last_reload_success_timestamp_seconds",
@@ -876,8 +1015,7 @@ mod tests {
         );
     }
 
-    /// The exposition is exactly what the hand-written encoder this replaced printed
-    /// (names, HELP texts, label order and values), so nothing a user scrapes changes.
+    /// Names, HELP texts, label order and values as scraped.
     #[test]
     fn samples_carry_their_labels_and_values() {
         let text = snapshot().render().unwrap();
@@ -892,8 +1030,19 @@ mod tests {
             r#"xdpgate_interface_egress_bytes_total{interface="eth0",role="external",verdict="pass"} 400"#,
             r#"xdpgate_frontend_packets_total{load_balancer="lb",rule="http"} 20"#,
             r#"xdpgate_frontend_bytes_total{load_balancer="lb",rule="http"} 2000"#,
-            r#"xdpgate_backend_packets_total{load_balancer="lb",rule="http",backend="198.51.100.11"} 12"#,
-            r#"xdpgate_backend_bytes_total{load_balancer="lb",rule="http",backend="2001:db8::11"} 800"#,
+            r#"xdpgate_backend_packets_total{backend="198.51.100.11"} 12"#,
+            r#"xdpgate_backend_bytes_total{backend="2001:db8::11"} 800"#,
+            r#"xdpgate_load_balancer_backends{load_balancer="lb",rule="http",state="healthy"} 1"#,
+            r#"xdpgate_load_balancer_backends{load_balancer="lb",rule="http",state="unhealthy"} 1"#,
+            r#"xdpgate_load_balancer_health_percent{load_balancer="lb",rule="http"} 50"#,
+            r#"xdpgate_probes_total{backend="198.51.100.11",probe="up",result="success"} 9"#,
+            r#"xdpgate_probes_total{backend="198.51.100.11",probe="up",result="failure"} 1"#,
+            r#"xdpgate_probe_duration_seconds_total{backend="198.51.100.11",probe="up"} 0.5"#,
+            r#"xdpgate_probe_last_duration_seconds{backend="198.51.100.11",probe="up"} 0.25"#,
+            r#"xdpgate_nat_ports_per_address{gateway="egress"} 64512"#,
+            r#"xdpgate_nat_translations{gateway="egress"} 17"#,
+            r#"xdpgate_nat_translations_created_total{gateway="egress"} 40"#,
+            concat!(r#"xdpgate_build_info{version=""#, env!("CARGO_PKG_VERSION"), r#""} 1"#),
             r#"xdpgate_backend_healthy{load_balancer="lb",rule="http",backend="198.51.100.11"} 1"#,
             r#"xdpgate_backend_healthy{load_balancer="lb",rule="http",backend="2001:db8::11"} 0"#,
             "# TYPE xdpgate_backend_healthy gauge",
@@ -948,6 +1097,57 @@ mod tests {
         assert!(text.contains("# TYPE xdpgate_flows gauge\nxdpgate_flows 6\n"), "{text}");
     }
 
+    /// The `xdpgate_*` names in `text` (`xdpgate_*` itself, a wildcard in prose, is not one).
+    fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+        text.match_indices("xdpgate_")
+            .map(|(i, _)| {
+                let rest = &text[i..];
+                let end = rest
+                    .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+                    .unwrap_or(rest.len());
+                rest[..end].to_string()
+            })
+            .filter(|n| n.len() > "xdpgate_".len())
+            .collect()
+    }
+
+    /// Every metric the Grafana dashboard and the Prometheus alert rules in deploy/ use is
+    /// one the agent serves (and the dashboard is JSON whose panels all query something).
+    #[test]
+    fn every_metric_the_dashboard_and_alerts_use_is_served() {
+        let served: Vec<&str> = snapshot().families().iter().map(|f| f.name).collect();
+        let dashboard = include_str!("../../deploy/grafana/xdpgate-dashboard.json");
+        let alerts = include_str!("../../deploy/prometheus/xdpgate-alerts.yml");
+        let parsed: serde_json::Value = serde_json::from_str(dashboard).expect("dashboard JSON");
+        let panels = parsed["panels"].as_array().expect("panels");
+        for p in panels.iter().filter(|p| p["type"] != "row") {
+            let exprs = p["targets"].as_array().expect("targets");
+            assert!(
+                !exprs.is_empty()
+                    && exprs.iter().all(|t| t["expr"].as_str().is_some_and(|e| !e.is_empty())),
+                "panel {} queries nothing",
+                p["title"]
+            );
+        }
+        for (file, text) in [("dashboard", dashboard), ("alerts", alerts)] {
+            let used = metric_names(text);
+            assert!(used.len() > 5, "{file}: {used:?}");
+            for name in &used {
+                assert!(served.contains(&name.as_str()), "{file} uses {name}, which is not served");
+            }
+        }
+        // The alerts the issue asks for are there.
+        for alert in [
+            "XdpgateBackendDown",
+            "XdpgateNatPortsNearExhaustion",
+            "XdpgateDropSpike",
+            "XdpgateReloadFailed",
+            "XdpgateFlowTableNearFull",
+        ] {
+            assert!(alerts.contains(&format!("alert: {alert}\n")), "{alert} missing");
+        }
+    }
+
     #[test]
     fn listen_addr_parses_addresses_and_off() {
         assert_eq!("off".parse(), Ok(ListenAddr(None)));
@@ -966,7 +1166,7 @@ mod tests {
     /// A server for a pin directory that holds no dataplane: `/metrics` answers 500.
     async fn server() -> Server {
         let pins = PinDir::new("/nonexistent/xdpgate-metrics-test");
-        spawn("127.0.0.1:0".parse().unwrap(), pins).await.unwrap()
+        spawn("127.0.0.1:0".parse().unwrap(), pins, ProbeStats::default()).await.unwrap()
     }
 
     /// Sends `req` and reads the whole answer (the server closes after one).

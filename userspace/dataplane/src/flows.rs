@@ -239,7 +239,8 @@ pub fn protocol_name(family: u8, proto: u8) -> String {
     }
 }
 
-fn has_ports(proto: u8) -> bool {
+/// Whether packets of `proto` have ports.
+pub fn has_ports(proto: u8) -> bool {
     matches!(proto, 6 | 17 | 132)
 }
 
@@ -275,6 +276,11 @@ impl Names {
         Some(RuleName { nsg: r.nsg.clone(), rule: r.rule.clone(), layer: r.layer })
     }
 
+    /// The running generation when these names were read.
+    pub fn generation(&self) -> u64 {
+        self.config.generation
+    }
+
     /// The rules of both sides of a flow decided under `generation`.
     pub fn rules(&self, rules: [u16; 2], generation: u64) -> SideRules {
         let side = |dir: u32| self.rule(rules[dir as usize], generation, dir);
@@ -283,11 +289,11 @@ impl Names {
 
     /// The running generation's load-balancing service (load balancer, rule) and backend
     /// address, by id.
-    fn service(&self, id: u32) -> Option<&ServiceName> {
+    pub fn service(&self, id: u32) -> Option<&ServiceName> {
         self.records.first()?.services.get(id as usize)
     }
 
-    fn backend(&self, id: u32) -> Option<IpAddr> {
+    pub fn backend(&self, id: u32) -> Option<IpAddr> {
         self.records.first()?.backends.get(id as usize).copied()
     }
 
@@ -325,6 +331,11 @@ impl Ended {
     /// The entry that names the flow's rule, direction and generation.
     pub fn main(&self) -> FlowValue {
         self.forward.or(self.reply).expect("an ended flow had an entry")
+    }
+
+    /// The flow as `xdpgate flows` would have shown it last.
+    pub fn describe(&self, names: &Names) -> Flow {
+        describe(names, monotonic_ns(), FlowState::Established, self.key, self.forward, self.reply)
     }
 }
 
@@ -543,6 +554,16 @@ pub fn per_backend(pins: &PinDir) -> Result<HashMap<(u32, u32), u64>> {
         }
     }
     Ok(out)
+}
+
+/// Every established flow, under the key of its first packet's direction (one walk of
+/// `FLOWS`; for the flow log's interim records).
+pub fn established(pins: &PinDir, names: &Names) -> Result<Vec<(FlowKey, Flow)>> {
+    let now = monotonic_ns();
+    Ok(pair(&entries(pins, FLOWS)?)
+        .into_iter()
+        .map(|(k, f, r)| (k, describe(names, now, FlowState::Established, k, f, r)))
+        .collect())
 }
 
 #[cfg(test)]

@@ -140,6 +140,8 @@ pub struct ServiceReport {
     pub load_balancer: String,
     pub rule: String,
     pub frontends: Vec<String>,
+    /// The rule's health probe; none: its backends' health is not probed.
+    pub probe: Option<String>,
     pub packets: u64,
     pub bytes: u64,
     pub backends: Vec<BackendReport>,
@@ -184,6 +186,7 @@ pub fn report(pins: &PinDir, record: &Record) -> Result<Vec<ServiceReport>> {
             load_balancer: spec.lb.clone(),
             rule: spec.rule.clone(),
             frontends: spec.frontends.clone(),
+            probe: spec.probe.clone(),
             packets: stats.packets,
             bytes: stats.bytes,
             backends: spec

@@ -40,6 +40,7 @@ pub mod drain;
 pub mod flows;
 pub mod lb;
 pub mod migrate;
+pub mod monitor;
 pub mod nat;
 pub mod netns;
 pub mod routes;

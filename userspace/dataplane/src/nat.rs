@@ -11,7 +11,10 @@ use aya::maps::{
 use ipnet::IpNet;
 use xdpgate_common::{
     flow::{FlowKey, FlowValue, NAT_DST, TCP_CLOSED},
-    maps::{EMBRYOS, FLOWS, NAT_FAILURES, NAT_GATEWAYS, NAT_MAP, NAT_PUBLIC, NAT_SUBNETS, VNET},
+    maps::{
+        EMBRYOS, FLOWS, NAT_CREATED, NAT_FAILURES, NAT_GATEWAYS, NAT_MAP, NAT_PUBLIC, NAT_SUBNETS,
+        VNET,
+    },
     nat::{
         ADDR_KEY_HEADER_BITS, AddrKey, MAX_PUBLIC_ADDRS, NAT_ACTIVE, NAT_COOLDOWN, NatEntry,
         NatGatewayConfig,
@@ -230,7 +233,12 @@ pub struct GatewayReport {
     #[serde(serialize_with = "addresses_json")]
     pub addresses: Vec<(IpAddr, usize)>,
     pub translations: usize,
+    /// Translations created (new flows that got a port); none from a dataplane loaded
+    /// before the counter existed.
+    pub created: Option<u64>,
     pub failed_allocations: u64,
+    /// Ports of its range on each public address (each can serve many destinations).
+    pub ports_per_address: u32,
 }
 
 /// Reads the live state of the NAT gateways of the running generation (`record`).
@@ -246,6 +254,9 @@ fn addresses_json<S: serde::Serializer>(a: &[(IpAddr, usize)], s: S) -> Result<S
 pub fn report(pins: &PinDir, record: &Record) -> Result<Vec<GatewayReport>> {
     let map: HashMap<_, FlowKey, NatEntry> = pins.open_map(NAT_MAP)?.try_into()?;
     let failures: PerCpuArray<_, u64> = pins.open_map(NAT_FAILURES)?.try_into()?;
+    let configs: Array<_, NatGatewayConfig> = pins.open_map(NAT_GATEWAYS)?.try_into()?;
+    let created: Option<PerCpuArray<_, u64>> =
+        pins.open_map(NAT_CREATED).ok().and_then(|m| m.try_into().ok());
     let claims: Vec<(FlowKey, NatEntry)> =
         map.iter().filter_map(|e| e.ok()).filter(|(_, t)| t.kind == NAT_DST).collect();
     record
@@ -268,7 +279,14 @@ pub fn report(pins: &PinDir, record: &Record) -> Result<Vec<GatewayReport>> {
                     })
                     .collect(),
                 translations: mine.iter().filter(|(_, t)| t.state == NAT_ACTIVE).count(),
+                created: created
+                    .as_ref()
+                    .and_then(|c| c.get(&(i as u32), 0).ok())
+                    .map(|v| v.iter().sum()),
                 failed_allocations: failures.get(&(i as u32), 0)?.iter().sum(),
+                ports_per_address: configs.get(&(i as u32), 0).map_or(0, |c| {
+                    if c.port_hi >= c.port_lo { u32::from(c.port_hi - c.port_lo) + 1 } else { 0 }
+                }),
             })
         })
         .collect()

@@ -219,6 +219,7 @@ pub fn service_names(lbs: &CompiledLb) -> Vec<ServiceName> {
                     .map(|f| frontend_name(&f.0))
                     .collect(),
                 members,
+                probe: spec.probe.as_ref().map(|p| p.name.clone()),
             }
         })
         .collect()

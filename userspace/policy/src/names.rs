@@ -68,6 +68,10 @@ pub struct ServiceName {
     pub frontends: Vec<String>,
     /// Backend ids: the pool, then the fixed backends of inbound NAT rules.
     pub members: Vec<u32>,
+    /// The health probe of a load-balancing rule; none for inbound NAT rules and rules
+    /// without one (their backends' health is not known). Absent in older records.
+    #[serde(default)]
+    pub probe: Option<String>,
 }
 
 impl Record {

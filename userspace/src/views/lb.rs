@@ -73,6 +73,7 @@ mod tests {
             load_balancer: "edge".into(),
             rule: "http".into(),
             frontends: vec!["192.0.2.10:80/tcp".into(), "[2001:db8::10]:80/tcp".into()],
+            probe: Some("http".into()),
             packets: 30,
             bytes: 3000,
             backends: vec![

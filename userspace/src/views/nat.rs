@@ -64,7 +64,9 @@ mod tests {
             name: "egress".into(),
             addresses: vec![("192.0.2.1".parse().unwrap(), 7), ("192.0.2.2".parse().unwrap(), 3)],
             translations: 9,
+            created: Some(40),
             failed_allocations: 2,
+            ports_per_address: 64_512,
         }];
         let text = report.text();
         let lines: Vec<&str> = text.lines().collect();
