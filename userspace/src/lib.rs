@@ -5,8 +5,10 @@
 pub mod agent;
 pub mod agent_state;
 pub mod flowlog;
+pub mod flows_cmd;
 pub mod health;
 pub mod metrics;
 pub mod node;
+pub mod plan;
 pub mod status;
 pub mod views;

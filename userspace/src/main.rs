@@ -9,13 +9,13 @@ use std::{
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand, ValueEnum as _};
 use xdpgate::{
-    agent, flowlog, metrics, status,
+    agent, flowlog, flows_cmd, metrics, plan, status,
     views::{self, OutputArgs},
 };
 use xdpgate_common::{iface::Role, maps::DEFAULT_PIN_DIR};
 use xdpgate_dataplane::{
-    self as dataplane, Hook, Ingress, Mode, PinDir, apply, flows, lb, nat, netns, state::WriteLock,
-    stats, transaction, verify,
+    self as dataplane, Hook, Ingress, Mode, PinDir, apply, lb, nat, netns, state::WriteLock, stats,
+    transaction, verify,
 };
 use xdpgate_policy::{self as policy, compile, reference::Packet};
 
@@ -112,7 +112,21 @@ enum Command {
     },
     /// Validate, compile and swap in a policy atomically; on any error the running policy
     /// stays in force.
-    Apply { file: PathBuf },
+    Apply {
+        file: PathBuf,
+        /// Show what applying would change (as `xdpgate plan`), and apply nothing.
+        #[arg(long)]
+        diff: bool,
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// Show what applying POLICY would change, and change nothing: NSGs, rules (by NSG and
+    /// rule name, with the changed fields), load balancers and NAT gateways added, removed
+    /// and changed, and the live flows the change would cut (denied by the new rules, or
+    /// their backend or NAT gateway gone), the first few named.
+    ///
+    /// Example: xdpgate plan policy.yaml
+    Plan(plan::Args),
     /// Would this flow be allowed, and by which rule? Like Azure's IP flow verify.
     ///
     /// Answered from the NSG tables the kernel is using (the active slot's pinned maps, read
@@ -206,26 +220,8 @@ enum Command {
     /// yet; established), 5-tuple of the first packet, direction, deciding rule, NAT or
     /// backend, traffic each way and idle time.
     ///
-    /// Example: xdpgate flows --port 443 --top 50
-    Flows {
-        /// Show at most N flows (0: all).
-        #[arg(long, value_name = "N", default_value_t = 20)]
-        top: usize,
-        /// Only flows with this address at either end.
-        #[arg(long, value_name = "IP")]
-        addr: Option<IpAddr>,
-        /// Only flows with this port at either end.
-        #[arg(long, value_name = "N")]
-        port: Option<u16>,
-        /// Only flows decided by this rule (RULE or NSG/RULE).
-        #[arg(long, value_name = "NAME")]
-        rule: Option<String>,
-        /// Only flows in this state: embryonic or established.
-        #[arg(long, value_name = "STATE")]
-        state: Option<flows::FlowState>,
-        #[command(flatten)]
-        output: OutputArgs,
-    },
+    /// Example: xdpgate flows --port 443 --top 50; xdpgate flows delete --port 22
+    Flows(flows_cmd::Args),
     /// Show where the dataplane is attached (role, hook and XDP mode), the pin directory, the running
     /// policy, the flow table's entries in use, and the sizes and memory of the flow and NAT
     /// tables.
@@ -401,11 +397,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 let n = xdpgate::node::load(&node)?;
                 println!("{}: ok ({} interfaces)", node.display(), n.interfaces.len());
             }
-            let (policy, _) = policy::load(&file)?;
-            let (compiled, _) = policy::compile_all(&policy)?;
-            // With the numbers apply uses, for whatever policy runs before or after it.
-            compile::check_capacity(&policy, &compiled)
-                .with_context(|| format!("{}: cannot be applied", file.display()))?;
+            let (policy, compiled) = plan::load_checked(&file)?;
             let rules: usize = policy.nsgs.iter().map(|n| n.rules.len()).sum();
             println!(
                 "{}: ok ({} NSGs, {rules} effective rules, {} of {} NSG table entries a \
@@ -453,7 +445,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Rules { policy, output } => {
             views::print(&chosen_policy(&pins, policy)?, output.format())?;
         }
-        Command::Apply { file } => {
+        Command::Plan(args) => plan::run(&pins, args)?,
+        Command::Apply { file, diff: true, output } => {
+            plan::run(&pins, plan::Args { file, output })?
+        }
+        Command::Apply { file, .. } => {
             let (policy, source) = policy::load(&file)?;
             // One-shot: backends the dataplane has taken out stay out (`xdpgate run` probes
             // them and brings them back); every other backend counts as healthy.
@@ -488,10 +484,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             ))?;
         }
         Command::Metrics => print!("{}", metrics::render(&pins)?),
-        Command::Flows { top, addr, port, rule, state, output } => {
-            let list = flows::list(&pins, &flows::Filter { addr, port, rule, state }, top)?;
-            views::print(list.as_slice(), output.format())?;
-        }
+        Command::Flows(args) => flows_cmd::run(&pins, args)?,
         Command::Status { output } => {
             views::print(&status::read(&pins)?, output.format())?;
         }

@@ -15,7 +15,7 @@ use xdpgate_common::{
     iface::{IfaceConfig, Role},
     maps::{
         DROP_STATS, EGRESS_STATS, EMBRYOS, EVENT_STATS, FLOW_STATS, FLOWS, IFACE_STATS, IFACES,
-        NSG_HITS,
+        NSG_HITS, NSG_TRAFFIC,
     },
     nsg::{MAX_RULES, TABLES_PER_SLOT},
     stats::{
@@ -62,7 +62,8 @@ impl IfaceStats {
     }
 }
 
-/// Flows one rule decided (NSGs count flows: later packets of a flow never reach the rules).
+/// What one rule decided: flows (the packets the rules classify, one per flow), and the
+/// packets and bytes of those flows, both ways, or the packets it denied.
 #[derive(Debug, Serialize)]
 pub struct RuleHits {
     pub nsg: String,
@@ -71,6 +72,7 @@ pub struct RuleHits {
     pub layer: Layer,
     pub priority: u32,
     pub flows: u64,
+    pub traffic: Traffic,
 }
 
 #[derive(Debug, Serialize)]
@@ -286,11 +288,15 @@ fn policy_stats(pins: &PinDir) -> Result<Option<PolicyStats>> {
     let (slot, config) = apply::active(pins)?;
     let Some(record) = state::record(pins, config.generation)? else { return Ok(None) };
     let hits: PerCpuArray<_, u64> = pins.open_map(NSG_HITS)?.try_into()?;
+    let traffic: PerCpuArray<_, Counter> = pins.open_map(NSG_TRAFFIC)?.try_into()?;
     let mut rules = Vec::new();
     for (t, table) in record.tables.iter().enumerate() {
         let table_id = slot * TABLES_PER_SLOT + t as u32;
         for (bit, r) in table.iter().enumerate() {
-            let flows = hits.get(&(table_id * MAX_RULES + bit as u32), 0)?.iter().sum();
+            let index = table_id * MAX_RULES + bit as u32;
+            let flows = hits.get(&index, 0)?.iter().sum();
+            let mut sum = Counter::default();
+            traffic.get(&index, 0)?.iter().for_each(|c| sum.add(c));
             rules.push(RuleHits {
                 nsg: r.nsg.clone(),
                 rule: r.rule.clone(),
@@ -298,6 +304,7 @@ fn policy_stats(pins: &PinDir) -> Result<Option<PolicyStats>> {
                 layer: r.layer,
                 priority: r.priority,
                 flows,
+                traffic: sum.into(),
             });
         }
     }
