@@ -507,14 +507,16 @@ struct Held {
     flow: Flow,
 }
 
-/// The flows matching `filter`, unordered. Each table is read in one walk: a flow confirmed
-/// during the read may be seen in both, and is then taken once, as established.
+/// The flows matching `filter`, unordered. Each table is read in one walk, the embryonic
+/// one first: a flow confirmed during the read (put into the established table, then taken
+/// out of the embryonic one) is seen in both, and is then taken once, as established. (Read
+/// the other way round, it could be missed in both.)
 fn matching(pins: &PinDir, filter: &Filter) -> Result<Vec<Held>> {
     let names = Names::read(pins)?;
     let want = |s: FlowState| filter.state.is_none_or(|f| f == s);
+    let embryos = if want(FlowState::Embryonic) { entries(pins, EMBRYOS)? } else { HashMap::new() };
     let established =
         if want(FlowState::Established) { entries(pins, FLOWS)? } else { HashMap::new() };
-    let embryos = if want(FlowState::Embryonic) { entries(pins, EMBRYOS)? } else { HashMap::new() };
     let now = monotonic_ns();
     let pairs = pair(&established).into_iter().map(|p| (FlowState::Established, p)).chain(
         pair(&embryos)
