@@ -571,3 +571,41 @@ fn a_refused_upgrade_from_the_earlier_layout_pins_nothing_new() {
     assert!(expired.is_err_and(|e| e.to_string().contains("NAT expiry wait")));
     assert_eq!(exchange(&mut s).unwrap(), *b"hello", "the earlier dataplane runs on");
 }
+
+/// A pin set from a build without the per-rule packet and byte counters (`NSG_TRAFFIC` not
+/// pinned): `stats` and `apply` work before the upgrade (the counters read zero), and after
+/// `upgrade` the rules count packets and bytes.
+#[test]
+fn upgrade_from_a_build_without_rule_traffic_counters_counts_them() {
+    use xdpgate_common::maps::NSG_TRAFFIC;
+    let lab = Gateway::new();
+    std::fs::remove_file(lab.pins.dir.map(NSG_TRAFFIC)).unwrap();
+    lab.apply("policy.yaml", POLICY);
+    let _echo = EchoServer::start(&lab.server, vec!["198.51.100.10:7".parse().unwrap()]);
+    let echoed = || {
+        lab.client.run(|| {
+            let mut s = TcpStream::connect("198.51.100.10:7").ok()?;
+            s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+            s.write_all(b"echo").ok()?;
+            let mut buf = [0u8; 4];
+            s.read_exact(&mut buf).ok()?;
+            Some(buf)
+        })
+    };
+    let traffic = || {
+        let stats: serde_json::Value =
+            serde_json::from_str(&lab.pins.xdpgate(&["stats", "--json"])).unwrap();
+        let rules = stats["policy"]["rules"].as_array().unwrap().clone();
+        let rule = rules.into_iter().find(|r| r["rule"] == "allow-echo").unwrap();
+        (rule["flows"].as_u64().unwrap(), rule["traffic"]["packets"].as_u64().unwrap())
+    };
+    assert_eq!(echoed(), Some(*b"echo"), "before the upgrade");
+    assert_eq!(traffic(), (1, 0), "flows counted, packets not pinned yet");
+    lab.apply("again.yaml", POLICY);
+    lab.pins.xdpgate(&["upgrade"]);
+    assert!(lab.pins.dir.map(NSG_TRAFFIC).exists(), "pinned by the upgrade");
+    assert_eq!(echoed(), Some(*b"echo"), "after the upgrade");
+    let (flows, packets) = traffic();
+    assert_eq!(flows, 2);
+    assert!(packets >= 5, "a connection's handshake, data and close: {packets}");
+}

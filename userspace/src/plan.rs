@@ -111,7 +111,7 @@ impl<T> Changes<T> {
     }
 }
 
-/// A live flow the change would cut, and why.
+/// A live flow the change would cut or leave without its backend or NAT gateway, and why.
 #[derive(Debug, Serialize, PartialEq)]
 pub struct CutFlow {
     #[serde(flatten)]
@@ -141,11 +141,15 @@ pub struct Plan {
     pub settings: Vec<FieldChange>,
     /// Flows in the tables now.
     pub live_flows: usize,
-    /// Flows the change would cut: their first packet the new policy denies (when it
-    /// classifies existing flows again, `reevaluate_flows`), their load balancer's backend
-    /// gone, or their NAT gateway's public address gone.
+    /// Flows the change would cut: their first packet the new policy denies, and it
+    /// classifies existing flows again (`reevaluate_flows`, the default).
     pub flows_cut: usize,
     pub cut: Vec<CutFlow>,
+    /// Flows (not cut) whose load balancer, rule or backend, or whose NAT gateway public
+    /// address, the new policy no longer has. The reload does not cut them: they keep the
+    /// rewrite they have (a TCP flow its backend) until they end.
+    pub flows_orphaned: usize,
+    pub orphaned: Vec<CutFlow>,
 }
 
 fn json(v: &impl Serialize) -> Value {
@@ -248,8 +252,9 @@ fn protocol_number(f: &Flow) -> Option<u8> {
     }
 }
 
-/// Why `new` would cut the live flow `f`, if it would.
-fn cut_reason(new: &Policy, f: &Flow) -> Option<String> {
+/// What `new` no longer has of the live flow `f`'s rewrite: its load balancer, rule or
+/// backend, or its NAT gateway's public address.
+fn orphaned(new: &Policy, f: &Flow) -> Option<String> {
     if let Some(lb) = &f.load_balancer
         && let (Some(name), Some(rule), Some(backend)) = (&lb.name, &lb.rule, lb.backend)
     {
@@ -272,6 +277,12 @@ fn cut_reason(new: &Policy, f: &Flow) -> Option<String> {
     {
         return Some(format!("no NAT gateway has its public address {} any more", nat.address));
     }
+    None
+}
+
+/// Why `new` would cut the live flow `f` (the rule that denies its first packet), if it
+/// would.
+fn denied(new: &Policy, f: &Flow) -> Option<String> {
     if !new.settings.reevaluate_flows {
         return None;
     }
@@ -321,22 +332,25 @@ impl Plan {
             settings: new.settings.clone(),
         };
         let old = old.unwrap_or(&empty);
-        let cut: Vec<CutFlow> = live
-            .iter()
-            .filter_map(|f| {
-                Some(CutFlow {
-                    reason: cut_reason(new, f)?,
-                    flow: FlowId {
-                        protocol: f.protocol.clone(),
-                        src: f.src,
-                        src_port: f.src_port,
-                        dst: f.dst,
-                        dst_port: f.dst_port,
-                        direction: f.direction,
-                    },
-                })
-            })
-            .collect();
+        let listed = |f: &Flow, reason: String| CutFlow {
+            reason,
+            flow: FlowId {
+                protocol: f.protocol.clone(),
+                src: f.src,
+                src_port: f.src_port,
+                dst: f.dst,
+                dst_port: f.dst_port,
+                direction: f.direction,
+            },
+        };
+        let (mut cut, mut orphans) = (Vec::new(), Vec::new());
+        for f in live {
+            if let Some(reason) = denied(new, f) {
+                cut.push(listed(f, reason));
+            } else if let Some(reason) = orphaned(new, f) {
+                orphans.push(listed(f, reason));
+            }
+        }
         Plan {
             policy: file,
             running_generation,
@@ -349,6 +363,8 @@ impl Plan {
             live_flows: live.len(),
             flows_cut: cut.len(),
             cut,
+            flows_orphaned: orphans.len(),
+            orphaned: orphans,
         }
     }
 }
@@ -421,6 +437,26 @@ fn rule_summary(r: &RuleChange) -> String {
     )
 }
 
+/// The first [`SHOWN_FLOWS`] of `flows`, a line each.
+fn flow_lines(out: &mut String, flows: &[CutFlow]) {
+    for c in flows.iter().take(SHOWN_FLOWS) {
+        let f = &c.flow;
+        let _ = writeln!(
+            out,
+            "  {} {} -> {} ({}): {}",
+            f.protocol,
+            views::flows::endpoint(f.src, f.src_port),
+            views::flows::endpoint(f.dst, f.dst_port),
+            f.direction,
+            c.reason
+        );
+    }
+    if flows.len() > SHOWN_FLOWS {
+        let _ =
+            writeln!(out, "  ... and {} more (--json lists them all)", flows.len() - SHOWN_FLOWS);
+    }
+}
+
 impl View for Plan {
     fn json(&self) -> Result<Value> {
         views::to_json(self)
@@ -472,25 +508,167 @@ impl View for Plan {
             let _ = writeln!(out, "  ~ settings: {}", field_list(&self.settings));
         }
         let _ = writeln!(out, "live flows: {} of {} would be cut", self.flows_cut, self.live_flows);
-        for c in self.cut.iter().take(SHOWN_FLOWS) {
-            let f = &c.flow;
+        flow_lines(&mut out, &self.cut);
+        if !self.orphaned.is_empty() {
             let _ = writeln!(
                 out,
-                "  {} {} -> {} ({}): {}",
-                f.protocol,
-                views::flows::endpoint(f.src, f.src_port),
-                views::flows::endpoint(f.dst, f.dst_port),
-                f.direction,
-                c.reason
+                "{} more would keep a backend or NAT address the policy no longer has (not cut)",
+                self.flows_orphaned
             );
-        }
-        if self.cut.len() > SHOWN_FLOWS {
-            let _ = writeln!(
-                out,
-                "  ... and {} more (--json lists them all)",
-                self.cut.len() - SHOWN_FLOWS
-            );
+            flow_lines(&mut out, &self.orphaned);
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use xdpgate_dataplane::{
+        flows::{FlowState, LbFlow, Nat, SideRules},
+        stats::Traffic,
+    };
+
+    use super::*;
+
+    const BASE: &str = r#"virtual_network: {address_space: [198.51.100.0/24]}
+nsgs:
+  - name: web
+    subnets: [198.51.100.0/24]
+    rules:
+      - {name: allow-web, priority: 100, direction: inbound, access: allow, protocol: tcp, source: [Internet], destination: ["*"], destination_ports: [8080]}
+load_balancers:
+  - name: web-lb
+    frontends: [{name: www, address: 192.0.2.10}]
+    backend_pools: [{name: web, backends: [198.51.100.11, 198.51.100.12]}]
+    rules:
+      - {name: http, frontend: www, protocol: tcp, frontend_port: 80, backend_port: 8080, backend_pool: web}
+nat_gateways:
+  - {name: natgw, public_addresses: [192.0.2.100], subnets: [198.51.100.0/24]}
+"#;
+
+    fn load(src: &str) -> Policy {
+        policy::load_str(src, "t.yaml").unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn flow(dst: &str, dst_port: u16, nat: Option<Nat>, lb: Option<LbFlow>) -> Flow {
+        Flow {
+            state: FlowState::Established,
+            protocol: "tcp".into(),
+            src: "203.0.113.10".parse().unwrap(),
+            src_port: Some(40000),
+            dst: dst.parse().unwrap(),
+            dst_port: Some(dst_port),
+            icmp_id: None,
+            direction: "inbound",
+            generation: 1,
+            nsg: None,
+            rule: None,
+            layer: None,
+            rule_index: None,
+            rules: SideRules::default(),
+            nat,
+            load_balancer: lb,
+            forward: Traffic::default(),
+            reply: Traffic::default(),
+            idle_seconds: 0.0,
+            expired: false,
+            incomplete: false,
+        }
+    }
+
+    fn lb_flow(backend: &str) -> Flow {
+        let b: IpAddr = backend.parse().unwrap();
+        flow(
+            "192.0.2.10",
+            80,
+            Some(Nat { kind: "dnat", address: b, port: Some(8080) }),
+            Some(LbFlow {
+                name: Some("web-lb".into()),
+                rule: Some("http".into()),
+                backend: Some(b),
+            }),
+        )
+    }
+
+    #[test]
+    fn no_change_is_an_empty_plan() {
+        let p = load(BASE);
+        let plan = Plan::new("t.yaml".into(), Some(1), Some(&p), &p, &[lb_flow("198.51.100.11")]);
+        assert!(plan.rules.is_empty() && plan.nsgs.is_empty() && plan.settings.is_empty());
+        assert!(plan.load_balancers.is_empty() && plan.nat_gateways.is_empty());
+        assert_eq!((plan.live_flows, plan.flows_cut), (1, 0));
+        assert!(plan.text().contains("no changes"), "{}", plan.text());
+    }
+
+    #[test]
+    fn objects_are_matched_by_name_and_their_changed_fields_named() {
+        let old = load(BASE);
+        let new = load(
+            &BASE
+                .replace("198.51.100.11, 198.51.100.12", "198.51.100.12")
+                .replace("[192.0.2.100]", "[192.0.2.101]")
+                .replace("priority: 100", "priority: 150"),
+        );
+        let plan = Plan::new("t.yaml".into(), Some(1), Some(&old), &new, &[]);
+        assert_eq!(plan.load_balancers.changed.len(), 1);
+        assert_eq!(plan.load_balancers.changed[0].changes[0].field, "pools");
+        let gw = &plan.nat_gateways.changed[0];
+        assert_eq!((gw.name.as_str(), gw.changes[0].field.as_str()), ("natgw", "public_addresses"));
+        let r = &plan.rules.changed[0];
+        assert_eq!((r.rule.as_str(), r.changes.len()), ("allow-web", 1));
+        let c = &r.changes[0];
+        assert_eq!((c.field.as_str(), &c.old, &c.new), ("priority", &100.into(), &150.into()));
+        // Everything new before the first apply.
+        let first = Plan::new("t.yaml".into(), None, None, &new, &[]);
+        assert_eq!(first.nsgs.added.len(), 1);
+        assert_eq!(first.load_balancers.added[0].name, "web-lb");
+        assert!(first.rules.added.iter().any(|r| r.rule == "allow-web"));
+        assert!(first.rules.removed.is_empty());
+    }
+
+    #[test]
+    fn flows_whose_backend_or_nat_address_goes_away_are_listed_apart_from_cut_ones() {
+        let old = load(BASE);
+        let new = load(
+            &BASE
+                .replace("198.51.100.11, 198.51.100.12", "198.51.100.12")
+                .replace("[192.0.2.100]", "[192.0.2.101]"),
+        );
+        let snat = flow(
+            "203.0.113.99",
+            443,
+            Some(Nat { kind: "snat", address: "192.0.2.100".parse().unwrap(), port: Some(2000) }),
+            None,
+        );
+        let mut snat = snat;
+        (snat.src, snat.direction) = ("198.51.100.20".parse().unwrap(), "outbound");
+        let live = [lb_flow("198.51.100.11"), lb_flow("198.51.100.12"), snat];
+        let plan = Plan::new("t.yaml".into(), Some(1), Some(&old), &new, &live);
+        assert_eq!(plan.flows_cut, 0);
+        let reasons: Vec<&str> = plan.orphaned.iter().map(|c| c.reason.as_str()).collect();
+        assert_eq!(
+            reasons,
+            [
+                "backend 198.51.100.11 leaves web-lb/http",
+                "no NAT gateway has its public address 192.0.2.100 any more"
+            ]
+        );
+        // A load balancer removed cuts all of its flows; a backend port the NSG no longer
+        // allows cuts them by the rules.
+        let no_lb = load(&BASE[..BASE.find("load_balancers").unwrap()]);
+        let plan = Plan::new("t.yaml".into(), Some(1), Some(&old), &no_lb, &live[..2]);
+        assert_eq!(plan.flows_orphaned, 2);
+        assert!(plan.orphaned[0].reason.contains("load balancer web-lb is removed"));
+        let closed = load(&BASE.replace("destination_ports: [8080]", "destination_ports: [8081]"));
+        let plan = Plan::new("t.yaml".into(), Some(1), Some(&old), &closed, &live[..1]);
+        assert_eq!(plan.cut[0].reason, "denied by web/DenyAllInBound (priority 65500, inbound)");
+        assert_eq!((plan.flows_cut, plan.flows_orphaned), (1, 0));
+        // Without re-evaluation a reload cuts nothing.
+        let kept = load(&format!(
+            "settings: {{reevaluate_flows: false}}\n{}",
+            BASE.replace("[8080]", "[8081]")
+        ));
+        let plan = Plan::new("t.yaml".into(), Some(1), Some(&old), &kept, &live[..1]);
+        assert_eq!(plan.flows_cut, 0);
     }
 }

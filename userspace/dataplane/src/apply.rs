@@ -210,7 +210,9 @@ pub fn prepare(
     let mut fields: LpmTrie<_, FieldKey, RuleBitmap> = pins.open_map(NSG_FIELDS)?.try_into()?;
     let mut rules: Array<_, u32> = pins.open_map(NSG_RULES)?.try_into()?;
     let mut hits: PerCpuArray<_, u64> = pins.open_map(NSG_HITS)?.try_into()?;
-    let mut traffic: PerCpuArray<_, Counter> = pins.open_map(NSG_TRAFFIC)?.try_into()?;
+    // Pinned by the first load of a build with it; none before (then nothing to carry).
+    let mut traffic: Option<PerCpuArray<_, Counter>> =
+        pins.open_map(NSG_TRAFFIC).ok().map(TryInto::try_into).transpose()?;
     let mut configs: Array<_, PolicyConfig> = pins.open_map(POLICY_CONFIG)?.try_into()?;
 
     // What the trie holds: the running policy's entries and what an earlier policy left in
@@ -269,12 +271,19 @@ pub fn prepare(
         for (bit, r) in table.rules.iter().enumerate() {
             let index = table_id * MAX_RULES + bit as u32;
             rules.set(index, access_code(r.rule.access), 0)?;
-            let (counts, bytes) = match running_rules.get(&RuleName::of(r).id()) {
-                Some(&old) => (hits.get(&old, 0)?.to_vec(), traffic.get(&old, 0)?.to_vec()),
-                None => (vec![0u64; nr_cpus], vec![Counter::default(); nr_cpus]),
+            let old = running_rules.get(&RuleName::of(r).id()).copied();
+            let counts = match old {
+                Some(old) => hits.get(&old, 0)?.to_vec(),
+                None => vec![0u64; nr_cpus],
             };
             hits.set(index, PerCpuValues::try_from(counts)?, 0)?;
-            traffic.set(index, PerCpuValues::try_from(bytes)?, 0)?;
+            if let Some(traffic) = &mut traffic {
+                let counts = match old {
+                    Some(old) => traffic.get(&old, 0)?.to_vec(),
+                    None => vec![Counter::default(); nr_cpus],
+                };
+                traffic.set(index, PerCpuValues::try_from(counts)?, 0)?;
+            }
         }
     }
 

@@ -288,7 +288,9 @@ fn policy_stats(pins: &PinDir) -> Result<Option<PolicyStats>> {
     let (slot, config) = apply::active(pins)?;
     let Some(record) = state::record(pins, config.generation)? else { return Ok(None) };
     let hits: PerCpuArray<_, u64> = pins.open_map(NSG_HITS)?.try_into()?;
-    let traffic: PerCpuArray<_, Counter> = pins.open_map(NSG_TRAFFIC)?.try_into()?;
+    // Pinned by the first load of a build with it; none before (zeros until `upgrade`).
+    let traffic: Option<PerCpuArray<_, Counter>> =
+        pins.open_map(NSG_TRAFFIC).ok().map(TryInto::try_into).transpose()?;
     let mut rules = Vec::new();
     for (t, table) in record.tables.iter().enumerate() {
         let table_id = slot * TABLES_PER_SLOT + t as u32;
@@ -296,7 +298,9 @@ fn policy_stats(pins: &PinDir) -> Result<Option<PolicyStats>> {
             let index = table_id * MAX_RULES + bit as u32;
             let flows = hits.get(&index, 0)?.iter().sum();
             let mut sum = Counter::default();
-            traffic.get(&index, 0)?.iter().for_each(|c| sum.add(c));
+            if let Some(traffic) = &traffic {
+                traffic.get(&index, 0)?.iter().for_each(|c| sum.add(c));
+            }
             rules.push(RuleHits {
                 nsg: r.nsg.clone(),
                 rule: r.rule.clone(),
