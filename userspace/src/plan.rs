@@ -329,7 +329,7 @@ impl Plan {
             load_balancers: vec![],
             nat_gateways: vec![],
             virtual_network: vec![],
-            settings: new.settings.clone(),
+            ..new.clone()
         };
         let old = old.unwrap_or(&empty);
         let listed = |f: &Flow, reason: String| CutFlow {
