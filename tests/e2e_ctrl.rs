@@ -268,6 +268,7 @@ fn plan_lists_the_changes_and_the_live_flows_a_deny_would_cut_and_changes_nothin
     assert!(cut["reason"].as_str().unwrap().contains("DenyAllInBound"), "{plan}");
     assert!(plan["live_flows"].as_u64().unwrap() >= 2, "{plan}");
     let text = gw.pins.xdpgate(&["plan", file]);
+    eprintln!("$ xdpgate plan next.yaml\n{text}");
     assert!(text.contains("live flows: 1 of"), "{text}");
     assert!(text.contains("~ deny-ssh inbound: priority 200 -> 210"), "{text}");
     // apply --diff is the same report.
@@ -326,6 +327,7 @@ fn flows_delete_removes_a_live_flow_and_its_next_packet_is_judged_anew() {
     assert_eq!(flows_on_port(&gw, 8082).len(), 1);
 
     let out = gw.pins.xdpgate(&["flows", "delete", "--port", "8082"]);
+    eprintln!("$ xdpgate flows delete --port 8082\n{out}");
     assert!(out.starts_with("deleted 1 flows (2 entries, 0 NAT translations)"), "{out}");
     assert!(flows_on_port(&gw, 8082).is_empty());
     assert_eq!(flows_on_port(&gw, 80).len(), 1, "other flows stay");

@@ -17,7 +17,7 @@ use xdpgate_policy::{
     reference::{self, Packet},
 };
 
-use crate::views::{self, OutputArgs, View};
+use crate::views::{self, OutputArgs, View, rules::SHOWN_PREFIXES};
 
 /// Live flows listed by name in the text view (`--json` lists every one).
 const SHOWN_FLOWS: usize = 10;
@@ -369,20 +369,24 @@ impl Plan {
     }
 }
 
-/// A JSON value in a line: strings bare, lists joined by commas.
+/// A JSON value in a line: strings bare, port ranges as `LO-HI`, lists joined by commas
+/// and shortened as `rules` shortens prefix lists (`--json` has them whole).
 fn short(v: &Value) -> String {
     match v {
         Value::Null => "(none)".into(),
         Value::String(s) => s.clone(),
-        Value::Array(a) if a.iter().all(|x| !x.is_object() && !x.is_array()) => {
-            if a.is_empty() {
-                "[]".into()
-            } else {
-                a.iter().map(short).collect::<Vec<_>>().join(",")
-            }
+        Value::Array(a) if a.is_empty() => "[]".into(),
+        Value::Array(a) if a.len() > SHOWN_PREFIXES => {
+            let shown: Vec<String> = a[..SHOWN_PREFIXES].iter().map(short).collect();
+            format!("{},... ({} in all)", shown.join(","), a.len())
         }
+        Value::Array(a) => a.iter().map(short).collect::<Vec<_>>().join(","),
         Value::Object(o) if o.contains_key("lo") && o.contains_key("hi") => {
-            format!("{}-{}", o["lo"], o["hi"])
+            if o["lo"] == o["hi"] {
+                o["lo"].to_string()
+            } else {
+                format!("{}-{}", o["lo"], o["hi"])
+            }
         }
         v => v.to_string(),
     }
@@ -431,7 +435,6 @@ fn rule_summary(r: &RuleChange) -> String {
         get("destination"),
         match d.and_then(|d| d.get("destination_ports")) {
             Some(Value::Null) | None => "*".into(),
-            Some(Value::Array(a)) => a.iter().map(short).collect::<Vec<_>>().join(","),
             Some(v) => short(v),
         }
     )
@@ -588,6 +591,15 @@ nat_gateways:
                 backend: Some(b),
             }),
         )
+    }
+
+    #[test]
+    fn values_are_shortened_for_a_line() {
+        let ports = serde_json::json!([{"lo": 80, "hi": 80}, {"lo": 8000, "hi": 8080}]);
+        assert_eq!(short(&ports), "80,8000-8080");
+        let nets = serde_json::json!(["10.0.0.0/8", "10.1.0.0/16", "10.2.0.0/16", "10.3.0.0/16"]);
+        assert_eq!(short(&nets), "10.0.0.0/8,10.1.0.0/16,10.2.0.0/16,... (4 in all)");
+        assert_eq!(short(&Value::Null), "(none)");
     }
 
     #[test]
