@@ -14,9 +14,13 @@ use common::{
 };
 use xdpgate::flowlog;
 use xdpgate_common::{
-    events::{DENY_EVENTS_PER_SEC, EVENT_BEGIN, EVENT_DENY, EVENT_WAKE_BYTES, FlowEvent},
+    events::{
+        DENY_EVENTS_PER_SEC, EVENT_BEGIN, EVENT_DENY, EVENT_DROP, EVENT_VERSION, EVENT_WAKE_BYTES,
+        FlowEvent,
+    },
     iface::Role,
     maps::EVENTS,
+    stats::DROP_REASON_NAMES,
 };
 
 const POLICY: &str = r#"
@@ -34,10 +38,36 @@ fn drain(k: &Kernel) -> Vec<FlowEvent> {
     let mut ring: RingBuf<_> = k.pins.dir.open_map(EVENTS).unwrap().try_into().unwrap();
     let mut out = Vec::new();
     while let Some(item) = ring.next() {
-        // SAFETY: the dataplane writes whole FlowEvents.
-        out.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<FlowEvent>()) });
+        out.push(FlowEvent::from_record(&item).expect("a whole event"));
     }
     out
+}
+
+/// A packet to a NAT gateway's public address that matches no translation reaches the flow
+/// log as a drop with its reason (before: counted only), with the version-2 fields: the
+/// interface, TCP flags and length.
+#[test]
+fn nat_unmatched_drops_reach_the_flow_log() {
+    let k = Kernel::new();
+    k.apply(
+        r#"
+virtual_network:
+  address_space: [198.51.100.0/24]
+nat_gateways:
+  - {name: natgw, public_addresses: [192.0.2.100], subnets: [198.51.100.0/24]}
+"#,
+    );
+    k.arrive_as(Role::External);
+    drain(&k);
+    let pkt = frame("203.0.113.7", "192.0.2.100", L4::Tcp(443, 5555, SYN));
+    assert_eq!(k.run(&pkt), DROP);
+    let events = drain(&k);
+    assert_eq!(events.len(), 1, "{events:?}");
+    let e = &events[0];
+    assert_eq!((e.kind, e.version, e.key.dport), (EVENT_DROP, EVENT_VERSION, 5555));
+    assert_eq!(DROP_REASON_NAMES[usize::from(e.reason)], "nat_unmatched");
+    assert_eq!((e.tcp_flags, e.bytes as usize), (SYN, pkt.len()));
+    assert_eq!(e.ifindex, 1, "the interface it arrived by (lo, as `arrive_as` registers)");
 }
 
 #[test]

@@ -152,6 +152,12 @@ pub const NAT_PREFIXES: u32 = 1_024;
 pub const EVENTS: &str = "EVENTS";
 /// `PerCpuArray<u64>`: `EVENTS_SUPPRESSED`, `EVENTS_LOST`.
 pub const EVENT_STATS: &str = "EVENT_STATS";
+/// `RingBuf` of `FlowEvent`s for `xdpgate observe`, written while `MONITOR_LEASE` runs.
+pub const MONITOR: &str = "MONITOR";
+/// `PerCpuArray<u64>`: `MONITOR_HELD_BACK`, `MONITOR_LOST`.
+pub const MONITOR_STATS: &str = "MONITOR_STATS";
+/// `Array<u64>` of one: when the observer's lease ends (coarse-clock ns); 0: none.
+pub const MONITOR_LEASE: &str = "MONITOR_LEASE";
 
 /// `PerCpuArray` handing the parsed packet from stage to stage; every program of one
 /// dataplane uses it, which is how the agent finds them (for their aya-log records).

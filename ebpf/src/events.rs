@@ -1,40 +1,69 @@
-//! Flow events for the agent's flow log: one when an allowed flow begins, one when a flow
-//! is denied. Denied-flow events go through a per-CPU token bucket, so a flood of denied
-//! packets costs the agent a bounded number of events; what the bucket or a full ring
-//! buffer holds back is counted.
+//! Events: for the agent's flow log (`EVENTS`): one when an allowed flow begins, one per
+//! denied packet and per `nat_unmatched` drop; for observers (`MONITOR`, only while one holds
+//! the lease): the same, and one per dropped packet of every reason. Denies and drops go
+//! through per-CPU token buckets (one per ring), so a flood costs the agent and the observer
+//! a bounded number of events; what a bucket or a full ring holds back is counted.
 //!
 //! Events are submitted without waking the reader (a wake-up is an interrupt, and costs the
-//! first packet of every flow several microseconds when the reader has caught up): the agent
-//! polls the ring on a short interval, and is woken only once the ring is filled past
-//! `EVENT_WAKE_BYTES`, so a burst cannot overrun it between polls.
+//! first packet of every flow several microseconds when the reader has caught up): readers
+//! poll on a short interval, and are woken only once a ring is filled past its wake mark, so
+//! a burst cannot overrun it between polls.
+//!
+//! The established fast path emits nothing; a new flow or a drop pays one array lookup (the
+//! lease) when no one observes.
 
-use aya_ebpf::bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
+use aya_ebpf::{
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    maps::{PerCpuArray, RingBuf},
+};
 use xdpgate_common::{
     events::{
-        DENY_EVENTS_PER_SEC, EVENT_DENY, EVENT_WAKE_BYTES, EVENTS_LOST, EVENTS_SUPPRESSED,
-        FlowEvent,
+        Bucket, DENY_EVENTS_PER_SEC, EVENT_BEGIN, EVENT_DROP, EVENT_VERSION, EVENT_WAKE_BYTES,
+        EVENTS_LOST, EVENTS_SUPPRESSED, FlowEvent, MONITOR_DROPS_PER_SEC, MONITOR_HELD_BACK,
+        MONITOR_LOST, MONITOR_WAKE_BYTES, NO_REASON,
     },
-    flow::FlowKey,
+    flow::{FlowKey, FlowValue, NAT_NONE, NO_RULES},
+    lb::NO_BACKEND,
+    stats::DropReason,
 };
 
-use crate::maps::{DENY_BUCKET, EVENT_STATS, EVENTS};
+use crate::{
+    clock,
+    maps::{
+        DENY_BUCKET, EVENT_SCRATCH, EVENT_STATS, EVENTS, MONITOR, MONITOR_BUCKET, MONITOR_LEASE,
+        MONITOR_STATS, SCRATCH,
+    },
+};
+
+/// Notes where the packet came from in the event being built (`EVENT_SCRATCH`), for the
+/// events the stage sends from deeper down (which have no context to ask).
+#[inline(always)]
+pub fn set_origin(ifindex: u32, bytes: u32, point: u8, tcp_flags: u8) {
+    if let Some(e) = EVENT_SCRATCH.get_ptr_mut(0) {
+        unsafe {
+            (*e).tcp_flags = tcp_flags;
+            (*e).ifindex = ifindex;
+            (*e).bytes = bytes;
+            (*e).point = point;
+        }
+    }
+}
 
 #[inline(always)]
-fn count(index: u32) {
-    if let Some(c) = EVENT_STATS.get_ptr_mut(index) {
+fn count(stats: &PerCpuArray<u64>, index: u32) {
+    if let Some(c) = stats.get_ptr_mut(index) {
         unsafe { *c += 1 };
     }
 }
 
-/// Takes a token for a denied-flow event: refilled at `DENY_EVENTS_PER_SEC`, at most that
-/// many banked.
+/// Takes a token from `bucket`: refilled at `per_sec`, at most that many banked.
 #[inline(always)]
-fn take_token(now: u64) -> bool {
-    let Some(b) = DENY_BUCKET.get_ptr_mut(0) else { return false };
+fn take_token(bucket: &PerCpuArray<Bucket>, per_sec: u64, now: u64) -> bool {
+    let Some(b) = bucket.get_ptr_mut(0) else { return false };
     let b = unsafe { &mut *b };
-    let refill = now.saturating_sub(b.last_ns) / (1_000_000_000 / DENY_EVENTS_PER_SEC);
+    let refill = now.saturating_sub(b.last_ns) / (1_000_000_000 / per_sec);
     if refill > 0 {
-        b.tokens = (b.tokens + refill).min(DENY_EVENTS_PER_SEC);
+        b.tokens = (b.tokens + refill).min(per_sec);
         b.last_ns = now;
     }
     if b.tokens == 0 {
@@ -44,32 +73,139 @@ fn take_token(now: u64) -> bool {
     true
 }
 
-/// Sends a flow event at `now` (the coarse clock); written straight into the ring buffer,
-/// not built on the stack.
+/// Whether an observer's lease runs at `now`.
 #[inline(always)]
-pub fn emit(kind: u8, key: &FlowKey, rules: [u16; 2], direction: u8, generation: u64, now: u64) {
-    if kind == EVENT_DENY && !take_token(now) {
-        count(EVENTS_SUPPRESSED);
+fn observed(now: u64) -> bool {
+    MONITOR_LEASE.get(0).is_some_and(|end| *end > now)
+}
+
+/// Copies the event built in `EVENT_SCRATCH` into `ring` (built in a map, not on the
+/// stack: the stages' stack chain is near its 512 bytes).
+#[inline(always)]
+fn write(ring: &RingBuf, stats: &PerCpuArray<u64>, lost: u32, wake_bytes: u32, e: &FlowEvent) {
+    // Counted with this event (its 8-byte header too), as a reserved one would be.
+    let filled = ring.query(BPF_RB_AVAIL_DATA as u64) + size_of::<FlowEvent>() as u64 + 8;
+    let wake = if filled >= wake_bytes as u64 { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP };
+    if ring.output::<FlowEvent>(e, wake as u64).is_err() {
+        count(stats, lost);
+    }
+}
+
+/// Sends the event built in `EVENT_SCRATCH` to the flow log (`to_log`) and, while one
+/// observes, to the observers. Anything but a flow's beginning goes through the rate
+/// limits.
+#[inline(always)]
+fn send(e: &FlowEvent, to_log: bool) {
+    let (now, limited) = (e.time_ns, e.kind != EVENT_BEGIN);
+    if to_log {
+        if limited && !take_token(&DENY_BUCKET, DENY_EVENTS_PER_SEC, now) {
+            count(&EVENT_STATS, EVENTS_SUPPRESSED);
+        } else {
+            write(&EVENTS, &EVENT_STATS, EVENTS_LOST, EVENT_WAKE_BYTES, e);
+        }
+    }
+    if observed(now) {
+        if limited && !take_token(&MONITOR_BUCKET, MONITOR_DROPS_PER_SEC, now) {
+            count(&MONITOR_STATS, MONITOR_HELD_BACK);
+        } else {
+            write(&MONITOR, &MONITOR_STATS, MONITOR_LOST, MONITOR_WAKE_BYTES, e);
+        }
+    }
+}
+
+/// Fills the event in `EVENT_SCRATCH` but for its key and origin (`set_origin`: interface,
+/// length, hook, TCP flags).
+#[inline(always)]
+#[expect(clippy::too_many_arguments, reason = "inlined: the facts of one event")]
+fn fill(
+    e: &mut FlowEvent,
+    kind: u8,
+    reason: u8,
+    rules: [u16; 2],
+    direction: u8,
+    generation: u64,
+    now: u64,
+    flow: Option<&FlowValue>,
+) {
+    e.time_ns = now;
+    e.generation = generation;
+    e.rules = rules;
+    e.kind = kind;
+    e.direction = direction;
+    e.version = EVENT_VERSION;
+    e.reason = reason;
+    match flow {
+        Some(v) => {
+            e.nat = v.nat;
+            e.nat_port = v.nat_port;
+            e.nat_addr = v.nat_addr;
+            e.service = v.service;
+            e.backend = v.backend;
+        }
+        None => {
+            e.nat = NAT_NONE;
+            e.nat_port = 0;
+            e.nat_addr = [0; 4];
+            e.service = NO_BACKEND;
+            e.backend = NO_BACKEND;
+        }
+    }
+    e._pad = [0; 3];
+}
+
+/// A flow event (`EVENT_BEGIN`, `EVENT_DENY`), sent from within a stage that noted the
+/// packet's origin: to the flow log and the observers.
+#[inline(always)]
+#[expect(clippy::too_many_arguments, reason = "inlined: the facts of one event")]
+pub fn emit(
+    kind: u8,
+    key: &FlowKey,
+    rules: [u16; 2],
+    direction: u8,
+    generation: u64,
+    now: u64,
+    flow: Option<&FlowValue>,
+) {
+    let Some(e) = EVENT_SCRATCH.get_ptr_mut(0) else { return };
+    let e = unsafe { &mut *e };
+    let reason = if kind == EVENT_BEGIN { NO_REASON } else { DropReason::Policy as u8 };
+    e.key = *key;
+    fill(e, kind, reason, rules, direction, generation, now, flow);
+    send(e, true);
+}
+
+/// A packet dropped for `reason` (other than a policy deny, which `emit` reported with its
+/// rule): the flow log hears of `nat_unmatched` drops, observers of all. `parsed`: the
+/// packet is in `SCRATCH` (drops of the entry stage have no addresses). A function of its
+/// own (a BPF-to-BPF call): inlined, it took stack the new-flow stages do not have.
+#[inline(never)]
+pub fn dropped(reason: u32, parsed: bool, point: u8, ifindex: u32, bytes: u32) {
+    if reason == DropReason::Policy as u32 {
         return;
     }
-    let Some(mut entry) = EVENTS.reserve::<FlowEvent>(0) else {
-        count(EVENTS_LOST);
+    let to_log = reason == DropReason::NatUnmatched as u32;
+    let now = clock::now_ns();
+    if !to_log && !observed(now) {
         return;
-    };
-    let e = entry.as_mut_ptr();
-    unsafe {
-        (*e).time_ns = now;
-        (*e).generation = generation;
-        (*e).key = *key;
-        (*e).rules = rules;
-        (*e).kind = kind;
-        (*e).direction = direction;
-        (*e)._pad = [0; 2];
     }
-    let wake = if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= EVENT_WAKE_BYTES as u64 {
-        BPF_RB_FORCE_WAKEUP
-    } else {
-        BPF_RB_NO_WAKEUP
-    };
-    entry.submit(wake as u64);
+    let Some(e) = EVENT_SCRATCH.get_ptr_mut(0) else { return };
+    let e = unsafe { &mut *e };
+    fill(e, EVENT_DROP, reason as u8, NO_RULES, 0, 0, now, None);
+    e.key = FlowKey::default();
+    e.tcp_flags = 0;
+    if let Some(m) = SCRATCH.get(0).filter(|_| parsed) {
+        // Field by field: a whole key built first would take 40 bytes of stack.
+        e.key.src = m.src;
+        e.key.dst = m.dst;
+        e.key.sport = m.sport;
+        e.key.dport = m.dport;
+        e.key.proto = m.proto;
+        e.key.family = m.family;
+        e.direction = m.dir;
+        e.tcp_flags = m.tcp_flags;
+    }
+    e.ifindex = ifindex;
+    e.bytes = bytes;
+    e.point = point;
+    send(e, to_log);
 }

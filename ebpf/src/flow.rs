@@ -437,7 +437,8 @@ pub fn create(
     if !decision.allowed {
         // The clock as `fresh` read it: a helper call fewer on the denied path.
         let now = forward.last_seen_ns;
-        events::emit(EVENT_DENY, key, decision.rules, forward.direction, forward.generation, now);
+        let (dir, generation) = (forward.direction, forward.generation);
+        events::emit(EVENT_DENY, key, decision.rules, dir, generation, now, Some(forward));
         return Err(DropReason::Policy);
     }
     forward.rules = decision.rules;
@@ -558,7 +559,8 @@ pub fn commit(
     }
     if forward.reply == 0 {
         let (rules, now) = (forward.rules, forward.last_seen_ns);
-        events::emit(EVENT_BEGIN, key, rules, forward.direction, forward.generation, now);
+        let (dir, generation) = (forward.direction, forward.generation);
+        events::emit(EVENT_BEGIN, key, rules, dir, generation, now, Some(forward));
     }
     Ok(())
 }
@@ -593,7 +595,7 @@ fn judge(
     if !decision.allowed {
         let now = clock::now_ns();
         let generation = active.config.generation;
-        events::emit(EVENT_DENY, &key(meta), decision.rules, dir as u8, generation, now);
+        events::emit(EVENT_DENY, &key(meta), decision.rules, dir as u8, generation, now, None);
         return Err(DropReason::Policy);
     }
     Ok(decision.rules)
@@ -652,7 +654,8 @@ pub fn reclassify(active: &Active<'_>, meta: &PacketMeta) -> Result<(), DropReas
         return Ok(());
     }
     let now = clock::now_ns();
-    events::emit(EVENT_DENY, &key, decision.rules, entry.direction, generation, now);
+    let dir = entry.direction;
+    events::emit(EVENT_DENY, &key, decision.rules, dir, generation, now, Some(entry));
     if established {
         let _ = FLOWS.remove(&key.twin(entry));
         let _ = FLOWS.remove(&key);

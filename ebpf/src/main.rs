@@ -29,6 +29,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::error;
 use xdpgate_common::{
+    events::{EVENT_AT_EGRESS, EVENT_AT_INGRESS},
     flow::{NAT_DST, NAT_NEXT_HOP, NAT_NONE, NAT_SRC, NextHop},
     iface::{IfaceConfig, Role},
     maps::{
@@ -53,35 +54,35 @@ use crate::{
 #[xdp]
 pub fn xdpgate(ctx: XdpContext) -> u32 {
     let iface = iface_config(ctx.ingress_ifindex() as u32);
-    finish(&ctx, iface.map_or(0, |c| c.slot), parse_stage(&ctx, iface))
+    finish(&ctx, iface.map_or(0, |c| c.slot), false, parse_stage(&ctx, iface))
 }
 
 /// Stage two: flow lookup (hit: done; miss: the new-flow stage).
 #[xdp]
 pub fn xdpgate_policy(ctx: XdpContext) -> u32 {
     let result = policy_stage(&ctx);
-    finish(&ctx, parsed_slot(), result)
+    finish(&ctx, parsed_slot(), true, result)
 }
 
 /// Stage two, for a packet without a flow: load balancing, NSG classification, a new flow.
 #[xdp]
 pub fn xdpgate_new_flow(ctx: XdpContext) -> u32 {
     let result = new_flow_stage(&ctx);
-    finish(&ctx, parsed_slot(), result)
+    finish(&ctx, parsed_slot(), true, result)
 }
 
 /// Stage two and a half, for new flows through a NAT gateway: claim a public port.
 #[xdp]
 pub fn xdpgate_snat(ctx: XdpContext) -> u32 {
     let result = snat_stage(&ctx);
-    finish(&ctx, parsed_slot(), result)
+    finish(&ctx, parsed_slot(), true, result)
 }
 
 /// Stage three, for flows that rewrite headers: NAT and forwarding.
 #[xdp]
 pub fn xdpgate_act(ctx: XdpContext) -> u32 {
     let result = act_stage(&ctx);
-    finish(&ctx, parsed_slot(), result)
+    finish(&ctx, parsed_slot(), true, result)
 }
 
 // The tc attach mode: the same pipeline at tc ingress (tcx), for interfaces where XDP is the
@@ -98,35 +99,35 @@ pub fn xdpgate_act(ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn xdpgate_tc(ctx: TcContext) -> i32 {
     let iface = iface_config(ctx.arrival());
-    tc_verdict(finish(&ctx, iface.map_or(0, |c| c.slot), parse_stage(&ctx, iface)))
+    tc_verdict(finish(&ctx, iface.map_or(0, |c| c.slot), false, parse_stage(&ctx, iface)))
 }
 
 /// tc stage two: flow lookup (see `xdpgate_policy`).
 #[classifier]
 pub fn xdpgate_tc_policy(ctx: TcContext) -> i32 {
     let result = policy_stage(&ctx);
-    tc_verdict(finish(&ctx, parsed_slot(), result))
+    tc_verdict(finish(&ctx, parsed_slot(), true, result))
 }
 
 /// tc new-flow stage (see `xdpgate_new_flow`).
 #[classifier]
 pub fn xdpgate_tc_new_flow(ctx: TcContext) -> i32 {
     let result = new_flow_stage(&ctx);
-    tc_verdict(finish(&ctx, parsed_slot(), result))
+    tc_verdict(finish(&ctx, parsed_slot(), true, result))
 }
 
 /// tc SNAT stage (see `xdpgate_snat`).
 #[classifier]
 pub fn xdpgate_tc_snat(ctx: TcContext) -> i32 {
     let result = snat_stage(&ctx);
-    tc_verdict(finish(&ctx, parsed_slot(), result))
+    tc_verdict(finish(&ctx, parsed_slot(), true, result))
 }
 
 /// tc act stage: NAT and forwarding (see `xdpgate_act`).
 #[classifier]
 pub fn xdpgate_tc_act(ctx: TcContext) -> i32 {
     let result = act_stage(&ctx);
-    tc_verdict(finish(&ctx, parsed_slot(), result))
+    tc_verdict(finish(&ctx, parsed_slot(), true, result))
 }
 
 /// A program that passes everything: the baseline benchmarks divide by.
@@ -232,6 +233,7 @@ fn policy_stage<H: Hook>(ctx: &H) -> Result<u32, DropReason> {
 #[inline(always)]
 fn new_flow_stage<H: Hook>(ctx: &H) -> Result<u32, DropReason> {
     let meta = SCRATCH.get(0).ok_or(DropReason::Internal)?;
+    events::set_origin(ctx.arrival(), Packet::len(ctx) as u32, EVENT_AT_INGRESS, meta.tcp_flags);
     let active = nsg::active().ok_or(DropReason::Internal)?;
     if meta.frag == FRAG_LATER {
         flow::unknown_fragment(&active, meta)?;
@@ -305,6 +307,7 @@ fn enter<R>(ctx: &impl EbpfContext, stages: &ProgramArray, index: u32) -> Result
 #[inline(always)]
 fn snat_stage<H: Hook>(ctx: &H) -> Result<u32, DropReason> {
     let meta = SCRATCH.get(0).ok_or(DropReason::Internal)?;
+    events::set_origin(ctx.arrival(), Packet::len(ctx) as u32, EVENT_AT_INGRESS, meta.tcp_flags);
     let gw = u32::from(ACTION.get(0).ok_or(DropReason::Internal)?.port);
     let action = flow::commit_snat(meta, gw)?;
     hand_on(ctx, action, PIPELINE_ACT)
@@ -392,11 +395,11 @@ fn parsed_slot() -> u32 {
 }
 
 /// The single exit of every stage: count the verdict per interface `slot` (and the drop
-/// reason).
+/// reason). `parsed`: a later stage, which finds the packet in `SCRATCH`.
 #[inline(always)]
-fn finish<H: Hook>(ctx: &H, slot: u32, result: Result<u32, DropReason>) -> u32 {
+fn finish<H: Hook>(ctx: &H, slot: u32, parsed: bool, result: Result<u32, DropReason>) -> u32 {
     let action = result.unwrap_or_else(|reason| {
-        count_drop(ctx, reason);
+        count_drop(ctx, reason, parsed, EVENT_AT_INGRESS);
         xdp_action::XDP_DROP
     });
     count_verdict(ctx, slot, action);
@@ -424,11 +427,14 @@ fn count_verdict(ctx: &impl Packet, slot: u32, action: u32) {
     }
 }
 
+/// Counts a drop, and reports it (see `events::dropped`); `parsed`: the packet is in
+/// `SCRATCH`.
 #[inline(always)]
-fn count_drop(ctx: &impl EbpfContext, reason: DropReason) {
+fn count_drop<H: Hook>(ctx: &H, reason: DropReason, parsed: bool, point: u8) {
     if let Some(c) = DROP_STATS.get_ptr_mut(reason as u32) {
         unsafe { *c += 1 };
     }
+    events::dropped(reason as u32, parsed, point, ctx.arrival(), Packet::len(ctx) as u32);
     if reason == DropReason::Internal {
         // Rare by construction (a missing stage or scratch map), so worth a log line; never
         // logged per packet on a normal path.
@@ -448,14 +454,14 @@ fn count_drop(ctx: &impl EbpfContext, reason: DropReason) {
 #[classifier]
 pub fn xdpgate_egress(ctx: TcContext) -> i32 {
     let slot = iface_config(unsafe { (*ctx.skb.skb).ifindex }).map_or(0, |c| c.slot);
-    finish_egress(&ctx, slot, egress_parse_stage(&ctx, slot))
+    finish_egress(&ctx, slot, false, egress_parse_stage(&ctx, slot))
 }
 
 /// Egress stage two: flow lookup (hit: done; miss: the new-flow stage).
 #[classifier]
 pub fn xdpgate_egress_policy(ctx: TcContext) -> i32 {
     let result = egress_policy_stage(&ctx);
-    finish_egress(&ctx, parsed_slot(), result)
+    finish_egress(&ctx, parsed_slot(), true, result)
 }
 
 /// Egress stage three, for a packet of the host's without a flow: NSG classification, a new
@@ -463,7 +469,7 @@ pub fn xdpgate_egress_policy(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn xdpgate_egress_new(ctx: TcContext) -> i32 {
     let result = egress_new_stage(&ctx);
-    finish_egress(&ctx, parsed_slot(), result)
+    finish_egress(&ctx, parsed_slot(), true, result)
 }
 
 /// Headers are pulled into the linear area of the socket buffer this far (a short packet, to
@@ -558,6 +564,7 @@ fn egress_policy_stage(ctx: &TcContext) -> Result<Option<()>, DropReason> {
 #[inline(always)]
 fn egress_new_stage(ctx: &TcContext) -> Result<Option<()>, DropReason> {
     let meta = SCRATCH.get(0).ok_or(DropReason::Internal)?;
+    events::set_origin(ctx.arrival(), ctx.len(), EVENT_AT_EGRESS, meta.tcp_flags);
     let active = nsg::active().ok_or(DropReason::Internal)?;
     if meta.frag == FRAG_LATER {
         flow::unknown_fragment(&active, meta)?;
@@ -584,12 +591,17 @@ fn egress_passed(meta: &PacketMeta) -> Option<()> {
 /// counted per interface `slot`. Passing leaves the packet to whatever runs after this
 /// program (`TCX_NEXT`).
 #[inline(always)]
-fn finish_egress(ctx: &TcContext, slot: u32, result: Result<Option<()>, DropReason>) -> i32 {
+fn finish_egress(
+    ctx: &TcContext,
+    slot: u32,
+    parsed: bool,
+    result: Result<Option<()>, DropReason>,
+) -> i32 {
     let dropped = match result {
         Ok(None) => return TC_ACT_UNSPEC,
         Ok(Some(())) => false,
         Err(reason) => {
-            count_drop(ctx, reason);
+            count_drop(ctx, reason, parsed, EVENT_AT_EGRESS);
             true
         }
     };

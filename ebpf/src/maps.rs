@@ -8,7 +8,7 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use xdpgate_common::{
-    events::{Bucket, EVENT_RING_BYTES},
+    events::{Bucket, EVENT_RING_BYTES, FlowEvent, MONITOR_RING_BYTES},
     flow::{FLOW_STATS_LEN, FlowKey, FlowValue, FragKey, FragValue},
     iface::IfaceConfig,
     lb::{
@@ -235,3 +235,23 @@ pub static EVENT_STATS: PerCpuArray<u64> = PerCpuArray::pinned(2, 0);
 /// Per-CPU token bucket of the denied-event rate limit.
 #[map(name = "DENY_BUCKET")]
 pub static DENY_BUCKET: PerCpuArray<Bucket> = PerCpuArray::with_max_entries(1, 0);
+
+/// Events for observers (`xdpgate observe`), written only while `MONITOR_LEASE` runs.
+#[map(name = "MONITOR")]
+pub static MONITOR: RingBuf = RingBuf::pinned(MONITOR_RING_BYTES, 0);
+
+/// Drop events the observers' rate limit held back, and events lost to a full `MONITOR`.
+#[map(name = "MONITOR_STATS")]
+pub static MONITOR_STATS: PerCpuArray<u64> = PerCpuArray::pinned(2, 0);
+
+/// When the observer's lease ends (coarse-clock ns): the observer renews it while it runs.
+#[map(name = "MONITOR_LEASE")]
+pub static MONITOR_LEASE: Array<u64> = Array::pinned(1, 0);
+
+/// Per-CPU token bucket of the observers' drop-event rate limit.
+#[map(name = "MONITOR_BUCKET")]
+pub static MONITOR_BUCKET: PerCpuArray<Bucket> = PerCpuArray::with_max_entries(1, 0);
+
+/// The event being built, with the origin its stage noted (see `events::set_origin`).
+#[map(name = "EVENT_SCRATCH")]
+pub static EVENT_SCRATCH: PerCpuArray<FlowEvent> = PerCpuArray::with_max_entries(1, 0);

@@ -536,9 +536,8 @@ fn log_events(
     failing: &mut Failing,
 ) {
     while let Some(item) = ring.next() {
-        if item.len() >= std::mem::size_of::<FlowEvent>() {
-            // SAFETY: the dataplane writes whole FlowEvents (plain data).
-            let e: FlowEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+        // Of either version: records of programs before an upgrade stay in the ring.
+        if let Some(e) = FlowEvent::from_record(&item) {
             if let Some(sink) = flow_log.as_deref_mut() {
                 failing.check("flow log", sink.write(&flowlog::event_line(names, &e)));
             }

@@ -180,7 +180,7 @@ impl Sink {
 }
 
 /// Converts the dataplane's monotonic nanoseconds to wall-clock seconds.
-fn wall_clock(mono_ns: u64) -> f64 {
+pub fn wall_clock(mono_ns: u64) -> f64 {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()

@@ -4,11 +4,13 @@
 
 pub mod agent;
 pub mod agent_state;
+pub mod filter;
 pub mod flowlog;
 pub mod flows_cmd;
 pub mod health;
 pub mod metrics;
 pub mod node;
+pub mod observe;
 pub mod plan;
 pub mod status;
 pub mod views;

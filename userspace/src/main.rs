@@ -9,7 +9,7 @@ use std::{
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand, ValueEnum as _};
 use xdpgate::{
-    agent, flowlog, flows_cmd, metrics, plan, status,
+    agent, flowlog, flows_cmd, metrics, observe, plan, status,
     views::{self, OutputArgs},
 };
 use xdpgate_common::{iface::Role, maps::DEFAULT_PIN_DIR};
@@ -229,6 +229,7 @@ enum Command {
         #[command(flatten)]
         output: OutputArgs,
     },
+    Observe(observe::ObserveArgs),
     /// Show packet and byte counters per interface and verdict, and drops by reason.
     Stats {
         #[command(flatten)]
@@ -496,6 +497,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let report = nat::report(&pins, &running_record(&pins)?)?;
             views::print(report.as_slice(), output.format())?;
         }
+        Command::Observe(args) => observe::run(&pins, args)?,
         Command::Stats { output } => {
             views::print(&stats::read(&pins)?, output.format())?;
         }

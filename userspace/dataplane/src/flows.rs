@@ -224,7 +224,8 @@ pub fn addr(words: &[u32; 4], family: u8) -> IpAddr {
     if family == 6 { IpAddr::from(b) } else { IpAddr::from([b[0], b[1], b[2], b[3]]) }
 }
 
-fn protocol_name(family: u8, proto: u8) -> String {
+/// `tcp`, `udp`, `icmp`, `icmpv6`, `esp`, `ah`, `sctp`, or the number.
+pub fn protocol_name(family: u8, proto: u8) -> String {
     match proto {
         6 => "tcp".into(),
         17 => "udp".into(),
@@ -237,7 +238,8 @@ fn protocol_name(family: u8, proto: u8) -> String {
     }
 }
 
-fn has_ports(proto: u8) -> bool {
+/// Whether packets of `proto` have ports.
+pub fn has_ports(proto: u8) -> bool {
     matches!(proto, 6 | 17 | 132)
 }
 
@@ -273,6 +275,11 @@ impl Names {
         Some(RuleName { nsg: r.nsg.clone(), rule: r.rule.clone(), layer: r.layer })
     }
 
+    /// The running generation when these names were read.
+    pub fn generation(&self) -> u64 {
+        self.config.generation
+    }
+
     /// The rules of both sides of a flow decided under `generation`.
     pub fn rules(&self, rules: [u16; 2], generation: u64) -> SideRules {
         let side = |dir: u32| self.rule(rules[dir as usize], generation, dir);
@@ -281,11 +288,11 @@ impl Names {
 
     /// The running generation's load-balancing service (load balancer, rule) and backend
     /// address, by id.
-    fn service(&self, id: u32) -> Option<&ServiceName> {
+    pub fn service(&self, id: u32) -> Option<&ServiceName> {
         self.records.first()?.services.get(id as usize)
     }
 
-    fn backend(&self, id: u32) -> Option<IpAddr> {
+    pub fn backend(&self, id: u32) -> Option<IpAddr> {
         self.records.first()?.backends.get(id as usize).copied()
     }
 

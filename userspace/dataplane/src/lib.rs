@@ -38,6 +38,7 @@ pub mod apply;
 pub mod flows;
 pub mod lb;
 pub mod migrate;
+pub mod monitor;
 pub mod nat;
 pub mod netns;
 pub mod routes;

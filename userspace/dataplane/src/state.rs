@@ -136,28 +136,53 @@ fn agent_lock_path(pins: &PinDir) -> PathBuf {
 impl AgentLock {
     /// Takes ownership of the dataplane for this process, or says which agent has it.
     pub fn acquire(pins: &PinDir) -> Result<Self> {
-        ensure_dir(pins)?;
-        let path = agent_lock_path(pins);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&path)
-            .with_context(|| format!("opening {}", path.display()))?;
-        let Some(mut locked) = flock(file, FlockArg::LockExclusiveNonblock, Duration::ZERO)? else {
-            let pid = fs::read_to_string(&path).unwrap_or_default();
-            bail!(
-                "an agent (pid {}) already runs the dataplane at {}",
-                pid.trim(),
-                pins.path().display()
-            );
-        };
-        locked.set_len(0)?;
-        write!(locked, "{}", std::process::id())?;
-        Ok(Self(locked))
+        match pid_lock(pins, &agent_lock_path(pins))? {
+            Ok(locked) => Ok(Self(locked)),
+            Err(pid) => {
+                bail!(
+                    "an agent (pid {pid}) already runs the dataplane at {}",
+                    pins.path().display()
+                )
+            }
+        }
     }
+}
+
+/// Held by `xdpgate observe` while it reads the observers' ring (one reader at a time: a
+/// second would take the first one's events).
+pub struct ObserverLock(#[expect(dead_code, reason = "held for its lock")] Flock<File>);
+
+impl ObserverLock {
+    pub fn acquire(pins: &PinDir) -> Result<Self> {
+        match pid_lock(pins, &dir(pins).join("observe.lock"))? {
+            Ok(locked) => Ok(Self(locked)),
+            Err(pid) => bail!(
+                "another xdpgate observe (pid {pid}) is watching the dataplane at {}; one \
+                 observer at a time (each would take the other's events): stop it first",
+                pins.path().display()
+            ),
+        }
+    }
+}
+
+/// Locks the file at `path` for this process and writes its pid there; or the pid of the
+/// process that holds it. The kernel releases it when the holder dies.
+fn pid_lock(pins: &PinDir, path: &Path) -> Result<Result<Flock<File>, String>> {
+    ensure_dir(pins)?;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let Some(mut locked) = flock(file, FlockArg::LockExclusiveNonblock, Duration::ZERO)? else {
+        return Ok(Err(fs::read_to_string(path).unwrap_or_default().trim().to_string()));
+    };
+    locked.set_len(0)?;
+    write!(locked, "{}", std::process::id())?;
+    Ok(Ok(locked))
 }
 
 /// The pid of the agent that owns the dataplane at `pins`, if one runs.

@@ -1,0 +1,77 @@
+//! The observers' side of the dataplane's events (`xdpgate observe`): the `MONITOR` ring,
+//! the lease that makes the dataplane write it, and what its rate limit held back.
+
+use anyhow::{Context, Result};
+use aya::maps::{Array, MapData, PerCpuArray, RingBuf};
+use xdpgate_common::{
+    events::{MONITOR_HELD_BACK, MONITOR_LEASE_NS, MONITOR_LOST},
+    maps::{MONITOR, MONITOR_LEASE, MONITOR_STATS},
+};
+
+use crate::{PinDir, monotonic_ns, state::ObserverLock};
+
+/// An observer's hold on the dataplane's events: while it is renewed, the dataplane writes
+/// `MONITOR`; dropped, it ends at once; its holder killed, it runs out within
+/// `MONITOR_LEASE_NS`.
+pub struct Lease {
+    map: Array<MapData, u64>,
+    _lock: ObserverLock,
+}
+
+/// The maps of a dataplane loaded before `observe` existed are missing until `upgrade`.
+fn open(pins: &PinDir, name: &str) -> Result<aya::maps::Map> {
+    pins.open_map(name).with_context(|| {
+        format!(
+            "the dataplane at {} has no {name} map: its programs predate `observe`; run \
+             `xdpgate upgrade`",
+            pins.path().display()
+        )
+    })
+}
+
+impl Lease {
+    /// Takes the lease (one observer at a time) and starts the events.
+    pub fn take(pins: &PinDir) -> Result<Self> {
+        let map = open(pins, MONITOR_LEASE)?.try_into()?;
+        let lock = ObserverLock::acquire(pins)?;
+        let mut lease = Self { map, _lock: lock };
+        lease.renew()?;
+        Ok(lease)
+    }
+
+    /// Moves the lease's end to `MONITOR_LEASE_NS` from now.
+    pub fn renew(&mut self) -> Result<()> {
+        Ok(self.map.set(0, monotonic_ns() + MONITOR_LEASE_NS, 0)?)
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let _ = self.map.set(0, 0, 0);
+    }
+}
+
+/// The observers' ring.
+pub fn ring(pins: &PinDir) -> Result<RingBuf<MapData>> {
+    Ok(open(pins, MONITOR)?.try_into()?)
+}
+
+/// Whether an observer's lease runs now (as the dataplane sees it).
+pub fn observed(pins: &PinDir) -> Result<bool> {
+    let map: Array<MapData, u64> = open(pins, MONITOR_LEASE)?.try_into()?;
+    Ok(map.get(&0, 0)? > monotonic_ns())
+}
+
+/// Drop events the rate limit held back and events lost to a full ring, since the
+/// dataplane was loaded (summed over CPUs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Dropped {
+    pub held_back: u64,
+    pub lost: u64,
+}
+
+pub fn dropped(pins: &PinDir) -> Result<Dropped> {
+    let stats: PerCpuArray<MapData, u64> = open(pins, MONITOR_STATS)?.try_into()?;
+    let sum = |i: u32| -> Result<u64> { Ok(stats.get(&i, 0)?.iter().sum()) };
+    Ok(Dropped { held_back: sum(MONITOR_HELD_BACK)?, lost: sum(MONITOR_LOST)? })
+}
