@@ -326,7 +326,23 @@ fn flows_delete_removes_a_live_flow_and_its_next_packet_is_judged_anew() {
     assert!(String::from_utf8_lossy(&all.stderr).contains("--all"));
     assert_eq!(flows_on_port(&gw, 8082).len(), 1);
 
-    let out = gw.pins.xdpgate(&["flows", "delete", "--port", "8082"]);
+    // A flag that selects no flow (flows are never drops) is refused.
+    let denied = gw.pins.try_xdpgate(&["flows", "delete", "--port", "8082", "--verdict", "denied"]);
+    assert!(!denied.status.success());
+    assert!(String::from_utf8_lossy(&denied.stderr).contains("--verdict denied selects no flow"));
+    // The filter flags observe and capture share, with the flow table's own.
+    let out = gw.pins.xdpgate(&[
+        "flows",
+        "delete",
+        "--port",
+        "8082",
+        "--protocol",
+        "tcp",
+        "--dst",
+        "198.51.100.0/24",
+        "--state",
+        "established",
+    ]);
     eprintln!("$ xdpgate flows delete --port 8082\n{out}");
     assert!(out.starts_with("deleted 1 flows (2 entries, 0 NAT translations)"), "{out}");
     assert!(flows_on_port(&gw, 8082).is_empty());

@@ -6,41 +6,54 @@ use std::{fmt::Write as _, net::IpAddr};
 use anyhow::{Result, bail};
 use xdpgate_dataplane::{
     PinDir, apply,
-    flows::{self, Deleted, FlowState},
+    flows::{self, Deleted, Flow, FlowState},
 };
 
-use crate::views::{self, OutputArgs, View};
+use crate::{
+    filter::{FlowFilter, Subject, Verdict},
+    views::{self, OutputArgs, View},
+};
 
-/// Which flows: every flag given must match (none: every flow).
+/// Which flows: every flag given must match (none: every flow). The shared filter flags
+/// (`filter::FlowFilter`, as `observe` and `capture` take them), and two of the flow table's.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct FilterArgs {
+    #[command(flatten)]
+    pub shared: FlowFilter,
     /// Only flows with this address at either end (a load-balanced flow's backend and a NAT
     /// gateway flow's public address count as ends).
     #[arg(long, value_name = "IP")]
     pub addr: Option<IpAddr>,
-    /// Only flows with this port at either end, as for --addr.
-    #[arg(long, value_name = "N")]
-    pub port: Option<u16>,
-    /// Only flows decided by this rule (RULE or NSG/RULE), on either side.
-    #[arg(long, value_name = "NAME")]
-    pub rule: Option<String>,
     /// Only flows in this state: embryonic or established.
     #[arg(long, value_name = "STATE")]
     pub state: Option<FlowState>,
 }
 
 impl FilterArgs {
-    pub fn filter(&self) -> flows::Filter {
-        flows::Filter {
-            addr: self.addr,
-            port: self.port,
-            rule: self.rule.clone(),
-            state: self.state,
+    /// Refuses what selects no flow: a flow in the table was allowed, never dropped.
+    fn check(&self) -> Result<()> {
+        if let Some(r) = &self.shared.reason {
+            bail!("--reason {r} selects drops; the flow tables hold allowed flows only");
         }
+        if let Some(v) =
+            self.shared.verdict.filter(|v| !matches!(v, Verdict::Allowed | Verdict::Translated))
+        {
+            bail!(
+                "--verdict {} selects no flow: the flow tables hold allowed (or translated) \
+                 flows only",
+                v.name()
+            );
+        }
+        Ok(())
+    }
+
+    fn matches(&self, f: &Flow) -> bool {
+        flows::Filter { addr: self.addr, ..Default::default() }.matches(f)
+            && self.shared.matches(&Subject::of_flow(f))
     }
 
     fn is_empty(&self) -> bool {
-        self.addr.is_none() && self.port.is_none() && self.rule.is_none() && self.state.is_none()
+        self.shared.is_empty() && self.addr.is_none() && self.state.is_none()
     }
 }
 
@@ -75,7 +88,7 @@ struct DeleteArgs {
     #[command(flatten)]
     filter: FilterArgs,
     /// Delete every flow (required when no filter is given).
-    #[arg(long, conflicts_with_all = ["addr", "port", "rule", "state"])]
+    #[arg(long, conflicts_with_all = ["addr", "state", "src", "dst", "port", "protocol", "rule"])]
     all: bool,
     /// List what would be deleted, and delete nothing.
     #[arg(long)]
@@ -87,21 +100,26 @@ struct DeleteArgs {
 pub fn run(pins: &PinDir, args: Args) -> Result<()> {
     match args.action {
         None => {
-            let list = flows::list(pins, &args.filter.filter(), args.top)?;
+            let f = &args.filter;
+            f.check()?;
+            let list = flows::list_where(pins, f.state, |flow| f.matches(flow), args.top)?;
             views::print(list.as_slice(), args.output.format())
         }
         Some(Action::Delete(d)) => {
+            d.filter.check()?;
             if d.filter.is_empty() && !d.all {
                 bail!(
-                    "flows delete needs a filter (--addr, --port, --rule, --state) or --all to \
-                     delete every flow"
+                    "flows delete needs a filter (--addr, --src, --dst, --port, --protocol, \
+                     --rule, --state) or --all to delete every flow"
                 );
             }
             // The running policy's NAT gateways (their port cooldowns); none before any apply.
             let policy = apply::applied_source(pins).and_then(|(path, src)| {
                 xdpgate_policy::load_str(&src, &path.display().to_string()).ok()
             });
-            let deleted = flows::delete(pins, &d.filter.filter(), policy.as_ref(), d.dry_run)?;
+            let f = &d.filter;
+            let deleted =
+                flows::delete(pins, f.state, |flow| f.matches(flow), policy.as_ref(), d.dry_run)?;
             views::print(&DeleteReport { deleted, dry_run: d.dry_run }, d.output.format())
         }
     }

@@ -514,13 +514,17 @@ struct Held {
     flow: Flow,
 }
 
-/// The flows matching `filter`, unordered. Each table is read in one walk, the embryonic
-/// one first: a flow confirmed during the read (put into the established table, then taken
-/// out of the embryonic one) is seen in both, and is then taken once, as established. (Read
-/// the other way round, it could be missed in both.)
-fn matching(pins: &PinDir, filter: &Filter) -> Result<Vec<Held>> {
+/// The flows in `state` (none: both) for which `keep` holds, unordered. Each table is read
+/// in one walk, the embryonic one first: a flow confirmed during the read (put into the
+/// established table, then taken out of the embryonic one) is seen in both, and is then
+/// taken once, as established. (Read the other way round, it could be missed in both.)
+fn matching(
+    pins: &PinDir,
+    state: Option<FlowState>,
+    keep: impl Fn(&Flow) -> bool,
+) -> Result<Vec<Held>> {
     let names = Names::read(pins)?;
-    let want = |s: FlowState| filter.state.is_none_or(|f| f == s);
+    let want = |s: FlowState| state.is_none_or(|f| f == s);
     let embryos = if want(FlowState::Embryonic) { entries(pins, EMBRYOS)? } else { HashMap::new() };
     let established =
         if want(FlowState::Established) { entries(pins, FLOWS)? } else { HashMap::new() };
@@ -537,13 +541,24 @@ fn matching(pins: &PinDir, filter: &Filter) -> Result<Vec<Held>> {
             reply_key,
             flow: describe(&names, now, state, key, forward, reply),
         })
-        .filter(|h| filter.matches(&h.flow))
+        .filter(|h| keep(&h.flow))
         .collect())
 }
 
 /// The flows matching `filter`, most bytes first; at most `top` of them (0: all).
 pub fn list(pins: &PinDir, filter: &Filter, top: usize) -> Result<Vec<Flow>> {
-    let mut flows: Vec<Flow> = matching(pins, filter)?.into_iter().map(|h| h.flow).collect();
+    list_where(pins, filter.state, |f| filter.matches(f), top)
+}
+
+/// The flows in `state` (none: both) for which `keep` holds, most bytes first; at most
+/// `top` of them (0: all).
+pub fn list_where(
+    pins: &PinDir,
+    state: Option<FlowState>,
+    keep: impl Fn(&Flow) -> bool,
+    top: usize,
+) -> Result<Vec<Flow>> {
+    let mut flows: Vec<Flow> = matching(pins, state, keep)?.into_iter().map(|h| h.flow).collect();
     flows.sort_by(|a, b| {
         b.bytes().cmp(&a.bytes()).then(b.packets().cmp(&a.packets())).then_with(|| {
             (a.src, a.src_port, a.dst, a.dst_port).cmp(&(b.src, b.src_port, b.dst, b.dst_port))
@@ -566,7 +581,8 @@ pub struct Deleted {
     pub translations: u64,
 }
 
-/// Removes the flows matching `filter` (`conntrack -D`): both directions' entries, in the
+/// Removes the flows in `state` (none: both) for which `keep` holds (`conntrack -D`): both
+/// directions' entries, in the
 /// table each is in, and the translation of a flow through a NAT gateway (else the next
 /// packet would rebuild the flow from it). A deleted flow's next packet is judged as a new
 /// flow's first: the policy decides again, and a TCP segment other than a SYN is dropped
@@ -574,12 +590,13 @@ pub struct Deleted {
 /// `policy`: the running policy (its NAT gateways' port cooldowns).
 pub fn delete(
     pins: &PinDir,
-    filter: &Filter,
+    state: Option<FlowState>,
+    keep: impl Fn(&Flow) -> bool,
     policy: Option<&xdpgate_policy::Policy>,
     dry_run: bool,
 ) -> Result<Deleted> {
     crate::migrate::ensure_done(pins)?;
-    let held = matching(pins, filter)?;
+    let held = matching(pins, state, keep)?;
     let mut out = Deleted { flows: Vec::new(), entries: 0, translations: 0 };
     let (mut established, mut embryos) = (open(pins, FLOWS)?, open(pins, EMBRYOS)?);
     let now = monotonic_ns();
