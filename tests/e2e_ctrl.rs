@@ -7,14 +7,15 @@
 mod common;
 
 use std::{
-    io::{self, Read, Write},
+    io::Write,
     net::{SocketAddr, TcpListener, TcpStream},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use common::{
     Netns,
     gateway::{CLIENT4, Gateway, SERVER4, SERVER6},
+    tcp::{accept_within, read_within},
 };
 use serde_json::Value;
 
@@ -33,6 +34,11 @@ nsgs:
       - {name: allow-ping, priority: 300, direction: inbound, access: allow, protocol: icmp, source: [203.0.113.10], destination: [198.51.100.10]}
       - {name: deny-ping6, priority: 310, direction: inbound, access: deny, protocol: icmp, source: ["*"], destination: [2001:db8:1::10]}
 "#;
+
+/// A rule line to add to [`POLICY`]: TCP 8082 allowed in.
+const ALLOW_8082: &str = "      - {name: allow-8082, priority: 110, direction: inbound, \
+    access: allow, protocol: tcp, source: [Internet], destination: [\"*\"], \
+    destination_ports: [8082]}\n";
 
 /// An ICMP echo frame of `ping`'s default 56 bytes of data: Ethernet 14 + IPv4 20 + ICMP 8.
 const PING4_FRAME: u64 = 14 + 20 + 8 + 56;
@@ -125,35 +131,6 @@ fn rule_counters_count_packets_and_bytes_at_tc() {
     rule_counters(Gateway::tc());
 }
 
-/// Accepts one connection within [`PASS_WAIT`].
-fn accept_one(listener: &TcpListener) -> TcpStream {
-    listener.set_nonblocking(true).unwrap();
-    let deadline = Instant::now() + PASS_WAIT;
-    loop {
-        match listener.accept() {
-            Ok((s, _)) => {
-                s.set_nonblocking(false).unwrap();
-                return s;
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err(e) => panic!("accept: {e}"),
-        }
-    }
-}
-
-/// Reads what arrives within `wait`: `None` on timeout.
-fn read_within(s: &mut TcpStream, wait: Duration) -> Option<Vec<u8>> {
-    s.set_read_timeout(Some(wait)).unwrap();
-    let mut buf = [0u8; 256];
-    match s.read(&mut buf) {
-        Ok(n) => Some(buf[..n].to_vec()),
-        Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => None,
-        Err(e) => panic!("read: {e}"),
-    }
-}
-
 /// A connection from the client to the server's `port` (a listener of the test's), with one
 /// exchange each way done.
 struct Conn {
@@ -170,7 +147,8 @@ impl Conn {
             .client
             .run(move || TcpStream::connect_timeout(&addr, PASS_WAIT))
             .unwrap_or_else(|e| panic!("connect to port {port}: {e}"));
-        let mut c = Self { client, server: accept_one(&listener), _listener: listener };
+        let mut c =
+            Self { client, server: accept_within(&listener, PASS_WAIT), _listener: listener };
         assert!(c.client_to_server(b"hello", PASS_WAIT), "port {port}: first exchange");
         c.server.write_all(b"welcome").unwrap();
         assert_eq!(read_within(&mut c.client, PASS_WAIT).as_deref(), Some(&b"welcome"[..]));
@@ -225,10 +203,7 @@ fn snapshot(gw: &Gateway) -> (Vec<String>, Value, Vec<Value>) {
 #[test]
 fn plan_lists_the_changes_and_the_live_flows_a_deny_would_cut_and_changes_nothing() {
     let gw = Gateway::new();
-    let allow_8082 = "      - {name: allow-8082, priority: 110, direction: inbound, access: allow, \
-                      protocol: tcp, source: [Internet], destination: [\"*\"], \
-                      destination_ports: [8082]}\n";
-    apply(&gw, "base.yaml", &format!("{POLICY}{allow_8082}"));
+    apply(&gw, "base.yaml", &format!("{POLICY}{ALLOW_8082}"));
     let mut conn = Conn::open(&gw, 8082);
     let _web = Conn::open(&gw, 80);
 
@@ -303,11 +278,8 @@ fn plan_lists_the_changes_and_the_live_flows_a_deny_would_cut_and_changes_nothin
 #[test]
 fn flows_delete_removes_a_live_flow_and_its_next_packet_is_judged_anew() {
     let gw = Gateway::new();
-    let allow_8082 = "      - {name: allow-8082, priority: 110, direction: inbound, access: allow, \
-                      protocol: tcp, source: [Internet], destination: [\"*\"], \
-                      destination_ports: [8082]}\n";
     let settings = "settings: {midstream_pickup: true, reevaluate_flows: false}\n";
-    apply(&gw, "base.yaml", &format!("{settings}{POLICY}{allow_8082}"));
+    apply(&gw, "base.yaml", &format!("{settings}{POLICY}{ALLOW_8082}"));
     let mut web = Conn::open(&gw, 80);
     let mut closed = Conn::open(&gw, 8082);
     // 8082 no longer allowed; the open flow is kept (no re-evaluation).
