@@ -122,8 +122,9 @@ enum Command {
     },
     /// Show what applying POLICY would change, and change nothing: NSGs, rules (by NSG and
     /// rule name, with the changed fields), load balancers and NAT gateways added, removed
-    /// and changed, and the live flows the change would cut (denied by the new rules, or
-    /// their backend or NAT gateway gone), the first few named.
+    /// and changed, and the live flows the change would cut (denied by the new rules; those
+    /// whose backend or NAT gateway address goes away are listed apart: a reload does not
+    /// cut them), the first few named.
     ///
     /// Example: xdpgate plan policy.yaml
     Plan(plan::Args),
