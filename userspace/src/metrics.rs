@@ -827,6 +827,12 @@ mod tests {
             ),
             "{text}"
         );
+        for (family, value) in [("packets", 11), ("bytes", 1_500)] {
+            let want = format!(
+                r#"xdpgate_rule_{family}_total{{nsg="web \"edge\"",rule="allow\\web\nnew",direction="inbound",layer="subnet",priority="100"}} {value}"#
+            );
+            assert!(text.contains(&want), "{want} in {text}");
+        }
     }
 
     #[test]
@@ -864,6 +870,8 @@ mod tests {
                 "xdpgate_interface_egress_bytes_total",
                 "xdpgate_drops_total",
                 "xdpgate_rule_flows_total",
+                "xdpgate_rule_packets_total",
+                "xdpgate_rule_bytes_total",
                 "xdpgate_frontend_packets_total",
                 "xdpgate_frontend_bytes_total",
                 "xdpgate_backend_packets_total",
