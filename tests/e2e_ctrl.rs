@@ -91,6 +91,8 @@ fn rule_counters(gw: Gateway) {
     assert!(!ping(&gw.client, SERVER6, 3), "deny-ping6 must drop the echoes");
     // A denied packet starts no flow: each one is decided, and counted, by the rule.
     assert_eq!(rule(&gw, "deny-ping6"), Some((3, 3, 3 * PING6_FRAME)));
+    let stats = gw.pins.xdpgate(&["stats"]);
+    eprintln!("$ xdpgate stats\n{}", &stats[stats.find("RULE HITS").unwrap()..]);
     let metrics = gw.pins.xdpgate(&["metrics"]);
     let sample = |name: &str, rule: &str| {
         metrics
