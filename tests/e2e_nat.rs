@@ -326,3 +326,26 @@ fn a_translated_flow_follows_its_next_hop_when_it_changes() {
     assert_eq!(route_generation(&lab.pins), generation);
     assert_eq!(cached_hop(&lab.pins, sport).0, [2, 0, 0, 0, 0, 8]);
 }
+
+/// `flows delete` ends a translated flow cleanly: its entries and its translation go (the
+/// port is free again: here the pool's only port, so a second flow gets it), and the
+/// deleted flow's next datagram starts a new flow with a new translation.
+#[test]
+fn flows_delete_ends_the_translation_of_a_deleted_flow() {
+    let lab = Lab::new(
+        "    ports: \"2000-2000\"\n    udp_idle_timeout: 120\n    port_reuse_cooldown: 0\n",
+    );
+    lab.udp_echo();
+    assert_eq!(lab.udp(42000).as_deref(), Some("192.0.2.100"));
+    assert_eq!(lab.udp(42001), None, "one port, taken by the first flow");
+    assert_eq!(lab.nat()[0]["translations"], 1, "{}", lab.nat());
+
+    let out = lab.pins.xdpgate(&["flows", "delete", "--port", "42000"]);
+    assert!(out.starts_with("deleted 1 flows (2 entries, 1 NAT translations)"), "{out}");
+    assert_eq!(lab.nat()[0]["translations"], 0, "{}", lab.nat());
+    assert_eq!(lab.ports_in_use(), 0, "without a cooldown the port is free at once");
+    let flows = lab.pins.xdpgate(&["flows", "--json", "--top", "0", "--port", "42000"]);
+    assert_eq!(flows.trim(), "[]");
+    // The freed port serves another flow.
+    assert_eq!(lab.udp(42001).as_deref(), Some("192.0.2.100"), "the freed port is reused");
+}

@@ -22,6 +22,7 @@ use common::{
     Netns,
     echo::EchoServer,
     gateway::{CLIENT4, CLIENT6, Gateway, SERVER4, SERVER6},
+    tcp::{accept_within, read_within},
 };
 
 /// How long to wait for something the policy should drop.
@@ -411,35 +412,6 @@ fn quiesce() {
     std::thread::sleep(Duration::from_millis(250));
 }
 
-/// Accepts one connection within [`PASS_WAIT`].
-fn accept_one(listener: &TcpListener) -> TcpStream {
-    listener.set_nonblocking(true).unwrap();
-    let deadline = Instant::now() + PASS_WAIT;
-    loop {
-        match listener.accept() {
-            Ok((s, _)) => {
-                s.set_nonblocking(false).unwrap();
-                return s;
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err(e) => panic!("accept: {e}"),
-        }
-    }
-}
-
-/// Reads what arrives within `wait`: `None` on timeout.
-fn read_within(s: &mut TcpStream, wait: Duration) -> Option<Vec<u8>> {
-    s.set_read_timeout(Some(wait)).unwrap();
-    let mut buf = [0u8; 256];
-    match s.read(&mut buf) {
-        Ok(n) => Some(buf[..n].to_vec()),
-        Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => None,
-        Err(e) => panic!("read: {e}"),
-    }
-}
-
 /// A cut connection must stay cut whichever end speaks next. Here the protected server
 /// speaks first after the swap: its segment (server:8082 -> client) arrives on the internal
 /// interface and finds no flow (the cut removed both entries). Not being a SYN, it starts
@@ -454,7 +426,7 @@ fn cut_flow_is_not_reopened_by_the_protected_host() {
     lab.apply("with-8082.yaml", &policy_with(&[allow_8082]));
     let listener = lab.server.run(|| TcpListener::bind(sock(SERVER4, 8082)).expect("bind 8082"));
     let mut client = lab.connect(sock(SERVER4, 8082), PASS_WAIT).expect("allow-8082: connect");
-    let mut server = accept_one(&listener);
+    let mut server = accept_within(&listener, PASS_WAIT);
     client.write_all(b"hello").unwrap();
     assert_eq!(read_within(&mut server, PASS_WAIT).as_deref(), Some(&b"hello"[..]));
     server.write_all(b"welcome").unwrap();

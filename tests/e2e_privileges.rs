@@ -276,6 +276,10 @@ fn a_user_without_privileges_is_told_so() {
         &["observe", "--count", "1"],
         &["upgrade"],
         &["apply", policy.to_str().unwrap()],
+        &["apply", "--diff", policy.to_str().unwrap()],
+        &["plan", policy.to_str().unwrap()],
+        &["flows", "delete", "--all"],
+        &["flows", "delete", "--all", "--dry-run"],
     ] {
         let mut full = vec!["--pin-dir", &pins];
         full.extend_from_slice(args);

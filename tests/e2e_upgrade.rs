@@ -159,16 +159,7 @@ fn upgrade_from_a_build_without_the_interface_array_finds_the_interfaces() {
     let lab = Gateway::new();
     lab.apply("policy.yaml", POLICY);
     let _echo = EchoServer::start(&lab.server, vec!["198.51.100.10:7".parse().unwrap()]);
-    let echoed = || {
-        lab.client.run(|| {
-            let mut s = TcpStream::connect("198.51.100.10:7").ok()?;
-            s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-            s.write_all(b"echo").ok()?;
-            let mut buf = [0u8; 4];
-            s.read_exact(&mut buf).ok()?;
-            Some(buf)
-        })
-    };
+    let echoed = || echo_through(&lab);
     assert_eq!(echoed(), Some(*b"echo"), "before the upgrade");
     std::fs::remove_file(lab.pins.dir.path().join("IFACE_INDEX")).unwrap();
     lab.pins.xdpgate(&["upgrade"]);
@@ -442,6 +433,18 @@ fn a_small_table_for_test_runs_holds_flows() {
 /// programs as that build: their flow tables (entries copied into the earlier layout) and
 /// their pipelines under the earlier names, and this build's names unpinned. Returns how
 /// many flow entries the earlier tables hold.
+/// A connection from the client to the server's echo port 7: what came back.
+fn echo_through(lab: &Gateway) -> Option<[u8; 4]> {
+    lab.client.run(|| {
+        let mut s = TcpStream::connect("198.51.100.10:7").ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        s.write_all(b"echo").ok()?;
+        let mut buf = [0u8; 4];
+        s.read_exact(&mut buf).ok()?;
+        Some(buf)
+    })
+}
+
 fn as_earlier_build(lab: &Gateway) -> usize {
     use aya::maps::{HashMap, MapData};
     use xdpgate_common::maps::{
@@ -570,4 +573,33 @@ fn a_refused_upgrade_from_the_earlier_layout_pins_nothing_new() {
     let expired = xdpgate_dataplane::migrate::ensure_done(&lab.pins.dir);
     assert!(expired.is_err_and(|e| e.to_string().contains("NAT expiry wait")));
     assert_eq!(exchange(&mut s).unwrap(), *b"hello", "the earlier dataplane runs on");
+}
+
+/// A pin set from a build without the per-rule packet and byte counters (`NSG_TRAFFIC` not
+/// pinned): `stats` and `apply` work before the upgrade (the counters read zero), and after
+/// `upgrade` the rules count packets and bytes.
+#[test]
+fn upgrade_from_a_build_without_rule_traffic_counters_counts_them() {
+    use xdpgate_common::maps::NSG_TRAFFIC;
+    let lab = Gateway::new();
+    std::fs::remove_file(lab.pins.dir.map(NSG_TRAFFIC)).unwrap();
+    lab.apply("policy.yaml", POLICY);
+    let _echo = EchoServer::start(&lab.server, vec!["198.51.100.10:7".parse().unwrap()]);
+    let echoed = || echo_through(&lab);
+    let traffic = || {
+        let stats: serde_json::Value =
+            serde_json::from_str(&lab.pins.xdpgate(&["stats", "--json"])).unwrap();
+        let rules = stats["policy"]["rules"].as_array().unwrap().clone();
+        let rule = rules.into_iter().find(|r| r["rule"] == "allow-echo").unwrap();
+        (rule["flows"].as_u64().unwrap(), rule["traffic"]["packets"].as_u64().unwrap())
+    };
+    assert_eq!(echoed(), Some(*b"echo"), "before the upgrade");
+    assert_eq!(traffic(), (1, 0), "flows counted, packets not pinned yet");
+    lab.apply("again.yaml", POLICY);
+    lab.pins.xdpgate(&["upgrade"]);
+    assert!(lab.pins.dir.map(NSG_TRAFFIC).exists(), "pinned by the upgrade");
+    assert_eq!(echoed(), Some(*b"echo"), "after the upgrade");
+    let (flows, packets) = traffic();
+    assert_eq!(flows, 2);
+    assert!(packets >= 5, "a connection's handshake, data and close: {packets}");
 }

@@ -36,6 +36,10 @@ pub const NSG_CLASS_IDS: &str = "NSG_CLASS_IDS";
 pub const NSG_CLASSES: &str = "NSG_CLASSES";
 /// `PerCpuArray<u64>`: flows decided by rule `table * MAX_RULES + bit`.
 pub const NSG_HITS: &str = "NSG_HITS";
+/// `PerCpuArray<stats::Counter>`: packets and bytes by rule `table * MAX_RULES + bit`: every
+/// packet of the flows the rule decided (both ways), and every packet it denied. A new map:
+/// pin sets from before it get it on their next load.
+pub const NSG_TRAFFIC: &str = "NSG_TRAFFIC";
 /// `Array<u32>` of one entry: the slot packets use.
 pub const ACTIVE_SLOT: &str = "ACTIVE_SLOT";
 /// `Array<PolicyConfig>`, one per slot.

@@ -27,7 +27,7 @@ use crate::{
     lb::{self, Lb},
     maps::{
         BACKEND_STATS, BACKENDS, CLASSIFY_SCRATCH, EMBRYOS, FLOW_SCRATCH, FLOW_STATS, FLOWS, FRAGS,
-        SERVICE_STATS,
+        NSG_TRAFFIC, SERVICE_STATS,
     },
     nsg::{Active, classify},
     parse::PacketMeta,
@@ -190,7 +190,21 @@ fn touch(entry: &mut FlowValue, now: u64, len: u64) {
     clock::stamp(&mut entry.last_seen_ns, now);
     entry.packets += 1;
     entry.bytes += len;
+    count_rules(entry.rules, len);
     count_lb(entry.service, entry.backend, len);
+}
+
+/// Counts a packet under the deciding rule of each side of its flow (`NO_RULE`: none).
+#[inline(always)]
+fn count_rules(rules: [u16; 2], len: u64) {
+    for rule in rules {
+        if let Some(c) = NSG_TRAFFIC.get_ptr_mut(u32::from(rule)) {
+            unsafe {
+                (*c).packets += 1;
+                (*c).bytes += len;
+            }
+        }
+    }
 }
 
 /// A packet of an embryonic flow passes as the flow's, and confirms it (moves it to the
@@ -419,6 +433,7 @@ pub fn create(
     // One classification for every kind of new flow (each call site costs the verifier a
     // walk of the classifier): the packet as its flow's first packet reaches its host.
     let decision = classify(active, as_classified(meta, forward)?);
+    count_rules(decision.rules, len);
     if !decision.allowed {
         // The clock as `fresh` read it: a helper call fewer on the denied path.
         let now = forward.last_seen_ns;
@@ -493,10 +508,10 @@ pub fn create_host(
     // would confirm a flow made from the SYN-ACK to its spoofed SYN).
     let tcp = if meta.proto == IPPROTO_TCP { meta.tcp_flags } else { 0 };
     if icmp::is_error(meta) || tcp & TH_RST != 0 || tcp & (TH_SYN | TH_ACK) == TH_SYN | TH_ACK {
-        return judge(active, meta, dir).map(|_| ());
+        return judge(active, meta, dir, len).map(|_| ());
     }
     let [forward, reply] = fresh(active, meta, dir, len)?;
-    forward.rules = judge(active, meta, dir)?;
+    forward.rules = judge(active, meta, dir, len)?;
     if forward.tcp & TCP_MIDSTREAM != 0 {
         count(FLOW_STAT_PICKED_UP);
     }
@@ -569,8 +584,14 @@ pub fn commit_snat(meta: &PacketMeta, gw: u32) -> Result<Action, DropReason> {
 /// NSG classification of a packet as the first of a flow: the deciding rule of each side, or
 /// a policy drop (with its deny event).
 #[inline(always)]
-fn judge(active: &Active<'_>, meta: &PacketMeta, dir: u32) -> Result<[u16; 2], DropReason> {
+fn judge(
+    active: &Active<'_>,
+    meta: &PacketMeta,
+    dir: u32,
+    len: u64,
+) -> Result<[u16; 2], DropReason> {
     let decision = classify(active, meta);
+    count_rules(decision.rules, len);
     if !decision.allowed {
         let now = clock::now_ns();
         let generation = active.config.generation;

@@ -75,6 +75,11 @@ pub static NSG_RULES: Array<u32> = Array::pinned(TABLES * MAX_RULES, 0);
 #[map(name = "NSG_HITS")]
 pub static NSG_HITS: PerCpuArray<u64> = PerCpuArray::pinned(TABLES * MAX_RULES, 0);
 
+/// Packets and bytes of the flows each rule decided (and the packets it denied), by global
+/// rule index.
+#[map(name = "NSG_TRAFFIC")]
+pub static NSG_TRAFFIC: PerCpuArray<Counter> = PerCpuArray::pinned(TABLES * MAX_RULES, 0);
+
 /// The policy slot packets use; flipped by the agent after it wrote the other slot.
 #[map(name = "ACTIVE_SLOT")]
 pub static ACTIVE_SLOT: Array<u32> = Array::pinned(1, 0);

@@ -276,6 +276,7 @@ pub mod lan;
 pub mod packet;
 pub mod policygen;
 pub mod rng;
+pub mod tcp;
 
 pub fn xdpgate_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_xdpgate"))

@@ -37,9 +37,30 @@ pub struct FlowFilter {
     #[arg(long, value_enum)]
     pub verdict: Option<Verdict>,
     /// Only dropped for this reason (the drop reasons of `xdpgate stats`).
-    #[arg(long, value_name = "REASON",
-          value_parser = clap::builder::PossibleValuesParser::new(DROP_REASON_NAMES))]
+    #[arg(long, value_name = "REASON", value_parser = reasons())]
     pub reason: Option<String>,
+}
+
+/// `--reason`'s values: `DROP_REASON_NAMES`, each with a line of help.
+fn reasons() -> clap::builder::PossibleValuesParser {
+    const HELP: [&str; DROP_REASON_NAMES.len()] = [
+        "a truncated header or an impossible length field",
+        "more VLAN tags or IPv6 extension headers than the parser follows",
+        "an NSG rule denied it",
+        "a later fragment whose first fragment was not allowed",
+        "a stage could not run (fails closed)",
+        "a frontend with no healthy backend",
+        "a TCP segment other than a SYN that belongs to no flow",
+        "a NAT gateway found no free public port",
+        "a packet to a NAT public address that matches no translation",
+        "the established flow table was full",
+    ];
+    DROP_REASON_NAMES
+        .iter()
+        .zip(HELP)
+        .map(|(name, help)| clap::builder::PossibleValue::new(*name).help(help))
+        .collect::<Vec<_>>()
+        .into()
 }
 
 /// What the dataplane did with a packet or flow.

@@ -82,7 +82,9 @@ impl FlowLogArgs {
 /// What the flow log does with the agent's own health-probe connections.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ProbeTraffic {
+    /// Leave the agent's probe connections out of the flow log.
     Omit,
+    /// Log them, marked `"probe": true`.
     Mark,
 }
 

@@ -1,17 +1,17 @@
 //! `xdpgate`: the command-line agent.
 
-use std::{net::IpAddr, path::PathBuf, process::ExitCode};
+use std::{path::PathBuf, process::ExitCode};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Result, anyhow, bail};
 use clap::{CommandFactory as _, Parser, Subcommand, ValueEnum as _};
 use xdpgate::{
-    agent, cli_docs, flowlog, metrics, observe, status, verify_flow,
+    agent, cli_docs, flowlog, flows_cmd, metrics, observe, plan, status, verify_flow,
     views::{self, OutputArgs},
 };
 use xdpgate_common::{iface::Role, maps::DEFAULT_PIN_DIR};
 use xdpgate_dataplane::{
-    self as dataplane, Hook, Ingress, Mode, PinDir, apply, flows, lb, nat, netns, state::WriteLock,
-    stats, transaction,
+    self as dataplane, Hook, Ingress, Mode, PinDir, apply, lb, nat, netns, state::WriteLock, stats,
+    transaction,
 };
 use xdpgate_policy::{self as policy, compile};
 
@@ -111,7 +111,20 @@ enum Command {
     Apply {
         /// The policy file (YAML).
         file: PathBuf,
+        /// Show what applying would change (as `xdpgate plan`), and apply nothing.
+        #[arg(long)]
+        diff: bool,
+        #[command(flatten)]
+        output: OutputArgs,
     },
+    /// Show what applying POLICY would change, and change nothing: NSGs, rules (by NSG and
+    /// rule name, with the changed fields), load balancers and NAT gateways added, removed
+    /// and changed, and the live flows the change would cut (denied by the new rules; those
+    /// whose backend or NAT gateway address goes away are listed apart: a reload does not
+    /// cut them), the first few named.
+    ///
+    /// Example: xdpgate plan policy.yaml
+    Plan(plan::Args),
     VerifyFlow(verify_flow::Args),
     /// Print the effective rules: service tags, application security groups and default
     /// rules expanded, in evaluation order.
@@ -170,27 +183,8 @@ enum Command {
     /// yet; established), 5-tuple of the first packet, direction, deciding rule, NAT or
     /// backend, traffic each way and idle time.
     ///
-    /// Example: xdpgate flows --port 443 --top 50
-    Flows {
-        /// Show at most N flows, 0 for all. Default: 20 in the table (which says how many it
-        /// left out), all with --json.
-        #[arg(long, value_name = "N")]
-        top: Option<usize>,
-        /// Only flows with this address at either end.
-        #[arg(long, value_name = "IP")]
-        addr: Option<IpAddr>,
-        /// Only flows with this port at either end.
-        #[arg(long, value_name = "N")]
-        port: Option<u16>,
-        /// Only flows decided by this rule (RULE or NSG/RULE).
-        #[arg(long, value_name = "NAME")]
-        rule: Option<String>,
-        /// Only flows in this state: embryonic or established.
-        #[arg(long, value_name = "STATE")]
-        state: Option<flows::FlowState>,
-        #[command(flatten)]
-        output: OutputArgs,
-    },
+    /// Example: xdpgate flows --port 443 --top 50; xdpgate flows delete --port 22
+    Flows(flows_cmd::Args),
     /// Show where the dataplane is attached (role, hook and XDP mode), the pin directory, the running
     /// policy, the flow table's entries in use, and the sizes and memory of the flow and NAT
     /// tables.
@@ -371,11 +365,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 let n = xdpgate::node::load(&node)?;
                 println!("{}: ok ({} interfaces)", node.display(), n.interfaces.len());
             }
-            let (policy, _) = policy::load(&file)?;
-            let (compiled, _) = policy::compile_all(&policy)?;
-            // With the numbers apply uses, for whatever policy runs before or after it.
-            compile::check_capacity(&policy, &compiled)
-                .with_context(|| format!("{}: cannot be applied", file.display()))?;
+            let (policy, compiled) = plan::load_checked(&file)?;
             let rules: usize = policy.nsgs.iter().map(|n| n.rules.len()).sum();
             println!(
                 "{}: ok ({} NSGs, {rules} effective rules, {} of {} NSG table entries a \
@@ -390,7 +380,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Rules { policy, output } => {
             views::print(&chosen_policy(&pins, policy)?, output.format())?;
         }
-        Command::Apply { file } => {
+        Command::Plan(args) => plan::run(&pins, args)?,
+        Command::Apply { file, diff: true, output } => {
+            plan::run(&pins, plan::Args { file, output })?
+        }
+        Command::Apply { file, .. } => {
             // Sets keep their run-time changes (`xdpgate set`) over the file's elements.
             let (policy, source) =
                 policy::load_with_sets(&file, &dataplane::sets::changes(&pins)?)?;
@@ -421,11 +415,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             ))?;
         }
         Command::Metrics => print!("{}", metrics::render(&pins)?),
-        Command::Flows { top, addr, port, rule, state, output } => {
-            let all = flows::list(&pins, &flows::Filter { addr, port, rule, state }, 0)?;
-            let format = output.format();
-            views::print(&views::flows::Listed::new(all, top, format), format)?;
-        }
+        Command::Flows(args) => flows_cmd::run(&pins, args)?,
         Command::Status { output } => {
             views::print(&status::read(&pins)?, output.format())?;
         }

@@ -285,17 +285,28 @@ impl Snapshot {
             "Flows a network security group rule of the running policy decided (allowed or \
              denied); counted once per flow, and once per denied packet.",
         );
+        let mut rule_packets = Family::new(
+            "xdpgate_rule_packets_total",
+            Counter,
+            "Packets of the flows a network security group rule decided (both ways), or that it \
+             denied; kept across reloads while the rule keeps its NSG, name, direction and layer.",
+        );
+        let mut rule_bytes = Family::new(
+            "xdpgate_rule_bytes_total",
+            Counter,
+            "Bytes of the packets xdpgate_rule_packets_total counts.",
+        );
         for r in self.stats.policy.iter().flat_map(|p| &p.rules) {
-            rules.add(
-                vec![
-                    ("nsg", r.nsg.clone()),
-                    ("rule", r.rule.clone()),
-                    ("direction", format!("{:?}", r.direction).to_lowercase()),
-                    ("layer", format!("{:?}", r.layer).to_lowercase()),
-                    ("priority", r.priority.to_string()),
-                ],
-                Int(r.flows),
-            );
+            let labels = vec![
+                ("nsg", r.nsg.clone()),
+                ("rule", r.rule.clone()),
+                ("direction", format!("{:?}", r.direction).to_lowercase()),
+                ("layer", format!("{:?}", r.layer).to_lowercase()),
+                ("priority", r.priority.to_string()),
+            ];
+            rules.add(labels.clone(), Int(r.flows));
+            rule_packets.add(labels.clone(), Int(r.traffic.packets));
+            rule_bytes.add(labels, Int(r.traffic.bytes));
         }
 
         let mut fe_packets = Family::new(
@@ -557,6 +568,8 @@ impl Snapshot {
             eg_bytes,
             drops,
             rules,
+            rule_packets,
+            rule_bytes,
             fe_packets,
             fe_bytes,
             be_packets,
@@ -860,6 +873,7 @@ mod tests {
                         layer: Layer::Subnet,
                         priority: 100,
                         flows: 7,
+                        traffic: Traffic { packets: 11, bytes: 1_500 },
                     }],
                 }),
                 flow_events_rate_limited: 5,
@@ -947,6 +961,12 @@ mod tests {
             ),
             "{text}"
         );
+        for (family, value) in [("packets", 11), ("bytes", 1_500)] {
+            let want = format!(
+                r#"xdpgate_rule_{family}_total{{nsg="web \"edge\"",rule="allow\\web\nnew",direction="inbound",layer="subnet",priority="100"}} {value}"#
+            );
+            assert!(text.contains(&want), "{want} in {text}");
+        }
     }
 
     #[test]
@@ -985,6 +1005,8 @@ mod tests {
                 "xdpgate_interface_egress_bytes_total",
                 "xdpgate_drops_total",
                 "xdpgate_rule_flows_total",
+                "xdpgate_rule_packets_total",
+                "xdpgate_rule_bytes_total",
                 "xdpgate_frontend_packets_total",
                 "xdpgate_frontend_bytes_total",
                 "xdpgate_backend_packets_total",

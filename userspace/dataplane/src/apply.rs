@@ -18,7 +18,7 @@ use xdpgate_common::{
     lb::{FrontendKey, Service},
     maps::{
         ACTIVE_SLOT, FRONTENDS, NAT_MAP, NAT_PUBLIC, NSG_CLASS_IDS, NSG_CLASSES, NSG_FIELDS,
-        NSG_HITS, NSG_RULES, POLICY_CONFIG,
+        NSG_HITS, NSG_RULES, NSG_TRAFFIC, POLICY_CONFIG,
     },
     nat::{AddrKey, NatEntry},
     nsg::{
@@ -27,6 +27,7 @@ use xdpgate_common::{
         KEY_HEADER_BITS, MAX_RULES, PolicyConfig, RuleBitmap, TABLES_PER_SLOT, class_bit,
         class_index, wildcard_bit,
     },
+    stats::Counter,
     words,
 };
 
@@ -193,9 +194,10 @@ impl Prepared {
     }
 }
 
-/// Writes `compiled` into the inactive slot, without switching it on. The hit counters of
-/// rules that the running generation (`running`, its record) also has carry over, so a
-/// reload does not reset them. The caller holds the write lock.
+/// Writes `compiled` into the inactive slot, without switching it on. The counters (flows,
+/// packets and bytes) of rules that the running generation (`running`, its record) also has
+/// carry over, so a reload does not reset them; the others start at zero. The caller holds
+/// the write lock.
 pub fn prepare(
     pins: &PinDir,
     compiled: &Compiled,
@@ -208,6 +210,9 @@ pub fn prepare(
     let mut fields: LpmTrie<_, FieldKey, RuleBitmap> = pins.open_map(NSG_FIELDS)?.try_into()?;
     let mut rules: Array<_, u32> = pins.open_map(NSG_RULES)?.try_into()?;
     let mut hits: PerCpuArray<_, u64> = pins.open_map(NSG_HITS)?.try_into()?;
+    // Pinned by the first load of a build with it; none before (then nothing to carry).
+    let mut traffic: Option<PerCpuArray<_, Counter>> =
+        pins.open_map(NSG_TRAFFIC).ok().map(TryInto::try_into).transpose()?;
     let mut configs: Array<_, PolicyConfig> = pins.open_map(POLICY_CONFIG)?.try_into()?;
 
     // What the trie holds: the running policy's entries and what an earlier policy left in
@@ -266,11 +271,19 @@ pub fn prepare(
         for (bit, r) in table.rules.iter().enumerate() {
             let index = table_id * MAX_RULES + bit as u32;
             rules.set(index, access_code(r.rule.access), 0)?;
-            let counts = match running_rules.get(&RuleName::of(r).id()) {
-                Some(&old) => hits.get(&old, 0)?.to_vec(),
+            let old = running_rules.get(&RuleName::of(r).id()).copied();
+            let counts = match old {
+                Some(old) => hits.get(&old, 0)?.to_vec(),
                 None => vec![0u64; nr_cpus],
             };
             hits.set(index, PerCpuValues::try_from(counts)?, 0)?;
+            if let Some(traffic) = &mut traffic {
+                let counts = match old {
+                    Some(old) => traffic.get(&old, 0)?.to_vec(),
+                    None => vec![Counter::default(); nr_cpus],
+                };
+                traffic.set(index, PerCpuValues::try_from(counts)?, 0)?;
+            }
         }
     }
 

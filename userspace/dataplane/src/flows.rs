@@ -417,11 +417,10 @@ pub fn remove_idle(
     Ok(swept)
 }
 
-/// Pairs the two entries of each flow. `forward` is the entry of the first packet's
-/// direction when present.
-fn pair(
-    entries: &HashMap<FlowKey, FlowValue>,
-) -> Vec<(FlowKey, Option<FlowValue>, Option<FlowValue>)> {
+/// Pairs the two entries of each flow: the key of the first packet's direction, the
+/// entries, and the key the reply entry has (or would have). `forward` is the entry of the
+/// first packet's direction when present.
+fn pair(entries: &HashMap<FlowKey, FlowValue>) -> Vec<Paired> {
     let mut used: HashSet<FlowKey> = HashSet::new();
     let mut out = Vec::new();
     for (key, value) in entries.iter().filter(|(_, v)| v.reply == 0) {
@@ -430,14 +429,17 @@ fn pair(
         if reply.is_some() {
             used.insert(back);
         }
-        out.push((*key, Some(*value), reply));
+        out.push((*key, Some(*value), reply, back));
     }
     for (key, value) in entries.iter().filter(|(k, v)| v.reply != 0 && !used.contains(k)) {
         // A reply entry alone: its twin is the key of the first packet's direction.
-        out.push((key.twin(value), None, Some(*value)));
+        out.push((key.twin(value), None, Some(*value), *key));
     }
     out
 }
+
+/// A flow's first-direction key, its entries, and its reply entry's key.
+type Paired = (FlowKey, Option<FlowValue>, Option<FlowValue>, FlowKey);
 
 fn describe(
     names: &Names,
@@ -510,26 +512,59 @@ fn describe(
     }
 }
 
-/// The flows matching `filter`, most bytes first; at most `top` of them (0: all). Each
-/// table is read in one walk: a flow confirmed during the read may be seen in both, and is
-/// then listed once, as established.
-pub fn list(pins: &PinDir, filter: &Filter, top: usize) -> Result<Vec<Flow>> {
+/// A flow as the tables hold it: the key of its first packet's direction and its entries,
+/// with its description.
+struct Held {
+    key: FlowKey,
+    reply_key: FlowKey,
+    flow: Flow,
+}
+
+/// The flows in `state` (none: both) for which `keep` holds, unordered. Each table is read
+/// in one walk, the embryonic one first: a flow confirmed during the read (put into the
+/// established table, then taken out of the embryonic one) is seen in both, and is then
+/// taken once, as established. (Read the other way round, it could be missed in both.)
+fn matching(
+    pins: &PinDir,
+    state: Option<FlowState>,
+    keep: impl Fn(&Flow) -> bool,
+) -> Result<Vec<Held>> {
     let names = Names::read(pins)?;
-    let want = |s: FlowState| filter.state.is_none_or(|f| f == s);
+    let want = |s: FlowState| state.is_none_or(|f| f == s);
+    let embryos = if want(FlowState::Embryonic) { entries(pins, EMBRYOS)? } else { HashMap::new() };
     let established =
         if want(FlowState::Established) { entries(pins, FLOWS)? } else { HashMap::new() };
-    let embryos = if want(FlowState::Embryonic) { entries(pins, EMBRYOS)? } else { HashMap::new() };
     let now = monotonic_ns();
     let pairs = pair(&established).into_iter().map(|p| (FlowState::Established, p)).chain(
         pair(&embryos)
             .into_iter()
-            .filter(|(k, _, _)| !established.contains_key(k))
+            .filter(|(k, _, _, _)| !established.contains_key(k))
             .map(|p| (FlowState::Embryonic, p)),
     );
-    let mut flows: Vec<Flow> = pairs
-        .map(|(state, (k, f, r))| describe(&names, now, state, k, f, r))
-        .filter(|f| filter.matches(f))
-        .collect();
+    Ok(pairs
+        .map(|(state, (key, forward, reply, reply_key))| Held {
+            key,
+            reply_key,
+            flow: describe(&names, now, state, key, forward, reply),
+        })
+        .filter(|h| keep(&h.flow))
+        .collect())
+}
+
+/// The flows matching `filter`, most bytes first; at most `top` of them (0: all).
+pub fn list(pins: &PinDir, filter: &Filter, top: usize) -> Result<Vec<Flow>> {
+    list_where(pins, filter.state, |f| filter.matches(f), top)
+}
+
+/// The flows in `state` (none: both) for which `keep` holds, most bytes first; at most
+/// `top` of them (0: all).
+pub fn list_where(
+    pins: &PinDir,
+    state: Option<FlowState>,
+    keep: impl Fn(&Flow) -> bool,
+    top: usize,
+) -> Result<Vec<Flow>> {
+    let mut flows: Vec<Flow> = matching(pins, state, keep)?.into_iter().map(|h| h.flow).collect();
     flows.sort_by(|a, b| {
         b.bytes().cmp(&a.bytes()).then(b.packets().cmp(&a.packets())).then_with(|| {
             (a.src, a.src_port, a.dst, a.dst_port).cmp(&(b.src, b.src_port, b.dst, b.dst_port))
@@ -556,13 +591,70 @@ pub fn per_backend(pins: &PinDir) -> Result<HashMap<(u32, u32), u64>> {
     Ok(out)
 }
 
+/// What `delete` removed (or, dry, would remove).
+#[derive(Debug, Serialize)]
+pub struct Deleted {
+    /// The flows matched, as they were just before.
+    pub flows: Vec<Flow>,
+    /// Flow-table entries removed (two per whole flow).
+    pub entries: u64,
+    /// NAT gateway translations ended (their ports cool down as the idle expiry's do).
+    pub translations: u64,
+}
+
+/// Removes the flows in `state` (none: both) for which `keep` holds (`conntrack -D`): both
+/// directions' entries, in the
+/// table each is in, and the translation of a flow through a NAT gateway (else the next
+/// packet would rebuild the flow from it). A deleted flow's next packet is judged as a new
+/// flow's first: the policy decides again, and a TCP segment other than a SYN is dropped
+/// (`no_flow`) unless the policy picks flows up mid-stream. `dry_run`: removes nothing.
+/// `policy`: the running policy (its NAT gateways' port cooldowns).
+pub fn delete(
+    pins: &PinDir,
+    state: Option<FlowState>,
+    keep: impl Fn(&Flow) -> bool,
+    policy: Option<&xdpgate_policy::Policy>,
+    dry_run: bool,
+) -> Result<Deleted> {
+    crate::migrate::ensure_done(pins)?;
+    let held = matching(pins, state, keep)?;
+    let mut out = Deleted { flows: Vec::new(), entries: 0, translations: 0 };
+    let (mut established, mut embryos) = (open(pins, FLOWS)?, open(pins, EMBRYOS)?);
+    let now = monotonic_ns();
+    for h in held {
+        if !dry_run {
+            let map = match h.flow.state {
+                FlowState::Established => &mut established,
+                FlowState::Embryonic => &mut embryos,
+            };
+            for k in [h.key, h.reply_key] {
+                if map.remove(&k).is_ok() {
+                    out.entries += 1;
+                }
+            }
+            // A NAT gateway's flow (not a load balancer's rewrite): its translation is
+            // stored under the reply key.
+            let snat = h.flow.load_balancer.is_none()
+                && h.flow.nat.as_ref().is_some_and(|n| n.kind == "snat");
+            if snat
+                && let Some(policy) = policy
+                && crate::nat::end_translation(pins, policy, &h.reply_key, now)?
+            {
+                out.translations += 1;
+            }
+        }
+        out.flows.push(h.flow);
+    }
+    Ok(out)
+}
+
 /// Every established flow, under the key of its first packet's direction (one walk of
 /// `FLOWS`; for the flow log's interim records).
 pub fn established(pins: &PinDir, names: &Names) -> Result<Vec<(FlowKey, Flow)>> {
     let now = monotonic_ns();
     Ok(pair(&entries(pins, FLOWS)?)
         .into_iter()
-        .map(|(k, f, r)| (k, describe(names, now, FlowState::Established, k, f, r)))
+        .map(|(k, f, r, _)| (k, describe(names, now, FlowState::Established, k, f, r)))
         .collect())
 }
 
@@ -683,7 +775,7 @@ mod tests {
         entries.insert(key(backend, 80, client, 40002), value(1, 1));
 
         let mut flows = pair(&entries);
-        flows.sort_by_key(|(k, _, _)| k.sport);
+        flows.sort_by_key(|(k, _, _, _)| k.sport);
         assert_eq!(flows.len(), 3);
         assert_eq!(flows[0].0, key(client, 40000, backend, 80));
         assert_eq!((flows[0].1.unwrap().packets, flows[0].2.unwrap().packets), (5, 4));

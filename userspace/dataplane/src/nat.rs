@@ -203,25 +203,54 @@ pub fn expire(pins: &PinDir, policy: &Policy, now: u64) -> Result<Expired> {
         if now.saturating_sub(last) <= timeout {
             continue;
         }
-        let _ = map.remove(&forward);
         for m in &mut tables {
             let _ = m.remove(&forward);
             let _ = m.remove(&reply);
         }
         out.expired += 1;
-        if gw.port_reuse_cooldown == 0 {
-            let _ = map.remove(&reply);
+        if retire(&mut map, &reply, &t, gw, now)? {
             out.released += 1;
-        } else {
-            let cooling = NatEntry {
-                state: NAT_COOLDOWN,
-                time_ns: now + u64::from(gw.port_reuse_cooldown) * 1_000_000_000,
-                ..t
-            };
-            map.insert(reply, cooling, 0)?;
         }
     }
     Ok(out)
+}
+
+/// Ends the translation `t` stored under its `reply` tuple, its flow entries gone: the
+/// forward tuple's entry goes, and the port cools down before reuse (or is free at once,
+/// without a cooldown: then `true`).
+fn retire(
+    map: &mut HashMap<MapData, FlowKey, NatEntry>,
+    reply: &FlowKey,
+    t: &NatEntry,
+    gw: &NatGateway,
+    now: u64,
+) -> Result<bool> {
+    let _ = map.remove(&forward_key(reply, t));
+    if gw.port_reuse_cooldown == 0 {
+        let _ = map.remove(reply);
+        return Ok(true);
+    }
+    let cooling = NatEntry {
+        state: NAT_COOLDOWN,
+        time_ns: now + u64::from(gw.port_reuse_cooldown) * 1_000_000_000,
+        ..*t
+    };
+    map.insert(reply, cooling, 0)?;
+    Ok(false)
+}
+
+/// Ends the active translation stored under `reply` (the reply tuple of a flow through a NAT
+/// gateway, whose flow entries the caller removed) as the expiry does; `false` when there is
+/// none.
+pub fn end_translation(pins: &PinDir, policy: &Policy, reply: &FlowKey, now: u64) -> Result<bool> {
+    let mut map: HashMap<_, FlowKey, NatEntry> = pins.open_map(NAT_MAP)?.try_into()?;
+    let Ok(t) = map.get(reply, 0) else { return Ok(false) };
+    if t.kind != NAT_DST || t.state != NAT_ACTIVE {
+        return Ok(false);
+    }
+    let Some(gw) = policy.nat_gateways.get(usize::from(t.gateway)) else { return Ok(false) };
+    retire(&mut map, reply, &t, gw, now)?;
+    Ok(true)
 }
 
 #[derive(Debug, serde::Serialize)]

@@ -15,7 +15,7 @@ use xdpgate_common::{
     iface::{IfaceConfig, Role},
     maps::{
         DROP_STATS, EGRESS_STATS, EMBRYOS, EVENT_STATS, FLOW_STATS, FLOWS, IFACE_STATS, IFACES,
-        NSG_HITS,
+        NSG_HITS, NSG_TRAFFIC,
     },
     nsg::{MAX_RULES, TABLES_PER_SLOT},
     stats::{
@@ -86,7 +86,8 @@ impl IfaceStats {
     }
 }
 
-/// Flows one rule decided (NSGs count flows: later packets of a flow never reach the rules).
+/// What one rule decided: flows (the packets the rules classify, one per flow), and the
+/// packets and bytes of those flows, both ways, or the packets it denied.
 #[derive(Debug, Serialize)]
 pub struct RuleHits {
     pub nsg: String,
@@ -95,6 +96,7 @@ pub struct RuleHits {
     pub layer: Layer,
     pub priority: u32,
     pub flows: u64,
+    pub traffic: Traffic,
 }
 
 #[derive(Debug, Serialize)]
@@ -311,11 +313,19 @@ fn policy_stats(pins: &PinDir) -> Result<Option<PolicyStats>> {
     let (slot, config) = apply::active(pins)?;
     let Some(record) = state::record(pins, config.generation)? else { return Ok(None) };
     let hits: PerCpuArray<_, u64> = pins.open_map(NSG_HITS)?.try_into()?;
+    // Pinned by the first load of a build with it; none before (zeros until `upgrade`).
+    let traffic: Option<PerCpuArray<_, Counter>> =
+        pins.open_map(NSG_TRAFFIC).ok().map(TryInto::try_into).transpose()?;
     let mut rules = Vec::new();
     for (t, table) in record.tables.iter().enumerate() {
         let table_id = slot * TABLES_PER_SLOT + t as u32;
         for (bit, r) in table.iter().enumerate() {
-            let flows = hits.get(&(table_id * MAX_RULES + bit as u32), 0)?.iter().sum();
+            let index = table_id * MAX_RULES + bit as u32;
+            let flows = hits.get(&index, 0)?.iter().sum();
+            let mut sum = Counter::default();
+            if let Some(traffic) = &traffic {
+                traffic.get(&index, 0)?.iter().for_each(|c| sum.add(c));
+            }
             rules.push(RuleHits {
                 nsg: r.nsg.clone(),
                 rule: r.rule.clone(),
@@ -323,6 +333,7 @@ fn policy_stats(pins: &PinDir) -> Result<Option<PolicyStats>> {
                 layer: r.layer,
                 priority: r.priority,
                 flows,
+                traffic: sum.into(),
             });
         }
     }

@@ -11,7 +11,7 @@ use xdpgate_policy::{Policy, Ports, reference::RuleRef};
 use super::{Grid, View, lower};
 
 /// Prefix lists longer than this are shortened in tables (`--json` has them all).
-const SHOWN_PREFIXES: usize = 3;
+pub const SHOWN_PREFIXES: usize = 3;
 
 /// Prefixes joined by ", " (so a fitted table wraps between them); both families' whole
 /// space is `*`.

@@ -60,8 +60,17 @@ impl View for Stats {
             t.picked_up
         );
         if let Some(p) = &self.policy {
-            let mut g =
-                Grid::new(&["NSG", "DIRECTION", "LAYER", "PRIO", "RULE", "FLOWS"]).right(&[3, 5]);
+            let mut g = Grid::new(&[
+                "NSG",
+                "DIRECTION",
+                "LAYER",
+                "PRIO",
+                "RULE",
+                "FLOWS",
+                "PACKETS",
+                "BYTES",
+            ])
+            .right(&[3, 5, 6, 7]);
             for r in &p.rules {
                 g.row([
                     r.nsg.clone(),
@@ -70,6 +79,8 @@ impl View for Stats {
                     r.priority.to_string(),
                     r.rule.clone(),
                     r.flows.to_string(),
+                    r.traffic.packets.to_string(),
+                    r.traffic.bytes.to_string(),
                 ]);
             }
             out += &format!("\nRULE HITS (policy generation {})\n", p.generation);
@@ -108,6 +119,7 @@ mod tests {
                     layer: Layer::Subnet,
                     priority: 100,
                     flows: 9,
+                    traffic: Traffic { packets: 30, bytes: 4_000 },
                 }],
             }),
             flow_events_rate_limited: 1,
@@ -155,7 +167,7 @@ mod tests {
         assert!(text.contains("RULE HITS (policy generation 4)"), "{text}");
         assert_eq!(
             words(lines.last().unwrap()),
-            ["web", "inbound", "subnet", "100", "allow-web", "9"]
+            ["web", "inbound", "subnet", "100", "allow-web", "9", "30", "4000"]
         );
         let json = stats.json().unwrap();
         assert_eq!(json["interfaces"][0]["interface"], "eth0");
@@ -169,6 +181,10 @@ mod tests {
             serde_json::json!({"policy": {"packets": 3}, "no_backend": {"packets": 0}})
         );
         assert_eq!(json["policy"]["rules"][0]["flows"], 9);
+        assert_eq!(
+            json["policy"]["rules"][0]["traffic"],
+            serde_json::json!({"packets": 30, "bytes": 4000})
+        );
         assert_eq!(
             json["flow_table"],
             serde_json::json!({

@@ -1,0 +1,70 @@
+//! Per-rule packets and bytes through BPF_PROG_TEST_RUN: every packet of a flow, both ways,
+//! counts under the deciding rule of each side (an east-west flow under two), with the
+//! frame's length; a denied packet under the rule that denied it.
+
+mod common;
+
+use common::{
+    kernel::{DROP, Kernel, PASS},
+    packet::{ACK, L4, SYN, frame},
+};
+use xdpgate_common::iface::Role;
+use xdpgate_dataplane::stats;
+
+/// Two protected subnets: a's host may reach b's web port; b denies port 22 from a.
+const POLICY: &str = r#"
+virtual_network:
+  address_space: [198.51.100.0/24]
+nsgs:
+  - name: a
+    subnets: [198.51.100.0/25]
+    rules:
+      - {name: a-web-out, priority: 100, direction: outbound, access: allow, protocol: tcp,
+         source: ["*"], destination: [198.51.100.128/25], destination_ports: [80]}
+  - name: b
+    subnets: [198.51.100.128/25]
+    rules:
+      - {name: b-web-in, priority: 100, direction: inbound, access: allow, protocol: tcp,
+         source: [198.51.100.0/25], destination: ["*"], destination_ports: [80]}
+      - {name: b-no-ssh, priority: 110, direction: inbound, access: deny, protocol: tcp,
+         source: [198.51.100.0/25], destination: ["*"], destination_ports: [22]}
+"#;
+
+/// Flows, packets and bytes of `rule`.
+fn counters(k: &Kernel, rule: &str) -> (u64, u64, u64) {
+    let stats = stats::read(&k.pins.dir).unwrap();
+    let rules = stats.policy.expect("a policy is applied").rules;
+    let r = rules.iter().find(|r| r.rule == rule).unwrap_or_else(|| panic!("no rule {rule}"));
+    (r.flows, r.traffic.packets, r.traffic.bytes)
+}
+
+#[test]
+fn an_east_west_flow_counts_both_ways_under_each_sides_rule() {
+    let k = Kernel::new();
+    k.apply(POLICY);
+    k.arrive_as(Role::Internal);
+    let (a, b) = ("198.51.100.10", "198.51.100.140");
+    let syn = frame(a, b, L4::Tcp(40000, 80, SYN));
+    let syn_ack = frame(b, a, L4::Tcp(80, 40000, SYN | ACK));
+    // The first SYN is classified; its retransmission and the answer are the flow's.
+    for pkt in [&syn, &syn, &syn_ack] {
+        assert_eq!(k.run(pkt), PASS);
+    }
+    let bytes = (2 * syn.len() + syn_ack.len()) as u64;
+    assert_eq!(counters(&k, "a-web-out"), (1, 3, bytes), "the source side's rule");
+    assert_eq!(counters(&k, "b-web-in"), (1, 3, bytes), "the destination side's rule");
+
+    // Two denied SYNs: each decided, and counted, by the deny rule; the source side's
+    // AllowVnetOutBound passed them first and counts them too.
+    let denied = frame(a, b, L4::Tcp(40001, 22, SYN));
+    let vnet_out = counters(&k, "AllowVnetOutBound");
+    for _ in 0..2 {
+        assert_eq!(k.run(&denied), DROP);
+    }
+    let len = denied.len() as u64;
+    assert_eq!(counters(&k, "b-no-ssh"), (2, 2, 2 * len));
+    let after = counters(&k, "AllowVnetOutBound");
+    assert_eq!(after, (vnet_out.0 + 2, vnet_out.1 + 2, vnet_out.2 + 2 * len));
+    // Nothing else counted the web flow's packets.
+    assert_eq!(counters(&k, "DenyAllInBound"), (0, 0, 0));
+}
