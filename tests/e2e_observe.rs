@@ -153,6 +153,25 @@ fn a_denied_packet_is_named_at_tc() {
     denied_packet_is_named(["tc", "tc"]);
 }
 
+/// The host's own packets are judged by the tc egress program, which sends its events too:
+/// the gateway's own ping out names the interface it leaves by, with hook `egress`.
+#[test]
+fn the_hosts_own_flows_are_seen_at_egress() {
+    let lab = lab(["xdp", "xdp"]);
+    let observer = Observer::start(&lab, &["--type", "flow", "--protocol", "icmp"]);
+    lab.gw.exec("ping", &["-c", "1", "-W", "2", CLIENT4]);
+    let e = observer.wait_for("the gateway's ping", |v| v["hook"] == "egress");
+    assert_eq!(
+        (e["src"].as_str(), e["dst"].as_str(), e["interface"].as_str()),
+        (Some("203.0.113.1"), Some(CLIENT4), Some(&*lab.ext)),
+        "{e}"
+    );
+    assert_eq!(
+        (e["verdict"].as_str(), e["direction"].as_str()),
+        (Some("allowed"), Some("outbound"))
+    );
+}
+
 /// Text output: one line per event, within 100 columns, ending after `--count`.
 #[test]
 fn text_lines_name_the_event_within_100_columns() {
