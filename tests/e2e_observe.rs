@@ -377,6 +377,19 @@ fn a_killed_observer_stops_costing_and_a_new_one_works() {
     again.wait_for("denied SSH", |v| v["dst_port"] == 22);
 }
 
+/// Ctrl-C (SIGINT) ends an observer cleanly: exit status 0, and its lease ended at once
+/// (not left to run out).
+#[test]
+fn ctrl_c_ends_the_observer_and_its_lease() {
+    let lab = lab(["xdp", "xdp"]);
+    let mut observer = Observer::start(&lab, &[]);
+    // SAFETY: a signal to the child this test spawned.
+    assert_eq!(unsafe { libc::kill(observer.child.id() as i32, libc::SIGINT) }, 0);
+    let status = observer.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(!monitor::observed(&lab.pins.dir).unwrap(), "the lease outlived its observer");
+}
+
 /// The agent's flow log gets its events while an observer runs: the two rings are separate.
 #[test]
 fn the_flow_log_keeps_its_events_while_observing() {
