@@ -125,6 +125,25 @@ fn a_denied_packet_is_named_at_tc() {
     denied_packet_is_named(["tc", "tc"]);
 }
 
+/// The host's own packets are judged by the tc egress program, which sends its events too:
+/// the gateway's own ping out names the interface it leaves by, with hook `egress`.
+#[test]
+fn the_hosts_own_flows_are_seen_at_egress() {
+    let lab = lab(["xdp", "xdp"]);
+    let observer = Observer::start(&lab, &["--type", "flow", "--protocol", "icmp"]);
+    lab.gw.exec("ping", &["-c", "1", "-W", "2", CLIENT4]);
+    let e = observer.wait_for("the gateway's ping", |v| v["hook"] == "egress");
+    assert_eq!(
+        (e["src"].as_str(), e["dst"].as_str(), e["interface"].as_str()),
+        (Some("203.0.113.1"), Some(CLIENT4), Some(&*lab.ext)),
+        "{e}"
+    );
+    assert_eq!(
+        (e["verdict"].as_str(), e["direction"].as_str()),
+        (Some("allowed"), Some("outbound"))
+    );
+}
+
 /// Text output: one line per event, within 100 columns, ending after `--count`.
 #[test]
 fn text_lines_name_the_event_within_100_columns() {
@@ -328,6 +347,19 @@ fn a_killed_observer_stops_costing_and_a_new_one_works() {
     let again = Observer::start(&lab, &["--type", "drop", "--count", "1"]);
     try_ssh(&lab);
     again.wait_for("denied SSH", |v| v["dst_port"] == 22);
+}
+
+/// Ctrl-C (SIGINT) ends an observer cleanly: exit status 0, and its lease ended at once
+/// (not left to run out).
+#[test]
+fn ctrl_c_ends_the_observer_and_its_lease() {
+    let lab = lab(["xdp", "xdp"]);
+    let mut observer = Observer::start(&lab, &[]);
+    // SAFETY: a signal to the child this test spawned.
+    assert_eq!(unsafe { libc::kill(observer.child.id() as i32, libc::SIGINT) }, 0);
+    let status = observer.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(!monitor::observed(&lab.pins.dir).unwrap(), "the lease outlived its observer");
 }
 
 /// The agent's flow log gets its events while an observer runs: the two rings are separate.
