@@ -3,6 +3,7 @@
 //! the same bytes; the `user` feature adds `aya::Pod` for the agent.
 #![no_std]
 
+pub mod capture;
 pub mod events;
 pub mod flow;
 pub mod iface;

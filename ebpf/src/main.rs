@@ -6,6 +6,7 @@
 #![no_main]
 
 mod action;
+mod capture;
 mod clock;
 mod events;
 mod flow;
@@ -152,6 +153,7 @@ fn parse_stage<H: Hook>(ctx: &H, iface: Option<&IfaceConfig>) -> Result<u32, Dro
         }
     };
     let Parsed::Ip(mut meta) = parsed else { return Ok(xdp_action::XDP_PASS) };
+    capture::arrived(ctx, &meta, ctx.arrival());
     // Until the first policy is applied there is nothing to enforce.
     let Some(active) = nsg::active().filter(|a| a.config.generation != 0) else {
         return Ok(xdp_action::XDP_PASS);
@@ -392,14 +394,18 @@ fn parsed_slot() -> u32 {
 }
 
 /// The single exit of every stage: count the verdict per interface `slot` (and the drop
-/// reason).
+/// reason); the capture's `post` copy.
 #[inline(always)]
 fn finish<H: Hook>(ctx: &H, slot: u32, result: Result<u32, DropReason>) -> u32 {
-    let action = result.unwrap_or_else(|reason| {
-        count_drop(ctx, reason);
-        xdp_action::XDP_DROP
-    });
+    let (action, reason) = match result {
+        Ok(action) => (action, 0),
+        Err(reason) => {
+            count_drop(ctx, reason);
+            (xdp_action::XDP_DROP, reason as u8)
+        }
+    };
     count_verdict(ctx, slot, action);
+    capture::leaving(ctx, action, reason);
     action
 }
 

@@ -5,9 +5,13 @@ use crate::{action::Action, parse::PacketMeta};
 use aya_ebpf::{
     macros::map,
     maps::lpm_trie::Key,
-    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
+    maps::{
+        Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerfEventArray, ProgramArray,
+        RingBuf,
+    },
 };
 use xdpgate_common::{
+    capture::{CaptureConfig, CaptureRecord},
     events::{Bucket, EVENT_RING_BYTES},
     flow::{FLOW_STATS_LEN, FlowKey, FlowValue, FragKey, FragValue},
     iface::IfaceConfig,
@@ -230,3 +234,15 @@ pub static EVENT_STATS: PerCpuArray<u64> = PerCpuArray::pinned(2, 0);
 /// Per-CPU token bucket of the denied-event rate limit.
 #[map(name = "DENY_BUCKET")]
 pub static DENY_BUCKET: PerCpuArray<Bucket> = PerCpuArray::with_max_entries(1, 0);
+
+/// The running capture's lease and filter (`xdpgate capture`).
+#[map(name = "CAPTURE_CONFIG")]
+pub static CAPTURE_CONFIG: Array<CaptureConfig> = Array::pinned(1, 0);
+
+/// Captured packets, each behind a `CaptureRecord` (one ring per CPU; the loader sizes it).
+#[map(name = "CAPTURE_PERF")]
+pub static CAPTURE_PERF: PerfEventArray<CaptureRecord> = PerfEventArray::pinned(0);
+
+/// The record of the packet being captured on this CPU, between its two copies.
+#[map(name = "CAPTURE_SCRATCH")]
+pub static CAPTURE_SCRATCH: PerCpuArray<CaptureRecord> = PerCpuArray::pinned(1, 0);
