@@ -21,6 +21,9 @@ pub const POINT_PRE: u8 = 1;
 /// forwarded), with its verdict.
 pub const POINT_POST: u8 = 2;
 
+/// `CaptureConfig::proto` for ICMP of either family (ICMP under IPv4, ICMPv6 under IPv6).
+pub const PROTO_ICMP_ANY: u8 = 255;
+
 /// Longest snapshot a capture takes of each packet.
 pub const MAX_SNAPLEN: u32 = 65_535;
 
@@ -30,19 +33,22 @@ pub const MAX_SNAPLEN: u32 = 65_535;
 pub struct CaptureConfig {
     /// CLOCK_MONOTONIC (coarse) until which the capture runs; 0: no capture.
     pub lease_until_ns: u64,
-    /// Network-order address words (IPv4 in the first word) and the prefix's mask: either
-    /// the source or the destination must have `addr` under `mask` (`family` 0: any).
-    pub addr: [u32; 4],
-    pub mask: [u32; 4],
+    /// Network-order address words (IPv4 in the first word) and a prefix's mask: the source
+    /// must have `src` under `src_mask`, the destination `dst` under `dst_mask` (a zero mask
+    /// matches any address of `family`).
+    pub src: [u32; 4],
+    pub src_mask: [u32; 4],
+    pub dst: [u32; 4],
+    pub dst_mask: [u32; 4],
     /// Arrival interface (0: any).
     pub ifindex: u32,
     /// Snapshot length: bytes copied of each packet.
     pub snaplen: u32,
     /// Source or destination port (0: any).
     pub port: u16,
-    /// IP protocol (0: any).
+    /// IP protocol (0: any; `PROTO_ICMP_ANY`: ICMP of the packet's family).
     pub proto: u8,
-    /// 4 or 6 with `addr`; 0 for any address.
+    /// 4 or 6 with an address; 0: any family.
     pub family: u8,
     /// `POINT_*` bits: which copies to take.
     pub points: u8,
@@ -69,6 +75,9 @@ pub struct CaptureRecord {
     pub reason: u8,
     /// Set between the pre copy and the post copy (never set in a sent header).
     pub pending: u8,
+    /// Copies this CPU has sent since the capture began (each capture zeroes it): how a
+    /// test sees that a lapsed lease stops the copying.
+    pub copies: u64,
 }
 
 pod!(CaptureConfig, CaptureRecord);

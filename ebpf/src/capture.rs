@@ -5,10 +5,14 @@
 //! with its verdict). Without a capture's lease this costs one array lookup per packet.
 
 use aya_ebpf::{EbpfContext, helpers::generated::bpf_ktime_get_ns};
-use xdpgate_common::capture::{CaptureConfig, CaptureRecord, POINT_POST, POINT_PRE};
+use xdpgate_common::{
+    capture::{CaptureConfig, CaptureRecord, POINT_POST, POINT_PRE, PROTO_ICMP_ANY},
+    is_icmp,
+};
 
 use crate::{
     clock,
+    headers::{IPPROTO_TCP, IPPROTO_UDP},
     maps::{CAPTURE_CONFIG, CAPTURE_PERF, CAPTURE_SCRATCH},
     parse::{Packet, PacketMeta},
 };
@@ -21,21 +25,26 @@ fn running() -> Option<&'static CaptureConfig> {
 }
 
 #[inline(always)]
-fn addr_matches(c: &CaptureConfig, a: &[u32; 4]) -> bool {
-    (a[0] ^ c.addr[0]) & c.mask[0] == 0
-        && (a[1] ^ c.addr[1]) & c.mask[1] == 0
-        && (a[2] ^ c.addr[2]) & c.mask[2] == 0
-        && (a[3] ^ c.addr[3]) & c.mask[3] == 0
+fn in_prefix(a: &[u32; 4], net: &[u32; 4], mask: &[u32; 4]) -> bool {
+    (a[0] ^ net[0]) & mask[0] == 0
+        && (a[1] ^ net[1]) & mask[1] == 0
+        && (a[2] ^ net[2]) & mask[2] == 0
+        && (a[3] ^ net[3]) & mask[3] == 0
 }
 
 #[inline(always)]
 fn matches(c: &CaptureConfig, meta: &PacketMeta, ifindex: u32) -> bool {
     (c.ifindex == 0 || c.ifindex == ifindex)
-        && (c.proto == 0 || c.proto == meta.proto)
-        && (c.port == 0 || c.port == meta.sport || c.port == meta.dport)
+        && (c.proto == 0
+            || c.proto == meta.proto
+            || (c.proto == PROTO_ICMP_ANY && is_icmp(meta.family, meta.proto)))
+        && (c.port == 0
+            || ((meta.proto == IPPROTO_TCP || meta.proto == IPPROTO_UDP)
+                && (c.port == meta.sport || c.port == meta.dport)))
         && (c.family == 0
             || (c.family == meta.family
-                && (addr_matches(c, &meta.src) || addr_matches(c, &meta.dst))))
+                && in_prefix(&meta.src, &c.src, &c.src_mask)
+                && in_prefix(&meta.dst, &c.dst, &c.dst_mask)))
 }
 
 /// Sends the record and the packet's first bytes (up to the snapshot length).
@@ -45,6 +54,7 @@ fn send<C: EbpfContext + Packet>(ctx: &C, c: &CaptureConfig, rec: &mut CaptureRe
     let cap = if len < c.snaplen { len } else { c.snaplen };
     rec.len = len;
     rec.cap_len = cap;
+    rec.copies += 1;
     // The helper takes the length to copy from the context in the flags' upper half.
     CAPTURE_PERF.output(ctx, &*rec, cap);
 }

@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod agent_state;
+pub mod capture;
 pub mod filter;
 pub mod flowlog;
 pub mod health;

@@ -9,7 +9,7 @@ use std::{
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand, ValueEnum as _};
 use xdpgate::{
-    agent, flowlog, metrics, status,
+    agent, capture, flowlog, metrics, status,
     views::{self, OutputArgs},
 };
 use xdpgate_common::{iface::Role, maps::DEFAULT_PIN_DIR};
@@ -202,6 +202,11 @@ enum Command {
     /// Print the dataplane's counters once in the Prometheus text format (what
     /// `xdpgate run --metrics-addr` serves at /metrics).
     Metrics,
+    /// Capture packets at the ingress hook (XDP or tc), before and after NAT or load
+    /// balancing, into a pcap or pcapng file (like Network Watcher packet capture, xdpdump).
+    ///
+    /// Example: xdpgate capture --iface eth0 --dst 198.51.100.10 --port 443 -w - | tcpdump -nr -
+    Capture(capture::CaptureArgs),
     /// List the flows in the flow tables, most bytes first: state (embryonic: not confirmed
     /// yet; established), 5-tuple of the first packet, direction, deciding rule, NAT or
     /// backend, traffic each way and idle time.
@@ -488,6 +493,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             ))?;
         }
         Command::Metrics => print!("{}", metrics::render(&pins)?),
+        Command::Capture(args) => {
+            let s = capture::run(&pins, &args)?;
+            eprintln!(
+                "{} packets captured ({} bytes written), {} lost; stopped by {}",
+                s.packets, s.bytes, s.lost, s.stopped_by
+            );
+        }
         Command::Flows { top, addr, port, rule, state, output } => {
             let list = flows::list(&pins, &flows::Filter { addr, port, rule, state }, top)?;
             views::print(list.as_slice(), output.format())?;
