@@ -12,6 +12,7 @@ pub mod maps;
 pub mod nat;
 pub mod nsg;
 pub mod stats;
+pub mod trace;
 
 /// Marks types as plain old data for aya's typed maps, on the agent side only.
 macro_rules! pod {

@@ -31,7 +31,7 @@ use crate::{
     },
     nsg::{Active, classify},
     parse::PacketMeta,
-    snat,
+    snat, trace,
 };
 
 const TH_FIN: u8 = 0x01;
@@ -422,7 +422,16 @@ pub fn create(
     if !decision.allowed {
         // The clock as `fresh` read it: a helper call fewer on the denied path.
         let now = forward.last_seen_ns;
-        events::emit(EVENT_DENY, key, decision.rules, forward.direction, forward.generation, now);
+        if !trace::denied(decision.rules, forward.generation) {
+            events::emit(
+                EVENT_DENY,
+                key,
+                decision.rules,
+                forward.direction,
+                forward.generation,
+                now,
+            );
+        }
         return Err(DropReason::Policy);
     }
     forward.rules = decision.rules;
@@ -515,6 +524,10 @@ pub fn commit(
     reply: &mut FlowValue,
     established: bool,
 ) -> Result<(), DropReason> {
+    // `xdpgate trace`'s flow is recorded, not created.
+    if trace::flow(forward) {
+        return Ok(());
+    }
     *reply = *forward;
     reply.reply = 1 - forward.reply;
     reply.packets = 0;
@@ -580,7 +593,7 @@ fn judge(active: &Active<'_>, meta: &PacketMeta, dir: u32) -> Result<[u16; 2], D
 
 #[inline(always)]
 fn count_lb(service: u32, backend: u32, len: u64) {
-    if service == NO_BACKEND {
+    if service == NO_BACKEND || trace::active() {
         return;
     }
     for (map, index) in [(&SERVICE_STATS, service), (&BACKEND_STATS, backend)] {

@@ -28,6 +28,7 @@ use xdpgate_common::{
         RuleBitmap, SLOTS, TABLES,
     },
     stats::{Counter, DROP_REASONS, EGRESS_VERDICTS, VERDICTS},
+    trace::TraceRecord,
 };
 
 /// Interfaces xdpgate is attached to, by ifindex: counter slot and role.
@@ -246,3 +247,7 @@ pub static CAPTURE_PERF: PerfEventArray<CaptureRecord> = PerfEventArray::pinned(
 /// The record of the packet being captured on this CPU, between its two copies.
 #[map(name = "CAPTURE_SCRATCH")]
 pub static CAPTURE_SCRATCH: PerCpuArray<CaptureRecord> = PerCpuArray::pinned(1, 0);
+
+/// The decisions of the stages for a traced packet (`xdpgate trace`), per CPU.
+#[map(name = "TRACE")]
+pub static TRACE: PerCpuArray<TraceRecord> = PerCpuArray::pinned(1, 0);

@@ -350,6 +350,9 @@ pub fn run(pins: &PinDir, args: &CaptureArgs) -> Result<Summary> {
     for sig in [libc::SIGINT, libc::SIGTERM] {
         unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
     }
+    // A reader that goes away (tcpdump -c) ends the capture as a bound would: a write
+    // error, not a signal that skips clearing the lease.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
     let started = Instant::now();
     let deadline = args.duration.map(|s| started + Duration::from_secs_f64(s.max(0.0)));
     let mut renewed = Instant::now();

@@ -11,4 +11,5 @@ pub mod health;
 pub mod metrics;
 pub mod node;
 pub mod status;
+pub mod trace;
 pub mod views;

@@ -9,7 +9,7 @@ use std::{
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand, ValueEnum as _};
 use xdpgate::{
-    agent, capture, flowlog, metrics, status,
+    agent, capture, flowlog, metrics, status, trace,
     views::{self, OutputArgs},
 };
 use xdpgate_common::{iface::Role, maps::DEFAULT_PIN_DIR};
@@ -207,6 +207,12 @@ enum Command {
     ///
     /// Example: xdpgate capture --iface eth0 --dst 198.51.100.10 --port 443 -w - | tcpdump -nr -
     Capture(capture::CaptureArgs),
+    /// Send one crafted packet through the attached programs (BPF_PROG_TEST_RUN, nothing is
+    /// sent, no state changed) and show each stage's decision.
+    ///
+    /// Example: xdpgate trace --iface eth0 --src 203.0.113.7 --dst 198.51.100.10
+    ///          --protocol tcp --dst-port 443
+    Trace(trace::TraceArgs),
     /// List the flows in the flow tables, most bytes first: state (embryonic: not confirmed
     /// yet; established), 5-tuple of the first packet, direction, deciding rule, NAT or
     /// backend, traffic each way and idle time.
@@ -493,6 +499,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             ))?;
         }
         Command::Metrics => print!("{}", metrics::render(&pins)?),
+        Command::Trace(args) => {
+            let output = args.output;
+            views::print(&trace::run(&pins, &args)?, output.format())?;
+        }
         Command::Capture(args) => {
             let s = capture::run(&pins, &args)?;
             eprintln!(

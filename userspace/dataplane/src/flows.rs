@@ -281,11 +281,11 @@ impl Names {
 
     /// The running generation's load-balancing service (load balancer, rule) and backend
     /// address, by id.
-    fn service(&self, id: u32) -> Option<&ServiceName> {
+    pub fn service(&self, id: u32) -> Option<&ServiceName> {
         self.records.first()?.services.get(id as usize)
     }
 
-    fn backend(&self, id: u32) -> Option<IpAddr> {
+    pub fn backend(&self, id: u32) -> Option<IpAddr> {
         self.records.first()?.backends.get(id as usize).copied()
     }
 
