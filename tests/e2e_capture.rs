@@ -217,6 +217,8 @@ fn nat_before_and_after(gw: Gateway) {
         summary.contains("2 packets captured") && summary.contains("stopped by count"),
         "{summary}"
     );
+    let size = std::fs::metadata(&path).unwrap().len();
+    assert!(summary.contains(&format!("({size} bytes written)")), "{size} bytes: {summary}");
     let packets = pcapng(&path);
     assert_eq!(packets.len(), 2, "{packets:?}");
     assert_eq!(packets[0].1, "xdpgate pre");
@@ -273,7 +275,40 @@ fn bounds_stop_a_capture() {
     assert!(summary.contains("stopped by max_bytes"), "{summary}");
     let size = std::fs::metadata(&path).unwrap().len();
     assert!(size <= 300 && size == 24 + 4 * (16 + 52), "{size} bytes: {summary}");
+    assert!(summary.contains(&format!("({size} bytes written)")), "{summary}");
     assert_eq!(pcap(&path).len(), 4);
+
+    // pcapng: its blocks (section, interface, packets with comments) within the bound too.
+    let path = file("pcapng");
+    let p = path.to_str().unwrap();
+    let cap = Capture::start(
+        &gw,
+        &[
+            "--protocol",
+            "udp",
+            "--port",
+            "9999",
+            "--max-bytes",
+            "400",
+            "--format",
+            "pcapng",
+            "-w",
+            p,
+        ],
+        Stdio::null(),
+    );
+    for sport in 40020..40024 {
+        send(&gw, sport, 9999);
+    }
+    let summary = cap.finish();
+    let size = std::fs::metadata(&path).unwrap().len();
+    assert!(summary.contains("stopped by max_bytes"), "{summary}");
+    assert!(
+        size <= 400 && summary.contains(&format!("({size} bytes written)")),
+        "{size}: {summary}"
+    );
+    assert!(!pcapng(&path).is_empty());
+    let _ = std::fs::remove_file(&path);
     let _ = std::fs::remove_file(&path);
 
     let cap = Capture::start(

@@ -216,53 +216,93 @@ impl Drop for Lease {
     }
 }
 
-/// The output, buffered, shared by the format's writer and the loop that flushes it after
-/// each batch (the writers do not hand theirs back).
-#[derive(Clone)]
-struct Out(Rc<RefCell<Box<dyn Write>>>);
+/// Where the format's writer puts each record first, so that its exact size is known
+/// before it goes to the output (`--max-bytes`); shared, as the writers keep theirs.
+#[derive(Clone, Default)]
+struct Staged(Rc<RefCell<Vec<u8>>>);
 
-impl Write for Out {
+impl Write for Staged {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.borrow_mut().write(buf)
+        self.0.borrow_mut().extend_from_slice(buf);
+        Ok(buf.len())
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.0.borrow_mut().flush()
+        Ok(())
     }
 }
 
-/// Where the packets go, in the chosen format.
-enum Sink {
-    Pcap(PcapWriter<Out>, Out),
-    PcapNg(PcapNgWriter<Out>, Out, Vec<u32>),
+/// The file's format writer.
+enum Writer {
+    Pcap(PcapWriter<Staged>),
+    PcapNg(PcapNgWriter<Staged>, Vec<u32>),
+}
+
+/// Where the packets go, in the chosen format, and the bytes written so far.
+struct Sink {
+    writer: Writer,
+    staged: Staged,
+    out: Box<dyn Write>,
+    written: u64,
 }
 
 impl Sink {
-    fn new(out: Out, format: Format, snaplen: u32) -> Result<Self> {
-        let handle = out.clone();
+    fn new(out: Box<dyn Write>, format: Format, snaplen: u32) -> Result<Self> {
+        let staged = Staged::default();
+        let writer = Self::writer(staged.clone(), format, snaplen)?;
+        let mut sink = Sink { writer, staged, out, written: 0 };
+        // The file's header.
+        sink.commit(None)?;
+        Ok(sink)
+    }
+
+    /// Sends what is staged to the output, unless the file would pass `max` bytes (then
+    /// nothing is written: false).
+    fn commit(&mut self, max: Option<u64>) -> Result<bool> {
+        let staged = std::mem::take(&mut *self.staged.0.borrow_mut());
+        if max.is_some_and(|m| self.written + staged.len() as u64 > m) {
+            return Ok(false);
+        }
+        self.out.write_all(&staged)?;
+        self.written += staged.len() as u64;
+        Ok(true)
+    }
+
+    fn writer(out: Staged, format: Format, snaplen: u32) -> Result<Writer> {
         Ok(match format {
-            Format::Pcap => Sink::Pcap(
-                PcapWriter::with_header(
-                    out,
-                    PcapHeader {
-                        snaplen,
-                        ts_resolution: pcap_file::TsResolution::NanoSecond,
-                        endianness: pcap_file::Endianness::native(),
-                        ..Default::default()
-                    },
-                )?,
-                handle,
-            ),
-            Format::Pcapng => Sink::PcapNg(PcapNgWriter::new(out)?, handle, Vec::new()),
+            Format::Pcap => Writer::Pcap(PcapWriter::with_header(
+                out,
+                PcapHeader {
+                    snaplen,
+                    ts_resolution: pcap_file::TsResolution::NanoSecond,
+                    endianness: pcap_file::Endianness::native(),
+                    ..Default::default()
+                },
+            )?),
+            Format::Pcapng => Writer::PcapNg(PcapNgWriter::new(out)?, Vec::new()),
         })
     }
 
-    /// Writes one copy; returns the bytes it added to the file.
-    fn write(&mut self, rec: &CaptureRecord, data: &[u8], snaplen: u32) -> Result<usize> {
+    /// Writes one copy (and, in pcapng, its interface's description the first time), unless
+    /// the file would pass `max` bytes: then nothing, and false.
+    fn write(
+        &mut self,
+        rec: &CaptureRecord,
+        data: &[u8],
+        snaplen: u32,
+        max: Option<u64>,
+    ) -> Result<bool> {
+        self.stage(rec, data, snaplen)?;
+        self.commit(max)
+    }
+
+    fn stage(&mut self, rec: &CaptureRecord, data: &[u8], snaplen: u32) -> Result<()> {
         let time = wall_time(rec.time_ns);
-        Ok(match self {
-            Sink::Pcap(w, _) => w.write_packet(&PcapPacket::new(time, rec.len, data))?,
-            Sink::PcapNg(w, _, ifaces) => {
+        match &mut self.writer {
+            Writer::Pcap(w) => {
+                w.write_packet(&PcapPacket::new(time, rec.len, data))?;
+            }
+            Writer::PcapNg(w, ifaces) => {
                 let id = match ifaces.iter().position(|&i| i == rec.ifindex) {
                     Some(id) => id,
                     None => {
@@ -285,15 +325,14 @@ impl Sink {
                     original_len: rec.len,
                     data: Cow::Borrowed(data),
                     options: vec![EnhancedPacketOption::Comment(Cow::Owned(comment(rec)))],
-                })?
+                })?;
             }
-        })
+        }
+        Ok(())
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        match self {
-            Sink::Pcap(_, out) | Sink::PcapNg(_, out, _) => out.flush(),
-        }
+        self.out.flush()
     }
 }
 
@@ -345,7 +384,7 @@ pub fn run(pins: &PinDir, args: &CaptureArgs) -> Result<Summary> {
         .map(|&cpu| perf.open(cpu, Some(RING_PAGES)))
         .collect::<Result<Vec<_>, _>>()
         .context("opening the capture's perf rings")?;
-    let mut sink = Sink::new(Out(Rc::new(RefCell::new(out))), args.format, args.snaplen)?;
+    let mut sink = Sink::new(out, args.format, args.snaplen)?;
     let mut lease = Lease::take(pins, config)?;
     for sig in [libc::SIGINT, libc::SIGTERM] {
         unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
@@ -356,8 +395,7 @@ pub fn run(pins: &PinDir, args: &CaptureArgs) -> Result<Summary> {
     let started = Instant::now();
     let deadline = args.duration.map(|s| started + Duration::from_secs_f64(s.max(0.0)));
     let mut renewed = Instant::now();
-    let header = if args.format == Format::Pcap { 24 } else { 28 };
-    let mut summary = Summary { packets: 0, bytes: header, lost: 0, stopped_by: "" };
+    let mut summary = Summary { packets: 0, bytes: 0, lost: 0, stopped_by: "" };
     let stop = loop {
         if INTERRUPTED.load(Ordering::Relaxed) {
             break "interrupted";
@@ -378,6 +416,7 @@ pub fn run(pins: &PinDir, args: &CaptureArgs) -> Result<Summary> {
     sink.flush()
         .or_else(|e| if e.kind() == io::ErrorKind::BrokenPipe { Ok(()) } else { Err(e) })?;
     summary.stopped_by = stop;
+    summary.bytes = sink.written;
     Ok(summary)
 }
 
@@ -420,19 +459,9 @@ fn drain(
             if args.count.is_some_and(|n| summary.packets >= n) {
                 return std::ops::ControlFlow::Break(Ok("count"));
             }
-            // The file's size after this copy (a pcap record is 16 bytes and the data; a
-            // pcapng one about 32, its comment and the data padded to 4).
-            if let Some(max) = args.max_bytes {
-                let overhead = if args.format == Format::Pcap { 16 } else { 80 };
-                if summary.bytes + overhead + cap as u64 > max {
-                    return std::ops::ControlFlow::Break(Ok("max_bytes"));
-                }
-            }
-            match sink.write(&rec, data, args.snaplen) {
-                Ok(n) => {
-                    summary.packets += 1;
-                    summary.bytes += n as u64;
-                }
+            match sink.write(&rec, data, args.snaplen, args.max_bytes) {
+                Ok(true) => summary.packets += 1,
+                Ok(false) => return std::ops::ControlFlow::Break(Ok("max_bytes")),
                 Err(e) => return std::ops::ControlFlow::Break(Err(e)),
             }
             if args.count.is_some_and(|n| summary.packets >= n) {
