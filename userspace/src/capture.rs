@@ -39,7 +39,7 @@ use xdpgate_common::{
         CAPTURE_CONFIG, CAPTURE_PERF, CAPTURE_SCRATCH, CaptureConfig, CaptureRecord, MAX_SNAPLEN,
         POINT_POST, POINT_PRE, PROTO_ICMP_ANY,
     },
-    stats::DROP_REASON_NAMES,
+    stats::{DROP_REASON_NAMES, VERDICT_NAMES},
 };
 use xdpgate_dataplane::{PinDir, ifindex, monotonic_ns};
 
@@ -341,13 +341,7 @@ pub fn comment(rec: &CaptureRecord) -> String {
     if rec.point == POINT_PRE {
         return "xdpgate pre".into();
     }
-    let verdict = match u32::from(rec.verdict) {
-        1 => "drop",
-        2 => "pass",
-        3 => "tx",
-        4 => "redirect",
-        _ => "aborted",
-    };
+    let verdict = VERDICT_NAMES.get(usize::from(rec.verdict)).copied().unwrap_or("aborted");
     match (verdict, DROP_REASON_NAMES.get(usize::from(rec.reason))) {
         ("drop", Some(reason)) => format!("xdpgate post verdict=drop reason={reason}"),
         _ => format!("xdpgate post verdict={verdict}"),

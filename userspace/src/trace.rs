@@ -17,7 +17,7 @@ use serde::Serialize;
 use xdpgate_common::{
     flow::{NAT_DST, NAT_NEXT_HOP, NAT_NONE, NAT_SRC},
     nsg::DIR_INBOUND,
-    stats::DROP_REASON_NAMES,
+    stats::{DROP_REASON_NAMES, VERDICT_NAMES},
     trace::{
         LB_NO_BACKEND, LB_SELECTED, LOOKUP_EMBRYONIC, LOOKUP_ESTABLISHED, LOOKUP_MISS, NSG_ALLOWED,
         NSG_DENIED, STAGE_ACT, STAGE_END, STAGE_NEW_FLOW, STAGE_PARSE, STAGE_SNAT, TRACE,
@@ -26,7 +26,7 @@ use xdpgate_common::{
 };
 use xdpgate_dataplane::{
     Hook, PinDir, apply,
-    flows::{Names, SideRules},
+    flows::{self, Names, SideRules},
     ifindex, link_info,
 };
 
@@ -209,7 +209,13 @@ fn test_run(prog_id: u32, hook: Hook, ifindex: u32, frame: &[u8]) -> Result<u32>
     // SAFETY: all-zero is a valid bpf_attr.
     let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
     attr.__bindgen_anon_6.__bindgen_anon_1.prog_id = prog_id;
-    let fd = bpf(bpf_cmd::BPF_PROG_GET_FD_BY_ID, &mut attr, "opening the entry program")?;
+    // The kernel opens a program by id for CAP_SYS_ADMIN alone (CAP_BPF is not enough).
+    let fd = bpf(
+        bpf_cmd::BPF_PROG_GET_FD_BY_ID,
+        &mut attr,
+        "opening the attached entry program by its id (BPF_PROG_GET_FD_BY_ID needs \
+         CAP_SYS_ADMIN)",
+    )?;
     // SAFETY: a new descriptor nothing else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
     let (data, ctx): (Vec<u8>, Vec<u32>) = match hook {
@@ -274,15 +280,6 @@ pub fn run(pins: &PinDir, args: &TraceArgs) -> Result<Report> {
     Ok(report(args, link.hook, &rec, names.as_ref(), pins))
 }
 
-fn addr(family_v6: bool, w: [u32; 4]) -> IpAddr {
-    let b: Vec<u8> = w.iter().flat_map(|x| x.to_ne_bytes()).collect();
-    if family_v6 {
-        IpAddr::from(<[u8; 16]>::try_from(b).expect("16 bytes"))
-    } else {
-        IpAddr::from(<[u8; 4]>::try_from(&b[..4]).expect("4 bytes"))
-    }
-}
-
 fn report(
     args: &TraceArgs,
     hook: Hook,
@@ -306,7 +303,7 @@ fn report(
         if both.is_empty() { "no rule named".to_owned() } else { both.join(", ") }
     };
     let nat_text = |nat: u8, a: [u32; 4], port: u16| {
-        let a = addr(v6, a);
+        let a = flows::addr(&a, if v6 { 6 } else { 4 });
         match nat {
             NAT_DST => format!("destination to {a}:{port} (load balancer)"),
             NAT_NEXT_HOP => format!("to backend {a} unchanged (floating IP / DSR)"),
@@ -387,13 +384,7 @@ fn report(
     if r.stages & STAGE_ACT != 0 || (r.stages & STAGE_NEW_FLOW != 0 && r.nat != NAT_NONE) {
         add("rewrite", nat_text(r.nat, r.nat_addr, r.nat_port));
     }
-    let verdict = match u32::from(r.verdict) {
-        1 => "drop",
-        2 => "pass",
-        3 => "tx",
-        4 => "redirect",
-        _ => "aborted",
-    };
+    let verdict = VERDICT_NAMES.get(usize::from(r.verdict)).copied().unwrap_or("aborted");
     if r.stages & STAGE_END != 0 {
         add(
             "forward",
