@@ -57,15 +57,15 @@ pub struct TraceArgs {
     /// tcp, udp or icmp (an echo request; ICMPv6 for IPv6 addresses).
     #[arg(long, value_parser = Protocol::from_str_arg)]
     pub protocol: Protocol,
-    /// Source port (TCP, UDP).
+    /// Source port (TCP, UDP; for ICMP the echo identifier).
     #[arg(long, default_value_t = 40000)]
     pub src_port: u16,
     /// Destination port (TCP, UDP); required for them.
     #[arg(long)]
     pub dst_port: Option<u16>,
-    /// TCP flags as letters: S (SYN), A (ACK), F (FIN), R (RST), P (PSH), U (URG).
-    #[arg(long, default_value = "S")]
-    pub tcp_flags: String,
+    /// TCP flags as letters: S (SYN), A (ACK), F (FIN), R (RST), P (PSH), U (URG); default S.
+    #[arg(long, value_name = "LETTERS")]
+    pub tcp_flags: Option<String>,
     #[command(flatten)]
     pub output: OutputArgs,
 }
@@ -163,7 +163,7 @@ fn frame(args: &TraceArgs, mac: [u8; 6]) -> Result<Vec<u8>> {
         Protocol::Number(6) => {
             let dport = args.dst_port.ok_or_else(|| anyhow!("tcp needs --dst-port"))?;
             let mut b = ip.tcp(args.src_port, dport, 1, 64240);
-            for c in args.tcp_flags.chars() {
+            for c in tcp_flags(args).chars() {
                 b = match c.to_ascii_uppercase() {
                     'S' => b.syn(),
                     'A' => b.ack(1),
@@ -176,6 +176,7 @@ fn frame(args: &TraceArgs, mac: [u8; 6]) -> Result<Vec<u8>> {
             }
             b.write(&mut out, &payload)?;
         }
+        _ if args.tcp_flags.is_some() => bail!("--tcp-flags: only for --protocol tcp"),
         Protocol::Number(17) => {
             let dport = args.dst_port.ok_or_else(|| anyhow!("udp needs --dst-port"))?;
             ip.udp(args.src_port, dport).write(&mut out, &payload)?;
@@ -408,8 +409,7 @@ fn report(
             src_port: has_ports(args).then_some(args.src_port),
             dst_port: has_ports(args).then_some(args.dst_port).flatten(),
             protocol: proto_name(args).to_owned(),
-            tcp_flags: (args.protocol == Protocol::Number(6))
-                .then(|| args.tcp_flags.to_ascii_uppercase()),
+            tcp_flags: (args.protocol == Protocol::Number(6)).then(|| tcp_flags(args)),
         },
         stages,
         verdict,
@@ -418,6 +418,10 @@ fn report(
         generation: r.generation,
         state_changed: false,
     }
+}
+
+fn tcp_flags(args: &TraceArgs) -> String {
+    args.tcp_flags.as_deref().unwrap_or("S").to_ascii_uppercase()
 }
 
 fn has_ports(args: &TraceArgs) -> bool {
