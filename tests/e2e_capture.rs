@@ -347,7 +347,11 @@ fn a_killed_capture_stops_copying() {
     cap.child.kill().unwrap();
     cap.child.wait().unwrap();
     assert!(lease(&gw.pins) > 0, "killed, it could not clear its lease");
-    wait_for("the lease to lapse", || lease(&gw.pins) <= monotonic_ns());
+    // The dataplane reads the coarse clock, cached per CPU and tick, which lags
+    // CLOCK_MONOTONIC by up to two ticks (20 ms at HZ=100): the lease has lapsed for it once
+    // 50 ms more have passed.
+    let lapsed = lease(&gw.pins) + 50_000_000;
+    wait_for("the lease to lapse", || monotonic_ns() > lapsed);
     let before = copies(&gw.pins);
     for sport in 40001..40006 {
         send(&gw, sport, 9999);
