@@ -85,6 +85,28 @@ fn runs_with_only_bpf_perfmon_and_net_admin() {
     ok(&["apply", policy.to_str().unwrap()]);
     let stats = ok(&["stats", "--json"]);
     assert!(stats.contains(&ib) && stats.contains(&ib_tc), "{stats}");
+    let summary = ok(&["capture", "--duration", "0.2", "-w", "/dev/null"]);
+    assert!(summary.is_empty(), "the summary goes to standard error: {summary}");
+    // trace opens the attached program by its id, which the kernel allows CAP_SYS_ADMIN
+    // alone: refused, saying so.
+    let out = xdpgate_with(
+        &b,
+        needed,
+        &pins,
+        &[
+            "trace",
+            "--iface",
+            &ib_tc,
+            "--src",
+            "198.51.101.2",
+            "--dst",
+            "198.51.101.1",
+            "--protocol",
+            "icmp",
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("needs CAP_SYS_ADMIN"), "{err}");
     let upgraded = ok(&["upgrade"]);
     assert!(upgraded.contains(&format!("upgraded {ib_tc}")), "{upgraded}");
     // The pins are the owner's alone.
@@ -274,6 +296,18 @@ fn a_user_without_privileges_is_told_so() {
         &["connectivity", "--src", "198.51.100.1", "--dst", "198.51.100.2:80"],
         &["topology"],
         &["observe", "--count", "1"],
+        &["capture", "--count", "1", "-w", "/dev/null"],
+        &[
+            "trace",
+            "--iface",
+            &ib,
+            "--src",
+            "203.0.113.9",
+            "--dst",
+            "198.51.100.2",
+            "--protocol",
+            "icmp",
+        ],
         &["upgrade"],
         &["apply", policy.to_str().unwrap()],
         &["apply", "--diff", policy.to_str().unwrap()],

@@ -3,6 +3,7 @@
 //! the same bytes; the `user` feature adds `aya::Pod` for the agent.
 #![no_std]
 
+pub mod capture;
 pub mod events;
 pub mod flow;
 pub mod iface;
@@ -11,6 +12,7 @@ pub mod maps;
 pub mod nat;
 pub mod nsg;
 pub mod stats;
+pub mod trace;
 
 /// Marks types as plain old data for aya's typed maps, on the agent side only.
 macro_rules! pod {

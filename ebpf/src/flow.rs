@@ -31,7 +31,7 @@ use crate::{
     },
     nsg::{Active, classify},
     parse::PacketMeta,
-    snat,
+    snat, trace,
 };
 
 const TH_FIN: u8 = 0x01;
@@ -437,8 +437,10 @@ pub fn create(
     if !decision.allowed {
         // The clock as `fresh` read it: a helper call fewer on the denied path.
         let now = forward.last_seen_ns;
-        let (dir, generation) = (forward.direction, forward.generation);
-        events::emit(EVENT_DENY, key, decision.rules, dir, generation, now, Some(forward));
+        if !trace::denied(decision.rules, forward.generation) {
+            let (dir, generation) = (forward.direction, forward.generation);
+            events::emit(EVENT_DENY, key, decision.rules, dir, generation, now, Some(forward));
+        }
         return Err(DropReason::Policy);
     }
     forward.rules = decision.rules;
@@ -531,6 +533,10 @@ pub fn commit(
     reply: &mut FlowValue,
     established: bool,
 ) -> Result<(), DropReason> {
+    // `xdpgate trace`'s flow is recorded, not created.
+    if trace::flow(forward) {
+        return Ok(());
+    }
     *reply = *forward;
     reply.reply = 1 - forward.reply;
     reply.packets = 0;
@@ -603,7 +609,7 @@ fn judge(
 
 #[inline(always)]
 fn count_lb(service: u32, backend: u32, len: u64) {
-    if service == NO_BACKEND {
+    if service == NO_BACKEND || trace::active() {
         return;
     }
     for (map, index) in [(&SERVICE_STATS, service), (&BACKEND_STATS, backend)] {

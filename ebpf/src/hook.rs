@@ -17,7 +17,7 @@ use aya_ebpf::{
     maps::ProgramArray,
     programs::{TcContext, XdpContext},
 };
-use xdpgate_common::{flow::NextHop, maps::TC_PARSE, stats::DropReason};
+use xdpgate_common::{flow::NextHop, maps::TC_PARSE, stats::DropReason, trace::TRACE_MAGIC};
 
 use crate::{
     headers::{EthHdr, IPPROTO_TCP, IPPROTO_UDP},
@@ -32,6 +32,9 @@ use crate::{
 const TC_PULL: u32 = 1024;
 
 pub trait Hook: EbpfContext + Packet + Sized {
+    /// Whether this is `xdpgate trace`'s packet (`trace::TRACE_MAGIC`), which real packets
+    /// never carry.
+    fn traced(&self) -> bool;
     /// The ifindex the packet arrived by.
     fn arrival(&self) -> u32;
     /// The stages of this hook's pipeline (`PIPELINE_*` indices).
@@ -78,6 +81,17 @@ fn set_macs(ctx: &impl Packet, hop: &NextHop) -> Result<(), DropReason> {
 }
 
 impl Hook for XdpContext {
+    /// The marker is in the frame's metadata, which only `BPF_PROG_TEST_RUN` gives a packet
+    /// arriving here (XDP programs before this one could, but this is the first).
+    #[inline(always)]
+    fn traced(&self) -> bool {
+        let meta = unsafe { (*self.ctx).data_meta } as usize;
+        // Metadata is 4-byte aligned: two word loads, no copy through the stack.
+        meta + 8 <= XdpContext::data(self)
+            && unsafe { *(meta as *const u32) } == TRACE_MAGIC as u32
+            && unsafe { *((meta + 4) as *const u32) } == (TRACE_MAGIC >> 32) as u32
+    }
+
     #[inline(always)]
     fn arrival(&self) -> u32 {
         self.ingress_ifindex() as u32
@@ -140,6 +154,14 @@ impl Hook for XdpContext {
 }
 
 impl Hook for TcContext {
+    /// The marker is in the control block (`cb[0]`, `cb[1]`), which `BPF_PROG_TEST_RUN`
+    /// fills from its context.
+    #[inline(always)]
+    fn traced(&self) -> bool {
+        let cb = unsafe { (*self.skb.skb).cb };
+        (u64::from(cb[1]) << 32 | u64::from(cb[0])) == TRACE_MAGIC
+    }
+
     /// At tc ingress the socket buffer's device is the one it arrived by.
     #[inline(always)]
     fn arrival(&self) -> u32 {

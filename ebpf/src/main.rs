@@ -6,6 +6,7 @@
 #![no_main]
 
 mod action;
+mod capture;
 mod clock;
 mod events;
 mod flow;
@@ -19,6 +20,7 @@ mod nat;
 mod nsg;
 mod parse;
 mod snat;
+mod trace;
 
 use aya_ebpf::{
     EbpfContext,
@@ -38,13 +40,17 @@ use xdpgate_common::{
     },
     nsg::{DIR_INBOUND, DIR_OUTBOUND},
     stats::{DropReason, egress_stat_index, iface_stat_index},
+    trace::{STAGE_ACT, STAGE_SNAT},
 };
 
 use crate::{
     action::{Action, NAT_ICMP_ERROR, NAT_PENDING_SNAT, NOT_ESTABLISHED, RECLASSIFY},
     flow::Lookup,
     hook::{Hook, tc_verdict},
-    maps::{ACTION, DROP_STATS, EGRESS_PIPELINE, EGRESS_STATS, IFACE_STATS, SCRATCH, iface_config},
+    maps::{
+        ACTION, DROP_STATS, EGRESS_PIPELINE, EGRESS_STATS, EMBRYOS, FLOW_SCRATCH, FLOWS,
+        IFACE_STATS, SCRATCH, iface_config,
+    },
     parse::{FRAG_FIRST, FRAG_LATER, FRAG_NONE, Packet, PacketMeta, Parsed, parse},
 };
 
@@ -153,12 +159,20 @@ fn parse_stage<H: Hook>(ctx: &H, iface: Option<&IfaceConfig>) -> Result<u32, Dro
         }
     };
     let Parsed::Ip(mut meta) = parsed else { return Ok(xdp_action::XDP_PASS) };
+    meta.iface_slot = iface.map_or(0, |c| c.slot) as u8;
+    meta.dir = direction(iface) as u8;
+    if ctx.traced() {
+        trace::begin(meta.dir);
+    } else {
+        capture::arrived(ctx, &meta, ctx.arrival());
+    }
     // Until the first policy is applied there is nothing to enforce.
     let Some(active) = nsg::active().filter(|a| a.config.generation != 0) else {
         return Ok(xdp_action::XDP_PASS);
     };
-    meta.iface_slot = iface.map_or(0, |c| c.slot) as u8;
-    meta.dir = direction(iface) as u8;
+    if ctx.traced() {
+        return traced_entry(ctx, &meta);
+    }
     // Most packets belong to an established flow: decided here, without the policy stage.
     let looked = meta.frag == FRAG_NONE && !icmp::is_error(&meta);
     let found = if looked {
@@ -191,6 +205,25 @@ fn parse_stage<H: Hook>(ctx: &H, iface: Option<&IfaceConfig>) -> Result<u32, Dro
             enter(ctx, H::stages(), PIPELINE_POLICY)
         }
     }
+}
+
+/// The entry stage for `xdpgate trace`'s packet: the flow tables asked without touching an
+/// entry (no counters, state or clock moved); a packet with a flow is reported as its flow
+/// and goes no further, one without goes to the new-flow stage.
+#[inline(always)]
+fn traced_entry<H: Hook>(ctx: &H, meta: &PacketMeta) -> Result<u32, DropReason> {
+    let key = flow::key(meta);
+    let established = unsafe { FLOWS.get(&key) };
+    let entry = established.or_else(|| unsafe { EMBRYOS.get(&key) });
+    trace::lookup(entry, established.is_some());
+    if entry.is_some() {
+        return Ok(xdp_action::XDP_PASS);
+    }
+    let slot = SCRATCH.get_ptr_mut(0).ok_or(DropReason::Internal)?;
+    unsafe { *slot = *meta };
+    let slot = ACTION.get_ptr_mut(0).ok_or(DropReason::Internal)?;
+    unsafe { *slot = Action::PASS };
+    enter(ctx, H::stages(), PIPELINE_NEW)
 }
 
 #[inline(always)]
@@ -309,6 +342,15 @@ fn snat_stage<H: Hook>(ctx: &H) -> Result<u32, DropReason> {
     let meta = SCRATCH.get(0).ok_or(DropReason::Internal)?;
     events::set_origin(ctx.arrival(), Packet::len(ctx) as u32, EVENT_AT_INGRESS, meta.tcp_flags);
     let gw = u32::from(ACTION.get(0).ok_or(DropReason::Internal)?.port);
+    if trace::active() {
+        // No port is claimed for a trace: the flow ends here, its rewrite unknown.
+        if let Some(pair) = FLOW_SCRATCH.get(0) {
+            trace::flow(&pair[0]);
+        }
+        trace::stage(STAGE_SNAT);
+        trace::snat(gw);
+        return Ok(xdp_action::XDP_PASS);
+    }
     let action = flow::commit_snat(meta, gw)?;
     hand_on(ctx, action, PIPELINE_ACT)
 }
@@ -319,6 +361,8 @@ fn snat_stage<H: Hook>(ctx: &H) -> Result<u32, DropReason> {
 fn act_stage<H: Hook>(ctx: &H) -> Result<u32, DropReason> {
     let meta = SCRATCH.get(0).ok_or(DropReason::Internal)?;
     let action = ACTION.get(0).ok_or(DropReason::Internal)?;
+    trace::stage(STAGE_ACT);
+    trace::action(action);
     // Here, after the SNAT stage, the first fragment's rewrite is final.
     if meta.frag == FRAG_FIRST {
         flow::remember_first_fragment(meta, action);
@@ -395,14 +439,27 @@ fn parsed_slot() -> u32 {
 }
 
 /// The single exit of every stage: count the verdict per interface `slot` (and the drop
-/// reason). `parsed`: a later stage, which finds the packet in `SCRATCH`.
+/// reason); the capture's `post` copy. `parsed`: a later stage, which finds the packet in
+/// `SCRATCH`.
 #[inline(always)]
 fn finish<H: Hook>(ctx: &H, slot: u32, parsed: bool, result: Result<u32, DropReason>) -> u32 {
-    let action = result.unwrap_or_else(|reason| {
-        count_drop(ctx, reason, parsed, EVENT_AT_INGRESS);
-        xdp_action::XDP_DROP
-    });
+    // A traced packet moves no counter, sends no event and is not captured.
+    let traced = ctx.traced();
+    let (action, reason) = match result {
+        Ok(action) => (action, 0),
+        Err(reason) => {
+            if !traced {
+                count_drop(ctx, reason, parsed, EVENT_AT_INGRESS);
+            }
+            (xdp_action::XDP_DROP, reason as u8)
+        }
+    };
+    if traced {
+        trace::end(action, reason);
+        return action;
+    }
     count_verdict(ctx, slot, action);
+    capture::leaving(ctx, action, reason);
     action
 }
 

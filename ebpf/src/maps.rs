@@ -5,9 +5,13 @@ use crate::{action::Action, parse::PacketMeta};
 use aya_ebpf::{
     macros::map,
     maps::lpm_trie::Key,
-    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
+    maps::{
+        Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerfEventArray, ProgramArray,
+        RingBuf,
+    },
 };
 use xdpgate_common::{
+    capture::{CaptureConfig, CaptureRecord},
     events::{Bucket, EVENT_RING_BYTES, FlowEvent, MONITOR_RING_BYTES},
     flow::{FLOW_STATS_LEN, FlowKey, FlowValue, FragKey, FragValue},
     iface::IfaceConfig,
@@ -24,6 +28,7 @@ use xdpgate_common::{
         RuleBitmap, SLOTS, TABLES,
     },
     stats::{Counter, DROP_REASONS, EGRESS_VERDICTS, VERDICTS},
+    trace::TraceRecord,
 };
 
 /// Interfaces xdpgate is attached to, by ifindex: counter slot and role.
@@ -259,3 +264,18 @@ pub static MONITOR_BUCKET: PerCpuArray<Bucket> = PerCpuArray::with_max_entries(1
 /// The event being built, with the origin its stage noted (see `events::set_origin`).
 #[map(name = "EVENT_SCRATCH")]
 pub static EVENT_SCRATCH: PerCpuArray<FlowEvent> = PerCpuArray::with_max_entries(1, 0);
+/// The running capture's lease and filter (`xdpgate capture`).
+#[map(name = "CAPTURE_CONFIG")]
+pub static CAPTURE_CONFIG: Array<CaptureConfig> = Array::pinned(1, 0);
+
+/// Captured packets, each behind a `CaptureRecord` (one ring per CPU; the loader sizes it).
+#[map(name = "CAPTURE_PERF")]
+pub static CAPTURE_PERF: PerfEventArray<CaptureRecord> = PerfEventArray::pinned(0);
+
+/// The record of the packet being captured on this CPU, between its two copies.
+#[map(name = "CAPTURE_SCRATCH")]
+pub static CAPTURE_SCRATCH: PerCpuArray<CaptureRecord> = PerCpuArray::pinned(1, 0);
+
+/// The decisions of the stages for a traced packet (`xdpgate trace`), per CPU.
+#[map(name = "TRACE")]
+pub static TRACE: PerCpuArray<TraceRecord> = PerCpuArray::pinned(1, 0);

@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod agent_state;
 pub mod cli_docs;
+pub mod capture;
 pub mod filter;
 pub mod flowlog;
 pub mod flows_cmd;
@@ -17,4 +18,5 @@ pub mod observe;
 pub mod plan;
 pub mod status;
 pub mod verify_flow;
+pub mod trace;
 pub mod views;

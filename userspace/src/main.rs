@@ -5,7 +5,8 @@ use std::{path::PathBuf, process::ExitCode};
 use anyhow::{Result, anyhow, bail};
 use clap::{CommandFactory as _, Parser, Subcommand, ValueEnum as _};
 use xdpgate::{
-    agent, cli_docs, flowlog, flows_cmd, metrics, observe, plan, status, verify_flow,
+    agent, capture, cli_docs, flowlog, flows_cmd, metrics, observe, plan, status, trace,
+    verify_flow,
     views::{self, OutputArgs},
 };
 use xdpgate_common::{iface::Role, maps::DEFAULT_PIN_DIR};
@@ -179,6 +180,17 @@ enum Command {
     /// Print the dataplane's counters once in the Prometheus text format (what
     /// `xdpgate run --metrics-addr` serves at /metrics).
     Metrics,
+    /// Capture packets at the ingress hook (XDP or tc), before and after NAT or load
+    /// balancing, into a pcap or pcapng file (like Network Watcher packet capture, xdpdump).
+    ///
+    /// Example: xdpgate capture --iface eth0 --dst 198.51.100.10 --port 443 -w - | tcpdump -nr -
+    Capture(capture::CaptureArgs),
+    /// Send one crafted packet through the attached programs (BPF_PROG_TEST_RUN, nothing is
+    /// sent, no state changed) and show each stage's decision.
+    ///
+    /// Example: xdpgate trace --iface eth0 --src 203.0.113.7 --dst 198.51.100.10
+    ///          --protocol tcp --dst-port 443
+    Trace(trace::TraceArgs),
     /// List the flows in the flow tables, most bytes first: state (embryonic: not confirmed
     /// yet; established), 5-tuple of the first packet, direction, deciding rule, NAT or
     /// backend, traffic each way and idle time.
@@ -416,6 +428,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Metrics => print!("{}", metrics::render(&pins)?),
         Command::Flows(args) => flows_cmd::run(&pins, args)?,
+        Command::Trace(args) => {
+            let output = args.output;
+            views::print(&trace::run(&pins, &args)?, output.format())?;
+        }
+        Command::Capture(args) => {
+            let s = capture::run(&pins, &args)?;
+            eprintln!(
+                "{} packets captured ({} bytes written), {} lost; stopped by {}",
+                s.packets, s.bytes, s.lost, s.stopped_by
+            );
+        }
         Command::Status { output } => {
             views::print(&status::read(&pins)?, output.format())?;
         }

@@ -1,0 +1,74 @@
+//! `xdpgate trace`: one crafted packet run through the loaded programs with
+//! `BPF_PROG_TEST_RUN`, carrying a marker no real packet carries (XDP metadata, or the
+//! socket buffer's control block at tc); each stage writes its decision into this CPU's
+//! `TraceRecord` for it, and leaves out what would change the state real packets see (no
+//! flow entry, NAT port claim, rule or interface counter, flow event or capture copy).
+
+use crate::pod;
+
+/// `PerCpuArray<TraceRecord>` of one entry.
+pub const TRACE: &str = "TRACE";
+
+/// The marker: the first 8 bytes of XDP metadata, or `cb[0]` and `cb[1]` of a socket
+/// buffer (low word first).
+pub const TRACE_MAGIC: u64 = 0x7872_6761_7465_5452;
+
+/// `TraceRecord::stages` bits: the stages the packet went through.
+pub const STAGE_PARSE: u8 = 1;
+pub const STAGE_LOOKUP: u8 = 2;
+pub const STAGE_NEW_FLOW: u8 = 4;
+pub const STAGE_SNAT: u8 = 8;
+pub const STAGE_ACT: u8 = 16;
+pub const STAGE_END: u8 = 32;
+
+/// `TraceRecord::lookup`: no lookup (no policy, or not an IP packet the tables hold).
+pub const LOOKUP_NONE: u8 = 0;
+pub const LOOKUP_MISS: u8 = 1;
+pub const LOOKUP_ESTABLISHED: u8 = 2;
+pub const LOOKUP_EMBRYONIC: u8 = 3;
+
+/// `TraceRecord::lb`.
+pub const LB_NOT_FRONTEND: u8 = 0;
+pub const LB_SELECTED: u8 = 1;
+pub const LB_NO_BACKEND: u8 = 2;
+
+/// `TraceRecord::nsg`.
+pub const NSG_NOT_ASKED: u8 = 0;
+pub const NSG_ALLOWED: u8 = 1;
+pub const NSG_DENIED: u8 = 2;
+
+/// What the stages decided for the traced packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TraceRecord {
+    /// The flow's rewrite (`flow::NAT_*` in `nat`): address and port after it.
+    pub nat_addr: [u32; 4],
+    /// Load balancing: service and backend chosen.
+    pub service: u32,
+    pub backend: u32,
+    /// Policy generation of the flow found (lookup hit), or of the policy classifying.
+    pub generation: u64,
+    /// Deciding rule of each side (`FlowValue::rules`, by `DIR_*`).
+    pub rules: [u16; 2],
+    pub nat_port: u16,
+    /// The NAT gateway whose port the SNAT stage would claim; `u16::MAX`: none.
+    pub snat_gateway: u16,
+    /// Set from the entry stage to the end of the traced packet's pipeline.
+    pub active: u8,
+    pub stages: u8,
+    pub lookup: u8,
+    pub lb: u8,
+    pub nsg: u8,
+    pub nat: u8,
+    /// The XDP verdict the pipeline ended with (tc's mapped to it), and a drop's reason.
+    pub verdict: u8,
+    pub reason: u8,
+    /// The packet's direction (`DIR_*`) by its arrival interface's role.
+    pub dir: u8,
+    /// The flow entry found: its direction and whether it is a reply direction.
+    pub flow_direction: u8,
+    pub flow_reply: u8,
+    pub _pad: [u8; 5],
+}
+
+pod!(TraceRecord);

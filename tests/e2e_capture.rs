@@ -1,0 +1,379 @@
+//! `xdpgate capture` end to end: real traffic through the gateway (tests/common's
+//! `Gateway`, at XDP and at tc), captured into pcap and pcapng files that pcap-file,
+//! etherparse and tcpdump read back: a NAT gateway's translated packet before and after its
+//! rewrite, the kernel filter's selection, the bounds (count, size, time), standard output,
+//! and a killed capture whose lease lapses and stops the copying.
+
+mod common;
+
+use std::{
+    fs::File,
+    net::UdpSocket,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use aya::maps::{Array, MapData, PerCpuArray};
+use common::{
+    Pins,
+    gateway::{CLIENT4, Gateway, SERVER4},
+    unique,
+};
+use etherparse::{NetSlice, SlicedPacket, TransportSlice};
+use pcap_file::{
+    pcap::PcapReader,
+    pcapng::{Block, PcapNgReader},
+};
+use xdpgate_common::capture::{CAPTURE_CONFIG, CAPTURE_SCRATCH, CaptureConfig, CaptureRecord};
+use xdpgate_dataplane::monotonic_ns;
+
+/// The protected subnet reaches the Internet through 192.0.2.100; nothing is filtered.
+const NAT_POLICY: &str = r#"virtual_network:
+  address_space: [198.51.100.0/24]
+nat_gateways:
+  - name: natgw
+    public_addresses: [192.0.2.100]
+    subnets: [198.51.100.0/24]
+"#;
+
+/// The gateway at XDP, with what a NAT gateway's XDP redirect into a veth needs: NAPI (GRO)
+/// on the receiving peer and full checksums from the sender (see tests/e2e_nat.rs).
+fn xdp_gateway() -> Gateway {
+    let gw = Gateway::new();
+    gw.client.exec("ethtool", &["-K", &gw.client_if, "gro", "on"]);
+    gw.server.exec("ethtool", &["-K", &gw.server_if, "tx", "off"]);
+    gw
+}
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !ok() {
+        assert!(start.elapsed() < WAIT, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn lease(pins: &Pins) -> u64 {
+    let map: Array<MapData, CaptureConfig> =
+        pins.dir.open_map(CAPTURE_CONFIG).unwrap().try_into().unwrap();
+    map.get(&0, 0).unwrap().lease_until_ns
+}
+
+/// Copies sent on every CPU since the capture began.
+fn copies(pins: &Pins) -> u64 {
+    let map: PerCpuArray<MapData, CaptureRecord> =
+        pins.dir.open_map(CAPTURE_SCRATCH).unwrap().try_into().unwrap();
+    map.get(&0, 0).unwrap().iter().map(|r| r.copies).sum()
+}
+
+/// A running `xdpgate capture` in the gateway's namespace, started once its lease is held.
+struct Capture {
+    child: Child,
+}
+
+impl Capture {
+    fn start(gw: &Gateway, args: &[&str], stdout: Stdio) -> Self {
+        let child = Command::new(common::xdpgate_bin())
+            .arg("--pin-dir")
+            .arg(gw.pins.dir.path())
+            .args(["--netns", &gw.gw.name, "capture"])
+            .args(args)
+            .stdout(stdout)
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn xdpgate capture");
+        let cap = Self { child };
+        wait_for("the capture's lease", || lease(&gw.pins) > monotonic_ns());
+        cap
+    }
+
+    /// Waits for the capture to end by itself; its summary line.
+    fn finish(mut self) -> String {
+        let start = Instant::now();
+        while self.child.try_wait().unwrap().is_none() {
+            assert!(start.elapsed() < WAIT, "capture did not stop by itself");
+            thread::sleep(Duration::from_millis(20));
+        }
+        let out = std::mem::replace(&mut self.child, Command::new("true").spawn().unwrap())
+            .wait_with_output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "capture failed: {err}");
+        err
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sends one UDP datagram from the server (inside the NAT gateway's subnet) to the client's
+/// `dport`, from source port `sport`; waits until the client has it, so it went through.
+fn send(gw: &Gateway, sport: u16, dport: u16) {
+    let rx = gw.client.run(move || {
+        let s = UdpSocket::bind((CLIENT4, dport)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s
+    });
+    gw.server.run(move || {
+        let s = UdpSocket::bind((SERVER4, sport)).unwrap();
+        s.send_to(b"capture me", (CLIENT4, dport)).unwrap();
+    });
+    let mut buf = [0u8; 64];
+    let (n, from) = rx.recv_from(&mut buf).expect("the datagram crossed the gateway");
+    assert_eq!(&buf[..n], b"capture me");
+    assert_eq!(from.ip().to_string(), "192.0.2.100", "translated by the NAT gateway");
+}
+
+fn file(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("{}.{name}", unique("cap")))
+}
+
+/// (source, source port, destination port) of a captured Ethernet frame's UDP packet.
+fn udp_of(data: &[u8]) -> (String, u16, u16) {
+    let p = SlicedPacket::from_ethernet(data).expect("a parseable frame");
+    let src = match p.net {
+        Some(NetSlice::Ipv4(ip)) => ip.header().source_addr().to_string(),
+        other => panic!("not IPv4: {other:?}"),
+    };
+    match p.transport {
+        Some(TransportSlice::Udp(u)) => (src, u.source_port(), u.destination_port()),
+        other => panic!("not UDP: {other:?}"),
+    }
+}
+
+/// The packets of a pcapng file with their comments.
+fn pcapng(path: &Path) -> Vec<(Vec<u8>, String)> {
+    let mut r = PcapNgReader::new(File::open(path).unwrap()).unwrap();
+    let mut out = Vec::new();
+    while let Some(block) = r.next_block() {
+        if let Block::EnhancedPacket(p) = block.unwrap() {
+            let comment = p
+                .options
+                .iter()
+                .find_map(|o| match o {
+                    pcap_file::pcapng::blocks::enhanced_packet::EnhancedPacketOption::Comment(
+                        c,
+                    ) => Some(c.to_string()),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            out.push((p.data.to_vec(), comment));
+        }
+    }
+    out
+}
+
+fn pcap(path: &Path) -> Vec<Vec<u8>> {
+    let mut r = PcapReader::new(File::open(path).unwrap()).unwrap();
+    let mut out = Vec::new();
+    while let Some(p) = r.next_packet() {
+        out.push(p.unwrap().data.to_vec());
+    }
+    out
+}
+
+fn tcpdump(path: &Path) -> String {
+    let out = Command::new("tcpdump").args(["-nr"]).arg(path).output().expect("tcpdump");
+    assert!(out.status.success(), "tcpdump: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The translated datagram, before and after the NAT gateway's rewrite, at `hook`; a
+/// datagram to another port, sent first, is not captured.
+fn nat_before_and_after(gw: Gateway) {
+    gw.pins.apply(NAT_POLICY);
+    let path = file("pcapng");
+    let p = path.to_str().unwrap();
+    let cap = Capture::start(
+        &gw,
+        &[
+            "--iface",
+            &gw.int,
+            "--protocol",
+            "udp",
+            "--port",
+            "9999",
+            "--count",
+            "2",
+            "--format",
+            "pcapng",
+            "-w",
+            p,
+        ],
+        Stdio::null(),
+    );
+    send(&gw, 40001, 9998);
+    send(&gw, 40000, 9999);
+    let summary = cap.finish();
+    assert!(
+        summary.contains("2 packets captured") && summary.contains("stopped by count"),
+        "{summary}"
+    );
+    let size = std::fs::metadata(&path).unwrap().len();
+    assert!(summary.contains(&format!("({size} bytes written)")), "{size} bytes: {summary}");
+    let packets = pcapng(&path);
+    assert_eq!(packets.len(), 2, "{packets:?}");
+    assert_eq!(packets[0].1, "xdpgate pre");
+    assert_eq!(udp_of(&packets[0].0), (SERVER4.to_owned(), 40000, 9999));
+    assert!(packets[1].1.starts_with("xdpgate post verdict="), "{}", packets[1].1);
+    let (src, sport, dport) = udp_of(&packets[1].0);
+    assert_eq!((src.as_str(), dport), ("192.0.2.100", 9999), "the rewritten copy");
+    assert_ne!(sport, 0);
+    let text = tcpdump(&path);
+    assert_eq!(text.lines().count(), 2, "{text}");
+    assert!(text.contains("198.51.100.10.40000 > 203.0.113.10.9999"), "{text}");
+    assert!(text.contains("192.0.2.100."), "{text}");
+    let _ = std::fs::remove_file(&path);
+}
+
+#[test]
+fn nat_copies_before_and_after_the_rewrite_at_xdp() {
+    nat_before_and_after(xdp_gateway());
+}
+
+#[test]
+fn nat_copies_before_and_after_the_rewrite_at_tc() {
+    nat_before_and_after(Gateway::tc());
+}
+
+/// A capture bounded by time ends without traffic; one bounded by size stops before the
+/// file would pass it; one into standard output feeds tcpdump.
+#[test]
+fn bounds_stop_a_capture() {
+    let gw = xdp_gateway();
+    gw.pins.apply(NAT_POLICY);
+    let path = file("pcap");
+    let p = path.to_str().unwrap();
+    let started = Instant::now();
+    let summary = Capture::start(&gw, &["--duration", "1", "-w", p], Stdio::null()).finish();
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    assert!(
+        summary.contains("0 packets captured") && summary.contains("stopped by duration"),
+        "{summary}"
+    );
+    assert!(pcap(&path).is_empty());
+
+    // A pcap header is 24 bytes; each copy 16 and its 52-byte frame (14 + 20 + 8 + 10):
+    // four copies (two datagrams, before and after) fit in 300, the fifth would not.
+    let cap = Capture::start(
+        &gw,
+        &["--protocol", "udp", "--port", "9999", "--max-bytes", "300", "-w", p],
+        Stdio::null(),
+    );
+    for sport in 40000..40004 {
+        send(&gw, sport, 9999);
+    }
+    let summary = cap.finish();
+    assert!(summary.contains("stopped by max_bytes"), "{summary}");
+    let size = std::fs::metadata(&path).unwrap().len();
+    assert!(size <= 300 && size == 24 + 4 * (16 + 52), "{size} bytes: {summary}");
+    assert!(summary.contains(&format!("({size} bytes written)")), "{summary}");
+    assert_eq!(pcap(&path).len(), 4);
+
+    // pcapng: its blocks (section, interface, packets with comments) within the bound too.
+    let path = file("pcapng");
+    let p = path.to_str().unwrap();
+    let cap = Capture::start(
+        &gw,
+        &[
+            "--protocol",
+            "udp",
+            "--port",
+            "9999",
+            "--max-bytes",
+            "400",
+            "--format",
+            "pcapng",
+            "-w",
+            p,
+        ],
+        Stdio::null(),
+    );
+    for sport in 40020..40024 {
+        send(&gw, sport, 9999);
+    }
+    let summary = cap.finish();
+    let size = std::fs::metadata(&path).unwrap().len();
+    assert!(summary.contains("stopped by max_bytes"), "{summary}");
+    assert!(
+        size <= 400 && summary.contains(&format!("({size} bytes written)")),
+        "{size}: {summary}"
+    );
+    assert!(!pcapng(&path).is_empty());
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_file(&path);
+
+    let cap = Capture::start(
+        &gw,
+        &["--protocol", "udp", "--port", "9999", "--point", "post", "--count", "1", "-w", "-"],
+        Stdio::piped(),
+    );
+    send(&gw, 40010, 9999);
+    let mut cap = cap;
+    let stdout = cap.child.stdout.take().unwrap();
+    let out = Command::new("tcpdump").args(["-nr", "-"]).stdin(stdout).output().unwrap();
+    let summary = cap.finish();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "tcpdump: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(text.lines().count(), 1, "{text}");
+    assert!(
+        text.contains("192.0.2.100.") && text.contains("> 203.0.113.10.9999"),
+        "{text}: {summary}"
+    );
+}
+
+/// A capture killed without a chance to clear its lease: the lease lapses and the
+/// dataplane copies nothing more.
+#[test]
+fn a_killed_capture_stops_copying() {
+    let gw = Gateway::tc();
+    gw.pins.apply(NAT_POLICY);
+    let path = file("pcap");
+    let mut cap = Capture::start(
+        &gw,
+        &["--protocol", "udp", "--port", "9999", "-w", path.to_str().unwrap()],
+        Stdio::null(),
+    );
+    send(&gw, 40000, 9999);
+    wait_for("the first copies", || copies(&gw.pins) >= 2);
+    cap.child.kill().unwrap();
+    cap.child.wait().unwrap();
+    assert!(lease(&gw.pins) > 0, "killed, it could not clear its lease");
+    // The dataplane reads the coarse clock, cached per CPU and tick, which lags
+    // CLOCK_MONOTONIC by up to two ticks (20 ms at HZ=100): the lease has lapsed for it once
+    // 50 ms more have passed.
+    let lapsed = lease(&gw.pins) + 50_000_000;
+    wait_for("the lease to lapse", || monotonic_ns() > lapsed);
+    let before = copies(&gw.pins);
+    for sport in 40001..40006 {
+        send(&gw, sport, 9999);
+    }
+    assert_eq!(copies(&gw.pins), before, "copies after the lease lapsed");
+    let _ = std::fs::remove_file(&path);
+}
+
+/// Filters the kernel cannot judge at arrival, and flags that contradict each other, are
+/// refused with a clear error, before anything is changed.
+#[test]
+fn bad_filters_are_refused() {
+    let gw = Gateway::new();
+    for (args, says) in [
+        (&["--verdict", "denied"][..], "--verdict"),
+        (&["--protocol", "icmp", "--port", "80"][..], "--port 80 needs a protocol with ports"),
+        (&["--src", "203.0.113.0/24", "--dst", "2001:db8::1"][..], "different address families"),
+        (&["--iface", "nosuch0"][..], "nosuch0"),
+    ] {
+        let out = gw.pins.try_xdpgate(&[&["capture", "-w", "/dev/null"][..], args].concat());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(says), "{args:?}: {err}");
+        assert_eq!(lease(&gw.pins), 0, "{args:?} took a lease");
+    }
+}

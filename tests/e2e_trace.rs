@@ -1,0 +1,226 @@
+//! `xdpgate trace` against a live gateway (tests/common's `Gateway`, at XDP and at tc): the
+//! deciding rule of an allowed and a denied packet is `verify-flow`'s, a load balancer's
+//! frontend shows its backend and rewrite, a NAT gateway's flow its SNAT stage, and no trace
+//! leaves a flow entry, a NAT claim or a moved counter behind.
+
+mod common;
+
+use common::gateway::{CLIENT4, Gateway, SERVER4};
+
+/// NSG: web (80) allowed from the Internet, SSH (22) denied; a load balancer 192.0.2.10:80
+/// over three backends; the subnet's NAT gateway 192.0.2.100.
+const POLICY: &str = r#"virtual_network:
+  address_space: [198.51.100.0/24]
+nsgs:
+  - name: web
+    subnets: [198.51.100.0/24]
+    rules:
+      - {name: allow-web, priority: 100, direction: inbound, access: allow, protocol: tcp, source: [Internet], destination: ["*"], destination_ports: [80, 8080]}
+      - {name: deny-ssh, priority: 200, direction: inbound, access: deny, protocol: tcp, source: [Internet], destination: ["*"], destination_ports: [22]}
+load_balancers:
+  - name: lb
+    frontends:
+      - {name: vip, address: 192.0.2.10}
+    backend_pools:
+      - {name: web, backends: [198.51.100.11, 198.51.100.12, 198.51.100.13]}
+    rules:
+      - {name: http, frontend: vip, protocol: tcp, frontend_port: 80, backend_port: 8080,
+         backend_pool: web}
+nat_gateways:
+  - name: natgw
+    public_addresses: [192.0.2.100]
+    subnets: [198.51.100.0/24]
+"#;
+
+fn json(out: &str) -> serde_json::Value {
+    serde_json::from_str(out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+fn trace(gw: &Gateway, iface: &str, src: &str, dst: &str, port: &str) -> serde_json::Value {
+    json(&gw.pins.xdpgate(&[
+        "trace",
+        "--json",
+        "--iface",
+        iface,
+        "--src",
+        src,
+        "--dst",
+        dst,
+        "--protocol",
+        "tcp",
+        "--dst-port",
+        port,
+    ]))
+}
+
+/// The deciding rules verify-flow names for an inbound TCP flow to `SERVER4:port`, and
+/// whether it allows it.
+fn verify(gw: &Gateway, port: u16) -> (bool, Vec<String>) {
+    let out = gw.pins.try_xdpgate(&[
+        "verify-flow",
+        "--json",
+        "--direction",
+        "inbound",
+        "--protocol",
+        "tcp",
+        "--local",
+        &format!("{SERVER4}:{port}"),
+        "--remote",
+        &format!("{CLIENT4}:40000"),
+    ]);
+    let v = json(&String::from_utf8_lossy(&out.stdout));
+    let rules = v["decided_by"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| format!("{}/{}", h["nsg"].as_str().unwrap(), h["rule"].as_str().unwrap()))
+        .collect();
+    (v["allowed"].as_bool().unwrap(), rules)
+}
+
+fn rule_of(t: &serde_json::Value) -> String {
+    let r = &t["rules"]["inbound"];
+    format!("{}/{}", r["nsg"].as_str().unwrap_or("?"), r["rule"].as_str().unwrap_or("?"))
+}
+
+/// Everything a trace must leave alone: the flows, the NAT translations, the counters.
+fn state(gw: &Gateway) -> (serde_json::Value, serde_json::Value, serde_json::Value) {
+    let mut flows = json(&gw.pins.xdpgate(&["flows", "--json", "--top", "0"]));
+    // The one field that moves by itself: time since the flow's last packet.
+    for f in flows.as_array_mut().unwrap() {
+        f.as_object_mut().unwrap().remove("idle_seconds");
+    }
+    let nat = json(&gw.pins.xdpgate(&["nat", "--json"]));
+    let stats = json(&gw.pins.xdpgate(&["stats", "--json"]));
+    (flows, nat, stats)
+}
+
+fn traces_agree_with_verify_flow(gw: Gateway) {
+    gw.pins.apply(POLICY);
+    let before = state(&gw);
+
+    let allowed = trace(&gw, &gw.ext, CLIENT4, SERVER4, "80");
+    let (ok, rules) = verify(&gw, 80);
+    assert!(ok);
+    assert_eq!(allowed["verdict"], "pass", "{allowed:#}");
+    assert_eq!(vec![rule_of(&allowed)], rules, "{allowed:#}");
+    assert_eq!(rule_of(&allowed), "web/allow-web");
+
+    let denied = trace(&gw, &gw.ext, CLIENT4, SERVER4, "22");
+    let (ok, rules) = verify(&gw, 22);
+    assert!(!ok);
+    assert_eq!(
+        (&denied["verdict"], &denied["reason"]),
+        (&"drop".into(), &"policy".into()),
+        "{denied:#}"
+    );
+    assert_eq!(vec![rule_of(&denied)], rules, "{denied:#}");
+    assert_eq!(rule_of(&denied), "web/deny-ssh");
+
+    let lb = trace(&gw, &gw.ext, CLIENT4, "192.0.2.10", "80");
+    let stages = lb["stages"].as_array().unwrap();
+    let said = |name: &str| {
+        stages
+            .iter()
+            .find(|s| s["stage"] == name)
+            .map(|s| s["decision"].as_str().unwrap().to_owned())
+    };
+    let chosen = said("lb").unwrap_or_else(|| panic!("no lb stage: {lb:#}"));
+    let backend = ["198.51.100.11", "198.51.100.12", "198.51.100.13"]
+        .into_iter()
+        .find(|b| chosen.ends_with(&format!("backend {b}")))
+        .unwrap_or_else(|| panic!("no backend in {chosen:?}"));
+    assert!(chosen.starts_with("lb/http"), "{chosen}");
+    let rewrite = said("rewrite").unwrap_or_else(|| panic!("no rewrite: {lb:#}"));
+    assert_eq!(rewrite, format!("destination to {backend}:8080 (load balancer)"));
+    assert_eq!(rule_of(&lb), "web/allow-web");
+
+    let out = trace(&gw, &gw.int, SERVER4, CLIENT4, "443");
+    let stages: Vec<_> =
+        out["stages"].as_array().unwrap().iter().map(|s| s["stage"].as_str().unwrap()).collect();
+    assert!(stages.contains(&"snat"), "{out:#}");
+
+    let text = gw.pins.xdpgate(&[
+        "trace",
+        "--iface",
+        &gw.ext,
+        "--src",
+        CLIENT4,
+        "--dst",
+        SERVER4,
+        "--protocol",
+        "tcp",
+        "--dst-port",
+        "22",
+    ]);
+    assert!(
+        text.contains("denied by inbound web/deny-ssh") && text.contains("verdict: drop (policy)"),
+        "{text}"
+    );
+
+    assert_eq!(state(&gw), before, "a trace changed the flows, translations or counters");
+}
+
+/// A packet of a live flow is reported from the flow's entry (a hit), and the entry is left
+/// as it was; bad flags are refused.
+#[test]
+fn a_flow_packet_is_a_hit_and_leaves_its_entry_alone() {
+    let gw = Gateway::tc();
+    gw.pins.apply(POLICY);
+    // A datagram from the subnet opens a flow through the NAT gateway.
+    gw.server.run(|| {
+        let s = std::net::UdpSocket::bind((SERVER4, 40100)).unwrap();
+        s.send_to(b"flow", (CLIENT4, 5300)).unwrap();
+    });
+    let flows = |gw: &Gateway| {
+        json(&gw.pins.xdpgate(&["flows", "--json", "--top", "0", "--port", "40100"]))
+    };
+    let start = std::time::Instant::now();
+    while flows(&gw).as_array().is_none_or(|a| a.is_empty()) {
+        assert!(start.elapsed() < std::time::Duration::from_secs(10), "no flow for the datagram");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let before = state(&gw);
+    let out = gw.pins.xdpgate(&[
+        "trace",
+        "--iface",
+        &gw.int,
+        "--src",
+        SERVER4,
+        "--dst",
+        CLIENT4,
+        "--protocol",
+        "udp",
+        "--src-port",
+        "40100",
+        "--dst-port",
+        "5300",
+    ]);
+    assert!(out.contains("lookup    hit: ") && out.contains("source to 192.0.2.100:"), "{out}");
+    assert_eq!(state(&gw), before, "the trace touched the flow's entry or a counter");
+
+    for (args, says) in [
+        (
+            &["--protocol", "udp", "--dst-port", "53", "--tcp-flags", "S"][..],
+            "only for --protocol tcp",
+        ),
+        (&["--protocol", "icmp", "--dst-port", "53"][..], "icmp has no ports"),
+        (&["--protocol", "esp"][..], "trace crafts tcp, udp or icmp"),
+    ] {
+        let full =
+            [&["trace", "--iface", &gw.ext, "--src", CLIENT4, "--dst", SERVER4][..], args].concat();
+        let out = gw.pins.try_xdpgate(&full);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(says), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn trace_at_xdp_agrees_with_verify_flow_and_changes_nothing() {
+    traces_agree_with_verify_flow(Gateway::new());
+}
+
+#[test]
+fn trace_at_tc_agrees_with_verify_flow_and_changes_nothing() {
+    traces_agree_with_verify_flow(Gateway::tc());
+}
