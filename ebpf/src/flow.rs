@@ -433,7 +433,10 @@ pub fn create(
     // One classification for every kind of new flow (each call site costs the verifier a
     // walk of the classifier): the packet as its flow's first packet reaches its host.
     let decision = classify(active, as_classified(meta, forward)?);
-    count_rules(decision.rules, len);
+    // A traced packet (`xdpgate trace`) moves no counter.
+    if !trace::active() {
+        count_rules(decision.rules, len);
+    }
     if !decision.allowed {
         // The clock as `fresh` read it: a helper call fewer on the denied path.
         let now = forward.last_seen_ns;
