@@ -4,8 +4,8 @@
 
 pub mod agent;
 pub mod agent_state;
-pub mod cli_docs;
 pub mod capture;
+pub mod cli_docs;
 pub mod filter;
 pub mod flowlog;
 pub mod flows_cmd;
@@ -13,10 +13,10 @@ pub mod health;
 pub mod lb;
 pub mod metrics;
 pub mod node;
-pub mod set;
 pub mod observe;
 pub mod plan;
+pub mod set;
 pub mod status;
-pub mod verify_flow;
 pub mod trace;
+pub mod verify_flow;
 pub mod views;

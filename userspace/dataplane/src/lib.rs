@@ -35,8 +35,8 @@ use xdpgate_common::{
 };
 
 pub mod apply;
-pub mod fib;
 pub mod drain;
+pub mod fib;
 pub mod flows;
 pub mod lb;
 pub mod migrate;
