@@ -80,7 +80,7 @@ impl View for Stats {
                     r.rule.clone(),
                     r.flows.to_string(),
                     r.traffic.packets.to_string(),
-                    r.traffic.bytes.to_string(),
+                    super::bytes(r.traffic.bytes),
                 ]);
             }
             out += &format!("\nRULE HITS (policy generation {})\n", p.generation);
@@ -167,7 +167,7 @@ mod tests {
         assert!(text.contains("RULE HITS (policy generation 4)"), "{text}");
         assert_eq!(
             words(lines.last().unwrap()),
-            ["web", "inbound", "subnet", "100", "allow-web", "9", "30", "4000"]
+            ["web", "inbound", "subnet", "100", "allow-web", "9", "30", "3.9", "KiB"]
         );
         let json = stats.json().unwrap();
         assert_eq!(json["interfaces"][0]["interface"], "eth0");
