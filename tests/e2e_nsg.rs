@@ -548,6 +548,29 @@ impl Lab {
     }
 }
 
+/// A set may not grow its policy past a policy's share of the NSG field table (half, what
+/// `check` allows), or the next apply or reload of the same file could not be written
+/// beside it: refused, nothing changed, and the file applies again.
+#[test]
+fn a_set_add_past_a_policys_share_of_the_table_is_refused() {
+    let lab = Lab::new();
+    let hosts = |first: u32, n: u32| -> Vec<String> {
+        (first..first + n).map(|a| std::net::Ipv4Addr::from(a).to_string()).collect()
+    };
+    let big = hosts(0x0a00_0000, 128_000);
+    let text = policy_with_blocklist()
+        .replace("blocklist: [192.0.2.99]", &format!("blocklist: [{}]", big.join(", ")));
+    lab.apply("big-set.yaml", &text);
+    let more = hosts(0x0b00_0000, 4_000);
+    let mut args = vec!["set", "add", "blocklist"];
+    args.extend(more.iter().map(String::as_str));
+    let out = lab.pins.try_xdpgate(&args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("at most 131072"), "{err}");
+    assert_eq!(lab.blocklist().len(), 128_000, "the refused elements were kept");
+    lab.apply("big-set-again.yaml", &text);
+}
+
 /// `xdpgate set add|del` changes what a rule naming the set matches, in the kernel and
 /// without a re-apply: a real connection and ping from an added address stop (an open
 /// connection from it too, as after an apply), come back after `del`, a later apply keeps the

@@ -162,6 +162,10 @@ pub fn change(pins: &PinDir, name: &str, what: Change) -> Result<Changed> {
     let mut writes: Vec<(&EntryId, &RuleBitmap)> =
         wanted.iter().filter(|(id, b)| live.get(*id) != Some(*b)).collect();
     let removals: Vec<&EntryId> = live.keys().filter(|id| !wanted.contains_key(*id)).collect();
+    // A policy's share of the table, as `check` and `apply` hold it to: grown past it, the
+    // next apply or reload of the same file could not be written beside it.
+    compile::check_nsg_fields(wanted.len(), None)
+        .with_context(|| format!("set {name}: nothing was changed"))?;
     let added = writes.iter().filter(|(id, _)| !live.contains_key(*id)).count();
     if entries + added > NSG_FIELD_ENTRIES as usize {
         bail!(
