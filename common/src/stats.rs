@@ -39,45 +39,50 @@ pub const fn egress_stat_index(slot: u32, drop: bool) -> u32 {
     slot * EGRESS_VERDICTS + drop as u32
 }
 
-/// Why the dataplane dropped a packet: the index into `DROP_STATS`.
+/// Why the dataplane dropped a packet: the index into `DROP_STATS`. `DROP_REASON_TABLE`
+/// holds each reason's name and its one line of help.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DropReason {
-    /// A header is truncated or has an impossible length field.
     Malformed = 0,
-    /// More VLAN tags or IPv6 extension headers than the parser follows.
     TooDeep = 1,
-    /// A network security group rule denied it.
     Policy = 2,
-    /// A non-first fragment whose first fragment was not allowed (or not seen).
     Fragment = 3,
-    /// The dataplane could not run a stage (a missing map entry or program); fails closed.
+    /// Fails closed: a missing map entry or program never lets a packet through.
     Internal = 4,
-    /// A frontend whose backends are all unhealthy (with "no new flows").
+    /// Only with "no new flows" for all-unhealthy backends.
     NoBackend = 5,
-    /// A TCP segment other than a SYN that belongs to no flow: a connection only starts
-    /// with a SYN, so a cut or expired flow cannot be reopened from the middle.
+    /// A connection only starts with a SYN, so a cut or expired flow cannot be reopened
+    /// from the middle.
     NoFlow = 6,
-    /// A new outbound flow through a NAT gateway found no free public port (or has no
-    /// ports to translate).
     NatExhausted = 7,
-    /// A packet to a NAT public address that matches no translation.
     NatUnmatched = 8,
-    /// A flow was confirmed while the table of established flows was full: refused, so that
-    /// no established flow is evicted for it.
+    /// Refused so that no established flow is evicted for a new one.
     FlowTableFull = 9,
 }
 
 pub const DROP_REASONS: u32 = 10;
-pub const DROP_REASON_NAMES: [&str; DROP_REASONS as usize] = [
-    "malformed",
-    "too_deep",
-    "policy",
-    "fragment",
-    "internal",
-    "no_backend",
-    "no_flow",
-    "nat_exhausted",
-    "nat_unmatched",
-    "flow_table_full",
+
+/// Each `DropReason`'s name (in JSON, metrics and `--reason`) and help, in index order.
+pub const DROP_REASON_TABLE: [(&str, &str); DROP_REASONS as usize] = [
+    ("malformed", "a truncated header or an impossible length field"),
+    ("too_deep", "more VLAN tags or IPv6 extension headers than the parser follows"),
+    ("policy", "an NSG rule denied it"),
+    ("fragment", "a later fragment whose first fragment was not allowed (or not seen)"),
+    ("internal", "a stage could not run (fails closed)"),
+    ("no_backend", "a frontend with no healthy backend"),
+    ("no_flow", "a TCP segment other than a SYN that belongs to no flow"),
+    ("nat_exhausted", "a NAT gateway found no free public port"),
+    ("nat_unmatched", "a packet to a NAT public address that matches no translation"),
+    ("flow_table_full", "the established flow table was full"),
 ];
+
+pub const DROP_REASON_NAMES: [&str; DROP_REASONS as usize] = {
+    let mut names = [""; DROP_REASONS as usize];
+    let mut i = 0;
+    while i < names.len() {
+        names[i] = DROP_REASON_TABLE[i].0;
+        i += 1;
+    }
+    names
+};

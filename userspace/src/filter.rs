@@ -9,7 +9,7 @@ use std::{net::IpAddr, str::FromStr};
 
 use ipnet::IpNet;
 use serde::Serialize;
-use xdpgate_common::{is_icmp, stats::DROP_REASON_NAMES};
+use xdpgate_common::{is_icmp, stats::DROP_REASON_TABLE};
 use xdpgate_dataplane::flows::{Flow, RuleName};
 
 /// Which flows, packets or events to select; every flag given must match.
@@ -41,24 +41,11 @@ pub struct FlowFilter {
     pub reason: Option<String>,
 }
 
-/// `--reason`'s values: `DROP_REASON_NAMES`, each with a line of help.
+/// `--reason`'s values: `DROP_REASON_TABLE`'s names, each with its line of help.
 fn reasons() -> clap::builder::PossibleValuesParser {
-    const HELP: [&str; DROP_REASON_NAMES.len()] = [
-        "a truncated header or an impossible length field",
-        "more VLAN tags or IPv6 extension headers than the parser follows",
-        "an NSG rule denied it",
-        "a later fragment whose first fragment was not allowed",
-        "a stage could not run (fails closed)",
-        "a frontend with no healthy backend",
-        "a TCP segment other than a SYN that belongs to no flow",
-        "a NAT gateway found no free public port",
-        "a packet to a NAT public address that matches no translation",
-        "the established flow table was full",
-    ];
-    DROP_REASON_NAMES
+    DROP_REASON_TABLE
         .iter()
-        .zip(HELP)
-        .map(|(name, help)| clap::builder::PossibleValue::new(*name).help(help))
+        .map(|(name, help)| clap::builder::PossibleValue::new(*name).help(*help))
         .collect::<Vec<_>>()
         .into()
 }
@@ -154,7 +141,7 @@ pub struct Subject<'a> {
     /// The deciding rule of each side (outbound, inbound), where an NSG applied.
     pub rules: [Option<&'a RuleName>; 2],
     pub verdict: Option<Verdict>,
-    /// A drop's reason, as `DROP_REASON_NAMES` names it.
+    /// A drop's reason, as `DROP_REASON_TABLE` names it.
     pub reason: Option<&'a str>,
 }
 
