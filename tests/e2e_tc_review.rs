@@ -199,35 +199,18 @@ fn tc_snat_host_gets_the_gateways_own_icmp_errors() {
 /// believe it is. It used to say nothing.
 #[test]
 fn agent_reports_an_interface_on_another_hook_than_its_node_file() {
-    let a = common::Netns::new("nha");
-    let b = common::Netns::new("nhb");
-    let (_, vb) = common::veth(&a, "198.51.100.1/24", &b, "198.51.100.2/24");
-    let pins = common::Pins::in_netns(&b);
-    pins.xdpgate(&["attach", "--hook", "xdp", "--iface", &vb, "--role", "internal"]);
-    let _agent = common::agent::NodeAgent::start(
-        &b,
-        &pins,
-        "virtual_network:\n  address_space: [198.51.100.0/24]\n",
-        &format!("interfaces:\n  - {{name: {vb}, role: internal, hook: tc}}\n"),
-    );
-    // The agent's state as status reads it, until it names the interface's hook (or the
-    // agent has written its state for a while without doing so).
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let failing = loop {
-        let out = pins.xdpgate(&["status", "--json"]);
-        let status: serde_json::Value = serde_json::from_str(&out).expect("status json");
-        let failing = status["agent"]["failing"].to_string();
-        if failing.contains("node file says hook: tc") || Instant::now() > deadline {
-            break failing;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let node = XdpNode::with_agent("nh", ", hook: tc");
+    let failing = node.agent_status_until(|agent| {
+        let failing = agent["failing"].to_string();
+        failing.contains("node file says hook: tc").then_some(failing)
+    });
+    let vb = &node.iface;
     assert!(
         failing.contains(&format!("{vb} is attached with hook xdp, the node file says hook: tc")),
         "the agent did not report the hook mismatch; failing: {failing}"
     );
     // Left as it was: switching would leave the interface unfiltered for a moment.
-    common::assert_ingress_hook(&pins, &b, &vb, "xdp");
+    common::assert_ingress_hook(&node.pins, &node.netns, vb, "xdp");
 }
 
 /// A node file that names no hook leaves an interface attached before the per-driver
@@ -235,30 +218,53 @@ fn agent_reports_an_interface_on_another_hook_than_its_node_file() {
 /// held against the running one.
 #[test]
 fn agent_keeps_an_earlier_hook_when_the_node_file_names_none() {
-    let a = common::Netns::new("nna");
-    let b = common::Netns::new("nnb");
-    let (_, vb) = common::veth(&a, "198.51.100.1/24", &b, "198.51.100.2/24");
-    let pins = common::Pins::in_netns(&b);
-    pins.xdpgate(&["attach", "--hook", "xdp", "--iface", &vb, "--role", "internal"]);
-    let _agent = common::agent::NodeAgent::start(
-        &b,
-        &pins,
-        "virtual_network:\n  address_space: [198.51.100.0/24]\n",
-        &format!("interfaces:\n  - {{name: {vb}, role: internal}}\n"),
-    );
+    let node = XdpNode::with_agent("nn", "");
     // The agent writes its state once its first pass over the node file is done.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let agent = loop {
-        let out = pins.xdpgate(&["status", "--json"]);
-        let status: serde_json::Value = serde_json::from_str(&out).expect("status json");
-        if status["agent"]["running"] == true {
-            break status["agent"].clone();
-        }
-        assert!(Instant::now() < deadline, "the agent wrote no state: {status}");
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let agent = node.agent_status_until(|agent| (agent["running"] == true).then(|| agent.clone()));
     assert!(!agent["failing"].to_string().contains("hook"), "reported: {agent}");
-    common::assert_ingress_hook(&pins, &b, &vb, "xdp");
+    common::assert_ingress_hook(&node.pins, &node.netns, &node.iface, "xdp");
+}
+
+/// A node whose interface was attached with XDP by hand, then an agent started with a node
+/// file naming that interface (`hook` is the rest of its entry, e.g. ", hook: tc").
+/// Fields drop in order: the agent before its pins and namespaces.
+struct XdpNode {
+    _agent: common::agent::NodeAgent,
+    pins: common::Pins,
+    iface: String,
+    netns: common::Netns,
+    _peer: common::Netns,
+}
+
+impl XdpNode {
+    fn with_agent(tag: &str, hook: &str) -> Self {
+        let peer = common::Netns::new(&format!("{tag}a"));
+        let netns = common::Netns::new(&format!("{tag}b"));
+        let (_, iface) = common::veth(&peer, "198.51.100.1/24", &netns, "198.51.100.2/24");
+        let pins = common::Pins::in_netns(&netns);
+        pins.xdpgate(&["attach", "--hook", "xdp", "--iface", &iface, "--role", "internal"]);
+        let agent = common::agent::NodeAgent::start(
+            &netns,
+            &pins,
+            "virtual_network:\n  address_space: [198.51.100.0/24]\n",
+            &format!("interfaces:\n  - {{name: {iface}, role: internal{hook}}}\n"),
+        );
+        Self { _agent: agent, pins, iface, netns, _peer: peer }
+    }
+
+    /// Polls `status --json` until `found` returns something for its "agent" object.
+    fn agent_status_until<T>(&self, found: impl Fn(&serde_json::Value) -> Option<T>) -> T {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = self.pins.xdpgate(&["status", "--json"]);
+            let status: serde_json::Value = serde_json::from_str(&out).expect("status json");
+            if let Some(t) = found(&status["agent"]) {
+                return t;
+            }
+            assert!(Instant::now() < deadline, "not seen in 20 s; status: {status}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
 }
 
 /// Recreates `name` in `b` as a new veth to `a` (a container's veth after a restart: same
