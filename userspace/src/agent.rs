@@ -420,7 +420,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                         continue;
                     }
                 };
-                log_events(guard.get_inner_mut(), &running.names, flow_log.as_mut(), &mut failing);
+                log_events(pins, guard.get_inner_mut(), &mut running.names, flow_log.as_mut(), &mut failing);
                 guard.clear_ready();
             }
             ready = async { routes.as_mut().expect("guarded").readable_mut().await }, if routes.is_some() => {
@@ -441,7 +441,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
             // The dataplane wakes the reader only once the ring fills: read it on a tick.
             _ = event_poll.tick(), if events.is_some() => {
                 let ring = events.as_mut().expect("guarded").get_mut();
-                log_events(ring, &running.names, flow_log.as_mut(), &mut failing);
+                log_events(pins, ring, &mut running.names, flow_log.as_mut(), &mut failing);
             }
             joined = async { (&mut sweeper.pass.as_mut().expect("guarded").1).await }, if sweeper.pass.is_some() => {
                 if let Some((swept, took)) = failing.check("flow sweep", sweeper.finished(joined)) {
@@ -488,6 +488,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                     attach_node(pins, node, &mut failing);
                 }
                 tick(pins, &running, &mut loggers, flow_log.as_mut(), &mut failing);
+                follow_generation(pins, &mut running.names, &mut failing);
                 sweeper.start(pins, &running.names, flow_log.is_some());
                 if let Some(log) = flow_log.as_mut() {
                     refresh_probe_connections(log, &running.lbs, &mut failing);
@@ -596,8 +597,9 @@ fn attach_node(pins: &PinDir, node: &Node, failing: &mut Failing) {
 
 /// Writes the flow events waiting in the ring to the flow log.
 fn log_events(
+    pins: &PinDir,
     ring: &mut RingBuf<MapData>,
-    names: &flows::Names,
+    names: &mut Arc<flows::Names>,
     mut flow_log: Option<&mut flowlog::FlowLog>,
     failing: &mut Failing,
 ) {
@@ -606,8 +608,27 @@ fn log_events(
         if let Some(e) = FlowEvent::from_record(&item)
             && let Some(log) = flow_log.as_deref_mut()
         {
+            // `xdpgate set` moves the generation on in place (its record saved first), with
+            // no reload: the names of a newer generation are read when its first event comes.
+            if e.generation > names.generation()
+                && let Some(newer) =
+                    failing.check("reading the rule names", flows::Names::read(pins))
+            {
+                *names = Arc::new(newer);
+            }
             failing.check("flow log", log.write_event(names, &e));
         }
+    }
+}
+
+/// Re-reads the rule names once the running generation is not theirs (`xdpgate set` moves
+/// it on without a reload), for the end and interim lines of flows decided after.
+fn follow_generation(pins: &PinDir, names: &mut Arc<flows::Names>, failing: &mut Failing) {
+    let Some((_, config)) = failing.check("policy generation", apply::active(pins)) else { return };
+    if config.generation != names.generation()
+        && let Some(newer) = failing.check("reading the rule names", flows::Names::read(pins))
+    {
+        *names = Arc::new(newer);
     }
 }
 
