@@ -11,10 +11,12 @@ use serde_json::Value;
 use xdpgate_dataplane::{
     PinDir, apply,
     flows::{self, Flow},
+    sets,
 };
 use xdpgate_policy::{
     self as policy, Access, Direction, Policy, compile,
     reference::{self, Packet},
+    sets::SetChanges,
 };
 
 use crate::views::{self, OutputArgs, View, rules::SHOWN_PREFIXES};
@@ -31,9 +33,13 @@ pub struct Args {
 }
 
 /// Loads, validates and compiles `file` as `xdpgate check` and `apply` do (the same errors),
-/// and checks it fits the dataplane's tables.
-pub fn load_checked(file: &std::path::Path) -> Result<(Policy, compile::Compiled)> {
-    let (policy, _) = policy::load(file)?;
+/// with the sets' run-time `changes` laid over its own, and checks it fits the dataplane's
+/// tables.
+pub fn load_checked(
+    file: &std::path::Path,
+    changes: &SetChanges,
+) -> Result<(Policy, compile::Compiled)> {
+    let (policy, _) = policy::load_with_sets(file, changes)?;
     let (compiled, _) = policy::compile_all(&policy)?;
     // With the numbers apply uses, for whatever policy runs before or after it.
     compile::check_capacity(&policy, &compiled)
@@ -42,11 +48,14 @@ pub fn load_checked(file: &std::path::Path) -> Result<(Policy, compile::Compiled
 }
 
 pub fn run(pins: &PinDir, args: Args) -> Result<()> {
-    let (new, _) = load_checked(&args.file)?;
+    // Both as they would run: what apply installs lays the kept run-time set changes over
+    // the file, as the running policy has them.
+    let changes = sets::changes(pins)?;
+    let (new, _) = load_checked(&args.file, &changes)?;
     let running = apply::applied_source(pins);
     let old = match &running {
         Some((path, src)) => Some(
-            policy::load_str(src, &path.display().to_string())
+            policy::load_str_with_sets(src, &path.display().to_string(), &changes)
                 .map_err(|e| anyhow::anyhow!("the running policy's saved source: {e}"))?,
         ),
         None => None,

@@ -45,6 +45,11 @@ pub fn changes(pins: &PinDir) -> Result<SetChanges> {
     state::read_json(pins, FILE)
 }
 
+/// Keeps `changes` as the run-time changes of the running policy's sets.
+pub fn save(pins: &PinDir, changes: &SetChanges) -> Result<()> {
+    state::write_json(pins, FILE, changes)
+}
+
 /// One set as it runs: the file's elements with the run-time changes.
 #[derive(Debug, Serialize)]
 pub struct SetReport {
@@ -187,7 +192,7 @@ pub fn change(pins: &PinDir, name: &str, what: Change) -> Result<Changed> {
     for id in &removals {
         fields.remove(&entry_key(id)).context("removing NSG field entries")?;
     }
-    state::write_json(pins, FILE, &new)?;
+    save(pins, &new)?;
     let generation = next_generation(pins, &record, slot, config)?;
     Ok(Changed {
         set: name.to_owned(),

@@ -68,7 +68,8 @@ fn install_locked(
 ) -> Result<u64> {
     // The sets' run-time changes the policy was loaded with are still the kept ones (an
     // `xdpgate set` between the load and this lock would otherwise be undone).
-    if !policy.sets.is_empty() && sets::changes(pins)? != policy.set_changes {
+    let kept = sets::changes(pins)?;
+    if kept.pruned(&policy.sets) != policy.set_changes.pruned(&policy.sets) {
         bail!(
             "a set was changed (xdpgate set) while this policy was loaded: nothing changed, \
              apply it again"
@@ -108,6 +109,17 @@ fn install_locked(
     } else {
         apply::switch(pins, &prepared)?;
         install()?;
+    }
+    // Only now: until the flip the kept changes are those of the policy still running.
+    let pruned = kept.pruned(&policy.sets);
+    if pruned != kept {
+        sets::save(pins, &pruned).map_err(|e| {
+            e.context(format!(
+                "generation {} is applied, but the sets' run-time changes of sets or \
+                 elements the file no longer has were not forgotten",
+                prepared.generation
+            ))
+        })?;
     }
     Ok(prepared.generation)
 }
