@@ -739,3 +739,46 @@ fn an_apply_forgets_the_run_time_changes_its_file_makes_moot() {
     no_echo(&mut open, "the connection from an element the file lists again");
     lab.tcp_blocked(&[(sock(SERVER4, 80), "blocked again by the file's element")]);
 }
+
+/// A `set add` whose writes fail half-way changes nothing: with the NSG field table filled
+/// to the brim by another writer (entries of a table no slot uses), the update in place of
+/// an existing entry (203.0.113.0/24, which allow-ssh-clients names) succeeds and the new
+/// entry after it (10.0.0.0/8) does not. The error says so, the entry written is restored
+/// (the client in 203.0.113.0/24 still connects), the set and `sets.json` are as before;
+/// with room again the same command works. Seen failing before the rollback (with the
+/// up-front count that hid this case taken out): the client was blocked by a command that
+/// reported failure.
+#[test]
+fn a_set_add_failing_half_way_changes_nothing() {
+    use aya::maps::lpm_trie::{Key, LpmTrie};
+    use xdpgate_common::nsg::{FieldKey, KEY_HEADER_BITS, RuleBitmap};
+
+    let lab = Lab::new();
+    lab.apply("sets.yaml", &policy_with_blocklist());
+    let mut fields: LpmTrie<_, FieldKey, RuleBitmap> =
+        lab.pins.dir.open_map(xdpgate_common::maps::NSG_FIELDS).unwrap().try_into().unwrap();
+    let junk = |i: u32| {
+        let value = [i, 0, 0, 0];
+        Key::new(KEY_HEADER_BITS + 32, FieldKey { table: 200, field: 0, _pad: [0; 2], value })
+    };
+    let mut filled = 0;
+    while fields.insert(&junk(filled), RuleBitmap { words: [0; 64] }, 0).is_ok() {
+        filled += 1;
+    }
+    assert!(filled > 200_000, "filled only {filled} entries");
+
+    let out = lab.pins.try_xdpgate(&["set", "add", "blocklist", "203.0.113.0/24", "10.0.0.0/8"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a set add into a full table succeeded");
+    assert!(err.contains("full") && err.contains("nothing was changed"), "{err}");
+    println!("refused: {err}");
+    assert_eq!(lab.blocklist(), ["192.0.2.99/32"]);
+    lab.tcp_works(sock(SERVER4, 80), "allowed after a set add that failed");
+
+    for i in 0..16 {
+        fields.remove(&junk(i)).unwrap();
+    }
+    let out = lab.pins.xdpgate(&["set", "add", "blocklist", "203.0.113.0/24", "10.0.0.0/8"]);
+    assert!(out.contains("2 elements added to set blocklist"), "{out}");
+    lab.tcp_blocked(&[(sock(SERVER4, 80), "blocked once the set add has room")]);
+}
