@@ -28,13 +28,15 @@ use xdpgate_dataplane::{
     self as dataplane, PinDir, apply, drain,
     flows::{self, Ended, Swept},
     lb::{self, LbMaps},
-    nat, routes,
+    nat,
+    probes::ProbeHealth,
+    routes,
     state::{AgentLock, WriteLock},
     transaction,
 };
 use xdpgate_policy::{
     self as policy, Policy, compile,
-    lb::{BackendHealth, CompiledLb, ServiceSpec},
+    lb::{BackendHealth, CompiledLb},
 };
 
 use crate::{
@@ -58,22 +60,6 @@ fn targets(lbs: &CompiledLb) -> Vec<Target> {
         }
     }
     out
-}
-
-/// Health of backend `b` for service purposes: unhealthy if any probe of a service it
-/// belongs to says so (a backend with no probe is healthy).
-struct HealthView<'a> {
-    down: &'a HashSet<(IpAddr, String)>,
-}
-
-impl BackendHealth for HealthView<'_> {
-    fn healthy(&self, backend: IpAddr) -> bool {
-        !self.down.iter().any(|(a, _)| *a == backend)
-    }
-
-    fn healthy_in(&self, service: &ServiceSpec, backend: IpAddr) -> bool {
-        service.probe.as_ref().is_none_or(|p| !self.down.contains(&(backend, p.name.clone())))
-    }
 }
 
 /// Adds loggers for the aya-log records (rare events only) of every program of this
@@ -344,10 +330,8 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
         .collect();
     // Before the first apply writes into it.
     xdpgate_dataplane::state::ensure_dir(pins)?;
-    let generation = {
-        let view = HealthView { down: &down };
-        transaction::install(pins, &policy, &source, &tables, &lbs, &view)?
-    };
+    let generation =
+        { transaction::install(pins, &policy, &source, &tables, &lbs, &ProbeHealth::of(&down))? };
     info!("applied {} as generation {generation}", file.display());
     for (backend, probe) in &down {
         info!("backend {backend} starts unhealthy (probe {probe}), as it was");
@@ -518,7 +502,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                         // tables; on failure they start again on the old policy.
                         drop(prober);
                         (tx, rx) = mpsc::channel::<Change>(256);
-                        let view = HealthView { down: &down_new };
+                        let view = ProbeHealth::of(&down_new);
                         match transaction::install(pins, &policy, &source, &tables, &lbs, &view) {
                             Ok(generation) => {
                                 let names = failing.check("reading the new policy's rule names", flows::Names::read(pins));
@@ -685,13 +669,14 @@ fn on_change(
             down.remove(&key);
         }
     }
-    let view = HealthView { down };
+    let view = ProbeHealth::of(down.iter());
     let ids: HashMap<IpAddr, u32> =
         lbs.backends.iter().enumerate().map(|(i, a)| (*a, i as u32)).collect();
     let Some(&b) = ids.get(&change.backend) else { return };
     // As one writer with `xdpgate lb drain`: the drained backends read under the lock stay
-    // out of the tables rebuilt under it.
+    // out of the tables rebuilt under it, and drain rebuilds from the health saved with them.
     let Some(_lock) = failing.check("write lock", WriteLock::acquire(pins)) else { return };
+    failing.check("saving the probes' health", view.save(pins));
     let Some(drained) = failing.check("drained backends", drain::read(pins)) else { return };
     let with_drained = drain::WithDrained { health: &view, drained: &drained };
     for (id, s) in lbs.services.iter().enumerate() {

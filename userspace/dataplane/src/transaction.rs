@@ -12,7 +12,9 @@ use xdpgate_policy::{
 use crate::{
     PinDir, apply, drain,
     lb::LbMaps,
-    nat, sets,
+    nat,
+    probes::ProbeHealth,
+    sets,
     state::{self, WriteLock},
 };
 
@@ -41,17 +43,25 @@ pub fn apply_policy(
 }
 
 /// Applies a policy already compiled, as the dataplane's one writer (waits for the lock).
-/// What the agent does: it owns the dataplane, so no agent check.
+/// What the agent does: it owns the dataplane, so no agent check. Its probes' health is
+/// saved with the tables built from it, under the same lock.
 pub fn install(
     pins: &PinDir,
     policy: &Policy,
     source: &str,
     tables: &compile::Compiled,
     lbs: &CompiledLb,
-    health: &dyn BackendHealth,
+    health: &ProbeHealth,
 ) -> Result<u64> {
     let lock = WriteLock::acquire(pins)?;
-    install_locked(&lock, pins, policy, source, tables, lbs, health)
+    let generation = install_locked(&lock, pins, policy, source, tables, lbs, health)?;
+    health.save(pins).map_err(|e| {
+        e.context(format!(
+            "generation {generation} is applied, but the probes' health was not saved for \
+             `xdpgate lb drain`"
+        ))
+    })?;
+    Ok(generation)
 }
 
 /// The second half of [`apply_policy`], under the write lock. The record of the new
