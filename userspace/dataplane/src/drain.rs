@@ -7,6 +7,8 @@
 //! the write lock. Every writer that builds a Maglev table (apply, the agent's start,
 //! reload and health changes, drain and enable themselves) reads it under that lock, so a
 //! drain survives reloads and restarts and the agent never puts a drained backend back.
+//! Drain and enable rebuild from the health the running agent builds from (`probes`), and
+//! save the state only once the tables are rebuilt.
 
 use std::{collections::BTreeSet, net::IpAddr};
 

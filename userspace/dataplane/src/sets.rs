@@ -6,8 +6,9 @@
 //! A change recompiles the NSG tables of the running policy with the new elements and
 //! writes only the trie entries that differ from what the active slot holds (read back from
 //! the kernel, so a writer killed half-way is made whole by the next one), longest prefixes
-//! first and removals last; then it moves the running generation on (its record copied), so
-//! flows decided before the change are classified again as after an apply.
+//! first and removals last (put back, newest first, when one fails); then it moves the
+//! running generation on (its record copied), so flows decided before the change are
+//! classified again as after an apply.
 
 use std::{
     collections::HashMap,
