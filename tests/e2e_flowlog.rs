@@ -590,3 +590,39 @@ fn socket2_connect(sport: u16) -> Option<TcpStream> {
         (ready > 0 && err == 0).then_some(stream)
     }
 }
+
+/// `xdpgate set add` moves the running generation on in place (no reload): the agent's flow
+/// log still names the rule that decided a flow after it. Seen failing before the agent
+/// followed the generation: the deny line had no `rule` until a SIGHUP.
+#[test]
+fn flow_log_lines_name_the_rule_after_a_set_add() {
+    let lab = Gateway::new();
+    let listed = "      - {name: deny-listed, priority: 100, direction: inbound, access: deny, \
+                  protocol: udp, source: listed, destination: \"*\", destination_ports: 5353}\n";
+    let text = POLICY
+        .replace("priority: 100,", "priority: 150,")
+        .replace("    rules:\n", &format!("    rules:\n{listed}"))
+        + "sets:\n  listed: [192.0.2.99]\n";
+    let (policy, log) = (lab.write_policy("policy.yaml", &text), lab.dir.join("flows.jsonl"));
+    let _agent = start_agent(&lab, &policy, &log, &[]);
+    wait_for_policy(&lab);
+    udp_echo(&lab);
+    let out = lab.pins.xdpgate(&["set", "add", "listed", CLIENT4]);
+    assert!(out.contains("1 elements added to set listed"), "{out}");
+    lab.client.run(|| {
+        let s = UdpSocket::bind(("203.0.113.10", 41700)).unwrap();
+        s.send_to(&[7u8; 100], "198.51.100.10:5353").unwrap();
+    });
+    let denied = || -> Option<Value> {
+        read_lines(&log)
+            .into_iter()
+            .find(|l| l["state"] == "deny" && l["src_port"] == 41700 && l["dst_port"] == 5353)
+    };
+    wait_until("the deny line", Duration::from_secs(10), || denied().is_some());
+    let line = denied().unwrap();
+    assert_eq!(
+        (line["nsg"].as_str(), line["rule"].as_str(), line["decision"].as_str()),
+        (Some("servers"), Some("deny-listed"), Some("deny")),
+        "{line}"
+    );
+}

@@ -145,6 +145,10 @@ impl std::ops::Deref for Topology {
 
 impl Topology {
     fn new() -> Self {
+        Self::with_policy(POLICY)
+    }
+
+    fn with_policy(policy: &str) -> Self {
         let net = Lan::new(3);
         let backends = ["b1", "b2", "b3"]
             .into_iter()
@@ -154,7 +158,7 @@ impl Topology {
             })
             .collect();
         let policy_file = std::env::temp_dir().join(format!("{}.yaml", unique("lbpol")));
-        std::fs::write(&policy_file, POLICY).unwrap();
+        std::fs::write(&policy_file, policy).unwrap();
         let mut t = Self { backends, net, agent: None, policy_file };
         t.start_agent();
         t
@@ -473,4 +477,63 @@ fn drain_and_enable_a_backend() {
     }
     assert!(!t.drained(b1) && !t.drained(b2) && t.drained(b3));
     assert!(t.pins.try_xdpgate(&["lb", "drain", "lb", "not-an-address"]).status.code() == Some(2));
+}
+
+/// POLICY with the `sticky` rule probed on its own port (9191, where only b1 and b2
+/// listen): b3 fails that probe and passes `up`.
+fn policy_with_a_second_probe() -> String {
+    let side = "      - {name: side, protocol: tcp, port: 9191, interval: 200, timeout: 150, \
+                threshold: 2}\n";
+    let policy = POLICY
+        .replace("probe: up, distribution: source_ip", "probe: side, distribution: source_ip")
+        .replace(
+            "    rules:\n      - {name: http,",
+            &format!("{side}    rules:\n      - {{name: http,"),
+        );
+    assert!(policy.contains("probe: side") && policy.contains("name: side"), "{policy}");
+    policy
+}
+
+/// `lb drain` and `enable` rebuild tables from the health the agent uses, per service: b3,
+/// failing only the `sticky` rule's probe, stays in the `http` table when b1 is drained
+/// (seen failing before: the CLI rebuilt from the one health flag, and `http` answered only
+/// b2). And a drain whose rebuild fails (the Maglev map's pin gone) changes nothing, the
+/// saved drain state included (seen failing before: `lb` showed b1 enabled).
+#[test]
+fn drain_rebuilds_from_the_agents_per_service_health_and_fails_whole() {
+    let t = Topology::with_policy(&policy_with_a_second_probe());
+    let (b1, b3) = ("198.51.100.11", "198.51.100.13");
+    for i in 0..2 {
+        let addr = format!("{}:9191", backend_addr(i));
+        let listener = common::run_in(&t.backends[i].ns, move || TcpListener::bind(&addr).unwrap());
+        thread::spawn(move || {
+            for c in listener.incoming() {
+                drop(c)
+            }
+        });
+    }
+    t.wait_for("b3 to fail the side probe", Duration::from_secs(5), |t| !t.healthy(b3));
+    let answers: HashSet<String> = t.spread(80, 30).into_iter().collect();
+    assert!(answers.contains("b3"), "http keeps b3, which passes its probe: {answers:?}");
+
+    let out = t.pins.xdpgate(&["lb", "drain", "lb", b1]);
+    assert!(out.contains("lb/http"), "{out}");
+    let answers = t.spread(80, 30);
+    assert!(!answers.iter().any(|a| a == "b1"), "b1 is drained: {answers:?}");
+    assert!(answers.iter().any(|a| a == "b3"), "http still has b3 after the drain: {answers:?}");
+
+    // A rebuild that fails: the pin of the Maglev tables taken away (and put back after).
+    let pin = t.pins.dir.map(xdpgate_common::maps::MAGLEV);
+    let maglev = aya::maps::MapData::from_pin(&pin).unwrap();
+    std::fs::remove_file(&pin).unwrap();
+    let out = t.pins.try_xdpgate(&["lb", "enable", "lb", b1]);
+    maglev.pin(&pin).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "an enable with no Maglev map succeeded");
+    assert!(t.drained(b1), "a failed enable left b1 drained: {err}");
+    assert!(err.contains("nothing was changed"), "{err}");
+    let answers = t.spread(80, 20);
+    assert!(!answers.iter().any(|a| a == "b1"), "b1 is still drained: {answers:?}");
+    t.pins.xdpgate(&["lb", "enable", "lb", b1]);
+    assert!(!t.drained(b1));
 }

@@ -689,3 +689,96 @@ fn an_agent_reload_keeps_the_sets_run_time_elements() {
     lab.pins.xdpgate(&["set", "del", "blocklist", CLIENT4]);
     lab.tcp_works(sock(SERVER4, 80), "allowed again after set del under the agent");
 }
+
+/// `plan --json` (or `apply --diff --json`) of the policy file at `path`: whether it would
+/// cut the live flow from `client`'s port (`flows_cut` counts closed connections' flows too).
+fn cuts(lab: &Lab, args: &[&str], path: &Path, client: &TcpStream) -> bool {
+    let mut all = args.to_vec();
+    all.extend([path.to_str().unwrap(), "--json"]);
+    let plan: serde_json::Value = serde_json::from_str(&lab.pins.xdpgate(&all)).unwrap();
+    let port = client.local_addr().unwrap().port();
+    let cut = plan["cut"].as_array().unwrap_or_else(|| panic!("no cut list: {plan}"));
+    cut.iter().any(|f| f["src_port"] == port && f["dst_port"] == 80)
+}
+
+/// An apply keeps a set's run-time changes only where they still differ from the file: a
+/// set the file no longer declares loses them (declared again, it starts from its file), and
+/// a file element removed at run time is back once the file, having dropped it, lists it
+/// again. `plan` and `apply --diff` judge live flows against what apply would install (the
+/// file with the kept changes). Seen failing before apply pruned `sets.json`: the re-declared
+/// set blocked the client again; and before plan loaded the changes: the flow was cut.
+#[test]
+fn an_apply_forgets_the_run_time_changes_its_file_makes_moot() {
+    let lab = Lab::new();
+    lab.apply("sets.yaml", &policy_with_blocklist());
+    lab.pins.xdpgate(&["set", "add", "blocklist", CLIENT4]);
+    lab.tcp_blocked(&[(sock(SERVER4, 80), "blocked by set add")]);
+    // A policy without the set (and its rule), then with it again.
+    lab.apply("no-set.yaml", POLICY);
+    lab.apply("sets-again.yaml", &policy_with_blocklist());
+    assert_eq!(lab.blocklist(), ["192.0.2.99/32"], "the set declared again");
+    lab.tcp_works(sock(SERVER4, 80), "a set declared again holds its file's elements");
+
+    let listed = policy_with_blocklist()
+        .replace("blocklist: [192.0.2.99]", &format!("blocklist: [192.0.2.99, {CLIENT4}]"));
+    lab.apply("listed.yaml", &listed);
+    lab.tcp_blocked(&[(sock(SERVER4, 80), "blocked by the file's element")]);
+    lab.pins.xdpgate(&["set", "del", "blocklist", CLIENT4]);
+    let mut open = lab.tcp_works(sock(SERVER4, 80), "allowed after set del");
+    // The same file again keeps the run-time deletion: the open connection is not cut.
+    let again = lab.write_policy("listed-again.yaml", &listed);
+    assert!(!cuts(&lab, &["plan"], &again, &open), "plan cuts the open connection");
+    assert!(!cuts(&lab, &["apply", "--diff"], &again, &open), "apply --diff cuts it");
+    lab.apply("listed-again.yaml", &listed);
+    exchange(&mut open, 100).expect("the open connection survives the same file's apply");
+    // The file drops the element, then lists it again: it is in the set again.
+    lab.apply("unlisted.yaml", &policy_with_blocklist());
+    assert!(cuts(&lab, &["plan"], &again, &open), "plan of the file listing it again");
+    lab.apply("listed-once-more.yaml", &listed);
+    assert_eq!(lab.blocklist(), ["192.0.2.99/32", "203.0.113.10/32"]);
+    no_echo(&mut open, "the connection from an element the file lists again");
+    lab.tcp_blocked(&[(sock(SERVER4, 80), "blocked again by the file's element")]);
+}
+
+/// A `set add` whose writes fail half-way changes nothing: with the NSG field table filled
+/// to the brim by another writer (entries of a table no slot uses), the update in place of
+/// an existing entry (203.0.113.0/24, which allow-ssh-clients names) succeeds and the new
+/// entry after it (10.0.0.0/8) does not. The error says so, the entry written is restored
+/// (the client in 203.0.113.0/24 still connects), the set and `sets.json` are as before;
+/// with room again the same command works. Seen failing before the rollback (with the
+/// up-front count that hid this case taken out): the client was blocked by a command that
+/// reported failure.
+#[test]
+fn a_set_add_failing_half_way_changes_nothing() {
+    use aya::maps::lpm_trie::{Key, LpmTrie};
+    use xdpgate_common::nsg::{FieldKey, KEY_HEADER_BITS, RuleBitmap};
+
+    let lab = Lab::new();
+    lab.apply("sets.yaml", &policy_with_blocklist());
+    let mut fields: LpmTrie<_, FieldKey, RuleBitmap> =
+        lab.pins.dir.open_map(xdpgate_common::maps::NSG_FIELDS).unwrap().try_into().unwrap();
+    let junk = |i: u32| {
+        let value = [i, 0, 0, 0];
+        Key::new(KEY_HEADER_BITS + 32, FieldKey { table: 200, field: 0, _pad: [0; 2], value })
+    };
+    let mut filled = 0;
+    while fields.insert(&junk(filled), RuleBitmap { words: [0; 64] }, 0).is_ok() {
+        filled += 1;
+    }
+    assert!(filled > 200_000, "filled only {filled} entries");
+
+    let out = lab.pins.try_xdpgate(&["set", "add", "blocklist", "203.0.113.0/24", "10.0.0.0/8"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a set add into a full table succeeded");
+    assert!(err.contains("full") && err.contains("nothing was changed"), "{err}");
+    println!("refused: {err}");
+    assert_eq!(lab.blocklist(), ["192.0.2.99/32"]);
+    lab.tcp_works(sock(SERVER4, 80), "allowed after a set add that failed");
+
+    for i in 0..16 {
+        fields.remove(&junk(i)).unwrap();
+    }
+    let out = lab.pins.xdpgate(&["set", "add", "blocklist", "203.0.113.0/24", "10.0.0.0/8"]);
+    assert!(out.contains("2 elements added to set blocklist"), "{out}");
+    lab.tcp_blocked(&[(sock(SERVER4, 80), "blocked once the set add has room")]);
+}

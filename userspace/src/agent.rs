@@ -28,13 +28,15 @@ use xdpgate_dataplane::{
     self as dataplane, PinDir, apply, drain,
     flows::{self, Ended, Swept},
     lb::{self, LbMaps},
-    nat, routes,
+    nat,
+    probes::ProbeHealth,
+    routes,
     state::{AgentLock, WriteLock},
     transaction,
 };
 use xdpgate_policy::{
     self as policy, Policy, compile,
-    lb::{BackendHealth, CompiledLb, ServiceSpec},
+    lb::{BackendHealth, CompiledLb},
 };
 
 use crate::{
@@ -58,22 +60,6 @@ fn targets(lbs: &CompiledLb) -> Vec<Target> {
         }
     }
     out
-}
-
-/// Health of backend `b` for service purposes: unhealthy if any probe of a service it
-/// belongs to says so (a backend with no probe is healthy).
-struct HealthView<'a> {
-    down: &'a HashSet<(IpAddr, String)>,
-}
-
-impl BackendHealth for HealthView<'_> {
-    fn healthy(&self, backend: IpAddr) -> bool {
-        !self.down.iter().any(|(a, _)| *a == backend)
-    }
-
-    fn healthy_in(&self, service: &ServiceSpec, backend: IpAddr) -> bool {
-        service.probe.as_ref().is_none_or(|p| !self.down.contains(&(backend, p.name.clone())))
-    }
 }
 
 /// Adds loggers for the aya-log records (rare events only) of every program of this
@@ -344,10 +330,8 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
         .collect();
     // Before the first apply writes into it.
     xdpgate_dataplane::state::ensure_dir(pins)?;
-    let generation = {
-        let view = HealthView { down: &down };
-        transaction::install(pins, &policy, &source, &tables, &lbs, &view)?
-    };
+    let generation =
+        { transaction::install(pins, &policy, &source, &tables, &lbs, &ProbeHealth::of(&down))? };
     info!("applied {} as generation {generation}", file.display());
     for (backend, probe) in &down {
         info!("backend {backend} starts unhealthy (probe {probe}), as it was");
@@ -420,7 +404,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                         continue;
                     }
                 };
-                log_events(guard.get_inner_mut(), &running.names, flow_log.as_mut(), &mut failing);
+                log_events(pins, guard.get_inner_mut(), &mut running.names, flow_log.as_mut(), &mut failing);
                 guard.clear_ready();
             }
             ready = async { routes.as_mut().expect("guarded").readable_mut().await }, if routes.is_some() => {
@@ -441,7 +425,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
             // The dataplane wakes the reader only once the ring fills: read it on a tick.
             _ = event_poll.tick(), if events.is_some() => {
                 let ring = events.as_mut().expect("guarded").get_mut();
-                log_events(ring, &running.names, flow_log.as_mut(), &mut failing);
+                log_events(pins, ring, &mut running.names, flow_log.as_mut(), &mut failing);
             }
             joined = async { (&mut sweeper.pass.as_mut().expect("guarded").1).await }, if sweeper.pass.is_some() => {
                 if let Some((swept, took)) = failing.check("flow sweep", sweeper.finished(joined)) {
@@ -488,6 +472,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                     attach_node(pins, node, &mut failing);
                 }
                 tick(pins, &running, &mut loggers, flow_log.as_mut(), &mut failing);
+                follow_generation(pins, &mut running.names, &mut failing);
                 sweeper.start(pins, &running.names, flow_log.is_some());
                 if let Some(log) = flow_log.as_mut() {
                     refresh_probe_connections(log, &running.lbs, &mut failing);
@@ -517,7 +502,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                         // tables; on failure they start again on the old policy.
                         drop(prober);
                         (tx, rx) = mpsc::channel::<Change>(256);
-                        let view = HealthView { down: &down_new };
+                        let view = ProbeHealth::of(&down_new);
                         match transaction::install(pins, &policy, &source, &tables, &lbs, &view) {
                             Ok(generation) => {
                                 let names = failing.check("reading the new policy's rule names", flows::Names::read(pins));
@@ -596,8 +581,9 @@ fn attach_node(pins: &PinDir, node: &Node, failing: &mut Failing) {
 
 /// Writes the flow events waiting in the ring to the flow log.
 fn log_events(
+    pins: &PinDir,
     ring: &mut RingBuf<MapData>,
-    names: &flows::Names,
+    names: &mut Arc<flows::Names>,
     mut flow_log: Option<&mut flowlog::FlowLog>,
     failing: &mut Failing,
 ) {
@@ -606,8 +592,27 @@ fn log_events(
         if let Some(e) = FlowEvent::from_record(&item)
             && let Some(log) = flow_log.as_deref_mut()
         {
+            // `xdpgate set` moves the generation on in place (its record saved first), with
+            // no reload: the names of a newer generation are read when its first event comes.
+            if e.generation > names.generation()
+                && let Some(newer) =
+                    failing.check("reading the rule names", flows::Names::read(pins))
+            {
+                *names = Arc::new(newer);
+            }
             failing.check("flow log", log.write_event(names, &e));
         }
+    }
+}
+
+/// Re-reads the rule names once the running generation is not theirs (`xdpgate set` moves
+/// it on without a reload), for the end and interim lines of flows decided after.
+fn follow_generation(pins: &PinDir, names: &mut Arc<flows::Names>, failing: &mut Failing) {
+    let Some((_, config)) = failing.check("policy generation", apply::active(pins)) else { return };
+    if config.generation != names.generation()
+        && let Some(newer) = failing.check("reading the rule names", flows::Names::read(pins))
+    {
+        *names = Arc::new(newer);
     }
 }
 
@@ -664,13 +669,14 @@ fn on_change(
             down.remove(&key);
         }
     }
-    let view = HealthView { down };
+    let view = ProbeHealth::of(down.iter());
     let ids: HashMap<IpAddr, u32> =
         lbs.backends.iter().enumerate().map(|(i, a)| (*a, i as u32)).collect();
     let Some(&b) = ids.get(&change.backend) else { return };
     // As one writer with `xdpgate lb drain`: the drained backends read under the lock stay
-    // out of the tables rebuilt under it.
+    // out of the tables rebuilt under it, and drain rebuilds from the health saved with them.
     let Some(_lock) = failing.check("write lock", WriteLock::acquire(pins)) else { return };
+    failing.check("saving the probes' health", view.save(pins));
     let Some(drained) = failing.check("drained backends", drain::read(pins)) else { return };
     let with_drained = drain::WithDrained { health: &view, drained: &drained };
     for (id, s) in lbs.services.iter().enumerate() {

@@ -377,7 +377,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 let n = xdpgate::node::load(&node)?;
                 println!("{}: ok ({} interfaces)", node.display(), n.interfaces.len());
             }
-            let (policy, compiled) = plan::load_checked(&file)?;
+            let (policy, compiled) = plan::load_checked(&file, &Default::default())?;
             let rules: usize = policy.nsgs.iter().map(|n| n.rules.len()).sum();
             println!(
                 "{}: ok ({} NSGs, {rules} effective rules, {} of {} NSG table entries a \

@@ -11,10 +11,12 @@ use serde_json::Value;
 use xdpgate_dataplane::{
     PinDir, apply,
     flows::{self, Flow},
+    sets,
 };
 use xdpgate_policy::{
     self as policy, Access, Direction, Policy, compile,
     reference::{self, Packet},
+    sets::SetChanges,
 };
 
 use crate::views::{self, OutputArgs, View, rules::SHOWN_PREFIXES};
@@ -31,9 +33,13 @@ pub struct Args {
 }
 
 /// Loads, validates and compiles `file` as `xdpgate check` and `apply` do (the same errors),
-/// and checks it fits the dataplane's tables.
-pub fn load_checked(file: &std::path::Path) -> Result<(Policy, compile::Compiled)> {
-    let (policy, _) = policy::load(file)?;
+/// with the sets' run-time `changes` laid over its own, and checks it fits the dataplane's
+/// tables.
+pub fn load_checked(
+    file: &std::path::Path,
+    changes: &SetChanges,
+) -> Result<(Policy, compile::Compiled)> {
+    let (policy, _) = policy::load_with_sets(file, changes)?;
     let (compiled, _) = policy::compile_all(&policy)?;
     // With the numbers apply uses, for whatever policy runs before or after it.
     compile::check_capacity(&policy, &compiled)
@@ -42,11 +48,14 @@ pub fn load_checked(file: &std::path::Path) -> Result<(Policy, compile::Compiled
 }
 
 pub fn run(pins: &PinDir, args: Args) -> Result<()> {
-    let (new, _) = load_checked(&args.file)?;
+    // Both as they would run: what apply installs lays the kept run-time set changes over
+    // the file, as the running policy has them.
+    let changes = sets::changes(pins)?;
+    let (new, _) = load_checked(&args.file, &changes)?;
     let running = apply::applied_source(pins);
     let old = match &running {
         Some((path, src)) => Some(
-            policy::load_str(src, &path.display().to_string())
+            policy::load_str_with_sets(src, &path.display().to_string(), &changes)
                 .map_err(|e| anyhow::anyhow!("the running policy's saved source: {e}"))?,
         ),
         None => None,
@@ -138,6 +147,9 @@ pub struct Plan {
     pub rules: Changes<RuleChange>,
     pub load_balancers: Changes<ObjectChange>,
     pub nat_gateways: Changes<ObjectChange>,
+    /// Named sets, by the elements they would run with (the file's with the kept run-time
+    /// changes).
+    pub sets: Changes<ObjectChange>,
     pub settings: Vec<FieldChange>,
     /// Flows in the tables now.
     pub live_flows: usize,
@@ -359,6 +371,7 @@ impl Plan {
             rules: rules(old, new),
             load_balancers: objects(&old.load_balancers, &new.load_balancers, |l| &l.name, &[]),
             nat_gateways: objects(&old.nat_gateways, &new.nat_gateways, |g| &g.name, &[]),
+            sets: objects(&running_sets(old), &running_sets(new), |s| &s.name, &[]),
             settings: field_changes(&json(&old.settings), &json(&new.settings), &[]),
             live_flows: live.len(),
             flows_cut: cut.len(),
@@ -367,6 +380,23 @@ impl Plan {
             orphaned: orphans,
         }
     }
+}
+
+/// A named set as it would run.
+#[derive(Serialize)]
+struct RunningSet {
+    name: String,
+    elements: Vec<ipnet::IpNet>,
+}
+
+fn running_sets(p: &Policy) -> Vec<RunningSet> {
+    p.sets
+        .keys()
+        .map(|name| RunningSet {
+            name: name.clone(),
+            elements: p.set_elements(name).unwrap_or_default(),
+        })
+        .collect()
 }
 
 /// A JSON value in a line: strings bare, port ranges as `LO-HI`, lists joined by commas
@@ -474,6 +504,7 @@ impl View for Plan {
             && self.rules.is_empty()
             && self.load_balancers.is_empty()
             && self.nat_gateways.is_empty()
+            && self.sets.is_empty()
             && self.settings.is_empty();
         if nothing {
             out += "  no changes\n";
@@ -507,6 +538,7 @@ impl View for Plan {
         }
         objects_text(&mut out, "load balancer", &self.load_balancers);
         objects_text(&mut out, "nat gateway", &self.nat_gateways);
+        objects_text(&mut out, "set", &self.sets);
         if !self.settings.is_empty() {
             let _ = writeln!(out, "  ~ settings: {}", field_list(&self.settings));
         }
@@ -610,6 +642,29 @@ nat_gateways:
         assert!(plan.load_balancers.is_empty() && plan.nat_gateways.is_empty());
         assert_eq!((plan.live_flows, plan.flows_cut), (1, 0));
         assert!(plan.text().contains("no changes"), "{}", plan.text());
+    }
+
+    #[test]
+    fn sets_are_compared_by_the_elements_they_would_run_with() {
+        let with = |elements: &str| {
+            load(
+                &format!("{BASE}sets:\n  block: [{elements}]\n")
+                    .replace("source: [Internet]", "source: [block]"),
+            )
+        };
+        let (old, new) = (with("192.0.2.7"), with("192.0.2.7, 203.0.113.0/24"));
+        let plan = Plan::new("t.yaml".into(), Some(1), Some(&old), &new, &[]);
+        let set = &plan.sets.changed[0];
+        assert_eq!((set.name.as_str(), set.changes[0].field.as_str()), ("block", "elements"));
+        assert!(plan.text().contains("~ set block: elements changed"), "{}", plan.text());
+        // Run-time changes laid over the new file that make it what runs: no change.
+        let mut changes = xdpgate_policy::sets::SetChanges::default();
+        changes.add("block", &["203.0.113.0/24".parse().unwrap()]);
+        let text = format!("{BASE}sets:\n  block: [192.0.2.7]\n")
+            .replace("source: [Internet]", "source: [block]");
+        let old = policy::load_str_with_sets(&text, "old", &changes).unwrap();
+        let plan = Plan::new("t.yaml".into(), Some(1), Some(&old), &new, &[]);
+        assert!(plan.sets.is_empty(), "{:?}", plan.sets);
     }
 
     #[test]

@@ -7,6 +7,8 @@
 //! the write lock. Every writer that builds a Maglev table (apply, the agent's start,
 //! reload and health changes, drain and enable themselves) reads it under that lock, so a
 //! drain survives reloads and restarts and the agent never puts a drained backend back.
+//! Drain and enable rebuild from the health the running agent builds from (`probes`), and
+//! save the state only once the tables are rebuilt.
 
 use std::{collections::BTreeSet, net::IpAddr};
 
@@ -17,6 +19,7 @@ use xdpgate_policy::lb::{BackendHealth, CompiledLb, ServiceSpec};
 use crate::{
     PinDir, apply,
     lb::{self, LbMaps},
+    probes::ProbeHealth,
     state::{self, WriteLock},
 };
 
@@ -94,28 +97,62 @@ pub fn set(pins: &PinDir, lb_name: &str, backend: IpAddr, drain: bool) -> Result
             list(&names)
         );
     }
-    let mut drained = read(pins)?;
+    let old = read(pins)?;
+    let mut drained = old.clone();
     let key = (lb_name.to_owned(), backend);
     let unchanged = if drain { !drained.0.insert(key) } else { !drained.0.remove(&key) };
-    state::write_json(pins, FILE, &drained)?;
-    let services = rebuild(pins, &lbs, &drained, lb_name, backend)?;
+    // The tables first, the state after: a rebuild that fails leaves the drain as it was
+    // (each table is swapped whole, so those already rebuilt are rebuilt back).
+    let mut services = Vec::new();
+    let done = rebuild(pins, &lbs, &drained, lb_name, backend, &mut services)
+        .and_then(|()| state::write_json(pins, FILE, &drained));
+    if let Err(e) = done {
+        return Err(match services.is_empty() {
+            true => e.context("nothing was changed"),
+            false => undo(pins, &lbs, &old, lb_name, backend, e),
+        });
+    }
     Ok(Changed { load_balancer: lb_name.to_owned(), backend, drained: drain, services, unchanged })
 }
 
-/// Rebuilds the tables of `lb_name`'s services with `backend` in their pool, with probe
-/// health as the dataplane's flags hold it. The caller holds the write lock.
+/// Rebuilds the tables as `old` has them after `failed`, and says how that went.
+fn undo(
+    pins: &PinDir,
+    lbs: &CompiledLb,
+    old: &Drained,
+    lb_name: &str,
+    backend: IpAddr,
+    failed: anyhow::Error,
+) -> anyhow::Error {
+    match rebuild(pins, lbs, old, lb_name, backend, &mut Vec::new()) {
+        Ok(()) => failed.context("nothing was changed"),
+        Err(e) => failed.context(format!(
+            "the tables rebuilt before it could not be rebuilt back ({e:#}): they may differ \
+             from the saved drain state until the next health change, reload or drain"
+        )),
+    }
+}
+
+/// Rebuilds the tables of `lb_name`'s services with `backend` in their pool, with the
+/// health the agent builds them from (its probes', per service), or with no agent running,
+/// the dataplane's flags; `done` gets each one rebuilt. The caller holds the write lock.
 fn rebuild(
     pins: &PinDir,
     lbs: &CompiledLb,
     drained: &Drained,
     lb_name: &str,
     backend: IpAddr,
-) -> Result<Vec<String>> {
+    done: &mut Vec<String>,
+) -> Result<()> {
+    let agent = ProbeHealth::of_running_agent(pins)?;
     let down = lb::pinned_unhealthy(pins)?;
-    let probes = |b: IpAddr| !down.contains(&b);
-    let health = WithDrained { health: &probes, drained };
+    let flags = |b: IpAddr| !down.contains(&b);
+    let probes: &dyn BackendHealth = match &agent {
+        Some(agent) => agent,
+        None => &flags,
+    };
+    let health = WithDrained { health: probes, drained };
     let mut maps = LbMaps::open(pins)?;
-    let mut done = Vec::new();
     for (id, spec) in lbs.services.iter().enumerate() {
         let member = spec.pool.iter().any(|(b, _)| lbs.backends[*b as usize] == backend);
         if spec.lb != lb_name || !member {
@@ -126,7 +163,7 @@ fn rebuild(
             .with_context(|| format!("rebuilding the table of {}/{}", spec.lb, spec.rule))?;
         done.push(format!("{}/{}", spec.lb, spec.rule));
     }
-    Ok(done)
+    Ok(())
 }
 
 fn list<S: AsRef<str>>(names: &[S]) -> String {

@@ -43,6 +43,7 @@ pub mod migrate;
 pub mod monitor;
 pub mod nat;
 pub mod netns;
+pub mod probes;
 pub mod routes;
 pub mod sets;
 pub mod state;

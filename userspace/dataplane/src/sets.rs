@@ -6,8 +6,9 @@
 //! A change recompiles the NSG tables of the running policy with the new elements and
 //! writes only the trie entries that differ from what the active slot holds (read back from
 //! the kernel, so a writer killed half-way is made whole by the next one), longest prefixes
-//! first and removals last; then it moves the running generation on (its record copied), so
-//! flows decided before the change are classified again as after an apply.
+//! first and removals last (put back, newest first, when one fails); then it moves the
+//! running generation on (its record copied), so flows decided before the change are
+//! classified again as after an apply.
 
 use std::{
     collections::HashMap,
@@ -16,13 +17,13 @@ use std::{
 
 use anyhow::{Context, Result, anyhow, bail};
 use aya::maps::{
-    Array,
+    Array, MapData,
     lpm_trie::{Key, LpmTrie},
 };
 use ipnet::IpNet;
 use serde::Serialize;
 use xdpgate_common::{
-    maps::{NSG_FIELD_ENTRIES, NSG_FIELDS, POLICY_CONFIG},
+    maps::{NSG_FIELDS, POLICY_CONFIG},
     nsg::{FieldKey, KEY_HEADER_BITS, PolicyConfig, RuleBitmap, TABLES_PER_SLOT},
     words,
 };
@@ -43,6 +44,11 @@ const FILE: &str = "sets.json";
 /// absent).
 pub fn changes(pins: &PinDir) -> Result<SetChanges> {
     state::read_json(pins, FILE)
+}
+
+/// Keeps `changes` as the run-time changes of the running policy's sets.
+pub fn save(pins: &PinDir, changes: &SetChanges) -> Result<()> {
+    state::write_json(pins, FILE, changes)
 }
 
 /// One set as it runs: the file's elements with the run-time changes.
@@ -143,10 +149,8 @@ pub fn change(pins: &PinDir, name: &str, what: Change) -> Result<Changed> {
     let mut fields: LpmTrie<_, FieldKey, RuleBitmap> = pins.open_map(NSG_FIELDS)?.try_into()?;
     let first = (slot * TABLES_PER_SLOT) as u8;
     let mut live: HashMap<EntryId, RuleBitmap> = HashMap::new();
-    let mut entries = 0usize;
     for item in fields.iter() {
         let (key, bitmap) = item.context("reading the NSG field entries")?;
-        entries += 1;
         let k = key.data();
         if (first..first + TABLES_PER_SLOT as u8).contains(&k.table) {
             live.insert((k.table, k.field, k.value, key.prefix_len()), bitmap);
@@ -166,28 +170,14 @@ pub fn change(pins: &PinDir, name: &str, what: Change) -> Result<Changed> {
     // next apply or reload of the same file could not be written beside it.
     compile::check_nsg_fields(wanted.len(), None)
         .with_context(|| format!("set {name}: nothing was changed"))?;
-    let added = writes.iter().filter(|(id, _)| !live.contains_key(*id)).count();
-    if entries + added > NSG_FIELD_ENTRIES as usize {
-        bail!(
-            "the set's new entries do not fit the NSG table ({} of {NSG_FIELD_ENTRIES} in use, \
-             {added} more needed); nothing was changed",
-            entries
-        );
-    }
     // Longest prefixes first: an address inside a new prefix never meets the new shorter
     // entry while its own longer one still has the old rules.
     writes.sort_by_key(|(id, _)| std::cmp::Reverse(id.3));
     let compile_took = started.elapsed();
     let writing = Instant::now();
-    for (id, bitmap) in &writes {
-        fields
-            .insert(&entry_key(id), *bitmap, 0)
-            .context("writing NSG field entries (is the table full?)")?;
-    }
-    for id in &removals {
-        fields.remove(&entry_key(id)).context("removing NSG field entries")?;
-    }
-    state::write_json(pins, FILE, &new)?;
+    write_all_or_nothing(&mut fields, &live, &writes, &removals)
+        .with_context(|| format!("set {name}"))?;
+    save(pins, &new)?;
     let generation = next_generation(pins, &record, slot, config)?;
     Ok(Changed {
         set: name.to_owned(),
@@ -197,6 +187,64 @@ pub fn change(pins: &PinDir, name: &str, what: Change) -> Result<Changed> {
         compile: compile_took,
         write: writing.elapsed(),
     })
+}
+
+/// Writes `writes`, then removes `removals`; when one fails (the table full: the kernel's
+/// answer, as another writer may have filled it), puts back in reverse order what was done,
+/// from `live` (the entries as they were), so a failed command leaves the tables as it found
+/// them. The error says which it was.
+fn write_all_or_nothing<T: std::borrow::BorrowMut<MapData>>(
+    fields: &mut LpmTrie<T, FieldKey, RuleBitmap>,
+    live: &HashMap<EntryId, RuleBitmap>,
+    writes: &[(&EntryId, &RuleBitmap)],
+    removals: &[&EntryId],
+) -> Result<()> {
+    let mut done: Vec<&EntryId> = Vec::new();
+    let mut failed = None;
+    for (id, bitmap) in writes {
+        if let Err(e) = fields.insert(&entry_key(id), **bitmap, 0) {
+            failed = Some(anyhow::Error::new(e).context(format!(
+                "writing NSG field entry {} of {}{}",
+                done.len() + 1,
+                writes.len(),
+                if live.contains_key(*id) { "" } else { " (a new one: is the table full?)" }
+            )));
+            break;
+        }
+        done.push(id);
+    }
+    if failed.is_none() {
+        for id in removals {
+            if let Err(e) = fields.remove(&entry_key(id)) {
+                failed = Some(anyhow::Error::new(e).context("removing NSG field entries"));
+                break;
+            }
+            done.push(id);
+        }
+    }
+    let Some(failed) = failed else { return Ok(()) };
+    // Undone newest first: the reverse of the order that keeps packets consistent.
+    let mut lost = 0usize;
+    for id in done.iter().rev() {
+        let undone = match live.get(*id) {
+            Some(bitmap) => fields.insert(&entry_key(id), *bitmap, 0),
+            None => fields.remove(&entry_key(id)),
+        };
+        lost += usize::from(undone.is_err());
+    }
+    if lost == 0 {
+        Err(failed.context(format!(
+            "nothing was changed (the {} entries changed before it were restored)",
+            done.len()
+        )))
+    } else {
+        Err(failed.context(format!(
+            "the set is half changed: {lost} of the {} entries changed before it could not be \
+             restored, so the running tables differ from both the old and the new set (the \
+             next `xdpgate set` or apply rewrites what differs)",
+            done.len()
+        )))
+    }
 }
 
 /// (table, field, value, prefix length in the key): one trie entry.

@@ -12,7 +12,9 @@ use xdpgate_policy::{
 use crate::{
     PinDir, apply, drain,
     lb::LbMaps,
-    nat, sets,
+    nat,
+    probes::ProbeHealth,
+    sets,
     state::{self, WriteLock},
 };
 
@@ -41,17 +43,25 @@ pub fn apply_policy(
 }
 
 /// Applies a policy already compiled, as the dataplane's one writer (waits for the lock).
-/// What the agent does: it owns the dataplane, so no agent check.
+/// What the agent does: it owns the dataplane, so no agent check. Its probes' health is
+/// saved with the tables built from it, under the same lock.
 pub fn install(
     pins: &PinDir,
     policy: &Policy,
     source: &str,
     tables: &compile::Compiled,
     lbs: &CompiledLb,
-    health: &dyn BackendHealth,
+    health: &ProbeHealth,
 ) -> Result<u64> {
     let lock = WriteLock::acquire(pins)?;
-    install_locked(&lock, pins, policy, source, tables, lbs, health)
+    let generation = install_locked(&lock, pins, policy, source, tables, lbs, health)?;
+    health.save(pins).map_err(|e| {
+        e.context(format!(
+            "generation {generation} is applied, but the probes' health was not saved for \
+             `xdpgate lb drain`"
+        ))
+    })?;
+    Ok(generation)
 }
 
 /// The second half of [`apply_policy`], under the write lock. The record of the new
@@ -68,7 +78,8 @@ fn install_locked(
 ) -> Result<u64> {
     // The sets' run-time changes the policy was loaded with are still the kept ones (an
     // `xdpgate set` between the load and this lock would otherwise be undone).
-    if !policy.sets.is_empty() && sets::changes(pins)? != policy.set_changes {
+    let kept = sets::changes(pins)?;
+    if kept.pruned(&policy.sets) != policy.set_changes.pruned(&policy.sets) {
         bail!(
             "a set was changed (xdpgate set) while this policy was loaded: nothing changed, \
              apply it again"
@@ -108,6 +119,17 @@ fn install_locked(
     } else {
         apply::switch(pins, &prepared)?;
         install()?;
+    }
+    // Only now: until the flip the kept changes are those of the policy still running.
+    let pruned = kept.pruned(&policy.sets);
+    if pruned != kept {
+        sets::save(pins, &pruned).map_err(|e| {
+            e.context(format!(
+                "generation {} is applied, but the sets' run-time changes of sets or \
+                 elements the file no longer has were not forgotten",
+                prepared.generation
+            ))
+        })?;
     }
     Ok(prepared.generation)
 }

@@ -66,6 +66,28 @@ impl SetChanges {
     pub fn reset(&mut self, name: &str) {
         self.0.remove(name);
     }
+
+    /// The changes that still mean something over a policy file whose sets are `file`:
+    /// none for a set the file no longer declares, no added element the file now lists
+    /// itself (the file has taken it over), no removed element the file no longer lists.
+    /// What each set holds over that file is the same with either; kept after an apply
+    /// instead of these, the old changes would come back with a set declared again, and a
+    /// file element removed once would stay out when the file lists it again.
+    pub fn pruned(&self, file: &BTreeMap<String, Vec<IpNet>>) -> Self {
+        let mut out = BTreeMap::new();
+        for (name, d) in &self.0 {
+            let Some(elements) = file.get(name) else { continue };
+            let listed: BTreeSet<IpNet> = elements.iter().copied().collect();
+            let delta = Delta {
+                added: d.added.difference(&listed).copied().collect(),
+                removed: d.removed.intersection(&listed).copied().collect(),
+            };
+            if !delta.added.is_empty() || !delta.removed.is_empty() {
+                out.insert(name.clone(), delta);
+            }
+        }
+        Self(out)
+    }
 }
 
 #[cfg(test)]
@@ -98,5 +120,27 @@ mod tests {
         assert_eq!(c.effective("block", &file), file);
         c.reset("block");
         assert_eq!(c, SetChanges::default());
+    }
+
+    #[test]
+    fn pruning_keeps_only_what_differs_from_the_file() {
+        let mut c = SetChanges::default();
+        c.add("block", &nets(&["203.0.113.0/24", "198.51.100.7/32"]));
+        c.del("block", &nets(&["192.0.2.0/24"]));
+        c.add("gone", &nets(&["203.0.113.9/32"]));
+        let file: BTreeMap<String, Vec<IpNet>> =
+            [("block".to_owned(), nets(&["192.0.2.0/24", "198.51.100.7/32"]))].into();
+        let pruned = c.pruned(&file);
+        assert_eq!(pruned.effective("block", &file["block"]), c.effective("block", &file["block"]));
+        let mut want = SetChanges::default();
+        want.add("block", &nets(&["203.0.113.0/24"]));
+        want.del("block", &nets(&["192.0.2.0/24"]));
+        assert_eq!(pruned, want);
+        // The file no longer lists the removed element: nothing is left to remove.
+        let file: BTreeMap<String, Vec<IpNet>> = [("block".to_owned(), Vec::new())].into();
+        let mut want = SetChanges::default();
+        want.add("block", &nets(&["203.0.113.0/24", "198.51.100.7/32"]));
+        assert_eq!(c.pruned(&file), want);
+        assert_eq!(c.pruned(&BTreeMap::new()), SetChanges::default());
     }
 }

@@ -1,0 +1,58 @@
+//! What the running agent's health probes say, per backend and probe: a backend failing one
+//! service's probe stays in the tables of services with another probe it passes, while its
+//! one health flag in the dataplane (kept for established flows and `xdpgate lb`) says
+//! "down" once any probe fails.
+//!
+//! The agent keeps it in `probes.json` in the state directory, written under the write lock
+//! with every table it builds, so `xdpgate lb drain` and `enable` rebuild from the same
+//! health the agent uses (the flag alone would take such a backend out of every table).
+
+use std::{collections::BTreeSet, net::IpAddr};
+
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+use xdpgate_policy::lb::{BackendHealth, ServiceSpec};
+
+use crate::{PinDir, state};
+
+const FILE: &str = "probes.json";
+
+/// The (backend, probe) pairs whose probe fails, as agent `pid` has them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProbeHealth {
+    pub pid: u32,
+    pub down: BTreeSet<(IpAddr, String)>,
+}
+
+impl ProbeHealth {
+    /// This process's view: the pairs in `down`.
+    pub fn of<'a>(down: impl IntoIterator<Item = &'a (IpAddr, String)>) -> Self {
+        Self { pid: std::process::id(), down: down.into_iter().cloned().collect() }
+    }
+
+    /// Saves it for the CLI; the caller holds the write lock and has just built tables from
+    /// it.
+    pub fn save(&self, pins: &PinDir) -> Result<()> {
+        state::write_json(pins, FILE, &Some(self))
+    }
+
+    /// What the agent that runs now last built tables from; none when no agent runs (or
+    /// it has not saved one yet: the file is another agent's). Read under the write lock.
+    pub fn of_running_agent(pins: &PinDir) -> Result<Option<Self>> {
+        let Some(pid) = state::agent_pid(pins) else { return Ok(None) };
+        let saved: Option<Self> = state::read_json(pins, FILE)?;
+        Ok(saved.filter(|h| h.pid == pid))
+    }
+}
+
+/// Unhealthy for the flag if any probe fails; in a service's table, only if that service's
+/// probe fails (a backend with no probe is healthy).
+impl BackendHealth for ProbeHealth {
+    fn healthy(&self, backend: IpAddr) -> bool {
+        !self.down.iter().any(|(a, _)| *a == backend)
+    }
+
+    fn healthy_in(&self, service: &ServiceSpec, backend: IpAddr) -> bool {
+        service.probe.as_ref().is_none_or(|p| !self.down.contains(&(backend, p.name.clone())))
+    }
+}
