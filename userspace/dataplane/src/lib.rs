@@ -38,6 +38,7 @@ pub mod apply;
 pub mod drain;
 pub mod fib;
 pub mod flows;
+pub mod host_routes;
 pub mod lb;
 pub mod migrate;
 pub mod monitor;
