@@ -207,6 +207,7 @@ mod tests {
     use super::*;
 
     const POLICY: &str = "
+virtual_network: {address_space: [198.51.100.0/24]}
 load_balancers:
   - name: edge
     frontends:
@@ -246,5 +247,13 @@ load_balancers:
         assert!(announce.is_empty());
         assert_eq!(withheld.len(), 2);
         assert_eq!(plan(&frontends(&lbs, &one), None).0, [vip]);
+        // Before its probe has answered, a probed backend does not count; the NAT mapping's
+        // (unprobed) does.
+        let answered = HashSet::new();
+        let starting = Answered { health: &all, answered: &answered };
+        assert_eq!(frontends(&lbs, &starting), BTreeMap::from([(vip, false), (ssh, true)]));
+        let answered = HashSet::from([(b1, "up".to_owned())]);
+        let probed = Answered { health: &all, answered: &answered };
+        assert_eq!(frontends(&lbs, &probed), BTreeMap::from([(vip, true), (ssh, true)]));
     }
 }

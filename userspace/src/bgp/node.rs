@@ -149,3 +149,69 @@ fn read_peers(v: &tree::Node) -> Result<Vec<Peer>> {
     }
     Ok(peers)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NODE: &str = "interfaces:\n  - {name: eth0, role: external}\n";
+
+    fn parse(bgp: &str) -> Result<Option<Bgp>> {
+        crate::node::parse(&format!("{NODE}{bgp}\n")).map(|n| n.bgp)
+    }
+
+    #[test]
+    fn bgp_sections() {
+        assert_eq!(parse("").unwrap(), None);
+        let b = parse(
+            "bgp: {router_id: 203.0.113.2, local_as: 4200000001, peers: [{address: 203.0.113.1, \
+             as: 65000}, {address: '2001:db8::1', as: 65000}]}",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(b.table, DEFAULT_TABLE);
+        assert_eq!(b.hold_time, DEFAULT_HOLD_TIME);
+        assert_eq!(b.local_as, 4_200_000_001);
+        assert_eq!(b.peers[1].address, "2001:db8::1".parse::<IpAddr>().unwrap());
+        let ok = "router_id: 203.0.113.2, local_as: 65001, peers: [{address: 203.0.113.1, as: 1}]";
+        for (bad, why) in [
+            ("bgp: 4242", "line 3, column 6: bgp: expected a mapping, found integer 4242"),
+            (&format!("bgp: {{table: 255, {ok}}}"), "table: 255 is one of the kernel's own"),
+            (&format!("bgp: {{table: 0, {ok}}}"), "table: 0 is out of range"),
+            (&format!("bgp: {{hold_time: 2, {ok}}}"), "hold_time: 2 is out of range (between 3"),
+            (&format!("bgp: {{asn: 2, {ok}}}"), "bgp: unknown field \"asn\" (known: table,"),
+            ("bgp: {local_as: 1, peers: [{address: 203.0.113.1, as: 1}]}", "router_id is missing"),
+            ("bgp: {router_id: 203.0.113.2, local_as: 1, peers: []}", "peers: lists no peer"),
+            (
+                "bgp: {router_id: '2001:db8::2', local_as: 1, peers: [{address: 203.0.113.1, as: 1}]}",
+                "router_id: expected an IPv4 address, found string \"2001:db8::2\"",
+            ),
+            (
+                "bgp: {router_id: 203.0.113.2, local_as: 0, peers: [{address: 203.0.113.1, as: 1}]}",
+                "local_as: 0 is out of range",
+            ),
+            (
+                "bgp: {router_id: 203.0.113.2, local_as: 1, peers: [{address: 203.0.113.1}]}",
+                "bgp: peers: as is missing",
+            ),
+            (
+                "bgp: {router_id: 203.0.113.2, local_as: 1, peers: [{address: 203.0.113.1, as: 1}, \
+                 {address: 203.0.113.1, as: 2}]}",
+                "203.0.113.1 is listed twice",
+            ),
+        ] {
+            let e = format!("{:#}", parse(bad).unwrap_err());
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
+
+    /// deploy/bird/bird.conf is what `xdpgate bgp bird-config` writes for
+    /// deploy/bird/node.yaml (regenerate it with that command when this fails).
+    #[test]
+    fn the_shipped_bird_conf_is_the_generated_one() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/bird/");
+        let node = crate::node::load(std::path::Path::new(&format!("{dir}node.yaml"))).unwrap();
+        let shipped = std::fs::read_to_string(format!("{dir}bird.conf")).unwrap();
+        assert_eq!(super::super::bird::config(&node.bgp.unwrap()), shipped);
+    }
+}
