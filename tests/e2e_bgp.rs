@@ -9,6 +9,8 @@
 //! * every backend of one gateway unhealthy (its probe fails) withdraws that gateway's path,
 //!   and its recovery announces it again;
 //! * SIGTERM of an agent withdraws its path before it exits;
+//! * SIGKILL of an agent leaves its path (its dataplane runs on); a daemon gone silent
+//!   (SIGSTOP) is withdrawn by the router's hold timer;
 //! * a bad `bgp:` section in a node file is a clear error, for `check` and for `run`.
 //!
 //! Skipped, with a message, only when `bird` is not installed (setup.sh installs bird2).
@@ -74,9 +76,14 @@ impl Bird {
             .expect("spawn bird");
         Self { child, dir }
     }
-}
 
-impl Bird {
+    /// Freezes the daemon (SIGSTOP): it sends nothing more and its sessions stay open, as a
+    /// hung or cut-off node's do, so only the peers' hold timers end them.
+    fn freeze(&self) {
+        // SAFETY: kill(2) on our own child (`ip netns exec` execs bird in its place).
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGSTOP) };
+    }
+
     /// `birdc show protocols` and `show route`, for a failure's message.
     fn show(&self) -> String {
         let ctl = self.dir.join("bird.ctl");
@@ -217,7 +224,7 @@ fn gateways_announce_the_frontend_over_bgp_and_withdraw_it() {
     }
     let router = Netns::new("bgprt");
     let mut g1 = Gateway::new(&router, "203.0.113.1", "203.0.113.2");
-    let g2 = Gateway::new(&router, "203.0.113.5", "203.0.113.6");
+    let mut g2 = Gateway::new(&router, "203.0.113.5", "203.0.113.6");
     let _router_bird = Bird::start(&router, &router_config(&[g1.addr, g2.addr]));
 
     // Both gateways announce: the router spreads the frontend over both (ECMP).
@@ -254,6 +261,19 @@ fn gateways_announce_the_frontend_over_bgp_and_withdraw_it() {
     let table = g1.ns.exec("ip", &["route", "show", "table", "4242"]);
     assert!(table.stdout.is_empty(), "routes left: {}", String::from_utf8_lossy(&table.stdout));
     wait_hops(&router, &[g2.addr], "g1's agent stopped", &[&g1, &g2]);
+
+    // A crashed agent (SIGKILL) leaves its routes: its dataplane still filters and forwards
+    // from the pinned maps, so the path still leads to a working gateway.
+    g2.agent = None;
+    let table = g2.ns.exec("ip", &["route", "show", "table", "4242"]);
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(table.contains(VIP), "g2's table after its agent was killed: {table}");
+    assert_eq!(next_hops(&router), BTreeSet::from([g2.addr.to_owned()]));
+    // A dead node (its daemon silent) is withdrawn by the router's hold timer (9 s).
+    let frozen = Instant::now();
+    g2.bird.freeze();
+    wait_hops(&router, &[], "g2's daemon frozen", &[&g1, &g2]);
+    println!("hold timer: the router withdrew g2 {:.1?} after its daemon froze", frozen.elapsed());
 }
 
 #[test]
