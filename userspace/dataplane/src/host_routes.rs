@@ -4,13 +4,11 @@
 //! `ip route show table N` shows an operator. Each route is `ADDR/32 dev lo proto xdpgate`
 //! (or /128): the table is never consulted for forwarding, only read by the daemon.
 
-use std::{net::IpAddr, os::fd::AsRawFd};
+use std::net::IpAddr;
 
-use anyhow::{Context, Result, bail};
-use nix::sys::socket::{
-    AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, recv, send,
-    socket,
-};
+use anyhow::{Context, Result};
+
+use crate::rtnetlink::{self, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, attr, attributes, header};
 
 /// The routes' protocol (`ip route ... proto 245`): none of the numbers iproute2 reserves,
 /// so the agent removes only its own routes from the table.
@@ -22,13 +20,8 @@ pub const DEFAULT_TABLE: u32 = 4242;
 const RTM_NEWROUTE: u16 = 24;
 const RTM_DELROUTE: u16 = 25;
 const RTM_GETROUTE: u16 = 26;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const NLM_F_REQUEST: u16 = 1;
-const NLM_F_ACK: u16 = 4;
 const NLM_F_REPLACE: u16 = 0x100;
 const NLM_F_CREATE: u16 = 0x400;
-const NLM_F_DUMP: u16 = 0x300;
 const RTA_DST: u16 = 1;
 const RTA_OIF: u16 = 4;
 const RTA_TABLE: u16 = 15;
@@ -46,8 +39,8 @@ pub fn list(table: u32) -> Result<Vec<IpAddr>> {
         let mut req = header(RTM_GETROUTE, NLM_F_REQUEST | NLM_F_DUMP);
         req.extend_from_slice(&[family, 0, 0, 0, 0, 0, 0, 0]);
         req.extend_from_slice(&0u32.to_ne_bytes());
-        talk(&req, "listing the routes of the announcement table", |body| {
-            if let Some(addr) = parse_route(body, table) {
+        rtnetlink::request(req, "listing the routes of the announcement table", |kind, body| {
+            if let Some(addr) = (kind == RTM_NEWROUTE).then(|| parse_route(body, table)).flatten() {
                 found.push(addr);
             }
         })?;
@@ -81,69 +74,7 @@ fn change(kind: u16, flags: u16, table: u32, addr: IpAddr) -> Result<()> {
     attr(&mut req, RTA_DST, &bytes);
     attr(&mut req, RTA_OIF, &lo.to_ne_bytes());
     attr(&mut req, RTA_TABLE, &table.to_ne_bytes());
-    talk(&req, "changing the announcement table", |_| {})
-}
-
-/// A `nlmsghdr` whose length [`talk`] fills in.
-fn header(kind: u16, flags: u16) -> Vec<u8> {
-    let mut h = Vec::with_capacity(64);
-    h.extend_from_slice(&0u32.to_ne_bytes());
-    h.extend_from_slice(&kind.to_ne_bytes());
-    h.extend_from_slice(&flags.to_ne_bytes());
-    h.extend_from_slice(&1u32.to_ne_bytes());
-    h.extend_from_slice(&0u32.to_ne_bytes());
-    h
-}
-
-fn attr(req: &mut Vec<u8>, kind: u16, value: &[u8]) {
-    req.extend_from_slice(&((4 + value.len()) as u16).to_ne_bytes());
-    req.extend_from_slice(&kind.to_ne_bytes());
-    req.extend_from_slice(value);
-    req.resize(req.len().next_multiple_of(4), 0);
-}
-
-/// Sends one request and reads its answer to the end (the dump's `NLMSG_DONE` or the
-/// acknowledgement), handing each `RTM_NEWROUTE` body to `each`.
-fn talk(req: &[u8], what: &str, mut each: impl FnMut(&[u8])) -> Result<()> {
-    let mut req = req.to_vec();
-    let len = req.len() as u32;
-    req[0..4].copy_from_slice(&len.to_ne_bytes());
-    let fd = socket(
-        AddressFamily::Netlink,
-        SockType::Raw,
-        SockFlag::SOCK_CLOEXEC,
-        SockProtocol::NetlinkRoute,
-    )
-    .context("opening a netlink socket")?;
-    bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0)).context("binding a netlink socket")?;
-    send(fd.as_raw_fd(), &req, MsgFlags::empty()).with_context(|| what.to_owned())?;
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n =
-            recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty()).with_context(|| what.to_owned())?;
-        let mut msgs = &buf[..n];
-        while msgs.len() >= 16 {
-            let len = u32::from_ne_bytes(msgs[0..4].try_into()?) as usize;
-            let kind = u16::from_ne_bytes(msgs[4..6].try_into()?);
-            if len < 16 || len > msgs.len() {
-                bail!("{what}: a malformed netlink message");
-            }
-            match kind {
-                NLMSG_DONE => return Ok(()),
-                NLMSG_ERROR => {
-                    // An acknowledgement is an error message with errno 0.
-                    let errno = i32::from_ne_bytes(msgs[16..20].try_into()?);
-                    if errno == 0 {
-                        return Ok(());
-                    }
-                    return Err(std::io::Error::from_raw_os_error(-errno)).context(what.to_owned());
-                }
-                RTM_NEWROUTE => each(&msgs[16..len]),
-                _ => {}
-            }
-            msgs = &msgs[len.next_multiple_of(4).min(msgs.len())..];
-        }
-    }
+    rtnetlink::request(req, "changing the announcement table", |_, _| {})
 }
 
 /// One `RTM_NEWROUTE` body: its destination when it is a host route of ours in `table`.
@@ -151,21 +82,13 @@ fn parse_route(body: &[u8], table: u32) -> Option<IpAddr> {
     let (family, prefix) = (*body.first()?, *body.get(1)?);
     let (compat, proto) = (*body.get(4)?, *body.get(5)?);
     let (mut dst, mut in_table) = (None, u32::from(compat));
-    let mut attrs = body.get(12..)?;
-    while attrs.len() >= 4 {
-        let len = u16::from_ne_bytes(attrs[0..2].try_into().ok()?) as usize;
-        let kind = u16::from_ne_bytes(attrs[2..4].try_into().ok()?);
-        if len < 4 || len > attrs.len() {
-            break;
-        }
-        let value = &attrs[4..len];
+    for (kind, value) in attributes(body, 12) {
         match (kind, value.len()) {
             (RTA_DST, 4) => dst = Some(IpAddr::from(<[u8; 4]>::try_from(value).ok()?)),
             (RTA_DST, 16) => dst = Some(IpAddr::from(<[u8; 16]>::try_from(value).ok()?)),
             (RTA_TABLE, 4) => in_table = u32::from_ne_bytes(value.try_into().ok()?),
             _ => {}
         }
-        attrs = &attrs[len.next_multiple_of(4).min(attrs.len())..];
     }
     let host = (family == AF_INET && prefix == 32) || (family == AF_INET6 && prefix == 128);
     (host && proto == PROTO && in_table == table).then_some(dst).flatten()

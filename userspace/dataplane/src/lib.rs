@@ -45,6 +45,7 @@ pub mod monitor;
 pub mod nat;
 pub mod netns;
 pub mod routes;
+mod rtnetlink;
 pub mod sets;
 pub mod state;
 pub mod stats;
