@@ -156,7 +156,7 @@ fn wait_hops(router: &Netns, want: &[&str], what: &str, gateways: &[&Gateway]) {
                     String::from_utf8_lossy(&table.stdout),
                     String::from_utf8_lossy(&bgp.stdout),
                     String::from_utf8_lossy(&bgp.stderr),
-                    g.bird.show()
+                    g.bird.as_ref().map_or(String::new(), Bird::show)
                 );
             }
             panic!("{what}: next hops {now:?}, wanted {want:?}{seen}");
@@ -178,11 +178,13 @@ struct Gateway {
     /// The backend's probe port: open while held.
     backend: Option<TcpListener>,
     agent: Option<NodeAgent>,
-    bird: Bird,
+    bird: Option<Bird>,
 }
 
 impl Gateway {
-    fn new(router: &Netns, router_addr: &str, addr: &'static str) -> Self {
+    /// A gateway peering with `router` (without BIRD when `bird` is false: the agent's
+    /// table alone).
+    fn new(router: &Netns, router_addr: &str, addr: &'static str, bird: bool) -> Self {
         let ns = Netns::new("bgpgw");
         let (_, iface) = veth(router, &format!("{router_addr}/30"), &ns, &format!("{addr}/30"));
         ns.exec("ip", &["addr", "add", &format!("{BACKEND}/32"), "dev", "lo"]);
@@ -195,11 +197,18 @@ impl Gateway {
         let pins = Pins::in_netns(&ns);
         let bird_conf =
             pins.xdpgate(&["bgp", "bird-config", "--node", node_file.to_str().unwrap()]);
-        let bird = Bird::start(&ns, &bird_conf);
+        let bird = bird.then(|| Bird::start(&ns, &bird_conf));
         let mut gw = Self { ns, pins, addr, node_file, backend: None, agent: None, bird };
         gw.open_backend();
         gw.agent = Some(NodeAgent::start(&gw.ns, &gw.pins, POLICY, &node));
         gw
+    }
+
+    /// The agent's table (`ip route show table 4242`; empty while the kernel has no such
+    /// table yet).
+    fn table(&self) -> String {
+        let out = self.ns.try_exec("ip", &["route", "show", "table", "4242"]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     fn open_backend(&mut self) {
@@ -223,14 +232,13 @@ fn gateways_announce_the_frontend_over_bgp_and_withdraw_it() {
         return;
     }
     let router = Netns::new("bgprt");
-    let mut g1 = Gateway::new(&router, "203.0.113.1", "203.0.113.2");
-    let mut g2 = Gateway::new(&router, "203.0.113.5", "203.0.113.6");
+    let mut g1 = Gateway::new(&router, "203.0.113.1", "203.0.113.2", true);
+    let mut g2 = Gateway::new(&router, "203.0.113.5", "203.0.113.6", true);
     let _router_bird = Bird::start(&router, &router_config(&[g1.addr, g2.addr]));
 
     // Both gateways announce: the router spreads the frontend over both (ECMP).
     wait_hops(&router, &[g1.addr, g2.addr], "both gateways up", &[&g1, &g2]);
-    let table = g1.ns.exec("ip", &["route", "show", "table", "4242"]);
-    let table = String::from_utf8_lossy(&table.stdout);
+    let table = g1.table();
     assert!(table.contains(&format!("{VIP} dev lo proto 245")), "table 4242: {table}");
 
     // Drain one node: the other carries the frontend; status and `bgp` say so.
@@ -258,22 +266,44 @@ fn gateways_announce_the_frontend_over_bgp_and_withdraw_it() {
     // SIGTERM: the agent withdraws before it exits (its dataplane stays attached).
     let status = g1.agent.as_mut().unwrap().terminate();
     assert!(status.success(), "xdpgate run exited with {status}");
-    let table = g1.ns.exec("ip", &["route", "show", "table", "4242"]);
-    assert!(table.stdout.is_empty(), "routes left: {}", String::from_utf8_lossy(&table.stdout));
+    assert_eq!(g1.table(), "", "routes left after SIGTERM");
     wait_hops(&router, &[g2.addr], "g1's agent stopped", &[&g1, &g2]);
 
     // A crashed agent (SIGKILL) leaves its routes: its dataplane still filters and forwards
     // from the pinned maps, so the path still leads to a working gateway.
     g2.agent = None;
-    let table = g2.ns.exec("ip", &["route", "show", "table", "4242"]);
-    let table = String::from_utf8_lossy(&table.stdout);
+    let table = g2.table();
     assert!(table.contains(VIP), "g2's table after its agent was killed: {table}");
     assert_eq!(next_hops(&router), BTreeSet::from([g2.addr.to_owned()]));
     // A dead node (its daemon silent) is withdrawn by the router's hold timer (9 s).
     let frozen = Instant::now();
-    g2.bird.freeze();
+    g2.bird.as_ref().unwrap().freeze();
     wait_hops(&router, &[], "g2's daemon frozen", &[&g1, &g2]);
     println!("hold timer: the router withdrew g2 {:.1?} after its daemon froze", frozen.elapsed());
+}
+
+#[test]
+fn an_agent_without_bgp_removes_the_routes_a_killed_one_left() {
+    let router = Netns::new("bgprt");
+    let mut gw = Gateway::new(&router, "203.0.113.1", "203.0.113.2", false);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !gw.table().contains(VIP) {
+        assert!(Instant::now() < deadline, "never announced: {}", gw.table());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Killed: its route stays (as in the crash case above). The next agent's node file has
+    // no bgp: section; nothing would look after that route, so it goes.
+    gw.agent = None;
+    assert!(gw.table().contains(VIP));
+    let node = std::fs::read_to_string(&gw.node_file).unwrap();
+    let without = &node[..node.find("bgp:").unwrap()];
+    gw.agent = Some(NodeAgent::start(&gw.ns, &gw.pins, POLICY, without));
+    while !gw.table().is_empty() {
+        assert!(Instant::now() < deadline + Duration::from_secs(10), "left: {}", gw.table());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let report = bgp_report(&gw.pins);
+    assert!(report["agent"].is_null(), "{report}");
 }
 
 #[test]

@@ -365,6 +365,8 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     if let Some(node) = &node {
         attach_node(pins, node, &mut failing);
     }
+    let table = node.as_ref().and_then(|n| n.bgp.as_ref()).map(|b| b.table);
+    failing.check("bgp announcements", announce::forget_other_table(pins, table));
     announce_node(pins, node.as_ref(), &lbs, &down, &probe_stats, &mut failing);
     let names = Arc::new(flows::Names::read(pins)?);
     let mut running = Running { policy, lbs, names };

@@ -13,7 +13,7 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use log::info;
 use serde::{Deserialize, Serialize};
 use xdpgate_common::lb::NO_BACKEND;
@@ -190,6 +190,22 @@ fn sync(
         state::write_json(pins, FILE, &Announcements { time_unix_seconds: time, ..record })?;
     }
     Ok(())
+}
+
+/// At the agent's start: the routes an earlier agent left in a table this one does not
+/// keep (its node file has no `bgp:` section now, or names another table) are removed, so
+/// nothing stays announced that no agent looks after.
+pub fn forget_other_table(pins: &PinDir, table: Option<u32>) -> Result<()> {
+    let Some(last) = read(pins)? else { return Ok(()) };
+    if Some(last.table) == table {
+        return Ok(());
+    }
+    for addr in host_routes::list(last.table)? {
+        host_routes::remove(last.table, addr)?;
+        info!("bgp: withdrawing {addr} from table {}, which this agent does not keep", last.table);
+    }
+    let path = state::dir(pins).join(FILE);
+    std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))
 }
 
 /// Removes every route of the table (before the agent stops on purpose).
