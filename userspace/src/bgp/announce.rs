@@ -152,8 +152,8 @@ pub fn update(
     sync(pins, bgp.table, drained, announce, withheld)
 }
 
-/// Makes the table hold exactly the routes of `announce` (and records it when anything
-/// changed): adds the missing ones first, so an address moving nowhere is never withdrawn.
+/// Makes the table hold exactly the routes of `announce`, and records it (`bgp.json`, written
+/// only when something changed).
 fn sync(
     pins: &PinDir,
     table: u32,

@@ -75,7 +75,7 @@ pub fn run(pins: &PinDir, args: &DrainArgs, drained: bool) -> Result<()> {
         let routes = host_routes::list(agent.table)?;
         let done = now.node_drained == drained && announce::same(&routes, &now.announced);
         if done && now.agent_running() {
-            println!("table {}: {} routes announced", agent.table, routes.len());
+            println!("table {} announces: {}", agent.table, announce::list(&routes));
             return Ok(());
         }
         if Instant::now() >= deadline {
