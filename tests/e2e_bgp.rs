@@ -29,24 +29,30 @@ use common::{Netns, Pins, agent::NodeAgent, unique, veth, xdpgate_bin};
 use serde_json::Value;
 
 const VIP: &str = "192.0.2.10";
+const VIP6: &str = "2001:db8::10";
 const BACKEND: &str = "198.51.100.11";
+const BACKEND6: &str = "2001:db8:1::11";
 
-/// One load balancer: the frontend, one backend (an address of each gateway's own, where
-/// the test holds a listener for the probe), probed every 200 ms.
+/// One load balancer: a frontend per family, each with one backend (an address of each
+/// gateway's own, where the test holds a listener for the probe), probed every 200 ms.
 const POLICY: &str = "
 virtual_network:
-  address_space: [198.51.100.0/24]
+  address_space: [198.51.100.0/24, 2001:db8:1::/64]
 load_balancers:
   - name: edge
     frontends:
       - {name: vip, address: 192.0.2.10}
+      - {name: vip6, address: 2001:db8::10}
     backend_pools:
       - {name: web, backends: [198.51.100.11]}
+      - {name: web6, backends: [2001:db8:1::11]}
     probes:
       - {name: up, protocol: tcp, port: 8080, interval: 200, timeout: 150, threshold: 2}
     rules:
       - {name: http, frontend: vip, protocol: tcp, frontend_port: 80, backend_port: 8080,
          backend_pool: web, probe: up}
+      - {name: http6, frontend: vip6, protocol: tcp, frontend_port: 80, backend_port: 8080,
+         backend_pool: web6, probe: up}
 ";
 
 /// A BIRD daemon in a namespace with its own config, control socket and pid file; killed
@@ -104,41 +110,55 @@ impl Drop for Bird {
     }
 }
 
-/// The router: BGP from each gateway, the best paths merged into one multipath route.
-fn router_config(gateways: &[&str]) -> String {
-    let mut out = "router id 203.0.113.1;\nprotocol device {}\n\
-                   protocol kernel {\n  merge paths on;\n  ipv4 { import none; export all; };\n}\n"
-        .to_owned();
-    for (i, gw) in gateways.iter().enumerate() {
+/// The router: BGP from each gateway over IPv4 and over IPv6, the best paths of each
+/// family merged into one multipath route.
+fn router_config(gateways: &[&Gateway]) -> String {
+    let mut out = "router id 203.0.113.1;\nprotocol device {}\n".to_owned();
+    for family in ["ipv4", "ipv6"] {
         out += &format!(
-            "protocol bgp gw{i} {{\n  local as 65000;\n  neighbor {gw} as 65001;\n  hold time 9;\n  \
-             keepalive time 3;\n  connect delay time 1;\n  connect retry time 2;\n  \
-             graceful restart off;\n  ipv4 {{ import all; export none; }};\n}}\n"
+            "protocol kernel {{\n  merge paths on;\n  {family} {{ import none; export all; }};\n}}\n"
         );
+    }
+    for (i, g) in gateways.iter().enumerate() {
+        for (family, peer) in [("ipv4", g.addr.to_owned()), ("ipv6", g.addr6())] {
+            out += &format!(
+                "protocol bgp gw{i}_{family} {{\n  local as 65000;\n  neighbor {peer} as 65001;\n  \
+                 hold time 9;\n  keepalive time 3;\n  connect delay time 1;\n  \
+                 connect retry time 2;\n  graceful restart off;\n  \
+                 {family} {{ import all; export none; }};\n}}\n"
+            );
+        }
     }
     out
 }
 
-/// The next hops of the router's route to the frontend (none: no route).
-fn next_hops(router: &Netns) -> BTreeSet<String> {
-    let out = router.exec("ip", &["-j", "route", "show", &format!("{VIP}/32")]);
-    let routes: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+/// The next hops of the router's routes to the frontends, as (family, the router's
+/// interface towards the gateway): BIRD may give IPv6 routes a gateway's link-local
+/// address, the interface names the gateway either way.
+fn next_hops(router: &Netns) -> BTreeSet<(&'static str, String)> {
     let mut hops = BTreeSet::new();
-    for r in routes.as_array().into_iter().flatten() {
-        if let Some(gw) = r["gateway"].as_str() {
-            hops.insert(gw.to_owned());
-        }
-        for n in r["nexthops"].as_array().into_iter().flatten() {
-            hops.extend(n["gateway"].as_str().map(str::to_owned));
+    for (family, flag, prefix) in
+        [("v4", "-4", format!("{VIP}/32")), ("v6", "-6", format!("{VIP6}/128"))]
+    {
+        let out = router.exec("ip", &[flag, "-j", "route", "show", &prefix]);
+        let routes: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        for r in routes.as_array().into_iter().flatten() {
+            let nexthops = r["nexthops"].as_array().cloned().unwrap_or_else(|| vec![r.clone()]);
+            for n in nexthops {
+                hops.extend(n["dev"].as_str().map(|dev| (family, dev.to_owned())));
+            }
         }
     }
     hops
 }
 
-/// Polls the router's table until the frontend's next hops are `want`; on a timeout, says
-/// what each gateway and daemon has.
-fn wait_hops(router: &Netns, want: &[&str], what: &str, gateways: &[&Gateway]) {
-    let want: BTreeSet<String> = want.iter().map(|s| s.to_string()).collect();
+/// Polls the router's table until both frontends' next hops are the gateways of `want`; on
+/// a timeout, says what each gateway of `all` and its daemon has.
+fn wait_hops(router: &Netns, want: &[&Gateway], what: &str, all: &[&Gateway]) {
+    let want: BTreeSet<_> = want
+        .iter()
+        .flat_map(|g| [("v4", g.router_iface.clone()), ("v6", g.router_iface.clone())])
+        .collect();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let now = next_hops(router);
@@ -147,13 +167,13 @@ fn wait_hops(router: &Netns, want: &[&str], what: &str, gateways: &[&Gateway]) {
         }
         if Instant::now() >= deadline {
             let mut seen = String::new();
-            for g in gateways {
-                let table = g.ns.try_exec("ip", &["route", "show", "table", "4242"]);
+            for g in all {
                 let bgp = g.pins.try_xdpgate(&["bgp"]);
                 seen += &format!(
-                    "\n--- gateway {}: table 4242:\n{}xdpgate bgp:\n{}{}bird:\n{}",
+                    "\n--- gateway {} (router side {}): table 4242:\n{}xdpgate bgp:\n{}{}bird:\n{}",
                     g.addr,
-                    String::from_utf8_lossy(&table.stdout),
+                    g.router_iface,
+                    g.table(),
                     String::from_utf8_lossy(&bgp.stdout),
                     String::from_utf8_lossy(&bgp.stderr),
                     g.bird.as_ref().map_or(String::new(), Bird::show)
@@ -173,24 +193,38 @@ fn bgp_report(pins: &Pins) -> Value {
 struct Gateway {
     ns: Netns,
     pins: Pins,
-    addr: &'static str,
+    /// Its number n: links 203.0.113.(4n-3)/30 and 2001:db8:ff:n::/64, the router's end first.
+    n: u8,
+    addr: String,
+    /// The router's end of the link.
+    router_iface: String,
     node_file: PathBuf,
-    /// The backend's probe port: open while held.
-    backend: Option<TcpListener>,
+    /// The backends' probe ports (IPv4 and IPv6): open while held.
+    backends: Vec<TcpListener>,
     agent: Option<NodeAgent>,
     bird: Option<Bird>,
 }
 
 impl Gateway {
-    /// A gateway peering with `router` (without BIRD when `bird` is false: the agent's
-    /// table alone).
-    fn new(router: &Netns, router_addr: &str, addr: &'static str, bird: bool) -> Self {
+    /// Gateway `n`, linked to `router` (and peering with it over both families, unless
+    /// `bird` is false: then the agent's table alone).
+    fn new(router: &Netns, n: u8, bird: bool) -> Self {
         let ns = Netns::new("bgpgw");
-        let (_, iface) = veth(router, &format!("{router_addr}/30"), &ns, &format!("{addr}/30"));
+        let (router_v4, addr) =
+            (format!("203.0.113.{}", 4 * n - 3), format!("203.0.113.{}", 4 * n - 2));
+        let router_v6 = format!("2001:db8:ff:{n}::1");
+        let (router_iface, iface) = veth(
+            router,
+            &format!("{router_v4}/30,{router_v6}/64"),
+            &ns,
+            &format!("{addr}/30,2001:db8:ff:{n}::2/64"),
+        );
         ns.exec("ip", &["addr", "add", &format!("{BACKEND}/32"), "dev", "lo"]);
+        ns.exec("ip", &["addr", "add", &format!("{BACKEND6}/128"), "dev", "lo", "nodad"]);
         let node = format!(
             "interfaces:\n  - {{name: {iface}, role: external}}\nbgp:\n  router_id: {addr}\n  \
-             local_as: 65001\n  peers:\n    - {{address: {router_addr}, as: 65000}}\n"
+             local_as: 65001\n  peers:\n    - {{address: {router_v4}, as: 65000}}\n    \
+             - {{address: '{router_v6}', as: 65000}}\n"
         );
         let node_file = std::env::temp_dir().join(format!("{}.yaml", unique("bgpnode")));
         std::fs::write(&node_file, &node).unwrap();
@@ -198,22 +232,43 @@ impl Gateway {
         let bird_conf =
             pins.xdpgate(&["bgp", "bird-config", "--node", node_file.to_str().unwrap()]);
         let bird = bird.then(|| Bird::start(&ns, &bird_conf));
-        let mut gw = Self { ns, pins, addr, node_file, backend: None, agent: None, bird };
-        gw.open_backend();
+        let mut gw = Self {
+            ns,
+            pins,
+            n,
+            addr,
+            router_iface,
+            node_file,
+            backends: Vec::new(),
+            agent: None,
+            bird,
+        };
+        gw.open_backends();
         gw.agent = Some(NodeAgent::start(&gw.ns, &gw.pins, POLICY, &node));
         gw
+    }
+
+    /// Its IPv6 address on the link.
+    fn addr6(&self) -> String {
+        format!("2001:db8:ff:{}::2", self.n)
     }
 
     /// The agent's table (`ip route show table 4242`; empty while the kernel has no such
     /// table yet).
     fn table(&self) -> String {
-        let out = self.ns.try_exec("ip", &["route", "show", "table", "4242"]);
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        let mut all = String::new();
+        for family in ["-4", "-6"] {
+            let out = self.ns.try_exec("ip", &[family, "route", "show", "table", "4242"]);
+            all += &String::from_utf8_lossy(&out.stdout);
+        }
+        all
     }
 
-    fn open_backend(&mut self) {
-        self.backend =
-            Some(self.ns.run(|| TcpListener::bind((BACKEND, 8080)).expect("backend listener")));
+    /// Opens the backends' probe ports.
+    fn open_backends(&mut self) {
+        self.backends = [BACKEND, BACKEND6]
+            .map(|b| self.ns.run(move || TcpListener::bind((b, 8080)).expect("backend listener")))
+            .into();
     }
 }
 
@@ -232,49 +287,53 @@ fn gateways_announce_the_frontend_over_bgp_and_withdraw_it() {
         return;
     }
     let router = Netns::new("bgprt");
-    let mut g1 = Gateway::new(&router, "203.0.113.1", "203.0.113.2", true);
-    let mut g2 = Gateway::new(&router, "203.0.113.5", "203.0.113.6", true);
-    let _router_bird = Bird::start(&router, &router_config(&[g1.addr, g2.addr]));
+    let mut g1 = Gateway::new(&router, 1, true);
+    let mut g2 = Gateway::new(&router, 2, true);
+    let _router_bird = Bird::start(&router, &router_config(&[&g1, &g2]));
 
-    // Both gateways announce: the router spreads the frontend over both (ECMP).
-    wait_hops(&router, &[g1.addr, g2.addr], "both gateways up", &[&g1, &g2]);
+    // Both gateways announce both frontends: the router spreads each over both (ECMP).
+    wait_hops(&router, &[&g1, &g2], "both gateways up", &[&g1, &g2]);
     let table = g1.table();
     assert!(table.contains(&format!("{VIP} dev lo proto 245")), "table 4242: {table}");
+    assert!(table.contains(&format!("{VIP6} dev lo proto 245")), "table 4242: {table}");
 
-    // Drain one node: the other carries the frontend; status and `bgp` say so.
+    // Drain one node: the other carries the frontends; status and `bgp` say so.
     let out = g1.pins.xdpgate(&["drain", "--wait", "10"]);
     assert!(out.contains("node drained"), "{out}");
-    wait_hops(&router, &[g2.addr], "g1 drained", &[&g1, &g2]);
+    wait_hops(&router, &[&g2], "g1 drained", &[&g1, &g2]);
     let report = bgp_report(&g1.pins);
     assert_eq!(report["node_drained"], true, "{report}");
     assert_eq!(report["routes"], serde_json::json!([]), "{report}");
     let status: Value = serde_json::from_str(&g1.pins.xdpgate(&["status", "--json"])).unwrap();
     assert_eq!(status["bgp"]["node_drained"], true, "{status}");
     g1.pins.xdpgate(&["undrain", "--wait", "10"]);
-    wait_hops(&router, &[g1.addr, g2.addr], "g1 undrained", &[&g1, &g2]);
+    wait_hops(&router, &[&g1, &g2], "g1 undrained", &[&g1, &g2]);
 
-    // Every backend of g1 down (its probe fails): g1 withdraws; back up: announced again.
-    g1.backend = None;
-    wait_hops(&router, &[g2.addr], "g1's backends down", &[&g1, &g2]);
+    // Every backend of g1 down (its probes fail): g1 withdraws; back up: announced again.
+    g1.backends.clear();
+    wait_hops(&router, &[&g2], "g1's backends down", &[&g1, &g2]);
     let report = bgp_report(&g1.pins);
-    let withheld = &report["agent"]["withheld"][0];
-    assert_eq!(withheld["address"], VIP, "{report}");
-    assert_eq!(withheld["reason"], "no healthy, non-drained backend", "{report}");
-    g1.open_backend();
-    wait_hops(&router, &[g1.addr, g2.addr], "g1's backends up again", &[&g1, &g2]);
+    let withheld = &report["agent"]["withheld"];
+    assert_eq!(withheld[0]["address"], VIP, "{report}");
+    assert_eq!(withheld[1]["address"], VIP6, "{report}");
+    assert_eq!(withheld[0]["reason"], "no healthy, non-drained backend", "{report}");
+    g1.open_backends();
+    wait_hops(&router, &[&g1, &g2], "g1's backends up again", &[&g1, &g2]);
 
     // SIGTERM: the agent withdraws before it exits (its dataplane stays attached).
     let status = g1.agent.as_mut().unwrap().terminate();
     assert!(status.success(), "xdpgate run exited with {status}");
     assert_eq!(g1.table(), "", "routes left after SIGTERM");
-    wait_hops(&router, &[g2.addr], "g1's agent stopped", &[&g1, &g2]);
+    wait_hops(&router, &[&g2], "g1's agent stopped", &[&g1, &g2]);
 
     // A crashed agent (SIGKILL) leaves its routes: its dataplane still filters and forwards
     // from the pinned maps, so the path still leads to a working gateway.
     g2.agent = None;
     let table = g2.table();
-    assert!(table.contains(VIP), "g2's table after its agent was killed: {table}");
-    assert_eq!(next_hops(&router), BTreeSet::from([g2.addr.to_owned()]));
+    assert!(table.contains(VIP) && table.contains(VIP6), "g2's table, agent killed: {table}");
+    let g2_only =
+        BTreeSet::from([("v4", g2.router_iface.clone()), ("v6", g2.router_iface.clone())]);
+    assert_eq!(next_hops(&router), g2_only);
     // A dead node (its daemon silent) is withdrawn by the router's hold timer (9 s).
     let frozen = Instant::now();
     g2.bird.as_ref().unwrap().freeze();
@@ -285,16 +344,16 @@ fn gateways_announce_the_frontend_over_bgp_and_withdraw_it() {
 #[test]
 fn an_agent_without_bgp_removes_the_routes_a_killed_one_left() {
     let router = Netns::new("bgprt");
-    let mut gw = Gateway::new(&router, "203.0.113.1", "203.0.113.2", false);
+    let mut gw = Gateway::new(&router, 1, false);
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !gw.table().contains(VIP) {
+    while !(gw.table().contains(VIP) && gw.table().contains(VIP6)) {
         assert!(Instant::now() < deadline, "never announced: {}", gw.table());
         std::thread::sleep(Duration::from_millis(100));
     }
     // Killed: its route stays (as in the crash case above). The next agent's node file has
     // no bgp: section; nothing would look after that route, so it goes.
     gw.agent = None;
-    assert!(gw.table().contains(VIP));
+    assert!(gw.table().contains(VIP) && gw.table().contains(VIP6), "{}", gw.table());
     let node = std::fs::read_to_string(&gw.node_file).unwrap();
     let without = &node[..node.find("bgp:").unwrap()];
     gw.agent = Some(NodeAgent::start(&gw.ns, &gw.pins, POLICY, without));
