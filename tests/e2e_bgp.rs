@@ -4,7 +4,8 @@
 //! configured by `xdpgate bgp bird-config`, peering with the router. The router's kernel
 //! table is read for the state each step waits for:
 //!
-//! * the frontend /32 appears with both gateways as next hops;
+//! * an IPv4 and an IPv6 frontend appear with both gateways as next hops (BGP over each
+//!   family);
 //! * `xdpgate drain` on one leaves the other; `xdpgate undrain` brings it back;
 //! * every backend of one gateway unhealthy (its probe fails) withdraws that gateway's path,
 //!   and its recovery announces it again;
