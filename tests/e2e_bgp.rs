@@ -413,4 +413,10 @@ fn a_bad_bgp_section_is_a_clear_error() {
         assert!(status["policy"].is_null() && status["agent"].is_null(), "{status}");
     }
     let _ = std::fs::remove_dir_all(&dir);
+    // `drain --wait` with no agent to wait for is refused before it drains.
+    let pins = Pins::new();
+    let out = pins.try_xdpgate(&["drain", "--wait", "5"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--wait: no agent"), "{err}");
+    assert_eq!(bgp_report(&pins)["node_drained"], false);
 }

@@ -9,7 +9,7 @@ use anyhow::{Result, bail};
 use serde::{Deserialize, Serialize};
 use xdpgate_dataplane::{PinDir, host_routes, state};
 
-use super::announce;
+use super::announce::{self, Announcements};
 
 const FILE: &str = "node_drain.json";
 
@@ -47,6 +47,16 @@ pub struct DrainArgs {
 
 /// `xdpgate drain` (`drained`) or `xdpgate undrain`.
 pub fn run(pins: &PinDir, args: &DrainArgs, drained: bool) -> Result<()> {
+    let agent = announce::read(pins)?.filter(Announcements::agent_running);
+    let running = agent.is_some();
+    let wait = match (args.wait, agent) {
+        (Some(seconds), Some(agent)) => Some((seconds, agent)),
+        (Some(_), None) => bail!(
+            "--wait: no agent with a bgp: section in its node file runs, so nothing would \
+             happen to wait for; nothing changed"
+        ),
+        (None, _) => None,
+    };
     let changed = set(pins, drained)?;
     let what = if drained { "drained" } else { "undrained" };
     if changed {
@@ -54,19 +64,18 @@ pub fn run(pins: &PinDir, args: &DrainArgs, drained: bool) -> Result<()> {
     } else {
         println!("node was already {what}");
     }
-    let Some(seconds) = args.wait else {
+    let Some((seconds, agent)) = wait else {
         println!(
             "{}",
-            if drained {
-                "the agent withdraws this node's BGP announcements within a second"
-            } else {
-                "the agent announces this node's frontends again within a second"
+            match (running, drained) {
+                (false, _) =>
+                    "no agent with a bgp: section in its node file runs now: the next \
+                               one to start keeps to this",
+                (true, true) => "the agent withdraws this node's BGP announcements within a second",
+                (true, false) => "the agent announces this node's frontends again within a second",
             }
         );
         return Ok(());
-    };
-    let Some(agent) = announce::read(pins)?.filter(|a| a.agent_running()) else {
-        bail!("no agent with a bgp: section in its node file runs: nothing to wait for");
     };
     let deadline = Instant::now() + Duration::from_secs(seconds);
     loop {
