@@ -12,6 +12,8 @@
 //! * SIGTERM of an agent withdraws its path before it exits;
 //! * SIGKILL of an agent leaves its path (its dataplane runs on); a daemon gone silent
 //!   (SIGSTOP) is withdrawn by the router's hold timer;
+//! * detached, a node withdraws until its agent attaches it again; an agent started
+//!   without a `bgp:` section removes the routes a killed one left;
 //! * a bad `bgp:` section in a node file is a clear error, for `check` and for `run`.
 //!
 //! Skipped, with a message, only when `bird` is not installed (setup.sh installs bird2).
@@ -20,13 +22,13 @@ mod common;
 
 use std::{
     collections::BTreeSet,
-    net::TcpListener,
+    net::SocketAddr,
     path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
-use common::{Netns, Pins, agent::NodeAgent, unique, veth, xdpgate_bin};
+use common::{Netns, Pins, agent::NodeAgent, echo::EchoServer, unique, veth, xdpgate_bin};
 use serde_json::Value;
 
 const VIP: &str = "192.0.2.10";
@@ -35,7 +37,8 @@ const BACKEND: &str = "198.51.100.11";
 const BACKEND6: &str = "2001:db8:1::11";
 
 /// One load balancer: a frontend per family, each with one backend (an address of each
-/// gateway's own, where the test holds a listener for the probe), probed every 200 ms.
+/// gateway's own, where the test runs an echo server that answers the probe), probed every
+/// 500 ms.
 const POLICY: &str = "
 virtual_network:
   address_space: [198.51.100.0/24, 2001:db8:1::/64]
@@ -48,7 +51,7 @@ load_balancers:
       - {name: web, backends: [198.51.100.11]}
       - {name: web6, backends: [2001:db8:1::11]}
     probes:
-      - {name: up, protocol: tcp, port: 8080, interval: 200, timeout: 150, threshold: 2}
+      - {name: up, protocol: tcp, port: 8080, interval: 500, timeout: 400, threshold: 2}
     rules:
       - {name: http, frontend: vip, protocol: tcp, frontend_port: 80, backend_port: 8080,
          backend_pool: web, probe: up}
@@ -200,8 +203,8 @@ struct Gateway {
     /// The router's end of the link.
     router_iface: String,
     node_file: PathBuf,
-    /// The backends' probe ports (IPv4 and IPv6): open while held.
-    backends: Vec<TcpListener>,
+    /// The backends (IPv4 and IPv6), answering their probes while held.
+    backends: Option<EchoServer>,
     agent: Option<NodeAgent>,
     bird: Option<Bird>,
 }
@@ -233,17 +236,8 @@ impl Gateway {
         let bird_conf =
             pins.xdpgate(&["bgp", "bird-config", "--node", node_file.to_str().unwrap()]);
         let bird = bird.then(|| Bird::start(&ns, &bird_conf));
-        let mut gw = Self {
-            ns,
-            pins,
-            n,
-            addr,
-            router_iface,
-            node_file,
-            backends: Vec::new(),
-            agent: None,
-            bird,
-        };
+        let mut gw =
+            Self { ns, pins, n, addr, router_iface, node_file, backends: None, agent: None, bird };
         gw.open_backends();
         gw.agent = Some(NodeAgent::start(&gw.ns, &gw.pins, POLICY, &node));
         gw
@@ -265,11 +259,10 @@ impl Gateway {
         all
     }
 
-    /// Opens the backends' probe ports.
+    /// Starts the backends (a listener that accepts, so probes never fill its backlog).
     fn open_backends(&mut self) {
-        self.backends = [BACKEND, BACKEND6]
-            .map(|b| self.ns.run(move || TcpListener::bind((b, 8080)).expect("backend listener")))
-            .into();
+        let addrs = [BACKEND, BACKEND6].map(|b| SocketAddr::new(b.parse().unwrap(), 8080));
+        self.backends = Some(EchoServer::start(&self.ns, addrs.into()));
     }
 }
 
@@ -311,7 +304,7 @@ fn gateways_announce_the_frontend_over_bgp_and_withdraw_it() {
     wait_hops(&router, &[&g1, &g2], "g1 undrained", &[&g1, &g2]);
 
     // Every backend of g1 down (its probes fail): g1 withdraws; back up: announced again.
-    g1.backends.clear();
+    g1.backends = None;
     wait_hops(&router, &[&g2], "g1's backends down", &[&g1, &g2]);
     let report = bgp_report(&g1.pins);
     let withheld = &report["agent"]["withheld"];
@@ -342,26 +335,39 @@ fn gateways_announce_the_frontend_over_bgp_and_withdraw_it() {
     println!("hold timer: the router withdrew g2 {:.1?} after its daemon froze", frozen.elapsed());
 }
 
-#[test]
-fn an_agent_without_bgp_removes_the_routes_a_killed_one_left() {
-    let router = Netns::new("bgprt");
-    let mut gw = Gateway::new(&router, 1, false);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !(gw.table().contains(VIP) && gw.table().contains(VIP6)) {
-        assert!(Instant::now() < deadline, "never announced: {}", gw.table());
+/// Polls `gw`'s table until `done` says so.
+fn wait_table(gw: &Gateway, what: &str, done: impl Fn(&str) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let table = gw.table();
+        if done(&table) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: table 4242 holds:\n{table}");
         std::thread::sleep(Duration::from_millis(100));
     }
-    // Killed: its route stays (as in the crash case above). The next agent's node file has
-    // no bgp: section; nothing would look after that route, so it goes.
+}
+
+/// Without BIRD: the agent's table alone.
+#[test]
+fn detach_withdraws_and_an_agent_without_bgp_removes_a_killed_ones_routes() {
+    let router = Netns::new("bgprt");
+    let mut gw = Gateway::new(&router, 1, false);
+    let both = |t: &str| t.contains(VIP) && t.contains(VIP6);
+    wait_table(&gw, "never announced", both);
+    // Detached (by hand): not in force, so not announced, until the agent attaches its
+    // node file's interface again (it retries every 10 s).
+    gw.pins.xdpgate(&["detach", "--all"]);
+    wait_table(&gw, "still announced after detach", str::is_empty);
+    wait_table(&gw, "not announced again after the agent's attach", both);
+    // Killed: its routes stay (as in the crash case above). The next agent's node file has
+    // no bgp: section; nothing would look after those routes, so they go.
     gw.agent = None;
-    assert!(gw.table().contains(VIP) && gw.table().contains(VIP6), "{}", gw.table());
+    assert!(both(&gw.table()), "{}", gw.table());
     let node = std::fs::read_to_string(&gw.node_file).unwrap();
     let without = &node[..node.find("bgp:").unwrap()];
     gw.agent = Some(NodeAgent::start(&gw.ns, &gw.pins, POLICY, without));
-    while !gw.table().is_empty() {
-        assert!(Instant::now() < deadline + Duration::from_secs(10), "left: {}", gw.table());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_table(&gw, "left by the killed agent", str::is_empty);
     let report = bgp_report(&gw.pins);
     assert!(report["agent"].is_null(), "{report}");
 }
