@@ -7,9 +7,10 @@ need_root() { [ "$(id -u)" = 0 ] || { echo "setup.sh: run as root (XDP and names
 need_root
 
 # Debian packages: LLVM 22 for bpf-linker, and the tools the tests and benchmarks use
-# (graphviz: `dot`, which `xdpgate topology --format svg` runs).
+# (graphviz: `dot`, which `xdpgate topology --format svg` runs; bird2: the BGP daemon
+# tests/e2e_bgp.rs runs in its namespaces).
 pkgs=(llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev iproute2 iputils-ping procps bpftool tcpdump nftables iperf3
-      netsniff-ng xdp-tools curl python3 ethtool graphviz)
+      netsniff-ng xdp-tools curl python3 ethtool graphviz bird2)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -18,6 +19,18 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# The tests start their own bird per namespace (own config, -s socket, -P pid file): no
+# host-wide bird with Debian's default config, which would peer with nothing and hold
+# /run/bird/bird.ctl.
+if command -v systemctl >/dev/null 2>&1 && systemctl is-enabled --quiet bird.service 2>/dev/null; then
+  echo "setup: disabling the host-wide bird.service"
+  systemctl disable bird.service >/dev/null 2>&1 || true
+  [ -d /run/systemd/system ] && systemctl stop bird.service || true
+fi
+if [ -f /run/bird/bird.pid ] && kill -0 "$(cat /run/bird/bird.pid)" 2>/dev/null; then
+  kill "$(cat /run/bird/bird.pid)"
 fi
 
 # aya-build compiles the eBPF crate with nightly and -Z build-std=core.

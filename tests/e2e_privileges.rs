@@ -314,6 +314,9 @@ fn a_user_without_privileges_is_told_so() {
         &["plan", policy.to_str().unwrap()],
         &["flows", "delete", "--all"],
         &["flows", "delete", "--all", "--dry-run"],
+        &["bgp"],
+        &["drain"],
+        &["undrain", "--wait", "1"],
     ] {
         let mut full = vec!["--pin-dir", &pins];
         full.extend_from_slice(args);

@@ -39,6 +39,15 @@ impl NodeAgent {
     }
 }
 
+impl NodeAgent {
+    /// Stops the agent as an operator or systemd does (SIGTERM) and waits for it to exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on our own child, which has not been waited for yet.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.child.wait().expect("wait for xdpgate run")
+    }
+}
+
 impl Drop for NodeAgent {
     fn drop(&mut self) {
         let _ = self.child.kill();

@@ -41,6 +41,7 @@ use xdpgate_policy::{
 
 use crate::{
     agent_state::{self, AgentState, Reload},
+    bgp::announce,
     flowlog,
     health::{Change, Health, ProbeStats, Prober, Target},
     node::{self, Node},
@@ -348,6 +349,9 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     if let Some(node) = &node {
         attach_node(pins, node, &mut failing);
     }
+    let table = node.as_ref().and_then(|n| n.bgp.as_ref()).map(|b| b.table);
+    failing.check("bgp announcements", announce::forget_other_table(pins, table));
+    announce_node(pins, node.as_ref(), &lbs, &down, &probe_stats, &mut failing);
     let names = Arc::new(flows::Names::read(pins)?);
     let mut running = Running { policy, lbs, names };
     let mut sweeper = Sweeper::new();
@@ -460,6 +464,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
             }
             Some(change) = rx.recv() => {
                 on_change(pins, &mut maps, &running.lbs, &mut down, &change, &mut failing);
+                announce_node(pins, node.as_ref(), &running.lbs, &down, &probe_stats, &mut failing);
             }
             _ = expiry.tick() => {
                 // An interface of the node file that appears late (or came back) is
@@ -473,6 +478,8 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                 }
                 tick(pins, &running, &mut loggers, flow_log.as_mut(), &mut failing);
                 follow_generation(pins, &mut running.names, &mut failing);
+                // Drain, undrain, a detach or a reattach: within a second.
+                announce_node(pins, node.as_ref(), &running.lbs, &down, &probe_stats, &mut failing);
                 sweeper.start(pins, &running.names, flow_log.is_some());
                 if let Some(log) = flow_log.as_mut() {
                     refresh_probe_connections(log, &running.lbs, &mut failing);
@@ -542,11 +549,18 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                         );
                     }
                 }
+                announce_node(pins, node.as_ref(), &running.lbs, &down, &probe_stats, &mut failing);
                 save_state(pins, &mut state, &failing);
             }
             _ = term.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
         }
+    }
+    // First, while the dataplane is certainly in force: the peers stop sending here.
+    if let Some(bgp) = node.as_ref().and_then(|n| n.bgp.as_ref())
+        && let Err(e) = announce::withdraw_all(pins, bgp.table, "the agent stopped")
+    {
+        error!("bgp: withdrawing this node's routes failed: {e:#}");
     }
     drop(prober);
     sweeper.stop();
@@ -561,6 +575,32 @@ fn save_state(pins: &PinDir, state: &mut AgentState, failing: &Failing) {
     if let Err(e) = state.write(pins) {
         warn!("agent state: {e:#}");
     }
+}
+
+/// Brings the node's BGP announcements in line with its state (with a node file that has a
+/// `bgp:` section).
+fn announce_node(
+    pins: &PinDir,
+    node: Option<&Node>,
+    lbs: &CompiledLb,
+    down: &HashSet<(IpAddr, String)>,
+    probes: &ProbeStats,
+    failing: &mut Failing,
+) {
+    let Some(node) = node.filter(|n| n.bgp.is_some()) else { return };
+    let answered = probes
+        .snapshot()
+        .into_iter()
+        .filter(|(_, _, counts)| counts.successes > 0)
+        .map(|(backend, probe, _)| (backend, probe))
+        .collect();
+    let result = drain::read(pins).and_then(|drained| {
+        let view = HealthView { down };
+        let health = drain::WithDrained { health: &view, drained: &drained };
+        let health = announce::Answered { health: &health, answered: &answered };
+        announce::update(pins, node, lbs, &health)
+    });
+    failing.check("bgp announcements", result);
 }
 
 /// Attaches the interfaces of the node file that have no pinned link.

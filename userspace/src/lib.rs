@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod agent_state;
+pub mod bgp;
 pub mod capture;
 pub mod cli_docs;
 pub mod filter;

@@ -5,7 +5,7 @@ use std::{path::PathBuf, process::ExitCode};
 use anyhow::{Result, anyhow, bail};
 use clap::{CommandFactory as _, Parser, Subcommand, ValueEnum as _};
 use xdpgate::{
-    agent, capture, cli_docs, flowlog, flows_cmd, metrics, observe, plan, status, trace,
+    agent, bgp, capture, cli_docs, flowlog, flows_cmd, metrics, observe, plan, status, trace,
     verify_flow,
     views::{self, OutputArgs},
 };
@@ -232,6 +232,18 @@ enum Command {
     ///
     /// Example: xdpgate topology --format svg > topology.svg
     Topology(views::topology::TopologyArgs),
+    /// What this node announces over BGP (the agent's table of frontend routes, with why
+    /// the others are withheld), or BIRD's configuration for it (`bgp bird-config`).
+    ///
+    /// Example: xdpgate bgp; xdpgate bgp bird-config --node /etc/xdpgate/node.yaml
+    Bgp(bgp::cmd::BgpArgs),
+    /// Drain this node: the agent withdraws every BGP announcement of it, so the routers
+    /// send new connections to the other gateways (kept across agent restarts).
+    ///
+    /// Example: xdpgate drain --wait 10
+    Drain(bgp::node_drain::DrainArgs),
+    /// Undo `xdpgate drain`: the agent announces the node's frontends again.
+    Undrain(bgp::node_drain::DrainArgs),
     /// Print a shell completion script.
     Completions(cli_docs::CompletionsArgs),
     /// Print the man page (roff), or write one page per command into --dir.
@@ -304,6 +316,7 @@ impl Command {
             Command::Check { .. } | Command::Completions(_) | Command::Man(_) => false,
             Command::VerifyFlow(args) => args.policy.is_none(),
             Command::Rules { policy, .. } => policy.is_none(),
+            Command::Bgp(args) => args.action.is_none(),
             _ => true,
         }
     }
@@ -454,6 +467,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::NextHop(args) => views::nexthop::run(&pins, &args)?,
         Command::Topology(args) => views::topology::run(&pins, &args)?,
+        Command::Bgp(args) => bgp::cmd::run(&pins, args)?,
+        Command::Drain(args) => bgp::node_drain::run(&pins, &args, true)?,
+        Command::Undrain(args) => bgp::node_drain::run(&pins, &args, false)?,
         Command::Connectivity(args) => {
             if !views::connectivity::run(&pins, &args)? {
                 return Ok(ExitCode::from(views::connectivity::UNREACHABLE));

@@ -12,7 +12,10 @@
 //! tables:                                       # optional, as `xdpgate attach --flows`
 //!   flows: 1000000                              # established flows (default 524,288)
 //!   nat_translations: 262144                    # NAT translations (default 262,144)
+//! bgp: {router_id: 10.0.1.2, local_as: 65001, peers: [{address: 10.0.1.1, as: 65000}]}
 //! ```
+//!
+//! `bgp:` (optional, [`crate::bgp::node`]) makes the agent announce the frontends.
 //!
 //! `tables:` sizes the flow and NAT tables when the agent creates them (the first attach
 //! after a reboot); while they are pinned a different size is reported as failing (`status`)
@@ -34,6 +37,8 @@ pub struct Node {
     pub interfaces: Vec<Interface>,
     /// Table sizes for the first attach (`tables:`); none asked: the defaults.
     pub tables: dataplane::SizeRequest,
+    /// This node's BGP values (`bgp:`); none: the agent announces nothing.
+    pub bgp: Option<crate::bgp::node::Bgp>,
 }
 
 #[derive(Debug)]
@@ -107,6 +112,7 @@ fn read(text: &str) -> Result<Node> {
     };
     let mut interfaces = None;
     let mut tables = dataplane::SizeRequest::default();
+    let mut bgp = None;
     for (k, v) in entries {
         match text_of(k).as_deref() {
             Some("interfaces") => {
@@ -198,14 +204,15 @@ fn read(text: &str) -> Result<Node> {
                     *slot = Some(n);
                 }
             }
+            Some("bgp") => bgp = Some(crate::bgp::node::read(v)?),
             _ => bail!(
-                "{}: unknown field {:?} (known: interfaces, tables)",
+                "{}: unknown field {:?} (known: interfaces, tables, bgp)",
                 at(k.pos),
                 tree::elide(&text_of(k).unwrap_or_default())
             ),
         }
     }
-    Ok(Node { interfaces: interfaces.unwrap_or_default(), tables })
+    Ok(Node { interfaces: interfaces.unwrap_or_default(), tables, bgp })
 }
 
 pub fn parse(text: &str) -> Result<Node> {

@@ -25,6 +25,9 @@ pub struct Status {
     pub tables: Option<TablesStatus>,
     /// What the agent (`xdpgate run`) last wrote about itself; none if it never ran here.
     pub agent: Option<AgentStatus>,
+    /// BGP announcements (`xdpgate bgp`); none when no agent with a `bgp:` section ran here
+    /// and the node is not drained.
+    pub bgp: Option<crate::bgp::cmd::BgpReport>,
 }
 
 #[derive(Debug, Serialize)]
@@ -337,6 +340,7 @@ pub fn read(pins: &PinDir) -> anyhow::Result<Status> {
             None
         }),
         agent: agent_state::read(pins).map(|state| AgentStatus { running: state.running(), state }),
+        bgp: crate::bgp::cmd::report(pins).ok().filter(|r| r.agent.is_some() || r.node_drained),
     })
 }
 

@@ -14,10 +14,9 @@ use aya::{
     EbpfLoader,
     programs::{ProgramError, TestRun, TestRunOptions, Xdp},
 };
-use nix::sys::socket::{
-    AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, recv, send,
-    socket,
-};
+use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
+
+use crate::rtnetlink;
 
 /// The FIB probe (built by `build.rs` from `ebpf/src/fib.rs`).
 static FIB_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdpgate-fib"));
@@ -275,62 +274,24 @@ impl NeighbourState {
 
 const RTM_NEWNEIGH: u16 = 28;
 const RTM_GETNEIGH: u16 = 30;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const NLM_F_REQUEST: u16 = 1;
-const NLM_F_DUMP: u16 = 0x300;
 const NDA_DST: u16 = 1;
 const NDA_LLADDR: u16 = 2;
 
 /// The neighbour entry for `addr` on interface `ifindex`, if the kernel has one (a dump of
 /// the neighbour table over rtnetlink, in the current network namespace).
 pub fn neighbour(ifindex: u32, addr: IpAddr) -> Result<Option<Neighbour>> {
-    let fd = socket(
-        AddressFamily::Netlink,
-        SockType::Raw,
-        SockFlag::SOCK_CLOEXEC,
-        SockProtocol::NetlinkRoute,
-    )
-    .context("opening a netlink socket")?;
-    bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0)).context("binding a netlink socket")?;
     let family = if addr.is_ipv4() { AF_INET } else { AF_INET6 };
-    // nlmsghdr (16 bytes) then ndmsg (12 bytes), asking for one family's entries.
-    let mut req = Vec::with_capacity(28);
-    req.extend_from_slice(&28u32.to_ne_bytes());
-    req.extend_from_slice(&RTM_GETNEIGH.to_ne_bytes());
-    req.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
-    req.extend_from_slice(&1u32.to_ne_bytes());
-    req.extend_from_slice(&0u32.to_ne_bytes());
+    // ndmsg (12 bytes), asking for one family's entries.
+    let mut req = rtnetlink::header(RTM_GETNEIGH, rtnetlink::NLM_F_REQUEST | rtnetlink::NLM_F_DUMP);
     req.extend_from_slice(&[family, 0, 0, 0]);
     req.extend_from_slice(&[0; 8]);
-    send(fd.as_raw_fd(), &req, MsgFlags::empty()).context("asking for the neighbour table")?;
-    let mut buf = vec![0u8; 64 * 1024];
     let mut found = None;
-    loop {
-        let n = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty())
-            .context("reading the neighbour table")?;
-        let mut msgs = &buf[..n];
-        while msgs.len() >= 16 {
-            let len = u32::from_ne_bytes(msgs[0..4].try_into()?) as usize;
-            let kind = u16::from_ne_bytes(msgs[4..6].try_into()?);
-            if len < 16 || len > msgs.len() {
-                bail!("a malformed netlink message in the neighbour table");
-            }
-            match kind {
-                NLMSG_DONE => return Ok(found),
-                NLMSG_ERROR => {
-                    let errno = i32::from_ne_bytes(msgs[16..20].try_into()?);
-                    return Err(std::io::Error::from_raw_os_error(-errno))
-                        .context("reading the neighbour table");
-                }
-                RTM_NEWNEIGH if found.is_none() => {
-                    found = parse_neighbour(&msgs[16..len], ifindex, addr)
-                }
-                _ => {}
-            }
-            msgs = &msgs[len.next_multiple_of(4).min(msgs.len())..];
+    rtnetlink::request(req, "reading the neighbour table", |kind, body| {
+        if kind == RTM_NEWNEIGH && found.is_none() {
+            found = parse_neighbour(body, ifindex, addr);
         }
-    }
+    })?;
+    Ok(found)
 }
 
 /// One `RTM_NEWNEIGH` body, when it is `addr` on `ifindex`.
@@ -341,21 +302,13 @@ fn parse_neighbour(body: &[u8], ifindex: u32, addr: IpAddr) -> Option<Neighbour>
         return None;
     }
     let (mut dst, mut mac) = (None, None);
-    let mut attrs = body.get(12..)?;
-    while attrs.len() >= 4 {
-        let len = u16::from_ne_bytes(attrs[0..2].try_into().ok()?) as usize;
-        let kind = u16::from_ne_bytes(attrs[2..4].try_into().ok()?);
-        if len < 4 || len > attrs.len() {
-            break;
-        }
-        let value = &attrs[4..len];
+    for (kind, value) in rtnetlink::attributes(body, 12) {
         match (kind, value.len()) {
             (NDA_DST, 4) => dst = Some(IpAddr::from(<[u8; 4]>::try_from(value).ok()?)),
             (NDA_DST, 16) => dst = Some(IpAddr::from(<[u8; 16]>::try_from(value).ok()?)),
             (NDA_LLADDR, 6) => mac = Some(value.try_into().ok()?),
             _ => {}
         }
-        attrs = &attrs[len.next_multiple_of(4).min(attrs.len())..];
     }
     (dst == Some(addr)).then_some(Neighbour { state: NeighbourState::from_nud(state), mac })
 }

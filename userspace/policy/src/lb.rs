@@ -180,13 +180,18 @@ pub fn maglev_table(
     Some(table.into_iter().map(|i| members[i as usize].0).collect())
 }
 
-fn frontend_name(k: &FrontendKey) -> String {
+/// The frontend address of a key (as [`frontend_key`] wrote it).
+pub fn frontend_addr(k: &FrontendKey) -> IpAddr {
     let bytes: Vec<u8> = k.addr.iter().flat_map(|w| w.to_ne_bytes()).collect();
-    let addr: IpAddr = if k.family == 4 {
+    if k.family == 4 {
         IpAddr::from(<[u8; 4]>::try_from(&bytes[..4]).expect("4 bytes"))
     } else {
         IpAddr::from(<[u8; 16]>::try_from(&bytes[..]).expect("16 bytes"))
-    };
+    }
+}
+
+fn frontend_name(k: &FrontendKey) -> String {
+    let addr = frontend_addr(k);
     let proto = match k.proto {
         6 => "tcp",
         17 => "udp",

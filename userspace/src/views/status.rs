@@ -8,7 +8,10 @@ use anyhow::Result;
 
 use xdpgate_dataplane::tables::{TableStatus, TablesStatus, thousands};
 
-use crate::status::{AgentStatus, Status};
+use crate::{
+    bgp::{announce, cmd::BgpReport},
+    status::{AgentStatus, Status},
+};
 
 use super::{Grid, View};
 
@@ -45,6 +48,9 @@ impl View for Status {
         }
         if let Some(a) = &s.agent {
             out += &agent(a);
+        }
+        if let Some(b) = &s.bgp {
+            out += &bgp(b);
         }
         if s.interfaces.is_empty() {
             out += "\nnot attached to any interface\n";
@@ -130,6 +136,13 @@ fn agent(a: &AgentStatus) -> String {
     out
 }
 
+/// The BGP line: what the node announces, and whether it is drained.
+fn bgp(b: &BgpReport) -> String {
+    let drained = if b.node_drained { "; node drained (xdpgate undrain)" } else { "" };
+    let table = b.agent.as_ref().map_or(String::new(), |a| format!(" (table {})", a.table));
+    format!("bgp            announced {}{table}{drained}\n", announce::list(&b.routes))
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;
@@ -202,6 +215,7 @@ mod tests {
                 },
             }),
             agent: None,
+            bgp: None,
         };
         let text = status.text();
         assert!(

@@ -1,0 +1,428 @@
+//! Scale-out behind ECMP (issue 16, first part), end to end: a router namespace running BIRD
+//! with `merge paths on` (ECMP into its kernel table) and two gateway namespaces, each with
+//! xdpgate attached by its agent (`xdpgate run --node`, with a `bgp:` section) and BIRD
+//! configured by `xdpgate bgp bird-config`, peering with the router. The router's kernel
+//! table is read for the state each step waits for:
+//!
+//! * an IPv4 and an IPv6 frontend appear with both gateways as next hops (BGP over each
+//!   family);
+//! * `xdpgate drain` on one leaves the other; `xdpgate undrain` brings it back;
+//! * every backend of one gateway unhealthy (its probe fails) withdraws that gateway's path,
+//!   and its recovery announces it again;
+//! * SIGTERM of an agent withdraws its path before it exits;
+//! * SIGKILL of an agent leaves its path (its dataplane runs on); a daemon gone silent
+//!   (SIGSTOP) is withdrawn by the router's hold timer;
+//! * detached, a node withdraws until its agent attaches it again; an agent started
+//!   without a `bgp:` section removes the routes a killed one left;
+//! * a bad `bgp:` section in a node file is a clear error, for `check` and for `run`.
+//!
+//! Skipped, with a message, only when `bird` is not installed (setup.sh installs bird2).
+
+mod common;
+
+use std::{
+    collections::BTreeSet,
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::{Netns, Pins, agent::NodeAgent, echo::EchoServer, unique, veth, xdpgate_bin};
+use serde_json::Value;
+
+const VIP: &str = "192.0.2.10";
+const VIP6: &str = "2001:db8::10";
+const BACKEND: &str = "198.51.100.11";
+const BACKEND6: &str = "2001:db8:1::11";
+
+/// One load balancer: a frontend per family, each with one backend (an address of each
+/// gateway's own, where the test runs an echo server that answers the probe), probed every
+/// 500 ms.
+const POLICY: &str = "
+virtual_network:
+  address_space: [198.51.100.0/24, 2001:db8:1::/64]
+load_balancers:
+  - name: edge
+    frontends:
+      - {name: vip, address: 192.0.2.10}
+      - {name: vip6, address: 2001:db8::10}
+    backend_pools:
+      - {name: web, backends: [198.51.100.11]}
+      - {name: web6, backends: [2001:db8:1::11]}
+    probes:
+      - {name: up, protocol: tcp, port: 8080, interval: 500, timeout: 400, threshold: 2}
+    rules:
+      - {name: http, frontend: vip, protocol: tcp, frontend_port: 80, backend_port: 8080,
+         backend_pool: web, probe: up}
+      - {name: http6, frontend: vip6, protocol: tcp, frontend_port: 80, backend_port: 8080,
+         backend_pool: web6, probe: up}
+";
+
+/// A BIRD daemon in a namespace with its own config, control socket and pid file; killed
+/// and its files removed on drop (a failing test included).
+struct Bird {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Bird {
+    fn start(ns: &Netns, config: &str) -> Self {
+        let dir = std::env::temp_dir().join(unique("bird"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let conf = dir.join("bird.conf");
+        std::fs::write(&conf, config).unwrap();
+        // -f: in the foreground, so this child is the daemon.
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns.name, "bird", "-f", "-c"])
+            .arg(&conf)
+            .arg("-s")
+            .arg(dir.join("bird.ctl"))
+            .arg("-P")
+            .arg(dir.join("bird.pid"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn bird");
+        Self { child, dir }
+    }
+
+    /// Freezes the daemon (SIGSTOP): it sends nothing more and its sessions stay open, as a
+    /// hung or cut-off node's do, so only the peers' hold timers end them.
+    fn freeze(&self) {
+        // SAFETY: kill(2) on our own child (`ip netns exec` execs bird in its place).
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGSTOP) };
+    }
+
+    /// `birdc show protocols` and `show route`, for a failure's message.
+    fn show(&self) -> String {
+        let ctl = self.dir.join("bird.ctl");
+        let mut out = String::new();
+        for what in ["protocols", "route"] {
+            let o = Command::new("birdc").arg("-s").arg(&ctl).args(["show", what]).output();
+            out += &o.map_or_else(|e| e.to_string(), |o| String::from_utf8_lossy(&o.stdout).into());
+        }
+        out
+    }
+}
+
+impl Drop for Bird {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The router: BGP from each gateway over IPv4 and over IPv6, the best paths of each
+/// family merged into one multipath route.
+fn router_config(gateways: &[&Gateway]) -> String {
+    let mut out = "router id 203.0.113.1;\nprotocol device {}\n".to_owned();
+    for family in ["ipv4", "ipv6"] {
+        out += &format!(
+            "protocol kernel {{\n  merge paths on;\n  {family} {{ import none; export all; }};\n}}\n"
+        );
+    }
+    for (i, g) in gateways.iter().enumerate() {
+        for (family, peer) in [("ipv4", g.addr.to_owned()), ("ipv6", g.addr6())] {
+            out += &format!(
+                "protocol bgp gw{i}_{family} {{\n  local as 65000;\n  neighbor {peer} as 65001;\n  \
+                 hold time 9;\n  keepalive time 3;\n  connect delay time 1;\n  \
+                 connect retry time 2;\n  graceful restart off;\n  \
+                 {family} {{ import all; export none; }};\n}}\n"
+            );
+        }
+    }
+    out
+}
+
+/// The next hops of the router's routes to the frontends, as (family, the router's
+/// interface towards the gateway): BIRD may give IPv6 routes a gateway's link-local
+/// address, the interface names the gateway either way.
+fn next_hops(router: &Netns) -> BTreeSet<(&'static str, String)> {
+    let mut hops = BTreeSet::new();
+    for (family, flag, prefix) in
+        [("v4", "-4", format!("{VIP}/32")), ("v6", "-6", format!("{VIP6}/128"))]
+    {
+        let out = router.exec("ip", &[flag, "-j", "route", "show", &prefix]);
+        let routes: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        for r in routes.as_array().into_iter().flatten() {
+            let nexthops = r["nexthops"].as_array().cloned().unwrap_or_else(|| vec![r.clone()]);
+            for n in nexthops {
+                hops.extend(n["dev"].as_str().map(|dev| (family, dev.to_owned())));
+            }
+        }
+    }
+    hops
+}
+
+/// Polls the router's table until both frontends' next hops are the gateways of `want`; on
+/// a timeout, says what each gateway of `all` and its daemon has.
+fn wait_hops(router: &Netns, want: &[&Gateway], what: &str, all: &[&Gateway]) {
+    let want: BTreeSet<_> = want
+        .iter()
+        .flat_map(|g| [("v4", g.router_iface.clone()), ("v6", g.router_iface.clone())])
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = next_hops(router);
+        if now == want {
+            return;
+        }
+        if Instant::now() >= deadline {
+            let mut seen = String::new();
+            for g in all {
+                let bgp = g.pins.try_xdpgate(&["bgp"]);
+                seen += &format!(
+                    "\n--- gateway {} (router side {}): table 4242:\n{}xdpgate bgp:\n{}{}bird:\n{}",
+                    g.addr,
+                    g.router_iface,
+                    g.table(),
+                    String::from_utf8_lossy(&bgp.stdout),
+                    String::from_utf8_lossy(&bgp.stderr),
+                    g.bird.as_ref().map_or(String::new(), Bird::show)
+                );
+            }
+            panic!("{what}: next hops {now:?}, wanted {want:?}{seen}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `xdpgate bgp --json` of a gateway.
+fn bgp_report(pins: &Pins) -> Value {
+    serde_json::from_str(&pins.xdpgate(&["bgp", "--json"])).expect("bgp --json")
+}
+
+struct Gateway {
+    ns: Netns,
+    pins: Pins,
+    /// Its number n: links 203.0.113.(4n-3)/30 and 2001:db8:ff:n::/64, the router's end first.
+    n: u8,
+    addr: String,
+    /// The router's end of the link.
+    router_iface: String,
+    node_file: PathBuf,
+    /// The backends (IPv4 and IPv6), answering their probes while held.
+    backends: Option<EchoServer>,
+    agent: Option<NodeAgent>,
+    bird: Option<Bird>,
+}
+
+impl Gateway {
+    /// Gateway `n`, linked to `router` (and peering with it over both families, unless
+    /// `bird` is false: then the agent's table alone).
+    fn new(router: &Netns, n: u8, bird: bool) -> Self {
+        let ns = Netns::new("bgpgw");
+        let (router_v4, addr) =
+            (format!("203.0.113.{}", 4 * n - 3), format!("203.0.113.{}", 4 * n - 2));
+        let router_v6 = format!("2001:db8:ff:{n}::1");
+        let (router_iface, iface) = veth(
+            router,
+            &format!("{router_v4}/30,{router_v6}/64"),
+            &ns,
+            &format!("{addr}/30,2001:db8:ff:{n}::2/64"),
+        );
+        ns.exec("ip", &["addr", "add", &format!("{BACKEND}/32"), "dev", "lo"]);
+        ns.exec("ip", &["addr", "add", &format!("{BACKEND6}/128"), "dev", "lo", "nodad"]);
+        let node = format!(
+            "interfaces:\n  - {{name: {iface}, role: external}}\nbgp:\n  router_id: {addr}\n  \
+             local_as: 65001\n  peers:\n    - {{address: {router_v4}, as: 65000}}\n    \
+             - {{address: '{router_v6}', as: 65000}}\n"
+        );
+        let node_file = std::env::temp_dir().join(format!("{}.yaml", unique("bgpnode")));
+        std::fs::write(&node_file, &node).unwrap();
+        let pins = Pins::in_netns(&ns);
+        let bird_conf =
+            pins.xdpgate(&["bgp", "bird-config", "--node", node_file.to_str().unwrap()]);
+        let bird = bird.then(|| Bird::start(&ns, &bird_conf));
+        let mut gw =
+            Self { ns, pins, n, addr, router_iface, node_file, backends: None, agent: None, bird };
+        gw.open_backends();
+        gw.agent = Some(NodeAgent::start(&gw.ns, &gw.pins, POLICY, &node));
+        gw
+    }
+
+    /// Its IPv6 address on the link.
+    fn addr6(&self) -> String {
+        format!("2001:db8:ff:{}::2", self.n)
+    }
+
+    /// The agent's table (`ip route show table 4242`; empty while the kernel has no such
+    /// table yet).
+    fn table(&self) -> String {
+        let mut all = String::new();
+        for family in ["-4", "-6"] {
+            let out = self.ns.try_exec("ip", &[family, "route", "show", "table", "4242"]);
+            all += &String::from_utf8_lossy(&out.stdout);
+        }
+        all
+    }
+
+    /// Starts the backends (a listener that accepts, so probes never fill its backlog).
+    fn open_backends(&mut self) {
+        let addrs = [BACKEND, BACKEND6].map(|b| SocketAddr::new(b.parse().unwrap(), 8080));
+        self.backends = Some(EchoServer::start(&self.ns, addrs.into()));
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        // The agent before the pins (their drop detaches), the namespace last.
+        self.agent = None;
+        let _ = std::fs::remove_file(&self.node_file);
+    }
+}
+
+#[test]
+fn gateways_announce_the_frontend_over_bgp_and_withdraw_it() {
+    if Command::new("bird").arg("--version").output().is_err() {
+        eprintln!("skipping: `bird` is not installed (setup.sh installs Debian's bird2)");
+        return;
+    }
+    let router = Netns::new("bgprt");
+    let mut g1 = Gateway::new(&router, 1, true);
+    let mut g2 = Gateway::new(&router, 2, true);
+    let _router_bird = Bird::start(&router, &router_config(&[&g1, &g2]));
+
+    // Both gateways announce both frontends: the router spreads each over both (ECMP).
+    wait_hops(&router, &[&g1, &g2], "both gateways up", &[&g1, &g2]);
+    let table = g1.table();
+    assert!(table.contains(&format!("{VIP} dev lo proto 245")), "table 4242: {table}");
+    assert!(table.contains(&format!("{VIP6} dev lo proto 245")), "table 4242: {table}");
+
+    // Drain one node: the other carries the frontends; status and `bgp` say so.
+    let out = g1.pins.xdpgate(&["drain", "--wait", "10"]);
+    assert!(out.contains("node drained"), "{out}");
+    wait_hops(&router, &[&g2], "g1 drained", &[&g1, &g2]);
+    let report = bgp_report(&g1.pins);
+    assert_eq!(report["node_drained"], true, "{report}");
+    assert_eq!(report["routes"], serde_json::json!([]), "{report}");
+    let status: Value = serde_json::from_str(&g1.pins.xdpgate(&["status", "--json"])).unwrap();
+    assert_eq!(status["bgp"]["node_drained"], true, "{status}");
+    g1.pins.xdpgate(&["undrain", "--wait", "10"]);
+    wait_hops(&router, &[&g1, &g2], "g1 undrained", &[&g1, &g2]);
+
+    // Every backend of g1 down (its probes fail): g1 withdraws; back up: announced again.
+    g1.backends = None;
+    wait_hops(&router, &[&g2], "g1's backends down", &[&g1, &g2]);
+    let report = bgp_report(&g1.pins);
+    let withheld = &report["agent"]["withheld"];
+    assert_eq!(withheld[0]["address"], VIP, "{report}");
+    assert_eq!(withheld[1]["address"], VIP6, "{report}");
+    assert_eq!(withheld[0]["reason"], "no healthy, non-drained backend", "{report}");
+    g1.open_backends();
+    wait_hops(&router, &[&g1, &g2], "g1's backends up again", &[&g1, &g2]);
+
+    // SIGTERM: the agent withdraws before it exits (its dataplane stays attached).
+    let status = g1.agent.as_mut().unwrap().terminate();
+    assert!(status.success(), "xdpgate run exited with {status}");
+    assert_eq!(g1.table(), "", "routes left after SIGTERM");
+    wait_hops(&router, &[&g2], "g1's agent stopped", &[&g1, &g2]);
+
+    // A crashed agent (SIGKILL) leaves its routes: its dataplane still filters and forwards
+    // from the pinned maps, so the path still leads to a working gateway.
+    g2.agent = None;
+    let table = g2.table();
+    assert!(table.contains(VIP) && table.contains(VIP6), "g2's table, agent killed: {table}");
+    let g2_only =
+        BTreeSet::from([("v4", g2.router_iface.clone()), ("v6", g2.router_iface.clone())]);
+    assert_eq!(next_hops(&router), g2_only);
+    // A dead node (its daemon silent) is withdrawn by the router's hold timer (9 s).
+    let frozen = Instant::now();
+    g2.bird.as_ref().unwrap().freeze();
+    wait_hops(&router, &[], "g2's daemon frozen", &[&g1, &g2]);
+    println!("hold timer: the router withdrew g2 {:.1?} after its daemon froze", frozen.elapsed());
+}
+
+/// Polls `gw`'s table until `done` says so.
+fn wait_table(gw: &Gateway, what: &str, done: impl Fn(&str) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let table = gw.table();
+        if done(&table) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: table 4242 holds:\n{table}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Without BIRD: the agent's table alone.
+#[test]
+fn detach_withdraws_and_an_agent_without_bgp_removes_a_killed_ones_routes() {
+    let router = Netns::new("bgprt");
+    let mut gw = Gateway::new(&router, 1, false);
+    let both = |t: &str| t.contains(VIP) && t.contains(VIP6);
+    wait_table(&gw, "never announced", both);
+    // Detached (by hand): not in force, so not announced, until the agent attaches its
+    // node file's interface again (it retries every 10 s).
+    gw.pins.xdpgate(&["detach", "--all"]);
+    wait_table(&gw, "still announced after detach", str::is_empty);
+    wait_table(&gw, "not announced again after the agent's attach", both);
+    // Killed: its routes stay (as in the crash case above). The next agent's node file has
+    // no bgp: section; nothing would look after those routes, so they go.
+    gw.agent = None;
+    assert!(both(&gw.table()), "{}", gw.table());
+    let node = std::fs::read_to_string(&gw.node_file).unwrap();
+    let without = &node[..node.find("bgp:").unwrap()];
+    gw.agent = Some(NodeAgent::start(&gw.ns, &gw.pins, POLICY, without));
+    wait_table(&gw, "left by the killed agent", str::is_empty);
+    let report = bgp_report(&gw.pins);
+    assert!(report["agent"].is_null(), "{report}");
+}
+
+#[test]
+fn a_bad_bgp_section_is_a_clear_error() {
+    let dir = std::env::temp_dir().join(unique("bgpbad"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let policy = dir.join("policy.yaml");
+    std::fs::write(&policy, POLICY).unwrap();
+    for (bgp, why) in [
+        (
+            "bgp: {table: 254, router_id: 203.0.113.2, local_as: 65001, peers: [{address: \
+             203.0.113.1, as: 65000}]}",
+            "line 3, column 14: bgp: table: 254 is one of the kernel's own tables",
+        ),
+        ("bgp: {router_id: 203.0.113.2, local_as: 65001}", "bgp: peers is missing"),
+        (
+            "bgp: {router_id: gw1, local_as: 65001, peers: [{address: 203.0.113.1, as: 1}]}",
+            "bgp: router_id: expected an IPv4 address, found string \"gw1\"",
+        ),
+    ] {
+        let node = dir.join("node.yaml");
+        std::fs::write(&node, format!("interfaces:\n  - {{name: eth0, role: external}}\n{bgp}\n"))
+            .unwrap();
+        let out = Command::new(xdpgate_bin())
+            .arg("check")
+            .arg(&policy)
+            .arg("--node")
+            .arg(&node)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(why), "{bgp}: {err}");
+        // The agent refuses it before it changes anything.
+        let pins = Pins::new();
+        let out = pins.try_xdpgate(&[
+            "run",
+            "--policy",
+            policy.to_str().unwrap(),
+            "--node",
+            node.to_str().unwrap(),
+            "--metrics-addr",
+            "off",
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(why), "run, {bgp}: {err}");
+        let status: Value = serde_json::from_str(&pins.xdpgate(&["status", "--json"])).unwrap();
+        assert!(status["policy"].is_null() && status["agent"].is_null(), "{status}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    // `drain --wait` with no agent to wait for is refused before it drains.
+    let pins = Pins::new();
+    let out = pins.try_xdpgate(&["drain", "--wait", "5"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--wait: no agent"), "{err}");
+    assert_eq!(bgp_report(&pins)["node_drained"], false);
+}

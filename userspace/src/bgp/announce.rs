@@ -1,0 +1,275 @@
+//! What this node announces over BGP, and why not the rest (issue 16 item 1): a frontend's
+//! address while the node is attached (every interface of the node file), not drained
+//! (`xdpgate drain`), a policy is in force (the agent's) and at least one of the
+//! frontend's services has a healthy, non-drained backend (an inbound NAT mapping's when no
+//! probe says it is down). The agent keeps one host route per such address in its table
+//! (`host_routes`), checked every second and after every health change (a probed backend
+//! counts once its probe has answered, [`Answered`]); it removes them
+//! all before it stops on purpose. `bgp.json` records the outcome for `status` and `bgp`.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashSet},
+    net::IpAddr,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context, Result};
+use log::info;
+use serde::{Deserialize, Serialize};
+use xdpgate_common::lb::NO_BACKEND;
+use xdpgate_dataplane::{PinDir, host_routes, state};
+use xdpgate_policy::lb::{BackendHealth, CompiledLb, ServiceSpec, frontend_addr};
+
+use super::node_drain;
+use crate::node::{self, Node};
+
+const FILE: &str = "bgp.json";
+
+/// The agent's last word on its announcements.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Announcements {
+    /// The agent that wrote it.
+    pub pid: u32,
+    /// The kernel table the routes are in.
+    pub table: u32,
+    /// Whether the node was drained (`xdpgate drain`) when it was written.
+    pub node_drained: bool,
+    /// Frontend addresses with a route in the table.
+    pub announced: Vec<IpAddr>,
+    /// Frontend addresses without one, and why.
+    pub withheld: Vec<Withheld>,
+    /// When the agent last changed the table or this record (seconds since the epoch).
+    pub time_unix_seconds: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Withheld {
+    pub address: IpAddr,
+    pub reason: String,
+}
+
+impl Announcements {
+    /// Whether the agent that wrote this still runs (a record left by one that stopped or
+    /// crashed is history).
+    pub fn agent_running(&self) -> bool {
+        std::path::Path::new(&format!("/proc/{}", self.pid)).exists()
+    }
+}
+
+/// The agent's record, if an agent with a `bgp:` section ran here.
+pub fn read(pins: &PinDir) -> Result<Option<Announcements>> {
+    state::read_json(pins, FILE)
+}
+
+/// Whether `a` and `b` hold the same addresses.
+pub fn same(a: &[IpAddr], b: &[IpAddr]) -> bool {
+    a.iter().collect::<BTreeSet<_>>() == b.iter().collect::<BTreeSet<_>>()
+}
+
+/// Addresses for a message: `a, b` or `none`.
+pub fn list(addrs: &[IpAddr]) -> String {
+    if addrs.is_empty() {
+        return "none".into();
+    }
+    addrs.iter().map(IpAddr::to_string).collect::<Vec<_>>().join(", ")
+}
+
+/// The frontend addresses of `lbs`, each with whether it may be announced: at least one of
+/// its services can take new flows.
+pub fn frontends(lbs: &CompiledLb, health: &dyn BackendHealth) -> BTreeMap<IpAddr, bool> {
+    let mut out = BTreeMap::new();
+    for (key, service, fixed, _) in &lbs.frontends {
+        let spec = &lbs.services[*service as usize];
+        let up = if *fixed == NO_BACKEND {
+            spec.pool.iter().any(|(b, _)| health.healthy_in(spec, lbs.backends[*b as usize]))
+        } else {
+            health.healthy(lbs.backends[*fixed as usize])
+        };
+        *out.entry(frontend_addr(key)).or_insert(false) |= up;
+    }
+    out
+}
+
+/// `health` for announcing: a probed backend counts only once its probe has answered (since
+/// the agent started), so a starting agent does not announce a frontend and withdraw it
+/// again when the first probes fail.
+pub struct Answered<'a> {
+    pub health: &'a dyn BackendHealth,
+    /// (backend, probe) pairs with at least one successful probe.
+    pub answered: &'a HashSet<(IpAddr, String)>,
+}
+
+impl BackendHealth for Answered<'_> {
+    fn healthy(&self, backend: IpAddr) -> bool {
+        self.health.healthy(backend)
+    }
+
+    fn healthy_in(&self, service: &ServiceSpec, backend: IpAddr) -> bool {
+        self.health.healthy_in(service, backend)
+            && service
+                .probe
+                .as_ref()
+                .is_none_or(|p| self.answered.contains(&(backend, p.name.clone())))
+    }
+}
+
+/// What the node should announce: the frontends that may be, unless `blocked` says why
+/// none may.
+pub fn plan(
+    frontends: &BTreeMap<IpAddr, bool>,
+    blocked: Option<&str>,
+) -> (Vec<IpAddr>, Vec<Withheld>) {
+    let (mut announce, mut withheld) = (Vec::new(), Vec::new());
+    for (&address, &up) in frontends {
+        match (blocked, up) {
+            (Some(why), _) => withheld.push(Withheld { address, reason: why.to_owned() }),
+            (None, true) => announce.push(address),
+            (None, false) => withheld
+                .push(Withheld { address, reason: "no healthy, non-drained backend".to_owned() }),
+        }
+    }
+    (announce, withheld)
+}
+
+/// Brings the table of `node`'s `bgp:` section in line with the node's state: nothing while
+/// it is drained or not attached to every interface of its node file, else the frontends of
+/// `lbs` that `health` (probes and `lb drain`) lets take new flows.
+pub fn update(
+    pins: &PinDir,
+    node: &Node,
+    lbs: &CompiledLb,
+    health: &dyn BackendHealth,
+) -> Result<()> {
+    let Some(bgp) = &node.bgp else { return Ok(()) };
+    let drained = node_drain::read(pins)?.drained;
+    let missing: Vec<&str> = node::missing(pins, node).iter().map(|i| i.name.as_str()).collect();
+    let blocked = if drained {
+        Some("the node is drained (xdpgate undrain announces it again)".to_owned())
+    } else {
+        (!missing.is_empty()).then(|| format!("not attached to {}", missing.join(", ")))
+    };
+    let (announce, withheld) = plan(&frontends(lbs, health), blocked.as_deref());
+    sync(pins, bgp.table, drained, announce, withheld)
+}
+
+/// Makes the table hold exactly the routes of `announce`, and records it (`bgp.json`, written
+/// only when something changed).
+fn sync(
+    pins: &PinDir,
+    table: u32,
+    node_drained: bool,
+    announce: Vec<IpAddr>,
+    withheld: Vec<Withheld>,
+) -> Result<()> {
+    let now = host_routes::list(table)?;
+    for addr in announce.iter().filter(|a| !now.contains(a)) {
+        host_routes::add(table, *addr)?;
+        info!("bgp: announcing {addr} (table {table})");
+    }
+    for addr in now.iter().filter(|a| !announce.contains(a)) {
+        host_routes::remove(table, *addr)?;
+        let why = withheld.iter().find(|w| w.address == *addr);
+        info!(
+            "bgp: withdrawing {addr}: {}",
+            why.map_or("no longer a frontend of the policy", |w| w.reason.as_str())
+        );
+    }
+    let record = Announcements {
+        pid: std::process::id(),
+        table,
+        node_drained,
+        announced: announce,
+        withheld,
+        time_unix_seconds: 0,
+    };
+    let last = read(pins)?;
+    if last.as_ref().map(|l| Announcements { time_unix_seconds: 0, ..l.clone() })
+        != Some(record.clone())
+    {
+        let time = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        state::write_json(pins, FILE, &Announcements { time_unix_seconds: time, ..record })?;
+    }
+    Ok(())
+}
+
+/// At the agent's start: the routes an earlier agent left in a table this one does not
+/// keep (its node file has no `bgp:` section now, or names another table) are removed, so
+/// nothing stays announced that no agent looks after.
+pub fn forget_other_table(pins: &PinDir, table: Option<u32>) -> Result<()> {
+    let Some(last) = read(pins)? else { return Ok(()) };
+    if Some(last.table) == table {
+        return Ok(());
+    }
+    for addr in host_routes::list(last.table)? {
+        host_routes::remove(last.table, addr)?;
+        info!("bgp: withdrawing {addr} from table {}, which this agent does not keep", last.table);
+    }
+    let path = state::dir(pins).join(FILE);
+    std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))
+}
+
+/// Removes every route of the table (before the agent stops on purpose).
+pub fn withdraw_all(pins: &PinDir, table: u32, why: &str) -> Result<()> {
+    let frontends: Vec<Withheld> = host_routes::list(table)?
+        .into_iter()
+        .map(|address| Withheld { address, reason: why.to_owned() })
+        .collect();
+    let drained = node_drain::read(pins)?.drained;
+    sync(pins, table, drained, Vec::new(), frontends)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POLICY: &str = "
+virtual_network: {address_space: [198.51.100.0/24]}
+load_balancers:
+  - name: edge
+    frontends:
+      - {name: vip, address: 192.0.2.10}
+      - {name: ssh, address: 192.0.2.11}
+    backend_pools:
+      - {name: web, backends: [198.51.100.11, 198.51.100.12]}
+    probes:
+      - {name: up, protocol: tcp, port: 80}
+    rules:
+      - {name: http, frontend: vip, protocol: tcp, frontend_port: 80, backend_port: 80,
+         backend_pool: web, probe: up}
+    inbound_nat_rules:
+      - {name: admin, frontend: ssh, protocol: tcp, frontend_port: 2201,
+         backend: 198.51.100.11, backend_port: 22}
+";
+
+    #[test]
+    fn a_frontend_is_announced_while_one_backend_can_take_it() {
+        let policy = xdpgate_policy::load_str(POLICY, "test").unwrap();
+        let lbs = xdpgate_policy::lb::compile(&policy).unwrap();
+        let (vip, ssh): (IpAddr, IpAddr) =
+            ("192.0.2.10".parse().unwrap(), "192.0.2.11".parse().unwrap());
+        let b1: IpAddr = "198.51.100.11".parse().unwrap();
+        let all = |_: IpAddr| true;
+        assert_eq!(frontends(&lbs, &all), BTreeMap::from([(vip, true), (ssh, true)]));
+        // One backend down: the other carries the rule; the NAT mapping's own is down.
+        let one = |b: IpAddr| b != b1;
+        assert_eq!(frontends(&lbs, &one), BTreeMap::from([(vip, true), (ssh, false)]));
+        let none = |_: IpAddr| false;
+        let up = frontends(&lbs, &none);
+        assert_eq!(up, BTreeMap::from([(vip, false), (ssh, false)]));
+        let (announce, withheld) = plan(&up, None);
+        assert!(announce.is_empty());
+        assert_eq!(withheld[0].reason, "no healthy, non-drained backend");
+        let (announce, withheld) = plan(&frontends(&lbs, &all), Some("drained"));
+        assert!(announce.is_empty());
+        assert_eq!(withheld.len(), 2);
+        assert_eq!(plan(&frontends(&lbs, &one), None).0, [vip]);
+        // Before its probe has answered, a probed backend does not count; the NAT mapping's
+        // (unprobed) does.
+        let answered = HashSet::new();
+        let starting = Answered { health: &all, answered: &answered };
+        assert_eq!(frontends(&lbs, &starting), BTreeMap::from([(vip, false), (ssh, true)]));
+        let answered = HashSet::from([(b1, "up".to_owned())]);
+        let probed = Answered { health: &all, answered: &answered };
+        assert_eq!(frontends(&lbs, &probed), BTreeMap::from([(vip, true), (ssh, true)]));
+    }
+}

@@ -1,0 +1,100 @@
+//! `xdpgate bgp`: what this node announces (the agent's record and the kernel table), and
+//! `xdpgate bgp bird-config --node FILE`: BIRD's configuration for this node.
+
+use std::path::PathBuf;
+
+use anyhow::{Result, anyhow};
+use serde::Serialize;
+use xdpgate_dataplane::{PinDir, host_routes};
+
+use super::{
+    announce::{self, Announcements},
+    bird, node_drain,
+};
+use crate::views::{self, OutputArgs, View};
+
+#[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct BgpArgs {
+    #[command(subcommand)]
+    pub action: Option<BgpAction>,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum BgpAction {
+    /// Print BIRD 2's configuration for this node (from the node file's bgp: section).
+    ///
+    /// Example: xdpgate bgp bird-config --node /etc/xdpgate/node.yaml > /etc/bird/bird.conf
+    BirdConfig {
+        /// The node file (as `xdpgate run --node`).
+        #[arg(long, value_name = "FILE")]
+        node: PathBuf,
+    },
+}
+
+/// What `xdpgate bgp` shows.
+#[derive(Debug, Serialize)]
+pub struct BgpReport {
+    /// Whether `xdpgate drain` is in force.
+    pub node_drained: bool,
+    /// Whether the agent that wrote `agent` still runs.
+    pub agent_running: bool,
+    /// The routes in the agent's kernel table now (what the daemon announces).
+    pub routes: Vec<std::net::IpAddr>,
+    /// The agent's last record; none if no agent with a bgp: section ran here.
+    pub agent: Option<Announcements>,
+}
+
+impl View for BgpReport {
+    fn json(&self) -> Result<serde_json::Value> {
+        views::to_json(self)
+    }
+
+    fn text(&self) -> String {
+        let mut out = format!(
+            "node           {}\n",
+            if self.node_drained { "drained (xdpgate undrain)" } else { "not drained" }
+        );
+        let Some(a) = &self.agent else {
+            out += "announcements  none: no agent with a bgp: section in its node file ran here\n";
+            return out;
+        };
+        let agent = if self.agent_running { "running" } else { "not running" };
+        out += &format!("agent          pid {} ({agent}), table {}\n", a.pid, a.table);
+        out += &format!("announced      {}\n", announce::list(&self.routes));
+        for w in &a.withheld {
+            out += &format!("withheld       {}: {}\n", w.address, w.reason);
+        }
+        out
+    }
+}
+
+pub fn report(pins: &PinDir) -> Result<BgpReport> {
+    let agent = announce::read(pins)?;
+    let routes = match &agent {
+        Some(a) => host_routes::list(a.table)?,
+        None => Vec::new(),
+    };
+    Ok(BgpReport {
+        node_drained: node_drain::read(pins)?.drained,
+        agent_running: agent.as_ref().is_some_and(Announcements::agent_running),
+        routes,
+        agent,
+    })
+}
+
+pub fn run(pins: &PinDir, args: BgpArgs) -> Result<()> {
+    match args.action {
+        None => views::print(&report(pins)?, args.output.format()),
+        Some(BgpAction::BirdConfig { node }) => {
+            let n = crate::node::load(&node)?;
+            let bgp = n
+                .bgp
+                .ok_or_else(|| anyhow!("node file {}: has no bgp: section", node.display()))?;
+            print!("{}", bird::config(&bgp));
+            Ok(())
+        }
+    }
+}

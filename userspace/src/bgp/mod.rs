@@ -1,0 +1,10 @@
+//! Scale-out behind ECMP (issue 16, first part): the agent keeps a host route per frontend
+//! it wants announced in a kernel table of its own ([`announce`]), an existing BGP daemon
+//! (BIRD, [`bird`]) learns that table and announces it to the routers. `xdpgate drain`
+//! ([`node_drain`]) makes the whole node withdraw.
+
+pub mod announce;
+pub mod bird;
+pub mod cmd;
+pub mod node;
+pub mod node_drain;

@@ -1,0 +1,217 @@
+//! The node file's `bgp:` section: this node's values for announcing the frontends over
+//! BGP (issue 16). The policy is the same on every node of a fleet; these are not.
+//!
+//! ```yaml
+//! bgp:
+//!   table: 4242              # kernel table the agent keeps the announced routes in
+//!   router_id: 10.0.1.2      # this node's BGP identifier
+//!   local_as: 65001          # this node's AS (the same on every gateway of a fleet)
+//!   hold_time: 9             # seconds; keepalives every third of it (default 9)
+//!   peers:
+//!     - {address: 10.0.1.1, as: 65000}
+//! ```
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use anyhow::{Result, anyhow, bail};
+use xdpgate_dataplane::host_routes::DEFAULT_TABLE;
+use xdpgate_policy::tree::{self, Kind, Value};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Bgp {
+    /// The kernel routing table the agent writes and the daemon learns.
+    pub table: u32,
+    pub router_id: Ipv4Addr,
+    pub local_as: u32,
+    /// BGP hold time in seconds: how long peers keep this node's routes after its daemon
+    /// (or its link) goes silent.
+    pub hold_time: u16,
+    pub peers: Vec<Peer>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Peer {
+    pub address: IpAddr,
+    pub asn: u32,
+}
+
+/// The default hold time: a dead node's routes go within 9 s (keepalives every 3 s).
+pub const DEFAULT_HOLD_TIME: u16 = 9;
+
+/// Tables the kernel uses itself: `unspec`, `default`, `main`, `local`.
+const RESERVED_TABLES: [u32; 4] = [0, 253, 254, 255];
+
+fn at(pos: tree::Pos) -> String {
+    format!("line {}, column {}", pos.line, pos.column)
+}
+
+fn number(v: &tree::Node, what: &str, lo: u64, hi: u64) -> Result<u64> {
+    let Some(Value::Int(Some(n))) = v.value() else {
+        bail!("{}: bgp: {what}: expected a number, found {}", at(v.pos), v.describe());
+    };
+    u64::try_from(n).ok().filter(|n| (lo..=hi).contains(n)).ok_or_else(|| {
+        anyhow!("{}: bgp: {what}: {n} is out of range (between {lo} and {hi})", at(v.pos))
+    })
+}
+
+fn address<T: std::str::FromStr>(v: &tree::Node, what: &str, kind: &str) -> Result<T> {
+    match v.value() {
+        Some(Value::Str(s)) => s.parse().ok(),
+        _ => None,
+    }
+    .ok_or_else(|| anyhow!("{}: bgp: {what}: expected {kind}, found {}", at(v.pos), v.describe()))
+}
+
+fn key(k: &tree::Node) -> String {
+    match k.value() {
+        Some(Value::Str(s)) => s.to_owned(),
+        _ => String::new(),
+    }
+}
+
+/// Reads the `bgp:` mapping: `router_id`, `local_as` and `peers` (at least one) are
+/// required, `table` and `hold_time` optional.
+pub fn read(v: &tree::Node) -> Result<Bgp> {
+    let Kind::Map(fields) = &v.kind else {
+        bail!("{}: bgp: expected a mapping, found {}", at(v.pos), v.describe());
+    };
+    let (mut table, mut router_id, mut local_as, mut hold_time, mut peers) =
+        (None, None, None, None, None);
+    for (k, v) in fields {
+        match key(k).as_str() {
+            "table" => {
+                let n = number(v, "table", 1, u32::MAX.into())? as u32;
+                if RESERVED_TABLES.contains(&n) {
+                    bail!(
+                        "{}: bgp: table: {n} is one of the kernel's own tables (default, main, \
+                         local): choose another, e.g. {DEFAULT_TABLE}",
+                        at(v.pos)
+                    );
+                }
+                table = Some(n);
+            }
+            "router_id" => router_id = Some(address(v, "router_id", "an IPv4 address")?),
+            "local_as" => local_as = Some(number(v, "local_as", 1, u32::MAX.into())? as u32),
+            "hold_time" => hold_time = Some(number(v, "hold_time", 3, 65535)? as u16),
+            "peers" => peers = Some(read_peers(v)?),
+            other => bail!(
+                "{}: bgp: unknown field {:?} (known: table, router_id, local_as, hold_time, \
+                 peers)",
+                at(k.pos),
+                tree::elide(other)
+            ),
+        }
+    }
+    let missing = |what: &str| anyhow!("{}: bgp: {what} is missing", at(v.pos));
+    let peers = peers.ok_or_else(|| missing("peers"))?;
+    if peers.is_empty() {
+        bail!("{}: bgp: peers: lists no peer", at(v.pos));
+    }
+    Ok(Bgp {
+        table: table.unwrap_or(DEFAULT_TABLE),
+        router_id: router_id.ok_or_else(|| missing("router_id"))?,
+        local_as: local_as.ok_or_else(|| missing("local_as"))?,
+        hold_time: hold_time.unwrap_or(DEFAULT_HOLD_TIME),
+        peers,
+    })
+}
+
+fn read_peers(v: &tree::Node) -> Result<Vec<Peer>> {
+    let Kind::Seq(items) = &v.kind else {
+        bail!("{}: bgp: peers: expected a list, found {}", at(v.pos), v.describe());
+    };
+    let mut peers: Vec<Peer> = Vec::new();
+    for item in items {
+        let Kind::Map(fields) = &item.kind else {
+            bail!("{}: bgp: peers: expected a mapping, found {}", at(item.pos), item.describe());
+        };
+        let (mut address_of, mut asn) = (None, None);
+        for (k, v) in fields {
+            match key(k).as_str() {
+                "address" => address_of = Some(address(v, "peers: address", "an IP address")?),
+                "as" => asn = Some(number(v, "peers: as", 1, u32::MAX.into())? as u32),
+                other => bail!(
+                    "{}: bgp: peers: unknown field {:?} (known: address, as)",
+                    at(k.pos),
+                    tree::elide(other)
+                ),
+            }
+        }
+        let missing = |what: &str| anyhow!("{}: bgp: peers: {what} is missing", at(item.pos));
+        let peer = Peer {
+            address: address_of.ok_or_else(|| missing("address"))?,
+            asn: asn.ok_or_else(|| missing("as"))?,
+        };
+        if peers.iter().any(|p| p.address == peer.address) {
+            bail!("{}: bgp: peers: {} is listed twice", at(item.pos), peer.address);
+        }
+        peers.push(peer);
+    }
+    Ok(peers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NODE: &str = "interfaces:\n  - {name: eth0, role: external}\n";
+
+    fn parse(bgp: &str) -> Result<Option<Bgp>> {
+        crate::node::parse(&format!("{NODE}{bgp}\n")).map(|n| n.bgp)
+    }
+
+    #[test]
+    fn bgp_sections() {
+        assert_eq!(parse("").unwrap(), None);
+        let b = parse(
+            "bgp: {router_id: 203.0.113.2, local_as: 4200000001, peers: [{address: 203.0.113.1, \
+             as: 65000}, {address: '2001:db8::1', as: 65000}]}",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(b.table, DEFAULT_TABLE);
+        assert_eq!(b.hold_time, DEFAULT_HOLD_TIME);
+        assert_eq!(b.local_as, 4_200_000_001);
+        assert_eq!(b.peers[1].address, "2001:db8::1".parse::<IpAddr>().unwrap());
+        let ok = "router_id: 203.0.113.2, local_as: 65001, peers: [{address: 203.0.113.1, as: 1}]";
+        for (bad, why) in [
+            ("bgp: 4242", "line 3, column 6: bgp: expected a mapping, found integer 4242"),
+            (&format!("bgp: {{table: 255, {ok}}}"), "table: 255 is one of the kernel's own"),
+            (&format!("bgp: {{table: 0, {ok}}}"), "table: 0 is out of range"),
+            (&format!("bgp: {{hold_time: 2, {ok}}}"), "hold_time: 2 is out of range (between 3"),
+            (&format!("bgp: {{asn: 2, {ok}}}"), "bgp: unknown field \"asn\" (known: table,"),
+            ("bgp: {local_as: 1, peers: [{address: 203.0.113.1, as: 1}]}", "router_id is missing"),
+            ("bgp: {router_id: 203.0.113.2, local_as: 1, peers: []}", "peers: lists no peer"),
+            (
+                "bgp: {router_id: '2001:db8::2', local_as: 1, peers: [{address: 203.0.113.1, as: 1}]}",
+                "router_id: expected an IPv4 address, found string \"2001:db8::2\"",
+            ),
+            (
+                "bgp: {router_id: 203.0.113.2, local_as: 0, peers: [{address: 203.0.113.1, as: 1}]}",
+                "local_as: 0 is out of range",
+            ),
+            (
+                "bgp: {router_id: 203.0.113.2, local_as: 1, peers: [{address: 203.0.113.1}]}",
+                "bgp: peers: as is missing",
+            ),
+            (
+                "bgp: {router_id: 203.0.113.2, local_as: 1, peers: [{address: 203.0.113.1, as: 1}, \
+                 {address: 203.0.113.1, as: 2}]}",
+                "203.0.113.1 is listed twice",
+            ),
+        ] {
+            let e = format!("{:#}", parse(bad).unwrap_err());
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
+
+    /// deploy/bird/bird.conf is what `xdpgate bgp bird-config` writes for
+    /// deploy/bird/node.yaml (regenerate it with that command when this fails).
+    #[test]
+    fn the_shipped_bird_conf_is_the_generated_one() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/bird/");
+        let node = crate::node::load(std::path::Path::new(&format!("{dir}node.yaml"))).unwrap();
+        let shipped = std::fs::read_to_string(format!("{dir}bird.conf")).unwrap();
+        assert_eq!(super::super::bird::config(&node.bgp.unwrap()), shipped);
+    }
+}

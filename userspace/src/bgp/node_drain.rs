@@ -1,0 +1,100 @@
+//! `xdpgate drain` / `xdpgate undrain`: the whole node stops announcing its frontends over
+//! BGP (and starts again), so the routers send new connections to the other gateways, e.g.
+//! before an upgrade. The state is `node_drain.json` in the state directory: it survives
+//! agent restarts, and the agent reads it every second.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Result, bail};
+use serde::{Deserialize, Serialize};
+use xdpgate_dataplane::{PinDir, host_routes, state};
+
+use super::announce::{self, Announcements};
+
+const FILE: &str = "node_drain.json";
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeDrain {
+    pub drained: bool,
+    /// When it was drained, in seconds since the Unix epoch.
+    pub since_unix_seconds: Option<u64>,
+}
+
+/// The node's drain state (not drained when the file is absent).
+pub fn read(pins: &PinDir) -> Result<NodeDrain> {
+    state::read_json(pins, FILE)
+}
+
+/// Drains or undrains the node; whether it changed anything.
+pub fn set(pins: &PinDir, drained: bool) -> Result<bool> {
+    let was = read(pins)?;
+    if was.drained == drained {
+        return Ok(false);
+    }
+    let since = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let now = NodeDrain { drained, since_unix_seconds: drained.then_some(since) };
+    state::write_json(pins, FILE, &now)?;
+    Ok(true)
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DrainArgs {
+    /// Wait up to this many seconds until the agent has removed (drain) or put back
+    /// (undrain) the node's routes in its announcement table, and fail if it has not.
+    #[arg(long, value_name = "SECONDS")]
+    pub wait: Option<u64>,
+}
+
+/// `xdpgate drain` (`drained`) or `xdpgate undrain`.
+pub fn run(pins: &PinDir, args: &DrainArgs, drained: bool) -> Result<()> {
+    let agent = announce::read(pins)?.filter(Announcements::agent_running);
+    let running = agent.is_some();
+    let wait = match (args.wait, agent) {
+        (Some(seconds), Some(agent)) => Some((seconds, agent)),
+        (Some(_), None) => bail!(
+            "--wait: no agent with a bgp: section in its node file runs, so nothing would \
+             happen to wait for; nothing changed"
+        ),
+        (None, _) => None,
+    };
+    let changed = set(pins, drained)?;
+    let what = if drained { "drained" } else { "undrained" };
+    if changed {
+        println!("node {what}");
+    } else {
+        println!("node was already {what}");
+    }
+    let Some((seconds, agent)) = wait else {
+        println!(
+            "{}",
+            match (running, drained) {
+                (false, _) =>
+                    "no agent with a bgp: section in its node file runs now: the next \
+                               one to start keeps to this",
+                (true, true) => "the agent withdraws this node's BGP announcements within a second",
+                (true, false) => "the agent announces this node's frontends again within a second",
+            }
+        );
+        return Ok(());
+    };
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    loop {
+        // The agent's record says what it wants; the kernel table says what is done.
+        let now = announce::read(pins)?.unwrap_or_default();
+        let routes = host_routes::list(agent.table)?;
+        let done = now.node_drained == drained && announce::same(&routes, &now.announced);
+        if done && now.agent_running() {
+            println!("table {} announces: {}", agent.table, announce::list(&routes));
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "the agent has not {} within {seconds} s (table {} holds: {})",
+                if drained { "withdrawn the node's routes" } else { "announced the node again" },
+                agent.table,
+                announce::list(&routes)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
