@@ -3,7 +3,7 @@
 
 use std::{fmt::Write as _, net::IpAddr};
 
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result, bail};
 use xdpgate_dataplane::{
     PinDir, apply,
     flows::{self, Deleted, Flow, FlowState},
@@ -116,9 +116,14 @@ pub fn run(pins: &PinDir, args: Args) -> Result<()> {
                 );
             }
             // The running policy's NAT gateways (their port cooldowns); none before any apply.
-            let policy = apply::applied_source(pins).and_then(|(path, src)| {
-                xdpgate_policy::load_str(&src, &path.display().to_string()).ok()
-            });
+            let policy = match apply::applied_source(pins) {
+                None => None,
+                Some((path, src)) => {
+                    Some(xdpgate_policy::load_str(&src, &path.display().to_string()).with_context(
+                        || format!("reading the running policy from {}", path.display()),
+                    )?)
+                }
+            };
             let f = &d.filter;
             let deleted =
                 flows::delete(pins, f.state, |flow| f.matches(flow), policy.as_ref(), d.dry_run)?;
