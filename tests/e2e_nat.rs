@@ -435,9 +435,9 @@ fn flows_delete_waits_for_another_writer() {
 }
 
 /// Ending a translation takes its gateway's port cooldown from the running policy's record:
-/// without one (the state directory lost it), `flows delete` of a translated flow refuses, and deletes
-/// nothing (it used to remove the entries and leave the translation, from which the flow's
-/// next packet rebuilt it).
+/// without one (the state directory lost it), `flows delete` of a translated flow refuses
+/// and deletes nothing (it used to remove the entries and leave the translation, from which
+/// the flow's next packet rebuilt it).
 #[test]
 fn flows_delete_without_the_policy_record_refuses_and_deletes_nothing() {
     let lab = Lab::new("    udp_idle_timeout: 120\n    port_reuse_cooldown: 0\n");

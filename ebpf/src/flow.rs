@@ -659,7 +659,10 @@ fn moved_rule(active: &Active<'_>, rule: u16) -> u16 {
         return rule;
     }
     // `NO_RULE` is past the map's end: none.
-    NSG_RULE_MOVES.get(u32::from(rule)).copied().unwrap_or(NO_RULE)
+    match NSG_RULE_MOVES.get(u32::from(rule)) {
+        Some(&moved) if moved != 0 => moved - 1,
+        _ => NO_RULE,
+    }
 }
 
 /// Classifies the packet's flow, decided under an older policy, again (as its first packet

@@ -86,7 +86,7 @@ pub static NSG_HITS: PerCpuArray<u64> = PerCpuArray::pinned(TABLES * MAX_RULES, 
 pub static NSG_TRAFFIC: PerCpuArray<Counter> = PerCpuArray::pinned(TABLES * MAX_RULES, 0);
 
 /// Where each rule of the slot an apply retired went in the slot it switched on, by global
-/// rule index (`NO_RULE`: the rule is gone), for flows kept without re-evaluation.
+/// rule index (plus one; 0: the rule is gone), for flows kept without re-evaluation.
 #[map(name = "NSG_RULE_MOVES")]
 pub static NSG_RULE_MOVES: Array<u16> = Array::pinned(TABLES * MAX_RULES, 0);
 

@@ -14,7 +14,7 @@ use aya::{
 };
 use aya_obj::generated::{bpf_attr, bpf_cmd};
 use xdpgate_common::{
-    flow::{FlowKey, NO_RULE},
+    flow::FlowKey,
     lb::{FrontendKey, Service},
     maps::{
         ACTIVE_SLOT, FRONTENDS, NAT_MAP, NAT_PUBLIC, NSG_CLASS_IDS, NSG_CLASSES, NSG_FIELDS,
@@ -175,17 +175,18 @@ fn update_batch<V: Pod>(array: &Array<MapData, V>, first: u32, values: &[V]) -> 
 }
 
 /// Writes where each rule of the running slot goes in the new one (`moved`: old and new
-/// global index, found by name as the counters carry over; `NO_RULE` for the others): a flow kept across the flip
-/// without re-evaluation moves its rules by this at its next packet (`NSG_RULE_MOVES`).
-/// Before the flip, nothing reads the running slot's part. None pinned (a dataplane loaded
-/// before the map): nothing to write, its programs keep their old numbers.
+/// global index, found by name as the counters carry over; none for the others): a flow
+/// kept across the flip without re-evaluation moves its rules by this at its next packet
+/// (`NSG_RULE_MOVES`). Before the flip, nothing reads the running slot's part. None pinned
+/// (a dataplane loaded before the map): nothing to write, its programs keep old numbers.
 fn write_rule_moves(pins: &PinDir, running_slot: u32, moved: &[(u32, u32)]) -> Result<()> {
     let Ok(map) = pins.open_map(NSG_RULE_MOVES) else { return Ok(()) };
     let moves: Array<_, u16> = map.try_into()?;
     let first = running_slot * TABLES_PER_SLOT * MAX_RULES;
-    let mut to = vec![NO_RULE; (TABLES_PER_SLOT * MAX_RULES) as usize];
+    // Plus one: 0 says gone (`NSG_RULE_MOVES`).
+    let mut to = vec![0u16; (TABLES_PER_SLOT * MAX_RULES) as usize];
     for &(old, new) in moved {
-        to[(old - first) as usize] = new as u16;
+        to[(old - first) as usize] = new as u16 + 1;
     }
     update_batch(&moves, first, &to).context("writing where the running rules move")
 }

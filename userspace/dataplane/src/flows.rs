@@ -608,7 +608,8 @@ pub struct Deleted {
 /// packet would rebuild the flow from it). A deleted flow's next packet is judged as a new
 /// flow's first: the policy decides again, and a TCP segment other than a SYN is dropped
 /// (`no_flow`) unless the policy picks flows up mid-stream. `dry_run`: removes nothing.
-/// `policy`: the running policy (its NAT gateways' port cooldowns).
+/// `policy`: the running policy (its NAT gateways' port cooldowns), needed when a matching
+/// flow is translated. Holds the write lock (unless dry).
 pub fn delete(
     pins: &PinDir,
     state: Option<FlowState>,
