@@ -70,25 +70,13 @@ fn an_east_west_flow_counts_both_ways_under_each_sides_rule() {
 }
 
 /// `POLICY` with b's web rule moved down a place: a deny rule takes its number.
-const POLICY_TELNET_FIRST: &str = r#"
-virtual_network:
-  address_space: [198.51.100.0/24]
-nsgs:
-  - name: a
-    subnets: [198.51.100.0/25]
-    rules:
-      - {name: a-web-out, priority: 100, direction: outbound, access: allow, protocol: tcp,
-         source: ["*"], destination: [198.51.100.128/25], destination_ports: [80]}
-  - name: b
-    subnets: [198.51.100.128/25]
-    rules:
-      - {name: b-no-telnet, priority: 100, direction: inbound, access: deny, protocol: tcp,
-         source: ["*"], destination: ["*"], destination_ports: [23]}
-      - {name: b-web-in, priority: 105, direction: inbound, access: allow, protocol: tcp,
-         source: [198.51.100.0/25], destination: ["*"], destination_ports: [80]}
-      - {name: b-no-ssh, priority: 110, direction: inbound, access: deny, protocol: tcp,
-         source: [198.51.100.0/25], destination: ["*"], destination_ports: [22]}
-"#;
+fn policy_telnet_first() -> String {
+    let web = "      - {name: b-web-in, priority: 100,";
+    assert!(POLICY.contains(web));
+    let telnet = "      - {name: b-no-telnet, priority: 100, direction: inbound, access: deny, \
+                  protocol: tcp, source: [\"*\"], destination: [\"*\"], destination_ports: [23]}\n";
+    POLICY.replace(web, &format!("{telnet}      - {{name: b-web-in, priority: 105,"))
+}
 
 /// A flow kept across applies without re-evaluation counts under the rules that decided it,
 /// as each new policy numbers them: never under the deny rule that took its rule's old
@@ -110,7 +98,7 @@ fn a_flow_kept_without_reevaluation_counts_under_its_own_rules() {
     // the deny rule takes b-web-in's place (back in the first slot).
     k.apply(&keep(POLICY));
     assert_eq!((k.run(&data), k.run(&answer)), (PASS, PASS));
-    k.apply(&keep(POLICY_TELNET_FIRST));
+    k.apply(&keep(&policy_telnet_first()));
     let (web_in, web_out) = (counters(&k, "b-web-in"), counters(&k, "a-web-out"));
     for _ in 0..3 {
         assert_eq!((k.run(&data), k.run(&answer)), (PASS, PASS), "the flow is kept");
