@@ -76,7 +76,7 @@ pub struct Args {
 enum Action {
     /// Delete the matching flows (like `conntrack -D`): both directions' entries, and the
     /// translation of a flow through a NAT gateway (its port cools down as after an idle
-    /// expiry). The next packet of a deleted flow is judged as a new flow's first: the
+    /// expiry). A writer, as `apply` is: waits up to 30 s for another. The next packet of a deleted flow is judged as a new flow's first: the
     /// running policy decides again, and a TCP segment other than a SYN is dropped
     /// (`no_flow`) unless the policy picks flows up mid-stream.
     ///
