@@ -12,6 +12,10 @@ use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
     process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     thread,
     time::{Duration, Instant},
 };
@@ -348,4 +352,109 @@ fn flows_delete_ends_the_translation_of_a_deleted_flow() {
     assert_eq!(flows.trim(), "[]");
     // The freed port serves another flow.
     assert_eq!(lab.udp(42001).as_deref(), Some("192.0.2.100"), "the freed port is reused");
+}
+
+impl Lab {
+    /// The live flows of the host's UDP port `sport` (through the gateway, translated).
+    fn flows_of(&self, sport: u16) -> Vec<serde_json::Value> {
+        let out = self.pins.xdpgate(&["flows", "--json", "--port", &sport.to_string()]);
+        serde_json::from_str::<Vec<serde_json::Value>>(&out).unwrap()
+    }
+
+    /// Whether the gateway's ports agree with the live flows: each live flow holds its
+    /// translation, and no port is held for a flow that is gone (without a cooldown).
+    fn ports_agree_with_flows(&self, sport: u16) -> Result<(), String> {
+        let nat = self.nat();
+        let flows = self.flows_of(sport);
+        let (translations, ports) = (nat[0]["translations"].as_u64(), self.ports_in_use());
+        let live = flows.len() as u64;
+        if translations == Some(live) && ports == live {
+            Ok(())
+        } else {
+            Err(format!("{live} live flows, NAT {nat}; flows {flows:?}"))
+        }
+    }
+}
+
+/// `flows delete` of a translated flow while its datagrams keep coming: whatever packet
+/// falls between the steps of the delete, the gateway's port is never freed under a live
+/// flow (the translation ends before the entries go, and the port is freed after). With
+/// the entries removed first, a datagram in between rebuilt the flow from the translation,
+/// which then ended under it: a live flow with no translation and its port free for another.
+#[test]
+fn flows_delete_under_traffic_never_frees_a_port_under_a_live_flow() {
+    let lab = Lab::new(
+        "    ports: \"2000-2000\"\n    udp_idle_timeout: 120\n    port_reuse_cooldown: 0\n",
+    );
+    lab.udp_echo();
+    let sock = Arc::new(lab.host.run(|| UdpSocket::bind("198.51.100.10:42100").unwrap()));
+    for round in 0..30 {
+        let stop = Arc::new(AtomicBool::new(false));
+        let sender = {
+            let (sock, stop) = (sock.clone(), stop.clone());
+            thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let _ = sock.send_to(b"?", "203.0.113.10:5353");
+                }
+            })
+        };
+        lab.wait("the flow", Duration::from_secs(5), |l| l.flows_of(42100).len() == 1);
+        let out = lab.pins.xdpgate(&["flows", "delete", "--port", "42100"]);
+        assert!(out.starts_with("deleted 1 flows (2 entries, 1 NAT translations)"), "{out}");
+        stop.store(true, Ordering::Relaxed);
+        sender.join().unwrap();
+        // Datagrams and answers still in flight settle within moments; a flow left without
+        // its translation stays so (for its 120 s idle timeout).
+        let start = Instant::now();
+        while let Err(e) = lab.ports_agree_with_flows(42100) {
+            assert!(start.elapsed() < Duration::from_secs(3), "round {round}: {e}");
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// `flows delete` is a writer: while another holds the dataplane's write lock it waits,
+/// and gives up (within the lock's wait) with nothing deleted; once the lock is free it
+/// deletes.
+#[test]
+fn flows_delete_waits_for_another_writer() {
+    let lab = Lab::new("    udp_idle_timeout: 120\n    port_reuse_cooldown: 0\n");
+    lab.udp_echo();
+    assert_eq!(lab.udp(42200).as_deref(), Some("192.0.2.100"));
+    let lock = xdpgate_dataplane::state::WriteLock::acquire(&lab.pins.dir).unwrap();
+    let out = lab.pins.try_xdpgate(&["flows", "delete", "--port", "42200"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "deleted under another writer's lock");
+    assert!(err.contains("another xdpgate is changing the dataplane"), "{err}");
+    assert_eq!(lab.flows_of(42200).len(), 1, "nothing deleted");
+    assert_eq!(lab.nat()[0]["translations"], 1, "{}", lab.nat());
+    drop(lock);
+    let out = lab.pins.xdpgate(&["flows", "delete", "--port", "42200"]);
+    assert!(out.starts_with("deleted 1 flows (2 entries, 1 NAT translations)"), "{out}");
+    assert_eq!(lab.nat()[0]["translations"], 0, "{}", lab.nat());
+}
+
+/// Ending a translation takes its gateway's port cooldown from the running policy's record:
+/// without one (the state directory lost it), `flows delete` of a translated flow refuses
+/// and deletes nothing (it used to remove the entries and leave the translation, from which
+/// the flow's next packet rebuilt it).
+#[test]
+fn flows_delete_without_the_policy_record_refuses_and_deletes_nothing() {
+    let lab = Lab::new("    udp_idle_timeout: 120\n    port_reuse_cooldown: 0\n");
+    lab.udp_echo();
+    assert_eq!(lab.udp(42300).as_deref(), Some("192.0.2.100"));
+    let generation = xdpgate_dataplane::apply::active(&lab.pins.dir).unwrap().1.generation;
+    let record = xdpgate_dataplane::state::path_of(&lab.pins.dir, generation);
+    let aside = record.with_extension("aside");
+    std::fs::rename(&record, &aside).unwrap();
+    let out = lab.pins.try_xdpgate(&["flows", "delete", "--port", "42300"]);
+    std::fs::rename(&aside, &record).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "deleted without the gateway's cooldown");
+    assert!(
+        err.contains("translated by a NAT gateway") && err.contains("nothing was deleted"),
+        "{err}"
+    );
+    assert_eq!(lab.flows_of(42300).len(), 1, "nothing deleted");
+    assert_eq!(lab.nat()[0]["translations"], 1, "{}", lab.nat());
 }

@@ -576,13 +576,14 @@ fn a_refused_upgrade_from_the_earlier_layout_pins_nothing_new() {
 }
 
 /// A pin set from a build without the per-rule packet and byte counters (`NSG_TRAFFIC` not
-/// pinned): `stats` and `apply` work before the upgrade (the counters read zero), and after
-/// `upgrade` the rules count packets and bytes.
+/// pinned, nor `NSG_RULE_MOVES`, which came later): `stats` and `apply` work before the
+/// upgrade (the counters read zero), and after `upgrade` the rules count packets and bytes.
 #[test]
 fn upgrade_from_a_build_without_rule_traffic_counters_counts_them() {
-    use xdpgate_common::maps::NSG_TRAFFIC;
+    use xdpgate_common::maps::{NSG_RULE_MOVES, NSG_TRAFFIC};
     let lab = Gateway::new();
     std::fs::remove_file(lab.pins.dir.map(NSG_TRAFFIC)).unwrap();
+    std::fs::remove_file(lab.pins.dir.map(NSG_RULE_MOVES)).unwrap();
     lab.apply("policy.yaml", POLICY);
     let _echo = EchoServer::start(&lab.server, vec!["198.51.100.10:7".parse().unwrap()]);
     let echoed = || echo_through(&lab);
@@ -598,6 +599,7 @@ fn upgrade_from_a_build_without_rule_traffic_counters_counts_them() {
     lab.apply("again.yaml", POLICY);
     lab.pins.xdpgate(&["upgrade"]);
     assert!(lab.pins.dir.map(NSG_TRAFFIC).exists(), "pinned by the upgrade");
+    assert!(lab.pins.dir.map(NSG_RULE_MOVES).exists(), "pinned by the upgrade");
     assert_eq!(echoed(), Some(*b"echo"), "after the upgrade");
     let (flows, packets) = traffic();
     assert_eq!(flows, 2);

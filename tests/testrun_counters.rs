@@ -68,3 +68,53 @@ fn an_east_west_flow_counts_both_ways_under_each_sides_rule() {
     // Nothing else counted the web flow's packets.
     assert_eq!(counters(&k, "DenyAllInBound"), (0, 0, 0));
 }
+
+/// `POLICY` with b's web rule moved down a place: a deny rule takes its number.
+fn policy_telnet_first() -> String {
+    let web = "      - {name: b-web-in, priority: 100,";
+    assert!(POLICY.contains(web));
+    let telnet = "      - {name: b-no-telnet, priority: 100, direction: inbound, access: deny, \
+                  protocol: tcp, source: [\"*\"], destination: [\"*\"], destination_ports: [23]}\n";
+    POLICY.replace(web, &format!("{telnet}      - {{name: b-web-in, priority: 105,"))
+}
+
+/// A flow kept across applies without re-evaluation counts under the rules that decided it,
+/// as each new policy numbers them: never under the deny rule that took its rule's old
+/// number, and under no rule once its rule is gone or it sat idle through two applies.
+#[test]
+fn a_flow_kept_without_reevaluation_counts_under_its_own_rules() {
+    let keep = |policy: &str| format!("settings: {{reevaluate_flows: false}}\n{policy}");
+    let k = Kernel::new();
+    k.apply(&keep(POLICY));
+    k.arrive_as(Role::Internal);
+    let (a, b) = ("198.51.100.10", "198.51.100.140");
+    let data = frame(a, b, L4::Tcp(40000, 80, ACK));
+    let answer = frame(b, a, L4::Tcp(80, 40000, ACK));
+    for pkt in [&frame(a, b, L4::Tcp(40000, 80, SYN)), &frame(b, a, L4::Tcp(80, 40000, SYN | ACK))]
+    {
+        assert_eq!(k.run(pkt), PASS);
+    }
+    // The same policy again (the other slot), a packet each way under it; then one where
+    // the deny rule takes b-web-in's place (back in the first slot).
+    k.apply(&keep(POLICY));
+    assert_eq!((k.run(&data), k.run(&answer)), (PASS, PASS));
+    k.apply(&keep(&policy_telnet_first()));
+    let (web_in, web_out) = (counters(&k, "b-web-in"), counters(&k, "a-web-out"));
+    for _ in 0..3 {
+        assert_eq!((k.run(&data), k.run(&answer)), (PASS, PASS), "the flow is kept");
+    }
+    let bytes = 3 * (data.len() + answer.len()) as u64;
+    assert_eq!(counters(&k, "b-no-telnet"), (0, 0, 0), "the deny rule saw no packet");
+    assert_eq!(counters(&k, "b-web-in"), (web_in.0, web_in.1 + 6, web_in.2 + bytes));
+    assert_eq!(counters(&k, "a-web-out"), (web_out.0, web_out.1 + 6, web_out.2 + bytes));
+
+    // Idle through two applies, the second of which gives the flow's old number to the
+    // b-no-ssh deny rule: its packets count under no rule (only the last apply says where
+    // rules went).
+    k.apply(&keep(POLICY));
+    k.apply(&keep(POLICY));
+    let rules = ["b-web-in", "b-no-ssh", "a-web-out"];
+    let before: Vec<_> = rules.iter().map(|r| counters(&k, r)).collect();
+    assert_eq!((k.run(&data), k.run(&answer)), (PASS, PASS), "the flow is kept");
+    assert_eq!(rules.iter().map(|r| counters(&k, r)).collect::<Vec<_>>(), before);
+}

@@ -40,6 +40,13 @@ pub const NSG_HITS: &str = "NSG_HITS";
 /// packet of the flows the rule decided (both ways), and every packet it denied. A new map:
 /// pin sets from before it get it on their next load.
 pub const NSG_TRAFFIC: &str = "NSG_TRAFFIC";
+/// `Array<u16>`: where rule `table * MAX_RULES + bit` of the slot the last apply retired sits
+/// in the slot it switched on, plus one (0: gone, as the map is made, so a map new to an
+/// upgraded dataplane moves no rule anywhere wrong). A flow kept across that apply without
+/// re-evaluation takes its rules from here, so its packets count under the same rules. Only
+/// the retired slot's part is meaningful. A new map: pin sets from before it get it on
+/// their next load.
+pub const NSG_RULE_MOVES: &str = "NSG_RULE_MOVES";
 /// `Array<u32>` of one entry: the slot packets use.
 pub const ACTIVE_SLOT: &str = "ACTIVE_SLOT";
 /// `Array<PolicyConfig>`, one per slot.

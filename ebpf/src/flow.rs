@@ -11,11 +11,14 @@ use xdpgate_common::{
         FLOW_STAT_EMBRYOS_CLOSED, FLOW_STAT_EMBRYOS_CONFIRMED, FLOW_STAT_EMBRYOS_CREATED,
         FLOW_STAT_EMBRYOS_EXPIRED, FLOW_STAT_EMBRYOS_REFUSED, FLOW_STAT_PICKED_UP,
         FLOW_STAT_REBUILT, FlowKey, FlowValue, FragKey, FragValue, NAT_DST, NAT_NEXT_HOP, NAT_NONE,
-        NAT_SRC, NO_RULES, NextHop, TCP_ANSWERED, TCP_CLOSED, TCP_FIN, TCP_MIDSTREAM,
+        NAT_SRC, NO_RULE, NO_RULES, NextHop, TCP_ANSWERED, TCP_CLOSED, TCP_FIN, TCP_MIDSTREAM,
     },
     lb::NO_BACKEND,
     nat::NAT_ACTIVE,
-    nsg::{DIR_OUTBOUND, FLAG_MIDSTREAM, FLAG_NO_FRONTENDS, FLAG_NO_NAT, FLAG_REEVALUATE},
+    nsg::{
+        DIR_OUTBOUND, FLAG_MIDSTREAM, FLAG_NO_FRONTENDS, FLAG_NO_NAT, FLAG_REEVALUATE, MAX_RULES,
+        TABLES_PER_SLOT,
+    },
     stats::DropReason,
 };
 
@@ -27,7 +30,7 @@ use crate::{
     lb::{self, Lb},
     maps::{
         BACKEND_STATS, BACKENDS, CLASSIFY_SCRATCH, EMBRYOS, FLOW_SCRATCH, FLOW_STATS, FLOWS, FRAGS,
-        NSG_TRAFFIC, SERVICE_STATS,
+        NSG_RULE_MOVES, NSG_TRAFFIC, SERVICE_STATS,
     },
     nsg::{Active, classify},
     parse::PacketMeta,
@@ -626,7 +629,9 @@ fn count_lb(service: u32, backend: u32, len: u64) {
 }
 
 /// Whether a flow was decided under an older policy and the policy asks for flows to be
-/// classified again; when it does not, the flow just takes the new generation.
+/// classified again. When it does not, the flow takes the new generation, and its rules as
+/// the new policy numbers them, so that its packets count under the rules that decided it
+/// (under no rule once that rule is gone), never under whatever rule took its old number.
 #[inline(always)]
 fn stale(active: &Active<'_>, entry: &mut FlowValue) -> bool {
     let generation = active.config.generation;
@@ -636,8 +641,28 @@ fn stale(active: &Active<'_>, entry: &mut FlowValue) -> bool {
     if active.config.flags & FLAG_REEVALUATE != 0 {
         return true;
     }
+    // Only the last apply left where the rules it retired went: a flow idle across two
+    // applies has numbers in a slot written since, and keeps no rule.
+    let moved = entry.generation + 1 == generation;
+    for rule in &mut entry.rules {
+        *rule = if moved { moved_rule(active, *rule) } else { NO_RULE };
+    }
     entry.generation = generation;
     false
+}
+
+/// The number in the running slot of `rule`, a rule of the slot the last apply retired.
+#[inline(always)]
+fn moved_rule(active: &Active<'_>, rule: u16) -> u16 {
+    // Numbered in the running slot already: another CPU moved this entry's rules first.
+    if u32::from(rule) / (TABLES_PER_SLOT * MAX_RULES) == active.slot {
+        return rule;
+    }
+    // `NO_RULE` is past the map's end: none.
+    match NSG_RULE_MOVES.get(u32::from(rule)) {
+        Some(&moved) if moved != 0 => moved - 1,
+        _ => NO_RULE,
+    }
 }
 
 /// Classifies the packet's flow, decided under an older policy, again (as its first packet

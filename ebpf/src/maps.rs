@@ -85,6 +85,11 @@ pub static NSG_HITS: PerCpuArray<u64> = PerCpuArray::pinned(TABLES * MAX_RULES, 
 #[map(name = "NSG_TRAFFIC")]
 pub static NSG_TRAFFIC: PerCpuArray<Counter> = PerCpuArray::pinned(TABLES * MAX_RULES, 0);
 
+/// Where each rule of the slot an apply retired went in the slot it switched on, by global
+/// rule index (plus one; 0: the rule is gone), for flows kept without re-evaluation.
+#[map(name = "NSG_RULE_MOVES")]
+pub static NSG_RULE_MOVES: Array<u16> = Array::pinned(TABLES * MAX_RULES, 0);
+
 /// The policy slot packets use; flipped by the agent after it wrote the other slot.
 #[map(name = "ACTIVE_SLOT")]
 pub static ACTIVE_SLOT: Array<u32> = Array::pinned(1, 0);

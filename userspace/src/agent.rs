@@ -668,11 +668,15 @@ fn tick(
     for (_, logger) in loggers.iter_mut() {
         logger.flush();
     }
-    let expired = nat::expire(pins, &running.policy, nat::monotonic_ns());
-    if let Some(e) = failing.check("NAT expiry", expired)
-        && e.expired + e.released > 0
-    {
-        info!("NAT: {} translations idled out, {} ports free again", e.expired, e.released);
+    // Translations end under the write lock, as `flows delete` ends them: a tick that finds
+    // another writer at work leaves the expiry to the next one.
+    if let Some(Some(_lock)) = failing.check("NAT expiry lock", WriteLock::try_acquire(pins)) {
+        let expired = nat::expire(pins, &running.policy, nat::monotonic_ns());
+        if let Some(e) = failing.check("NAT expiry", expired)
+            && e.expired + e.released > 0
+        {
+            info!("NAT: {} translations idled out, {} ports free again", e.expired, e.released);
+        }
     }
     // A job of its own: finding the file in place says nothing of whether writes work, so
     // it must not clear a write failure that `status` shows.

@@ -3,7 +3,7 @@
 
 use std::{fmt::Write as _, net::IpAddr};
 
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result, bail};
 use xdpgate_dataplane::{
     PinDir, apply,
     flows::{self, Deleted, Flow, FlowState},
@@ -76,7 +76,7 @@ pub struct Args {
 enum Action {
     /// Delete the matching flows (like `conntrack -D`): both directions' entries, and the
     /// translation of a flow through a NAT gateway (its port cools down as after an idle
-    /// expiry). The next packet of a deleted flow is judged as a new flow's first: the
+    /// expiry). A writer, as `apply` is: waits up to 30 s for another. The next packet of a deleted flow is judged as a new flow's first: the
     /// running policy decides again, and a TCP segment other than a SYN is dropped
     /// (`no_flow`) unless the policy picks flows up mid-stream.
     ///
@@ -116,9 +116,14 @@ pub fn run(pins: &PinDir, args: Args) -> Result<()> {
                 );
             }
             // The running policy's NAT gateways (their port cooldowns); none before any apply.
-            let policy = apply::applied_source(pins).and_then(|(path, src)| {
-                xdpgate_policy::load_str(&src, &path.display().to_string()).ok()
-            });
+            let policy = match apply::applied_source(pins) {
+                None => None,
+                Some((path, src)) => {
+                    Some(xdpgate_policy::load_str(&src, &path.display().to_string()).with_context(
+                        || format!("reading the running policy from {}", path.display()),
+                    )?)
+                }
+            };
             let f = &d.filter;
             let deleted =
                 flows::delete(pins, f.state, |flow| f.matches(flow), policy.as_ref(), d.dry_run)?;

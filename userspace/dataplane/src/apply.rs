@@ -18,7 +18,7 @@ use xdpgate_common::{
     lb::{FrontendKey, Service},
     maps::{
         ACTIVE_SLOT, FRONTENDS, NAT_MAP, NAT_PUBLIC, NSG_CLASS_IDS, NSG_CLASSES, NSG_FIELDS,
-        NSG_HITS, NSG_RULES, NSG_TRAFFIC, POLICY_CONFIG,
+        NSG_HITS, NSG_RULE_MOVES, NSG_RULES, NSG_TRAFFIC, POLICY_CONFIG,
     },
     nat::{AddrKey, NatEntry},
     nsg::{
@@ -174,6 +174,23 @@ fn update_batch<V: Pod>(array: &Array<MapData, V>, first: u32, values: &[V]) -> 
     Ok(())
 }
 
+/// Writes where each rule of the running slot goes in the new one (`moved`: old and new
+/// global index, found by name as the counters carry over; none for the others): a flow
+/// kept across the flip without re-evaluation moves its rules by this at its next packet
+/// (`NSG_RULE_MOVES`). Before the flip, nothing reads the running slot's part. None pinned
+/// (a dataplane loaded before the map): nothing to write, its programs keep old numbers.
+fn write_rule_moves(pins: &PinDir, running_slot: u32, moved: &[(u32, u32)]) -> Result<()> {
+    let Ok(map) = pins.open_map(NSG_RULE_MOVES) else { return Ok(()) };
+    let moves: Array<_, u16> = map.try_into()?;
+    let first = running_slot * TABLES_PER_SLOT * MAX_RULES;
+    // Plus one: 0 says gone (`NSG_RULE_MOVES`).
+    let mut to = vec![0u16; (TABLES_PER_SLOT * MAX_RULES) as usize];
+    for &(old, new) in moved {
+        to[(old - first) as usize] = new as u16 + 1;
+    }
+    update_batch(&moves, first, &to).context("writing where the running rules move")
+}
+
 fn map_empty<K: Pod, V: Pod>(pins: &PinDir, name: &str) -> Result<bool> {
     let map: aya::maps::HashMap<_, K, V> = pins.open_map(name)?.try_into()?;
     Ok(map.keys().next().is_none())
@@ -248,6 +265,7 @@ pub fn prepare(
     let nr_cpus = aya::util::nr_cpus().map_err(|(m, e)| anyhow!("{m}: {e}"))?;
     let mut rule_counts = [0u32; TABLES_PER_SLOT as usize];
     let mut wildcard_fields = 0;
+    let mut moved = Vec::new();
     for (t, table) in compiled.tables.iter().enumerate() {
         let table_id = slot * TABLES_PER_SLOT + t as u32;
         rule_counts[t] = table.rules.len() as u32;
@@ -272,6 +290,7 @@ pub fn prepare(
             let index = table_id * MAX_RULES + bit as u32;
             rules.set(index, access_code(r.rule.access), 0)?;
             let old = running_rules.get(&RuleName::of(r).id()).copied();
+            moved.extend(old.map(|old| (old, index)));
             let counts = match old {
                 Some(old) => hits.get(&old, 0)?.to_vec(),
                 None => vec![0u64; nr_cpus],
@@ -288,6 +307,7 @@ pub fn prepare(
     }
 
     let classes = write_classes(pins, compiled, slot)?;
+    write_rule_moves(pins, active_slot, &moved)?;
 
     let generation = active_config.generation + 1;
     let s = |secs: u32| u64::from(secs) * 1_000_000_000;

@@ -608,7 +608,8 @@ pub struct Deleted {
 /// packet would rebuild the flow from it). A deleted flow's next packet is judged as a new
 /// flow's first: the policy decides again, and a TCP segment other than a SYN is dropped
 /// (`no_flow`) unless the policy picks flows up mid-stream. `dry_run`: removes nothing.
-/// `policy`: the running policy (its NAT gateways' port cooldowns).
+/// `policy`: the running policy (its NAT gateways' port cooldowns), needed when a matching
+/// flow is translated. Holds the write lock (unless dry).
 pub fn delete(
     pins: &PinDir,
     state: Option<FlowState>,
@@ -617,7 +618,23 @@ pub fn delete(
     dry_run: bool,
 ) -> Result<Deleted> {
     crate::migrate::ensure_done(pins)?;
+    // One writer at a time: an apply, a drain or another delete waits for this one.
+    let _lock = if dry_run { None } else { Some(state::WriteLock::acquire(pins)?) };
     let held = matching(pins, state, keep)?;
+    // A NAT gateway's flow (not a load balancer's rewrite): its translation is stored under
+    // the reply key, and must end with it, or the flow's next packet rebuilds the flow.
+    let snat =
+        |f: &Flow| f.load_balancer.is_none() && f.nat.as_ref().is_some_and(|n| n.kind == "snat");
+    let translated = held.iter().filter(|h| snat(&h.flow)).count();
+    let policy = match policy {
+        Some(p) => Some(p),
+        None if dry_run || translated == 0 => None,
+        None => bail!(
+            "{translated} of the flows to delete are translated by a NAT gateway, and ending \
+             their translations needs the running policy (its gateways' port cooldowns), \
+             whose record is missing or unreadable; nothing was deleted"
+        ),
+    };
     let mut out = Deleted { flows: Vec::new(), entries: 0, translations: 0 };
     let (mut established, mut embryos) = (open(pins, FLOWS)?, open(pins, EMBRYOS)?);
     let now = monotonic_ns();
@@ -627,20 +644,22 @@ pub fn delete(
                 FlowState::Established => &mut established,
                 FlowState::Embryonic => &mut embryos,
             };
-            for k in [h.key, h.reply_key] {
-                if map.remove(&k).is_ok() {
-                    out.entries += 1;
+            let entries = &mut out.entries;
+            let mut remove_flow = || {
+                for k in [h.key, h.reply_key] {
+                    if map.remove(&k).is_ok() {
+                        *entries += 1;
+                    }
                 }
-            }
-            // A NAT gateway's flow (not a load balancer's rewrite): its translation is
-            // stored under the reply key.
-            let snat = h.flow.load_balancer.is_none()
-                && h.flow.nat.as_ref().is_some_and(|n| n.kind == "snat");
-            if snat
-                && let Some(policy) = policy
-                && crate::nat::end_translation(pins, policy, &h.reply_key, now)?
-            {
-                out.translations += 1;
+                Ok(())
+            };
+            match policy {
+                Some(policy) if snat(&h.flow) => {
+                    if crate::nat::end_translation(pins, policy, &h.reply_key, now, remove_flow)? {
+                        out.translations += 1;
+                    }
+                }
+                _ => remove_flow()?,
             }
         }
         out.flows.push(h.flow);

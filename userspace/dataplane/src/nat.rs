@@ -203,53 +203,72 @@ pub fn expire(pins: &PinDir, policy: &Policy, now: u64) -> Result<Expired> {
         if now.saturating_sub(last) <= timeout {
             continue;
         }
-        for m in &mut tables {
-            let _ = m.remove(&forward);
-            let _ = m.remove(&reply);
-        }
+        let remove_flow = || {
+            for m in &mut tables {
+                let _ = m.remove(&forward);
+                let _ = m.remove(&reply);
+            }
+            Ok(())
+        };
         out.expired += 1;
-        if retire(&mut map, &reply, &t, gw, now)? {
+        if retire(&mut map, &reply, &t, gw.port_reuse_cooldown, now, remove_flow)? {
             out.released += 1;
         }
     }
     Ok(out)
 }
 
-/// Ends the translation `t` stored under its `reply` tuple, its flow entries gone: the
-/// forward tuple's entry goes, and the port cools down before reuse (or is free at once,
-/// without a cooldown: then `true`).
+/// Ends the translation `t` stored under its `reply` tuple and, with `remove_flow`, the
+/// entries of its flow, in an order that never frees a port under a live flow: first the
+/// forward tuple's translation goes and the port starts cooling down (meanwhile the flow's
+/// packets pass by its entries); then its entries go, and its next packet finds no
+/// translation to rebuild them from; last, without a cooldown (`cooldown_s` 0), the port is
+/// free (then `true`). The other way round, a packet between the entries' removal and the
+/// translation's end rebuilt the flow, whose port was then freed under it.
 fn retire(
     map: &mut HashMap<MapData, FlowKey, NatEntry>,
     reply: &FlowKey,
     t: &NatEntry,
-    gw: &NatGateway,
+    cooldown_s: u32,
     now: u64,
+    remove_flow: impl FnOnce() -> Result<()>,
 ) -> Result<bool> {
     let _ = map.remove(&forward_key(reply, t));
-    if gw.port_reuse_cooldown == 0 {
-        let _ = map.remove(reply);
-        return Ok(true);
-    }
     let cooling = NatEntry {
         state: NAT_COOLDOWN,
-        time_ns: now + u64::from(gw.port_reuse_cooldown) * 1_000_000_000,
+        time_ns: now + u64::from(cooldown_s) * 1_000_000_000,
         ..*t
     };
     map.insert(reply, cooling, 0)?;
+    remove_flow()?;
+    if cooldown_s == 0 {
+        let _ = map.remove(reply);
+        return Ok(true);
+    }
     Ok(false)
 }
 
-/// Ends the active translation stored under `reply` (the reply tuple of a flow through a NAT
-/// gateway, whose flow entries the caller removed) as the expiry does; `false` when there is
-/// none.
-pub fn end_translation(pins: &PinDir, policy: &Policy, reply: &FlowKey, now: u64) -> Result<bool> {
+/// Removes a flow through a NAT gateway, whose reply tuple is `reply`, with `remove_flow`,
+/// and ends its active translation as the expiry does (see `retire` for the order). `false`
+/// when it had none. A gateway the policy no longer has frees the port at once.
+pub fn end_translation(
+    pins: &PinDir,
+    policy: &Policy,
+    reply: &FlowKey,
+    now: u64,
+    remove_flow: impl FnOnce() -> Result<()>,
+) -> Result<bool> {
     let mut map: HashMap<_, FlowKey, NatEntry> = pins.open_map(NAT_MAP)?.try_into()?;
-    let Ok(t) = map.get(reply, 0) else { return Ok(false) };
-    if t.kind != NAT_DST || t.state != NAT_ACTIVE {
-        return Ok(false);
-    }
-    let Some(gw) = policy.nat_gateways.get(usize::from(t.gateway)) else { return Ok(false) };
-    retire(&mut map, reply, &t, gw, now)?;
+    let t = match map.get(reply, 0) {
+        Ok(t) if t.kind == NAT_DST && t.state == NAT_ACTIVE => t,
+        _ => {
+            remove_flow()?;
+            return Ok(false);
+        }
+    };
+    let gateway = policy.nat_gateways.get(usize::from(t.gateway));
+    let cooldown_s = gateway.map_or(0, |gw| gw.port_reuse_cooldown);
+    retire(&mut map, reply, &t, cooldown_s, now, remove_flow)?;
     Ok(true)
 }
 

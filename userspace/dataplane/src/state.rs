@@ -128,6 +128,15 @@ impl WriteLock {
         Self::acquire_within(pins, LOCK_WAIT)
     }
 
+    /// The lock if no other writer holds it now (`None` if one does), without waiting.
+    pub fn try_acquire(pins: &PinDir) -> Result<Option<Self>> {
+        let dir = pins.path();
+        let file = File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
+        let locked = flock(file, FlockArg::LockExclusiveNonblock, Duration::ZERO)
+            .with_context(|| format!("locking {}", dir.display()))?;
+        Ok(locked.map(Self))
+    }
+
     pub fn acquire_within(pins: &PinDir, wait: Duration) -> Result<Self> {
         let dir = pins.path();
         let file = File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
