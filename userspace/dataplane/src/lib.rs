@@ -39,6 +39,7 @@ pub mod drain;
 pub mod fib;
 pub mod flows;
 pub mod lb;
+pub mod lease;
 pub mod migrate;
 pub mod monitor;
 pub mod nat;
