@@ -224,3 +224,22 @@ fn trace_at_xdp_agrees_with_verify_flow_and_changes_nothing() {
 fn trace_at_tc_agrees_with_verify_flow_and_changes_nothing() {
     traces_agree_with_verify_flow(Gateway::tc());
 }
+
+/// Traces run side by side each report their own packet: one at a time (the second waits),
+/// neither clearing the other's record before it is read.
+#[test]
+fn concurrent_traces_each_report_their_own_packet() {
+    let gw = Gateway::tc();
+    gw.pins.apply(POLICY);
+    std::thread::scope(|s| {
+        for (port, verdict) in [("80", "pass"), ("22", "drop")] {
+            let gw = &gw;
+            s.spawn(move || {
+                for _ in 0..25 {
+                    let t = trace(gw, &gw.ext, CLIENT4, SERVER4, port);
+                    assert_eq!(t["verdict"], verdict, "port {port}: {t:#}");
+                }
+            });
+        }
+    });
+}

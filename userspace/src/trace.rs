@@ -28,6 +28,7 @@ use xdpgate_dataplane::{
     Hook, PinDir, apply,
     flows::{self, Names, SideRules},
     ifindex, link_info,
+    state::{Tool, ToolLock},
 };
 
 use crate::{
@@ -195,6 +196,9 @@ fn frame(args: &TraceArgs, mac: [u8; 6]) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// How long a trace waits for another one to finish (each takes milliseconds).
+const TRACE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 fn bpf(cmd: bpf_cmd, attr: &mut bpf_attr, what: &str) -> Result<i64> {
     // SAFETY: attr is a valid bpf_attr for `cmd`; its pointers outlive the call.
     let ret =
@@ -268,6 +272,8 @@ pub fn run(pins: &PinDir, args: &TraceArgs) -> Result<Report> {
         .open_map(TRACE)
         .context("this dataplane cannot trace: run `xdpgate upgrade`")?
         .try_into()?;
+    // From clearing the record to reading it: another trace would clear it in between.
+    let _lock = ToolLock::acquire(pins, Tool::Trace, TRACE_WAIT)?;
     let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
     map.set(0, PerCpuValues::try_from(vec![TraceRecord::default(); cpus])?, 0)?;
     test_run(link.prog_id, link.hook, ifindex, &frame)?;
