@@ -279,3 +279,7 @@ pub static CAPTURE_SCRATCH: PerCpuArray<CaptureRecord> = PerCpuArray::pinned(1, 
 /// The decisions of the stages for a traced packet (`xdpgate trace`), per CPU.
 #[map(name = "TRACE")]
 pub static TRACE: PerCpuArray<TraceRecord> = PerCpuArray::pinned(1, 0);
+
+/// The marker of the trace running now (`xdpgate_common::trace::TRACE_ARMED`).
+#[map(name = "TRACE_ARMED")]
+pub static TRACE_ARMED: Array<u64> = Array::pinned(1, 0);
