@@ -88,10 +88,12 @@ impl Hook for XdpContext {
     fn traced(&self) -> bool {
         let meta = unsafe { (*self.ctx).data_meta } as usize;
         // Metadata is 4-byte aligned: two word loads, no copy through the stack.
-        meta + 8 <= XdpContext::data(self)
-            && trace::armed(unsafe { *(meta as *const u32) }, unsafe {
-                *((meta + 4) as *const u32)
-            })
+        if meta + 8 > XdpContext::data(self) {
+            return false;
+        }
+        let (lo, hi) = unsafe { (*(meta as *const u32), *((meta + 4) as *const u32)) };
+        // The call only for a marker at all.
+        (lo | hi) != 0 && trace::armed(lo, hi)
     }
 
     #[inline(always)]
@@ -162,7 +164,8 @@ impl Hook for TcContext {
     #[inline(always)]
     fn traced(&self) -> bool {
         let cb = unsafe { (*self.skb.skb).cb };
-        trace::armed(cb[0], cb[1])
+        // The call only for a marker at all (most packets' `cb` is zero here).
+        (cb[0] | cb[1]) != 0 && trace::armed(cb[0], cb[1])
     }
 
     /// At tc ingress the socket buffer's device is the one it arrived by.
