@@ -37,20 +37,21 @@ fn json(out: &str) -> serde_json::Value {
 }
 
 fn trace(gw: &Gateway, iface: &str, src: &str, dst: &str, port: &str) -> serde_json::Value {
-    json(&gw.pins.xdpgate(&[
-        "trace",
-        "--json",
-        "--iface",
-        iface,
-        "--src",
-        src,
-        "--dst",
-        dst,
-        "--protocol",
-        "tcp",
-        "--dst-port",
-        port,
-    ]))
+    trace_with(gw, iface, src, dst, port, &[])
+}
+
+/// `trace` of a TCP packet with `extra` arguments.
+fn trace_with(
+    gw: &Gateway,
+    iface: &str,
+    src: &str,
+    dst: &str,
+    port: &str,
+    extra: &[&str],
+) -> serde_json::Value {
+    let args = ["trace", "--json", "--iface", iface, "--src", src, "--dst", dst];
+    let tcp = ["--protocol", "tcp", "--dst-port", port];
+    json(&gw.pins.xdpgate(&[&args[..], &tcp, extra].concat()))
 }
 
 /// The deciding rules verify-flow names for an inbound TCP flow to `SERVER4:port`, and
@@ -251,23 +252,7 @@ fn a_traced_midstream_segment_moves_no_counter() {
     let gw = Gateway::tc();
     gw.pins.apply(&format!("settings:\n  midstream_pickup: true\n{POLICY}"));
     let before = state(&gw);
-    let out = gw.pins.xdpgate(&[
-        "trace",
-        "--json",
-        "--iface",
-        &gw.ext,
-        "--src",
-        CLIENT4,
-        "--dst",
-        SERVER4,
-        "--protocol",
-        "tcp",
-        "--dst-port",
-        "80",
-        "--tcp-flags",
-        "A",
-    ]);
-    let t = json(&out);
+    let t = trace_with(&gw, &gw.ext, CLIENT4, SERVER4, "80", &["--tcp-flags", "A"]);
     assert_eq!(t["verdict"], "pass", "{t:#}");
     assert_eq!(rule_of(&t), "web/allow-web", "{t:#}");
     assert_eq!(state(&gw), before, "the traced segment moved a counter");

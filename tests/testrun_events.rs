@@ -5,11 +5,11 @@
 mod common;
 
 use aya::{
-    maps::{ProgramArray, RingBuf},
+    maps::RingBuf,
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
 use common::{
-    kernel::{DROP, Kernel, PASS},
+    kernel::{DROP, Kernel, PASS, link_tc_pipeline},
     packet::{L4, SYN, frame},
 };
 use xdpgate::flowlog;
@@ -19,9 +19,7 @@ use xdpgate_common::{
         FlowEvent, MONITOR_DROPS_PER_SEC,
     },
     iface::Role,
-    maps::{
-        EVENTS, PIPELINE_ACT, PIPELINE_NEW, PIPELINE_POLICY, PIPELINE_SNAT, TC_PARSE, TC_PIPELINE,
-    },
+    maps::EVENTS,
     stats::DROP_REASON_NAMES,
 };
 
@@ -305,20 +303,7 @@ fn events_wake_the_reader_only_once_the_ring_fills() {
 /// (as `attach --hook tc` beside an XDP attachment loads its own), in `TC_PIPELINE`.
 fn second_object_at_tc(k: &Kernel) -> aya::Ebpf {
     let mut ebpf = xdpgate_dataplane::load(&k.pins.dir).expect("a second load");
-    let stages = [
-        (TC_PARSE, "xdpgate_tc"),
-        (PIPELINE_POLICY, "xdpgate_tc_policy"),
-        (PIPELINE_NEW, "xdpgate_tc_new_flow"),
-        (PIPELINE_SNAT, "xdpgate_tc_snat"),
-        (PIPELINE_ACT, "xdpgate_tc_act"),
-    ];
-    for (index, name) in stages {
-        let prog: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
-        prog.load().unwrap_or_else(|e| panic!("loading {name}: {e:#}"));
-        let fd = prog.fd().unwrap().try_clone().unwrap();
-        let mut array: ProgramArray<_> = ebpf.map_mut(TC_PIPELINE).unwrap().try_into().unwrap();
-        array.set(index, &fd, 0).unwrap();
-    }
+    link_tc_pipeline(&mut ebpf);
     ebpf
 }
 
