@@ -377,3 +377,84 @@ fn bad_filters_are_refused() {
         assert_eq!(lease(&gw.pins), 0, "{args:?} took a lease");
     }
 }
+
+/// The kernel's wait channel of process `pid`'s main thread (`anon_pipe_write` while it is
+/// blocked writing into a full pipe).
+fn wchan(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default()
+}
+
+/// The port the kernel filter selects now (0: none).
+fn filter_port(pins: &Pins) -> u16 {
+    let map: Array<MapData, CaptureConfig> =
+        pins.dir.open_map(CAPTURE_CONFIG).unwrap().try_into().unwrap();
+    map.get(&0, 0).unwrap().port
+}
+
+/// `n` datagrams of 1400 bytes from the server to the client's `dport` (through the NAT
+/// gateway), not waited for.
+fn blast(gw: &Gateway, n: usize, dport: u16) {
+    gw.server.run(move || {
+        let s = UdpSocket::bind((SERVER4, 0)).unwrap();
+        for _ in 0..n {
+            s.send_to(&[7u8; 1400], (CLIENT4, dport)).unwrap();
+        }
+    });
+}
+
+/// A capture writing to standard output into a reader that stopped reading blocks there,
+/// but keeps its lease (renewed by a thread of its own) and its lock: a second capture is
+/// refused and the first one's filter stays; once the reader goes, the first one ends.
+#[test]
+fn a_capture_blocked_on_its_reader_keeps_its_lease_and_a_second_is_refused() {
+    let gw = Gateway::tc();
+    gw.pins.apply(NAT_POLICY);
+    let mut cap = Capture::start(
+        &gw,
+        &["--protocol", "udp", "--port", "9999", "--snaplen", "1500", "-w", "-"],
+        Stdio::piped(),
+    );
+    // Held, never read: the pipe fills.
+    let unread = cap.child.stdout.take().unwrap();
+    let pid = cap.child.id();
+    wait_for("the capture to block writing to its reader", || {
+        blast(&gw, 20, 9999);
+        wchan(pid).contains("pipe_write")
+    });
+    let held = lease(&gw.pins);
+    wait_for("the lease the capture held when it blocked to run out", || {
+        monotonic_ns() > held + 50_000_000
+    });
+    assert!(wchan(pid).contains("pipe_write"), "the capture is still blocked");
+    assert!(lease(&gw.pins) > monotonic_ns(), "the blocked capture's lease lapsed");
+
+    let out = gw.pins.try_xdpgate(&["capture", "-w", "/dev/null", "--port", "53"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("another xdpgate capture (pid"), "{err}");
+    assert_eq!(filter_port(&gw.pins), 9999, "the refused capture changed the filter");
+
+    drop(unread);
+    let summary = cap.finish();
+    assert!(summary.contains("reader"), "{summary}");
+    assert_eq!(lease(&gw.pins), 0, "the capture ended without clearing its lease");
+}
+
+/// A capture held up past its lease (stopped here) says so on standard error when it
+/// resumes, and holds the lease again.
+#[test]
+fn a_capture_held_up_past_its_lease_says_so() {
+    let gw = Gateway::tc();
+    let path = file("pcap");
+    let cap = Capture::start(&gw, &["-w", path.to_str().unwrap()], Stdio::null());
+    let pid = cap.child.id() as i32;
+    // SAFETY (these three): a signal to the child this test spawned.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let held = lease(&gw.pins);
+    wait_for("the stopped capture's lease to run out", || monotonic_ns() > held + 50_000_000);
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    wait_for("the capture to renew its lease", || lease(&gw.pins) > monotonic_ns());
+    unsafe { libc::kill(pid, libc::SIGINT) };
+    let err = cap.finish();
+    assert!(err.contains("its lease ran out"), "{err}");
+    let _ = std::fs::remove_file(&path);
+}

@@ -17,7 +17,8 @@ use std::{
 
 use common::gateway::{CLIENT4, Gateway, SERVER4, TRANSLATING_POLICY as POLICY};
 use serde_json::Value;
-use xdpgate_dataplane::monitor;
+use xdpgate_common::maps::MONITOR_LEASE;
+use xdpgate_dataplane::{monitor, monotonic_ns};
 
 /// A running `xdpgate observe --json`, its lines collected as they come.
 struct Observer {
@@ -405,4 +406,54 @@ fn the_flow_log_keeps_its_events_while_observing() {
     }
     let _ = agent.kill();
     let _ = agent.wait();
+}
+
+/// When the observers' lease now ends (CLOCK_MONOTONIC ns).
+fn lease_end(lab: &Gateway) -> u64 {
+    let map: aya::maps::Array<aya::maps::MapData, u64> =
+        lab.pins.dir.open_map(MONITOR_LEASE).unwrap().try_into().unwrap();
+    map.get(&0, 0).unwrap()
+}
+
+/// An observer blocked writing to a reader that stopped reading, under sustained events,
+/// keeps its lease (a thread of its own renews it): the dataplane keeps sending it events.
+#[test]
+fn an_observer_blocked_on_its_reader_keeps_its_lease() {
+    let lab = lab(["xdp", "xdp"]);
+    let mut child = Command::new(common::xdpgate_bin())
+        .args(["--netns", &lab.gw.name, "--pin-dir"])
+        .arg(lab.pins.dir.path())
+        .args(["observe", "--json", "--type", "drop"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn xdpgate observe");
+    // Held, never read: the pipe fills.
+    let unread = child.stdout.take().unwrap();
+    let pid = child.id();
+    let wchan = || std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
+    let start = Instant::now();
+    while !wchan().contains("pipe_write") {
+        assert!(start.elapsed() < Duration::from_secs(20), "the observer never blocked");
+        // Denied datagrams: drop events, up to the rate limit's 1,000 a second per CPU.
+        lab.client.run(|| {
+            let s = UdpSocket::bind("203.0.113.10:0").unwrap();
+            for _ in 0..500 {
+                s.send_to(&[0u8; 16], "198.51.100.10:9999").unwrap();
+            }
+        });
+        thread::sleep(Duration::from_millis(50));
+    }
+    let held = lease_end(&lab);
+    let start = Instant::now();
+    // 50 ms past it: the dataplane's coarse clock lags by up to two ticks.
+    while monotonic_ns() < held + 50_000_000 {
+        assert!(start.elapsed() < Duration::from_secs(10));
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert!(wchan().contains("pipe_write"), "the observer is still blocked");
+    assert!(monitor::observed(&lab.pins.dir).unwrap(), "the blocked observer's lease lapsed");
+    drop(unread);
+    let _ = child.kill();
+    let _ = child.wait();
 }

@@ -37,20 +37,21 @@ fn json(out: &str) -> serde_json::Value {
 }
 
 fn trace(gw: &Gateway, iface: &str, src: &str, dst: &str, port: &str) -> serde_json::Value {
-    json(&gw.pins.xdpgate(&[
-        "trace",
-        "--json",
-        "--iface",
-        iface,
-        "--src",
-        src,
-        "--dst",
-        dst,
-        "--protocol",
-        "tcp",
-        "--dst-port",
-        port,
-    ]))
+    trace_with(gw, iface, src, dst, port, &[])
+}
+
+/// `trace` of a TCP packet with `extra` arguments.
+fn trace_with(
+    gw: &Gateway,
+    iface: &str,
+    src: &str,
+    dst: &str,
+    port: &str,
+    extra: &[&str],
+) -> serde_json::Value {
+    let args = ["trace", "--json", "--iface", iface, "--src", src, "--dst", dst];
+    let tcp = ["--protocol", "tcp", "--dst-port", port];
+    json(&gw.pins.xdpgate(&[&args[..], &tcp, extra].concat()))
 }
 
 /// The deciding rules verify-flow names for an inbound TCP flow to `SERVER4:port`, and
@@ -223,4 +224,114 @@ fn trace_at_xdp_agrees_with_verify_flow_and_changes_nothing() {
 #[test]
 fn trace_at_tc_agrees_with_verify_flow_and_changes_nothing() {
     traces_agree_with_verify_flow(Gateway::tc());
+}
+
+/// Traces run side by side each report their own packet: one at a time (the second waits),
+/// neither clearing the other's record before it is read.
+#[test]
+fn concurrent_traces_each_report_their_own_packet() {
+    let gw = Gateway::tc();
+    gw.pins.apply(POLICY);
+    std::thread::scope(|s| {
+        for (port, verdict) in [("80", "pass"), ("22", "drop")] {
+            let gw = &gw;
+            s.spawn(move || {
+                for _ in 0..25 {
+                    let t = trace(gw, &gw.ext, CLIENT4, SERVER4, port);
+                    assert_eq!(t["verdict"], verdict, "port {port}: {t:#}");
+                }
+            });
+        }
+    });
+}
+
+/// With mid-stream pickup on, a traced TCP segment of no flow (an ACK) goes through the
+/// new-flow stage as a picked-up flow would, and moves no counter (picked_up included).
+#[test]
+fn a_traced_midstream_segment_moves_no_counter() {
+    let gw = Gateway::tc();
+    gw.pins.apply(&format!("settings:\n  midstream_pickup: true\n{POLICY}"));
+    let before = state(&gw);
+    let t = trace_with(&gw, &gw.ext, CLIENT4, SERVER4, "80", &["--tcp-flags", "A"]);
+    assert_eq!(t["verdict"], "pass", "{t:#}");
+    assert_eq!(rule_of(&t), "web/allow-web", "{t:#}");
+    assert_eq!(state(&gw), before, "the traced segment moved a counter");
+}
+
+/// The marker the trace command put on its packets before markers were drawn at random:
+/// what a forger would write.
+const OLD_MARKER: u64 = 0x7872_6761_7465_5452;
+
+/// `bpf(2)` with `attr` (a `union bpf_attr` laid out by hand); the returned descriptor.
+fn bpf(cmd: u32, attr: &mut [u64; 18]) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    // SAFETY: attr is as large as the kernel's bpf_attr and valid for `cmd`.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), size_of_val(attr)) };
+    assert!(fd >= 0, "bpf({cmd}): {}", std::io::Error::last_os_error());
+    // SAFETY: a new descriptor nothing else owns.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) }
+}
+
+/// Attaches, at tcx ingress of `ifname` ahead of every other program (xdpgate's), a
+/// classifier that writes `marker` into the socket buffer's `cb[0]` and `cb[1]` and passes
+/// it on; held while the returned link lives. Run in the interface's namespace.
+fn mark_cb_before_xdpgate(ifname: &str, marker: u64) -> std::os::fd::OwnedFd {
+    use std::os::fd::AsRawFd;
+    // r2 = lo; *(u32 *)(r1 + cb[0]) = r2; r2 = hi; *(u32 *)(r1 + cb[1]) = r2;
+    // r0 = TCX_NEXT (-1); exit. Instructions: code, dst | src << 4, offset, immediate.
+    let insn = |code: u8, regs: u8, off: i16, imm: i32| {
+        u64::from(code)
+            | u64::from(regs) << 8
+            | u64::from(off as u16) << 16
+            | u64::from(imm as u32) << 32
+    };
+    let (mov_imm, stx_w, exit) = (0xb7, 0x63, 0x95);
+    let insns = [
+        insn(mov_imm, 2, 0, marker as u32 as i32),
+        insn(stx_w, 1 | 2 << 4, 48, 0),
+        insn(mov_imm, 2, 0, (marker >> 32) as u32 as i32),
+        insn(stx_w, 1 | 2 << 4, 52, 0),
+        insn(mov_imm, 0, 0, -1),
+        insn(exit, 0, 0, 0),
+    ];
+    let license = c"GPL";
+    let mut attr = [0u64; 18];
+    // prog_type (SCHED_CLS), insn_cnt; insns; license.
+    attr[0] = 3 | (insns.len() as u64) << 32;
+    attr[1] = insns.as_ptr() as u64;
+    attr[2] = license.as_ptr() as u64;
+    let prog = bpf(5, &mut attr); // BPF_PROG_LOAD
+    let ifindex = xdpgate_dataplane::ifindex(ifname).unwrap();
+    let mut attr = [0u64; 18];
+    // prog_fd, target_ifindex; attach_type BPF_TCX_INGRESS (46), flags BPF_F_BEFORE (8)
+    // with no relative program: ahead of all.
+    attr[0] = prog.as_raw_fd() as u64 | u64::from(ifindex) << 32;
+    attr[1] = 46 | 8 << 32;
+    bpf(28, &mut attr) // BPF_LINK_CREATE
+}
+
+/// A real packet whose control block another tcx program set to a trace marker before
+/// xdpgate's program ran is handled as real traffic: its flow is created, it is translated
+/// by the NAT gateway and counted.
+#[test]
+fn a_real_packet_carrying_a_marker_is_not_taken_for_a_trace() {
+    let gw = Gateway::tc();
+    gw.pins.apply(POLICY);
+    let int = gw.int.clone();
+    let _link = gw.gw.run(move || mark_cb_before_xdpgate(&int, OLD_MARKER));
+    let rx = gw.client.run(|| {
+        let s = std::net::UdpSocket::bind((CLIENT4, 5400)).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+        s
+    });
+    gw.server.run(|| {
+        let s = std::net::UdpSocket::bind((SERVER4, 40200)).unwrap();
+        s.send_to(b"real", (CLIENT4, 5400)).unwrap();
+    });
+    let mut buf = [0u8; 16];
+    let (n, from) = rx.recv_from(&mut buf).expect("the datagram crossed the gateway");
+    assert_eq!(&buf[..n], b"real");
+    assert_eq!(from.ip().to_string(), "192.0.2.100", "translated by the NAT gateway");
+    let flows = json(&gw.pins.xdpgate(&["flows", "--json", "--top", "0", "--port", "40200"]));
+    assert_eq!(flows.as_array().map(Vec::len), Some(1), "{flows:#}");
 }

@@ -6,17 +6,17 @@ mod common;
 
 use aya::{
     maps::RingBuf,
-    programs::{TestRun, TestRunOptions, Xdp},
+    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
 use common::{
-    kernel::{DROP, Kernel, PASS},
+    kernel::{DROP, Kernel, PASS, link_tc_pipeline},
     packet::{L4, SYN, frame},
 };
 use xdpgate::flowlog;
 use xdpgate_common::{
     events::{
         DENY_EVENTS_PER_SEC, EVENT_BEGIN, EVENT_DENY, EVENT_DROP, EVENT_VERSION, EVENT_WAKE_BYTES,
-        FlowEvent,
+        FlowEvent, MONITOR_DROPS_PER_SEC,
     },
     iface::Role,
     maps::EVENTS,
@@ -297,4 +297,59 @@ fn events_wake_the_reader_only_once_the_ring_fills() {
     assert!(quiet < 20, "{quiet} IRQ work interrupts for {below} events below the level");
     assert!(woken >= 100, "{woken} IRQ work interrupts for 100 events past the level");
     assert_eq!(read(), below as usize + 100, "none lost");
+}
+
+/// The dataplane's tc ingress programs from a second load of the object on the same pins
+/// (as `attach --hook tc` beside an XDP attachment loads its own), in `TC_PIPELINE`.
+fn second_object_at_tc(k: &Kernel) -> aya::Ebpf {
+    let mut ebpf = xdpgate_dataplane::load(&k.pins.dir).expect("a second load");
+    link_tc_pipeline(&mut ebpf);
+    ebpf
+}
+
+/// The rate limits are per CPU for the whole dataplane, not per loaded object: a flood of
+/// denied packets through the XDP programs and then through the tc programs of a second
+/// load, on one CPU, gets one bucket's worth of events in the flow log and in an
+/// observer's ring, not one per object. (Before: twice as many, each object had its own.)
+#[test]
+fn the_rate_limits_hold_across_loaded_objects() {
+    let k = Kernel::new();
+    k.apply(POLICY);
+    k.arrive_as(Role::External);
+    let tc = second_object_at_tc(&k);
+    let _observer = xdpgate_dataplane::monitor::take(&k.pins.dir).unwrap();
+    let mut monitor = xdpgate_dataplane::monitor::ring(&k.pins.dir).unwrap();
+    drain(&k);
+    while monitor.next().is_some() {}
+    pin_to_cpu();
+    const FLOOD: u32 = 3_000;
+    let denied = frame("203.0.113.7", "198.51.100.10", L4::Tcp(40000, 22, SYN));
+    let start = std::time::Instant::now();
+    let xdp = k.entry().test_run(TestRunOptions {
+        data_in: Some(&denied),
+        repeat: FLOOD,
+        ..Default::default()
+    });
+    assert_eq!(xdp.expect("test_run at XDP").return_value, DROP);
+    let prog: &SchedClassifier = tc.program("xdpgate_tc").unwrap().try_into().unwrap();
+    let at_tc = prog.test_run(TestRunOptions {
+        data_in: Some(&denied),
+        repeat: FLOOD,
+        ..Default::default()
+    });
+    assert_eq!(at_tc.expect("test_run at tc").return_value, 2, "TC_ACT_SHOT");
+    let elapsed = start.elapsed();
+    let logged = drain(&k).len() as u64;
+    let mut observed = 0u64;
+    while monitor.next().is_some() {
+        observed += 1;
+    }
+    // A full bucket, plus what refills while the floods run.
+    let allowance = |per_sec: u64| per_sec + elapsed.as_millis() as u64 * per_sec / 1000 + 1;
+    let (log_limit, observe_limit) =
+        (allowance(DENY_EVENTS_PER_SEC), allowance(MONITOR_DROPS_PER_SEC));
+    println!("2 x {FLOOD} denied packets in {elapsed:?}: {logged} logged, {observed} observed");
+    assert!(logged <= log_limit, "{logged} flow-log events exceed the limit ({log_limit})");
+    assert!(observed <= observe_limit, "{observed} observed exceed the limit ({observe_limit})");
+    assert!(observed >= MONITOR_DROPS_PER_SEC / 2, "the bucket starts full: {observed} events");
 }

@@ -9,18 +9,12 @@ mod common;
 
 use std::net::IpAddr;
 
-use aya::{
-    maps::ProgramArray,
-    programs::{SchedClassifier, TestRun, TestRunOptions},
-};
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use common::{
-    kernel::{Kernel, PASS},
+    kernel::{Kernel, PASS, link_tc_pipeline},
     packet::{ACK, ETH_LEN, L4, SYN, checksums_ok, endpoints, frame, frame_vlan},
 };
-use xdpgate_common::{
-    iface::Role,
-    maps::{PIPELINE_ACT, PIPELINE_NEW, PIPELINE_POLICY, PIPELINE_SNAT, TC_PARSE, TC_PIPELINE},
-};
+use xdpgate_common::iface::Role;
 use xdpgate_dataplane::stats;
 
 const TC_ACT_UNSPEC: u32 = -1i32 as u32;
@@ -35,22 +29,7 @@ struct Tc {
 impl Tc {
     fn new() -> Self {
         let mut k = Kernel::new();
-        let ebpf = k.ebpf_mut();
-        let stages = [
-            (TC_PARSE, "xdpgate_tc"),
-            (PIPELINE_POLICY, "xdpgate_tc_policy"),
-            (PIPELINE_NEW, "xdpgate_tc_new_flow"),
-            (PIPELINE_SNAT, "xdpgate_tc_snat"),
-            (PIPELINE_ACT, "xdpgate_tc_act"),
-        ];
-        for (index, name) in stages {
-            let prog: &mut SchedClassifier =
-                ebpf.program_mut(name).unwrap_or_else(|| panic!("{name}")).try_into().unwrap();
-            prog.load().unwrap_or_else(|e| panic!("loading {name}: {e:#}"));
-            let fd = prog.fd().unwrap().try_clone().unwrap();
-            let mut array: ProgramArray<_> = ebpf.map_mut(TC_PIPELINE).unwrap().try_into().unwrap();
-            array.set(index, &fd, 0).unwrap();
-        }
+        link_tc_pipeline(k.ebpf_mut());
         Self { k }
     }
 

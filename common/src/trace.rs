@@ -1,6 +1,7 @@
 //! `xdpgate trace`: one crafted packet run through the loaded programs with
-//! `BPF_PROG_TEST_RUN`, carrying a marker no real packet carries (XDP metadata, or the
-//! socket buffer's control block at tc); each stage writes its decision into this CPU's
+//! `BPF_PROG_TEST_RUN`, carrying a marker (XDP metadata, or the socket buffer's control
+//! block at tc) that the programs trust only while it equals the one the running trace
+//! armed (`TRACE_ARMED`); each stage writes its decision into this CPU's
 //! `TraceRecord` for it, and leaves out what would change the state real packets see (no
 //! flow entry, NAT port claim, rule or interface counter, flow event or capture copy).
 
@@ -9,9 +10,13 @@ use crate::pod;
 /// `PerCpuArray<TraceRecord>` of one entry.
 pub const TRACE: &str = "TRACE";
 
-/// The marker: the first 8 bytes of XDP metadata, or `cb[0]` and `cb[1]` of a socket
-/// buffer (low word first).
-pub const TRACE_MAGIC: u64 = 0x7872_6761_7465_5452;
+/// `Array<u64>` of one: the marker of the trace running now, 0 when none runs. The trace
+/// command draws it at random and writes it under its lock just before its test run, and
+/// clears it after: a packet's metadata or control block (which a program before ours can
+/// write: another tcx program, a redirecting device) cannot know it, so no real packet is
+/// taken for a trace's. The packet carries it as the first 8 bytes of XDP metadata, or
+/// `cb[0]` and `cb[1]` of a socket buffer (low word first).
+pub const TRACE_ARMED: &str = "TRACE_ARMED";
 
 /// `TraceRecord::stages` bits: the stages the packet went through.
 pub const STAGE_PARSE: u8 = 1;

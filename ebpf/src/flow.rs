@@ -328,8 +328,13 @@ fn forget_embryo(key: &FlowKey, entry: &FlowValue) {
     let _ = EMBRYOS.remove(key);
 }
 
-#[inline(always)]
+/// A function of its own (a BPF-to-BPF call), as `nsg::count_hit`: the trace check inlined
+/// at each call would cost the new-flow stage stack it does not have.
+#[inline(never)]
 fn count(stat: u32) {
+    if !trace::counting() {
+        return;
+    }
     if let Some(c) = FLOW_STATS.get_ptr_mut(stat) {
         // Per-CPU slot: plain adds are exact.
         unsafe { *c += 1 };
@@ -436,8 +441,8 @@ pub fn create(
     // One classification for every kind of new flow (each call site costs the verifier a
     // walk of the classifier): the packet as its flow's first packet reaches its host.
     let decision = classify(active, as_classified(meta, forward)?);
-    // A traced packet (`xdpgate trace`) moves no counter.
-    if !trace::active() {
+    // Here, not in `count_rules`, which the established path calls for every packet.
+    if trace::counting() {
         count_rules(decision.rules, len);
     }
     if !decision.allowed {
@@ -615,7 +620,7 @@ fn judge(
 
 #[inline(always)]
 fn count_lb(service: u32, backend: u32, len: u64) {
-    if service == NO_BACKEND || trace::active() {
+    if service == NO_BACKEND || !trace::counting() {
         return;
     }
     for (map, index) in [(&SERVICE_STATS, service), (&BACKEND_STATS, backend)] {

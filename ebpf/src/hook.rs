@@ -17,13 +17,14 @@ use aya_ebpf::{
     maps::ProgramArray,
     programs::{TcContext, XdpContext},
 };
-use xdpgate_common::{flow::NextHop, maps::TC_PARSE, stats::DropReason, trace::TRACE_MAGIC};
+use xdpgate_common::{flow::NextHop, maps::TC_PARSE, stats::DropReason};
 
 use crate::{
     headers::{EthHdr, IPPROTO_TCP, IPPROTO_UDP},
     maps::{EGRESS, PIPELINE, TC_PIPELINE, iface_config},
     nat,
     parse::{Packet, PacketMeta, ptr_at},
+    trace,
 };
 
 /// Headers are pulled into a socket buffer's linear area this far (a short packet, to its
@@ -32,8 +33,8 @@ use crate::{
 const TC_PULL: u32 = 1024;
 
 pub trait Hook: EbpfContext + Packet + Sized {
-    /// Whether this is `xdpgate trace`'s packet (`trace::TRACE_MAGIC`), which real packets
-    /// never carry.
+    /// Whether this is `xdpgate trace`'s packet: it carries the running trace's marker
+    /// (`trace::armed`), which no real packet can know.
     fn traced(&self) -> bool;
     /// The ifindex the packet arrived by.
     fn arrival(&self) -> u32;
@@ -81,15 +82,18 @@ fn set_macs(ctx: &impl Packet, hop: &NextHop) -> Result<(), DropReason> {
 }
 
 impl Hook for XdpContext {
-    /// The marker is in the frame's metadata, which only `BPF_PROG_TEST_RUN` gives a packet
-    /// arriving here (XDP programs before this one could, but this is the first).
+    /// The marker is in the frame's metadata (which an XDP program before this one could
+    /// also write: only the armed marker is trusted).
     #[inline(always)]
     fn traced(&self) -> bool {
         let meta = unsafe { (*self.ctx).data_meta } as usize;
         // Metadata is 4-byte aligned: two word loads, no copy through the stack.
-        meta + 8 <= XdpContext::data(self)
-            && unsafe { *(meta as *const u32) } == TRACE_MAGIC as u32
-            && unsafe { *((meta + 4) as *const u32) } == (TRACE_MAGIC >> 32) as u32
+        if meta + 8 > XdpContext::data(self) {
+            return false;
+        }
+        let (lo, hi) = unsafe { (*(meta as *const u32), *((meta + 4) as *const u32)) };
+        // The call only for a marker at all.
+        (lo | hi) != 0 && trace::armed(lo, hi)
     }
 
     #[inline(always)]
@@ -155,11 +159,13 @@ impl Hook for XdpContext {
 
 impl Hook for TcContext {
     /// The marker is in the control block (`cb[0]`, `cb[1]`), which `BPF_PROG_TEST_RUN`
-    /// fills from its context.
+    /// fills from its context, but also another tcx program before ours or the device a
+    /// packet was redirected from: only the armed marker is trusted.
     #[inline(always)]
     fn traced(&self) -> bool {
         let cb = unsafe { (*self.skb.skb).cb };
-        (u64::from(cb[1]) << 32 | u64::from(cb[0])) == TRACE_MAGIC
+        // The call only for a marker at all (most packets' `cb` is zero here).
+        (cb[0] | cb[1]) != 0 && trace::armed(cb[0], cb[1])
     }
 
     /// At tc ingress the socket buffer's device is the one it arrived by.

@@ -246,9 +246,11 @@ pub static EVENTS: RingBuf = RingBuf::pinned(EVENT_RING_BYTES, 0);
 #[map(name = "EVENT_STATS")]
 pub static EVENT_STATS: PerCpuArray<u64> = PerCpuArray::pinned(2, 0);
 
-/// Per-CPU token bucket of the denied-event rate limit.
+/// Per-CPU token bucket of the denied-event rate limit; pinned, so that every loaded object
+/// (XDP and tc ingress, tc egress) takes from the one bucket and the limit is per CPU, not
+/// per CPU and object.
 #[map(name = "DENY_BUCKET")]
-pub static DENY_BUCKET: PerCpuArray<Bucket> = PerCpuArray::with_max_entries(1, 0);
+pub static DENY_BUCKET: PerCpuArray<Bucket> = PerCpuArray::pinned(1, 0);
 
 /// Events for observers (`xdpgate observe`), written only while `MONITOR_LEASE` runs.
 #[map(name = "MONITOR")]
@@ -262,11 +264,13 @@ pub static MONITOR_STATS: PerCpuArray<u64> = PerCpuArray::pinned(2, 0);
 #[map(name = "MONITOR_LEASE")]
 pub static MONITOR_LEASE: Array<u64> = Array::pinned(1, 0);
 
-/// Per-CPU token bucket of the observers' drop-event rate limit.
+/// Per-CPU token bucket of the observers' drop-event rate limit; pinned, as `DENY_BUCKET`.
 #[map(name = "MONITOR_BUCKET")]
-pub static MONITOR_BUCKET: PerCpuArray<Bucket> = PerCpuArray::with_max_entries(1, 0);
+pub static MONITOR_BUCKET: PerCpuArray<Bucket> = PerCpuArray::pinned(1, 0);
 
-/// The event being built, with the origin its stage noted (see `events::set_origin`).
+/// The event being built, with the origin its stage noted (see `events::set_origin`). Not
+/// pinned: a tc egress program can run inside an ingress program's packet on the same CPU
+/// (a redirect), and must not overwrite the event that one is building.
 #[map(name = "EVENT_SCRATCH")]
 pub static EVENT_SCRATCH: PerCpuArray<FlowEvent> = PerCpuArray::with_max_entries(1, 0);
 /// The running capture's lease and filter (`xdpgate capture`).
@@ -284,3 +288,7 @@ pub static CAPTURE_SCRATCH: PerCpuArray<CaptureRecord> = PerCpuArray::pinned(1, 
 /// The decisions of the stages for a traced packet (`xdpgate trace`), per CPU.
 #[map(name = "TRACE")]
 pub static TRACE: PerCpuArray<TraceRecord> = PerCpuArray::pinned(1, 0);
+
+/// The marker of the trace running now (`xdpgate_common::trace::TRACE_ARMED`).
+#[map(name = "TRACE_ARMED")]
+pub static TRACE_ARMED: Array<u64> = Array::pinned(1, 0);

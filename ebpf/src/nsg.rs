@@ -272,8 +272,7 @@ fn lookup(table: u32, field: u8, value: &[u32; 4], bits: u32) -> Option<&'static
 /// unrolled loop would cost the new-flow stage stack it does not have.
 #[inline(never)]
 fn count_hit(rule: u32) {
-    // `xdpgate trace`'s packet counts for no rule.
-    if crate::trace::active() {
+    if !crate::trace::counting() {
         return;
     }
     if let Some(c) = NSG_HITS.get_ptr_mut(rule) {

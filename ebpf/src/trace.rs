@@ -12,17 +12,37 @@ use xdpgate_common::{
     },
 };
 
-use crate::{action::Action, maps::TRACE};
+use crate::{
+    action::Action,
+    maps::{TRACE, TRACE_ARMED},
+};
 
 #[inline(always)]
 fn record() -> Option<&'static mut TraceRecord> {
     TRACE.get_ptr_mut(0).map(|t| unsafe { &mut *t })
 }
 
+/// Whether `lo` and `hi`, read from where a packet carries the trace marker, are the marker
+/// of the trace running now (none is 0, which no packet's words make). A function of its
+/// own: inlined into each stage's exit it would cost the new-flow stage stack.
+#[inline(never)]
+pub fn armed(lo: u32, hi: u32) -> bool {
+    let marker = u64::from(hi) << 32 | u64::from(lo);
+    marker != 0 && TRACE_ARMED.get(0).is_some_and(|m| *m == marker)
+}
+
 /// Whether a traced packet's pipeline runs on this CPU.
 #[inline(always)]
 pub fn active() -> bool {
     TRACE.get(0).is_some_and(|t| t.active != 0)
+}
+
+/// Whether the packet on this CPU moves counters (not a traced one): the one check of every
+/// counter the stages after the entry move for a new flow (flow statistics such as
+/// picked-up flows, rule and load-balancer traffic, NSG rule hits).
+#[inline(always)]
+pub fn counting() -> bool {
+    !active()
 }
 
 /// Runs `f` on the record while a trace is active.

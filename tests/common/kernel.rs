@@ -170,3 +170,27 @@ impl Kernel {
         stats::read(&self.pins.dir).unwrap().drops(reason)
     }
 }
+
+/// Loads the tc ingress programs of `ebpf` and links them into `TC_PIPELINE` (as the loader
+/// does for `attach --hook tc`).
+pub fn link_tc_pipeline(ebpf: &mut aya::Ebpf) {
+    use xdpgate_common::maps::{
+        PIPELINE_ACT, PIPELINE_NEW, PIPELINE_POLICY, PIPELINE_SNAT, TC_PARSE, TC_PIPELINE,
+    };
+    let stages = [
+        (TC_PARSE, "xdpgate_tc"),
+        (PIPELINE_POLICY, "xdpgate_tc_policy"),
+        (PIPELINE_NEW, "xdpgate_tc_new_flow"),
+        (PIPELINE_SNAT, "xdpgate_tc_snat"),
+        (PIPELINE_ACT, "xdpgate_tc_act"),
+    ];
+    for (index, name) in stages {
+        let prog: &mut aya::programs::SchedClassifier =
+            ebpf.program_mut(name).unwrap_or_else(|| panic!("{name}")).try_into().unwrap();
+        prog.load().unwrap_or_else(|e| panic!("loading {name}: {e:#}"));
+        let fd = prog.fd().unwrap().try_clone().unwrap();
+        let mut array: aya::maps::ProgramArray<_> =
+            ebpf.map_mut(TC_PIPELINE).unwrap().try_into().unwrap();
+        array.set(index, &fd, 0).unwrap();
+    }
+}

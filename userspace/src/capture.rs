@@ -41,11 +41,16 @@ use xdpgate_common::{
     },
     stats::{DROP_REASON_NAMES, VERDICT_NAMES},
 };
-use xdpgate_dataplane::{PinDir, ifindex, monotonic_ns};
+use xdpgate_dataplane::{
+    PinDir, ifindex,
+    lease::{Held, Lease},
+    monotonic_ns,
+    state::Tool,
+};
 
 use crate::filter::{FlowFilter, Protocol};
 
-/// How long a lease lasts; the capture renews it every `RENEW`.
+/// How long a lease lasts; its thread renews it every `RENEW`.
 const LEASE: Duration = Duration::from_secs(2);
 const RENEW: Duration = Duration::from_millis(500);
 /// Pages of each CPU's perf ring (256 KiB with 4 KiB pages).
@@ -181,44 +186,44 @@ fn words(a: IpAddr) -> [u32; 4] {
     xdpgate_common::words(&b)
 }
 
-/// The capture's hold on the kernel filter: renewed while it runs, cleared on drop (a
-/// killed capture's runs out within `LEASE`).
-struct Lease {
+/// The capture's hold on the kernel filter (`dataplane::lease`): renewed while it runs,
+/// cleared when it ends (a killed capture's runs out within `LEASE`).
+struct CaptureLease {
     map: Array<MapData, CaptureConfig>,
+    scratch: PerCpuArray<MapData, CaptureRecord>,
     config: CaptureConfig,
 }
 
-impl Lease {
-    fn take(pins: &PinDir, config: CaptureConfig) -> Result<Self> {
-        let map: Array<MapData, CaptureConfig> = pins
-            .open_map(CAPTURE_CONFIG)
-            .context("this dataplane has no capture support: run `xdpgate upgrade`")?
-            .try_into()?;
-        let held = map.get(&0, 0)?;
-        if held.lease_until_ns > monotonic_ns() {
-            bail!("another capture is running on this dataplane (one at a time)");
-        }
+impl Held for CaptureLease {
+    fn begin(&mut self) -> Result<()> {
         // No mark left from a capture that ended between a packet's two copies.
-        let mut scratch: PerCpuArray<MapData, CaptureRecord> =
-            pins.open_map(CAPTURE_SCRATCH)?.try_into()?;
         let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
-        scratch.set(0, PerCpuValues::try_from(vec![CaptureRecord::default(); cpus])?, 0)?;
-        let mut lease = Lease { map, config };
-        lease.renew()?;
-        Ok(lease)
+        self.scratch.set(0, PerCpuValues::try_from(vec![CaptureRecord::default(); cpus])?, 0)?;
+        Ok(())
     }
 
-    fn renew(&mut self) -> Result<()> {
-        self.config.lease_until_ns = monotonic_ns() + LEASE.as_nanos() as u64;
-        self.map.set(0, self.config, 0)?;
-        Ok(())
+    fn until(&self) -> Result<u64> {
+        Ok(self.map.get(&0, 0)?.lease_until_ns)
+    }
+
+    fn renew(&mut self, until: u64) -> Result<()> {
+        self.config.lease_until_ns = until;
+        Ok(self.map.set(0, self.config, 0)?)
+    }
+
+    fn release(&mut self) {
+        let _ = self.map.set(0, CaptureConfig::default(), 0);
     }
 }
 
-impl Drop for Lease {
-    fn drop(&mut self) {
-        let _ = self.map.set(0, CaptureConfig::default(), 0);
-    }
+/// Takes the capture lock and the lease on the kernel filter.
+fn take_lease(pins: &PinDir, config: CaptureConfig) -> Result<Lease> {
+    let map = pins
+        .open_map(CAPTURE_CONFIG)
+        .context("this dataplane has no capture support: run `xdpgate upgrade`")?
+        .try_into()?;
+    let scratch = pins.open_map(CAPTURE_SCRATCH)?.try_into()?;
+    Lease::take(pins, Tool::Capture, CaptureLease { map, scratch, config }, LEASE, RENEW)
 }
 
 /// Where the format's writer puts each record first, so that its exact size is known
@@ -384,7 +389,7 @@ pub fn run(pins: &PinDir, args: &CaptureArgs) -> Result<Summary> {
         .collect::<Result<Vec<_>, _>>()
         .context("opening the capture's perf rings")?;
     let mut sink = Sink::new(out, args.format, args.snaplen)?;
-    let mut lease = Lease::take(pins, config)?;
+    let lease = take_lease(pins, config)?;
     for sig in [libc::SIGINT, libc::SIGTERM] {
         unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
     }
@@ -393,7 +398,6 @@ pub fn run(pins: &PinDir, args: &CaptureArgs) -> Result<Summary> {
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
     let started = Instant::now();
     let deadline = args.duration.map(|s| started + Duration::from_secs_f64(s.max(0.0)));
-    let mut renewed = Instant::now();
     let mut summary = Summary { packets: 0, bytes: 0, lost: 0, stopped_by: "" };
     let stop = loop {
         if INTERRUPTED.load(Ordering::Relaxed) {
@@ -401,10 +405,6 @@ pub fn run(pins: &PinDir, args: &CaptureArgs) -> Result<Summary> {
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {
             break "duration";
-        }
-        if renewed.elapsed() >= RENEW {
-            lease.renew()?;
-            renewed = Instant::now();
         }
         wait_readable(&rings, Duration::from_millis(100));
         if let Some(why) = drain(&mut rings, &mut sink, args, &mut summary)? {

@@ -364,7 +364,7 @@ extern "C" fn on_signal(_: libc::c_int) {
     STOP.store(true, Ordering::Relaxed);
 }
 
-/// How often the lease is renewed and the held-back count read.
+/// How often the held-back count is read (the lease renews itself: `dataplane::lease`).
 const TICK: Duration = Duration::from_secs(1);
 /// How long one wait for events lasts (the dataplane wakes readers only once the ring
 /// fills).
@@ -372,7 +372,7 @@ const POLL_MS: i32 = 100;
 
 pub fn run(pins: &PinDir, args: ObserveArgs) -> Result<()> {
     let json = args.output.format() == crate::views::Format::Json;
-    let mut lease = monitor::Lease::take(pins)?;
+    let lease = monitor::take(pins)?;
     // SAFETY: installs a handler that only stores to an atomic; without SA_RESTART, so a
     // signal ends the wait below at once.
     unsafe {
@@ -411,7 +411,6 @@ pub fn run(pins: &PinDir, args: ObserveArgs) -> Result<()> {
         }
         out.flush().context("writing to stdout")?;
         if tick.elapsed() >= TICK {
-            lease.renew()?;
             let now = monitor::dropped(pins)?;
             let (held, lost) = (now.held_back - last.held_back, now.lost - last.lost);
             let secs = tick.elapsed().as_secs_f64();

@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, anyhow, bail};
-use aya::maps::{MapData, PerCpuArray, PerCpuValues};
+use aya::maps::{Array, MapData, PerCpuArray, PerCpuValues};
 use aya_obj::generated::{bpf_attr, bpf_cmd};
 use etherparse::PacketBuilder;
 use serde::Serialize;
@@ -21,13 +21,14 @@ use xdpgate_common::{
     trace::{
         LB_NO_BACKEND, LB_SELECTED, LOOKUP_EMBRYONIC, LOOKUP_ESTABLISHED, LOOKUP_MISS, NSG_ALLOWED,
         NSG_DENIED, STAGE_ACT, STAGE_END, STAGE_NEW_FLOW, STAGE_PARSE, STAGE_SNAT, TRACE,
-        TRACE_MAGIC, TraceRecord,
+        TRACE_ARMED, TraceRecord,
     },
 };
 use xdpgate_dataplane::{
     Hook, PinDir, apply,
     flows::{self, Names, SideRules},
     ifindex, link_info,
+    state::{Tool, ToolLock},
 };
 
 use crate::{
@@ -195,6 +196,9 @@ fn frame(args: &TraceArgs, mac: [u8; 6]) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// How long a trace waits for another one to finish (each takes milliseconds).
+const TRACE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 fn bpf(cmd: bpf_cmd, attr: &mut bpf_attr, what: &str) -> Result<i64> {
     // SAFETY: attr is a valid bpf_attr for `cmd`; its pointers outlive the call.
     let ret =
@@ -205,8 +209,44 @@ fn bpf(cmd: bpf_cmd, attr: &mut bpf_attr, what: &str) -> Result<i64> {
     Ok(ret)
 }
 
-/// Runs the frame through program `prog_id` with the trace marker; the verdict.
-fn test_run(prog_id: u32, hook: Hook, ifindex: u32, frame: &[u8]) -> Result<u32> {
+/// A marker for one trace: random, never 0 (which means no trace runs).
+fn marker() -> Result<u64> {
+    let mut m = 0u64;
+    while m == 0 {
+        let mut b = [0u8; 8];
+        // SAFETY: writes at most 8 bytes into `b`.
+        let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+        if n != 8 {
+            return Err(std::io::Error::last_os_error()).context("drawing the trace's marker");
+        }
+        m = u64::from_ne_bytes(b);
+    }
+    Ok(m)
+}
+
+/// The running trace's marker in `TRACE_ARMED`: the programs trust a packet's marker only
+/// while it is there; cleared on drop.
+struct Armed(Array<MapData, u64>);
+
+impl Armed {
+    fn arm(pins: &PinDir, marker: u64) -> Result<Self> {
+        let mut map: Array<MapData, u64> = pins
+            .open_map(TRACE_ARMED)
+            .context("this dataplane predates trustworthy trace markers: run `xdpgate upgrade`")?
+            .try_into()?;
+        map.set(0, marker, 0)?;
+        Ok(Self(map))
+    }
+}
+
+impl Drop for Armed {
+    fn drop(&mut self) {
+        let _ = self.0.set(0, 0, 0);
+    }
+}
+
+/// Runs the frame through program `prog_id` with the trace `marker`; the verdict.
+fn test_run(prog_id: u32, hook: Hook, ifindex: u32, frame: &[u8], marker: u64) -> Result<u32> {
     // SAFETY: all-zero is a valid bpf_attr.
     let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
     attr.__bindgen_anon_6.__bindgen_anon_1.prog_id = prog_id;
@@ -223,15 +263,15 @@ fn test_run(prog_id: u32, hook: Hook, ifindex: u32, frame: &[u8]) -> Result<u32>
         // The marker as XDP metadata ahead of the frame; xdp_md: data, data_end, data_meta,
         // ingress_ifindex, rx_queue_index, egress_ifindex.
         Hook::Xdp => {
-            let data = [&TRACE_MAGIC.to_ne_bytes()[..], frame].concat();
+            let data = [&marker.to_ne_bytes()[..], frame].concat();
             (data.clone(), vec![8, data.len() as u32, 0, ifindex, 0, 0])
         }
         // __sk_buff: ifindex at word 10, cb[0..2] at words 12 and 13.
         Hook::Tc => {
             let mut skb = vec![0u32; 48];
             skb[10] = ifindex;
-            skb[12] = TRACE_MAGIC as u32;
-            skb[13] = (TRACE_MAGIC >> 32) as u32;
+            skb[12] = marker as u32;
+            skb[13] = (marker >> 32) as u32;
             (frame.to_vec(), skb)
         }
     };
@@ -268,9 +308,14 @@ pub fn run(pins: &PinDir, args: &TraceArgs) -> Result<Report> {
         .open_map(TRACE)
         .context("this dataplane cannot trace: run `xdpgate upgrade`")?
         .try_into()?;
+    // From clearing the record to reading it: another trace would clear it in between.
+    let _lock = ToolLock::acquire(pins, Tool::Trace, TRACE_WAIT)?;
     let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
     map.set(0, PerCpuValues::try_from(vec![TraceRecord::default(); cpus])?, 0)?;
-    test_run(link.prog_id, link.hook, ifindex, &frame)?;
+    let marker = marker()?;
+    let armed = Armed::arm(pins, marker)?;
+    test_run(link.prog_id, link.hook, ifindex, &frame, marker)?;
+    drop(armed);
     let rec = map
         .get(&0, 0)?
         .iter()

@@ -40,6 +40,7 @@ pub mod fib;
 pub mod flows;
 pub mod host_routes;
 pub mod lb;
+pub mod lease;
 pub mod migrate;
 pub mod monitor;
 pub mod nat;

@@ -1,6 +1,8 @@
 //! The observers' side of the dataplane's events (`xdpgate observe`): the `MONITOR` ring,
 //! the lease that makes the dataplane write it, and what its rate limit held back.
 
+use std::time::Duration;
+
 use anyhow::{Context, Result};
 use aya::maps::{Array, MapData, PerCpuArray, RingBuf};
 use xdpgate_common::{
@@ -8,15 +10,12 @@ use xdpgate_common::{
     maps::{MONITOR, MONITOR_LEASE, MONITOR_STATS},
 };
 
-use crate::{PinDir, monotonic_ns, state::ObserverLock};
-
-/// An observer's hold on the dataplane's events: while it is renewed, the dataplane writes
-/// `MONITOR`; dropped, it ends at once; its holder killed, it runs out within
-/// `MONITOR_LEASE_NS`.
-pub struct Lease {
-    map: Array<MapData, u64>,
-    _lock: ObserverLock,
-}
+use crate::{
+    PinDir,
+    lease::{Held, Lease},
+    monotonic_ns,
+    state::Tool,
+};
 
 /// The maps of a dataplane loaded before `observe` existed are missing until `upgrade`.
 fn open(pins: &PinDir, name: &str) -> Result<aya::maps::Map> {
@@ -29,27 +28,38 @@ fn open(pins: &PinDir, name: &str) -> Result<aya::maps::Map> {
     })
 }
 
-impl Lease {
-    /// Takes the lease (one observer at a time) and starts the events.
-    pub fn take(pins: &PinDir) -> Result<Self> {
-        let map = open(pins, MONITOR_LEASE)?.try_into()?;
-        let lock = ObserverLock::acquire(pins)?;
-        let mut lease = Self { map, _lock: lock };
-        lease.renew()?;
-        Ok(lease)
+/// The observers' lease: while it runs, the dataplane writes `MONITOR`.
+struct MonitorLease(Array<MapData, u64>);
+
+impl Held for MonitorLease {
+    fn until(&self) -> Result<u64> {
+        Ok(self.0.get(&0, 0)?)
     }
 
-    /// Moves the lease's end to `MONITOR_LEASE_NS` from now.
-    pub fn renew(&mut self) -> Result<()> {
-        Ok(self.map.set(0, monotonic_ns() + MONITOR_LEASE_NS, 0)?)
+    fn renew(&mut self, until: u64) -> Result<()> {
+        Ok(self.0.set(0, until, 0)?)
+    }
+
+    fn release(&mut self) {
+        let _ = self.0.set(0, 0, 0);
     }
 }
 
-impl Drop for Lease {
-    fn drop(&mut self) {
-        let _ = self.map.set(0, 0, 0);
-    }
+/// Takes the observers' lease (one observer at a time) and starts the events; dropped, it
+/// ends at once; its holder killed, it runs out within `MONITOR_LEASE_NS`.
+pub fn take(pins: &PinDir) -> Result<Lease> {
+    let map = open(pins, MONITOR_LEASE)?.try_into()?;
+    Lease::take(
+        pins,
+        Tool::Observe,
+        MonitorLease(map),
+        Duration::from_nanos(MONITOR_LEASE_NS),
+        RENEW,
+    )
 }
+
+/// How often the lease is renewed (a third of its length: two renewals may be late).
+const RENEW: Duration = Duration::from_nanos(MONITOR_LEASE_NS / 3);
 
 /// The observers' ring.
 pub fn ring(pins: &PinDir) -> Result<RingBuf<MapData>> {

@@ -164,7 +164,7 @@ fn agent_lock_path(pins: &PinDir) -> PathBuf {
 impl AgentLock {
     /// Takes ownership of the dataplane for this process, or says which agent has it.
     pub fn acquire(pins: &PinDir) -> Result<Self> {
-        match pid_lock(pins, &agent_lock_path(pins))? {
+        match pid_lock(pins, &agent_lock_path(pins), Duration::ZERO)? {
             Ok(locked) => Ok(Self(locked)),
             Err(pid) => {
                 bail!(
@@ -176,18 +176,54 @@ impl AgentLock {
     }
 }
 
-/// Held by `xdpgate observe` while it reads the observers' ring (one reader at a time: a
-/// second would take the first one's events).
-pub struct ObserverLock(#[expect(dead_code, reason = "held for its lock")] Flock<File>);
+/// The commands that each hold one part of a dataplane's kernel state for as long as they
+/// run, one at a time: `observe` reads the observers' ring (a second reader would take the
+/// first one's events), `capture` the one kernel filter, `trace` the per-CPU record its test
+/// run fills (another trace would clear it before it is read).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tool {
+    Observe,
+    Capture,
+    Trace,
+}
 
-impl ObserverLock {
-    pub fn acquire(pins: &PinDir) -> Result<Self> {
-        match pid_lock(pins, &dir(pins).join("observe.lock"))? {
+impl Tool {
+    /// The command's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Tool::Observe => "observe",
+            Tool::Capture => "capture",
+            Tool::Trace => "trace",
+        }
+    }
+
+    /// Why only one runs at a time.
+    fn why(self) -> &'static str {
+        match self {
+            Tool::Observe => "one observer at a time (each would take the other's events)",
+            Tool::Capture => "one capture at a time (the dataplane has one capture filter)",
+            Tool::Trace => "one trace at a time (each would clear the other's record)",
+        }
+    }
+}
+
+/// Held by a `Tool` while it runs; released on drop or when its holder dies, so only the
+/// holder writes that tool's lease or record.
+pub struct ToolLock(#[expect(dead_code, reason = "held for its lock")] Flock<File>);
+
+impl ToolLock {
+    /// Takes the lock, waiting up to `wait` for another holder to finish; or says which
+    /// process holds it.
+    pub fn acquire(pins: &PinDir, tool: Tool, wait: Duration) -> Result<Self> {
+        let path = dir(pins).join(format!("{}.lock", tool.name()));
+        match pid_lock(pins, &path, wait)? {
             Ok(locked) => Ok(Self(locked)),
             Err(pid) => bail!(
-                "another xdpgate observe (pid {pid}) is watching the dataplane at {}; one \
-                 observer at a time (each would take the other's events): stop it first",
-                pins.path().display()
+                "another xdpgate {} (pid {pid}) is running on the dataplane at {}; {}: stop it \
+                 first",
+                tool.name(),
+                pins.path().display(),
+                tool.why()
             ),
         }
     }
@@ -195,7 +231,7 @@ impl ObserverLock {
 
 /// Locks the file at `path` for this process and writes its pid there; or the pid of the
 /// process that holds it. The kernel releases it when the holder dies.
-fn pid_lock(pins: &PinDir, path: &Path) -> Result<Result<Flock<File>, String>> {
+fn pid_lock(pins: &PinDir, path: &Path, wait: Duration) -> Result<Result<Flock<File>, String>> {
     ensure_dir(pins)?;
     let file = OpenOptions::new()
         .read(true)
@@ -205,7 +241,7 @@ fn pid_lock(pins: &PinDir, path: &Path) -> Result<Result<Flock<File>, String>> {
         .mode(0o600)
         .open(path)
         .with_context(|| format!("opening {}", path.display()))?;
-    let Some(mut locked) = flock(file, FlockArg::LockExclusiveNonblock, Duration::ZERO)? else {
+    let Some(mut locked) = flock(file, FlockArg::LockExclusiveNonblock, wait)? else {
         return Ok(Err(fs::read_to_string(path).unwrap_or_default().trim().to_string()));
     };
     locked.set_len(0)?;

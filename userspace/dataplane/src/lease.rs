@@ -1,0 +1,89 @@
+//! A lease in a pinned map that keeps a piece of the dataplane working for a command while
+//! the command runs (`observe`'s events, `capture`'s copies) and lapses by itself when the
+//! command dies. A thread of its own renews it, so a command blocked writing to a slow
+//! reader keeps it; should it lapse all the same (the process stopped, say), the renewal
+//! says so on standard error. Only the holder of the tool's `ToolLock` may hold the lease,
+//! so a renewal or a release never touches another command's lease.
+
+use std::{
+    sync::mpsc::{self, RecvTimeoutError, Sender},
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use anyhow::Result;
+
+use crate::{
+    PinDir, monotonic_ns,
+    state::{Tool, ToolLock},
+};
+
+/// What a leased map holds and how to move its end.
+pub trait Held: Send + 'static {
+    /// Readies the map before the first renewal, under the lock.
+    fn begin(&mut self) -> Result<()> {
+        Ok(())
+    }
+    /// When the lease now written in the kernel ends (CLOCK_MONOTONIC ns).
+    fn until(&self) -> Result<u64>;
+    /// Writes the lease with its end at `until`.
+    fn renew(&mut self, until: u64) -> Result<()>;
+    /// Ends the lease at once.
+    fn release(&mut self);
+}
+
+/// A held lease, renewed every `every` for `length` by its own thread until dropped; then
+/// released.
+pub struct Lease {
+    stop: Option<Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+    _lock: ToolLock,
+}
+
+impl Lease {
+    /// Takes `tool`'s lock (or fails naming the holder) and then the lease in `held`.
+    pub fn take(
+        pins: &PinDir,
+        tool: Tool,
+        mut held: impl Held,
+        length: Duration,
+        every: Duration,
+    ) -> Result<Self> {
+        let lock = ToolLock::acquire(pins, tool, Duration::ZERO)?;
+        held.begin()?;
+        held.renew(monotonic_ns() + length.as_nanos() as u64)?;
+        let (stop, stopped) = mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            // Ends when the holder drops its sender.
+            while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
+                if let Err(e) = renew(&mut held, tool, length) {
+                    eprintln!("xdpgate {}: renewing its lease failed: {e:#}", tool.name());
+                }
+            }
+            held.release();
+        });
+        Ok(Self { stop: Some(stop), thread: Some(thread), _lock: lock })
+    }
+}
+
+fn renew(held: &mut impl Held, tool: Tool, length: Duration) -> Result<()> {
+    let (was, now) = (held.until()?, monotonic_ns());
+    if was < now {
+        eprintln!(
+            "xdpgate {}: its lease ran out {} ms ago (this process was held up), and the \
+             dataplane stopped sending to it until now: what happened meanwhile is missing",
+            tool.name(),
+            (now - was) / 1_000_000
+        );
+    }
+    held.renew(now + length.as_nanos() as u64)
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
