@@ -171,6 +171,10 @@ pub fn veth(a: &Netns, a_addrs: &str, b: &Netns, b_addrs: &str) -> (String, Stri
             }
             ns.exec("ip", &args);
         }
+        // No router solicitations: a host sends them for about 9 s after its link comes up,
+        // and such a packet in the middle of a test moves the counters the test reads.
+        let rs = format!("net.ipv6.conf.{ifname}.router_solicitations=0");
+        ns.exec("sysctl", &["-qw", &rs]);
         ns.exec("ip", &["link", "set", ifname, "up"]);
     }
     (ia, ib)

@@ -595,7 +595,7 @@ fn announce_node(
         .map(|(backend, probe, _)| (backend, probe))
         .collect();
     let result = drain::read(pins).and_then(|drained| {
-        let view = HealthView { down };
+        let view = ProbeHealth::of(down);
         let health = drain::WithDrained { health: &view, drained: &drained };
         let health = announce::Answered { health: &health, answered: &answered };
         announce::update(pins, node, lbs, &health)
