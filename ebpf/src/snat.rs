@@ -21,7 +21,8 @@ use crate::{
     headers::{IPPROTO_TCP, IPPROTO_UDP},
     lb,
     maps::{
-        NAT_CREATED, NAT_FAILURES, NAT_GATEWAYS, NAT_MAP, NAT_PUBLIC, NAT_SUBNETS, NAT_TRAFFIC, VNET,
+        NAT_CREATED, NAT_FAILURES, NAT_GATEWAYS, NAT_MAP, NAT_PUBLIC, NAT_SUBNETS, NAT_TRAFFIC,
+        VNET,
     },
     parse::{PacketMeta, is_echo},
 };

@@ -90,7 +90,12 @@ impl NatMaps {
     /// stay (their flows keep working) until they idle out. Each gateway's counters follow
     /// it by name from the running generation (`running`, its record; see
     /// [`carry_counters`]).
-    pub fn install(&mut self, pins: &PinDir, policy: &Policy, running: Option<&Record>) -> Result<()> {
+    pub fn install(
+        &mut self,
+        pins: &PinDir,
+        policy: &Policy,
+        running: Option<&Record>,
+    ) -> Result<()> {
         xdpgate_policy::nat::check(policy)?;
         if let Some(running) = running {
             carry_counters(pins, policy, running)?;
