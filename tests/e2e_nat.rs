@@ -125,6 +125,30 @@ impl Lab {
         serde_json::from_str(&self.pins.xdpgate(&["nat", "--json"])).unwrap()
     }
 
+    /// The first gateway's translated traffic: `{"outbound": {"packets", "bytes"}, ..}`.
+    fn traffic(&self) -> serde_json::Value {
+        self.nat()[0]["traffic"].clone()
+    }
+
+    /// Packets dropped for the first gateway for `reason`.
+    fn dropped(&self, reason: &str) -> u64 {
+        self.traffic()["dropped"][reason]["packets"].as_u64().unwrap()
+    }
+
+    /// Writes `policy` to the agent's file, signals a reload and waits for its generation.
+    fn reload(&self, policy: &str) {
+        let generation = || {
+            let status: serde_json::Value =
+                serde_json::from_str(&self.pins.xdpgate(&["status", "--json"])).unwrap();
+            status["policy"]["generation"].as_u64().unwrap_or(0)
+        };
+        let before = generation();
+        std::fs::write(&self.file, policy).unwrap();
+        let pid = self.agent.as_ref().unwrap().id() as i32;
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+        self.wait("the reload", Duration::from_secs(10), |_| generation() > before);
+    }
+
     fn ports_in_use(&self) -> u64 {
         self.nat()[0]["addresses"][0]["ports_in_use"].as_u64().unwrap()
     }
@@ -230,11 +254,89 @@ fn a_small_pool_runs_out_and_recovers() {
     assert_eq!(lab.udp(41002), None, "two ports, two flows: the third finds none");
     let failed = lab.nat()[0]["failed_allocations"].as_u64().unwrap();
     assert!(failed >= 1, "{}", lab.nat());
+    // Each failed allocation is a packet dropped for the gateway.
+    assert_eq!(lab.dropped("nat_exhausted"), failed, "{}", lab.nat());
     // The first two flows still work.
     assert_eq!(lab.udp(41000).as_deref(), Some("192.0.2.100"));
     // Once they idle out, new flows get ports again.
     lab.wait("the pool to recover", Duration::from_secs(12), |l| l.udp(41003).is_some());
     let _ = &lab.gw;
+}
+
+/// Azure's NAT gateway metrics, exact for datagrams the test sends: packets and bytes (from
+/// the IP header on) each way, packets dropped as unmatched; kept by an agent reload of the
+/// same policy, gone with a gateway the policy removes.
+#[test]
+fn a_gateway_counts_its_packets_bytes_and_drops() {
+    let lab = Lab::new("    udp_idle_timeout: 60\n");
+    lab.udp_echo();
+    let before = lab.traffic();
+    // Datagrams of 100 bytes, each answered by one as long: 128 bytes from the IP header on.
+    const N: u64 = 10;
+    for _ in 0..N {
+        assert_eq!(lab.udp_of(42000, 100), Some(("192.0.2.100".to_owned(), 100)));
+    }
+    let after = lab.traffic();
+    for direction in ["outbound", "inbound"] {
+        let moved = |key: &str| {
+            after[direction][key].as_u64().unwrap() - before[direction][key].as_u64().unwrap()
+        };
+        assert_eq!(moved("packets"), N, "{direction}: {after}");
+        assert_eq!(moved("bytes"), N * 128, "{direction}: {after}");
+    }
+    assert_eq!(lab.dropped("nat_unmatched"), 0, "{after}");
+
+    // Datagrams from the internet to the public address that match no translation.
+    const UNMATCHED: u64 = 3;
+    lab.server.run(|| {
+        let s = UdpSocket::bind("203.0.113.10:0").unwrap();
+        for _ in 0..UNMATCHED {
+            s.send_to(b"stray", "192.0.2.100:9").unwrap();
+        }
+    });
+    lab.wait("the unmatched drops", Duration::from_secs(5), |l| {
+        l.dropped("nat_unmatched") >= UNMATCHED
+    });
+    assert_eq!(lab.dropped("nat_unmatched"), UNMATCHED);
+
+    let metrics = lab.pins.xdpgate(&["metrics"]);
+    let out = after["outbound"]["packets"].as_u64().unwrap();
+    for want in [
+        "# HELP xdpgate_nat_packets_total ".to_owned(),
+        format!(r#"xdpgate_nat_packets_total{{gateway="natgw",direction="outbound"}} {out}"#),
+        "# HELP xdpgate_nat_bytes_total ".to_owned(),
+        format!(
+            r#"xdpgate_nat_bytes_total{{gateway="natgw",direction="inbound"}} {}"#,
+            after["inbound"]["bytes"]
+        ),
+        "# HELP xdpgate_nat_dropped_packets_total ".to_owned(),
+        format!(
+            r#"xdpgate_nat_dropped_packets_total{{gateway="natgw",reason="nat_unmatched"}} {UNMATCHED}"#
+        ),
+    ] {
+        assert!(metrics.contains(&want), "{want} missing from\n{metrics}");
+    }
+    let stats: serde_json::Value =
+        serde_json::from_str(&lab.pins.xdpgate(&["stats", "--json"])).unwrap();
+    assert_eq!(stats["nat_gateways"][0]["nat_gateway"], "natgw", "{stats}");
+    assert_eq!(stats["nat_gateways"][0]["outbound"], after["outbound"], "{stats}");
+
+    // A reload of the same policy keeps the counters.
+    let counted = lab.nat()[0]["traffic"].clone();
+    lab.reload(&policy("    udp_idle_timeout: 60\n"));
+    assert_eq!(lab.nat()[0]["traffic"], counted, "kept across a reload");
+
+    // A policy whose gateway has another name: the old one's counters go with it.
+    lab.reload(&policy("    udp_idle_timeout: 60\n").replace("natgw", "natgw2"));
+    let nat = lab.nat();
+    assert_eq!(nat[0]["nat_gateway"], "natgw2", "{nat}");
+    for direction in ["outbound", "inbound"] {
+        assert_eq!(nat[0]["traffic"][direction]["packets"], 0, "{nat}");
+    }
+    assert_eq!(lab.dropped("nat_unmatched"), 0, "{nat}");
+    // Its own traffic counts from there (the live translation is its now).
+    assert_eq!(lab.udp_of(42000, 100), Some(("192.0.2.100".to_owned(), 100)));
+    assert_eq!(lab.traffic()["outbound"]["packets"], 1, "{}", lab.nat());
 }
 
 /// The cached next hop of the translated flow from the host's `sport` to the server's

@@ -664,10 +664,20 @@ fn a_backend_of_several_rules_is_counted_once_and_unprobed_rules_report_no_healt
 }
 
 /// NAT gateway metrics for known traffic: three connections out through the gateway are
-/// three translations created and active, on one public address of the gateway's range.
+/// three translations created and active, on one public address of the gateway's range, and
+/// at least their SYNs and SYN-ACKs translated each way.
 #[test]
 fn nat_gateway_metrics_count_translations() {
-    let lab = common::gateway::Gateway::new();
+    nat_gateway_metrics(common::gateway::Gateway::new());
+}
+
+/// The same at the tc hook.
+#[test]
+fn nat_gateway_metrics_count_translations_at_tc() {
+    nat_gateway_metrics(common::gateway::Gateway::tc());
+}
+
+fn nat_gateway_metrics(lab: common::gateway::Gateway) {
     lab.take_redirects();
     lab.apply("policy.yaml", common::gateway::TRANSLATING_POLICY);
     let listener = lab.client.run(|| std::net::TcpListener::bind("203.0.113.10:9000").unwrap());
@@ -687,6 +697,17 @@ fn nat_gateway_metrics_count_translations() {
     assert_eq!(sample(&scrape, "xdpgate_nat_ports_in_use", &address), 3.0);
     // The default range: 1024-65535.
     assert_eq!(sample(&scrape, "xdpgate_nat_ports_per_address", &gw), 64_512.0);
+    // Each connect returned once its SYN went out and its SYN-ACK came back, translated.
+    for direction in ["outbound", "inbound"] {
+        let labels = [("gateway", "natgw"), ("direction", direction)];
+        let packets = sample(&scrape, "xdpgate_nat_packets_total", &labels);
+        let bytes = sample(&scrape, "xdpgate_nat_bytes_total", &labels);
+        assert!(packets >= 3.0, "{direction}: {packets} packets");
+        // IPv4 and TCP headers at least (no link-layer header).
+        assert!(bytes >= 40.0 * packets, "{direction}: {bytes} bytes in {packets} packets");
+    }
+    let unmatched = [("gateway", "natgw"), ("reason", "nat_unmatched")];
+    assert_eq!(sample(&scrape, "xdpgate_nat_dropped_packets_total", &unmatched), 0.0);
 }
 
 /// A request head cut off before its end: the server must wait for more or give up.

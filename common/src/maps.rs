@@ -156,6 +156,9 @@ pub const NAT_FAILURES: &str = "NAT_FAILURES";
 /// `PerCpuArray<u64>` per gateway: new flows that got a public port. Created by a load of
 /// programs that have it (a dataplane from before has none).
 pub const NAT_CREATED: &str = "NAT_CREATED";
+/// `PerCpuArray<nat::NatTraffic>` per gateway: packets and bytes translated each way,
+/// packets dropped. A new map: pin sets from before it get it on their next load.
+pub const NAT_TRAFFIC: &str = "NAT_TRAFFIC";
 pub const NAT_PREFIXES: u32 = 1_024;
 
 /// `RingBuf` of `FlowEvent`s.

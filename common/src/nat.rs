@@ -1,7 +1,10 @@
 //! NAT gateway tables: which subnets are translated through which gateway, the gateways'
 //! public addresses and port ranges, and the translations themselves.
 
-use crate::pod;
+use crate::{
+    pod,
+    stats::{Counter, DropReason},
+};
 
 pub const MAX_NAT_GATEWAYS: u32 = 16;
 pub const MAX_PUBLIC_ADDRS: usize = 16;
@@ -73,4 +76,22 @@ pub const NAT_ACTIVE: u32 = 0;
 /// Released by the agent, kept so the port is not reused for the same destination yet.
 pub const NAT_COOLDOWN: u32 = 1;
 
-pod!(AddrKey, NatGatewayConfig, NatEntry);
+/// What one NAT gateway translated and dropped (`NAT_TRAFFIC`, per CPU, by gateway index),
+/// as Azure's NAT gateway metrics count it: packets and bytes each way and dropped packets.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatTraffic {
+    /// Indexed by `nsg::DIR_*`: outbound (a private host's packets to the internet, source
+    /// translated) and inbound (their replies, destination translated). Bytes count from the
+    /// IP header on (no link-layer header), as Azure's do.
+    pub translated: [Counter; 2],
+    /// Packets the NAT stage dropped, by [`NAT_DROPS`] index.
+    pub dropped: [u64; NAT_DROP_REASONS],
+}
+
+/// The drop reasons that belong to a NAT gateway, in `NatTraffic::dropped` order.
+pub const NAT_DROP_REASONS: usize = 2;
+pub const NAT_DROPS: [DropReason; NAT_DROP_REASONS] =
+    [DropReason::NatExhausted, DropReason::NatUnmatched];
+
+pod!(AddrKey, NatGatewayConfig, NatEntry, NatTraffic);

@@ -30,7 +30,6 @@ def m(name, extra=""):
     return name + "{" + S + (", " + extra if extra else "") + "}"
 R = "[$__rate_interval]"
 FAIL = 'result="failure"'
-NAT = 'reason=~"nat_.*"'
 row("Agent")
 panel("Build", [(m("xdpgate_build_info"), "{{instance}} {{version}}")], kind="table", w=6, h=5)
 panel("Last reload successful", [(m("xdpgate_config_last_reload_successful"), "{{instance}}")], kind="stat", w=6, h=5, desc="0: the last reload failed and the previous policy stays in force.")
@@ -54,7 +53,9 @@ panel("Active translations", [(m("xdpgate_nat_translations"), "{{gateway}}")])
 panel("New translations", [(f"sum by (gateway) (rate({m('xdpgate_nat_translations_created_total')}{R}))", "{{gateway}}")], unit="ops", desc="New flows that got a public port (Azure's SNAT connection count).")
 panel("Ports in use per public address", [(f"{m('xdpgate_nat_ports_in_use')} / on (instance, gateway) group_left {m('xdpgate_nat_ports_per_address')}", "{{gateway}} {{address}}")], unit="percentunit", desc="Ports held (or cooling down) over the port range; a port serves one translation per destination.")
 panel("New flows with no free port", [(f"sum by (gateway) (rate({m('xdpgate_nat_allocation_failures_total')}{R}))", "{{gateway}}")], unit="ops")
-panel("NAT drops", [(f"sum by (reason) (rate({m('xdpgate_drops_total', NAT)}{R}))", "{{reason}}")], unit="pps")
+panel("Translated packets", [(f"sum by (gateway, direction) (rate({m('xdpgate_nat_packets_total')}{R}))", "{{gateway}} {{direction}}")], unit="pps", desc="Azure's Packets metric: outbound (private hosts to the internet) and inbound (their replies).")
+panel("Translated bytes", [(f"sum by (gateway, direction) (rate({m('xdpgate_nat_bytes_total')}{R}))", "{{gateway}} {{direction}}")], unit="Bps", desc="Azure's Bytes metric: from the IP header on.")
+panel("NAT drops by gateway", [(f"sum by (gateway, reason) (rate({m('xdpgate_nat_dropped_packets_total')}{R}))", "{{gateway}} {{reason}}")], unit="pps", w=24, desc="Azure's Dropped Packets: nat_exhausted (no free port for a new flow), nat_unmatched (to a public address, no translation: scans, or replies after a translation idled out).")
 row("Flow table")
 panel("Flow table use", [(f"{m('xdpgate_flow_table_entries')} / on (instance, table) (2 * {m('xdpgate_flow_table_capacity')})", "{{table}}")], unit="percentunit")
 panel("Embryonic flows by outcome", [(f"sum by (outcome) (rate({m('xdpgate_embryonic_flows_total')}{R}))", "{{outcome}}")], unit="ops")

@@ -176,6 +176,7 @@ fn established_entry(
             return Some(Lookup::Stale);
         }
         touch(entry, now, len);
+        snat::count_translated(meta, entry, len);
         if meta.proto == IPPROTO_TCP && meta.tcp_flags & (TH_FIN | TH_RST) != 0 {
             track_close(key, entry, meta.tcp_flags);
         }
@@ -241,6 +242,7 @@ fn embryo(
         return Ok(Lookup::Stale);
     }
     touch(entry, now, len);
+    snat::count_translated(meta, entry, len);
     let action = Action::of(entry);
     if meta.proto == IPPROTO_TCP {
         let flags = meta.tcp_flags;
@@ -397,7 +399,15 @@ pub fn create(
             if let Some(t) = translation {
                 rebuilt = midstream;
                 if t.state != NAT_ACTIVE {
+                    if !trace::active() {
+                        snat::unmatched(u32::from(t.gateway));
+                    }
                     return Err(DropReason::NatUnmatched);
+                }
+                // Counted here, before classification: the new-flow stage's stack has no
+                // room for the public-address lookup after it.
+                if !trace::active() {
+                    snat::count_rebuilt(meta, t, len);
                 }
                 forward.nat = t.kind;
                 forward.nat_addr = t.addr;
@@ -408,8 +418,14 @@ pub fn create(
                     forward.reply = 1;
                     forward.direction = DIR_OUTBOUND as u8;
                 }
-            } else if nat && snat::to_public_address(meta) {
-                return Err(if midstream { DropReason::NoFlow } else { DropReason::NatUnmatched });
+            } else if let Some(gw) = if nat { snat::to_public_address(meta) } else { None } {
+                if midstream {
+                    return Err(DropReason::NoFlow);
+                }
+                if !trace::active() {
+                    snat::unmatched(gw);
+                }
+                return Err(DropReason::NatUnmatched);
             } else {
                 if midstream && !forward::host_connection(ctx, meta) {
                     if !pickup {
@@ -585,7 +601,7 @@ pub fn commit(
 /// The SNAT stage: claims a public port of gateway `gw` for the new flow whose forward entry
 /// the policy stage left in `FLOW_SCRATCH`, and commits the flow.
 #[inline(always)]
-pub fn commit_snat(meta: &PacketMeta, gw: u32) -> Result<Action, DropReason> {
+pub fn commit_snat(meta: &PacketMeta, gw: u32, len: u64) -> Result<Action, DropReason> {
     let now = clock::now_ns();
     let pair = FLOW_SCRATCH.get_ptr_mut(0).ok_or(DropReason::Internal)?;
     let [forward, reply] = unsafe { &mut *pair };
@@ -595,6 +611,7 @@ pub fn commit_snat(meta: &PacketMeta, gw: u32) -> Result<Action, DropReason> {
     forward.nat_port = claim as u16;
     forward.idle_s = snat::idle_s(gw, meta.proto);
     commit(meta, &key(meta), forward, reply, false)?;
+    snat::count_translated(meta, forward, len);
     Ok(Action::of(forward))
 }
 

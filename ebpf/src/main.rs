@@ -351,7 +351,7 @@ fn snat_stage<H: Hook>(ctx: &H) -> Result<u32, DropReason> {
         trace::snat(gw);
         return Ok(xdp_action::XDP_PASS);
     }
-    let action = flow::commit_snat(meta, gw)?;
+    let action = flow::commit_snat(meta, gw, Packet::len(ctx) as u64)?;
     hand_on(ctx, action, PIPELINE_ACT)
 }
 

@@ -22,7 +22,10 @@ use xdpgate_common::{
         EGRESS_STAGES, EMBRYO_ENTRIES, FLOW_ENTRIES, FRAG_ENTRIES, IFACE_INDEX_ENTRIES, MAX_EGRESS,
         MAX_IFACES, NAT_PREFIXES, NSG_FIELD_ENTRIES, PIPELINE_STAGES, TC_STAGES,
     },
-    nat::{AddrKey, MAX_NAT_GATEWAYS, MAX_PUBLIC_ADDRS, NAT_ENTRIES, NatEntry, NatGatewayConfig},
+    nat::{
+        AddrKey, MAX_NAT_GATEWAYS, MAX_PUBLIC_ADDRS, NAT_ENTRIES, NatEntry, NatGatewayConfig,
+        NatTraffic,
+    },
     nsg::{
         CLASS_ID_ENTRIES, CLASSES_PER_SLOT, FieldClass, FieldKey, MAX_RULES, PolicyConfig,
         RuleBitmap, SLOTS, TABLES,
@@ -237,6 +240,10 @@ pub static NAT_FAILURES: PerCpuArray<u64> = PerCpuArray::pinned(MAX_NAT_GATEWAYS
 /// New flows per gateway that got a public port (translations created).
 #[map(name = "NAT_CREATED")]
 pub static NAT_CREATED: PerCpuArray<u64> = PerCpuArray::pinned(MAX_NAT_GATEWAYS, 0);
+
+/// Packets and bytes each gateway translated each way, and the packets it dropped.
+#[map(name = "NAT_TRAFFIC")]
+pub static NAT_TRAFFIC: PerCpuArray<NatTraffic> = PerCpuArray::pinned(MAX_NAT_GATEWAYS, 0);
 
 /// Flow events for the agent's flow log.
 #[map(name = "EVENTS")]

@@ -7,16 +7,23 @@
 use aya_ebpf::bindings::BPF_NOEXIST;
 use aya_ebpf::maps::lpm_trie::Key;
 use xdpgate_common::{
-    flow::{FlowKey, NAT_DST, NAT_SRC},
-    nat::{ADDR_KEY_HEADER_BITS, AddrKey, MAX_PUBLIC_ADDRS, NAT_ACTIVE, NAT_PROBES, NatEntry},
-    nsg::DIR_OUTBOUND,
+    flow::{FlowKey, FlowValue, NAT_DST, NAT_SRC},
+    lb::NO_BACKEND,
+    nat::{
+        ADDR_KEY_HEADER_BITS, AddrKey, MAX_PUBLIC_ADDRS, NAT_ACTIVE, NAT_DROP_REASONS, NAT_PROBES,
+        NatEntry,
+    },
+    nsg::{DIR_INBOUND, DIR_OUTBOUND},
     stats::DropReason,
 };
 
 use crate::{
     headers::{IPPROTO_TCP, IPPROTO_UDP},
     lb,
-    maps::{NAT_CREATED, NAT_FAILURES, NAT_GATEWAYS, NAT_MAP, NAT_PUBLIC, NAT_SUBNETS, VNET},
+    maps::{
+        NAT_CREATED, NAT_FAILURES, NAT_GATEWAYS, NAT_MAP, NAT_PUBLIC, NAT_SUBNETS, NAT_TRAFFIC,
+        VNET,
+    },
     parse::{PacketMeta, is_echo},
 };
 
@@ -54,10 +61,66 @@ pub fn idle_s(gw: u32, proto: u8) -> u16 {
         .map_or(0, |c| if proto == IPPROTO_TCP { c.tcp_idle_s } else { c.udp_idle_s })
 }
 
-/// Whether the packet is addressed to a NAT gateway's public address.
+/// The NAT gateway whose public address the packet is addressed to.
 #[inline(always)]
-pub fn to_public_address(meta: &PacketMeta) -> bool {
-    unsafe { NAT_PUBLIC.get(&addr_key(meta.family, &meta.dst)) }.is_some()
+pub fn to_public_address(meta: &PacketMeta) -> Option<u32> {
+    unsafe { NAT_PUBLIC.get(&addr_key(meta.family, &meta.dst)) }.copied()
+}
+
+/// Index in `NatTraffic::dropped` of each of `nat::NAT_DROPS`.
+const DROPPED_EXHAUSTED: usize = 0;
+const DROPPED_UNMATCHED: usize = 1;
+
+/// Counts a packet of a flow translated by a NAT gateway (`entry`: its direction's entry)
+/// under the gateway that owns the public address: the new source of an outbound packet,
+/// the destination of a reply. By address rather than the translation's gateway index, so
+/// that a gateway's packets follow it when a policy renumbers the gateways. Load-balanced
+/// flows translate too, but have a service. Bytes from the IP header on.
+#[inline(always)]
+pub fn count_translated(meta: &PacketMeta, entry: &FlowValue, len: u64) {
+    if entry.service != NO_BACKEND {
+        return;
+    }
+    let (public, dir) = match entry.nat {
+        NAT_SRC => (&entry.nat_addr, DIR_OUTBOUND),
+        NAT_DST => (&meta.dst, DIR_INBOUND),
+        _ => return,
+    };
+    if let Some(gw) = unsafe { NAT_PUBLIC.get(&addr_key(meta.family, public)) } {
+        count(*gw, dir, meta, len);
+    }
+}
+
+/// Counts the first packet of a flow rebuilt from its translation `t` under the gateway
+/// that made the translation.
+#[inline(always)]
+pub fn count_rebuilt(meta: &PacketMeta, t: &NatEntry, len: u64) {
+    let dir = if t.kind == NAT_SRC { DIR_OUTBOUND } else { DIR_INBOUND };
+    count(u32::from(t.gateway), dir, meta, len);
+}
+
+#[inline(always)]
+fn count(gw: u32, dir: u32, meta: &PacketMeta, len: u64) {
+    if let Some(t) = NAT_TRAFFIC.get_ptr_mut(gw) {
+        // Per-CPU slot: plain adds are exact.
+        let c = unsafe { &mut (*t).translated[dir as usize & 1] };
+        c.packets += 1;
+        c.bytes += len.saturating_sub(u64::from(meta.l3_off));
+    }
+}
+
+/// Counts a packet to gateway `gw`'s public address that matches no active translation
+/// (dropped as `NatUnmatched`).
+#[inline(always)]
+pub fn unmatched(gw: u32) {
+    count_dropped(gw, DROPPED_UNMATCHED);
+}
+
+#[inline(always)]
+fn count_dropped(gw: u32, index: usize) {
+    if let Some(t) = NAT_TRAFFIC.get_ptr_mut(gw) {
+        unsafe { (*t).dropped[index & (NAT_DROP_REASONS - 1)] += 1 };
+    }
 }
 
 /// A translation stored under this tuple, if any.
@@ -159,6 +222,7 @@ fn exhausted(gw: u32) -> DropReason {
     if let Some(c) = NAT_FAILURES.get_ptr_mut(gw) {
         unsafe { *c += 1 };
     }
+    count_dropped(gw, DROPPED_EXHAUSTED);
     DropReason::NatExhausted
 }
 

@@ -172,7 +172,8 @@ enum Command {
     /// Named address sets of the running policy: list them, or add and delete elements in
     /// the kernel without a re-apply (kept by later applies and reloads).
     Set(xdpgate::set::SetArgs),
-    /// Show the NAT gateways: ports in use per public address, failed allocations.
+    /// Show the NAT gateways: ports in use per public address, failed allocations, packets
+    /// and bytes translated each way, drops.
     Nat {
         #[command(flatten)]
         output: OutputArgs,

@@ -518,8 +518,41 @@ impl Snapshot {
             "New flows through a NAT gateway that found no free public port (dropped, as \
              xdpgate_drops_total{reason=\"nat_exhausted\"}).",
         );
+        // Azure's NAT gateway metrics: Bytes and Packets by direction, Dropped Packets.
+        let mut nat_packets = Family::new(
+            "xdpgate_nat_packets_total",
+            Counter,
+            "Packets a NAT gateway translated, by direction: outbound (private hosts to the \
+             internet, source translated) and inbound (their replies).",
+        );
+        let mut nat_bytes = Family::new(
+            "xdpgate_nat_bytes_total",
+            Counter,
+            "Bytes (from the IP header on) of the packets a NAT gateway translated, by \
+             direction.",
+        );
+        let mut nat_dropped = Family::new(
+            "xdpgate_nat_dropped_packets_total",
+            Counter,
+            "Packets dropped for a NAT gateway, by reason: nat_exhausted (a new flow found no \
+             free public port), nat_unmatched (to a public address, matching no translation).",
+        );
         for g in &self.nat {
             let gw = || vec![("gateway", g.name.clone())];
+            if let Some(t) = &g.traffic {
+                for (direction, c) in [("outbound", t.outbound), ("inbound", t.inbound)] {
+                    let labels =
+                        || vec![("gateway", g.name.clone()), ("direction", direction.into())];
+                    nat_packets.add(labels(), Int(c.packets));
+                    nat_bytes.add(labels(), Int(c.bytes));
+                }
+                for (reason, n) in &t.dropped {
+                    nat_dropped.add(
+                        vec![("gateway", g.name.clone()), ("reason", (*reason).into())],
+                        Int(*n),
+                    );
+                }
+            }
             for (addr, n) in &g.addresses {
                 nat_ports.add(
                     vec![("gateway", g.name.clone()), ("address", addr.to_string())],
@@ -594,6 +627,9 @@ impl Snapshot {
             nat_translations,
             nat_created,
             nat_failures,
+            nat_packets,
+            nat_bytes,
+            nat_dropped,
             reload_ok,
             reload_at,
         ]
@@ -894,6 +930,7 @@ mod tests {
                     rebuilt: 4,
                     picked_up: 9,
                 },
+                nat_gateways: Vec::new(),
             },
             services: vec![ServiceReport {
                 load_balancer: "lb".into(),
@@ -930,6 +967,11 @@ mod tests {
                 created: Some(40),
                 failed_allocations: 2,
                 ports_per_address: 64_512,
+                traffic: Some(nat::GatewayTraffic {
+                    outbound: Traffic { packets: 30, bytes: 3_000 },
+                    inbound: Traffic { packets: 25, bytes: 9_000 },
+                    dropped: vec![("nat_exhausted", 2), ("nat_unmatched", 5)],
+                }),
             }],
             agent: Some(AgentState {
                 pid: 1,
@@ -1031,6 +1073,9 @@ mod tests {
                 "xdpgate_nat_translations",
                 "xdpgate_nat_translations_created_total",
                 "xdpgate_nat_allocation_failures_total",
+                "xdpgate_nat_packets_total",
+                "xdpgate_nat_bytes_total",
+                "xdpgate_nat_dropped_packets_total",
                 "xdpgate_config_last_reload_successful",
                 "xdpgate_config_last_reload_success_timestamp_seconds",
             ]
@@ -1064,6 +1109,14 @@ mod tests {
             r#"xdpgate_nat_ports_per_address{gateway="egress"} 64512"#,
             r#"xdpgate_nat_translations{gateway="egress"} 17"#,
             r#"xdpgate_nat_translations_created_total{gateway="egress"} 40"#,
+            "# TYPE xdpgate_nat_packets_total counter",
+            r#"xdpgate_nat_packets_total{gateway="egress",direction="outbound"} 30"#,
+            r#"xdpgate_nat_packets_total{gateway="egress",direction="inbound"} 25"#,
+            r#"xdpgate_nat_bytes_total{gateway="egress",direction="outbound"} 3000"#,
+            r#"xdpgate_nat_bytes_total{gateway="egress",direction="inbound"} 9000"#,
+            "# TYPE xdpgate_nat_dropped_packets_total counter",
+            r#"xdpgate_nat_dropped_packets_total{gateway="egress",reason="nat_exhausted"} 2"#,
+            r#"xdpgate_nat_dropped_packets_total{gateway="egress",reason="nat_unmatched"} 5"#,
             concat!(r#"xdpgate_build_info{version=""#, env!("CARGO_PKG_VERSION"), r#""} 1"#),
             r#"xdpgate_backend_healthy{load_balancer="lb",rule="http",backend="198.51.100.11"} 1"#,
             r#"xdpgate_backend_healthy{load_balancer="lb",rule="http",backend="2001:db8::11"} 0"#,

@@ -3,29 +3,33 @@
 
 use std::net::IpAddr;
 
-use anyhow::Result;
-use aya::maps::{
-    Array, HashMap, MapData, PerCpuArray,
-    lpm_trie::{Key, LpmTrie},
+use anyhow::{Result, anyhow};
+use aya::{
+    Pod,
+    maps::{
+        Array, HashMap, MapData, PerCpuArray, PerCpuValues,
+        lpm_trie::{Key, LpmTrie},
+    },
 };
 use ipnet::IpNet;
 use xdpgate_common::{
     flow::{FlowKey, FlowValue, NAT_DST, TCP_CLOSED},
     maps::{
         EMBRYOS, FLOWS, NAT_CREATED, NAT_FAILURES, NAT_GATEWAYS, NAT_MAP, NAT_PUBLIC, NAT_SUBNETS,
-        VNET,
+        NAT_TRAFFIC, VNET,
     },
     nat::{
-        ADDR_KEY_HEADER_BITS, AddrKey, MAX_PUBLIC_ADDRS, NAT_ACTIVE, NAT_COOLDOWN, NatEntry,
-        NatGatewayConfig,
+        ADDR_KEY_HEADER_BITS, AddrKey, MAX_NAT_GATEWAYS, MAX_PUBLIC_ADDRS, NAT_ACTIVE,
+        NAT_COOLDOWN, NAT_DROPS, NatEntry, NatGatewayConfig, NatTraffic,
     },
-    nsg::TCP_CLOSED_TIMEOUT_NS,
+    nsg::{DIR_INBOUND, DIR_OUTBOUND, TCP_CLOSED_TIMEOUT_NS},
+    stats::{Counter, DROP_REASON_NAMES},
     words,
 };
 
 use xdpgate_policy::{NatGateway, Policy, names::Record};
 
-use crate::PinDir;
+use crate::{PinDir, stats::Traffic};
 
 fn addr_bytes(addr: IpAddr) -> (u8, [u8; 16]) {
     match addr {
@@ -83,9 +87,19 @@ impl NatMaps {
 
     /// Replaces the gateway tables with the policy's: new entries first, then the stale
     /// ones removed, so no packet finds the tables empty in between. Existing translations
-    /// stay (their flows keep working) until they idle out.
-    pub fn install(&mut self, policy: &Policy) -> Result<()> {
+    /// stay (their flows keep working) until they idle out. Each gateway's counters follow
+    /// it by name from the running generation (`running`, its record; see
+    /// [`carry_counters`]).
+    pub fn install(
+        &mut self,
+        pins: &PinDir,
+        policy: &Policy,
+        running: Option<&Record>,
+    ) -> Result<()> {
         xdpgate_policy::nat::check(policy)?;
+        if let Some(running) = running {
+            carry_counters(pins, policy, running)?;
+        }
         for (i, gw) in policy.nat_gateways.iter().enumerate() {
             self.gateways.set(i as u32, gateway_config(gw), 0)?;
         }
@@ -119,6 +133,120 @@ impl NatMaps {
         }
         Ok(())
     }
+}
+
+/// Moves the per-gateway counters (traffic and drops, translations created, failed
+/// allocations) from each gateway's index in the running generation to its index in
+/// `policy`, by name, as rule counters are kept; a gateway the policy adds starts at zero
+/// and one it removes is gone. Indexes whose gateway stays put are left alone, so that an
+/// apply of the same policy loses no packet counted during it. (A packet counted under the
+/// old numbering after its index was rewritten is lost or counted for the gateway now
+/// there: only when the policy renumbers its gateways.)
+fn carry_counters(pins: &PinDir, policy: &Policy, running: &Record) -> Result<()> {
+    let from: Vec<Option<u32>> = (0..MAX_NAT_GATEWAYS as usize)
+        .map(|i| {
+            let name = &policy.nat_gateways.get(i)?.name;
+            running.nat_gateways.iter().position(|(n, _)| n == name).map(|j| j as u32)
+        })
+        .collect();
+    // Pinned by the first load of a build with it; none before (nothing to carry).
+    if let Ok(map) = pins.open_map(NAT_TRAFFIC) {
+        remap::<NatTraffic>(&mut map.try_into()?, &from)?;
+    }
+    remap::<u64>(&mut pins.open_map(NAT_FAILURES)?.try_into()?, &from)?;
+    if let Ok(map) = pins.open_map(NAT_CREATED) {
+        remap::<u64>(&mut map.try_into()?, &from)?;
+    }
+    Ok(())
+}
+
+/// Sets index `i` of a per-gateway array to what index `from[i]` held (zero for `None`),
+/// every value read before any is written.
+fn remap<V: Pod + Default>(map: &mut PerCpuArray<MapData, V>, from: &[Option<u32>]) -> Result<()> {
+    let nr_cpus = aya::util::nr_cpus().map_err(|(m, e)| anyhow!("{m}: {e}"))?;
+    let mut moves = Vec::new();
+    for (i, old) in from.iter().enumerate() {
+        if *old == Some(i as u32) {
+            continue;
+        }
+        let values = match old {
+            Some(old) => map.get(old, 0)?.to_vec(),
+            None => vec![V::default(); nr_cpus],
+        };
+        moves.push((i as u32, values));
+    }
+    for (i, values) in moves {
+        map.set(i, PerCpuValues::try_from(values)?, 0)?;
+    }
+    Ok(())
+}
+
+/// What a gateway translated each way and the packets the NAT stage dropped for it.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct GatewayTraffic {
+    /// Private hosts' packets to the internet (source translated); bytes from the IP header
+    /// on.
+    pub outbound: Traffic,
+    /// Their replies (destination translated).
+    pub inbound: Traffic,
+    /// Drop reason (`nat_exhausted`, `nat_unmatched`) to packets; JSON
+    /// `{"nat_exhausted": {"packets": n}, ..}`.
+    #[serde(serialize_with = "crate::stats::drops_by_reason")]
+    pub dropped: Vec<(&'static str, u64)>,
+}
+
+impl GatewayTraffic {
+    pub fn dropped(&self, reason: &str) -> u64 {
+        self.dropped.iter().find(|(n, _)| *n == reason).map_or(0, |(_, v)| *v)
+    }
+}
+
+/// Each gateway index's traffic, summed over the CPUs; `None` from a dataplane loaded before
+/// the counters existed.
+fn read_traffic(pins: &PinDir) -> Result<Option<Vec<GatewayTraffic>>> {
+    let Ok(map) = pins.open_map(NAT_TRAFFIC) else { return Ok(None) };
+    let map: PerCpuArray<_, NatTraffic> = map.try_into()?;
+    (0..MAX_NAT_GATEWAYS)
+        .map(|i| {
+            let (mut outbound, mut inbound) = (Counter::default(), Counter::default());
+            let mut dropped = [0u64; NAT_DROPS.len()];
+            for t in map.get(&i, 0)?.iter() {
+                outbound.add(&t.translated[DIR_OUTBOUND as usize]);
+                inbound.add(&t.translated[DIR_INBOUND as usize]);
+                dropped.iter_mut().zip(t.dropped).for_each(|(d, n)| *d += n);
+            }
+            Ok(GatewayTraffic {
+                outbound: outbound.into(),
+                inbound: inbound.into(),
+                dropped: NAT_DROPS
+                    .iter()
+                    .zip(dropped)
+                    .map(|(r, n)| (DROP_REASON_NAMES[*r as usize], n))
+                    .collect(),
+            })
+        })
+        .collect::<Result<_>>()
+        .map(Some)
+}
+
+/// A gateway's traffic under its name (`xdpgate stats`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct NamedTraffic {
+    pub nat_gateway: String,
+    #[serde(flatten)]
+    pub traffic: GatewayTraffic,
+}
+
+/// The traffic of the NAT gateways of the running generation (`record`); empty from a
+/// dataplane loaded before the counters existed.
+pub fn traffic(pins: &PinDir, record: &Record) -> Result<Vec<NamedTraffic>> {
+    let Some(all) = read_traffic(pins)? else { return Ok(Vec::new()) };
+    Ok(record
+        .nat_gateways
+        .iter()
+        .zip(all)
+        .map(|((name, _), traffic)| NamedTraffic { nat_gateway: name.clone(), traffic })
+        .collect())
 }
 
 fn key_bits(k: &Key<AddrKey>) -> (u32, AddrKey) {
@@ -287,6 +415,9 @@ pub struct GatewayReport {
     pub failed_allocations: u64,
     /// Ports of its range on each public address (each can serve many destinations).
     pub ports_per_address: u32,
+    /// Packets and bytes translated each way, packets dropped; none from a dataplane loaded
+    /// before the counters existed.
+    pub traffic: Option<GatewayTraffic>,
 }
 
 /// Reads the live state of the NAT gateways of the running generation (`record`).
@@ -307,6 +438,7 @@ pub fn report(pins: &PinDir, record: &Record) -> Result<Vec<GatewayReport>> {
         pins.open_map(NAT_CREATED).ok().and_then(|m| m.try_into().ok());
     let claims: Vec<(FlowKey, NatEntry)> =
         map.iter().filter_map(|e| e.ok()).filter(|(_, t)| t.kind == NAT_DST).collect();
+    let traffic = read_traffic(pins)?;
     record
         .nat_gateways
         .iter()
@@ -335,6 +467,7 @@ pub fn report(pins: &PinDir, record: &Record) -> Result<Vec<GatewayReport>> {
                 ports_per_address: configs.get(&(i as u32), 0).map_or(0, |c| {
                     if c.port_hi >= c.port_lo { u32::from(c.port_hi - c.port_lo) + 1 } else { 0 }
                 }),
+                traffic: traffic.as_ref().and_then(|t| t.get(i).cloned()),
             })
         })
         .collect()

@@ -26,7 +26,7 @@ use xdpgate_common::{
 
 use xdpgate_policy::{Direction, Layer};
 
-use crate::{PinDir, apply, state, table, tables};
+use crate::{PinDir, apply, nat, state, table, tables};
 
 #[derive(Debug, Default, Serialize, PartialEq, Eq, Clone, Copy)]
 pub struct Traffic {
@@ -54,7 +54,7 @@ struct Packets {
     packets: u64,
 }
 
-fn drops_by_reason<S: serde::Serializer>(
+pub(crate) fn drops_by_reason<S: serde::Serializer>(
     pairs: &[(&'static str, u64)],
     s: S,
 ) -> Result<S::Ok, S::Error> {
@@ -118,6 +118,8 @@ pub struct Stats {
     pub flow_events_rate_limited: u64,
     pub flow_events_lost: u64,
     pub flow_table: FlowTable,
+    /// Each NAT gateway's packets and bytes translated each way and packets dropped.
+    pub nat_gateways: Vec<nat::NamedTraffic>,
 }
 
 /// The flow tables: established flows (`FLOWS`) and embryonic ones (`EMBRYOS`).
@@ -253,6 +255,11 @@ pub fn read(pins: &PinDir) -> Result<Stats> {
         .map(|r| Ok((DROP_REASON_NAMES[r as usize], drops.get(&r, 0)?.iter().sum())))
         .collect::<Result<_>>()?;
     let (flow_events_rate_limited, flow_events_lost) = event_losses(pins)?;
+    let (_, running) = apply::active(pins)?;
+    let nat_gateways = match state::record(pins, running.generation)? {
+        Some(record) => nat::traffic(pins, &record)?,
+        None => Vec::new(),
+    };
     Ok(Stats {
         interfaces,
         drops,
@@ -260,6 +267,7 @@ pub fn read(pins: &PinDir) -> Result<Stats> {
         flow_events_rate_limited,
         flow_events_lost,
         flow_table: flow_table(pins).context("reading the flow tables")?,
+        nat_gateways,
     })
 }
 

@@ -111,7 +111,7 @@ fn install_locked(
     let health = drain::WithDrained { health, drained: &drained };
     let mut install = || -> Result<()> {
         maps.install(lbs, &health)?;
-        nat_maps.install(policy)
+        nat_maps.install(pins, policy, running.as_ref())
     };
     if prepared.running_generation() == 0 {
         install()?;

@@ -1,8 +1,9 @@
 //! `xdpgate nat`: each NAT gateway's public addresses with the ports in use on each,
-//! active translations and failed allocations.
+//! active translations and failed allocations; the packets and bytes it translated each way
+//! and the packets dropped for it.
 
 use anyhow::Result;
-use xdpgate_dataplane::nat::GatewayReport;
+use xdpgate_dataplane::nat::{GatewayReport, GatewayTraffic};
 
 use super::{Grid, View};
 
@@ -49,13 +50,49 @@ impl View for [GatewayReport] {
         let mut out = g.render();
         if self.is_empty() {
             out += "(no NAT gateways)\n";
+            return out;
+        }
+        let traffic: Vec<_> =
+            self.iter().filter_map(|gw| Some((gw.name.as_str(), gw.traffic.as_ref()?))).collect();
+        if !traffic.is_empty() {
+            out += "\n";
+            out += &traffic_table(&traffic);
         }
         out
     }
 }
 
+/// Each gateway's translated packets and bytes each way and its drops by reason, one line
+/// per gateway (also in `xdpgate stats`).
+pub fn traffic_table(gateways: &[(&str, &GatewayTraffic)]) -> String {
+    let mut g = Grid::new(&[
+        "GATEWAY",
+        "OUT PACKETS",
+        "OUT BYTES",
+        "IN PACKETS",
+        "IN BYTES",
+        "PORTS EXHAUSTED",
+        "UNMATCHED",
+    ])
+    .right(&[1, 2, 3, 4, 5, 6]);
+    for (name, t) in gateways {
+        g.row([
+            name.to_string(),
+            t.outbound.packets.to_string(),
+            super::bytes(t.outbound.bytes),
+            t.inbound.packets.to_string(),
+            super::bytes(t.inbound.bytes),
+            t.dropped("nat_exhausted").to_string(),
+            t.dropped("nat_unmatched").to_string(),
+        ]);
+    }
+    g.render()
+}
+
 #[cfg(test)]
 mod tests {
+    use xdpgate_dataplane::stats::Traffic;
+
     use super::*;
 
     #[test]
@@ -67,14 +104,33 @@ mod tests {
             created: Some(40),
             failed_allocations: 2,
             ports_per_address: 64_512,
+            traffic: Some(GatewayTraffic {
+                outbound: Traffic { packets: 12, bytes: 1_500 },
+                inbound: Traffic { packets: 10, bytes: 900 },
+                dropped: vec![("nat_exhausted", 2), ("nat_unmatched", 4)],
+            }),
         }];
         let text = report.text();
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 3, "{text}");
+        assert_eq!(lines.len(), 6, "{text}");
+        assert!(lines.iter().all(|l| l.len() <= 100), "{text}");
         let words = |l: &str| l.split_whitespace().map(str::to_string).collect::<Vec<_>>();
         assert_eq!(words(lines[1]), ["egress", "192.0.2.1", "7", "9", "2"], "{text}");
         assert_eq!(words(lines[2]), ["192.0.2.2", "3"], "{text}");
+        assert_eq!(
+            words(lines[5]),
+            ["egress", "12", "1.5", "KiB", "10", "900", "B", "2", "4"],
+            "{text}"
+        );
         let json = report.json().unwrap();
+        assert_eq!(
+            json[0]["traffic"],
+            serde_json::json!({
+                "outbound": {"packets": 12, "bytes": 1500},
+                "inbound": {"packets": 10, "bytes": 900},
+                "dropped": {"nat_exhausted": {"packets": 2}, "nat_unmatched": {"packets": 4}},
+            })
+        );
         assert_eq!(json[0]["nat_gateway"], "egress");
         assert_eq!(
             json[0]["addresses"][1],

@@ -1,6 +1,6 @@
 //! `xdpgate stats`: packets and bytes per interface and verdict, drops by reason, flow
-//! events held back, the flow tables' fill and embryonic flows' outcomes, and the flows each
-//! rule of the running policy decided.
+//! events held back, the flow tables' fill and embryonic flows' outcomes, the NAT gateways'
+//! translated traffic and drops, and the flows each rule of the running policy decided.
 
 use anyhow::Result;
 use xdpgate_dataplane::stats::Stats;
@@ -59,6 +59,12 @@ impl View for Stats {
             t.rebuilt,
             t.picked_up
         );
+        if !self.nat_gateways.is_empty() {
+            let gateways: Vec<_> =
+                self.nat_gateways.iter().map(|g| (g.nat_gateway.as_str(), &g.traffic)).collect();
+            out += "\nNAT GATEWAYS\n";
+            out += &super::nat::traffic_table(&gateways);
+        }
         if let Some(p) = &self.policy {
             let mut g = Grid::new(&[
                 "NSG",
@@ -92,8 +98,11 @@ impl View for Stats {
 
 #[cfg(test)]
 mod tests {
-    use xdpgate_dataplane::stats::{
-        EmbryonicTable, EstablishedTable, FlowTable, IfaceStats, PolicyStats, RuleHits, Traffic,
+    use xdpgate_dataplane::{
+        nat::{GatewayTraffic, NamedTraffic},
+        stats::{
+            EmbryonicTable, EstablishedTable, FlowTable, IfaceStats, PolicyStats, RuleHits, Traffic,
+        },
     };
     use xdpgate_policy::{Direction, Layer};
 
@@ -140,6 +149,14 @@ mod tests {
                 rebuilt: 7,
                 picked_up: 8,
             },
+            nat_gateways: vec![NamedTraffic {
+                nat_gateway: "egress".into(),
+                traffic: GatewayTraffic {
+                    outbound: t(5),
+                    inbound: t(4),
+                    dropped: vec![("nat_exhausted", 1), ("nat_unmatched", 3)],
+                },
+            }],
         };
         let text = stats.text();
         let words = |l: &str| l.split_whitespace().map(str::to_string).collect::<Vec<_>>();
@@ -165,6 +182,12 @@ mod tests {
             assert!(text.contains(want), "{want} missing from {text}");
         }
         assert!(text.contains("RULE HITS (policy generation 4)"), "{text}");
+        let nat = lines.iter().position(|l| *l == "NAT GATEWAYS").expect(&text);
+        assert_eq!(
+            words(lines[nat + 2]),
+            ["egress", "5", "500", "B", "4", "400", "B", "1", "3"],
+            "{text}"
+        );
         assert_eq!(
             words(lines.last().unwrap()),
             ["web", "inbound", "subnet", "100", "allow-web", "9", "30", "3.9", "KiB"]
@@ -193,6 +216,15 @@ mod tests {
                               "expired": 4, "refused": 2, "closed": 1, "evicted": 25},
                 "rebuilt": 7,
                 "picked_up": 8,
+            })
+        );
+        assert_eq!(
+            json["nat_gateways"][0],
+            serde_json::json!({
+                "nat_gateway": "egress",
+                "outbound": {"packets": 5, "bytes": 500},
+                "inbound": {"packets": 4, "bytes": 400},
+                "dropped": {"nat_exhausted": {"packets": 1}, "nat_unmatched": {"packets": 3}},
             })
         );
     }
