@@ -399,14 +399,14 @@ pub fn create(
             if let Some(t) = translation {
                 rebuilt = midstream;
                 if t.state != NAT_ACTIVE {
-                    if !trace::active() {
+                    if trace::counting() {
                         snat::unmatched(u32::from(t.gateway));
                     }
                     return Err(DropReason::NatUnmatched);
                 }
                 // Counted here, before classification: the new-flow stage's stack has no
                 // room for the public-address lookup after it.
-                if !trace::active() {
+                if trace::counting() {
                     snat::count_rebuilt(meta, t, len);
                 }
                 forward.nat = t.kind;
@@ -422,7 +422,7 @@ pub fn create(
                 if midstream {
                     return Err(DropReason::NoFlow);
                 }
-                if !trace::active() {
+                if trace::counting() {
                     snat::unmatched(gw);
                 }
                 return Err(DropReason::NatUnmatched);
