@@ -291,10 +291,25 @@ fn gateways_announce_the_frontend_over_bgp_and_withdraw_it() {
     assert!(table.contains(&format!("{VIP} dev lo proto 245")), "table 4242: {table}");
     assert!(table.contains(&format!("{VIP6} dev lo proto 245")), "table 4242: {table}");
 
+    // Routes in the table that are not the agent's (another program's, or a mistake) are
+    // never announced: only host routes of protocol 245.
+    let foreign = [("192.0.2.99/32", "static"), ("203.0.113.128/25", "boot")];
+    for (prefix, proto) in foreign {
+        g1.ns.exec("ip", &["route", "add", prefix, "dev", "lo", "table", "4242", "proto", proto]);
+    }
+
     // Drain one node: the other carries the frontends; status and `bgp` say so.
     let out = g1.pins.xdpgate(&["drain", "--wait", "10"]);
     assert!(out.contains("node drained"), "{out}");
     wait_hops(&router, &[&g2], "g1 drained", &[&g1, &g2]);
+    // g1's BIRD learnt the foreign routes before the agent emptied its own from the table,
+    // and its withdrawal has reached the router: so would have an announcement of them.
+    let learnt = router.exec("ip", &["route", "show", "table", "all"]);
+    let learnt = String::from_utf8_lossy(&learnt.stdout);
+    for (prefix, proto) in foreign {
+        assert!(!learnt.contains(prefix.trim_end_matches("/32")), "announced: {learnt}");
+        g1.ns.exec("ip", &["route", "del", prefix, "dev", "lo", "table", "4242", "proto", proto]);
+    }
     let report = bgp_report(&g1.pins);
     assert_eq!(report["node_drained"], true, "{report}");
     assert_eq!(report["routes"], serde_json::json!([]), "{report}");
@@ -333,6 +348,10 @@ fn gateways_announce_the_frontend_over_bgp_and_withdraw_it() {
     g2.bird.as_ref().unwrap().freeze();
     wait_hops(&router, &[], "g2's daemon frozen", &[&g1, &g2]);
     println!("hold timer: the router withdrew g2 {:.1?} after its daemon froze", frozen.elapsed());
+    // Drained with no agent to withdraw: the command itself removes the killed one's routes.
+    let out = g2.pins.xdpgate(&["drain"]);
+    assert!(out.contains("withdrew the 2 BGP announcements"), "{out}");
+    assert_eq!(g2.table(), "", "routes left after a drain with no agent");
 }
 
 /// Polls `gw`'s table until `done` says so.
@@ -364,6 +383,14 @@ fn detach_withdraws_and_an_agent_without_bgp_removes_a_killed_ones_routes() {
     // no bgp: section; nothing would look after those routes, so they go.
     gw.agent = None;
     assert!(both(&gw.table()), "{}", gw.table());
+    // Detached with no agent to withdraw: the command itself removes the routes.
+    let out = gw.pins.xdpgate(&["detach", "--all"]);
+    assert!(out.contains("withdrew 2 BGP announcements"), "{out}");
+    assert_eq!(gw.table(), "", "routes left after a detach with no agent");
+    // Put back as a killed agent leaves them, for the next agent to find.
+    for vip in [VIP, VIP6] {
+        gw.ns.exec("ip", &["route", "add", vip, "dev", "lo", "table", "4242", "proto", "245"]);
+    }
     let node = std::fs::read_to_string(&gw.node_file).unwrap();
     let without = &node[..node.find("bgp:").unwrap()];
     gw.agent = Some(NodeAgent::start(&gw.ns, &gw.pins, POLICY, without));

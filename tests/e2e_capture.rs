@@ -439,6 +439,34 @@ fn a_capture_blocked_on_its_reader_keeps_its_lease_and_a_second_is_refused() {
     assert_eq!(lease(&gw.pins), 0, "the capture ended without clearing its lease");
 }
 
+/// A second capture refused while one runs leaves the first one as it was: its perf rings
+/// (the refused one used to open its own over them before asking for the lease, so the
+/// first one captured nothing more) and its file (the same `-w` path was truncated).
+#[test]
+fn a_refused_second_capture_leaves_the_first_one_capturing() {
+    let gw = Gateway::tc();
+    gw.pins.apply(NAT_POLICY);
+    let path = file("pcap");
+    let p = path.to_str().unwrap();
+    let mut cap = Capture::start(
+        &gw,
+        &["--protocol", "udp", "--port", "9999", "--count", "4", "-w", p],
+        Stdio::null(),
+    );
+    wait_for("the first capture to hold its lease", || lease(&gw.pins) > monotonic_ns());
+    let out = gw.pins.try_xdpgate(&["capture", "-w", p, "--port", "53"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("another xdpgate capture (pid"), "{err}");
+    wait_for("the first capture to take its 4 copies after the refusal", || {
+        blast(&gw, 5, 9999);
+        cap.child.try_wait().unwrap().is_some()
+    });
+    let summary = cap.finish();
+    let text = tcpdump(&path);
+    assert_eq!(text.lines().count(), 4, "{text}\n{summary}");
+    let _ = std::fs::remove_file(&path);
+}
+
 /// A capture held up past its lease (stopped here) says so on standard error when it
 /// resumes, and holds the lease again.
 #[test]
@@ -449,6 +477,11 @@ fn a_capture_held_up_past_its_lease_says_so() {
     let pid = cap.child.id() as i32;
     // SAFETY (these three): a signal to the child this test spawned.
     unsafe { libc::kill(pid, libc::SIGSTOP) };
+    // Stopped for certain (the signal is asynchronous): no renewal after the lease is read.
+    wait_for("the capture to stop", || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('T'))
+    });
     let held = lease(&gw.pins);
     wait_for("the stopped capture's lease to run out", || monotonic_ns() > held + 50_000_000);
     unsafe { libc::kill(pid, libc::SIGCONT) };

@@ -351,7 +351,6 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     }
     let table = node.as_ref().and_then(|n| n.bgp.as_ref()).map(|b| b.table);
     failing.check("bgp announcements", announce::forget_other_table(pins, table));
-    announce_node(pins, node.as_ref(), &lbs, &down, &probe_stats, &mut failing);
     let names = Arc::new(flows::Names::read(pins)?);
     let mut running = Running { policy, lbs, names };
     let mut sweeper = Sweeper::new();
@@ -396,6 +395,9 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     let (mut tx, mut rx) = mpsc::channel::<Change>(256);
     let mut prober =
         Prober::spawn_counted(targets_now, &down, max_concurrent, tx.clone(), probe_stats.clone());
+    // Announced only once nothing above can fail: an agent that exits on an error leaves no
+    // route that nothing looks after.
+    announce_node(pins, node.as_ref(), &running.lbs, &down, &probe_stats, &mut failing);
     save_state(pins, &mut state, &failing);
     loop {
         tokio::select! {
@@ -470,16 +472,17 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                 // An interface of the node file that appears late (or came back) is
                 // attached; tried every 10 s, as a failing attach loads the programs.
                 ticks += 1;
+                tick(pins, &running, &mut loggers, flow_log.as_mut(), &mut failing);
+                follow_generation(pins, &mut running.names, &mut failing);
+                // Drain, undrain, a detach or a reattach: within a second. Before the
+                // reattach below, so that a detached node is withdrawn in every case.
+                announce_node(pins, node.as_ref(), &running.lbs, &down, &probe_stats, &mut failing);
                 if let Some(node) = &node
                     && ticks.is_multiple_of(10)
                     && !node::missing(pins, node).is_empty()
                 {
                     attach_node(pins, node, &mut failing);
                 }
-                tick(pins, &running, &mut loggers, flow_log.as_mut(), &mut failing);
-                follow_generation(pins, &mut running.names, &mut failing);
-                // Drain, undrain, a detach or a reattach: within a second.
-                announce_node(pins, node.as_ref(), &running.lbs, &down, &probe_stats, &mut failing);
                 sweeper.start(pins, &running.names, flow_log.is_some());
                 if let Some(log) = flow_log.as_mut() {
                     refresh_probe_connections(log, &running.lbs, &mut failing);

@@ -374,6 +374,9 @@ fn wall_time(ns: u64) -> Duration {
 /// standard error (standard output may be the capture).
 pub fn run(pins: &PinDir, args: &CaptureArgs) -> Result<Summary> {
     let config = config(args)?;
+    // The lease (and its lock) first: a capture refused for another's must not open the
+    // perf rings over that one's, nor truncate its file.
+    let lease = take_lease(pins, config)?;
     let out: Box<dyn Write> = if args.write == "-" {
         Box::new(BufWriter::new(io::stdout().lock()))
     } else {
@@ -389,7 +392,6 @@ pub fn run(pins: &PinDir, args: &CaptureArgs) -> Result<Summary> {
         .collect::<Result<Vec<_>, _>>()
         .context("opening the capture's perf rings")?;
     let mut sink = Sink::new(out, args.format, args.snaplen)?;
-    let lease = take_lease(pins, config)?;
     for sig in [libc::SIGINT, libc::SIGTERM] {
         unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
     }

@@ -385,6 +385,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 dataplane::detach(&pins, &name)?;
                 println!("detached from {name}");
             }
+            // A running agent withdraws within a second; a crashed one's routes go now.
+            let withdrawn = bgp::announce::withdraw_without_agent(&pins, "the node is detached")?;
+            if withdrawn > 0 {
+                println!("withdrew {withdrawn} BGP announcements no agent looks after");
+            }
         }
         Command::Check { file, node } => {
             if let Some(node) = node {

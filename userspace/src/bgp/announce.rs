@@ -51,8 +51,9 @@ pub struct Withheld {
 impl Announcements {
     /// Whether the agent that wrote this still runs (a record left by one that stopped or
     /// crashed is history).
-    pub fn agent_running(&self) -> bool {
-        std::path::Path::new(&format!("/proc/{}", self.pid)).exists()
+    pub fn agent_running(&self, pins: &PinDir) -> bool {
+        // The agent lock's holder, not any process with the pid (reused after a crash).
+        state::agent_pid(pins) == Some(self.pid)
     }
 }
 
@@ -206,6 +207,16 @@ pub fn forget_other_table(pins: &PinDir, table: Option<u32>) -> Result<()> {
     }
     let path = state::dir(pins).join(FILE);
     std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))
+}
+
+/// With no agent running to do it, removes the routes an earlier one left announced (a
+/// drain or a detach must not leave a route to a node that no longer takes the traffic);
+/// how many it removed.
+pub fn withdraw_without_agent(pins: &PinDir, why: &str) -> Result<usize> {
+    let Some(last) = read(pins)?.filter(|last| !last.agent_running(pins)) else { return Ok(0) };
+    let count = host_routes::list(last.table)?.len();
+    withdraw_all(pins, last.table, why)?;
+    Ok(count)
 }
 
 /// Removes every route of the table (before the agent stops on purpose).

@@ -5,6 +5,8 @@
 
 use std::{fmt::Write as _, net::IpAddr};
 
+use xdpgate_dataplane::host_routes;
+
 use super::node::Bgp;
 
 /// The `bird.conf` of a node with values `bgp`.
@@ -19,16 +21,18 @@ pub fn config(bgp: &Bgp) -> String {
          protocol device {{\n}}\n\n",
         bgp.router_id
     );
-    for family in ["ipv4", "ipv6"] {
+    for (family, host) in [("ipv4", 32), ("ipv6", 128)] {
         let _ = write!(
             out,
             "# The agent's routes, learned (`learn`: they are not BIRD's own); BIRD writes nothing.\n\
+             # Only its host routes (protocol {proto}): nothing else put in the table is announced.\n\
              protocol kernel xdpgate_{family} {{\n\
              \x20 kernel table {table};\n\
              \x20 learn;\n\
              \x20 scan time 10;\n\
-             \x20 {family} {{ import all; export none; }};\n\
-             }}\n\n"
+             \x20 {family} {{ import where krt_source = {proto} && net.len = {host}; export none; }};\n\
+             }}\n\n",
+            proto = host_routes::PROTO,
         );
     }
     let keepalive = (bgp.hold_time / 3).max(1);

@@ -79,7 +79,7 @@ pub fn report(pins: &PinDir) -> Result<BgpReport> {
     };
     Ok(BgpReport {
         node_drained: node_drain::read(pins)?.drained,
-        agent_running: agent.as_ref().is_some_and(Announcements::agent_running),
+        agent_running: agent.as_ref().is_some_and(|a| a.agent_running(pins)),
         routes,
         agent,
     })

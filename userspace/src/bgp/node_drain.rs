@@ -9,7 +9,7 @@ use anyhow::{Result, bail};
 use serde::{Deserialize, Serialize};
 use xdpgate_dataplane::{PinDir, host_routes, state};
 
-use super::announce::{self, Announcements};
+use super::announce;
 
 const FILE: &str = "node_drain.json";
 
@@ -47,7 +47,7 @@ pub struct DrainArgs {
 
 /// `xdpgate drain` (`drained`) or `xdpgate undrain`.
 pub fn run(pins: &PinDir, args: &DrainArgs, drained: bool) -> Result<()> {
-    let agent = announce::read(pins)?.filter(Announcements::agent_running);
+    let agent = announce::read(pins)?.filter(|a| a.agent_running(pins));
     let running = agent.is_some();
     let wait = match (args.wait, agent) {
         (Some(seconds), Some(agent)) => Some((seconds, agent)),
@@ -63,6 +63,13 @@ pub fn run(pins: &PinDir, args: &DrainArgs, drained: bool) -> Result<()> {
         println!("node {what}");
     } else {
         println!("node was already {what}");
+    }
+    if drained && !running {
+        // A crashed agent's routes stay; drained, the node must not be announced.
+        let withdrawn = announce::withdraw_without_agent(pins, "the node is drained")?;
+        if withdrawn > 0 {
+            println!("withdrew the {withdrawn} BGP announcements a stopped agent left");
+        }
     }
     let Some((seconds, agent)) = wait else {
         println!(
@@ -83,7 +90,7 @@ pub fn run(pins: &PinDir, args: &DrainArgs, drained: bool) -> Result<()> {
         let now = announce::read(pins)?.unwrap_or_default();
         let routes = host_routes::list(agent.table)?;
         let done = now.node_drained == drained && announce::same(&routes, &now.announced);
-        if done && now.agent_running() {
+        if done && now.agent_running(pins) {
             println!("table {} announces: {}", agent.table, announce::list(&routes));
             return Ok(());
         }
