@@ -50,8 +50,15 @@ fn attach_counts_real_tcp_udp_icmp_then_detaches() {
     // A second attach to the same interface is refused, not stacked.
     assert!(!pins.try_xdpgate(&["attach", "--hook", "xdp", "--iface", &sb]).status.success());
 
-    let rx_before = rx_packets(&server, &sb);
-    let (pkts_before, bytes_before) = pass_counter(&pins, &sb);
+    // Where both counts start: a pair no packet arrived in the middle of (the interface's
+    // count the same before and after the dataplane's is read).
+    let (rx_before, (pkts_before, bytes_before)) = loop {
+        let rx = rx_packets(&server, &sb);
+        let pass = pass_counter(&pins, &sb);
+        if rx_packets(&server, &sb) == rx {
+            break (rx, pass);
+        }
+    };
 
     // TCP: 64 KiB from client to a server in the other namespace, echoed length back.
     const TCP_BYTES: usize = 64 * 1024;
