@@ -89,6 +89,15 @@ impl Netns {
 
 /// Retransmitted segments of a socket so far (TCP_INFO `tcpi_total_retrans`).
 pub fn retransmissions(s: &std::net::TcpStream) -> u32 {
+    tcp_info(s).tcpi_total_retrans
+}
+
+/// Segments a socket has sent that its peer has not acknowledged yet (`tcpi_unacked`).
+pub fn unacked(s: &std::net::TcpStream) -> u32 {
+    tcp_info(s).tcpi_unacked
+}
+
+fn tcp_info(s: &std::net::TcpStream) -> libc::tcp_info {
     use std::os::fd::AsRawFd;
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
@@ -103,7 +112,7 @@ pub fn retransmissions(s: &std::net::TcpStream) -> u32 {
         )
     };
     assert_eq!(rc, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
-    info.tcpi_total_retrans
+    info
 }
 
 /// Runs `f` on a new thread that has entered the namespace named `name`.
