@@ -383,3 +383,70 @@ fn frontend_lookups_switch_with_the_policy() {
     }
     assert_eq!(endpoints(&k.through(&to_vip(40002))).1, ip("192.0.2.10"), "not balanced");
 }
+
+/// The live Maglev digests of every rule (`xdpgate lb --maglev --json`), by rule name.
+fn maglev_digests(k: &Kernel) -> Vec<(String, serde_json::Value)> {
+    let report: serde_json::Value =
+        serde_json::from_str(&k.pins.xdpgate(&["lb", "--maglev", "--json"])).unwrap();
+    let rules = report.as_array().unwrap().iter();
+    rules.map(|s| (s["rule"].as_str().unwrap().to_owned(), s["maglev"].clone())).collect()
+}
+
+/// Issue 16's "every node chooses the same backend": gateways of a fleet share no state, so
+/// a flow that moves between them keeps its backend only if their tables agree. Node A
+/// applies the policy once; node B reaches it by another way (a fourth backend, a backend
+/// down) and lists its pools in another order (a file generated on another machine): both
+/// report the same live tables and send 600 random flows, of both families, to the same
+/// backends. Node C, one backend down, differs: the comparison can tell.
+#[test]
+fn every_node_builds_the_same_tables_and_picks_the_same_backend() {
+    let reorder = |pool4: &str| {
+        POLICY.replace("[198.51.100.11, 198.51.100.12, 198.51.100.13]", pool4).replace(
+            r#"["2001:db8:1::11", "2001:db8:1::12", "2001:db8:1::13"]"#,
+            r#"["2001:db8:1::13", "2001:db8:1::12", "2001:db8:1::11"]"#,
+        )
+    };
+    let grown = reorder("[198.51.100.14, 198.51.100.13, 198.51.100.11, 198.51.100.12]");
+    let reordered = reorder("[198.51.100.13, 198.51.100.11, 198.51.100.12]");
+    let a = Kernel::new();
+    a.apply(POLICY);
+    let b = Kernel::new();
+    b.apply(&grown);
+    b.apply_with_health(&grown, |ip| ip.to_string() != "198.51.100.11");
+    b.apply(&reordered);
+    let c = Kernel::new();
+    c.apply_with_health(POLICY, |ip| ip.to_string() != "198.51.100.12");
+
+    let (tables_a, tables_b, tables_c) =
+        (maglev_digests(&a), maglev_digests(&b), maglev_digests(&c));
+    // Every rule with a Maglev table has one (the inbound NAT rule has a fixed backend).
+    let with_table: Vec<&str> =
+        tables_a.iter().filter(|(_, m)| !m.is_null()).map(|(r, _)| r.as_str()).collect();
+    assert_eq!(with_table, ["http", "sticky", "closed", "dns6", "http6"], "{tables_a:?}");
+    assert_eq!(tables_a, tables_b, "the same policy, the same tables, whatever the history");
+    let http = |t: &[(String, serde_json::Value)]| t[0].1["digest"].clone();
+    assert_ne!(http(&tables_a), http(&tables_c), "a backend down changes the probed rule's table");
+    assert_eq!(tables_a[1], tables_c[1], "a rule without the probe keeps its table");
+
+    let mut rng = common::rng::Rng(16);
+    let (mut differ_c, mut seen) = (0, HashSet::new());
+    for k in [&a, &b, &c] {
+        k.arrive_as(Role::External);
+    }
+    for i in 0..600 {
+        let (client, frontend, l4) = if i % 2 == 0 {
+            let client = format!("203.0.113.{}", rng.range(1, 255));
+            (client, "192.0.2.10", L4::Tcp(rng.range(1024, 65535) as u16, 80, SYN))
+        } else {
+            let client = format!("2001:db8:2::{:x}", rng.range(1, 0xffff));
+            (client, "2001:db8:f::10", L4::Udp(rng.range(1024, 65535) as u16, 53))
+        };
+        let packet = frame(&client, frontend, l4);
+        let picked: Vec<IpAddr> = [&a, &b, &c].map(|k| endpoints(&k.through(&packet)).1).into();
+        assert_eq!(picked[0], picked[1], "flow {i} from {client}: nodes A and B disagree");
+        differ_c += usize::from(picked[0] != picked[2]);
+        seen.insert(picked[0]);
+    }
+    assert_eq!(seen.len(), 6, "the flows reach every backend of both pools: {seen:?}");
+    assert!(differ_c > 0, "node C's missing backend takes its flows elsewhere");
+}

@@ -13,6 +13,11 @@ use crate::views::{self, OutputArgs};
 pub struct LbArgs {
     #[command(subcommand)]
     pub action: Option<LbAction>,
+    /// Also read each rule's live Maglev table: its digest (equal on every gateway that
+    /// picks the same backend for every flow: compare them across a fleet) and the slots
+    /// each backend owns.
+    #[arg(long)]
+    pub maglev: bool,
     #[command(flatten)]
     pub output: OutputArgs,
 }
@@ -44,7 +49,7 @@ pub fn run(pins: &PinDir, args: LbArgs) -> Result<()> {
         None => {
             let record = apply::running(pins)?
                 .ok_or_else(|| anyhow!("no policy applied to {} yet", pins.path().display()))?;
-            let report = lb::report(pins, &record)?;
+            let report = lb::report(pins, &record, args.maglev)?;
             return views::print(report.as_slice(), args.output.format());
         }
         Some(LbAction::Drain(t)) => (t, true),

@@ -207,7 +207,7 @@ impl Snapshot {
         // Names come from the running generation's record: nothing is recompiled per scrape.
         let record = apply::running(pins)?;
         let (services, nat) = match &record {
-            Some(r) => (lb::report(pins, r)?, nat::report(pins, r)?),
+            Some(r) => (lb::report(pins, r, false)?, nat::report(pins, r)?),
             None => (Vec::new(), Vec::new()),
         };
         let applied_at = record.map(|r| r.applied_unix as f64);
@@ -957,6 +957,7 @@ mod tests {
                         bytes: 800,
                     },
                 ],
+                maglev: None,
             }],
             generation: 4,
             applied_at: Some(1_700_000_000.25),

@@ -10,7 +10,10 @@ use std::{
 use anyhow::Result;
 use aya::maps::{Array, HashMap, MapData};
 use xdpgate_common::{
-    lb::{BackendInfo, FrontendKey, MAX_BACKENDS, SVC_NO_BACKEND, Service, maglev_index},
+    lb::{
+        BackendInfo, FrontendKey, MAGLEV_SIZE, MAX_BACKENDS, NO_BACKEND, SVC_NO_BACKEND, Service,
+        maglev_index,
+    },
     maps::{BACKENDS, FRONTENDS, MAGLEV},
 };
 
@@ -145,6 +148,27 @@ pub struct ServiceReport {
     pub packets: u64,
     pub bytes: u64,
     pub backends: Vec<BackendReport>,
+    /// The live Maglev table (asked for with `xdpgate lb --maglev`); none for a rule with a
+    /// fixed backend or none taking new flows.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub maglev: Option<MaglevReport>,
+}
+
+/// A service's live Maglev table, as a fleet compares it: gateways that pick the same
+/// backend for every flow have the same digest.
+#[derive(Debug, serde::Serialize)]
+pub struct MaglevReport {
+    /// FNV-1a (64 bits, hex) of the backend address of every slot, in slot order: the
+    /// same on every node whose table is the same, whatever its backend numbering.
+    pub digest: String,
+    /// The slots each backend owns (its share of new flows), by address.
+    pub slots: Vec<SlotShare>,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct SlotShare {
+    pub address: IpAddr,
+    pub slots: u32,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -160,8 +184,9 @@ pub struct BackendReport {
     pub bytes: u64,
 }
 
-/// Reads the live state of the load balancers of the running generation (`record`).
-pub fn report(pins: &PinDir, record: &Record) -> Result<Vec<ServiceReport>> {
+/// Reads the live state of the load balancers of the running generation (`record`), with
+/// each service's live Maglev table when `maglev` (a bpf() call per slot: 16,381 a service).
+pub fn report(pins: &PinDir, record: &Record, maglev: bool) -> Result<Vec<ServiceReport>> {
     use aya::maps::PerCpuArray;
     use xdpgate_common::{
         maps::{BACKEND_STATS, SERVICE_STATS},
@@ -179,6 +204,7 @@ pub fn report(pins: &PinDir, record: &Record) -> Result<Vec<ServiceReport>> {
     };
     let drained = crate::drain::read(pins)?;
     let flows = crate::flows::per_backend(pins)?;
+    let maps = if maglev { Some(LbMaps::open(pins)?) } else { None };
     let mut out = Vec::new();
     for (id, spec) in record.services.iter().enumerate() {
         let stats = sum(&service_stats, id as u32)?;
@@ -208,7 +234,37 @@ pub fn report(pins: &PinDir, record: &Record) -> Result<Vec<ServiceReport>> {
                     })
                 })
                 .collect::<Result<_>>()?,
+            maglev: maps.as_ref().map(|m| m.live_table(record, id as u32)).transpose()?.flatten(),
         });
     }
     Ok(out)
+}
+
+impl LbMaps {
+    /// Service `id`'s live Maglev table: the half its frontends point at.
+    fn live_table(&self, record: &Record, id: u32) -> Result<Option<MaglevReport>> {
+        let svc = self.frontends.iter().filter_map(|e| e.ok()).find(|(_, s)| s.id == id);
+        let Some((_, svc)) = svc else { return Ok(None) };
+        if svc.backend != NO_BACKEND || svc.flags & SVC_NO_BACKEND != 0 {
+            return Ok(None);
+        }
+        let mut table = Vec::with_capacity(MAGLEV_SIZE as usize * 16);
+        let mut slots: BTreeMap<IpAddr, u32> = BTreeMap::new();
+        for slot in 0..MAGLEV_SIZE {
+            let b = self.maglev.get(&maglev_index(id, u32::from(svc.table & 1), slot), 0)?;
+            let addr = *record
+                .backends
+                .get(b as usize)
+                .ok_or_else(|| anyhow::anyhow!("Maglev slot {slot} names unknown backend {b}"))?;
+            table.extend(match addr {
+                IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+                IpAddr::V6(a) => a.octets(),
+            });
+            *slots.entry(addr).or_default() += 1;
+        }
+        let slots =
+            slots.into_iter().map(|(address, slots)| SlotShare { address, slots }).collect();
+        let digest = xdpgate_policy::maglev::fnv1a(0, &table);
+        Ok(Some(MaglevReport { digest: format!("{digest:016x}"), slots }))
+    }
 }

@@ -29,7 +29,7 @@ use std::net::IpAddr;
 pub const TABLE_SIZE: usize = 16381;
 
 /// 64-bit FNV-1a.
-fn fnv1a(seed: u64, bytes: &[u8]) -> u64 {
+pub fn fnv1a(seed: u64, bytes: &[u8]) -> u64 {
     let mut h = 0xcbf2_9ce4_8422_2325u64 ^ seed;
     for &b in bytes {
         h ^= u64::from(b);

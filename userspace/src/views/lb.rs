@@ -3,7 +3,7 @@
 //! counters.
 
 use anyhow::Result;
-use xdpgate_dataplane::lb::{BackendReport, ServiceReport};
+use xdpgate_dataplane::lb::{BackendReport, MaglevReport, ServiceReport, SlotShare};
 
 use super::{Grid, View};
 
@@ -33,6 +33,16 @@ impl View for [ServiceReport] {
                 s.packets.to_string(),
                 super::bytes(s.bytes),
             ]);
+            if let Some(m) = &s.maglev {
+                g.row([
+                    String::new(),
+                    format!("  maglev {} ({})", m.digest, shares(m)),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                ]);
+            }
             for b in &s.backends {
                 g.row([
                     String::new(),
@@ -50,6 +60,15 @@ impl View for [ServiceReport] {
         }
         out
     }
+}
+
+/// Each backend's share of the table's slots, in percent.
+fn shares(m: &MaglevReport) -> String {
+    let total: u32 = m.slots.iter().map(|s| s.slots).sum();
+    let share = |s: &SlotShare| {
+        format!("{} {:.1}%", s.address, 100.0 * f64::from(s.slots) / f64::from(total.max(1)))
+    };
+    m.slots.iter().map(share).collect::<Vec<_>>().join(", ")
 }
 
 /// A drained backend takes no new flows whatever its probes say; its flows finish.
@@ -94,9 +113,21 @@ mod tests {
                     bytes: 1000,
                 },
             ],
+            maglev: Some(MaglevReport {
+                digest: "0123456789abcdef".into(),
+                slots: vec![
+                    SlotShare { address: "198.51.100.10".parse().unwrap(), slots: 3 },
+                    SlotShare { address: "198.51.100.11".parse().unwrap(), slots: 1 },
+                ],
+            }),
         }];
         let text = report.text();
-        let lines: Vec<&str> = text.lines().collect();
+        let mut lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines.remove(2).trim(),
+            "maglev 0123456789abcdef (198.51.100.10 75.0%, 198.51.100.11 25.0%)",
+            "{text}"
+        );
         assert_eq!(lines.len(), 4, "{text}");
         assert!(
             lines[1].starts_with("edge/http")
@@ -117,5 +148,9 @@ mod tests {
         assert_eq!(json[0]["traffic"], serde_json::json!({"packets": 30, "bytes": 3000}));
         assert_eq!(json[0]["backends"][1]["traffic"]["bytes"], 1000);
         assert!(json[0].get("packets").is_none(), "{json}");
+        assert_eq!(
+            json[0]["maglev"]["slots"][1],
+            serde_json::json!({"address": "198.51.100.11", "slots": 1})
+        );
     }
 }
