@@ -149,3 +149,122 @@ fn pktgen_frames_arrive_at_xdpgate_and_at_a_sink() {
 
     assert!(started.elapsed() < Duration::from_secs(20), "took {:?}", started.elapsed());
 }
+
+/// Bytes queued on a socket for reading (`SO_MEMINFO`'s `rmem_alloc`).
+fn queued_bytes(s: &std::net::UdpSocket) -> u32 {
+    use std::os::fd::AsRawFd;
+    let mut info = [0u32; 9];
+    let mut len = std::mem::size_of_val(&info) as libc::socklen_t;
+    // SAFETY: a 9-word SO_MEMINFO buffer of `len` bytes on a socket we own.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MEMINFO,
+            info.as_mut_ptr().cast(),
+            &raw mut len,
+        )
+    };
+    assert_eq!(rc, 0, "SO_MEMINFO: {}", std::io::Error::last_os_error());
+    info[0]
+}
+
+/// Each live-frames test run takes one of the kernel's 65,534 XDP memory-model ids, held
+/// while any of its frames is. Here a socket that does not read holds them all: the
+/// generator runs out (ENOSPC, which failed a CI run's SYN flood and ended the generator),
+/// waits, and finishes once the socket reads and the kernel releases them.
+#[test]
+fn a_generator_out_of_memory_model_ids_waits_for_them() {
+    const FRAMES: u64 = 70_000;
+    pktgen_bin();
+    let generator = Netns::new("xgpi");
+    let dut = Netns::new("xgpj");
+    let (gi, di) = veth(&generator, "", &dut, "198.51.100.1/24");
+    dut.exec("ethtool", &["-K", &di, "gro", "on"]);
+    let dut_mac = mac(&dut, &di);
+    let socket = dut.run(|| {
+        use std::os::fd::AsRawFd;
+        let s = std::net::UdpSocket::bind("198.51.100.1:9").unwrap();
+        let size: libc::c_int = 1 << 30;
+        // SAFETY: setsockopt with a c_int on a socket we own.
+        let rc = unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                (&raw const size).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "SO_RCVBUFFORCE: {}", std::io::Error::last_os_error());
+        s.set_nonblocking(true).unwrap();
+        s
+    });
+    let send = |count: u64| {
+        let (ns, gi, dut_mac) = (generator.name.clone(), gi.clone(), dut_mac.clone());
+        std::thread::spawn(move || {
+            Command::new(pktgen_bin())
+                .args(["--netns", &ns, "--iface", &gi, "--dst-mac", &dut_mac])
+                .args(["--dst", "198.51.100.1", "--dport", "9", "--count", &count.to_string()])
+                .args(["--burst", "1", "--threads", "1", "--json"])
+                .output()
+                .expect("spawn xdpgate-pktgen")
+        })
+    };
+    // One datagram first: the bytes one queued datagram takes.
+    let one = send(1).join().unwrap();
+    assert!(one.status.success(), "{}", String::from_utf8_lossy(&one.stderr));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while queued_bytes(&socket) == 0 {
+        assert!(Instant::now() < deadline, "the first datagram never arrived");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let truesize = queued_bytes(&socket);
+    let mut buf = [0u8; 2048];
+    socket.recv(&mut buf).unwrap();
+    let sender = send(FRAMES);
+    // Read nothing until the generator is held up (out of ids): the socket holds most of
+    // the 65,534 ids and gains under 1,000 frames in half a second (it gains tens of
+    // thousands while the generator runs). Or until the generator ends.
+    let held = || queued_bytes(&socket) / truesize;
+    let mut before = held();
+    while !sender.is_finished() {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = held();
+        if now >= 50_000 && now - before < 1_000 {
+            break;
+        }
+        before = now;
+    }
+    let drain = || {
+        let mut buf = [0u8; 2048];
+        std::iter::from_fn(|| socket.recv(&mut buf).ok()).count() as u64
+    };
+    let _ = &mut buf;
+    let held = drain();
+    let drained = Instant::now();
+    let mut read = held;
+    while !sender.is_finished() {
+        read += drain();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = sender.join().unwrap();
+    assert!(
+        out.status.success(),
+        "xdpgate-pktgen failed after {held} datagrams were held: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = json(&out.stdout);
+    eprintln!(
+        "{held} datagrams held the ids; the generator waited {} ms for them, and finished \
+         {:?} after they were read",
+        report["memory_id_waits_ms"],
+        drained.elapsed()
+    );
+    assert!(held > 30_000, "the socket held most of the kernel's ids: {held}");
+    assert!(report["memory_id_waits_ms"].as_u64().unwrap() > 0, "{report}");
+    assert_eq!(report["submitted"], FRAMES, "{report}");
+    read += drain();
+    assert!(read <= FRAMES + SLACK, "{read}");
+}

@@ -256,6 +256,9 @@ pub struct SendReport {
     pub bits_per_second: f64,
     /// Whether a signal cut the run short.
     pub interrupted: bool,
+    /// Milliseconds the senders waited for the kernel to release XDP memory-model ids
+    /// (see `Run::wait_for_memory_ids`); 0 unless about 65,000 runs a second or more.
+    pub memory_id_waits_ms: u64,
 }
 
 impl SendReport {
@@ -292,6 +295,13 @@ impl SendReport {
         }
         if self.interrupted {
             out += "  interrupted: stopped early\n";
+        }
+        if self.memory_id_waits_ms > 0 {
+            out += &format!(
+                "  waited {} ms for the kernel's XDP memory-model ids (one per test run, \
+                 released about a second after it: use a larger --burst)\n",
+                self.memory_id_waits_ms
+            );
         }
         out
     }
@@ -370,6 +380,8 @@ pub fn send(args: &SendArgs) -> Result<SendReport> {
         cpu: args.cpu,
         budget: AtomicU64::new(count),
         submitted: AtomicU64::new(0),
+        last_progress_ms: AtomicU64::new(0),
+        id_waits_ms: AtomicU64::new(0),
         stop,
     };
     let results: Vec<Result<bool>> = std::thread::scope(|s| {
@@ -410,6 +422,7 @@ pub fn send(args: &SendArgs) -> Result<SendReport> {
         seconds,
         pps: rate(tx_packets, seconds),
         bits_per_second: rate(tx_bytes * 8, seconds),
+        memory_id_waits_ms: run.id_waits_ms.load(Ordering::Relaxed),
         interrupted,
     })
 }
@@ -469,6 +482,10 @@ struct Run<'a> {
     budget: AtomicU64,
     /// Frames the kernel has sent (program runs), all senders.
     submitted: AtomicU64,
+    /// When a test run last succeeded, in ms from `start`.
+    last_progress_ms: AtomicU64,
+    /// Time spent waiting for the kernel's XDP memory-model ids.
+    id_waits_ms: AtomicU64,
     stop: &'static AtomicBool,
 }
 
@@ -491,6 +508,29 @@ impl Run<'_> {
                 Err(now) => left = now,
             }
         }
+    }
+
+    /// Each test run registers a page pool under one of the kernel's 65,534 XDP
+    /// memory-model ids, and a pool whose frames are still in flight when the run returns
+    /// (on their way to the peer, or queued there) keeps its id until they are freed and
+    /// the kernel retries its release (once a second). So runs of one frame (`--burst 1`)
+    /// faster than that, or whose frames are held, run out of ids: the run fails with
+    /// ENOSPC and is tried again once some are released. Gives up after
+    /// 30 s without a release (the kernel has been seen to take 15 s to release 50,000).
+    fn wait_for_memory_ids(&self, e: &aya::programs::ProgramError) -> Result<()> {
+        let waited = Instant::now();
+        std::thread::sleep(Duration::from_millis(10));
+        let total = self.id_waits_ms.fetch_add(10, Ordering::Relaxed) + 10;
+        let since = self.last_progress_ms.load(Ordering::Relaxed);
+        let now = self.start.elapsed().as_millis() as u64;
+        if now.saturating_sub(since) > 30_000 {
+            bail!(
+                "the kernel's XDP memory-model ids stayed exhausted for 30 s (page pools of \
+                 earlier test runs not released; waited {total} ms in all, this wait {:?}): {e}",
+                waited.elapsed()
+            );
+        }
+        Ok(())
     }
 
     /// Sender `t`: templates t, t + threads, ... in turn, one test run each. Returns whether
@@ -524,9 +564,17 @@ impl Run<'_> {
             match res {
                 Ok(_) => {}
                 Err(e) if is_eintr(&e) => return Ok(true),
+                Err(e) if errno(&e) == Some(libc::ENOSPC) => {
+                    self.wait_for_memory_ids(&e)?;
+                    // The frames were not sent: they go back to the budget.
+                    self.budget.fetch_add(n, Ordering::Relaxed);
+                    next -= self.threads;
+                    continue;
+                }
                 Err(e) => return Err(e.into()),
             }
             let total = self.submitted.fetch_add(n, Ordering::Relaxed) + n;
+            self.last_progress_ms.store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
             if self.rate > 0 {
                 let due = Duration::from_secs_f64(total as f64 / self.rate as f64);
                 if let Some(ahead) = due.checked_sub(self.start.elapsed()) {
@@ -552,13 +600,15 @@ pub fn human_rate(pps: f64) -> String {
     }
 }
 
-fn is_eintr(e: &aya::programs::ProgramError) -> bool {
+fn errno(e: &aya::programs::ProgramError) -> Option<i32> {
     match e {
-        aya::programs::ProgramError::SyscallError(s) => {
-            s.io_error.raw_os_error() == Some(libc::EINTR)
-        }
-        _ => false,
+        aya::programs::ProgramError::SyscallError(s) => s.io_error.raw_os_error(),
+        _ => None,
     }
+}
+
+fn is_eintr(e: &aya::programs::ProgramError) -> bool {
+    errno(e) == Some(libc::EINTR)
 }
 
 /// The 24-byte `struct xdp_md` given as `ctx_in`: data at 0 (no metadata), data_end at the
