@@ -3,13 +3,10 @@
 
 use std::net::IpAddr;
 
-use anyhow::{Result, anyhow};
-use aya::{
-    Pod,
-    maps::{
-        Array, HashMap, MapData, PerCpuArray, PerCpuValues,
-        lpm_trie::{Key, LpmTrie},
-    },
+use anyhow::Result;
+use aya::maps::{
+    Array, HashMap, MapData, PerCpuArray,
+    lpm_trie::{Key, LpmTrie},
 };
 use ipnet::IpNet;
 use xdpgate_common::{
@@ -29,7 +26,7 @@ use xdpgate_common::{
 
 use xdpgate_policy::{NatGateway, Policy, names::Record};
 
-use crate::{PinDir, stats::Traffic};
+use crate::{PinDir, carried::remap, stats::Traffic};
 
 fn addr_bytes(addr: IpAddr) -> (u8, [u8; 16]) {
     match addr {
@@ -156,27 +153,6 @@ fn carry_counters(pins: &PinDir, policy: &Policy, running: &Record) -> Result<()
     remap::<u64>(&mut pins.open_map(NAT_FAILURES)?.try_into()?, &from)?;
     if let Ok(map) = pins.open_map(NAT_CREATED) {
         remap::<u64>(&mut map.try_into()?, &from)?;
-    }
-    Ok(())
-}
-
-/// Sets index `i` of a per-gateway array to what index `from[i]` held (zero for `None`),
-/// every value read before any is written.
-fn remap<V: Pod + Default>(map: &mut PerCpuArray<MapData, V>, from: &[Option<u32>]) -> Result<()> {
-    let nr_cpus = aya::util::nr_cpus().map_err(|(m, e)| anyhow!("{m}: {e}"))?;
-    let mut moves = Vec::new();
-    for (i, old) in from.iter().enumerate() {
-        if *old == Some(i as u32) {
-            continue;
-        }
-        let values = match old {
-            Some(old) => map.get(old, 0)?.to_vec(),
-            None => vec![V::default(); nr_cpus],
-        };
-        moves.push((i as u32, values));
-    }
-    for (i, values) in moves {
-        map.set(i, PerCpuValues::try_from(values)?, 0)?;
     }
     Ok(())
 }
