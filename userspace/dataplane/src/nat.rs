@@ -10,6 +10,7 @@ use aya::maps::{
 };
 use ipnet::IpNet;
 use xdpgate_common::{
+    family_bytes,
     flow::{FlowKey, FlowValue, NAT_DST, TCP_CLOSED},
     maps::{
         EMBRYOS, FLOWS, NAT_CREATED, NAT_FAILURES, NAT_GATEWAYS, NAT_MAP, NAT_PUBLIC, NAT_SUBNETS,
@@ -28,19 +29,8 @@ use xdpgate_policy::{NatGateway, Policy, names::Record};
 
 use crate::{PinDir, carried::remap, stats::Traffic};
 
-fn addr_bytes(addr: IpAddr) -> (u8, [u8; 16]) {
-    match addr {
-        IpAddr::V4(a) => {
-            let mut b = [0u8; 16];
-            b[..4].copy_from_slice(&a.octets());
-            (4, b)
-        }
-        IpAddr::V6(a) => (6, a.octets()),
-    }
-}
-
 pub fn addr_key(addr: IpAddr) -> AddrKey {
-    let (family, bytes) = addr_bytes(addr);
+    let (family, bytes) = family_bytes(addr);
     AddrKey { family, _pad: [0; 3], addr: words(&bytes) }
 }
 
