@@ -327,6 +327,5 @@ mod tests {
                 && lines[5].contains("snat [2001:db8::100]:40001"),
             "{text}"
         );
-        eprintln!("{text}");
     }
 }
