@@ -537,3 +537,50 @@ fn drain_rebuilds_from_the_agents_per_service_health_and_fails_whole() {
     t.pins.xdpgate(&["lb", "enable", "lb", b1]);
     assert!(!t.drained(b1));
 }
+
+impl Topology {
+    /// The backends (ids) in the live Maglev table of service `id` (rule `http` is 0).
+    fn table_members(&self, id: u32) -> std::collections::BTreeSet<u32> {
+        use aya::maps::{Array, HashMap, Map, MapData};
+        use xdpgate_common::{
+            lb::{FrontendKey, MAGLEV_SIZE, Service, maglev_index},
+            maps::{FRONTENDS, MAGLEV},
+        };
+        let open = |name| MapData::from_pin(self.pins.dir.map(name)).unwrap();
+        let frontends: HashMap<_, FrontendKey, Service> =
+            Map::HashMap(open(FRONTENDS)).try_into().unwrap();
+        let live = frontends.iter().map(|e| e.unwrap().1).find(|s| s.id == id).unwrap().table;
+        let maglev: Array<_, u32> = Map::Array(open(MAGLEV)).try_into().unwrap();
+        (0..MAGLEV_SIZE)
+            .map(|slot| maglev.get(&maglev_index(id, u32::from(live), slot), 0).unwrap())
+            .collect()
+    }
+}
+
+/// A backend that fails its probe while another writer holds the write lock (an `apply`,
+/// `lb drain`) leaves the Maglev table once the lock is free, with no further health
+/// change: the agent retries the rebuild every second (seen failing before, with the lock
+/// held past the agent's 30 s wait (XDPGATE_LONG=1): b2 stayed in the table for good).
+#[test]
+fn a_health_change_made_while_the_lock_is_held_reaches_the_table_after() {
+    let t = Topology::new();
+    let b2 = "198.51.100.12";
+    t.wait_for("all three in the table", Duration::from_secs(5), |t| t.table_members(0).len() == 3);
+    let lock = xdpgate_dataplane::state::WriteLock::acquire(&t.pins.dir).unwrap();
+    t.backends[1].stop();
+    t.wait_for("the agent to see b2 fail", Duration::from_secs(5), |t| {
+        t.agent_log().contains(&format!("backend {b2} unhealthy"))
+    });
+    // Longer than the agent waits for the lock: before the fix, 30 s (`LOCK_WAIT`).
+    let long = std::env::var_os("XDPGATE_LONG").is_some();
+    thread::sleep(Duration::from_secs(if long { 32 } else { 4 }));
+    assert_eq!(t.table_members(0).len(), 3, "the table changed under another writer's lock");
+    drop(lock);
+    let took = t.wait_for("b2 to leave the table", Duration::from_secs(5), |t| {
+        t.table_members(0).len() == 2
+    });
+    eprintln!("b2 left the table {took:?} after the lock was released");
+    assert!(!t.healthy(b2), "b2's flag says healthy: {:?}", t.health());
+    let answers = t.spread(80, 20);
+    assert!(!answers.iter().any(|a| a == "b2"), "b2 still gets new flows: {answers:?}");
+}

@@ -560,3 +560,41 @@ fn flows_delete_without_the_policy_record_refuses_and_deletes_nothing() {
     assert_eq!(lab.flows_of(42300).len(), 1, "nothing deleted");
     assert_eq!(lab.nat()[0]["translations"], 1, "{}", lab.nat());
 }
+
+/// A writer that keeps taking the write lock (a loop of `apply`: held 1 s, free for 20 ms)
+/// does not stop translations from expiring: the agent yields to it three ticks in a row at
+/// most, then waits for the lock (2 s at most) and catches the gap. An idle translation ends
+/// within its idle timeout (4 s) plus about 5 s; the test allows 14 (seen failing before:
+/// the agent only tried the lock once a tick and the translation stayed).
+#[test]
+fn translations_expire_under_a_writer_that_keeps_the_lock() {
+    let lab = Lab::new("    udp_idle_timeout: 4\n    port_reuse_cooldown: 0\n");
+    lab.udp_echo();
+    assert_eq!(lab.udp(42300).as_deref(), Some("192.0.2.100"));
+    assert_eq!(lab.nat()[0]["translations"], 1, "{}", lab.nat());
+    let busy = Arc::new(AtomicBool::new(true));
+    let writer = {
+        let (busy, pins) = (busy.clone(), lab.pins.dir.path().to_owned());
+        thread::spawn(move || {
+            let pins = xdpgate_dataplane::PinDir::new(pins);
+            let (mut held, start) = (0u32, Instant::now());
+            // Bounded, so that a failing test does not leave it holding the lock.
+            while busy.load(Ordering::SeqCst) && start.elapsed() < Duration::from_secs(20) {
+                let lock = xdpgate_dataplane::state::WriteLock::acquire(&pins).unwrap();
+                held += 1;
+                thread::sleep(Duration::from_secs(1));
+                drop(lock);
+                thread::sleep(Duration::from_millis(20));
+            }
+            held
+        })
+    };
+    let took = lab.wait("the translation to expire", Duration::from_secs(14), |l| {
+        l.nat()[0]["translations"] == 0
+    });
+    busy.store(false, Ordering::SeqCst);
+    let held = writer.join().unwrap();
+    println!(
+        "the translation expired {took:?} after the exchange; the writer held the lock {held} times"
+    );
+}

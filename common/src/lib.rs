@@ -44,6 +44,19 @@ pub const fn is_icmp(family: u8, proto: u8) -> bool {
     (family == 4 && proto == IPPROTO_ICMP) || (family == 6 && proto == IPPROTO_ICMPV6)
 }
 
+/// An address as the keys hold it: its family (4 or 6) and its bytes, an IPv4 address in
+/// the first four (for [`words`]). Userspace's: the dataplane reads addresses from packets.
+pub fn family_bytes(addr: core::net::IpAddr) -> (u8, [u8; 16]) {
+    match addr {
+        core::net::IpAddr::V4(a) => {
+            let mut b = [0u8; 16];
+            b[..4].copy_from_slice(&a.octets());
+            (4, b)
+        }
+        core::net::IpAddr::V6(a) => (6, a.octets()),
+    }
+}
+
 /// Network-order address (or value) bytes as the `u32` words keys hold them: the same bytes
 /// in memory, with the alignment that spares the dataplane byte-wise copies.
 #[inline(always)]

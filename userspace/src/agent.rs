@@ -3,7 +3,7 @@
 //! Maglev table to its healthy backends.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::IpAddr,
     path::{Path, PathBuf},
     sync::{
@@ -31,7 +31,7 @@ use xdpgate_dataplane::{
     nat,
     probes::ProbeHealth,
     routes,
-    state::{AgentLock, WriteLock},
+    state::AgentLock,
     transaction,
 };
 use xdpgate_policy::{
@@ -44,6 +44,7 @@ use crate::{
     bgp::announce,
     flowlog,
     health::{Change, Health, ProbeStats, Prober, Target},
+    lock_turn::LockTurn,
     node::{self, Node},
 };
 
@@ -324,17 +325,19 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     // `threshold` times: neither puts a dead backend back into rotation.
     let was_down = lb::pinned_unhealthy(pins)?;
     let targets_now = targets(&lbs);
-    let mut down: HashSet<(IpAddr, String)> = targets_now
-        .iter()
-        .map(|t| (t.backend, t.probe.name.clone()))
-        .filter(|k| was_down.contains(&k.0))
-        .collect();
+    let mut down = ProbeHealth {
+        pid: std::process::id(),
+        down: targets_now
+            .iter()
+            .map(|t| (t.backend, t.probe.name.clone()))
+            .filter(|k| was_down.contains(&k.0))
+            .collect(),
+    };
     // Before the first apply writes into it.
     xdpgate_dataplane::state::ensure_dir(pins)?;
-    let generation =
-        { transaction::install(pins, &policy, &source, &tables, &lbs, &ProbeHealth::of(&down))? };
+    let generation = { transaction::install(pins, &policy, &source, &tables, &lbs, &down)? };
     info!("applied {} as generation {generation}", file.display());
-    for (backend, probe) in &down {
+    for (backend, probe) in &down.down {
         info!("backend {backend} starts unhealthy (probe {probe}), as it was");
     }
     let mut state = AgentState {
@@ -388,13 +391,20 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     let mut event_poll = tokio::time::interval(std::time::Duration::from_millis(EVENT_POLL_MS));
     event_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut maps = LbMaps::open(pins)?;
+    let mut health_tables = HealthTables::default();
+    let mut nat_turn = LockTurn::default();
     let mut expiry = tokio::time::interval(std::time::Duration::from_secs(1));
     // Programs come and go with attach and upgrade: look for new ones every tick.
     let mut loggers = Vec::new();
     let mut ticks = 0u64;
     let (mut tx, mut rx) = mpsc::channel::<Change>(256);
-    let mut prober =
-        Prober::spawn_counted(targets_now, &down, max_concurrent, tx.clone(), probe_stats.clone());
+    let mut prober = Prober::spawn_counted(
+        targets_now,
+        &down.down,
+        max_concurrent,
+        tx.clone(),
+        probe_stats.clone(),
+    );
     // Announced only once nothing above can fail: an agent that exits on an error leaves no
     // route that nothing looks after.
     announce_node(pins, node.as_ref(), &running.lbs, &down, &probe_stats, &mut failing);
@@ -465,14 +475,15 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                 }
             }
             Some(change) = rx.recv() => {
-                on_change(pins, &mut maps, &running.lbs, &mut down, &change, &mut failing);
+                health_tables.change(pins, &mut maps, &running.lbs, &mut down, &change, &mut failing);
                 announce_node(pins, node.as_ref(), &running.lbs, &down, &probe_stats, &mut failing);
             }
             _ = expiry.tick() => {
                 // An interface of the node file that appears late (or came back) is
                 // attached; tried every 10 s, as a failing attach loads the programs.
                 ticks += 1;
-                tick(pins, &running, &mut loggers, flow_log.as_mut(), &mut failing);
+                health_tables.rebuild(pins, &mut maps, &running.lbs, &down, &mut failing);
+                tick(pins, &running, &mut loggers, flow_log.as_mut(), &mut nat_turn, &mut failing);
                 follow_generation(pins, &mut running.names, &mut failing);
                 // Drain, undrain, a detach or a reattach: within a second. Before the
                 // reattach below, so that a detached node is withdrawn in every case.
@@ -503,27 +514,31 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                     Err(e) => Err(e),
                     Ok((policy, source, tables, lbs)) => {
                         let targets_new = targets(&lbs);
-                        let down_new: HashSet<_> = targets_new
-                            .iter()
-                            .map(|t| (t.backend, t.probe.name.clone()))
-                            .filter(|k| down.contains(k))
-                            .collect();
+                        let down_new = ProbeHealth {
+                            pid: down.pid,
+                            down: targets_new
+                                .iter()
+                                .map(|t| (t.backend, t.probe.name.clone()))
+                                .filter(|k| down.down.contains(k))
+                                .collect(),
+                        };
                         // The old probes stop, so that no change of theirs lands on the new
                         // tables; on failure they start again on the old policy.
                         drop(prober);
                         (tx, rx) = mpsc::channel::<Change>(256);
-                        let view = ProbeHealth::of(&down_new);
-                        match transaction::install(pins, &policy, &source, &tables, &lbs, &view) {
+                        match transaction::install(pins, &policy, &source, &tables, &lbs, &down_new) {
                             Ok(generation) => {
                                 let names = failing.check("reading the new policy's rule names", flows::Names::read(pins));
                                 let names = names.map(Arc::new).unwrap_or(running.names);
                                 running = Running { policy, lbs, names };
                                 down = down_new;
-                                prober = Prober::spawn_counted(targets_new, &down, max_concurrent, tx.clone(), probe_stats.clone());
+                                // Built from `down` whole.
+                                health_tables.pending.clear();
+                                prober = Prober::spawn_counted(targets_new, &down.down, max_concurrent, tx.clone(), probe_stats.clone());
                                 Ok(generation)
                             }
                             Err(e) => {
-                                prober = Prober::spawn_counted(targets(&running.lbs), &down, max_concurrent, tx.clone(), probe_stats.clone());
+                                prober = Prober::spawn_counted(targets(&running.lbs), &down.down, max_concurrent, tx.clone(), probe_stats.clone());
                                 Err(e)
                             }
                         }
@@ -560,10 +575,11 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
         }
     }
     // First, while the dataplane is certainly in force: the peers stop sending here.
-    if let Some(bgp) = node.as_ref().and_then(|n| n.bgp.as_ref())
-        && let Err(e) = announce::withdraw_all(pins, bgp.table, "the agent stopped")
-    {
-        error!("bgp: withdrawing this node's routes failed: {e:#}");
+    if let Some(bgp) = node.as_ref().and_then(|n| n.bgp.as_ref()) {
+        match announce::withdraw_all(pins, bgp.table, "the agent stopped") {
+            Ok(n) => info!("bgp: withdrew {n} routes from table {} before stopping", bgp.table),
+            Err(e) => error!("bgp: withdrawing this node's routes failed: {e:#}"),
+        }
     }
     drop(prober);
     sweeper.stop();
@@ -586,7 +602,7 @@ fn announce_node(
     pins: &PinDir,
     node: Option<&Node>,
     lbs: &CompiledLb,
-    down: &HashSet<(IpAddr, String)>,
+    down: &ProbeHealth,
     probes: &ProbeStats,
     failing: &mut Failing,
 ) {
@@ -598,8 +614,7 @@ fn announce_node(
         .map(|(backend, probe, _)| (backend, probe))
         .collect();
     let result = drain::read(pins).and_then(|drained| {
-        let view = ProbeHealth::of(down);
-        let health = drain::WithDrained { health: &view, drained: &drained };
+        let health = drain::WithDrained { health: down, drained: &drained };
         let health = announce::Answered { health: &health, answered: &answered };
         announce::update(pins, node, lbs, &health)
     });
@@ -665,6 +680,7 @@ fn tick(
     running: &Running,
     loggers: &mut Vec<(u32, EbpfLogger<&'static dyn log::Log>)>,
     flow_log: Option<&mut flowlog::FlowLog>,
+    nat_turn: &mut LockTurn,
     failing: &mut Failing,
 ) {
     failing.check("dataplane log readers", dataplane_loggers(pins, loggers));
@@ -672,8 +688,9 @@ fn tick(
         logger.flush();
     }
     // Translations end under the write lock, as `flows delete` ends them: a tick that finds
-    // another writer at work leaves the expiry to the next one.
-    if let Some(Some(_lock)) = failing.check("NAT expiry lock", WriteLock::try_acquire(pins)) {
+    // another writer at work leaves the expiry to a later one, which waits for the lock
+    // once a few have yielded (`LockTurn`), so a busy writer delays it, never starves it.
+    if let Some(Some(_lock)) = failing.check("NAT expiry lock", nat_turn.take(pins)) {
         let expired = nat::expire(pins, &running.policy, nat::monotonic_ns());
         if let Some(e) = failing.check("NAT expiry", expired)
             && e.expired + e.released > 0
@@ -690,61 +707,108 @@ fn tick(
     }
 }
 
-/// A backend changed state: rebuild the tables of the services it serves.
-fn on_change(
-    pins: &PinDir,
-    maps: &mut LbMaps,
-    lbs: &CompiledLb,
-    down: &mut HashSet<(IpAddr, String)>,
-    change: &Change,
-    failing: &mut Failing,
-) {
-    let key = (change.backend, change.probe.clone());
-    match change.health {
-        Health::Unhealthy => {
-            warn!(
-                "backend {} unhealthy (probe {}): {}",
-                change.backend, change.probe, change.reason
-            );
-            down.insert(key);
-        }
-        Health::Healthy => {
-            info!(
-                "backend {} healthy again (probe {}): {}",
-                change.backend, change.probe, change.reason
-            );
-            down.remove(&key);
-        }
-    }
-    let view = ProbeHealth::of(down.iter());
-    let ids: HashMap<IpAddr, u32> =
-        lbs.backends.iter().enumerate().map(|(i, a)| (*a, i as u32)).collect();
-    let Some(&b) = ids.get(&change.backend) else { return };
-    // As one writer with `xdpgate lb drain`: the drained backends read under the lock stay
-    // out of the tables rebuilt under it, and drain rebuilds from the health saved with them.
-    let Some(_lock) = failing.check("write lock", WriteLock::acquire(pins)) else { return };
-    failing.check("saving the probes' health", view.save(pins));
-    let Some(drained) = failing.check("drained backends", drain::read(pins)) else { return };
-    let with_drained = drain::WithDrained { health: &view, drained: &drained };
-    for (id, s) in lbs.services.iter().enumerate() {
-        let affected = s.probe.as_ref().is_some_and(|p| p.name == change.probe)
-            && s.pool.iter().any(|(m, _)| *m == b);
-        if affected {
-            let healthy = |m: u32| with_drained.healthy_in(s, lbs.backends[m as usize]);
-            let rebuilt = maps.update_service(lbs, id as u32, &healthy);
-            let what = format!("service {}/{}: rebuilding its table", s.lb, s.rule);
-            if let Err(e) = rebuilt {
-                // The table keeps its previous backends; the next change rebuilds it again.
-                error!("{what} after backend {} changed failed: {e:#}", change.backend);
-            } else {
-                info!("service {}/{}: table rebuilt", s.lb, s.rule);
+/// Health changes of backends and the tables and flags that must follow them: rebuilt as a
+/// change comes, under the write lock; a change that finds another writer at work (or a
+/// rebuild that fails) stays pending and is retried every tick until it is in.
+#[derive(Default)]
+struct HealthTables {
+    /// (backend, probe) pairs that changed since the tables were last rebuilt for them.
+    pending: BTreeSet<(IpAddr, String)>,
+    turn: LockTurn,
+}
+
+impl HealthTables {
+    /// A backend changed state: `down` follows, then the tables of the services it serves.
+    fn change(
+        &mut self,
+        pins: &PinDir,
+        maps: &mut LbMaps,
+        lbs: &CompiledLb,
+        down: &mut ProbeHealth,
+        change: &Change,
+        failing: &mut Failing,
+    ) {
+        let key = (change.backend, change.probe.clone());
+        match change.health {
+            Health::Unhealthy => {
+                warn!(
+                    "backend {} unhealthy (probe {}): {}",
+                    change.backend, change.probe, change.reason
+                );
+                down.down.insert(key.clone());
+            }
+            Health::Healthy => {
+                info!(
+                    "backend {} healthy again (probe {}): {}",
+                    change.backend, change.probe, change.reason
+                );
+                down.down.remove(&key);
             }
         }
+        self.pending.insert(key);
+        self.rebuild(pins, maps, lbs, down, failing);
     }
-    // The health flag last: once it (and so `xdpgate lb`) says a backend is out, no table
-    // still sends it new flows.
-    let flagged = maps.set_backend(b, change.backend, view.healthy(change.backend));
-    failing.check("backend health flags", flagged);
+
+    /// Rebuilds what the pending changes touch, if the write lock can be had (see
+    /// [`LockTurn`]); what is rebuilt is no longer pending.
+    fn rebuild(
+        &mut self,
+        pins: &PinDir,
+        maps: &mut LbMaps,
+        lbs: &CompiledLb,
+        down: &ProbeHealth,
+        failing: &mut Failing,
+    ) {
+        if self.pending.is_empty() {
+            return;
+        }
+        // As one writer with `xdpgate lb drain`: the drained backends read under the lock
+        // stay out of the tables rebuilt under it, and drain rebuilds from the health saved
+        // with them.
+        let Some(lock) = failing.check("write lock", self.turn.take(pins)) else { return };
+        let Some(_lock) = lock else {
+            if self.turn.skipped() == 1 {
+                info!("another writer holds the write lock: health changes wait for it");
+            }
+            return;
+        };
+        failing.check("saving the probes' health", down.save(pins));
+        let Some(drained) = failing.check("drained backends", drain::read(pins)) else { return };
+        let with_drained = drain::WithDrained { health: down, drained: &drained };
+        let ids: HashMap<IpAddr, u32> =
+            lbs.backends.iter().enumerate().map(|(i, a)| (*a, i as u32)).collect();
+        let changed: Vec<(u32, &str)> = self
+            .pending
+            .iter()
+            .filter_map(|(addr, probe)| Some((*ids.get(addr)?, probe.as_str())))
+            .collect();
+        let mut result = Ok(());
+        for (id, s) in lbs.services.iter().enumerate() {
+            let affected = changed.iter().any(|(b, probe)| {
+                s.probe.as_ref().is_some_and(|p| p.name == *probe)
+                    && s.pool.iter().any(|(m, _)| m == b)
+            });
+            if affected {
+                let healthy = |m: u32| with_drained.healthy_in(s, lbs.backends[m as usize]);
+                match maps.update_service(lbs, id as u32, &healthy) {
+                    // The table keeps its previous backends; the next tick tries again.
+                    Err(e) => result = Err(e.context(format!("service {}/{}", s.lb, s.rule))),
+                    Ok(()) => info!("service {}/{}: table rebuilt", s.lb, s.rule),
+                }
+            }
+        }
+        // The health flags last: once one (and so `xdpgate lb`) says a backend is out, no
+        // table still sends it new flows.
+        for &(b, _) in &changed {
+            let addr = lbs.backends[b as usize];
+            if let Err(e) = maps.set_backend(b, addr, down.healthy(addr)) {
+                result = Err(e.context(format!("the health flag of backend {addr}")));
+            }
+        }
+        if failing.check("rebuilding tables after a health change", result).is_some() {
+            self.pending.clear();
+        }
+    }
 }
 
 #[cfg(test)]

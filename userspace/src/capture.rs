@@ -178,12 +178,7 @@ pub fn config(args: &CaptureArgs) -> Result<CaptureConfig> {
 }
 
 fn words(a: IpAddr) -> [u32; 4] {
-    let mut b = [0u8; 16];
-    match a {
-        IpAddr::V4(v4) => b[..4].copy_from_slice(&v4.octets()),
-        IpAddr::V6(v6) => b = v6.octets(),
-    }
-    xdpgate_common::words(&b)
+    xdpgate_common::words(&xdpgate_common::family_bytes(a).1)
 }
 
 /// The capture's hold on the kernel filter (`dataplane::lease`): renewed while it runs,

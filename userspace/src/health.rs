@@ -21,7 +21,7 @@
 //! certificate presented. Every network operation runs inside the probe's timeout, so a
 //! probe never outlives `timeout_ms`.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -363,7 +363,7 @@ impl Prober {
     /// on and [`Prober::health`] stays current.
     pub fn spawn(
         targets: Vec<Target>,
-        down: &HashSet<(IpAddr, String)>,
+        down: &BTreeSet<(IpAddr, String)>,
         max_concurrent: usize,
         changes: mpsc::Sender<Change>,
     ) -> Prober {
@@ -373,7 +373,7 @@ impl Prober {
     /// [`Prober::spawn`], adding each probe's result and duration to `stats`.
     pub fn spawn_counted(
         targets: Vec<Target>,
-        down: &HashSet<(IpAddr, String)>,
+        down: &BTreeSet<(IpAddr, String)>,
         max_concurrent: usize,
         changes: mpsc::Sender<Change>,
         stats: ProbeStats,
@@ -689,7 +689,7 @@ mod tests {
         let s = http_server(|n| status(if n < 8 && n % 2 == 1 { 200 } else { 500 })).await;
         let (tx, mut rx) = mpsc::channel(16);
         let t = Target { backend: LOCALHOST, probe: probe(ProbeKind::Http, s.port, 50, 50, 2) };
-        let prober = Prober::spawn(vec![t], &HashSet::new(), 4, tx);
+        let prober = Prober::spawn(vec![t], &BTreeSet::new(), 4, tx);
         let change = tokio::time::timeout(Duration::from_secs(3), rx.recv())
             .await
             .expect("a change")
@@ -711,7 +711,7 @@ mod tests {
         tokio::spawn(async move { while listener.accept().await.is_ok() {} });
         let (tx, mut rx) = mpsc::channel(16);
         let t = Target { backend: LOCALHOST, probe: probe(ProbeKind::Tcp, port, 50, 100, 3) };
-        let down = HashSet::from([(LOCALHOST, "p".to_string())]);
+        let down = BTreeSet::from([(LOCALHOST, "p".to_string())]);
         let prober = Prober::spawn(vec![t], &down, 1, tx);
         assert_eq!(prober.health(LOCALHOST, "p"), Some(Health::Unhealthy));
         let start = Instant::now();
@@ -741,7 +741,7 @@ mod tests {
             backend: LOCALHOST,
             probe: probe(ProbeKind::Tcp, port, interval, timeout, threshold),
         };
-        let prober = Prober::spawn(vec![t], &HashSet::new(), 1, tx);
+        let prober = Prober::spawn(vec![t], &BTreeSet::new(), 1, tx);
         assert_eq!(prober.health(LOCALHOST, "p"), Some(Health::Healthy));
         assert_eq!(prober.health(LOCALHOST, "other"), None);
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -801,7 +801,7 @@ mod tests {
             })
             .collect();
         let (tx, _rx) = mpsc::channel(16);
-        let prober = Prober::spawn(targets, &HashSet::new(), 1, tx);
+        let prober = Prober::spawn(targets, &BTreeSet::new(), 1, tx);
         tokio::time::sleep(Duration::from_millis(1000)).await;
         prober.stop();
         let n = s.connections.load(Ordering::SeqCst);
@@ -814,7 +814,7 @@ mod tests {
         let s = http_server(|_| status(200)).await;
         let t = Target { backend: LOCALHOST, probe: probe(ProbeKind::Http, s.port, 1000, 500, 2) };
         let (tx, _rx) = mpsc::channel(1);
-        let prober = Prober::spawn(vec![t.clone(), t], &HashSet::new(), 4, tx);
+        let prober = Prober::spawn(vec![t.clone(), t], &BTreeSet::new(), 4, tx);
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert_eq!(s.connections.load(Ordering::SeqCst), 1);
         assert_eq!(prober.snapshot(), vec![(LOCALHOST, "p".to_string(), Health::Healthy)]);

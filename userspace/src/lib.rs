@@ -12,6 +12,7 @@ pub mod flowlog;
 pub mod flows_cmd;
 pub mod health;
 pub mod lb;
+pub mod lock_turn;
 pub mod metrics;
 pub mod node;
 pub mod observe;

@@ -4,11 +4,11 @@
 
 use std::{collections::HashMap, path::PathBuf};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use aya::{
     Pod,
     maps::{
-        Array, MapData, PerCpuArray, PerCpuValues,
+        Array, MapData, PerCpuArray,
         lpm_trie::{Key, LpmTrie},
     },
 };
@@ -39,6 +39,7 @@ use xdpgate_policy::{
 
 use crate::{
     PinDir,
+    carried::carried,
     state::{self, WriteLock},
 };
 
@@ -262,7 +263,6 @@ pub fn prepare(
         })
         .unwrap_or_default();
 
-    let nr_cpus = aya::util::nr_cpus().map_err(|(m, e)| anyhow!("{m}: {e}"))?;
     let mut rule_counts = [0u32; TABLES_PER_SLOT as usize];
     let mut wildcard_fields = 0;
     let mut moved = Vec::new();
@@ -291,17 +291,9 @@ pub fn prepare(
             rules.set(index, access_code(r.rule.access), 0)?;
             let old = running_rules.get(&RuleName::of(r).id()).copied();
             moved.extend(old.map(|old| (old, index)));
-            let counts = match old {
-                Some(old) => hits.get(&old, 0)?.to_vec(),
-                None => vec![0u64; nr_cpus],
-            };
-            hits.set(index, PerCpuValues::try_from(counts)?, 0)?;
+            hits.set(index, carried(&hits, old)?, 0)?;
             if let Some(traffic) = &mut traffic {
-                let counts = match old {
-                    Some(old) => traffic.get(&old, 0)?.to_vec(),
-                    None => vec![Counter::default(); nr_cpus],
-                };
-                traffic.set(index, PerCpuValues::try_from(counts)?, 0)?;
+                traffic.set(index, carried(traffic, old)?, 0)?;
             }
         }
     }

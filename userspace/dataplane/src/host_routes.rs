@@ -34,18 +34,46 @@ const AF_INET6: u8 = 10;
 
 /// The host routes of protocol [`PROTO`] in `table`, in the current network namespace.
 pub fn list(table: u32) -> Result<Vec<IpAddr>> {
-    let mut found = Vec::new();
+    Ok(read(table)?.routes)
+}
+
+/// What one listing of a table read.
+pub struct Listing {
+    /// The host routes of protocol [`PROTO`] in the table.
+    pub routes: Vec<IpAddr>,
+    /// The route messages the kernel sent to answer: what a listing costs.
+    pub messages: usize,
+}
+
+/// Lists `table` (see [`list`]), counting what the kernel sent.
+pub fn read(table: u32) -> Result<Listing> {
+    let mut listing = Listing { routes: Vec::new(), messages: 0 };
     for family in [AF_INET, AF_INET6] {
+        // Only this table's routes of our protocol: the kernel filters (a host with a full
+        // BGP table in another does not send it every second); `parse_route` checks again.
         let mut req = header(RTM_GETROUTE, NLM_F_REQUEST | NLM_F_DUMP);
-        req.extend_from_slice(&[family, 0, 0, 0, 0, 0, 0, 0]);
+        let compat = u8::try_from(table).unwrap_or(RT_TABLE_COMPAT);
+        req.extend_from_slice(&[family, 0, 0, 0, compat, PROTO, 0, 0]);
         req.extend_from_slice(&0u32.to_ne_bytes());
-        rtnetlink::request(req, "listing the routes of the announcement table", |kind, body| {
+        attr(&mut req, RTA_TABLE, &table.to_ne_bytes());
+        let what = "listing the routes of the announcement table";
+        let done = rtnetlink::dump_filtered(req, what, |kind, body| {
+            listing.messages += 1;
             if let Some(addr) = (kind == RTM_NEWROUTE).then(|| parse_route(body, table)).flatten() {
-                found.push(addr);
+                listing.routes.push(addr);
             }
-        })?;
+        });
+        match done {
+            // The kernel has no such table yet: no route was ever added to it.
+            Err(e) if no_such_table(&e) => {}
+            other => other?,
+        }
     }
-    Ok(found)
+    Ok(listing)
+}
+
+fn no_such_table(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<std::io::Error>().and_then(std::io::Error::raw_os_error) == Some(libc::ENOENT)
 }
 
 /// Adds (or replaces) the host route of `addr` in `table`.

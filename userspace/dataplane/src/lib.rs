@@ -35,6 +35,7 @@ use xdpgate_common::{
 };
 
 pub mod apply;
+mod carried;
 pub mod drain;
 pub mod fib;
 pub mod flows;

@@ -3,16 +3,14 @@
 
 use std::net::IpAddr;
 
-use anyhow::{Result, anyhow};
-use aya::{
-    Pod,
-    maps::{
-        Array, HashMap, MapData, PerCpuArray, PerCpuValues,
-        lpm_trie::{Key, LpmTrie},
-    },
+use anyhow::Result;
+use aya::maps::{
+    Array, HashMap, MapData, PerCpuArray,
+    lpm_trie::{Key, LpmTrie},
 };
 use ipnet::IpNet;
 use xdpgate_common::{
+    family_bytes,
     flow::{FlowKey, FlowValue, NAT_DST, TCP_CLOSED},
     maps::{
         EMBRYOS, FLOWS, NAT_CREATED, NAT_FAILURES, NAT_GATEWAYS, NAT_MAP, NAT_PUBLIC, NAT_SUBNETS,
@@ -29,21 +27,10 @@ use xdpgate_common::{
 
 use xdpgate_policy::{NatGateway, Policy, names::Record};
 
-use crate::{PinDir, stats::Traffic};
-
-fn addr_bytes(addr: IpAddr) -> (u8, [u8; 16]) {
-    match addr {
-        IpAddr::V4(a) => {
-            let mut b = [0u8; 16];
-            b[..4].copy_from_slice(&a.octets());
-            (4, b)
-        }
-        IpAddr::V6(a) => (6, a.octets()),
-    }
-}
+use crate::{PinDir, carried::remap, stats::Traffic};
 
 pub fn addr_key(addr: IpAddr) -> AddrKey {
-    let (family, bytes) = addr_bytes(addr);
+    let (family, bytes) = family_bytes(addr);
     AddrKey { family, _pad: [0; 3], addr: words(&bytes) }
 }
 
@@ -156,27 +143,6 @@ fn carry_counters(pins: &PinDir, policy: &Policy, running: &Record) -> Result<()
     remap::<u64>(&mut pins.open_map(NAT_FAILURES)?.try_into()?, &from)?;
     if let Ok(map) = pins.open_map(NAT_CREATED) {
         remap::<u64>(&mut map.try_into()?, &from)?;
-    }
-    Ok(())
-}
-
-/// Sets index `i` of a per-gateway array to what index `from[i]` held (zero for `None`),
-/// every value read before any is written.
-fn remap<V: Pod + Default>(map: &mut PerCpuArray<MapData, V>, from: &[Option<u32>]) -> Result<()> {
-    let nr_cpus = aya::util::nr_cpus().map_err(|(m, e)| anyhow!("{m}: {e}"))?;
-    let mut moves = Vec::new();
-    for (i, old) in from.iter().enumerate() {
-        if *old == Some(i as u32) {
-            continue;
-        }
-        let values = match old {
-            Some(old) => map.get(old, 0)?.to_vec(),
-            None => vec![V::default(); nr_cpus],
-        };
-        moves.push((i as u32, values));
-    }
-    for (i, values) in moves {
-        map.set(i, PerCpuValues::try_from(values)?, 0)?;
     }
     Ok(())
 }

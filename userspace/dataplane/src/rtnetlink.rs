@@ -36,8 +36,26 @@ pub fn attr(req: &mut Vec<u8>, kind: u16, value: &[u8]) {
 
 /// Sends `req` (from [`header`]) on a socket of its own, in the current network namespace,
 /// and reads the answer to its end (a dump's `NLMSG_DONE` or the acknowledgement), handing
-/// each other message's type and body to `each`. `what` names the request in errors.
-pub fn request(mut req: Vec<u8>, what: &str, mut each: impl FnMut(u16, &[u8])) -> Result<()> {
+/// each other message's type and body to `each`. `what` names the request in errors; an
+/// error the kernel reports (at the start of a dump or at its end) is one.
+pub fn request(req: Vec<u8>, what: &str, each: impl FnMut(u16, &[u8])) -> Result<()> {
+    exchange(req, what, false, each)
+}
+
+/// As [`request`], for a dump the kernel filters by what `req` asks (its header's fields and
+/// attributes, e.g. a route table) rather than sending everything: strict checking
+/// (`NETLINK_GET_STRICT_CHK`, Linux 4.20). A kernel without it sends everything; the caller
+/// filters what it reads either way.
+pub fn dump_filtered(req: Vec<u8>, what: &str, each: impl FnMut(u16, &[u8])) -> Result<()> {
+    exchange(req, what, true, each)
+}
+
+fn exchange(
+    mut req: Vec<u8>,
+    what: &str,
+    strict: bool,
+    mut each: impl FnMut(u16, &[u8]),
+) -> Result<()> {
     let len = req.len() as u32;
     req[0..4].copy_from_slice(&len.to_ne_bytes());
     let fd = socket(
@@ -47,6 +65,20 @@ pub fn request(mut req: Vec<u8>, what: &str, mut each: impl FnMut(u16, &[u8])) -
         SockProtocol::NetlinkRoute,
     )
     .context("opening a netlink socket")?;
+    if strict {
+        let on: libc::c_int = 1;
+        // SAFETY: an int option of the size given, on a socket we own. A failure (an older
+        // kernel) leaves the dump unfiltered, which the caller's own filter handles.
+        unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_NETLINK,
+                libc::NETLINK_GET_STRICT_CHK,
+                (&raw const on).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+    }
     bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0)).context("binding a netlink socket")?;
     send(fd.as_raw_fd(), &req, MsgFlags::empty()).with_context(|| what.to_owned())?;
     let mut buf = vec![0u8; 64 * 1024];
@@ -61,10 +93,12 @@ pub fn request(mut req: Vec<u8>, what: &str, mut each: impl FnMut(u16, &[u8])) -
                 bail!("{what}: a malformed netlink message");
             }
             match kind {
-                NLMSG_DONE => return Ok(()),
-                NLMSG_ERROR => {
-                    // An acknowledgement is an error message with errno 0.
-                    let errno = i32::from_ne_bytes(msgs[16..20].try_into()?);
+                // An acknowledgement is an error message with errno 0; a dump's end carries
+                // the dump's errno (0 when it succeeded).
+                NLMSG_DONE | NLMSG_ERROR => {
+                    let errno = msgs
+                        .get(16..20)
+                        .map_or(0, |e| i32::from_ne_bytes(e.try_into().expect("four bytes")));
                     if errno == 0 {
                         return Ok(());
                     }

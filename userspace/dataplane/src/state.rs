@@ -130,24 +130,26 @@ impl WriteLock {
 
     /// The lock if no other writer holds it now (`None` if one does), without waiting.
     pub fn try_acquire(pins: &PinDir) -> Result<Option<Self>> {
+        Self::try_acquire_within(pins, Duration::ZERO)
+    }
+
+    /// The lock once no other writer holds it, waiting at most `wait` (`None` if one still
+    /// does).
+    pub fn try_acquire_within(pins: &PinDir, wait: Duration) -> Result<Option<Self>> {
         let dir = pins.path();
         let file = File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
-        let locked = flock(file, FlockArg::LockExclusiveNonblock, Duration::ZERO)
+        let locked = flock(file, FlockArg::LockExclusiveNonblock, wait)
             .with_context(|| format!("locking {}", dir.display()))?;
         Ok(locked.map(Self))
     }
 
     pub fn acquire_within(pins: &PinDir, wait: Duration) -> Result<Self> {
-        let dir = pins.path();
-        let file = File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
-        match flock(file, FlockArg::LockExclusiveNonblock, wait)
-            .with_context(|| format!("locking {}", dir.display()))?
-        {
-            Some(locked) => Ok(Self(locked)),
+        match Self::try_acquire_within(pins, wait)? {
+            Some(locked) => Ok(locked),
             None => bail!(
                 "another xdpgate is changing the dataplane at {} and did not finish within {} s; \
                  nothing was changed, try again",
-                dir.display(),
+                pins.path().display(),
                 wait.as_secs()
             ),
         }

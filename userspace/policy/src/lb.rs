@@ -5,6 +5,7 @@ use std::{collections::HashMap as StdHashMap, net::IpAddr};
 
 use anyhow::{Result, bail};
 use xdpgate_common::{
+    family_bytes,
     lb::{
         DIST_FIVE_TUPLE, DIST_SOURCE_IP, DIST_SOURCE_IP_PROTOCOL, FrontendKey, MAGLEV_SIZE,
         MAX_BACKENDS, MAX_FRONTENDS, MAX_SERVICES, NO_BACKEND, SVC_FLOATING_IP, SVC_MIDSTREAM,
@@ -65,14 +66,7 @@ pub struct CompiledLb {
 }
 
 pub fn frontend_key(addr: IpAddr, port: u16, proto: u8) -> FrontendKey {
-    let (family, bytes) = match addr {
-        IpAddr::V4(a) => {
-            let mut b = [0u8; 16];
-            b[..4].copy_from_slice(&a.octets());
-            (4, b)
-        }
-        IpAddr::V6(a) => (6, a.octets()),
-    };
+    let (family, bytes) = family_bytes(addr);
     FrontendKey { addr: words(&bytes), port, proto, family }
 }
 

@@ -150,28 +150,30 @@ pub fn update(
         (!missing.is_empty()).then(|| format!("not attached to {}", missing.join(", ")))
     };
     let (announce, withheld) = plan(&frontends(lbs, health), blocked.as_deref());
-    sync(pins, bgp.table, drained, announce, withheld)
+    sync(pins, bgp.table, drained, announce, withheld).map(drop)
 }
 
 /// Makes the table hold exactly the routes of `announce`, and records it (`bgp.json`, written
-/// only when something changed).
+/// only when something changed). How many routes it withdrew.
 fn sync(
     pins: &PinDir,
     table: u32,
     node_drained: bool,
     announce: Vec<IpAddr>,
     withheld: Vec<Withheld>,
-) -> Result<()> {
+) -> Result<usize> {
     let now = host_routes::list(table)?;
     for addr in announce.iter().filter(|a| !now.contains(a)) {
         host_routes::add(table, *addr)?;
         info!("bgp: announcing {addr} (table {table})");
     }
+    let mut withdrawn = 0;
     for addr in now.iter().filter(|a| !announce.contains(a)) {
         host_routes::remove(table, *addr)?;
+        withdrawn += 1;
         let why = withheld.iter().find(|w| w.address == *addr);
         info!(
-            "bgp: withdrawing {addr}: {}",
+            "bgp: withdrawing {addr} (table {table}): {}",
             why.map_or("no longer a frontend of the policy", |w| w.reason.as_str())
         );
     }
@@ -190,7 +192,7 @@ fn sync(
         let time = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         state::write_json(pins, FILE, &Announcements { time_unix_seconds: time, ..record })?;
     }
-    Ok(())
+    Ok(withdrawn)
 }
 
 /// At the agent's start: the routes an earlier agent left in a table this one does not
@@ -201,10 +203,7 @@ pub fn forget_other_table(pins: &PinDir, table: Option<u32>) -> Result<()> {
     if Some(last.table) == table {
         return Ok(());
     }
-    for addr in host_routes::list(last.table)? {
-        host_routes::remove(last.table, addr)?;
-        info!("bgp: withdrawing {addr} from table {}, which this agent does not keep", last.table);
-    }
+    withdraw_all(pins, last.table, "this agent does not keep the table")?;
     let path = state::dir(pins).join(FILE);
     std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))
 }
@@ -214,13 +213,11 @@ pub fn forget_other_table(pins: &PinDir, table: Option<u32>) -> Result<()> {
 /// how many it removed.
 pub fn withdraw_without_agent(pins: &PinDir, why: &str) -> Result<usize> {
     let Some(last) = read(pins)?.filter(|last| !last.agent_running(pins)) else { return Ok(0) };
-    let count = host_routes::list(last.table)?.len();
-    withdraw_all(pins, last.table, why)?;
-    Ok(count)
+    withdraw_all(pins, last.table, why)
 }
 
-/// Removes every route of the table (before the agent stops on purpose).
-pub fn withdraw_all(pins: &PinDir, table: u32, why: &str) -> Result<()> {
+/// Removes every route of the table (before the agent stops on purpose); how many.
+pub fn withdraw_all(pins: &PinDir, table: u32, why: &str) -> Result<usize> {
     let frontends: Vec<Withheld> = host_routes::list(table)?
         .into_iter()
         .map(|address| Withheld { address, reason: why.to_owned() })

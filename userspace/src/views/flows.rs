@@ -81,6 +81,10 @@ impl View for Listed {
     }
 }
 
+/// Two rows a flow, as conntrack pairs a flow's tuples: the first for the direction of its
+/// first packet (source, deciding rule, packets and bytes sent), the second for the replies
+/// (destination, rewrite, packets and bytes back). Addresses and the rule or rewrite wrap,
+/// each within its row, where a row with IPv6 addresses would pass 100 columns.
 impl View for [Flow] {
     fn json(&self) -> Result<serde_json::Value> {
         super::to_json(&self)
@@ -88,38 +92,34 @@ impl View for [Flow] {
 
     fn text(&self) -> String {
         let mut g = Grid::new(&[
-            "STATE",
+            "STATE\nDIR",
             "PROTO",
-            "SOURCE",
-            "DESTINATION",
-            "DIR",
-            "RULE",
-            "NAT/BACKEND",
-            "PACKETS FWD/REPLY",
-            "BYTES FWD/REPLY",
+            "SOURCE\nDESTINATION",
+            "RULE\nNAT/BACKEND",
+            "PACKETS\nREPLY",
+            "BYTES\nREPLY",
             "IDLE",
         ])
-        .right(&[7, 8, 9]);
+        .right(&[4, 5, 6])
+        .fit(&[2, 3]);
         for f in self {
-            let proto = match f.icmp_id {
-                Some(id) => format!("{} id {id}", f.protocol),
-                None => f.protocol.clone(),
-            };
-            let mut idle = format!("{:.1}s", f.idle_seconds);
-            if f.expired {
-                idle += " (expired)";
-            }
             g.row([
                 f.state.name().to_string(),
-                proto,
+                f.protocol.clone(),
                 endpoint(f.src, f.src_port),
-                endpoint(f.dst, f.dst_port),
-                f.direction.to_string(),
                 rule(f),
+                f.forward.packets.to_string(),
+                super::bytes(f.forward.bytes),
+                format!("{:.1}s", f.idle_seconds),
+            ]);
+            g.row([
+                f.direction.to_string(),
+                f.icmp_id.map(|id| format!("id {id}")).unwrap_or_default(),
+                endpoint(f.dst, f.dst_port),
                 via(f),
-                format!("{}/{}", f.forward.packets, f.reply.packets),
-                format!("{}/{}", super::bytes(f.forward.bytes), super::bytes(f.reply.bytes)),
-                idle,
+                f.reply.packets.to_string(),
+                super::bytes(f.reply.bytes),
+                if f.expired { "expired".into() } else { String::new() },
             ]);
         }
         let mut out = g.render();
@@ -174,23 +174,19 @@ mod tests {
     }
 
     #[test]
-    fn a_flow_is_one_line_under_the_header() {
+    fn a_flow_is_two_lines_under_the_header() {
         let text = [flow()].text();
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 2, "{text}");
+        assert_eq!(lines.len(), 4, "{text}");
         assert!(lines[0].starts_with("STATE") && lines[0].ends_with("IDLE"), "{text}");
-        for want in [
-            "established",
-            "tcp",
-            "203.0.113.10:40000",
-            "198.51.100.10:80",
-            "inbound",
-            "web/allow-web",
-            "5/4",
-            "500 B/400 B",
-            "2.5s",
-        ] {
-            assert!(lines[1].contains(want), "{want} missing from {text}");
+        assert!(lines[1].starts_with("DIR") && lines[1].ends_with("REPLY"), "{text}");
+        // The first packet's direction, then the replies.
+        for want in ["established", "tcp", "203.0.113.10:40000", "web/allow-web", "5", "500 B"] {
+            assert!(lines[2].contains(want), "{want} missing from line 3 of {text}");
+        }
+        assert!(lines[2].ends_with("2.5s"), "{text}");
+        for want in ["inbound", "198.51.100.10:80", "-", "4", "400 B"] {
+            assert!(lines[3].contains(want), "{want} missing from line 4 of {text}");
         }
         let json = [flow()].json().unwrap();
         assert_eq!(json[0]["rule"], "allow-web");
@@ -225,7 +221,7 @@ mod tests {
             "#16384 (generation 3)",
             "edge/http -> 198.51.100.20:8080",
             "[2001:db8::1]:40000",
-            "(expired)",
+            "expired",
             "embryonic",
         ] {
             assert!(text.contains(want), "{want} missing from {text}");
@@ -233,5 +229,103 @@ mod tests {
         let none: [Flow; 0] = [];
         assert!(none.text().ends_with("(no flows)\n"));
         assert_eq!(none.json().unwrap(), serde_json::json!([]));
+    }
+
+    /// The widest row a gateway meets: an IPv6 client's full (SLAAC) address, a load
+    /// balancer's rule with its backend, long names, big counters, an expired flow.
+    fn widest() -> Flow {
+        let mut f = flow();
+        f.src = "2a02:8071:b85:2c00:1d2e:3f4a:5b6c:7d8e".parse().unwrap();
+        f.src_port = Some(51234);
+        f.dst = "2001:db8:ffff::10".parse().unwrap();
+        f.dst_port = Some(443);
+        f.rules.inbound = Some(RuleName {
+            nsg: "frontends".into(),
+            rule: "allow-https-from-internet".into(),
+            layer: Layer::Subnet,
+        });
+        f.nat = Some(Nat {
+            kind: "dnat",
+            address: "2001:db8:1::11".parse().unwrap(),
+            port: Some(8443),
+        });
+        f.load_balancer = Some(LbFlow {
+            name: Some("edge".into()),
+            rule: Some("https".into()),
+            backend: "2001:db8:1::11".parse().ok(),
+        });
+        f.forward = Traffic { packets: 1_234_567, bytes: 1_300_000_000 };
+        f.reply = Traffic { packets: 2_345_678, bytes: 3_400_000_000 };
+        (f.idle_seconds, f.expired) = (123.4, true);
+        f
+    }
+
+    #[test]
+    fn the_widest_row_fits_100_columns() {
+        let mut icmp = widest();
+        (icmp.protocol, icmp.icmp_id, icmp.src_port, icmp.dst_port) =
+            ("icmpv6".into(), Some(65535), None, None);
+        let text = [widest(), icmp].text();
+        for line in text.lines() {
+            let width = line.chars().count();
+            assert!(width <= 100, "{width} columns: {line}\n{text}");
+        }
+        // The addresses and the rewrite wrap, each within its own row (the reply row still
+        // starts with the direction), and nothing is cut: a column's lines read in order.
+        let column = |from: &str, to: &str| -> String {
+            let header = text.lines().next().unwrap();
+            let (a, b) = (header.find(from).unwrap(), header.find(to).unwrap());
+            text.lines().skip(2).map(|l| l.get(a..b.min(l.len())).unwrap_or("").trim()).collect()
+        };
+        let endpoints = column("SOURCE", "RULE");
+        for want in [
+            "[2a02:8071:b85:2c00:1d2e:3f4a:5b6c:7d8e]:51234[2001:db8:ffff::10]:443",
+            "2a02:8071:b85:2c00:1d2e:3f4a:5b6c:7d8e2001:db8:ffff::10",
+        ] {
+            assert!(endpoints.contains(want), "{want} missing from {endpoints}: {text}");
+        }
+        let rewrites = column("RULE", "PACKETS");
+        let want = "frontends/allow-https-from-internetedge/https ->[2001:db8:1::11]:8443";
+        assert_eq!(rewrites.matches(want).count(), 2, "{rewrites}: {text}");
+        for want in ["1234567", "2345678", "expired", "id 65535"] {
+            assert!(text.contains(want), "{want} missing from {text}");
+        }
+        assert!(text.lines().filter(|l| l.starts_with("inbound")).count() == 2, "{text}");
+    }
+
+    /// Rows an IPv4 load balancer and an IPv6 NAT gateway show take two lines each: no
+    /// column wraps.
+    #[test]
+    fn common_rows_take_two_lines_each() {
+        let mut lb = flow();
+        lb.dst = "192.0.2.10".parse().unwrap();
+        lb.nat =
+            Some(Nat { kind: "dnat", address: "198.51.100.20".parse().unwrap(), port: Some(8080) });
+        lb.load_balancer =
+            Some(LbFlow { name: Some("edge".into()), rule: Some("http".into()), backend: None });
+        let mut nat = flow();
+        (nat.src, nat.src_port) = ("2001:db8:1::10".parse().unwrap(), Some(40000));
+        (nat.dst, nat.dst_port) = ("2001:db8:ffff::20".parse().unwrap(), Some(443));
+        nat.direction = "outbound";
+        nat.nat = Some(Nat {
+            kind: "snat",
+            address: "2001:db8::100".parse().unwrap(),
+            port: Some(40001),
+        });
+        let text = [lb, nat].text();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2 + 2 * 2, "{text}");
+        assert!(lines.iter().all(|l| l.chars().count() <= 100), "{text}");
+        assert!(
+            lines[3].contains("192.0.2.10:80")
+                && lines[3].contains("edge/http -> 198.51.100.20:8080"),
+            "{text}"
+        );
+        assert!(lines[4].contains("[2001:db8:1::10]:40000"), "{text}");
+        assert!(
+            lines[5].contains("[2001:db8:ffff::20]:443")
+                && lines[5].contains("snat [2001:db8::100]:40001"),
+            "{text}"
+        );
     }
 }
