@@ -285,22 +285,22 @@ up() {
 				"tunnel devices (no ${kind} module?): use --decap xdpgate; nothing was changed"
 		done
 	fi
+	if [ "$decap" = xdpgate ]; then
+		[ -n "$iface" ] || iface=$(cat "$state/interface" 2>/dev/null || default_iface)
+		[ -n "$iface" ] || die "up: no default route to take the interface from: give --interface"
+		ipc link show dev "$iface" >/dev/null 2>&1 || die "up: no interface named '$iface'"
+		set --
+		for f in $frontends; do set -- "$@" --frontend "$f"; done
+		# First: a refusal (another XDP program there, say) leaves everything as it was.
+		xg decap attach "$iface" --mode "$mode" "$@"
+	fi
 	mkdir -p "$state"
 	chmod 700 "$state"
 	echo "$decap" >"$state/decap"
-
-	ipc link set lo up
-	for f in $frontends; do
-		if [ "$(family "$f")" = 4 ]; then len=32; else len=128; fi
-		if [ -z "$(ipc addr show dev lo to "$f/$len")" ]; then
-			ipc addr add "$f/$len" dev lo
-		fi
-		if ! served | grep -qx "$f"; then
-			echo "$f" >>"$state/frontends"
-		fi
-	done
-
-	if [ "$decap" = kernel ]; then
+	if [ "$decap" = xdpgate ]; then
+		echo "$iface" >"$state/interface"
+		loosen_rp_filter "$iface"
+	else
 		for fam in $(families); do
 			if [ "$fam" = 4 ]; then
 				dev=xdpgate4
@@ -313,16 +313,18 @@ up() {
 			fi
 			ipc link set "$dev" up
 		done
-	else
-		[ -n "$iface" ] || iface=$(cat "$state/interface" 2>/dev/null || default_iface)
-		[ -n "$iface" ] || die "up: no default route to take the interface from: give --interface"
-		ipc link show dev "$iface" >/dev/null 2>&1 || die "up: no interface named '$iface'"
-		echo "$iface" >"$state/interface"
-		set --
-		for f in $frontends; do set -- "$@" --frontend "$f"; done
-		xg decap attach "$iface" --mode "$mode" "$@"
-		loosen_rp_filter "$iface"
 	fi
+
+	ipc link set lo up
+	for f in $frontends; do
+		if [ "$(family "$f")" = 4 ]; then len=32; else len=128; fi
+		if [ -z "$(ipc addr show dev lo to "$f/$len")" ]; then
+			ipc addr add "$f/$len" dev lo
+		fi
+		if ! served | grep -qx "$f"; then
+			echo "$f" >>"$state/frontends"
+		fi
+	done
 
 	if [ "$mss" = yes ]; then
 		for fam in $(families); do lower_mss "$fam"; done

@@ -87,6 +87,44 @@ impl Netns {
     }
 }
 
+/// Writes `frame` out of `ifname` of namespace `ns` through an AF_PACKET socket, with the
+/// interface's MAC address as source and `dst_mac` as destination.
+pub fn send_frame(
+    ns: &Netns,
+    ifname: &str,
+    dst_mac: [u8; 6],
+    mut frame: Vec<u8>,
+) -> Result<(), String> {
+    frame[..6].copy_from_slice(&dst_mac);
+    frame[6..12].copy_from_slice(&ns.mac(ifname));
+    let ifname = ifname.to_string();
+    let sent = ns.run(move || {
+        let ifindex = xdpgate_dataplane::ifindex(&ifname).unwrap();
+        // SAFETY: plain socket calls with valid arguments; the fd is closed before return.
+        unsafe {
+            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+            assert!(fd >= 0, "socket(AF_PACKET): {}", std::io::Error::last_os_error());
+            let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_protocol = u16::from_be_bytes([frame[12], frame[13]]).to_be();
+            sll.sll_ifindex = ifindex as i32;
+            sll.sll_halen = 6;
+            let n = libc::sendto(
+                fd,
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&raw const sll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            );
+            let err = std::io::Error::last_os_error();
+            libc::close(fd);
+            (n, err)
+        }
+    });
+    if sent.0 > 0 { Ok(()) } else { Err(format!("sendto(AF_PACKET): {}", sent.1)) }
+}
+
 /// Retransmitted segments of a socket so far (TCP_INFO `tcpi_total_retrans`).
 pub fn retransmissions(s: &std::net::TcpStream) -> u32 {
     tcp_info(s).tcpi_total_retrans

@@ -82,6 +82,19 @@ pub fn frame(src: &str, dst: &str, l4: L4) -> Vec<u8> {
     frame_vlan(src, dst, l4, &[], b"xdpgate")
 }
 
+/// `inner` (a frame as [`frame`] builds it) as a gateway's encapsulating forwarding mode
+/// sends it: its IP packet behind one more Ethernet and IP header from `outer_src` to
+/// `outer_dst` (IPv4: protocol 4, IPIP; IPv6: next header 41, or for an inner packet of the
+/// other family, 41 in IPv4 and 4 in IPv6).
+pub fn encapsulate(outer_src: &str, outer_dst: &str, inner: &[u8]) -> Vec<u8> {
+    let proto = match u16::from_be_bytes([inner[12], inner[13]]) {
+        0x0800 => 4,
+        0x86dd => 41,
+        t => panic!("not an IP frame (ethertype {t:#06x})"),
+    };
+    frame_vlan(outer_src, outer_dst, L4::Raw(proto), &[], &inner[ETH_LEN..])
+}
+
 /// Recomputes the IPv4 header checksum after surgery on the header at `off`.
 pub fn fix_ipv4_checksum(p: &mut [u8], off: usize) {
     let ihl = ((p[off] & 0xf) as usize) * 4;

@@ -7,10 +7,10 @@ use std::{fs, net::IpAddr};
 
 use anyhow::{Context, Result, anyhow, bail};
 use aya::{
-    EbpfLoader,
+    Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray},
     programs::{
-        XdpMode,
+        Xdp, XdpMode,
         links::{FdLink, PinnedLink},
     },
 };
@@ -94,12 +94,12 @@ pub fn attach(pins: &PinDir, ifname: &str, frontends: &[IpAddr], mode: Mode) -> 
                     mode_name(mode)
                 );
             }
-            let added = add_frontends(&dir, frontends)?;
+            let added = add_frontends(pins, frontends)?;
             return Ok(Attached { attached: false, added });
         }
     }
     let created = !dir.map(DECAP_FRONTENDS).exists();
-    let attached = attach_new(&dir, ifname, ifindex, frontends, mode);
+    let attached = attach_new(pins, ifname, ifindex, frontends, mode);
     if attached.is_err() && created {
         // Nothing was attached: the maps this attach made go too.
         let _ = remove_pins(pins);
@@ -107,18 +107,28 @@ pub fn attach(pins: &PinDir, ifname: &str, frontends: &[IpAddr], mode: Mode) -> 
     attached
 }
 
+/// Loads the decap object with its maps pinned in (or reused from) the decap directory of
+/// `pins`, and its program into the kernel (verified), ready to attach or test-run.
+pub fn load(pins: &PinDir) -> Result<Ebpf> {
+    let dir = dir(pins);
+    dir.ensure()?;
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(dir.path())
+        .load(DECAP_OBJ)
+        .context("loading the decap eBPF object")?;
+    crate::program(&mut ebpf, DECAP_PROGRAM)?;
+    Ok(ebpf)
+}
+
 fn attach_new(
-    dir: &PinDir,
+    pins: &PinDir,
     ifname: &str,
     ifindex: u32,
     frontends: &[IpAddr],
     mode: Mode,
 ) -> Result<Attached> {
-    let mut ebpf = EbpfLoader::new()
-        .default_map_pin_directory(dir.path())
-        .load(DECAP_OBJ)
-        .context("loading the decap eBPF object")?;
-    let prog = crate::program(&mut ebpf, DECAP_PROGRAM)?;
+    let mut ebpf = load(pins)?;
+    let prog: &mut Xdp = ebpf.program_mut(DECAP_PROGRAM).expect("loaded by load").try_into()?;
     let xdp_mode = match mode {
         Mode::Native => XdpMode::Driver,
         Mode::Skb => XdpMode::Skb,
@@ -134,15 +144,15 @@ fn attach_new(
         anyhow!("{ifname}: the kernel attached without a bpf_link ({e}), cannot pin")
     })?;
     // Until the link is pinned, a failure detaches it (its last handle closes).
-    let added = add_frontends(dir, frontends)?;
-    let pin = dir.link(ifname);
+    let added = add_frontends(pins, frontends)?;
+    let pin = dir(pins).link(ifname);
     link.pin(&pin).with_context(|| format!("pinning the decap link at {}", pin.display()))?;
     Ok(Attached { attached: true, added })
 }
 
 /// Adds `frontends` to those the program decapsulates for; returns those not there before.
-fn add_frontends(dir: &PinDir, frontends: &[IpAddr]) -> Result<Vec<IpAddr>> {
-    let mut map: HashMap<_, DecapKey, u32> = dir.open_map(DECAP_FRONTENDS)?.try_into()?;
+pub fn add_frontends(pins: &PinDir, frontends: &[IpAddr]) -> Result<Vec<IpAddr>> {
+    let mut map: HashMap<_, DecapKey, u32> = dir(pins).open_map(DECAP_FRONTENDS)?.try_into()?;
     let mut added = Vec::new();
     for &f in frontends {
         if map.get(&key(f), 0).is_ok() {
