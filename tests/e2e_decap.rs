@@ -182,7 +182,7 @@ impl Capture {
                 );
                 (n, from)
             };
-            if n <= 0 || from.sll_pkttype == libc::PACKET_OUTGOING as u8 {
+            if n <= 0 || from.sll_pkttype == libc::PACKET_OUTGOING {
                 continue;
             }
             if let Some(f) = Frame::parse(&buf[..n as usize]).filter(|f| want(f)) {
