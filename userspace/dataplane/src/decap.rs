@@ -192,13 +192,11 @@ pub fn detach(pins: &PinDir, ifname: &str) -> Result<()> {
     if !dir.check()? || !pin.exists() {
         bail!("the decap program is not attached to {ifname} ({} missing)", pin.display());
     }
-    {
-        let _lock = crate::state::WriteLock::acquire(&dir)?;
-        let link = PinnedLink::from_pin(&pin)
-            .with_context(|| format!("opening the pinned link {}", pin.display()))?;
-        // Unpinned, the link goes with this handle: the kernel detaches the program.
-        drop(link.unpin()?);
-    }
+    let _lock = crate::state::WriteLock::acquire(&dir)?;
+    let link = PinnedLink::from_pin(&pin)
+        .with_context(|| format!("opening the pinned link {}", pin.display()))?;
+    // Unpinned, the link goes with this handle: the kernel detaches the program.
+    drop(link.unpin()?);
     if dir.attached()?.is_empty() {
         remove_pins(pins)?;
     }
