@@ -24,7 +24,7 @@ use common::{
         ACK, ETH_LEN, L4, MAC_A, MAC_B, SYN, encapsulate, frame, frame_vlan, offload_checksum,
         tcp_frame, tcp_segment,
     },
-    send_frame, send_frame_partial, veth,
+    run, send_frame, send_frame_partial, veth,
 };
 use serde_json::Value;
 use xdpgate_dataplane::decap;
@@ -147,6 +147,14 @@ impl Lab {
     fn lo_addrs(&self) -> String {
         String::from_utf8_lossy(&self.backend.exec("ip", &["addr", "show", "dev", "lo"]).stdout)
             .into_owned()
+    }
+}
+
+impl Drop for Lab {
+    /// A test that failed before its `down` leaves no state of the script behind (the
+    /// namespace, and with it the rest, goes after this).
+    fn drop(&mut self) {
+        let _ = self.script(&["down"]);
     }
 }
 
@@ -524,6 +532,23 @@ fn a_tcp_stream_arrives_whole() {
         assert!(read.is_ok() && got == data, "{place}: {read:?}");
         lab.script_ok(&["down"]);
     }
+}
+
+/// The script's state for a namespace deleted without a `down` (a container gone, a test
+/// killed) goes at its next run, whatever namespace that run is for.
+#[test]
+fn state_of_a_deleted_namespace_is_forgotten() {
+    let gone = Lab::new();
+    gone.script_ok(&["up", VIP4, "--decap", "xdpgate", "--interface", &gone.b_if]);
+    let state = |lab: &Lab| {
+        let pins = lab.pins.dir.path().to_string_lossy().replace('/', "_");
+        PathBuf::from(format!("/run/xdpgate-backend/{}{pins}", lab.backend.name))
+    };
+    assert!(state(&gone).exists());
+    run("ip", &["netns", "del", &gone.backend.name]);
+    let other = Lab::new();
+    other.script_ok(&["down"]);
+    assert!(!state(&gone).exists(), "{} left", state(&gone).display());
 }
 
 /// The kernel's own tunnel devices (`--decap kernel`, the default where the kernel has
