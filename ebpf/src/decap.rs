@@ -74,27 +74,22 @@ trait Bytes {
     fn end(&self) -> usize;
 }
 
-impl Bytes for XdpContext {
-    #[inline(always)]
-    fn start(&self) -> usize {
-        self.data()
-    }
-    #[inline(always)]
-    fn end(&self) -> usize {
-        self.data_end()
-    }
+/// Both contexts name their bounds alike.
+macro_rules! bytes {
+    ($($ctx:ty),*) => {$(
+        impl Bytes for $ctx {
+            #[inline(always)]
+            fn start(&self) -> usize {
+                self.data()
+            }
+            #[inline(always)]
+            fn end(&self) -> usize {
+                self.data_end()
+            }
+        }
+    )*};
 }
-
-impl Bytes for TcContext {
-    #[inline(always)]
-    fn start(&self) -> usize {
-        self.data()
-    }
-    #[inline(always)]
-    fn end(&self) -> usize {
-        self.data_end()
-    }
-}
+bytes!(XdpContext, TcContext);
 
 /// A pointer to a `T` at `off` in the packet, if the packet holds all of it.
 #[inline(always)]

@@ -5,11 +5,11 @@
 
 use std::{fs, net::IpAddr};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray},
-    programs::{SchedClassifier, links::PinnedLink},
+    programs::links::PinnedLink,
 };
 use xdpgate_common::decap::{
     DECAP_COUNTERS, DECAP_DIR, DECAP_FRONTENDS, DECAP_STATS, DecapCounter, DecapKey,
@@ -130,11 +130,7 @@ pub fn load(pins: &PinDir) -> Result<Ebpf> {
         .load(DECAP_OBJ)
         .context("loading the decap eBPF object")?;
     crate::program(&mut ebpf, DECAP_PROGRAM)?;
-    let tc: &mut SchedClassifier = ebpf
-        .program_mut(DECAP_TC_PROGRAM)
-        .ok_or_else(|| anyhow!("program {DECAP_TC_PROGRAM} missing from the decap object"))?
-        .try_into()?;
-    tc.load().with_context(|| format!("loading program {DECAP_TC_PROGRAM} into the kernel"))?;
+    crate::classifier(&mut ebpf, DECAP_TC_PROGRAM)?;
     Ok(ebpf)
 }
 

@@ -506,11 +506,7 @@ fn classifier_pipeline<'a>(
     entry: &str,
 ) -> Result<&'a mut SchedClassifier> {
     for &(_, name) in stages {
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(name)
-            .ok_or_else(|| anyhow!("program {name} missing from the object"))?
-            .try_into()?;
-        prog.load().with_context(|| format!("loading program {name} into the kernel"))?;
+        classifier(ebpf, name)?;
     }
     for &(index, name) in stages {
         let prog: &SchedClassifier = ebpf.program(name).expect("loaded above").try_into()?;
@@ -548,6 +544,16 @@ fn pin_egress(link: FdLink, pins: &PinDir, ifname: &str) -> Result<()> {
     let pin = pins.egress_link(ifname);
     link.pin(&pin).with_context(|| format!("pinning link at {}", pin.display()))?;
     Ok(())
+}
+
+/// Loads and verifies one tc program of `ebpf`.
+pub fn classifier<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier> {
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("program {name} missing from the object"))?
+        .try_into()?;
+    prog.load().with_context(|| format!("loading program {name} into the kernel"))?;
+    Ok(prog)
 }
 
 /// Loads and verifies one XDP program of `ebpf`.
