@@ -451,10 +451,15 @@ fn script_with_xdpgate_decap_serves_frontends_and_replies_directly() {
 }
 
 /// `down` of some frontends keeps serving the others; the last one's `down` detaches.
+/// `--path-mtu` sets the MSS for the path's MTU.
 #[test]
 fn script_down_of_one_frontend_keeps_the_other() {
     let lab = Lab::new();
-    lab.script_ok(&["up", VIP4, VIP6, "--decap", "xdpgate", "--interface", &lab.b_if]);
+    let up = ["up", VIP4, VIP6, "--decap", "xdpgate", "--interface", &lab.b_if];
+    lab.script_ok(&[&up[..], &["--path-mtu", "9000"]].concat());
+    // The MSS for a 9000-byte path less the outer header, IPv4 and IPv6.
+    let routes = lab.routes();
+    assert!(routes.contains("advmss 8940") && routes.contains("advmss 8900"), "{routes}");
     let out = lab.script_ok(&["down", VIP4]);
     assert!(out.contains(&format!("still serving {VIP6}")), "{out}");
     let status = lab.status();
@@ -554,7 +559,7 @@ fn state_of_a_deleted_namespace_is_forgotten() {
 /// The kernel's own tunnel devices (`--decap kernel`, the default where the kernel has
 /// them). Where it has none (no ipip or ip6_tunnel module, as on the machine these tests
 /// were written on), the default is xdpgate's program and `--decap kernel` is refused
-/// before anything changes.
+/// before anything changes; `--no-mss` leaves the routes alone.
 #[test]
 fn script_kernel_decap_or_its_clear_refusal() {
     let lab = Lab::new();
@@ -584,9 +589,10 @@ fn script_kernel_decap_or_its_clear_refusal() {
     assert!(!out.status.success() && err.contains("use --decap xdpgate"), "{err}");
     assert!(!lab.lo_addrs().contains(VIP4), "a refused up added the frontend");
     // The default falls back to xdpgate's program, on the default route's interface.
-    let up = lab.script_ok(&["up", VIP4]);
+    let up = lab.script_ok(&["up", VIP4, "--no-mss"]);
     assert!(up.contains("(xdpgate decap)"), "{up}");
     assert_eq!(lab.status()["interfaces"][0]["interface"], lab.b_if.as_str());
+    assert!(!lab.routes().contains("advmss"), "--no-mss: {}", lab.routes());
     lab.script_ok(&["down"]);
 }
 
