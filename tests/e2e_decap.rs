@@ -647,6 +647,17 @@ fn bad_input_is_refused_and_changes_nothing() {
     assert_eq!(lab.status()["frontends"], serde_json::json!([VIP4]));
     lab.pins.xdpgate(&["decap", "detach", "--all"]);
     assert!(!decap::dir(&lab.pins.dir).path().exists());
+
+    // Another XDP program on the interface (the gateway's, here): refused, nothing left,
+    // the other program untouched.
+    lab.pins.xdpgate(&["attach", "--iface", &lab.b_if, "--hook", "xdp"]);
+    let out = lab.pins.try_xdpgate(&["decap", "attach", &lab.b_if, "--frontend", VIP4]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("attaching the decap program"), "{err}");
+    assert!(!decap::dir(&lab.pins.dir).path().exists(), "a refused attach left pins");
+    let link = lab.backend.exec("ip", &["-d", "link", "show", &lab.b_if]).stdout;
+    assert!(String::from_utf8_lossy(&link).contains("name xdpgate "), "the gateway's program went");
+    lab.pins.xdpgate(&["detach", "--iface", &lab.b_if]);
 }
 
 /// The decap programs' output, byte for byte (BPF_PROG_TEST_RUN), at XDP and at tc: the
