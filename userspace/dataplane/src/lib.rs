@@ -36,6 +36,7 @@ use xdpgate_common::{
 
 pub mod apply;
 pub mod drain;
+pub mod encap;
 pub mod fib;
 pub mod flows;
 pub mod host_routes;
