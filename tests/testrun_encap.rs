@@ -242,6 +242,27 @@ fn encapsulated_bytes_at_xdp_and_tc() {
     });
 }
 
+/// At XDP a VLAN-tagged frame keeps its tag in front of the outer header (the link-layer
+/// header moves to the new start of the frame); the rest is as for an untagged frame.
+#[test]
+fn vlan_tag_kept_in_front_of_the_outer_header() {
+    isolated(true, |ns| {
+        let lab = Lab::new(&ns, &["10.99.0.1/24", "2001:db8:99::1/64"]);
+        lab.k.apply(POLICY);
+        let tagged =
+            frame_vlan("203.0.113.7", "192.0.2.10", L4::Tcp(40500, 80, SYN), &[100], b"xdpgate");
+        let untagged = frame("203.0.113.7", "192.0.2.10", L4::Tcp(40500, 80, SYN));
+        let (verdict, out) = lab.run(At::Xdp, &tagged);
+        assert_eq!(verdict, XDP_REDIRECT);
+        assert_eq!(out[12..18], tagged[12..18], "802.1Q tag and EtherType kept");
+        // Without its tag, the frame is what an untagged one becomes.
+        let mut plain = out[..12].to_vec();
+        plain.extend_from_slice(&out[16..]);
+        let backend = check_encapsulated(&untagged, &plain);
+        assert!(backend.to_string().starts_with("198.51.100.1"), "{backend}");
+    });
+}
+
 /// A mid-stream segment of a flow this node never saw (its entries deleted) is taken up
 /// (on by default for the rule) and reaches the backend the flow had, at both hooks; the
 /// NSG still judges such a segment; a rule that turns pickup off drops it.
