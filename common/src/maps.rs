@@ -22,6 +22,8 @@ pub const IFACE_STATS: &str = "IFACE_STATS";
 /// the number of reasons' version: a build with more reasons pins a longer array beside the
 /// old one (whose pin `check_pinned_layouts` would refuse), and counts start again at zero.
 pub const DROP_STATS: &str = "DROP_STATS_V2";
+/// The drop counters of builds before the encapsulation reasons, which `upgrade` unpins.
+pub const DROP_STATS_V1: &str = "DROP_STATS";
 
 /// Interfaces one dataplane can be attached to at once. Slot 0 counts packets seen on an
 /// interface the agent did not register (for example `BPF_PROG_TEST_RUN` on `lo`).
