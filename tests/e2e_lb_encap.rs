@@ -70,11 +70,42 @@ struct Lab {
     // Field order is drop order: the agent and the pins (detach) before the namespaces.
     _agent: NodeAgent,
     pins: Pins,
-    backend_pins: Vec<Pins>,
+    backends: Vec<Backend>,
     client: Netns,
     _gw: Netns,
     _router: Netns,
-    backends: Vec<Netns>,
+}
+
+/// A backend namespace set up by the backend script, which undoes it on drop (its state in
+/// /run goes with it), before the namespace and the pins go.
+struct Backend {
+    pins: Pins,
+    ns: Netns,
+}
+
+impl Backend {
+    fn script(&self, args: &[&str]) -> std::process::Output {
+        Command::new("sh")
+            .arg(
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("../deploy/backend/xdpgate-backend.sh"),
+            )
+            .args(args)
+            .args(["--netns", &self.ns.name, "--pin-dir"])
+            .arg(self.pins.dir.path())
+            .env("XDPGATE", common::xdpgate_bin())
+            .output()
+            .expect("run the backend script")
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        let out = self.script(&["down"]);
+        if !out.status.success() {
+            eprintln!("xdpgate-backend.sh down: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
 }
 
 fn sh(ns: &Netns, cmd: &str) {
@@ -129,7 +160,6 @@ impl Lab {
         }
 
         let mut backends = Vec::new();
-        let mut backend_pins = Vec::new();
         for i in 0..2 {
             let b = Netns::new("ecb");
             let (b_if, r_b) = veth(
@@ -142,27 +172,17 @@ impl Lab {
             router.exec("ethtool", &["-K", &r_b, "gro", "on"]);
             sh(&b, "ip route add default via 198.51.100.1");
             sh(&b, "ip -6 route add default via 2001:db8:1::1");
-            let pins = Pins::in_netns(&b);
-            let out = Command::new("sh")
-                .arg(
-                    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                        .join("../deploy/backend/xdpgate-backend.sh"),
-                )
-                .args(["up", VIP4, VIP6, "--decap", "xdpgate", "--interface", &b_if])
-                .args(["--netns", &b.name, "--pin-dir"])
-                .arg(pins.dir.path())
-                .env("XDPGATE", common::xdpgate_bin())
-                .output()
-                .expect("run the backend script");
+            let backend = Backend { pins: Pins::in_netns(&b), ns: b };
+            let out =
+                backend.script(&["up", VIP4, VIP6, "--decap", "xdpgate", "--interface", &b_if]);
             assert!(
                 out.status.success(),
                 "xdpgate-backend.sh up: {}{}",
                 String::from_utf8_lossy(&out.stdout),
                 String::from_utf8_lossy(&out.stderr)
             );
-            serve(&b, if i == 0 { "b1" } else { "b2" });
-            backends.push(b);
-            backend_pins.push(pins);
+            serve(&backend.ns, if i == 0 { "b1" } else { "b2" });
+            backends.push(backend);
         }
 
         let pins = Pins::in_netns(&gw);
@@ -190,7 +210,7 @@ impl Lab {
         // (an agent's health probes would resolve it; this policy has none).
         sh(&gw, "ping -c 1 -W 2 10.0.1.1");
         sh(&gw, "ping -6 -c 1 -W 2 2001:db8:a::1");
-        Lab { _agent: agent, pins, backend_pins, client, _gw: gw, _router: router, backends }
+        Lab { _agent: agent, pins, backends, client, _gw: gw, _router: router }
     }
 
     fn json(&self, args: &[&str]) -> Value {
@@ -202,16 +222,18 @@ impl Lab {
         self.json(&["stats", "--json"])["drops"][reason]["packets"].as_u64().unwrap()
     }
 
-    /// The backend the gateway's flow table names for the client's port `port` (a flow that
-    /// has seen no reply).
-    fn flow_backend(&self, port: u16) -> IpAddr {
-        let flows = self.json(&["flows", "--json", "--top", "0", "--port", &port.to_string()]);
+    /// The backend the gateway's flow table names for the client's connection from
+    /// `client`:`port` (a flow that has seen no reply). Both families' connections may use
+    /// one port.
+    fn flow_backend(&self, client: &str, port: u16) -> IpAddr {
+        let args = ["flows", "--json", "--top", "0", "--addr", client, "--port", &port.to_string()];
+        let flows = self.json(&args);
         let flow = flows
             .as_array()
             .unwrap()
             .iter()
-            .find(|f| f["src_port"] == port)
-            .unwrap_or_else(|| panic!("no flow from port {port}: {flows}"));
+            .find(|f| f["src"] == client && f["src_port"] == port)
+            .unwrap_or_else(|| panic!("no flow from {client} port {port}: {flows}"));
         assert_eq!(flow["nat"]["kind"], "ipip", "{flow}");
         // The backends answer the client directly: not one reply crosses the gateway.
         assert_eq!(flow["reply"]["packets"], 0, "{flow}");
@@ -288,7 +310,8 @@ fn end_to_end(hook: &str) {
         for _ in 0..16 {
             let (mut s, name) = connect(&lab, vip, 80).expect("connect to the frontend");
             let port = s.local_addr().unwrap().port();
-            assert_eq!(lab.flow_backend(port), addr(&name, v6), "{vip}: {name} answered");
+            let client = if v6 { CLIENT6 } else { CLIENT4 };
+            assert_eq!(lab.flow_backend(client, port), addr(&name, v6), "{vip}: {name} answered");
             echo(&mut s, format!("hello {port}\n").as_bytes());
             *seen.entry(name.clone()).or_default() += 1;
             kept.push((s, name));
@@ -304,7 +327,7 @@ fn end_to_end(hook: &str) {
         let client = if v6 { CLIENT6 } else { CLIENT4 };
         lab.pins.xdpgate(&["flows", "delete", "--addr", client, "--port", &port.to_string()]);
         echo(&mut s, b"after the flow was deleted\n");
-        assert_eq!(lab.flow_backend(port), addr(&name, v6), "picked up to the same backend");
+        assert_eq!(lab.flow_backend(client, port), addr(&name, v6), "picked up, same backend");
         let now = lab.json(&["stats", "--json"])["flow_table"]["picked_up"].as_u64().unwrap();
         assert!(now > picked, "counted as picked up: {picked} -> {now}");
 
@@ -354,12 +377,11 @@ fn end_to_end(hook: &str) {
             echo(&mut s, b"still there\n");
         }
     }
-    for (i, b) in lab.backend_pins.iter().enumerate() {
+    for (i, b) in lab.backends.iter().enumerate() {
         let status: Value =
-            serde_json::from_str(&b.xdpgate(&["decap", "status", "--json"])).unwrap();
+            serde_json::from_str(&b.pins.xdpgate(&["decap", "status", "--json"])).unwrap();
         println!("{hook} backend b{}: decapsulated {}", i + 1, status["decapsulated"]);
     }
-    let _ = &lab.backends;
     println!("{hook}: {:.1} s", started.elapsed().as_secs_f64());
 }
 

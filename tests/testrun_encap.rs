@@ -314,6 +314,41 @@ fn too_big_once_encapsulated_is_dropped_and_counted() {
     });
 }
 
+/// What the FIB cannot send from here is dropped and counted, never handed to the stack
+/// (which would refuse the gateway's own source address): no neighbour entry for the next
+/// hop (`encap_unreachable`); and with no outer source in the map (only if something
+/// cleared it: apply refuses a policy that needs one), `encap_no_source`.
+#[test]
+fn unsendable_packets_counted_by_reason() {
+    isolated(true, |ns| {
+        let lab = Lab::new(&ns, &["10.99.0.1/24", "2001:db8:99::1/64"]);
+        lab.k.apply(POLICY);
+        common::run("ip", &["-n", &ns, "neigh", "del", "10.99.0.2", "dev", "eg"]);
+        for (at, sport) in [(At::Xdp, 40600), (At::Tc, 40601)] {
+            let unreachable = lab.k.drops("encap_unreachable");
+            let syn = frame("203.0.113.7", "192.0.2.10", L4::Tcp(sport, 80, SYN));
+            let (verdict, _) = lab.run(at, &syn);
+            assert_eq!(verdict, if at == At::Xdp { DROP } else { TC_ACT_SHOT }, "{at:?}");
+            assert_eq!(lab.k.drops("encap_unreachable"), unreachable + 1, "{at:?}");
+        }
+        let mut sources: aya::maps::Array<_, [u32; 4]> = lab
+            .k
+            .pins
+            .dir
+            .open_map(xdpgate_common::maps::ENCAP_SOURCES)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        sources.set(xdpgate_common::maps::ENCAP_SOURCE_V6, [0; 4], 0).unwrap();
+        for (at, sport) in [(At::Xdp, 40602), (At::Tc, 40603)] {
+            let none = lab.k.drops("encap_no_source");
+            let syn = frame("2001:db8:2::7", "2001:db8:f::10", L4::Tcp(sport, 80, SYN));
+            assert_eq!(lab.run(at, &syn).0, if at == At::Xdp { DROP } else { TC_ACT_SHOT });
+            assert_eq!(lab.k.drops("encap_no_source"), none + 1, "{at:?}");
+        }
+    });
+}
+
 /// A policy that encapsulates IPv6 on a node without a global IPv6 address is refused,
 /// naming the rule and what to do, and changes nothing; without the IPv6 rule it applies.
 #[test]
