@@ -17,14 +17,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::programs::{TestRun, TestRunOptions, Xdp};
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
 use common::{
     Netns, Pins,
     packet::{
         ACK, ETH_LEN, L4, MAC_A, MAC_B, SYN, encapsulate, frame, frame_vlan, offload_checksum,
-        tcp_frame,
+        tcp_frame, tcp_segment,
     },
-    send_frame, send_frame_partial, veth,
+    run, send_frame, send_frame_partial, veth,
 };
 use serde_json::Value;
 use xdpgate_dataplane::decap;
@@ -44,6 +44,24 @@ const BACKEND4: &str = "198.51.100.2";
 const BACKEND6: &str = "2001:db8:1::2";
 const WAIT: Duration = Duration::from_secs(5);
 
+/// Where the decap program runs: a name, the script's flags for it, and `decap status`'s
+/// hook and mode.
+const PLACES: [(&str, &[&str], &str, Option<&str>); 3] = [
+    ("native", &["--mode", "native"], "xdp", Some("native")),
+    ("skb", &["--mode", "skb"], "xdp", Some("skb")),
+    ("tc", &["--hook", "tc"], "tc", None),
+];
+
+/// The names of the tcx ingress programs on `ifname` of `ns`.
+fn tcx_ingress(ns: &Netns, ifname: &str) -> Vec<String> {
+    let ifname = ifname.to_string();
+    ns.run(move || {
+        use aya::programs::{SchedClassifier, TcAttachType};
+        let (_, progs) = SchedClassifier::query_tcx(&ifname, TcAttachType::Ingress).unwrap();
+        progs.iter().map(|p| p.name_as_str().unwrap_or("?").to_string()).collect()
+    })
+}
+
 fn script() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/backend/xdpgate-backend.sh")
 }
@@ -55,6 +73,8 @@ struct Lab {
     backend: Netns,
     s_if: String,
     b_if: String,
+    /// The backend interface's MAC address, the encapsulated frames' destination.
+    b_mac: [u8; 6],
     pins: Pins,
 }
 
@@ -75,7 +95,8 @@ impl Lab {
         backend.exec("sysctl", &["-qw", "net.ipv4.conf.all.rp_filter=1"]);
         backend.exec("sysctl", &["-qw", &format!("net.ipv4.conf.{b_if}.rp_filter=1")]);
         let pins = Pins::in_netns(&backend);
-        Lab { sender, backend, s_if, b_if, pins }
+        let b_mac = backend.mac(&b_if);
+        Lab { sender, backend, s_if, b_if, b_mac, pins }
     }
 
     /// Runs the script against the backend namespace and this lab's pin directory.
@@ -105,8 +126,7 @@ impl Lab {
     fn send_encapsulated(&self, inner: &[u8]) {
         let (src, dst) =
             if inner[12..14] == [0x08, 0x00] { (SENDER4, BACKEND4) } else { (SENDER6, BACKEND6) };
-        let mac = self.backend.mac(&self.b_if);
-        send_frame(&self.sender, &self.s_if, mac, encapsulate(src, dst, inner)).unwrap();
+        send_frame(&self.sender, &self.s_if, self.b_mac, encapsulate(src, dst, inner)).unwrap();
     }
 
     fn status(&self) -> Value {
@@ -127,6 +147,14 @@ impl Lab {
     fn lo_addrs(&self) -> String {
         String::from_utf8_lossy(&self.backend.exec("ip", &["addr", "show", "dev", "lo"]).stdout)
             .into_owned()
+    }
+}
+
+impl Drop for Lab {
+    /// A test that failed before its `down` leaves no state of the script behind (the
+    /// namespace, and with it the rest, goes after this).
+    fn drop(&mut self) {
+        let _ = self.script(&["down"]);
     }
 }
 
@@ -329,24 +357,10 @@ fn exchange(lab: &Lab, port_base: u16) -> (u64, u64) {
         let data = tcp_frame(fam.client, fam.vip, ports, ACK, 1001, syn_ack.seq.wrapping_add(1));
         lab.send_encapsulated(&data);
         served += 2;
-        let got = lab.backend.run(move || {
-            tcp.set_nonblocking(true).unwrap();
-            let deadline = Instant::now() + WAIT;
-            let (mut conn, peer) = loop {
-                match tcp.accept() {
-                    Ok(c) => break c,
-                    Err(_) if Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(20))
-                    }
-                    Err(e) => panic!("no connection accepted: {e}"),
-                }
-            };
-            conn.set_nonblocking(false).unwrap();
-            conn.set_read_timeout(Some(WAIT)).unwrap();
-            let mut buf = [0u8; 7];
-            conn.read_exact(&mut buf).unwrap();
-            (peer, buf)
-        });
+        let (mut conn, peer) = accept(&tcp);
+        let mut buf = [0u8; 7];
+        conn.read_exact(&mut buf).unwrap();
+        let got = (peer, buf);
         assert_eq!((got.0.ip(), got.0.port(), &got.1), (client, 40001, b"xdpgate"));
 
         // A frontend not served here: left encapsulated (the stack, without an IPIP
@@ -356,6 +370,23 @@ fn exchange(lab: &Lab, port_base: u16) -> (u64, u64) {
         other += 1;
     }
     (served, other)
+}
+
+/// The next connection `listener` accepts (polled: within `WAIT`, else a panic), with a
+/// read timeout of `WAIT`.
+fn accept(listener: &TcpListener) -> (std::net::TcpStream, std::net::SocketAddr) {
+    listener.set_nonblocking(true).unwrap();
+    let deadline = Instant::now() + WAIT;
+    let (conn, peer) = loop {
+        match listener.accept() {
+            Ok(c) => break c,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => panic!("no connection accepted: {e}"),
+        }
+    };
+    conn.set_nonblocking(false).unwrap();
+    conn.set_read_timeout(Some(WAIT)).unwrap();
+    (conn, peer)
 }
 
 /// Polls `status` until its `passed` count reaches `passed` (the last frame sent is one of
@@ -371,38 +402,30 @@ fn status_after(lab: &Lab, passed: u64) -> Value {
     }
 }
 
-/// The script with `--decap xdpgate`, in native and in generic (skb) XDP mode: UDP and TCP
-/// inside IPIP and IPv6-in-IPv6 reach the servers on the frontend addresses, the replies go
-/// straight to the client, a frontend not served is not decapsulated, and `down` undoes
-/// everything.
+/// The script with `--decap xdpgate`, at native and generic (skb) XDP and at tc ingress:
+/// UDP and TCP inside IPIP and IPv6-in-IPv6 reach the servers on the frontend addresses, the
+/// replies go straight to the client, a frontend not served is not decapsulated, and `down`
+/// undoes everything.
 #[test]
 fn script_with_xdpgate_decap_serves_frontends_and_replies_directly() {
-    for (mode, port_base) in [("native", 7000), ("skb", 7100)] {
+    for ((place, flags, hook, mode), port_base) in PLACES.into_iter().zip([7000, 7100, 7200]) {
         let lab = Lab::new();
         let routes_before = lab.routes();
-        let up = lab.script_ok(&[
-            "up",
-            VIP4,
-            VIP6,
-            "--decap",
-            "xdpgate",
-            "--mode",
-            mode,
-            "--interface",
-            &lab.b_if,
-        ]);
+        let up = [&["up", VIP4, VIP6, "--decap", "xdpgate", "--interface", &lab.b_if], flags];
+        let up = lab.script_ok(&up.concat());
         assert!(up.contains("(xdpgate decap)"), "{up}");
         // Idempotent: a second `up` changes nothing.
-        lab.script_ok(&["up", VIP4, "--interface", &lab.b_if, "--mode", mode]);
+        lab.script_ok(&[&["up", VIP4, "--interface", &lab.b_if], flags].concat());
         assert_eq!(lab.rp_filter(), "2", "loose reverse-path filtering where packets arrive");
         let status = lab.status();
         assert_eq!(status["frontends"], serde_json::json!([VIP4, VIP6]), "{status}");
-        assert_eq!(status["interfaces"][0]["interface"], lab.b_if.as_str(), "{status}");
-        assert_eq!(status["interfaces"][0]["mode"], mode, "{status}");
+        let attached = &status["interfaces"][0];
+        assert_eq!(attached["interface"], lab.b_if.as_str(), "{status}");
+        assert_eq!((attached["hook"].as_str(), attached["mode"].as_str()), (Some(hook), mode));
 
         let (served, other) = exchange(&lab, port_base);
         let status = status_after(&lab, other);
-        println!("{mode}: {status}");
+        println!("{place}: {status}");
         assert_eq!(status["decapsulated"].as_u64(), Some(served), "{status}");
         assert_eq!(status["passed"].as_u64(), Some(other), "{status}");
 
@@ -410,6 +433,7 @@ fn script_with_xdpgate_decap_serves_frontends_and_replies_directly() {
         let link = lab.backend.exec("ip", &["-d", "link", "show", &lab.b_if]).stdout;
         let link = String::from_utf8_lossy(&link);
         assert!(!link.contains("prog/xdp") && !link.contains("xdpgeneric"), "{link}");
+        assert!(tcx_ingress(&lab.backend, &lab.b_if).is_empty());
         let lo = lab.lo_addrs();
         assert!(!lo.contains(VIP4) && !lo.contains(VIP6), "{lo}");
         assert_eq!(lab.routes(), routes_before);
@@ -427,10 +451,15 @@ fn script_with_xdpgate_decap_serves_frontends_and_replies_directly() {
 }
 
 /// `down` of some frontends keeps serving the others; the last one's `down` detaches.
+/// `--path-mtu` sets the MSS for the path's MTU.
 #[test]
 fn script_down_of_one_frontend_keeps_the_other() {
     let lab = Lab::new();
-    lab.script_ok(&["up", VIP4, VIP6, "--decap", "xdpgate", "--interface", &lab.b_if]);
+    let up = ["up", VIP4, VIP6, "--decap", "xdpgate", "--interface", &lab.b_if];
+    lab.script_ok(&[&up[..], &["--path-mtu", "9000"]].concat());
+    // The MSS for a 9000-byte path less the outer header, IPv4 and IPv6.
+    let routes = lab.routes();
+    assert!(routes.contains("advmss 8940") && routes.contains("advmss 8900"), "{routes}");
     let out = lab.script_ok(&["down", VIP4]);
     assert!(out.contains(&format!("still serving {VIP6}")), "{out}");
     let status = lab.status();
@@ -442,10 +471,95 @@ fn script_down_of_one_frontend_keeps_the_other() {
     assert!(!lab.lo_addrs().contains(VIP6));
 }
 
+/// `decap attach` where the program runs already replaces it in place with this build's
+/// (an upgrade): the same link, another program, the frontends and counters kept, and
+/// packets decapsulated by the new program.
+#[test]
+fn attach_again_replaces_the_program_in_place() {
+    let lab = Lab::new();
+    lab.pins.xdpgate(&["decap", "attach", &lab.b_if, "--frontend", VIP4]);
+    lab.backend.exec("ip", &["addr", "add", &format!("{VIP4}/32"), "dev", "lo"]);
+    let vip = ip(VIP4);
+    let udp = lab.backend.run(move || UdpSocket::bind((vip, 9100)).unwrap());
+    udp.set_read_timeout(Some(WAIT)).unwrap();
+    let send = |payload: &[u8]| {
+        lab.send_encapsulated(&frame_vlan(CLIENT4, VIP4, L4::Udp(40000, 9100), &[], payload));
+        let mut buf = [0u8; 64];
+        let (n, _) = udp.recv_from(&mut buf).expect("no datagram");
+        assert_eq!(&buf[..n], payload);
+    };
+    send(b"before");
+    let before = lab.status();
+    let out = lab.pins.xdpgate(&["decap", "attach", &lab.b_if, "--frontend", VIP6]);
+    assert!(out.contains("replaced"), "{out}");
+    let after = lab.status();
+    let id = |s: &Value| s["interfaces"][0]["program_id"].as_u64();
+    assert_ne!(id(&after), id(&before), "{before} {after}");
+    let link = lab.backend.exec("ip", &["-j", "-d", "link", "show", &lab.b_if]).stdout;
+    let link: Value = serde_json::from_slice(&link).unwrap();
+    assert_eq!(link[0]["xdp"]["prog"]["id"].as_u64(), id(&after), "{link}");
+    assert_eq!(after["frontends"], serde_json::json!([VIP4, VIP6]), "{after}");
+    assert_eq!(after["decapsulated"].as_u64(), Some(1), "{after}");
+    send(b"after");
+    assert_eq!(lab.status()["decapsulated"].as_u64(), Some(2));
+    lab.pins.xdpgate(&["decap", "detach", &lab.b_if]);
+}
+
+/// A TCP stream whose segments arrive encapsulated: the server reads every byte in order,
+/// at each place the program runs.
+#[test]
+fn a_tcp_stream_arrives_whole() {
+    const SEGMENTS: u32 = 64;
+    const MSS: u32 = 1000;
+    for (place, flags, _, _) in PLACES {
+        let lab = Lab::new();
+        lab.script_ok(
+            &[&["up", VIP4, "--decap", "xdpgate", "--interface", &lab.b_if], flags].concat(),
+        );
+        let vip = ip(VIP4);
+        let listener = lab.backend.run(move || TcpListener::bind((vip, 9200)).unwrap());
+        let capture = Capture::open(&lab.sender, &lab.s_if);
+        let ports = (40010, 9200);
+        lab.send_encapsulated(&tcp_frame(CLIENT4, VIP4, ports, SYN, 1000, 0));
+        let syn_ack = capture
+            .next(|f| f.proto == 6 && f.dport == 40010 && f.flags & 0x12 == 0x12)
+            .expect("no SYN-ACK");
+        let ack = syn_ack.seq.wrapping_add(1);
+        lab.send_encapsulated(&tcp_segment(CLIENT4, VIP4, ports, ACK, (1001, ack), b""));
+        let (mut conn, _) = accept(&listener);
+        let data: Vec<u8> = (0..SEGMENTS * MSS).map(|i| (i % 251) as u8).collect();
+        for (i, chunk) in data.chunks(MSS as usize).enumerate() {
+            let seq = 1001 + i as u32 * MSS;
+            lab.send_encapsulated(&tcp_segment(CLIENT4, VIP4, ports, ACK, (seq, ack), chunk));
+        }
+        let mut got = vec![0u8; data.len()];
+        let read = conn.read_exact(&mut got);
+        assert!(read.is_ok() && got == data, "{place}: {read:?}");
+        lab.script_ok(&["down"]);
+    }
+}
+
+/// The script's state for a namespace deleted without a `down` (a container gone, a test
+/// killed) goes at its next run, whatever namespace that run is for.
+#[test]
+fn state_of_a_deleted_namespace_is_forgotten() {
+    let gone = Lab::new();
+    gone.script_ok(&["up", VIP4, "--decap", "xdpgate", "--interface", &gone.b_if]);
+    let state = |lab: &Lab| {
+        let pins = lab.pins.dir.path().to_string_lossy().replace('/', "_");
+        PathBuf::from(format!("/run/xdpgate-backend/{}{pins}", lab.backend.name))
+    };
+    assert!(state(&gone).exists());
+    run("ip", &["netns", "del", &gone.backend.name]);
+    let other = Lab::new();
+    other.script_ok(&["down"]);
+    assert!(!state(&gone).exists(), "{} left", state(&gone).display());
+}
+
 /// The kernel's own tunnel devices (`--decap kernel`, the default where the kernel has
 /// them). Where it has none (no ipip or ip6_tunnel module, as on the machine these tests
 /// were written on), the default is xdpgate's program and `--decap kernel` is refused
-/// before anything changes.
+/// before anything changes; `--no-mss` leaves the routes alone.
 #[test]
 fn script_kernel_decap_or_its_clear_refusal() {
     let lab = Lab::new();
@@ -475,9 +589,10 @@ fn script_kernel_decap_or_its_clear_refusal() {
     assert!(!out.status.success() && err.contains("use --decap xdpgate"), "{err}");
     assert!(!lab.lo_addrs().contains(VIP4), "a refused up added the frontend");
     // The default falls back to xdpgate's program, on the default route's interface.
-    let up = lab.script_ok(&["up", VIP4]);
+    let up = lab.script_ok(&["up", VIP4, "--no-mss"]);
     assert!(up.contains("(xdpgate decap)"), "{up}");
     assert_eq!(lab.status()["interfaces"][0]["interface"], lab.b_if.as_str());
+    assert!(!lab.routes().contains("advmss"), "--no-mss: {}", lab.routes());
     lab.script_ok(&["down"]);
 }
 
@@ -493,6 +608,7 @@ fn bad_input_is_refused_and_changes_nothing() {
         (&["up", VIP4, "--decap", "xdpgate", "--interface", "nosuch0"], "no interface named"),
         (&["sideways", VIP4], "unknown action"),
         (&["up"], "at least one frontend"),
+        (&["up", VIP4, "--hook", "tc", "--mode", "skb"], "applies to XDP only"),
     ] {
         let out = lab.script(args);
         let err = String::from_utf8_lossy(&out.stderr);
@@ -507,6 +623,10 @@ fn bad_input_is_refused_and_changes_nothing() {
         (&["decap", "attach", &lab.b_if], "--frontend"),
         (&["decap", "detach", &lab.b_if], "not attached"),
         (&["decap", "attach", "lo", "--frontend", VIP4], "not an Ethernet interface"),
+        (
+            &["decap", "attach", &lab.b_if, "--frontend", VIP4, "--hook", "tc", "--mode", "skb"],
+            "applies to XDP only",
+        ),
     ] {
         let out = lab.pins.try_xdpgate(args);
         let err = String::from_utf8_lossy(&out.stderr);
@@ -518,87 +638,103 @@ fn bad_input_is_refused_and_changes_nothing() {
     let out =
         lab.pins.try_xdpgate(&["decap", "attach", &lab.b_if, "--frontend", VIP6, "--mode", "skb"]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("native mode already"), "{err}");
+    assert!(!out.status.success() && err.contains("in native mode already"), "{err}");
+    let out =
+        lab.pins.try_xdpgate(&["decap", "attach", &lab.b_if, "--frontend", VIP6, "--hook", "tc"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("to attach it at tc ingress"), "{err}");
+    assert!(tcx_ingress(&lab.backend, &lab.b_if).is_empty());
     assert_eq!(lab.status()["frontends"], serde_json::json!([VIP4]));
     lab.pins.xdpgate(&["decap", "detach", "--all"]);
     assert!(!decap::dir(&lab.pins.dir).path().exists());
+
+    // Another XDP program on the interface (the gateway's, here): refused, nothing left,
+    // the other program untouched.
+    lab.pins.xdpgate(&["attach", "--iface", &lab.b_if, "--hook", "xdp"]);
+    let out = lab.pins.try_xdpgate(&["decap", "attach", &lab.b_if, "--frontend", VIP4]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("attaching the decap program"), "{err}");
+    assert!(!decap::dir(&lab.pins.dir).path().exists(), "a refused attach left pins");
+    let link = lab.backend.exec("ip", &["-d", "link", "show", &lab.b_if]).stdout;
+    assert!(String::from_utf8_lossy(&link).contains("name xdpgate "), "the gateway's program went");
+    lab.pins.xdpgate(&["detach", "--iface", &lab.b_if]);
 }
 
-/// The decap program's output, byte for byte (BPF_PROG_TEST_RUN): the inner packet behind
-/// the original MAC header, with the inner family's EtherType; anything else unchanged.
+/// The decap programs' output, byte for byte (BPF_PROG_TEST_RUN), at XDP and at tc: the
+/// inner packet behind the original MAC header, with the inner family's EtherType; anything
+/// else unchanged.
 #[test]
 fn decap_program_output_is_the_inner_frame() {
-    let pins = Pins::new();
-    let mut ebpf = decap::load(&pins.dir).unwrap();
-    decap::add_frontends(&pins.dir, &[ip(VIP4), ip(VIP6)]).unwrap();
-    let prog: &mut Xdp = ebpf.program_mut(decap::DECAP_PROGRAM).unwrap().try_into().unwrap();
-    let run = |input: &[u8]| -> Vec<u8> {
-        let mut out = vec![0u8; input.len() + 256];
-        let res = prog
-            .test_run(TestRunOptions {
+    for program in [decap::DECAP_PROGRAM, decap::DECAP_TC_PROGRAM] {
+        let pins = Pins::new();
+        let ebpf = decap::load(&pins.dir).unwrap();
+        decap::add_frontends(&pins.dir, &[ip(VIP4), ip(VIP6)]).unwrap();
+        let run = |input: &[u8]| -> Vec<u8> {
+            let mut out = vec![0u8; input.len() + 256];
+            let opts = TestRunOptions {
                 data_in: Some(input),
                 data_out: Some(&mut out),
                 ..Default::default()
-            })
-            .unwrap();
-        assert_eq!(res.return_value, 2, "XDP_PASS always");
-        out.truncate(res.data_size_out as usize);
-        out
-    };
-    let udp4 = frame(CLIENT4, VIP4, L4::Udp(40000, 53));
-    let tcp6 = frame(CLIENT6, VIP6, L4::Tcp(40000, 443, SYN));
-    // Decapsulated: 4 in 4, 6 in 6, and the cross-family pairs.
-    for (outer_src, outer_dst, inner) in [
-        (SENDER4, BACKEND4, &udp4),
-        (SENDER6, BACKEND6, &tcp6),
-        (SENDER6, BACKEND6, &udp4),
-        (SENDER4, BACKEND4, &tcp6),
-    ] {
-        let input = encapsulate(outer_src, outer_dst, inner);
-        assert_eq!(input[..12], [MAC_B, MAC_A].concat()[..], "frame() writes these MACs");
-        assert_eq!(run(&input), *inner, "{outer_src} -> {outer_dst}: {inner:02x?}");
+            };
+            let prog = ebpf.program(program).unwrap();
+            let (res, pass) = if program == decap::DECAP_PROGRAM {
+                let xdp: &Xdp = prog.try_into().unwrap();
+                (xdp.test_run(opts).unwrap(), 2) // XDP_PASS
+            } else {
+                let tc: &SchedClassifier = prog.try_into().unwrap();
+                (tc.test_run(opts).unwrap(), u32::MAX) // TC_ACT_UNSPEC
+            };
+            assert_eq!(res.return_value, pass, "{program}: passes every packet");
+            out.truncate(res.data_size_out as usize);
+            out
+        };
+        let udp4 = frame(CLIENT4, VIP4, L4::Udp(40000, 53));
+        let tcp6 = frame(CLIENT6, VIP6, L4::Tcp(40000, 443, SYN));
+        // Decapsulated: 4 in 4, 6 in 6, and the cross-family pairs.
+        for (outer_src, outer_dst, inner) in [
+            (SENDER4, BACKEND4, &udp4),
+            (SENDER6, BACKEND6, &tcp6),
+            (SENDER6, BACKEND6, &udp4),
+            (SENDER4, BACKEND4, &tcp6),
+        ] {
+            let input = encapsulate(outer_src, outer_dst, inner);
+            assert_eq!(input[..12], [MAC_B, MAC_A].concat()[..], "frame() writes these MACs");
+            assert_eq!(run(&input), *inner, "{program}, {outer_src} -> {outer_dst}");
+        }
+        // Passed untouched: another frontend; outer IPv4 with options; a fragment; an inner
+        // packet cut short.
+        let other = encapsulate(SENDER4, BACKEND4, &frame(CLIENT4, OTHER4, L4::Udp(1, 2)));
+        let mut options = encapsulate(SENDER4, BACKEND4, &udp4);
+        options.splice(ETH_LEN + 20..ETH_LEN + 20, [1, 1, 1, 0]);
+        options[ETH_LEN] = 0x46;
+        let mut fragment = encapsulate(SENDER4, BACKEND4, &udp4);
+        fragment[ETH_LEN + 6] = 0x20;
+        let short = encapsulate(SENDER6, BACKEND6, &tcp6)[..ETH_LEN + 40 + 30].to_vec();
+        // Not IP-in-IP: plain IP to the frontend, a VLAN-tagged tunnel packet.
+        let plain = udp4.clone();
+        let tagged = frame_vlan(SENDER4, BACKEND4, L4::Raw(4), &[7], &udp4[ETH_LEN..]);
+        for input in [&other, &options, &fragment, &short, &plain, &tagged] {
+            assert_eq!(run(input), *input, "{program}");
+        }
+        let status = decap::status(&pins.dir).unwrap();
+        let counts = (status.decapsulated, status.passed, status.not_tunnel);
+        assert_eq!(counts, (4, 4, 2), "{program}: {status:?}");
     }
-    // Passed untouched: another frontend; outer IPv4 with options; a fragment; an inner
-    // packet cut short.
-    let other = encapsulate(SENDER4, BACKEND4, &frame(CLIENT4, OTHER4, L4::Udp(1, 2)));
-    let mut options = encapsulate(SENDER4, BACKEND4, &udp4);
-    options.splice(ETH_LEN + 20..ETH_LEN + 20, [1, 1, 1, 0]);
-    options[ETH_LEN] = 0x46;
-    let mut fragment = encapsulate(SENDER4, BACKEND4, &udp4);
-    fragment[ETH_LEN + 6] = 0x20;
-    let short = encapsulate(SENDER6, BACKEND6, &tcp6)[..ETH_LEN + 40 + 30].to_vec();
-    // Not IP-in-IP: plain IP to the frontend, a VLAN-tagged tunnel packet.
-    let plain = udp4.clone();
-    let tagged = {
-        let inner = &udp4[ETH_LEN..];
-        frame_vlan(SENDER4, BACKEND4, L4::Raw(4), &[7], inner)
-    };
-    for input in [&other, &options, &fragment, &short, &plain, &tagged] {
-        assert_eq!(run(input), *input);
-    }
-    let status = decap::status(&pins.dir).unwrap();
-    assert_eq!((status.decapsulated, status.passed, status.not_tunnel), (4, 4, 2), "{status:?}");
 }
 
 /// Packets of a local sender with checksum offload (a client's TCP stack across a veth, as
 /// a gateway's tc hook forwards them) reach the backend CHECKSUM_PARTIAL, their L4 checksum
-/// not computed yet: decapsulated at native or generic XDP, the stack still knows that.
+/// not computed yet: decapsulated at native or generic XDP or at tc, the stack still knows
+/// that.
 /// The same bytes without the mark are dropped (the checksum field is not a checksum yet),
 /// and sent first, so the datagram that arrives is the marked one.
 #[test]
 fn partial_checksums_survive_decapsulation() {
-    for mode in ["native", "skb"] {
+    for (mode, flags, _, _) in PLACES {
         let lab = Lab::new();
-        lab.script_ok(&[
-            "up",
-            VIP4,
-            "--decap",
-            "xdpgate",
-            "--mode",
-            mode,
-            "--interface",
-            &lab.b_if,
-        ]);
+        lab.script_ok(
+            &[&["up", VIP4, "--decap", "xdpgate", "--interface", &lab.b_if], flags].concat(),
+        );
         let vip = ip(VIP4);
         let udp = lab.backend.run(move || {
             let udp = UdpSocket::bind((vip, 9000)).unwrap();
@@ -611,7 +747,7 @@ fn partial_checksums_survive_decapsulation() {
             let csum = offload_checksum(&mut f, ETH_LEN + 20);
             (f, csum)
         };
-        let mac = lab.backend.mac(&lab.b_if);
+        let mac = lab.b_mac;
         send_frame(&lab.sender, &lab.s_if, mac, partial(b"unmarked").0).unwrap();
         let (marked, csum) = partial(b"marked");
         send_frame_partial(&lab.sender, &lab.s_if, mac, marked, csum).unwrap();

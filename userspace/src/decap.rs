@@ -5,9 +5,9 @@
 
 use std::net::IpAddr;
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use xdpgate_dataplane::{
-    Mode, PinDir,
+    Hook, Ingress, Mode, PinDir,
     decap::{self, Status},
 };
 
@@ -22,7 +22,8 @@ pub struct DecapArgs {
 #[derive(Debug, clap::Subcommand)]
 pub enum DecapAction {
     /// Attach the decapsulation program to an interface (XDP; stays attached after this
-    /// command exits), or add frontends where it is attached already. Packets of IP-in-IP
+    /// command exits). Where it is attached already, its program is replaced in place by
+    /// this build's (frontends and counters kept) and the frontends added. Packets of IP-in-IP
     /// (IPv4 or IPv6 outer header) whose inner destination is one of the frontends lose
     /// their outer header and go to the host's stack; all others pass untouched.
     ///
@@ -50,9 +51,13 @@ pub struct AttachArgs {
     /// decapsulated. Repeat for more.
     #[arg(long = "frontend", value_name = "ADDR", required = true)]
     pub frontends: Vec<IpAddr>,
-    /// XDP mode: native (in the driver) or skb (generic XDP, any driver).
-    #[arg(long, value_enum, default_value = "native")]
-    pub mode: Mode,
+    /// Where it runs: xdp (per frame, before the kernel makes a socket buffer) or tc (tcx
+    /// ingress, first in the chain: per socket buffer, after GRO).
+    #[arg(long, value_enum, default_value = "xdp")]
+    pub hook: Hook,
+    /// XDP only: native (in the driver, the default) or skb (generic XDP, any driver).
+    #[arg(long, value_enum)]
+    pub mode: Option<Mode>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -75,11 +80,20 @@ pub struct DetachArgs {
 pub fn run(pins: &PinDir, args: DecapArgs) -> Result<()> {
     match args.action {
         DecapAction::Attach(a) => {
-            let done = decap::attach(pins, &a.iface, &a.frontends, a.mode)?;
+            let ingress = match (a.hook, a.mode) {
+                (Hook::Xdp, mode) => Ingress::Xdp(mode.unwrap_or_default()),
+                (Hook::Tc, None) => Ingress::Tc,
+                (Hook::Tc, Some(mode)) => bail!(
+                    "--mode {} applies to XDP only: --hook tc attaches at tc ingress (tcx), \
+                     which has no modes; leave out --mode",
+                    decap::mode_name(mode)
+                ),
+            };
+            let done = decap::attach(pins, &a.iface, &a.frontends, ingress)?;
             let how = if done.attached {
-                format!("attached to {} ({} mode)", a.iface, decap::mode_name(a.mode))
+                format!("attached to {} {}", a.iface, decap::ingress_name(ingress))
             } else {
-                format!("already attached to {}", a.iface)
+                format!("program on {} replaced with this build's", a.iface)
             };
             println!("decap {how}; frontends added: {}", list(&done.added));
         }
@@ -127,8 +141,13 @@ impl View for Status {
             .interfaces
             .iter()
             .map(|i| {
-                let mode = i.mode.unwrap_or(if i.live { "other namespace" } else { "deleted" });
-                format!("{} ({mode}, program {})", i.interface, i.program_id)
+                let place = match (i.live, i.hook, i.mode) {
+                    (false, _, _) => "device deleted",
+                    (true, Hook::Tc, _) => "tc",
+                    (true, Hook::Xdp, Some(mode)) => mode,
+                    (true, Hook::Xdp, None) => "XDP, other namespace",
+                };
+                format!("{} ({place}, program {})", i.interface, i.program_id)
             })
             .collect();
         format!(
