@@ -2,8 +2,9 @@
 //! TCP and UDP from a client through an xdpgate gateway (an agent with a node file that
 //! names its outer source addresses) to backends in another subnet behind a router; the
 //! backends decapsulate (deploy/backend/xdpgate-backend.sh with xdpgate's decap program:
-//! this kernel has no ipip module) and answer the client directly, by a path that does not
-//! cross the gateway.
+//! this kernel has no ipip module; at the gateway's hook, so the tc variant also runs the
+//! tc decap program on GRO aggregates) and answer the client directly, by a path that does
+//! not cross the gateway.
 //!
 //!   client 203.0.113.10 -- g_c [gw] g_r 10.0.1.2 -- r_g [router] br -- b1 198.51.100.11
 //!      \                                                     |      \-- b2 198.51.100.12
@@ -172,9 +173,24 @@ impl Lab {
             router.exec("ethtool", &["-K", &r_b, "gro", "on"]);
             sh(&b, "ip route add default via 198.51.100.1");
             sh(&b, "ip -6 route add default via 2001:db8:1::1");
+            // The backends decapsulate at the gateway's hook: at tc they take GRO aggregates
+            // of IP-in-IP (GRO on at their end, the router's end segmenting none itself).
+            if !xdp {
+                b.exec("ethtool", &["-K", &b_if, "gro", "on"]);
+                router.exec("ethtool", &["-K", &r_b, "tso", "off"]);
+            }
             let backend = Backend { pins: Pins::in_netns(&b), ns: b };
-            let out =
-                backend.script(&["up", VIP4, VIP6, "--decap", "xdpgate", "--interface", &b_if]);
+            let out = backend.script(&[
+                "up",
+                VIP4,
+                VIP6,
+                "--decap",
+                "xdpgate",
+                "--hook",
+                hook,
+                "--interface",
+                &b_if,
+            ]);
             assert!(
                 out.status.success(),
                 "xdpgate-backend.sh up: {}{}",
@@ -380,6 +396,7 @@ fn end_to_end(hook: &str) {
     for (i, b) in lab.backends.iter().enumerate() {
         let status: Value =
             serde_json::from_str(&b.pins.xdpgate(&["decap", "status", "--json"])).unwrap();
+        assert_eq!(status["interfaces"][0]["hook"], hook, "b{}: {status}", i + 1);
         println!("{hook} backend b{}: decapsulated {}", i + 1, status["decapsulated"]);
     }
     println!("{hook}: {:.1} s", started.elapsed().as_secs_f64());
