@@ -605,3 +605,22 @@ fn upgrade_from_a_build_without_rule_traffic_counters_counts_them() {
     assert_eq!(flows, 2);
     assert!(packets >= 5, "a connection's handshake, data and close: {packets}");
 }
+
+/// The drop counters of a build with fewer reasons (pinned as `DROP_STATS`, 10 entries) are
+/// left beside this build's longer array (`DROP_STATS_V2`) by the load, and unpinned by
+/// `upgrade` once its programs run; the new counters count.
+#[test]
+fn upgrade_unpins_the_earlier_drop_counters() {
+    use xdpgate_common::maps::DROP_STATS_V1;
+    let lab = Gateway::new();
+    lab.apply("policy.yaml", POLICY);
+    let pin = lab.pins.dir.map(DROP_STATS_V1);
+    let args = ["type", "percpu_array", "key", "4", "value", "8", "entries", "10"];
+    common::run(
+        "bpftool",
+        &[&["map", "create", pin.to_str().unwrap()][..], &args, &["name", "DROP_STATS"]].concat(),
+    );
+    lab.pins.xdpgate(&["upgrade"]);
+    assert!(!pin.exists(), "{DROP_STATS_V1} unpinned");
+    assert!(drops(&lab, "encap_too_big") == 0, "this build's reasons are read");
+}

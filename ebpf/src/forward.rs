@@ -33,8 +33,8 @@ use crate::{
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
-const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
-const BPF_FIB_LKUP_RET_FRAG_NEEDED: i64 = 8;
+pub const FIB_SUCCESS: i64 = 0;
+pub const FIB_FRAG_NEEDED: i64 = 8;
 /// `bpf_sock.state` of a listening socket.
 const TCP_LISTEN: u32 = 10;
 
@@ -133,38 +133,58 @@ pub fn forward<H: Hook>(
         return Ok(xdp_action::XDP_PASS);
     }
     let ip_len = ctx.wire_len(meta, (len as u16).wrapping_sub(meta.l3_off));
+    let hop = match hop_for(ctx, meta, src, next_hop, ip_len, cache)? {
+        Ok(hop) => Some(hop),
+        Err(rc) => {
+            if own_errors && rc == FIB_FRAG_NEEDED && !fragmentable(ctx, meta)? {
+                return Ok(xdp_action::XDP_PASS);
+            }
+            None
+        }
+    };
+    send(ctx, meta, hop, rewrite)
+}
+
+/// The next hop of a packet from `src` to `dst` whose `ip_len` bytes leave (from the IP
+/// header on): the flow direction's cached one `cache` while it holds, or else the FIB's
+/// answer, then cached. `Err`: the FIB's return code, or `FIB_SUCCESS` for an interface
+/// this hook may not send to.
+#[inline(always)]
+pub fn hop_for<H: Hook>(
+    ctx: &H,
+    meta: &PacketMeta,
+    src: &[u32; 4],
+    dst: &[u32; 4],
+    ip_len: u16,
+    cache: Option<&mut NextHop>,
+) -> Result<Result<NextHop, i64>, DropReason> {
     let generation = ROUTE_GENERATION.get(0).copied().unwrap_or(0);
     // The low bits: ages are told by wrapping differences.
     let now = unsafe { bpf_jiffies64() } as u32;
     let iif = ctx.arrival();
-    let hop = match cache {
-        Some(hop) if holds(hop, generation, now, iif, ip_len) => Some(*hop),
+    match cache {
+        Some(hop) if holds(hop, generation, now, iif, ip_len) => Ok(Ok(*hop)),
         cache => {
-            let (rc, p) = lookup(ctx, meta, src, next_hop, ip_len)?;
-            if rc != BPF_FIB_LKUP_RET_SUCCESS || !H::may_send_to(p.ifindex) {
-                if own_errors && rc == BPF_FIB_LKUP_RET_FRAG_NEEDED && !fragmentable(ctx, meta)? {
-                    return Ok(xdp_action::XDP_PASS);
-                }
-                None
-            } else {
-                let hop = NextHop {
-                    generation,
-                    jiffies: now,
-                    ifindex: p.ifindex,
-                    dmac: p.dmac,
-                    smac: p.smac,
-                    iif,
-                    max_len: ip_len,
-                    _pad: [0; 2],
-                };
-                if let Some(cache) = cache {
-                    *cache = hop;
-                }
-                Some(hop)
+            let (rc, p) = lookup(ctx, meta, src, dst, ip_len)?;
+            if rc != FIB_SUCCESS || !H::may_send_to(p.ifindex) {
+                return Ok(Err(rc));
             }
+            let hop = NextHop {
+                generation,
+                jiffies: now,
+                ifindex: p.ifindex,
+                dmac: p.dmac,
+                smac: p.smac,
+                iif,
+                max_len: ip_len,
+                _pad: [0; 2],
+            };
+            if let Some(cache) = cache {
+                *cache = hop;
+            }
+            Ok(Ok(hop))
         }
-    };
-    send(ctx, meta, hop, rewrite)
+    }
 }
 
 /// [`forward`] by the cached next hop alone, for a packet of an established flow in the
@@ -217,7 +237,7 @@ fn ip_start(ctx: &impl Packet, meta: &PacketMeta) -> Result<[u8; 9], DropReason>
 
 /// The packet's TTL (hop limit).
 #[inline(always)]
-fn ttl(ctx: &impl Packet, meta: &PacketMeta) -> Result<u8, DropReason> {
+pub fn ttl(ctx: &impl Packet, meta: &PacketMeta) -> Result<u8, DropReason> {
     let h = ip_start(ctx, meta)?;
     Ok(if meta.family == 4 { h[8] } else { h[7] })
 }

@@ -122,17 +122,15 @@ impl Kernel {
 
     /// Runs one packet; returns the verdict and the packet as the program left it.
     pub fn run_out(&self, packet: &[u8]) -> (u32, Vec<u8>) {
-        let mut out = vec![0u8; packet.len() + 256];
-        let res = self
-            .entry()
-            .test_run(TestRunOptions {
-                data_in: Some(packet),
-                data_out: Some(&mut out),
-                ..Default::default()
-            })
-            .expect("test_run");
-        out.truncate(res.data_size_out as usize);
-        (res.return_value, out)
+        test_run(self.entry(), packet)
+    }
+
+    /// Runs one packet through the tc entry (`xdpgate_tc`, linked by [`link_tc_pipeline`]);
+    /// returns the tc verdict and the packet as the program left it.
+    pub fn run_tc_out(&self, packet: &[u8]) -> (u32, Vec<u8>) {
+        let prog: &aya::programs::SchedClassifier =
+            self.ebpf.program("xdpgate_tc").unwrap().try_into().unwrap();
+        test_run(prog, packet)
     }
 
     /// Runs a packet that must pass, checking its checksums from scratch after whatever
@@ -169,6 +167,24 @@ impl Kernel {
     pub fn drops(&self, reason: &str) -> u64 {
         stats::read(&self.pins.dir).unwrap().drops(reason)
     }
+}
+
+/// Runs `packet` through `prog` once; the verdict and the packet as the program left it
+/// (room for 256 bytes more: encapsulation grows it).
+fn test_run<P>(prog: &P, packet: &[u8]) -> (u32, Vec<u8>)
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = aya::programs::TestRunResult>,
+{
+    let mut out = vec![0u8; packet.len() + 256];
+    let res = prog
+        .test_run(TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut out),
+            ..Default::default()
+        })
+        .expect("test_run");
+    out.truncate(res.data_size_out as usize);
+    (res.return_value, out)
 }
 
 /// Loads the tc ingress programs of `ebpf` and links them into `TC_PIPELINE` (as the loader

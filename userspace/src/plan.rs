@@ -298,10 +298,13 @@ fn denied(new: &Policy, f: &Flow) -> Option<String> {
     if !new.settings.reevaluate_flows {
         return None;
     }
-    // The first packet as the NSGs judged it: after a load balancer's rewrite, before a NAT
-    // gateway's (outbound rules judge the private source).
+    // The first packet as the NSGs judged it: after a load balancer's rewrite (at the
+    // backend, also for direct server return, whose port is kept), before a NAT gateway's
+    // (outbound rules judge the private source).
     let (dst, dst_port) = match &f.nat {
-        Some(n) if n.kind == "dnat" => (n.address, n.port.or(f.dst_port)),
+        Some(n) if matches!(n.kind, "dnat" | "floating_ip" | "ipip") => {
+            (n.address, n.port.or(f.dst_port))
+        }
         _ => (f.dst, f.dst_port),
     };
     let pkt = Packet {
@@ -737,5 +740,42 @@ nat_gateways:
         ));
         let plan = Plan::new("t.yaml".into(), Some(1), Some(&old), &kept, &live[..1]);
         assert_eq!(plan.flows_cut, 0);
+    }
+
+    /// A direct-server-return flow (floating IP, or encapsulated) keeps the frontend port and
+    /// address, but the NSG judged it at its backend, as the dataplane does: a new policy
+    /// that denies the backend's port cuts it. (Before: judged at the frontend address, no
+    /// NSG's, it was kept.)
+    #[test]
+    fn direct_server_return_flows_are_judged_at_their_backend() {
+        let dsr = |forwarding: &str| {
+            BASE.replace(
+                "backend_port: 8080, backend_pool: web}",
+                &format!("backend_pool: web, forwarding: {forwarding}}}"),
+            )
+            .replace("destination_ports: [8080]", "destination_ports: [80]")
+        };
+        for (forwarding, kind) in [("floating_ip", "floating_ip"), ("ipip", "ipip")] {
+            let old = load(&dsr(forwarding));
+            let b: IpAddr = "198.51.100.11".parse().unwrap();
+            let live = flow(
+                "192.0.2.10",
+                80,
+                Some(Nat { kind, address: b, port: None }),
+                Some(LbFlow {
+                    name: Some("web-lb".into()),
+                    rule: Some("http".into()),
+                    backend: Some(b),
+                }),
+            );
+            let same =
+                Plan::new("t.yaml".into(), Some(1), Some(&old), &old, std::slice::from_ref(&live));
+            assert_eq!(same.flows_cut, 0, "{forwarding}: allowed at the backend");
+            let closed = load(
+                &dsr(forwarding).replace("destination_ports: [80]", "destination_ports: [81]"),
+            );
+            let plan = Plan::new("t.yaml".into(), Some(1), Some(&old), &closed, &[live]);
+            assert_eq!(plan.flows_cut, 1, "{forwarding}: port 80 no longer allowed at the backend");
+        }
     }
 }

@@ -28,8 +28,8 @@ use aya::{
 use xdpgate_common::{
     iface::{IfaceConfig, Role},
     maps::{
-        EGRESS, EGRESS_NEW, EGRESS_PARSE, EGRESS_PIPELINE, EGRESS_POLICY, EVENTS, IFACE_INDEX,
-        IFACE_INDEX_ENTRIES, IFACES, MAX_IFACES, PIPELINE, PIPELINE_ACT, PIPELINE_NEW,
+        DROP_STATS_V1, EGRESS, EGRESS_NEW, EGRESS_PARSE, EGRESS_PIPELINE, EGRESS_POLICY, EVENTS,
+        IFACE_INDEX, IFACE_INDEX_ENTRIES, IFACES, MAX_IFACES, PIPELINE, PIPELINE_ACT, PIPELINE_NEW,
         PIPELINE_POLICY, PIPELINE_SNAT, SCRATCH, TC_PARSE, TC_PIPELINE,
     },
 };
@@ -38,6 +38,7 @@ pub mod apply;
 mod carried;
 pub mod decap;
 pub mod drain;
+pub mod encap;
 pub mod fib;
 pub mod flows;
 pub mod host_routes;
@@ -922,6 +923,12 @@ pub fn upgrade(pins: &PinDir) -> Result<Vec<(String, bool)>> {
         // The flows the earlier programs made until they were replaced; then their tables go.
         migrate::copy(pins)?;
         migrate::finish(pins)?;
+    }
+    // The drop counters of a build with fewer reasons: no program uses them now.
+    let old_drops = pins.map(DROP_STATS_V1);
+    if old_drops.exists() {
+        fs::remove_file(&old_drops)
+            .with_context(|| format!("unpinning {}", old_drops.display()))?;
     }
     Ok(names.into_iter().zip(added).collect())
 }
