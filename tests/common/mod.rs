@@ -281,6 +281,7 @@ pub fn assert_ingress_hook(pins: &Pins, ns: &Netns, iface: &str, hook: &str) {
 }
 
 pub mod agent;
+pub mod bgp;
 pub mod crossfamily;
 pub mod echo;
 pub mod gateway;
