@@ -284,6 +284,7 @@ pub mod agent;
 pub mod bgp;
 pub mod crossfamily;
 pub mod echo;
+pub mod echo_conns;
 pub mod gateway;
 pub mod kernel;
 pub mod lan;
