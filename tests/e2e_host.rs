@@ -27,7 +27,7 @@ use common::{
     echo::EchoServer,
     gateway::{CLIENT4, CLIENT6, Gateway, SERVER4, SERVER6},
     packet::{L4, SYN, frame_vlan},
-    veth,
+    send_frame, veth,
 };
 use serde_json::Value;
 
@@ -410,45 +410,6 @@ fn upgrade_adds_the_egress_program_and_detach_removes_both() {
     lab.pins.xdpgate(&["detach", "--iface", &lab.iface]);
     assert!(!lab.pins.dir.egress_link(&lab.iface).exists());
     assert!(tcx().is_empty(), "{:?}", tcx());
-}
-
-/// The MAC address of `ifname` in namespace `ns`.
-/// Writes `frame` out of `ifname` of namespace `ns` through an AF_PACKET socket, with the
-/// interface's MAC address as source and `dst_mac` as destination.
-fn send_frame(
-    ns: &Netns,
-    ifname: &str,
-    dst_mac: [u8; 6],
-    mut frame: Vec<u8>,
-) -> Result<(), String> {
-    frame[..6].copy_from_slice(&dst_mac);
-    frame[6..12].copy_from_slice(&ns.mac(ifname));
-    let ifname = ifname.to_string();
-    let sent = ns.run(move || {
-        let ifindex = xdpgate_dataplane::ifindex(&ifname).unwrap();
-        // SAFETY: plain socket calls with valid arguments; the fd is closed before return.
-        unsafe {
-            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
-            assert!(fd >= 0, "socket(AF_PACKET): {}", std::io::Error::last_os_error());
-            let mut sll: libc::sockaddr_ll = std::mem::zeroed();
-            sll.sll_family = libc::AF_PACKET as u16;
-            sll.sll_protocol = u16::from_be_bytes([frame[12], frame[13]]).to_be();
-            sll.sll_ifindex = ifindex as i32;
-            sll.sll_halen = 6;
-            let n = libc::sendto(
-                fd,
-                frame.as_ptr().cast(),
-                frame.len(),
-                0,
-                (&raw const sll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            );
-            let err = std::io::Error::last_os_error();
-            libc::close(fd);
-            (n, err)
-        }
-    });
-    if sent.0 > 0 { Ok(()) } else { Err(format!("sendto(AF_PACKET): {}", sent.1)) }
 }
 
 /// A frame of the host's whose headers lie outside the socket buffer's linear area (a packet

@@ -64,6 +64,8 @@ fn runs_with_only_bpf_perfmon_and_net_admin() {
     let (_, ib) = common::veth(&a, "198.51.100.1/24", &b, "198.51.100.2/24");
     // A second interface, attached at tc ingress.
     let (_, ib_tc) = common::veth(&a, "198.51.101.1/24", &b, "198.51.101.2/24");
+    // A third, for the backend's decapsulation program.
+    let (_, ib_decap) = common::veth(&a, "198.51.102.1/24", &b, "198.51.102.2/24");
     let bpffs = Bpffs::new();
     let mnt = bpffs.0.clone();
     let pins = format!("{mnt}/xdpgate");
@@ -121,6 +123,19 @@ fn runs_with_only_bpf_perfmon_and_net_admin() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
     assert!(err.contains("permission") || err.contains("operation not permitted"), "{err}");
+
+    // The backend's decapsulation program, alike; refused without CAP_BPF, leaving nothing.
+    let decap = ["decap", "attach", ib_decap.as_str(), "--frontend", "192.0.2.10"];
+    let out = xdpgate_with(&b, "+net_admin,+perfmon", &pins, &decap);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains(DENIED), "{err}");
+    assert!(!std::path::Path::new(&format!("{pins}/decap")).exists());
+    ok(&decap);
+    let status = ok(&["decap", "status", "--json"]);
+    assert!(status.contains(&ib_decap) && status.contains("192.0.2.10"), "{status}");
+    let mode = std::fs::metadata(format!("{pins}/decap")).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700);
+    ok(&["decap", "detach", &ib_decap]);
 
     ok(&["detach", "--all"]);
     let _ = std::fs::remove_file(&policy);

@@ -143,6 +143,10 @@ pub const NAT_DST: u8 = 1;
 pub const NAT_SRC: u8 = 2;
 /// Leave the addresses, forward to `nat_addr` (floating IP: direct server return).
 pub const NAT_NEXT_HOP: u8 = 3;
+/// Leave the packet as it is and wrap it in one outer IP header to `nat_addr` (the backend),
+/// from this node's `ENCAP_SOURCES` address: IP-in-IP (IPv4) or IPv6-in-IPv6. (4 to 7 are
+/// the dataplane's own actions, never in a flow entry.)
+pub const NAT_ENCAP: u8 = 8;
 
 /// No NSG applied: the rule index of a side no layer filtered. (Global rule indexes are below
 /// `TABLES * MAX_RULES` = 32,768, so they fit 16 bits.)

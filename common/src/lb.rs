@@ -50,6 +50,9 @@ pub const SVC_FLOATING_IP: u8 = 4;
 pub const SVC_NO_BACKEND: u8 = 8;
 /// Mid-stream pickup for this rule's frontend (see `nsg::FLAG_MIDSTREAM`).
 pub const SVC_MIDSTREAM: u8 = 16;
+/// Encapsulated to the backend (`flow::NAT_ENCAP`); with `SVC_FLOATING_IP`, as the inner
+/// packet keeps the frontend address.
+pub const SVC_ENCAP: u8 = 32;
 
 /// Index of a Maglev slot in the `MAGLEV` array.
 #[inline(always)]

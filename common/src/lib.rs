@@ -4,6 +4,7 @@
 #![no_std]
 
 pub mod capture;
+pub mod decap;
 pub mod events;
 pub mod flow;
 pub mod iface;

@@ -18,8 +18,10 @@ pub const IFACE_INDEX: &str = "IFACE_INDEX";
 pub const IFACE_INDEX_ENTRIES: u32 = 4_096;
 /// `PerCpuArray<Counter>`: packets and bytes per interface slot and XDP verdict.
 pub const IFACE_STATS: &str = "IFACE_STATS";
-/// `PerCpuArray<u64>`: dropped packets per [`crate::stats::DropReason`].
-pub const DROP_STATS: &str = "DROP_STATS";
+/// `PerCpuArray<u64>`: dropped packets per [`crate::stats::DropReason`]. The name carries
+/// the number of reasons' version: a build with more reasons pins a longer array beside the
+/// old one (whose pin `check_pinned_layouts` would refuse), and counts start again at zero.
+pub const DROP_STATS: &str = "DROP_STATS_V2";
 
 /// Interfaces one dataplane can be attached to at once. Slot 0 counts packets seen on an
 /// interface the agent did not register (for example `BPF_PROG_TEST_RUN` on `lo`).
@@ -70,6 +72,13 @@ pub const EGRESS_PIPELINE_V1: &str = "EGRESS_PIPELINE";
 /// (`flow::NextHop`). The agent bumps it on route, neighbour and link changes; 0 (no agent
 /// has run) keeps the cache to its age limit alone.
 pub const ROUTE_GENERATION: &str = "ROUTE_GEN";
+/// `Array<[u32; 4]>` of two entries (`ENCAP_SOURCE_V4`, `ENCAP_SOURCE_V6`): this node's
+/// outer source address for encapsulated flows (`flow::NAT_ENCAP`), network-order words
+/// (IPv4 in the first); all zero: none. Node-specific, so not in the policy: the agent and
+/// `apply` write it. A new map: pin sets from before it get it on their next load.
+pub const ENCAP_SOURCES: &str = "ENCAP_SOURCES";
+pub const ENCAP_SOURCE_V4: u32 = 0;
+pub const ENCAP_SOURCE_V6: u32 = 1;
 /// `PerCpuArray<u64>`: flow-table counters, indexed by `flow::FLOW_STAT_*`.
 pub const FLOW_STATS: &str = "FLOW_STATS";
 /// `LruHashMap<FragKey, FragValue>`: datagrams whose first fragment was allowed.

@@ -59,9 +59,18 @@ pub enum DropReason {
     NatUnmatched = 8,
     /// Refused so that no established flow is evicted for a new one.
     FlowTableFull = 9,
+    /// An encapsulated packet would exceed the route's MTU towards its backend.
+    EncapTooBig = 10,
+    /// An encapsulating rule's packet, on a node without an outer source address of its
+    /// family (`ENCAP_SOURCES`).
+    EncapNoSource = 11,
+    /// The FIB gave no next hop this hook can send to for an encapsulating rule's backend
+    /// (no route, no neighbour entry yet, an interface not under xdpgate); the outer packet
+    /// cannot go to the stack instead, which refuses its own source address on arrival.
+    EncapUnreachable = 12,
 }
 
-pub const DROP_REASONS: u32 = 10;
+pub const DROP_REASONS: u32 = 13;
 
 /// Each `DropReason`'s name (in JSON, metrics and `--reason`) and help, in index order.
 pub const DROP_REASON_TABLE: [(&str, &str); DROP_REASONS as usize] = [
@@ -75,6 +84,9 @@ pub const DROP_REASON_TABLE: [(&str, &str); DROP_REASONS as usize] = [
     ("nat_exhausted", "a NAT gateway found no free public port"),
     ("nat_unmatched", "a packet to a NAT public address that matches no translation"),
     ("flow_table_full", "the established flow table was full"),
+    ("encap_too_big", "longer than the route's MTU to its backend once encapsulated"),
+    ("encap_no_source", "an encapsulating rule's packet on a node without an outer source"),
+    ("encap_unreachable", "no route or neighbour entry (yet) towards an encapsulated backend"),
 ];
 
 pub const DROP_REASON_NAMES: [&str; DROP_REASONS as usize] = {

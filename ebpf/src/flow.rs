@@ -10,8 +10,9 @@ use xdpgate_common::{
     flow::{
         FLOW_STAT_EMBRYOS_CLOSED, FLOW_STAT_EMBRYOS_CONFIRMED, FLOW_STAT_EMBRYOS_CREATED,
         FLOW_STAT_EMBRYOS_EXPIRED, FLOW_STAT_EMBRYOS_REFUSED, FLOW_STAT_PICKED_UP,
-        FLOW_STAT_REBUILT, FlowKey, FlowValue, FragKey, FragValue, NAT_DST, NAT_NEXT_HOP, NAT_NONE,
-        NAT_SRC, NO_RULE, NO_RULES, NextHop, TCP_ANSWERED, TCP_CLOSED, TCP_FIN, TCP_MIDSTREAM,
+        FLOW_STAT_REBUILT, FlowKey, FlowValue, FragKey, FragValue, NAT_DST, NAT_ENCAP,
+        NAT_NEXT_HOP, NAT_NONE, NAT_SRC, NO_RULE, NO_RULES, NextHop, TCP_ANSWERED, TCP_CLOSED,
+        TCP_FIN, TCP_MIDSTREAM,
     },
     lb::NO_BACKEND,
     nat::NAT_ACTIVE,
@@ -84,7 +85,7 @@ fn as_classified(meta: &PacketMeta, entry: &FlowValue) -> Result<&'static Packet
                 m.dport = entry.nat_port;
             }
         }
-    } else if entry.nat == NAT_DST || entry.nat == NAT_NEXT_HOP {
+    } else if matches!(entry.nat, NAT_DST | NAT_NEXT_HOP | NAT_ENCAP) {
         m.dst = entry.nat_addr;
         m.dport = entry.nat_port;
     }
@@ -446,7 +447,11 @@ pub fn create(
                 }
                 count(FLOW_STAT_PICKED_UP);
             }
-            forward.nat = if sel.floating_ip { NAT_NEXT_HOP } else { NAT_DST };
+            forward.nat = match (sel.encap, sel.floating_ip) {
+                (true, _) => NAT_ENCAP,
+                (false, true) => NAT_NEXT_HOP,
+                (false, false) => NAT_DST,
+            };
             forward.nat_addr = sel.addr;
             forward.nat_port = sel.port;
             forward.service = sel.service;
@@ -760,7 +765,7 @@ fn frag_key(meta: &PacketMeta) -> FragKey {
 #[inline(always)]
 pub fn remember_first_fragment(meta: &PacketMeta, action: &Action) {
     let nat = match action.nat {
-        NAT_DST | NAT_SRC | NAT_NEXT_HOP => action.nat,
+        NAT_DST | NAT_SRC | NAT_NEXT_HOP | NAT_ENCAP => action.nat,
         NAT_ICMP_ERROR => NAT_DST,
         _ => NAT_NONE,
     };

@@ -33,15 +33,15 @@ use crate::{
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
-const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
-const BPF_FIB_LKUP_RET_FRAG_NEEDED: i64 = 8;
+pub const FIB_SUCCESS: i64 = 0;
+pub const FIB_FRAG_NEEDED: i64 = 8;
 /// `bpf_sock.state` of a listening socket.
 const TCP_LISTEN: u32 = 10;
 
 /// Asks the kernel's FIB where a packet from `src` to `dst` goes. The parameters live in
 /// per-CPU scratch, not on the stack, which the callers' stages need.
 #[inline(always)]
-fn lookup<H: Hook>(
+pub fn lookup<H: Hook>(
     ctx: &H,
     meta: &PacketMeta,
     src: &[u32; 4],
@@ -141,8 +141,8 @@ pub fn forward<H: Hook>(
         Some(hop) if holds(hop, generation, now, iif, ip_len) => Some(*hop),
         cache => {
             let (rc, p) = lookup(ctx, meta, src, next_hop, ip_len)?;
-            if rc != BPF_FIB_LKUP_RET_SUCCESS || !H::may_send_to(p.ifindex) {
-                if own_errors && rc == BPF_FIB_LKUP_RET_FRAG_NEEDED && !fragmentable(ctx, meta)? {
+            if rc != FIB_SUCCESS || !H::may_send_to(p.ifindex) {
+                if own_errors && rc == FIB_FRAG_NEEDED && !fragmentable(ctx, meta)? {
                     return Ok(xdp_action::XDP_PASS);
                 }
                 None
@@ -217,7 +217,7 @@ fn ip_start(ctx: &impl Packet, meta: &PacketMeta) -> Result<[u8; 9], DropReason>
 
 /// The packet's TTL (hop limit).
 #[inline(always)]
-fn ttl(ctx: &impl Packet, meta: &PacketMeta) -> Result<u8, DropReason> {
+pub fn ttl(ctx: &impl Packet, meta: &PacketMeta) -> Result<u8, DropReason> {
     let h = ip_start(ctx, meta)?;
     Ok(if meta.family == 4 { h[8] } else { h[7] })
 }
@@ -235,7 +235,7 @@ fn fragmentable(ctx: &impl Packet, meta: &PacketMeta) -> Result<bool, DropReason
 /// flow direction at once, after a change): a torn copy is at worst a mix of two answers
 /// the FIB gave for this flow within a tick, and is asked again after the age limit.
 #[inline(always)]
-fn holds(hop: &NextHop, generation: u32, now: u32, iif: u32, ip_len: u16) -> bool {
+pub fn holds(hop: &NextHop, generation: u32, now: u32, iif: u32, ip_len: u16) -> bool {
     hop.ifindex != 0
         && hop.generation == generation
         && now.wrapping_sub(hop.jiffies) < HOP_MAX_AGE_JIFFIES

@@ -20,6 +20,7 @@ use aya_ebpf::{
 use xdpgate_common::{flow::NextHop, maps::TC_PARSE, stats::DropReason};
 
 use crate::{
+    encap,
     headers::{EthHdr, IPPROTO_TCP, IPPROTO_UDP},
     maps::{EGRESS, PIPELINE, TC_PIPELINE, iface_config},
     nat,
@@ -62,6 +63,17 @@ pub trait Hook: EbpfContext + Packet + Sized {
     /// of IP: what the FIB checks against the route's MTU, and a cached next hop must have
     /// been checked for (`NextHop.max_len`).
     fn wire_len(&self, meta: &PacketMeta, ip_len: u16) -> u16;
+    /// Of an encapsulation's `overhead` bytes, how many the egress interface sees on this
+    /// packet (see `Hook::wire_len`).
+    fn encap_wire_overhead(&self, overhead: u16) -> u16;
+    /// Wraps the packet in one outer IP header from `src` to `dst` (see `encap`); the
+    /// packet's offsets in `meta` no longer hold afterwards.
+    fn encapsulate(
+        &self,
+        meta: &PacketMeta,
+        src: &[u32; 4],
+        dst: &[u32; 4],
+    ) -> Result<(), DropReason>;
     /// After the parser failed: pulls the headers into the linear area and enters the parse
     /// stage again if they may lie past it (returns only when it does not, or with an
     /// error when the stage is missing).
@@ -136,6 +148,22 @@ impl Hook for XdpContext {
     #[inline(always)]
     fn wire_len(&self, _meta: &PacketMeta, ip_len: u16) -> u16 {
         ip_len
+    }
+
+    /// A frame is what leaves.
+    #[inline(always)]
+    fn encap_wire_overhead(&self, overhead: u16) -> u16 {
+        overhead
+    }
+
+    #[inline(always)]
+    fn encapsulate(
+        &self,
+        meta: &PacketMeta,
+        src: &[u32; 4],
+        dst: &[u32; 4],
+    ) -> Result<(), DropReason> {
+        encap::encapsulate_xdp(self, meta, src, dst)
     }
 
     /// A frame is all there is.
@@ -226,6 +254,21 @@ impl Hook for TcContext {
         };
         let hdrs = (meta.l4() - meta.l3()) as u32 + l4_hdr;
         (gso + hdrs).min(u32::from(u16::MAX)) as u16
+    }
+
+    #[inline(always)]
+    fn encap_wire_overhead(&self, overhead: u16) -> u16 {
+        encap::skb_wire_overhead(self, overhead)
+    }
+
+    #[inline(always)]
+    fn encapsulate(
+        &self,
+        meta: &PacketMeta,
+        src: &[u32; 4],
+        dst: &[u32; 4],
+    ) -> Result<(), DropReason> {
+        encap::encapsulate_skb(self, meta, src, dst)
     }
 
     /// A GRO aggregate from a veth has its headers in the linear area, but a packet a local

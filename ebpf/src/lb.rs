@@ -3,7 +3,7 @@
 
 use xdpgate_common::lb::{
     BackendInfo, DIST_MASK, DIST_SOURCE_IP, DIST_SOURCE_IP_PROTOCOL, FrontendKey, MAGLEV_SIZE,
-    NO_BACKEND, SVC_FLOATING_IP, SVC_MIDSTREAM, SVC_NO_BACKEND, Service, maglev_index,
+    NO_BACKEND, SVC_ENCAP, SVC_FLOATING_IP, SVC_MIDSTREAM, SVC_NO_BACKEND, Service, maglev_index,
 };
 
 use crate::{
@@ -19,6 +19,8 @@ pub struct Selection {
     /// Destination port at the backend.
     pub port: u16,
     pub floating_ip: bool,
+    /// Encapsulated to the backend (`NAT_ENCAP`; the inner packet as with floating IP).
+    pub encap: bool,
     /// The rule's idle timeout in seconds (0: the policy's).
     pub idle_s: u16,
     /// The rule takes up TCP segments other than SYNs as new flows.
@@ -64,7 +66,7 @@ pub fn select(meta: &PacketMeta) -> Lb {
         return Lb::NoBackend;
     }
     let ported = meta.proto == IPPROTO_TCP || meta.proto == IPPROTO_UDP;
-    let floating_ip = svc.flags & SVC_FLOATING_IP != 0;
+    let floating_ip = svc.flags & (SVC_FLOATING_IP | SVC_ENCAP) != 0;
     // With floating IP the packet reaches the backend unchanged, its port included.
     let port =
         if ported && svc.backend_port != 0 && !floating_ip { svc.backend_port } else { meta.dport };
@@ -77,6 +79,7 @@ pub fn select(meta: &PacketMeta) -> Lb {
         addr: info.addr,
         port,
         floating_ip,
+        encap: svc.flags & SVC_ENCAP != 0,
         idle_s,
         midstream,
     })

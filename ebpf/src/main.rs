@@ -8,6 +8,7 @@
 mod action;
 mod capture;
 mod clock;
+mod encap;
 mod events;
 mod flow;
 mod forward;
@@ -32,7 +33,7 @@ use aya_ebpf::{
 use aya_log_ebpf::error;
 use xdpgate_common::{
     events::{EVENT_AT_EGRESS, EVENT_AT_INGRESS},
-    flow::{NAT_DST, NAT_NEXT_HOP, NAT_NONE, NAT_SRC, NextHop},
+    flow::{NAT_DST, NAT_ENCAP, NAT_NEXT_HOP, NAT_NONE, NAT_SRC, NextHop},
     iface::{IfaceConfig, Role},
     maps::{
         EGRESS_NEW, EGRESS_PARSE, EGRESS_POLICY, PIPELINE_ACT, PIPELINE_NEW, PIPELINE_POLICY,
@@ -418,6 +419,9 @@ fn act<H: Hook>(
         NAT_DST => forward::forward(ctx, meta, &meta.src, &action.addr, len, hop, false, || {
             ctx.rewrite(meta, NAT_DST, &action.addr, action.port)
         }),
+        // Its flow stays embryonic (the backend answers the client directly), so it never
+        // takes the entry stage's cached way.
+        NAT_ENCAP => encap::forward(ctx, meta, &action.addr, len, hop),
         // Not a flow's own packet: no flow entry to keep its next hop in.
         NAT_ICMP_ERROR => {
             forward::forward(ctx, meta, &meta.src, &action.addr, len, None, false, || {

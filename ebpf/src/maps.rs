@@ -59,7 +59,7 @@ pub fn iface_config(ifindex: u32) -> Option<&'static IfaceConfig> {
 pub static IFACE_STATS: PerCpuArray<Counter> = PerCpuArray::pinned(MAX_IFACES * VERDICTS, 0);
 
 /// Dropped packets per reason.
-#[map(name = "DROP_STATS")]
+#[map(name = "DROP_STATS_V2")]
 pub static DROP_STATS: PerCpuArray<u64> = PerCpuArray::pinned(DROP_REASONS, 0);
 
 /// Every field of every NSG table: (table, field, value prefix) -> bitmap of matching rules.
@@ -203,11 +203,15 @@ pub static SERVICE_STATS: PerCpuArray<Counter> = PerCpuArray::pinned(MAX_SERVICE
 #[map(name = "BACKEND_STATS")]
 pub static BACKEND_STATS: PerCpuArray<Counter> = PerCpuArray::pinned(MAX_BACKENDS, 0);
 
-/// Interfaces XDP may redirect to, by ifindex (the agent adds each attached interface).
+/// This node's outer source address per family for encapsulated flows; the agent writes it.
+#[map(name = "ENCAP_SOURCES")]
+pub static ENCAP_SOURCES: Array<[u32; 4]> = Array::pinned(2, 0);
+
 /// The route generation next hops are cached under (`flow::NextHop`); the agent bumps it.
 #[map(name = "ROUTE_GEN")]
 pub static ROUTE_GENERATION: Array<u32> = Array::pinned(1, 0);
 
+/// Interfaces XDP may redirect to, by ifindex (the agent adds each attached interface).
 #[map(name = "EGRESS")]
 pub static EGRESS: DevMapHash = DevMapHash::pinned(MAX_EGRESS, 0);
 

@@ -87,6 +87,92 @@ impl Netns {
     }
 }
 
+/// Writes `frame` out of `ifname` of namespace `ns` through an AF_PACKET socket, with the
+/// interface's MAC address as source and `dst_mac` as destination.
+pub fn send_frame(
+    ns: &Netns,
+    ifname: &str,
+    dst_mac: [u8; 6],
+    frame: Vec<u8>,
+) -> Result<(), String> {
+    send_raw(ns, ifname, dst_mac, frame, None)
+}
+
+/// Writes `frame` as [`send_frame`] does, but as a local sender with checksum offload
+/// sends it: marked CHECKSUM_PARTIAL (by the packet socket's virtio-net header) from
+/// `csum.0`, the checksum field at `csum.0 + csum.1` left for the device (or whoever
+/// receives it across a veth, trusting the mark) to complete (see
+/// `packet::offload_checksum`).
+pub fn send_frame_partial(
+    ns: &Netns,
+    ifname: &str,
+    dst_mac: [u8; 6],
+    frame: Vec<u8>,
+    csum: (u16, u16),
+) -> Result<(), String> {
+    send_raw(ns, ifname, dst_mac, frame, Some(csum))
+}
+
+fn send_raw(
+    ns: &Netns,
+    ifname: &str,
+    dst_mac: [u8; 6],
+    frame: Vec<u8>,
+    csum: Option<(u16, u16)>,
+) -> Result<(), String> {
+    let mut buf = Vec::new();
+    if let Some((start, offset)) = csum {
+        // struct virtio_net_hdr (little-endian, as the host's): flags NEEDS_CSUM, no GSO,
+        // hdr_len, gso_size, csum_start, csum_offset.
+        buf.extend_from_slice(&[1, 0]);
+        for v in [0u16, 0, start, offset] {
+            buf.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    let eth = buf.len();
+    buf.extend_from_slice(&frame);
+    buf[eth..eth + 6].copy_from_slice(&dst_mac);
+    buf[eth + 6..eth + 12].copy_from_slice(&ns.mac(ifname));
+    let ifname = ifname.to_string();
+    let sent = ns.run(move || {
+        let ifindex = xdpgate_dataplane::ifindex(&ifname).unwrap();
+        // SAFETY: plain socket calls with valid arguments; the fd is closed before return.
+        unsafe {
+            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+            assert!(fd >= 0, "socket(AF_PACKET): {}", std::io::Error::last_os_error());
+            if csum.is_some() {
+                let on: libc::c_int = 1;
+                let len = std::mem::size_of::<libc::c_int>() as u32;
+                let rc = libc::setsockopt(
+                    fd,
+                    libc::SOL_PACKET,
+                    libc::PACKET_VNET_HDR,
+                    (&raw const on).cast(),
+                    len,
+                );
+                assert_eq!(rc, 0, "PACKET_VNET_HDR: {}", std::io::Error::last_os_error());
+            }
+            let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_protocol = u16::from_be_bytes([buf[eth + 12], buf[eth + 13]]).to_be();
+            sll.sll_ifindex = ifindex as i32;
+            sll.sll_halen = 6;
+            let n = libc::sendto(
+                fd,
+                buf.as_ptr().cast(),
+                buf.len(),
+                0,
+                (&raw const sll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            );
+            let err = std::io::Error::last_os_error();
+            libc::close(fd);
+            (n, err)
+        }
+    });
+    if sent.0 > 0 { Ok(()) } else { Err(format!("sendto(AF_PACKET): {}", sent.1)) }
+}
+
 /// Retransmitted segments of a socket so far (TCP_INFO `tcpi_total_retrans`).
 pub fn retransmissions(s: &std::net::TcpStream) -> u32 {
     tcp_info(s).tcpi_total_retrans

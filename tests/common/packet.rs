@@ -82,6 +82,19 @@ pub fn frame(src: &str, dst: &str, l4: L4) -> Vec<u8> {
     frame_vlan(src, dst, l4, &[], b"xdpgate")
 }
 
+/// `inner` (a frame as [`frame`] builds it) as a gateway's encapsulating forwarding mode
+/// sends it: its IP packet behind one more Ethernet and IP header from `outer_src` to
+/// `outer_dst` (IPv4: protocol 4, IPIP; IPv6: next header 41, or for an inner packet of the
+/// other family, 41 in IPv4 and 4 in IPv6).
+pub fn encapsulate(outer_src: &str, outer_dst: &str, inner: &[u8]) -> Vec<u8> {
+    let proto = match u16::from_be_bytes([inner[12], inner[13]]) {
+        0x0800 => 4,
+        0x86dd => 41,
+        t => panic!("not an IP frame (ethertype {t:#06x})"),
+    };
+    frame_vlan(outer_src, outer_dst, L4::Raw(proto), &[], &inner[ETH_LEN..])
+}
+
 /// Recomputes the IPv4 header checksum after surgery on the header at `off`.
 pub fn fix_ipv4_checksum(p: &mut [u8], off: usize) {
     let ihl = ((p[off] & 0xf) as usize) * 4;
@@ -149,6 +162,31 @@ fn folds_to_ffff(mut sum: u32) -> bool {
         sum = (sum & 0xffff) + (sum >> 16);
     }
     sum == 0xffff
+}
+
+/// Leaves in the L4 checksum of the TCP or UDP packet whose IP header starts at `ip` in
+/// `frame` what a sender with checksum offload leaves there: the pseudo-header's folded
+/// sum, for the device to complete. Returns where the device starts summing and where in
+/// the L4 header the checksum lies (`csum_start`, `csum_offset`).
+pub fn offload_checksum(frame: &mut [u8], ip: usize) -> (u16, u16) {
+    let p = &frame[ip..];
+    let (proto, l4, pseudo) = if p[0] >> 4 == 4 {
+        let l4 = ip + usize::from(p[0] & 0xf) * 4;
+        (p[9], l4, ones_sum(&p[12..20], 0))
+    } else {
+        (p[6], ip + 40, ones_sum(&p[8..40], 0))
+    };
+    let offset = match proto {
+        6 => 16,
+        17 => 6,
+        n => panic!("protocol {n}: not TCP or UDP"),
+    };
+    let mut sum = pseudo + u32::from(proto) + (frame.len() - l4) as u32;
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    frame[l4 + offset..l4 + offset + 2].copy_from_slice(&(sum as u16).to_be_bytes());
+    (l4 as u16, offset as u16)
 }
 
 /// Verifies the IPv4 header checksum and the TCP/UDP/ICMP(v6) checksum of an untagged frame

@@ -331,8 +331,9 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
         .collect();
     // Before the first apply writes into it.
     xdpgate_dataplane::state::ensure_dir(pins)?;
+    let health = ProbeHealth::of(&down);
     let generation =
-        { transaction::install(pins, &policy, &source, &tables, &lbs, &ProbeHealth::of(&down))? };
+        transaction::install(pins, &policy, &source, &tables, &lbs, &health, encap(&node)?)?;
     info!("applied {} as generation {generation}", file.display());
     for (backend, probe) in &down {
         info!("backend {backend} starts unhealthy (probe {probe}), as it was");
@@ -513,7 +514,10 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                         drop(prober);
                         (tx, rx) = mpsc::channel::<Change>(256);
                         let view = ProbeHealth::of(&down_new);
-                        match transaction::install(pins, &policy, &source, &tables, &lbs, &view) {
+                        let installed = encap(&node).and_then(|sources| {
+                            transaction::install(pins, &policy, &source, &tables, &lbs, &view, sources)
+                        });
+                        match installed {
                             Ok(generation) => {
                                 let names = failing.check("reading the new policy's rule names", flows::Names::read(pins));
                                 let names = names.map(Arc::new).unwrap_or(running.names);
@@ -604,6 +608,12 @@ fn announce_node(
         announce::update(pins, node, lbs, &health)
     });
     failing.check("bgp announcements", result);
+}
+
+/// The outer sources of encapsulation the node file gives or its interfaces have (without
+/// one, the transaction finds them on the attached interfaces).
+fn encap(node: &Option<Node>) -> Result<xdpgate_dataplane::encap::Sources> {
+    node.as_ref().map_or(Ok(Default::default()), Node::encap_sources)
 }
 
 /// Attaches the interfaces of the node file that have no pinned link.

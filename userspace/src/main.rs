@@ -245,6 +245,11 @@ enum Command {
     Drain(bgp::node_drain::DrainArgs),
     /// Undo `xdpgate drain`: the agent announces the node's frontends again.
     Undrain(bgp::node_drain::DrainArgs),
+    /// On a backend: strip the gateways' IP-in-IP encapsulation (xdpgate's own XDP
+    /// decapsulation program) for the frontends it serves.
+    ///
+    /// Example: xdpgate decap attach eth0 --frontend 192.0.2.10; xdpgate decap status
+    Decap(xdpgate::decap::DecapArgs),
     /// Print a shell completion script.
     Completions(cli_docs::CompletionsArgs),
     /// Print the man page (roff), or write one page per command into --dir.
@@ -476,6 +481,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Bgp(args) => bgp::cmd::run(&pins, args)?,
         Command::Drain(args) => bgp::node_drain::run(&pins, &args, true)?,
         Command::Undrain(args) => bgp::node_drain::run(&pins, &args, false)?,
+        Command::Decap(args) => xdpgate::decap::run(&pins, args)?,
         Command::Connectivity(args) => {
             if !views::connectivity::run(&pins, &args)? {
                 return Ok(ExitCode::from(views::connectivity::UNREACHABLE));

@@ -13,7 +13,12 @@
 //!   flows: 1000000                              # established flows (default 524,288)
 //!   nat_translations: 262144                    # NAT translations (default 262,144)
 //! bgp: {router_id: 10.0.1.2, local_as: 65001, peers: [{address: 10.0.1.1, as: 65000}]}
+//! encapsulation: {source4: 10.0.1.2, source6: "2001:db8:1::2"}   # optional
 //! ```
+//!
+//! `encapsulation:` (optional) gives the outer source addresses of `forwarding: ipip`
+//! rules; a family not given takes the first global address of the listed interfaces
+//! (see `xdpgate_dataplane::encap`).
 //!
 //! `bgp:` (optional, [`crate::bgp::node`]) makes the agent announce the frontends.
 //!
@@ -39,6 +44,18 @@ pub struct Node {
     pub tables: dataplane::SizeRequest,
     /// This node's BGP values (`bgp:`); none: the agent announces nothing.
     pub bgp: Option<crate::bgp::node::Bgp>,
+    /// Outer source addresses given for encapsulation (`encapsulation:`).
+    pub encapsulation: dataplane::encap::Sources,
+}
+
+impl Node {
+    /// The outer sources of encapsulation: the node file's, else the first global address
+    /// of each family on the node's interfaces (attached or not yet: the agent applies the
+    /// policy before the first attach after a reboot).
+    pub fn encap_sources(&self) -> Result<dataplane::encap::Sources> {
+        let names: Vec<String> = self.interfaces.iter().map(|i| i.name.clone()).collect();
+        dataplane::encap::Sources::resolve_on(&names, self.encapsulation)
+    }
 }
 
 #[derive(Debug)]
@@ -113,6 +130,7 @@ fn read(text: &str) -> Result<Node> {
     let mut interfaces = None;
     let mut tables = dataplane::SizeRequest::default();
     let mut bgp = None;
+    let mut encapsulation = dataplane::encap::Sources::default();
     for (k, v) in entries {
         match text_of(k).as_deref() {
             Some("interfaces") => {
@@ -205,14 +223,57 @@ fn read(text: &str) -> Result<Node> {
                 }
             }
             Some("bgp") => bgp = Some(crate::bgp::node::read(v)?),
+            Some("encapsulation") => encapsulation = read_encapsulation(v)?,
             _ => bail!(
-                "{}: unknown field {:?} (known: interfaces, tables, bgp)",
+                "{}: unknown field {:?} (known: interfaces, tables, bgp, encapsulation)",
                 at(k.pos),
                 tree::elide(&text_of(k).unwrap_or_default())
             ),
         }
     }
-    Ok(Node { interfaces: interfaces.unwrap_or_default(), tables, bgp })
+    Ok(Node { interfaces: interfaces.unwrap_or_default(), tables, bgp, encapsulation })
+}
+
+/// `encapsulation: {source4: ADDR, source6: ADDR}`, either optional.
+fn read_encapsulation(v: &tree::Node) -> Result<dataplane::encap::Sources> {
+    let at = |pos: tree::Pos| format!("line {}, column {}", pos.line, pos.column);
+    let Kind::Map(fields) = &v.kind else {
+        bail!("{}: encapsulation: expected a mapping, found {}", at(v.pos), v.describe());
+    };
+    let mut sources = dataplane::encap::Sources::default();
+    for (k, v) in fields {
+        let key = match k.value() {
+            Some(Value::Str(s)) => s.to_owned(),
+            _ => String::new(),
+        };
+        let text = match v.value() {
+            Some(Value::Str(s)) => Some(s.to_owned()),
+            _ => None,
+        };
+        let bad = |kind: &str| {
+            anyhow::anyhow!(
+                "{}: encapsulation: {key}: expected {kind}, found {}",
+                at(v.pos),
+                v.describe()
+            )
+        };
+        match key.as_str() {
+            "source4" => {
+                let a = text.and_then(|t| t.parse().ok()).ok_or_else(|| bad("an IPv4 address"))?;
+                sources.v4 = Some(a);
+            }
+            "source6" => {
+                let a = text.and_then(|t| t.parse().ok()).ok_or_else(|| bad("an IPv6 address"))?;
+                sources.v6 = Some(a);
+            }
+            _ => bail!(
+                "{}: encapsulation: unknown field {:?} (known: source4, source6)",
+                at(k.pos),
+                tree::elide(&key)
+            ),
+        }
+    }
+    Ok(sources)
 }
 
 pub fn parse(text: &str) -> Result<Node> {

@@ -21,7 +21,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 use xdpgate_common::{
     events::{EVENT_AT_EGRESS, FlowEvent, NO_REASON},
-    flow::{NAT_DST, NAT_NEXT_HOP, NAT_SRC},
+    flow::{NAT_DST, NAT_ENCAP, NAT_NEXT_HOP, NAT_SRC},
     is_icmp,
     lb::NO_BACKEND,
     nsg::DIR_INBOUND,
@@ -211,10 +211,11 @@ impl Describer {
             Backend {
                 load_balancer: service.map(|s| s.lb.clone()),
                 rule: service.map(|s| s.rule.clone()),
-                address: names
-                    .and_then(|n| n.backend(e.backend))
-                    .or((e.nat == NAT_NEXT_HOP || e.nat == NAT_DST)
-                        .then(|| flows::addr(&e.nat_addr, family))),
+                address: names.and_then(|n| n.backend(e.backend)).or(matches!(
+                    e.nat,
+                    NAT_NEXT_HOP | NAT_DST | NAT_ENCAP
+                )
+                .then(|| flows::addr(&e.nat_addr, family))),
             }
         });
         let interface =

@@ -15,7 +15,7 @@ use aya_obj::generated::{bpf_attr, bpf_cmd};
 use etherparse::PacketBuilder;
 use serde::Serialize;
 use xdpgate_common::{
-    flow::{NAT_DST, NAT_NEXT_HOP, NAT_NONE, NAT_SRC},
+    flow::{NAT_DST, NAT_ENCAP, NAT_NEXT_HOP, NAT_NONE, NAT_SRC},
     nsg::DIR_INBOUND,
     stats::{DROP_REASON_NAMES, VERDICT_NAMES},
     trace::{
@@ -353,6 +353,7 @@ fn report(
         match nat {
             NAT_DST => format!("destination to {a}:{port} (load balancer)"),
             NAT_NEXT_HOP => format!("to backend {a} unchanged (floating IP / DSR)"),
+            NAT_ENCAP => format!("encapsulated to backend {a} (IP-in-IP / DSR)"),
             NAT_SRC => format!("source to {a}:{port} (NAT gateway)"),
             _ => "none".to_owned(),
         }

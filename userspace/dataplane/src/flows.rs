@@ -17,7 +17,7 @@ use anyhow::{Result, bail};
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use serde::Serialize;
 use xdpgate_common::{
-    flow::{FlowKey, FlowValue, NAT_DST, NAT_NEXT_HOP, NAT_SRC, NO_RULE},
+    flow::{FlowKey, FlowValue, NAT_DST, NAT_ENCAP, NAT_NEXT_HOP, NAT_SRC, NO_RULE},
     is_icmp,
     lb::NO_BACKEND,
     maps::{EMBRYOS, FLOWS, NAT_MAP},
@@ -470,13 +470,14 @@ fn describe(
         let kind = match f.nat {
             NAT_DST => "dnat",
             NAT_NEXT_HOP => "floating_ip",
+            NAT_ENCAP => "ipip",
             NAT_SRC => "snat",
             _ => return None,
         };
         Some(Nat {
             kind,
             address: addr(&f.nat_addr, key.family),
-            port: (ports && f.nat != NAT_NEXT_HOP).then_some(f.nat_port),
+            port: (ports && f.nat != NAT_NEXT_HOP && f.nat != NAT_ENCAP).then_some(f.nat_port),
         })
     });
     let load_balancer = (main.service != NO_BACKEND).then(|| {

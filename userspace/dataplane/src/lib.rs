@@ -35,7 +35,9 @@ use xdpgate_common::{
 };
 
 pub mod apply;
+pub mod decap;
 pub mod drain;
+pub mod encap;
 pub mod fib;
 pub mod flows;
 pub mod host_routes;
@@ -1135,7 +1137,7 @@ pub fn ifindex(ifname: &str) -> Result<u32> {
 /// Refuses an interface whose packets do not start with an Ethernet header (tun, WireGuard,
 /// ipip, GRE: an L3 device's packets start at the IP header): the parser would read the IP
 /// header as Ethernet and pass every packet as non-IP, unjudged by the NSG, at either hook.
-fn ethernet(ifname: &str) -> Result<()> {
+pub(crate) fn ethernet(ifname: &str) -> Result<()> {
     const ARPHRD_ETHER: u16 = 1;
     let sock = inet_socket("SIOCGIFHWADDR")?;
     let mut req = ifreq(ifname);

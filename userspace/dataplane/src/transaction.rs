@@ -11,6 +11,7 @@ use xdpgate_policy::{
 
 use crate::{
     PinDir, apply, drain,
+    encap::{self, Sources},
     lb::LbMaps,
     nat,
     probes::ProbeHealth,
@@ -38,13 +39,15 @@ pub fn apply_policy(
             pins.path().display()
         );
     }
-    let generation = install_locked(&lock, pins, policy, source, &tables, &lbs, health)?;
+    let sources = Sources::default();
+    let generation = install_locked(&lock, pins, policy, source, &tables, &lbs, health, sources)?;
     Ok((generation, lbs))
 }
 
 /// Applies a policy already compiled, as the dataplane's one writer (waits for the lock).
 /// What the agent does: it owns the dataplane, so no agent check. Its probes' health is
-/// saved with the tables built from it, under the same lock.
+/// saved with the tables built from it, under the same lock. `sources`: the node file's
+/// outer source addresses for encapsulation (the others are found, see `encap`).
 pub fn install(
     pins: &PinDir,
     policy: &Policy,
@@ -52,9 +55,10 @@ pub fn install(
     tables: &compile::Compiled,
     lbs: &CompiledLb,
     health: &ProbeHealth,
+    sources: Sources,
 ) -> Result<u64> {
     let lock = WriteLock::acquire(pins)?;
-    let generation = install_locked(&lock, pins, policy, source, tables, lbs, health)?;
+    let generation = install_locked(&lock, pins, policy, source, tables, lbs, health, sources)?;
     health.save(pins).map_err(|e| {
         e.context(format!(
             "generation {generation} is applied, but the probes' health was not saved for \
@@ -67,6 +71,7 @@ pub fn install(
 /// The second half of [`apply_policy`], under the write lock. The record of the new
 /// generation is saved before the flip, so whatever instant a writer dies at, the running
 /// generation has its record.
+#[expect(clippy::too_many_arguments, reason = "the transaction's inputs, each needed")]
 fn install_locked(
     _lock: &WriteLock,
     pins: &PinDir,
@@ -75,6 +80,7 @@ fn install_locked(
     tables: &compile::Compiled,
     lbs: &CompiledLb,
     health: &dyn BackendHealth,
+    sources: Sources,
 ) -> Result<u64> {
     // The sets' run-time changes the policy was loaded with are still the kept ones (an
     // `xdpgate set` between the load and this lock would otherwise be undone).
@@ -85,6 +91,8 @@ fn install_locked(
              apply it again"
         );
     }
+    // Refused here, before anything is written, when a rule needs a source the node lacks.
+    encap::install(pins, lbs, Sources::resolve(pins, sources)?)?;
     let mut maps = LbMaps::open(pins)?;
     let mut nat_maps = nat::NatMaps::open(pins)?;
     let (_, running) = apply::active(pins)?;

@@ -7,12 +7,15 @@ use anyhow::{Result, bail};
 use xdpgate_common::{
     lb::{
         DIST_FIVE_TUPLE, DIST_SOURCE_IP, DIST_SOURCE_IP_PROTOCOL, FrontendKey, MAGLEV_SIZE,
-        MAX_BACKENDS, MAX_FRONTENDS, MAX_SERVICES, NO_BACKEND, SVC_FLOATING_IP, SVC_MIDSTREAM,
+        MAX_BACKENDS, MAX_FRONTENDS, MAX_SERVICES, NO_BACKEND, SVC_ENCAP, SVC_FLOATING_IP,
+        SVC_MIDSTREAM,
     },
     words,
 };
 
-use crate::{AllDown, Distribution, LbProtocol, Policy, Probe, maglev, names::ServiceName};
+use crate::{
+    AllDown, Distribution, Forwarding, LbProtocol, Policy, Probe, maglev, names::ServiceName,
+};
 
 /// One service: a load-balancing rule (Maglev over its pool) or an inbound NAT rule (each
 /// frontend port straight to one backend).
@@ -112,7 +115,11 @@ pub fn compile(policy: &Policy) -> Result<CompiledLb> {
                 pool,
                 probe: rule.probe.map(|p| lb.probes[p].clone()),
                 flags: dist
-                    | if rule.floating_ip { SVC_FLOATING_IP } else { 0 }
+                    | match rule.forwarding {
+                        Forwarding::Dnat => 0,
+                        Forwarding::FloatingIp => SVC_FLOATING_IP,
+                        Forwarding::Ipip => SVC_FLOATING_IP | SVC_ENCAP,
+                    }
                     | if rule.midstream_pickup { SVC_MIDSTREAM } else { 0 },
                 all_down: rule.all_down,
                 idle_timeout_s: rule.idle_timeout,

@@ -259,6 +259,37 @@ pub enum AllDown {
     SendToAll,
 }
 
+/// How a load-balancing rule's packets reach the backend (`forwarding:`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Forwarding {
+    /// The destination becomes the backend (default); replies come back through the gateway,
+    /// which translates them back.
+    Dnat,
+    /// Floating IP: the destination stays the frontend address, the packet goes to the
+    /// backend on an attached segment, which answers the client directly.
+    FloatingIp,
+    /// As floating IP, wrapped in an outer IP header to the backend (IPv4 in IPv4, IPv6 in
+    /// IPv6), so the backend may sit in any subnet.
+    Ipip,
+}
+
+impl Forwarding {
+    /// The packet reaches the backend with the frontend address and port (direct server
+    /// return).
+    pub fn keeps_destination(self) -> bool {
+        self != Forwarding::Dnat
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Forwarding::Dnat => "dnat",
+            Forwarding::FloatingIp => "floating_ip",
+            Forwarding::Ipip => "ipip",
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct LbRule {
     pub name: String,
@@ -277,11 +308,13 @@ pub struct LbRule {
     /// Seconds its flows may idle (4..=7200); 0 (the default): the policy's timeout for the
     /// flow's protocol.
     pub idle_timeout: u32,
-    /// Direct server return: the destination stays the frontend address.
-    pub floating_ip: bool,
+    /// How packets reach the backend (`floating_ip: true` is the older spelling of
+    /// `forwarding: floating_ip`).
+    pub forwarding: Forwarding,
     /// Take up a TCP segment other than a SYN with no flow as a new flow through this rule:
     /// Maglev sends it to the backend it chose before while the backends are unchanged (for
-    /// flows that move between gateways, or whose flow state was lost).
+    /// flows that move between gateways, or whose flow state was lost). On by default with
+    /// `forwarding: ipip`, whose flows move between gateways behind ECMP.
     pub midstream_pickup: bool,
     pub all_down: AllDown,
 }

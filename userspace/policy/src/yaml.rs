@@ -20,9 +20,9 @@ use xdpgate_common::nsg::MAX_RULES;
 use self::read::{Index, Reader};
 use super::{
     model::{
-        Access, AllDown, Backend, BackendPool, Direction, Distribution, Frontend, InboundNatRule,
-        Layer, LbProtocol, LbRule, LoadBalancer, Nsg, Policy, PortRange, Ports, Probe, ProbeKind,
-        Protocol, Rule, Settings,
+        Access, AllDown, Backend, BackendPool, Direction, Distribution, Forwarding, Frontend,
+        InboundNatRule, Layer, LbProtocol, LbRule, LoadBalancer, Nsg, Policy, PortRange, Ports,
+        Probe, ProbeKind, Protocol, Rule, Settings,
     },
     sets::SetChanges,
     tree::{self, Node},
@@ -442,8 +442,9 @@ struct RawLbRule {
     probe: Option<String>,
     distribution: Option<String>,
     idle_timeout: Option<i64>,
-    floating_ip: bool,
-    midstream_pickup: bool,
+    floating_ip: Option<bool>,
+    forwarding: Option<String>,
+    midstream_pickup: Option<bool>,
     all_down: Option<String>,
 }
 
@@ -460,6 +461,7 @@ impl RawLbRule {
             "distribution",
             "idle_timeout",
             "floating_ip",
+            "forwarding",
             "midstream_pickup",
             "all_down",
         ];
@@ -474,8 +476,9 @@ impl RawLbRule {
             probe: r.opt_string(&f, "probe"),
             distribution: r.opt_string(&f, "distribution"),
             idle_timeout: r.opt_int(&f, "idle_timeout"),
-            floating_ip: r.opt_bool(&f, "floating_ip").unwrap_or(false),
-            midstream_pickup: r.opt_bool(&f, "midstream_pickup").unwrap_or(false),
+            floating_ip: r.opt_bool(&f, "floating_ip"),
+            forwarding: r.opt_string(&f, "forwarding"),
+            midstream_pickup: r.opt_bool(&f, "midstream_pickup"),
             all_down: r.opt_string(&f, "all_down"),
         }
     }
@@ -1341,6 +1344,7 @@ impl Loader<'_> {
             parse_all_down,
             AllDown::NoNewFlows,
         );
+        let forwarding = self.forwarding(path, raw, ports);
         if let (Some(frontend), Some(pool)) = (frontend, pool) {
             self.check_pool_use(
                 &field("backend_pool"),
@@ -1364,10 +1368,61 @@ impl Loader<'_> {
             probe: probe.flatten(),
             distribution: distribution?,
             idle_timeout: idle_timeout?,
-            floating_ip: raw.floating_ip,
-            midstream_pickup: raw.midstream_pickup,
+            forwarding: forwarding?,
+            // Encapsulated flows move between gateways behind ECMP: picked up by default.
+            midstream_pickup: raw.midstream_pickup.unwrap_or(forwarding == Some(Forwarding::Ipip)),
             all_down: all_down?,
         })
+    }
+
+    /// A rule's `forwarding:`, or its older spelling `floating_ip: true`; both written must
+    /// agree. With `ipip` the packet reaches the backend unchanged, so a backend port other
+    /// than the frontend port cannot be honoured.
+    fn forwarding(
+        &mut self,
+        path: &str,
+        raw: &RawLbRule,
+        ports: Option<(u16, u16)>,
+    ) -> Option<Forwarding> {
+        let field = format!("{path}.forwarding");
+        let written = match raw.forwarding.as_deref() {
+            Some(text) => Some(self.check(&field, parse_forwarding(text))?),
+            None => None,
+        };
+        let forwarding = match (written, raw.floating_ip) {
+            (None, Some(true)) => Forwarding::FloatingIp,
+            (None, _) => Forwarding::Dnat,
+            (Some(f), None) => f,
+            (Some(f), Some(floating)) => {
+                if floating != f.keeps_destination() {
+                    self.error(
+                        &format!("{path}.floating_ip"),
+                        format!(
+                            "floating_ip: {floating} contradicts forwarding: {}; write \
+                             forwarding alone (floating_ip: true is its older spelling of \
+                             forwarding: floating_ip)",
+                            f.name()
+                        ),
+                    );
+                    return None;
+                }
+                f
+            }
+        };
+        if forwarding == Forwarding::Ipip
+            && let Some((frontend, backend)) = ports
+            && frontend != backend
+        {
+            self.error(
+                &format!("{path}.backend_port"),
+                format!(
+                    "backend port {backend} with forwarding: ipip: the packet reaches the \
+                     backend unchanged, on the frontend port {frontend}"
+                ),
+            );
+            return None;
+        }
+        Some(forwarding)
     }
 
     /// (frontend port, backend port) of a rule. An HA-ports rule (protocol all) takes every
@@ -1924,6 +1979,15 @@ fn parse_distribution(text: &str) -> Result<Distribution, String> {
         _ => Err(format!(
             "unknown distribution \"{text}\"; expected default, source_ip or source_ip_protocol"
         )),
+    }
+}
+
+fn parse_forwarding(text: &str) -> Result<Forwarding, String> {
+    match text.to_ascii_lowercase().as_str() {
+        "dnat" => Ok(Forwarding::Dnat),
+        "floating_ip" => Ok(Forwarding::FloatingIp),
+        "ipip" => Ok(Forwarding::Ipip),
+        _ => Err(format!("unknown forwarding \"{text}\"; expected dnat, floating_ip or ipip")),
     }
 }
 
@@ -2687,7 +2751,7 @@ load_balancers:
                 probe: Some(0),
                 distribution: Distribution::Default,
                 idle_timeout: 0,
-                floating_ip: false,
+                forwarding: Forwarding::Dnat,
                 midstream_pickup: false,
                 all_down: AllDown::NoNewFlows,
             }]
@@ -2733,13 +2797,67 @@ load_balancers:
         let https = &lb.rules[1];
         assert_eq!((https.frontend_port, https.backend_port), (443, 443));
         assert_eq!(https.distribution, Distribution::SourceIp);
-        assert_eq!((https.idle_timeout, https.floating_ip), (7200, true));
+        assert_eq!((https.idle_timeout, https.forwarding), (7200, Forwarding::FloatingIp));
         assert!(https.midstream_pickup && !lb.rules[0].midstream_pickup, "off unless asked");
         assert_eq!((https.all_down, https.probe), (AllDown::SendToAll, Some(1)));
         let ha = &lb.rules[2];
         assert_eq!((ha.protocol, ha.frontend_port, ha.backend_port), (LbProtocol::All, 0, 0));
         assert_eq!((ha.frontend, ha.pool, ha.probe), (1, 1, None));
         assert_eq!(ha.distribution, Distribution::SourceIpProtocol);
+    }
+
+    /// `forwarding:` and its older spelling `floating_ip: true`; `ipip` picks flows up
+    /// mid-stream unless told not to.
+    #[test]
+    fn load_balancer_forwarding_modes() {
+        let rule = |extra: &str| {
+            format!(
+                "{{name: r, frontend: web-v4, protocol: tcp, frontend_port: 8443, \
+                 backend_pool: web-pool{extra}}}"
+            )
+        };
+        let cases = [
+            ("", Forwarding::Dnat, false),
+            (", floating_ip: true", Forwarding::FloatingIp, false),
+            (", floating_ip: false", Forwarding::Dnat, false),
+            (", forwarding: floating_ip", Forwarding::FloatingIp, false),
+            (", forwarding: FLOATING_IP, floating_ip: true", Forwarding::FloatingIp, false),
+            (", forwarding: dnat, floating_ip: false", Forwarding::Dnat, false),
+            (", forwarding: ipip", Forwarding::Ipip, true),
+            (", forwarding: ipip, floating_ip: true", Forwarding::Ipip, true),
+            (", forwarding: ipip, midstream_pickup: false", Forwarding::Ipip, false),
+            (", forwarding: ipip, backend_port: 8443", Forwarding::Ipip, true),
+        ];
+        for (extra, forwarding, pickup) in cases {
+            let policy = lb().push("rules", &rule(extra)).load().unwrap_or_else(|e| panic!("{e}"));
+            let r = policy.load_balancers[0].rules.last().unwrap();
+            assert_eq!((r.forwarding, r.midstream_pickup), (forwarding, pickup), "{extra}");
+        }
+    }
+
+    /// Contradictions and what ipip cannot honour are refused, each naming its field (and
+    /// its line and column, as every policy error does).
+    #[test]
+    fn load_balancer_forwarding_refused() {
+        let rule = |extra: &str| {
+            format!(
+                "{{name: r, frontend: web-v4, protocol: tcp, frontend_port: 8443, \
+                 backend_pool: web-pool{extra}}}"
+            )
+        };
+        let cases = [
+            (", forwarding: dnat, floating_ip: true", "rules[1].floating_ip", "contradicts"),
+            (", forwarding: floating_ip, floating_ip: false", "rules[1].floating_ip", "contradicts"),
+            (", forwarding: ipip, floating_ip: false", "rules[1].floating_ip", "contradicts"),
+            (", forwarding: ipip, backend_port: 8080", "rules[1].backend_port", "unchanged"),
+            (", forwarding: gre", "rules[1].forwarding", "expected dnat, floating_ip or ipip"),
+        ];
+        for (extra, field, says) in cases {
+            let errors = lb().push("rules", &rule(extra)).errors();
+            assert_eq!(errors.len(), 1, "{extra}: {errors:?}");
+            assert!(errors[0].contains(field) && errors[0].contains(says), "{extra}: {errors:?}");
+            assert!(errors[0].contains("policy.yaml:"), "{errors:?}");
+        }
     }
 
     #[test]

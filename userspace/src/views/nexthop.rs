@@ -149,8 +149,12 @@ pub enum Translation {
         /// picks among them per flow by Maglev hash). `None`: none takes new flows.
         backend: Option<IpAddr>,
         backend_port: Option<u16>,
-        /// Direct server return: the destination address stays the frontend's.
+        /// Direct server return: the destination address stays the frontend's (floating IP,
+        /// or encapsulation: `forwarding`).
         floating_ip: bool,
+        /// `dnat`, `floating_ip` or `ipip` (then the FIB is asked about the outer packet,
+        /// to the backend, as here).
+        forwarding: &'static str,
         /// All backends down, and the rule sends new flows to all of them anyway.
         send_to_all: bool,
     },
@@ -216,7 +220,8 @@ pub fn translation(
                 backends,
                 backend,
                 backend_port,
-                floating_ip: rule.floating_ip,
+                floating_ip: rule.forwarding.keeps_destination(),
+                forwarding: rule.forwarding.name(),
                 send_to_all,
             });
         }
@@ -297,10 +302,14 @@ impl Translation {
                 backend,
                 backend_port,
                 floating_ip,
+                forwarding,
                 send_to_all,
             } => {
                 let healthy = backends.iter().filter(|b| b.healthy).count();
                 let to = match backend {
+                    Some(b) if *forwarding == "ipip" => {
+                        format!("backend {b} (encapsulated: dst kept)")
+                    }
                     Some(b) if *floating_ip => format!("backend {b} (floating IP: dst kept)"),
                     Some(b) => format!("backend {}", endpoint_string(*b, *backend_port)),
                     None => "no healthy backend".into(),

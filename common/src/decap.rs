@@ -1,0 +1,39 @@
+//! The backend's decapsulation program (`xdpgate-decap`, `xdpgate decap attach`): its maps,
+//! pinned apart from the gateway's under `<pin dir>/decap/`.
+
+use crate::pod;
+
+/// Subdirectory of the pin directory holding the decap program's maps and `links/<if>`.
+pub const DECAP_DIR: &str = "decap";
+/// The frontend addresses this backend serves: [`DecapKey`] -> 1. Only packets whose inner
+/// destination is one of them are decapsulated.
+pub const DECAP_FRONTENDS: &str = "DECAP_FRONTENDS";
+pub const MAX_DECAP_FRONTENDS: u32 = 1_024;
+/// Packets per [`DecapCounter`], per CPU.
+pub const DECAP_STATS: &str = "DECAP_STATS";
+
+/// What the decap program did with a packet (index into `DECAP_STATS`).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecapCounter {
+    /// Stripped of its outer header and passed to the stack.
+    Decapsulated = 0,
+    /// Encapsulated, but not for a frontend served here (or malformed, fragmented, with IP
+    /// options or extension headers): passed untouched.
+    Passed = 1,
+    /// Not an IP-in-IP packet: passed untouched.
+    NotTunnel = 2,
+}
+pub const DECAP_COUNTERS: u32 = 3;
+
+/// A frontend address: IPv4 in the first word (the rest zero), or IPv6, as network-order
+/// words (see [`crate::words`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DecapKey {
+    /// 4 or 6.
+    pub family: u32,
+    pub addr: [u32; 4],
+}
+
+pod!(DecapKey);

@@ -1,0 +1,371 @@
+#!/bin/sh
+# xdpgate-backend.sh: make this host a backend of xdpgate's encapsulating load balancer.
+#
+# The gateways send each client packet to a backend inside one more IP header (IPv4 in IPv4,
+# protocol 4, for IPv4 frontends; IPv6 in IPv6, next header 41, for IPv6 ones), addressed
+# to the backend. The backend strips that header, accepts the inner packet (addressed to
+# the frontend) as its own, and answers the client directly from the frontend address.
+# `up` sets that up; `down` undoes it. Both are idempotent. See README, "Backends".
+set -eu
+
+usage() {
+	cat >&2 <<'USAGE'
+usage: xdpgate-backend.sh up|down [options] FRONTEND...
+
+  up FRONTEND...    serve these frontend addresses (adds to those already served)
+  down [FRONTEND...] stop serving these (all when none is named); with none left, undo
+                    everything up did
+
+options:
+  --decap kernel|xdpgate  how to decapsulate: the kernel's collect-metadata tunnel devices
+                          (xdpgate4: ipip, xdpgate6: ip6tnl), or xdpgate's XDP program
+                          (`xdpgate decap attach`). Default: kernel if this kernel can
+                          create those devices, else xdpgate.
+  --interface IF          xdpgate decap: the interface the encapsulated packets arrive by
+                          (default: the interface of the default route)
+  --mode native|skb       xdpgate decap: the XDP mode (default native)
+  --netns NS              do it all in network namespace NS (do not wrap this script in
+                          `ip netns exec`, which hides the pins in /sys/fs/bpf)
+  --pin-dir DIR           xdpgate's pin directory (default: xdpgate's own)
+  --path-mtu N            the MTU of the path from the gateways (default 1500): the TCP MSS
+                          advertised to clients is lowered by the outer header so that the
+                          encapsulated packets fit it
+  --no-mss                leave the routes' advmss alone
+
+environment: XDPGATE, the xdpgate binary (default: xdpgate in PATH)
+USAGE
+	exit 2
+}
+
+die() {
+	echo "xdpgate-backend.sh: $*" >&2
+	exit 1
+}
+
+XDPGATE=${XDPGATE:-xdpgate}
+action=
+decap=
+iface=
+mode=native
+netns=
+pin_dir=
+path_mtu=1500
+mss=yes
+frontends=
+
+[ $# -gt 0 ] || usage
+case $1 in
+up | down) action=$1 ;;
+-h | --help) usage ;;
+*) echo "xdpgate-backend.sh: unknown action '$1' (up or down)" >&2 && usage ;;
+esac
+shift
+need_value() {
+	[ $# -ge 2 ] || die "$1 needs a value"
+}
+while [ $# -gt 0 ]; do
+	case $1 in
+	--decap)
+		need_value "$@"
+		case $2 in kernel | xdpgate) decap=$2 ;; *) die "--decap: '$2' is not kernel or xdpgate" ;; esac
+		shift 2
+		;;
+	--interface)
+		need_value "$@"
+		iface=$2
+		shift 2
+		;;
+	--mode)
+		need_value "$@"
+		case $2 in native | skb) mode=$2 ;; *) die "--mode: '$2' is not native or skb" ;; esac
+		shift 2
+		;;
+	--netns)
+		need_value "$@"
+		netns=$2
+		shift 2
+		;;
+	--pin-dir)
+		need_value "$@"
+		pin_dir=$2
+		shift 2
+		;;
+	--path-mtu)
+		need_value "$@"
+		case $2 in '' | *[!0-9]*) die "--path-mtu: '$2' is not a number" ;; esac
+		[ "$2" -ge 1280 ] && [ "$2" -le 65535 ] || die "--path-mtu: $2 is not within 1280..65535"
+		path_mtu=$2
+		shift 2
+		;;
+	--no-mss)
+		mss=no
+		shift
+		;;
+	-h | --help) usage ;;
+	-*) die "unknown option '$1'" ;;
+	*)
+		frontends="$frontends $1"
+		shift
+		;;
+	esac
+done
+
+# An address's family (4 or 6); refuses what is neither, before anything is changed.
+family() {
+	case $1 in
+	*/*) die "'$1': give a frontend address, without a prefix length" ;;
+	*:*)
+		case $1 in *[!0-9a-fA-F:.]*) die "'$1' is not an IPv6 address" ;; esac
+		echo 6
+		;;
+	*.*.*.*)
+		case $1 in *[!0-9.]* | *..* | .* | *.) die "'$1' is not an IPv4 address" ;; esac
+		old_ifs=$IFS
+		IFS=.
+		# shellcheck disable=SC2086
+		set -- $1
+		IFS=$old_ifs
+		[ $# -eq 4 ] || die "'$*' is not an IPv4 address"
+		for octet in "$@"; do
+			[ "$octet" -le 255 ] || die "'$1.$2.$3.$4' is not an IPv4 address"
+		done
+		echo 4
+		;;
+	*) die "'$1' is not an IP address" ;;
+	esac
+}
+
+ipc() {
+	if [ -n "$netns" ]; then ip -n "$netns" "$@"; else ip "$@"; fi
+}
+
+in_ns() {
+	if [ -n "$netns" ]; then ip netns exec "$netns" "$@"; else "$@"; fi
+}
+
+xg() {
+	if [ -n "$pin_dir" ]; then set -- --pin-dir "$pin_dir" "$@"; fi
+	if [ -n "$netns" ]; then set -- --netns "$netns" "$@"; fi
+	"$XDPGATE" "$@"
+}
+
+sysctl_get() {
+	in_ns cat "/proc/sys/net/ipv4/conf/$1/rp_filter"
+}
+
+sysctl_set() {
+	in_ns sh -c 'echo "$1" > "/proc/sys/net/ipv4/conf/$2/rp_filter"' sh "$2" "$1"
+}
+
+# What up did, to be undone by down: per namespace.
+state=/run/xdpgate-backend/${netns:-host}
+if [ -n "$pin_dir" ]; then
+	state=$state$(echo "$pin_dir" | tr / _)
+fi
+
+# Checked before anything changes.
+for f in $frontends; do
+	family "$f" >/dev/null
+done
+if [ -n "$netns" ] && [ ! -e "/run/netns/$netns" ]; then
+	die "no network namespace named '$netns'"
+fi
+
+# The interface of the IPv4 (else IPv6) default route.
+default_iface() {
+	for fam in 4 6; do
+		dev=$(ipc -"$fam" route show default | sed -n 's/.* dev \([^ ]*\).*/\1/p' | head -n 1)
+		if [ -n "$dev" ]; then
+			echo "$dev"
+			return
+		fi
+	done
+}
+
+# Whether this kernel has the collect-metadata tunnel device of `kind` (ipip or ip6tnl).
+kernel_has() {
+	if [ "$1" = ipip ]; then args="type ipip external"; else args="type ip6tnl mode any external"; fi
+	# shellcheck disable=SC2086
+	ipc link add xdpgate-probe $args 2>/dev/null || return 1
+	ipc link del xdpgate-probe
+}
+
+# The default route of family $1 as `ip route change` takes it back: without the flags and
+# timers `ip route show` adds, and without an advmss.
+default_route() {
+	ipc -"$1" route show default | head -n 1 | sed -e 's/ advmss [0-9]*//' \
+		-e 's/ expires [0-9]*sec//' -e 's/ linkdown//g' -e 's/ dead//g' -e 's/ offload//g' \
+		-e 's/ trap//g' -e 's/ rt_offload//g' -e 's/ rt_trap//g' -e 's/ rt_offload_failed//g'
+}
+
+# Lowers the MSS this host advertises to clients reached by the default route of family $1
+# (the replies to clients leave by it): the gateways add a 20-byte (IPv4) or 40-byte (IPv6)
+# header to every client packet, which must still fit the path MTU; a client sending full
+# segments of the usual MSS would otherwise see them dropped (or, with DF, get "fragmentation
+# needed" from a gateway). Remembers the route as it was, once, for down.
+lower_mss() {
+	fam=$1
+	route=$(default_route "$fam")
+	if [ -z "$route" ]; then
+		echo "xdpgate-backend.sh: no IPv$fam default route: set 'advmss' on the routes" \
+			"to your IPv$fam clients yourself" >&2
+		return
+	fi
+	if [ "$fam" = 4 ]; then advmss=$((path_mtu - 20 - 20 - 20)); else advmss=$((path_mtu - 40 - 40 - 20)); fi
+	[ -e "$state/route$fam" ] || echo "$route" >"$state/route$fam"
+	set -f
+	# shellcheck disable=SC2086
+	ipc -"$fam" route change $route advmss "$advmss"
+	set +f
+}
+
+restore_mss() {
+	fam=$1
+	[ -e "$state/route$fam" ] || return 0
+	set -f
+	# shellcheck disable=SC2086
+	ipc -"$fam" route change $(cat "$state/route$fam") || echo "xdpgate-backend.sh: could" \
+		"not restore the IPv$fam default route: $(cat "$state/route$fam")" >&2
+	set +f
+	rm -f "$state/route$fam"
+}
+
+# Loosens reverse-path filtering on $1 (remembering its setting once): the decapsulated
+# packet comes from a client anywhere, and arrives by the tunnel device (kernel decap),
+# which no route to a client uses, or by the interface the gateways reach (xdpgate decap),
+# which the route to a client need not use. Strict mode (1) drops it; loose mode (2) only
+# wants some route back. (rp_filter is the larger of `all` and the device's: setting the
+# device to 2 is enough whatever `all` says. IPv6 has no rp_filter.)
+loosen_rp_filter() {
+	[ -e "$state/rp_filter.$1" ] || sysctl_get "$1" >"$state/rp_filter.$1"
+	sysctl_set "$1" 2
+}
+
+restore_rp_filter() {
+	for saved in "$state"/rp_filter.*; do
+		[ -e "$saved" ] || continue
+		dev=${saved##*/rp_filter.}
+		if ipc link show dev "$dev" >/dev/null 2>&1; then
+			sysctl_set "$dev" "$(cat "$saved")"
+		fi
+		rm -f "$saved"
+	done
+}
+
+families() {
+	for f in $frontends; do family "$f"; done | sort -u
+}
+
+served() {
+	[ -e "$state/frontends" ] && cat "$state/frontends"
+	return 0
+}
+
+up() {
+	[ -n "$frontends" ] || die "up: name at least one frontend address"
+	previous=$(cat "$state/decap" 2>/dev/null || true)
+	if [ -z "$decap" ]; then
+		if [ -n "$previous" ]; then
+			decap=$previous
+		else
+			decap=kernel
+			for fam in $(families); do
+				if [ "$fam" = 4 ]; then kind=ipip; else kind=ip6tnl; fi
+				kernel_has "$kind" || decap=xdpgate
+			done
+		fi
+	fi
+	if [ -n "$previous" ] && [ "$previous" != "$decap" ]; then
+		die "up: this host decapsulates with $previous already: run down first to switch to $decap"
+	fi
+	if [ "$decap" = kernel ] && [ -z "$previous" ]; then
+		for fam in $(families); do
+			if [ "$fam" = 4 ]; then kind=ipip; else kind=ip6tnl; fi
+			kernel_has "$kind" || die "up: this kernel cannot create $kind collect-metadata" \
+				"tunnel devices (no ${kind} module?): use --decap xdpgate; nothing was changed"
+		done
+	fi
+	if [ "$decap" = xdpgate ]; then
+		[ -n "$iface" ] || iface=$(cat "$state/interface" 2>/dev/null || default_iface)
+		[ -n "$iface" ] || die "up: no default route to take the interface from: give --interface"
+		ipc link show dev "$iface" >/dev/null 2>&1 || die "up: no interface named '$iface'"
+		set --
+		for f in $frontends; do set -- "$@" --frontend "$f"; done
+		# First: a refusal (another XDP program there, say) leaves everything as it was.
+		xg decap attach "$iface" --mode "$mode" "$@"
+	fi
+	mkdir -p "$state"
+	chmod 700 "$state"
+	echo "$decap" >"$state/decap"
+	if [ "$decap" = xdpgate ]; then
+		echo "$iface" >"$state/interface"
+		loosen_rp_filter "$iface"
+	else
+		for fam in $(families); do
+			if [ "$fam" = 4 ]; then
+				dev=xdpgate4
+				ipc link show dev "$dev" >/dev/null 2>&1 || ipc link add "$dev" type ipip external
+				loosen_rp_filter "$dev"
+			else
+				dev=xdpgate6
+				ipc link show dev "$dev" >/dev/null 2>&1 ||
+					ipc link add "$dev" type ip6tnl mode any external
+			fi
+			ipc link set "$dev" up
+		done
+	fi
+
+	ipc link set lo up
+	for f in $frontends; do
+		if [ "$(family "$f")" = 4 ]; then len=32; else len=128; fi
+		if [ -z "$(ipc addr show dev lo to "$f/$len")" ]; then
+			ipc addr add "$f/$len" dev lo
+		fi
+		if ! served | grep -qx "$f"; then
+			echo "$f" >>"$state/frontends"
+		fi
+	done
+
+	if [ "$mss" = yes ]; then
+		for fam in $(families); do lower_mss "$fam"; done
+	fi
+	echo "xdpgate-backend.sh: serving$(served | tr '\n' ' ' | sed 's/^/ /;s/ $//') ($decap decap)"
+}
+
+down() {
+	[ -n "$frontends" ] || frontends=$(served | tr '\n' ' ')
+	decap=$(cat "$state/decap" 2>/dev/null || echo "${decap:-}")
+	for f in $frontends; do
+		if [ "$(family "$f")" = 4 ]; then len=32; else len=128; fi
+		if [ -n "$(ipc addr show dev lo to "$f/$len")" ]; then
+			ipc addr del "$f/$len" dev lo
+		fi
+		if [ -e "$state/frontends" ]; then
+			grep -vx "$f" "$state/frontends" >"$state/frontends.new" || true
+			mv "$state/frontends.new" "$state/frontends"
+		fi
+	done
+	if [ "$decap" = xdpgate ] && [ -n "$frontends" ]; then
+		set --
+		for f in $frontends; do set -- "$@" --frontend "$f"; done
+		xg decap remove "$@" >/dev/null
+	fi
+	if [ -n "$(served)" ]; then
+		echo "xdpgate-backend.sh: still serving $(served | tr '\n' ' ' | sed 's/ $//')"
+		return
+	fi
+	# None left: undo the rest.
+	if [ "$decap" = xdpgate ]; then
+		xg decap detach --all
+	fi
+	for dev in xdpgate4 xdpgate6; do
+		if ipc link show dev "$dev" >/dev/null 2>&1; then ipc link del "$dev"; fi
+	done
+	restore_rp_filter
+	restore_mss 4
+	restore_mss 6
+	rm -rf "$state"
+	echo "xdpgate-backend.sh: down: no frontend served"
+}
+
+"$action"

@@ -1,0 +1,625 @@
+//! The backend's side of the encapsulating load balancer: xdpgate's decap program and
+//! deploy/backend/xdpgate-backend.sh. A sender namespace (a gateway and its client in one)
+//! sends real IPIP and IPv6-in-IPv6 frames carrying UDP and TCP to a frontend address; the
+//! backend namespace, set up by the script, strips the outer header, its servers on the
+//! frontend address get the client's packets, and their replies go straight to the client
+//! (captured on the sender's side, plain, from the frontend address). `down` leaves nothing
+//! behind. The decap program's output is also checked byte for byte (BPF_PROG_TEST_RUN).
+
+mod common;
+
+use std::{
+    io::Read,
+    net::{IpAddr, TcpListener, UdpSocket},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    path::PathBuf,
+    process::{Command, Output},
+    time::{Duration, Instant},
+};
+
+use aya::programs::{TestRun, TestRunOptions, Xdp};
+use common::{
+    Netns, Pins,
+    packet::{
+        ACK, ETH_LEN, L4, MAC_A, MAC_B, SYN, encapsulate, frame, frame_vlan, offload_checksum,
+        tcp_frame,
+    },
+    send_frame, send_frame_partial, veth,
+};
+use serde_json::Value;
+use xdpgate_dataplane::decap;
+
+const VIP4: &str = "192.0.2.10";
+const VIP6: &str = "2001:db8::10";
+/// Frontends this backend does not serve.
+const OTHER4: &str = "192.0.2.99";
+const OTHER6: &str = "2001:db8::99";
+/// The client: an address of no namespace (the sender's kernel, forwarding off, drops the
+/// replies after the capture has seen them).
+const CLIENT4: &str = "203.0.113.7";
+const CLIENT6: &str = "2001:db8:7::7";
+const SENDER4: &str = "198.51.100.1";
+const SENDER6: &str = "2001:db8:1::1";
+const BACKEND4: &str = "198.51.100.2";
+const BACKEND6: &str = "2001:db8:1::2";
+const WAIT: Duration = Duration::from_secs(5);
+
+fn script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/backend/xdpgate-backend.sh")
+}
+
+/// A sender and a backend joined by a veth pair; the backend's default routes lead to the
+/// sender.
+struct Lab {
+    sender: Netns,
+    backend: Netns,
+    s_if: String,
+    b_if: String,
+    pins: Pins,
+}
+
+impl Lab {
+    fn new() -> Self {
+        let sender = Netns::new("dsnd");
+        let backend = Netns::new("dbe");
+        let (s_if, b_if) = veth(
+            &sender,
+            &format!("{SENDER4}/24,{SENDER6}/64"),
+            &backend,
+            &format!("{BACKEND4}/24,{BACKEND6}/64"),
+        );
+        backend.exec("ip", &["route", "add", "default", "via", SENDER4]);
+        backend.exec("ip", &["-6", "route", "add", "default", "via", SENDER6]);
+        // Strict reverse-path filtering, as many distributions set it: the script loosens it
+        // where the decapsulated packets arrive.
+        backend.exec("sysctl", &["-qw", "net.ipv4.conf.all.rp_filter=1"]);
+        backend.exec("sysctl", &["-qw", &format!("net.ipv4.conf.{b_if}.rp_filter=1")]);
+        let pins = Pins::in_netns(&backend);
+        Lab { sender, backend, s_if, b_if, pins }
+    }
+
+    /// Runs the script against the backend namespace and this lab's pin directory.
+    fn script(&self, args: &[&str]) -> Output {
+        Command::new("sh")
+            .arg(script())
+            .args(args)
+            .args(["--netns", &self.backend.name, "--pin-dir"])
+            .arg(self.pins.dir.path())
+            .env("XDPGATE", common::xdpgate_bin())
+            .output()
+            .expect("run the backend script")
+    }
+
+    fn script_ok(&self, args: &[&str]) -> String {
+        let out = self.script(args);
+        assert!(
+            out.status.success(),
+            "xdpgate-backend.sh {args:?}:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Sends `inner` from the sender, encapsulated as a gateway does, to the backend.
+    fn send_encapsulated(&self, inner: &[u8]) {
+        let (src, dst) =
+            if inner[12..14] == [0x08, 0x00] { (SENDER4, BACKEND4) } else { (SENDER6, BACKEND6) };
+        let mac = self.backend.mac(&self.b_if);
+        send_frame(&self.sender, &self.s_if, mac, encapsulate(src, dst, inner)).unwrap();
+    }
+
+    fn status(&self) -> Value {
+        serde_json::from_str(&self.pins.xdpgate(&["decap", "status", "--json"])).unwrap()
+    }
+
+    fn rp_filter(&self) -> String {
+        let path = format!("/proc/sys/net/ipv4/conf/{}/rp_filter", self.b_if);
+        String::from_utf8_lossy(&self.backend.exec("cat", &[&path]).stdout).trim().to_string()
+    }
+
+    fn routes(&self) -> String {
+        let v4 = self.backend.exec("ip", &["route", "show", "default"]).stdout;
+        let v6 = self.backend.exec("ip", &["-6", "route", "show", "default"]).stdout;
+        format!("{}{}", String::from_utf8_lossy(&v4), String::from_utf8_lossy(&v6))
+    }
+
+    fn lo_addrs(&self) -> String {
+        String::from_utf8_lossy(&self.backend.exec("ip", &["addr", "show", "dev", "lo"]).stdout)
+            .into_owned()
+    }
+}
+
+/// An AF_PACKET socket on an interface of a namespace, seeing every frame that arrives
+/// there (opened before the frames it looks for are sent).
+struct Capture(OwnedFd);
+
+impl Capture {
+    fn open(ns: &Netns, ifname: &str) -> Self {
+        let ifname = ifname.to_string();
+        ns.run(move || {
+            let ifindex = xdpgate_dataplane::ifindex(&ifname).unwrap();
+            let all = (libc::ETH_P_ALL as u16).to_be();
+            // SAFETY: plain socket calls with valid arguments; the fd is owned from here.
+            unsafe {
+                let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(all));
+                assert!(fd >= 0, "socket(AF_PACKET): {}", std::io::Error::last_os_error());
+                let fd = OwnedFd::from_raw_fd(fd);
+                let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+                sll.sll_family = libc::AF_PACKET as u16;
+                sll.sll_protocol = all;
+                sll.sll_ifindex = ifindex as i32;
+                let rc = libc::bind(
+                    fd.as_raw_fd(),
+                    (&raw const sll).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                );
+                assert_eq!(rc, 0, "bind(AF_PACKET): {}", std::io::Error::last_os_error());
+                Capture(fd)
+            }
+        })
+    }
+
+    /// The first frame arriving (not sent) on the interface that `want` accepts, within
+    /// `WAIT`.
+    fn next(&self, want: impl Fn(&Frame) -> bool) -> Option<Frame> {
+        let deadline = Instant::now() + WAIT;
+        let mut buf = vec![0u8; 65536];
+        while Instant::now() < deadline {
+            let mut pfd = libc::pollfd { fd: self.0.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            // SAFETY: one valid pollfd.
+            if unsafe { libc::poll(&mut pfd, 1, 100) } <= 0 {
+                continue;
+            }
+            // SAFETY: `from` is a sockaddr_ll of `len` bytes; `buf` has room for `buf.len()`.
+            let (n, from) = unsafe {
+                let mut from: libc::sockaddr_ll = std::mem::zeroed();
+                let mut len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+                let n = libc::recvfrom(
+                    self.0.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    0,
+                    (&raw mut from).cast(),
+                    &mut len,
+                );
+                (n, from)
+            };
+            if n <= 0 || from.sll_pkttype == libc::PACKET_OUTGOING {
+                continue;
+            }
+            if let Some(f) = Frame::parse(&buf[..n as usize]).filter(|f| want(f)) {
+                return Some(f);
+            }
+        }
+        None
+    }
+}
+
+/// What a captured frame carries in its first IP header (none behind it is looked at).
+#[derive(Debug)]
+struct Frame {
+    src: IpAddr,
+    dst: IpAddr,
+    proto: u8,
+    sport: u16,
+    dport: u16,
+    /// TCP only.
+    seq: u32,
+    flags: u8,
+    mss: Option<u16>,
+    payload: Vec<u8>,
+}
+
+impl Frame {
+    fn parse(f: &[u8]) -> Option<Frame> {
+        let ip = &f[ETH_LEN..];
+        let (src, dst, proto, l4) = match u16::from_be_bytes([f[12], f[13]]) {
+            0x0800 => {
+                let ihl = usize::from(ip[0] & 0xf) * 4;
+                let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+                let src = IpAddr::from(<[u8; 4]>::try_from(&ip[12..16]).ok()?);
+                let dst = IpAddr::from(<[u8; 4]>::try_from(&ip[16..20]).ok()?);
+                (src, dst, ip[9], ip.get(ihl..total)?)
+            }
+            0x86dd => {
+                let len = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
+                let src = IpAddr::from(<[u8; 16]>::try_from(&ip[8..24]).ok()?);
+                let dst = IpAddr::from(<[u8; 16]>::try_from(&ip[24..40]).ok()?);
+                (src, dst, ip[6], ip.get(40..40 + len)?)
+            }
+            _ => return None,
+        };
+        let port = |i: usize| l4.get(i..i + 2).map(|b| u16::from_be_bytes([b[0], b[1]]));
+        let mut frame = Frame {
+            src,
+            dst,
+            proto,
+            sport: port(0).unwrap_or(0),
+            dport: port(2).unwrap_or(0),
+            seq: 0,
+            flags: 0,
+            mss: None,
+            payload: Vec::new(),
+        };
+        match proto {
+            17 => frame.payload = l4.get(8..)?.to_vec(),
+            6 => {
+                let off = usize::from(l4.get(12)? >> 4) * 4;
+                frame.seq = u32::from_be_bytes(l4.get(4..8)?.try_into().ok()?);
+                frame.flags = *l4.get(13)?;
+                let mut opts = l4.get(20..off)?;
+                while let [kind, rest @ ..] = opts {
+                    match (kind, rest) {
+                        (0, _) => break,
+                        (1, _) => opts = rest,
+                        (2, [4, hi, lo, ..]) => {
+                            frame.mss = Some(u16::from_be_bytes([*hi, *lo]));
+                            break;
+                        }
+                        (_, [len, ..]) if *len >= 2 => opts = opts.get(usize::from(*len)..)?,
+                        _ => break,
+                    }
+                }
+                frame.payload = l4.get(off..)?.to_vec();
+            }
+            _ => {}
+        }
+        Some(frame)
+    }
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// Frames of one family: the served frontend, the one not served, the client, and the MSS
+/// the script makes the backend advertise (a 1500-byte path less the outer header).
+struct Family {
+    vip: &'static str,
+    other: &'static str,
+    client: &'static str,
+    mss: u16,
+}
+
+const FAMILIES: [Family; 2] = [
+    Family { vip: VIP4, other: OTHER4, client: CLIENT4, mss: 1500 - 20 - 20 - 20 },
+    Family { vip: VIP6, other: OTHER6, client: CLIENT6, mss: 1500 - 40 - 40 - 20 },
+];
+
+/// One UDP exchange and one TCP connection through the decapsulation, per family: the
+/// servers on the frontend address get what the client sent; their replies reach the
+/// client directly, plain, from the frontend address. Returns the encapsulated frames for
+/// served frontends sent, and for others.
+fn exchange(lab: &Lab, port_base: u16) -> (u64, u64) {
+    let capture = Capture::open(&lab.sender, &lab.s_if);
+    let (mut served, mut other) = (0, 0);
+    for (i, fam) in FAMILIES.iter().enumerate() {
+        let (vip, client) = (ip(fam.vip), ip(fam.client));
+        let udp_port = port_base + 2 * i as u16;
+        let tcp_port = udp_port + 1;
+        let (udp, tcp) = lab.backend.run(move || {
+            let udp = UdpSocket::bind((vip, udp_port)).unwrap();
+            udp.set_read_timeout(Some(WAIT)).unwrap();
+            (udp, TcpListener::bind((vip, tcp_port)).unwrap())
+        });
+
+        // UDP: the datagram arrives from the client; the answer goes back to it.
+        let inner = frame_vlan(fam.client, fam.vip, L4::Udp(40000, udp_port), &[], b"hello");
+        lab.send_encapsulated(&inner);
+        served += 1;
+        let mut buf = [0u8; 64];
+        let (n, peer) = udp.recv_from(&mut buf).expect("the server got no datagram");
+        assert_eq!((&buf[..n], peer.ip(), peer.port()), (&b"hello"[..], client, 40000));
+        udp.send_to(b"reply", peer).unwrap();
+        let reply = capture
+            .next(|f| f.proto == 17 && f.dst == client && f.dport == 40000)
+            .unwrap_or_else(|| panic!("{vip}: no UDP reply reached the client's side"));
+        assert_eq!((reply.src, reply.sport, &reply.payload[..]), (vip, udp_port, &b"reply"[..]));
+
+        // TCP: a handshake and data, the client's segments encapsulated.
+        let ports = (40001, tcp_port);
+        lab.send_encapsulated(&tcp_frame(fam.client, fam.vip, ports, SYN, 1000, 0));
+        let syn_ack = capture
+            .next(|f| f.proto == 6 && f.dst == client && f.dport == 40001)
+            .unwrap_or_else(|| panic!("{vip}: no SYN-ACK reached the client's side"));
+        assert_eq!((syn_ack.src, syn_ack.sport, syn_ack.flags & 0x12), (vip, tcp_port, 0x12));
+        // The script lowered the MSS advertised to clients by the outer header.
+        assert_eq!(syn_ack.mss, Some(fam.mss), "{vip}: {syn_ack:?}");
+        let data = tcp_frame(fam.client, fam.vip, ports, ACK, 1001, syn_ack.seq.wrapping_add(1));
+        lab.send_encapsulated(&data);
+        served += 2;
+        let got = lab.backend.run(move || {
+            tcp.set_nonblocking(true).unwrap();
+            let deadline = Instant::now() + WAIT;
+            let (mut conn, peer) = loop {
+                match tcp.accept() {
+                    Ok(c) => break c,
+                    Err(_) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(20))
+                    }
+                    Err(e) => panic!("no connection accepted: {e}"),
+                }
+            };
+            conn.set_nonblocking(false).unwrap();
+            conn.set_read_timeout(Some(WAIT)).unwrap();
+            let mut buf = [0u8; 7];
+            conn.read_exact(&mut buf).unwrap();
+            (peer, buf)
+        });
+        assert_eq!((got.0.ip(), got.0.port(), &got.1), (client, 40001, b"xdpgate"));
+
+        // A frontend not served here: left encapsulated (the stack, without an IPIP
+        // device, has no taker for it).
+        let inner = frame_vlan(fam.client, fam.other, L4::Udp(40002, udp_port), &[], b"no");
+        lab.send_encapsulated(&inner);
+        other += 1;
+    }
+    (served, other)
+}
+
+/// Polls `status` until its `passed` count reaches `passed` (the last frame sent is one of
+/// those), then returns it.
+fn status_after(lab: &Lab, passed: u64) -> Value {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let status = lab.status();
+        if status["passed"].as_u64() >= Some(passed) || Instant::now() > deadline {
+            return status;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The script with `--decap xdpgate`, in native and in generic (skb) XDP mode: UDP and TCP
+/// inside IPIP and IPv6-in-IPv6 reach the servers on the frontend addresses, the replies go
+/// straight to the client, a frontend not served is not decapsulated, and `down` undoes
+/// everything.
+#[test]
+fn script_with_xdpgate_decap_serves_frontends_and_replies_directly() {
+    for (mode, port_base) in [("native", 7000), ("skb", 7100)] {
+        let lab = Lab::new();
+        let routes_before = lab.routes();
+        let up = lab.script_ok(&[
+            "up",
+            VIP4,
+            VIP6,
+            "--decap",
+            "xdpgate",
+            "--mode",
+            mode,
+            "--interface",
+            &lab.b_if,
+        ]);
+        assert!(up.contains("(xdpgate decap)"), "{up}");
+        // Idempotent: a second `up` changes nothing.
+        lab.script_ok(&["up", VIP4, "--interface", &lab.b_if, "--mode", mode]);
+        assert_eq!(lab.rp_filter(), "2", "loose reverse-path filtering where packets arrive");
+        let status = lab.status();
+        assert_eq!(status["frontends"], serde_json::json!([VIP4, VIP6]), "{status}");
+        assert_eq!(status["interfaces"][0]["interface"], lab.b_if.as_str(), "{status}");
+        assert_eq!(status["interfaces"][0]["mode"], mode, "{status}");
+
+        let (served, other) = exchange(&lab, port_base);
+        let status = status_after(&lab, other);
+        println!("{mode}: {status}");
+        assert_eq!(status["decapsulated"].as_u64(), Some(served), "{status}");
+        assert_eq!(status["passed"].as_u64(), Some(other), "{status}");
+
+        lab.script_ok(&["down"]);
+        let link = lab.backend.exec("ip", &["-d", "link", "show", &lab.b_if]).stdout;
+        let link = String::from_utf8_lossy(&link);
+        assert!(!link.contains("prog/xdp") && !link.contains("xdpgeneric"), "{link}");
+        let lo = lab.lo_addrs();
+        assert!(!lo.contains(VIP4) && !lo.contains(VIP6), "{lo}");
+        assert_eq!(lab.routes(), routes_before);
+        assert_eq!(lab.rp_filter(), "1");
+        assert!(!decap::dir(&lab.pins.dir).path().exists(), "decap pins left behind");
+        let state = PathBuf::from("/run/xdpgate-backend");
+        let left: Vec<_> = std::fs::read_dir(&state)
+            .map(|d| d.filter_map(Result::ok).map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(
+            !left.iter().any(|n| n.to_string_lossy().starts_with(&lab.backend.name)),
+            "{left:?}"
+        );
+    }
+}
+
+/// `down` of some frontends keeps serving the others; the last one's `down` detaches.
+#[test]
+fn script_down_of_one_frontend_keeps_the_other() {
+    let lab = Lab::new();
+    lab.script_ok(&["up", VIP4, VIP6, "--decap", "xdpgate", "--interface", &lab.b_if]);
+    let out = lab.script_ok(&["down", VIP4]);
+    assert!(out.contains(&format!("still serving {VIP6}")), "{out}");
+    let status = lab.status();
+    assert_eq!(status["frontends"], serde_json::json!([VIP6]), "{status}");
+    assert_eq!(status["interfaces"].as_array().map(Vec::len), Some(1), "{status}");
+    assert!(!lab.lo_addrs().contains(VIP4));
+    lab.script_ok(&["down", VIP6]);
+    assert!(!decap::dir(&lab.pins.dir).path().exists());
+    assert!(!lab.lo_addrs().contains(VIP6));
+}
+
+/// The kernel's own tunnel devices (`--decap kernel`, the default where the kernel has
+/// them). Where it has none (no ipip or ip6_tunnel module, as on the machine these tests
+/// were written on), the default is xdpgate's program and `--decap kernel` is refused
+/// before anything changes.
+#[test]
+fn script_kernel_decap_or_its_clear_refusal() {
+    let lab = Lab::new();
+    let probe = lab.backend.try_exec("ip", &["link", "add", "xgprobe", "type", "ipip", "external"]);
+    let probe6 = lab
+        .backend
+        .try_exec("ip", &["link", "add", "xgprobe6", "type", "ip6tnl", "mode", "any", "external"]);
+    if probe.status.success() && probe6.status.success() {
+        lab.backend.exec("ip", &["link", "del", "xgprobe"]);
+        lab.backend.exec("ip", &["link", "del", "xgprobe6"]);
+        let up = lab.script_ok(&["up", VIP4, VIP6]);
+        assert!(up.contains("(kernel decap)"), "{up}");
+        let (served, _) = exchange(&lab, 7200);
+        println!("kernel decap: {served} packets served");
+        lab.script_ok(&["down"]);
+        let links = lab.backend.exec("ip", &["link", "show"]).stdout;
+        assert!(!String::from_utf8_lossy(&links).contains("xdpgate4"));
+        return;
+    }
+    println!(
+        "SKIPPED the kernel's tunnel devices: this kernel cannot create them ({}); checking \
+         the script's fallback and refusal instead",
+        String::from_utf8_lossy(&probe.stderr).trim()
+    );
+    let out = lab.script(&["up", VIP4, "--decap", "kernel"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("use --decap xdpgate"), "{err}");
+    assert!(!lab.lo_addrs().contains(VIP4), "a refused up added the frontend");
+    // The default falls back to xdpgate's program, on the default route's interface.
+    let up = lab.script_ok(&["up", VIP4]);
+    assert!(up.contains("(xdpgate decap)"), "{up}");
+    assert_eq!(lab.status()["interfaces"][0]["interface"], lab.b_if.as_str());
+    lab.script_ok(&["down"]);
+}
+
+/// Bad input to the script and the CLI: a clear error, nothing changed.
+#[test]
+fn bad_input_is_refused_and_changes_nothing() {
+    let lab = Lab::new();
+    for (args, says) in [
+        (&["up", "192.0.2.300"][..], "is not an IPv4 address"),
+        (&["up", "192.0.2.10/32"], "without a prefix length"),
+        (&["up", "example.com"], "is not an IP address"),
+        (&["up", VIP4, "--decap", "tunnel"], "is not kernel or xdpgate"),
+        (&["up", VIP4, "--decap", "xdpgate", "--interface", "nosuch0"], "no interface named"),
+        (&["sideways", VIP4], "unknown action"),
+        (&["up"], "at least one frontend"),
+    ] {
+        let out = lab.script(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(says), "{args:?}: {err}");
+    }
+    assert!(!lab.lo_addrs().contains(VIP4));
+    assert!(!decap::dir(&lab.pins.dir).path().exists());
+
+    for (args, says) in [
+        (&["decap", "attach", "nosuch0", "--frontend", VIP4][..], "no interface named"),
+        (&["decap", "attach", &lab.b_if, "--frontend", "192.0.2"], "invalid IP address"),
+        (&["decap", "attach", &lab.b_if], "--frontend"),
+        (&["decap", "detach", &lab.b_if], "not attached"),
+        (&["decap", "attach", "lo", "--frontend", VIP4], "not an Ethernet interface"),
+    ] {
+        let out = lab.pins.try_xdpgate(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(says), "{args:?}: {err}");
+    }
+    assert!(!decap::dir(&lab.pins.dir).path().exists(), "a refused attach left pins");
+    // Attached in one mode, another is refused and the first stays.
+    lab.pins.xdpgate(&["decap", "attach", &lab.b_if, "--frontend", VIP4]);
+    let out =
+        lab.pins.try_xdpgate(&["decap", "attach", &lab.b_if, "--frontend", VIP6, "--mode", "skb"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("native mode already"), "{err}");
+    assert_eq!(lab.status()["frontends"], serde_json::json!([VIP4]));
+    lab.pins.xdpgate(&["decap", "detach", "--all"]);
+    assert!(!decap::dir(&lab.pins.dir).path().exists());
+}
+
+/// The decap program's output, byte for byte (BPF_PROG_TEST_RUN): the inner packet behind
+/// the original MAC header, with the inner family's EtherType; anything else unchanged.
+#[test]
+fn decap_program_output_is_the_inner_frame() {
+    let pins = Pins::new();
+    let mut ebpf = decap::load(&pins.dir).unwrap();
+    decap::add_frontends(&pins.dir, &[ip(VIP4), ip(VIP6)]).unwrap();
+    let prog: &mut Xdp = ebpf.program_mut(decap::DECAP_PROGRAM).unwrap().try_into().unwrap();
+    let run = |input: &[u8]| -> Vec<u8> {
+        let mut out = vec![0u8; input.len() + 256];
+        let res = prog
+            .test_run(TestRunOptions {
+                data_in: Some(input),
+                data_out: Some(&mut out),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(res.return_value, 2, "XDP_PASS always");
+        out.truncate(res.data_size_out as usize);
+        out
+    };
+    let udp4 = frame(CLIENT4, VIP4, L4::Udp(40000, 53));
+    let tcp6 = frame(CLIENT6, VIP6, L4::Tcp(40000, 443, SYN));
+    // Decapsulated: 4 in 4, 6 in 6, and the cross-family pairs.
+    for (outer_src, outer_dst, inner) in [
+        (SENDER4, BACKEND4, &udp4),
+        (SENDER6, BACKEND6, &tcp6),
+        (SENDER6, BACKEND6, &udp4),
+        (SENDER4, BACKEND4, &tcp6),
+    ] {
+        let input = encapsulate(outer_src, outer_dst, inner);
+        assert_eq!(input[..12], [MAC_B, MAC_A].concat()[..], "frame() writes these MACs");
+        assert_eq!(run(&input), *inner, "{outer_src} -> {outer_dst}: {inner:02x?}");
+    }
+    // Passed untouched: another frontend; outer IPv4 with options; a fragment; an inner
+    // packet cut short.
+    let other = encapsulate(SENDER4, BACKEND4, &frame(CLIENT4, OTHER4, L4::Udp(1, 2)));
+    let mut options = encapsulate(SENDER4, BACKEND4, &udp4);
+    options.splice(ETH_LEN + 20..ETH_LEN + 20, [1, 1, 1, 0]);
+    options[ETH_LEN] = 0x46;
+    let mut fragment = encapsulate(SENDER4, BACKEND4, &udp4);
+    fragment[ETH_LEN + 6] = 0x20;
+    let short = encapsulate(SENDER6, BACKEND6, &tcp6)[..ETH_LEN + 40 + 30].to_vec();
+    // Not IP-in-IP: plain IP to the frontend, a VLAN-tagged tunnel packet.
+    let plain = udp4.clone();
+    let tagged = {
+        let inner = &udp4[ETH_LEN..];
+        frame_vlan(SENDER4, BACKEND4, L4::Raw(4), &[7], inner)
+    };
+    for input in [&other, &options, &fragment, &short, &plain, &tagged] {
+        assert_eq!(run(input), *input);
+    }
+    let status = decap::status(&pins.dir).unwrap();
+    assert_eq!((status.decapsulated, status.passed, status.not_tunnel), (4, 4, 2), "{status:?}");
+}
+
+/// Packets of a local sender with checksum offload (a client's TCP stack across a veth, as
+/// a gateway's tc hook forwards them) reach the backend CHECKSUM_PARTIAL, their L4 checksum
+/// not computed yet: decapsulated at native or generic XDP, the stack still knows that.
+/// The same bytes without the mark are dropped (the checksum field is not a checksum yet),
+/// and sent first, so the datagram that arrives is the marked one.
+#[test]
+fn partial_checksums_survive_decapsulation() {
+    for mode in ["native", "skb"] {
+        let lab = Lab::new();
+        lab.script_ok(&[
+            "up",
+            VIP4,
+            "--decap",
+            "xdpgate",
+            "--mode",
+            mode,
+            "--interface",
+            &lab.b_if,
+        ]);
+        let vip = ip(VIP4);
+        let udp = lab.backend.run(move || {
+            let udp = UdpSocket::bind((vip, 9000)).unwrap();
+            udp.set_read_timeout(Some(WAIT)).unwrap();
+            udp
+        });
+        let partial = |payload: &[u8]| {
+            let inner = frame_vlan(CLIENT4, VIP4, L4::Udp(40000, 9000), &[], payload);
+            let mut f = encapsulate(SENDER4, BACKEND4, &inner);
+            let csum = offload_checksum(&mut f, ETH_LEN + 20);
+            (f, csum)
+        };
+        let mac = lab.backend.mac(&lab.b_if);
+        send_frame(&lab.sender, &lab.s_if, mac, partial(b"unmarked").0).unwrap();
+        let (marked, csum) = partial(b"marked");
+        send_frame_partial(&lab.sender, &lab.s_if, mac, marked, csum).unwrap();
+        let mut buf = [0u8; 64];
+        let got = udp.recv_from(&mut buf).map(|(n, _)| buf[..n].to_vec());
+        let status = lab.status();
+        assert_eq!(got.ok().as_deref(), Some(&b"marked"[..]), "{mode}: {status}");
+        assert_eq!(status["decapsulated"].as_u64(), Some(2), "{mode}: {status}");
+        lab.script_ok(&["down"]);
+    }
+}

@@ -1,0 +1,353 @@
+//! The encapsulating forwarding mode (`forwarding: ipip`) in the kernel, through
+//! BPF_PROG_TEST_RUN at XDP and at tc: the exact bytes that leave (the next hop's MACs, one
+//! outer IPv4 or IPv6 header from this node's address to the Maglev-chosen backend, the
+//! inner packet as it arrived with its TTL decremented), mid-stream pickup on by default,
+//! the NSG judging picked-up segments, the MTU check on the outer length, and an apply
+//! refused when the node has no source address of the family.
+//!
+//! Each test runs in a namespace of its own with one veth (`eg`, attached) towards a
+//! next hop with a permanent neighbour entry, so the FIB answers as on a gateway.
+
+mod common;
+
+use std::net::IpAddr;
+
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
+use common::{
+    isolated,
+    kernel::{DROP, Kernel, link_tc_pipeline},
+    packet::{ACK, ETH_LEN, L4, SYN, fix_ipv4_checksum, flow_key, frame, frame_vlan, tcp_frame},
+};
+use xdpgate_common::{
+    flow::{FLOW_STAT_PICKED_UP, FlowKey, FlowValue, NAT_ENCAP},
+    iface::Role,
+    maps::EMBRYOS,
+};
+use xdpgate_dataplane::{Ingress, Mode};
+
+const POLICY: &str = r#"
+virtual_network:
+  address_space: [198.51.100.0/24, 2001:db8:1::/64]
+nsgs:
+  - name: backends
+    subnets: [198.51.100.0/24, 2001:db8:1::/64]
+    rules:
+      - {name: allow-web, priority: 100, direction: inbound, access: allow, protocol: tcp,
+         source: Internet, destination: "*", destination_ports: [80, 443]}
+      - {name: deny-81, priority: 110, direction: inbound, access: deny, protocol: tcp,
+         source: Internet, destination: "*", destination_ports: 81}
+load_balancers:
+  - name: lb
+    frontends:
+      - {name: v4, address: 192.0.2.10}
+      - {name: v6, address: "2001:db8:f::10"}
+    backend_pools:
+      - {name: web4, backends: [198.51.100.11, 198.51.100.12, 198.51.100.13]}
+      - {name: web6, backends: ["2001:db8:1::11", "2001:db8:1::12", "2001:db8:1::13"]}
+    rules:
+      - {name: web, frontend: v4, protocol: tcp, frontend_port: 80, backend_pool: web4, forwarding: ipip}
+      - {name: denied, frontend: v4, protocol: tcp, frontend_port: 81, backend_pool: web4, forwarding: ipip}
+      - {name: web6, frontend: v6, protocol: tcp, frontend_port: 80, backend_pool: web6, forwarding: ipip}
+      - {name: no-pickup, frontend: v4, protocol: tcp, frontend_port: 443, backend_pool: web4, forwarding: ipip, midstream_pickup: false}
+"#;
+
+/// The gateway's MAC on `eg`, and its next hop's.
+const GW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x99, 0x01];
+const HOP_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x99, 0x02];
+/// The outer sources: `eg`'s global addresses.
+const SOURCE4: &str = "10.99.0.1";
+const SOURCE6: &str = "2001:db8:99::1";
+const XDP_REDIRECT: u32 = 4;
+const TC_ACT_REDIRECT: u32 = 7;
+const TC_ACT_SHOT: u32 = 2;
+
+/// The hook a packet is run at.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum At {
+    Xdp,
+    Tc,
+}
+
+/// The dataplane in namespace `ns`, `eg` attached (XDP) with its addresses and routes to
+/// the backends' subnets through a next hop whose MAC is known, the policy applied, test
+/// packets arriving from the outside (`lo`).
+struct Lab {
+    k: Kernel,
+    ns: String,
+}
+
+impl Lab {
+    fn new(ns: &str, addresses: &[&str]) -> Self {
+        let ip = |args: &[&str]| {
+            let mut full = vec!["-n", ns];
+            full.extend_from_slice(args);
+            common::run("ip", &full);
+        };
+        let gw_mac = mac(&GW_MAC);
+        ip(&["link", "add", "eg", "address", &gw_mac, "type", "veth", "peer", "name", "egp"]);
+        for dev in ["lo", "eg", "egp"] {
+            ip(&["link", "set", dev, "up"]);
+        }
+        for a in addresses {
+            ip(&["addr", "add", a, "dev", "eg", "nodad"]);
+        }
+        let hop_mac = mac(&HOP_MAC);
+        for (hop, subnet) in
+            [("10.99.0.2", "198.51.100.0/24"), ("2001:db8:99::2", "2001:db8:1::/64")]
+        {
+            ip(&["neigh", "add", hop, "lladdr", &hop_mac, "dev", "eg", "nud", "permanent"]);
+            // A family without an address has no route: the apply is refused before.
+            if addresses.iter().any(|a| a.contains(':') == hop.contains(':')) {
+                ip(&["route", "add", subnet, "via", hop, "dev", "eg"]);
+            }
+        }
+        let mut k = Kernel::new();
+        link_tc_pipeline(k.ebpf_mut());
+        xdpgate_dataplane::attach(&k.pins.dir, "eg", Role::Internal, Ingress::Xdp(Mode::Native))
+            .expect("attach eg");
+        k.arrive_as(Role::External);
+        Self { k, ns: ns.to_owned() }
+    }
+
+    /// Runs `packet` at `at`; the verdict and the packet as left.
+    fn run(&self, at: At, packet: &[u8]) -> (u32, Vec<u8>) {
+        match at {
+            At::Xdp => self.k.run_out(packet),
+            At::Tc => {
+                let prog: &SchedClassifier =
+                    self.k.ebpf().program("xdpgate_tc").unwrap().try_into().unwrap();
+                let mut out = vec![0u8; packet.len() + 256];
+                let res = prog
+                    .test_run(TestRunOptions {
+                        data_in: Some(packet),
+                        data_out: Some(&mut out),
+                        ..Default::default()
+                    })
+                    .expect("test_run");
+                out.truncate(res.data_size_out as usize);
+                (res.return_value, out)
+            }
+        }
+    }
+
+    /// Runs `packet`, which must leave encapsulated; returns the backend it went to.
+    fn encapsulated(&self, at: At, packet: &[u8]) -> IpAddr {
+        let (verdict, out) = self.run(at, packet);
+        let redirect = if at == At::Xdp { XDP_REDIRECT } else { TC_ACT_REDIRECT };
+        assert_eq!(verdict, redirect, "{at:?}: sent out of eg by redirect");
+        check_encapsulated(packet, &out)
+    }
+
+    fn forget_flow(&self, key: &FlowKey) {
+        let mut map: aya::maps::HashMap<_, FlowKey, FlowValue> =
+            self.k.pins.dir.open_map(EMBRYOS).unwrap().try_into().unwrap();
+        let entry = map.get(key, 0).expect("embryonic entry");
+        map.remove(&key.twin(&entry)).unwrap();
+        map.remove(key).unwrap();
+    }
+
+    fn set_mtu(&self, mtu: u32) {
+        let mtu = mtu.to_string();
+        common::run("ip", &["-n", &self.ns, "link", "set", "eg", "mtu", &mtu]);
+    }
+}
+
+fn mac(m: &[u8; 6]) -> String {
+    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+/// Checks every byte of `out`, the frame `input` became: Ethernet to the next hop from
+/// `eg`, one outer header (its fields and checksum as the contract with the backend's
+/// decapsulation says), then `input`'s IP packet with the TTL (hop limit) one less and the
+/// IPv4 header checksum updated, nothing else changed. Returns the outer destination.
+fn check_encapsulated(input: &[u8], out: &[u8]) -> IpAddr {
+    let inner_in = &input[ETH_LEN..];
+    let v4 = inner_in[0] >> 4 == 4;
+    let overhead = if v4 { 20 } else { 40 };
+    assert_eq!(out.len(), input.len() + overhead, "one outer header added");
+    assert_eq!(out[0..6], HOP_MAC, "to the next hop's MAC");
+    assert_eq!(out[6..12], GW_MAC, "from eg's MAC");
+    assert_eq!(out[12..14], input[12..14], "EtherType kept (same family outside)");
+
+    let mut inner = inner_in.to_vec();
+    let backend;
+    let mut expected = vec![0u8; overhead];
+    if v4 {
+        inner[8] -= 1;
+        fix_ipv4_checksum(&mut inner, 0);
+        let outer = &out[ETH_LEN..ETH_LEN + 20];
+        backend = IpAddr::from(<[u8; 4]>::try_from(&outer[16..20]).unwrap());
+        let total = (inner.len() + 20) as u16;
+        expected[0] = 0x45;
+        expected[1] = inner[1];
+        expected[2..4].copy_from_slice(&total.to_be_bytes());
+        expected[6] = inner[6] & 0x40;
+        expected[8] = 64;
+        expected[9] = 4;
+        expected[12..16].copy_from_slice(&SOURCE4.parse::<std::net::Ipv4Addr>().unwrap().octets());
+        expected[16..20].copy_from_slice(&outer[16..20]);
+        fix_ipv4_checksum(&mut expected, 0);
+    } else {
+        inner[7] -= 1;
+        let outer = &out[ETH_LEN..ETH_LEN + 40];
+        backend = IpAddr::from(<[u8; 16]>::try_from(&outer[24..40]).unwrap());
+        let payload = inner.len() as u16;
+        expected[0] = 0x60 | (inner[0] & 0x0f);
+        expected[1] = inner[1] & 0xf0;
+        expected[4..6].copy_from_slice(&payload.to_be_bytes());
+        expected[6] = 41;
+        expected[7] = 64;
+        expected[8..24].copy_from_slice(&SOURCE6.parse::<std::net::Ipv6Addr>().unwrap().octets());
+        expected[24..40].copy_from_slice(&outer[24..40]);
+    }
+    assert_eq!(out[ETH_LEN..ETH_LEN + overhead], expected[..], "outer header");
+    assert_eq!(out[ETH_LEN + overhead..], inner[..], "inner packet: only the TTL changed");
+    backend
+}
+
+/// The same flows leave byte for byte as the contract says at both hooks, IPv4 and IPv6,
+/// to a backend of the rule's pool; the flow entry records the encapsulation and the
+/// backend; later packets of the flow follow it.
+#[test]
+fn encapsulated_bytes_at_xdp_and_tc() {
+    isolated(true, |ns| {
+        let lab = Lab::new(&ns, &["10.99.0.1/24", "2001:db8:99::1/64"]);
+        lab.k.apply(POLICY);
+        let cases = [
+            ("203.0.113.7", "192.0.2.10", "198.51.100.1"),
+            ("2001:db8:2::7", "2001:db8:f::10", "2001:db8:1::1"),
+        ];
+        for at in [At::Xdp, At::Tc] {
+            for (client, frontend, pool) in cases {
+                let sport = if at == At::Xdp { 40000 } else { 41000 };
+                let syn = frame(client, frontend, L4::Tcp(sport, 80, SYN));
+                let backend = lab.encapsulated(at, &syn);
+                assert!(backend.to_string().starts_with(pool), "{at:?}: {backend}");
+                let key = flow_key(client, frontend, sport, 80, 6);
+                let entry = lab.k.flow(&key).expect("flow entry");
+                assert_eq!(entry.nat, NAT_ENCAP, "{at:?} {client}");
+                let nat_addr = flow_key(&backend.to_string(), frontend, 0, 0, 6).src;
+                assert_eq!(entry.nat_addr, nat_addr, "the entry names the backend");
+                // Later packets, with data, to the same backend; at the other hook too.
+                let data = frame_vlan(client, frontend, L4::Tcp(sport, 80, ACK), &[], &[7; 600]);
+                assert_eq!(lab.encapsulated(at, &data), backend, "{at:?}: same backend");
+                let other = if at == At::Xdp { At::Tc } else { At::Xdp };
+                assert_eq!(lab.encapsulated(other, &data), backend, "{other:?}: same backend");
+            }
+        }
+        // Flows spread over the pool as Maglev says: several backends for 64 flows.
+        let backends: std::collections::HashSet<IpAddr> = (0..64)
+            .map(|p| {
+                lab.encapsulated(
+                    At::Xdp,
+                    &frame("203.0.113.8", "192.0.2.10", L4::Tcp(42000 + p, 80, SYN)),
+                )
+            })
+            .collect();
+        assert_eq!(backends.len(), 3, "every backend takes flows: {backends:?}");
+        // The outer header follows the inner one's DF: a packet without it.
+        let mut no_df = frame("203.0.113.9", "192.0.2.10", L4::Tcp(43000, 80, SYN));
+        no_df[ETH_LEN + 6] &= !0x40;
+        fix_ipv4_checksum(&mut no_df, ETH_LEN);
+        let with_df = frame("203.0.113.9", "192.0.2.10", L4::Tcp(43001, 80, SYN));
+        assert_ne!(no_df[ETH_LEN + 6] & 0x40, with_df[ETH_LEN + 6] & 0x40, "the cases differ");
+        lab.encapsulated(At::Xdp, &no_df);
+        lab.encapsulated(At::Tc, &with_df);
+    });
+}
+
+/// A mid-stream segment of a flow this node never saw (its entries deleted) is taken up
+/// (on by default for the rule) and reaches the backend the flow had, at both hooks; the
+/// NSG still judges such a segment; a rule that turns pickup off drops it.
+#[test]
+fn midstream_pickup_same_backend_and_judged() {
+    isolated(true, |ns| {
+        let lab = Lab::new(&ns, &["10.99.0.1/24", "2001:db8:99::1/64"]);
+        lab.k.apply(POLICY);
+        for at in [At::Xdp, At::Tc] {
+            for (client, frontend) in
+                [("203.0.113.7", "192.0.2.10"), ("2001:db8:2::7", "2001:db8:f::10")]
+            {
+                let sport = if at == At::Xdp { 40100 } else { 41100 };
+                let syn = frame(client, frontend, L4::Tcp(sport, 80, SYN));
+                let backend = lab.encapsulated(at, &syn);
+                lab.forget_flow(&flow_key(client, frontend, sport, 80, 6));
+                let picked = lab.k.flow_stat(FLOW_STAT_PICKED_UP);
+                let ack = tcp_frame(client, frontend, (sport, 80), ACK, 5000, 7000);
+                assert_eq!(lab.encapsulated(at, &ack), backend, "{at:?} {client}: picked up");
+                assert_eq!(lab.k.flow_stat(FLOW_STAT_PICKED_UP), picked + 1);
+            }
+            let policy_drops = lab.k.drops("policy");
+            let denied = tcp_frame("203.0.113.7", "192.0.2.10", (40200, 81), ACK, 1, 1);
+            let (verdict, _) = lab.run(at, &denied);
+            assert_eq!(verdict, if at == At::Xdp { DROP } else { TC_ACT_SHOT }, "{at:?}");
+            assert_eq!(lab.k.drops("policy"), policy_drops + 1, "denied by the NSG");
+            let no_flow = lab.k.drops("no_flow");
+            let off = tcp_frame("203.0.113.7", "192.0.2.10", (40201, 443), ACK, 1, 1);
+            assert_eq!(lab.run(at, &off).0, if at == At::Xdp { DROP } else { TC_ACT_SHOT });
+            assert_eq!(lab.k.drops("no_flow"), no_flow + 1, "midstream_pickup: false");
+        }
+    });
+}
+
+/// The FIB checks the outer length against the route's MTU: a packet that fits only
+/// before encapsulation is dropped, counted as `encap_too_big`; one that fits after goes.
+#[test]
+fn too_big_once_encapsulated_is_dropped_and_counted() {
+    isolated(true, |ns| {
+        let lab = Lab::new(&ns, &["10.99.0.1/24", "2001:db8:99::1/64"]);
+        lab.k.apply(POLICY);
+        lab.set_mtu(1400);
+        for at in [At::Xdp, At::Tc] {
+            let sport = if at == At::Xdp { 40300 } else { 41300 };
+            for (client, frontend, headers) in [
+                ("203.0.113.7", "192.0.2.10", 40 + 20),
+                ("2001:db8:2::7", "2001:db8:f::10", 60 + 40),
+            ] {
+                // The largest payload whose outer packet is exactly the MTU, and one more.
+                let fits = 1400 - headers;
+                let syn = frame(client, frontend, L4::Tcp(sport, 80, SYN));
+                lab.encapsulated(at, &syn);
+                let ok = frame_vlan(client, frontend, L4::Tcp(sport, 80, ACK), &[], &vec![1; fits]);
+                lab.encapsulated(at, &ok);
+                let too_big = lab.k.drops("encap_too_big");
+                let big =
+                    frame_vlan(client, frontend, L4::Tcp(sport, 80, ACK), &[], &vec![1; fits + 1]);
+                let (verdict, _) = lab.run(at, &big);
+                assert_eq!(verdict, if at == At::Xdp { DROP } else { TC_ACT_SHOT }, "{at:?}");
+                assert_eq!(lab.k.drops("encap_too_big"), too_big + 1, "{at:?} {client}");
+            }
+        }
+    });
+}
+
+/// A policy that encapsulates IPv6 on a node without a global IPv6 address is refused,
+/// naming the rule and what to do, and changes nothing; without the IPv6 rule it applies.
+#[test]
+fn apply_refused_without_a_source_of_the_family() {
+    isolated(true, |ns| {
+        let lab = Lab::new(&ns, &["10.99.0.1/24"]);
+        let policy = xdpgate_policy::load_str(POLICY, "test.yaml").unwrap();
+        let err =
+            xdpgate_dataplane::transaction::apply_policy(&lab.k.pins.dir, &policy, POLICY, &|_| {
+                true
+            })
+            .expect_err("no IPv6 source");
+        let text = format!("{err:#}");
+        assert!(text.contains("rule web6") && text.contains("source6"), "{text}");
+        assert!(text.contains("Nothing changed"), "{text}");
+        let (_, running) = xdpgate_dataplane::apply::active(&lab.k.pins.dir).unwrap();
+        assert_eq!(running.generation, 0, "no policy was switched on");
+        let v4_only = POLICY.replace(
+            "      - {name: web6, frontend: v6, protocol: tcp, frontend_port: 80, backend_pool: web6, forwarding: ipip}\n",
+            "",
+        );
+        lab.k.apply(&v4_only);
+        let sources = xdpgate_dataplane::encap::read(&lab.k.pins.dir).unwrap();
+        assert_eq!(sources.v4, Some(SOURCE4.parse().unwrap()));
+        assert_eq!(sources.v6, None);
+        let backend =
+            lab.encapsulated(At::Xdp, &frame("203.0.113.7", "192.0.2.10", L4::Tcp(40400, 80, SYN)));
+        assert!(backend.to_string().starts_with("198.51.100.1"));
+    });
+}

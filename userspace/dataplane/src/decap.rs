@@ -1,0 +1,319 @@
+//! The backend's decapsulation program (`ebpf/src/decap.rs`): attaching it to an interface,
+//! the frontend addresses it decapsulates for, its counters, and detaching it. Its maps and
+//! links live under `<pin dir>/decap/`, apart from the gateway's (whose `links/` lists the
+//! gateway's interfaces), so one host may run both.
+
+use std::{fs, net::IpAddr};
+
+use anyhow::{Context, Result, anyhow, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, PerCpuArray},
+    programs::{
+        Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+    },
+};
+use xdpgate_common::decap::{
+    DECAP_COUNTERS, DECAP_DIR, DECAP_FRONTENDS, DECAP_STATS, DecapCounter, DecapKey,
+    MAX_DECAP_FRONTENDS,
+};
+
+use crate::{Mode, PinDir};
+
+/// The decap program (built by `build.rs` from `ebpf/src/decap.rs`).
+static DECAP_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdpgate-decap"));
+
+/// Name of the decap program in its object.
+pub const DECAP_PROGRAM: &str = "xdpgate_decap";
+
+/// Where the decap program's maps and links are pinned, under the pin directory `pins`.
+pub fn dir(pins: &PinDir) -> PinDir {
+    PinDir::new(pins.path().join(DECAP_DIR))
+}
+
+/// The map key of a frontend address.
+pub fn key(addr: IpAddr) -> DecapKey {
+    match addr {
+        IpAddr::V4(a) => DecapKey { family: 4, addr: [u32::from_ne_bytes(a.octets()), 0, 0, 0] },
+        IpAddr::V6(a) => DecapKey { family: 6, addr: xdpgate_common::words(&a.octets()) },
+    }
+}
+
+fn addr(key: &DecapKey) -> IpAddr {
+    let bytes: Vec<u8> = key.addr.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    if key.family == 4 {
+        IpAddr::from(<[u8; 4]>::try_from(&bytes[..4]).expect("four bytes"))
+    } else {
+        IpAddr::from(<[u8; 16]>::try_from(&bytes[..]).expect("sixteen bytes"))
+    }
+}
+
+/// What `attach` did.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Attached {
+    /// False when the program was attached there already (only frontends were added).
+    pub attached: bool,
+    /// The frontends newly added (the others were served already).
+    pub added: Vec<IpAddr>,
+}
+
+/// Attaches the decap program to `ifname` (of the current network namespace) in XDP mode
+/// `mode`, pins its link, and adds `frontends` to those it decapsulates for. On an interface
+/// it is attached to already, in that mode, only the frontends are added. A refusal (no
+/// such interface, not Ethernet, another XDP program there) changes nothing.
+pub fn attach(pins: &PinDir, ifname: &str, frontends: &[IpAddr], mode: Mode) -> Result<Attached> {
+    if frontends.is_empty() {
+        bail!("no frontend address given: the program would decapsulate nothing (--frontend)");
+    }
+    let ifindex = crate::ifindex(ifname)?;
+    crate::ethernet(ifname)?;
+    let dir = dir(pins);
+    dir.ensure()?;
+    let _lock = crate::state::WriteLock::acquire(&dir)?;
+    if dir.link(ifname).exists() {
+        let link = crate::link_info(&dir, ifname)?;
+        if link.ifindex == 0 {
+            // Its device was deleted (and the kernel detached the program): a new one may
+            // carry the name now.
+            fs::remove_file(dir.link(ifname)).context("removing a deleted device's link")?;
+        } else if link.ifindex != ifindex {
+            bail!(
+                "the decap program under {} is attached to another interface named {ifname} \
+                 (ifindex {}, in another network namespace?); give this one its own --pin-dir",
+                dir.path().display(),
+                link.ifindex
+            );
+        } else {
+            let running = xdp_mode(ifname);
+            if running.is_some_and(|m| m != mode) {
+                bail!(
+                    "the decap program runs on {ifname} in {} mode already; detach it \
+                     (xdpgate decap detach {ifname}) to attach it in {} mode",
+                    mode_name(running.expect("some")),
+                    mode_name(mode)
+                );
+            }
+            let added = add_frontends(pins, frontends)?;
+            return Ok(Attached { attached: false, added });
+        }
+    }
+    let created = !dir.map(DECAP_FRONTENDS).exists();
+    let attached = attach_new(pins, ifname, ifindex, frontends, mode);
+    if attached.is_err() && created {
+        // Nothing was attached: the maps this attach made go too.
+        let _ = remove_pins(pins);
+    }
+    attached
+}
+
+/// Loads the decap object with its maps pinned in (or reused from) the decap directory of
+/// `pins`, and its program into the kernel (verified), ready to attach or test-run.
+pub fn load(pins: &PinDir) -> Result<Ebpf> {
+    let dir = dir(pins);
+    dir.ensure()?;
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(dir.path())
+        .load(DECAP_OBJ)
+        .context("loading the decap eBPF object")?;
+    crate::program(&mut ebpf, DECAP_PROGRAM)?;
+    Ok(ebpf)
+}
+
+fn attach_new(
+    pins: &PinDir,
+    ifname: &str,
+    ifindex: u32,
+    frontends: &[IpAddr],
+    mode: Mode,
+) -> Result<Attached> {
+    let mut ebpf = load(pins)?;
+    let prog: &mut Xdp = ebpf.program_mut(DECAP_PROGRAM).expect("loaded by load").try_into()?;
+    let xdp_mode = match mode {
+        Mode::Native => XdpMode::Driver,
+        Mode::Skb => XdpMode::Skb,
+    };
+    let id = prog.attach_to_if_index(ifindex, xdp_mode).map_err(|e| {
+        let hint = match mode {
+            Mode::Native => "; the driver may not support native XDP: try --mode skb",
+            Mode::Skb => "",
+        };
+        anyhow!("attaching the decap program to {ifname} in {} mode: {e}{hint}", mode_name(mode))
+    })?;
+    let link: FdLink = prog.take_link(id)?.try_into().map_err(|e| {
+        anyhow!("{ifname}: the kernel attached without a bpf_link ({e}), cannot pin")
+    })?;
+    // Until the link is pinned, a failure detaches it (its last handle closes).
+    let added = add_frontends(pins, frontends)?;
+    let pin = dir(pins).link(ifname);
+    link.pin(&pin).with_context(|| format!("pinning the decap link at {}", pin.display()))?;
+    Ok(Attached { attached: true, added })
+}
+
+/// Adds `frontends` to those the program decapsulates for; returns those not there before.
+pub fn add_frontends(pins: &PinDir, frontends: &[IpAddr]) -> Result<Vec<IpAddr>> {
+    let mut map: HashMap<_, DecapKey, u32> = dir(pins).open_map(DECAP_FRONTENDS)?.try_into()?;
+    let mut added = Vec::new();
+    for &f in frontends {
+        if map.get(&key(f), 0).is_ok() {
+            continue;
+        }
+        map.insert(key(f), 1, 0).with_context(|| {
+            format!("adding frontend {f} (at most {MAX_DECAP_FRONTENDS} frontends)")
+        })?;
+        added.push(f);
+    }
+    Ok(added)
+}
+
+/// Stops decapsulating for `frontends`; returns those that were served (the others are
+/// left out). The program stays attached (see [`detach`]).
+pub fn remove_frontends(pins: &PinDir, frontends: &[IpAddr]) -> Result<Vec<IpAddr>> {
+    let dir = dir(pins);
+    if !dir.check()? || !dir.map(DECAP_FRONTENDS).exists() {
+        return Ok(Vec::new());
+    }
+    let _lock = crate::state::WriteLock::acquire(&dir)?;
+    let mut map: HashMap<_, DecapKey, u32> = dir.open_map(DECAP_FRONTENDS)?.try_into()?;
+    let mut removed = Vec::new();
+    for &f in frontends {
+        if map.remove(&key(f)).is_ok() {
+            removed.push(f);
+        }
+    }
+    Ok(removed)
+}
+
+/// Detaches the decap program from `ifname`. The last detach removes its maps (frontends,
+/// counters) and directories too, so that nothing of it is left pinned.
+pub fn detach(pins: &PinDir, ifname: &str) -> Result<()> {
+    let dir = dir(pins);
+    let pin = dir.link(ifname);
+    if !dir.check()? || !pin.exists() {
+        bail!("the decap program is not attached to {ifname} ({} missing)", pin.display());
+    }
+    let _lock = crate::state::WriteLock::acquire(&dir)?;
+    let link = PinnedLink::from_pin(&pin)
+        .with_context(|| format!("opening the pinned link {}", pin.display()))?;
+    // Unpinned, the link goes with this handle: the kernel detaches the program.
+    drop(link.unpin()?);
+    if dir.attached()?.is_empty() {
+        remove_pins(pins)?;
+    }
+    Ok(())
+}
+
+/// The interfaces the decap program is attached to (by their pinned links).
+pub fn attached(pins: &PinDir) -> Result<Vec<String>> {
+    dir(pins).attached()
+}
+
+/// Removes the decap directory with its maps (no link may be left in it), and the pin
+/// directory itself when that leaves it empty.
+fn remove_pins(pins: &PinDir) -> Result<()> {
+    let dir = dir(pins);
+    for name in [DECAP_FRONTENDS, DECAP_STATS] {
+        match fs::remove_file(dir.map(name)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(e).with_context(|| format!("removing {}", dir.map(name).display()));
+            }
+        }
+    }
+    for sub in ["links", "egress", ""] {
+        let path = dir.path().join(sub);
+        fs::remove_dir(&path).or_else(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Ok(()),
+            _ => Err(e).with_context(|| format!("removing {}", path.display())),
+        })?;
+    }
+    // Only if empty: a gateway's pins stay.
+    let _ = fs::remove_dir(pins.path());
+    Ok(())
+}
+
+/// The decap program's state: where it runs, for which frontends, and what it did.
+#[derive(Debug, serde::Serialize)]
+pub struct Status {
+    pub pin_dir: String,
+    pub interfaces: Vec<Interface>,
+    pub frontends: Vec<IpAddr>,
+    /// Packets stripped of their outer header and passed to the stack.
+    pub decapsulated: u64,
+    /// IP-in-IP packets left as they came: not for a frontend served here, or malformed.
+    pub passed: u64,
+    /// Packets that were not IP-in-IP (passed untouched).
+    pub not_tunnel: u64,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct Interface {
+    pub interface: String,
+    /// native or skb; none when the device is not in this network namespace.
+    pub mode: Option<&'static str>,
+    pub program_id: u32,
+    /// False when its device was deleted (the kernel detached the program).
+    pub live: bool,
+}
+
+/// Reads the decap program's state (empty when it is attached nowhere).
+pub fn status(pins: &PinDir) -> Result<Status> {
+    let dir = dir(pins);
+    let mut status = Status {
+        pin_dir: dir.path().display().to_string(),
+        interfaces: Vec::new(),
+        frontends: Vec::new(),
+        decapsulated: 0,
+        passed: 0,
+        not_tunnel: 0,
+    };
+    if !dir.check()? || !dir.map(DECAP_FRONTENDS).exists() {
+        return Ok(status);
+    }
+    for name in dir.attached()? {
+        let link = crate::link_info(&dir, &name)?;
+        let here = crate::ifindex(&name).ok() == Some(link.ifindex);
+        status.interfaces.push(Interface {
+            mode: here.then(|| xdp_mode(&name).map(mode_name)).flatten(),
+            interface: name,
+            program_id: link.prog_id,
+            live: link.ifindex != 0,
+        });
+    }
+    let map: HashMap<_, DecapKey, u32> = dir.open_map(DECAP_FRONTENDS)?.try_into()?;
+    status.frontends = map.keys().filter_map(Result::ok).map(|k| addr(&k)).collect();
+    status.frontends.sort();
+    let stats: PerCpuArray<MapData, u64> = dir.open_map(DECAP_STATS)?.try_into()?;
+    let read = |c: DecapCounter| -> Result<u64> {
+        debug_assert!((c as u32) < DECAP_COUNTERS);
+        Ok(stats.get(&(c as u32), 0)?.iter().sum())
+    };
+    status.decapsulated = read(DecapCounter::Decapsulated)?;
+    status.passed = read(DecapCounter::Passed)?;
+    status.not_tunnel = read(DecapCounter::NotTunnel)?;
+    Ok(status)
+}
+
+/// The XDP mode the program on `ifname` runs in, as `ip -d link` reports it.
+fn xdp_mode(ifname: &str) -> Option<Mode> {
+    let out = std::process::Command::new("ip")
+        .args(["-j", "-d", "link", "show", "dev", ifname])
+        .output()
+        .ok()?;
+    let devs: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    // XDP_ATTACHED_DRV and XDP_ATTACHED_SKB of if_link.h.
+    match devs[0]["xdp"]["mode"].as_u64()? {
+        1 => Some(Mode::Native),
+        2 => Some(Mode::Skb),
+        _ => None,
+    }
+}
+
+/// A mode as `--mode` spells it.
+pub fn mode_name(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Native => "native",
+        Mode::Skb => "skb",
+    }
+}

@@ -1,0 +1,145 @@
+//! `xdpgate decap`: the backend's side of the encapsulating load balancer. Attaches
+//! xdpgate's decapsulation program to the interface the gateways' IP-in-IP packets arrive
+//! by (`xdpgate_dataplane::decap`), names the frontends it decapsulates for, and shows
+//! its state.
+
+use std::net::IpAddr;
+
+use anyhow::Result;
+use xdpgate_dataplane::{
+    Mode, PinDir,
+    decap::{self, Status},
+};
+
+use crate::views::{self, OutputArgs, View};
+
+#[derive(Debug, clap::Args)]
+pub struct DecapArgs {
+    #[command(subcommand)]
+    pub action: DecapAction,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum DecapAction {
+    /// Attach the decapsulation program to an interface (XDP; stays attached after this
+    /// command exits), or add frontends where it is attached already. Packets of IP-in-IP
+    /// (IPv4 or IPv6 outer header) whose inner destination is one of the frontends lose
+    /// their outer header and go to the host's stack; all others pass untouched.
+    ///
+    /// Example: xdpgate decap attach eth0 --frontend 192.0.2.10 --frontend 2001:db8::10
+    Attach(AttachArgs),
+    /// Stop decapsulating for frontends (the program stays attached).
+    Remove(RemoveArgs),
+    /// Detach the decapsulation program from an interface, or from every one with --all;
+    /// the last detach removes its frontends and counters.
+    Detach(DetachArgs),
+    /// Show where the decapsulation program runs, its frontends and its packet counts.
+    Status {
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct AttachArgs {
+    /// The interface the encapsulated packets arrive by (in the --netns namespace when
+    /// given).
+    #[arg(value_name = "IFACE")]
+    pub iface: String,
+    /// A frontend (load balancer) address this backend serves: its packets are
+    /// decapsulated. Repeat for more.
+    #[arg(long = "frontend", value_name = "ADDR", required = true)]
+    pub frontends: Vec<IpAddr>,
+    /// XDP mode: native (in the driver) or skb (generic XDP, any driver).
+    #[arg(long, value_enum, default_value = "native")]
+    pub mode: Mode,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RemoveArgs {
+    /// A frontend address to stop decapsulating for. Repeat for more.
+    #[arg(long = "frontend", value_name = "ADDR", required = true)]
+    pub frontends: Vec<IpAddr>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DetachArgs {
+    /// The interface to detach from.
+    #[arg(value_name = "IFACE", required_unless_present = "all", conflicts_with = "all")]
+    pub iface: Option<String>,
+    /// Detach from every interface the decapsulation program is attached to.
+    #[arg(long)]
+    pub all: bool,
+}
+
+pub fn run(pins: &PinDir, args: DecapArgs) -> Result<()> {
+    match args.action {
+        DecapAction::Attach(a) => {
+            let done = decap::attach(pins, &a.iface, &a.frontends, a.mode)?;
+            let how = if done.attached {
+                format!("attached to {} ({} mode)", a.iface, decap::mode_name(a.mode))
+            } else {
+                format!("already attached to {}", a.iface)
+            };
+            println!("decap {how}; frontends added: {}", list(&done.added));
+        }
+        DecapAction::Remove(r) => {
+            let removed = decap::remove_frontends(pins, &r.frontends)?;
+            let not: Vec<IpAddr> =
+                r.frontends.iter().filter(|f| !removed.contains(f)).copied().collect();
+            println!("decap frontends removed: {}", list(&removed));
+            if !not.is_empty() {
+                println!("not decapsulated for before: {}", list(&not));
+            }
+        }
+        DecapAction::Detach(d) => {
+            let names = if d.all { decap::attached(pins)? } else { d.iface.into_iter().collect() };
+            if names.is_empty() {
+                println!("the decap program is attached to no interface");
+            }
+            for name in names {
+                decap::detach(pins, &name)?;
+                println!("decap detached from {name}");
+            }
+        }
+        DecapAction::Status { output } => views::print(&decap::status(pins)?, output.format())?,
+    }
+    Ok(())
+}
+
+fn list(addrs: &[IpAddr]) -> String {
+    if addrs.is_empty() {
+        return "none".into();
+    }
+    addrs.iter().map(IpAddr::to_string).collect::<Vec<_>>().join(", ")
+}
+
+impl View for Status {
+    fn json(&self) -> Result<serde_json::Value> {
+        Ok(serde_json::to_value(self)?)
+    }
+
+    fn text(&self) -> String {
+        if self.interfaces.is_empty() {
+            return format!("the decap program is attached to no interface ({})\n", self.pin_dir);
+        }
+        let ifaces: Vec<String> = self
+            .interfaces
+            .iter()
+            .map(|i| {
+                let mode = i.mode.unwrap_or(if i.live { "other namespace" } else { "deleted" });
+                format!("{} ({mode}, program {})", i.interface, i.program_id)
+            })
+            .collect();
+        format!(
+            "decap program ({}) on: {}\nfrontends: {}\npackets: {} decapsulated, {} IP-in-IP \
+             passed (not for a frontend here), {} not IP-in-IP\n",
+            self.pin_dir,
+            ifaces.join(", "),
+            list(&self.frontends),
+            self.decapsulated,
+            self.passed,
+            self.not_tunnel
+        )
+    }
+}
