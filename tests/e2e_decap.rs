@@ -442,6 +442,40 @@ fn script_down_of_one_frontend_keeps_the_other() {
     assert!(!lab.lo_addrs().contains(VIP6));
 }
 
+/// `decap attach` where the program runs already replaces it in place with this build's
+/// (an upgrade): the same link, another program, the frontends and counters kept, and
+/// packets decapsulated by the new program.
+#[test]
+fn attach_again_replaces_the_program_in_place() {
+    let lab = Lab::new();
+    lab.pins.xdpgate(&["decap", "attach", &lab.b_if, "--frontend", VIP4]);
+    lab.backend.exec("ip", &["addr", "add", &format!("{VIP4}/32"), "dev", "lo"]);
+    let vip = ip(VIP4);
+    let udp = lab.backend.run(move || UdpSocket::bind((vip, 9100)).unwrap());
+    udp.set_read_timeout(Some(WAIT)).unwrap();
+    let send = |payload: &[u8]| {
+        lab.send_encapsulated(&frame_vlan(CLIENT4, VIP4, L4::Udp(40000, 9100), &[], payload));
+        let mut buf = [0u8; 64];
+        let (n, _) = udp.recv_from(&mut buf).expect("no datagram");
+        assert_eq!(&buf[..n], payload);
+    };
+    send(b"before");
+    let before = lab.status();
+    let out = lab.pins.xdpgate(&["decap", "attach", &lab.b_if, "--frontend", VIP6]);
+    assert!(out.contains("replaced"), "{out}");
+    let after = lab.status();
+    let id = |s: &Value| s["interfaces"][0]["program_id"].as_u64();
+    assert_ne!(id(&after), id(&before), "{before} {after}");
+    let link = lab.backend.exec("ip", &["-j", "-d", "link", "show", &lab.b_if]).stdout;
+    let link: Value = serde_json::from_slice(&link).unwrap();
+    assert_eq!(link[0]["xdp"]["prog"]["id"].as_u64(), id(&after), "{link}");
+    assert_eq!(after["frontends"], serde_json::json!([VIP4, VIP6]), "{after}");
+    assert_eq!(after["decapsulated"].as_u64(), Some(1), "{after}");
+    send(b"after");
+    assert_eq!(lab.status()["decapsulated"].as_u64(), Some(2));
+    lab.pins.xdpgate(&["decap", "detach", &lab.b_if]);
+}
+
 /// The kernel's own tunnel devices (`--decap kernel`, the default where the kernel has
 /// them). Where it has none (no ipip or ip6_tunnel module, as on the machine these tests
 /// were written on), the default is xdpgate's program and `--decap kernel` is refused

@@ -22,7 +22,8 @@ pub struct DecapArgs {
 #[derive(Debug, clap::Subcommand)]
 pub enum DecapAction {
     /// Attach the decapsulation program to an interface (XDP; stays attached after this
-    /// command exits), or add frontends where it is attached already. Packets of IP-in-IP
+    /// command exits). Where it is attached already, its program is replaced in place by
+    /// this build's (frontends and counters kept) and the frontends added. Packets of IP-in-IP
     /// (IPv4 or IPv6 outer header) whose inner destination is one of the frontends lose
     /// their outer header and go to the host's stack; all others pass untouched.
     ///
@@ -79,7 +80,7 @@ pub fn run(pins: &PinDir, args: DecapArgs) -> Result<()> {
             let how = if done.attached {
                 format!("attached to {} ({} mode)", a.iface, decap::mode_name(a.mode))
             } else {
-                format!("already attached to {}", a.iface)
+                format!("program on {} replaced with this build's", a.iface)
             };
             println!("decap {how}; frontends added: {}", list(&done.added));
         }

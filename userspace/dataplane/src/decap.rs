@@ -12,6 +12,7 @@ use aya::{
     programs::{
         Xdp, XdpMode,
         links::{FdLink, PinnedLink},
+        xdp::XdpLink,
     },
 };
 use xdpgate_common::decap::{
@@ -52,7 +53,7 @@ fn addr(key: &DecapKey) -> IpAddr {
 /// What `attach` did.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Attached {
-    /// False when the program was attached there already (only frontends were added).
+    /// False when the program was attached there already (and was replaced in place).
     pub attached: bool,
     /// The frontends newly added (the others were served already).
     pub added: Vec<IpAddr>,
@@ -60,8 +61,10 @@ pub struct Attached {
 
 /// Attaches the decap program to `ifname` (of the current network namespace) in XDP mode
 /// `mode`, pins its link, and adds `frontends` to those it decapsulates for. On an interface
-/// it is attached to already, in that mode, only the frontends are added. A refusal (no
-/// such interface, not Ethernet, another XDP program there) changes nothing.
+/// it is attached to already, in that mode, its link is pointed at this build's program
+/// (`bpf_link_update`: no moment without one, frontends and counters kept) and the
+/// frontends are added. A refusal (no such interface, not Ethernet, another XDP program
+/// there) changes nothing.
 pub fn attach(pins: &PinDir, ifname: &str, frontends: &[IpAddr], mode: Mode) -> Result<Attached> {
     if frontends.is_empty() {
         bail!("no frontend address given: the program would decapsulate nothing (--frontend)");
@@ -94,6 +97,7 @@ pub fn attach(pins: &PinDir, ifname: &str, frontends: &[IpAddr], mode: Mode) -> 
                     mode_name(mode)
                 );
             }
+            replace(pins, ifname)?;
             let added = add_frontends(pins, frontends)?;
             return Ok(Attached { attached: false, added });
         }
@@ -148,6 +152,22 @@ fn attach_new(
     let pin = dir(pins).link(ifname);
     link.pin(&pin).with_context(|| format!("pinning the decap link at {}", pin.display()))?;
     Ok(Attached { attached: true, added })
+}
+
+/// Points the pinned link of `ifname` at a newly loaded program of this build.
+fn replace(pins: &PinDir, ifname: &str) -> Result<()> {
+    let mut ebpf = load(pins)?;
+    let prog: &mut Xdp = ebpf.program_mut(DECAP_PROGRAM).expect("loaded by load").try_into()?;
+    let pinned = PinnedLink::from_pin(dir(pins).link(ifname))
+        .with_context(|| format!("opening the pinned decap link of {ifname}"))?;
+    let link = XdpLink::try_from(FdLink::from(pinned))
+        .map_err(|e| anyhow!("{ifname}: the pinned decap link is not an XDP link: {e}"))?;
+    let id = prog
+        .attach_to_link(link)
+        .with_context(|| format!("replacing the decap program on {ifname}"))?;
+    // The link stays pinned; this process's handle on it may go.
+    let _ = prog.take_link(id)?;
+    Ok(())
 }
 
 /// Adds `frontends` to those the program decapsulates for; returns those not there before.
