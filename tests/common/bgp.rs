@@ -84,7 +84,7 @@ pub struct Peer {
 /// The router (AS 65000): BGP from each gateway (AS 65001) over IPv4 and over IPv6, the best
 /// paths of each family merged into one multipath route; the sessions' hold time `hold`
 /// seconds, keepalives every third of it. A session ended by an error (a link down, a hold
-/// timer) starts again after 1 s, not BIRD's default 60 s.
+/// timer) starts again after 1 s, not BIRD's default 60 s (as deploy/bird/router.conf).
 pub fn router_config(peers: &[Peer], hold: u16) -> String {
     let keepalive = (hold / 3).max(1);
     let mut out = "router id 203.0.113.1;\nprotocol device {}\n".to_owned();
@@ -98,7 +98,7 @@ pub fn router_config(peers: &[Peer], hold: u16) -> String {
             out += &format!(
                 "protocol bgp gw{i}_{family} {{\n  local as 65000;\n  neighbor {addr} as 65001;\n  \
                  hold time {hold};\n  keepalive time {keepalive};\n  connect delay time 1;\n  \
-                 connect retry time 2;\n  error wait time 1, 4;\n  graceful restart off;\n  \
+                 connect retry time 2;\n  error wait time 1, 60;\n  graceful restart off;\n  \
                  {family} {{ import all; export none; }};\n}}\n"
             );
         }
