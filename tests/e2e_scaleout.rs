@@ -33,6 +33,7 @@ use std::{
 use common::{
     Netns, Pins,
     agent::NodeAgent,
+    assert_ingress_hook,
     bgp::{self, Bird, Peer},
     echo_conns::{EchoBackend, EchoClients, Summary},
     unique, veth,
@@ -62,19 +63,29 @@ fn backend(i: usize) -> (String, String) {
 enum Reach {
     /// Floating IP: the gateways have a leg on the backends' segment.
     FloatingIp,
+    /// Encapsulation (`forwarding: ipip`): the backends are behind the router, in a subnet
+    /// of their own, and strip the outer header with xdpgate's decap program (this kernel
+    /// has no ipip module) set up by deploy/backend/xdpgate-backend.sh.
+    Encap,
 }
 
 /// One policy for every gateway: the two frontends, three backends each, probed every
-/// 500 ms, flows picked up mid-stream, an NSG allowing the web port in.
+/// 500 ms from the gateways' link addresses, flows picked up mid-stream, an NSG allowing
+/// the web port in.
 fn policy(reach: Reach) -> String {
     let (v4, v6): (Vec<_>, Vec<_>) = (0..3).map(backend).unzip();
     let forwarding = match reach {
-        Reach::FloatingIp => "floating_ip: true",
+        Reach::FloatingIp => "floating_ip: true, midstream_pickup: true",
+        // Mid-stream pickup is on by default for encapsulating rules.
+        Reach::Encap => "forwarding: ipip",
     };
     format!(
         "
 virtual_network:
   address_space: [198.51.100.0/24, 2001:db8:1::/64]
+# The gateways' probes (sent from their addresses towards the router), admitted by the
+# backends' NSG as Azure's admits AzureLoadBalancer.
+health_probe_source: [203.0.113.0/28, '2001:db8:ff::/48']
 nsgs:
   - name: web
     subnets: [198.51.100.0/24, 2001:db8:1::/64]
@@ -93,9 +104,9 @@ load_balancers:
       - {{name: up, protocol: tcp, port: 8080, interval: 500, timeout: 400, threshold: 2}}
     rules:
       - {{name: http, frontend: vip, protocol: tcp, frontend_port: 80, backend_pool: web,
-         probe: up, {forwarding}, midstream_pickup: true}}
+         probe: up, {forwarding}}}
       - {{name: http6, frontend: vip6, protocol: tcp, frontend_port: 80, backend_pool: web6,
-         probe: up, {forwarding}, midstream_pickup: true}}
+         probe: up, {forwarding}}}
 ",
         v4.join(", "),
         v6.join("', '")
@@ -141,14 +152,16 @@ impl Gateway {
         ] {
             ns.exec("sysctl", &["-qw", key]);
         }
-        let mut interfaces = format!("  - {{name: {iface}, role: external}}\n");
+        // Both hooks in one fleet: gw1 and gw2 at XDP, gw3 at tc.
+        let hook = if n < 3 { "xdp" } else { "tc" };
+        let mut interfaces = format!("  - {{name: {iface}, role: external, hook: {hook}}}\n");
         if reach == Reach::FloatingIp {
             // A leg on the backends' segment (the router's bridge).
             let (port, int) =
                 veth(router, "", &ns, &format!("198.51.100.{}/24,2001:db8:1::{0}/64", 1 + n));
             router.exec("ip", &["link", "set", &port, "master", lan]);
             router.exec("ethtool", &["-K", &port, "gro", "on"]);
-            interfaces += &format!("  - {{name: {int}, role: internal}}\n");
+            interfaces += &format!("  - {{name: {int}, role: internal, hook: {hook}}}\n");
         }
         let node = format!(
             "interfaces:\n{interfaces}bgp:\n  router_id: 203.0.113.{}\n  local_as: 65001\n  \
@@ -241,8 +254,86 @@ impl Gateway {
 /// One backend: its namespace (the frontends on lo) and its echo service.
 struct Backend {
     server: Option<EchoBackend>,
+    /// Its decapsulation (encapsulating mode), undone on drop.
+    decap: Option<BackendScript>,
     /// Held for the topology's life.
     _ns: Netns,
+}
+
+impl Backend {
+    fn new(router: &Netns, lan: &str, i: usize, reach: Reach) -> Self {
+        let ns = Netns::new("sobe");
+        let (v4, v6) = backend(i);
+        let (port, _) = veth(router, "", &ns, &format!("{v4}/24,{v6}/64"));
+        router.exec("ip", &["link", "set", &port, "master", lan]);
+        router.exec("ethtool", &["-K", &port, "gro", "on"]);
+        ns.exec("ip", &["route", "add", "default", "via", "198.51.100.1"]);
+        ns.exec("ip", &["-6", "route", "add", "default", "via", "2001:db8:1::1"]);
+        let decap = match reach {
+            Reach::Encap => Some(BackendScript::up(&ns)),
+            Reach::FloatingIp => {
+                for vip in [format!("{VIP}/32"), format!("{VIP6}/128")] {
+                    let mut args = vec!["addr", "add", &vip, "dev", "lo"];
+                    if vip.contains(':') {
+                        args.push("nodad");
+                    }
+                    ns.exec("ip", &args);
+                }
+                None
+            }
+        };
+        let server = Some(EchoBackend::start(&ns, 80, 8080));
+        Self { server, decap, _ns: ns }
+    }
+
+    /// Packets its decap program decapsulated and passed on untouched.
+    fn decap_counts(&self) -> (u64, u64) {
+        let Some(d) = &self.decap else { return (0, 0) };
+        let status: Value =
+            serde_json::from_str(&d.pins.xdpgate(&["decap", "status", "--json"])).unwrap();
+        (status["decapsulated"].as_u64().unwrap_or(0), status["passed"].as_u64().unwrap_or(0))
+    }
+}
+
+/// A backend as deploy/backend/xdpgate-backend.sh sets it up (`up` with both frontends,
+/// xdpgate's decap program, a pin directory of its own); `down` on drop.
+struct BackendScript {
+    ns: String,
+    pins: Pins,
+}
+
+impl BackendScript {
+    fn up(ns: &Netns) -> Self {
+        let this = Self { ns: ns.name.clone(), pins: Pins::in_netns(ns) };
+        this.run(&["up", VIP, VIP6, "--decap", "xdpgate"]);
+        this
+    }
+
+    fn run(&self, args: &[&str]) -> std::process::Output {
+        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../deploy/backend/xdpgate-backend.sh");
+        let out = std::process::Command::new("sh")
+            .arg(script)
+            .args(args)
+            .args(["--netns", &self.ns, "--pin-dir"])
+            .arg(self.pins.dir.path())
+            .env("XDPGATE", common::xdpgate_bin())
+            .output()
+            .expect("run xdpgate-backend.sh");
+        assert!(
+            out.status.success() || std::thread::panicking(),
+            "xdpgate-backend.sh {args:?}:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+}
+
+impl Drop for BackendScript {
+    fn drop(&mut self) {
+        self.run(&["down"]);
+    }
 }
 
 /// The whole topology.
@@ -280,26 +371,7 @@ impl Fleet {
         router.exec("ip", &["addr", "add", "198.51.100.1/24", "dev", lan]);
         router.exec("ip", &["addr", "add", "2001:db8:1::1/64", "dev", lan, "nodad"]);
         router.exec("ip", &["link", "set", lan, "up"]);
-        let backends = (0..3)
-            .map(|i| {
-                let ns = Netns::new("sobe");
-                let (v4, v6) = backend(i);
-                let (port, _) = veth(&router, "", &ns, &format!("{v4}/24,{v6}/64"));
-                router.exec("ip", &["link", "set", &port, "master", lan]);
-                router.exec("ethtool", &["-K", &port, "gro", "on"]);
-                ns.exec("ip", &["route", "add", "default", "via", "198.51.100.1"]);
-                ns.exec("ip", &["-6", "route", "add", "default", "via", "2001:db8:1::1"]);
-                for vip in [format!("{VIP}/32"), format!("{VIP6}/128")] {
-                    let mut args = vec!["addr", "add", &vip, "dev", "lo"];
-                    if vip.contains(':') {
-                        args.push("nodad");
-                    }
-                    ns.exec("ip", &args);
-                }
-                let server = Some(EchoBackend::start(&ns, 80, 8080));
-                Backend { server, _ns: ns }
-            })
-            .collect();
+        let backends = (0..3).map(|i| Backend::new(&router, lan, i, reach)).collect();
         let gateways: Vec<Gateway> =
             (1..=3).map(|n| Gateway::new(&router, n, reach, lan)).collect();
         let peers: Vec<Peer> = (1..=3u8)
@@ -314,6 +386,8 @@ impl Fleet {
         let policy = fleet.policy.clone();
         for gw in &mut fleet.gateways {
             gw.start_agent(&policy);
+            let hook = if gw.n < 3 { "xdp" } else { "tc" };
+            assert_ingress_hook(&gw.pins, &gw.ns, &gw.iface, hook);
         }
         fleet
     }
@@ -371,57 +445,76 @@ struct Row {
     step: String,
     up: usize,
     figures: Summary,
+    /// The step's wall time, and how long after the change the router had its new next
+    /// hops and every connection had echoed again.
+    took: Duration,
     routes: Duration,
     traffic: Duration,
 }
 
-/// Runs a step: `act` does it (returning the gateways up afterwards and how long the
-/// router took to have exactly those); then every live connection must echo again. Prints
-/// and records the step's figures; asserts that none broke (beyond `broken_before`).
+/// Runs a step: `act` does it and returns when the change happened (the command that
+/// triggers the router's change); then the router's next hops must become the gateways of
+/// `up`, and every live connection must echo again. Prints and records the step's
+/// figures; asserts that `broken` connections have broken so far, no more.
 fn step(
     rows: &mut Vec<Row>,
     conns: &EchoClients,
     fleet: &mut Fleet,
-    name: &str,
-    broken_before: usize,
-    act: impl FnOnce(&mut Fleet) -> (usize, Duration),
+    (name, up, broken): (&str, &[u8], usize),
+    act: impl FnOnce(&mut Fleet) -> Instant,
 ) {
     conns.mark();
-    let (up, routes) = act(fleet);
+    let start = Instant::now();
+    let changed = act(fleet);
+    fleet.wait_paths(up, name);
     let converged = Instant::now();
+    let routes = converged - changed;
     let traffic = routes + conns.wait_echoing(converged, Duration::from_secs(30));
     // A second round of echoes: the connections carry on, not just answered once.
     conns.wait_echoing(Instant::now(), Duration::from_secs(10));
     let figures = conns.summary();
+    let took = start.elapsed();
     println!(
-        "{name}: {up} gateways up, {} alive, {} broken, {} bytes, {} stalled over 1 s, \
-         longest stall {:.2} s, routes {:.2} s, traffic {:.2} s",
+        "{name}: {} gateways up, {} alive, {} broken, {} bytes in {:.1} s, {} stalled over \
+         1 s, longest stall {:.2} s, routes {:.2} s, traffic {:.2} s",
+        up.len(),
         figures.alive,
         figures.broken,
         figures.bytes,
+        took.as_secs_f64(),
         figures.stalled,
         figures.longest_stall.as_secs_f64(),
         routes.as_secs_f64(),
         traffic.as_secs_f64()
     );
-    assert_eq!(figures.broken, broken_before, "{name}: broken {:?}", figures.broken_list);
-    rows.push(Row { step: name.to_owned(), up, figures, routes, traffic });
+    assert_eq!(figures.broken, broken, "{name}: broken {:?}", figures.broken_list);
+    rows.push(Row { step: name.to_owned(), up: up.len(), figures, took, routes, traffic });
 }
 
 fn table(rows: &[Row]) -> String {
     let mut out = format!(
-        "{:<32} {:>3} {:>5} {:>6} {:>8} {:>7} {:>7} {:>7} {:>7}\n",
-        "step", "gws", "alive", "broken", "bytes", "stalled", "stall s", "route s", "flows s"
+        "{:<29} {:>3} {:>5} {:>6} {:>7} {:>6} {:>7} {:>7} {:>7} {:>7}\n",
+        "step",
+        "gws",
+        "alive",
+        "broken",
+        "bytes",
+        "secs",
+        "stalled",
+        "stall s",
+        "route s",
+        "flows s"
     );
     for r in rows {
         let _ = writeln!(
             out,
-            "{:<32} {:>3} {:>5} {:>6} {:>8} {:>7} {:>7.2} {:>7.2} {:>7.2}",
+            "{:<29} {:>3} {:>5} {:>6} {:>7} {:>6.1} {:>7} {:>7.2} {:>7.2} {:>7.2}",
             r.step,
             r.up,
             r.figures.alive,
             r.figures.broken,
             r.figures.bytes,
+            r.took.as_secs_f64(),
             r.figures.stalled,
             r.figures.longest_stall.as_secs_f64(),
             r.routes.as_secs_f64(),
@@ -454,7 +547,7 @@ fn scale_out(reach: Reach) {
         [VIP, VIP6].iter().map(|v| SocketAddr::new(v.parse().unwrap(), 80)).collect();
     let conns = EchoClients::open(&fleet.client, &frontends, per_family, LIMIT);
     let mut rows = Vec::new();
-    step(&mut rows, &conns, &mut fleet, "all up", 0, |_| (3, Duration::ZERO));
+    step(&mut rows, &conns, &mut fleet, ("all up", &all, 0), |_| Instant::now());
     // Spread over the gateways (each connection on one: none has moved yet).
     let mut seen = BTreeSet::new();
     for gw in &fleet.gateways {
@@ -473,52 +566,57 @@ fn scale_out(reach: Reach) {
     assert_eq!(seen, ends, "the gateways' flows are not the client's connections");
 
     // A clean stop: SIGTERM withdraws, the others take its flows (picked up mid-stream).
-    step(&mut rows, &conns, &mut fleet, "gw1 agent stopped (SIGTERM)", 0, |f| {
+    step(&mut rows, &conns, &mut fleet, ("gw1 agent stopped (SIGTERM)", &[2, 3], 0), |f| {
+        let now = Instant::now();
         let status = f.gw(1).agent.as_mut().unwrap().terminate();
         assert!(status.success(), "xdpgate run exited with {status}");
-        (2, f.wait_paths(&[2, 3], "gw1's agent stopped"))
+        now
     });
-    step(&mut rows, &conns, &mut fleet, "gw1 agent started again", 0, |f| {
+    step(&mut rows, &conns, &mut fleet, ("gw1 agent started again", &all, 0), |f| {
+        let now = Instant::now();
         let policy = f.policy.clone();
         f.gw(1).start_agent(&policy);
-        (3, f.wait_paths(&all, "gw1's agent back"))
+        now
     });
 
     // A cut link (the gateway's end down): the router's BIRD sees the link go and ends the
     // session at once.
     conns.set_limit(CUT_LIMIT);
-    step(&mut rows, &conns, &mut fleet, "gw2 link cut", 0, |f| {
-        let gw = f.gw(2);
-        gw.ns.exec("ip", &["link", "set", &gw.iface.clone(), "down"]);
-        (2, f.wait_paths(&[1, 3], "gw2's link cut"))
+    step(&mut rows, &conns, &mut fleet, ("gw2 link cut", &[1, 3], 0), |f| {
+        let (gw, now) = (f.gw(2), Instant::now());
+        gw.ns.exec("ip", &["link", "set", &gw.iface, "down"]);
+        now
     });
-    step(&mut rows, &conns, &mut fleet, "gw2 link restored", 0, |f| {
-        let gw = f.gw(2);
-        gw.ns.exec("ip", &["link", "set", &gw.iface.clone(), "up"]);
+    step(&mut rows, &conns, &mut fleet, ("gw2 link restored", &all, 0), |f| {
+        let (gw, now) = (f.gw(2), Instant::now());
+        gw.ns.exec("ip", &["link", "set", &gw.iface, "up"]);
         gw.default_routes();
-        (3, f.wait_paths(&all, "gw2's link restored"))
+        now
     });
 
     // A path gone silent (nothing in or out, the link up): the router's hold timer (3 s)
     // ends the session; until then the gateway's share stalls.
-    step(&mut rows, &conns, &mut fleet, "gw2 silent (hold timer)", 0, |f| {
+    step(&mut rows, &conns, &mut fleet, ("gw2 silent (hold timer)", &[1, 3], 0), |f| {
+        let now = Instant::now();
         f.silence(2, true);
-        (2, f.wait_paths(&[1, 3], "gw2 silent"))
+        now
     });
-    step(&mut rows, &conns, &mut fleet, "gw2 heard again", 0, |f| {
+    step(&mut rows, &conns, &mut fleet, ("gw2 heard again", &all, 0), |f| {
+        let now = Instant::now();
         f.silence(2, false);
-        (3, f.wait_paths(&all, "gw2 heard again"))
+        now
     });
 
     // A crashed BIRD (SIGKILL): the router's session ends at once (its socket closes).
-    step(&mut rows, &conns, &mut fleet, "gw3 BIRD killed", 0, |f| {
+    step(&mut rows, &conns, &mut fleet, ("gw3 BIRD killed", &[1, 2], 0), |f| {
+        let now = Instant::now();
         f.gw(3).bird = None;
-        (2, f.wait_paths(&[1, 2], "gw3's BIRD killed"))
+        now
     });
-    step(&mut rows, &conns, &mut fleet, "gw3 BIRD started again", 0, |f| {
-        let gw = f.gw(3);
+    step(&mut rows, &conns, &mut fleet, ("gw3 BIRD started again", &all, 0), |f| {
+        let (gw, now) = (f.gw(3), Instant::now());
         gw.bird = Some(Bird::start(&gw.ns, &gw.bird_conf));
-        (3, f.wait_paths(&all, "gw3's BIRD back"))
+        now
     });
     conns.set_limit(LIMIT);
 
@@ -526,19 +624,23 @@ fn scale_out(reach: Reach) {
     // agent started, the gateway undrained.
     for n in 1..=3u8 {
         let others: Vec<u8> = all.into_iter().filter(|&m| m != n).collect();
-        step(&mut rows, &conns, &mut fleet, &format!("roll: gw{n} drained"), 0, |f| {
+        let drained = format!("roll: gw{n} drained");
+        step(&mut rows, &conns, &mut fleet, (&drained, &others, 0), |f| {
+            let now = Instant::now();
             f.gw(n).pins.xdpgate(&["drain", "--wait", "10"]);
-            (2, f.wait_paths(&others, "drained"))
+            now
         });
-        step(&mut rows, &conns, &mut fleet, &format!("roll: gw{n} upgraded, undrained"), 0, |f| {
+        let back = format!("roll: gw{n} upgraded, undrained");
+        step(&mut rows, &conns, &mut fleet, (&back, &all, 0), |f| {
             let policy = f.policy.clone();
             let gw = f.gw(n);
             let status = gw.agent.as_mut().unwrap().terminate();
             assert!(status.success(), "xdpgate run exited with {status}");
             gw.pins.xdpgate(&["upgrade"]);
             gw.start_agent(&policy);
+            let now = Instant::now();
             gw.pins.xdpgate(&["undrain", "--wait", "10"]);
-            (3, f.wait_paths(&all, "undrained"))
+            now
         });
     }
 
@@ -553,18 +655,42 @@ fn scale_out(reach: Reach) {
     println!("backend 3 holds {} connections", ends_lost.len());
     assert!(!ends_lost.is_empty(), "backend 3 got no connection");
     let expected = ends_lost.len();
-    step(&mut rows, &conns, &mut fleet, "backend 3 crashed", expected, |f| {
+    step(&mut rows, &conns, &mut fleet, ("backend 3 crashed", &all, expected), |f| {
         f.backends[2].server.take().unwrap().crash();
-        (3, Duration::ZERO)
+        Instant::now()
     });
     let broken: BTreeSet<SocketAddr> =
         conns.summary().broken_list.iter().map(|(a, _)| *a).collect();
     assert_eq!(broken, ends_lost, "broken connections are not the crashed backend's");
 
+    for (i, b) in fleet.backends.iter().enumerate() {
+        let accepted = b.server.as_ref().map_or(ends_lost.len(), |s| s.accepted().len());
+        let (decapsulated, passed) = b.decap_counts();
+        println!(
+            "backend {}: {accepted} connections, {decapsulated} packets decapsulated, \
+             {passed} passed",
+            i + 1
+        );
+        assert!(
+            reach != Reach::Encap || decapsulated > 0,
+            "backend {}: nothing decapsulated",
+            i + 1
+        );
+    }
     println!("\n{}", table(&rows));
 }
 
+/// The same with floating IP, the backends on the gateways' segment (`XDPGATE_LONG=1`).
 #[test]
 fn connections_survive_gateways_going_and_coming_back_floating_ip() {
+    if !long() {
+        eprintln!("skipping: the floating-IP variant runs with XDPGATE_LONG=1");
+        return;
+    }
     scale_out(Reach::FloatingIp);
+}
+
+#[test]
+fn connections_survive_gateways_going_and_coming_back_encapsulated() {
+    scale_out(Reach::Encap);
 }
