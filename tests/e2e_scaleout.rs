@@ -233,6 +233,27 @@ impl Gateway {
         out + &self.bird.as_ref().map_or("bird: not running\n".into(), Bird::show)
     }
 
+    /// Polls `xdpgate lb --json` until both addresses of a backend are unhealthy.
+    fn wait_backend_down(&self, (v4, v6): &(String, String)) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let report: Value =
+                serde_json::from_str(&self.pins.xdpgate(&["lb", "--json"])).expect("lb --json");
+            let healthy = report
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|s| s["backends"].as_array().into_iter().flatten())
+                .filter(|b| b["address"] == v4.as_str() || b["address"] == v6.as_str())
+                .any(|b| b["healthy"] != false);
+            if !healthy {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{}: {v4} still healthy: {report}", self.name());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// The client ends of the TCP flows to the frontends this gateway saw a packet of in
     /// the last `within` seconds.
     fn flows(&self, within: f64) -> BTreeSet<SocketAddr> {
@@ -655,13 +676,25 @@ fn scale_out(reach: Reach) {
     println!("backend 3 holds {} connections", ends_lost.len());
     assert!(!ends_lost.is_empty(), "backend 3 got no connection");
     let expected = ends_lost.len();
-    step(&mut rows, &conns, &mut fleet, ("backend 3 crashed", &all, expected), |f| {
+    // Its probe fails on every gateway, which takes it out of their Maglev tables.
+    step(&mut rows, &conns, &mut fleet, ("backend 3 crashed, out", &all, expected), |f| {
+        let now = Instant::now();
         f.backends[2].server.take().unwrap().crash();
-        Instant::now()
+        for gw in &f.gateways {
+            gw.wait_backend_down(&backend(2));
+        }
+        now
     });
     let broken: BTreeSet<SocketAddr> =
         conns.summary().broken_list.iter().map(|(a, _)| *a).collect();
     assert_eq!(broken, ends_lost, "broken connections are not the crashed backend's");
+    // The rebuilt tables agree across the gateways: the connections gw1 carries move to
+    // the others, which pick them up with their own tables.
+    step(&mut rows, &conns, &mut fleet, ("then gw1 drained", &[2, 3], expected), |f| {
+        let now = Instant::now();
+        f.gw(1).pins.xdpgate(&["drain", "--wait", "10"]);
+        now
+    });
 
     for (i, b) in fleet.backends.iter().enumerate() {
         let accepted = b.server.as_ref().map_or(ends_lost.len(), |s| s.accepted().len());
