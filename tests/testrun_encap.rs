@@ -16,7 +16,10 @@ use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use common::{
     isolated,
     kernel::{DROP, Kernel, link_tc_pipeline},
-    packet::{ACK, ETH_LEN, L4, SYN, fix_ipv4_checksum, flow_key, frame, frame_vlan, tcp_frame},
+    packet::{
+        ACK, ETH_LEN, L4, SYN, encapsulate, fix_ipv4_checksum, flow_key, frame, frame_vlan,
+        tcp_frame,
+    },
 };
 use xdpgate_common::{
     flow::{FLOW_STAT_PICKED_UP, FlowKey, FlowValue, NAT_ENCAP},
@@ -157,51 +160,34 @@ fn mac(m: &[u8; 6]) -> String {
 }
 
 /// Checks every byte of `out`, the frame `input` became: Ethernet to the next hop from
-/// `eg`, one outer header (its fields and checksum as the contract with the backend's
-/// decapsulation says), then `input`'s IP packet with the TTL (hop limit) one less and the
-/// IPv4 header checksum updated, nothing else changed. Returns the outer destination.
+/// `eg`, one outer header as the contract with the backend's decapsulation says (built
+/// here by `packet::encapsulate`, the helper DECAP's tests build their input with; the
+/// outer DF follows the inner one), then `input`'s IP packet with the TTL (hop limit) one
+/// less and the IPv4 header checksum updated, nothing else changed. Returns the outer
+/// destination.
 fn check_encapsulated(input: &[u8], out: &[u8]) -> IpAddr {
-    let inner_in = &input[ETH_LEN..];
-    let v4 = inner_in[0] >> 4 == 4;
+    let v4 = input[ETH_LEN] >> 4 == 4;
     let overhead = if v4 { 20 } else { 40 };
     assert_eq!(out.len(), input.len() + overhead, "one outer header added");
     assert_eq!(out[0..6], HOP_MAC, "to the next hop's MAC");
     assert_eq!(out[6..12], GW_MAC, "from eg's MAC");
     assert_eq!(out[12..14], input[12..14], "EtherType kept (same family outside)");
-
-    let mut inner = inner_in.to_vec();
-    let backend;
-    let mut expected = vec![0u8; overhead];
-    if v4 {
-        inner[8] -= 1;
-        fix_ipv4_checksum(&mut inner, 0);
-        let outer = &out[ETH_LEN..ETH_LEN + 20];
-        backend = IpAddr::from(<[u8; 4]>::try_from(&outer[16..20]).unwrap());
-        let total = (inner.len() + 20) as u16;
-        expected[0] = 0x45;
-        expected[1] = inner[1];
-        expected[2..4].copy_from_slice(&total.to_be_bytes());
-        expected[6] = inner[6] & 0x40;
-        expected[8] = 64;
-        expected[9] = 4;
-        expected[12..16].copy_from_slice(&SOURCE4.parse::<std::net::Ipv4Addr>().unwrap().octets());
-        expected[16..20].copy_from_slice(&outer[16..20]);
-        fix_ipv4_checksum(&mut expected, 0);
+    let mut inner = input.to_vec();
+    let (source, backend) = if v4 {
+        inner[ETH_LEN + 8] -= 1;
+        fix_ipv4_checksum(&mut inner, ETH_LEN);
+        (SOURCE4, IpAddr::from(<[u8; 4]>::try_from(&out[ETH_LEN + 16..ETH_LEN + 20]).unwrap()))
     } else {
-        inner[7] -= 1;
-        let outer = &out[ETH_LEN..ETH_LEN + 40];
-        backend = IpAddr::from(<[u8; 16]>::try_from(&outer[24..40]).unwrap());
-        let payload = inner.len() as u16;
-        expected[0] = 0x60 | (inner[0] & 0x0f);
-        expected[1] = inner[1] & 0xf0;
-        expected[4..6].copy_from_slice(&payload.to_be_bytes());
-        expected[6] = 41;
-        expected[7] = 64;
-        expected[8..24].copy_from_slice(&SOURCE6.parse::<std::net::Ipv6Addr>().unwrap().octets());
-        expected[24..40].copy_from_slice(&outer[24..40]);
+        inner[ETH_LEN + 7] -= 1;
+        (SOURCE6, IpAddr::from(<[u8; 16]>::try_from(&out[ETH_LEN + 24..ETH_LEN + 40]).unwrap()))
+    };
+    let mut expected = encapsulate(source, &backend.to_string(), &inner);
+    if v4 && inner[ETH_LEN + 6] & 0x40 == 0 {
+        expected[ETH_LEN + 6] &= !0x40;
+        fix_ipv4_checksum(&mut expected, ETH_LEN);
     }
-    assert_eq!(out[ETH_LEN..ETH_LEN + overhead], expected[..], "outer header");
-    assert_eq!(out[ETH_LEN + overhead..], inner[..], "inner packet: only the TTL changed");
+    assert_eq!(out[ETH_LEN..ETH_LEN + overhead], expected[ETH_LEN..ETH_LEN + overhead], "outer");
+    assert_eq!(out[ETH_LEN + overhead..], inner[ETH_LEN..], "inner packet: only the TTL changed");
     backend
 }
 
@@ -253,6 +239,27 @@ fn encapsulated_bytes_at_xdp_and_tc() {
         assert_ne!(no_df[ETH_LEN + 6] & 0x40, with_df[ETH_LEN + 6] & 0x40, "the cases differ");
         lab.encapsulated(At::Xdp, &no_df);
         lab.encapsulated(At::Tc, &with_df);
+    });
+}
+
+/// At XDP a VLAN-tagged frame keeps its tag in front of the outer header (the link-layer
+/// header moves to the new start of the frame); the rest is as for an untagged frame.
+#[test]
+fn vlan_tag_kept_in_front_of_the_outer_header() {
+    isolated(true, |ns| {
+        let lab = Lab::new(&ns, &["10.99.0.1/24", "2001:db8:99::1/64"]);
+        lab.k.apply(POLICY);
+        let tagged =
+            frame_vlan("203.0.113.7", "192.0.2.10", L4::Tcp(40500, 80, SYN), &[100], b"xdpgate");
+        let untagged = frame("203.0.113.7", "192.0.2.10", L4::Tcp(40500, 80, SYN));
+        let (verdict, out) = lab.run(At::Xdp, &tagged);
+        assert_eq!(verdict, XDP_REDIRECT);
+        assert_eq!(out[12..18], tagged[12..18], "802.1Q tag and EtherType kept");
+        // Without its tag, the frame is what an untagged one becomes.
+        let mut plain = out[..12].to_vec();
+        plain.extend_from_slice(&out[16..]);
+        let backend = check_encapsulated(&untagged, &plain);
+        assert!(backend.to_string().starts_with("198.51.100.1"), "{backend}");
     });
 }
 

@@ -195,8 +195,10 @@ pub fn encapsulate_skb(
     let flags =
         if meta.family == 4 { BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 } else { BPF_F_ADJ_ROOM_ENCAP_L3_IPV6 };
     let grow = i32::from(overhead(meta.family));
+    // Refused for a packet with its VLAN tag still in the data (the kernel takes a tag off
+    // before tc ingress; a second, inner tag stays): not a failure of xdpgate's.
     ctx.adjust_room(grow, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, u64::from(flags))
-        .map_err(|_| DropReason::Internal)?;
+        .map_err(|_| DropReason::Malformed)?;
     let h = outer_header(meta.family, inner, src, dst);
     // A CHECKSUM_COMPLETE buffer's sum follows the bytes written.
     let csum = u64::from(BPF_F_RECOMPUTE_CSUM);

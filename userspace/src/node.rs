@@ -366,6 +366,40 @@ fn other_hook(pins: &PinDir, node: &Node) -> Vec<anyhow::Error> {
 mod tests {
     use super::*;
 
+    /// `encapsulation:` gives either family's outer source; bad values name their place.
+    #[test]
+    fn encapsulation_sources() {
+        let base = "interfaces:\n  - {name: eth0, role: external}\n";
+        let n = parse(base).unwrap();
+        assert_eq!(n.encapsulation, dataplane::encap::Sources::default());
+        let n = parse(&format!(
+            "{base}encapsulation: {{source4: 10.0.1.2, source6: \"2001:db8:a::2\"}}\n"
+        ))
+        .unwrap();
+        assert_eq!(n.encapsulation.v4, Some("10.0.1.2".parse().unwrap()));
+        assert_eq!(n.encapsulation.v6, Some("2001:db8:a::2".parse().unwrap()));
+        let n = parse(&format!("{base}encapsulation: {{source6: \"2001:db8:a::2\"}}\n")).unwrap();
+        assert_eq!(n.encapsulation.v4, None);
+        for (bad, why) in [
+            (
+                "encapsulation: {source4: \"2001:db8::1\"}",
+                "line 3, column 26: encapsulation: source4: expected an IPv4 address",
+            ),
+            (
+                "encapsulation: {source6: 10.0.0.1}",
+                "line 3, column 26: encapsulation: source6: expected an IPv6 address",
+            ),
+            (
+                "encapsulation: {src: 10.0.0.1}",
+                "line 3, column 17: encapsulation: unknown field \"src\"",
+            ),
+            ("encapsulation: 10.0.0.1", "line 3, column 16: encapsulation: expected a mapping"),
+        ] {
+            let err = format!("{:#}", parse(&format!("{base}{bad}\n")).unwrap_err());
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+    }
+
     #[test]
     fn node_files() {
         let n = parse(

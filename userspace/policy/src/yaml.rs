@@ -2847,7 +2847,11 @@ load_balancers:
         };
         let cases = [
             (", forwarding: dnat, floating_ip: true", "rules[1].floating_ip", "contradicts"),
-            (", forwarding: floating_ip, floating_ip: false", "rules[1].floating_ip", "contradicts"),
+            (
+                ", forwarding: floating_ip, floating_ip: false",
+                "rules[1].floating_ip",
+                "contradicts",
+            ),
             (", forwarding: ipip, floating_ip: false", "rules[1].floating_ip", "contradicts"),
             (", forwarding: ipip, backend_port: 8080", "rules[1].backend_port", "unchanged"),
             (", forwarding: gre", "rules[1].forwarding", "expected dnat, floating_ip or ipip"),

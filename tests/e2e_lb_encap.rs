@@ -1,0 +1,374 @@
+//! The encapsulating load balancer end to end (`forwarding: ipip`), at XDP and at tc: real
+//! TCP and UDP from a client through an xdpgate gateway (an agent with a node file that
+//! names its outer source addresses) to backends in another subnet behind a router; the
+//! backends decapsulate (deploy/backend/xdpgate-backend.sh with xdpgate's decap program:
+//! this kernel has no ipip module) and answer the client directly, by a path that does not
+//! cross the gateway.
+//!
+//!   client 203.0.113.10 -- g_c [gw] g_r 10.0.1.2 -- r_g [router] br -- b1 198.51.100.11
+//!      \                                                     |      \-- b2 198.51.100.12
+//!       \---------------- (replies) c_rt -- r_c -------------/
+//!
+//! IPv6 alike (2001:db8:c::10, 2001:db8:a::2, 2001:db8:1::11/12). Each test: connections
+//! spread over both backends as the gateway's flow table says and carry data both ways; a
+//! connection whose flow was deleted at the gateway carries on (mid-stream pickup, same
+//! backend); an NSG deny on a frontend port still denies; a bulk transfer fits thanks to
+//! the script's MSS; a UDP datagram too big once encapsulated is dropped and counted
+//! (`encap_too_big`) while one that fits is answered.
+
+mod common;
+
+use std::{
+    collections::HashMap,
+    io::{BufRead, BufReader, Read, Write},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    process::Command,
+    thread,
+    time::{Duration, Instant},
+};
+
+use common::{Netns, Pins, agent::NodeAgent, run_in, veth};
+use serde_json::Value;
+
+const VIP4: &str = "192.0.2.10";
+const VIP6: &str = "2001:db8:f::10";
+const CLIENT4: &str = "203.0.113.10";
+const CLIENT6: &str = "2001:db8:c::10";
+const WAIT: Duration = Duration::from_secs(3);
+
+const POLICY: &str = r#"
+virtual_network:
+  address_space: [198.51.100.0/24, 2001:db8:1::/64]
+nsgs:
+  - name: backends
+    subnets: [198.51.100.0/24, 2001:db8:1::/64]
+    rules:
+      - {name: allow-web, priority: 100, direction: inbound, access: allow, protocol: tcp,
+         source: Internet, destination: "*", destination_ports: 80}
+      - {name: allow-dns, priority: 110, direction: inbound, access: allow, protocol: udp,
+         source: Internet, destination: "*", destination_ports: 53}
+      - {name: deny-81, priority: 120, direction: inbound, access: deny, protocol: tcp,
+         source: Internet, destination: "*", destination_ports: 81}
+load_balancers:
+  - name: lb
+    frontends:
+      - {name: v4, address: 192.0.2.10}
+      - {name: v6, address: "2001:db8:f::10"}
+    backend_pools:
+      - {name: web4, backends: [198.51.100.11, 198.51.100.12]}
+      - {name: web6, backends: ["2001:db8:1::11", "2001:db8:1::12"]}
+    rules:
+      - {name: web4, frontend: v4, protocol: tcp, frontend_port: 80, backend_pool: web4, forwarding: ipip}
+      - {name: denied4, frontend: v4, protocol: tcp, frontend_port: 81, backend_pool: web4, forwarding: ipip}
+      - {name: dns4, frontend: v4, protocol: udp, frontend_port: 53, backend_pool: web4, forwarding: ipip}
+      - {name: web6, frontend: v6, protocol: tcp, frontend_port: 80, backend_pool: web6, forwarding: ipip}
+      - {name: denied6, frontend: v6, protocol: tcp, frontend_port: 81, backend_pool: web6, forwarding: ipip}
+      - {name: dns6, frontend: v6, protocol: udp, frontend_port: 53, backend_pool: web6, forwarding: ipip}
+"#;
+
+struct Lab {
+    // Field order is drop order: the agent and the pins (detach) before the namespaces.
+    _agent: NodeAgent,
+    pins: Pins,
+    backend_pins: Vec<Pins>,
+    client: Netns,
+    _gw: Netns,
+    _router: Netns,
+    backends: Vec<Netns>,
+}
+
+fn sh(ns: &Netns, cmd: &str) {
+    let parts: Vec<&str> = cmd.split_whitespace().collect();
+    ns.exec(parts[0], &parts[1..]);
+}
+
+impl Lab {
+    fn new(hook: &str) -> Self {
+        let xdp = hook == "xdp";
+        let client = Netns::new("ecc");
+        let gw = Netns::new("ecg");
+        let router = Netns::new("ecr");
+        let (c_gw, g_c) = veth(
+            &client,
+            "203.0.113.10/24,2001:db8:c::10/64",
+            &gw,
+            "203.0.113.1/24,2001:db8:c::1/64",
+        );
+        let (g_r, r_g) =
+            veth(&gw, "10.0.1.2/24,2001:db8:a::2/64", &router, "10.0.1.1/24,2001:db8:a::1/64");
+        let (c_rt, _r_c) =
+            veth(&client, "10.0.9.2/30,2001:db8:9::2/64", &router, "10.0.9.1/30,2001:db8:9::1/64");
+        // The client reaches the frontends by the gateway; the answers come back by the
+        // router's link, from the frontend address: no reverse-path filter for them.
+        sh(&client, "ip route add default via 203.0.113.1");
+        sh(&client, "ip -6 route add default via 2001:db8:c::1");
+        for dev in ["all", "default", c_gw.as_str(), c_rt.as_str()] {
+            client.exec("sysctl", &["-qw", &format!("net.ipv4.conf.{dev}.rp_filter=0")]);
+        }
+        for ns in [&gw, &router] {
+            sh(ns, "sysctl -qw net.ipv4.ip_forward=1");
+            sh(ns, "sysctl -qw net.ipv6.conf.all.forwarding=1");
+        }
+        sh(&gw, "ip route add 198.51.100.0/24 via 10.0.1.1");
+        sh(&gw, "ip -6 route add 2001:db8:1::/64 via 2001:db8:a::1");
+        sh(&router, "ip route add 203.0.113.0/24 via 10.0.9.2");
+        sh(&router, "ip -6 route add 2001:db8:c::/64 via 2001:db8:9::2");
+        sh(&router, "ip link add name br0 type bridge");
+        sh(&router, "ip addr add 198.51.100.1/24 dev br0");
+        sh(&router, "ip addr add 2001:db8:1::1/64 dev br0 nodad");
+        sh(&router, "ip link set br0 up");
+        // Frames an XDP program redirects into a veth reach its peer only through NAPI,
+        // which veth runs with GRO on; a local sender's partial checksums do not survive an
+        // XDP redirect (see common::lan).
+        client.exec("ethtool", &["-K", &c_gw, "tx", if xdp { "off" } else { "on" }]);
+        router.exec("ethtool", &["-K", &r_g, "gro", "on"]);
+        if !xdp {
+            for dev in [&g_c, &g_r] {
+                gw.exec("ethtool", &["-K", dev, "gro", "on"]);
+            }
+        }
+
+        let mut backends = Vec::new();
+        let mut backend_pins = Vec::new();
+        for i in 0..2 {
+            let b = Netns::new("ecb");
+            let (b_if, r_b) = veth(
+                &b,
+                &format!("198.51.100.{}/24,2001:db8:1::{}/64", 11 + i, 11 + i),
+                &router,
+                "",
+            );
+            router.exec("ip", &["link", "set", &r_b, "master", "br0"]);
+            router.exec("ethtool", &["-K", &r_b, "gro", "on"]);
+            sh(&b, "ip route add default via 198.51.100.1");
+            sh(&b, "ip -6 route add default via 2001:db8:1::1");
+            let pins = Pins::in_netns(&b);
+            let out = Command::new("sh")
+                .arg(
+                    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                        .join("../deploy/backend/xdpgate-backend.sh"),
+                )
+                .args(["up", VIP4, VIP6, "--decap", "xdpgate", "--interface", &b_if])
+                .args(["--netns", &b.name, "--pin-dir"])
+                .arg(pins.dir.path())
+                .env("XDPGATE", common::xdpgate_bin())
+                .output()
+                .expect("run the backend script");
+            assert!(
+                out.status.success(),
+                "xdpgate-backend.sh up: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            serve(&b, if i == 0 { "b1" } else { "b2" });
+            backends.push(b);
+            backend_pins.push(pins);
+        }
+
+        let pins = Pins::in_netns(&gw);
+        let node = format!(
+            "interfaces:\n  - {{name: {g_c}, role: external, hook: {hook}}}\n  \
+             - {{name: {g_r}, role: internal, hook: {hook}}}\n\
+             encapsulation: {{source4: 10.0.1.2, source6: \"2001:db8:a::2\"}}\n"
+        );
+        let agent = NodeAgent::start(&gw, &pins, POLICY, &node);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = pins.try_xdpgate(&["status", "--json"]);
+            let status: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+            let attached = status["interfaces"].as_array().map_or(0, |a| a.len());
+            if out.status.success()
+                && attached == 2
+                && status["policy"]["generation"].as_u64() > Some(0)
+            {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the agent did not attach and apply: {status}");
+            thread::sleep(Duration::from_millis(100));
+        }
+        // The gateway sends encapsulated packets only to a next hop whose MAC it knows
+        // (an agent's health probes would resolve it; this policy has none).
+        sh(&gw, "ping -c 1 -W 2 10.0.1.1");
+        sh(&gw, "ping -6 -c 1 -W 2 2001:db8:a::1");
+        Lab { _agent: agent, pins, backend_pins, client, _gw: gw, _router: router, backends }
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let out = self.pins.xdpgate(args);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("xdpgate {args:?}: {e}: {out}"))
+    }
+
+    fn drops(&self, reason: &str) -> u64 {
+        self.json(&["stats", "--json"])["drops"][reason]["packets"].as_u64().unwrap()
+    }
+
+    /// The backend the gateway's flow table names for the client's port `port` (a flow that
+    /// has seen no reply).
+    fn flow_backend(&self, port: u16) -> IpAddr {
+        let flows = self.json(&["flows", "--json", "--top", "0", "--port", &port.to_string()]);
+        let flow = flows
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["src_port"] == port)
+            .unwrap_or_else(|| panic!("no flow from port {port}: {flows}"));
+        assert_eq!(flow["nat"]["kind"], "ipip", "{flow}");
+        // The backends answer the client directly: not one reply crosses the gateway.
+        assert_eq!(flow["reply"]["packets"], 0, "{flow}");
+        flow["load_balancer"]["backend"].as_str().unwrap().parse().unwrap()
+    }
+}
+
+/// Serves in backend namespace `ns`: TCP on port 80 (every address, both families: the
+/// frontends are on `lo`), greeting with the backend's name and then echoing; UDP on the
+/// frontends' port 53 (bound to them, so the answers leave from the frontend address),
+/// answering each datagram with the backend's name and its length.
+fn serve(ns: &Netns, name: &'static str) {
+    let (tcp, udp) = run_in(&ns.name, || {
+        let tcp = TcpListener::bind("[::]:80").expect("listen");
+        let udp = [VIP4, VIP6].map(|a| UdpSocket::bind((a, 53)).expect("bind UDP"));
+        (tcp, udp)
+    });
+    thread::spawn(move || {
+        for s in tcp.incoming().flatten() {
+            thread::spawn(move || {
+                let mut s = s;
+                let _ = s.write_all(format!("{name}\n").as_bytes());
+                let mut buf = [0u8; 65536];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    for u in udp {
+        thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while let Ok((n, from)) = u.recv_from(&mut buf) {
+                let _ = u.send_to(format!("{name} {n}").as_bytes(), from);
+            }
+        });
+    }
+}
+
+/// A connection from the client: the backend's greeting read, the stream kept.
+fn connect(lab: &Lab, vip: &str, port: u16) -> std::io::Result<(TcpStream, String)> {
+    let addr = SocketAddr::new(vip.parse().unwrap(), port);
+    run_in(&lab.client.name, move || {
+        let s = TcpStream::connect_timeout(&addr, WAIT)?;
+        s.set_read_timeout(Some(WAIT))?;
+        let mut line = String::new();
+        BufReader::new(s.try_clone()?).read_line(&mut line)?;
+        Ok((s, line.trim().to_owned()))
+    })
+}
+
+/// Writes `data` and reads it back.
+fn echo(s: &mut TcpStream, data: &[u8]) {
+    s.write_all(data).expect("write");
+    let mut back = vec![0u8; data.len()];
+    s.read_exact(&mut back).expect("the echo");
+    assert!(back == data, "echoed unchanged");
+}
+
+fn end_to_end(hook: &str) {
+    let started = Instant::now();
+    let lab = Lab::new(hook);
+    let addr = |name: &str, v6: bool| -> IpAddr {
+        let i = if name == "b1" { 11 } else { 12 };
+        if v6 { format!("2001:db8:1::{i}") } else { format!("198.51.100.{i}") }.parse().unwrap()
+    };
+    for (vip, v6) in [(VIP4, false), (VIP6, true)] {
+        // Spread over both backends, each connection where the gateway's flow says, data
+        // both ways.
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        let mut kept = Vec::new();
+        for _ in 0..16 {
+            let (mut s, name) = connect(&lab, vip, 80).expect("connect to the frontend");
+            let port = s.local_addr().unwrap().port();
+            assert_eq!(lab.flow_backend(port), addr(&name, v6), "{vip}: {name} answered");
+            echo(&mut s, format!("hello {port}\n").as_bytes());
+            *seen.entry(name.clone()).or_default() += 1;
+            kept.push((s, name));
+        }
+        println!("{hook} {vip}: connections per backend {seen:?}");
+        assert_eq!(seen.len(), 2, "{vip}: both backends take connections: {seen:?}");
+
+        // The gateway forgets a live connection's flow: its next segment is taken up
+        // mid-stream and reaches the same backend (another would reset it).
+        let (mut s, name) = kept.pop().unwrap();
+        let port = s.local_addr().unwrap().port();
+        let picked = lab.json(&["stats", "--json"])["flow_table"]["picked_up"].as_u64().unwrap();
+        let client = if v6 { CLIENT6 } else { CLIENT4 };
+        lab.pins.xdpgate(&["flows", "delete", "--addr", client, "--port", &port.to_string()]);
+        echo(&mut s, b"after the flow was deleted\n");
+        assert_eq!(lab.flow_backend(port), addr(&name, v6), "picked up to the same backend");
+        let now = lab.json(&["stats", "--json"])["flow_table"]["picked_up"].as_u64().unwrap();
+        assert!(now > picked, "counted as picked up: {picked} -> {now}");
+
+        // A bulk transfer: the client's full-sized segments fit once encapsulated (the
+        // script lowered the MSS the backends advertise).
+        let (mut s, _) = connect(&lab, vip, 80).expect("connect");
+        let data: Vec<u8> = (0..256 * 1024).map(|i| (i % 251) as u8).collect();
+        let writer = {
+            let mut s = s.try_clone().unwrap();
+            let data = data.clone();
+            thread::spawn(move || s.write_all(&data).expect("bulk write"))
+        };
+        let mut back = vec![0u8; data.len()];
+        s.read_exact(&mut back).expect("bulk echo");
+        writer.join().unwrap();
+        assert!(back == data, "{vip}: 256 KiB both ways");
+
+        // The NSG judges the backends' port 81: denied, counted.
+        let denied = lab.drops("policy");
+        assert!(connect(&lab, vip, 81).is_err(), "{vip}: port 81 denied");
+        assert!(lab.drops("policy") > denied, "counted as policy drops");
+
+        // UDP: a datagram that fits once encapsulated is answered by a backend; one that
+        // does not (DF: Linux sets it on datagrams within the path MTU) is dropped and
+        // counted.
+        let header = if v6 { 40 + 8 } else { 20 + 8 };
+        let fits = 1500 - (if v6 { 40 } else { 20 }) - header;
+        let too_big = lab.drops("encap_too_big");
+        let to = SocketAddr::new(vip.parse().unwrap(), 53);
+        let answers = run_in(&lab.client.name, move || {
+            let bind = if to.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" };
+            let u = UdpSocket::bind(bind).unwrap();
+            u.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+            [fits, fits + 1].map(|n| {
+                u.send_to(&vec![0u8; n], to).expect("send");
+                let mut buf = [0u8; 64];
+                u.recv_from(&mut buf)
+                    .ok()
+                    .map(|(n, _)| String::from_utf8_lossy(&buf[..n]).into_owned())
+            })
+        });
+        let [small, big] = answers;
+        assert!(small.is_some_and(|a| a.ends_with(&format!(" {fits}"))), "{vip}: fits");
+        assert_eq!(big, None, "{vip}: {} bytes do not fit once encapsulated", fits + 1);
+        assert_eq!(lab.drops("encap_too_big"), too_big + 1, "{vip}: counted once");
+        for (mut s, _) in kept {
+            echo(&mut s, b"still there\n");
+        }
+    }
+    for (i, b) in lab.backend_pins.iter().enumerate() {
+        let status: Value =
+            serde_json::from_str(&b.xdpgate(&["decap", "status", "--json"])).unwrap();
+        println!("{hook} backend b{}: decapsulated {}", i + 1, status["decapsulated"]);
+    }
+    let _ = &lab.backends;
+    println!("{hook}: {:.1} s", started.elapsed().as_secs_f64());
+}
+
+#[test]
+fn encapsulated_load_balancing_xdp() {
+    end_to_end("xdp");
+}
+
+#[test]
+fn encapsulated_load_balancing_tc() {
+    end_to_end("tc");
+}
