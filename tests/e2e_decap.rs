@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::programs::{TestRun, TestRunOptions, Xdp};
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
 use common::{
     Netns, Pins,
     packet::{
@@ -43,6 +43,24 @@ const SENDER6: &str = "2001:db8:1::1";
 const BACKEND4: &str = "198.51.100.2";
 const BACKEND6: &str = "2001:db8:1::2";
 const WAIT: Duration = Duration::from_secs(5);
+
+/// Where the decap program runs: a name, the script's flags for it, and `decap status`'s
+/// hook and mode.
+const PLACES: [(&str, &[&str], &str, Option<&str>); 3] = [
+    ("native", &["--mode", "native"], "xdp", Some("native")),
+    ("skb", &["--mode", "skb"], "xdp", Some("skb")),
+    ("tc", &["--hook", "tc"], "tc", None),
+];
+
+/// The names of the tcx ingress programs on `ifname` of `ns`.
+fn tcx_ingress(ns: &Netns, ifname: &str) -> Vec<String> {
+    let ifname = ifname.to_string();
+    ns.run(move || {
+        use aya::programs::{SchedClassifier, TcAttachType};
+        let (_, progs) = SchedClassifier::query_tcx(&ifname, TcAttachType::Ingress).unwrap();
+        progs.iter().map(|p| p.name_as_str().unwrap_or("?").to_string()).collect()
+    })
+}
 
 fn script() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/backend/xdpgate-backend.sh")
@@ -371,38 +389,30 @@ fn status_after(lab: &Lab, passed: u64) -> Value {
     }
 }
 
-/// The script with `--decap xdpgate`, in native and in generic (skb) XDP mode: UDP and TCP
-/// inside IPIP and IPv6-in-IPv6 reach the servers on the frontend addresses, the replies go
-/// straight to the client, a frontend not served is not decapsulated, and `down` undoes
-/// everything.
+/// The script with `--decap xdpgate`, at native and generic (skb) XDP and at tc ingress:
+/// UDP and TCP inside IPIP and IPv6-in-IPv6 reach the servers on the frontend addresses, the
+/// replies go straight to the client, a frontend not served is not decapsulated, and `down`
+/// undoes everything.
 #[test]
 fn script_with_xdpgate_decap_serves_frontends_and_replies_directly() {
-    for (mode, port_base) in [("native", 7000), ("skb", 7100)] {
+    for ((place, flags, hook, mode), port_base) in PLACES.into_iter().zip([7000, 7100, 7200]) {
         let lab = Lab::new();
         let routes_before = lab.routes();
-        let up = lab.script_ok(&[
-            "up",
-            VIP4,
-            VIP6,
-            "--decap",
-            "xdpgate",
-            "--mode",
-            mode,
-            "--interface",
-            &lab.b_if,
-        ]);
+        let up = [&["up", VIP4, VIP6, "--decap", "xdpgate", "--interface", &lab.b_if], flags];
+        let up = lab.script_ok(&up.concat());
         assert!(up.contains("(xdpgate decap)"), "{up}");
         // Idempotent: a second `up` changes nothing.
-        lab.script_ok(&["up", VIP4, "--interface", &lab.b_if, "--mode", mode]);
+        lab.script_ok(&[&["up", VIP4, "--interface", &lab.b_if], flags].concat());
         assert_eq!(lab.rp_filter(), "2", "loose reverse-path filtering where packets arrive");
         let status = lab.status();
         assert_eq!(status["frontends"], serde_json::json!([VIP4, VIP6]), "{status}");
-        assert_eq!(status["interfaces"][0]["interface"], lab.b_if.as_str(), "{status}");
-        assert_eq!(status["interfaces"][0]["mode"], mode, "{status}");
+        let attached = &status["interfaces"][0];
+        assert_eq!(attached["interface"], lab.b_if.as_str(), "{status}");
+        assert_eq!((attached["hook"].as_str(), attached["mode"].as_str()), (Some(hook), mode));
 
         let (served, other) = exchange(&lab, port_base);
         let status = status_after(&lab, other);
-        println!("{mode}: {status}");
+        println!("{place}: {status}");
         assert_eq!(status["decapsulated"].as_u64(), Some(served), "{status}");
         assert_eq!(status["passed"].as_u64(), Some(other), "{status}");
 
@@ -410,6 +420,7 @@ fn script_with_xdpgate_decap_serves_frontends_and_replies_directly() {
         let link = lab.backend.exec("ip", &["-d", "link", "show", &lab.b_if]).stdout;
         let link = String::from_utf8_lossy(&link);
         assert!(!link.contains("prog/xdp") && !link.contains("xdpgeneric"), "{link}");
+        assert!(tcx_ingress(&lab.backend, &lab.b_if).is_empty());
         let lo = lab.lo_addrs();
         assert!(!lo.contains(VIP4) && !lo.contains(VIP6), "{lo}");
         assert_eq!(lab.routes(), routes_before);
@@ -527,6 +538,7 @@ fn bad_input_is_refused_and_changes_nothing() {
         (&["up", VIP4, "--decap", "xdpgate", "--interface", "nosuch0"], "no interface named"),
         (&["sideways", VIP4], "unknown action"),
         (&["up"], "at least one frontend"),
+        (&["up", VIP4, "--hook", "tc", "--mode", "skb"], "applies to XDP only"),
     ] {
         let out = lab.script(args);
         let err = String::from_utf8_lossy(&out.stderr);
@@ -541,6 +553,10 @@ fn bad_input_is_refused_and_changes_nothing() {
         (&["decap", "attach", &lab.b_if], "--frontend"),
         (&["decap", "detach", &lab.b_if], "not attached"),
         (&["decap", "attach", "lo", "--frontend", VIP4], "not an Ethernet interface"),
+        (
+            &["decap", "attach", &lab.b_if, "--frontend", VIP4, "--hook", "tc", "--mode", "skb"],
+            "applies to XDP only",
+        ),
     ] {
         let out = lab.pins.try_xdpgate(args);
         let err = String::from_utf8_lossy(&out.stderr);
@@ -552,87 +568,92 @@ fn bad_input_is_refused_and_changes_nothing() {
     let out =
         lab.pins.try_xdpgate(&["decap", "attach", &lab.b_if, "--frontend", VIP6, "--mode", "skb"]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("native mode already"), "{err}");
+    assert!(!out.status.success() && err.contains("in native mode already"), "{err}");
+    let out =
+        lab.pins.try_xdpgate(&["decap", "attach", &lab.b_if, "--frontend", VIP6, "--hook", "tc"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("to attach it at tc ingress"), "{err}");
+    assert!(tcx_ingress(&lab.backend, &lab.b_if).is_empty());
     assert_eq!(lab.status()["frontends"], serde_json::json!([VIP4]));
     lab.pins.xdpgate(&["decap", "detach", "--all"]);
     assert!(!decap::dir(&lab.pins.dir).path().exists());
 }
 
-/// The decap program's output, byte for byte (BPF_PROG_TEST_RUN): the inner packet behind
-/// the original MAC header, with the inner family's EtherType; anything else unchanged.
+/// The decap programs' output, byte for byte (BPF_PROG_TEST_RUN), at XDP and at tc: the
+/// inner packet behind the original MAC header, with the inner family's EtherType; anything
+/// else unchanged.
 #[test]
 fn decap_program_output_is_the_inner_frame() {
-    let pins = Pins::new();
-    let mut ebpf = decap::load(&pins.dir).unwrap();
-    decap::add_frontends(&pins.dir, &[ip(VIP4), ip(VIP6)]).unwrap();
-    let prog: &mut Xdp = ebpf.program_mut(decap::DECAP_PROGRAM).unwrap().try_into().unwrap();
-    let run = |input: &[u8]| -> Vec<u8> {
-        let mut out = vec![0u8; input.len() + 256];
-        let res = prog
-            .test_run(TestRunOptions {
+    for program in [decap::DECAP_PROGRAM, decap::DECAP_TC_PROGRAM] {
+        let pins = Pins::new();
+        let ebpf = decap::load(&pins.dir).unwrap();
+        decap::add_frontends(&pins.dir, &[ip(VIP4), ip(VIP6)]).unwrap();
+        let run = |input: &[u8]| -> Vec<u8> {
+            let mut out = vec![0u8; input.len() + 256];
+            let opts = TestRunOptions {
                 data_in: Some(input),
                 data_out: Some(&mut out),
                 ..Default::default()
-            })
-            .unwrap();
-        assert_eq!(res.return_value, 2, "XDP_PASS always");
-        out.truncate(res.data_size_out as usize);
-        out
-    };
-    let udp4 = frame(CLIENT4, VIP4, L4::Udp(40000, 53));
-    let tcp6 = frame(CLIENT6, VIP6, L4::Tcp(40000, 443, SYN));
-    // Decapsulated: 4 in 4, 6 in 6, and the cross-family pairs.
-    for (outer_src, outer_dst, inner) in [
-        (SENDER4, BACKEND4, &udp4),
-        (SENDER6, BACKEND6, &tcp6),
-        (SENDER6, BACKEND6, &udp4),
-        (SENDER4, BACKEND4, &tcp6),
-    ] {
-        let input = encapsulate(outer_src, outer_dst, inner);
-        assert_eq!(input[..12], [MAC_B, MAC_A].concat()[..], "frame() writes these MACs");
-        assert_eq!(run(&input), *inner, "{outer_src} -> {outer_dst}: {inner:02x?}");
+            };
+            let prog = ebpf.program(program).unwrap();
+            let (res, pass) = if program == decap::DECAP_PROGRAM {
+                let xdp: &Xdp = prog.try_into().unwrap();
+                (xdp.test_run(opts).unwrap(), 2) // XDP_PASS
+            } else {
+                let tc: &SchedClassifier = prog.try_into().unwrap();
+                (tc.test_run(opts).unwrap(), u32::MAX) // TC_ACT_UNSPEC
+            };
+            assert_eq!(res.return_value, pass, "{program}: passes every packet");
+            out.truncate(res.data_size_out as usize);
+            out
+        };
+        let udp4 = frame(CLIENT4, VIP4, L4::Udp(40000, 53));
+        let tcp6 = frame(CLIENT6, VIP6, L4::Tcp(40000, 443, SYN));
+        // Decapsulated: 4 in 4, 6 in 6, and the cross-family pairs.
+        for (outer_src, outer_dst, inner) in [
+            (SENDER4, BACKEND4, &udp4),
+            (SENDER6, BACKEND6, &tcp6),
+            (SENDER6, BACKEND6, &udp4),
+            (SENDER4, BACKEND4, &tcp6),
+        ] {
+            let input = encapsulate(outer_src, outer_dst, inner);
+            assert_eq!(input[..12], [MAC_B, MAC_A].concat()[..], "frame() writes these MACs");
+            assert_eq!(run(&input), *inner, "{program}, {outer_src} -> {outer_dst}");
+        }
+        // Passed untouched: another frontend; outer IPv4 with options; a fragment; an inner
+        // packet cut short.
+        let other = encapsulate(SENDER4, BACKEND4, &frame(CLIENT4, OTHER4, L4::Udp(1, 2)));
+        let mut options = encapsulate(SENDER4, BACKEND4, &udp4);
+        options.splice(ETH_LEN + 20..ETH_LEN + 20, [1, 1, 1, 0]);
+        options[ETH_LEN] = 0x46;
+        let mut fragment = encapsulate(SENDER4, BACKEND4, &udp4);
+        fragment[ETH_LEN + 6] = 0x20;
+        let short = encapsulate(SENDER6, BACKEND6, &tcp6)[..ETH_LEN + 40 + 30].to_vec();
+        // Not IP-in-IP: plain IP to the frontend, a VLAN-tagged tunnel packet.
+        let plain = udp4.clone();
+        let tagged = frame_vlan(SENDER4, BACKEND4, L4::Raw(4), &[7], &udp4[ETH_LEN..]);
+        for input in [&other, &options, &fragment, &short, &plain, &tagged] {
+            assert_eq!(run(input), *input, "{program}");
+        }
+        let status = decap::status(&pins.dir).unwrap();
+        let counts = (status.decapsulated, status.passed, status.not_tunnel);
+        assert_eq!(counts, (4, 4, 2), "{program}: {status:?}");
     }
-    // Passed untouched: another frontend; outer IPv4 with options; a fragment; an inner
-    // packet cut short.
-    let other = encapsulate(SENDER4, BACKEND4, &frame(CLIENT4, OTHER4, L4::Udp(1, 2)));
-    let mut options = encapsulate(SENDER4, BACKEND4, &udp4);
-    options.splice(ETH_LEN + 20..ETH_LEN + 20, [1, 1, 1, 0]);
-    options[ETH_LEN] = 0x46;
-    let mut fragment = encapsulate(SENDER4, BACKEND4, &udp4);
-    fragment[ETH_LEN + 6] = 0x20;
-    let short = encapsulate(SENDER6, BACKEND6, &tcp6)[..ETH_LEN + 40 + 30].to_vec();
-    // Not IP-in-IP: plain IP to the frontend, a VLAN-tagged tunnel packet.
-    let plain = udp4.clone();
-    let tagged = {
-        let inner = &udp4[ETH_LEN..];
-        frame_vlan(SENDER4, BACKEND4, L4::Raw(4), &[7], inner)
-    };
-    for input in [&other, &options, &fragment, &short, &plain, &tagged] {
-        assert_eq!(run(input), *input);
-    }
-    let status = decap::status(&pins.dir).unwrap();
-    assert_eq!((status.decapsulated, status.passed, status.not_tunnel), (4, 4, 2), "{status:?}");
 }
 
 /// Packets of a local sender with checksum offload (a client's TCP stack across a veth, as
 /// a gateway's tc hook forwards them) reach the backend CHECKSUM_PARTIAL, their L4 checksum
-/// not computed yet: decapsulated at native or generic XDP, the stack still knows that.
+/// not computed yet: decapsulated at native or generic XDP or at tc, the stack still knows
+/// that.
 /// The same bytes without the mark are dropped (the checksum field is not a checksum yet),
 /// and sent first, so the datagram that arrives is the marked one.
 #[test]
 fn partial_checksums_survive_decapsulation() {
-    for mode in ["native", "skb"] {
+    for (mode, flags, _, _) in PLACES {
         let lab = Lab::new();
-        lab.script_ok(&[
-            "up",
-            VIP4,
-            "--decap",
-            "xdpgate",
-            "--mode",
-            mode,
-            "--interface",
-            &lab.b_if,
-        ]);
+        lab.script_ok(
+            &[&["up", VIP4, "--decap", "xdpgate", "--interface", &lab.b_if], flags].concat(),
+        );
         let vip = ip(VIP4);
         let udp = lab.backend.run(move || {
             let udp = UdpSocket::bind((vip, 9000)).unwrap();

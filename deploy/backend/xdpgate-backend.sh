@@ -23,7 +23,9 @@ options:
                           create those devices, else xdpgate.
   --interface IF          xdpgate decap: the interface the encapsulated packets arrive by
                           (default: the interface of the default route)
-  --mode native|skb       xdpgate decap: the XDP mode (default native)
+  --hook xdp|tc           xdpgate decap: XDP (default: per frame, before the kernel makes
+                          a socket buffer) or tc ingress (per socket buffer, after GRO)
+  --mode native|skb       xdpgate decap at XDP: the mode (default native)
   --netns NS              do it all in network namespace NS (do not wrap this script in
                           `ip netns exec`, which hides the pins in /sys/fs/bpf)
   --pin-dir DIR           xdpgate's pin directory (default: xdpgate's own)
@@ -46,7 +48,8 @@ XDPGATE=${XDPGATE:-xdpgate}
 action=
 decap=
 iface=
-mode=native
+hook=xdp
+mode=
 netns=
 pin_dir=
 path_mtu=1500
@@ -73,6 +76,11 @@ while [ $# -gt 0 ]; do
 	--interface)
 		need_value "$@"
 		iface=$2
+		shift 2
+		;;
+	--hook)
+		need_value "$@"
+		case $2 in xdp | tc) hook=$2 ;; *) die "--hook: '$2' is not xdp or tc" ;; esac
 		shift 2
 		;;
 	--mode)
@@ -109,6 +117,10 @@ while [ $# -gt 0 ]; do
 		;;
 	esac
 done
+
+if [ "$hook" = tc ] && [ -n "$mode" ]; then
+	die "--mode applies to XDP only: leave it out with --hook tc"
+fi
 
 # An address's family (4 or 6); refuses what is neither, before anything is changed.
 family() {
@@ -292,7 +304,8 @@ up() {
 		set --
 		for f in $frontends; do set -- "$@" --frontend "$f"; done
 		# First: a refusal (another XDP program there, say) leaves everything as it was.
-		xg decap attach "$iface" --mode "$mode" "$@"
+		if [ -n "$mode" ]; then set -- --mode "$mode" "$@"; fi
+		xg decap attach "$iface" --hook "$hook" "$@"
 	fi
 	mkdir -p "$state"
 	chmod 700 "$state"

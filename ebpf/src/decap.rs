@@ -1,5 +1,6 @@
-//! `xdpgate-decap`: the backend's side of the gateways' encapsulating forwarding mode. An XDP
-//! program of its own (no part of the gateway pipeline, as Katran's `decap_kern.c`) that
+//! `xdpgate-decap`: the backend's side of the gateways' encapsulating forwarding mode. A
+//! program of its own (no part of the gateway pipeline, as Katran's `decap_kern.c`), at XDP
+//! or at tc ingress, that
 //! strips the one outer IPv4 or IPv6 header a gateway put in front of a client's packet and
 //! passes the inner packet to the stack, which delivers it to the frontend address (on lo)
 //! and answers the client directly.
@@ -17,11 +18,14 @@ mod headers;
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::xdp_action,
+    bindings::{
+        BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_DECAP_L3_IPV6, BPF_F_ADJ_ROOM_FIXED_GSO,
+        BPF_F_ADJ_ROOM_NO_CSUM_RESET, TC_ACT_UNSPEC, bpf_adj_room_mode, xdp_action,
+    },
     helpers::generated::bpf_xdp_adjust_head,
-    macros::{map, xdp},
+    macros::{classifier, map, xdp},
     maps::{HashMap, PerCpuArray},
-    programs::XdpContext,
+    programs::{TcContext, XdpContext},
 };
 use headers::{EthHdr, Ipv4Hdr, Ipv6Hdr};
 use xdpgate_common::decap::{DECAP_COUNTERS, DecapCounter, DecapKey, MAX_DECAP_FRONTENDS};
@@ -40,10 +44,20 @@ const ETH_LEN: usize = core::mem::size_of::<EthHdr>();
 const IPV4_LEN: usize = core::mem::size_of::<Ipv4Hdr>();
 const IPV6_LEN: usize = core::mem::size_of::<Ipv6Hdr>();
 
+/// At XDP (native or generic): the frame, before the kernel makes a socket buffer of it.
 #[xdp]
 pub fn xdpgate_decap(ctx: XdpContext) -> u32 {
-    count(decap(&ctx));
+    count(decap_xdp(&ctx));
     xdp_action::XDP_PASS
+}
+
+/// At tc ingress (tcx): the socket buffer, possibly a GRO aggregate of many packets, whose
+/// offload state (GSO size, checksum) the kernel's helper keeps right.
+#[classifier]
+pub fn xdpgate_decap_tc(ctx: TcContext) -> i32 {
+    count(decap_tc(&ctx));
+    // The next tcx program, if any, then the stack.
+    TC_ACT_UNSPEC
 }
 
 #[inline(always)]
@@ -54,80 +68,162 @@ fn count(c: DecapCounter) {
     }
 }
 
-/// A pointer to a `T` at `off` in the frame, if the frame holds all of it.
-#[inline(always)]
-fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
-    let start = ctx.data() + off;
-    (start + core::mem::size_of::<T>() <= ctx.data_end()).then_some(start as *mut T)
+/// The packet's bytes as both hooks show them (from the MAC header on).
+trait Bytes {
+    fn start(&self) -> usize;
+    fn end(&self) -> usize;
 }
 
-/// Strips the outer header when the packet is IP-in-IP for a frontend served here.
+impl Bytes for XdpContext {
+    #[inline(always)]
+    fn start(&self) -> usize {
+        self.data()
+    }
+    #[inline(always)]
+    fn end(&self) -> usize {
+        self.data_end()
+    }
+}
+
+impl Bytes for TcContext {
+    #[inline(always)]
+    fn start(&self) -> usize {
+        self.data()
+    }
+    #[inline(always)]
+    fn end(&self) -> usize {
+        self.data_end()
+    }
+}
+
+/// A pointer to a `T` at `off` in the packet, if the packet holds all of it.
 #[inline(always)]
-fn decap(ctx: &XdpContext) -> DecapCounter {
-    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else { return DecapCounter::NotTunnel };
+fn ptr_at<T>(ctx: &impl Bytes, off: usize) -> Option<*mut T> {
+    let start = ctx.start() + off;
+    (start + core::mem::size_of::<T>() <= ctx.end()).then_some(start as *mut T)
+}
+
+/// An IP-in-IP packet for a frontend served here: the outer header's length and the inner
+/// packet's EtherType.
+struct Tunnel {
+    outer_len: usize,
+    inner_type: [u8; 2],
+}
+
+/// Whether the packet is IP-in-IP for a frontend served here (else what to count it as).
+#[inline(always)]
+fn classify(ctx: &impl Bytes) -> Result<Tunnel, DecapCounter> {
+    let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(DecapCounter::NotTunnel)?;
     // SAFETY: bounds checked by ptr_at.
     let outer_type = unsafe { (*eth).ether_type };
     // The outer header's length and the protocol it carries.
     let (outer_len, inner_proto) = if outer_type == ETH_P_IP {
-        let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN) else { return DecapCounter::NotTunnel };
+        let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN).ok_or(DecapCounter::NotTunnel)?;
         // SAFETY: bounds checked by ptr_at.
         let ip = unsafe { &*ip };
         if ip.proto != IPPROTO_IPIP && ip.proto != IPPROTO_IPV6 {
-            return DecapCounter::NotTunnel;
+            return Err(DecapCounter::NotTunnel);
         }
         // Options would need another length; a fragment is the stack's to reassemble.
         let fragment = u16::from_be_bytes(ip.frag_off) & 0x3fff != 0;
         if ip.version_ihl != 0x45 || fragment {
-            return DecapCounter::Passed;
+            return Err(DecapCounter::Passed);
         }
         (IPV4_LEN, ip.proto)
     } else if outer_type == ETH_P_IPV6 {
-        let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, ETH_LEN) else { return DecapCounter::NotTunnel };
+        let ip = ptr_at::<Ipv6Hdr>(ctx, ETH_LEN).ok_or(DecapCounter::NotTunnel)?;
         // SAFETY: bounds checked by ptr_at.
         let next = unsafe { (*ip).next_hdr };
         // Extension headers (and so fragments) are not followed: passed to the stack.
         if next != IPPROTO_IPIP && next != IPPROTO_IPV6 {
-            return DecapCounter::NotTunnel;
+            return Err(DecapCounter::NotTunnel);
         }
         (IPV6_LEN, next)
     } else {
-        return DecapCounter::NotTunnel;
+        return Err(DecapCounter::NotTunnel);
     };
     let inner = ETH_LEN + outer_len;
     let (key, inner_type) = if inner_proto == IPPROTO_IPIP {
-        let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, inner) else { return DecapCounter::Passed };
+        let ip = ptr_at::<Ipv4Hdr>(ctx, inner).ok_or(DecapCounter::Passed)?;
         // SAFETY: bounds checked by ptr_at.
         let ip = unsafe { &*ip };
         if ip.version_ihl >> 4 != 4 {
-            return DecapCounter::Passed;
+            return Err(DecapCounter::Passed);
         }
         (DecapKey { family: 4, addr: [u32::from_ne_bytes(ip.dst), 0, 0, 0] }, ETH_P_IP)
     } else {
-        let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, inner) else { return DecapCounter::Passed };
+        let ip = ptr_at::<Ipv6Hdr>(ctx, inner).ok_or(DecapCounter::Passed)?;
         // SAFETY: bounds checked by ptr_at.
         let ip = unsafe { &*ip };
         if ip.vtc_flow[0] >> 4 != 6 {
-            return DecapCounter::Passed;
+            return Err(DecapCounter::Passed);
         }
         (DecapKey { family: 6, addr: xdpgate_common::words(&ip.dst) }, ETH_P_IPV6)
     };
     // SAFETY: a lookup by value.
     if unsafe { DECAP_FRONTENDS.get(&key) }.is_none() {
-        return DecapCounter::Passed;
+        return Err(DecapCounter::Passed);
     }
-    // The MAC header moves up to sit in front of the inner packet (the two do not
-    // overlap: the outer header is longer than the MAC addresses), with the inner type.
-    let Some(new_eth) = ptr_at::<EthHdr>(ctx, outer_len) else { return DecapCounter::Passed };
-    // SAFETY: both headers lie within the frame (checked above) and do not overlap.
+    Ok(Tunnel { outer_len, inner_type })
+}
+
+/// Strips the outer header of a frame: the MAC header moves up to sit in front of the
+/// inner packet, which stays where it is.
+#[inline(always)]
+fn decap_xdp(ctx: &XdpContext) -> DecapCounter {
+    let t = match classify(ctx) {
+        Ok(t) => t,
+        Err(counter) => return counter,
+    };
+    let (Some(eth), Some(new_eth)) = (ptr_at::<EthHdr>(ctx, 0), ptr_at::<EthHdr>(ctx, t.outer_len))
+    else {
+        return DecapCounter::Passed;
+    };
+    // SAFETY: both headers lie within the frame and do not overlap (the outer header is
+    // longer than the MAC header).
     unsafe {
         (*new_eth).dst = (*eth).dst;
         (*new_eth).src = (*eth).src;
-        (*new_eth).ether_type = inner_type;
+        (*new_eth).ether_type = t.inner_type;
     }
     // SAFETY: the context is this program's; the helper checks the new start.
-    if unsafe { bpf_xdp_adjust_head(ctx.as_ptr() as *mut _, outer_len as i32) } != 0 {
+    if unsafe { bpf_xdp_adjust_head(ctx.as_ptr() as *mut _, t.outer_len as i32) } != 0 {
         // Cannot happen for a header within the frame; the packet then goes on as it came,
         // save for the overwritten start of its outer header, which the stack drops.
+        return DecapCounter::Passed;
+    }
+    DecapCounter::Decapsulated
+}
+
+/// The deepest the classification reads: MAC, outer IPv6, inner IPv6 header.
+const TC_PULL: u32 = (ETH_LEN + 2 * IPV6_LEN) as u32;
+
+/// Strips the outer header of a socket buffer with `bpf_skb_adjust_room`, which also sets
+/// the buffer's protocol to the inner family's; the GSO size stays (it counts the inner
+/// segments' payload) and so does a verified checksum (the outer header has none).
+#[inline(always)]
+fn decap_tc(ctx: &TcContext) -> DecapCounter {
+    // The headers into the linear area (a short packet: all of it).
+    let len = ctx.len();
+    let _ = ctx.pull_data(if len < TC_PULL { len } else { TC_PULL });
+    let t = match classify(ctx) {
+        Ok(t) => t,
+        Err(counter) => return counter,
+    };
+    let family = if t.inner_type == ETH_P_IP {
+        BPF_F_ADJ_ROOM_DECAP_L3_IPV4
+    } else {
+        BPF_F_ADJ_ROOM_DECAP_L3_IPV6
+    };
+    let flags = BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_NO_CSUM_RESET | family;
+    if ctx
+        .adjust_room(-(t.outer_len as i32), bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, flags.into())
+        .is_err()
+    {
+        return DecapCounter::Passed;
+    }
+    // The MAC header's EtherType names the inner family (another for 4-in-6 and 6-in-4).
+    if ctx.store(12, &t.inner_type, 0).is_err() {
         return DecapCounter::Passed;
     }
     DecapCounter::Decapsulated

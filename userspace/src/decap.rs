@@ -5,9 +5,9 @@
 
 use std::net::IpAddr;
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use xdpgate_dataplane::{
-    Mode, PinDir,
+    Hook, Ingress, Mode, PinDir,
     decap::{self, Status},
 };
 
@@ -51,9 +51,13 @@ pub struct AttachArgs {
     /// decapsulated. Repeat for more.
     #[arg(long = "frontend", value_name = "ADDR", required = true)]
     pub frontends: Vec<IpAddr>,
-    /// XDP mode: native (in the driver) or skb (generic XDP, any driver).
-    #[arg(long, value_enum, default_value = "native")]
-    pub mode: Mode,
+    /// Where it runs: xdp (per frame, before the kernel makes a socket buffer) or tc (tcx
+    /// ingress, first in the chain: per socket buffer, after GRO).
+    #[arg(long, value_enum, default_value = "xdp")]
+    pub hook: Hook,
+    /// XDP only: native (in the driver, the default) or skb (generic XDP, any driver).
+    #[arg(long, value_enum)]
+    pub mode: Option<Mode>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -76,9 +80,18 @@ pub struct DetachArgs {
 pub fn run(pins: &PinDir, args: DecapArgs) -> Result<()> {
     match args.action {
         DecapAction::Attach(a) => {
-            let done = decap::attach(pins, &a.iface, &a.frontends, a.mode)?;
+            let ingress = match (a.hook, a.mode) {
+                (Hook::Xdp, mode) => Ingress::Xdp(mode.unwrap_or_default()),
+                (Hook::Tc, None) => Ingress::Tc,
+                (Hook::Tc, Some(mode)) => bail!(
+                    "--mode {} applies to XDP only: --hook tc attaches at tc ingress (tcx), \
+                     which has no modes; leave out --mode",
+                    decap::mode_name(mode)
+                ),
+            };
+            let done = decap::attach(pins, &a.iface, &a.frontends, ingress)?;
             let how = if done.attached {
-                format!("attached to {} ({} mode)", a.iface, decap::mode_name(a.mode))
+                format!("attached to {} {}", a.iface, decap::ingress_name(ingress))
             } else {
                 format!("program on {} replaced with this build's", a.iface)
             };
@@ -128,8 +141,13 @@ impl View for Status {
             .interfaces
             .iter()
             .map(|i| {
-                let mode = i.mode.unwrap_or(if i.live { "other namespace" } else { "deleted" });
-                format!("{} ({mode}, program {})", i.interface, i.program_id)
+                let place = match (i.live, i.hook, i.mode) {
+                    (false, _, _) => "device deleted",
+                    (true, Hook::Tc, _) => "tc",
+                    (true, Hook::Xdp, Some(mode)) => mode,
+                    (true, Hook::Xdp, None) => "XDP, other namespace",
+                };
+                format!("{} ({place}, program {})", i.interface, i.program_id)
             })
             .collect();
         format!(

@@ -10,8 +10,9 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray},
     programs::{
-        Xdp, XdpMode,
+        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
         xdp::XdpLink,
     },
 };
@@ -20,13 +21,15 @@ use xdpgate_common::decap::{
     MAX_DECAP_FRONTENDS,
 };
 
-use crate::{Mode, PinDir};
+use crate::{Hook, Ingress, Mode, PinDir};
 
 /// The decap program (built by `build.rs` from `ebpf/src/decap.rs`).
 static DECAP_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdpgate-decap"));
 
-/// Name of the decap program in its object.
+/// Name of the decap program (XDP) in its object.
 pub const DECAP_PROGRAM: &str = "xdpgate_decap";
+/// Its tc ingress twin.
+pub const DECAP_TC_PROGRAM: &str = "xdpgate_decap_tc";
 
 /// Where the decap program's maps and links are pinned, under the pin directory `pins`.
 pub fn dir(pins: &PinDir) -> PinDir {
@@ -59,13 +62,19 @@ pub struct Attached {
     pub added: Vec<IpAddr>,
 }
 
-/// Attaches the decap program to `ifname` (of the current network namespace) in XDP mode
-/// `mode`, pins its link, and adds `frontends` to those it decapsulates for. On an interface
-/// it is attached to already, in that mode, its link is pointed at this build's program
+/// Attaches the decap program to `ifname` (of the current network namespace) at `ingress`
+/// (XDP in a mode, or tc ingress with tcx, first in the chain), pins its link, and adds
+/// `frontends` to those it decapsulates for. On an interface it is attached to already, at
+/// that hook and mode, its link is pointed at this build's program
 /// (`bpf_link_update`: no moment without one, frontends and counters kept) and the
 /// frontends are added. A refusal (no such interface, not Ethernet, another XDP program
 /// there) changes nothing.
-pub fn attach(pins: &PinDir, ifname: &str, frontends: &[IpAddr], mode: Mode) -> Result<Attached> {
+pub fn attach(
+    pins: &PinDir,
+    ifname: &str,
+    frontends: &[IpAddr],
+    ingress: Ingress,
+) -> Result<Attached> {
     if frontends.is_empty() {
         bail!("no frontend address given: the program would decapsulate nothing (--frontend)");
     }
@@ -88,22 +97,25 @@ pub fn attach(pins: &PinDir, ifname: &str, frontends: &[IpAddr], mode: Mode) -> 
                 link.ifindex
             );
         } else {
-            let running = xdp_mode(ifname);
-            if running.is_some_and(|m| m != mode) {
+            let running = match link.hook {
+                Hook::Xdp => xdp_mode(ifname).map(Ingress::Xdp),
+                Hook::Tc => Some(Ingress::Tc),
+            };
+            if let Some(running) = running.filter(|&r| r != ingress) {
                 bail!(
-                    "the decap program runs on {ifname} in {} mode already; detach it \
-                     (xdpgate decap detach {ifname}) to attach it in {} mode",
-                    mode_name(running.expect("some")),
-                    mode_name(mode)
+                    "the decap program runs on {ifname} {} already; detach it (xdpgate decap \
+                     detach {ifname}) to attach it {}",
+                    ingress_name(running),
+                    ingress_name(ingress)
                 );
             }
-            replace(pins, ifname)?;
+            replace(pins, ifname, link.hook)?;
             let added = add_frontends(pins, frontends)?;
             return Ok(Attached { attached: false, added });
         }
     }
     let created = !dir.map(DECAP_FRONTENDS).exists();
-    let attached = attach_new(pins, ifname, ifindex, frontends, mode);
+    let attached = attach_new(pins, ifname, ifindex, frontends, ingress);
     if attached.is_err() && created {
         // Nothing was attached: the maps this attach made go too.
         let _ = remove_pins(pins);
@@ -112,7 +124,8 @@ pub fn attach(pins: &PinDir, ifname: &str, frontends: &[IpAddr], mode: Mode) -> 
 }
 
 /// Loads the decap object with its maps pinned in (or reused from) the decap directory of
-/// `pins`, and its program into the kernel (verified), ready to attach or test-run.
+/// `pins`, and its programs (XDP and tc) into the kernel (verified), ready to attach or
+/// test-run.
 pub fn load(pins: &PinDir) -> Result<Ebpf> {
     let dir = dir(pins);
     dir.ensure()?;
@@ -121,6 +134,11 @@ pub fn load(pins: &PinDir) -> Result<Ebpf> {
         .load(DECAP_OBJ)
         .context("loading the decap eBPF object")?;
     crate::program(&mut ebpf, DECAP_PROGRAM)?;
+    let tc: &mut SchedClassifier = ebpf
+        .program_mut(DECAP_TC_PROGRAM)
+        .ok_or_else(|| anyhow!("program {DECAP_TC_PROGRAM} missing from the decap object"))?
+        .try_into()?;
+    tc.load().with_context(|| format!("loading program {DECAP_TC_PROGRAM} into the kernel"))?;
     Ok(ebpf)
 }
 
@@ -129,24 +147,50 @@ fn attach_new(
     ifname: &str,
     ifindex: u32,
     frontends: &[IpAddr],
-    mode: Mode,
+    ingress: Ingress,
 ) -> Result<Attached> {
     let mut ebpf = load(pins)?;
-    let prog: &mut Xdp = ebpf.program_mut(DECAP_PROGRAM).expect("loaded by load").try_into()?;
-    let xdp_mode = match mode {
-        Mode::Native => XdpMode::Driver,
-        Mode::Skb => XdpMode::Skb,
+    let link: FdLink = match ingress {
+        Ingress::Xdp(mode) => {
+            let prog: &mut Xdp =
+                ebpf.program_mut(DECAP_PROGRAM).expect("loaded by load").try_into()?;
+            let xdp_mode = match mode {
+                Mode::Native => XdpMode::Driver,
+                Mode::Skb => XdpMode::Skb,
+            };
+            let id = prog.attach_to_if_index(ifindex, xdp_mode).map_err(|e| {
+                let hint = match mode {
+                    Mode::Native => "; the driver may not support native XDP: try --mode skb",
+                    Mode::Skb => "",
+                };
+                anyhow!(
+                    "attaching the decap program to {ifname} in {}: {e}{hint}",
+                    ingress_name(ingress)
+                )
+            })?;
+            prog.take_link(id)?.try_into().map_err(|e| {
+                anyhow!("{ifname}: the kernel attached without a bpf_link ({e}), cannot pin")
+            })?
+        }
+        Ingress::Tc => {
+            let prog: &mut SchedClassifier =
+                ebpf.program_mut(DECAP_TC_PROGRAM).expect("loaded by load").try_into()?;
+            // First in the chain: a gateway's tc pipeline on the same interface sees the
+            // inner packet.
+            let id = prog
+                .attach_with_options(
+                    ifname,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::TcxOrder(LinkOrder::first()),
+                )
+                .with_context(|| {
+                    format!("attaching the decap program to {ifname} at tc ingress")
+                })?;
+            prog.take_link(id)?.try_into().map_err(|e| {
+                anyhow!("{ifname}: the kernel attached at tc ingress without a bpf_link ({e})")
+            })?
+        }
     };
-    let id = prog.attach_to_if_index(ifindex, xdp_mode).map_err(|e| {
-        let hint = match mode {
-            Mode::Native => "; the driver may not support native XDP: try --mode skb",
-            Mode::Skb => "",
-        };
-        anyhow!("attaching the decap program to {ifname} in {} mode: {e}{hint}", mode_name(mode))
-    })?;
-    let link: FdLink = prog.take_link(id)?.try_into().map_err(|e| {
-        anyhow!("{ifname}: the kernel attached without a bpf_link ({e}), cannot pin")
-    })?;
     // Until the link is pinned, a failure detaches it (its last handle closes).
     let added = add_frontends(pins, frontends)?;
     let pin = dir(pins).link(ifname);
@@ -154,19 +198,33 @@ fn attach_new(
     Ok(Attached { attached: true, added })
 }
 
-/// Points the pinned link of `ifname` at a newly loaded program of this build.
-fn replace(pins: &PinDir, ifname: &str) -> Result<()> {
+/// Points the pinned link of `ifname` (at `hook`) at a newly loaded program of this build.
+fn replace(pins: &PinDir, ifname: &str, hook: Hook) -> Result<()> {
     let mut ebpf = load(pins)?;
-    let prog: &mut Xdp = ebpf.program_mut(DECAP_PROGRAM).expect("loaded by load").try_into()?;
-    let pinned = PinnedLink::from_pin(dir(pins).link(ifname))
-        .with_context(|| format!("opening the pinned decap link of {ifname}"))?;
-    let link = XdpLink::try_from(FdLink::from(pinned))
-        .map_err(|e| anyhow!("{ifname}: the pinned decap link is not an XDP link: {e}"))?;
-    let id = prog
-        .attach_to_link(link)
-        .with_context(|| format!("replacing the decap program on {ifname}"))?;
+    let pinned = FdLink::from(
+        PinnedLink::from_pin(dir(pins).link(ifname))
+            .with_context(|| format!("opening the pinned decap link of {ifname}"))?,
+    );
+    let replaced = || format!("replacing the decap program on {ifname}");
     // The link stays pinned; this process's handle on it may go.
-    let _ = prog.take_link(id)?;
+    match hook {
+        Hook::Xdp => {
+            let prog: &mut Xdp =
+                ebpf.program_mut(DECAP_PROGRAM).expect("loaded by load").try_into()?;
+            let link = XdpLink::try_from(pinned)
+                .map_err(|e| anyhow!("{ifname}: the pinned decap link is not an XDP link: {e}"))?;
+            let id = prog.attach_to_link(link).with_context(replaced)?;
+            drop(prog.take_link(id)?);
+        }
+        Hook::Tc => {
+            let prog: &mut SchedClassifier =
+                ebpf.program_mut(DECAP_TC_PROGRAM).expect("loaded by load").try_into()?;
+            let link = SchedClassifierLink::try_from(pinned)
+                .map_err(|e| anyhow!("{ifname}: the pinned decap link is not a tcx link: {e}"))?;
+            let id = prog.attach_to_link(link).with_context(replaced)?;
+            drop(prog.take_link(id)?);
+        }
+    }
     Ok(())
 }
 
@@ -270,7 +328,9 @@ pub struct Status {
 #[derive(Debug, serde::Serialize)]
 pub struct Interface {
     pub interface: String,
-    /// native or skb; none when the device is not in this network namespace.
+    pub hook: Hook,
+    /// XDP's mode, native or skb; none at tc, and when the device is not in this network
+    /// namespace.
     pub mode: Option<&'static str>,
     pub program_id: u32,
     /// False when its device was deleted (the kernel detached the program).
@@ -294,8 +354,10 @@ pub fn status(pins: &PinDir) -> Result<Status> {
     for name in dir.attached()? {
         let link = crate::link_info(&dir, &name)?;
         let here = crate::ifindex(&name).ok() == Some(link.ifindex);
+        let xdp = here && link.hook == Hook::Xdp;
         status.interfaces.push(Interface {
-            mode: here.then(|| xdp_mode(&name).map(mode_name)).flatten(),
+            hook: link.hook,
+            mode: xdp.then(|| xdp_mode(&name).map(mode_name)).flatten(),
             interface: name,
             program_id: link.prog_id,
             live: link.ifindex != 0,
@@ -327,6 +389,14 @@ fn xdp_mode(ifname: &str) -> Option<Mode> {
         1 => Some(Mode::Native),
         2 => Some(Mode::Skb),
         _ => None,
+    }
+}
+
+/// Where a program runs, as a person reads it: `in native mode`, `at tc ingress`.
+pub fn ingress_name(ingress: Ingress) -> String {
+    match ingress {
+        Ingress::Xdp(mode) => format!("in {} mode", mode_name(mode)),
+        Ingress::Tc => "at tc ingress".into(),
     }
 }
 
