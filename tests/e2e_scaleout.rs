@@ -233,6 +233,18 @@ impl Gateway {
         out + &self.bird.as_ref().map_or("bird: not running\n".into(), Bird::show)
     }
 
+    /// Packets its load-balancing rules have passed so far (`xdpgate lb --json`).
+    fn lb_packets(&self) -> u64 {
+        let report: Value =
+            serde_json::from_str(&self.pins.xdpgate(&["lb", "--json"])).expect("lb --json");
+        report
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s["traffic"]["packets"].as_u64())
+            .sum()
+    }
+
     /// Polls `xdpgate lb --json` until both addresses of a backend are unhealthy.
     fn wait_backend_down(&self, (v4, v6): &(String, String)) {
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -491,8 +503,12 @@ fn step(
     let converged = Instant::now();
     let routes = converged - changed;
     let traffic = routes + conns.wait_echoing(converged, Duration::from_secs(30));
-    // A second round of echoes: the connections carry on, not just answered once.
+    // A second round of echoes, counted at each gateway: the connections carry on, through
+    // the gateways the router uses and no other.
+    let before: Vec<u64> = fleet.gateways.iter().map(Gateway::lb_packets).collect();
     conns.wait_echoing(Instant::now(), Duration::from_secs(10));
+    let through: Vec<u64> =
+        fleet.gateways.iter().zip(before).map(|(g, b)| g.lb_packets() - b).collect();
     let figures = conns.summary();
     let took = start.elapsed();
     println!(
@@ -508,7 +524,12 @@ fn step(
         routes.as_secs_f64(),
         traffic.as_secs_f64()
     );
+    println!("  packets through gw1, gw2, gw3 in a round of echoes: {through:?}");
     assert_eq!(figures.broken, broken, "{name}: broken {:?}", figures.broken_list);
+    for (gw, packets) in fleet.gateways.iter().zip(&through) {
+        let used = up.contains(&gw.n);
+        assert_eq!(*packets > 0, used, "{name}: {packets} packets through {}", gw.name());
+    }
     rows.push(Row { step: name.to_owned(), up: up.len(), figures, took, routes, traffic });
 }
 
