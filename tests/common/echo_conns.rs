@@ -8,7 +8,7 @@
 use std::{
     collections::BTreeSet,
     io::{self, Read, Write},
-    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpListener, TcpStream},
     os::fd::AsRawFd,
     sync::{
         Arc, Mutex,
@@ -312,7 +312,7 @@ impl EchoBackend {
         Self { stop, abort, thread: Some(thread), accepted }
     }
 
-    /// The client ends of the connections it accepted.
+    /// The client ends of the connections it accepted (IPv4 ones as IPv4, not mapped).
     pub fn accepted(&self) -> BTreeSet<SocketAddr> {
         self.accepted.lock().unwrap().clone()
     }
@@ -399,9 +399,4 @@ fn serve(
             };
         }
     }
-}
-
-/// The client ends in `all` whose address is `ip`.
-pub fn from(all: &BTreeSet<SocketAddr>, ip: IpAddr) -> BTreeSet<SocketAddr> {
-    all.iter().filter(|a| a.ip() == ip).copied().collect()
 }
