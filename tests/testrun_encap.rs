@@ -12,7 +12,6 @@ mod common;
 
 use std::net::IpAddr;
 
-use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use common::{
     isolated,
     kernel::{DROP, Kernel, link_tc_pipeline},
@@ -116,20 +115,7 @@ impl Lab {
     fn run(&self, at: At, packet: &[u8]) -> (u32, Vec<u8>) {
         match at {
             At::Xdp => self.k.run_out(packet),
-            At::Tc => {
-                let prog: &SchedClassifier =
-                    self.k.ebpf().program("xdpgate_tc").unwrap().try_into().unwrap();
-                let mut out = vec![0u8; packet.len() + 256];
-                let res = prog
-                    .test_run(TestRunOptions {
-                        data_in: Some(packet),
-                        data_out: Some(&mut out),
-                        ..Default::default()
-                    })
-                    .expect("test_run");
-                out.truncate(res.data_size_out as usize);
-                (res.return_value, out)
-            }
+            At::Tc => self.k.run_tc_out(packet),
         }
     }
 

@@ -9,7 +9,6 @@ mod common;
 
 use std::net::IpAddr;
 
-use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use common::{
     kernel::{Kernel, PASS, link_tc_pipeline},
     packet::{ACK, ETH_LEN, L4, SYN, checksums_ok, endpoints, frame, frame_vlan},
@@ -35,18 +34,7 @@ impl Tc {
 
     /// Runs one packet through the tc entry; returns the tc verdict and the packet as left.
     fn run_out(&self, packet: &[u8]) -> (u32, Vec<u8>) {
-        let prog: &SchedClassifier =
-            self.k.ebpf().program("xdpgate_tc").unwrap().try_into().unwrap();
-        let mut out = vec![0u8; packet.len() + 256];
-        let res = prog
-            .test_run(TestRunOptions {
-                data_in: Some(packet),
-                data_out: Some(&mut out),
-                ..Default::default()
-            })
-            .expect("test_run");
-        out.truncate(res.data_size_out as usize);
-        (res.return_value, out)
+        self.k.run_tc_out(packet)
     }
 
     /// A packet that must pass (`TC_ACT_UNSPEC`), its checksums right after any rewrite.

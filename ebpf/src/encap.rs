@@ -14,7 +14,7 @@ use aya_ebpf::{
         BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L3_IPV6, BPF_F_RECOMPUTE_CSUM,
         bpf_adj_room_mode, xdp_action,
     },
-    helpers::generated::{bpf_jiffies64, bpf_xdp_adjust_head},
+    helpers::generated::bpf_xdp_adjust_head,
     programs::{TcContext, XdpContext},
 };
 use xdpgate_common::{
@@ -24,9 +24,9 @@ use xdpgate_common::{
 };
 
 use crate::{
-    forward::{self, FIB_FRAG_NEEDED, FIB_SUCCESS},
+    forward::{self, FIB_FRAG_NEEDED},
     hook::Hook,
-    maps::{ENCAP_SOURCES, ROUTE_GENERATION},
+    maps::ENCAP_SOURCES,
     parse::{PacketMeta, ptr_at},
 };
 
@@ -64,34 +64,10 @@ pub fn forward<H: Hook>(
     let ip_len = ctx
         .wire_len(meta, (len as u16).wrapping_sub(meta.l3_off))
         .saturating_add(ctx.encap_wire_overhead(overhead(meta.family)));
-    let generation = ROUTE_GENERATION.get(0).copied().unwrap_or(0);
-    let now = unsafe { bpf_jiffies64() } as u32;
-    let iif = ctx.arrival();
-    let hop = match cache {
-        Some(hop) if forward::holds(hop, generation, now, iif, ip_len) => *hop,
-        cache => {
-            let (rc, p) = forward::lookup(ctx, meta, &source, backend, ip_len)?;
-            if rc == FIB_FRAG_NEEDED {
-                return Err(DropReason::EncapTooBig);
-            }
-            if rc != FIB_SUCCESS || !H::may_send_to(p.ifindex) {
-                return Err(DropReason::EncapUnreachable);
-            }
-            let hop = NextHop {
-                generation,
-                jiffies: now,
-                ifindex: p.ifindex,
-                dmac: p.dmac,
-                smac: p.smac,
-                iif,
-                max_len: ip_len,
-                _pad: [0; 2],
-            };
-            if let Some(cache) = cache {
-                *cache = hop;
-            }
-            hop
-        }
+    let hop = match forward::hop_for(ctx, meta, &source, backend, ip_len, cache)? {
+        Ok(hop) => hop,
+        Err(FIB_FRAG_NEEDED) => return Err(DropReason::EncapTooBig),
+        Err(_) => return Err(DropReason::EncapUnreachable),
     };
     ctx.decrement_ttl(meta)?;
     ctx.encapsulate(meta, &source, backend)?;

@@ -41,7 +41,7 @@ const TCP_LISTEN: u32 = 10;
 /// Asks the kernel's FIB where a packet from `src` to `dst` goes. The parameters live in
 /// per-CPU scratch, not on the stack, which the callers' stages need.
 #[inline(always)]
-pub fn lookup<H: Hook>(
+fn lookup<H: Hook>(
     ctx: &H,
     meta: &PacketMeta,
     src: &[u32; 4],
@@ -133,38 +133,58 @@ pub fn forward<H: Hook>(
         return Ok(xdp_action::XDP_PASS);
     }
     let ip_len = ctx.wire_len(meta, (len as u16).wrapping_sub(meta.l3_off));
+    let hop = match hop_for(ctx, meta, src, next_hop, ip_len, cache)? {
+        Ok(hop) => Some(hop),
+        Err(rc) => {
+            if own_errors && rc == FIB_FRAG_NEEDED && !fragmentable(ctx, meta)? {
+                return Ok(xdp_action::XDP_PASS);
+            }
+            None
+        }
+    };
+    send(ctx, meta, hop, rewrite)
+}
+
+/// The next hop of a packet from `src` to `dst` whose `ip_len` bytes leave (from the IP
+/// header on): the flow direction's cached one `cache` while it holds, or else the FIB's
+/// answer, then cached. `Err`: the FIB's return code, or `FIB_SUCCESS` for an interface
+/// this hook may not send to.
+#[inline(always)]
+pub fn hop_for<H: Hook>(
+    ctx: &H,
+    meta: &PacketMeta,
+    src: &[u32; 4],
+    dst: &[u32; 4],
+    ip_len: u16,
+    cache: Option<&mut NextHop>,
+) -> Result<Result<NextHop, i64>, DropReason> {
     let generation = ROUTE_GENERATION.get(0).copied().unwrap_or(0);
     // The low bits: ages are told by wrapping differences.
     let now = unsafe { bpf_jiffies64() } as u32;
     let iif = ctx.arrival();
-    let hop = match cache {
-        Some(hop) if holds(hop, generation, now, iif, ip_len) => Some(*hop),
+    match cache {
+        Some(hop) if holds(hop, generation, now, iif, ip_len) => Ok(Ok(*hop)),
         cache => {
-            let (rc, p) = lookup(ctx, meta, src, next_hop, ip_len)?;
+            let (rc, p) = lookup(ctx, meta, src, dst, ip_len)?;
             if rc != FIB_SUCCESS || !H::may_send_to(p.ifindex) {
-                if own_errors && rc == FIB_FRAG_NEEDED && !fragmentable(ctx, meta)? {
-                    return Ok(xdp_action::XDP_PASS);
-                }
-                None
-            } else {
-                let hop = NextHop {
-                    generation,
-                    jiffies: now,
-                    ifindex: p.ifindex,
-                    dmac: p.dmac,
-                    smac: p.smac,
-                    iif,
-                    max_len: ip_len,
-                    _pad: [0; 2],
-                };
-                if let Some(cache) = cache {
-                    *cache = hop;
-                }
-                Some(hop)
+                return Ok(Err(rc));
             }
+            let hop = NextHop {
+                generation,
+                jiffies: now,
+                ifindex: p.ifindex,
+                dmac: p.dmac,
+                smac: p.smac,
+                iif,
+                max_len: ip_len,
+                _pad: [0; 2],
+            };
+            if let Some(cache) = cache {
+                *cache = hop;
+            }
+            Ok(Ok(hop))
         }
-    };
-    send(ctx, meta, hop, rewrite)
+    }
 }
 
 /// [`forward`] by the cached next hop alone, for a packet of an established flow in the
@@ -235,7 +255,7 @@ fn fragmentable(ctx: &impl Packet, meta: &PacketMeta) -> Result<bool, DropReason
 /// flow direction at once, after a change): a torn copy is at worst a mix of two answers
 /// the FIB gave for this flow within a tick, and is asked again after the age limit.
 #[inline(always)]
-pub fn holds(hop: &NextHop, generation: u32, now: u32, iif: u32, ip_len: u16) -> bool {
+fn holds(hop: &NextHop, generation: u32, now: u32, iif: u32, ip_len: u16) -> bool {
     hop.ifindex != 0
         && hop.generation == generation
         && now.wrapping_sub(hop.jiffies) < HOP_MAX_AGE_JIFFIES

@@ -135,6 +135,23 @@ impl Kernel {
         (res.return_value, out)
     }
 
+    /// Runs one packet through the tc entry (`xdpgate_tc`, linked by [`link_tc_pipeline`]);
+    /// returns the tc verdict and the packet as the program left it.
+    pub fn run_tc_out(&self, packet: &[u8]) -> (u32, Vec<u8>) {
+        let prog: &aya::programs::SchedClassifier =
+            self.ebpf.program("xdpgate_tc").unwrap().try_into().unwrap();
+        let mut out = vec![0u8; packet.len() + 256];
+        let res = prog
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(&mut out),
+                ..Default::default()
+            })
+            .expect("test_run");
+        out.truncate(res.data_size_out as usize);
+        (res.return_value, out)
+    }
+
     /// Runs a packet that must pass, checking its checksums from scratch after whatever
     /// rewrite it got; returns it as it leaves.
     pub fn through(&self, pkt: &[u8]) -> Vec<u8> {

@@ -2806,16 +2806,18 @@ load_balancers:
         assert_eq!(ha.distribution, Distribution::SourceIpProtocol);
     }
 
+    /// A TCP rule on a port of its own, with `extra` fields.
+    fn forwarding_rule(extra: &str) -> String {
+        format!(
+            "{{name: r, frontend: web-v4, protocol: tcp, frontend_port: 8443, \
+             backend_pool: web-pool{extra}}}"
+        )
+    }
+
     /// `forwarding:` and its older spelling `floating_ip: true`; `ipip` picks flows up
     /// mid-stream unless told not to.
     #[test]
     fn load_balancer_forwarding_modes() {
-        let rule = |extra: &str| {
-            format!(
-                "{{name: r, frontend: web-v4, protocol: tcp, frontend_port: 8443, \
-                 backend_pool: web-pool{extra}}}"
-            )
-        };
         let cases = [
             ("", Forwarding::Dnat, false),
             (", floating_ip: true", Forwarding::FloatingIp, false),
@@ -2829,7 +2831,10 @@ load_balancers:
             (", forwarding: ipip, backend_port: 8443", Forwarding::Ipip, true),
         ];
         for (extra, forwarding, pickup) in cases {
-            let policy = lb().push("rules", &rule(extra)).load().unwrap_or_else(|e| panic!("{e}"));
+            let policy = lb()
+                .push("rules", &forwarding_rule(extra))
+                .load()
+                .unwrap_or_else(|e| panic!("{e}"));
             let r = policy.load_balancers[0].rules.last().unwrap();
             assert_eq!((r.forwarding, r.midstream_pickup), (forwarding, pickup), "{extra}");
         }
@@ -2839,12 +2844,6 @@ load_balancers:
     /// its line and column, as every policy error does).
     #[test]
     fn load_balancer_forwarding_refused() {
-        let rule = |extra: &str| {
-            format!(
-                "{{name: r, frontend: web-v4, protocol: tcp, frontend_port: 8443, \
-                 backend_pool: web-pool{extra}}}"
-            )
-        };
         let cases = [
             (", forwarding: dnat, floating_ip: true", "rules[1].floating_ip", "contradicts"),
             (
@@ -2857,7 +2856,7 @@ load_balancers:
             (", forwarding: gre", "rules[1].forwarding", "expected dnat, floating_ip or ipip"),
         ];
         for (extra, field, says) in cases {
-            let errors = lb().push("rules", &rule(extra)).errors();
+            let errors = lb().push("rules", &forwarding_rule(extra)).errors();
             assert_eq!(errors.len(), 1, "{extra}: {errors:?}");
             assert!(errors[0].contains(field) && errors[0].contains(says), "{extra}: {errors:?}");
             assert!(errors[0].contains("policy.yaml:"), "{errors:?}");
