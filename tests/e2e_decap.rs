@@ -22,9 +22,9 @@ use common::{
     Netns, Pins,
     packet::{
         ACK, ETH_LEN, L4, MAC_A, MAC_B, SYN, encapsulate, frame, frame_vlan, offload_checksum,
-        tcp_frame,
+        tcp_frame, tcp_segment,
     },
-    send_frame, send_frame_partial, veth,
+    run, send_frame, send_frame_partial, veth,
 };
 use serde_json::Value;
 use xdpgate_dataplane::decap;
@@ -73,6 +73,8 @@ struct Lab {
     backend: Netns,
     s_if: String,
     b_if: String,
+    /// The backend interface's MAC address, the encapsulated frames' destination.
+    b_mac: [u8; 6],
     pins: Pins,
 }
 
@@ -93,7 +95,8 @@ impl Lab {
         backend.exec("sysctl", &["-qw", "net.ipv4.conf.all.rp_filter=1"]);
         backend.exec("sysctl", &["-qw", &format!("net.ipv4.conf.{b_if}.rp_filter=1")]);
         let pins = Pins::in_netns(&backend);
-        Lab { sender, backend, s_if, b_if, pins }
+        let b_mac = backend.mac(&b_if);
+        Lab { sender, backend, s_if, b_if, b_mac, pins }
     }
 
     /// Runs the script against the backend namespace and this lab's pin directory.
@@ -123,8 +126,7 @@ impl Lab {
     fn send_encapsulated(&self, inner: &[u8]) {
         let (src, dst) =
             if inner[12..14] == [0x08, 0x00] { (SENDER4, BACKEND4) } else { (SENDER6, BACKEND6) };
-        let mac = self.backend.mac(&self.b_if);
-        send_frame(&self.sender, &self.s_if, mac, encapsulate(src, dst, inner)).unwrap();
+        send_frame(&self.sender, &self.s_if, self.b_mac, encapsulate(src, dst, inner)).unwrap();
     }
 
     fn status(&self) -> Value {
@@ -145,6 +147,14 @@ impl Lab {
     fn lo_addrs(&self) -> String {
         String::from_utf8_lossy(&self.backend.exec("ip", &["addr", "show", "dev", "lo"]).stdout)
             .into_owned()
+    }
+}
+
+impl Drop for Lab {
+    /// A test that failed before its `down` leaves no state of the script behind (the
+    /// namespace, and with it the rest, goes after this).
+    fn drop(&mut self) {
+        let _ = self.script(&["down"]);
     }
 }
 
@@ -347,24 +357,10 @@ fn exchange(lab: &Lab, port_base: u16) -> (u64, u64) {
         let data = tcp_frame(fam.client, fam.vip, ports, ACK, 1001, syn_ack.seq.wrapping_add(1));
         lab.send_encapsulated(&data);
         served += 2;
-        let got = lab.backend.run(move || {
-            tcp.set_nonblocking(true).unwrap();
-            let deadline = Instant::now() + WAIT;
-            let (mut conn, peer) = loop {
-                match tcp.accept() {
-                    Ok(c) => break c,
-                    Err(_) if Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(20))
-                    }
-                    Err(e) => panic!("no connection accepted: {e}"),
-                }
-            };
-            conn.set_nonblocking(false).unwrap();
-            conn.set_read_timeout(Some(WAIT)).unwrap();
-            let mut buf = [0u8; 7];
-            conn.read_exact(&mut buf).unwrap();
-            (peer, buf)
-        });
+        let (mut conn, peer) = accept(&tcp);
+        let mut buf = [0u8; 7];
+        conn.read_exact(&mut buf).unwrap();
+        let got = (peer, buf);
         assert_eq!((got.0.ip(), got.0.port(), &got.1), (client, 40001, b"xdpgate"));
 
         // A frontend not served here: left encapsulated (the stack, without an IPIP
@@ -374,6 +370,23 @@ fn exchange(lab: &Lab, port_base: u16) -> (u64, u64) {
         other += 1;
     }
     (served, other)
+}
+
+/// The next connection `listener` accepts (polled: within `WAIT`, else a panic), with a
+/// read timeout of `WAIT`.
+fn accept(listener: &TcpListener) -> (std::net::TcpStream, std::net::SocketAddr) {
+    listener.set_nonblocking(true).unwrap();
+    let deadline = Instant::now() + WAIT;
+    let (conn, peer) = loop {
+        match listener.accept() {
+            Ok(c) => break c,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => panic!("no connection accepted: {e}"),
+        }
+    };
+    conn.set_nonblocking(false).unwrap();
+    conn.set_read_timeout(Some(WAIT)).unwrap();
+    (conn, peer)
 }
 
 /// Polls `status` until its `passed` count reaches `passed` (the last frame sent is one of
@@ -485,6 +498,57 @@ fn attach_again_replaces_the_program_in_place() {
     send(b"after");
     assert_eq!(lab.status()["decapsulated"].as_u64(), Some(2));
     lab.pins.xdpgate(&["decap", "detach", &lab.b_if]);
+}
+
+/// A TCP stream whose segments arrive encapsulated: the server reads every byte in order,
+/// at each place the program runs.
+#[test]
+fn a_tcp_stream_arrives_whole() {
+    const SEGMENTS: u32 = 64;
+    const MSS: u32 = 1000;
+    for (place, flags, _, _) in PLACES {
+        let lab = Lab::new();
+        lab.script_ok(
+            &[&["up", VIP4, "--decap", "xdpgate", "--interface", &lab.b_if], flags].concat(),
+        );
+        let vip = ip(VIP4);
+        let listener = lab.backend.run(move || TcpListener::bind((vip, 9200)).unwrap());
+        let capture = Capture::open(&lab.sender, &lab.s_if);
+        let ports = (40010, 9200);
+        lab.send_encapsulated(&tcp_frame(CLIENT4, VIP4, ports, SYN, 1000, 0));
+        let syn_ack = capture
+            .next(|f| f.proto == 6 && f.dport == 40010 && f.flags & 0x12 == 0x12)
+            .expect("no SYN-ACK");
+        let ack = syn_ack.seq.wrapping_add(1);
+        lab.send_encapsulated(&tcp_segment(CLIENT4, VIP4, ports, ACK, (1001, ack), b""));
+        let (mut conn, _) = accept(&listener);
+        let data: Vec<u8> = (0..SEGMENTS * MSS).map(|i| (i % 251) as u8).collect();
+        for (i, chunk) in data.chunks(MSS as usize).enumerate() {
+            let seq = 1001 + i as u32 * MSS;
+            lab.send_encapsulated(&tcp_segment(CLIENT4, VIP4, ports, ACK, (seq, ack), chunk));
+        }
+        let mut got = vec![0u8; data.len()];
+        let read = conn.read_exact(&mut got);
+        assert!(read.is_ok() && got == data, "{place}: {read:?}");
+        lab.script_ok(&["down"]);
+    }
+}
+
+/// The script's state for a namespace deleted without a `down` (a container gone, a test
+/// killed) goes at its next run, whatever namespace that run is for.
+#[test]
+fn state_of_a_deleted_namespace_is_forgotten() {
+    let gone = Lab::new();
+    gone.script_ok(&["up", VIP4, "--decap", "xdpgate", "--interface", &gone.b_if]);
+    let state = |lab: &Lab| {
+        let pins = lab.pins.dir.path().to_string_lossy().replace('/', "_");
+        PathBuf::from(format!("/run/xdpgate-backend/{}{pins}", lab.backend.name))
+    };
+    assert!(state(&gone).exists());
+    run("ip", &["netns", "del", &gone.backend.name]);
+    let other = Lab::new();
+    other.script_ok(&["down"]);
+    assert!(!state(&gone).exists(), "{} left", state(&gone).display());
 }
 
 /// The kernel's own tunnel devices (`--decap kernel`, the default where the kernel has
@@ -666,7 +730,7 @@ fn partial_checksums_survive_decapsulation() {
             let csum = offload_checksum(&mut f, ETH_LEN + 20);
             (f, csum)
         };
-        let mac = lab.backend.mac(&lab.b_if);
+        let mac = lab.b_mac;
         send_frame(&lab.sender, &lab.s_if, mac, partial(b"unmarked").0).unwrap();
         let (marked, csum) = partial(b"marked");
         send_frame_partial(&lab.sender, &lab.s_if, mac, marked, csum).unwrap();

@@ -175,6 +175,12 @@ if [ -n "$pin_dir" ]; then
 	state=$state$(echo "$pin_dir" | tr / _)
 fi
 
+# The state of namespaces deleted since (with all up did in them) is of no use any more.
+for saved in /run/xdpgate-backend/*/netns; do
+	[ -e "$saved" ] || continue
+	[ -e "/run/netns/$(cat "$saved")" ] || rm -rf "${saved%/netns}"
+done
+
 # Checked before anything changes.
 for f in $frontends; do
 	family "$f" >/dev/null
@@ -310,6 +316,7 @@ up() {
 	mkdir -p "$state"
 	chmod 700 "$state"
 	echo "$decap" >"$state/decap"
+	if [ -n "$netns" ]; then echo "$netns" >"$state/netns"; fi
 	if [ "$decap" = xdpgate ]; then
 		echo "$iface" >"$state/interface"
 		loosen_rp_filter "$iface"

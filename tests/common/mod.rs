@@ -122,8 +122,10 @@ fn send_raw(
 ) -> Result<(), String> {
     let mut buf = Vec::new();
     if let Some((start, offset)) = csum {
-        // struct virtio_net_hdr (little-endian, as the host's): flags NEEDS_CSUM, no GSO,
-        // hdr_len, gso_size, csum_start, csum_offset.
+        // struct virtio_net_hdr (little-endian, as the host's): flags NEEDS_CSUM, no GSO
+        // (a packet socket's GSO packets are "dodgy", which veth cannot take, and the kernel
+        // cannot cut an IP-in-IP one not marked as such), hdr_len, gso_size, csum_start,
+        // csum_offset.
         buf.extend_from_slice(&[1, 0]);
         for v in [0u16, 0, start, offset] {
             buf.extend_from_slice(&v.to_le_bytes());

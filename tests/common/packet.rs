@@ -299,6 +299,18 @@ pub fn tcp_frame(
     seq: u32,
     ack: u32,
 ) -> Vec<u8> {
+    tcp_segment(src, dst, ports, flags, (seq, ack), b"xdpgate")
+}
+
+/// A TCP frame as [`tcp_frame`] builds it, carrying `payload`.
+pub fn tcp_segment(
+    src: &str,
+    dst: &str,
+    ports: (u16, u16),
+    flags: u8,
+    (seq, ack): (u32, u32),
+    payload: &[u8],
+) -> Vec<u8> {
     let (s, d): (IpAddr, IpAddr) = (src.parse().unwrap(), dst.parse().unwrap());
     let mut b = ip(s, d, &[]).tcp(ports.0, ports.1, seq, 64240);
     if flags & SYN != 0 {
@@ -314,7 +326,7 @@ pub fn tcp_frame(
         b = b.rst();
     }
     let mut out = Vec::new();
-    b.write(&mut out, b"xdpgate").expect("build packet");
+    b.write(&mut out, payload).expect("build packet");
     out
 }
 

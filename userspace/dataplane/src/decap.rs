@@ -9,12 +9,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray},
-    programs::{
-        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
-        links::{FdLink, PinnedLink},
-        tc::{SchedClassifierLink, TcAttachOptions},
-        xdp::XdpLink,
-    },
+    programs::{SchedClassifier, links::PinnedLink},
 };
 use xdpgate_common::decap::{
     DECAP_COUNTERS, DECAP_DIR, DECAP_FRONTENDS, DECAP_STATS, DecapCounter, DecapKey,
@@ -30,6 +25,7 @@ static DECAP_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "
 pub const DECAP_PROGRAM: &str = "xdpgate_decap";
 /// Its tc ingress twin.
 pub const DECAP_TC_PROGRAM: &str = "xdpgate_decap_tc";
+const PROGRAMS: (&str, &str) = (DECAP_PROGRAM, DECAP_TC_PROGRAM);
 
 /// Where the decap program's maps and links are pinned, under the pin directory `pins`.
 pub fn dir(pins: &PinDir) -> PinDir {
@@ -150,47 +146,10 @@ fn attach_new(
     ingress: Ingress,
 ) -> Result<Attached> {
     let mut ebpf = load(pins)?;
-    let link: FdLink = match ingress {
-        Ingress::Xdp(mode) => {
-            let prog: &mut Xdp =
-                ebpf.program_mut(DECAP_PROGRAM).expect("loaded by load").try_into()?;
-            let xdp_mode = match mode {
-                Mode::Native => XdpMode::Driver,
-                Mode::Skb => XdpMode::Skb,
-            };
-            let id = prog.attach_to_if_index(ifindex, xdp_mode).map_err(|e| {
-                let hint = match mode {
-                    Mode::Native => "; the driver may not support native XDP: try --mode skb",
-                    Mode::Skb => "",
-                };
-                anyhow!(
-                    "attaching the decap program to {ifname} in {}: {e}{hint}",
-                    ingress_name(ingress)
-                )
-            })?;
-            prog.take_link(id)?.try_into().map_err(|e| {
-                anyhow!("{ifname}: the kernel attached without a bpf_link ({e}), cannot pin")
-            })?
-        }
-        Ingress::Tc => {
-            let prog: &mut SchedClassifier =
-                ebpf.program_mut(DECAP_TC_PROGRAM).expect("loaded by load").try_into()?;
-            // First in the chain: a gateway's tc pipeline on the same interface sees the
-            // inner packet.
-            let id = prog
-                .attach_with_options(
-                    ifname,
-                    TcAttachType::Ingress,
-                    TcAttachOptions::TcxOrder(LinkOrder::first()),
-                )
-                .with_context(|| {
-                    format!("attaching the decap program to {ifname} at tc ingress")
-                })?;
-            prog.take_link(id)?.try_into().map_err(|e| {
-                anyhow!("{ifname}: the kernel attached at tc ingress without a bpf_link ({e})")
-            })?
-        }
-    };
+    // At tc, first in the chain: a gateway's tc pipeline on the same interface sees the
+    // inner packet.
+    let link = crate::attach_ingress(&mut ebpf, PROGRAMS, ifname, ifindex, ingress)
+        .context("attaching the decap program")?;
     // Until the link is pinned, a failure detaches it (its last handle closes).
     let added = add_frontends(pins, frontends)?;
     let pin = dir(pins).link(ifname);
@@ -201,31 +160,10 @@ fn attach_new(
 /// Points the pinned link of `ifname` (at `hook`) at a newly loaded program of this build.
 fn replace(pins: &PinDir, ifname: &str, hook: Hook) -> Result<()> {
     let mut ebpf = load(pins)?;
-    let pinned = FdLink::from(
-        PinnedLink::from_pin(dir(pins).link(ifname))
-            .with_context(|| format!("opening the pinned decap link of {ifname}"))?,
-    );
-    let replaced = || format!("replacing the decap program on {ifname}");
-    // The link stays pinned; this process's handle on it may go.
-    match hook {
-        Hook::Xdp => {
-            let prog: &mut Xdp =
-                ebpf.program_mut(DECAP_PROGRAM).expect("loaded by load").try_into()?;
-            let link = XdpLink::try_from(pinned)
-                .map_err(|e| anyhow!("{ifname}: the pinned decap link is not an XDP link: {e}"))?;
-            let id = prog.attach_to_link(link).with_context(replaced)?;
-            drop(prog.take_link(id)?);
-        }
-        Hook::Tc => {
-            let prog: &mut SchedClassifier =
-                ebpf.program_mut(DECAP_TC_PROGRAM).expect("loaded by load").try_into()?;
-            let link = SchedClassifierLink::try_from(pinned)
-                .map_err(|e| anyhow!("{ifname}: the pinned decap link is not a tcx link: {e}"))?;
-            let id = prog.attach_to_link(link).with_context(replaced)?;
-            drop(prog.take_link(id)?);
-        }
-    }
-    Ok(())
+    let pinned = PinnedLink::from_pin(dir(pins).link(ifname))
+        .with_context(|| format!("opening the pinned decap link of {ifname}"))?;
+    crate::replace_ingress(&mut ebpf, PROGRAMS, pinned, hook, ifname)
+        .context("replacing the decap program")
 }
 
 /// Adds `frontends` to those the program decapsulates for; returns those not there before.

@@ -755,10 +755,28 @@ fn attach_both(
     let egress: &mut SchedClassifier =
         ebpf.program_mut(EGRESS_PROGRAM).expect("loaded by egress_dataplane").try_into()?;
     let egress_link = attach_egress_unpinned(egress, ifname)?;
-    let link: FdLink = match ingress {
+    let link = attach_ingress(ebpf, (PROGRAM, TC_PROGRAM), ifname, ifindex, ingress)?;
+    pin_egress(egress_link, pins, ifname)?;
+    link.pin(&link_pin).with_context(|| format!("pinning link at {}", link_pin.display()))?;
+    Ok(())
+}
+
+/// Attaches the loaded program `xdp` of `ebpf` (XDP in its mode) or `tc` (tcx ingress, first
+/// in the chain), as `ingress` says, to `ifname`; the link goes when the returned handle
+/// does, unless it is pinned.
+pub(crate) fn attach_ingress(
+    ebpf: &mut Ebpf,
+    (xdp, tc): (&str, &str),
+    ifname: &str,
+    ifindex: u32,
+    ingress: Ingress,
+) -> Result<FdLink> {
+    Ok(match ingress {
         Ingress::Xdp(mode) => {
-            let prog: &mut Xdp =
-                ebpf.program_mut(PROGRAM).expect("loaded by dataplane").try_into()?;
+            let prog: &mut Xdp = ebpf
+                .program_mut(xdp)
+                .ok_or_else(|| anyhow!("program {xdp} missing"))?
+                .try_into()?;
             let xdp_mode = match mode {
                 Mode::Native => XdpMode::Driver,
                 Mode::Skb => XdpMode::Skb,
@@ -777,7 +795,7 @@ fn attach_both(
         }
         Ingress::Tc => {
             let prog: &mut SchedClassifier =
-                ebpf.program_mut(TC_PROGRAM).expect("loaded by tc_dataplane").try_into()?;
+                ebpf.program_mut(tc).ok_or_else(|| anyhow!("program {tc} missing"))?.try_into()?;
             let id = prog
                 .attach_with_options(
                     ifname,
@@ -789,9 +807,43 @@ fn attach_both(
                 anyhow!("{ifname}: the kernel attached at tc ingress without a bpf_link ({e})")
             })?
         }
-    };
-    pin_egress(egress_link, pins, ifname)?;
-    link.pin(&link_pin).with_context(|| format!("pinning link at {}", link_pin.display()))?;
+    })
+}
+
+/// Points the pinned ingress link `pinned` of `name` (at `hook`) at the loaded program
+/// `xdp` or `tc` of `ebpf` (`bpf_link_update`). The link stays pinned; this process's
+/// handle on it goes.
+pub(crate) fn replace_ingress(
+    ebpf: &mut Ebpf,
+    (xdp, tc): (&str, &str),
+    pinned: PinnedLink,
+    hook: Hook,
+    name: &str,
+) -> Result<()> {
+    match hook {
+        Hook::Xdp => {
+            let prog: &mut Xdp = ebpf
+                .program_mut(xdp)
+                .ok_or_else(|| anyhow!("program {xdp} missing"))?
+                .try_into()?;
+            let link = XdpLink::try_from(FdLink::from(pinned))
+                .map_err(|e| anyhow!("{name}: pinned link is not an XDP link: {e}"))?;
+            let id = prog
+                .attach_to_link(link)
+                .with_context(|| format!("replacing the program on {name}"))?;
+            let _ = prog.take_link(id)?;
+        }
+        Hook::Tc => {
+            let prog: &mut SchedClassifier =
+                ebpf.program_mut(tc).ok_or_else(|| anyhow!("program {tc} missing"))?.try_into()?;
+            let link = SchedClassifierLink::try_from(FdLink::from(pinned))
+                .map_err(|e| anyhow!("{name}: pinned link is not a tcx link: {e}"))?;
+            let id = prog
+                .attach_to_link(link)
+                .with_context(|| format!("replacing the tc program on {name}"))?;
+            let _ = prog.take_link(id)?;
+        }
+    }
     Ok(())
 }
 
@@ -858,28 +910,7 @@ pub fn upgrade(pins: &PinDir) -> Result<Vec<(String, bool)>> {
     for (name, hook) in names.iter().zip(hooks) {
         let pinned = PinnedLink::from_pin(pins.link(name))
             .with_context(|| format!("opening the pinned link of {name}"))?;
-        // The link stays pinned; this process's handle on it may go.
-        match hook {
-            Hook::Xdp => {
-                let prog: &mut Xdp = ebpf.program_mut(PROGRAM).expect("loaded above").try_into()?;
-                let link = XdpLink::try_from(FdLink::from(pinned))
-                    .map_err(|e| anyhow!("{name}: pinned link is not an XDP link: {e}"))?;
-                let id = prog
-                    .attach_to_link(link)
-                    .with_context(|| format!("replacing the program on {name}"))?;
-                let _ = prog.take_link(id)?;
-            }
-            Hook::Tc => {
-                let prog: &mut SchedClassifier =
-                    ebpf.program_mut(TC_PROGRAM).expect("loaded above").try_into()?;
-                let link = SchedClassifierLink::try_from(FdLink::from(pinned))
-                    .map_err(|e| anyhow!("{name}: pinned link is not a tcx link: {e}"))?;
-                let id = prog
-                    .attach_to_link(link)
-                    .with_context(|| format!("replacing the tc program on {name}"))?;
-                let _ = prog.take_link(id)?;
-            }
-        }
+        replace_ingress(&mut ebpf, (PROGRAM, TC_PROGRAM), pinned, hook, name)?;
     }
     if migrating {
         // The flows the earlier programs made until they were replaced; then their tables go.
