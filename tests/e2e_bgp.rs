@@ -24,11 +24,17 @@ use std::{
     collections::BTreeSet,
     net::SocketAddr,
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
-use common::{Netns, Pins, agent::NodeAgent, echo::EchoServer, unique, veth, xdpgate_bin};
+use common::{
+    Netns, Pins,
+    agent::NodeAgent,
+    bgp::{self, Bird, Peer},
+    echo::EchoServer,
+    unique, veth, xdpgate_bin,
+};
 use serde_json::Value;
 
 const VIP: &str = "192.0.2.10";
@@ -59,134 +65,42 @@ load_balancers:
          backend_pool: web6, probe: up}
 ";
 
-/// A BIRD daemon in a namespace with its own config, control socket and pid file; killed
-/// and its files removed on drop (a failing test included).
-struct Bird {
-    child: Child,
-    dir: PathBuf,
-}
+/// The frontends' routes at the router, by family.
+const PREFIXES: [(&str, &str); 2] = [("v4", "192.0.2.10/32"), ("v6", "2001:db8::10/128")];
 
-impl Bird {
-    fn start(ns: &Netns, config: &str) -> Self {
-        let dir = std::env::temp_dir().join(unique("bird"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let conf = dir.join("bird.conf");
-        std::fs::write(&conf, config).unwrap();
-        // -f: in the foreground, so this child is the daemon.
-        let child = Command::new("ip")
-            .args(["netns", "exec", &ns.name, "bird", "-f", "-c"])
-            .arg(&conf)
-            .arg("-s")
-            .arg(dir.join("bird.ctl"))
-            .arg("-P")
-            .arg(dir.join("bird.pid"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn bird");
-        Self { child, dir }
-    }
-
-    /// Freezes the daemon (SIGSTOP): it sends nothing more and its sessions stay open, as a
-    /// hung or cut-off node's do, so only the peers' hold timers end them.
-    fn freeze(&self) {
-        // SAFETY: kill(2) on our own child (`ip netns exec` execs bird in its place).
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGSTOP) };
-    }
-
-    /// `birdc show protocols` and `show route`, for a failure's message.
-    fn show(&self) -> String {
-        let ctl = self.dir.join("bird.ctl");
-        let mut out = String::new();
-        for what in ["protocols", "route"] {
-            let o = Command::new("birdc").arg("-s").arg(&ctl).args(["show", what]).output();
-            out += &o.map_or_else(|e| e.to_string(), |o| String::from_utf8_lossy(&o.stdout).into());
-        }
-        out
-    }
-}
-
-impl Drop for Bird {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// The router: BGP from each gateway over IPv4 and over IPv6, the best paths of each
-/// family merged into one multipath route.
+/// The router: BGP from each gateway over both families, hold time 9 s.
 fn router_config(gateways: &[&Gateway]) -> String {
-    let mut out = "router id 203.0.113.1;\nprotocol device {}\n".to_owned();
-    for family in ["ipv4", "ipv6"] {
-        out += &format!(
-            "protocol kernel {{\n  merge paths on;\n  {family} {{ import none; export all; }};\n}}\n"
-        );
-    }
-    for (i, g) in gateways.iter().enumerate() {
-        for (family, peer) in [("ipv4", g.addr.to_owned()), ("ipv6", g.addr6())] {
-            out += &format!(
-                "protocol bgp gw{i}_{family} {{\n  local as 65000;\n  neighbor {peer} as 65001;\n  \
-                 hold time 9;\n  keepalive time 3;\n  connect delay time 1;\n  \
-                 connect retry time 2;\n  graceful restart off;\n  \
-                 {family} {{ import all; export none; }};\n}}\n"
-            );
-        }
-    }
-    out
+    let peers: Vec<Peer> =
+        gateways.iter().map(|g| Peer { v4: g.addr.clone(), v6: g.addr6() }).collect();
+    bgp::router_config(&peers, 9)
 }
 
-/// The next hops of the router's routes to the frontends, as (family, the router's
-/// interface towards the gateway): BIRD may give IPv6 routes a gateway's link-local
-/// address, the interface names the gateway either way.
+/// The router's next hops to the frontends.
 fn next_hops(router: &Netns) -> BTreeSet<(&'static str, String)> {
-    let mut hops = BTreeSet::new();
-    for (family, flag, prefix) in
-        [("v4", "-4", format!("{VIP}/32")), ("v6", "-6", format!("{VIP6}/128"))]
-    {
-        let out = router.exec("ip", &[flag, "-j", "route", "show", &prefix]);
-        let routes: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-        for r in routes.as_array().into_iter().flatten() {
-            let nexthops = r["nexthops"].as_array().cloned().unwrap_or_else(|| vec![r.clone()]);
-            for n in nexthops {
-                hops.extend(n["dev"].as_str().map(|dev| (family, dev.to_owned())));
-            }
-        }
-    }
-    hops
+    bgp::next_hops(router, &PREFIXES)
 }
 
 /// Polls the router's table until both frontends' next hops are the gateways of `want`; on
 /// a timeout, says what each gateway of `all` and its daemon has.
 fn wait_hops(router: &Netns, want: &[&Gateway], what: &str, all: &[&Gateway]) {
-    let want: BTreeSet<_> = want
-        .iter()
-        .flat_map(|g| [("v4", g.router_iface.clone()), ("v6", g.router_iface.clone())])
-        .collect();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let now = next_hops(router);
-        if now == want {
-            return;
+    let ifaces: Vec<&str> = want.iter().map(|g| g.router_iface.as_str()).collect();
+    let explain = || {
+        let mut seen = String::new();
+        for g in all {
+            let bgp = g.pins.try_xdpgate(&["bgp"]);
+            seen += &format!(
+                "\n--- gateway {} (router side {}): table 4242:\n{}xdpgate bgp:\n{}{}bird:\n{}",
+                g.addr,
+                g.router_iface,
+                g.table(),
+                String::from_utf8_lossy(&bgp.stdout),
+                String::from_utf8_lossy(&bgp.stderr),
+                g.bird.as_ref().map_or(String::new(), Bird::show)
+            );
         }
-        if Instant::now() >= deadline {
-            let mut seen = String::new();
-            for g in all {
-                let bgp = g.pins.try_xdpgate(&["bgp"]);
-                seen += &format!(
-                    "\n--- gateway {} (router side {}): table 4242:\n{}xdpgate bgp:\n{}{}bird:\n{}",
-                    g.addr,
-                    g.router_iface,
-                    g.table(),
-                    String::from_utf8_lossy(&bgp.stdout),
-                    String::from_utf8_lossy(&bgp.stderr),
-                    g.bird.as_ref().map_or(String::new(), Bird::show)
-                );
-            }
-            panic!("{what}: next hops {now:?}, wanted {want:?}{seen}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        seen
+    };
+    bgp::wait_next_hops(router, &PREFIXES, &bgp::hops_through(&PREFIXES, &ifaces), what, explain);
 }
 
 /// `xdpgate bgp --json` of a gateway.
@@ -276,7 +190,7 @@ impl Drop for Gateway {
 
 #[test]
 fn gateways_announce_the_frontend_over_bgp_and_withdraw_it() {
-    if Command::new("bird").arg("--version").output().is_err() {
+    if !bgp::bird_installed() {
         eprintln!("skipping: `bird` is not installed (setup.sh installs Debian's bird2)");
         return;
     }

@@ -40,6 +40,11 @@ impl NodeAgent {
 }
 
 impl NodeAgent {
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Stops the agent as an operator or systemd does (SIGTERM) and waits for it to exit.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         // SAFETY: kill(2) on our own child, which has not been waited for yet.

@@ -369,8 +369,10 @@ pub fn assert_ingress_hook(pins: &Pins, ns: &Netns, iface: &str, hook: &str) {
 }
 
 pub mod agent;
+pub mod bgp;
 pub mod crossfamily;
 pub mod echo;
+pub mod echo_conns;
 pub mod gateway;
 pub mod kernel;
 pub mod lan;

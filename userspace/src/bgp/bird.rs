@@ -52,6 +52,10 @@ pub fn config(bgp: &Bgp) -> String {
              \x20 keepalive time {keepalive};\n\
              \x20 connect delay time 1;\n\
              \x20 connect retry time 2;\n\
+             \x20 # After a failure (hold timer expired, link down) the session starts again\n\
+             \x20 # 1 s later, not BIRD's default 60 s: a path back is used at once; failures\n\
+             \x20 # in a row back off to 60 s.\n\
+             \x20 error wait time 1, 60;\n\
              \x20 # A restart must not keep this node's routes at the peer (stale) either.\n\
              \x20 graceful restart off;\n\
              \x20 {family} {{ import none; export where proto = \"xdpgate_{family}\"; next hop self; }};\n\
