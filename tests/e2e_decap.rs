@@ -617,6 +617,24 @@ fn bad_input_is_refused_and_changes_nothing() {
     assert!(!lab.lo_addrs().contains(VIP4));
     assert!(!decap::dir(&lab.pins.dir).path().exists());
 
+    // A namespace name that is a path: refused, and the directory it leads to stays (the
+    // state directory is named after the namespace: `down` removed /run/<victim>).
+    let victim = std::path::Path::new("/run").join(common::unique("xgvictim"));
+    std::fs::create_dir_all(&victim).unwrap();
+    std::fs::write(victim.join("keep"), "").unwrap();
+    let name = format!("../{}", victim.file_name().unwrap().to_str().unwrap());
+    let out = Command::new("sh")
+        .arg(script())
+        .args(["down", "--netns", &name])
+        .env("XDPGATE", common::xdpgate_bin())
+        .output()
+        .unwrap();
+    let kept = victim.join("keep").exists();
+    let _ = std::fs::remove_dir_all(&victim);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(kept, "down --netns {name} removed {}: {err}", victim.display());
+    assert!(!out.status.success() && err.contains("is not a network namespace name"), "{err}");
+
     for (args, says) in [
         (&["decap", "attach", "nosuch0", "--frontend", VIP4][..], "no interface named"),
         (&["decap", "attach", &lab.b_if, "--frontend", "192.0.2"], "invalid IP address"),

@@ -169,6 +169,12 @@ sysctl_set() {
 	in_ns sh -c 'echo "$1" > "/proc/sys/net/ipv4/conf/$2/rp_filter"' sh "$2" "$1"
 }
 
+# A namespace name names a file in /run/netns and a state directory here: never a path
+# (`down --netns ../../etc` would otherwise remove /etc with the state).
+case $netns in
+. | .. | */*) die "'$netns' is not a network namespace name" ;;
+esac
+
 # What up did, to be undone by down: per namespace.
 state=/run/xdpgate-backend/${netns:-host}
 if [ -n "$pin_dir" ]; then
