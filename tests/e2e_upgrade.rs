@@ -620,7 +620,14 @@ fn upgrade_unpins_the_earlier_drop_counters() {
         "bpftool",
         &[&["map", "create", pin.to_str().unwrap()][..], &args, &["name", "DROP_STATS"]].concat(),
     );
+    // The pin set of a build before the new reasons has only the shorter array: `stats`
+    // reads it until the upgrade (it failed outright before, as would the agent's metrics
+    // in the middle of a fleet's roll).
+    let v2 = lab.pins.dir.map(xdpgate_common::maps::DROP_STATS);
+    std::fs::remove_file(&v2).unwrap();
+    assert!(drops(&lab, "encap_too_big") == 0, "the old build's counters are read");
     lab.pins.xdpgate(&["upgrade"]);
+    assert!(v2.exists(), "the upgrade pins this build's counters");
     assert!(!pin.exists(), "{DROP_STATS_V1} unpinned");
     assert!(drops(&lab, "encap_too_big") == 0, "this build's reasons are read");
 }

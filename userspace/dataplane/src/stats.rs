@@ -14,8 +14,8 @@ use xdpgate_common::{
     },
     iface::{IfaceConfig, Role},
     maps::{
-        DROP_STATS, EGRESS_STATS, EMBRYOS, EVENT_STATS, FLOW_STATS, FLOWS, IFACE_STATS, IFACES,
-        NSG_HITS, NSG_TRAFFIC,
+        DROP_STATS, DROP_STATS_V1, EGRESS_STATS, EMBRYOS, EVENT_STATS, FLOW_STATS, FLOWS,
+        IFACE_STATS, IFACES, NSG_HITS, NSG_TRAFFIC,
     },
     nsg::{MAX_RULES, TABLES_PER_SLOT},
     stats::{
@@ -187,7 +187,13 @@ impl Stats {
 pub fn read(pins: &PinDir) -> Result<Stats> {
     let ifaces: HashMap<_, u32, IfaceConfig> = pins.open_map(IFACES)?.try_into()?;
     let counters: PerCpuArray<_, Counter> = pins.open_map(IFACE_STATS)?.try_into()?;
-    let drops: PerCpuArray<_, u64> = pins.open_map(DROP_STATS)?.try_into()?;
+    // Programs of a build before the encapsulation reasons count into the shorter array
+    // until `xdpgate upgrade` replaces them: read that one meanwhile (the new reasons 0).
+    let drops: PerCpuArray<_, u64> = match pins.open_map(DROP_STATS) {
+        Ok(m) => m.try_into()?,
+        Err(e) => pins.open_map(DROP_STATS_V1).map_err(|_| e)?.try_into()?,
+    };
+    let kept = drops.len().min(DROP_REASONS);
     // Pinned by the first attach of a build with the egress program; none before.
     let egress: Option<PerCpuArray<_, Counter>> =
         pins.open_map(EGRESS_STATS).ok().map(TryInto::try_into).transpose()?;
@@ -252,7 +258,10 @@ pub fn read(pins: &PinDir) -> Result<Stats> {
     });
 
     let drops = (0..DROP_REASONS)
-        .map(|r| Ok((DROP_REASON_NAMES[r as usize], drops.get(&r, 0)?.iter().sum())))
+        .map(|r| {
+            let n = if r < kept { drops.get(&r, 0)?.iter().sum() } else { 0 };
+            Ok((DROP_REASON_NAMES[r as usize], n))
+        })
         .collect::<Result<_>>()?;
     let (flow_events_rate_limited, flow_events_lost) = event_losses(pins)?;
     let (_, running) = apply::active(pins)?;
