@@ -25,11 +25,6 @@ pub struct ProbeHealth {
 }
 
 impl ProbeHealth {
-    /// This process's view: the pairs in `down`.
-    pub fn of<'a>(down: impl IntoIterator<Item = &'a (IpAddr, String)>) -> Self {
-        Self { pid: std::process::id(), down: down.into_iter().cloned().collect() }
-    }
-
     /// Saves it for the CLI; the caller holds the write lock and has just built tables from
     /// it.
     pub fn save(&self, pins: &PinDir) -> Result<()> {
