@@ -312,19 +312,6 @@ fn establish(
     Ok(())
 }
 
-/// Removes a closed TCP connection's established entries from `key` (both directions),
-/// which a new flow's other direction takes: its entries linger a while after the close,
-/// and the established table is looked in first, so they would answer for the new flow.
-/// Two frontend ports of one client port reach one backend port this way, for example.
-#[inline(always)]
-fn forget_closed(key: &FlowKey) {
-    let Some(old) = (unsafe { FLOWS.get(key) }) else { return };
-    if old.tcp & TCP_CLOSED != 0 {
-        let _ = FLOWS.remove(&key.twin(old));
-        let _ = FLOWS.remove(key);
-    }
-}
-
 #[inline(always)]
 fn forget_embryo(key: &FlowKey, entry: &FlowValue) {
     let _ = EMBRYOS.remove(&key.twin(entry));
@@ -355,13 +342,16 @@ fn backend_usable(meta: &PacketMeta, entry: &FlowValue) -> bool {
 }
 
 /// A SYN on the tuple of a closed connection (the client reused its port) opens a new one,
-/// decided afresh like any first packet: it may go to another backend.
+/// decided afresh like any first packet: it may go to another backend. So does a SYN-ACK on
+/// a closed connection's entry: it answers a new flow that took over that tuple (two
+/// frontend ports of one client port reach one backend port), whose entry waits in the
+/// embryonic table. Checked here, on the answer, rather than by a lookup at every new flow.
 #[inline(always)]
 fn reopens(meta: &PacketMeta, entry: &FlowValue) -> bool {
+    let flags = meta.tcp_flags & (TH_SYN | TH_ACK | TH_RST | TH_FIN);
     meta.proto == IPPROTO_TCP
-        && entry.reply == 0
         && entry.tcp & TCP_CLOSED != 0
-        && meta.tcp_flags & (TH_SYN | TH_ACK | TH_RST | TH_FIN) == TH_SYN
+        && (flags == TH_SYN | TH_ACK || (flags == TH_SYN && entry.reply == 0))
 }
 
 /// The first packet of a flow: load balancing (if it is for a frontend), NSG classification
@@ -584,7 +574,6 @@ pub fn commit(
         reply.nat_port = meta.sport;
     }
     let twin = key.twin(forward);
-    forget_closed(&twin);
     if established {
         establish(key, forward, &twin, reply)?;
         count(FLOW_STAT_REBUILT);
