@@ -143,13 +143,18 @@ pub const EVENT_AT_EGRESS: u8 = 1;
 
 /// Ring buffer size in bytes.
 pub const EVENT_RING_BYTES: u32 = 1 << 20;
-/// Filled past this many bytes, the ring wakes its reader with each event; below it, the
-/// reader polls every `EVENT_POLL_MS`. A quarter of the ring: at a 104-byte event (112 with
+/// Filled past this many bytes, the ring wakes its reader (at most every `EVENT_WAKE_GAP_NS`
+/// per CPU); below it, the reader polls every `EVENT_POLL_MS`. A quarter of the ring: at a 104-byte event (112 with
 /// the ring's header) about 2,340 events, which new flows fill in the poll interval only
 /// above 23,000 per second.
 pub const EVENT_WAKE_BYTES: u32 = EVENT_RING_BYTES / 4;
 /// How often the agent reads the ring without being woken.
 pub const EVENT_POLL_MS: u64 = 100;
+/// The least time between two wake-ups a CPU forces on one ring's reader (by the coarse
+/// clock, so up to a tick more). Each is an interrupt, a VM exit in a guest: a reader that
+/// lags behind a flood is awake already, and a wake-up per event would slow the dataplane
+/// when it is busiest.
+pub const EVENT_WAKE_GAP_NS: u64 = 1_000_000;
 /// Denied-flow events each CPU may send per second, and in a burst.
 pub const DENY_EVENTS_PER_SEC: u64 = 1_000;
 

@@ -7,7 +7,8 @@
 //! Events are submitted without waking the reader (a wake-up is an interrupt, and costs the
 //! first packet of every flow several microseconds when the reader has caught up): readers
 //! poll on a short interval, and are woken only once a ring is filled past its wake mark, so
-//! a burst cannot overrun it between polls.
+//! a burst cannot overrun it between polls; then at most once a millisecond per CPU, as a
+//! reader behind a flood is awake already.
 //!
 //! The established fast path emits nothing; a new flow or a drop pays one array lookup (the
 //! lease) when no one observes.
@@ -19,8 +20,8 @@ use aya_ebpf::{
 use xdpgate_common::{
     events::{
         Bucket, DENY_EVENTS_PER_SEC, EVENT_BEGIN, EVENT_DROP, EVENT_VERSION, EVENT_WAKE_BYTES,
-        EVENTS_LOST, EVENTS_SUPPRESSED, FlowEvent, MONITOR_DROPS_PER_SEC, MONITOR_HELD_BACK,
-        MONITOR_LOST, MONITOR_WAKE_BYTES, NO_REASON,
+        EVENT_WAKE_GAP_NS, EVENTS_LOST, EVENTS_SUPPRESSED, FlowEvent, MONITOR_DROPS_PER_SEC,
+        MONITOR_HELD_BACK, MONITOR_LOST, MONITOR_WAKE_BYTES, NO_REASON,
     },
     flow::{FlowKey, FlowValue, NAT_NONE, NO_RULES},
     lb::NO_BACKEND,
@@ -30,8 +31,8 @@ use xdpgate_common::{
 use crate::{
     clock,
     maps::{
-        DENY_BUCKET, EVENT_SCRATCH, EVENT_STATS, EVENTS, MONITOR, MONITOR_BUCKET, MONITOR_LEASE,
-        MONITOR_STATS, SCRATCH,
+        DENY_BUCKET, EVENT_SCRATCH, EVENT_STATS, EVENT_WAKES, EVENTS, MONITOR, MONITOR_BUCKET,
+        MONITOR_LEASE, MONITOR_STATS, SCRATCH,
     },
 };
 
@@ -79,13 +80,36 @@ fn observed(now: u64) -> bool {
     MONITOR_LEASE.get(0).is_some_and(|end| *end > now)
 }
 
+/// Whether this CPU's last wake-up of ring `wakes`' reader is `EVENT_WAKE_GAP_NS` old; if
+/// so, stamps this one.
+#[inline(always)]
+fn wake_due(wakes: u32, now: u64) -> bool {
+    let Some(last) = EVENT_WAKES.get_ptr_mut(wakes) else { return true };
+    let last = unsafe { &mut *last };
+    if now.saturating_sub(*last) < EVENT_WAKE_GAP_NS {
+        return false;
+    }
+    *last = now;
+    true
+}
+
 /// Copies the event built in `EVENT_SCRATCH` into `ring` (built in a map, not on the
 /// stack: the stages' stack chain is near its 512 bytes).
 #[inline(always)]
-fn write(ring: &RingBuf, stats: &PerCpuArray<u64>, lost: u32, wake_bytes: u32, e: &FlowEvent) {
+fn write(
+    ring: &RingBuf,
+    stats: &PerCpuArray<u64>,
+    lost: u32,
+    (wake_bytes, wakes): (u32, u32),
+    e: &FlowEvent,
+) {
     // Counted with this event (its 8-byte header too), as a reserved one would be.
     let filled = ring.query(BPF_RB_AVAIL_DATA as u64) + size_of::<FlowEvent>() as u64 + 8;
-    let wake = if filled >= wake_bytes as u64 { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP };
+    let wake = if filled >= wake_bytes as u64 && wake_due(wakes, e.time_ns) {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
     if ring.output::<FlowEvent>(e, wake as u64).is_err() {
         count(stats, lost);
     }
@@ -101,14 +125,14 @@ fn send(e: &FlowEvent, to_log: bool) {
         if limited && !take_token(&DENY_BUCKET, DENY_EVENTS_PER_SEC, now) {
             count(&EVENT_STATS, EVENTS_SUPPRESSED);
         } else {
-            write(&EVENTS, &EVENT_STATS, EVENTS_LOST, EVENT_WAKE_BYTES, e);
+            write(&EVENTS, &EVENT_STATS, EVENTS_LOST, (EVENT_WAKE_BYTES, 0), e);
         }
     }
     if observed(now) {
         if limited && !take_token(&MONITOR_BUCKET, MONITOR_DROPS_PER_SEC, now) {
             count(&MONITOR_STATS, MONITOR_HELD_BACK);
         } else {
-            write(&MONITOR, &MONITOR_STATS, MONITOR_LOST, MONITOR_WAKE_BYTES, e);
+            write(&MONITOR, &MONITOR_STATS, MONITOR_LOST, (MONITOR_WAKE_BYTES, 1), e);
         }
     }
 }

@@ -263,6 +263,11 @@ pub static EVENT_STATS: PerCpuArray<u64> = PerCpuArray::pinned(2, 0);
 #[map(name = "DENY_BUCKET")]
 pub static DENY_BUCKET: PerCpuArray<Bucket> = PerCpuArray::pinned(1, 0);
 
+/// When each CPU last woke the reader of `EVENTS` (index 0) and `MONITOR` (1), coarse-clock
+/// ns; pinned as `DENY_BUCKET`, so that every loaded object keeps to one gap per CPU.
+#[map(name = "EVENT_WAKES")]
+pub static EVENT_WAKES: PerCpuArray<u64> = PerCpuArray::pinned(2, 0);
+
 /// Events for observers (`xdpgate observe`), written only while `MONITOR_LEASE` runs.
 #[map(name = "MONITOR")]
 pub static MONITOR: RingBuf = RingBuf::pinned(MONITOR_RING_BYTES, 0);
