@@ -148,7 +148,7 @@ fn mac(m: &[u8; 6]) -> String {
 /// Checks every byte of `out`, the frame `input` became: Ethernet to the next hop from
 /// `eg`, one outer header as the contract with the backend's decapsulation says (built
 /// here by `packet::encapsulate`, the helper DECAP's tests build their input with; the
-/// outer DF follows the inner one), then `input`'s IP packet with the TTL (hop limit) one
+/// outer DF follows the inner one, and without DF so does the ID), then `input`'s IP packet with the TTL (hop limit) one
 /// less and the IPv4 header checksum updated, nothing else changed. Returns the outer
 /// destination.
 fn check_encapsulated(input: &[u8], out: &[u8]) -> IpAddr {
@@ -169,6 +169,8 @@ fn check_encapsulated(input: &[u8], out: &[u8]) -> IpAddr {
     };
     let mut expected = encapsulate(source, &backend.to_string(), &inner);
     if v4 && inner[ETH_LEN + 6] & 0x40 == 0 {
+        // Fragmentable on the way: the inner ID, not one constant for every packet.
+        expected[ETH_LEN + 4..ETH_LEN + 6].copy_from_slice(&inner[ETH_LEN + 4..ETH_LEN + 6]);
         expected[ETH_LEN + 6] &= !0x40;
         fix_ipv4_checksum(&mut expected, ETH_LEN);
     }
@@ -217,14 +219,20 @@ fn encapsulated_bytes_at_xdp_and_tc() {
             })
             .collect();
         assert_eq!(backends.len(), 3, "every backend takes flows: {backends:?}");
-        // The outer header follows the inner one's DF: a packet without it.
-        let mut no_df = frame("203.0.113.9", "192.0.2.10", L4::Tcp(43000, 80, SYN));
-        no_df[ETH_LEN + 6] &= !0x40;
-        fix_ipv4_checksum(&mut no_df, ETH_LEN);
-        let with_df = frame("203.0.113.9", "192.0.2.10", L4::Tcp(43001, 80, SYN));
-        assert_ne!(no_df[ETH_LEN + 6] & 0x40, with_df[ETH_LEN + 6] & 0x40, "the cases differ");
-        lab.encapsulated(At::Xdp, &no_df);
-        lab.encapsulated(At::Tc, &with_df);
+        // The outer header follows the inner one's DF; without it, it takes the inner ID
+        // (each packet its own, as the fragments' reassembly at the backend needs).
+        let mut with_df = frame("203.0.113.9", "192.0.2.10", L4::Tcp(43001, 80, SYN));
+        with_df[ETH_LEN + 4..ETH_LEN + 6].copy_from_slice(&0x5678u16.to_be_bytes());
+        fix_ipv4_checksum(&mut with_df, ETH_LEN);
+        for (at, id, sport) in [(At::Xdp, 0x1234u16, 43000), (At::Tc, 0xfedc, 43002)] {
+            let mut no_df = frame("203.0.113.9", "192.0.2.10", L4::Tcp(sport, 80, SYN));
+            no_df[ETH_LEN + 4..ETH_LEN + 6].copy_from_slice(&id.to_be_bytes());
+            no_df[ETH_LEN + 6] &= !0x40;
+            fix_ipv4_checksum(&mut no_df, ETH_LEN);
+            assert_ne!(no_df[ETH_LEN + 6] & 0x40, with_df[ETH_LEN + 6] & 0x40, "cases differ");
+            lab.encapsulated(at, &no_df);
+            lab.encapsulated(at, &with_df);
+        }
     });
 }
 
