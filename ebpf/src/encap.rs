@@ -12,8 +12,7 @@
 use aya_ebpf::{
     bindings::{
         BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L3_IPV6, BPF_F_ADJ_ROOM_FIXED_GSO,
-        BPF_F_RECOMPUTE_CSUM,
-        bpf_adj_room_mode, xdp_action,
+        BPF_F_RECOMPUTE_CSUM, bpf_adj_room_mode, xdp_action,
     },
     helpers::generated::bpf_xdp_adjust_head,
     programs::{TcContext, XdpContext},
