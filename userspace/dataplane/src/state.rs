@@ -156,6 +156,33 @@ impl WriteLock {
     }
 }
 
+/// How long a reader that must not see a writer's change half done waits for the writer.
+pub const READ_WAIT: Duration = Duration::from_secs(10);
+
+/// Shared by readers, exclusive of the [`WriteLock`]: a reader of many map entries that
+/// must see one writer's change whole or not at all (`xdpgate lb --maglev`); released on
+/// drop. Writers wait for it as for another writer.
+pub struct ReadLock(#[expect(dead_code, reason = "held for its lock")] Flock<File>);
+
+impl ReadLock {
+    /// The lock once no writer holds it, waiting at most [`READ_WAIT`].
+    pub fn acquire(pins: &PinDir) -> Result<Self> {
+        let dir = pins.path();
+        let file = File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
+        let locked = flock(file, FlockArg::LockSharedNonblock, READ_WAIT)
+            .with_context(|| format!("locking {}", dir.display()))?;
+        match locked {
+            Some(locked) => Ok(Self(locked)),
+            None => bail!(
+                "another xdpgate is changing the dataplane at {} and did not finish within {} s; \
+                 try again",
+                dir.display(),
+                READ_WAIT.as_secs()
+            ),
+        }
+    }
+}
+
 /// Held by `xdpgate run` while it owns the dataplane at one pin directory.
 pub struct AgentLock(#[expect(dead_code, reason = "held for its lock")] Flock<File>);
 
