@@ -389,6 +389,17 @@ fn apply_refused_without_a_source_of_the_family() {
     });
 }
 
+/// Applies `src` with the CLI (`xdpgate apply`); returns what it logged.
+fn cli_apply(lab: &Lab, src: &str) -> String {
+    let path = std::env::temp_dir().join(format!("{}.yaml", common::unique("encap")));
+    std::fs::write(&path, src).unwrap();
+    let out = lab.k.pins.try_xdpgate(&["apply", path.to_str().unwrap()]);
+    std::fs::remove_file(&path).unwrap();
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "xdpgate apply: {log}");
+    log
+}
+
 /// Installs `src` as the agent does, with the node file's outer sources `given`.
 fn agent_install(
     lab: &Lab,
@@ -439,7 +450,9 @@ fn found_source_is_no_frontend_nor_temporary_address() {
         let listed = String::from_utf8_lossy(&listed);
         println!("{listed}");
         assert!(listed.contains("temporary") && listed.contains("deprecated"), "{listed}");
-        lab.k.apply(POLICY);
+        let log = cli_apply(&lab, POLICY);
+        let chosen = format!("IPv4 {SOURCE4} (found on eg), IPv6 {SOURCE6} (found on eg)");
+        assert!(log.contains(&chosen), "the choice logged: {log}");
         let sources = xdpgate_dataplane::encap::read(&lab.k.pins.dir).unwrap();
         assert_eq!(sources.v4, Some(SOURCE4.parse().unwrap()), "not the frontend 192.0.2.10");
         assert_eq!(sources.v6, Some(SOURCE6.parse().unwrap()), "{listed}");
@@ -478,7 +491,8 @@ fn cli_apply_keeps_the_node_files_source() {
         assert_eq!(read().v4, given.v4, "the node file's");
         assert_eq!(read().v6, Some(SOURCE6.parse().unwrap()), "found on eg");
         // The agent stopped: a one-shot apply.
-        lab.k.apply(POLICY);
+        let log = cli_apply(&lab, POLICY);
+        assert!(log.contains("IPv4 10.77.0.1 (kept), IPv6 2001:db8:99::1 (kept)"), "{log}");
         assert_eq!(read().v4, given.v4, "kept by xdpgate apply");
         assert_eq!(read().v6, Some(SOURCE6.parse().unwrap()));
         common::run("ip", &["-n", &ns, "addr", "del", "10.77.0.1/32", "dev", "lo"]);
