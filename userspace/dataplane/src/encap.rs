@@ -146,7 +146,9 @@ pub fn install(pins: &PinDir, lbs: &CompiledLb, chosen: &Chosen, applier: Applie
     ] {
         if let Some(a) = source.filter(|a| frontends.contains(a)) {
             bail!(
-                "the outer source {a} ({from}) is a frontend of this policy: the backends hold                  the frontends and would drop outer packets from their own address; give                  another address of this node. Nothing changed"
+                "the outer source {a} ({from}) is a frontend of this policy: the backends hold \
+                 the frontends and would drop outer packets from their own address; give \
+                 another address of this node. Nothing changed"
             );
         }
     }
@@ -165,7 +167,9 @@ pub fn install(pins: &PinDir, lbs: &CompiledLb, chosen: &Chosen, applier: Applie
                     format!("give it in the node file (encapsulation: {{{field}: ...}})")
                 }
                 Applier::Cli => format!(
-                    "add one to an attached interface, or run the agent with a node file that                      gives it (encapsulation: {{{field}: ...}}): xdpgate apply keeps the source                      the dataplane has"
+                    "add one to an attached interface, or run the agent with a node file that \
+                     gives it (encapsulation: {{{field}: ...}}): xdpgate apply keeps the source \
+                     the dataplane has"
                 ),
             };
             bail!(

@@ -136,11 +136,7 @@ impl WriteLock {
     /// The lock once no other writer holds it, waiting at most `wait` (`None` if one still
     /// does).
     pub fn try_acquire_within(pins: &PinDir, wait: Duration) -> Result<Option<Self>> {
-        let dir = pins.path();
-        let file = File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
-        let locked = flock(file, FlockArg::LockExclusiveNonblock, wait)
-            .with_context(|| format!("locking {}", dir.display()))?;
-        Ok(locked.map(Self))
+        Ok(lock_dir(pins, FlockArg::LockExclusiveNonblock, wait)?.map(Self))
     }
 
     pub fn acquire_within(pins: &PinDir, wait: Duration) -> Result<Self> {
@@ -167,20 +163,23 @@ pub struct ReadLock(#[expect(dead_code, reason = "held for its lock")] Flock<Fil
 impl ReadLock {
     /// The lock once no writer holds it, waiting at most [`READ_WAIT`].
     pub fn acquire(pins: &PinDir) -> Result<Self> {
-        let dir = pins.path();
-        let file = File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
-        let locked = flock(file, FlockArg::LockSharedNonblock, READ_WAIT)
-            .with_context(|| format!("locking {}", dir.display()))?;
-        match locked {
+        match lock_dir(pins, FlockArg::LockSharedNonblock, READ_WAIT)? {
             Some(locked) => Ok(Self(locked)),
             None => bail!(
                 "another xdpgate is changing the dataplane at {} and did not finish within {} s; \
                  try again",
-                dir.display(),
+                pins.path().display(),
                 READ_WAIT.as_secs()
             ),
         }
     }
+}
+
+/// The pin directory locked as `arg` says, waiting at most `wait` (`None`: still held).
+fn lock_dir(pins: &PinDir, arg: FlockArg, wait: Duration) -> Result<Option<Flock<File>>> {
+    let dir = pins.path();
+    let file = File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
+    flock(file, arg, wait).with_context(|| format!("locking {}", dir.display()))
 }
 
 /// Held by `xdpgate run` while it owns the dataplane at one pin directory.
