@@ -405,6 +405,12 @@ fn end_to_end(hook: &str) {
             echo(&mut s, b"still there\n");
         }
     }
+    // The agent sends from the node file's sources, and `lb` says so.
+    for service in lab.json(&["lb", "--json"]).as_array().unwrap() {
+        let rule = service["rule"].as_str().unwrap();
+        let source = if rule.ends_with('4') { "10.0.1.2" } else { "2001:db8:a::2" };
+        assert_eq!(service["outer_source"], source, "{service}");
+    }
     for (i, b) in lab.backends.iter().enumerate() {
         let status: Value =
             serde_json::from_str(&b.pins.xdpgate(&["decap", "status", "--json"])).unwrap();
