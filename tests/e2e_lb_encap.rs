@@ -433,49 +433,64 @@ fn encapsulated_load_balancing_tc() {
 /// `UDP_SEGMENT` (Linux: `linux/udp.h`).
 const UDP_SEGMENT: libc::c_int = 103;
 
+/// Sends `count` datagrams of `size` bytes from the client to `vip`:53 as one GSO aggregate
+/// (UDP_SEGMENT); returns the answers that came within 2 s of each other.
+fn send_aggregate(lab: &Lab, vip: &str, size: usize, count: usize) -> Vec<String> {
+    let to = SocketAddr::new(vip.parse().unwrap(), 53);
+    run_in(&lab.client.name, move || {
+        let bind = if to.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" };
+        let u = UdpSocket::bind(bind).unwrap();
+        u.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let segment = size as libc::c_int;
+        // SAFETY: a valid socket and an int option of its size.
+        let set = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&u),
+                libc::SOL_UDP,
+                UDP_SEGMENT,
+                (&raw const segment).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(set, 0, "UDP_SEGMENT: {}", std::io::Error::last_os_error());
+        u.send_to(&vec![7u8; size * count], to).expect("send the aggregate");
+        let mut answers = Vec::new();
+        let mut buf = [0u8; 64];
+        while answers.len() < count {
+            let Ok((n, _)) = u.recv_from(&mut buf) else { break };
+            answers.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+        answers
+    })
+}
+
 /// At tc, UDP datagrams that arrive as one GSO aggregate (the client's UDP_SEGMENT send
 /// crosses the veth whole) are encapsulated, each segment growing by the outer header, and
 /// every datagram is answered; none is dropped (the kernel refuses to grow such an aggregate
-/// unless its segments keep their size: it was counted as `malformed`).
+/// unless its segments keep their size: it was counted as `malformed`). An aggregate whose
+/// segments fit the MTU only unencapsulated is dropped as `encap_too_big`: the outer header
+/// is charged to each segment.
 #[test]
 fn udp_gso_aggregate_encapsulated_at_tc() {
     const DATAGRAMS: usize = 8;
     const SIZE: usize = 1000;
     let lab = Lab::new("tc");
-    for vip in [VIP4, VIP6] {
+    for (vip, ip_header) in [(VIP4, 20), (VIP6, 40)] {
         let malformed = lab.drops("malformed");
         let received = rx_packets(&lab.gw, &lab.g_c);
-        let to = SocketAddr::new(vip.parse().unwrap(), 53);
-        let answers = run_in(&lab.client.name, move || {
-            let bind = if to.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" };
-            let u = UdpSocket::bind(bind).unwrap();
-            u.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-            let size = SIZE as libc::c_int;
-            // SAFETY: a valid socket and an int option of its size.
-            let set = unsafe {
-                libc::setsockopt(
-                    std::os::fd::AsRawFd::as_raw_fd(&u),
-                    libc::SOL_UDP,
-                    UDP_SEGMENT,
-                    (&raw const size).cast(),
-                    size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            };
-            assert_eq!(set, 0, "UDP_SEGMENT: {}", std::io::Error::last_os_error());
-            u.send_to(&vec![7u8; SIZE * DATAGRAMS], to).expect("send the aggregate");
-            let mut answers = Vec::new();
-            let mut buf = [0u8; 64];
-            while answers.len() < DATAGRAMS {
-                let Ok((n, _)) = u.recv_from(&mut buf) else { break };
-                answers.push(String::from_utf8_lossy(&buf[..n]).into_owned());
-            }
-            answers
-        });
+        let answers = send_aggregate(&lab, vip, SIZE, DATAGRAMS);
         let arrived = rx_packets(&lab.gw, &lab.g_c) - received;
         println!("{vip}: {DATAGRAMS} datagrams arrived at the gateway as {arrived} packets");
         assert!(arrived < DATAGRAMS as u64, "{vip}: an aggregate arrived ({arrived} packets)");
         assert_eq!(lab.drops("malformed"), malformed, "{vip}: nothing dropped as malformed");
         assert_eq!(answers.len(), DATAGRAMS, "{vip}: every datagram answered: {answers:?}");
         assert!(answers.iter().all(|a| a.ends_with(&format!(" {SIZE}"))), "{answers:?}");
+
+        let too_big = lab.drops("encap_too_big");
+        let full = 1500 - ip_header - 8;
+        let answers = send_aggregate(&lab, vip, full, 4);
+        assert_eq!(answers, Vec::<String>::new(), "{vip}: {full}-byte segments do not fit");
+        assert_eq!(lab.drops("encap_too_big"), too_big + 1, "{vip}: the aggregate, counted once");
+        assert_eq!(lab.drops("malformed"), malformed, "{vip}: nothing dropped as malformed");
     }
 }
