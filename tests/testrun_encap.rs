@@ -148,9 +148,9 @@ fn mac(m: &[u8; 6]) -> String {
 /// Checks every byte of `out`, the frame `input` became: Ethernet to the next hop from
 /// `eg`, one outer header as the contract with the backend's decapsulation says (built
 /// here by `packet::encapsulate`, the helper DECAP's tests build their input with; the
-/// outer DF follows the inner one, and without DF so does the ID), then `input`'s IP packet with the TTL (hop limit) one
-/// less and the IPv4 header checksum updated, nothing else changed. Returns the outer
-/// destination.
+/// outer DF follows the inner one, and without DF so does the ID), then `input`'s IP
+/// packet with the TTL (hop limit) one less and the IPv4 header checksum updated, nothing
+/// else changed. Returns the outer destination.
 fn check_encapsulated(input: &[u8], out: &[u8]) -> IpAddr {
     let v4 = input[ETH_LEN] >> 4 == 4;
     let overhead = if v4 { 20 } else { 40 };
