@@ -148,9 +148,9 @@ fn mac(m: &[u8; 6]) -> String {
 /// Checks every byte of `out`, the frame `input` became: Ethernet to the next hop from
 /// `eg`, one outer header as the contract with the backend's decapsulation says (built
 /// here by `packet::encapsulate`, the helper DECAP's tests build their input with; the
-/// outer DF follows the inner one), then `input`'s IP packet with the TTL (hop limit) one
-/// less and the IPv4 header checksum updated, nothing else changed. Returns the outer
-/// destination.
+/// outer DF follows the inner one, and without DF so does the ID), then `input`'s IP
+/// packet with the TTL (hop limit) one less and the IPv4 header checksum updated, nothing
+/// else changed. Returns the outer destination.
 fn check_encapsulated(input: &[u8], out: &[u8]) -> IpAddr {
     let v4 = input[ETH_LEN] >> 4 == 4;
     let overhead = if v4 { 20 } else { 40 };
@@ -169,6 +169,8 @@ fn check_encapsulated(input: &[u8], out: &[u8]) -> IpAddr {
     };
     let mut expected = encapsulate(source, &backend.to_string(), &inner);
     if v4 && inner[ETH_LEN + 6] & 0x40 == 0 {
+        // Fragmentable on the way: the inner ID, not one constant for every packet.
+        expected[ETH_LEN + 4..ETH_LEN + 6].copy_from_slice(&inner[ETH_LEN + 4..ETH_LEN + 6]);
         expected[ETH_LEN + 6] &= !0x40;
         fix_ipv4_checksum(&mut expected, ETH_LEN);
     }
@@ -217,14 +219,20 @@ fn encapsulated_bytes_at_xdp_and_tc() {
             })
             .collect();
         assert_eq!(backends.len(), 3, "every backend takes flows: {backends:?}");
-        // The outer header follows the inner one's DF: a packet without it.
-        let mut no_df = frame("203.0.113.9", "192.0.2.10", L4::Tcp(43000, 80, SYN));
-        no_df[ETH_LEN + 6] &= !0x40;
-        fix_ipv4_checksum(&mut no_df, ETH_LEN);
-        let with_df = frame("203.0.113.9", "192.0.2.10", L4::Tcp(43001, 80, SYN));
-        assert_ne!(no_df[ETH_LEN + 6] & 0x40, with_df[ETH_LEN + 6] & 0x40, "the cases differ");
-        lab.encapsulated(At::Xdp, &no_df);
-        lab.encapsulated(At::Tc, &with_df);
+        // The outer header follows the inner one's DF; without it, it takes the inner ID
+        // (each packet its own, as the fragments' reassembly at the backend needs).
+        let mut with_df = frame("203.0.113.9", "192.0.2.10", L4::Tcp(43001, 80, SYN));
+        with_df[ETH_LEN + 4..ETH_LEN + 6].copy_from_slice(&0x5678u16.to_be_bytes());
+        fix_ipv4_checksum(&mut with_df, ETH_LEN);
+        for (at, id, sport) in [(At::Xdp, 0x1234u16, 43000), (At::Tc, 0xfedc, 43002)] {
+            let mut no_df = frame("203.0.113.9", "192.0.2.10", L4::Tcp(sport, 80, SYN));
+            no_df[ETH_LEN + 4..ETH_LEN + 6].copy_from_slice(&id.to_be_bytes());
+            no_df[ETH_LEN + 6] &= !0x40;
+            fix_ipv4_checksum(&mut no_df, ETH_LEN);
+            assert_ne!(no_df[ETH_LEN + 6] & 0x40, with_df[ETH_LEN + 6] & 0x40, "cases differ");
+            lab.encapsulated(at, &no_df);
+            lab.encapsulated(at, &with_df);
+        }
     });
 }
 
@@ -364,6 +372,7 @@ fn apply_refused_without_a_source_of_the_family() {
         let text = format!("{err:#}");
         assert!(text.contains("rule web6") && text.contains("source6"), "{text}");
         assert!(text.contains("Nothing changed"), "{text}");
+        assert!(text.contains("add one to an attached interface"), "the CLI's way: {text}");
         let (_, running) = xdpgate_dataplane::apply::active(&lab.k.pins.dir).unwrap();
         assert_eq!(running.generation, 0, "no policy was switched on");
         let v4_only = POLICY.replace(
@@ -377,5 +386,125 @@ fn apply_refused_without_a_source_of_the_family() {
         let backend =
             lab.encapsulated(At::Xdp, &frame("203.0.113.7", "192.0.2.10", L4::Tcp(40400, 80, SYN)));
         assert!(backend.to_string().starts_with("198.51.100.1"));
+    });
+}
+
+/// Applies `src` with the CLI (`xdpgate apply`); returns what it logged.
+fn cli_apply(lab: &Lab, src: &str) -> String {
+    let path = std::env::temp_dir().join(format!("{}.yaml", common::unique("encap")));
+    std::fs::write(&path, src).unwrap();
+    let out = lab.k.pins.try_xdpgate(&["apply", path.to_str().unwrap()]);
+    std::fs::remove_file(&path).unwrap();
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "xdpgate apply: {log}");
+    log
+}
+
+/// Installs `src` as the agent does, with the node file's outer sources `given`.
+fn agent_install(
+    lab: &Lab,
+    src: &str,
+    given: xdpgate_dataplane::encap::Sources,
+) -> anyhow::Result<u64> {
+    let policy = xdpgate_policy::load_str(src, "test.yaml").unwrap();
+    let (tables, lbs) = xdpgate_policy::compile_all(&policy).unwrap();
+    let health = xdpgate_dataplane::probes::ProbeHealth {
+        pid: std::process::id(),
+        down: Default::default(),
+    };
+    let chosen = xdpgate_dataplane::encap::Chosen::given(given, "node file");
+    xdpgate_dataplane::transaction::install(
+        &lab.k.pins.dir,
+        &policy,
+        src,
+        &tables,
+        &lbs,
+        &health,
+        chosen,
+    )
+}
+
+/// The outer sources found on the attached interfaces are never a frontend of the policy
+/// (the backends hold those), nor a temporary (privacy), deprecated or tentative IPv6
+/// address, even where the kernel lists those first; `xdpgate lb` shows the source of each
+/// `ipip` rule.
+#[test]
+fn found_source_is_no_frontend_nor_temporary_address() {
+    isolated(true, |ns| {
+        // The IPv4 frontend first on eg; IPv6 lists the newest first.
+        let lab = Lab::new(&ns, &["192.0.2.10/32", "10.99.0.1/24", "2001:db8:99::1/64"]);
+        let ip = |args: &[&str]| {
+            let mut full = vec!["-n", ns.as_str()];
+            full.extend_from_slice(args);
+            common::run("ip", &full);
+        };
+        for key in ["use_tempaddr=2", "accept_dad=0"] {
+            let key = format!("net.ipv6.conf.eg.{key}");
+            common::run("ip", &["netns", "exec", &ns, "sysctl", "-qw", &key]);
+        }
+        ip(&["addr", "replace", "2001:db8:99::1/64", "dev", "eg", "mngtmpaddr", "nodad"]);
+        ip(&["addr", "add", "2001:db8:99::7/64", "dev", "eg", "preferred_lft", "0", "nodad"]);
+        ip(&["addr", "add", "2001:db8:f::10/128", "dev", "eg", "nodad"]);
+        let listed =
+            common::run("ip", &["-n", &ns, "-6", "-o", "addr", "show", "dev", "eg"]).stdout;
+        let listed = String::from_utf8_lossy(&listed);
+        println!("{listed}");
+        assert!(listed.contains("temporary") && listed.contains("deprecated"), "{listed}");
+        let log = cli_apply(&lab, POLICY);
+        let chosen = format!("IPv4 {SOURCE4} (found on eg), IPv6 {SOURCE6} (found on eg)");
+        assert!(log.contains(&chosen), "the choice logged: {log}");
+        let sources = xdpgate_dataplane::encap::read(&lab.k.pins.dir).unwrap();
+        assert_eq!(sources.v4, Some(SOURCE4.parse().unwrap()), "not the frontend 192.0.2.10");
+        assert_eq!(sources.v6, Some(SOURCE6.parse().unwrap()), "{listed}");
+        lab.encapsulated(At::Xdp, &frame("203.0.113.7", "192.0.2.10", L4::Tcp(40400, 80, SYN)));
+        lab.encapsulated(
+            At::Tc,
+            &frame("2001:db8:2::7", "2001:db8:f::10", L4::Tcp(40401, 80, SYN)),
+        );
+        let lb: serde_json::Value =
+            serde_json::from_str(&lab.k.pins.xdpgate(&["lb", "--json"])).unwrap();
+        let shown = |rule: &str| {
+            lb.as_array().unwrap().iter().find(|s| s["rule"] == rule).unwrap()["outer_source"]
+                .clone()
+        };
+        assert_eq!(shown("web"), SOURCE4, "{lb}");
+        assert_eq!(shown("web6"), SOURCE6, "{lb}");
+        let text = lab.k.pins.xdpgate(&["lb"]);
+        assert!(text.contains(&format!("ipip from {SOURCE4}")), "{text}");
+        assert!(text.lines().all(|l| l.len() <= 100), "{text}");
+    });
+}
+
+/// `xdpgate apply` (no agent, no node file) keeps the outer source the agent set from its
+/// node file, here an address on `lo`, instead of one found on the attached interface; it
+/// finds one again only when the kept one is no longer an address of this host. A node
+/// file naming a frontend as source is refused.
+#[test]
+fn cli_apply_keeps_the_node_files_source() {
+    isolated(true, |ns| {
+        let lab = Lab::new(&ns, &["10.99.0.1/24", "2001:db8:99::1/64"]);
+        common::run("ip", &["-n", &ns, "addr", "add", "10.77.0.1/32", "dev", "lo"]);
+        let given =
+            xdpgate_dataplane::encap::Sources { v4: Some("10.77.0.1".parse().unwrap()), v6: None };
+        agent_install(&lab, POLICY, given).expect("the agent's install");
+        let read = || xdpgate_dataplane::encap::read(&lab.k.pins.dir).unwrap();
+        assert_eq!(read().v4, given.v4, "the node file's");
+        assert_eq!(read().v6, Some(SOURCE6.parse().unwrap()), "found on eg");
+        // The agent stopped: a one-shot apply.
+        let log = cli_apply(&lab, POLICY);
+        assert!(log.contains("IPv4 10.77.0.1 (kept), IPv6 2001:db8:99::1 (kept)"), "{log}");
+        assert_eq!(read().v4, given.v4, "kept by xdpgate apply");
+        assert_eq!(read().v6, Some(SOURCE6.parse().unwrap()));
+        common::run("ip", &["-n", &ns, "addr", "del", "10.77.0.1/32", "dev", "lo"]);
+        lab.k.apply(POLICY);
+        assert_eq!(read().v4, Some(SOURCE4.parse().unwrap()), "gone from the host: found anew");
+
+        let frontend =
+            xdpgate_dataplane::encap::Sources { v4: Some("192.0.2.10".parse().unwrap()), v6: None };
+        let err = agent_install(&lab, POLICY, frontend).expect_err("a frontend as source");
+        let text = format!("{err:#}");
+        assert!(text.contains("192.0.2.10 (node file) is a frontend"), "{text}");
+        assert!(text.contains("Nothing changed"), "{text}");
+        assert_eq!(read().v4, Some(SOURCE4.parse().unwrap()), "unchanged");
     });
 }

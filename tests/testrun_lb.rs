@@ -450,3 +450,42 @@ fn every_node_builds_the_same_tables_and_picks_the_same_backend() {
     assert_eq!(seen.len(), 6, "the flows reach every backend of both pools: {seen:?}");
     assert!(differ_c > 0, "node C's missing backend takes its flows elsewhere");
 }
+
+/// `lb --maglev` never reports a table a writer is rewriting (F16: it read the 16,381 slots
+/// without the lock, so a rebuild in between gave a torn digest, a false mismatch across a
+/// fleet): while a writer holds the lock over a half-rewritten live table, it waits and then
+/// gives up saying so; once the writer is done it reads the table whole.
+#[test]
+fn maglev_view_never_reads_a_table_being_rewritten() {
+    use aya::maps::{Array, HashMap};
+    use xdpgate_common::{
+        lb::{FrontendKey, Service, maglev_index},
+        maps::{FRONTENDS, MAGLEV},
+    };
+    let k = Kernel::new();
+    k.apply(POLICY);
+    let before = maglev_digests(&k);
+    let frontends: HashMap<_, FrontendKey, Service> =
+        k.pins.dir.open_map(FRONTENDS).unwrap().try_into().unwrap();
+    let (_, svc) = frontends.iter().map(|e| e.unwrap()).find(|(_, s)| s.id == 0).unwrap();
+    let mut maglev: Array<_, u32> = k.pins.dir.open_map(MAGLEV).unwrap().try_into().unwrap();
+    let slot = |s: u32| maglev_index(svc.id, u32::from(svc.table), s);
+    let saved: Vec<u32> = (0..64).map(|s| maglev.get(&slot(s), 0).unwrap()).collect();
+    let other = *saved.iter().find(|&&b| b != saved[0]).expect("two backends in 64 slots");
+
+    // A writer half-way through: the first slots rewritten, the lock held.
+    let lock = xdpgate_dataplane::state::WriteLock::acquire(&k.pins.dir).unwrap();
+    for s in 0..64 {
+        maglev.set(slot(s), other, 0).unwrap();
+    }
+    let out = k.pins.try_xdpgate(&["lb", "--maglev", "--json"]);
+    let (stdout, stderr) =
+        (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "reported the table being rewritten: {stdout}");
+    assert!(stderr.contains("is changing the dataplane"), "{stderr}");
+    for (s, b) in saved.iter().enumerate() {
+        maglev.set(slot(s as u32), *b, 0).unwrap();
+    }
+    drop(lock);
+    assert_eq!(maglev_digests(&k), before, "read whole once the writer is done");
+}

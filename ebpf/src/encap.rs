@@ -11,8 +11,8 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L3_IPV6, BPF_F_RECOMPUTE_CSUM,
-        bpf_adj_room_mode, xdp_action,
+        BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L3_IPV6, BPF_F_ADJ_ROOM_FIXED_GSO,
+        BPF_F_RECOMPUTE_CSUM, bpf_adj_room_mode, xdp_action,
     },
     helpers::generated::bpf_xdp_adjust_head,
     programs::{TcContext, XdpContext},
@@ -25,6 +25,7 @@ use xdpgate_common::{
 
 use crate::{
     forward::{self, FIB_FRAG_NEEDED},
+    headers::IPPROTO_UDP,
     hook::Hook,
     maps::ENCAP_SOURCES,
     parse::{PacketMeta, ptr_at},
@@ -63,7 +64,7 @@ pub fn forward<H: Hook>(
     }
     let ip_len = ctx
         .wire_len(meta, (len as u16).wrapping_sub(meta.l3_off))
-        .saturating_add(ctx.encap_wire_overhead(overhead(meta.family)));
+        .saturating_add(ctx.encap_wire_overhead(meta, overhead(meta.family)));
     let hop = match forward::hop_for(ctx, meta, &source, backend, ip_len, cache)? {
         Ok(hop) => hop,
         Err(FIB_FRAG_NEEDED) => return Err(DropReason::EncapTooBig),
@@ -86,8 +87,15 @@ fn outer_header(family: u8, inner: [u8; 8], src: &[u32; 4], dst: &[u32; 4]) -> [
         h[1] = inner[1];
         h[2] = total[0];
         h[3] = total[1];
-        // ID 0: the outer packet is never fragmented by us; DF as the inner packet's.
+        // DF as the inner packet's. Without it the outer packet may be fragmented on the
+        // way, so it takes the inner ID: one ID for every packet would let the backend's
+        // reassembly mix fragments of different packets (RFC 6864 allows a constant ID
+        // only with DF, where 0 it is).
         h[6] = inner[6] & 0x40;
+        if h[6] == 0 {
+            h[4] = inner[4];
+            h[5] = inner[5];
+        }
         h[8] = OUTER_TTL;
         h[9] = IPPROTO_IPIP;
         h[12..16].copy_from_slice(&src[0].to_ne_bytes());
@@ -170,9 +178,13 @@ pub fn encapsulate_skb(
     let inner: [u8; 8] = ctx.load(l3).map_err(|_| DropReason::Malformed)?;
     let flags =
         if meta.family == 4 { BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 } else { BPF_F_ADJ_ROOM_ENCAP_L3_IPV6 };
+    // A UDP aggregate's gso_size delimits its datagrams: the kernel grows one only when
+    // its segments keep their payload size (and so grow by the outer header).
+    let flags = if udp_aggregate(ctx, meta) { flags | BPF_F_ADJ_ROOM_FIXED_GSO } else { flags };
     let grow = i32::from(overhead(meta.family));
     // Refused for a packet with its VLAN tag still in the data (the kernel takes a tag off
-    // before tc ingress; a second, inner tag stays): not a failure of xdpgate's.
+    // before tc ingress; a second, inner tag stays), or an aggregate of another kind (a
+    // UDP tunnel's): counted as `malformed`, DROP_STATS_V2 having no spare reason.
     ctx.adjust_room(grow, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, u64::from(flags))
         .map_err(|_| DropReason::Malformed)?;
     let h = outer_header(meta.family, inner, src, dst);
@@ -189,9 +201,17 @@ pub fn encapsulate_skb(
 }
 
 /// Bytes of `overhead` the egress interface sees on a packet of this socket buffer: none on
-/// a GSO aggregate, whose segments `bpf_skb_adjust_room` shrinks by the outer header (so
-/// what leaves is as long as before), all of it otherwise.
+/// a TCP aggregate, whose segments `bpf_skb_adjust_room` shrinks by the outer header (so
+/// what leaves is as long as before), all of it otherwise (a UDP aggregate's segments grow).
 #[inline(always)]
-pub fn skb_wire_overhead(ctx: &TcContext, overhead: u16) -> u16 {
-    if unsafe { (*ctx.skb.skb).gso_size } != 0 { 0 } else { overhead }
+pub fn skb_wire_overhead(ctx: &TcContext, meta: &PacketMeta, overhead: u16) -> u16 {
+    let tcp_aggregate = unsafe { (*ctx.skb.skb).gso_size } != 0 && !udp_aggregate(ctx, meta);
+    if tcp_aggregate { 0 } else { overhead }
+}
+
+/// A GSO aggregate of UDP datagrams (`SKB_GSO_UDP_L4`: `__sk_buff` has no gso_type, but
+/// the only UDP aggregates that can grow are these).
+#[inline(always)]
+fn udp_aggregate(ctx: &TcContext, meta: &PacketMeta) -> bool {
+    meta.proto == IPPROTO_UDP && unsafe { (*ctx.skb.skb).gso_size } != 0
 }

@@ -65,7 +65,7 @@ pub trait Hook: EbpfContext + Packet + Sized {
     fn wire_len(&self, meta: &PacketMeta, ip_len: u16) -> u16;
     /// Of an encapsulation's `overhead` bytes, how many the egress interface sees on this
     /// packet (see `Hook::wire_len`).
-    fn encap_wire_overhead(&self, overhead: u16) -> u16;
+    fn encap_wire_overhead(&self, meta: &PacketMeta, overhead: u16) -> u16;
     /// Wraps the packet in one outer IP header from `src` to `dst` (see `encap`); the
     /// packet's offsets in `meta` no longer hold afterwards.
     fn encapsulate(
@@ -152,7 +152,7 @@ impl Hook for XdpContext {
 
     /// A frame is what leaves.
     #[inline(always)]
-    fn encap_wire_overhead(&self, overhead: u16) -> u16 {
+    fn encap_wire_overhead(&self, _meta: &PacketMeta, overhead: u16) -> u16 {
         overhead
     }
 
@@ -257,8 +257,8 @@ impl Hook for TcContext {
     }
 
     #[inline(always)]
-    fn encap_wire_overhead(&self, overhead: u16) -> u16 {
-        encap::skb_wire_overhead(self, overhead)
+    fn encap_wire_overhead(&self, meta: &PacketMeta, overhead: u16) -> u16 {
+        encap::skb_wire_overhead(self, meta, overhead)
     }
 
     #[inline(always)]

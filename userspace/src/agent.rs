@@ -336,7 +336,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     // Before the first apply writes into it.
     xdpgate_dataplane::state::ensure_dir(pins)?;
     let generation =
-        transaction::install(pins, &policy, &source, &tables, &lbs, &down, encap(&node)?)?;
+        transaction::install(pins, &policy, &source, &tables, &lbs, &down, encap(&node, &lbs)?)?;
     info!("applied {} as generation {generation}", file.display());
     for (backend, probe) in &down.down {
         info!("backend {backend} starts unhealthy (probe {probe}), as it was");
@@ -527,7 +527,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                         // tables; on failure they start again on the old policy.
                         drop(prober);
                         (tx, rx) = mpsc::channel::<Change>(256);
-                        let installed = encap(&node).and_then(|sources| {
+                        let installed = encap(&node, &lbs).and_then(|sources| {
                             transaction::install(pins, &policy, &source, &tables, &lbs, &down_new, sources)
                         });
                         match installed {
@@ -627,8 +627,9 @@ fn announce_node(
 
 /// The outer sources of encapsulation the node file gives or its interfaces have (without
 /// one, the transaction finds them on the attached interfaces).
-fn encap(node: &Option<Node>) -> Result<xdpgate_dataplane::encap::Sources> {
-    node.as_ref().map_or(Ok(Default::default()), Node::encap_sources)
+fn encap(node: &Option<Node>, lbs: &CompiledLb) -> Result<xdpgate_dataplane::encap::Chosen> {
+    let avoid = xdpgate_dataplane::encap::frontends(lbs);
+    node.as_ref().map_or(Ok(Default::default()), |n| n.encap_sources(&avoid))
 }
 
 /// Attaches the interfaces of the node file that have no pinned link.

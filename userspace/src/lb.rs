@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 
 use anyhow::{Result, anyhow};
-use xdpgate_dataplane::{PinDir, apply, drain, lb};
+use xdpgate_dataplane::{PinDir, apply, drain, lb, state};
 
 use crate::views::{self, OutputArgs};
 
@@ -15,7 +15,7 @@ pub struct LbArgs {
     pub action: Option<LbAction>,
     /// Also read each rule's live Maglev table: its digest (equal on every gateway that
     /// picks the same backend for every flow: compare them across a fleet) and the slots
-    /// each backend owns.
+    /// each backend owns. Waits (10 s at most) for a writer changing the tables.
     #[arg(long)]
     pub maglev: bool,
     #[command(flatten)]
@@ -47,9 +47,11 @@ pub struct Target {
 pub fn run(pins: &PinDir, args: LbArgs) -> Result<()> {
     let (target, drain) = match args.action {
         None => {
+            // Before the record: the tables read are the record's, whole.
+            let lock = args.maglev.then(|| state::ReadLock::acquire(pins)).transpose()?;
             let record = apply::running(pins)?
                 .ok_or_else(|| anyhow!("no policy applied to {} yet", pins.path().display()))?;
-            let report = lb::report(pins, &record, args.maglev)?;
+            let report = lb::report(pins, &record, lock.as_ref())?;
             return views::print(report.as_slice(), args.output.format());
         }
         Some(LbAction::Drain(t)) => (t, true),

@@ -207,7 +207,7 @@ impl Snapshot {
         // Names come from the running generation's record: nothing is recompiled per scrape.
         let record = apply::running(pins)?;
         let (services, nat) = match &record {
-            Some(r) => (lb::report(pins, r, false)?, nat::report(pins, r)?),
+            Some(r) => (lb::report(pins, r, None)?, nat::report(pins, r)?),
             None => (Vec::new(), Vec::new()),
         };
         let applied_at = record.map(|r| r.applied_unix as f64);
@@ -939,6 +939,7 @@ mod tests {
                 probe: Some("up".into()),
                 packets: 20,
                 bytes: 2000,
+                outer_source: None,
                 backends: vec![
                     BackendReport {
                         address: "198.51.100.11".parse::<IpAddr>().unwrap(),

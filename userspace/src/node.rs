@@ -26,7 +26,7 @@
 //! after a reboot); while they are pinned a different size is reported as failing (`status`)
 //! and the pinned size stays.
 
-use std::{collections::HashSet, path::Path};
+use std::{collections::HashSet, net::IpAddr, path::Path};
 
 use anyhow::{Context, Result, bail};
 use xdpgate_common::iface::Role;
@@ -49,12 +49,13 @@ pub struct Node {
 }
 
 impl Node {
-    /// The outer sources of encapsulation: the node file's, else the first global address
-    /// of each family on the node's interfaces (attached or not yet: the agent applies the
-    /// policy before the first attach after a reboot).
-    pub fn encap_sources(&self) -> Result<dataplane::encap::Sources> {
+    /// The outer sources of encapsulation: the node file's, else the first usable global
+    /// address of each family on the node's interfaces (attached or not yet: the agent
+    /// applies the policy before the first attach after a reboot) that is not in `avoid`
+    /// (the policy's frontends).
+    pub fn encap_sources(&self, avoid: &[IpAddr]) -> Result<dataplane::encap::Chosen> {
         let names: Vec<String> = self.interfaces.iter().map(|i| i.name.clone()).collect();
-        dataplane::encap::Sources::resolve_on(&names, self.encapsulation)
+        dataplane::encap::Chosen::given(self.encapsulation, "node file").complete_on(&names, avoid)
     }
 }
 

@@ -1,11 +1,18 @@
 //! This node's outer source addresses for load-balancing rules with `forwarding: ipip`
 //! (`ENCAP_SOURCES`). Node-specific, so not in the policy that every node shares: given in
-//! the node file (`encapsulation: {source4, source6}`), or else the first global address of
-//! the family on the interfaces xdpgate is attached to (in name order), read over netlink at
-//! each apply. An apply whose policy encapsulates a family this node has no source for is
-//! refused before anything changes.
+//! the node file (`encapsulation: {source4, source6}`); at `xdpgate apply`, the source the
+//! dataplane has while it is still an address of this host (what the agent set from the
+//! node file survives a one-shot apply); or else the first usable global address of the
+//! family on the interfaces xdpgate is attached to (in name order), read over netlink at
+//! each apply. Never a frontend of the policy (the backends hold those: the outer packets
+//! would come from their own address) nor a temporary, deprecated or tentative address. An
+//! apply whose policy encapsulates a family this node has no source for is refused before
+//! anything changes; the sources chosen are logged, and `xdpgate lb` shows them.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
 use anyhow::{Context, Result, bail};
 use aya::maps::Array;
@@ -27,8 +34,9 @@ const IFA_ADDRESS: u16 = 1;
 const IFA_LOCAL: u16 = 2;
 const IFA_FLAGS: u16 = 8;
 const RT_SCOPE_UNIVERSE: u8 = 0;
-/// `IFA_F_TENTATIVE`, `IFA_F_DADFAILED`, `IFA_F_DEPRECATED`: not to send from.
-const UNUSABLE: u32 = 0x40 | 0x08 | 0x20;
+/// `IFA_F_TEMPORARY` (a privacy address: it rotates), `IFA_F_DADFAILED`,
+/// `IFA_F_DEPRECATED`, `IFA_F_TENTATIVE`: not to send from.
+const UNUSABLE: u32 = 0x01 | 0x08 | 0x20 | 0x40;
 
 /// The outer source of each family; `None`: not given (then found) or not found.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -37,41 +45,113 @@ pub struct Sources {
     pub v6: Option<Ipv6Addr>,
 }
 
-impl Sources {
-    /// `given` (the node file's), completed with the first global address of each family
-    /// missing there on the attached interfaces.
-    pub fn resolve(pins: &PinDir, given: Sources) -> Result<Sources> {
-        if given.v4.is_some() && given.v6.is_some() {
-            return Ok(given);
-        }
-        Self::resolve_on(&pins.attached()?, given)
+/// The outer sources an apply writes, with where each came from (for the log).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Chosen {
+    pub sources: Sources,
+    /// IPv4's and IPv6's origin: "node file", "kept", or "found on <interface>".
+    pub from: [String; 2],
+}
+
+/// Who applies: what its refusal tells it to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Applier {
+    /// `xdpgate run`, with or without a node file.
+    Agent,
+    /// `xdpgate apply`, which has no node file.
+    Cli,
+}
+
+impl Chosen {
+    /// `given`, each family it has coming `from` there.
+    pub fn given(given: Sources, from: &str) -> Self {
+        let label = |set: bool| if set { from.to_owned() } else { String::new() };
+        Self { sources: given, from: [label(given.v4.is_some()), label(given.v6.is_some())] }
     }
 
-    /// `given`, completed from the interfaces `names` (in that order; one missing is
-    /// skipped).
-    pub fn resolve_on(names: &[String], given: Sources) -> Result<Sources> {
-        if given.v4.is_some() && given.v6.is_some() {
-            return Ok(given);
-        }
-        let mut found = given;
+    /// What `ENCAP_SOURCES` holds (none from a dataplane without it), each family only
+    /// while it is still a usable address of this host (any interface) and not in `avoid`.
+    pub fn kept(pins: &PinDir, avoid: &[IpAddr]) -> Result<Self> {
+        let Ok(held) = read(pins) else { return Ok(Self::default()) };
+        let host = usable_addresses(None)?;
+        let keep = |a: IpAddr| host.contains(&a) && !avoid.contains(&a);
+        let held = Sources {
+            v4: held.v4.filter(|&a| keep(a.into())),
+            v6: held.v6.filter(|&a| keep(a.into())),
+        };
+        Ok(Self::given(held, "kept"))
+    }
+
+    /// Completes each family missing with the first usable global address of the
+    /// interfaces `names` (in that order; one missing is skipped) not in `avoid`.
+    pub fn complete_on(mut self, names: &[String], avoid: &[IpAddr]) -> Result<Self> {
         for name in names {
+            if self.sources.v4.is_some() && self.sources.v6.is_some() {
+                break;
+            }
             let Ok(index) = crate::ifindex(name) else { continue };
-            for addr in global_addresses(index)? {
+            for addr in usable_addresses(Some(index))? {
                 match addr {
-                    IpAddr::V4(a) if found.v4.is_none() => found.v4 = Some(a),
-                    IpAddr::V6(a) if found.v6.is_none() => found.v6 = Some(a),
+                    _ if avoid.contains(&addr) => {}
+                    IpAddr::V4(a) if self.sources.v4.is_none() => {
+                        self.sources.v4 = Some(a);
+                        self.from[0] = format!("found on {name}");
+                    }
+                    IpAddr::V6(a) if self.sources.v6.is_none() => {
+                        self.sources.v6 = Some(a);
+                        self.from[1] = format!("found on {name}");
+                    }
                     _ => {}
                 }
             }
         }
-        Ok(found)
+        Ok(self)
     }
 }
 
-/// Refuses `lbs` when one of its encapsulating rules has a frontend of a family `sources`
-/// lacks, naming the rule; otherwise writes `sources` into `ENCAP_SOURCES` (a dataplane
-/// loaded before the map has none: only a policy that needs it is refused).
-pub fn install(pins: &PinDir, lbs: &CompiledLb, sources: Sources) -> Result<()> {
+impl fmt::Display for Chosen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let one = |a: Option<IpAddr>, from: &str| match a {
+            Some(a) => format!("{a} ({from})"),
+            None => "none".to_owned(),
+        };
+        write!(
+            f,
+            "IPv4 {}, IPv6 {}",
+            one(self.sources.v4.map(IpAddr::from), &self.from[0]),
+            one(self.sources.v6.map(IpAddr::from), &self.from[1])
+        )
+    }
+}
+
+/// The frontend addresses of `lbs`: never an outer source.
+pub fn frontends(lbs: &CompiledLb) -> Vec<IpAddr> {
+    let mut out: Vec<IpAddr> =
+        lbs.frontends.iter().map(|(key, ..)| crate::flows::addr(&key.addr, key.family)).collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Refuses `lbs` when one of its encapsulating rules has a frontend of a family `chosen`
+/// lacks, naming the rule and what `applier` can do, or when a source is one of its
+/// frontends; otherwise writes the sources into `ENCAP_SOURCES` (a dataplane loaded before
+/// the map has none: only a policy that needs it is refused) and logs them.
+pub fn install(pins: &PinDir, lbs: &CompiledLb, chosen: &Chosen, applier: Applier) -> Result<()> {
+    let sources = chosen.sources;
+    let frontends = frontends(lbs);
+    for (source, from) in [
+        (sources.v4.map(IpAddr::from), &chosen.from[0]),
+        (sources.v6.map(IpAddr::from), &chosen.from[1]),
+    ] {
+        if let Some(a) = source.filter(|a| frontends.contains(a)) {
+            bail!(
+                "the outer source {a} ({from}) is a frontend of this policy: the backends hold \
+                 the frontends and would drop outer packets from their own address; give \
+                 another address of this node. Nothing changed"
+            );
+        }
+    }
     for (key, service, _, _) in &lbs.frontends {
         let spec = &lbs.services[*service as usize];
         if spec.flags & SVC_ENCAP == 0 {
@@ -82,10 +162,21 @@ pub fn install(pins: &PinDir, lbs: &CompiledLb, sources: Sources) -> Result<()> 
             _ => (sources.v6.is_none(), "IPv6", "source6"),
         };
         if missing {
+            let remedy = match applier {
+                Applier::Agent => {
+                    format!("give it in the node file (encapsulation: {{{field}: ...}})")
+                }
+                Applier::Cli => format!(
+                    "add one to an attached interface, or run the agent with a node file that \
+                     gives it (encapsulation: {{{field}: ...}}): xdpgate apply keeps the source \
+                     the dataplane has"
+                ),
+            };
             bail!(
                 "load balancer {}, rule {}: forwarding: ipip needs an {family} address of this \
-                 node to send from, and none of the attached interfaces ({}) has a global one; \
-                 give it in the node file (encapsulation: {{{field}: ...}}). Nothing changed",
+                 node to send from; none was set, and none of the attached interfaces ({}) has \
+                 a usable global one (frontends and temporary, deprecated or tentative \
+                 addresses do not count); {remedy}. Nothing changed",
                 spec.lb,
                 spec.rule,
                 pins.attached()?.join(", ")
@@ -111,6 +202,9 @@ pub fn install(pins: &PinDir, lbs: &CompiledLb, sources: Sources) -> Result<()> 
     let v6 = sources.v6.map_or([0; 4], |a| words(&a.octets()));
     map.set(ENCAP_SOURCE_V4, v4, 0).context("writing the outer IPv4 source")?;
     map.set(ENCAP_SOURCE_V6, v6, 0).context("writing the outer IPv6 source")?;
+    if lbs.services.iter().any(|s| s.flags & SVC_ENCAP != 0) {
+        log::info!("outer sources of forwarding: ipip: {chosen}");
+    }
     Ok(())
 }
 
@@ -132,8 +226,9 @@ pub fn read(pins: &PinDir) -> Result<Sources> {
     })
 }
 
-/// The usable global addresses of interface `index`, in the kernel's order.
-fn global_addresses(index: u32) -> Result<Vec<IpAddr>> {
+/// The usable global addresses of interface `index` (of every interface: `None`), in the
+/// kernel's order.
+fn usable_addresses(index: Option<u32>) -> Result<Vec<IpAddr>> {
     let mut found = Vec::new();
     let req = {
         let mut req = header(RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP);
@@ -148,7 +243,7 @@ fn global_addresses(index: u32) -> Result<Vec<IpAddr>> {
         }
         let (family, mut flags, scope) = (body[0], u32::from(body[2]), body[3]);
         let at = u32::from_ne_bytes([body[4], body[5], body[6], body[7]]);
-        if at != index || scope != RT_SCOPE_UNIVERSE {
+        if index.is_some_and(|i| i != at) || scope != RT_SCOPE_UNIVERSE {
             return;
         }
         let (mut address, mut local) = (None, None);

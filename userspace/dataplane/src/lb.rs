@@ -11,8 +11,8 @@ use anyhow::Result;
 use aya::maps::{Array, HashMap, MapData};
 use xdpgate_common::{
     lb::{
-        BackendInfo, FrontendKey, MAGLEV_SIZE, MAX_BACKENDS, NO_BACKEND, SVC_NO_BACKEND, Service,
-        maglev_index,
+        BackendInfo, FrontendKey, MAGLEV_SIZE, MAX_BACKENDS, NO_BACKEND, SVC_ENCAP, SVC_NO_BACKEND,
+        Service, maglev_index,
     },
     maps::{BACKENDS, FRONTENDS, MAGLEV},
 };
@@ -22,7 +22,7 @@ use xdpgate_policy::{
     names::Record,
 };
 
-use crate::PinDir;
+use crate::{PinDir, encap::Sources, state::ReadLock};
 
 /// The dataplane's load-balancer maps, opened from their pins.
 pub struct LbMaps {
@@ -148,6 +148,10 @@ pub struct ServiceReport {
     pub packets: u64,
     pub bytes: u64,
     pub backends: Vec<BackendReport>,
+    /// This node's address the packets of a `forwarding: ipip` rule leave from (see
+    /// `encap`); none for other rules.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outer_source: Option<IpAddr>,
     /// The live Maglev table (asked for with `xdpgate lb --maglev`); none for a rule with a
     /// fixed backend or none taking new flows.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -185,8 +189,14 @@ pub struct BackendReport {
 }
 
 /// Reads the live state of the load balancers of the running generation (`record`), with
-/// each service's live Maglev table when `maglev` (a bpf() call per slot: 16,381 a service).
-pub fn report(pins: &PinDir, record: &Record, maglev: bool) -> Result<Vec<ServiceReport>> {
+/// each service's live Maglev table when `maglev` (a bpf() call per slot: 16,381 a service),
+/// under the read lock taken before `record` was read: no rebuild tears the tables read,
+/// and their backend numbers are the record's.
+pub fn report(
+    pins: &PinDir,
+    record: &Record,
+    maglev: Option<&ReadLock>,
+) -> Result<Vec<ServiceReport>> {
     use aya::maps::PerCpuArray;
     use xdpgate_common::{
         maps::{BACKEND_STATS, SERVICE_STATS},
@@ -204,7 +214,8 @@ pub fn report(pins: &PinDir, record: &Record, maglev: bool) -> Result<Vec<Servic
     };
     let drained = crate::drain::read(pins)?;
     let flows = crate::flows::per_backend(pins)?;
-    let maps = if maglev { Some(LbMaps::open(pins)?) } else { None };
+    let maps = LbMaps::open(pins)?;
+    let outer_sources = maps.outer_sources(crate::encap::read(pins).unwrap_or_default());
     let mut out = Vec::new();
     for (id, spec) in record.services.iter().enumerate() {
         let stats = sum(&service_stats, id as u32)?;
@@ -234,13 +245,32 @@ pub fn report(pins: &PinDir, record: &Record, maglev: bool) -> Result<Vec<Servic
                     })
                 })
                 .collect::<Result<_>>()?,
-            maglev: maps.as_ref().map(|m| m.live_table(record, id as u32)).transpose()?.flatten(),
+            outer_source: outer_sources.get(&(id as u32)).copied(),
+            maglev: match maglev {
+                Some(_) => maps.live_table(record, id as u32)?,
+                None => None,
+            },
         });
     }
     Ok(out)
 }
 
 impl LbMaps {
+    /// The outer source of each service that encapsulates, by id: `sources`' of its
+    /// frontends' family.
+    fn outer_sources(&self, sources: Sources) -> BTreeMap<u32, IpAddr> {
+        if sources == Sources::default() {
+            return BTreeMap::new();
+        }
+        let of = |family: u8| match family {
+            4 => sources.v4.map(IpAddr::from),
+            _ => sources.v6.map(IpAddr::from),
+        };
+        let encap = self.frontends.iter().filter_map(|e| e.ok());
+        let encap = encap.filter(|(_, s)| s.flags & SVC_ENCAP != 0);
+        encap.filter_map(|(key, s)| Some((s.id, of(key.family)?))).collect()
+    }
+
     /// Service `id`'s live Maglev table: the half its frontends point at.
     fn live_table(&self, record: &Record, id: u32) -> Result<Option<MaglevReport>> {
         let svc = self.frontends.iter().filter_map(|e| e.ok()).find(|(_, s)| s.id == id);

@@ -136,11 +136,7 @@ impl WriteLock {
     /// The lock once no other writer holds it, waiting at most `wait` (`None` if one still
     /// does).
     pub fn try_acquire_within(pins: &PinDir, wait: Duration) -> Result<Option<Self>> {
-        let dir = pins.path();
-        let file = File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
-        let locked = flock(file, FlockArg::LockExclusiveNonblock, wait)
-            .with_context(|| format!("locking {}", dir.display()))?;
-        Ok(locked.map(Self))
+        Ok(lock_dir(pins, FlockArg::LockExclusiveNonblock, wait)?.map(Self))
     }
 
     pub fn acquire_within(pins: &PinDir, wait: Duration) -> Result<Self> {
@@ -154,6 +150,36 @@ impl WriteLock {
             ),
         }
     }
+}
+
+/// How long a reader that must not see a writer's change half done waits for the writer.
+pub const READ_WAIT: Duration = Duration::from_secs(10);
+
+/// Shared by readers, exclusive of the [`WriteLock`]: a reader of many map entries that
+/// must see one writer's change whole or not at all (`xdpgate lb --maglev`); released on
+/// drop. Writers wait for it as for another writer.
+pub struct ReadLock(#[expect(dead_code, reason = "held for its lock")] Flock<File>);
+
+impl ReadLock {
+    /// The lock once no writer holds it, waiting at most [`READ_WAIT`].
+    pub fn acquire(pins: &PinDir) -> Result<Self> {
+        match lock_dir(pins, FlockArg::LockSharedNonblock, READ_WAIT)? {
+            Some(locked) => Ok(Self(locked)),
+            None => bail!(
+                "another xdpgate is changing the dataplane at {} and did not finish within {} s; \
+                 try again",
+                pins.path().display(),
+                READ_WAIT.as_secs()
+            ),
+        }
+    }
+}
+
+/// The pin directory locked as `arg` says, waiting at most `wait` (`None`: still held).
+fn lock_dir(pins: &PinDir, arg: FlockArg, wait: Duration) -> Result<Option<Flock<File>>> {
+    let dir = pins.path();
+    let file = File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
+    flock(file, arg, wait).with_context(|| format!("locking {}", dir.display()))
 }
 
 /// Held by `xdpgate run` while it owns the dataplane at one pin directory.

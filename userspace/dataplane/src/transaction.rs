@@ -11,7 +11,7 @@ use xdpgate_policy::{
 
 use crate::{
     PinDir, apply, drain,
-    encap::{self, Sources},
+    encap::{self, Applier, Chosen},
     lb::LbMaps,
     nat,
     probes::ProbeHealth,
@@ -39,15 +39,18 @@ pub fn apply_policy(
             pins.path().display()
         );
     }
-    let sources = Sources::default();
-    let generation = install_locked(&lock, pins, policy, source, &tables, &lbs, health, sources)?;
+    // The outer sources the dataplane has (the agent's, from its node file) stay.
+    let kept = Chosen::kept(pins, &encap::frontends(&lbs))?;
+    let generation =
+        install_locked(&lock, pins, policy, source, &tables, &lbs, health, kept, Applier::Cli)?;
     Ok((generation, lbs))
 }
 
 /// Applies a policy already compiled, as the dataplane's one writer (waits for the lock).
 /// What the agent does: it owns the dataplane, so no agent check. Its probes' health is
 /// saved with the tables built from it, under the same lock. `sources`: the node file's
-/// outer source addresses for encapsulation (the others are found, see `encap`).
+/// outer source addresses for encapsulation, or found on its interfaces (the others are
+/// found on the attached ones, see `encap`).
 pub fn install(
     pins: &PinDir,
     policy: &Policy,
@@ -55,10 +58,11 @@ pub fn install(
     tables: &compile::Compiled,
     lbs: &CompiledLb,
     health: &ProbeHealth,
-    sources: Sources,
+    sources: Chosen,
 ) -> Result<u64> {
     let lock = WriteLock::acquire(pins)?;
-    let generation = install_locked(&lock, pins, policy, source, tables, lbs, health, sources)?;
+    let generation =
+        install_locked(&lock, pins, policy, source, tables, lbs, health, sources, Applier::Agent)?;
     health.save(pins).map_err(|e| {
         e.context(format!(
             "generation {generation} is applied, but the probes' health was not saved for \
@@ -80,7 +84,8 @@ fn install_locked(
     tables: &compile::Compiled,
     lbs: &CompiledLb,
     health: &dyn BackendHealth,
-    sources: Sources,
+    sources: Chosen,
+    applier: Applier,
 ) -> Result<u64> {
     // The sets' run-time changes the policy was loaded with are still the kept ones (an
     // `xdpgate set` between the load and this lock would otherwise be undone).
@@ -92,7 +97,8 @@ fn install_locked(
         );
     }
     // Refused here, before anything is written, when a rule needs a source the node lacks.
-    encap::install(pins, lbs, Sources::resolve(pins, sources)?)?;
+    let sources = sources.complete_on(&pins.attached()?, &encap::frontends(lbs))?;
+    encap::install(pins, lbs, &sources, applier)?;
     let mut maps = LbMaps::open(pins)?;
     let mut nat_maps = nat::NatMaps::open(pins)?;
     let (_, running) = apply::active(pins)?;

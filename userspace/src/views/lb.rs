@@ -33,6 +33,16 @@ impl View for [ServiceReport] {
                 s.packets.to_string(),
                 super::bytes(s.bytes),
             ]);
+            if let Some(source) = s.outer_source {
+                g.row([
+                    String::new(),
+                    format!("  ipip from {source}"),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                ]);
+            }
             if let Some(m) = &s.maglev {
                 g.row([
                     String::new(),
@@ -113,6 +123,7 @@ mod tests {
                     bytes: 1000,
                 },
             ],
+            outer_source: Some("10.0.1.2".parse().unwrap()),
             maglev: Some(MaglevReport {
                 digest: "0123456789abcdef".into(),
                 slots: vec![
@@ -123,6 +134,7 @@ mod tests {
         }];
         let text = report.text();
         let mut lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.remove(2).trim(), "ipip from 10.0.1.2", "{text}");
         assert_eq!(
             lines.remove(2).trim(),
             "maglev 0123456789abcdef (198.51.100.10 75.0%, 198.51.100.11 25.0%)",
