@@ -911,7 +911,7 @@ fn only_the_gateways_outer_sources_are_decapsulated() {
 }
 
 /// `down` puts back the default route `up` lowered the MSS on as it was: its own advmss
-/// included.
+/// included; a multipath one is not changed at all.
 #[test]
 fn down_restores_a_default_route_with_its_own_advmss() {
     let lab = Lab::new();
@@ -920,6 +920,19 @@ fn down_restores_a_default_route_with_its_own_advmss() {
     assert!(before.contains("advmss 1300"), "{before}");
     lab.script_ok(&["up", VIP4, "--decap", "xdpgate", "--interface", &lab.b_if]);
     assert!(lab.routes().contains("advmss 1440"), "{}", lab.routes());
+    lab.script_ok(&["down"]);
+    assert_eq!(lab.routes(), before);
+
+    // A multipath default route: one `ip route change` cannot put it back, so it is left
+    // alone (with a warning), through `up` and `down`.
+    let hops = ["nexthop", "via", SENDER4, "nexthop", "via", "198.51.100.254"];
+    lab.backend.exec("ip", &[&["route", "replace", "default"][..], &hops].concat());
+    let before = lab.routes();
+    assert!(before.contains("nexthop"), "{before}");
+    let out = lab.script(&["up", VIP4, "--decap", "xdpgate", "--interface", &lab.b_if]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.contains("multipath"), "{err}");
+    assert_eq!(lab.routes(), before);
     lab.script_ok(&["down"]);
     assert_eq!(lab.routes(), before);
 }
