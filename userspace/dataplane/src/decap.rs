@@ -120,8 +120,7 @@ pub fn attach(
                     ingress_name(ingress)
                 );
             }
-            replace(pins, ifname, link.hook)?;
-            let trusted = add_gateways(pins, gateways)?;
+            let trusted = replace(pins, ifname, link.hook, gateways)?;
             let added = add_frontends(pins, frontends)?;
             return Ok(Attached { attached: false, added, trusted });
         }
@@ -158,25 +157,29 @@ fn attach_new(
     ingress: Ingress,
 ) -> Result<Attached> {
     let mut ebpf = load(pins)?;
+    let trusted = add_gateways(pins, gateways)?;
     // At tc, first in the chain: a gateway's tc pipeline on the same interface sees the
     // inner packet.
     let link = crate::attach_ingress(&mut ebpf, PROGRAMS, ifname, ifindex, ingress)
         .context("attaching the decap program")?;
     // Until the link is pinned, a failure detaches it (its last handle closes).
-    let trusted = add_gateways(pins, gateways)?;
     let added = add_frontends(pins, frontends)?;
     let pin = dir(pins).link(ifname);
     link.pin(&pin).with_context(|| format!("pinning the decap link at {}", pin.display()))?;
     Ok(Attached { attached: true, added, trusted })
 }
 
-/// Points the pinned link of `ifname` (at `hook`) at a newly loaded program of this build.
-fn replace(pins: &PinDir, ifname: &str, hook: Hook) -> Result<()> {
+/// Points the pinned link of `ifname` (at `hook`) at a newly loaded program of this build,
+/// adding `gateways` first (returns those new): a program from before the gateways were
+/// checked gets them with no moment of dropping theirs.
+fn replace(pins: &PinDir, ifname: &str, hook: Hook, gateways: &[IpNet]) -> Result<Vec<IpNet>> {
     let mut ebpf = load(pins)?;
+    let trusted = add_gateways(pins, gateways)?;
     let pinned = PinnedLink::from_pin(dir(pins).link(ifname))
         .with_context(|| format!("opening the pinned decap link of {ifname}"))?;
     crate::replace_ingress(&mut ebpf, PROGRAMS, pinned, hook, ifname)
-        .context("replacing the decap program")
+        .context("replacing the decap program")?;
+    Ok(trusted)
 }
 
 /// Adds `frontends` to those the program decapsulates for; returns those not there before.
