@@ -136,6 +136,21 @@ impl Lab {
         send_frame(&self.sender, &self.s_if, self.b_mac, encapsulate(src, dst, inner)).unwrap();
     }
 
+    /// `xdpgate decap attach` on the backend's interface, trusting the sender (the gateway),
+    /// with `args`: its output, whatever its status.
+    fn attach(&self, args: &[&str]) -> Output {
+        let head = ["decap", "attach", &self.b_if, "--gateway", SENDER4, "--gateway", SENDER6];
+        self.pins.try_xdpgate(&[&head[..], args].concat())
+    }
+
+    /// `attach` that must succeed: its standard output.
+    fn attach_ok(&self, args: &[&str]) -> String {
+        let out = self.attach(args);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{args:?}: {text}{}", String::from_utf8_lossy(&out.stderr));
+        text
+    }
+
     fn status(&self) -> Value {
         serde_json::from_str(&self.pins.xdpgate(&["decap", "status", "--json"])).unwrap()
     }
@@ -484,7 +499,7 @@ fn script_down_of_one_frontend_keeps_the_other() {
 #[test]
 fn attach_again_replaces_the_program_in_place() {
     let lab = Lab::new();
-    lab.pins.xdpgate(&["decap", "attach", &lab.b_if, "--frontend", VIP4, "--gateway", SENDER4]);
+    lab.attach_ok(&["--frontend", VIP4]);
     lab.backend.exec("ip", &["addr", "add", &format!("{VIP4}/32"), "dev", "lo"]);
     let vip = ip(VIP4);
     let udp = lab.backend.run(move || UdpSocket::bind((vip, 9100)).unwrap());
@@ -497,8 +512,7 @@ fn attach_again_replaces_the_program_in_place() {
     };
     send(b"before");
     let before = lab.status();
-    let out =
-        lab.pins.xdpgate(&["decap", "attach", &lab.b_if, "--frontend", VIP6, "--gateway", SENDER6]);
+    let out = lab.attach_ok(&["--frontend", VIP6]);
     assert!(out.contains("replaced"), "{out}");
     let after = lab.status();
     let id = |s: &Value| s["interfaces"][0]["program_id"].as_u64();
@@ -507,6 +521,8 @@ fn attach_again_replaces_the_program_in_place() {
     let link: Value = serde_json::from_slice(&link).unwrap();
     assert_eq!(link[0]["xdp"]["prog"]["id"].as_u64(), id(&after), "{link}");
     assert_eq!(after["frontends"], serde_json::json!([VIP4, VIP6]), "{after}");
+    let gateways = serde_json::json!([format!("{SENDER4}/32"), format!("{SENDER6}/128")]);
+    assert_eq!(after["gateways"], gateways, "{after}");
     assert_eq!(after["decapsulated"].as_u64(), Some(1), "{after}");
     send(b"after");
     assert_eq!(lab.status()["decapsulated"].as_u64(), Some(2));
@@ -672,54 +688,21 @@ fn bad_input_is_refused_and_changes_nothing() {
             &["decap", "attach", "lo", "--frontend", VIP4, "--gateway", SENDER4],
             "not an Ethernet interface",
         ),
-        (
-            &[
-                "decap",
-                "attach",
-                &lab.b_if,
-                "--frontend",
-                VIP4,
-                "--gateway",
-                SENDER4,
-                "--hook",
-                "tc",
-                "--mode",
-                "skb",
-            ],
-            "applies to XDP only",
-        ),
     ] {
         let out = lab.pins.try_xdpgate(args);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && err.contains(says), "{args:?}: {err}");
     }
+    let out = lab.attach(&["--frontend", VIP4, "--hook", "tc", "--mode", "skb"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("applies to XDP only"), "{err}");
     assert!(!decap::dir(&lab.pins.dir).path().exists(), "a refused attach left pins");
     // Attached in one mode, another is refused and the first stays.
-    lab.pins.xdpgate(&["decap", "attach", &lab.b_if, "--frontend", VIP4, "--gateway", SENDER4]);
-    let out = lab.pins.try_xdpgate(&[
-        "decap",
-        "attach",
-        &lab.b_if,
-        "--frontend",
-        VIP6,
-        "--mode",
-        "skb",
-        "--gateway",
-        SENDER6,
-    ]);
+    lab.attach_ok(&["--frontend", VIP4]);
+    let out = lab.attach(&["--frontend", VIP6, "--mode", "skb"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("in native mode already"), "{err}");
-    let out = lab.pins.try_xdpgate(&[
-        "decap",
-        "attach",
-        &lab.b_if,
-        "--frontend",
-        VIP6,
-        "--hook",
-        "tc",
-        "--gateway",
-        SENDER6,
-    ]);
+    let out = lab.attach(&["--frontend", VIP6, "--hook", "tc"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("to attach it at tc ingress"), "{err}");
     assert!(tcx_ingress(&lab.backend, &lab.b_if).is_empty());
@@ -730,15 +713,7 @@ fn bad_input_is_refused_and_changes_nothing() {
     // Another XDP program on the interface (the gateway's, here): refused, nothing left,
     // the other program untouched.
     lab.pins.xdpgate(&["attach", "--iface", &lab.b_if, "--hook", "xdp"]);
-    let out = lab.pins.try_xdpgate(&[
-        "decap",
-        "attach",
-        &lab.b_if,
-        "--frontend",
-        VIP4,
-        "--gateway",
-        SENDER4,
-    ]);
+    let out = lab.attach(&["--frontend", VIP4]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("attaching the decap program"), "{err}");
     assert!(!decap::dir(&lab.pins.dir).path().exists(), "a refused attach left pins");
