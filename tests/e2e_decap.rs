@@ -881,6 +881,9 @@ fn only_the_gateways_outer_sources_are_decapsulated() {
     let rules = table();
     let text = String::from_utf8_lossy(&rules.stdout);
     assert!(rules.status.success() && text.contains(SENDER4) && text.contains(SENDER6), "{text}");
+    // Its drop rules took the strangers' packets (one per family), which the program passed.
+    let dropped = text.lines().filter(|l| l.contains("counter packets 1 ") && l.contains("drop"));
+    assert_eq!(dropped.count(), 2, "{text}");
     lab.script_ok(&["down"]);
     assert!(!table().status.success(), "the nftables table outlived down");
 }
