@@ -99,11 +99,18 @@ impl Lab {
         Lab { sender, backend, s_if, b_if, b_mac, pins }
     }
 
-    /// Runs the script against the backend namespace and this lab's pin directory.
+    /// Runs the script against the backend namespace and this lab's pin directory; `up`
+    /// trusts the sender, the one gateway, unless told of another.
     fn script(&self, args: &[&str]) -> Output {
+        let gateways = if args.first() == Some(&"up") && !args.contains(&"--gateway") {
+            &["--gateway", SENDER4, "--gateway", SENDER6][..]
+        } else {
+            &[]
+        };
         Command::new("sh")
             .arg(script())
             .args(args)
+            .args(gateways)
             .args(["--netns", &self.backend.name, "--pin-dir"])
             .arg(self.pins.dir.path())
             .env("XDPGATE", common::xdpgate_bin())
@@ -127,6 +134,21 @@ impl Lab {
         let (src, dst) =
             if inner[12..14] == [0x08, 0x00] { (SENDER4, BACKEND4) } else { (SENDER6, BACKEND6) };
         send_frame(&self.sender, &self.s_if, self.b_mac, encapsulate(src, dst, inner)).unwrap();
+    }
+
+    /// `xdpgate decap attach` on the backend's interface, trusting the sender (the gateway),
+    /// with `args`: its output, whatever its status.
+    fn attach(&self, args: &[&str]) -> Output {
+        let head = ["decap", "attach", &self.b_if, "--gateway", SENDER4, "--gateway", SENDER6];
+        self.pins.try_xdpgate(&[&head[..], args].concat())
+    }
+
+    /// `attach` that must succeed: its standard output.
+    fn attach_ok(&self, args: &[&str]) -> String {
+        let out = self.attach(args);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{args:?}: {text}{}", String::from_utf8_lossy(&out.stderr));
+        text
     }
 
     fn status(&self) -> Value {
@@ -477,7 +499,7 @@ fn script_down_of_one_frontend_keeps_the_other() {
 #[test]
 fn attach_again_replaces_the_program_in_place() {
     let lab = Lab::new();
-    lab.pins.xdpgate(&["decap", "attach", &lab.b_if, "--frontend", VIP4]);
+    lab.attach_ok(&["--frontend", VIP4]);
     lab.backend.exec("ip", &["addr", "add", &format!("{VIP4}/32"), "dev", "lo"]);
     let vip = ip(VIP4);
     let udp = lab.backend.run(move || UdpSocket::bind((vip, 9100)).unwrap());
@@ -490,7 +512,7 @@ fn attach_again_replaces_the_program_in_place() {
     };
     send(b"before");
     let before = lab.status();
-    let out = lab.pins.xdpgate(&["decap", "attach", &lab.b_if, "--frontend", VIP6]);
+    let out = lab.attach_ok(&["--frontend", VIP6]);
     assert!(out.contains("replaced"), "{out}");
     let after = lab.status();
     let id = |s: &Value| s["interfaces"][0]["program_id"].as_u64();
@@ -499,6 +521,8 @@ fn attach_again_replaces_the_program_in_place() {
     let link: Value = serde_json::from_slice(&link).unwrap();
     assert_eq!(link[0]["xdp"]["prog"]["id"].as_u64(), id(&after), "{link}");
     assert_eq!(after["frontends"], serde_json::json!([VIP4, VIP6]), "{after}");
+    let gateways = serde_json::json!([format!("{SENDER4}/32"), format!("{SENDER6}/128")]);
+    assert_eq!(after["gateways"], gateways, "{after}");
     assert_eq!(after["decapsulated"].as_u64(), Some(1), "{after}");
     send(b"after");
     assert_eq!(lab.status()["decapsulated"].as_u64(), Some(2));
@@ -609,11 +633,23 @@ fn bad_input_is_refused_and_changes_nothing() {
         (&["sideways", VIP4], "unknown action"),
         (&["up"], "at least one frontend"),
         (&["up", VIP4, "--hook", "tc", "--mode", "skb"], "applies to XDP only"),
+        (&["up", VIP4, "--gateway", "198.51.100.1/33"], "a prefix length is at most 32"),
+        (&["up", VIP4, "--gateway", "gateway1"], "is not an IP address"),
     ] {
         let out = lab.script(args);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && err.contains(says), "{args:?}: {err}");
     }
+    // No gateway named: refused (the Lab's `up` names one).
+    let out = Command::new("sh")
+        .arg(script())
+        .args(["up", VIP4, "--decap", "xdpgate", "--netns", &lab.backend.name, "--pin-dir"])
+        .arg(lab.pins.dir.path())
+        .env("XDPGATE", common::xdpgate_bin())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("(--gateway ADDR)"), "{err}");
     assert!(!lab.lo_addrs().contains(VIP4));
     assert!(!decap::dir(&lab.pins.dir).path().exists());
 
@@ -636,29 +672,37 @@ fn bad_input_is_refused_and_changes_nothing() {
     assert!(!out.status.success() && err.contains("is not a network namespace name"), "{err}");
 
     for (args, says) in [
-        (&["decap", "attach", "nosuch0", "--frontend", VIP4][..], "no interface named"),
+        (
+            &["decap", "attach", "nosuch0", "--frontend", VIP4, "--gateway", SENDER4][..],
+            "no interface named",
+        ),
         (&["decap", "attach", &lab.b_if, "--frontend", "192.0.2"], "invalid IP address"),
         (&["decap", "attach", &lab.b_if], "--frontend"),
-        (&["decap", "detach", &lab.b_if], "not attached"),
-        (&["decap", "attach", "lo", "--frontend", VIP4], "not an Ethernet interface"),
+        (&["decap", "attach", &lab.b_if, "--frontend", VIP4], "--gateway"),
         (
-            &["decap", "attach", &lab.b_if, "--frontend", VIP4, "--hook", "tc", "--mode", "skb"],
-            "applies to XDP only",
+            &["decap", "attach", &lab.b_if, "--frontend", VIP4, "--gateway", "198.51.100.0/33"],
+            "is not an address or prefix",
+        ),
+        (&["decap", "detach", &lab.b_if], "not attached"),
+        (
+            &["decap", "attach", "lo", "--frontend", VIP4, "--gateway", SENDER4],
+            "not an Ethernet interface",
         ),
     ] {
         let out = lab.pins.try_xdpgate(args);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && err.contains(says), "{args:?}: {err}");
     }
+    let out = lab.attach(&["--frontend", VIP4, "--hook", "tc", "--mode", "skb"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("applies to XDP only"), "{err}");
     assert!(!decap::dir(&lab.pins.dir).path().exists(), "a refused attach left pins");
     // Attached in one mode, another is refused and the first stays.
-    lab.pins.xdpgate(&["decap", "attach", &lab.b_if, "--frontend", VIP4]);
-    let out =
-        lab.pins.try_xdpgate(&["decap", "attach", &lab.b_if, "--frontend", VIP6, "--mode", "skb"]);
+    lab.attach_ok(&["--frontend", VIP4]);
+    let out = lab.attach(&["--frontend", VIP6, "--mode", "skb"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("in native mode already"), "{err}");
-    let out =
-        lab.pins.try_xdpgate(&["decap", "attach", &lab.b_if, "--frontend", VIP6, "--hook", "tc"]);
+    let out = lab.attach(&["--frontend", VIP6, "--hook", "tc"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("to attach it at tc ingress"), "{err}");
     assert!(tcx_ingress(&lab.backend, &lab.b_if).is_empty());
@@ -669,7 +713,7 @@ fn bad_input_is_refused_and_changes_nothing() {
     // Another XDP program on the interface (the gateway's, here): refused, nothing left,
     // the other program untouched.
     lab.pins.xdpgate(&["attach", "--iface", &lab.b_if, "--hook", "xdp"]);
-    let out = lab.pins.try_xdpgate(&["decap", "attach", &lab.b_if, "--frontend", VIP4]);
+    let out = lab.attach(&["--frontend", VIP4]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("attaching the decap program"), "{err}");
     assert!(!decap::dir(&lab.pins.dir).path().exists(), "a refused attach left pins");
@@ -687,6 +731,10 @@ fn decap_program_output_is_the_inner_frame() {
         let pins = Pins::new();
         let ebpf = decap::load(&pins.dir).unwrap();
         decap::add_frontends(&pins.dir, &[ip(VIP4), ip(VIP6)]).unwrap();
+        // The IPv4 gateway by its address, the IPv6 one by its prefix.
+        let gateways = [format!("{SENDER4}/32"), "2001:db8:1::/64".into()]
+            .map(|g| g.parse::<ipnet::IpNet>().unwrap());
+        decap::add_gateways(&pins.dir, &gateways).unwrap();
         let run = |input: &[u8]| -> Vec<u8> {
             let mut out = vec![0u8; input.len() + 256];
             let opts = TestRunOptions {
@@ -719,6 +767,14 @@ fn decap_program_output_is_the_inner_frame() {
             assert_eq!(input[..12], [MAC_B, MAC_A].concat()[..], "frame() writes these MACs");
             assert_eq!(run(&input), *inner, "{program}, {outer_src} -> {outer_dst}");
         }
+        // From no gateway: untouched.
+        let untrusted = [
+            encapsulate("198.51.100.3", BACKEND4, &udp4),
+            encapsulate("2001:db8:2::1", BACKEND6, &tcp6),
+        ];
+        for input in &untrusted {
+            assert_eq!(run(input), *input, "{program}");
+        }
         // Passed untouched: another frontend; outer IPv4 with options; a fragment; an inner
         // packet cut short.
         let other = encapsulate(SENDER4, BACKEND4, &frame(CLIENT4, OTHER4, L4::Udp(1, 2)));
@@ -735,8 +791,9 @@ fn decap_program_output_is_the_inner_frame() {
             assert_eq!(run(input), *input, "{program}");
         }
         let status = decap::status(&pins.dir).unwrap();
-        let counts = (status.decapsulated, status.passed, status.not_tunnel);
-        assert_eq!(counts, (4, 4, 2), "{program}: {status:?}");
+        let counts = (status.decapsulated, status.passed, status.not_tunnel, status.untrusted);
+        assert_eq!(counts, (4, 4, 2, 2), "{program}: {status:?}");
+        assert_eq!(status.gateways, gateways, "{program}");
     }
 }
 
@@ -776,4 +833,106 @@ fn partial_checksums_survive_decapsulation() {
         assert_eq!(status["decapsulated"].as_u64(), Some(2), "{mode}: {status}");
         lab.script_ok(&["down"]);
     }
+}
+
+/// Outer sources that are no gateway: a host on the backend's link, not one of `--gateway`.
+const STRANGER4: &str = "198.51.100.66";
+const STRANGER6: &str = "2001:db8:1::66";
+
+/// IP-in-IP from an outer source that is not a gateway's is not decapsulated (else anyone
+/// reaching the backend would pass by the gateways' policy): the server on the frontend
+/// never gets it, while the gateway's packets still arrive; `decap status` counts it.
+#[test]
+fn only_the_gateways_outer_sources_are_decapsulated() {
+    let lab = Lab::new();
+    lab.script_ok(&["up", VIP4, VIP6, "--decap", "xdpgate", "--interface", &lab.b_if]);
+    let mut untrusted = 0;
+    for (fam, stranger) in FAMILIES.iter().zip([STRANGER4, STRANGER6]) {
+        let (vip, port) = (ip(fam.vip), 7300);
+        let udp = lab.backend.run(move || {
+            let udp = UdpSocket::bind((vip, port)).unwrap();
+            udp.set_read_timeout(Some(WAIT)).unwrap();
+            udp
+        });
+        let (dst, gateway) = if vip.is_ipv4() { (BACKEND4, SENDER4) } else { (BACKEND6, SENDER6) };
+        let inner = frame_vlan(fam.client, fam.vip, L4::Udp(40000, port), &[], b"stranger");
+        send_frame(&lab.sender, &lab.s_if, lab.b_mac, encapsulate(stranger, dst, &inner)).unwrap();
+        untrusted += 1;
+        let deadline = Instant::now() + WAIT;
+        while lab.status()["untrusted"].as_u64() < Some(untrusted) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // The gateway's datagram, sent after: the first (and only) the server gets.
+        let inner = frame_vlan(fam.client, fam.vip, L4::Udp(40000, port), &[], b"gateway");
+        send_frame(&lab.sender, &lab.s_if, lab.b_mac, encapsulate(gateway, dst, &inner)).unwrap();
+        let mut buf = [0u8; 64];
+        let (n, _) = udp.recv_from(&mut buf).expect("the gateway's datagram did not arrive");
+        assert_eq!(&buf[..n], b"gateway", "{vip}: a stranger's IP-in-IP was decapsulated");
+    }
+    let status = lab.status();
+    println!("{status}");
+    assert_eq!(status["untrusted"].as_u64(), Some(untrusted), "{status}");
+    assert_eq!(status["decapsulated"].as_u64(), Some(2), "{status}");
+    let gateways = serde_json::json!([format!("{SENDER4}/32"), format!("{SENDER6}/128")]);
+    assert_eq!(status["gateways"], gateways, "{status}");
+
+    // The nftables rule for the kernel's tunnel devices, there after `up`, gone after `down`.
+    let table = || lab.backend.try_exec("nft", &["list", "table", "inet", "xdpgate_backend"]);
+    let rules = table();
+    let text = String::from_utf8_lossy(&rules.stdout);
+    assert!(rules.status.success() && text.contains(SENDER4) && text.contains(SENDER6), "{text}");
+    // Its drop rules took the strangers' packets (one per family), which the program passed.
+    let dropped = text.lines().filter(|l| l.contains("counter packets 1 ") && l.contains("drop"));
+    assert_eq!(dropped.count(), 2, "{text}");
+    lab.script_ok(&["down"]);
+    assert!(!table().status.success(), "the nftables table outlived down");
+}
+
+/// `down` puts back the default route `up` lowered the MSS on as it was: its own advmss
+/// included; a multipath one is not changed at all.
+#[test]
+fn down_restores_a_default_route_with_its_own_advmss() {
+    let lab = Lab::new();
+    lab.backend.exec("ip", &["route", "change", "default", "via", SENDER4, "advmss", "1300"]);
+    let before = lab.routes();
+    assert!(before.contains("advmss 1300"), "{before}");
+    lab.script_ok(&["up", VIP4, "--decap", "xdpgate", "--interface", &lab.b_if]);
+    assert!(lab.routes().contains("advmss 1440"), "{}", lab.routes());
+    lab.script_ok(&["down"]);
+    assert_eq!(lab.routes(), before);
+
+    // A multipath default route: one `ip route change` cannot put it back, so it is left
+    // alone (with a warning), through `up` and `down`.
+    let hops = ["nexthop", "via", SENDER4, "nexthop", "via", "198.51.100.254"];
+    lab.backend.exec("ip", &[&["route", "replace", "default"][..], &hops].concat());
+    let before = lab.routes();
+    assert!(before.contains("nexthop"), "{before}");
+    let out = lab.script(&["up", VIP4, "--decap", "xdpgate", "--interface", &lab.b_if]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.contains("multipath"), "{err}");
+    assert_eq!(lab.routes(), before);
+    lab.script_ok(&["down"]);
+    assert_eq!(lab.routes(), before);
+}
+
+/// A namespace deleted without `down` and created again under its name is another
+/// namespace: the script forgets the dead one's state (its default route above all) and
+/// `down` restores the new one's.
+#[test]
+fn a_namespace_recreated_under_its_name_gets_none_of_the_old_state() {
+    let lab = Lab::new();
+    let name = lab.backend.name.clone();
+    // The old namespace's default route: by another gateway.
+    lab.backend.exec("ip", &["route", "change", "default", "via", "198.51.100.254"]);
+    lab.script_ok(&["up", VIP4, "--decap", "xdpgate", "--interface", &lab.b_if]);
+    // Gone without `down`, and again under the same name with a link and routes of its own.
+    run("ip", &["netns", "del", &name]);
+    run("ip", &["netns", "add", &name]);
+    let again = Netns::new("dsnd");
+    let (_, b_if) = veth(&again, &format!("{SENDER4}/24"), &lab.backend, &format!("{BACKEND4}/24"));
+    lab.backend.exec("ip", &["route", "add", "default", "via", SENDER4]);
+    let before = lab.routes();
+    lab.script_ok(&["up", VIP4, "--decap", "xdpgate", "--interface", &b_if]);
+    lab.script_ok(&["down"]);
+    assert_eq!(lab.routes(), before, "the dead namespace's route was restored");
 }

@@ -200,6 +200,11 @@ impl Lab {
                 hook,
                 "--interface",
                 &b_if,
+                // The gateway's `encapsulation:` sources.
+                "--gateway",
+                "10.0.1.2",
+                "--gateway",
+                "2001:db8:a::2",
             ]);
             assert!(
                 out.status.success(),

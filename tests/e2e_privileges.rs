@@ -125,7 +125,8 @@ fn runs_with_only_bpf_perfmon_and_net_admin() {
     assert!(err.contains("permission") || err.contains("operation not permitted"), "{err}");
 
     // The backend's decapsulation program, alike; refused without CAP_BPF, leaving nothing.
-    let decap = ["decap", "attach", ib_decap.as_str(), "--frontend", "192.0.2.10"];
+    let decap =
+        ["decap", "attach", ib_decap.as_str(), "--frontend", "192.0.2.10", "--gateway", "10.0.0.1"];
     let out = xdpgate_with(&b, "+net_admin,+perfmon", &pins, &decap);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains(DENIED), "{err}");

@@ -344,7 +344,9 @@ struct BackendScript {
 impl BackendScript {
     fn up(ns: &Netns) -> Self {
         let this = Self { ns: ns.name.clone(), pins: Pins::in_netns(ns) };
-        this.run(&["up", VIP, VIP6, "--decap", "xdpgate"]);
+        // The gateways' outer sources: the addresses of their links to the router.
+        let gateways = ["--gateway", "203.0.113.0/28", "--gateway", "2001:db8:ff::/48"];
+        this.run(&[&["up", VIP, VIP6, "--decap", "xdpgate"][..], &gateways].concat());
         this
     }
 

@@ -9,6 +9,10 @@ pub const DECAP_DIR: &str = "decap";
 /// destination is one of them are decapsulated.
 pub const DECAP_FRONTENDS: &str = "DECAP_FRONTENDS";
 pub const MAX_DECAP_FRONTENDS: u32 = 1_024;
+/// The gateways' outer source addresses or prefixes: `LpmTrie<nat::AddrKey, u32>` (-> 1).
+/// Only IP-in-IP from one of them is decapsulated.
+pub const DECAP_SOURCES: &str = "DECAP_SOURCES";
+pub const MAX_DECAP_SOURCES: u32 = 256;
 /// Packets per [`DecapCounter`], per CPU.
 pub const DECAP_STATS: &str = "DECAP_STATS";
 
@@ -23,8 +27,11 @@ pub enum DecapCounter {
     Passed = 1,
     /// Not an IP-in-IP packet: passed untouched.
     NotTunnel = 2,
+    /// IP-in-IP from an outer source that is no gateway's (`DECAP_SOURCES`): passed
+    /// untouched. (A `DECAP_STATS` pinned by a build from before has no slot for it.)
+    Untrusted = 3,
 }
-pub const DECAP_COUNTERS: u32 = 3;
+pub const DECAP_COUNTERS: u32 = 4;
 
 /// A frontend address: IPv4 in the first word (the rest zero), or IPv6, as network-order
 /// words (see [`crate::words`]).

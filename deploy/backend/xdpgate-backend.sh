@@ -5,6 +5,8 @@
 # protocol 4, for IPv4 frontends; IPv6 in IPv6, next header 41, for IPv6 ones), addressed
 # to the backend. The backend strips that header, accepts the inner packet (addressed to
 # the frontend) as its own, and answers the client directly from the frontend address.
+# Only IP-in-IP from the gateways' outer sources (--gateway) is accepted: from anyone else
+# it would pass by the gateways' policy.
 # `up` sets that up; `down` undoes it. Both are idempotent. See README, "Backends".
 set -eu
 
@@ -12,11 +14,20 @@ usage() {
 	cat >&2 <<'USAGE'
 usage: xdpgate-backend.sh up|down [options] FRONTEND...
 
-  up FRONTEND...    serve these frontend addresses (adds to those already served)
+  up --gateway ADDR... FRONTEND...
+                    serve these frontend addresses (adds to those already served) to the
+                    gateways whose IP-in-IP comes from these sources
   down [FRONTEND...] stop serving these (all when none is named); with none left, undo
                     everything up did
 
 options:
+  --gateway ADDR|PREFIX   up: an outer source address (or prefix) of the gateways' IP-in-IP,
+                          their `encapsulation:` source; repeat for more (added to those of
+                          earlier `up`s; required on the first). 0.0.0.0/0 and ::/0 trust
+                          any host. xdpgate decap decapsulates from these only; both decap
+                          modes add an nftables rule dropping IP-in-IP from anyone else
+                          (required with --decap kernel; skipped with a warning, if nft is
+                          missing, with --decap xdpgate, whose program is the filter)
   --decap kernel|xdpgate  how to decapsulate: the kernel's collect-metadata tunnel devices
                           (xdpgate4: ipip, xdpgate6: ip6tnl), or xdpgate's XDP program
                           (`xdpgate decap attach`). Default: kernel if this kernel can
@@ -55,6 +66,7 @@ pin_dir=
 path_mtu=1500
 mss=yes
 frontends=
+gateways=
 
 [ $# -gt 0 ] || usage
 case $1 in
@@ -71,6 +83,11 @@ while [ $# -gt 0 ]; do
 	--decap)
 		need_value "$@"
 		case $2 in kernel | xdpgate) decap=$2 ;; *) die "--decap: '$2' is not kernel or xdpgate" ;; esac
+		shift 2
+		;;
+	--gateway)
+		need_value "$@"
+		gateways="$gateways $2"
 		shift 2
 		;;
 	--interface)
@@ -181,15 +198,42 @@ if [ -n "$pin_dir" ]; then
 	state=$state$(echo "$pin_dir" | tr / _)
 fi
 
-# The state of namespaces deleted since (with all up did in them) is of no use any more.
+# A namespace's identity: a namespace deleted and created again under its name is another.
+netns_id() {
+	stat -L -c %d:%i "/run/netns/$1" 2>/dev/null || true
+}
+
+# The state of namespaces deleted since (with all up did in them) is of no use any more,
+# nor is that of a namespace whose name a new one took.
 for saved in /run/xdpgate-backend/*/netns; do
 	[ -e "$saved" ] || continue
-	[ -e "/run/netns/$(cat "$saved")" ] || rm -rf "${saved%/netns}"
+	dir=${saved%/netns}
+	id=$(netns_id "$(cat "$saved")")
+	if [ -z "$id" ] || { [ -e "$dir/netns_id" ] && [ "$(cat "$dir/netns_id")" != "$id" ]; }; then
+		rm -rf "$dir"
+	fi
 done
+
+# A gateway's address or prefix: an address (the family() checks) and a length within it.
+gateway_family() {
+	fam=$(family "${1%%/*}")
+	case $1 in
+	*/*)
+		len=${1#*/}
+		case $len in '' | *[!0-9]*) die "--gateway: '$1' has no prefix length after /" ;; esac
+		if [ "$fam" = 4 ]; then max=32; else max=128; fi
+		[ "$len" -le "$max" ] || die "--gateway: '$1': a prefix length is at most $max"
+		;;
+	esac
+	echo "$fam"
+}
 
 # Checked before anything changes.
 for f in $frontends; do
 	family "$f" >/dev/null
+done
+for g in $gateways; do
+	gateway_family "$g" >/dev/null
 done
 if [ -n "$netns" ] && [ ! -e "/run/netns/$netns" ]; then
 	die "no network namespace named '$netns'"
@@ -214,12 +258,10 @@ kernel_has() {
 	ipc link del xdpgate-probe
 }
 
-# The default route of family $1 as `ip route change` takes it back: without the flags and
-# timers `ip route show` adds, and without an advmss.
-default_route() {
-	ipc -"$1" route show default | head -n 1 | sed -e 's/ advmss [0-9]*//' \
-		-e 's/ expires [0-9]*sec//' -e 's/ linkdown//g' -e 's/ dead//g' -e 's/ offload//g' \
-		-e 's/ trap//g' -e 's/ rt_offload//g' -e 's/ rt_trap//g' -e 's/ rt_offload_failed//g'
+# A route as `ip route change` takes it back: without the flags `ip route show` adds.
+route_args() {
+	sed -e 's/ linkdown//g' -e 's/ dead//g' -e 's/ rt_offload_failed//g' -e 's/ rt_offload//g' \
+		-e 's/ rt_trap//g' -e 's/ offload//g' -e 's/ trap//g'
 }
 
 # Lowers the MSS this host advertises to clients reached by the default route of family $1
@@ -227,19 +269,33 @@ default_route() {
 # header to every client packet, which must still fit the path MTU; a client sending full
 # segments of the usual MSS would otherwise see them dropped (or, with DF, get "fragmentation
 # needed" from a gateway). Remembers the route as it was, once, for down.
+# The route is saved as it was (its own advmss too) and `down` puts it back verbatim; one
+# `ip route change` cannot give back a multipath route or several default routes, nor the
+# timer of a route from a router advertisement (which the next one replaces anyway): those
+# are left alone.
 lower_mss() {
 	fam=$1
-	route=$(default_route "$fam")
+	saved=$state/route$fam
+	if [ -e "$saved" ]; then route=$(cat "$saved"); else route=$(ipc -"$fam" route show default); fi
 	if [ -z "$route" ]; then
 		echo "xdpgate-backend.sh: no IPv$fam default route: set 'advmss' on the routes" \
 			"to your IPv$fam clients yourself" >&2
 		return
 	fi
+	case $route in
+	*"
+"* | *nexthop* | *" expires "*)
+		echo "xdpgate-backend.sh: the IPv$fam default route is multipath, one of several or" \
+			"from a router advertisement: left as it is; set 'advmss' on the routes to your" \
+			"IPv$fam clients yourself:" "$route" >&2
+		return
+		;;
+	esac
 	if [ "$fam" = 4 ]; then advmss=$((path_mtu - 20 - 20 - 20)); else advmss=$((path_mtu - 40 - 40 - 20)); fi
-	[ -e "$state/route$fam" ] || echo "$route" >"$state/route$fam"
+	[ -e "$saved" ] || echo "$route" >"$saved"
 	set -f
-	# shellcheck disable=SC2086
-	ipc -"$fam" route change $route advmss "$advmss"
+	# shellcheck disable=SC2046
+	ipc -"$fam" route change $(echo "$route" | route_args | sed 's/ advmss [0-9]*//') advmss "$advmss"
 	set +f
 }
 
@@ -247,11 +303,48 @@ restore_mss() {
 	fam=$1
 	[ -e "$state/route$fam" ] || return 0
 	set -f
-	# shellcheck disable=SC2086
-	ipc -"$fam" route change $(cat "$state/route$fam") || echo "xdpgate-backend.sh: could" \
-		"not restore the IPv$fam default route: $(cat "$state/route$fam")" >&2
+	# shellcheck disable=SC2046
+	ipc -"$fam" route change $(route_args <"$state/route$fam") || echo "xdpgate-backend.sh:" \
+		"could not restore the IPv$fam default route: $(cat "$state/route$fam")" >&2
 	set +f
 	rm -f "$state/route$fam"
+}
+
+# The gateways of family $1 (4 or 6), saved and given, comma-separated.
+gateways_of() {
+	for g in $gateways; do
+		[ "$(gateway_family "$g")" = "$1" ] && printf '%s\n' "$g"
+	done | paste -s -d, -
+}
+
+# An nftables table dropping IP-in-IP (protocol 4 or 41) from anyone but the gateways: the
+# kernel's collect-metadata tunnel devices accept it from any source, to any local address.
+restrict_tunnels() {
+	e4= e6=
+	g4=$(gateways_of 4)
+	g6=$(gateways_of 6)
+	[ -z "$g4" ] || e4="elements = { $g4 }"
+	[ -z "$g6" ] || e6="elements = { $g6 }"
+	in_ns nft -f - <<NFT
+table inet $NFT_TABLE
+delete table inet $NFT_TABLE
+table inet $NFT_TABLE {
+	set gateways4 {
+		type ipv4_addr; flags interval; auto-merge
+		$e4
+	}
+	set gateways6 {
+		type ipv6_addr; flags interval; auto-merge
+		$e6
+	}
+	chain input {
+		type filter hook input priority filter; policy accept;
+		meta nfproto ipv4 meta l4proto { 4, 41 } ip saddr != @gateways4 counter drop
+		meta nfproto ipv6 meta l4proto { 4, 41 } ip6 saddr != @gateways6 counter drop
+	}
+}
+NFT
+	touch "$state/nft"
 }
 
 # Loosens reverse-path filtering on $1 (remembering its setting once): the decapsulated
@@ -276,6 +369,8 @@ restore_rp_filter() {
 	done
 }
 
+NFT_TABLE=xdpgate_backend
+
 families() {
 	for f in $frontends; do family "$f"; done | sort -u
 }
@@ -299,6 +394,21 @@ up() {
 			done
 		fi
 	fi
+	# The gateways: those of earlier `up`s and these.
+	gateways=$(
+		cat "$state/gateways" 2>/dev/null || true
+		for g in $gateways; do echo "$g"; done
+	)
+	gateways=$(echo "$gateways" | awk 'NF && !seen[$0]++')
+	[ -n "$gateways" ] || die "up: name the gateways' outer source addresses (--gateway ADDR):" \
+		"IP-in-IP from anyone else would pass by their policy (--gateway 0.0.0.0/0 --gateway" \
+		"::/0 trusts any host)"
+	if ! command -v nft >/dev/null 2>&1; then
+		[ "$decap" != kernel ] || die "up: --decap kernel needs nft (nftables) to accept" \
+			"IP-in-IP from the gateways only; nothing was changed"
+		echo "xdpgate-backend.sh: no nft: IP-in-IP from other sources is left to the" \
+			"decap program (which passes it untouched) and the stack" >&2
+	fi
 	if [ -n "$previous" ] && [ "$previous" != "$decap" ]; then
 		die "up: this host decapsulates with $previous already: run down first to switch to $decap"
 	fi
@@ -315,6 +425,7 @@ up() {
 		ipc link show dev "$iface" >/dev/null 2>&1 || die "up: no interface named '$iface'"
 		set --
 		for f in $frontends; do set -- "$@" --frontend "$f"; done
+		for g in $gateways; do set -- "$@" --gateway "$g"; done
 		# First: a refusal (another XDP program there, say) leaves everything as it was.
 		if [ -n "$mode" ]; then set -- --mode "$mode" "$@"; fi
 		xg decap attach "$iface" --hook "$hook" "$@"
@@ -322,7 +433,12 @@ up() {
 	mkdir -p "$state"
 	chmod 700 "$state"
 	echo "$decap" >"$state/decap"
-	if [ -n "$netns" ]; then echo "$netns" >"$state/netns"; fi
+	if [ -n "$netns" ]; then
+		echo "$netns" >"$state/netns"
+		netns_id "$netns" >"$state/netns_id"
+	fi
+	echo "$gateways" >"$state/gateways"
+	if command -v nft >/dev/null 2>&1; then restrict_tunnels; fi
 	if [ "$decap" = xdpgate ]; then
 		echo "$iface" >"$state/interface"
 		loosen_rp_filter "$iface"
@@ -387,6 +503,9 @@ down() {
 	for dev in xdpgate4 xdpgate6; do
 		if ipc link show dev "$dev" >/dev/null 2>&1; then ipc link del "$dev"; fi
 	done
+	if [ -e "$state/nft" ]; then
+		in_ns nft delete table inet "$NFT_TABLE" 2>/dev/null || true
+	fi
 	restore_rp_filter
 	restore_mss 4
 	restore_mss 6

@@ -5,9 +5,10 @@
 //! passes the inner packet to the stack, which delivers it to the frontend address (on lo)
 //! and answers the client directly.
 //!
-//! Only packets whose inner destination is a frontend this backend serves
-//! (`DECAP_FRONTENDS`) are decapsulated, so the host relays nothing it would not accept
-//! itself; everything else passes untouched. The outer destination is not checked: a frame
+//! Only packets from a gateway (outer source in `DECAP_SOURCES`: else anyone reaching the
+//! backend would pass by the gateways' policy) whose inner destination is a frontend this
+//! backend serves (`DECAP_FRONTENDS`) are decapsulated, so the host relays nothing it would
+//! not accept itself; everything else passes untouched. The outer destination is not checked: a frame
 //! not sent to this host's MAC is dropped by the stack all the same (PACKET_OTHERHOST), and
 //! the inner packet goes to a local address whoever the outer header named.
 #![no_std]
@@ -24,14 +25,20 @@ use aya_ebpf::{
     },
     helpers::generated::bpf_xdp_adjust_head,
     macros::{classifier, map, xdp},
-    maps::{HashMap, PerCpuArray},
+    maps::{HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
     programs::{TcContext, XdpContext},
 };
 use headers::{EthHdr, Ipv4Hdr, Ipv6Hdr};
-use xdpgate_common::decap::{DECAP_COUNTERS, DecapCounter, DecapKey, MAX_DECAP_FRONTENDS};
+use xdpgate_common::{
+    decap::{DECAP_COUNTERS, DecapCounter, DecapKey, MAX_DECAP_FRONTENDS, MAX_DECAP_SOURCES},
+    nat::{ADDR_KEY_HEADER_BITS, AddrKey},
+};
 
 #[map(name = "DECAP_FRONTENDS")]
 static DECAP_FRONTENDS: HashMap<DecapKey, u32> = HashMap::pinned(MAX_DECAP_FRONTENDS, 0);
+
+#[map(name = "DECAP_SOURCES")]
+static DECAP_SOURCES: LpmTrie<AddrKey, u32> = LpmTrie::pinned(MAX_DECAP_SOURCES, 0);
 
 #[map(name = "DECAP_STATS")]
 static DECAP_STATS: PerCpuArray<u64> = PerCpuArray::pinned(DECAP_COUNTERS, 0);
@@ -124,15 +131,18 @@ fn classify(ctx: &impl Bytes) -> Result<Tunnel, DecapCounter> {
         if ip.version_ihl != 0x45 || fragment {
             return Err(DecapCounter::Passed);
         }
+        gateway(4, [u32::from_ne_bytes(ip.src), 0, 0, 0])?;
         (IPV4_LEN, ip.proto)
     } else if outer_type == ETH_P_IPV6 {
         let ip = ptr_at::<Ipv6Hdr>(ctx, ETH_LEN).ok_or(DecapCounter::NotTunnel)?;
         // SAFETY: bounds checked by ptr_at.
-        let next = unsafe { (*ip).next_hdr };
+        let ip = unsafe { &*ip };
+        let next = ip.next_hdr;
         // Extension headers (and so fragments) are not followed: passed to the stack.
         if next != IPPROTO_IPIP && next != IPPROTO_IPV6 {
             return Err(DecapCounter::NotTunnel);
         }
+        gateway(6, xdpgate_common::words(&ip.src))?;
         (IPV6_LEN, next)
     } else {
         return Err(DecapCounter::NotTunnel);
@@ -160,6 +170,14 @@ fn classify(ctx: &impl Bytes) -> Result<Tunnel, DecapCounter> {
         return Err(DecapCounter::Passed);
     }
     Ok(Tunnel { outer_len, inner_type })
+}
+
+/// Whether an outer source address (network-order words) is a gateway's.
+#[inline(always)]
+fn gateway(family: u8, addr: [u32; 4]) -> Result<(), DecapCounter> {
+    let bits = if family == 4 { 32 } else { 128 };
+    let key = Key::new(ADDR_KEY_HEADER_BITS + bits, AddrKey { family, _pad: [0; 3], addr });
+    DECAP_SOURCES.get(key).map(|_| ()).ok_or(DecapCounter::Untrusted)
 }
 
 /// Strips the outer header of a frame: the MAC header moves up to sit in front of the

@@ -1,11 +1,12 @@
 //! `xdpgate decap`: the backend's side of the encapsulating load balancer. Attaches
 //! xdpgate's decapsulation program to the interface the gateways' IP-in-IP packets arrive
-//! by (`xdpgate_dataplane::decap`), names the frontends it decapsulates for, and shows
-//! its state.
+//! by (`xdpgate_dataplane::decap`), names the gateways it decapsulates from and the
+//! frontends it decapsulates for, and shows its state.
 
 use std::net::IpAddr;
 
 use anyhow::{Result, bail};
+use ipnet::IpNet;
 use xdpgate_dataplane::{
     Hook, Ingress, Mode, PinDir,
     decap::{self, Status},
@@ -23,11 +24,13 @@ pub struct DecapArgs {
 pub enum DecapAction {
     /// Attach the decapsulation program to an interface (XDP; stays attached after this
     /// command exits). Where it is attached already, its program is replaced in place by
-    /// this build's (frontends and counters kept) and the frontends added. Packets of IP-in-IP
-    /// (IPv4 or IPv6 outer header) whose inner destination is one of the frontends lose
-    /// their outer header and go to the host's stack; all others pass untouched.
+    /// this build's (gateways, frontends and counters kept) and the gateways and frontends
+    /// added. Packets of IP-in-IP (IPv4 or IPv6 outer header) from a gateway whose inner
+    /// destination is one of the frontends lose their outer header and go to the host's
+    /// stack; all others pass untouched.
     ///
-    /// Example: xdpgate decap attach eth0 --frontend 192.0.2.10 --frontend 2001:db8::10
+    /// Example: xdpgate decap attach eth0 --gateway 198.51.100.1 --gateway 2001:db8:1::1
+    /// --frontend 192.0.2.10 --frontend 2001:db8::10
     Attach(AttachArgs),
     /// Stop decapsulating for frontends (the program stays attached).
     Remove(RemoveArgs),
@@ -51,6 +54,12 @@ pub struct AttachArgs {
     /// decapsulated. Repeat for more.
     #[arg(long = "frontend", value_name = "ADDR", required = true)]
     pub frontends: Vec<IpAddr>,
+    /// The outer source address (or prefix) of a gateway's IP-in-IP, as its
+    /// `encapsulation:` source: only packets from these are decapsulated (anyone else could
+    /// pass by the gateways' policy). Repeat for more; 0.0.0.0/0 and ::/0 trust any host.
+    #[arg(long = "gateway", value_name = "ADDR|PREFIX", required = true,
+          value_parser = crate::filter::parse_net)]
+    pub gateways: Vec<IpNet>,
     /// Where it runs: xdp (per frame, before the kernel makes a socket buffer) or tc (tcx
     /// ingress, first in the chain: per socket buffer, after GRO).
     #[arg(long, value_enum, default_value = "xdp")]
@@ -89,13 +98,17 @@ pub fn run(pins: &PinDir, args: DecapArgs) -> Result<()> {
                     decap::mode_name(mode)
                 ),
             };
-            let done = decap::attach(pins, &a.iface, &a.frontends, ingress)?;
+            let done = decap::attach(pins, &a.iface, &a.frontends, &a.gateways, ingress)?;
             let how = if done.attached {
                 format!("attached to {} {}", a.iface, decap::ingress_name(ingress))
             } else {
                 format!("program on {} replaced with this build's", a.iface)
             };
-            println!("decap {how}; frontends added: {}", list(&done.added));
+            println!(
+                "decap {how}; gateways added: {}; frontends added: {}",
+                list(&done.trusted),
+                list(&done.added)
+            );
         }
         DecapAction::Remove(r) => {
             let removed = decap::remove_frontends(pins, &r.frontends)?;
@@ -121,11 +134,11 @@ pub fn run(pins: &PinDir, args: DecapArgs) -> Result<()> {
     Ok(())
 }
 
-fn list(addrs: &[IpAddr]) -> String {
+fn list(addrs: &[impl ToString]) -> String {
     if addrs.is_empty() {
         return "none".into();
     }
-    addrs.iter().map(IpAddr::to_string).collect::<Vec<_>>().join(", ")
+    addrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
 }
 
 impl View for Status {
@@ -151,13 +164,15 @@ impl View for Status {
             })
             .collect();
         format!(
-            "decap program ({}) on: {}\nfrontends: {}\npackets: {} decapsulated, {} IP-in-IP \
-             passed (not for a frontend here), {} not IP-in-IP\n",
+            "decap program ({}) on: {}\ngateways: {}\nfrontends: {}\npackets: {} decapsulated, \
+             {} IP-in-IP passed (not for a frontend here), {} from no gateway, {} not IP-in-IP\n",
             self.pin_dir,
             ifaces.join(", "),
+            list(&self.gateways),
             list(&self.frontends),
             self.decapsulated,
             self.passed,
+            self.untrusted,
             self.not_tunnel
         )
     }

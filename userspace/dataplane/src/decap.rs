@@ -1,5 +1,6 @@
 //! The backend's decapsulation program (`ebpf/src/decap.rs`): attaching it to an interface,
-//! the frontend addresses it decapsulates for, its counters, and detaching it. Its maps and
+//! the gateways it trusts and the frontend addresses it decapsulates for, its counters, and
+//! detaching it. Its maps and
 //! links live under `<pin dir>/decap/`, apart from the gateway's (whose `links/` lists the
 //! gateway's interfaces), so one host may run both.
 
@@ -8,12 +9,16 @@ use std::{fs, net::IpAddr};
 use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray},
+    maps::{HashMap, LpmTrie, MapData, PerCpuArray},
     programs::links::PinnedLink,
 };
-use xdpgate_common::decap::{
-    DECAP_COUNTERS, DECAP_DIR, DECAP_FRONTENDS, DECAP_STATS, DecapCounter, DecapKey,
-    MAX_DECAP_FRONTENDS,
+use ipnet::IpNet;
+use xdpgate_common::{
+    decap::{
+        DECAP_COUNTERS, DECAP_DIR, DECAP_FRONTENDS, DECAP_SOURCES, DECAP_STATS, DecapCounter,
+        DecapKey, MAX_DECAP_FRONTENDS, MAX_DECAP_SOURCES,
+    },
+    nat::{ADDR_KEY_HEADER_BITS, AddrKey},
 };
 
 use crate::{Hook, Ingress, Mode, PinDir};
@@ -56,23 +61,33 @@ pub struct Attached {
     pub attached: bool,
     /// The frontends newly added (the others were served already).
     pub added: Vec<IpAddr>,
+    /// The gateways' sources newly trusted.
+    pub trusted: Vec<IpNet>,
 }
 
 /// Attaches the decap program to `ifname` (of the current network namespace) at `ingress`
 /// (XDP in a mode, or tc ingress with tcx, first in the chain), pins its link, and adds
-/// `frontends` to those it decapsulates for. On an interface it is attached to already, at
+/// `frontends` to those it decapsulates for and `gateways` (the gateways' outer source
+/// addresses or prefixes) to those it decapsulates from. On an interface it is attached to already, at
 /// that hook and mode, its link is pointed at this build's program
-/// (`bpf_link_update`: no moment without one, frontends and counters kept) and the
-/// frontends are added. A refusal (no such interface, not Ethernet, another XDP program
+/// (`bpf_link_update`: no moment without one, frontends, gateways and counters kept) and
+/// the frontends and gateways are added. A refusal (no such interface, not Ethernet, another XDP program
 /// there) changes nothing.
 pub fn attach(
     pins: &PinDir,
     ifname: &str,
     frontends: &[IpAddr],
+    gateways: &[IpNet],
     ingress: Ingress,
 ) -> Result<Attached> {
     if frontends.is_empty() {
         bail!("no frontend address given: the program would decapsulate nothing (--frontend)");
+    }
+    if gateways.is_empty() {
+        bail!(
+            "no gateway given: name the outer source addresses of the gateways' IP-in-IP \
+             (--gateway ADDR|PREFIX; --gateway 0.0.0.0/0 --gateway ::/0 trusts any host)"
+        );
     }
     let ifindex = crate::ifindex(ifname)?;
     crate::ethernet(ifname)?;
@@ -105,13 +120,13 @@ pub fn attach(
                     ingress_name(ingress)
                 );
             }
-            replace(pins, ifname, link.hook)?;
+            let trusted = replace(pins, ifname, link.hook, gateways)?;
             let added = add_frontends(pins, frontends)?;
-            return Ok(Attached { attached: false, added });
+            return Ok(Attached { attached: false, added, trusted });
         }
     }
     let created = !dir.map(DECAP_FRONTENDS).exists();
-    let attached = attach_new(pins, ifname, ifindex, frontends, ingress);
+    let attached = attach_new(pins, ifname, ifindex, (frontends, gateways), ingress);
     if attached.is_err() && created {
         // Nothing was attached: the maps this attach made go too.
         let _ = remove_pins(pins);
@@ -138,10 +153,11 @@ fn attach_new(
     pins: &PinDir,
     ifname: &str,
     ifindex: u32,
-    frontends: &[IpAddr],
+    (frontends, gateways): (&[IpAddr], &[IpNet]),
     ingress: Ingress,
 ) -> Result<Attached> {
     let mut ebpf = load(pins)?;
+    let trusted = add_gateways(pins, gateways)?;
     // At tc, first in the chain: a gateway's tc pipeline on the same interface sees the
     // inner packet.
     let link = crate::attach_ingress(&mut ebpf, PROGRAMS, ifname, ifindex, ingress)
@@ -150,16 +166,20 @@ fn attach_new(
     let added = add_frontends(pins, frontends)?;
     let pin = dir(pins).link(ifname);
     link.pin(&pin).with_context(|| format!("pinning the decap link at {}", pin.display()))?;
-    Ok(Attached { attached: true, added })
+    Ok(Attached { attached: true, added, trusted })
 }
 
-/// Points the pinned link of `ifname` (at `hook`) at a newly loaded program of this build.
-fn replace(pins: &PinDir, ifname: &str, hook: Hook) -> Result<()> {
+/// Points the pinned link of `ifname` (at `hook`) at a newly loaded program of this build,
+/// adding `gateways` first (returns those new): a program from before the gateways were
+/// checked gets them with no moment of dropping theirs.
+fn replace(pins: &PinDir, ifname: &str, hook: Hook, gateways: &[IpNet]) -> Result<Vec<IpNet>> {
     let mut ebpf = load(pins)?;
+    let trusted = add_gateways(pins, gateways)?;
     let pinned = PinnedLink::from_pin(dir(pins).link(ifname))
         .with_context(|| format!("opening the pinned decap link of {ifname}"))?;
     crate::replace_ingress(&mut ebpf, PROGRAMS, pinned, hook, ifname)
-        .context("replacing the decap program")
+        .context("replacing the decap program")?;
+    Ok(trusted)
 }
 
 /// Adds `frontends` to those the program decapsulates for; returns those not there before.
@@ -176,6 +196,45 @@ pub fn add_frontends(pins: &PinDir, frontends: &[IpAddr]) -> Result<Vec<IpAddr>>
         added.push(f);
     }
     Ok(added)
+}
+
+/// Adds `gateways` (outer source prefixes) to those the program decapsulates from; returns
+/// those not there before.
+pub fn add_gateways(pins: &PinDir, gateways: &[IpNet]) -> Result<Vec<IpNet>> {
+    let mut map: LpmTrie<_, AddrKey, u32> = dir(pins).open_map(DECAP_SOURCES)?.try_into()?;
+    let mut added = Vec::new();
+    for g in gateways {
+        let key = crate::nat::prefix_key(&g.trunc());
+        // An exact match (not the longest prefix): a narrower gateway within a trusted
+        // prefix is added in its own right.
+        if map
+            .keys()
+            .filter_map(Result::ok)
+            .any(|k| k.prefix_len() == key.prefix_len() && k.data() == key.data())
+        {
+            continue;
+        }
+        map.insert(&key, 1, 0).with_context(|| {
+            format!("adding gateway {g} (at most {MAX_DECAP_SOURCES} gateways)")
+        })?;
+        added.push(g.trunc());
+    }
+    Ok(added)
+}
+
+/// The gateways' prefixes the program decapsulates from.
+fn gateways(map: &LpmTrie<MapData, AddrKey, u32>) -> Vec<IpNet> {
+    let mut nets: Vec<IpNet> = map
+        .keys()
+        .filter_map(Result::ok)
+        .filter_map(|k| {
+            let (len, data) = (k.prefix_len() - ADDR_KEY_HEADER_BITS, k.data());
+            let addr = addr(&DecapKey { family: u32::from(data.family), addr: data.addr });
+            IpNet::new(addr, len as u8).ok()
+        })
+        .collect();
+    nets.sort();
+    nets
 }
 
 /// Stops decapsulating for `frontends`; returns those that were served (the others are
@@ -224,7 +283,7 @@ pub fn attached(pins: &PinDir) -> Result<Vec<String>> {
 /// directory itself when that leaves it empty.
 fn remove_pins(pins: &PinDir) -> Result<()> {
     let dir = dir(pins);
-    for name in [DECAP_FRONTENDS, DECAP_STATS] {
+    for name in [DECAP_FRONTENDS, DECAP_SOURCES, DECAP_STATS] {
         match fs::remove_file(dir.map(name)) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -251,12 +310,16 @@ pub struct Status {
     pub pin_dir: String,
     pub interfaces: Vec<Interface>,
     pub frontends: Vec<IpAddr>,
+    /// The outer sources (the gateways') IP-in-IP is decapsulated from.
+    pub gateways: Vec<IpNet>,
     /// Packets stripped of their outer header and passed to the stack.
     pub decapsulated: u64,
     /// IP-in-IP packets left as they came: not for a frontend served here, or malformed.
     pub passed: u64,
     /// Packets that were not IP-in-IP (passed untouched).
     pub not_tunnel: u64,
+    /// IP-in-IP packets from an outer source that is no gateway's (passed untouched).
+    pub untrusted: u64,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -278,9 +341,11 @@ pub fn status(pins: &PinDir) -> Result<Status> {
         pin_dir: dir.path().display().to_string(),
         interfaces: Vec::new(),
         frontends: Vec::new(),
+        gateways: Vec::new(),
         decapsulated: 0,
         passed: 0,
         not_tunnel: 0,
+        untrusted: 0,
     };
     if !dir.check()? || !dir.map(DECAP_FRONTENDS).exists() {
         return Ok(status);
@@ -300,6 +365,11 @@ pub fn status(pins: &PinDir) -> Result<Status> {
     let map: HashMap<_, DecapKey, u32> = dir.open_map(DECAP_FRONTENDS)?.try_into()?;
     status.frontends = map.keys().filter_map(Result::ok).map(|k| addr(&k)).collect();
     status.frontends.sort();
+    // Pinned by a build from before the gateways were checked: none (the program then
+    // decapsulates from any source) until the next attach.
+    if dir.map(DECAP_SOURCES).exists() {
+        status.gateways = gateways(&dir.open_map(DECAP_SOURCES)?.try_into()?);
+    }
     let stats: PerCpuArray<MapData, u64> = dir.open_map(DECAP_STATS)?.try_into()?;
     let read = |c: DecapCounter| -> Result<u64> {
         debug_assert!((c as u32) < DECAP_COUNTERS);
@@ -308,6 +378,8 @@ pub fn status(pins: &PinDir) -> Result<Status> {
     status.decapsulated = read(DecapCounter::Decapsulated)?;
     status.passed = read(DecapCounter::Passed)?;
     status.not_tunnel = read(DecapCounter::NotTunnel)?;
+    // A DECAP_STATS pinned by a build from before has no slot for it.
+    status.untrusted = read(DecapCounter::Untrusted).unwrap_or(0);
     Ok(status)
 }
 

@@ -34,7 +34,8 @@ pub fn addr_key(addr: IpAddr) -> AddrKey {
     AddrKey { family, _pad: [0; 3], addr: words(&bytes) }
 }
 
-fn prefix_key(net: &IpNet) -> Key<AddrKey> {
+/// The prefix-trie key of `net` (also the decap program's `DECAP_SOURCES`).
+pub fn prefix_key(net: &IpNet) -> Key<AddrKey> {
     Key::new(ADDR_KEY_HEADER_BITS + u32::from(net.prefix_len()), addr_key(net.network()))
 }
 
