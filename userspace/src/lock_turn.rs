@@ -31,8 +31,8 @@ pub struct LockTurn {
 
 impl LockTurn {
     /// The lock, or `None` when this try yields to another writer (counted). A waiting try
-    /// polls without blocking: the agent's other jobs (probes, metrics, signals) run on the
-    /// same thread meanwhile.
+    /// polls without blocking the agent's thread: its tasks (probes, the metrics endpoint)
+    /// run meanwhile; its loop (signals, health changes) resumes after the wait.
     pub async fn take(&mut self, pins: &PinDir) -> Result<Option<WriteLock>> {
         let mut lock = WriteLock::try_acquire(pins)?;
         if lock.is_none() && self.skipped >= SKIPS_BEFORE_WAITING {
