@@ -19,6 +19,11 @@ use std::{
     os::unix::fs::{MetadataExt, PermissionsExt},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
     thread,
     time::{Duration, Instant},
 };
@@ -146,17 +151,19 @@ fn reaches(lab: &Gateway, port: u16) -> bool {
     })
 }
 
+/// The metrics page at http://127.0.0.1:9477/metrics, from a thread in the gateway namespace.
+fn get_metrics() -> io::Result<String> {
+    let mut s = TcpStream::connect("127.0.0.1:9477")?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    Ok(text)
+}
+
 /// One sample of a metric family as served at http://127.0.0.1:9477/metrics in the gateway
 /// namespace.
 fn served_metric(lab: &Gateway, name: &'static str) -> Option<f64> {
-    let body = lab.gw.run(|| -> io::Result<String> {
-        let mut s = TcpStream::connect("127.0.0.1:9477")?;
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
-        let mut text = String::new();
-        s.read_to_string(&mut text)?;
-        Ok(text)
-    });
-    let body = body.ok()?;
+    let body = lab.gw.run(get_metrics).ok()?;
     body.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
@@ -639,5 +646,76 @@ fn a_reload_whose_apply_fails_keeps_the_running_policy() {
     });
     assert_eq!(generation(&lab.pins), before + 1);
     assert!(reaches(&lab, 9090) && !reaches(&lab, 8080), "the new policy is in force");
+    agent.stop();
+}
+
+/// Another writer (a loop of `xdpgate apply`, here a test holding the lock) keeps the write
+/// lock: the agent's own writes wait for it, but its other jobs (the metrics endpoint here)
+/// go on answering during the wait.
+#[test]
+fn metrics_answer_while_another_writer_holds_the_lock() {
+    let lab = Gateway::new();
+    let file = lab.write_policy("policy.yaml", &policy(8080));
+    let mut agent = Agent::start(&lab, &["--policy", file.to_str().unwrap()]);
+    wait_for("the policy applied and metrics served", Duration::from_secs(20), || {
+        agent.assert_running("start");
+        generation(&lab.pins) >= 1
+            && served_metric(&lab, "xdpgate_config_last_reload_successful").is_some()
+    });
+
+    let lock = xdpgate_dataplane::state::WriteLock::acquire(&lab.pins.dir).expect("write lock");
+    // The NAT expiry tries the lock every second and waits for it after a few tries.
+    wait_for("the agent waiting for the write lock", Duration::from_secs(20), || {
+        agent.assert_running("another writer took the lock");
+        agent.log().contains(xdpgate::lock_turn::WAITING)
+    });
+    // Requests one after another while the lock stays held across two waiting tries.
+    let hold = 2 * xdpgate::lock_turn::WAIT + Duration::from_secs(1);
+    let held = Arc::new(AtomicBool::new(true));
+    let (tx, rx) = mpsc::channel();
+    let asker = lab.gw.spawn({
+        let held = held.clone();
+        move || {
+            while held.load(Ordering::SeqCst) {
+                let asked = Instant::now();
+                let answer = get_metrics().map(|body| body.contains("xdpgate_drops_total"));
+                let _ = tx.send((asked.elapsed(), answer, held.load(Ordering::SeqCst)));
+            }
+        }
+    });
+    let start = Instant::now();
+    while start.elapsed() < hold {
+        agent.assert_running("the hold");
+        thread::sleep(Duration::from_millis(100));
+    }
+    held.store(false, Ordering::SeqCst);
+    drop(lock);
+    asker.join().unwrap();
+    let answers: Vec<_> = rx.try_iter().collect();
+    assert!(
+        answers.iter().all(|(_, answer, _)| matches!(answer, Ok(true))),
+        "every answer a metrics page: {answers:?}"
+    );
+    let mut during: Vec<Duration> =
+        answers.iter().filter(|(_, _, held)| *held).map(|(took, ..)| *took).collect();
+    let slowest = answers.iter().map(|(took, ..)| *took).max().unwrap_or_default();
+    println!(
+        "metrics while the lock was held for {hold:?}: {} answers; after its release: {} \
+         (slowest {slowest:?})",
+        during.len(),
+        answers.len() - during.len()
+    );
+    assert!(
+        !during.is_empty(),
+        "no metrics answer while another writer held the lock (the agent's runtime waits \
+         for it); the agent's log:\n{}",
+        agent.log()
+    );
+    during.sort();
+    println!(
+        "latencies during the hold: median {:?}, slowest {:?}",
+        during[during.len() / 2],
+        during.last().unwrap()
+    );
     agent.stop();
 }

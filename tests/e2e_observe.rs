@@ -27,7 +27,8 @@ struct Observer {
 }
 
 impl Observer {
-    /// Starts one and waits until its lease runs (the dataplane writes events from then on).
+    /// Starts one and waits until its lease runs: from then on the dataplane writes events
+    /// into a ring the observer emptied before (`monitor::take`), so none sent after is lost.
     fn start(lab: &Gateway, args: &[&str]) -> Self {
         let mut child = Command::new(common::xdpgate_bin())
             .args(["--netns", &lab.gw.name, "--pin-dir"])

@@ -359,3 +359,25 @@ fn the_rate_limits_hold_across_loaded_objects() {
     assert!(observed <= observe_limit, "{observed} observed exceed the limit ({observe_limit})");
     assert!(observed >= MONITOR_DROPS_PER_SEC / 2, "the bucket starts full: {observed} events");
 }
+
+/// An observer's ring starts empty of an earlier observer's events, and its own come from
+/// the start of its lease: read away before the lease starts them (before: `observe` read
+/// the ring away after taking the lease, and lost a packet sent as the lease showed).
+#[test]
+fn an_observer_sees_its_own_events_only() {
+    let k = Kernel::new();
+    k.apply(POLICY);
+    k.arrive_as(Role::External);
+    let denied = |sport| frame("203.0.113.7", "198.51.100.10", L4::Tcp(sport, 22, SYN));
+    let earlier = xdpgate_dataplane::monitor::take(&k.pins.dir).unwrap();
+    assert_eq!(k.run(&denied(40001)), DROP);
+    drop(earlier);
+    let _observer = xdpgate_dataplane::monitor::take(&k.pins.dir).unwrap();
+    assert_eq!(k.run(&denied(40002)), DROP);
+    let mut ring = xdpgate_dataplane::monitor::ring(&k.pins.dir).unwrap();
+    let mut sports = Vec::new();
+    while let Some(item) = ring.next() {
+        sports.push(FlowEvent::from_record(&item).expect("a whole event").key.sport);
+    }
+    assert_eq!(sports, [40002], "the observer's events (source ports)");
+}

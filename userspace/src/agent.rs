@@ -476,15 +476,15 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                 }
             }
             Some(change) = rx.recv() => {
-                health_tables.change(pins, &mut maps, &running.lbs, &mut down, &change, &mut failing);
+                health_tables.change(pins, &mut maps, &running.lbs, &mut down, &change, &mut failing).await;
                 announce_node(pins, node.as_ref(), &running.lbs, &down, &probe_stats, &mut failing);
             }
             _ = expiry.tick() => {
                 // An interface of the node file that appears late (or came back) is
                 // attached; tried every 10 s, as a failing attach loads the programs.
                 ticks += 1;
-                health_tables.rebuild(pins, &mut maps, &running.lbs, &down, &mut failing);
-                tick(pins, &running, &mut loggers, flow_log.as_mut(), &mut nat_turn, &mut failing);
+                health_tables.rebuild(pins, &mut maps, &running.lbs, &down, &mut failing).await;
+                tick(pins, &running, &mut loggers, flow_log.as_mut(), &mut nat_turn, &mut failing).await;
                 follow_generation(pins, &mut running.names, &mut failing);
                 // Drain, undrain, a detach or a reattach: within a second. Before the
                 // reattach below, so that a detached node is withdrawn in every case.
@@ -686,7 +686,7 @@ fn follow_generation(pins: &PinDir, names: &mut Arc<flows::Names>, failing: &mut
 }
 
 /// The once-a-second jobs; none of their errors ends the agent.
-fn tick(
+async fn tick(
     pins: &PinDir,
     running: &Running,
     loggers: &mut Vec<(u32, EbpfLogger<&'static dyn log::Log>)>,
@@ -701,7 +701,7 @@ fn tick(
     // Translations end under the write lock, as `flows delete` ends them: a tick that finds
     // another writer at work leaves the expiry to a later one, which waits for the lock
     // once a few have yielded (`LockTurn`), so a busy writer delays it, never starves it.
-    if let Some(Some(_lock)) = failing.check("NAT expiry lock", nat_turn.take(pins)) {
+    if let Some(Some(_lock)) = failing.check("NAT expiry lock", nat_turn.take(pins).await) {
         let expired = nat::expire(pins, &running.policy, nat::monotonic_ns());
         if let Some(e) = failing.check("NAT expiry", expired)
             && e.expired + e.released > 0
@@ -730,7 +730,7 @@ struct HealthTables {
 
 impl HealthTables {
     /// A backend changed state: `down` follows, then the tables of the services it serves.
-    fn change(
+    async fn change(
         &mut self,
         pins: &PinDir,
         maps: &mut LbMaps,
@@ -757,12 +757,12 @@ impl HealthTables {
             }
         }
         self.pending.insert(key);
-        self.rebuild(pins, maps, lbs, down, failing);
+        self.rebuild(pins, maps, lbs, down, failing).await;
     }
 
     /// Rebuilds what the pending changes touch, if the write lock can be had (see
     /// [`LockTurn`]); what is rebuilt is no longer pending.
-    fn rebuild(
+    async fn rebuild(
         &mut self,
         pins: &PinDir,
         maps: &mut LbMaps,
@@ -776,7 +776,7 @@ impl HealthTables {
         // As one writer with `xdpgate lb drain`: the drained backends read under the lock
         // stay out of the tables rebuilt under it, and drain rebuilds from the health saved
         // with them.
-        let Some(lock) = failing.check("write lock", self.turn.take(pins)) else { return };
+        let Some(lock) = failing.check("write lock", self.turn.take(pins).await) else { return };
         let Some(_lock) = lock else {
             if self.turn.skipped() == 1 {
                 info!("another writer holds the write lock: health changes wait for it");

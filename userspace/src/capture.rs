@@ -13,7 +13,10 @@ use std::{
     net::IpAddr,
     os::fd::{AsFd, AsRawFd},
     rc::Rc,
-    sync::atomic::{AtomicBool, Ordering},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -187,13 +190,29 @@ struct CaptureLease {
     map: Array<MapData, CaptureConfig>,
     scratch: PerCpuArray<MapData, CaptureRecord>,
     config: CaptureConfig,
+    /// The perf rings' map, and where their readers go once opened (at the lease's start).
+    rings: Option<(PerfEventArray<MapData>, mpsc::Sender<Rings>)>,
 }
+
+/// One perf ring per online CPU.
+type Rings = Vec<PerfEventArrayBuffer<MapData>>;
 
 impl Held for CaptureLease {
     fn begin(&mut self) -> Result<()> {
         // No mark left from a capture that ended between a packet's two copies.
         let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
         self.scratch.set(0, PerCpuValues::try_from(vec![CaptureRecord::default(); cpus])?, 0)?;
+        // Opened under the lock (a refused capture must not open its own over a running
+        // one's) and before the lease starts the copies (none goes to a CPU without one).
+        if let Some((mut perf, out)) = self.rings.take() {
+            let cpus = aya::util::online_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
+            let rings = cpus
+                .iter()
+                .map(|&cpu| perf.open(cpu, Some(RING_PAGES)))
+                .collect::<Result<Rings, _>>()
+                .context("opening the capture's perf rings")?;
+            let _ = out.send(rings);
+        }
         Ok(())
     }
 
@@ -211,14 +230,19 @@ impl Held for CaptureLease {
     }
 }
 
-/// Takes the capture lock and the lease on the kernel filter.
-fn take_lease(pins: &PinDir, config: CaptureConfig) -> Result<Lease> {
+/// Takes the capture lock and the lease on the kernel filter; the perf rings the copies go
+/// to, open from the lease's start.
+fn take_lease(pins: &PinDir, config: CaptureConfig) -> Result<(Lease, Rings)> {
     let map = pins
         .open_map(CAPTURE_CONFIG)
         .context("this dataplane has no capture support: run `xdpgate upgrade`")?
         .try_into()?;
     let scratch = pins.open_map(CAPTURE_SCRATCH)?.try_into()?;
-    Lease::take(pins, Tool::Capture, CaptureLease { map, scratch, config }, LEASE, RENEW)
+    let perf = pins.open_map(CAPTURE_PERF)?.try_into()?;
+    let (out, opened) = mpsc::channel();
+    let held = CaptureLease { map, scratch, config, rings: Some((perf, out)) };
+    let lease = Lease::take(pins, Tool::Capture, held, LEASE, RENEW)?;
+    Ok((lease, opened.recv().context("the capture's perf rings")?))
 }
 
 /// Where the format's writer puts each record first, so that its exact size is known
@@ -371,7 +395,7 @@ pub fn run(pins: &PinDir, args: &CaptureArgs) -> Result<Summary> {
     let config = config(args)?;
     // The lease (and its lock) first: a capture refused for another's must not open the
     // perf rings over that one's, nor truncate its file.
-    let lease = take_lease(pins, config)?;
+    let (lease, mut rings) = take_lease(pins, config)?;
     let out: Box<dyn Write> = if args.write == "-" {
         Box::new(BufWriter::new(io::stdout().lock()))
     } else {
@@ -379,13 +403,6 @@ pub fn run(pins: &PinDir, args: &CaptureArgs) -> Result<Summary> {
             File::create(&args.write).with_context(|| format!("creating {}", args.write))?,
         ))
     };
-    let mut perf: PerfEventArray<MapData> = pins.open_map(CAPTURE_PERF)?.try_into()?;
-    let cpus = aya::util::online_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
-    let mut rings = cpus
-        .iter()
-        .map(|&cpu| perf.open(cpu, Some(RING_PAGES)))
-        .collect::<Result<Vec<_>, _>>()
-        .context("opening the capture's perf rings")?;
     let mut sink = Sink::new(out, args.format, args.snaplen)?;
     for sig in [libc::SIGINT, libc::SIGTERM] {
         unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };

@@ -12,9 +12,15 @@ use xdpgate_dataplane::{PinDir, state::WriteLock};
 /// Busy tries (one a second for the agent's ticks) before the next one waits.
 pub const SKIPS_BEFORE_WAITING: u32 = 3;
 
-/// The longest a waiting try blocks the agent: a writer that holds the lock longer without
+/// The longest a waiting try delays its job: a writer that holds the lock longer without
 /// a break is waited for again at the next try.
 pub const WAIT: Duration = Duration::from_secs(2);
+
+/// How often a waiting try looks at the lock again.
+const POLL: Duration = Duration::from_millis(5);
+
+/// Logged when a job's tries start waiting for the lock.
+pub const WAITING: &str = "another writer keeps the write lock: waiting for it";
 
 /// One job's tries at the lock.
 #[derive(Debug, Default)]
@@ -24,10 +30,21 @@ pub struct LockTurn {
 }
 
 impl LockTurn {
-    /// The lock, or `None` when this try yields to another writer (counted).
-    pub fn take(&mut self, pins: &PinDir) -> Result<Option<WriteLock>> {
-        let wait = if self.skipped >= SKIPS_BEFORE_WAITING { WAIT } else { Duration::ZERO };
-        let lock = WriteLock::try_acquire_within(pins, wait)?;
+    /// The lock, or `None` when this try yields to another writer (counted). A waiting try
+    /// polls without blocking the agent's thread: its tasks (probes, the metrics endpoint)
+    /// run meanwhile; its loop (signals, health changes) resumes after the wait.
+    pub async fn take(&mut self, pins: &PinDir) -> Result<Option<WriteLock>> {
+        let mut lock = WriteLock::try_acquire(pins)?;
+        if lock.is_none() && self.skipped >= SKIPS_BEFORE_WAITING {
+            if self.skipped == SKIPS_BEFORE_WAITING {
+                log::info!("{WAITING} (up to {WAIT:?} a try)");
+            }
+            let deadline = tokio::time::Instant::now() + WAIT;
+            while lock.is_none() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(POLL).await;
+                lock = WriteLock::try_acquire(pins)?;
+            }
+        }
         self.skipped = if lock.is_some() { 0 } else { self.skipped + 1 };
         Ok(lock)
     }

@@ -382,9 +382,8 @@ pub fn run(pins: &PinDir, args: ObserveArgs) -> Result<()> {
         libc::sigaction(libc::SIGINT, &sa, std::ptr::null_mut());
         libc::sigaction(libc::SIGTERM, &sa, std::ptr::null_mut());
     }
+    // Empty as the lease began (`monitor::take`).
     let mut ring = monitor::ring(pins)?;
-    // Events written before this observer began (by an earlier one) are not its own.
-    while ring.next().is_some() {}
     let mut describer = Describer::new(pins);
     let mut last = monitor::dropped(pins)?;
     let mut tick = Instant::now();

@@ -29,33 +29,43 @@ fn open(pins: &PinDir, name: &str) -> Result<aya::maps::Map> {
 }
 
 /// The observers' lease: while it runs, the dataplane writes `MONITOR`.
-struct MonitorLease(Array<MapData, u64>);
+struct MonitorLease {
+    lease: Array<MapData, u64>,
+    /// Read away as the lease begins (then closed).
+    ring: Option<RingBuf<MapData>>,
+}
 
 impl Held for MonitorLease {
+    /// Events in the ring before the lease (an earlier observer's) are not this one's:
+    /// read away under the observers' lock, before the lease starts the events, so that a
+    /// packet sent once the lease shows is never read away with them.
+    fn begin(&mut self) -> Result<()> {
+        if let Some(mut ring) = self.ring.take() {
+            while ring.next().is_some() {}
+        }
+        Ok(())
+    }
+
     fn until(&self) -> Result<u64> {
-        Ok(self.0.get(&0, 0)?)
+        Ok(self.lease.get(&0, 0)?)
     }
 
     fn renew(&mut self, until: u64) -> Result<()> {
-        Ok(self.0.set(0, until, 0)?)
+        Ok(self.lease.set(0, until, 0)?)
     }
 
     fn release(&mut self) {
-        let _ = self.0.set(0, 0, 0);
+        let _ = self.lease.set(0, 0, 0);
     }
 }
 
-/// Takes the observers' lease (one observer at a time) and starts the events; dropped, it
-/// ends at once; its holder killed, it runs out within `MONITOR_LEASE_NS`.
+/// Takes the observers' lease (one observer at a time) and starts the events, the ring
+/// empty; dropped, it ends at once; its holder killed, it runs out within
+/// `MONITOR_LEASE_NS`.
 pub fn take(pins: &PinDir) -> Result<Lease> {
-    let map = open(pins, MONITOR_LEASE)?.try_into()?;
-    Lease::take(
-        pins,
-        Tool::Observe,
-        MonitorLease(map),
-        Duration::from_nanos(MONITOR_LEASE_NS),
-        RENEW,
-    )
+    let held =
+        MonitorLease { lease: open(pins, MONITOR_LEASE)?.try_into()?, ring: Some(ring(pins)?) };
+    Lease::take(pins, Tool::Observe, held, Duration::from_nanos(MONITOR_LEASE_NS), RENEW)
 }
 
 /// How often the lease is renewed (a third of its length: two renewals may be late).
