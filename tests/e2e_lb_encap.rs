@@ -15,7 +15,9 @@
 //! connection whose flow was deleted at the gateway carries on (mid-stream pickup, same
 //! backend); an NSG deny on a frontend port still denies; a bulk transfer fits thanks to
 //! the script's MSS; a UDP datagram too big once encapsulated is dropped and counted
-//! (`encap_too_big`) while one that fits is answered.
+//! (`encap_too_big`) while one that fits is answered. A connection idle past the embryonic
+//! timeout while its backend is drained keeps that backend (its flow, never confirmed,
+//! idles out after the TCP timeout).
 
 mod common;
 

@@ -504,6 +504,8 @@ fn direct_reply_flows_idle_out_after_their_idle_timeout() {
     assert_eq!(k.run(&segment("192.0.2.30", 40000, 80, ACK)), PASS, "idle 5 s, still its flow");
     let after = k.embryo(&direct).expect("kept");
     assert_eq!(after.packets, before.packets + 1, "{before:?} then {after:?}");
+    let idle = xdpgate_dataplane::monotonic_ns().saturating_sub(after.last_seen_ns);
+    assert!(idle < 4 * S, "the client's segment refreshed it: idle {idle} ns");
     assert_eq!(k.flow_stat(FLOW_STAT_EMBRYOS_EXPIRED), expired, "nothing expired");
     // Past the TCP timeout it is over: the ACK starts no flow (no pickup for this rule).
     age(&direct, 241 * S);
