@@ -16,7 +16,9 @@
 //! backend); an NSG deny on a frontend port still denies; a bulk transfer fits thanks to
 //! the script's MSS; a UDP datagram too big once encapsulated is dropped and counted
 //! (`encap_too_big`) while one that fits is answered. At tc, UDP datagrams arriving as one
-//! GSO aggregate are encapsulated and answered.
+//! GSO aggregate are encapsulated and answered. A connection idle past the embryonic
+//! timeout while its backend is drained keeps that backend (its flow, never confirmed,
+//! idles out after the TCP timeout).
 
 mod common;
 
@@ -126,6 +128,10 @@ fn rx_packets(ns: &Netns, dev: &str) -> u64 {
 
 impl Lab {
     fn new(hook: &str) -> Self {
+        Self::with_policy(hook, POLICY)
+    }
+
+    fn with_policy(hook: &str, policy: &str) -> Self {
         let xdp = hook == "xdp";
         let client = Netns::new("ecc");
         let gw = Netns::new("ecg");
@@ -222,7 +228,7 @@ impl Lab {
              - {{name: {g_r}, role: internal, hook: {hook}}}\n\
              encapsulation: {{source4: 10.0.1.2, source6: \"2001:db8:a::2\"}}\n"
         );
-        let agent = NodeAgent::start(&gw, &pins, POLICY, &node);
+        let agent = NodeAgent::start(&gw, &pins, policy, &node);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let out = pins.try_xdpgate(&["status", "--json"]);
@@ -253,18 +259,24 @@ impl Lab {
         self.json(&["stats", "--json"])["drops"][reason]["packets"].as_u64().unwrap()
     }
 
-    /// The backend the gateway's flow table names for the client's connection from
-    /// `client`:`port` (a flow that has seen no reply). Both families' connections may use
-    /// one port.
-    fn flow_backend(&self, client: &str, port: u16) -> IpAddr {
+    /// The gateway's flow of the client's connection from `client`:`port`.
+    fn flow(&self, client: &str, port: u16) -> Value {
         let args = ["flows", "--json", "--top", "0", "--addr", client, "--port", &port.to_string()];
         let flows = self.json(&args);
-        let flow = flows
+        flows
             .as_array()
             .unwrap()
             .iter()
             .find(|f| f["src"] == client && f["src_port"] == port)
-            .unwrap_or_else(|| panic!("no flow from {client} port {port}: {flows}"));
+            .unwrap_or_else(|| panic!("no flow from {client} port {port}: {flows}"))
+            .clone()
+    }
+
+    /// The backend the gateway's flow table names for the client's connection from
+    /// `client`:`port` (a flow that has seen no reply). Both families' connections may use
+    /// one port.
+    fn flow_backend(&self, client: &str, port: u16) -> IpAddr {
+        let flow = self.flow(client, port);
         assert_eq!(flow["nat"]["kind"], "ipip", "{flow}");
         // No check of the flow's reply count: the router reaches the client by its own
         // link, so no reply could cross the gateway. That the backends answer directly, from
@@ -423,6 +435,48 @@ fn end_to_end(hook: &str) {
         println!("{hook} backend b{}: decapsulated {}", i + 1, status["decapsulated"]);
     }
     println!("{hook}: {:.1} s", started.elapsed().as_secs_f64());
+}
+
+/// An `ipip` connection idle past the embryonic timeout (4 s here) while its backend is
+/// drained: its flow, never confirmed (the answers bypass the gateway), is still there, so
+/// its next data reaches the same backend (a re-pick would send it to the other backend,
+/// which would reset it), as `lb drain` promises. New connections go to the other backend.
+fn idle_connection_keeps_its_drained_backend(hook: &str) {
+    let started = Instant::now();
+    let lab = Lab::with_policy(hook, &format!("{POLICY}settings: {{embryonic_timeout: 4}}\n"));
+    let (mut s, name) = connect(&lab, VIP4, 80).expect("connect to the frontend");
+    echo(&mut s, b"hello\n");
+    let port = s.local_addr().unwrap().port();
+    let backend = lab.flow_backend(CLIENT4, port);
+    lab.pins.xdpgate(&["lb", "drain", "lb", &backend.to_string()]);
+    let (_, other) = connect(&lab, VIP4, 80).expect("a new connection");
+    assert_ne!(other, name, "new connections avoid the drained backend");
+
+    // Idle past the embryonic timeout (and a tick of the dataplane's coarse clock).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let flow = loop {
+        let flow = lab.flow(CLIENT4, port);
+        if flow["idle_seconds"].as_f64().unwrap() > 5.0 {
+            break flow;
+        }
+        assert!(Instant::now() < deadline, "the flow did not idle 5 s: {flow}");
+        thread::sleep(Duration::from_millis(200));
+    };
+    println!("{hook}: idle flow {flow}");
+    assert_eq!((&flow["state"], &flow["expired"]), (&"embryonic".into(), &false.into()), "{flow}");
+    echo(&mut s, b"after 5 s idle, the backend drained\n");
+    assert_eq!(lab.flow_backend(CLIENT4, port), backend, "still its backend");
+    println!("{hook}: {:.1} s", started.elapsed().as_secs_f64());
+}
+
+#[test]
+fn idle_connection_keeps_its_drained_backend_xdp() {
+    idle_connection_keeps_its_drained_backend("xdp");
+}
+
+#[test]
+fn idle_connection_keeps_its_drained_backend_tc() {
+    idle_connection_keeps_its_drained_backend("tc");
 }
 
 #[test]

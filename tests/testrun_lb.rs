@@ -488,4 +488,87 @@ fn maglev_view_never_reads_a_table_being_rewritten() {
     }
     drop(lock);
     assert_eq!(maglev_digests(&k), before, "read whole once the writer is done");
+/// A flow whose answers bypass the gateway (floating IP here, `ipip` alike) is never
+/// confirmed, so it stays embryonic; it idles out after its protocol's (or rule's) timeout,
+/// not the embryonic one, and the client's packets keep it: a connection idle past
+/// `embryonic_timeout` keeps its backend. A DNAT flow's embryo still goes after the
+/// embryonic timeout. The client's FIN closes a direct flow (the server's is never seen):
+/// a SYN on its tuple then opens a new connection, decided afresh.
+#[test]
+fn direct_reply_flows_idle_out_after_their_idle_timeout() {
+    use aya::maps::HashMap as BpfHashMap;
+    use xdpgate_common::{
+        flow::{
+            FLOW_STAT_EMBRYOS_CLOSED, FLOW_STAT_EMBRYOS_EXPIRED, FlowKey, FlowValue, TCP_CLOSED,
+        },
+        maps::EMBRYOS,
+    };
+    const S: u64 = 1_000_000_000;
+    let k = Kernel::new();
+    k.apply(&format!(
+        "{HA_AND_FLOATING}settings: {{embryonic_timeout: 4, tcp_idle_timeout: 240}}\n"
+    ));
+    k.arrive_as(Role::External);
+    let client = "203.0.113.7";
+    let key = |dst: &str, sport, dport| FlowKey {
+        src: words4(client),
+        dst: words4(dst),
+        sport,
+        dport,
+        proto: 6,
+        family: 4,
+        _pad: [0; 2],
+    };
+    // The entry of `key` made `by` ns older than the clock, as if idle that long.
+    let age = |key: &FlowKey, by: u64| {
+        let mut map: BpfHashMap<_, FlowKey, FlowValue> =
+            k.pins.dir.open_map(EMBRYOS).unwrap().try_into().unwrap();
+        let mut v = map.get(key, 0).expect("embryonic");
+        v.last_seen_ns = xdpgate_dataplane::monotonic_ns() - by;
+        map.insert(key, v, 0).unwrap();
+    };
+    let segment = |dst: &str, sport, dport, flags| frame(client, dst, L4::Tcp(sport, dport, flags));
+
+    // Floating IP: 5 s idle is past the embryonic timeout, not the TCP one: the next
+    // segment is the flow's (counted in its entry; nothing expired).
+    let direct = key("192.0.2.30", 40000, 80);
+    for flags in [SYN, ACK] {
+        assert_eq!(k.run(&segment("192.0.2.30", 40000, 80, flags)), PASS);
+    }
+    let before = k.embryo(&direct).expect("a floating-IP flow stays embryonic");
+    let expired = k.flow_stat(FLOW_STAT_EMBRYOS_EXPIRED);
+    age(&direct, 5 * S);
+    assert_eq!(k.run(&segment("192.0.2.30", 40000, 80, ACK)), PASS, "idle 5 s, still its flow");
+    let after = k.embryo(&direct).expect("kept");
+    assert_eq!(after.packets, before.packets + 1, "{before:?} then {after:?}");
+    let idle = xdpgate_dataplane::monotonic_ns().saturating_sub(after.last_seen_ns);
+    assert!(idle < 4 * S, "the client's segment refreshed it: idle {idle} ns");
+    assert_eq!(k.flow_stat(FLOW_STAT_EMBRYOS_EXPIRED), expired, "nothing expired");
+    // Past the TCP timeout it is over: the ACK starts no flow (no pickup for this rule).
+    age(&direct, 241 * S);
+    let no_flow = k.drops("no_flow");
+    assert_eq!(k.run(&segment("192.0.2.30", 40000, 80, ACK)), DROP, "idle 241 s: gone");
+    assert_eq!(
+        (k.drops("no_flow"), k.flow_stat(FLOW_STAT_EMBRYOS_EXPIRED)),
+        (no_flow + 1, expired + 1)
+    );
+
+    // A DNAT flow (HA ports) that saw no answer: 5 s idle is past its embryonic timeout.
+    let dnat = key("192.0.2.20", 40001, 443);
+    assert_eq!(k.run(&segment("192.0.2.20", 40001, 443, SYN)), PASS);
+    age(&dnat, 5 * S);
+    assert_eq!(k.run(&segment("192.0.2.20", 40001, 443, ACK)), DROP, "a DNAT embryo expires");
+    assert_eq!(k.flow_stat(FLOW_STAT_EMBRYOS_EXPIRED), expired + 2);
+
+    // The client's FIN closes a direct flow; a SYN on its tuple is a new connection.
+    let closing = key("192.0.2.30", 40002, 80);
+    for flags in [SYN, ACK, ACK, FIN | ACK] {
+        assert_eq!(k.run(&segment("192.0.2.30", 40002, 80, flags)), PASS);
+    }
+    let closed = k.embryo(&closing).expect("embryonic");
+    assert_ne!(closed.tcp & TCP_CLOSED, 0, "closed by the client's FIN: {closed:?}");
+    let ended = k.flow_stat(FLOW_STAT_EMBRYOS_CLOSED);
+    assert_eq!(k.run(&segment("192.0.2.30", 40002, 80, SYN)), PASS);
+    assert_eq!(k.embryo(&closing).expect("a new flow").packets, 1, "decided afresh");
+    assert_eq!(k.flow_stat(FLOW_STAT_EMBRYOS_CLOSED), ended + 1);
 }

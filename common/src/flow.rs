@@ -95,6 +95,18 @@ pub struct FlowValue {
     pub hop: NextHop,
 }
 
+impl FlowValue {
+    /// An entry of a flow whose answers bypass the gateway (`floating_ip`, `ipip`): the
+    /// forward entry, which forwards to the backend untranslated, or its reply entry (a
+    /// backend's, with no rewrite to undo). Never confirmed (no SYN-ACK or answer passes),
+    /// such a flow stays embryonic for life.
+    #[inline(always)]
+    pub fn replies_direct(&self) -> bool {
+        matches!(self.nat, NAT_NEXT_HOP | NAT_ENCAP)
+            || (self.reply != 0 && self.nat == NAT_NONE && self.service != crate::lb::NO_BACKEND)
+    }
+}
+
 /// A forwarded flow direction's next hop, as the kernel's FIB gave it. Used while the
 /// agent's route generation is what it was (the agent bumps it on every route, neighbour and
 /// link change it hears) and for at most `HOP_MAX_AGE_JIFFIES` (so a change the agent does

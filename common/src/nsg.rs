@@ -172,6 +172,15 @@ impl PolicyConfig {
             _ => self.udp_timeout_ns,
         }
     }
+
+    /// How long an embryonic flow's `entry` may idle: the embryonic timeout, never longer
+    /// than the flow's idle timeout; a flow whose answers bypass the gateway, which stays
+    /// embryonic for life, its idle timeout (its forward packets keep it).
+    #[inline(always)]
+    pub fn embryo_timeout_ns(&self, family: u8, proto: u8, entry: &crate::flow::FlowValue) -> u64 {
+        let idle = self.idle_timeout_ns(family, proto, entry.tcp, entry.idle_s);
+        if entry.replies_direct() { idle } else { idle.min(self.embryonic_timeout_ns) }
+    }
 }
 
 /// The bit of `PolicyConfig::wildcard_fields` for `field` of the table at `table_in_slot`.

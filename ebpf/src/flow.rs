@@ -217,7 +217,8 @@ fn count_rules(rules: [u16; 2], len: u64) {
 /// TCP the initiator's ACK of the responder's SYN-ACK (the acknowledgement number must
 /// match, so a blind spoofer cannot confirm), or any answer to a flow picked up mid-stream;
 /// for other protocols an answer. A miss: the embryo is over (idle too long, its backend
-/// gone, its tuple reused), and the packet starts a new flow.
+/// gone, its tuple reused), and the packet starts a new flow. A flow whose answers bypass
+/// the gateway is never confirmed: it idles out as an established flow would.
 #[inline(always)]
 fn embryo(
     active: &Active<'_>,
@@ -227,9 +228,8 @@ fn embryo(
     now: u64,
     len: u64,
 ) -> Result<Lookup, DropReason> {
-    // Never longer than the flow may idle once established.
-    let timeout = active.config.idle_timeout_ns(meta.family, meta.proto, entry.tcp, entry.idle_s);
-    if now.saturating_sub(entry.last_seen_ns) > timeout.min(active.config.embryonic_timeout_ns) {
+    let timeout = active.config.embryo_timeout_ns(meta.family, meta.proto, entry);
+    if now.saturating_sub(entry.last_seen_ns) > timeout {
         count(FLOW_STAT_EMBRYOS_EXPIRED);
         forget_embryo(key, entry);
         return Ok(Lookup::Miss);
@@ -252,6 +252,11 @@ fn embryo(
             count(FLOW_STAT_EMBRYOS_CLOSED);
             forget_embryo(key, entry);
             return Ok(Lookup::Hit(action));
+        }
+        // The server's FIN of a direct-reply flow never passes: the client's closes it (a
+        // SYN on its tuple is then a new connection, and it idles out soon).
+        if flags & TH_FIN != 0 && matches!(entry.nat, NAT_NEXT_HOP | NAT_ENCAP) {
+            entry.tcp |= TCP_CLOSED;
         }
         let confirms = if entry.reply != 0 {
             if flags & (TH_SYN | TH_ACK) == TH_SYN | TH_ACK

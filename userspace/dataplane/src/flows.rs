@@ -302,9 +302,10 @@ impl Names {
         self.config.idle_timeout_ns(family, proto, tcp, rule_idle_s)
     }
 
-    /// Idle timeout of an embryonic flow's entry (`settings.embryonic_timeout`).
-    pub fn embryonic_timeout_ns(&self) -> u64 {
-        self.config.embryonic_timeout_ns
+    /// Idle timeout of an embryonic flow's entry (`settings.embryonic_timeout`, or the
+    /// idle timeout of a flow whose answers bypass the gateway).
+    pub fn embryo_timeout_ns(&self, family: u8, proto: u8, entry: &FlowValue) -> u64 {
+        self.config.embryo_timeout_ns(family, proto, entry)
     }
 }
 
@@ -460,7 +461,9 @@ fn describe(
     let tcp = forward.iter().chain(reply.iter()).fold(0, |a, v| a | v.tcp);
     let timeout = match state {
         FlowState::Established => names.timeout_ns(key.family, key.proto, tcp, main.idle_s),
-        FlowState::Embryonic => names.embryonic_timeout_ns(),
+        FlowState::Embryonic => {
+            names.embryo_timeout_ns(key.family, key.proto, &FlowValue { tcp, ..main })
+        }
     };
     let rules = names.rules(main.rules, main.generation);
     let resolved = rules.deciding().cloned();
@@ -680,7 +683,10 @@ pub fn established(pins: &PinDir, names: &Names) -> Result<Vec<(FlowKey, Flow)>>
 
 #[cfg(test)]
 mod tests {
-    use xdpgate_common::{flow::NO_RULES, words};
+    use xdpgate_common::{
+        flow::{NAT_NONE, NO_RULES},
+        words,
+    };
 
     use super::*;
 
@@ -763,6 +769,16 @@ mod tests {
         assert!(at(FlowState::Embryonic, 6_000_000_000));
         assert!(!at(FlowState::Embryonic, 4_000_000_000));
         assert!(!at(FlowState::Established, 6_000_000_000));
+        // A flow whose answers bypass the gateway stays embryonic for life: its idle
+        // timeout (TCP's 60 s here) applies, whichever of its entries is left.
+        let mut direct = value(0, 1);
+        (direct.nat, direct.service, direct.backend) = (NAT_ENCAP, 0, 1);
+        let mut reply = direct;
+        (reply.reply, reply.nat) = (1, NAT_NONE);
+        for (f, r) in [(Some(direct), Some(reply)), (None, Some(reply))] {
+            let at = |now| describe(&names, now, FlowState::Embryonic, k, f, r).expired;
+            assert!(!at(6_000_000_000) && at(61_000_000_000), "{f:?} {r:?}");
+        }
     }
 
     #[test]
