@@ -488,6 +488,8 @@ fn maglev_view_never_reads_a_table_being_rewritten() {
     }
     drop(lock);
     assert_eq!(maglev_digests(&k), before, "read whole once the writer is done");
+}
+
 /// A flow whose answers bypass the gateway (floating IP here, `ipip` alike) is never
 /// confirmed, so it stays embryonic; it idles out after its protocol's (or rule's) timeout,
 /// not the embryonic one, and the client's packets keep it: a connection idle past
