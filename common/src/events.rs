@@ -151,7 +151,7 @@ pub const EVENT_WAKE_BYTES: u32 = EVENT_RING_BYTES / 4;
 /// How often the agent reads the ring without being woken.
 pub const EVENT_POLL_MS: u64 = 100;
 /// The least time between two wake-ups a CPU forces on one ring's reader (by the coarse
-/// clock, so up to a tick more). Each is an interrupt, a VM exit in a guest: a reader that
+/// clock, so in effect the longer of this and one tick: 1-10 ms). Each is an interrupt, a VM exit in a guest: a reader that
 /// lags behind a flood is awake already, and a wake-up per event would slow the dataplane
 /// when it is busiest.
 pub const EVENT_WAKE_GAP_NS: u64 = 1_000_000;

@@ -172,6 +172,7 @@ fn established_entry(
     if now.saturating_sub(entry.last_seen_ns) <= timeout
         && backend_usable(meta, entry)
         && !reopens(meta, entry)
+        && !taken_over(meta, key, entry)
     {
         if stale(active, entry) {
             return Some(Lookup::Stale);
@@ -347,16 +348,24 @@ fn backend_usable(meta: &PacketMeta, entry: &FlowValue) -> bool {
 }
 
 /// A SYN on the tuple of a closed connection (the client reused its port) opens a new one,
-/// decided afresh like any first packet: it may go to another backend. So does a SYN-ACK on
-/// a closed connection's entry: it answers a new flow that took over that tuple (two
-/// frontend ports of one client port reach one backend port), whose entry waits in the
-/// embryonic table. Checked here, on the answer, rather than by a lookup at every new flow.
+/// decided afresh like any first packet: it may go to another backend.
 #[inline(always)]
 fn reopens(meta: &PacketMeta, entry: &FlowValue) -> bool {
-    let flags = meta.tcp_flags & (TH_SYN | TH_ACK | TH_RST | TH_FIN);
+    meta.proto == IPPROTO_TCP
+        && entry.reply == 0
+        && entry.tcp & TCP_CLOSED != 0
+        && meta.tcp_flags & (TH_SYN | TH_ACK | TH_RST | TH_FIN) == TH_SYN
+}
+
+/// A closed connection's established entry at `key` gives way to a new flow that waits in
+/// the embryonic table on the same tuple (two frontend ports of one client port reach one
+/// backend port): whatever answers it, a SYN-ACK, a reset or mid-stream data, belongs to the
+/// new flow. Looked up on closed entries only, rather than at every new flow.
+#[inline(always)]
+fn taken_over(meta: &PacketMeta, key: &FlowKey, entry: &FlowValue) -> bool {
     meta.proto == IPPROTO_TCP
         && entry.tcp & TCP_CLOSED != 0
-        && (flags == TH_SYN | TH_ACK || (flags == TH_SYN && entry.reply == 0))
+        && unsafe { EMBRYOS.get(key) }.is_some()
 }
 
 /// The first packet of a flow: load balancing (if it is for a frontend), NSG classification

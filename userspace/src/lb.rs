@@ -52,6 +52,9 @@ pub fn run(pins: &PinDir, args: LbArgs) -> Result<()> {
             let record = apply::running(pins)?
                 .ok_or_else(|| anyhow!("no policy applied to {} yet", pins.path().display()))?;
             let report = lb::report(pins, &record, lock.as_ref())?;
+            // Let writers (the agent's failover among them) go before printing: a reader
+            // of the output may be slow, or never read (`| less`).
+            drop(lock);
             return views::print(report.as_slice(), args.output.format());
         }
         Some(LbAction::Drain(t)) => (t, true),
