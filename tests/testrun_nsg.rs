@@ -556,3 +556,85 @@ fn class_arrays_and_the_trie_agree() {
     let want = [PASS, PASS, DROP, DROP, PASS, PASS, DROP, PASS, DROP, PASS, PASS];
     assert_eq!(with_classes.map(|(_, v)| v), want, "{with_classes:?}");
 }
+
+/// A table is skipped, without its trie lookup, for a packet whose local address lies
+/// outside its scope (`TableScope`): the verdicts are those of looking every table up, a
+/// scope of another generation skips nothing, and `xdpgate set` keeps the scopes current.
+#[test]
+fn table_scopes_skip_only_what_cannot_match() {
+    use aya::maps::Array;
+    use xdpgate_common::{
+        maps::NSG_SCOPES,
+        nsg::{
+            DIR_INBOUND, DIR_OUTBOUND, LAYER_SUBNET, TABLES_PER_SLOT, TableScope, table_in_slot,
+        },
+    };
+    let k = Kernel::new();
+    k.arrive_as(Role::External);
+    let policy = format!("{POLICY}sets:\n  admins: [198.51.100.77]\n");
+    k.apply(&policy);
+    let scopes =
+        || -> Array<_, TableScope> { k.pins.dir.open_map(NSG_SCOPES).unwrap().try_into().unwrap() };
+    let (slot, config) = xdpgate_dataplane::apply::active(&k.pins.dir).unwrap();
+    let index = |dir| slot * TABLES_PER_SLOT + table_in_slot(dir, LAYER_SUBNET);
+    // An address as the dataplane holds it.
+    let addr = |a: &str| flow_key(a, a, 0, 0, 0).src;
+    let inbound = scopes().get(&index(DIR_INBOUND), 0).unwrap();
+    let outbound = scopes().get(&index(DIR_OUTBOUND), 0).unwrap();
+    let g = config.generation;
+    for (scope, what) in [(inbound, "inbound"), (outbound, "outbound")] {
+        assert_eq!(scope.generation, g, "{what}");
+        assert!(scope.holds(g, 4, &addr("198.51.100.10")), "{what}: the subnet");
+        assert!(!scope.holds(g, 4, &addr("203.0.113.7")), "{what}: the internet");
+        assert!(scope.holds(g, 6, &addr("2001:db8:1::10")), "{what}: the subnet, v6");
+        assert!(!scope.holds(g, 6, &addr("2001:db8:9::7")), "{what}: the internet, v6");
+    }
+
+    let verdicts = |pass: u16| {
+        let p = 1000 * pass;
+        [
+            frame("203.0.113.7", "198.51.100.10", L4::Tcp(40000 + p, 80, SYN)),
+            frame("203.0.113.7", "198.51.100.10", L4::Tcp(40001 + p, 22, SYN)),
+            frame("198.51.100.20", "198.51.100.10", L4::Tcp(40002 + p, 3306, SYN)),
+            frame("198.51.100.10", "203.0.113.7", L4::Udp(5353, 40003 + p)),
+            frame("198.51.100.10", "203.0.113.7", L4::Udp(40004 + p, 53)),
+            frame("2001:db8:9::7", "2001:db8:1::10", L4::Tcp(40005 + p, 22, SYN)),
+            frame("2001:db8:9::7", "2001:db8:1::10", L4::Tcp(40006 + p, 443, SYN)),
+        ]
+        .map(|packet| k.run(&packet))
+    };
+    let want = [PASS, DROP, DROP, DROP, PASS, DROP, PASS];
+    assert_eq!(verdicts(1), want, "with the scopes");
+    // Of no generation: every table looked up, and the same verdicts.
+    let mut map = scopes();
+    for t in 0..TABLES_PER_SLOT {
+        map.set(slot * TABLES_PER_SLOT + t, TableScope::default(), 0).unwrap();
+    }
+    assert_eq!(verdicts(2), want, "without them");
+
+    // A scope that leaves the server out: of another generation it skips nothing (ssh
+    // from the internet stays denied); of the running one the table is skipped, which
+    // shows the classifier reads it.
+    let elsewhere = ([192, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], 24);
+    let ssh = |sport| frame("203.0.113.7", "198.51.100.10", L4::Tcp(sport, 22, SYN));
+    map.set(index(DIR_INBOUND), TableScope::new(g + 1, elsewhere, elsewhere), 0).unwrap();
+    assert_eq!(k.run(&ssh(41000)), DROP, "a scope of another generation skipped a table");
+    map.set(index(DIR_INBOUND), TableScope::new(g, elsewhere, elsewhere), 0).unwrap();
+    assert_eq!(k.run(&ssh(41001)), PASS, "the classifier ignores the scope");
+
+    // `xdpgate set` moves the generation on in place, with the running slot's scopes.
+    let admins = ["198.51.100.78/32".parse().unwrap()];
+    xdpgate_dataplane::sets::change(
+        &k.pins.dir,
+        "admins",
+        xdpgate_dataplane::sets::Change::Add(&admins),
+    )
+    .unwrap();
+    let (_, after) = xdpgate_dataplane::apply::active(&k.pins.dir).unwrap();
+    assert_eq!(after.generation, g + 1);
+    let inbound = scopes().get(&index(DIR_INBOUND), 0).unwrap();
+    assert_eq!(inbound.generation, after.generation, "the set left the scopes behind");
+    assert!(inbound.holds(after.generation, 4, &addr("198.51.100.10")));
+    assert!(!inbound.holds(after.generation, 4, &addr("203.0.113.7")));
+    assert_eq!(k.run(&ssh(41002)), DROP, "deny-ssh-from-internet, after the set change");
+}

@@ -51,6 +51,11 @@ pub const NSG_TRAFFIC: &str = "NSG_TRAFFIC";
 /// the retired slot's part is meaningful. A new map: pin sets from before it get it on
 /// their next load.
 pub const NSG_RULE_MOVES: &str = "NSG_RULE_MOVES";
+/// `Array<nsg::TableScope>`, one per table (both slots): where each table's local address
+/// can match, so the classifier skips a table without a lookup for addresses outside. A new
+/// map: pin sets from before it get it, empty, on their next load, and an empty scope is
+/// of no generation (every table looked up).
+pub const NSG_SCOPES: &str = "NSG_SCOPES";
 /// `Array<u32>` of one entry: the slot packets use.
 pub const ACTIVE_SLOT: &str = "ACTIVE_SLOT";
 /// `Array<PolicyConfig>`, one per slot.

@@ -183,6 +183,52 @@ impl PolicyConfig {
     }
 }
 
+/// Where a table's local address field (the destination inbound, the source outbound) can
+/// match at all: the smallest prefix per family covering every entry of the field, which the
+/// policy compiler narrows to the prefixes the table's NSGs are associated with. A packet
+/// whose local address lies outside meets no rule of the table, and the classifier skips
+/// it without its trie lookup: a flow from or to outside the protected addresses (most of a
+/// gateway's) is judged by the one side that has an NSG for it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TableScope {
+    /// The `PolicyConfig::generation` it was written for. Any other (an agent from before
+    /// scopes, a slot or generation being rewritten) and the table is looked up whatever
+    /// the address: a scope from another policy could skip a table that has the address.
+    pub generation: u64,
+    /// Per family (0: IPv4, 1: IPv6), in the addresses' own layout (network-order bytes in
+    /// words): an address `a` is in scope when `a & mask == net`, word by word.
+    pub net: [[u32; 4]; 2],
+    pub mask: [[u32; 4]; 2],
+}
+
+impl TableScope {
+    /// The scope of `generation` whose prefixes (left-aligned bytes, length in bits) are
+    /// `v4` and `v6`.
+    pub fn new(generation: u64, v4: ([u8; 16], u8), v6: ([u8; 16], u8)) -> Self {
+        let mut scope = TableScope { generation, ..Default::default() };
+        for (f, (value, len)) in [v4, v6].into_iter().enumerate() {
+            let mut mask = [0u8; 16];
+            for (i, m) in mask.iter_mut().enumerate() {
+                let bits = u32::from(len).saturating_sub(i as u32 * 8).min(8);
+                *m = (0xff00u16 >> bits) as u8;
+            }
+            let net: [u8; 16] = core::array::from_fn(|i| value[i] & mask[i]);
+            scope.net[f] = crate::words(&net);
+            scope.mask[f] = crate::words(&mask);
+        }
+        scope
+    }
+
+    /// Whether `addr` of `family` may match the table (see [`TableScope`]); any address
+    /// when the scope is not of `generation`.
+    #[inline(always)]
+    pub fn holds(&self, generation: u64, family: u8, addr: &[u32; 4]) -> bool {
+        let f = usize::from(family == 6);
+        self.generation != generation || (0..4).all(|i| addr[i] & self.mask[f][i] == self.net[f][i])
+    }
+}
+
 /// The bit of `PolicyConfig::wildcard_fields` for `field` of the table at `table_in_slot`.
 #[inline(always)]
 pub const fn wildcard_bit(table_in_slot: u32, field: u8) -> u32 {
@@ -207,4 +253,4 @@ pub const FLAG_NO_NAT: u32 = 8;
 /// Idle timeout of a TCP flow after RST, or FIN both ways.
 pub const TCP_CLOSED_TIMEOUT_NS: u64 = 10_000_000_000;
 
-pod!(FieldKey, RuleBitmap, FieldClass, PolicyConfig);
+pod!(FieldKey, RuleBitmap, FieldClass, PolicyConfig, TableScope);

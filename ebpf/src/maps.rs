@@ -28,7 +28,7 @@ use xdpgate_common::{
     },
     nsg::{
         CLASS_ID_ENTRIES, CLASSES_PER_SLOT, FieldClass, FieldKey, MAX_RULES, PolicyConfig,
-        RuleBitmap, SLOTS, TABLES,
+        RuleBitmap, SLOTS, TABLES, TableScope,
     },
     stats::{Counter, DROP_REASONS, EGRESS_VERDICTS, VERDICTS},
     trace::TraceRecord,
@@ -74,6 +74,10 @@ pub static NSG_CLASS_IDS: Array<[u16; 4]> = Array::pinned(CLASS_ID_ENTRIES, 0);
 /// The rules of each port class (with their word summary), `CLASSES_PER_SLOT` per slot.
 #[map(name = "NSG_CLASSES")]
 pub static NSG_CLASSES: Array<FieldClass> = Array::pinned(SLOTS * CLASSES_PER_SLOT, 0);
+
+/// Where each table's local address can match (`nsg::TableScope`), by global table id.
+#[map(name = "NSG_SCOPES")]
+pub static NSG_SCOPES: Array<TableScope> = Array::pinned(TABLES, 0);
 
 /// Access of each rule, by global rule index.
 #[map(name = "NSG_RULES")]

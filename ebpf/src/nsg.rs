@@ -20,8 +20,8 @@ use xdpgate_common::{
 use crate::{
     headers::{IPPROTO_TCP, IPPROTO_UDP},
     maps::{
-        ACTIVE_SLOT, LPM_KEY, NSG_CLASS_IDS, NSG_CLASSES, NSG_FIELDS, NSG_HITS, NSG_RULES, OPAQUE,
-        POLICY_CONFIG,
+        ACTIVE_SLOT, LPM_KEY, NSG_CLASS_IDS, NSG_CLASSES, NSG_FIELDS, NSG_HITS, NSG_RULES,
+        NSG_SCOPES, OPAQUE, POLICY_CONFIG,
     },
     parse::{FRAG_LATER, PacketMeta},
 };
@@ -74,6 +74,13 @@ pub fn classify(active: &Active<'_>, meta: &PacketMeta) -> Decision {
             continue;
         }
         let table = active.slot * TABLES_PER_SLOT + t;
+        let local = if dir == DIR_INBOUND { &meta.dst } else { &meta.src };
+        if !NSG_SCOPES
+            .get(table)
+            .is_none_or(|s| s.holds(active.config.generation, meta.family, local))
+        {
+            continue;
+        }
         let t_in = t % TABLES_PER_SLOT;
         // One argument for both (a subprogram takes five): the wildcard fields in the low
         // byte, and whether the table has its port and protocol classes (`class_bit`).

@@ -18,14 +18,14 @@ use xdpgate_common::{
     lb::{FrontendKey, Service},
     maps::{
         ACTIVE_SLOT, FRONTENDS, NAT_MAP, NAT_PUBLIC, NSG_CLASS_IDS, NSG_CLASSES, NSG_FIELDS,
-        NSG_HITS, NSG_RULE_MOVES, NSG_RULES, NSG_TRAFFIC, POLICY_CONFIG,
+        NSG_HITS, NSG_RULE_MOVES, NSG_RULES, NSG_SCOPES, NSG_TRAFFIC, POLICY_CONFIG,
     },
     nat::{AddrKey, NatEntry},
     nsg::{
-        BITMAP_WORDS, CLASSES_PER_ENTRY, CLASSES_PER_SLOT, FIELD_DPORT, FIELD_PROTO, FIELD_SPORT,
-        FLAG_MIDSTREAM, FLAG_NO_FRONTENDS, FLAG_NO_NAT, FLAG_REEVALUATE, FieldClass, FieldKey,
-        KEY_HEADER_BITS, MAX_RULES, PolicyConfig, RuleBitmap, TABLES_PER_SLOT, class_bit,
-        class_index, wildcard_bit,
+        BITMAP_WORDS, CLASSES_PER_ENTRY, CLASSES_PER_SLOT, DIR_INBOUND, FIELD_DPORT, FIELD_PROTO,
+        FIELD_SPORT, FLAG_MIDSTREAM, FLAG_NO_FRONTENDS, FLAG_NO_NAT, FLAG_REEVALUATE, FieldClass,
+        FieldKey, KEY_HEADER_BITS, MAX_RULES, PolicyConfig, RuleBitmap, TABLES_PER_SLOT,
+        TableScope, class_bit, class_index, wildcard_bit,
     },
     stats::Counter,
     words,
@@ -316,8 +316,24 @@ pub fn prepare(
         icmp_timeout_ns: s(settings.icmp_idle_timeout),
         embryonic_timeout_ns: s(settings.embryonic_timeout),
     };
+    write_scopes(pins, compiled, slot, generation)?;
     configs.set(slot, config, 0)?;
     Ok(Prepared { running: (active_slot, active_config.generation), slot, generation })
+}
+
+/// Writes the `TableScope`s of `compiled`'s tables into `slot`, for `generation`: written
+/// before the slot's configuration takes that generation, so no packet meets a scope of
+/// another policy (one of another generation skips nothing). Nothing to write where the
+/// dataplane was loaded by a build from before scopes.
+pub fn write_scopes(pins: &PinDir, compiled: &Compiled, slot: u32, generation: u64) -> Result<()> {
+    let Ok(map) = pins.open_map(NSG_SCOPES) else { return Ok(()) };
+    let mut scopes: Array<_, TableScope> = map.try_into()?;
+    for (t, table) in compiled.tables.iter().enumerate() {
+        let [v4, v6] = table.scope(t as u32 / 2 == DIR_INBOUND);
+        let scope = TableScope::new(generation, v4, v6);
+        scopes.set(slot * TABLES_PER_SLOT + t as u32, scope, 0).context("writing NSG_SCOPES")?;
+    }
+    Ok(())
 }
 
 /// Switches the prepared slot on (one 4-byte write: a packet sees the whole old policy or

@@ -178,6 +178,9 @@ pub fn change(pins: &PinDir, name: &str, what: Change) -> Result<Changed> {
     write_all_or_nothing(&mut fields, &live, &writes, &removals)
         .with_context(|| format!("set {name}"))?;
     save(pins, &new)?;
+    // The running slot's scopes, as the tables now are, for the generation to come: until
+    // it comes they are of no generation and skip nothing.
+    apply::write_scopes(pins, &compiled, slot, config.generation + 1)?;
     let generation = next_generation(pins, &record, slot, config)?;
     Ok(Changed {
         set: name.to_owned(),

@@ -65,6 +65,33 @@ impl Table {
     }
 }
 
+impl Table {
+    /// Per family (IPv4, IPv6), the smallest prefix covering every entry of the table's
+    /// local address field (`FIELD_DST4`/`FIELD_DST6` for an inbound table, the sources for
+    /// an outbound one), which compilation narrowed to its NSGs' association prefixes:
+    /// outside it no rule of the table matches (`nsg::TableScope`). A family without
+    /// entries gets `/0`: everything, looked up as before.
+    pub fn scope(&self, inbound: bool) -> [([u8; 16], u8); 2] {
+        let local = if inbound { [FIELD_DST4, FIELD_DST6] } else { [FIELD_SRC4, FIELD_SRC6] };
+        local.map(|field| {
+            let mut prefixes = self.fields.iter().filter(|((f, _, _), _)| *f == field);
+            let Some(((_, first, len), _)) = prefixes.next() else { return ([0; 16], 0) };
+            prefixes.fold((*first, *len), |(net, len), ((_, value, l), _)| {
+                let len = len.min(*l).min(common_bits(&net, value));
+                (mask(net, len), len)
+            })
+        })
+    }
+}
+
+/// How many leading bits `a` and `b` share.
+fn common_bits(a: &[u8; 16], b: &[u8; 16]) -> u8 {
+    match a.iter().zip(b).position(|(x, y)| x != y) {
+        Some(i) => i as u8 * 8 + (a[i] ^ b[i]).leading_zeros() as u8,
+        None => 128,
+    }
+}
+
 /// A field's classes: the values (ports, or protocols) whose rules are the same share a
 /// class. The dataplane finds a value's rules with two array reads instead of a trie lookup.
 #[derive(Debug, PartialEq)]
@@ -514,6 +541,41 @@ nsgs:
         // A table without rules leaves nothing to skip: a lookup of its fields finds no
         // entry, and no rule matches.
         assert_eq!(Table::default().wildcard_fields() & (1 << FIELD_DST4), 0);
+    }
+
+    #[test]
+    fn a_tables_scope_covers_its_nsgs_local_prefixes() {
+        let src = r#"
+virtual_network:
+  address_space: [198.51.100.0/24, 2001:db8:1::/48]
+nsgs:
+  - name: a
+    subnets: [198.51.100.0/26, 2001:db8:1:1::/64]
+    hosts: [198.51.100.200]
+    rules: []
+  - name: b
+    subnets: [198.51.100.64/27]
+    rules: []
+"#;
+        let policy = crate::load_str(src, "t.yaml").unwrap();
+        let compiled = compile(&policy).unwrap();
+        let table = |dir, layer| &compiled.tables[table_in_slot(dir, layer) as usize];
+        let v4 = |a: [u8; 4], len| {
+            let mut v = [0u8; 16];
+            v[..4].copy_from_slice(&a);
+            (v, len)
+        };
+        let v6: ([u8; 16], u8) =
+            ("2001:db8:1:1::".parse::<std::net::Ipv6Addr>().unwrap().octets(), 64);
+        // The two subnets' common prefix (/25), inbound (destinations) and outbound
+        // (sources) alike; only one NSG has an IPv6 subnet.
+        for dir in [DIR_INBOUND, DIR_OUTBOUND] {
+            let subnet = table(dir, LAYER_SUBNET).scope(dir == DIR_INBOUND);
+            assert_eq!(subnet, [v4([198, 51, 100, 0], 25), v6]);
+            // The host layer: its one host, and no IPv6 host at all (every address).
+            let host = table(dir, LAYER_HOST).scope(dir == DIR_INBOUND);
+            assert_eq!(host, [v4([198, 51, 100, 200], 32), ([0; 16], 0)]);
+        }
     }
 
     /// The longest of a table's entries for `field` that covers `value`'s first `bits`.
