@@ -407,7 +407,7 @@ up() {
 		[ "$decap" != kernel ] || die "up: --decap kernel needs nft (nftables) to accept" \
 			"IP-in-IP from the gateways only; nothing was changed"
 		echo "xdpgate-backend.sh: no nft: IP-in-IP from other sources is left to the" \
-			"decap program (which passes it untouched) and the stack" >&2
+			"decap program (which drops it only when for a frontend here) and the stack" >&2
 	fi
 	if [ -n "$previous" ] && [ "$previous" != "$decap" ]; then
 		die "up: this host decapsulates with $previous already: run down first to switch to $decap"

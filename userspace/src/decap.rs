@@ -27,7 +27,8 @@ pub enum DecapAction {
     /// this build's (gateways, frontends and counters kept) and the gateways and frontends
     /// added. Packets of IP-in-IP (IPv4 or IPv6 outer header) from a gateway whose inner
     /// destination is one of the frontends lose their outer header and go to the host's
-    /// stack; all others pass untouched.
+    /// stack; those from any other source for one of the frontends are dropped; all others
+    /// pass untouched.
     ///
     /// Example: xdpgate decap attach eth0 --gateway 198.51.100.1 --gateway 2001:db8:1::1
     /// --frontend 192.0.2.10 --frontend 2001:db8::10
@@ -165,7 +166,8 @@ impl View for Status {
             .collect();
         format!(
             "decap program ({}) on: {}\ngateways: {}\nfrontends: {}\npackets: {} decapsulated, \
-             {} IP-in-IP passed (not for a frontend here), {} from no gateway, {} not IP-in-IP\n",
+             {} IP-in-IP passed (not for a frontend here), {} from no gateway (dropped if for \
+             a frontend here), {} not IP-in-IP\n",
             self.pin_dir,
             ifaces.join(", "),
             list(&self.gateways),

@@ -318,7 +318,8 @@ pub struct Status {
     pub passed: u64,
     /// Packets that were not IP-in-IP (passed untouched).
     pub not_tunnel: u64,
-    /// IP-in-IP packets from an outer source that is no gateway's (passed untouched).
+    /// IP-in-IP packets from an outer source that is no gateway's: dropped when for a
+    /// frontend served here, else passed untouched.
     pub untrusted: u64,
 }
 
