@@ -930,6 +930,118 @@ fn only_the_gateways_outer_sources_are_decapsulated() {
     assert!(!table().status.success(), "the nftables table outlived down");
 }
 
+/// `decap remove --gateway` stops decapsulating from one gateway and keeps the others: its
+/// IP-in-IP for a frontend is then dropped as a stranger's, while another gateway's still
+/// arrives. An unknown gateway, or removing the last one (`attach` requires one: detach
+/// instead), is refused and changes nothing.
+#[test]
+fn decap_remove_takes_gateways_one_at_a_time() {
+    let lab = Lab::new();
+    let remove = |args: &[&str]| lab.pins.try_xdpgate(&[&["decap", "remove"][..], args].concat());
+    let out = remove(&["--gateway", SENDER4]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("attached to no interface"), "{err}");
+
+    lab.attach_ok(&["--frontend", VIP4]);
+    lab.backend.exec("ip", &["addr", "add", &format!("{VIP4}/32"), "dev", "lo"]);
+    let before = lab.status();
+    let both = serde_json::json!([format!("{SENDER4}/32"), format!("{SENDER6}/128")]);
+    assert_eq!(before["gateways"], both, "{before}");
+    for (args, says) in [
+        (&["--gateway", "203.0.113.1"][..], "203.0.113.1/32 is not a gateway"),
+        // Not the longest match: the gateway as it was added.
+        (&["--gateway", "198.51.100.0/24"], "198.51.100.0/24 is not a gateway"),
+        (&["--gateway", SENDER4, "--gateway", "203.0.113.1", "--frontend", VIP4], "is not a"),
+        (&["--gateway", SENDER4, "--gateway", SENDER6], "would leave no gateway"),
+        (&["--gateway", "198.51.100.1/33"], "is not an address or prefix"),
+        (&[], "--frontend <ADDR>|--gateway <ADDR|PREFIX>"),
+    ] {
+        let out = remove(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(says), "{args:?}: {err}");
+        let status = lab.status();
+        assert_eq!(status["gateways"], before["gateways"], "{args:?}: {status}");
+        assert_eq!(status["frontends"], before["frontends"], "{args:?}: {status}");
+    }
+
+    let out = lab.pins.xdpgate(&["decap", "remove", "--gateway", SENDER4]);
+    assert!(out.contains(&format!("gateways removed: {SENDER4}/32")), "{out}");
+    let after = lab.status();
+    assert_eq!(after["gateways"], serde_json::json!([format!("{SENDER6}/128")]), "{after}");
+    assert_eq!(after["frontends"], serde_json::json!([VIP4]), "{after}");
+
+    // The removed gateway's IP-in-IP for the frontend: not decapsulated (dropped, counted
+    // untrusted); the other gateway's (4 in 6), sent after, is the one the server gets.
+    let vip = ip(VIP4);
+    let udp = lab.backend.run(move || UdpSocket::bind((vip, 9300)).unwrap());
+    udp.set_read_timeout(Some(WAIT)).unwrap();
+    let inner = |payload: &[u8]| frame_vlan(CLIENT4, VIP4, L4::Udp(40000, 9300), &[], payload);
+    let removed = encapsulate(SENDER4, BACKEND4, &inner(b"removed"));
+    send_frame(&lab.sender, &lab.s_if, lab.b_mac, removed).unwrap();
+    let deadline = Instant::now() + WAIT;
+    while lab.status()["untrusted"].as_u64() < Some(1) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let kept = encapsulate(SENDER6, BACKEND6, &inner(b"kept"));
+    send_frame(&lab.sender, &lab.s_if, lab.b_mac, kept).unwrap();
+    let mut buf = [0u8; 64];
+    let (n, _) = udp.recv_from(&mut buf).expect("the other gateway's datagram did not arrive");
+    assert_eq!(&buf[..n], b"kept", "the removed gateway's IP-in-IP was decapsulated");
+    let status = lab.status();
+    let counts = (status["untrusted"].as_u64(), status["decapsulated"].as_u64());
+    assert_eq!(counts, (Some(1), Some(1)), "{status}");
+
+    // The last gateway: refused.
+    let out = remove(&["--gateway", SENDER6]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("would leave no gateway"), "{err}");
+    assert_eq!(lab.status()["gateways"], after["gateways"]);
+    lab.pins.xdpgate(&["decap", "detach", &lab.b_if]);
+}
+
+/// The script's `down --gateway` removes gateways (from the program, its nftables table and
+/// what later `up`s pass again), and nothing else: the frontends stay served. An unknown
+/// gateway, or every one, is refused and changes nothing.
+#[test]
+fn script_down_of_a_gateway_keeps_the_rest() {
+    const THIRD: &str = "198.51.100.3";
+    let lab = Lab::new();
+    let up = ["up", VIP4, "--decap", "xdpgate", "--interface", &lab.b_if];
+    let gateways = ["--gateway", SENDER4, "--gateway", SENDER6, "--gateway", THIRD];
+    lab.script_ok(&[&up[..], &gateways].concat());
+    let nft = || {
+        let out = lab.backend.exec("nft", &["list", "table", "inet", "xdpgate_backend"]).stdout;
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    assert!(nft().contains(THIRD), "{}", nft());
+    let before = lab.status();
+    for (args, says) in [
+        (&["down", "--gateway", "203.0.113.1"][..], "not one of the gateways"),
+        (
+            &["down", "--gateway", SENDER4, "--gateway", SENDER6, "--gateway", THIRD],
+            "every gateway",
+        ),
+    ] {
+        let out = lab.script(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(says), "{args:?}: {err}");
+        assert_eq!(lab.status()["gateways"], before["gateways"], "{args:?}");
+        assert!(nft().contains(THIRD), "{args:?}: {}", nft());
+    }
+
+    lab.script_ok(&["down", "--gateway", THIRD]);
+    let status = lab.status();
+    let two = serde_json::json!([format!("{SENDER4}/32"), format!("{SENDER6}/128")]);
+    assert_eq!(status["gateways"], two, "{status}");
+    assert_eq!(status["frontends"], serde_json::json!([VIP4]), "{status}");
+    assert!(lab.lo_addrs().contains(VIP4));
+    assert!(!nft().contains(THIRD), "{}", nft());
+    // A later `up` does not bring it back.
+    lab.script_ok(&up);
+    assert_eq!(lab.status()["gateways"], two);
+    lab.script_ok(&["down"]);
+}
+
 /// `down` puts back the default route `up` lowered the MSS on as it was: its own advmss
 /// included; a multipath one is not changed at all.
 #[test]
