@@ -27,8 +27,10 @@ pub enum DecapCounter {
     Passed = 1,
     /// Not an IP-in-IP packet: passed untouched.
     NotTunnel = 2,
-    /// IP-in-IP from an outer source that is no gateway's (`DECAP_SOURCES`): passed
-    /// untouched. (A `DECAP_STATS` pinned by a build from before has no slot for it.)
+    /// IP-in-IP from an outer source that is no gateway's (`DECAP_SOURCES`): dropped when
+    /// its inner destination is a frontend served here (another IP-in-IP receiver on the
+    /// host would decapsulate it), else passed untouched. (A `DECAP_STATS` pinned by a
+    /// build from before has no slot for it.)
     Untrusted = 3,
 }
 pub const DECAP_COUNTERS: u32 = 4;

@@ -19,6 +19,9 @@ usage: xdpgate-backend.sh up|down [options] FRONTEND...
                     gateways whose IP-in-IP comes from these sources
   down [FRONTEND...] stop serving these (all when none is named); with none left, undo
                     everything up did
+  down --gateway ADDR... [FRONTEND...]
+                    stop accepting IP-in-IP from these gateways (as up was given them;
+                    at least one must be left), and only then the frontends named
 
 options:
   --gateway ADDR|PREFIX   up: an outer source address (or prefix) of the gateways' IP-in-IP,
@@ -27,7 +30,8 @@ options:
                           any host. xdpgate decap decapsulates from these only; both decap
                           modes add an nftables rule dropping IP-in-IP from anyone else
                           (required with --decap kernel; skipped with a warning, if nft is
-                          missing, with --decap xdpgate, whose program is the filter)
+                          missing, with --decap xdpgate, whose program is the filter).
+                          down: a gateway to remove, as up was given it
   --decap kernel|xdpgate  how to decapsulate: the kernel's collect-metadata tunnel devices
                           (xdpgate4: ipip, xdpgate6: ip6tnl), or xdpgate's XDP program
                           (`xdpgate decap attach`). Default: kernel if this kernel can
@@ -407,7 +411,7 @@ up() {
 		[ "$decap" != kernel ] || die "up: --decap kernel needs nft (nftables) to accept" \
 			"IP-in-IP from the gateways only; nothing was changed"
 		echo "xdpgate-backend.sh: no nft: IP-in-IP from other sources is left to the" \
-			"decap program (which passes it untouched) and the stack" >&2
+			"decap program (which drops it only when for a frontend here) and the stack" >&2
 	fi
 	if [ -n "$previous" ] && [ "$previous" != "$decap" ]; then
 		die "up: this host decapsulates with $previous already: run down first to switch to $decap"
@@ -474,7 +478,35 @@ up() {
 	echo "xdpgate-backend.sh: serving$(served | tr '\n' ' ' | sed 's/^/ /;s/ $//') ($decap decap)"
 }
 
+# Stops accepting IP-in-IP from $gateways, as `up` was given them, in the program (which
+# checks first), the nftables table and what later `up`s pass again. The last is refused:
+# `down` alone undoes everything.
+remove_gateways() {
+	[ -e "$state/gateways" ] || die "down: no gateway to remove: this host serves no frontend"
+	for g in $gateways; do
+		grep -qxF "$g" "$state/gateways" || die "down: --gateway $g is not one of the" \
+			"gateways ($(paste -s -d' ' "$state/gateways")), as up was given them; nothing was changed"
+	done
+	left=$(for g in $gateways; do echo "$g"; done | grep -vxF -f - "$state/gateways" || true)
+	[ -n "$left" ] || die "down: that is every gateway: IP-in-IP would be accepted from no one;" \
+		"run up --gateway with the new one first, or down alone to undo everything; nothing" \
+		"was changed"
+	if [ "$(cat "$state/decap")" = xdpgate ]; then
+		set --
+		for g in $gateways; do set -- "$@" --gateway "$g"; done
+		xg decap remove "$@" >/dev/null
+	fi
+	echo "$left" >"$state/gateways"
+	gateways=$left
+	if [ -e "$state/nft" ]; then restrict_tunnels; fi
+	echo "xdpgate-backend.sh: gateways left: $(echo "$left" | paste -s -d' ')"
+}
+
 down() {
+	if [ -n "$gateways" ]; then
+		remove_gateways
+		[ -n "$frontends" ] || return 0
+	fi
 	[ -n "$frontends" ] || frontends=$(served | tr '\n' ' ')
 	decap=$(cat "$state/decap" 2>/dev/null || echo "${decap:-}")
 	for f in $frontends; do

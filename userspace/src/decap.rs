@@ -27,12 +27,17 @@ pub enum DecapAction {
     /// this build's (gateways, frontends and counters kept) and the gateways and frontends
     /// added. Packets of IP-in-IP (IPv4 or IPv6 outer header) from a gateway whose inner
     /// destination is one of the frontends lose their outer header and go to the host's
-    /// stack; all others pass untouched.
+    /// stack; those from any other source for one of the frontends are dropped; all others
+    /// pass untouched.
     ///
     /// Example: xdpgate decap attach eth0 --gateway 198.51.100.1 --gateway 2001:db8:1::1
     /// --frontend 192.0.2.10 --frontend 2001:db8::10
     Attach(AttachArgs),
-    /// Stop decapsulating for frontends (the program stays attached).
+    /// Stop decapsulating for frontends, or from gateways (the program stays attached).
+    /// A gateway is named as it was added; an unknown one, or the last one, is refused and
+    /// nothing is removed (to stop decapsulating altogether, detach the program).
+    ///
+    /// Example: xdpgate decap remove --gateway 198.51.100.1
     Remove(RemoveArgs),
     /// Detach the decapsulation program from an interface, or from every one with --all;
     /// the last detach removes its frontends and counters.
@@ -70,10 +75,16 @@ pub struct AttachArgs {
 }
 
 #[derive(Debug, clap::Args)]
+#[group(required = true, multiple = true)]
 pub struct RemoveArgs {
     /// A frontend address to stop decapsulating for. Repeat for more.
-    #[arg(long = "frontend", value_name = "ADDR", required = true)]
+    #[arg(long = "frontend", value_name = "ADDR")]
     pub frontends: Vec<IpAddr>,
+    /// A gateway (outer source address or prefix, as `attach --gateway` added it) to stop
+    /// decapsulating from: its IP-in-IP for the frontends is then dropped as a stranger's.
+    /// Repeat for more; at least one must be left.
+    #[arg(long = "gateway", value_name = "ADDR|PREFIX", value_parser = crate::filter::parse_net)]
+    pub gateways: Vec<IpNet>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -111,12 +122,19 @@ pub fn run(pins: &PinDir, args: DecapArgs) -> Result<()> {
             );
         }
         DecapAction::Remove(r) => {
-            let removed = decap::remove_frontends(pins, &r.frontends)?;
-            let not: Vec<IpAddr> =
-                r.frontends.iter().filter(|f| !removed.contains(f)).copied().collect();
-            println!("decap frontends removed: {}", list(&removed));
-            if !not.is_empty() {
-                println!("not decapsulated for before: {}", list(&not));
+            // First: a refused gateway leaves the frontends as they were too.
+            if !r.gateways.is_empty() {
+                let removed = decap::remove_gateways(pins, &r.gateways)?;
+                println!("decap gateways removed: {}", list(&removed));
+            }
+            if !r.frontends.is_empty() {
+                let removed = decap::remove_frontends(pins, &r.frontends)?;
+                let not: Vec<IpAddr> =
+                    r.frontends.iter().filter(|f| !removed.contains(f)).copied().collect();
+                println!("decap frontends removed: {}", list(&removed));
+                if !not.is_empty() {
+                    println!("not decapsulated for before: {}", list(&not));
+                }
             }
         }
         DecapAction::Detach(d) => {
@@ -165,7 +183,8 @@ impl View for Status {
             .collect();
         format!(
             "decap program ({}) on: {}\ngateways: {}\nfrontends: {}\npackets: {} decapsulated, \
-             {} IP-in-IP passed (not for a frontend here), {} from no gateway, {} not IP-in-IP\n",
+             {} IP-in-IP passed (not for a frontend here), {} from no gateway (dropped if for \
+             a frontend here), {} not IP-in-IP\n",
             self.pin_dir,
             ifaces.join(", "),
             list(&self.gateways),

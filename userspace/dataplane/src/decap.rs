@@ -223,7 +223,7 @@ pub fn add_gateways(pins: &PinDir, gateways: &[IpNet]) -> Result<Vec<IpNet>> {
 }
 
 /// The gateways' prefixes the program decapsulates from.
-fn gateways(map: &LpmTrie<MapData, AddrKey, u32>) -> Vec<IpNet> {
+fn trusted(map: &LpmTrie<MapData, AddrKey, u32>) -> Vec<IpNet> {
     let mut nets: Vec<IpNet> = map
         .keys()
         .filter_map(Result::ok)
@@ -235,6 +235,47 @@ fn gateways(map: &LpmTrie<MapData, AddrKey, u32>) -> Vec<IpNet> {
         .collect();
     nets.sort();
     nets
+}
+
+/// Stops decapsulating from `gateways` (as `attach` added them, address or prefix: not the
+/// gateways they contain); returns them. A gateway it does not decapsulate from, or
+/// removing the last (`attach` requires one; [`detach`] stops it all), is refused before
+/// any is removed.
+pub fn remove_gateways(pins: &PinDir, gateways: &[IpNet]) -> Result<Vec<IpNet>> {
+    let dir = dir(pins);
+    if !dir.check()? || !dir.map(DECAP_SOURCES).exists() {
+        bail!(
+            "the decap program is attached to no interface (under {}): no gateway to remove",
+            dir.path().display()
+        );
+    }
+    let _lock = crate::state::WriteLock::acquire(&dir)?;
+    let mut map: LpmTrie<_, AddrKey, u32> = dir.open_map(DECAP_SOURCES)?.try_into()?;
+    let trusted = trusted(&map);
+    let mut removing: Vec<IpNet> = gateways.iter().map(IpNet::trunc).collect();
+    removing.sort();
+    removing.dedup();
+    let names = |nets: &[IpNet]| nets.iter().map(ToString::to_string).collect::<Vec<_>>();
+    if let Some(g) = removing.iter().find(|g| !trusted.contains(g)) {
+        bail!(
+            "{g} is not a gateway the decap program decapsulates from (its gateways: {}); \
+             nothing was removed",
+            names(&trusted).join(", ")
+        );
+    }
+    if trusted.iter().all(|g| removing.contains(g)) {
+        bail!(
+            "removing {} would leave no gateway: the program would decapsulate from no one \
+             and drop every IP-in-IP packet for its frontends. Add the new gateway first \
+             (xdpgate decap attach IFACE --frontend ADDR --gateway ADDR|PREFIX), or detach \
+             the program (xdpgate decap detach --all); nothing was removed",
+            names(&removing).join(", ")
+        );
+    }
+    for g in &removing {
+        map.remove(&crate::nat::prefix_key(g)).with_context(|| format!("removing gateway {g}"))?;
+    }
+    Ok(removing)
 }
 
 /// Stops decapsulating for `frontends`; returns those that were served (the others are
@@ -318,7 +359,8 @@ pub struct Status {
     pub passed: u64,
     /// Packets that were not IP-in-IP (passed untouched).
     pub not_tunnel: u64,
-    /// IP-in-IP packets from an outer source that is no gateway's (passed untouched).
+    /// IP-in-IP packets from an outer source that is no gateway's: dropped when for a
+    /// frontend served here, else passed untouched.
     pub untrusted: u64,
 }
 
@@ -368,7 +410,7 @@ pub fn status(pins: &PinDir) -> Result<Status> {
     // Pinned by a build from before the gateways were checked: none (the program then
     // decapsulates from any source) until the next attach.
     if dir.map(DECAP_SOURCES).exists() {
-        status.gateways = gateways(&dir.open_map(DECAP_SOURCES)?.try_into()?);
+        status.gateways = trusted(&dir.open_map(DECAP_SOURCES)?.try_into()?);
     }
     let stats: PerCpuArray<MapData, u64> = dir.open_map(DECAP_STATS)?.try_into()?;
     let read = |c: DecapCounter| -> Result<u64> {
