@@ -10,6 +10,8 @@
 //!   attaches the interfaces itself and the policy filters real traffic; and so it does
 //!   with only the capabilities deploy/xdpgate.service grants.
 //! * A full disk under the flow log: the error is logged with the file name, lines resume.
+//! * Another writer holding the write lock: the metrics endpoint answers, SIGTERM stops the
+//!   agent at once, and a SIGHUP's reload is applied once the lock is free.
 
 mod common;
 
@@ -749,6 +751,9 @@ fn sigterm_and_sighup_while_another_writer_holds_the_lock() {
     });
     std::fs::write(&file, policy(9090)).unwrap();
     agent.signal(libc::SIGHUP);
+    wait_for("the agent to take the SIGHUP during the hold", Duration::from_secs(1), || {
+        agent.log().contains("SIGHUP: reloading")
+    });
     while held.elapsed() < hold {
         agent.assert_running("SIGHUP during the hold");
         assert_eq!(generation(&lab.pins), before, "nothing applied while the lock is held");
