@@ -10,6 +10,8 @@
 //!   attaches the interfaces itself and the policy filters real traffic; and so it does
 //!   with only the capabilities deploy/xdpgate.service grants.
 //! * A full disk under the flow log: the error is logged with the file name, lines resume.
+//! * Another writer holding the write lock: the metrics endpoint answers, SIGTERM stops the
+//!   agent at once, and a SIGHUP's reload is applied once the lock is free.
 
 mod common;
 
@@ -664,13 +666,13 @@ fn metrics_answer_while_another_writer_holds_the_lock() {
     });
 
     let lock = xdpgate_dataplane::state::WriteLock::acquire(&lab.pins.dir).expect("write lock");
-    // The NAT expiry tries the lock every second and waits for it after a few tries.
+    // The NAT expiry asks for the lock every second.
     wait_for("the agent waiting for the write lock", Duration::from_secs(20), || {
         agent.assert_running("another writer took the lock");
         agent.log().contains(xdpgate::lock_turn::WAITING)
     });
-    // Requests one after another while the lock stays held across two waiting tries.
-    let hold = 2 * xdpgate::lock_turn::WAIT + Duration::from_secs(1);
+    // Requests one after another while the lock stays held.
+    let hold = Duration::from_secs(5);
     let held = Arc::new(AtomicBool::new(true));
     let (tx, rx) = mpsc::channel();
     let asker = lab.gw.spawn({
@@ -718,4 +720,86 @@ fn metrics_answer_while_another_writer_holds_the_lock() {
         during.last().unwrap()
     );
     agent.stop();
+}
+
+/// The agent's log lines saying it waits for the write lock (one a busy spell).
+fn lock_waits(agent: &Agent) -> usize {
+    agent.log().matches(xdpgate::lock_turn::WAITING).count()
+}
+
+/// Another writer holds the write lock for several seconds: a reload asked meanwhile is
+/// applied once the lock is free, and SIGTERM stops the agent at once, even with a reload
+/// waiting for the lock, leaving the dataplane running its policy.
+#[test]
+fn sigterm_and_sighup_while_another_writer_holds_the_lock() {
+    let lab = Gateway::new();
+    let file = lab.write_policy("policy.yaml", &policy(8080));
+    let mut agent = Agent::start(&lab, &["--policy", file.to_str().unwrap()]);
+    wait_for("the first policy applied", Duration::from_secs(20), || {
+        agent.assert_running("start");
+        generation(&lab.pins) >= 1
+    });
+    let before = generation(&lab.pins);
+    let hold = Duration::from_secs(8);
+
+    // A reload asked during the hold is applied after it.
+    let lock = xdpgate_dataplane::state::WriteLock::acquire(&lab.pins.dir).expect("write lock");
+    let held = Instant::now();
+    wait_for("the agent waiting for the write lock", Duration::from_secs(20), || {
+        agent.assert_running("another writer took the lock");
+        lock_waits(&agent) == 1
+    });
+    std::fs::write(&file, policy(9090)).unwrap();
+    agent.signal(libc::SIGHUP);
+    wait_for("the agent to take the SIGHUP during the hold", Duration::from_secs(1), || {
+        agent.log().contains("SIGHUP: reloading")
+    });
+    while held.elapsed() < hold {
+        agent.assert_running("SIGHUP during the hold");
+        assert_eq!(generation(&lab.pins), before, "nothing applied while the lock is held");
+        thread::sleep(Duration::from_millis(200));
+    }
+    drop(lock);
+    wait_for("the reload applied after the hold", Duration::from_secs(10), || {
+        agent.assert_running("the hold's end");
+        agent_state(&lab.pins).is_some_and(|s| {
+            s["last_reload"]["successful"] == true && s["generation"].as_u64() == Some(before + 1)
+        })
+    });
+    assert_eq!(generation(&lab.pins), before + 1);
+    assert!(reaches(&lab, 9090) && !reaches(&lab, 8080), "the reloaded policy is in force");
+
+    // SIGTERM (after another reload request) as the agent starts waiting for the lock.
+    let lock = xdpgate_dataplane::state::WriteLock::acquire(&lab.pins.dir).expect("write lock");
+    let held = Instant::now();
+    wait_for("the agent waiting for the write lock again", Duration::from_secs(20), || {
+        agent.assert_running("another writer took the lock again");
+        lock_waits(&agent) == 2
+    });
+    std::fs::write(&file, policy(7070)).unwrap();
+    agent.signal(libc::SIGHUP);
+    agent.signal(libc::SIGTERM);
+    let asked = Instant::now();
+    let exit = loop {
+        if let Some(exit) = agent.child.try_wait().expect("try_wait") {
+            break exit;
+        }
+        assert!(held.elapsed() < hold, "the agent still runs {hold:?} into the hold");
+        thread::sleep(Duration::from_millis(10));
+    };
+    let took = asked.elapsed();
+    println!("SIGTERM during a hold: the agent exited after {took:?}");
+    assert!(exit.success(), "agent stopped with {exit}; log:\n{}", agent.log());
+    assert!(
+        took < Duration::from_secs(1),
+        "SIGTERM took {took:?} to stop the agent while another writer held the lock"
+    );
+    assert!(agent_state(&lab.pins).is_none(), "agent.json removed");
+    assert_eq!(generation(&lab.pins), before + 1, "the reload asked last was not applied");
+    drop(lock);
+    assert!(reaches(&lab, 9090) && !reaches(&lab, 8080), "the dataplane runs on from its pins");
+    // Neither lock is left held: a one-shot apply goes through.
+    lab.apply("after.yaml", &policy(8080));
+    assert_eq!(generation(&lab.pins), before + 2);
+    assert!(reaches(&lab, 8080) && !reaches(&lab, 9090), "the applied policy is in force");
 }

@@ -562,10 +562,10 @@ fn flows_delete_without_the_policy_record_refuses_and_deletes_nothing() {
 }
 
 /// A writer that keeps taking the write lock (a loop of `apply`: held 1 s, free for 20 ms)
-/// does not stop translations from expiring: the agent yields to it three ticks in a row at
-/// most, then waits for the lock (2 s at most) and catches the gap. An idle translation ends
-/// within its idle timeout (4 s) plus about 5 s; the test allows 14 (seen failing before:
-/// the agent only tried the lock once a tick and the translation stayed).
+/// does not stop translations from expiring: the agent's turn at the lock waits for it and
+/// catches the gap. An idle translation ends within its idle timeout (4 s) plus about 2 s;
+/// the test allows 14 (seen failing before: the agent only tried the lock once a tick and
+/// the translation stayed).
 #[test]
 fn translations_expire_under_a_writer_that_keeps_the_lock() {
     let lab = Lab::new("    udp_idle_timeout: 4\n    port_reuse_cooldown: 0\n");

@@ -31,7 +31,7 @@ use xdpgate_dataplane::{
     nat,
     probes::ProbeHealth,
     routes,
-    state::AgentLock,
+    state::{AgentLock, LOCK_WAIT, WriteLock},
     transaction,
 };
 use xdpgate_policy::{
@@ -393,7 +393,13 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     event_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut maps = LbMaps::open(pins)?;
     let mut health_tables = HealthTables::default();
-    let mut nat_turn = LockTurn::default();
+    // The agent's writes (a reload, table rebuilds, NAT expiry) wait for the write lock in
+    // one turn polled beside the loop's other arms: another writer's long hold delays
+    // them, not the loop (signals, probe results, BGP changes).
+    let mut turn = LockTurn::default();
+    // A reload asked (when) and NAT expiry due, for the next turn.
+    let mut reload: Option<Instant> = None;
+    let mut nat_due = false;
     let mut expiry = tokio::time::interval(std::time::Duration::from_secs(1));
     // Programs come and go with attach and upgrade: look for new ones every tick.
     let mut loggers = Vec::new();
@@ -476,15 +482,27 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                 }
             }
             Some(change) = rx.recv() => {
-                health_tables.change(pins, &mut maps, &running.lbs, &mut down, &change, &mut failing).await;
+                health_tables.change(&mut down, &change);
+                turn.want(pins);
                 announce_node(pins, node.as_ref(), &running.lbs, &down, &probe_stats, &mut failing);
             }
             _ = expiry.tick() => {
                 // An interface of the node file that appears late (or came back) is
                 // attached; tried every 10 s, as a failing attach loads the programs.
                 ticks += 1;
-                health_tables.rebuild(pins, &mut maps, &running.lbs, &down, &mut failing).await;
-                tick(pins, &running, &mut loggers, flow_log.as_mut(), &mut nat_turn, &mut failing).await;
+                // Translations end under the write lock, as `flows delete` ends them; a
+                // health change's rebuild that failed is retried with them.
+                nat_due = true;
+                turn.want(pins);
+                if let Some(asked) = reload
+                    && asked.elapsed() >= LOCK_WAIT
+                {
+                    // As long as a one-shot writer waits, and then as it gives up.
+                    reload = None;
+                    reloaded(pins, file, &mut state, Err(WriteLock::busy(pins, LOCK_WAIT)));
+                    save_state(pins, &mut state, &failing);
+                }
+                tick(pins, &mut loggers, flow_log.as_mut(), &mut failing);
                 follow_generation(pins, &mut running.names, &mut failing);
                 // Drain, undrain, a detach or a reattach: within a second. Before the
                 // reattach below, so that a detached node is withdrawn in every case.
@@ -507,76 +525,75 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                 }
             }
             _ = hup.recv() => {
-                info!("SIGHUP: reloading {}", file.display());
                 if let Some(log) = flow_log.as_mut() {
                     failing.check("flow log path", log.sink.reopen());
                 }
-                let result = match prepare(pins, file) {
-                    Err(e) => Err(e),
-                    Ok((policy, source, tables, lbs)) => {
-                        let targets_new = targets(&lbs);
-                        let down_new = ProbeHealth {
-                            pid: down.pid,
-                            down: targets_new
-                                .iter()
-                                .map(|t| (t.backend, t.probe.name.clone()))
-                                .filter(|k| down.down.contains(k))
-                                .collect(),
-                        };
-                        // The old probes stop, so that no change of theirs lands on the new
-                        // tables; on failure they start again on the old policy.
-                        drop(prober);
-                        (tx, rx) = mpsc::channel::<Change>(256);
-                        let installed = encap(&node, &lbs).and_then(|sources| {
-                            transaction::install(pins, &policy, &source, &tables, &lbs, &down_new, sources)
-                        });
-                        match installed {
-                            Ok(generation) => {
-                                let names = failing.check("reading the new policy's rule names", flows::Names::read(pins));
-                                let names = names.map(Arc::new).unwrap_or(running.names);
-                                running = Running { policy, lbs, names };
-                                down = down_new;
-                                // Built from `down` whole.
-                                health_tables.pending.clear();
-                                prober = Prober::spawn_counted(targets_new, &down.down, max_concurrent, tx.clone(), probe_stats.clone());
-                                Ok(generation)
-                            }
-                            Err(e) => {
-                                prober = Prober::spawn_counted(targets(&running.lbs), &down.down, max_concurrent, tx.clone(), probe_stats.clone());
-                                Err(e)
-                            }
-                        }
-                    }
-                };
-                state.last_reload = Reload::now(&result);
-                match result {
-                    Ok(generation) => {
-                        info!("applied {} as generation {generation}", file.display());
-                        state.generation = generation;
-                        state.last_success_unix = Some(state.last_reload.unix);
-                    }
-                    Err(e) => {
-                        // What the kernel runs now (an apply that failed part-way may have
-                        // switched the NSG tables already).
-                        if let Ok((_, config)) = apply::active(pins) {
-                            state.generation = config.generation;
-                        }
-                        log_errors(
-                            &format!(
-                                "reload of {} failed; generation {} stays in force:",
-                                file.display(),
-                                state.generation
-                            ),
-                            &e,
-                        );
-                    }
+                // Read and applied in the next turn at the write lock: a SIGHUP during
+                // another writer's hold is applied after it (several, once).
+                if reload.is_none() {
+                    info!("SIGHUP: reloading {}", file.display());
+                    reload = Some(Instant::now());
                 }
-                announce_node(pins, node.as_ref(), &running.lbs, &down, &probe_stats, &mut failing);
-                save_state(pins, &mut state, &failing);
+                turn.want(pins);
+            }
+            taken = turn.taken(), if turn.wanted() => {
+                let Some(lock) = failing.check("write lock", taken) else { continue };
+                if reload.take().is_some() {
+                    // Loaded under the lock, so no `xdpgate set` comes between the load of the
+                    // sets' changes and the install.
+                    let result = match prepare(pins, file) {
+                        Err(e) => Err(e),
+                        Ok((policy, source, tables, lbs)) => {
+                            let targets_new = targets(&lbs);
+                            let down_new = ProbeHealth {
+                                pid: down.pid,
+                                down: targets_new
+                                    .iter()
+                                    .map(|t| (t.backend, t.probe.name.clone()))
+                                    .filter(|k| down.down.contains(k))
+                                    .collect(),
+                            };
+                            // The old probes stop, so that no change of theirs lands on the new
+                            // tables; on failure they start again on the old policy.
+                            drop(prober);
+                            (tx, rx) = mpsc::channel::<Change>(256);
+                            let installed = encap(&node, &lbs).and_then(|sources| {
+                                transaction::install_under(&lock, pins, &policy, &source, &tables, &lbs, &down_new, sources)
+                            });
+                            match installed {
+                                Ok(generation) => {
+                                    let names = failing.check("reading the new policy's rule names", flows::Names::read(pins));
+                                    let names = names.map(Arc::new).unwrap_or(running.names);
+                                    running = Running { policy, lbs, names };
+                                    down = down_new;
+                                    // Built from `down` whole.
+                                    health_tables.pending.clear();
+                                    prober = Prober::spawn_counted(targets_new, &down.down, max_concurrent, tx.clone(), probe_stats.clone());
+                                    Ok(generation)
+                                }
+                                Err(e) => {
+                                    prober = Prober::spawn_counted(targets(&running.lbs), &down.down, max_concurrent, tx.clone(), probe_stats.clone());
+                                    Err(e)
+                                }
+                            }
+                        }
+                    };
+                    reloaded(pins, file, &mut state, result);
+                    announce_node(pins, node.as_ref(), &running.lbs, &down, &probe_stats, &mut failing);
+                    save_state(pins, &mut state, &failing);
+                }
+                health_tables.rebuild(&lock, pins, &mut maps, &running.lbs, &down, &mut failing);
+                if std::mem::take(&mut nat_due) {
+                    expire_nat(&lock, pins, &running, &mut failing);
+                }
             }
             _ = term.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
         }
+    }
+    // Nothing of it was written: the turn had not come.
+    if reload.is_some() {
+        info!("the reload waiting for the write lock is not applied: the agent stops");
     }
     // First, while the dataplane is certainly in force: the peers stop sending here.
     if let Some(bgp) = node.as_ref().and_then(|n| n.bgp.as_ref()) {
@@ -590,6 +607,33 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     agent_state::remove(pins);
     info!("stopping; the dataplane keeps running from its pinned state");
     Ok(())
+}
+
+/// Records and logs the result of a reload.
+fn reloaded(pins: &PinDir, file: &Path, state: &mut AgentState, result: Result<u64>) {
+    state.last_reload = Reload::now(&result);
+    match result {
+        Ok(generation) => {
+            info!("applied {} as generation {generation}", file.display());
+            state.generation = generation;
+            state.last_success_unix = Some(state.last_reload.unix);
+        }
+        Err(e) => {
+            // What the kernel runs now (an apply that failed part-way may have switched the
+            // NSG tables already).
+            if let Ok((_, config)) = apply::active(pins) {
+                state.generation = config.generation;
+            }
+            log_errors(
+                &format!(
+                    "reload of {} failed; generation {} stays in force:",
+                    file.display(),
+                    state.generation
+                ),
+                &e,
+            );
+        }
+    }
 }
 
 /// Writes `agent.json`; a failure is logged (the agent's work does not depend on it).
@@ -685,29 +729,26 @@ fn follow_generation(pins: &PinDir, names: &mut Arc<flows::Names>, failing: &mut
     }
 }
 
-/// The once-a-second jobs; none of their errors ends the agent.
-async fn tick(
+/// Ends the translations idle past their timeout, under the write lock.
+fn expire_nat(_lock: &WriteLock, pins: &PinDir, running: &Running, failing: &mut Failing) {
+    let expired = nat::expire(pins, &running.policy, nat::monotonic_ns());
+    if let Some(e) = failing.check("NAT expiry", expired)
+        && e.expired + e.released > 0
+    {
+        info!("NAT: {} translations idled out, {} ports free again", e.expired, e.released);
+    }
+}
+
+/// The once-a-second jobs that need no write lock; none of their errors ends the agent.
+fn tick(
     pins: &PinDir,
-    running: &Running,
     loggers: &mut Vec<(u32, EbpfLogger<&'static dyn log::Log>)>,
     flow_log: Option<&mut flowlog::FlowLog>,
-    nat_turn: &mut LockTurn,
     failing: &mut Failing,
 ) {
     failing.check("dataplane log readers", dataplane_loggers(pins, loggers));
     for (_, logger) in loggers.iter_mut() {
         logger.flush();
-    }
-    // Translations end under the write lock, as `flows delete` ends them: a tick that finds
-    // another writer at work leaves the expiry to a later one, which waits for the lock
-    // once a few have yielded (`LockTurn`), so a busy writer delays it, never starves it.
-    if let Some(Some(_lock)) = failing.check("NAT expiry lock", nat_turn.take(pins).await) {
-        let expired = nat::expire(pins, &running.policy, nat::monotonic_ns());
-        if let Some(e) = failing.check("NAT expiry", expired)
-            && e.expired + e.released > 0
-        {
-            info!("NAT: {} translations idled out, {} ports free again", e.expired, e.released);
-        }
     }
     // A job of its own: finding the file in place says nothing of whether writes work, so
     // it must not clear a write failure that `status` shows.
@@ -718,27 +759,19 @@ async fn tick(
     }
 }
 
-/// Health changes of backends and the tables and flags that must follow them: rebuilt as a
-/// change comes, under the write lock; a change that finds another writer at work (or a
-/// rebuild that fails) stays pending and is retried every tick until it is in.
+/// Health changes of backends and the tables and flags that must follow them: rebuilt in
+/// the agent's next turn at the write lock; a rebuild that fails stays pending and is
+/// retried in the turn of the next tick.
 #[derive(Default)]
 struct HealthTables {
     /// (backend, probe) pairs that changed since the tables were last rebuilt for them.
     pending: BTreeSet<(IpAddr, String)>,
-    turn: LockTurn,
 }
 
 impl HealthTables {
-    /// A backend changed state: `down` follows, then the tables of the services it serves.
-    async fn change(
-        &mut self,
-        pins: &PinDir,
-        maps: &mut LbMaps,
-        lbs: &CompiledLb,
-        down: &mut ProbeHealth,
-        change: &Change,
-        failing: &mut Failing,
-    ) {
+    /// A backend changed state: `down` follows at once (in the order the changes come),
+    /// then, in the next turn at the lock, the tables of the services it serves.
+    fn change(&mut self, down: &mut ProbeHealth, change: &Change) {
         let key = (change.backend, change.probe.clone());
         match change.health {
             Health::Unhealthy => {
@@ -757,13 +790,16 @@ impl HealthTables {
             }
         }
         self.pending.insert(key);
-        self.rebuild(pins, maps, lbs, down, failing).await;
     }
 
-    /// Rebuilds what the pending changes touch, if the write lock can be had (see
-    /// [`LockTurn`]); what is rebuilt is no longer pending.
-    async fn rebuild(
+    /// Rebuilds what the pending changes touch, from `down` as it is now; what is rebuilt
+    /// is no longer pending.
+    fn rebuild(
         &mut self,
+        // As one writer with `xdpgate lb drain`: the drained backends read under the lock
+        // stay out of the tables rebuilt under it, and drain rebuilds from the health saved
+        // with them.
+        _lock: &WriteLock,
         pins: &PinDir,
         maps: &mut LbMaps,
         lbs: &CompiledLb,
@@ -773,16 +809,6 @@ impl HealthTables {
         if self.pending.is_empty() {
             return;
         }
-        // As one writer with `xdpgate lb drain`: the drained backends read under the lock
-        // stay out of the tables rebuilt under it, and drain rebuilds from the health saved
-        // with them.
-        let Some(lock) = failing.check("write lock", self.turn.take(pins).await) else { return };
-        let Some(_lock) = lock else {
-            if self.turn.skipped() == 1 {
-                info!("another writer holds the write lock: health changes wait for it");
-            }
-            return;
-        };
         failing.check("saving the probes' health", down.save(pins));
         let Some(drained) = failing.check("drained backends", drain::read(pins)) else { return };
         let with_drained = drain::WithDrained { health: down, drained: &drained };

@@ -1,56 +1,66 @@
-//! The write lock for the agent's own periodic writes (NAT expiry, a health change's table
-//! rebuild): they yield to other writers, but not forever. Tried without waiting; after
-//! [`SKIPS_BEFORE_WAITING`] tries in a row found it busy, waited for (at most [`WAIT`]), so
-//! a writer that keeps taking the lock (a loop of `xdpgate apply`) delays the job by a
-//! bounded time instead of starving it: the wait catches the gap between two such writers.
+//! The agent's turns at the dataplane's write lock, for its own writes (a reload, a health
+//! change's table rebuild, NAT expiry). A turn is a future the agent's loop polls beside its
+//! other arms, kept across the loop's iterations: while another writer holds the lock (a
+//! loop of `xdpgate apply`, an `lb --maglev` reading), the agent goes on serving signals,
+//! probe results and BGP changes, and its writes wait, in one turn, until the lock is free.
 
-use std::time::Duration;
+use std::{future::Future, pin::Pin, time::Duration};
 
 use anyhow::Result;
 use xdpgate_dataplane::{PinDir, state::WriteLock};
 
-/// Busy tries (one a second for the agent's ticks) before the next one waits.
-pub const SKIPS_BEFORE_WAITING: u32 = 3;
-
-/// The longest a waiting try delays its job: a writer that holds the lock longer without
-/// a break is waited for again at the next try.
-pub const WAIT: Duration = Duration::from_secs(2);
-
-/// How often a waiting try looks at the lock again.
+/// How often a waiting turn looks at the lock again: soon enough to catch the gap between
+/// two writers (`xdpgate apply` polls as often).
 const POLL: Duration = Duration::from_millis(5);
 
-/// Logged when a job's tries start waiting for the lock.
-pub const WAITING: &str = "another writer keeps the write lock: waiting for it";
+/// Logged when a turn finds another writer holding the lock.
+pub const WAITING: &str = "another writer holds the write lock: the agent's writes wait for it";
 
-/// One job's tries at the lock.
-#[derive(Debug, Default)]
+/// The agent's turn at the write lock: none, or one under way.
+#[derive(Default)]
 pub struct LockTurn {
-    /// Tries in a row that found the lock busy.
-    skipped: u32,
+    /// Polled by the loop's arm (see [`LockTurn::taken`]); dropped only once it is done,
+    /// so a wait is never restarted when another arm runs.
+    wait: Option<Pin<Box<dyn Future<Output = Result<WriteLock>>>>>,
 }
 
 impl LockTurn {
-    /// The lock, or `None` when this try yields to another writer (counted). A waiting try
-    /// polls without blocking the agent's thread: its tasks (probes, the metrics endpoint)
-    /// run meanwhile; its loop (signals, health changes) resumes after the wait.
-    pub async fn take(&mut self, pins: &PinDir) -> Result<Option<WriteLock>> {
-        let mut lock = WriteLock::try_acquire(pins)?;
-        if lock.is_none() && self.skipped >= SKIPS_BEFORE_WAITING {
-            if self.skipped == SKIPS_BEFORE_WAITING {
-                log::info!("{WAITING} (up to {WAIT:?} a try)");
-            }
-            let deadline = tokio::time::Instant::now() + WAIT;
-            while lock.is_none() && tokio::time::Instant::now() < deadline {
-                tokio::time::sleep(POLL).await;
-                lock = WriteLock::try_acquire(pins)?;
-            }
+    /// Asks for a turn, unless one is under way (the writes that want it share it).
+    pub fn want(&mut self, pins: &PinDir) {
+        if self.wait.is_none() {
+            self.wait = Some(Box::pin(wait(pins.clone())));
         }
-        self.skipped = if lock.is_some() { 0 } else { self.skipped + 1 };
-        Ok(lock)
     }
 
-    /// Tries in a row that found the lock busy.
-    pub fn skipped(&self) -> u32 {
-        self.skipped
+    /// Is a turn under way?
+    pub fn wanted(&self) -> bool {
+        self.wait.is_some()
+    }
+
+    /// The lock, once the turn under way has it (or the error that ended it). Cancel-safe:
+    /// dropped before then (another arm of the loop ran), the turn goes on at the next call.
+    pub async fn taken(&mut self) -> Result<WriteLock> {
+        let taken = self.wait.as_mut().expect("a turn under way").await;
+        self.wait = None;
+        taken
+    }
+}
+
+/// Waits, without blocking the agent's thread, until no other writer holds the lock.
+async fn wait(pins: PinDir) -> Result<WriteLock> {
+    let asked = tokio::time::Instant::now();
+    let mut busy = false;
+    loop {
+        if let Some(lock) = WriteLock::try_acquire(&pins)? {
+            if busy {
+                log::info!("the write lock is free after {:.1?}", asked.elapsed());
+            }
+            return Ok(lock);
+        }
+        if !busy {
+            log::info!("{WAITING}");
+            busy = true;
+        }
+        tokio::time::sleep(POLL).await;
     }
 }

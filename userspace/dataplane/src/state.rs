@@ -140,15 +140,17 @@ impl WriteLock {
     }
 
     pub fn acquire_within(pins: &PinDir, wait: Duration) -> Result<Self> {
-        match Self::try_acquire_within(pins, wait)? {
-            Some(locked) => Ok(locked),
-            None => bail!(
-                "another xdpgate is changing the dataplane at {} and did not finish within {} s; \
-                 nothing was changed, try again",
-                pins.path().display(),
-                wait.as_secs()
-            ),
-        }
+        Self::try_acquire_within(pins, wait)?.ok_or_else(|| Self::busy(pins, wait))
+    }
+
+    /// The error of a writer that waited `wait` for the lock in vain.
+    pub fn busy(pins: &PinDir, wait: Duration) -> anyhow::Error {
+        anyhow::anyhow!(
+            "another xdpgate is changing the dataplane at {} and did not finish within {} s; \
+             nothing was changed, try again",
+            pins.path().display(),
+            wait.as_secs()
+        )
     }
 }
 

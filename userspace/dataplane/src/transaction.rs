@@ -61,8 +61,24 @@ pub fn install(
     sources: Chosen,
 ) -> Result<u64> {
     let lock = WriteLock::acquire(pins)?;
+    install_under(&lock, pins, policy, source, tables, lbs, health, sources)
+}
+
+/// [`install`] under a write lock the caller took (the agent's reload waits for it without
+/// blocking its loop).
+#[expect(clippy::too_many_arguments, reason = "the transaction's inputs, each needed")]
+pub fn install_under(
+    lock: &WriteLock,
+    pins: &PinDir,
+    policy: &Policy,
+    source: &str,
+    tables: &compile::Compiled,
+    lbs: &CompiledLb,
+    health: &ProbeHealth,
+    sources: Chosen,
+) -> Result<u64> {
     let generation =
-        install_locked(&lock, pins, policy, source, tables, lbs, health, sources, Applier::Agent)?;
+        install_locked(lock, pins, policy, source, tables, lbs, health, sources, Applier::Agent)?;
     health.save(pins).map_err(|e| {
         e.context(format!(
             "generation {generation} is applied, but the probes' health was not saved for \
