@@ -121,10 +121,15 @@ impl Lab {
 
     /// Runs `packet`, which must leave encapsulated; returns the backend it went to.
     fn encapsulated(&self, at: At, packet: &[u8]) -> IpAddr {
+        self.encapsulated_frame(at, packet).0
+    }
+
+    /// [`Self::encapsulated`], with the frame that leaves.
+    fn encapsulated_frame(&self, at: At, packet: &[u8]) -> (IpAddr, Vec<u8>) {
         let (verdict, out) = self.run(at, packet);
         let redirect = if at == At::Xdp { XDP_REDIRECT } else { TC_ACT_REDIRECT };
         assert_eq!(verdict, redirect, "{at:?}: sent out of eg by redirect");
-        check_encapsulated(packet, &out)
+        (check_encapsulated(packet, &out), out)
     }
 
     fn forget_flow(&self, key: &FlowKey) {
@@ -148,7 +153,8 @@ fn mac(m: &[u8; 6]) -> String {
 /// Checks every byte of `out`, the frame `input` became: Ethernet to the next hop from
 /// `eg`, one outer header as the contract with the backend's decapsulation says (built
 /// here by `packet::encapsulate`, the helper DECAP's tests build their input with; the
-/// outer DF follows the inner one, and without DF so does the ID), then `input`'s IP
+/// outer DF follows the inner one, and without DF the ID is the node's own, any here), then
+/// `input`'s IP
 /// packet with the TTL (hop limit) one less and the IPv4 header checksum updated, nothing
 /// else changed. Returns the outer destination.
 fn check_encapsulated(input: &[u8], out: &[u8]) -> IpAddr {
@@ -169,8 +175,9 @@ fn check_encapsulated(input: &[u8], out: &[u8]) -> IpAddr {
     };
     let mut expected = encapsulate(source, &backend.to_string(), &inner);
     if v4 && inner[ETH_LEN + 6] & 0x40 == 0 {
-        // Fragmentable on the way: the inner ID, not one constant for every packet.
-        expected[ETH_LEN + 4..ETH_LEN + 6].copy_from_slice(&inner[ETH_LEN + 4..ETH_LEN + 6]);
+        // Fragmentable on the way: an ID of the node's own (`encapsulated_bytes_at_xdp_and_tc`
+        // checks them), not one constant for every packet.
+        expected[ETH_LEN + 4..ETH_LEN + 6].copy_from_slice(&out[ETH_LEN + 4..ETH_LEN + 6]);
         expected[ETH_LEN + 6] &= !0x40;
         fix_ipv4_checksum(&mut expected, ETH_LEN);
     }
@@ -219,20 +226,30 @@ fn encapsulated_bytes_at_xdp_and_tc() {
             })
             .collect();
         assert_eq!(backends.len(), 3, "every backend takes flows: {backends:?}");
-        // The outer header follows the inner one's DF; without it, it takes the inner ID
-        // (each packet its own, as the fragments' reassembly at the backend needs).
+        // The outer header follows the inner one's DF (with it, ID 0). Without DF it may be
+        // fragmented on the way, and takes an ID of this node's own: packets of different
+        // clients with the same inner ID (each client picks its IDs alone) must not share
+        // an outer one, or the backend's reassembly could mix their fragments.
         let mut with_df = frame("203.0.113.9", "192.0.2.10", L4::Tcp(43001, 80, SYN));
         with_df[ETH_LEN + 4..ETH_LEN + 6].copy_from_slice(&0x5678u16.to_be_bytes());
         fix_ipv4_checksum(&mut with_df, ETH_LEN);
-        for (at, id, sport) in [(At::Xdp, 0x1234u16, 43000), (At::Tc, 0xfedc, 43002)] {
-            let mut no_df = frame("203.0.113.9", "192.0.2.10", L4::Tcp(sport, 80, SYN));
-            no_df[ETH_LEN + 4..ETH_LEN + 6].copy_from_slice(&id.to_be_bytes());
-            no_df[ETH_LEN + 6] &= !0x40;
-            fix_ipv4_checksum(&mut no_df, ETH_LEN);
-            assert_ne!(no_df[ETH_LEN + 6] & 0x40, with_df[ETH_LEN + 6] & 0x40, "cases differ");
-            lab.encapsulated(at, &no_df);
+        let mut ids = Vec::new();
+        for (at, sport) in [(At::Xdp, 43000), (At::Tc, 43002)] {
+            for client in 20..28 {
+                let client = format!("203.0.113.{client}");
+                let mut no_df = frame(&client, "192.0.2.10", L4::Tcp(sport, 80, SYN));
+                no_df[ETH_LEN + 4..ETH_LEN + 6].copy_from_slice(&0x1234u16.to_be_bytes());
+                no_df[ETH_LEN + 6] &= !0x40;
+                fix_ipv4_checksum(&mut no_df, ETH_LEN);
+                assert_ne!(no_df[ETH_LEN + 6] & 0x40, with_df[ETH_LEN + 6] & 0x40, "cases differ");
+                let (_, out) = lab.encapsulated_frame(at, &no_df);
+                ids.push(u16::from_be_bytes([out[ETH_LEN + 4], out[ETH_LEN + 5]]));
+            }
             lab.encapsulated(at, &with_df);
         }
+        let distinct: std::collections::HashSet<u16> = ids.iter().copied().collect();
+        assert_eq!(distinct.len(), ids.len(), "one outer ID per packet: {ids:04x?}");
+        assert!(!distinct.contains(&0), "no ID 0 without DF: {ids:04x?}");
     });
 }
 

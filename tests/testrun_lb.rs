@@ -493,46 +493,52 @@ fn maglev_view_never_reads_a_table_being_rewritten() {
     assert_eq!(maglev_digests(&k), before, "read whole once the writer is done");
 }
 
-/// A flow whose answers bypass the gateway (floating IP here, `ipip` alike) is never
-/// confirmed, so it stays embryonic; it idles out after its protocol's (or rule's) timeout,
-/// not the embryonic one, and the client's packets keep it: a connection idle past
-/// `embryonic_timeout` keeps its backend. A DNAT flow's embryo still goes after the
-/// embryonic timeout. The client's FIN closes a direct flow (the server's is never seen):
-/// a SYN on its tuple then opens a new connection, decided afresh.
-#[test]
-fn direct_reply_flows_idle_out_after_their_idle_timeout() {
-    use aya::maps::HashMap as BpfHashMap;
-    use xdpgate_common::{
-        flow::{
-            FLOW_STAT_EMBRYOS_CLOSED, FLOW_STAT_EMBRYOS_EXPIRED, FlowKey, FlowValue, TCP_CLOSED,
-        },
-        maps::EMBRYOS,
-    };
-    const S: u64 = 1_000_000_000;
-    let k = Kernel::new();
-    k.apply(&format!(
-        "{HA_AND_FLOATING}settings: {{embryonic_timeout: 4, tcp_idle_timeout: 240}}\n"
-    ));
-    k.arrive_as(Role::External);
-    let client = "203.0.113.7";
-    let key = |dst: &str, sport, dport| FlowKey {
-        src: words4(client),
+/// The key of a TCP segment from the client 203.0.113.7 to `dst`.
+fn client_key(dst: &str, sport: u16, dport: u16) -> xdpgate_common::flow::FlowKey {
+    xdpgate_common::flow::FlowKey {
+        src: words4("203.0.113.7"),
         dst: words4(dst),
         sport,
         dport,
         proto: 6,
         family: 4,
         _pad: [0; 2],
-    };
-    // The entry of `key` made `by` ns older than the clock, as if idle that long.
-    let age = |key: &FlowKey, by: u64| {
-        let mut map: BpfHashMap<_, FlowKey, FlowValue> =
-            k.pins.dir.open_map(EMBRYOS).unwrap().try_into().unwrap();
-        let mut v = map.get(key, 0).expect("embryonic");
-        v.last_seen_ns = xdpgate_dataplane::monotonic_ns() - by;
-        map.insert(key, v, 0).unwrap();
-    };
-    let segment = |dst: &str, sport, dport, flags| frame(client, dst, L4::Tcp(sport, dport, flags));
+    }
+}
+
+/// A TCP segment from the client 203.0.113.7 to `dst`.
+fn client_segment(dst: &str, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    frame("203.0.113.7", dst, L4::Tcp(sport, dport, flags))
+}
+
+/// Makes the embryonic entry of `key` `by` ns older than the clock, as if idle that long.
+fn age_embryo(k: &Kernel, key: &xdpgate_common::flow::FlowKey, by: u64) {
+    use aya::maps::HashMap as BpfHashMap;
+    use xdpgate_common::{flow::FlowKey, flow::FlowValue, maps::EMBRYOS};
+    let mut map: BpfHashMap<_, FlowKey, FlowValue> =
+        k.pins.dir.open_map(EMBRYOS).unwrap().try_into().unwrap();
+    let mut v = map.get(key, 0).expect("embryonic");
+    v.last_seen_ns = xdpgate_dataplane::monotonic_ns() - by;
+    map.insert(key, v, 0).unwrap();
+}
+
+const S: u64 = 1_000_000_000;
+
+/// A flow whose answers bypass the gateway (floating IP here, `ipip` alike) is never
+/// confirmed, so it stays embryonic; it idles out after its protocol's (or rule's) timeout,
+/// not the embryonic one, and the client's packets keep it: a connection idle past
+/// `embryonic_timeout` keeps its backend. A DNAT flow's embryo still goes after the
+/// embryonic timeout.
+#[test]
+fn direct_reply_flows_idle_out_after_their_idle_timeout() {
+    use xdpgate_common::flow::FLOW_STAT_EMBRYOS_EXPIRED;
+    let k = Kernel::new();
+    k.apply(&format!(
+        "{HA_AND_FLOATING}settings: {{embryonic_timeout: 4, tcp_idle_timeout: 240}}\n"
+    ));
+    k.arrive_as(Role::External);
+    let (key, segment) = (client_key, client_segment);
+    let age = |key: &xdpgate_common::flow::FlowKey, by: u64| age_embryo(&k, key, by);
 
     // Floating IP: 5 s idle is past the embryonic timeout, not the TCP one: the next
     // segment is the flow's (counted in its entry; nothing expired).
@@ -564,16 +570,59 @@ fn direct_reply_flows_idle_out_after_their_idle_timeout() {
     age(&dnat, 5 * S);
     assert_eq!(k.run(&segment("192.0.2.20", 40001, 443, ACK)), DROP, "a DNAT embryo expires");
     assert_eq!(k.flow_stat(FLOW_STAT_EMBRYOS_EXPIRED), expired + 2);
+}
 
-    // The client's FIN closes a direct flow; a SYN on its tuple is a new connection.
-    let closing = key("192.0.2.30", 40002, 80);
-    for flags in [SYN, ACK, ACK, FIN | ACK] {
-        assert_eq!(k.run(&segment("192.0.2.30", 40002, 80, flags)), PASS);
-    }
-    let closed = k.embryo(&closing).expect("embryonic");
-    assert_ne!(closed.tcp & TCP_CLOSED, 0, "closed by the client's FIN: {closed:?}");
+/// The server's FIN of a direct-reply flow never passes the gateway, so the client's FIN
+/// is only a half close: the server may answer long after it. A half-closed flow keeps its
+/// idle timeout (the client's request and FIN, a server silent for longer than a closed
+/// connection's 10 s, then the client's ACK of the answer: still its flow and backend),
+/// still idles out after it, and a SYN on its tuple is a new connection, decided afresh.
+#[test]
+fn a_half_closed_direct_reply_flow_keeps_its_flow() {
+    use xdpgate_common::flow::{FLOW_STAT_EMBRYOS_CLOSED, FLOW_STAT_EMBRYOS_EXPIRED};
+    let k = Kernel::new();
+    k.apply(&format!("{HA_AND_FLOATING}settings: {{tcp_idle_timeout: 240}}\n"));
+    k.arrive_as(Role::External);
+    let (key, segment) = (client_key, client_segment);
+    let age = |key: &xdpgate_common::flow::FlowKey, by: u64| age_embryo(&k, key, by);
+    let half_close = |sport| {
+        for flags in [SYN, ACK, ACK, FIN | ACK] {
+            assert_eq!(k.run(&segment("192.0.2.30", sport, 80, flags)), PASS);
+        }
+        k.embryo(&key("192.0.2.30", sport, 80)).expect("embryonic")
+    };
+
+    // Silent for 11 s after the client's FIN: the client's ACK is still the flow's (this
+    // rule picks nothing up mid-stream: a lost flow would drop it, `no_flow`).
+    let flow = key("192.0.2.30", 40000, 80);
+    let before = half_close(40000);
+    let (expired, no_flow) = (k.flow_stat(FLOW_STAT_EMBRYOS_EXPIRED), k.drops("no_flow"));
+    age(&flow, 11 * S);
+    let verdict = k.run(&segment("192.0.2.30", 40000, 80, ACK));
+    let after = k.embryo(&flow);
+    assert_eq!(
+        (verdict, k.drops("no_flow"), k.flow_stat(FLOW_STAT_EMBRYOS_EXPIRED)),
+        (PASS, no_flow, expired),
+        "the client's ACK 11 s after its FIN: {before:?} then {after:?}"
+    );
+    let after = after.expect("kept");
+    assert_eq!(
+        (after.packets, after.backend, after.nat_addr),
+        (before.packets + 1, before.backend, before.nat_addr),
+        "the same flow, to the same backend"
+    );
+    // It still idles out after the TCP timeout.
+    age(&flow, 241 * S);
+    assert_eq!(k.run(&segment("192.0.2.30", 40000, 80, ACK)), DROP, "idle 241 s: gone");
+    assert_eq!(k.flow_stat(FLOW_STAT_EMBRYOS_EXPIRED), expired + 1);
+
+    // The connection over (the server's FIN, unseen, and the client's last ACK), the client
+    // reuses its port: the SYN is a new connection, decided afresh.
+    let reused = key("192.0.2.30", 40001, 80);
+    half_close(40001);
+    assert_eq!(k.run(&segment("192.0.2.30", 40001, 80, ACK)), PASS);
     let ended = k.flow_stat(FLOW_STAT_EMBRYOS_CLOSED);
-    assert_eq!(k.run(&segment("192.0.2.30", 40002, 80, SYN)), PASS);
-    assert_eq!(k.embryo(&closing).expect("a new flow").packets, 1, "decided afresh");
+    assert_eq!(k.run(&segment("192.0.2.30", 40001, 80, SYN)), PASS);
+    assert_eq!(k.embryo(&reused).expect("a new flow").packets, 1, "decided afresh");
     assert_eq!(k.flow_stat(FLOW_STAT_EMBRYOS_CLOSED), ended + 1);
 }

@@ -165,7 +165,8 @@ pub const NAT_ENCAP: u8 = 8;
 pub const NO_RULE: u16 = u16::MAX;
 /// Neither side had a rule.
 pub const NO_RULES: [u16; 2] = [NO_RULE; 2];
-/// This direction sent a FIN.
+/// This direction sent a FIN. (A direct-reply flow's forward entry: the client half closed
+/// it; a SYN on its tuple is then a new connection.)
 pub const TCP_FIN: u8 = 1;
 /// RST seen, or FIN both ways: the flow expires after `TCP_CLOSED_TIMEOUT_NS`.
 pub const TCP_CLOSED: u8 = 2;

@@ -175,11 +175,15 @@ impl PolicyConfig {
 
     /// How long an embryonic flow's `entry` may idle: the embryonic timeout, never longer
     /// than the flow's idle timeout; a flow whose answers bypass the gateway, which stays
-    /// embryonic for life, its idle timeout (its forward packets keep it).
+    /// embryonic for life, its idle timeout (its forward packets keep it), closed or not:
+    /// the server's FIN is never seen, so the client's is only a half close (and the
+    /// client's RST removes the flow at once).
     #[inline(always)]
     pub fn embryo_timeout_ns(&self, family: u8, proto: u8, entry: &crate::flow::FlowValue) -> u64 {
-        let idle = self.idle_timeout_ns(family, proto, entry.tcp, entry.idle_s);
-        if entry.replies_direct() { idle } else { idle.min(self.embryonic_timeout_ns) }
+        if entry.replies_direct() {
+            return self.idle_timeout_ns(family, proto, 0, entry.idle_s);
+        }
+        self.idle_timeout_ns(family, proto, entry.tcp, entry.idle_s).min(self.embryonic_timeout_ns)
     }
 }
 

@@ -14,7 +14,7 @@ use aya_ebpf::{
         BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L3_IPV6, BPF_F_ADJ_ROOM_FIXED_GSO,
         BPF_F_RECOMPUTE_CSUM, bpf_adj_room_mode, xdp_action,
     },
-    helpers::generated::bpf_xdp_adjust_head,
+    helpers::generated::{bpf_get_smp_processor_id, bpf_xdp_adjust_head},
     programs::{TcContext, XdpContext},
 };
 use xdpgate_common::{
@@ -27,7 +27,7 @@ use crate::{
     forward::{self, FIB_FRAG_NEEDED},
     headers::IPPROTO_UDP,
     hook::Hook,
-    maps::ENCAP_SOURCES,
+    maps::{ENCAP_IDS, ENCAP_SOURCES},
     parse::{PacketMeta, ptr_at},
 };
 
@@ -75,10 +75,37 @@ pub fn forward<H: Hook>(
     ctx.send(&hop)
 }
 
-/// The outer header of a packet of `family` whose first 8 IP header bytes are `inner`
-/// (an IPv4 header is the first 20 bytes).
+/// Spreads the CPUs' ID sequences over the 16-bit space (2^16 / the golden ratio), so that
+/// they meet only once their counters have drifted far apart, whatever the CPU count.
+const ID_CPU_STRIDE: u16 = 0x9e37;
+
+/// The outer IPv4 ID of a packet of `family` whose first 8 IP header bytes are `inner`,
+/// taking `count` IDs (a GSO aggregate's segments take consecutive ones). With DF, 0: never
+/// fragmented, so the ID is unused (RFC 6864). Without DF the outer packet may be fragmented
+/// on the way, and its ID must not be another recent packet's to the same backend: not the
+/// inner ID, which each client picks alone, but this node's own, from a per-CPU counter
+/// mixed with the CPU's id (as the kernel's `ip_select_ident` counts per destination).
 #[inline(always)]
-fn outer_header(family: u8, inner: [u8; 8], src: &[u32; 4], dst: &[u32; 4]) -> [u8; 40] {
+fn outer_id(family: u8, inner: &[u8; 8], count: u16) -> u16 {
+    if family != 4 || inner[6] & 0x40 != 0 {
+        return 0;
+    }
+    let Some(next) = ENCAP_IDS.get_ptr_mut(0) else { return 0 };
+    // Per-CPU slot: plain adds are exact. This packet takes the `count` IDs after the
+    // counter's value (CPU 0's first is 1).
+    let last = unsafe {
+        let last = *next;
+        *next = last.wrapping_add(u32::from(count));
+        last
+    };
+    let cpu = unsafe { bpf_get_smp_processor_id() } as u16;
+    (last as u16).wrapping_add(1).wrapping_add(cpu.wrapping_mul(ID_CPU_STRIDE))
+}
+
+/// The outer header of a packet of `family` whose first 8 IP header bytes are `inner`
+/// (an IPv4 header is the first 20 bytes), with IPv4 ID `id` ([`outer_id`]).
+#[inline(always)]
+fn outer_header(family: u8, inner: [u8; 8], src: &[u32; 4], dst: &[u32; 4], id: u16) -> [u8; 40] {
     let mut h = [0u8; 40];
     if family == 4 {
         let total = u16::from_be_bytes([inner[2], inner[3]]).wrapping_add(20).to_be_bytes();
@@ -87,15 +114,11 @@ fn outer_header(family: u8, inner: [u8; 8], src: &[u32; 4], dst: &[u32; 4]) -> [
         h[1] = inner[1];
         h[2] = total[0];
         h[3] = total[1];
-        // DF as the inner packet's. Without it the outer packet may be fragmented on the
-        // way, so it takes the inner ID: one ID for every packet would let the backend's
-        // reassembly mix fragments of different packets (RFC 6864 allows a constant ID
-        // only with DF, where 0 it is).
+        // DF as the inner packet's; the ID (0 with DF) from `outer_id`.
         h[6] = inner[6] & 0x40;
-        if h[6] == 0 {
-            h[4] = inner[4];
-            h[5] = inner[5];
-        }
+        let id = id.to_be_bytes();
+        h[4] = id[0];
+        h[5] = id[1];
         h[8] = OUTER_TTL;
         h[9] = IPPROTO_IPIP;
         h[12..16].copy_from_slice(&src[0].to_ne_bytes());
@@ -153,7 +176,7 @@ pub fn encapsulate_xdp(
         let word = unsafe { *ptr_at::<[u8; 2]>(ctx, at + grow)? };
         unsafe { *(ptr_at::<[u8; 2]>(ctx, at)? as *mut [u8; 2]) = word };
     }
-    let h = outer_header(meta.family, inner, src, dst);
+    let h = outer_header(meta.family, inner, src, dst, outer_id(meta.family, &inner, 1));
     if meta.family == 4 {
         let out = ptr_at::<[u8; 20]>(ctx, l3)? as *mut [u8; 20];
         unsafe { (*out).copy_from_slice(&h[..20]) };
@@ -187,7 +210,11 @@ pub fn encapsulate_skb(
     // UDP tunnel's): counted as `malformed`, DROP_STATS_V2 having no spare reason.
     ctx.adjust_room(grow, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, u64::from(flags))
         .map_err(|_| DropReason::Malformed)?;
-    let h = outer_header(meta.family, inner, src, dst);
+    // Each segment of an aggregate is an outer packet, whose IDs GSO numbers on from the
+    // outer header's: the aggregate takes as many.
+    let segments = unsafe { (*ctx.skb.skb).gso_segs }.clamp(1, u32::from(u16::MAX)) as u16;
+    let id = outer_id(meta.family, &inner, segments);
+    let h = outer_header(meta.family, inner, src, dst, id);
     // A CHECKSUM_COMPLETE buffer's sum follows the bytes written.
     let csum = u64::from(BPF_F_RECOMPUTE_CSUM);
     let stored = if meta.family == 4 {

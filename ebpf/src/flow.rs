@@ -254,10 +254,11 @@ fn embryo(
             forget_embryo(key, entry);
             return Ok(Lookup::Hit(action));
         }
-        // The server's FIN of a direct-reply flow never passes: the client's closes it (a
-        // SYN on its tuple is then a new connection, and it idles out soon).
+        // The server's FIN of a direct-reply flow never passes, so the client's is only a
+        // half close: the server may answer long after it. The flow keeps its idle
+        // timeout; a SYN on its tuple is then a new connection (`reopens`).
         if flags & TH_FIN != 0 && matches!(entry.nat, NAT_NEXT_HOP | NAT_ENCAP) {
-            entry.tcp |= TCP_CLOSED;
+            entry.tcp |= TCP_FIN;
         }
         let confirms = if entry.reply != 0 {
             if flags & (TH_SYN | TH_ACK) == TH_SYN | TH_ACK
@@ -348,12 +349,15 @@ fn backend_usable(meta: &PacketMeta, entry: &FlowValue) -> bool {
 }
 
 /// A SYN on the tuple of a closed connection (the client reused its port) opens a new one,
-/// decided afresh like any first packet: it may go to another backend.
+/// decided afresh like any first packet: it may go to another backend. A direct-reply flow
+/// is over for this once the client has sent its FIN (the server's is never seen, and a
+/// client sends no SYN on a connection it has half closed).
 #[inline(always)]
 fn reopens(meta: &PacketMeta, entry: &FlowValue) -> bool {
+    let closed = if entry.replies_direct() { TCP_CLOSED | TCP_FIN } else { TCP_CLOSED };
     meta.proto == IPPROTO_TCP
         && entry.reply == 0
-        && entry.tcp & TCP_CLOSED != 0
+        && entry.tcp & closed != 0
         && meta.tcp_flags & (TH_SYN | TH_ACK | TH_RST | TH_FIN) == TH_SYN
 }
 

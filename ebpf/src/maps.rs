@@ -162,6 +162,11 @@ pub struct CachedClock {
     pub ns: u64,
 }
 
+/// Per-CPU counter of the outer IPv4 IDs of encapsulated packets without DF (see
+/// `encap::outer_id`). Pinned: every interface's programs take IDs from the same one.
+#[map(name = "ENCAP_IDS")]
+pub static ENCAP_IDS: PerCpuArray<u32> = PerCpuArray::pinned(1, 0);
+
 /// Per-CPU scratch word for `nsg::opaque`.
 #[map(name = "OPAQUE")]
 pub static OPAQUE: PerCpuArray<u32> = PerCpuArray::pinned(1, 0);

@@ -133,6 +133,21 @@ impl Gateway {
         }
     }
 
+    /// Turns IPv6 off on the four ends of the links, for a test that compares counters
+    /// across steps that send no packet: a link's IPv6 sends multicast listener reports of
+    /// its own now and then, which move the gateway's interface counters.
+    pub fn without_ipv6(self) -> Self {
+        for (ns, ifname) in [
+            (&self.client, &self.client_if),
+            (&self.gw, &self.ext),
+            (&self.gw, &self.int),
+            (&self.server, &self.server_if),
+        ] {
+            ns.exec("sysctl", &["-qw", &format!("net.ipv6.conf.{ifname}.disable_ipv6=1")]);
+        }
+        self
+    }
+
     /// Writes a policy file; returns its path.
     pub fn write_policy(&self, name: &str, text: &str) -> PathBuf {
         let path = self.dir.join(name);
