@@ -621,6 +621,22 @@ fn table_scopes_skip_only_what_cannot_match() {
     assert_eq!(k.run(&ssh(41000)), DROP, "a scope of another generation skipped a table");
     map.set(index(DIR_INBOUND), TableScope::new(g, elsewhere, elsewhere), 0).unwrap();
     assert_eq!(k.run(&ssh(41001)), PASS, "the classifier ignores the scope");
+    // verify-flow answers as the kernel decides, and finds the tables differ from the policy.
+    let pinned = xdpgate_dataplane::verify::PinnedTables::open(&k.pins.dir).unwrap();
+    let pkt = xdpgate_policy::reference::Packet {
+        direction: xdpgate_policy::Direction::Inbound,
+        proto: 6,
+        src: "203.0.113.7".parse().unwrap(),
+        dst: "198.51.100.10".parse().unwrap(),
+        sport: Some(41003),
+        dport: Some(22),
+    };
+    assert!(xdpgate_policy::evaluate::decide(&pinned, &pkt).unwrap().allowed);
+    let compiled =
+        xdpgate_policy::compile::compile(&xdpgate_policy::load_str(&policy, "t.yaml").unwrap())
+            .unwrap();
+    let differs = pinned.differs_from(&compiled).unwrap();
+    assert!(differs.as_deref().is_some_and(|d| d.contains("scope")), "{differs:?}");
 
     // `xdpgate set` moves the generation on in place, with the running slot's scopes.
     let admins = ["198.51.100.78/32".parse().unwrap()];

@@ -12,11 +12,12 @@ use aya::maps::{
     lpm_trie::{Key, LpmTrie},
 };
 use xdpgate_common::{
-    maps::{NSG_CLASS_IDS, NSG_CLASSES, NSG_FIELDS, NSG_RULES},
+    maps::{NSG_CLASS_IDS, NSG_CLASSES, NSG_FIELDS, NSG_RULES, NSG_SCOPES},
     nsg::{
-        CLASSES_PER_SLOT, FIELD_DPORT, FIELD_PROTO, FIELD_SPORT, FieldClass, FieldKey,
-        KEY_HEADER_BITS, MAX_RULES, NO_PORT, PolicyConfig, RuleBitmap, TABLES_PER_SLOT, class_bit,
-        class_index, proto_class_value, table_in_slot,
+        CLASSES_PER_SLOT, DIR_INBOUND, FIELD_DPORT, FIELD_DST4, FIELD_DST6, FIELD_PROTO,
+        FIELD_SPORT, FIELD_SRC4, FIELD_SRC6, FieldClass, FieldKey, KEY_HEADER_BITS, MAX_RULES,
+        NO_PORT, PolicyConfig, RuleBitmap, TABLES_PER_SLOT, TableScope, class_bit, class_index,
+        proto_class_value, table_in_slot,
     },
     words,
 };
@@ -41,6 +42,9 @@ pub struct PinnedTables {
     /// `NSG_CLASS_IDS` and `NSG_CLASSES`, where the ports and protocols of the tables whose
     /// `class_bit` is set are looked up (absent under a dataplane from before them).
     classes: Option<ClassMaps>,
+    /// `NSG_SCOPES`: a table whose scope leaves the local address out is skipped, as the
+    /// kernel skips it (absent under a dataplane from before scopes).
+    scopes: Option<Array<MapData, TableScope>>,
 }
 
 /// `NSG_CLASS_IDS` and `NSG_CLASSES`.
@@ -58,6 +62,7 @@ impl PinnedTables {
                 (Ok(ids), Ok(bitmaps)) => Some((ids.try_into()?, bitmaps.try_into()?)),
                 _ => None,
             },
+            scopes: pins.open_map(NSG_SCOPES).ok().map(TryInto::try_into).transpose()?,
         })
     }
 
@@ -110,6 +115,16 @@ impl PinnedTables {
                     "its {what} differs in the entry for field {field}, prefix {value:02x?}/{len}"
                 )));
             }
+            // A scope of the running generation must be the tables' (one of another skips
+            // nothing).
+            if let Some(scopes) = &self.scopes {
+                let have = scopes.get(&self.table_id(t), 0).context("reading NSG_SCOPES")?;
+                let [v4, v6] = compiled.tables[t as usize].scope(t / 2 == DIR_INBOUND);
+                let want = TableScope::new(self.config.generation, v4, v6);
+                if have.generation == want.generation && have != want {
+                    return Ok(Some(format!("its {what} differs in its scope")));
+                }
+            }
         }
         Ok(None)
     }
@@ -150,6 +165,19 @@ impl NsgTables for PinnedTables {
     }
 
     fn lookup(&self, t: u32, field: u8, value: [u8; 16], bits: u8) -> Result<Option<RuleBitmap>> {
+        // The local address outside the table's scope: the kernel skips the table.
+        let local =
+            if t / 2 == DIR_INBOUND { [FIELD_DST4, FIELD_DST6] } else { [FIELD_SRC4, FIELD_SRC6] };
+        if let Some(scopes) = &self.scopes
+            && let Some(family) = [4, 6].into_iter().zip(local).find(|(_, f)| *f == field)
+            && !scopes.get(&self.table_id(t), 0).context("reading NSG_SCOPES")?.holds(
+                self.config.generation,
+                family.0,
+                &words(&value),
+            )
+        {
+            return Ok(None);
+        }
         // The class arrays the kernel reads for this table's ports and protocol, as it does.
         if let Some((ids, bitmaps)) = &self.classes
             && self.config.flags & class_bit(t) != 0
