@@ -653,4 +653,25 @@ fn table_scopes_skip_only_what_cannot_match() {
     assert!(inbound.holds(after.generation, 4, &addr("198.51.100.10")));
     assert!(!inbound.holds(after.generation, 4, &addr("203.0.113.7")));
     assert_eq!(k.run(&ssh(41002)), DROP, "deny-ssh-from-internet, after the set change");
+
+    // A slot prepared and never switched on (a failed or refused apply) keeps no scope of
+    // the generation it was prepared for, which the next writer would number alike.
+    use xdpgate_dataplane::apply;
+    let parsed = xdpgate_policy::load_str(&policy, "t.yaml").unwrap();
+    let lookups = apply::Lookups::of(&k.pins.dir, false, false).unwrap();
+    for switch in [false, true] {
+        let prepared =
+            apply::prepare(&k.pins.dir, &compiled, &parsed.settings, lookups, None).unwrap();
+        let mut unswitched = apply::UnswitchedScopes::of(&k.pins.dir, &prepared);
+        let staged = prepared.slot * TABLES_PER_SLOT + table_in_slot(DIR_INBOUND, LAYER_SUBNET);
+        assert_eq!(scopes().get(&staged, 0).unwrap().generation, prepared.generation);
+        if switch {
+            apply::switch(&k.pins.dir, &prepared).unwrap();
+            unswitched.switched();
+        }
+        drop(unswitched);
+        let left = scopes().get(&staged, 0).unwrap().generation;
+        assert_eq!(left, if switch { prepared.generation } else { 0 }, "switched: {switch}");
+    }
+    assert_eq!(k.run(&ssh(41004)), DROP, "deny-ssh-from-internet, after the switch");
 }

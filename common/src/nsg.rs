@@ -192,7 +192,8 @@ impl PolicyConfig {
 /// policy compiler narrows to the prefixes the table's NSGs are associated with. A packet
 /// whose local address lies outside meets no rule of the table, and the classifier skips
 /// it without its trie lookup: a flow from or to outside the protected addresses (most of a
-/// gateway's) is judged by the one side that has an NSG for it.
+/// gateway's) is judged by the one side that has an NSG for it, without a miss on the other
+/// (when the NSGs' prefixes are near enough that their covering prefix leaves it out).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TableScope {

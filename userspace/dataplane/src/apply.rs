@@ -336,6 +336,35 @@ pub fn write_scopes(pins: &PinDir, compiled: &Compiled, slot: u32, generation: u
     Ok(())
 }
 
+/// The prepared slot's scopes, made of no generation again (they skip nothing) unless the
+/// slot was switched on: a writer from before scopes that prepares the slot next takes the
+/// same generation number, and would run its tables under this policy's scopes.
+pub struct UnswitchedScopes<'a> {
+    pins: &'a PinDir,
+    slot: Option<u32>,
+}
+
+impl<'a> UnswitchedScopes<'a> {
+    pub fn of(pins: &'a PinDir, prepared: &Prepared) -> Self {
+        Self { pins, slot: Some(prepared.slot) }
+    }
+
+    pub fn switched(&mut self) {
+        self.slot = None;
+    }
+}
+
+impl Drop for UnswitchedScopes<'_> {
+    fn drop(&mut self) {
+        let Some(slot) = self.slot else { return };
+        let Ok(map) = self.pins.open_map(NSG_SCOPES) else { return };
+        let Ok(mut scopes) = Array::<_, TableScope>::try_from(map) else { return };
+        for t in 0..TABLES_PER_SLOT {
+            let _ = scopes.set(slot * TABLES_PER_SLOT + t, TableScope::default(), 0);
+        }
+    }
+}
+
 /// Switches the prepared slot on (one 4-byte write: a packet sees the whole old policy or
 /// the whole new one), unless the dataplane changed since `prepare` read it: a
 /// compare-and-swap on the generation, against writers that ignore the lock.

@@ -175,11 +175,13 @@ pub fn change(pins: &PinDir, name: &str, what: Change) -> Result<Changed> {
     writes.sort_by_key(|(id, _)| std::cmp::Reverse(id.3));
     let compile_took = started.elapsed();
     let writing = Instant::now();
+    // The running slot's scopes stop skipping (generation 0 is none's) before its trie
+    // changes, so no packet meets a scope older than the entries, whenever this writer
+    // dies; they skip again from the generation this change moves on to.
+    apply::write_scopes(pins, &compiled, slot, 0)?;
     write_all_or_nothing(&mut fields, &live, &writes, &removals)
         .with_context(|| format!("set {name}"))?;
     save(pins, &new)?;
-    // The running slot's scopes, as the tables now are, for the generation to come: until
-    // it comes they are of no generation and skip nothing.
     apply::write_scopes(pins, &compiled, slot, config.generation + 1)?;
     let generation = next_generation(pins, &record, slot, config)?;
     Ok(Changed {

@@ -122,6 +122,7 @@ fn install_locked(
     let lookups =
         apply::Lookups::of(pins, !lbs.frontends.is_empty(), !policy.nat_gateways.is_empty())?;
     let prepared = apply::prepare(pins, tables, &policy.settings, lookups, running.as_ref())?;
+    let mut unswitched = apply::UnswitchedScopes::of(pins, &prepared);
     let record = Record::new(
         prepared.generation,
         prepared.slot,
@@ -146,8 +147,10 @@ fn install_locked(
     if prepared.running_generation() == 0 {
         install()?;
         apply::switch(pins, &prepared)?;
+        unswitched.switched();
     } else {
         apply::switch(pins, &prepared)?;
+        unswitched.switched();
         install()?;
     }
     // Only now: until the flip the kept changes are those of the policy still running.

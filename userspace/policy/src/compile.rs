@@ -578,6 +578,67 @@ nsgs:
         }
     }
 
+    /// Any set of local-address entries: its scope holds the first and the last address of
+    /// every entry, and no address differing from all of them in a bit before the scope's
+    /// length.
+    #[test]
+    fn a_scope_holds_every_address_of_every_entry() {
+        use xdpgate_common::{nsg::TableScope, words};
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for round in 0..2_000 {
+            let mut table = Table::default();
+            let (shared, fam6) = (next() as u8 % 129, round % 2 == 1);
+            let base: [u8; 16] = core::array::from_fn(|_| next() as u8);
+            for _ in 0..1 + next() % 6 {
+                let bits = if fam6 { 128 } else { 32 };
+                let len = (next() % (bits + 1)) as u8;
+                // Entries near each other: `base`'s first `shared` bits, then any.
+                let near = mask([0xff; 16], shared);
+                let mut value: [u8; 16] =
+                    core::array::from_fn(|i| base[i] & near[i] | next() as u8 & !near[i]);
+                if !fam6 {
+                    value[4..].fill(0);
+                }
+                let field = if fam6 { FIELD_DST6 } else { FIELD_DST4 };
+                table.fields.push((
+                    (field, mask(value, len), len),
+                    RuleBitmap { words: [0; BITMAP_WORDS] },
+                ));
+            }
+            let [v4, v6] = table.scope(true);
+            let scope = TableScope::new(7, v4, v6);
+            let family = if fam6 { 6 } else { 4 };
+            for ((_, value, len), _) in &table.fields {
+                let mut last = *value;
+                let host = mask([0xff; 16], *len);
+                for i in 0..if fam6 { 16 } else { 4 } {
+                    last[i] |= !host[i];
+                }
+                for a in [value, &last] {
+                    assert!(
+                        scope.holds(7, family, &words(a)),
+                        "{round}: {a:?} of {:?}",
+                        table.fields
+                    );
+                }
+            }
+            // Flipping a bit within the scope's length leaves it.
+            let (net, len) = if fam6 { v6 } else { v4 };
+            if len > 0 {
+                let bit = (next() % u64::from(len)) as usize;
+                let mut out = net;
+                out[bit / 8] ^= 0x80 >> (bit % 8);
+                assert!(!scope.holds(7, family, &words(&out)), "{round}: {out:?}");
+            }
+        }
+    }
+
     /// The longest of a table's entries for `field` that covers `value`'s first `bits`.
     fn trie_answer(table: &Table, field: u8, value: [u8; 16], bits: u8) -> RuleBitmap {
         (0..=bits)
