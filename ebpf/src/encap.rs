@@ -75,8 +75,8 @@ pub fn forward<H: Hook>(
     ctx.send(&hop)
 }
 
-/// Spreads the CPUs' ID sequences over the 16-bit space (2^16 / the golden ratio), so that
-/// they meet only once their counters have drifted far apart, whatever the CPU count.
+/// Spreads the CPUs' ID sequences over the 16-bit space (2^16 / the golden ratio): with N
+/// CPUs they start about 2^16/N apart, and meet once their counters drift that far.
 const ID_CPU_STRIDE: u16 = 0x9e37;
 
 /// The outer IPv4 ID of a packet of `family` whose first 8 IP header bytes are `inner`,
