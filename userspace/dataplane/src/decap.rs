@@ -275,16 +275,16 @@ pub fn remove_gateways(pins: &PinDir, gateways: &[IpNet]) -> Result<Vec<IpNet>> 
     for (i, g) in removing.iter().enumerate() {
         if let Err(e) = map.remove(&crate::nat::prefix_key(g)) {
             // All or nothing: put back those already removed (as `add_gateways` writes them).
-            let restore: Vec<_> = removing[..i]
+            let lost: Vec<_> = removing[..i]
                 .iter()
                 .filter(|r| map.insert(&crate::nat::prefix_key(r), 1, 0).is_err())
                 .collect();
-            let left = if restore.is_empty() {
+            let left = if lost.is_empty() {
                 "nothing was removed".to_string()
             } else {
                 format!(
                     "could not put back {}: they are removed",
-                    names(&restore.into_iter().copied().collect::<Vec<_>>()).join(", ")
+                    names(&lost.into_iter().copied().collect::<Vec<_>>()).join(", ")
                 )
             };
             return Err(anyhow::Error::new(e).context(format!("removing gateway {g}; {left}")));
