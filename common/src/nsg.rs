@@ -213,14 +213,8 @@ impl TableScope {
     pub fn new(generation: u64, v4: ([u8; 16], u8), v6: ([u8; 16], u8)) -> Self {
         let mut scope = TableScope { generation, ..Default::default() };
         for (f, (value, len)) in [v4, v6].into_iter().enumerate() {
-            let mut mask = [0u8; 16];
-            for (i, m) in mask.iter_mut().enumerate() {
-                let bits = u32::from(len).saturating_sub(i as u32 * 8).min(8);
-                *m = (0xff00u16 >> bits) as u8;
-            }
-            let net: [u8; 16] = core::array::from_fn(|i| value[i] & mask[i]);
-            scope.net[f] = crate::words(&net);
-            scope.mask[f] = crate::words(&mask);
+            scope.net[f] = crate::words(&mask(value, len));
+            scope.mask[f] = crate::words(&mask([0xff; 16], len));
         }
         scope
     }
@@ -231,6 +225,27 @@ impl TableScope {
     pub fn holds(&self, generation: u64, family: u8, addr: &[u32; 4]) -> bool {
         let f = usize::from(family == 6);
         self.generation != generation || (0..4).all(|i| addr[i] & self.mask[f][i] == self.net[f][i])
+    }
+}
+
+/// `value` with only its first `len` bits kept.
+pub fn mask(mut value: [u8; 16], len: u8) -> [u8; 16] {
+    for (i, byte) in value.iter_mut().enumerate() {
+        let start = i as u32 * 8;
+        let keep = (u32::from(len).saturating_sub(start)).min(8);
+        *byte &= if keep == 0 { 0 } else { 0xffu8 << (8 - keep) };
+    }
+    value
+}
+
+/// The local address fields (IPv4, IPv6) of the table at `table_in_slot`: the destination
+/// in an inbound table, the source in an outbound one.
+#[inline(always)]
+pub const fn local_fields(table_in_slot: u32) -> [u8; 2] {
+    if table_in_slot / 2 == DIR_INBOUND {
+        [FIELD_DST4, FIELD_DST6]
+    } else {
+        [FIELD_SRC4, FIELD_SRC6]
     }
 }
 

@@ -22,10 +22,10 @@ use xdpgate_common::{
     },
     nat::{AddrKey, NatEntry},
     nsg::{
-        BITMAP_WORDS, CLASSES_PER_ENTRY, CLASSES_PER_SLOT, DIR_INBOUND, FIELD_DPORT, FIELD_PROTO,
-        FIELD_SPORT, FLAG_MIDSTREAM, FLAG_NO_FRONTENDS, FLAG_NO_NAT, FLAG_REEVALUATE, FieldClass,
-        FieldKey, KEY_HEADER_BITS, MAX_RULES, PolicyConfig, RuleBitmap, TABLES_PER_SLOT,
-        TableScope, class_bit, class_index, wildcard_bit,
+        BITMAP_WORDS, CLASSES_PER_ENTRY, CLASSES_PER_SLOT, FIELD_DPORT, FIELD_PROTO, FIELD_SPORT,
+        FLAG_MIDSTREAM, FLAG_NO_FRONTENDS, FLAG_NO_NAT, FLAG_REEVALUATE, FieldClass, FieldKey,
+        KEY_HEADER_BITS, MAX_RULES, PolicyConfig, RuleBitmap, TABLES_PER_SLOT, TableScope,
+        class_bit, class_index, wildcard_bit,
     },
     stats::Counter,
     words,
@@ -328,10 +328,9 @@ pub fn prepare(
 pub fn write_scopes(pins: &PinDir, compiled: &Compiled, slot: u32, generation: u64) -> Result<()> {
     let Ok(map) = pins.open_map(NSG_SCOPES) else { return Ok(()) };
     let mut scopes: Array<_, TableScope> = map.try_into()?;
-    for (t, table) in compiled.tables.iter().enumerate() {
-        let [v4, v6] = table.scope(t as u32 / 2 == DIR_INBOUND);
-        let scope = TableScope::new(generation, v4, v6);
-        scopes.set(slot * TABLES_PER_SLOT + t as u32, scope, 0).context("writing NSG_SCOPES")?;
+    for t in 0..TABLES_PER_SLOT {
+        let scope = compiled.scope(t, generation);
+        scopes.set(slot * TABLES_PER_SLOT + t, scope, 0).context("writing NSG_SCOPES")?;
     }
     Ok(())
 }

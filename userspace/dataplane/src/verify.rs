@@ -14,10 +14,9 @@ use aya::maps::{
 use xdpgate_common::{
     maps::{NSG_CLASS_IDS, NSG_CLASSES, NSG_FIELDS, NSG_RULES, NSG_SCOPES},
     nsg::{
-        CLASSES_PER_SLOT, DIR_INBOUND, FIELD_DPORT, FIELD_DST4, FIELD_DST6, FIELD_PROTO,
-        FIELD_SPORT, FIELD_SRC4, FIELD_SRC6, FieldClass, FieldKey, KEY_HEADER_BITS, MAX_RULES,
-        NO_PORT, PolicyConfig, RuleBitmap, TABLES_PER_SLOT, TableScope, class_bit, class_index,
-        proto_class_value, table_in_slot,
+        CLASSES_PER_SLOT, FIELD_DPORT, FIELD_PROTO, FIELD_SPORT, FieldClass, FieldKey,
+        KEY_HEADER_BITS, MAX_RULES, NO_PORT, PolicyConfig, RuleBitmap, TABLES_PER_SLOT, TableScope,
+        class_bit, class_index, local_fields, proto_class_value, table_in_slot,
     },
     words,
 };
@@ -119,8 +118,7 @@ impl PinnedTables {
             // nothing).
             if let Some(scopes) = &self.scopes {
                 let have = scopes.get(&self.table_id(t), 0).context("reading NSG_SCOPES")?;
-                let [v4, v6] = compiled.tables[t as usize].scope(t / 2 == DIR_INBOUND);
-                let want = TableScope::new(self.config.generation, v4, v6);
+                let want = compiled.scope(t, self.config.generation);
                 if have.generation == want.generation && have != want {
                     return Ok(Some(format!("its {what} differs in its scope")));
                 }
@@ -166,10 +164,8 @@ impl NsgTables for PinnedTables {
 
     fn lookup(&self, t: u32, field: u8, value: [u8; 16], bits: u8) -> Result<Option<RuleBitmap>> {
         // The local address outside the table's scope: the kernel skips the table.
-        let local =
-            if t / 2 == DIR_INBOUND { [FIELD_DST4, FIELD_DST6] } else { [FIELD_SRC4, FIELD_SRC6] };
         if let Some(scopes) = &self.scopes
-            && let Some(family) = [4, 6].into_iter().zip(local).find(|(_, f)| *f == field)
+            && let Some(family) = [4, 6].into_iter().zip(local_fields(t)).find(|(_, f)| *f == field)
             && !scopes.get(&self.table_id(t), 0).context("reading NSG_SCOPES")?.holds(
                 self.config.generation,
                 family.0,

@@ -15,8 +15,8 @@ use xdpgate_common::icmp_proto;
 use xdpgate_common::nsg::{
     ACCESS_ALLOW, ACCESS_DENY, BITMAP_WORDS, DIR_INBOUND, DIR_OUTBOUND, FIELD_DPORT, FIELD_DST4,
     FIELD_DST6, FIELD_PROTO, FIELD_SPORT, FIELD_SRC4, FIELD_SRC6, LAYER_HOST, LAYER_SUBNET,
-    MAX_RULES, PORT_VALUES, PROTO_VALUES, RuleBitmap, TABLES_PER_SLOT, proto_class_value,
-    proto_value, table_in_slot,
+    MAX_RULES, PORT_VALUES, PROTO_VALUES, RuleBitmap, TABLES_PER_SLOT, TableScope, local_fields,
+    proto_class_value, proto_value, table_in_slot,
 };
 
 use xdpgate_common::maps::NSG_FIELD_ENTRIES;
@@ -67,12 +67,11 @@ impl Table {
 
 impl Table {
     /// Per family (IPv4, IPv6), the smallest prefix covering every entry of the table's
-    /// local address field (`FIELD_DST4`/`FIELD_DST6` for an inbound table, the sources for
-    /// an outbound one), which compilation narrowed to its NSGs' association prefixes:
-    /// outside it no rule of the table matches (`nsg::TableScope`). A family without
-    /// entries gets `/0`: everything, looked up as before.
-    pub fn scope(&self, inbound: bool) -> [([u8; 16], u8); 2] {
-        let local = if inbound { [FIELD_DST4, FIELD_DST6] } else { [FIELD_SRC4, FIELD_SRC6] };
+    /// local address fields `local` (`nsg::local_fields`), which compilation narrowed to its
+    /// NSGs' association prefixes: outside it no rule of the table matches
+    /// (`nsg::TableScope`). A family without entries gets `/0`: everything, looked up as
+    /// before.
+    pub fn scope(&self, local: [u8; 2]) -> [([u8; 16], u8); 2] {
         local.map(|field| {
             let mut prefixes = self.fields.iter().filter(|((f, _, _), _)| *f == field);
             let Some(((_, first, len), _)) = prefixes.next() else { return ([0; 16], 0) };
@@ -232,6 +231,12 @@ pub struct Compiled {
 }
 
 impl Compiled {
+    /// The scope of the table at `table_in_slot`, for `generation`.
+    pub fn scope(&self, table_in_slot: u32, generation: u64) -> TableScope {
+        let [v4, v6] = self.tables[table_in_slot as usize].scope(local_fields(table_in_slot));
+        TableScope::new(generation, v4, v6)
+    }
+
     /// Entries the policy needs in `NSG_FIELDS`.
     pub fn field_entries(&self) -> usize {
         self.tables.iter().map(|t| t.fields.len()).sum()
@@ -387,15 +392,7 @@ fn close_over_covering_prefixes(fields: &mut HashMap<FieldEntry, RuleBitmap>) {
     }
 }
 
-/// `value` with only its first `len` bits kept.
-pub fn mask(mut value: [u8; 16], len: u8) -> [u8; 16] {
-    for (i, byte) in value.iter_mut().enumerate() {
-        let start = i as u32 * 8;
-        let keep = (u32::from(len).saturating_sub(start)).min(8);
-        *byte &= if keep == 0 { 0 } else { 0xffu8 << (8 - keep) };
-    }
-    value
-}
+pub use xdpgate_common::nsg::mask;
 
 fn addr_entry(net: &IpNet, f4: u8, f6: u8) -> FieldEntry {
     let mut v = [0u8; 16];
@@ -570,10 +567,11 @@ nsgs:
         // The two subnets' common prefix (/25), inbound (destinations) and outbound
         // (sources) alike; only one NSG has an IPv6 subnet.
         for dir in [DIR_INBOUND, DIR_OUTBOUND] {
-            let subnet = table(dir, LAYER_SUBNET).scope(dir == DIR_INBOUND);
+            let local = local_fields(table_in_slot(dir, LAYER_SUBNET));
+            let subnet = table(dir, LAYER_SUBNET).scope(local);
             assert_eq!(subnet, [v4([198, 51, 100, 0], 25), v6]);
             // The host layer: its one host, and no IPv6 host at all (every address).
-            let host = table(dir, LAYER_HOST).scope(dir == DIR_INBOUND);
+            let host = table(dir, LAYER_HOST).scope(local_fields(table_in_slot(dir, LAYER_HOST)));
             assert_eq!(host, [v4([198, 51, 100, 200], 32), ([0; 16], 0)]);
         }
     }
@@ -611,7 +609,7 @@ nsgs:
                     RuleBitmap { words: [0; BITMAP_WORDS] },
                 ));
             }
-            let [v4, v6] = table.scope(true);
+            let [v4, v6] = table.scope([FIELD_DST4, FIELD_DST6]);
             let scope = TableScope::new(7, v4, v6);
             let family = if fam6 { 6 } else { 4 };
             for ((_, value, len), _) in &table.fields {
