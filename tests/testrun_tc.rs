@@ -277,3 +277,32 @@ fn ones(data: &[u8]) -> u16 {
     }
     sum as u16
 }
+
+/// Every map lookup of every stage, at XDP, tc ingress and tc egress, is inlined by the
+/// verifier or calls the map's own lookup: none goes through the generic helper, which the
+/// verifier keeps where one call instruction may see two maps (LLVM merges lookups of two
+/// maps that differ only in the map). Seen: the interface lookup's array and hash merged,
+/// an indirect call on every packet (about 20 ns of an established flow's 70 over the no-op).
+#[test]
+fn no_stage_looks_up_a_map_through_the_generic_helper() {
+    let mut tc = Tc::new();
+    xdpgate_dataplane::egress_dataplane(tc.k.ebpf_mut()).expect("egress programs");
+    let mut checked = 0;
+    for (name, prog) in tc.k.ebpf_mut().programs() {
+        let Ok(info) = prog.info() else { continue };
+        let id = info.id().to_string();
+        let out = common::run("bpftool", &["-j", "prog", "dump", "xlated", "id", &id]);
+        let insns: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool json");
+        let generic: Vec<_> = insns
+            .as_array()
+            .expect("instructions")
+            .iter()
+            .filter_map(|i| i["disasm"].as_str())
+            .filter(|d| d.contains("call bpf_map_lookup_elem"))
+            .collect();
+        assert!(generic.is_empty(), "{name}: {generic:?}");
+        checked += 1;
+    }
+    // The five XDP stages, the five tc ones and the egress ones at least.
+    assert!(checked >= 12, "only {checked} programs loaded");
+}
