@@ -10,7 +10,9 @@
 //! backend serves (`DECAP_FRONTENDS`) are decapsulated, so the host relays nothing it would
 //! not accept itself. IP-in-IP from no gateway for such a frontend is dropped: another
 //! IP-in-IP receiver on the host (Calico's `tunl0`, a collect-metadata device) would
-//! decapsulate it. Everything else passes untouched. The outer destination is not checked: a frame
+//! decapsulate it. The source is checked first, so a stranger's packet is judged by its
+//! inner header behind outer IPv4 options or IPv6 extension headers and in a first
+//! fragment too (one too short to show it is dropped). Everything else passes untouched. The outer destination is not checked: a frame
 //! not sent to this host's MAC is dropped by the stack all the same (PACKET_OTHERHOST), and
 //! the inner packet goes to a local address whoever the outer header named.
 #![no_std]
