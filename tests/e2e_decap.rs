@@ -826,8 +826,8 @@ fn decap_program_output_is_the_inner_frame() {
 /// starts (BPF_PROG_TEST_RUN, at XDP and at tc): behind an outer IPv4 option, in a first
 /// fragment, behind IPv6 extension headers (a destination option, as Linux's ip6_tnl
 /// sends, a chain of three, a fragment header), dropped when for a frontend here and
-/// passed unchanged for another; a first fragment too short to show the inner header is
-/// dropped; later fragments (the first one holds the inner header) and a chain longer than
+/// passed unchanged for another; a first fragment too short to show the inner header, an
+/// IHL below 5 and an extension chain cut short are dropped; later fragments (the first one holds the inner header) and a chain longer than
 /// the program follows pass, counted `untrusted`. A gateway's packets with an option or an
 /// extension header still pass unchanged, and a stranger's IPv6 with a hop-by-hop header
 /// that is no tunnel passes as `not_tunnel`.
@@ -879,6 +879,11 @@ fn a_strangers_options_fragments_and_extension_headers_do_not_hide_the_frontend(
     dropped.push(extensions(STRANGER6, &tcp6, &[(0, 0), (43, 1), (60, 2)]));
     dropped.push(extensions(STRANGER6, &tcp6, &[(44, 0)]));
     passed.push(extensions(STRANGER6, &tcp6, &[(60, 0); 5]));
+    // Malformed, whatever the inner destination: an IHL below 5, a chain cut short.
+    let mut bad_ihl = encapsulate(STRANGER4, BACKEND4, &udp4_other);
+    bad_ihl[ETH_LEN] = 0x44;
+    dropped.push(bad_ihl);
+    dropped.push(extensions(STRANGER6, &tcp6_other, &[(60, 1)])[..ETH_LEN + 40 + 8].to_vec());
     let untrusted = (dropped.len() + passed.len()) as u64;
     // A gateway's: counted `passed` and `not_tunnel` as before; no tunnel at all.
     passed.push(option(SENDER4, &udp4));
