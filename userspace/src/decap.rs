@@ -22,8 +22,8 @@ pub struct DecapArgs {
 
 #[derive(Debug, clap::Subcommand)]
 pub enum DecapAction {
-    /// Attach the decapsulation program to an interface (XDP; stays attached after this
-    /// command exits). Where it is attached already, its program is replaced in place by
+    /// Attach the decapsulation program to an interface (XDP or tc ingress; stays attached
+    /// after this command exits). Where it is attached already, its program is replaced in place by
     /// this build's (gateways, frontends and counters kept) and the gateways and frontends
     /// added. IP-in-IP (IPv4 or IPv6 outer header) from a gateway whose inner destination
     /// is one of the frontends loses its outer header and goes to the host's stack (a
