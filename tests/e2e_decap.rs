@@ -21,8 +21,8 @@ use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
 use common::{
     Netns, Pins,
     packet::{
-        ACK, ETH_LEN, L4, MAC_A, MAC_B, SYN, encapsulate, frame, frame_vlan, offload_checksum,
-        tcp_frame, tcp_segment,
+        ACK, ETH_LEN, L4, MAC_A, MAC_B, SYN, encapsulate, frame, frame_vlan, insert_ipv6_ext,
+        offload_checksum, set_ipv4_frag, set_ipv4_total_len, tcp_frame, tcp_segment,
     },
     run, send_frame, send_frame_partial, veth,
 };
@@ -729,6 +729,40 @@ enum Verdict {
     Drop,
 }
 
+/// The decap programs loaded for BPF_PROG_TEST_RUN, serving VIP4 and VIP6, with their
+/// gateways: the IPv4 one by its address, the IPv6 one by its prefix.
+fn test_program(pins: &Pins) -> (aya::Ebpf, [ipnet::IpNet; 2]) {
+    let ebpf = decap::load(&pins.dir).unwrap();
+    decap::add_frontends(&pins.dir, &[ip(VIP4), ip(VIP6)]).unwrap();
+    let gateways = [format!("{SENDER4}/32"), "2001:db8:1::/64".into()]
+        .map(|g| g.parse::<ipnet::IpNet>().unwrap());
+    decap::add_gateways(&pins.dir, &gateways).unwrap();
+    (ebpf, gateways)
+}
+
+/// `program`'s verdict on `input` and its output.
+fn test_run(ebpf: &aya::Ebpf, program: &str, input: &[u8]) -> (Verdict, Vec<u8>) {
+    let mut out = vec![0u8; input.len() + 256];
+    let opts =
+        TestRunOptions { data_in: Some(input), data_out: Some(&mut out), ..Default::default() };
+    let prog = ebpf.program(program).unwrap();
+    // XDP_PASS and XDP_DROP; TC_ACT_UNSPEC (-1) and TC_ACT_SHOT.
+    let (res, verdicts) = if program == decap::DECAP_PROGRAM {
+        let xdp: &Xdp = prog.try_into().unwrap();
+        (xdp.test_run(opts).unwrap(), (2, 1))
+    } else {
+        let tc: &SchedClassifier = prog.try_into().unwrap();
+        (tc.test_run(opts).unwrap(), (u32::MAX, 2))
+    };
+    let verdict = match res.return_value {
+        v if v == verdicts.0 => Verdict::Pass,
+        v if v == verdicts.1 => Verdict::Drop,
+        v => panic!("{program}: returned {v}"),
+    };
+    out.truncate(res.data_size_out as usize);
+    (verdict, out)
+}
+
 /// The decap programs' output, byte for byte (BPF_PROG_TEST_RUN), at XDP and at tc: the
 /// inner packet behind the original MAC header, with the inner family's EtherType; a
 /// stranger's IP-in-IP for a frontend here dropped; anything else passed unchanged.
@@ -736,37 +770,8 @@ enum Verdict {
 fn decap_program_output_is_the_inner_frame() {
     for program in [decap::DECAP_PROGRAM, decap::DECAP_TC_PROGRAM] {
         let pins = Pins::new();
-        let ebpf = decap::load(&pins.dir).unwrap();
-        decap::add_frontends(&pins.dir, &[ip(VIP4), ip(VIP6)]).unwrap();
-        // The IPv4 gateway by its address, the IPv6 one by its prefix.
-        let gateways = [format!("{SENDER4}/32"), "2001:db8:1::/64".into()]
-            .map(|g| g.parse::<ipnet::IpNet>().unwrap());
-        decap::add_gateways(&pins.dir, &gateways).unwrap();
-        // The verdict and the output.
-        let run = |input: &[u8]| -> (Verdict, Vec<u8>) {
-            let mut out = vec![0u8; input.len() + 256];
-            let opts = TestRunOptions {
-                data_in: Some(input),
-                data_out: Some(&mut out),
-                ..Default::default()
-            };
-            let prog = ebpf.program(program).unwrap();
-            // XDP_PASS and XDP_DROP; TC_ACT_UNSPEC (-1) and TC_ACT_SHOT.
-            let (res, verdicts) = if program == decap::DECAP_PROGRAM {
-                let xdp: &Xdp = prog.try_into().unwrap();
-                (xdp.test_run(opts).unwrap(), (2, 1))
-            } else {
-                let tc: &SchedClassifier = prog.try_into().unwrap();
-                (tc.test_run(opts).unwrap(), (u32::MAX, 2))
-            };
-            let verdict = match res.return_value {
-                v if v == verdicts.0 => Verdict::Pass,
-                v if v == verdicts.1 => Verdict::Drop,
-                v => panic!("{program}: returned {v}"),
-            };
-            out.truncate(res.data_size_out as usize);
-            (verdict, out)
-        };
+        let (ebpf, gateways) = test_program(&pins);
+        let run = |input: &[u8]| test_run(&ebpf, program, input);
         let pass = |input: &[u8]| (Verdict::Pass, input.to_vec());
         let udp4 = frame(CLIENT4, VIP4, L4::Udp(40000, 53));
         let tcp6 = frame(CLIENT6, VIP6, L4::Tcp(40000, 443, SYN));
@@ -814,6 +819,89 @@ fn decap_program_output_is_the_inner_frame() {
         let counts = (status.decapsulated, status.passed, status.not_tunnel, status.untrusted);
         assert_eq!(counts, (4, 4, 2, 8), "{program}: {status:?}");
         assert_eq!(status.gateways, gateways, "{program}");
+    }
+}
+
+/// A stranger's IP-in-IP is judged by its inner destination wherever its inner header
+/// starts (BPF_PROG_TEST_RUN, at XDP and at tc): behind an outer IPv4 option, in a first
+/// fragment, behind IPv6 extension headers (a destination option, as Linux's ip6_tnl
+/// sends, a chain of three, a fragment header), dropped when for a frontend here and
+/// passed unchanged for another; a first fragment too short to show the inner header, an
+/// IHL below 5 and an extension chain cut short are dropped; later fragments (the first one holds the inner header) and a chain longer than
+/// the program follows pass, counted `untrusted`. A gateway's packets with an option or an
+/// extension header still pass unchanged, and a stranger's IPv6 with a hop-by-hop header
+/// that is no tunnel passes as `not_tunnel`.
+#[test]
+fn a_strangers_options_fragments_and_extension_headers_do_not_hide_the_frontend() {
+    const STRANGER4: &str = "198.51.100.3";
+    const STRANGER6: &str = "2001:db8:2::1";
+    let udp4 = frame(CLIENT4, VIP4, L4::Udp(40000, 53));
+    let tcp6 = frame(CLIENT6, VIP6, L4::Tcp(40000, 443, SYN));
+    let udp4_other = frame(CLIENT4, OTHER4, L4::Udp(40000, 53));
+    let tcp6_other = frame(CLIENT6, OTHER6, L4::Tcp(40000, 443, SYN));
+    // Outer IPv4 with one option (three NOPs and the end of the list), or as a fragment.
+    let option = |outer_src: &str, inner: &[u8]| {
+        let mut f = encapsulate(outer_src, BACKEND4, inner);
+        f.splice(ETH_LEN + 20..ETH_LEN + 20, [1, 1, 1, 0]);
+        f[ETH_LEN] = 0x46;
+        let total = (f.len() - ETH_LEN) as u16;
+        set_ipv4_total_len(&mut f, ETH_LEN, total);
+        f
+    };
+    let fragment = |inner: &[u8], more: bool, offset8: u16| {
+        let mut f = encapsulate(STRANGER4, BACKEND4, inner);
+        set_ipv4_frag(&mut f, ETH_LEN, more, offset8);
+        f
+    };
+    // Outer IPv6 with extension headers (type, 8-byte blocks beyond the first).
+    let extensions = |outer_src: &str, inner: &[u8], exts: &[(u8, u8)]| {
+        insert_ipv6_ext(&encapsulate(outer_src, BACKEND6, inner), exts)
+    };
+    let ipv6_later = {
+        let mut f = extensions(STRANGER6, &tcp6, &[(44, 0)]);
+        f[ETH_LEN + 40 + 2..ETH_LEN + 40 + 4].copy_from_slice(&8u16.to_be_bytes());
+        f
+    };
+    let mut tiny_first = fragment(&udp4, true, 0)[..ETH_LEN + 20 + 8].to_vec();
+    set_ipv4_total_len(&mut tiny_first, ETH_LEN, 28);
+    let mut dropped = vec![tiny_first];
+    let mut passed = vec![fragment(&udp4, false, 1), ipv6_later];
+    for inner in [&udp4, &tcp6] {
+        dropped.push(option(STRANGER4, inner));
+        dropped.push(fragment(inner, true, 0));
+        dropped.push(extensions(STRANGER6, inner, &[(60, 0)]));
+    }
+    for inner in [&udp4_other, &tcp6_other] {
+        passed.push(option(STRANGER4, inner));
+        passed.push(fragment(inner, true, 0));
+        passed.push(extensions(STRANGER6, inner, &[(60, 0)]));
+    }
+    dropped.push(extensions(STRANGER6, &tcp6, &[(0, 0), (43, 1), (60, 2)]));
+    dropped.push(extensions(STRANGER6, &tcp6, &[(44, 0)]));
+    passed.push(extensions(STRANGER6, &tcp6, &[(60, 0); 5]));
+    // Malformed, whatever the inner destination: an IHL below 5, a chain cut short.
+    let mut bad_ihl = encapsulate(STRANGER4, BACKEND4, &udp4_other);
+    bad_ihl[ETH_LEN] = 0x44;
+    dropped.push(bad_ihl);
+    dropped.push(extensions(STRANGER6, &tcp6_other, &[(60, 1)])[..ETH_LEN + 40 + 8].to_vec());
+    let untrusted = (dropped.len() + passed.len()) as u64;
+    // A gateway's: counted `passed` and `not_tunnel` as before; no tunnel at all.
+    passed.push(option(SENDER4, &udp4));
+    passed.push(extensions(SENDER6, &tcp6, &[(60, 0)]));
+    passed.push(insert_ipv6_ext(&frame(CLIENT6, VIP6, L4::Udp(40000, 53)), &[(0, 0)]));
+    for program in [decap::DECAP_PROGRAM, decap::DECAP_TC_PROGRAM] {
+        let pins = Pins::new();
+        let (ebpf, _) = test_program(&pins);
+        for (i, input) in dropped.iter().enumerate() {
+            assert_eq!(test_run(&ebpf, program, input).0, Verdict::Drop, "{program}: dropped[{i}]");
+        }
+        for (i, input) in passed.iter().enumerate() {
+            let out = test_run(&ebpf, program, input);
+            assert_eq!(out, (Verdict::Pass, input.clone()), "{program}: passed[{i}]");
+        }
+        let status = decap::status(&pins.dir).unwrap();
+        let counts = (status.decapsulated, status.passed, status.not_tunnel, status.untrusted);
+        assert_eq!(counts, (0, 1, 2, untrusted), "{program}: {status:?}");
     }
 }
 

@@ -22,15 +22,22 @@ pub const DECAP_STATS: &str = "DECAP_STATS";
 pub enum DecapCounter {
     /// Stripped of its outer header and passed to the stack.
     Decapsulated = 0,
-    /// Encapsulated, but not for a frontend served here (or malformed, fragmented, with IP
-    /// options or extension headers): passed untouched.
+    /// A gateway's IP-in-IP not decapsulated: not for a frontend served here, an inner
+    /// header cut short, or an outer IPv4 header with options or fragmented: passed
+    /// untouched.
     Passed = 1,
-    /// Not an IP-in-IP packet: passed untouched.
+    /// Not an IP-in-IP packet (a gateway's IPv6 with extension headers, either): passed
+    /// untouched.
     NotTunnel = 2,
-    /// IP-in-IP from an outer source that is no gateway's (`DECAP_SOURCES`): dropped when
-    /// its inner destination is a frontend served here (another IP-in-IP receiver on the
-    /// host would decapsulate it), else passed untouched. (A `DECAP_STATS` pinned by a
-    /// build from before has no slot for it.)
+    /// IP-in-IP from an outer source that is no gateway's (`DECAP_SOURCES`), its inner
+    /// header found behind outer IPv4 options or up to 4 IPv6 extension headers, in a
+    /// first fragment too. Dropped when its inner destination is a frontend served here
+    /// (another IP-in-IP receiver on the host would decapsulate it) or its headers are cut
+    /// short or malformed (the rest may follow in another fragment; the stack drops such a
+    /// packet too); else passed untouched, and so
+    /// are later fragments (no inner header: their first one's decides) and IPv6 whose
+    /// extension chain is longer. (A `DECAP_STATS` pinned by a build from before has no
+    /// slot for it.)
     Untrusted = 3,
 }
 pub const DECAP_COUNTERS: u32 = 4;

@@ -36,8 +36,9 @@ options:
                           (xdpgate4: ipip, xdpgate6: ip6tnl), or xdpgate's XDP program
                           (`xdpgate decap attach`). Default: kernel if this kernel can
                           create those devices, else xdpgate.
-  --interface IF          xdpgate decap: the interface the encapsulated packets arrive by
-                          (default: the interface of the default route)
+  --interface IF          xdpgate decap: the interface the encapsulated packets arrive by,
+                          untagged: a VLAN's device, not its parent (default: the
+                          interface of the default route)
   --hook xdp|tc           xdpgate decap: XDP (default: per frame, before the kernel makes
                           a socket buffer) or tc ingress (per socket buffer, after GRO)
   --mode native|skb       xdpgate decap at XDP: the mode (default native)

@@ -10,7 +10,9 @@
 //! backend serves (`DECAP_FRONTENDS`) are decapsulated, so the host relays nothing it would
 //! not accept itself. IP-in-IP from no gateway for such a frontend is dropped: another
 //! IP-in-IP receiver on the host (Calico's `tunl0`, a collect-metadata device) would
-//! decapsulate it. Everything else passes untouched. The outer destination is not checked: a frame
+//! decapsulate it. The source is checked first, so a stranger's packet is judged by its
+//! inner header behind outer IPv4 options or IPv6 extension headers and in a first
+//! fragment too (one too short to show it is dropped). Everything else passes untouched. The outer destination is not checked: a frame
 //! not sent to this host's MAC is dropped by the stack all the same (PACKET_OTHERHOST), and
 //! the inner packet goes to a local address whoever the outer header named.
 #![no_std]
@@ -30,7 +32,10 @@ use aya_ebpf::{
     maps::{HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
     programs::{TcContext, XdpContext},
 };
-use headers::{EthHdr, Ipv4Hdr, Ipv6Hdr};
+use headers::{
+    EthHdr, IPPROTO_DSTOPTS, IPPROTO_FRAGMENT, IPPROTO_HOPOPTS, IPPROTO_ROUTING, Ipv4Hdr,
+    Ipv6ExtHdr, Ipv6FragHdr, Ipv6Hdr,
+};
 use xdpgate_common::{
     decap::{DECAP_COUNTERS, DecapCounter, DecapKey, MAX_DECAP_FRONTENDS, MAX_DECAP_SOURCES},
     nat::{ADDR_KEY_HEADER_BITS, AddrKey},
@@ -52,6 +57,10 @@ const IPPROTO_IPV6: u8 = 41;
 const ETH_LEN: usize = core::mem::size_of::<EthHdr>();
 const IPV4_LEN: usize = core::mem::size_of::<Ipv4Hdr>();
 const IPV6_LEN: usize = core::mem::size_of::<Ipv6Hdr>();
+/// The IPv6 extension headers followed for a stranger's packet: Linux's ip6_tnl puts one
+/// (a destination option, the tunnel encapsulation limit) before the inner header; a chain
+/// longer than this is passed (counted `untrusted`).
+const MAX_EXTENSIONS: usize = 4;
 
 /// At XDP (native or generic): the frame, before the kernel makes a socket buffer of it.
 #[xdp]
@@ -96,24 +105,41 @@ fn count(c: DecapCounter) {
 trait Bytes {
     fn start(&self) -> usize;
     fn end(&self) -> usize;
+    /// Makes the first `len` bytes (or all, if fewer) readable between `start` and `end`;
+    /// pointers into the packet taken before are void.
+    fn reach(&self, len: usize);
 }
 
-/// Both contexts name their bounds alike.
-macro_rules! bytes {
-    ($($ctx:ty),*) => {$(
-        impl Bytes for $ctx {
-            #[inline(always)]
-            fn start(&self) -> usize {
-                self.data()
-            }
-            #[inline(always)]
-            fn end(&self) -> usize {
-                self.data_end()
-            }
-        }
-    )*};
+impl Bytes for XdpContext {
+    #[inline(always)]
+    fn start(&self) -> usize {
+        self.data()
+    }
+    #[inline(always)]
+    fn end(&self) -> usize {
+        self.data_end()
+    }
+    /// A frame is all there.
+    #[inline(always)]
+    fn reach(&self, _: usize) {}
 }
-bytes!(XdpContext, TcContext);
+
+impl Bytes for TcContext {
+    #[inline(always)]
+    fn start(&self) -> usize {
+        self.data()
+    }
+    #[inline(always)]
+    fn end(&self) -> usize {
+        self.data_end()
+    }
+    /// A socket buffer's headers may lie beyond its linear area.
+    #[inline(always)]
+    fn reach(&self, len: usize) {
+        let all = self.len() as usize;
+        let _ = self.pull_data(if len < all { len } else { all } as u32);
+    }
+}
 
 /// A pointer to a `T` at `off` in the packet, if the packet holds all of it.
 #[inline(always)]
@@ -136,65 +162,178 @@ fn classify(ctx: &impl Bytes) -> Result<Tunnel, Verdict> {
     let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(DecapCounter::NotTunnel)?;
     // SAFETY: bounds checked by ptr_at.
     let outer_type = unsafe { (*eth).ether_type };
-    // The outer header's length and the protocol it carries.
-    let (outer_len, inner_proto, trusted) = if outer_type == ETH_P_IP {
-        let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN).ok_or(DecapCounter::NotTunnel)?;
-        // SAFETY: bounds checked by ptr_at.
-        let ip = unsafe { &*ip };
-        if ip.proto != IPPROTO_IPIP && ip.proto != IPPROTO_IPV6 {
-            return Err(DecapCounter::NotTunnel.into());
-        }
+    if outer_type == ETH_P_IP {
+        outer_ipv4(ctx)
+    } else if outer_type == ETH_P_IPV6 {
+        outer_ipv6(ctx)
+    } else {
+        Err(DecapCounter::NotTunnel.into())
+    }
+}
+
+/// An outer IPv4 header. The source is checked first, whatever the header's options or
+/// fragment fields: a gateway sends neither options nor fragments (a router on the way may
+/// fragment its packets without DF), and what it sent otherwise is passed to the stack as
+/// it came; a stranger's packet is judged by its inner header wherever that starts.
+#[inline(always)]
+fn outer_ipv4(ctx: &impl Bytes) -> Result<Tunnel, Verdict> {
+    let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN).ok_or(DecapCounter::NotTunnel)?;
+    // SAFETY: bounds checked by ptr_at.
+    let ip = unsafe { &*ip };
+    let (version_ihl, proto) = (ip.version_ihl, ip.proto);
+    if !tunnel(proto) {
+        return Err(DecapCounter::NotTunnel.into());
+    }
+    let frag = u16::from_be_bytes(ip.frag_off);
+    if gateway(4, [u32::from_ne_bytes(ip.src), 0, 0, 0]) {
         // Options would need another length; a fragment is the stack's to reassemble.
-        let fragment = u16::from_be_bytes(ip.frag_off) & 0x3fff != 0;
-        if ip.version_ihl != 0x45 || fragment {
+        if version_ihl != 0x45 || frag & 0x3fff != 0 {
             return Err(DecapCounter::Passed.into());
         }
-        let trusted = gateway(4, [u32::from_ne_bytes(ip.src), 0, 0, 0]);
-        (IPV4_LEN, ip.proto, trusted)
-    } else if outer_type == ETH_P_IPV6 {
-        let ip = ptr_at::<Ipv6Hdr>(ctx, ETH_LEN).ok_or(DecapCounter::NotTunnel)?;
-        // SAFETY: bounds checked by ptr_at.
-        let ip = unsafe { &*ip };
-        let next = ip.next_hdr;
-        // Extension headers (and so fragments) are not followed: passed to the stack.
-        if next != IPPROTO_IPIP && next != IPPROTO_IPV6 {
+        return served(ctx, IPV4_LEN, proto);
+    }
+    if frag & 0x1fff != 0 {
+        // A later fragment holds no inner header. Its first fragment is judged by its own
+        // (below): dropped, it leaves the stack nothing to reassemble.
+        return Err(DecapCounter::Untrusted.into());
+    }
+    let ihl = usize::from(version_ihl & 0x0f);
+    if version_ihl >> 4 != 4 || ihl < 5 {
+        // The stack drops it as well.
+        return Err(STRANGER_DROPPED);
+    }
+    Err(stranger(ctx, ETH_LEN + ihl * 4, proto))
+}
+
+/// An outer IPv6 header. A gateway's is one fixed header followed by 4 or 41; its packets
+/// with extension headers pass to the stack as they came. A stranger's chain is followed
+/// (`MAX_EXTENSIONS` headers) to the inner header.
+#[inline(always)]
+fn outer_ipv6(ctx: &impl Bytes) -> Result<Tunnel, Verdict> {
+    let ip = ptr_at::<Ipv6Hdr>(ctx, ETH_LEN).ok_or(DecapCounter::NotTunnel)?;
+    // SAFETY: bounds checked by ptr_at.
+    let ip = unsafe { &*ip };
+    let next = ip.next_hdr;
+    if !tunnel(next) && !extension(next) {
+        return Err(DecapCounter::NotTunnel.into());
+    }
+    if gateway(6, xdpgate_common::words(&ip.src)) {
+        if !tunnel(next) {
             return Err(DecapCounter::NotTunnel.into());
         }
-        let trusted = gateway(6, xdpgate_common::words(&ip.src));
-        (IPV6_LEN, next, trusted)
-    } else {
+        return served(ctx, IPV6_LEN, next);
+    }
+    let (off, proto) = extensions(ctx, next)?;
+    if !tunnel(proto) {
         return Err(DecapCounter::NotTunnel.into());
+    }
+    Err(stranger(ctx, off, proto))
+}
+
+/// A stranger's IPv6 extension headers from the first (`next`): where the header after
+/// them starts and its protocol, or what becomes of a packet whose chain ends
+/// unreadable (dropped: cut short, its rest may follow in another fragment; the stack
+/// drops it too), in a later fragment or past `MAX_EXTENSIONS` (passed, counted).
+#[inline(always)]
+fn extensions(ctx: &impl Bytes, mut next: u8) -> Result<(usize, u8), Verdict> {
+    let mut off = ETH_LEN + IPV6_LEN;
+    for _ in 0..MAX_EXTENSIONS {
+        if !extension(next) {
+            return Ok((off, next));
+        }
+        ctx.reach(off + core::mem::size_of::<Ipv6FragHdr>());
+        if next == IPPROTO_FRAGMENT {
+            let frag = ptr_at::<Ipv6FragHdr>(ctx, off).ok_or(STRANGER_DROPPED)?;
+            // SAFETY: bounds checked by ptr_at.
+            let frag = unsafe { &*frag };
+            next = frag.next_hdr;
+            off += core::mem::size_of::<Ipv6FragHdr>();
+            if u16::from_be_bytes(frag.frag_off) & 0xfff8 != 0 {
+                // No inner header here, as for IPv4.
+                let c =
+                    if tunnel(next) { DecapCounter::Untrusted } else { DecapCounter::NotTunnel };
+                return Err(c.into());
+            }
+        } else {
+            let ext = ptr_at::<Ipv6ExtHdr>(ctx, off).ok_or(STRANGER_DROPPED)?;
+            // SAFETY: bounds checked by ptr_at.
+            let ext = unsafe { &*ext };
+            next = ext.next_hdr;
+            off += (usize::from(ext.hdr_len) + 1) * 8;
+        }
+    }
+    if extension(next) {
+        // Maybe IP-in-IP, maybe not: not this program's to drop.
+        return Err(DecapCounter::Untrusted.into());
+    }
+    Ok((off, next))
+}
+
+/// IPv4 in IP or IPv6 in IP.
+#[inline(always)]
+fn tunnel(proto: u8) -> bool {
+    proto == IPPROTO_IPIP || proto == IPPROTO_IPV6
+}
+
+/// The IPv6 extension headers followed (as the gateway's parser does; others end the chain).
+#[inline(always)]
+fn extension(next: u8) -> bool {
+    matches!(next, IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_FRAGMENT)
+}
+
+/// A gateway's IP-in-IP behind a plain outer header of `outer_len` bytes: decapsulated when
+/// for a frontend served here, else passed (maybe another tunnel's: not this program's to
+/// judge).
+#[inline(always)]
+fn served(ctx: &impl Bytes, outer_len: usize, proto: u8) -> Result<Tunnel, Verdict> {
+    match inner(ctx, ETH_LEN + outer_len, proto) {
+        Some((key, inner_type)) if frontend(&key) => Ok(Tunnel { outer_len, inner_type }),
+        _ => Err(DecapCounter::Passed.into()),
+    }
+}
+
+/// A stranger's IP-in-IP whose inner header starts at `off`: dropped when for a frontend
+/// served here (a way past the gateways' policy: another IP-in-IP receiver on the host
+/// would decapsulate it) or when the inner header cannot be read (cut short, its rest may
+/// be in a later fragment; the stack drops it too), else passed.
+#[inline(always)]
+fn stranger(ctx: &impl Bytes, off: usize, proto: u8) -> Verdict {
+    ctx.reach(off + IPV6_LEN);
+    let drop = match inner(ctx, off, proto) {
+        Some((key, _)) => frontend(&key),
+        None => true,
     };
-    // What a packet passed untouched counts as: from no gateway, `untrusted` whatever else.
-    let passed = if trusted { DecapCounter::Passed } else { DecapCounter::Untrusted };
-    let inner = ETH_LEN + outer_len;
-    let (key, inner_type) = if inner_proto == IPPROTO_IPIP {
-        let ip = ptr_at::<Ipv4Hdr>(ctx, inner).ok_or(passed)?;
+    Verdict { counter: DecapCounter::Untrusted, drop }
+}
+
+/// A stranger's packet dropped.
+const STRANGER_DROPPED: Verdict = Verdict { counter: DecapCounter::Untrusted, drop: true };
+
+/// The inner header at `off`, carried as `proto` (4 or 41): its destination's key and its
+/// EtherType, unless it is cut short or of the other version.
+#[inline(always)]
+fn inner(ctx: &impl Bytes, off: usize, proto: u8) -> Option<(DecapKey, [u8; 2])> {
+    if proto == IPPROTO_IPIP {
+        let ip = ptr_at::<Ipv4Hdr>(ctx, off)?;
         // SAFETY: bounds checked by ptr_at.
         let ip = unsafe { &*ip };
-        if ip.version_ihl >> 4 != 4 {
-            return Err(passed.into());
-        }
-        (DecapKey { family: 4, addr: [u32::from_ne_bytes(ip.dst), 0, 0, 0] }, ETH_P_IP)
+        (ip.version_ihl >> 4 == 4).then(|| {
+            (DecapKey { family: 4, addr: [u32::from_ne_bytes(ip.dst), 0, 0, 0] }, ETH_P_IP)
+        })
     } else {
-        let ip = ptr_at::<Ipv6Hdr>(ctx, inner).ok_or(passed)?;
+        let ip = ptr_at::<Ipv6Hdr>(ctx, off)?;
         // SAFETY: bounds checked by ptr_at.
         let ip = unsafe { &*ip };
-        if ip.vtc_flow[0] >> 4 != 6 {
-            return Err(passed.into());
-        }
-        (DecapKey { family: 6, addr: xdpgate_common::words(&ip.dst) }, ETH_P_IPV6)
-    };
+        (ip.vtc_flow[0] >> 4 == 6)
+            .then(|| (DecapKey { family: 6, addr: xdpgate_common::words(&ip.dst) }, ETH_P_IPV6))
+    }
+}
+
+/// Whether `key` is a frontend served here.
+#[inline(always)]
+fn frontend(key: &DecapKey) -> bool {
     // SAFETY: a lookup by value.
-    if unsafe { DECAP_FRONTENDS.get(&key) }.is_none() {
-        // Maybe another tunnel's: not this program's to judge.
-        return Err(passed.into());
-    }
-    if !trusted {
-        // A stranger's way past the gateways' policy to a frontend's port.
-        return Err(Verdict { counter: DecapCounter::Untrusted, drop: true });
-    }
-    Ok(Tunnel { outer_len, inner_type })
+    unsafe { DECAP_FRONTENDS.get(key) }.is_some()
 }
 
 /// Whether an outer source address (network-order words) is a gateway's.

@@ -22,13 +22,18 @@ pub struct DecapArgs {
 
 #[derive(Debug, clap::Subcommand)]
 pub enum DecapAction {
-    /// Attach the decapsulation program to an interface (XDP; stays attached after this
-    /// command exits). Where it is attached already, its program is replaced in place by
+    /// Attach the decapsulation program to an interface (XDP or tc ingress; stays attached
+    /// after this command exits). Where it is attached already, its program is replaced in place by
     /// this build's (gateways, frontends and counters kept) and the gateways and frontends
-    /// added. Packets of IP-in-IP (IPv4 or IPv6 outer header) from a gateway whose inner
-    /// destination is one of the frontends lose their outer header and go to the host's
-    /// stack; those from any other source for one of the frontends are dropped; all others
-    /// pass untouched.
+    /// added. IP-in-IP (IPv4 or IPv6 outer header) from a gateway whose inner destination
+    /// is one of the frontends loses its outer header and goes to the host's stack (a
+    /// gateway's with outer IPv4 options, IPv6 extension headers or fragmented passes
+    /// untouched). IP-in-IP from any other source is dropped when its inner destination is
+    /// one of the frontends, behind outer IPv4 options or up to 4 IPv6 extension headers
+    /// and in a first fragment too, and when its inner header is cut short; a stranger's
+    /// later fragments (their first one shows the inner header) and longer extension
+    /// chains pass. All others pass untouched. Frames with a VLAN tag are not examined:
+    /// attach it to the VLAN's device.
     ///
     /// Example: xdpgate decap attach eth0 --gateway 198.51.100.1 --gateway 2001:db8:1::1
     /// --frontend 192.0.2.10 --frontend 2001:db8::10
@@ -51,8 +56,8 @@ pub enum DecapAction {
 
 #[derive(Debug, clap::Args)]
 pub struct AttachArgs {
-    /// The interface the encapsulated packets arrive by (in the --netns namespace when
-    /// given).
+    /// The interface the encapsulated packets arrive by, untagged (a VLAN's device, not
+    /// its parent; in the --netns namespace when given).
     #[arg(value_name = "IFACE")]
     pub iface: String,
     /// A frontend (load balancer) address this backend serves: its packets are
@@ -184,7 +189,7 @@ impl View for Status {
         format!(
             "decap program ({}) on: {}\ngateways: {}\nfrontends: {}\npackets: {} decapsulated, \
              {} IP-in-IP passed (not for a frontend here), {} from no gateway (dropped if for \
-             a frontend here), {} not IP-in-IP\n",
+             a frontend here or cut short), {} not IP-in-IP\n",
             self.pin_dir,
             ifaces.join(", "),
             list(&self.gateways),
