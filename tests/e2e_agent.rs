@@ -778,6 +778,10 @@ fn sigterm_and_sighup_while_another_writer_holds_the_lock() {
     });
     std::fs::write(&file, policy(7070)).unwrap();
     agent.signal(libc::SIGHUP);
+    // Taken before the SIGTERM: sent together, the agent's select! may take either first.
+    wait_for("the agent to take the second SIGHUP during the hold", Duration::from_secs(1), || {
+        agent.log().matches("SIGHUP: reloading").count() == 2
+    });
     agent.signal(libc::SIGTERM);
     let asked = Instant::now();
     let exit = loop {
@@ -793,6 +797,11 @@ fn sigterm_and_sighup_while_another_writer_holds_the_lock() {
     assert!(
         took < Duration::from_secs(1),
         "SIGTERM took {took:?} to stop the agent while another writer held the lock"
+    );
+    assert!(
+        agent.log().contains("the reload waiting for the write lock is not applied"),
+        "the agent did not say it dropped the waiting reload; its log:\n{}",
+        agent.log()
     );
     assert!(agent_state(&lab.pins).is_none(), "agent.json removed");
     assert_eq!(generation(&lab.pins), before + 1, "the reload asked last was not applied");

@@ -120,6 +120,31 @@ impl Pace {
     }
 }
 
+/// A reload asked by SIGHUP and waiting for the write lock. Several SIGHUPs in one wait make
+/// one reload, given up as busy (as a one-shot writer would) once `LOCK_WAIT` has passed
+/// since the last of them, so that a late SIGHUP's edit waits as long as the first's.
+#[derive(Debug, Default)]
+struct PendingReload {
+    asked: Option<Instant>,
+}
+
+impl PendingReload {
+    /// A SIGHUP at `now`; true if it is the first of this wait.
+    fn ask(&mut self, now: Instant) -> bool {
+        self.asked.replace(now).is_none()
+    }
+
+    /// True, and the reload dropped, if it has waited `LOCK_WAIT` by `now`.
+    fn gave_up(&mut self, now: Instant) -> bool {
+        self.asked.take_if(|asked| now >= *asked + LOCK_WAIT).is_some()
+    }
+
+    /// True, and the reload taken, if one is asked.
+    fn take(&mut self) -> bool {
+        self.asked.take().is_some()
+    }
+}
+
 /// The sweep of idle established flows (`flows::remove_idle`). The dataplane never frees
 /// their entries (`FLOWS` is not LRU), so it runs whether or not there is a flow log. A pass
 /// runs on a blocking thread, so a big table does not hold up events, probes or signals;
@@ -397,8 +422,8 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     // one turn polled beside the loop's other arms: another writer's long hold delays
     // them, not the loop (signals, probe results, BGP changes).
     let mut turn = LockTurn::default();
-    // A reload asked (when) and NAT expiry due, for the next turn.
-    let mut reload: Option<Instant> = None;
+    // A reload asked and NAT expiry due, for the next turn.
+    let mut reload = PendingReload::default();
     let mut nat_due = false;
     let mut expiry = tokio::time::interval(std::time::Duration::from_secs(1));
     // Programs come and go with attach and upgrade: look for new ones every tick.
@@ -494,11 +519,8 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                 // health change's rebuild that failed is retried with them.
                 nat_due = true;
                 turn.want(pins);
-                if let Some(asked) = reload
-                    && asked.elapsed() >= LOCK_WAIT
-                {
+                if reload.gave_up(Instant::now()) {
                     // As long as a one-shot writer waits, and then as it gives up.
-                    reload = None;
                     reloaded(pins, file, &mut state, Err(WriteLock::busy(pins, LOCK_WAIT)));
                     save_state(pins, &mut state, &failing);
                 }
@@ -530,15 +552,14 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                 }
                 // Read and applied in the next turn at the write lock: a SIGHUP during
                 // another writer's hold is applied after it (several, once).
-                if reload.is_none() {
+                if reload.ask(Instant::now()) {
                     info!("SIGHUP: reloading {}", file.display());
-                    reload = Some(Instant::now());
                 }
                 turn.want(pins);
             }
             taken = turn.taken(), if turn.wanted() => {
                 let Some(lock) = failing.check("write lock", taken) else { continue };
-                if reload.take().is_some() {
+                if reload.take() {
                     // Loaded under the lock, so no `xdpgate set` comes between the load of the
                     // sets' changes and the install.
                     let result = match prepare(pins, file) {
@@ -592,7 +613,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
         }
     }
     // Nothing of it was written: the turn had not come.
-    if reload.is_some() {
+    if reload.take() {
         info!("the reload waiting for the write lock is not applied: the agent stops");
     }
     // First, while the dataplane is certainly in force: the peers stop sending here.
@@ -867,5 +888,25 @@ mod tests {
         pace.done(t1, Duration::from_millis(300));
         assert!(!pace.due(t1 + Duration::from_millis(5_999)));
         assert!(pace.due(t1 + Duration::from_secs(6)));
+    }
+
+    #[test]
+    fn each_sighup_restarts_the_reloads_wait_for_the_write_lock() {
+        let t0 = Instant::now();
+        let mut reload = PendingReload::default();
+        assert!(!reload.gave_up(t0 + LOCK_WAIT), "none asked");
+        assert!(reload.ask(t0), "the first SIGHUP of the wait");
+        // Another SIGHUP a second before the first one's wait ends: the same reload, whose
+        // wait now runs from it.
+        let t1 = t0 + LOCK_WAIT - Duration::from_secs(1);
+        assert!(!reload.ask(t1), "a later SIGHUP of the same wait");
+        assert!(!reload.gave_up(t0 + LOCK_WAIT), "given up as the first SIGHUP's wait ends");
+        assert!(!reload.gave_up(t1 + LOCK_WAIT - Duration::from_millis(1)));
+        assert!(reload.gave_up(t1 + LOCK_WAIT), "waited LOCK_WAIT since the last SIGHUP");
+        assert!(!reload.take(), "given up: nothing left to apply");
+        // A new wait after that starts afresh, and is taken by the turn.
+        assert!(reload.ask(t1 + LOCK_WAIT));
+        assert!(reload.take());
+        assert!(!reload.take());
     }
 }
