@@ -110,36 +110,33 @@ trait Bytes {
     fn reach(&self, len: usize);
 }
 
-impl Bytes for XdpContext {
-    #[inline(always)]
-    fn start(&self) -> usize {
-        self.data()
-    }
-    #[inline(always)]
-    fn end(&self) -> usize {
-        self.data_end()
-    }
-    /// A frame is all there.
-    #[inline(always)]
-    fn reach(&self, _: usize) {}
+/// Both contexts name their bounds alike; how far the headers can be read differs.
+macro_rules! bytes {
+    ($ctx:ty, |$this:ident, $len:ident| $reach:block) => {
+        impl Bytes for $ctx {
+            #[inline(always)]
+            fn start(&self) -> usize {
+                self.data()
+            }
+            #[inline(always)]
+            fn end(&self) -> usize {
+                self.data_end()
+            }
+            #[inline(always)]
+            fn reach(&self, $len: usize) {
+                let $this = self;
+                $reach
+            }
+        }
+    };
 }
-
-impl Bytes for TcContext {
-    #[inline(always)]
-    fn start(&self) -> usize {
-        self.data()
-    }
-    #[inline(always)]
-    fn end(&self) -> usize {
-        self.data_end()
-    }
-    /// A socket buffer's headers may lie beyond its linear area.
-    #[inline(always)]
-    fn reach(&self, len: usize) {
-        let all = self.len() as usize;
-        let _ = self.pull_data(if len < all { len } else { all } as u32);
-    }
-}
+// A frame is all there.
+bytes!(XdpContext, |_ctx, _len| {});
+// A socket buffer's headers may lie beyond its linear area.
+bytes!(TcContext, |ctx, len| {
+    let all = ctx.len() as usize;
+    let _ = ctx.pull_data(if len < all { len } else { all } as u32);
+});
 
 /// A pointer to a `T` at `off` in the packet, if the packet holds all of it.
 #[inline(always)]
