@@ -32,12 +32,12 @@ pub enum DecapCounter {
     /// IP-in-IP from an outer source that is no gateway's (`DECAP_SOURCES`), its inner
     /// header found behind outer IPv4 options or up to 4 IPv6 extension headers, in a
     /// first fragment too. Dropped when its inner destination is a frontend served here
-    /// (another IP-in-IP receiver on the host would decapsulate it) or its headers are cut
-    /// short or malformed (the rest may follow in another fragment; the stack drops such a
-    /// packet too); else passed untouched, and so
-    /// are later fragments (no inner header: their first one's decides) and IPv6 whose
-    /// extension chain is longer. (A `DECAP_STATS` pinned by a build from before has no
-    /// slot for it.)
+    /// (another IP-in-IP receiver on the host would decapsulate it), when it carries a
+    /// tunnel again, when its inner header is not whole within the outer datagram's length
+    /// (the rest may follow in another fragment) or its headers are malformed, and when its
+    /// IPv6 extension chain is longer; else passed untouched, and so are later fragments
+    /// (no inner header: their first one's decides). (A `DECAP_STATS` pinned by a build
+    /// from before has no slot for it.)
     Untrusted = 3,
 }
 pub const DECAP_COUNTERS: u32 = 4;

@@ -12,7 +12,9 @@
 //! IP-in-IP receiver on the host (Calico's `tunl0`, a collect-metadata device) would
 //! decapsulate it. The source is checked first, so a stranger's packet is judged by its
 //! inner header behind outer IPv4 options or IPv6 extension headers and in a first
-//! fragment too (one too short to show it is dropped). Everything else passes untouched. The outer destination is not checked: a frame
+//! fragment too (one whose datagram does not hold all of it is dropped), and one carrying
+//! a tunnel again is dropped. Everything else passes untouched. The outer destination is
+//! not checked: a frame
 //! not sent to this host's MAC is dropped by the stack all the same (PACKET_OTHERHOST), and
 //! the inner packet goes to a local address whoever the outer header named.
 #![no_std]
@@ -58,8 +60,8 @@ const ETH_LEN: usize = core::mem::size_of::<EthHdr>();
 const IPV4_LEN: usize = core::mem::size_of::<Ipv4Hdr>();
 const IPV6_LEN: usize = core::mem::size_of::<Ipv6Hdr>();
 /// The IPv6 extension headers followed for a stranger's packet: Linux's ip6_tnl puts one
-/// (a destination option, the tunnel encapsulation limit) before the inner header; a chain
-/// longer than this is passed (counted `untrusted`).
+/// (a destination option, the tunnel encapsulation limit) before the inner header; a
+/// stranger's chain longer than this is dropped.
 const MAX_EXTENSIONS: usize = 4;
 
 /// At XDP (native or generic): the frame, before the kernel makes a socket buffer of it.
@@ -199,7 +201,8 @@ fn outer_ipv4(ctx: &impl Bytes) -> Result<Tunnel, Verdict> {
         // The stack drops it as well.
         return Err(STRANGER_DROPPED);
     }
-    Err(stranger(ctx, ETH_LEN + ihl * 4, proto))
+    let end = ETH_LEN + usize::from(u16::from_be_bytes(ip.total_len));
+    Err(stranger(ctx, ETH_LEN + ihl * 4, proto, end))
 }
 
 /// An outer IPv6 header. A gateway's is one fixed header followed by 4 or 41; its packets
@@ -220,17 +223,19 @@ fn outer_ipv6(ctx: &impl Bytes) -> Result<Tunnel, Verdict> {
         }
         return served(ctx, IPV6_LEN, next);
     }
+    let end = ETH_LEN + IPV6_LEN + usize::from(u16::from_be_bytes(ip.payload_len));
     let (off, proto) = extensions(ctx, next)?;
     if !tunnel(proto) {
         return Err(DecapCounter::NotTunnel.into());
     }
-    Err(stranger(ctx, off, proto))
+    Err(stranger(ctx, off, proto, end))
 }
 
 /// A stranger's IPv6 extension headers from the first (`next`): where the header after
 /// them starts and its protocol, or what becomes of a packet whose chain ends
-/// unreadable (dropped: cut short, its rest may follow in another fragment; the stack
-/// drops it too), in a later fragment or past `MAX_EXTENSIONS` (passed, counted).
+/// unreadable (dropped: cut short, its rest may follow in another fragment), in a later
+/// fragment (passed, counted) or longer than `MAX_EXTENSIONS` (dropped: the stack follows
+/// any number of them to a tunnel).
 #[inline(always)]
 fn extensions(ctx: &impl Bytes, mut next: u8) -> Result<(usize, u8), Verdict> {
     let mut off = ETH_LEN + IPV6_LEN;
@@ -260,8 +265,7 @@ fn extensions(ctx: &impl Bytes, mut next: u8) -> Result<(usize, u8), Verdict> {
         }
     }
     if extension(next) {
-        // Maybe IP-in-IP, maybe not: not this program's to drop.
-        return Err(DecapCounter::Untrusted.into());
+        return Err(STRANGER_DROPPED);
     }
     Ok((off, next))
 }
@@ -284,20 +288,27 @@ fn extension(next: u8) -> bool {
 #[inline(always)]
 fn served(ctx: &impl Bytes, outer_len: usize, proto: u8) -> Result<Tunnel, Verdict> {
     match inner(ctx, ETH_LEN + outer_len, proto) {
-        Some((key, inner_type)) if frontend(&key) => Ok(Tunnel { outer_len, inner_type }),
+        Some((key, inner_type, _)) if frontend(&key) => Ok(Tunnel { outer_len, inner_type }),
         _ => Err(DecapCounter::Passed.into()),
     }
 }
 
-/// A stranger's IP-in-IP whose inner header starts at `off`: dropped when for a frontend
-/// served here (a way past the gateways' policy: another IP-in-IP receiver on the host
-/// would decapsulate it) or when the inner header cannot be read (cut short, its rest may
-/// be in a later fragment; the stack drops it too), else passed.
+/// A stranger's IP-in-IP whose inner header starts at `off`, of an outer datagram ending
+/// at `end`: dropped when for a frontend served here (a way past the gateways' policy:
+/// another IP-in-IP receiver on the host would decapsulate it), when it carries a tunnel
+/// again (the host would decapsulate that one too, to a frontend maybe), or when the inner
+/// header is not whole within the datagram (its rest may come in a later fragment; judged
+/// by the datagram's length, as the stack trims the frame to it: not by padding or bytes
+/// after it), else passed.
 #[inline(always)]
-fn stranger(ctx: &impl Bytes, off: usize, proto: u8) -> Verdict {
+fn stranger(ctx: &impl Bytes, off: usize, proto: u8, end: usize) -> Verdict {
+    let len = if proto == IPPROTO_IPIP { IPV4_LEN } else { IPV6_LEN };
+    if off + len > end {
+        return STRANGER_DROPPED;
+    }
     ctx.reach(off + IPV6_LEN);
     let drop = match inner(ctx, off, proto) {
-        Some((key, _)) => frontend(&key),
+        Some((key, _, nested)) => nested || frontend(&key),
         None => true,
     };
     Verdict { counter: DecapCounter::Untrusted, drop }
@@ -306,23 +317,24 @@ fn stranger(ctx: &impl Bytes, off: usize, proto: u8) -> Verdict {
 /// A stranger's packet dropped.
 const STRANGER_DROPPED: Verdict = Verdict { counter: DecapCounter::Untrusted, drop: true };
 
-/// The inner header at `off`, carried as `proto` (4 or 41): its destination's key and its
-/// EtherType, unless it is cut short or of the other version.
+/// The inner header at `off`, carried as `proto` (4 or 41): its destination's key, its
+/// EtherType and whether a tunnel (or, in IPv6, an extension header that may lead to one)
+/// follows it; none when it is cut short or of the other version.
 #[inline(always)]
-fn inner(ctx: &impl Bytes, off: usize, proto: u8) -> Option<(DecapKey, [u8; 2])> {
+fn inner(ctx: &impl Bytes, off: usize, proto: u8) -> Option<(DecapKey, [u8; 2], bool)> {
     if proto == IPPROTO_IPIP {
         let ip = ptr_at::<Ipv4Hdr>(ctx, off)?;
         // SAFETY: bounds checked by ptr_at.
         let ip = unsafe { &*ip };
-        (ip.version_ihl >> 4 == 4).then(|| {
-            (DecapKey { family: 4, addr: [u32::from_ne_bytes(ip.dst), 0, 0, 0] }, ETH_P_IP)
-        })
+        let key = DecapKey { family: 4, addr: [u32::from_ne_bytes(ip.dst), 0, 0, 0] };
+        (ip.version_ihl >> 4 == 4).then_some((key, ETH_P_IP, tunnel(ip.proto)))
     } else {
         let ip = ptr_at::<Ipv6Hdr>(ctx, off)?;
         // SAFETY: bounds checked by ptr_at.
         let ip = unsafe { &*ip };
-        (ip.vtc_flow[0] >> 4 == 6)
-            .then(|| (DecapKey { family: 6, addr: xdpgate_common::words(&ip.dst) }, ETH_P_IPV6))
+        let key = DecapKey { family: 6, addr: xdpgate_common::words(&ip.dst) };
+        let nested = tunnel(ip.next_hdr) || extension(ip.next_hdr);
+        (ip.vtc_flow[0] >> 4 == 6).then_some((key, ETH_P_IPV6, nested))
     }
 }
 
