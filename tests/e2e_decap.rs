@@ -828,7 +828,7 @@ fn decap_program_output_is_the_inner_frame() {
 /// sends, a chain of three, a fragment header), dropped when for a frontend here and
 /// passed unchanged for another; a first fragment whose datagram holds only part of the
 /// inner header (also when the frame goes on past it: Ethernet padding, bytes faking the
-/// rest of a header), a chain longer than the program follows, a tunnel in the tunnel, an
+/// rest of a header, or an extension header after it), a chain longer than the program follows, a tunnel in the tunnel, an
 /// IHL below 5 and an extension chain cut short are dropped; later fragments (the first
 /// one holds the inner header) pass, counted `untrusted`. A gateway's packets with an
 /// option, an extension header or fragmented still pass unchanged, and a stranger's IPv6
@@ -880,7 +880,15 @@ fn a_strangers_options_fragments_and_extension_headers_do_not_hide_the_frontend(
     // decapsulate both.
     let nested4 = encapsulate(STRANGER4, BACKEND4, &encapsulate(CLIENT4, BACKEND4, &udp4));
     let nested6 = encapsulate(STRANGER6, BACKEND6, &insert_ipv6_ext(&tcp6_other, &[(60, 0)]));
-    let mut dropped = vec![tiny_first, tiny_padded, tiny6, nested4, nested6];
+    // IPv6 again, its chain going on past the datagram: a fake last header after it (next
+    // header TCP) while the datagram's own chain goes on in the second fragment, to 41.
+    let mut chain6 = extensions(STRANGER6, &tcp6, &[(44, 0), (60, 0), (60, 0)]);
+    chain6.truncate(ETH_LEN + 40 + 16);
+    chain6[ETH_LEN + 4..ETH_LEN + 6].copy_from_slice(&16u16.to_be_bytes());
+    chain6[ETH_LEN + 40 + 3] |= 1;
+    chain6.extend_from_slice(&[6, 0, 0, 0, 0, 0, 0, 0]);
+    chain6.extend_from_slice(&[0; 20]);
+    let mut dropped = vec![tiny_first, tiny_padded, tiny6, nested4, nested6, chain6];
     let mut passed = vec![fragment(&udp4, false, 1), ipv6_later];
     for inner in [&udp4, &tcp6] {
         dropped.push(option(STRANGER4, inner));

@@ -26,17 +26,18 @@ pub enum DecapCounter {
     /// header cut short, or an outer IPv4 header with options or fragmented: passed
     /// untouched.
     Passed = 1,
-    /// Not an IP-in-IP packet (a gateway's IPv6 with extension headers, either): passed
-    /// untouched.
+    /// Not an IP-in-IP packet (no 4 or 41 after the outer header or its extension chain; a
+    /// gateway's IPv6 with extension headers, either): passed untouched.
     NotTunnel = 2,
     /// IP-in-IP from an outer source that is no gateway's (`DECAP_SOURCES`), its inner
     /// header found behind outer IPv4 options or up to 4 IPv6 extension headers, in a
     /// first fragment too. Dropped when its inner destination is a frontend served here
     /// (another IP-in-IP receiver on the host would decapsulate it), when it carries a
-    /// tunnel again, when its inner header is not whole within the outer datagram's length
-    /// (the rest may follow in another fragment) or its headers are malformed, and when its
-    /// IPv6 extension chain is longer; else passed untouched, and so are later fragments
-    /// (no inner header: their first one's decides). (A `DECAP_STATS` pinned by a build
+    /// tunnel again (inner IPv6 followed by any extension header included), when its inner
+    /// header or IPv6 extension chain is not whole within the outer datagram's length (the
+    /// rest may follow in another fragment) or its headers are malformed, and, IP-in-IP or
+    /// not, when its IPv6 extension chain is longer; else passed untouched, and so are
+    /// later fragments (no inner header: their first one's decides). (A `DECAP_STATS` pinned by a build
     /// from before has no slot for it.)
     Untrusted = 3,
 }

@@ -223,25 +223,34 @@ fn outer_ipv6(ctx: &impl Bytes) -> Result<Tunnel, Verdict> {
         }
         return served(ctx, IPV6_LEN, next);
     }
-    let end = ETH_LEN + IPV6_LEN + usize::from(u16::from_be_bytes(ip.payload_len));
-    let (off, proto) = extensions(ctx, next)?;
+    // A jumbogram (payload length 0) is as long as its frame.
+    let end = match usize::from(u16::from_be_bytes(ip.payload_len)) {
+        0 => ctx.end() - ctx.start(),
+        len => ETH_LEN + IPV6_LEN + len,
+    };
+    let (off, proto) = extensions(ctx, next, end)?;
     if !tunnel(proto) {
         return Err(DecapCounter::NotTunnel.into());
     }
     Err(stranger(ctx, off, proto, end))
 }
 
-/// A stranger's IPv6 extension headers from the first (`next`): where the header after
-/// them starts and its protocol, or what becomes of a packet whose chain ends
-/// unreadable (dropped: cut short, its rest may follow in another fragment), in a later
-/// fragment (passed, counted) or longer than `MAX_EXTENSIONS` (dropped: the stack follows
-/// any number of them to a tunnel).
+/// A stranger's IPv6 extension headers from the first (`next`), within a datagram ending at
+/// `end`: where the header after them starts and its protocol, or what becomes of a packet
+/// whose chain ends unreadable or past `end` (dropped: cut short, its rest may follow in
+/// another fragment), in a later fragment (passed, counted) or longer than
+/// `MAX_EXTENSIONS` (dropped, tunnel or not: the stack follows any number of them to one).
 #[inline(always)]
-fn extensions(ctx: &impl Bytes, mut next: u8) -> Result<(usize, u8), Verdict> {
+fn extensions(ctx: &impl Bytes, mut next: u8, end: usize) -> Result<(usize, u8), Verdict> {
     let mut off = ETH_LEN + IPV6_LEN;
     for _ in 0..MAX_EXTENSIONS {
         if !extension(next) {
             return Ok((off, next));
+        }
+        // Within the datagram, as `stranger` judges the inner header: bytes after it are
+        // trimmed by the stack, and the chain may go on in the next fragment instead.
+        if off + core::mem::size_of::<Ipv6FragHdr>() > end {
+            return Err(STRANGER_DROPPED);
         }
         ctx.reach(off + core::mem::size_of::<Ipv6FragHdr>());
         if next == IPPROTO_FRAGMENT {

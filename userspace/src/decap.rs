@@ -30,10 +30,11 @@ pub enum DecapAction {
     /// gateway's with outer IPv4 options, IPv6 extension headers or fragmented passes
     /// untouched). IP-in-IP from any other source is dropped when its inner destination is
     /// one of the frontends, behind outer IPv4 options or up to 4 IPv6 extension headers
-    /// and in a first fragment too, when it carries a tunnel again, when its inner header
-    /// is not whole within the outer datagram, and when its extension chain is longer; a
-    /// stranger's later fragments (their first one shows the inner header) pass. All
-    /// others pass untouched. Frames with a VLAN tag are not examined:
+    /// and in a first fragment too, when it carries a tunnel again (or inner IPv6 followed
+    /// by an extension header), and when its inner header or extension chain is not whole
+    /// within the outer datagram; any other source's IPv6 with a longer extension chain is
+    /// dropped too; a stranger's later fragments (their first one shows the inner header)
+    /// pass. All others pass untouched. Frames with a VLAN tag are not examined:
     /// attach it to the VLAN's device.
     ///
     /// Example: xdpgate decap attach eth0 --gateway 198.51.100.1 --gateway 2001:db8:1::1
