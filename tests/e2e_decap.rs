@@ -828,13 +828,15 @@ fn decap_program_output_is_the_inner_frame() {
 /// sends, a chain of three, a fragment header), dropped when for a frontend here and
 /// passed unchanged for another; a first fragment whose datagram holds only part of the
 /// inner header (also when the frame goes on past it: Ethernet padding, bytes faking the
-/// rest of a header, or an extension header after it), a chain longer than the program follows, a tunnel in the tunnel, an
-/// IHL below 5 and an extension chain cut short are dropped; later fragments (the first
+/// rest of a header, or an extension header after it), a chain longer than the program
+/// follows, a tunnel in the tunnel, an IHL below 5 and an extension chain cut short are
+/// dropped; later fragments (the first
 /// one holds the inner header) pass, counted `untrusted`. A gateway's packets with an
 /// option, an extension header or fragmented still pass unchanged, and a stranger's IPv6
 /// with a hop-by-hop header that is no tunnel passes as `not_tunnel`.
 #[test]
 fn a_strangers_options_fragments_and_extension_headers_do_not_hide_the_frontend() {
+    // Outside `test_program`'s gateways (the file's STRANGER6 lies in their IPv6 prefix).
     const STRANGER4: &str = "198.51.100.3";
     const STRANGER6: &str = "2001:db8:2::1";
     let udp4 = frame(CLIENT4, VIP4, L4::Udp(40000, 53));

@@ -14,9 +14,9 @@
 //! inner header behind outer IPv4 options or IPv6 extension headers and in a first
 //! fragment too (one whose datagram does not hold all of it is dropped), and one carrying
 //! a tunnel again is dropped. Everything else passes untouched. The outer destination is
-//! not checked: a frame
-//! not sent to this host's MAC is dropped by the stack all the same (PACKET_OTHERHOST), and
-//! the inner packet goes to a local address whoever the outer header named.
+//! not checked: a frame not sent to this host's MAC is dropped by the stack all the same
+//! (PACKET_OTHERHOST), and the inner packet goes to a local address whoever the outer
+//! header named.
 #![no_std]
 #![no_main]
 
