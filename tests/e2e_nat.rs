@@ -598,3 +598,54 @@ fn translations_expire_under_a_writer_that_keeps_the_lock() {
         "the translation expired {took:?} after the exchange; the writer held the lock {held} times"
     );
 }
+
+/// A reload that renumbers the gateways (a new one listed first): the packets of a flow
+/// translated before it still count under its gateway, by name. The programs remember, per
+/// CPU, which gateway owns the last public address they counted, until the addresses
+/// change; the host's datagrams all leave from one CPU, so one memory serves them all.
+#[test]
+fn a_renumbered_gateway_keeps_counting_its_flows() {
+    let lab = Lab::new("    udp_idle_timeout: 60\n");
+    lab.udp_echo();
+    let outbound = |name: &str| {
+        let nat = lab.nat();
+        let gw = nat.as_array().unwrap().iter().find(|g| g["nat_gateway"] == name).cloned();
+        gw.map_or(0, |g| g["traffic"]["outbound"]["packets"].as_u64().unwrap())
+    };
+    let exchange = || {
+        lab.host.run(|| {
+            pin_to_cpu(0);
+            let s = UdpSocket::bind(("198.51.100.10", 41000)).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(800))).unwrap();
+            s.send_to(b"?", "203.0.113.10:5353").unwrap();
+            let mut buf = [0u8; 64];
+            let (n, _) = s.recv_from(&mut buf).expect("the echo through the gateway");
+            assert_eq!(String::from_utf8_lossy(&buf[..n]).trim_end_matches('.'), "192.0.2.100");
+        })
+    };
+    for _ in 0..3 {
+        exchange();
+    }
+    assert_eq!(outbound("natgw"), 3, "{}", lab.nat());
+
+    lab.reload(
+        "virtual_network:\n  address_space: [198.51.100.0/24]\nnat_gateways:\n  - name: first\n    \
+         public_addresses: [192.0.2.200]\n    subnets: [198.51.100.128/25]\n  - name: natgw\n    \
+         public_addresses: [192.0.2.100]\n    subnets: [198.51.100.0/25]\n    \
+         udp_idle_timeout: 60\n",
+    );
+    assert_eq!(lab.nat()[1]["nat_gateway"], "natgw", "renumbered: {}", lab.nat());
+    for _ in 0..4 {
+        exchange();
+    }
+    assert_eq!((outbound("natgw"), outbound("first")), (7, 0), "{}", lab.nat());
+}
+
+/// Keeps the calling thread on `cpu`.
+fn pin_to_cpu(cpu: usize) {
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        assert_eq!(libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set), 0);
+    }
+}

@@ -163,6 +163,10 @@ pub const NAT_SUBNETS: &str = "NAT_SUBNETS";
 pub const VNET: &str = "VNET";
 /// `HashMap<AddrKey, u32>`: public address to NAT gateway index.
 pub const NAT_PUBLIC: &str = "NAT_PUBLIC";
+/// `Array<u64>`, one entry: bumped after every change of `NAT_PUBLIC`, whose answers the
+/// programs remember per CPU while it holds. Created by a load of programs that have it (a
+/// dataplane from before has none, and remembers nothing).
+pub const NAT_PUBLIC_VERSION: &str = "NAT_PUBLIC_VERSION";
 /// `Array<NatGatewayConfig>`.
 pub const NAT_GATEWAYS: &str = "NAT_GATEWAYS";
 /// `HashMap<FlowKey, NatEntry>`: translations under both of their tuples.

@@ -1,7 +1,7 @@
 //! Every map of the dataplane, in one place. Names come from `xdpgate_common::maps`; all are
 //! pinned by name so a restarted agent finds the running state.
 
-use crate::{action::Action, parse::PacketMeta};
+use crate::{action::Action, parse::PacketMeta, snat::PublicMemo};
 use aya_ebpf::{
     macros::map,
     maps::lpm_trie::Key,
@@ -244,6 +244,14 @@ pub static VNET: LpmTrie<AddrKey, u32> = LpmTrie::pinned(NAT_PREFIXES, 0);
 #[map(name = "NAT_PUBLIC")]
 pub static NAT_PUBLIC: HashMap<AddrKey, u32> =
     HashMap::pinned(MAX_NAT_GATEWAYS * MAX_PUBLIC_ADDRS as u32, 0);
+
+/// Bumped by the writer after every change of `NAT_PUBLIC` (see `snat::public_gateway`).
+#[map(name = "NAT_PUBLIC_VERSION")]
+pub static NAT_PUBLIC_VERSION: Array<u64> = Array::pinned(1, 0);
+
+/// Per-CPU: the last `NAT_PUBLIC` answer (see `snat::public_gateway`).
+#[map(name = "PUBLIC_MEMO")]
+pub static PUBLIC_MEMO: PerCpuArray<PublicMemo> = PerCpuArray::with_max_entries(1, 0);
 
 /// Addresses and port range of each NAT gateway.
 #[map(name = "NAT_GATEWAYS")]

@@ -21,8 +21,8 @@ use crate::{
     headers::{IPPROTO_TCP, IPPROTO_UDP},
     lb,
     maps::{
-        NAT_CREATED, NAT_FAILURES, NAT_GATEWAYS, NAT_MAP, NAT_PUBLIC, NAT_SUBNETS, NAT_TRAFFIC,
-        VNET,
+        NAT_CREATED, NAT_FAILURES, NAT_GATEWAYS, NAT_MAP, NAT_PUBLIC, NAT_PUBLIC_VERSION,
+        NAT_SUBNETS, NAT_TRAFFIC, PUBLIC_MEMO, VNET,
     },
     parse::{PacketMeta, is_echo},
 };
@@ -86,9 +86,39 @@ pub fn count_translated(meta: &PacketMeta, entry: &FlowValue, len: u64) {
         NAT_DST => (&meta.dst, DIR_INBOUND),
         _ => return,
     };
-    if let Some(gw) = unsafe { NAT_PUBLIC.get(&addr_key(meta.family, public)) } {
-        count(*gw, dir, meta, len);
+    if let Some(gw) = public_gateway(meta.family, public) {
+        count(gw, dir, meta, len);
     }
+}
+
+/// The last `NAT_PUBLIC` answer on this CPU, and the `NAT_PUBLIC_VERSION` it was read
+/// under.
+#[repr(C)]
+pub struct PublicMemo {
+    version: u64,
+    key: AddrKey,
+    /// The gateway's index, or `NO_GATEWAY`.
+    gateway: u32,
+}
+
+const NO_GATEWAY: u32 = u32::MAX;
+
+/// The gateway whose public address `addr` is: `NAT_PUBLIC`'s answer, remembered per CPU
+/// for the last address asked while `NAT_PUBLIC_VERSION` holds (the writer bumps it after
+/// every change of the addresses). A translated flow's packets are counted on every packet,
+/// and a gateway's flows mostly share an address: an array read instead of a hash lookup.
+/// The version is read first, so an answer read during a change is forgotten after it.
+#[inline(always)]
+fn public_gateway(family: u8, addr: &[u32; 4]) -> Option<u32> {
+    let version = *NAT_PUBLIC_VERSION.get(0)?;
+    let memo = unsafe { &mut *PUBLIC_MEMO.get_ptr_mut(0)? };
+    if memo.version != version || memo.key.family != family || memo.key.addr != *addr {
+        let key = addr_key(family, addr);
+        memo.gateway = unsafe { NAT_PUBLIC.get(&key) }.copied().unwrap_or(NO_GATEWAY);
+        memo.key = key;
+        memo.version = version;
+    }
+    (memo.gateway != NO_GATEWAY).then_some(memo.gateway)
 }
 
 /// Counts the first packet of a flow rebuilt from its translation `t` under the gateway

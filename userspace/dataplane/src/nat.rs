@@ -13,8 +13,8 @@ use xdpgate_common::{
     family_bytes,
     flow::{FlowKey, FlowValue, NAT_DST, TCP_CLOSED},
     maps::{
-        EMBRYOS, FLOWS, NAT_CREATED, NAT_FAILURES, NAT_GATEWAYS, NAT_MAP, NAT_PUBLIC, NAT_SUBNETS,
-        NAT_TRAFFIC, VNET,
+        EMBRYOS, FLOWS, NAT_CREATED, NAT_FAILURES, NAT_GATEWAYS, NAT_MAP, NAT_PUBLIC,
+        NAT_PUBLIC_VERSION, NAT_SUBNETS, NAT_TRAFFIC, VNET,
     },
     nat::{
         ADDR_KEY_HEADER_BITS, AddrKey, MAX_NAT_GATEWAYS, MAX_PUBLIC_ADDRS, NAT_ACTIVE,
@@ -60,6 +60,8 @@ pub struct NatMaps {
     subnets: LpmTrie<MapData, AddrKey, u32>,
     vnet: LpmTrie<MapData, AddrKey, u32>,
     public: HashMap<MapData, AddrKey, u32>,
+    /// `None` in a dataplane whose programs predate it (they remember no answer).
+    public_version: Option<Array<MapData, u64>>,
     gateways: Array<MapData, NatGatewayConfig>,
 }
 
@@ -69,6 +71,7 @@ impl NatMaps {
             subnets: pins.open_map(NAT_SUBNETS)?.try_into()?,
             vnet: pins.open_map(VNET)?.try_into()?,
             public: pins.open_map(NAT_PUBLIC)?.try_into()?,
+            public_version: pins.open_map(NAT_PUBLIC_VERSION).ok().and_then(|m| m.try_into().ok()),
             gateways: pins.open_map(NAT_GATEWAYS)?.try_into()?,
         })
     }
@@ -118,6 +121,11 @@ impl NatMaps {
             .collect();
         for k in stale {
             self.public.remove(&k)?;
+        }
+        // After the addresses: what the programs remember of the old ones is forgotten.
+        if let Some(version) = &mut self.public_version {
+            let v = version.get(&0, 0)?;
+            version.set(0, v.wrapping_add(1), 0)?;
         }
         Ok(())
     }
