@@ -115,25 +115,33 @@ fn write(
     }
 }
 
-/// Sends the event built in `EVENT_SCRATCH` to the flow log (`to_log`) and, while one
-/// observes, to the observers. Anything but a flow's beginning goes through the rate
-/// limits.
+/// Which rings take an event now: the flow log (when `to_log`) and, while one observes, the
+/// observers. A `limited` event (anything but a flow's beginning) takes a token of each
+/// ring's bucket; what a bucket holds back is counted. Decided before the event is built,
+/// which a flood's held-back events then skip.
 #[inline(always)]
-fn send(e: &FlowEvent, to_log: bool) {
-    let (now, limited) = (e.time_ns, e.kind != EVENT_BEGIN);
-    if to_log {
-        if limited && !take_token(&DENY_BUCKET, DENY_EVENTS_PER_SEC, now) {
-            count(&EVENT_STATS, EVENTS_SUPPRESSED);
-        } else {
-            write(&EVENTS, &EVENT_STATS, EVENTS_LOST, (EVENT_WAKE_BYTES, 0), e);
-        }
+fn admit(limited: bool, to_log: bool, now: u64) -> (bool, bool) {
+    let mut log = to_log;
+    if log && limited && !take_token(&DENY_BUCKET, DENY_EVENTS_PER_SEC, now) {
+        count(&EVENT_STATS, EVENTS_SUPPRESSED);
+        log = false;
     }
-    if observed(now) {
-        if limited && !take_token(&MONITOR_BUCKET, MONITOR_DROPS_PER_SEC, now) {
-            count(&MONITOR_STATS, MONITOR_HELD_BACK);
-        } else {
-            write(&MONITOR, &MONITOR_STATS, MONITOR_LOST, (MONITOR_WAKE_BYTES, 1), e);
-        }
+    let mut observe = observed(now);
+    if observe && limited && !take_token(&MONITOR_BUCKET, MONITOR_DROPS_PER_SEC, now) {
+        count(&MONITOR_STATS, MONITOR_HELD_BACK);
+        observe = false;
+    }
+    (log, observe)
+}
+
+/// Sends the event built in `EVENT_SCRATCH` to the rings `admit` chose.
+#[inline(always)]
+fn send(e: &FlowEvent, (log, observe): (bool, bool)) {
+    if log {
+        write(&EVENTS, &EVENT_STATS, EVENTS_LOST, (EVENT_WAKE_BYTES, 0), e);
+    }
+    if observe {
+        write(&MONITOR, &MONITOR_STATS, MONITOR_LOST, (MONITOR_WAKE_BYTES, 1), e);
     }
 }
 
@@ -189,12 +197,16 @@ pub fn emit(
     now: u64,
     flow: Option<&FlowValue>,
 ) {
+    let admitted = admit(kind != EVENT_BEGIN, true, now);
+    if admitted == (false, false) {
+        return;
+    }
     let Some(e) = EVENT_SCRATCH.get_ptr_mut(0) else { return };
     let e = unsafe { &mut *e };
     let reason = if kind == EVENT_BEGIN { NO_REASON } else { DropReason::Policy as u8 };
     e.key = *key;
     fill(e, kind, reason, rules, direction, generation, now, flow);
-    send(e, true);
+    send(e, admitted);
 }
 
 /// A packet dropped for `reason` (other than a policy deny, which `emit` reported with its
@@ -208,7 +220,8 @@ pub fn dropped(reason: u32, parsed: bool, point: u8, ifindex: u32, bytes: u32) {
     }
     let to_log = reason == DropReason::NatUnmatched as u32;
     let now = clock::now_ns();
-    if !to_log && !observed(now) {
+    let admitted = admit(true, to_log, now);
+    if admitted == (false, false) {
         return;
     }
     let Some(e) = EVENT_SCRATCH.get_ptr_mut(0) else { return };
@@ -230,5 +243,5 @@ pub fn dropped(reason: u32, parsed: bool, point: u8, ifindex: u32, bytes: u32) {
     e.ifindex = ifindex;
     e.bytes = bytes;
     e.point = point;
-    send(e, to_log);
+    send(e, admitted);
 }
