@@ -605,6 +605,19 @@ fn translations_expire_under_a_writer_that_keeps_the_lock() {
 /// change; the host's datagrams all leave from one CPU, so one memory serves them all.
 #[test]
 fn a_renumbered_gateway_keeps_counting_its_flows() {
+    renumbered_gateway_keeps_counting(false);
+}
+
+/// The same renumbering by a writer that does not bump `NAT_PUBLIC_VERSION` (a build from
+/// before it, as after `xdpgate upgrade` under a running agent; played here by removing
+/// the pin, which the agent then cannot open): what the programs remember is still
+/// forgotten within a second.
+#[test]
+fn a_renumbering_unknown_to_the_programs_is_followed_within_a_second() {
+    renumbered_gateway_keeps_counting(true);
+}
+
+fn renumbered_gateway_keeps_counting(older_writer: bool) {
     let lab = Lab::new("    udp_idle_timeout: 60\n");
     lab.udp_echo();
     let outbound = |name: &str| {
@@ -628,6 +641,9 @@ fn a_renumbered_gateway_keeps_counting_its_flows() {
     }
     assert_eq!(outbound("natgw"), 3, "{}", lab.nat());
 
+    if older_writer {
+        std::fs::remove_file(lab.pins.dir.path().join("NAT_PUBLIC_VERSION")).unwrap();
+    }
     lab.reload(
         "virtual_network:\n  address_space: [198.51.100.0/24]\nnat_gateways:\n  - name: first\n    \
          public_addresses: [192.0.2.200]\n    subnets: [198.51.100.128/25]\n  - name: natgw\n    \
@@ -635,6 +651,10 @@ fn a_renumbered_gateway_keeps_counting_its_flows() {
          udp_idle_timeout: 60\n",
     );
     assert_eq!(lab.nat()[1]["nat_gateway"], "natgw", "renumbered: {}", lab.nat());
+    if older_writer {
+        // The time the programs keep an answer (`PUBLIC_MEMO_NS` in ebpf/src/snat.rs).
+        thread::sleep(Duration::from_millis(1100));
+    }
     for _ in 0..4 {
         exchange();
     }

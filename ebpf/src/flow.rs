@@ -178,7 +178,7 @@ fn established_entry(
             return Some(Lookup::Stale);
         }
         touch(entry, now, len);
-        snat::count_translated(meta, entry, len);
+        snat::count_translated(meta, entry, len, now);
         if meta.proto == IPPROTO_TCP && meta.tcp_flags & (TH_FIN | TH_RST) != 0 {
             track_close(key, entry, meta.tcp_flags);
         }
@@ -244,7 +244,7 @@ fn embryo(
         return Ok(Lookup::Stale);
     }
     touch(entry, now, len);
-    snat::count_translated(meta, entry, len);
+    snat::count_translated(meta, entry, len, now);
     let action = Action::of(entry);
     if meta.proto == IPPROTO_TCP {
         let flags = meta.tcp_flags;
@@ -623,7 +623,7 @@ pub fn commit_snat(meta: &PacketMeta, gw: u32, len: u64) -> Result<Action, DropR
     forward.nat_port = claim as u16;
     forward.idle_s = snat::idle_s(gw, meta.proto);
     commit(meta, &key(meta), forward, reply, false)?;
-    snat::count_translated(meta, forward, len);
+    snat::count_translated(meta, forward, len, now);
     Ok(Action::of(forward))
 }
 

@@ -77,7 +77,7 @@ const DROPPED_UNMATCHED: usize = 1;
 /// that a gateway's packets follow it when a policy renumbers the gateways. Load-balanced
 /// flows translate too, but have a service. Bytes from the IP header on.
 #[inline(always)]
-pub fn count_translated(meta: &PacketMeta, entry: &FlowValue, len: u64) {
+pub fn count_translated(meta: &PacketMeta, entry: &FlowValue, len: u64, now: u64) {
     if entry.service != NO_BACKEND {
         return;
     }
@@ -86,16 +86,17 @@ pub fn count_translated(meta: &PacketMeta, entry: &FlowValue, len: u64) {
         NAT_DST => (&meta.dst, DIR_INBOUND),
         _ => return,
     };
-    if let Some(gw) = public_gateway(meta.family, public) {
+    if let Some(gw) = public_gateway(meta.family, public, now) {
         count(gw, dir, meta, len);
     }
 }
 
-/// The last `NAT_PUBLIC` answer on this CPU, and the `NAT_PUBLIC_VERSION` it was read
-/// under.
+/// The last `NAT_PUBLIC` answer on this CPU: when it was read, and under which
+/// `NAT_PUBLIC_VERSION`.
 #[repr(C)]
 pub struct PublicMemo {
     version: u64,
+    read_ns: u64,
     key: AddrKey,
     /// The gateway's index, or `NO_GATEWAY`.
     gateway: u32,
@@ -103,20 +104,30 @@ pub struct PublicMemo {
 
 const NO_GATEWAY: u32 = u32::MAX;
 
+/// How long an answer is used: it is forgotten at once when the version changes, and
+/// after this even when it does not (a writer from before the version, one that failed
+/// midway, or a CPU that read the map before the version).
+const PUBLIC_MEMO_NS: u64 = 1_000_000_000;
+
 /// The gateway whose public address `addr` is: `NAT_PUBLIC`'s answer, remembered per CPU
-/// for the last address asked while `NAT_PUBLIC_VERSION` holds (the writer bumps it after
-/// every change of the addresses). A translated flow's packets are counted on every packet,
-/// and a gateway's flows mostly share an address: an array read instead of a hash lookup.
-/// The version is read first, so an answer read during a change is forgotten after it.
+/// for the last address asked (see `PUBLIC_MEMO_NS`). A translated flow's packets are
+/// counted on every packet, and a gateway's flows on a CPU often share an address: then an
+/// array read instead of a hash lookup. The version is read first, so an answer read
+/// during a change is forgotten after it.
 #[inline(always)]
-fn public_gateway(family: u8, addr: &[u32; 4]) -> Option<u32> {
+fn public_gateway(family: u8, addr: &[u32; 4], now: u64) -> Option<u32> {
     let version = *NAT_PUBLIC_VERSION.get(0)?;
     let memo = unsafe { &mut *PUBLIC_MEMO.get_ptr_mut(0)? };
-    if memo.version != version || memo.key.family != family || memo.key.addr != *addr {
+    if memo.version != version
+        || now.wrapping_sub(memo.read_ns) >= PUBLIC_MEMO_NS
+        || memo.key.family != family
+        || memo.key.addr != *addr
+    {
         let key = addr_key(family, addr);
         memo.gateway = unsafe { NAT_PUBLIC.get(&key) }.copied().unwrap_or(NO_GATEWAY);
         memo.key = key;
         memo.version = version;
+        memo.read_ns = now;
     }
     (memo.gateway != NO_GATEWAY).then_some(memo.gateway)
 }

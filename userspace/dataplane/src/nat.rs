@@ -110,7 +110,18 @@ impl NatMaps {
             .collect();
         replace_trie(&mut self.subnets, &subnets)?;
         replace_trie(&mut self.vnet, &vnet)?;
-        for (k, v) in &public {
+        let written = self.replace_public(&public);
+        // After the addresses, written or not: the programs forget what they remember of
+        // the old ones.
+        if let Some(version) = &mut self.public_version {
+            let v = version.get(&0, 0)?;
+            version.set(0, v.wrapping_add(1), 0)?;
+        }
+        written
+    }
+
+    fn replace_public(&mut self, public: &[(AddrKey, u32)]) -> Result<()> {
+        for (k, v) in public {
             self.public.insert(k, v, 0)?;
         }
         let stale: Vec<AddrKey> = self
@@ -121,11 +132,6 @@ impl NatMaps {
             .collect();
         for k in stale {
             self.public.remove(&k)?;
-        }
-        // After the addresses: what the programs remember of the old ones is forgotten.
-        if let Some(version) = &mut self.public_version {
-            let v = version.get(&0, 0)?;
-            version.set(0, v.wrapping_add(1), 0)?;
         }
         Ok(())
     }
