@@ -646,7 +646,8 @@ fn renumbered_gateway_keeps_counting(older_writer: bool) {
     }
     lab.reload(
         "virtual_network:\n  address_space: [198.51.100.0/24]\nnat_gateways:\n  - name: first\n    \
-         public_addresses: [192.0.2.200]\n    subnets: [198.51.100.128/25]\n  - name: natgw\n    \
+         public_addresses: [192.0.2.200]\n    subnets: [198.51.100.128/25]\n    \
+         udp_idle_timeout: 4\n  - name: natgw\n    \
          public_addresses: [192.0.2.100]\n    subnets: [198.51.100.0/25]\n    \
          udp_idle_timeout: 60\n",
     );
@@ -659,6 +660,23 @@ fn renumbered_gateway_keeps_counting(older_writer: bool) {
         exchange();
     }
     assert_eq!((outbound("natgw"), outbound("first")), (7, 0), "{}", lab.nat());
+    // The translation is its gateway's, by address: reported under it, and idle for as long
+    // as its timeout allows (60 s), not the 4 s of the gateway that now has its index.
+    let translations = |l: &Lab| {
+        let nat = l.nat();
+        let of = |name: &str| {
+            let gw = nat.as_array().unwrap().iter().find(|g| g["nat_gateway"] == name).cloned();
+            gw.map(|g| (g["translations"].clone(), g["addresses"][0]["ports_in_use"].clone()))
+        };
+        (of("natgw"), of("first"))
+    };
+    let held = (Some((1.into(), 1.into())), Some((0.into(), 0.into())));
+    assert_eq!(translations(&lab), held, "{}", lab.nat());
+    if !older_writer {
+        // Past the other gateway's timeout; the agent expires translations once a second.
+        thread::sleep(Duration::from_secs(6));
+        assert_eq!(translations(&lab), held, "kept for its own gateway's timeout: {}", lab.nat());
+    }
 }
 
 /// Keeps the calling thread on `cpu`.

@@ -275,6 +275,20 @@ pub struct Expired {
     pub released: usize,
 }
 
+/// The public address a translation's claim (its entry under the `reply` tuple) holds.
+fn claimed(reply: &FlowKey) -> IpAddr {
+    crate::flows::addr(&reply.dst, reply.family)
+}
+
+/// The gateway of a translation (its claim under `reply`): the one that owns its address
+/// now, as the index it was made under belongs to another gateway after a reload that
+/// renumbered them; that index's when no gateway owns the address any more.
+fn gateway_of<'a>(policy: &'a Policy, reply: &FlowKey, t: &NatEntry) -> Option<&'a NatGateway> {
+    let gateways = &policy.nat_gateways;
+    let owner = gateways.iter().find(|g| g.public_addresses.contains(&claimed(reply)));
+    owner.or_else(|| gateways.get(usize::from(t.gateway)))
+}
+
 /// Expires translations idle longer than their gateway's timeout (TCP, or UDP/ICMP; a
 /// closed TCP flow after 10 s) and releases ports whose cooldown has passed. Activity is
 /// the last packet the flow table saw either way.
@@ -295,7 +309,7 @@ pub fn expire(pins: &PinDir, policy: &Policy, now: u64) -> Result<Expired> {
             }
             continue;
         }
-        let Some(gw) = policy.nat_gateways.get(usize::from(t.gateway)) else { continue };
+        let Some(gw) = gateway_of(policy, &reply, &t) else { continue };
         let forward = forward_key(&reply, &t);
         let seen: Vec<FlowValue> = tables
             .iter()
@@ -375,7 +389,7 @@ pub fn end_translation(
             return Ok(false);
         }
     };
-    let gateway = policy.nat_gateways.get(usize::from(t.gateway));
+    let gateway = gateway_of(policy, reply, &t);
     let cooldown_s = gateway.map_or(0, |gw| gw.port_reuse_cooldown);
     retire(&mut map, reply, &t, cooldown_s, now, remove_flow)?;
     Ok(true)
@@ -425,19 +439,14 @@ pub fn report(pins: &PinDir, record: &Record) -> Result<Vec<GatewayReport>> {
         .iter()
         .enumerate()
         .map(|(i, (name, public_addresses))| {
-            let mine: Vec<_> = claims.iter().filter(|(_, t)| usize::from(t.gateway) == i).collect();
+            // By address, as `expire` finds a translation's gateway.
+            let mine: Vec<_> =
+                claims.iter().filter(|(k, _)| public_addresses.contains(&claimed(k))).collect();
             Ok(GatewayReport {
                 name: name.clone(),
                 addresses: public_addresses
                     .iter()
-                    .map(|a| {
-                        (
-                            *a,
-                            mine.iter()
-                                .filter(|(k, _)| crate::flows::addr(&k.dst, k.family) == *a)
-                                .count(),
-                        )
-                    })
+                    .map(|a| (*a, mine.iter().filter(|(k, _)| claimed(k) == *a).count()))
                     .collect(),
                 translations: mine.iter().filter(|(_, t)| t.state == NAT_ACTIVE).count(),
                 created: created
