@@ -21,6 +21,7 @@ use std::{
 };
 
 use common::{Netns, Pins, run, unique};
+use xdpgate_common::{flow::FlowKey, nat::NatEntry};
 
 fn policy(extra: &str) -> String {
     format!(
@@ -123,6 +124,11 @@ impl Lab {
 
     fn nat(&self) -> serde_json::Value {
         serde_json::from_str(&self.pins.xdpgate(&["nat", "--json"])).unwrap()
+    }
+
+    /// The gateway `name` as `xdpgate nat --json` reports it.
+    fn gateway(&self, name: &str) -> Option<serde_json::Value> {
+        self.nat().as_array().unwrap().iter().find(|g| g["nat_gateway"] == name).cloned()
     }
 
     /// The first gateway's translated traffic: `{"outbound": {"packets", "bytes"}, ..}`.
@@ -343,7 +349,7 @@ fn a_gateway_counts_its_packets_bytes_and_drops() {
 /// echo port: the MAC it is sent to and the interface it leaves by.
 fn cached_hop(pins: &Pins, sport: u16) -> ([u8; 6], u32) {
     use aya::maps::HashMap;
-    use xdpgate_common::flow::{FlowKey, FlowValue};
+    use xdpgate_common::flow::FlowValue;
     let flows: HashMap<_, FlowKey, FlowValue> =
         pins.dir.open_map(xdpgate_common::maps::FLOWS).unwrap().try_into().unwrap();
     let key = FlowKey {
@@ -621,9 +627,7 @@ fn renumbered_gateway_keeps_counting(older_writer: bool) {
     let lab = Lab::new("    udp_idle_timeout: 60\n");
     lab.udp_echo();
     let outbound = |name: &str| {
-        let nat = lab.nat();
-        let gw = nat.as_array().unwrap().iter().find(|g| g["nat_gateway"] == name).cloned();
-        gw.map_or(0, |g| g["traffic"]["outbound"]["packets"].as_u64().unwrap())
+        lab.gateway(name).map_or(0, |g| g["traffic"]["outbound"]["packets"].as_u64().unwrap())
     };
     let exchange = || {
         lab.host.run(|| {
@@ -663,10 +667,9 @@ fn renumbered_gateway_keeps_counting(older_writer: bool) {
     // The translation is its gateway's, by address: reported under it, and idle for as long
     // as its timeout allows (60 s), not the 4 s of the gateway that now has its index.
     let translations = |l: &Lab| {
-        let nat = l.nat();
         let of = |name: &str| {
-            let gw = nat.as_array().unwrap().iter().find(|g| g["nat_gateway"] == name).cloned();
-            gw.map(|g| (g["translations"].clone(), g["addresses"][0]["ports_in_use"].clone()))
+            l.gateway(name)
+                .map(|g| (g["translations"].clone(), g["addresses"][0]["ports_in_use"].clone()))
         };
         (of("natgw"), of("first"))
     };
@@ -677,6 +680,43 @@ fn renumbered_gateway_keeps_counting(older_writer: bool) {
         thread::sleep(Duration::from_secs(6));
         assert_eq!(translations(&lab), held, "kept for its own gateway's timeout: {}", lab.nat());
     }
+}
+
+/// A reload that takes a translation's public address from every gateway (its gateway
+/// removed, or replaced by one with another address) does not cut its flow: the flow keeps
+/// its rewrite, and its translation idles out as the flow would, by the timeout it began
+/// with (4 s), its port free at once. Seen failing before: with no gateway the translation
+/// and its flow were never expired; with another in its place they took that one's 60 s.
+#[test]
+fn a_translation_whose_gateway_is_removed_still_idles_out() {
+    orphaned_translation_idles_out("");
+}
+
+#[test]
+fn a_translation_whose_address_no_gateway_has_still_idles_out() {
+    orphaned_translation_idles_out(
+        "nat_gateways:\n  - name: other\n    public_addresses: [192.0.2.200]\n    \
+         subnets: [198.51.100.0/24]\n    udp_idle_timeout: 60\n",
+    );
+}
+
+fn orphaned_translation_idles_out(gateways: &str) {
+    let lab = Lab::new("    udp_idle_timeout: 4\n");
+    lab.udp_echo();
+    assert_eq!(lab.udp(42320).as_deref(), Some("192.0.2.100"));
+    lab.reload(&format!("virtual_network:\n  address_space: [198.51.100.0/24]\n{gateways}"));
+    assert_eq!(lab.udp(42320).as_deref(), Some("192.0.2.100"), "the flow keeps its rewrite");
+    let translations = || {
+        let map: aya::maps::HashMap<_, FlowKey, NatEntry> =
+            lab.pins.dir.open_map(xdpgate_common::maps::NAT_MAP).unwrap().try_into().unwrap();
+        map.keys().count()
+    };
+    assert_eq!(translations(), 2, "the translation's two entries");
+    let took = lab.wait("the translation to idle out", Duration::from_secs(14), |l| {
+        l.flows_of(42320).is_empty()
+    });
+    assert!(took > Duration::from_secs(3), "idled out after {took:?}, before its 4 s");
+    assert_eq!(translations(), 0, "its port is free");
 }
 
 /// Keeps the calling thread on `cpu`.

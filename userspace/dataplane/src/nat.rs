@@ -281,17 +281,30 @@ fn claimed(reply: &FlowKey) -> IpAddr {
 }
 
 /// The gateway of a translation (its claim under `reply`): the one that owns its address
-/// now, as the index it was made under belongs to another gateway after a reload that
-/// renumbered them; that index's when no gateway owns the address any more.
-fn gateway_of<'a>(policy: &'a Policy, reply: &FlowKey, t: &NatEntry) -> Option<&'a NatGateway> {
-    let gateways = &policy.nat_gateways;
-    let owner = gateways.iter().find(|g| g.public_addresses.contains(&claimed(reply)));
-    owner.or_else(|| gateways.get(usize::from(t.gateway)))
+/// now (the index it was made under belongs to another gateway after a reload that
+/// renumbered them); none once a reload took the address from every gateway.
+fn gateway_of<'a>(policy: &'a Policy, reply: &FlowKey) -> Option<&'a NatGateway> {
+    policy.nat_gateways.iter().find(|g| g.public_addresses.contains(&claimed(reply)))
 }
 
-/// Expires translations idle longer than their gateway's timeout (TCP, or UDP/ICMP; a
-/// closed TCP flow after 10 s) and releases ports whose cooldown has passed. Activity is
-/// the last packet the flow table saw either way.
+/// Seconds a translation may idle: its gateway's timeout for the protocol. An orphan (its
+/// gateway gone, see [`gateway_of`]) idles out as its flow would, by the timeout its
+/// entries (`flow`) were given when it began, else by the policy's.
+fn idle_timeout_s(policy: &Policy, gw: Option<&NatGateway>, proto: u8, flow: &[FlowValue]) -> u32 {
+    let s = &policy.settings;
+    match (gw, flow.iter().map(|f| f.idle_s).max().filter(|&t| t > 0)) {
+        (Some(gw), _) if proto == 6 => gw.tcp_idle_timeout,
+        (Some(gw), _) => gw.udp_idle_timeout,
+        (None, Some(t)) => u32::from(t),
+        (None, None) if proto == 6 => s.tcp_idle_timeout,
+        (None, None) if proto == 17 => s.udp_idle_timeout,
+        (None, None) => s.icmp_idle_timeout,
+    }
+}
+
+/// Expires translations idle longer than their timeout (see [`idle_timeout_s`]; a closed
+/// TCP flow after 10 s) and releases ports whose cooldown has passed (an orphan's at once).
+/// Activity is the last packet the flow table saw either way.
 pub fn expire(pins: &PinDir, policy: &Policy, now: u64) -> Result<Expired> {
     crate::migrate::ensure_done(pins)?;
     let mut map: HashMap<_, FlowKey, NatEntry> = pins.open_map(NAT_MAP)?.try_into()?;
@@ -309,7 +322,7 @@ pub fn expire(pins: &PinDir, policy: &Policy, now: u64) -> Result<Expired> {
             }
             continue;
         }
-        let Some(gw) = gateway_of(policy, &reply, &t) else { continue };
+        let gw = gateway_of(policy, &reply);
         let forward = forward_key(&reply, &t);
         let seen: Vec<FlowValue> = tables
             .iter()
@@ -317,11 +330,9 @@ pub fn expire(pins: &PinDir, policy: &Policy, now: u64) -> Result<Expired> {
             .flatten()
             .collect();
         let last = seen.iter().map(|f| f.last_seen_ns).max().unwrap_or(t.time_ns).max(t.time_ns);
-        let closed = seen.iter().any(|f| f.tcp & TCP_CLOSED != 0);
         let timeout = match reply.proto {
-            6 if closed => TCP_CLOSED_TIMEOUT_NS,
-            6 => u64::from(gw.tcp_idle_timeout) * 1_000_000_000,
-            _ => u64::from(gw.udp_idle_timeout) * 1_000_000_000,
+            6 if seen.iter().any(|f| f.tcp & TCP_CLOSED != 0) => TCP_CLOSED_TIMEOUT_NS,
+            proto => u64::from(idle_timeout_s(policy, gw, proto, &seen)) * 1_000_000_000,
         };
         if now.saturating_sub(last) <= timeout {
             continue;
@@ -334,7 +345,8 @@ pub fn expire(pins: &PinDir, policy: &Policy, now: u64) -> Result<Expired> {
             Ok(())
         };
         out.expired += 1;
-        if retire(&mut map, &reply, &t, gw.port_reuse_cooldown, now, remove_flow)? {
+        let cooldown_s = gw.map_or(0, |gw| gw.port_reuse_cooldown);
+        if retire(&mut map, &reply, &t, cooldown_s, now, remove_flow)? {
             out.released += 1;
         }
     }
@@ -389,8 +401,7 @@ pub fn end_translation(
             return Ok(false);
         }
     };
-    let gateway = gateway_of(policy, reply, &t);
-    let cooldown_s = gateway.map_or(0, |gw| gw.port_reuse_cooldown);
+    let cooldown_s = gateway_of(policy, reply).map_or(0, |gw| gw.port_reuse_cooldown);
     retire(&mut map, reply, &t, cooldown_s, now, remove_flow)?;
     Ok(true)
 }
