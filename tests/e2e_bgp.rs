@@ -313,6 +313,36 @@ fn detach_withdraws_and_an_agent_without_bgp_removes_a_killed_ones_routes() {
     assert!(report["agent"].is_null(), "{report}");
 }
 
+/// A frontend whose backends come back is announced only once its tables send them new
+/// flows: while another writer holds the write lock the agent cannot rebuild the tables,
+/// so the probes' good news alone announces nothing (seen failing before: announced about
+/// a second after the backends answered, into tables that still had none); released, the
+/// tables and then the route follow.
+#[test]
+fn a_frontend_is_announced_only_once_its_tables_hold_a_backend() {
+    let router = Netns::new("bgprt");
+    let mut gw = Gateway::new(&router, 1, false);
+    let both = |t: &str| t.contains(VIP) && t.contains(VIP6);
+    wait_table(&gw, "never announced", both);
+    gw.backends = None;
+    wait_table(&gw, "still announced with its backends down", str::is_empty);
+    let pins = xdpgate_dataplane::PinDir::new(gw.pins.dir.path().to_owned());
+    let lock = xdpgate_dataplane::state::WriteLock::acquire(&pins).unwrap();
+    gw.open_backends();
+    // Two answers 500 ms apart make a backend healthy: 3 s is twice what the probes need.
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(3) {
+        assert_eq!(gw.table(), "", "announced after {:?}, the tables not rebuilt", start.elapsed());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(lock);
+    wait_table(&gw, "not announced once the tables could follow", both);
+    let lb: Value = serde_json::from_str(&gw.pins.xdpgate(&["lb", "--json"])).unwrap();
+    let health: Vec<&Value> =
+        lb.as_array().unwrap().iter().flat_map(|r| r["backends"].as_array().unwrap()).collect();
+    assert!(health.len() == 2 && health.iter().all(|b| b["healthy"] == true), "{lb}");
+}
+
 #[test]
 fn a_bad_bgp_section_is_a_clear_error() {
     let dir = std::env::temp_dir().join(unique("bgpbad"));

@@ -439,7 +439,14 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     );
     // Announced only once nothing above can fail: an agent that exits on an error leaves no
     // route that nothing looks after.
-    announce_node(pins, node.as_ref(), &running.lbs, &down, &probe_stats, &mut failing);
+    announce_node(
+        pins,
+        node.as_ref(),
+        &running.lbs,
+        &health_tables.held(&down),
+        &probe_stats,
+        &mut failing,
+    );
     save_state(pins, &mut state, &failing);
     loop {
         tokio::select! {
@@ -509,7 +516,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
             Some(change) = rx.recv() => {
                 health_tables.change(&mut down, &change);
                 turn.want(pins);
-                announce_node(pins, node.as_ref(), &running.lbs, &down, &probe_stats, &mut failing);
+                announce_node(pins, node.as_ref(), &running.lbs, &health_tables.held(&down), &probe_stats, &mut failing);
             }
             _ = expiry.tick() => {
                 // An interface of the node file that appears late (or came back) is
@@ -528,7 +535,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                 follow_generation(pins, &mut running.names, &mut failing);
                 // Drain, undrain, a detach or a reattach: within a second. Before the
                 // reattach below, so that a detached node is withdrawn in every case.
-                announce_node(pins, node.as_ref(), &running.lbs, &down, &probe_stats, &mut failing);
+                announce_node(pins, node.as_ref(), &running.lbs, &health_tables.held(&down), &probe_stats, &mut failing);
                 if let Some(node) = &node
                     && ticks.is_multiple_of(10)
                     && !node::missing(pins, node).is_empty()
@@ -600,10 +607,12 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                         }
                     };
                     reloaded(pins, file, &mut state, result);
-                    announce_node(pins, node.as_ref(), &running.lbs, &down, &probe_stats, &mut failing);
+                    announce_node(pins, node.as_ref(), &running.lbs, &health_tables.held(&down), &probe_stats, &mut failing);
                     save_state(pins, &mut state, &failing);
                 }
-                health_tables.rebuild(&lock, pins, &mut maps, &running.lbs, &down, &mut failing);
+                if health_tables.rebuild(&lock, pins, &mut maps, &running.lbs, &down, &mut failing) {
+                    announce_node(pins, node.as_ref(), &running.lbs, &health_tables.held(&down), &probe_stats, &mut failing);
+                }
                 if std::mem::take(&mut nat_due) {
                     expire_nat(&lock, pins, &running, &mut failing);
                 }
@@ -813,8 +822,16 @@ impl HealthTables {
         self.pending.insert(key);
     }
 
+    /// `down` as the tables hold it: a (backend, probe) with a change they have not taken
+    /// yet (the write lock was busy, or the rebuild failed) counts as down. BGP announces
+    /// from it, so that a frontend whose backend is back is announced once its tables send
+    /// that backend new flows, not before; a withdrawal waits for no table.
+    fn held(&self, down: &ProbeHealth) -> ProbeHealth {
+        ProbeHealth { pid: down.pid, down: down.down.union(&self.pending).cloned().collect() }
+    }
+
     /// Rebuilds what the pending changes touch, from `down` as it is now; what is rebuilt
-    /// is no longer pending.
+    /// is no longer pending (then `true`).
     fn rebuild(
         &mut self,
         // As one writer with `xdpgate lb drain`: the drained backends read under the lock
@@ -826,12 +843,14 @@ impl HealthTables {
         lbs: &CompiledLb,
         down: &ProbeHealth,
         failing: &mut Failing,
-    ) {
+    ) -> bool {
         if self.pending.is_empty() {
-            return;
+            return false;
         }
         failing.check("saving the probes' health", down.save(pins));
-        let Some(drained) = failing.check("drained backends", drain::read(pins)) else { return };
+        let Some(drained) = failing.check("drained backends", drain::read(pins)) else {
+            return false;
+        };
         let with_drained = drain::WithDrained { health: down, drained: &drained };
         let ids: HashMap<IpAddr, u32> =
             lbs.backends.iter().enumerate().map(|(i, a)| (*a, i as u32)).collect();
@@ -863,9 +882,11 @@ impl HealthTables {
                 result = Err(e.context(format!("the health flag of backend {addr}")));
             }
         }
-        if failing.check("rebuilding tables after a health change", result).is_some() {
+        let rebuilt = failing.check("rebuilding tables after a health change", result).is_some();
+        if rebuilt {
             self.pending.clear();
         }
+        rebuilt
     }
 }
 
