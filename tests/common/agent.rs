@@ -15,7 +15,7 @@ pub struct NodeAgent {
 
 impl NodeAgent {
     /// Starts `xdpgate run` in `ns` against `pins` with `policy` and the node file `node`
-    /// (texts), metrics off.
+    /// (texts), metrics off, its log kept (`log`).
     pub fn start(ns: &Netns, pins: &Pins, policy: &str, node: &str) -> Self {
         let dir = std::env::temp_dir().join(unique("node"));
         std::fs::create_dir_all(&dir).unwrap();
@@ -32,7 +32,7 @@ impl NodeAgent {
             .arg(&node_file)
             .args(["--metrics-addr", "off"])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("agent.log")).unwrap())
             .spawn()
             .expect("spawn xdpgate run");
         Self { child, dir }
@@ -40,6 +40,11 @@ impl NodeAgent {
 }
 
 impl NodeAgent {
+    /// What it logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
     /// Its process id.
     pub fn pid(&self) -> u32 {
         self.child.id()

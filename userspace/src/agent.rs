@@ -417,7 +417,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     let mut event_poll = tokio::time::interval(std::time::Duration::from_millis(EVENT_POLL_MS));
     event_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut maps = LbMaps::open(pins)?;
-    let mut health_tables = HealthTables::default();
+    let mut health_tables = HealthTables::built_from(&down);
     // The agent's writes (a reload, table rebuilds, NAT expiry) wait for the write lock in
     // one turn polled beside the loop's other arms: another writer's long hold delays
     // them, not the loop (signals, probe results, BGP changes).
@@ -594,8 +594,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                                     let names = names.map(Arc::new).unwrap_or(running.names);
                                     running = Running { policy, lbs, names };
                                     down = down_new;
-                                    // Built from `down` whole.
-                                    health_tables.pending.clear();
+                                    health_tables = HealthTables::built_from(&down);
                                     prober = Prober::spawn_counted(targets_new, &down.down, max_concurrent, tx.clone(), probe_stats.clone());
                                     Ok(generation)
                                 }
@@ -792,13 +791,20 @@ fn tick(
 /// Health changes of backends and the tables and flags that must follow them: rebuilt in
 /// the agent's next turn at the write lock; a rebuild that fails stays pending and is
 /// retried in the turn of the next tick.
-#[derive(Default)]
 struct HealthTables {
     /// (backend, probe) pairs that changed since the tables were last rebuilt for them.
     pending: BTreeSet<(IpAddr, String)>,
+    /// The pairs the tables hold as down: `down` as they were last built from, pair by
+    /// pair (a pair whose rebuild failed keeps what the tables still have).
+    built_down: BTreeSet<(IpAddr, String)>,
 }
 
 impl HealthTables {
+    /// Tables just built whole from `down`.
+    fn built_from(down: &ProbeHealth) -> Self {
+        Self { pending: BTreeSet::new(), built_down: down.down.clone() }
+    }
+
     /// A backend changed state: `down` follows at once (in the order the changes come),
     /// then, in the next turn at the lock, the tables of the services it serves.
     fn change(&mut self, down: &mut ProbeHealth, change: &Change) {
@@ -822,16 +828,17 @@ impl HealthTables {
         self.pending.insert(key);
     }
 
-    /// `down` as the tables hold it: a (backend, probe) with a change they have not taken
-    /// yet (the write lock was busy, or the rebuild failed) counts as down. BGP announces
-    /// from it, so that a frontend whose backend is back is announced once its tables send
-    /// that backend new flows, not before; a withdrawal waits for no table.
+    /// `down` as the tables hold it: a (backend, probe) counts as down while its probe
+    /// says so or the tables have it out (its recovery not rebuilt yet: the write lock was
+    /// busy, or the rebuild failed). BGP announces from it, so that a frontend whose backend
+    /// is back is announced once its tables send that backend new flows, not before; a
+    /// withdrawal waits for no table, and a flap the tables never saw withdraws nothing.
     fn held(&self, down: &ProbeHealth) -> ProbeHealth {
-        ProbeHealth { pid: down.pid, down: down.down.union(&self.pending).cloned().collect() }
+        ProbeHealth { pid: down.pid, down: down.down.union(&self.built_down).cloned().collect() }
     }
 
-    /// Rebuilds what the pending changes touch, from `down` as it is now; what is rebuilt
-    /// is no longer pending (then `true`).
+    /// Rebuilds what the pending changes touch, from `down` as it is now; a change whose
+    /// tables and flag were all written is no longer pending (then `true`, some were).
     fn rebuild(
         &mut self,
         // As one writer with `xdpgate lb drain`: the drained backends read under the lock
@@ -854,39 +861,51 @@ impl HealthTables {
         let with_drained = drain::WithDrained { health: down, drained: &drained };
         let ids: HashMap<IpAddr, u32> =
             lbs.backends.iter().enumerate().map(|(i, a)| (*a, i as u32)).collect();
-        let changed: Vec<(u32, &str)> = self
-            .pending
-            .iter()
-            .filter_map(|(addr, probe)| Some((*ids.get(addr)?, probe.as_str())))
-            .collect();
+        let id = |(addr, _): &(IpAddr, String)| ids.get(addr).copied();
         let mut result = Ok(());
-        for (id, s) in lbs.services.iter().enumerate() {
-            let affected = changed.iter().any(|(b, probe)| {
-                s.probe.as_ref().is_some_and(|p| p.name == *probe)
-                    && s.pool.iter().any(|(m, _)| m == b)
-            });
-            if affected {
-                let healthy = |m: u32| with_drained.healthy_in(s, lbs.backends[m as usize]);
-                match maps.update_service(lbs, id as u32, &healthy) {
-                    // The table keeps its previous backends; the next tick tries again.
-                    Err(e) => result = Err(e.context(format!("service {}/{}", s.lb, s.rule))),
-                    Ok(()) => info!("service {}/{}: table rebuilt", s.lb, s.rule),
+        let mut failed = BTreeSet::new();
+        for (sid, s) in lbs.services.iter().enumerate() {
+            let affecting: Vec<&(IpAddr, String)> = self
+                .pending
+                .iter()
+                .filter(|k| {
+                    s.probe.as_ref().is_some_and(|p| p.name == k.1)
+                        && id(k).is_some_and(|b| s.pool.iter().any(|(m, _)| *m == b))
+                })
+                .collect();
+            if affecting.is_empty() {
+                continue;
+            }
+            let healthy = |m: u32| with_drained.healthy_in(s, lbs.backends[m as usize]);
+            match maps.update_service(lbs, sid as u32, &healthy) {
+                // The table keeps its previous backends; the next tick tries again.
+                Err(e) => {
+                    result = Err(e.context(format!("service {}/{}", s.lb, s.rule)));
+                    failed.extend(affecting.into_iter().cloned());
                 }
+                Ok(()) => info!("service {}/{}: table rebuilt", s.lb, s.rule),
             }
         }
         // The health flags last: once one (and so `xdpgate lb`) says a backend is out, no
         // table still sends it new flows.
-        for &(b, _) in &changed {
-            let addr = lbs.backends[b as usize];
-            if let Err(e) = maps.set_backend(b, addr, down.healthy(addr)) {
-                result = Err(e.context(format!("the health flag of backend {addr}")));
+        for key in &self.pending {
+            let Some(b) = id(key) else { continue };
+            if let Err(e) = maps.set_backend(b, key.0, down.healthy(key.0)) {
+                result = Err(e.context(format!("the health flag of backend {}", key.0)));
+                failed.insert(key.clone());
             }
         }
-        let rebuilt = failing.check("rebuilding tables after a health change", result).is_some();
-        if rebuilt {
-            self.pending.clear();
+        failing.check("rebuilding tables after a health change", result);
+        let done: Vec<_> = self.pending.difference(&failed).cloned().collect();
+        for key in &done {
+            self.pending.remove(key);
+            if down.down.contains(key) {
+                self.built_down.insert(key.clone());
+            } else {
+                self.built_down.remove(key);
+            }
         }
-        rebuilt
+        !done.is_empty()
     }
 }
 

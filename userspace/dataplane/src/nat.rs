@@ -302,8 +302,15 @@ fn idle_timeout_s(policy: &Policy, gw: Option<&NatGateway>, proto: u8, flow: &[F
     }
 }
 
+/// Seconds a translation's port rests before it serves the same destination again: its
+/// gateway's cooldown; an orphan's the default, in case a later reload gives its address
+/// back (the remote may still hold the old connection).
+fn cooldown_s(gw: Option<&NatGateway>) -> u32 {
+    gw.map_or(NatGateway::DEFAULT_PORT_REUSE_COOLDOWN, |gw| gw.port_reuse_cooldown)
+}
+
 /// Expires translations idle longer than their timeout (see [`idle_timeout_s`]; a closed
-/// TCP flow after 10 s) and releases ports whose cooldown has passed (an orphan's at once).
+/// TCP flow after 10 s) and releases ports whose cooldown has passed.
 /// Activity is the last packet the flow table saw either way.
 pub fn expire(pins: &PinDir, policy: &Policy, now: u64) -> Result<Expired> {
     crate::migrate::ensure_done(pins)?;
@@ -345,7 +352,7 @@ pub fn expire(pins: &PinDir, policy: &Policy, now: u64) -> Result<Expired> {
             Ok(())
         };
         out.expired += 1;
-        let cooldown_s = gw.map_or(0, |gw| gw.port_reuse_cooldown);
+        let cooldown_s = cooldown_s(gw);
         if retire(&mut map, &reply, &t, cooldown_s, now, remove_flow)? {
             out.released += 1;
         }
@@ -385,7 +392,7 @@ fn retire(
 
 /// Removes a flow through a NAT gateway, whose reply tuple is `reply`, with `remove_flow`,
 /// and ends its active translation as the expiry does (see `retire` for the order). `false`
-/// when it had none. A gateway the policy no longer has frees the port at once.
+/// when it had none.
 pub fn end_translation(
     pins: &PinDir,
     policy: &Policy,
@@ -401,7 +408,7 @@ pub fn end_translation(
             return Ok(false);
         }
     };
-    let cooldown_s = gateway_of(policy, reply).map_or(0, |gw| gw.port_reuse_cooldown);
+    let cooldown_s = cooldown_s(gateway_of(policy, reply));
     retire(&mut map, reply, &t, cooldown_s, now, remove_flow)?;
     Ok(true)
 }

@@ -168,6 +168,11 @@ pub struct NatGateway {
     pub ports: PortRange,
 }
 
+impl NatGateway {
+    /// `port_reuse_cooldown` unless the policy sets one.
+    pub const DEFAULT_PORT_REUSE_COOLDOWN: u32 = 10;
+}
+
 /// An Azure-style Layer-4 load balancer. All cross references (frontend, pool, probe) are
 /// validated and resolved to indices into this load balancer's lists.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]

@@ -29,7 +29,6 @@ const TCP_IDLE_MINUTES: RangeInclusive<i64> = 4..=120;
 const COOLDOWNS: RangeInclusive<i64> = 0..=600;
 const DEFAULT_TCP_IDLE_MINUTES: u32 = 4;
 const DEFAULT_UDP_IDLE_TIMEOUT: u32 = 240;
-const DEFAULT_COOLDOWN: u32 = 10;
 const DEFAULT_PORTS: PortRange = PortRange { lo: 1024, hi: 65535 };
 
 #[derive(Default)]
@@ -150,7 +149,7 @@ impl Loader<'_> {
             &field("port_reuse_cooldown"),
             raw.port_reuse_cooldown,
             parse_cooldown,
-            DEFAULT_COOLDOWN,
+            NatGateway::DEFAULT_PORT_REUSE_COOLDOWN,
         );
         let ports = self.optional(
             &field("ports"),
@@ -165,7 +164,8 @@ impl Loader<'_> {
             subnets: normalized(subnets.iter().map(|s| s.value).collect()),
             tcp_idle_timeout: tcp_minutes.unwrap_or(DEFAULT_TCP_IDLE_MINUTES) * 60,
             udp_idle_timeout: udp_idle_timeout.unwrap_or(DEFAULT_UDP_IDLE_TIMEOUT),
-            port_reuse_cooldown: port_reuse_cooldown.unwrap_or(DEFAULT_COOLDOWN),
+            port_reuse_cooldown: port_reuse_cooldown
+                .unwrap_or(NatGateway::DEFAULT_PORT_REUSE_COOLDOWN),
             ports: ports.unwrap_or(DEFAULT_PORTS),
         };
         LoadedGateway { gateway, subnets }
