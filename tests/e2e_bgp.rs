@@ -343,6 +343,11 @@ fn a_frontend_is_announced_only_once_its_tables_hold_a_backend() {
         assert!(start.elapsed() < Duration::from_secs(20), "the probes never recovered:\n{log}");
         std::thread::sleep(Duration::from_millis(100));
     }
+    // `xdpgate bgp` says why.
+    let report = bgp_report(&gw.pins);
+    let reason = xdpgate::bgp::announce::WAITING_FOR_TABLES;
+    let withheld = report["agent"]["withheld"].as_array().unwrap();
+    assert!(withheld.len() == 2 && withheld.iter().all(|w| w["reason"] == reason), "{report}");
     drop(lock);
     wait_table(&gw, "not announced once the tables could follow", both);
     let lb: Value = serde_json::from_str(&gw.pins.xdpgate(&["lb", "--json"])).unwrap();

@@ -443,7 +443,8 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
         pins,
         node.as_ref(),
         &running.lbs,
-        &health_tables.held(&down),
+        &down,
+        &health_tables,
         &probe_stats,
         &mut failing,
     );
@@ -516,7 +517,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
             Some(change) = rx.recv() => {
                 health_tables.change(&mut down, &change);
                 turn.want(pins);
-                announce_node(pins, node.as_ref(), &running.lbs, &health_tables.held(&down), &probe_stats, &mut failing);
+                announce_node(pins, node.as_ref(), &running.lbs, &down, &health_tables, &probe_stats, &mut failing);
             }
             _ = expiry.tick() => {
                 // An interface of the node file that appears late (or came back) is
@@ -535,7 +536,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                 follow_generation(pins, &mut running.names, &mut failing);
                 // Drain, undrain, a detach or a reattach: within a second. Before the
                 // reattach below, so that a detached node is withdrawn in every case.
-                announce_node(pins, node.as_ref(), &running.lbs, &health_tables.held(&down), &probe_stats, &mut failing);
+                announce_node(pins, node.as_ref(), &running.lbs, &down, &health_tables, &probe_stats, &mut failing);
                 if let Some(node) = &node
                     && ticks.is_multiple_of(10)
                     && !node::missing(pins, node).is_empty()
@@ -606,11 +607,11 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                         }
                     };
                     reloaded(pins, file, &mut state, result);
-                    announce_node(pins, node.as_ref(), &running.lbs, &health_tables.held(&down), &probe_stats, &mut failing);
+                    announce_node(pins, node.as_ref(), &running.lbs, &down, &health_tables, &probe_stats, &mut failing);
                     save_state(pins, &mut state, &failing);
                 }
                 if health_tables.rebuild(&lock, pins, &mut maps, &running.lbs, &down, &mut failing) {
-                    announce_node(pins, node.as_ref(), &running.lbs, &health_tables.held(&down), &probe_stats, &mut failing);
+                    announce_node(pins, node.as_ref(), &running.lbs, &down, &health_tables, &probe_stats, &mut failing);
                 }
                 if std::mem::take(&mut nat_due) {
                     expire_nat(&lock, pins, &running, &mut failing);
@@ -680,6 +681,7 @@ fn announce_node(
     node: Option<&Node>,
     lbs: &CompiledLb,
     down: &ProbeHealth,
+    tables: &HealthTables,
     probes: &ProbeStats,
     failing: &mut Failing,
 ) {
@@ -690,10 +692,12 @@ fn announce_node(
         .filter(|(_, _, counts)| counts.successes > 0)
         .map(|(backend, probe, _)| (backend, probe))
         .collect();
+    let held = tables.held(down);
     let result = drain::read(pins).and_then(|drained| {
-        let health = drain::WithDrained { health: down, drained: &drained };
-        let health = announce::Answered { health: &health, answered: &answered };
-        announce::update(pins, node, lbs, &health)
+        let probed = drain::WithDrained { health: down, drained: &drained };
+        let in_tables = drain::WithDrained { health: &held, drained: &drained };
+        let answered = |health| announce::Answered { health, answered: &answered };
+        announce::update(pins, node, lbs, &answered(&in_tables), &answered(&probed))
     });
     failing.check("bgp announcements", result);
 }

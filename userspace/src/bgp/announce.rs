@@ -134,12 +134,15 @@ pub fn plan(
 
 /// Brings the table of `node`'s `bgp:` section in line with the node's state: nothing while
 /// it is drained or not attached to every interface of its node file, else the frontends of
-/// `lbs` that `health` (probes and `lb drain`) lets take new flows.
+/// `lbs` that `health` (probes and `lb drain`, as the load-balancing tables hold them) lets
+/// take new flows. `probed`: the same as the probes have it now, to say why a frontend whose
+/// backends answer again waits.
 pub fn update(
     pins: &PinDir,
     node: &Node,
     lbs: &CompiledLb,
     health: &dyn BackendHealth,
+    probed: &dyn BackendHealth,
 ) -> Result<()> {
     let Some(bgp) = &node.bgp else { return Ok(()) };
     let drained = node_drain::read(pins)?.drained;
@@ -149,9 +152,19 @@ pub fn update(
     } else {
         (!missing.is_empty()).then(|| format!("not attached to {}", missing.join(", ")))
     };
-    let (announce, withheld) = plan(&frontends(lbs, health), blocked.as_deref());
+    let (announce, mut withheld) = plan(&frontends(lbs, health), blocked.as_deref());
+    if blocked.is_none() {
+        let answering = frontends(lbs, probed);
+        for w in withheld.iter_mut().filter(|w| answering.get(&w.address) == Some(&true)) {
+            w.reason = WAITING_FOR_TABLES.to_owned();
+        }
+    }
     sync(pins, bgp.table, drained, announce, withheld).map(drop)
 }
+
+/// Why a frontend whose backends answer their probes again is not announced yet.
+pub const WAITING_FOR_TABLES: &str = "its backends answer again; the load-balancing tables have not taken them yet (the write \
+     lock is busy, or the rebuild failed)";
 
 /// Makes the table hold exactly the routes of `announce`, and records it (`bgp.json`, written
 /// only when something changed). How many routes it withdrew.
