@@ -4,7 +4,8 @@
 //! frontend's services has a healthy, non-drained backend (an inbound NAT mapping's when no
 //! probe says it is down). The agent keeps one host route per such address in its table
 //! (`host_routes`), checked every second and after every health change (a probed backend
-//! counts once its probe has answered, [`Answered`]); it removes them
+//! counts once its probe has answered, [`Answered`], and the load-balancing tables hold
+//! it: the agent's health as its tables have it); it removes them
 //! all before it stops on purpose. `bgp.json` records the outcome for `status` and `bgp`.
 
 use std::{
