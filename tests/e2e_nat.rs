@@ -129,11 +129,6 @@ impl Lab {
         serde_json::from_str(&self.pins.xdpgate(&["nat", "--json"])).unwrap()
     }
 
-    /// The gateway `name` as `xdpgate nat --json` reports it.
-    fn gateway(&self, name: &str) -> Option<serde_json::Value> {
-        self.nat().as_array().unwrap().iter().find(|g| g["nat_gateway"] == name).cloned()
-    }
-
     /// The first gateway's translated traffic: `{"outbound": {"packets", "bytes"}, ..}`.
     fn traffic(&self) -> serde_json::Value {
         self.nat()[0]["traffic"].clone()
@@ -194,6 +189,11 @@ impl Lab {
             }
         });
     }
+}
+
+/// The gateway `name` in `nat` (`xdpgate nat --json`).
+fn gateway<'a>(nat: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
+    nat.as_array().unwrap().iter().find(|g| g["nat_gateway"] == name)
 }
 
 impl Drop for Lab {
@@ -630,7 +630,8 @@ fn renumbered_gateway_keeps_counting(older_writer: bool) {
     let lab = Lab::new("    udp_idle_timeout: 60\n");
     lab.udp_echo();
     let outbound = |name: &str| {
-        lab.gateway(name).map_or(0, |g| g["traffic"]["outbound"]["packets"].as_u64().unwrap())
+        let nat = lab.nat();
+        gateway(&nat, name).map_or(0, |g| g["traffic"]["outbound"]["packets"].as_u64().unwrap())
     };
     let exchange = || {
         lab.host.run(|| {
@@ -670,8 +671,9 @@ fn renumbered_gateway_keeps_counting(older_writer: bool) {
     // The translation is its gateway's, by address: reported under it, and idle for as long
     // as its timeout allows (60 s), not the 4 s of the gateway that now has its index.
     let translations = |l: &Lab| {
+        let nat = l.nat();
         let of = |name: &str| {
-            l.gateway(name)
+            gateway(&nat, name)
                 .map(|g| (g["translations"].clone(), g["addresses"][0]["ports_in_use"].clone()))
         };
         (of("natgw"), of("first"))

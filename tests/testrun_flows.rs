@@ -191,14 +191,10 @@ fn the_sweep_removes_idle_flows_and_keeps_used_ones() {
     // An embryonic flow, long idle: the sweep leaves that table to its LRU.
     let mut embryos = table_of(&k.pins.dir, EMBRYOS);
     let embryo = flow_key("203.0.113.8", server, 5008, 53, 17);
-    embryos.insert(embryo, entry(0, now.saturating_sub(3600 * S)), 0).unwrap();
-    embryos
-        .insert(
-            flow_key(server, "203.0.113.8", 53, 5008, 17),
-            entry(1, now.saturating_sub(3600 * S)),
-            0,
-        )
-        .unwrap();
+    // An hour ago, or at boot on a machine up for less.
+    let long_ago = now.saturating_sub(3600 * S);
+    embryos.insert(embryo, entry(0, long_ago), 0).unwrap();
+    embryos.insert(flow_key(server, "203.0.113.8", 53, 5008, 17), entry(1, long_ago), 0).unwrap();
     assert_eq!(flows::count(&k.pins.dir).unwrap(), 17);
 
     let (swept, mut ended) = sweep(&k);

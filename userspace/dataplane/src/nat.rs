@@ -352,8 +352,7 @@ pub fn expire(pins: &PinDir, policy: &Policy, now: u64) -> Result<Expired> {
             Ok(())
         };
         out.expired += 1;
-        let cooldown_s = cooldown_s(gw);
-        if retire(&mut map, &reply, &t, cooldown_s, now, remove_flow)? {
+        if retire(&mut map, &reply, &t, cooldown_s(gw), now, remove_flow)? {
             out.released += 1;
         }
     }
@@ -408,8 +407,7 @@ pub fn end_translation(
             return Ok(false);
         }
     };
-    let cooldown_s = cooldown_s(gateway_of(policy, reply));
-    retire(&mut map, reply, &t, cooldown_s, now, remove_flow)?;
+    retire(&mut map, reply, &t, cooldown_s(gateway_of(policy, reply)), now, remove_flow)?;
     Ok(true)
 }
 
