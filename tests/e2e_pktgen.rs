@@ -73,7 +73,7 @@ fn mac(ns: &Netns, ifname: &str) -> String {
 
 #[test]
 fn pktgen_frames_arrive_at_xdpgate_and_at_a_sink() {
-    // Built (if need be) before the clock starts: the time limit is for the traffic.
+    // Built (if need be) before the clock starts: the time printed is the traffic's.
     pktgen_bin();
     let started = Instant::now();
     let generator = Netns::new("xgpg");
@@ -147,7 +147,10 @@ fn pktgen_frames_arrive_at_xdpgate_and_at_a_sink() {
     assert!(received.abs_diff(sent) <= SLACK, "the sink received {received} of {sent}");
     assert!(!attached(), "the sink detached when it ended");
 
-    assert!(started.elapsed() < Duration::from_secs(20), "took {:?}", started.elapsed());
+    // Printed, not asserted: speed is `cargo xtask pps`'s to measure. A wall-clock limit here
+    // (20 s) failed a CI run when the machine slowed the generator to 14k frames per second
+    // (1.4-1.8 million otherwise) while every count still matched.
+    eprintln!("took {:?}", started.elapsed());
 }
 
 /// Bytes queued on a socket for reading (`SO_MEMINFO`'s `rmem_alloc`).
