@@ -7,6 +7,7 @@ mod common;
 
 use std::{
     net::{TcpStream, UdpSocket},
+    path::PathBuf,
     process::{Command, Stdio},
     sync::{
         Arc,
@@ -296,70 +297,84 @@ fn udp_echo(lab: &Gateway) {
     });
 }
 
-/// A long UDP flow gets `continuing` records every second: each carries the flow's totals
-/// and what came since the flow's previous record, and its `end` record what came after the
-/// last one. Known traffic: 100-byte datagrams (142-byte frames), three, a pause, five more.
-#[test]
-fn interim_records_of_a_long_flow_carry_the_traffic_since_the_last_record() {
-    let lab = Gateway::new();
-    let (policy, log) = (lab.write_policy("policy.yaml", POLICY), lab.dir.join("flows.jsonl"));
-    let _agent = start_agent(&lab, &policy, &log, &["--flow-log-interval", "1"]);
-    wait_for_policy(&lab);
-    udp_echo(&lab);
-    let socket = lab.client.run(|| {
-        let s = UdpSocket::bind(("203.0.113.10", 41500)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        s
-    });
-    let exchange = |n: usize| {
+/// A UDP flow from the client's port 41500 to the echo server, and its flow-log records.
+struct EchoFlow {
+    socket: UdpSocket,
+    log: PathBuf,
+}
+
+impl EchoFlow {
+    const KEY: (&str, &str, u16, u16) = ("203.0.113.10", "198.51.100.10", 41500, 5353);
+
+    /// A gateway with the agent writing interim records every second, and the echo server.
+    fn start(lab: &Gateway) -> (Agent, Self) {
+        let (policy, log) = (lab.write_policy("policy.yaml", POLICY), lab.dir.join("flows.jsonl"));
+        let agent = start_agent(lab, &policy, &log, &["--flow-log-interval", "1"]);
+        wait_for_policy(lab);
+        udp_echo(lab);
+        let socket = lab.client.run(|| {
+            let s = UdpSocket::bind((Self::KEY.0, Self::KEY.2)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            s
+        });
+        (agent, Self { socket, log })
+    }
+
+    /// `n` 100-byte datagrams (142-byte frames) there and back.
+    fn exchange(&self, n: usize) {
         for _ in 0..n {
-            socket.send_to(&[7u8; 100], "198.51.100.10:5353").unwrap();
+            self.socket.send_to(&[7u8; 100], (Self::KEY.1, Self::KEY.3)).unwrap();
             let mut buf = [0u8; 512];
-            socket.recv_from(&mut buf).expect("reply through the gateway");
+            self.socket.recv_from(&mut buf).expect("reply through the gateway");
         }
-    };
-    let of_flow = |state: &str| -> Vec<Value> {
-        read_lines(&log)
+    }
+
+    /// The flow's records in `state`, in the order written.
+    fn records(&self, state: &str) -> Vec<Value> {
+        read_lines(&self.log)
             .into_iter()
-            .filter(|l| l["state"] == state && l["src_port"] == 41500 && l["dst_port"] == 5353)
+            .filter(|l| {
+                l["state"] == state && l["src_port"] == Self::KEY.2 && l["dst_port"] == Self::KEY.3
+            })
             .collect()
-    };
-    let forward_packets = |l: &Value| l["forward"]["packets"].as_u64().unwrap();
-    exchange(3);
-    wait_until("a continuing record of the first three", Duration::from_secs(5), || {
-        of_flow("continuing").last().is_some_and(|l| forward_packets(l) == 3)
-    });
-    exchange(5);
-    wait_until("a continuing record of all eight", Duration::from_secs(5), || {
-        of_flow("continuing").last().is_some_and(|l| forward_packets(l) == 8)
-    });
-    // The flow idles out after 4 s: its end record.
-    wait_until("the end record", Duration::from_secs(12), || !of_flow("end").is_empty());
-    let mut records = of_flow("continuing");
-    records.extend(of_flow("end"));
-    assert!(records.len() >= 3, "{records:#?}");
-    // Each record: its delta is its totals less the previous record's (none: zero).
-    let mut before = (0, 0, 0, 0);
-    for r in &records {
-        let t = |d: &str, f: &str| r[d][f].as_u64().unwrap();
-        let d = |d: &str, f: &str| r["delta"][d][f].as_u64().unwrap();
-        let now = (
-            t("forward", "packets"),
-            t("forward", "bytes"),
-            t("reply", "packets"),
-            t("reply", "bytes"),
-        );
-        assert_eq!(
-            (
-                d("forward", "packets"),
-                d("forward", "bytes"),
-                d("reply", "packets"),
-                d("reply", "bytes")
-            ),
-            (now.0 - before.0, now.1 - before.1, now.2 - before.2, now.3 - before.3),
-            "{r}"
-        );
-        // A continuing record is written only for a flow with new traffic.
+    }
+
+    /// Waits for the end record (the flow idles out after 4 s); returns the `continuing`
+    /// records, then the `end` one.
+    fn ended(&self) -> Vec<Value> {
+        wait_until("the end record", Duration::from_secs(12), || !self.records("end").is_empty());
+        let mut records = self.records("continuing");
+        records.extend(self.records("end"));
+        records
+    }
+}
+
+fn forward_packets(l: &Value) -> u64 {
+    l["forward"]["packets"].as_u64().unwrap()
+}
+
+/// Checks that each record's delta is its totals less the previous record's (none: zero),
+/// that no total goes down, and that a `continuing` record comes only with new traffic;
+/// returns the last totals (forward packets and bytes, reply packets and bytes).
+fn totals_add_up(records: &[Value]) -> [u64; 4] {
+    let mut before = [0; 4];
+    for r in records {
+        let at = |v: &Value, d: &str, f: &str| v[d][f].as_u64().unwrap();
+        let now = [
+            at(r, "forward", "packets"),
+            at(r, "forward", "bytes"),
+            at(r, "reply", "packets"),
+            at(r, "reply", "bytes"),
+        ];
+        let delta = [
+            at(&r["delta"], "forward", "packets"),
+            at(&r["delta"], "forward", "bytes"),
+            at(&r["delta"], "reply", "packets"),
+            at(&r["delta"], "reply", "bytes"),
+        ];
+        let since = std::array::from_fn(|i| now[i].checked_sub(before[i]));
+        assert!(since.iter().all(Option::is_some), "counted down from {before:?}: {r}");
+        assert_eq!(delta.map(Some), since, "{r}");
         assert!(r["state"] == "end" || now != before, "{r}");
         assert_eq!(
             (r["version"].as_u64(), r["rule"].as_str()),
@@ -368,7 +383,27 @@ fn interim_records_of_a_long_flow_carry_the_traffic_since_the_last_record() {
         );
         before = now;
     }
-    assert_eq!(before, (8, 8 * 142, 8, 8 * 142), "the end record's totals");
+    before
+}
+
+/// A long UDP flow gets `continuing` records every second: each carries the flow's totals
+/// and what came since the flow's previous record, and its `end` record what came after the
+/// last one. Known traffic: three datagrams, a pause, five more.
+#[test]
+fn interim_records_of_a_long_flow_carry_the_traffic_since_the_last_record() {
+    let lab = Gateway::new();
+    let (_agent, flow) = EchoFlow::start(&lab);
+    flow.exchange(3);
+    wait_until("a continuing record of the first three", Duration::from_secs(5), || {
+        flow.records("continuing").last().is_some_and(|l| forward_packets(l) == 3)
+    });
+    flow.exchange(5);
+    wait_until("a continuing record of all eight", Duration::from_secs(5), || {
+        flow.records("continuing").last().is_some_and(|l| forward_packets(l) == 8)
+    });
+    let records = flow.ended();
+    assert!(records.len() >= 3, "{records:#?}");
+    assert_eq!(totals_add_up(&records), [8, 8 * 142, 8, 8 * 142], "the end record's totals");
     // The record of all eight counts the five since the record of the first three (one
     // more record between them would have taken some).
     let three = records.iter().position(|r| forward_packets(r) == 3).unwrap();
@@ -381,6 +416,29 @@ fn interim_records_of_a_long_flow_carry_the_traffic_since_the_last_record() {
     for r in &records {
         println!("{r}");
     }
+}
+
+/// The sweep removes a flow's two entries one after the other, and a walk for interim
+/// records (or a sweep) that reads the table between the two sees one. The direction it did
+/// not read keeps the totals of the flow's last record: nothing is counted down. Here the
+/// forward entry is removed by hand, and the reply entry left to idle out alone.
+#[test]
+fn a_flow_read_with_one_entry_gone_is_not_counted_down() {
+    use aya::maps::HashMap;
+    use xdpgate_common::flow::{FlowKey, FlowValue};
+    let lab = Gateway::new();
+    let (_agent, flow) = EchoFlow::start(&lab);
+    flow.exchange(3);
+    wait_until("a continuing record of the three", Duration::from_secs(5), || {
+        flow.records("continuing").last().is_some_and(|l| forward_packets(l) == 3)
+    });
+    let mut flows: HashMap<_, FlowKey, FlowValue> =
+        lab.pins.dir.open_map(xdpgate_common::maps::FLOWS).unwrap().try_into().unwrap();
+    let (src, dst, sport, dport) = EchoFlow::KEY;
+    flows.remove(&common::packet::flow_key(src, dst, sport, dport, 17)).expect("its forward entry");
+    let records = flow.ended();
+    assert_eq!(totals_add_up(&records), [3, 3 * 142, 3, 3 * 142], "{records:#?}");
+    assert_eq!(records.last().unwrap()["delta"]["forward"]["packets"], 0, "{records:#?}");
 }
 
 /// POLICY with a load balancer whose probe the agent runs against the server.

@@ -26,7 +26,7 @@ use tokio::{
 use xdpgate_common::events::{EVENT_POLL_MS, FlowEvent};
 use xdpgate_dataplane::{
     self as dataplane, PinDir, apply, drain,
-    flows::{self, Ended, Swept},
+    flows::{self, Entries, Swept},
     lb::{self, LbMaps},
     nat,
     probes::ProbeHealth,
@@ -155,7 +155,7 @@ struct Sweeper {
     pass: Option<(Instant, JoinHandle<Result<Swept>>)>,
     /// Flows the pass removed, for the flow log; open until the pass is done and every one
     /// has been taken.
-    ends: Option<mpsc::Receiver<Ended>>,
+    ends: Option<mpsc::Receiver<Entries>>,
     stop: Arc<AtomicBool>,
 }
 
@@ -176,7 +176,7 @@ impl Sweeper {
             return;
         }
         let (pins, names, stop) = (pins.clone(), names.clone(), self.stop.clone());
-        let (tx, rx) = mpsc::channel::<Ended>(1024);
+        let (tx, rx) = mpsc::channel::<Entries>(1024);
         self.ends = flow_log.then_some(rx);
         let handle = tokio::task::spawn_blocking(move || {
             flows::remove_idle(&pins, &names, &stop, |ended| {

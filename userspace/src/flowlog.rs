@@ -30,7 +30,7 @@ use xdpgate_common::{
 
 use xdpgate_dataplane::{
     PinDir,
-    flows::{self, Ended, Flow, Names, RuleName},
+    flows::{self, Entries, Flow, Names, RuleName},
     nat::monotonic_ns,
     stats::{self, Traffic},
 };
@@ -368,7 +368,7 @@ pub fn event_line(names: &Names, e: &FlowEvent, interface: Option<&str>) -> Valu
         backend: e.backend,
         ..FlowValue::default()
     };
-    let flow = Ended { key: e.key, forward: Some(entry), reply: None }.describe(names);
+    let flow = Entries { key: e.key, forward: Some(entry), reply: None }.describe(names);
     rule_fields(&mut m, &flow.rules);
     if e.version >= 2 {
         if e.kind == EVENT_BEGIN {
@@ -403,18 +403,30 @@ fn minus(a: Traffic, b: Traffic) -> Traffic {
     Traffic { packets: a.packets.saturating_sub(b.packets), bytes: a.bytes.saturating_sub(b.bytes) }
 }
 
-/// A `continuing` or `end` line: the flow as the table has it, its totals each way and
-/// what came since `before` (the totals of its previous record, zero if none).
+/// A flow's totals each way as a read of its entries found them. A direction whose entry
+/// the read did not find keeps `before`, the totals of the flow's last record: the read
+/// fell between the removals (or the inserts) of the flow's two entries, and a record never
+/// counts a flow down.
+fn totals(entries: &Entries, flow: &Flow, before: (Traffic, Traffic)) -> (Traffic, Traffic) {
+    (
+        if entries.forward.is_some() { flow.forward } else { before.0 },
+        if entries.reply.is_some() { flow.reply } else { before.1 },
+    )
+}
+
+/// A `continuing` or `end` line: the flow as a read of its entries found it, its totals
+/// each way and what came since `before` (the totals of its previous record, zero if none).
 fn flow_line(
-    key: &FlowKey,
+    entries: &Entries,
     flow: &Flow,
     state: &str,
     time_unix: f64,
     before: (Traffic, Traffic),
 ) -> Value {
+    let (forward, reply) = totals(entries, flow, before);
     let mut m = record(time_unix, state, "allow");
     m.insert("direction".into(), json!(flow.direction));
-    tuple(&mut m, key);
+    tuple(&mut m, &entries.key);
     rule_fields(&mut m, &flow.rules);
     if let Some(nat) = &flow.nat {
         m.insert("nat".into(), json!(nat));
@@ -422,13 +434,13 @@ fn flow_line(
     if let Some(lb) = &flow.load_balancer {
         m.insert("load_balancer".into(), json!(lb));
     }
-    m.insert("forward".into(), traffic(flow.forward));
-    m.insert("reply".into(), traffic(flow.reply));
+    m.insert("forward".into(), traffic(forward));
+    m.insert("reply".into(), traffic(reply));
     m.insert(
         "delta".into(),
         json!({
-            "forward": traffic(minus(flow.forward, before.0)),
-            "reply": traffic(minus(flow.reply, before.1)),
+            "forward": traffic(minus(forward, before.0)),
+            "reply": traffic(minus(reply, before.1)),
         }),
     );
     Value::Object(m)
@@ -465,11 +477,11 @@ impl Reported {
 }
 
 /// The `end` line of a flow the agent's sweep removed, with its packets and bytes both ways
-/// (zero for a direction whose entry was already gone).
-pub fn end_line(names: &Names, ended: &Ended, reported: &Reported) -> Value {
+/// (for a direction whose entry was already gone, those of the flow's last record).
+pub fn end_line(names: &Names, ended: &Entries, reported: &Reported) -> Value {
     let last = ended.forward.iter().chain(ended.reply.iter()).map(|v| v.last_seen_ns).max();
     let flow = ended.describe(names);
-    flow_line(&ended.key, &flow, "end", wall_clock(last.unwrap_or(0)), reported.take(&ended.key))
+    flow_line(ended, &flow, "end", wall_clock(last.unwrap_or(0)), reported.take(&ended.key))
 }
 
 /// The `continuing` lines of one walk of the flow table: one for each flow with traffic
@@ -482,13 +494,13 @@ pub fn interim_lines(pins: &PinDir, names: &Names, reported: &Reported) -> Resul
 }
 
 /// The `continuing` lines of the flows a walk that began at `started` read.
-fn continuing(live: &[(FlowKey, Flow)], started: Instant, reported: &Reported) -> Vec<Value> {
+fn continuing(live: &[(Entries, Flow)], started: Instant, reported: &Reported) -> Vec<Value> {
     let now = wall_clock(monotonic_ns());
     let mut guard = reported.lock();
     let ReportedState { last, ended } = &mut *guard;
     // Ended before the walk began: what it read under those keys are new flows.
     ended.retain(|_, at| *at >= started);
-    let keys: HashSet<FlowKey> = live.iter().map(|(k, _)| *k).collect();
+    let keys: HashSet<FlowKey> = live.iter().map(|(e, _)| e.key).collect();
     last.retain(|k, (_, _, missed)| {
         let seen = keys.contains(k);
         let keep = seen || !*missed;
@@ -496,13 +508,14 @@ fn continuing(live: &[(FlowKey, Flow)], started: Instant, reported: &Reported) -
         keep
     });
     let mut lines = Vec::new();
-    for (key, flow) in live.iter().filter(|(k, _)| !ended.contains_key(k)) {
-        let before = last.get(key).map(|&(f, r, _)| (f, r)).unwrap_or_default();
-        if (flow.forward, flow.reply) == before {
+    for (entries, flow) in live.iter().filter(|(e, _)| !ended.contains_key(&e.key)) {
+        let before = last.get(&entries.key).map(|&(f, r, _)| (f, r)).unwrap_or_default();
+        let (forward, reply) = totals(entries, flow, before);
+        if (forward, reply) == before {
             continue;
         }
-        lines.push(flow_line(key, flow, "continuing", now, before));
-        last.insert(*key, (flow.forward, flow.reply, false));
+        lines.push(flow_line(entries, flow, "continuing", now, before));
+        last.insert(entries.key, (forward, reply, false));
     }
     lines
 }
@@ -615,9 +628,12 @@ mod tests {
         let _ = fs::remove_dir_all(&dir);
     }
 
-    fn flow(packets: u64) -> (FlowKey, Flow) {
+    /// A flow with `packets` each way, both its entries read.
+    fn flow(packets: u64) -> (Entries, Flow) {
         let t = Traffic { packets, bytes: 100 * packets };
         let key = FlowKey { sport: 1000, dport: 53, proto: 17, family: 4, ..FlowKey::default() };
+        let entry = Some(FlowValue::default());
+        let entries = Entries { key, forward: entry, reply: entry };
         let flow = Flow {
             state: flows::FlowState::Established,
             protocol: "udp".into(),
@@ -641,11 +657,41 @@ mod tests {
             expired: false,
             incomplete: false,
         };
-        (key, flow)
+        (entries, flow)
     }
 
     fn delta(l: &Value) -> u64 {
         l["delta"]["forward"]["packets"].as_u64().unwrap()
+    }
+
+    fn packets(l: &Value) -> [u64; 4] {
+        let at = |v: &Value, d: &str| v[d]["packets"].as_u64().unwrap();
+        [at(l, "forward"), at(l, "reply"), at(&l["delta"], "forward"), at(&l["delta"], "reply")]
+    }
+
+    /// A walk that reads one of a flow's two entries (between their removals, or their
+    /// inserts) counts the other direction as the flow's last record did: no line when the
+    /// entry it read has nothing new, and only what that entry has new otherwise.
+    #[test]
+    fn a_direction_the_walk_did_not_read_keeps_its_last_totals() {
+        let reported = Reported::default();
+        let (whole, f3) = flow(3);
+        assert_eq!(continuing(&[(whole, f3)], Instant::now(), &reported).len(), 1);
+        // The reply entry alone, as `established` describes it: no forward traffic.
+        let (_, mut lone) = flow(3);
+        (lone.forward, lone.incomplete) = (Traffic::default(), true);
+        let reply_only = Entries { forward: None, ..whole };
+        assert!(continuing(&[(reply_only, lone.clone())], Instant::now(), &reported).is_empty());
+        lone.reply = Traffic { packets: 5, bytes: 500 };
+        let lines = continuing(&[(reply_only, lone)], Instant::now(), &reported);
+        assert_eq!(lines.iter().map(packets).collect::<Vec<_>>(), [[3, 5, 0, 2]]);
+        // The forward entry alone, the first time a flow is read (between its inserts).
+        let (_, mut first) = flow(1);
+        first.reply = Traffic::default();
+        let other = Reported::default();
+        let forward_only = Entries { reply: None, ..whole };
+        let lines = continuing(&[(forward_only, first)], Instant::now(), &other);
+        assert_eq!(lines.iter().map(packets).collect::<Vec<_>>(), [[1, 0, 1, 0]]);
     }
 
     /// The walk and the sweep race (the walk runs on its own thread, the sweep on another,
@@ -655,28 +701,28 @@ mod tests {
     #[test]
     fn continuing_and_end_lines_race_without_double_counting() {
         let reported = Reported::default();
-        let (key, f3) = flow(3);
-        let first = continuing(&[(key, f3.clone())], Instant::now(), &reported);
+        let (read, f3) = flow(3);
+        let first = continuing(&[(read, f3.clone())], Instant::now(), &reported);
         assert_eq!(first.iter().map(delta).collect::<Vec<_>>(), [3]);
         // Nothing new: no line.
-        assert!(continuing(&[(key, f3)], Instant::now(), &reported).is_empty());
+        assert!(continuing(&[(read, f3)], Instant::now(), &reported).is_empty());
 
         // A walk reads the flow (8 packets), the sweep removes it and its end line is
         // written, then the walk goes on: nothing from the walk.
         let (_, f8) = flow(8);
         let started = Instant::now();
-        assert_eq!(reported.take(&key).0.packets, 3, "the end counts from the last record");
-        assert!(continuing(&[(key, f8.clone())], started, &reported).is_empty());
+        assert_eq!(reported.take(&read.key).0.packets, 3, "the end counts from the last record");
+        assert!(continuing(&[(read, f8.clone())], started, &reported).is_empty());
         // A new flow with the same tuple, read by a later walk: reported from zero.
-        let again = continuing(&[(key, f8.clone())], Instant::now(), &reported);
+        let again = continuing(&[(read, f8.clone())], Instant::now(), &reported);
         assert_eq!(again.iter().map(delta).collect::<Vec<_>>(), [8]);
 
         // Removed by the sweep, then a walk misses it before its end line is written: the
         // end line still counts from the last record; a flow missed twice is forgotten.
         assert!(continuing(&[], Instant::now(), &reported).is_empty());
-        assert_eq!(reported.take(&key).0.packets, 8);
+        assert_eq!(reported.take(&read.key).0.packets, 8);
         let other = Reported::default();
-        continuing(&[(key, f8)], Instant::now(), &other);
+        continuing(&[(read, f8)], Instant::now(), &other);
         continuing(&[], Instant::now(), &other);
         continuing(&[], Instant::now(), &other);
         assert!(other.lock().last.is_empty());

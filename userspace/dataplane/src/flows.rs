@@ -309,16 +309,18 @@ impl Names {
     }
 }
 
-/// A flow the sweep removed: the key of its first packet's direction and its entries (a
-/// flow whose forward entry was already gone has only its reply entry).
+/// A flow's entries in the established table as one read found them (the sweep's, as it
+/// removed the flow, or a walk's): the key of its first packet's direction and each
+/// direction's entry. Either may be missing: the read fell between the two inserts or the
+/// two removals of the flow's entries, or one was gone for another reason.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Ended {
+pub struct Entries {
     pub key: FlowKey,
     pub forward: Option<FlowValue>,
     pub reply: Option<FlowValue>,
 }
 
-impl Ended {
+impl Entries {
     fn of(key: FlowKey, value: FlowValue, twin_key: FlowKey, twin: Option<FlowValue>) -> Self {
         match (value.reply, twin) {
             (0, _) => Self { key, forward: Some(value), reply: twin },
@@ -366,7 +368,7 @@ pub fn remove_idle(
     pins: &PinDir,
     names: &Names,
     stop: &AtomicBool,
-    mut on_end: impl FnMut(Ended) -> Result<()>,
+    mut on_end: impl FnMut(Entries) -> Result<()>,
 ) -> Result<Swept> {
     crate::migrate::ensure_done(pins)?;
     let walk = open(pins, FLOWS)?;
@@ -413,7 +415,7 @@ pub fn remove_idle(
         if twin.is_some() && map.remove(&twin_key).is_ok() {
             swept.removed += 1;
         }
-        on_end(Ended::of(*key, value, twin_key, twin))
+        on_end(Entries::of(*key, value, twin_key, twin))
     })?;
     Ok(swept)
 }
@@ -671,13 +673,16 @@ pub fn delete(
     Ok(out)
 }
 
-/// Every established flow, under the key of its first packet's direction (one walk of
-/// `FLOWS`; for the flow log's interim records).
-pub fn established(pins: &PinDir, names: &Names) -> Result<Vec<(FlowKey, Flow)>> {
+/// Every established flow, its entries and its description (one walk of `FLOWS`; for the
+/// flow log's interim records).
+pub fn established(pins: &PinDir, names: &Names) -> Result<Vec<(Entries, Flow)>> {
     let now = monotonic_ns();
     Ok(pair(&entries(pins, FLOWS)?)
         .into_iter()
-        .map(|(k, f, r, _)| (k, describe(names, now, FlowState::Established, k, f, r)))
+        .map(|(key, forward, reply, _)| {
+            let flow = describe(names, now, FlowState::Established, key, forward, reply);
+            (Entries { key, forward, reply }, flow)
+        })
         .collect())
 }
 
@@ -731,16 +736,16 @@ mod tests {
         let back_key = key(server, 80, client, 40000);
         let (fwd, back) = (value(0, 5), value(1, 4));
         // Found from either entry, the flow is the same.
-        let want = Ended { key: fwd_key, forward: Some(fwd), reply: Some(back) };
-        assert_eq!(Ended::of(fwd_key, fwd, back_key, Some(back)), want);
-        assert_eq!(Ended::of(back_key, back, fwd_key, Some(fwd)), want);
+        let want = Entries { key: fwd_key, forward: Some(fwd), reply: Some(back) };
+        assert_eq!(Entries::of(fwd_key, fwd, back_key, Some(back)), want);
+        assert_eq!(Entries::of(back_key, back, fwd_key, Some(fwd)), want);
         // One entry alone.
         assert_eq!(
-            Ended::of(fwd_key, fwd, back_key, None),
-            Ended { key: fwd_key, forward: Some(fwd), reply: None }
+            Entries::of(fwd_key, fwd, back_key, None),
+            Entries { key: fwd_key, forward: Some(fwd), reply: None }
         );
-        let lone = Ended::of(back_key, back, fwd_key, None);
-        assert_eq!(lone, Ended { key: fwd_key, forward: None, reply: Some(back) });
+        let lone = Entries::of(back_key, back, fwd_key, None);
+        assert_eq!(lone, Entries { key: fwd_key, forward: None, reply: Some(back) });
         assert_eq!(lone.main(), back);
     }
 
