@@ -722,11 +722,30 @@ fn orphaned_translation_idles_out(gateways: &str) {
         states
     };
     assert_eq!(translation(), [NAT_ACTIVE, NAT_ACTIVE], "the translation's two entries");
+    // `xdpgate nat` shows it under no gateway, after the running policy's.
+    let others = usize::from(!gateways.is_empty());
+    let orphans = |l: &Lab| {
+        let nat = l.nat();
+        let gateways = nat.as_array().unwrap();
+        let names: Vec<_> = gateways.iter().map(|g| g["nat_gateway"].clone()).collect();
+        assert_eq!(names.last(), Some(&serde_json::Value::Null), "{nat}");
+        assert_eq!(names.len(), others + 1, "{nat}");
+        let o = gateways.last().unwrap();
+        assert_eq!(
+            o["addresses"],
+            serde_json::json!([{"address": "192.0.2.100", "ports_in_use": 1}]),
+            "{nat}"
+        );
+        o["translations"].as_u64().unwrap()
+    };
+    assert_eq!(orphans(&lab), 1);
     // Both, as the expiry removes the flow's entries before it ends the translation.
     let took = lab.wait("the translation to idle out", Duration::from_secs(14), |l| {
         l.flows_of(42320).is_empty() && translation() == [NAT_COOLDOWN]
     });
     assert!(took > Duration::from_secs(3), "idled out after {took:?}, before its 4 s");
+    // Its port cools down: in use, with no translation.
+    assert_eq!(orphans(&lab), 0);
 }
 
 /// Keeps the calling thread on `cpu`.

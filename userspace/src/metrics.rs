@@ -537,25 +537,26 @@ impl Snapshot {
             "Packets dropped for a NAT gateway, by reason: nat_exhausted (a new flow found no \
              free public port), nat_unmatched (to a public address, matching no translation).",
         );
-        for g in &self.nat {
-            let gw = || vec![("gateway", g.name.clone())];
+        // Gateways of the running policy (translations no gateway has are `xdpgate nat`'s).
+        for (name, g) in self.nat.iter().filter_map(|g| Some((g.name.as_ref()?, g))) {
+            let gw = || vec![("gateway", name.clone())];
             if let Some(t) = &g.traffic {
                 for (direction, c) in [("outbound", t.outbound), ("inbound", t.inbound)] {
                     let labels =
-                        || vec![("gateway", g.name.clone()), ("direction", direction.into())];
+                        || vec![("gateway", name.clone()), ("direction", direction.into())];
                     nat_packets.add(labels(), Int(c.packets));
                     nat_bytes.add(labels(), Int(c.bytes));
                 }
                 for (reason, n) in &t.dropped {
                     nat_dropped.add(
-                        vec![("gateway", g.name.clone()), ("reason", (*reason).into())],
+                        vec![("gateway", name.clone()), ("reason", (*reason).into())],
                         Int(*n),
                     );
                 }
             }
             for (addr, n) in &g.addresses {
                 nat_ports.add(
-                    vec![("gateway", g.name.clone()), ("address", addr.to_string())],
+                    vec![("gateway", name.clone()), ("address", addr.to_string())],
                     Int(*n as u64),
                 );
             }
@@ -963,7 +964,7 @@ mod tests {
             generation: 4,
             applied_at: Some(1_700_000_000.25),
             nat: vec![nat::GatewayReport {
-                name: "egress".into(),
+                name: Some("egress".into()),
                 addresses: vec![("203.0.113.5".parse().unwrap(), 17)],
                 translations: 17,
                 created: Some(40),

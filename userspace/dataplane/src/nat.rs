@@ -413,8 +413,11 @@ pub fn end_translation(
 
 #[derive(Debug, serde::Serialize)]
 pub struct GatewayReport {
+    /// None (`null`): the translations on public addresses no gateway of the running policy
+    /// has (a reload removed their gateway or address); each keeps its flow working until
+    /// that idles out.
     #[serde(rename = "nat_gateway")]
-    pub name: String,
+    pub name: Option<String>,
     /// Public address and the ports in use on it (cooling-down ports included); in JSON
     /// `[{"address": .., "ports_in_use": n}]`.
     #[serde(serialize_with = "addresses_json")]
@@ -450,21 +453,25 @@ pub fn report(pins: &PinDir, record: &Record) -> Result<Vec<GatewayReport>> {
     let claims: Vec<(FlowKey, NatEntry)> =
         map.iter().filter_map(|e| e.ok()).filter(|(_, t)| t.kind == NAT_DST).collect();
     let traffic = read_traffic(pins)?;
-    record
+    // By address, as `expire` finds a translation's gateway.
+    let on = |addresses: &[IpAddr]| -> (Vec<(IpAddr, usize)>, usize) {
+        let mine: Vec<_> = claims.iter().filter(|(k, _)| addresses.contains(&claimed(k))).collect();
+        let ports = addresses
+            .iter()
+            .map(|a| (*a, mine.iter().filter(|(k, _)| claimed(k) == *a).count()))
+            .collect();
+        (ports, mine.iter().filter(|(_, t)| t.state == NAT_ACTIVE).count())
+    };
+    let mut reports = record
         .nat_gateways
         .iter()
         .enumerate()
         .map(|(i, (name, public_addresses))| {
-            // By address, as `expire` finds a translation's gateway.
-            let mine: Vec<_> =
-                claims.iter().filter(|(k, _)| public_addresses.contains(&claimed(k))).collect();
+            let (addresses, translations) = on(public_addresses);
             Ok(GatewayReport {
-                name: name.clone(),
-                addresses: public_addresses
-                    .iter()
-                    .map(|a| (*a, mine.iter().filter(|(k, _)| claimed(k) == *a).count()))
-                    .collect(),
-                translations: mine.iter().filter(|(_, t)| t.state == NAT_ACTIVE).count(),
+                name: Some(name.clone()),
+                addresses,
+                translations,
                 created: created
                     .as_ref()
                     .and_then(|c| c.get(&(i as u32), 0).ok())
@@ -476,5 +483,23 @@ pub fn report(pins: &PinDir, record: &Record) -> Result<Vec<GatewayReport>> {
                 traffic: traffic.as_ref().and_then(|t| t.get(i).cloned()),
             })
         })
-        .collect()
+        .collect::<Result<Vec<_>>>()?;
+    let owned = |a: &IpAddr| record.nat_gateways.iter().any(|(_, mine)| mine.contains(a));
+    let mut orphaned: Vec<IpAddr> =
+        claims.iter().map(|(k, _)| claimed(k)).filter(|a| !owned(a)).collect();
+    orphaned.sort();
+    orphaned.dedup();
+    if !orphaned.is_empty() {
+        let (addresses, translations) = on(&orphaned);
+        reports.push(GatewayReport {
+            name: None,
+            addresses,
+            translations,
+            created: None,
+            failed_allocations: 0,
+            ports_per_address: 0,
+            traffic: None,
+        });
+    }
+    Ok(reports)
 }

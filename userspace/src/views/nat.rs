@@ -7,6 +7,9 @@ use xdpgate_dataplane::nat::{GatewayReport, GatewayTraffic};
 
 use super::{Grid, View};
 
+/// The GATEWAY of translations on public addresses no gateway of the running policy has.
+const NO_GATEWAY: &str = "(none)";
+
 impl View for [GatewayReport] {
     fn json(&self) -> Result<serde_json::Value> {
         super::to_json(&self)
@@ -22,15 +25,15 @@ impl View for [GatewayReport] {
         ])
         .right(&[2, 3, 4]);
         for gw in self {
+            // Translations no gateway has: no allocations of their own to fail.
+            let name = gw.name.clone().unwrap_or_else(|| NO_GATEWAY.into());
+            let failed =
+                if gw.name.is_some() { gw.failed_allocations.to_string() } else { "-".into() };
             // The gateway's own figures on its first line; one line per address.
             let mut first = true;
             for (addr, ports) in &gw.addresses {
                 let (name, translations, failed) = if first {
-                    (
-                        gw.name.clone(),
-                        gw.translations.to_string(),
-                        gw.failed_allocations.to_string(),
-                    )
+                    (name.clone(), gw.translations.to_string(), failed.clone())
                 } else {
                     Default::default()
                 };
@@ -38,13 +41,7 @@ impl View for [GatewayReport] {
                 g.row([name, addr.to_string(), ports.to_string(), translations, failed]);
             }
             if first {
-                g.row([
-                    gw.name.clone(),
-                    "-".into(),
-                    "-".into(),
-                    gw.translations.to_string(),
-                    gw.failed_allocations.to_string(),
-                ]);
+                g.row([name, "-".into(), "-".into(), gw.translations.to_string(), failed]);
             }
         }
         let mut out = g.render();
@@ -52,8 +49,16 @@ impl View for [GatewayReport] {
             out += "(no NAT gateways)\n";
             return out;
         }
-        let traffic: Vec<_> =
-            self.iter().filter_map(|gw| Some((gw.name.as_str(), gw.traffic.as_ref()?))).collect();
+        if self.iter().any(|gw| gw.name.is_none()) {
+            out += &format!(
+                "{NO_GATEWAY}: translations on addresses no NAT gateway has since a reload; each \
+                 ends as its flow idles out\n"
+            );
+        }
+        let traffic: Vec<_> = self
+            .iter()
+            .filter_map(|gw| Some((gw.name.as_deref()?, gw.traffic.as_ref()?)))
+            .collect();
         if !traffic.is_empty() {
             out += "\n";
             out += &traffic_table(&traffic);
@@ -98,7 +103,7 @@ mod tests {
     #[test]
     fn one_line_per_public_address() {
         let report = [GatewayReport {
-            name: "egress".into(),
+            name: Some("egress".into()),
             addresses: vec![("192.0.2.1".parse().unwrap(), 7), ("192.0.2.2".parse().unwrap(), 3)],
             translations: 9,
             created: Some(40),
@@ -136,5 +141,26 @@ mod tests {
             json[0]["addresses"][1],
             serde_json::json!({"address": "192.0.2.2", "ports_in_use": 3})
         );
+    }
+
+    /// Translations no gateway has: a row of their own under `(none)`, with a note.
+    #[test]
+    fn translations_no_gateway_has_are_shown_last() {
+        let report = [GatewayReport {
+            name: None,
+            addresses: vec![("192.0.2.1".parse().unwrap(), 2)],
+            translations: 1,
+            created: None,
+            failed_allocations: 0,
+            ports_per_address: 0,
+            traffic: None,
+        }];
+        let text = report.text();
+        let lines: Vec<&str> = text.lines().collect();
+        let words: Vec<_> = lines[1].split_whitespace().collect();
+        assert_eq!(words, ["(none)", "192.0.2.1", "2", "1", "-"], "{text}");
+        assert!(lines[2].starts_with("(none): translations on addresses no NAT gateway"), "{text}");
+        assert!(lines.iter().all(|l| l.len() <= 100), "{text}");
+        assert_eq!(report.json().unwrap()[0]["nat_gateway"], serde_json::Value::Null);
     }
 }
