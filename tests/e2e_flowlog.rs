@@ -435,7 +435,9 @@ fn a_flow_read_with_one_entry_gone_is_not_counted_down() {
     let mut flows: HashMap<_, FlowKey, FlowValue> =
         lab.pins.dir.open_map(xdpgate_common::maps::FLOWS).unwrap().try_into().unwrap();
     let (src, dst, sport, dport) = EchoFlow::KEY;
-    flows.remove(&common::packet::flow_key(src, dst, sport, dport, 17)).expect("its forward entry");
+    flows
+        .remove(&common::packet::flow_key(src, dst, sport, dport, 17))
+        .expect("its forward entry (gone only if the record took longer than the flow's 4 s)");
     let records = flow.ended();
     assert_eq!(totals_add_up(&records), [3, 3 * 142, 3, 3 * 142], "{records:#?}");
     assert_eq!(records.last().unwrap()["delta"]["forward"]["packets"], 0, "{records:#?}");
@@ -608,6 +610,52 @@ fn event_lines_name_interface_reason_flags_and_translation() {
 }
 
 /// A TCP connection attempt from a fixed source port, with a short timeout.
+/// A flow through a NAT gateway is not the sweep's to end: it ends with its translation,
+/// which the NAT expiry removes once idle (4 s here). Its `end` record comes from there,
+/// with its totals and its translation. Seen failing before: no `end` record at all.
+#[test]
+fn a_flow_through_a_nat_gateway_ends_with_a_record() {
+    let lab = Gateway::new();
+    lab.take_redirects();
+    let policy = format!("{TRANSLATING_POLICY}    udp_idle_timeout: 4\n");
+    let (policy, log) = (lab.write_policy("policy.yaml", &policy), lab.dir.join("flows.jsonl"));
+    let _agent = start_agent(&lab, &policy, &log, &[]);
+    wait_for_policy(&lab);
+    let echo = lab.client.run(|| UdpSocket::bind("203.0.113.10:5300").unwrap());
+    thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        while let Ok((n, from)) = echo.recv_from(&mut buf) {
+            let _ = echo.send_to(&buf[..n], from);
+        }
+    });
+    lab.server.run(|| {
+        let s = UdpSocket::bind("198.51.100.10:41600").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        for _ in 0..3 {
+            s.send_to(&[7u8; 100], "203.0.113.10:5300").unwrap();
+            let mut buf = [0u8; 512];
+            s.recv_from(&mut buf).expect("the reply, through the NAT gateway");
+        }
+    });
+    let mut end = None;
+    wait_until("the end record", Duration::from_secs(15), || {
+        end = read_lines(&log)
+            .into_iter()
+            .find(|l| l["state"] == "end" && l["src_port"] == 41600 && l["dst_port"] == 5300);
+        end.is_some()
+    });
+    let end = end.unwrap();
+    let three = json!({"packets": 3, "bytes": 3 * 142});
+    assert_eq!(
+        (&end["direction"], &end["src"], &end["nat"]["kind"], &end["nat"]["address"]),
+        (&json!("outbound"), &json!(SERVER4), &json!("snat"), &json!("192.0.2.100")),
+        "{end}"
+    );
+    assert_eq!((&end["forward"], &end["reply"]), (&three, &three), "{end}");
+    assert_eq!(end["delta"], json!({"forward": three, "reply": three}), "{end}");
+    println!("{end}");
+}
+
 fn socket2_connect(sport: u16) -> Option<TcpStream> {
     // std cannot bind a TCP client to a port; use a raw socket call.
     use std::os::fd::FromRawFd;

@@ -26,7 +26,7 @@ use xdpgate_common::{
 };
 use xdpgate_dataplane::{
     PinDir,
-    flows::{self, Entries, Filter, FlowState, Names},
+    flows::{self, Filter, FlowEntries, FlowState, Names},
     monotonic_ns, stats, table,
 };
 
@@ -71,7 +71,7 @@ fn udp_exchange(k: &Kernel, client: (&str, u16), server: (&str, u16)) {
     assert_eq!(k.run(&frame(server.0, client.0, L4::Udp(server.1, client.1))), PASS, "answer");
 }
 
-fn sweep(k: &Kernel) -> (flows::Swept, Vec<Entries>) {
+fn sweep(k: &Kernel) -> (flows::Swept, Vec<FlowEntries>) {
     let names = Names::read(&k.pins.dir).unwrap();
     let mut ended = Vec::new();
     let swept = flows::remove_idle(&k.pins.dir, &names, &AtomicBool::new(false), |e| {

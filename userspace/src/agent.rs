@@ -26,7 +26,7 @@ use tokio::{
 use xdpgate_common::events::{EVENT_POLL_MS, FlowEvent};
 use xdpgate_dataplane::{
     self as dataplane, PinDir, apply, drain,
-    flows::{self, Entries, Swept},
+    flows::{self, FlowEntries, Swept},
     lb::{self, LbMaps},
     nat,
     probes::ProbeHealth,
@@ -153,9 +153,9 @@ struct Sweeper {
     pace: Pace,
     /// The pass under way: when it started, and its thread.
     pass: Option<(Instant, JoinHandle<Result<Swept>>)>,
-    /// Flows the pass removed, for the flow log; open until the pass is done and every one
-    /// has been taken.
-    ends: Option<mpsc::Receiver<Entries>>,
+    /// Flows the pass removed, with the totals of their last records, for the flow log;
+    /// open until the pass is done and every one has been taken.
+    ends: Option<mpsc::Receiver<(FlowEntries, flowlog::EachWay)>>,
     stop: Arc<AtomicBool>,
 }
 
@@ -169,20 +169,29 @@ impl Sweeper {
         }
     }
 
-    /// Starts a pass if none is under way and one is due.
-    fn start(&mut self, pins: &PinDir, names: &Arc<flows::Names>, flow_log: bool) {
+    /// Starts a pass if none is under way and one is due; with the flow log's `reported`,
+    /// the flows it removes come back for their `end` lines.
+    fn start(
+        &mut self,
+        pins: &PinDir,
+        names: &Arc<flows::Names>,
+        reported: Option<&flowlog::Reported>,
+    ) {
         let now = Instant::now();
         if self.pass.is_some() || self.ends.is_some() || !self.pace.due(now) {
             return;
         }
         let (pins, names, stop) = (pins.clone(), names.clone(), self.stop.clone());
-        let (tx, rx) = mpsc::channel::<Entries>(1024);
-        self.ends = flow_log.then_some(rx);
+        let (tx, rx) = mpsc::channel(1024);
+        self.ends = reported.is_some().then_some(rx);
+        let reported = reported.cloned();
         let handle = tokio::task::spawn_blocking(move || {
             flows::remove_idle(&pins, &names, &stop, |ended| {
-                if flow_log {
+                if let Some(reported) = &reported {
+                    let last = reported.removed(&ended.key);
                     // The agent's loop is gone (it is stopping): the pass ends.
-                    tx.blocking_send(ended).map_err(|_| anyhow!("the agent is stopping"))?;
+                    tx.blocking_send((ended, last))
+                        .map_err(|_| anyhow!("the agent is stopping"))?;
                 }
                 Ok(())
             })
@@ -384,6 +393,9 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     let mut running = Running { policy, lbs, names };
     let mut sweeper = Sweeper::new();
     let mut interim = Interim::new(flow_log_interval);
+    // `end` lines of flows the NAT expiry removed, held while a walk for interim lines is
+    // under way (as the sweep's are).
+    let mut held_ends: Vec<serde_json::Value> = Vec::new();
     if let Some(log) = flow_log.as_mut() {
         refresh_probe_connections(log, &running.lbs, &mut failing);
     }
@@ -491,11 +503,13 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                     );
                 }
             }
-            ended = async { sweeper.ends.as_mut().expect("guarded").recv().await }, if sweeper.ends.is_some() => {
+            // Not while a walk for interim lines is under way: it may have written a flow's
+            // `continuing` line before its end, and that line must come first in the file.
+            ended = async { sweeper.ends.as_mut().expect("guarded").recv().await }, if sweeper.ends.is_some() && interim.pass.is_none() => {
                 match ended {
-                    Some(ended) => {
+                    Some((ended, last)) => {
                         if let Some(log) = flow_log.as_mut() {
-                            let line = flowlog::end_line(&running.names, &ended, &log.reported);
+                            let line = flowlog::end_line(&running.names, &ended, last);
                             failing.check("flow log", log.write(line));
                         }
                     }
@@ -543,7 +557,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                 {
                     attach_node(pins, node, &mut failing);
                 }
-                sweeper.start(pins, &running.names, flow_log.is_some());
+                sweeper.start(pins, &running.names, flow_log.as_ref().map(|l| &l.reported));
                 if let Some(log) = flow_log.as_mut() {
                     refresh_probe_connections(log, &running.lbs, &mut failing);
                     interim.start(pins, &running.names, &log.reported);
@@ -614,13 +628,22 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                     announce_node(pins, node.as_ref(), &running.lbs, &down, &health_tables, &probe_stats, &mut failing);
                 }
                 if std::mem::take(&mut nat_due) {
-                    expire_nat(&lock, pins, &running, &mut failing);
+                    let ended = expire_nat(&lock, pins, &running, &mut failing);
+                    if let Some(log) = flow_log.as_mut() {
+                        held_ends.extend(ended.iter().map(|e| {
+                            flowlog::end_line(&running.names, e, log.reported.removed(&e.key))
+                        }));
+                    }
                 }
             }
             _ = term.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
         }
+        if interim.pass.is_none() {
+            write_ends(flow_log.as_mut(), &mut held_ends, &mut failing);
+        }
     }
+    write_ends(flow_log.as_mut(), &mut held_ends, &mut failing);
     // Nothing of it was written: the turn had not come.
     if reload.take() {
         info!("the reload waiting for the write lock is not applied: the agent stops");
@@ -763,13 +786,31 @@ fn follow_generation(pins: &PinDir, names: &mut Arc<flows::Names>, failing: &mut
 }
 
 /// Ends the translations idle past their timeout, under the write lock.
-fn expire_nat(_lock: &WriteLock, pins: &PinDir, running: &Running, failing: &mut Failing) {
+/// Writes the `end` lines held back.
+fn write_ends(
+    flow_log: Option<&mut flowlog::FlowLog>,
+    held: &mut Vec<serde_json::Value>,
+    failing: &mut Failing,
+) {
+    if let Some(log) = flow_log {
+        for line in held.drain(..) {
+            failing.check("flow log", log.write(line));
+        }
+    }
+}
+
+fn expire_nat(
+    _lock: &WriteLock,
+    pins: &PinDir,
+    running: &Running,
+    failing: &mut Failing,
+) -> Vec<FlowEntries> {
     let expired = nat::expire(pins, &running.policy, nat::monotonic_ns());
-    if let Some(e) = failing.check("NAT expiry", expired)
-        && e.expired + e.released > 0
-    {
+    let Some(e) = failing.check("NAT expiry", expired) else { return Vec::new() };
+    if e.expired + e.released > 0 {
         info!("NAT: {} translations idled out, {} ports free again", e.expired, e.released);
     }
+    e.ended
 }
 
 /// The once-a-second jobs that need no write lock; none of their errors ends the agent.

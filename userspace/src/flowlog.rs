@@ -30,7 +30,7 @@ use xdpgate_common::{
 
 use xdpgate_dataplane::{
     PinDir,
-    flows::{self, Entries, Flow, Names, RuleName},
+    flows::{self, Flow, FlowEntries, Names, RuleName},
     nat::monotonic_ns,
     stats::{self, Traffic},
 };
@@ -368,7 +368,7 @@ pub fn event_line(names: &Names, e: &FlowEvent, interface: Option<&str>) -> Valu
         backend: e.backend,
         ..FlowValue::default()
     };
-    let flow = Entries { key: e.key, forward: Some(entry), reply: None }.describe(names);
+    let flow = FlowEntries { key: e.key, forward: Some(entry), reply: None }.describe(names);
     rule_fields(&mut m, &flow.rules);
     if e.version >= 2 {
         if e.kind == EVENT_BEGIN {
@@ -403,30 +403,44 @@ fn minus(a: Traffic, b: Traffic) -> Traffic {
     Traffic { packets: a.packets.saturating_sub(b.packets), bytes: a.bytes.saturating_sub(b.bytes) }
 }
 
-/// A flow's totals each way as a read of its entries found them. A direction whose entry
-/// the read did not find keeps `before`, the totals of the flow's last record: the read
-/// fell between the removals (or the inserts) of the flow's two entries, and a record never
-/// counts a flow down.
-fn totals(entries: &Entries, flow: &Flow, before: (Traffic, Traffic)) -> (Traffic, Traffic) {
-    (
-        if entries.forward.is_some() { flow.forward } else { before.0 },
-        if entries.reply.is_some() { flow.reply } else { before.1 },
-    )
+/// Packets and bytes in the first packet's direction, and back.
+pub type EachWay = (Traffic, Traffic);
+
+/// What a record of a flow counts: its totals each way, and the totals its delta counts
+/// from.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Counts {
+    totals: EachWay,
+    before: EachWay,
+}
+
+impl Counts {
+    /// The counts of a flow as a read of its entries found it, after a record of `last`
+    /// (zero if none).
+    /// - A direction whose entry the read did not find keeps `last`'s totals: the read fell
+    ///   between the removals (or the inserts) of the flow's two entries.
+    /// - A direction the read found with fewer packets than `last` is a new flow on the same
+    ///   tuple (the dataplane ended the old one, idle or reopened, without a record): it
+    ///   counts from zero.
+    fn of(read: &FlowEntries, flow: &Flow, last: EachWay) -> Self {
+        let new = (read.forward.is_some() && flow.forward.packets < last.0.packets)
+            || (read.reply.is_some() && flow.reply.packets < last.1.packets);
+        let before = if new { EachWay::default() } else { last };
+        let totals = (
+            if read.forward.is_some() { flow.forward } else { before.0 },
+            if read.reply.is_some() { flow.reply } else { before.1 },
+        );
+        Self { totals, before }
+    }
 }
 
 /// A `continuing` or `end` line: the flow as a read of its entries found it, its totals
-/// each way and what came since `before` (the totals of its previous record, zero if none).
-fn flow_line(
-    entries: &Entries,
-    flow: &Flow,
-    state: &str,
-    time_unix: f64,
-    before: (Traffic, Traffic),
-) -> Value {
-    let (forward, reply) = totals(entries, flow, before);
+/// each way and what came since its previous record.
+fn flow_line(read: &FlowEntries, flow: &Flow, state: &str, time_unix: f64, c: Counts) -> Value {
+    let ((forward, reply), before) = (c.totals, c.before);
     let mut m = record(time_unix, state, "allow");
     m.insert("direction".into(), json!(flow.direction));
-    tuple(&mut m, &entries.key);
+    tuple(&mut m, &read.key);
     rule_fields(&mut m, &flow.rules);
     if let Some(nat) = &flow.nat {
         m.insert("nat".into(), json!(nat));
@@ -454,12 +468,13 @@ pub struct Reported(Arc<Mutex<ReportedState>>);
 #[derive(Default)]
 struct ReportedState {
     /// Totals of each flow's last `continuing` record: what the next `delta` counts from;
-    /// and whether the last walk missed the flow. A flow the sweep removed has its `end`
-    /// line written soon after (the line takes the entry); one gone otherwise (NAT expiry,
-    /// `flows delete`) is forgotten when a second walk misses it.
+    /// and whether the last walk missed the flow. A flow the agent removes (its sweep, the
+    /// NAT expiry) is taken out as it is removed ([`Reported::removed`]); one gone
+    /// otherwise (`flows delete`, the dataplane's own removals) is forgotten when a second
+    /// walk misses it.
     last: HashMap<FlowKey, (Traffic, Traffic, bool)>,
-    /// Flows ended (their `end` line written) since the walk under way began: it may have
-    /// read them before the sweep removed them, and must not write them again.
+    /// Flows the agent removed since the walk under way began: it may have read them
+    /// before they were removed, and must not write them again.
     ended: HashMap<FlowKey, Instant>,
 }
 
@@ -468,20 +483,24 @@ impl Reported {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The flow ended: the totals of its last record (zero if none).
-    fn take(&self, key: &FlowKey) -> (Traffic, Traffic) {
+    /// The flow was removed, its `end` line to come: the totals of its last record (zero if
+    /// none), for that line to count from. Taken as it is removed, not when the line is
+    /// written, so no walk in between forgets them, and a walk under way that read the flow
+    /// writes nothing of it.
+    pub fn removed(&self, key: &FlowKey) -> EachWay {
         let mut m = self.lock();
         m.ended.insert(*key, Instant::now());
         m.last.remove(key).map(|(f, r, _)| (f, r)).unwrap_or_default()
     }
 }
 
-/// The `end` line of a flow the agent's sweep removed, with its packets and bytes both ways
-/// (for a direction whose entry was already gone, those of the flow's last record).
-pub fn end_line(names: &Names, ended: &Entries, reported: &Reported) -> Value {
-    let last = ended.forward.iter().chain(ended.reply.iter()).map(|v| v.last_seen_ns).max();
+/// The `end` line of a flow the agent removed (its sweep, or the NAT expiry), with its
+/// packets and bytes both ways and since `last`, what [`Reported::removed`] gave.
+pub fn end_line(names: &Names, ended: &FlowEntries, last: EachWay) -> Value {
+    let seen = ended.forward.iter().chain(ended.reply.iter()).map(|v| v.last_seen_ns).max();
     let flow = ended.describe(names);
-    flow_line(ended, &flow, "end", wall_clock(last.unwrap_or(0)), reported.take(&ended.key))
+    let counts = Counts::of(ended, &flow, last);
+    flow_line(ended, &flow, "end", wall_clock(seen.unwrap_or(0)), counts)
 }
 
 /// The `continuing` lines of one walk of the flow table: one for each flow with traffic
@@ -494,7 +513,7 @@ pub fn interim_lines(pins: &PinDir, names: &Names, reported: &Reported) -> Resul
 }
 
 /// The `continuing` lines of the flows a walk that began at `started` read.
-fn continuing(live: &[(Entries, Flow)], started: Instant, reported: &Reported) -> Vec<Value> {
+fn continuing(live: &[(FlowEntries, Flow)], started: Instant, reported: &Reported) -> Vec<Value> {
     let now = wall_clock(monotonic_ns());
     let mut guard = reported.lock();
     let ReportedState { last, ended } = &mut *guard;
@@ -508,14 +527,14 @@ fn continuing(live: &[(Entries, Flow)], started: Instant, reported: &Reported) -
         keep
     });
     let mut lines = Vec::new();
-    for (entries, flow) in live.iter().filter(|(e, _)| !ended.contains_key(&e.key)) {
-        let before = last.get(&entries.key).map(|&(f, r, _)| (f, r)).unwrap_or_default();
-        let (forward, reply) = totals(entries, flow, before);
-        if (forward, reply) == before {
+    for (read, flow) in live.iter().filter(|(r, _)| !ended.contains_key(&r.key)) {
+        let before = last.get(&read.key).map(|&(f, r, _)| (f, r)).unwrap_or_default();
+        let counts = Counts::of(read, flow, before);
+        if counts.totals == before {
             continue;
         }
-        lines.push(flow_line(entries, flow, "continuing", now, before));
-        last.insert(entries.key, (forward, reply, false));
+        lines.push(flow_line(read, flow, "continuing", now, counts));
+        last.insert(read.key, (counts.totals.0, counts.totals.1, false));
     }
     lines
 }
@@ -629,11 +648,11 @@ mod tests {
     }
 
     /// A flow with `packets` each way, both its entries read.
-    fn flow(packets: u64) -> (Entries, Flow) {
+    fn flow(packets: u64) -> (FlowEntries, Flow) {
         let t = Traffic { packets, bytes: 100 * packets };
         let key = FlowKey { sport: 1000, dport: 53, proto: 17, family: 4, ..FlowKey::default() };
         let entry = Some(FlowValue::default());
-        let entries = Entries { key, forward: entry, reply: entry };
+        let entries = FlowEntries { key, forward: entry, reply: entry };
         let flow = Flow {
             state: flows::FlowState::Established,
             protocol: "udp".into(),
@@ -669,6 +688,30 @@ mod tests {
         [at(l, "forward"), at(l, "reply"), at(&l["delta"], "forward"), at(&l["delta"], "reply")]
     }
 
+    /// What a record counts, by what the read found and the flow's last record.
+    #[test]
+    fn counts_of_a_read() {
+        let t = |packets: u64| Traffic { packets, bytes: 100 * packets };
+        let (whole, _) = flow(0);
+        let (reply_only, forward_only) =
+            (FlowEntries { forward: None, ..whole }, FlowEntries { reply: None, ..whole });
+        for (what, read, (f, r), last, totals, before) in [
+            ("both read", whole, (8, 6), (3, 3), (8, 6), (3, 3)),
+            ("the forward entry gone", reply_only, (0, 5), (3, 3), (3, 5), (3, 3)),
+            ("the reply entry gone", forward_only, (4, 0), (3, 3), (4, 3), (3, 3)),
+            ("a new flow on the tuple", whole, (1, 1), (3, 3), (1, 1), (0, 0)),
+            ("a new flow, half inserted", forward_only, (1, 0), (8, 8), (1, 0), (0, 0)),
+            ("a new flow's reply", reply_only, (0, 1), (8, 8), (0, 1), (0, 0)),
+        ] {
+            let (_, mut flow) = flow(0);
+            (flow.forward, flow.reply) = (t(f), t(r));
+            let counts = Counts::of(&read, &flow, (t(last.0), t(last.1)));
+            let want =
+                Counts { totals: (t(totals.0), t(totals.1)), before: (t(before.0), t(before.1)) };
+            assert_eq!(counts, want, "{what}");
+        }
+    }
+
     /// A walk that reads one of a flow's two entries (between their removals, or their
     /// inserts) counts the other direction as the flow's last record did: no line when the
     /// entry it read has nothing new, and only what that entry has new otherwise.
@@ -680,7 +723,7 @@ mod tests {
         // The reply entry alone, as `established` describes it: no forward traffic.
         let (_, mut lone) = flow(3);
         (lone.forward, lone.incomplete) = (Traffic::default(), true);
-        let reply_only = Entries { forward: None, ..whole };
+        let reply_only = FlowEntries { forward: None, ..whole };
         assert!(continuing(&[(reply_only, lone.clone())], Instant::now(), &reported).is_empty());
         lone.reply = Traffic { packets: 5, bytes: 500 };
         let lines = continuing(&[(reply_only, lone)], Instant::now(), &reported);
@@ -689,7 +732,7 @@ mod tests {
         let (_, mut first) = flow(1);
         first.reply = Traffic::default();
         let other = Reported::default();
-        let forward_only = Entries { reply: None, ..whole };
+        let forward_only = FlowEntries { reply: None, ..whole };
         let lines = continuing(&[(forward_only, first)], Instant::now(), &other);
         assert_eq!(lines.iter().map(packets).collect::<Vec<_>>(), [[1, 0, 1, 0]]);
     }
@@ -711,7 +754,7 @@ mod tests {
         // written, then the walk goes on: nothing from the walk.
         let (_, f8) = flow(8);
         let started = Instant::now();
-        assert_eq!(reported.take(&read.key).0.packets, 3, "the end counts from the last record");
+        assert_eq!(reported.removed(&read.key).0.packets, 3, "the end counts from the last record");
         assert!(continuing(&[(read, f8.clone())], started, &reported).is_empty());
         // A new flow with the same tuple, read by a later walk: reported from zero.
         let again = continuing(&[(read, f8.clone())], Instant::now(), &reported);
@@ -720,7 +763,7 @@ mod tests {
         // Removed by the sweep, then a walk misses it before its end line is written: the
         // end line still counts from the last record; a flow missed twice is forgotten.
         assert!(continuing(&[], Instant::now(), &reported).is_empty());
-        assert_eq!(reported.take(&read.key).0.packets, 8);
+        assert_eq!(reported.removed(&read.key).0.packets, 8);
         let other = Reported::default();
         continuing(&[(read, f8)], Instant::now(), &other);
         continuing(&[], Instant::now(), &other);

@@ -314,14 +314,20 @@ impl Names {
 /// direction's entry. Either may be missing: the read fell between the two inserts or the
 /// two removals of the flow's entries, or one was gone for another reason.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Entries {
+pub struct FlowEntries {
     pub key: FlowKey,
     pub forward: Option<FlowValue>,
     pub reply: Option<FlowValue>,
 }
 
-impl Entries {
-    fn of(key: FlowKey, value: FlowValue, twin_key: FlowKey, twin: Option<FlowValue>) -> Self {
+impl FlowEntries {
+    /// The flow of `value` (under `key`) and its twin (under `twin_key`, if read).
+    pub(crate) fn of(
+        key: FlowKey,
+        value: FlowValue,
+        twin_key: FlowKey,
+        twin: Option<FlowValue>,
+    ) -> Self {
         match (value.reply, twin) {
             (0, _) => Self { key, forward: Some(value), reply: twin },
             (_, Some(t)) if t.reply == 0 => {
@@ -333,7 +339,7 @@ impl Entries {
 
     /// The entry that names the flow's rule, direction and generation.
     pub fn main(&self) -> FlowValue {
-        self.forward.or(self.reply).expect("an ended flow had an entry")
+        self.forward.or(self.reply).expect("a read flow has an entry")
     }
 
     /// The flow as `xdpgate flows` would have shown it last.
@@ -368,7 +374,7 @@ pub fn remove_idle(
     pins: &PinDir,
     names: &Names,
     stop: &AtomicBool,
-    mut on_end: impl FnMut(Entries) -> Result<()>,
+    mut on_end: impl FnMut(FlowEntries) -> Result<()>,
 ) -> Result<Swept> {
     crate::migrate::ensure_done(pins)?;
     let walk = open(pins, FLOWS)?;
@@ -415,7 +421,7 @@ pub fn remove_idle(
         if twin.is_some() && map.remove(&twin_key).is_ok() {
             swept.removed += 1;
         }
-        on_end(Entries::of(*key, value, twin_key, twin))
+        on_end(FlowEntries::of(*key, value, twin_key, twin))
     })?;
     Ok(swept)
 }
@@ -675,13 +681,13 @@ pub fn delete(
 
 /// Every established flow, its entries and its description (one walk of `FLOWS`; for the
 /// flow log's interim records).
-pub fn established(pins: &PinDir, names: &Names) -> Result<Vec<(Entries, Flow)>> {
+pub fn established(pins: &PinDir, names: &Names) -> Result<Vec<(FlowEntries, Flow)>> {
     let now = monotonic_ns();
     Ok(pair(&entries(pins, FLOWS)?)
         .into_iter()
         .map(|(key, forward, reply, _)| {
             let flow = describe(names, now, FlowState::Established, key, forward, reply);
-            (Entries { key, forward, reply }, flow)
+            (FlowEntries { key, forward, reply }, flow)
         })
         .collect())
 }
@@ -736,16 +742,16 @@ mod tests {
         let back_key = key(server, 80, client, 40000);
         let (fwd, back) = (value(0, 5), value(1, 4));
         // Found from either entry, the flow is the same.
-        let want = Entries { key: fwd_key, forward: Some(fwd), reply: Some(back) };
-        assert_eq!(Entries::of(fwd_key, fwd, back_key, Some(back)), want);
-        assert_eq!(Entries::of(back_key, back, fwd_key, Some(fwd)), want);
+        let want = FlowEntries { key: fwd_key, forward: Some(fwd), reply: Some(back) };
+        assert_eq!(FlowEntries::of(fwd_key, fwd, back_key, Some(back)), want);
+        assert_eq!(FlowEntries::of(back_key, back, fwd_key, Some(fwd)), want);
         // One entry alone.
         assert_eq!(
-            Entries::of(fwd_key, fwd, back_key, None),
-            Entries { key: fwd_key, forward: Some(fwd), reply: None }
+            FlowEntries::of(fwd_key, fwd, back_key, None),
+            FlowEntries { key: fwd_key, forward: Some(fwd), reply: None }
         );
-        let lone = Entries::of(back_key, back, fwd_key, None);
-        assert_eq!(lone, Entries { key: fwd_key, forward: None, reply: Some(back) });
+        let lone = FlowEntries::of(back_key, back, fwd_key, None);
+        assert_eq!(lone, FlowEntries { key: fwd_key, forward: None, reply: Some(back) });
         assert_eq!(lone.main(), back);
     }
 

@@ -27,7 +27,7 @@ use xdpgate_common::{
 
 use xdpgate_policy::{NatGateway, Policy, names::Record};
 
-use crate::{PinDir, carried::remap, stats::Traffic};
+use crate::{PinDir, carried::remap, flows::FlowEntries, stats::Traffic};
 
 pub fn addr_key(addr: IpAddr) -> AddrKey {
     let (family, bytes) = family_bytes(addr);
@@ -267,12 +267,15 @@ fn forward_key(reply: &FlowKey, t: &NatEntry) -> FlowKey {
     }
 }
 
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Default, PartialEq)]
 pub struct Expired {
     /// Translations that idled out (their ports now cooling down).
     pub expired: usize,
     /// Ports whose cooldown ended, free again.
     pub released: usize,
+    /// The established flows of the translations that idled out, as they were removed (for
+    /// the flow log's `end` lines; the sweep leaves translated flows to this expiry).
+    pub ended: Vec<FlowEntries>,
 }
 
 /// The public address a translation's claim (its entry under the `reply` tuple) holds.
@@ -344,6 +347,8 @@ pub fn expire(pins: &PinDir, policy: &Policy, now: u64) -> Result<Expired> {
         if now.saturating_sub(last) <= timeout {
             continue;
         }
+        // As they are before they go (`tables[0]` is the established table).
+        let established = (tables[0].get(&forward, 0).ok(), tables[0].get(&reply, 0).ok());
         let remove_flow = || {
             for m in &mut tables {
                 let _ = m.remove(&forward);
@@ -352,6 +357,11 @@ pub fn expire(pins: &PinDir, policy: &Policy, now: u64) -> Result<Expired> {
             Ok(())
         };
         out.expired += 1;
+        out.ended.extend(match established {
+            (Some(f), r) => Some(FlowEntries::of(forward, f, reply, r)),
+            (None, Some(r)) => Some(FlowEntries::of(reply, r, forward, None)),
+            (None, None) => None,
+        });
         if retire(&mut map, &reply, &t, cooldown_s(gw), now, remove_flow)? {
             out.released += 1;
         }
