@@ -17,7 +17,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::gateway::{CLIENT4, Gateway, SERVER4, TRANSLATING_POLICY};
+use common::{
+    echo::udp_echo,
+    gateway::{CLIENT4, Gateway, SERVER4, TRANSLATING_POLICY},
+};
 use serde_json::{Value, json};
 
 const POLICY: &str = r#"
@@ -44,7 +47,7 @@ fn flow_log_lines_for_known_traffic() {
     wait_for_policy(&lab);
 
     // Known traffic: three UDP flows of two exchanges each, two SSH attempts.
-    udp_echo(&lab);
+    udp_echo(&lab.server, "198.51.100.10:5353");
     for sport in [41000u16, 41001, 41002] {
         client.run(move || {
             let s = UdpSocket::bind(("203.0.113.10", sport)).unwrap();
@@ -146,13 +149,7 @@ fn idle_flows_leave_the_table_without_a_flow_log() {
         thread::sleep(Duration::from_millis(50));
     }
 
-    let echo = server.run(|| UdpSocket::bind("198.51.100.10:5353").unwrap());
-    thread::spawn(move || {
-        let mut buf = [0u8; 512];
-        while let Ok((n, from)) = echo.recv_from(&mut buf) {
-            let _ = echo.send_to(&buf[..n], from);
-        }
-    });
+    udp_echo(server, "198.51.100.10:5353");
     let exchange = |s: &UdpSocket| {
         s.send_to(&[7u8; 100], "198.51.100.10:5353").unwrap();
         let mut buf = [0u8; 512];
@@ -286,17 +283,6 @@ fn wait_for_policy(lab: &Gateway) {
     });
 }
 
-/// A UDP echo on the server at 198.51.100.10:5353.
-fn udp_echo(lab: &Gateway) {
-    let echo = lab.server.run(|| UdpSocket::bind("198.51.100.10:5353").unwrap());
-    thread::spawn(move || {
-        let mut buf = [0u8; 512];
-        while let Ok((n, from)) = echo.recv_from(&mut buf) {
-            let _ = echo.send_to(&buf[..n], from);
-        }
-    });
-}
-
 /// A UDP flow from the client's port 41500 to the echo server, and its flow-log records.
 struct EchoFlow {
     socket: UdpSocket,
@@ -311,7 +297,7 @@ impl EchoFlow {
         let (policy, log) = (lab.write_policy("policy.yaml", POLICY), lab.dir.join("flows.jsonl"));
         let agent = start_agent(lab, &policy, &log, &["--flow-log-interval", "1"]);
         wait_for_policy(lab);
-        udp_echo(lab);
+        udp_echo(&lab.server, "198.51.100.10:5353");
         let socket = lab.client.run(|| {
             let s = UdpSocket::bind((Self::KEY.0, Self::KEY.2)).unwrap();
             s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
@@ -477,7 +463,7 @@ fn the_agents_probe_connections_are_left_out_or_marked() {
             }
         });
     }
-    udp_echo(&lab);
+    udp_echo(&lab.server, "198.51.100.10:5353");
     let client_flow = |sport: u16| {
         lab.client.run(move || {
             let s = UdpSocket::bind(("203.0.113.10", sport)).unwrap();
@@ -621,13 +607,7 @@ fn a_flow_through_a_nat_gateway_ends_with_a_record() {
     let (policy, log) = (lab.write_policy("policy.yaml", &policy), lab.dir.join("flows.jsonl"));
     let _agent = start_agent(&lab, &policy, &log, &[]);
     wait_for_policy(&lab);
-    let echo = lab.client.run(|| UdpSocket::bind("203.0.113.10:5300").unwrap());
-    thread::spawn(move || {
-        let mut buf = [0u8; 512];
-        while let Ok((n, from)) = echo.recv_from(&mut buf) {
-            let _ = echo.send_to(&buf[..n], from);
-        }
-    });
+    udp_echo(&lab.client, "203.0.113.10:5300");
     lab.server.run(|| {
         let s = UdpSocket::bind("198.51.100.10:41600").unwrap();
         s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
@@ -712,7 +692,7 @@ fn flow_log_lines_name_the_rule_after_a_set_add() {
     let (policy, log) = (lab.write_policy("policy.yaml", &text), lab.dir.join("flows.jsonl"));
     let _agent = start_agent(&lab, &policy, &log, &[]);
     wait_for_policy(&lab);
-    udp_echo(&lab);
+    udp_echo(&lab.server, "198.51.100.10:5353");
     let out = lab.pins.xdpgate(&["set", "add", "listed", CLIENT4]);
     assert!(out.contains("1 elements added to set listed"), "{out}");
     lab.client.run(|| {

@@ -255,13 +255,7 @@ fn filters_select_events() {
     let lab = lab(["xdp", "xdp"]);
     let observer =
         Observer::start(&lab, &["--dst", "198.51.100.0/24", "--port", "22", "--verdict", "denied"]);
-    let echo = lab.server.run(|| UdpSocket::bind("198.51.100.10:5353").unwrap());
-    thread::spawn(move || {
-        let mut buf = [0u8; 512];
-        while let Ok((n, from)) = echo.recv_from(&mut buf) {
-            let _ = echo.send_to(&buf[..n], from);
-        }
-    });
+    common::echo::udp_echo(&lab.server, "198.51.100.10:5353");
     lab.client.run(|| {
         let s = UdpSocket::bind("203.0.113.10:0").unwrap();
         s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();

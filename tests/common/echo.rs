@@ -1,8 +1,8 @@
-//! A TCP echo service in a namespace, for the end-to-end tests.
+//! TCP and UDP echo services in a namespace, for the end-to-end tests.
 
 use std::{
     io::{self, Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -70,4 +70,16 @@ impl Drop for EchoServer {
             let _ = t.join();
         }
     }
+}
+
+/// A UDP echo at `addr` in `ns`: every datagram goes back to its sender, until the test ends.
+pub fn udp_echo(ns: &Netns, addr: &str) {
+    let addr = addr.to_owned();
+    let socket = ns.run(move || UdpSocket::bind(&addr).unwrap_or_else(|e| panic!("{addr}: {e}")));
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = socket.recv_from(&mut buf) {
+            let _ = socket.send_to(&buf[..n], from);
+        }
+    });
 }
