@@ -325,6 +325,14 @@ impl EchoFlow {
             .collect()
     }
 
+    /// Waits for a `continuing` record of `packets` forward packets, the flow's last.
+    fn wait_for_continuing(&self, packets: u64) {
+        let what = format!("a continuing record of {packets} packets");
+        wait_until(&what, Duration::from_secs(5), || {
+            self.records("continuing").last().is_some_and(|l| forward_packets(l) == packets)
+        });
+    }
+
     /// Waits for the end record (the flow idles out after 4 s); returns the `continuing`
     /// records, then the `end` one.
     fn ended(&self) -> Vec<Value> {
@@ -380,13 +388,9 @@ fn interim_records_of_a_long_flow_carry_the_traffic_since_the_last_record() {
     let lab = Gateway::new();
     let (_agent, flow) = EchoFlow::start(&lab);
     flow.exchange(3);
-    wait_until("a continuing record of the first three", Duration::from_secs(5), || {
-        flow.records("continuing").last().is_some_and(|l| forward_packets(l) == 3)
-    });
+    flow.wait_for_continuing(3);
     flow.exchange(5);
-    wait_until("a continuing record of all eight", Duration::from_secs(5), || {
-        flow.records("continuing").last().is_some_and(|l| forward_packets(l) == 8)
-    });
+    flow.wait_for_continuing(8);
     let records = flow.ended();
     assert!(records.len() >= 3, "{records:#?}");
     assert_eq!(totals_add_up(&records), [8, 8 * 142, 8, 8 * 142], "the end record's totals");
@@ -415,9 +419,7 @@ fn a_flow_read_with_one_entry_gone_is_not_counted_down() {
     let lab = Gateway::new();
     let (_agent, flow) = EchoFlow::start(&lab);
     flow.exchange(3);
-    wait_until("a continuing record of the three", Duration::from_secs(5), || {
-        flow.records("continuing").last().is_some_and(|l| forward_packets(l) == 3)
-    });
+    flow.wait_for_continuing(3);
     let mut flows: HashMap<_, FlowKey, FlowValue> =
         lab.pins.dir.open_map(xdpgate_common::maps::FLOWS).unwrap().try_into().unwrap();
     let (src, dst, sport, dport) = EchoFlow::KEY;
