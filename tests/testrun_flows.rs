@@ -21,7 +21,7 @@ use xdpgate_common::{
     iface::Role,
     lb::NO_BACKEND,
     maps::{EMBRYO_ENTRIES, EMBRYOS, FLOW_ENTRIES, FLOWS, NAT_MAP},
-    nat::{NAT_ACTIVE, NatEntry},
+    nat::{NAT_ACTIVE, NAT_COOLDOWN, NatEntry},
     nsg::DIR_INBOUND,
 };
 use xdpgate_dataplane::{
@@ -157,7 +157,9 @@ fn the_sweep_removes_idle_flows_and_keeps_used_ones() {
     lb_reply.nat_addr = flow_key(frontend, frontend, 0, 0, 6).src;
     map.insert(lb_back, lb_reply, 0).unwrap();
     // Flows through a NAT gateway, idle: one whose translation is active (left to the NAT
-    // expiry, which removes both), one whose translation is gone.
+    // expiry, which removes both), one whose translation is gone, one whose translation is
+    // cooling down (the NAT expiry marks it so just before it removes the flow, and writes
+    // its end: not the sweep's).
     let public = "192.0.2.50";
     let snat = |host: &str, port: u16| {
         let fwd = flow_key(host, "203.0.113.9", port, 443, 6);
@@ -170,8 +172,9 @@ fn the_sweep_removes_idle_flows_and_keeps_used_ones() {
         answer.nat_addr = fwd.src;
         (fwd, out, back, answer)
     };
-    let (nat_kept, nat_gone) = (snat("198.51.100.20", 40010), snat("198.51.100.21", 40011));
-    for (f, fv, b, bv) in [nat_kept, nat_gone] {
+    let (nat_kept, nat_gone, nat_cooling) =
+        (snat("198.51.100.20", 40010), snat("198.51.100.21", 40011), snat("198.51.100.22", 40012));
+    for (f, fv, b, bv) in [nat_kept, nat_gone, nat_cooling] {
         map.insert(f, fv, 0).unwrap();
         map.insert(b, bv, 0).unwrap();
     }
@@ -188,6 +191,9 @@ fn the_sweep_removes_idle_flows_and_keeps_used_ones() {
     };
     translations.insert(b, t(f.src, f.sport, NAT_DST), 0).unwrap();
     translations.insert(f, t(b.dst, b.dport, NAT_SRC), 0).unwrap();
+    let (f, _, b, _) = nat_cooling;
+    let cooling = NatEntry { state: NAT_COOLDOWN, ..t(f.src, f.sport, NAT_DST) };
+    translations.insert(b, cooling, 0).unwrap();
     // An embryonic flow, long idle: the sweep leaves that table to its LRU.
     let mut embryos = table_of(&k.pins.dir, EMBRYOS);
     let embryo = flow_key("203.0.113.8", server, 5008, 53, 17);
@@ -195,10 +201,10 @@ fn the_sweep_removes_idle_flows_and_keeps_used_ones() {
     let long_ago = now.saturating_sub(3600 * S);
     embryos.insert(embryo, entry(0, long_ago), 0).unwrap();
     embryos.insert(flow_key(server, "203.0.113.8", 53, 5008, 17), entry(1, long_ago), 0).unwrap();
-    assert_eq!(flows::count(&k.pins.dir).unwrap(), 17);
+    assert_eq!(flows::count(&k.pins.dir).unwrap(), 19);
 
     let (swept, mut ended) = sweep(&k);
-    assert_eq!((swept.seen, swept.removed), (17, 9), "{ended:#?}");
+    assert_eq!((swept.seen, swept.removed), (19, 9), "{ended:#?}");
     ended.sort_by_key(|e| e.key.sport);
     let summary: Vec<(FlowKey, Option<u64>, Option<u64>)> = ended
         .iter()
@@ -215,7 +221,9 @@ fn the_sweep_removes_idle_flows_and_keeps_used_ones() {
             (nat_gone.0, Some(1), Some(1)),
         ]
     );
-    assert!(k.flow(&nat_kept.0).is_some() && k.flow(&nat_kept.2).is_some(), "translated");
+    for (f, _, b, _) in [nat_kept, nat_cooling] {
+        assert!(k.flow(&f).is_some() && k.flow(&b).is_some(), "translated: {f:?}");
+    }
     let present = |key: &FlowKey| k.flow(key).is_some();
     assert!(!present(&fwd(idle)) && !present(&back(idle)) && !present(&orphan));
     assert!(!present(&lb_fwd) && !present(&lb_back));
@@ -224,7 +232,7 @@ fn the_sweep_removes_idle_flows_and_keeps_used_ones() {
         assert!(present(&fwd(c)) && present(&back(c)), "{c:?} kept both ways");
     }
     assert!(present(&flow_key(open_c.0, server, open_c.1, 80, 6)), "open TCP flow kept");
-    assert_eq!(flows::count(&k.pins.dir).unwrap(), 8);
+    assert_eq!(flows::count(&k.pins.dir).unwrap(), 10);
     assert!(embryos.get(&embryo, 0).is_ok(), "embryonic flows are not swept");
 
     // The flow kept is the one packets use: its counter goes on, no new flow replaces it.
@@ -248,17 +256,17 @@ fn the_sweep_removes_idle_flows_and_keeps_used_ones() {
         l.sort_by_key(|(_, p)| *p);
         l
     };
-    let established = [5002, 5003, 40006, 40010].map(|p| (FlowState::Established, p));
+    let established = [5002, 5003, 40006, 40010, 40012].map(|p| (FlowState::Established, p));
     assert_eq!(list(Some(FlowState::Established)), established);
     assert_eq!(list(Some(FlowState::Embryonic)), [(FlowState::Embryonic, 5008)]);
-    assert_eq!(list(None).len(), 5);
+    assert_eq!(list(None).len(), 6);
     let shown = flows::list(&k.pins.dir, &Filter::default(), 0).unwrap();
     let embryo_shown = shown.iter().find(|f| f.state == FlowState::Embryonic).unwrap();
     assert!(embryo_shown.expired && !embryo_shown.incomplete, "{embryo_shown:?}");
 
     // `xdpgate stats`: sizes from the maps, entries and live embryos counted.
     let table = stats::read(&k.pins.dir).unwrap().flow_table;
-    assert_eq!((table.flows.capacity, table.flows.entries), (u64::from(FLOW_ENTRIES / 2), 8));
+    assert_eq!((table.flows.capacity, table.flows.entries), (u64::from(FLOW_ENTRIES / 2), 10));
     assert_eq!(
         (table.embryonic.capacity, table.embryonic.live, table.embryonic.entries),
         (u64::from(EMBRYO_ENTRIES / 2), 1, 2)

@@ -294,7 +294,9 @@ fn idle_translations_cool_down_before_their_port_is_reused() {
 
     let now = xdpgate_dataplane::nat::monotonic_ns();
     let s = |secs: u64| secs * 1_000_000_000;
-    let expire = |at: u64| xdpgate_dataplane::nat::expire(&k.pins.dir, &policy, at).unwrap();
+    let expire = |at: u64| {
+        xdpgate_dataplane::nat::expire(&k.pins.dir, &policy, at, &mut Vec::new()).unwrap()
+    };
     assert_eq!(
         expire(now + s(2)),
         xdpgate_dataplane::nat::Expired::default(),

@@ -211,10 +211,12 @@ impl Sweeper {
         Ok((swept, took))
     }
 
-    /// Ends a pass under way soon (at the next entry it looks at).
-    fn stop(&mut self) {
+    /// Ends a pass under way soon (at the next entry it looks at); returns the flows it
+    /// removed whose `end` lines are still to be written (the channel closes once the pass
+    /// is over).
+    fn stop(&mut self) -> Option<mpsc::Receiver<(FlowEntries, flowlog::EachWay)>> {
         self.stop.store(true, Ordering::Relaxed);
-        self.ends = None;
+        self.ends.take()
     }
 }
 
@@ -223,7 +225,7 @@ impl Sweeper {
 struct Interim {
     every: Option<Duration>,
     next: Instant,
-    pass: Option<JoinHandle<Result<Vec<serde_json::Value>>>>,
+    pass: Option<JoinHandle<Result<flowlog::Walked>>>,
 }
 
 impl Interim {
@@ -240,9 +242,8 @@ impl Interim {
         }
         self.next = now + every;
         let (pins, names, reported) = (pins.clone(), names.clone(), reported.clone());
-        self.pass = Some(tokio::task::spawn_blocking(move || {
-            flowlog::interim_lines(&pins, &names, &reported)
-        }));
+        self.pass =
+            Some(tokio::task::spawn_blocking(move || flowlog::walk(&pins, &names, &reported)));
     }
 }
 
@@ -393,9 +394,6 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     let mut running = Running { policy, lbs, names };
     let mut sweeper = Sweeper::new();
     let mut interim = Interim::new(flow_log_interval);
-    // `end` lines of flows the NAT expiry removed, held while a walk for interim lines is
-    // under way (as the sweep's are).
-    let mut held_ends: Vec<serde_json::Value> = Vec::new();
     if let Some(log) = flow_log.as_mut() {
         refresh_probe_connections(log, &running.lbs, &mut failing);
     }
@@ -503,9 +501,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                     );
                 }
             }
-            // Not while a walk for interim lines is under way: it may have written a flow's
-            // `continuing` line before its end, and that line must come first in the file.
-            ended = async { sweeper.ends.as_mut().expect("guarded").recv().await }, if sweeper.ends.is_some() && interim.pass.is_none() => {
+            ended = async { sweeper.ends.as_mut().expect("guarded").recv().await }, if sweeper.ends.is_some() => {
                 match ended {
                     Some((ended, last)) => {
                         if let Some(log) = flow_log.as_mut() {
@@ -519,11 +515,12 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
             }
             joined = async { interim.pass.as_mut().expect("guarded").await }, if interim.pass.is_some() => {
                 interim.pass = None;
-                let lines = joined.map_err(|e| anyhow!("the interim records' thread failed: {e}"));
-                if let Some(lines) = failing.check("flow log interim records", lines.and_then(|r| r))
+                let live = joined.map_err(|e| anyhow!("the interim records' thread failed: {e}"));
+                if let Some(live) = failing.check("flow log interim records", live.and_then(|r| r))
                     && let Some(log) = flow_log.as_mut()
                 {
-                    for line in lines {
+                    // Counted here, where `end` lines are written: a flow's lines in order.
+                    for line in log.reported.continuing(&live) {
                         failing.check("flow log", log.write(line));
                     }
                 }
@@ -630,20 +627,17 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                 if std::mem::take(&mut nat_due) {
                     let ended = expire_nat(&lock, pins, &running, &mut failing);
                     if let Some(log) = flow_log.as_mut() {
-                        held_ends.extend(ended.iter().map(|e| {
-                            flowlog::end_line(&running.names, e, log.reported.removed(&e.key))
-                        }));
+                        for e in &ended {
+                            let line = flowlog::end_line(&running.names, e, log.reported.removed(&e.key));
+                            failing.check("flow log", log.write(line));
+                        }
                     }
                 }
             }
             _ = term.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
         }
-        if interim.pass.is_none() {
-            write_ends(flow_log.as_mut(), &mut held_ends, &mut failing);
-        }
     }
-    write_ends(flow_log.as_mut(), &mut held_ends, &mut failing);
     // Nothing of it was written: the turn had not come.
     if reload.take() {
         info!("the reload waiting for the write lock is not applied: the agent stops");
@@ -656,7 +650,16 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
         }
     }
     drop(prober);
-    sweeper.stop();
+    // The flows the sweep removed, and removes until it stops at its next entry, get their
+    // `end` lines: they are gone from the table.
+    if let Some(mut ends) = sweeper.stop() {
+        while let Some((ended, last)) = ends.recv().await {
+            if let Some(log) = flow_log.as_mut() {
+                failing
+                    .check("flow log", log.write(flowlog::end_line(&running.names, &ended, last)));
+            }
+        }
+    }
     agent_state::remove(pins);
     info!("stopping; the dataplane keeps running from its pinned state");
     Ok(())
@@ -786,31 +789,20 @@ fn follow_generation(pins: &PinDir, names: &mut Arc<flows::Names>, failing: &mut
 }
 
 /// Ends the translations idle past their timeout, under the write lock.
-/// Writes the `end` lines held back.
-fn write_ends(
-    flow_log: Option<&mut flowlog::FlowLog>,
-    held: &mut Vec<serde_json::Value>,
-    failing: &mut Failing,
-) {
-    if let Some(log) = flow_log {
-        for line in held.drain(..) {
-            failing.check("flow log", log.write(line));
-        }
-    }
-}
-
 fn expire_nat(
     _lock: &WriteLock,
     pins: &PinDir,
     running: &Running,
     failing: &mut Failing,
 ) -> Vec<FlowEntries> {
-    let expired = nat::expire(pins, &running.policy, nat::monotonic_ns());
-    let Some(e) = failing.check("NAT expiry", expired) else { return Vec::new() };
-    if e.expired + e.released > 0 {
+    let mut ended = Vec::new();
+    let expired = nat::expire(pins, &running.policy, nat::monotonic_ns(), &mut ended);
+    if let Some(e) = failing.check("NAT expiry", expired)
+        && e.expired + e.released > 0
+    {
         info!("NAT: {} translations idled out, {} ports free again", e.expired, e.released);
     }
-    e.ended
+    ended
 }
 
 /// The once-a-second jobs that need no write lock; none of their errors ends the agent.

@@ -16,7 +16,7 @@ use std::{
     os::unix::fs::{FileExt as _, MetadataExt as _, OpenOptionsExt as _},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context, Result};
@@ -473,9 +473,11 @@ struct ReportedState {
     /// otherwise (`flows delete`, the dataplane's own removals) is forgotten when a second
     /// walk misses it.
     last: HashMap<FlowKey, (Traffic, Traffic, bool)>,
+    /// A walk began and its lines are not counted yet.
+    walking: bool,
     /// Flows the agent removed since the walk under way began: it may have read them
-    /// before they were removed, and must not write them again.
-    ended: HashMap<FlowKey, Instant>,
+    /// before they were removed, and must not count them again.
+    ended: HashSet<FlowKey>,
 }
 
 impl Reported {
@@ -489,8 +491,44 @@ impl Reported {
     /// writes nothing of it.
     pub fn removed(&self, key: &FlowKey) -> EachWay {
         let mut m = self.lock();
-        m.ended.insert(*key, Instant::now());
+        if m.walking {
+            m.ended.insert(*key);
+        }
         m.last.remove(key).map(|(f, r, _)| (f, r)).unwrap_or_default()
+    }
+
+    fn begin_walk(&self) {
+        let mut m = self.lock();
+        (m.walking, m.ended) = (true, HashSet::new());
+    }
+
+    /// The `continuing` lines of the flows a walk read ([`walk`]): one for each with traffic
+    /// since its last record. Flows the walk did not find are forgotten when a second walk
+    /// misses them too. Counted and written by the same thread, the agent's loop, that
+    /// writes `end` lines, so a flow's lines come in order.
+    pub fn continuing(&self, live: &[(FlowEntries, Flow)]) -> Vec<Value> {
+        let now = wall_clock(monotonic_ns());
+        let mut guard = self.lock();
+        let ReportedState { last, walking, ended } = &mut *guard;
+        let keys: HashSet<FlowKey> = live.iter().map(|(e, _)| e.key).collect();
+        last.retain(|k, (_, _, missed)| {
+            let seen = keys.contains(k);
+            let keep = seen || !*missed;
+            *missed = !seen;
+            keep
+        });
+        let mut lines = Vec::new();
+        for (read, flow) in live.iter().filter(|(r, _)| !ended.contains(&r.key)) {
+            let before = last.get(&read.key).map(|&(f, r, _)| (f, r)).unwrap_or_default();
+            let counts = Counts::of(read, flow, before);
+            if counts.totals == before {
+                continue;
+            }
+            lines.push(flow_line(read, flow, "continuing", now, counts));
+            last.insert(read.key, (counts.totals.0, counts.totals.1, false));
+        }
+        (*walking, *ended) = (false, HashSet::new());
+        lines
     }
 }
 
@@ -503,40 +541,15 @@ pub fn end_line(names: &Names, ended: &FlowEntries, last: EachWay) -> Value {
     flow_line(ended, &flow, "end", wall_clock(seen.unwrap_or(0)), counts)
 }
 
-/// The `continuing` lines of one walk of the flow table: one for each flow with traffic
-/// since its last record. Flows no longer in the table are forgotten. Runs on a blocking
-/// thread (a walk of a big table takes a while).
-pub fn interim_lines(pins: &PinDir, names: &Names, reported: &Reported) -> Result<Vec<Value>> {
-    let started = Instant::now();
-    let live = flows::established(pins, names)?;
-    Ok(continuing(&live, started, reported))
-}
+/// The established flows one walk read: each one's entries and description.
+pub type Walked = Vec<(FlowEntries, Flow)>;
 
-/// The `continuing` lines of the flows a walk that began at `started` read.
-fn continuing(live: &[(FlowEntries, Flow)], started: Instant, reported: &Reported) -> Vec<Value> {
-    let now = wall_clock(monotonic_ns());
-    let mut guard = reported.lock();
-    let ReportedState { last, ended } = &mut *guard;
-    // Ended before the walk began: what it read under those keys are new flows.
-    ended.retain(|_, at| *at >= started);
-    let keys: HashSet<FlowKey> = live.iter().map(|(e, _)| e.key).collect();
-    last.retain(|k, (_, _, missed)| {
-        let seen = keys.contains(k);
-        let keep = seen || !*missed;
-        *missed = !seen;
-        keep
-    });
-    let mut lines = Vec::new();
-    for (read, flow) in live.iter().filter(|(r, _)| !ended.contains_key(&r.key)) {
-        let before = last.get(&read.key).map(|&(f, r, _)| (f, r)).unwrap_or_default();
-        let counts = Counts::of(read, flow, before);
-        if counts.totals == before {
-            continue;
-        }
-        lines.push(flow_line(read, flow, "continuing", now, counts));
-        last.insert(read.key, (counts.totals.0, counts.totals.1, false));
-    }
-    lines
+/// A walk of the flow table for `continuing` lines: every established flow, for
+/// [`Reported::continuing`]. Runs on a blocking thread (a walk of a big table takes a
+/// while).
+pub fn walk(pins: &PinDir, names: &Names, reported: &Reported) -> Result<Walked> {
+    reported.begin_walk();
+    flows::established(pins, names)
 }
 
 /// The agent's own health-probe connections: a local address to a probe target's port on
@@ -679,6 +692,12 @@ mod tests {
         (entries, flow)
     }
 
+    /// A walk that read `live`, its lines counted.
+    fn walked(reported: &Reported, live: &[(FlowEntries, Flow)]) -> Vec<Value> {
+        reported.begin_walk();
+        reported.continuing(live)
+    }
+
     fn delta(l: &Value) -> u64 {
         l["delta"]["forward"]["packets"].as_u64().unwrap()
     }
@@ -719,56 +738,58 @@ mod tests {
     fn a_direction_the_walk_did_not_read_keeps_its_last_totals() {
         let reported = Reported::default();
         let (whole, f3) = flow(3);
-        assert_eq!(continuing(&[(whole, f3)], Instant::now(), &reported).len(), 1);
+        assert_eq!(walked(&reported, &[(whole, f3)]).len(), 1);
         // The reply entry alone, as `established` describes it: no forward traffic.
         let (_, mut lone) = flow(3);
         (lone.forward, lone.incomplete) = (Traffic::default(), true);
         let reply_only = FlowEntries { forward: None, ..whole };
-        assert!(continuing(&[(reply_only, lone.clone())], Instant::now(), &reported).is_empty());
+        assert!(walked(&reported, &[(reply_only, lone.clone())]).is_empty());
         lone.reply = Traffic { packets: 5, bytes: 500 };
-        let lines = continuing(&[(reply_only, lone)], Instant::now(), &reported);
+        let lines = walked(&reported, &[(reply_only, lone)]);
         assert_eq!(lines.iter().map(packets).collect::<Vec<_>>(), [[3, 5, 0, 2]]);
         // The forward entry alone, the first time a flow is read (between its inserts).
         let (_, mut first) = flow(1);
         first.reply = Traffic::default();
         let other = Reported::default();
         let forward_only = FlowEntries { reply: None, ..whole };
-        let lines = continuing(&[(forward_only, first)], Instant::now(), &other);
+        let lines = walked(&other, &[(forward_only, first)]);
         assert_eq!(lines.iter().map(packets).collect::<Vec<_>>(), [[1, 0, 1, 0]]);
     }
 
-    /// The walk and the sweep race (the walk runs on its own thread, the sweep on another,
-    /// the `end` line is written by the agent's loop): a flow the walk read before the sweep
-    /// removed it gets no `continuing` line after its `end`; and a walk that runs between
-    /// the removal and the `end` line does not lose what the `end` line counts from.
+    /// The walk and the sweep race (the walk reads on its own thread, the sweep removes on
+    /// another, the agent's loop counts the walk's lines and writes every line): a flow the
+    /// walk read before the sweep removed it gets no `continuing` line after its `end`, and
+    /// a new flow on its tuple counts from zero.
     #[test]
     fn continuing_and_end_lines_race_without_double_counting() {
         let reported = Reported::default();
         let (read, f3) = flow(3);
-        let first = continuing(&[(read, f3.clone())], Instant::now(), &reported);
-        assert_eq!(first.iter().map(delta).collect::<Vec<_>>(), [3]);
+        assert_eq!(
+            walked(&reported, &[(read, f3.clone())]).iter().map(delta).collect::<Vec<_>>(),
+            [3]
+        );
         // Nothing new: no line.
-        assert!(continuing(&[(read, f3)], Instant::now(), &reported).is_empty());
+        assert!(walked(&reported, &[(read, f3)]).is_empty());
 
-        // A walk reads the flow (8 packets), the sweep removes it and its end line is
-        // written, then the walk goes on: nothing from the walk.
+        // A walk reads the flow (8 packets), the sweep removes it, then the loop counts the
+        // walk's lines: nothing of the flow.
         let (_, f8) = flow(8);
-        let started = Instant::now();
+        reported.begin_walk();
         assert_eq!(reported.removed(&read.key).0.packets, 3, "the end counts from the last record");
-        assert!(continuing(&[(read, f8.clone())], started, &reported).is_empty());
+        assert!(reported.continuing(&[(read, f8.clone())]).is_empty());
         // A new flow with the same tuple, read by a later walk: reported from zero.
-        let again = continuing(&[(read, f8.clone())], Instant::now(), &reported);
-        assert_eq!(again.iter().map(delta).collect::<Vec<_>>(), [8]);
+        assert_eq!(
+            walked(&reported, &[(read, f8.clone())]).iter().map(delta).collect::<Vec<_>>(),
+            [8]
+        );
 
-        // Removed by the sweep, then a walk misses it before its end line is written: the
-        // end line still counts from the last record; a flow missed twice is forgotten.
-        assert!(continuing(&[], Instant::now(), &reported).is_empty());
-        assert_eq!(reported.removed(&read.key).0.packets, 8);
-        let other = Reported::default();
-        continuing(&[(read, f8)], Instant::now(), &other);
-        continuing(&[], Instant::now(), &other);
-        continuing(&[], Instant::now(), &other);
-        assert!(other.lock().last.is_empty());
+        // A flow missed by two walks is forgotten; removals while no walk is under way
+        // leave nothing behind (with no interim records, nothing else would clear them).
+        walked(&reported, &[]);
+        walked(&reported, &[]);
+        assert!(reported.lock().last.is_empty());
+        reported.removed(&read.key);
+        assert!(reported.lock().ended.is_empty());
     }
 
     /// Each line 32 bytes, files rotated past 100 bytes (three lines each): after 20 lines,

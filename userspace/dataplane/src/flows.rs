@@ -21,7 +21,7 @@ use xdpgate_common::{
     is_icmp,
     lb::NO_BACKEND,
     maps::{EMBRYOS, FLOWS, NAT_MAP},
-    nat::{NAT_ACTIVE, NatEntry},
+    nat::NatEntry,
     nsg::{DIR_INBOUND, DIR_OUTBOUND, MAX_RULES, PolicyConfig, TABLES_PER_SLOT},
 };
 
@@ -366,9 +366,10 @@ pub struct Swept {
 /// whose other direction is still used stays, so the flow is seen and logged whole); an
 /// entry alone, its other direction gone, once it is idle. The table is read in batches;
 /// each idle entry is read again, with its twin, just before it is removed, so one that a
-/// packet used meanwhile stays. A flow through a NAT gateway stays while its translation is
-/// active: the NAT expiry (`nat::expire`) removes the two together, and measures the
-/// translation's idle time from these entries. Cost: a bpf() call per 4,096 entries, and
+/// packet used meanwhile stays. A flow through a NAT gateway stays while it has a
+/// translation: the NAT expiry (`nat::expire`) removes the two together, and measures the
+/// translation's idle time from these entries. A flow another remover took meanwhile is
+/// not handed on (its end is not the sweep's). Cost: a bpf() call per 4,096 entries, and
 /// four per removed flow.
 pub fn remove_idle(
     pins: &PinDir,
@@ -381,12 +382,13 @@ pub fn remove_idle(
     let mut map = open(pins, FLOWS)?;
     let translations: BpfHashMap<MapData, FlowKey, NatEntry> =
         pins.open_map(NAT_MAP)?.try_into()?;
-    // Either direction's tuple names an active translation of a NAT gateway's flow (not a
-    // load balancer's rewrite, which has no translation).
+    // Either direction's tuple names a translation of a NAT gateway's flow (not a load
+    // balancer's rewrite, which has no translation). A cooling one too: the NAT expiry
+    // marks it so just before it removes the flow itself (and writes its end).
     let translated = |key: &FlowKey, v: &FlowValue| {
         v.service == NO_BACKEND
             && matches!(v.nat, NAT_SRC | NAT_DST)
-            && translations.get(key, 0).is_ok_and(|t| t.state == NAT_ACTIVE)
+            && translations.get(key, 0).is_ok()
     };
     let mut swept = Swept::default();
     let now = monotonic_ns();
@@ -415,11 +417,12 @@ pub fn remove_idle(
         if twin.is_some_and(|t| !idle(&twin_key, &t) || translated(&twin_key, &t)) {
             return Ok(());
         }
-        if map.remove(key).is_ok() {
-            swept.removed += 1;
-        }
-        if twin.is_some() && map.remove(&twin_key).is_ok() {
-            swept.removed += 1;
+        let removed = u64::from(map.remove(key).is_ok())
+            + u64::from(twin.is_some() && map.remove(&twin_key).is_ok());
+        swept.removed += removed;
+        // None: another remover (`flows delete`, the dataplane) took it, and its end.
+        if removed == 0 {
+            return Ok(());
         }
         on_end(FlowEntries::of(*key, value, twin_key, twin))
     })?;

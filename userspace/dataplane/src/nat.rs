@@ -267,15 +267,12 @@ fn forward_key(reply: &FlowKey, t: &NatEntry) -> FlowKey {
     }
 }
 
-#[derive(Debug, Default, PartialEq)]
+#[derive(Debug, Default, PartialEq, Eq)]
 pub struct Expired {
     /// Translations that idled out (their ports now cooling down).
     pub expired: usize,
     /// Ports whose cooldown ended, free again.
     pub released: usize,
-    /// The established flows of the translations that idled out, as they were removed (for
-    /// the flow log's `end` lines; the sweep leaves translated flows to this expiry).
-    pub ended: Vec<FlowEntries>,
 }
 
 /// The public address a translation's claim (its entry under the `reply` tuple) holds.
@@ -314,8 +311,15 @@ fn cooldown_s(gw: Option<&NatGateway>) -> u32 {
 
 /// Expires translations idle longer than their timeout (see [`idle_timeout_s`]; a closed
 /// TCP flow after 10 s) and releases ports whose cooldown has passed.
-/// Activity is the last packet the flow table saw either way.
-pub fn expire(pins: &PinDir, policy: &Policy, now: u64) -> Result<Expired> {
+/// Activity is the last packet the flow table saw either way. The established flows it
+/// removes go to `ended` as they were (for the flow log's `end` lines: the sweep leaves
+/// translated flows to this expiry), kept there if a later translation fails.
+pub fn expire(
+    pins: &PinDir,
+    policy: &Policy,
+    now: u64,
+    ended: &mut Vec<FlowEntries>,
+) -> Result<Expired> {
     crate::migrate::ensure_done(pins)?;
     let mut map: HashMap<_, FlowKey, NatEntry> = pins.open_map(NAT_MAP)?.try_into()?;
     // A translated flow's entries are established or still embryonic.
@@ -349,21 +353,24 @@ pub fn expire(pins: &PinDir, policy: &Policy, now: u64) -> Result<Expired> {
         }
         // As they are before they go (`tables[0]` is the established table).
         let established = (tables[0].get(&forward, 0).ok(), tables[0].get(&reply, 0).ok());
+        let mut removed = false;
         let remove_flow = || {
-            for m in &mut tables {
-                let _ = m.remove(&forward);
-                let _ = m.remove(&reply);
+            for (i, m) in tables.iter_mut().enumerate() {
+                let gone = [m.remove(&forward).is_ok(), m.remove(&reply).is_ok()];
+                removed |= i == 0 && gone.contains(&true);
             }
             Ok(())
         };
         out.expired += 1;
-        out.ended.extend(match established {
-            (Some(f), r) => Some(FlowEntries::of(forward, f, reply, r)),
-            (None, Some(r)) => Some(FlowEntries::of(reply, r, forward, None)),
-            (None, None) => None,
-        });
-        if retire(&mut map, &reply, &t, cooldown_s(gw), now, remove_flow)? {
-            out.released += 1;
+        let released = retire(&mut map, &reply, &t, cooldown_s(gw), now, remove_flow)?;
+        out.released += usize::from(released);
+        // Not when another remover took the flow first: its end is theirs.
+        if removed {
+            ended.extend(match established {
+                (Some(f), r) => Some(FlowEntries::of(forward, f, reply, r)),
+                (None, Some(r)) => Some(FlowEntries::of(reply, r, forward, None)),
+                (None, None) => None,
+            });
         }
     }
     Ok(out)
