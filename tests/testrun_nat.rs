@@ -10,9 +10,10 @@ use std::{collections::HashSet, net::IpAddr};
 
 use common::{
     kernel::{DROP, Kernel, PASS},
-    packet::{ACK, ETH_LEN, L4, SYN, checksums_ok, endpoints, frame, frame_vlan},
+    packet::{ACK, ETH_LEN, L4, SYN, checksums_ok, endpoints, flow_key, frame, frame_vlan},
 };
 use xdpgate_common::iface::Role;
+use xdpgate_dataplane::flows::FlowEntries;
 
 const POLICY: &str = r#"
 virtual_network:
@@ -291,19 +292,27 @@ fn idle_translations_cool_down_before_their_port_is_reused() {
         DROP,
         "one port, taken"
     );
+    // The answer confirms the flow: established, its end goes to the flow log.
+    k.arrive_as(Role::External);
+    assert_eq!(k.run(&frame("203.0.113.7", "192.0.2.100", L4::Udp(53, 3000))), PASS);
+    k.arrive_as(Role::Internal);
 
     let now = xdpgate_dataplane::nat::monotonic_ns();
     let s = |secs: u64| secs * 1_000_000_000;
-    let expire = |at: u64| {
-        xdpgate_dataplane::nat::expire(&k.pins.dir, &policy, at, &mut Vec::new()).unwrap()
+    let mut ended = Vec::new();
+    let expire = |at: u64, ended: &mut Vec<FlowEntries>| {
+        xdpgate_dataplane::nat::expire(&k.pins.dir, &policy, at, ended).unwrap()
     };
     assert_eq!(
-        expire(now + s(2)),
+        expire(now + s(2), &mut ended),
         xdpgate_dataplane::nat::Expired::default(),
         "not idle long enough"
     );
-    let e = expire(now + s(5));
+    let e = expire(now + s(5), &mut ended);
     assert_eq!((e.expired, e.released), (1, 0), "idle: expired, the port cooling down");
+    let flow = |e: &FlowEntries| (e.key, e.forward.map(|v| v.packets), e.reply.map(|v| v.packets));
+    let first = flow_key("198.51.100.10", "203.0.113.7", 40000, 53, 17);
+    assert_eq!(ended.iter().map(flow).collect::<Vec<_>>(), [(first, Some(1), Some(1))]);
     assert_eq!(
         k.run(&frame("198.51.100.10", "203.0.113.7", L4::Udp(40001, 53))),
         DROP,
@@ -312,8 +321,9 @@ fn idle_translations_cool_down_before_their_port_is_reused() {
     // The reply to the old translation no longer gets through.
     k.arrive_as(Role::External);
     assert_eq!(k.run(&frame("203.0.113.7", "192.0.2.100", L4::Udp(53, 3000))), DROP);
-    let e = expire(now + s(5 + 11));
+    let e = expire(now + s(5 + 11), &mut ended);
     assert_eq!((e.expired, e.released), (0, 1), "cooldown over: released");
+    assert_eq!(ended.len(), 1, "a released port ends no flow");
     k.arrive_as(Role::Internal);
     let out = k.through(&frame("198.51.100.10", "203.0.113.7", L4::Udp(40001, 53)));
     assert_eq!(endpoints(&out).2, 3000, "the port serves a new flow");

@@ -225,7 +225,7 @@ impl Sweeper {
 struct Interim {
     every: Option<Duration>,
     next: Instant,
-    pass: Option<JoinHandle<Result<flowlog::Walked>>>,
+    pass: Option<JoinHandle<Result<Vec<serde_json::Value>>>>,
 }
 
 impl Interim {
@@ -242,8 +242,9 @@ impl Interim {
         }
         self.next = now + every;
         let (pins, names, reported) = (pins.clone(), names.clone(), reported.clone());
-        self.pass =
-            Some(tokio::task::spawn_blocking(move || flowlog::walk(&pins, &names, &reported)));
+        self.pass = Some(tokio::task::spawn_blocking(move || {
+            flowlog::interim_lines(&pins, &names, &reported)
+        }));
     }
 }
 
@@ -506,7 +507,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                     Some((ended, last)) => {
                         if let Some(log) = flow_log.as_mut() {
                             let line = flowlog::end_line(&running.names, &ended, last);
-                            failing.check("flow log", log.write(line));
+                            failing.check("flow log", log.write_end(line));
                         }
                     }
                     // The pass is done and every flow it removed is logged.
@@ -515,14 +516,11 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
             }
             joined = async { interim.pass.as_mut().expect("guarded").await }, if interim.pass.is_some() => {
                 interim.pass = None;
-                let live = joined.map_err(|e| anyhow!("the interim records' thread failed: {e}"));
-                if let Some(live) = failing.check("flow log interim records", live.and_then(|r| r))
-                    && let Some(log) = flow_log.as_mut()
-                {
-                    // Counted here, where `end` lines are written: a flow's lines in order.
-                    for line in log.reported.continuing(&live) {
-                        failing.check("flow log", log.write(line));
-                    }
+                let lines = joined.map_err(|e| anyhow!("the interim records' thread failed: {e}"));
+                let lines = failing.check("flow log interim records", lines.and_then(|r| r));
+                if let Some(log) = flow_log.as_mut() {
+                    // Its lines, then the end lines held for them.
+                    failing.check("flow log", log.write_interim(lines.unwrap_or_default()));
                 }
             }
             Some(change) = rx.recv() => {
@@ -629,7 +627,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                     if let Some(log) = flow_log.as_mut() {
                         for e in &ended {
                             let line = flowlog::end_line(&running.names, e, log.reported.removed(&e.key));
-                            failing.check("flow log", log.write(line));
+                            failing.check("flow log", log.write_end(line));
                         }
                     }
                 }
@@ -651,12 +649,18 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     }
     drop(prober);
     // The flows the sweep removed, and removes until it stops at its next entry, get their
-    // `end` lines: they are gone from the table.
-    if let Some(mut ends) = sweeper.stop() {
-        while let Some((ended, last)) = ends.recv().await {
-            if let Some(log) = flow_log.as_mut() {
-                failing
-                    .check("flow log", log.write(flowlog::end_line(&running.names, &ended, last)));
+    // `end` lines (they are gone from the table), after the lines of a walk under way.
+    let ends = sweeper.stop();
+    if let Some(log) = flow_log.as_mut() {
+        let lines = match interim.pass.take() {
+            Some(pass) => pass.await.ok().and_then(|r| r.ok()),
+            None => None,
+        };
+        failing.check("flow log", log.write_interim(lines.unwrap_or_default()));
+        if let Some(mut ends) = ends {
+            while let Some((ended, last)) = ends.recv().await {
+                let line = flowlog::end_line(&running.names, &ended, last);
+                failing.check("flow log", log.write(line));
             }
         }
     }

@@ -4,7 +4,8 @@
 //! `end`; `deny`. `continuing` and `end` records carry the packets and bytes each way, in
 //! all and since the flow's previous record. `begin` and `deny` come from the dataplane's
 //! ring buffer; `end` from the agent's sweep of idle flows (`flows::remove_idle`, which
-//! runs with or without a flow log); `continuing` from a walk of the flow table every
+//! runs with or without a flow log) and, for flows through a NAT gateway, from the expiry
+//! of their translations (`nat::expire`); `continuing` from a walk of the flow table every
 //! `--flow-log-interval`. The agent's own health-probe connections are left out, or marked.
 //! The schema is in docs/flowlog.md.
 
@@ -478,6 +479,9 @@ struct ReportedState {
     /// Flows the agent removed since the walk under way began: it may have read them
     /// before they were removed, and must not count them again.
     ended: HashSet<FlowKey>,
+    /// A walk's lines are counted and not written yet: an `end` line waits for them (one of
+    /// them may be its flow's last `continuing` line, which it counts from).
+    unwritten: bool,
 }
 
 impl Reported {
@@ -502,14 +506,12 @@ impl Reported {
         (m.walking, m.ended) = (true, HashSet::new());
     }
 
-    /// The `continuing` lines of the flows a walk read ([`walk`]): one for each with traffic
-    /// since its last record. Flows the walk did not find are forgotten when a second walk
-    /// misses them too. Counted and written by the same thread, the agent's loop, that
-    /// writes `end` lines, so a flow's lines come in order.
-    pub fn continuing(&self, live: &[(FlowEntries, Flow)]) -> Vec<Value> {
-        let now = wall_clock(monotonic_ns());
+    /// Counts the flows a walk read: those with traffic since their last record, by index
+    /// in `live`, with their counts. Flows the walk did not find are forgotten when a second
+    /// walk misses them too. Their lines are then unwritten ([`Reported::written`]).
+    fn count(&self, live: &[(FlowEntries, Flow)]) -> Vec<(usize, Counts)> {
         let mut guard = self.lock();
-        let ReportedState { last, walking, ended } = &mut *guard;
+        let ReportedState { last, walking, ended, unwritten } = &mut *guard;
         let keys: HashSet<FlowKey> = live.iter().map(|(e, _)| e.key).collect();
         last.retain(|k, (_, _, missed)| {
             let seen = keys.contains(k);
@@ -517,18 +519,30 @@ impl Reported {
             *missed = !seen;
             keep
         });
-        let mut lines = Vec::new();
-        for (read, flow) in live.iter().filter(|(r, _)| !ended.contains(&r.key)) {
-            let before = last.get(&read.key).map(|&(f, r, _)| (f, r)).unwrap_or_default();
-            let counts = Counts::of(read, flow, before);
-            if counts.totals == before {
+        let mut counted = Vec::new();
+        for (i, (read, flow)) in live.iter().enumerate() {
+            if ended.contains(&read.key) {
                 continue;
             }
-            lines.push(flow_line(read, flow, "continuing", now, counts));
-            last.insert(read.key, (counts.totals.0, counts.totals.1, false));
+            let before = last.get(&read.key).map(|&(f, r, _)| (f, r)).unwrap_or_default();
+            let counts = Counts::of(read, flow, before);
+            if counts.totals != before {
+                counted.push((i, counts));
+                last.insert(read.key, (counts.totals.0, counts.totals.1, false));
+            }
         }
-        (*walking, *ended) = (false, HashSet::new());
-        lines
+        (*walking, *ended, *unwritten) = (false, HashSet::new(), !counted.is_empty());
+        counted
+    }
+
+    /// A walk's lines are counted and not written yet.
+    fn unwritten(&self) -> bool {
+        self.lock().unwritten
+    }
+
+    /// The walk's lines are written.
+    fn written(&self) {
+        self.lock().unwritten = false;
     }
 }
 
@@ -541,15 +555,22 @@ pub fn end_line(names: &Names, ended: &FlowEntries, last: EachWay) -> Value {
     flow_line(ended, &flow, "end", wall_clock(seen.unwrap_or(0)), counts)
 }
 
-/// The established flows one walk read: each one's entries and description.
-pub type Walked = Vec<(FlowEntries, Flow)>;
-
-/// A walk of the flow table for `continuing` lines: every established flow, for
-/// [`Reported::continuing`]. Runs on a blocking thread (a walk of a big table takes a
-/// while).
-pub fn walk(pins: &PinDir, names: &Names, reported: &Reported) -> Result<Walked> {
+/// The `continuing` lines of one walk of the flow table: one for each flow with traffic
+/// since its last record. Runs on a blocking thread (a walk of a big table takes a while);
+/// the lines are built outside the lock the sweep's removals take.
+pub fn interim_lines(pins: &PinDir, names: &Names, reported: &Reported) -> Result<Vec<Value>> {
     reported.begin_walk();
-    flows::established(pins, names)
+    let live = flows::established(pins, names)?;
+    Ok(continuing(&live, reported))
+}
+
+fn continuing(live: &[(FlowEntries, Flow)], reported: &Reported) -> Vec<Value> {
+    let now = wall_clock(monotonic_ns());
+    let counted = reported.count(live);
+    counted
+        .into_iter()
+        .map(|(i, counts)| flow_line(&live[i].0, &live[i].1, "continuing", now, counts))
+        .collect()
 }
 
 /// The agent's own health-probe connections: a local address to a probe target's port on
@@ -596,6 +617,8 @@ pub struct FlowLog {
     pub probes: ProbeTraffic,
     pub probe_connections: ProbeConnections,
     pub reported: Reported,
+    /// `end` lines waiting for a walk's lines ([`FlowLog::write_end`]).
+    held: Vec<Value>,
     /// Interface names by index, looked up once.
     ifnames: HashMap<u32, Option<String>>,
 }
@@ -607,6 +630,7 @@ impl FlowLog {
             probes,
             probe_connections: ProbeConnections::default(),
             reported: Reported::default(),
+            held: Vec::new(),
             ifnames: HashMap::new(),
         }
     }
@@ -618,6 +642,30 @@ impl FlowLog {
             .and_then(|n| n.as_deref());
         let line = event_line(names, e, interface);
         self.write(line)
+    }
+
+    /// Writes the `end` line of a flow the agent removed, or holds it while a walk's lines
+    /// are counted and not written yet: it may count from one of them, which comes first.
+    pub fn write_end(&mut self, line: Value) -> Result<()> {
+        if self.reported.unwritten() {
+            self.held.push(line);
+            return Ok(());
+        }
+        self.write(line)
+    }
+
+    /// Writes a walk's `continuing` lines, then the `end` lines held for them; every line
+    /// is tried, the first failure returned.
+    pub fn write_interim(&mut self, lines: Vec<Value>) -> Result<()> {
+        let mut result = Ok(());
+        for line in lines {
+            result = result.and(self.write(line));
+        }
+        self.reported.written();
+        for line in std::mem::take(&mut self.held) {
+            result = result.and(self.write(line));
+        }
+        result
     }
 
     /// Writes `line`, unless it is a probe connection left out (marked when asked).
@@ -695,7 +743,7 @@ mod tests {
     /// A walk that read `live`, its lines counted.
     fn walked(reported: &Reported, live: &[(FlowEntries, Flow)]) -> Vec<Value> {
         reported.begin_walk();
-        reported.continuing(live)
+        continuing(live, reported)
     }
 
     fn delta(l: &Value) -> u64 {
@@ -776,7 +824,7 @@ mod tests {
         let (_, f8) = flow(8);
         reported.begin_walk();
         assert_eq!(reported.removed(&read.key).0.packets, 3, "the end counts from the last record");
-        assert!(reported.continuing(&[(read, f8.clone())]).is_empty());
+        assert!(continuing(&[(read, f8.clone())], &reported).is_empty());
         // A new flow with the same tuple, read by a later walk: reported from zero.
         assert_eq!(
             walked(&reported, &[(read, f8.clone())]).iter().map(delta).collect::<Vec<_>>(),
@@ -790,6 +838,35 @@ mod tests {
         assert!(reported.lock().last.is_empty());
         reported.removed(&read.key);
         assert!(reported.lock().ended.is_empty());
+    }
+
+    /// The walk counts its lines on its thread, the agent's loop writes them: an `end` line
+    /// that comes in between (it counts from one of them) waits for them.
+    #[test]
+    fn an_end_line_waits_for_the_walks_lines() {
+        let dir = std::env::temp_dir().join(format!("xgorder{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("flows.jsonl");
+        let sink = Sink::open(path.to_str().unwrap(), 1 << 20, 1).unwrap();
+        let mut log = FlowLog::new(sink, ProbeTraffic::Omit);
+        let states = || -> Vec<String> {
+            let text = fs::read_to_string(&path).unwrap();
+            text.lines()
+                .map(|l| serde_json::from_str::<Value>(l).unwrap()["state"].to_string())
+                .collect()
+        };
+        let (read, f3) = flow(3);
+        let lines = walked(&log.reported, &[(read, f3)]);
+        assert_eq!(log.reported.removed(&read.key).0.packets, 3, "counts from the unwritten line");
+        log.write_end(json!({"state": "end"})).unwrap();
+        assert!(states().is_empty(), "held");
+        log.write_interim(lines).unwrap();
+        assert_eq!(states(), ["\"continuing\"", "\"end\""]);
+        // Nothing unwritten: an end line goes out at once.
+        log.write_end(json!({"state": "end"})).unwrap();
+        assert_eq!(states().len(), 3);
+        let _ = fs::remove_dir_all(&dir);
     }
 
     /// Each line 32 bytes, files rotated past 100 bytes (three lines each): after 20 lines,
