@@ -507,7 +507,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                     Some((ended, last)) => {
                         if let Some(log) = flow_log.as_mut() {
                             let line = flowlog::end_line(&running.names, &ended, last);
-                            failing.check("flow log", log.write_end(line));
+                            wrote(&mut failing, log.write_end(line));
                         }
                     }
                     // The pass is done and every flow it removed is logged.
@@ -520,7 +520,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                 let lines = failing.check("flow log interim records", lines.and_then(|r| r));
                 if let Some(log) = flow_log.as_mut() {
                     // Its lines, then the end lines held for them.
-                    failing.check("flow log", log.write_interim(lines.unwrap_or_default()));
+                    wrote(&mut failing, log.write_interim(lines.unwrap_or_default()));
                 }
             }
             Some(change) = rx.recv() => {
@@ -627,7 +627,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                     if let Some(log) = flow_log.as_mut() {
                         for e in &ended {
                             let line = flowlog::end_line(&running.names, e, log.reported.removed(&e.key));
-                            failing.check("flow log", log.write_end(line));
+                            wrote(&mut failing, log.write_end(line));
                         }
                     }
                 }
@@ -653,14 +653,18 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     let ends = sweeper.stop();
     if let Some(log) = flow_log.as_mut() {
         let lines = match interim.pass.take() {
-            Some(pass) => pass.await.ok().and_then(|r| r.ok()),
+            Some(pass) => {
+                let lines =
+                    pass.await.map_err(|e| anyhow!("the interim records' thread failed: {e}"));
+                failing.check("flow log interim records", lines.and_then(|r| r))
+            }
             None => None,
         };
-        failing.check("flow log", log.write_interim(lines.unwrap_or_default()));
+        wrote(&mut failing, log.write_interim(lines.unwrap_or_default()));
         if let Some(mut ends) = ends {
             while let Some((ended, last)) = ends.recv().await {
                 let line = flowlog::end_line(&running.names, &ended, last);
-                failing.check("flow log", log.write(line));
+                wrote(&mut failing, log.write(line));
             }
         }
     }
@@ -776,7 +780,7 @@ fn log_events(
             {
                 *names = Arc::new(newer);
             }
-            failing.check("flow log", log.write_event(names, &e));
+            wrote(failing, log.write_event(names, &e));
         }
     }
 }
@@ -793,6 +797,14 @@ fn follow_generation(pins: &PinDir, names: &mut Arc<flows::Names>, failing: &mut
 }
 
 /// Ends the translations idle past their timeout, under the write lock.
+/// The result of a flow-log write, when one was tried: a line left out or held says nothing
+/// of whether writes work, and must not clear a failure that `status` shows.
+fn wrote(failing: &mut Failing, written: Option<Result<()>>) {
+    if let Some(result) = written {
+        failing.check("flow log", result);
+    }
+}
+
 fn expire_nat(
     _lock: &WriteLock,
     pins: &PinDir,

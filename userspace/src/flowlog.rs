@@ -16,7 +16,10 @@ use std::{
     net::IpAddr,
     os::unix::fs::{FileExt as _, MetadataExt as _, OpenOptionsExt as _},
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -462,9 +465,12 @@ fn flow_line(read: &FlowEntries, flow: &Flow, state: &str, time_unix: f64, c: Co
 }
 
 /// What the flow log has written of live flows, by the key of each flow's first packet's
-/// direction, shared by the `end` lines and the walks for `continuing` ones.
+/// direction, shared by the `end` lines and the walks for `continuing` ones; and whether a
+/// walk's lines are counted and not written yet (an `end` line then waits for them: one of
+/// them may be its flow's last `continuing` line, which it counts from). That flag is set
+/// under the lock, and read without it by the agent's loop while a walk counts.
 #[derive(Clone, Default)]
-pub struct Reported(Arc<Mutex<ReportedState>>);
+pub struct Reported(Arc<(Mutex<ReportedState>, AtomicBool)>);
 
 #[derive(Default)]
 struct ReportedState {
@@ -479,14 +485,11 @@ struct ReportedState {
     /// Flows the agent removed since the walk under way began: it may have read them
     /// before they were removed, and must not count them again.
     ended: HashSet<FlowKey>,
-    /// A walk's lines are counted and not written yet: an `end` line waits for them (one of
-    /// them may be its flow's last `continuing` line, which it counts from).
-    unwritten: bool,
 }
 
 impl Reported {
     fn lock(&self) -> std::sync::MutexGuard<'_, ReportedState> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.0.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The flow was removed, its `end` line to come: the totals of its last record (zero if
@@ -510,9 +513,9 @@ impl Reported {
     /// in `live`, with their counts. Flows the walk did not find are forgotten when a second
     /// walk misses them too. Their lines are then unwritten ([`Reported::written`]).
     fn count(&self, live: &[(FlowEntries, Flow)]) -> Vec<(usize, Counts)> {
-        let mut guard = self.lock();
-        let ReportedState { last, walking, ended, unwritten } = &mut *guard;
         let keys: HashSet<FlowKey> = live.iter().map(|(e, _)| e.key).collect();
+        let mut guard = self.lock();
+        let ReportedState { last, walking, ended } = &mut *guard;
         last.retain(|k, (_, _, missed)| {
             let seen = keys.contains(k);
             let keep = seen || !*missed;
@@ -531,18 +534,19 @@ impl Reported {
                 last.insert(read.key, (counts.totals.0, counts.totals.1, false));
             }
         }
-        (*walking, *ended, *unwritten) = (false, HashSet::new(), !counted.is_empty());
+        (*walking, *ended) = (false, HashSet::new());
+        self.0.1.store(!counted.is_empty(), Ordering::SeqCst);
         counted
     }
 
     /// A walk's lines are counted and not written yet.
     fn unwritten(&self) -> bool {
-        self.lock().unwritten
+        self.0.1.load(Ordering::SeqCst)
     }
 
     /// The walk's lines are written.
     fn written(&self) {
-        self.lock().unwritten = false;
+        self.0.1.store(false, Ordering::SeqCst);
     }
 }
 
@@ -635,8 +639,8 @@ impl FlowLog {
         }
     }
 
-    /// Writes the line of a dataplane event.
-    pub fn write_event(&mut self, names: &Names, e: &FlowEvent) -> Result<()> {
+    /// Writes the line of a dataplane event (`None`: nothing was written).
+    pub fn write_event(&mut self, names: &Names, e: &FlowEvent) -> Option<Result<()>> {
         let interface = (e.version >= 2)
             .then(|| self.ifnames.entry(e.ifindex).or_insert_with(|| stats::ifname(e.ifindex)))
             .and_then(|n| n.as_deref());
@@ -646,37 +650,33 @@ impl FlowLog {
 
     /// Writes the `end` line of a flow the agent removed, or holds it while a walk's lines
     /// are counted and not written yet: it may count from one of them, which comes first.
-    pub fn write_end(&mut self, line: Value) -> Result<()> {
+    /// `None`: nothing was written.
+    pub fn write_end(&mut self, line: Value) -> Option<Result<()>> {
         if self.reported.unwritten() {
             self.held.push(line);
-            return Ok(());
+            return None;
         }
         self.write(line)
     }
 
     /// Writes a walk's `continuing` lines, then the `end` lines held for them; every line
-    /// is tried, the first failure returned.
-    pub fn write_interim(&mut self, lines: Vec<Value>) -> Result<()> {
-        let mut result = Ok(());
-        for line in lines {
-            result = result.and(self.write(line));
-        }
+    /// is tried, the first failure returned. `None`: nothing was written.
+    pub fn write_interim(&mut self, lines: Vec<Value>) -> Option<Result<()>> {
         self.reported.written();
-        for line in std::mem::take(&mut self.held) {
-            result = result.and(self.write(line));
-        }
-        result
+        let held = std::mem::take(&mut self.held);
+        lines.into_iter().chain(held).filter_map(|line| self.write(line)).reduce(Result::and)
     }
 
     /// Writes `line`, unless it is a probe connection left out (marked when asked).
-    pub fn write(&mut self, mut line: Value) -> Result<()> {
+    /// `None`: nothing was written, which says nothing of whether writes work.
+    pub fn write(&mut self, mut line: Value) -> Option<Result<()>> {
         if self.probe_connections.matches(&line) {
             match self.probes {
-                ProbeTraffic::Omit => return Ok(()),
+                ProbeTraffic::Omit => return None,
                 ProbeTraffic::Mark => line["probe"] = json!(true),
             }
         }
-        self.sink.write(&line)
+        Some(self.sink.write(&line))
     }
 }
 
@@ -859,13 +859,15 @@ mod tests {
         let (read, f3) = flow(3);
         let lines = walked(&log.reported, &[(read, f3)]);
         assert_eq!(log.reported.removed(&read.key).0.packets, 3, "counts from the unwritten line");
-        log.write_end(json!({"state": "end"})).unwrap();
+        assert!(log.write_end(json!({"state": "end"})).is_none(), "held");
         assert!(states().is_empty(), "held");
-        log.write_interim(lines).unwrap();
+        log.write_interim(lines).unwrap().unwrap();
         assert_eq!(states(), ["\"continuing\"", "\"end\""]);
         // Nothing unwritten: an end line goes out at once.
-        log.write_end(json!({"state": "end"})).unwrap();
+        log.write_end(json!({"state": "end"})).unwrap().unwrap();
         assert_eq!(states().len(), 3);
+        // Nothing to write: no result, neither success nor failure.
+        assert!(log.write_interim(Vec::new()).is_none());
         let _ = fs::remove_dir_all(&dir);
     }
 
