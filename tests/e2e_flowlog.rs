@@ -317,12 +317,8 @@ impl EchoFlow {
 
     /// The flow's records in `state`, in the order written.
     fn records(&self, state: &str) -> Vec<Value> {
-        read_lines(&self.log)
-            .into_iter()
-            .filter(|l| {
-                l["state"] == state && l["src_port"] == Self::KEY.2 && l["dst_port"] == Self::KEY.3
-            })
-            .collect()
+        let all = of_flow(&self.log, Self::KEY.2, Self::KEY.3);
+        all.into_iter().filter(|l| l["state"] == state).collect()
     }
 
     /// Waits for a `continuing` record of `packets` forward packets, the flow's last.
@@ -344,21 +340,23 @@ impl EchoFlow {
 /// sweep more (a line written after the end would come by then); returns its `continuing`
 /// records and its `end`, as written: one `end`, the last.
 fn ended(log: &Path, sport: u16, dport: u16) -> Vec<Value> {
-    let of_flow = || -> Vec<Value> {
-        read_lines(log)
-            .into_iter()
-            .filter(|l| l["src_port"] == sport && l["dst_port"] == dport && l["state"] != "begin")
-            .collect()
-    };
     wait_until("the end record", Duration::from_secs(15), || {
-        of_flow().iter().any(|l| l["state"] == "end")
+        of_flow(log, sport, dport).iter().any(|l| l["state"] == "end")
     });
     thread::sleep(Duration::from_millis(2500));
-    let records = of_flow();
+    let mut records = of_flow(log, sport, dport);
+    records.retain(|l| l["state"] != "begin");
     let ends: Vec<_> = records.iter().map(|r| r["state"] == "end").collect();
     assert_eq!(ends.iter().filter(|&&e| e).count(), 1, "{records:#?}");
     assert_eq!(ends.last(), Some(&true), "the end comes last: {records:#?}");
     records
+}
+
+/// The records of the flow from `sport` to `dport`, in the order written.
+fn of_flow(log: &Path, sport: u16, dport: u16) -> Vec<Value> {
+    let mut lines = read_lines(log);
+    lines.retain(|l| l["src_port"] == sport && l["dst_port"] == dport);
+    lines
 }
 
 fn forward_packets(l: &Value) -> u64 {

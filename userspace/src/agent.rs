@@ -516,11 +516,8 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
             }
             joined = async { interim.pass.as_mut().expect("guarded").await }, if interim.pass.is_some() => {
                 interim.pass = None;
-                let lines = joined.map_err(|e| anyhow!("the interim records' thread failed: {e}"));
-                let lines = failing.check("flow log interim records", lines.and_then(|r| r));
                 if let Some(log) = flow_log.as_mut() {
-                    // Its lines, then the end lines held for them.
-                    wrote(&mut failing, log.write_interim(lines.unwrap_or_default()));
+                    write_walk(joined, log, &mut failing);
                 }
             }
             Some(change) = rx.recv() => {
@@ -652,19 +649,13 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     // `end` lines (they are gone from the table), after the lines of a walk under way.
     let ends = sweeper.stop();
     if let Some(log) = flow_log.as_mut() {
-        let lines = match interim.pass.take() {
-            Some(pass) => {
-                let lines =
-                    pass.await.map_err(|e| anyhow!("the interim records' thread failed: {e}"));
-                failing.check("flow log interim records", lines.and_then(|r| r))
-            }
-            None => None,
-        };
-        wrote(&mut failing, log.write_interim(lines.unwrap_or_default()));
+        if let Some(pass) = interim.pass.take() {
+            write_walk(pass.await, log, &mut failing);
+        }
         if let Some(mut ends) = ends {
             while let Some((ended, last)) = ends.recv().await {
                 let line = flowlog::end_line(&running.names, &ended, last);
-                wrote(&mut failing, log.write(line));
+                wrote(&mut failing, log.write_end(line));
             }
         }
     }
@@ -796,7 +787,6 @@ fn follow_generation(pins: &PinDir, names: &mut Arc<flows::Names>, failing: &mut
     }
 }
 
-/// Ends the translations idle past their timeout, under the write lock.
 /// The result of a flow-log write, when one was tried: a line left out or held says nothing
 /// of whether writes work, and must not clear a failure that `status` shows.
 fn wrote(failing: &mut Failing, written: Option<Result<()>>) {
@@ -805,6 +795,20 @@ fn wrote(failing: &mut Failing, written: Option<Result<()>>) {
     }
 }
 
+/// Writes the lines of a walk for interim records (none if it failed, which is logged),
+/// then the `end` lines held for them.
+fn write_walk(
+    joined: Result<Result<Vec<serde_json::Value>>, tokio::task::JoinError>,
+    log: &mut flowlog::FlowLog,
+    failing: &mut Failing,
+) {
+    let lines = joined.map_err(|e| anyhow!("the interim records' thread failed: {e}"));
+    let lines = failing.check("flow log interim records", lines.and_then(|r| r));
+    wrote(failing, log.write_interim(lines.unwrap_or_default()));
+}
+
+/// Ends the translations idle past their timeout, under the write lock; returns the
+/// established flows it removed.
 fn expire_nat(
     _lock: &WriteLock,
     pins: &PinDir,

@@ -479,12 +479,11 @@ struct ReportedState {
     /// NAT expiry) is taken out as it is removed ([`Reported::removed`]); one gone
     /// otherwise (`flows delete`, the dataplane's own removals) is forgotten when a second
     /// walk misses it.
-    last: HashMap<FlowKey, (Traffic, Traffic, bool)>,
-    /// A walk began and its lines are not counted yet.
-    walking: bool,
-    /// Flows the agent removed since the walk under way began: it may have read them
-    /// before they were removed, and must not count them again.
-    ended: HashSet<FlowKey>,
+    last: HashMap<FlowKey, (EachWay, bool)>,
+    /// While a walk is under way (begun, its lines not counted yet): the flows the agent
+    /// removed since it began. It may have read them before they were removed, and must not
+    /// count them again.
+    ended: Option<HashSet<FlowKey>>,
 }
 
 impl Reported {
@@ -498,15 +497,14 @@ impl Reported {
     /// writes nothing of it.
     pub fn removed(&self, key: &FlowKey) -> EachWay {
         let mut m = self.lock();
-        if m.walking {
-            m.ended.insert(*key);
+        if let Some(ended) = &mut m.ended {
+            ended.insert(*key);
         }
-        m.last.remove(key).map(|(f, r, _)| (f, r)).unwrap_or_default()
+        m.last.remove(key).map(|(totals, _)| totals).unwrap_or_default()
     }
 
     fn begin_walk(&self) {
-        let mut m = self.lock();
-        (m.walking, m.ended) = (true, HashSet::new());
+        self.lock().ended = Some(HashSet::new());
     }
 
     /// Counts the flows a walk read: those with traffic since their last record, by index
@@ -515,8 +513,9 @@ impl Reported {
     fn count(&self, live: &[(FlowEntries, Flow)]) -> Vec<(usize, Counts)> {
         let keys: HashSet<FlowKey> = live.iter().map(|(e, _)| e.key).collect();
         let mut guard = self.lock();
-        let ReportedState { last, walking, ended } = &mut *guard;
-        last.retain(|k, (_, _, missed)| {
+        let ReportedState { last, ended } = &mut *guard;
+        let ended = ended.take().unwrap_or_default();
+        last.retain(|k, (_, missed)| {
             let seen = keys.contains(k);
             let keep = seen || !*missed;
             *missed = !seen;
@@ -527,14 +526,13 @@ impl Reported {
             if ended.contains(&read.key) {
                 continue;
             }
-            let before = last.get(&read.key).map(|&(f, r, _)| (f, r)).unwrap_or_default();
+            let before = last.get(&read.key).map(|&(totals, _)| totals).unwrap_or_default();
             let counts = Counts::of(read, flow, before);
             if counts.totals != before {
                 counted.push((i, counts));
-                last.insert(read.key, (counts.totals.0, counts.totals.1, false));
+                last.insert(read.key, (counts.totals, false));
             }
         }
-        (*walking, *ended) = (false, HashSet::new());
         self.0.1.store(!counted.is_empty(), Ordering::SeqCst);
         counted
     }
@@ -837,7 +835,7 @@ mod tests {
         walked(&reported, &[]);
         assert!(reported.lock().last.is_empty());
         reported.removed(&read.key);
-        assert!(reported.lock().ended.is_empty());
+        assert!(reported.lock().ended.is_none());
     }
 
     /// The walk counts its lines on its thread, the agent's loop writes them: an `end` line

@@ -338,11 +338,10 @@ pub fn expire(
         }
         let gw = gateway_of(policy, &reply);
         let forward = forward_key(&reply, &t);
-        let seen: Vec<FlowValue> = tables
-            .iter()
-            .flat_map(|m| [m.get(&reply, 0).ok(), m.get(&forward, 0).ok()])
-            .flatten()
-            .collect();
+        // Each table's entries of the flow, forward and reply (the established table's first).
+        let reads: Vec<[Option<FlowValue>; 2]> =
+            tables.iter().map(|m| [m.get(&forward, 0).ok(), m.get(&reply, 0).ok()]).collect();
+        let seen: Vec<FlowValue> = reads.iter().flatten().flatten().copied().collect();
         let last = seen.iter().map(|f| f.last_seen_ns).max().unwrap_or(t.time_ns).max(t.time_ns);
         let timeout = match reply.proto {
             6 if seen.iter().any(|f| f.tcp & TCP_CLOSED != 0) => TCP_CLOSED_TIMEOUT_NS,
@@ -351,8 +350,6 @@ pub fn expire(
         if now.saturating_sub(last) <= timeout {
             continue;
         }
-        // As they are before they go (`tables[0]` is the established table).
-        let established = (tables[0].get(&forward, 0).ok(), tables[0].get(&reply, 0).ok());
         let mut removed = false;
         let remove_flow = || {
             for (i, m) in tables.iter_mut().enumerate() {
@@ -366,10 +363,11 @@ pub fn expire(
         out.released += usize::from(released);
         // Not when another remover took the flow first: its end is theirs.
         if removed {
-            ended.extend(match established {
-                (Some(f), r) => Some(FlowEntries::of(forward, f, reply, r)),
-                (None, Some(r)) => Some(FlowEntries::of(reply, r, forward, None)),
-                (None, None) => None,
+            // As the established table had it before it went.
+            ended.extend(match reads[0] {
+                [Some(f), r] => Some(FlowEntries::of(forward, f, reply, r)),
+                [None, Some(r)] => Some(FlowEntries::of(reply, r, forward, None)),
+                [None, None] => None,
             });
         }
     }
