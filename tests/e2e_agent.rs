@@ -35,6 +35,7 @@ use common::{
     gateway::{Gateway, SERVER4},
 };
 use serde_json::Value;
+use xdpgate::flowlog;
 
 /// Allows TCP `port` (and UDP 5353) from the Internet to the servers; the default rules
 /// deny every other inbound port.
@@ -458,6 +459,46 @@ impl Drop for Tmpfs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(&self.0).status();
     }
+}
+
+/// A batch of lines larger than the disk (a walk's, written in few large writes): the write
+/// fails, and what the file holds is whole lines, the first ones of the batch, each once;
+/// with room again, the next batch follows them.
+#[test]
+fn a_flow_log_batch_larger_than_the_disk_leaves_whole_lines() {
+    let dir = std::env::temp_dir().join(format!("xgbatch{}", std::process::id()));
+    let disk = Tmpfs::new(dir.clone());
+    let path = disk.0.join("flows.jsonl");
+    // Room is made later by removing this.
+    let filler = disk.0.join("filler");
+    std::fs::write(&filler, vec![0u8; 16 << 10]).unwrap();
+    let mut sink = flowlog::Sink::open(path.to_str().unwrap(), 1 << 30, 1).unwrap();
+    let batch = |from: u64, n: u64| {
+        let mut lines = flowlog::Lines::default();
+        (from..from + n)
+            .for_each(|i| lines.push(&serde_json::json!({"i": i, "pad": "x".repeat(300)})));
+        lines
+    };
+    let read = || -> Vec<u64> {
+        let text = std::fs::read_to_string(&path).unwrap();
+        text.lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap()["i"].as_u64().unwrap())
+            .collect()
+    };
+    // About 620 KB into 64 KiB.
+    let err = sink.write_lines(&batch(0, 2000)).unwrap_err();
+    assert!(format!("{err:#}").contains("No space left on device"), "{err:#}");
+    let kept = read();
+    assert!(!kept.is_empty() && kept.len() < 2000, "{} lines", kept.len());
+    assert_eq!(kept, (0..kept.len() as u64).collect::<Vec<_>>(), "the batch's first lines, once");
+
+    std::fs::remove_file(&filler).unwrap();
+    sink.write_lines(&batch(5000, 10)).unwrap();
+    let after = read();
+    assert_eq!(after[..kept.len()], kept[..]);
+    assert_eq!(after[kept.len()..], (5000..5010).collect::<Vec<_>>()[..]);
+    drop(disk);
+    let _ = std::fs::remove_dir(&dir);
 }
 
 #[test]

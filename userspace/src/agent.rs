@@ -225,7 +225,7 @@ impl Sweeper {
 struct Interim {
     every: Option<Duration>,
     next: Instant,
-    pass: Option<JoinHandle<Result<Vec<serde_json::Value>>>>,
+    pass: Option<JoinHandle<Result<flowlog::Lines>>>,
 }
 
 impl Interim {
@@ -234,16 +234,17 @@ impl Interim {
     }
 
     /// Starts a walk if one is due and none is under way.
-    fn start(&mut self, pins: &PinDir, names: &Arc<flows::Names>, reported: &flowlog::Reported) {
+    fn start(&mut self, pins: &PinDir, names: &Arc<flows::Names>, log: &flowlog::FlowLog) {
         let Some(every) = self.every else { return };
         let now = Instant::now();
         if self.pass.is_some() || now < self.next {
             return;
         }
         self.next = now + every;
-        let (pins, names, reported) = (pins.clone(), names.clone(), reported.clone());
+        let (pins, names) = (pins.clone(), names.clone());
+        let (reported, probes) = (log.reported.clone(), log.probes.clone());
         self.pass = Some(tokio::task::spawn_blocking(move || {
-            flowlog::interim_lines(&pins, &names, &reported)
+            flowlog::interim_lines(&pins, &names, &reported, &probes)
         }));
     }
 }
@@ -251,12 +252,12 @@ impl Interim {
 /// The probe targets of the running policy and the host's addresses, for telling the
 /// agent's own probe connections in the flow log.
 fn refresh_probe_connections(log: &mut flowlog::FlowLog, lbs: &CompiledLb, failing: &mut Failing) {
-    log.probe_connections.targets =
+    log.probes.connections.targets =
         targets(lbs).iter().map(|t| (t.backend, t.probe.port)).collect();
     if let Some(local) =
         failing.check("host addresses", flowlog::ProbeConnections::local_addresses())
     {
-        log.probe_connections.local = local;
+        log.probes.connections.local = local;
     }
 }
 
@@ -552,7 +553,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                 sweeper.start(pins, &running.names, flow_log.as_ref().map(|l| &l.reported));
                 if let Some(log) = flow_log.as_mut() {
                     refresh_probe_connections(log, &running.lbs, &mut failing);
-                    interim.start(pins, &running.names, &log.reported);
+                    interim.start(pins, &running.names, log);
                 }
                 // Failures (and recoveries) of any job since the last write, at most once a
                 // second.
@@ -750,7 +751,7 @@ fn attach_node(pins: &PinDir, node: &Node, failing: &mut Failing) {
     failing.check("node file", result);
 }
 
-/// Writes the flow events waiting in the ring to the flow log.
+/// Writes the flow events waiting in the ring to the flow log, in batches.
 fn log_events(
     pins: &PinDir,
     ring: &mut RingBuf<MapData>,
@@ -758,6 +759,7 @@ fn log_events(
     mut flow_log: Option<&mut flowlog::FlowLog>,
     failing: &mut Failing,
 ) {
+    let mut lines = Vec::new();
     while let Some(item) = ring.next() {
         // Of either version: records of programs before an upgrade stay in the ring.
         if let Some(e) = FlowEvent::from_record(&item)
@@ -771,10 +773,20 @@ fn log_events(
             {
                 *names = Arc::new(newer);
             }
-            wrote(failing, log.write_event(names, &e));
+            lines.push(log.event_line(names, &e));
+            // A ring filled as fast as it is read is written as it goes, not held.
+            if lines.len() == EVENT_BATCH {
+                wrote(failing, log.write_lines(lines.drain(..)));
+            }
         }
     }
+    if let Some(log) = flow_log {
+        wrote(failing, log.write_lines(lines));
+    }
 }
+
+/// Flow events written together at most.
+const EVENT_BATCH: usize = 4096;
 
 /// Re-reads the rule names once the running generation is not theirs (`xdpgate set` moves
 /// it on without a reload), for the end and interim lines of flows decided after.
@@ -798,7 +810,7 @@ fn wrote(failing: &mut Failing, written: Option<Result<()>>) {
 /// Writes the lines of a walk for interim records (none if it failed, which is logged),
 /// then the `end` lines held for them.
 fn write_walk(
-    joined: Result<Result<Vec<serde_json::Value>>, tokio::task::JoinError>,
+    joined: Result<Result<flowlog::Lines>, tokio::task::JoinError>,
     log: &mut flowlog::FlowLog,
     failing: &mut Failing,
 ) {

@@ -11,11 +11,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    fs::{self, File, OpenOptions},
-    io::{self, Write},
     net::IpAddr,
-    os::unix::fs::{FileExt as _, MetadataExt as _, OpenOptionsExt as _},
-    path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -40,6 +36,9 @@ use xdpgate_dataplane::{
 };
 
 use crate::status::rfc3339;
+
+mod sink;
+pub use sink::{Lines, Sink};
 
 /// The schema version every record carries.
 pub const VERSION: u32 = 2;
@@ -90,191 +89,6 @@ pub enum ProbeTraffic {
     Omit,
     /// Log them, marked `"probe": true`.
     Mark,
-}
-
-/// Where log lines go: stdout, or a file rotated to `FILE.1` when it reaches `max_bytes`.
-pub enum Sink {
-    Stdout,
-    File(FileSink),
-}
-
-pub struct FileSink {
-    path: PathBuf,
-    max_bytes: u64,
-    /// Rotated files kept (FILE.1 ..= FILE.keep).
-    keep: u32,
-    file: File,
-    written: u64,
-    /// The file ends in part of a line that could not be cut off: the next line starts on
-    /// a new one.
-    mid_line: bool,
-}
-
-/// Cuts a partial last line (left by a write that failed half-way) off the file, so every
-/// line stays whole JSON. Returns the length, and whether the file still ends mid-line (it
-/// could not be cut): then the next line starts with a line break.
-fn cut_partial_line(file: &File, len: u64) -> (u64, bool) {
-    let take = len.min(64 << 10);
-    let mut tail = vec![0u8; take as usize];
-    if take == 0 || file.read_exact_at(&mut tail, len - take).is_err() {
-        return (len, false);
-    }
-    let keep = match tail.iter().rposition(|&b| b == b'\n') {
-        Some(i) if i + 1 == tail.len() => return (len, false),
-        Some(i) => len - take + i as u64 + 1,
-        None if take == len => 0,
-        // No line end in the last 64 KiB: not a flow log to cut.
-        None => return (len, true),
-    };
-    match file.set_len(keep) {
-        Ok(()) => {
-            log::warn!("flow log: cut a partial last line of {} bytes", len - keep);
-            (keep, false)
-        }
-        Err(_) => (len, true),
-    }
-}
-
-impl FileSink {
-    /// Opens `path` for appending, created mode 0640 (flow logs name every peer: not for
-    /// every local user).
-    fn open(path: PathBuf, max_bytes: u64, keep: u32) -> Result<Self> {
-        let file = OpenOptions::new()
-            .read(true)
-            .create(true)
-            .append(true)
-            .mode(0o640)
-            .open(&path)
-            .with_context(|| format!("opening flow log {}", path.display()))?;
-        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-        let (written, mid_line) = cut_partial_line(&file, len);
-        Ok(Self { path, max_bytes, keep, file, written, mid_line })
-    }
-
-    fn reopen(&mut self) -> Result<()> {
-        *self = Self::open(self.path.clone(), self.max_bytes, self.keep)?;
-        Ok(())
-    }
-
-    /// `FILE.n` (FILE itself for 0).
-    fn numbered(&self, n: u32) -> PathBuf {
-        let mut p = self.path.clone().into_os_string();
-        if n > 0 {
-            p.push(format!(".{n}"));
-        }
-        PathBuf::from(p)
-    }
-
-    /// Shifts FILE.1 .. FILE.keep-1 up by one (the oldest, FILE.keep, is replaced), moves
-    /// FILE to FILE.1 (with `keep` 0: deletes it), and starts a new FILE.
-    fn rotate(&mut self) -> Result<()> {
-        let moved = if self.keep == 0 {
-            fs::remove_file(&self.path).with_context(|| {
-                format!("removing the full flow log {} (--flow-log-keep 0)", self.path.display())
-            })
-        } else {
-            for n in (1..self.keep).rev() {
-                match fs::rename(self.numbered(n), self.numbered(n + 1)) {
-                    Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                        return Err(e).with_context(|| {
-                            format!("rotating flow log {}", self.numbered(n).display())
-                        });
-                    }
-                    _ => {}
-                }
-            }
-            fs::rename(&self.path, self.numbered(1)).with_context(|| {
-                format!(
-                    "rotating flow log {} to {}",
-                    self.path.display(),
-                    Path::new(&self.numbered(1)).display()
-                )
-            })
-        };
-        match moved {
-            Ok(()) => {}
-            // Removed under us: nothing to rotate, start a new file.
-            Err(e)
-                if e.downcast_ref::<io::Error>().map(io::Error::kind)
-                    == Some(io::ErrorKind::NotFound) =>
-            {
-                log::warn!(
-                    "flow log {} was removed; writing to a new file there",
-                    self.path.display()
-                );
-            }
-            Err(e) => return Err(e),
-        }
-        self.reopen()
-    }
-
-    fn append(&mut self, text: &str) -> io::Result<()> {
-        let text = if self.mid_line { format!("\n{text}") } else { text.to_owned() };
-        let result = self.file.write_all(text.as_bytes());
-        // After a failure, what part got written is unknown: ask the file.
-        self.reopen().map_err(io::Error::other)?;
-        result
-    }
-}
-
-impl Sink {
-    /// `-` for stdout, else a file appended to, rotated at `max_bytes` with `keep` old
-    /// files kept.
-    pub fn open(target: &str, max_bytes: u64, keep: u32) -> Result<Self> {
-        if target == "-" {
-            return Ok(Sink::Stdout);
-        }
-        Ok(Sink::File(FileSink::open(PathBuf::from(target), max_bytes, keep)?))
-    }
-
-    /// Opens the file at the path anew (logrotate style: after the old one was moved away,
-    /// lines go to a new file at the same path).
-    pub fn reopen(&mut self) -> Result<()> {
-        if let Sink::File(f) = self {
-            f.reopen()?;
-        }
-        Ok(())
-    }
-
-    /// Reopens the file if the path no longer names the file being written (removed or
-    /// moved away); returns its path if it did.
-    pub fn follow(&mut self) -> Result<Option<PathBuf>> {
-        let Sink::File(f) = self else { return Ok(None) };
-        let same = match (fs::metadata(&f.path), f.file.metadata()) {
-            (Ok(p), Ok(o)) => (p.dev(), p.ino()) == (o.dev(), o.ino()),
-            _ => false,
-        };
-        if same {
-            return Ok(None);
-        }
-        f.reopen()?;
-        Ok(Some(f.path.clone()))
-    }
-
-    /// Writes one line; a file that fails is reopened and the line tried once more.
-    pub fn write(&mut self, line: &Value) -> Result<()> {
-        let mut text = line.to_string();
-        text.push('\n');
-        match self {
-            Sink::Stdout => {
-                io::stdout().write_all(text.as_bytes()).context("writing flow log to stdout")?
-            }
-            Sink::File(f) => {
-                if f.written > 0 && f.written + text.len() as u64 > f.max_bytes {
-                    f.rotate()?;
-                }
-                if f.mid_line || f.file.write_all(text.as_bytes()).is_err() {
-                    // A failed write (or one before): reopen, and once more from a new line.
-                    f.reopen()?;
-                    f.append(&text)
-                        .with_context(|| format!("writing flow log {}", f.path.display()))?;
-                } else {
-                    f.written += text.len() as u64;
-                }
-            }
-        }
-        Ok(())
-    }
 }
 
 /// The dataplane's monotonic nanoseconds as wall-clock seconds since the Unix epoch.
@@ -557,13 +371,24 @@ pub fn end_line(names: &Names, ended: &FlowEntries, last: EachWay) -> Value {
     flow_line(ended, &flow, "end", wall_clock(seen.unwrap_or(0)), counts)
 }
 
-/// The `continuing` lines of one walk of the flow table: one for each flow with traffic
-/// since its last record. Runs on a blocking thread (a walk of a big table takes a while);
-/// the lines are built outside the lock the sweep's removals take.
-pub fn interim_lines(pins: &PinDir, names: &Names, reported: &Reported) -> Result<Vec<Value>> {
+/// The `continuing` lines of one walk of the flow table, as the log holds them: one for each
+/// flow with traffic since its last record. Runs on a blocking thread: a walk of a big table
+/// takes a while, and so does making text of its lines (several µs each), which the agent's
+/// loop would otherwise spend. The lines are built outside the lock the sweep's removals
+/// take.
+pub fn interim_lines(
+    pins: &PinDir,
+    names: &Names,
+    reported: &Reported,
+    probes: &Probes,
+) -> Result<Lines> {
     reported.begin_walk();
     let live = flows::established(pins, names)?;
-    Ok(continuing(&live, reported))
+    let mut lines = Lines::default();
+    for line in continuing(&live, reported) {
+        probes.push(&mut lines, line);
+    }
+    Ok(lines)
 }
 
 fn continuing(live: &[(FlowEntries, Flow)], reported: &Reported) -> Vec<Value> {
@@ -613,11 +438,31 @@ impl ProbeConnections {
     }
 }
 
+/// How the agent's probe connections are logged: which they are, and what is done with them.
+#[derive(Clone, Debug)]
+pub struct Probes {
+    pub traffic: ProbeTraffic,
+    pub connections: ProbeConnections,
+}
+
+impl Probes {
+    /// Adds `line` to `lines`, marked if a probe connection's and asked to, or leaves it
+    /// out if asked to.
+    pub fn push(&self, lines: &mut Lines, mut line: Value) {
+        if self.connections.matches(&line) {
+            match self.traffic {
+                ProbeTraffic::Omit => return,
+                ProbeTraffic::Mark => line["probe"] = json!(true),
+            }
+        }
+        lines.push(&line);
+    }
+}
+
 /// The flow log: its sink and how probe connections are treated.
 pub struct FlowLog {
     pub sink: Sink,
-    pub probes: ProbeTraffic,
-    pub probe_connections: ProbeConnections,
+    pub probes: Probes,
     pub reported: Reported,
     /// `end` lines waiting for a walk's lines ([`FlowLog::write_end`]).
     held: Vec<Value>,
@@ -629,21 +474,19 @@ impl FlowLog {
     pub fn new(sink: Sink, probes: ProbeTraffic) -> Self {
         Self {
             sink,
-            probes,
-            probe_connections: ProbeConnections::default(),
+            probes: Probes { traffic: probes, connections: ProbeConnections::default() },
             reported: Reported::default(),
             held: Vec::new(),
             ifnames: HashMap::new(),
         }
     }
 
-    /// Writes the line of a dataplane event (`None`: nothing was written).
-    pub fn write_event(&mut self, names: &Names, e: &FlowEvent) -> Option<Result<()>> {
+    /// The line of a dataplane event.
+    pub fn event_line(&mut self, names: &Names, e: &FlowEvent) -> Value {
         let interface = (e.version >= 2)
             .then(|| self.ifnames.entry(e.ifindex).or_insert_with(|| stats::ifname(e.ifindex)))
             .and_then(|n| n.as_deref());
-        let line = event_line(names, e, interface);
-        self.write(line)
+        event_line(names, e, interface)
     }
 
     /// Writes the `end` line of a flow the agent removed, or holds it while a walk's lines
@@ -657,54 +500,42 @@ impl FlowLog {
         self.write(line)
     }
 
-    /// Writes a walk's `continuing` lines, then the `end` lines held for them; every line
-    /// is tried, the first failure returned. `None`: nothing was written.
-    pub fn write_interim(&mut self, lines: Vec<Value>) -> Option<Result<()>> {
+    /// Writes a walk's `continuing` lines ([`interim_lines`]), then the `end` lines held for
+    /// them, as one batch. `None`: nothing was written.
+    pub fn write_interim(&mut self, mut lines: Lines) -> Option<Result<()>> {
         self.reported.written();
-        let held = std::mem::take(&mut self.held);
-        lines.into_iter().chain(held).filter_map(|line| self.write(line)).reduce(Result::and)
+        for line in std::mem::take(&mut self.held) {
+            self.probes.push(&mut lines, line);
+        }
+        self.write_all(&lines)
     }
 
-    /// Writes `line`, unless it is a probe connection left out (marked when asked).
-    /// `None`: nothing was written, which says nothing of whether writes work.
-    pub fn write(&mut self, mut line: Value) -> Option<Result<()>> {
-        if self.probe_connections.matches(&line) {
-            match self.probes {
-                ProbeTraffic::Omit => return None,
-                ProbeTraffic::Mark => line["probe"] = json!(true),
-            }
+    /// Writes `line`, unless it is a probe connection left out. `None`: nothing was written,
+    /// which says nothing of whether writes work.
+    pub fn write(&mut self, line: Value) -> Option<Result<()>> {
+        self.write_lines([line])
+    }
+
+    /// Writes `lines` in order as one batch ([`Sink::write_lines`]), probe connections left
+    /// out or marked as asked. `None`: nothing was written.
+    pub fn write_lines(&mut self, lines: impl IntoIterator<Item = Value>) -> Option<Result<()>> {
+        let mut batch = Lines::default();
+        for line in lines {
+            self.probes.push(&mut batch, line);
         }
-        Some(self.sink.write(&line))
+        self.write_all(&batch)
+    }
+
+    fn write_all(&mut self, lines: &Lines) -> Option<Result<()>> {
+        (!lines.is_empty()).then(|| self.sink.write_lines(lines))
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::fs;
 
-    #[test]
-    fn a_partial_last_line_is_cut_off() {
-        let dir = std::env::temp_dir().join(format!("xgflowlog{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
-        for (before, after, mid_line) in [
-            ("", "", false),
-            ("{\"a\":1}\n", "{\"a\":1}\n", false),
-            ("{\"a\":1}\n{\"b\":", "{\"a\":1}\n", false),
-            ("{\"b\":", "", false),
-        ] {
-            let path = dir.join("f.jsonl");
-            fs::write(&path, before).unwrap();
-            let f = FileSink::open(path.clone(), 1 << 20, 1).unwrap();
-            assert_eq!(fs::read_to_string(&path).unwrap(), after, "{before:?}");
-            assert_eq!((f.written, f.mid_line), (after.len() as u64, mid_line));
-        }
-        // A long line with no line end in the last 64 KiB is not ours to cut.
-        let path = dir.join("g.jsonl");
-        fs::write(&path, format!("x\n{}", "y".repeat(70_000))).unwrap();
-        let f = FileSink::open(path.clone(), 1 << 20, 1).unwrap();
-        assert_eq!((f.written, f.mid_line), (70_002, true));
-        let _ = fs::remove_dir_all(&dir);
-    }
+    use super::*;
 
     /// A flow with `packets` each way, both its entries read.
     fn flow(packets: u64) -> (FlowEntries, Flow) {
@@ -855,7 +686,8 @@ mod tests {
                 .collect()
         };
         let (read, f3) = flow(3);
-        let lines = walked(&log.reported, &[(read, f3)]);
+        let mut lines = Lines::default();
+        walked(&log.reported, &[(read, f3)]).iter().for_each(|l| lines.push(l));
         assert_eq!(log.reported.removed(&read.key).0.packets, 3, "counts from the unwritten line");
         assert!(log.write_end(json!({"state": "end"})).is_none(), "held");
         assert!(states().is_empty(), "held");
@@ -865,53 +697,7 @@ mod tests {
         log.write_end(json!({"state": "end"})).unwrap().unwrap();
         assert_eq!(states().len(), 3);
         // Nothing to write: no result, neither success nor failure.
-        assert!(log.write_interim(Vec::new()).is_none());
+        assert!(log.write_interim(Lines::default()).is_none());
         let _ = fs::remove_dir_all(&dir);
-    }
-
-    /// Each line 32 bytes, files rotated past 100 bytes (three lines each): after 20 lines,
-    /// FILE and FILE.1 ..= FILE.keep hold the newest lines in order, and nothing older is
-    /// kept; with keep 0 only FILE.
-    #[test]
-    fn rotation_keeps_n_files() {
-        for keep in [0u32, 1, 3] {
-            let dir = std::env::temp_dir().join(format!("xgrotate{}-{keep}", std::process::id()));
-            let _ = fs::remove_dir_all(&dir);
-            fs::create_dir_all(&dir).unwrap();
-            let path = dir.join("flows.jsonl");
-            let mut sink = Sink::open(path.to_str().unwrap(), 100, keep).unwrap();
-            for i in 0..20u32 {
-                sink.write(&json!({"line": format!("{i:020}")})).unwrap();
-            }
-            let mut names: Vec<String> = fs::read_dir(&dir)
-                .unwrap()
-                .map(|e| e.unwrap().file_name().into_string().unwrap())
-                .collect();
-            names.sort();
-            let want: Vec<String> = std::iter::once("flows.jsonl".to_string())
-                .chain((1..=keep).map(|n| format!("flows.jsonl.{n}")))
-                .collect();
-            assert_eq!(names, want, "keep {keep}");
-            // Oldest first: FILE.keep .. FILE.1, then FILE.
-            let text: String = (1..=keep)
-                .rev()
-                .map(|n| dir.join(format!("flows.jsonl.{n}")))
-                .chain(std::iter::once(path.clone()))
-                .map(|p| fs::read_to_string(p).unwrap())
-                .collect();
-            let lines: Vec<u32> = text
-                .lines()
-                .map(|l| {
-                    serde_json::from_str::<Value>(l).unwrap()["line"]
-                        .as_str()
-                        .unwrap()
-                        .parse()
-                        .unwrap()
-                })
-                .collect();
-            let kept = 3 * keep as usize + 2;
-            assert_eq!(lines, (20 - kept as u32..20).collect::<Vec<_>>(), "keep {keep}");
-            let _ = fs::remove_dir_all(&dir);
-        }
     }
 }

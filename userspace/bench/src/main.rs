@@ -17,6 +17,7 @@
 //! - `forward`: LB and NAT established flows with forwarding on (XDP_REDIRECT, MACs
 //!   rewritten) beside an NSG-only flow;
 //! - `flows`: the established path with 1,000, 100,000 and 1,000,000 live flows, cold;
+//! - `flowlog`: the agent's loop writing a walk's flow-log lines, to a file and a full disk;
 //! - `peers`: nftables (linear chain and verdict map), no filter and xdpgate in packets per
 //!   second through a real veth path, and xdp-filter's per-packet cost against the no-op;
 //! - `throughput`: TCP throughput (iperf3) and CPU per gigabyte through a veth gateway for
@@ -29,6 +30,7 @@
 
 mod common;
 mod events;
+mod flowlog;
 mod flows;
 mod forward;
 mod lb;
@@ -82,6 +84,7 @@ enum Section {
     Events,
     Forward,
     Flows,
+    Flowlog,
     Throughput,
 }
 
@@ -96,6 +99,7 @@ pub struct Results {
     pub events: Option<events::Report>,
     pub forward: Option<forward::Report>,
     pub flows: Option<flows::Report>,
+    pub flowlog: Option<flowlog::Report>,
     pub throughput: Option<throughput::Report>,
 }
 
@@ -178,6 +182,12 @@ fn main() -> Result<()> {
         let r = flows::measure(&cfg, &machine)?;
         write(&out, "flows", &flows::markdown(&r), &r)?;
         results.flows = Some(r);
+    }
+    if wanted(Section::Flowlog) {
+        eprintln!("flow-log lines on the agent's loop ...");
+        let r = flowlog::measure(&cfg, &machine)?;
+        write(&out, "flowlog", &flowlog::markdown(&r), &r)?;
+        results.flowlog = Some(r);
     }
     if wanted(Section::Throughput) {
         eprintln!("TCP throughput through a veth gateway ...");

@@ -1,0 +1,155 @@
+//! The flow log on the agent's loop: a walk's `continuing` lines handed to
+//! `FlowLog::write_interim`, as the agent does after each walk of the flow table, to a file
+//! on the disk the bench runs from and to one whose every write fails as on a full disk
+//! (`/dev/full`). What the loop spends on them is time it reads no flow events and handles
+//! no signal. Beside it, what the walk's thread spends making text of the lines.
+
+use std::{fmt::Write as _, fs, path::Path, time::Instant};
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+use serde_json::{Value, json};
+use xdpgate::flowlog::{FlowLog, Lines, ProbeConnections, ProbeTraffic, Probes, Sink};
+
+use crate::common::{Config, Machine, median, thousands};
+
+/// Lines per walk (a walk of a table with this many flows with traffic since their last
+/// record); the quick run writes a tenth.
+const LINES: usize = 200_000;
+
+#[derive(Serialize)]
+pub struct Row {
+    pub target: String,
+    pub lines: usize,
+    /// Medians over the runs: the walk's thread making text of the lines, and the loop
+    /// writing them.
+    pub text_us_per_line: f64,
+    pub us_per_line: f64,
+    /// Write system calls per 1,000 lines (the thread's `syscw` in /proc).
+    pub writes_per_1000_lines: f64,
+    /// Whether the writes succeeded (they must on the file, and fail on the full disk).
+    pub written: bool,
+}
+
+#[derive(Serialize)]
+pub struct Report {
+    pub machine: Machine,
+    pub quick: bool,
+    pub runs: usize,
+    pub rows: Vec<Row>,
+}
+
+/// A `continuing` line as docs/flowlog.md shows one, of flow `i`.
+fn line(i: usize) -> Value {
+    let t = json!({"bytes": 426, "packets": 3});
+    json!({
+        "decision": "allow", "delta": {"forward": t, "reply": t}, "direction": "inbound",
+        "dst": "198.51.100.10", "dst_port": 5353, "forward": t, "nsg": "servers",
+        "protocol": "udp", "reply": t, "rule": "allow-dns",
+        "rules": {"inbound": {"nsg": "servers", "rule": "allow-dns"}, "outbound": null},
+        "src": format!("203.0.113.{}", i % 250), "src_port": 1024 + i % 60_000,
+        "state": "continuing", "time": "2026-11-30T11:05:28.710Z", "version": 2,
+    })
+}
+
+/// This thread's write system calls so far.
+fn writes() -> Result<u64> {
+    let io = fs::read_to_string("/proc/thread-self/io").context("reading /proc/thread-self/io")?;
+    io.lines()
+        .find_map(|l| l.strip_prefix("syscw: "))
+        .and_then(|n| n.trim().parse().ok())
+        .context("no syscw in /proc/thread-self/io")
+}
+
+pub fn measure(cfg: &Config, machine: &Machine) -> Result<Report> {
+    let lines = if cfg.quick { LINES / 10 } else { LINES };
+    let dir = std::env::temp_dir().join(format!("xdpgate-bench-flowlog-{}", std::process::id()));
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let file = dir.join("flows.jsonl");
+    let targets = [
+        ("a file (no rotation)", file.as_path()),
+        ("a full disk (/dev/full)", Path::new("/dev/full")),
+    ];
+    let mut rows = Vec::new();
+    for (target, path) in targets {
+        let (mut text_us, mut us, mut calls, mut written) =
+            (Vec::new(), Vec::new(), Vec::new(), true);
+        for _ in 0..cfg.runs {
+            let _ = fs::remove_file(&file);
+            let sink = Sink::open(path.to_str().context("path")?, u64::MAX, 1)?;
+            let mut log = FlowLog::new(sink, ProbeTraffic::Omit);
+            // A probe target, so that each line is checked against it as the agent's are.
+            let probes = Probes {
+                traffic: ProbeTraffic::Omit,
+                connections: ProbeConnections {
+                    targets: [("192.0.2.1".parse()?, 80)].into(),
+                    local: ["192.0.2.2".parse()?].into(),
+                },
+            };
+            let walk: Vec<Value> = (0..lines).map(line).collect();
+            let started = Instant::now();
+            let mut texts = Lines::default();
+            for l in walk {
+                probes.push(&mut texts, l);
+            }
+            let walk = texts;
+            text_us.push(started.elapsed().as_secs_f64() * 1e6 / lines as f64);
+            let (before, started) = (writes()?, Instant::now());
+            let result = log.write_interim(walk);
+            us.push(started.elapsed().as_secs_f64() * 1e6 / lines as f64);
+            calls.push((writes()? - before) as f64 * 1000.0 / lines as f64);
+            written = matches!(result, Some(Ok(())));
+        }
+        // The wrong outcome would mean the wrong path was measured.
+        if written != (path == file) {
+            bail!("flow-log writes to {target}: written {written}");
+        }
+        if written && fs::read_to_string(&file)?.lines().count() != lines {
+            bail!("flow-log writes to {target}: not every line is in the file");
+        }
+        rows.push(Row {
+            target: target.into(),
+            lines,
+            text_us_per_line: median(&text_us),
+            us_per_line: median(&us),
+            writes_per_1000_lines: median(&calls),
+            written,
+        });
+    }
+    let _ = fs::remove_dir_all(&dir);
+    Ok(Report { machine: machine.clone(), quick: cfg.quick, runs: cfg.runs, rows })
+}
+
+pub fn markdown(r: &Report) -> String {
+    let mut md = String::new();
+    let _ = writeln!(md, "### Flow-log lines on the agent's loop\n");
+    md.push_str(&r.machine.header(r.quick));
+    let _ = writeln!(
+        md,
+        "| written to | lines per walk | the loop: µs per line (s per million lines) | write calls per 1,000 lines | written | the walk's thread: µs per line making text |"
+    );
+    let _ = writeln!(md, "|---|---:|---:|---:|---|---:|");
+    for row in &r.rows {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {:.2} | {:.1} | {} | {:.2} |",
+            row.target,
+            thousands(row.lines as u64),
+            row.us_per_line,
+            row.writes_per_1000_lines,
+            if row.written { "yes" } else { "no (as it must)" },
+            row.text_us_per_line
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nMethod: one walk's `continuing` lines made text as the walk's thread makes them \
+         (`Probes::push`: checked against a probe target, serialized into one buffer), then handed to \
+         `FlowLog::write_interim` on the same thread, as the agent's loop does after each \
+         walk. Median of {} runs. Write calls are the thread's `syscw` \
+         (/proc/thread-self/io). On the full disk every write fails with ENOSPC and the file \
+         is reopened after a failure.\n",
+        r.runs
+    );
+    md
+}

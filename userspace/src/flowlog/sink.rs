@@ -1,0 +1,381 @@
+//! Where flow-log lines go: stdout, or a file rotated at a size. Lines are written in
+//! batches ([`Lines`]: a walk's or a ring drain's lines in a few large writes, not one write
+//! each), and a failed write is followed by one reopen per batch, not per line: on a full
+//! disk a walk of a million flows would otherwise reopen the file a million times, on the
+//! agent's loop.
+
+use std::{
+    fs::{self, File, OpenOptions},
+    io::{self, Write},
+    os::unix::fs::{FileExt as _, MetadataExt as _, OpenOptionsExt as _},
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result};
+use serde_json::Value;
+
+/// Bytes written at most in one write: few system calls, and a failure costs little.
+const CHUNK: usize = 1 << 20;
+
+/// Lines as the log holds them (compact JSON and a line break each), in one buffer: a walk's
+/// lines are made on its thread and freed on the agent's loop as one allocation, not one per
+/// line (freeing a million small strings took the loop a second).
+#[derive(Debug, Default)]
+pub struct Lines {
+    bytes: Vec<u8>,
+    /// Where each line ends in `bytes`.
+    ends: Vec<usize>,
+}
+
+impl Lines {
+    pub fn push(&mut self, line: &Value) {
+        serde_json::to_writer(&mut self.bytes, line).expect("a JSON value serializes");
+        self.bytes.push(b'\n');
+        self.ends.push(self.bytes.len());
+    }
+
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    /// Each line: where it starts and ends in the buffer.
+    fn spans(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        let starts = std::iter::once(0).chain(self.ends.iter().copied());
+        starts.zip(self.ends.iter().copied())
+    }
+}
+
+/// Where log lines go: stdout, or a file rotated to `FILE.1` when it reaches `max_bytes`.
+pub enum Sink {
+    Stdout,
+    File(FileSink),
+}
+
+pub struct FileSink {
+    path: PathBuf,
+    max_bytes: u64,
+    /// Rotated files kept (FILE.1 ..= FILE.keep).
+    keep: u32,
+    file: File,
+    written: u64,
+    /// The file ends in part of a line that could not be cut off: the next line starts on
+    /// a new one.
+    mid_line: bool,
+}
+
+/// Cuts a partial last line (left by a write that failed half-way) off the file, so every
+/// line stays whole JSON. Returns the length, and whether the file still ends mid-line (it
+/// could not be cut): then the next line starts with a line break.
+fn cut_partial_line(file: &File, len: u64) -> (u64, bool) {
+    let take = len.min(64 << 10);
+    let mut tail = vec![0u8; take as usize];
+    if take == 0 || file.read_exact_at(&mut tail, len - take).is_err() {
+        return (len, false);
+    }
+    let keep = match tail.iter().rposition(|&b| b == b'\n') {
+        Some(i) if i + 1 == tail.len() => return (len, false),
+        Some(i) => len - take + i as u64 + 1,
+        None if take == len => 0,
+        // No line end in the last 64 KiB: not a flow log to cut.
+        None => return (len, true),
+    };
+    match file.set_len(keep) {
+        Ok(()) => {
+            log::warn!("flow log: cut a partial last line of {} bytes", len - keep);
+            (keep, false)
+        }
+        Err(_) => (len, true),
+    }
+}
+
+impl FileSink {
+    /// Opens `path` for appending, created mode 0640 (flow logs name every peer: not for
+    /// every local user).
+    fn open(path: PathBuf, max_bytes: u64, keep: u32) -> Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .create(true)
+            .append(true)
+            .mode(0o640)
+            .open(&path)
+            .with_context(|| format!("opening flow log {}", path.display()))?;
+        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let (written, mid_line) = cut_partial_line(&file, len);
+        Ok(Self { path, max_bytes, keep, file, written, mid_line })
+    }
+
+    fn reopen(&mut self) -> Result<()> {
+        *self = Self::open(self.path.clone(), self.max_bytes, self.keep)?;
+        Ok(())
+    }
+
+    /// `FILE.n` (FILE itself for 0).
+    fn numbered(&self, n: u32) -> PathBuf {
+        let mut p = self.path.clone().into_os_string();
+        if n > 0 {
+            p.push(format!(".{n}"));
+        }
+        PathBuf::from(p)
+    }
+
+    /// Shifts FILE.1 .. FILE.keep-1 up by one (the oldest, FILE.keep, is replaced), moves
+    /// FILE to FILE.1 (with `keep` 0: deletes it), and starts a new FILE.
+    fn rotate(&mut self) -> Result<()> {
+        let moved = if self.keep == 0 {
+            fs::remove_file(&self.path).with_context(|| {
+                format!("removing the full flow log {} (--flow-log-keep 0)", self.path.display())
+            })
+        } else {
+            for n in (1..self.keep).rev() {
+                match fs::rename(self.numbered(n), self.numbered(n + 1)) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                        return Err(e).with_context(|| {
+                            format!("rotating flow log {}", self.numbered(n).display())
+                        });
+                    }
+                    _ => {}
+                }
+            }
+            fs::rename(&self.path, self.numbered(1)).with_context(|| {
+                format!(
+                    "rotating flow log {} to {}",
+                    self.path.display(),
+                    Path::new(&self.numbered(1)).display()
+                )
+            })
+        };
+        match moved {
+            Ok(()) => {}
+            // Removed under us: nothing to rotate, start a new file.
+            Err(e)
+                if e.downcast_ref::<io::Error>().map(io::Error::kind)
+                    == Some(io::ErrorKind::NotFound) =>
+            {
+                log::warn!(
+                    "flow log {} was removed; writing to a new file there",
+                    self.path.display()
+                );
+            }
+            Err(e) => return Err(e),
+        }
+        self.reopen()
+    }
+
+    fn write_lines(&mut self, lines: &Lines) -> Result<()> {
+        // Lines from `start` on are not written yet.
+        let mut start = 0;
+        for (from, to) in lines.spans() {
+            let pending = self.written + (from - start) as u64;
+            if pending > 0 && pending + (to - from) as u64 > self.max_bytes {
+                self.flush(&lines.bytes[start..from])?;
+                start = from;
+                self.rotate()?;
+            }
+            if to - start >= CHUNK {
+                self.flush(&lines.bytes[start..to])?;
+                start = to;
+            }
+        }
+        self.flush(&lines.bytes[start..])
+    }
+
+    /// Writes `chunk` (whole lines). After a failed write (or one before it, which left the
+    /// file mid-line), reopens the file and writes once more what did not land.
+    fn flush(&mut self, chunk: &[u8]) -> Result<()> {
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        if !self.mid_line && self.file.write_all(chunk).is_ok() {
+            self.written += chunk.len() as u64;
+            return Ok(());
+        }
+        let before = self.written;
+        // What part got written is unknown: ask the file (the reopen cuts a partial line).
+        self.reopen()?;
+        let landed = landed(chunk, before, self.written, self.mid_line);
+        self.append(&chunk[landed..])
+            .with_context(|| format!("writing flow log {}", self.path.display()))
+    }
+
+    fn append(&mut self, text: &[u8]) -> io::Result<()> {
+        let result = (if self.mid_line { self.file.write_all(b"\n") } else { Ok(()) })
+            .and_then(|()| self.file.write_all(text));
+        // After a failure, what part got written is unknown: ask the file.
+        self.reopen().map_err(io::Error::other)?;
+        result
+    }
+}
+
+/// How much of `chunk` a failed write left in the file: the whole lines the file grew by,
+/// from `before` to `after` bytes. None when the file is not the one written (moved away,
+/// or written by another) or ends mid-line: then the whole chunk is written again (a line
+/// may be in the log twice; none is lost or broken).
+fn landed(chunk: &[u8], before: u64, after: u64, mid_line: bool) -> usize {
+    match after.checked_sub(before).and_then(|n| usize::try_from(n).ok()) {
+        Some(n) if !mid_line && n <= chunk.len() && (n == 0 || chunk[n - 1] == b'\n') => n,
+        _ => 0,
+    }
+}
+
+impl Sink {
+    /// `-` for stdout, else a file appended to, rotated at `max_bytes` with `keep` old
+    /// files kept.
+    pub fn open(target: &str, max_bytes: u64, keep: u32) -> Result<Self> {
+        if target == "-" {
+            return Ok(Sink::Stdout);
+        }
+        Ok(Sink::File(FileSink::open(PathBuf::from(target), max_bytes, keep)?))
+    }
+
+    /// Opens the file at the path anew (logrotate style: after the old one was moved away,
+    /// lines go to a new file at the same path).
+    pub fn reopen(&mut self) -> Result<()> {
+        if let Sink::File(f) = self {
+            f.reopen()?;
+        }
+        Ok(())
+    }
+
+    /// Reopens the file if the path no longer names the file being written (removed or
+    /// moved away); returns its path if it did.
+    pub fn follow(&mut self) -> Result<Option<PathBuf>> {
+        let Sink::File(f) = self else { return Ok(None) };
+        let same = match (fs::metadata(&f.path), f.file.metadata()) {
+            (Ok(p), Ok(o)) => (p.dev(), p.ino()) == (o.dev(), o.ino()),
+            _ => false,
+        };
+        if same {
+            return Ok(None);
+        }
+        f.reopen()?;
+        Ok(Some(f.path.clone()))
+    }
+
+    /// Writes one line.
+    pub fn write(&mut self, line: &Value) -> Result<()> {
+        let mut lines = Lines::default();
+        lines.push(line);
+        self.write_lines(&lines)
+    }
+
+    /// Writes `lines` in order, in as few writes as rotation allows. A file whose write
+    /// fails is reopened (a partial last line cut off) and what did not land written once
+    /// more; if that fails too, it and the rest of the batch are lost, and the error is
+    /// returned.
+    pub fn write_lines(&mut self, lines: &Lines) -> Result<()> {
+        match self {
+            Sink::Stdout => {
+                let mut out = io::stdout().lock();
+                out.write_all(&lines.bytes)
+                    .and_then(|()| out.flush())
+                    .context("writing flow log to stdout")
+            }
+            Sink::File(f) => f.write_lines(lines),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn a_partial_last_line_is_cut_off() {
+        let dir = std::env::temp_dir().join(format!("xgflowlog{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        for (before, after, mid_line) in [
+            ("", "", false),
+            ("{\"a\":1}\n", "{\"a\":1}\n", false),
+            ("{\"a\":1}\n{\"b\":", "{\"a\":1}\n", false),
+            ("{\"b\":", "", false),
+        ] {
+            let path = dir.join("f.jsonl");
+            fs::write(&path, before).unwrap();
+            let f = FileSink::open(path.clone(), 1 << 20, 1).unwrap();
+            assert_eq!(fs::read_to_string(&path).unwrap(), after, "{before:?}");
+            assert_eq!((f.written, f.mid_line), (after.len() as u64, mid_line));
+        }
+        // A long line with no line end in the last 64 KiB is not ours to cut.
+        let path = dir.join("g.jsonl");
+        fs::write(&path, format!("x\n{}", "y".repeat(70_000))).unwrap();
+        let f = FileSink::open(path.clone(), 1 << 20, 1).unwrap();
+        assert_eq!((f.written, f.mid_line), (70_002, true));
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    /// Each line 32 bytes, files rotated past 100 bytes (three lines each): after 20 lines,
+    /// written one by one or in batches, FILE and FILE.1 ..= FILE.keep hold the newest lines
+    /// in order, and nothing older is kept; with keep 0 only FILE.
+    #[test]
+    fn rotation_keeps_n_files() {
+        for (keep, batch) in [0u32, 1, 3].into_iter().flat_map(|k| [1, 7, 20].map(|b| (k, b))) {
+            let dir =
+                std::env::temp_dir().join(format!("xgrotate{}-{keep}-{batch}", std::process::id()));
+            let _ = fs::remove_dir_all(&dir);
+            fs::create_dir_all(&dir).unwrap();
+            let path = dir.join("flows.jsonl");
+            let mut sink = Sink::open(path.to_str().unwrap(), 100, keep).unwrap();
+            let line = |i: u32| json!({"line": format!("{i:020}")});
+            for first in (0..20).step_by(batch) {
+                let mut lines = Lines::default();
+                (first..20.min(first + batch as u32)).for_each(|i| lines.push(&line(i)));
+                sink.write_lines(&lines).unwrap();
+            }
+            let mut names: Vec<String> = fs::read_dir(&dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            names.sort();
+            let want: Vec<String> = std::iter::once("flows.jsonl".to_string())
+                .chain((1..=keep).map(|n| format!("flows.jsonl.{n}")))
+                .collect();
+            assert_eq!(names, want, "keep {keep}, batches of {batch}");
+            // Oldest first: FILE.keep .. FILE.1, then FILE.
+            let text: String = (1..=keep)
+                .rev()
+                .map(|n| dir.join(format!("flows.jsonl.{n}")))
+                .chain(std::iter::once(path.clone()))
+                .map(|p| fs::read_to_string(p).unwrap())
+                .collect();
+            let lines: Vec<u32> = text
+                .lines()
+                .map(|l| {
+                    serde_json::from_str::<Value>(l).unwrap()["line"]
+                        .as_str()
+                        .unwrap()
+                        .parse()
+                        .unwrap()
+                })
+                .collect();
+            let kept = 3 * keep as usize + 2;
+            assert_eq!(
+                lines,
+                (20 - kept as u32..20).collect::<Vec<_>>(),
+                "keep {keep}, batches of {batch}"
+            );
+            let _ = fs::remove_dir_all(&dir);
+        }
+    }
+
+    /// After a failed write, what landed is counted only when it is whole lines of the chunk
+    /// in the same file; else the whole chunk is written again.
+    #[test]
+    fn what_a_failed_write_left() {
+        let chunk = b"{\"a\":1}\n{\"b\":2}\n";
+        // Nothing, the first line, both.
+        assert_eq!(landed(chunk, 100, 100, false), 0);
+        assert_eq!(landed(chunk, 100, 108, false), 8);
+        assert_eq!(landed(chunk, 100, 116, false), 16);
+        // Not at a line's end, past the chunk (another writer), a new file, a file mid-line.
+        assert_eq!(landed(chunk, 100, 104, false), 0);
+        assert_eq!(landed(chunk, 100, 117, false), 0);
+        assert_eq!(landed(chunk, 100, 0, false), 0);
+        assert_eq!(landed(chunk, 100, 108, true), 0);
+    }
+}
