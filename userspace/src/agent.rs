@@ -145,6 +145,10 @@ impl PendingReload {
     }
 }
 
+/// Removed flows the sweep sends ahead of the agent's loop, at most: their `end` lines
+/// are written in batches of up to this many.
+const SWEEP_ENDS: usize = 1024;
+
 /// The sweep of idle established flows (`flows::remove_idle`). The dataplane never frees
 /// their entries (`FLOWS` is not LRU), so it runs whether or not there is a flow log. A pass
 /// runs on a blocking thread, so a big table does not hold up events, probes or signals;
@@ -182,7 +186,7 @@ impl Sweeper {
             return;
         }
         let (pins, names, stop) = (pins.clone(), names.clone(), self.stop.clone());
-        let (tx, rx) = mpsc::channel(1024);
+        let (tx, rx) = mpsc::channel(SWEEP_ENDS);
         self.ends = reported.is_some().then_some(rx);
         let reported = reported.cloned();
         let handle = tokio::task::spawn_blocking(move || {
@@ -505,10 +509,10 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
             }
             ended = async { sweeper.ends.as_mut().expect("guarded").recv().await }, if sweeper.ends.is_some() => {
                 match ended {
-                    Some((ended, last)) => {
+                    Some(first) => {
                         if let Some(log) = flow_log.as_mut() {
-                            let line = flowlog::end_line(&running.names, &ended, last);
-                            wrote(&mut failing, log.write_end(line));
+                            let ends = sweeper.ends.as_mut().expect("guarded");
+                            log_ends(first, ends, &running.names, log, &mut failing);
                         }
                     }
                     // The pass is done and every flow it removed is logged.
@@ -623,10 +627,11 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                 if std::mem::take(&mut nat_due) {
                     let ended = expire_nat(&lock, pins, &running, &mut failing);
                     if let Some(log) = flow_log.as_mut() {
-                        for e in &ended {
-                            let line = flowlog::end_line(&running.names, e, log.reported.removed(&e.key));
-                            wrote(&mut failing, log.write_end(line));
-                        }
+                        let lines = ended.iter().map(|e| {
+                            flowlog::end_line(&running.names, e, log.reported.removed(&e.key))
+                        });
+                        let lines = lines.collect();
+                        wrote(&mut failing, log.write_ends(lines));
                     }
                 }
             }
@@ -654,9 +659,8 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
             write_walk(pass.await, log, &mut failing);
         }
         if let Some(mut ends) = ends {
-            while let Some((ended, last)) = ends.recv().await {
-                let line = flowlog::end_line(&running.names, &ended, last);
-                wrote(&mut failing, log.write_end(line));
+            while let Some(first) = ends.recv().await {
+                log_ends(first, &mut ends, &running.names, log, &mut failing);
             }
         }
     }
@@ -805,6 +809,24 @@ fn wrote(failing: &mut Failing, written: Option<Result<()>>) {
     if let Some(result) = written {
         failing.check("flow log", result);
     }
+}
+
+/// Writes the `end` lines of `first` and of the flows after it the sweep has sent already
+/// (what its channel holds), as one batch.
+fn log_ends(
+    first: (FlowEntries, flowlog::EachWay),
+    ends: &mut mpsc::Receiver<(FlowEntries, flowlog::EachWay)>,
+    names: &flows::Names,
+    log: &mut flowlog::FlowLog,
+    failing: &mut Failing,
+) {
+    let mut lines = vec![flowlog::end_line(names, &first.0, first.1)];
+    while lines.len() < SWEEP_ENDS
+        && let Ok((ended, last)) = ends.try_recv()
+    {
+        lines.push(flowlog::end_line(names, &ended, last));
+    }
+    wrote(failing, log.write_ends(lines));
 }
 
 /// Writes the lines of a walk for interim records (none if it failed, which is logged),

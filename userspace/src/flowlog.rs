@@ -464,7 +464,7 @@ pub struct FlowLog {
     pub sink: Sink,
     pub probes: Probes,
     pub reported: Reported,
-    /// `end` lines waiting for a walk's lines ([`FlowLog::write_end`]).
+    /// `end` lines waiting for a walk's lines ([`FlowLog::write_ends`]).
     held: Vec<Value>,
     /// Interface names by index, looked up once.
     ifnames: HashMap<u32, Option<String>>,
@@ -489,15 +489,15 @@ impl FlowLog {
         event_line(names, e, interface)
     }
 
-    /// Writes the `end` line of a flow the agent removed, or holds it while a walk's lines
-    /// are counted and not written yet: it may count from one of them, which comes first.
-    /// `None`: nothing was written.
-    pub fn write_end(&mut self, line: Value) -> Option<Result<()>> {
+    /// Writes the `end` lines of flows the agent removed, as one batch, or holds them while
+    /// a walk's lines are counted and not written yet: they may count from one of those,
+    /// which comes first. `None`: nothing was written.
+    pub fn write_ends(&mut self, lines: Vec<Value>) -> Option<Result<()>> {
         if self.reported.unwritten() {
-            self.held.push(line);
+            self.held.extend(lines);
             return None;
         }
-        self.write(line)
+        self.write_lines(lines)
     }
 
     /// Writes a walk's `continuing` lines ([`interim_lines`]), then the `end` lines held for
@@ -689,12 +689,12 @@ mod tests {
         let mut lines = Lines::default();
         walked(&log.reported, &[(read, f3)]).iter().for_each(|l| lines.push(l));
         assert_eq!(log.reported.removed(&read.key).0.packets, 3, "counts from the unwritten line");
-        assert!(log.write_end(json!({"state": "end"})).is_none(), "held");
+        assert!(log.write_ends(vec![json!({"state": "end"})]).is_none(), "held");
         assert!(states().is_empty(), "held");
         log.write_interim(lines).unwrap().unwrap();
         assert_eq!(states(), ["\"continuing\"", "\"end\""]);
         // Nothing unwritten: an end line goes out at once.
-        log.write_end(json!({"state": "end"})).unwrap().unwrap();
+        log.write_ends(vec![json!({"state": "end"})]).unwrap().unwrap();
         assert_eq!(states().len(), 3);
         // Nothing to write: no result, neither success nor failure.
         assert!(log.write_interim(Lines::default()).is_none());

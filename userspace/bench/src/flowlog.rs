@@ -9,9 +9,15 @@ use std::{fmt::Write as _, fs, path::Path, time::Instant};
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use serde_json::{Value, json};
-use xdpgate::flowlog::{FlowLog, Lines, ProbeConnections, ProbeTraffic, Probes, Sink};
+use xdpgate::flowlog::{
+    self, FlowLog, Lines, ProbeConnections, ProbeTraffic, Probes, Reported, Sink,
+};
+use xdpgate_dataplane::{PinDir, flows::Names};
 
-use crate::common::{Config, Machine, median, thousands};
+use crate::{
+    common::{Config, Machine, median, thousands},
+    memory::status_kib,
+};
 
 /// Lines per walk (a walk of a table with this many flows with traffic since their last
 /// record); the quick run writes a tenth.
@@ -37,6 +43,50 @@ pub struct Report {
     pub quick: bool,
     pub runs: usize,
     pub rows: Vec<Row>,
+}
+
+/// One walk for interim records of a table whose every flow had traffic since its last
+/// record (a fresh `Reported`): the agent's walk (`flowlog::interim_lines`, on its thread),
+/// then the loop's write of its lines to a file.
+#[derive(Serialize, Clone, Copy)]
+pub struct Walk {
+    pub lines: usize,
+    pub walk_secs: f64,
+    pub loop_secs: f64,
+    /// The lines' buffer, held from the walk until the loop has written it.
+    pub buffer_bytes: usize,
+    /// The process's peak resident memory during the walk and the write, over its resident
+    /// memory before (VmHWM reset through /proc/self/clear_refs).
+    pub peak_growth_bytes: u64,
+}
+
+/// [`Walk`] of the established table in `pins`, which must hold `flows` flows with traffic.
+pub fn walk(pins: &PinDir, flows: usize) -> Result<Walk> {
+    let names = Names::read(pins)?;
+    let probes = Probes { traffic: ProbeTraffic::Omit, connections: ProbeConnections::default() };
+    fs::write("/proc/self/clear_refs", "5").context("resetting VmHWM")?;
+    let rss_before = status_kib("VmRSS:");
+    let started = Instant::now();
+    let lines = flowlog::interim_lines(pins, &names, &Reported::default(), &probes)?;
+    let walk_secs = started.elapsed().as_secs_f64();
+    if lines.len() != flows {
+        bail!("a walk of {flows} flows with traffic gave {} lines", lines.len());
+    }
+    let buffer_bytes = lines.bytes();
+    let dir = std::env::temp_dir().join(format!("xdpgate-bench-walk-{}", std::process::id()));
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let file = dir.join("flows.jsonl");
+    let mut log =
+        FlowLog::new(Sink::open(file.to_str().context("path")?, u64::MAX, 1)?, ProbeTraffic::Omit);
+    let started = Instant::now();
+    let written = log.write_interim(lines);
+    let loop_secs = started.elapsed().as_secs_f64();
+    let peak_growth_bytes = status_kib("VmHWM:").saturating_sub(rss_before) << 10;
+    let _ = fs::remove_dir_all(&dir);
+    if !matches!(written, Some(Ok(()))) {
+        bail!("writing the walk's lines: {written:?}");
+    }
+    Ok(Walk { lines: flows, walk_secs, loop_secs, buffer_bytes, peak_growth_bytes })
 }
 
 /// A `continuing` line as docs/flowlog.md shows one, of flow `i`.

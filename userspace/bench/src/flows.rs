@@ -48,6 +48,8 @@ pub struct Row {
     pub packets_per_run: u64,
     /// Seconds the handshakes that brought the table to this count took.
     pub setup_secs: f64,
+    /// A walk for the flow log's interim records of this many flows, all with traffic.
+    pub walk: Option<crate::flowlog::Walk>,
 }
 
 #[derive(Serialize)]
@@ -131,7 +133,9 @@ pub fn measure(cfg: &Config, machine: &Machine) -> Result<Report> {
             x.push(run_each(gate, &acks, |_, v, _| expect_verdict("established", v, XDP_PASS))?);
             y.push(run_each(noop, &acks, |_, _, _| Ok(()))?);
         }
-        rows.push(row(n, false, x, y, u64::from(per_run), setup_secs));
+        eprintln!("  {} live flows: a flow-log walk ...", thousands(n.into()));
+        let walk = crate::flowlog::walk(&bench.pins, n as usize)?;
+        rows.push(Row { walk: Some(walk), ..row(n, false, x, y, u64::from(per_run), setup_secs) });
     }
     // The floor: one flow repeated in one test run, every repeat a hit on a hot entry.
     let ack = segment(0, TCP_ACK);
@@ -172,6 +176,7 @@ fn row(n: u32, hot: bool, x: Vec<f64>, y: Vec<f64>, packets: u64, setup_secs: f6
         ns_over_noop,
         packets_per_run: packets,
         setup_secs,
+        walk: None,
     }
 }
 
@@ -181,14 +186,14 @@ pub fn markdown(r: &Report) -> String {
     md.push_str(&r.machine.header(r.quick));
     let _ = writeln!(
         md,
-        "| live flows | packets | ns/packet | no-op ns/packet | ratio (xdpgate / no-op) | per-run range | ns over no-op | handshakes took |"
+        "| live flows | packets | ns/packet | no-op ns/packet | ratio (xdpgate / no-op) | per-run range | ns over no-op | handshakes took | flow-log walk: its thread / the loop / its lines / peak memory growth |"
     );
-    let _ = writeln!(md, "|---:|---|---:|---:|---:|---|---:|---:|");
+    let _ = writeln!(md, "|---:|---|---:|---:|---:|---|---:|---:|---|");
     for row in &r.rows {
         let f = &row.figures;
         let _ = writeln!(
             md,
-            "| {} | {} | {:.1} | {:.1} | {:.2} | {:.2}-{:.2} | {:.0} | {} |",
+            "| {} | {} | {:.1} | {:.1} | {:.2} | {:.2}-{:.2} | {:.0} | {} | {} |",
             thousands(row.live_flows.into()),
             if row.hot {
                 format!(
@@ -208,6 +213,13 @@ pub fn markdown(r: &Report) -> String {
             f.ratio_range.1,
             row.ns_over_noop,
             if row.hot { "-".into() } else { format!("{:.1} s", row.setup_secs) },
+            row.walk.map_or("-".into(), |w| format!(
+                "{:.2} s / {:.3} s / {:.0} MiB / {:.0} MiB",
+                w.walk_secs,
+                w.loop_secs,
+                w.buffer_bytes as f64 / f64::from(1 << 20),
+                w.peak_growth_bytes as f64 / f64::from(1 << 20)
+            )),
         );
     }
     let (small, big) = (r.rows.first(), r.rows.iter().rfind(|x| !x.hot));
@@ -231,7 +243,11 @@ pub fn markdown(r: &Report) -> String {
          times per run, so their entries stay cached; with 1,000,000 almost none is), each \
          run once, then the no-op on the same packets. Checked: every packet passed, every \
          997th flow established after its handshakes, and the established table holds two \
-         entries per flow after the runs ({entries} entries).",
+         entries per flow after the runs ({entries} entries). The flow-log walk, after each \
+         count's runs: what the agent does for `continuing` records when every flow had \
+         traffic since its last one (`flowlog::interim_lines` on this thread: the table read \
+         in batches, each flow described, counted and made text), then the loop's write of \
+         those lines to a file (`FlowLog::write_interim`); one walk per count.",
         table = thousands(r.table_flows.into()),
         chunk = thousands(CHUNK.into()),
         entries = thousands(r.flow_entries as u64),

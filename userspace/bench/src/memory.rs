@@ -233,7 +233,7 @@ fn rss_in_child() -> Result<Rss> {
     serde_json::from_slice(&out.stdout).context("reading the probe's output")
 }
 
-fn status_kib(field: &str) -> u64 {
+pub fn status_kib(field: &str) -> u64 {
     fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {

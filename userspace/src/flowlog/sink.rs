@@ -14,7 +14,8 @@ use std::{
 use anyhow::{Context, Result};
 use serde_json::Value;
 
-/// Bytes written at most in one write: few system calls, and a failure costs little.
+/// Bytes of lines gathered for one write (it ends at the line that reaches this): few system
+/// calls, and a failure costs little.
 const CHUNK: usize = 1 << 20;
 
 /// Lines as the log holds them (compact JSON and a line break each), in one buffer: a walk's
@@ -40,6 +41,11 @@ impl Lines {
 
     pub fn is_empty(&self) -> bool {
         self.ends.is_empty()
+    }
+
+    /// The buffer's size.
+    pub fn bytes(&self) -> usize {
+        self.bytes.len()
     }
 
     /// Each line: where it starts and ends in the buffer.
@@ -184,7 +190,7 @@ impl FileSink {
     }
 
     /// Writes `chunk` (whole lines). After a failed write (or one before it, which left the
-    /// file mid-line), reopens the file and writes once more what did not land.
+    /// file mid-line), writes once more what did not land, to the file at the path.
     fn flush(&mut self, chunk: &[u8]) -> Result<()> {
         if chunk.is_empty() {
             return Ok(());
@@ -193,10 +199,10 @@ impl FileSink {
             self.written += chunk.len() as u64;
             return Ok(());
         }
-        let before = self.written;
-        // What part got written is unknown: ask the file (the reopen cuts a partial line).
+        // Until a reopen tells otherwise, the file may end in part of a line.
+        self.mid_line = true;
+        let landed = landed(&self.file, chunk, self.written);
         self.reopen()?;
-        let landed = landed(chunk, before, self.written, self.mid_line);
         self.append(&chunk[landed..])
             .with_context(|| format!("writing flow log {}", self.path.display()))
     }
@@ -204,21 +210,27 @@ impl FileSink {
     fn append(&mut self, text: &[u8]) -> io::Result<()> {
         let result = (if self.mid_line { self.file.write_all(b"\n") } else { Ok(()) })
             .and_then(|()| self.file.write_all(text));
-        // After a failure, what part got written is unknown: ask the file.
+        // What part got written is unknown: ask the file.
+        self.mid_line = true;
         self.reopen().map_err(io::Error::other)?;
         result
     }
 }
 
-/// How much of `chunk` a failed write left in the file: the whole lines the file grew by,
-/// from `before` to `after` bytes. None when the file is not the one written (moved away,
-/// or written by another) or ends mid-line: then the whole chunk is written again (a line
-/// may be in the log twice; none is lost or broken).
-fn landed(chunk: &[u8], before: u64, after: u64, mid_line: bool) -> usize {
-    match after.checked_sub(before).and_then(|n| usize::try_from(n).ok()) {
-        Some(n) if !mid_line && n <= chunk.len() && (n == 0 || chunk[n - 1] == b'\n') => n,
-        _ => 0,
-    }
+/// How much of `chunk`, written at offset `before` of `file`, a failed write left there: the
+/// whole lines of it the file holds once its partial last line is cut off. The file asked is
+/// the one written to, wherever it was moved since. 0 when the file holds anything else
+/// there (another writer): then the whole chunk is written again, and a line may be in the
+/// log twice; none is lost or cut.
+fn landed(file: &File, chunk: &[u8], before: u64) -> usize {
+    let len = file.metadata().map_or(before, |m| m.len());
+    let (after, mid_line) = cut_partial_line(file, len);
+    let n = match after.checked_sub(before).and_then(|n| usize::try_from(n).ok()) {
+        Some(n) if !mid_line && n <= chunk.len() => n,
+        _ => return 0,
+    };
+    let mut there = vec![0u8; n];
+    if file.read_exact_at(&mut there, before).is_ok() && there == chunk[..n] { n } else { 0 }
 }
 
 impl Sink {
@@ -253,13 +265,6 @@ impl Sink {
         }
         f.reopen()?;
         Ok(Some(f.path.clone()))
-    }
-
-    /// Writes one line.
-    pub fn write(&mut self, line: &Value) -> Result<()> {
-        let mut lines = Lines::default();
-        lines.push(line);
-        self.write_lines(&lines)
     }
 
     /// Writes `lines` in order, in as few writes as rotation allows. A file whose write
@@ -364,18 +369,33 @@ mod tests {
     }
 
     /// After a failed write, what landed is counted only when it is whole lines of the chunk
-    /// in the same file; else the whole chunk is written again.
+    /// in the file written to; a partial line is cut off; else the whole chunk is written
+    /// again.
     #[test]
     fn what_a_failed_write_left() {
+        let dir = std::env::temp_dir().join(format!("xglanded{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("f.jsonl");
         let chunk = b"{\"a\":1}\n{\"b\":2}\n";
-        // Nothing, the first line, both.
-        assert_eq!(landed(chunk, 100, 100, false), 0);
-        assert_eq!(landed(chunk, 100, 108, false), 8);
-        assert_eq!(landed(chunk, 100, 116, false), 16);
-        // Not at a line's end, past the chunk (another writer), a new file, a file mid-line.
-        assert_eq!(landed(chunk, 100, 104, false), 0);
-        assert_eq!(landed(chunk, 100, 117, false), 0);
-        assert_eq!(landed(chunk, 100, 0, false), 0);
-        assert_eq!(landed(chunk, 100, 108, true), 0);
+        let prefix = "{\"p\":0}\n";
+        for (file, want, left) in [
+            // Nothing, the first line, both, the first and part of the second.
+            ("", 0, ""),
+            ("{\"a\":1}\n", 8, "{\"a\":1}\n"),
+            ("{\"a\":1}\n{\"b\":2}\n", 16, "{\"a\":1}\n{\"b\":2}\n"),
+            ("{\"a\":1}\n{\"b", 8, "{\"a\":1}\n"),
+            // Another writer's line of the same length (seen counted as ours before).
+            ("{\"x\":1}\n", 0, "{\"x\":1}\n"),
+        ] {
+            fs::write(&path, format!("{prefix}{file}")).unwrap();
+            let f = OpenOptions::new().read(true).append(true).open(&path).unwrap();
+            assert_eq!(landed(&f, chunk, prefix.len() as u64), want, "{file:?}");
+            assert_eq!(fs::read_to_string(&path).unwrap(), format!("{prefix}{left}"), "{file:?}");
+        }
+        // A file shorter than where the chunk went (not the one written).
+        fs::write(&path, "").unwrap();
+        let f = OpenOptions::new().read(true).append(true).open(&path).unwrap();
+        assert_eq!(landed(&f, chunk, prefix.len() as u64), 0);
+        let _ = fs::remove_dir_all(&dir);
     }
 }
