@@ -501,6 +501,72 @@ fn a_flow_log_batch_larger_than_the_disk_leaves_whole_lines() {
     let _ = std::fs::remove_dir(&dir);
 }
 
+/// A flow log that takes no more lines (a pipe no one reads, as a hung disk or a dead NFS
+/// server would): it holds up only the flow log. A SIGHUP's reload is applied while the
+/// flow log's thread waits, and a SIGTERM stops the agent within seconds, logging what was
+/// not written (seen failing before: the agent's loop waited in the write; no reload).
+#[test]
+fn a_flow_log_that_takes_no_lines_holds_up_nothing_else() {
+    let lab = Gateway::new();
+    let file = lab.write_policy("policy.yaml", &policy(8080));
+    let fifo = lab.dir.join("flows.fifo");
+    common::run("mkfifo", &[fifo.to_str().unwrap()]);
+    let mut agent = Agent::start(
+        &lab,
+        &[
+            "--policy",
+            file.to_str().unwrap(),
+            "--metrics-addr",
+            "off",
+            "--flow-log",
+            fifo.to_str().unwrap(),
+            "--flow-log-interval",
+            "1",
+        ],
+    );
+    wait_for("the policy applied", Duration::from_secs(20), || {
+        agent.assert_running("start");
+        generation(&lab.pins) >= 1
+    });
+    // Until a thread of the agent waits in the pipe's write: lines of new flows.
+    let task_dir = format!("/proc/{}/task", agent.child.id());
+    let writing_to_the_pipe = || {
+        std::fs::read_dir(&task_dir).unwrap().filter_map(Result::ok).any(|t| {
+            std::fs::read_to_string(t.path().join("wchan")).is_ok_and(|w| w.contains("pipe_write"))
+        })
+    };
+    let mut sport = 41000;
+    wait_for("the agent waiting to write into the pipe", Duration::from_secs(60), || {
+        agent.assert_running("flow-log lines into the pipe");
+        for _ in 0..20 {
+            udp_flow(&lab, sport);
+            sport += 1;
+        }
+        writing_to_the_pipe()
+    });
+
+    let before = generation(&lab.pins);
+    std::fs::write(&file, policy(9090)).unwrap();
+    agent.signal(libc::SIGHUP);
+    wait_for("the reload applied while the flow log waits", Duration::from_secs(20), || {
+        agent.assert_running("SIGHUP");
+        generation(&lab.pins) > before
+    });
+    assert!(reaches(&lab, 9090) && !reaches(&lab, 8080), "the new policy in force");
+
+    let stopping = Instant::now();
+    agent.signal(libc::SIGTERM);
+    let exit = loop {
+        if let Some(exit) = agent.child.try_wait().expect("try_wait") {
+            break exit;
+        }
+        assert!(stopping.elapsed() < Duration::from_secs(20), "still running:\n{}", agent.log());
+        thread::sleep(Duration::from_millis(100));
+    };
+    assert!(exit.success(), "{exit}:\n{}", agent.log());
+    assert!(agent.log().contains("bytes of lines not written"), "{}", agent.log());
+}
+
 #[test]
 fn flow_log_write_errors_are_logged_and_survived() {
     let lab = Gateway::new();

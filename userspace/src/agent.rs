@@ -519,6 +519,9 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                     None => sweeper.ends = None,
                 }
             }
+            Some(done) = async { flow_log.as_mut().expect("guarded").writer.done.recv().await }, if flow_log.is_some() => {
+                writer_did(done, &mut failing);
+            }
             joined = async { interim.pass.as_mut().expect("guarded").await }, if interim.pass.is_some() => {
                 interim.pass = None;
                 if let Some(log) = flow_log.as_mut() {
@@ -566,8 +569,8 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                 }
             }
             _ = hup.recv() => {
-                if let Some(log) = flow_log.as_mut() {
-                    failing.check("flow log path", log.sink.reopen());
+                if let Some(log) = flow_log.as_ref() {
+                    log.writer.reopen();
                 }
                 // Read and applied in the next turn at the write lock: a SIGHUP during
                 // another writer's hold is applied after it (several, once).
@@ -662,6 +665,16 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
             while let Some(first) = ends.recv().await {
                 log_ends(first, &mut ends, &running.names, log, &mut failing);
             }
+        }
+    }
+    if let Some(flowlog::FlowLog { writer, .. }) = flow_log {
+        let (done, left) = writer.finish(FLOW_LOG_STOP).await;
+        done.into_iter().for_each(|d| writer_did(d, &mut failing));
+        if left > 0 {
+            error!(
+                "flow log: {left} bytes of lines not written: the file took none of them within \
+                 {FLOW_LOG_STOP:?}"
+            );
         }
     }
     agent_state::remove(pins);
@@ -803,6 +816,26 @@ fn follow_generation(pins: &PinDir, names: &mut Arc<flows::Names>, failing: &mut
     }
 }
 
+/// How long a stopping agent waits for the flow log's thread to write what is queued.
+const FLOW_LOG_STOP: Duration = Duration::from_secs(5);
+
+/// Logs and records what the flow log's thread did.
+fn writer_did(done: flowlog::Done, failing: &mut Failing) {
+    match done {
+        flowlog::Done::Wrote(result) => wrote(failing, Some(result)),
+        // A job of its own: finding the file in place says nothing of whether writes work,
+        // so it must not clear a write failure that `status` shows.
+        flowlog::Done::Path(result) => {
+            if let Some(Some(path)) = failing.check("flow log path", result) {
+                warn!(
+                    "flow log {} was moved or removed; writing to a new file there",
+                    path.display()
+                );
+            }
+        }
+    }
+}
+
 /// The result of a flow-log write, when one was tried: a line left out or held says nothing
 /// of whether writes work, and must not clear a failure that `status` shows.
 fn wrote(failing: &mut Failing, written: Option<Result<()>>) {
@@ -870,12 +903,9 @@ fn tick(
     for (_, logger) in loggers.iter_mut() {
         logger.flush();
     }
-    // A job of its own: finding the file in place says nothing of whether writes work, so
-    // it must not clear a write failure that `status` shows.
-    if let Some(log) = flow_log
-        && let Some(Some(path)) = failing.check("flow log path", log.sink.follow())
-    {
-        warn!("flow log {} was moved or removed; writing to a new file there", path.display());
+    // On the flow log's thread: a file that no longer answers must not hold up the loop.
+    if let Some(log) = flow_log {
+        log.writer.follow();
     }
 }
 

@@ -38,7 +38,9 @@ use xdpgate_dataplane::{
 use crate::status::rfc3339;
 
 mod sink;
+mod writer;
 pub use sink::{Lines, Sink};
+pub use writer::{Done, Writer};
 
 /// The schema version every record carries.
 pub const VERSION: u32 = 2;
@@ -459,9 +461,12 @@ impl Probes {
     }
 }
 
-/// The flow log: its sink and how probe connections are treated.
+/// The flow log: its thread, which writes the sink, and how probe connections are treated.
+/// Its writes queue lines for the thread and return `None`, the result of the write coming
+/// later on `writer.done`; or `Some(Err)` for lines dropped at once (the queue is full); or
+/// `None` with nothing written (nothing to write, or lines held).
 pub struct FlowLog {
-    pub sink: Sink,
+    pub writer: Writer,
     pub probes: Probes,
     pub reported: Reported,
     /// `end` lines waiting for a walk's lines ([`FlowLog::write_ends`]).
@@ -471,9 +476,10 @@ pub struct FlowLog {
 }
 
 impl FlowLog {
+    /// Starts the flow log's thread.
     pub fn new(sink: Sink, probes: ProbeTraffic) -> Self {
         Self {
-            sink,
+            writer: Writer::spawn(sink),
             probes: Probes { traffic: probes, connections: ProbeConnections::default() },
             reported: Reported::default(),
             held: Vec::new(),
@@ -491,7 +497,7 @@ impl FlowLog {
 
     /// Writes the `end` lines of flows the agent removed, as one batch, or holds them while
     /// a walk's lines are counted and not written yet: they may count from one of those,
-    /// which comes first. `None`: nothing was written.
+    /// which comes first.
     pub fn write_ends(&mut self, lines: Vec<Value>) -> Option<Result<()>> {
         if self.reported.unwritten() {
             self.held.extend(lines);
@@ -501,33 +507,27 @@ impl FlowLog {
     }
 
     /// Writes a walk's `continuing` lines ([`interim_lines`]), then the `end` lines held for
-    /// them, as one batch. `None`: nothing was written.
+    /// them, as one batch.
     pub fn write_interim(&mut self, mut lines: Lines) -> Option<Result<()>> {
         self.reported.written();
         for line in std::mem::take(&mut self.held) {
             self.probes.push(&mut lines, line);
         }
-        self.write_all(&lines)
-    }
-
-    /// Writes `line`, unless it is a probe connection left out. `None`: nothing was written,
-    /// which says nothing of whether writes work.
-    pub fn write(&mut self, line: Value) -> Option<Result<()>> {
-        self.write_lines([line])
+        self.write_all(lines)
     }
 
     /// Writes `lines` in order as one batch ([`Sink::write_lines`]), probe connections left
-    /// out or marked as asked. `None`: nothing was written.
+    /// out or marked as asked.
     pub fn write_lines(&mut self, lines: impl IntoIterator<Item = Value>) -> Option<Result<()>> {
         let mut batch = Lines::default();
         for line in lines {
             self.probes.push(&mut batch, line);
         }
-        self.write_all(&batch)
+        self.write_all(batch)
     }
 
-    fn write_all(&mut self, lines: &Lines) -> Option<Result<()>> {
-        (!lines.is_empty()).then(|| self.sink.write_lines(lines))
+    fn write_all(&mut self, lines: Lines) -> Option<Result<()>> {
+        self.writer.write(lines)
     }
 }
 
@@ -689,15 +689,22 @@ mod tests {
         let mut lines = Lines::default();
         walked(&log.reported, &[(read, f3)]).iter().for_each(|l| lines.push(l));
         assert_eq!(log.reported.removed(&read.key).0.packets, 3, "counts from the unwritten line");
-        assert!(log.write_ends(vec![json!({"state": "end"})]).is_none(), "held");
-        assert!(states().is_empty(), "held");
-        log.write_interim(lines).unwrap().unwrap();
+        let written = |log: &mut FlowLog| match log.writer.wait() {
+            Some(Done::Wrote(result)) => result.unwrap(),
+            other => panic!("{other:?}"),
+        };
+        assert!(log.write_ends(vec![json!({"state": "end"})]).is_none());
+        assert_eq!(log.held.len(), 1, "held");
+        assert!(log.write_interim(lines).is_none(), "queued");
+        written(&mut log);
         assert_eq!(states(), ["\"continuing\"", "\"end\""]);
         // Nothing unwritten: an end line goes out at once.
-        log.write_ends(vec![json!({"state": "end"})]).unwrap().unwrap();
+        assert!(log.write_ends(vec![json!({"state": "end"})]).is_none(), "queued");
+        written(&mut log);
         assert_eq!(states().len(), 3);
-        // Nothing to write: no result, neither success nor failure.
+        // Nothing to write: nothing queued.
         assert!(log.write_interim(Lines::default()).is_none());
+        assert!(log.writer.done.try_recv().is_err());
         let _ = fs::remove_dir_all(&dir);
     }
 }

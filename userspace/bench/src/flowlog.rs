@@ -1,8 +1,9 @@
-//! The flow log on the agent's loop: a walk's `continuing` lines handed to
-//! `FlowLog::write_interim`, as the agent does after each walk of the flow table, to a file
+//! The flow log and the agent's loop: a walk's `continuing` lines made text on the walk's
+//! thread, handed to `FlowLog::write_interim` as the agent's loop does after each walk of
+//! the flow table (which queues them), and written by the flow log's own thread, to a file
 //! on the disk the bench runs from and to one whose every write fails as on a full disk
-//! (`/dev/full`). What the loop spends on them is time it reads no flow events and handles
-//! no signal. Beside it, what the walk's thread spends making text of the lines.
+//! (`/dev/full`). What the loop spends is time it reads no flow events and handles no
+//! signal; the two threads' time is the flow log's own.
 
 use std::{fmt::Write as _, fs, path::Path, time::Instant};
 
@@ -10,7 +11,7 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use serde_json::{Value, json};
 use xdpgate::flowlog::{
-    self, FlowLog, Lines, ProbeConnections, ProbeTraffic, Probes, Reported, Sink,
+    self, Done, FlowLog, Lines, ProbeConnections, ProbeTraffic, Probes, Reported, Sink,
 };
 use xdpgate_dataplane::{PinDir, flows::Names};
 
@@ -27,11 +28,12 @@ const LINES: usize = 200_000;
 pub struct Row {
     pub target: String,
     pub lines: usize,
-    /// Medians over the runs: the walk's thread making text of the lines, and the loop
-    /// writing them.
+    /// Medians over the runs, µs per line: the walk's thread making text of the lines, the
+    /// loop queueing them, the flow log's thread writing them.
     pub text_us_per_line: f64,
-    pub us_per_line: f64,
-    /// Write system calls per 1,000 lines (the thread's `syscw` in /proc).
+    pub loop_us_per_line: f64,
+    pub write_us_per_line: f64,
+    /// Write system calls per 1,000 lines (the process's `syscw` in /proc).
     pub writes_per_1000_lines: f64,
     /// Whether the writes succeeded (they must on the file, and fail on the full disk).
     pub written: bool,
@@ -47,13 +49,14 @@ pub struct Report {
 
 /// One walk for interim records of a table whose every flow had traffic since its last
 /// record (a fresh `Reported`): the agent's walk (`flowlog::interim_lines`, on its thread),
-/// then the loop's write of its lines to a file.
+/// the loop queueing its lines, and the flow log's thread writing them to a file.
 #[derive(Serialize, Clone, Copy)]
 pub struct Walk {
     pub lines: usize,
     pub walk_secs: f64,
     pub loop_secs: f64,
-    /// The lines' buffer, held from the walk until the loop has written it.
+    pub write_secs: f64,
+    /// The lines' buffer, held from the walk until they are written.
     pub buffer_bytes: usize,
     /// The process's peak resident memory during the walk and the write, over its resident
     /// memory before (VmHWM reset through /proc/self/clear_refs).
@@ -78,15 +81,29 @@ pub fn walk(pins: &PinDir, flows: usize) -> Result<Walk> {
     let file = dir.join("flows.jsonl");
     let mut log =
         FlowLog::new(Sink::open(file.to_str().context("path")?, u64::MAX, 1)?, ProbeTraffic::Omit);
-    let started = Instant::now();
-    let written = log.write_interim(lines);
-    let loop_secs = started.elapsed().as_secs_f64();
+    let (loop_secs, write_secs, written) = write(&mut log, lines);
     let peak_growth_bytes = status_kib("VmHWM:").saturating_sub(rss_before) << 10;
     let _ = fs::remove_dir_all(&dir);
-    if !matches!(written, Some(Ok(()))) {
-        bail!("writing the walk's lines: {written:?}");
+    if let Err(e) = written {
+        bail!("writing the walk's lines: {e:#}");
     }
-    Ok(Walk { lines: flows, walk_secs, loop_secs, buffer_bytes, peak_growth_bytes })
+    Ok(Walk { lines: flows, walk_secs, loop_secs, write_secs, buffer_bytes, peak_growth_bytes })
+}
+
+/// Hands `lines` to the flow log as the agent's loop does, and waits for its thread to have
+/// written them: the loop's seconds, the seconds until they were written, and the result.
+fn write(log: &mut FlowLog, lines: Lines) -> (f64, f64, Result<()>) {
+    let started = Instant::now();
+    let queued = log.write_interim(lines);
+    let loop_secs = started.elapsed().as_secs_f64();
+    let result = match queued {
+        Some(result) => result.and_then(|()| bail!("written on the loop")),
+        None => match log.writer.wait() {
+            Some(Done::Wrote(result)) => result,
+            other => Err(anyhow::anyhow!("the flow log's thread did {other:?}")),
+        },
+    };
+    (loop_secs, started.elapsed().as_secs_f64(), result)
 }
 
 /// A `continuing` line as docs/flowlog.md shows one, of flow `i`.
@@ -102,13 +119,13 @@ fn line(i: usize) -> Value {
     })
 }
 
-/// This thread's write system calls so far.
+/// This process's write system calls so far.
 fn writes() -> Result<u64> {
-    let io = fs::read_to_string("/proc/thread-self/io").context("reading /proc/thread-self/io")?;
+    let io = fs::read_to_string("/proc/self/io").context("reading /proc/self/io")?;
     io.lines()
         .find_map(|l| l.strip_prefix("syscw: "))
         .and_then(|n| n.trim().parse().ok())
-        .context("no syscw in /proc/thread-self/io")
+        .context("no syscw in /proc/self/io")
 }
 
 pub fn measure(cfg: &Config, machine: &Machine) -> Result<Report> {
@@ -122,8 +139,8 @@ pub fn measure(cfg: &Config, machine: &Machine) -> Result<Report> {
     ];
     let mut rows = Vec::new();
     for (target, path) in targets {
-        let (mut text_us, mut us, mut calls, mut written) =
-            (Vec::new(), Vec::new(), Vec::new(), true);
+        let (mut text_us, mut loop_us, mut write_us, mut calls, mut written) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), true);
         for _ in 0..cfg.runs {
             let _ = fs::remove_file(&file);
             let sink = Sink::open(path.to_str().context("path")?, u64::MAX, 1)?;
@@ -144,11 +161,12 @@ pub fn measure(cfg: &Config, machine: &Machine) -> Result<Report> {
             }
             let walk = texts;
             text_us.push(started.elapsed().as_secs_f64() * 1e6 / lines as f64);
-            let (before, started) = (writes()?, Instant::now());
-            let result = log.write_interim(walk);
-            us.push(started.elapsed().as_secs_f64() * 1e6 / lines as f64);
+            let before = writes()?;
+            let (loop_secs, write_secs, result) = write(&mut log, walk);
+            loop_us.push(loop_secs * 1e6 / lines as f64);
+            write_us.push(write_secs * 1e6 / lines as f64);
             calls.push((writes()? - before) as f64 * 1000.0 / lines as f64);
-            written = matches!(result, Some(Ok(())));
+            written = result.is_ok();
         }
         // The wrong outcome would mean the wrong path was measured.
         if written != (path == file) {
@@ -161,7 +179,8 @@ pub fn measure(cfg: &Config, machine: &Machine) -> Result<Report> {
             target: target.into(),
             lines,
             text_us_per_line: median(&text_us),
-            us_per_line: median(&us),
+            loop_us_per_line: median(&loop_us),
+            write_us_per_line: median(&write_us),
             writes_per_1000_lines: median(&calls),
             written,
         });
@@ -172,32 +191,34 @@ pub fn measure(cfg: &Config, machine: &Machine) -> Result<Report> {
 
 pub fn markdown(r: &Report) -> String {
     let mut md = String::new();
-    let _ = writeln!(md, "### Flow-log lines on the agent's loop\n");
+    let _ = writeln!(md, "### Flow-log lines and the agent's loop\n");
     md.push_str(&r.machine.header(r.quick));
     let _ = writeln!(
         md,
-        "| written to | lines per walk | the loop: µs per line (s per million lines) | write calls per 1,000 lines | written | the walk's thread: µs per line making text |"
+        "| written to | lines per walk | µs per line: the walk's thread making text | the loop queueing | the flow log's thread writing | write calls per 1,000 lines | written |"
     );
-    let _ = writeln!(md, "|---|---:|---:|---:|---|---:|");
+    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---|");
     for row in &r.rows {
         let _ = writeln!(
             md,
-            "| {} | {} | {:.2} | {:.1} | {} | {:.2} |",
+            "| {} | {} | {:.2} | {:.3} | {:.2} | {:.1} | {} |",
             row.target,
             thousands(row.lines as u64),
-            row.us_per_line,
+            row.text_us_per_line,
+            row.loop_us_per_line,
+            row.write_us_per_line,
             row.writes_per_1000_lines,
             if row.written { "yes" } else { "no (as it must)" },
-            row.text_us_per_line
         );
     }
     let _ = writeln!(
         md,
         "\nMethod: one walk's `continuing` lines made text as the walk's thread makes them \
-         (`Probes::push`: checked against a probe target, serialized into one buffer), then handed to \
-         `FlowLog::write_interim` on the same thread, as the agent's loop does after each \
-         walk. Median of {} runs. Write calls are the thread's `syscw` \
-         (/proc/thread-self/io). On the full disk every write fails with ENOSPC and the file \
+         (`Probes::push`: checked against a probe target, serialized into one buffer), handed \
+         to `FlowLog::write_interim` as the agent's loop does after each walk (it queues them \
+         for the flow log's thread), and waited for until that thread has written them (µs \
+         per line from the hand-over). Median of {} runs. Write calls are the process's \
+         `syscw` (/proc/self/io). On the full disk every write fails with ENOSPC and the file \
          is reopened after a failure.\n",
         r.runs
     );

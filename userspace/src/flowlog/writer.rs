@@ -1,0 +1,188 @@
+//! The flow log's own thread: every write, reopen and check of the file happens there, so
+//! that a slow disk, or one that stops answering (a dead NFS server, a pipe no one reads),
+//! holds up only the flow log, never the agent's loop (reloads, failovers, NAT expiry,
+//! signals). Lines wait in a queue of bounded size; a batch that would overflow it is
+//! dropped, and that is reported as a failed write.
+
+use std::{
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        mpsc as std_mpsc,
+    },
+    thread,
+    time::Duration,
+};
+
+use anyhow::{Result, anyhow};
+use tokio::sync::mpsc;
+
+use super::sink::{Lines, Sink};
+
+/// Bytes of lines waiting for the thread at most; a batch is taken into an empty queue
+/// whatever its size (a walk's lines may be more).
+const QUEUE_BYTES: usize = 64 << 20;
+
+enum Job {
+    Write(Lines),
+    /// Open the file at the path anew (SIGHUP).
+    Reopen,
+    /// Open the file at the path anew if it is no longer the one written.
+    Follow,
+}
+
+/// What the thread did.
+#[derive(Debug)]
+pub enum Done {
+    /// A batch written, or not.
+    Wrote(Result<()>),
+    /// The file at the path opened anew: at a reopen, or (with its path) because the one
+    /// written was moved or removed.
+    Path(Result<Option<PathBuf>>),
+}
+
+pub struct Writer {
+    jobs: std_mpsc::Sender<Job>,
+    /// Bytes of the batches queued and not yet written.
+    queued: Arc<AtomicUsize>,
+    /// A check of the path is queued and not yet done: one is enough (they come every
+    /// second, and would pile up behind a write that never ends).
+    following: Arc<AtomicBool>,
+    limit: usize,
+    /// What the thread did, in the order it was asked.
+    pub done: mpsc::UnboundedReceiver<Done>,
+}
+
+impl Writer {
+    pub fn spawn(sink: Sink) -> Self {
+        Self::spawn_bounded(sink, QUEUE_BYTES)
+    }
+
+    fn spawn_bounded(mut sink: Sink, limit: usize) -> Self {
+        let (jobs, todo) = std_mpsc::channel();
+        let (tx, done) = mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let following = Arc::new(AtomicBool::new(false));
+        let (left, checking) = (queued.clone(), following.clone());
+        thread::Builder::new()
+            .name("flow-log".into())
+            .spawn(move || {
+                for job in todo {
+                    let done = match job {
+                        Job::Write(lines) => {
+                            let written = sink.write_lines(&lines);
+                            left.fetch_sub(lines.bytes(), Ordering::SeqCst);
+                            Done::Wrote(written)
+                        }
+                        Job::Reopen => Done::Path(sink.reopen().map(|()| None)),
+                        Job::Follow => {
+                            checking.store(false, Ordering::SeqCst);
+                            Done::Path(sink.follow())
+                        }
+                    };
+                    // With no one to tell, the jobs are still done.
+                    let _ = tx.send(done);
+                }
+            })
+            .expect("starting the flow log's thread");
+        Self { jobs, queued, following, limit, done }
+    }
+
+    /// Queues `lines` to be written; the result comes as [`Done::Wrote`]. `None`: queued (or
+    /// nothing to write). `Some(Err)`: dropped, as the queue is full (the thread is behind).
+    pub fn write(&self, lines: Lines) -> Option<Result<()>> {
+        if lines.is_empty() {
+            return None;
+        }
+        let bytes = lines.bytes();
+        let before = self.queued.fetch_add(bytes, Ordering::SeqCst);
+        if before > 0 && before + bytes > self.limit {
+            self.queued.fetch_sub(bytes, Ordering::SeqCst);
+            return Some(Err(anyhow!(
+                "{} lines dropped: {} MiB of lines still wait to be written (the disk is slow \
+                 or not answering)",
+                lines.len(),
+                before >> 20
+            )));
+        }
+        self.jobs
+            .send(Job::Write(lines))
+            .err()
+            .map(|_| Err(anyhow!("the flow log's thread is gone")))
+    }
+
+    /// Asks for the file at the path to be opened anew; the result comes as [`Done::Path`].
+    pub fn reopen(&self) {
+        let _ = self.jobs.send(Job::Reopen);
+    }
+
+    /// Asks for the file at the path to be opened anew if it is no longer the one written;
+    /// the result comes as [`Done::Path`].
+    pub fn follow(&self) {
+        if !self.following.swap(true, Ordering::SeqCst) {
+            let _ = self.jobs.send(Job::Follow);
+        }
+    }
+
+    /// Waits (blocking) for the next thing the thread did.
+    pub fn wait(&mut self) -> Option<Done> {
+        self.done.blocking_recv()
+    }
+
+    /// Lets the thread write what is queued, for at most `limit`; returns the results, and
+    /// the bytes left unwritten.
+    pub async fn finish(mut self, limit: Duration) -> (Vec<Done>, usize) {
+        let Self { jobs, queued, done: ref mut results, .. } = self;
+        // The thread ends once it has done every job.
+        drop(jobs);
+        let mut done = Vec::new();
+        let _ = tokio::time::timeout(limit, async {
+            while let Some(d) = results.recv().await {
+                done.push(d);
+            }
+        })
+        .await;
+        (done, queued.load(Ordering::SeqCst))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{fs, io::Read};
+
+    use serde_json::json;
+
+    use super::*;
+
+    fn batch(lines: usize) -> Lines {
+        let mut batch = Lines::default();
+        (0..lines).for_each(|i| batch.push(&json!({"i": i, "pad": "x".repeat(990)})));
+        batch
+    }
+
+    /// A pipe no one reads stops the thread in the first batch's write: later batches queue
+    /// up to the limit, and one past it is dropped at once; the loop never waits.
+    #[test]
+    fn a_batch_past_the_queue_limit_is_dropped() {
+        let dir = std::env::temp_dir().join(format!("xgwriter{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("flows.fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let sink = Sink::open(fifo.to_str().unwrap(), 1 << 30, 1).unwrap();
+        let writer = Writer::spawn_bounded(sink, 100 << 10);
+        // 70 KB: more than the pipe holds; an empty queue takes a batch of any size.
+        assert!(writer.write(batch(70)).is_none());
+        assert!(writer.write(batch(20)).is_none(), "90 KB queued");
+        let dropped = writer.write(batch(20)).expect("dropped").unwrap_err();
+        assert!(format!("{dropped:#}").contains("20 lines dropped"), "{dropped:#}");
+        // Read what the thread writes until it is done (it closes the pipe): the first two
+        // batches, not the third.
+        drop(writer);
+        let mut text = String::new();
+        fs::File::open(&fifo).unwrap().read_to_string(&mut text).unwrap();
+        assert_eq!(text.lines().count(), 90);
+        let _ = fs::remove_dir_all(&dir);
+    }
+}
