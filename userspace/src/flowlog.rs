@@ -387,19 +387,17 @@ pub fn interim_lines(
     reported.begin_walk();
     let live = flows::established(pins, names)?;
     let mut lines = Lines::default();
-    for line in continuing(&live, reported) {
-        probes.push(&mut lines, line);
-    }
+    continuing(&live, reported, |line| probes.push(&mut lines, line));
     Ok(lines)
 }
 
-fn continuing(live: &[(FlowEntries, Flow)], reported: &Reported) -> Vec<Value> {
+/// Hands `line` the `continuing` line of each flow of `live` with traffic since its last
+/// record, one at a time (a million of them at once took gigabytes).
+fn continuing(live: &[(FlowEntries, Flow)], reported: &Reported, mut line: impl FnMut(Value)) {
     let now = wall_clock(monotonic_ns());
-    let counted = reported.count(live);
-    counted
-        .into_iter()
-        .map(|(i, counts)| flow_line(&live[i].0, &live[i].1, "continuing", now, counts))
-        .collect()
+    for (i, counts) in reported.count(live) {
+        line(flow_line(&live[i].0, &live[i].1, "continuing", now, counts));
+    }
 }
 
 /// The agent's own health-probe connections: a local address to a probe target's port on
@@ -572,7 +570,14 @@ mod tests {
     /// A walk that read `live`, its lines counted.
     fn walked(reported: &Reported, live: &[(FlowEntries, Flow)]) -> Vec<Value> {
         reported.begin_walk();
-        continuing(live, reported)
+        lines_of(live, reported)
+    }
+
+    /// The `continuing` lines of `live`, counted.
+    fn lines_of(live: &[(FlowEntries, Flow)], reported: &Reported) -> Vec<Value> {
+        let mut lines = Vec::new();
+        continuing(live, reported, |l| lines.push(l));
+        lines
     }
 
     fn delta(l: &Value) -> u64 {
@@ -653,7 +658,7 @@ mod tests {
         let (_, f8) = flow(8);
         reported.begin_walk();
         assert_eq!(reported.removed(&read.key).0.packets, 3, "the end counts from the last record");
-        assert!(continuing(&[(read, f8.clone())], &reported).is_empty());
+        assert!(lines_of(&[(read, f8.clone())], &reported).is_empty());
         // A new flow with the same tuple, read by a later walk: reported from zero.
         assert_eq!(
             walked(&reported, &[(read, f8.clone())]).iter().map(delta).collect::<Vec<_>>(),

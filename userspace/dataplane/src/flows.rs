@@ -686,7 +686,9 @@ pub fn delete(
 /// flow log's interim records).
 pub fn established(pins: &PinDir, names: &Names) -> Result<Vec<(FlowEntries, Flow)>> {
     let now = monotonic_ns();
-    Ok(pair(&entries(pins, FLOWS)?)
+    // The table's copy goes once paired: a table of a million flows takes hundreds of MiB.
+    let paired = pair(&entries(pins, FLOWS)?);
+    Ok(paired
         .into_iter()
         .map(|(key, forward, reply, _)| {
             let flow = describe(names, now, FlowState::Established, key, forward, reply);
