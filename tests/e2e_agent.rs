@@ -564,7 +564,61 @@ fn a_flow_log_that_takes_no_lines_holds_up_nothing_else() {
         thread::sleep(Duration::from_millis(100));
     };
     assert!(exit.success(), "{exit}:\n{}", agent.log());
-    assert!(agent.log().contains("bytes of lines not written"), "{}", agent.log());
+    assert!(agent.log().contains("bytes of lines not known to be written"), "{}", agent.log());
+}
+
+/// A file-size limit (systemd's LimitFSIZE=) that the flow log reaches: the write fails as
+/// on a full disk, logged and listed in `status`, and the agent runs on (seen failing
+/// before: SIGXFSZ ended it).
+#[test]
+fn a_file_size_limit_fails_flow_log_writes_and_nothing_else() {
+    use std::os::unix::process::CommandExt;
+    let lab = Gateway::new();
+    let file = lab.write_policy("policy.yaml", &policy(8080));
+    let log = lab.dir.join("flows.jsonl");
+    // Whole lines up to 16 bytes under the limit: the next line passes it.
+    const LIMIT: u64 = 1 << 20;
+    let filler = format!("{{\"pad\":\"{}\"}}\n", "x".repeat(1000));
+    let n = (LIMIT - 16) as usize / filler.len();
+    std::fs::write(&log, filler.repeat(n)).unwrap();
+    let agent_log = lab.dir.join("agent-fsize.log");
+    let mut command = Command::new(common::xdpgate_bin());
+    command
+        .args(["--netns", &lab.gw.name, "--pin-dir"])
+        .arg(lab.pins.dir.path())
+        .args(["run", "--policy", file.to_str().unwrap(), "--metrics-addr", "off"])
+        .args(["--flow-log", log.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&agent_log).unwrap());
+    // SAFETY: only setrlimit between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            let limit = libc::rlimit { rlim_cur: LIMIT, rlim_max: LIMIT };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut agent = Agent { child: command.spawn().unwrap(), log: agent_log };
+    wait_for("the policy applied", Duration::from_secs(20), || {
+        agent.assert_running("start");
+        generation(&lab.pins) >= 1
+    });
+    let mut sport = 42000;
+    wait_for("the write error logged", Duration::from_secs(15), || {
+        agent.assert_running("a flow-log line past the file-size limit");
+        udp_flow(&lab, sport);
+        sport += 1;
+        thread::sleep(Duration::from_millis(100));
+        agent.log().contains("File too large")
+    });
+    wait_for("status to list the failing flow log", Duration::from_secs(5), || {
+        status(&lab.pins)["agent"]["failing"].to_string().contains("File too large")
+    });
+    agent.assert_running("the failed writes");
+    assert_eq!(std::fs::read_to_string(&log).unwrap().len(), n * filler.len(), "no line cut");
+    agent.stop();
 }
 
 #[test]
@@ -631,9 +685,8 @@ fn flow_log_write_errors_are_logged_and_survived() {
         thread::sleep(Duration::from_millis(100));
         (resumed..next).any(|p| begins(&log, Some(p)) == 1)
     });
-    let content = std::fs::read_to_string(&log).unwrap();
-    for line in content.lines() {
-        assert!(serde_json::from_str::<Value>(line).is_ok(), "not a JSON line: {line:?}");
+    for line in common::whole_lines(&log) {
+        assert!(serde_json::from_str::<Value>(&line).is_ok(), "not a JSON line: {line:?}");
     }
     wait_for("the recovery logged", Duration::from_secs(5), || {
         agent.log().contains("flow log: working again")

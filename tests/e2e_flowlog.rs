@@ -258,9 +258,8 @@ impl Drop for Agent {
 
 /// Every line of the flow log at `path`, parsed.
 fn read_lines(path: &std::path::Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
+    common::whole_lines(path)
+        .iter()
         .map(|l| serde_json::from_str(l).expect("each line is JSON"))
         .collect()
 }

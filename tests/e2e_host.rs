@@ -598,9 +598,8 @@ fn the_hosts_own_flows_are_in_the_flow_log() {
     let _agent = FlowLogAgent { child, dir };
     let sa = |a: &str, p: u16| SocketAddr::new(a.parse().unwrap(), p);
     let lines = || -> Vec<Value> {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .lines()
+        common::whole_lines(&log)
+            .iter()
             .map(|l| serde_json::from_str(l).expect("each line is JSON"))
             .collect()
     };

@@ -4,7 +4,7 @@
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
 use std::{
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Command, Output, Stdio},
     sync::{
         OnceLock,
@@ -19,6 +19,15 @@ static SEQ: AtomicU32 = AtomicU32::new(0);
 /// A short name unique to this process and call, fit for interfaces (15 chars max).
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}{}x{}", std::process::id() % 100_000, SEQ.fetch_add(1, Ordering::Relaxed))
+}
+
+/// The whole lines of a file another process appends to (a flow log): a last line not
+/// ended yet, in the middle of a write, is left for the next read.
+#[allow(dead_code)]
+pub fn whole_lines(path: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let whole = text.rfind('\n').map_or("", |end| &text[..=end]);
+    whole.lines().map(str::to_owned).collect()
 }
 
 /// Runs a command, panicking with its output when it fails.

@@ -328,6 +328,10 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
         flow_log_interval,
     } = config;
     let file = file.as_path();
+    // A file-size limit (systemd's LimitFSIZE=) makes a flow-log write past it fail (EFBIG),
+    // as a full disk does, instead of ending the agent.
+    // SAFETY: setting a signal's disposition to ignore.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
     // First: a SIGTERM or SIGHUP during start-up is handled once it is done, instead of
     // ending the process with the default action.
     let mut hup = signal(SignalKind::hangup())?;
@@ -520,7 +524,8 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                 }
             }
             Some(done) = async { flow_log.as_mut().expect("guarded").writer.done.recv().await }, if flow_log.is_some() => {
-                writer_did(done, &mut failing);
+                let idle = flow_log.as_ref().is_some_and(|l| l.writer.idle());
+                writer_did(done, idle, &mut failing);
             }
             joined = async { interim.pass.as_mut().expect("guarded").await }, if interim.pass.is_some() => {
                 interim.pass = None;
@@ -634,7 +639,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                             flowlog::end_line(&running.names, e, log.reported.removed(&e.key))
                         });
                         let lines = lines.collect();
-                        wrote(&mut failing, log.write_ends(lines));
+                        queued(&mut failing, log.write_ends(lines));
                     }
                 }
             }
@@ -669,11 +674,11 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     }
     if let Some(flowlog::FlowLog { writer, .. }) = flow_log {
         let (done, left) = writer.finish(FLOW_LOG_STOP).await;
-        done.into_iter().for_each(|d| writer_did(d, &mut failing));
+        done.into_iter().for_each(|d| writer_did(d, left == 0, &mut failing));
         if left > 0 {
             error!(
-                "flow log: {left} bytes of lines not written: the file took none of them within \
-                 {FLOW_LOG_STOP:?}"
+                "flow log: {left} bytes of lines not known to be written: the file did not take \
+                 them within {FLOW_LOG_STOP:?}"
             );
         }
     }
@@ -793,12 +798,12 @@ fn log_events(
             lines.push(log.event_line(names, &e));
             // A ring filled as fast as it is read is written as it goes, not held.
             if lines.len() == EVENT_BATCH {
-                wrote(failing, log.write_lines(lines.drain(..)));
+                queued(failing, log.write_lines(lines.drain(..)));
             }
         }
     }
     if let Some(log) = flow_log {
-        wrote(failing, log.write_lines(lines));
+        queued(failing, log.write_lines(lines));
     }
 }
 
@@ -819,10 +824,17 @@ fn follow_generation(pins: &PinDir, names: &mut Arc<flows::Names>, failing: &mut
 /// How long a stopping agent waits for the flow log's thread to write what is queued.
 const FLOW_LOG_STOP: Duration = Duration::from_secs(5);
 
-/// Logs and records what the flow log's thread did.
-fn writer_did(done: flowlog::Done, failing: &mut Failing) {
+/// Logs and records what the flow log's thread did; `idle`: it has nothing left to write.
+fn writer_did(done: flowlog::Done, idle: bool, failing: &mut Failing) {
     match done {
-        flowlog::Done::Wrote(result) => wrote(failing, Some(result)),
+        flowlog::Done::Wrote(result) => {
+            let ok = result.is_ok();
+            failing.check("flow log", result);
+            // Lines it dropped stay listed until it has caught up.
+            if ok && idle {
+                failing.check("flow log queue", Ok(()));
+            }
+        }
         // A job of its own: finding the file in place says nothing of whether writes work,
         // so it must not clear a write failure that `status` shows.
         flowlog::Done::Path(result) => {
@@ -836,11 +848,11 @@ fn writer_did(done: flowlog::Done, failing: &mut Failing) {
     }
 }
 
-/// The result of a flow-log write, when one was tried: a line left out or held says nothing
-/// of whether writes work, and must not clear a failure that `status` shows.
-fn wrote(failing: &mut Failing, written: Option<Result<()>>) {
-    if let Some(result) = written {
-        failing.check("flow log", result);
+/// Records lines the flow log dropped as they were handed over (its thread is behind), under
+/// a job of its own: a write of lines queued before, reported after, must not clear it.
+fn queued(failing: &mut Failing, result: Result<()>) {
+    if result.is_err() {
+        failing.check("flow log queue", result);
     }
 }
 
@@ -859,7 +871,7 @@ fn log_ends(
     {
         lines.push(flowlog::end_line(names, &ended, last));
     }
-    wrote(failing, log.write_ends(lines));
+    queued(failing, log.write_ends(lines));
 }
 
 /// Writes the lines of a walk for interim records (none if it failed, which is logged),
@@ -871,7 +883,7 @@ fn write_walk(
 ) {
     let lines = joined.map_err(|e| anyhow!("the interim records' thread failed: {e}"));
     let lines = failing.check("flow log interim records", lines.and_then(|r| r));
-    wrote(failing, log.write_interim(lines.unwrap_or_default()));
+    queued(failing, log.write_interim(lines.unwrap_or_default()));
 }
 
 /// Ends the translations idle past their timeout, under the write lock; returns the

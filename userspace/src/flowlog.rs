@@ -460,9 +460,8 @@ impl Probes {
 }
 
 /// The flow log: its thread, which writes the sink, and how probe connections are treated.
-/// Its writes queue lines for the thread and return `None`, the result of the write coming
-/// later on `writer.done`; or `Some(Err)` for lines dropped at once (the queue is full); or
-/// `None` with nothing written (nothing to write, or lines held).
+/// Its writes queue lines for the thread, whose result comes later on `writer.done`; `Err`:
+/// dropped at once ([`Writer::write`]).
 pub struct FlowLog {
     pub writer: Writer,
     pub probes: Probes,
@@ -496,17 +495,17 @@ impl FlowLog {
     /// Writes the `end` lines of flows the agent removed, as one batch, or holds them while
     /// a walk's lines are counted and not written yet: they may count from one of those,
     /// which comes first.
-    pub fn write_ends(&mut self, lines: Vec<Value>) -> Option<Result<()>> {
+    pub fn write_ends(&mut self, lines: Vec<Value>) -> Result<()> {
         if self.reported.unwritten() {
             self.held.extend(lines);
-            return None;
+            return Ok(());
         }
         self.write_lines(lines)
     }
 
     /// Writes a walk's `continuing` lines ([`interim_lines`]), then the `end` lines held for
     /// them, as one batch.
-    pub fn write_interim(&mut self, mut lines: Lines) -> Option<Result<()>> {
+    pub fn write_interim(&mut self, mut lines: Lines) -> Result<()> {
         self.reported.written();
         for line in std::mem::take(&mut self.held) {
             self.probes.push(&mut lines, line);
@@ -516,7 +515,7 @@ impl FlowLog {
 
     /// Writes `lines` in order as one batch ([`Sink::write_lines`]), probe connections left
     /// out or marked as asked.
-    pub fn write_lines(&mut self, lines: impl IntoIterator<Item = Value>) -> Option<Result<()>> {
+    pub fn write_lines(&mut self, lines: impl IntoIterator<Item = Value>) -> Result<()> {
         let mut batch = Lines::default();
         for line in lines {
             self.probes.push(&mut batch, line);
@@ -524,7 +523,7 @@ impl FlowLog {
         self.write_all(batch)
     }
 
-    fn write_all(&mut self, lines: Lines) -> Option<Result<()>> {
+    fn write_all(&mut self, lines: Lines) -> Result<()> {
         self.writer.write(lines)
     }
 }
@@ -698,18 +697,18 @@ mod tests {
             Some(Done::Wrote(result)) => result.unwrap(),
             other => panic!("{other:?}"),
         };
-        assert!(log.write_ends(vec![json!({"state": "end"})]).is_none());
+        log.write_ends(vec![json!({"state": "end"})]).unwrap();
         assert_eq!(log.held.len(), 1, "held");
-        assert!(log.write_interim(lines).is_none(), "queued");
+        log.write_interim(lines).unwrap();
         written(&mut log);
         assert_eq!(states(), ["\"continuing\"", "\"end\""]);
         // Nothing unwritten: an end line goes out at once.
-        assert!(log.write_ends(vec![json!({"state": "end"})]).is_none(), "queued");
+        log.write_ends(vec![json!({"state": "end"})]).unwrap();
         written(&mut log);
         assert_eq!(states().len(), 3);
         // Nothing to write: nothing queued.
-        assert!(log.write_interim(Lines::default()).is_none());
-        assert!(log.writer.done.try_recv().is_err());
+        log.write_interim(Lines::default()).unwrap();
+        assert!(log.writer.idle());
         let _ = fs::remove_dir_all(&dir);
     }
 }

@@ -96,13 +96,10 @@ fn write(log: &mut FlowLog, lines: Lines) -> (f64, f64, Result<()>) {
     let started = Instant::now();
     let queued = log.write_interim(lines);
     let loop_secs = started.elapsed().as_secs_f64();
-    let result = match queued {
-        Some(result) => result.and_then(|()| bail!("written on the loop")),
-        None => match log.writer.wait() {
-            Some(Done::Wrote(result)) => result,
-            other => Err(anyhow::anyhow!("the flow log's thread did {other:?}")),
-        },
-    };
+    let result = queued.and_then(|()| match log.writer.wait() {
+        Some(Done::Wrote(result)) => result,
+        other => Err(anyhow::anyhow!("the flow log's thread did {other:?}")),
+    });
     (loop_secs, started.elapsed().as_secs_f64(), result)
 }
 

@@ -1,8 +1,8 @@
 //! Where flow-log lines go: stdout, or a file rotated at a size. Lines are written in
 //! batches ([`Lines`]: a walk's or a ring drain's lines in a few large writes, not one write
 //! each), and a failed write is followed by one reopen per batch, not per line: on a full
-//! disk a walk of a million flows would otherwise reopen the file a million times, on the
-//! agent's loop.
+//! disk a walk of a million flows would otherwise reopen the file a million times. The
+//! flow log's thread ([`super::Writer`]) does all of it.
 
 use std::{
     fs::{self, File, OpenOptions},
@@ -19,8 +19,8 @@ use serde_json::Value;
 const CHUNK: usize = 1 << 20;
 
 /// Lines as the log holds them (compact JSON and a line break each), in one buffer: a walk's
-/// lines are made on its thread and freed on the agent's loop as one allocation, not one per
-/// line (freeing a million small strings took the loop a second).
+/// lines are made on its thread and freed on the flow log's as one allocation, not one per
+/// line (freeing a million small strings took a second).
 #[derive(Debug, Default)]
 pub struct Lines {
     bytes: Vec<u8>,

@@ -20,8 +20,8 @@ use tokio::sync::mpsc;
 
 use super::sink::{Lines, Sink};
 
-/// Bytes of lines waiting for the thread at most; a batch is taken into an empty queue
-/// whatever its size (a walk's lines may be more).
+/// Bytes of lines waiting for the thread past which a batch is dropped: the queue holds at
+/// most this and one batch more (a walk's lines may be more than this alone).
 const QUEUE_BYTES: usize = 64 << 20;
 
 enum Job {
@@ -50,7 +50,8 @@ pub struct Writer {
     /// second, and would pile up behind a write that never ends).
     following: Arc<AtomicBool>,
     limit: usize,
-    /// What the thread did, in the order it was asked.
+    /// What the thread did, in the order it was asked (a dropped batch is reported at once
+    /// instead, by [`Writer::write`]).
     pub done: mpsc::UnboundedReceiver<Done>,
 }
 
@@ -89,27 +90,32 @@ impl Writer {
         Self { jobs, queued, following, limit, done }
     }
 
-    /// Queues `lines` to be written; the result comes as [`Done::Wrote`]. `None`: queued (or
-    /// nothing to write). `Some(Err)`: dropped, as the queue is full (the thread is behind).
-    pub fn write(&self, lines: Lines) -> Option<Result<()>> {
+    /// Queues `lines` to be written; the result comes as [`Done::Wrote`]. `Err`: dropped, as
+    /// the thread is behind by more than the queue's limit (or gone).
+    pub fn write(&self, lines: Lines) -> Result<()> {
         if lines.is_empty() {
-            return None;
+            return Ok(());
         }
         let bytes = lines.bytes();
         let before = self.queued.fetch_add(bytes, Ordering::SeqCst);
-        if before > 0 && before + bytes > self.limit {
+        let queued = if before >= self.limit {
+            Err(anyhow!(
+                "lines dropped: more than {} MiB of lines wait to be written (the disk is slow or \
+                 not answering)",
+                self.limit >> 20
+            ))
+        } else {
+            self.jobs.send(Job::Write(lines)).map_err(|_| anyhow!("the flow log's thread is gone"))
+        };
+        if queued.is_err() {
             self.queued.fetch_sub(bytes, Ordering::SeqCst);
-            return Some(Err(anyhow!(
-                "{} lines dropped: {} MiB of lines still wait to be written (the disk is slow \
-                 or not answering)",
-                lines.len(),
-                before >> 20
-            )));
         }
-        self.jobs
-            .send(Job::Write(lines))
-            .err()
-            .map(|_| Err(anyhow!("the flow log's thread is gone")))
+        queued
+    }
+
+    /// Whether every batch queued is written (or failed).
+    pub fn idle(&self) -> bool {
+        self.queued.load(Ordering::SeqCst) == 0
     }
 
     /// Asks for the file at the path to be opened anew; the result comes as [`Done::Path`].
@@ -149,7 +155,7 @@ impl Writer {
 
 #[cfg(test)]
 mod tests {
-    use std::{fs, io::Read};
+    use std::{fs, io::Read, os::fd::AsRawFd};
 
     use serde_json::json;
 
@@ -162,7 +168,8 @@ mod tests {
     }
 
     /// A pipe no one reads stops the thread in the first batch's write: later batches queue
-    /// up to the limit, and one past it is dropped at once; the loop never waits.
+    /// while less than the limit waits, and one after is dropped at once; the loop never
+    /// waits.
     #[test]
     fn a_batch_past_the_queue_limit_is_dropped() {
         let dir = std::env::temp_dir().join(format!("xgwriter{}", std::process::id()));
@@ -172,17 +179,24 @@ mod tests {
         nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
         let sink = Sink::open(fifo.to_str().unwrap(), 1 << 30, 1).unwrap();
         let writer = Writer::spawn_bounded(sink, 100 << 10);
-        // 70 KB: more than the pipe holds; an empty queue takes a batch of any size.
-        assert!(writer.write(batch(70)).is_none());
-        assert!(writer.write(batch(20)).is_none(), "90 KB queued");
-        let dropped = writer.write(batch(20)).expect("dropped").unwrap_err();
-        assert!(format!("{dropped:#}").contains("20 lines dropped"), "{dropped:#}");
-        // Read what the thread writes until it is done (it closes the pipe): the first two
-        // batches, not the third.
+        // 70 KB: more than the pipe holds (sized here), and the thread waits in its write;
+        // the queue takes batches while it holds less than its limit.
+        let pipe = fs::OpenOptions::new().read(true).write(true).open(&fifo).unwrap();
+        // SAFETY: F_SETPIPE_SZ on an open pipe.
+        assert!(unsafe { libc::fcntl(pipe.as_raw_fd(), libc::F_SETPIPE_SZ, 64 << 10) } >= 64 << 10);
+        writer.write(batch(70)).unwrap();
+        writer.write(batch(20)).unwrap();
+        writer.write(batch(20)).unwrap();
+        assert!(!writer.idle());
+        let dropped = writer.write(batch(20)).unwrap_err();
+        assert!(format!("{dropped:#}").contains("lines dropped"), "{dropped:#}");
+        // Read what the thread writes until it is done (it closes the pipe): the first three
+        // batches, not the fourth.
         drop(writer);
+        drop(pipe);
         let mut text = String::new();
         fs::File::open(&fifo).unwrap().read_to_string(&mut text).unwrap();
-        assert_eq!(text.lines().count(), 90);
+        assert_eq!(text.lines().count(), 110);
         let _ = fs::remove_dir_all(&dir);
     }
 }
