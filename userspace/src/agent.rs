@@ -524,8 +524,8 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                 }
             }
             Some(done) = async { flow_log.as_mut().expect("guarded").writer.done.recv().await }, if flow_log.is_some() => {
-                let idle = flow_log.as_ref().is_some_and(|l| l.writer.idle());
-                writer_did(done, idle, &mut failing);
+                let behind = flow_log.as_ref().is_some_and(|l| l.writer.behind());
+                writer_did(done, behind, &mut failing);
             }
             joined = async { interim.pass.as_mut().expect("guarded").await }, if interim.pass.is_some() => {
                 interim.pass = None;
@@ -674,7 +674,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     }
     if let Some(flowlog::FlowLog { writer, .. }) = flow_log {
         let (done, left) = writer.finish(FLOW_LOG_STOP).await;
-        done.into_iter().for_each(|d| writer_did(d, left == 0, &mut failing));
+        done.into_iter().for_each(|d| writer_did(d, false, &mut failing));
         if left > 0 {
             error!(
                 "flow log: {left} bytes of lines not known to be written: the file did not take \
@@ -824,14 +824,14 @@ fn follow_generation(pins: &PinDir, names: &mut Arc<flows::Names>, failing: &mut
 /// How long a stopping agent waits for the flow log's thread to write what is queued.
 const FLOW_LOG_STOP: Duration = Duration::from_secs(5);
 
-/// Logs and records what the flow log's thread did; `idle`: it has nothing left to write.
-fn writer_did(done: flowlog::Done, idle: bool, failing: &mut Failing) {
+/// Logs and records what the flow log's thread did; `behind`: its queue is at its limit.
+fn writer_did(done: flowlog::Done, behind: bool, failing: &mut Failing) {
     match done {
         flowlog::Done::Wrote(result) => {
             let ok = result.is_ok();
             failing.check("flow log", result);
-            // Lines it dropped stay listed until it has caught up.
-            if ok && idle {
+            // Lines it dropped stay listed until it writes and takes batches again.
+            if ok && !behind {
                 failing.check("flow log queue", Ok(()));
             }
         }

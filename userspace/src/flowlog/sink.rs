@@ -90,10 +90,8 @@ fn cut_partial_line(file: &File, len: u64) -> (u64, bool) {
         None => return (len, true),
     };
     match file.set_len(keep) {
-        Ok(()) => {
-            log::warn!("flow log: cut a partial last line of {} bytes", len - keep);
-            (keep, false)
-        }
+        // Quiet: after every failed write of a full disk; `Sink::open` tells of one found.
+        Ok(()) => (keep, false),
         Err(_) => (len, true),
     }
 }
@@ -240,7 +238,12 @@ impl Sink {
         if target == "-" {
             return Ok(Sink::Stdout);
         }
-        Ok(Sink::File(FileSink::open(PathBuf::from(target), max_bytes, keep)?))
+        let found = fs::metadata(target).map_or(0, |m| m.len());
+        let f = FileSink::open(PathBuf::from(target), max_bytes, keep)?;
+        if f.written < found {
+            log::warn!("flow log: cut a partial last line of {} bytes", found - f.written);
+        }
+        Ok(Sink::File(f))
     }
 
     /// Opens the file at the path anew (logrotate style: after the old one was moved away,

@@ -1,8 +1,8 @@
 //! The flow log's own thread: every write, reopen and check of the file happens there, so
 //! that a slow disk, or one that stops answering (a dead NFS server, a pipe no one reads),
 //! holds up only the flow log, never the agent's loop (reloads, failovers, NAT expiry,
-//! signals). Lines wait in a queue of bounded size; a batch that would overflow it is
-//! dropped, and that is reported as a failed write.
+//! signals). Lines wait in a queue of bounded size: a batch handed over while the queue is
+//! at its limit is dropped, and that is reported at once.
 
 use std::{
     path::PathBuf,
@@ -100,7 +100,7 @@ impl Writer {
         let before = self.queued.fetch_add(bytes, Ordering::SeqCst);
         let queued = if before >= self.limit {
             Err(anyhow!(
-                "lines dropped: more than {} MiB of lines wait to be written (the disk is slow or \
+                "lines dropped: {} MiB of lines or more wait to be written (the disk is slow or \
                  not answering)",
                 self.limit >> 20
             ))
@@ -113,9 +113,9 @@ impl Writer {
         queued
     }
 
-    /// Whether every batch queued is written (or failed).
-    pub fn idle(&self) -> bool {
-        self.queued.load(Ordering::SeqCst) == 0
+    /// Whether the queue is at its limit: a batch handed over now is dropped.
+    pub fn behind(&self) -> bool {
+        self.queued.load(Ordering::SeqCst) >= self.limit
     }
 
     /// Asks for the file at the path to be opened anew; the result comes as [`Done::Path`].
@@ -149,7 +149,13 @@ impl Writer {
             }
         })
         .await;
-        (done, queued.load(Ordering::SeqCst))
+        // Read before what came in meanwhile: a batch the thread counted off as it timed out
+        // has its result in the channel.
+        let left = queued.load(Ordering::SeqCst);
+        while let Ok(d) = results.try_recv() {
+            done.push(d);
+        }
+        (done, left)
     }
 }
 
@@ -187,7 +193,7 @@ mod tests {
         writer.write(batch(70)).unwrap();
         writer.write(batch(20)).unwrap();
         writer.write(batch(20)).unwrap();
-        assert!(!writer.idle());
+        assert!(writer.behind());
         let dropped = writer.write(batch(20)).unwrap_err();
         assert!(format!("{dropped:#}").contains("lines dropped"), "{dropped:#}");
         // Read what the thread writes until it is done (it closes the pipe): the first three
