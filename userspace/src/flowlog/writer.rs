@@ -91,7 +91,7 @@ impl Writer {
     }
 
     /// Queues `lines` to be written; the result comes as [`Done::Wrote`]. `Err`: dropped, as
-    /// the thread is behind by more than the queue's limit (or gone).
+    /// the queue is at its limit (the thread is behind) or the thread is gone.
     pub fn write(&self, lines: Lines) -> Result<()> {
         if lines.is_empty() {
             return Ok(());
