@@ -109,6 +109,25 @@ impl Agent {
         }
     }
 
+    /// Waits for the first policy to be applied, the agent running all along.
+    fn wait_applied(&mut self, lab: &Gateway) {
+        wait_for("the policy applied", Duration::from_secs(20), || {
+            self.assert_running("start");
+            generation(&lab.pins) >= 1
+        });
+    }
+
+    /// Writes `policy(port)` to `file`, reloads with SIGHUP, and waits for it to be applied.
+    fn reload(&mut self, lab: &Gateway, file: &Path, port: u16, what: &str) {
+        let before = generation(&lab.pins);
+        std::fs::write(file, policy(port)).unwrap();
+        self.signal(libc::SIGHUP);
+        wait_for(what, Duration::from_secs(20), || {
+            self.assert_running("SIGHUP");
+            generation(&lab.pins) > before
+        });
+    }
+
     fn signal(&self, sig: libc::c_int) {
         // SAFETY: a signal to our own child.
         assert_eq!(unsafe { libc::kill(self.child.id() as i32, sig) }, 0);
@@ -175,10 +194,7 @@ fn sighup_with_a_broken_policy_keeps_the_running_one() {
     let lab = Gateway::new();
     let file = lab.write_policy("policy.yaml", &policy(8080));
     let mut agent = Agent::start(&lab, &["--policy", file.to_str().unwrap()]);
-    wait_for("the first policy applied", Duration::from_secs(20), || {
-        agent.assert_running("start");
-        generation(&lab.pins) >= 1
-    });
+    agent.wait_applied(&lab);
     assert!(reaches(&lab, 8080) && !reaches(&lab, 9090), "policy 8080 in force");
     let before = generation(&lab.pins);
 
@@ -273,10 +289,7 @@ fn flow_log_removed_or_moved_under_the_agent() {
             "1500",
         ],
     );
-    wait_for("the policy applied", Duration::from_secs(20), || {
-        agent.assert_running("start");
-        generation(&lab.pins) >= 1
-    });
+    agent.wait_applied(&lab);
     udp_flow(&lab, 40000);
     wait_for("the first begin line", Duration::from_secs(10), || begins(&log, Some(40000)) == 1);
 
@@ -525,10 +538,7 @@ fn a_flow_log_that_takes_no_lines_holds_up_nothing_else() {
             "1",
         ],
     );
-    wait_for("the policy applied", Duration::from_secs(20), || {
-        agent.assert_running("start");
-        generation(&lab.pins) >= 1
-    });
+    agent.wait_applied(&lab);
     // Until a thread of the agent waits in the pipe's write: lines of new flows.
     let task_dir = format!("/proc/{}/task", agent.child.id());
     let writing_to_the_pipe = || {
@@ -546,13 +556,7 @@ fn a_flow_log_that_takes_no_lines_holds_up_nothing_else() {
         writing_to_the_pipe()
     });
 
-    let before = generation(&lab.pins);
-    std::fs::write(&file, policy(9090)).unwrap();
-    agent.signal(libc::SIGHUP);
-    wait_for("the reload applied while the flow log waits", Duration::from_secs(20), || {
-        agent.assert_running("SIGHUP");
-        generation(&lab.pins) > before
-    });
+    agent.reload(&lab, &file, 9090, "the reload applied while the flow log waits");
     assert!(reaches(&lab, 9090) && !reaches(&lab, 8080), "the new policy in force");
 
     let stopping = Instant::now();
@@ -603,10 +607,7 @@ fn a_file_size_limit_fails_flow_log_writes_and_nothing_else() {
         });
     }
     let mut agent = Agent { child: command.spawn().unwrap(), log: agent_log };
-    wait_for("the policy applied", Duration::from_secs(20), || {
-        agent.assert_running("start");
-        generation(&lab.pins) >= 1
-    });
+    agent.wait_applied(&lab);
     let mut sport = 42000;
     wait_for("the write error logged", Duration::from_secs(15), || {
         agent.assert_running("a flow-log line past the file-size limit");
@@ -618,13 +619,7 @@ fn a_file_size_limit_fails_flow_log_writes_and_nothing_else() {
     wait_for("status to list the failing flow log", Duration::from_secs(5), || {
         status(&lab.pins)["agent"]["failing"].to_string().contains("File too large")
     });
-    let before = generation(&lab.pins);
-    std::fs::write(&file, policy(9090)).unwrap();
-    agent.signal(libc::SIGHUP);
-    wait_for("the reload applied", Duration::from_secs(20), || {
-        agent.assert_running("SIGHUP");
-        generation(&lab.pins) > before
-    });
+    agent.reload(&lab, &file, 9090, "the reload applied");
     agent.stop();
     assert_eq!(std::fs::read_to_string(&log).unwrap().len(), n * filler.len(), "no line cut");
 }
@@ -648,10 +643,7 @@ fn flow_log_write_errors_are_logged_and_survived() {
             "1",
         ],
     );
-    wait_for("the policy applied", Duration::from_secs(20), || {
-        agent.assert_running("start");
-        generation(&lab.pins) >= 1
-    });
+    agent.wait_applied(&lab);
     udp_flow(&lab, 41000);
     wait_for("the first begin line", Duration::from_secs(10), || begins(&log, Some(41000)) == 1);
 
@@ -793,10 +785,7 @@ fn a_reload_whose_apply_fails_keeps_the_running_policy() {
     let file = lab.write_policy("policy.yaml", &policy(8080));
     let mut agent =
         Agent::start(&lab, &["--policy", file.to_str().unwrap(), "--metrics-addr", "off"]);
-    wait_for("the first policy applied", Duration::from_secs(20), || {
-        agent.assert_running("start");
-        generation(&lab.pins) >= 1
-    });
+    agent.wait_applied(&lab);
     let before = generation(&lab.pins);
 
     // A valid policy that cannot be installed: a map the load balancer needs is not where
@@ -911,10 +900,7 @@ fn sigterm_and_sighup_while_another_writer_holds_the_lock() {
     let lab = Gateway::new();
     let file = lab.write_policy("policy.yaml", &policy(8080));
     let mut agent = Agent::start(&lab, &["--policy", file.to_str().unwrap()]);
-    wait_for("the first policy applied", Duration::from_secs(20), || {
-        agent.assert_running("start");
-        generation(&lab.pins) >= 1
-    });
+    agent.wait_applied(&lab);
     let before = generation(&lab.pins);
     let hold = Duration::from_secs(8);
 

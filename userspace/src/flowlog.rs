@@ -242,15 +242,13 @@ impl Counts {
     /// - A direction the read found with fewer packets than `last` is a new flow on the same
     ///   tuple (the dataplane ended the old one, idle or reopened, without a record): it
     ///   counts from zero.
-    fn of(read: &FlowEntries, flow: &Flow, last: EachWay) -> Self {
-        let new = (read.forward.is_some() && flow.forward.packets < last.0.packets)
-            || (read.reply.is_some() && flow.reply.packets < last.1.packets);
+    fn of(read: &FlowEntries, last: EachWay) -> Self {
+        let each = |v: Option<FlowValue>| v.map(|v| Traffic { packets: v.packets, bytes: v.bytes });
+        let (forward, reply) = (each(read.forward), each(read.reply));
+        let new = forward.is_some_and(|t| t.packets < last.0.packets)
+            || reply.is_some_and(|t| t.packets < last.1.packets);
         let before = if new { EachWay::default() } else { last };
-        let totals = (
-            if read.forward.is_some() { flow.forward } else { before.0 },
-            if read.reply.is_some() { flow.reply } else { before.1 },
-        );
-        Self { totals, before }
+        Self { totals: (forward.unwrap_or(before.0), reply.unwrap_or(before.1)), before }
     }
 }
 
@@ -290,15 +288,16 @@ pub struct Reported(Arc<(Mutex<ReportedState>, AtomicBool)>);
 
 #[derive(Default)]
 struct ReportedState {
-    /// Totals of each flow's last `continuing` record: what the next `delta` counts from;
-    /// and whether the last walk missed the flow. A flow the agent removes (its sweep, the
-    /// NAT expiry) is taken out as it is removed ([`Reported::removed`]); one gone
-    /// otherwise (`flows delete`, the dataplane's own removals) is forgotten when a second
-    /// walk misses it.
-    last: HashMap<FlowKey, (EachWay, bool)>,
-    /// While a walk is under way (begun, its lines not counted yet): the flows the agent
-    /// removed since it began. It may have read them before they were removed, and must not
-    /// count them again.
+    /// Totals of each flow's last `continuing` record, what the next `delta` counts from,
+    /// and the last walk that found the flow. A flow the agent removes (its sweep, the NAT
+    /// expiry) is taken out as it is removed ([`Reported::removed`]); one gone otherwise
+    /// (`flows delete`, the dataplane's own removals) is forgotten when two walks in a row
+    /// miss it.
+    last: HashMap<FlowKey, (EachWay, u64)>,
+    /// Walks begun.
+    walks: u64,
+    /// While a walk is under way: the flows the agent removed since it began. It may have
+    /// read them before they were removed, and must not count them again.
     ended: Option<HashSet<FlowKey>>,
 }
 
@@ -319,38 +318,48 @@ impl Reported {
         m.last.remove(key).map(|(totals, _)| totals).unwrap_or_default()
     }
 
-    fn begin_walk(&self) {
-        self.lock().ended = Some(HashSet::new());
+    /// One walk: `read` hands each flow it reads to the walk, which hands `counted` those
+    /// with traffic since their last record, with their counts, one at a time (the lock is
+    /// held for the counting of one flow, not for `counted`). Their lines are then
+    /// unwritten ([`Reported::written`]).
+    fn walk(
+        &self,
+        read: impl FnOnce(&mut dyn FnMut(FlowEntries)) -> Result<()>,
+        mut counted: impl FnMut(&FlowEntries, Counts),
+    ) -> Result<()> {
+        let walk = {
+            let mut m = self.lock();
+            m.walks += 1;
+            m.ended = Some(HashSet::new());
+            m.walks
+        };
+        read(&mut |flow| {
+            if let Some(counts) = self.count(walk, &flow) {
+                counted(&flow, counts);
+            }
+        })?;
+        let mut m = self.lock();
+        m.ended = None;
+        m.last.retain(|_, (_, seen)| *seen + 1 >= walk);
+        Ok(())
     }
 
-    /// Counts the flows a walk read: those with traffic since their last record, by index
-    /// in `live`, with their counts. Flows the walk did not find are forgotten when a second
-    /// walk misses them too. Their lines are then unwritten ([`Reported::written`]).
-    fn count(&self, live: &[(FlowEntries, Flow)]) -> Vec<(usize, Counts)> {
-        let keys: HashSet<FlowKey> = live.iter().map(|(e, _)| e.key).collect();
+    /// The counts of a flow walk number `walk` read, if it has traffic since its last
+    /// record and was not removed since the walk began.
+    fn count(&self, walk: u64, read: &FlowEntries) -> Option<Counts> {
         let mut guard = self.lock();
-        let ReportedState { last, ended } = &mut *guard;
-        let ended = ended.take().unwrap_or_default();
-        last.retain(|k, (_, missed)| {
-            let seen = keys.contains(k);
-            let keep = seen || !*missed;
-            *missed = !seen;
-            keep
-        });
-        let mut counted = Vec::new();
-        for (i, (read, flow)) in live.iter().enumerate() {
-            if ended.contains(&read.key) {
-                continue;
-            }
-            let before = last.get(&read.key).map(|&(totals, _)| totals).unwrap_or_default();
-            let counts = Counts::of(read, flow, before);
-            if counts.totals != before {
-                counted.push((i, counts));
-                last.insert(read.key, (counts.totals, false));
-            }
+        let ReportedState { last, ended, .. } = &mut *guard;
+        if ended.as_ref().is_some_and(|e| e.contains(&read.key)) {
+            return None;
         }
-        self.0.1.store(!counted.is_empty(), Ordering::SeqCst);
-        counted
+        let last = last.entry(read.key).or_default();
+        let counts = Counts::of(read, last.0);
+        *last = (counts.totals, walk);
+        if counts.totals == counts.before {
+            return None;
+        }
+        self.0.1.store(true, Ordering::SeqCst);
+        Some(counts)
     }
 
     /// A walk's lines are counted and not written yet.
@@ -369,35 +378,31 @@ impl Reported {
 pub fn end_line(names: &Names, ended: &FlowEntries, last: EachWay) -> Value {
     let seen = ended.forward.iter().chain(ended.reply.iter()).map(|v| v.last_seen_ns).max();
     let flow = ended.describe(names);
-    let counts = Counts::of(ended, &flow, last);
+    let counts = Counts::of(ended, last);
     flow_line(ended, &flow, "end", wall_clock(seen.unwrap_or(0)), counts)
 }
 
 /// The `continuing` lines of one walk of the flow table, as the log holds them: one for each
-/// flow with traffic since its last record. Runs on a blocking thread: a walk of a big table
-/// takes a while, and so does making text of its lines (several µs each), which the agent's
-/// loop would otherwise spend. The lines are built outside the lock the sweep's removals
-/// take.
+/// flow with traffic since its last record, each described and made text as it is counted
+/// (a million flows' descriptions at once took a gigabyte). Runs on a blocking thread: a
+/// walk of a big table takes a while, and so does making text of its lines (several µs
+/// each), which the agent's loop would otherwise spend.
 pub fn interim_lines(
     pins: &PinDir,
     names: &Names,
     reported: &Reported,
     probes: &Probes,
 ) -> Result<Lines> {
-    reported.begin_walk();
-    let live = flows::established(pins, names)?;
-    let mut lines = Lines::default();
-    continuing(&live, reported, |line| probes.push(&mut lines, line));
-    Ok(lines)
-}
-
-/// Hands `line` the `continuing` line of each flow of `live` with traffic since its last
-/// record, one at a time (a million of them at once took gigabytes).
-fn continuing(live: &[(FlowEntries, Flow)], reported: &Reported, mut line: impl FnMut(Value)) {
     let now = wall_clock(monotonic_ns());
-    for (i, counts) in reported.count(live) {
-        line(flow_line(&live[i].0, &live[i].1, "continuing", now, counts));
-    }
+    let mut lines = Lines::default();
+    reported.walk(
+        |each| flows::established(pins, each),
+        |read, counts| {
+            let line = flow_line(read, &read.describe(names), "continuing", now, counts);
+            probes.push(&mut lines, line)
+        },
+    )?;
+    Ok(lines)
 }
 
 /// The agent's own health-probe connections: a local address to a probe target's port on
@@ -510,7 +515,7 @@ impl FlowLog {
         for line in std::mem::take(&mut self.held) {
             self.probes.push(&mut lines, line);
         }
-        self.write_all(lines)
+        self.writer.write(lines)
     }
 
     /// Writes `lines` in order as one batch ([`Sink::write_lines`]), probe connections left
@@ -520,11 +525,7 @@ impl FlowLog {
         for line in lines {
             self.probes.push(&mut batch, line);
         }
-        self.write_all(batch)
-    }
-
-    fn write_all(&mut self, lines: Lines) -> Result<()> {
-        self.writer.write(lines)
+        self.writer.write(batch)
     }
 }
 
@@ -534,13 +535,24 @@ mod tests {
 
     use super::*;
 
-    /// A flow with `packets` each way, both its entries read.
-    fn flow(packets: u64) -> (FlowEntries, Flow) {
-        let t = Traffic { packets, bytes: 100 * packets };
+    /// A read of a flow's entries with these packets (100 bytes each) each way; `None`:
+    /// that direction's entry not found.
+    fn read(forward: Option<u64>, reply: Option<u64>) -> FlowEntries {
         let key = FlowKey { sport: 1000, dport: 53, proto: 17, family: 4, ..FlowKey::default() };
-        let entry = Some(FlowValue::default());
-        let entries = FlowEntries { key, forward: entry, reply: entry };
-        let flow = Flow {
+        let entry = |p: Option<u64>| {
+            p.map(|packets| FlowValue { packets, bytes: 100 * packets, ..FlowValue::default() })
+        };
+        FlowEntries { key, forward: entry(forward), reply: entry(reply) }
+    }
+
+    /// A flow with `packets` each way, both its entries read.
+    fn flow(packets: u64) -> FlowEntries {
+        read(Some(packets), Some(packets))
+    }
+
+    /// How a line describes the flow, apart from its counts.
+    fn described() -> Flow {
+        Flow {
             state: flows::FlowState::Established,
             protocol: "udp".into(),
             src: [192, 0, 2, 1].into(),
@@ -557,25 +569,33 @@ mod tests {
             rules: flows::SideRules::default(),
             nat: None,
             load_balancer: None,
-            forward: t,
-            reply: t,
+            forward: Traffic::default(),
+            reply: Traffic::default(),
             idle_seconds: 0.0,
             expired: false,
             incomplete: false,
-        };
-        (entries, flow)
+        }
     }
 
-    /// A walk that read `live`, its lines counted.
-    fn walked(reported: &Reported, live: &[(FlowEntries, Flow)]) -> Vec<Value> {
-        reported.begin_walk();
-        lines_of(live, reported)
+    /// A walk that reads `live`, its lines counted.
+    fn walked(reported: &Reported, live: &[FlowEntries]) -> Vec<Value> {
+        walked_while(reported, live, || {})
     }
 
-    /// The `continuing` lines of `live`, counted.
-    fn lines_of(live: &[(FlowEntries, Flow)], reported: &Reported) -> Vec<Value> {
+    /// A walk that reads `live`, `meanwhile` done after it began and before it counts.
+    fn walked_while(
+        reported: &Reported,
+        live: &[FlowEntries],
+        meanwhile: impl FnOnce(),
+    ) -> Vec<Value> {
         let mut lines = Vec::new();
-        continuing(live, reported, |l| lines.push(l));
+        let read = |each: &mut dyn FnMut(FlowEntries)| {
+            meanwhile();
+            live.iter().for_each(|f| each(*f));
+            Ok(())
+        };
+        let line = |read: &FlowEntries, c| flow_line(read, &described(), "continuing", 0.0, c);
+        reported.walk(read, |read, c| lines.push(line(read, c))).unwrap();
         lines
     }
 
@@ -592,20 +612,15 @@ mod tests {
     #[test]
     fn counts_of_a_read() {
         let t = |packets: u64| Traffic { packets, bytes: 100 * packets };
-        let (whole, _) = flow(0);
-        let (reply_only, forward_only) =
-            (FlowEntries { forward: None, ..whole }, FlowEntries { reply: None, ..whole });
-        for (what, read, (f, r), last, totals, before) in [
-            ("both read", whole, (8, 6), (3, 3), (8, 6), (3, 3)),
-            ("the forward entry gone", reply_only, (0, 5), (3, 3), (3, 5), (3, 3)),
-            ("the reply entry gone", forward_only, (4, 0), (3, 3), (4, 3), (3, 3)),
-            ("a new flow on the tuple", whole, (1, 1), (3, 3), (1, 1), (0, 0)),
-            ("a new flow, half inserted", forward_only, (1, 0), (8, 8), (1, 0), (0, 0)),
-            ("a new flow's reply", reply_only, (0, 1), (8, 8), (0, 1), (0, 0)),
+        for (what, (f, r), last, totals, before) in [
+            ("both read", (Some(8), Some(6)), (3, 3), (8, 6), (3, 3)),
+            ("the forward entry gone", (None, Some(5)), (3, 3), (3, 5), (3, 3)),
+            ("the reply entry gone", (Some(4), None), (3, 3), (4, 3), (3, 3)),
+            ("a new flow on the tuple", (Some(1), Some(1)), (3, 3), (1, 1), (0, 0)),
+            ("a new flow, half inserted", (Some(1), None), (8, 8), (1, 0), (0, 0)),
+            ("a new flow's reply", (None, Some(1)), (8, 8), (0, 1), (0, 0)),
         ] {
-            let (_, mut flow) = flow(0);
-            (flow.forward, flow.reply) = (t(f), t(r));
-            let counts = Counts::of(&read, &flow, (t(last.0), t(last.1)));
+            let counts = Counts::of(&read(f, r), (t(last.0), t(last.1)));
             let want =
                 Counts { totals: (t(totals.0), t(totals.1)), before: (t(before.0), t(before.1)) };
             assert_eq!(counts, want, "{what}");
@@ -618,58 +633,45 @@ mod tests {
     #[test]
     fn a_direction_the_walk_did_not_read_keeps_its_last_totals() {
         let reported = Reported::default();
-        let (whole, f3) = flow(3);
-        assert_eq!(walked(&reported, &[(whole, f3)]).len(), 1);
-        // The reply entry alone, as `established` describes it: no forward traffic.
-        let (_, mut lone) = flow(3);
-        (lone.forward, lone.incomplete) = (Traffic::default(), true);
-        let reply_only = FlowEntries { forward: None, ..whole };
-        assert!(walked(&reported, &[(reply_only, lone.clone())]).is_empty());
-        lone.reply = Traffic { packets: 5, bytes: 500 };
-        let lines = walked(&reported, &[(reply_only, lone)]);
+        assert_eq!(walked(&reported, &[flow(3)]).len(), 1);
+        // The reply entry alone.
+        assert!(walked(&reported, &[read(None, Some(3))]).is_empty());
+        let lines = walked(&reported, &[read(None, Some(5))]);
         assert_eq!(lines.iter().map(packets).collect::<Vec<_>>(), [[3, 5, 0, 2]]);
         // The forward entry alone, the first time a flow is read (between its inserts).
-        let (_, mut first) = flow(1);
-        first.reply = Traffic::default();
-        let other = Reported::default();
-        let forward_only = FlowEntries { reply: None, ..whole };
-        let lines = walked(&other, &[(forward_only, first)]);
+        let lines = walked(&Reported::default(), &[read(Some(1), None)]);
         assert_eq!(lines.iter().map(packets).collect::<Vec<_>>(), [[1, 0, 1, 0]]);
     }
 
-    /// The walk and the sweep race (the walk reads on its own thread, the sweep removes on
-    /// another, the agent's loop counts the walk's lines and writes every line): a flow the
-    /// walk read before the sweep removed it gets no `continuing` line after its `end`, and
-    /// a new flow on its tuple counts from zero.
+    /// The walk and the sweep race (the walk reads and counts on its own thread, the sweep
+    /// removes on another): a flow the walk read before the sweep removed it gets no
+    /// `continuing` line after its `end`, and a new flow on its tuple counts from zero.
     #[test]
     fn continuing_and_end_lines_race_without_double_counting() {
         let reported = Reported::default();
-        let (read, f3) = flow(3);
-        assert_eq!(
-            walked(&reported, &[(read, f3.clone())]).iter().map(delta).collect::<Vec<_>>(),
-            [3]
-        );
+        let deltas = |lines: Vec<Value>| lines.iter().map(delta).collect::<Vec<_>>();
+        assert_eq!(deltas(walked(&reported, &[flow(3)])), [3]);
         // Nothing new: no line.
-        assert!(walked(&reported, &[(read, f3)]).is_empty());
+        assert!(walked(&reported, &[flow(3)]).is_empty());
 
-        // A walk reads the flow (8 packets), the sweep removes it, then the loop counts the
-        // walk's lines: nothing of the flow.
-        let (_, f8) = flow(8);
-        reported.begin_walk();
-        assert_eq!(reported.removed(&read.key).0.packets, 3, "the end counts from the last record");
-        assert!(lines_of(&[(read, f8.clone())], &reported).is_empty());
+        // A walk reads the flow (8 packets), the sweep removes it, then the walk counts:
+        // nothing of the flow.
+        let removed = || {
+            let last = reported.removed(&flow(8).key);
+            assert_eq!(last.0.packets, 3, "the end counts from the last record");
+        };
+        assert!(walked_while(&reported, &[flow(8)], removed).is_empty());
         // A new flow with the same tuple, read by a later walk: reported from zero.
-        assert_eq!(
-            walked(&reported, &[(read, f8.clone())]).iter().map(delta).collect::<Vec<_>>(),
-            [8]
-        );
+        assert_eq!(deltas(walked(&reported, &[flow(8)])), [8]);
 
-        // A flow missed by two walks is forgotten; removals while no walk is under way
-        // leave nothing behind (with no interim records, nothing else would clear them).
+        // A flow missed by one walk is kept (its next line counts from its last), by two
+        // forgotten; removals while no walk is under way leave nothing behind (with no
+        // interim records, nothing else would clear them).
         walked(&reported, &[]);
+        assert_eq!(reported.lock().last.len(), 1);
         walked(&reported, &[]);
         assert!(reported.lock().last.is_empty());
-        reported.removed(&read.key);
+        reported.removed(&flow(8).key);
         assert!(reported.lock().ended.is_none());
     }
 
@@ -689,10 +691,10 @@ mod tests {
                 .map(|l| serde_json::from_str::<Value>(l).unwrap()["state"].to_string())
                 .collect()
         };
-        let (read, f3) = flow(3);
         let mut lines = Lines::default();
-        walked(&log.reported, &[(read, f3)]).iter().for_each(|l| lines.push(l));
-        assert_eq!(log.reported.removed(&read.key).0.packets, 3, "counts from the unwritten line");
+        walked(&log.reported, &[flow(3)]).iter().for_each(|l| lines.push(l));
+        let last = log.reported.removed(&flow(3).key);
+        assert_eq!(last.0.packets, 3, "counts from the unwritten line");
         let written = |log: &mut FlowLog| match log.writer.wait() {
             Some(Done::Wrote(result)) => result.unwrap(),
             other => panic!("{other:?}"),

@@ -7,7 +7,7 @@
 //! policy), its NAT or load-balancer backend, and traffic each way.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     net::IpAddr,
     str::FromStr,
     sync::atomic::{AtomicBool, Ordering},
@@ -205,14 +205,42 @@ pub fn count(pins: &PinDir) -> Result<u64> {
     table::count(&open(pins, FLOWS)?)
 }
 
-/// Every entry of a flow table.
-fn entries(pins: &PinDir, name: &str) -> Result<HashMap<FlowKey, FlowValue>> {
-    let mut out = HashMap::new();
-    table::for_each(&open(pins, name)?, |k, v| {
-        out.insert(*k, *v);
-        Ok(())
-    })?;
-    Ok(out)
+/// Every entry of a flow table, read once and sorted by key: found by binary search, in
+/// less than half the memory of a hash map of them (a million flows' two million entries
+/// take about 270 MiB).
+#[derive(Default)]
+struct Entries(Vec<(FlowKey, FlowValue)>);
+
+impl Entries {
+    fn read(pins: &PinDir, name: &str) -> Result<Self> {
+        let mut all = Vec::new();
+        table::for_each(&open(pins, name)?, |k, v| {
+            all.push((*k, *v));
+            Ok(())
+        })?;
+        Ok(Self::of(all))
+    }
+
+    fn of(mut all: Vec<(FlowKey, FlowValue)>) -> Self {
+        all.sort_unstable_by_key(|(k, _)| *k);
+        // A walk that races the dataplane's inserts and removals may meet an entry twice.
+        all.dedup_by_key(|(k, _)| *k);
+        Self(all)
+    }
+
+    /// The index and value of `key`'s entry.
+    fn find(&self, key: &FlowKey) -> Option<(usize, &FlowValue)> {
+        let i = self.0.binary_search_by(|(k, _)| k.cmp(key)).ok()?;
+        Some((i, &self.0[i].1))
+    }
+
+    fn contains(&self, key: &FlowKey) -> bool {
+        self.find(key).is_some()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &(FlowKey, FlowValue)> {
+        self.0.iter()
+    }
 }
 
 /// A `FlowKey` address (network-order bytes in words).
@@ -429,25 +457,26 @@ pub fn remove_idle(
     Ok(swept)
 }
 
-/// Pairs the two entries of each flow: the key of the first packet's direction, the
-/// entries, and the key the reply entry has (or would have). `forward` is the entry of the
-/// first packet's direction when present.
-fn pair(entries: &HashMap<FlowKey, FlowValue>) -> Vec<Paired> {
-    let mut used: HashSet<FlowKey> = HashSet::new();
-    let mut out = Vec::new();
+/// Pairs the two entries of each flow, handing each to `each`: the key of the first
+/// packet's direction, the entries, and the key the reply entry has (or would have).
+/// `forward` is the entry of the first packet's direction when present.
+fn pair(entries: &Entries, mut each: impl FnMut(Paired)) {
+    // The reply entries paired with a forward one, by index.
+    let mut used = vec![false; entries.0.len()];
     for (key, value) in entries.iter().filter(|(_, v)| v.reply == 0) {
         let back = key.twin(value);
-        let reply = entries.get(&back).filter(|v| v.reply != 0).copied();
-        if reply.is_some() {
-            used.insert(back);
+        let reply = entries.find(&back).filter(|(_, v)| v.reply != 0);
+        if let Some((i, _)) = reply {
+            used[i] = true;
         }
-        out.push((*key, Some(*value), reply, back));
+        each((*key, Some(*value), reply.map(|(_, v)| *v), back));
     }
-    for (key, value) in entries.iter().filter(|(k, v)| v.reply != 0 && !used.contains(k)) {
-        // A reply entry alone: its twin is the key of the first packet's direction.
-        out.push((key.twin(value), None, Some(*value), *key));
+    for (i, (key, value)) in entries.iter().enumerate() {
+        if value.reply != 0 && !used[i] {
+            // A reply entry alone: its twin is the key of the first packet's direction.
+            each((key.twin(value), None, Some(*value), *key));
+        }
     }
-    out
 }
 
 /// A flow's first-direction key, its entries, and its reply entry's key.
@@ -546,24 +575,26 @@ fn matching(
 ) -> Result<Vec<Held>> {
     let names = Names::read(pins)?;
     let want = |s: FlowState| state.is_none_or(|f| f == s);
-    let embryos = if want(FlowState::Embryonic) { entries(pins, EMBRYOS)? } else { HashMap::new() };
-    let established =
-        if want(FlowState::Established) { entries(pins, FLOWS)? } else { HashMap::new() };
+    let read = |s: FlowState, name| {
+        if want(s) { Entries::read(pins, name) } else { Ok(Entries::default()) }
+    };
+    let embryos = read(FlowState::Embryonic, EMBRYOS)?;
+    let established = read(FlowState::Established, FLOWS)?;
     let now = monotonic_ns();
-    let pairs = pair(&established).into_iter().map(|p| (FlowState::Established, p)).chain(
-        pair(&embryos)
-            .into_iter()
-            .filter(|(k, _, _, _)| !established.contains_key(k))
-            .map(|p| (FlowState::Embryonic, p)),
-    );
-    Ok(pairs
-        .map(|(state, (key, forward, reply, reply_key))| Held {
-            key,
-            reply_key,
-            flow: describe(&names, now, state, key, forward, reply),
-        })
-        .filter(|h| keep(&h.flow))
-        .collect())
+    let mut held = Vec::new();
+    let mut hold = |state, (key, forward, reply, reply_key): Paired| {
+        let flow = describe(&names, now, state, key, forward, reply);
+        if keep(&flow) {
+            held.push(Held { key, reply_key, flow });
+        }
+    };
+    pair(&established, |p| hold(FlowState::Established, p));
+    pair(&embryos, |p| {
+        if !established.contains(&p.0) {
+            hold(FlowState::Embryonic, p)
+        }
+    });
+    Ok(held)
 }
 
 /// The flows matching `filter`, most bytes first; at most `top` of them (0: all).
@@ -594,9 +625,9 @@ pub fn list_where(
 /// Flows per load-balancing service and backend (ids), counted once each (by the entry of
 /// the first packet's direction): what `xdpgate lb` shows, without naming every flow.
 pub fn per_backend(pins: &PinDir) -> Result<HashMap<(u32, u32), u64>> {
-    let established = entries(pins, FLOWS)?;
-    let embryos = entries(pins, EMBRYOS)?;
-    let young = embryos.iter().filter(|(k, _)| !established.contains_key(k));
+    let established = Entries::read(pins, FLOWS)?;
+    let embryos = Entries::read(pins, EMBRYOS)?;
+    let young = embryos.iter().filter(|(k, _)| !established.contains(k));
     let mut out = HashMap::new();
     for (_, v) in established.iter().chain(young) {
         if v.reply == 0 && v.service != NO_BACKEND {
@@ -682,19 +713,13 @@ pub fn delete(
     Ok(out)
 }
 
-/// Every established flow, its entries and its description (one walk of `FLOWS`; for the
-/// flow log's interim records).
-pub fn established(pins: &PinDir, names: &Names) -> Result<Vec<(FlowEntries, Flow)>> {
-    let now = monotonic_ns();
-    // The table's copy goes once paired: a table of a million flows takes hundreds of MiB.
-    let paired = pair(&entries(pins, FLOWS)?);
-    Ok(paired
-        .into_iter()
-        .map(|(key, forward, reply, _)| {
-            let flow = describe(names, now, FlowState::Established, key, forward, reply);
-            (FlowEntries { key, forward, reply }, flow)
-        })
-        .collect())
+/// Every established flow's entries, handed to `each` one at a time (one walk of `FLOWS`;
+/// for the flow log's interim records). Only the table's entries are held, not the flows.
+pub fn established(pins: &PinDir, mut each: impl FnMut(FlowEntries)) -> Result<()> {
+    pair(&Entries::read(pins, FLOWS)?, |(key, forward, reply, _)| {
+        each(FlowEntries { key, forward, reply })
+    });
+    Ok(())
 }
 
 #[cfg(test)]
@@ -815,25 +840,29 @@ mod tests {
     fn both_directions_pair_into_one_flow_and_a_lone_reply_is_reoriented() {
         let client = [203, 0, 113, 10];
         let (frontend, backend) = ([192, 0, 2, 10], [198, 51, 100, 10]);
-        let mut entries = HashMap::new();
         // A plain flow: client -> server:80 and its reply.
-        entries.insert(key(client, 40000, backend, 80), value(0, 5));
-        entries.insert(key(backend, 80, client, 40000), value(1, 4));
+        let mut entries = vec![
+            (key(client, 40000, backend, 80), value(0, 5)),
+            (key(backend, 80, client, 40000), value(1, 4)),
+        ];
         // A load-balanced flow: client -> frontend:8080, DNAT to backend:8080.
         let mut fwd = value(0, 3);
         fwd.nat = NAT_DST;
         fwd.nat_addr = v4(backend);
         fwd.nat_port = 8080;
-        entries.insert(key(client, 40001, frontend, 8080), fwd);
+        entries.push((key(client, 40001, frontend, 8080), fwd));
         let mut back = value(1, 2);
         back.nat = NAT_SRC;
         back.nat_addr = v4(frontend);
         back.nat_port = 8080;
-        entries.insert(key(backend, 8080, client, 40001), back);
+        entries.push((key(backend, 8080, client, 40001), back));
         // The reply of a flow whose forward entry was evicted.
-        entries.insert(key(backend, 80, client, 40002), value(1, 1));
+        entries.push((key(backend, 80, client, 40002), value(1, 1)));
 
-        let mut flows = pair(&entries);
+        // Met twice by a walk that raced a change of the table: paired once.
+        entries.push(entries[0]);
+        let mut flows = Vec::new();
+        pair(&Entries::of(entries), |p| flows.push(p));
         flows.sort_by_key(|(k, _, _, _)| k.sport);
         assert_eq!(flows.len(), 3);
         assert_eq!(flows[0].0, key(client, 40000, backend, 80));

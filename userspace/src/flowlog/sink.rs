@@ -98,8 +98,8 @@ fn cut_partial_line(file: &File, len: u64) -> (u64, bool) {
 
 impl FileSink {
     /// Opens `path` for appending, created mode 0640 (flow logs name every peer: not for
-    /// every local user).
-    fn open(path: PathBuf, max_bytes: u64, keep: u32) -> Result<Self> {
+    /// every local user); and the bytes of a partial last line it cut off.
+    fn open(path: PathBuf, max_bytes: u64, keep: u32) -> Result<(Self, u64)> {
         let file = OpenOptions::new()
             .read(true)
             .create(true)
@@ -109,11 +109,11 @@ impl FileSink {
             .with_context(|| format!("opening flow log {}", path.display()))?;
         let len = file.metadata().map(|m| m.len()).unwrap_or(0);
         let (written, mid_line) = cut_partial_line(&file, len);
-        Ok(Self { path, max_bytes, keep, file, written, mid_line })
+        Ok((Self { path, max_bytes, keep, file, written, mid_line }, len - written))
     }
 
     fn reopen(&mut self) -> Result<()> {
-        *self = Self::open(self.path.clone(), self.max_bytes, self.keep)?;
+        (*self, _) = Self::open(self.path.clone(), self.max_bytes, self.keep)?;
         Ok(())
     }
 
@@ -238,10 +238,9 @@ impl Sink {
         if target == "-" {
             return Ok(Sink::Stdout);
         }
-        let found = fs::metadata(target).map_or(0, |m| m.len());
-        let f = FileSink::open(PathBuf::from(target), max_bytes, keep)?;
-        if f.written < found {
-            log::warn!("flow log: cut a partial last line of {} bytes", found - f.written);
+        let (f, cut) = FileSink::open(PathBuf::from(target), max_bytes, keep)?;
+        if cut > 0 {
+            log::warn!("flow log: cut a partial last line of {cut} bytes");
         }
         Ok(Sink::File(f))
     }
@@ -305,15 +304,16 @@ mod tests {
         ] {
             let path = dir.join("f.jsonl");
             fs::write(&path, before).unwrap();
-            let f = FileSink::open(path.clone(), 1 << 20, 1).unwrap();
+            let (f, cut) = FileSink::open(path.clone(), 1 << 20, 1).unwrap();
             assert_eq!(fs::read_to_string(&path).unwrap(), after, "{before:?}");
             assert_eq!((f.written, f.mid_line), (after.len() as u64, mid_line));
+            assert_eq!(cut as usize, before.len() - after.len());
         }
         // A long line with no line end in the last 64 KiB is not ours to cut.
         let path = dir.join("g.jsonl");
         fs::write(&path, format!("x\n{}", "y".repeat(70_000))).unwrap();
-        let f = FileSink::open(path.clone(), 1 << 20, 1).unwrap();
-        assert_eq!((f.written, f.mid_line), (70_002, true));
+        let (f, cut) = FileSink::open(path.clone(), 1 << 20, 1).unwrap();
+        assert_eq!((f.written, f.mid_line, cut), (70_002, true, 0));
         let _ = fs::remove_dir_all(&dir);
     }
 
