@@ -229,7 +229,7 @@ impl Sweeper {
 struct Interim {
     every: Option<Duration>,
     next: Instant,
-    pass: Option<JoinHandle<Result<flowlog::Lines>>>,
+    pass: Option<JoinHandle<Result<flowlog::Walked>>>,
 }
 
 impl Interim {
@@ -246,9 +246,10 @@ impl Interim {
         }
         self.next = now + every;
         let (pins, names) = (pins.clone(), names.clone());
-        let (reported, probes) = (log.reported.clone(), log.probes.clone());
+        let (reported, probes, queue) =
+            (log.reported.clone(), log.probes.clone(), log.writer.queue());
         self.pass = Some(tokio::task::spawn_blocking(move || {
-            flowlog::interim_lines(&pins, &names, &reported, &probes)
+            flowlog::interim_lines(&pins, &names, &reported, &probes, &queue)
         }));
     }
 }
@@ -877,13 +878,17 @@ fn log_ends(
 /// Writes the lines of a walk for interim records (none if it failed, which is logged),
 /// then the `end` lines held for them.
 fn write_walk(
-    joined: Result<Result<flowlog::Lines>, tokio::task::JoinError>,
+    joined: Result<Result<flowlog::Walked>, tokio::task::JoinError>,
     log: &mut flowlog::FlowLog,
     failing: &mut Failing,
 ) {
-    let lines = joined.map_err(|e| anyhow!("the interim records' thread failed: {e}"));
-    let lines = failing.check("flow log interim records", lines.and_then(|r| r));
-    queued(failing, log.write_interim(lines.unwrap_or_default()));
+    let walked = joined.map_err(|e| anyhow!("the interim records' thread failed: {e}"));
+    let walked = failing.check("flow log interim records", walked.and_then(|r| r));
+    let walked = walked.unwrap_or_default();
+    if let Some(dropped) = walked.dropped {
+        queued(failing, Err(dropped));
+    }
+    queued(failing, log.write_interim(walked.rest));
 }
 
 /// Ends the translations idle past their timeout, under the write lock; returns the

@@ -40,7 +40,7 @@ use crate::status::rfc3339;
 mod sink;
 mod writer;
 pub use sink::{Lines, Sink};
-pub use writer::{Done, Writer};
+pub use writer::{Done, Queue, Writer};
 
 /// The schema version every record carries.
 pub const VERSION: u32 = 2;
@@ -382,27 +382,60 @@ pub fn end_line(names: &Names, ended: &FlowEntries, last: EachWay) -> Value {
     flow_line(ended, &flow, "end", wall_clock(seen.unwrap_or(0)), counts)
 }
 
-/// The `continuing` lines of one walk of the flow table, as the log holds them: one for each
-/// flow with traffic since its last record, each described and made text as it is counted
-/// (a million flows' descriptions at once took a gigabyte). Runs on a blocking thread: a
-/// walk of a big table takes a while, and so does making text of its lines (several µs
-/// each), which the agent's loop would otherwise spend.
+/// Bytes of a walk's lines queued for the flow log's thread at a time, while the walk goes
+/// on: a million flows' lines (395 MiB) are not held at once.
+const WALK_CHUNK: usize = 4 << 20;
+
+/// What a walk for interim records leaves the agent's loop: its last lines (less than a
+/// chunk: the loop writes them with the `end` lines held for the walk), and why lines were
+/// dropped, if any were.
+#[derive(Default)]
+pub struct Walked {
+    pub rest: Lines,
+    /// Chunks queued.
+    pub chunks: usize,
+    pub dropped: Option<anyhow::Error>,
+}
+
+/// One walk of the flow table for `continuing` records: a line for each flow with traffic
+/// since its last record, each described and made text as it is counted, queued in chunks
+/// while the walk goes on. Runs on a blocking thread: a walk of a big table takes a while,
+/// and so does making text of its lines (several µs each), which the agent's loop would
+/// otherwise spend.
 pub fn interim_lines(
     pins: &PinDir,
     names: &Names,
     reported: &Reported,
     probes: &Probes,
-) -> Result<Lines> {
+    queue: &Queue,
+) -> Result<Walked> {
+    let read = |each: &mut dyn FnMut(FlowEntries)| flows::established(pins, each);
+    walk_lines(reported, read, |f| f.describe(names), probes, queue, WALK_CHUNK)
+}
+
+/// [`interim_lines`] of the flows `read` hands on, described by `describe`, queued `chunk`
+/// bytes at a time.
+fn walk_lines(
+    reported: &Reported,
+    read: impl FnOnce(&mut dyn FnMut(FlowEntries)) -> Result<()>,
+    describe: impl Fn(&FlowEntries) -> Flow,
+    probes: &Probes,
+    queue: &Queue,
+    chunk: usize,
+) -> Result<Walked> {
     let now = wall_clock(monotonic_ns());
-    let mut lines = Lines::default();
-    reported.walk(
-        |each| flows::established(pins, each),
-        |read, counts| {
-            let line = flow_line(read, &read.describe(names), "continuing", now, counts);
-            probes.push(&mut lines, line)
-        },
-    )?;
-    Ok(lines)
+    let mut walked = Walked::default();
+    reported.walk(read, |read, counts| {
+        let line = flow_line(read, &describe(read), "continuing", now, counts);
+        probes.push(&mut walked.rest, line);
+        if walked.rest.bytes() >= chunk {
+            match queue.write(std::mem::take(&mut walked.rest)) {
+                Ok(()) => walked.chunks += 1,
+                Err(e) => _ = walked.dropped.get_or_insert(e),
+            }
+        }
+    })?;
+    Ok(walked)
 }
 
 /// The agent's own health-probe connections: a local address to a probe target's port on
@@ -508,8 +541,8 @@ impl FlowLog {
         self.write_lines(lines)
     }
 
-    /// Writes a walk's `continuing` lines ([`interim_lines`]), then the `end` lines held for
-    /// them, as one batch.
+    /// Writes a walk's last `continuing` lines ([`Walked::rest`]; the rest are queued by the
+    /// walk), then the `end` lines held for them, as one batch.
     pub fn write_interim(&mut self, mut lines: Lines) -> Result<()> {
         self.reported.written();
         for line in std::mem::take(&mut self.held) {
@@ -673,6 +706,51 @@ mod tests {
         assert!(reported.lock().last.is_empty());
         reported.removed(&flow(8).key);
         assert!(reported.lock().ended.is_none());
+    }
+
+    /// A walk queues its lines a chunk at a time as it goes, in order; an `end` line that
+    /// comes meanwhile (of a flow the walk counted) is held, and goes out after all of them.
+    #[test]
+    fn a_walks_lines_go_out_in_chunks_before_the_end_lines_held_for_them() {
+        let dir = std::env::temp_dir().join(format!("xgchunks{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("flows.jsonl");
+        let sink = Sink::open(path.to_str().unwrap(), 1 << 30, 1).unwrap();
+        let mut log = FlowLog::new(sink, ProbeTraffic::Omit);
+        let live: Vec<FlowEntries> = (0..100)
+            .map(|i| FlowEntries { key: FlowKey { sport: 1000 + i, ..flow(3).key }, ..flow(3) })
+            .collect();
+        let (reported, probes, queue) =
+            (log.reported.clone(), log.probes.clone(), log.writer.queue());
+        let read = |each: &mut dyn FnMut(FlowEntries)| {
+            for (i, f) in live.iter().enumerate() {
+                each(*f);
+                if i == 50 {
+                    // The sweep removes the first flow; the loop has its end line.
+                    let last = log.reported.removed(&live[0].key);
+                    log.write_ends(vec![json!({"state": "end", "src_port": 1000})])?;
+                    assert_eq!((last.0.packets, log.held.len()), (3, 1), "held");
+                }
+            }
+            Ok(())
+        };
+        let walked = walk_lines(&reported, read, |_| described(), &probes, &queue, 1024).unwrap();
+        assert!(walked.chunks > 10 && walked.dropped.is_none(), "{} chunks", walked.chunks);
+        log.write_interim(walked.rest).unwrap();
+        for _ in 0..=walked.chunks {
+            assert!(matches!(log.writer.wait(), Some(Done::Wrote(Ok(())))));
+        }
+        let text = fs::read_to_string(&path).unwrap();
+        let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let order: Vec<_> =
+            lines.iter().map(|l| (l["state"].clone(), l["src_port"].clone())).collect();
+        let want: Vec<_> = (1000..1100)
+            .map(|p| (json!("continuing"), json!(p)))
+            .chain([(json!("end"), json!(1000))])
+            .collect();
+        assert_eq!(order, want);
+        let _ = fs::remove_dir_all(&dir);
     }
 
     /// The walk counts its lines on its thread, the agent's loop writes them: an `end` line

@@ -48,16 +48,18 @@ pub struct Report {
 }
 
 /// One walk for interim records of a table whose every flow had traffic since its last
-/// record (a fresh `Reported`): the agent's walk (`flowlog::interim_lines`, on its thread),
-/// the loop queueing its lines, and the flow log's thread writing them to a file.
+/// record (a fresh `Reported`): the agent's walk (`flowlog::interim_lines`, on its thread,
+/// which queues its lines in chunks as it goes), the loop queueing the last of them, and
+/// the flow log's thread writing them to a file.
 #[derive(Serialize, Clone, Copy)]
 pub struct Walk {
     pub lines: usize,
     pub walk_secs: f64,
     pub loop_secs: f64,
+    /// From the end of the walk until every line is written.
     pub write_secs: f64,
-    /// The lines' buffer, held from the walk until they are written.
-    pub buffer_bytes: usize,
+    /// The lines' bytes.
+    pub bytes: u64,
     /// The process's peak resident memory during the walk and the write, over its resident
     /// memory before (VmHWM reset through /proc/self/clear_refs).
     pub peak_growth_bytes: u64,
@@ -67,39 +69,52 @@ pub struct Walk {
 pub fn walk(pins: &PinDir, flows: usize) -> Result<Walk> {
     let names = Names::read(pins)?;
     let probes = Probes { traffic: ProbeTraffic::Omit, connections: ProbeConnections::default() };
-    fs::write("/proc/self/clear_refs", "5").context("resetting VmHWM")?;
-    let rss_before = status_kib("VmRSS:");
-    let started = Instant::now();
-    let lines = flowlog::interim_lines(pins, &names, &Reported::default(), &probes)?;
-    let walk_secs = started.elapsed().as_secs_f64();
-    if lines.len() != flows {
-        bail!("a walk of {flows} flows with traffic gave {} lines", lines.len());
-    }
-    let buffer_bytes = lines.bytes();
     let dir = std::env::temp_dir().join(format!("xdpgate-bench-walk-{}", std::process::id()));
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let file = dir.join("flows.jsonl");
     let mut log =
         FlowLog::new(Sink::open(file.to_str().context("path")?, u64::MAX, 1)?, ProbeTraffic::Omit);
-    let (loop_secs, write_secs, written) = write(&mut log, lines);
+    fs::write("/proc/self/clear_refs", "5").context("resetting VmHWM")?;
+    let rss_before = status_kib("VmRSS:");
+    let started = Instant::now();
+    let queue = log.writer.queue();
+    let walked = flowlog::interim_lines(pins, &names, &Reported::default(), &probes, &queue)?;
+    let walk_secs = started.elapsed().as_secs_f64();
+    if let Some(e) = walked.dropped {
+        bail!("the walk's lines were dropped: {e:#}");
+    }
+    let (loop_secs, write_secs, written) = write(&mut log, walked.rest, walked.chunks);
     let peak_growth_bytes = status_kib("VmHWM:").saturating_sub(rss_before) << 10;
+    let text = fs::read(&file).with_context(|| format!("reading {}", file.display()));
     let _ = fs::remove_dir_all(&dir);
     if let Err(e) = written {
         bail!("writing the walk's lines: {e:#}");
     }
-    Ok(Walk { lines: flows, walk_secs, loop_secs, write_secs, buffer_bytes, peak_growth_bytes })
+    let text = text?;
+    let lines = text.iter().filter(|&&b| b == b'\n').count();
+    if lines != flows {
+        bail!("a walk of {flows} flows with traffic wrote {lines} lines");
+    }
+    let bytes = text.len() as u64;
+    Ok(Walk { lines, walk_secs, loop_secs, write_secs, bytes, peak_growth_bytes })
 }
 
 /// Hands `lines` to the flow log as the agent's loop does, and waits for its thread to have
-/// written them: the loop's seconds, the seconds until they were written, and the result.
-fn write(log: &mut FlowLog, lines: Lines) -> (f64, f64, Result<()>) {
+/// written them and the `before` batches queued earlier: the loop's seconds, the seconds
+/// until all were written, and the first failure.
+fn write(log: &mut FlowLog, lines: Lines, before: usize) -> (f64, f64, Result<()>) {
     let started = Instant::now();
-    let queued = log.write_interim(lines);
+    let some = !lines.is_empty();
+    let mut result = log.write_interim(lines);
+    let batches = before + usize::from(some && result.is_ok());
     let loop_secs = started.elapsed().as_secs_f64();
-    let result = queued.and_then(|()| match log.writer.wait() {
-        Some(Done::Wrote(result)) => result,
-        other => Err(anyhow::anyhow!("the flow log's thread did {other:?}")),
-    });
+    for _ in 0..batches {
+        let wrote = match log.writer.wait() {
+            Some(Done::Wrote(wrote)) => wrote,
+            other => Err(anyhow::anyhow!("the flow log's thread did {other:?}")),
+        };
+        result = result.and(wrote);
+    }
     (loop_secs, started.elapsed().as_secs_f64(), result)
 }
 
@@ -159,7 +174,7 @@ pub fn measure(cfg: &Config, machine: &Machine) -> Result<Report> {
             let walk = texts;
             text_us.push(started.elapsed().as_secs_f64() * 1e6 / lines as f64);
             let before = writes()?;
-            let (loop_secs, write_secs, result) = write(&mut log, walk);
+            let (loop_secs, write_secs, result) = write(&mut log, walk, 0);
             loop_us.push(loop_secs * 1e6 / lines as f64);
             write_us.push(write_secs * 1e6 / lines as f64);
             calls.push((writes()? - before) as f64 * 1000.0 / lines as f64);

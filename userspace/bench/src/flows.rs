@@ -186,7 +186,7 @@ pub fn markdown(r: &Report) -> String {
     md.push_str(&r.machine.header(r.quick));
     let _ = writeln!(
         md,
-        "| live flows | packets | ns/packet | no-op ns/packet | ratio (xdpgate / no-op) | per-run range | ns over no-op | handshakes took | flow-log walk: its thread / the loop / the writing / its lines / peak memory growth |"
+        "| live flows | packets | ns/packet | no-op ns/packet | ratio (xdpgate / no-op) | per-run range | ns over no-op | handshakes took | flow-log walk: its thread / the loop / the writing after it / its lines / peak memory growth |"
     );
     let _ = writeln!(md, "|---:|---|---:|---:|---:|---|---:|---:|---|");
     for row in &r.rows {
@@ -218,7 +218,7 @@ pub fn markdown(r: &Report) -> String {
                 w.walk_secs,
                 w.loop_secs,
                 w.write_secs,
-                w.buffer_bytes as f64 / f64::from(1 << 20),
+                w.bytes as f64 / f64::from(1 << 20),
                 w.peak_growth_bytes as f64 / f64::from(1 << 20)
             )),
         );
@@ -247,9 +247,10 @@ pub fn markdown(r: &Report) -> String {
          entries per flow after the runs ({entries} entries). The flow-log walk, after each \
          count's runs: what the agent does for `continuing` records when every flow had \
          traffic since its last one (`flowlog::interim_lines` on this thread: the table read \
-         in batches, each flow described, counted and made text), then the loop handing \
-         those lines over (`FlowLog::write_interim`) and the flow log's thread writing them \
-         to a file; one walk per count.",
+         in batches, each flow counted, described and made text, the lines queued for the \
+         flow log's thread 4 MiB at a time), then the loop handing the last of them over \
+         (`FlowLog::write_interim`), and the flow log's thread writing them to a file (its \
+         time after the walk's end); one walk per count.",
         table = thousands(r.table_flows.into()),
         chunk = thousands(CHUNK.into()),
         entries = thousands(r.flow_entries as u64),

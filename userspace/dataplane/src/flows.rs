@@ -207,7 +207,7 @@ pub fn count(pins: &PinDir) -> Result<u64> {
 
 /// Every entry of a flow table, read once and sorted by key: found by binary search, in
 /// less than half the memory of a hash map of them (a million flows' two million entries
-/// take about 270 MiB).
+/// take about 275 MiB).
 #[derive(Default)]
 struct Entries(Vec<(FlowKey, FlowValue)>);
 

@@ -26,6 +26,8 @@ const QUEUE_BYTES: usize = 64 << 20;
 
 enum Job {
     Write(Lines),
+    /// End the thread (other senders, a walk's [`Queue`], may still be about).
+    Stop,
     /// Open the file at the path anew (SIGHUP).
     Reopen,
     /// Open the file at the path anew if it is no longer the one written.
@@ -43,13 +45,10 @@ pub enum Done {
 }
 
 pub struct Writer {
-    jobs: std_mpsc::Sender<Job>,
-    /// Bytes of the batches queued and not yet written.
-    queued: Arc<AtomicUsize>,
+    queue: Queue,
     /// A check of the path is queued and not yet done: one is enough (they come every
     /// second, and would pile up behind a write that never ends).
     following: Arc<AtomicBool>,
-    limit: usize,
     /// What the thread did, in the order it was asked (a dropped batch is reported at once
     /// instead, by [`Writer::write`]).
     pub done: mpsc::UnboundedReceiver<Done>,
@@ -76,6 +75,7 @@ impl Writer {
                             left.fetch_sub(lines.bytes(), Ordering::SeqCst);
                             Done::Wrote(written)
                         }
+                        Job::Stop => break,
                         Job::Reopen => Done::Path(sink.reopen().map(|()| None)),
                         Job::Follow => {
                             checking.store(false, Ordering::SeqCst);
@@ -87,9 +87,75 @@ impl Writer {
                 }
             })
             .expect("starting the flow log's thread");
-        Self { jobs, queued, following, limit, done }
+        Self { queue: Queue { jobs, queued, limit }, following, done }
     }
 
+    /// Queues `lines` to be written ([`Queue::write`]).
+    pub fn write(&self, lines: Lines) -> Result<()> {
+        self.queue.write(lines)
+    }
+
+    /// A handle to queue lines from another thread (a walk's).
+    pub fn queue(&self) -> Queue {
+        self.queue.clone()
+    }
+
+    /// Whether the queue is at its limit: a batch handed over now is dropped.
+    pub fn behind(&self) -> bool {
+        self.queue.queued.load(Ordering::SeqCst) >= self.queue.limit
+    }
+
+    /// Asks for the file at the path to be opened anew; the result comes as [`Done::Path`].
+    pub fn reopen(&self) {
+        let _ = self.queue.jobs.send(Job::Reopen);
+    }
+
+    /// Asks for the file at the path to be opened anew if it is no longer the one written;
+    /// the result comes as [`Done::Path`].
+    pub fn follow(&self) {
+        if !self.following.swap(true, Ordering::SeqCst) {
+            let _ = self.queue.jobs.send(Job::Follow);
+        }
+    }
+
+    /// Waits (blocking) for the next thing the thread did.
+    pub fn wait(&mut self) -> Option<Done> {
+        self.done.blocking_recv()
+    }
+
+    /// Lets the thread write what is queued, for at most `limit`; returns the results, and
+    /// the bytes left unwritten. Lines queued after this (by a walk under way) are dropped.
+    pub async fn finish(mut self, limit: Duration) -> (Vec<Done>, usize) {
+        let Self { queue, done: ref mut results, .. } = self;
+        // The thread ends once it has done every job before this one.
+        let _ = queue.jobs.send(Job::Stop);
+        let mut done = Vec::new();
+        let _ = tokio::time::timeout(limit, async {
+            while let Some(d) = results.recv().await {
+                done.push(d);
+            }
+        })
+        .await;
+        // Read before what came in meanwhile: a batch the thread counted off as it timed out
+        // has its result in the channel.
+        let left = queue.queued.load(Ordering::SeqCst);
+        while let Ok(d) = results.try_recv() {
+            done.push(d);
+        }
+        (done, left)
+    }
+}
+
+/// Where lines are queued for the flow log's thread, from any thread.
+#[derive(Clone)]
+pub struct Queue {
+    jobs: std_mpsc::Sender<Job>,
+    /// Bytes of the batches queued and not yet written.
+    queued: Arc<AtomicUsize>,
+    limit: usize,
+}
+
+impl Queue {
     /// Queues `lines` to be written; the result comes as [`Done::Wrote`]. `Err`: dropped, as
     /// the queue is at its limit (the thread is behind) or the thread is gone.
     pub fn write(&self, lines: Lines) -> Result<()> {
@@ -111,51 +177,6 @@ impl Writer {
             self.queued.fetch_sub(bytes, Ordering::SeqCst);
         }
         queued
-    }
-
-    /// Whether the queue is at its limit: a batch handed over now is dropped.
-    pub fn behind(&self) -> bool {
-        self.queued.load(Ordering::SeqCst) >= self.limit
-    }
-
-    /// Asks for the file at the path to be opened anew; the result comes as [`Done::Path`].
-    pub fn reopen(&self) {
-        let _ = self.jobs.send(Job::Reopen);
-    }
-
-    /// Asks for the file at the path to be opened anew if it is no longer the one written;
-    /// the result comes as [`Done::Path`].
-    pub fn follow(&self) {
-        if !self.following.swap(true, Ordering::SeqCst) {
-            let _ = self.jobs.send(Job::Follow);
-        }
-    }
-
-    /// Waits (blocking) for the next thing the thread did.
-    pub fn wait(&mut self) -> Option<Done> {
-        self.done.blocking_recv()
-    }
-
-    /// Lets the thread write what is queued, for at most `limit`; returns the results, and
-    /// the bytes left unwritten.
-    pub async fn finish(mut self, limit: Duration) -> (Vec<Done>, usize) {
-        let Self { jobs, queued, done: ref mut results, .. } = self;
-        // The thread ends once it has done every job.
-        drop(jobs);
-        let mut done = Vec::new();
-        let _ = tokio::time::timeout(limit, async {
-            while let Some(d) = results.recv().await {
-                done.push(d);
-            }
-        })
-        .await;
-        // Read before what came in meanwhile: a batch the thread counted off as it timed out
-        // has its result in the channel.
-        let left = queued.load(Ordering::SeqCst);
-        while let Ok(d) = results.try_recv() {
-            done.push(d);
-        }
-        (done, left)
     }
 }
 
