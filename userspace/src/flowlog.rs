@@ -294,7 +294,7 @@ struct ReportedState {
     /// (`flows delete`, the dataplane's own removals) is forgotten when two walks in a row
     /// miss it.
     last: HashMap<FlowKey, (EachWay, u64)>,
-    /// Walks begun.
+    /// Walks done (that read the table).
     walks: u64,
     /// While a walk is under way: the flows the agent removed since it began. It may have
     /// read them before they were removed, and must not count them again.
@@ -329,9 +329,8 @@ impl Reported {
     ) -> Result<()> {
         let walk = {
             let mut m = self.lock();
-            m.walks += 1;
             m.ended = Some(HashSet::new());
-            m.walks
+            m.walks + 1
         };
         read(&mut |flow| {
             if let Some(counts) = self.count(walk, &flow) {
@@ -339,6 +338,7 @@ impl Reported {
             }
         })?;
         let mut m = self.lock();
+        m.walks = walk;
         m.ended = None;
         m.last.retain(|_, (_, seen)| *seen + 1 >= walk);
         Ok(())
@@ -386,6 +386,10 @@ pub fn end_line(names: &Names, ended: &FlowEntries, last: EachWay) -> Value {
 /// on: a million flows' lines (395 MiB) are not held at once.
 const WALK_CHUNK: usize = 4 << 20;
 
+/// How long a walk waits for room in the flow log's queue while its thread writes nothing:
+/// past it, the walk drops what does not fit, and waits no more.
+const WALK_STALL: Duration = Duration::from_secs(5);
+
 /// What a walk for interim records leaves the agent's loop: its last lines (less than a
 /// chunk: the loop writes them with the `end` lines held for the walk), and why lines were
 /// dropped, if any were.
@@ -425,16 +429,25 @@ fn walk_lines(
 ) -> Result<Walked> {
     let now = wall_clock(monotonic_ns());
     let mut walked = Walked::default();
+    let mut lost = 0;
     reported.walk(read, |read, counts| {
         let line = flow_line(read, &describe(read), "continuing", now, counts);
         probes.push(&mut walked.rest, line);
         if walked.rest.bytes() >= chunk {
+            // A slow disk holds the walk up, one that stopped writing does not (once).
+            if walked.dropped.is_none() {
+                queue.wait_for_room(WALK_STALL);
+            }
             match queue.write(std::mem::take(&mut walked.rest)) {
                 Ok(()) => walked.chunks += 1,
-                Err(e) => _ = walked.dropped.get_or_insert(e),
+                Err(e) => {
+                    lost += 1;
+                    walked.dropped.get_or_insert(e);
+                }
             }
         }
     })?;
+    walked.dropped = walked.dropped.map(|e| e.context(format!("{lost} chunks of a walk's lines")));
     Ok(walked)
 }
 
@@ -706,6 +719,20 @@ mod tests {
         assert!(reported.lock().last.is_empty());
         reported.removed(&flow(8).key);
         assert!(reported.lock().ended.is_none());
+    }
+
+    /// A walk that fails (the table could not be read) is no miss: a flow is forgotten only
+    /// when two walks that read the table miss it.
+    #[test]
+    fn a_failed_walk_is_not_a_miss() {
+        let reported = Reported::default();
+        assert_eq!(walked(&reported, &[flow(3)]).len(), 1);
+        let failed = reported.walk(|_| Err(anyhow::anyhow!("no table")), |_, _| {});
+        assert!(failed.is_err());
+        walked(&reported, &[]);
+        assert_eq!(reported.lock().last.len(), 1, "missed once");
+        // Read again: counted from its last record.
+        assert_eq!(walked(&reported, &[flow(5)]).iter().map(delta).collect::<Vec<_>>(), [2]);
     }
 
     /// A walk queues its lines a chunk at a time as it goes, in order; an `end` line that

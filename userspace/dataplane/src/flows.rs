@@ -222,8 +222,9 @@ impl Entries {
     }
 
     fn of(mut all: Vec<(FlowKey, FlowValue)>) -> Self {
-        all.sort_unstable_by_key(|(k, _)| *k);
-        // A walk that races the dataplane's inserts and removals may meet an entry twice.
+        // A walk that races the dataplane's inserts and removals may meet a key twice: the
+        // entry last used is kept (first of its key).
+        all.sort_unstable_by(|(a, x), (b, y)| a.cmp(b).then(y.last_seen_ns.cmp(&x.last_seen_ns)));
         all.dedup_by_key(|(k, _)| *k);
         Self(all)
     }
@@ -859,14 +860,17 @@ mod tests {
         // The reply of a flow whose forward entry was evicted.
         entries.push((key(backend, 80, client, 40002), value(1, 1)));
 
-        // Met twice by a walk that raced a change of the table: paired once.
-        entries.push(entries[0]);
+        // Met twice by a walk that raced a change of the table: paired once, as last used.
+        let mut used = entries[0];
+        (used.1.packets, used.1.last_seen_ns) = (6, used.1.last_seen_ns + 1);
+        entries.insert(0, used);
+        entries.push(used);
         let mut flows = Vec::new();
         pair(&Entries::of(entries), |p| flows.push(p));
         flows.sort_by_key(|(k, _, _, _)| k.sport);
         assert_eq!(flows.len(), 3);
         assert_eq!(flows[0].0, key(client, 40000, backend, 80));
-        assert_eq!((flows[0].1.unwrap().packets, flows[0].2.unwrap().packets), (5, 4));
+        assert_eq!((flows[0].1.unwrap().packets, flows[0].2.unwrap().packets), (6, 4));
         assert_eq!(flows[1].0, key(client, 40001, frontend, 8080));
         assert_eq!(flows[1].2.unwrap().packets, 2);
         assert_eq!(flows[2].0, key(client, 40002, backend, 80));

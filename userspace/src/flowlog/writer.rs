@@ -12,7 +12,7 @@ use std::{
         mpsc as std_mpsc,
     },
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Result, anyhow};
@@ -156,6 +156,24 @@ pub struct Queue {
 }
 
 impl Queue {
+    /// Waits while the queue is at its limit, for as long as the thread writes (the queue
+    /// shrinks at least once every `stall`); whether there is room.
+    pub fn wait_for_room(&self, stall: Duration) -> bool {
+        let mut least = self.queued.load(Ordering::SeqCst);
+        let mut since = Instant::now();
+        while least >= self.limit {
+            if since.elapsed() >= stall {
+                return false;
+            }
+            thread::sleep(Duration::from_millis(5));
+            let now = self.queued.load(Ordering::SeqCst);
+            if now < least {
+                (least, since) = (now, Instant::now());
+            }
+        }
+        true
+    }
+
     /// Queues `lines` to be written; the result comes as [`Done::Wrote`]. `Err`: dropped, as
     /// the queue is at its limit (the thread is behind) or the thread is gone.
     pub fn write(&self, lines: Lines) -> Result<()> {
@@ -224,6 +242,53 @@ mod tests {
         let mut text = String::new();
         fs::File::open(&fifo).unwrap().read_to_string(&mut text).unwrap();
         assert_eq!(text.lines().count(), 110);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    /// A wait for room in the queue ends when the thread has written a batch (a slow
+    /// reader here), and gives up once the thread has written nothing for the stall time.
+    #[test]
+    fn a_wait_for_room_ends_when_the_thread_writes() {
+        let dir = std::env::temp_dir().join(format!("xgroom{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("flows.fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let sink = Sink::open(fifo.to_str().unwrap(), 1 << 30, 1).unwrap();
+        let writer = Writer::spawn_bounded(sink, 100 << 10);
+        let pipe = fs::OpenOptions::new().read(true).write(true).open(&fifo).unwrap();
+        // SAFETY: F_SETPIPE_SZ on an open pipe.
+        assert!(unsafe { libc::fcntl(pipe.as_raw_fd(), libc::F_SETPIPE_SZ, 64 << 10) } >= 64 << 10);
+        let queue = writer.queue();
+        // 90 KB, more than the pipe holds: the thread waits in its write; 20 KB more.
+        queue.write(batch(90)).unwrap();
+        queue.write(batch(20)).unwrap();
+        assert!(writer.behind());
+        // No one reads: nothing is written, and the wait gives up.
+        let started = Instant::now();
+        assert!(!queue.wait_for_room(Duration::from_millis(300)));
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        // A reader, from 500 ms on, 10 KB every 100 ms: the first batch is written, and
+        // the wait ends with room.
+        let reading = Arc::new(AtomicBool::new(true));
+        let go_on = reading.clone();
+        let reader = thread::spawn(move || {
+            let (mut buf, mut pipe) = (vec![0u8; 10 << 10], pipe);
+            thread::sleep(Duration::from_millis(400));
+            while go_on.load(Ordering::SeqCst) {
+                thread::sleep(Duration::from_millis(100));
+                let _ = pipe.read(&mut buf);
+            }
+            pipe
+        });
+        let started = Instant::now();
+        assert!(queue.wait_for_room(Duration::from_secs(2)));
+        assert!(!writer.behind());
+        assert!(started.elapsed() >= Duration::from_millis(500), "{:?}", started.elapsed());
+        reading.store(false, Ordering::SeqCst);
+        // With no reader left, the thread's writes fail, and it ends.
+        drop(reader.join().unwrap());
+        drop((queue, writer));
         let _ = fs::remove_dir_all(&dir);
     }
 }
