@@ -230,11 +230,14 @@ struct Interim {
     every: Option<Duration>,
     next: Instant,
     pass: Option<JoinHandle<Result<flowlog::Walked>>>,
+    /// Set as the agent stops: a walk under way writes what it has.
+    stop: Arc<AtomicBool>,
 }
 
 impl Interim {
     fn new(every: Option<Duration>) -> Self {
-        Self { every, next: Instant::now() + every.unwrap_or_default(), pass: None }
+        let next = Instant::now() + every.unwrap_or_default();
+        Self { every, next, pass: None, stop: Arc::default() }
     }
 
     /// Starts a walk if one is due and none is under way.
@@ -248,8 +251,9 @@ impl Interim {
         let (pins, names) = (pins.clone(), names.clone());
         let (reported, probes, queue) =
             (log.reported.clone(), log.probes.clone(), log.writer.queue());
+        let stop = self.stop.clone();
         self.pass = Some(tokio::task::spawn_blocking(move || {
-            flowlog::interim_lines(&pins, &names, &reported, &probes, &queue)
+            flowlog::interim_lines(&pins, &names, &reported, &probes, &queue, &stop)
         }));
     }
 }
@@ -665,6 +669,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     let ends = sweeper.stop();
     if let Some(log) = flow_log.as_mut() {
         if let Some(pass) = interim.pass.take() {
+            interim.stop.store(true, Ordering::Relaxed);
             write_walk(pass.await, log, &mut failing);
         }
         if let Some(mut ends) = ends {

@@ -384,10 +384,10 @@ pub fn end_line(names: &Names, ended: &FlowEntries, last: EachWay) -> Value {
 
 /// Bytes of a walk's lines queued for the flow log's thread at a time, while the walk goes
 /// on: a million flows' lines (395 MiB) are not held at once.
-const WALK_CHUNK: usize = 4 << 20;
+const WALK_CHUNK: usize = 1 << 20;
 
-/// How long a walk waits for room in the flow log's queue while its thread writes nothing:
-/// past it, the walk drops what does not fit, and waits no more.
+/// How long a walk waits for room in the flow log's queue while its thread finishes no
+/// batch: past it, the walk drops what does not fit, and waits no more.
 const WALK_STALL: Duration = Duration::from_secs(5);
 
 /// What a walk for interim records leaves the agent's loop: its last lines (less than a
@@ -403,18 +403,20 @@ pub struct Walked {
 
 /// One walk of the flow table for `continuing` records: a line for each flow with traffic
 /// since its last record, each described and made text as it is counted, queued in chunks
-/// while the walk goes on. Runs on a blocking thread: a walk of a big table takes a while,
-/// and so does making text of its lines (several µs each), which the agent's loop would
-/// otherwise spend.
+/// while the walk goes on (waiting for room while the flow log's thread writes; once `stop`
+/// is set, neither waiting nor making more lines). Runs on a blocking thread: a walk of a
+/// big table takes a while, and so does making text of its lines (several µs each), which
+/// the agent's loop would otherwise spend.
 pub fn interim_lines(
     pins: &PinDir,
     names: &Names,
     reported: &Reported,
     probes: &Probes,
     queue: &Queue,
+    stop: &AtomicBool,
 ) -> Result<Walked> {
     let read = |each: &mut dyn FnMut(FlowEntries)| flows::established(pins, each);
-    walk_lines(reported, read, |f| f.describe(names), probes, queue, WALK_CHUNK)
+    walk_lines(reported, read, |f| f.describe(names), probes, queue, WALK_CHUNK, stop)
 }
 
 /// [`interim_lines`] of the flows `read` hands on, described by `describe`, queued `chunk`
@@ -426,17 +428,21 @@ fn walk_lines(
     probes: &Probes,
     queue: &Queue,
     chunk: usize,
+    stop: &AtomicBool,
 ) -> Result<Walked> {
     let now = wall_clock(monotonic_ns());
     let mut walked = Walked::default();
     let mut lost = 0;
     reported.walk(read, |read, counts| {
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
         let line = flow_line(read, &describe(read), "continuing", now, counts);
         probes.push(&mut walked.rest, line);
         if walked.rest.bytes() >= chunk {
             // A slow disk holds the walk up, one that stopped writing does not (once).
             if walked.dropped.is_none() {
-                queue.wait_for_room(WALK_STALL);
+                queue.wait_for_room(WALK_STALL, stop);
             }
             match queue.write(std::mem::take(&mut walked.rest)) {
                 Ok(()) => walked.chunks += 1,
@@ -447,7 +453,9 @@ fn walk_lines(
             }
         }
     })?;
-    walked.dropped = walked.dropped.map(|e| e.context(format!("{lost} chunks of a walk's lines")));
+    if lost > 0 {
+        log::warn!("flow log: {lost} chunks of a walk's lines dropped");
+    }
     Ok(walked)
 }
 
@@ -762,7 +770,9 @@ mod tests {
             }
             Ok(())
         };
-        let walked = walk_lines(&reported, read, |_| described(), &probes, &queue, 1024).unwrap();
+        let stop = AtomicBool::new(false);
+        let walked =
+            walk_lines(&reported, read, |_| described(), &probes, &queue, 1024, &stop).unwrap();
         assert!(walked.chunks > 10 && walked.dropped.is_none(), "{} chunks", walked.chunks);
         log.write_interim(walked.rest).unwrap();
         for _ in 0..=walked.chunks {
@@ -777,6 +787,15 @@ mod tests {
             .chain([(json!("end"), json!(1000))])
             .collect();
         assert_eq!(order, want);
+        // A stopping agent's walk makes no more lines (the flows have 9 packets now).
+        let stopped = AtomicBool::new(true);
+        let read = |each: &mut dyn FnMut(FlowEntries)| {
+            live.iter().for_each(|f| each(FlowEntries { key: f.key, ..flow(9) }));
+            Ok(())
+        };
+        let walked =
+            walk_lines(&reported, read, |_| described(), &probes, &queue, 1024, &stopped).unwrap();
+        assert!(walked.rest.is_empty() && walked.chunks == 0);
         let _ = fs::remove_dir_all(&dir);
     }
 

@@ -5,7 +5,7 @@
 //! (`/dev/full`). What the loop spends is time it reads no flow events and handles no
 //! signal; the two threads' time is the flow log's own.
 
-use std::{fmt::Write as _, fs, path::Path, time::Instant};
+use std::{fmt::Write as _, fs, path::Path, sync::atomic::AtomicBool, time::Instant};
 
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
@@ -78,7 +78,8 @@ pub fn walk(pins: &PinDir, flows: usize) -> Result<Walk> {
     let rss_before = status_kib("VmRSS:");
     let started = Instant::now();
     let queue = log.writer.queue();
-    let walked = flowlog::interim_lines(pins, &names, &Reported::default(), &probes, &queue)?;
+    let go = AtomicBool::new(false);
+    let walked = flowlog::interim_lines(pins, &names, &Reported::default(), &probes, &queue, &go)?;
     let walk_secs = started.elapsed().as_secs_f64();
     if let Some(e) = walked.dropped {
         bail!("the walk's lines were dropped: {e:#}");

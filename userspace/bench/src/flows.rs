@@ -248,7 +248,7 @@ pub fn markdown(r: &Report) -> String {
          count's runs: what the agent does for `continuing` records when every flow had \
          traffic since its last one (`flowlog::interim_lines` on this thread: the table read \
          in batches, each flow counted, described and made text, the lines queued for the \
-         flow log's thread 4 MiB at a time), then the loop handing the last of them over \
+         flow log's thread 1 MiB at a time), then the loop handing the last of them over \
          (`FlowLog::write_interim`), and the flow log's thread writing them to a file (its \
          time after the walk's end); one walk per count.",
         table = thousands(r.table_flows.into()),

@@ -156,13 +156,14 @@ pub struct Queue {
 }
 
 impl Queue {
-    /// Waits while the queue is at its limit, for as long as the thread writes (the queue
-    /// shrinks at least once every `stall`); whether there is room.
-    pub fn wait_for_room(&self, stall: Duration) -> bool {
+    /// Waits until less than half the limit is queued (the other half is left to the
+    /// agent's loop's own batches), for as long as the thread writes (finishes a batch at
+    /// least once every `stall`) and `stop` is not set; whether there is room.
+    pub fn wait_for_room(&self, stall: Duration, stop: &AtomicBool) -> bool {
         let mut least = self.queued.load(Ordering::SeqCst);
         let mut since = Instant::now();
-        while least >= self.limit {
-            if since.elapsed() >= stall {
+        while least >= self.limit / 2 {
+            if since.elapsed() >= stall || stop.load(Ordering::SeqCst) {
                 return false;
             }
             thread::sleep(Duration::from_millis(5));
@@ -245,36 +246,41 @@ mod tests {
         let _ = fs::remove_dir_all(&dir);
     }
 
-    /// A wait for room in the queue ends when the thread has written a batch (a slow
-    /// reader here), and gives up once the thread has written nothing for the stall time.
+    /// A wait for room in the queue (less than half the limit) lasts while the thread
+    /// writes, however long that takes, and gives up once it has finished no batch for the
+    /// stall time, or at once when asked to stop.
     #[test]
-    fn a_wait_for_room_ends_when_the_thread_writes() {
+    fn a_wait_for_room_lasts_while_the_thread_writes() {
         let dir = std::env::temp_dir().join(format!("xgroom{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
         let fifo = dir.join("flows.fifo");
         nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
         let sink = Sink::open(fifo.to_str().unwrap(), 1 << 30, 1).unwrap();
-        let writer = Writer::spawn_bounded(sink, 100 << 10);
+        let writer = Writer::spawn_bounded(sink, 400 << 10);
         let pipe = fs::OpenOptions::new().read(true).write(true).open(&fifo).unwrap();
         // SAFETY: F_SETPIPE_SZ on an open pipe.
         assert!(unsafe { libc::fcntl(pipe.as_raw_fd(), libc::F_SETPIPE_SZ, 64 << 10) } >= 64 << 10);
         let queue = writer.queue();
-        // 90 KB, more than the pipe holds: the thread waits in its write; 20 KB more.
-        queue.write(batch(90)).unwrap();
-        queue.write(batch(20)).unwrap();
-        assert!(writer.behind());
-        // No one reads: nothing is written, and the wait gives up.
+        // 40 batches of about 10 KB: the pipe takes six, the thread waits in the seventh's
+        // write, and more than 300 KB wait.
+        for _ in 0..40 {
+            queue.write(batch(10)).unwrap();
+        }
+        let (go, stop) = (AtomicBool::new(false), AtomicBool::new(true));
+        // No one reads: nothing is written, and the wait gives up; asked to stop, at once.
         let started = Instant::now();
-        assert!(!queue.wait_for_room(Duration::from_millis(300)));
+        assert!(!queue.wait_for_room(Duration::from_millis(300), &go));
         assert!(started.elapsed() >= Duration::from_millis(300));
-        // A reader, from 500 ms on, 10 KB every 100 ms: the first batch is written, and
-        // the wait ends with room.
+        let started = Instant::now();
+        assert!(!queue.wait_for_room(Duration::from_secs(60), &stop));
+        assert!(started.elapsed() < Duration::from_secs(1));
+        // A reader, 10 KB every 100 ms: the thread finishes a batch about every 100 ms, and
+        // the wait lasts until less than 200 KB wait (about 1.5 s), past the stall time.
         let reading = Arc::new(AtomicBool::new(true));
         let go_on = reading.clone();
         let reader = thread::spawn(move || {
             let (mut buf, mut pipe) = (vec![0u8; 10 << 10], pipe);
-            thread::sleep(Duration::from_millis(400));
             while go_on.load(Ordering::SeqCst) {
                 thread::sleep(Duration::from_millis(100));
                 let _ = pipe.read(&mut buf);
@@ -282,9 +288,10 @@ mod tests {
             pipe
         });
         let started = Instant::now();
-        assert!(queue.wait_for_room(Duration::from_secs(2)));
-        assert!(!writer.behind());
-        assert!(started.elapsed() >= Duration::from_millis(500), "{:?}", started.elapsed());
+        assert!(queue.wait_for_room(Duration::from_secs(1), &go));
+        let waited = started.elapsed();
+        assert!(waited > Duration::from_secs(1) && waited < Duration::from_secs(20), "{waited:?}");
+        assert!(queue.queued.load(Ordering::SeqCst) < 200 << 10);
         reading.store(false, Ordering::SeqCst);
         // With no reader left, the thread's writes fail, and it ends.
         drop(reader.join().unwrap());
