@@ -382,13 +382,15 @@ pub fn end_line(names: &Names, ended: &FlowEntries, last: EachWay) -> Value {
     flow_line(ended, &flow, "end", wall_clock(seen.unwrap_or(0)), counts)
 }
 
-/// Bytes of a walk's lines queued for the flow log's thread at a time, while the walk goes
-/// on: a million flows' lines (395 MiB) are not held at once.
-const WALK_CHUNK: usize = 1 << 20;
+/// How a walk queues its lines: `chunk` bytes at a time, while the walk goes on (a million
+/// flows' lines, 395 MiB, are not held at once); waiting for room while the flow log's
+/// thread finishes a batch at least every `stall`, and past that no more in the walk.
+struct Pace {
+    chunk: usize,
+    stall: Duration,
+}
 
-/// How long a walk waits for room in the flow log's queue while its thread finishes no
-/// batch: past it, the walk drops what does not fit, and waits no more.
-const WALK_STALL: Duration = Duration::from_secs(5);
+const WALK_PACE: Pace = Pace { chunk: 1 << 20, stall: Duration::from_secs(5) };
 
 /// What a walk for interim records leaves the agent's loop: its last lines (less than a
 /// chunk: the loop writes them with the `end` lines held for the walk), and why lines were
@@ -416,38 +418,41 @@ pub fn interim_lines(
     stop: &AtomicBool,
 ) -> Result<Walked> {
     let read = |each: &mut dyn FnMut(FlowEntries)| flows::established(pins, each);
-    walk_lines(reported, read, |f| f.describe(names), probes, queue, WALK_CHUNK, stop)
+    walk_lines(reported, read, |f| f.describe(names), probes, queue, WALK_PACE, stop)
 }
 
-/// [`interim_lines`] of the flows `read` hands on, described by `describe`, queued `chunk`
-/// bytes at a time.
+/// [`interim_lines`] of the flows `read` hands on, described by `describe`, queued at
+/// `pace`.
 fn walk_lines(
     reported: &Reported,
     read: impl FnOnce(&mut dyn FnMut(FlowEntries)) -> Result<()>,
     describe: impl Fn(&FlowEntries) -> Flow,
     probes: &Probes,
     queue: &Queue,
-    chunk: usize,
+    pace: Pace,
     stop: &AtomicBool,
 ) -> Result<Walked> {
     let now = wall_clock(monotonic_ns());
     let mut walked = Walked::default();
-    let mut lost = 0;
+    let (mut lost, mut waiting) = (0, true);
+    // Once the agent stops, flows are neither counted nor written.
+    let read = |each: &mut dyn FnMut(FlowEntries)| {
+        read(&mut |flow| {
+            if !stop.load(Ordering::Relaxed) {
+                each(flow)
+            }
+        })
+    };
     reported.walk(read, |read, counts| {
-        if stop.load(Ordering::Relaxed) {
-            return;
-        }
         let line = flow_line(read, &describe(read), "continuing", now, counts);
         probes.push(&mut walked.rest, line);
-        if walked.rest.bytes() >= chunk {
-            // A slow disk holds the walk up, one that stopped writing does not (once).
-            if walked.dropped.is_none() {
-                queue.wait_for_room(WALK_STALL, stop);
-            }
+        if walked.rest.bytes() >= pace.chunk {
+            // A slow disk holds the walk up; one that stopped writing, once.
+            waiting = waiting && queue.wait_for_room(pace.stall, stop);
             match queue.write(std::mem::take(&mut walked.rest)) {
                 Ok(()) => walked.chunks += 1,
                 Err(e) => {
-                    lost += 1;
+                    (lost, waiting) = (lost + 1, false);
                     walked.dropped.get_or_insert(e);
                 }
             }
@@ -585,7 +590,7 @@ impl FlowLog {
 
 #[cfg(test)]
 mod tests {
-    use std::fs;
+    use std::{fs, os::fd::AsRawFd};
 
     use super::*;
 
@@ -602,6 +607,11 @@ mod tests {
     /// A flow with `packets` each way, both its entries read.
     fn flow(packets: u64) -> FlowEntries {
         read(Some(packets), Some(packets))
+    }
+
+    /// Chunks of `chunk` bytes, waiting for room for up to 5 s without progress.
+    fn pace(chunk: usize) -> Pace {
+        Pace { chunk, stall: Duration::from_secs(5) }
     }
 
     /// How a line describes the flow, apart from its counts.
@@ -772,7 +782,8 @@ mod tests {
         };
         let stop = AtomicBool::new(false);
         let walked =
-            walk_lines(&reported, read, |_| described(), &probes, &queue, 1024, &stop).unwrap();
+            walk_lines(&reported, read, |_| described(), &probes, &queue, pace(1024), &stop)
+                .unwrap();
         assert!(walked.chunks > 10 && walked.dropped.is_none(), "{} chunks", walked.chunks);
         log.write_interim(walked.rest).unwrap();
         for _ in 0..=walked.chunks {
@@ -794,8 +805,53 @@ mod tests {
             Ok(())
         };
         let walked =
-            walk_lines(&reported, read, |_| described(), &probes, &queue, 1024, &stopped).unwrap();
+            walk_lines(&reported, read, |_| described(), &probes, &queue, pace(1024), &stopped)
+                .unwrap();
         assert!(walked.rest.is_empty() && walked.chunks == 0);
+        assert!(reported.lock().last.values().all(|(t, _)| t.0.packets == 3), "not counted");
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    /// A walk whose flow log's thread stopped writing (a pipe no one reads) waits for it
+    /// once, for the stall time, then drops what does not fit without waiting again.
+    #[test]
+    fn a_walk_waits_once_for_a_flow_log_that_writes_nothing() {
+        let dir = std::env::temp_dir().join(format!("xgstall{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("flows.fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let sink = Sink::open(fifo.to_str().unwrap(), 1 << 30, 1).unwrap();
+        let writer = Writer::spawn_bounded(sink, 16 << 10);
+        let pipe = fs::OpenOptions::new().read(true).write(true).open(&fifo).unwrap();
+        // SAFETY: F_SETPIPE_SZ on an open pipe.
+        assert!(unsafe { libc::fcntl(pipe.as_raw_fd(), libc::F_SETPIPE_SZ, 4096) } >= 4096);
+        // 200 lines of about 400 bytes in chunks of 1 KiB: the pipe takes a few, and about
+        // ten fit between half the limit and the limit.
+        let live: Vec<FlowEntries> = (0..200)
+            .map(|i| FlowEntries { key: FlowKey { sport: 1000 + i, ..flow(3).key }, ..flow(3) })
+            .collect();
+        let read = |each: &mut dyn FnMut(FlowEntries)| {
+            live.iter().for_each(|f| each(*f));
+            Ok(())
+        };
+        let probes =
+            Probes { traffic: ProbeTraffic::Omit, connections: ProbeConnections::default() };
+        let (pace, go) =
+            (Pace { chunk: 1024, stall: Duration::from_millis(300) }, AtomicBool::new(false));
+        let started = std::time::Instant::now();
+        let queue = writer.queue();
+        let walked =
+            walk_lines(&Reported::default(), read, |_| described(), &probes, &queue, pace, &go)
+                .unwrap();
+        let took = started.elapsed();
+        assert!(walked.dropped.is_some(), "the lines that did not fit dropped");
+        assert!(
+            took >= Duration::from_millis(300) && took < Duration::from_millis(900),
+            "{took:?}"
+        );
+        // The thread is left waiting in its write; the test does not wait for it.
+        drop((pipe, queue, writer));
         let _ = fs::remove_dir_all(&dir);
     }
 
