@@ -321,10 +321,11 @@ impl Reported {
     /// One walk: `read` hands each flow it reads to the walk, which hands `counted` those
     /// with traffic since their last record, with their counts, one at a time (the lock is
     /// held for the counting of one flow, not for `counted`). Their lines are then
-    /// unwritten ([`Reported::written`]).
+    /// unwritten ([`Reported::written`]). `read` tells whether it handed on every flow: a
+    /// walk that failed or was cut short is no miss for the flows it did not hand on.
     fn walk(
         &self,
-        read: impl FnOnce(&mut dyn FnMut(FlowEntries)) -> Result<()>,
+        read: impl FnOnce(&mut dyn FnMut(FlowEntries)) -> Result<bool>,
         mut counted: impl FnMut(&FlowEntries, Counts),
     ) -> Result<()> {
         let walk = {
@@ -332,15 +333,17 @@ impl Reported {
             m.ended = Some(HashSet::new());
             m.walks + 1
         };
-        read(&mut |flow| {
+        let whole = read(&mut |flow| {
             if let Some(counts) = self.count(walk, &flow) {
                 counted(&flow, counts);
             }
         })?;
         let mut m = self.lock();
-        m.walks = walk;
         m.ended = None;
-        m.last.retain(|_, (_, seen)| *seen + 1 >= walk);
+        if whole {
+            m.walks = walk;
+            m.last.retain(|_, (_, seen)| *seen + 1 >= walk);
+        }
         Ok(())
     }
 
@@ -441,7 +444,8 @@ fn walk_lines(
             if !stop.load(Ordering::Relaxed) {
                 each(flow)
             }
-        })
+        })?;
+        Ok(!stop.load(Ordering::Relaxed))
     };
     reported.walk(read, |read, counts| {
         let line = flow_line(read, &describe(read), "continuing", now, counts);
@@ -656,7 +660,7 @@ mod tests {
         let read = |each: &mut dyn FnMut(FlowEntries)| {
             meanwhile();
             live.iter().for_each(|f| each(*f));
-            Ok(())
+            Ok(true)
         };
         let line = |read: &FlowEntries, c| flow_line(read, &described(), "continuing", 0.0, c);
         reported.walk(read, |read, c| lines.push(line(read, c))).unwrap();
@@ -753,6 +757,35 @@ mod tests {
         assert_eq!(walked(&reported, &[flow(5)]).iter().map(delta).collect::<Vec<_>>(), [2]);
     }
 
+    /// A walk that the agent's stop cuts short counts the flows it reached and no other,
+    /// and is no miss for those it did not reach.
+    #[test]
+    fn a_walk_cut_short_by_the_stop_counts_what_it_reached_and_is_no_miss() {
+        let (reported, stop) = (Reported::default(), AtomicBool::new(false));
+        let one = |port, packets| FlowEntries {
+            key: FlowKey { sport: port, ..flow(0).key },
+            ..flow(packets)
+        };
+        walked(&reported, &[one(1000, 3)]);
+        // The first flow missed once.
+        walked(&reported, &[one(1001, 3)]);
+        let read = |each: &mut dyn FnMut(FlowEntries)| {
+            each(one(1001, 5));
+            stop.store(true, Ordering::Relaxed);
+            each(one(1000, 5));
+            Ok(())
+        };
+        let sink = Sink::open("/dev/null", 1 << 30, 1).unwrap();
+        let log = FlowLog::new(sink, ProbeTraffic::Omit);
+        let queue = log.writer.queue();
+        let walked =
+            walk_lines(&reported, read, |_| described(), &log.probes, &queue, pace(1 << 20), &stop)
+                .unwrap();
+        assert_eq!(walked.rest.len(), 1, "the flow reached");
+        let packets = |port| reported.lock().last.get(&one(port, 0).key).map(|(t, _)| t.0.packets);
+        assert_eq!((packets(1001), packets(1000)), (Some(5), Some(3)));
+    }
+
     /// A walk queues its lines a chunk at a time as it goes, in order; an `end` line that
     /// comes meanwhile (of a flow the walk counted) is held, and goes out after all of them.
     #[test]
@@ -826,8 +859,8 @@ mod tests {
         let pipe = fs::OpenOptions::new().read(true).write(true).open(&fifo).unwrap();
         // SAFETY: F_SETPIPE_SZ on an open pipe.
         assert!(unsafe { libc::fcntl(pipe.as_raw_fd(), libc::F_SETPIPE_SZ, 4096) } >= 4096);
-        // 200 lines of about 400 bytes in chunks of 1 KiB: the pipe takes a few, and about
-        // ten fit between half the limit and the limit.
+        // 200 lines of about 400 bytes in chunks of 1 KiB: the pipe takes a few, and
+        // several fit between half the limit and the limit.
         let live: Vec<FlowEntries> = (0..200)
             .map(|i| FlowEntries { key: FlowKey { sport: 1000 + i, ..flow(3).key }, ..flow(3) })
             .collect();

@@ -281,22 +281,30 @@ mod tests {
         let started = Instant::now();
         assert!(!queue.wait_for_room(Duration::from_secs(60), &stop));
         assert!(started.elapsed() < Duration::from_secs(1));
-        // A reader, 10 KB every 100 ms: the thread finishes a batch about every 100 ms, and
-        // the wait lasts until less than 200 KB wait (about 1.5 s), past the stall time.
+        // A reader, 10 KB every 100 ms: the thread finishes a batch about every 100 ms. For
+        // the first 2 s another writer queues as much as is read (the queue does not
+        // shrink, but the thread writes); then the wait lasts until less than 200 KB wait
+        // (about 1.5 s more).
         let reading = Arc::new(AtomicBool::new(true));
-        let go_on = reading.clone();
+        let (go_on, other) = (reading.clone(), writer.queue());
         let reader = thread::spawn(move || {
             let (mut buf, mut pipe) = (vec![0u8; 10 << 10], pipe);
-            while go_on.load(Ordering::SeqCst) {
+            for i in 0.. {
+                if !go_on.load(Ordering::SeqCst) {
+                    break;
+                }
                 thread::sleep(Duration::from_millis(100));
                 let _ = pipe.read(&mut buf);
+                if i < 20 {
+                    other.write(batch(10)).unwrap();
+                }
             }
             pipe
         });
         let started = Instant::now();
         assert!(queue.wait_for_room(Duration::from_secs(1), &go));
         let waited = started.elapsed();
-        assert!(waited > Duration::from_secs(1) && waited < Duration::from_secs(20), "{waited:?}");
+        assert!(waited > Duration::from_secs(2) && waited < Duration::from_secs(20), "{waited:?}");
         assert!(queue.queued.load(Ordering::SeqCst) < 200 << 10);
         reading.store(false, Ordering::SeqCst);
         // The thread is left waiting in a write (the sink's own descriptor keeps the pipe
