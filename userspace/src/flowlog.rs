@@ -243,7 +243,7 @@ impl Counts {
     ///   tuple (the dataplane ended the old one, idle or reopened, without a record): it
     ///   counts from zero.
     fn of(read: &FlowEntries, last: EachWay) -> Self {
-        let each = |v: Option<FlowValue>| v.map(|v| Traffic { packets: v.packets, bytes: v.bytes });
+        let each = |v: Option<FlowValue>| v.as_ref().map(Traffic::from);
         let (forward, reply) = (each(read.forward), each(read.reply));
         let new = forward.is_some_and(|t| t.packets < last.0.packets)
             || reply.is_some_and(|t| t.packets < last.1.packets);
@@ -594,7 +594,7 @@ impl FlowLog {
 
 #[cfg(test)]
 mod tests {
-    use std::{fs, os::fd::AsRawFd};
+    use std::fs;
 
     use super::*;
 
@@ -849,16 +849,7 @@ mod tests {
     /// once, for the stall time, then drops what does not fit without waiting again.
     #[test]
     fn a_walk_waits_once_for_a_flow_log_that_writes_nothing() {
-        let dir = std::env::temp_dir().join(format!("xgstall{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        let fifo = dir.join("flows.fifo");
-        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
-        let sink = Sink::open(fifo.to_str().unwrap(), 1 << 30, 1).unwrap();
-        let writer = Writer::spawn_bounded(sink, 16 << 10);
-        let pipe = fs::OpenOptions::new().read(true).write(true).open(&fifo).unwrap();
-        // SAFETY: F_SETPIPE_SZ on an open pipe.
-        assert!(unsafe { libc::fcntl(pipe.as_raw_fd(), libc::F_SETPIPE_SZ, 4096) } >= 4096);
+        let (dir, writer, pipe) = writer::fifo_writer("xgstall", 16 << 10, 4096);
         // 200 lines of about 400 bytes in chunks of 1 KiB: the pipe takes a few, and
         // several fit between half the limit and the limit.
         let live: Vec<FlowEntries> = (0..200)

@@ -494,9 +494,7 @@ fn describe(
     let main = forward.or(reply).expect("a flow has an entry");
     let ports = has_ports(key.proto);
     let icmp_echo = is_icmp(key.family, key.proto);
-    let traffic = |v: Option<FlowValue>| {
-        v.map_or_else(Traffic::default, |v| Traffic { packets: v.packets, bytes: v.bytes })
-    };
+    let traffic = |v: Option<FlowValue>| v.as_ref().map(Traffic::from).unwrap_or_default();
     let last_seen = forward.iter().chain(reply.iter()).map(|v| v.last_seen_ns).max().unwrap_or(0);
     let idle_ns = now.saturating_sub(last_seen);
     let tcp = forward.iter().chain(reply.iter()).fold(0, |a, v| a | v.tcp);

@@ -40,6 +40,13 @@ impl From<Counter> for Traffic {
     }
 }
 
+/// A flow entry's traffic in its direction.
+impl From<&FlowValue> for Traffic {
+    fn from(v: &FlowValue) -> Self {
+        Self { packets: v.packets, bytes: v.bytes }
+    }
+}
+
 /// `[(name, counter)]` as one JSON object keyed by name: JSON has no `[name, value]` pairs.
 fn by_name<S: serde::Serializer, T: Serialize>(
     pairs: &[(&'static str, T)],

@@ -59,7 +59,7 @@ impl Writer {
         Self::spawn_bounded(sink, QUEUE_BYTES)
     }
 
-    pub(super) fn spawn_bounded(mut sink: Sink, limit: usize) -> Self {
+    fn spawn_bounded(mut sink: Sink, limit: usize) -> Self {
         let (jobs, todo) = std_mpsc::channel();
         let (tx, done) = mpsc::unbounded_channel();
         let queued = Arc::new(AtomicUsize::new(0));
@@ -205,9 +205,33 @@ impl Queue {
     }
 }
 
+/// For tests: a writer to a FIFO `flows.fifo` in a fresh temporary directory (returned),
+/// with a queue of `limit` bytes, and the pipe held open for reading and writing (so the
+/// thread's open does not wait) and sized to `pipe_bytes`: the thread waits in a write once
+/// that much is unread.
+#[cfg(test)]
+pub(super) fn fifo_writer(
+    tag: &str,
+    limit: usize,
+    pipe_bytes: i32,
+) -> (PathBuf, Writer, std::fs::File) {
+    use std::os::fd::AsRawFd;
+    let dir = std::env::temp_dir().join(format!("{tag}{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let fifo = dir.join("flows.fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let sink = Sink::open(fifo.to_str().unwrap(), 1 << 30, 1).unwrap();
+    let writer = Writer::spawn_bounded(sink, limit);
+    let pipe = std::fs::OpenOptions::new().read(true).write(true).open(&fifo).unwrap();
+    // SAFETY: F_SETPIPE_SZ on an open pipe.
+    assert!(unsafe { libc::fcntl(pipe.as_raw_fd(), libc::F_SETPIPE_SZ, pipe_bytes) } >= pipe_bytes);
+    (dir, writer, pipe)
+}
+
 #[cfg(test)]
 mod tests {
-    use std::{fs, io::Read, os::fd::AsRawFd};
+    use std::{fs, io::Read};
 
     use serde_json::json;
 
@@ -224,18 +248,9 @@ mod tests {
     /// waits.
     #[test]
     fn a_batch_past_the_queue_limit_is_dropped() {
-        let dir = std::env::temp_dir().join(format!("xgwriter{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        let fifo = dir.join("flows.fifo");
-        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
-        let sink = Sink::open(fifo.to_str().unwrap(), 1 << 30, 1).unwrap();
-        let writer = Writer::spawn_bounded(sink, 100 << 10);
-        // 70 KB: more than the pipe holds (sized here), and the thread waits in its write;
-        // the queue takes batches while it holds less than its limit.
-        let pipe = fs::OpenOptions::new().read(true).write(true).open(&fifo).unwrap();
-        // SAFETY: F_SETPIPE_SZ on an open pipe.
-        assert!(unsafe { libc::fcntl(pipe.as_raw_fd(), libc::F_SETPIPE_SZ, 64 << 10) } >= 64 << 10);
+        let (dir, writer, pipe) = fifo_writer("xgwriter", 100 << 10, 64 << 10);
+        // 70 KB: more than the pipe holds, and the thread waits in its write; the queue
+        // takes batches while it holds less than its limit.
         writer.write(batch(70)).unwrap();
         writer.write(batch(20)).unwrap();
         writer.write(batch(20)).unwrap();
@@ -247,7 +262,7 @@ mod tests {
         drop(writer);
         drop(pipe);
         let mut text = String::new();
-        fs::File::open(&fifo).unwrap().read_to_string(&mut text).unwrap();
+        fs::File::open(dir.join("flows.fifo")).unwrap().read_to_string(&mut text).unwrap();
         assert_eq!(text.lines().count(), 110);
         let _ = fs::remove_dir_all(&dir);
     }
@@ -257,16 +272,7 @@ mod tests {
     /// stall time, or at once when asked to stop.
     #[test]
     fn a_wait_for_room_lasts_while_the_thread_writes() {
-        let dir = std::env::temp_dir().join(format!("xgroom{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        let fifo = dir.join("flows.fifo");
-        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
-        let sink = Sink::open(fifo.to_str().unwrap(), 1 << 30, 1).unwrap();
-        let writer = Writer::spawn_bounded(sink, 400 << 10);
-        let pipe = fs::OpenOptions::new().read(true).write(true).open(&fifo).unwrap();
-        // SAFETY: F_SETPIPE_SZ on an open pipe.
-        assert!(unsafe { libc::fcntl(pipe.as_raw_fd(), libc::F_SETPIPE_SZ, 64 << 10) } >= 64 << 10);
+        let (dir, writer, pipe) = fifo_writer("xgroom", 400 << 10, 64 << 10);
         let queue = writer.queue();
         // 40 batches of about 10 KB: the pipe takes six, the thread waits in the seventh's
         // write, and more than 300 KB wait.
