@@ -366,7 +366,7 @@ fn a_frontend_is_announced_only_once_its_tables_hold_a_backend() {
 
 /// The agent's log line for `backend` answering its probe again.
 fn recovered(backend: &str) -> String {
-    format!("backend {backend} healthy again (probe up)")
+    format!("backend {backend} healthy again (probe edge/up)")
 }
 
 #[test]

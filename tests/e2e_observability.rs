@@ -646,12 +646,20 @@ fn a_backend_of_several_rules_is_counted_once_and_unprobed_rules_report_no_healt
     assert_eq!(sample(&scrape, "xdpgate_load_balancer_backends", &unprobed), 1.0);
     assert!(!scrape.samples.iter().any(|s| s.metric == "xdpgate_load_balancer_health_percent"
         && s.labels.get("rule") == Some("to-server")));
-    // One probe target (backend, probe), shared by both rules.
-    let probe = [("backend", SERVER), ("probe", "up")];
-    let ok = sample(&scrape, "xdpgate_probes_total", &[probe[0], probe[1], ("result", "success")]);
+    // One probe target (backend, load balancer, probe), shared by both rules.
+    let probe = [("backend", SERVER), ("load_balancer", "edge"), ("probe", "up")];
+    let ok = sample(
+        &scrape,
+        "xdpgate_probes_total",
+        &[probe[0], probe[1], probe[2], ("result", "success")],
+    );
     assert!(ok >= 1.0, "successful probes {ok}");
     assert_eq!(
-        sample(&scrape, "xdpgate_probes_total", &[probe[0], probe[1], ("result", "failure")]),
+        sample(
+            &scrape,
+            "xdpgate_probes_total",
+            &[probe[0], probe[1], probe[2], ("result", "failure")]
+        ),
         0.0
     );
     let took = sample(&scrape, "xdpgate_probe_duration_seconds_total", &probe);

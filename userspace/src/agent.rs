@@ -29,7 +29,7 @@ use xdpgate_dataplane::{
     flows::{self, FlowEntries, Swept},
     lb::{self, LbMaps},
     nat,
-    probes::ProbeHealth,
+    probes::{ProbeHealth, ProbeKey},
     routes,
     state::{AgentLock, LOCK_WAIT, WriteLock},
     transaction,
@@ -56,8 +56,9 @@ fn targets(lbs: &CompiledLb) -> Vec<Target> {
         let Some(probe) = &s.probe else { continue };
         for (b, _) in &s.pool {
             let backend = lbs.backends[*b as usize];
-            if seen.insert((backend, probe.name.clone())) {
-                out.push(Target { backend, probe: probe.clone() });
+            let target = Target { backend, lb: s.lb.clone(), probe: probe.clone() };
+            if seen.insert(target.key()) {
+                out.push(target);
             }
         }
     }
@@ -379,8 +380,8 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
         pid: std::process::id(),
         down: targets_now
             .iter()
-            .map(|t| (t.backend, t.probe.name.clone()))
-            .filter(|k| was_down.contains(&k.0))
+            .map(Target::key)
+            .filter(|k| was_down.contains(&k.backend))
             .collect(),
     };
     // Before the first apply writes into it.
@@ -388,8 +389,8 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     let generation =
         transaction::install(pins, &policy, &source, &tables, &lbs, &down, encap(&node, &lbs)?)?;
     info!("applied {} as generation {generation}", file.display());
-    for (backend, probe) in &down.down {
-        info!("backend {backend} starts unhealthy (probe {probe}), as it was");
+    for key in &down.down {
+        info!("backend {} starts unhealthy (probe {key}), as it was", key.backend);
     }
     let mut state = AgentState {
         pid: std::process::id(),
@@ -600,11 +601,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                             let targets_new = targets(&lbs);
                             let down_new = ProbeHealth {
                                 pid: down.pid,
-                                down: targets_new
-                                    .iter()
-                                    .map(|t| (t.backend, t.probe.name.clone()))
-                                    .filter(|k| down.down.contains(k))
-                                    .collect(),
+                                down: targets_new.iter().map(Target::key).filter(|k| down.down.contains(k)).collect(),
                             };
                             // The old probes stop, so that no change of theirs lands on the new
                             // tables; on failure they start again on the old policy.
@@ -743,8 +740,8 @@ fn announce_node(
     let answered = probes
         .snapshot()
         .into_iter()
-        .filter(|(_, _, counts)| counts.successes > 0)
-        .map(|(backend, probe, _)| (backend, probe))
+        .filter(|(_, counts)| counts.successes > 0)
+        .map(|(key, _)| key)
         .collect();
     let held = tables.held(down);
     let result = drain::read(pins).and_then(|drained| {
@@ -935,11 +932,11 @@ fn tick(
 /// the agent's next turn at the write lock; a rebuild that fails stays pending and is
 /// retried in the turn of the next tick.
 struct HealthTables {
-    /// (backend, probe) pairs that changed since the tables were last rebuilt for them.
-    pending: BTreeSet<(IpAddr, String)>,
+    /// Backends under probes that changed since the tables were last rebuilt for them.
+    pending: BTreeSet<ProbeKey>,
     /// The pairs the tables hold as down: `down` as they were last built from, pair by
     /// pair (a pair whose rebuild failed keeps what the tables still have).
-    built_down: BTreeSet<(IpAddr, String)>,
+    built_down: BTreeSet<ProbeKey>,
 }
 
 impl HealthTables {
@@ -951,24 +948,18 @@ impl HealthTables {
     /// A backend changed state: `down` follows at once (in the order the changes come),
     /// then, in the next turn at the lock, the tables of the services it serves.
     fn change(&mut self, down: &mut ProbeHealth, change: &Change) {
-        let key = (change.backend, change.probe.clone());
+        let key = &change.key;
         match change.health {
             Health::Unhealthy => {
-                warn!(
-                    "backend {} unhealthy (probe {}): {}",
-                    change.backend, change.probe, change.reason
-                );
+                warn!("backend {} unhealthy (probe {key}): {}", key.backend, change.reason);
                 down.down.insert(key.clone());
             }
             Health::Healthy => {
-                info!(
-                    "backend {} healthy again (probe {}): {}",
-                    change.backend, change.probe, change.reason
-                );
-                down.down.remove(&key);
+                info!("backend {} healthy again (probe {key}): {}", key.backend, change.reason);
+                down.down.remove(key);
             }
         }
-        self.pending.insert(key);
+        self.pending.insert(key.clone());
     }
 
     /// `down` as the tables hold it: a (backend, probe) counts as down while its probe
@@ -1004,15 +995,15 @@ impl HealthTables {
         let with_drained = drain::WithDrained { health: down, drained: &drained };
         let ids: HashMap<IpAddr, u32> =
             lbs.backends.iter().enumerate().map(|(i, a)| (*a, i as u32)).collect();
-        let id = |(addr, _): &(IpAddr, String)| ids.get(addr).copied();
+        let id = |key: &ProbeKey| ids.get(&key.backend).copied();
         let mut result = Ok(());
         let mut failed = BTreeSet::new();
         for (sid, s) in lbs.services.iter().enumerate() {
-            let affecting: Vec<&(IpAddr, String)> = self
+            let affecting: Vec<&ProbeKey> = self
                 .pending
                 .iter()
                 .filter(|k| {
-                    s.probe.as_ref().is_some_and(|p| p.name == k.1)
+                    ProbeKey::of(s, k.backend).as_ref() == Some(*k)
                         && id(k).is_some_and(|b| s.pool.iter().any(|(m, _)| *m == b))
                 })
                 .collect();
@@ -1033,8 +1024,8 @@ impl HealthTables {
         // table still sends it new flows.
         for key in &self.pending {
             let Some(b) = id(key) else { continue };
-            if let Err(e) = maps.set_backend(b, key.0, down.healthy(key.0)) {
-                result = Err(e.context(format!("the health flag of backend {}", key.0)));
+            if let Err(e) = maps.set_backend(b, key.backend, down.healthy(key.backend)) {
+                result = Err(e.context(format!("the health flag of backend {}", key.backend)));
                 failed.insert(key.clone());
             }
         }
@@ -1091,5 +1082,45 @@ mod tests {
         assert!(reload.ask(t1 + LOCK_WAIT));
         assert!(reload.take());
         assert!(!reload.take());
+    }
+    /// Probe names are unique within one load balancer only: two load balancers' probes of
+    /// one name on one backend are two probes, each judging its own rules.
+    #[test]
+    fn probes_of_one_name_in_two_load_balancers_are_two() {
+        let yaml = r#"
+virtual_network: {address_space: [198.51.100.0/24]}
+load_balancers:
+  - name: public
+    frontends: [{name: f, address: 192.0.2.10}]
+    backend_pools: [{name: p, backends: [198.51.100.11]}]
+    probes: [{name: health, protocol: tcp, port: 443}]
+    rules:
+      - {name: https, frontend: f, protocol: tcp, frontend_port: 443, backend_port: 443,
+         backend_pool: p, probe: health}
+  - name: internal
+    frontends: [{name: f, address: 192.0.2.20}]
+    backend_pools: [{name: p, backends: [198.51.100.11]}]
+    probes: [{name: health, protocol: http, port: 8080, path: /ready}]
+    rules:
+      - {name: app, frontend: f, protocol: tcp, frontend_port: 80, backend_port: 8080,
+         backend_pool: p, probe: health}
+"#;
+        let policy = policy::yaml::load_str(yaml, "two.yaml").unwrap();
+        let (_, lbs) = policy::compile_all(&policy).unwrap();
+        let targets = targets(&lbs);
+        let mut ports: Vec<u16> = targets.iter().map(|t| t.probe.port).collect();
+        ports.sort();
+        assert_eq!(ports, [443, 8080], "one probe per load balancer");
+        // The internal load balancer's probe fails: its rule loses the backend, the public
+        // one's keeps it.
+        let failing = targets.iter().find(|t| t.probe.port == 8080).unwrap();
+        let down = ProbeHealth { pid: 1, down: [failing.key()].into() };
+        let backend: std::net::IpAddr = [198, 51, 100, 11].into();
+        let in_rule = |lb: &str| {
+            let s = lbs.services.iter().find(|s| s.lb == lb).unwrap();
+            down.healthy_in(s, backend)
+        };
+        assert!(in_rule("public"));
+        assert!(!in_rule("internal"));
     }
 }

@@ -36,12 +36,15 @@ use tokio::net::TcpStream;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinHandle;
 
+use xdpgate_dataplane::probes::ProbeKey;
 use xdpgate_policy::model::{Probe, ProbeKind};
 
 /// One backend probed with one probe.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Target {
     pub backend: IpAddr,
+    /// The load balancer the probe is one of.
+    pub lb: String,
     pub probe: Probe,
 }
 
@@ -50,8 +53,8 @@ impl Target {
         SocketAddr::new(self.backend, self.probe.port)
     }
 
-    fn key(&self) -> (IpAddr, String) {
-        (self.backend, self.probe.name.clone())
+    pub fn key(&self) -> ProbeKey {
+        ProbeKey { backend: self.backend, lb: self.lb.clone(), probe: self.probe.name.clone() }
     }
 }
 
@@ -73,9 +76,7 @@ impl fmt::Display for Health {
 /// A transition of one target.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Change {
-    pub backend: IpAddr,
-    /// The probe's name.
-    pub probe: String,
+    pub key: ProbeKey,
     /// The new state.
     pub health: Health,
     /// The result of the probe that caused the transition: the failure reason when going
@@ -169,8 +170,8 @@ async fn http_exchange<S: AsyncRead + AsyncWrite + Unpin>(
             Ok(0) if buf.is_empty() => return Err("connection closed without a response".into()),
             Ok(0) => return Err(not_http(&buf)),
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            // A reply that arrived before the error still counts.
-            Err(_) if !buf.is_empty() => break &buf[..],
+            // A whole line that came before the error was taken above; part of one (a
+            // backend that crashed mid-reply) is no answer.
             Err(e) => return Err(io_reason("receive", &e)),
         }
     };
@@ -309,7 +310,7 @@ impl Tracker {
     }
 }
 
-type States = Arc<Mutex<HashMap<(IpAddr, String), Health>>>;
+type States = Arc<Mutex<HashMap<ProbeKey, Health>>>;
 
 /// How one target's probes went, since the agent started (kept across reloads).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -324,10 +325,10 @@ pub struct ProbeCounts {
 
 /// Every target's [`ProbeCounts`], shared by the probers and the metrics server.
 #[derive(Clone, Debug, Default)]
-pub struct ProbeStats(Arc<Mutex<BTreeMap<(IpAddr, String), ProbeCounts>>>);
+pub struct ProbeStats(Arc<Mutex<BTreeMap<ProbeKey, ProbeCounts>>>);
 
 impl ProbeStats {
-    fn record(&self, key: (IpAddr, String), ok: bool, took: Duration) {
+    fn record(&self, key: ProbeKey, ok: bool, took: Duration) {
         let mut all = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let c = all.entry(key).or_default();
         if ok {
@@ -339,10 +340,10 @@ impl ProbeStats {
         c.last_seconds = took.as_secs_f64();
     }
 
-    /// Every target probed so far, sorted by (backend, probe).
-    pub fn snapshot(&self) -> Vec<(IpAddr, String, ProbeCounts)> {
+    /// Every target probed so far, sorted by (backend, load balancer, probe).
+    pub fn snapshot(&self) -> Vec<(ProbeKey, ProbeCounts)> {
         let all = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        all.iter().map(|((a, p), c)| (*a, p.clone(), *c)).collect()
+        all.iter().map(|(k, c)| (k.clone(), *c)).collect()
     }
 }
 
@@ -357,13 +358,13 @@ impl Prober {
     /// Each task probes immediately and then every `interval_ms` (at least 1 ms; a probe that
     /// was delayed, e.g. by the concurrency limit, delays the next ones rather than bursting).
     /// At most `max_concurrent` (at least 1) probes run at once over all targets. Targets are
-    /// identified by (backend, probe name); duplicates after the first are ignored.
+    /// identified by their [`ProbeKey`]; duplicates after the first are ignored.
     /// Targets start healthy, but those in `down`, which need `threshold` good probes to
     /// come back. Transitions are sent on `changes`; if the receiver is gone, probing goes
     /// on and [`Prober::health`] stays current.
     pub fn spawn(
         targets: Vec<Target>,
-        down: &BTreeSet<(IpAddr, String)>,
+        down: &BTreeSet<ProbeKey>,
         max_concurrent: usize,
         changes: mpsc::Sender<Change>,
     ) -> Prober {
@@ -373,7 +374,7 @@ impl Prober {
     /// [`Prober::spawn`], adding each probe's result and duration to `stats`.
     pub fn spawn_counted(
         targets: Vec<Target>,
-        down: &BTreeSet<(IpAddr, String)>,
+        down: &BTreeSet<ProbeKey>,
         max_concurrent: usize,
         changes: mpsc::Sender<Change>,
         stats: ProbeStats,
@@ -403,18 +404,18 @@ impl Prober {
         Prober { states, tasks }
     }
 
-    /// The current state of `backend` under probe `probe`; `None` for a target this prober
-    /// does not run.
-    pub fn health(&self, backend: IpAddr, probe: &str) -> Option<Health> {
+    /// The current state of a backend under a probe; `None` for a target this prober does
+    /// not run.
+    pub fn health(&self, key: &ProbeKey) -> Option<Health> {
         let s = self.states.lock().unwrap_or_else(|e| e.into_inner());
-        s.get(&(backend, probe.to_string())).copied()
+        s.get(key).copied()
     }
 
-    /// Every target's current state, sorted by (backend, probe).
-    pub fn snapshot(&self) -> Vec<(IpAddr, String, Health)> {
+    /// Every target's current state, sorted by (backend, load balancer, probe).
+    pub fn snapshot(&self) -> Vec<(ProbeKey, Health)> {
         let s = self.states.lock().unwrap_or_else(|e| e.into_inner());
-        let mut v: Vec<_> = s.iter().map(|((a, p), h)| (*a, p.clone(), *h)).collect();
-        v.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+        let mut v: Vec<_> = s.iter().map(|(k, h)| (k.clone(), *h)).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
         v
     }
 
@@ -463,9 +464,9 @@ async fn run(
             Ok(()) => success_reason(target.probe.kind).to_string(),
             Err(e) => e,
         };
-        log::info!("backend {} probe {}: {health} ({reason})", target.backend, target.probe.name);
-        let change =
-            Change { backend: target.backend, probe: target.probe.name.clone(), health, reason };
+        let key = target.key();
+        log::info!("backend {} probe {key}: {health} ({reason})", target.backend);
+        let change = Change { key, health, reason };
         // A closed receiver only means nobody listens; keep the state current.
         let _ = changes.send(change).await;
     }
@@ -499,8 +500,13 @@ mod tests {
         }
     }
 
+    /// The key of probe `probe` of `target`'s (and the tests') load balancer.
+    fn key(probe: &str) -> ProbeKey {
+        ProbeKey { backend: LOCALHOST, lb: "lb".into(), probe: probe.into() }
+    }
+
     fn target(kind: ProbeKind, port: u16, timeout_ms: u32) -> Target {
-        Target { backend: LOCALHOST, probe: probe(kind, port, 100, timeout_ms, 2) }
+        Target { backend: LOCALHOST, lb: "lb".into(), probe: probe(kind, port, 100, timeout_ms, 2) }
     }
 
     /// A port on which nothing listens (bound then released).
@@ -630,6 +636,33 @@ mod tests {
         assert_eq!(r, Err("connection closed without a response".to_string()));
     }
 
+    /// A server that answers `reply` to the request and then resets the connection.
+    async fn resetting_server(reply: &'static [u8]) -> u16 {
+        let l = TcpListener::bind((LOCALHOST, 0)).await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                read_head(&mut s).await;
+                let _ = s.write_all(reply).await;
+                let _ = s.flush().await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let _ = s.set_linger(Some(Duration::ZERO));
+            }
+        });
+        port
+    }
+
+    /// A status line counts once it is whole: one cut short by a reset (a backend that
+    /// crashed mid-reply) fails; a whole one before the reset passes.
+    #[tokio::test]
+    async fn a_status_line_cut_short_by_a_reset_fails() {
+        let cut = resetting_server(b"HTTP/1.1 200").await;
+        let r = probe_once(&target(ProbeKind::Http, cut, 500)).await;
+        assert_eq!(r, Err("connection reset".to_string()));
+        let whole = resetting_server(b"HTTP/1.1 200 OK\r\n").await;
+        assert_eq!(probe_once(&target(ProbeKind::Http, whole, 500)).await, Ok(()));
+    }
+
     #[tokio::test]
     async fn silent_server_times_out_within_bound() {
         let s = silent_server().await;
@@ -688,7 +721,11 @@ mod tests {
         // Probes 0..8 alternate 500/200 (no change), then 500 for good.
         let s = http_server(|n| status(if n < 8 && n % 2 == 1 { 200 } else { 500 })).await;
         let (tx, mut rx) = mpsc::channel(16);
-        let t = Target { backend: LOCALHOST, probe: probe(ProbeKind::Http, s.port, 50, 50, 2) };
+        let t = Target {
+            backend: LOCALHOST,
+            lb: "lb".into(),
+            probe: probe(ProbeKind::Http, s.port, 50, 50, 2),
+        };
         let prober = Prober::spawn(vec![t], &BTreeSet::new(), 4, tx);
         let change = tokio::time::timeout(Duration::from_secs(3), rx.recv())
             .await
@@ -698,7 +735,7 @@ mod tests {
         assert!(s.connections.load(Ordering::SeqCst) >= 10);
         assert_eq!(change.health, Health::Unhealthy);
         assert_eq!(change.reason, "HTTP 500");
-        assert_eq!(prober.health(LOCALHOST, "p"), Some(Health::Unhealthy));
+        assert_eq!(prober.health(&key("p")), Some(Health::Unhealthy));
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(rx.try_recv().is_err(), "only one change");
         prober.stop();
@@ -710,16 +747,20 @@ mod tests {
         let port = listener.local_addr().unwrap().port();
         tokio::spawn(async move { while listener.accept().await.is_ok() {} });
         let (tx, mut rx) = mpsc::channel(16);
-        let t = Target { backend: LOCALHOST, probe: probe(ProbeKind::Tcp, port, 50, 100, 3) };
-        let down = BTreeSet::from([(LOCALHOST, "p".to_string())]);
+        let t = Target {
+            backend: LOCALHOST,
+            lb: "lb".into(),
+            probe: probe(ProbeKind::Tcp, port, 50, 100, 3),
+        };
+        let down = BTreeSet::from([key("p")]);
         let prober = Prober::spawn(vec![t], &down, 1, tx);
-        assert_eq!(prober.health(LOCALHOST, "p"), Some(Health::Unhealthy));
+        assert_eq!(prober.health(&key("p")), Some(Health::Unhealthy));
         let start = Instant::now();
         let c = tokio::time::timeout(Duration::from_secs(2), rx.recv()).await.unwrap().unwrap();
         assert_eq!((c.health, c.reason.as_str()), (Health::Healthy, "connected"));
         // Probes at 0, 50 and 100 ms: the third success brings it back.
         assert!(start.elapsed() >= Duration::from_millis(90), "{:?}", start.elapsed());
-        assert_eq!(prober.health(LOCALHOST, "p"), Some(Health::Healthy));
+        assert_eq!(prober.health(&key("p")), Some(Health::Healthy));
     }
 
     #[tokio::test]
@@ -739,11 +780,12 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(16);
         let t = Target {
             backend: LOCALHOST,
+            lb: "lb".into(),
             probe: probe(ProbeKind::Tcp, port, interval, timeout, threshold),
         };
         let prober = Prober::spawn(vec![t], &BTreeSet::new(), 1, tx);
-        assert_eq!(prober.health(LOCALHOST, "p"), Some(Health::Healthy));
-        assert_eq!(prober.health(LOCALHOST, "other"), None);
+        assert_eq!(prober.health(&key("p")), Some(Health::Healthy));
+        assert_eq!(prober.health(&key("other")), None);
         tokio::time::sleep(Duration::from_millis(250)).await;
         assert!(rx.try_recv().is_err(), "no change while healthy");
 
@@ -759,13 +801,12 @@ mod tests {
         assert_eq!(
             c,
             Change {
-                backend: LOCALHOST,
-                probe: "p".into(),
+                key: key("p"),
                 health: Health::Unhealthy,
                 reason: "connection refused".into(),
             }
         );
-        assert_eq!(prober.health(LOCALHOST, "p"), Some(Health::Unhealthy));
+        assert_eq!(prober.health(&key("p")), Some(Health::Unhealthy));
         tokio::time::sleep(Duration::from_millis(350)).await;
         assert!(rx.try_recv().is_err(), "exactly one unhealthy change");
 
@@ -779,7 +820,7 @@ mod tests {
         println!("recovery detected after {:?} (bound {bound:?})", start.elapsed());
         assert_eq!(c.health, Health::Healthy);
         assert_eq!(c.reason, "connected");
-        assert_eq!(prober.health(LOCALHOST, "p"), Some(Health::Healthy));
+        assert_eq!(prober.health(&key("p")), Some(Health::Healthy));
         tokio::time::sleep(Duration::from_millis(350)).await;
         assert!(rx.try_recv().is_err(), "exactly one healthy change");
         prober.stop();
@@ -794,6 +835,7 @@ mod tests {
         let targets: Vec<Target> = (0..4)
             .map(|i| Target {
                 backend: LOCALHOST,
+                lb: "lb".into(),
                 probe: Probe {
                     name: format!("p{i}"),
                     ..probe(ProbeKind::Http, s.port, 100, 100, 2)
@@ -812,12 +854,16 @@ mod tests {
     #[tokio::test]
     async fn duplicate_targets_run_once() {
         let s = http_server(|_| status(200)).await;
-        let t = Target { backend: LOCALHOST, probe: probe(ProbeKind::Http, s.port, 1000, 500, 2) };
+        let t = Target {
+            backend: LOCALHOST,
+            lb: "lb".into(),
+            probe: probe(ProbeKind::Http, s.port, 1000, 500, 2),
+        };
         let (tx, _rx) = mpsc::channel(1);
         let prober = Prober::spawn(vec![t.clone(), t], &BTreeSet::new(), 4, tx);
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert_eq!(s.connections.load(Ordering::SeqCst), 1);
-        assert_eq!(prober.snapshot(), vec![(LOCALHOST, "p".to_string(), Health::Healthy)]);
+        assert_eq!(prober.snapshot(), vec![(key("p"), Health::Healthy)]);
     }
 
     fn tls_acceptor() -> tokio_rustls::TlsAcceptor {

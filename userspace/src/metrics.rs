@@ -8,7 +8,7 @@
 use std::{
     collections::BTreeMap,
     convert::Infallible,
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     str::FromStr,
     sync::{
         Arc, Mutex, PoisonError,
@@ -42,6 +42,7 @@ use xdpgate_dataplane::{
     PinDir, apply,
     lb::{self, ServiceReport},
     nat,
+    probes::ProbeKey,
     stats::{self, Stats},
 };
 
@@ -197,7 +198,7 @@ pub struct Snapshot {
     /// The running agent's last policy load (none without a running agent).
     pub agent: Option<AgentState>,
     /// The agent's health probes so far (served by the agent only).
-    pub probes: Vec<(IpAddr, String, ProbeCounts)>,
+    pub probes: Vec<(ProbeKey, ProbeCounts)>,
 }
 
 impl Snapshot {
@@ -385,7 +386,8 @@ impl Snapshot {
         let mut probes = Family::new(
             "xdpgate_probes_total",
             Counter,
-            "Health probes the agent ran, by backend, probe and result (success or failure).",
+            "Health probes the agent ran, by backend, load balancer, probe and result (success or \
+             failure).",
         );
         let mut probe_seconds = Family::new(
             "xdpgate_probe_duration_seconds_total",
@@ -398,8 +400,14 @@ impl Snapshot {
             Gauge,
             "Time the last health probe of a backend took.",
         );
-        for (backend, probe, c) in &self.probes {
-            let labels = || vec![("backend", backend.to_string()), ("probe", probe.clone())];
+        for (key, c) in &self.probes {
+            let labels = || {
+                vec![
+                    ("backend", key.backend.to_string()),
+                    ("load_balancer", key.lb.clone()),
+                    ("probe", key.probe.clone()),
+                ]
+            };
             for (result, n) in [("success", c.successes), ("failure", c.failures)] {
                 let mut l = labels();
                 l.push(("result", result.into()));
@@ -990,8 +998,11 @@ mod tests {
                 failing: Vec::new(),
             }),
             probes: vec![(
-                "198.51.100.11".parse().unwrap(),
-                "up".into(),
+                ProbeKey {
+                    backend: "198.51.100.11".parse().unwrap(),
+                    lb: "lb".into(),
+                    probe: "up".into(),
+                },
                 ProbeCounts { successes: 9, failures: 1, seconds_total: 0.5, last_seconds: 0.25 },
             )],
         }
@@ -1105,10 +1116,10 @@ mod tests {
             r#"xdpgate_load_balancer_backends{load_balancer="lb",rule="http",state="healthy"} 1"#,
             r#"xdpgate_load_balancer_backends{load_balancer="lb",rule="http",state="unhealthy"} 1"#,
             r#"xdpgate_load_balancer_health_percent{load_balancer="lb",rule="http"} 50"#,
-            r#"xdpgate_probes_total{backend="198.51.100.11",probe="up",result="success"} 9"#,
-            r#"xdpgate_probes_total{backend="198.51.100.11",probe="up",result="failure"} 1"#,
-            r#"xdpgate_probe_duration_seconds_total{backend="198.51.100.11",probe="up"} 0.5"#,
-            r#"xdpgate_probe_last_duration_seconds{backend="198.51.100.11",probe="up"} 0.25"#,
+            r#"xdpgate_probes_total{backend="198.51.100.11",load_balancer="lb",probe="up",result="success"} 9"#,
+            r#"xdpgate_probes_total{backend="198.51.100.11",load_balancer="lb",probe="up",result="failure"} 1"#,
+            r#"xdpgate_probe_duration_seconds_total{backend="198.51.100.11",load_balancer="lb",probe="up"} 0.5"#,
+            r#"xdpgate_probe_last_duration_seconds{backend="198.51.100.11",load_balancer="lb",probe="up"} 0.25"#,
             r#"xdpgate_nat_ports_per_address{gateway="egress"} 64512"#,
             r#"xdpgate_nat_translations{gateway="egress"} 17"#,
             r#"xdpgate_nat_translations_created_total{gateway="egress"} 40"#,

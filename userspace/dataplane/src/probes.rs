@@ -7,7 +7,7 @@
 //! with every table it builds, so `xdpgate lb drain` and `enable` rebuild from the same
 //! health the agent uses (the flag alone would take such a backend out of every table).
 
-use std::{collections::BTreeSet, net::IpAddr};
+use std::{collections::BTreeSet, fmt, net::IpAddr};
 
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
@@ -17,11 +17,35 @@ use crate::{PinDir, state};
 
 const FILE: &str = "probes.json";
 
-/// The (backend, probe) pairs whose probe fails, as agent `pid` has them.
+/// One backend under one probe. A probe's name is unique within its load balancer only, so
+/// the load balancer is part of it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ProbeKey {
+    pub backend: IpAddr,
+    pub lb: String,
+    pub probe: String,
+}
+
+impl ProbeKey {
+    /// `backend` under `service`'s probe; none for a service without one.
+    pub fn of(service: &ServiceSpec, backend: IpAddr) -> Option<Self> {
+        let probe = service.probe.as_ref()?.name.clone();
+        Some(Self { backend, lb: service.lb.clone(), probe })
+    }
+}
+
+/// The probe as logs name it: `load balancer/probe`.
+impl fmt::Display for ProbeKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.lb, self.probe)
+    }
+}
+
+/// The backends under probes that fail, as agent `pid` has them.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProbeHealth {
     pub pid: u32,
-    pub down: BTreeSet<(IpAddr, String)>,
+    pub down: BTreeSet<ProbeKey>,
 }
 
 impl ProbeHealth {
@@ -44,10 +68,10 @@ impl ProbeHealth {
 /// probe fails (a backend with no probe is healthy).
 impl BackendHealth for ProbeHealth {
     fn healthy(&self, backend: IpAddr) -> bool {
-        !self.down.iter().any(|(a, _)| *a == backend)
+        !self.down.iter().any(|k| k.backend == backend)
     }
 
     fn healthy_in(&self, service: &ServiceSpec, backend: IpAddr) -> bool {
-        service.probe.as_ref().is_none_or(|p| !self.down.contains(&(backend, p.name.clone())))
+        ProbeKey::of(service, backend).is_none_or(|k| !self.down.contains(&k))
     }
 }

@@ -18,7 +18,7 @@ use anyhow::{Context, Result};
 use log::info;
 use serde::{Deserialize, Serialize};
 use xdpgate_common::lb::NO_BACKEND;
-use xdpgate_dataplane::{PinDir, host_routes, state};
+use xdpgate_dataplane::{PinDir, host_routes, probes::ProbeKey, state};
 use xdpgate_policy::lb::{BackendHealth, CompiledLb, ServiceSpec, frontend_addr};
 
 use super::node_drain;
@@ -97,8 +97,8 @@ pub fn frontends(lbs: &CompiledLb, health: &dyn BackendHealth) -> BTreeMap<IpAdd
 /// again when the first probes fail.
 pub struct Answered<'a> {
     pub health: &'a dyn BackendHealth,
-    /// (backend, probe) pairs with at least one successful probe.
-    pub answered: &'a HashSet<(IpAddr, String)>,
+    /// Backends under probes with at least one successful probe.
+    pub answered: &'a HashSet<ProbeKey>,
 }
 
 impl BackendHealth for Answered<'_> {
@@ -108,10 +108,7 @@ impl BackendHealth for Answered<'_> {
 
     fn healthy_in(&self, service: &ServiceSpec, backend: IpAddr) -> bool {
         self.health.healthy_in(service, backend)
-            && service
-                .probe
-                .as_ref()
-                .is_none_or(|p| self.answered.contains(&(backend, p.name.clone())))
+            && ProbeKey::of(service, backend).is_none_or(|k| self.answered.contains(&k))
     }
 }
 
@@ -290,7 +287,8 @@ load_balancers:
         let answered = HashSet::new();
         let starting = Answered { health: &all, answered: &answered };
         assert_eq!(frontends(&lbs, &starting), BTreeMap::from([(vip, false), (ssh, true)]));
-        let answered = HashSet::from([(b1, "up".to_owned())]);
+        let answered =
+            HashSet::from([ProbeKey { backend: b1, lb: "edge".into(), probe: "up".into() }]);
         let probed = Answered { health: &all, answered: &answered };
         assert_eq!(frontends(&lbs, &probed), BTreeMap::from([(vip, true), (ssh, true)]));
     }
