@@ -556,7 +556,8 @@ fn metrics_flows_and_status_match_known_traffic() {
     );
 }
 
-/// One backend behind two probed load-balancing rules and an inbound NAT rule (no probe).
+/// One backend behind two probed load-balancing rules, a third whose probe fails (nothing
+/// listens on its port) and an inbound NAT rule (no probe).
 const SHARED_BACKEND_POLICY: &str = r#"virtual_network:
   address_space: [198.51.100.0/24]
 nsgs:
@@ -572,9 +573,11 @@ load_balancers:
       - {name: servers, backends: [198.51.100.10]}
     probes:
       - {name: up, protocol: tcp, port: 8080, interval: 200, timeout: 150, threshold: 2}
+      - {name: closed, protocol: tcp, port: 9, interval: 200, timeout: 150, threshold: 2}
     rules:
       - {name: alt-web, frontend: vip, protocol: tcp, frontend_port: 8080, backend_port: 8080, backend_pool: servers, probe: up}
       - {name: alt-web2, frontend: vip, protocol: tcp, frontend_port: 8081, backend_port: 8080, backend_pool: servers, probe: up}
+      - {name: shut, frontend: vip, protocol: tcp, frontend_port: 8082, backend_port: 9, backend_pool: servers, probe: closed}
     inbound_nat_rules:
       - {name: to-server, frontend: vip, protocol: tcp, frontend_port: 2201, backend: 198.51.100.10, backend_port: 80}
 "#;
@@ -619,12 +622,26 @@ fn a_backend_of_several_rules_is_counted_once_and_unprobed_rules_report_no_healt
         sum(&scrape, "xdpgate_backend_bytes_total", &[("backend", SERVER)]),
         sum(&scrape, "xdpgate_frontend_bytes_total", &[])
     );
-    // Health: under the probed rules only, once the first probe is in.
-    lab.wait_for("a successful probe", Duration::from_secs(10), || {
-        let scrape = parse_metrics(&lab.http_get("/metrics").unwrap().body);
-        sum(&scrape, "xdpgate_probes_total", &[("result", "success")]) >= 1.0
-    });
+    // Health: under the probed rules only, once the first probe is in, and by each rule's
+    // own probe: the backend fails `shut`'s and stays healthy in the others (seen failing:
+    // their series followed the backend's one flag, 0 once any probe failed).
+    lab.wait_for(
+        "a successful probe, and the closed port's probe failed",
+        Duration::from_secs(10),
+        || {
+            let scrape = parse_metrics(&lab.http_get("/metrics").unwrap().body);
+            sum(&scrape, "xdpgate_probes_total", &[("result", "success")]) >= 1.0
+                && sum(&scrape, "xdpgate_backend_healthy", &[("rule", "shut")]) == 0.0
+                && sum(
+                    &scrape,
+                    "xdpgate_load_balancer_backends",
+                    &[("rule", "shut"), ("state", "unhealthy")],
+                ) == 1.0
+        },
+    );
     let scrape = parse_metrics(&lab.http_get("/metrics").unwrap().body);
+    let labels = [("load_balancer", "edge"), ("rule", "shut")];
+    assert_eq!(sample(&scrape, "xdpgate_load_balancer_health_percent", &labels), 0.0);
     for rule in ["alt-web", "alt-web2"] {
         let labels = [("rule", rule), ("backend", SERVER)];
         assert_eq!(sample(&scrape, "xdpgate_backend_healthy", &labels), 1.0, "{rule}");

@@ -43,7 +43,7 @@ use crate::{
     agent_state::{self, AgentState, Reload},
     bgp::announce,
     flowlog,
-    health::{Change, Health, ProbeStats, Prober, Target},
+    health::{Change, Found, Health, ProbeStats, Prober, Start, Target},
     lock_turn::LockTurn,
     node::{self, Node},
 };
@@ -63,6 +63,34 @@ fn targets(lbs: &CompiledLb) -> Vec<Target> {
         }
     }
     out
+}
+
+/// Which of `targets` start down where no prober has them: those in `down`, and, of a
+/// backend the dataplane's flag has down (`flagged`: some probe of it failed), those not
+/// `known` (whose state nothing says: a probe added or renamed, or any, when the saved
+/// health is lost). A dead backend never comes back into rotation on its own, and one
+/// failing a probe stays in the rules whose probe it passes.
+fn starting_down(
+    targets: &[Target],
+    down: &BTreeSet<ProbeKey>,
+    known: impl Fn(&ProbeKey) -> bool,
+    flagged: &HashSet<IpAddr>,
+) -> BTreeSet<ProbeKey> {
+    let starts_down =
+        |k: &ProbeKey| down.contains(k) || (!known(k) && flagged.contains(&k.backend));
+    targets.iter().map(Target::key).filter(starts_down).collect()
+}
+
+/// `targets` as a reload starts their probes: each where the stopped prober `found` it, and
+/// one it did not run (added, or renamed) down if its backend is down under another probe.
+fn going_on(targets: Vec<Target>, found: &Found) -> Start {
+    let flagged = found
+        .iter()
+        .filter(|(_, (_, t))| t.health() == Health::Unhealthy)
+        .map(|(k, _)| k.backend)
+        .collect();
+    let down = starting_down(&targets, &BTreeSet::new(), |k| found.contains_key(k), &flagged);
+    Start::new(targets, found, &down)
 }
 
 /// Adds loggers for the aya-log records (rare events only) of every program of this
@@ -374,16 +402,19 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     // Backends out of service, by probe. They stay out across a reload, and across a
     // restart (from the flags of the running dataplane), until their probes succeed
     // `threshold` times: neither puts a dead backend back into rotation.
-    let was_down = lb::pinned_unhealthy(pins)?;
+    // The last agent's health, probe by probe, says which probes of a flagged backend
+    // failed; where it says nothing of a backend, every probe of it starts down.
+    let flagged = lb::pinned_unhealthy(pins)?;
+    let saved = ProbeHealth::saved(pins).unwrap_or_else(|e| {
+        warn!("the last agent's probe health: {e:#}; starting from the backends' flags");
+        None
+    });
+    let saved = saved.map(|s| s.down).unwrap_or_default();
     let targets_now = targets(&lbs);
-    let mut down = ProbeHealth {
-        pid: std::process::id(),
-        down: targets_now
-            .iter()
-            .map(Target::key)
-            .filter(|k| was_down.contains(&k.backend))
-            .collect(),
-    };
+    let known = |k: &ProbeKey| saved.iter().any(|s| s.backend == k.backend);
+    let down_now = starting_down(&targets_now, &saved, known, &flagged);
+    let start = Start::new(targets_now, &Found::new(), &down_now);
+    let mut down = ProbeHealth { pid: std::process::id(), down: start.down() };
     // Before the first apply writes into it.
     xdpgate_dataplane::state::ensure_dir(pins)?;
     let generation =
@@ -456,13 +487,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     let mut loggers = Vec::new();
     let mut ticks = 0u64;
     let (mut tx, mut rx) = mpsc::channel::<Change>(256);
-    let mut prober = Prober::spawn_counted(
-        targets_now,
-        &down.down,
-        max_concurrent,
-        tx.clone(),
-        probe_stats.clone(),
-    );
+    let mut prober = Prober::spawn_counted(start, max_concurrent, tx.clone(), probe_stats.clone());
     // Announced only once nothing above can fail: an agent that exits on an error leaves no
     // route that nothing looks after.
     announce_node(
@@ -598,15 +623,13 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                     let result = match prepare(pins, file) {
                         Err(e) => Err(e),
                         Ok((policy, source, tables, lbs)) => {
-                            let targets_new = targets(&lbs);
-                            let down_new = ProbeHealth {
-                                pid: down.pid,
-                                down: targets_new.iter().map(Target::key).filter(|k| down.down.contains(k)).collect(),
-                            };
                             // The old probes stop, so that no change of theirs lands on the new
-                            // tables; on failure they start again on the old policy.
-                            drop(prober);
+                            // tables; the new ones go on from their counts (a change still
+                            // queued is in them), and on failure the old ones do.
+                            let found = prober.stop();
                             (tx, rx) = mpsc::channel::<Change>(256);
+                            let start = going_on(targets(&lbs), &found);
+                            let down_new = ProbeHealth { pid: down.pid, down: start.down() };
                             let installed = encap(&node, &lbs).and_then(|sources| {
                                 transaction::install_under(&lock, pins, &policy, &source, &tables, &lbs, &down_new, sources)
                             });
@@ -617,11 +640,19 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                                     running = Running { policy, lbs, names };
                                     down = down_new;
                                     health_tables = HealthTables::built_from(&down);
-                                    prober = Prober::spawn_counted(targets_new, &down.down, max_concurrent, tx.clone(), probe_stats.clone());
+                                    prober = Prober::spawn_counted(start, max_concurrent, tx.clone(), probe_stats.clone());
                                     Ok(generation)
                                 }
                                 Err(e) => {
-                                    prober = Prober::spawn_counted(targets(&running.lbs), &down.down, max_concurrent, tx.clone(), probe_stats.clone());
+                                    let start = going_on(targets(&running.lbs), &found);
+                                    // Changes the old channel held go to the tables as they would have.
+                                    let (now, was) = (start.down(), down.down.clone());
+                                    for key in now.symmetric_difference(&was) {
+                                        let health = if now.contains(key) { Health::Unhealthy } else { Health::Healthy };
+                                        let reason = "as its probes found before the reload".into();
+                                        health_tables.change(&mut down, &Change { key: key.clone(), health, reason });
+                                    }
+                                    prober = Prober::spawn_counted(start, max_concurrent, tx.clone(), probe_stats.clone());
                                     Err(e)
                                 }
                             }
@@ -1122,5 +1153,47 @@ load_balancers:
         };
         assert!(in_rule("public"));
         assert!(!in_rule("internal"));
+    }
+    /// At a start, the last agent's saved health says which probes of a flagged backend
+    /// failed, and the others start up; where it says nothing of a backend (or is lost),
+    /// every probe of a flagged backend starts down. At a reload, each probe goes on where
+    /// the old prober found it, and one it did not run (added, renamed) starts down if its
+    /// backend is down under another.
+    #[test]
+    fn which_probes_start_down() {
+        let probe = |name: &str| policy::model::Probe {
+            name: name.into(),
+            kind: policy::model::ProbeKind::Tcp,
+            port: 80,
+            path: "/".into(),
+            interval_ms: 5000,
+            timeout_ms: 5000,
+            threshold: 2,
+        };
+        let (x, y): (IpAddr, IpAddr) = ([198, 51, 100, 11].into(), [198, 51, 100, 12].into());
+        let t = |backend, name: &str| Target { backend, lb: "lb".into(), probe: probe(name) };
+        let targets = [t(x, "http"), t(x, "https"), t(y, "http")];
+        let flagged = HashSet::from([x]);
+        let keys = |ks: &[&Target]| ks.iter().map(|t| t.key()).collect::<BTreeSet<_>>();
+        // Restart: x failed "http" only.
+        let saved = keys(&[&targets[0]]);
+        let known = |k: &ProbeKey| saved.iter().any(|s| s.backend == k.backend);
+        assert_eq!(starting_down(&targets, &saved, known, &flagged), saved);
+        // Restart without the saved health: every probe of x.
+        let none = BTreeSet::new();
+        let lost = starting_down(&targets, &none, |_| false, &flagged);
+        assert_eq!(lost, keys(&[&targets[0], &targets[1]]));
+        // Reload: "https" renamed "tls"; x down under "http", y up.
+        let down = crate::health::Tracker::new(Health::Unhealthy);
+        let up = crate::health::Tracker::new(Health::Healthy);
+        let found: Found = [
+            (targets[0].key(), (probe("http"), down)),
+            (targets[1].key(), (probe("https"), up.clone())),
+            (targets[2].key(), (probe("http"), up)),
+        ]
+        .into();
+        let renamed = vec![t(x, "http"), t(x, "tls"), t(y, "http"), t(y, "tls")];
+        let start = going_on(renamed.clone(), &found);
+        assert_eq!(start.down(), keys(&[&renamed[0], &renamed[1]]));
     }
 }

@@ -21,7 +21,7 @@
 //! certificate presented. Every network operation runs inside the probe's timeout, so a
 //! probe never outlives `timeout_ms`.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -310,7 +310,47 @@ impl Tracker {
     }
 }
 
-type States = Arc<Mutex<HashMap<ProbeKey, Health>>>;
+/// Each target's count, with its probe, shared by its task and the [`Prober`].
+type States = Arc<Mutex<HashMap<ProbeKey, (Probe, Tracker)>>>;
+
+/// Where each target's count stood when its prober stopped, with its probe.
+pub type Found = HashMap<ProbeKey, (Probe, Tracker)>;
+
+/// The targets a prober starts with and where each one's count starts.
+pub struct Start(Vec<(Target, Tracker)>);
+
+impl Start {
+    /// `targets` (a key's first only), each going on from where a stopped prober `found`
+    /// it: with its count while its probe is the same, else only its state (a changed
+    /// probe counts afresh); a target not found starts down if `down` has it, else
+    /// healthy.
+    pub fn new(targets: Vec<Target>, found: &Found, down: &BTreeSet<ProbeKey>) -> Self {
+        let mut seen = HashSet::new();
+        let start = targets
+            .into_iter()
+            .filter(|t| seen.insert(t.key()))
+            .map(|t| {
+                let tracker = match found.get(&t.key()) {
+                    Some((probe, tracker)) if *probe == t.probe => tracker.clone(),
+                    Some((_, tracker)) => Tracker::new(tracker.health()),
+                    None if down.contains(&t.key()) => Tracker::new(Health::Unhealthy),
+                    None => Tracker::new(Health::Healthy),
+                };
+                (t, tracker)
+            })
+            .collect();
+        Self(start)
+    }
+
+    /// The targets that start down.
+    pub fn down(&self) -> BTreeSet<ProbeKey> {
+        self.0
+            .iter()
+            .filter(|(_, t)| t.health() == Health::Unhealthy)
+            .map(|(t, _)| t.key())
+            .collect()
+    }
+}
 
 /// How one target's probes went, since the agent started (kept across reloads).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -368,39 +408,34 @@ impl Prober {
         max_concurrent: usize,
         changes: mpsc::Sender<Change>,
     ) -> Prober {
-        Self::spawn_counted(targets, down, max_concurrent, changes, ProbeStats::default())
+        let start = Start::new(targets, &Found::new(), down);
+        Self::spawn_counted(start, max_concurrent, changes, ProbeStats::default())
     }
 
-    /// [`Prober::spawn`], adding each probe's result and duration to `stats`.
+    /// [`Prober::spawn`] from `start`, adding each probe's result and duration to `stats`.
     pub fn spawn_counted(
-        targets: Vec<Target>,
-        down: &BTreeSet<ProbeKey>,
+        start: Start,
         max_concurrent: usize,
         changes: mpsc::Sender<Change>,
         stats: ProbeStats,
     ) -> Prober {
-        let states: States = Arc::default();
         let limit = Arc::new(Semaphore::new(max_concurrent.max(1)));
-        let mut tasks = Vec::with_capacity(targets.len());
-        for target in targets {
-            let initial =
-                if down.contains(&target.key()) { Health::Unhealthy } else { Health::Healthy };
-            {
-                let mut s = states.lock().unwrap_or_else(|e| e.into_inner());
-                if s.contains_key(&target.key()) {
-                    continue;
-                }
-                s.insert(target.key(), initial);
-            }
-            tasks.push(tokio::spawn(run(
-                target,
-                initial,
-                Arc::clone(&limit),
-                Arc::clone(&states),
-                changes.clone(),
-                stats.clone(),
-            )));
-        }
+        let states: States = Arc::new(Mutex::new(
+            start
+                .0
+                .iter()
+                .map(|(t, tracker)| (t.key(), (t.probe.clone(), tracker.clone())))
+                .collect(),
+        ));
+        let tasks = start
+            .0
+            .into_iter()
+            .map(|(target, _)| {
+                let run =
+                    run(target, limit.clone(), states.clone(), changes.clone(), stats.clone());
+                tokio::spawn(run)
+            })
+            .collect();
         Prober { states, tasks }
     }
 
@@ -408,20 +443,24 @@ impl Prober {
     /// not run.
     pub fn health(&self, key: &ProbeKey) -> Option<Health> {
         let s = self.states.lock().unwrap_or_else(|e| e.into_inner());
-        s.get(key).copied()
+        s.get(key).map(|(_, t)| t.health())
     }
 
     /// Every target's current state, sorted by (backend, load balancer, probe).
     pub fn snapshot(&self) -> Vec<(ProbeKey, Health)> {
         let s = self.states.lock().unwrap_or_else(|e| e.into_inner());
-        let mut v: Vec<_> = s.iter().map(|(k, h)| (k.clone(), *h)).collect();
+        let mut v: Vec<_> = s.iter().map(|(k, (_, t))| (k.clone(), t.health())).collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
     }
 
-    /// Stops every probe task (a probe in flight is cancelled).
-    pub fn stop(self) {
-        // Drop aborts the tasks.
+    /// Stops every probe task (a probe in flight is cancelled); returns where each target's
+    /// count stood, for a prober to go on from.
+    pub fn stop(self) -> Found {
+        for t in &self.tasks {
+            t.abort();
+        }
+        std::mem::take(&mut *self.states.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }
 
@@ -435,7 +474,6 @@ impl Drop for Prober {
 
 async fn run(
     target: Target,
-    initial: Health,
     limit: Arc<Semaphore>,
     states: States,
     changes: mpsc::Sender<Change>,
@@ -444,7 +482,6 @@ async fn run(
     let period = Duration::from_millis(u64::from(target.probe.interval_ms.max(1)));
     let mut ticks = tokio::time::interval(period);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut tracker = Tracker::new(initial);
     loop {
         ticks.tick().await;
         let result = {
@@ -456,10 +493,12 @@ async fn run(
             stats.record(target.key(), result.is_ok(), start.elapsed());
             result
         };
-        let Some(health) = tracker.record(result.is_ok(), target.probe.threshold) else {
-            continue;
+        let changed = {
+            let mut s = states.lock().unwrap_or_else(|e| e.into_inner());
+            let Some((_, tracker)) = s.get_mut(&target.key()) else { return };
+            tracker.record(result.is_ok(), target.probe.threshold)
         };
-        states.lock().unwrap_or_else(|e| e.into_inner()).insert(target.key(), health);
+        let Some(health) = changed else { continue };
         let reason = match result {
             Ok(()) => success_reason(target.probe.kind).to_string(),
             Err(e) => e,
@@ -646,6 +685,8 @@ mod tests {
                 let _ = s.write_all(reply).await;
                 let _ = s.flush().await;
                 tokio::time::sleep(Duration::from_millis(20)).await;
+                // A zero linger: the close resets at once (the drop does not block).
+                #[allow(deprecated)]
                 let _ = s.set_linger(Some(Duration::ZERO));
             }
         });
@@ -761,6 +802,46 @@ mod tests {
         // Probes at 0, 50 and 100 ms: the third success brings it back.
         assert!(start.elapsed() >= Duration::from_millis(90), "{:?}", start.elapsed());
         assert_eq!(prober.health(&key("p")), Some(Health::Healthy));
+    }
+
+    /// A prober started from where a stopped one found its targets goes on counting: two
+    /// failures of three found, one more takes the target down; a changed probe counts
+    /// afresh. Probes come every 10 s, so a change within seconds comes from the count
+    /// carried over.
+    #[tokio::test]
+    async fn a_prober_goes_on_from_the_counts_a_stopped_one_found() {
+        let port = closed_port().await;
+        let t = Target {
+            backend: LOCALHOST,
+            lb: "lb".into(),
+            probe: probe(ProbeKind::Tcp, port, 10_000, 100, 3),
+        };
+        // One probe, one failure: the stopped prober hands its count on.
+        let (tx, _rx) = mpsc::channel(16);
+        let prober = Prober::spawn(vec![t.clone()], &BTreeSet::new(), 1, tx);
+        let found = loop {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let s = prober.states.lock().unwrap().get(&key("p")).unwrap().1.clone();
+            if s.failures == 1 {
+                break prober.stop();
+            }
+        };
+        assert_eq!(found[&key("p")].1.failures, 1);
+        // Two failures found: the next probe, the first of the new prober, is the third.
+        let two = Tracker { health: Health::Healthy, successes: 0, failures: 2 };
+        let found: Found = [(key("p"), (t.probe.clone(), two))].into();
+        let (tx, mut rx) = mpsc::channel(16);
+        let start = Start::new(vec![t.clone()], &found, &BTreeSet::new());
+        let _prober = Prober::spawn_counted(start, 1, tx, ProbeStats::default());
+        let c = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
+        assert_eq!(c.expect("down at the first probe").unwrap().health, Health::Unhealthy);
+        // The probe changed (another port): its count starts again, its state stays.
+        let moved = Target { probe: Probe { port: port + 1, ..t.probe.clone() }, ..t.clone() };
+        let (tx, mut rx) = mpsc::channel(16);
+        let start = Start::new(vec![moved], &found, &BTreeSet::new());
+        assert!(start.down().is_empty());
+        let _prober = Prober::spawn_counted(start, 1, tx, ProbeStats::default());
+        assert!(tokio::time::timeout(Duration::from_secs(1), rx.recv()).await.is_err());
     }
 
     #[tokio::test]

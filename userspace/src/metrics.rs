@@ -365,10 +365,10 @@ impl Snapshot {
                 if s.probe.is_some() {
                     let mut labels = svc();
                     labels.push(("backend", b.address.to_string()));
-                    be_healthy.add(labels, Int(b.healthy.into()));
+                    be_healthy.add(labels, Int(b.healthy_in_rule.into()));
                 }
             }
-            let healthy = s.backends.iter().filter(|b| b.healthy).count();
+            let healthy = s.backends.iter().filter(|b| b.healthy_in_rule).count();
             let states = match s.probe {
                 Some(_) => vec![("healthy", healthy), ("unhealthy", s.backends.len() - healthy)],
                 None => vec![("unprobed", s.backends.len())],
@@ -952,7 +952,9 @@ mod tests {
                 backends: vec![
                     BackendReport {
                         address: "198.51.100.11".parse::<IpAddr>().unwrap(),
-                        healthy: true,
+                        // Out by another rule's probe, in by this rule's.
+                        healthy: false,
+                        healthy_in_rule: true,
                         drained: false,
                         flows: 0,
                         packets: 12,
@@ -961,6 +963,7 @@ mod tests {
                     BackendReport {
                         address: "2001:db8::11".parse::<IpAddr>().unwrap(),
                         healthy: false,
+                        healthy_in_rule: false,
                         drained: false,
                         flows: 0,
                         packets: 8,

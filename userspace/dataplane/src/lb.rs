@@ -22,7 +22,7 @@ use xdpgate_policy::{
     names::Record,
 };
 
-use crate::{PinDir, encap::Sources, state::ReadLock};
+use crate::{PinDir, encap::Sources, probes::ProbeKey, state::ReadLock};
 
 /// The dataplane's load-balancer maps, opened from their pins.
 pub struct LbMaps {
@@ -178,7 +178,11 @@ pub struct SlotShare {
 #[derive(Debug, serde::Serialize)]
 pub struct BackendReport {
     pub address: IpAddr,
+    /// The backend's one health flag: false once any probe of it fails.
     pub healthy: bool,
+    /// What this rule's own probe says, as the running agent last built tables from it
+    /// (the flag when no agent runs; true for a rule without a probe).
+    pub healthy_in_rule: bool,
     /// Taken out of this load balancer by `xdpgate lb drain`: no new flows.
     pub drained: bool,
     /// Flows of this service pinned to the backend now (established and embryonic): a
@@ -213,6 +217,7 @@ pub fn report(
         Ok(total)
     };
     let drained = crate::drain::read(pins)?;
+    let probed = crate::probes::ProbeHealth::of_running_agent(pins)?;
     let flows = crate::flows::per_backend(pins)?;
     let maps = LbMaps::open(pins)?;
     let outer_sources = maps.outer_sources(crate::encap::read(pins).unwrap_or_default());
@@ -235,9 +240,20 @@ pub fn report(
                         .backends
                         .get(b as usize)
                         .ok_or_else(|| anyhow::anyhow!("backend {b} missing from the record"))?;
+                    let healthy = backends.get(&b, 0)?.healthy != 0;
+                    let healthy_in_rule = match (&probed, &spec.probe) {
+                        (Some(p), Some(probe)) => !p.down.contains(&ProbeKey {
+                            backend: address,
+                            lb: spec.lb.clone(),
+                            probe: probe.clone(),
+                        }),
+                        (None, Some(_)) => healthy,
+                        (_, None) => true,
+                    };
                     Ok(BackendReport {
                         address,
-                        healthy: backends.get(&b, 0)?.healthy != 0,
+                        healthy,
+                        healthy_in_rule,
                         drained: drained.contains(&spec.lb, address),
                         flows: flows.get(&(id as u32, b)).copied().unwrap_or(0),
                         packets: c.packets,

@@ -59,8 +59,13 @@ impl ProbeHealth {
     /// it has not saved one yet: the file is another agent's). Read under the write lock.
     pub fn of_running_agent(pins: &PinDir) -> Result<Option<Self>> {
         let Some(pid) = state::agent_pid(pins) else { return Ok(None) };
-        let saved: Option<Self> = state::read_json(pins, FILE)?;
-        Ok(saved.filter(|h| h.pid == pid))
+        Ok(Self::saved(pins)?.filter(|h| h.pid == pid))
+    }
+
+    /// What the agent that saved last built tables from, whether it runs or not (a starting
+    /// agent's predecessor); none without a file.
+    pub fn saved(pins: &PinDir) -> Result<Option<Self>> {
+        state::read_json(pins, FILE)
     }
 }
 

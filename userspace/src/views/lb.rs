@@ -109,6 +109,7 @@ mod tests {
                 BackendReport {
                     address: "198.51.100.10".parse().unwrap(),
                     healthy: true,
+                    healthy_in_rule: true,
                     drained: false,
                     flows: 2,
                     packets: 20,
@@ -117,6 +118,7 @@ mod tests {
                 BackendReport {
                     address: "198.51.100.11".parse().unwrap(),
                     healthy: true,
+                    healthy_in_rule: true,
                     drained: true,
                     flows: 1,
                     packets: 10,
