@@ -1205,6 +1205,21 @@ impl Loader<'_> {
             "inbound NAT rule",
             item_names(&list("inbound_nat_rules"), &raw.inbound_nat_rules),
         );
+        // Flow logs, metrics and `xdpgate lb` name both kinds by (load balancer, rule).
+        let (rules, nat_rules) = (list("rules"), list("inbound_nat_rules"));
+        let rules: HashMap<&str, String> =
+            item_names(&rules, &raw.rules).map(|(path, name)| (name, path)).collect();
+        for (path, name) in item_names(&nat_rules, &raw.inbound_nat_rules) {
+            if let Some(first) = rules.get(name).filter(|_| !name.is_empty()) {
+                let line = self.lines.line(first);
+                let why = "a load balancer's rules and inbound NAT rules need names of their \
+                           own, as flow logs and metrics tell them apart by name";
+                self.error(
+                    &path,
+                    format!("name {name} is already used by a rule (line {line}): {why}"),
+                );
+            }
+        }
     }
 
     /// A pool with its valid backends, each address once.
@@ -2934,6 +2949,19 @@ load_balancers:
                 "policy.yaml:57:11: load_balancers[1].name: \
                  load balancer name web-lb is already used (line 18)",
             ]
+        );
+        // A rule and an inbound NAT rule of one name would be one name in flow logs and
+        // metrics (seen failing: loaded, and their metric series collided).
+        let nat_http = lb().push(
+            "inbound_nat_rules",
+            "{name: http, frontend: web-v4, protocol: tcp, frontend_port: 2203, \
+             backend: 198.51.100.12, backend_port: 22}",
+        );
+        assert_eq!(
+            nat_http.errors(),
+            ["policy.yaml:52:16: load_balancers[0].inbound_nat_rules[1].name: name http is \
+                 already used by a rule (line 38): a load balancer's rules and inbound NAT \
+                 rules need names of their own, as flow logs and metrics tell them apart by name"]
         );
         assert_eq!(
             lb().replace("name: http-probe", "name: \"\"")
