@@ -438,6 +438,7 @@ fn agent_install(
         &health,
         chosen,
     )
+    .map(|(generation, _)| generation)
 }
 
 /// The outer sources found on the attached interfaces are never a frontend of the policy

@@ -417,7 +417,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     let mut down = ProbeHealth { pid: std::process::id(), down: start.down() };
     // Before the first apply writes into it.
     xdpgate_dataplane::state::ensure_dir(pins)?;
-    let generation =
+    let (generation, lbs) =
         transaction::install(pins, &policy, &source, &tables, &lbs, &down, encap(&node, &lbs)?)?;
     info!("applied {} as generation {generation}", file.display());
     for key in &down.down {
@@ -634,7 +634,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                                 transaction::install_under(&lock, pins, &policy, &source, &tables, &lbs, &down_new, sources)
                             });
                             match installed {
-                                Ok(generation) => {
+                                Ok((generation, lbs)) => {
                                     let names = failing.check("reading the new policy's rule names", flows::Names::read(pins));
                                     let names = names.map(Arc::new).unwrap_or(running.names);
                                     running = Running { policy, lbs, names };

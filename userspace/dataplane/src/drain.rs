@@ -83,7 +83,7 @@ pub fn set(pins: &PinDir, lb_name: &str, backend: IpAddr, drain: bool) -> Result
         .ok_or_else(|| anyhow!("no policy applied to {} yet", pins.path().display()))?;
     let policy = xdpgate_policy::load_str(&record.source, "the applied policy")
         .map_err(|e| anyhow!("the applied policy no longer loads: {e}"))?;
-    let lbs = xdpgate_policy::lb::compile(&policy)?;
+    let lbs = xdpgate_policy::lb::compile(&policy)?.carried(&record.backends, &record.services)?;
     let Some(lb_policy) = policy.load_balancers.iter().find(|l| l.name == lb_name) else {
         let names: Vec<&str> = policy.load_balancers.iter().map(|l| l.name.as_str()).collect();
         bail!("no load balancer {lb_name:?} in the applied policy (it has: {})", list(&names));

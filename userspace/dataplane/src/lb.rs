@@ -44,8 +44,11 @@ impl LbMaps {
     /// has), every service's table, then the frontends (removing frontends the policy no
     /// longer has).
     pub fn install(&mut self, lb: &CompiledLb, health: &dyn BackendHealth) -> Result<()> {
+        // A retired backend (in no pool) takes no flow: the non-TCP flows it has move.
+        let in_use = lb.in_use();
         for (i, addr) in lb.backends.iter().enumerate() {
-            self.set_backend(i as u32, *addr, health.healthy(*addr))?;
+            let healthy = in_use.contains(&(i as u32)) && health.healthy(*addr);
+            self.set_backend(i as u32, *addr, healthy)?;
         }
         for i in lb.backends.len() as u32..MAX_BACKENDS {
             if self.backends.get(&i, 0)?.family != 0 {
@@ -120,13 +123,17 @@ impl LbMaps {
 }
 
 /// The backends the running dataplane has taken out, by address: what an apply keeps out
-/// until probes say otherwise.
+/// until probes say otherwise. Not a retired backend's (in no pool of the running
+/// generation: out for that, not for its health).
 pub fn pinned_unhealthy(pins: &PinDir) -> Result<HashSet<IpAddr>> {
     let backends: Array<_, BackendInfo> = pins.open_map(BACKENDS)?.try_into()?;
+    let in_use: Option<HashSet<u32>> = crate::apply::running(pins)?
+        .map(|r| r.services.iter().flat_map(|s| s.members.iter().copied()).collect());
     let mut out = HashSet::new();
-    for b in backends.iter() {
+    for (id, b) in backends.iter().enumerate() {
         let b = b?;
-        if b.family != 0 && b.healthy == 0 {
+        let retired = in_use.as_ref().is_some_and(|used| !used.contains(&(id as u32)));
+        if b.family != 0 && b.healthy == 0 && !retired {
             out.insert(crate::flows::addr(&b.addr, b.family));
         }
     }
@@ -135,6 +142,31 @@ pub fn pinned_unhealthy(pins: &PinDir) -> Result<HashSet<IpAddr>> {
 
 fn key_bytes(k: &FrontendKey) -> ([u32; 4], u16, u8, u8) {
     (k.addr, k.port, k.proto, k.family)
+}
+
+/// Zeroes the counters of each service and backend id of `lbs` that stands for another
+/// one than in the running generation (`running`'s record; all of them without one), so
+/// that a new one does not go on from a retired one's totals.
+pub fn restart_counters(pins: &PinDir, lbs: &CompiledLb, running: Option<&Record>) -> Result<()> {
+    use aya::maps::PerCpuArray;
+    use xdpgate_common::{
+        maps::{BACKEND_STATS, SERVICE_STATS},
+        stats::Counter,
+    };
+    let kept = |same: bool, i: usize| same.then_some(i as u32);
+    let services: Vec<Option<u32>> = (lbs.services.iter().enumerate())
+        .map(|(i, s)| {
+            let before = running.and_then(|r| r.services.get(i));
+            kept(before.is_some_and(|b| b.lb == s.lb && b.rule == s.rule), i)
+        })
+        .collect();
+    let backends: Vec<Option<u32>> = (lbs.backends.iter().enumerate())
+        .map(|(i, a)| kept(running.and_then(|r| r.backends.get(i)) == Some(a), i))
+        .collect();
+    let mut stats: PerCpuArray<_, Counter> = pins.open_map(SERVICE_STATS)?.try_into()?;
+    crate::carried::remap(&mut stats, &services)?;
+    let mut stats: PerCpuArray<_, Counter> = pins.open_map(BACKEND_STATS)?.try_into()?;
+    crate::carried::remap(&mut stats, &backends)
 }
 
 /// What `xdpgate lb` shows: each service with its frontends, backends, health and counters.
@@ -223,6 +255,11 @@ pub fn report(
     let outer_sources = maps.outer_sources(crate::encap::read(pins).unwrap_or_default());
     let mut out = Vec::new();
     for (id, spec) in record.services.iter().enumerate() {
+        // A retired service (the running policy dropped it; its id names it for the flows
+        // it still has) is not shown.
+        if spec.frontends.is_empty() {
+            continue;
+        }
         let stats = sum(&service_stats, id as u32)?;
         out.push(ServiceReport {
             load_balancer: spec.lb.clone(),

@@ -12,7 +12,7 @@ use xdpgate_policy::{
 use crate::{
     PinDir, apply, drain,
     encap::{self, Applier, Chosen},
-    lb::LbMaps,
+    lb::{self as lb_maps, LbMaps},
     nat,
     probes::ProbeHealth,
     sets,
@@ -41,16 +41,15 @@ pub fn apply_policy(
     }
     // The outer sources the dataplane has (the agent's, from its node file) stay.
     let kept = Chosen::kept(pins, &encap::frontends(&lbs))?;
-    let generation =
-        install_locked(&lock, pins, policy, source, &tables, &lbs, health, kept, Applier::Cli)?;
-    Ok((generation, lbs))
+    install_locked(&lock, pins, policy, source, &tables, &lbs, health, kept, Applier::Cli)
 }
 
 /// Applies a policy already compiled, as the dataplane's one writer (waits for the lock).
 /// What the agent does: it owns the dataplane, so no agent check. Its probes' health is
 /// saved with the tables built from it, under the same lock. `sources`: the node file's
 /// outer source addresses for encapsulation, or found on its interfaces (the others are
-/// found on the attached ones, see `encap`).
+/// found on the attached ones, see `encap`). Returns the generation and the load balancers
+/// as installed (numbered as the running generation had them, [`CompiledLb::carried`]).
 pub fn install(
     pins: &PinDir,
     policy: &Policy,
@@ -59,7 +58,7 @@ pub fn install(
     lbs: &CompiledLb,
     health: &ProbeHealth,
     sources: Chosen,
-) -> Result<u64> {
+) -> Result<(u64, CompiledLb)> {
     let lock = WriteLock::acquire(pins)?;
     install_under(&lock, pins, policy, source, tables, lbs, health, sources)
 }
@@ -76,8 +75,8 @@ pub fn install_under(
     lbs: &CompiledLb,
     health: &ProbeHealth,
     sources: Chosen,
-) -> Result<u64> {
-    let generation =
+) -> Result<(u64, CompiledLb)> {
+    let (generation, lbs) =
         install_locked(lock, pins, policy, source, tables, lbs, health, sources, Applier::Agent)?;
     health.save(pins).map_err(|e| {
         e.context(format!(
@@ -85,7 +84,7 @@ pub fn install_under(
              `xdpgate lb drain`"
         ))
     })?;
-    Ok(generation)
+    Ok((generation, lbs))
 }
 
 /// The second half of [`apply_policy`], under the write lock. The record of the new
@@ -102,7 +101,7 @@ fn install_locked(
     health: &dyn BackendHealth,
     sources: Chosen,
     applier: Applier,
-) -> Result<u64> {
+) -> Result<(u64, CompiledLb)> {
     // The sets' run-time changes the policy was loaded with are still the kept ones (an
     // `xdpgate set` between the load and this lock would otherwise be undone).
     let kept = sets::changes(pins)?;
@@ -112,13 +111,19 @@ fn install_locked(
              apply it again"
         );
     }
+    let (_, running) = apply::active(pins)?;
+    let running = state::record(pins, running.generation)?;
+    // Numbered as the running generation has them: flow entries and counters name backends
+    // and services by id.
+    let lbs = &match &running {
+        Some(r) => lbs.clone().carried(&r.backends, &r.services)?,
+        None => lbs.clone(),
+    };
     // Refused here, before anything is written, when a rule needs a source the node lacks.
     let sources = sources.complete_on(&pins.attached()?, &encap::frontends(lbs))?;
     encap::install(pins, lbs, &sources, applier)?;
     let mut maps = LbMaps::open(pins)?;
     let mut nat_maps = nat::NatMaps::open(pins)?;
-    let (_, running) = apply::active(pins)?;
-    let running = state::record(pins, running.generation)?;
     let lookups =
         apply::Lookups::of(pins, !lbs.frontends.is_empty(), !policy.nat_gateways.is_empty())?;
     let prepared = apply::prepare(pins, tables, &policy.settings, lookups, running.as_ref())?;
@@ -141,6 +146,7 @@ fn install_locked(
     let drained = drain::read(pins)?;
     let health = drain::WithDrained { health, drained: &drained };
     let mut install = || -> Result<()> {
+        lb_maps::restart_counters(pins, lbs, running.as_ref())?;
         maps.install(lbs, &health)?;
         nat_maps.install(pins, policy, running.as_ref())
     };
@@ -164,5 +170,5 @@ fn install_locked(
             ))
         })?;
     }
-    Ok(prepared.generation)
+    Ok((prepared.generation, lbs.clone()))
 }

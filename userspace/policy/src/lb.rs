@@ -68,6 +68,106 @@ pub struct CompiledLb {
     pub frontends: Vec<(FrontendKey, u32, u32, u16)>,
 }
 
+impl CompiledLb {
+    /// These load balancers numbered so that each backend (by address) and service (by load
+    /// balancer and rule) of the running generation (`backends`, `services`, its record's)
+    /// keeps its id: flow entries and counters name them by id. One the running generation
+    /// had and these lack stays, retired (a backend in no pool, a service with no frontend
+    /// and no backend), so that the flows it still has are named; a new one takes the next
+    /// id, or once the table is full, the lowest id of a retired one.
+    pub fn carried(self, backends: &[IpAddr], services: &[ServiceName]) -> Result<Self> {
+        let backend_ids = carry(&self.backends, backends, MAX_BACKENDS, "backends")?;
+        let name = |s: &ServiceSpec| (s.lb.clone(), s.rule.clone());
+        let before: Vec<_> = services.iter().map(|s| (s.lb.clone(), s.rule.clone())).collect();
+        let now: Vec<_> = self.services.iter().map(name).collect();
+        let service_ids = carry(&now, &before, MAX_SERVICES, "services")?;
+        let mut out = CompiledLb::default();
+        for (id, addr) in backend_ids.table.iter().enumerate() {
+            out.backends.push(match addr {
+                Some(i) => self.backends[*i],
+                None => backends[id],
+            });
+        }
+        let new_backend = |b: u32| backend_ids.of[b as usize];
+        for (id, at) in service_ids.table.iter().enumerate() {
+            out.services.push(match at {
+                Some(i) => {
+                    let spec = &self.services[*i];
+                    let pool = spec.pool.iter().map(|(b, w)| (new_backend(*b), *w)).collect();
+                    ServiceSpec { pool, ..spec.clone() }
+                }
+                None => ServiceSpec {
+                    lb: before[id].0.clone(),
+                    rule: before[id].1.clone(),
+                    pool: Vec::new(),
+                    probe: None,
+                    flags: 0,
+                    all_down: AllDown::NoNewFlows,
+                    idle_timeout_s: 0,
+                },
+            });
+        }
+        out.frontends = self
+            .frontends
+            .iter()
+            .map(|&(key, service, backend, port)| {
+                let backend = if backend == NO_BACKEND { backend } else { new_backend(backend) };
+                (key, service_ids.of[service as usize], backend, port)
+            })
+            .collect();
+        Ok(out)
+    }
+
+    /// The backend ids some service of these load balancers can send flows to (the others
+    /// are retired).
+    pub fn in_use(&self) -> std::collections::HashSet<u32> {
+        let pools = self.services.iter().flat_map(|s| s.pool.iter().map(|(b, _)| *b));
+        pools.chain(self.frontends.iter().map(|f| f.2).filter(|b| *b != NO_BACKEND)).collect()
+    }
+}
+
+/// Ids for `now`'s items keeping those of `before` (`of`: the id of each of `now`), and
+/// what each id holds (`table`: `now`'s index, or `None`: `before`'s item, retired).
+struct Carried {
+    of: Vec<u32>,
+    table: Vec<Option<usize>>,
+}
+
+fn carry<T: Eq + std::hash::Hash + Clone>(
+    now: &[T],
+    before: &[T],
+    max: u32,
+    what: &str,
+) -> Result<Carried> {
+    let had: StdHashMap<&T, u32> =
+        before.iter().enumerate().rev().map(|(id, item)| (item, id as u32)).collect();
+    let mut table: Vec<Option<usize>> = vec![None; before.len()];
+    let mut of = vec![u32::MAX; now.len()];
+    for (i, item) in now.iter().enumerate() {
+        if let Some(&id) = had.get(item) {
+            table[id as usize] = Some(i);
+            of[i] = id;
+        }
+    }
+    // Retired ids, lowest first, for when the table is full.
+    let mut retired =
+        (0..table.len()).filter(|&id| table[id].is_none()).collect::<Vec<_>>().into_iter();
+    let new: Vec<usize> = (0..now.len()).filter(|&i| of[i] == u32::MAX).collect();
+    for i in new {
+        let id = if table.len() < max as usize {
+            table.push(None);
+            table.len() - 1
+        } else {
+            retired.next().ok_or_else(|| {
+                anyhow::anyhow!("{} {what} exceed the table size {max}", now.len())
+            })?
+        };
+        table[id] = Some(i);
+        of[i] = id as u32;
+    }
+    Ok(Carried { of, table })
+}
+
 pub fn frontend_key(addr: IpAddr, port: u16, proto: u8) -> FrontendKey {
     let (family, bytes) = family_bytes(addr);
     FrontendKey { addr: words(&bytes), port, proto, family }
@@ -229,4 +329,102 @@ pub fn service_names(lbs: &CompiledLb) -> Vec<ServiceName> {
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lbs(pool: &str, rules: &str) -> CompiledLb {
+        let yaml = format!(
+            "virtual_network: {{address_space: [198.51.100.0/24]}}
+load_balancers:
+  - name: edge
+    frontends: [{{name: vip, address: 192.0.2.10}}]
+    backend_pools: [{{name: web, backends: [{pool}]}}]
+    rules:
+{rules}
+    inbound_nat_rules:
+      - {{name: admin, frontend: vip, protocol: tcp, frontend_port: 2201,
+         backend: 198.51.100.12, backend_port: 22}}
+"
+        );
+        compile(&crate::load_str(&yaml, "lb.yaml").unwrap()).unwrap()
+    }
+
+    fn rule(name: &str, port: u16) -> String {
+        format!(
+            "      - {{name: {name}, frontend: vip, protocol: tcp, frontend_port: {port}, \
+             backend_port: 80, backend_pool: web}}\n"
+        )
+    }
+
+    /// Each frontend as (key, load balancer/rule, fixed backend address) and each service's
+    /// pool as addresses: what ids stand for, whatever they are.
+    type Meaning = (Vec<(FrontendKey, String, Option<IpAddr>)>, Vec<Vec<IpAddr>>);
+
+    fn meaning(l: &CompiledLb) -> Meaning {
+        let frontends = l
+            .frontends
+            .iter()
+            .map(|(k, s, b, _)| {
+                let spec = &l.services[*s as usize];
+                let fixed = (*b != NO_BACKEND).then(|| l.backends[*b as usize]);
+                (*k, format!("{}/{}", spec.lb, spec.rule), fixed)
+            })
+            .collect();
+        let pools = l
+            .services
+            .iter()
+            .filter(|s| !s.pool.is_empty())
+            .map(|s| s.pool.iter().map(|(b, _)| l.backends[*b as usize]).collect())
+            .collect();
+        (frontends, pools)
+    }
+
+    /// A reload that drops a backend and a rule and adds others keeps the ids of what
+    /// stays (seen failing as compiled: every id shifted down), keeps what went retired
+    /// at its id, and gives the new ones new ids; the frontends and pools mean what the new
+    /// policy says.
+    #[test]
+    fn a_reload_keeps_the_ids_of_what_stays() {
+        let (a, b, c, d): (IpAddr, IpAddr, IpAddr, IpAddr) = (
+            "198.51.100.10".parse().unwrap(),
+            "198.51.100.11".parse().unwrap(),
+            "198.51.100.12".parse().unwrap(),
+            "198.51.100.13".parse().unwrap(),
+        );
+        let before = lbs(
+            "198.51.100.10, 198.51.100.11, 198.51.100.12",
+            &(rule("http", 80) + &rule("https", 443)),
+        );
+        assert_eq!(before.backends, [a, b, c]);
+        let names: Vec<_> = before.services.iter().map(|s| s.rule.as_str()).collect();
+        assert_eq!(names, ["http", "https", "admin"]);
+        let after = lbs(
+            "198.51.100.11, 198.51.100.12, 198.51.100.13",
+            &(rule("https", 443) + &rule("alt", 8080)),
+        );
+        let carried = after.clone().carried(&before.backends, &service_names(&before)).unwrap();
+        assert_eq!(carried.backends, [a, b, c, d], "b and c keep 1 and 2, a stays retired");
+        assert_eq!(carried.in_use(), [1, 2, 3].into());
+        let names: Vec<_> = carried.services.iter().map(|s| s.rule.as_str()).collect();
+        assert_eq!(names, ["http", "https", "admin", "alt"]);
+        let retired = &carried.services[0];
+        assert!(retired.pool.is_empty() && retired.probe.is_none() && retired.flags == 0);
+        assert!(carried.frontends.iter().all(|f| f.1 != 0), "no frontend of a retired rule");
+        assert_eq!(meaning(&carried), meaning(&after));
+        // Carried onto itself: nothing moves.
+        let again = carried.clone().carried(&carried.backends, &service_names(&carried)).unwrap();
+        assert_eq!(again, carried);
+    }
+
+    /// Once a table is full, a new item takes a retired item's id.
+    #[test]
+    fn a_full_table_reuses_a_retired_id() {
+        let ids = carry(&["x", "y"], &["a", "x"], 2, "backends").unwrap();
+        assert_eq!(ids.of, [1, 0]);
+        assert_eq!(ids.table, [Some(1), Some(0)]);
+        assert!(carry(&["x", "y", "z"], &["a", "x"], 2, "backends").is_err());
+    }
 }
