@@ -14,7 +14,7 @@ use std::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicBool, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result};
@@ -34,7 +34,7 @@ use prometheus::{
 };
 use tokio::{
     net::{TcpListener, TcpSocket, TcpStream},
-    sync::{Notify, Semaphore},
+    sync::Notify,
     task::JoinHandle,
 };
 
@@ -64,8 +64,6 @@ const MAX_CONNECTIONS: usize = 64;
 const HEADER_TIMEOUT: Duration = Duration::from_secs(3);
 /// Longest a connection lives, answer included (a client that never reads its answer).
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
-/// Scrapes rendered at once: each reads the dataplane's maps.
-const MAX_RENDERS: usize = 2;
 /// Connections the kernel queues until they are accepted (capped by net.core.somaxconn).
 /// tokio's default of 128 overflows under a flood of reconnecting slow clients, and the
 /// kernel then drops SYNs, a scrape's among them.
@@ -750,6 +748,41 @@ impl Drop for Server {
 struct Source {
     pins: PinDir,
     probes: ProbeStats,
+    last: Shared,
+}
+
+/// One render at a time (each reads the dataplane's maps, the flow tables among them), and
+/// its text for every request that came in while it ran: a flood of scrapes costs one
+/// render after another, however many wait. A lone scraper always gets a render begun
+/// after its request.
+#[derive(Clone, Default)]
+struct Shared(Arc<tokio::sync::Mutex<Option<(Instant, Rendered)>>>);
+
+type Rendered = Arc<Result<String, String>>;
+
+impl Shared {
+    /// The text of a render that ended after `arrived`, or of a new one by `render`. The
+    /// render runs in a task of its own, which holds the turn until it is done: a request
+    /// that goes away meanwhile does not let another render start beside it.
+    async fn get(
+        &self,
+        arrived: Instant,
+        render: impl FnOnce() -> Result<String> + Send + 'static,
+    ) -> Rendered {
+        let mut last = self.0.clone().lock_owned().await;
+        if let Some((_, text)) = last.as_ref().filter(|(done, _)| *done >= arrived) {
+            return text.clone();
+        }
+        let task = tokio::spawn(async move {
+            let text = tokio::task::spawn_blocking(move || render().map_err(|e| format!("{e:#}")))
+                .await
+                .unwrap_or_else(|e| Err(format!("rendering the metrics: {e}")));
+            let text = Arc::new(text);
+            *last = Some((Instant::now(), text.clone()));
+            text
+        });
+        task.await.unwrap_or_else(|e| Arc::new(Err(format!("rendering the metrics: {e}"))))
+    }
 }
 
 pub async fn spawn(addr: SocketAddr, pins: PinDir, probes: ProbeStats) -> Result<Server> {
@@ -757,7 +790,8 @@ pub async fn spawn(addr: SocketAddr, pins: PinDir, probes: ProbeStats) -> Result
     let addr = listener.local_addr()?;
     info!("metrics at http://{addr}/metrics");
     let conns = Arc::new(Connections::default());
-    let task = tokio::spawn(accept_loop(listener, Source { pins, probes }, conns.clone()));
+    let source = Source { pins, probes, last: Shared::default() };
+    let task = tokio::spawn(accept_loop(listener, source, conns.clone()));
     Ok(Server { task, conns, addr })
 }
 
@@ -770,7 +804,6 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 async fn accept_loop(listener: TcpListener, source: Source, conns: Arc<Connections>) {
-    let renders = Arc::new(Semaphore::new(MAX_RENDERS));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -785,12 +818,12 @@ async fn accept_loop(listener: TcpListener, source: Source, conns: Arc<Connectio
             debug!("metrics: {MAX_CONNECTIONS} requests being answered, closing {peer}");
             continue;
         };
-        let (source, renders) = (source.clone(), renders.clone());
+        let source = source.clone();
         tokio::spawn(async move {
             tokio::select! {
                 r = tokio::time::timeout(
                     CONNECTION_TIMEOUT,
-                    serve_connection(stream, source, answering, renders),
+                    serve_connection(stream, source, answering),
                 ) => match r {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => debug!("metrics: {peer}: {e}"),
@@ -811,10 +844,8 @@ async fn serve_connection(
     stream: TcpStream,
     source: Source,
     answering: Arc<AtomicBool>,
-    renders: Arc<Semaphore>,
 ) -> hyper::Result<()> {
-    let service =
-        service_fn(move |req| answer(req, source.clone(), answering.clone(), renders.clone()));
+    let service = service_fn(move |req| answer(req, source.clone(), answering.clone()));
     http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT)
@@ -828,8 +859,8 @@ async fn answer(
     req: Request<Incoming>,
     source: Source,
     answering: Arc<AtomicBool>,
-    renders: Arc<Semaphore>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    let arrived = Instant::now();
     let text = |status: StatusCode, body: String| {
         let mut r = Response::new(Full::new(Bytes::from(body)));
         *r.status_mut() = status;
@@ -849,27 +880,21 @@ async fn answer(
     }
     // A request being answered keeps its connection (it is not displaced).
     answering.store(true, Ordering::Release);
-    let rendered = match renders.acquire().await {
-        Ok(_permit) => {
-            tokio::task::spawn_blocking(move || render_served(&source.pins, &source.probes))
-                .await
-                .unwrap_or_else(|e| Err(anyhow::anyhow!("rendering the metrics: {e}")))
-        }
-        Err(e) => Err(anyhow::anyhow!("{e}")),
-    };
+    let (pins, probes) = (source.pins.clone(), source.probes.clone());
+    let rendered = source.last.get(arrived, move || render_served(&pins, &probes)).await;
     answering.store(false, Ordering::Release);
-    Ok(match rendered {
+    Ok(match rendered.as_ref() {
         Ok(body) => {
-            let mut r = Response::new(Full::new(Bytes::from(body)));
+            let mut r = Response::new(Full::new(Bytes::from(body.clone())));
             r.headers_mut()
                 .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(CONTENT_TYPE));
             r
         }
         Err(e) => {
-            warn!("metrics: {e:#}");
+            warn!("metrics: {e}");
             text(
                 StatusCode::INTERNAL_SERVER_ERROR,
-                format!("reading the dataplane's counters failed: {e:#}\n"),
+                format!("reading the dataplane's counters failed: {e}\n"),
             )
         }
     })
@@ -1377,5 +1402,45 @@ mod tests {
             let read = tokio::time::timeout(Duration::from_secs(1), s.read_to_end(&mut out));
             assert!(matches!(read.await, Ok(Ok(0))), "connection still open");
         });
+    }
+
+    /// Requests that come in while a render runs share it; a later one gets a new render;
+    /// a request that goes away mid-render does not let a second render start beside it
+    /// (seen failing with a render per request: 20 for 20 requests).
+    #[tokio::test]
+    async fn scrapes_during_a_render_share_it() {
+        use std::sync::atomic::AtomicUsize;
+        let (shared, renders, running) =
+            (Shared::default(), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let render = |renders: Arc<AtomicUsize>, running: Arc<AtomicUsize>| {
+            move || {
+                let n = renders.fetch_add(1, Ordering::SeqCst) + 1;
+                assert_eq!(running.fetch_add(1, Ordering::SeqCst), 0, "two renders at once");
+                std::thread::sleep(Duration::from_millis(300));
+                running.fetch_sub(1, Ordering::SeqCst);
+                Ok(format!("render {n}"))
+            }
+        };
+        let requests: Vec<_> = (0..20)
+            .map(|_| {
+                let (shared, f) = (shared.clone(), render(renders.clone(), running.clone()));
+                tokio::spawn(async move { shared.get(Instant::now(), f).await })
+            })
+            .collect();
+        for r in requests {
+            assert_eq!(r.await.unwrap().as_deref(), Ok("render 1"));
+        }
+        assert_eq!(renders.load(Ordering::SeqCst), 1);
+        // Later: a new render. One that goes away mid-render: the next request waits for
+        // that render and shares it.
+        let f = render(renders.clone(), running.clone());
+        assert_eq!(shared.get(Instant::now(), f).await.as_deref(), Ok("render 2"));
+        let (s, f) = (shared.clone(), render(renders.clone(), running.clone()));
+        let gone = tokio::spawn(async move { s.get(Instant::now(), f).await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        gone.abort();
+        let f = render(renders.clone(), running.clone());
+        assert_eq!(shared.get(Instant::now(), f).await.as_deref(), Ok("render 3"));
+        assert_eq!(renders.load(Ordering::SeqCst), 3);
     }
 }

@@ -250,7 +250,12 @@ pub fn report(
     };
     let drained = crate::drain::read(pins)?;
     let probed = crate::probes::ProbeHealth::of_running_agent(pins)?;
-    let flows = crate::flows::per_backend(pins)?;
+    // The flow tables are read whole: not for a policy without load balancers.
+    let flows = if record.services.is_empty() {
+        Default::default()
+    } else {
+        crate::flows::per_backend(pins)?
+    };
     let maps = LbMaps::open(pins)?;
     let outer_sources = maps.outer_sources(crate::encap::read(pins).unwrap_or_default());
     let mut out = Vec::new();
