@@ -424,10 +424,8 @@ fn agent_install(
 ) -> anyhow::Result<u64> {
     let policy = xdpgate_policy::load_str(src, "test.yaml").unwrap();
     let (tables, lbs) = xdpgate_policy::compile_all(&policy).unwrap();
-    let health = xdpgate_dataplane::probes::ProbeHealth {
-        pid: std::process::id(),
-        down: Default::default(),
-    };
+    let health =
+        xdpgate_dataplane::probes::ProbeHealth { pid: std::process::id(), ..Default::default() };
     let chosen = xdpgate_dataplane::encap::Chosen::given(given, "node file");
     xdpgate_dataplane::transaction::install(
         &lab.k.pins.dir,

@@ -731,3 +731,29 @@ load_balancers:
     assert_eq!(record.services[0].rule, last, "the lowest retired id went to the newest rule");
     assert_eq!(packets(&last), 0);
 }
+
+/// The running agent's probes.json in a format this build cannot read (an agent of an older
+/// build, before its restart): `xdpgate lb` and the metrics still report, with the
+/// backends' flags standing in for the rule's probe (seen failing: the report failed).
+#[test]
+fn an_unreadable_probe_health_falls_back_to_the_flags() {
+    let k = Kernel::new();
+    k.apply_with_health(POLICY, |b| b != ip("198.51.100.11"));
+    let _agent = xdpgate_dataplane::state::AgentLock::acquire(&k.pins.dir).unwrap();
+    let old = format!(r#"{{"pid":{},"down":[["198.51.100.11","up"]]}}"#, std::process::id());
+    let file = xdpgate_dataplane::state::dir(&k.pins.dir).join("probes.json");
+    std::fs::write(file, old).unwrap();
+    let record = xdpgate_dataplane::apply::running(&k.pins.dir).unwrap().unwrap();
+    let report = xdpgate_dataplane::lb::report(&k.pins.dir, &record, None).expect("a report");
+    let http = report.iter().find(|s| s.rule == "http").unwrap();
+    let in_rule: Vec<(String, bool)> =
+        http.backends.iter().map(|b| (b.address.to_string(), b.healthy_in_rule)).collect();
+    assert_eq!(
+        in_rule,
+        [
+            ("198.51.100.11".into(), false),
+            ("198.51.100.12".into(), true),
+            ("198.51.100.13".into(), true)
+        ]
+    );
+}

@@ -81,6 +81,16 @@ fn starting_down(
     targets.iter().map(Target::key).filter(starts_down).collect()
 }
 
+/// Which of `targets` start down as the agent starts ([`starting_down`]): those the last
+/// agent saved as failing, and of a flagged backend, those it did not run.
+fn down_at_start(
+    targets: &[Target],
+    saved: &ProbeHealth,
+    flagged: &HashSet<IpAddr>,
+) -> BTreeSet<ProbeKey> {
+    starting_down(targets, &saved.down, |k| saved.probed.contains(k), flagged)
+}
+
 /// `targets` as a reload starts their probes: each where the stopped prober `found` it, and
 /// one it did not run (added, or renamed) down if its backend is down under another probe.
 fn going_on(targets: Vec<Target>, found: &Found) -> Start {
@@ -409,12 +419,11 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
         warn!("the last agent's probe health: {e:#}; starting from the backends' flags");
         None
     });
-    let saved = saved.map(|s| s.down).unwrap_or_default();
+    let saved = saved.unwrap_or_default();
     let targets_now = targets(&lbs);
-    let known = |k: &ProbeKey| saved.iter().any(|s| s.backend == k.backend);
-    let down_now = starting_down(&targets_now, &saved, known, &flagged);
+    let down_now = down_at_start(&targets_now, &saved, &flagged);
     let start = Start::new(targets_now, &Found::new(), &down_now);
-    let mut down = ProbeHealth { pid: std::process::id(), down: start.down() };
+    let mut down = start.health(std::process::id());
     // Before the first apply writes into it.
     xdpgate_dataplane::state::ensure_dir(pins)?;
     let (generation, lbs) =
@@ -629,7 +638,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                             let found = prober.stop();
                             (tx, rx) = mpsc::channel::<Change>(256);
                             let start = going_on(targets(&lbs), &found);
-                            let down_new = ProbeHealth { pid: down.pid, down: start.down() };
+                            let down_new = start.health(down.pid);
                             let installed = encap(&node, &lbs).and_then(|sources| {
                                 transaction::install_under(&lock, pins, &policy, &source, &tables, &lbs, &down_new, sources)
                             });
@@ -999,7 +1008,7 @@ impl HealthTables {
     /// is back is announced once its tables send that backend new flows, not before; a
     /// withdrawal waits for no table, and a flap the tables never saw withdraws nothing.
     fn held(&self, down: &ProbeHealth) -> ProbeHealth {
-        ProbeHealth { pid: down.pid, down: down.down.union(&self.built_down).cloned().collect() }
+        ProbeHealth { down: down.down.union(&self.built_down).cloned().collect(), ..down.clone() }
     }
 
     /// Rebuilds what the pending changes touch, from `down` as it is now; a change whose
@@ -1145,7 +1154,7 @@ load_balancers:
         // The internal load balancer's probe fails: its rule loses the backend, the public
         // one's keeps it.
         let failing = targets.iter().find(|t| t.probe.port == 8080).unwrap();
-        let down = ProbeHealth { pid: 1, down: [failing.key()].into() };
+        let down = ProbeHealth { pid: 1, down: [failing.key()].into(), ..Default::default() };
         let backend: std::net::IpAddr = [198, 51, 100, 11].into();
         let in_rule = |lb: &str| {
             let s = lbs.services.iter().find(|s| s.lb == lb).unwrap();
@@ -1175,10 +1184,16 @@ load_balancers:
         let targets = [t(x, "http"), t(x, "https"), t(y, "http")];
         let flagged = HashSet::from([x]);
         let keys = |ks: &[&Target]| ks.iter().map(|t| t.key()).collect::<BTreeSet<_>>();
-        // Restart: x failed "http" only.
-        let saved = keys(&[&targets[0]]);
-        let known = |k: &ProbeKey| saved.iter().any(|s| s.backend == k.backend);
-        assert_eq!(starting_down(&targets, &saved, known, &flagged), saved);
+        // Restart: x failed "http" only; "tls" (added, or "https" renamed) the last agent
+        // did not run, and it starts down with x flagged (seen failing when "known" was any
+        // probe of the backend: it started up).
+        let saved = ProbeHealth {
+            pid: 1,
+            down: keys(&[&targets[0]]),
+            probed: keys(&[&targets[0], &targets[1], &targets[2]]),
+        };
+        let now = [t(x, "http"), t(x, "https"), t(y, "http"), t(x, "tls")];
+        assert_eq!(down_at_start(&now, &saved, &flagged), keys(&[&now[0], &now[3]]));
         // Restart without the saved health: every probe of x.
         let none = BTreeSet::new();
         let lost = starting_down(&targets, &none, |_| false, &flagged);

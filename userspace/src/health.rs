@@ -36,7 +36,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinHandle;
 
-use xdpgate_dataplane::probes::ProbeKey;
+use xdpgate_dataplane::probes::{ProbeHealth, ProbeKey};
 use xdpgate_policy::model::{Probe, ProbeKind};
 
 /// One backend probed with one probe.
@@ -349,6 +349,12 @@ impl Start {
             .filter(|(_, t)| t.health() == Health::Unhealthy)
             .map(|(t, _)| t.key())
             .collect()
+    }
+
+    /// The health the tables are built from as these start, as agent `pid` saves it.
+    pub fn health(&self, pid: u32) -> ProbeHealth {
+        let probed = self.0.iter().map(|(t, _)| t.key()).collect();
+        ProbeHealth { pid, down: self.down(), probed }
     }
 }
 

@@ -761,24 +761,25 @@ struct Shared(Arc<tokio::sync::Mutex<Option<(Instant, Rendered)>>>);
 type Rendered = Arc<Result<String, String>>;
 
 impl Shared {
-    /// The text of a render that ended after `arrived`, or of a new one by `render`. The
-    /// render runs in a task of its own, which holds the turn until it is done: a request
-    /// that goes away meanwhile does not let another render start beside it.
+    /// The text of a render begun after `arrived`, or of a new one by `render`. The render
+    /// runs in a task of its own, which holds the turn until it is done: a request that goes
+    /// away meanwhile does not let another render start beside it.
     async fn get(
         &self,
         arrived: Instant,
         render: impl FnOnce() -> Result<String> + Send + 'static,
     ) -> Rendered {
         let mut last = self.0.clone().lock_owned().await;
-        if let Some((_, text)) = last.as_ref().filter(|(done, _)| *done >= arrived) {
+        if let Some((_, text)) = last.as_ref().filter(|(begun, _)| *begun >= arrived) {
             return text.clone();
         }
+        let begun = Instant::now();
         let task = tokio::spawn(async move {
             let text = tokio::task::spawn_blocking(move || render().map_err(|e| format!("{e:#}")))
                 .await
                 .unwrap_or_else(|e| Err(format!("rendering the metrics: {e}")));
             let text = Arc::new(text);
-            *last = Some((Instant::now(), text.clone()));
+            *last = Some((begun, text.clone()));
             text
         });
         task.await.unwrap_or_else(|e| Arc::new(Err(format!("rendering the metrics: {e}"))))
@@ -1404,9 +1405,10 @@ mod tests {
         });
     }
 
-    /// Requests that come in while a render runs share it; a later one gets a new render;
-    /// a request that goes away mid-render does not let a second render start beside it
-    /// (seen failing with a render per request: 20 for 20 requests).
+    /// Requests waiting while a render begins share it (seen failing with a render per
+    /// request: 20 for 20 requests); one that comes in while a render runs gets the next
+    /// (a render begun after it), and a request that goes away mid-render does not let a
+    /// second render start beside it.
     #[tokio::test]
     async fn scrapes_during_a_render_share_it() {
         use std::sync::atomic::AtomicUsize;
@@ -1421,26 +1423,27 @@ mod tests {
                 Ok(format!("render {n}"))
             }
         };
-        let requests: Vec<_> = (0..20)
-            .map(|_| {
-                let (shared, f) = (shared.clone(), render(renders.clone(), running.clone()));
-                tokio::spawn(async move { shared.get(Instant::now(), f).await })
-            })
-            .collect();
+        let get = |arrived: Instant| {
+            let (shared, f) = (shared.clone(), render(renders.clone(), running.clone()));
+            tokio::spawn(async move { shared.get(arrived, f).await })
+        };
+        let arrived = Instant::now();
+        let requests: Vec<_> = (0..20).map(|_| get(arrived)).collect();
         for r in requests {
             assert_eq!(r.await.unwrap().as_deref(), Ok("render 1"));
         }
         assert_eq!(renders.load(Ordering::SeqCst), 1);
-        // Later: a new render. One that goes away mid-render: the next request waits for
-        // that render and shares it.
-        let f = render(renders.clone(), running.clone());
-        assert_eq!(shared.get(Instant::now(), f).await.as_deref(), Ok("render 2"));
-        let (s, f) = (shared.clone(), render(renders.clone(), running.clone()));
-        let gone = tokio::spawn(async move { s.get(Instant::now(), f).await });
+        // One that comes in mid-render: the next render, after that one.
+        let first = get(Instant::now());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let later = get(Instant::now());
+        assert_eq!(first.await.unwrap().as_deref(), Ok("render 2"));
+        assert_eq!(later.await.unwrap().as_deref(), Ok("render 3"));
+        // One that goes away mid-render: the next waits for that render to end.
+        let gone = get(Instant::now());
         tokio::time::sleep(Duration::from_millis(100)).await;
         gone.abort();
-        let f = render(renders.clone(), running.clone());
-        assert_eq!(shared.get(Instant::now(), f).await.as_deref(), Ok("render 3"));
-        assert_eq!(renders.load(Ordering::SeqCst), 3);
+        assert_eq!(get(Instant::now()).await.unwrap().as_deref(), Ok("render 5"));
+        assert_eq!(renders.load(Ordering::SeqCst), 5);
     }
 }

@@ -46,6 +46,10 @@ impl fmt::Display for ProbeKey {
 pub struct ProbeHealth {
     pub pid: u32,
     pub down: BTreeSet<ProbeKey>,
+    /// Every probe the agent runs: the next agent tells one of them that passed from one
+    /// they did not run (added or renamed since), which it knows nothing of.
+    #[serde(default)]
+    pub probed: BTreeSet<ProbeKey>,
 }
 
 impl ProbeHealth {
