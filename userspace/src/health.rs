@@ -386,6 +386,11 @@ impl ProbeStats {
         c.last_seconds = took.as_secs_f64();
     }
 
+    /// Forgets the targets not in `keep` (no longer probed: their series end).
+    fn keep(&self, keep: &HashSet<ProbeKey>) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).retain(|k, _| keep.contains(k));
+    }
+
     /// Every target probed so far, sorted by (backend, load balancer, probe).
     pub fn snapshot(&self) -> Vec<(ProbeKey, ProbeCounts)> {
         let all = self.0.lock().unwrap_or_else(|e| e.into_inner());
@@ -425,6 +430,7 @@ impl Prober {
         changes: mpsc::Sender<Change>,
         stats: ProbeStats,
     ) -> Prober {
+        stats.keep(&start.0.iter().map(|(t, _)| t.key()).collect());
         let limit = Arc::new(Semaphore::new(max_concurrent.max(1)));
         let states: States = Arc::new(Mutex::new(
             start
@@ -848,6 +854,19 @@ mod tests {
         assert!(start.down().is_empty());
         let _prober = Prober::spawn_counted(start, 1, tx, ProbeStats::default());
         assert!(tokio::time::timeout(Duration::from_secs(1), rx.recv()).await.is_err());
+    }
+
+    /// A prober started without a target forgets its counts: their series end (seen
+    /// failing: a removed backend's probe series stayed until the agent restarted).
+    #[tokio::test]
+    async fn a_target_no_longer_probed_leaves_the_counts() {
+        let stats = ProbeStats::default();
+        stats.record(key("gone"), true, Duration::from_millis(1));
+        let t = target(ProbeKind::Tcp, closed_port().await, 100);
+        let (tx, _rx) = mpsc::channel(16);
+        let start = Start::new(vec![t], &Found::new(), &BTreeSet::new());
+        let _prober = Prober::spawn_counted(start, 1, tx, stats.clone());
+        assert!(stats.snapshot().iter().all(|(k, _)| *k != key("gone")), "{:?}", stats.snapshot());
     }
 
     #[tokio::test]
