@@ -756,4 +756,10 @@ fn an_unreadable_probe_health_falls_back_to_the_flags() {
             ("198.51.100.13".into(), true)
         ]
     );
+    // A drain would rebuild tables from the flags, taking .11 out of rules whose probe it
+    // passes, where the agent would not put it back: refused, nothing changed.
+    let drain = xdpgate_dataplane::drain::set(&k.pins.dir, "lb", ip("198.51.100.12"), true);
+    let e = format!("{:#}", drain.expect_err("refused"));
+    assert!(e.contains("another build"), "{e}");
+    assert!(xdpgate_dataplane::drain::read(&k.pins.dir).unwrap().is_empty(), "nothing drained");
 }

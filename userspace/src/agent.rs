@@ -82,13 +82,16 @@ fn starting_down(
 }
 
 /// Which of `targets` start down as the agent starts ([`starting_down`]): those the last
-/// agent saved as failing, and of a flagged backend, those it did not run.
+/// agent saved as failing, and of a flagged backend, those it did not run, and all of them
+/// when the file has none failing (it is older than the flag: its save failed).
 fn down_at_start(
     targets: &[Target],
     saved: &ProbeHealth,
     flagged: &HashSet<IpAddr>,
 ) -> BTreeSet<ProbeKey> {
-    starting_down(targets, &saved.down, |k| saved.probed.contains(k), flagged)
+    let failing = |b: IpAddr| saved.down.iter().any(|k| k.backend == b);
+    let known = |k: &ProbeKey| saved.probed.contains(k) && failing(k.backend);
+    starting_down(targets, &saved.down, known, flagged)
 }
 
 /// `targets` as a reload starts their probes: each where the stopped prober `found` it, and
@@ -1194,6 +1197,11 @@ load_balancers:
         };
         let now = [t(x, "http"), t(x, "https"), t(y, "http"), t(x, "tls")];
         assert_eq!(down_at_start(&now, &saved, &flagged), keys(&[&now[0], &now[3]]));
+        // A file older than the flag (its save failed): x's probes all start down (seen
+        // failing: "http" started up).
+        let stale = ProbeHealth { down: BTreeSet::new(), ..saved.clone() };
+        let down = down_at_start(&now, &stale, &flagged);
+        assert_eq!(down, keys(&[&now[0], &now[1], &now[3]]));
         // Restart without the saved health: every probe of x.
         let none = BTreeSet::new();
         let lost = starting_down(&targets, &none, |_| false, &flagged);

@@ -144,8 +144,11 @@ fn rebuild(
     backend: IpAddr,
     done: &mut Vec<String>,
 ) -> Result<()> {
-    // Unreadable (an agent of another build): the flags stand in, as with no agent.
-    let agent = ProbeHealth::of_running_agent(pins).ok().flatten();
+    // Unreadable (an agent of another build): nothing is rebuilt, as the flags would take
+    // a backend out of rules whose probe it passes, and the agent would not put it back.
+    let agent = ProbeHealth::of_running_agent(pins).context(
+        "the running agent's probe health (is it of another build? restart it on this one)",
+    )?;
     let down = lb::pinned_unhealthy(pins)?;
     let flags = |b: IpAddr| !down.contains(&b);
     let probes: &dyn BackendHealth = match &agent {
