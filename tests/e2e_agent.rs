@@ -457,6 +457,43 @@ fn simulated_reboot_attaches_from_the_node_file() {
     agent.stop();
 }
 
+/// The agent attaches a node file's interface under the write lock, as `xdpgate attach`
+/// does: while another writer holds it (an operator's attach of the same interface, say),
+/// the agent's retry waits its turn (seen failing: it attached under the held lock, where
+/// two attaches of one interface undo each other's egress link and registration).
+#[test]
+fn the_agent_attaches_the_node_files_interfaces_under_the_write_lock() {
+    let lab = Gateway::new();
+    let file = lab.write_policy("policy.yaml", &policy(8080));
+    let node = lab.write_policy(
+        "node.yaml",
+        &format!("interfaces:\n  - {{name: {}, role: internal}}\n", lab.int),
+    );
+    let mut agent =
+        Agent::start(&lab, &["--policy", file.to_str().unwrap(), "--node", node.to_str().unwrap()]);
+    wait_for("the policy applied", Duration::from_secs(20), || {
+        agent.assert_running("start");
+        generation(&lab.pins) >= 1
+    });
+    lab.pins.xdpgate(&["detach", "--iface", &lab.int]);
+    let link = lab.pins.dir.link(&lab.int);
+    assert!(!link.exists());
+    let lock = xdpgate_dataplane::state::WriteLock::acquire(&lab.pins.dir).expect("write lock");
+    // The agent retries every 10 s: 12 s covers one.
+    let held = Instant::now();
+    while held.elapsed() < Duration::from_secs(12) {
+        agent.assert_running("the hold");
+        assert!(!link.exists(), "attached while another writer held the lock");
+        thread::sleep(Duration::from_millis(100));
+    }
+    drop(lock);
+    wait_for("the interface attached once the lock is free", Duration::from_secs(20), || {
+        agent.assert_running("after the hold");
+        link.exists()
+    });
+    agent.stop();
+}
+
 /// A small tmpfs, unmounted on drop.
 struct Tmpfs(PathBuf);
 

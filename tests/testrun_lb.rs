@@ -572,6 +572,36 @@ fn direct_reply_flows_idle_out_after_their_idle_timeout() {
     assert_eq!(k.flow_stat(FLOW_STAT_EMBRYOS_EXPIRED), expired + 2);
 }
 
+/// A flow whose answers bypass the gateway is never confirmed, whatever comes on its reply
+/// tuple: a client spoofing its backend's SYN-ACK and then acknowledging it, or answering a
+/// flow picked up mid-stream, could otherwise move as many flows as it likes into the
+/// established table, which evicts none (seen failing before: both were confirmed).
+#[test]
+fn spoofed_answers_do_not_confirm_a_direct_reply_flow() {
+    let k = Kernel::new();
+    k.apply(
+        &HA_AND_FLOATING
+            .replace("floating_ip: true}", "floating_ip: true, midstream_pickup: true}"),
+    );
+    let (c, vip) = ("203.0.113.7", "192.0.2.30");
+    let flow = |port| client_key(vip, port, 80);
+    // A SYN, the "backend's" SYN-ACK from the frontend address, the client's ACK of it.
+    k.arrive_as(Role::External);
+    assert_eq!(k.run(&tcp_frame(c, vip, (40100, 80), SYN, 1000, 0)), PASS);
+    k.arrive_as(Role::Internal);
+    assert_eq!(k.run(&tcp_frame(vip, c, (80, 40100), SYN | ACK, 5000, 1001)), PASS);
+    k.arrive_as(Role::External);
+    assert_eq!(k.run(&tcp_frame(c, vip, (40100, 80), ACK, 1001, 5001)), PASS);
+    // Picked up mid-stream, then an "answer".
+    assert_eq!(k.run(&tcp_frame(c, vip, (40101, 80), ACK, 1000, 1)), PASS);
+    k.arrive_as(Role::Internal);
+    assert_eq!(k.run(&tcp_frame(vip, c, (80, 40101), ACK, 1, 1000)), PASS);
+    for port in [40100, 40101] {
+        assert!(k.established(&flow(port)).is_none(), "{port}: confirmed");
+        assert!(k.embryo(&flow(port)).is_some(), "{port}: still embryonic");
+    }
+}
+
 /// The server's FIN of a direct-reply flow never passes the gateway, so the client's FIN
 /// is only a half close: the server may answer long after it. A half-closed flow keeps its
 /// idle timeout (the client's request and FIN, a server silent for longer than a closed

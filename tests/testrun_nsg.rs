@@ -12,7 +12,11 @@ use common::{
         set_ipv4_total_len, tcp_frame,
     },
 };
-use xdpgate_common::{flow::TCP_CLOSED, iface::Role};
+use xdpgate_common::{
+    flow::{FlowKey, FlowValue, TCP_CLOSED, TCP_SEQ},
+    iface::Role,
+    maps::FLOWS,
+};
 
 const POLICY: &str = r#"
 virtual_network:
@@ -241,6 +245,95 @@ fn tcp_close_marks_both_directions_of_a_flow() {
     assert!(k.embryo(&fwd).is_some());
     assert_eq!(k.run(&frame("203.0.113.7", "198.51.100.10", L4::Tcp(40002, 80, RST))), PASS);
     assert!(k.flow(&fwd).is_none(), "the refused connection's embryo is gone");
+}
+
+/// A RST or FIN closes an established flow only near where its sender's sequence numbers
+/// stand: a spoofer who cannot see them (one RST per port of a NAT address, say) closes
+/// nothing, and the packets still pass to the host, which judges them itself. The sender's
+/// own data moves the mark on (seen failing before the check: the first spoofed RST
+/// closed the flow).
+#[test]
+fn resets_and_fins_out_of_sequence_close_nothing() {
+    let k = Kernel::new();
+    k.apply(POLICY);
+    let (c, s) = ("203.0.113.7", "198.51.100.10");
+    let closed = |port: u16| {
+        let fwd = k.flow(&flow_key(c, s, port, 80, 6)).expect("forward entry");
+        let rev = k.flow(&flow_key(s, c, 80, port, 6)).expect("reply entry");
+        (fwd.tcp & TCP_CLOSED != 0, rev.tcp & TCP_CLOSED != 0)
+    };
+    let client = |flags, seq, ack| {
+        k.arrive_as(Role::External);
+        k.run(&tcp_frame(c, s, (40020, 80), flags, seq, ack))
+    };
+    let server = |flags, seq, ack| {
+        k.arrive_as(Role::Internal);
+        k.run(&tcp_frame(s, c, (80, 40020), flags, seq, ack))
+    };
+    // The handshake leaves the client at 7,001 and the server at 90,001.
+    establish(&k, 40020);
+    assert_eq!(server(RST | ACK, 90_001 + (1 << 31), 7_001), PASS);
+    assert_eq!(client(RST, 7_001 + (1 << 23), 0), PASS);
+    assert_eq!(closed(40020), (false, false), "spoofed resets");
+    assert_eq!(client(FIN | ACK, 7_001u32.wrapping_sub(1 << 23), 90_001), PASS);
+    assert_eq!(server(FIN | ACK, 3_000_000_000, 7_001), PASS);
+    assert_eq!(closed(40020), (false, false), "spoofed FINs both ways");
+    // The client's data, 3 MiB at a time to 30 MiB on, then FINs of both at their numbers.
+    let mut seq = 7_001u32;
+    for _ in 0..10 {
+        seq += 3 << 20;
+        assert_eq!(client(ACK, seq, 90_001), PASS);
+    }
+    assert_eq!(client(FIN | ACK, seq + 100, 90_001), PASS);
+    assert_eq!(closed(40020), (false, false), "half closed");
+    assert_eq!(server(FIN | ACK, 90_001, seq + 101), PASS);
+    assert_eq!(closed(40020), (true, true), "FINs in sequence close the flow");
+
+    // A reset the server sends at its own number closes at once.
+    establish(&k, 40021);
+    k.arrive_as(Role::Internal);
+    assert_eq!(k.run(&tcp_frame(s, c, (80, 40021), RST | ACK, 90_001, 7_001)), PASS);
+    assert_eq!(closed(40021), (true, true), "a reset in sequence");
+
+    // Entries from a build before the check have no mark: the next segment sets it.
+    establish(&k, 40022);
+    let mut flows: aya::maps::HashMap<_, FlowKey, FlowValue> =
+        k.pins.dir.open_map(FLOWS).unwrap().try_into().unwrap();
+    for key in [flow_key(c, s, 40022, 80, 6), flow_key(s, c, 80, 40022, 6)] {
+        let mut v = flows.get(&key, 0).unwrap();
+        (v.tcp, v.seq) = (v.tcp & !TCP_SEQ, 0);
+        flows.insert(key, v, 0).unwrap();
+    }
+    k.arrive_as(Role::Internal);
+    assert_eq!(k.run(&tcp_frame(s, c, (80, 40022), RST | ACK, 90_001, 7_001)), PASS);
+    assert_eq!(closed(40022), (true, true), "an entry without a mark");
+}
+
+/// `flows delete` of a flow confirmed after the tables were read (here by its ACK, sent
+/// from the filter, which is asked after the reads) removes its established entries too
+/// (seen failing: they stayed, and the flow went on).
+#[test]
+fn a_flow_confirmed_during_a_delete_goes() {
+    let k = Kernel::new();
+    k.apply(POLICY);
+    let (c, s) = ("203.0.113.7", "198.51.100.10");
+    let (fwd, rev) = (flow_key(c, s, 40030, 80, 6), flow_key(s, c, 80, 40030, 6));
+    k.arrive_as(Role::External);
+    assert_eq!(k.run(&tcp_frame(c, s, (40030, 80), SYN, 7_000, 0)), PASS);
+    k.arrive_as(Role::Internal);
+    assert_eq!(k.run(&tcp_frame(s, c, (80, 40030), SYN | ACK, 90_000, 7_001)), PASS);
+    let acked = std::cell::Cell::new(false);
+    let keep = |f: &xdpgate_dataplane::flows::Flow| {
+        if !acked.replace(true) {
+            k.arrive_as(Role::External);
+            assert_eq!(k.run(&tcp_frame(c, s, (40030, 80), ACK, 7_001, 90_001)), PASS);
+            assert!(k.established(&fwd).is_some(), "confirmed mid-delete");
+        }
+        f.src_port == Some(40030)
+    };
+    let out = xdpgate_dataplane::flows::delete(&k.pins.dir, None, keep, None, false).unwrap();
+    assert_eq!((out.flows.len(), out.entries), (1, 2));
+    assert!(k.flow(&fwd).is_none() && k.flow(&rev).is_none(), "entries left");
 }
 
 #[test]

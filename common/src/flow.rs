@@ -87,9 +87,11 @@ pub struct FlowValue {
     /// Load-balancer service and backend of the flow, or `NO_BACKEND`.
     pub service: u32,
     pub backend: u32,
-    /// Embryonic TCP flows: the acknowledgement number the initiator's ACK must carry to
-    /// confirm the flow (the responder's SYN-ACK sequence number + 1; see `TCP_ANSWERED`).
-    pub ack: u32,
+    /// A TCP sequence number. Embryonic flows (forward entry): the one the initiator's ACK
+    /// must acknowledge to confirm the flow (the responder's SYN-ACK sequence number + 1;
+    /// see `TCP_ANSWERED`). Established flows, with `TCP_SEQ`: the one this direction's
+    /// sender was last seen at, near which its RST and FIN are believed.
+    pub seq: u32,
     /// Where this direction's packets were last forwarded (flows the dataplane forwards
     /// itself: load-balanced and translated ones), so that the FIB need not be asked again.
     pub hop: NextHop,
@@ -175,6 +177,9 @@ pub const TCP_CLOSED: u8 = 2;
 pub const TCP_ANSWERED: u8 = 4;
 /// The flow was taken up from a TCP segment other than a SYN: an answer confirms it.
 pub const TCP_MIDSTREAM: u8 = 8;
+/// Established TCP flows: `seq` holds this direction's sequence number (an entry without it,
+/// established by a build before, takes its next segment's).
+pub const TCP_SEQ: u8 = 16;
 
 /// `FLOW_STATS` counters. An embryonic flow ends in one of four ways: confirmed (moved to
 /// the established table), expired (a packet of it found it idle past its timeout), refused

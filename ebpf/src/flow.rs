@@ -12,7 +12,7 @@ use xdpgate_common::{
         FLOW_STAT_EMBRYOS_EXPIRED, FLOW_STAT_EMBRYOS_REFUSED, FLOW_STAT_PICKED_UP,
         FLOW_STAT_REBUILT, FlowKey, FlowValue, FragKey, FragValue, NAT_DST, NAT_ENCAP,
         NAT_NEXT_HOP, NAT_NONE, NAT_SRC, NO_RULE, NO_RULES, NextHop, TCP_ANSWERED, TCP_CLOSED,
-        TCP_FIN, TCP_MIDSTREAM,
+        TCP_FIN, TCP_MIDSTREAM, TCP_SEQ,
     },
     lb::NO_BACKEND,
     nat::NAT_ACTIVE,
@@ -179,7 +179,10 @@ fn established_entry(
         }
         touch(entry, now, len);
         snat::count_translated(meta, entry, len, now);
-        if meta.proto == IPPROTO_TCP && meta.tcp_flags & (TH_FIN | TH_RST) != 0 {
+        if meta.proto == IPPROTO_TCP
+            && in_sequence(entry, meta.tcp_seq)
+            && meta.tcp_flags & (TH_FIN | TH_RST) != 0
+        {
             track_close(key, entry, meta.tcp_flags);
         }
         return Some(Lookup::Hit(Action::of(entry)));
@@ -189,6 +192,47 @@ fn established_entry(
     let _ = FLOWS.remove(&key.twin(entry));
     let _ = FLOWS.remove(key);
     None
+}
+
+/// How far from the sequence number last seen from its sender a segment of an established
+/// TCP flow is believed: 4 MiB either way (retransmissions, reordering, data in flight).
+/// An off-path spoofer must then guess the number, as conntrack's window check makes it;
+/// hosts themselves ignore resets outside their window (RFC 5961).
+const SEQ_WINDOW: u32 = 1 << 22;
+
+/// Whether a segment of an established flow, at sequence number `seq`, is near where its
+/// sender stands; one ahead moves the entry's mark on. Only such a segment's RST or FIN
+/// closes the flow: one out of it (spoofed, most likely) passes to its host, which judges
+/// it, and changes nothing here.
+#[inline(always)]
+fn in_sequence(entry: &mut FlowValue, seq: u32) -> bool {
+    if entry.tcp & TCP_SEQ == 0 {
+        entry.seq = seq;
+        entry.tcp |= TCP_SEQ;
+        return true;
+    }
+    let ahead = seq.wrapping_sub(entry.seq);
+    if ahead < SEQ_WINDOW {
+        entry.seq = seq;
+        return true;
+    }
+    ahead.wrapping_neg() <= SEQ_WINDOW
+}
+
+/// A TCP flow being established learns where both senders stand from the segment that
+/// does it, sent by `this` direction's: its sequence number, and its acknowledgement of
+/// the other's.
+#[inline(always)]
+fn learn_sequences(meta: &PacketMeta, this: &mut FlowValue, other: &mut FlowValue) {
+    if meta.proto != IPPROTO_TCP {
+        return;
+    }
+    this.seq = meta.tcp_seq;
+    this.tcp |= TCP_SEQ;
+    if meta.tcp_flags & TH_ACK != 0 {
+        other.seq = meta.tcp_ack;
+        other.tcp |= TCP_SEQ;
+    }
 }
 
 #[inline(always)]
@@ -266,13 +310,13 @@ fn embryo(
             {
                 let first = unsafe { &mut *first };
                 first.tcp |= TCP_ANSWERED;
-                first.ack = meta.tcp_seq.wrapping_add(1);
+                first.seq = meta.tcp_seq.wrapping_add(1);
             }
             flags & TH_SYN == 0 && entry.tcp & TCP_MIDSTREAM != 0
         } else {
             entry.tcp & TCP_ANSWERED != 0
                 && flags & (TH_SYN | TH_ACK) == TH_ACK
-                && meta.tcp_ack == entry.ack
+                && meta.tcp_ack == entry.seq
         };
         if !confirms {
             return Ok(Lookup::Hit(action));
@@ -280,18 +324,25 @@ fn embryo(
     } else if entry.reply == 0 {
         return Ok(Lookup::Hit(action));
     }
-    confirm(key, entry).map(|()| Lookup::Hit(action))
+    // A flow whose answers bypass the gateway is never confirmed: what comes on its reply
+    // tuple did not come from its backend (a spoofer filling the established table, say).
+    if entry.replies_direct() {
+        return Ok(Lookup::Hit(action));
+    }
+    confirm(meta, key, entry).map(|()| Lookup::Hit(action))
 }
 
 /// Moves an embryonic flow's two entries to the established table. A full table refuses
 /// the flow (it is forgotten, its packet dropped): no established flow makes room for it.
 #[inline(always)]
-fn confirm(key: &FlowKey, entry: &FlowValue) -> Result<(), DropReason> {
+fn confirm(meta: &PacketMeta, key: &FlowKey, entry: &mut FlowValue) -> Result<(), DropReason> {
     let twin_key = key.twin(entry);
-    let Some(twin) = (unsafe { EMBRYOS.get(&twin_key) }) else {
+    let Some(twin) = EMBRYOS.get_ptr_mut(&twin_key) else {
         // Its other half was evicted: stays embryonic, confirmed by no one; it idles out.
         return Ok(());
     };
+    let twin = unsafe { &mut *twin };
+    learn_sequences(meta, entry, twin);
     let established = establish(key, entry, &twin_key, twin);
     count(if established.is_ok() {
         FLOW_STAT_EMBRYOS_CONFIRMED
@@ -527,7 +578,7 @@ fn fresh(
     f.idle_s = 0;
     f.service = NO_BACKEND;
     f.backend = NO_BACKEND;
-    f.ack = 0;
+    f.seq = 0;
     f.hop = NextHop::NONE;
     Ok(pair)
 }
@@ -569,7 +620,7 @@ pub fn create_host(
 pub fn commit(
     meta: &PacketMeta,
     key: &FlowKey,
-    forward: &FlowValue,
+    forward: &mut FlowValue,
     reply: &mut FlowValue,
     established: bool,
 ) -> Result<(), DropReason> {
@@ -593,12 +644,13 @@ pub fn commit(
     }
     let twin = key.twin(forward);
     if established {
+        learn_sequences(meta, forward, reply);
         establish(key, forward, &twin, reply)?;
         count(FLOW_STAT_REBUILT);
     } else {
         // A full embryonic table evicts its least recently used entries; a failed insert
         // only means the next packet is decided again.
-        let _ = EMBRYOS.insert(key, forward, 0);
+        let _ = EMBRYOS.insert(key, &*forward, 0);
         let _ = EMBRYOS.insert(&twin, &*reply, 0);
         count(FLOW_STAT_EMBRYOS_CREATED);
     }

@@ -445,7 +445,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     };
     state.last_success_unix = Some(state.last_reload.unix);
     if let Some(node) = &node {
-        attach_node(pins, node, &mut failing);
+        attach_node(pins, node, LOCK_WAIT, &mut failing);
     }
     let table = node.as_ref().and_then(|n| n.bgp.as_ref()).map(|b| b.table);
     failing.check("bgp announcements", announce::forget_other_table(pins, table));
@@ -603,7 +603,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                     && ticks.is_multiple_of(10)
                     && !node::missing(pins, node).is_empty()
                 {
-                    attach_node(pins, node, &mut failing);
+                    attach_node(pins, node, Duration::ZERO, &mut failing);
                 }
                 sweeper.start(pins, &running.names, flow_log.as_ref().map(|l| &l.reported));
                 if let Some(log) = flow_log.as_mut() {
@@ -804,8 +804,9 @@ fn encap(node: &Option<Node>, lbs: &CompiledLb) -> Result<xdpgate_dataplane::enc
 }
 
 /// Attaches the interfaces of the node file that have no pinned link.
-fn attach_node(pins: &PinDir, node: &Node, failing: &mut Failing) {
-    let (attached, errors) = node::attach_missing(pins, node);
+fn attach_node(pins: &PinDir, node: &Node, wait: Duration, failing: &mut Failing) {
+    // `None`: another writer has the dataplane; the next tick tries again.
+    let Some((attached, errors)) = node::attach_missing(pins, node, wait) else { return };
     for name in attached {
         info!("attached to {name} (node file)");
     }

@@ -315,8 +315,25 @@ pub fn missing<'a>(pins: &PinDir, node: &'a Node) -> Vec<&'a Interface> {
 /// that could not be. Table sizes that differ from the pinned ones are an error too, so that
 /// `status` shows the node file is not in force, but the interfaces are attached all the
 /// same, with the pinned tables: an interface left unattached would pass traffic unfiltered.
-pub fn attach_missing(pins: &PinDir, node: &Node) -> (Vec<String>, Vec<anyhow::Error>) {
+///
+/// Under the write lock, as `xdpgate attach` takes it, waiting at most `wait` for it (the
+/// agent's periodic retry does not wait: `None` means another writer has it, try again
+/// later): an attach of the operator's beside this one would otherwise find the link
+/// unpinned too, and the loser's cleanup take the winner's egress link and registration.
+pub fn attach_missing(
+    pins: &PinDir,
+    node: &Node,
+    wait: std::time::Duration,
+) -> Option<(Vec<String>, Vec<anyhow::Error>)> {
     let (mut done, mut failed) = (Vec::new(), Vec::new());
+    let _lock = match dataplane::state::WriteLock::try_acquire_within(pins, wait) {
+        Ok(Some(lock)) => lock,
+        Ok(None) if wait.is_zero() => return None,
+        Ok(None) => {
+            return Some((done, vec![dataplane::state::WriteLock::busy(pins, wait)]));
+        }
+        Err(e) => return Some((done, vec![e])),
+    };
     let mut sizes = node.tables;
     if let Err(e) = dataplane::tables::plan(pins, &sizes) {
         failed.push(e.context("tables"));
@@ -332,7 +349,7 @@ pub fn attach_missing(pins: &PinDir, node: &Node) -> (Vec<String>, Vec<anyhow::E
         }
     }
     failed.extend(other_hook(pins, node));
-    (done, failed)
+    Some((done, failed))
 }
 
 /// An error for each interface of `node` attached with another hook than the node file's

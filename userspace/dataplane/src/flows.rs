@@ -685,14 +685,19 @@ pub fn delete(
     let now = monotonic_ns();
     for h in held {
         if !dry_run {
-            let map = match h.flow.state {
-                FlowState::Established => &mut established,
-                FlowState::Embryonic => &mut embryos,
-            };
             let entries = &mut out.entries;
             let mut remove_flow = || {
                 for k in [h.key, h.reply_key] {
-                    if map.remove(&k).is_ok() {
+                    // A flow read as embryonic may have been confirmed since: it is in the
+                    // established table now, and must go from there, or it runs on (with
+                    // its translation ended, its port free for another flow).
+                    let gone = match h.flow.state {
+                        FlowState::Established => established.remove(&k).is_ok(),
+                        FlowState::Embryonic => {
+                            embryos.remove(&k).is_ok() | established.remove(&k).is_ok()
+                        }
+                    };
+                    if gone {
                         *entries += 1;
                     }
                 }

@@ -160,8 +160,24 @@ pub fn is_permission_error(e: &anyhow::Error) -> bool {
 }
 
 impl PinDir {
+    /// The pin directory at `path`, held as one absolute path however it was spelled
+    /// (`/sys/fs/bpf//xdpgate`, `./xdpgate` from `/sys/fs/bpf`, `..`): its state directory
+    /// is named after it ([`state::dir`]), and two spellings must not make two, or a writer
+    /// would miss the agent's lock and the run-time state beside the same maps.
     pub fn new(path: impl Into<PathBuf>) -> Self {
-        Self(path.into())
+        let path = path.into();
+        let path = std::path::absolute(&path).unwrap_or(path);
+        let mut normal = PathBuf::new();
+        for part in path.components() {
+            match part {
+                std::path::Component::CurDir => {}
+                std::path::Component::ParentDir => {
+                    normal.pop();
+                }
+                part => normal.push(part),
+            }
+        }
+        Self(normal)
     }
 
     pub fn path(&self) -> &Path {
@@ -1323,5 +1339,20 @@ mod tests {
         // A file this user may not read is not a matter of CAP_BPF.
         let file = anyhow::Error::from(io(libc::EACCES)).context("reading policy.yaml");
         assert!(!is_permission_error(&file));
+    }
+
+    /// Every spelling of one pin directory has one state directory (seen failing before:
+    /// `/sys/fs/bpf//xdpgate` had its own, without the agent's lock).
+    #[test]
+    fn spellings_of_a_pin_directory_share_its_state() {
+        let pins = PinDir::new("/sys/fs/bpf/xdpgate");
+        for spelling in
+            ["/sys/fs/bpf//xdpgate", "/sys/fs/bpf/./xdpgate/", "/sys/fs/bpf/x/../xdpgate"]
+        {
+            let other = PinDir::new(spelling);
+            assert_eq!((other.path(), state::dir(&other)), (pins.path(), state::dir(&pins)));
+        }
+        let here = std::env::current_dir().unwrap();
+        assert_eq!(PinDir::new("xg/").path(), here.join("xg"));
     }
 }

@@ -68,7 +68,7 @@ impl From<FlowValueV1> for FlowValue {
             idle_s: v.idle_s,
             service: v.service,
             backend: v.backend,
-            ack: v.ack,
+            seq: v.ack,
             hop: NextHop::NONE,
         }
     }

@@ -184,6 +184,9 @@ fn lock_dir(pins: &PinDir, arg: FlockArg, wait: Duration) -> Result<Option<Flock
     flock(file, arg, wait).with_context(|| format!("locking {}", dir.display()))
 }
 
+/// How long a starting agent waits for the agent lock (see [`AgentLock::acquire`]).
+const AGENT_LOCK_WAIT: Duration = Duration::from_secs(1);
+
 /// Held by `xdpgate run` while it owns the dataplane at one pin directory.
 pub struct AgentLock(#[expect(dead_code, reason = "held for its lock")] Flock<File>);
 
@@ -192,9 +195,11 @@ fn agent_lock_path(pins: &PinDir) -> PathBuf {
 }
 
 impl AgentLock {
-    /// Takes ownership of the dataplane for this process, or says which agent has it.
+    /// Takes ownership of the dataplane for this process, or says which agent has it. Waits
+    /// a moment: a command asking whether an agent runs ([`agent_pid`]) holds the lock
+    /// shared for an instant, and must not keep an agent from starting.
     pub fn acquire(pins: &PinDir) -> Result<Self> {
-        match pid_lock(pins, &agent_lock_path(pins), Duration::ZERO)? {
+        match pid_lock(pins, &agent_lock_path(pins), AGENT_LOCK_WAIT)? {
             Ok(locked) => Ok(Self(locked)),
             Err(pid) => {
                 bail!(
@@ -342,4 +347,31 @@ pub fn recent(pins: &PinDir, newest: u64) -> Result<Vec<Record>> {
 /// Where the record of `generation` lives (its modification time is when it was applied).
 pub fn path_of(pins: &PinDir, generation: u64) -> PathBuf {
     record_path(pins, generation)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A command asking whether an agent runs, at the instant one starts, does not stop it
+    /// (seen failing: "an agent (pid ) already runs"); a running agent still does.
+    #[test]
+    fn an_agent_starts_beside_a_command_asking_for_it() {
+        let pins = PinDir::new(format!("/tmp/xgtest-agent-lock-{}", std::process::id()));
+        ensure_dir(&pins).unwrap();
+        let file = File::create(agent_lock_path(&pins)).unwrap();
+        let asking = flock(file, FlockArg::LockSharedNonblock, Duration::ZERO).unwrap();
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            drop(asking);
+        });
+        let agent = AgentLock::acquire(&pins);
+        release.join().unwrap();
+        let agent = agent.expect("the agent starts");
+        assert_eq!(agent_pid(&pins), Some(std::process::id()));
+        let second = AgentLock::acquire(&pins).err().expect("a second agent is refused");
+        assert!(second.to_string().contains("already runs"), "{second:#}");
+        drop(agent);
+        fs::remove_dir_all(dir(&pins)).unwrap();
+    }
 }
