@@ -511,15 +511,19 @@ fn client_segment(dst: &str, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
     frame("203.0.113.7", dst, L4::Tcp(sport, dport, flags))
 }
 
-/// Makes the embryonic entry of `key` `by` ns older than the clock, as if idle that long.
+/// Makes the embryonic flow of `key` (both its entries) `by` ns older than the clock, as if
+/// idle that long.
 fn age_embryo(k: &Kernel, key: &xdpgate_common::flow::FlowKey, by: u64) {
     use aya::maps::HashMap as BpfHashMap;
     use xdpgate_common::{flow::FlowKey, flow::FlowValue, maps::EMBRYOS};
     let mut map: BpfHashMap<_, FlowKey, FlowValue> =
         k.pins.dir.open_map(EMBRYOS).unwrap().try_into().unwrap();
-    let mut v = map.get(key, 0).expect("embryonic");
-    v.last_seen_ns = xdpgate_dataplane::monotonic_ns() - by;
-    map.insert(key, v, 0).unwrap();
+    let forward = map.get(key, 0).expect("embryonic");
+    for key in [*key, key.twin(&forward)] {
+        let mut v = map.get(&key, 0).expect("both entries");
+        v.last_seen_ns = xdpgate_dataplane::monotonic_ns() - by;
+        map.insert(key, v, 0).unwrap();
+    }
 }
 
 const S: u64 = 1_000_000_000;

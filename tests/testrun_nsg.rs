@@ -15,7 +15,7 @@ use common::{
 use xdpgate_common::{
     flow::{FlowKey, FlowValue, TCP_CLOSED, TCP_SEQ},
     iface::Role,
-    maps::FLOWS,
+    maps::{EMBRYOS, FLOWS},
 };
 
 const POLICY: &str = r#"
@@ -334,6 +334,53 @@ fn a_flow_confirmed_during_a_delete_goes() {
     let out = xdpgate_dataplane::flows::delete(&k.pins.dir, None, keep, None, false).unwrap();
     assert_eq!((out.flows.len(), out.entries), (1, 2));
     assert!(k.flow(&fwd).is_none() && k.flow(&rev).is_none(), "entries left");
+}
+
+/// Makes the entry at `key` of the table `map` `by` ns older than the clock.
+fn age(k: &Kernel, map: &str, key: &FlowKey, by: u64) {
+    let mut table: aya::maps::HashMap<_, FlowKey, FlowValue> =
+        k.pins.dir.open_map(map).unwrap().try_into().unwrap();
+    let mut v = table.get(key, 0).expect("entry");
+    v.last_seen_ns = xdpgate_dataplane::monotonic_ns() - by;
+    table.insert(key, v, 0).unwrap();
+}
+
+/// A flow is idle only when both directions are: one side's traffic (a keepalive) keeps it,
+/// and the silent side's datagram after longer than the idle timeout is still the flow's
+/// (seen failing: judged as a new flow, which deny-mdns-out denied); so is the answer to an
+/// embryo its client kept retrying for longer than the embryonic timeout.
+#[test]
+fn one_way_traffic_keeps_its_flow() {
+    const S: u64 = 1_000_000_000;
+    let k = Kernel::new();
+    k.apply(POLICY);
+    let (c, s) = ("203.0.113.7", "198.51.100.10");
+    let client = |port| {
+        k.arrive_as(Role::External);
+        k.run(&frame(c, s, L4::Udp(port, 5353)))
+    };
+    let server = |port| {
+        k.arrive_as(Role::Internal);
+        k.run(&frame(s, c, L4::Udp(5353, port)))
+    };
+    let (fwd, rev) = (flow_key(c, s, 40040, 5353, 17), flow_key(s, c, 5353, 40040, 17));
+    assert_eq!((client(40040), server(40040)), (PASS, PASS));
+    assert!(k.established(&fwd).is_some());
+    // The server silent for 300 s (UDP's timeout is 240), the client's datagrams going on.
+    age(&k, FLOWS, &rev, 300 * S);
+    assert_eq!(client(40040), PASS);
+    assert_eq!(server(40040), PASS, "the silent side, 300 s on");
+    // Both sides idle: over, and the server's datagram is judged as a new flow.
+    age(&k, FLOWS, &fwd, 300 * S);
+    age(&k, FLOWS, &rev, 300 * S);
+    assert_eq!(server(40040), DROP, "both idle 300 s");
+
+    // An embryo whose client retried for 70 s (the embryonic timeout is 60) takes its answer.
+    let (fwd, rev) = (flow_key(c, s, 40041, 5353, 17), flow_key(s, c, 5353, 40041, 17));
+    assert_eq!(client(40041), PASS);
+    age(&k, EMBRYOS, &rev, 70 * S);
+    assert_eq!(server(40041), PASS, "the answer after 70 s of retries");
+    assert!(k.established(&fwd).is_some(), "confirmed by it");
 }
 
 #[test]

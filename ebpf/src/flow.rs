@@ -169,7 +169,9 @@ fn established_entry(
 ) -> Option<Lookup> {
     let timeout = active.config.idle_timeout_ns(meta.family, meta.proto, entry.tcp, entry.idle_s);
     // Saturating: another CPU may have stamped the entry after this packet read the clock.
-    if now.saturating_sub(entry.last_seen_ns) <= timeout
+    let alive = now.saturating_sub(entry.last_seen_ns) <= timeout
+        || seen_within(unsafe { FLOWS.get(&key.twin(entry)) }, now, timeout);
+    if alive
         && backend_usable(meta, entry)
         && !reopens(meta, entry)
         && !taken_over(meta, key, entry)
@@ -192,6 +194,16 @@ fn established_entry(
     let _ = FLOWS.remove(&key.twin(entry));
     let _ = FLOWS.remove(key);
     None
+}
+
+/// Whether the other direction of a flow whose entry has idled past `timeout`, `twin`, was
+/// seen within it: a flow is idle only when both directions are, as conntrack's one
+/// timeout for both has it. One-way keepalives (IPsec NAT-T, WireGuard) keep their flow,
+/// and the silent side's packet, long after, is still the flow's, not a new one's the
+/// policy may deny; a client retrying unanswered keeps its embryo for the answer.
+#[inline(always)]
+fn seen_within(twin: Option<&FlowValue>, now: u64, timeout: u64) -> bool {
+    twin.is_some_and(|t| now.saturating_sub(t.last_seen_ns) <= timeout)
 }
 
 /// How far from the sequence number last seen from its sender a segment of an established
@@ -274,7 +286,9 @@ fn embryo(
     len: u64,
 ) -> Result<Lookup, DropReason> {
     let timeout = active.config.embryo_timeout_ns(meta.family, meta.proto, entry);
-    if now.saturating_sub(entry.last_seen_ns) > timeout {
+    if now.saturating_sub(entry.last_seen_ns) > timeout
+        && !seen_within(unsafe { EMBRYOS.get(&key.twin(entry)) }, now, timeout)
+    {
         count(FLOW_STAT_EMBRYOS_EXPIRED);
         forget_embryo(key, entry);
         return Ok(Lookup::Miss);
