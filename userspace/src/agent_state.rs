@@ -69,11 +69,11 @@ pub fn read(pins: &PinDir) -> Option<AgentState> {
 }
 
 impl AgentState {
-    /// Is the process that wrote this still there?
-    pub fn running(&self) -> bool {
-        // SAFETY: signal 0 only checks that the process exists.
-        let r = unsafe { libc::kill(self.pid as libc::pid_t, 0) };
-        r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    /// Does the agent that wrote this still run the dataplane at `pins`? Asked of the agent
+    /// lock, which the kernel releases when its holder dies: a process that merely exists
+    /// under the pid (reused after the agent was killed) is not it.
+    pub fn running(&self, pins: &PinDir) -> bool {
+        state::agent_pid(pins) == Some(self.pid)
     }
 
     /// Writes `agent.json` whole: a reader sees the old or the new state, never a part.
@@ -85,4 +85,32 @@ impl AgentState {
 
 pub fn remove(pins: &PinDir) {
     let _ = fs::remove_file(path(pins));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A state file whose pid another process has now (pid 1 here) is not a running agent;
+    /// the holder of the agent lock is (seen failing: any live pid counted as the agent).
+    #[test]
+    fn a_running_agent_is_the_agent_locks_holder() {
+        let pins = PinDir::new(format!("/tmp/xgtest-agent-state-{}", std::process::id()));
+        let mut agent = AgentState {
+            pid: 1,
+            policy_file: "policy.yaml".into(),
+            generation: 1,
+            last_reload: Reload::now(&Ok(1)),
+            last_success_unix: None,
+            failing: Vec::new(),
+        };
+        assert!(!agent.running(&pins), "pid 1, no agent lock held");
+        let lock = state::AgentLock::acquire(&pins).unwrap();
+        assert!(!agent.running(&pins), "pid 1 while another process holds the lock");
+        agent.pid = std::process::id();
+        assert!(agent.running(&pins), "the lock's holder");
+        drop(lock);
+        assert!(!agent.running(&pins), "the lock released");
+        fs::remove_dir_all(state::dir(&pins)).unwrap();
+    }
 }

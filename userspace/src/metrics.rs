@@ -216,7 +216,7 @@ impl Snapshot {
             generation: config.generation,
             applied_at,
             nat,
-            agent: agent_state::read(pins).filter(AgentState::running),
+            agent: agent_state::read(pins).filter(|a| a.running(pins)),
             probes: probes.map(ProbeStats::snapshot).unwrap_or_default(),
         })
     }

@@ -339,7 +339,8 @@ pub fn read(pins: &PinDir) -> anyhow::Result<Status> {
             log::warn!("table sizes: {e:#}");
             None
         }),
-        agent: agent_state::read(pins).map(|state| AgentStatus { running: state.running(), state }),
+        agent: agent_state::read(pins)
+            .map(|state| AgentStatus { running: state.running(pins), state }),
         bgp: crate::bgp::cmd::report(pins).ok().filter(|r| r.agent.is_some() || r.node_drained),
     })
 }
