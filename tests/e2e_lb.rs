@@ -584,3 +584,31 @@ fn a_health_change_made_while_the_lock_is_held_reaches_the_table_after() {
     let answers = t.spread(80, 20);
     assert!(!answers.iter().any(|a| a == "b2"), "b2 still gets new flows: {answers:?}");
 }
+
+/// A reload whose policy is switched on but whose last step fails (here the probes' health,
+/// saved after the switch, where a directory stands in for its file) leaves the agent
+/// running the new policy: a later health change rebuilds the new policy's tables, and the
+/// rule the new policy removed does not come back (seen failing: the agent went on from the
+/// old policy, and its rebuild put `sticky`'s port 81 back).
+#[test]
+fn a_reload_that_fails_after_its_switch_goes_on_from_the_new_policy() {
+    let t = Topology::new();
+    t.wait_for("all three in the table", Duration::from_secs(5), |t| t.table_members(0).len() == 3);
+    assert!(t.connect(81).is_ok(), "sticky answers on 81");
+    let sticky = "      - {name: sticky, frontend: vip, protocol: tcp, frontend_port: 81, backend_port: 8080,\n         backend_pool: web, probe: up, distribution: source_ip}\n";
+    assert!(POLICY.contains(sticky));
+    std::fs::write(&t.policy_file, POLICY.replace(sticky, "")).unwrap();
+    let probes = xdpgate_dataplane::state::dir(&t.pins.dir).join("probes.json");
+    std::fs::remove_file(&probes).unwrap();
+    std::fs::create_dir_all(probes.join("in-the-way")).unwrap();
+    let pid = t.agent.as_ref().unwrap().id().to_string();
+    common::run("kill", &["-HUP", &pid]);
+    t.wait_for("the reload to fail after its switch", Duration::from_secs(10), |t| {
+        t.agent_log().contains("a step after its switch failed")
+    });
+    std::fs::remove_dir_all(&probes).unwrap();
+    assert!(t.connect(81).is_err(), "81 is no frontend of the new policy");
+    t.backends[1].stop();
+    t.wait_for("b2 to leave the table", Duration::from_secs(10), |t| t.table_members(0).len() == 2);
+    assert!(t.connect(81).is_err(), "81 back after a rebuild; agent log:\n{}", t.agent_log());
+}

@@ -645,15 +645,28 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                             let installed = encap(&node, &lbs).and_then(|sources| {
                                 transaction::install_under(&lock, pins, &policy, &source, &tables, &lbs, &down_new, sources)
                             });
+                            // Failed after its switch: the new policy runs all the same, and the
+                            // agent goes on from it (its load balancers above all: a health
+                            // change rebuilds their tables).
+                            let installed = match installed {
+                                Ok((generation, lbs)) => Ok((generation, lbs, None)),
+                                Err(e) => match e.downcast::<transaction::AppliedPartly>() {
+                                    Ok(partly) => {
+                                        let error = anyhow!("{partly}");
+                                        Ok((partly.generation, partly.lbs, Some(error)))
+                                    }
+                                    Err(e) => Err(e),
+                                },
+                            };
                             match installed {
-                                Ok((generation, lbs)) => {
+                                Ok((generation, lbs, error)) => {
                                     let names = failing.check("reading the new policy's rule names", flows::Names::read(pins));
                                     let names = names.map(Arc::new).unwrap_or(running.names);
                                     running = Running { policy, lbs, names };
                                     down = down_new;
                                     health_tables = HealthTables::built_from(&down);
                                     prober = Prober::spawn_counted(start, max_concurrent, tx.clone(), probe_stats.clone());
-                                    Ok(generation)
+                                    error.map_or(Ok(generation), Err)
                                 }
                                 Err(e) => {
                                     let start = going_on(targets(&running.lbs), &found);

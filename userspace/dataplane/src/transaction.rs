@@ -19,6 +19,23 @@ use crate::{
     state::{self, WriteLock},
 };
 
+/// A transaction that failed after its switch: the new policy is in force (its NSG tables,
+/// generation and record) and a step after the switch failed (the load balancers' and NAT
+/// gateways' tables, the sets' kept changes, the probes' health). Its writer must go on
+/// from the new policy, as installed, not from the one before; applying it again finishes
+/// the job.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "generation {generation} is in force, but a step after its switch failed (apply it again \
+     to finish): {error:#}"
+)]
+pub struct AppliedPartly {
+    pub generation: u64,
+    /// The load balancers as installed (see [`install`]).
+    pub lbs: CompiledLb,
+    pub error: anyhow::Error,
+}
+
 /// Compiles everything first (so a policy that cannot be compiled changes nothing), then
 /// swaps the NSG tables in and installs the load balancers, as one writer (the pin
 /// directory's write lock). Refuses while an agent owns the dataplane: the agent would go
@@ -78,12 +95,10 @@ pub fn install_under(
 ) -> Result<(u64, CompiledLb)> {
     let (generation, lbs) =
         install_locked(lock, pins, policy, source, tables, lbs, health, sources, Applier::Agent)?;
-    health.save(pins).map_err(|e| {
-        e.context(format!(
-            "generation {generation} is applied, but the probes' health was not saved for \
-             `xdpgate lb drain`"
-        ))
-    })?;
+    if let Err(e) = health.save(pins) {
+        let error = e.context("the probes' health was not saved for `xdpgate lb drain`");
+        return Err(AppliedPartly { generation, lbs, error }.into());
+    }
     Ok((generation, lbs))
 }
 
@@ -157,18 +172,23 @@ fn install_locked(
     } else {
         apply::switch(pins, &prepared)?;
         unswitched.switched();
-        install()?;
+        if let Err(error) = install() {
+            let generation = prepared.generation;
+            return Err(AppliedPartly { generation, lbs: lbs.clone(), error }.into());
+        }
     }
     // Only now: until the flip the kept changes are those of the policy still running.
     let pruned = kept.pruned(&policy.sets);
-    if pruned != kept {
-        sets::save(pins, &pruned).map_err(|e| {
-            e.context(format!(
-                "generation {} is applied, but the sets' run-time changes of sets or \
-                 elements the file no longer has were not forgotten",
-                prepared.generation
-            ))
-        })?;
+    if pruned != kept
+        && let Err(e) = sets::save(pins, &pruned)
+    {
+        let error = e.context(
+            "the sets' run-time changes of sets or elements the file no longer has were not \
+             forgotten",
+        );
+        return Err(
+            AppliedPartly { generation: prepared.generation, lbs: lbs.clone(), error }.into()
+        );
     }
     Ok((prepared.generation, lbs.clone()))
 }
