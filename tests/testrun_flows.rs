@@ -64,11 +64,16 @@ fn table_of(pins: &PinDir, name: &str) -> BpfHashMap<aya::maps::MapData, FlowKey
 }
 
 /// One UDP exchange through the program: the request arrives outside, the answer inside.
+/// A request, its answer and a second request: an established flow (a lone exchange stays
+/// embryonic).
 fn udp_exchange(k: &Kernel, client: (&str, u16), server: (&str, u16)) {
+    let request = frame(client.0, server.0, L4::Udp(client.1, server.1));
     k.arrive_as(Role::External);
-    assert_eq!(k.run(&frame(client.0, server.0, L4::Udp(client.1, server.1))), PASS, "request");
+    assert_eq!(k.run(&request), PASS, "request");
     k.arrive_as(Role::Internal);
     assert_eq!(k.run(&frame(server.0, client.0, L4::Udp(server.1, client.1))), PASS, "answer");
+    k.arrive_as(Role::External);
+    assert_eq!(k.run(&request), PASS, "second request");
 }
 
 fn sweep(k: &Kernel) -> (flows::Swept, Vec<FlowEntries>) {
@@ -194,17 +199,22 @@ fn the_sweep_removes_idle_flows_and_keeps_used_ones() {
     let (f, _, b, _) = nat_cooling;
     let cooling = NatEntry { state: NAT_COOLDOWN, ..t(f.src, f.sport, NAT_DST) };
     translations.insert(b, cooling, 0).unwrap();
-    // An embryonic flow, long idle: the sweep leaves that table to its LRU.
+    // Embryonic flows, long idle: one never answered, which the sweep leaves to the table's
+    // LRU, and a lone exchange (a request and its answer), which it ends.
     let mut embryos = table_of(&k.pins.dir, EMBRYOS);
     let embryo = flow_key("203.0.113.8", server, 5008, 53, 17);
+    let exchange = flow_key("203.0.113.9", server, 5009, 53, 17);
     // An hour ago, or at boot on a machine up for less.
     let long_ago = now.saturating_sub(3600 * S);
+    let unanswered = FlowValue { packets: 0, bytes: 0, ..entry(1, long_ago) };
     embryos.insert(embryo, entry(0, long_ago), 0).unwrap();
-    embryos.insert(flow_key(server, "203.0.113.8", 53, 5008, 17), entry(1, long_ago), 0).unwrap();
+    embryos.insert(flow_key(server, "203.0.113.8", 53, 5008, 17), unanswered, 0).unwrap();
+    embryos.insert(exchange, entry(0, long_ago), 0).unwrap();
+    embryos.insert(exchange.reversed(), entry(1, long_ago), 0).unwrap();
     assert_eq!(flows::count(&k.pins.dir).unwrap(), 19);
 
     let (swept, mut ended) = sweep(&k);
-    assert_eq!((swept.seen, swept.removed), (19, 9), "{ended:#?}");
+    assert_eq!((swept.seen, swept.removed), (23, 11), "{ended:#?}");
     ended.sort_by_key(|e| e.key.sport);
     let summary: Vec<(FlowKey, Option<u64>, Option<u64>)> = ended
         .iter()
@@ -214,8 +224,9 @@ fn the_sweep_removes_idle_flows_and_keeps_used_ones() {
         summary,
         [
             // Told from the first packet's direction however the walk met it.
-            (fwd(idle), Some(1), Some(1)),
+            (fwd(idle), Some(2), Some(1)),
             (flow_key("203.0.113.4", server, 5004, 53, 17), None, Some(1)),
+            (exchange, Some(1), Some(1)),
             (flow_key(closed_c.0, server, closed_c.1, 80, 6), Some(1), Some(1)),
             (lb_fwd, Some(1), Some(1)),
             (nat_gone.0, Some(1), Some(1)),
@@ -233,7 +244,8 @@ fn the_sweep_removes_idle_flows_and_keeps_used_ones() {
     }
     assert!(present(&flow_key(open_c.0, server, open_c.1, 80, 6)), "open TCP flow kept");
     assert_eq!(flows::count(&k.pins.dir).unwrap(), 10);
-    assert!(embryos.get(&embryo, 0).is_ok(), "embryonic flows are not swept");
+    assert!(embryos.get(&embryo, 0).is_ok(), "an unanswered embryo is not swept");
+    assert!(embryos.get(&exchange, 0).is_err(), "a lone exchange is");
 
     // The flow kept is the one packets use: its counter goes on, no new flow replaces it.
     let before = k.flow(&fwd(used)).unwrap();
@@ -349,7 +361,7 @@ fn the_other_familys_icmp_number_is_a_plain_protocol_in_the_flow_table() {
     let settings = "settings: {icmp_idle_timeout: 5, udp_idle_timeout: 240}";
     k.apply(&format!("{settings}\n{}", crossfamily::POLICY));
     // ICMP and ICMPv6 echoes to the pingable hosts, and the other family's numbers to the
-    // hosts whose allow-any rule lets them in; each answered, so each is established.
+    // hosts whose allow-any rule lets them in; each answered and sent again, so each is established.
     let cases: Vec<Case> = crossfamily::CASES.iter().filter(|c| c.allowed).copied().collect();
     let key = |c: &Case, id: u16| {
         let port = if c.is_icmp() { id } else { 0 };
@@ -362,6 +374,8 @@ fn the_other_familys_icmp_number_is_a_plain_protocol_in_the_flow_table() {
         k.arrive_as(Role::Internal);
         let answer = Case { src: c.dst, dst: c.src, ..*c };
         assert_eq!(k.run(&answer.frame(id)), PASS, "{}: the answer", c.name);
+        k.arrive_as(Role::External);
+        assert_eq!(k.run(&c.frame(id)), PASS, "{}: again", c.name);
         assert!(k.established(&key(c, id)).is_some(), "{}: established", c.name);
     }
     let mut shown: Vec<_> = flows::list(&k.pins.dir, &Filter::default(), 0)

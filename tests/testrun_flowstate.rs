@@ -249,7 +249,10 @@ fn a_full_established_table_refuses_new_flows() {
             let (public, _, public_port, _) = endpoints(&out);
             k.arrive_as(Role::External);
             let answer = frame("203.0.113.53", &public.to_string(), L4::Udp(53, public_port));
-            match k.run(&answer) {
+            assert_eq!(k.run(&answer), PASS, "answer {i}");
+            // A second request confirms the flow (a lone exchange stays embryonic).
+            k.arrive_as(Role::Internal);
+            match k.run(&frame("198.51.100.40", "203.0.113.53", L4::Udp(port, 53))) {
                 PASS => confirmed += 1,
                 _ => {
                     first_refused.get_or_insert(i);
@@ -288,6 +291,36 @@ fn a_full_established_table_refuses_new_flows() {
             "full table of {flows} flows: filled by answered flows, then {refusals} new flows \
              and a TCP connection refused; the old connection kept"
         );
+    });
+}
+
+/// Lone exchanges (a DNS query out through the NAT gateway and its answer) stay embryonic:
+/// twice as many as the established table holds all pass, and the table keeps its room for
+/// a TCP connection (seen failing: the answers confirmed their flows, filled the table, and
+/// the rest were refused as `flow_table_full`).
+#[test]
+fn lone_exchanges_leave_the_established_table_alone() {
+    isolated(false, |_| {
+        let flows = 1_024;
+        let k = Kernel::sized(&SizeRequest { flows: Some(flows), nat_translations: None });
+        k.apply(POLICY);
+        let full = k.drops("flow_table_full");
+        for i in 0..2 * flows {
+            let port = 10_000 + i as u16;
+            k.arrive_as(Role::Internal);
+            let (v, out) = k.run_out(&frame("198.51.100.40", "203.0.113.53", L4::Udp(port, 53)));
+            assert_eq!(v, PASS, "query {i}");
+            let (public, _, public_port, _) = endpoints(&out);
+            k.arrive_as(Role::External);
+            let answer = frame("203.0.113.53", &public.to_string(), L4::Udp(53, public_port));
+            assert_eq!(k.run(&answer), PASS, "answer {i}");
+        }
+        assert_eq!(k.drops("flow_table_full"), full, "refused");
+        assert_eq!(k.flow_stat(FLOW_STAT_EMBRYOS_CONFIRMED), 0, "confirmed");
+        let mut conn =
+            Conn::new("conn", ("203.0.113.7", 40000), ("198.51.100.20", 80), Role::External);
+        conn.open(&k);
+        assert!(conn.established(&k));
     });
 }
 

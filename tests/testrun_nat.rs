@@ -276,6 +276,32 @@ fn port_claims_from_both_cpus_never_collide() {
     );
 }
 
+/// A lone exchange through a NAT gateway (a query and its answer, never confirmed) gets its
+/// end from the expiry of its translation, as a confirmed flow does (seen failing: none, as
+/// the flow was not in the established table).
+#[test]
+fn a_lone_exchange_ends_with_its_translation() {
+    let k = Kernel::new();
+    let src = POLICY.replace("    subnets:", "    udp_idle_timeout: 4\n    subnets:");
+    k.apply(&src);
+    let policy = xdpgate_policy::load_str(&src, "t.yaml").unwrap();
+    k.arrive_as(Role::Internal);
+    let out = k.through(&frame("198.51.100.10", "203.0.113.7", L4::Udp(40000, 53)));
+    let (public, _, port, _) = endpoints(&out);
+    k.arrive_as(Role::External);
+    assert_eq!(k.run(&frame("203.0.113.7", &public.to_string(), L4::Udp(53, port))), PASS);
+    let first = flow_key("198.51.100.10", "203.0.113.7", 40000, 53, 17);
+    assert!(k.embryo(&first).is_some(), "a lone exchange stays embryonic");
+    let now = xdpgate_dataplane::nat::monotonic_ns();
+    let mut ended = Vec::new();
+    let e = xdpgate_dataplane::nat::expire(&k.pins.dir, &policy, now + 5_000_000_000, &mut ended)
+        .unwrap();
+    assert_eq!(e.expired, 1);
+    let flow = |e: &FlowEntries| (e.key, e.forward.map(|v| v.packets), e.reply.map(|v| v.packets));
+    assert_eq!(ended.iter().map(flow).collect::<Vec<_>>(), [(first, Some(1), Some(1))]);
+    assert!(k.flow(&first).is_none(), "its entries gone");
+}
+
 /// The agent's expiry: an idle translation releases its port only after the cooldown, so
 /// the port is not reused for the same destination at once; then it is free again.
 #[test]
@@ -292,10 +318,12 @@ fn idle_translations_cool_down_before_their_port_is_reused() {
         DROP,
         "one port, taken"
     );
-    // The answer confirms the flow: established, its end goes to the flow log.
+    // The answer and a second datagram confirm the flow: established, its end goes to the
+    // flow log.
     k.arrive_as(Role::External);
     assert_eq!(k.run(&frame("203.0.113.7", "192.0.2.100", L4::Udp(53, 3000))), PASS);
     k.arrive_as(Role::Internal);
+    assert_eq!(k.run(&frame("198.51.100.10", "203.0.113.7", L4::Udp(40000, 53))), PASS);
 
     let now = xdpgate_dataplane::nat::monotonic_ns();
     let s = |secs: u64| secs * 1_000_000_000;
@@ -312,7 +340,7 @@ fn idle_translations_cool_down_before_their_port_is_reused() {
     assert_eq!((e.expired, e.released), (1, 0), "idle: expired, the port cooling down");
     let flow = |e: &FlowEntries| (e.key, e.forward.map(|v| v.packets), e.reply.map(|v| v.packets));
     let first = flow_key("198.51.100.10", "203.0.113.7", 40000, 53, 17);
-    assert_eq!(ended.iter().map(flow).collect::<Vec<_>>(), [(first, Some(1), Some(1))]);
+    assert_eq!(ended.iter().map(flow).collect::<Vec<_>>(), [(first, Some(2), Some(1))]);
     assert_eq!(
         k.run(&frame("198.51.100.10", "203.0.113.7", L4::Udp(40001, 53))),
         DROP,

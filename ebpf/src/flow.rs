@@ -335,7 +335,7 @@ fn embryo(
         if !confirms {
             return Ok(Lookup::Hit(action));
         }
-    } else if entry.reply == 0 {
+    } else if !exchanged_again(key, entry) {
         return Ok(Lookup::Hit(action));
     }
     // A flow whose answers bypass the gateway is never confirmed: what comes on its reply
@@ -344,6 +344,22 @@ fn embryo(
         return Ok(Lookup::Hit(action));
     }
     confirm(meta, key, entry).map(|()| Lookup::Hit(action))
+}
+
+/// Whether a packet of an embryonic flow of another protocol than TCP confirms it: an
+/// answer shows both ends take part, but a lone exchange (a DNS query and its answer) is
+/// over once done, and confirmed it would hold an entry of the established table, which
+/// evicts nothing, for the protocol's whole idle timeout: a busy resolver behind a NAT
+/// gateway filled it, and every new flow was refused. So a flow is confirmed by its second
+/// packet either way once both ends have sent one (conntrack assures a UDP stream, not a
+/// lone exchange, alike); until then it is an embryo, which newer flows may push out.
+#[inline(always)]
+fn exchanged_again(key: &FlowKey, entry: &FlowValue) -> bool {
+    // `packets` counts this packet already. The answering side's entry: the other end
+    // began the flow.
+    entry.packets >= 2
+        && (entry.reply != 0
+            || unsafe { EMBRYOS.get(&key.twin(entry)) }.is_some_and(|t| t.packets > 0))
 }
 
 /// Moves an embryonic flow's two entries to the established table. A full table refuses

@@ -36,7 +36,8 @@ use crate::{PinDir, apply, monotonic_ns, state, stats::Traffic, table};
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum FlowState {
-    /// Not confirmed yet (TCP: no handshake seen through; UDP and ICMP: no reply yet), in
+    /// Not confirmed yet (TCP: no handshake seen through; UDP and ICMP: no reply yet, or a
+    /// lone exchange: no packet since the reply), in
     /// `EMBRYOS`: a flood of new flows evicts these first.
     Embryonic,
     /// Confirmed, in `FLOWS`.
@@ -387,16 +388,19 @@ pub struct Swept {
 }
 
 /// Removes the established flows idle past their timeout from `FLOWS` (not LRU: nothing
-/// else frees these entries), and hands each one to `on_end` (for the flow log). Setting
-/// `stop`, or an error from `on_end`, ends the pass early. The dataplane already treats an idle entry as gone (its
-/// next packet starts a new flow), so removing one changes no verdict.
+/// else frees these entries), and the embryonic flows of other protocols than TCP that
+/// were answered and are idle past theirs from `EMBRYOS` (a lone exchange, a DNS query and
+/// its answer, is never confirmed: its end is written here, not left to the table's LRU,
+/// which would lose it); and hands each one to `on_end` (for the flow log). Setting `stop`,
+/// or an error from `on_end`, ends the pass early. The dataplane already treats an idle
+/// entry as gone (its next packet starts a new flow), so removing one changes no verdict.
 ///
 /// An entry is removed once it and the other direction's entry are both idle (an entry
 /// whose other direction is still used stays, so the flow is seen and logged whole); an
-/// entry alone, its other direction gone, once it is idle. The table is read in batches;
-/// each idle entry is read again, with its twin, just before it is removed, so one that a
-/// packet used meanwhile stays. A flow through a NAT gateway stays while it has a
-/// translation: the NAT expiry (`nat::expire`) removes the two together, and measures the
+/// established entry alone, its other direction gone, once it is idle. The tables are read
+/// in batches; each idle entry is read again, with its twin, just before it is removed, so
+/// one that a packet used meanwhile stays. A flow through a NAT gateway stays while it has
+/// a translation: the NAT expiry (`nat::expire`) removes the two together, and measures the
 /// translation's idle time from these entries. A flow another remover took meanwhile is
 /// not handed on (its end is not the sweep's). Cost: a bpf() call per 4,096 entries, and
 /// four per removed flow.
@@ -407,8 +411,6 @@ pub fn remove_idle(
     mut on_end: impl FnMut(FlowEntries) -> Result<()>,
 ) -> Result<Swept> {
     crate::migrate::ensure_done(pins)?;
-    let walk = open(pins, FLOWS)?;
-    let mut map = open(pins, FLOWS)?;
     let translations: BpfHashMap<MapData, FlowKey, NatEntry> =
         pins.open_map(NAT_MAP)?.try_into()?;
     // Either direction's tuple names a translation of a NAT gateway's flow (not a load
@@ -421,40 +423,60 @@ pub fn remove_idle(
     };
     let mut swept = Swept::default();
     let now = monotonic_ns();
-    let idle = |key: &FlowKey, v: &FlowValue| {
+    let established = |key: &FlowKey, v: &FlowValue| {
         now.saturating_sub(v.last_seen_ns)
             > names.timeout_ns(key.family, key.proto, v.tcp, v.idle_s)
     };
-    table::for_each(&walk, |key, seen| {
-        if stop.load(Ordering::Relaxed) {
-            bail!("stopped");
-        }
-        swept.seen += 1;
-        if !idle(key, seen) {
-            return Ok(());
-        }
-        // Read again: gone (removed with its twin earlier in this pass) or used since.
-        let Ok(value) = map.get(key, 0) else { return Ok(()) };
-        if !idle(key, &value) {
-            return Ok(());
-        }
-        if translated(key, &value) {
-            return Ok(());
-        }
-        let twin_key = key.twin(&value);
-        let twin = map.get(&twin_key, 0).ok();
-        if twin.is_some_and(|t| !idle(&twin_key, &t) || translated(&twin_key, &t)) {
-            return Ok(());
-        }
-        let removed = u64::from(map.remove(key).is_ok())
-            + u64::from(twin.is_some() && map.remove(&twin_key).is_ok());
-        swept.removed += removed;
-        // None: another remover (`flows delete`, the dataplane) took it, and its end.
-        if removed == 0 {
-            return Ok(());
-        }
-        on_end(FlowEntries::of(*key, value, twin_key, twin))
-    })?;
+    // Not TCP's: its lone exchange (a handshake answered and never acknowledged) is a
+    // flood's, left to the LRU as before.
+    let embryo = |key: &FlowKey, v: &FlowValue| {
+        key.proto != 6
+            && now.saturating_sub(v.last_seen_ns)
+                > names.embryo_timeout_ns(key.family, key.proto, v)
+    };
+    let mut sweep = |name, idle: &dyn Fn(&FlowKey, &FlowValue) -> bool| -> Result<()> {
+        let walk = open(pins, name)?;
+        let mut map = open(pins, name)?;
+        // An embryo is ended here only when answered (both entries there, the reply one
+        // with a packet): one never answered is left to the table's LRU.
+        let embryos = name == EMBRYOS;
+        table::for_each(&walk, |key, seen| {
+            if stop.load(Ordering::Relaxed) {
+                bail!("stopped");
+            }
+            swept.seen += 1;
+            if !idle(key, seen) {
+                return Ok(());
+            }
+            // Read again: gone (removed with its twin earlier in this pass) or used since.
+            let Ok(value) = map.get(key, 0) else { return Ok(()) };
+            if !idle(key, &value) || translated(key, &value) {
+                return Ok(());
+            }
+            let twin_key = key.twin(&value);
+            let twin = map.get(&twin_key, 0).ok();
+            if twin.is_some_and(|t| !idle(&twin_key, &t) || translated(&twin_key, &t)) {
+                return Ok(());
+            }
+            let answered = |t: &FlowValue| {
+                let reply = if value.reply != 0 { &value } else { t };
+                reply.packets > 0
+            };
+            if embryos && !twin.as_ref().is_some_and(answered) {
+                return Ok(());
+            }
+            let removed = u64::from(map.remove(key).is_ok())
+                + u64::from(twin.is_some() && map.remove(&twin_key).is_ok());
+            swept.removed += removed;
+            // None: another remover (`flows delete`, the dataplane) took it, and its end.
+            if removed == 0 {
+                return Ok(());
+            }
+            on_end(FlowEntries::of(*key, value, twin_key, twin))
+        })
+    };
+    sweep(FLOWS, &established)?;
+    sweep(EMBRYOS, &embryo)?;
     Ok(swept)
 }
 

@@ -350,26 +350,33 @@ pub fn expire(
         if now.saturating_sub(last) <= timeout {
             continue;
         }
-        let mut removed = false;
+        let mut removed = [false; 2];
         let remove_flow = || {
             for (i, m) in tables.iter_mut().enumerate() {
                 let gone = [m.remove(&forward).is_ok(), m.remove(&reply).is_ok()];
-                removed |= i == 0 && gone.contains(&true);
+                removed[i] |= gone.contains(&true);
             }
             Ok(())
         };
         out.expired += 1;
         let released = retire(&mut map, &reply, &t, cooldown_s(gw), now, remove_flow)?;
         out.released += usize::from(released);
-        // Not when another remover took the flow first: its end is theirs.
-        if removed {
-            // As the established table had it before it went.
-            ended.extend(match reads[0] {
-                [Some(f), r] => Some(FlowEntries::of(forward, f, reply, r)),
-                [None, Some(r)] => Some(FlowEntries::of(reply, r, forward, None)),
-                [None, None] => None,
-            });
-        }
+        // As the table that had it before it went: the established one, or the embryonic
+        // one for a lone exchange (answered, never confirmed; not TCP's, as the sweep). Not
+        // when another remover took the flow first: its end is theirs.
+        let lone = |[f, r]: [Option<FlowValue>; 2]| {
+            (reply.proto != 6 && r.is_some_and(|r| r.packets > 0)).then_some([f, r])
+        };
+        let had = if reads[0] != [None, None] {
+            removed[0].then_some(reads[0])
+        } else {
+            lone(reads[1]).filter(|_| removed[1])
+        };
+        ended.extend(match had {
+            Some([Some(f), r]) => Some(FlowEntries::of(forward, f, reply, r)),
+            Some([None, Some(r)]) => Some(FlowEntries::of(reply, r, forward, None)),
+            _ => None,
+        });
     }
     Ok(out)
 }
