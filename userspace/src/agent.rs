@@ -494,6 +494,9 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     // A reload asked and NAT expiry due, for the next turn.
     let mut reload = PendingReload::default();
     let mut nat_due = false;
+    // Paced as the sweep is: a pass over a full translation table holds the loop (and the
+    // write lock) for a while, and must not every second.
+    let mut nat_pace = Pace { next: Instant::now() };
     let mut expiry = tokio::time::interval(std::time::Duration::from_secs(1));
     // Programs come and go with attach and upgrade: look for new ones every tick.
     let mut loggers = Vec::new();
@@ -587,7 +590,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                 ticks += 1;
                 // Translations end under the write lock, as `flows delete` ends them; a
                 // health change's rebuild that failed is retried with them.
-                nat_due = true;
+                nat_due |= nat_pace.due(Instant::now());
                 turn.want(pins);
                 if reload.gave_up(Instant::now()) {
                     // As long as a one-shot writer waits, and then as it gives up.
@@ -691,7 +694,9 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                     announce_node(pins, node.as_ref(), &running.lbs, &down, &health_tables, &probe_stats, &mut failing);
                 }
                 if std::mem::take(&mut nat_due) {
+                    let started = Instant::now();
                     let ended = expire_nat(&lock, pins, &running, &mut failing);
+                    nat_pace.done(started, started.elapsed());
                     if let Some(log) = flow_log.as_mut() {
                         let lines = ended.iter().map(|e| {
                             flowlog::end_line(&running.names, e, log.reported.removed(&e.key))

@@ -84,6 +84,9 @@ pub struct Report {
     /// No-op per packet: one packet per test run, and repeated in one test run.
     pub noop_single_ns: f64,
     pub noop_repeat_ns: f64,
+    /// One pass of the agent's NAT expiry (`nat::expire`) over the translations held, none
+    /// idle: what the agent's loop does (under the write lock) each time it runs.
+    pub expiry_pass_ms: f64,
 }
 
 /// A private host's packet to a remote, as it leaves translated: passed, source the public
@@ -265,6 +268,17 @@ pub fn measure(cfg: &Config, machine: &Machine) -> Result<Report> {
         );
     }
     let nat_exhausted_drops = stats::read(&bench.pins)?.drops("nat_exhausted");
+    let expiry_pass_ms = {
+        let policy = xdpgate_policy::load_str(&policy_yaml(), "nat.yaml")?;
+        let (now, mut ended) = (xdpgate_dataplane::nat::monotonic_ns(), Vec::new());
+        let started = std::time::Instant::now();
+        let expired = xdpgate_dataplane::nat::expire(&bench.pins, &policy, now, &mut ended)?;
+        let took = started.elapsed().as_secs_f64() * 1e3;
+        if expired.expired + expired.released != 0 {
+            bail!("the NAT expiry pass found idle translations: {expired:?}");
+        }
+        took
+    };
     let noop_single_ns = run_each(noop, &acks, |_, _, _| Ok(()))?;
     let noop_repeat_ns = crate::common::run(noop, &acks[0], cfg.repeat)?.1;
     let packets = usize::from(cfg.distinct);
@@ -299,6 +313,7 @@ pub fn measure(cfg: &Config, machine: &Machine) -> Result<Report> {
         established_ports,
         noop_single_ns,
         noop_repeat_ns,
+        expiry_pass_ms,
     })
 }
 
@@ -331,18 +346,20 @@ pub fn markdown(r: &Report) -> String {
     let _ = writeln!(
         md,
         "\n| translations held after the run (`NAT_MAP` entries / 2) | capacity (configured) | \
-         `NAT_MAP` memory at its configured size | per translation | pool-exhausted drops |"
+         `NAT_MAP` memory at its configured size | per translation | pool-exhausted drops | \
+         agent's expiry pass over them (ms) |"
     );
-    let _ = writeln!(md, "|---:|---:|---:|---:|---:|");
+    let _ = writeln!(md, "|---:|---:|---:|---:|---:|---:|");
     let _ = writeln!(
         md,
-        "| {} | {} ({} entries) | {} | {:.0} B | {} |",
+        "| {} | {} ({} entries) | {} | {:.0} B | {} | {:.1} |",
         thousands(r.translations_held as u64),
         thousands(u64::from(r.translations_capacity)),
         thousands(2 * u64::from(r.translations_capacity)),
         crate::common::bytes(r.nat_map_bytes),
         per_translation,
-        r.nat_exhausted_drops
+        r.nat_exhausted_drops,
+        r.expiry_pass_ms
     );
     let dist = r.rows.first().map_or(0, |x| x.packets_per_run);
     let _ = writeln!(
