@@ -606,6 +606,35 @@ fn spoofed_answers_do_not_confirm_a_direct_reply_flow() {
     }
 }
 
+/// A direct-reply flow's RST or FIN counts only in the client's sequence, and nothing on its
+/// reply tuple counts: it lives in the embryonic table for good, where a spoofer's reset
+/// would otherwise cut it (seen failing: the first spoofed reset forgot the flow).
+#[test]
+fn a_direct_reply_flow_believes_only_the_clients_resets_in_sequence() {
+    use xdpgate_common::flow::TCP_FIN;
+    let k = Kernel::new();
+    k.apply(&HA_AND_FLOATING);
+    let (c, vip) = ("203.0.113.7", "192.0.2.30");
+    let client = |flags, seq: u32| {
+        k.arrive_as(Role::External);
+        k.run(&tcp_frame(c, vip, (40200, 80), flags, seq, 1))
+    };
+    let flow = client_key(vip, 40200, 80);
+    assert_eq!(client(SYN, 1000), PASS);
+    assert_eq!(client(ACK, 1001), PASS);
+    assert_eq!(client(RST, 1001 + (1 << 23)), PASS);
+    assert_eq!(client(FIN | ACK, 1001u32.wrapping_sub(1 << 23)), PASS);
+    k.arrive_as(Role::Internal);
+    assert_eq!(k.run(&tcp_frame(vip, c, (80, 40200), RST | ACK, 5000, 1001)), PASS);
+    let kept = k.embryo(&flow).expect("spoofed resets forgot the flow");
+    assert_eq!(kept.tcp & TCP_FIN, 0, "a spoofed FIN half closed it");
+    // The client's own, at its number: a FIN half closes it, a reset ends it.
+    assert_eq!(client(FIN | ACK, 1001), PASS);
+    assert_ne!(k.embryo(&flow).expect("half closed").tcp & TCP_FIN, 0);
+    assert_eq!(client(RST, 1002), PASS);
+    assert!(k.embryo(&flow).is_none(), "the client's reset ends it");
+}
+
 /// The server's FIN of a direct-reply flow never passes the gateway, so the client's FIN
 /// is only a half close: the server may answer long after it. A half-closed flow keeps its
 /// idle timeout (the client's request and FIN, a server silent for longer than a closed

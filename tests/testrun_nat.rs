@@ -276,6 +276,41 @@ fn port_claims_from_both_cpus_never_collide() {
     );
 }
 
+/// A lone exchange's translation goes after the embryonic timeout (60 s), not the
+/// gateway's UDP one (240 s): held longer, a resolver's queries would crowd the embryonic
+/// table (seen failing: still there after 61 s). A confirmed flow keeps the gateway's.
+#[test]
+fn a_lone_exchange_goes_after_the_embryonic_timeout() {
+    let k = Kernel::new();
+    k.apply(POLICY);
+    let policy = xdpgate_policy::load_str(POLICY, "t.yaml").unwrap();
+    let exchange = |sport: u16, again: bool| {
+        let request = frame("198.51.100.10", "203.0.113.7", L4::Udp(sport, 53));
+        k.arrive_as(Role::Internal);
+        let (public, _, port, _) = endpoints(&k.through(&request));
+        k.arrive_as(Role::External);
+        assert_eq!(k.run(&frame("203.0.113.7", &public.to_string(), L4::Udp(53, port))), PASS);
+        if again {
+            k.arrive_as(Role::Internal);
+            assert_eq!(k.run(&request), PASS);
+        }
+    };
+    exchange(40000, false);
+    exchange(40001, true);
+    let (lone, confirmed) = (
+        flow_key("198.51.100.10", "203.0.113.7", 40000, 53, 17),
+        flow_key("198.51.100.10", "203.0.113.7", 40001, 53, 17),
+    );
+    assert!(k.embryo(&lone).is_some() && k.established(&confirmed).is_some());
+    let now = xdpgate_dataplane::nat::monotonic_ns();
+    let mut ended = Vec::new();
+    let e = xdpgate_dataplane::nat::expire(&k.pins.dir, &policy, now + 61_000_000_000, &mut ended)
+        .unwrap();
+    assert_eq!(e.expired, 1, "only the lone exchange");
+    assert_eq!(ended.iter().map(|e| e.key).collect::<Vec<_>>(), [lone]);
+    assert!(k.flow(&lone).is_none() && k.established(&confirmed).is_some());
+}
+
 /// A lone exchange through a NAT gateway (a query and its answer, never confirmed) gets its
 /// end from the expiry of its translation, as a confirmed flow does (seen failing: none, as
 /// the flow was not in the established table).

@@ -306,17 +306,28 @@ fn embryo(
     let action = Action::of(entry);
     if meta.proto == IPPROTO_TCP {
         let flags = meta.tcp_flags;
+        // A flow whose answers bypass the gateway lives here for good (never confirmed,
+        // below). What comes on its reply tuple is not its backend's, and the client's RST
+        // or FIN counts only in sequence: its entry follows the client's numbers from the
+        // first packet on, as an established flow's does.
+        if entry.replies_direct() {
+            let believed = entry.reply == 0 && in_sequence(entry, meta.tcp_seq);
+            if believed && flags & TH_RST != 0 {
+                count(FLOW_STAT_EMBRYOS_CLOSED);
+                forget_embryo(key, entry);
+            } else if believed && flags & TH_FIN != 0 {
+                // The server's FIN never passes, so the client's is only a half close: the
+                // server may answer long after it. The flow keeps its idle timeout; a SYN on
+                // its tuple is then a new connection (`reopens`).
+                entry.tcp |= TCP_FIN;
+            }
+            return Ok(Lookup::Hit(action));
+        }
         if flags & TH_RST != 0 {
             // Refused or aborted before it was established: over, and its RST passes.
             count(FLOW_STAT_EMBRYOS_CLOSED);
             forget_embryo(key, entry);
             return Ok(Lookup::Hit(action));
-        }
-        // The server's FIN of a direct-reply flow never passes, so the client's is only a
-        // half close: the server may answer long after it. The flow keeps its idle
-        // timeout; a SYN on its tuple is then a new connection (`reopens`).
-        if flags & TH_FIN != 0 && matches!(entry.nat, NAT_NEXT_HOP | NAT_ENCAP) {
-            entry.tcp |= TCP_FIN;
         }
         let confirms = if entry.reply != 0 {
             if flags & (TH_SYN | TH_ACK) == TH_SYN | TH_ACK
@@ -546,6 +557,12 @@ pub fn create(
             forward.service = sel.service;
             forward.backend = sel.backend;
             forward.idle_s = sel.idle_s;
+            // A direct-reply flow's entry follows the client's sequence numbers from its
+            // first packet (see `embryo`).
+            if matches!(forward.nat, NAT_NEXT_HOP | NAT_ENCAP) && meta.proto == IPPROTO_TCP {
+                forward.seq = meta.tcp_seq;
+                forward.tcp |= TCP_SEQ;
+            }
         }
     }
     // One classification for every kind of new flow (each call site costs the verifier a

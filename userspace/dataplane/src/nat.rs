@@ -353,6 +353,18 @@ pub fn expire(
             6 if seen.iter().any(|f| f.tcp & TCP_CLOSED != 0) => TCP_CLOSED_TIMEOUT_NS,
             proto => u64::from(idle_timeout_s(policy, gw, proto, &seen)) * 1_000_000_000,
         };
+        // A lone exchange (answered, never confirmed: in the embryonic table alone, not TCP)
+        // goes after the embryonic timeout, as the sweep ends one without a translation:
+        // held for the gateway's, a resolver's queries would crowd that table (LRU), pushing
+        // out handshakes and the flows whose answers bypass the gateway.
+        let lone = reads[0] == [None, None]
+            && reply.proto != 6
+            && reads[1][1].is_some_and(|r| r.packets > 0);
+        let timeout = if lone {
+            timeout.min(u64::from(policy.settings.embryonic_timeout) * 1_000_000_000)
+        } else {
+            timeout
+        };
         if now.saturating_sub(last) <= timeout {
             continue;
         }
