@@ -613,7 +613,7 @@ fn spoofed_answers_do_not_confirm_a_direct_reply_flow() {
 fn a_direct_reply_flow_believes_only_the_clients_resets_in_sequence() {
     use xdpgate_common::flow::TCP_FIN;
     let k = Kernel::new();
-    k.apply(&HA_AND_FLOATING);
+    k.apply(HA_AND_FLOATING);
     let (c, vip) = ("203.0.113.7", "192.0.2.30");
     let client = |flags, seq: u32| {
         k.arrive_as(Role::External);
