@@ -446,8 +446,9 @@ impl Snapshot {
             "xdpgate_embryonic_flows_total",
             Counter,
             "Embryonic (not yet confirmed) flows by outcome: created, and ended as confirmed, \
-             expired, refused (established table full), closed, or evicted by newer embryonic \
-             flows (derived: created less the other outcomes and the live ones).",
+             expired (lone exchanges the agent ended too), refused (established table full), \
+             closed, or evicted by newer embryonic flows (derived: created less the other \
+             outcomes and the live ones).",
         );
         let e = &table.embryonic;
         for (outcome, n) in [

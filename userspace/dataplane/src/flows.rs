@@ -422,6 +422,8 @@ pub fn remove_idle(
             && translations.get(key, 0).is_ok()
     };
     let mut swept = Swept::default();
+    // Lone exchanges ended (see `stats::add_ended_embryos`).
+    let mut lone = 0;
     let now = monotonic_ns();
     let established = |key: &FlowKey, v: &FlowValue| {
         now.saturating_sub(v.last_seen_ns)
@@ -472,12 +474,14 @@ pub fn remove_idle(
             if removed == 0 {
                 return Ok(());
             }
+            lone += u64::from(embryos);
             on_end(FlowEntries::of(*key, value, twin_key, twin))
         })
     };
-    sweep(FLOWS, &established)?;
-    sweep(EMBRYOS, &embryo)?;
-    Ok(swept)
+    let result = sweep(FLOWS, &established).and_then(|()| sweep(EMBRYOS, &embryo));
+    // Counted however the pass ended: these embryos are gone.
+    crate::stats::add_ended_embryos(pins, lone)?;
+    result.map(|()| swept)
 }
 
 /// Pairs the two entries of each flow, handing each to `each`: the key of the first

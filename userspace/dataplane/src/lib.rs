@@ -394,6 +394,10 @@ pub fn load_sized(pins: &PinDir, sizes: &SizeRequest) -> Result<Ebpf> {
     pins.ensure()?;
     check_pinned_layouts(pins)?;
     let (chosen, entries) = tables::plan(pins, sizes)?;
+    // Counters made afresh: so is the count of the embryos the agent ended beside them.
+    if !pins.map(xdpgate_common::maps::FLOW_STATS).exists() {
+        stats::forget_ended_embryos(pins);
+    }
     let mut loader = EbpfLoader::new();
     loader.default_map_pin_directory(pins.path());
     for (name, n) in entries {

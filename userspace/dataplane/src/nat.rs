@@ -334,6 +334,8 @@ pub fn expire(
         Ok(())
     })?;
     let mut out = Expired::default();
+    // Lone exchanges ended (see `stats::add_ended_embryos`).
+    let mut lone_ended = 0;
     for (reply, t) in entries {
         if t.state == NAT_COOLDOWN {
             if now >= t.time_ns {
@@ -382,20 +384,16 @@ pub fn expire(
         // As the table that had it before it went: the established one, or the embryonic
         // one for a lone exchange (answered, never confirmed; not TCP's, as the sweep). Not
         // when another remover took the flow first: its end is theirs.
-        let lone = |[f, r]: [Option<FlowValue>; 2]| {
-            (reply.proto != 6 && r.is_some_and(|r| r.packets > 0)).then_some([f, r])
-        };
-        let had = if reads[0] != [None, None] {
-            removed[0].then_some(reads[0])
-        } else {
-            lone(reads[1]).filter(|_| removed[1])
-        };
+        let had =
+            if lone { removed[1].then_some(reads[1]) } else { removed[0].then_some(reads[0]) };
         ended.extend(match had {
             Some([Some(f), r]) => Some(FlowEntries::of(forward, f, reply, r)),
             Some([None, Some(r)]) => Some(FlowEntries::of(reply, r, forward, None)),
             _ => None,
         });
+        lone_ended += u64::from(lone && removed[1]);
     }
+    crate::stats::add_ended_embryos(pins, lone_ended)?;
     Ok(out)
 }
 

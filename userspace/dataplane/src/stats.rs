@@ -180,6 +180,36 @@ impl EmbryonicTable {
     }
 }
 
+/// The file that counts the embryos (lone exchanges) the agent's sweep and NAT expiry have
+/// ended: the dataplane's counters are per CPU, which userspace cannot add to without
+/// losing the dataplane's own adds, and uncounted they would pass for evicted ones. In the
+/// state directory, which lives as long as the pinned counters (both go at a reboot).
+fn ended_path(pins: &PinDir) -> std::path::PathBuf {
+    state::dir(pins).join("embryos-ended")
+}
+
+/// Embryos the agent has ended so far ([`ended_path`]); 0 when none (or unreadable).
+pub fn ended_embryos(pins: &PinDir) -> u64 {
+    std::fs::read_to_string(ended_path(pins)).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
+}
+
+/// Starts the count of ended embryos afresh, as the dataplane's counters are made anew.
+pub fn forget_ended_embryos(pins: &PinDir) {
+    let _ = std::fs::remove_file(ended_path(pins));
+}
+
+/// Counts `n` more embryos ended by this process (the agent: its sweep thread and its loop,
+/// one at a time).
+pub fn add_ended_embryos(pins: &PinDir, n: u64) -> Result<()> {
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    if n == 0 {
+        return Ok(());
+    }
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let total = ended_embryos(pins) + n;
+    state::write_atomic(&ended_path(pins), total.to_string().as_bytes(), 0o600)
+}
+
 impl Stats {
     pub fn iface(&self, name: &str) -> Option<&IfaceStats> {
         self.interfaces.iter().find(|i| i.iface == name)
@@ -303,7 +333,8 @@ pub fn flow_table(pins: &PinDir) -> Result<FlowTable> {
         capacity: capacity(EMBRYOS)?,
         created: sum(FLOW_STAT_EMBRYOS_CREATED)?,
         confirmed: sum(FLOW_STAT_EMBRYOS_CONFIRMED)?,
-        expired: sum(FLOW_STAT_EMBRYOS_EXPIRED)?,
+        // And the lone exchanges the agent ended, idle past the embryonic timeout.
+        expired: sum(FLOW_STAT_EMBRYOS_EXPIRED)? + ended_embryos(pins),
         refused: sum(FLOW_STAT_EMBRYOS_REFUSED)?,
         closed: sum(FLOW_STAT_EMBRYOS_CLOSED)?,
         ..Default::default()
