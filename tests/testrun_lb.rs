@@ -9,7 +9,7 @@ use std::{collections::HashSet, net::IpAddr};
 
 use common::{
     kernel::{DROP, Kernel, PASS},
-    packet::{ACK, FIN, L4, RST, SYN, endpoints, frame, frame_vlan, tcp_frame},
+    packet::{ACK, FIN, L4, RST, SYN, endpoints, flow_key, frame, frame_vlan, tcp_frame},
 };
 use xdpgate_common::iface::Role;
 
@@ -233,6 +233,43 @@ fn a_closed_connection_does_not_shadow_a_new_one_on_its_backend_tuple() {
         let back = to(Role::Internal, tcp_frame(&bs, c, (8080, p), answer, 7000, 9001));
         assert_eq!(back, (ip(vip), ip(c), 80, p), "answer {answer:#x} left as the closed one's");
     }
+}
+
+/// `flows delete` of a new flow whose backend-side tuple a closed connection's established
+/// entry shares removes the new flow only: the closed connection's reply entry stays (seen
+/// failing: the delete took it too, as the entry of a flow confirmed during its read).
+#[test]
+fn deleting_a_new_flow_leaves_another_flows_entry_on_its_backend_tuple() {
+    use xdpgate_dataplane::flows::{self, FlowState};
+    let (c, vip) = ("203.0.113.7", "192.0.2.10");
+    let probe = Kernel::new();
+    probe.apply(POLICY);
+    probe.arrive_as(Role::External);
+    let b = backend_of(&probe, 45999, 81, SYN);
+    let p = (45000..45999).find(|&p| backend_of(&probe, p, 80, SYN) == b).expect("a port");
+    drop(probe);
+    let k = Kernel::new();
+    k.apply(POLICY);
+    let bs = b.to_string();
+    let to = |role, pkt: Vec<u8>| {
+        k.arrive_as(role);
+        k.run(&pkt)
+    };
+    // A connection to :81, established and closed by FINs both ways.
+    to(Role::External, tcp_frame(c, vip, (p, 81), SYN, 1000, 0));
+    to(Role::Internal, tcp_frame(&bs, c, (8080, p), SYN | ACK, 5000, 1001));
+    to(Role::External, tcp_frame(c, vip, (p, 81), ACK, 1001, 5001));
+    to(Role::External, tcp_frame(c, vip, (p, 81), FIN | ACK, 1001, 5001));
+    to(Role::Internal, tcp_frame(&bs, c, (8080, p), FIN | ACK, 5001, 1002));
+    let shared = flow_key(&bs, c, 8080, p, 6);
+    assert!(k.established(&shared).is_some(), "the closed connection's reply entry");
+    // The client's next connection from the same port, to :80: the same backend tuple.
+    to(Role::External, tcp_frame(c, vip, (p, 80), SYN, 9000, 0));
+    let keep = |f: &flows::Flow| f.src_port == Some(p) && f.dst_port == Some(80);
+    let out = flows::delete(&k.pins.dir, Some(FlowState::Embryonic), keep, None, false).unwrap();
+    assert_eq!(out.flows.len(), 1);
+    assert!(k.embryo(&flow_key(c, vip, p, 80, 6)).is_none(), "the new flow deleted");
+    assert!(k.established(&shared).is_some(), "the closed connection's reply entry deleted");
 }
 
 /// A load-balancing rule's `idle_timeout` applies to its flows; flows of other rules keep

@@ -713,14 +713,20 @@ pub fn delete(
         if !dry_run {
             let entries = &mut out.entries;
             let mut remove_flow = || {
-                for k in [h.key, h.reply_key] {
+                for (k, other) in [(h.key, h.reply_key), (h.reply_key, h.key)] {
                     // A flow read as embryonic may have been confirmed since: it is in the
                     // established table now, and must go from there, or it runs on (with
-                    // its translation ended, its port free for another flow).
+                    // its translation ended, its port free for another flow). Only its own
+                    // entry: another flow's may share a tuple (a closed connection's reply
+                    // entry, where two frontend ports reach one backend port).
+                    let confirmed = |established: &BpfHashMap<MapData, FlowKey, FlowValue>| {
+                        established.get(&k, 0).is_ok_and(|v| k.twin(&v) == other)
+                    };
                     let gone = match h.flow.state {
                         FlowState::Established => established.remove(&k).is_ok(),
                         FlowState::Embryonic => {
-                            embryos.remove(&k).is_ok() | established.remove(&k).is_ok()
+                            embryos.remove(&k).is_ok()
+                                | (confirmed(&established) && established.remove(&k).is_ok())
                         }
                     };
                     if gone {
