@@ -225,7 +225,11 @@ fn in_sequence(entry: &mut FlowValue, seq: u32) -> bool {
     }
     let ahead = seq.wrapping_sub(entry.seq);
     if ahead < SEQ_WINDOW {
-        entry.seq = seq;
+        // Not stored unchanged (a receiver's pure ACKs): the store would dirty a cache line
+        // the rest of the hit leaves clean.
+        if ahead != 0 {
+            entry.seq = seq;
+        }
         return true;
     }
     ahead.wrapping_neg() <= SEQ_WINDOW
