@@ -226,6 +226,17 @@ fn a_syn_flood_evicts_only_embryos() {
     });
 }
 
+/// A DNS query from 198.51.100.40:`port` out through the NAT gateway to 203.0.113.53, and
+/// its answer back to the public address and port: the answer's verdict.
+fn dns_exchange(k: &Kernel, port: u16) -> u32 {
+    k.arrive_as(Role::Internal);
+    let (v, out) = k.run_out(&frame("198.51.100.40", "203.0.113.53", L4::Udp(port, 53)));
+    assert_eq!(v, PASS, "query from {port}");
+    let (public, _, public_port, _) = endpoints(&out);
+    k.arrive_as(Role::External);
+    k.run(&frame("203.0.113.53", &public.to_string(), L4::Udp(53, public_port)))
+}
+
 #[test]
 fn a_full_established_table_refuses_new_flows() {
     isolated(false, |_| {
@@ -242,14 +253,7 @@ fn a_full_established_table_refuses_new_flows() {
         let mut first_refused = None;
         for i in 0..2 * flows {
             let port = 10_000 + i as u16;
-            k.arrive_as(Role::Internal);
-            // Out to a DNS server on the internet (translated) and answered.
-            let (v, out) = k.run_out(&frame("198.51.100.40", "203.0.113.53", L4::Udp(port, 53)));
-            assert_eq!(v, PASS, "request {i}");
-            let (public, _, public_port, _) = endpoints(&out);
-            k.arrive_as(Role::External);
-            let answer = frame("203.0.113.53", &public.to_string(), L4::Udp(53, public_port));
-            assert_eq!(k.run(&answer), PASS, "answer {i}");
+            assert_eq!(dns_exchange(&k, port), PASS, "answer {i}");
             // A second request confirms the flow (a lone exchange stays embryonic).
             k.arrive_as(Role::Internal);
             match k.run(&frame("198.51.100.40", "203.0.113.53", L4::Udp(port, 53))) {
@@ -306,14 +310,7 @@ fn lone_exchanges_leave_the_established_table_alone() {
         k.apply(POLICY);
         let full = k.drops("flow_table_full");
         for i in 0..2 * flows {
-            let port = 10_000 + i as u16;
-            k.arrive_as(Role::Internal);
-            let (v, out) = k.run_out(&frame("198.51.100.40", "203.0.113.53", L4::Udp(port, 53)));
-            assert_eq!(v, PASS, "query {i}");
-            let (public, _, public_port, _) = endpoints(&out);
-            k.arrive_as(Role::External);
-            let answer = frame("203.0.113.53", &public.to_string(), L4::Udp(53, public_port));
-            assert_eq!(k.run(&answer), PASS, "answer {i}");
+            assert_eq!(dns_exchange(&k, 10_000 + i as u16), PASS, "answer {i}");
         }
         assert_eq!(k.drops("flow_table_full"), full, "refused");
         assert_eq!(k.flow_stat(FLOW_STAT_EMBRYOS_CONFIRMED), 0, "confirmed");

@@ -201,14 +201,7 @@ fn closed_connection_reopened_on_its_tuple_is_balanced_afresh() {
 #[test]
 fn a_closed_connection_does_not_shadow_a_new_one_on_its_backend_tuple() {
     let (c, vip) = ("203.0.113.7", "192.0.2.10");
-    // The sticky rule (81) sends this client to one backend; find a client port the 5-tuple
-    // rule (80) sends there too, in a dataplane of its own (Maglev is deterministic).
-    let probe = Kernel::new();
-    probe.apply(POLICY);
-    probe.arrive_as(Role::External);
-    let b = backend_of(&probe, 45999, 81, SYN);
-    let p = (45000..45999).find(|&p| backend_of(&probe, p, 80, SYN) == b).expect("a port");
-    drop(probe);
+    let (b, p) = port_sharing_a_backend();
 
     for answer in [SYN | ACK, RST | ACK] {
         let k = Kernel::new();
@@ -235,6 +228,18 @@ fn a_closed_connection_does_not_shadow_a_new_one_on_its_backend_tuple() {
     }
 }
 
+/// A backend and a port of the client 203.0.113.7 whose connections to both :81 (the sticky
+/// rule) and :80 (the 5-tuple rule) go there, found in a dataplane of its own (Maglev is
+/// deterministic).
+fn port_sharing_a_backend() -> (IpAddr, u16) {
+    let probe = Kernel::new();
+    probe.apply(POLICY);
+    probe.arrive_as(Role::External);
+    let b = backend_of(&probe, 45999, 81, SYN);
+    let p = (45000..45999).find(|&p| backend_of(&probe, p, 80, SYN) == b).expect("a port");
+    (b, p)
+}
+
 /// `flows delete` of a new flow whose backend-side tuple a closed connection's established
 /// entry shares removes the new flow only: the closed connection's reply entry stays (seen
 /// failing: the delete took it too, as the entry of a flow confirmed during its read).
@@ -242,12 +247,7 @@ fn a_closed_connection_does_not_shadow_a_new_one_on_its_backend_tuple() {
 fn deleting_a_new_flow_leaves_another_flows_entry_on_its_backend_tuple() {
     use xdpgate_dataplane::flows::{self, FlowState};
     let (c, vip) = ("203.0.113.7", "192.0.2.10");
-    let probe = Kernel::new();
-    probe.apply(POLICY);
-    probe.arrive_as(Role::External);
-    let b = backend_of(&probe, 45999, 81, SYN);
-    let p = (45000..45999).find(|&p| backend_of(&probe, p, 80, SYN) == b).expect("a port");
-    drop(probe);
+    let (b, p) = port_sharing_a_backend();
     let k = Kernel::new();
     k.apply(POLICY);
     let bs = b.to_string();
