@@ -493,7 +493,8 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     let mut turn = LockTurn::default();
     // A reload asked and NAT expiry due, for the next turn.
     let mut reload = PendingReload::default();
-    let mut nat_due = false;
+    // The tick that asked for a NAT expiry pass, if one is due.
+    let mut nat_due: Option<Instant> = None;
     // Paced as the sweep is: a pass over a full translation table holds the loop (and the
     // write lock) for a while, and must not every second.
     let mut nat_pace = Pace { next: Instant::now() };
@@ -584,13 +585,18 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                 turn.want(pins);
                 announce_node(pins, node.as_ref(), &running.lbs, &down, &health_tables, &probe_stats, &mut failing);
             }
-            _ = expiry.tick() => {
+            tick_at = expiry.tick() => {
                 // An interface of the node file that appears late (or came back) is
                 // attached; tried every 10 s, as a failing attach loads the programs.
                 ticks += 1;
                 // Translations end under the write lock, as `flows delete` ends them; a
                 // health change's rebuild that failed is retried with them.
-                nat_due |= nat_pace.due(Instant::now());
+                // The tick's own instant: a whole second after the last one's, however late
+                // the loop comes to it.
+                let now = tick_at.into_std();
+                if nat_due.is_none() && nat_pace.due(now) {
+                    nat_due = Some(now);
+                }
                 turn.want(pins);
                 if reload.gave_up(Instant::now()) {
                     // As long as a one-shot writer waits, and then as it gives up.
@@ -693,10 +699,13 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                 if health_tables.rebuild(&lock, pins, &mut maps, &running.lbs, &down, &mut failing) {
                     announce_node(pins, node.as_ref(), &running.lbs, &down, &health_tables, &probe_stats, &mut failing);
                 }
-                if std::mem::take(&mut nat_due) {
+                if let Some(asked) = nat_due.take() {
                     let started = Instant::now();
                     let ended = expire_nat(&lock, pins, &running, &mut failing);
-                    nat_pace.done(started, started.elapsed());
+                    // Paced from the tick that asked, not from when the lock came (a few ms
+                    // later): from then, the next tick would find it not due, and passes
+                    // would run every other second.
+                    nat_pace.done(asked, started.elapsed());
                     if let Some(log) = flow_log.as_mut() {
                         let lines = ended.iter().map(|e| {
                             flowlog::end_line(&running.names, e, log.reported.removed(&e.key))
