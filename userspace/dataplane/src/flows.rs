@@ -429,18 +429,17 @@ pub fn remove_idle(
         now.saturating_sub(v.last_seen_ns)
             > names.timeout_ns(key.family, key.proto, v.tcp, v.idle_s)
     };
-    // Not TCP's: its lone exchange (a handshake answered and never acknowledged) is a
-    // flood's, left to the LRU as before.
+    // The protocol first: a flood's TCP embryos are not read again one by one.
     let embryo = |key: &FlowKey, v: &FlowValue| {
-        key.proto != 6
+        lone_protocol(key.proto)
             && now.saturating_sub(v.last_seen_ns)
                 > names.embryo_timeout_ns(key.family, key.proto, v)
     };
     let mut sweep = |name, idle: &dyn Fn(&FlowKey, &FlowValue) -> bool| -> Result<()> {
         let walk = open(pins, name)?;
         let mut map = open(pins, name)?;
-        // An embryo is ended here only when answered (both entries there, the reply one
-        // with a packet): one never answered is left to the table's LRU.
+        // An embryo is ended here only as a lone exchange: one never answered (and TCP's)
+        // is left to the table's LRU.
         let embryos = name == EMBRYOS;
         table::for_each(&walk, |key, seen| {
             if stop.load(Ordering::Relaxed) {
@@ -460,11 +459,8 @@ pub fn remove_idle(
             if twin.is_some_and(|t| !idle(&twin_key, &t) || translated(&twin_key, &t)) {
                 return Ok(());
             }
-            let answered = |t: &FlowValue| {
-                let reply = if value.reply != 0 { &value } else { t };
-                reply.packets > 0
-            };
-            if embryos && !twin.as_ref().is_some_and(answered) {
+            let reply = if value.reply != 0 { Some(&value) } else { twin.as_ref() };
+            if embryos && !(twin.is_some() && lone_exchange(key.proto, reply)) {
                 return Ok(());
             }
             let removed = u64::from(map.remove(key).is_ok())
@@ -482,6 +478,20 @@ pub fn remove_idle(
     // Counted however the pass ended: these embryos are gone.
     crate::stats::add_ended_embryos(pins, lone)?;
     result.map(|()| swept)
+}
+
+/// Whether an embryonic flow of protocol `proto`, whose reply entry is `reply`, is a lone
+/// exchange: answered (its reply entry has a packet) and not TCP (whose answered, never
+/// acknowledged handshake is a flood's, left to the table's LRU). The dataplane confirms
+/// these only when they go on (`exchanged_again`), so the agent ends them once idle: the
+/// sweep, or the NAT expiry with their translation.
+pub(crate) fn lone_exchange(proto: u8, reply: Option<&FlowValue>) -> bool {
+    lone_protocol(proto) && reply.is_some_and(|r| r.packets > 0)
+}
+
+/// Whether a flow of protocol `proto` can be a lone exchange ([`lone_exchange`]): not TCP.
+fn lone_protocol(proto: u8) -> bool {
+    proto != 6
 }
 
 /// Pairs the two entries of each flow, handing each to `each`: the key of the first
@@ -719,14 +729,12 @@ pub fn delete(
                     // its translation ended, its port free for another flow). Only its own
                     // entry: another flow's may share a tuple (a closed connection's reply
                     // entry, where two frontend ports reach one backend port).
-                    let confirmed = |established: &BpfHashMap<MapData, FlowKey, FlowValue>| {
-                        established.get(&k, 0).is_ok_and(|v| k.twin(&v) == other)
-                    };
                     let gone = match h.flow.state {
                         FlowState::Established => established.remove(&k).is_ok(),
                         FlowState::Embryonic => {
                             embryos.remove(&k).is_ok()
-                                | (confirmed(&established) && established.remove(&k).is_ok())
+                                | (established.get(&k, 0).is_ok_and(|v| k.twin(&v) == other)
+                                    && established.remove(&k).is_ok())
                         }
                     };
                     if gone {

@@ -360,8 +360,7 @@ pub fn expire(
         // held for the gateway's, a resolver's queries would crowd that table (LRU), pushing
         // out handshakes and the flows whose answers bypass the gateway.
         let lone = reads[0] == [None, None]
-            && reply.proto != 6
-            && reads[1][1].is_some_and(|r| r.packets > 0);
+            && crate::flows::lone_exchange(reply.proto, reads[1][1].as_ref());
         let timeout = if lone {
             timeout.min(u64::from(policy.settings.embryonic_timeout) * 1_000_000_000)
         } else {
