@@ -719,6 +719,28 @@ fn bad_input_is_refused_and_changes_nothing() {
     assert!(!decap::dir(&lab.pins.dir).path().exists(), "a refused attach left pins");
     let link = lab.backend.exec("ip", &["-d", "link", "show", &lab.b_if]).stdout;
     assert!(String::from_utf8_lossy(&link).contains("name xdpgate "), "the gateway's program went");
+
+    // Attached to another interface already, the same refusal takes back the gateway and
+    // the frontend it named: trusted, that gateway's IP-in-IP would be decapsulated on the
+    // other interface (seen failing: 203.0.113.0/24 and VIP6 stayed).
+    lab.backend.exec("ip", &["link", "add", "xgdec0", "type", "veth", "peer", "name", "xgdec1"]);
+    lab.backend.exec("ip", &["link", "set", "xgdec0", "up"]);
+    lab.pins.xdpgate(&["decap", "attach", "xgdec0", "--frontend", VIP4, "--gateway", SENDER4]);
+    let out = lab.pins.try_xdpgate(&[
+        "decap",
+        "attach",
+        &lab.b_if,
+        "--frontend",
+        VIP6,
+        "--gateway",
+        "203.0.113.0/24",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("attaching the decap program"), "{err}");
+    let status = lab.status();
+    assert_eq!(status["frontends"], serde_json::json!([VIP4]), "{status}");
+    assert_eq!(status["gateways"], serde_json::json!([format!("{SENDER4}/32")]), "{status}");
+    lab.pins.xdpgate(&["decap", "detach", "--all"]);
     lab.pins.xdpgate(&["detach", "--iface", &lab.b_if]);
 }
 

@@ -121,7 +121,8 @@ pub fn attach(
                 );
             }
             let trusted = replace(pins, ifname, link.hook, gateways)?;
-            let added = add_frontends(pins, frontends)?;
+            let added =
+                add_frontends(pins, frontends).inspect_err(|_| take_back(pins, &trusted, &[]))?;
             return Ok(Attached { attached: false, added, trusted });
         }
     }
@@ -158,14 +159,22 @@ fn attach_new(
 ) -> Result<Attached> {
     let mut ebpf = load(pins)?;
     let trusted = add_gateways(pins, gateways)?;
-    // At tc, first in the chain: a gateway's tc pipeline on the same interface sees the
-    // inner packet.
-    let link = crate::attach_ingress(&mut ebpf, PROGRAMS, ifname, ifindex, ingress)
-        .context("attaching the decap program")?;
-    // Until the link is pinned, a failure detaches it (its last handle closes).
-    let added = add_frontends(pins, frontends)?;
-    let pin = dir(pins).link(ifname);
-    link.pin(&pin).with_context(|| format!("pinning the decap link at {}", pin.display()))?;
+    let mut added = Vec::new();
+    let mut attach = || -> Result<()> {
+        // At tc, first in the chain: a gateway's tc pipeline on the same interface sees the
+        // inner packet.
+        let link = crate::attach_ingress(&mut ebpf, PROGRAMS, ifname, ifindex, ingress)
+            .context("attaching the decap program")?;
+        // Until the link is pinned, a failure detaches it (its last handle closes).
+        added = add_frontends(pins, frontends)?;
+        let pin = dir(pins).link(ifname);
+        link.pin(&pin).with_context(|| format!("pinning the decap link at {}", pin.display()))?;
+        Ok(())
+    };
+    if let Err(e) = attach() {
+        take_back(pins, &trusted, &added);
+        return Err(e);
+    }
     Ok(Attached { attached: true, added, trusted })
 }
 
@@ -175,14 +184,39 @@ fn attach_new(
 fn replace(pins: &PinDir, ifname: &str, hook: Hook, gateways: &[IpNet]) -> Result<Vec<IpNet>> {
     let mut ebpf = load(pins)?;
     let trusted = add_gateways(pins, gateways)?;
-    let pinned = PinnedLink::from_pin(dir(pins).link(ifname))
-        .with_context(|| format!("opening the pinned decap link of {ifname}"))?;
-    crate::replace_ingress(&mut ebpf, PROGRAMS, pinned, hook, ifname)
-        .context("replacing the decap program")?;
+    let replaced = PinnedLink::from_pin(dir(pins).link(ifname))
+        .with_context(|| format!("opening the pinned decap link of {ifname}"))
+        .and_then(|pinned| {
+            crate::replace_ingress(&mut ebpf, PROGRAMS, pinned, hook, ifname)
+                .context("replacing the decap program")
+        });
+    replaced.inspect_err(|_| take_back(pins, &trusted, &[]))?;
     Ok(trusted)
 }
 
+/// Takes back the gateways and frontends an attach added before a later step of it failed,
+/// so that a refusal changes nothing: a gateway left in would be decapsulated from on the
+/// interfaces attached already.
+fn take_back(pins: &PinDir, gateways: &[IpNet], frontends: &[IpAddr]) {
+    let dir = dir(pins);
+    if let Ok(map) = dir.open_map(DECAP_SOURCES)
+        && let Ok(mut map) = LpmTrie::<_, AddrKey, u32>::try_from(map)
+    {
+        for g in gateways {
+            let _ = map.remove(&crate::nat::prefix_key(g));
+        }
+    }
+    if let Ok(map) = dir.open_map(DECAP_FRONTENDS)
+        && let Ok(mut map) = HashMap::<_, DecapKey, u32>::try_from(map)
+    {
+        for &f in frontends {
+            let _ = map.remove(&key(f));
+        }
+    }
+}
+
 /// Adds `frontends` to those the program decapsulates for; returns those not there before.
+/// All or none: a failure takes back those added.
 pub fn add_frontends(pins: &PinDir, frontends: &[IpAddr]) -> Result<Vec<IpAddr>> {
     let mut map: HashMap<_, DecapKey, u32> = dir(pins).open_map(DECAP_FRONTENDS)?.try_into()?;
     let mut added = Vec::new();
@@ -190,9 +224,12 @@ pub fn add_frontends(pins: &PinDir, frontends: &[IpAddr]) -> Result<Vec<IpAddr>>
         if map.get(&key(f), 0).is_ok() {
             continue;
         }
-        map.insert(key(f), 1, 0).with_context(|| {
-            format!("adding frontend {f} (at most {MAX_DECAP_FRONTENDS} frontends)")
-        })?;
+        if let Err(e) = map.insert(key(f), 1, 0) {
+            take_back(pins, &[], &added);
+            return Err(anyhow::Error::new(e).context(format!(
+                "adding frontend {f} (at most {MAX_DECAP_FRONTENDS} frontends)"
+            )));
+        }
         added.push(f);
     }
     Ok(added)
@@ -214,9 +251,11 @@ pub fn add_gateways(pins: &PinDir, gateways: &[IpNet]) -> Result<Vec<IpNet>> {
         {
             continue;
         }
-        map.insert(&key, 1, 0).with_context(|| {
-            format!("adding gateway {g} (at most {MAX_DECAP_SOURCES} gateways)")
-        })?;
+        if let Err(e) = map.insert(&key, 1, 0) {
+            take_back(pins, &added, &[]);
+            return Err(anyhow::Error::new(e)
+                .context(format!("adding gateway {g} (at most {MAX_DECAP_SOURCES} gateways)")));
+        }
         added.push(g.trunc());
     }
     Ok(added)
