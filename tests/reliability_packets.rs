@@ -1496,6 +1496,103 @@ fn icmp_error_quoting_a_flow_reaches_only_its_host() {
     assert!(failures.is_empty(), "ICMP errors bypass the policy:\n{}", failures.join("\n"));
 }
 
+/// An ICMP error's quote must lie inside its IP packet. Read from the bytes past its end
+/// (Ethernet padding, or a forger's), the quote of the sender's own flow let a first
+/// fragment pass, and its later fragment (passed as part of it) carried another quote to
+/// the host: an error about any of its connections, past a policy that denies ICMP.
+#[test]
+fn icmp_error_quote_in_padding_is_not_trusted() {
+    let failures = isolated(false, |_| {
+        let k = Kernel::new();
+        k.apply(POLICY);
+        k.arrive_as(Role::External);
+        let mut failures = Vec::new();
+        for (attacker, server, v6) in
+            [("203.0.113.66", INSIDE4, false), ("2001:db8:2::66", INSIDE6, true)]
+        {
+            let syn = build(&spec(attacker, server, Body::Tcp(5556, 80, SYN)));
+            assert_eq!(k.run(&syn), PASS, "the attacker's own connection is allowed");
+            let reply = build(&spec(server, attacker, Body::Tcp(80, 5556, SYN | ACK)));
+            let (kind, code) = if v6 { (1, 4) } else { (3, 3) };
+            let whole = icmp_error(attacker, server, kind, code, &quote(&reply));
+            assert_eq!(k.run(&whole), PASS, "an error quoting its flow, whole, is the flow's");
+            // The IP packet ends after the ICMP header; the quote follows it.
+            let ip = l3_of(&whole);
+            let l4 = ip + if v6 { 40 } else { 20 };
+            let mut cut = whole[..l4 + 8].to_vec();
+            if v6 {
+                cut[ip + 4..ip + 6].copy_from_slice(&8u16.to_be_bytes());
+            } else {
+                cut[ip + 2..ip + 4].copy_from_slice(&28u16.to_be_bytes());
+                fix_ipv4_checksum(&mut cut, ip);
+            }
+            let mut frames = vec![(
+                "quote past the IP packet",
+                padded(cut.clone(), whole.len(), &whole[l4 + 8..]),
+            )];
+            if !v6 {
+                let first = ipv4_frag(cut, 0x3003, true, 0);
+                frames.push((
+                    "first fragment, quote past it",
+                    padded(first, whole.len(), &whole[l4 + 8..]),
+                ));
+            }
+            for (name, frame) in frames {
+                let got = k.run(&frame);
+                if got != DROP {
+                    failures.push(format!(
+                        "{name}: {} (want DROP)\n    frame {}",
+                        verdict_name(got),
+                        hex(&frame)
+                    ));
+                }
+            }
+        }
+        failures
+    });
+    assert!(failures.is_empty(), "ICMP quotes taken from padding:\n{}", failures.join("\n"));
+}
+
+/// An IPv6 extension header chain must end inside its IP packet. Followed into the bytes
+/// past its end (Ethernet padding, or a forger's), it named a protocol the policy allows
+/// (ESP here) that the packet does not carry; as a first fragment, its later fragments
+/// then passed with the real chain's TCP to a closed port.
+#[test]
+fn ipv6_header_chain_in_padding_is_not_trusted() {
+    let failures = isolated(false, |_| {
+        let k = Kernel::new();
+        k.apply(&POLICY.replace(
+            "      - {name: allow-app,",
+            "      - {name: allow-esp, priority: 120, direction: inbound, access: allow, \
+             protocol: esp, source: [\"*\"], destination: [\"*\"], destination_ports: [\"*\"]}\n      - {name: allow-app,",
+        ));
+        k.arrive_as(Role::External);
+        // Destination options of 16 bytes, then destination options naming ESP.
+        let base = build(&spec("2001:db8:2::66", INSIDE6, Body::Raw(50)));
+        let ip = l3_of(&base);
+        let chain = with_ipv6_ext(
+            &base,
+            &[Ext { kind: 60, body: vec![0; 14] }, Ext { kind: 60, body: vec![0; 6] }],
+        );
+        assert_eq!(k.run(&chain), PASS, "the chain whole: ESP, allowed");
+        // The packet ends 8 bytes into the first header; the rest of the chain follows it.
+        let mut cut = chain[..ip + 48].to_vec();
+        cut[ip + 4..ip + 6].copy_from_slice(&8u16.to_be_bytes());
+        let frame = padded(cut, chain.len(), &chain[ip + 48..]);
+        let got = k.run(&frame);
+        let mut failures = Vec::new();
+        if got != DROP {
+            failures.push(format!(
+                "chain past the packet: {} (want DROP)\n    frame {}",
+                verdict_name(got),
+                hex(&frame)
+            ));
+        }
+        failures
+    });
+    assert!(failures.is_empty(), "IPv6 headers taken from padding:\n{}", failures.join("\n"));
+}
+
 // ---------------------------------------------------------------------------------------
 // The corpus on a real interface.
 

@@ -11,7 +11,7 @@ use xdpgate_common::{
 
 use crate::{
     action::{Action, NAT_ICMP_ERROR},
-    headers::{IPPROTO_TCP, IPPROTO_UDP, IcmpHdr, Ipv4Hdr, Ipv6Hdr},
+    headers::{IPPROTO_TCP, IPPROTO_UDP, IcmpHdr, Ipv4Hdr, Ipv6Hdr, be16},
     maps::{EMBRYOS, FLOWS},
     parse::{FRAG_LATER, Packet, PacketMeta, is_echo, ptr_at},
 };
@@ -28,21 +28,36 @@ pub fn is_error(meta: &PacketMeta) -> bool {
     }
 }
 
-/// Offsets of the quoted packet: its IP header and its L4 header.
+/// Offsets of the quoted packet: its IP header and its L4 header, whose first 8 bytes (all
+/// an error must quote) lie inside the error's own IP packet. Bytes past its end (Ethernet
+/// padding, or a forger's) are no part of it: a receiver trims them, so a quote read there
+/// let a first fragment pass as a flow's error and its later fragment carry another quote.
 #[inline(always)]
 pub fn inner_offsets(ctx: &impl Packet, meta: &PacketMeta) -> Option<(usize, usize, u8)> {
     let l3 = meta.l4() + 8;
-    if meta.family == 4 {
+    let (l4, proto) = if meta.family == 4 {
         let ip = unsafe { &*ptr_at::<Ipv4Hdr>(ctx, l3).ok()? };
         let ihl = ((ip.version_ihl & 0x0f) as usize) * 4;
         if ihl < 20 {
             return None;
         }
-        Some((l3, l3 + ihl, ip.proto))
+        (l3 + ihl, ip.proto)
     } else {
         let ip = unsafe { &*ptr_at::<Ipv6Hdr>(ctx, l3).ok()? };
-        Some((l3, l3 + 40, ip.next_hdr))
-    }
+        (l3 + 40, ip.next_hdr)
+    };
+    (l4 + 8 <= ip_end(ctx, meta)?).then_some((l3, l4, proto))
+}
+
+/// Where the packet's own IP datagram ends (its length field; ICMP is never GSO).
+#[inline(always)]
+fn ip_end(ctx: &impl Packet, meta: &PacketMeta) -> Option<usize> {
+    let l3 = meta.l3();
+    Some(if meta.family == 4 {
+        l3 + be16(unsafe { &*ptr_at::<Ipv4Hdr>(ctx, l3).ok()? }.total_len) as usize
+    } else {
+        l3 + 40 + be16(unsafe { &*ptr_at::<Ipv6Hdr>(ctx, l3).ok()? }.payload_len) as usize
+    })
 }
 
 /// The action for an ICMP error whose quoted packet belongs to a known flow: the error

@@ -268,17 +268,22 @@ fn parse_ipv6(
     meta.dst = words(&ip.dst);
     let mut next = ip.next_hdr;
     let mut off = off + size_of::<Ipv6Hdr>();
-    // One more round than headers followed: the last finds the L4 protocol.
+    // One more round than headers followed: the last finds the L4 protocol. Every header
+    // lies inside the datagram: one read past its end (Ethernet padding, or a forger's)
+    // would name a protocol the packet does not carry.
     for _ in 0..=MAX_EXT_HDRS {
+        if off > end {
+            return Err(DropReason::Malformed);
+        }
         match next {
             IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
-                let ext: *const Ipv6ExtHdr = ptr_at(ctx, off)?;
+                let ext: *const Ipv6ExtHdr = inside(ctx, off, end)?;
                 let ext = unsafe { &*ext };
                 next = ext.next_hdr;
                 off += (ext.hdr_len as usize + 1) * 8;
             }
             IPPROTO_FRAGMENT => {
-                let frag: *const Ipv6FragHdr = ptr_at(ctx, off)?;
+                let frag: *const Ipv6FragHdr = inside(ctx, off, end)?;
                 let frag = unsafe { &*frag };
                 next = frag.next_hdr;
                 off += size_of::<Ipv6FragHdr>();
@@ -313,7 +318,7 @@ fn parse_l4(
 ) -> Result<(), DropReason> {
     match meta.proto {
         IPPROTO_TCP => {
-            let tcp: *const TcpHdr = l4_at(ctx, off, end)?;
+            let tcp: *const TcpHdr = inside(ctx, off, end)?;
             let tcp = unsafe { &*tcp };
             if (tcp.doff_res >> 4) < 5 {
                 return Err(DropReason::Malformed);
@@ -325,13 +330,13 @@ fn parse_l4(
             meta.tcp_ack = u32::from_be_bytes(tcp.ack);
         }
         IPPROTO_UDP => {
-            let udp: *const UdpHdr = l4_at(ctx, off, end)?;
+            let udp: *const UdpHdr = inside(ctx, off, end)?;
             let udp = unsafe { &*udp };
             meta.sport = be16(udp.sport);
             meta.dport = be16(udp.dport);
         }
         _ if meta.is_icmp() => {
-            let icmp: *const IcmpHdr = l4_at(ctx, off, end)?;
+            let icmp: *const IcmpHdr = inside(ctx, off, end)?;
             let icmp = unsafe { &*icmp };
             meta.icmp_type = icmp.kind;
             meta.icmp_code = icmp.code;
@@ -346,10 +351,11 @@ fn parse_l4(
     Ok(())
 }
 
-/// An L4 header, which must lie inside the IP datagram: bytes past its end (Ethernet padding
-/// of a short frame) are not part of the packet, whatever they look like.
+/// A header after the IP header (an extension header or L4's), which must lie inside the
+/// IP datagram: bytes past its end (Ethernet padding of a short frame) are not part of the
+/// packet, whatever they look like.
 #[inline(always)]
-fn l4_at<T>(ctx: &impl Packet, off: usize, end: usize) -> Result<*const T, DropReason> {
+fn inside<T>(ctx: &impl Packet, off: usize, end: usize) -> Result<*const T, DropReason> {
     if off + size_of::<T>() > end {
         return Err(DropReason::Malformed);
     }
