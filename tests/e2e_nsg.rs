@@ -640,6 +640,37 @@ fn set_add_and_del_block_and_allow_again_without_an_apply() {
     lab.tcp_works(sock(SERVER6, 80), "allowed after set reset");
 }
 
+/// A set change the state directory cannot record (/run read-only here, or full) is put
+/// back in the kernel: it changes nothing, and says so. Before, the kernel enforced it while
+/// `set list` denied it, the connections open before it went on, and the next apply undid it
+/// (seen failing: the client was blocked after the failed command).
+#[test]
+fn a_set_change_that_cannot_be_recorded_changes_nothing() {
+    /// The state directory bound read-only over itself, until dropped.
+    struct ReadOnly(std::path::PathBuf);
+    impl Drop for ReadOnly {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let lab = Lab::new();
+    lab.apply("sets.yaml", &policy_with_blocklist());
+    let state = xdpgate_dataplane::state::dir(&lab.pins.dir);
+    let dir = state.to_str().unwrap();
+    common::run("mount", &["--bind", dir, dir]);
+    let read_only = ReadOnly(state.clone());
+    common::run("mount", &["-o", "remount,ro,bind", dir]);
+    let out = lab.pins.try_xdpgate(&["set", "add", "blocklist", CLIENT4]);
+    drop(read_only);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    lab.tcp_works(sock(SERVER4, 80), "allowed: the failed set add was put back");
+    assert_eq!(lab.blocklist(), ["192.0.2.99/32"]);
+    assert!(err.contains("nothing was changed"), "{err}");
+    lab.pins.xdpgate(&["set", "add", "blocklist", CLIENT4]);
+    lab.tcp_blocked(&[(sock(SERVER4, 80), "blocked once the set add is recorded")]);
+}
+
 /// The agent's `generation` and `pid` as `xdpgate status --json` shows them, once it has
 /// applied its policy.
 fn agent_state(lab: &Lab) -> Option<(u64, u32)> {

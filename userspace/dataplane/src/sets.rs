@@ -181,9 +181,28 @@ pub fn change(pins: &PinDir, name: &str, what: Change) -> Result<Changed> {
     apply::write_scopes(pins, &compiled, slot, 0)?;
     write_all_or_nothing(&mut fields, &live, &writes, &removals)
         .with_context(|| format!("set {name}"))?;
-    save(pins, &new)?;
-    apply::write_scopes(pins, &compiled, slot, config.generation + 1)?;
-    let generation = next_generation(pins, &record, slot, config)?;
+    let recorded = (|| {
+        save(pins, &new)?;
+        apply::write_scopes(pins, &compiled, slot, config.generation + 1)?;
+        next_generation(pins, &record, slot, config)
+    })();
+    // Recorded and moved on, or put back: a change the state directory does not hold (/run
+    // full or read-only) was enforced while `set list` denied it, the flows open before it
+    // were not judged again, and the next apply undid it.
+    let generation = match recorded {
+        Ok(generation) => generation,
+        Err(e) => {
+            let _ = save(pins, &old);
+            let (writes, removals) = undoing(&live, &writes, &removals);
+            let writes: Vec<_> = writes.iter().map(|(id, b)| (*id, b)).collect();
+            let undone = write_all_or_nothing(&mut fields, &wanted, &writes, &removals);
+            let left = match undone {
+                Ok(()) => "nothing was changed (the kernel's entries were put back)".to_string(),
+                Err(u) => format!("and putting the kernel's entries back failed: {u:#}"),
+            };
+            return Err(e.context(format!("set {name}: the change was not recorded; {left}")));
+        }
+    };
     Ok(Changed {
         set: name.to_owned(),
         entries_written: writes.len(),
@@ -250,6 +269,20 @@ fn write_all_or_nothing<T: std::borrow::BorrowMut<MapData>>(
             done.len()
         )))
     }
+}
+
+/// What puts back the entries as `live` had them after `writes` and `removals` were made:
+/// the writes and removals that undo them (longest prefixes first, as every write).
+fn undoing<'a>(
+    live: &HashMap<EntryId, RuleBitmap>,
+    writes: &[(&'a EntryId, &RuleBitmap)],
+    removals: &[&'a EntryId],
+) -> (Vec<(&'a EntryId, RuleBitmap)>, Vec<&'a EntryId>) {
+    let changed = writes.iter().map(|(id, _)| *id).chain(removals.iter().copied());
+    let mut back: Vec<_> = changed.filter_map(|id| live.get(id).map(|b| (id, *b))).collect();
+    back.sort_by_key(|(id, _)| std::cmp::Reverse(id.3));
+    let added = writes.iter().map(|(id, _)| *id).filter(|id| !live.contains_key(*id)).collect();
+    (back, added)
 }
 
 /// (table, field, value, prefix length in the key): one trie entry.
