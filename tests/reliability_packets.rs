@@ -1593,6 +1593,43 @@ fn ipv6_header_chain_in_padding_is_not_trusted() {
     assert!(failures.is_empty(), "IPv6 headers taken from padding:\n{}", failures.join("\n"));
 }
 
+/// An ICMP error about no flow opens nothing (conntrack never makes one NEW): the host's
+/// error is judged and passes, but makes no flow, which let the outside host's ICMP of any
+/// type in as its answers, past a policy that denies it.
+#[test]
+fn an_icmp_error_about_no_flow_makes_no_flow() {
+    let failures = isolated(false, |_| {
+        let k = Kernel::new();
+        k.apply(POLICY);
+        let mut failures = Vec::new();
+        for (outside, inside, v6) in
+            [("203.0.113.66", INSIDE4, false), ("2001:db8:2::66", INSIDE6, true)]
+        {
+            let never = build(&spec(outside, inside, Body::Udp(4000, 7000)));
+            let (kind, code, other) = if v6 { (1, 4, 200) } else { (3, 3, 13) };
+            k.arrive_as(Role::External);
+            let icmp = build(&spec(outside, inside, Body::Icmp(other, 0)));
+            assert_eq!(k.run(&icmp), DROP, "the policy denies ICMP in");
+            k.arrive_as(Role::Internal);
+            let err = icmp_error(inside, outside, kind, code, &quote(&never));
+            assert_eq!(k.run(&err), PASS, "the host's error, allowed out");
+            k.arrive_as(Role::External);
+            for n in 1..=2 {
+                let icmp = build(&spec(outside, inside, Body::Icmp(other, 0)));
+                let got = k.run(&icmp);
+                if got != DROP {
+                    failures.push(format!(
+                        "ICMP type {other} {n} from {outside} after {inside}'s error: {} (want DROP)",
+                        verdict_name(got)
+                    ));
+                }
+            }
+        }
+        failures
+    });
+    assert!(failures.is_empty(), "ICMP in by an error's flow:\n{}", failures.join("\n"));
+}
+
 // ---------------------------------------------------------------------------------------
 // The corpus on a real interface.
 

@@ -675,8 +675,10 @@ pub fn commit(
     reply: &mut FlowValue,
     established: bool,
 ) -> Result<(), DropReason> {
-    // `xdpgate trace`'s flow is recorded, not created.
-    if trace::flow(forward) {
+    // `xdpgate trace`'s flow is recorded, not created. An ICMP error about no flow answers
+    // a packet and opens nothing (conntrack never makes one NEW): judged, it makes no
+    // flow, which would let the peer's ICMP in as its answers.
+    if trace::flow(forward) || icmp::is_error(meta) {
         return Ok(());
     }
     *reply = *forward;
@@ -720,6 +722,10 @@ pub fn commit_snat(meta: &PacketMeta, gw: u32, len: u64) -> Result<Action, DropR
     let now = clock::now_ns();
     let pair = FLOW_SCRATCH.get_ptr_mut(0).ok_or(DropReason::Internal)?;
     let [forward, reply] = unsafe { &mut *pair };
+    // An ICMP error about no flow has no translation to leave by (see `commit`).
+    if icmp::is_error(meta) {
+        return Err(DropReason::NoFlow);
+    }
     let claim = snat::allocate(meta, gw, now)?;
     forward.nat = NAT_SRC;
     forward.nat_addr = snat::public_address(gw, claim >> 16).ok_or(DropReason::Internal)?;
