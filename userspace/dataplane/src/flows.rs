@@ -483,9 +483,9 @@ pub fn remove_idle(
 /// Whether an embryonic flow of protocol `proto`, whose reply entry is `reply`, is a lone
 /// exchange: answered (its reply entry has a packet) and not TCP (whose answered, never
 /// acknowledged handshake is a flood's, left to the table's LRU). The dataplane confirms
-/// these only when they go on (`exchanged_again`), so the sweep ends them once idle (the
-/// NAT expiry ends a translated one with its translation, as every flow never confirmed).
-fn lone_exchange(proto: u8, reply: Option<&FlowValue>) -> bool {
+/// these only when they go on (`exchanged_again`), so the agent ends them once idle: the
+/// sweep, or the NAT expiry with their translation.
+pub(crate) fn lone_exchange(proto: u8, reply: Option<&FlowValue>) -> bool {
     lone_protocol(proto) && reply.is_some_and(|r| r.packets > 0)
 }
 

@@ -334,8 +334,8 @@ pub fn expire(
         Ok(())
     })?;
     let mut out = Expired::default();
-    // Embryonic flows ended (see `stats::add_ended_embryos`).
-    let mut ended_embryos = 0;
+    // Lone exchanges ended (see `stats::add_ended_embryos`).
+    let mut lone_ended = 0;
     for (reply, t) in entries {
         if t.state == NAT_COOLDOWN {
             if now >= t.time_ns {
@@ -355,14 +355,13 @@ pub fn expire(
             6 if seen.iter().any(|f| f.tcp & TCP_CLOSED != 0) => TCP_CLOSED_TIMEOUT_NS,
             proto => u64::from(idle_timeout_s(policy, gw, proto, &seen)) * 1_000_000_000,
         };
-        // A flow never confirmed (nothing in the established table: a handshake unanswered
-        // or refused, a datagram unanswered, a lone exchange) goes after the embryonic
-        // timeout, as its entries do, and as NATs time out a SYN (RFC 5382's 30-60 s): held
-        // for the gateway's TCP timeout, a host scanning or calling dead addresses held a
-        // port for minutes per attempt and ran the pool out; a resolver's lone exchanges
-        // crowded the embryonic table (LRU), pushing out handshakes.
-        let unconfirmed = reads[0] == [None, None];
-        let timeout = if unconfirmed {
+        // A lone exchange (answered, never confirmed: in the embryonic table alone, not TCP)
+        // goes after the embryonic timeout, as the sweep ends one without a translation:
+        // held for the gateway's, a resolver's queries would crowd that table (LRU), pushing
+        // out handshakes and the flows whose answers bypass the gateway.
+        let lone = reads[0] == [None, None]
+            && crate::flows::lone_exchange(reply.proto, reads[1][1].as_ref());
+        let timeout = if lone {
             timeout.min(u64::from(policy.settings.embryonic_timeout) * 1_000_000_000)
         } else {
             timeout
@@ -382,21 +381,18 @@ pub fn expire(
         let released = retire(&mut map, &reply, &t, cooldown_s(gw), now, remove_flow)?;
         out.released += usize::from(released);
         // As the table that had it before it went: the established one, or the embryonic
-        // one for a flow never confirmed. Not when another remover took the flow first: its
-        // end is theirs.
-        let had = if unconfirmed {
-            removed[1].then_some(reads[1])
-        } else {
-            removed[0].then_some(reads[0])
-        };
+        // one for a lone exchange (answered, never confirmed; not TCP's, as the sweep). Not
+        // when another remover took the flow first: its end is theirs.
+        let had =
+            if lone { removed[1].then_some(reads[1]) } else { removed[0].then_some(reads[0]) };
         ended.extend(match had {
             Some([Some(f), r]) => Some(FlowEntries::of(forward, f, reply, r)),
             Some([None, Some(r)]) => Some(FlowEntries::of(reply, r, forward, None)),
             _ => None,
         });
-        ended_embryos += u64::from(unconfirmed && removed[1]);
+        lone_ended += u64::from(lone && removed[1]);
     }
-    crate::stats::add_ended_embryos(pins, ended_embryos)?;
+    crate::stats::add_ended_embryos(pins, lone_ended)?;
     Ok(out)
 }
 
