@@ -251,6 +251,58 @@ fn sighup_with_a_broken_policy_keeps_the_running_one() {
     agent.stop();
 }
 
+/// The state directory removed under a running agent (a cleaner of `/run`): the agent takes
+/// its lock again within seconds, so a one-shot apply is still refused beside it and the
+/// policy stays the agent's (seen failing: the lock was never taken again, so `agent_pid`,
+/// which `apply` asks, found no agent).
+#[test]
+fn the_agent_takes_its_lock_again_when_the_state_directory_goes() {
+    let lab = Gateway::new();
+    let file = lab.write_policy("policy.yaml", &policy(8080));
+    let mut agent = Agent::start(&lab, &["--policy", file.to_str().unwrap()]);
+    agent.wait_applied(&lab);
+    std::fs::remove_dir_all(xdpgate_dataplane::state::dir(&lab.pins.dir)).unwrap();
+    let pid = agent.child.id();
+    wait_for("the agent's lock taken again", Duration::from_secs(10), || {
+        agent.assert_running("its state directory removed");
+        xdpgate_dataplane::state::agent_pid(&lab.pins.dir) == Some(pid)
+    });
+    let other = lab.write_policy("other.yaml", &policy(9090));
+    let out = lab.pins.try_xdpgate(&["apply", other.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains(&format!("agent (pid {pid})")), "{stderr}");
+    assert!(reaches(&lab, 8080) && !reaches(&lab, 9090), "the agent's policy stays");
+    assert!(agent.log().contains("lost this agent's lock"), "{}", agent.log());
+    assert_eq!(agent_state(&lab.pins).unwrap()["pid"].as_u64(), Some(u64::from(pid)));
+
+    // Another agent takes the dataplane while this one's lock is gone (this one stopped
+    // meanwhile): this one then stops with an error, leaving the other its state file.
+    agent.signal(libc::SIGSTOP);
+    std::fs::remove_dir_all(xdpgate_dataplane::state::dir(&lab.pins.dir)).unwrap();
+    let args = ["--policy", other.to_str().unwrap(), "--metrics-addr", "off"];
+    let mut second = Agent::start(&lab, &args);
+    let second_pid = u64::from(second.child.id());
+    wait_for("the second agent's policy", Duration::from_secs(20), || {
+        second.assert_running("start beside a stopped agent");
+        agent_state(&lab.pins).is_some_and(|s| s["pid"].as_u64() == Some(second_pid))
+            && reaches(&lab, 9090)
+    });
+    agent.signal(libc::SIGCONT);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = agent.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "the first agent went on: {}", agent.log());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!status.success() && agent.log().contains("another agent"), "{}", agent.log());
+    second.assert_running("the first agent's stop");
+    assert_eq!(agent_state(&lab.pins).unwrap()["pid"].as_u64(), Some(second_pid));
+    assert!(reaches(&lab, 9090), "the second agent's policy stays");
+    second.stop();
+}
+
 /// Opens a UDP flow to the server's port 5353 from `sport` (one datagram).
 fn udp_flow(lab: &Gateway, sport: u16) {
     lab.client.run(move || {

@@ -31,7 +31,7 @@ use xdpgate_dataplane::{
     nat,
     probes::{ProbeHealth, ProbeKey},
     routes,
-    state::{AgentLock, LOCK_WAIT, WriteLock},
+    state::{self, AgentLock, LOCK_WAIT, WriteLock},
     transaction,
 };
 use xdpgate_policy::{
@@ -387,7 +387,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     let (policy, source, tables, lbs) = prepare(pins, file)?;
     // This process is the dataplane's one writer of policy until it exits: a one-shot
     // `apply` is refused meanwhile, so the agent never runs on a stale copy.
-    let _owner = AgentLock::acquire(pins)?;
+    let mut owner = AgentLock::acquire(pins)?;
     // Probe results and durations, for the metrics; kept across reloads.
     let probe_stats = ProbeStats::default();
     // Serves GET /metrics until run returns (the server stops when dropped). A bad
@@ -502,6 +502,8 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     // Programs come and go with attach and upgrade: look for new ones every tick.
     let mut loggers = Vec::new();
     let mut ticks = 0u64;
+    // Set when another agent took the dataplane after this one lost its lock (see `renew`).
+    let mut taken_over = false;
     let (mut tx, mut rx) = mpsc::channel::<Change>(256);
     let mut prober = Prober::spawn_counted(start, max_concurrent, tx.clone(), probe_stats.clone());
     // Announced only once nothing above can fail: an agent that exits on an error leaves no
@@ -604,6 +606,10 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                     save_state(pins, &mut state, &failing);
                 }
                 tick(pins, &mut loggers, flow_log.as_mut(), &mut failing);
+                if !owner.held(pins) && !renew(pins, &mut owner, &mut state, &mut failing) {
+                    taken_over = true;
+                    break;
+                }
                 follow_generation(pins, &mut running.names, &mut failing);
                 // Drain, undrain, a detach or a reattach: within a second. Before the
                 // reattach below, so that a detached node is withdrawn in every case.
@@ -723,8 +729,11 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     if reload.take() {
         info!("the reload waiting for the write lock is not applied: the agent stops");
     }
-    // First, while the dataplane is certainly in force: the peers stop sending here.
-    if let Some(bgp) = node.as_ref().and_then(|n| n.bgp.as_ref()) {
+    // First, while the dataplane is certainly in force: the peers stop sending here. Not
+    // when another agent runs it now: the routes and the state file are that one's.
+    if taken_over {
+        drop(owner);
+    } else if let Some(bgp) = node.as_ref().and_then(|n| n.bgp.as_ref()) {
         match announce::withdraw_all(pins, bgp.table, "the agent stopped") {
             Ok(n) => info!("bgp: withdrew {n} routes from table {} before stopping", bgp.table),
             Err(e) => error!("bgp: withdrawing this node's routes failed: {e:#}"),
@@ -754,6 +763,9 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                  them within {FLOW_LOG_STOP:?}"
             );
         }
+    }
+    if taken_over {
+        return Err(anyhow!("another agent took the dataplane at {}", pins.path().display()));
     }
     agent_state::remove(pins);
     info!("stopping; the dataplane keeps running from its pinned state");
@@ -980,6 +992,33 @@ fn expire_nat(
         info!("NAT: {} translations idled out, {} ports free again", e.expired, e.released);
     }
     ended
+}
+
+/// Takes the agent lock again once its file is gone from the state directory (see
+/// [`AgentLock::held`]), and writes the agent's state there again. False when another
+/// agent has taken the dataplane meanwhile: this one stops, as it would not have started.
+fn renew(
+    pins: &PinDir,
+    owner: &mut AgentLock,
+    state: &mut AgentState,
+    failing: &mut Failing,
+) -> bool {
+    if let Some(pid) = state::agent_pid(pins) {
+        error!(
+            "another agent (pid {pid}) took the dataplane after this one's lock went with the              state directory ({}): this agent stops",
+            state::dir(pins).display()
+        );
+        return false;
+    }
+    if let Some(lock) = failing.check("taking the agent lock again", AgentLock::acquire(pins)) {
+        *owner = lock;
+        error!(
+            "the state directory {} lost this agent's lock (removed?): taken again; the              records of earlier applies, the sets' run-time changes and the drains it held              are lost",
+            state::dir(pins).display()
+        );
+        save_state(pins, state, failing);
+    }
+    true
 }
 
 /// The once-a-second jobs that need no write lock; none of their errors ends the agent.

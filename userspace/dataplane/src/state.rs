@@ -188,7 +188,7 @@ fn lock_dir(pins: &PinDir, arg: FlockArg, wait: Duration) -> Result<Option<Flock
 const AGENT_LOCK_WAIT: Duration = Duration::from_secs(1);
 
 /// Held by `xdpgate run` while it owns the dataplane at one pin directory.
-pub struct AgentLock(#[expect(dead_code, reason = "held for its lock")] Flock<File>);
+pub struct AgentLock(Flock<File>);
 
 fn agent_lock_path(pins: &PinDir) -> PathBuf {
     dir(pins).join("agent.lock")
@@ -207,6 +207,17 @@ impl AgentLock {
                     pins.path().display()
                 )
             }
+        }
+    }
+
+    /// Whether the lock still guards the dataplane: its file is the one at its path. With
+    /// the state directory removed (`rm -rf /run/xdpgate`, a cleaner of `/run`), it holds a
+    /// file no one finds, and an `apply` or a second agent would go on beside its holder.
+    pub fn held(&self, pins: &PinDir) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match (fs::metadata(agent_lock_path(pins)), self.0.metadata()) {
+            (Ok(path), Ok(ours)) => (path.dev(), path.ino()) == (ours.dev(), ours.ino()),
+            _ => false,
         }
     }
 }
