@@ -540,6 +540,33 @@ fn upgrade_carries_flows_over_from_the_earlier_layout() {
     assert_eq!(drops(&lab, "no_flow"), no_flow);
 }
 
+/// A migration whose `finish` was cut short after it unpinned the earlier pipelines (this
+/// build's programs running) leaves the earlier tables stale: the next `upgrade` unpins them
+/// and copies nothing, which would bring back flows the new programs have closed or removed
+/// (seen failing: the stale entry was copied into the flow table).
+#[test]
+fn an_upgrade_after_a_finish_cut_short_copies_nothing_stale() {
+    use aya::maps::{HashMap, MapData};
+    use xdpgate_common::maps::FLOWS_V1;
+    let lab = Gateway::new();
+    lab.apply("policy.yaml", POLICY);
+    let size = xdpgate_dataplane::tables::pinned_entries(&lab.pins.dir, FLOWS).unwrap();
+    let size = size.unwrap().to_string();
+    let pin = lab.pins.dir.map(FLOWS_V1);
+    let args = ["type", "hash", "key", "40", "value", "72", "entries", &size, "name", FLOWS_V1];
+    common::run("bpftool", &[&["map", "create", pin.to_str().unwrap()][..], &args].concat());
+    let mut earlier: HashMap<MapData, FlowKey, [u8; 72]> =
+        lab.pins.dir.open_map(FLOWS_V1).unwrap().try_into().unwrap();
+    let stale = FlowKey { sport: 1111, dport: 7, proto: 6, family: 4, ..FlowKey::default() };
+    earlier.insert(stale, [1; 72], 0).unwrap();
+    drop(earlier);
+    lab.pins.xdpgate(&["upgrade"]);
+    assert!(!pin.exists(), "the earlier table unpinned");
+    let flows: HashMap<MapData, FlowKey, FlowValue> =
+        lab.pins.dir.open_map(FLOWS).unwrap().try_into().unwrap();
+    assert!(flows.get(&stale, 0).is_err(), "the stale entry copied");
+}
+
 /// An upgrade from the earlier layout that is refused (here: an interface attached by a
 /// build without the egress program, asked from outside its namespace) leaves nothing of
 /// the new layout pinned, so nothing reads empty new tables as the flows (an agent's NAT

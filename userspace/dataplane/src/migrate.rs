@@ -126,6 +126,12 @@ pub fn in_use(pins: &PinDir) -> Result<bool> {
 /// is taken from whichever saw a packet last. Returns how many were copied.
 pub fn copy(pins: &PinDir) -> Result<u64> {
     let fresh = !in_use(pins)?;
+    // This layout's programs run and the earlier ones' pipelines are gone: a `finish` was
+    // cut short after its last copy. The earlier tables are then stale: copied again, they
+    // would bring back flows the new programs have closed or removed since.
+    if !fresh && PIPELINES.iter().all(|(old, _)| !pins.map(old).exists()) {
+        return Ok(0);
+    }
     let mut copied = 0;
     for (old, new) in TABLES {
         if !pins.map(old).exists() {
