@@ -122,7 +122,7 @@ pub fn attach(
             }
             let trusted = replace(pins, ifname, link.hook, gateways)?;
             let added =
-                add_frontends(pins, frontends).inspect_err(|_| take_back(pins, &trusted, &[]))?;
+                add_frontends(pins, frontends).map_err(|e| take_back(pins, &trusted, &[], e))?;
             return Ok(Attached { attached: false, added, trusted });
         }
     }
@@ -172,8 +172,7 @@ fn attach_new(
         Ok(())
     };
     if let Err(e) = attach() {
-        take_back(pins, &trusted, &added);
-        return Err(e);
+        return Err(take_back(pins, &trusted, &added, e));
     }
     Ok(Attached { attached: true, added, trusted })
 }
@@ -190,28 +189,54 @@ fn replace(pins: &PinDir, ifname: &str, hook: Hook, gateways: &[IpNet]) -> Resul
             crate::replace_ingress(&mut ebpf, PROGRAMS, pinned, hook, ifname)
                 .context("replacing the decap program")
         });
-    replaced.inspect_err(|_| take_back(pins, &trusted, &[]))?;
+    replaced.map_err(|e| take_back(pins, &trusted, &[], e))?;
     Ok(trusted)
 }
 
 /// Takes back the gateways and frontends an attach added before a later step of it failed,
 /// so that a refusal changes nothing: a gateway left in would be decapsulated from on the
-/// interfaces attached already.
-fn take_back(pins: &PinDir, gateways: &[IpNet], frontends: &[IpAddr]) {
+/// interfaces attached already. Returns `error`, saying what could not be taken back.
+fn take_back(
+    pins: &PinDir,
+    gateways: &[IpNet],
+    frontends: &[IpAddr],
+    error: anyhow::Error,
+) -> anyhow::Error {
     let dir = dir(pins);
-    if let Ok(map) = dir.open_map(DECAP_SOURCES)
-        && let Ok(mut map) = LpmTrie::<_, AddrKey, u32>::try_from(map)
-    {
-        for g in gateways {
-            let _ = map.remove(&crate::nat::prefix_key(g));
+    let mut left: Vec<String> = Vec::new();
+    if !gateways.is_empty() {
+        match dir.open_map(DECAP_SOURCES).and_then(|m| Ok(LpmTrie::<_, AddrKey, u32>::try_from(m)?))
+        {
+            Ok(mut map) => left.extend(
+                gateways
+                    .iter()
+                    .filter(|g| map.remove(&crate::nat::prefix_key(g)).is_err())
+                    .map(|g| format!("gateway {g}")),
+            ),
+            Err(_) => left.extend(gateways.iter().map(|g| format!("gateway {g}"))),
         }
     }
-    if let Ok(map) = dir.open_map(DECAP_FRONTENDS)
-        && let Ok(mut map) = HashMap::<_, DecapKey, u32>::try_from(map)
-    {
-        for &f in frontends {
-            let _ = map.remove(&key(f));
+    if !frontends.is_empty() {
+        match dir
+            .open_map(DECAP_FRONTENDS)
+            .and_then(|m| Ok(HashMap::<_, DecapKey, u32>::try_from(m)?))
+        {
+            Ok(mut map) => left.extend(
+                frontends
+                    .iter()
+                    .filter(|f| map.remove(&key(**f)).is_err())
+                    .map(|f| format!("frontend {f}")),
+            ),
+            Err(_) => left.extend(frontends.iter().map(|f| format!("frontend {f}"))),
         }
+    }
+    if left.is_empty() {
+        error
+    } else {
+        error.context(format!(
+            "and {} could not be taken back: they stay in force (xdpgate decap remove)",
+            left.join(", ")
+        ))
     }
 }
 
@@ -225,10 +250,9 @@ pub fn add_frontends(pins: &PinDir, frontends: &[IpAddr]) -> Result<Vec<IpAddr>>
             continue;
         }
         if let Err(e) = map.insert(key(f), 1, 0) {
-            take_back(pins, &[], &added);
-            return Err(anyhow::Error::new(e).context(format!(
-                "adding frontend {f} (at most {MAX_DECAP_FRONTENDS} frontends)"
-            )));
+            let e = anyhow::Error::new(e)
+                .context(format!("adding frontend {f} (at most {MAX_DECAP_FRONTENDS} frontends)"));
+            return Err(take_back(pins, &[], &added, e));
         }
         added.push(f);
     }
@@ -252,9 +276,9 @@ pub fn add_gateways(pins: &PinDir, gateways: &[IpNet]) -> Result<Vec<IpNet>> {
             continue;
         }
         if let Err(e) = map.insert(&key, 1, 0) {
-            take_back(pins, &added, &[]);
-            return Err(anyhow::Error::new(e)
-                .context(format!("adding gateway {g} (at most {MAX_DECAP_SOURCES} gateways)")));
+            let e = anyhow::Error::new(e)
+                .context(format!("adding gateway {g} (at most {MAX_DECAP_SOURCES} gateways)"));
+            return Err(take_back(pins, &added, &[], e));
         }
         added.push(g.trunc());
     }

@@ -181,8 +181,10 @@ pub fn change(pins: &PinDir, name: &str, what: Change) -> Result<Changed> {
     apply::write_scopes(pins, &compiled, slot, 0)?;
     write_all_or_nothing(&mut fields, &live, &writes, &removals)
         .with_context(|| format!("set {name}"))?;
+    let mut saved = false;
     let recorded = (|| {
         save(pins, &new)?;
+        saved = true;
         apply::write_scopes(pins, &compiled, slot, config.generation + 1)?;
         next_generation(pins, &record, slot, config)
     })();
@@ -192,13 +194,19 @@ pub fn change(pins: &PinDir, name: &str, what: Change) -> Result<Changed> {
     let generation = match recorded {
         Ok(generation) => generation,
         Err(e) => {
-            let _ = save(pins, &old);
+            let restored = if saved { save(pins, &old) } else { Ok(()) };
             let (writes, removals) = undoing(&live, &writes, &removals);
             let writes: Vec<_> = writes.iter().map(|(id, b)| (*id, b)).collect();
             let undone = write_all_or_nothing(&mut fields, &wanted, &writes, &removals);
-            let left = match undone {
-                Ok(()) => "nothing was changed (the kernel's entries were put back)".to_string(),
-                Err(u) => format!("and putting the kernel's entries back failed: {u:#}"),
+            let left = match (undone, restored) {
+                (Ok(()), Ok(())) => {
+                    "nothing was changed (the kernel's entries were put back)".to_string()
+                }
+                (Ok(()), Err(r)) => format!(
+                    "the kernel's entries were put back, but the saved run-time changes were \
+                     not ({r:#}): the next apply would make the change"
+                ),
+                (Err(u), _) => format!("and putting the kernel's entries back failed: {u:#}"),
             };
             return Err(e.context(format!("set {name}: the change was not recorded; {left}")));
         }
