@@ -1630,6 +1630,40 @@ fn an_icmp_error_about_no_flow_makes_no_flow() {
     assert!(failures.is_empty(), "ICMP in by an error's flow:\n{}", failures.join("\n"));
 }
 
+/// An ICMP error that quotes no flow is judged as new, not looked up by its own key: an
+/// ICMP flow of a type without identifier (the host's timestamp request here) has the key
+/// every such error from its peer has, and let the peer's errors about anything in (seen
+/// failing: passed).
+#[test]
+fn an_icmp_error_about_no_flow_is_not_taken_for_an_icmp_flow() {
+    let failures = isolated(false, |_| {
+        let k = Kernel::new();
+        k.apply(POLICY);
+        let mut failures = Vec::new();
+        for (outside, inside, v6) in
+            [("203.0.113.66", INSIDE4, false), ("2001:db8:2::66", INSIDE6, true)]
+        {
+            // An informational ICMP of the host's, out: a flow without identifier.
+            let (info, kind, code) = if v6 { (200, 1, 3) } else { (13, 3, 1) };
+            k.arrive_as(Role::Internal);
+            assert_eq!(k.run(&build(&spec(inside, outside, Body::Icmp(info, 0)))), PASS);
+            // The peer's error about a packet the host never sent it.
+            let never = build(&spec(inside, outside, Body::Udp(4000, 7000)));
+            let err = icmp_error(outside, inside, kind, code, &quote(&never));
+            k.arrive_as(Role::External);
+            let got = k.run(&err);
+            if got != DROP {
+                failures.push(format!(
+                    "error from {outside} about no flow, after {inside}'s ICMP type {info}: {} (want DROP)",
+                    verdict_name(got)
+                ));
+            }
+        }
+        failures
+    });
+    assert!(failures.is_empty(), "ICMP errors in by an ICMP flow:\n{}", failures.join("\n"));
+}
+
 // ---------------------------------------------------------------------------------------
 // The corpus on a real interface.
 

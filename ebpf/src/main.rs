@@ -243,8 +243,13 @@ fn policy_stage<H: Hook>(ctx: &H) -> Result<u32, DropReason> {
         return hand_on(ctx, action, PIPELINE_ACT);
     }
     let len = Packet::len(ctx) as u64;
-    let action = match icmp::is_error(meta).then(|| icmp::related(ctx, meta)).flatten() {
+    let error = icmp::is_error(meta);
+    let action = match error.then(|| icmp::related(ctx, meta)).flatten() {
         Some(action) => action,
+        // An error about no flow is judged as new (and makes none), not looked up by its
+        // own key: an ICMP flow of a type without identifier has the key of every such
+        // error between its two hosts.
+        None if error => return enter(ctx, H::stages(), PIPELINE_NEW),
         None => match if not_established {
             flow::lookup_embryo(&active, meta, &flow::key(meta), clock::now_ns(), len)?
         } else {
@@ -602,8 +607,12 @@ fn egress_policy_stage(ctx: &TcContext) -> Result<Option<()>, DropReason> {
             None => enter(ctx, &EGRESS_PIPELINE, EGRESS_NEW),
         };
     }
-    if icmp::is_error(meta) && icmp::related(ctx, meta).is_some() {
-        return Ok(Some(()));
+    if icmp::is_error(meta) {
+        // As on arrival: an error about no flow is judged as new, not looked up by its key.
+        return match icmp::related(ctx, meta) {
+            Some(_) => Ok(Some(())),
+            None => enter(ctx, &EGRESS_PIPELINE, EGRESS_NEW),
+        };
     }
     let len = u64::from(ctx.len());
     let found = if not_established {
