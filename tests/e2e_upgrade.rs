@@ -567,6 +567,29 @@ fn an_upgrade_after_a_finish_cut_short_copies_nothing_stale() {
     assert!(flows.get(&stale, 0).is_err(), "the stale entry copied");
 }
 
+/// Earlier-layout pins whose devices were all deleted (links the kernel detached): no
+/// earlier program runs, so `attach` carries the flow tables over itself, as `upgrade`
+/// has nothing to replace (seen failing: attach sent to upgrade, which found nothing).
+#[test]
+fn attach_carries_the_earlier_tables_over_when_their_devices_are_gone() {
+    use xdpgate_common::maps::{EMBRYOS_V1, FLOWS_V1, PIPELINE_V1};
+    let lab = Gateway::new();
+    lab.apply("policy.yaml", POLICY);
+    as_earlier_build(&lab);
+    for name in [&lab.ext, &lab.int] {
+        lab.gw.exec("ip", &["link", "del", name]);
+    }
+    let out = lab.pins.try_xdpgate(&["upgrade"]);
+    assert!(!out.status.success(), "nothing to upgrade");
+    lab.gw.exec("ip", &["link", "add", &lab.ext, "type", "veth", "peer", "name", "xgnew1"]);
+    lab.gw.exec("ip", &["link", "set", &lab.ext, "up"]);
+    lab.pins.xdpgate(&["attach", "--hook", "xdp", "--iface", &lab.ext, "--role", "external"]);
+    for old in [FLOWS_V1, EMBRYOS_V1, PIPELINE_V1] {
+        assert!(!lab.pins.dir.map(old).exists(), "{old} unpinned");
+    }
+    lab.pins.xdpgate(&["flows"]);
+}
+
 /// An upgrade from the earlier layout that is refused (here: an interface attached by a
 /// build without the egress program, asked from outside its namespace) leaves nothing of
 /// the new layout pinned, so nothing reads empty new tables as the flows (an agent's NAT

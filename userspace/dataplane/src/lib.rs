@@ -730,7 +730,9 @@ pub fn attach_sized(
             link_pin.display()
         );
     }
-    if migrate::pending(pins) && !pins.attached()?.is_empty() {
+    // Links whose devices were deleted run nothing: with only those, `upgrade` has nothing
+    // to replace, and this attach carries the tables over itself.
+    if migrate::pending(pins) && pins.attached()?.iter().any(|n| !link_gone(pins, n)) {
         bail!(
             "the interfaces attached under {} run an earlier build, whose flow tables have \
              another layout: run `xdpgate upgrade` first, which carries their flows over; \
