@@ -1496,17 +1496,49 @@ fn icmp_error_quoting_a_flow_reaches_only_its_host() {
     assert!(failures.is_empty(), "ICMP errors bypass the policy:\n{}", failures.join("\n"));
 }
 
+/// The frames a test found passed where it wants them dropped.
+#[derive(Default)]
+struct Passed(Vec<String>);
+
+impl Passed {
+    /// Runs `frame`, named `name`, and notes it if it is not dropped.
+    fn unless_dropped(&mut self, k: &Kernel, name: &str, frame: &[u8]) {
+        let got = k.run(frame);
+        if got != DROP {
+            self.0.push(format!(
+                "{name}: {} (want DROP)\n    frame {}",
+                verdict_name(got),
+                hex(frame)
+            ));
+        }
+    }
+}
+
+/// Runs `cases` against a dataplane with `policy` applied, in a namespace of its own, and
+/// fails with every frame they found passed, under `what`.
+fn must_drop(
+    policy: String,
+    what: &str,
+    cases: impl FnOnce(&Kernel, &mut Passed) + Send + 'static,
+) {
+    let passed = isolated(false, move |_| {
+        let k = Kernel::new();
+        k.apply(&policy);
+        let mut passed = Passed::default();
+        cases(&k, &mut passed);
+        passed
+    });
+    assert!(passed.0.is_empty(), "{what}:\n{}", passed.0.join("\n"));
+}
+
 /// An ICMP error's quote must lie inside its IP packet. Read from the bytes past its end
 /// (Ethernet padding, or a forger's), the quote of the sender's own flow let a first
 /// fragment pass, and its later fragment (passed as part of it) carried another quote to
 /// the host: an error about any of its connections, past a policy that denies ICMP.
 #[test]
 fn icmp_error_quote_in_padding_is_not_trusted() {
-    let failures = isolated(false, |_| {
-        let k = Kernel::new();
-        k.apply(POLICY);
+    must_drop(POLICY.into(), "ICMP quotes taken from padding", |k, passed| {
         k.arrive_as(Role::External);
-        let mut failures = Vec::new();
         for (attacker, server, v6) in
             [("203.0.113.66", INSIDE4, false), ("2001:db8:2::66", INSIDE6, true)]
         {
@@ -1526,31 +1558,22 @@ fn icmp_error_quote_in_padding_is_not_trusted() {
                 cut[ip + 2..ip + 4].copy_from_slice(&28u16.to_be_bytes());
                 fix_ipv4_checksum(&mut cut, ip);
             }
-            let mut frames = vec![(
+            let rest = &whole[l4 + 8..];
+            passed.unless_dropped(
+                k,
                 "quote past the IP packet",
-                padded(cut.clone(), whole.len(), &whole[l4 + 8..]),
-            )];
+                &padded(cut.clone(), whole.len(), rest),
+            );
             if !v6 {
                 let first = ipv4_frag(cut, 0x3003, true, 0);
-                frames.push((
+                passed.unless_dropped(
+                    k,
                     "first fragment, quote past it",
-                    padded(first, whole.len(), &whole[l4 + 8..]),
-                ));
-            }
-            for (name, frame) in frames {
-                let got = k.run(&frame);
-                if got != DROP {
-                    failures.push(format!(
-                        "{name}: {} (want DROP)\n    frame {}",
-                        verdict_name(got),
-                        hex(&frame)
-                    ));
-                }
+                    &padded(first, whole.len(), rest),
+                );
             }
         }
-        failures
     });
-    assert!(failures.is_empty(), "ICMP quotes taken from padding:\n{}", failures.join("\n"));
 }
 
 /// An IPv6 extension header chain must end inside its IP packet. Followed into the bytes
@@ -1559,13 +1582,12 @@ fn icmp_error_quote_in_padding_is_not_trusted() {
 /// then passed with the real chain's TCP to a closed port.
 #[test]
 fn ipv6_header_chain_in_padding_is_not_trusted() {
-    let failures = isolated(false, |_| {
-        let k = Kernel::new();
-        k.apply(&POLICY.replace(
-            "      - {name: allow-app,",
-            "      - {name: allow-esp, priority: 120, direction: inbound, access: allow, \
-             protocol: esp, source: [\"*\"], destination: [\"*\"], destination_ports: [\"*\"]}\n      - {name: allow-app,",
-        ));
+    let policy = POLICY.replace(
+        "      - {name: allow-app,",
+        "      - {name: allow-esp, priority: 120, direction: inbound, access: allow, \
+         protocol: esp, source: [\"*\"], destination: [\"*\"], destination_ports: [\"*\"]}\n      - {name: allow-app,",
+    );
+    must_drop(policy, "IPv6 headers taken from padding", |k, passed| {
         k.arrive_as(Role::External);
         // Destination options of 16 bytes, then destination options naming ESP.
         let base = build(&spec("2001:db8:2::66", INSIDE6, Body::Raw(50)));
@@ -1578,19 +1600,12 @@ fn ipv6_header_chain_in_padding_is_not_trusted() {
         // The packet ends 8 bytes into the first header; the rest of the chain follows it.
         let mut cut = chain[..ip + 48].to_vec();
         cut[ip + 4..ip + 6].copy_from_slice(&8u16.to_be_bytes());
-        let frame = padded(cut, chain.len(), &chain[ip + 48..]);
-        let got = k.run(&frame);
-        let mut failures = Vec::new();
-        if got != DROP {
-            failures.push(format!(
-                "chain past the packet: {} (want DROP)\n    frame {}",
-                verdict_name(got),
-                hex(&frame)
-            ));
-        }
-        failures
+        passed.unless_dropped(
+            k,
+            "chain past the packet",
+            &padded(cut, chain.len(), &chain[ip + 48..]),
+        );
     });
-    assert!(failures.is_empty(), "IPv6 headers taken from padding:\n{}", failures.join("\n"));
 }
 
 /// An ICMP error about no flow opens nothing (conntrack never makes one NEW): the host's
@@ -1598,36 +1613,28 @@ fn ipv6_header_chain_in_padding_is_not_trusted() {
 /// type in as its answers, past a policy that denies it.
 #[test]
 fn an_icmp_error_about_no_flow_makes_no_flow() {
-    let failures = isolated(false, |_| {
-        let k = Kernel::new();
-        k.apply(POLICY);
-        let mut failures = Vec::new();
+    must_drop(POLICY.into(), "ICMP in by an error's flow", |k, passed| {
         for (outside, inside, v6) in
             [("203.0.113.66", INSIDE4, false), ("2001:db8:2::66", INSIDE6, true)]
         {
             let never = build(&spec(outside, inside, Body::Udp(4000, 7000)));
             let (kind, code, other) = if v6 { (1, 4, 200) } else { (3, 3, 13) };
-            k.arrive_as(Role::External);
             let icmp = build(&spec(outside, inside, Body::Icmp(other, 0)));
+            k.arrive_as(Role::External);
             assert_eq!(k.run(&icmp), DROP, "the policy denies ICMP in");
             k.arrive_as(Role::Internal);
             let err = icmp_error(inside, outside, kind, code, &quote(&never));
             assert_eq!(k.run(&err), PASS, "the host's error, allowed out");
             k.arrive_as(Role::External);
             for n in 1..=2 {
-                let icmp = build(&spec(outside, inside, Body::Icmp(other, 0)));
-                let got = k.run(&icmp);
-                if got != DROP {
-                    failures.push(format!(
-                        "ICMP type {other} {n} from {outside} after {inside}'s error: {} (want DROP)",
-                        verdict_name(got)
-                    ));
-                }
+                passed.unless_dropped(
+                    k,
+                    &format!("ICMP type {other} {n} after {inside}'s error"),
+                    &icmp,
+                );
             }
         }
-        failures
     });
-    assert!(failures.is_empty(), "ICMP in by an error's flow:\n{}", failures.join("\n"));
 }
 
 /// An ICMP error that quotes no flow is judged as new, not looked up by its own key: an
@@ -1636,10 +1643,7 @@ fn an_icmp_error_about_no_flow_makes_no_flow() {
 /// failing: passed).
 #[test]
 fn an_icmp_error_about_no_flow_is_not_taken_for_an_icmp_flow() {
-    let failures = isolated(false, |_| {
-        let k = Kernel::new();
-        k.apply(POLICY);
-        let mut failures = Vec::new();
+    must_drop(POLICY.into(), "ICMP errors in by an ICMP flow", |k, passed| {
         for (outside, inside, v6) in
             [("203.0.113.66", INSIDE4, false), ("2001:db8:2::66", INSIDE6, true)]
         {
@@ -1651,17 +1655,13 @@ fn an_icmp_error_about_no_flow_is_not_taken_for_an_icmp_flow() {
             let never = build(&spec(inside, outside, Body::Udp(4000, 7000)));
             let err = icmp_error(outside, inside, kind, code, &quote(&never));
             k.arrive_as(Role::External);
-            let got = k.run(&err);
-            if got != DROP {
-                failures.push(format!(
-                    "error from {outside} about no flow, after {inside}'s ICMP type {info}: {} (want DROP)",
-                    verdict_name(got)
-                ));
-            }
+            passed.unless_dropped(
+                k,
+                &format!("error about no flow, after ICMP type {info} out"),
+                &err,
+            );
         }
-        failures
     });
-    assert!(failures.is_empty(), "ICMP errors in by an ICMP flow:\n{}", failures.join("\n"));
 }
 
 // ---------------------------------------------------------------------------------------
