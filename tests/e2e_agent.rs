@@ -251,6 +251,17 @@ fn sighup_with_a_broken_policy_keeps_the_running_one() {
     agent.stop();
 }
 
+/// Removes the state directory as `rm -rf` does, again while a running agent writes a file
+/// into it meanwhile (the removal then finds it not empty).
+fn remove_state_dir(pins: &Pins) {
+    let dir = xdpgate_dataplane::state::dir(&pins.dir);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while let Err(e) = std::fs::remove_dir_all(&dir) {
+        assert!(std::time::Instant::now() < deadline, "removing {}: {e}", dir.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// The state directory removed under a running agent (a cleaner of `/run`): the agent takes
 /// its lock again within seconds, so a one-shot apply is still refused beside it and the
 /// policy stays the agent's (seen failing: the lock was never taken again, so `agent_pid`,
@@ -261,7 +272,7 @@ fn the_agent_takes_its_lock_again_when_the_state_directory_goes() {
     let file = lab.write_policy("policy.yaml", &policy(8080));
     let mut agent = Agent::start(&lab, &["--policy", file.to_str().unwrap()]);
     agent.wait_applied(&lab);
-    std::fs::remove_dir_all(xdpgate_dataplane::state::dir(&lab.pins.dir)).unwrap();
+    remove_state_dir(&lab.pins);
     let pid = agent.child.id();
     wait_for("the agent's lock taken again", Duration::from_secs(10), || {
         agent.assert_running("its state directory removed");
@@ -278,7 +289,7 @@ fn the_agent_takes_its_lock_again_when_the_state_directory_goes() {
     // Another agent takes the dataplane while this one's lock is gone (this one stopped
     // meanwhile): this one then stops with an error, leaving the other its state file.
     agent.signal(libc::SIGSTOP);
-    std::fs::remove_dir_all(xdpgate_dataplane::state::dir(&lab.pins.dir)).unwrap();
+    remove_state_dir(&lab.pins);
     let args = ["--policy", other.to_str().unwrap(), "--metrics-addr", "off"];
     let mut second = Agent::start(&lab, &args);
     let second_pid = u64::from(second.child.id());
