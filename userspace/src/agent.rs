@@ -1005,7 +1005,8 @@ fn renew(
 ) -> bool {
     if let Some(pid) = state::agent_pid(pins) {
         error!(
-            "another agent (pid {pid}) took the dataplane after this one's lock went with the              state directory ({}): this agent stops",
+            "another agent (pid {pid}) took the dataplane after this one's lock went with the \
+             state directory ({}): this agent stops",
             state::dir(pins).display()
         );
         return false;
@@ -1013,7 +1014,9 @@ fn renew(
     if let Some(lock) = failing.check("taking the agent lock again", AgentLock::acquire(pins)) {
         *owner = lock;
         error!(
-            "the state directory {} lost this agent's lock (removed?): taken again; the              records of earlier applies, the sets' run-time changes and the drains it held              are lost",
+            "the state directory {} lost this agent's lock (removed?): taken again; the \
+             records of earlier applies, the sets' run-time changes and the drains it held \
+             are lost",
             state::dir(pins).display()
         );
         save_state(pins, state, failing);
