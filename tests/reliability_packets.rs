@@ -1664,6 +1664,28 @@ fn an_icmp_error_about_no_flow_is_not_taken_for_an_icmp_flow() {
     });
 }
 
+/// Echo requests and replies share a flow key (the identifier both ways): a peer the host
+/// pinged could send its own echo requests with that identifier, and they passed as the
+/// replies, past a policy that denies them (seen failing: passed). The host's pings go on.
+#[test]
+fn a_peers_echo_request_is_not_taken_for_a_reply() {
+    must_drop(POLICY.into(), "echo requests in as replies", |k, passed| {
+        for (outside, inside, v6) in
+            [("203.0.113.66", INSIDE4, false), ("2001:db8:2::66", INSIDE6, true)]
+        {
+            k.arrive_as(Role::Internal);
+            assert_eq!(k.run(&build(&spec(inside, outside, Body::Echo(77)))), PASS, "a ping out");
+            let request = build(&spec(outside, inside, Body::Echo(77)));
+            let mut reply = request.clone();
+            reply[l3_of(&request) + if v6 { 40 } else { 20 }] = if v6 { 129 } else { 0 };
+            k.arrive_as(Role::External);
+            assert_eq!(k.run(&reply), PASS, "its reply");
+            passed.unless_dropped(k, "an echo request in with the ping's identifier", &request);
+            assert_eq!(k.run(&reply), PASS, "the host's pings go on");
+        }
+    });
+}
+
 // ---------------------------------------------------------------------------------------
 // The corpus on a real interface.
 

@@ -90,7 +90,8 @@ pub struct FlowValue {
     /// A TCP sequence number. Embryonic flows (forward entry): the one the initiator's ACK
     /// must acknowledge to confirm the flow (the responder's SYN-ACK sequence number + 1;
     /// see `TCP_ANSWERED`). Established flows, with `TCP_SEQ`: the one this direction's
-    /// sender was last seen at, near which its RST and FIN are believed.
+    /// sender was last seen at, near which its RST and FIN are believed. ICMP echo flows:
+    /// the echo type this direction carries, + 1 (requests and replies share a key).
     pub seq: u32,
     /// Where this direction's packets were last forwarded (flows the dataplane forwards
     /// itself: load-balanced and translated ones), so that the FIB need not be asked again.

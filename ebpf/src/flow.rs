@@ -34,7 +34,7 @@ use crate::{
         NSG_RULE_MOVES, NSG_TRAFFIC, SERVICE_STATS,
     },
     nsg::{Active, classify},
-    parse::PacketMeta,
+    parse::{PacketMeta, answer_mark, echo_mark, is_echo_request},
     snat, trace,
 };
 
@@ -167,6 +167,9 @@ fn established_entry(
     now: u64,
     len: u64,
 ) -> Option<Lookup> {
+    if other_echo(meta, entry) {
+        return None;
+    }
     let timeout = active.config.idle_timeout_ns(meta.family, meta.proto, entry.tcp, entry.idle_s);
     // Saturating: another CPU may have stamped the entry after this packet read the clock.
     let alive = now.saturating_sub(entry.last_seen_ns) <= timeout
@@ -289,6 +292,9 @@ fn embryo(
     now: u64,
     len: u64,
 ) -> Result<Lookup, DropReason> {
+    if other_echo(meta, entry) {
+        return Ok(Lookup::Miss);
+    }
     let timeout = active.config.embryo_timeout_ns(meta.family, meta.proto, entry);
     if now.saturating_sub(entry.last_seen_ns) > timeout
         && !seen_within(unsafe { EMBRYOS.get(&key.twin(entry)) }, now, timeout)
@@ -444,6 +450,15 @@ fn backend_usable(meta: &PacketMeta, entry: &FlowValue) -> bool {
         || BACKENDS.get(entry.backend).is_some_and(|b| b.healthy != 0)
 }
 
+/// An ICMP packet that is not the echo message its entry's direction carries: a peer's echo
+/// request on the reply entry of a host's pings (their key is the same), or a message of
+/// another type with identifier 0. Not the flow's: decided as new, past the policy, and the
+/// flow is left as it is. (An entry of an earlier build has no mark, and is not checked.)
+#[inline(always)]
+fn other_echo(meta: &PacketMeta, entry: &FlowValue) -> bool {
+    meta.is_icmp() && entry.seq != 0 && entry.seq != echo_mark(meta)
+}
+
 /// A SYN on the tuple of a closed connection (the client reused its port) opens a new one,
 /// decided afresh like any first packet: it may go to another backend. A direct-reply flow
 /// is over for this once the client has sent its FIN (the server's is never seen, and a
@@ -503,7 +518,9 @@ pub fn create(
             let translation = if nat { snat::existing(key) } else { None };
             if let Some(t) = translation {
                 rebuilt = midstream;
-                if t.state != NAT_ACTIVE {
+                // An echo request on a translation's reply tuple answers none of the host's
+                // pings (see `other_echo`): unsolicited, as any packet to a public address.
+                if t.state != NAT_ACTIVE || (t.kind == NAT_DST && is_echo_request(meta)) {
                     if trace::counting() {
                         snat::unmatched(u32::from(t.gateway));
                     }
@@ -629,7 +646,7 @@ fn fresh(
     f.idle_s = 0;
     f.service = NO_BACKEND;
     f.backend = NO_BACKEND;
-    f.seq = 0;
+    f.seq = echo_mark(meta);
     f.hop = NextHop::NONE;
     Ok(pair)
 }
@@ -683,6 +700,9 @@ pub fn commit(
     }
     *reply = *forward;
     reply.reply = 1 - forward.reply;
+    if forward.seq != 0 && meta.is_icmp() {
+        reply.seq = answer_mark(meta.family, forward.seq);
+    }
     reply.packets = 0;
     reply.bytes = 0;
     reply.nat = NAT_NONE;

@@ -369,6 +369,31 @@ pub fn is_echo(family: u8, kind: u8) -> bool {
     if family == 4 { kind == 0 || kind == 8 } else { kind == 128 || kind == 129 }
 }
 
+/// An echo request or reply's mark for its flow entry (its type + 1), 0 for any other
+/// packet. Requests and replies share a key (the identifier both ways), so each entry of an
+/// echo flow holds the type its direction carries: see `flow::other_echo`.
+#[inline(always)]
+pub fn echo_mark(meta: &PacketMeta) -> u32 {
+    if meta.is_icmp() && is_echo(meta.family, meta.icmp_type) {
+        u32::from(meta.icmp_type) + 1
+    } else {
+        0
+    }
+}
+
+/// An echo request (ICMP 8, ICMPv6 128).
+#[inline(always)]
+pub fn is_echo_request(meta: &PacketMeta) -> bool {
+    meta.is_icmp() && meta.icmp_type == if meta.family == 4 { 8 } else { 128 }
+}
+
+/// The mark of the echo message that answers one marked `mark` (request and reply, 8 and 0
+/// in ICMP, 128 and 129 in ICMPv6).
+#[inline(always)]
+pub fn answer_mark(family: u8, mark: u32) -> u32 {
+    if family == 4 { 10 - mark } else { 259 - mark }
+}
+
 /// Neighbour discovery (133-137) with hop limit 255, which receivers require (RFC 4861) and
 /// which proves it was not routed, and MLD (130-132, 143) with hop limit 1 (RFC 3810), which
 /// no router forwards. Neither can carry traffic past the policy.

@@ -54,6 +54,14 @@ impl Case {
 
     /// An echo request. A cross-family one is the other family's echo request carried as
     /// a plain protocol: the bytes that would fool a family-blind parser.
+    /// The destination's answer to [`Case::frame`]: an echo reply for an echo.
+    pub fn answer(&self, id: u16) -> Vec<u8> {
+        if self.is_icmp() {
+            return frame_vlan(self.dst, self.src, L4::EchoReply(id), &[], b"xdpgate");
+        }
+        Case { src: self.dst, dst: self.src, ..*self }.frame(id)
+    }
+
     pub fn frame(&self, id: u16) -> Vec<u8> {
         if self.is_icmp() {
             return frame_vlan(self.src, self.dst, L4::Echo(id), &[], b"xdpgate");

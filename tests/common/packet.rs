@@ -18,6 +18,8 @@ pub enum L4 {
     Udp(u16, u16),
     /// ICMP or ICMPv6 echo request with this identifier.
     Echo(u16),
+    /// ICMP or ICMPv6 echo reply with this identifier.
+    EchoReply(u16),
     /// No L4 header built: the payload follows the IP header as protocol (next header) `n`.
     Raw(u8),
 }
@@ -72,6 +74,8 @@ pub fn frame_vlan(src: &str, dst: &str, l4: L4, vlans: &[u16], payload: &[u8]) -
         L4::Udp(sp, dp) => ip.udp(sp, dp).write(&mut out, payload),
         L4::Echo(id) if v6 => ip.icmpv6_echo_request(id, 1).write(&mut out, payload),
         L4::Echo(id) => ip.icmpv4_echo_request(id, 1).write(&mut out, payload),
+        L4::EchoReply(id) if v6 => ip.icmpv6_echo_reply(id, 1).write(&mut out, payload),
+        L4::EchoReply(id) => ip.icmpv4_echo_reply(id, 1).write(&mut out, payload),
         L4::Raw(n) => ip.write(&mut out, n.into(), payload),
     }
     .expect("build packet");
