@@ -1686,6 +1686,47 @@ fn a_peers_echo_request_is_not_taken_for_a_reply() {
     });
 }
 
+/// Where the policy allows a peer's pings, those with the identifier of the host's own live
+/// beside the host's flow, and after a policy change each is judged again by its own entry
+/// (seen failing: the peer's request was dropped, handed between the stages until the
+/// tail-call limit, as the host's established entry was judged in its place).
+#[test]
+fn a_peers_allowed_pings_beside_the_hosts_survive_a_policy_change() {
+    let policy = POLICY.replace(
+        "      - {name: allow-app,",
+        "      - {name: allow-ping, priority: 120, direction: inbound, access: allow, \
+         protocol: icmp, source: [\"*\"], destination: [\"*\"], destination_ports: [\"*\"]}\n      - {name: allow-app,",
+    );
+    let again = format!("{policy}\n# applied again\n");
+    isolated(false, move |_| {
+        let k = &Kernel::new();
+        k.apply(&policy);
+        let peers = [("203.0.113.66", INSIDE4, false), ("2001:db8:2::66", INSIDE6, true)];
+        let request = |from: &str, to: &str| build(&spec(from, to, Body::Echo(77)));
+        let reply = |from: &str, to: &str, v6: bool| {
+            let mut f = request(from, to);
+            let at = l3_of(&f) + if v6 { 40 } else { 20 };
+            f[at] = if v6 { 129 } else { 0 };
+            f
+        };
+        for (outside, inside, v6) in peers {
+            // The host's pings, established; then the peer's, with the same identifier.
+            for _ in 0..2 {
+                k.arrive_as(Role::Internal);
+                assert_eq!(k.run(&request(inside, outside)), PASS, "the host's ping");
+                k.arrive_as(Role::External);
+                assert_eq!(k.run(&reply(outside, inside, v6)), PASS, "its reply");
+            }
+            assert_eq!(k.run(&request(outside, inside)), PASS, "the peer's ping, allowed");
+        }
+        k.apply(&again);
+        for (outside, inside, _) in peers {
+            k.arrive_as(Role::External);
+            assert_eq!(k.run(&request(outside, inside)), PASS, "the peer's ping after the change");
+        }
+    });
+}
+
 // ---------------------------------------------------------------------------------------
 // The corpus on a real interface.
 

@@ -451,11 +451,12 @@ fn backend_usable(meta: &PacketMeta, entry: &FlowValue) -> bool {
 }
 
 /// An ICMP packet that is not the echo message its entry's direction carries: a peer's echo
-/// request on the reply entry of a host's pings (their key is the same), or a message of
-/// another type with identifier 0. Not the flow's: decided as new, past the policy, and the
-/// flow is left as it is. (An entry of an earlier build has no mark, and is not checked.)
+/// request on the reply entry of a host's pings (their key is the same), or a non-echo
+/// message on an echo flow of identifier 0. Not the flow's: decided as new, by the policy,
+/// and the flow is left as it is. (Entries without a mark, of an earlier build or of a
+/// non-echo ICMP flow, are not checked.)
 #[inline(always)]
-fn other_echo(meta: &PacketMeta, entry: &FlowValue) -> bool {
+pub fn other_echo(meta: &PacketMeta, entry: &FlowValue) -> bool {
     meta.is_icmp() && entry.seq != 0 && entry.seq != echo_mark(meta)
 }
 
@@ -834,7 +835,9 @@ fn moved_rule(active: &Active<'_>, rule: u16) -> u16 {
 #[inline(always)]
 pub fn reclassify(active: &Active<'_>, meta: &PacketMeta) -> Result<(), DropReason> {
     let key = key(meta);
-    let (entry, established) = match FLOWS.get_ptr_mut(&key) {
+    // The entry the lookup found stale: not an established one of another echo type.
+    let established = FLOWS.get_ptr_mut(&key).filter(|e| !other_echo(meta, unsafe { &**e }));
+    let (entry, established) = match established {
         Some(e) => (e, true),
         None => match EMBRYOS.get_ptr_mut(&key) {
             Some(e) => (e, false),

@@ -214,8 +214,10 @@ fn parse_stage<H: Hook>(ctx: &H, iface: Option<&IfaceConfig>) -> Result<u32, Dro
 #[inline(always)]
 fn traced_entry<H: Hook>(ctx: &H, meta: &PacketMeta) -> Result<u32, DropReason> {
     let key = flow::key(meta);
-    let established = unsafe { FLOWS.get(&key) };
-    let entry = established.or_else(|| unsafe { EMBRYOS.get(&key) });
+    // As the lookups judge it: an entry of another echo type is not the packet's flow.
+    let ours = |e: &&xdpgate_common::flow::FlowValue| !flow::other_echo(meta, e);
+    let established = unsafe { FLOWS.get(&key) }.filter(ours);
+    let entry = established.or_else(|| unsafe { EMBRYOS.get(&key) }.filter(ours));
     trace::lookup(entry, established.is_some());
     if entry.is_some() {
         return Ok(xdp_action::XDP_PASS);
