@@ -135,6 +135,8 @@ enum Body {
     Udp(u16, u16),
     /// Echo request with this identifier.
     Echo(u16),
+    /// Echo reply with this identifier.
+    EchoReply(u16),
     /// ICMP or ICMPv6 of this type and code (no echo semantics).
     Icmp(u8, u8),
     /// Another IP protocol.
@@ -197,6 +199,8 @@ fn build(s: &Spec) -> Vec<u8> {
         Body::Udp(sp, dp) => ip.udp(sp, dp).write(&mut out, s.payload),
         Body::Echo(id) if v6 => ip.icmpv6_echo_request(id, 1).write(&mut out, s.payload),
         Body::Echo(id) => ip.icmpv4_echo_request(id, 1).write(&mut out, s.payload),
+        Body::EchoReply(id) if v6 => ip.icmpv6_echo_reply(id, 1).write(&mut out, s.payload),
+        Body::EchoReply(id) => ip.icmpv4_echo_reply(id, 1).write(&mut out, s.payload),
         Body::Icmp(t, c) if v6 => ip.icmpv6_raw(t, c, [0; 4]).write(&mut out, s.payload),
         Body::Icmp(t, c) => ip.icmpv4_raw(t, c, [0; 4]).write(&mut out, s.payload),
         Body::Raw(p) => ip.write(&mut out, IpNumber(p), s.payload),
@@ -1496,6 +1500,22 @@ fn icmp_error_quoting_a_flow_reaches_only_its_host() {
     assert!(failures.is_empty(), "ICMP errors bypass the policy:\n{}", failures.join("\n"));
 }
 
+/// An outside host and an inside one of each family, and whether it is IPv6.
+const PEERS: [(&str, &str, bool); 2] =
+    [("203.0.113.66", INSIDE4, false), ("2001:db8:2::66", INSIDE6, true)];
+
+/// `POLICY` with inbound `protocol` allowed from anywhere, by rule `name`.
+fn allowing_in(name: &str, protocol: &str) -> String {
+    POLICY.replace(
+        "      - {name: allow-app,",
+        &format!(
+            "      - {{name: {name}, priority: 120, direction: inbound, access: allow, \
+             protocol: {protocol}, source: [\"*\"], destination: [\"*\"], \
+             destination_ports: [\"*\"]}}\n      - {{name: allow-app,"
+        ),
+    )
+}
+
 /// The frames a test found passed where it wants them dropped.
 #[derive(Default)]
 struct Passed(Vec<String>);
@@ -1539,9 +1559,7 @@ fn must_drop(
 fn icmp_error_quote_in_padding_is_not_trusted() {
     must_drop(POLICY.into(), "ICMP quotes taken from padding", |k, passed| {
         k.arrive_as(Role::External);
-        for (attacker, server, v6) in
-            [("203.0.113.66", INSIDE4, false), ("2001:db8:2::66", INSIDE6, true)]
-        {
+        for (attacker, server, v6) in PEERS {
             let syn = build(&spec(attacker, server, Body::Tcp(5556, 80, SYN)));
             assert_eq!(k.run(&syn), PASS, "the attacker's own connection is allowed");
             let reply = build(&spec(server, attacker, Body::Tcp(80, 5556, SYN | ACK)));
@@ -1582,11 +1600,7 @@ fn icmp_error_quote_in_padding_is_not_trusted() {
 /// then passed with the real chain's TCP to a closed port.
 #[test]
 fn ipv6_header_chain_in_padding_is_not_trusted() {
-    let policy = POLICY.replace(
-        "      - {name: allow-app,",
-        "      - {name: allow-esp, priority: 120, direction: inbound, access: allow, \
-         protocol: esp, source: [\"*\"], destination: [\"*\"], destination_ports: [\"*\"]}\n      - {name: allow-app,",
-    );
+    let policy = allowing_in("allow-esp", "esp");
     must_drop(policy, "IPv6 headers taken from padding", |k, passed| {
         k.arrive_as(Role::External);
         // Destination options of 16 bytes, then destination options naming ESP.
@@ -1614,9 +1628,7 @@ fn ipv6_header_chain_in_padding_is_not_trusted() {
 #[test]
 fn an_icmp_error_about_no_flow_makes_no_flow() {
     must_drop(POLICY.into(), "ICMP in by an error's flow", |k, passed| {
-        for (outside, inside, v6) in
-            [("203.0.113.66", INSIDE4, false), ("2001:db8:2::66", INSIDE6, true)]
-        {
+        for (outside, inside, v6) in PEERS {
             let never = build(&spec(outside, inside, Body::Udp(4000, 7000)));
             let (kind, code, other) = if v6 { (1, 4, 200) } else { (3, 3, 13) };
             let icmp = build(&spec(outside, inside, Body::Icmp(other, 0)));
@@ -1644,9 +1656,7 @@ fn an_icmp_error_about_no_flow_makes_no_flow() {
 #[test]
 fn an_icmp_error_about_no_flow_is_not_taken_for_an_icmp_flow() {
     must_drop(POLICY.into(), "ICMP errors in by an ICMP flow", |k, passed| {
-        for (outside, inside, v6) in
-            [("203.0.113.66", INSIDE4, false), ("2001:db8:2::66", INSIDE6, true)]
-        {
+        for (outside, inside, v6) in PEERS {
             // An informational ICMP of the host's, out: a flow without identifier.
             let (info, kind, code) = if v6 { (200, 1, 3) } else { (13, 3, 1) };
             k.arrive_as(Role::Internal);
@@ -1670,14 +1680,11 @@ fn an_icmp_error_about_no_flow_is_not_taken_for_an_icmp_flow() {
 #[test]
 fn a_peers_echo_request_is_not_taken_for_a_reply() {
     must_drop(POLICY.into(), "echo requests in as replies", |k, passed| {
-        for (outside, inside, v6) in
-            [("203.0.113.66", INSIDE4, false), ("2001:db8:2::66", INSIDE6, true)]
-        {
+        for (outside, inside, _) in PEERS {
             k.arrive_as(Role::Internal);
             assert_eq!(k.run(&build(&spec(inside, outside, Body::Echo(77)))), PASS, "a ping out");
             let request = build(&spec(outside, inside, Body::Echo(77)));
-            let mut reply = request.clone();
-            reply[l3_of(&request) + if v6 { 40 } else { 20 }] = if v6 { 129 } else { 0 };
+            let reply = build(&spec(outside, inside, Body::EchoReply(77)));
             k.arrive_as(Role::External);
             assert_eq!(k.run(&reply), PASS, "its reply");
             passed.unless_dropped(k, "an echo request in with the ping's identifier", &request);
@@ -1692,35 +1699,25 @@ fn a_peers_echo_request_is_not_taken_for_a_reply() {
 /// tail-call limit, as the host's established entry was judged in its place).
 #[test]
 fn a_peers_allowed_pings_beside_the_hosts_survive_a_policy_change() {
-    let policy = POLICY.replace(
-        "      - {name: allow-app,",
-        "      - {name: allow-ping, priority: 120, direction: inbound, access: allow, \
-         protocol: icmp, source: [\"*\"], destination: [\"*\"], destination_ports: [\"*\"]}\n      - {name: allow-app,",
-    );
+    let policy = allowing_in("allow-ping", "icmp");
     let again = format!("{policy}\n# applied again\n");
     isolated(false, move |_| {
         let k = &Kernel::new();
         k.apply(&policy);
-        let peers = [("203.0.113.66", INSIDE4, false), ("2001:db8:2::66", INSIDE6, true)];
         let request = |from: &str, to: &str| build(&spec(from, to, Body::Echo(77)));
-        let reply = |from: &str, to: &str, v6: bool| {
-            let mut f = request(from, to);
-            let at = l3_of(&f) + if v6 { 40 } else { 20 };
-            f[at] = if v6 { 129 } else { 0 };
-            f
-        };
-        for (outside, inside, v6) in peers {
+        let reply = |from: &str, to: &str| build(&spec(from, to, Body::EchoReply(77)));
+        for (outside, inside, _) in PEERS {
             // The host's pings, established; then the peer's, with the same identifier.
             for _ in 0..2 {
                 k.arrive_as(Role::Internal);
                 assert_eq!(k.run(&request(inside, outside)), PASS, "the host's ping");
                 k.arrive_as(Role::External);
-                assert_eq!(k.run(&reply(outside, inside, v6)), PASS, "its reply");
+                assert_eq!(k.run(&reply(outside, inside)), PASS, "its reply");
             }
             assert_eq!(k.run(&request(outside, inside)), PASS, "the peer's ping, allowed");
         }
         k.apply(&again);
-        for (outside, inside, _) in peers {
+        for (outside, inside, _) in PEERS {
             k.arrive_as(Role::External);
             assert_eq!(k.run(&request(outside, inside)), PASS, "the peer's ping after the change");
         }

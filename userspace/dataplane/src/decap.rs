@@ -203,33 +203,21 @@ fn take_back(
     error: anyhow::Error,
 ) -> anyhow::Error {
     let dir = dir(pins);
-    let mut left: Vec<String> = Vec::new();
-    if !gateways.is_empty() {
-        match dir.open_map(DECAP_SOURCES).and_then(|m| Ok(LpmTrie::<_, AddrKey, u32>::try_from(m)?))
-        {
-            Ok(mut map) => left.extend(
-                gateways
-                    .iter()
-                    .filter(|g| map.remove(&crate::nat::prefix_key(g)).is_err())
-                    .map(|g| format!("gateway {g}")),
-            ),
-            Err(_) => left.extend(gateways.iter().map(|g| format!("gateway {g}"))),
-        }
-    }
-    if !frontends.is_empty() {
-        match dir
-            .open_map(DECAP_FRONTENDS)
-            .and_then(|m| Ok(HashMap::<_, DecapKey, u32>::try_from(m)?))
-        {
-            Ok(mut map) => left.extend(
-                frontends
-                    .iter()
-                    .filter(|f| map.remove(&key(**f)).is_err())
-                    .map(|f| format!("frontend {f}")),
-            ),
-            Err(_) => left.extend(frontends.iter().map(|f| format!("frontend {f}"))),
-        }
-    }
+    let mut sources: Option<LpmTrie<_, AddrKey, u32>> =
+        dir.open_map(DECAP_SOURCES).ok().and_then(|m| m.try_into().ok());
+    let mut served: Option<HashMap<_, DecapKey, u32>> =
+        dir.open_map(DECAP_FRONTENDS).ok().and_then(|m| m.try_into().ok());
+    let left: Vec<String> = gateways
+        .iter()
+        .filter(|g| sources.as_mut().is_none_or(|m| m.remove(&crate::nat::prefix_key(g)).is_err()))
+        .map(|g| format!("gateway {g}"))
+        .chain(
+            frontends
+                .iter()
+                .filter(|f| served.as_mut().is_none_or(|m| m.remove(&key(**f)).is_err()))
+                .map(|f| format!("frontend {f}")),
+        )
+        .collect();
     if left.is_empty() {
         error
     } else {

@@ -202,8 +202,8 @@ mod tests {
     fn a_finish_cut_short_is_still_pending() {
         let dir = std::env::temp_dir().join(format!("xgmigrate{}", std::process::id()));
         let pins = PinDir::new(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
         for (old, _) in PIPELINES.iter().chain(&TABLES) {
-            std::fs::create_dir_all(&dir).unwrap();
             std::fs::write(pins.map(old), "").unwrap();
         }
         // A pipeline that cannot be unpinned (a directory where its pin is).
