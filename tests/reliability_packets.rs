@@ -337,6 +337,13 @@ const MAX_HDR_OFF: usize = 512;
 type Tuple = (IpAddr, IpAddr, u16, u16, u8);
 type FragKey = (IpAddr, IpAddr, u32, u8);
 
+/// The datagram a fragment belongs to: IPv4 reassembles by addresses, protocol and id
+/// (RFC 791), IPv6 by addresses and id (RFC 8200 4.5): its later fragments name only the
+/// first header after the Fragment header, which need not be the L4 protocol.
+fn frag_key(m: &Meta) -> FragKey {
+    (m.src, m.dst, m.frag_id, if m.src.is_ipv6() { 0 } else { m.proto })
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Frag {
     None,
@@ -744,7 +751,7 @@ impl Model {
             Shape::Ip(m) => m,
         };
         if m.frag == Frag::Later {
-            let key = (m.src, m.dst, m.frag_id, m.proto);
+            let key = frag_key(m);
             let unfiltered = self.reference(m, dir).decided_by.is_empty();
             return if self.frags.contains(&key) || unfiltered {
                 Expect::Pass
@@ -790,7 +797,7 @@ impl Model {
         self.flows.insert(m.tuple());
         self.flows.insert(reverse(m.tuple()));
         if m.frag == Frag::First {
-            self.frags.insert((m.src, m.dst, m.frag_id, m.proto));
+            self.frags.insert(frag_key(m));
         }
     }
 }
@@ -1109,6 +1116,16 @@ fn corpus() -> Vec<Case> {
     c.add("ipv6 atomic fragment, tcp to 22", with_ipv6_ext(&f, &[frag6(0, false, 0xa4)]));
     let f = tcp80(&mut c);
     c.add("ipv6 atomic fragment, tcp to 80", with_ipv6_ext(&f, &[frag6(0, false, 0xa5)]));
+    // Headers after the Fragment header belong to the fragmentable part: the first fragment
+    // carries them, and a later one names only the first of them (here destination options).
+    let f = tcp80(&mut c);
+    let first = [frag6(0, true, 0xa7), opts6(60, 0)];
+    c.add("ipv6 first fragment, destination options after it, tcp to 80", {
+        with_ipv6_ext(&f, &first)
+    });
+    c.add("its later fragment, naming destination options", {
+        with_ipv6_ext(&f, &[frag6(100, false, 0xa7), opts6(60, 0)])
+    });
     let f = tcp22(&mut c);
     c.add("ipv6 tiny first fragment: fragment header then destination options, no TCP", {
         let mut g = with_ipv6_ext(&f, &[frag6(0, true, 0xa6), opts6(60, 0)]);

@@ -886,13 +886,17 @@ fn track_close(key: &FlowKey, entry: &mut FlowValue, flags: u8) {
     }
 }
 
+/// The datagram a fragment belongs to, as the receiver reassembles it: IPv4 by addresses,
+/// protocol and id (RFC 791), IPv6 by addresses and id (RFC 8200 4.5). An IPv6 later
+/// fragment names only the first header after its Fragment header, which is not the L4
+/// protocol its first fragment was judged by when extension headers follow.
 #[inline(always)]
 fn frag_key(meta: &PacketMeta) -> FragKey {
     FragKey {
         src: meta.src,
         dst: meta.dst,
         id: meta.frag_id,
-        proto: meta.proto,
+        proto: if meta.family == 6 { 0 } else { meta.proto },
         family: meta.family,
         _pad: [0; 2],
     }
