@@ -681,3 +681,32 @@ fn upgrade_unpins_the_earlier_drop_counters() {
     assert!(!pin.exists(), "{DROP_STATS_V1} unpinned");
     assert!(drops(&lab, "encap_too_big") == 0, "this build's reasons are read");
 }
+
+/// While the earlier build's drop counters are pinned beside this build's (an upgrade that
+/// failed after its load pinned them, or one killed before it unpinned the earlier), the
+/// earlier programs may still count into theirs: `stats` reads the sum of both. (Before:
+/// it read this build's array alone, empty while the earlier programs ran on.)
+#[test]
+fn stats_adds_the_earlier_drop_counters_while_both_are_pinned() {
+    use aya::maps::{MapData, PerCpuArray, PerCpuValues};
+    use xdpgate_common::{maps::DROP_STATS_V1, stats::DropReason};
+    let lab = Gateway::new();
+    lab.apply("policy.yaml", POLICY);
+    let pin = lab.pins.dir.map(DROP_STATS_V1);
+    let args = ["type", "percpu_array", "key", "4", "value", "8", "entries", "10"];
+    common::run(
+        "bpftool",
+        &[&["map", "create", pin.to_str().unwrap()][..], &args, &["name", "DROP_STATS"]].concat(),
+    );
+    // No NAT gateway here: this build's programs count no such drop.
+    let reason = DropReason::NatExhausted as u32;
+    assert_eq!(drops(&lab, "nat_exhausted"), 0);
+    let mut earlier: PerCpuArray<MapData, u64> =
+        lab.pins.dir.open_map(DROP_STATS_V1).unwrap().try_into().unwrap();
+    let cpus = aya::util::nr_cpus().unwrap();
+    earlier.set(reason, PerCpuValues::try_from(vec![7u64; cpus]).unwrap(), 0).unwrap();
+    assert_eq!(drops(&lab, "nat_exhausted"), 7 * cpus as u64, "the earlier programs' drops");
+    lab.pins.xdpgate(&["upgrade"]);
+    assert!(!pin.exists(), "{DROP_STATS_V1} unpinned");
+    assert_eq!(drops(&lab, "nat_exhausted"), 0, "this build's counters alone");
+}

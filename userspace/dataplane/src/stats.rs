@@ -225,12 +225,19 @@ pub fn read(pins: &PinDir) -> Result<Stats> {
     let ifaces: HashMap<_, u32, IfaceConfig> = pins.open_map(IFACES)?.try_into()?;
     let counters: PerCpuArray<_, Counter> = pins.open_map(IFACE_STATS)?.try_into()?;
     // Programs of a build before the encapsulation reasons count into the shorter array
-    // until `xdpgate upgrade` replaces them: read that one meanwhile (the new reasons 0).
-    let drops: PerCpuArray<_, u64> = match pins.open_map(DROP_STATS) {
-        Ok(m) => m.try_into()?,
-        Err(e) => pins.open_map(DROP_STATS_V1).map_err(|_| e)?.try_into()?,
-    };
-    let kept = drops.len().min(DROP_REASONS);
+    // until `xdpgate upgrade` replaces them and unpins it; meanwhile this build's array may
+    // be pinned too (by an upgrade that failed after its load, or was killed before the
+    // unpin), and programs of either build count: both are added.
+    let mut arrays: Vec<PerCpuArray<_, u64>> = Vec::new();
+    for name in [DROP_STATS, DROP_STATS_V1] {
+        if pins.map(name).exists() {
+            arrays.push(pins.open_map(name)?.try_into()?);
+        }
+    }
+    if arrays.is_empty() {
+        // Neither is pinned: the error names this build's.
+        pins.open_map(DROP_STATS)?;
+    }
     // Pinned by the first attach of a build with the egress program; none before.
     let egress: Option<PerCpuArray<_, Counter>> =
         pins.open_map(EGRESS_STATS).ok().map(TryInto::try_into).transpose()?;
@@ -296,7 +303,10 @@ pub fn read(pins: &PinDir) -> Result<Stats> {
 
     let drops = (0..DROP_REASONS)
         .map(|r| {
-            let n = if r < kept { drops.get(&r, 0)?.iter().sum() } else { 0 };
+            let mut n = 0;
+            for a in arrays.iter().filter(|a| r < a.len()) {
+                n += a.get(&r, 0)?.iter().sum::<u64>();
+            }
             Ok((DROP_REASON_NAMES[r as usize], n))
         })
         .collect::<Result<_>>()?;
