@@ -320,9 +320,9 @@ impl RawRule {
             access: r.string(&f, "access"),
             protocol: r.string(&f, "protocol"),
             source: r.required_list(&f, "source"),
-            source_ports: r.list(&f, "source_ports").unwrap_or_else(List::any),
+            source_ports: r.ports(&f, "source_ports"),
             destination: r.required_list(&f, "destination"),
-            destination_ports: r.list(&f, "destination_ports").unwrap_or_else(List::any),
+            destination_ports: r.ports(&f, "destination_ports"),
         }
     }
 }
@@ -2449,6 +2449,26 @@ nsgs:
             ["policy.yaml:24:9: nsgs[0].rules[1].destination_ports: \
                  must not be empty (use \"*\" for any port)"]
         );
+        // Written without a value (its list commented out, say), a port field is an error,
+        // not "any port": that would open every port of the rule's protocol.
+        for empty in ["", "~", "null"] {
+            // At the value, or where the key ends when there is none.
+            let (d, s) = if empty.is_empty() { (26, 21) } else { (28, 23) };
+            assert_eq!(
+                errors(&with_rule(&[("destination_ports", empty), ("source_ports", empty)])),
+                [
+                    format!(
+                        "policy.yaml:24:{d}: nsgs[0].rules[1].destination_ports: needs a value \
+                         (leave the field out, or write \"*\", for any port)"
+                    ),
+                    format!(
+                        "policy.yaml:25:{s}: nsgs[0].rules[1].source_ports: needs a value \
+                         (leave the field out, or write \"*\", for any port)"
+                    ),
+                ],
+                "{empty:?}"
+            );
+        }
     }
 
     #[test]

@@ -319,6 +319,22 @@ impl<'f> Reader<'f> {
         })
     }
 
+    /// A list of ports: left out, any port. Written without a value (`~`, or a list
+    /// commented out) is an error, not "any": it would open every port of the rule.
+    pub fn ports(&mut self, f: &Fields, name: &str) -> List {
+        if let Some(list) = self.list(f, name) {
+            return list;
+        }
+        if f.entries.contains_key(name) && !f.suggested.contains(name) {
+            let path = child(&f.path, name);
+            let pos = self.index.pos(&path);
+            let reason = "needs a value (leave the field out, or write \"*\", for any port)";
+            self.error_at(&path, pos, reason);
+            self.index.bad.insert(path);
+        }
+        List::any()
+    }
+
     /// A list of strings and integers, also written as one of them; `None` if not written.
     pub fn list(&mut self, f: &Fields, name: &str) -> Option<List> {
         let node = self.get(f, name)?;
