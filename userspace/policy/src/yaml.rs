@@ -834,10 +834,20 @@ impl Loader<'_> {
         names
     }
 
+    /// Rules look a name up before they parse an address: a name that reads as one would
+    /// change what that address means in every rule that writes it.
     fn check_user_name(&mut self, path: &str, name: &str, what: &str) {
-        self.check_name_length(path, name);
+        self.check_name(path, name);
+        let like = BUILT_IN_TAGS.iter().find(|b| b.eq_ignore_ascii_case(name));
         if BUILT_IN_TAGS.contains(&name) || is_any(name) {
             self.error(path, format!("{what} {name} would shadow the built-in {name}"));
+        } else if let Some(built_in) = like {
+            let reason = format!("{what} {name} differs from the built-in {built_in} only in case");
+            self.error(path, reason);
+        } else if parse_literal(name).is_some() {
+            let reason =
+                format!("{what} \"{name}\" reads as an address (a name starts with a letter)");
+            self.error(path, reason);
         }
     }
 
@@ -965,8 +975,12 @@ impl Loader<'_> {
         let errors_before = self.errors.len();
         let field = |name: &str| format!("{path}.{name}");
         self.check_name(&field("name"), &r.name);
-        if DEFAULT_RULE_NAMES.contains(&r.name.as_str()) {
-            self.error(&field("name"), format!("{} is the name of a default rule", r.name));
+        if let Some(default) = DEFAULT_RULE_NAMES.iter().find(|d| d.eq_ignore_ascii_case(&r.name)) {
+            let reason = match *default == r.name {
+                true => format!("{} is the name of a default rule", r.name),
+                false => format!("{} is the name of a default rule ({default})", r.name),
+            };
+            self.error(&field("name"), reason);
         }
         let priority = self.check(&field("priority"), parse_priority(r.priority));
         let direction = self.check(&field("direction"), parse_direction(&r.direction));
@@ -2591,6 +2605,42 @@ nsgs:
                 "policy.yaml:12:22: settings.icmp_idle_timeout: \
                  timeout 7201 is out of range 4-7200 seconds",
             ]
+        );
+    }
+
+    /// A user name is looked up before an address is parsed: one that reads as an address
+    /// would make the address mean something else wherever a rule writes it. Nor may a name
+    /// be empty, or differ from a built-in one only in case.
+    #[test]
+    fn names_that_read_as_addresses_or_built_ins() {
+        let src = BASE.replace(
+            "application_security_groups:\n  web: [198.51.100.10, 198.51.100.11]\n",
+            "application_security_groups:\n  web: [198.51.100.10, 198.51.100.11]\n  \
+             \"203.0.113.7\": [198.51.100.12]\nservice_tags:\n  \"192.0.2.0/24\": [0.0.0.0/0]\n  \
+             internet: [192.0.2.1]\n  \"\": [192.0.2.2]\n  \"2001:db8::1\": [::/0]\n  \
+             \"192.0.2.1-192.0.2.9\": [192.0.2.3]\n",
+        );
+        assert_eq!(
+            errors(&src),
+            [
+                "policy.yaml:5:3: application_security_groups.203.0.113.7: application security \
+                 group \"203.0.113.7\" reads as an address (a name starts with a letter)",
+                "policy.yaml:7:3: service_tags.192.0.2.0/24: service tag \"192.0.2.0/24\" \
+                 reads as an address (a name starts with a letter)",
+                "policy.yaml:8:3: service_tags.internet: \
+                 service tag internet differs from the built-in Internet only in case",
+                "policy.yaml:9:3: service_tags.: must not be empty",
+                "policy.yaml:10:3: service_tags.2001:db8::1: service tag \"2001:db8::1\" \
+                 reads as an address (a name starts with a letter)",
+                "policy.yaml:11:3: service_tags.192.0.2.1-192.0.2.9: service tag \
+                 \"192.0.2.1-192.0.2.9\" reads as an address (a name starts with a letter)",
+            ]
+        );
+        let rule = with_rule(&[("name", "denyallinbound")]);
+        assert_eq!(
+            errors(&rule),
+            ["policy.yaml:17:15: nsgs[0].rules[1].name: \
+              denyallinbound is the name of a default rule (DenyAllInBound)"]
         );
     }
 
