@@ -988,6 +988,17 @@ impl Loader<'_> {
         let protocol = self.check(&field("protocol"), parse_protocol(&r.protocol));
         let source = self.endpoints(&field("source"), &r.source, names);
         let destination = self.endpoints(&field("destination"), &r.destination, names);
+        if let (Some(from), Some(to)) = (literal_family(&r.source), literal_family(&r.destination))
+            && from != to
+        {
+            let name = |v6: bool| if v6 { "IPv6" } else { "IPv4" };
+            let reason = format!(
+                "only {} addresses, and the source only {} ones: the rule could match no packet",
+                name(to),
+                name(from)
+            );
+            self.error(&field("destination"), reason);
+        }
         let source_ports = self.ports(&field("source_ports"), &r.source_ports);
         let destination_ports = self.ports(&field("destination_ports"), &r.destination_ports);
         if let Some(protocol) = protocol.filter(|p| !has_ports(*p)) {
@@ -2048,6 +2059,22 @@ pub fn parse_set_element(text: &str) -> Result<Vec<IpNet>, String> {
         .unwrap_or_else(|| Err(format!("\"{text}\" is not an address, prefix or range")))
 }
 
+/// Whether every item of `list` is an IPv6 address, prefix or range (`Some(true)`), or
+/// every one an IPv4 one (`Some(false)`); `None` for a mix, or where a name or `*` stands.
+fn literal_family(list: &List) -> Option<bool> {
+    let mut family = None;
+    for item in &list.items {
+        let Some(Ok(nets)) = parse_literal(item) else { return None };
+        for net in nets {
+            let v6 = matches!(net, IpNet::V6(_));
+            if *family.get_or_insert(v6) != v6 {
+                return None;
+            }
+        }
+    }
+    family
+}
+
 fn parse_literal(text: &str) -> Option<Result<Vec<IpNet>, String>> {
     if let Ok(addr) = text.parse::<IpAddr>() {
         return Some(Ok(vec![addr.into()]));
@@ -2642,6 +2669,29 @@ nsgs:
             ["policy.yaml:17:15: nsgs[0].rules[1].name: \
               denyallinbound is the name of a default rule (DenyAllInBound)"]
         );
+    }
+
+    /// Addresses written out on both sides, all of one family on one side and all of the
+    /// other on the other: no packet could match (Azure refuses such a rule too). Names and
+    /// `*` may stand for either family and are not judged.
+    #[test]
+    fn a_rule_whose_sides_are_of_different_families() {
+        let rule =
+            with_rule(&[("source", "[2001:db8:bad::/48]"), ("destination", "198.51.100.0/24")]);
+        assert_eq!(
+            errors(&rule),
+            ["policy.yaml:23:22: nsgs[0].rules[1].destination: only IPv4 addresses, and the \
+              source only IPv6 ones: the rule could match no packet"]
+        );
+        for (source, destination) in [
+            ("[2001:db8:bad::/48, 192.0.2.0/24]", "198.51.100.0/24"),
+            ("[2001:db8:bad::/48]", "\"*\""),
+            ("[2001:db8:bad::/48]", "VirtualNetwork"),
+            ("[192.0.2.1]", "198.51.100.10"),
+        ] {
+            let rule = with_rule(&[("source", source), ("destination", destination)]);
+            assert!(load(&rule).is_ok(), "{source} -> {destination}");
+        }
     }
 
     #[test]
