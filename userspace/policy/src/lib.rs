@@ -17,7 +17,7 @@ pub mod yaml;
 
 use std::path::Path;
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Result, anyhow};
 pub use model::*;
 pub use yaml::{
     PolicyError, PolicyErrors, load_file, load_str, load_str_with_sets, parse_set_element,
@@ -30,8 +30,7 @@ pub fn load(file: &Path) -> Result<(Policy, String)> {
 
 /// Loads a policy file with the sets changed at run time laid over its own (what runs).
 pub fn load_with_sets(file: &Path, changes: &sets::SetChanges) -> Result<(Policy, String)> {
-    let source =
-        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let source = yaml::read_source(file).map_err(|e| anyhow!("reading {}: {e}", file.display()))?;
     let policy = load_str_with_sets(&source, &file.display().to_string(), changes)
         .map_err(|errors| anyhow!("invalid policy, nothing changed:\n{errors}"))?;
     Ok((policy, source))
@@ -44,4 +43,40 @@ pub fn compile_all(policy: &Policy) -> Result<(compile::Compiled, lb::CompiledLb
     let lbs = lb::compile(policy)?;
     nat::check(policy)?;
     Ok((tables, lbs))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{io::Write, sync::mpsc, time::Duration};
+
+    /// A policy "file" that never ends (a FIFO whose writer stays, as `/dev/zero` would be)
+    /// is refused once it passes the largest accepted size, not read until memory runs out.
+    #[test]
+    fn a_file_without_end_is_refused() {
+        let dir = std::env::temp_dir().join(format!("xgpolicy{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("policy.yaml");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status().unwrap();
+        assert!(made.success());
+        let writer = fifo.clone();
+        // More than the limit, then the pipe held open without an end (the test's end ends
+        // it); bounded, so that a reader without a limit waits rather than fills memory.
+        std::thread::spawn(move || {
+            let mut w = std::fs::OpenOptions::new().write(true).open(writer).unwrap();
+            let chunk = vec![b' '; 1 << 20];
+            for _ in 0..34 {
+                if w.write_all(&chunk).is_err() {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_secs(60));
+        });
+        let (tx, rx) = mpsc::channel();
+        let reader = fifo.clone();
+        std::thread::spawn(move || tx.send(super::load(&reader).map(|_| ())));
+        let answer = rx.recv_timeout(Duration::from_secs(20));
+        let _ = std::fs::remove_dir_all(&dir);
+        let err = answer.expect("an answer, not a read without end").unwrap_err().to_string();
+        assert!(err.contains("more than 33554432 bytes"), "{err}");
+    }
 }

@@ -141,10 +141,25 @@ pub fn load_file(path: &Path) -> Result<Policy, PolicyErrors> {
         }
         _ => {}
     }
-    match std::fs::read_to_string(path) {
+    match read_source(path) {
         Ok(src) => load_str(&src, &file),
-        Err(e) => Err(unreadable(format!("cannot read: {e}"))),
+        Err(reason) => Err(unreadable(reason)),
     }
+}
+
+/// The text of a policy file, read no further than the largest accepted: a device or a pipe
+/// without end (`/dev/zero`, a FIFO) is refused, not read until memory runs out.
+pub fn read_source(path: &Path) -> Result<String, String> {
+    use std::io::Read;
+    let cannot = |e: std::io::Error| format!("cannot read: {e}");
+    let mut src = String::new();
+    let file = std::fs::File::open(path).map_err(cannot)?;
+    file.take(tree::MAX_FILE_BYTES as u64 + 1).read_to_string(&mut src).map_err(cannot)?;
+    if src.len() > tree::MAX_FILE_BYTES {
+        let max = tree::MAX_FILE_BYTES;
+        return Err(format!("the file holds more than {max} bytes; at most {max} are accepted"));
+    }
+    Ok(src)
 }
 
 // ---------------------------------------------------------------------------------------
