@@ -2171,6 +2171,13 @@ fn random_policy(rng: &mut Rng) -> String {
                 if matches!(protocol, "tcp" | "udp" | "any") { rng.one_of(PORTS) } else { "" }
             };
             let (sp, dp) = (if rng.percent(20) { ports(rng) } else { "" }, ports(rng));
+            let source = rng.one_of(ADDRS);
+            let destination = loop {
+                let destination = rng.one_of(ADDRS);
+                if !common::policygen::families_clash(&[source], &[destination]) {
+                    break destination;
+                }
+            };
             let _ = write!(
                 y,
                 "      - {{name: r{r}, priority: {}, direction: {}, access: {}, protocol: \"{protocol}\", \
@@ -2178,8 +2185,8 @@ fn random_policy(rng: &mut Rng) -> String {
                 100 + r * 10,
                 if inbound { "inbound" } else { "outbound" },
                 if rng.percent(50) { "allow" } else { "deny" },
-                rng.one_of(ADDRS),
-                rng.one_of(ADDRS),
+                source,
+                destination,
             );
             if !sp.is_empty() {
                 let _ = write!(y, ", source_ports: {sp}");

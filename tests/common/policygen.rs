@@ -256,6 +256,30 @@ pub fn address_items(rng: &mut Rng, names: &[String]) -> Vec<String> {
         .collect()
 }
 
+/// The family (IPv6: `true`) of every item of `items`, when all are addresses, prefixes or
+/// ranges of one; `None` where a name or `*` stands, or the families mix.
+pub fn literal_family<S: AsRef<str>>(items: &[S]) -> Option<bool> {
+    let mut family = None;
+    for item in items {
+        let first = item.as_ref().trim_matches('"').split('-').next().unwrap_or_default();
+        let v6 = match (first.parse::<IpNet>(), first.parse::<IpAddr>()) {
+            (Ok(net), _) => net.addr().is_ipv6(),
+            (_, Ok(addr)) => addr.is_ipv6(),
+            _ => return None,
+        };
+        if *family.get_or_insert(v6) != v6 {
+            return None;
+        }
+    }
+    family
+}
+
+/// Whether a rule's two sides are written out in addresses of different families: it could
+/// match no packet, and the policy refuses it.
+pub fn families_clash<S: AsRef<str>>(source: &[S], destination: &[S]) -> bool {
+    matches!((literal_family(source), literal_family(destination)), (Some(a), Some(b)) if a != b)
+}
+
 pub fn port_items(rng: &mut Rng) -> Option<Vec<String>> {
     if rng.percent(35) {
         return None;
@@ -293,6 +317,13 @@ pub fn random_rule(
             _ => (star(), star()),
         }
     };
+    let source = address_items(rng, names);
+    let destination = loop {
+        let destination = address_items(rng, names);
+        if !families_clash(&source, &destination) {
+            break destination;
+        }
+    };
     RuleSpec {
         name,
         priority,
@@ -303,8 +334,8 @@ pub fn random_rule(
             cased(rng, access)
         },
         protocol: cased(rng, protocol),
-        source: address_items(rng, names),
-        destination: address_items(rng, names),
+        source,
+        destination,
         source_ports,
         destination_ports,
     }
