@@ -147,10 +147,16 @@ fn io_reason(what: &str, e: &std::io::Error) -> String {
     }
 }
 
-/// The longest status line accepted.
+/// The longest status or header line accepted.
 const MAX_STATUS_LINE: usize = 4096;
 
-/// Sends `request` and reads the status line; Ok only on status 200.
+/// Interim responses skipped at most before the final one (a backend that sends them
+/// without end is bounded by the probe's timeout as well).
+const MAX_INTERIM: usize = 8;
+
+/// Sends `request` and reads the final status line; Ok only on status 200. Interim
+/// responses (1xx but 101, with their header lines) before it are skipped: RFC 9110 15.2
+/// has a client parse them even when it did not ask for one (`103 Early Hints`).
 async fn http_exchange<S: AsyncRead + AsyncWrite + Unpin>(
     mut s: S,
     request: &[u8],
@@ -158,28 +164,52 @@ async fn http_exchange<S: AsyncRead + AsyncWrite + Unpin>(
     s.write_all(request).await.map_err(|e| io_reason("send", &e))?;
     s.flush().await.map_err(|e| io_reason("send", &e))?;
     let mut buf = Vec::with_capacity(256);
+    for interim in 0..=MAX_INTERIM {
+        let line = match read_line(&mut s, &mut buf).await? {
+            Some(line) => line,
+            None if interim == 0 => return Err("connection closed without a response".into()),
+            None => return Err("connection closed before the final response".into()),
+        };
+        match parse_status(&line) {
+            Some(200) => return Ok(()),
+            Some(code) if (100..200).contains(&code) && code != 101 && interim < MAX_INTERIM => {
+                // Its header lines, up to the empty one that ends it.
+                while read_line(&mut s, &mut buf).await?.is_some_and(|h| !h.is_empty()) {}
+            }
+            Some(code) => return Err(format!("HTTP {code}")),
+            None => return Err(not_http(&line)),
+        }
+    }
+    unreachable!("the last round returns")
+}
+
+/// The next line of the response (without its CR LF), taken from `buf` and read into it as
+/// needed; `None` when the stream ends before any byte of it.
+async fn read_line<S: AsyncRead + Unpin>(
+    s: &mut S,
+    buf: &mut Vec<u8>,
+) -> Result<Option<Vec<u8>>, String> {
     let mut chunk = [0u8; 512];
-    let line = loop {
+    loop {
         if let Some(end) = buf.iter().position(|&b| b == b'\n') {
-            break &buf[..end];
+            let mut line: Vec<u8> = buf.drain(..=end).collect();
+            line.pop();
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+            return Ok(Some(line));
         }
         if buf.len() >= MAX_STATUS_LINE {
-            return Err(not_http(&buf));
+            return Err(not_http(buf));
         }
         match s.read(&mut chunk).await {
-            Ok(0) if buf.is_empty() => return Err("connection closed without a response".into()),
-            Ok(0) => return Err(not_http(&buf)),
+            Ok(0) if buf.is_empty() => return Ok(None),
+            Ok(0) => return Err(not_http(buf)),
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
             // A whole line that came before the error was taken above; part of one (a
             // backend that crashed mid-reply) is no answer.
             Err(e) => return Err(io_reason("receive", &e)),
         }
-    };
-    let line = line.strip_suffix(b"\r").unwrap_or(line);
-    match parse_status(line) {
-        Some(200) => Ok(()),
-        Some(code) => Err(format!("HTTP {code}")),
-        None => Err(not_http(line)),
     }
 }
 
@@ -714,6 +744,22 @@ mod tests {
         assert_eq!(r, Err("connection reset".to_string()));
         let whole = resetting_server(b"HTTP/1.1 200 OK\r\n").await;
         assert_eq!(probe_once(&target(ProbeKind::Http, whole, 500)).await, Ok(()));
+    }
+
+    /// Interim responses (`100 Continue`, `103 Early Hints`) come before the final one, which
+    /// alone judges the backend (RFC 9110 15.2: a client parses them even unasked).
+    #[tokio::test]
+    async fn interim_responses_are_skipped_for_the_final_status() {
+        let hints = b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n";
+        let up = http_server(move |_| [&hints[..], &status(200)].concat()).await;
+        assert_eq!(probe_once(&target(ProbeKind::Http, up.port, 1000)).await, Ok(()));
+        let twice = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\n\r\n";
+        let down = http_server(move |_| [&twice[..], &status(503)].concat()).await;
+        let r = probe_once(&target(ProbeKind::Http, down.port, 1000)).await;
+        assert_eq!(r, Err("HTTP 503".to_string()));
+        let alone = http_server(move |_| hints.to_vec()).await;
+        let r = probe_once(&target(ProbeKind::Http, alone.port, 1000)).await;
+        assert_eq!(r, Err("connection closed before the final response".to_string()));
     }
 
     #[tokio::test]
