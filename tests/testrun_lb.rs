@@ -863,3 +863,39 @@ fn an_unreadable_probe_health_falls_back_to_the_flags() {
     assert!(e.contains("another build"), "{e}");
     assert!(xdpgate_dataplane::drain::read(&k.pins.dir).unwrap().is_empty(), "nothing drained");
 }
+
+/// A UDP flow whose backend's health flag is down (it failed a probe of another rule) but
+/// whose own rule still picks it (here an inbound NAT rule, which no probe judges) keeps
+/// its flow: moving would pick the same backend. (Before: each of its packets tore the flow
+/// down and made it again, a new embryo and a flow-log `begin` every time, never confirmed.)
+#[test]
+fn a_flow_its_rule_would_pick_again_stays_when_its_backends_flag_is_down() {
+    use xdpgate_common::flow::FLOW_STAT_EMBRYOS_CREATED;
+    let policy = POLICY.replace(
+        "    inbound_nat_rules:\n",
+        "    inbound_nat_rules:\n      - {name: dns-nat, frontend: v4, protocol: udp, \
+         frontend_port: 5300, backend: 198.51.100.12, backend_port: 53}\n",
+    );
+    let k = Kernel::new();
+    k.apply(&policy);
+    let ask = || {
+        k.arrive_as(Role::External);
+        let out = k.through(&frame("203.0.113.7", "192.0.2.10", L4::Udp(40000, 5300)));
+        assert_eq!(endpoints(&out), (ip("203.0.113.7"), ip("198.51.100.12"), 40000, 53));
+    };
+    ask();
+    k.arrive_as(Role::Internal);
+    assert_eq!(k.run(&frame("198.51.100.12", "203.0.113.7", L4::Udp(53, 40000))), PASS);
+    ask();
+    let key = flow_key("203.0.113.7", "192.0.2.10", 40000, 5300, 17);
+    assert!(k.established(&key).is_some(), "confirmed by a second exchange");
+    // 198.51.100.12 fails the `up` probe of the `http` rule.
+    k.apply_with_health(&policy, |b| b != ip("198.51.100.12"));
+    ask();
+    let created = k.flow_stat(FLOW_STAT_EMBRYOS_CREATED);
+    for _ in 0..3 {
+        ask();
+    }
+    assert_eq!(k.flow_stat(FLOW_STAT_EMBRYOS_CREATED), created, "no flow made again");
+    assert!(k.established(&key).is_some(), "the flow stays established");
+}

@@ -441,13 +441,18 @@ fn count(stat: u32) {
 }
 
 /// An established flow keeps its backend while the backend is healthy; TCP flows keep it
-/// until they end (a connection cannot move), other flows move to a healthy backend.
+/// until they end (a connection cannot move), other flows move to a healthy backend. A
+/// backend's flag is one for all its rules: one whose own rule still picks it for the
+/// packet (no probe judges that rule, its own probe passes, all are down and it sends to
+/// all) keeps its flows, which would only be made again on the same backend, every packet.
 #[inline(always)]
 fn backend_usable(meta: &PacketMeta, entry: &FlowValue) -> bool {
     entry.backend == NO_BACKEND
         || entry.reply != 0
         || meta.proto == IPPROTO_TCP
         || BACKENDS.get(entry.backend).is_some_and(|b| b.healthy != 0)
+        || matches!(lb::select(meta), Lb::Selected(s)
+            if s.service == entry.service && s.backend == entry.backend)
 }
 
 /// An ICMP packet that is not the echo message its entry's direction carries: a peer's echo
