@@ -899,3 +899,26 @@ fn a_flow_its_rule_would_pick_again_stays_when_its_backends_flag_is_down() {
     assert_eq!(k.flow_stat(FLOW_STAT_EMBRYOS_CREATED), created, "no flow made again");
     assert!(k.established(&key).is_some(), "the flow stays established");
 }
+
+/// A drain is of a backend of a load balancer: once an apply removes the backend from its
+/// pools, the drain goes with it, and the same address added back later is a backend in
+/// rotation. (Before: it stayed drained for good, getting no new flows, and `lb enable`
+/// refused while it was absent.)
+#[test]
+fn a_drain_ends_with_its_backends_removal() {
+    let k = Kernel::new();
+    k.apply(POLICY);
+    let drained = ip("198.51.100.11");
+    xdpgate_dataplane::drain::set(&k.pins.dir, "lb", drained, true).unwrap();
+    k.arrive_as(Role::External);
+    assert!(!spread(&k, 47000, 60).contains(&drained), "drained");
+    let without = POLICY.replace(
+        "backends: [198.51.100.11, 198.51.100.12, 198.51.100.13]",
+        "backends: [198.51.100.12, 198.51.100.13]",
+    );
+    k.apply(&without);
+    k.apply(POLICY);
+    k.arrive_as(Role::External);
+    assert!(spread(&k, 48000, 60).contains(&drained), "back in rotation");
+    assert!(xdpgate_dataplane::drain::read(&k.pins.dir).unwrap().is_empty());
+}

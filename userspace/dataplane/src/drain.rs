@@ -14,7 +14,10 @@ use std::{collections::BTreeSet, net::IpAddr};
 
 use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
-use xdpgate_policy::lb::{BackendHealth, CompiledLb, ServiceSpec};
+use xdpgate_policy::{
+    Policy,
+    lb::{BackendHealth, CompiledLb, ServiceSpec},
+};
 
 use crate::{
     PinDir, apply,
@@ -35,6 +38,18 @@ impl Drained {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+
+    /// The drains of backends `policy` still has in their load balancer's pools: one
+    /// removed is forgotten, and its address added back later is a backend in rotation.
+    pub fn pruned(&self, policy: &Policy) -> Self {
+        let has =
+            |lb: &str, backend: IpAddr| {
+                policy.load_balancers.iter().filter(|l| l.name == lb).any(|l| {
+                    l.pools.iter().any(|p| p.backends.iter().any(|b| b.address == backend))
+                })
+            };
+        Self(self.0.iter().filter(|(lb, backend)| has(lb, *backend)).cloned().collect())
+    }
 }
 
 const FILE: &str = "drained.json";
@@ -43,6 +58,11 @@ const FILE: &str = "drained.json";
 /// whoever then builds tables from it.
 pub fn read(pins: &PinDir) -> Result<Drained> {
     state::read_json(pins, FILE)
+}
+
+/// Saves the drained backends; under the write lock.
+pub fn save(pins: &PinDir, drained: &Drained) -> Result<()> {
+    state::write_json(pins, FILE, drained)
 }
 
 /// `health` with the drained backends taken out of their load balancers' tables. The
@@ -105,7 +125,7 @@ pub fn set(pins: &PinDir, lb_name: &str, backend: IpAddr, drain: bool) -> Result
     // (each table is swapped whole, so those already rebuilt are rebuilt back).
     let mut services = Vec::new();
     let done = rebuild(pins, &lbs, &drained, lb_name, backend, &mut services)
-        .and_then(|()| state::write_json(pins, FILE, &drained));
+        .and_then(|()| save(pins, &drained));
     if let Err(e) = done {
         return Err(match services.is_empty() {
             true => e.context("nothing was changed"),

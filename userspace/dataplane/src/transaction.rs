@@ -177,7 +177,17 @@ fn install_locked(
             return Err(AppliedPartly { generation, lbs: lbs.clone(), error }.into());
         }
     }
-    // Only now: until the flip the kept changes are those of the policy still running.
+    // Only now: until the flip the drains and kept changes are those of the policy still
+    // running.
+    let still = drained.pruned(policy);
+    if still != drained
+        && let Err(e) = drain::save(pins, &still)
+    {
+        let error = e.context("the drains of backends the policy no longer has were not forgotten");
+        return Err(
+            AppliedPartly { generation: prepared.generation, lbs: lbs.clone(), error }.into()
+        );
+    }
     let pruned = kept.pruned(&policy.sets);
     if pruned != kept
         && let Err(e) = sets::save(pins, &pruned)
