@@ -1271,7 +1271,7 @@ impl Loader<'_> {
             let path = format!("{path}.backends[{k}]");
             let weight = self.optional(&format!("{path}.weight"), b.weight, parse_weight, 1);
             let Some(address) = self.check(&path, parse_address(&b.address)) else { continue };
-            self.check_not_frontend(&path, address, addresses);
+            self.check_backend(&path, address, addresses);
             match first_paths.entry(address) {
                 Entry::Occupied(first) => {
                     let line = self.lines.line(first.get());
@@ -1288,9 +1288,14 @@ impl Loader<'_> {
         BackendPool { name: raw.name.clone(), backends }
     }
 
-    /// Packets to a frontend address are load-balanced themselves, so a backend there would
-    /// have its forwarded flows balanced again.
-    fn check_not_frontend(&mut self, field: &str, address: IpAddr, addresses: &FrontendAddresses) {
+    /// A backend is a unicast address packets can be forwarded to. And packets to a
+    /// frontend address are load-balanced themselves, so a backend there would have its
+    /// forwarded flows balanced again.
+    fn check_backend(&mut self, field: &str, address: IpAddr, addresses: &FrontendAddresses) {
+        if let Some(what) = unforwardable(address) {
+            let reason = format!("backend {address} is {what}: packets cannot be forwarded to it");
+            self.error(field, reason);
+        }
         if let Some((name, path)) = addresses.get(&address) {
             let line = self.lines.line(path);
             let reason =
@@ -1654,7 +1659,7 @@ impl Loader<'_> {
         let field = format!("{path}.backend");
         let address = self.check(&field, parse_address(backend));
         if let Some(address) = address {
-            self.check_not_frontend(&field, address, addresses);
+            self.check_backend(&field, address, addresses);
             if let Some(frontend) = frontend {
                 self.check_family(&field, frontend, [address]);
             }
@@ -2146,6 +2151,30 @@ fn parse_subnet(text: &str) -> Result<IpNet, String> {
         return Err(format!("\"{text}\" is not a prefix such as 198.51.100.0/24"));
     }
     parse_prefix(text)
+}
+
+/// What makes `address` one no packet can be forwarded to (as a backend), if anything:
+/// this host's own, a group, or link-local (not routed past its link; nor can a probe reach
+/// an IPv6 one without naming its interface).
+fn unforwardable(address: IpAddr) -> Option<&'static str> {
+    let link_local = match address {
+        IpAddr::V4(a) => a.is_link_local(),
+        IpAddr::V6(a) => a.is_unicast_link_local(),
+    };
+    let broadcast = matches!(address, IpAddr::V4(a) if a.is_broadcast());
+    if address.is_unspecified() {
+        Some("the unspecified address")
+    } else if address.is_loopback() {
+        Some("a loopback address")
+    } else if address.is_multicast() {
+        Some("a multicast address")
+    } else if broadcast {
+        Some("the broadcast address")
+    } else if link_local {
+        Some("link-local")
+    } else {
+        None
+    }
 }
 
 fn parse_address(text: &str) -> Result<IpAddr, String> {
@@ -3210,6 +3239,32 @@ load_balancers:
                  backend 192.0.2.10 is also the address of frontend web-v4 (line 20)",
             ]
         );
+    }
+
+    /// A backend is a unicast address a packet can be forwarded to: not one of this host
+    /// (loopback, unspecified), a group, or link-local (not routed past its link; nor can
+    /// a probe reach an IPv6 one without its interface).
+    #[test]
+    fn load_balancer_backends_that_cannot_be_forwarded_to() {
+        let doc = lb().push(
+            "backend_pools",
+            "{name: odd, backends: [\"fe80::1\", 127.0.0.1, 169.254.0.5, 0.0.0.0, 224.0.0.1]}",
+        );
+        let errors = doc.errors();
+        for (i, what) in [
+            (0, "fe80::1 is link-local"),
+            (1, "127.0.0.1 is a loopback address"),
+            (2, "169.254.0.5 is link-local"),
+            (3, "0.0.0.0 is the unspecified address"),
+            (4, "224.0.0.1 is a multicast address"),
+        ] {
+            let want = format!(
+                "load_balancers[0].backend_pools[2].backends[{i}]: backend {what}: packets \
+                 cannot be forwarded to it"
+            );
+            assert!(errors.iter().any(|e| e.ends_with(&want)), "{want}\n{errors:?}");
+        }
+        assert_eq!(errors.len(), 5, "{errors:?}");
     }
 
     #[test]
