@@ -108,8 +108,8 @@ impl Interface {
 
 /// Reads and checks a node file.
 pub fn load(file: &Path) -> Result<Node> {
-    let text =
-        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let text = xdpgate_policy::read_source(file)
+        .map_err(|e| anyhow::anyhow!("reading {}: {e}", file.display()))?;
     parse(&text).with_context(|| format!("node file {}", file.display()))
 }
 

@@ -230,8 +230,11 @@ pub fn read(pins: &PinDir) -> Result<Stats> {
     // unpin), and programs of either build count: both are added.
     let mut arrays: Vec<PerCpuArray<_, u64>> = Vec::new();
     for name in [DROP_STATS, DROP_STATS_V1] {
-        if pins.map(name).exists() {
-            arrays.push(pins.open_map(name)?.try_into()?);
+        match pins.open_map(name) {
+            Ok(map) => arrays.push(map.try_into()?),
+            // Not pinned (an upgrade may unpin the earlier one between two reads).
+            Err(_) if !pins.map(name).exists() => {}
+            Err(e) => return Err(e),
         }
     }
     if arrays.is_empty() {

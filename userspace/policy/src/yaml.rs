@@ -147,11 +147,15 @@ pub fn load_file(path: &Path) -> Result<Policy, PolicyErrors> {
     }
 }
 
-/// The text of a policy file, read no further than the largest accepted: a device or a pipe
-/// without end (`/dev/zero`, a FIFO) is refused, not read until memory runs out.
+/// The text of a policy (or node) file: a regular file, read no further than the largest
+/// accepted. A device or a pipe (`/dev/zero`, a FIFO with no writer or one that never ends)
+/// is refused, not waited for or read until memory runs out.
 pub fn read_source(path: &Path) -> Result<String, String> {
     use std::io::Read;
     let cannot = |e: std::io::Error| format!("cannot read: {e}");
+    if !std::fs::metadata(path).map_err(cannot)?.is_file() {
+        return Err("not a regular file".into());
+    }
     let mut src = String::new();
     let file = std::fs::File::open(path).map_err(cannot)?;
     file.take(tree::MAX_FILE_BYTES as u64 + 1).read_to_string(&mut src).map_err(cannot)?;
@@ -2672,6 +2676,23 @@ nsgs:
                  timeout 7201 is out of range 4-7200 seconds",
             ]
         );
+    }
+
+    /// A list written without a value (its items commented out) is an error, not none (an
+    /// NSG's `hosts`, which would leave them unfiltered) or any (ports); a required one says
+    /// it needs a value.
+    #[test]
+    fn lists_written_without_a_value() {
+        let src = BASE.replace(
+            "    subnets: [198.51.100.0/25]\n",
+            "    subnets: [198.51.100.0/25]\n    hosts:\n",
+        );
+        assert_eq!(
+            errors(&src),
+            ["policy.yaml:8:10: nsgs[0].hosts: needs a value (leave the field out for none)"]
+        );
+        let src = with_rule(&[("source", "~")]);
+        assert_eq!(errors(&src), ["policy.yaml:22:17: nsgs[0].rules[1]: \"source\" needs a value"]);
     }
 
     /// A user name is looked up before an address is parsed: one that reads as an address

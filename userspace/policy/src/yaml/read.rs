@@ -311,7 +311,8 @@ impl<'f> Reader<'f> {
 
     /// A required list: an error if not written.
     pub fn required_list(&mut self, f: &Fields, name: &str) -> List {
-        self.list(f, name).unwrap_or_else(|| {
+        let node = self.get(f, name);
+        node.map(|node| self.list_of(&child(&f.path, name), node)).unwrap_or_else(|| {
             if !self.index.bad.contains(&child(&f.path, name)) {
                 self.missing(f, name);
             }
@@ -322,23 +323,28 @@ impl<'f> Reader<'f> {
     /// A list of ports: left out, any port. Written without a value (`~`, or a list
     /// commented out) is an error, not "any": it would open every port of the rule.
     pub fn ports(&mut self, f: &Fields, name: &str) -> List {
-        if let Some(list) = self.list(f, name) {
-            return list;
+        let hint = "leave the field out, or write \"*\", for any port";
+        self.written_list(f, name, hint).unwrap_or_else(List::any)
+    }
+
+    /// A list of strings and integers, also written as one of them; `None` if not written.
+    /// Written without a value is an error: a list commented out under its key would
+    /// otherwise narrow (an NSG's `hosts`) or widen what the policy says, unseen.
+    pub fn list(&mut self, f: &Fields, name: &str) -> Option<List> {
+        self.written_list(f, name, "leave the field out for none")
+    }
+
+    fn written_list(&mut self, f: &Fields, name: &str, hint: &str) -> Option<List> {
+        if let Some(node) = self.get(f, name) {
+            return Some(self.list_of(&child(&f.path, name), node));
         }
         if f.entries.contains_key(name) && !f.suggested.contains(name) {
             let path = child(&f.path, name);
             let pos = self.index.pos(&path);
-            let reason = "needs a value (leave the field out, or write \"*\", for any port)";
-            self.error_at(&path, pos, reason);
+            self.error_at(&path, pos, format!("needs a value ({hint})"));
             self.index.bad.insert(path);
         }
-        List::any()
-    }
-
-    /// A list of strings and integers, also written as one of them; `None` if not written.
-    pub fn list(&mut self, f: &Fields, name: &str) -> Option<List> {
-        let node = self.get(f, name)?;
-        Some(self.list_of(&child(&f.path, name), node))
+        None
     }
 
     pub fn list_of(&mut self, path: &str, node: &Node) -> List {
