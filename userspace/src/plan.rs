@@ -54,10 +54,17 @@ pub fn run(pins: &PinDir, args: Args) -> Result<()> {
     let (new, _) = load_checked(&args.file, &changes)?;
     let running = apply::applied_source(pins);
     let old = match &running {
-        Some((path, src)) => Some(
-            policy::load_str_with_sets(src, &path.display().to_string(), &changes)
-                .map_err(|e| anyhow::anyhow!("the running policy's saved source: {e}"))?,
-        ),
+        Some((path, src)) => {
+            Some(policy::load_str_with_sets(src, &path.display().to_string(), &changes).map_err(
+                |e| {
+                    anyhow::anyhow!(
+                        "the running policy's saved source does not load with this build (it \
+                         refuses what an earlier one accepted; `xdpgate check` the new file and \
+                         apply it): {e}"
+                    )
+                },
+            )?)
+        }
         None => None,
     };
     let live = flows::list(pins, &flows::Filter::default(), 0)?;
