@@ -656,6 +656,17 @@ fn upgrade_from_a_build_without_rule_traffic_counters_counts_them() {
     assert!(packets >= 5, "a connection's handshake, data and close: {packets}");
 }
 
+/// Pins drop counters as a build with fewer reasons had them (`DROP_STATS`, 10 entries).
+fn pin_earlier_drop_counters(lab: &Gateway) -> std::path::PathBuf {
+    let pin = lab.pins.dir.map(xdpgate_common::maps::DROP_STATS_V1);
+    let args = ["type", "percpu_array", "key", "4", "value", "8", "entries", "10"];
+    common::run(
+        "bpftool",
+        &[&["map", "create", pin.to_str().unwrap()][..], &args, &["name", "DROP_STATS"]].concat(),
+    );
+    pin
+}
+
 /// The drop counters of a build with fewer reasons (pinned as `DROP_STATS`, 10 entries) are
 /// left beside this build's longer array (`DROP_STATS_V2`) by the load, and unpinned by
 /// `upgrade` once its programs run; the new counters count.
@@ -664,12 +675,7 @@ fn upgrade_unpins_the_earlier_drop_counters() {
     use xdpgate_common::maps::DROP_STATS_V1;
     let lab = Gateway::new();
     lab.apply("policy.yaml", POLICY);
-    let pin = lab.pins.dir.map(DROP_STATS_V1);
-    let args = ["type", "percpu_array", "key", "4", "value", "8", "entries", "10"];
-    common::run(
-        "bpftool",
-        &[&["map", "create", pin.to_str().unwrap()][..], &args, &["name", "DROP_STATS"]].concat(),
-    );
+    let pin = pin_earlier_drop_counters(&lab);
     // The pin set of a build before the new reasons has only the shorter array: `stats`
     // reads it until the upgrade (it failed outright before, as would the agent's metrics
     // in the middle of a fleet's roll).
@@ -692,12 +698,7 @@ fn stats_adds_the_earlier_drop_counters_while_both_are_pinned() {
     use xdpgate_common::{maps::DROP_STATS_V1, stats::DropReason};
     let lab = Gateway::new();
     lab.apply("policy.yaml", POLICY);
-    let pin = lab.pins.dir.map(DROP_STATS_V1);
-    let args = ["type", "percpu_array", "key", "4", "value", "8", "entries", "10"];
-    common::run(
-        "bpftool",
-        &[&["map", "create", pin.to_str().unwrap()][..], &args, &["name", "DROP_STATS"]].concat(),
-    );
+    let pin = pin_earlier_drop_counters(&lab);
     // No NAT gateway here: this build's programs count no such drop.
     let reason = DropReason::NatExhausted as u32;
     assert_eq!(drops(&lab, "nat_exhausted"), 0);
