@@ -165,6 +165,11 @@ fn install_locked(
         maps.install(lbs, &health)?;
         nat_maps.install(pins, policy, running.as_ref())
     };
+    // Past the flip the new policy runs: a failure from here on is reported as partly applied.
+    let generation = prepared.generation;
+    let partly = |error: anyhow::Error| -> anyhow::Error {
+        AppliedPartly { generation, lbs: lbs.clone(), error }.into()
+    };
     if prepared.running_generation() == 0 {
         install()?;
         apply::switch(pins, &prepared)?;
@@ -172,33 +177,24 @@ fn install_locked(
     } else {
         apply::switch(pins, &prepared)?;
         unswitched.switched();
-        if let Err(error) = install() {
-            let generation = prepared.generation;
-            return Err(AppliedPartly { generation, lbs: lbs.clone(), error }.into());
-        }
+        install().map_err(partly)?;
     }
     // Only now: until the flip the drains and kept changes are those of the policy still
     // running.
     let still = drained.pruned(policy);
-    if still != drained
-        && let Err(e) = drain::save(pins, &still)
-    {
-        let error = e.context("the drains of backends the policy no longer has were not forgotten");
-        return Err(
-            AppliedPartly { generation: prepared.generation, lbs: lbs.clone(), error }.into()
-        );
+    if still != drained {
+        drain::save(pins, &still).map_err(|e| {
+            partly(e.context("the drains of backends the policy no longer has were not forgotten"))
+        })?;
     }
     let pruned = kept.pruned(&policy.sets);
-    if pruned != kept
-        && let Err(e) = sets::save(pins, &pruned)
-    {
-        let error = e.context(
-            "the sets' run-time changes of sets or elements the file no longer has were not \
-             forgotten",
-        );
-        return Err(
-            AppliedPartly { generation: prepared.generation, lbs: lbs.clone(), error }.into()
-        );
+    if pruned != kept {
+        sets::save(pins, &pruned).map_err(|e| {
+            partly(e.context(
+                "the sets' run-time changes of sets or elements the file no longer has were not \
+                 forgotten",
+            ))
+        })?;
     }
     Ok((prepared.generation, lbs.clone()))
 }
