@@ -110,8 +110,9 @@ fn mix(h: u32, v: u32) -> u32 {
     (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
 }
 
+/// Murmur3's finalizer: every input bit moves about half the output bits.
 #[inline(always)]
-fn fmix(mut h: u32) -> u32 {
+pub fn fmix(mut h: u32) -> u32 {
     h ^= h >> 16;
     h = h.wrapping_mul(0x85eb_ca6b);
     h ^= h >> 13;

@@ -11,7 +11,7 @@ use xdpgate_common::{
     lb::NO_BACKEND,
     nat::{
         ADDR_KEY_HEADER_BITS, AddrKey, MAX_PUBLIC_ADDRS, NAT_ACTIVE, NAT_DROP_REASONS, NAT_PROBES,
-        NatEntry,
+        NatEntry, NatGatewayConfig,
     },
     nsg::{DIR_INBOUND, DIR_OUTBOUND},
     stats::DropReason,
@@ -178,6 +178,31 @@ fn translatable(meta: &PacketMeta) -> bool {
         || (meta.is_icmp() && is_echo(meta.family, meta.icmp_type))
 }
 
+/// The public addresses of `config` of `family`, as bits (bit i: `addrs[i]`). Arithmetic,
+/// not branches: the verifier walks it once, not once per combination of outcomes.
+#[inline(always)]
+fn of_family(config: &NatGatewayConfig, family: u8) -> u32 {
+    let mut bits = 0u32;
+    for i in 0..MAX_PUBLIC_ADDRS {
+        let same = u32::from(config.families[i] ^ family).wrapping_sub(1) >> 31;
+        bits |= same << i;
+    }
+    let n = config.n_addrs.min(MAX_PUBLIC_ADDRS as u32);
+    bits & ((1u32 << n) - 1)
+}
+
+/// The index of the `k`-th (from 0) set bit of `bits`, which has more than `k`; branch-free
+/// as [`of_family`]: the lowest set bit is cleared `k` times.
+#[inline(always)]
+fn nth_bit(mut bits: u32, k: u32) -> u32 {
+    for i in 0..MAX_PUBLIC_ADDRS as u32 - 1 {
+        // All ones while i < k (both below 16: the difference's top bit).
+        let clear = 0u32.wrapping_sub(i.wrapping_sub(k) >> 31);
+        bits &= !(clear & bits & bits.wrapping_neg());
+    }
+    (bits & bits.wrapping_neg()).trailing_zeros()
+}
+
 /// Claims a public address and port of gateway `gw` for a new flow and records the
 /// translation both ways. Returns the public address index and port packed as
 /// `index << 16 | port`.
@@ -188,21 +213,16 @@ pub fn allocate(meta: &PacketMeta, gw: u32, now: u64) -> Result<u32, DropReason>
         return Err(exhausted(gw));
     }
     let h = lb::hash(meta, 0);
-    // The same private host keeps the same public address while it has one of its family.
-    let mut index = MAX_PUBLIC_ADDRS as u32;
-    let n = config.n_addrs.min(MAX_PUBLIC_ADDRS as u32);
-    let first = (meta.src[0] ^ meta.src[3]).wrapping_mul(0x9e37_79b1) >> 8;
-    for i in 0..MAX_PUBLIC_ADDRS as u32 {
-        // Masked rather than reduced modulo n: the verifier cannot bound `% n` as an index.
-        let candidate = (first + i) & (MAX_PUBLIC_ADDRS as u32 - 1);
-        if candidate < n && config.families[candidate as usize] == meta.family {
-            index = candidate;
-            break;
-        }
-    }
-    if index >= MAX_PUBLIC_ADDRS as u32 {
+    // The same private host keeps the same public address, and hosts spread evenly over the
+    // addresses of their family: the k-th of them, k a hash of the host's address (mixed
+    // whole: hosts of one subnet differ only in their last bits).
+    let usable = of_family(config, meta.family);
+    if usable == 0 {
         return Err(exhausted(gw));
     }
+    let k = lb::fmix(meta.src[0] ^ meta.src[1] ^ meta.src[2] ^ meta.src[3]) % usable.count_ones();
+    // Masked for the verifier: the k-th of at most 16 bits is below 16.
+    let index = nth_bit(usable, k) & (MAX_PUBLIC_ADDRS as u32 - 1);
     let public = config.addrs[index as usize];
     let echo = meta.is_icmp();
     let range = u32::from(config.port_hi).saturating_sub(u32::from(config.port_lo)) + 1;
