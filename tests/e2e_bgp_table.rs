@@ -59,3 +59,65 @@ fn listing_the_announcement_table_reads_only_its_routes() {
     assert!(absent.routes.is_empty());
     assert_eq!(absent.messages, 0);
 }
+
+/// A route the kernel refuses to add (IPv6 off on the host, with an IPv6 frontend in the
+/// fleet's policy) holds back no other change: an IPv4 frontend whose backends died is
+/// withdrawn all the same, and the record says why the IPv6 one is not announced (seen
+/// failing: the first refused add returned before any withdrawal, every second).
+#[test]
+fn a_route_the_kernel_refuses_holds_back_no_withdrawal() {
+    use xdpgate::bgp::announce;
+    let ns = Netns::new("xgbr");
+    ns.exec("sysctl", &["-qw", "net.ipv6.conf.lo.disable_ipv6=1"]);
+    let pins = common::Pins::new();
+    let policy = xdpgate_policy::load_str(
+        r#"
+virtual_network: {address_space: [198.51.100.0/24, "2001:db8:1::/64"]}
+load_balancers:
+  - name: edge
+    frontends:
+      - {name: v4, address: 192.0.2.10}
+      - {name: v6, address: "2001:db8::10"}
+    backend_pools:
+      - {name: web, backends: [198.51.100.11]}
+      - {name: web6, backends: ["2001:db8:1::11"]}
+    probes:
+      - {name: up, protocol: tcp, port: 80}
+    rules:
+      - {name: http, frontend: v4, protocol: tcp, frontend_port: 80, backend_port: 80,
+         backend_pool: web, probe: up}
+      - {name: http6, frontend: v6, protocol: tcp, frontend_port: 80, backend_port: 80,
+         backend_pool: web6, probe: up}
+"#,
+        "test",
+    )
+    .unwrap();
+    let lbs = xdpgate_policy::lb::compile(&policy).unwrap();
+    let mut node = xdpgate::node::parse(
+        "interfaces:\n  - {name: eth0, role: external}\nbgp: {router_id: 203.0.113.2, \
+         local_as: 65001, peers: [{address: 203.0.113.1, as: 65000}]}\n",
+    )
+    .unwrap();
+    // Nothing to attach: the node counts as attached.
+    node.interfaces.clear();
+    let dir = pins.dir.clone();
+    let (first, second, table) = ns.run(move || {
+        let all = |_: IpAddr| true;
+        let first = announce::update(&dir, &node, &lbs, &all, &all).map_err(|e| format!("{e:#}"));
+        // Every IPv4 backend dead.
+        let v6_only = |b: IpAddr| b.is_ipv6();
+        let second =
+            announce::update(&dir, &node, &lbs, &v6_only, &v6_only).map_err(|e| format!("{e:#}"));
+        (first, second, host_routes::list(TABLE).unwrap())
+    });
+    eprintln!("first: {first:?}\nsecond: {second:?}");
+    assert!(first.is_err(), "the refused IPv6 route is an error");
+    assert!(second.is_err(), "still refused");
+    assert!(table.is_empty(), "the dead IPv4 frontend is withdrawn: table {TABLE} has {table:?}");
+    let record = announce::read(&pins.dir).unwrap().expect("bgp.json written");
+    assert!(record.announced.is_empty(), "{record:?}");
+    let v6: IpAddr = "2001:db8::10".parse().unwrap();
+    let why =
+        record.withheld.iter().find(|w| w.address == v6).expect("the IPv6 frontend is withheld");
+    assert!(why.reason.contains("could not be added"), "{why:?}");
+}

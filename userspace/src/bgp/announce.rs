@@ -14,7 +14,7 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use log::info;
 use serde::{Deserialize, Serialize};
 use xdpgate_common::lb::NO_BACKEND;
@@ -165,28 +165,43 @@ pub const WAITING_FOR_TABLES: &str = "its backends answer again; the load-balanc
      lock is busy, or the rebuild failed)";
 
 /// Makes the table hold exactly the routes of `announce`, and records it (`bgp.json`, written
-/// only when something changed). How many routes it withdrew.
+/// only when something changed). How many routes it withdrew. Each route is changed on its
+/// own, withdrawals first: one the kernel refuses (an IPv6 route with IPv6 off on the host)
+/// holds back no other, least of all a withdrawal; it is recorded as withheld, and the
+/// error returned once the rest is done.
 fn sync(
     pins: &PinDir,
     table: u32,
     node_drained: bool,
-    announce: Vec<IpAddr>,
-    withheld: Vec<Withheld>,
+    mut announce: Vec<IpAddr>,
+    mut withheld: Vec<Withheld>,
 ) -> Result<usize> {
     let now = host_routes::list(table)?;
-    for addr in announce.iter().filter(|a| !now.contains(a)) {
-        host_routes::add(table, *addr)?;
-        info!("bgp: announcing {addr} (table {table})");
-    }
+    let mut failed = Vec::new();
     let mut withdrawn = 0;
     for addr in now.iter().filter(|a| !announce.contains(a)) {
-        host_routes::remove(table, *addr)?;
+        if let Err(e) = host_routes::remove(table, *addr) {
+            failed.push(format!("{e:#}"));
+            continue;
+        }
         withdrawn += 1;
         let why = withheld.iter().find(|w| w.address == *addr);
         info!(
             "bgp: withdrawing {addr} (table {table}): {}",
             why.map_or("no longer a frontend of the policy", |w| w.reason.as_str())
         );
+    }
+    for addr in announce.clone().into_iter().filter(|a| !now.contains(a)) {
+        match host_routes::add(table, addr) {
+            Ok(()) => info!("bgp: announcing {addr} (table {table})"),
+            Err(e) => {
+                let error = format!("{e:#}");
+                announce.retain(|a| *a != addr);
+                let reason = format!("its route could not be added: {error}");
+                withheld.push(Withheld { address: addr, reason });
+                failed.push(error);
+            }
+        }
     }
     let record = Announcements {
         pid: std::process::id(),
@@ -202,6 +217,9 @@ fn sync(
     {
         let time = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         state::write_json(pins, FILE, &Announcements { time_unix_seconds: time, ..record })?;
+    }
+    if !failed.is_empty() {
+        bail!("{}", failed.join("; "));
     }
     Ok(withdrawn)
 }
