@@ -71,6 +71,9 @@ pub struct FileSink {
     /// The file ends in part of a line that could not be cut off: the next line starts on
     /// a new one.
     mid_line: bool,
+    /// A regular file, rotated and cut. Not a FIFO a log shipper reads, nor a device
+    /// (`/dev/stdout`): renaming or removing the path would break it for everyone.
+    regular: bool,
 }
 
 /// Cuts a partial last line (left by a write that failed half-way) off the file, so every
@@ -107,9 +110,11 @@ impl FileSink {
             .mode(0o640)
             .open(&path)
             .with_context(|| format!("opening flow log {}", path.display()))?;
-        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-        let (written, mid_line) = cut_partial_line(&file, len);
-        Ok((Self { path, max_bytes, keep, file, written, mid_line }, len - written))
+        let meta = file.metadata().with_context(|| format!("flow log {}", path.display()))?;
+        let regular = meta.is_file();
+        let len = if regular { meta.len() } else { 0 };
+        let (written, mid_line) = if regular { cut_partial_line(&file, len) } else { (0, false) };
+        Ok((Self { path, max_bytes, keep, file, written, mid_line, regular }, len - written))
     }
 
     fn reopen(&mut self) -> Result<()> {
@@ -174,7 +179,7 @@ impl FileSink {
         let mut start = 0;
         for (from, to) in lines.spans() {
             let pending = self.written + (from - start) as u64;
-            if pending > 0 && pending + (to - from) as u64 > self.max_bytes {
+            if self.regular && pending > 0 && pending + (to - from) as u64 > self.max_bytes {
                 self.flush(&lines.bytes[start..from])?;
                 start = from;
                 self.rotate()?;
@@ -369,6 +374,36 @@ mod tests {
             );
             let _ = fs::remove_dir_all(&dir);
         }
+    }
+
+    /// A FIFO (a log shipper's) is never rotated: the path stays the FIFO, no FILE.1 is
+    /// made, and every line reaches the reader (seen failing: the FIFO was renamed to
+    /// FILE.1 and a regular file made in its place, read by no one).
+    #[test]
+    fn a_fifo_is_not_rotated() {
+        use std::os::unix::fs::FileTypeExt;
+        let dir = std::env::temp_dir().join(format!("xgfifo{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("flows.fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let mut reader =
+            OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(&fifo).unwrap();
+        let mut sink = Sink::open(fifo.to_str().unwrap(), 100, 1).unwrap();
+        let mut lines = Lines::default();
+        (0..10).for_each(|i| lines.push(&json!({"line": format!("{i:020}")})));
+        sink.write_lines(&lines).unwrap();
+        assert!(fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo(), "still the FIFO");
+        assert!(!dir.join("flows.fifo.1").exists(), "nothing rotated");
+        let mut got = String::new();
+        std::io::Read::read_to_string(&mut reader, &mut got)
+            .or_else(|e| match e.kind() {
+                io::ErrorKind::WouldBlock => Ok(0),
+                _ => Err(e),
+            })
+            .unwrap();
+        assert_eq!(got.lines().count(), 10, "{got}");
+        let _ = fs::remove_dir_all(&dir);
     }
 
     /// After a failed write, what landed is counted only when it is whole lines of the chunk
