@@ -260,6 +260,11 @@ fn bounds_stop_a_capture() {
         "{summary}"
     );
     assert!(pcap(&path).is_empty());
+    // Whole packets, payloads and all: for root only, as dumpcap makes them (seen failing:
+    // 0644 under the usual umask).
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "capture file mode {mode:o}");
 
     // A pcap header is 24 bytes; each copy 16 and its 52-byte frame (14 + 20 + 8 + 10):
     // four copies (two datagrams, before and after) fit in 300, the fifth would not.

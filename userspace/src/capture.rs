@@ -8,10 +8,13 @@
 use std::{
     borrow::Cow,
     cell::RefCell,
-    fs::File,
+    fs::OpenOptions,
     io::{self, BufWriter, Write},
     net::IpAddr,
-    os::fd::{AsFd, AsRawFd},
+    os::{
+        fd::{AsFd, AsRawFd},
+        unix::fs::OpenOptionsExt as _,
+    },
     rc::Rc,
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -399,9 +402,11 @@ pub fn run(pins: &PinDir, args: &CaptureArgs) -> Result<Summary> {
     let out: Box<dyn Write> = if args.write == "-" {
         Box::new(BufWriter::new(io::stdout().lock()))
     } else {
-        Box::new(BufWriter::new(
-            File::create(&args.write).with_context(|| format!("creating {}", args.write))?,
-        ))
+        // Whole packets, payloads and all: a new file for root only, as dumpcap makes them.
+        let file = (OpenOptions::new().write(true).create(true).truncate(true).mode(0o600))
+            .open(&args.write)
+            .with_context(|| format!("creating {}", args.write))?;
+        Box::new(BufWriter::new(file))
     };
     let mut sink = Sink::new(out, args.format, args.snaplen)?;
     for sig in [libc::SIGINT, libc::SIGTERM] {
