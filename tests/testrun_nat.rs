@@ -10,7 +10,9 @@ use std::{collections::HashSet, net::IpAddr};
 
 use common::{
     kernel::{DROP, Kernel, PASS},
-    packet::{ACK, ETH_LEN, L4, SYN, checksums_ok, endpoints, flow_key, frame, frame_vlan},
+    packet::{
+        ACK, ETH_LEN, L4, SYN, checksums_ok, endpoints, flow_key, fragment, frame, frame_vlan,
+    },
 };
 use xdpgate_common::iface::Role;
 use xdpgate_dataplane::flows::FlowEntries;
@@ -141,6 +143,32 @@ fn fragmented_datagrams_are_translated_whole() {
         let whole = k.through_fragmented(&back, 0x5678);
         assert_eq!(endpoints(&whole), (ip(remote), ip(private), 53, 40300), "the reply");
     }
+}
+
+/// A later fragment from a NAT subnet to the outside whose first fragment was never seen
+/// (dropped as `nat_exhausted`, or forged) cannot be translated and must not leave with its
+/// private source, NSG or not (seen failing: no NSG applied, so it passed untranslated).
+#[test]
+fn an_unknown_later_fragment_does_not_leave_untranslated() {
+    let k = Kernel::new();
+    k.apply(POLICY);
+    let data: Vec<u8> = (0..600u32).map(|i| i as u8).collect();
+    for (private, remote) in [("198.51.100.10", "203.0.113.7"), ("2001:db8:1::10", "2001:db8:2::7")]
+    {
+        k.arrive_as(Role::Internal);
+        let [_, later] =
+            fragment(&frame_vlan(private, remote, L4::Udp(40400, 53), &[], &data), 304, 0x4321);
+        let before = k.drops("fragment");
+        assert_eq!(k.run(&later), DROP, "{private}: a later fragment without its first");
+        assert_eq!(k.drops("fragment"), before + 1, "{private}");
+    }
+    // Inside the virtual network nothing is translated: with no NSG it passes as before.
+    let [_, later] = fragment(
+        &frame_vlan("198.51.100.10", "198.51.100.20", L4::Udp(40400, 53), &[], &data),
+        304,
+        0x4322,
+    );
+    assert_eq!(k.run(&later), PASS, "inside the virtual network");
 }
 
 fn ip_len(p: &[u8]) -> usize {

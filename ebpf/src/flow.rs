@@ -936,3 +936,14 @@ pub fn later_fragment(meta: &PacketMeta) -> Option<Action> {
 pub fn unknown_fragment(active: &Active<'_>, meta: &PacketMeta) -> Result<(), DropReason> {
     if classify(active, meta).unfiltered { Ok(()) } else { Err(DropReason::Fragment) }
 }
+
+/// An unknown non-first fragment that a NAT gateway would translate: without its first
+/// fragment's translation it cannot be, and must not leave with its private source.
+#[inline(always)]
+pub fn untranslated_fragment(active: &Active<'_>, meta: &PacketMeta) -> Result<(), DropReason> {
+    let nat = active.config.flags & FLAG_NO_NAT == 0;
+    if nat && snat::gateway(meta, u32::from(meta.dir)).is_some() {
+        return Err(DropReason::Fragment);
+    }
+    Ok(())
+}
