@@ -113,6 +113,35 @@ pub fn load(file: &Path) -> Result<Node> {
     parse(&text).with_context(|| format!("node file {}", file.display()))
 }
 
+/// Refuses a key written twice in any mapping of the document: reading it would keep one
+/// and drop the other unseen (a node file put together from two, whose first
+/// `interfaces:` would go unattached).
+fn no_key_twice(node: &tree::Node) -> Result<()> {
+    match &node.kind {
+        Kind::Scalar { .. } => Ok(()),
+        Kind::Seq(items) => items.iter().try_for_each(no_key_twice),
+        Kind::Map(entries) => {
+            for (i, (k, v)) in entries.iter().enumerate() {
+                let name = |n: &tree::Node| match &n.kind {
+                    Kind::Scalar { text, .. } => text.clone(),
+                    _ => n.describe(),
+                };
+                if let Some((first, _)) = entries[..i].iter().find(|(f, _)| name(f) == name(k)) {
+                    bail!(
+                        "line {}, column {}: {} is written twice (first on line {})",
+                        k.pos.line,
+                        k.pos.column,
+                        name(k),
+                        first.pos.line
+                    );
+                }
+                no_key_twice(v)?;
+            }
+            Ok(())
+        }
+    }
+}
+
 /// Reads the document with the policy's positioned YAML reader: `interfaces:`, a list of
 /// `{name, role, hook, mode}` (hook and mode optional, mode only with `hook: xdp`), and optionally `tables:` with `flows` and
 /// `nat_translations`; nothing else.
@@ -121,6 +150,7 @@ fn read(text: &str) -> Result<Node> {
     let doc = tree::parse(text)
         .map_err(|e| anyhow::anyhow!("{}: {}", at(e.pos), e.reason))?
         .ok_or_else(|| anyhow::anyhow!("the file is empty: expected `interfaces:`"))?;
+    no_key_twice(&doc)?;
     let Kind::Map(entries) = &doc.kind else {
         bail!("{}: expected a mapping with `interfaces:`, found {}", at(doc.pos), doc.describe());
     };
@@ -471,6 +501,21 @@ mod tests {
             (
                 "interfaces:\n  - {name: a, role: external}\ntables: {flows: lots}",
                 "tables: flows: expected a number, found string \"lots\"",
+            ),
+            // A key written twice (files put together): the first would be dropped unseen,
+            // and its interfaces left unfiltered (seen failing: the last one won).
+            (
+                "interfaces:\n  - {name: a, role: external}\ninterfaces:\n  - {name: b, role: internal}",
+                "line 3, column 1: interfaces is written twice (first on line 1)",
+            ),
+            (
+                "interfaces:\n  - {name: a, role: external, role: internal}",
+                "line 2, column 31: role is written twice",
+            ),
+            (
+                "interfaces:\n  - {name: a, role: external}\nbgp: {router_id: 203.0.113.2, \
+                 local_as: 1, local_as: 2, peers: [{address: 203.0.113.1, as: 1}]}",
+                "local_as is written twice",
             ),
             (
                 "interfaces:\n  - {name: a, role: external}\ntables: {embryos: 4}",
