@@ -60,16 +60,10 @@ fn listing_the_announcement_table_reads_only_its_routes() {
     assert_eq!(absent.messages, 0);
 }
 
-/// A route the kernel refuses to add (IPv6 off on the host, with an IPv6 frontend in the
-/// fleet's policy) holds back no other change: an IPv4 frontend whose backends died is
-/// withdrawn all the same, and the record says why the IPv6 one is not announced (seen
-/// failing: the first refused add returned before any withdrawal, every second).
-#[test]
-fn a_route_the_kernel_refuses_holds_back_no_withdrawal() {
-    use xdpgate::bgp::announce;
-    let ns = Netns::new("xgbr");
-    ns.exec("sysctl", &["-qw", "net.ipv6.conf.lo.disable_ipv6=1"]);
-    let pins = common::Pins::new();
+/// The fleet's policy of the tests below: an IPv4 and an IPv6 frontend, each with a probed
+/// backend; and a node with a `bgp:` section and nothing to attach (so it counts as
+/// attached).
+fn policy_and_node() -> (xdpgate_policy::lb::CompiledLb, xdpgate::node::Node) {
     let policy = xdpgate_policy::load_str(
         r#"
 virtual_network: {address_space: [198.51.100.0/24, "2001:db8:1::/64"]}
@@ -98,8 +92,21 @@ load_balancers:
          local_as: 65001, peers: [{address: 203.0.113.1, as: 65000}]}\n",
     )
     .unwrap();
-    // Nothing to attach: the node counts as attached.
     node.interfaces.clear();
+    (lbs, node)
+}
+
+/// A route the kernel refuses to add (IPv6 off on the host, with an IPv6 frontend in the
+/// fleet's policy) holds back no other change: an IPv4 frontend whose backends died is
+/// withdrawn all the same, and the record says why the IPv6 one is not announced (seen
+/// failing: the first refused add returned before any withdrawal, every second).
+#[test]
+fn a_route_the_kernel_refuses_holds_back_no_withdrawal() {
+    use xdpgate::bgp::announce;
+    let ns = Netns::new("xgbr");
+    ns.exec("sysctl", &["-qw", "net.ipv6.conf.lo.disable_ipv6=1"]);
+    let pins = common::Pins::new();
+    let (lbs, node) = policy_and_node();
     let dir = pins.dir.clone();
     let (first, second, table) = ns.run(move || {
         let all = |_: IpAddr| true;
@@ -120,4 +127,37 @@ load_balancers:
     let why =
         record.withheld.iter().find(|w| w.address == v6).expect("the IPv6 frontend is withheld");
     assert!(why.reason.contains("could not be added"), "{why:?}");
+}
+
+/// A route of another program's (or the operator's) for a frontend's address in the
+/// agent's table is not replaced, nor later removed: the agent's routes are only those of
+/// its protocol. The frontend is withheld with the kernel's reason (seen failing: the
+/// static route was replaced by one of protocol 245).
+#[test]
+fn a_route_not_the_agents_is_left_alone() {
+    use xdpgate::bgp::announce;
+    let ns = Netns::new("xgbf");
+    let table = TABLE.to_string();
+    ns.exec(
+        "ip",
+        &["route", "add", "192.0.2.10/32", "dev", "lo", "table", &table, "proto", "static"],
+    );
+    let pins = common::Pins::new();
+    let (lbs, node) = policy_and_node();
+    let dir = pins.dir.clone();
+    let (result, ours) = ns.run(move || {
+        let all = |_: IpAddr| true;
+        let result = announce::update(&dir, &node, &lbs, &all, &all).map_err(|e| format!("{e:#}"));
+        (result, host_routes::list(TABLE).unwrap())
+    });
+    let shown =
+        String::from_utf8(ns.exec("ip", &["route", "show", "table", &table]).stdout).unwrap();
+    eprintln!("{result:?}\n{shown}");
+    assert!(result.is_err(), "the address held by another's route is an error");
+    assert!(shown.contains("192.0.2.10 dev lo proto static"), "the static route stays: {shown}");
+    let v6: IpAddr = "2001:db8::10".parse().unwrap();
+    assert_eq!(ours, [v6], "the agent's own routes: the IPv6 frontend only");
+    let record = announce::read(&pins.dir).unwrap().expect("bgp.json written");
+    let v4: IpAddr = "192.0.2.10".parse().unwrap();
+    assert!(record.withheld.iter().any(|w| w.address == v4), "{record:?}");
 }

@@ -20,7 +20,7 @@ pub const DEFAULT_TABLE: u32 = 4242;
 const RTM_NEWROUTE: u16 = 24;
 const RTM_DELROUTE: u16 = 25;
 const RTM_GETROUTE: u16 = 26;
-const NLM_F_REPLACE: u16 = 0x100;
+const NLM_F_EXCL: u16 = 0x200;
 const NLM_F_CREATE: u16 = 0x400;
 const RTA_DST: u16 = 1;
 const RTA_OIF: u16 = 4;
@@ -76,10 +76,21 @@ fn no_such_table(e: &anyhow::Error) -> bool {
     e.downcast_ref::<std::io::Error>().and_then(std::io::Error::raw_os_error) == Some(libc::ENOENT)
 }
 
-/// Adds (or replaces) the host route of `addr` in `table`.
+/// Adds the host route of `addr` to `table`; a route there for the address that is not ours
+/// (another program's, the operator's) is an error, not replaced: ours are only those of
+/// our protocol.
 pub fn add(table: u32, addr: IpAddr) -> Result<()> {
-    change(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE, table, addr)
-        .with_context(|| format!("adding the route of {addr} to table {table}"))
+    change(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, table, addr).map_err(|e| {
+        let exists = e.downcast_ref::<std::io::Error>().and_then(std::io::Error::raw_os_error)
+            == Some(libc::EEXIST);
+        let held = if exists {
+            ": a route not the agent's holds the address there (another program's, or the \
+             operator's)"
+        } else {
+            ""
+        };
+        e.context(format!("adding the route of {addr} to table {table}{held}"))
+    })
 }
 
 /// Removes the host route of `addr` from `table`.
