@@ -142,4 +142,11 @@ fn attach_counts_real_tcp_udp_icmp_then_detaches() {
     assert!(!link.contains("prog/xdp"), "still attached: {link}");
     assert!(client.try_exec("ping", &["-c", "1", "-W", "2", "198.51.100.2"]).status.success());
     assert!(!pins.dir.link(&sb).exists(), "link pin left behind");
+
+    // Another interface attached next takes the freed counter slot, not its counts (seen
+    // failing: it started with every packet the detached one had).
+    let (_ca2, sb2) = veth(&client, "198.51.101.1/24", &server, "198.51.101.2/24");
+    pins.xdpgate(&["attach", "--hook", "xdp", "--iface", &sb2, "--role", "internal"]);
+    let (fresh, _) = pass_counter(&pins, &sb2);
+    assert!(fresh < counted, "{sb2} starts with {fresh} packets; {sb} had {counted}");
 }

@@ -12,11 +12,15 @@ pub fn carried<V: Pod + Default>(
     map: &PerCpuArray<MapData, V>,
     old: Option<u32>,
 ) -> Result<PerCpuValues<V>> {
-    let values = match old {
-        Some(old) => map.get(&old, 0)?.to_vec(),
-        None => vec![V::default(); nr_cpus()?],
-    };
-    Ok(PerCpuValues::try_from(values)?)
+    match old {
+        Some(old) => Ok(PerCpuValues::try_from(map.get(&old, 0)?.to_vec())?),
+        None => zeros(),
+    }
+}
+
+/// Zero on every CPU.
+pub fn zeros<V: Pod + Default>() -> Result<PerCpuValues<V>> {
+    Ok(PerCpuValues::try_from(vec![V::default(); nr_cpus()?])?)
 }
 
 /// Sets each index `i` of `map` to what index `from[i]` held (zero for `None`), every value

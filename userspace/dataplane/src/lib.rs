@@ -1132,9 +1132,13 @@ fn register(ebpf: &mut Ebpf, pins: &PinDir, ifindex: u32, role: Role, hook: Hook
     let used: Vec<u32> = ifaces.iter().filter_map(|e| e.ok()).map(|(_, c)| c.slot).collect();
     let slot = match ifaces.get(&ifindex, 0) {
         Ok(existing) => existing.slot,
-        Err(_) => (1..MAX_IFACES)
-            .find(|s| !used.contains(s))
-            .ok_or_else(|| anyhow!("all {} interface slots are in use", MAX_IFACES - 1))?,
+        Err(_) => {
+            let free = (1..MAX_IFACES)
+                .find(|s| !used.contains(s))
+                .ok_or_else(|| anyhow!("all {} interface slots are in use", MAX_IFACES - 1))?;
+            stats::clear_slot(ebpf, free)?;
+            free
+        }
     };
     write_iface(pins, ifindex, Some(IfaceConfig { slot, role: role as u32 }))?;
     if hook == Hook::Tc {

@@ -2,7 +2,7 @@
 
 use std::collections::HashSet;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, anyhow};
 use aya::maps::{HashMap, MapData, PerCpuArray};
 use serde::Serialize;
 use xdpgate_common::{
@@ -26,7 +26,7 @@ use xdpgate_common::{
 
 use xdpgate_policy::{Direction, Layer};
 
-use crate::{PinDir, apply, nat, state, table, tables};
+use crate::{PinDir, apply, carried, nat, state, table, tables};
 
 #[derive(Debug, Default, Serialize, PartialEq, Eq, Clone, Copy)]
 pub struct Traffic {
@@ -425,6 +425,24 @@ pub fn event_losses(pins: &PinDir) -> Result<(u64, u64)> {
     let stats: PerCpuArray<_, u64> = pins.open_map(EVENT_STATS)?.try_into()?;
     let sum = |i: u32| -> Result<u64> { Ok(stats.get(&i, 0)?.iter().sum()) };
     Ok((sum(EVENTS_SUPPRESSED)?, sum(EVENTS_LOST)?))
+}
+
+/// Zeroes interface slot `slot`'s counters (ingress verdicts, and egress where the object
+/// has them) before an interface takes it: a slot freed by a detach still holds the counts
+/// of the interface that had it.
+pub(crate) fn clear_slot(ebpf: &mut aya::Ebpf, slot: u32) -> Result<()> {
+    let map = ebpf.map_mut(IFACE_STATS).ok_or_else(|| anyhow!("map {IFACE_STATS} missing"))?;
+    let mut counters: PerCpuArray<_, Counter> = map.try_into()?;
+    for action in 0..VERDICTS {
+        counters.set(iface_stat_index(slot, action), carried::zeros()?, 0)?;
+    }
+    if let Some(map) = ebpf.map_mut(EGRESS_STATS) {
+        let mut egress: PerCpuArray<_, Counter> = map.try_into()?;
+        for drop in [false, true] {
+            egress.set(egress_stat_index(slot, drop), carried::zeros()?, 0)?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
