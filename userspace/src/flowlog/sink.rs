@@ -71,6 +71,9 @@ pub struct FileSink {
     /// The file ends in part of a line that could not be cut off: the next line starts on
     /// a new one.
     mid_line: bool,
+    /// Bytes past which the next line rotates the file: `max_bytes`, or after a rotation
+    /// that failed, `max_bytes` more than the file then held.
+    rotate_at: u64,
     /// A regular file, rotated and cut. Not a FIFO a log shipper reads, nor a device
     /// (`/dev/stdout`): renaming or removing the path would break it for everyone.
     regular: bool,
@@ -114,7 +117,9 @@ impl FileSink {
         let regular = meta.is_file();
         let len = if regular { meta.len() } else { 0 };
         let (written, mid_line) = if regular { cut_partial_line(&file, len) } else { (0, false) };
-        Ok((Self { path, max_bytes, keep, file, written, mid_line, regular }, len - written))
+        let rotate_at = max_bytes;
+        let sink = Self { path, max_bytes, keep, file, written, mid_line, rotate_at, regular };
+        Ok((sink, len - written))
     }
 
     fn reopen(&mut self) -> Result<()> {
@@ -177,19 +182,27 @@ impl FileSink {
     fn write_lines(&mut self, lines: &Lines) -> Result<()> {
         // Lines from `start` on are not written yet.
         let mut start = 0;
+        // A rotation that failed (a rename refused): the lines go on into the file past the
+        // limit, and the error is returned once they are written.
+        let mut failed = None;
         for (from, to) in lines.spans() {
             let pending = self.written + (from - start) as u64;
-            if self.regular && pending > 0 && pending + (to - from) as u64 > self.max_bytes {
+            if self.regular && pending > 0 && pending + (to - from) as u64 > self.rotate_at {
                 self.flush(&lines.bytes[start..from])?;
                 start = from;
-                self.rotate()?;
+                if let Err(e) = self.rotate() {
+                    // Not again for every line: each try shifts the older files once more.
+                    self.rotate_at = self.written.saturating_add(self.max_bytes);
+                    failed = Some(e.context("the flow log grows past its limit until it rotates"));
+                }
             }
             if to - start >= CHUNK {
                 self.flush(&lines.bytes[start..to])?;
                 start = to;
             }
         }
-        self.flush(&lines.bytes[start..])
+        self.flush(&lines.bytes[start..])?;
+        failed.map_or(Ok(()), Err)
     }
 
     /// Writes `chunk` (whole lines). After a failed write (or one before it, which left the
@@ -374,6 +387,32 @@ mod tests {
             );
             let _ = fs::remove_dir_all(&dir);
         }
+    }
+
+    /// A rotation that fails (FILE.1 a directory here) loses no line: the file grows past
+    /// the limit, the error is returned, and rotation is tried again only after another
+    /// `max_bytes` (seen failing: every line from the fourth on was dropped).
+    #[test]
+    fn a_failed_rotation_loses_no_line() {
+        let dir = std::env::temp_dir().join(format!("xgrotfail{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join("flows.jsonl.1")).unwrap();
+        fs::write(dir.join("flows.jsonl.1").join("x"), "keep").unwrap();
+        let path = dir.join("flows.jsonl");
+        let mut sink = Sink::open(path.to_str().unwrap(), 100, 1).unwrap();
+        let line = |i: u32| json!({"line": format!("{i:020}")});
+        let mut failed = 0;
+        for i in 0..9 {
+            let mut lines = Lines::default();
+            lines.push(&line(i));
+            failed += usize::from(sink.write_lines(&lines).is_err());
+        }
+        let text = fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 9, "every line is in the file: {text}");
+        // 32-byte lines: tried at the fourth (past 100 bytes) and at the seventh (100 more),
+        // not at each line after the fourth.
+        assert_eq!(failed, 2);
+        let _ = fs::remove_dir_all(&dir);
     }
 
     /// A FIFO (a log shipper's) is never rotated: the path stays the FIFO, no FILE.1 is
