@@ -167,13 +167,14 @@ pub const WAITING_FOR_TABLES: &str = "its backends answer again; the load-balanc
 /// Makes the table hold exactly the routes of `announce`, and records it (`bgp.json`, written
 /// only when something changed). How many routes it withdrew. Each route is changed on its
 /// own, withdrawals first: one the kernel refuses (an IPv6 route with IPv6 off on the host)
-/// holds back no other, least of all a withdrawal; it is recorded as withheld, and the
-/// error returned once the rest is done.
+/// holds back no other, least of all a withdrawal. After a refusal the record says what the
+/// table holds (a route whose removal failed as announced, an add refused as withheld with
+/// its reason), and the error is returned once the rest is done.
 fn sync(
     pins: &PinDir,
     table: u32,
     node_drained: bool,
-    mut announce: Vec<IpAddr>,
+    announce: Vec<IpAddr>,
     mut withheld: Vec<Withheld>,
 ) -> Result<usize> {
     let now = host_routes::list(table)?;
@@ -191,23 +192,34 @@ fn sync(
             why.map_or("no longer a frontend of the policy", |w| w.reason.as_str())
         );
     }
-    for addr in announce.clone().into_iter().filter(|a| !now.contains(a)) {
-        match host_routes::add(table, addr) {
+    let mut refused = Vec::new();
+    for addr in announce.iter().filter(|a| !now.contains(a)) {
+        match host_routes::add(table, *addr) {
             Ok(()) => info!("bgp: announcing {addr} (table {table})"),
-            Err(e) => {
-                let error = format!("{e:#}");
-                announce.retain(|a| *a != addr);
-                let reason = format!("its route could not be added: {error}");
-                withheld.push(Withheld { address: addr, reason });
-                failed.push(error);
-            }
+            Err(e) => refused.push((*addr, format!("{e:#}"))),
         }
+    }
+    let announced = if failed.is_empty() && refused.is_empty() {
+        announce
+    } else {
+        let mut held = host_routes::list(table)?;
+        held.sort();
+        held
+    };
+    // A refused add whose route is there now is announced (another agent's add, as one
+    // takes over from the other, came first).
+    refused.retain(|(addr, _)| !announced.contains(addr));
+    withheld.retain(|w| !announced.contains(&w.address));
+    for (address, error) in refused {
+        let reason = format!("its route could not be added: {error}");
+        withheld.push(Withheld { address, reason });
+        failed.push(error);
     }
     let record = Announcements {
         pid: std::process::id(),
         table,
         node_drained,
-        announced: announce,
+        announced,
         withheld,
         time_unix_seconds: 0,
     };

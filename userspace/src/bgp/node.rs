@@ -157,10 +157,9 @@ fn read_peers(v: &tree::Node) -> Result<Vec<Peer>> {
 /// would refuse it (a link-local one needs an interface the node file does not name).
 fn no_neighbour(addr: IpAddr) -> Option<&'static str> {
     let mapped = matches!(addr, IpAddr::V6(a) if a.to_ipv4_mapped().is_some());
-    let link_local = match addr {
-        IpAddr::V4(a) => a.is_link_local(),
-        IpAddr::V6(a) => a.is_unicast_link_local(),
-    };
+    // IPv6's only: BIRD takes an IPv4 one (169.254.0.0/16) as it is, and VPN tunnels to
+    // clouds peer on such addresses.
+    let link_local = matches!(addr, IpAddr::V6(a) if a.is_unicast_link_local());
     let broadcast = matches!(addr, IpAddr::V4(a) if a.is_broadcast());
     if addr.is_unspecified() || addr.is_multicast() || broadcast {
         Some("is not a neighbour's address (unspecified, multicast or broadcast)")
@@ -196,6 +195,10 @@ mod tests {
         assert_eq!(b.hold_time, DEFAULT_HOLD_TIME);
         assert_eq!(b.local_as, 4_200_000_001);
         assert_eq!(b.peers[1].address, "2001:db8::1".parse::<IpAddr>().unwrap());
+        // An IPv4 link-local peer, as cloud VPN tunnels have, is BIRD's to take.
+        let apipa = "bgp: {router_id: 203.0.113.2, local_as: 1, peers: [{address: 169.254.21.1, \
+                     as: 65515}]}";
+        assert!(parse(apipa).unwrap().is_some());
         let ok = "router_id: 203.0.113.2, local_as: 65001, peers: [{address: 203.0.113.1, as: 1}]";
         for (bad, why) in [
             ("bgp: 4242", "line 3, column 6: bgp: expected a mapping, found integer 4242"),
