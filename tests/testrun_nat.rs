@@ -171,6 +171,28 @@ fn an_unknown_later_fragment_does_not_leave_untranslated() {
     assert_eq!(k.run(&later), PASS, "inside the virtual network");
 }
 
+/// Multicast, broadcast and link-local destinations are never routed on: a NAT gateway
+/// does not translate packets to them (mDNS, SSDP, a cloud's metadata address), nor claims a
+/// port for them (seen failing: mDNS left with the public address).
+#[test]
+fn multicast_broadcast_and_link_local_are_not_translated() {
+    let k = Kernel::new();
+    k.apply(POLICY);
+    k.arrive_as(Role::Internal);
+    for (private, dst) in [
+        ("198.51.100.10", "224.0.0.251"),
+        ("198.51.100.10", "239.255.255.250"),
+        ("198.51.100.10", "255.255.255.255"),
+        ("198.51.100.10", "169.254.169.254"),
+        ("2001:db8:1::10", "ff02::fb"),
+        ("2001:db8:1::10", "fe80::1"),
+    ] {
+        let (verdict, out) = k.run_out(&frame(private, dst, L4::Udp(5353, 5353)));
+        assert_ne!(verdict, DROP, "{dst}");
+        assert_eq!(endpoints(&out).0, ip(private), "{dst}: the source is left as it is");
+    }
+}
+
 fn ip_len(p: &[u8]) -> usize {
     if p[ETH_LEN] >> 4 == 4 { usize::from(p[ETH_LEN] & 0xf) * 4 } else { 40 }
 }

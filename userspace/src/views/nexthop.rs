@@ -240,7 +240,10 @@ pub fn translation(
             }
         }
     }
-    if !outbound || policy.virtual_network.iter().any(|n| n.contains(&flow.dst)) {
+    if !outbound
+        || !routed(flow.dst)
+        || policy.virtual_network.iter().any(|n| n.contains(&flow.dst))
+    {
         return None;
     }
     // The gateway of the longest subnet holding the source (subnets never overlap across
@@ -264,6 +267,15 @@ pub fn translation(
             }
         })
         .next()
+}
+
+/// Whether `dst` is routed on: a NAT gateway leaves multicast, broadcast and link-local
+/// destinations untranslated, as the dataplane's `snat::routed` does.
+fn routed(dst: IpAddr) -> bool {
+    match dst {
+        IpAddr::V4(a) => !a.is_multicast() && !a.is_broadcast() && !a.is_link_local(),
+        IpAddr::V6(a) => !a.is_multicast() && !a.is_unicast_link_local(),
+    }
 }
 
 impl Translation {
