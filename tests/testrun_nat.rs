@@ -171,9 +171,10 @@ fn an_unknown_later_fragment_does_not_leave_untranslated() {
     assert_eq!(k.run(&later), PASS, "inside the virtual network");
 }
 
-/// Multicast, broadcast and link-local destinations are never routed on: a NAT gateway
-/// does not translate packets to them (mDNS, SSDP, a cloud's metadata address), nor claims a
-/// port for them (seen failing: mDNS left with the public address).
+/// Multicast, broadcast and IPv6 link-local destinations are never routed on: a NAT
+/// gateway does not translate packets to them (mDNS, SSDP), nor claims a port for them
+/// (seen failing: mDNS left with the public address). IPv4 link-local is: Linux forwards it
+/// by its routes, so it must not leave with the private source.
 #[test]
 fn multicast_broadcast_and_link_local_are_not_translated() {
     let k = Kernel::new();
@@ -183,7 +184,6 @@ fn multicast_broadcast_and_link_local_are_not_translated() {
         ("198.51.100.10", "224.0.0.251"),
         ("198.51.100.10", "239.255.255.250"),
         ("198.51.100.10", "255.255.255.255"),
-        ("198.51.100.10", "169.254.169.254"),
         ("2001:db8:1::10", "ff02::fb"),
         ("2001:db8:1::10", "fe80::1"),
     ] {
@@ -191,6 +191,8 @@ fn multicast_broadcast_and_link_local_are_not_translated() {
         assert_ne!(verdict, DROP, "{dst}");
         assert_eq!(endpoints(&out).0, ip(private), "{dst}: the source is left as it is");
     }
+    let out = k.through(&frame("198.51.100.10", "169.254.169.254", L4::Udp(5353, 80)));
+    assert_eq!(endpoints(&out).0, ip("192.0.2.100"), "IPv4 link-local is translated");
 }
 
 fn ip_len(p: &[u8]) -> usize {

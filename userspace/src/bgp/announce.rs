@@ -167,26 +167,32 @@ pub const WAITING_FOR_TABLES: &str = "its backends answer again; the load-balanc
 /// Makes the table hold exactly the routes of `announce`, and records it (`bgp.json`, written
 /// only when something changed). How many routes it withdrew. Each route is changed on its
 /// own, withdrawals first: one the kernel refuses (an IPv6 route with IPv6 off on the host)
-/// holds back no other, least of all a withdrawal. After a refusal the record says what the
-/// table holds (a route whose removal failed as announced, an add refused as withheld with
-/// its reason), and the error is returned once the rest is done.
+/// holds back no other, least of all a withdrawal. The record keeps what the agent wants
+/// announced (`drain --wait` compares the table with it), less an add refused, which is
+/// withheld with the kernel's reason, as is a route whose withdrawal was; the error is
+/// returned once the rest is done.
 fn sync(
     pins: &PinDir,
     table: u32,
     node_drained: bool,
-    announce: Vec<IpAddr>,
+    mut announce: Vec<IpAddr>,
     mut withheld: Vec<Withheld>,
 ) -> Result<usize> {
     let now = host_routes::list(table)?;
     let mut failed = Vec::new();
     let mut withdrawn = 0;
     for addr in now.iter().filter(|a| !announce.contains(a)) {
+        let why = withheld.iter_mut().find(|w| w.address == *addr);
         if let Err(e) = host_routes::remove(table, *addr) {
+            let reason = format!("its route could not be withdrawn: {e:#}");
+            match why {
+                Some(w) => w.reason = reason,
+                None => withheld.push(Withheld { address: *addr, reason }),
+            }
             failed.push(format!("{e:#}"));
             continue;
         }
         withdrawn += 1;
-        let why = withheld.iter().find(|w| w.address == *addr);
         info!(
             "bgp: withdrawing {addr} (table {table}): {}",
             why.map_or("no longer a frontend of the policy", |w| w.reason.as_str())
@@ -199,18 +205,14 @@ fn sync(
             Err(e) => refused.push((*addr, format!("{e:#}"))),
         }
     }
-    let announced = if failed.is_empty() && refused.is_empty() {
-        announce
-    } else {
-        let mut held = host_routes::list(table)?;
-        held.sort();
-        held
-    };
-    // A refused add whose route is there now is announced (another agent's add, as one
-    // takes over from the other, came first).
-    refused.retain(|(addr, _)| !announced.contains(addr));
-    withheld.retain(|w| !announced.contains(&w.address));
+    if !refused.is_empty() {
+        // A refused add whose route is there now is announced (another agent's add, as one
+        // takes over from the other, came first).
+        let held = host_routes::list(table).unwrap_or_default();
+        refused.retain(|(addr, _)| !held.contains(addr));
+    }
     for (address, error) in refused {
+        announce.retain(|a| *a != address);
         let reason = format!("its route could not be added: {error}");
         withheld.push(Withheld { address, reason });
         failed.push(error);
@@ -219,7 +221,7 @@ fn sync(
         pid: std::process::id(),
         table,
         node_drained,
-        announced,
+        announced: announce,
         withheld,
         time_unix_seconds: 0,
     };

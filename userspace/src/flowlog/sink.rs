@@ -123,7 +123,14 @@ impl FileSink {
     }
 
     fn reopen(&mut self) -> Result<()> {
+        let id = |f: &File| f.metadata().map(|m| (m.dev(), m.ino())).ok();
+        let (was, rotate_at) = (id(&self.file), self.rotate_at);
         (*self, _) = Self::open(self.path.clone(), self.max_bytes, self.keep)?;
+        // The same file again (after a failed write, a SIGHUP): a rotation that failed is
+        // still not tried before its time.
+        if was.is_some() && id(&self.file) == was {
+            self.rotate_at = rotate_at;
+        }
         Ok(())
     }
 
@@ -406,6 +413,8 @@ mod tests {
             let mut lines = Lines::default();
             lines.push(&line(i));
             failed += usize::from(sink.write_lines(&lines).is_err());
+            // As a SIGHUP, or a failed write, reopens the same file.
+            sink.reopen().unwrap();
         }
         let text = fs::read_to_string(&path).unwrap();
         assert_eq!(text.lines().count(), 9, "every line is in the file: {text}");

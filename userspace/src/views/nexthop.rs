@@ -269,11 +269,11 @@ pub fn translation(
         .next()
 }
 
-/// Whether `dst` is routed on: a NAT gateway leaves multicast, broadcast and link-local
-/// destinations untranslated, as the dataplane's `snat::routed` does.
+/// Whether `dst` is routed on: a NAT gateway leaves multicast, broadcast and IPv6
+/// link-local destinations untranslated, as the dataplane's `snat::routed` does.
 fn routed(dst: IpAddr) -> bool {
     match dst {
-        IpAddr::V4(a) => !a.is_multicast() && !a.is_broadcast() && !a.is_link_local(),
+        IpAddr::V4(a) => !a.is_multicast() && !a.is_broadcast(),
         IpAddr::V6(a) => !a.is_multicast() && !a.is_unicast_link_local(),
     }
 }
