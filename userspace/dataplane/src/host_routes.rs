@@ -73,7 +73,12 @@ pub fn read(table: u32) -> Result<Listing> {
 }
 
 fn no_such_table(e: &anyhow::Error) -> bool {
-    e.downcast_ref::<std::io::Error>().and_then(std::io::Error::raw_os_error) == Some(libc::ENOENT)
+    errno(e) == Some(libc::ENOENT)
+}
+
+/// The kernel's error number behind `e`, if it is one.
+fn errno(e: &anyhow::Error) -> Option<i32> {
+    e.downcast_ref::<std::io::Error>().and_then(std::io::Error::raw_os_error)
 }
 
 /// Adds the host route of `addr` to `table`; a route there for the address that is not ours
@@ -81,9 +86,7 @@ fn no_such_table(e: &anyhow::Error) -> bool {
 /// our protocol.
 pub fn add(table: u32, addr: IpAddr) -> Result<()> {
     change(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, table, addr).map_err(|e| {
-        let exists = e.downcast_ref::<std::io::Error>().and_then(std::io::Error::raw_os_error)
-            == Some(libc::EEXIST);
-        let held = if exists {
+        let held = if errno(&e) == Some(libc::EEXIST) {
             ": a route not the agent's holds the address there (another program's, or the \
              operator's)"
         } else {
