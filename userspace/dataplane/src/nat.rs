@@ -334,8 +334,8 @@ pub fn expire(
         Ok(())
     })?;
     let mut out = Expired::default();
-    // Lone exchanges ended (see `stats::add_ended_embryos`).
-    let mut lone_ended = 0;
+    // Embryos ended: lone exchanges and half-open handshakes (see `stats::add_ended_embryos`).
+    let mut embryos_ended = 0;
     for (reply, t) in entries {
         if t.state == NAT_COOLDOWN {
             if now >= t.time_ns {
@@ -355,13 +355,17 @@ pub fn expire(
             6 if seen.iter().any(|f| f.tcp & TCP_CLOSED != 0) => TCP_CLOSED_TIMEOUT_NS,
             proto => u64::from(idle_timeout_s(policy, gw, proto, &seen)) * 1_000_000_000,
         };
-        // A lone exchange (answered, never confirmed: in the embryonic table alone, not TCP)
-        // goes after the embryonic timeout, as the sweep ends one without a translation:
-        // held for the gateway's, a resolver's queries would crowd that table (LRU), pushing
-        // out handshakes and the flows whose answers bypass the gateway.
-        let lone = reads[0] == [None, None]
-            && crate::flows::lone_exchange(reply.proto, reads[1][1].as_ref());
-        let timeout = if lone {
+        // Never confirmed (the established table has no entry, and never drops one for
+        // room), a translation goes after the embryonic timeout when it is a lone exchange
+        // (answered, not TCP), as the sweep ends one without a translation: held for the
+        // gateway's, a resolver's queries would crowd the embryonic table (LRU), pushing
+        // out handshakes. And when it is a TCP handshake never completed (half-open: never
+        // answered, reset, or not acknowledged), as Azure's half-open timer frees its port:
+        // held for the TCP idle timeout, one host's scan filled the shared table.
+        let embryonic = reads[0] == [None, None];
+        let lone = embryonic && crate::flows::lone_exchange(reply.proto, reads[1][1].as_ref());
+        let half_open = embryonic && reply.proto == 6;
+        let timeout = if lone || half_open {
             timeout.min(u64::from(policy.settings.embryonic_timeout) * 1_000_000_000)
         } else {
             timeout
@@ -390,9 +394,9 @@ pub fn expire(
             Some([None, Some(r)]) => Some(FlowEntries::of(reply, r, forward, None)),
             _ => None,
         });
-        lone_ended += u64::from(lone && removed[1]);
+        embryos_ended += u64::from((lone || half_open) && removed[1]);
     }
-    crate::stats::add_ended_embryos(pins, lone_ended)?;
+    crate::stats::add_ended_embryos(pins, embryos_ended)?;
     Ok(out)
 }
 
