@@ -33,7 +33,7 @@ use common::{
 };
 use xdpgate_common::iface::Role;
 use xdpgate_dataplane::apply;
-use xdpgate_policy::{compile, lb, load_str};
+use xdpgate_policy::{compile, lb, load_str, printable};
 
 const DEFAULT_SEED: u64 = 0x9071_c1e5;
 
@@ -536,15 +536,20 @@ fn check(doc: &str) -> Result<Outcome, String> {
                 } else {
                     "fuzz.yaml: ".to_owned()
                 };
+                // Control characters escaped: no message drives the terminal.
+                let (field, reason) = (printable(&e.field), printable(&e.reason));
                 let want = if e.field.is_empty() {
-                    format!("{at}{}", e.reason)
+                    format!("{at}{reason}")
                 } else {
-                    format!("{at}{}: {}", e.field, e.reason)
+                    format!("{at}{field}: {reason}")
                 };
                 if e.file != "fuzz.yaml" || shown != want {
                     return Err(format!(
                         "error not shaped file:line:column: field: reason: {shown:?}"
                     ));
+                }
+                if shown.chars().any(char::is_control) {
+                    return Err(format!("a control character in the error: {shown:?}"));
                 }
                 if e.line > 0 && e.column == 0 {
                     return Err(format!("error with a line but no column: {shown:?}"));

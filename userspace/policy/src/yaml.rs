@@ -57,7 +57,7 @@ impl fmt::Display for PolicyError {
 
 /// `text` with its control characters escaped (`\u{1b}`): a message about a name from
 /// the file never moves the terminal's cursor or colours it.
-fn printable(text: &str) -> String {
+pub fn printable(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         if c.is_control() {
