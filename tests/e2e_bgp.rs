@@ -327,6 +327,18 @@ fn a_frontend_is_announced_only_once_its_tables_hold_a_backend() {
     wait_table(&gw, "never announced", both);
     gw.backends = None;
     wait_table(&gw, "still announced with its backends down", str::is_empty);
+    // Undrained with every frontend held back, the node is not back in service: `undrain
+    // --wait` fails and says why (seen failing: it succeeded, the table empty).
+    gw.pins.xdpgate(&["drain"]);
+    let out = gw.pins.try_xdpgate(&["undrain", "--wait", "2"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("announces none of its frontends")
+            && err.contains(VIP),
+        "{err}"
+    );
+    assert_eq!(bgp_report(&gw.pins)["node_drained"], false, "undrained all the same");
     let pins = xdpgate_dataplane::PinDir::new(gw.pins.dir.path().to_owned());
     let lock = xdpgate_dataplane::state::WriteLock::acquire(&pins).unwrap();
     gw.open_backends();

@@ -40,7 +40,8 @@ pub fn set(pins: &PinDir, drained: bool) -> Result<bool> {
 #[derive(Debug, clap::Args)]
 pub struct DrainArgs {
     /// Wait up to this many seconds until the agent has removed (drain) or put back
-    /// (undrain) the node's routes in its announcement table, and fail if it has not.
+    /// (undrain) the node's routes in its announcement table, and fail if it has not; an
+    /// undrain fails, too, when the agent announces none of the node's frontends.
     #[arg(long, value_name = "SECONDS")]
     pub wait: Option<u64>,
 }
@@ -90,11 +91,23 @@ pub fn run(pins: &PinDir, args: &DrainArgs, drained: bool) -> Result<()> {
         let now = announce::read(pins)?.unwrap_or_default();
         let routes = host_routes::list(agent.table)?;
         let done = now.node_drained == drained && announce::same(&routes, &now.announced);
-        if done && now.agent_running(pins) {
+        // Undrained with every frontend held back (no healthy backend, say), the node is not
+        // back in service, though there is nothing more to do.
+        let serving = drained || !now.announced.is_empty() || now.withheld.is_empty();
+        if done && serving && now.agent_running(pins) {
             println!("table {} announces: {}", agent.table, announce::list(&routes));
             return Ok(());
         }
         if Instant::now() >= deadline {
+            if done && !serving {
+                let why: Vec<String> =
+                    now.withheld.iter().map(|w| format!("{} ({})", w.address, w.reason)).collect();
+                bail!(
+                    "the node is undrained, but the agent announces none of its frontends \
+                     within {seconds} s: {}",
+                    why.join(", ")
+                );
+            }
             bail!(
                 "the agent has not {} within {seconds} s (table {} holds: {})",
                 if drained { "withdrawn the node's routes" } else { "announced the node again" },
