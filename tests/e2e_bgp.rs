@@ -313,6 +313,50 @@ fn detach_withdraws_and_an_agent_without_bgp_removes_a_killed_ones_routes() {
     assert!(report["agent"].is_null(), "{report}");
 }
 
+/// Two agents (two pin directories) in one network namespace would withdraw each other's
+/// routes from a shared announcement table: the second is refused at start, before it
+/// changes anything, naming the first (seen failing: it ran). With a table of its own it
+/// runs beside the first.
+#[test]
+fn two_agents_in_one_namespace_never_share_an_announcement_table() {
+    let router = Netns::new("bgprt");
+    let gw = Gateway::new(&router, 1, false);
+    let both = |t: &str| t.contains(VIP) && t.contains(VIP6);
+    wait_table(&gw, "never announced", both);
+    gw.ns.exec("ip", &["link", "add", "xga", "type", "veth", "peer", "name", "xgb"]);
+    for link in ["xga", "xgb"] {
+        gw.ns.exec("ip", &["link", "set", link, "up"]);
+    }
+    let node = |table: &str| {
+        format!(
+            "interfaces:\n  - {{name: xga, role: external}}\nbgp:\n  router_id: 203.0.113.9\n  \
+             local_as: 65001\n  peers:\n    - {{address: 203.0.113.1, as: 65000}}\n{table}"
+        )
+    };
+    let pins = Pins::in_netns(&gw.ns);
+    let mut second = NodeAgent::start(&gw.ns, &pins, POLICY, &node(""));
+    let exit = second.exits_within(Duration::from_secs(20));
+    let log = second.log();
+    assert!(exit.is_some_and(|s| !s.success()), "the second agent runs on table 4242:\n{log}");
+    let first = gw.agent.as_ref().unwrap().pid();
+    assert!(
+        log.contains(&format!("table 4242 is the announcement table of the agent {first}")),
+        "{log}"
+    );
+    assert!(both(&gw.table()), "the first agent's routes: {}", gw.table());
+    let status: Value = serde_json::from_str(&pins.xdpgate(&["status", "--json"])).unwrap();
+    assert!(status["policy"].is_null() && status["agent"].is_null(), "{status}");
+    drop(second);
+    let mut second = NodeAgent::start(&gw.ns, &pins, POLICY, &node("  table: 4243\n"));
+    let start = Instant::now();
+    while bgp_report(&pins)["agent"].is_null() {
+        assert!(second.exits_within(Duration::ZERO).is_none(), "{}", second.log());
+        assert!(start.elapsed() < Duration::from_secs(20), "{}", second.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(both(&gw.table()), "the first agent's routes: {}", gw.table());
+}
+
 /// A frontend whose backends come back is announced only once its tables send them new
 /// flows: while another writer holds the write lock the agent cannot rebuild the tables,
 /// so the probes' good news alone announces nothing (seen failing before: announced about

@@ -38,15 +38,18 @@ pub const LOCK_WAIT: Duration = Duration::from_secs(30);
 /// and links).
 pub fn dir(pins: &PinDir) -> PathBuf {
     let name = pins.path().to_string_lossy().trim_matches('/').replace('/', "_");
-    PathBuf::from("/run/xdpgate").join(name)
+    Path::new(ROOT).join(name)
 }
+
+/// Where the state directories are, one per pin directory.
+pub const ROOT: &str = "/run/xdpgate";
 
 /// Creates the state directory (and /run/xdpgate) private to root, and makes it so where
 /// an older build left it open.
 pub fn ensure_dir(pins: &PinDir) -> Result<PathBuf> {
     let dir = dir(pins);
     let generations = dir.join("generations");
-    for d in [Path::new("/run/xdpgate"), dir.as_path(), generations.as_path()] {
+    for d in [Path::new(ROOT), dir.as_path(), generations.as_path()] {
         match fs::DirBuilder::new().mode(0o700).create(d) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
@@ -191,8 +194,10 @@ const AGENT_LOCK_WAIT: Duration = Duration::from_secs(1);
 pub struct AgentLock(Flock<File>);
 
 fn agent_lock_path(pins: &PinDir) -> PathBuf {
-    dir(pins).join("agent.lock")
+    dir(pins).join(AGENT_LOCK)
 }
+
+const AGENT_LOCK: &str = "agent.lock";
 
 impl AgentLock {
     /// Takes ownership of the dataplane for this process, or says which agent has it. Waits
@@ -297,7 +302,12 @@ fn pid_lock(pins: &PinDir, path: &Path, wait: Duration) -> Result<Result<Flock<F
 
 /// The pid of the agent that owns the dataplane at `pins`, if one runs.
 pub fn agent_pid(pins: &PinDir) -> Option<u32> {
-    let path = agent_lock_path(pins);
+    agent_pid_in(&dir(pins))
+}
+
+/// The pid of the agent whose state directory is `dir`, if one runs.
+pub fn agent_pid_in(dir: &Path) -> Option<u32> {
+    let path = dir.join(AGENT_LOCK);
     let file = File::open(&path).ok()?;
     match flock(file, FlockArg::LockSharedNonblock, Duration::ZERO) {
         Ok(None) => Some(fs::read_to_string(&path).ok()?.trim().parse().unwrap_or(0)),

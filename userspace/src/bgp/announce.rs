@@ -11,6 +11,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
     net::IpAddr,
+    path::PathBuf,
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -61,6 +62,25 @@ impl Announcements {
 /// The agent's record, if an agent with a `bgp:` section ran here.
 pub fn read(pins: &PinDir) -> Result<Option<Announcements>> {
     state::read_json(pins, FILE)
+}
+
+/// Another running agent (another pin directory) that announces from kernel table `table`
+/// in this network namespace: its pid and state directory. The two would withdraw each
+/// other's routes. Known by its record, which it writes every second.
+pub fn table_user(pins: &PinDir, table: u32) -> Option<(u32, PathBuf)> {
+    let netns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/net")).ok();
+    let here = netns("self")?;
+    let ours = state::dir(pins);
+    let entries = std::fs::read_dir(state::ROOT).ok()?;
+    entries.flatten().map(|e| e.path()).filter(|dir| *dir != ours).find_map(|dir| {
+        let pid = state::agent_pid_in(&dir)?;
+        let record: Announcements =
+            serde_json::from_slice(&std::fs::read(dir.join(FILE)).ok()?).ok()?;
+        let shared = record.pid == pid
+            && record.table == table
+            && netns(&pid.to_string()).is_some_and(|ns| ns == here);
+        shared.then_some((pid, dir))
+    })
 }
 
 /// Whether `a` and `b` hold the same addresses.
