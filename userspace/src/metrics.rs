@@ -446,7 +446,7 @@ impl Snapshot {
             "xdpgate_embryonic_flows_total",
             Counter,
             "Embryonic (not yet confirmed) flows by outcome: created, and ended as confirmed, \
-             expired (lone exchanges the agent ended too), refused (established table full), \
+             expired (with those the agent ended: lone exchanges, and embryos of NAT translations it expired), refused (established table full), \
              closed, or evicted by newer embryonic flows (derived: created less the other \
              outcomes and the live ones).",
         );

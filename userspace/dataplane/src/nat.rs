@@ -11,7 +11,7 @@ use aya::maps::{
 use ipnet::IpNet;
 use xdpgate_common::{
     family_bytes,
-    flow::{FlowKey, FlowValue, NAT_DST, TCP_CLOSED},
+    flow::{FlowKey, FlowValue, NAT_DST, TCP_ANSWERED, TCP_CLOSED},
     maps::{
         EMBRYOS, FLOWS, NAT_CREATED, NAT_FAILURES, NAT_GATEWAYS, NAT_MAP, NAT_PUBLIC,
         NAT_PUBLIC_VERSION, NAT_SUBNETS, NAT_TRAFFIC, VNET,
@@ -334,15 +334,16 @@ pub fn expire(
         Ok(())
     })?;
     let mut out = Expired::default();
-    // Embryos ended: lone exchanges and half-open handshakes (see `stats::add_ended_embryos`).
+    // Embryonic flows ended whole (see `stats::add_ended_embryos`; one missing a half
+    // counts as evicted already).
     let mut embryos_ended = 0;
-    for (reply, t) in entries {
+    let result = entries.into_iter().try_for_each(|(reply, t)| {
         if t.state == NAT_COOLDOWN {
             if now >= t.time_ns {
                 let _ = map.remove(&reply);
                 out.released += 1;
             }
-            continue;
+            return Ok(());
         }
         let gw = gateway_of(policy, &reply);
         let forward = forward_key(&reply, &t);
@@ -355,29 +356,27 @@ pub fn expire(
             6 if seen.iter().any(|f| f.tcp & TCP_CLOSED != 0) => TCP_CLOSED_TIMEOUT_NS,
             proto => u64::from(idle_timeout_s(policy, gw, proto, &seen)) * 1_000_000_000,
         };
-        // Never confirmed (the established table has no entry, and never drops one for
-        // room), a translation goes after the embryonic timeout when it is a lone exchange
-        // (answered, not TCP), as the sweep ends one without a translation: held for the
-        // gateway's, a resolver's queries would crowd the embryonic table (LRU), pushing
-        // out handshakes. And when it is a TCP handshake never completed (half-open: never
-        // answered, reset, or not acknowledged), as Azure's half-open timer frees its port:
-        // held for the TCP idle timeout, one host's scan filled the shared table.
+        // Not in the established table (which never drops an entry for room), a translation
+        // goes after the embryonic timeout when it is a lone exchange (answered, not TCP), as
+        // the sweep ends one without a translation: held for the gateway's, a resolver's
+        // queries would crowd the embryonic table (LRU), pushing out handshakes. And when it
+        // is a half-open TCP one (see `half_open`), as Azure's half-open timer frees its port.
         let embryonic = reads[0] == [None, None];
         let lone = embryonic && crate::flows::lone_exchange(reply.proto, reads[1][1].as_ref());
-        let half_open = embryonic && reply.proto == 6;
+        let half_open = embryonic && reply.proto == 6 && half_open(&reads[1]);
         let timeout = if lone || half_open {
             timeout.min(u64::from(policy.settings.embryonic_timeout) * 1_000_000_000)
         } else {
             timeout
         };
         if now.saturating_sub(last) <= timeout {
-            continue;
+            return Ok(());
         }
-        let mut removed = [false; 2];
+        // Per table, whether the forward and the reply entry were removed here.
+        let mut removed = [[false; 2]; 2];
         let remove_flow = || {
             for (i, m) in tables.iter_mut().enumerate() {
-                let gone = [m.remove(&forward).is_ok(), m.remove(&reply).is_ok()];
-                removed[i] |= gone.contains(&true);
+                removed[i] = [m.remove(&forward).is_ok(), m.remove(&reply).is_ok()];
             }
             Ok(())
         };
@@ -387,17 +386,30 @@ pub fn expire(
         // As the table that had it before it went: the established one, or the embryonic
         // one for a lone exchange (answered, never confirmed; not TCP's, as the sweep). Not
         // when another remover took the flow first: its end is theirs.
-        let had =
-            if lone { removed[1].then_some(reads[1]) } else { removed[0].then_some(reads[0]) };
+        let took = |i: usize| removed[i].contains(&true);
+        let had = if lone { took(1).then_some(reads[1]) } else { took(0).then_some(reads[0]) };
         ended.extend(match had {
             Some([Some(f), r]) => Some(FlowEntries::of(forward, f, reply, r)),
             Some([None, Some(r)]) => Some(FlowEntries::of(reply, r, forward, None)),
             _ => None,
         });
-        embryos_ended += u64::from((lone || half_open) && removed[1]);
-    }
+        embryos_ended += u64::from(removed[1] == [true, true]);
+        Ok(())
+    });
+    // Counted however the pass ended: these embryos are gone.
     crate::stats::add_ended_embryos(pins, embryos_ended)?;
-    Ok(out)
+    result.map(|()| out)
+}
+
+/// Whether a TCP flow not in the established table, with these embryonic entries (forward
+/// and reply), is half-open: its SYN never answered, or no embryo left (reset in its
+/// handshake, or pushed out by newer ones: a live connection's next segment rebuilds it
+/// from the translation). One answered and not acknowledged yet keeps the TCP timeout: a
+/// half of its embryo pushed out before the client's ACK leaves a live connection so.
+fn half_open(embryo: &[Option<FlowValue>; 2]) -> bool {
+    let answered = embryo[0].is_some_and(|f| f.tcp & TCP_ANSWERED != 0)
+        || embryo[1].is_some_and(|r| r.packets > 0);
+    !answered
 }
 
 /// Ends the translation `t` stored under its `reply` tuple and, with `remove_flow`, the
