@@ -55,12 +55,21 @@ impl fmt::Display for PolicyError {
     }
 }
 
-/// `text` with its control characters escaped (`\u{1b}`): a message about a name from
-/// the file never moves the terminal's cursor or colours it.
+/// Whether `c` changes how a terminal shows the text around it rather than showing
+/// itself: control characters (escape sequences), line and paragraph separators,
+/// zero-width and bidirectional formatting characters.
+fn unprintable(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+        || c == '\u{feff}'
+}
+
+/// `text` with its [`unprintable`] characters escaped (`\u{1b}`): a message about a name
+/// from the file never moves the terminal's cursor, colours it or reorders what follows.
 pub fn printable(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
-        if c.is_control() {
+        if unprintable(c) {
             out.extend(c.escape_debug());
         } else {
             out.push(c);
@@ -761,8 +770,10 @@ impl Loader<'_> {
         if name.is_empty() {
             self.error(field, "must not be empty");
         }
-        // Views print names as they are: an escape sequence would drive the terminal.
-        if name.chars().any(char::is_control) {
+        // Views print names as they are: an escape sequence would drive the terminal, a
+        // bidirectional override would show another name.
+        if name.chars().any(unprintable) {
+            let name = tree::elide(name);
             self.error(field, format!("name \"{name}\" has a control character"));
         }
         self.check_name_length(field, name);
@@ -2719,16 +2730,21 @@ nsgs:
     /// path, which holds the names of tags and groups.
     #[test]
     fn names_with_control_characters() {
-        let src = BASE.replace("name: allow-http", "name: \"allow\\e[2J-http\"").replace(
-            "  web: [198.51.100.10, 198.51.100.11]\n",
-            "  web: [198.51.100.10]\n  \"db\\a\": [198.51.100.11]\n",
-        );
+        let src = BASE
+            .replace("name: allow-http", "name: \"allow\\e[2J-http\"")
+            .replace("name: web-nsg", "name: \"web\\u202Egsn\"")
+            .replace(
+                "  web: [198.51.100.10, 198.51.100.11]\n",
+                "  web: [198.51.100.10]\n  \"db\\a\": [198.51.100.11]\n",
+            );
         let errors = errors(&src);
         assert_eq!(
             errors,
             [
                 "policy.yaml:5:3: application_security_groups.db\\u{7}: name \"db\\u{7}\" has a \
                  control character",
+                "policy.yaml:7:11: nsgs[0].name: name \"web\\u{202e}gsn\" has a control \
+                 character",
                 "policy.yaml:10:15: nsgs[0].rules[0].name: name \"allow\\u{1b}[2J-http\" has a \
                  control character",
             ]
