@@ -347,14 +347,58 @@ fn two_agents_in_one_namespace_never_share_an_announcement_table() {
     let status: Value = serde_json::from_str(&pins.xdpgate(&["status", "--json"])).unwrap();
     assert!(status["policy"].is_null() && status["agent"].is_null(), "{status}");
     drop(second);
+    // The first agent frozen, so that it cannot put back what is removed: the cleanups of
+    // the second pin directory, whose record says an earlier agent of its own announced
+    // from table 4242, leave the first's routes (seen failing: `drain` and the start on
+    // table 4243 withdrew them).
+    let frozen = Frozen::new(first);
+    let record = serde_json::json!({"pid": 1, "table": 4242, "node_drained": false,
+        "announced": [VIP, VIP6], "withheld": [], "time_unix_seconds": 0});
+    let state =
+        xdpgate_dataplane::state::dir(&xdpgate_dataplane::PinDir::new(pins.dir.path().to_owned()));
+    std::fs::write(state.join("bgp.json"), record.to_string()).unwrap();
+    pins.xdpgate(&["drain"]);
+    assert!(both(&gw.table()), "after a drain of the other pin directory: {}", gw.table());
+    pins.xdpgate(&["undrain"]);
     let mut second = NodeAgent::start(&gw.ns, &pins, POLICY, &node("  table: 4243\n"));
+    // Past its start-up cleanup: it announces the frontends from its own table.
     let start = Instant::now();
-    while bgp_report(&pins)["agent"].is_null() {
+    let own_table = || {
+        let report = bgp_report(&pins);
+        report["agent_running"] == true
+            && report["agent"]["table"] == 4243
+            && report["agent"]["announced"].as_array().is_some_and(|a| a.len() == 2)
+    };
+    while !own_table() {
         assert!(second.exits_within(Duration::ZERO).is_none(), "{}", second.log());
-        assert!(start.elapsed() < Duration::from_secs(20), "{}", second.log());
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{}\n{}",
+            bgp_report(&pins),
+            second.log()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(both(&gw.table()), "the first agent's routes: {}", gw.table());
+    drop(frozen);
+}
+
+/// A process stopped (SIGSTOP) until dropped.
+struct Frozen(u32);
+
+impl Frozen {
+    fn new(pid: u32) -> Self {
+        // SAFETY: kill(2) on a child of this test.
+        unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+        Self(pid)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        // SAFETY: as in `new`.
+        unsafe { libc::kill(self.0 as i32, libc::SIGCONT) };
+    }
 }
 
 /// A frontend whose backends come back is announced only once its tables send them new
@@ -373,8 +417,8 @@ fn a_frontend_is_announced_only_once_its_tables_hold_a_backend() {
     wait_table(&gw, "still announced with its backends down", str::is_empty);
     // Undrained with every frontend held back, the node is not back in service: `undrain
     // --wait` fails and says why (seen failing: it succeeded, the table empty).
-    gw.pins.xdpgate(&["drain"]);
-    let out = gw.pins.try_xdpgate(&["undrain", "--wait", "2"]);
+    gw.pins.xdpgate(&["drain", "--wait", "10"]);
+    let out = gw.pins.try_xdpgate(&["undrain", "--wait", "8"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success()

@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow};
 use aya::maps::{MapData, RingBuf};
 use aya_log::EbpfLogger;
 use log::{debug, error, info, warn};
@@ -388,16 +388,8 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     // This process is the dataplane's one writer of policy until it exits: a one-shot
     // `apply` is refused meanwhile, so the agent never runs on a stale copy.
     let mut owner = AgentLock::acquire(pins)?;
-    if let Some(bgp) = node.as_ref().and_then(|n| n.bgp.as_ref())
-        && let Some((pid, dir)) = announce::table_user(pins, bgp.table)
-    {
-        bail!(
-            "bgp: table {} is the announcement table of the agent {pid} (state {}) in this \
-             network namespace: each would withdraw the other's routes; give this node file \
-             another `table:`",
-            bgp.table,
-            dir.display()
-        );
+    if let Some(bgp) = node.as_ref().and_then(|n| n.bgp.as_ref()) {
+        announce::claim_table(pins, bgp.table)?;
     }
     // Probe results and durations, for the metrics; kept across reloads.
     let probe_stats = ProbeStats::default();

@@ -337,7 +337,7 @@ pub fn expire(
     // Embryonic flows ended whole (see `stats::add_ended_embryos`; one missing a half
     // counts as evicted already).
     let mut embryos_ended = 0;
-    let result = entries.into_iter().try_for_each(|(reply, t)| {
+    let result = entries.into_iter().try_for_each(|(reply, t)| -> Result<()> {
         if t.state == NAT_COOLDOWN {
             if now >= t.time_ns {
                 let _ = map.remove(&reply);
@@ -397,8 +397,10 @@ pub fn expire(
         Ok(())
     });
     // Counted however the pass ended: these embryos are gone.
-    crate::stats::add_ended_embryos(pins, embryos_ended)?;
-    result.map(|()| out)
+    let counted = crate::stats::add_ended_embryos(pins, embryos_ended);
+    result?;
+    counted?;
+    Ok(out)
 }
 
 /// Whether a TCP flow not in the established table, with these embryonic entries (forward

@@ -11,12 +11,14 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
     net::IpAddr,
-    path::PathBuf,
+    os::unix::fs::OpenOptionsExt as _,
+    path::{Path, PathBuf},
     time::{SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{Context, Result, bail};
 use log::info;
+use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 use xdpgate_common::lb::NO_BACKEND;
 use xdpgate_dataplane::{PinDir, host_routes, probes::ProbeKey, state};
@@ -64,23 +66,70 @@ pub fn read(pins: &PinDir) -> Result<Option<Announcements>> {
     state::read_json(pins, FILE)
 }
 
-/// Another running agent (another pin directory) that announces from kernel table `table`
-/// in this network namespace: its pid and state directory. The two would withdraw each
-/// other's routes. Known by its record, which it writes every second.
-pub fn table_user(pins: &PinDir, table: u32) -> Option<(u32, PathBuf)> {
-    let netns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/net")).ok();
-    let here = netns("self")?;
+/// The kernel table a running agent announces from, and in which network namespace
+/// (`net:[inode]`, read from its own `/proc/self/ns/net`: no other process's is read).
+#[derive(Debug, Serialize, Deserialize)]
+struct Claim {
+    pid: u32,
+    table: u32,
+    netns: String,
+}
+
+const CLAIM: &str = "bgp_table.json";
+
+/// Serializes the claims of agents starting at once.
+const CLAIMS_LOCK: &str = "bgp_tables.lock";
+
+fn netns_here() -> Result<String> {
+    let link = std::fs::read_link("/proc/self/ns/net").context("reading /proc/self/ns/net")?;
+    Ok(link.to_string_lossy().into_owned())
+}
+
+/// At the agent's start (holding its agent lock): claims `table` for this agent, or fails
+/// naming the running agent of another pin directory that announces from it in this
+/// network namespace: each would withdraw the other's routes. Under a lock, so of two
+/// agents starting at once one sees the other's claim.
+pub fn claim_table(pins: &PinDir, table: u32) -> Result<()> {
+    state::ensure_dir(pins)?;
+    let path = Path::new(state::ROOT).join(CLAIMS_LOCK);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let _lock = Flock::lock(file, FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .with_context(|| format!("locking {}", path.display()))?;
+    if let Some((pid, dir)) = table_user(pins, table)? {
+        bail!(
+            "bgp: table {table} is the announcement table of the agent {pid} (state {}) in \
+             this network namespace: each would withdraw the other's routes; give this node \
+             file another `table:`",
+            dir.display()
+        );
+    }
+    let claim = Claim { pid: std::process::id(), table, netns: netns_here()? };
+    state::write_json(pins, CLAIM, &claim)
+}
+
+/// The running agent of another pin directory that claims kernel table `table` in this
+/// network namespace (see [`claim_table`]): its pid and state directory.
+pub fn table_user(pins: &PinDir, table: u32) -> Result<Option<(u32, PathBuf)>> {
+    let here = netns_here()?;
     let ours = state::dir(pins);
-    let entries = std::fs::read_dir(state::ROOT).ok()?;
-    entries.flatten().map(|e| e.path()).filter(|dir| *dir != ours).find_map(|dir| {
+    let entries = match std::fs::read_dir(state::ROOT) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", state::ROOT)),
+    };
+    Ok(entries.flatten().map(|e| e.path()).filter(|dir| *dir != ours).find_map(|dir| {
+        // The claim of the agent lock's holder only: one a stopped agent left is void.
         let pid = state::agent_pid_in(&dir)?;
-        let record: Announcements =
-            serde_json::from_slice(&std::fs::read(dir.join(FILE)).ok()?).ok()?;
-        let shared = record.pid == pid
-            && record.table == table
-            && netns(&pid.to_string()).is_some_and(|ns| ns == here);
-        shared.then_some((pid, dir))
-    })
+        let claim: Claim = serde_json::from_slice(&std::fs::read(dir.join(CLAIM)).ok()?).ok()?;
+        (claim.pid == pid && claim.table == table && claim.netns == here).then_some((pid, dir))
+    }))
 }
 
 /// Whether `a` and `b` hold the same addresses.
@@ -266,7 +315,10 @@ pub fn forget_other_table(pins: &PinDir, table: Option<u32>) -> Result<()> {
     if Some(last.table) == table {
         return Ok(());
     }
-    withdraw_all(pins, last.table, "this agent does not keep the table")?;
+    // Another agent's table now: its routes are not ours to remove.
+    if table_user(pins, last.table)?.is_none() {
+        withdraw_all(pins, last.table, "this agent does not keep the table")?;
+    }
     let path = state::dir(pins).join(FILE);
     std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))
 }
@@ -276,6 +328,10 @@ pub fn forget_other_table(pins: &PinDir, table: Option<u32>) -> Result<()> {
 /// how many it removed.
 pub fn withdraw_without_agent(pins: &PinDir, why: &str) -> Result<usize> {
     let Some(last) = read(pins)?.filter(|last| !last.agent_running(pins)) else { return Ok(0) };
+    // Another agent's table now: its routes are not ours to remove.
+    if table_user(pins, last.table)?.is_some() {
+        return Ok(0);
+    }
     withdraw_all(pins, last.table, why)
 }
 
