@@ -381,6 +381,24 @@ fn two_agents_in_one_namespace_never_share_an_announcement_table() {
     }
     assert!(both(&gw.table()), "the first agent's routes: {}", gw.table());
     drop(frozen);
+    // The first agent's state directory removed (a cleaner of /run): it takes its lock
+    // again and claims its table again (seen failing: no claim came back), so a second
+    // agent on that table is still refused.
+    drop(second);
+    let first_state = xdpgate_dataplane::state::dir(&xdpgate_dataplane::PinDir::new(
+        gw.pins.dir.path().to_owned(),
+    ));
+    std::fs::remove_dir_all(&first_state).unwrap();
+    let start = Instant::now();
+    while !first_state.join("bgp_table.json").exists() {
+        let log = gw.agent.as_ref().unwrap().log();
+        assert!(start.elapsed() < Duration::from_secs(20), "no claim again:\n{log}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut second = NodeAgent::start(&gw.ns, &pins, POLICY, &node(""));
+    let exit = second.exits_within(Duration::from_secs(20));
+    let log = second.log();
+    assert!(exit.is_some_and(|s| !s.success()) && log.contains("table 4242"), "{log}");
 }
 
 /// A process stopped (SIGSTOP) until dropped.

@@ -388,8 +388,10 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     // This process is the dataplane's one writer of policy until it exits: a one-shot
     // `apply` is refused meanwhile, so the agent never runs on a stale copy.
     let mut owner = AgentLock::acquire(pins)?;
-    if let Some(bgp) = node.as_ref().and_then(|n| n.bgp.as_ref()) {
-        announce::claim_table(pins, bgp.table)?;
+    let bgp_table = node.as_ref().and_then(|n| n.bgp.as_ref()).map(|b| b.table);
+    match bgp_table {
+        Some(table) => announce::claim_table(pins, table)?,
+        None => announce::drop_claim(pins)?,
     }
     // Probe results and durations, for the metrics; kept across reloads.
     let probe_stats = ProbeStats::default();
@@ -450,8 +452,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     if let Some(node) = &node {
         attach_node(pins, node, LOCK_WAIT, &mut failing);
     }
-    let table = node.as_ref().and_then(|n| n.bgp.as_ref()).map(|b| b.table);
-    failing.check("bgp announcements", announce::forget_other_table(pins, table));
+    failing.check("bgp announcements", announce::forget_other_table(pins, bgp_table));
     let names = Arc::new(flows::Names::read(pins)?);
     let mut running = Running { policy, lbs, names };
     let mut sweeper = Sweeper::new();
@@ -609,7 +610,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                     save_state(pins, &mut state, &failing);
                 }
                 tick(pins, &mut loggers, flow_log.as_mut(), &mut failing);
-                if !owner.held(pins) && !renew(pins, &mut owner, &mut state, &mut failing) {
+                if !owner.held(pins) && !renew(pins, &mut owner, &mut state, bgp_table, &mut failing) {
                     taken_over = true;
                     break;
                 }
@@ -1002,6 +1003,7 @@ fn renew(
     pins: &PinDir,
     owner: &mut AgentLock,
     state: &mut AgentState,
+    bgp_table: Option<u32>,
     failing: &mut Failing,
 ) -> bool {
     if let Some(pid) = state::agent_pid(pins) {
@@ -1021,6 +1023,10 @@ fn renew(
             state::dir(pins).display()
         );
         save_state(pins, state, failing);
+        // Its claim went with the directory.
+        if let Some(table) = bgp_table {
+            failing.check("claiming the bgp table again", announce::claim_table(pins, table));
+        }
     }
     true
 }

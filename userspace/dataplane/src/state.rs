@@ -109,7 +109,11 @@ pub fn write_json<T: serde::Serialize>(pins: &PinDir, name: &str, value: &T) -> 
 
 /// `flock` on an open file, waiting up to `wait` (polling: flock has no timeout of its own).
 /// `None` when another holder kept it that long.
-fn flock(mut file: File, arg: FlockArg, wait: Duration) -> std::io::Result<Option<Flock<File>>> {
+pub fn flock(
+    mut file: File,
+    arg: FlockArg,
+    wait: Duration,
+) -> std::io::Result<Option<Flock<File>>> {
     let start = Instant::now();
     loop {
         match Flock::lock(file, arg) {

@@ -18,7 +18,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use log::info;
-use nix::fcntl::{Flock, FlockArg};
+use nix::fcntl::FlockArg;
 use serde::{Deserialize, Serialize};
 use xdpgate_common::lb::NO_BACKEND;
 use xdpgate_dataplane::{PinDir, host_routes, probes::ProbeKey, state};
@@ -99,9 +99,11 @@ pub fn claim_table(pins: &PinDir, table: u32) -> Result<()> {
         .mode(0o600)
         .open(&path)
         .with_context(|| format!("opening {}", path.display()))?;
-    let _lock = Flock::lock(file, FlockArg::LockExclusive)
-        .map_err(|(_, e)| e)
-        .with_context(|| format!("locking {}", path.display()))?;
+    let Some(_lock) = state::flock(file, FlockArg::LockExclusiveNonblock, state::LOCK_WAIT)
+        .with_context(|| format!("locking {}", path.display()))?
+    else {
+        bail!("another agent held {} for {} s", path.display(), state::LOCK_WAIT.as_secs());
+    };
     if let Some((pid, dir)) = table_user(pins, table)? {
         bail!(
             "bgp: table {table} is the announcement table of the agent {pid} (state {}) in \
@@ -112,6 +114,17 @@ pub fn claim_table(pins: &PinDir, table: u32) -> Result<()> {
     }
     let claim = Claim { pid: std::process::id(), table, netns: netns_here()? };
     state::write_json(pins, CLAIM, &claim)
+}
+
+/// At the start of an agent without a `bgp:` section: its directory claims no table.
+pub fn drop_claim(pins: &PinDir) -> Result<()> {
+    let path = state::dir(pins).join(CLAIM);
+    match std::fs::remove_file(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing {}", path.display()))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// The running agent of another pin directory that claims kernel table `table` in this
@@ -316,8 +329,15 @@ pub fn forget_other_table(pins: &PinDir, table: Option<u32>) -> Result<()> {
         return Ok(());
     }
     // Another agent's table now: its routes are not ours to remove.
-    if table_user(pins, last.table)?.is_none() {
-        withdraw_all(pins, last.table, "this agent does not keep the table")?;
+    match table_user(pins, last.table)? {
+        Some((pid, dir)) => info!(
+            "bgp: left the routes in table {}: the agent {pid} ({}) claims it now",
+            last.table,
+            dir.display()
+        ),
+        None => {
+            withdraw_all(pins, last.table, "this agent does not keep the table")?;
+        }
     }
     let path = state::dir(pins).join(FILE);
     std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))
@@ -329,7 +349,12 @@ pub fn forget_other_table(pins: &PinDir, table: Option<u32>) -> Result<()> {
 pub fn withdraw_without_agent(pins: &PinDir, why: &str) -> Result<usize> {
     let Some(last) = read(pins)?.filter(|last| !last.agent_running(pins)) else { return Ok(0) };
     // Another agent's table now: its routes are not ours to remove.
-    if table_user(pins, last.table)?.is_some() {
+    if let Some((pid, dir)) = table_user(pins, last.table)? {
+        eprintln!(
+            "left the routes in table {}: the agent {pid} ({}) claims it now",
+            last.table,
+            dir.display()
+        );
         return Ok(0);
     }
     withdraw_all(pins, last.table, why)
