@@ -109,11 +109,7 @@ pub fn write_json<T: serde::Serialize>(pins: &PinDir, name: &str, value: &T) -> 
 
 /// `flock` on an open file, waiting up to `wait` (polling: flock has no timeout of its own).
 /// `None` when another holder kept it that long.
-pub fn flock(
-    mut file: File,
-    arg: FlockArg,
-    wait: Duration,
-) -> std::io::Result<Option<Flock<File>>> {
+fn flock(mut file: File, arg: FlockArg, wait: Duration) -> std::io::Result<Option<Flock<File>>> {
     let start = Instant::now();
     loop {
         match Flock::lock(file, arg) {
@@ -286,7 +282,7 @@ impl ToolLock {
 
 /// Locks the file at `path` for this process and writes its pid there; or the pid of the
 /// process that holds it. The kernel releases it when the holder dies.
-fn pid_lock(pins: &PinDir, path: &Path, wait: Duration) -> Result<Result<Flock<File>, String>> {
+pub fn pid_lock(pins: &PinDir, path: &Path, wait: Duration) -> Result<Result<Flock<File>, String>> {
     ensure_dir(pins)?;
     let file = OpenOptions::new()
         .read(true)

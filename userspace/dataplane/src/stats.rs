@@ -181,9 +181,10 @@ impl EmbryonicTable {
 }
 
 /// The file that counts the embryos the agent's sweep (lone exchanges) and NAT expiry (the
-/// embryos of the translations it expires) have ended: the dataplane's counters are per CPU, which userspace cannot add to without
-/// losing the dataplane's own adds, and uncounted they would pass for evicted ones. In the
-/// state directory, which lives as long as the pinned counters (both go at a reboot).
+/// embryos of the translations it expires) have ended: the dataplane's counters are per
+/// CPU, which userspace cannot add to without losing the dataplane's own adds, and
+/// uncounted they would pass for evicted ones. In the state directory, which lives as long
+/// as the pinned counters (both go at a reboot).
 fn ended_path(pins: &PinDir) -> std::path::PathBuf {
     state::dir(pins).join("embryos-ended")
 }

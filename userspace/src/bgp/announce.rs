@@ -11,14 +11,12 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
     net::IpAddr,
-    os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
     time::{SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{Context, Result, bail};
 use log::info;
-use nix::fcntl::FlockArg;
 use serde::{Deserialize, Serialize};
 use xdpgate_common::lb::NO_BACKEND;
 use xdpgate_dataplane::{PinDir, host_routes, probes::ProbeKey, state};
@@ -90,19 +88,14 @@ fn netns_here() -> Result<String> {
 /// network namespace: each would withdraw the other's routes. Under a lock, so of two
 /// agents starting at once one sees the other's claim.
 pub fn claim_table(pins: &PinDir, table: u32) -> Result<()> {
-    state::ensure_dir(pins)?;
     let path = Path::new(state::ROOT).join(CLAIMS_LOCK);
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o600)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    let Some(_lock) = state::flock(file, FlockArg::LockExclusiveNonblock, state::LOCK_WAIT)
-        .with_context(|| format!("locking {}", path.display()))?
-    else {
-        bail!("another agent held {} for {} s", path.display(), state::LOCK_WAIT.as_secs());
+    let _lock = match state::pid_lock(pins, &path, state::LOCK_WAIT)? {
+        Ok(lock) => lock,
+        Err(holder) => bail!(
+            "the process {holder} held {} for {} s",
+            path.display(),
+            state::LOCK_WAIT.as_secs()
+        ),
     };
     if let Some((pid, dir)) = table_user(pins, table)? {
         bail!(
