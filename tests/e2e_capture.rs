@@ -381,6 +381,30 @@ fn bad_filters_are_refused() {
         assert!(!out.status.success() && err.contains(says), "{args:?}: {err}");
         assert_eq!(lease(&gw.pins), 0, "{args:?} took a lease");
     }
+    // A bound the file's header alone would pass: refused before the file is touched (seen
+    // failing: the capture ran, truncated the file and wrote the header past the bound).
+    let path = file("small");
+    for (format, header) in [("pcap", 24), ("pcapng", 28)] {
+        std::fs::write(&path, "kept").unwrap();
+        let small = (header - 1).to_string();
+        let out = gw.pins.try_xdpgate(&[
+            "capture",
+            "--duration",
+            "1",
+            "--format",
+            format,
+            "--max-bytes",
+            &small,
+            "-w",
+            path.to_str().unwrap(),
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        let says = format!("--max-bytes {small} is less than the {header}-byte {format} header");
+        assert!(!out.status.success() && err.contains(&says), "{format}: {err}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "kept", "{format}");
+        assert_eq!(lease(&gw.pins), 0, "{format} took a lease");
+    }
+    let _ = std::fs::remove_file(&path);
 }
 
 /// The kernel's wait channel of process `pid`'s main thread (`anon_pipe_write` while it is

@@ -923,6 +923,11 @@ fn writer_did(done: flowlog::Done, behind: bool, failing: &mut Failing) {
                 failing.check("flow log queue", Ok(()));
             }
         }
+        // Lines are written past the limit meanwhile: not a write failure, a state of its
+        // own until a rotation succeeds.
+        flowlog::Done::Rotation(result) => {
+            failing.check("flow log rotation", result);
+        }
         // A job of its own: finding the file in place says nothing of whether writes work,
         // so it must not clear a write failure that `status` shows.
         flowlog::Done::Path(result) => {

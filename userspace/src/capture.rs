@@ -288,6 +288,13 @@ impl Sink {
         Ok(sink)
     }
 
+    /// Bytes of the file's header in `format`.
+    fn header_len(format: Format, snaplen: u32) -> Result<u64> {
+        let staged = Staged::default();
+        Self::writer(staged.clone(), format, snaplen)?;
+        Ok(staged.0.borrow().len() as u64)
+    }
+
     /// Sends what is staged to the output, unless the file would pass `max` bytes (then
     /// nothing is written: false).
     fn commit(&mut self, max: Option<u64>) -> Result<bool> {
@@ -396,6 +403,17 @@ fn wall_time(ns: u64) -> Duration {
 /// standard error (standard output may be the capture).
 pub fn run(pins: &PinDir, args: &CaptureArgs) -> Result<Summary> {
     let config = config(args)?;
+    // Before the file is opened (truncated): a bound the header alone would pass.
+    if let Some(max) = args.max_bytes {
+        let header = Sink::header_len(args.format, args.snaplen)?;
+        if max < header {
+            let format = if args.format == Format::Pcap { "pcap" } else { "pcapng" };
+            bail!(
+                "--max-bytes {max} is less than the {header}-byte {format} header: the header \
+                 alone would pass it"
+            );
+        }
+    }
     // The lease (and its lock) first: a capture refused for another's must not open the
     // perf rings over that one's, nor truncate its file.
     let (lease, mut rings) = take_lease(pins, config)?;

@@ -77,6 +77,9 @@ pub struct FileSink {
     /// A regular file, rotated and cut. Not a FIFO a log shipper reads, nor a device
     /// (`/dev/stdout`): renaming or removing the path would break it for everyone.
     regular: bool,
+    /// Why the last rotation failed, while the file is past its limit for it: a state, not
+    /// the error of one batch (the lines after it are written, and are no sign it works).
+    rotation: Option<String>,
 }
 
 /// Cuts a partial last line (left by a write that failed half-way) off the file, so every
@@ -118,18 +121,30 @@ impl FileSink {
         let len = if regular { meta.len() } else { 0 };
         let (written, mid_line) = if regular { cut_partial_line(&file, len) } else { (0, false) };
         let rotate_at = max_bytes;
-        let sink = Self { path, max_bytes, keep, file, written, mid_line, rotate_at, regular };
+        let sink = Self {
+            path,
+            max_bytes,
+            keep,
+            file,
+            written,
+            mid_line,
+            rotate_at,
+            regular,
+            rotation: None,
+        };
         Ok((sink, len - written))
     }
 
     fn reopen(&mut self) -> Result<()> {
         let id = |f: &File| f.metadata().map(|m| (m.dev(), m.ino())).ok();
-        let (was, rotate_at) = (id(&self.file), self.rotate_at);
+        let (was, rotate_at, rotation) = (id(&self.file), self.rotate_at, self.rotation.clone());
         (*self, _) = Self::open(self.path.clone(), self.max_bytes, self.keep)?;
-        // The same file again (after a failed write, a SIGHUP): a rotation that failed is
-        // still not tried before its time.
-        if was.is_some() && id(&self.file) == was {
-            self.rotate_at = rotate_at;
+        // The same file again (after a failed write, a SIGHUP), not cut since (copytruncate):
+        // a rotation that failed is still not tried before its time, and still past its
+        // limit.
+        let tried_at = rotate_at.saturating_sub(self.max_bytes);
+        if was.is_some() && id(&self.file) == was && self.written >= tried_at {
+            (self.rotate_at, self.rotation) = (rotate_at, rotation);
         }
         Ok(())
     }
@@ -189,18 +204,18 @@ impl FileSink {
     fn write_lines(&mut self, lines: &Lines) -> Result<()> {
         // Lines from `start` on are not written yet.
         let mut start = 0;
-        // A rotation that failed (a rename refused): the lines go on into the file past the
-        // limit, and the error is returned once they are written.
-        let mut failed = None;
         for (from, to) in lines.spans() {
             let pending = self.written + (from - start) as u64;
             if self.regular && pending > 0 && pending + (to - from) as u64 > self.rotate_at {
                 self.flush(&lines.bytes[start..from])?;
                 start = from;
+                // A rotation that failed (a rename refused): the lines go on into the file
+                // past the limit, which `rotation` tells of until one succeeds.
                 if let Err(e) = self.rotate() {
                     // Not again for every line: each try shifts the older files once more.
                     self.rotate_at = self.written.saturating_add(self.max_bytes);
-                    failed = Some(e.context("the flow log grows past its limit until it rotates"));
+                    let e = e.context("the flow log grows past its limit until it rotates");
+                    self.rotation = Some(format!("{e:#}"));
                 }
             }
             if to - start >= CHUNK {
@@ -208,8 +223,7 @@ impl FileSink {
                 start = to;
             }
         }
-        self.flush(&lines.bytes[start..])?;
-        failed.map_or(Ok(()), Err)
+        self.flush(&lines.bytes[start..])
     }
 
     /// Writes `chunk` (whole lines). After a failed write (or one before it, which left the
@@ -297,7 +311,7 @@ impl Sink {
     /// Writes `lines` in order, in as few writes as rotation allows. A file whose write
     /// fails is reopened (a partial last line cut off) and what did not land written once
     /// more; if that fails too, it and the rest of the batch are lost, and the error is
-    /// returned.
+    /// returned. A rotation that fails loses no line: [`Sink::rotation`] tells of it.
     pub fn write_lines(&mut self, lines: &Lines) -> Result<()> {
         match self {
             Sink::Stdout => {
@@ -307,6 +321,14 @@ impl Sink {
                     .context("writing flow log to stdout")
             }
             Sink::File(f) => f.write_lines(lines),
+        }
+    }
+
+    /// Why the file is past its size limit: its last rotation failed (none since).
+    pub fn rotation(&self) -> Option<&str> {
+        match self {
+            Sink::Stdout => None,
+            Sink::File(f) => f.rotation.as_deref(),
         }
     }
 }
@@ -397,8 +419,10 @@ mod tests {
     }
 
     /// A rotation that fails (FILE.1 a directory here) loses no line: the file grows past
-    /// the limit, the error is returned, and rotation is tried again only after another
-    /// `max_bytes` (seen failing: every line from the fourth on was dropped).
+    /// the limit, which the sink tells of until a rotation succeeds, and rotation is tried
+    /// again only after another `max_bytes` (seen failing: every line from the fourth on
+    /// was dropped). Cut to nothing where it is (copytruncate), the file is within its
+    /// limit again.
     #[test]
     fn a_failed_rotation_loses_no_line() {
         let dir = std::env::temp_dir().join(format!("xgrotfail{}", std::process::id()));
@@ -408,11 +432,22 @@ mod tests {
         let path = dir.join("flows.jsonl");
         let mut sink = Sink::open(path.to_str().unwrap(), 100, 1).unwrap();
         let line = |i: u32| json!({"line": format!("{i:020}")});
-        let mut failed = 0;
+        let mut tries = Vec::new();
+        let mut over = Vec::new();
         for i in 0..9 {
             let mut lines = Lines::default();
             lines.push(&line(i));
-            failed += usize::from(sink.write_lines(&lines).is_err());
+            let rotate_at = |sink: &Sink| match sink {
+                Sink::File(f) => f.rotate_at,
+                Sink::Stdout => unreachable!(),
+            };
+            let before = rotate_at(&sink);
+            sink.write_lines(&lines).unwrap();
+            // Each try that fails moves the limit on.
+            if rotate_at(&sink) != before {
+                tries.push(i);
+            }
+            over.push(sink.rotation().is_some());
             // As a SIGHUP, or a failed write, reopens the same file.
             sink.reopen().unwrap();
         }
@@ -420,7 +455,37 @@ mod tests {
         assert_eq!(text.lines().count(), 9, "every line is in the file: {text}");
         // 32-byte lines: tried at the fourth (past 100 bytes) and at the seventh (100 more),
         // not at each line after the fourth.
-        assert_eq!(failed, 2);
+        assert_eq!(tries, [3, 6]);
+        // Past its limit from the fourth line on, and said so at every batch after it, not
+        // only at those that tried (seen failing: each later batch returned Ok, and the
+        // agent logged "working again" with the file still growing).
+        assert_eq!(over, [false, false, false, true, true, true, true, true, true]);
+        let message = sink.rotation().unwrap().to_owned();
+        assert!(message.contains("grows past its limit"), "{message}");
+        // A reopen that fails (the directory moved away) keeps the file, and the state.
+        let away = dir.with_extension("away");
+        fs::rename(&dir, &away).unwrap();
+        assert!(sink.reopen().is_err());
+        fs::rename(&away, &dir).unwrap();
+        assert_eq!(sink.rotation(), Some(message.as_str()), "after a failed reopen");
+        fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(0).unwrap();
+        sink.reopen().unwrap();
+        assert_eq!(sink.rotation(), None, "cut in place");
+        for i in 0..9 {
+            let mut lines = Lines::default();
+            lines.push(&line(i));
+            sink.write_lines(&lines).unwrap();
+        }
+        assert!(sink.rotation().is_some(), "past the limit again");
+        // The obstacle gone, the next try rotates, and the state ends.
+        fs::remove_dir_all(dir.join("flows.jsonl.1")).unwrap();
+        for i in 9..12 {
+            let mut lines = Lines::default();
+            lines.push(&line(i));
+            sink.write_lines(&lines).unwrap();
+        }
+        assert!(dir.join("flows.jsonl.1").is_file(), "rotated");
+        assert_eq!(sink.rotation(), None);
         let _ = fs::remove_dir_all(&dir);
     }
 

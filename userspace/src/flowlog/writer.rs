@@ -42,6 +42,9 @@ pub enum Done {
     /// The file at the path opened anew: at a reopen, or (with its path) because the one
     /// written was moved or removed.
     Path(Result<Option<PathBuf>>),
+    /// The file went past its size limit as a rotation failed (`Err`), or rotated since
+    /// (`Ok`): sent when that changes.
+    Rotation(Result<()>),
 }
 
 pub struct Writer {
@@ -69,6 +72,7 @@ impl Writer {
         thread::Builder::new()
             .name("flow-log".into())
             .spawn(move || {
+                let mut rotation = None;
                 for job in todo {
                     let done = match job {
                         Job::Write(lines) => {
@@ -86,6 +90,12 @@ impl Writer {
                     };
                     // With no one to tell, the jobs are still done.
                     let _ = tx.send(done);
+                    if sink.rotation() != rotation.as_deref() {
+                        rotation = sink.rotation().map(str::to_owned);
+                        let _ = tx.send(Done::Rotation(
+                            rotation.clone().map_or(Ok(()), |e| Err(anyhow!(e))),
+                        ));
+                    }
                 }
             })
             .expect("starting the flow log's thread");
@@ -317,6 +327,42 @@ mod tests {
         // open for reading); the test does not wait for it.
         drop(reader.join().unwrap());
         drop((queue, writer));
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    /// A rotation that fails is told once, as a state (`Rotation(Err)`) that holds over the
+    /// batches written past the limit after it, and ends (`Rotation(Ok)`) once a rotation
+    /// succeeds; every batch is written.
+    #[test]
+    fn a_failed_rotation_is_told_until_one_succeeds() {
+        let dir = std::env::temp_dir().join(format!("xgrotstate{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        // FILE.1 a directory with a file in it: FILE cannot be renamed onto it.
+        fs::create_dir_all(dir.join("flows.jsonl.1")).unwrap();
+        fs::write(dir.join("flows.jsonl.1").join("x"), "keep").unwrap();
+        let path = dir.join("flows.jsonl");
+        let mut writer = Writer::spawn(Sink::open(path.to_str().unwrap(), 3100, 1).unwrap());
+        let next = |writer: &mut Writer| match writer.wait() {
+            Some(Done::Wrote(r)) => format!("wrote {}", r.is_ok()),
+            Some(Done::Rotation(r)) => format!("rotation {}", r.is_ok()),
+            other => panic!("{other:?}"),
+        };
+        // 1,007-byte lines: the fourth would pass 3,100 bytes and rotates.
+        for _ in 0..6 {
+            writer.write(batch(1)).unwrap();
+        }
+        let told: Vec<String> = (0..7).map(|_| next(&mut writer)).collect();
+        let want = ["wrote true"; 3].iter().chain(&["wrote true", "rotation false"]);
+        let want: Vec<&str> = want.chain(&["wrote true"; 2]).copied().collect();
+        assert_eq!(told, want);
+        fs::remove_dir_all(dir.join("flows.jsonl.1")).unwrap();
+        // The next try, 3,100 bytes on (at the seventh), rotates.
+        for _ in 0..3 {
+            writer.write(batch(1)).unwrap();
+        }
+        let told: Vec<String> = (0..4).map(|_| next(&mut writer)).collect();
+        assert_eq!(told, ["wrote true", "rotation true", "wrote true", "wrote true"]);
+        assert!(dir.join("flows.jsonl.1").is_file());
         let _ = fs::remove_dir_all(&dir);
     }
 }
