@@ -313,6 +313,34 @@ fn detach_withdraws_and_an_agent_without_bgp_removes_a_killed_ones_routes() {
     assert!(report["agent"].is_null(), "{report}");
 }
 
+/// A node-drain file that cannot be read (here: broken by hand) holds back neither a drain,
+/// which replaces it and says so, nor the withdrawal of a stopping agent (seen failing:
+/// `drain` failed on it, and SIGTERM left both routes).
+#[test]
+fn a_broken_node_drain_file_holds_back_no_drain_and_no_withdrawal() {
+    let router = Netns::new("bgprt");
+    let mut gw = Gateway::new(&router, 1, false);
+    let both = |t: &str| t.contains(VIP) && t.contains(VIP6);
+    wait_table(&gw, "never announced", both);
+    let file = xdpgate_dataplane::state::dir(&gw.pins.dir).join("node_drain.json");
+    let break_it = || std::fs::write(&file, "{\"drained\": tru").unwrap();
+    break_it();
+    let out = gw.pins.try_xdpgate(&["drain"]);
+    let (stdout, stderr) =
+        (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "drain: {stdout}{stderr}");
+    assert!(stderr.contains("node_drain.json") && stderr.contains("replacing it"), "{stderr}");
+    wait_table(&gw, "still announced after the drain", str::is_empty);
+    break_it();
+    let out = gw.pins.try_xdpgate(&["undrain"]);
+    assert!(out.status.success(), "undrain: {}", String::from_utf8_lossy(&out.stderr));
+    wait_table(&gw, "not announced after the undrain", both);
+    break_it();
+    let status = gw.agent.as_mut().unwrap().terminate();
+    assert!(status.success(), "xdpgate run exited with {status}");
+    assert_eq!(gw.table(), "", "routes left after SIGTERM");
+}
+
 /// Two agents (two pin directories) in one network namespace would withdraw each other's
 /// routes from a shared announcement table: the second is refused at start, before it
 /// changes anything, naming the first (seen failing: it ran). With a table of its own it

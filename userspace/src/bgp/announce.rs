@@ -359,7 +359,8 @@ pub fn withdraw_all(pins: &PinDir, table: u32, why: &str) -> Result<usize> {
         .into_iter()
         .map(|address| Withheld { address, reason: why.to_owned() })
         .collect();
-    let drained = node_drain::read(pins)?.drained;
+    // Only for the record: a drain file that cannot be read must not keep the routes.
+    let drained = node_drain::read(pins).is_ok_and(|d| d.drained);
     sync(pins, table, drained, Vec::new(), frontends)
 }
 

@@ -25,9 +25,13 @@ pub fn read(pins: &PinDir) -> Result<NodeDrain> {
     state::read_json(pins, FILE)
 }
 
-/// Drains or undrains the node; whether it changed anything.
+/// Drains or undrains the node; whether it changed anything. A file that cannot be read
+/// (broken by hand) must not hold up a drain: it is replaced, and said so.
 pub fn set(pins: &PinDir, drained: bool) -> Result<bool> {
-    let was = read(pins)?;
+    let was = read(pins).unwrap_or_else(|e| {
+        eprintln!("warning: {e:#}; replacing it");
+        NodeDrain { drained: !drained, since_unix_seconds: None }
+    });
     if was.drained == drained {
         return Ok(false);
     }
