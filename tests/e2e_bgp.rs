@@ -297,6 +297,22 @@ fn detach_withdraws_and_an_agent_without_bgp_removes_a_killed_ones_routes() {
     // no bgp: section; nothing would look after those routes, so they go.
     gw.agent = None;
     assert!(both(&gw.table()), "{}", gw.table());
+    // An apply with no agent that removes a frontend withdraws its route, which nothing
+    // would take traffic for, and leaves the other (seen failing: both stayed).
+    let without_v6: String = POLICY
+        .lines()
+        .filter(|l| !l.contains("vip6") && !l.contains("web6"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let out = gw.pins.apply(&without_v6);
+    assert!(out.contains("withdrew the route of 1 frontend"), "{out}");
+    let table = gw.table();
+    assert!(table.contains(VIP) && !table.contains(VIP6), "{table}");
+    let report = bgp_report(&gw.pins);
+    assert!(report.to_string().contains("removed from the policy"), "{report}");
+    // Back as it was, for the detach below.
+    gw.pins.apply(POLICY);
+    gw.ns.exec("ip", &["route", "add", VIP6, "dev", "lo", "table", "4242", "proto", "245"]);
     // Detached with no agent to withdraw: the command itself removes the routes.
     let out = gw.pins.xdpgate(&["detach", "--all"]);
     assert!(out.contains("withdrew 2 BGP announcements"), "{out}");
@@ -314,8 +330,9 @@ fn detach_withdraws_and_an_agent_without_bgp_removes_a_killed_ones_routes() {
 }
 
 /// A node-drain file that cannot be read (here: broken by hand) holds back neither a drain,
-/// which replaces it and says so, nor the withdrawal of a stopping agent (seen failing:
-/// `drain` failed on it, and SIGTERM left both routes).
+/// which replaces it and says so, nor the agent's withdrawals: of a frontend whose backends
+/// fail, and of everything as it stops (seen failing: `drain` failed on it, and SIGTERM
+/// left both routes).
 #[test]
 fn a_broken_node_drain_file_holds_back_no_drain_and_no_withdrawal() {
     let router = Netns::new("bgprt");
@@ -335,7 +352,20 @@ fn a_broken_node_drain_file_holds_back_no_drain_and_no_withdrawal() {
     let out = gw.pins.try_xdpgate(&["undrain"]);
     assert!(out.status.success(), "undrain: {}", String::from_utf8_lossy(&out.stderr));
     wait_table(&gw, "not announced after the undrain", both);
+    // Broken while the agent runs: it goes on as the node was (announced), and says why.
     break_it();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !gw.pins.xdpgate(&["status", "--json"]).contains("node_drain.json") {
+        assert!(Instant::now() < deadline, "status never listed the broken file");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(both(&gw.table()), "{}", gw.table());
+    // Its backends fail: withdrawn all the same (seen failing: the table stayed as it was
+    // while the file was broken); back up, announced again.
+    gw.backends = None;
+    wait_table(&gw, "still announced with the backends down", str::is_empty);
+    gw.open_backends();
+    wait_table(&gw, "not announced with the backends up again", both);
     let status = gw.agent.as_mut().unwrap().terminate();
     assert!(status.success(), "xdpgate run exited with {status}");
     assert_eq!(gw.table(), "", "routes left after SIGTERM");
@@ -416,7 +446,11 @@ fn two_agents_in_one_namespace_never_share_an_announcement_table() {
     let first_state = xdpgate_dataplane::state::dir(&xdpgate_dataplane::PinDir::new(
         gw.pins.dir.path().to_owned(),
     ));
-    std::fs::remove_dir_all(&first_state).unwrap();
+    // Moved away at once, then removed: the agent writes into it every second, and a
+    // removal in place can meet a file it has just made (seen: "Directory not empty").
+    let gone = first_state.with_extension("gone");
+    std::fs::rename(&first_state, &gone).unwrap();
+    std::fs::remove_dir_all(&gone).unwrap();
     let start = Instant::now();
     while !first_state.join("bgp_table.json").exists() {
         let log = gw.agent.as_ref().unwrap().log();

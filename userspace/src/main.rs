@@ -428,8 +428,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             // them and brings them back); every other backend counts as healthy.
             let down = lb::pinned_unhealthy(&pins)?;
             let health = |b: std::net::IpAddr| !down.contains(&b);
-            let (generation, _) = transaction::apply_policy(&pins, &policy, &source, &health)?;
+            let (generation, lbs) = transaction::apply_policy(&pins, &policy, &source, &health)?;
             println!("applied {} as generation {generation}", file.display());
+            let withdrawn = bgp::announce::withdraw_removed_without_agent(&pins, &lbs)?;
+            if withdrawn > 0 {
+                let s = if withdrawn == 1 { "" } else { "s" };
+                println!("withdrew the route of {withdrawn} frontend{s} the policy no longer has");
+            }
         }
         Command::Run { policy, node, probe_concurrency, metrics_addr, flow_log } => {
             // The agent reports write errors (a closed stdout flow log) instead of dying.

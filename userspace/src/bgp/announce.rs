@@ -20,7 +20,7 @@ use log::info;
 use serde::{Deserialize, Serialize};
 use xdpgate_common::lb::NO_BACKEND;
 use xdpgate_dataplane::{PinDir, host_routes, probes::ProbeKey, state};
-use xdpgate_policy::lb::{BackendHealth, CompiledLb, ServiceSpec, frontend_addr};
+use xdpgate_policy::lb::{AllHealthy, BackendHealth, CompiledLb, ServiceSpec, frontend_addr};
 
 use super::node_drain;
 use crate::node::{self, Node};
@@ -218,7 +218,10 @@ pub fn update(
     probed: &dyn BackendHealth,
 ) -> Result<()> {
     let Some(bgp) = &node.bgp else { return Ok(()) };
-    let drained = node_drain::read(pins)?.drained;
+    // A drain file that cannot be read: the node stays drained or not as it was, and the
+    // rest (a frontend whose backends fail, a detach) is still withdrawn; the error is
+    // returned after.
+    let (drained, unread) = node_drain::drained_or_last(pins);
     let missing: Vec<&str> = node::missing(pins, node).iter().map(|i| i.name.as_str()).collect();
     let blocked = if drained {
         Some("the node is drained (xdpgate undrain announces it again)".to_owned())
@@ -232,7 +235,8 @@ pub fn update(
             w.reason = WAITING_FOR_TABLES.to_owned();
         }
     }
-    sync(pins, bgp.table, drained, announce, withheld).map(drop)
+    sync(pins, bgp.table, drained, announce, withheld)?;
+    unread.map_or(Ok(()), Err)
 }
 
 /// Why a frontend whose backends answer their probes again is not announced yet.
@@ -353,6 +357,29 @@ pub fn withdraw_without_agent(pins: &PinDir, why: &str) -> Result<usize> {
     withdraw_all(pins, last.table, why)
 }
 
+/// After an apply with no agent running: the routes an earlier agent left for frontends
+/// the policy no longer has are removed (nothing takes their traffic now, and no agent
+/// would withdraw them); the others stay, as after a crash. How many it removed.
+pub fn withdraw_removed_without_agent(pins: &PinDir, lbs: &CompiledLb) -> Result<usize> {
+    let Some(last) = read(pins)?.filter(|last| !last.agent_running(pins)) else { return Ok(0) };
+    // Another agent's table now: its routes are not ours to remove.
+    if table_user(pins, last.table)?.is_some() {
+        return Ok(0);
+    }
+    let kept = frontends(lbs, &AllHealthy);
+    let (announce, removed): (Vec<IpAddr>, Vec<IpAddr>) =
+        host_routes::list(last.table)?.into_iter().partition(|a| kept.contains_key(a));
+    if removed.is_empty() {
+        return Ok(0);
+    }
+    let removed = removed
+        .into_iter()
+        .map(|address| Withheld { address, reason: "removed from the policy".to_owned() })
+        .collect();
+    let (drained, _) = node_drain::drained_or_last(pins);
+    sync(pins, last.table, drained, announce, removed)
+}
+
 /// Removes every route of the table (before the agent stops on purpose); how many.
 pub fn withdraw_all(pins: &PinDir, table: u32, why: &str) -> Result<usize> {
     let frontends: Vec<Withheld> = host_routes::list(table)?
@@ -360,7 +387,7 @@ pub fn withdraw_all(pins: &PinDir, table: u32, why: &str) -> Result<usize> {
         .map(|address| Withheld { address, reason: why.to_owned() })
         .collect();
     // Only for the record: a drain file that cannot be read must not keep the routes.
-    let drained = node_drain::read(pins).is_ok_and(|d| d.drained);
+    let (drained, _) = node_drain::drained_or_last(pins);
     sync(pins, table, drained, Vec::new(), frontends)
 }
 

@@ -77,8 +77,12 @@ pub fn report(pins: &PinDir) -> Result<BgpReport> {
         Some(a) => host_routes::list(a.table)?,
         None => Vec::new(),
     };
+    let (node_drained, unread) = node_drain::drained_or_last(pins);
+    if let Some(e) = unread {
+        eprintln!("warning: {e:#}; shown as the agent last had it");
+    }
     Ok(BgpReport {
-        node_drained: node_drain::read(pins)?.drained,
+        node_drained,
         agent_running: agent.as_ref().is_some_and(|a| a.agent_running(pins)),
         routes,
         agent,

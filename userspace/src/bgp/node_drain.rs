@@ -25,13 +25,29 @@ pub fn read(pins: &PinDir) -> Result<NodeDrain> {
     state::read_json(pins, FILE)
 }
 
-/// Drains or undrains the node; whether it changed anything. A file that cannot be read
+/// Whether the node is drained, for what must go on when the file cannot be read (broken
+/// by hand): then as the agent's record last had it (drained without one: a node whose
+/// state is unknown is not announced), with the error.
+pub fn drained_or_last(pins: &PinDir) -> (bool, Option<anyhow::Error>) {
+    match read(pins) {
+        Ok(d) => (d.drained, None),
+        Err(e) => {
+            let last = announce::read(pins).ok().flatten();
+            (last.is_none_or(|l| l.node_drained), Some(e))
+        }
+    }
+}
+
+/// Drains or undrains the node; whether it changed anything. A file that does not parse
 /// (broken by hand) must not hold up a drain: it is replaced, and said so.
 pub fn set(pins: &PinDir, drained: bool) -> Result<bool> {
-    let was = read(pins).unwrap_or_else(|e| {
-        eprintln!("warning: {e:#}; replacing it");
-        NodeDrain { drained: !drained, since_unix_seconds: None }
-    });
+    let was = match read(pins) {
+        Err(e) if e.root_cause().is::<serde_json::Error>() => {
+            eprintln!("warning: {e:#}; replacing it");
+            NodeDrain { drained: !drained, since_unix_seconds: None }
+        }
+        was => was?,
+    };
     if was.drained == drained {
         return Ok(false);
     }
