@@ -329,6 +329,41 @@ fn detach_withdraws_and_an_agent_without_bgp_removes_a_killed_ones_routes() {
     assert!(report["agent"].is_null(), "{report}");
 }
 
+/// A frontend of a family the node file names no peer of is in the table but announced to
+/// no one by a BIRD from `bird-config`: `bgp` says so (seen failing: it showed the IPv6
+/// frontend as announced, nothing more).
+#[test]
+fn a_frontend_with_no_peer_of_its_family_is_shown_so() {
+    let router = Netns::new("bgprt");
+    let mut gw = Gateway::new(&router, 1, false);
+    let both = |t: &str| t.contains(VIP) && t.contains(VIP6);
+    wait_table(&gw, "never announced", both);
+    gw.agent = None;
+    let node = std::fs::read_to_string(&gw.node_file).unwrap();
+    let v4_peer_only: String =
+        node.lines().filter(|l| !l.contains("2001:db8:ff:")).map(|l| format!("{l}\n")).collect();
+    assert!(v4_peer_only.contains("peers:") && v4_peer_only.contains("203.0.113."), "{node}");
+    gw.agent = Some(NodeAgent::start(&gw.ns, &gw.pins, POLICY, &v4_peer_only));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let report = bgp_report(&gw.pins);
+        if report["agent"]["no_peer"] == serde_json::json!([VIP6]) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{report}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(both(&gw.table()), "{}", gw.table());
+    let text = gw.pins.xdpgate(&["bgp"]);
+    assert!(
+        text.contains(&format!(
+            "no peer        {VIP6}: the node file's bgp: section has no IPv6 peer"
+        )),
+        "{text}"
+    );
+    assert!(!text.contains(&format!("no peer        {VIP}:")), "{text}");
+}
+
 /// A node-drain file that cannot be read (here: broken by hand) holds back neither a drain,
 /// which replaces it and says so, nor the agent's withdrawals: of a frontend whose backends
 /// fail, and of everything as it stops (seen failing: `drain` failed on it, and SIGTERM

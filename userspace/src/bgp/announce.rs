@@ -40,6 +40,11 @@ pub struct Announcements {
     pub announced: Vec<IpAddr>,
     /// Frontend addresses without one, and why.
     pub withheld: Vec<Withheld>,
+    /// Of `announced`, those of a family the node file names no peer of: a BIRD configured
+    /// by `xdpgate bgp bird-config` does not announce them (a daemon set up otherwise may,
+    /// over a session of the other family).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub no_peer: Vec<IpAddr>,
     /// When the agent last changed the table or this record (seconds since the epoch).
     pub time_unix_seconds: u64,
 }
@@ -235,7 +240,12 @@ pub fn update(
             w.reason = WAITING_FOR_TABLES.to_owned();
         }
     }
-    sync(pins, bgp.table, drained, announce, withheld)?;
+    let no_peer = announce
+        .iter()
+        .filter(|a| !bgp.peers.iter().any(|p| p.address.is_ipv4() == a.is_ipv4()))
+        .copied()
+        .collect();
+    sync(pins, bgp.table, drained, (announce, no_peer), withheld)?;
     unread.map_or(Ok(()), Err)
 }
 
@@ -254,7 +264,7 @@ fn sync(
     pins: &PinDir,
     table: u32,
     node_drained: bool,
-    mut announce: Vec<IpAddr>,
+    (mut announce, mut no_peer): (Vec<IpAddr>, Vec<IpAddr>),
     mut withheld: Vec<Withheld>,
 ) -> Result<usize> {
     let now = host_routes::list(table)?;
@@ -300,6 +310,10 @@ fn sync(
         pid: std::process::id(),
         table,
         node_drained,
+        no_peer: {
+            no_peer.retain(|a| announce.contains(a));
+            no_peer
+        },
         announced: announce,
         withheld,
         time_unix_seconds: 0,
@@ -377,7 +391,7 @@ pub fn withdraw_removed_without_agent(pins: &PinDir, lbs: &CompiledLb) -> Result
         .map(|address| Withheld { address, reason: "removed from the policy".to_owned() })
         .collect();
     let (drained, _) = node_drain::drained_or_last(pins);
-    sync(pins, last.table, drained, announce, removed)
+    sync(pins, last.table, drained, (announce, last.no_peer), removed)
 }
 
 /// Removes every route of the table (before the agent stops on purpose); how many.
@@ -388,7 +402,7 @@ pub fn withdraw_all(pins: &PinDir, table: u32, why: &str) -> Result<usize> {
         .collect();
     // Only for the record: a drain file that cannot be read must not keep the routes.
     let (drained, _) = node_drain::drained_or_last(pins);
-    sync(pins, table, drained, Vec::new(), frontends)
+    sync(pins, table, drained, Default::default(), frontends)
 }
 
 #[cfg(test)]

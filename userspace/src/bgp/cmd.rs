@@ -67,6 +67,13 @@ impl View for BgpReport {
         for w in &a.withheld {
             out += &format!("withheld       {}: {}\n", w.address, w.reason);
         }
+        for addr in &a.no_peer {
+            let family = if addr.is_ipv4() { "IPv4" } else { "IPv6" };
+            out += &format!(
+                "no peer        {addr}: the node file's bgp: section has no {family} peer (a \
+                 BIRD from bgp bird-config does not announce it)\n"
+            );
+        }
         out
     }
 }
