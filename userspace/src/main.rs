@@ -430,10 +430,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let health = |b: std::net::IpAddr| !down.contains(&b);
             let (generation, lbs) = transaction::apply_policy(&pins, &policy, &source, &health)?;
             println!("applied {} as generation {generation}", file.display());
-            let withdrawn = bgp::announce::withdraw_removed_without_agent(&pins, &lbs)?;
-            if withdrawn > 0 {
-                let s = if withdrawn == 1 { "" } else { "s" };
-                println!("withdrew the route of {withdrawn} frontend{s} the policy no longer has");
+            // Under the write lock: an agent starting now announces after this, not before.
+            let withdrawn = WriteLock::acquire(&pins)
+                .and_then(|_lock| bgp::announce::withdraw_removed_without_agent(&pins, &lbs));
+            match withdrawn {
+                Ok(0) => {}
+                Ok(n) => {
+                    let s = if n == 1 { "" } else { "s" };
+                    println!("withdrew the route of {n} frontend{s} the policy no longer has");
+                }
+                // The policy is in force all the same.
+                Err(e) => eprintln!(
+                    "warning: withdrawing the BGP routes of frontends the policy no longer has \
+                     failed: {e:#}"
+                ),
             }
         }
         Command::Run { policy, node, probe_concurrency, metrics_addr, flow_log } => {

@@ -228,7 +228,9 @@ pub fn update(
     // returned after.
     let (drained, unread) = node_drain::drained_or_last(pins);
     let missing: Vec<&str> = node::missing(pins, node).iter().map(|i| i.name.as_str()).collect();
-    let blocked = if drained {
+    let blocked = if drained && unread.is_some() {
+        Some("the node's drain state cannot be read (xdpgate drain or undrain sets it)".to_owned())
+    } else if drained {
         Some("the node is drained (xdpgate undrain announces it again)".to_owned())
     } else {
         (!missing.is_empty()).then(|| format!("not attached to {}", missing.join(", ")))
@@ -245,8 +247,12 @@ pub fn update(
         .filter(|a| !bgp.peers.iter().any(|p| p.address.is_ipv4() == a.is_ipv4()))
         .copied()
         .collect();
-    sync(pins, bgp.table, drained, (announce, no_peer), withheld)?;
-    unread.map_or(Ok(()), Err)
+    // Both errors, when there are two: neither hides the other in `status`.
+    match (sync(pins, bgp.table, drained, (announce, no_peer), withheld), unread) {
+        (Ok(_), None) => Ok(()),
+        (Err(e), None) | (Ok(_), Some(e)) => Err(e),
+        (Err(synced), Some(e)) => Err(e.context(format!("{synced:#}"))),
+    }
 }
 
 /// Why a frontend whose backends answer their probes again is not announced yet.
@@ -373,11 +379,20 @@ pub fn withdraw_without_agent(pins: &PinDir, why: &str) -> Result<usize> {
 
 /// After an apply with no agent running: the routes an earlier agent left for frontends
 /// the policy no longer has are removed (nothing takes their traffic now, and no agent
-/// would withdraw them); the others stay, as after a crash. How many it removed.
+/// would withdraw them); the others stay, as after a crash. How many it removed. The
+/// caller holds the write lock, so an agent starting now waits for it to finish.
 pub fn withdraw_removed_without_agent(pins: &PinDir, lbs: &CompiledLb) -> Result<usize> {
-    let Some(last) = read(pins)?.filter(|last| !last.agent_running(pins)) else { return Ok(0) };
+    if state::agent_pid(pins).is_some() {
+        return Ok(0);
+    }
+    let Some(last) = read(pins)? else { return Ok(0) };
     // Another agent's table now: its routes are not ours to remove.
-    if table_user(pins, last.table)?.is_some() {
+    if let Some((pid, dir)) = table_user(pins, last.table)? {
+        eprintln!(
+            "left the routes in table {}: the agent {pid} ({}) claims it now",
+            last.table,
+            dir.display()
+        );
         return Ok(0);
     }
     let kept = frontends(lbs, &AllHealthy);
@@ -386,12 +401,15 @@ pub fn withdraw_removed_without_agent(pins: &PinDir, lbs: &CompiledLb) -> Result
     if removed.is_empty() {
         return Ok(0);
     }
-    let removed = removed
-        .into_iter()
-        .map(|address| Withheld { address, reason: "removed from the policy".to_owned() })
+    // What the record held back before, of frontends the policy still has, stays said.
+    let withheld = (last.withheld.into_iter().filter(|w| kept.contains_key(&w.address)))
+        .chain(
+            (removed.into_iter())
+                .map(|address| Withheld { address, reason: "removed from the policy".to_owned() }),
+        )
         .collect();
     let (drained, _) = node_drain::drained_or_last(pins);
-    sync(pins, last.table, drained, (announce, last.no_peer), removed)
+    sync(pins, last.table, drained, (announce, last.no_peer), withheld)
 }
 
 /// Removes every route of the table (before the agent stops on purpose); how many.

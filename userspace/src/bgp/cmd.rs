@@ -84,10 +84,7 @@ pub fn report(pins: &PinDir) -> Result<BgpReport> {
         Some(a) => host_routes::list(a.table)?,
         None => Vec::new(),
     };
-    let (node_drained, unread) = node_drain::drained_or_last(pins);
-    if let Some(e) = unread {
-        eprintln!("warning: {e:#}; shown as the agent last had it");
-    }
+    let (node_drained, _) = node_drain::drained_or_last(pins);
     Ok(BgpReport {
         node_drained,
         agent_running: agent.as_ref().is_some_and(|a| a.agent_running(pins)),
@@ -98,7 +95,12 @@ pub fn report(pins: &PinDir) -> Result<BgpReport> {
 
 pub fn run(pins: &PinDir, args: BgpArgs) -> Result<()> {
     match args.action {
-        None => views::print(&report(pins)?, args.output.format()),
+        None => {
+            if let (_, Some(e)) = node_drain::drained_or_last(pins) {
+                eprintln!("warning: {e:#}; the node shown drained or not as the agent last had it");
+            }
+            views::print(&report(pins)?, args.output.format())
+        }
         Some(BgpAction::BirdConfig { node }) => {
             let n = crate::node::load(&node)?;
             let bgp = n
