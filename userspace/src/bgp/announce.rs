@@ -360,11 +360,13 @@ pub fn forget_other_table(pins: &PinDir, table: Option<u32>) -> Result<()> {
     std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))
 }
 
-/// With no agent running to do it, removes the routes an earlier one left announced (a
-/// drain or a detach must not leave a route to a node that no longer takes the traffic);
-/// how many it removed.
-pub fn withdraw_without_agent(pins: &PinDir, why: &str) -> Result<usize> {
-    let Some(last) = read(pins)?.filter(|last| !last.agent_running(pins)) else { return Ok(0) };
+/// The record of the agent that ran here last, when none runs now and no other agent
+/// claims its table (then it says so): routes no agent looks after.
+fn unattended(pins: &PinDir) -> Result<Option<Announcements>> {
+    if state::agent_pid(pins).is_some() {
+        return Ok(None);
+    }
+    let Some(last) = read(pins)? else { return Ok(None) };
     // Another agent's table now: its routes are not ours to remove.
     if let Some((pid, dir)) = table_user(pins, last.table)? {
         eprintln!(
@@ -372,8 +374,16 @@ pub fn withdraw_without_agent(pins: &PinDir, why: &str) -> Result<usize> {
             last.table,
             dir.display()
         );
-        return Ok(0);
+        return Ok(None);
     }
+    Ok(Some(last))
+}
+
+/// With no agent running to do it, removes the routes an earlier one left announced (a
+/// drain or a detach must not leave a route to a node that no longer takes the traffic);
+/// how many it removed.
+pub fn withdraw_without_agent(pins: &PinDir, why: &str) -> Result<usize> {
+    let Some(last) = unattended(pins)? else { return Ok(0) };
     withdraw_all(pins, last.table, why)
 }
 
@@ -382,19 +392,7 @@ pub fn withdraw_without_agent(pins: &PinDir, why: &str) -> Result<usize> {
 /// would withdraw them); the others stay, as after a crash. How many it removed. The
 /// caller holds the write lock, so an agent starting now waits for it to finish.
 pub fn withdraw_removed_without_agent(pins: &PinDir, lbs: &CompiledLb) -> Result<usize> {
-    if state::agent_pid(pins).is_some() {
-        return Ok(0);
-    }
-    let Some(last) = read(pins)? else { return Ok(0) };
-    // Another agent's table now: its routes are not ours to remove.
-    if let Some((pid, dir)) = table_user(pins, last.table)? {
-        eprintln!(
-            "left the routes in table {}: the agent {pid} ({}) claims it now",
-            last.table,
-            dir.display()
-        );
-        return Ok(0);
-    }
+    let Some(last) = unattended(pins)? else { return Ok(0) };
     let kept = frontends(lbs, &AllHealthy);
     let (announce, removed): (Vec<IpAddr>, Vec<IpAddr>) =
         host_routes::list(last.table)?.into_iter().partition(|a| kept.contains_key(a));
