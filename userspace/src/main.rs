@@ -430,9 +430,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let health = |b: std::net::IpAddr| !down.contains(&b);
             let (generation, lbs) = transaction::apply_policy(&pins, &policy, &source, &health)?;
             println!("applied {} as generation {generation}", file.display());
-            // Under the write lock: an agent starting now announces after this, not before.
-            let withdrawn = WriteLock::acquire(&pins)
-                .and_then(|_lock| bgp::announce::withdraw_removed_without_agent(&pins, &lbs));
+            // Under the write lock: an agent starting now announces after this, not before;
+            // and only while this policy runs (a later apply withdraws for its own).
+            let withdrawn = WriteLock::acquire(&pins).and_then(|_lock| {
+                if apply::active(&pins)?.1.generation != generation {
+                    return Ok(0);
+                }
+                bgp::announce::withdraw_removed_without_agent(&pins, &lbs)
+            });
             match withdrawn {
                 Ok(0) => {}
                 Ok(n) => {

@@ -251,7 +251,7 @@ pub fn update(
     match (sync(pins, bgp.table, drained, (announce, no_peer), withheld), unread) {
         (Ok(_), None) => Ok(()),
         (Err(e), None) | (Ok(_), Some(e)) => Err(e),
-        (Err(synced), Some(e)) => Err(e.context(format!("{synced:#}"))),
+        (Err(synced), Some(e)) => Err(anyhow::anyhow!("{e:#}; {synced:#}")),
     }
 }
 
@@ -360,13 +360,10 @@ pub fn forget_other_table(pins: &PinDir, table: Option<u32>) -> Result<()> {
     std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))
 }
 
-/// The record of the agent that ran here last, when none runs now and no other agent
+/// The record of the agent that ran here last, when it runs no more and no other agent
 /// claims its table (then it says so): routes no agent looks after.
 fn unattended(pins: &PinDir) -> Result<Option<Announcements>> {
-    if state::agent_pid(pins).is_some() {
-        return Ok(None);
-    }
-    let Some(last) = read(pins)? else { return Ok(None) };
+    let Some(last) = read(pins)?.filter(|last| !last.agent_running(pins)) else { return Ok(None) };
     // Another agent's table now: its routes are not ours to remove.
     if let Some((pid, dir)) = table_user(pins, last.table)? {
         eprintln!(
@@ -392,6 +389,10 @@ pub fn withdraw_without_agent(pins: &PinDir, why: &str) -> Result<usize> {
 /// would withdraw them); the others stay, as after a crash. How many it removed. The
 /// caller holds the write lock, so an agent starting now waits for it to finish.
 pub fn withdraw_removed_without_agent(pins: &PinDir, lbs: &CompiledLb) -> Result<usize> {
+    // Any agent: one that has not written its record yet looks after the table itself.
+    if state::agent_pid(pins).is_some() {
+        return Ok(0);
+    }
     let Some(last) = unattended(pins)? else { return Ok(0) };
     let kept = frontends(lbs, &AllHealthy);
     let (announce, removed): (Vec<IpAddr>, Vec<IpAddr>) =
