@@ -268,17 +268,26 @@ fn gateways_announce_the_frontend_over_bgp_and_withdraw_it() {
     assert_eq!(g2.table(), "", "routes left after a drain with no agent");
 }
 
-/// Polls `gw`'s table until `done` says so.
-fn wait_table(gw: &Gateway, what: &str, done: impl Fn(&str) -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
+/// Polls `state` every 100 ms until it says done; after `seconds`, fails with what it
+/// says.
+fn wait_until(seconds: u64, mut state: impl FnMut() -> (bool, String)) {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
     loop {
-        let table = gw.table();
-        if done(&table) {
+        let (done, said) = state();
+        if done {
             return;
         }
-        assert!(Instant::now() < deadline, "{what}: table 4242 holds:\n{table}");
+        assert!(Instant::now() < deadline, "{said}");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Polls `gw`'s table until `done` says so.
+fn wait_table(gw: &Gateway, what: &str, done: impl Fn(&str) -> bool) {
+    wait_until(30, || {
+        let table = gw.table();
+        (done(&table), format!("{what}: table 4242 holds:\n{table}"))
+    });
 }
 
 /// Without BIRD: the agent's table alone.
@@ -344,16 +353,12 @@ fn a_frontend_with_no_peer_of_its_family_is_shown_so() {
         node.lines().filter(|l| !l.contains("2001:db8:ff:")).map(|l| format!("{l}\n")).collect();
     assert!(v4_peer_only.contains("peers:") && v4_peer_only.contains("203.0.113."), "{node}");
     gw.agent = Some(NodeAgent::start(&gw.ns, &gw.pins, POLICY, &v4_peer_only));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    wait_until(30, || {
         let report = bgp_report(&gw.pins);
         // Each route comes back once its own backend's probe answers the new agent.
-        if report["agent"]["no_peer"] == serde_json::json!([VIP6]) && both(&gw.table()) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{report}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        let done = report["agent"]["no_peer"] == serde_json::json!([VIP6]) && both(&gw.table());
+        (done, report.to_string())
+    });
     assert!(both(&gw.table()), "{}", gw.table());
     let text = gw.pins.xdpgate(&["bgp"]);
     assert!(
@@ -390,17 +395,10 @@ fn a_broken_node_drain_file_holds_back_no_drain_and_no_withdrawal() {
     wait_table(&gw, "not announced after the undrain", both);
     // Broken while the agent runs: it goes on as the node was (announced), and says why
     // (once the error of the last break has gone from `status`).
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while gw.pins.xdpgate(&["status", "--json"]).contains("node_drain.json") {
-        assert!(Instant::now() < deadline, "status still lists the file mended by undrain");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let lists_it = || gw.pins.xdpgate(&["status", "--json"]).contains("node_drain.json");
+    wait_until(10, || (!lists_it(), "status still lists the file mended by undrain".into()));
     break_it();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !gw.pins.xdpgate(&["status", "--json"]).contains("node_drain.json") {
-        assert!(Instant::now() < deadline, "status never listed the broken file");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until(10, || (lists_it(), "status never listed the broken file".into()));
     assert!(both(&gw.table()), "{}", gw.table());
     // Its backends fail: withdrawn all the same (seen failing: the table stayed as it was
     // while the file was broken); back up, announced again.

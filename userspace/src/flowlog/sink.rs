@@ -431,18 +431,21 @@ mod tests {
         fs::write(dir.join("flows.jsonl.1").join("x"), "keep").unwrap();
         let path = dir.join("flows.jsonl");
         let mut sink = Sink::open(path.to_str().unwrap(), 100, 1).unwrap();
-        let line = |i: u32| json!({"line": format!("{i:020}")});
+        // One 32-byte line, as a batch of its own.
+        let write = |sink: &mut Sink, i: u32| {
+            let mut lines = Lines::default();
+            lines.push(&json!({"line": format!("{i:020}")}));
+            sink.write_lines(&lines).unwrap();
+        };
+        let rotate_at = |sink: &Sink| match sink {
+            Sink::File(f) => f.rotate_at,
+            Sink::Stdout => unreachable!(),
+        };
         let mut tries = Vec::new();
         let mut over = Vec::new();
         for i in 0..9 {
-            let mut lines = Lines::default();
-            lines.push(&line(i));
-            let rotate_at = |sink: &Sink| match sink {
-                Sink::File(f) => f.rotate_at,
-                Sink::Stdout => unreachable!(),
-            };
             let before = rotate_at(&sink);
-            sink.write_lines(&lines).unwrap();
+            write(&mut sink, i);
             // Each try that fails moves the limit on.
             if rotate_at(&sink) != before {
                 tries.push(i);
@@ -471,19 +474,11 @@ mod tests {
         fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(0).unwrap();
         sink.reopen().unwrap();
         assert_eq!(sink.rotation(), None, "cut in place");
-        for i in 0..9 {
-            let mut lines = Lines::default();
-            lines.push(&line(i));
-            sink.write_lines(&lines).unwrap();
-        }
+        (0..9).for_each(|i| write(&mut sink, i));
         assert!(sink.rotation().is_some(), "past the limit again");
         // The obstacle gone, the next try rotates, and the state ends.
         fs::remove_dir_all(dir.join("flows.jsonl.1")).unwrap();
-        for i in 9..12 {
-            let mut lines = Lines::default();
-            lines.push(&line(i));
-            sink.write_lines(&lines).unwrap();
-        }
+        (9..12).for_each(|i| write(&mut sink, i));
         assert!(dir.join("flows.jsonl.1").is_file(), "rotated");
         assert_eq!(sink.rotation(), None);
         let _ = fs::remove_dir_all(&dir);

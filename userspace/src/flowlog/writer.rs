@@ -352,9 +352,8 @@ mod tests {
             writer.write(batch(1)).unwrap();
         }
         let told: Vec<String> = (0..7).map(|_| next(&mut writer)).collect();
-        let want = ["wrote true"; 3].iter().chain(&["wrote true", "rotation false"]);
-        let want: Vec<&str> = want.chain(&["wrote true"; 2]).copied().collect();
-        assert_eq!(told, want);
+        let wrote = "wrote true";
+        assert_eq!(told, [wrote, wrote, wrote, wrote, "rotation false", wrote, wrote]);
         fs::remove_dir_all(dir.join("flows.jsonl.1")).unwrap();
         // The next try, 3,100 bytes on (at the seventh), rotates.
         for _ in 0..3 {
