@@ -585,6 +585,41 @@ fn a_health_change_made_while_the_lock_is_held_reaches_the_table_after() {
     assert!(!answers.iter().any(|a| a == "b2"), "b2 still gets new flows: {answers:?}");
 }
 
+/// A `drained.json` that does not parse (edited by hand) holds back no health change: the
+/// agent goes on from the drains it last read, so a backend that fails its probe leaves the
+/// table and a drained one stays out, and `status` lists the error until the file is mended
+/// (seen failing before: b1 stayed in the table, which the agent no longer rebuilt).
+#[test]
+fn a_broken_drain_file_holds_back_no_health_change() {
+    let t = Topology::new();
+    let b2 = "198.51.100.12";
+    t.wait_for("all three in the table", Duration::from_secs(5), |t| t.table_members(0).len() == 3);
+    t.pins.xdpgate(&["lb", "drain", "lb", b2]);
+    assert_eq!(t.table_members(0).len(), 2, "b2 drained");
+    // The agent reads the file every second: the drain is what it last read.
+    t.wait_for("the agent to read the drain", Duration::from_secs(5), |t| {
+        t.agent_log().contains(&format!("drained backends now: lb/{b2}"))
+    });
+    let file = xdpgate_dataplane::state::dir(&t.pins.dir).join("drained.json");
+    let saved = std::fs::read(&file).unwrap();
+    std::fs::write(&file, "{").unwrap();
+
+    t.backends[0].stop();
+    t.wait_for("b1 to leave the table", Duration::from_secs(5), |t| t.table_members(0).len() == 1);
+    let lists_it = |t: &Topology| t.pins.xdpgate(&["status", "--json"]).contains("drained.json");
+    t.wait_for("status to list the broken file", Duration::from_secs(5), lists_it);
+    let answers = t.spread(80, 10);
+    assert!(answers.iter().all(|a| a == "b3"), "b1 down, b2 drained: {answers:?}");
+    t.backends[0].start();
+    t.wait_for("b1 back in the table", Duration::from_secs(5), |t| t.table_members(0).len() == 2);
+    let answers = t.spread(80, 20);
+    assert!(!answers.iter().any(|a| a == "b2"), "b2 stays drained: {answers:?}");
+
+    std::fs::write(&file, saved).unwrap();
+    t.wait_for("the error to leave status", Duration::from_secs(5), |t| !lists_it(t));
+    assert!(t.drained(b2), "still drained once mended");
+}
+
 /// A reload whose policy is switched on but whose last step fails (here the probes' health,
 /// saved after the switch, where a directory stands in for its file) leaves the agent
 /// running the new policy: a later health change rebuilds the new policy's tables, and the

@@ -25,7 +25,8 @@ use tokio::{
 };
 use xdpgate_common::events::{EVENT_POLL_MS, FlowEvent};
 use xdpgate_dataplane::{
-    self as dataplane, PinDir, apply, drain,
+    self as dataplane, PinDir, apply,
+    drain::{self, Drained},
     flows::{self, FlowEntries, Swept},
     lb::{self, LbMaps},
     nat,
@@ -490,7 +491,8 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     let mut event_poll = tokio::time::interval(std::time::Duration::from_millis(EVENT_POLL_MS));
     event_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut maps = LbMaps::open(pins)?;
-    let mut health_tables = HealthTables::built_from(&down);
+    // The drains the install just read (one that fails to read them does not start).
+    let mut health_tables = HealthTables::built_from(&down, Drains(drain::read(pins)?));
     // The agent's writes (a reload, table rebuilds, NAT expiry) wait for the write lock in
     // one turn polled beside the loop's other arms: another writer's long hold delays
     // them, not the loop (signals, probe results, BGP changes).
@@ -517,7 +519,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
         node.as_ref(),
         &running.lbs,
         &down,
-        &health_tables,
+        &mut health_tables,
         &probe_stats,
         &mut failing,
     );
@@ -589,7 +591,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
             Some(change) = rx.recv() => {
                 health_tables.change(&mut down, &change);
                 turn.want(pins);
-                announce_node(pins, node.as_ref(), &running.lbs, &down, &health_tables, &probe_stats, &mut failing);
+                announce_node(pins, node.as_ref(), &running.lbs, &down, &mut health_tables, &probe_stats, &mut failing);
             }
             tick_at = expiry.tick() => {
                 // An interface of the node file that appears late (or came back) is
@@ -617,7 +619,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                 follow_generation(pins, &mut running.names, &mut failing);
                 // Drain, undrain, a detach or a reattach: within a second. Before the
                 // reattach below, so that a detached node is withdrawn in every case.
-                announce_node(pins, node.as_ref(), &running.lbs, &down, &health_tables, &probe_stats, &mut failing);
+                announce_node(pins, node.as_ref(), &running.lbs, &down, &mut health_tables, &probe_stats, &mut failing);
                 if let Some(node) = &node
                     && ticks.is_multiple_of(10)
                     && !node::missing(pins, node).is_empty()
@@ -683,7 +685,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                                     let names = names.map(Arc::new).unwrap_or(running.names);
                                     running = Running { policy, lbs, names };
                                     down = down_new;
-                                    health_tables = HealthTables::built_from(&down);
+                                    health_tables.built_again(&down);
                                     prober = Prober::spawn_counted(start, max_concurrent, tx.clone(), probe_stats.clone());
                                     error.map_or(Ok(generation), Err)
                                 }
@@ -703,11 +705,11 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                         }
                     };
                     reloaded(pins, file, &mut state, result);
-                    announce_node(pins, node.as_ref(), &running.lbs, &down, &health_tables, &probe_stats, &mut failing);
+                    announce_node(pins, node.as_ref(), &running.lbs, &down, &mut health_tables, &probe_stats, &mut failing);
                     save_state(pins, &mut state, &failing);
                 }
                 if health_tables.rebuild(&lock, pins, &mut maps, &running.lbs, &down, &mut failing) {
-                    announce_node(pins, node.as_ref(), &running.lbs, &down, &health_tables, &probe_stats, &mut failing);
+                    announce_node(pins, node.as_ref(), &running.lbs, &down, &mut health_tables, &probe_stats, &mut failing);
                 }
                 if let Some(asked) = nat_due.take() {
                     let started = Instant::now();
@@ -816,10 +818,13 @@ fn announce_node(
     node: Option<&Node>,
     lbs: &CompiledLb,
     down: &ProbeHealth,
-    tables: &HealthTables,
+    tables: &mut HealthTables,
     probes: &ProbeStats,
     failing: &mut Failing,
 ) {
+    // Read every time, BGP or not: `status` then says within a second when the file stops
+    // or starts reading again.
+    let drained = tables.drains.current(pins, failing).clone();
     let Some(node) = node.filter(|n| n.bgp.is_some()) else { return };
     let answered = probes
         .snapshot()
@@ -828,12 +833,10 @@ fn announce_node(
         .map(|(key, _)| key)
         .collect();
     let held = tables.held(down);
-    let result = drain::read(pins).and_then(|drained| {
-        let probed = drain::WithDrained { health: down, drained: &drained };
-        let in_tables = drain::WithDrained { health: &held, drained: &drained };
-        let answered = |health| announce::Answered { health, answered: &answered };
-        announce::update(pins, node, lbs, &answered(&in_tables), &answered(&probed))
-    });
+    let probed = drain::WithDrained { health: down, drained: &drained };
+    let in_tables = drain::WithDrained { health: &held, drained: &drained };
+    let answered = |health| announce::Answered { health, answered: &answered };
+    let result = announce::update(pins, node, lbs, &answered(&in_tables), &answered(&probed));
     failing.check("bgp announcements", result);
 }
 
@@ -1053,6 +1056,26 @@ fn tick(
     }
 }
 
+/// The drained backends (`lb drain`'s `drained.json`) as the agent last read them. A file
+/// that does not read (edited by hand, say) holds back no table rebuild and no BGP update:
+/// they go on from the drains read before (a drained backend stays out, a failing one still
+/// leaves), and `status` lists the error until the file reads again.
+struct Drains(Drained);
+
+impl Drains {
+    /// Reads the file; the drains last read when it cannot be.
+    fn current(&mut self, pins: &PinDir, failing: &mut Failing) -> &Drained {
+        let read = drain::read(pins).context("the drains last read stay in force");
+        if let Some(drained) = failing.check("drained backends", read)
+            && drained != self.0
+        {
+            info!("drained backends now: {drained}");
+            self.0 = drained;
+        }
+        &self.0
+    }
+}
+
 /// Health changes of backends and the tables and flags that must follow them: rebuilt in
 /// the agent's next turn at the write lock; a rebuild that fails stays pending and is
 /// retried in the turn of the next tick.
@@ -1062,12 +1085,19 @@ struct HealthTables {
     /// The pairs the tables hold as down: `down` as they were last built from, pair by
     /// pair (a pair whose rebuild failed keeps what the tables still have).
     built_down: BTreeSet<ProbeKey>,
+    drains: Drains,
 }
 
 impl HealthTables {
-    /// Tables just built whole from `down`.
-    fn built_from(down: &ProbeHealth) -> Self {
-        Self { pending: BTreeSet::new(), built_down: down.down.clone() }
+    /// Tables just built whole from `down` and `drains`.
+    fn built_from(down: &ProbeHealth, drains: Drains) -> Self {
+        Self { pending: BTreeSet::new(), built_down: down.down.clone(), drains }
+    }
+
+    /// Tables just built whole again (a reload), from `down` and the drains as they are.
+    fn built_again(&mut self, down: &ProbeHealth) {
+        self.pending.clear();
+        self.built_down = down.down.clone();
     }
 
     /// A backend changed state: `down` follows at once (in the order the changes come),
@@ -1114,10 +1144,8 @@ impl HealthTables {
             return false;
         }
         failing.check("saving the probes' health", down.save(pins));
-        let Some(drained) = failing.check("drained backends", drain::read(pins)) else {
-            return false;
-        };
-        let with_drained = drain::WithDrained { health: down, drained: &drained };
+        let with_drained =
+            drain::WithDrained { health: down, drained: self.drains.current(pins, failing) };
         let ids: HashMap<IpAddr, u32> =
             lbs.backends.iter().enumerate().map(|(i, a)| (*a, i as u32)).collect();
         let id = |key: &ProbeKey| ids.get(&key.backend).copied();

@@ -52,6 +52,17 @@ impl Drained {
     }
 }
 
+/// `lb/address, ...`, or `none`.
+impl std::fmt::Display for Drained {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.is_empty() {
+            return f.write_str("none");
+        }
+        let each: Vec<String> = self.0.iter().map(|(lb, b)| format!("{lb}/{b}")).collect();
+        f.write_str(&each.join(", "))
+    }
+}
+
 const FILE: &str = "drained.json";
 
 /// The drained backends (none when the file is absent). Read under the write lock by
