@@ -211,25 +211,25 @@ struct Scan {
 }
 
 /// `SCAN_STRIDE` words of the bitmap scan (a `bpf_loop` body): stops at the first word with
-/// a rule set in all five bitmaps, or when no word is left to scan. A stride without any
-/// word to scan (the port classes' summaries rule it out) costs one test.
-extern "C" fn scan_words(index: u64, ctx: *mut c_void) -> i64 {
+/// a rule set in all five bitmaps, or when no word is left to scan. Each iteration takes the
+/// stride of the lowest word still to scan, not the `index`-th: strides the port classes'
+/// summaries rule out (all but the last for a packet only the default rules match) cost no
+/// iteration.
+extern "C" fn scan_words(_index: u64, ctx: *mut c_void) -> i64 {
     let scan = unsafe { &mut *(ctx as *mut Scan) };
-    let base = (index as usize * SCAN_STRIDE) & (BITMAP_WORDS - 1);
     let todo = scan.todo;
+    let base = (todo.trailing_zeros() as usize & !(SCAN_STRIDE - 1)) & (BITMAP_WORDS - 1);
     let stride = todo >> base & ((1 << SCAN_STRIDE) - 1);
-    if stride != 0 {
-        let [a, b, c, d, e] = scan.maps;
-        for j in 0..SCAN_STRIDE {
-            if stride & (1 << j) == 0 {
-                continue;
-            }
-            let i = base + j;
-            let w = a.words[i] & b.words[i] & c.words[i] & d.words[i] & e.words[i];
-            if w != 0 {
-                scan.todo = FOUND | (i as u64 * 64 + u64::from(w.trailing_zeros()));
-                return 1;
-            }
+    let [a, b, c, d, e] = scan.maps;
+    for j in 0..SCAN_STRIDE {
+        if stride & (1 << j) == 0 {
+            continue;
+        }
+        let i = base + j;
+        let w = a.words[i] & b.words[i] & c.words[i] & d.words[i] & e.words[i];
+        if w != 0 {
+            scan.todo = FOUND | (i as u64 * 64 + u64::from(w.trailing_zeros()));
+            return 1;
         }
     }
     // Done with this stride: what is left lies beyond it.
