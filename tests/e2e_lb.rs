@@ -598,7 +598,7 @@ fn a_broken_drain_file_holds_back_no_health_change() {
     assert_eq!(t.table_members(0).len(), 2, "b2 drained");
     // The agent reads the file every second: the drain is what it last read.
     t.wait_for("the agent to read the drain", Duration::from_secs(5), |t| {
-        t.agent_log().contains(&format!("drained backends now: lb/{b2}"))
+        t.agent_log().contains(&format!("drained backends: lb/{b2}"))
     });
     let file = xdpgate_dataplane::state::dir(&t.pins.dir).join("drained.json");
     let saved = std::fs::read(&file).unwrap();

@@ -491,8 +491,10 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     let mut event_poll = tokio::time::interval(std::time::Duration::from_millis(EVENT_POLL_MS));
     event_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut maps = LbMaps::open(pins)?;
-    // The drains the install just read (one that fails to read them does not start).
-    let mut health_tables = HealthTables::built_from(&down, Drains(drain::read(pins)?));
+    let mut health_tables = HealthTables::built_from(&down);
+    // Read again after the install, which read the file under the lock: a file that does
+    // not read fails the start either way.
+    let mut drains = Drains::read(pins)?;
     // The agent's writes (a reload, table rebuilds, NAT expiry) wait for the write lock in
     // one turn polled beside the loop's other arms: another writer's long hold delays
     // them, not the loop (signals, probe results, BGP changes).
@@ -519,7 +521,8 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
         node.as_ref(),
         &running.lbs,
         &down,
-        &mut health_tables,
+        &health_tables,
+        &drains.0,
         &probe_stats,
         &mut failing,
     );
@@ -591,7 +594,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
             Some(change) = rx.recv() => {
                 health_tables.change(&mut down, &change);
                 turn.want(pins);
-                announce_node(pins, node.as_ref(), &running.lbs, &down, &mut health_tables, &probe_stats, &mut failing);
+                announce_node(pins, node.as_ref(), &running.lbs, &down, &health_tables, &drains.0, &probe_stats, &mut failing);
             }
             tick_at = expiry.tick() => {
                 // An interface of the node file that appears late (or came back) is
@@ -617,9 +620,12 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                     break;
                 }
                 follow_generation(pins, &mut running.names, &mut failing);
+                // `lb drain` and `enable` (which rebuild the tables themselves), and a file
+                // that stops or starts reading again (`status`): within a second.
+                drains.refresh(pins, &mut failing);
                 // Drain, undrain, a detach or a reattach: within a second. Before the
                 // reattach below, so that a detached node is withdrawn in every case.
-                announce_node(pins, node.as_ref(), &running.lbs, &down, &mut health_tables, &probe_stats, &mut failing);
+                announce_node(pins, node.as_ref(), &running.lbs, &down, &health_tables, &drains.0, &probe_stats, &mut failing);
                 if let Some(node) = &node
                     && ticks.is_multiple_of(10)
                     && !node::missing(pins, node).is_empty()
@@ -685,7 +691,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                                     let names = names.map(Arc::new).unwrap_or(running.names);
                                     running = Running { policy, lbs, names };
                                     down = down_new;
-                                    health_tables.built_again(&down);
+                                    health_tables = HealthTables::built_from(&down);
                                     prober = Prober::spawn_counted(start, max_concurrent, tx.clone(), probe_stats.clone());
                                     error.map_or(Ok(generation), Err)
                                 }
@@ -705,11 +711,11 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                         }
                     };
                     reloaded(pins, file, &mut state, result);
-                    announce_node(pins, node.as_ref(), &running.lbs, &down, &mut health_tables, &probe_stats, &mut failing);
+                    announce_node(pins, node.as_ref(), &running.lbs, &down, &health_tables, &drains.0, &probe_stats, &mut failing);
                     save_state(pins, &mut state, &failing);
                 }
-                if health_tables.rebuild(&lock, pins, &mut maps, &running.lbs, &down, &mut failing) {
-                    announce_node(pins, node.as_ref(), &running.lbs, &down, &mut health_tables, &probe_stats, &mut failing);
+                if health_tables.rebuild(&lock, pins, &mut maps, &running.lbs, &down, &mut drains, &mut failing) {
+                    announce_node(pins, node.as_ref(), &running.lbs, &down, &health_tables, &drains.0, &probe_stats, &mut failing);
                 }
                 if let Some(asked) = nat_due.take() {
                     let started = Instant::now();
@@ -813,18 +819,17 @@ fn save_state(pins: &PinDir, state: &mut AgentState, failing: &Failing) {
 
 /// Brings the node's BGP announcements in line with its state (with a node file that has a
 /// `bgp:` section).
+#[expect(clippy::too_many_arguments, reason = "the state a route follows, each needed")]
 fn announce_node(
     pins: &PinDir,
     node: Option<&Node>,
     lbs: &CompiledLb,
     down: &ProbeHealth,
-    tables: &mut HealthTables,
+    tables: &HealthTables,
+    drained: &Drained,
     probes: &ProbeStats,
     failing: &mut Failing,
 ) {
-    // Read every time, BGP or not: `status` then says within a second when the file stops
-    // or starts reading again.
-    let drained = tables.drains.current(pins, failing).clone();
     let Some(node) = node.filter(|n| n.bgp.is_some()) else { return };
     let answered = probes
         .snapshot()
@@ -833,8 +838,8 @@ fn announce_node(
         .map(|(key, _)| key)
         .collect();
     let held = tables.held(down);
-    let probed = drain::WithDrained { health: down, drained: &drained };
-    let in_tables = drain::WithDrained { health: &held, drained: &drained };
+    let probed = drain::WithDrained { health: down, drained };
+    let in_tables = drain::WithDrained { health: &held, drained };
     let answered = |health| announce::Answered { health, answered: &answered };
     let result = announce::update(pins, node, lbs, &answered(&in_tables), &answered(&probed));
     failing.check("bgp announcements", result);
@@ -1063,13 +1068,20 @@ fn tick(
 struct Drains(Drained);
 
 impl Drains {
-    /// Reads the file; the drains last read when it cannot be.
-    fn current(&mut self, pins: &PinDir, failing: &mut Failing) -> &Drained {
-        let read = drain::read(pins).context("the drains last read stay in force");
+    fn read(pins: &PinDir) -> Result<Self> {
+        let drained = drain::read(pins)?;
+        info!("drained backends: {drained}");
+        Ok(Self(drained))
+    }
+
+    /// Reads the file again; the drains last read when it cannot be.
+    fn refresh(&mut self, pins: &PinDir, failing: &mut Failing) -> &Drained {
+        let read = drain::read(pins)
+            .with_context(|| format!("going on from the drains last read ({})", self.0));
         if let Some(drained) = failing.check("drained backends", read)
             && drained != self.0
         {
-            info!("drained backends now: {drained}");
+            info!("drained backends: {drained}");
             self.0 = drained;
         }
         &self.0
@@ -1085,19 +1097,12 @@ struct HealthTables {
     /// The pairs the tables hold as down: `down` as they were last built from, pair by
     /// pair (a pair whose rebuild failed keeps what the tables still have).
     built_down: BTreeSet<ProbeKey>,
-    drains: Drains,
 }
 
 impl HealthTables {
-    /// Tables just built whole from `down` and `drains`.
-    fn built_from(down: &ProbeHealth, drains: Drains) -> Self {
-        Self { pending: BTreeSet::new(), built_down: down.down.clone(), drains }
-    }
-
-    /// Tables just built whole again (a reload), from `down` and the drains as they are.
-    fn built_again(&mut self, down: &ProbeHealth) {
-        self.pending.clear();
-        self.built_down = down.down.clone();
+    /// Tables just built whole from `down`.
+    fn built_from(down: &ProbeHealth) -> Self {
+        Self { pending: BTreeSet::new(), built_down: down.down.clone() }
     }
 
     /// A backend changed state: `down` follows at once (in the order the changes come),
@@ -1128,6 +1133,7 @@ impl HealthTables {
 
     /// Rebuilds what the pending changes touch, from `down` as it is now; a change whose
     /// tables and flag were all written is no longer pending (then `true`, some were).
+    #[expect(clippy::too_many_arguments, reason = "the inputs of a table, each needed")]
     fn rebuild(
         &mut self,
         // As one writer with `xdpgate lb drain`: the drained backends read under the lock
@@ -1138,6 +1144,7 @@ impl HealthTables {
         maps: &mut LbMaps,
         lbs: &CompiledLb,
         down: &ProbeHealth,
+        drains: &mut Drains,
         failing: &mut Failing,
     ) -> bool {
         if self.pending.is_empty() {
@@ -1145,7 +1152,7 @@ impl HealthTables {
         }
         failing.check("saving the probes' health", down.save(pins));
         let with_drained =
-            drain::WithDrained { health: down, drained: self.drains.current(pins, failing) };
+            drain::WithDrained { health: down, drained: drains.refresh(pins, failing) };
         let ids: HashMap<IpAddr, u32> =
             lbs.backends.iter().enumerate().map(|(i, a)| (*a, i as u32)).collect();
         let id = |key: &ProbeKey| ids.get(&key.backend).copied();
