@@ -414,6 +414,11 @@ pub fn run(pins: &PinDir, args: &CaptureArgs) -> Result<Summary> {
             );
         }
     }
+    // Before the lease: a Ctrl-C as it starts must end the capture, not kill the process
+    // and leave the kernel copying packets until the lease runs out.
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
+    }
     // The lease (and its lock) first: a capture refused for another's must not open the
     // perf rings over that one's, nor truncate its file.
     let (lease, mut rings) = take_lease(pins, config)?;
@@ -427,9 +432,6 @@ pub fn run(pins: &PinDir, args: &CaptureArgs) -> Result<Summary> {
         Box::new(BufWriter::new(file))
     };
     let mut sink = Sink::new(out, args.format, args.snaplen)?;
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
-    }
     // A reader that goes away (tcpdump -c) ends the capture as a bound would: a write
     // error, not a signal that skips clearing the lease.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };

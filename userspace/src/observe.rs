@@ -373,15 +373,16 @@ const POLL_MS: i32 = 100;
 
 pub fn run(pins: &PinDir, args: ObserveArgs) -> Result<()> {
     let json = args.output.format() == crate::views::Format::Json;
-    let lease = monitor::take(pins)?;
     // SAFETY: installs a handler that only stores to an atomic; without SA_RESTART, so a
-    // signal ends the wait below at once.
+    // signal ends the wait below at once. Before the lease: a Ctrl-C as it starts must end
+    // it, not kill the process and leave the lease to run out.
     unsafe {
         let mut sa: libc::sigaction = std::mem::zeroed();
         sa.sa_sigaction = on_signal as *const () as usize;
         libc::sigaction(libc::SIGINT, &sa, std::ptr::null_mut());
         libc::sigaction(libc::SIGTERM, &sa, std::ptr::null_mut());
     }
+    let lease = monitor::take(pins)?;
     // Empty as the lease began (`monitor::take`).
     let mut ring = monitor::ring(pins)?;
     let mut describer = Describer::new(pins);
