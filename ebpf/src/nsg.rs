@@ -170,7 +170,10 @@ fn match_table(table: u32, count: u32, fields: u32, meta: &PacketMeta) -> Option
     }
     let mut scan = Scan { maps: [local, remote, sport, dport, proto], todo };
     // bpf_loop: the verifier checks the scan's body once, not once per word (64) at every
-    // layer of every call site, which is what the program's complexity limit allows.
+    // layer of every call site, which is what the program's complexity limit allows. Each
+    // iteration empties a stride or finds the rule, so these many always end with `todo`
+    // empty or found: the result below reads `FOUND` (bit 63) as found only because no
+    // unscanned word 63 is left in it.
     unsafe {
         bpf_loop(
             words.div_ceil(SCAN_STRIDE as u32),
@@ -266,14 +269,19 @@ fn port_value(port: u16) -> [u32; 4] {
 #[inline(always)]
 fn lookup(table: u32, field: u8, value: &[u32; 4], bits: u32) -> Option<&'static RuleBitmap> {
     // The key is built in per-CPU scratch: five of them on the stack would not fit beside
-    // the callers' frames.
-    let key = unsafe { &mut *LPM_KEY.get_ptr_mut(0)? };
-    *key = Key::new(
-        KEY_HEADER_BITS + bits,
-        FieldKey { table: table as u8, field, _pad: [0; 2], value: *value },
-    );
-    NSG_FIELDS.get(&*key)
+    // the callers' frames. Written as six words: `Key` is packed, and a write through it
+    // is made one byte at a time (24 stores at every lookup).
+    let key = LPM_KEY.get_ptr_mut(0)?;
+    let [a, b, c, d] = *value;
+    unsafe {
+        *key.cast::<[u32; 6]>() =
+            [KEY_HEADER_BITS + bits, u32::from_ne_bytes([table as u8, field, 0, 0]), a, b, c, d];
+        NSG_FIELDS.get(&*key)
+    }
 }
+
+// The word view above is the key's layout.
+const _: () = assert!(size_of::<Key<FieldKey>>() == size_of::<[u32; 6]>());
 
 /// A function of its own (a BPF-to-BPF call): the trace check inlined in each layer of the
 /// unrolled loop would cost the new-flow stage stack it does not have.
