@@ -586,9 +586,10 @@ fn a_health_change_made_while_the_lock_is_held_reaches_the_table_after() {
 }
 
 /// A `drained.json` that does not parse (edited by hand) holds back no health change: the
-/// agent goes on from the drains it last read, so a backend that fails its probe leaves the
+/// agent goes on from the file's copy, so a backend that fails its probe leaves the
 /// table and a drained one stays out, and `status` lists the error until the file is mended
-/// (seen failing before: b1 stayed in the table, which the agent no longer rebuilt).
+/// (seen failing before: b1 stayed in the table, which the agent no longer rebuilt). The
+/// commands go on from them too, and `lb drain` replaces the file.
 #[test]
 fn a_broken_drain_file_holds_back_no_health_change() {
     let t = Topology::new();
@@ -601,7 +602,6 @@ fn a_broken_drain_file_holds_back_no_health_change() {
         t.agent_log().contains(&format!("drained backends: lb/{b2}"))
     });
     let file = xdpgate_dataplane::state::dir(&t.pins.dir).join("drained.json");
-    let saved = std::fs::read(&file).unwrap();
     std::fs::write(&file, "{").unwrap();
 
     t.backends[0].stop();
@@ -615,9 +615,46 @@ fn a_broken_drain_file_holds_back_no_health_change() {
     let answers = t.spread(80, 20);
     assert!(!answers.iter().any(|a| a == "b2"), "b2 stays drained: {answers:?}");
 
-    std::fs::write(&file, saved).unwrap();
+    // The commands go on from the file's copy too, and say so (until 2026-12-03
+    // `xdpgate lb`, the metrics, `apply` and `lb drain` failed on the file).
+    let warned = |out: std::process::Output| {
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stderr).unwrap()
+    };
+    let last_saved = format!("going on from its copy (lb/{b2})");
+    assert!(warned(t.pins.try_xdpgate(&["lb"])).contains(&last_saved));
+    assert!(t.drained(b2), "`lb` shows the copy's drain");
+    let b1 = "198.51.100.11";
+    let drain_b1 = warned(t.pins.try_xdpgate(&["lb", "drain", "lb", b1]));
+    assert!(drain_b1.contains(&last_saved), "{drain_b1}");
+    assert!(drain_b1.contains("replaced drained.json"), "{drain_b1}");
+    assert!(t.drained(b1) && t.drained(b2), "the drain replaced the file, b2's kept");
+    assert_eq!(t.table_members(0).len(), 1, "b3 alone");
     t.wait_for("the error to leave status", Duration::from_secs(5), |t| !lists_it(t));
-    assert!(t.drained(b2), "still drained once mended");
+
+    // A reload replaces it too.
+    std::fs::write(&file, "[1").unwrap();
+    let pid = t.agent.as_ref().unwrap().id().to_string();
+    common::run("kill", &["-HUP", &pid]);
+    t.wait_for("the reload to replace the file", Duration::from_secs(10), |t| {
+        t.agent_log().contains("replaced drained.json")
+    });
+    assert!(t.drained(b1) && t.drained(b2), "the reload kept both drains");
+    assert_eq!(t.table_members(0).len(), 1, "b3 alone after the reload");
+
+    // With no copy to go on from (a file of a build before it), the commands refuse it.
+    let both = std::fs::read(&file).unwrap();
+    std::fs::write(&file, "{").unwrap();
+    std::fs::remove_file(file.with_file_name("drained.saved.json")).unwrap();
+    let refused = t.pins.try_xdpgate(&["lb", "enable", "lb", b1]);
+    let error = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && error.contains("remove it to drain none"), "{error}");
+    assert_eq!(t.table_members(0).len(), 1, "nothing changed");
+    t.wait_for("status to list the file again", Duration::from_secs(5), lists_it);
+    std::fs::write(&file, both).unwrap();
+    t.wait_for("the error to leave status", Duration::from_secs(5), |t| !lists_it(t));
+    assert!(t.drained(b1) && t.drained(b2), "as the mended file has it");
+    assert_eq!(t.table_members(0).len(), 1, "b3 alone, as before the refusal");
 }
 
 /// A reload whose policy is switched on but whose last step fails (here the probes' health,

@@ -746,8 +746,7 @@ fn a_reload_that_drops_a_backend_keeps_the_others_ids() {
     }
     // The backends' counters, as the `closed` rule (same pool) shows them, and the rules.
     let counted = |k: &Kernel| {
-        let record = xdpgate_dataplane::apply::running(&k.pins.dir).unwrap().unwrap();
-        let report = xdpgate_dataplane::lb::report(&k.pins.dir, &record, None).unwrap();
+        let report = running_report(&k.pins.dir).unwrap();
         let closed = report.iter().find(|s| s.rule == "closed").unwrap();
         let packets =
             |a: IpAddr| closed.backends.iter().find(|b| b.address == a).map(|b| b.packets);
@@ -814,8 +813,7 @@ load_balancers:
         )
     };
     let packets = |rule: &str| {
-        let record = xdpgate_dataplane::apply::running(&k.pins.dir).unwrap().unwrap();
-        let report = xdpgate_dataplane::lb::report(&k.pins.dir, &record, None).unwrap();
+        let report = running_report(&k.pins.dir).unwrap();
         report.iter().find(|s| s.rule == rule).unwrap().packets
     };
     k.apply(&policy("first"));
@@ -843,8 +841,7 @@ fn an_unreadable_probe_health_falls_back_to_the_flags() {
     let old = format!(r#"{{"pid":{},"down":[["198.51.100.11","up"]]}}"#, std::process::id());
     let file = xdpgate_dataplane::state::dir(&k.pins.dir).join("probes.json");
     std::fs::write(file, old).unwrap();
-    let record = xdpgate_dataplane::apply::running(&k.pins.dir).unwrap().unwrap();
-    let report = xdpgate_dataplane::lb::report(&k.pins.dir, &record, None).expect("a report");
+    let report = running_report(&k.pins.dir).expect("a report");
     let http = report.iter().find(|s| s.rule == "http").unwrap();
     let in_rule: Vec<(String, bool)> =
         http.backends.iter().map(|b| (b.address.to_string(), b.healthy_in_rule)).collect();
@@ -861,7 +858,7 @@ fn an_unreadable_probe_health_falls_back_to_the_flags() {
     let drain = xdpgate_dataplane::drain::set(&k.pins.dir, "lb", ip("198.51.100.12"), true);
     let e = format!("{:#}", drain.expect_err("refused"));
     assert!(e.contains("another build"), "{e}");
-    assert!(xdpgate_dataplane::drain::read(&k.pins.dir).unwrap().is_empty(), "nothing drained");
+    assert!(drains_in_force(&k.pins.dir).is_empty(), "nothing drained");
 }
 
 /// A UDP flow whose backend's health flag is down (it failed a probe of another rule) but
@@ -920,5 +917,20 @@ fn a_drain_ends_with_its_backends_removal() {
     k.apply(POLICY);
     k.arrive_as(Role::External);
     assert!(spread(&k, 48000, 60).contains(&drained), "back in rotation");
-    assert!(xdpgate_dataplane::drain::read(&k.pins.dir).unwrap().is_empty());
+    assert!(drains_in_force(&k.pins.dir).is_empty());
+}
+
+/// `xdpgate lb`'s report of the running policy.
+fn running_report(
+    pins: &xdpgate_dataplane::PinDir,
+) -> anyhow::Result<Vec<xdpgate_dataplane::lb::ServiceReport>> {
+    let record = xdpgate_dataplane::apply::running(pins)?.unwrap();
+    xdpgate_dataplane::lb::report(pins, &record, &drains_in_force(pins), None)
+}
+
+/// The drains in force, from a file that parses.
+fn drains_in_force(pins: &xdpgate_dataplane::PinDir) -> xdpgate_dataplane::drain::Drained {
+    let (drained, broken) = xdpgate_dataplane::drain::read(pins).unwrap();
+    assert!(broken.is_none(), "{broken:?}");
+    drained
 }

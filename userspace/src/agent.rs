@@ -492,8 +492,8 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     event_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut maps = LbMaps::open(pins)?;
     let mut health_tables = HealthTables::built_from(&down);
-    // Read again after the install, which read the file under the lock: a file that does
-    // not read fails the start either way.
+    // Read again after the install, which read the file under the lock (replacing it from
+    // its copy if it did not parse): a file that does not read fails the start either way.
     let mut drains = Drains::read(pins)?;
     // The agent's writes (a reload, table rebuilds, NAT expiry) wait for the write lock in
     // one turn polled beside the loop's other arms: another writer's long hold delays
@@ -622,7 +622,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                 follow_generation(pins, &mut running.names, &mut failing);
                 // `lb drain` and `enable` (which rebuild the tables themselves), and a file
                 // that stops or starts reading again (`status`): within a second.
-                drains.refresh(pins, &mut failing);
+                drains.refresh(pins, None, &mut failing);
                 // Drain, undrain, a detach or a reattach: within a second. Before the
                 // reattach below, so that a detached node is withdrawn in every case.
                 announce_node(pins, node.as_ref(), &running.lbs, &down, &health_tables, &drains.0, &probe_stats, &mut failing);
@@ -1062,29 +1062,53 @@ fn tick(
 }
 
 /// The drained backends (`lb drain`'s `drained.json`) as the agent last read them. A file
-/// that does not read (edited by hand, say) holds back no table rebuild and no BGP update:
-/// they go on from the drains read before (a drained backend stays out, a failing one still
-/// leaves), and `status` lists the error until the file reads again.
+/// that does not parse (edited by hand, say) holds back no table rebuild and no BGP update:
+/// they go on from its copy (a drained backend stays out, a failing one still leaves), or
+/// with no copy, from the drains read before; `status` lists the error until the file
+/// reads again.
 struct Drains(Drained);
 
 impl Drains {
     fn read(pins: &PinDir) -> Result<Self> {
-        let drained = drain::read(pins)?;
+        let (drained, broken) = drain::read(pins)?;
+        if let Some(e) = broken {
+            warn!("drained backends: {e:#}");
+        }
         info!("drained backends: {drained}");
         Ok(Self(drained))
     }
 
-    /// Reads the file again; the drains last read when it cannot be.
-    fn refresh(&mut self, pins: &PinDir, failing: &mut Failing) -> &Drained {
-        let read = drain::read(pins)
-            .with_context(|| format!("going on from the drains last read ({})", self.0));
-        if let Some(drained) = failing.check("drained backends", read)
-            && drained != self.0
-        {
+    /// Reads the file again (under the write lock when `lock`, which keeps its copy up to
+    /// date); its copy's drains, or those last read, when it cannot be.
+    fn refresh(
+        &mut self,
+        pins: &PinDir,
+        lock: Option<&WriteLock>,
+        failing: &mut Failing,
+    ) -> &Drained {
+        let read = match lock {
+            Some(lock) => drain::read_locked(pins, lock),
+            None => drain::read(pins),
+        };
+        let read = match read {
+            Ok((drained, None)) => Ok(drained),
+            Ok((drained, Some(broken))) => {
+                self.take(drained);
+                Err(broken)
+            }
+            Err(e) => Err(e.context(format!("going on from the drains last read ({})", self.0))),
+        };
+        if let Some(drained) = failing.check("drained backends", read) {
+            self.take(drained);
+        }
+        &self.0
+    }
+
+    fn take(&mut self, drained: Drained) {
+        if drained != self.0 {
             info!("drained backends: {drained}");
             self.0 = drained;
         }
-        &self.0
     }
 }
 
@@ -1139,7 +1163,7 @@ impl HealthTables {
         // As one writer with `xdpgate lb drain`: the drained backends read under the lock
         // stay out of the tables rebuilt under it, and drain rebuilds from the health saved
         // with them.
-        _lock: &WriteLock,
+        lock: &WriteLock,
         pins: &PinDir,
         maps: &mut LbMaps,
         lbs: &CompiledLb,
@@ -1152,7 +1176,7 @@ impl HealthTables {
         }
         failing.check("saving the probes' health", down.save(pins));
         let with_drained =
-            drain::WithDrained { health: down, drained: drains.refresh(pins, failing) };
+            drain::WithDrained { health: down, drained: drains.refresh(pins, Some(lock), failing) };
         let ids: HashMap<IpAddr, u32> =
             lbs.backends.iter().enumerate().map(|(i, a)| (*a, i as u32)).collect();
         let id = |key: &ProbeKey| ids.get(&key.backend).copied();

@@ -39,7 +39,7 @@ use tokio::{
 };
 
 use xdpgate_dataplane::{
-    PinDir, apply,
+    PinDir, apply, drain,
     lb::{self, ServiceReport},
     nat,
     probes::ProbeKey,
@@ -206,7 +206,8 @@ impl Snapshot {
         // Names come from the running generation's record: nothing is recompiled per scrape.
         let record = apply::running(pins)?;
         let (services, nat) = match &record {
-            Some(r) => (lb::report(pins, r, None)?, nat::report(pins, r)?),
+            // A broken drain file is the agent's to report (`status`), not each scrape's.
+            Some(r) => (lb::report(pins, r, &drain::read(pins)?.0, None)?, nat::report(pins, r)?),
             None => (Vec::new(), Vec::new()),
         };
         let applied_at = record.map(|r| r.applied_unix as f64);

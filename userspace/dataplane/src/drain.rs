@@ -63,17 +63,73 @@ impl std::fmt::Display for Drained {
     }
 }
 
-const FILE: &str = "drained.json";
+/// The drained backends' file.
+pub const FILE: &str = "drained.json";
+/// A copy of the drains in force: what every reader goes on from when the file does not
+/// parse (edited by hand), so a broken file neither puts a drained backend back nor stops
+/// a reader.
+const COPY: &str = "drained.saved.json";
 
-/// The drained backends (none when the file is absent). Read under the write lock by
-/// whoever then builds tables from it.
-pub fn read(pins: &PinDir) -> Result<Drained> {
-    state::read_json(pins, FILE)
+/// The drained backends in force (none when the file is absent). When the file does not
+/// parse, those of the copy, with the parse error (`Some`) for the caller to warn of; an
+/// error when the copy does not read either (absent: the file is of a build before it).
+pub fn read(pins: &PinDir) -> Result<(Drained, Option<anyhow::Error>)> {
+    let broken = match state::read_json(pins, FILE) {
+        Err(e) if e.root_cause().is::<serde_json::Error>() => e,
+        read => return Ok((read?, None)),
+    };
+    match read_copy(pins) {
+        Ok(drained) => {
+            let warning = anyhow!("{broken:#}; going on from its copy ({drained})");
+            Ok((drained, Some(warning)))
+        }
+        Err(e) => Err(anyhow!(
+            "{broken:#}; no copy to go on from ({COPY}: {e:#}): mend it, or remove it to drain none"
+        )),
+    }
 }
 
-/// Saves the drained backends; under the write lock.
+/// [`read`] under the write lock, which also brings the copy up to date with a file that
+/// reads: hand edits and builds before the copy write the file alone. Failing that is only
+/// logged: the copy is a fallback.
+pub fn read_locked(pins: &PinDir, _lock: &WriteLock) -> Result<(Drained, Option<anyhow::Error>)> {
+    let (drained, broken) = read(pins)?;
+    if broken.is_some() {
+        return Ok((drained, broken));
+    }
+    let current = match read_copy(pins) {
+        Ok(copy) => copy == drained,
+        // Never drained: nothing to keep.
+        Err(e)
+            if e.downcast_ref::<std::io::Error>().map(|e| e.kind())
+                == Some(std::io::ErrorKind::NotFound) =>
+        {
+            drained.is_empty()
+        }
+        Err(_) => false,
+    };
+    if !current {
+        save_copy(pins, &drained);
+    }
+    Ok((drained, None))
+}
+
+fn read_copy(pins: &PinDir) -> Result<Drained> {
+    Ok(serde_json::from_slice(&std::fs::read(state::dir(pins).join(COPY))?)?)
+}
+
+fn save_copy(pins: &PinDir, drained: &Drained) {
+    if let Err(e) = state::write_json(pins, COPY, drained) {
+        log::warn!("bringing {COPY} up to date with {FILE}: {e:#}");
+    }
+}
+
+/// Saves the drained backends; under the write lock. The file decides whether it is
+/// saved; its copy follows, or failing that, the next [`read_locked`] brings it up to date.
 pub fn save(pins: &PinDir, drained: &Drained) -> Result<()> {
-    state::write_json(pins, FILE, drained)
+    state::write_json(pins, FILE, drained)?;
+    save_copy(pins, drained);
+    Ok(())
 }
 
 /// `health` with the drained backends taken out of their load balancers' tables. The
@@ -109,7 +165,7 @@ pub struct Changed {
 /// policy: saves the state, then rebuilds the tables of the load balancer's services that
 /// have it in their pool (each swapped whole). Backends taken out by probes stay out.
 pub fn set(pins: &PinDir, lb_name: &str, backend: IpAddr, drain: bool) -> Result<Changed> {
-    let _lock = WriteLock::acquire(pins)?;
+    let lock = WriteLock::acquire(pins)?;
     let record = apply::running(pins)?
         .ok_or_else(|| anyhow!("no policy applied to {} yet", pins.path().display()))?;
     let policy = xdpgate_policy::load_str(&record.source, "the applied policy")
@@ -128,7 +184,12 @@ pub fn set(pins: &PinDir, lb_name: &str, backend: IpAddr, drain: bool) -> Result
             list(&names)
         );
     }
-    let old = read(pins)?;
+    // A file that does not parse must not hold up a drain, nor undo the others: it is
+    // replaced, from its copy.
+    let (old, broken) = read_locked(pins, &lock)?;
+    if let Some(e) = &broken {
+        log::warn!("{e:#}");
+    }
     let mut drained = old.clone();
     let key = (lb_name.to_owned(), backend);
     let unchanged = if drain { !drained.0.insert(key) } else { !drained.0.remove(&key) };
@@ -142,6 +203,9 @@ pub fn set(pins: &PinDir, lb_name: &str, backend: IpAddr, drain: bool) -> Result
             true => e.context("nothing was changed"),
             false => undo(pins, &lbs, &old, lb_name, backend, e),
         });
+    }
+    if broken.is_some() {
+        log::warn!("replaced {FILE}: it holds the drains in force again");
     }
     Ok(Changed { load_balancer: lb_name.to_owned(), backend, drained: drain, services, unchanged })
 }
@@ -206,4 +270,55 @@ fn list<S: AsRef<str>>(names: &[S]) -> String {
         return "none".into();
     }
     names.iter().map(AsRef::as_ref).collect::<Vec<_>>().join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file broken by hand reads as its copy, with the error; with no copy (a file of a
+    /// build before it), only the error: no drain is dropped by a guess. Under the lock, a
+    /// file that reads (a hand edit) brings the copy up to date.
+    #[test]
+    fn a_broken_file_reads_as_its_copy() {
+        let pins = PinDir::new(format!("/tmp/xgtest-drain-read-{}", std::process::id()));
+        std::fs::create_dir_all(pins.path()).unwrap();
+        let dir = state::dir(&pins);
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(read(&pins).unwrap().0, Drained::default(), "no file: none drained");
+        let backend = |b: &str| ("lb".to_owned(), b.parse().unwrap());
+        let one = Drained([backend("198.51.100.12")].into());
+        save(&pins, &one).unwrap();
+        std::fs::write(dir.join(FILE), "{").unwrap();
+        let (drained, broken) = read(&pins).unwrap();
+        assert_eq!(drained, one);
+        let broken = format!("{:#}", broken.expect("the parse error"));
+        assert!(broken.contains("; going on from its copy (lb/198.51.100.12)"), "{broken}");
+
+        let two = Drained([backend("198.51.100.11"), backend("198.51.100.12")].into());
+        std::fs::write(dir.join(FILE), serde_json::to_vec(&two).unwrap()).unwrap();
+        let lock = WriteLock::acquire(&pins).unwrap();
+        assert_eq!(read_locked(&pins, &lock).unwrap().0, two);
+        assert_eq!(read_copy(&pins).unwrap(), two, "the copy follows the hand edit");
+        std::fs::write(dir.join(FILE), "{").unwrap();
+        assert_eq!(read(&pins).unwrap().0, two);
+
+        std::fs::write(dir.join(COPY), "[").unwrap();
+        let error = format!("{:#}", read(&pins).expect_err("a broken copy: an error"));
+        assert!(error.contains("remove it to drain none"), "{error}");
+        std::fs::remove_file(dir.join(COPY)).unwrap();
+        let error = format!("{:#}", read(&pins).expect_err("no copy: an error"));
+        assert!(error.contains("No such file"), "{error}");
+
+        // A file of a build before the copy gets one; a removed file empties it.
+        std::fs::write(dir.join(FILE), serde_json::to_vec(&one).unwrap()).unwrap();
+        read_locked(&pins, &lock).unwrap();
+        assert_eq!(read_copy(&pins).unwrap(), one);
+        std::fs::remove_file(dir.join(FILE)).unwrap();
+        assert_eq!(read_locked(&pins, &lock).unwrap().0, Drained::default());
+        assert_eq!(read_copy(&pins).unwrap(), Drained::default());
+        drop(lock);
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::remove_dir(pins.path()).unwrap();
+    }
 }

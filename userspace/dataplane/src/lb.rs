@@ -227,10 +227,12 @@ pub struct BackendReport {
 /// Reads the live state of the load balancers of the running generation (`record`), with
 /// each service's live Maglev table when `maglev` (a bpf() call per slot: 16,381 a service),
 /// under the read lock taken before `record` was read: no rebuild tears the tables read,
-/// and their backend numbers are the record's.
+/// and their backend numbers are the record's. `drained`: the drains in force
+/// ([`crate::drain::read`]).
 pub fn report(
     pins: &PinDir,
     record: &Record,
+    drained: &crate::drain::Drained,
     maglev: Option<&ReadLock>,
 ) -> Result<Vec<ServiceReport>> {
     use aya::maps::PerCpuArray;
@@ -248,7 +250,6 @@ pub fn report(
         }
         Ok(total)
     };
-    let drained = crate::drain::read(pins)?;
     // Unreadable (a build of another format): the flags stand in.
     let probed = crate::probes::ProbeHealth::of_running_agent(pins).ok().flatten();
     // The flow tables are read whole: not for a policy without load balancers.

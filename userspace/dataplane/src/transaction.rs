@@ -107,7 +107,7 @@ pub fn install_under(
 /// generation has its record.
 #[expect(clippy::too_many_arguments, reason = "the transaction's inputs, each needed")]
 fn install_locked(
-    _lock: &WriteLock,
+    lock: &WriteLock,
     pins: &PinDir,
     policy: &Policy,
     source: &str,
@@ -158,7 +158,7 @@ fn install_locked(
     // order left a moment (forever, if the writer died in it) where a SYN to a frontend
     // found no frontend and started a plain flow to its address, which outlived the install.
     // Drained backends stay out of the tables whatever the probes say.
-    let drained = drain::read(pins)?;
+    let (drained, broken) = drain::read_locked(pins, lock)?;
     let health = drain::WithDrained { health, drained: &drained };
     let mut install = || -> Result<()> {
         lb_maps::restart_counters(pins, lbs, running.as_ref())?;
@@ -182,10 +182,19 @@ fn install_locked(
     // Only now: until the flip the drains and kept changes are those of the policy still
     // running.
     let still = drained.pruned(policy);
+    if let Some(e) = &broken {
+        log::warn!("{e:#}");
+    }
     if still != drained {
         drain::save(pins, &still).map_err(|e| {
             partly(e.context("the drains of backends the policy no longer has were not forgotten"))
         })?;
+    } else if broken.is_some() {
+        // Only a repair: the drains in force are the copy's either way.
+        match drain::save(pins, &still) {
+            Ok(()) => log::warn!("replaced {}: it holds the drains in force again", drain::FILE),
+            Err(e) => log::warn!("replacing {}: {e:#}", drain::FILE),
+        }
     }
     let pruned = kept.pruned(&policy.sets);
     if pruned != kept {
