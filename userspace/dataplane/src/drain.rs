@@ -78,15 +78,17 @@ pub fn read(pins: &PinDir) -> Result<(Drained, Option<anyhow::Error>)> {
         Err(e) if e.root_cause().is::<serde_json::Error>() => e,
         read => return Ok((read?, None)),
     };
-    match read_copy(pins) {
-        Ok(drained) => {
+    let no_copy = match read_copy(pins) {
+        Ok(Some(drained)) => {
             let warning = anyhow!("{broken:#}; going on from its copy ({drained})");
-            Ok((drained, Some(warning)))
+            return Ok((drained, Some(warning)));
         }
-        Err(e) => Err(anyhow!(
-            "{broken:#}; no copy to go on from ({COPY}: {e:#}): mend it, or remove it to drain none"
-        )),
-    }
+        Ok(None) => format!("{COPY} is absent"),
+        Err(e) => format!("{e:#}"),
+    };
+    Err(anyhow!(
+        "{broken:#}; no copy to go on from ({no_copy}): mend it, or remove it to drain none"
+    ))
 }
 
 /// [`read`] under the write lock, which also brings the copy up to date with a file that
@@ -98,14 +100,9 @@ pub fn read_locked(pins: &PinDir, _lock: &WriteLock) -> Result<(Drained, Option<
         return Ok((drained, broken));
     }
     let current = match read_copy(pins) {
-        Ok(copy) => copy == drained,
+        Ok(Some(copy)) => copy == drained,
         // Never drained: nothing to keep.
-        Err(e)
-            if e.downcast_ref::<std::io::Error>().map(|e| e.kind())
-                == Some(std::io::ErrorKind::NotFound) =>
-        {
-            drained.is_empty()
-        }
+        Ok(None) => drained.is_empty(),
         Err(_) => false,
     };
     if !current {
@@ -114,8 +111,9 @@ pub fn read_locked(pins: &PinDir, _lock: &WriteLock) -> Result<(Drained, Option<
     Ok((drained, None))
 }
 
-fn read_copy(pins: &PinDir) -> Result<Drained> {
-    Ok(serde_json::from_slice(&std::fs::read(state::dir(pins).join(COPY))?)?)
+/// The copy; `None` when absent.
+fn read_copy(pins: &PinDir) -> Result<Option<Drained>> {
+    state::read_json(pins, COPY)
 }
 
 fn save_copy(pins: &PinDir, drained: &Drained) {
@@ -299,7 +297,7 @@ mod tests {
         std::fs::write(dir.join(FILE), serde_json::to_vec(&two).unwrap()).unwrap();
         let lock = WriteLock::acquire(&pins).unwrap();
         assert_eq!(read_locked(&pins, &lock).unwrap().0, two);
-        assert_eq!(read_copy(&pins).unwrap(), two, "the copy follows the hand edit");
+        assert_eq!(read_copy(&pins).unwrap(), Some(two.clone()), "the copy follows the hand edit");
         std::fs::write(dir.join(FILE), "{").unwrap();
         assert_eq!(read(&pins).unwrap().0, two);
 
@@ -308,15 +306,15 @@ mod tests {
         assert!(error.contains("remove it to drain none"), "{error}");
         std::fs::remove_file(dir.join(COPY)).unwrap();
         let error = format!("{:#}", read(&pins).expect_err("no copy: an error"));
-        assert!(error.contains("No such file"), "{error}");
+        assert!(error.contains("drained.saved.json is absent"), "{error}");
 
         // A file of a build before the copy gets one; a removed file empties it.
         std::fs::write(dir.join(FILE), serde_json::to_vec(&one).unwrap()).unwrap();
         read_locked(&pins, &lock).unwrap();
-        assert_eq!(read_copy(&pins).unwrap(), one);
+        assert_eq!(read_copy(&pins).unwrap(), Some(one));
         std::fs::remove_file(dir.join(FILE)).unwrap();
         assert_eq!(read_locked(&pins, &lock).unwrap().0, Drained::default());
-        assert_eq!(read_copy(&pins).unwrap(), Drained::default());
+        assert_eq!(read_copy(&pins).unwrap(), Some(Drained::default()));
         drop(lock);
         std::fs::remove_dir_all(&dir).unwrap();
         std::fs::remove_dir(pins.path()).unwrap();
