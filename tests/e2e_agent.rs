@@ -110,10 +110,16 @@ impl Agent {
     }
 
     /// Waits for the first policy to be applied, the agent running all along.
+    /// Waits until the agent has applied its policy and finished starting: its state
+    /// record, written once nothing at start can fail, names it. The policy is in force
+    /// before the agent opens the rest of the dataplane, and a test that then pulls a pin
+    /// from under it (or its state directory) would test the start instead.
     fn wait_applied(&mut self, lab: &Gateway) {
-        wait_for("the policy applied", Duration::from_secs(20), || {
+        let pid = u64::from(self.child.id());
+        wait_for("the policy applied and the agent started", Duration::from_secs(20), || {
             self.assert_running("start");
             generation(&lab.pins) >= 1
+                && agent_state(&lab.pins).is_some_and(|s| s["pid"].as_u64() == Some(pid))
         });
     }
 
