@@ -616,7 +616,11 @@ fn a_flow_log_batch_larger_than_the_disk_leaves_whole_lines() {
     let after = read();
     assert_eq!(after[..kept.len()], kept[..]);
     assert_eq!(after[kept.len()..], (5000..5010).collect::<Vec<_>>()[..]);
+    // The file closed first: a disk in use is not unmounted, and stayed behind.
+    drop(sink);
     drop(disk);
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    assert!(!mounts.contains(dir.to_str().unwrap()), "the disk is still mounted");
     let _ = std::fs::remove_dir(&dir);
 }
 
