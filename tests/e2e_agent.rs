@@ -433,10 +433,8 @@ fn simulated_reboot_attaches_from_the_node_file() {
     };
     let before = programs(&lab.pins);
     let mut agent = Agent::start(&lab, &args);
-    wait_for("the policy applied", Duration::from_secs(20), || {
-        agent.assert_running("start with everything attached");
-        generation(&lab.pins) >= 1
-    });
+    // Started: its attach of the node file's interfaces has run.
+    agent.wait_applied(&lab);
     assert_eq!(programs(&lab.pins), before, "attached interfaces left alone");
     // The tables were made at the default size by `attach`: the node file's size is not in
     // force, and says so; the pinned tables stay.
@@ -540,10 +538,8 @@ fn the_agent_attaches_the_node_files_interfaces_under_the_write_lock() {
     );
     let mut agent =
         Agent::start(&lab, &["--policy", file.to_str().unwrap(), "--node", node.to_str().unwrap()]);
-    wait_for("the policy applied", Duration::from_secs(20), || {
-        agent.assert_running("start");
-        generation(&lab.pins) >= 1
-    });
+    // Started: its own attach of the node file's interfaces is done, not racing the detach.
+    agent.wait_applied(&lab);
     lab.pins.xdpgate(&["detach", "--iface", &lab.int]);
     let link = lab.pins.dir.link(&lab.int);
     assert!(!link.exists());
@@ -1023,7 +1019,7 @@ fn sigterm_and_sighup_while_another_writer_holds_the_lock() {
     });
     std::fs::write(&file, policy(9090)).unwrap();
     agent.signal(libc::SIGHUP);
-    wait_for("the agent to take the SIGHUP during the hold", Duration::from_secs(1), || {
+    wait_for("the agent to take the SIGHUP during the hold", Duration::from_secs(10), || {
         agent.log().contains("SIGHUP: reloading")
     });
     while held.elapsed() < hold {
