@@ -109,7 +109,6 @@ impl Agent {
         }
     }
 
-    /// Waits for the first policy to be applied, the agent running all along.
     /// Waits until the agent has applied its policy and finished starting: its state
     /// record, written once nothing at start can fail, names it. The policy is in force
     /// before the agent opens the rest of the dataplane, and a test that then pulls a pin
