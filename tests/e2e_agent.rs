@@ -114,11 +114,10 @@ impl Agent {
     /// before the agent opens the rest of the dataplane, and a test that then pulls a pin
     /// from under it (or its state directory) would test the start instead.
     fn wait_applied(&mut self, lab: &Gateway) {
-        let pid = u64::from(self.child.id());
+        let pid = self.child.id();
         wait_for("the policy applied and the agent started", Duration::from_secs(20), || {
             self.assert_running("start");
-            generation(&lab.pins) >= 1
-                && agent_state(&lab.pins).is_some_and(|s| s["pid"].as_u64() == Some(pid))
+            generation(&lab.pins) >= 1 && lab.pins.agent_started(pid)
         });
     }
 
@@ -150,12 +149,6 @@ impl Drop for Agent {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// The agent's state file (`agent.json` in the state directory), if written yet.
-fn agent_state(pins: &Pins) -> Option<Value> {
-    let path = xdpgate_dataplane::state::dir(&pins.dir).join("agent.json");
-    serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
 }
 
 fn status(pins: &Pins) -> Value {
@@ -208,9 +201,9 @@ fn sighup_with_a_broken_policy_keeps_the_running_one() {
     agent.signal(libc::SIGHUP);
     wait_for("the failed reload recorded", Duration::from_secs(10), || {
         agent.assert_running("SIGHUP with an invalid policy");
-        agent_state(&lab.pins).is_some_and(|s| s["last_reload"]["successful"] == false)
+        lab.pins.agent_record().is_some_and(|s| s["last_reload"]["successful"] == false)
     });
-    let state = agent_state(&lab.pins).unwrap();
+    let state = lab.pins.agent_record().unwrap();
     assert_eq!(state["pid"].as_u64(), Some(u64::from(agent.child.id())), "{state}");
     let errors = state["last_reload"]["errors"].to_string();
     assert!(errors.contains("99999") && errors.contains("sctpx"), "every error kept: {errors}");
@@ -234,7 +227,7 @@ fn sighup_with_a_broken_policy_keeps_the_running_one() {
     agent.signal(libc::SIGHUP);
     wait_for("the second failed reload recorded", Duration::from_secs(10), || {
         agent.assert_running("a second SIGHUP with an invalid policy");
-        agent_state(&lab.pins).is_some_and(|s| {
+        lab.pins.agent_record().is_some_and(|s| {
             s["last_reload"]["unix_seconds"].as_f64() > Some(first_try)
                 && s["last_reload"]["successful"] == false
         })
@@ -245,7 +238,7 @@ fn sighup_with_a_broken_policy_keeps_the_running_one() {
     agent.signal(libc::SIGHUP);
     wait_for("the good reload recorded", Duration::from_secs(10), || {
         agent.assert_running("SIGHUP with a valid policy");
-        agent_state(&lab.pins).is_some_and(|s| s["last_reload"]["successful"] == true)
+        lab.pins.agent_record().is_some_and(|s| s["last_reload"]["successful"] == true)
     });
     assert_eq!(generation(&lab.pins), before + 1);
     assert!(reaches(&lab, 9090) && !reaches(&lab, 8080), "the new policy is in force");
@@ -289,19 +282,18 @@ fn the_agent_takes_its_lock_again_when_the_state_directory_goes() {
     assert!(!out.status.success() && stderr.contains(&format!("agent (pid {pid})")), "{stderr}");
     assert!(reaches(&lab, 8080) && !reaches(&lab, 9090), "the agent's policy stays");
     assert!(agent.log().contains("lost this agent's lock"), "{}", agent.log());
-    assert_eq!(agent_state(&lab.pins).unwrap()["pid"].as_u64(), Some(u64::from(pid)));
+    assert_eq!(lab.pins.agent_record().unwrap()["pid"].as_u64(), Some(u64::from(pid)));
 
     // Another agent takes the dataplane while this one's lock is gone (this one stopped
     // meanwhile): this one then stops with an error, leaving the other its state file.
-    agent.signal(libc::SIGSTOP);
+    common::sigstop(agent.child.id());
     remove_state_dir(&lab.pins);
     let args = ["--policy", other.to_str().unwrap(), "--metrics-addr", "off"];
     let mut second = Agent::start(&lab, &args);
-    let second_pid = u64::from(second.child.id());
+    let second_pid = second.child.id();
     wait_for("the second agent's policy", Duration::from_secs(20), || {
         second.assert_running("start beside a stopped agent");
-        agent_state(&lab.pins).is_some_and(|s| s["pid"].as_u64() == Some(second_pid))
-            && reaches(&lab, 9090)
+        lab.pins.agent_started(second_pid) && reaches(&lab, 9090)
     });
     agent.signal(libc::SIGCONT);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -314,7 +306,7 @@ fn the_agent_takes_its_lock_again_when_the_state_directory_goes() {
     };
     assert!(!status.success() && agent.log().contains("another agent"), "{}", agent.log());
     second.assert_running("the first agent's stop");
-    assert_eq!(agent_state(&lab.pins).unwrap()["pid"].as_u64(), Some(second_pid));
+    assert_eq!(lab.pins.agent_record().unwrap()["pid"].as_u64(), Some(u64::from(second_pid)));
     assert!(reaches(&lab, 9090), "the second agent's policy stays");
     second.stop();
 }
@@ -439,7 +431,7 @@ fn simulated_reboot_attaches_from_the_node_file() {
     // force, and says so; the pinned tables stay.
     let mismatch = "100,000 flows asked for, but FLOWS_V2 is pinned with 1,048,576 entries";
     wait_for("the table size reported as failing", Duration::from_secs(10), || {
-        agent_state(&lab.pins).is_some_and(|s| s["failing"].to_string().contains(mismatch))
+        lab.pins.agent_record().is_some_and(|s| s["failing"].to_string().contains(mismatch))
     });
     assert!(lab.pins.xdpgate(&["status"]).contains("failing: node file: tables: the tables under"));
     assert_eq!(status(&lab.pins)["tables"]["flows"]["capacity"], 524_288);
@@ -451,7 +443,7 @@ fn simulated_reboot_attaches_from_the_node_file() {
     wait_for("the interface attached again, the size reported", Duration::from_secs(20), || {
         agent.assert_running("start with a table size that is not the pinned one");
         programs(&lab.pins).iter().any(|(n, mode, _)| n == &lab.int && mode == "native")
-            && agent_state(&lab.pins).is_some_and(|s| s["failing"].to_string().contains(mismatch))
+            && lab.pins.agent_record().is_some_and(|s| s["failing"].to_string().contains(mismatch))
     });
     assert_eq!(status(&lab.pins)["tables"]["flows"]["capacity"], 524_288);
     agent.stop();
@@ -468,7 +460,7 @@ fn simulated_reboot_attaches_from_the_node_file() {
         lab.pins.try_xdpgate(&["status", "--json"]).status.success()
             && generation(&lab.pins) >= 1
             && programs(&lab.pins).iter().filter(|(_, mode, _)| mode == "native").count() == 2
-            && agent_state(&lab.pins).is_some()
+            && lab.pins.agent_record().is_some()
     });
     // The state directory, made anew (as /run is after a reboot), is root's only.
     let state_dir = xdpgate_dataplane::state::dir(&lab.pins.dir);
@@ -841,18 +833,20 @@ fn boots_from_the_node_file_with_only_the_units_capabilities() {
     // What deploy/xdpgate.service grants: CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, nothing else.
     let caps = "-all,+bpf,+perfmon,+net_admin";
     let log = dir.join("agent.log");
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &b.name, "setpriv"])
-        .args(["--bounding-set", caps, "--inh-caps", caps, "--ambient-caps", caps])
-        .arg(common::xdpgate_bin())
-        .args(["--pin-dir", &own.pins, "run", "--metrics-addr", "off", "--policy"])
-        .arg(&policy)
-        .arg("--node")
-        .arg(&node)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("spawn the agent");
+    let mut child = common::KillOnDrop(
+        Command::new("ip")
+            .args(["netns", "exec", &b.name, "setpriv"])
+            .args(["--bounding-set", caps, "--inh-caps", caps, "--ambient-caps", caps])
+            .arg(common::xdpgate_bin())
+            .args(["--pin-dir", &own.pins, "run", "--metrics-addr", "off", "--policy"])
+            .arg(&policy)
+            .arg("--node")
+            .arg(&node)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn the agent"),
+    );
     let status = || -> Option<Value> {
         let out = b.try_exec(
             common::xdpgate_bin().to_str().unwrap(),
@@ -902,9 +896,9 @@ fn a_reload_whose_apply_fails_keeps_the_running_policy() {
     agent.signal(libc::SIGHUP);
     wait_for("the failed reload recorded", Duration::from_secs(10), || {
         agent.assert_running("SIGHUP with a policy that cannot be installed");
-        agent_state(&lab.pins).is_some_and(|s| s["last_reload"]["successful"] == false)
+        lab.pins.agent_record().is_some_and(|s| s["last_reload"]["successful"] == false)
     });
-    let errors = agent_state(&lab.pins).unwrap()["last_reload"]["errors"].to_string();
+    let errors = lab.pins.agent_record().unwrap()["last_reload"]["errors"].to_string();
     assert!(errors.contains(xdpgate_common::maps::FRONTENDS), "{errors}");
     assert_eq!(generation(&lab.pins), before, "nothing applied");
     assert!(reaches(&lab, 8080) && !reaches(&lab, 9090), "the old policy stays in force");
@@ -914,7 +908,7 @@ fn a_reload_whose_apply_fails_keeps_the_running_policy() {
     agent.signal(libc::SIGHUP);
     wait_for("the good reload recorded", Duration::from_secs(10), || {
         agent.assert_running("SIGHUP with the map back");
-        agent_state(&lab.pins).is_some_and(|s| s["last_reload"]["successful"] == true)
+        lab.pins.agent_record().is_some_and(|s| s["last_reload"]["successful"] == true)
     });
     assert_eq!(generation(&lab.pins), before + 1);
     assert!(reaches(&lab, 9090) && !reaches(&lab, 8080), "the new policy is in force");
@@ -1029,7 +1023,7 @@ fn sigterm_and_sighup_while_another_writer_holds_the_lock() {
     drop(lock);
     wait_for("the reload applied after the hold", Duration::from_secs(10), || {
         agent.assert_running("the hold's end");
-        agent_state(&lab.pins).is_some_and(|s| {
+        lab.pins.agent_record().is_some_and(|s| {
             s["last_reload"]["successful"] == true && s["generation"].as_u64() == Some(before + 1)
         })
     });
@@ -1073,7 +1067,7 @@ fn sigterm_and_sighup_while_another_writer_holds_the_lock() {
         "the agent did not say it dropped the waiting reload; its log:\n{}",
         agent.log()
     );
-    assert!(agent_state(&lab.pins).is_none(), "agent.json removed");
+    assert!(lab.pins.agent_record().is_none(), "agent.json removed");
     assert_eq!(generation(&lab.pins), before + 1, "the reload asked last was not applied");
     drop(lock);
     assert!(reaches(&lab, 9090) && !reaches(&lab, 8080), "the dataplane runs on from its pins");

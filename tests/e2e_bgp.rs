@@ -109,8 +109,9 @@ fn bgp_report(pins: &Pins) -> Value {
 }
 
 struct Gateway {
-    ns: Netns,
+    // Field order is drop order: detach (needs the namespace) before the namespaces go.
     pins: Pins,
+    ns: Netns,
     /// Its number n: links 203.0.113.(4n-3)/30 and 2001:db8:ff:n::/64, the router's end first.
     n: u8,
     addr: String,
@@ -512,15 +513,14 @@ struct Frozen(u32);
 
 impl Frozen {
     fn new(pid: u32) -> Self {
-        // SAFETY: kill(2) on a child of this test.
-        unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+        common::sigstop(pid);
         Self(pid)
     }
 }
 
 impl Drop for Frozen {
     fn drop(&mut self) {
-        // SAFETY: as in `new`.
+        // SAFETY: kill(2) on a child of this test.
         unsafe { libc::kill(self.0 as i32, libc::SIGCONT) };
     }
 }

@@ -504,15 +504,11 @@ fn a_capture_held_up_past_its_lease_says_so() {
     let path = file("pcap");
     let cap = Capture::start(&gw, &["-w", path.to_str().unwrap()], Stdio::null());
     let pid = cap.child.id() as i32;
-    // SAFETY (these three): a signal to the child this test spawned.
-    unsafe { libc::kill(pid, libc::SIGSTOP) };
-    // Stopped for certain (the signal is asynchronous): no renewal after the lease is read.
-    wait_for("the capture to stop", || {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('T'))
-    });
+    // Stopped for certain: no renewal after the lease is read.
+    common::sigstop(pid as u32);
     let held = lease(&gw.pins);
     wait_for("the stopped capture's lease to run out", || monotonic_ns() > held + 50_000_000);
+    // SAFETY (these two): a signal to the child this test spawned.
     unsafe { libc::kill(pid, libc::SIGCONT) };
     wait_for("the capture to renew its lease", || lease(&gw.pins) > monotonic_ns());
     unsafe { libc::kill(pid, libc::SIGINT) };

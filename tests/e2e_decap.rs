@@ -69,13 +69,14 @@ fn script() -> PathBuf {
 /// A sender and a backend joined by a veth pair; the backend's default routes lead to the
 /// sender.
 struct Lab {
+    // Field order is drop order: detach (needs the namespace) before the namespaces go.
+    pins: Pins,
     sender: Netns,
     backend: Netns,
     s_if: String,
     b_if: String,
     /// The backend interface's MAC address, the encapsulated frames' destination.
     b_mac: [u8; 6],
-    pins: Pins,
 }
 
 impl Lab {

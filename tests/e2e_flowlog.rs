@@ -131,15 +131,17 @@ fn idle_flows_leave_the_table_without_a_flow_log() {
     let lab = Gateway::new();
     let (client, server, pins) = (&lab.client, &lab.server, &lab.pins);
     let policy = lab.write_policy("policy.yaml", POLICY);
-    let mut agent = Command::new(common::xdpgate_bin())
-        .args(["--netns", &lab.gw.name, "--pin-dir"])
-        .arg(pins.dir.path())
-        .args(["run", "--metrics-addr", "off", "--policy"])
-        .arg(&policy)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn xdpgate run");
+    let mut agent = common::KillOnDrop(
+        Command::new(common::xdpgate_bin())
+            .args(["--netns", &lab.gw.name, "--pin-dir"])
+            .arg(pins.dir.path())
+            .args(["run", "--metrics-addr", "off", "--policy"])
+            .arg(&policy)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn xdpgate run"),
+    );
     let json = |args: &[&str]| -> Value {
         serde_json::from_str(&pins.xdpgate(args)).expect("JSON output")
     };

@@ -158,9 +158,10 @@ fn egress(s: &Value, iface: &str, verdict: &str) -> u64 {
 }
 
 struct Lab {
+    // Field order is drop order: detach (needs the namespace) before the namespaces go.
+    pins: Pins,
     host: Netns,
     net: Netns,
-    pins: Pins,
     /// The host's interface, and the internet's end of the link.
     iface: String,
     inet_if: String,

@@ -175,8 +175,13 @@ impl Topology {
             .stderr(log)
             .spawn()
             .expect("spawn xdpgate run");
+        let pid = child.id();
         self.agent = Some(child);
-        self.wait_for("the policy to be applied", Duration::from_secs(10), |t| t.applied() == 1);
+        // Its start done, not only its policy applied (which comes before the rest of the
+        // start): a test that goes on to kill or signal it tests what it meant to.
+        self.wait_for("the agent to start", Duration::from_secs(10), |t| {
+            t.applied() == 1 && t.pins.agent_started(pid)
+        });
     }
 
     /// How many times this agent has applied the policy (its log says so each time).

@@ -40,10 +40,11 @@ nat_gateways:
 }
 
 struct Lab {
+    // Field order is drop order: detach (needs the namespace) before the namespaces go.
+    pins: Pins,
     host: Netns,
     gw: Netns,
     server: Netns,
-    pins: Pins,
     agent: Option<Child>,
     file: std::path::PathBuf,
 }

@@ -73,7 +73,7 @@ struct Lab {
     pins: Pins,
     client: Netns,
     gw: Netns,
-    _server: Netns,
+    server: Netns,
     gw_ext: String,
     gw_int: String,
     policy: PathBuf,
@@ -108,7 +108,7 @@ impl Lab {
             EchoServer::start(&server, [80, 22, 8080].iter().map(|p| sock(SERVER, *p)).collect());
         let policy = std::env::temp_dir().join(format!("{}.yaml", unique("obspol")));
         std::fs::write(&policy, policy_yaml).unwrap();
-        Self { agent: None, _echo: echo, pins, client, gw, _server: server, gw_ext, gw_int, policy }
+        Self { agent: None, _echo: echo, pins, client, gw, server, gw_ext, gw_int, policy }
     }
 
     fn log_path(&self) -> PathBuf {
@@ -353,8 +353,11 @@ fn metrics_flows_and_status_match_known_traffic() {
     for _ in 0..L_LB {
         lab.tcp_exchange(sock(FRONTEND, 8080), 1000);
     }
-    // Let the last ACKs cross.
-    thread::sleep(Duration::from_millis(300));
+    // The last ACKs across the gateway: each connection's last packet is the client's ACK
+    // of the server's FIN, which ends the server's LAST-ACK state.
+    lab.wait_for("the connections' last ACKs", Duration::from_secs(10), || {
+        lab.server.exec("ss", &["-Htn", "state", "last-ack"]).stdout.is_empty()
+    });
     let traffic = started.elapsed() - setup;
 
     // (a) The metrics endpoint, over HTTP, parsed by a Prometheus text-format parser.

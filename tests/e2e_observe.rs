@@ -9,7 +9,7 @@ mod common;
 use std::{
     io::{BufRead, BufReader},
     net::{TcpListener, TcpStream, UdpSocket},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::{Arc, Mutex},
     thread,
     time::{Duration, Instant},
@@ -22,7 +22,7 @@ use xdpgate_dataplane::{monitor, monotonic_ns};
 
 /// A running `xdpgate observe --json`, its lines collected as they come.
 struct Observer {
-    child: Child,
+    child: common::KillOnDrop,
     lines: Arc<Mutex<Vec<Value>>>,
 }
 
@@ -30,15 +30,17 @@ impl Observer {
     /// Starts one and waits until its lease runs: from then on the dataplane writes events
     /// into a ring the observer emptied before (`monitor::take`), so none sent after is lost.
     fn start(lab: &Gateway, args: &[&str]) -> Self {
-        let mut child = Command::new(common::xdpgate_bin())
-            .args(["--netns", &lab.gw.name, "--pin-dir"])
-            .arg(lab.pins.dir.path())
-            .args(["observe", "--json"])
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn xdpgate observe");
+        let mut child = common::KillOnDrop(
+            Command::new(common::xdpgate_bin())
+                .args(["--netns", &lab.gw.name, "--pin-dir"])
+                .arg(lab.pins.dir.path())
+                .args(["observe", "--json"])
+                .args(args)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("spawn xdpgate observe"),
+        );
         let lines = Arc::new(Mutex::new(Vec::new()));
         let (out, sink) = (child.stdout.take().unwrap(), lines.clone());
         thread::spawn(move || {
@@ -74,13 +76,6 @@ impl Observer {
             );
             thread::sleep(Duration::from_millis(50));
         }
-    }
-}
-
-impl Drop for Observer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -364,17 +359,19 @@ fn the_flow_log_keeps_its_events_while_observing() {
     let lab = lab(["xdp", "xdp"]);
     let policy = lab.write_policy("policy.yaml", POLICY);
     let log = lab.dir.join("flows.jsonl");
-    let mut agent = Command::new(common::xdpgate_bin())
-        .args(["--netns", &lab.gw.name, "--pin-dir"])
-        .arg(lab.pins.dir.path())
-        .args(["run", "--metrics-addr", "off", "--policy"])
-        .arg(&policy)
-        .arg("--flow-log")
-        .arg(&log)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn xdpgate run");
+    let _agent = common::KillOnDrop(
+        Command::new(common::xdpgate_bin())
+            .args(["--netns", &lab.gw.name, "--pin-dir"])
+            .arg(lab.pins.dir.path())
+            .args(["run", "--metrics-addr", "off", "--policy"])
+            .arg(&policy)
+            .arg("--flow-log")
+            .arg(&log)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn xdpgate run"),
+    );
     let start = Instant::now();
     loop {
         let v: Value = serde_json::from_str(&lab.pins.xdpgate(&["status", "--json"])).unwrap();
@@ -399,8 +396,6 @@ fn the_flow_log_keeps_its_events_while_observing() {
         assert!(start.elapsed() < Duration::from_secs(10), "the flow log got no deny");
         thread::sleep(Duration::from_millis(100));
     }
-    let _ = agent.kill();
-    let _ = agent.wait();
 }
 
 /// When the observers' lease now ends (CLOCK_MONOTONIC ns).
@@ -415,14 +410,16 @@ fn lease_end(lab: &Gateway) -> u64 {
 #[test]
 fn an_observer_blocked_on_its_reader_keeps_its_lease() {
     let lab = lab(["xdp", "xdp"]);
-    let mut child = Command::new(common::xdpgate_bin())
-        .args(["--netns", &lab.gw.name, "--pin-dir"])
-        .arg(lab.pins.dir.path())
-        .args(["observe", "--json", "--type", "drop"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn xdpgate observe");
+    let mut child = common::KillOnDrop(
+        Command::new(common::xdpgate_bin())
+            .args(["--netns", &lab.gw.name, "--pin-dir"])
+            .arg(lab.pins.dir.path())
+            .args(["observe", "--json", "--type", "drop"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn xdpgate observe"),
+    );
     // Held, never read: the pipe fills.
     let unread = child.stdout.take().unwrap();
     let pid = child.id();
@@ -449,6 +446,4 @@ fn an_observer_blocked_on_its_reader_keeps_its_lease() {
     assert!(wchan().contains("pipe_write"), "the observer is still blocked");
     assert!(monitor::observed(&lab.pins.dir).unwrap(), "the blocked observer's lease lapsed");
     drop(unread);
-    let _ = child.kill();
-    let _ = child.wait();
 }

@@ -1097,16 +1097,18 @@ fn syn_flood_with_the_agent_running() {
         let k = Kernel::new();
         let dir = std::env::temp_dir().join(unique("flood"));
         let file = write_policy(&dir, OPEN_POLICY);
-        let mut agent = Command::new(common::xdpgate_bin())
-            .args(["--netns", &netns, "--pin-dir"])
-            .arg(k.pins.dir.path())
-            .args(["run", "--policy"])
-            .arg(&file)
-            .args(["--metrics-addr", "off"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn xdpgate run");
+        let mut agent = common::KillOnDrop(
+            Command::new(common::xdpgate_bin())
+                .args(["--netns", &netns, "--pin-dir"])
+                .arg(k.pins.dir.path())
+                .args(["run", "--policy"])
+                .arg(&file)
+                .args(["--metrics-addr", "off"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn xdpgate run"),
+        );
         let current_gen = || apply::active(&k.pins.dir).map(|(_, c)| c.generation).unwrap_or(0);
         wait_for("the agent's policy", Duration::from_secs(10), || current_gen() >= 1);
         let conns = [

@@ -50,8 +50,8 @@ impl Bird {
     /// Freezes the daemon (SIGSTOP): it sends nothing more and its sessions stay open, as a
     /// hung or cut-off node's do, so only the peers' hold timers end them.
     pub fn freeze(&self) {
-        // SAFETY: kill(2) on our own child (`ip netns exec` execs bird in its place).
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGSTOP) };
+        // Our own child (`ip netns exec` execs bird in its place).
+        super::sigstop(self.child.id());
     }
 
     /// `birdc show protocols` and `show route`, for a failure's message.

@@ -5,7 +5,7 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::{Command, Output, Stdio},
+    process::{Child, Command, Output, Stdio},
     sync::{
         OnceLock,
         atomic::{AtomicU32, Ordering},
@@ -15,6 +15,47 @@ use std::{
 use xdpgate_dataplane::PinDir;
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A child process, killed and reaped when dropped (a failing test's included).
+pub struct KillOnDrop(pub Child);
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = Child;
+
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Stops process `pid` (SIGSTOP) and returns once it is stopped: the signal is
+/// asynchronous, and a test that goes on at once may race what the process still does.
+pub fn sigstop(pid: u32) {
+    // SAFETY: kill(2) with a signal; the callers pass their own children.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGSTOP) }, 0, "SIGSTOP {pid}");
+    let stopped = || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // The state follows the command's closing parenthesis: `T` for stopped.
+        stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('T'))
+    };
+    let start = std::time::Instant::now();
+    while !stopped() {
+        assert!(start.elapsed() < std::time::Duration::from_secs(10), "{pid} did not stop");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
 
 /// A short name unique to this process and call, fit for interfaces (15 chars max).
 pub fn unique(prefix: &str) -> String {
@@ -327,6 +368,19 @@ impl Pins {
         let out = self.xdpgate(&["apply", file.to_str().unwrap()]);
         let _ = std::fs::remove_file(&file);
         out
+    }
+
+    /// The running agent's state record (`agent.json`), if one was written. An agent writes
+    /// it once nothing at its start can fail any more: its `pid` names the agent that
+    /// finished starting.
+    pub fn agent_record(&self) -> Option<serde_json::Value> {
+        let path = xdpgate_dataplane::state::dir(&self.dir).join("agent.json");
+        serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
+    }
+
+    /// Has the agent with process id `pid` finished starting (see `agent_record`)?
+    pub fn agent_started(&self, pid: u32) -> bool {
+        self.agent_record().is_some_and(|r| r["pid"].as_u64() == Some(u64::from(pid)))
     }
 
     pub fn try_xdpgate(&self, args: &[&str]) -> Output {
