@@ -833,7 +833,7 @@ fn boots_from_the_node_file_with_only_the_units_capabilities() {
     // What deploy/xdpgate.service grants: CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, nothing else.
     let caps = "-all,+bpf,+perfmon,+net_admin";
     let log = dir.join("agent.log");
-    let mut child = common::KillOnDrop(
+    let mut child = common::KillOnDrop::new(
         Command::new("ip")
             .args(["netns", "exec", &b.name, "setpriv"])
             .args(["--bounding-set", caps, "--inh-caps", caps, "--ambient-caps", caps])

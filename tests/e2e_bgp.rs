@@ -183,8 +183,11 @@ impl Gateway {
 
 impl Drop for Gateway {
     fn drop(&mut self) {
-        // The agent before the pins (their drop detaches), the namespace last.
+        // The agent before the pins (their drop detaches), BIRD and the backends before their
+        // namespace: the fields go in order after this, the namespace second.
         self.agent = None;
+        self.bird = None;
+        self.backends = None;
         let _ = std::fs::remove_file(&self.node_file);
     }
 }

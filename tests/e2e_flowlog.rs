@@ -131,7 +131,7 @@ fn idle_flows_leave_the_table_without_a_flow_log() {
     let lab = Gateway::new();
     let (client, server, pins) = (&lab.client, &lab.server, &lab.pins);
     let policy = lab.write_policy("policy.yaml", POLICY);
-    let mut agent = common::KillOnDrop(
+    let mut agent = common::KillOnDrop::new(
         Command::new(common::xdpgate_bin())
             .args(["--netns", &lab.gw.name, "--pin-dir"])
             .arg(pins.dir.path())

@@ -110,10 +110,11 @@ impl Lab {
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn xdpgate run");
+        let pid = agent.id();
         let lab = Self { host, gw, server, pins, agent: Some(agent), file };
-        lab.wait("the policy", Duration::from_secs(10), |l| {
-            l.pins.try_xdpgate(&["nat", "--json"]).status.success()
-        });
+        // Its whole start, not only the policy: the start also bumps the route generation,
+        // which a test waiting for a later bump must not mistake for its own.
+        lab.wait("the agent to start", Duration::from_secs(10), |l| l.pins.agent_started(pid));
         lab
     }
 
@@ -140,12 +141,15 @@ impl Lab {
         self.traffic()["dropped"][reason]["packets"].as_u64().unwrap()
     }
 
-    /// Writes `policy` to the agent's file, signals a reload and waits for its generation.
+    /// Writes `policy` to the agent's file, signals a reload and waits until the agent has
+    /// recorded it: the NSG tables switch generation before the NAT tables are installed,
+    /// and the agent's record follows the whole reload.
     fn reload(&self, policy: &str) {
+        // The generation of the agent's last successful load.
         let generation = || {
-            let status: serde_json::Value =
-                serde_json::from_str(&self.pins.xdpgate(&["status", "--json"])).unwrap();
-            status["policy"]["generation"].as_u64().unwrap_or(0)
+            let record = self.pins.agent_record().unwrap_or_default();
+            let ok = record["last_reload"]["successful"] == true;
+            record["generation"].as_u64().filter(|_| ok).unwrap_or(0)
         };
         let before = generation();
         std::fs::write(&self.file, policy).unwrap();

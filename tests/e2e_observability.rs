@@ -190,6 +190,14 @@ impl Lab {
         });
     }
 
+    /// Waits until every connection's last packet has crossed the gateway: the client's ACK
+    /// of the server's FIN, which ends the server's LAST-ACK state.
+    fn wait_last_acks(&self) {
+        self.wait_for("the connections' last ACKs", Duration::from_secs(10), || {
+            self.server.exec("ss", &["-Htn", "state", "last-ack"]).stdout.is_empty()
+        });
+    }
+
     /// Connection attempts that must time out (SYNs dropped), tried in parallel.
     fn tcp_blocked(&self, addr: SocketAddr, n: usize) {
         let tries: Vec<_> = (0..n)
@@ -353,11 +361,7 @@ fn metrics_flows_and_status_match_known_traffic() {
     for _ in 0..L_LB {
         lab.tcp_exchange(sock(FRONTEND, 8080), 1000);
     }
-    // The last ACKs across the gateway: each connection's last packet is the client's ACK
-    // of the server's FIN, which ends the server's LAST-ACK state.
-    lab.wait_for("the connections' last ACKs", Duration::from_secs(10), || {
-        lab.server.exec("ss", &["-Htn", "state", "last-ack"]).stdout.is_empty()
-    });
+    lab.wait_last_acks();
     let traffic = started.elapsed() - setup;
 
     // (a) The metrics endpoint, over HTTP, parsed by a Prometheus text-format parser.
@@ -625,10 +629,7 @@ fn a_backend_of_several_rules_is_counted_once_and_unprobed_rules_report_no_healt
     for _ in 0..L_LB {
         lab.tcp_exchange(sock(FRONTEND, 8080), 1000);
     }
-    lab.wait_for("the last ACKs to be counted", Duration::from_secs(5), || {
-        let scrape = parse_metrics(&lab.http_get("/metrics").unwrap().body);
-        sum(&scrape, "xdpgate_frontend_packets_total", &[]) >= (3 * L_LB) as f64
-    });
+    lab.wait_last_acks();
     let scrape = parse_metrics(&lab.http_get("/metrics").unwrap().body);
     let fe = sum(&scrape, "xdpgate_frontend_packets_total", &[]);
     assert_eq!(sum(&scrape, "xdpgate_backend_packets_total", &[("backend", SERVER)]), fe);

@@ -7,7 +7,7 @@
 mod common;
 
 use std::{
-    io::{BufRead, BufReader},
+    io::{BufRead, BufReader, Read},
     net::{TcpListener, TcpStream, UdpSocket},
     process::{Command, Stdio},
     sync::{Arc, Mutex},
@@ -30,7 +30,7 @@ impl Observer {
     /// Starts one and waits until its lease runs: from then on the dataplane writes events
     /// into a ring the observer emptied before (`monitor::take`), so none sent after is lost.
     fn start(lab: &Gateway, args: &[&str]) -> Self {
-        let mut child = common::KillOnDrop(
+        let mut child = common::KillOnDrop::new(
             Command::new(common::xdpgate_bin())
                 .args(["--netns", &lab.gw.name, "--pin-dir"])
                 .arg(lab.pins.dir.path())
@@ -145,23 +145,34 @@ fn the_hosts_own_flows_are_seen_at_egress() {
 #[test]
 fn text_lines_name_the_event_within_100_columns() {
     let lab = lab(["xdp", "xdp"]);
-    let child = Command::new(common::xdpgate_bin())
-        .args(["--netns", &lab.gw.name, "--pin-dir"])
-        .arg(lab.pins.dir.path())
-        .args(["observe", "--type", "drop", "--count", "1"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn xdpgate observe");
+    let mut child = common::KillOnDrop::new(
+        Command::new(common::xdpgate_bin())
+            .args(["--netns", &lab.gw.name, "--pin-dir"])
+            .arg(lab.pins.dir.path())
+            .args(["observe", "--type", "drop", "--count", "1"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn xdpgate observe"),
+    );
     let start = Instant::now();
     while !monitor::observed(&lab.pins.dir).unwrap() {
         assert!(start.elapsed() < Duration::from_secs(10), "the observer took no lease");
         thread::sleep(Duration::from_millis(20));
     }
     try_ssh(&lab);
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success());
-    let text = String::from_utf8(out.stdout).unwrap();
+    // A deadline, not a wait without end: an event that never comes fails the test.
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(start.elapsed() < Duration::from_secs(15), "the observer printed no event");
+        thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+    let mut text = String::new();
+    child.stdout.take().unwrap().read_to_string(&mut text).unwrap();
     println!("{text}");
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 1, "{text}");
@@ -315,10 +326,13 @@ fn a_killed_observer_stops_costing_and_a_new_one_works() {
 
     first.child.kill().unwrap(); // SIGKILL: no chance to end its lease
     first.child.wait().unwrap();
+    // 50 ms past the lease's end: the dataplane reads it on its coarse clock, which lags by
+    // up to two ticks.
+    let lapsed = lease_end(&lab) + 50_000_000;
     let start = Instant::now();
-    while monitor::observed(&lab.pins.dir).unwrap() {
+    while monitor::observed(&lab.pins.dir).unwrap() || monotonic_ns() < lapsed {
         assert!(start.elapsed() < Duration::from_secs(10), "the lease never ran out");
-        thread::sleep(Duration::from_millis(100));
+        thread::sleep(Duration::from_millis(20));
     }
     // Nothing reads the ring now: a denied packet must leave it empty.
     let mut ring = monitor::ring(&lab.pins.dir).unwrap();
@@ -359,7 +373,7 @@ fn the_flow_log_keeps_its_events_while_observing() {
     let lab = lab(["xdp", "xdp"]);
     let policy = lab.write_policy("policy.yaml", POLICY);
     let log = lab.dir.join("flows.jsonl");
-    let _agent = common::KillOnDrop(
+    let _agent = common::KillOnDrop::new(
         Command::new(common::xdpgate_bin())
             .args(["--netns", &lab.gw.name, "--pin-dir"])
             .arg(lab.pins.dir.path())
@@ -410,7 +424,7 @@ fn lease_end(lab: &Gateway) -> u64 {
 #[test]
 fn an_observer_blocked_on_its_reader_keeps_its_lease() {
     let lab = lab(["xdp", "xdp"]);
-    let mut child = common::KillOnDrop(
+    let mut child = common::KillOnDrop::new(
         Command::new(common::xdpgate_bin())
             .args(["--netns", &lab.gw.name, "--pin-dir"])
             .arg(lab.pins.dir.path())

@@ -121,13 +121,15 @@ fn pktgen_frames_arrive_at_xdpgate_and_at_a_sink() {
     // Without xdpgate: a sink holding xdp_noop takes the frames in just the same, until
     // stopped.
     pins.xdpgate(&["detach", "--iface", &di]);
-    let sink = Command::new(pktgen_bin())
-        .args(["--netns", &dut.name, "sink", "--iface", &di, "--duration", "15"])
-        .arg("--json")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn pktgen sink");
+    let sink = common::KillOnDrop::new(
+        Command::new(pktgen_bin())
+            .args(["--netns", &dut.name, "sink", "--iface", &di, "--duration", "15"])
+            .arg("--json")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn pktgen sink"),
+    );
     let attached = || {
         String::from_utf8_lossy(&dut.exec("ip", &["link", "show", &di]).stdout).contains("prog/xdp")
     };

@@ -111,13 +111,15 @@ fn tc_route_mtu_holds_for_gso_aggregates() {
     });
     // Anything over 1280 bytes of IP (+ 14 of Ethernet) arriving at the client.
     let iface = links(&net.client).pop().expect("client interface");
-    let mut dump = Command::new("ip")
-        .args(["netns", "exec", &net.client.name, "timeout", "8", "tcpdump", "-i", &iface])
-        .args(["-n", "-c", "1", "ip and greater 1300"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("tcpdump");
+    let mut dump = common::KillOnDrop::new(
+        Command::new("ip")
+            .args(["netns", "exec", &net.client.name, "timeout", "8", "tcpdump", "-i", &iface])
+            .args(["-n", "-c", "1", "ip and greater 1300"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("tcpdump"),
+    );
     // Capture only once tcpdump says it listens.
     let mut err = BufReader::new(dump.stderr.take().unwrap());
     let mut line = String::new();

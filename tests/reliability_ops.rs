@@ -1097,7 +1097,7 @@ fn syn_flood_with_the_agent_running() {
         let k = Kernel::new();
         let dir = std::env::temp_dir().join(unique("flood"));
         let file = write_policy(&dir, OPEN_POLICY);
-        let mut agent = common::KillOnDrop(
+        let mut agent = common::KillOnDrop::new(
             Command::new(common::xdpgate_bin())
                 .args(["--netns", &netns, "--pin-dir"])
                 .arg(k.pins.dir.path())

@@ -1887,6 +1887,19 @@ fn read_stat(ns: &Netns, iface: &str, stat: &str) -> u64 {
 
 /// (drop, aborted) packets counted on `iface`, as `xdpgate stats` reports them.
 fn iface_stats(pins: &Pins, iface: &str) -> (u64, u64) {
+    let verdicts = iface_verdicts(pins, iface);
+    let verdict = |name: &str| verdicts[name]["packets"].as_u64().unwrap_or(0);
+    (verdict("drop"), verdict("aborted"))
+}
+
+/// The packets `iface`'s ingress program has given any verdict.
+fn iface_judged(pins: &Pins, iface: &str) -> u64 {
+    let verdicts = iface_verdicts(pins, iface);
+    verdicts.as_object().unwrap().values().map(|v| v["packets"].as_u64().unwrap_or(0)).sum()
+}
+
+/// `xdpgate stats --json`'s verdict counts of `iface`.
+fn iface_verdicts(pins: &Pins, iface: &str) -> serde_json::Value {
     let json: serde_json::Value =
         serde_json::from_str(&pins.xdpgate(&["stats", "--json"])).unwrap();
     let i = json["interfaces"]
@@ -1895,8 +1908,7 @@ fn iface_stats(pins: &Pins, iface: &str) -> (u64, u64) {
         .iter()
         .find(|i| i["interface"] == iface)
         .unwrap_or_else(|| panic!("{iface} missing from stats: {json}"));
-    let verdict = |name: &str| i["verdicts"][name]["packets"].as_u64().unwrap_or(0);
-    (verdict("drop"), verdict("aborted"))
+    i["verdicts"].clone()
 }
 
 #[test]
@@ -1985,6 +1997,7 @@ fn hostile_corpus_over_a_real_interface() {
         })
         .collect();
     let stats_before = iface_stats(&pins, &ib);
+    let judged_before = iface_judged(&pins, &ib);
     let tx_dropped = read_stat(&attacker, &ia, "tx_dropped");
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -2001,7 +2014,12 @@ fn hostile_corpus_over_a_real_interface() {
             std::thread::sleep(Duration::from_millis(1));
         }
     }
-    std::thread::sleep(Duration::from_millis(500));
+    // Every frame judged (the counts below are exact), then the sniffer's 100 ms of quiet.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while iface_judged(&pins, &ib) - judged_before < cases.len() as u64 {
+        assert!(Instant::now() < deadline, "the program did not judge every corpus frame");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     stop.store(true, Ordering::SeqCst);
     let (frames, sniffer_drops) = sniffing.join().unwrap();
     assert_eq!(sniffer_drops, 0, "the packet socket lost frames: the comparison would be void");

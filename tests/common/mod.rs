@@ -17,26 +17,39 @@ use xdpgate_dataplane::PinDir;
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
 /// A child process, killed and reaped when dropped (a failing test's included).
-pub struct KillOnDrop(pub Child);
+pub struct KillOnDrop(Option<Child>);
+
+impl KillOnDrop {
+    pub fn new(child: Child) -> Self {
+        Self(Some(child))
+    }
+
+    /// Waits for it to exit and collects its output (`Child::wait_with_output`).
+    pub fn wait_with_output(mut self) -> std::io::Result<Output> {
+        self.0.take().expect("not waited for yet").wait_with_output()
+    }
+}
 
 impl std::ops::Deref for KillOnDrop {
     type Target = Child;
 
     fn deref(&self) -> &Child {
-        &self.0
+        self.0.as_ref().expect("not waited for yet")
     }
 }
 
 impl std::ops::DerefMut for KillOnDrop {
     fn deref_mut(&mut self) -> &mut Child {
-        &mut self.0
+        self.0.as_mut().expect("not waited for yet")
     }
 }
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        if let Some(child) = self.0.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
