@@ -568,8 +568,9 @@ pub fn markdown(r: &Report) -> String {
          priorities (100-4096), so at 4,000 rules 3 fillers sit in a second NSG on the other \
          half of the subnet, at the same layer and so in the same table (4,006 rules with both \
          NSGs' defaults). The bench thread is pinned to one CPU. The kernel reports \
-         whole nanoseconds per run, rounded down: for the repeat-based cases a no-op figure \
-         near 8 ns carries up to 1 ns (about 12%) of that error into the ratio. Re-apply: the same \
+         whole nanoseconds per run, rounded down: for the repeat-based cases each figure \
+         carries up to 1 ns of that error into the ratio (about 12% of a no-op of 8 ns, 3% of \
+         one of 30). Re-apply: the same \
          policy applied again, first clearing the equal policy left in the inactive slot.",
         runs = r.runs,
         rep = thousands(u64::from(r.repeat)),
