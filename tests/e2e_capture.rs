@@ -505,7 +505,7 @@ fn a_capture_held_up_past_its_lease_says_so() {
     let cap = Capture::start(&gw, &["-w", path.to_str().unwrap()], Stdio::null());
     let pid = cap.child.id() as i32;
     // Stopped for certain: no renewal after the lease is read.
-    common::sigstop(pid as u32);
+    common::sigstop(cap.child.id());
     let held = lease(&gw.pins);
     wait_for("the stopped capture's lease to run out", || monotonic_ns() > held + 50_000_000);
     // SAFETY (these two): a signal to the child this test spawned.

@@ -1885,21 +1885,15 @@ fn read_stat(ns: &Netns, iface: &str, stat: &str) -> u64 {
     String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
 }
 
-/// (drop, aborted) packets counted on `iface`, as `xdpgate stats` reports them.
-fn iface_stats(pins: &Pins, iface: &str) -> (u64, u64) {
-    let verdicts = iface_verdicts(pins, iface);
-    let verdict = |name: &str| verdicts[name]["packets"].as_u64().unwrap_or(0);
-    (verdict("drop"), verdict("aborted"))
+/// Packets counted on an interface, as `xdpgate stats` reports them.
+struct IfaceStats {
+    drop: u64,
+    aborted: u64,
+    /// Given any verdict.
+    judged: u64,
 }
 
-/// The packets `iface`'s ingress program has given any verdict.
-fn iface_judged(pins: &Pins, iface: &str) -> u64 {
-    let verdicts = iface_verdicts(pins, iface);
-    verdicts.as_object().unwrap().values().map(|v| v["packets"].as_u64().unwrap_or(0)).sum()
-}
-
-/// `xdpgate stats --json`'s verdict counts of `iface`.
-fn iface_verdicts(pins: &Pins, iface: &str) -> serde_json::Value {
+fn iface_stats(pins: &Pins, iface: &str) -> IfaceStats {
     let json: serde_json::Value =
         serde_json::from_str(&pins.xdpgate(&["stats", "--json"])).unwrap();
     let i = json["interfaces"]
@@ -1908,7 +1902,13 @@ fn iface_verdicts(pins: &Pins, iface: &str) -> serde_json::Value {
         .iter()
         .find(|i| i["interface"] == iface)
         .unwrap_or_else(|| panic!("{iface} missing from stats: {json}"));
-    i["verdicts"].clone()
+    let packets = |v: &serde_json::Value| v["packets"].as_u64().unwrap_or(0);
+    let verdicts = &i["verdicts"];
+    IfaceStats {
+        drop: packets(&verdicts["drop"]),
+        aborted: packets(&verdicts["aborted"]),
+        judged: verdicts.as_object().unwrap().values().map(packets).sum(),
+    }
 }
 
 #[test]
@@ -1997,7 +1997,6 @@ fn hostile_corpus_over_a_real_interface() {
         })
         .collect();
     let stats_before = iface_stats(&pins, &ib);
-    let judged_before = iface_judged(&pins, &ib);
     let tx_dropped = read_stat(&attacker, &ia, "tx_dropped");
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -2016,7 +2015,7 @@ fn hostile_corpus_over_a_real_interface() {
     }
     // Every frame judged (the counts below are exact), then the sniffer's 100 ms of quiet.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while iface_judged(&pins, &ib) - judged_before < cases.len() as u64 {
+    while iface_stats(&pins, &ib).judged - stats_before.judged < cases.len() as u64 {
         assert!(Instant::now() < deadline, "the program did not judge every corpus frame");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -2101,14 +2100,14 @@ fn hostile_corpus_over_a_real_interface() {
 
     // The interface's counters: every corpus frame that did not pass was an XDP drop.
     let stats_after = iface_stats(&pins, &ib);
-    let counted = stats_after.0 - stats_before.0;
+    let counted = stats_after.drop - stats_before.drop;
     let not_passed = (cases.len() - passed.len()) as u64;
     if counted != not_passed {
         failures.push(format!(
             "{counted} XDP drops counted on {ib}, but {not_passed} corpus frames did not pass"
         ));
     }
-    let aborted = stats_after.1;
+    let aborted = stats_after.aborted;
     if aborted != 0 {
         failures.push(format!("{aborted} frames ended in XDP_ABORTED"));
     }
