@@ -4,6 +4,7 @@
 use std::{
     fs,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::{Path, PathBuf},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -176,9 +177,33 @@ impl Drop for Bench {
         // Close the programs and maps first, then remove the pins (nothing is attached
         // through this handle; attachments made elsewhere are detached by their owners).
         self.ebpf = None;
-        let _ = fs::remove_dir_all(self.pins.path());
-        let _ = fs::remove_dir_all(xdpgate_dataplane::state::dir(&self.pins));
+        remove_dataplane(&self.pins);
     }
+}
+
+/// Removes a dataplane the bench made: its pins and its state directory under
+/// `/run/xdpgate` (which `xdpgate attach` and `apply` write beside them).
+pub fn remove_dataplane(pins: &PinDir) {
+    let _ = fs::remove_dir_all(pins.path());
+    let _ = fs::remove_dir_all(xdpgate_dataplane::state::dir(pins));
+}
+
+/// What this process left behind of the dataplanes it made: pin directories and state
+/// directories named by [`unique_pin_dir`]. The bench fails when there are any.
+pub fn leftovers() -> Vec<PathBuf> {
+    let ours = format!("-{}-", std::process::id());
+    [Path::new("/sys/fs/bpf"), Path::new(xdpgate_dataplane::state::ROOT)]
+        .iter()
+        .filter_map(|dir| fs::read_dir(dir).ok())
+        .flatten()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.contains("xdpgate-bench") && n.contains(&ours))
+        })
+        .collect()
 }
 
 /// A fresh directory name under bpffs, unique to this process and call.

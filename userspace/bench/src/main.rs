@@ -133,6 +133,7 @@ fn main() -> Result<()> {
     );
     fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
 
+    let libxdp_before = Path::new(peers::LIBXDP_DIR).exists();
     let started = Instant::now();
     let mut results = Results::default();
     if wanted(Section::Nsg) {
@@ -140,60 +141,70 @@ fn main() -> Result<()> {
         let r = nsg::measure(&cfg, &machine)?;
         write(&out, "nsg", &nsg::markdown(&r), &r)?;
         results.nsg = Some(r);
+        left_nothing(libxdp_before, "nsg")?;
     }
     if wanted(Section::Lb) {
         eprintln!("load balancer ...");
         let r = lb::measure(&cfg, &machine)?;
         write(&out, "lb", &lb::markdown(&r), &r)?;
         results.lb = Some(r);
+        left_nothing(libxdp_before, "lb")?;
     }
     if wanted(Section::Nat) {
         eprintln!("NAT gateway ...");
         let r = nat::measure(&cfg, &machine)?;
         write(&out, "nat", &nat::markdown(&r), &r)?;
         results.nat = Some(r);
+        left_nothing(libxdp_before, "nat")?;
     }
     if wanted(Section::Memory) {
         eprintln!("memory ...");
         let r = memory::measure(cfg.quick, &machine)?;
         write(&out, "memory", &memory::markdown(&r), &r)?;
         results.memory = Some(r);
+        left_nothing(libxdp_before, "memory")?;
     }
     if wanted(Section::Peers) {
         eprintln!("peers ...");
         let r = peers::measure(&cfg, &machine, cpu)?;
         write(&out, "peers", &peers::markdown(&r), &r)?;
         results.peers = Some(r);
+        left_nothing(libxdp_before, "peers")?;
     }
     if wanted(Section::Events) {
         eprintln!("first packets and the event reader ...");
         let r = events::measure(&cfg, &machine)?;
         write(&out, "events", &events::markdown(&r), &r)?;
         results.events = Some(r);
+        left_nothing(libxdp_before, "events")?;
     }
     if wanted(Section::Forward) {
         eprintln!("established flows with forwarding on ...");
         let r = forward::measure(&cfg, &machine)?;
         write(&out, "forward", &forward::markdown(&r), &r)?;
         results.forward = Some(r);
+        left_nothing(libxdp_before, "forward")?;
     }
     if wanted(Section::Flows) {
         eprintln!("established flows with many flows live ...");
         let r = flows::measure(&cfg, &machine)?;
         write(&out, "flows", &flows::markdown(&r), &r)?;
         results.flows = Some(r);
+        left_nothing(libxdp_before, "flows")?;
     }
     if wanted(Section::Flowlog) {
         eprintln!("flow-log lines on the agent's loop ...");
         let r = flowlog::measure(&cfg, &machine)?;
         write(&out, "flowlog", &flowlog::markdown(&r), &r)?;
         results.flowlog = Some(r);
+        left_nothing(libxdp_before, "flowlog")?;
     }
     if wanted(Section::Throughput) {
         eprintln!("TCP throughput through a veth gateway ...");
         let r = throughput::measure(&cfg, &machine)?;
         write(&out, "throughput", &throughput::markdown(&r), &r)?;
         results.throughput = Some(r);
+        left_nothing(libxdp_before, "throughput")?;
     }
     let elapsed = started.elapsed().as_secs_f64();
     eprintln!("xdpgate-bench: done in {elapsed:.0} s");
@@ -204,6 +215,20 @@ fn main() -> Result<()> {
     fs::write(out.join("README.md"), &readme).context("writing README.md")?;
     print!("{readme}");
     eprintln!("wrote {}/{{README.md, ratios.svg, <section>.md, <section>.json}}", out.display());
+    Ok(())
+}
+
+/// Fails when `section` left a dataplane of its own behind (pins or state directory), or
+/// libxdp's directory that was not there before the run (`libxdp_before`).
+fn left_nothing(libxdp_before: bool, section: &str) -> Result<()> {
+    let mut left = common::leftovers();
+    if !libxdp_before && Path::new(peers::LIBXDP_DIR).exists() {
+        left.push(peers::LIBXDP_DIR.into());
+    }
+    if !left.is_empty() {
+        let list: Vec<String> = left.iter().map(|p| p.display().to_string()).collect();
+        bail!("the {section} section left behind: {}", list.join(", "));
+    }
     Ok(())
 }
 

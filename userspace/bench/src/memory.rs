@@ -15,7 +15,9 @@ use xdpgate_dataplane::{
     SizeRequest, tables::memlock,
 };
 
-use crate::common::{Bench, Family, Machine, bytes, ms, thousands, unique_pin_dir};
+use crate::common::{
+    Bench, Family, Machine, bytes, ms, remove_dataplane, thousands, unique_pin_dir,
+};
 
 /// The flow-table size of the "2M flows" figure.
 const BIG_FLOWS: u32 = 2 << 20;
@@ -174,7 +176,7 @@ fn flows_at(flows: u32) -> Result<FlowTables> {
         drop(ebpf);
         Ok(tables)
     })();
-    let _ = fs::remove_dir_all(pins.path());
+    remove_dataplane(&pins);
     result
 }
 

@@ -31,8 +31,8 @@ use crate::{
     common::{
         ALLOWED_PORT, Bench, CLIENT_FIXED, Config, DENIED_PORT, ETH_LEN, Family, FlowState,
         FlowTables, Machine, Ratio, TCP_ACK, TCP_SYN, XDP_DROP, XDP_PASS, client, current_cpu,
-        expect_verdict, handshake, median, pin_to_cpu, run, server, tcp_frame, thousands,
-        unique_pin_dir,
+        expect_verdict, handshake, median, pin_to_cpu, remove_dataplane, run, server, tcp_frame,
+        thousands, unique_pin_dir,
     },
     nsg::{self, Nsg},
 };
@@ -154,7 +154,7 @@ pub fn measure(cfg: &Config, machine: &Machine, cpu: Option<usize>) -> Result<Re
         eprintln!("  veth path: not measured: {e:#}");
         format!("{e:#}")
     });
-    let _ = fs::remove_dir_all(pins.path());
+    remove_dataplane(&pins);
     Ok(Report { machine: machine.clone(), quick: cfg.quick, path, xdp_filter })
 }
 
@@ -313,7 +313,12 @@ fn counters(ns: &str, dev: &str) -> Result<(u64, u64)> {
 struct XdpFilterGuard {
     ns: String,
     dev: String,
+    /// libxdp's directory under bpffs did not exist before: removed again when empty.
+    made_libxdp_dir: bool,
 }
+
+/// Where libxdp keeps its dispatchers' pins; it leaves the directory behind, empty.
+pub const LIBXDP_DIR: &str = "/sys/fs/bpf/xdp";
 
 impl XdpFilterGuard {
     fn load(ns: &str, dev: &str) -> Result<Self> {
@@ -324,7 +329,8 @@ impl XdpFilterGuard {
             );
         }
         which("xdp-filter")?;
-        let guard = Self { ns: ns.into(), dev: dev.into() };
+        let made_libxdp_dir = !std::path::Path::new(LIBXDP_DIR).exists();
+        let guard = Self { ns: ns.into(), dev: dev.into(), made_libxdp_dir };
         nsenter(ns, "xdp-filter", &["load", "--policy", "deny", dev])?;
         nsenter(ns, "xdp-filter", &["port", &ALLOWED_PORT.to_string()])?;
         Ok(guard)
@@ -344,6 +350,10 @@ impl XdpFilterGuard {
 impl Drop for XdpFilterGuard {
     fn drop(&mut self) {
         let _ = nsenter(&self.ns, "xdp-filter", &["unload", &self.dev]);
+        if self.made_libxdp_dir {
+            // Only when empty: another libxdp user may have pinned something meanwhile.
+            let _ = fs::remove_dir(LIBXDP_DIR);
+        }
     }
 }
 

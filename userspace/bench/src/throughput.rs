@@ -23,9 +23,12 @@ use std::{
 
 use anyhow::{Context, Result, anyhow, bail};
 use serde::Serialize;
+use xdpgate_dataplane::PinDir;
 
 use crate::{
-    common::{ALLOWED_PORT, Config, Family, Machine, median, thousands, unique_pin_dir},
+    common::{
+        ALLOWED_PORT, Config, Family, Machine, median, remove_dataplane, thousands, unique_pin_dir,
+    },
     nsg,
     peers::{Ns, ip_exec, nft_flush, nft_load, nft_ruleset, nsenter, sh, which, with_netns},
 };
@@ -576,7 +579,7 @@ impl Gateway<'_> {
                     Ok(s)
                 })();
                 let _ = xdpgate(topo, &pins, &["detach", "--all"]);
-                let _ = fs::remove_dir_all(&pins);
+                remove_dataplane(&PinDir::new(&pins));
                 let _ = fs::remove_file(&file);
                 r
             }
