@@ -86,9 +86,9 @@ struct Agent {
 impl Agent {
     fn start(lab: &Gateway, args: &[&str]) -> Self {
         let log = lab.dir.join(format!("agent-{}.log", common::unique("a")));
-        let child = Command::new(common::xdpgate_bin())
-            .args(["--netns", &lab.gw.name, "--pin-dir"])
-            .arg(lab.pins.dir.path())
+        let child = lab
+            .pins
+            .command()
             .arg("run")
             .args(args)
             .stdout(Stdio::null())
@@ -685,13 +685,9 @@ fn a_file_size_limit_fails_flow_log_writes_and_nothing_else() {
     let n = (LIMIT - 16) as usize / filler.len();
     std::fs::write(&log, filler.repeat(n)).unwrap();
     let agent_log = lab.dir.join("agent-fsize.log");
-    let mut command = Command::new(common::xdpgate_bin());
+    let mut command = lab.pins.agent(&file);
     command
-        .args(["--netns", &lab.gw.name, "--pin-dir"])
-        .arg(lab.pins.dir.path())
-        .args(["run", "--policy", file.to_str().unwrap(), "--metrics-addr", "off"])
         .args(["--flow-log", log.to_str().unwrap()])
-        .stdout(Stdio::null())
         .stderr(std::fs::File::create(&agent_log).unwrap());
     // SAFETY: only setrlimit between fork and exec.
     unsafe {

@@ -29,7 +29,7 @@ use std::{
     io::{ErrorKind, Read, Write},
     net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream},
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Child, Command},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -252,16 +252,7 @@ impl Lab {
         let file = dir.join("policy.yaml");
         std::fs::write(&file, policy()).unwrap();
         let log = std::fs::File::create(dir.join("agent.log")).unwrap();
-        let agent = Command::new(common::xdpgate_bin())
-            .args(["--netns", &gw.name, "--pin-dir"])
-            .arg(pins.dir.path())
-            .args(["run", "--policy"])
-            .arg(&file)
-            .args(["--metrics-addr", "off"])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn xdpgate run");
+        let agent = pins.agent(&file).stderr(log).spawn().expect("spawn xdpgate run");
         let lab = Self { agent: Some(agent), pins, inet, gw, prot, flooder, dir };
         let start = Instant::now();
         while lab.stats()["policy"].is_null() {

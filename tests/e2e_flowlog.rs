@@ -8,7 +8,6 @@ mod common;
 use std::{
     net::{TcpStream, UdpSocket},
     path::{Path, PathBuf},
-    process::{Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -131,17 +130,8 @@ fn idle_flows_leave_the_table_without_a_flow_log() {
     let lab = Gateway::new();
     let (client, server, pins) = (&lab.client, &lab.server, &lab.pins);
     let policy = lab.write_policy("policy.yaml", POLICY);
-    let mut agent = common::KillOnDrop::new(
-        Command::new(common::xdpgate_bin())
-            .args(["--netns", &lab.gw.name, "--pin-dir"])
-            .arg(pins.dir.path())
-            .args(["run", "--metrics-addr", "off", "--policy"])
-            .arg(&policy)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn xdpgate run"),
-    );
+    let mut agent =
+        common::KillOnDrop::new(pins.agent(&policy).spawn().expect("spawn xdpgate run"));
     let json = |args: &[&str]| -> Value {
         serde_json::from_str(&pins.xdpgate(args)).expect("JSON output")
     };
@@ -227,16 +217,13 @@ fn start_agent(
     log: &std::path::Path,
     extra: &[&str],
 ) -> Agent {
-    let child = Command::new(common::xdpgate_bin())
-        .args(["--netns", &lab.gw.name, "--pin-dir"])
-        .arg(lab.pins.dir.path())
-        .args(["run", "--metrics-addr", "off", "--policy"])
-        .arg(policy)
+    let child = lab
+        .pins
+        .agent(policy)
         .arg("--flow-log")
         .arg(log)
         .args(extra)
         .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
         .stderr(std::fs::File::create(log.with_extension("agent.log")).unwrap())
         .spawn()
         .expect("spawn xdpgate run");

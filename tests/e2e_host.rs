@@ -585,17 +585,8 @@ fn the_hosts_own_flows_are_in_the_flow_log() {
     std::fs::create_dir_all(&dir).unwrap();
     let (policy, log) = (dir.join("policy.yaml"), dir.join("flows.jsonl"));
     std::fs::write(&policy, POLICY).unwrap();
-    let child = std::process::Command::new(common::xdpgate_bin())
-        .args(["--netns", &lab.host.name, "--pin-dir"])
-        .arg(lab.pins.dir.path())
-        .args(["run", "--metrics-addr", "off", "--policy"])
-        .arg(&policy)
-        .arg("--flow-log")
-        .arg(&log)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn xdpgate run");
+    let child =
+        lab.pins.agent(&policy).arg("--flow-log").arg(&log).spawn().expect("spawn xdpgate run");
     let _agent = FlowLogAgent { child, dir };
     let sa = |a: &str, p: u16| SocketAddr::new(a.parse().unwrap(), p);
     let lines = || -> Vec<Value> {

@@ -13,7 +13,7 @@ use std::{
     collections::HashSet,
     io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
-    process::{Child, Command, Stdio},
+    process::Child,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -166,15 +166,8 @@ impl Topology {
 
     fn start_agent(&mut self) {
         let log = std::fs::File::create(self.policy_file.with_extension("log")).unwrap();
-        let child = Command::new(common::xdpgate_bin())
-            .args(["--netns", &self.gw.name, "--pin-dir"])
-            .arg(self.pins.dir.path())
-            .args(["run", "--policy"])
-            .arg(&self.policy_file)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn xdpgate run");
+        let child =
+            self.pins.agent(&self.policy_file).stderr(log).spawn().expect("spawn xdpgate run");
         let pid = child.id();
         self.agent = Some(child);
         // Its start done, not only its policy applied (which comes before the rest of the

@@ -11,7 +11,7 @@ mod common;
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
-    process::{Child, Command, Stdio},
+    process::Child,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -100,16 +100,7 @@ impl Lab {
         pins.xdpgate(&["attach", "--hook", "xdp", "--iface", "int0", "--role", "internal"]);
         let file = std::env::temp_dir().join(format!("{}.yaml", unique("natpol")));
         std::fs::write(&file, policy(extra)).unwrap();
-        let agent = Command::new(common::xdpgate_bin())
-            .args(["--netns", &gw.name, "--pin-dir"])
-            .arg(pins.dir.path())
-            .args(["run", "--policy"])
-            .arg(&file)
-            .args(["--metrics-addr", "off"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn xdpgate run");
+        let agent = pins.agent(&file).spawn().expect("spawn xdpgate run");
         let pid = agent.id();
         let lab = Self { host, gw, server, pins, agent: Some(agent), file };
         // Its whole start, not only the policy: the start also bumps the route generation,

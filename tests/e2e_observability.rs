@@ -13,7 +13,7 @@ use std::{
     io::{self, Read, Write},
     net::{Shutdown, SocketAddr, TcpStream},
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Child, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -122,9 +122,9 @@ impl Lab {
     /// Starts `xdpgate run` in the gateway namespace, serving metrics on `metrics_addr`.
     fn start_agent(&mut self, metrics_addr: &str) {
         let log = std::fs::File::create(self.log_path()).unwrap();
-        let child = Command::new(common::xdpgate_bin())
-            .args(["--netns", &self.gw.name, "--pin-dir"])
-            .arg(self.pins.dir.path())
+        let child = self
+            .pins
+            .command()
             .args(["run", "--policy"])
             .arg(&self.policy)
             .args(["--metrics-addr", metrics_addr])

@@ -374,17 +374,7 @@ fn the_flow_log_keeps_its_events_while_observing() {
     let policy = lab.write_policy("policy.yaml", POLICY);
     let log = lab.dir.join("flows.jsonl");
     let _agent = common::KillOnDrop::new(
-        Command::new(common::xdpgate_bin())
-            .args(["--netns", &lab.gw.name, "--pin-dir"])
-            .arg(lab.pins.dir.path())
-            .args(["run", "--metrics-addr", "off", "--policy"])
-            .arg(&policy)
-            .arg("--flow-log")
-            .arg(&log)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn xdpgate run"),
+        lab.pins.agent(&policy).arg("--flow-log").arg(&log).spawn().expect("spawn xdpgate run"),
     );
     let start = Instant::now();
     loop {

@@ -195,15 +195,7 @@ fn a_killed_apply_leaves_the_kernel_and_the_saved_policy_equal_and_whole() {
 fn apply_beside_a_running_agent_is_refused_and_changes_nothing() {
     let k = Kernel::new();
     let p = Policies::new(&[(1000, 1999), (3000, 3999)]);
-    let mut agent = Command::new(xdpgate_bin())
-        .arg("--pin-dir")
-        .arg(k.pins.dir.path())
-        .args(["run", "--metrics-addr", "off", "--policy"])
-        .arg(&p.files[0])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn agent");
+    let mut agent = k.pins.agent(&p.files[0]).spawn().expect("spawn agent");
     struct Stop<'a>(&'a mut Child);
     impl Drop for Stop<'_> {
         fn drop(&mut self) {

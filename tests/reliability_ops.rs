@@ -23,7 +23,7 @@ use std::{
     io::{self, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Command},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -655,16 +655,7 @@ impl RestartLab {
             .append(true)
             .open(self.file.with_extension("log"))
             .unwrap();
-        let child = Command::new(common::xdpgate_bin())
-            .args(["--netns", &self.gw.name, "--pin-dir"])
-            .arg(self.pins.dir.path())
-            .args(["run", "--policy"])
-            .arg(&self.file)
-            .args(["--metrics-addr", "off"])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn xdpgate run");
+        let child = self.pins.agent(&self.file).stderr(log).spawn().expect("spawn xdpgate run");
         self.agent = Some(child);
         wait_for("the agent to apply its policy", Duration::from_secs(10), || {
             generation(&self.pins) > before
@@ -1098,16 +1089,7 @@ fn syn_flood_with_the_agent_running() {
         let dir = std::env::temp_dir().join(unique("flood"));
         let file = write_policy(&dir, OPEN_POLICY);
         let mut agent = common::KillOnDrop::new(
-            Command::new(common::xdpgate_bin())
-                .args(["--netns", &netns, "--pin-dir"])
-                .arg(k.pins.dir.path())
-                .args(["run", "--policy"])
-                .arg(&file)
-                .args(["--metrics-addr", "off"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("spawn xdpgate run"),
+            k.pins.agent(&file).args(["--netns", &netns]).spawn().expect("spawn xdpgate run"),
         );
         let current_gen = || apply::active(&k.pins.dir).map(|(_, c)| c.generation).unwrap_or(0);
         wait_for("the agent's policy", Duration::from_secs(10), || current_gen() >= 1);

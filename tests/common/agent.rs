@@ -1,12 +1,9 @@
 //! An agent (`xdpgate run`) in a test's network namespace, with a policy and a node file of
 //! its own; stopped, and its files removed, when dropped (a failing test included).
 
-use std::{
-    path::PathBuf,
-    process::{Child, Command, Stdio},
-};
+use std::{path::PathBuf, process::Child};
 
-use super::{Netns, Pins, unique, xdpgate_bin};
+use super::{Netns, Pins, unique};
 
 pub struct NodeAgent {
     child: Child,
@@ -22,16 +19,11 @@ impl NodeAgent {
         let (policy_file, node_file) = (dir.join("policy.yaml"), dir.join("node.yaml"));
         std::fs::write(&policy_file, policy).unwrap();
         std::fs::write(&node_file, node).unwrap();
-        let child = Command::new(xdpgate_bin())
-            .args(["--netns", &ns.name, "--pin-dir"])
-            .arg(pins.dir.path())
-            .arg("run")
-            .arg("--policy")
-            .arg(&policy_file)
+        let child = pins
+            .agent(&policy_file)
+            .args(["--netns", &ns.name])
             .arg("--node")
             .arg(&node_file)
-            .args(["--metrics-addr", "off"])
-            .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.join("agent.log")).unwrap())
             .spawn()
             .expect("spawn xdpgate run");

@@ -397,12 +397,26 @@ impl Pins {
     }
 
     pub fn try_xdpgate(&self, args: &[&str]) -> Output {
+        self.command().args(args).output().expect("spawn xdpgate")
+    }
+
+    /// `xdpgate` against this pin directory, in its namespace.
+    pub fn command(&self) -> Command {
         let mut cmd = Command::new(xdpgate_bin());
         cmd.arg("--pin-dir").arg(self.dir.path());
         if let Some(ns) = &self.netns {
             cmd.args(["--netns", ns]);
         }
-        cmd.args(args).output().expect("spawn xdpgate")
+        cmd
+    }
+
+    /// The agent, `xdpgate run` of `policy`, metrics off, its output discarded: callers add
+    /// their options (`--flow-log`, a file for its log) and spawn it.
+    pub fn agent(&self, policy: &Path) -> Command {
+        let mut cmd = self.command();
+        cmd.args(["run", "--metrics-addr", "off", "--policy"]).arg(policy);
+        cmd.stdout(Stdio::null()).stderr(Stdio::null());
+        cmd
     }
 }
 
