@@ -19,7 +19,7 @@ use super::{
     },
     List, Loader, Located, Named, Names, RawLoadBalancer, RawPolicy, Reader, family_name, in_range,
     item_names, normalized, parse_address, parse_idle_timeout, parse_literal, parse_nat_port_range,
-    parse_prefix,
+    parse_prefix, unforwardable, unmapped,
 };
 
 /// Azure allows 16 public addresses per NAT gateway, prefixes included.
@@ -341,7 +341,8 @@ fn parse_public(text: &str) -> Result<IpNet, String> {
     } else if text.contains('-') {
         return Err(format!("\"{text}\" is not an address or prefix"));
     } else {
-        IpNet::from(text.parse::<IpAddr>().map_err(|_| format!("invalid address \"{text}\""))?)
+        let address = text.parse().map_err(|_| format!("invalid address \"{text}\""))?;
+        IpNet::from(unmapped(text, address)?)
     };
     // 2^4 = 16 addresses.
     if net.max_prefix_len() - net.prefix_len() > 4 {
@@ -349,6 +350,12 @@ fn parse_public(text: &str) -> Result<IpNet, String> {
             "prefix {net} is too large: a NAT gateway has at most {MAX_PUBLIC_ADDRESSES} public \
              addresses"
         ));
+    }
+    // Replies come back to it from elsewhere.
+    if let Some((address, what)) =
+        all_addresses(net).into_iter().find_map(|a| Some((a, unforwardable(a)?)))
+    {
+        return Err(format!("public address {address} is {what}: replies cannot come back to it"));
     }
     Ok(net)
 }
@@ -478,6 +485,37 @@ nat_gateways:
 
     fn net(s: &str) -> IpNet {
         s.parse().unwrap()
+    }
+
+    /// A public address is one replies can come back to: not the unspecified, a loopback,
+    /// a group, the broadcast or a link-local one, nor IPv4-mapped (seen failing: all were
+    /// loaded, and translated flows would have left with a source nothing answers).
+    #[test]
+    fn public_addresses_nothing_answers() {
+        let doc = nat().replace(
+            "      - 192.0.2.100\n",
+            "      - 0.0.0.0\n      - 127.0.0.1\n      - 224.0.0.1\n      - 255.255.255.255\n      \
+             - 169.254.1.0/30\n      - \"ff02::1\"\n      - \"::ffff:192.0.2.100\"\n",
+        );
+        let errors = doc.errors();
+        for (i, what) in [
+            (0, "0.0.0.0 is the unspecified address"),
+            (1, "127.0.0.1 is a loopback address"),
+            (2, "224.0.0.1 is a multicast address"),
+            (3, "255.255.255.255 is the broadcast address"),
+            (4, "169.254.1.0 is link-local"),
+            (5, "ff02::1 is a multicast address"),
+        ] {
+            let want = format!(
+                "nat_gateways[0].public_addresses[{i}]: public address {what}: replies cannot \
+                 come back to it"
+            );
+            assert!(errors.iter().any(|e| e.ends_with(&want)), "{want}\n{errors:?}");
+        }
+        let want = "nat_gateways[0].public_addresses[6]: \"::ffff:192.0.2.100\" is an IPv4-mapped \
+                    IPv6 address, which packets do not carry: write 192.0.2.100";
+        assert!(errors.iter().any(|e| e.ends_with(want)), "{want}\n{errors:?}");
+        assert_eq!(errors.len(), 7, "{errors:?}");
     }
 
     #[test]

@@ -10,6 +10,10 @@ use super::{
     List, PolicyError,
 };
 
+/// What to do instead of a field written without a value: of a list, and of the rest.
+const NONE: &str = "leave the field out for none";
+const DEFAULT: &str = "leave the field out for the default";
+
 /// Where the value of each path is, and which paths could not be read.
 #[derive(Debug, Default)]
 pub(super) struct Index {
@@ -206,9 +210,25 @@ impl<'f> Reader<'f> {
         Some(fields)
     }
 
-    /// A field's node; a null value counts as not written.
-    fn get<'n>(&self, f: &Fields<'n>, name: &str) -> Option<&'n Node> {
-        f.entries.get(name).copied().filter(|n| n.value() != Some(Value::Null))
+    /// A field's node, `None` if not written. Written without a value (`~`, or its items
+    /// commented out under it) is an error saying `hint`, never "not written": `nsgs:` with
+    /// its items commented out would otherwise load as a policy without NSGs, unseen.
+    fn get<'n>(&mut self, f: &Fields<'n>, name: &str, hint: &str) -> Option<&'n Node> {
+        let node = f.entries.get(name).copied()?;
+        if node.value() != Some(Value::Null) {
+            return Some(node);
+        }
+        let path = child(&f.path, name);
+        if !f.suggested.contains(name) && self.index.bad.insert(path.clone()) {
+            let pos = self.index.pos(&path);
+            self.error_at(&path, pos, format!("needs a value ({hint})"));
+        }
+        None
+    }
+
+    /// Whether a required field is written without a value: [`Self::missing`] says so.
+    fn null(f: &Fields, name: &str) -> bool {
+        f.entries.get(name).is_some_and(|n| n.value() == Some(Value::Null))
     }
 
     fn missing(&mut self, f: &Fields, name: &str) {
@@ -266,7 +286,8 @@ impl<'f> Reader<'f> {
     }
 
     pub fn string(&mut self, f: &Fields, name: &str) -> String {
-        self.opt_string(f, name).unwrap_or_else(|| {
+        let value = if Self::null(f, name) { None } else { self.opt_string(f, name) };
+        value.unwrap_or_else(|| {
             if !self.index.bad.contains(&child(&f.path, name)) {
                 self.missing(f, name);
             }
@@ -275,12 +296,13 @@ impl<'f> Reader<'f> {
     }
 
     pub fn opt_string(&mut self, f: &Fields, name: &str) -> Option<String> {
-        let node = self.get(f, name)?;
+        let node = self.get(f, name, DEFAULT)?;
         self.text_of(&child(&f.path, name), node)
     }
 
     pub fn int(&mut self, f: &Fields, name: &str) -> i64 {
-        self.opt_int(f, name).unwrap_or_else(|| {
+        let value = if Self::null(f, name) { None } else { self.opt_int(f, name) };
+        value.unwrap_or_else(|| {
             if !self.index.bad.contains(&child(&f.path, name)) {
                 self.missing(f, name);
             }
@@ -289,17 +311,17 @@ impl<'f> Reader<'f> {
     }
 
     pub fn opt_int(&mut self, f: &Fields, name: &str) -> Option<i64> {
-        let node = self.get(f, name)?;
+        let node = self.get(f, name, DEFAULT)?;
         self.int_of(&child(&f.path, name), node)
     }
 
     pub fn opt_scalar(&mut self, f: &Fields, name: &str) -> Option<String> {
-        let node = self.get(f, name)?;
+        let node = self.get(f, name, DEFAULT)?;
         self.scalar_of(&child(&f.path, name), node)
     }
 
     pub fn opt_bool(&mut self, f: &Fields, name: &str) -> Option<bool> {
-        let node = self.get(f, name)?;
+        let node = self.get(f, name, DEFAULT)?;
         match node.value() {
             Some(Value::Bool(b)) => Some(b),
             _ => {
@@ -311,7 +333,7 @@ impl<'f> Reader<'f> {
 
     /// A required list: an error if not written.
     pub fn required_list(&mut self, f: &Fields, name: &str) -> List {
-        let node = self.get(f, name);
+        let node = if Self::null(f, name) { None } else { self.get(f, name, NONE) };
         node.map(|node| self.list_of(&child(&f.path, name), node)).unwrap_or_else(|| {
             if !self.index.bad.contains(&child(&f.path, name)) {
                 self.missing(f, name);
@@ -331,20 +353,12 @@ impl<'f> Reader<'f> {
     /// Written without a value is an error: a list commented out under its key would
     /// otherwise narrow (an NSG's `hosts`) or widen what the policy says, unseen.
     pub fn list(&mut self, f: &Fields, name: &str) -> Option<List> {
-        self.written_list(f, name, "leave the field out for none")
+        self.written_list(f, name, NONE)
     }
 
     fn written_list(&mut self, f: &Fields, name: &str, hint: &str) -> Option<List> {
-        if let Some(node) = self.get(f, name) {
-            return Some(self.list_of(&child(&f.path, name), node));
-        }
-        if f.entries.contains_key(name) && !f.suggested.contains(name) {
-            let path = child(&f.path, name);
-            let pos = self.index.pos(&path);
-            self.error_at(&path, pos, format!("needs a value ({hint})"));
-            self.index.bad.insert(path);
-        }
-        None
+        let node = self.get(f, name, hint)?;
+        Some(self.list_of(&child(&f.path, name), node))
     }
 
     pub fn list_of(&mut self, path: &str, node: &Node) -> List {
@@ -366,14 +380,15 @@ impl<'f> Reader<'f> {
         }
     }
 
-    /// A list of items read by `read` (each with its path); empty if not written.
+    /// A list of items read by `read` (each with its path); empty if not written (written
+    /// without a value is an error).
     pub fn seq<T>(
         &mut self,
         f: &Fields,
         name: &str,
         mut read: impl FnMut(&mut Self, &str, &Node) -> T,
     ) -> Vec<T> {
-        let Some(node) = self.get(f, name) else { return Vec::new() };
+        let Some(node) = self.get(f, name, NONE) else { return Vec::new() };
         let path = child(&f.path, name);
         let Kind::Seq(items) = &node.kind else {
             self.wrong_type(&path, node, "a list");
@@ -388,9 +403,10 @@ impl<'f> Reader<'f> {
             .collect()
     }
 
-    /// The node of a field, for fields with a shape of their own.
-    pub fn node<'n>(&self, f: &Fields<'n>, name: &str) -> Option<&'n Node> {
-        self.get(f, name)
+    /// The node of a field, for fields with a shape of their own (written without a value
+    /// is an error).
+    pub fn node<'n>(&mut self, f: &Fields<'n>, name: &str) -> Option<&'n Node> {
+        self.get(f, name, DEFAULT)
     }
 }
 
