@@ -1201,6 +1201,42 @@ fn check_refuses_a_policy_over_the_nsg_field_capacity() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("of 131072 NSG table entries"));
 }
 
+/// A policy over a table's capacity that only compiling finds (129 load-balancing rules)
+/// is refused with the file's name, as every other error of the file is (seen failing:
+/// the message named no file).
+#[test]
+fn check_names_the_file_of_a_policy_over_the_rule_capacity() {
+    let dir = std::env::temp_dir().join(common::unique("relcap"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("many-rules.yaml");
+    let mut doc = String::from(
+        "virtual_network:\n  address_space: [198.51.100.0/24]\nload_balancers:\n  - name: lb\n    \
+         frontends: [{name: f, address: 192.0.2.10}]\n    \
+         inbound_nat_rules:\n",
+    );
+    for i in 0..129 {
+        doc += &format!(
+            "      - {{name: r{i}, frontend: f, protocol: tcp, frontend_port: {}, \
+             backend: 198.51.100.11, backend_port: 22}}\n",
+            2200 + i
+        );
+    }
+    std::fs::write(&path, doc).unwrap();
+    let out = std::process::Command::new(common::xdpgate_bin())
+        .args(["check", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "check accepted it: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        stderr.contains(&format!("{}: cannot be applied", path.display()))
+            && stderr
+                .contains("129 load-balancing and inbound NAT rules exceed the table size 128"),
+        "{stderr}"
+    );
+}
+
 /// Two policies that each fit the trie alone but not beside each other: applying the second
 /// over the first is refused before anything is written, with a message that says so, and
 /// the running policy, its record and the trie stay exactly as they were.

@@ -347,7 +347,8 @@ impl Failing {
 fn prepare(pins: &PinDir, file: &Path) -> Result<(Policy, String, compile::Compiled, CompiledLb)> {
     // With the sets' run-time changes (`xdpgate set`), which a reload keeps.
     let (policy, source) = policy::load_with_sets(file, &dataplane::sets::changes(pins)?)?;
-    let (tables, lbs) = policy::compile_all(&policy)?;
+    let (tables, lbs) = policy::compile_all(&policy)
+        .with_context(|| format!("{}: cannot be applied", file.display()))?;
     Ok((policy, source, tables, lbs))
 }
 

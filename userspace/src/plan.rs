@@ -40,10 +40,10 @@ pub fn load_checked(
     changes: &SetChanges,
 ) -> Result<(Policy, compile::Compiled)> {
     let (policy, _) = policy::load_with_sets(file, changes)?;
-    let (compiled, _) = policy::compile_all(&policy)?;
+    let cannot = || format!("{}: cannot be applied", file.display());
+    let (compiled, _) = policy::compile_all(&policy).with_context(cannot)?;
     // With the numbers apply uses, for whatever policy runs before or after it.
-    compile::check_capacity(&policy, &compiled)
-        .with_context(|| format!("{}: cannot be applied", file.display()))?;
+    compile::check_capacity(&policy, &compiled).with_context(cannot)?;
     Ok((policy, compiled))
 }
 
