@@ -281,20 +281,35 @@ fn read_encapsulation(v: &tree::Node) -> Result<dataplane::encap::Sources> {
             Some(Value::Str(s)) => Some(s.to_owned()),
             _ => None,
         };
-        let bad = |kind: &str| {
+        let bad = |kind: &str, note: &str| {
             anyhow::anyhow!(
-                "{}: encapsulation: {key}: expected {kind}, found {}",
+                "{}: encapsulation: {key}: expected {kind}, found {}{note}",
                 at(v.pos),
                 v.describe()
             )
         };
+        // The outer source of every packet sent: the dataplane takes 0.0.0.0 for none.
+        let usable = |a: IpAddr| match xdpgate_policy::unforwardable(a) {
+            Some(what) => Err(anyhow::anyhow!(
+                "{}: encapsulation: {key}: {a} is {what}, not one of this host's to send from",
+                at(v.pos)
+            )),
+            None => Ok(()),
+        };
         match key.as_str() {
             "source4" => {
-                let a = text.and_then(|t| t.parse().ok()).ok_or_else(|| bad("an IPv4 address"))?;
+                let a =
+                    text.and_then(|t| t.parse().ok()).ok_or_else(|| bad("an IPv4 address", ""))?;
+                usable(IpAddr::V4(a))?;
                 sources.v4 = Some(a);
             }
             "source6" => {
-                let a = text.and_then(|t| t.parse().ok()).ok_or_else(|| bad("an IPv6 address"))?;
+                let a: std::net::Ipv6Addr =
+                    text.and_then(|t| t.parse().ok()).ok_or_else(|| bad("an IPv6 address", ""))?;
+                if a.to_ipv4_mapped().is_some() {
+                    bail!(bad("an IPv6 address", " (IPv4-mapped: write it as source4)"));
+                }
+                usable(IpAddr::V6(a))?;
                 sources.v6 = Some(a);
             }
             _ => bail!(
@@ -314,11 +329,12 @@ pub fn parse(text: &str) -> Result<Node> {
     }
     let mut seen = HashSet::new();
     for i in &node.interfaces {
-        // IFNAMSIZ - 1; '/' and whitespace cannot be in a name (and '/' would escape links/).
+        // IFNAMSIZ - 1; Linux refuses '/', ':' and whitespace ('/' would also escape
+        // links/), and a control character would be printed raw by the views.
         if i.name.is_empty()
             || i.name.len() > 15
-            || i.name.contains(['/', '\0'])
-            || i.name.chars().any(char::is_whitespace)
+            || i.name.contains(['/', ':'])
+            || i.name.chars().any(|c| c.is_whitespace() || c.is_control())
             || i.name == "."
             || i.name == ".."
         {
@@ -442,6 +458,26 @@ mod tests {
                 "line 3, column 17: encapsulation: unknown field \"src\"",
             ),
             ("encapsulation: 10.0.0.1", "line 3, column 16: encapsulation: expected a mapping"),
+            // Outer sources a reply cannot come back to: the dataplane takes 0.0.0.0 for "no
+            // source" and drops every packet to send (seen failing: `check` said ok).
+            (
+                "encapsulation: {source4: 0.0.0.0}",
+                "line 3, column 26: encapsulation: source4: 0.0.0.0 is the unspecified address, \
+                 not one of this host's to send from",
+            ),
+            (
+                "encapsulation: {source4: 127.0.0.1}",
+                "source4: 127.0.0.1 is a loopback address, not one of this host's to send from",
+            ),
+            (
+                "encapsulation: {source6: \"ff02::1\"}",
+                "source6: ff02::1 is a multicast address, not one of this host's to send from",
+            ),
+            (
+                "encapsulation: {source6: \"::ffff:10.0.0.1\"}",
+                "source6: expected an IPv6 address, found string \"::ffff:10.0.0.1\" (IPv4-mapped: \
+                 write it as source4)",
+            ),
         ] {
             let err = format!("{:#}", parse(&format!("{base}{bad}\n")).unwrap_err());
             assert!(err.contains(why), "{bad}: {err}");
@@ -482,6 +518,10 @@ mod tests {
                 "column 34: unknown field \"mtu\"",
             ),
             ("interfaces:\n  - {name: ../x, role: external}", "not an interface name"),
+            // Linux refuses ':' in a name, and xdpgate prints names raw (seen failing: both
+            // accepted, and the agent would wait for the first forever).
+            ("interfaces:\n  - {name: \"eth0:1\", role: external}", "not an interface name"),
+            ("interfaces:\n  - {name: \"e\\e[31mx\", role: external}", "not an interface name"),
             (
                 "interfaces:\n  - {name: v, role: external, hook: tc, mode: skb}",
                 "line 2, column 47: mode: applies to XDP only",

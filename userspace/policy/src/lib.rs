@@ -21,7 +21,7 @@ use anyhow::{Result, anyhow};
 pub use model::*;
 pub use yaml::{
     PolicyError, PolicyErrors, load_file, load_str, load_str_with_sets, parse_set_element,
-    printable, read_source,
+    printable, read_source, unforwardable,
 };
 
 /// Loads a policy file; every validation error is listed as file:line: field: reason.

@@ -2203,8 +2203,9 @@ fn parse_subnet(text: &str) -> Result<IpNet, String> {
 
 /// What makes `address` one no packet can be forwarded to (as a backend), if anything:
 /// this host's own, a group, or link-local (not routed past its link; nor can a probe reach
-/// an IPv6 one without naming its interface).
-fn unforwardable(address: IpAddr) -> Option<&'static str> {
+/// an IPv6 one without naming its interface). The same makes it no frontend, public address
+/// or outer source.
+pub fn unforwardable(address: IpAddr) -> Option<&'static str> {
     let link_local = match address {
         IpAddr::V4(a) => a.is_link_local(),
         IpAddr::V6(a) => a.is_unicast_link_local(),

@@ -90,7 +90,17 @@ pub fn read(v: &tree::Node) -> Result<Bgp> {
                 }
                 table = Some(n);
             }
-            "router_id" => router_id = Some(address(v, "router_id", "an IPv4 address")?),
+            "router_id" => {
+                let id: std::net::Ipv4Addr = address(v, "router_id", "an IPv4 address")?;
+                if id.is_unspecified() {
+                    bail!(
+                        "{}: bgp: router_id: 0.0.0.0 is not a router ID (BGP needs one other \
+                         than 0.0.0.0)",
+                        at(v.pos)
+                    );
+                }
+                router_id = Some(id);
+            }
             "local_as" => local_as = Some(number(v, "local_as", 1, u32::MAX.into())? as u32),
             "hold_time" => hold_time = Some(number(v, "hold_time", 3, 65535)? as u16),
             "peers" => peers = Some(read_peers(v)?),
@@ -215,6 +225,12 @@ mod tests {
             (
                 "bgp: {router_id: 203.0.113.2, local_as: 0, peers: [{address: 203.0.113.1, as: 1}]}",
                 "local_as: 0 is out of range",
+            ),
+            // BIRD refuses router ID 0 (seen failing: `check` said ok).
+            (
+                "bgp: {router_id: 0.0.0.0, local_as: 1, peers: [{address: 203.0.113.1, as: 1}]}",
+                "line 3, column 18: bgp: router_id: 0.0.0.0 is not a router ID (BGP needs one \
+                 other than 0.0.0.0)",
             ),
             (
                 "bgp: {router_id: 203.0.113.2, local_as: 1, peers: [{address: 203.0.113.1}]}",
