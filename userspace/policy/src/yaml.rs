@@ -633,6 +633,9 @@ const MAX_NAME_CHARS: usize = 80;
 const MAX_ERRORS: usize = 1000;
 /// Names listed in an "unknown name" message.
 const MAX_LISTED: usize = 10;
+/// Address prefixes of one list, or of one rule's side: more can never fit a policy's NSG
+/// tables (each prefix of a side is at least one entry).
+const MAX_PREFIXES: usize = crate::compile::NSG_FIELDS_PER_POLICY;
 const TIMEOUTS: RangeInclusive<i64> = 4..=7200;
 const ANY_V4: IpNet = IpNet::V4(Ipv4Net::new_assert(Ipv4Addr::UNSPECIFIED, 0));
 const ANY_V6: IpNet = IpNet::V6(Ipv6Net::new_assert(Ipv6Addr::UNSPECIFIED, 0));
@@ -943,8 +946,39 @@ impl Loader<'_> {
             let parsed = parse_literal(text)
                 .unwrap_or_else(|| Err(format!("\"{text}\" is not an address, prefix or range")));
             prefixes.extend(self.check(&path, parsed).unwrap_or_default());
+            if self.past_prefix_limit(&path, &mut prefixes, false) {
+                return Vec::new();
+            }
+        }
+        if self.past_prefix_limit(path, &mut prefixes, true) {
+            return Vec::new();
         }
         prefixes
+    }
+
+    /// Whether `prefixes`, as far as `path`, are more distinct ones than a policy's NSG
+    /// tables could ever hold (an error there). Checked as they grow: a range is up to 254
+    /// prefixes, and a list is copied into every rule that names it, so a 1 MB file could
+    /// expand to gigabytes before the tables' own capacity check. While they grow,
+    /// duplicates are dropped when there are twice too many, so that each pass drops at
+    /// least as many as it keeps; once `whole`, when there are too many.
+    fn past_prefix_limit(&mut self, path: &str, prefixes: &mut Vec<IpNet>, whole: bool) -> bool {
+        if prefixes.len() <= if whole { MAX_PREFIXES } else { 2 * MAX_PREFIXES } {
+            return false;
+        }
+        prefixes.sort_unstable();
+        prefixes.dedup();
+        if prefixes.len() <= MAX_PREFIXES {
+            return false;
+        }
+        self.error(
+            path,
+            format!(
+                "expands to more than {MAX_PREFIXES} address prefixes, more than a policy's NSG \
+                 tables hold"
+            ),
+        );
+        true
     }
 
     /// A rule's `source` or `destination`: literals, `*` and names.
@@ -970,6 +1004,12 @@ impl Loader<'_> {
                 })
             };
             prefixes.extend(self.check(&path, parsed).unwrap_or_default());
+            if self.past_prefix_limit(&path, &mut prefixes, false) {
+                return Vec::new();
+            }
+        }
+        if self.past_prefix_limit(path, &mut prefixes, true) {
+            return Vec::new();
         }
         normalized(prefixes)
     }
@@ -2777,6 +2817,52 @@ nsgs:
             errors(&src),
             ["policy.yaml:18:19: settings.tcp_idle_timeout: needs a value \
               (leave the field out for the default)"]
+        );
+    }
+
+    /// A list that expands to more address prefixes than a policy's NSG tables can ever
+    /// hold (ranges expand to up to 254 prefixes each) is refused where it passes the limit,
+    /// and not copied into the rules that name it: a 1 MB file so written took gigabytes
+    /// and aborted `check` (seen failing: loaded, the capacity check only after compiling).
+    #[test]
+    fn lists_past_the_prefix_limit() {
+        let ranges: Vec<String> = (1..=600)
+            .map(|n| format!("\"{n:x}::1-{n:x}:ffff:ffff:ffff:ffff:ffff:ffff:fffe\""))
+            .collect();
+        let src = format!(
+            "{}service_tags:\n  big: [{}]\n",
+            with_rule(&[("source", "[big, big]")]),
+            ranges.join(", ")
+        );
+        let errors = errors(&src);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(
+            errors[0].starts_with("policy.yaml:26:")
+                && errors[0].contains("service_tags.big: ")
+                && errors[0].ends_with(
+                    "expands to more than 131072 address prefixes, more than a policy's NSG \
+                     tables hold"
+                ),
+            "{errors:?}"
+        );
+        // A rule naming lists under the limit whose sum passes it; the same list twice is
+        // no more prefixes.
+        let half: Vec<String> = ranges[..300].to_vec();
+        let src = format!(
+            "{}service_tags:\n  a: [{}]\n  b: [{}]\n",
+            with_rule(&[("source", "[a, a, b]")]),
+            half.join(", "),
+            ranges[300..].join(", ")
+        );
+        let errors = super::tests::errors(&src);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(
+            errors[0].contains("nsgs[0].rules[1].source: ")
+                && errors[0].ends_with(
+                    "expands to more than 131072 address prefixes, more than a policy's NSG \
+                     tables hold"
+                ),
+            "{errors:?}"
         );
     }
 
