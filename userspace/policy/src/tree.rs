@@ -123,6 +123,31 @@ enum Open {
     Map(Pos, Vec<(Node, Node)>, Option<Node>),
 }
 
+/// Refuses a `%YAML` directive of a version other than 1.2, which the parser would read as
+/// 1.2 without a word (it does not pass the directive on): a 1.1 file meant other values
+/// by the same text. Directives come before the document, among comments and blank lines.
+fn version_is_1_2(src: &str) -> Result<(), ParseError> {
+    for (i, line) in src.lines().enumerate() {
+        let line = line.trim_end();
+        if let Some(rest) = line.strip_prefix("%YAML") {
+            let version = rest.split_whitespace().next().unwrap_or_default();
+            if version != "1.2" {
+                return Err(ParseError {
+                    pos: Pos { line: i + 1, column: 1 },
+                    reason: format!(
+                        "YAML {} is not read here: xdpgate reads YAML 1.2 (where 0100 is 100 \
+                         and yes is text); remove the directive or write %YAML 1.2",
+                        elide(version)
+                    ),
+                });
+            }
+        } else if !(line.is_empty() || line.starts_with(['#', '%'])) {
+            break;
+        }
+    }
+    Ok(())
+}
+
 /// Parses one YAML document. `Ok(None)`: the source holds no document at all.
 pub fn parse(src: &str) -> Result<Option<Node>, ParseError> {
     if src.len() > MAX_FILE_BYTES {
@@ -134,6 +159,7 @@ pub fn parse(src: &str) -> Result<Option<Node>, ParseError> {
             ),
         });
     }
+    version_is_1_2(src)?;
     let mut stack: Vec<Open> = Vec::new();
     let mut root: Option<Node> = None;
     let mut documents = 0;
@@ -287,6 +313,27 @@ mod tests {
         }
         let ok = "[".repeat(MAX_DEPTH) + &"]".repeat(MAX_DEPTH);
         assert!(parse(&ok).is_ok());
+    }
+
+    /// The reader knows YAML 1.2 only; a file that declares another version meant other
+    /// values by the same text (1.1: `0100` is 64, `yes` true), so it is refused rather
+    /// than read otherwise (seen failing: `%YAML 1.1` read `0100` as 100).
+    #[test]
+    fn versions_other_than_1_2_are_refused() {
+        for version in ["1.1", "9.9"] {
+            let e = parse(&format!("# ports\n%YAML {version}\n---\np: 0100\n")).unwrap_err();
+            assert_eq!(e.pos, Pos { line: 2, column: 1 });
+            assert_eq!(
+                e.reason,
+                format!(
+                    "YAML {version} is not read here: xdpgate reads YAML 1.2 (where 0100 is 100 \
+                     and yes is text); remove the directive or write %YAML 1.2"
+                )
+            );
+        }
+        assert!(parse("%YAML 1.2\n---\np: 0100\n").is_ok());
+        // Text that only looks like one, in the document, is the document's.
+        assert!(parse("a: |\n  %YAML 1.1\n").is_ok());
     }
 
     #[test]
