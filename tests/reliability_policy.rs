@@ -1202,8 +1202,8 @@ fn check_refuses_a_policy_over_the_nsg_field_capacity() {
 }
 
 /// A policy over a table's capacity that only compiling finds (129 load-balancing rules)
-/// is refused with the file's name, as every other error of the file is (seen failing:
-/// the message named no file).
+/// is refused with the file's name by `check` and a one-shot `apply`, as every other error
+/// of the file is (seen failing: the message named no file).
 #[test]
 fn check_names_the_file_of_a_policy_over_the_rule_capacity() {
     let dir = std::env::temp_dir().join(common::unique("relcap"));
@@ -1222,19 +1222,23 @@ fn check_names_the_file_of_a_policy_over_the_rule_capacity() {
         );
     }
     std::fs::write(&path, doc).unwrap();
-    let out = std::process::Command::new(common::xdpgate_bin())
-        .args(["check", path.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let k = Kernel::new();
+    for command in ["check", "apply"] {
+        let out = k.pins.try_xdpgate(&[command, path.to_str().unwrap()]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "{command} took it: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        assert!(
+            stderr.contains(&format!("{}: cannot be applied", path.display()))
+                && stderr
+                    .contains("129 load-balancing and inbound NAT rules exceed the table size 128"),
+            "{command}: {stderr}"
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "check accepted it: {}", String::from_utf8_lossy(&out.stdout));
-    assert!(
-        stderr.contains(&format!("{}: cannot be applied", path.display()))
-            && stderr
-                .contains("129 load-balancing and inbound NAT rules exceed the table size 128"),
-        "{stderr}"
-    );
 }
 
 /// Two policies that each fit the trie alone but not beside each other: applying the second

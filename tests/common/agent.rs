@@ -19,9 +19,14 @@ impl NodeAgent {
         let (policy_file, node_file) = (dir.join("policy.yaml"), dir.join("node.yaml"));
         std::fs::write(&policy_file, policy).unwrap();
         std::fs::write(&node_file, node).unwrap();
-        let child = pins
-            .agent(&policy_file)
-            .args(["--netns", &ns.name])
+        let mut command = pins.agent(&policy_file);
+        match &pins.netns {
+            Some(theirs) => assert_eq!(theirs, &ns.name, "the agent runs where its pins are"),
+            None => {
+                command.args(["--netns", &ns.name]);
+            }
+        }
+        let child = command
             .arg("--node")
             .arg(&node_file)
             .stderr(std::fs::File::create(dir.join("agent.log")).unwrap())

@@ -2,7 +2,7 @@
 
 use std::{path::PathBuf, process::ExitCode};
 
-use anyhow::{Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use clap::{CommandFactory as _, Parser, Subcommand, ValueEnum as _};
 use xdpgate::{
     agent, bgp, capture, cli_docs, flowlog, flows_cmd, metrics, observe, plan, status, trace,
@@ -428,7 +428,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             // them and brings them back); every other backend counts as healthy.
             let down = lb::pinned_unhealthy(&pins)?;
             let health = |b: std::net::IpAddr| !down.contains(&b);
-            let (generation, lbs) = transaction::apply_policy(&pins, &policy, &source, &health)?;
+            let (generation, lbs) = transaction::apply_policy(&pins, &policy, &source, &health)
+                .with_context(|| format!("{}: cannot be applied", file.display()))?;
             println!("applied {} as generation {generation}", file.display());
             // Under the write lock: an agent starting now announces after this, not before;
             // and only while this policy runs (a later apply withdraws for its own).

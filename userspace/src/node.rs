@@ -293,7 +293,7 @@ fn read_encapsulation(v: &tree::Node) -> Result<dataplane::encap::Sources> {
         // The outer source of every packet sent: the dataplane takes 0.0.0.0 for none.
         let usable = |a: IpAddr| match xdpgate_policy::unforwardable(a) {
             Some(what) => Err(anyhow::anyhow!(
-                "{}: encapsulation: {key}: {a} is {what}, not one of this host's to send from",
+                "{}: encapsulation: {key}: {a} is {what}: unusable as an outer source",
                 at(v.pos)
             )),
             None => Ok(()),
@@ -308,8 +308,8 @@ fn read_encapsulation(v: &tree::Node) -> Result<dataplane::encap::Sources> {
             "source6" => {
                 let a: std::net::Ipv6Addr =
                     text.and_then(|t| t.parse().ok()).ok_or_else(|| bad("an IPv6 address", ""))?;
-                if a.to_ipv4_mapped().is_some() {
-                    bail!(bad("an IPv6 address", " (IPv4-mapped: write it as source4)"));
+                if let Some(v4) = a.to_ipv4_mapped() {
+                    bail!(bad("an IPv6 address", &format!(" (IPv4-mapped: write source4: {v4})")));
                 }
                 usable(IpAddr::V6(a))?;
                 sources.v6 = Some(a);
@@ -464,21 +464,21 @@ mod tests {
             // source" and drops every packet to send (seen failing: `check` said ok).
             (
                 "encapsulation: {source4: 0.0.0.0}",
-                "line 3, column 26: encapsulation: source4: 0.0.0.0 is the unspecified address, \
-                 not one of this host's to send from",
+                "line 3, column 26: encapsulation: source4: 0.0.0.0 is the unspecified address: \
+                 unusable as an outer source",
             ),
             (
                 "encapsulation: {source4: 127.0.0.1}",
-                "source4: 127.0.0.1 is a loopback address, not one of this host's to send from",
+                "source4: 127.0.0.1 is a loopback address: unusable as an outer source",
             ),
             (
                 "encapsulation: {source6: \"ff02::1\"}",
-                "source6: ff02::1 is a multicast address, not one of this host's to send from",
+                "source6: ff02::1 is a multicast address: unusable as an outer source",
             ),
             (
                 "encapsulation: {source6: \"::ffff:10.0.0.1\"}",
                 "source6: expected an IPv6 address, found string \"::ffff:10.0.0.1\" (IPv4-mapped: \
-                 write it as source4)",
+                 write source4: 10.0.0.1)",
             ),
         ] {
             let err = format!("{:#}", parse(&format!("{base}{bad}\n")).unwrap_err());

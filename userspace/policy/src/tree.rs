@@ -127,9 +127,11 @@ enum Open {
 /// 1.2 without a word (it does not pass the directive on): a 1.1 file meant other values
 /// by the same text. Directives come before the document, among comments and blank lines.
 fn version_is_1_2(src: &str) -> Result<(), ParseError> {
-    for (i, line) in src.lines().enumerate() {
+    for (i, line) in src.strip_prefix('\u{feff}').unwrap_or(src).lines().enumerate() {
         let line = line.trim_end();
-        if let Some(rest) = line.strip_prefix("%YAML") {
+        if let Some(rest) = line.strip_prefix("%YAML")
+            && rest.starts_with([' ', '\t'])
+        {
             let version = rest.split_whitespace().next().unwrap_or_default();
             if version != "1.2" {
                 return Err(ParseError {
@@ -141,7 +143,8 @@ fn version_is_1_2(src: &str) -> Result<(), ParseError> {
                     ),
                 });
             }
-        } else if !(line.is_empty() || line.starts_with(['#', '%'])) {
+        } else if !(line.is_empty() || line.trim_start().starts_with('#') || line.starts_with('%'))
+        {
             break;
         }
     }
@@ -332,6 +335,12 @@ mod tests {
             );
         }
         assert!(parse("%YAML 1.2\n---\np: 0100\n").is_ok());
+        // After a byte-order mark or an indented comment too (seen failing: read as 1.2).
+        for src in ["\u{feff}%YAML 1.1\n---\np: 1\n", "  # c\n%YAML 1.1\n---\np: 1\n"] {
+            assert!(parse(src).unwrap_err().reason.starts_with("YAML 1.1 is not read"), "{src:?}");
+        }
+        // Another directive is the parser's to judge.
+        assert!(!parse("%YAMLX 1.2\n---\np: 1\n").is_err_and(|e| e.reason.contains("YAML X")));
         // Text that only looks like one, in the document, is the document's.
         assert!(parse("a: |\n  %YAML 1.1\n").is_ok());
     }

@@ -513,7 +513,7 @@ nat_gateways:
             assert!(errors.iter().any(|e| e.ends_with(&want)), "{want}\n{errors:?}");
         }
         let want = "nat_gateways[0].public_addresses[6]: \"::ffff:192.0.2.100\" is an IPv4-mapped \
-                    IPv6 address, which packets do not carry: write 192.0.2.100";
+                    IPv6 address, which packets to and from it do not carry: write 192.0.2.100";
         assert!(errors.iter().any(|e| e.ends_with(want)), "{want}\n{errors:?}");
         assert_eq!(errors.len(), 7, "{errors:?}");
     }

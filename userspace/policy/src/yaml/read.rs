@@ -10,10 +10,6 @@ use super::{
     List, PolicyError,
 };
 
-/// What to do instead of a field written without a value: of a list, and of the rest.
-const NONE: &str = "leave the field out for none";
-const DEFAULT: &str = "leave the field out for the default";
-
 /// Where the value of each path is, and which paths could not be read.
 #[derive(Debug, Default)]
 pub(super) struct Index {
@@ -210,10 +206,16 @@ impl<'f> Reader<'f> {
         Some(fields)
     }
 
-    /// A field's node, `None` if not written. Written without a value (`~`, or its items
-    /// commented out under it) is an error saying `hint`, never "not written": `nsgs:` with
-    /// its items commented out would otherwise load as a policy without NSGs, unseen.
-    fn get<'n>(&mut self, f: &Fields<'n>, name: &str, hint: &str) -> Option<&'n Node> {
+    /// A field's node; a null value counts as not written (an optional value a generated
+    /// file writes as `null` takes its default).
+    fn get<'n>(&self, f: &Fields<'n>, name: &str) -> Option<&'n Node> {
+        f.entries.get(name).copied().filter(|n| n.value() != Some(Value::Null))
+    }
+
+    /// A list's node, `None` if not written. Written without a value (`~`, or its items
+    /// commented out under it) is an error, never "not written": `nsgs:` or `rules:` with
+    /// its items commented out would otherwise load as a policy without them, unseen.
+    fn get_list<'n>(&mut self, f: &Fields<'n>, name: &str, hint: Option<&str>) -> Option<&'n Node> {
         let node = f.entries.get(name).copied()?;
         if node.value() != Some(Value::Null) {
             return Some(node);
@@ -221,14 +223,13 @@ impl<'f> Reader<'f> {
         let path = child(&f.path, name);
         if !f.suggested.contains(name) && self.index.bad.insert(path.clone()) {
             let pos = self.index.pos(&path);
-            self.error_at(&path, pos, format!("needs a value ({hint})"));
+            let reason = match hint {
+                Some(hint) => format!("needs a value ({hint})"),
+                None => "needs a value".to_owned(),
+            };
+            self.error_at(&path, pos, reason);
         }
         None
-    }
-
-    /// Whether a required field is written without a value: [`Self::missing`] says so.
-    fn null(f: &Fields, name: &str) -> bool {
-        f.entries.get(name).is_some_and(|n| n.value() == Some(Value::Null))
     }
 
     fn missing(&mut self, f: &Fields, name: &str) {
@@ -286,8 +287,7 @@ impl<'f> Reader<'f> {
     }
 
     pub fn string(&mut self, f: &Fields, name: &str) -> String {
-        let value = if Self::null(f, name) { None } else { self.opt_string(f, name) };
-        value.unwrap_or_else(|| {
+        self.opt_string(f, name).unwrap_or_else(|| {
             if !self.index.bad.contains(&child(&f.path, name)) {
                 self.missing(f, name);
             }
@@ -296,13 +296,12 @@ impl<'f> Reader<'f> {
     }
 
     pub fn opt_string(&mut self, f: &Fields, name: &str) -> Option<String> {
-        let node = self.get(f, name, DEFAULT)?;
+        let node = self.get(f, name)?;
         self.text_of(&child(&f.path, name), node)
     }
 
     pub fn int(&mut self, f: &Fields, name: &str) -> i64 {
-        let value = if Self::null(f, name) { None } else { self.opt_int(f, name) };
-        value.unwrap_or_else(|| {
+        self.opt_int(f, name).unwrap_or_else(|| {
             if !self.index.bad.contains(&child(&f.path, name)) {
                 self.missing(f, name);
             }
@@ -311,17 +310,17 @@ impl<'f> Reader<'f> {
     }
 
     pub fn opt_int(&mut self, f: &Fields, name: &str) -> Option<i64> {
-        let node = self.get(f, name, DEFAULT)?;
+        let node = self.get(f, name)?;
         self.int_of(&child(&f.path, name), node)
     }
 
     pub fn opt_scalar(&mut self, f: &Fields, name: &str) -> Option<String> {
-        let node = self.get(f, name, DEFAULT)?;
+        let node = self.get(f, name)?;
         self.scalar_of(&child(&f.path, name), node)
     }
 
     pub fn opt_bool(&mut self, f: &Fields, name: &str) -> Option<bool> {
-        let node = self.get(f, name, DEFAULT)?;
+        let node = self.get(f, name)?;
         match node.value() {
             Some(Value::Bool(b)) => Some(b),
             _ => {
@@ -333,7 +332,7 @@ impl<'f> Reader<'f> {
 
     /// A required list: an error if not written.
     pub fn required_list(&mut self, f: &Fields, name: &str) -> List {
-        let node = if Self::null(f, name) { None } else { self.get(f, name, NONE) };
+        let node = self.get(f, name);
         node.map(|node| self.list_of(&child(&f.path, name), node)).unwrap_or_else(|| {
             if !self.index.bad.contains(&child(&f.path, name)) {
                 self.missing(f, name);
@@ -346,18 +345,18 @@ impl<'f> Reader<'f> {
     /// commented out) is an error, not "any": it would open every port of the rule.
     pub fn ports(&mut self, f: &Fields, name: &str) -> List {
         let hint = "leave the field out, or write \"*\", for any port";
-        self.written_list(f, name, hint).unwrap_or_else(List::any)
+        self.written_list(f, name, Some(hint)).unwrap_or_else(List::any)
     }
 
     /// A list of strings and integers, also written as one of them; `None` if not written.
     /// Written without a value is an error: a list commented out under its key would
     /// otherwise narrow (an NSG's `hosts`) or widen what the policy says, unseen.
     pub fn list(&mut self, f: &Fields, name: &str) -> Option<List> {
-        self.written_list(f, name, NONE)
+        self.written_list(f, name, None)
     }
 
-    fn written_list(&mut self, f: &Fields, name: &str, hint: &str) -> Option<List> {
-        let node = self.get(f, name, hint)?;
+    fn written_list(&mut self, f: &Fields, name: &str, hint: Option<&str>) -> Option<List> {
+        let node = self.get_list(f, name, hint)?;
         Some(self.list_of(&child(&f.path, name), node))
     }
 
@@ -388,7 +387,7 @@ impl<'f> Reader<'f> {
         name: &str,
         mut read: impl FnMut(&mut Self, &str, &Node) -> T,
     ) -> Vec<T> {
-        let Some(node) = self.get(f, name, NONE) else { return Vec::new() };
+        let Some(node) = self.get_list(f, name, None) else { return Vec::new() };
         let path = child(&f.path, name);
         let Kind::Seq(items) = &node.kind else {
             self.wrong_type(&path, node, "a list");
@@ -403,10 +402,9 @@ impl<'f> Reader<'f> {
             .collect()
     }
 
-    /// The node of a field, for fields with a shape of their own (written without a value
-    /// is an error).
-    pub fn node<'n>(&mut self, f: &Fields<'n>, name: &str) -> Option<&'n Node> {
-        self.get(f, name, DEFAULT)
+    /// The node of a field, for fields with a shape of their own.
+    pub fn node<'n>(&self, f: &Fields<'n>, name: &str) -> Option<&'n Node> {
+        self.get(f, name)
     }
 }
 
