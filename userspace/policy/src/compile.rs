@@ -277,6 +277,13 @@ pub fn check_nsg_fields(entries: usize, running: Option<usize>) -> Result<()> {
     }
 }
 
+fn too_many_entries() -> String {
+    format!(
+        "the policy needs more than the {NSG_FIELD_ENTRIES} NSG field entries the table holds \
+         for both policy slots, so a policy may use at most {NSG_FIELDS_PER_POLICY}"
+    )
+}
+
 /// Whether a compiled policy fits every dataplane table whatever policy runs before or
 /// after it: what `xdpgate check` requires.
 pub fn check_capacity(policy: &Policy, compiled: &Compiled) -> Result<()> {
@@ -314,16 +321,21 @@ pub fn access_code(a: Access) -> u32 {
 
 pub fn compile(policy: &Policy) -> Result<Compiled> {
     let mut tables: Vec<Table> = (0..TABLES_PER_SLOT).map(|_| Table::default()).collect();
+    // Entries past the whole trie can never be applied: stop there rather than build them
+    // (each takes a 512-byte bitmap; one rule of millions of prefixes took gigabytes).
+    let mut room = NSG_FIELD_ENTRIES as usize;
     for dir in [Direction::Inbound, Direction::Outbound] {
         for layer in [Layer::Subnet, Layer::Host] {
             let t = &mut tables[table_in_slot(dir_index(dir), layer_index(layer)) as usize];
-            *t = compile_table(policy, dir, layer)?;
+            *t = compile_table(policy, dir, layer, room)?;
+            room = room.saturating_sub(t.fields.len());
         }
     }
     Ok(Compiled { tables })
 }
 
-fn compile_table(policy: &Policy, dir: Direction, layer: Layer) -> Result<Table> {
+/// `room`: the NSG field entries left for this table and the rest (an error past it).
+fn compile_table(policy: &Policy, dir: Direction, layer: Layer, room: usize) -> Result<Table> {
     // Rules of every NSG associated at this layer, by priority (NSGs never overlap, so the
     // order between NSGs does not matter; ties go by NSG order to stay deterministic).
     let mut rules: Vec<(&Nsg, &Rule)> = policy
@@ -356,9 +368,15 @@ fn compile_table(policy: &Policy, dir: Direction, layer: Layer) -> Result<Table>
         entries.extend(proto_entries(rule.protocol));
         for e in entries {
             set_bit(fields.entry(e).or_insert(RuleBitmap { words: [0; BITMAP_WORDS] }), bit);
+            if fields.len() > room {
+                bail!(too_many_entries());
+            }
         }
     }
     close_over_covering_prefixes(&mut fields);
+    if fields.len() > room {
+        bail!(too_many_entries());
+    }
 
     let mut fields: Vec<_> = fields.into_iter().collect();
     fields.sort_by_key(|(e, _)| *e);
@@ -513,6 +531,25 @@ mod tests {
         assert!(full.iter().all(|(_, _, len)| *len > 0), "{full:?}");
         assert_eq!(full.len(), 2);
         assert_eq!(port_entries(FIELD_DPORT, &None), vec![(FIELD_DPORT, [0; 16], 0)]);
+    }
+
+    /// A policy needing more field entries than the whole trie holds stops compiling there,
+    /// with the capacity error, rather than building them all (seen failing: compiled every
+    /// entry, a 512-byte bitmap each, and only `check_capacity` refused it after).
+    #[test]
+    fn compiling_stops_past_the_trie() {
+        let ranges: Vec<String> = (1..=1_200)
+            .map(|n| format!("\"{n:x}::1-{n:x}:ffff:ffff:ffff:ffff:ffff:ffff:fffe\""))
+            .collect();
+        let src = format!(
+            "virtual_network:\n  address_space: [198.51.100.0/24]\nnsgs:\n  - name: web\n    \
+             subnets: [198.51.100.0/24]\n    rules:\n      - {{name: a, priority: 100, \
+             direction: inbound, access: deny, protocol: tcp, source: [{}], destination: \"*\"}}\n",
+            ranges.join(", ")
+        );
+        let policy = crate::load_str(&src, "t.yaml").unwrap();
+        let err = compile(&policy).map(|c| c.field_entries()).unwrap_err().to_string();
+        assert_eq!(err, too_many_entries());
     }
 
     #[test]
