@@ -999,16 +999,16 @@ impl Loader<'_> {
         }
         let mut prefixes = Vec::new();
         for (path, text) in list.iter(path) {
-            // Counted before a named list is copied; a literal once parsed.
-            let parsed = if is_any(text) {
-                Ok(vec![ANY_V4, ANY_V6])
+            // A named list is counted before it is copied, anything else once parsed.
+            let (parsed, counted) = if is_any(text) {
+                (Ok(vec![ANY_V4, ANY_V6]), false)
             } else if let Some(named) = names.get(text) {
                 if !self.spend(&path, named.len()) {
                     return Vec::new();
                 }
-                Ok(named.to_vec())
+                (Ok(named.to_vec()), true)
             } else {
-                parse_literal(text).unwrap_or_else(|| {
+                let parsed = parse_literal(text).unwrap_or_else(|| {
                     let mut known: Vec<&str> = names.user.keys().map(String::as_str).collect();
                     known.sort_unstable();
                     known.extend(BUILT_IN_TAGS);
@@ -1016,11 +1016,11 @@ impl Loader<'_> {
                         "unknown service tag or application security group \"{text}\"{}",
                         read::did_you_mean(text, known)
                     ))
-                })
+                });
+                (parsed, false)
             };
             let parsed = self.check(&path, parsed).unwrap_or_default();
-            let literal = is_any(text) || names.get(text).is_none();
-            if literal && !self.spend(&path, parsed.len()) {
+            if !counted && !self.spend(&path, parsed.len()) {
                 return Vec::new();
             }
             prefixes.extend(parsed);
@@ -1272,8 +1272,7 @@ impl Loader<'_> {
             let address = self.check(&format!("{path}.address"), parse_address(&f.address));
             // A link-local one serves clients on its link (a metadata service's address).
             if let Some(address) = address
-                && let Some(what) = unforwardable(address)
-                && !link_local(address)
+                && let Some(what) = unreachable(address)
             {
                 let reason = format!(
                     "frontend {address} is {what}: packets cannot be sent to it from elsewhere"
@@ -2263,6 +2262,16 @@ fn unmapped_prefix(text: &str, net: IpNet) -> Result<IpNet, String> {
 /// an IPv6 one without naming its interface). The same makes it no frontend, public address
 /// or outer source.
 pub fn unforwardable(address: IpAddr) -> Option<&'static str> {
+    let link_local = match address {
+        IpAddr::V4(a) => a.is_link_local(),
+        IpAddr::V6(a) => a.is_unicast_link_local(),
+    };
+    unreachable(address).or(link_local.then_some("link-local"))
+}
+
+/// What makes `address` one nothing elsewhere can send to, if anything: this host's own,
+/// or a group. (A link-local one is reachable on its link: a frontend may be one.)
+fn unreachable(address: IpAddr) -> Option<&'static str> {
     let broadcast = matches!(address, IpAddr::V4(a) if a.is_broadcast());
     if address.is_unspecified() {
         Some("the unspecified address")
@@ -2272,17 +2281,8 @@ pub fn unforwardable(address: IpAddr) -> Option<&'static str> {
         Some("a multicast address")
     } else if broadcast {
         Some("the broadcast address")
-    } else if link_local(address) {
-        Some("link-local")
     } else {
         None
-    }
-}
-
-fn link_local(address: IpAddr) -> bool {
-    match address {
-        IpAddr::V4(a) => a.is_link_local(),
-        IpAddr::V6(a) => a.is_unicast_link_local(),
     }
 }
 
