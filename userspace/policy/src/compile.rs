@@ -21,7 +21,9 @@ use xdpgate_common::nsg::{
 
 use xdpgate_common::maps::NSG_FIELD_ENTRIES;
 
-use crate::{Access, Direction, Layer, Nsg, Policy, PortRange, Ports, Protocol, Rule};
+use crate::{
+    Access, Direction, Layer, Nsg, Policy, PortRange, Ports, Protocol, Rule, prefix_set::PrefixSet,
+};
 
 /// A rule as placed in a table.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
@@ -474,22 +476,15 @@ pub fn range_prefixes(r: PortRange) -> Vec<(u16, u8)> {
 }
 
 /// Prefixes of `a` narrowed to those of `b`: nested prefixes intersect as the longer one.
+/// Sorted, each once.
 pub fn intersect(a: &[IpNet], b: &[IpNet]) -> Vec<IpNet> {
-    let mut out: Vec<IpNet> = Vec::new();
-    for x in a {
-        for y in b {
-            let n = if x.contains(y) {
-                *y
-            } else if y.contains(x) {
-                *x
-            } else {
-                continue;
-            };
-            if !out.contains(&n) {
-                out.push(n);
-            }
-        }
-    }
+    let (in_a, in_b) = (PrefixSet::new(a), PrefixSet::new(b));
+    let mut out: Vec<IpNet> = (a.iter().filter(|x| in_b.covers(x)))
+        .chain(b.iter().filter(|y| in_a.covers(y)))
+        .copied()
+        .collect();
+    out.sort_unstable();
+    out.dedup();
     out
 }
 
@@ -754,5 +749,52 @@ nsgs:
             vec![p("198.51.100.10/32")]
         );
         assert!(intersect(&[p("203.0.113.0/24")], &[p("198.51.100.0/25")]).is_empty());
+    }
+
+    #[test]
+    fn intersection_as_every_pair_compared_gives_it() {
+        // What the compiler did before it looked prefixes up (100,000 subnets took seconds).
+        let by_pairs = |a: &[IpNet], b: &[IpNet]| {
+            let mut out: Vec<IpNet> = (a.iter())
+                .flat_map(|x| b.iter().map(move |y| (x, y)))
+                .filter_map(|(x, y)| {
+                    if x.contains(y) {
+                        Some(*y)
+                    } else if y.contains(x) {
+                        Some(*x)
+                    } else {
+                        None
+                    }
+                })
+                .collect();
+            out.sort_unstable();
+            out.dedup();
+            out
+        };
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move |n: u64| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state % n
+        };
+        let prefixes = |next: &mut dyn FnMut(u64) -> u64| -> Vec<IpNet> {
+            (0..next(8))
+                .map(|_| {
+                    let v4 = std::net::Ipv4Addr::from(0x0a00_0000 | (next(256) as u32) << 12);
+                    let v6 = std::net::Ipv6Addr::new(0x2001, 0xdb8, next(4) as u16, 0, 0, 0, 0, 1);
+                    let len = next(20) as u8;
+                    if next(4) == 0 {
+                        IpNet::new_assert(v6.into(), 32 + 2 * len).trunc()
+                    } else {
+                        IpNet::new_assert(v4.into(), 4 + len).trunc()
+                    }
+                })
+                .collect()
+        };
+        for _ in 0..500 {
+            let (a, b) = (prefixes(&mut next), prefixes(&mut next));
+            assert_eq!(intersect(&a, &b), by_pairs(&a, &b), "{a:?} {b:?}");
+        }
     }
 }

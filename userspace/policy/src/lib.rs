@@ -10,6 +10,7 @@ pub mod maglev;
 pub mod model;
 pub mod names;
 pub mod nat;
+pub mod prefix_set;
 pub mod reference;
 pub mod sets;
 pub mod tree;

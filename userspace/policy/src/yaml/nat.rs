@@ -18,8 +18,8 @@ use super::{
         tree::Node,
     },
     List, Loader, Located, Named, Names, RawLoadBalancer, RawPolicy, Reader, family_name, in_range,
-    item_names, normalized, parse_address, parse_idle_timeout, parse_literal, parse_nat_port_range,
-    parse_prefix, unforwardable, unmapped, unmapped_prefix,
+    item_names, normalized, overlap, parse_address, parse_idle_timeout, parse_literal,
+    parse_nat_port_range, parse_prefix, unforwardable, unmapped, unmapped_prefix,
 };
 
 /// Azure allows 16 public addresses per NAT gateway, prefixes included.
@@ -277,22 +277,17 @@ impl Loader<'_> {
 
     /// A subnet's outbound flows go through one gateway only.
     fn check_nat_subnet_overlaps(&mut self, gateways: &[LoadedGateway]) {
-        for (i, later) in gateways.iter().enumerate() {
-            for earlier in &gateways[..i] {
-                for b in &later.subnets {
-                    for a in &earlier.subnets {
-                        if a.value.contains(&b.value) || b.value.contains(&a.value) {
-                            let line = self.lines.line(&a.path);
-                            let reason = format!(
-                                "subnet {} of NAT gateway {} overlaps subnet {} of NAT gateway \
-                                 {} (line {line})",
-                                b.value, later.gateway.name, a.value, earlier.gateway.name
-                            );
-                            self.error(&b.path, reason);
-                        }
-                    }
-                }
-            }
+        let subnets: Vec<Vec<IpNet>> =
+            gateways.iter().map(|g| g.subnets.iter().map(|s| s.value).collect()).collect();
+        for ((later, i), (earlier, j)) in overlap::first_overlaps(subnets.iter().map(Vec::as_slice))
+        {
+            let (b, a) = (&gateways[later].subnets[i], &gateways[earlier].subnets[j]);
+            let line = self.lines.line(&a.path);
+            let reason = format!(
+                "subnet {} of NAT gateway {} overlaps subnet {} of NAT gateway {} (line {line})",
+                b.value, gateways[later].gateway.name, a.value, gateways[earlier].gateway.name
+            );
+            self.error(&b.path, reason);
         }
     }
 }
@@ -740,6 +735,7 @@ nat_gateways:
                 "      - 198.51.100.0/25\n      - 203.0.113.0/24\n      - 192.0.2.128/25\n      \
                  - 198.51.100.1\n      - 198.51.100.1/25\n      - 198.51.100.0/23\n",
             )
+            // One error per subnet, for the first it overlaps (second's lies in two).
             .text(
                 "  - name: second\n    public_addresses: [192.0.2.101]\n    \
                  subnets: [198.51.100.64/26]\n  - name: third\n    \
@@ -762,9 +758,6 @@ nat_gateways:
                 "policy.yaml:29:15: nat_gateways[1].subnets[0]: subnet 198.51.100.64/26 of \
                  NAT gateway second overlaps subnet 198.51.100.0/25 of NAT gateway natgw \
                  (line 20)",
-                "policy.yaml:29:15: nat_gateways[1].subnets[0]: subnet 198.51.100.64/26 of \
-                 NAT gateway second overlaps subnet 198.51.100.0/23 of NAT gateway natgw \
-                 (line 25)",
                 "policy.yaml:32:15: nat_gateways[2].subnets[0]: subnet 198.51.100.128/25 of \
                  NAT gateway third overlaps subnet 198.51.100.0/23 of NAT gateway natgw \
                  (line 25)",
