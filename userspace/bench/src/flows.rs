@@ -12,7 +12,7 @@ use std::{fmt::Write as _, time::Instant};
 
 use anyhow::{Result, bail};
 use serde::Serialize;
-use xdpgate_common::iface::Role;
+use xdpgate_common::{iface::Role, maps::FLOWS};
 use xdpgate_dataplane::SizeRequest;
 
 use crate::{
@@ -21,7 +21,7 @@ use crate::{
         TCP_SYN, TCP_SYN_ACK, XDP_PASS, client, expect_verdict, median, run, run_each, server,
         tcp_frame, thousands,
     },
-    nsg,
+    latency, nsg,
 };
 
 /// Live-flow counts measured (the quick run stops at 100,000).
@@ -66,6 +66,10 @@ pub struct Report {
     pub largest_to_smallest_over_noop: f64,
     /// `FLOWS` entries after the runs (two per flow).
     pub flow_entries: usize,
+    /// `FLOWS`' memory (memlock), and ns per dependent load from random cache lines of a
+    /// buffer that large ([`latency::dependent_load_ns`]), measured after the runs.
+    pub table_bytes: u64,
+    pub dependent_load_ns: f64,
 }
 
 fn endpoints(i: u32) -> ([u8; 16], u16) {
@@ -153,6 +157,9 @@ pub fn measure(cfg: &Config, machine: &Machine) -> Result<Report> {
     if flow_entries != 2 * live as usize {
         bail!("{flow_entries} established entries after the runs, want {}", 2 * live);
     }
+    let table_bytes = crate::memory::pinned_bytes(&bench.pins, FLOWS)?;
+    eprintln!("  a dependent load in {} MiB ...", table_bytes >> 20);
+    let dependent_load_ns = latency::dependent_load_ns(table_bytes as usize, cfg.runs)?;
     let (small, big) = (&rows[0], &rows[counts.len() - 1]);
     Ok(Report {
         machine: machine.clone(),
@@ -164,6 +171,8 @@ pub fn measure(cfg: &Config, machine: &Machine) -> Result<Report> {
         largest_to_smallest_over_noop: big.ns_over_noop / small.ns_over_noop,
         rows,
         flow_entries,
+        table_bytes,
+        dependent_load_ns,
     })
 }
 
@@ -254,6 +263,24 @@ pub fn markdown(r: &Report) -> String {
         table = thousands(r.table_flows.into()),
         chunk = thousands(CHUNK.into()),
         entries = thousands(r.flow_entries as u64),
+    );
+    let small_over = r.rows.first().map_or(f64::NAN, |x| x.ns_over_noop);
+    let _ = writeln!(
+        md,
+        "\nThe floor under the largest count: one load whose address the load before it gave, \
+         from random cache lines of {mib} MiB (what the established table takes) in 4-KiB \
+         pages, as the kernel gives a map's memory, took {load:.0} ns on this machine in \
+         this run (median of {runs}). A lookup in a table that size makes at least two such \
+         loads, its bucket and then the entry the bucket points to (the buckets are a \
+         smaller part of that memory, so the first may cost less): about {floor:.0} ns, \
+         against {target:.0} ns, twice what a packet of {small} live flows costs over the \
+         no-op.",
+        mib = r.table_bytes >> 20,
+        load = r.dependent_load_ns,
+        runs = r.runs,
+        floor = 2.0 * r.dependent_load_ns,
+        target = 2.0 * small_over,
+        small = thousands(r.rows.first().map_or(0, |x| x.live_flows.into())),
     );
     let _ = writeln!(md, "\nLoad average when this section finished: {}.", r.load_after);
     md

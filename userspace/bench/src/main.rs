@@ -33,6 +33,7 @@ mod events;
 mod flowlog;
 mod flows;
 mod forward;
+mod latency;
 mod lb;
 mod memory;
 mod nat;
