@@ -684,6 +684,39 @@ fn bad_input_is_refused_and_changes_nothing() {
             &["decap", "attach", &lab.b_if, "--frontend", VIP4, "--gateway", "198.51.100.0/33"],
             "is not an address or prefix",
         ),
+        // Seen failing (attached): written IPv4-mapped, or one no client sends to.
+        (
+            &[
+                "decap",
+                "attach",
+                &lab.b_if,
+                "--frontend",
+                "::ffff:192.0.2.10",
+                "--gateway",
+                SENDER4,
+            ],
+            "IPv4-mapped: packets to it carry 192.0.2.10; write --frontend 192.0.2.10",
+        ),
+        (
+            &["decap", "attach", &lab.b_if, "--frontend", "0.0.0.0", "--gateway", SENDER4],
+            "is the unspecified address",
+        ),
+        (
+            &["decap", "attach", &lab.b_if, "--frontend", "ff02::1", "--gateway", SENDER4],
+            "is a multicast address",
+        ),
+        (
+            &[
+                "decap",
+                "attach",
+                &lab.b_if,
+                "--frontend",
+                VIP4,
+                "--gateway",
+                "::ffff:198.51.100.0/120",
+            ],
+            "gateway ::ffff:198.51.100.0/120 is IPv4-mapped",
+        ),
         (&["decap", "detach", &lab.b_if], "not attached"),
         (
             &["decap", "attach", "lo", "--frontend", VIP4, "--gateway", SENDER4],

@@ -89,6 +89,7 @@ pub fn attach(
              (--gateway ADDR|PREFIX; --gateway 0.0.0.0/0 --gateway ::/0 trusts any host)"
         );
     }
+    refuse_unusable(frontends, gateways)?;
     let ifindex = crate::ifindex(ifname)?;
     crate::ethernet(ifname)?;
     let dir = dir(pins);
@@ -245,6 +246,34 @@ pub fn add_frontends(pins: &PinDir, frontends: &[IpAddr]) -> Result<Vec<IpAddr>>
         added.push(f);
     }
     Ok(added)
+}
+
+/// Refuses a frontend no client sends to (unspecified, loopback, multicast, broadcast) and
+/// a frontend or gateway written IPv4-mapped (`::ffff:192.0.2.10`), which the packets do
+/// not carry (they carry the IPv4 address): the program would decapsulate nothing for it,
+/// or from it. Until 2026-12-04 they were accepted.
+fn refuse_unusable(frontends: &[IpAddr], gateways: &[IpNet]) -> Result<()> {
+    for f in frontends {
+        if let IpAddr::V6(a) = f
+            && let Some(v4) = a.to_ipv4_mapped()
+        {
+            bail!("frontend {f} is IPv4-mapped: packets to it carry {v4}; write --frontend {v4}");
+        }
+        if let Some(what) = xdpgate_policy::unreachable(*f) {
+            bail!("frontend {f} is {what}, which no client sends to");
+        }
+    }
+    for g in gateways {
+        if let IpNet::V6(n) = g
+            && n.prefix_len() >= 96
+            && let Some(v4) = n.network().to_ipv4_mapped()
+        {
+            let write =
+                if n.prefix_len() == 128 { v4.to_string() } else { "its IPv4 prefix".into() };
+            bail!("gateway {g} is IPv4-mapped: an outer IPv4 header carries {v4}; write {write}");
+        }
+    }
+    Ok(())
 }
 
 /// Adds `gateways` (outer source prefixes) to those the program decapsulates from; returns

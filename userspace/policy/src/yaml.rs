@@ -2291,7 +2291,7 @@ pub fn unforwardable(address: IpAddr) -> Option<&'static str> {
 
 /// What makes `address` one nothing elsewhere can send to, if anything: this host's own,
 /// or a group. (A link-local one is reachable on its link: a frontend may be one.)
-fn unreachable(address: IpAddr) -> Option<&'static str> {
+pub fn unreachable(address: IpAddr) -> Option<&'static str> {
     let broadcast = matches!(address, IpAddr::V4(a) if a.is_broadcast());
     if address.is_unspecified() {
         Some("the unspecified address")
