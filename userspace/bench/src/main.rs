@@ -120,7 +120,6 @@ fn main() -> Result<()> {
             .expect("workspace root")
             .join("target/bench")
     });
-    let wanted = |s: Section| args.only.is_empty() || args.only.contains(&s);
     let cpu = common::pin_to_current_cpu();
     let machine = Machine::detect();
     eprintln!(
@@ -134,79 +133,69 @@ fn main() -> Result<()> {
     );
     fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
 
-    let libxdp_before = Path::new(peers::LIBXDP_DIR).exists();
+    let sections = Sections {
+        out: &out,
+        only: &args.only,
+        libxdp_before: Path::new(peers::LIBXDP_DIR).exists(),
+    };
     let started = Instant::now();
-    let mut results = Results::default();
-    if wanted(Section::Nsg) {
-        eprintln!("NSG ...");
-        let r = nsg::measure(&cfg, &machine)?;
-        write(&out, "nsg", &nsg::markdown(&r), &r)?;
-        results.nsg = Some(r);
-        left_nothing(libxdp_before, "nsg")?;
-    }
-    if wanted(Section::Lb) {
-        eprintln!("load balancer ...");
-        let r = lb::measure(&cfg, &machine)?;
-        write(&out, "lb", &lb::markdown(&r), &r)?;
-        results.lb = Some(r);
-        left_nothing(libxdp_before, "lb")?;
-    }
-    if wanted(Section::Nat) {
-        eprintln!("NAT gateway ...");
-        let r = nat::measure(&cfg, &machine)?;
-        write(&out, "nat", &nat::markdown(&r), &r)?;
-        results.nat = Some(r);
-        left_nothing(libxdp_before, "nat")?;
-    }
-    if wanted(Section::Memory) {
-        eprintln!("memory ...");
-        let r = memory::measure(cfg.quick, &machine)?;
-        write(&out, "memory", &memory::markdown(&r), &r)?;
-        results.memory = Some(r);
-        left_nothing(libxdp_before, "memory")?;
-    }
-    if wanted(Section::Peers) {
-        eprintln!("peers ...");
-        let r = peers::measure(&cfg, &machine, cpu)?;
-        write(&out, "peers", &peers::markdown(&r), &r)?;
-        results.peers = Some(r);
-        left_nothing(libxdp_before, "peers")?;
-    }
-    if wanted(Section::Events) {
-        eprintln!("first packets and the event reader ...");
-        let r = events::measure(&cfg, &machine)?;
-        write(&out, "events", &events::markdown(&r), &r)?;
-        results.events = Some(r);
-        left_nothing(libxdp_before, "events")?;
-    }
-    if wanted(Section::Forward) {
-        eprintln!("established flows with forwarding on ...");
-        let r = forward::measure(&cfg, &machine)?;
-        write(&out, "forward", &forward::markdown(&r), &r)?;
-        results.forward = Some(r);
-        left_nothing(libxdp_before, "forward")?;
-    }
-    if wanted(Section::Flows) {
-        eprintln!("established flows with many flows live ...");
-        let r = flows::measure(&cfg, &machine)?;
-        write(&out, "flows", &flows::markdown(&r), &r)?;
-        results.flows = Some(r);
-        left_nothing(libxdp_before, "flows")?;
-    }
-    if wanted(Section::Flowlog) {
-        eprintln!("flow-log lines on the agent's loop ...");
-        let r = flowlog::measure(&cfg, &machine)?;
-        write(&out, "flowlog", &flowlog::markdown(&r), &r)?;
-        results.flowlog = Some(r);
-        left_nothing(libxdp_before, "flowlog")?;
-    }
-    if wanted(Section::Throughput) {
-        eprintln!("TCP throughput through a veth gateway ...");
-        let r = throughput::measure(&cfg, &machine)?;
-        write(&out, "throughput", &throughput::markdown(&r), &r)?;
-        results.throughput = Some(r);
-        left_nothing(libxdp_before, "throughput")?;
-    }
+    let results = Results {
+        nsg: sections.run(Section::Nsg, "NSG", || nsg::measure(&cfg, &machine), nsg::markdown)?,
+        lb: sections.run(
+            Section::Lb,
+            "load balancer",
+            || lb::measure(&cfg, &machine),
+            lb::markdown,
+        )?,
+        nat: sections.run(
+            Section::Nat,
+            "NAT gateway",
+            || nat::measure(&cfg, &machine),
+            nat::markdown,
+        )?,
+        memory: sections.run(
+            Section::Memory,
+            "memory",
+            || memory::measure(cfg.quick, &machine),
+            memory::markdown,
+        )?,
+        peers: sections.run(
+            Section::Peers,
+            "peers",
+            || peers::measure(&cfg, &machine, cpu),
+            peers::markdown,
+        )?,
+        events: sections.run(
+            Section::Events,
+            "first packets and the event reader",
+            || events::measure(&cfg, &machine),
+            events::markdown,
+        )?,
+        forward: sections.run(
+            Section::Forward,
+            "established flows with forwarding on",
+            || forward::measure(&cfg, &machine),
+            forward::markdown,
+        )?,
+        flows: sections.run(
+            Section::Flows,
+            "established flows with many flows live",
+            || flows::measure(&cfg, &machine),
+            flows::markdown,
+        )?,
+        flowlog: sections.run(
+            Section::Flowlog,
+            "flow-log lines on the agent's loop",
+            || flowlog::measure(&cfg, &machine),
+            flowlog::markdown,
+        )?,
+        throughput: sections.run(
+            Section::Throughput,
+            "TCP throughput through a veth gateway",
+            || throughput::measure(&cfg, &machine),
+            throughput::markdown,
+        )?,
+    };
     let elapsed = started.elapsed().as_secs_f64();
     eprintln!("xdpgate-bench: done in {elapsed:.0} s");
 
@@ -217,6 +206,36 @@ fn main() -> Result<()> {
     print!("{readme}");
     eprintln!("wrote {}/{{README.md, ratios.svg, <section>.md, <section>.json}}", out.display());
     Ok(())
+}
+
+/// The sections asked for, where their reports go, and whether libxdp's directory was
+/// there before the run.
+struct Sections<'a> {
+    out: &'a Path,
+    only: &'a [Section],
+    libxdp_before: bool,
+}
+
+impl Sections<'_> {
+    /// Runs `section` when asked for: measures it, writes its reports and fails when it left
+    /// anything behind.
+    fn run<R: Serialize>(
+        &self,
+        section: Section,
+        what: &str,
+        measure: impl FnOnce() -> Result<R>,
+        markdown: fn(&R) -> String,
+    ) -> Result<Option<R>> {
+        if !self.only.is_empty() && !self.only.contains(&section) {
+            return Ok(None);
+        }
+        eprintln!("{what} ...");
+        let report = measure()?;
+        let name = section.to_possible_value().expect("no section is skipped");
+        write(self.out, name.get_name(), &markdown(&report), &report)?;
+        left_nothing(self.libxdp_before, name.get_name())?;
+        Ok(Some(report))
+    }
 }
 
 /// Fails when `section` left a dataplane of its own behind (pins or state directory), or
