@@ -614,12 +614,9 @@ nsgs:
     #[test]
     fn a_scope_holds_every_address_of_every_entry() {
         use xdpgate_common::{nsg::TableScope, words};
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
+        let mut next = {
+            let mut rng = crate::test_rng(0x2545_f491_4f6c_dd1d);
+            move || rng(u64::MAX)
         };
         for round in 0..2_000 {
             let mut table = Table::default();
@@ -771,13 +768,7 @@ nsgs:
             out.dedup();
             out
         };
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move |n: u64| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state % n
-        };
+        let mut next = crate::test_rng(0x9e37_79b9_7f4a_7c15);
         let prefixes = |next: &mut dyn FnMut(u64) -> u64| -> Vec<IpNet> {
             (0..next(8))
                 .map(|_| {

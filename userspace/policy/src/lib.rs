@@ -47,6 +47,18 @@ pub fn compile_all(policy: &Policy) -> Result<(compile::Compiled, lb::CompiledLb
     Ok((tables, lbs))
 }
 
+/// A small deterministic generator for the randomised tests: `next(n)` is below `n`
+/// (xorshift64; `seed` not 0).
+#[cfg(test)]
+fn test_rng(mut state: u64) -> impl FnMut(u64) -> u64 {
+    move |n| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state % n
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::{io::Write, sync::mpsc, time::Duration};

@@ -719,7 +719,8 @@ impl Loader<'_> {
         self.check_unique_names("NSG", item_names("nsgs", &raw.nsgs));
         let nsgs: Vec<LoadedNsg> =
             raw.nsgs.iter().enumerate().map(|(i, nsg)| self.nsg(i, nsg, &names)).collect();
-        self.check_subnet_overlaps(&nsgs);
+        let subnets: Vec<_> = nsgs.iter().map(|n| (n.nsg.name.as_str(), &n.subnets[..])).collect();
+        self.check_subnet_overlaps("NSG", &subnets);
         self.check_host_overlaps(&nsgs);
         self.check_table_sizes(&nsgs);
         let load_balancers = self.load_balancers(&raw.load_balancers);
@@ -1147,16 +1148,19 @@ impl Loader<'_> {
         })
     }
 
-    fn check_subnet_overlaps(&mut self, nsgs: &[LoadedNsg]) {
+    /// Reports each subnet that overlaps one of an earlier owner, an NSG or a NAT gateway
+    /// (`kind`): once per subnet, naming the first it overlaps.
+    fn check_subnet_overlaps(&mut self, kind: &str, owners: &[(&str, &[Located<IpNet>])]) {
         let subnets: Vec<Vec<IpNet>> =
-            nsgs.iter().map(|n| n.subnets.iter().map(|s| s.value).collect()).collect();
+            owners.iter().map(|(_, list)| list.iter().map(|s| s.value).collect()).collect();
         for ((later, i), (earlier, j)) in overlap::first_overlaps(subnets.iter().map(Vec::as_slice))
         {
-            let (b, a) = (&nsgs[later].subnets[i], &nsgs[earlier].subnets[j]);
+            let ((b_owner, b_list), (a_owner, a_list)) = (owners[later], owners[earlier]);
+            let (b, a) = (&b_list[i], &a_list[j]);
             let line = self.lines.line(&a.path);
             let reason = format!(
-                "subnet {} of NSG {} overlaps subnet {} of NSG {} (line {line})",
-                b.value, nsgs[later].nsg.name, a.value, nsgs[earlier].nsg.name
+                "subnet {} of {kind} {b_owner} overlaps subnet {} of {kind} {a_owner} (line {line})",
+                b.value, a.value
             );
             self.error(&b.path, reason);
         }

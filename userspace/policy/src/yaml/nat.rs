@@ -18,8 +18,8 @@ use super::{
         tree::Node,
     },
     List, Loader, Located, Named, Names, RawLoadBalancer, RawPolicy, Reader, family_name, in_range,
-    item_names, normalized, overlap, parse_address, parse_idle_timeout, parse_literal,
-    parse_nat_port_range, parse_prefix, unforwardable, unmapped, unmapped_prefix,
+    item_names, normalized, parse_address, parse_idle_timeout, parse_literal, parse_nat_port_range,
+    parse_prefix, unforwardable, unmapped, unmapped_prefix,
 };
 
 /// Azure allows 16 public addresses per NAT gateway, prefixes included.
@@ -113,7 +113,10 @@ impl Loader<'_> {
         let loaded: Vec<LoadedGateway> = (gateways.iter().enumerate())
             .map(|(i, g)| self.nat_gateway(&format!("nat_gateways[{i}]"), g, &context, &mut owners))
             .collect();
-        self.check_nat_subnet_overlaps(&loaded);
+        // A subnet's outbound flows go through one gateway only.
+        let subnets: Vec<_> =
+            loaded.iter().map(|g| (g.gateway.name.as_str(), &g.subnets[..])).collect();
+        self.check_subnet_overlaps("NAT gateway", &subnets);
         loaded.into_iter().map(|l| l.gateway).collect()
     }
 
@@ -272,22 +275,6 @@ impl Loader<'_> {
                 );
                 self.error(&subnet.path, reason);
             }
-        }
-    }
-
-    /// A subnet's outbound flows go through one gateway only.
-    fn check_nat_subnet_overlaps(&mut self, gateways: &[LoadedGateway]) {
-        let subnets: Vec<Vec<IpNet>> =
-            gateways.iter().map(|g| g.subnets.iter().map(|s| s.value).collect()).collect();
-        for ((later, i), (earlier, j)) in overlap::first_overlaps(subnets.iter().map(Vec::as_slice))
-        {
-            let (b, a) = (&gateways[later].subnets[i], &gateways[earlier].subnets[j]);
-            let line = self.lines.line(&a.path);
-            let reason = format!(
-                "subnet {} of NAT gateway {} overlaps subnet {} of NAT gateway {} (line {line})",
-                b.value, gateways[later].gateway.name, a.value, gateways[earlier].gateway.name
-            );
-            self.error(&b.path, reason);
         }
     }
 }

@@ -94,13 +94,7 @@ mod tests {
     #[test]
     fn random_subnets_agree_with_every_pair_compared() {
         // A small deterministic generator: prefixes in a narrow space, so they overlap often.
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move |n: u64| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state % n
-        };
+        let mut next = crate::test_rng(0x2545_f491_4f6c_dd1d);
         for _ in 0..300 {
             let owners: Vec<Vec<IpNet>> = (0..1 + next(4))
                 .map(|_| {
