@@ -351,15 +351,17 @@ fn compile_table(policy: &Policy, dir: Direction, layer: Layer, room: usize) -> 
         bail!("{dir:?} {layer:?}-layer rules: {} exceed the table size {MAX_RULES}", rules.len());
     }
 
+    // Each NSG's subnets or hosts, which its rules' local side is narrowed to.
+    let mut associated: HashMap<&str, PrefixSet> = HashMap::new();
+    for (nsg, _) in &rules {
+        associated.entry(&nsg.name).or_insert_with(|| PrefixSet::new(nsg.associated(layer)));
+    }
     let mut fields: HashMap<FieldEntry, RuleBitmap> = HashMap::new();
     for (bit, (nsg, rule)) in rules.iter().enumerate() {
+        let local = &associated[nsg.name.as_str()];
         let (src, dst) = match dir {
-            Direction::Inbound => {
-                (rule.source.clone(), intersect(&rule.destination, nsg.associated(layer)))
-            }
-            Direction::Outbound => {
-                (intersect(&rule.source, nsg.associated(layer)), rule.destination.clone())
-            }
+            Direction::Inbound => (rule.source.clone(), local.narrow(&rule.destination)),
+            Direction::Outbound => (local.narrow(&rule.source), rule.destination.clone()),
         };
         let mut entries = Vec::new();
         for (nets, f4, f6) in [(&src, FIELD_SRC4, FIELD_SRC6), (&dst, FIELD_DST4, FIELD_DST6)] {
@@ -478,14 +480,7 @@ pub fn range_prefixes(r: PortRange) -> Vec<(u16, u8)> {
 /// Prefixes of `a` narrowed to those of `b`: nested prefixes intersect as the longer one.
 /// Sorted, each once.
 pub fn intersect(a: &[IpNet], b: &[IpNet]) -> Vec<IpNet> {
-    let (in_a, in_b) = (PrefixSet::new(a), PrefixSet::new(b));
-    let mut out: Vec<IpNet> = (a.iter().filter(|x| in_b.covers(x)))
-        .chain(b.iter().filter(|y| in_a.covers(y)))
-        .copied()
-        .collect();
-    out.sort_unstable();
-    out.dedup();
-    out
+    PrefixSet::new(b).narrow(a)
 }
 
 #[cfg(test)]
