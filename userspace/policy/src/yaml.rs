@@ -146,7 +146,7 @@ pub fn load_str_with_sets(
         changes,
         prefixes: 0,
         over_budget: false,
-        comparisons: MAX_COMPARISONS,
+        comparing: MAX_COMPARING,
     }
     .load(&raw)
 }
@@ -647,9 +647,11 @@ const MAX_LISTED: usize = 10;
 /// bound on the memory loading takes (`check` just under it took 207 MB), far above what a
 /// policy's NSG tables hold (131,072 entries).
 const MAX_PREFIXES: usize = 1 << 22;
-/// Name comparisons a file's "did you mean" suggestions may take (about 0.1 s): past them an
-/// unknown name gets none. 20,000 unknown names among 20,000 known took 55 s without.
-const MAX_COMPARISONS: usize = 1 << 20;
+/// What a file's "did you mean" suggestions for names may cost, in the units of
+/// `read::comparison_cost` (about 0.1 s of comparing on the development VM); a name whose
+/// comparisons would pass it gets none, and so does every unknown name after it. 20,000
+/// unknown names among 20,000 known took 55 s without.
+const MAX_COMPARING: usize = 1 << 28;
 const TIMEOUTS: RangeInclusive<i64> = 4..=7200;
 const ANY_V4: IpNet = IpNet::V4(Ipv4Net::new_assert(Ipv4Addr::UNSPECIFIED, 0));
 const ANY_V6: IpNet = IpNet::V6(Ipv6Net::new_assert(Ipv6Addr::UNSPECIFIED, 0));
@@ -673,8 +675,8 @@ struct Loader<'a> {
     /// Address prefixes the lists and rules expanded to so far ([`MAX_PREFIXES`]).
     prefixes: usize,
     over_budget: bool,
-    /// Name comparisons left for "did you mean" ([`MAX_COMPARISONS`]).
-    comparisons: usize,
+    /// What "did you mean" may still cost ([`MAX_COMPARING`]).
+    comparing: usize,
 }
 
 /// A parsed value and the YAML path it came from, for errors found later.
@@ -755,22 +757,33 @@ impl Loader<'_> {
         })
     }
 
-    /// Whether "did you mean" may compare a name with `count` more ([`MAX_COMPARISONS`]).
-    fn may_compare(&mut self, count: usize) -> bool {
-        let left = self.comparisons.checked_sub(count);
-        self.comparisons = left.unwrap_or(self.comparisons);
-        left.is_some()
+    /// The name in `known` closest to `word` (`read::suggest`), while the file's budget for
+    /// comparing lasts ([`MAX_COMPARING`]).
+    fn suggest<'c>(&mut self, word: &str, known: &[&'c str]) -> Option<&'c str> {
+        // Each comparison costs at least 64: below that, no need to add them up.
+        let cost: usize = if self.comparing < known.len() * 64 {
+            usize::MAX
+        } else {
+            known.iter().map(|c| read::comparison_cost(word, c)).sum()
+        };
+        let Some(left) = self.comparing.checked_sub(cost) else {
+            self.comparing = 0;
+            return None;
+        };
+        self.comparing = left;
+        read::suggest(word, known.iter().copied())
     }
 
     /// "; did you mean X?" for an unknown name in a rule, or nothing.
     fn name_suggestion(&mut self, text: &str, names: &Names) -> String {
-        if !self.may_compare(names.user.len() + BUILT_IN_TAGS.len()) {
+        if self.comparing < (names.user.len() + BUILT_IN_TAGS.len()) * 64 {
+            self.comparing = 0;
             return String::new();
         }
         let mut known: Vec<&str> = names.user.keys().map(String::as_str).collect();
         known.sort_unstable();
         known.extend(BUILT_IN_TAGS);
-        read::did_you_mean(text, known)
+        self.suggest(text, &known).map_or_else(String::new, |s| format!("; did you mean \"{s}\"?"))
     }
 
     fn error(&mut self, field: &str, reason: impl Into<String>) {
@@ -1644,9 +1657,7 @@ impl Loader<'_> {
             format!("unknown {what} \"{name}\": the load balancer has none")
         } else {
             let known: Vec<&str> = items.iter().map(Named::name).collect();
-            let closest =
-                self.may_compare(known.len()).then(|| read::suggest(name, known.iter().copied()));
-            match closest.flatten() {
+            match self.suggest(name, &known) {
                 Some(s) => format!("unknown {what} \"{name}\"; did you mean \"{s}\"?"),
                 None => {
                     let listed = known.iter().take(MAX_LISTED).copied().collect::<Vec<_>>();
@@ -2659,8 +2670,8 @@ nsgs:
 
     #[test]
     fn suggestions_end_where_comparing_would_take_long() {
-        // 2,000 groups and 900 misspellings of them: about 1.8 million comparisons, of which
-        // the first million are made (seen failing: every name got its suggestion).
+        // 2,000 groups and 900 misspellings of them: those whose comparisons fit in the
+        // budget get a suggestion, the rest none (seen failing: every name got its own).
         let groups: String =
             (0..2_000).map(|i| format!("  group-{i:04}: [198.51.100.10]\n")).collect();
         let typos: Vec<String> = (0..900).map(|i| format!("grop-{i:04}")).collect();
@@ -2673,7 +2684,12 @@ nsgs:
         let errors = errors(&src);
         assert_eq!(errors.len(), 900, "{:?}", &errors[..3]);
         let suggested = errors.iter().filter(|e| e.ends_with("\"?")).count();
-        assert_eq!(suggested, MAX_COMPARISONS / (2_000 + BUILT_IN_TAGS.len()));
+        let per_name: usize = (0..2_000)
+            .map(|i| format!("group-{i:04}"))
+            .chain(BUILT_IN_TAGS.map(String::from))
+            .map(|known| read::comparison_cost("grop-0000", &known))
+            .sum();
+        assert_eq!(suggested, MAX_COMPARING / per_name);
         assert!(errors[0].ends_with("; did you mean \"group-0000\"?"), "{}", errors[0]);
         assert!(
             errors[899].ends_with("application security group \"grop-0899\""),

@@ -60,30 +60,32 @@ pub(super) fn child(path: &str, key: &str) -> String {
     if path.is_empty() { key } else { format!("{path}.{key}") }
 }
 
+/// Words and names longer than this (bytes) are not compared: nothing is meant by them, and
+/// comparing two takes time in proportion to the product of their lengths.
+const MAX_COMPARED_BYTES: usize = 200;
+
+/// What comparing `word` with `candidate` costs, in the units of a file's budget for
+/// suggestions: about the product of their lengths (the Jaro similarity's work), at least 64.
+pub(super) fn comparison_cost(word: &str, candidate: &str) -> usize {
+    (word.len().min(MAX_COMPARED_BYTES) + 8) * (candidate.len().min(MAX_COMPARED_BYTES) + 8)
+}
+
 /// The candidate closest to `word`, if it is close enough to be what was meant.
 pub(super) fn suggest<'c>(
     word: &str,
     candidates: impl IntoIterator<Item = &'c str>,
 ) -> Option<&'c str> {
-    // Nothing is meant by a word this long, and comparing it would take time.
-    if word.len() > 200 {
+    if word.len() > MAX_COMPARED_BYTES {
         return None;
     }
     let word = word.to_lowercase();
     candidates
         .into_iter()
+        .filter(|c| c.len() <= MAX_COMPARED_BYTES)
         .map(|c| (strsim::jaro_winkler(&word, &c.to_lowercase()), c))
         .filter(|(score, _)| *score >= 0.8)
         .max_by(|a, b| a.0.total_cmp(&b.0))
         .map(|(_, c)| c)
-}
-
-/// " (did you mean X?)" or nothing.
-pub(super) fn did_you_mean<'c>(
-    word: &str,
-    candidates: impl IntoIterator<Item = &'c str>,
-) -> String {
-    suggest(word, candidates).map_or_else(String::new, |s| format!("; did you mean \"{s}\"?"))
 }
 
 /// A mapping's known fields, by name.
