@@ -1201,24 +1201,30 @@ fn check_refuses_a_policy_over_the_nsg_field_capacity() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("of 131072 NSG table entries"));
 }
 
-/// A policy over a table's capacity that only compiling finds (129 load-balancing rules)
-/// is refused with the file's name by `check` and a one-shot `apply`, as every other error
-/// of the file is (seen failing: the message named no file).
+/// A policy over a table's capacity that only compiling finds (4,098 backends in two pools,
+/// each within the table) is refused with the file's name by `check` and a one-shot
+/// `apply`, as every other error of the file is (seen failing: the message named no file).
 #[test]
 fn check_names_the_file_of_a_policy_over_the_rule_capacity() {
     let dir = std::env::temp_dir().join(common::unique("relcap"));
     std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("many-rules.yaml");
+    let path = dir.join("many-backends.yaml");
     let mut doc = String::from(
         "virtual_network:\n  address_space: [198.51.100.0/24]\nload_balancers:\n  - name: lb\n    \
-         frontends: [{name: f, address: 192.0.2.10}]\n    \
-         inbound_nat_rules:\n",
+         frontends: [{name: f, address: 192.0.2.10}]\n    backend_pools:\n",
     );
-    for i in 0..129 {
+    for pool in 1..=2 {
+        doc += &format!("      - name: p{pool}\n        backends:\n");
+        for i in 0..2049 {
+            doc += &format!("          - 10.{pool}.{}.{}\n", i >> 8, i & 255);
+        }
+    }
+    doc += "    rules:\n";
+    for pool in 1..=2 {
         doc += &format!(
-            "      - {{name: r{i}, frontend: f, protocol: tcp, frontend_port: {}, \
-             backend: 198.51.100.11, backend_port: 22}}\n",
-            2200 + i
+            "      - {{name: r{pool}, frontend: f, protocol: tcp, frontend_port: {}, \
+             backend_pool: p{pool}}}\n",
+            80 + pool
         );
     }
     std::fs::write(&path, doc).unwrap();
@@ -1233,8 +1239,7 @@ fn check_names_the_file_of_a_policy_over_the_rule_capacity() {
         );
         assert!(
             stderr.contains(&format!("{}: cannot be applied", path.display()))
-                && stderr
-                    .contains("129 load-balancing and inbound NAT rules exceed the table size 128"),
+                && stderr.contains("4098 backends exceed the table size 4096"),
             "{command}: {stderr}"
         );
     }

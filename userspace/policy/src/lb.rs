@@ -182,6 +182,14 @@ fn proto_number(p: LbProtocol) -> u8 {
 }
 
 pub fn compile(policy: &Policy) -> Result<CompiledLb> {
+    // Before each rule copies its pool: 20,000 rules of a 65,000-backend pool took 10 GB.
+    let services: usize =
+        policy.load_balancers.iter().map(|lb| lb.rules.len() + lb.inbound_nat_rules.len()).sum();
+    if services > MAX_SERVICES as usize {
+        bail!(
+            "{services} load-balancing and inbound NAT rules exceed the table size {MAX_SERVICES}"
+        );
+    }
     let mut out = CompiledLb::default();
     let mut backend_ids: StdHashMap<IpAddr, u32> = StdHashMap::new();
     let mut backend = |out: &mut CompiledLb, addr: IpAddr| -> u32 {
@@ -244,12 +252,6 @@ pub fn compile(policy: &Policy) -> Result<CompiledLb> {
                 ));
             }
         }
-    }
-    if out.services.len() > MAX_SERVICES as usize {
-        bail!(
-            "{} load-balancing and inbound NAT rules exceed the table size {MAX_SERVICES}",
-            out.services.len()
-        );
     }
     if out.backends.len() > MAX_BACKENDS as usize {
         bail!("{} backends exceed the table size {MAX_BACKENDS}", out.backends.len());

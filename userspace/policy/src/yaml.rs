@@ -16,7 +16,10 @@ use std::{
 };
 
 use ipnet::{IpNet, Ipv4Net, Ipv4Subnets, Ipv6Net, Ipv6Subnets};
-use xdpgate_common::nsg::MAX_RULES;
+use xdpgate_common::{
+    lb::{MAX_BACKENDS, MAX_SERVICES},
+    nsg::MAX_RULES,
+};
 
 use self::read::{Index, Reader};
 use super::{
@@ -1247,6 +1250,15 @@ struct LbScope<'a> {
     frontends: &'a [Option<Frontend>],
     /// The valid backends of each pool.
     pools: &'a [BackendPool],
+    /// Each pool's first IPv4 and first IPv6 backend, for the family checks of the rules
+    /// using it (each rule scanning its pool took minutes for large ones).
+    families: &'a [[Option<IpAddr>; 2]],
+}
+
+/// The first IPv4 and the first IPv6 backend of `pool`.
+fn first_of_each_family(pool: &BackendPool) -> [Option<IpAddr>; 2] {
+    let first = |v4: bool| pool.backends.iter().map(|b| b.address).find(|a| a.is_ipv4() == v4);
+    [first(true), first(false)]
 }
 
 /// A (frontend address, protocol, port) that an LB rule or a NAT mapping receives.
@@ -1280,6 +1292,18 @@ struct LoadedLb {
 impl Loader<'_> {
     fn load_balancers(&mut self, raw: &[RawLoadBalancer]) -> Vec<LoadBalancer> {
         self.check_unique_names("load balancer", item_names("load_balancers", raw));
+        // The services table's size, before any rule is loaded: a rule's work grows with its
+        // pool, and 20,000 rules of a 65,000-backend pool took 10 GB to find them too many.
+        let services: usize =
+            raw.iter().map(|lb| lb.rules.len() + lb.inbound_nat_rules.len()).sum();
+        if services > MAX_SERVICES as usize {
+            let reason = format!(
+                "{services} load-balancing and inbound NAT rules exceed the table size \
+                 {MAX_SERVICES}"
+            );
+            self.error("load_balancers", reason);
+            return Vec::new();
+        }
         // Frontends of all load balancers first: every backend is checked against them.
         let frontends: Vec<Vec<Option<Frontend>>> = raw
             .iter()
@@ -1337,7 +1361,8 @@ impl Loader<'_> {
         let probes: Vec<Option<Probe>> = (raw.probes.iter().enumerate())
             .map(|(j, p)| self.probe(&format!("{path}.probes[{j}]"), p))
             .collect();
-        let scope = LbScope { raw, frontends: &frontends, pools: &pools };
+        let families: Vec<[Option<IpAddr>; 2]> = pools.iter().map(first_of_each_family).collect();
+        let scope = LbScope { raw, frontends: &frontends, pools: &pools, families: &families };
         let rules: Vec<Option<LbRule>> = (raw.rules.iter().enumerate())
             .map(|(j, r)| self.lb_rule(&format!("{path}.rules[{j}]"), r, &scope))
             .collect();
@@ -1391,6 +1416,14 @@ impl Loader<'_> {
     /// A pool with its valid backends, each address once.
     fn pool(&mut self, path: &str, raw: &RawPool, addresses: &FrontendAddresses) -> BackendPool {
         self.check_name(&format!("{path}.name"), &raw.name);
+        // The backend table's size, before each rule using the pool does work in proportion
+        // to it (100 NAT ranges over a 65,000-backend pool took 2.3 GB).
+        if raw.backends.len() > MAX_BACKENDS as usize {
+            let reason =
+                format!("{} backends exceed the table size {MAX_BACKENDS}", raw.backends.len());
+            self.error(&format!("{path}.backends"), reason);
+            return BackendPool { name: raw.name.clone(), backends: Vec::new() };
+        }
         let mut first_paths: HashMap<IpAddr, String> = HashMap::new();
         let mut backends = Vec::new();
         for (k, b) in raw.backends.iter().enumerate() {
@@ -1685,8 +1718,8 @@ impl Loader<'_> {
             self.error(field, format!("backend pool {} has no backends", raw.name));
         }
         if let Some(frontend) = frontend {
-            let addresses = scope.pools[pool].backends.iter().map(|b| b.address);
-            self.check_family(field, frontend, addresses);
+            // The first backend of the other family, if any, is the first of the pool's.
+            self.check_family(field, frontend, scope.families[pool].into_iter().flatten());
         }
     }
 
@@ -3177,6 +3210,43 @@ load_balancers:
         fn errors(&self) -> Vec<String> {
             errors(&self.src())
         }
+    }
+
+    /// Over the services or backend tables, refused while loading, before work in
+    /// proportion to rules times pool (seen failing: loaded, to be refused by compiling
+    /// after it, which for 20,000 rules of a 65,000-backend pool took 10 GB).
+    #[test]
+    fn load_balancers_past_the_tables_are_refused_before_their_rules() {
+        let mut doc = lb();
+        for i in 0..MAX_SERVICES {
+            let rule = format!(
+                "{{name: nat{i}, frontend: web-v4, protocol: udp, frontend_port: {}, backend: \
+                 198.51.100.11, backend_port: 22}}",
+                3000 + i
+            );
+            doc = doc.push("inbound_nat_rules", &rule);
+        }
+        assert_eq!(
+            doc.errors(),
+            ["policy.yaml:17:1: load_balancers: 130 load-balancing and inbound NAT rules exceed \
+              the table size 128"]
+        );
+        let backends: String = (0..=MAX_BACKENDS)
+            .map(|i| format!("          - 10.{}.{}.1\n", i >> 8, i & 255))
+            .collect();
+        let doc = lb().replace(
+            "        backends: [2001:db8:1::11]\n",
+            &format!("        backends:\n{backends}"),
+        );
+        let errors = doc.errors();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(
+            errors[0].ends_with(
+                "load_balancers[0].backend_pools[1].backends: 4097 backends exceed \
+                                 the table size 4096"
+            ),
+            "{errors:?}"
+        );
     }
 
     fn ip(s: &str) -> IpAddr {
