@@ -81,7 +81,7 @@ type Reserved = HashMap<IpAddr, (String, String)>;
 /// What every gateway is checked against.
 struct Context<'a> {
     /// `virtual_network.address_space`, where subnets must lie.
-    address_space: Vec<IpNet>,
+    address_space: Spans,
     /// The VirtualNetwork tag (address space and peered ranges): traffic to it is never
     /// translated, so a public address there could not be told from a private one.
     virtual_network: &'a [IpNet],
@@ -101,10 +101,11 @@ impl Loader<'_> {
         self.check_unique_names("NAT gateway", item_names("nat_gateways", gateways));
         let context = Context {
             // Its errors were reported with the virtual network.
-            address_space: (raw.virtual_network.address_space.items.iter())
-                .filter_map(|text| parse_literal(text)?.ok())
-                .flatten()
-                .collect(),
+            address_space: Spans::new(
+                (raw.virtual_network.address_space.items.iter())
+                    .filter_map(|text| parse_literal(text)?.ok())
+                    .flatten(),
+            ),
             virtual_network: &names.virtual_network,
             reserved: lb_addresses(&raw.load_balancers),
         };
@@ -249,7 +250,7 @@ impl Loader<'_> {
         }
         let subnets = self.subnets(field, list);
         for subnet in &subnets {
-            if !covers(&context.address_space, subnet.value) {
+            if !context.address_space.covers(subnet.value) {
                 let reason = format!(
                     "subnet {} is not inside the virtual network's address space",
                     subnet.value
@@ -355,28 +356,47 @@ fn all_addresses(net: IpNet) -> Vec<IpAddr> {
     }
 }
 
-/// Whether the union of `nets` contains every address of `net` (adjacent prefixes count
-/// together: `198.51.100.0/24` lies inside `[198.51.100.0/25, 198.51.100.128/25]`).
-fn covers(nets: &[IpNet], net: IpNet) -> bool {
-    let span = |n: &IpNet| match n {
-        IpNet::V4(n) => (u128::from(u32::from(n.network())), u128::from(u32::from(n.broadcast()))),
-        IpNet::V6(n) => (u128::from(n.network()), u128::from(n.broadcast())),
-    };
-    let (lo, hi) = span(&net);
-    let mut spans: Vec<(u128, u128)> =
-        nets.iter().filter(|n| n.addr().is_ipv4() == net.addr().is_ipv4()).map(span).collect();
-    spans.sort();
-    // The first address of `net` not yet known to be covered.
-    let mut next = lo;
-    for (a, b) in spans {
-        if a <= next && b >= next {
-            if b >= hi {
-                return true;
-            }
-            next = b + 1;
+/// Prefixes as the address ranges they cover, sorted and merged, by family: which subnets
+/// they cover is a binary search, not a sort of them all per subnet (20,000 subnets against
+/// an address space of 20,000 prefixes took 15 s that way).
+struct Spans([Vec<(u128, u128)>; 2]);
+
+impl Spans {
+    fn new(nets: impl IntoIterator<Item = IpNet>) -> Self {
+        let mut spans: [Vec<(u128, u128)>; 2] = Default::default();
+        for net in nets {
+            spans[usize::from(net.addr().is_ipv6())].push(span(&net));
         }
+        for list in &mut spans {
+            list.sort_unstable();
+            let mut merged: Vec<(u128, u128)> = Vec::with_capacity(list.len());
+            for &(lo, hi) in list.iter() {
+                match merged.last_mut() {
+                    Some(last) if lo <= last.1.saturating_add(1) => last.1 = last.1.max(hi),
+                    _ => merged.push((lo, hi)),
+                }
+            }
+            *list = merged;
+        }
+        Self(spans)
     }
-    false
+
+    /// Whether they contain every address of `net` (adjacent prefixes count together:
+    /// `198.51.100.0/24` lies inside `[198.51.100.0/25, 198.51.100.128/25]`).
+    fn covers(&self, net: IpNet) -> bool {
+        let list = &self.0[usize::from(net.addr().is_ipv6())];
+        let (lo, hi) = span(&net);
+        let i = list.partition_point(|s| s.1 < lo);
+        list.get(i).is_some_and(|&(a, b)| a <= lo && b >= hi)
+    }
+}
+
+/// The first and last address of `net`.
+fn span(net: &IpNet) -> (u128, u128) {
+    match net {
+        IpNet::V4(n) => (u32::from(n.network()).into(), u32::from(n.broadcast()).into()),
+        IpNet::V6(n) => (n.network().into(), n.broadcast().into()),
+    }
 }
 
 fn parse_tcp_idle_minutes(value: i64) -> Result<u32, String> {
@@ -398,6 +418,45 @@ mod tests {
         *,
     };
     use crate::model::Policy;
+
+    #[test]
+    fn spans_cover_as_a_walk_of_every_prefix_finds() {
+        // The check as it was: every prefix of the family, sorted, walked per subnet.
+        let walked = |nets: &[IpNet], net: IpNet| {
+            let mut spans: Vec<(u128, u128)> = (nets.iter())
+                .filter(|n| n.addr().is_ipv4() == net.addr().is_ipv4())
+                .map(span)
+                .collect();
+            spans.sort();
+            let (lo, hi) = span(&net);
+            let mut next = lo;
+            for (a, b) in spans {
+                if a <= next && b >= next {
+                    if b >= hi {
+                        return true;
+                    }
+                    next = b + 1;
+                }
+            }
+            false
+        };
+        let prefix = |next: &mut dyn FnMut(u64) -> u64| -> IpNet {
+            if next(5) == 0 {
+                return IpNet::new_assert("2001:db8::".parse().unwrap(), 32 + next(4) as u8);
+            }
+            let addr = std::net::Ipv4Addr::from(0x0a00_0000 | ((next(64) as u32) << 8));
+            IpNet::new_assert(addr.into(), 18 + next(8) as u8).trunc()
+        };
+        let mut next = crate::test_rng(0x5851_f42d_4c95_7f2d);
+        for _ in 0..2_000 {
+            let space: Vec<IpNet> = (0..next(8)).map(|_| prefix(&mut next)).collect();
+            let spans = Spans::new(space.iter().copied());
+            for _ in 0..8 {
+                let subnet = prefix(&mut next);
+                assert_eq!(spans.covers(subnet), walked(&space, subnet), "{space:?} {subnet}");
+            }
+        }
+    }
 
     /// A valid policy with a load balancer and a NAT gateway (lines 13-21). Line numbers
     /// matter.
