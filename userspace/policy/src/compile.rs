@@ -360,8 +360,8 @@ fn compile_table(policy: &Policy, dir: Direction, layer: Layer, room: usize) -> 
     for (bit, (nsg, rule)) in rules.iter().enumerate() {
         let local = &associated[nsg.name.as_str()];
         let (src, dst) = match dir {
-            Direction::Inbound => (rule.source.clone(), local.narrow(&rule.destination)),
-            Direction::Outbound => (local.narrow(&rule.source), rule.destination.clone()),
+            Direction::Inbound => (rule.source.to_vec(), local.narrow(&rule.destination)),
+            Direction::Outbound => (local.narrow(&rule.source), rule.destination.to_vec()),
         };
         let mut entries = Vec::new();
         for (nets, f4, f6) in [(&src, FIELD_SRC4, FIELD_SRC6), (&dst, FIELD_DST4, FIELD_DST6)] {

@@ -67,6 +67,9 @@ pub struct PortRange {
 /// fragments). `Some(ranges)` matches only packets with a port inside one of the ranges.
 pub type Ports = Option<Vec<PortRange>>;
 
+/// A rule side's prefixes.
+pub type Prefixes = std::sync::Arc<[IpNet]>;
+
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct Rule {
     pub name: String,
@@ -74,9 +77,10 @@ pub struct Rule {
     pub direction: Direction,
     pub access: Access,
     pub protocol: Protocol,
-    /// Expanded to prefixes; "any" is `0.0.0.0/0` and `::/0`.
-    pub source: Vec<IpNet>,
-    pub destination: Vec<IpNet>,
+    /// Expanded to prefixes; "any" is `0.0.0.0/0` and `::/0`. Shared, not copied, where
+    /// every NSG's default rules name the same tag.
+    pub source: Prefixes,
+    pub destination: Prefixes,
     pub source_ports: Ports,
     pub destination_ports: Ports,
     /// One of Azure's default rules (priority 65000 and above).
