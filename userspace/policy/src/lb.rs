@@ -206,6 +206,10 @@ pub fn compile(policy: &Policy) -> Result<CompiledLb> {
                 .iter()
                 .map(|b| (backend(&mut out, b.address), b.weight))
                 .collect();
+            // Before the next rule copies its pool too.
+            if out.backends.len() > MAX_BACKENDS as usize {
+                bail!("{} backends exceed the table size {MAX_BACKENDS}", out.backends.len());
+            }
             let dist = match rule.distribution {
                 Distribution::Default => DIST_FIVE_TUPLE,
                 Distribution::SourceIp => DIST_SOURCE_IP,

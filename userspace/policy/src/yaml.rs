@@ -18,7 +18,7 @@ use std::{
 
 use ipnet::{IpNet, Ipv4Net, Ipv4Subnets, Ipv6Net, Ipv6Subnets};
 use xdpgate_common::{
-    lb::{MAX_BACKENDS, MAX_SERVICES},
+    lb::{MAX_FRONTENDS, MAX_SERVICES},
     nsg::MAX_RULES,
 };
 
@@ -151,6 +151,7 @@ pub fn load_str_with_sets(
         prefixes: 0,
         over_budget: false,
         comparing: MAX_COMPARING,
+        nat_ports: 0,
     }
     .load(&raw)
 }
@@ -681,6 +682,8 @@ struct Loader<'a> {
     over_budget: bool,
     /// What "did you mean" may still cost ([`MAX_COMPARING`]).
     comparing: usize,
+    /// Frontend ports mapped by the inbound NAT rules' ranges so far.
+    nat_ports: usize,
 }
 
 /// A parsed value and the YAML path it came from, for errors found later.
@@ -1301,17 +1304,18 @@ struct LoadedLb {
 impl Loader<'_> {
     fn load_balancers(&mut self, raw: &[RawLoadBalancer]) -> Vec<LoadBalancer> {
         self.check_unique_names("load balancer", item_names("load_balancers", raw));
-        // The services table's size, before any rule is loaded: a rule's work grows with its
-        // pool, and 20,000 rules of a 65,000-backend pool took 10 GB to find them too many.
+        // The services table's size, before any rule is loaded (frontends, pools and probes
+        // are): a rule's work grows with its pool, and 20,000 rules of a 65,000-backend pool
+        // took 10 GB to find them too many.
         let services: usize =
             raw.iter().map(|lb| lb.rules.len() + lb.inbound_nat_rules.len()).sum();
-        if services > MAX_SERVICES as usize {
+        let load_rules = services <= MAX_SERVICES as usize;
+        if !load_rules {
             let reason = format!(
                 "{services} load-balancing and inbound NAT rules exceed the table size \
-                 {MAX_SERVICES}"
+                 {MAX_SERVICES}; their own errors are shown once they fit"
             );
             self.error("load_balancers", reason);
-            return Vec::new();
         }
         // Frontends of all load balancers first: every backend is checked against them.
         let frontends: Vec<Vec<Option<Frontend>>> = raw
@@ -1324,7 +1328,7 @@ impl Loader<'_> {
         let mut load_balancers = Vec::new();
         for (i, (lb, frontends)) in raw.iter().zip(frontends).enumerate() {
             let path = format!("load_balancers[{i}]");
-            let loaded = self.load_balancer(&path, lb, frontends, &addresses);
+            let loaded = self.load_balancer(&path, lb, frontends, &addresses, load_rules);
             claims.extend(loaded.claims);
             load_balancers.push(loaded.lb);
         }
@@ -1361,6 +1365,7 @@ impl Loader<'_> {
         raw: &RawLoadBalancer,
         frontends: Vec<Option<Frontend>>,
         addresses: &FrontendAddresses,
+        load_rules: bool,
     ) -> LoadedLb {
         self.check_name(&format!("{path}.name"), &raw.name);
         self.check_unique_lb_item_names(path, raw);
@@ -1372,10 +1377,15 @@ impl Loader<'_> {
             .collect();
         let families: Vec<[Option<IpAddr>; 2]> = pools.iter().map(first_of_each_family).collect();
         let scope = LbScope { raw, frontends: &frontends, pools: &pools, families: &families };
-        let rules: Vec<Option<LbRule>> = (raw.rules.iter().enumerate())
+        let (lb_rules, nat_rules) = if load_rules {
+            (&raw.rules[..], &raw.inbound_nat_rules[..])
+        } else {
+            (&[][..], &[][..])
+        };
+        let rules: Vec<Option<LbRule>> = (lb_rules.iter().enumerate())
             .map(|(j, r)| self.lb_rule(&format!("{path}.rules[{j}]"), r, &scope))
             .collect();
-        let nat_rules: Vec<Option<InboundNatRule>> = (raw.inbound_nat_rules.iter().enumerate())
+        let nat_rules: Vec<Option<InboundNatRule>> = (nat_rules.iter().enumerate())
             .map(|(j, r)| {
                 self.nat_rule(&format!("{path}.inbound_nat_rules[{j}]"), r, &scope, addresses)
             })
@@ -1425,14 +1435,6 @@ impl Loader<'_> {
     /// A pool with its valid backends, each address once.
     fn pool(&mut self, path: &str, raw: &RawPool, addresses: &FrontendAddresses) -> BackendPool {
         self.check_name(&format!("{path}.name"), &raw.name);
-        // The backend table's size, before each rule using the pool does work in proportion
-        // to it (100 NAT ranges over a 65,000-backend pool took 2.3 GB).
-        if raw.backends.len() > MAX_BACKENDS as usize {
-            let reason =
-                format!("{} backends exceed the table size {MAX_BACKENDS}", raw.backends.len());
-            self.error(&format!("{path}.backends"), reason);
-            return BackendPool { name: raw.name.clone(), backends: Vec::new() };
-        }
         let mut first_paths: HashMap<IpAddr, String> = HashMap::new();
         let mut backends = Vec::new();
         for (k, b) in raw.backends.iter().enumerate() {
@@ -1865,7 +1867,17 @@ impl Loader<'_> {
             self.error(&range_field, reason);
             return None;
         }
-        let backends = scope.pools[pool].backends.iter();
+        // Each mapping is an entry of the frontend table: past its size the policy cannot be
+        // applied, and a claim per port of ranges over large pools took gigabytes.
+        let backends = &scope.pools[pool].backends;
+        self.nat_ports += ports.min(backends.len());
+        if self.nat_ports > MAX_FRONTENDS as usize {
+            let reason = format!(
+                "inbound NAT rules map more than {MAX_FRONTENDS} frontend ports, the table's size"
+            );
+            self.error(&range_field, reason);
+            return None;
+        }
         Some((range.lo..=range.hi).zip(backends).map(|(port, b)| (port, b.address)).collect())
     }
 
@@ -3253,7 +3265,11 @@ load_balancers:
     /// after it, which for 20,000 rules of a 65,000-backend pool took 10 GB).
     #[test]
     fn load_balancers_past_the_tables_are_refused_before_their_rules() {
-        let mut doc = lb();
+        // The rest of the load balancers is read: a pool's error is shown beside it.
+        let mut doc = lb().replace(
+            "          - 198.51.100.11\n",
+            "          - 198.51.100.11\n          - 198.51.100.11\n",
+        );
         for i in 0..MAX_SERVICES {
             let rule = format!(
                 "{{name: nat{i}, frontend: web-v4, protocol: udp, frontend_port: {}, backend: \
@@ -3264,22 +3280,35 @@ load_balancers:
         }
         assert_eq!(
             doc.errors(),
-            ["policy.yaml:17:1: load_balancers: 130 load-balancing and inbound NAT rules exceed \
-              the table size 128"]
+            [
+                "policy.yaml:17:1: load_balancers: 130 load-balancing and inbound NAT rules \
+                 exceed the table size 128; their own errors are shown once they fit",
+                "policy.yaml:26:13: load_balancers[0].backend_pools[0].backends[1]: backend \
+                 198.51.100.11 is already in pool web-pool (line 25)",
+            ]
         );
-        let backends: String = (0..=MAX_BACKENDS)
-            .map(|i| format!("          - 10.{}.{}.1\n", i >> 8, i & 255))
-            .collect();
-        let doc = lb().replace(
+        // NAT ranges over a large pool: past the frontend table, refused where they pass it.
+        let backends: String =
+            (0..5_000).map(|i| format!("          - 10.{}.{}.1\n", i >> 8, i & 255)).collect();
+        let mut doc = lb().replace(
             "        backends: [2001:db8:1::11]\n",
             &format!("        backends:\n{backends}"),
         );
+        for i in 0..2 {
+            let rule = format!(
+                "{{name: range{i}, frontend: web-v4, protocol: udp, frontend_port_range: \
+                 \"{}-{}\", backend_pool: web6-pool, backend_port: 22}}",
+                10_000 + 5_000 * i,
+                14_999 + 5_000 * i
+            );
+            doc = doc.push("inbound_nat_rules", &rule);
+        }
         let errors = doc.errors();
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert!(
-            errors[0].ends_with(
-                "load_balancers[0].backend_pools[1].backends: 4097 backends exceed \
-                                 the table size 4096"
+            errors[0].contains(
+                "inbound_nat_rules[2].frontend_port_range: inbound NAT rules map \
+                                more than 8192 frontend ports"
             ),
             "{errors:?}"
         );
