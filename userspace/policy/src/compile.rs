@@ -351,29 +351,55 @@ fn compile_table(policy: &Policy, dir: Direction, layer: Layer, room: usize) -> 
         bail!("{dir:?} {layer:?}-layer rules: {} exceed the table size {MAX_RULES}", rules.len());
     }
 
-    // Each NSG's subnets or hosts, which its rules' local side is narrowed to.
-    let mut associated: HashMap<&str, PrefixSet> = HashMap::new();
+    // Each NSG's subnets or hosts, which its rules' local side is narrowed to, and the rules
+    // whose local side is every one of them (`*`): their bits are set in each such entry
+    // once, at the end, not entry by entry per rule (3,990 rules to `*` over 60,000
+    // subnets took 68 s that way).
+    let mut associated: HashMap<&str, (PrefixSet, RuleBitmap)> = HashMap::new();
     for (nsg, _) in &rules {
-        associated.entry(&nsg.name).or_insert_with(|| PrefixSet::new(nsg.associated(layer)));
+        associated.entry(&nsg.name).or_insert_with(|| {
+            (PrefixSet::new(nsg.associated(layer)), RuleBitmap { words: [0; BITMAP_WORDS] })
+        });
     }
+    let (local_v4, local_v6) = match dir {
+        Direction::Inbound => (FIELD_DST4, FIELD_DST6),
+        Direction::Outbound => (FIELD_SRC4, FIELD_SRC6),
+    };
     let mut fields: HashMap<FieldEntry, RuleBitmap> = HashMap::new();
+    let add = |fields: &mut HashMap<FieldEntry, RuleBitmap>, e: FieldEntry, bits: &RuleBitmap| {
+        let b = fields.entry(e).or_insert(RuleBitmap { words: [0; BITMAP_WORDS] });
+        for (a, w) in b.words.iter_mut().zip(bits.words) {
+            *a |= w;
+        }
+        if fields.len() > room { Err(anyhow::anyhow!(too_many_entries())) } else { Ok(()) }
+    };
     for (bit, (nsg, rule)) in rules.iter().enumerate() {
-        let local = &associated[nsg.name.as_str()];
-        let (src, dst) = match dir {
-            Direction::Inbound => (rule.source.to_vec(), local.narrow(&rule.destination)),
-            Direction::Outbound => (local.narrow(&rule.source), rule.destination.to_vec()),
+        let (local, whole) = associated.get_mut(nsg.name.as_str()).expect("every rule's NSG");
+        let (remote, local_side, remote_fields) = match dir {
+            Direction::Inbound => (&rule.source, &rule.destination, (FIELD_SRC4, FIELD_SRC6)),
+            Direction::Outbound => (&rule.destination, &rule.source, (FIELD_DST4, FIELD_DST6)),
         };
-        let mut entries = Vec::new();
-        for (nets, f4, f6) in [(&src, FIELD_SRC4, FIELD_SRC6), (&dst, FIELD_DST4, FIELD_DST6)] {
-            entries.extend(nets.iter().map(|n| addr_entry(n, f4, f6)));
+        let mut entries: Vec<FieldEntry> =
+            remote.iter().map(|n| addr_entry(n, remote_fields.0, remote_fields.1)).collect();
+        if local.all_within(local_side) {
+            set_bit(whole, bit);
+        } else {
+            let narrowed = local.narrow(local_side);
+            entries.extend(narrowed.iter().map(|n| addr_entry(n, local_v4, local_v6)));
         }
         entries.extend(port_entries(FIELD_SPORT, &rule.source_ports));
         entries.extend(port_entries(FIELD_DPORT, &rule.destination_ports));
         entries.extend(proto_entries(rule.protocol));
+        let mut bits = RuleBitmap { words: [0; BITMAP_WORDS] };
+        set_bit(&mut bits, bit);
         for e in entries {
-            set_bit(fields.entry(e).or_insert(RuleBitmap { words: [0; BITMAP_WORDS] }), bit);
-            if fields.len() > room {
-                bail!(too_many_entries());
+            add(&mut fields, e, &bits)?;
+        }
+    }
+    for (local, whole) in associated.values() {
+        if whole.words.iter().any(|&w| w != 0) {
+            for n in local.members() {
+                add(&mut fields, addr_entry(n, local_v4, local_v6), whole)?;
             }
         }
     }
@@ -540,6 +566,46 @@ mod tests {
         let policy = crate::load_str(&src, "t.yaml").unwrap();
         let err = compile(&policy).map(|c| c.field_entries()).unwrap_err().to_string();
         assert_eq!(err, too_many_entries());
+    }
+
+    /// A rule whose local side is `*` has its bit set in every subnet's entry at the end
+    /// (once per table, not per rule and subnet): the tables are those of the same rules
+    /// naming every subnet, and of two NSGs where only one is `*`.
+    #[test]
+    fn rules_to_every_subnet_compile_as_rules_naming_each() {
+        let doc = |web: &str, db: &str| {
+            r#"
+virtual_network:
+  address_space: [198.51.100.0/24, 2001:db8:1::/64]
+nsgs:
+  - name: web
+    subnets: [198.51.100.0/26, 198.51.100.64/26, 2001:db8:1::/80]
+    rules:
+      - {name: a, priority: 100, direction: inbound, access: allow, protocol: tcp,
+         source: 203.0.113.0/24, destination: WEB, destination_ports: [443]}
+      - {name: b, priority: 110, direction: outbound, access: deny, protocol: udp,
+         source: WEB, destination: 192.0.2.0/24}
+      - {name: c, priority: 120, direction: inbound, access: deny, protocol: tcp,
+         source: "*", destination: [198.51.100.70]}
+  - name: db
+    subnets: [198.51.100.128/25]
+    rules:
+      - {name: d, priority: 100, direction: inbound, access: allow, protocol: tcp,
+         source: 198.51.100.0/26, destination: DB}
+"#
+            .replace("WEB", web)
+            .replace("DB", db)
+        };
+        let tables = |src: &str| -> Vec<Vec<(FieldEntry, RuleBitmap)>> {
+            let policy = crate::load_str(src, "t.yaml").unwrap_or_else(|e| panic!("{e}\n{src}"));
+            compile(&policy).unwrap().tables.into_iter().map(|t| t.fields).collect()
+        };
+        let named = tables(&doc(
+            "[198.51.100.0/26, 198.51.100.64/26, \"2001:db8:1::/80\"]",
+            "[198.51.100.128/25]",
+        ));
+        assert_eq!(tables(&doc("\"*\"", "\"*\"")), named);
+        assert_eq!(tables(&doc("\"*\"", "[198.51.100.128/25]")), named);
     }
 
     #[test]

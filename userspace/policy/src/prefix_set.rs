@@ -53,6 +53,20 @@ impl PrefixSet {
         self.sorted[start..].iter().copied().take_while(move |m| net.contains(m))
     }
 
+    /// The members, in order.
+    pub fn members(&self) -> &[IpNet] {
+        &self.sorted
+    }
+
+    /// Whether every member lies within a prefix of `nets` written as `/0` (`*`): then
+    /// narrowing `nets` gives all the members.
+    pub fn all_within(&self, nets: &[IpNet]) -> bool {
+        [(false, 0), (true, 1)].iter().all(|&(v6, f)| {
+            !self.lengths[f].iter().any(|&l| l)
+                || nets.iter().any(|n| n.prefix_len() == 0 && matches!(n, IpNet::V6(_)) == v6)
+        })
+    }
+
     /// The prefixes of `nets` narrowed to the members: where one contains the other, the
     /// longer. Sorted, each once.
     pub fn narrow(&self, nets: &[IpNet]) -> Vec<IpNet> {
