@@ -1313,7 +1313,7 @@ impl Loader<'_> {
         if !load_rules {
             let reason = format!(
                 "{services} load-balancing and inbound NAT rules exceed the table size \
-                 {MAX_SERVICES}; their own errors are shown once they fit"
+                 {MAX_SERVICES}; their values and references are checked once they fit"
             );
             self.error("load_balancers", reason);
         }
@@ -3282,7 +3282,7 @@ load_balancers:
             doc.errors(),
             [
                 "policy.yaml:17:1: load_balancers: 130 load-balancing and inbound NAT rules \
-                 exceed the table size 128; their own errors are shown once they fit",
+                 exceed the table size 128; their values and references are checked once they fit",
                 "policy.yaml:26:13: load_balancers[0].backend_pools[0].backends[1]: backend \
                  198.51.100.11 is already in pool web-pool (line 25)",
             ]
