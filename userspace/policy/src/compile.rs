@@ -381,7 +381,7 @@ fn compile_table(policy: &Policy, dir: Direction, layer: Layer, room: usize) -> 
         };
         let mut entries: Vec<FieldEntry> =
             remote.iter().map(|n| addr_entry(n, remote_fields.0, remote_fields.1)).collect();
-        if local.all_within(local_side) {
+        if local.narrows_to_members(local_side) {
             set_bit(whole, bit);
         } else {
             let narrowed = local.narrow(local_side);
@@ -568,9 +568,10 @@ mod tests {
         assert_eq!(err, too_many_entries());
     }
 
-    /// A rule whose local side is `*` has its bit set in every subnet's entry at the end
-    /// (once per table, not per rule and subnet): the tables are those of the same rules
-    /// naming every subnet, and of two NSGs where only one is `*`.
+    /// A rule whose local side is `*` (or covers every subnet, as `VirtualNetwork` does) has
+    /// its bit set in every subnet's entry at the end (once per table, not per rule and
+    /// subnet): the tables are those of the same rules naming every subnet, and of two NSGs
+    /// where only one is `*`.
     #[test]
     fn rules_to_every_subnet_compile_as_rules_naming_each() {
         let doc = |web: &str, db: &str| {
@@ -606,6 +607,9 @@ nsgs:
         ));
         assert_eq!(tables(&doc("\"*\"", "\"*\"")), named);
         assert_eq!(tables(&doc("\"*\"", "[198.51.100.128/25]")), named);
+        // Sides that cover every subnet without `*` take the same way.
+        assert_eq!(tables(&doc("VirtualNetwork", "VirtualNetwork")), named);
+        assert_eq!(tables(&doc("[198.51.100.0/25, \"2001:db8:1::/64\"]", "\"*\"")), named);
     }
 
     #[test]

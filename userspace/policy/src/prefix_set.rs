@@ -58,13 +58,34 @@ impl PrefixSet {
         &self.sorted
     }
 
-    /// Whether every member lies within a prefix of `nets` written as `/0` (`*`): then
-    /// narrowing `nets` gives all the members.
-    pub fn all_within(&self, nets: &[IpNet]) -> bool {
-        [(false, 0), (true, 1)].iter().all(|&(v6, f)| {
-            !self.lengths[f].iter().any(|&l| l)
-                || nets.iter().any(|n| n.prefix_len() == 0 && matches!(n, IpNet::V6(_)) == v6)
-        })
+    /// Whether narrowing `nets` gives the members, each once and nothing else: every member
+    /// lies within a prefix of `nets`, and none of `nets` lies strictly inside a member
+    /// without being one. A
+    /// rule whose side is `*` or `VirtualNetwork` then applies to every member, without an
+    /// entry per rule and member (500 such rules over 20,000 subnets took 2.8 s that way).
+    /// Binary searches, not a walk of the members.
+    pub fn narrows_to_members(&self, nets: &[IpNet]) -> bool {
+        let inside_one = |n: &IpNet| {
+            !self.members.contains(&n.trunc())
+                && self.containing(n).any(|m| m.prefix_len() < n.prefix_len())
+        };
+        if nets.iter().any(inside_one) {
+            return false;
+        }
+        let mut outer: Vec<IpNet> = nets.iter().map(IpNet::trunc).collect();
+        outer.sort_unstable();
+        // Sorted, a prefix comes before those within it: keep the outermost of each nest,
+        // whose runs of members are then apart.
+        outer.dedup_by(|later, kept| kept.contains(&*later));
+        let within: usize = outer.iter().map(|n| self.count_within(n)).sum();
+        within == self.sorted.len()
+    }
+
+    /// How many members lie within `net` or are it: the length of [`Self::within`]'s run.
+    fn count_within(&self, net: &IpNet) -> usize {
+        let start = self.sorted.partition_point(|m| m < net);
+        let last = IpNet::new_assert(net.broadcast(), net.max_prefix_len());
+        self.sorted.partition_point(|m| *m <= last) - start
     }
 
     /// The prefixes of `nets` narrowed to the members: where one contains the other, the
@@ -117,5 +138,32 @@ mod tests {
         assert_eq!(within("10.2.0.0/16"), Vec::<String>::new());
         assert_eq!(within("2001:db8::/32"), Vec::<String>::new());
         assert_eq!(within("::/0"), ["::/0"]);
+    }
+
+    /// A random prefix from a small space, so that members and sides nest and meet.
+    fn prefix(next: &mut dyn FnMut(u64) -> u64) -> IpNet {
+        if next(6) == 0 {
+            let addr = std::net::Ipv6Addr::from(0x2001_0db8_u128 << 96 | u128::from(next(4)) << 88);
+            return IpNet::new_assert(addr.into(), [0, 32, 36, 40][next(4) as usize]).trunc();
+        }
+        let addr = std::net::Ipv4Addr::from(0x0a00_0000 | (next(16) as u32) << 12);
+        IpNet::new_assert(addr.into(), [0, 8, 12, 14, 16, 18, 20, 32][next(8) as usize]).trunc()
+    }
+
+    #[test]
+    fn narrows_to_members_as_narrowing_says() {
+        let mut next = crate::test_rng(0x2545_f491_4f6c_dd1d);
+        let (mut all, mut cases) = (0, 0);
+        for _ in 0..20_000 {
+            let members: Vec<IpNet> = (0..1 + next(6)).map(|_| prefix(&mut next)).collect();
+            let set = PrefixSet::new(&members);
+            let side: Vec<IpNet> = (0..1 + next(4)).map(|_| prefix(&mut next)).collect();
+            let expected = set.narrow(&side) == set.members();
+            assert_eq!(set.narrows_to_members(&side), expected, "{members:?} {side:?}");
+            all += usize::from(expected);
+            cases += 1;
+        }
+        // Both answers are common enough to be tested.
+        assert!(all > cases / 20 && all < cases * 19 / 20, "{all} of {cases}");
     }
 }
