@@ -1037,9 +1037,10 @@ impl Loader<'_> {
             self.error(
                 path,
                 format!(
-                    "the policy's lists and rules expand to more than {MAX_PREFIXES} address \
-                     prefixes (each range to the prefixes that cover it, each named list once \
-                     per rule naming it): too large to load"
+                    "the policy's lists, rules and Internet tag (every address outside the \
+                     virtual network) expand to more than {MAX_PREFIXES} address prefixes (each \
+                     range to the prefixes that cover it, each named list once per rule naming \
+                     it): too large to load"
                 ),
             );
         }
@@ -2974,9 +2975,10 @@ nsgs:
             errors[0].starts_with("policy.yaml:18:")
                 && errors[0].contains(": service_tags.big[")
                 && errors[0].ends_with(&format!(
-                    "the policy's lists and rules expand to more than {MAX_PREFIXES} address \
-                     prefixes (each range to the prefixes that cover it, each named list once \
-                     per rule naming it): too large to load"
+                    "the policy's lists, rules and Internet tag (every address outside the \
+                     virtual network) expand to more than {MAX_PREFIXES} address prefixes (each \
+                     range to the prefixes that cover it, each named list once per rule naming \
+                     it): too large to load"
                 )),
             "{errors:?}"
         );
@@ -3005,6 +3007,35 @@ nsgs:
         let errors = super::tests::errors(&src);
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert!(errors[0].contains("nsgs[0].rules[1].source[18892]: the policy's"), "{errors:?}");
+    }
+
+    /// The Internet tag counts toward the bound, once for the address space and once per
+    /// rule naming it: an address space of 50,000 scattered IPv6 addresses leaves millions
+    /// of prefixes outside it, and the rule naming `Internet` passes the bound. The message
+    /// names the tag (until 2026-12-04 it spoke of lists and rules alone).
+    #[test]
+    fn an_internet_tag_past_the_prefix_bound() {
+        let mut next = crate::test_rng(0x9e37_79b9_7f4a_7c15);
+        let addresses: Vec<String> = (0..50_000)
+            .map(|_| {
+                let low = (0..5).map(|_| format!("{:x}", next(1 << 16))).collect::<Vec<_>>();
+                format!("\"2001:db8:{:x}:{}\"", next(1 << 16), low.join(":"))
+            })
+            .collect();
+        let src = BASE.replace(
+            "address_space: [198.51.100.0/24, 2001:db8:1::/64]",
+            &format!("address_space: [{}]", addresses.join(", ")),
+        );
+        // Not `errors`: a policy that loads would be printed whole.
+        let Err(errors) = load(&src) else { panic!("the policy loaded") };
+        let first = errors.0[0].to_string();
+        assert!(
+            first.starts_with(
+                "policy.yaml:14:17: nsgs[0].rules[0].source: the policy's lists, rules and \
+                 Internet tag (every address outside the virtual network) expand to more than"
+            ),
+            "{first}"
+        );
     }
 
     /// A name with a control character is refused: the table views print names as they
