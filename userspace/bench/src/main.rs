@@ -18,6 +18,7 @@
 //!   rewritten) beside an NSG-only flow;
 //! - `flows`: the established path with 1,000, 100,000 and 1,000,000 live flows, cold;
 //! - `flowlog`: the agent's loop writing a walk's flow-log lines, to a file and a full disk;
+//! - `check`: `xdpgate check` of large and adversarial policy and node files;
 //! - `peers`: nftables (linear chain and verdict map), no filter and xdpgate in packets per
 //!   second through a real veth path, and xdp-filter's per-packet cost against the no-op;
 //! - `throughput`: TCP throughput (iperf3) and CPU per gigabyte through a veth gateway for
@@ -28,6 +29,7 @@
 //! handshake) and table counts are checked, as a wrong one would mean the wrong path was
 //! measured.
 
+mod check;
 mod common;
 mod events;
 mod flowlog;
@@ -86,6 +88,7 @@ enum Section {
     Forward,
     Flows,
     Flowlog,
+    Check,
     Throughput,
 }
 
@@ -101,6 +104,7 @@ pub struct Results {
     pub forward: Option<forward::Report>,
     pub flows: Option<flows::Report>,
     pub flowlog: Option<flowlog::Report>,
+    pub check: Option<check::Report>,
     pub throughput: Option<throughput::Report>,
 }
 
@@ -188,6 +192,12 @@ fn main() -> Result<()> {
             "flow-log lines on the agent's loop",
             || flowlog::measure(&cfg, &machine),
             flowlog::markdown,
+        )?,
+        check: sections.run(
+            Section::Check,
+            "check of large and adversarial files",
+            || check::measure(&cfg, &machine),
+            check::markdown,
         )?,
         throughput: sections.run(
             Section::Throughput,

@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 
 use crate::{
-    Results,
+    Results, check,
     common::{Config, Family, Machine, thousands},
     events, flowlog, flows, forward, lb, memory, nat, nsg, peers, throughput,
 };
@@ -318,10 +318,10 @@ pub fn readme(r: &Results, machine: &Machine, cfg: &Config, elapsed: f64) -> Str
     let _ = writeln!(
         md,
         "Run with `cargo xtask bench` (as root; `--quick` for a smoke test, `--only \
-         nsg,lb,nat,memory,peers,events,forward,flows,flowlog,throughput` for some sections, `--runs \
+         nsg,lb,nat,memory,peers,events,forward,flows,flowlog,check,throughput` for some sections, `--runs \
          N`). This run took {elapsed:.0} s. Each section is also in its own file (`nsg.md`, \
          `lb.md`, `nat.md`, `memory.md`, `peers.md`, `events.md`, `forward.md`, `flows.md`, \
-         `flowlog.md`, `throughput.md`, with the raw figures in the matching `.json`).\n\n\
+         `flowlog.md`, `check.md`, `throughput.md`, with the raw figures in the matching `.json`).\n\n\
          ![ratios](ratios.svg)\n"
     );
     if let Some(x) = &r.nsg {
@@ -344,6 +344,9 @@ pub fn readme(r: &Results, machine: &Machine, cfg: &Config, elapsed: f64) -> Str
     }
     if let Some(x) = &r.flowlog {
         md.push_str(&strip_header(&flowlog::markdown(x)));
+    }
+    if let Some(x) = &r.check {
+        md.push_str(&strip_header(&check::markdown(x)));
     }
     if let Some(x) = &r.memory {
         md.push_str(&strip_header(&memory::markdown(x)));

@@ -1,0 +1,334 @@
+//! `xdpgate check` of large and adversarial files: what an operator's `check`, `apply` and
+//! the agent's reload spend loading and compiling a policy (`plan::load_checked`, what
+//! `check` runs) or reading a node file. Each case is a file built here at a size where an
+//! earlier build took seconds to minutes, or gigabytes, by comparing every pair of items;
+//! its answer (loaded, or refused with the expected error) is checked, as a different one
+//! would mean another path was measured.
+
+use std::{fmt::Write as _, fs, path::Path, time::Instant};
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+
+use crate::{
+    common::{Config, Machine, median},
+    memory::status_kib,
+};
+
+#[derive(Serialize)]
+pub struct Row {
+    pub case: &'static str,
+    /// The file's size in bytes.
+    pub bytes: usize,
+    /// Median over the runs.
+    pub seconds: f64,
+    /// The process's peak resident memory while checking, over its resident memory before
+    /// (VmHWM reset through /proc/self/clear_refs), largest of the runs.
+    pub peak_growth_mib: f64,
+    /// What `check` answered: `ok`, or the error expected.
+    pub answer: String,
+}
+
+#[derive(Serialize)]
+pub struct Report {
+    pub machine: Machine,
+    pub quick: bool,
+    pub runs: usize,
+    pub rows: Vec<Row>,
+}
+
+/// What a case's file must give.
+enum Expect {
+    Ok,
+    Error(&'static str),
+}
+
+/// A case: its name, the file (a policy, or a node file checked beside `POLICY`), what
+/// `check` must answer, and the build that was slow on it.
+struct Case {
+    name: &'static str,
+    node: bool,
+    text: String,
+    expect: Expect,
+}
+
+/// The policy a node file is checked with.
+const POLICY: &str = "virtual_network: {address_space: [10.0.0.0/8]}\n";
+
+fn cases(scale: usize) -> Vec<Case> {
+    let n = |full: usize| full / scale;
+    vec![
+        Case {
+            name: "100,000 subnets in two NSGs, each of the second in one of the first",
+            node: false,
+            text: subnets_in_two_nsgs(n(100_000)),
+            expect: Expect::Error("overlaps subnet"),
+        },
+        Case {
+            name: "3,990 rules to * over 60,000 subnets",
+            node: false,
+            text: rules_over_subnets(n(60_000), n(3_990), "'*'"),
+            expect: Expect::Ok,
+        },
+        Case {
+            name: "500 rules to VirtualNetwork over 20,000 subnets",
+            node: false,
+            text: rules_over_subnets(n(20_000), n(500), "VirtualNetwork"),
+            expect: Expect::Ok,
+        },
+        Case {
+            name: "3,990 one-address rules over 60,000 subnets",
+            node: false,
+            text: rules_over_subnets(n(60_000), n(3_990), ONE_ADDRESS),
+            expect: Expect::Ok,
+        },
+        Case {
+            name: "20,000 unknown names among 20,000 groups",
+            node: false,
+            text: unknown_names(n(20_000)),
+            expect: Expect::Error("unknown service tag or application security group"),
+        },
+        Case {
+            name: "20,000 LB rules over a 65,000-backend pool",
+            node: false,
+            text: lb_rules(n(20_000).max(200), n(65_000)),
+            expect: Expect::Error("load-balancing and inbound NAT rules"),
+        },
+        Case {
+            name: "NAT: 40,000 /28 public prefixes, 40,000 address-space prefixes",
+            node: false,
+            text: nat_public(n(40_000)),
+            expect: Expect::Error("a NAT gateway has at most 16"),
+        },
+        Case {
+            name: "NAT: 40,000 IPv6 subnets, 40,000 IPv4 public addresses",
+            node: false,
+            text: nat_families(n(40_000)),
+            expect: Expect::Error("but the gateway has no IPv6 public address"),
+        },
+        Case {
+            name: "node file: 200,000 BGP peers",
+            node: true,
+            text: bgp_peers(n(200_000)),
+            expect: Expect::Ok,
+        },
+    ]
+}
+
+/// The `i`th address of 10.0.0.0/8 in steps of `2^shift` addresses.
+fn ten(i: usize, shift: u32) -> String {
+    std::net::Ipv4Addr::from(0x0a00_0000 | ((i as u32) << shift)).to_string()
+}
+
+fn subnets_in_two_nsgs(count: usize) -> String {
+    let mut s = String::from("virtual_network: {address_space: [10.0.0.0/8]}\nnsgs:\n");
+    for (nsg, length) in [("a", 24), ("b", 25)] {
+        let _ = writeln!(s, "  - name: {nsg}\n    subnets:");
+        for i in 0..count / 2 {
+            let _ = writeln!(s, "      - {}/{length}", ten(i, 8));
+        }
+    }
+    s
+}
+
+/// [`rules_over_subnets`]: each rule's destination one address of a subnet of its own.
+const ONE_ADDRESS: &str = "";
+
+/// One NSG of `subnets` /24s with `rules` inbound rules whose destination is `local` (or
+/// [`ONE_ADDRESS`]).
+fn rules_over_subnets(subnets: usize, rules: usize, local: &str) -> String {
+    let mut s = String::from("virtual_network: {address_space: [10.0.0.0/8]}\nnsgs:\n");
+    s.push_str("  - name: n\n    subnets:\n");
+    for i in 0..subnets {
+        let _ = writeln!(s, "      - {}/24", ten(i, 8));
+    }
+    s.push_str("    rules:\n");
+    for i in 0..rules {
+        let destination = match local {
+            ONE_ADDRESS => ten((i * subnets / rules) << 8 | 9, 0),
+            other => other.to_owned(),
+        };
+        let _ = writeln!(
+            s,
+            "      - {{name: r{i}, priority: {}, direction: inbound, access: allow, protocol: \
+             tcp, source: 192.0.2.{}, destination: {destination}, destination_ports: {}}}",
+            100 + i,
+            i % 256,
+            1000 + i
+        );
+    }
+    s
+}
+
+fn unknown_names(count: usize) -> String {
+    let mut s = String::from(
+        "virtual_network: {address_space: [10.0.0.0/8]}\napplication_security_groups:\n",
+    );
+    for i in 0..count {
+        let _ = writeln!(s, "  group-{i:05}: [{}]", ten(i, 0));
+    }
+    s.push_str("nsgs:\n  - name: n\n    subnets: [10.0.0.0/16]\n    rules:\n");
+    s.push_str(
+        "      - {name: r, priority: 100, direction: inbound, access: allow, protocol: tcp, \
+         destination: '*', source: [",
+    );
+    let typos: Vec<String> = (0..count).map(|i| format!("grop-{i:05}")).collect();
+    s.push_str(&typos.join(", "));
+    s.push_str("]}\n");
+    s
+}
+
+fn lb_rules(rules: usize, backends: usize) -> String {
+    let mut s = String::from(
+        "virtual_network: {address_space: [10.0.0.0/8]}\nload_balancers:\n  - name: lb\n    \
+         frontends: [{name: f, address: 192.0.2.10}]\n    backend_pools:\n      - name: p\n        \
+         backends:\n",
+    );
+    for i in 0..backends {
+        let _ = writeln!(s, "          - {}", ten(i + 1, 0));
+    }
+    s.push_str("    rules:\n");
+    for i in 0..rules {
+        let _ = writeln!(
+            s,
+            "      - {{name: r{i}, frontend: f, protocol: tcp, frontend_port: {}, backend_pool: p}}",
+            1 + i
+        );
+    }
+    s
+}
+
+fn nat_public(count: usize) -> String {
+    let mut s = String::from("virtual_network:\n  address_space:\n");
+    for i in 0..count {
+        let _ = writeln!(s, "    - {}/32", ten(i, 0));
+    }
+    s.push_str("nat_gateways:\n  - name: g\n    subnets: [10.0.0.0/32]\n    public_addresses:\n");
+    for i in 0..count {
+        let public = std::net::Ipv4Addr::from(0xcb00_0000 | ((i as u32) << 4));
+        let _ = writeln!(s, "      - {public}/28");
+    }
+    s
+}
+
+fn nat_families(count: usize) -> String {
+    let mut s = String::from(
+        "virtual_network: {address_space: [10.0.0.0/8, '2001:db8::/32']}\nnat_gateways:\n  - \
+         name: g\n    public_addresses:\n",
+    );
+    for i in 0..count {
+        let public = std::net::Ipv4Addr::from(0xc612_0000 | i as u32);
+        let _ = writeln!(s, "      - {public}");
+    }
+    s.push_str("    subnets:\n");
+    for i in 0..count {
+        let _ = writeln!(s, "      - '2001:db8:{i:x}::/48'");
+    }
+    s
+}
+
+fn bgp_peers(count: usize) -> String {
+    let mut s = String::from(
+        "interfaces: [{name: eth0, role: external}]\nbgp:\n  router_id: 203.0.113.2\n  \
+         local_as: 65001\n  peers:\n",
+    );
+    for i in 0..count {
+        let _ =
+            writeln!(s, "    - {{address: '2001:db8::{:x}:{:x}', as: 65000}}", i >> 16, i & 0xffff);
+    }
+    s
+}
+
+/// `check` of `case` once: seconds, peak growth in KiB, and the answer.
+fn check_once(case: &Case, dir: &Path) -> Result<(f64, u64, String)> {
+    let policy = dir.join("policy.yaml");
+    let node = dir.join("node.yaml");
+    if case.node {
+        fs::write(&policy, POLICY)?;
+        fs::write(&node, &case.text)?;
+    } else {
+        fs::write(&policy, &case.text)?;
+    }
+    // What earlier cases freed goes back to the system, so that their pages do not hide
+    // this one's growth.
+    // SAFETY: glibc's malloc_trim takes no pointers.
+    unsafe { libc::malloc_trim(0) };
+    fs::write("/proc/self/clear_refs", "5").context("resetting VmHWM")?;
+    let before = status_kib("VmRSS:");
+    let started = Instant::now();
+    let answer = if case.node {
+        xdpgate::node::load(&node).map(|_| ())
+    } else {
+        xdpgate::plan::load_checked(&policy, &Default::default()).map(|_| ())
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    let peak = status_kib("VmHWM:").saturating_sub(before);
+    let answer = match (answer, &case.expect) {
+        (Ok(()), Expect::Ok) => "ok".to_owned(),
+        (Err(e), Expect::Error(want)) if format!("{e:#}").contains(want) => {
+            format!("refused: …{want}…")
+        }
+        (got, _) => {
+            bail!("{}: unexpected answer: {:?}", case.name, got.map_err(|e| format!("{e:#}")))
+        }
+    };
+    Ok((seconds, peak, answer))
+}
+
+pub fn measure(cfg: &Config, machine: &Machine) -> Result<Report> {
+    let dir = std::env::temp_dir().join(format!("xdpgate-bench-check-{}", std::process::id()));
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let result = (|| -> Result<Vec<Row>> {
+        let mut rows = Vec::new();
+        for case in cases(if cfg.quick { 10 } else { 1 }) {
+            let mut seconds = Vec::new();
+            let (mut peak, mut answer) = (0, String::new());
+            for _ in 0..cfg.runs {
+                let (s, p, a) = check_once(&case, &dir)?;
+                seconds.push(s);
+                peak = peak.max(p);
+                answer = a;
+            }
+            let row = Row {
+                case: case.name,
+                bytes: case.text.len(),
+                seconds: median(&seconds),
+                peak_growth_mib: peak as f64 / 1024.0,
+                answer,
+            };
+            eprintln!("  {}: {:.2} s, {:.0} MiB", row.case, row.seconds, row.peak_growth_mib);
+            rows.push(row);
+        }
+        Ok(rows)
+    })();
+    let _ = fs::remove_dir_all(&dir);
+    Ok(Report { machine: machine.clone(), quick: cfg.quick, runs: cfg.runs, rows: result? })
+}
+
+pub fn markdown(r: &Report) -> String {
+    let mut md = String::from("### `xdpgate check` of large and adversarial files\n\n");
+    md.push_str(&r.machine.header(r.quick));
+    md.push_str("| case | file | seconds | peak growth | answer |\n|---|---:|---:|---:|---|\n");
+    for row in &r.rows {
+        let _ = writeln!(
+            md,
+            "| {} | {:.1} MB | {:.2} | {:.0} MiB | {} |",
+            row.case,
+            row.bytes as f64 / 1e6,
+            row.seconds,
+            row.peak_growth_mib,
+            row.answer
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nMethod: each file is built by the bench{}. The time is `plan::load_checked` (what \
+         `check` runs: load and compile; `node::load` for the node file, beside a one-line \
+         policy) in the bench's process, the median of {} runs; memory is the peak resident \
+         growth while checking (VmHWM reset before), the largest of the runs. The answer is \
+         checked: a different one would mean another path was measured.",
+        if r.quick { ", at a tenth of the size each name gives (quick)" } else { "" },
+        r.runs,
+    );
+    md
+}
