@@ -73,99 +73,141 @@ fn key(k: &tree::Node) -> String {
 }
 
 /// Reads the `bgp:` mapping: `router_id`, `local_as` and `peers` (at least one) are
-/// required, `table` and `hold_time` optional.
-pub fn read(v: &tree::Node) -> Result<Bgp> {
+/// required, `table` and `hold_time` optional. Each problem is noted in `problems`, the
+/// fields and peers read apart; `None` when there was one.
+pub fn read(v: &tree::Node, problems: &mut Vec<anyhow::Error>) -> Option<Bgp> {
     let Kind::Map(fields) = &v.kind else {
-        bail!("{}: bgp: expected a mapping, found {}", at(v.pos), v.describe());
+        problems.push(anyhow!("{}: bgp: expected a mapping, found {}", at(v.pos), v.describe()));
+        return None;
     };
+    let before = problems.len();
     let (mut table, mut router_id, mut local_as, mut hold_time, mut peers) =
         (None, None, None, None, None);
+    let mut written = HashSet::new();
     for (k, v) in fields {
-        match key(k).as_str() {
-            "table" => {
-                let n = number(v, "table", 1, u32::MAX.into())? as u32;
-                if RESERVED_TABLES.contains(&n) {
-                    bail!(
-                        "{}: bgp: table: {n} is one of the kernel's own tables (default, main, \
-                         local): choose another, e.g. {DEFAULT_TABLE}",
-                        at(v.pos)
-                    );
-                }
-                table = Some(n);
+        written.insert(key(k));
+        let read = match key(k).as_str() {
+            "table" => table_number(v).map(|n| table = Some(n)),
+            "router_id" => router(v).map(|id| router_id = Some(id)),
+            "local_as" => {
+                number(v, "local_as", 1, u32::MAX.into()).map(|n| local_as = Some(n as u32))
             }
-            "router_id" => {
-                let id: std::net::Ipv4Addr = address(v, "router_id", "an IPv4 address")?;
-                if id.is_unspecified() {
-                    bail!(
-                        "{}: bgp: router_id: 0.0.0.0 is not a router ID (BGP needs one other \
-                         than 0.0.0.0)",
-                        at(v.pos)
-                    );
+            "hold_time" => number(v, "hold_time", 3, 65535).map(|n| hold_time = Some(n as u16)),
+            "peers" => {
+                let noted = problems.len();
+                let list = read_peers(v, problems);
+                if list.is_empty() && problems.len() == noted {
+                    problems.push(anyhow!("{}: bgp: peers: lists no peer", at(v.pos)));
                 }
-                router_id = Some(id);
+                peers = Some(list);
+                Ok(())
             }
-            "local_as" => local_as = Some(number(v, "local_as", 1, u32::MAX.into())? as u32),
-            "hold_time" => hold_time = Some(number(v, "hold_time", 3, 65535)? as u16),
-            "peers" => peers = Some(read_peers(v)?),
-            other => bail!(
+            other => Err(anyhow!(
                 "{}: bgp: unknown field {:?} (known: table, router_id, local_as, hold_time, \
                  peers)",
                 at(k.pos),
                 tree::elide(other)
-            ),
+            )),
+        };
+        if let Err(e) = read {
+            problems.push(e);
         }
     }
-    let missing = |what: &str| anyhow!("{}: bgp: {what} is missing", at(v.pos));
-    let peers = peers.ok_or_else(|| missing("peers"))?;
-    if peers.is_empty() {
-        bail!("{}: bgp: peers: lists no peer", at(v.pos));
+    // Those not written at all (a wrong value has its own error).
+    for required in ["router_id", "local_as", "peers"] {
+        if !written.contains(required) {
+            problems.push(anyhow!("{}: bgp: {required} is missing", at(v.pos)));
+        }
     }
-    Ok(Bgp {
+    if problems.len() != before {
+        return None;
+    }
+    Some(Bgp {
         table: table.unwrap_or(DEFAULT_TABLE),
-        router_id: router_id.ok_or_else(|| missing("router_id"))?,
-        local_as: local_as.ok_or_else(|| missing("local_as"))?,
+        router_id: router_id?,
+        local_as: local_as?,
         hold_time: hold_time.unwrap_or(DEFAULT_HOLD_TIME),
-        peers,
+        peers: peers?,
     })
 }
 
-fn read_peers(v: &tree::Node) -> Result<Vec<Peer>> {
+/// `table:`, not one of the kernel's own.
+fn table_number(v: &tree::Node) -> Result<u32> {
+    let n = number(v, "table", 1, u32::MAX.into())? as u32;
+    if RESERVED_TABLES.contains(&n) {
+        bail!(
+            "{}: bgp: table: {n} is one of the kernel's own tables (default, main, local): \
+             choose another, e.g. {DEFAULT_TABLE}",
+            at(v.pos)
+        );
+    }
+    Ok(n)
+}
+
+/// `router_id:`, an IPv4 address other than 0.0.0.0.
+fn router(v: &tree::Node) -> Result<Ipv4Addr> {
+    let id: Ipv4Addr = address(v, "router_id", "an IPv4 address")?;
+    if id.is_unspecified() {
+        bail!(
+            "{}: bgp: router_id: 0.0.0.0 is not a router ID (BGP needs one other than 0.0.0.0)",
+            at(v.pos)
+        );
+    }
+    Ok(id)
+}
+
+/// `peers:`, each peer read apart; the problems noted.
+fn read_peers(v: &tree::Node, problems: &mut Vec<anyhow::Error>) -> Vec<Peer> {
     let Kind::Seq(items) = &v.kind else {
-        bail!("{}: bgp: peers: expected a list, found {}", at(v.pos), v.describe());
+        problems.push(anyhow!(
+            "{}: bgp: peers: expected a list, found {}",
+            at(v.pos),
+            v.describe()
+        ));
+        return Vec::new();
     };
     let mut peers: Vec<Peer> = Vec::new();
     // A set, not a scan of those before: 200,000 peers took 6 s that way.
     let mut seen = HashSet::new();
     for item in items {
-        let Kind::Map(fields) = &item.kind else {
-            bail!("{}: bgp: peers: expected a mapping, found {}", at(item.pos), item.describe());
-        };
-        let (mut address_of, mut asn) = (None, None);
-        for (k, v) in fields {
-            match key(k).as_str() {
-                "address" => address_of = Some(address(v, "peers: address", "an IP address")?),
-                "as" => asn = Some(number(v, "peers: as", 1, u32::MAX.into())? as u32),
-                other => bail!(
-                    "{}: bgp: peers: unknown field {:?} (known: address, as)",
-                    at(k.pos),
-                    tree::elide(other)
-                ),
-            }
+        match read_peer(item) {
+            Ok(peer) if !seen.insert(peer.address) => problems.push(anyhow!(
+                "{}: bgp: peers: {} is listed twice",
+                at(item.pos),
+                peer.address
+            )),
+            Ok(peer) => peers.push(peer),
+            Err(e) => problems.push(e),
         }
-        let missing = |what: &str| anyhow!("{}: bgp: peers: {what} is missing", at(item.pos));
-        let peer = Peer {
-            address: address_of.ok_or_else(|| missing("address"))?,
-            asn: asn.ok_or_else(|| missing("as"))?,
-        };
-        if !seen.insert(peer.address) {
-            bail!("{}: bgp: peers: {} is listed twice", at(item.pos), peer.address);
-        }
-        if let Some(why) = no_neighbour(peer.address) {
-            bail!("{}: bgp: peers: {} {why}", at(item.pos), peer.address);
-        }
-        peers.push(peer);
     }
-    Ok(peers)
+    peers
+}
+
+fn read_peer(item: &tree::Node) -> Result<Peer> {
+    let Kind::Map(fields) = &item.kind else {
+        bail!("{}: bgp: peers: expected a mapping, found {}", at(item.pos), item.describe());
+    };
+    let (mut address_of, mut asn) = (None, None);
+    for (k, v) in fields {
+        match key(k).as_str() {
+            "address" => address_of = Some(address(v, "peers: address", "an IP address")?),
+            "as" => asn = Some(number(v, "peers: as", 1, u32::MAX.into())? as u32),
+            other => bail!(
+                "{}: bgp: peers: unknown field {:?} (known: address, as)",
+                at(k.pos),
+                tree::elide(other)
+            ),
+        }
+    }
+    let missing = |what: &str| anyhow!("{}: bgp: peers: {what} is missing", at(item.pos));
+    let peer = Peer {
+        address: address_of.ok_or_else(|| missing("address"))?,
+        asn: asn.ok_or_else(|| missing("as"))?,
+    };
+    if let Some(why) = no_neighbour(peer.address) {
+        bail!("{}: bgp: peers: {} {why}", at(item.pos), peer.address);
+    }
+    Ok(peer)
 }
 
 /// Why `addr` cannot be a BGP neighbour in the configuration written for BIRD, which
