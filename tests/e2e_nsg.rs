@@ -640,6 +640,28 @@ fn set_add_and_del_block_and_allow_again_without_an_apply() {
     lab.tcp_works(sock(SERVER6, 80), "allowed after set reset");
 }
 
+/// `set del` naming one element twice (or as X and X/32) deletes it once. The second copy
+/// recorded a removal of an element the file never listed, which kept that address out of
+/// the set once the file listed it: the file's block was not enforced (seen failing: the
+/// connection was allowed after the apply of the file listing the client).
+#[test]
+fn a_set_del_naming_an_element_twice_deletes_it_once() {
+    let lab = Lab::new();
+    lab.apply("sets.yaml", &policy_with_blocklist());
+    lab.pins.xdpgate(&["set", "add", "blocklist", CLIENT4]);
+    lab.pins.xdpgate(&["set", "del", "blocklist", CLIENT4, &format!("{CLIENT4}/32")]);
+    assert_eq!(lab.blocklist(), ["192.0.2.99/32"]);
+    let json: serde_json::Value =
+        serde_json::from_str(&lab.pins.xdpgate(&["set", "list", "--json"])).unwrap();
+    let set = json.as_array().unwrap().iter().find(|s| s["name"] == "blocklist").unwrap();
+    assert_eq!(set["removed"], serde_json::json!([]), "a removal never asked for: {set}");
+    let listed = policy_with_blocklist()
+        .replace("blocklist: [192.0.2.99]", &format!("blocklist: [192.0.2.99, {CLIENT4}]"));
+    lab.apply("listed.yaml", &listed);
+    assert_eq!(lab.blocklist(), ["192.0.2.99/32", "203.0.113.10/32"]);
+    lab.tcp_blocked(&[(sock(SERVER4, 80), "blocked by the file's element")]);
+}
+
 /// A set change the state directory cannot record (/run read-only here, or full) is put
 /// back in the kernel: it changes nothing, and says so. Before, the kernel enforced it while
 /// `set list` denied it, the connections open before it went on, and the next apply undid it

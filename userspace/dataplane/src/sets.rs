@@ -131,6 +131,10 @@ pub fn change(pins: &PinDir, name: &str, what: Change) -> Result<Changed> {
     if let Change::Del(nets) = what {
         old.check_elements(name, nets, file)?;
     }
+    // Only what still differs from the file is kept: an element deleted twice in one command
+    // (or as X and X/32) was recorded as a removed file element the file never listed, and
+    // kept that address out once the file listed it.
+    let new = new.pruned(&policy.sets);
     let compiled = compile::compile(&policy)?;
     let (slot, config) = apply::active(pins)?;
     // The bits of the live tables are the record's rules: a set changes which addresses
