@@ -116,10 +116,18 @@ impl FromStr for Protocol {
     }
 }
 
-/// An address, or a prefix; a bare address is its own host prefix.
+/// An address, or a prefix without host bits (a typo's prefix read as its network would
+/// widen a deletion or a trust); a bare address is its own host prefix.
 pub fn parse_net(s: &str) -> Result<IpNet, String> {
     if let Ok(net) = s.parse::<IpNet>() {
-        return Ok(net.trunc());
+        if net != net.trunc() {
+            return Err(format!(
+                "{s:?}: host bits set; did you mean {}? (or {} for the one address)",
+                net.trunc(),
+                net.addr()
+            ));
+        }
+        return Ok(net);
     }
     s.parse::<IpAddr>()
         .map(IpNet::from)
@@ -251,6 +259,28 @@ mod tests {
             rules: [None, Some(rule)],
             verdict: Some(Verdict::Denied),
             reason: Some("policy"),
+        }
+    }
+
+    /// A prefix with host bits set is refused, as everywhere else: read as its network it
+    /// widened what `flows delete` deletes (`--src 203.0.113.77/24` deleted every flow of
+    /// the /24, `/0` every IPv4 flow) and what `decap attach --gateway` trusts (seen
+    /// failing: both accepted).
+    #[test]
+    fn prefixes_with_host_bits_are_refused() {
+        for (arg, says) in [
+            ("203.0.113.77/24", "host bits set; did you mean 203.0.113.0/24?"),
+            ("203.0.113.10/0", "host bits set; did you mean 0.0.0.0/0?"),
+            ("2001:db8::1/64", "host bits set; did you mean 2001:db8::/64?"),
+            ("203.0.113.300", "is not an address or prefix"),
+        ] {
+            let err = filter(&["--src", arg]).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(err.contains(says), "{arg}: {err}");
+        }
+        for (arg, net) in
+            [("203.0.113.0/24", "203.0.113.0/24"), ("203.0.113.77", "203.0.113.77/32")]
+        {
+            assert_eq!(parse_net(arg), Ok(net.parse().unwrap()));
         }
     }
 
