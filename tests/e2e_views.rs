@@ -363,6 +363,22 @@ fn lb_nat_and_nsg(hook: &str) {
         "{text}"
     );
 
+    // The live backend drained: nothing takes new flows, and the views say so (seen failing:
+    // "reachable" through the drained backend, while a SYN went unanswered).
+    lan.pins.xdpgate(&["lb", "drain", "edge", "198.51.100.11"]);
+    let (c, code) = connectivity(&lan.pins, &["--src", "203.0.113.10", "--dst", "192.0.2.10:80"]);
+    assert_eq!(code, 1, "{c}");
+    let why = c["blocked_by"].as_str().unwrap();
+    assert!(why.contains("no backend in rotation") && why.contains("1 drained"), "{c}");
+    assert_eq!(c["next_hop"]["translation"]["backends"][0]["drained"], true, "{c}");
+    assert!(!connects(&lan, "192.0.2.10:80"));
+    let dot = lan.pins.xdpgate(&["topology", "--format", "dot"]);
+    assert!(dot.contains("\"backend:198.51.100.11\" [color=orange, style=dashed, label=drained]"));
+    lan.pins.xdpgate(&["lb", "enable", "edge", "198.51.100.11"]);
+    let (c, code) = connectivity(&lan.pins, &["--src", "203.0.113.10", "--dst", "192.0.2.10:80"]);
+    assert_eq!(code, 0, "{c}");
+    assert!(connects(&lan, "192.0.2.10:80"));
+
     // Outbound through the NAT gateway.
     let (c, code) =
         connectivity(&lan.pins, &["--src", "198.51.100.11", "--dst", "203.0.113.10:80"]);

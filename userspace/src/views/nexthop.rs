@@ -12,7 +12,7 @@ use std::{
 use anyhow::{Context, Result, anyhow, bail};
 use serde::Serialize;
 use xdpgate_dataplane::{
-    Hook, PinDir, apply,
+    Hook, PinDir, apply, drain,
     fib::{self, NeighbourState, Outcome},
     flows::protocol_name,
     lb,
@@ -129,11 +129,38 @@ pub fn running_policy(pins: &PinDir) -> Result<Option<Policy>> {
         .map_err(|e| anyhow!("the applied policy {}: {e}", path.display()))
 }
 
-/// A backend of a load-balancing rule and whether the dataplane sends new flows to it.
+/// A backend of a load-balancing rule and whether the dataplane sends new flows to it: it
+/// does when the backend is healthy and not drained (`xdpgate lb drain`).
 #[derive(Debug, Clone, Serialize)]
 pub struct BackendHealth {
     pub address: IpAddr,
     pub healthy: bool,
+    pub drained: bool,
+}
+
+impl BackendHealth {
+    /// Whether it takes new flows.
+    pub fn in_rotation(&self) -> bool {
+        self.healthy && !self.drained
+    }
+}
+
+/// What decides which backends take new flows: the dataplane's health flags and the
+/// operator's drains.
+#[derive(Default)]
+pub struct Rotation {
+    pub unhealthy: HashSet<IpAddr>,
+    pub drained: drain::Drained,
+}
+
+impl Rotation {
+    /// As the dataplane in `pins` holds them (nothing, without a `policy`).
+    pub fn read(pins: &PinDir, policy: Option<&Policy>) -> Result<Self> {
+        if policy.is_none() {
+            return Ok(Self::default());
+        }
+        Ok(Self { unhealthy: lb::pinned_unhealthy(pins)?, drained: drain::read(pins)?.0 })
+    }
 }
 
 /// What the dataplane does to the flow's addresses before it forwards it.
@@ -165,18 +192,19 @@ pub enum Translation {
 }
 
 /// A load-balancing rule's backends with their health as the dataplane holds it (a rule
-/// without a probe counts every backend healthy).
+/// without a probe counts every backend healthy) and their drains.
 pub fn backend_health(
     lb: &xdpgate_policy::LoadBalancer,
     rule: &xdpgate_policy::LbRule,
-    unhealthy: &HashSet<IpAddr>,
+    rotation: &Rotation,
 ) -> Vec<BackendHealth> {
     lb.pools[rule.pool]
         .backends
         .iter()
         .map(|b| BackendHealth {
             address: b.address,
-            healthy: rule.probe.is_none() || !unhealthy.contains(&b.address),
+            healthy: rule.probe.is_none() || !rotation.unhealthy.contains(&b.address),
+            drained: rotation.drained.contains(&lb.name, b.address),
         })
         .collect()
 }
@@ -192,7 +220,7 @@ fn lb_protocol_matches(p: LbProtocol, proto: u8) -> bool {
 /// The translation the new-flow stage would give `flow`, arriving inbound or outbound.
 pub fn translation(
     policy: &Policy,
-    unhealthy: &HashSet<IpAddr>,
+    rotation: &Rotation,
     flow: &Flow,
     outbound: bool,
 ) -> Option<Translation> {
@@ -206,10 +234,11 @@ pub fn translation(
             {
                 continue;
             }
-            let backends = backend_health(lb, rule, unhealthy);
-            let send_to_all = !backends.iter().any(|b| b.healthy)
+            let backends = backend_health(lb, rule, rotation);
+            let send_to_all = !backends.iter().any(BackendHealth::in_rotation)
                 && rule.all_down == xdpgate_policy::AllDown::SendToAll;
-            let backend = backends.iter().find(|b| b.healthy || send_to_all).map(|b| b.address);
+            let backend =
+                backends.iter().find(|b| b.in_rotation() || send_to_all).map(|b| b.address);
             let backend_port = flow.dst_port.map(|p| match rule.backend_port {
                 0 => p,
                 b => b,
@@ -318,18 +347,25 @@ impl Translation {
                 send_to_all,
             } => {
                 let healthy = backends.iter().filter(|b| b.healthy).count();
+                let drained = match backends.iter().filter(|b| b.drained).count() {
+                    0 => String::new(),
+                    n => format!(", {n} drained"),
+                };
                 let to = match backend {
                     Some(b) if *forwarding == "ipip" => {
                         format!("backend {b} (encapsulated: dst kept)")
                     }
                     Some(b) if *floating_ip => format!("backend {b} (floating IP: dst kept)"),
                     Some(b) => format!("backend {}", endpoint_string(*b, *backend_port)),
+                    None if healthy > 0 => {
+                        "no backend in rotation (the healthy ones are drained)".into()
+                    }
                     None => "no healthy backend".into(),
                 };
                 let all = if *send_to_all { ", all down: sent to all" } else { "" };
                 format!(
                     "load balancer {load_balancer}, rule {rule}: {to} ({healthy} of {} \
-                     backends healthy{all})",
+                     backends healthy{drained}{all})",
                     backends.len()
                 )
             }
@@ -469,8 +505,8 @@ pub fn resolve(pins: &PinDir, flow: &Flow, iface: Option<&str>) -> Result<NextHo
     let arrival = arrival.map(|i| interface(i, &attached));
     let outbound = arrival.as_ref().is_some_and(|a| a.role == Some("internal"));
     let policy = if pins.path().exists() { running_policy(pins)? } else { None };
-    let unhealthy = if policy.is_some() { lb::pinned_unhealthy(pins)? } else { HashSet::new() };
-    let translation = policy.as_ref().and_then(|p| translation(p, &unhealthy, flow, outbound));
+    let rotation = Rotation::read(pins, policy.as_ref())?;
+    let translation = policy.as_ref().and_then(|p| translation(p, &rotation, flow, outbound));
     let mut hop = NextHop {
         flow: *flow,
         arrival: arrival.clone(),

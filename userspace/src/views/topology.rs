@@ -15,12 +15,12 @@ use std::{
 use anyhow::{Context, Result, anyhow, bail};
 use ipnet::IpNet;
 use serde::Serialize;
-use xdpgate_dataplane::{Hook, PinDir, lb};
+use xdpgate_dataplane::{Hook, PinDir};
 use xdpgate_policy::{LbProtocol, LoadBalancer, NatGateway, Nsg, Policy};
 
 use super::{
     Grid, View,
-    nexthop::{self, BackendHealth, backend_health, running_policy},
+    nexthop::{self, BackendHealth, Rotation, backend_health, running_policy},
 };
 use crate::status;
 
@@ -148,18 +148,18 @@ pub fn read(pins: &PinDir) -> Result<Topology> {
     let attached = if pins.path().exists() { status::read(pins)?.interfaces } else { vec![] };
     let interfaces = interfaces(&attached)?;
     let policy = if pins.path().exists() { running_policy(pins)? } else { None };
-    let unhealthy = if policy.is_some() { lb::pinned_unhealthy(pins)? } else { HashSet::new() };
+    let rotation = Rotation::read(pins, policy.as_ref())?;
     let generation = match &policy {
         Some(_) => xdpgate_dataplane::apply::running(pins)?.map(|r| r.generation),
         None => None,
     };
-    Ok(build(interfaces, policy.as_ref(), &unhealthy, generation))
+    Ok(build(interfaces, policy.as_ref(), &rotation, generation))
 }
 
 fn build(
     interfaces: Vec<Interface>,
     policy: Option<&Policy>,
-    unhealthy: &HashSet<IpAddr>,
+    rotation: &Rotation,
     generation: Option<u64>,
 ) -> Topology {
     let (nsg_list, lb_list, nat_list): (&[Nsg], &[LoadBalancer], &[NatGateway]) = match policy {
@@ -224,7 +224,7 @@ fn build(
                     frontend: lb.frontends[r.frontend].address,
                     frontend_port: r.frontend_port,
                     protocol: lb_protocol(r.protocol),
-                    backends: backend_health(lb, r, unhealthy),
+                    backends: backend_health(lb, r, rotation),
                 })
                 .collect();
             services.extend(lb.inbound_nat_rules.iter().map(|r| {
@@ -237,7 +237,7 @@ fn build(
                     backends: r
                         .mappings
                         .iter()
-                        .map(|(_, a)| BackendHealth { address: *a, healthy: true })
+                        .map(|(_, a)| BackendHealth { address: *a, healthy: true, drained: false })
                         .collect(),
                 }
             }));
@@ -462,10 +462,10 @@ impl Topology {
                             );
                         }
                     }
-                    let (color, style, label) = if b.healthy {
-                        ("darkgreen", "solid", "healthy")
-                    } else {
-                        ("red", "dashed", "down")
+                    let (color, style, label) = match (b.healthy, b.drained) {
+                        (true, false) => ("darkgreen", "solid", "healthy"),
+                        (true, true) => ("orange", "dashed", "drained"),
+                        (false, _) => ("red", "dashed", "down"),
                     };
                     let _ = writeln!(
                         d,
@@ -611,8 +611,16 @@ mod tests {
                     frontend_port: 2200,
                     protocol: "tcp",
                     backends: vec![
-                        BackendHealth { address: ip("198.51.100.11"), healthy: true },
-                        BackendHealth { address: ip("198.51.100.12"), healthy: false },
+                        BackendHealth {
+                            address: ip("198.51.100.11"),
+                            healthy: true,
+                            drained: false,
+                        },
+                        BackendHealth {
+                            address: ip("198.51.100.12"),
+                            healthy: false,
+                            drained: false,
+                        },
                     ],
                 }],
             }],
