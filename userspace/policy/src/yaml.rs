@@ -189,13 +189,19 @@ pub fn load_file(path: &Path) -> Result<Policy, PolicyErrors> {
 /// accepted. A device or a pipe (`/dev/zero`, a FIFO with no writer or one that never ends)
 /// is refused, not waited for or read until memory runs out.
 pub fn read_source(path: &Path) -> Result<String, String> {
-    use std::io::Read;
+    use std::{io::Read, os::unix::fs::OpenOptionsExt};
     let cannot = |e: std::io::Error| format!("cannot read: {e}");
-    if !std::fs::metadata(path).map_err(cannot)?.is_file() {
+    // Opened without waiting (a FIFO's open waits for a writer), then the file opened is
+    // checked: a path checked first could be swapped for a FIFO before the open.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(cannot)?;
+    if !file.metadata().map_err(cannot)?.is_file() {
         return Err("not a regular file".into());
     }
     let mut src = String::new();
-    let file = std::fs::File::open(path).map_err(cannot)?;
     file.take(tree::MAX_FILE_BYTES as u64 + 1).read_to_string(&mut src).map_err(cannot)?;
     if src.len() > tree::MAX_FILE_BYTES {
         let max = tree::MAX_FILE_BYTES;
