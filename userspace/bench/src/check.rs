@@ -71,6 +71,18 @@ fn cases(scale: usize) -> Vec<Case> {
             expect: Expect::Ok,
         },
         Case {
+            name: "3,990 rules to [*, an address in a subnet] over 60,000 subnets",
+            node: false,
+            text: rules_over_subnets(n(60_000), n(3_990), "['0.0.0.0/0', '::/0', 10.0.0.9]"),
+            expect: Expect::Ok,
+        },
+        Case {
+            name: "3,990 rules to a /9 over 60,000 subnets (half of them)",
+            node: false,
+            text: rules_over_subnets(n(60_000), n(3_990), "10.0.0.0/9"),
+            expect: Expect::Ok,
+        },
+        Case {
             name: "500 rules to VirtualNetwork over 20,000 subnets",
             node: false,
             text: rules_over_subnets(n(20_000), n(500), "VirtualNetwork"),

@@ -3,9 +3,17 @@
 //! search of its members in order, not a comparison with each member: the policy checks and
 //! the compiler ask it of every subnet, and 100,000 subnets compared pairwise took seconds.
 
-use std::collections::HashSet;
+use std::{collections::HashSet, ops::Range};
 
 use ipnet::IpNet;
+
+/// [`PrefixSet::narrowed`]'s answer.
+pub struct Narrowed {
+    /// Ranges of [`PrefixSet::members`], apart.
+    pub runs: Vec<Range<usize>>,
+    /// Prefixes inside a member and not members, sorted, apart.
+    pub inside: Vec<IpNet>,
+}
 
 pub struct PrefixSet {
     members: HashSet<IpNet>,
@@ -58,34 +66,33 @@ impl PrefixSet {
         &self.sorted
     }
 
-    /// Whether narrowing `nets` gives the members, each once and nothing else: every member
-    /// lies within a prefix of `nets`, and none of `nets` lies strictly inside a member
-    /// without being one. A
-    /// rule whose side is `*` or `VirtualNetwork` then applies to every member, without an
-    /// entry per rule and member (500 such rules over 20,000 subnets took 2.8 s that way).
-    /// Binary searches, not a walk of the members.
-    pub fn narrows_to_members(&self, nets: &[IpNet]) -> bool {
-        let inside_one = |n: &IpNet| {
-            !self.members.contains(&n.trunc())
-                && self.containing(n).any(|m| m.prefix_len() < n.prefix_len())
-        };
-        if nets.iter().any(inside_one) {
-            return false;
-        }
+    /// What narrowing `nets` gives ([`Self::narrow`]), in two parts: runs of the members in
+    /// order (those within a prefix of `nets`; runs apart), and the prefixes of `nets` that
+    /// lie inside a member without being one, less those within another prefix of `nets`
+    /// (what narrowing gives beyond these lies within one of them). A compiler can then give the members of all
+    /// rules' runs their bits in one walk, not entry by entry per rule and member (3,990
+    /// rules over 60,000 subnets took from 37 s to minutes that way). Binary searches, not a
+    /// walk of the members.
+    pub fn narrowed(&self, nets: &[IpNet]) -> Narrowed {
         let mut outer: Vec<IpNet> = nets.iter().map(IpNet::trunc).collect();
         outer.sort_unstable();
         // Sorted, a prefix comes before those within it: keep the outermost of each nest,
         // whose runs of members are then apart.
         outer.dedup_by(|later, kept| kept.contains(&*later));
-        let within: usize = outer.iter().map(|n| self.count_within(n)).sum();
-        within == self.sorted.len()
+        let runs = outer.iter().map(|n| self.run_within(n)).filter(|r| !r.is_empty()).collect();
+        // Of the outermost only: one within another prefix of `nets` is within what that one
+        // gives (a member it lies in, or a prefix inside one), whose bits a longest match
+        // finds over it.
+        let inside =
+            outer.into_iter().filter(|n| !self.members.contains(n) && self.covers(n)).collect();
+        Narrowed { runs, inside }
     }
 
-    /// How many members lie within `net` or are it: the length of [`Self::within`]'s run.
-    fn count_within(&self, net: &IpNet) -> usize {
+    /// Where in [`Self::members`] those within `net` (or it) are: [`Self::within`]'s run.
+    fn run_within(&self, net: &IpNet) -> Range<usize> {
         let start = self.sorted.partition_point(|m| m < net);
         let last = IpNet::new_assert(net.broadcast(), net.max_prefix_len());
-        self.sorted.partition_point(|m| *m <= last) - start
+        start..self.sorted.partition_point(|m| *m <= last)
     }
 
     /// The prefixes of `nets` narrowed to the members: where one contains the other, the
@@ -151,19 +158,33 @@ mod tests {
     }
 
     #[test]
-    fn narrows_to_members_as_narrowing_says() {
+    fn narrowed_is_narrowing_in_two_parts() {
         let mut next = crate::test_rng(0x2545_f491_4f6c_dd1d);
-        let (mut all, mut cases) = (0, 0);
+        let (mut runs, mut inside) = (0, 0);
         for _ in 0..20_000 {
             let members: Vec<IpNet> = (0..1 + next(6)).map(|_| prefix(&mut next)).collect();
             let set = PrefixSet::new(&members);
             let side: Vec<IpNet> = (0..1 + next(4)).map(|_| prefix(&mut next)).collect();
-            let expected = set.narrow(&side) == set.members();
-            assert_eq!(set.narrows_to_members(&side), expected, "{members:?} {side:?}");
-            all += usize::from(expected);
-            cases += 1;
+            let n = set.narrowed(&side);
+            let mut parts: Vec<IpNet> = (n.runs.iter())
+                .flat_map(|r| set.members()[r.clone()].iter().copied())
+                .chain(n.inside.iter().copied())
+                .collect();
+            let all = parts.len();
+            parts.sort_unstable();
+            parts.dedup();
+            assert_eq!(parts.len(), all, "runs and inside apart: {members:?} {side:?}");
+            // What narrowing gives, less prefixes within one of these (which a longest
+            // match answers with that one's bits).
+            let narrow = set.narrow(&side);
+            assert!(parts.iter().all(|p| narrow.contains(p)), "{members:?} {side:?}");
+            for n in narrow.iter().filter(|n| !parts.contains(n)) {
+                assert!(parts.iter().any(|p| p.contains(n)), "{n} {members:?} {side:?}");
+            }
+            runs += usize::from(!n.runs.is_empty());
+            inside += usize::from(!n.inside.is_empty());
         }
-        // Both answers are common enough to be tested.
-        assert!(all > cases / 20 && all < cases * 19 / 20, "{all} of {cases}");
+        // Both parts are common enough to be tested.
+        assert!(runs > 2_000 && inside > 2_000, "{runs} {inside}");
     }
 }
