@@ -107,6 +107,12 @@ fn cases(scale: usize) -> Vec<Case> {
             expect: Expect::Error("load-balancing and inbound NAT rules"),
         },
         Case {
+            name: "a virtual network of 100,000 prefixes under 300 NSGs",
+            node: false,
+            text: large_virtual_network(n(100_000), n(300)),
+            expect: Expect::Error("virtual-network prefixes; a policy may use at most"),
+        },
+        Case {
             name: "NAT: 40,000 /28 public prefixes, 40,000 address-space prefixes",
             node: false,
             text: nat_public(n(40_000)),
@@ -206,6 +212,19 @@ fn lb_rules(rules: usize, backends: usize) -> String {
             "      - {{name: r{i}, frontend: f, protocol: tcp, frontend_port: {}, backend_pool: p}}",
             1 + i
         );
+    }
+    s
+}
+
+/// An address space of `prefixes` /32s, each of the first `nsgs` an NSG's subnet.
+fn large_virtual_network(prefixes: usize, nsgs: usize) -> String {
+    let mut s = String::from("virtual_network:\n  address_space:\n");
+    for i in 0..prefixes {
+        let _ = writeln!(s, "    - {}/32", ten(i, 0));
+    }
+    s.push_str("nsgs:\n");
+    for i in 0..nsgs {
+        let _ = writeln!(s, "  - {{name: n{i}, subnets: [{}/32]}}", ten(i, 0));
     }
     s
 }

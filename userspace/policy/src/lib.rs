@@ -41,9 +41,11 @@ pub fn load_with_sets(file: &Path, changes: &sets::SetChanges) -> Result<(Policy
 /// Compiles every part of a policy and checks it fits the dataplane's tables, touching
 /// nothing: what `xdpgate check` runs, and what `apply` does before it changes anything.
 pub fn compile_all(policy: &Policy) -> Result<(compile::Compiled, lb::CompiledLb)> {
+    // Counts first: compiling a virtual network too large for them costs every NSG's
+    // default rules an entry per prefix (100,000 prefixes under 300 NSGs took 30 s).
+    nat::check(policy)?;
     let tables = compile::compile(policy)?;
     let lbs = lb::compile(policy)?;
-    nat::check(policy)?;
     Ok((tables, lbs))
 }
 
@@ -92,6 +94,30 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let err = answer.expect("an answer, not a read without end").unwrap_err().to_string();
         assert!(err.contains("not a regular file"), "{err}");
+    }
+
+    /// A virtual network past the NAT tables' share is refused before the NSG tables are
+    /// compiled: here a rule also needs more NSG entries than the table holds, and the
+    /// error is the count (seen failing: the entries' error, found by compiling, which
+    /// costs every NSG's default rules an entry per virtual-network prefix).
+    #[test]
+    fn counts_are_checked_before_compiling() {
+        let space: Vec<String> =
+            (0..600).map(|i| format!("10.0.{}.{}/32", i / 256, i % 256)).collect();
+        // About 290,000 IPv6 prefixes, past the NSG field table's 262,144 entries.
+        let ranges: Vec<String> = (1..1_300)
+            .map(|n| format!("\"{n:x}::1-{n:x}:ffff:ffff:ffff:ffff:ffff:ffff:fffe\""))
+            .collect();
+        let src = format!(
+            "virtual_network:\n  address_space: [{}]\nnsgs:\n  - name: n\n    subnets: \
+             [10.0.0.0/32]\n    rules:\n      - {{name: r, priority: 100, direction: inbound, \
+             access: allow, protocol: tcp, source: [{}], destination: '*'}}\n",
+            space.join(", "),
+            ranges.join(", ")
+        );
+        let policy = crate::load_str(&src, "p.yaml").unwrap_or_else(|e| panic!("{e}"));
+        let err = format!("{:#}", super::compile_all(&policy).err().expect("refused"));
+        assert!(err.contains("600 virtual-network prefixes; a policy may use at most 512"), "{err}");
     }
 
     /// A path that is a regular file when looked at and a FIFO when opened (a link swapped
