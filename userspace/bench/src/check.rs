@@ -115,7 +115,13 @@ fn cases(scale: usize) -> Vec<Case> {
         Case {
             name: "NAT: 40,000 /28 public prefixes, 40,000 address-space prefixes",
             node: false,
-            text: nat_public(n(40_000)),
+            text: nat_public(n(40_000), n(40_000)),
+            expect: Expect::Error("a NAT gateway has at most 16"),
+        },
+        Case {
+            name: "NAT: 300,000 /28 public prefixes",
+            node: false,
+            text: nat_public(1, n(300_000)),
             expect: Expect::Error("a NAT gateway has at most 16"),
         },
         Case {
@@ -229,13 +235,14 @@ fn large_virtual_network(prefixes: usize, nsgs: usize) -> String {
     s
 }
 
-fn nat_public(count: usize) -> String {
+/// A NAT gateway of `publics` /28s in an address space of `space` /32s.
+fn nat_public(space: usize, publics: usize) -> String {
     let mut s = String::from("virtual_network:\n  address_space:\n");
-    for i in 0..count {
+    for i in 0..space {
         let _ = writeln!(s, "    - {}/32", ten(i, 0));
     }
     s.push_str("nat_gateways:\n  - name: g\n    subnets: [10.0.0.0/32]\n    public_addresses:\n");
-    for i in 0..count {
+    for i in 0..publics {
         let public = std::net::Ipv4Addr::from(0xcb00_0000 | ((i as u32) << 4));
         let _ = writeln!(s, "      - {public}/28");
     }

@@ -117,7 +117,10 @@ mod tests {
         );
         let policy = crate::load_str(&src, "p.yaml").unwrap_or_else(|e| panic!("{e}"));
         let err = format!("{:#}", super::compile_all(&policy).err().expect("refused"));
-        assert!(err.contains("600 virtual-network prefixes; a policy may use at most 512"), "{err}");
+        assert!(
+            err.contains("600 virtual-network prefixes; a policy may use at most 512"),
+            "{err}"
+        );
     }
 
     /// A path that is a regular file when looked at and a FIFO when opened (a link swapped
