@@ -116,7 +116,8 @@ mod tests {
             ranges.join(", ")
         );
         let policy = crate::load_str(&src, "p.yaml").unwrap_or_else(|e| panic!("{e}"));
-        let err = format!("{:#}", super::compile_all(&policy).err().expect("refused"));
+        let Err(err) = super::compile_all(&policy) else { panic!("compiled") };
+        let err = format!("{err:#}");
         assert!(
             err.contains("600 virtual-network prefixes; a policy may use at most 512"),
             "{err}"
