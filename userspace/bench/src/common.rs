@@ -703,15 +703,26 @@ impl Machine {
 
     /// The heading lines every report starts with.
     pub fn header(&self, quick: bool) -> String {
+        self.lines(
+            quick,
+            "  \nAbsolute figures vary by machine; the ratios (to a no-op XDP program, or to no \
+             filter at all on the veth path), measured in the same run on the same packets, are \
+             the claim.",
+        )
+    }
+
+    /// [`Self::header`] without the claim of ratios, for a section that measures none.
+    pub fn header_without_ratios(&self, quick: bool) -> String {
+        self.lines(quick, "")
+    }
+
+    fn lines(&self, quick: bool, claim: &str) -> String {
         let mut s = String::new();
         if quick {
             s.push_str("**Quick run (`--quick`): a smoke test, not a measurement.**\n\n");
         }
         s.push_str(&format!(
-            "Linux {}, {} ({} CPUs), {}, load average {} at the start.  \n\
-             Absolute figures vary by machine; the ratios (to a no-op XDP program, or to no \
-             filter at all on the veth path), measured in the same run on the same packets, \
-             are the claim.\n\n",
+            "Linux {}, {} ({} CPUs), {}, load average {} at the start.{claim}\n\n",
             self.kernel, self.cpu, self.cpus, self.date, self.load_average
         ));
         s

@@ -205,7 +205,7 @@ pub fn measure(cfg: &Config, machine: &Machine) -> Result<Report> {
 pub fn markdown(r: &Report) -> String {
     let mut md = String::new();
     let _ = writeln!(md, "### Flow-log lines and the agent's loop\n");
-    md.push_str(&r.machine.header(r.quick));
+    md.push_str(&r.machine.header_without_ratios(r.quick));
     let _ = writeln!(
         md,
         "| written to | lines per walk | µs per line: the walk's thread making text | the loop queueing | the flow log's thread writing | write calls per 1,000 lines | written |"
