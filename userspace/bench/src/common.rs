@@ -729,6 +729,15 @@ impl Machine {
     }
 }
 
+/// A section's report that is only rows of its runs.
+#[derive(Serialize)]
+pub struct Rows<R> {
+    pub machine: Machine,
+    pub quick: bool,
+    pub runs: usize,
+    pub rows: Vec<R>,
+}
+
 pub fn load_average() -> String {
     fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))

@@ -16,7 +16,7 @@ use xdpgate::flowlog::{
 use xdpgate_dataplane::{PinDir, flows::Names};
 
 use crate::{
-    common::{Config, Machine, median, thousands},
+    common::{Config, Machine, Rows, median, thousands},
     memory::status_kib,
 };
 
@@ -39,13 +39,7 @@ pub struct Row {
     pub written: bool,
 }
 
-#[derive(Serialize)]
-pub struct Report {
-    pub machine: Machine,
-    pub quick: bool,
-    pub runs: usize,
-    pub rows: Vec<Row>,
-}
+pub type Report = Rows<Row>;
 
 /// One walk for interim records of a table whose every flow had traffic since its last
 /// record (a fresh `Reported`): the agent's walk (`flowlog::interim_lines`, on its thread,
