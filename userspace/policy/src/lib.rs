@@ -124,6 +124,36 @@ mod tests {
         );
     }
 
+    /// A file another process holds a write lease on (Samba's oplocks, an NFS server's
+    /// delegations) is read once the lease is given up, as a plain open waits for it (seen
+    /// failing after the open stopped waiting: "Resource temporarily unavailable").
+    #[test]
+    fn a_leased_file_is_read_once_the_lease_is_given_up() {
+        use std::os::fd::AsRawFd;
+        let dir = std::env::temp_dir().join(format!("xglease{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("policy.yaml");
+        std::fs::write(&path, "virtual_network: {address_space: [10.0.0.0/8]}\n").unwrap();
+        let holder = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+        // The lease's break is told by SIGIO, whose default ends the process.
+        // SAFETY: fcntl and signal on an open descriptor and a standard signal.
+        unsafe {
+            libc::signal(libc::SIGIO, libc::SIG_IGN);
+            assert_eq!(libc::fcntl(holder.as_raw_fd(), libc::F_SETLEASE, libc::F_WRLCK), 0);
+        }
+        let fd = holder.as_raw_fd();
+        let giver = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            // SAFETY: as above; the holder outlives this thread (joined below).
+            unsafe { libc::fcntl(fd, libc::F_SETLEASE, libc::F_UNLCK) };
+        });
+        let read = crate::read_source(&path);
+        giver.join().unwrap();
+        drop(holder);
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(read.as_ref().is_ok_and(|s| s.starts_with("virtual_network")), "{read:?}");
+    }
+
     /// A path that is a regular file when looked at and a FIFO when opened (a link swapped
     /// in between) is refused, not waited on: the file opened is the one checked. Another
     /// thread swaps the link back and forth; one that waits on the FIFO is freed by a writer

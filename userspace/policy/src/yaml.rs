@@ -185,19 +185,40 @@ pub fn load_file(path: &Path) -> Result<Policy, PolicyErrors> {
     }
 }
 
+/// How long [`read_source`] waits for another process's lease on the file to be given up.
+const LEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// The text of a policy (or node) file: a regular file, read no further than the largest
 /// accepted. A device or a pipe (`/dev/zero`, a FIFO with no writer or one that never ends)
 /// is refused, not waited for or read until memory runs out.
 pub fn read_source(path: &Path) -> Result<String, String> {
     use std::{io::Read, os::unix::fs::OpenOptionsExt};
     let cannot = |e: std::io::Error| format!("cannot read: {e}");
-    // Opened without waiting (a FIFO's open waits for a writer), then the file opened is
-    // checked: a path checked first could be swapped for a FIFO before the open.
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)
-        .map_err(cannot)?;
+    // Looked at first: a device is refused without being opened (opening one can act: a
+    // watchdog arms, a tape rewinds).
+    if !std::fs::metadata(path).map_err(cannot)?.is_file() {
+        return Err("not a regular file".into());
+    }
+    // Then opened without waiting, and the file opened checked again: the path may have
+    // been swapped for a FIFO since, whose open would wait for a writer. A file under
+    // another process's write lease (Samba's oplocks, an NFS server's delegations) answers
+    // "would block" until the lease is given up, which the open has asked for: tried again,
+    // as a plain open would wait (the kernel gives the holder 45 s by default).
+    let started = std::time::Instant::now();
+    let file = loop {
+        let opened = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+            .open(path);
+        match opened {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock && started.elapsed() < LEASE_WAIT =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            opened => break opened.map_err(cannot)?,
+        }
+    };
     if !file.metadata().map_err(cannot)?.is_file() {
         return Err("not a regular file".into());
     }
