@@ -15,7 +15,7 @@ use xdpgate_dataplane::{
     Hook, PinDir, apply, drain,
     fib::{self, NeighbourState, Outcome},
     flows::protocol_name,
-    lb,
+    lb, probes,
 };
 use xdpgate_policy::{LbProtocol, Policy};
 
@@ -145,11 +145,14 @@ impl BackendHealth {
     }
 }
 
-/// What decides which backends take new flows: the dataplane's health flags and the
+/// What decides which backends take new flows: the running agent's probes (per probe and
+/// backend, as it builds each rule's table), else the dataplane's health flags (down when
+/// any probe of a backend fails, what `apply` builds from without an agent); and the
 /// operator's drains.
 #[derive(Default)]
 pub struct Rotation {
     pub unhealthy: HashSet<IpAddr>,
+    pub probes: Option<probes::ProbeHealth>,
     pub drained: drain::Drained,
 }
 
@@ -159,7 +162,29 @@ impl Rotation {
         if policy.is_none() {
             return Ok(Self::default());
         }
-        Ok(Self { unhealthy: lb::pinned_unhealthy(pins)?, drained: drain::read(pins)?.0 })
+        Ok(Self {
+            unhealthy: lb::pinned_unhealthy(pins)?,
+            probes: probes::ProbeHealth::of_running_agent(pins)?,
+            drained: drain::read(pins)?.0,
+        })
+    }
+
+    /// Whether `backend` passes `lb`'s probe `probe` (a rule without one: always).
+    fn healthy(
+        &self,
+        lb: &xdpgate_policy::LoadBalancer,
+        probe: Option<usize>,
+        backend: IpAddr,
+    ) -> bool {
+        let Some(probe) = probe else { return true };
+        match &self.probes {
+            Some(p) => !p.down.contains(&probes::ProbeKey {
+                backend,
+                lb: lb.name.clone(),
+                probe: lb.probes[probe].name.clone(),
+            }),
+            None => !self.unhealthy.contains(&backend),
+        }
     }
 }
 
@@ -191,7 +216,7 @@ pub enum Translation {
     NatGateway { gateway: String, public_addresses: Vec<IpAddr>, port_first: u16, port_last: u16 },
 }
 
-/// A load-balancing rule's backends with their health as the dataplane holds it (a rule
+/// A load-balancing rule's backends with their health as its table is built (a rule
 /// without a probe counts every backend healthy) and their drains.
 pub fn backend_health(
     lb: &xdpgate_policy::LoadBalancer,
@@ -203,7 +228,7 @@ pub fn backend_health(
         .iter()
         .map(|b| BackendHealth {
             address: b.address,
-            healthy: rule.probe.is_none() || !rotation.unhealthy.contains(&b.address),
+            healthy: rotation.healthy(lb, rule.probe, b.address),
             drained: rotation.drained.contains(&lb.name, b.address),
         })
         .collect()
@@ -776,6 +801,38 @@ pub fn run(pins: &PinDir, args: &NextHopArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A backend shared by two rules with different probes, failing only one of them, is
+    /// in the other rule's table, as the agent builds it: the views follow the agent's
+    /// probes, not the dataplane's flag, which is down when any probe fails (seen failing:
+    /// "no healthy backend" for the rule that still served). Without an agent, the flag.
+    #[test]
+    fn a_backend_is_healthy_under_the_probes_it_passes() {
+        let policy = xdpgate_policy::load_str(
+            "virtual_network: {address_space: [198.51.100.0/24]}\nload_balancers:\n  - name: \
+             edge\n    frontends: [{name: vip, address: 192.0.2.10}]\n    backend_pools: [{name: \
+             p, backends: [198.51.100.11]}]\n    probes:\n      - {name: open, protocol: tcp, \
+             port: 8080}\n      - {name: closed, protocol: tcp, port: 9}\n    rules:\n      - \
+             {name: http, frontend: vip, protocol: tcp, frontend_port: 80, backend_pool: p, \
+             probe: open}\n      - {name: alt, frontend: vip, protocol: tcp, frontend_port: 82, \
+             backend_pool: p, probe: closed}\n",
+            "p.yaml",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let backend: IpAddr = "198.51.100.11".parse().unwrap();
+        let key = probes::ProbeKey { backend, lb: "edge".into(), probe: "closed".into() };
+        let mut rotation = Rotation {
+            unhealthy: [backend].into(),
+            probes: Some(probes::ProbeHealth { down: [key].into(), ..Default::default() }),
+            drained: Default::default(),
+        };
+        let lb = &policy.load_balancers[0];
+        let healthy = |r: &Rotation, rule: usize| backend_health(lb, &lb.rules[rule], r)[0].healthy;
+        assert!(healthy(&rotation, 0), "http's probe passes");
+        assert!(!healthy(&rotation, 1), "alt's probe fails");
+        rotation.probes = None;
+        assert!(!healthy(&rotation, 0) && !healthy(&rotation, 1), "the flag, without an agent");
+    }
 
     fn args(src: &str, dst: &str, protocol: Option<&str>) -> FlowArgs {
         FlowArgs {
