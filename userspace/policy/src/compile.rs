@@ -403,8 +403,7 @@ fn compile_table(policy: &Policy, dir: Direction, layer: Layer, room: usize) -> 
         let mut edges = edges.iter().peekable();
         for (i, n) in local.members().iter().enumerate() {
             while let Some(e) = edges.next_if(|e| e.at == i) {
-                let word = &mut active.words[e.bit / 64];
-                if e.starts { *word |= 1 << (e.bit % 64) } else { *word &= !(1 << (e.bit % 64)) }
+                if e.starts { set_bit(&mut active, e.bit) } else { clear_bit(&mut active, e.bit) }
             }
             if active.words.iter().any(|&w| w != 0) {
                 add(&mut fields, addr_entry(n, local_v4, local_v6), &active)?;
@@ -437,6 +436,10 @@ struct RunEdge {
 
 fn set_bit(b: &mut RuleBitmap, bit: usize) {
     b.words[bit / 64] |= 1 << (bit % 64);
+}
+
+fn clear_bit(b: &mut RuleBitmap, bit: usize) {
+    b.words[bit / 64] &= !(1 << (bit % 64));
 }
 
 /// Every entry also gets the rules of each shorter entry of its field that covers it, so the
@@ -584,10 +587,10 @@ mod tests {
         assert_eq!(err, too_many_entries());
     }
 
-    /// A rule whose local side is `*` (or covers every subnet, as `VirtualNetwork` does) has
-    /// its bit set in every subnet's entry at the end (once per table, not per rule and
-    /// subnet): the tables are those of the same rules naming every subnet, and of two NSGs
-    /// where only one is `*`.
+    /// A rule's bit reaches its subnets' entries through the one walk per table at the end,
+    /// whatever its local side says: `*`, `VirtualNetwork` or a prefix covering the subnets
+    /// give the tables of the same rules naming every subnet, and so do two NSGs where only
+    /// one is `*`.
     #[test]
     fn rules_to_every_subnet_compile_as_rules_naming_each() {
         let doc = |web: &str, db: &str| {

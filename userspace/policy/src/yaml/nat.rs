@@ -179,9 +179,9 @@ impl Loader<'_> {
     }
 
     /// The public addresses with prefixes expanded, each once, in the order written; which
-    /// families they hold (`[IPv4, IPv6]`); and whether every item was valid. Once past the limit, items are only parsed and counted:
-    /// the gateway is refused for the count, and expanding and checking each address of
-    /// 300,000 prefixes took 10 s and 1.4 GB.
+    /// families they hold (`[IPv4, IPv6]`); and whether every item was valid. Once past the
+    /// limit, items are only parsed and counted: the gateway is refused for the count, and
+    /// expanding and checking each address of 300,000 prefixes took 10 s and 1.4 GB.
     fn public_addresses(
         &mut self,
         field: &str,
