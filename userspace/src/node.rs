@@ -115,7 +115,7 @@ pub fn load(file: &Path) -> Result<Node> {
 
 /// What a node file gets wrong, every problem of it: an operator fixes them in one round,
 /// as with a policy file.
-type Problems = Vec<anyhow::Error>;
+pub(crate) type Problems = Vec<anyhow::Error>;
 
 /// The value of `result`, or `None` with its error noted.
 fn noted<T>(problems: &mut Problems, result: Result<T>) -> Option<T> {
@@ -138,11 +138,13 @@ fn combined(mut problems: Problems) -> anyhow::Error {
     anyhow::anyhow!("{} problems:\n{}", problems.len(), lines.join("\n"))
 }
 
-fn at(pos: tree::Pos) -> String {
+/// Where in the file a node is, as the errors say it.
+pub(crate) fn at(pos: tree::Pos) -> String {
     format!("line {}, column {}", pos.line, pos.column)
 }
 
-fn text_of(n: &tree::Node) -> Option<String> {
+/// A node's text, if it is a string.
+pub(crate) fn text_of(n: &tree::Node) -> Option<String> {
     match n.value() {
         Some(Value::Str(s)) => Some(s.to_owned()),
         _ => None,

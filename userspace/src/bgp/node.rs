@@ -20,6 +20,8 @@ use anyhow::{Result, anyhow, bail};
 use xdpgate_dataplane::host_routes::DEFAULT_TABLE;
 use xdpgate_policy::tree::{self, Kind, Value};
 
+use crate::node::{Problems, at, text_of};
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Bgp {
     /// The kernel routing table the agent writes and the daemon learns.
@@ -44,10 +46,6 @@ pub const DEFAULT_HOLD_TIME: u16 = 9;
 /// Tables the kernel uses itself: `unspec`, `default`, `main`, `local`.
 const RESERVED_TABLES: [u32; 4] = [0, 253, 254, 255];
 
-fn at(pos: tree::Pos) -> String {
-    format!("line {}, column {}", pos.line, pos.column)
-}
-
 fn number(v: &tree::Node, what: &str, lo: u64, hi: u64) -> Result<u64> {
     let Some(Value::Int(Some(n))) = v.value() else {
         bail!("{}: bgp: {what}: expected a number, found {}", at(v.pos), v.describe());
@@ -66,16 +64,13 @@ fn address<T: std::str::FromStr>(v: &tree::Node, what: &str, kind: &str) -> Resu
 }
 
 fn key(k: &tree::Node) -> String {
-    match k.value() {
-        Some(Value::Str(s)) => s.to_owned(),
-        _ => String::new(),
-    }
+    text_of(k).unwrap_or_default()
 }
 
 /// Reads the `bgp:` mapping: `router_id`, `local_as` and `peers` (at least one) are
 /// required, `table` and `hold_time` optional. Each problem is noted in `problems`, the
 /// fields and peers read apart; `None` when there was one.
-pub fn read(v: &tree::Node, problems: &mut Vec<anyhow::Error>) -> Option<Bgp> {
+pub fn read(v: &tree::Node, problems: &mut Problems) -> Option<Bgp> {
     let Kind::Map(fields) = &v.kind else {
         problems.push(anyhow!("{}: bgp: expected a mapping, found {}", at(v.pos), v.describe()));
         return None;
@@ -157,7 +152,7 @@ fn router(v: &tree::Node) -> Result<Ipv4Addr> {
 }
 
 /// `peers:`, each peer read apart; the problems noted.
-fn read_peers(v: &tree::Node, problems: &mut Vec<anyhow::Error>) -> Vec<Peer> {
+fn read_peers(v: &tree::Node, problems: &mut Problems) -> Vec<Peer> {
     let Kind::Seq(items) = &v.kind else {
         problems.push(anyhow!(
             "{}: bgp: peers: expected a list, found {}",
