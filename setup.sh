@@ -8,9 +8,10 @@ need_root
 
 # Debian packages: LLVM 22 for bpf-linker, and the tools the tests and benchmarks use
 # (graphviz: `dot`, which `xdpgate topology --format svg` runs; bird2: the BGP daemon
-# tests/e2e_bgp.rs runs in its namespaces).
+# tests/e2e_bgp.rs runs in its namespaces; strace: kills a command at a chosen system call
+# in tests/e2e_nsg.rs).
 pkgs=(llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev iproute2 iputils-ping procps bpftool tcpdump nftables iperf3
-      netsniff-ng xdp-tools curl python3 ethtool graphviz bird2)
+      netsniff-ng xdp-tools curl python3 ethtool graphviz bird2 strace)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -7,7 +7,8 @@
 //! Also: forwarded packets through a gateway are left to XDP; `upgrade` adds the egress
 //! program where an older build attached none, and `detach` removes both programs; a
 //! connection open before the attach carries on; headers outside the socket buffer's linear
-//! area are pulled in; a SYN-ACK whose embryo is gone makes no flow.
+//! area are pulled in; a SYN-ACK whose embryo is gone makes no flow; the host's flows pass
+//! while a set change is unfinished (every packet judged again).
 
 mod common;
 
@@ -301,6 +302,31 @@ fn host_protects_itself_ipv4() {
 fn host_protects_itself_ipv6() {
     let lab = Lab::new();
     lab.attach_and_apply();
+    host_mode(&lab, HOST6, NET6);
+}
+
+/// With the running generation marked changing, as an `xdpgate set` killed half-way leaves
+/// it (`GENERATION_CHANGING`), every packet's flow is judged again, at XDP and at the egress
+/// program, and each stage then takes the flow as judged: the host's own HTTP GET (its flow
+/// made at egress, its answers at XDP) and ping work, and its SMTP stays blocked. (The
+/// gateway's side is in `e2e_nsg`'s killed `set add`.) Seen failing with the egress stage's
+/// `JUDGED` left out: the GET timed out, its packets sent round between the two stages.
+#[test]
+fn the_hosts_own_flows_pass_while_a_set_change_is_unfinished() {
+    use aya::maps::Array;
+    use xdpgate_common::{
+        maps::POLICY_CONFIG,
+        nsg::{GENERATION_CHANGING, PolicyConfig},
+    };
+    let lab = Lab::new();
+    lab.attach_and_apply();
+    let (slot, config) = xdpgate_dataplane::apply::active(&lab.pins.dir).unwrap();
+    let mut configs: Array<_, PolicyConfig> =
+        lab.pins.dir.open_map(POLICY_CONFIG).unwrap().try_into().unwrap();
+    let changing = PolicyConfig { generation: config.generation | GENERATION_CHANGING, ..config };
+    configs.set(slot, changing, 0).unwrap();
+    assert!(xdpgate_dataplane::apply::changing(&lab.pins.dir).unwrap());
+    host_mode(&lab, HOST4, NET4);
     host_mode(&lab, HOST6, NET6);
 }
 

@@ -689,8 +689,54 @@ fn a_set_change_that_cannot_be_recorded_changes_nothing() {
     lab.tcp_works(sock(SERVER4, 80), "allowed: the failed set add was put back");
     assert_eq!(lab.blocklist(), ["192.0.2.99/32"]);
     assert!(err.contains("nothing was changed"), "{err}");
+    // Nor can the generation move on: flows are judged on each packet until a writer can.
+    assert!(err.contains("judged again on each packet"), "{err}");
+    assert!(set_change_unfinished(&lab), "status does not say the set change is unfinished");
     lab.pins.xdpgate(&["set", "add", "blocklist", CLIENT4]);
+    assert!(!set_change_unfinished(&lab), "unfinished after a set add that was recorded");
     lab.tcp_blocked(&[(sock(SERVER4, 80), "blocked once the set add is recorded")]);
+}
+
+/// Whether `xdpgate status` says a set change is unfinished (running, or killed).
+fn set_change_unfinished(lab: &Lab) -> bool {
+    let status: serde_json::Value =
+        serde_json::from_str(&lab.pins.xdpgate(&["status", "--json"])).unwrap();
+    status["policy"]["set_change_unfinished"].as_bool().expect("set_change_unfinished")
+}
+
+/// `xdpgate set add` killed after its trie writes and before it moves the generation on
+/// (SIGKILL from strace at its first rename: the save of `sets.json`). The connection open
+/// from the address it added to the blocklist is cut on its next packet, as a new one is
+/// refused: no flow keeps a verdict from before entries the kernel enforces. An allowed
+/// client still connects and talks while every flow is judged on each packet, `status`
+/// says the change is unfinished, and the next set command finishes (here `set reset`, back
+/// to the file: the client connects again). Seen failing before: the open connection went
+/// on until the next writer.
+#[test]
+fn a_set_add_killed_before_the_generation_moves_on_leaves_no_old_verdict() {
+    let lab = Lab::new();
+    lab.apply("sets.yaml", &policy_with_blocklist());
+    let mut open = lab.tcp_works(sock(SERVER4, 80), "allowed before the set add");
+    quiesce();
+    let renames = "rename,renameat,renameat2";
+    let out = std::process::Command::new("strace")
+        .args(["-f", "-qq", "-o", "/dev/null", "-e", &format!("trace={renames}")])
+        .args(["-e", &format!("inject={renames}:signal=KILL:when=1"), "--"])
+        .arg(lab.pins.command().get_program())
+        .args(lab.pins.command().get_args())
+        .args(["set", "add", "blocklist", CLIENT4])
+        .output()
+        .expect("strace (setup.sh installs it)");
+    assert!(!out.status.success(), "not killed: {}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(lab.blocklist(), ["192.0.2.99/32"], "killed before sets.json was saved");
+    no_echo(&mut open, "a connection open before the killed set add blocked its source");
+    lab.tcp_blocked(&[(sock(SERVER4, 80), "a new connection from the source it blocked")]);
+    lab.tcp_works(sock(SERVER6, 80), "an allowed client while flows are judged on each packet");
+    assert!(set_change_unfinished(&lab), "status does not say the set change is unfinished");
+
+    lab.pins.xdpgate(&["set", "reset", "blocklist"]);
+    assert!(!set_change_unfinished(&lab), "still unfinished after the next set command");
+    lab.tcp_works(sock(SERVER4, 80), "allowed again once the next set command finished");
 }
 
 /// The agent's `generation` and `pid` as `xdpgate status --json` shows them, once it has
@@ -826,6 +872,7 @@ fn a_set_add_failing_half_way_changes_nothing() {
     assert!(err.contains("full") && err.contains("nothing was changed"), "{err}");
     println!("refused: {err}");
     assert_eq!(lab.blocklist(), ["192.0.2.99/32"]);
+    assert!(!set_change_unfinished(&lab), "the generation did not move on after the failure");
     lab.tcp_works(sock(SERVER4, 80), "allowed after a set add that failed");
 
     for i in 0..16 {

@@ -141,7 +141,9 @@ pub const ACCESS_DENY: u32 = 2;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PolicyConfig {
-    /// Incremented by every apply; flows remember the generation that decided them.
+    /// Incremented by every apply; flows remember the generation that decided them. With
+    /// `GENERATION_CHANGING` set, a set change is rewriting this slot's trie (or was killed
+    /// doing so): see [`PolicyConfig::decided`].
     pub generation: u64,
     /// Rules per table of this slot (0: no NSG at that layer for that direction).
     pub rule_counts: [u32; TABLES_PER_SLOT as usize],
@@ -158,7 +160,28 @@ pub struct PolicyConfig {
     pub embryonic_timeout_ns: u64,
 }
 
+/// Set in `PolicyConfig::generation` while `xdpgate set` rewrites the running slot's trie in
+/// place. Flows are stamped with the generation without it, so none equals the slot's: every
+/// flow is judged again on each of its packets, against the trie as it is, until the writer
+/// moves the generation on. A writer killed before that leaves it set, and no flow keeps a
+/// verdict from before its change (at the cost of a classification per packet) until the
+/// next writer finishes the change or undoes it.
+pub const GENERATION_CHANGING: u64 = 1 << 63;
+
 impl PolicyConfig {
+    /// The generation a flow decided now is stamped with, and its events named by (the
+    /// records are kept under it): `generation` without `GENERATION_CHANGING`.
+    #[inline(always)]
+    pub const fn decided(&self) -> u64 {
+        self.generation & !GENERATION_CHANGING
+    }
+
+    /// Whether a set change is rewriting this slot's trie, or was killed doing so.
+    #[inline(always)]
+    pub const fn changing(&self) -> bool {
+        self.generation & GENERATION_CHANGING != 0
+    }
+
     /// How long a flow may idle: a closed TCP connection briefly; a flow of a load-balancing
     /// rule with an idle timeout of its own (`rule_idle_s`, 0: none) that long; any other
     /// flow the policy's timeout for its protocol (ICMP's in its own family only).

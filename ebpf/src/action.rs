@@ -14,6 +14,10 @@ pub const NAT_PENDING_SNAT: u8 = 5;
 /// again (it was decided under an older policy).
 pub const RECLASSIFY: Action = Action { nat: 6, addr: [0; 4], port: 0 };
 
+/// Not a rewrite: the new-flow stage has just classified the packet's flow again (at the
+/// policy stage's `RECLASSIFY`), so the policy stage takes the flow as it stands.
+pub const JUDGED: Action = Action { nat: 8, addr: [0; 4], port: 0 };
+
 /// Not a rewrite: the entry stage found the packet's flow in no established entry (it looks
 /// there itself), so the policy stage looks among the embryonic flows alone.
 pub const NOT_ESTABLISHED: Action = Action { nat: 7, addr: [0; 4], port: 0 };

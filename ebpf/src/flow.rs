@@ -105,17 +105,24 @@ pub enum Lookup {
 
 /// Decides a packet of a known flow: established flows are one lookup; a miss looks among
 /// the embryonic flows. Never classifies: that is the new-flow stage's work, which keeps
-/// this stage small.
+/// this stage small. `judged`: that stage has just classified this packet's flow again, so
+/// it is not stale (while a set change runs, every flow would be, and the packet would go
+/// round between the two stages).
 #[inline(always)]
-pub fn lookup(active: &Active<'_>, meta: &PacketMeta, len: u64) -> Result<Lookup, DropReason> {
+pub fn lookup(
+    active: &Active<'_>,
+    meta: &PacketMeta,
+    len: u64,
+    judged: bool,
+) -> Result<Lookup, DropReason> {
     // The coarse clock (tick resolution) is plenty for timeouts counted in seconds, and
     // the precise one cost a third of an established packet here (100 vs 68 ns).
     let now = clock::now_ns();
     let key = key(meta);
-    if let Some(found) = established(active, meta, &key, now, len) {
+    if let Some(found) = established(active, meta, &key, now, len, judged) {
         return Ok(found);
     }
-    lookup_embryo(active, meta, &key, now, len)
+    lookup_embryo(active, meta, &key, now, len, judged)
 }
 
 /// [`lookup`] in the established table alone: `None` when the flow is not there, or is
@@ -128,7 +135,7 @@ pub fn lookup_established(
 ) -> Option<(Lookup, &'static mut NextHop)> {
     let key = key(meta);
     let entry = unsafe { &mut *FLOWS.get_ptr_mut(&key)? };
-    let found = established_entry(active, meta, &key, entry, clock::now_ns(), len)?;
+    let found = established_entry(active, meta, &key, entry, clock::now_ns(), len, false)?;
     // The entry's own next-hop cache: a translated hit is forwarded without a second lookup.
     Some((found, &mut entry.hop))
 }
@@ -141,9 +148,10 @@ pub fn lookup_embryo(
     key: &FlowKey,
     now: u64,
     len: u64,
+    judged: bool,
 ) -> Result<Lookup, DropReason> {
     let Some(entry) = EMBRYOS.get_ptr_mut(key) else { return Ok(Lookup::Miss) };
-    embryo(active, meta, key, unsafe { &mut *entry }, now, len)
+    embryo(active, meta, key, unsafe { &mut *entry }, now, len, judged)
 }
 
 #[inline(always)]
@@ -153,9 +161,10 @@ fn established(
     key: &FlowKey,
     now: u64,
     len: u64,
+    judged: bool,
 ) -> Option<Lookup> {
     let entry = unsafe { &mut *FLOWS.get_ptr_mut(key)? };
-    established_entry(active, meta, key, entry, now, len)
+    established_entry(active, meta, key, entry, now, len, judged)
 }
 
 #[inline(always)]
@@ -166,6 +175,7 @@ fn established_entry(
     entry: &mut FlowValue,
     now: u64,
     len: u64,
+    judged: bool,
 ) -> Option<Lookup> {
     if other_echo(meta, entry) {
         return None;
@@ -179,7 +189,7 @@ fn established_entry(
         && !reopens(meta, entry)
         && !taken_over(meta, key, entry)
     {
-        if stale(active, entry) {
+        if !judged && stale(active, entry) {
             return Some(Lookup::Stale);
         }
         touch(entry, now, len);
@@ -291,6 +301,7 @@ fn embryo(
     entry: &mut FlowValue,
     now: u64,
     len: u64,
+    judged: bool,
 ) -> Result<Lookup, DropReason> {
     if other_echo(meta, entry) {
         return Ok(Lookup::Miss);
@@ -308,7 +319,7 @@ fn embryo(
         forget_embryo(key, entry);
         return Ok(Lookup::Miss);
     }
-    if stale(active, entry) {
+    if !judged && stale(active, entry) {
         return Ok(Lookup::Stale);
     }
     touch(entry, now, len);
@@ -638,7 +649,7 @@ fn fresh(
     // Field by field: a struct literal is built on the stack first, and the new-flow
     // stage's chain of frames has no room left for it.
     let f = &mut pair[0];
-    f.generation = active.config.generation;
+    f.generation = active.config.decided();
     f.last_seen_ns = clock::now_ns();
     f.packets = 1;
     f.bytes = len;
@@ -777,7 +788,7 @@ fn judge(
     count_rules(decision.rules, len);
     if !decision.allowed {
         let now = clock::now_ns();
-        let generation = active.config.generation;
+        let generation = active.config.decided();
         events::emit(EVENT_DENY, &key(meta), decision.rules, dir as u8, generation, now, None);
         return Err(DropReason::Policy);
     }
@@ -799,18 +810,24 @@ fn count_lb(service: u32, backend: u32, len: u64) {
     }
 }
 
-/// Whether a flow was decided under an older policy and the policy asks for flows to be
-/// classified again. When it does not, the flow takes the new generation, and its rules as
-/// the new policy numbers them, so that its packets count under the rules that decided it
-/// (under no rule once that rule is gone), never under whatever rule took its old number.
+/// Whether a flow was decided under an older policy, or while a set change rewrites the
+/// trie (`GENERATION_CHANGING`: no flow's generation equals the slot's then), and the policy
+/// asks for flows to be classified again. When it does not, the flow takes the new
+/// generation, and its rules as the new policy numbers them, so that its packets count
+/// under the rules that decided it (under no rule once that rule is gone), never under
+/// whatever rule took its old number.
 #[inline(always)]
 fn stale(active: &Active<'_>, entry: &mut FlowValue) -> bool {
-    let generation = active.config.generation;
-    if entry.generation == generation {
+    if entry.generation == active.config.generation {
         return false;
     }
     if active.config.flags & FLAG_REEVALUATE != 0 {
         return true;
+    }
+    // A set change renumbers no rule: a flow of the generation it changes keeps its own.
+    let generation = active.config.decided();
+    if entry.generation == generation {
+        return false;
     }
     // Only the last apply left where the rules it retired went: a flow idle across two
     // applies has numbers in a slot written since, and keeps no rule.
@@ -853,7 +870,7 @@ pub fn reclassify(active: &Active<'_>, meta: &PacketMeta) -> Result<(), DropReas
         },
     };
     let entry = unsafe { &mut *entry };
-    let generation = active.config.generation;
+    let generation = active.config.decided();
     let decision = classify(active, as_classified(meta, entry)?);
     if decision.allowed {
         entry.rules = decision.rules;

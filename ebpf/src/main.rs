@@ -45,7 +45,7 @@ use xdpgate_common::{
 };
 
 use crate::{
-    action::{Action, NAT_ICMP_ERROR, NAT_PENDING_SNAT, NOT_ESTABLISHED, RECLASSIFY},
+    action::{Action, JUDGED, NAT_ICMP_ERROR, NAT_PENDING_SNAT, NOT_ESTABLISHED, RECLASSIFY},
     flow::Lookup,
     hook::{Hook, tc_verdict},
     maps::{
@@ -235,6 +235,7 @@ fn policy_stage<H: Hook>(ctx: &H) -> Result<u32, DropReason> {
     let meta = SCRATCH.get(0).ok_or(DropReason::Internal)?;
     let active = nsg::active().ok_or(DropReason::Internal)?;
     let not_established = take_request(NOT_ESTABLISHED);
+    let judged = !not_established && take_request(JUDGED);
     if meta.frag == FRAG_LATER {
         let Some(action) = flow::later_fragment(meta) else {
             return enter(ctx, H::stages(), PIPELINE_NEW);
@@ -253,9 +254,9 @@ fn policy_stage<H: Hook>(ctx: &H) -> Result<u32, DropReason> {
         // error between its two hosts.
         None if error => return enter(ctx, H::stages(), PIPELINE_NEW),
         None => match if not_established {
-            flow::lookup_embryo(&active, meta, &flow::key(meta), clock::now_ns(), len)?
+            flow::lookup_embryo(&active, meta, &flow::key(meta), clock::now_ns(), len, false)?
         } else {
-            flow::lookup(&active, meta, len)?
+            flow::lookup(&active, meta, len, judged)?
         } {
             Lookup::Hit(action) => action,
             Lookup::Miss => return enter(ctx, H::stages(), PIPELINE_NEW),
@@ -283,6 +284,7 @@ fn new_flow_stage<H: Hook>(ctx: &H) -> Result<u32, DropReason> {
     }
     if take_reclassify() {
         flow::reclassify(&active, meta)?;
+        request(JUDGED)?;
         return enter(ctx, H::stages(), PIPELINE_POLICY);
     }
     let len = Packet::len(ctx) as u64;
@@ -293,8 +295,14 @@ fn new_flow_stage<H: Hook>(ctx: &H) -> Result<u32, DropReason> {
 /// Asks the new-flow stage entered next to classify the packet's flow again.
 #[inline(always)]
 fn request_reclassify() -> Result<(), DropReason> {
+    request(RECLASSIFY)
+}
+
+/// Leaves `request` in `ACTION` for the stage entered next.
+#[inline(always)]
+fn request(request: Action) -> Result<(), DropReason> {
     let slot = ACTION.get_ptr_mut(0).ok_or(DropReason::Internal)?;
-    unsafe { *slot = RECLASSIFY };
+    unsafe { *slot = request };
     Ok(())
 }
 
@@ -604,6 +612,7 @@ fn egress_policy_stage(ctx: &TcContext) -> Result<Option<()>, DropReason> {
     let meta = SCRATCH.get(0).ok_or(DropReason::Internal)?;
     let active = nsg::active().ok_or(DropReason::Internal)?;
     let not_established = take_request(NOT_ESTABLISHED);
+    let judged = !not_established && take_request(JUDGED);
     if meta.frag == FRAG_LATER {
         return match flow::later_fragment(meta) {
             Some(_) => Ok(Some(())),
@@ -619,9 +628,9 @@ fn egress_policy_stage(ctx: &TcContext) -> Result<Option<()>, DropReason> {
     }
     let len = u64::from(ctx.len());
     let found = if not_established {
-        flow::lookup_embryo(&active, meta, &flow::key(meta), clock::now_ns(), len)?
+        flow::lookup_embryo(&active, meta, &flow::key(meta), clock::now_ns(), len, false)?
     } else {
-        flow::lookup(&active, meta, len)?
+        flow::lookup(&active, meta, len, judged)?
     };
     match found {
         Lookup::Hit(_) => Ok(egress_passed(meta)),
@@ -645,6 +654,7 @@ fn egress_new_stage(ctx: &TcContext) -> Result<Option<()>, DropReason> {
     }
     if take_reclassify() {
         flow::reclassify(&active, meta)?;
+        request(JUDGED)?;
         return enter(ctx, &EGRESS_PIPELINE, EGRESS_POLICY);
     }
     flow::create_host(&active, meta, u32::from(meta.dir), u64::from(ctx.len()))?;

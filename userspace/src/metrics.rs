@@ -190,6 +190,8 @@ pub struct Snapshot {
     pub services: Vec<ServiceReport>,
     /// Generation of the running policy (0 before the first apply).
     pub generation: u64,
+    /// An `xdpgate set` change is running or was killed (`apply::changing`).
+    pub set_change_unfinished: bool,
     /// When the applied policy was saved, in seconds since the Unix epoch.
     pub applied_at: Option<f64>,
     pub nat: Vec<nat::GatewayReport>,
@@ -215,6 +217,7 @@ impl Snapshot {
             stats,
             services,
             generation: config.generation,
+            set_change_unfinished: apply::changing(pins)?,
             applied_at,
             nat,
             agent: agent_state::read(pins).filter(|a| a.running(pins)),
@@ -480,6 +483,13 @@ impl Snapshot {
             "Generation of the running policy: 1 for the first apply, plus 1 for each later one.",
         );
         generation.add(Vec::new(), Int(self.generation));
+        let mut unfinished = Family::new(
+            "xdpgate_set_change_unfinished",
+            Gauge,
+            "1 while an `xdpgate set` change runs, or after one was killed: every flow is judged \
+             on each packet until the next set change or apply.",
+        );
+        unfinished.add(Vec::new(), Int(u64::from(self.set_change_unfinished)));
         let mut applied = Family::new(
             "xdpgate_policy_applied_timestamp_seconds",
             Gauge,
@@ -630,6 +640,7 @@ impl Snapshot {
             picked_up,
             generation,
             applied,
+            unfinished,
             events,
             nat_ports,
             nat_port_range,
@@ -1001,6 +1012,7 @@ mod tests {
                 maglev: None,
             }],
             generation: 4,
+            set_change_unfinished: true,
             applied_at: Some(1_700_000_000.25),
             nat: vec![nat::GatewayReport {
                 name: Some("egress".into()),
@@ -1112,6 +1124,7 @@ mod tests {
                 "xdpgate_flows_picked_up_total",
                 "xdpgate_policy_generation",
                 "xdpgate_policy_applied_timestamp_seconds",
+                "xdpgate_set_change_unfinished",
                 "xdpgate_flow_events_dropped_total",
                 "xdpgate_nat_ports_in_use",
                 "xdpgate_nat_ports_per_address",
@@ -1183,6 +1196,7 @@ mod tests {
             "xdpgate_flows_picked_up_total 9",
             "xdpgate_policy_generation 4",
             "xdpgate_policy_applied_timestamp_seconds 1700000000.25",
+            "xdpgate_set_change_unfinished 1",
             "# HELP xdpgate_flow_events_dropped_total Flow-log events the dataplane held back: \
              over the denied-flow rate limit, or lost to a full ring buffer.",
             r#"xdpgate_flow_events_dropped_total{reason="rate_limited"} 5"#,

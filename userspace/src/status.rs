@@ -85,6 +85,10 @@ pub struct PolicyStatus {
     pub applied_at: Option<String>,
     #[serde(rename = "applied_unix_seconds")]
     pub applied_unix: Option<u64>,
+    /// An `xdpgate set` change is rewriting the running tables, or was killed doing so
+    /// (`GENERATION_CHANGING`): every flow is judged again on each packet until the next
+    /// set change or apply.
+    pub set_change_unfinished: bool,
 }
 
 /// The devices of one network namespace, as `ip -j -d link show` lists them (`ip -n NAME`
@@ -315,6 +319,7 @@ pub fn read(pins: &PinDir) -> anyhow::Result<Status> {
             egress_program_id: egress.map(|(_, prog)| prog),
         });
     }
+    let unfinished = apply::changing(pins).unwrap_or(false);
     let policy = apply::active(pins).ok().map(|(slot, config)| {
         let path = apply::applied_source(pins).map(|(p, _)| p);
         let unix = path
@@ -328,6 +333,7 @@ pub fn read(pins: &PinDir) -> anyhow::Result<Status> {
             applied_path: path,
             applied_at: unix.map(rfc3339),
             applied_unix: unix,
+            set_change_unfinished: unfinished,
         }
     });
     Ok(Status {

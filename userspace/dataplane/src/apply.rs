@@ -43,8 +43,22 @@ use crate::{
     state::{self, WriteLock},
 };
 
-/// What is running: the slot packets use and its settings.
+/// What is running: the slot packets use and its settings, with the generation flows are
+/// decided under (`PolicyConfig::decided`: whether a set change is rewriting the trie, or
+/// was killed doing so, is [`changing`]'s to say).
 pub fn active(pins: &PinDir) -> Result<(u32, PolicyConfig)> {
+    let (slot, config) = active_as_written(pins)?;
+    Ok((slot, PolicyConfig { generation: config.decided(), ..config }))
+}
+
+/// Whether the running slot's trie is being changed by `xdpgate set`, or was left half
+/// changed by one killed (`GENERATION_CHANGING`): flows are then judged on each packet,
+/// until the next set change or apply.
+pub fn changing(pins: &PinDir) -> Result<bool> {
+    Ok(active_as_written(pins)?.1.changing())
+}
+
+fn active_as_written(pins: &PinDir) -> Result<(u32, PolicyConfig)> {
     let slot_map: Array<_, u32> = pins.open_map(ACTIVE_SLOT)?.try_into()?;
     let configs: Array<_, PolicyConfig> = pins.open_map(POLICY_CONFIG)?.try_into()?;
     let slot = slot_map.get(&0, 0)? & 1;

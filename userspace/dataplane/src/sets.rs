@@ -8,7 +8,9 @@
 //! the kernel, so a writer killed half-way is made whole by the next one), longest prefixes
 //! first and removals last (put back, newest first, when one fails); then it moves the
 //! running generation on (its record copied), so flows decided before the change are
-//! classified again as after an apply.
+//! classified again as after an apply. While it writes, the generation is marked changing
+//! (`GENERATION_CHANGING`): every flow is judged again on each packet, so a writer killed
+//! before it moves the generation on leaves no flow a verdict from before its entries.
 
 use std::{
     collections::HashMap,
@@ -24,7 +26,9 @@ use ipnet::IpNet;
 use serde::Serialize;
 use xdpgate_common::{
     maps::{NSG_FIELDS, POLICY_CONFIG},
-    nsg::{FieldKey, KEY_HEADER_BITS, PolicyConfig, RuleBitmap, TABLES_PER_SLOT},
+    nsg::{
+        FieldKey, GENERATION_CHANGING, KEY_HEADER_BITS, PolicyConfig, RuleBitmap, TABLES_PER_SLOT,
+    },
     words,
 };
 use xdpgate_policy::{
@@ -183,8 +187,17 @@ pub fn change(pins: &PinDir, name: &str, what: Change) -> Result<Changed> {
     // changes, so no packet meets a scope older than the entries, whenever this writer
     // dies; they skip again from the generation this change moves on to.
     apply::write_scopes(pins, &compiled, slot, 0)?;
-    write_all_or_nothing(&mut fields, &live, &writes, &removals)
-        .with_context(|| format!("set {name}"))?;
+    // From here until the generation moves on, flows are judged on each packet: one judged
+    // while the entries change could otherwise keep a verdict from entries half written
+    // (or put back), and a flow from before the change its old one, should this writer be
+    // killed before the end.
+    let changing = PolicyConfig { generation: config.generation | GENERATION_CHANGING, ..config };
+    write_config(pins, slot, changing)?;
+    if let Err(e) = write_all_or_nothing(&mut fields, &live, &writes, &removals) {
+        return Err(
+            e.context(format!("set {name}{}", moved_on(pins, &compiled, &record, slot, config)))
+        );
+    }
     let mut saved = false;
     let recorded = (|| {
         save(pins, &new)?;
@@ -212,7 +225,10 @@ pub fn change(pins: &PinDir, name: &str, what: Change) -> Result<Changed> {
                 ),
                 (Err(u), _) => format!("and putting the kernel's entries back failed: {u:#}"),
             };
-            return Err(e.context(format!("set {name}: the change was not recorded; {left}")));
+            let moved = moved_on(pins, &compiled, &record, slot, config);
+            return Err(
+                e.context(format!("set {name}: the change was not recorded; {left}{moved}"))
+            );
         }
     };
     Ok(Changed {
@@ -310,9 +326,36 @@ fn entry_key(id: &EntryId) -> Key<FieldKey> {
 fn next_generation(pins: &PinDir, record: &Record, slot: u32, config: PolicyConfig) -> Result<u64> {
     let generation = config.generation + 1;
     state::save(pins, &Record { generation, ..record.clone() })?;
-    let mut configs: Array<_, PolicyConfig> = pins.open_map(POLICY_CONFIG)?.try_into()?;
-    configs.set(slot, PolicyConfig { generation, ..config }, 0)?;
+    write_config(pins, slot, PolicyConfig { generation, ..config })?;
     Ok(generation)
+}
+
+/// After a change that failed and was put back: the generation moved on (the scopes made
+/// of none, skipping nothing: they may be the new entries'), so that the flows judged
+/// while the entries changed are judged again. Empty when it did; else what it leaves (the
+/// state directory takes no record): every flow judged on each packet until the next
+/// writer.
+fn moved_on(
+    pins: &PinDir,
+    compiled: &compile::Compiled,
+    record: &Record,
+    slot: u32,
+    config: PolicyConfig,
+) -> String {
+    let moved = apply::write_scopes(pins, compiled, slot, 0)
+        .and_then(|()| next_generation(pins, record, slot, config));
+    match moved {
+        Ok(_) => String::new(),
+        Err(e) => format!(
+            "; flows are judged again on each packet until the next set change or apply (the \
+             generation could not move on: {e:#})"
+        ),
+    }
+}
+
+fn write_config(pins: &PinDir, slot: u32, config: PolicyConfig) -> Result<()> {
+    let mut configs: Array<_, PolicyConfig> = pins.open_map(POLICY_CONFIG)?.try_into()?;
+    Ok(configs.set(slot, config, 0)?)
 }
 
 fn running(pins: &PinDir) -> Result<Record> {

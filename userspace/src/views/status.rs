@@ -35,6 +35,11 @@ impl View for Status {
                 if let Some(path) = &p.applied_path {
                     out += &format!("               {}\n", path.display());
                 }
+                if p.set_change_unfinished {
+                    out += "               an `xdpgate set` change is running or was killed: \
+                            flows are judged on each packet until the next set change or \
+                            apply\n";
+                }
             }
             Some(_) => out += "policy         none applied yet\n",
             None => out += "policy         - (no pinned maps: is xdpgate attached?)\n",
@@ -192,6 +197,7 @@ mod tests {
                 applied_path: Some("/run/xdpgate/generations/3.json".into()),
                 applied_at: Some("2026-11-29T21:00:00Z".into()),
                 applied_unix: Some(1),
+                set_change_unfinished: false,
             }),
             flow_entries: Some(12),
             tables: Some(TablesStatus {
