@@ -479,6 +479,17 @@ fn metrics_flows_and_status_match_known_traffic() {
     matched.sort();
     assert_eq!(matched, either, "--port matches the client's port too");
     assert!(lab.flows(&["--rule", "deny-ssh"]).is_empty(), "denied attempts create no flows");
+    // A rule no kept generation has (a typo) is an error, for a listing and a deletion: an
+    // empty answer would read as "no such flows" (seen failing: the listing succeeded with
+    // no flow).
+    for args in
+        [&["flows", "--rule", "allow-wbe"][..], &["flows", "delete", "--rule", "web/allow-wbe"]]
+    {
+        let out = lab.pins.try_xdpgate(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("no rule of that name"), "{args:?}: {err}");
+    }
+    assert_eq!(lab.flows(&["--rule", "web/allow-web"]).len(), N_WEB, "the typo deleted flows");
     assert!(lab.flows(&["--port", "22"]).is_empty());
 
     let lb_flows = lab.flows(&["--port", "8080"]);

@@ -189,6 +189,11 @@ fn protocol_number(name: &str, v6: bool) -> u8 {
     }
 }
 
+/// Whether `--rule want` names rule `rule` of NSG `nsg`: RULE, or NSG/RULE.
+pub fn named(want: &str, nsg: &str, rule: &str) -> bool {
+    rule == want || want.split_once('/').is_some_and(|(n, x)| n == nsg && x == rule)
+}
+
 impl FlowFilter {
     /// Whether no flag was given.
     pub fn is_empty(&self) -> bool {
@@ -215,12 +220,10 @@ impl FlowFilter {
             && self.dst.as_ref().is_none_or(|n| addr_in(n, s.dst, s.translated_dst))
             && self.port.is_none_or(|p| ports.contains(&Some(p)))
             && self.protocol.is_none_or(|p| p.matches(s.family(), s.proto))
-            && self.rule.as_deref().is_none_or(|want| {
-                s.rules.iter().flatten().any(|r| {
-                    r.rule == want
-                        || want.split_once('/').is_some_and(|(n, x)| n == r.nsg && x == r.rule)
-                })
-            })
+            && self
+                .rule
+                .as_deref()
+                .is_none_or(|want| s.rules.iter().flatten().any(|r| named(want, &r.nsg, &r.rule)))
             && self.verdict.is_none_or(|v| s.verdict == Some(v))
             && self.reason.as_deref().is_none_or(|want| s.reason == Some(want))
     }

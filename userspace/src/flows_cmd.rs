@@ -10,7 +10,7 @@ use xdpgate_dataplane::{
 };
 
 use crate::{
-    filter::{FlowFilter, Subject, Verdict},
+    filter::{self, FlowFilter, Subject, Verdict},
     views::{self, OutputArgs, View},
 };
 
@@ -30,8 +30,21 @@ pub struct FilterArgs {
 }
 
 impl FilterArgs {
-    /// Refuses what selects no flow: a flow in the table was allowed, never dropped.
-    fn check(&self) -> Result<()> {
+    /// Refuses what selects no flow: a flow in the table was allowed, never dropped, and
+    /// decided by a rule its generation's record names.
+    fn check(&self, pins: &PinDir) -> Result<()> {
+        // A rule in none of the kept records (a typo) matches no flow, which a listing and
+        // above all a deletion must not pass over in silence.
+        if let Some(want) = &self.shared.rule {
+            let names = flows::Names::read(pins)?;
+            if !names.all_rules().any(|r| filter::named(want, &r.nsg, &r.rule)) {
+                bail!(
+                    "--rule {want}: no rule of that name in the running policy, nor in the \
+                     generations before it that flows may still carry (a rule is named RULE or \
+                     NSG/RULE; `xdpgate rules` lists them)"
+                );
+            }
+        }
         if let Some(r) = &self.shared.reason {
             bail!("--reason {r} selects drops; the flow tables hold allowed flows only");
         }
@@ -102,13 +115,13 @@ pub fn run(pins: &PinDir, args: Args) -> Result<()> {
     match args.action {
         None => {
             let f = &args.filter;
-            f.check()?;
+            f.check(pins)?;
             let all = flows::list_where(pins, f.state, |flow| f.matches(flow), 0)?;
             let format = args.output.format();
             views::print(&views::flows::Listed::new(all, args.top, format), format)
         }
         Some(Action::Delete(d)) => {
-            d.filter.check()?;
+            d.filter.check(pins)?;
             if d.filter.is_empty() && !d.all {
                 bail!(
                     "flows delete needs a filter (--addr, --src, --dst, --port, --protocol, \

@@ -306,6 +306,11 @@ impl Names {
         Some(RuleName { nsg: r.nsg.clone(), rule: r.rule.clone(), layer: r.layer })
     }
 
+    /// Every rule of the kept generations (a rule twice when several have it).
+    pub fn all_rules(&self) -> impl Iterator<Item = &xdpgate_policy::names::RuleName> {
+        self.records.iter().flat_map(|r| r.tables.iter().flatten())
+    }
+
     /// The running generation when these names were read.
     pub fn generation(&self) -> u64 {
         self.config.generation
