@@ -183,6 +183,13 @@ pub fn change(pins: &PinDir, name: &str, what: Change) -> Result<Changed> {
     writes.sort_by_key(|(id, _)| std::cmp::Reverse(id.3));
     let compile_took = started.elapsed();
     let writing = Instant::now();
+    // The record of the generation this change moves on to (the running one's, renumbered:
+    // a set changes no rule) first, so that moving on is one map write, and its fsync does
+    // not lengthen the time every flow is judged on each packet. One that cannot be saved
+    // (/run full or read-only) stops the change here, before anything else is written.
+    let generation = config.generation + 1;
+    state::save(pins, &Record { generation, ..record.clone() })
+        .with_context(|| format!("set {name}: nothing was changed"))?;
     // The running slot's scopes stop skipping (generation 0 is none's) before its trie
     // changes, so no packet meets a scope older than the entries, whenever this writer
     // dies; they skip again from the generation this change moves on to.
@@ -193,44 +200,38 @@ pub fn change(pins: &PinDir, name: &str, what: Change) -> Result<Changed> {
     // killed before the end.
     let changing = PolicyConfig { generation: config.generation | GENERATION_CHANGING, ..config };
     write_config(pins, slot, changing)?;
+    let moved = PolicyConfig { generation, ..config };
     if let Err(e) = write_all_or_nothing(&mut fields, &live, &writes, &removals) {
-        return Err(
-            e.context(format!("set {name}{}", moved_on(pins, &compiled, &record, slot, config)))
-        );
+        return Err(e.context(format!("set {name}{}", moved_on(pins, &compiled, slot, moved))));
     }
     let mut saved = false;
     let recorded = (|| {
         save(pins, &new)?;
         saved = true;
-        apply::write_scopes(pins, &compiled, slot, config.generation + 1)?;
-        next_generation(pins, &record, slot, config)
+        apply::write_scopes(pins, &compiled, slot, generation)?;
+        write_config(pins, slot, moved)
     })();
     // Recorded and moved on, or put back: a change the state directory does not hold (/run
     // full or read-only) was enforced while `set list` denied it, the flows open before it
     // were not judged again, and the next apply undid it.
-    let generation = match recorded {
-        Ok(generation) => generation,
-        Err(e) => {
-            let restored = if saved { save(pins, &old) } else { Ok(()) };
-            let (writes, removals) = undoing(&live, &writes, &removals);
-            let writes: Vec<_> = writes.iter().map(|(id, b)| (*id, b)).collect();
-            let undone = write_all_or_nothing(&mut fields, &wanted, &writes, &removals);
-            let left = match (undone, restored) {
-                (Ok(()), Ok(())) => {
-                    "nothing was changed (the kernel's entries were put back)".to_string()
-                }
-                (Ok(()), Err(r)) => format!(
-                    "the kernel's entries were put back, but the saved run-time changes were \
+    if let Err(e) = recorded {
+        let restored = if saved { save(pins, &old) } else { Ok(()) };
+        let (writes, removals) = undoing(&live, &writes, &removals);
+        let writes: Vec<_> = writes.iter().map(|(id, b)| (*id, b)).collect();
+        let undone = write_all_or_nothing(&mut fields, &wanted, &writes, &removals);
+        let left = match (undone, restored) {
+            (Ok(()), Ok(())) => {
+                "nothing was changed (the kernel's entries were put back)".to_string()
+            }
+            (Ok(()), Err(r)) => format!(
+                "the kernel's entries were put back, but the saved run-time changes were \
                      not ({r:#}): the next apply would make the change"
-                ),
-                (Err(u), _) => format!("and putting the kernel's entries back failed: {u:#}"),
-            };
-            let moved = moved_on(pins, &compiled, &record, slot, config);
-            return Err(
-                e.context(format!("set {name}: the change was not recorded; {left}{moved}"))
-            );
-        }
-    };
+            ),
+            (Err(u), _) => format!("and putting the kernel's entries back failed: {u:#}"),
+        };
+        let moved = moved_on(pins, &compiled, slot, moved);
+        return Err(e.context(format!("set {name}: the change was not recorded; {left}{moved}")));
+    }
     Ok(Changed {
         set: name.to_owned(),
         entries_written: writes.len(),
@@ -320,32 +321,16 @@ fn entry_key(id: &EntryId) -> Key<FieldKey> {
     Key::new(id.3, FieldKey { table: id.0, field: id.1, _pad: [0; 2], value: id.2 })
 }
 
-/// Moves the running generation on by one in place, its record saved first under the new
-/// number: flows decided before compare unequal and are classified again (when the policy
-/// asks for it, as after an apply).
-fn next_generation(pins: &PinDir, record: &Record, slot: u32, config: PolicyConfig) -> Result<u64> {
-    let generation = config.generation + 1;
-    state::save(pins, &Record { generation, ..record.clone() })?;
-    write_config(pins, slot, PolicyConfig { generation, ..config })?;
-    Ok(generation)
-}
-
-/// After a change that failed and was put back: the generation moved on (the scopes made
-/// of none, skipping nothing: they may be the new entries'), so that the flows judged
-/// while the entries changed are judged again. Empty when it did; else what it leaves (the
-/// state directory takes no record): every flow judged on each packet until the next
-/// writer.
-fn moved_on(
-    pins: &PinDir,
-    compiled: &compile::Compiled,
-    record: &Record,
-    slot: u32,
-    config: PolicyConfig,
-) -> String {
-    let moved = apply::write_scopes(pins, compiled, slot, 0)
-        .and_then(|()| next_generation(pins, record, slot, config));
-    match moved {
-        Ok(_) => String::new(),
+/// After a change that failed and was put back: the generation moved on to `moved` (its
+/// record saved before the change began; the scopes made of none, skipping nothing, as
+/// they may be the new entries'), so that the flows judged while the entries changed are
+/// judged again. Empty when it did; else what it leaves: every flow judged on each packet
+/// until the next writer.
+fn moved_on(pins: &PinDir, compiled: &compile::Compiled, slot: u32, moved: PolicyConfig) -> String {
+    let result =
+        apply::write_scopes(pins, compiled, slot, 0).and_then(|()| write_config(pins, slot, moved));
+    match result {
+        Ok(()) => String::new(),
         Err(e) => format!(
             "; flows are judged again on each packet until the next set change or apply (the \
              generation could not move on: {e:#})"
