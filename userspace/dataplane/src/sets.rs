@@ -101,7 +101,7 @@ pub struct Changed {
     /// Trie entries written (new or with other rules) and removed.
     pub entries_written: usize,
     pub entries_removed: usize,
-    /// The generation flows now compare with (moved on by one).
+    /// The generation flows now compare with (moved on by one, unless no entry changed).
     pub generation: u64,
     /// Recompiling and computing the difference, and writing it.
     pub compile: Duration,
@@ -178,6 +178,20 @@ pub fn change(pins: &PinDir, name: &str, what: Change) -> Result<Changed> {
     // next apply or reload of the same file could not be written beside it.
     compile::check_nsg_fields(wanted.len(), None)
         .with_context(|| format!("set {name}: nothing was changed"))?;
+    // Nothing the kernel holds differs (elements it had already, or inside others): no
+    // verdict can change, so no flow is judged again; only the change is kept. Unless a
+    // change killed half-way left its mark, which only a new generation takes away.
+    if writes.is_empty() && removals.is_empty() && !apply::changing(pins)? {
+        save(pins, &new)?;
+        return Ok(Changed {
+            set: name.to_owned(),
+            entries_written: 0,
+            entries_removed: 0,
+            generation: config.generation,
+            compile: started.elapsed(),
+            write: Duration::ZERO,
+        });
+    }
     // Longest prefixes first: an address inside a new prefix never meets the new shorter
     // entry while its own longer one still has the old rules.
     writes.sort_by_key(|(id, _)| std::cmp::Reverse(id.3));
