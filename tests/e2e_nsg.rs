@@ -726,9 +726,17 @@ impl Lab {
     /// generation's record, the second `sets.json`, once the trie entries are written.
     fn set_with_second_rename(&self, args: &[&str], how: &str) -> Output {
         let renames = "rename,renameat,renameat2";
+        let trace = format!("trace={renames}");
+        let inject = format!("inject={renames}:{how}:when=2");
+        self.set_under_strace(args, &["-o", "/dev/null", "-e", &trace, "-e", &inject])
+    }
+
+    /// `xdpgate set ARGS` under `strace -f -qq OPTIONS`.
+    fn set_under_strace(&self, args: &[&str], options: &[&str]) -> Output {
         std::process::Command::new("strace")
-            .args(["-f", "-qq", "-o", "/dev/null", "-e", &format!("trace={renames}")])
-            .args(["-e", &format!("inject={renames}:{how}:when=2"), "--"])
+            .args(["-f", "-qq"])
+            .args(options)
+            .arg("--")
             .arg(self.pins.command().get_program())
             .args(self.pins.command().get_args())
             .arg("set")
@@ -760,17 +768,94 @@ fn a_set_add_killed_before_the_generation_moves_on_leaves_no_old_verdict() {
     lab.apply("sets.yaml", &policy_with_blocklist());
     let mut open = lab.tcp_works(sock(SERVER4, 80), "allowed before the set add");
     quiesce();
+    // Its entries stamped with the value the mark will have, as programs from before the
+    // mark stamp a flow they judge while it is set (seen failing with the mark not checked
+    // in `stale`: such a flow counted as current, and went on).
+    {
+        use aya::maps::HashMap;
+        use xdpgate_common::{
+            flow::{FlowKey, FlowValue},
+            maps::FLOWS,
+            nsg::GENERATION_CHANGING,
+        };
+        let generation = xdpgate_dataplane::apply::active(&lab.pins.dir).unwrap().1.generation;
+        let mut flows: HashMap<_, FlowKey, FlowValue> =
+            lab.pins.dir.open_map(FLOWS).unwrap().try_into().unwrap();
+        let keys: Vec<FlowKey> = flows.keys().map(Result::unwrap).collect();
+        assert_eq!(keys.len(), 2, "the open connection's two entries");
+        for key in keys {
+            let value = flows.get(&key, 0).unwrap();
+            let stamped = FlowValue { generation: generation | GENERATION_CHANGING, ..value };
+            flows.insert(key, stamped, 0).unwrap();
+        }
+    }
     let out = lab.set_with_second_rename(&["add", "blocklist", CLIENT4], "signal=KILL");
     assert!(!out.status.success(), "not killed: {}", String::from_utf8_lossy(&out.stdout));
     assert_eq!(lab.blocklist(), ["192.0.2.99/32"], "killed before sets.json was saved");
     no_echo(&mut open, "a connection open before the killed set add blocked its source");
     lab.tcp_blocked(&[(sock(SERVER4, 80), "a new connection from the source it blocked")]);
+    // Its rule counts the connection once, not each packet judged again (seen failing: 42
+    // flows for one 16 KiB exchange).
+    let flows = || {
+        let stats: serde_json::Value =
+            serde_json::from_str(&lab.pins.xdpgate(&["stats", "--json"])).unwrap();
+        let rules = stats["policy"]["rules"].as_array().unwrap().clone();
+        rules.iter().find(|r| r["rule"] == "allow-web").unwrap()["flows"].as_u64().unwrap()
+    };
+    let before = flows();
     lab.tcp_works(sock(SERVER6, 80), "an allowed client while flows are judged on each packet");
+    assert_eq!(flows(), before + 1, "allow-web's flows for one connection under the mark");
     assert!(set_change_unfinished(&lab), "status does not say the set change is unfinished");
 
     lab.pins.xdpgate(&["set", "reset", "blocklist"]);
     assert!(!set_change_unfinished(&lab), "still unfinished after the next set command");
     lab.tcp_works(sock(SERVER4, 80), "allowed again once the next set command finished");
+}
+
+/// A set change that fails half-way and cannot put back what it wrote (its second entry's
+/// write and the removal of its first fail, ENOSPC injected by strace) keeps its mark: the
+/// tables differ from `sets.json` and the record, so flows stay judged on each packet and
+/// `status` says so until the next set command, which makes the tables whole (seen failing:
+/// the generation moved on and nothing said the change was unfinished).
+#[test]
+fn a_set_change_it_cannot_put_back_keeps_its_mark() {
+    let lab = Lab::new();
+    lab.apply("sets.yaml", &policy_with_blocklist());
+    let args = ["add", "blocklist", "192.0.2.1", "192.0.2.2"];
+    // A run that succeeds, traced, says which bpf calls write its two entries: the last two
+    // before its second rename (of `sets.json`; the first is the next generation's record).
+    let log = std::env::temp_dir().join(format!("xgtest-set-{}.strace", std::process::id()));
+    let traced = ["-o", log.to_str().unwrap(), "-e", "trace=bpf,rename,renameat,renameat2"];
+    let out = lab.set_under_strace(&args, &traced);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = std::fs::read_to_string(&log).unwrap();
+    let _ = std::fs::remove_file(&log);
+    let (mut calls, mut renames, mut writes) = (0, 0, Vec::new());
+    for line in text.lines().filter(|l| !l.contains("resumed>")) {
+        if line.contains(" bpf(") {
+            calls += 1;
+            writes.push((calls, line.contains("BPF_MAP_UPDATE_ELEM")));
+        } else if line.contains(" rename") {
+            renames += 1;
+            if renames == 2 {
+                break;
+            }
+        }
+    }
+    let last = &writes[writes.len() - 2..];
+    assert!(renames == 2 && last.iter().all(|(_, update)| *update), "{text}");
+    let second = last[1].0;
+    lab.pins.xdpgate(&["set", "reset", "blocklist"]);
+
+    let inject = format!("inject=bpf:error=ENOSPC:when={second}..{}", second + 1);
+    let out = lab.set_under_strace(&args, &["-o", "/dev/null", "-e", "trace=bpf", "-e", &inject]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("half changed"), "{err}");
+    assert!(err.contains("judged again on each packet"), "{err}");
+    assert!(set_change_unfinished(&lab), "a half-changed set left no mark: {err}");
+    lab.pins.xdpgate(&["set", "reset", "blocklist"]);
+    assert!(!set_change_unfinished(&lab), "the next set command left the mark");
+    lab.tcp_works(sock(SERVER4, 80), "allowed once the next set command made the tables whole");
 }
 
 /// The agent's `generation` and `pid` as `xdpgate status --json` shows them, once it has

@@ -2,7 +2,7 @@
 //! flow table and the stages, kept apart from their logic so that no module imports one
 //! above it.
 
-use xdpgate_common::flow::{FlowValue, NAT_NONE};
+use xdpgate_common::flow::{FlowValue, NAT_DST, NAT_ENCAP, NAT_NEXT_HOP, NAT_NONE, NAT_SRC};
 
 /// A flow action that rewrites an ICMP error back to the host of a translated flow.
 pub const NAT_ICMP_ERROR: u8 = 4;
@@ -16,7 +16,28 @@ pub const RECLASSIFY: Action = Action { nat: 6, addr: [0; 4], port: 0 };
 
 /// Not a rewrite: the new-flow stage has just classified the packet's flow again (at the
 /// policy stage's `RECLASSIFY`), so the policy stage takes the flow as it stands.
-pub const JUDGED: Action = Action { nat: 8, addr: [0; 4], port: 0 };
+pub const JUDGED: Action = Action { nat: 9, addr: [0; 4], port: 0 };
+
+// A request is told from a rewrite by its `nat` alone.
+const _: () = {
+    let requests =
+        [NAT_ICMP_ERROR, NAT_PENDING_SNAT, RECLASSIFY.nat, NOT_ESTABLISHED.nat, JUDGED.nat];
+    let rewrites = [NAT_NONE, NAT_DST, NAT_SRC, NAT_NEXT_HOP, NAT_ENCAP];
+    let mut i = 0;
+    while i < requests.len() {
+        let mut j = 0;
+        while j < rewrites.len() {
+            assert!(requests[i] != rewrites[j], "a request's code is a rewrite's");
+            j += 1;
+        }
+        j = i + 1;
+        while j < requests.len() {
+            assert!(requests[i] != requests[j], "two requests share a code");
+            j += 1;
+        }
+        i += 1;
+    }
+};
 
 /// Not a rewrite: the entry stage found the packet's flow in no established entry (it looks
 /// there itself), so the policy stage looks among the embryonic flows alone.

@@ -605,7 +605,7 @@ pub fn create(
     }
     // One classification for every kind of new flow (each call site costs the verifier a
     // walk of the classifier): the packet as its flow's first packet reaches its host.
-    let decision = classify(active, as_classified(meta, forward)?);
+    let decision = classify(active, as_classified(meta, forward)?, true);
     // Here, not in `count_rules`, which the established path calls for every packet.
     if trace::counting() {
         count_rules(decision.rules, len);
@@ -784,7 +784,7 @@ fn judge(
     dir: u32,
     len: u64,
 ) -> Result<[u16; 2], DropReason> {
-    let decision = classify(active, meta);
+    let decision = classify(active, meta, true);
     count_rules(decision.rules, len);
     if !decision.allowed {
         let now = clock::now_ns();
@@ -818,7 +818,9 @@ fn count_lb(service: u32, backend: u32, len: u64) {
 /// whatever rule took its old number.
 #[inline(always)]
 fn stale(active: &Active<'_>, entry: &mut FlowValue) -> bool {
-    if entry.generation == active.config.generation {
+    // Never current under the mark: a build from before it stamped flows with the marked
+    // value itself (2^63 + N), which would equal it.
+    if entry.generation == active.config.generation && !active.config.changing() {
         return false;
     }
     if active.config.flags & FLAG_REEVALUATE != 0 {
@@ -871,7 +873,9 @@ pub fn reclassify(active: &Active<'_>, meta: &PacketMeta) -> Result<(), DropReas
     };
     let entry = unsafe { &mut *entry };
     let generation = active.config.decided();
-    let decision = classify(active, as_classified(meta, entry)?);
+    // A rule's flow count counts a flow judged again after a change once, not each packet
+    // of it under a set change's mark.
+    let decision = classify(active, as_classified(meta, entry)?, !active.config.changing());
     if decision.allowed {
         entry.rules = decision.rules;
         entry.generation = generation;
@@ -953,7 +957,7 @@ pub fn later_fragment(meta: &PacketMeta) -> Option<Action> {
 /// no NSG applies to it at all.
 #[inline(always)]
 pub fn unknown_fragment(active: &Active<'_>, meta: &PacketMeta) -> Result<(), DropReason> {
-    if classify(active, meta).unfiltered { Ok(()) } else { Err(DropReason::Fragment) }
+    if classify(active, meta, true).unfiltered { Ok(()) } else { Err(DropReason::Fragment) }
 }
 
 /// An unknown non-first fragment that a NAT gateway would translate: without its first

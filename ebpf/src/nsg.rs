@@ -65,7 +65,7 @@ const LAYERS: [(u32, u32); 4] = [
 /// new-flow stage (with `match_table` and the scan below it), which the verifier caps at
 /// 512 bytes.
 #[inline(always)]
-pub fn classify(active: &Active<'_>, meta: &PacketMeta) -> Decision {
+pub fn classify(active: &Active<'_>, meta: &PacketMeta, count_hits: bool) -> Decision {
     let mut decision = Decision { allowed: true, rules: NO_RULES, unfiltered: true };
     for (dir, layer) in LAYERS {
         let t = table_in_slot(dir, layer);
@@ -88,7 +88,9 @@ pub fn classify(active: &Active<'_>, meta: &PacketMeta) -> Decision {
             | if active.config.flags & class_bit(t_in) != 0 { CLASSES } else { 0 };
         let Some(bit) = match_table(table, count, fields, meta) else { continue };
         let rule = table * MAX_RULES + bit;
-        count_hit(rule);
+        if count_hits {
+            count_hit(rule);
+        }
         // Two branches, not an index: the compiler would turn an indexed store into pointer
         // arithmetic the verifier refuses on the stack.
         if dir == DIR_INBOUND {

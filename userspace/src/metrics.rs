@@ -487,7 +487,7 @@ impl Snapshot {
             "xdpgate_set_change_unfinished",
             Gauge,
             "1 while an `xdpgate set` change runs, or after one was killed: every flow is judged \
-             on each packet until the next set change or apply.",
+             on each packet (with reevaluate_flows) until the next set change or apply.",
         );
         unfinished.add(Vec::new(), Int(u64::from(self.set_change_unfinished)));
         let mut applied = Family::new(

@@ -215,8 +215,10 @@ pub fn change(pins: &PinDir, name: &str, what: Change) -> Result<Changed> {
     let changing = PolicyConfig { generation: config.generation | GENERATION_CHANGING, ..config };
     write_config(pins, slot, changing)?;
     let moved = PolicyConfig { generation, ..config };
-    if let Err(e) = write_all_or_nothing(&mut fields, &live, &writes, &removals) {
-        return Err(e.context(format!("set {name}{}", moved_on(pins, &compiled, slot, moved))));
+    if let Err(f) = write_all_or_nothing(&mut fields, &live, &writes, &removals) {
+        // Half changed (what it had written could not all be put back): the mark stays.
+        let moved = if f.restored { moved_on(pins, &compiled, slot, moved) } else { MARKED.into() };
+        return Err(f.error.context(format!("set {name}{moved}")));
     }
     let mut saved = false;
     let recorded = (|| {
@@ -232,7 +234,11 @@ pub fn change(pins: &PinDir, name: &str, what: Change) -> Result<Changed> {
         let restored = if saved { save(pins, &old) } else { Ok(()) };
         let (writes, removals) = undoing(&live, &writes, &removals);
         let writes: Vec<_> = writes.iter().map(|(id, b)| (*id, b)).collect();
-        let undone = write_all_or_nothing(&mut fields, &wanted, &writes, &removals);
+        let undone =
+            write_all_or_nothing(&mut fields, &wanted, &writes, &removals).map_err(|f| f.error);
+        // Moved on only with the old entries back; else the mark stays.
+        let moved =
+            if undone.is_ok() { moved_on(pins, &compiled, slot, moved) } else { MARKED.into() };
         let left = match (undone, restored) {
             (Ok(()), Ok(())) => {
                 "nothing was changed (the kernel's entries were put back)".to_string()
@@ -243,7 +249,6 @@ pub fn change(pins: &PinDir, name: &str, what: Change) -> Result<Changed> {
             ),
             (Err(u), _) => format!("and putting the kernel's entries back failed: {u:#}"),
         };
-        let moved = moved_on(pins, &compiled, slot, moved);
         return Err(e.context(format!("set {name}: the change was not recorded; {left}{moved}")));
     }
     Ok(Changed {
@@ -256,6 +261,15 @@ pub fn change(pins: &PinDir, name: &str, what: Change) -> Result<Changed> {
     })
 }
 
+/// What a change that keeps its mark says (`GENERATION_CHANGING`).
+const MARKED: &str = "; flows are judged again on each packet until the next set change or apply";
+
+/// A failed [`write_all_or_nothing`]: why, and whether it put back all it had done.
+struct Failed {
+    error: anyhow::Error,
+    restored: bool,
+}
+
 /// Writes `writes`, then removes `removals`; when one fails (the table full: the kernel's
 /// answer, as another writer may have filled it), puts back in reverse order what was done,
 /// from `live` (the entries as they were), so a failed command leaves the tables as it found
@@ -265,7 +279,7 @@ fn write_all_or_nothing<T: std::borrow::BorrowMut<MapData>>(
     live: &HashMap<EntryId, RuleBitmap>,
     writes: &[(&EntryId, &RuleBitmap)],
     removals: &[&EntryId],
-) -> Result<()> {
+) -> Result<(), Failed> {
     let mut done: Vec<&EntryId> = Vec::new();
     let mut failed = None;
     for (id, bitmap) in writes {
@@ -299,19 +313,20 @@ fn write_all_or_nothing<T: std::borrow::BorrowMut<MapData>>(
         };
         lost += usize::from(undone.is_err());
     }
-    if lost == 0 {
-        Err(failed.context(format!(
+    let error = if lost == 0 {
+        failed.context(format!(
             "nothing was changed (the {} entries changed before it were restored)",
             done.len()
-        )))
+        ))
     } else {
-        Err(failed.context(format!(
+        failed.context(format!(
             "the set is half changed: {lost} of the {} entries changed before it could not be \
              restored, so the running tables differ from both the old and the new set (the \
              next `xdpgate set` or apply rewrites what differs)",
             done.len()
-        )))
-    }
+        ))
+    };
+    Err(Failed { error, restored: lost == 0 })
 }
 
 /// What puts back the entries as `live` had them after `writes` and `removals` were made:
@@ -345,10 +360,7 @@ fn moved_on(pins: &PinDir, compiled: &compile::Compiled, slot: u32, moved: Polic
         apply::write_scopes(pins, compiled, slot, 0).and_then(|()| write_config(pins, slot, moved));
     match result {
         Ok(()) => String::new(),
-        Err(e) => format!(
-            "; flows are judged again on each packet until the next set change or apply (the \
-             generation could not move on: {e:#})"
-        ),
+        Err(e) => format!("{MARKED} (the generation could not move on: {e:#})"),
     }
 }
 

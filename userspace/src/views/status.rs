@@ -37,8 +37,8 @@ impl View for Status {
                 }
                 if p.set_change_unfinished {
                     out += "               an `xdpgate set` change is running or was killed: \
-                            flows are judged on each packet until the next set change or \
-                            apply\n";
+                            flows are judged on each packet (with reevaluate_flows) until \
+                            the next set change or apply\n";
                 }
             }
             Some(_) => out += "policy         none applied yet\n",
