@@ -712,7 +712,16 @@ fn table_scopes_skip_only_what_cannot_match() {
     };
     let k = Kernel::new();
     k.arrive_as(Role::External);
-    let policy = format!("{POLICY}sets:\n  admins: [198.51.100.77]\n");
+    // A rule names the set, so that a set change changes entries (one of an unused set
+    // moves no generation on).
+    let admins_rule = "source_ports: [5353]}\n      - {name: allow-admins, priority: 450, \
+                       direction: inbound, access: allow, protocol: tcp, source: [admins], \
+                       destination: [\"*\"], destination_ports: [8022]}\n";
+    let policy = format!(
+        "{}sets:\n  admins: [198.51.100.77]\n",
+        POLICY.replace("source_ports: [5353]}\n", admins_rule)
+    );
+    assert!(policy.contains("allow-admins"));
     k.apply(&policy);
     let scopes =
         || -> Array<_, TableScope> { k.pins.dir.open_map(NSG_SCOPES).unwrap().try_into().unwrap() };
