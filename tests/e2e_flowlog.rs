@@ -698,7 +698,7 @@ fn flow_log_lines_name_the_rule_after_a_set_add() {
     wait_for_policy(&lab);
     udp_echo(&lab.server, "198.51.100.10:5353");
     let out = lab.pins.xdpgate(&["set", "add", "listed", CLIENT4]);
-    assert!(out.contains("1 elements added to set listed"), "{out}");
+    assert!(out.contains("1 element added to set listed"), "{out}");
     lab.client.run(|| {
         let s = UdpSocket::bind(("203.0.113.10", 41700)).unwrap();
         s.send_to(&[7u8; 100], "198.51.100.10:5353").unwrap();

@@ -396,7 +396,7 @@ impl Plan {
 #[derive(Serialize)]
 struct RunningSet {
     name: String,
-    elements: Vec<ipnet::IpNet>,
+    elements: Vec<xdpgate_policy::sets::Element>,
 }
 
 fn running_sets(p: &Policy) -> Vec<RunningSet> {

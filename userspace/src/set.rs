@@ -2,11 +2,12 @@
 //! or delete them from a set in the kernel without a re-apply (`xdpgate_dataplane::sets`).
 
 use anyhow::{Result, anyhow};
-use ipnet::IpNet;
 use xdpgate_dataplane::{
     PinDir,
     sets::{self, Change, SetReport},
 };
+
+use xdpgate_policy::sets::Element;
 
 use crate::views::{self, Grid, OutputArgs, View};
 
@@ -50,12 +51,12 @@ pub struct Elements {
 
 impl Elements {
     /// Every element parsed, or an error naming each bad one (nothing is changed).
-    fn parse(&self) -> Result<Vec<IpNet>> {
+    fn parse(&self) -> Result<Vec<Element>> {
         let mut nets = Vec::new();
         let mut bad = Vec::new();
         for text in &self.elements {
             match xdpgate_policy::parse_set_element(text) {
-                Ok(n) => nets.extend(n),
+                Ok(n) => nets.push(n),
                 Err(e) => bad.push(e),
             }
         }
@@ -84,6 +85,7 @@ pub fn run(pins: &PinDir, args: SetArgs) -> Result<()> {
     let done = sets::change(pins, name, change)?;
     let what = match nets.len() {
         0 => format!("set {name} {verb} the policy file's elements"),
+        1 => format!("1 element {verb} set {name}"),
         n => format!("{n} elements {verb} set {name}"),
     };
     println!(
@@ -106,7 +108,8 @@ impl View for [SetReport] {
     fn text(&self) -> String {
         let mut g = Grid::new(&["SET", "ELEMENTS", "ADDED", "REMOVED"]);
         for s in self {
-            let join = |v: &[IpNet]| v.iter().map(IpNet::to_string).collect::<Vec<_>>().join(" ");
+            let join =
+                |v: &[Element]| v.iter().map(Element::to_string).collect::<Vec<_>>().join(" ");
             g.row([s.name.clone(), join(&s.elements), join(&s.added), join(&s.removed)]);
         }
         let mut out = g.render();

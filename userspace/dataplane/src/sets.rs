@@ -22,7 +22,6 @@ use aya::maps::{
     Array, MapData,
     lpm_trie::{Key, LpmTrie},
 };
-use ipnet::IpNet;
 use serde::Serialize;
 use xdpgate_common::{
     maps::{NSG_FIELDS, POLICY_CONFIG},
@@ -34,7 +33,7 @@ use xdpgate_common::{
 use xdpgate_policy::{
     compile,
     names::{Record, RuleName},
-    sets::SetChanges,
+    sets::{Element, SetChanges},
 };
 
 use crate::{
@@ -59,11 +58,11 @@ pub fn save(pins: &PinDir, changes: &SetChanges) -> Result<()> {
 #[derive(Debug, Serialize)]
 pub struct SetReport {
     pub name: String,
-    pub elements: Vec<IpNet>,
+    pub elements: Vec<Element>,
     /// Elements added at run time (not in the file).
-    pub added: Vec<IpNet>,
+    pub added: Vec<Element>,
     /// File elements removed at run time.
-    pub removed: Vec<IpNet>,
+    pub removed: Vec<Element>,
 }
 
 /// The sets of the running policy.
@@ -88,8 +87,8 @@ pub fn list(pins: &PinDir) -> Result<Vec<SetReport>> {
 
 /// What one change asks.
 pub enum Change<'a> {
-    Add(&'a [IpNet]),
-    Del(&'a [IpNet]),
+    Add(&'a [Element]),
+    Del(&'a [Element]),
     /// Back to the file's elements.
     Reset,
 }

@@ -141,14 +141,14 @@ pub struct Policy {
     pub settings: Settings,
     /// Named address sets with their elements as the file lists them; rules name them like
     /// service tags, and match [`Policy::set_elements`].
-    pub sets: std::collections::BTreeMap<String, Vec<IpNet>>,
+    pub sets: std::collections::BTreeMap<String, Vec<crate::sets::Element>>,
     /// The run-time changes (`xdpgate set`) the policy was loaded with.
     pub set_changes: crate::sets::SetChanges,
 }
 
 impl Policy {
     /// The elements set `name` runs with: the file's with the run-time changes.
-    pub fn set_elements(&self, name: &str) -> Option<Vec<IpNet>> {
+    pub fn set_elements(&self, name: &str) -> Option<Vec<crate::sets::Element>> {
         Some(self.set_changes.effective(name, self.sets.get(name)?))
     }
 }

@@ -29,7 +29,7 @@ use super::{
         InboundNatRule, Layer, LbProtocol, LbRule, LoadBalancer, Nsg, Policy, PortRange, Ports,
         Prefixes, Probe, ProbeKind, Protocol, Rule, Settings,
     },
-    sets::SetChanges,
+    sets::{Element, SetChanges},
     tree::{self, Node},
 };
 
@@ -727,7 +727,7 @@ struct Names {
     /// User service tags, application security groups and sets.
     user: HashMap<String, Vec<IpNet>>,
     /// The sets' elements as the file lists them, by name.
-    sets: BTreeMap<String, Vec<IpNet>>,
+    sets: BTreeMap<String, Vec<Element>>,
     /// Azure's default rules, which every NSG gets ([`default_rules`]).
     defaults: Vec<Rule>,
 }
@@ -971,8 +971,12 @@ impl Loader<'_> {
             {
                 self.error(&path, format!("{name} is also defined as a service tag or group"));
             }
-            let file = normalized(self.literals(&path, items));
-            names.user.insert(name.clone(), normalized(self.changes.effective(name, &file)));
+            let mut file = self.elements(&path, items);
+            file.sort();
+            file.dedup();
+            let effective = self.changes.effective(name, &file);
+            let prefixes = effective.iter().flat_map(Element::prefixes).collect();
+            names.user.insert(name.clone(), normalized(prefixes));
             names.sets.insert(name.clone(), file);
         }
         names
@@ -1038,17 +1042,20 @@ impl Loader<'_> {
 
     /// Addresses, prefixes and ranges (no names).
     fn literals(&mut self, path: &str, list: &List) -> Vec<IpNet> {
-        let mut prefixes = Vec::new();
+        self.elements(path, list).iter().flat_map(Element::prefixes).collect()
+    }
+
+    /// The addresses, prefixes and ranges of `list` as written (a set's elements).
+    fn elements(&mut self, path: &str, list: &List) -> Vec<Element> {
+        let mut elements = Vec::new();
         for (path, text) in list.iter(path) {
-            let parsed = parse_literal(text)
-                .unwrap_or_else(|| Err(format!("\"{text}\" is not an address, prefix or range")));
-            let parsed = self.check(&path, parsed).unwrap_or_default();
-            if !self.spend(&path, parsed.len()) {
+            let Some(element) = self.check(&path, parse_set_element(text)) else { continue };
+            if !self.spend(&path, element.prefixes().len()) {
                 return Vec::new();
             }
-            prefixes.extend(parsed);
+            elements.push(element);
         }
-        prefixes
+        elements
     }
 
     /// Takes `n` more prefixes from the policy's budget; `false` (an error at `path`, the
@@ -2284,8 +2291,8 @@ fn family_name(address: IpAddr) -> &'static str {
 
 /// An element given to a named set at run time (`xdpgate set add`): an address, a prefix
 /// (no host bits) or a range, as in the policy file.
-pub fn parse_set_element(text: &str) -> Result<Vec<IpNet>, String> {
-    parse_literal(text)
+pub fn parse_set_element(text: &str) -> Result<Element, String> {
+    parse_element(text)
         .unwrap_or_else(|| Err(format!("\"{text}\" is not an address, prefix or range")))
 }
 
@@ -2307,11 +2314,16 @@ fn literal_family(list: &List) -> Option<bool> {
 
 /// An address, prefix or range as prefixes; `None` if `text` is none of them (a name).
 fn parse_literal(text: &str) -> Option<Result<Vec<IpNet>, String>> {
+    parse_element(text).map(|e| e.map(|e| e.prefixes()))
+}
+
+/// An address, prefix or range; `None` if `text` is none of them (a name).
+fn parse_element(text: &str) -> Option<Result<Element, String>> {
     if let Ok(addr) = text.parse::<IpAddr>() {
-        return Some(Ok(vec![addr.into()]));
+        return Some(Ok(IpNet::from(addr).into()));
     }
     if text.contains('/') {
-        return Some(parse_prefix(text).map(|p| vec![p]));
+        return Some(parse_prefix(text).map(Element::from));
     }
     if let Some((lo, hi)) = text.split_once('-')
         && (lo.trim().parse::<IpAddr>().is_ok() || hi.trim().parse::<IpAddr>().is_ok())
@@ -2338,23 +2350,19 @@ fn parse_prefix(text: &str) -> Result<IpNet, String> {
     Ok(net)
 }
 
-/// `lo-hi` as the fewest prefixes covering exactly that range.
-fn parse_range(text: &str, lo: &str, hi: &str) -> Result<Vec<IpNet>, String> {
+/// `lo-hi`, the addresses from `lo` to `hi`.
+fn parse_range(text: &str, lo: &str, hi: &str) -> Result<Element, String> {
     let parse = |s: &str| {
         s.parse::<IpAddr>().map_err(|_| format!("invalid range \"{text}\": bad address \"{s}\""))
     };
-    match (parse(lo)?, parse(hi)?) {
-        (IpAddr::V4(lo), IpAddr::V4(hi)) if lo <= hi => {
-            Ok(Ipv4Subnets::new(lo, hi, 0).map(IpNet::V4).collect())
+    let (lo, hi) = (parse(lo)?, parse(hi)?);
+    Element::range(lo, hi).ok_or_else(|| {
+        if lo.is_ipv4() == hi.is_ipv4() {
+            format!("invalid range \"{text}\": start is after end")
+        } else {
+            format!("invalid range \"{text}\": addresses of different families")
         }
-        (IpAddr::V6(lo), IpAddr::V6(hi)) if lo <= hi => {
-            Ok(Ipv6Subnets::new(lo, hi, 0).map(IpNet::V6).collect())
-        }
-        (IpAddr::V4(_), IpAddr::V4(_)) | (IpAddr::V6(_), IpAddr::V6(_)) => {
-            Err(format!("invalid range \"{text}\": start is after end"))
-        }
-        _ => Err(format!("invalid range \"{text}\": addresses of different families")),
-    }
+    })
 }
 
 /// A subnet an NSG or a NAT gateway is associated with: never IPv4-mapped (see
@@ -4138,18 +4146,22 @@ load_balancers:
             + "sets:\n  blocklist: [203.0.113.0/24, 192.0.2.7]\n  empty: []\n";
         let p = load(&src).unwrap_or_else(|e| panic!("{e}"));
         let net = |s: &str| s.parse::<IpNet>().unwrap();
-        assert_eq!(p.sets["blocklist"], [net("192.0.2.7/32"), net("203.0.113.0/24")]);
+        let element = |s: &str| s.parse::<Element>().unwrap();
+        assert_eq!(p.sets["blocklist"], [element("192.0.2.7"), element("203.0.113.0/24")]);
         assert!(p.sets["empty"].is_empty());
         assert_eq!(*p.nsgs[0].rules[0].source, [net("192.0.2.7/32"), net("203.0.113.0/24")]);
         let mut changes = SetChanges::default();
-        changes.add("blocklist", &[net("198.51.100.200/32")]);
-        changes.del("blocklist", &[net("192.0.2.7/32")]);
+        changes.add("blocklist", &[element("198.51.100.200-198.51.100.202")]);
+        changes.del("blocklist", &[element("192.0.2.7/32")]);
         let p = load_str_with_sets(&src, "policy.yaml", &changes).unwrap();
-        assert_eq!(*p.nsgs[0].rules[0].source, [net("198.51.100.200/32"), net("203.0.113.0/24")]);
-        assert_eq!(p.sets["blocklist"], [net("192.0.2.7/32"), net("203.0.113.0/24")]);
+        assert_eq!(
+            *p.nsgs[0].rules[0].source,
+            [net("198.51.100.200/31"), net("198.51.100.202/32"), net("203.0.113.0/24")]
+        );
+        assert_eq!(p.sets["blocklist"], [element("192.0.2.7"), element("203.0.113.0/24")]);
         assert_eq!(
             p.set_elements("blocklist").unwrap(),
-            [net("198.51.100.200/32"), net("203.0.113.0/24")]
+            [element("198.51.100.200-198.51.100.202"), element("203.0.113.0/24")]
         );
         assert_eq!(p.set_changes, changes);
 
