@@ -248,15 +248,23 @@ fn read_interfaces(v: &tree::Node, problems: &mut Problems) -> Vec<Interface> {
     if items.is_empty() {
         problems.push(anyhow::anyhow!("interfaces: lists no interface"));
     }
-    items.iter().filter_map(|item| noted(problems, read_interface(item))).collect()
+    items.iter().filter_map(|item| read_interface(item, problems)).collect()
 }
 
-fn read_interface(item: &tree::Node) -> Result<Interface> {
+/// One interface item, every problem of it noted (a field written wrong is not also
+/// missing).
+fn read_interface(item: &tree::Node, problems: &mut Problems) -> Option<Interface> {
     let Kind::Map(fields) = &item.kind else {
-        bail!("{}: interfaces: expected a mapping, found {}", at(item.pos), item.describe());
+        problems.push(anyhow::anyhow!(
+            "{}: interfaces: expected a mapping, found {}",
+            at(item.pos),
+            item.describe()
+        ));
+        return None;
     };
-    let (mut name, mut role, mut mode) = (None, None, None);
-    let mut hook = None;
+    let before = problems.len();
+    let (mut name, mut role, mut mode, mut hook) = (None, None, None, None);
+    let mut written = Vec::new();
     for (k, v) in fields {
         let key = text_of(k).unwrap_or_default();
         let value = text_of(v);
@@ -268,29 +276,36 @@ fn read_interface(item: &tree::Node) -> Result<Interface> {
             ("mode", Some("skb")) => mode = Some((ModeName::Skb, v.pos)),
             ("hook", Some("xdp")) => hook = Some(Hook::Xdp),
             ("hook", Some("tc")) => hook = Some(Hook::Tc),
-            ("name" | "role" | "mode" | "hook", _) => bail!(
+            ("name" | "role" | "mode" | "hook", _) => problems.push(anyhow::anyhow!(
                 "{}: {key}: {} is not valid here (role: external or internal; hook: xdp or tc; \
                  mode: native or skb)",
                 at(v.pos),
                 v.describe()
-            ),
-            _ => bail!(
+            )),
+            _ => problems.push(anyhow::anyhow!(
                 "{}: unknown field {:?} (known: name, role, hook, mode)",
                 at(k.pos),
                 tree::elide(&key)
-            ),
+            )),
+        }
+        written.push(key);
+    }
+    for field in ["name", "role"] {
+        if !written.iter().any(|k| k == field) {
+            problems.push(anyhow::anyhow!("{}: {field} is missing", at(item.pos)));
         }
     }
-    let Some(name) = name else { bail!("{}: name is missing", at(item.pos)) };
-    let Some(role) = role else { bail!("{}: role is missing", at(item.pos)) };
     if let (Some(Hook::Tc), Some((_, pos))) = (hook, mode) {
-        bail!(
+        problems.push(anyhow::anyhow!(
             "{}: mode: applies to XDP only; hook: tc attaches at tc ingress (tcx), which has \
              no modes",
             at(pos)
-        );
+        ));
     }
-    Ok(Interface { name, role, hook, mode: mode.map(|(m, _)| m) })
+    if problems.len() > before {
+        return None;
+    }
+    Some(Interface { name: name?, role: role?, hook, mode: mode.map(|(m, _)| m) })
 }
 
 /// `tables: {flows, nat_translations}`, each field read apart.
@@ -615,6 +630,23 @@ mod tests {
         assert!(e.contains("router_id: expected an IPv4 address"), "{e}");
         assert!(e.contains("peers: lists no peer") && e.contains("local_as is missing"), "{e}");
         assert!(!e.contains("router_id is missing"), "{e}");
+        // Every problem of one interface item (seen failing: only the first, the role).
+        let e = format!(
+            "{:#}",
+            parse("interfaces: [{role: outside, mtu: 1, hook: tc, mode: skb}]\n").unwrap_err()
+        );
+        let lines: Vec<&str> = e.lines().collect();
+        let expected = [
+            "4 problems:",
+            "column 21: role: string \"outside\" is not valid here",
+            "column 30: unknown field \"mtu\"",
+            "line 1, column 14: name is missing",
+            "column 54: mode: applies to XDP only",
+        ];
+        assert_eq!(lines.len(), expected.len(), "{e}");
+        for (line, want) in lines.iter().zip(expected) {
+            assert!(line.contains(want), "{line:?} lacks {want:?}\n{e}");
+        }
         // A generated file wrong everywhere lists the first thousand.
         let peers: String =
             (0..1500).map(|i| format!("{{address: 192.0.2.{}}}, ", i % 250)).collect();
