@@ -622,6 +622,11 @@ fn a_broken_drain_file_holds_back_no_health_change() {
     let last_saved = format!("going on from its copy (lb/{b2})");
     assert!(warned(t.pins.try_xdpgate(&["lb"])).contains(&last_saved));
     assert!(t.drained(b2), "`lb` shows the copy's drain");
+    // So do the views that show drains (seen failing: they went on from it silently).
+    let topology = warned(t.pins.try_xdpgate(&["topology"]));
+    assert!(topology.contains(&last_saved), "{topology}");
+    let next_hop = ["next-hop", "--src", "203.0.113.9", "--dst", "192.0.2.10:80"];
+    assert!(warned(t.pins.try_xdpgate(&next_hop)).contains(&last_saved));
     let b1 = "198.51.100.11";
     let drain_b1 = warned(t.pins.try_xdpgate(&["lb", "drain", "lb", b1]));
     assert!(drain_b1.contains(&last_saved), "{drain_b1}");
