@@ -51,10 +51,7 @@ pub fn run(pins: &PinDir, args: LbArgs) -> Result<()> {
             let lock = args.maglev.then(|| state::ReadLock::acquire(pins)).transpose()?;
             let record = apply::running(pins)?
                 .ok_or_else(|| anyhow!("no policy applied to {} yet", pins.path().display()))?;
-            let (drained, broken) = drain::read(pins)?;
-            if let Some(e) = broken {
-                log::warn!("{e:#}");
-            }
+            let drained = drain::read_warned(pins)?;
             let report = lb::report(pins, &record, &drained, lock.as_ref())?;
             // Let writers (the agent's failover among them) go before printing: a reader
             // of the output may be slow, or never read (`| less`).

@@ -6,7 +6,6 @@ use xdpgate_dataplane::{
     PinDir,
     sets::{self, Change, SetReport},
 };
-
 use xdpgate_policy::sets::Element;
 
 use crate::views::{self, Grid, OutputArgs, View};
@@ -52,16 +51,16 @@ pub struct Elements {
 impl Elements {
     /// Every element parsed, or an error naming each bad one (nothing is changed).
     fn parse(&self) -> Result<Vec<Element>> {
-        let mut nets = Vec::new();
+        let mut parsed = Vec::new();
         let mut bad = Vec::new();
         for text in &self.elements {
             match xdpgate_policy::parse_set_element(text) {
-                Ok(n) => nets.push(n),
+                Ok(e) => parsed.push(e),
                 Err(e) => bad.push(e),
             }
         }
         if bad.is_empty() {
-            Ok(nets)
+            Ok(parsed)
         } else {
             Err(anyhow!("{}; nothing was changed", bad.join("; ")))
         }
@@ -69,7 +68,7 @@ impl Elements {
 }
 
 pub fn run(pins: &PinDir, args: SetArgs) -> Result<()> {
-    let (name, nets, verb) = match &args.action {
+    let (name, elements, verb) = match &args.action {
         SetAction::List { output } => {
             return views::print(sets::list(pins)?.as_slice(), output.format());
         }
@@ -78,12 +77,12 @@ pub fn run(pins: &PinDir, args: SetArgs) -> Result<()> {
         SetAction::Reset { name } => (name, Vec::new(), "reset"),
     };
     let change = match &args.action {
-        SetAction::Add(_) => Change::Add(&nets),
-        SetAction::Del(_) => Change::Del(&nets),
+        SetAction::Add(_) => Change::Add(&elements),
+        SetAction::Del(_) => Change::Del(&elements),
         _ => Change::Reset,
     };
     let done = sets::change(pins, name, change)?;
-    let what = match nets.len() {
+    let what = match elements.len() {
         0 => format!("set {name} {verb} the policy file's elements"),
         1 => format!("1 element {verb} set {name}"),
         n => format!("{n} elements {verb} set {name}"),

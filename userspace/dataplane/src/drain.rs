@@ -91,6 +91,16 @@ pub fn read(pins: &PinDir) -> Result<(Drained, Option<anyhow::Error>)> {
     ))
 }
 
+/// [`read`] for a command that shows the drains: a broken file's error is logged as a
+/// warning, and the command goes on from the copy.
+pub fn read_warned(pins: &PinDir) -> Result<Drained> {
+    let (drained, broken) = read(pins)?;
+    if let Some(e) = broken {
+        log::warn!("{e:#}");
+    }
+    Ok(drained)
+}
+
 /// [`read`] under the write lock, which also brings the copy up to date with a file that
 /// reads: hand edits and builds before the copy write the file alone. Failing that is only
 /// logged: the copy is a fallback.

@@ -971,9 +971,7 @@ impl Loader<'_> {
             {
                 self.error(&path, format!("{name} is also defined as a service tag or group"));
             }
-            let mut file = self.elements(&path, items);
-            file.sort();
-            file.dedup();
+            let file = normalized(self.elements(&path, items));
             let effective = self.changes.effective(name, &file);
             let prefixes = effective.iter().flat_map(Element::prefixes).collect();
             names.user.insert(name.clone(), normalized(prefixes));
@@ -2474,10 +2472,10 @@ fn merge_port_ranges(mut ranges: Vec<PortRange>) -> Vec<PortRange> {
 }
 
 /// Sorted and deduplicated.
-fn normalized(mut prefixes: Vec<IpNet>) -> Vec<IpNet> {
-    prefixes.sort();
-    prefixes.dedup();
-    prefixes
+fn normalized<T: Ord>(mut items: Vec<T>) -> Vec<T> {
+    items.sort();
+    items.dedup();
+    items
 }
 
 /// An inclusive range of addresses as integers (IPv4 ones widened).

@@ -162,15 +162,10 @@ impl Rotation {
         if policy.is_none() {
             return Ok(Self::default());
         }
-        // As `xdpgate lb` does: a broken file's copy, with a warning.
-        let (drained, broken) = drain::read(pins)?;
-        if let Some(e) = broken {
-            log::warn!("{e:#}");
-        }
         Ok(Self {
             unhealthy: lb::pinned_unhealthy(pins)?,
             probes: probes::ProbeHealth::of_running_agent(pins)?,
-            drained,
+            drained: drain::read_warned(pins)?,
         })
     }
 
