@@ -105,17 +105,65 @@ fn cut_partial_line(file: &File, len: u64) -> (u64, bool) {
     }
 }
 
+/// Opens the flow log at `path` for appending (created mode 0640), refusing what another
+/// user could have put there for the agent, which runs as root, to append to, cut and
+/// rotate: a symlink not made by the agent's own user (one in a log directory that user
+/// can write, pointing at any file), and a regular file not the agent's user's, or with a
+/// second name (a hard link to another file). Symlinks the agent's user made are followed
+/// (`/dev/stdout`); FIFOs and devices are taken as they are.
+fn open_own(path: &Path) -> Result<File> {
+    let shown = path.display();
+    let open = |follow: bool| {
+        let mut options = OpenOptions::new();
+        options.read(true).create(true).append(true).mode(0o640);
+        if !follow {
+            options.custom_flags(libc::O_NOFOLLOW);
+        }
+        options.open(path).with_context(|| format!("opening flow log {shown}"))
+    };
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    let file = match open(false) {
+        Err(e)
+            if e.downcast_ref::<io::Error>().and_then(io::Error::raw_os_error)
+                == Some(libc::ELOOP) =>
+        {
+            let link = fs::symlink_metadata(path).with_context(|| format!("flow log {shown}"))?;
+            if link.uid() != me {
+                anyhow::bail!(
+                    "flow log {shown} is a symlink of uid {}, not of the agent's user \
+                     ({me}): not followed (whoever can write its directory could point it at \
+                     any file); name the file itself",
+                    link.uid()
+                );
+            }
+            open(true)?
+        }
+        other => other?,
+    };
+    let meta = file.metadata().with_context(|| format!("flow log {shown}"))?;
+    if meta.is_file() && meta.uid() != me {
+        anyhow::bail!(
+            "flow log {shown} belongs to uid {}, not to the agent's user ({me}): not written, \
+             cut or rotated; remove it, or give it to that user",
+            meta.uid()
+        );
+    }
+    if meta.is_file() && meta.nlink() > 1 {
+        anyhow::bail!(
+            "flow log {shown} has {} names (hard links): not written, cut or rotated, as \
+             another of its names may be a file that is not a log",
+            meta.nlink()
+        );
+    }
+    Ok(file)
+}
+
 impl FileSink {
     /// Opens `path` for appending, created mode 0640 (flow logs name every peer: not for
     /// every local user); and the bytes of a partial last line it cut off.
     fn open(path: PathBuf, max_bytes: u64, keep: u32) -> Result<(Self, u64)> {
-        let file = OpenOptions::new()
-            .read(true)
-            .create(true)
-            .append(true)
-            .mode(0o640)
-            .open(&path)
-            .with_context(|| format!("opening flow log {}", path.display()))?;
+        let file = open_own(&path)?;
         let meta = file.metadata().with_context(|| format!("flow log {}", path.display()))?;
         let regular = meta.is_file();
         let len = if regular { meta.len() } else { 0 };
@@ -338,6 +386,56 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    /// What another user could plant at the flow log's path for the agent (root) to append
+    /// to, cut and rotate: a symlink to a file of root's, a hard link to one, a file of its
+    /// own. Each is refused and the file behind it left as it was (seen failing: the
+    /// symlinked file lost its last, unterminated line, and would have taken flow records).
+    /// A symlink of the agent's own user is followed. Needs root (it gives files away).
+    #[test]
+    fn a_flow_log_another_user_could_plant_is_refused() {
+        use std::os::unix::fs::{chown, lchown, symlink};
+        assert_eq!(unsafe { libc::geteuid() }, 0, "run as root: the test gives files away");
+        let dir = std::env::temp_dir().join(format!("xgplant{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let victim = dir.join("victim");
+        let content = "root-only line\nsetting=1";
+        fs::write(&victim, content).unwrap();
+        let nobody = 65534;
+        let log = dir.join("flows.jsonl");
+        let refused = |why: &str| {
+            let err = Sink::open(log.to_str().unwrap(), 1 << 20, 1).err();
+            let err = err.unwrap_or_else(|| panic!("{why}: opened")).to_string();
+            assert_eq!(fs::read_to_string(&victim).unwrap(), content, "{why}: {err}");
+            err
+        };
+
+        symlink(&victim, &log).unwrap();
+        lchown(&log, Some(nobody), None).unwrap();
+        let err = refused("a symlink of another user's");
+        assert!(err.contains("is a symlink of uid 65534"), "{err}");
+
+        // The same symlink made by root: followed (the file is root's, one name).
+        lchown(&log, Some(0), None).unwrap();
+        let Ok(Sink::File(sink)) = Sink::open(log.to_str().unwrap(), 1 << 20, 1) else {
+            panic!("a symlink of root's is followed")
+        };
+        drop(sink);
+        fs::write(&victim, content).unwrap();
+        fs::remove_file(&log).unwrap();
+
+        fs::hard_link(&victim, &log).unwrap();
+        let err = refused("a hard link");
+        assert!(err.contains("has 2 names"), "{err}");
+        fs::remove_file(&log).unwrap();
+
+        fs::write(&log, "{}\n").unwrap();
+        chown(&log, Some(nobody), None).unwrap();
+        let err = refused("a file of another user's");
+        assert!(err.contains("belongs to uid 65534"), "{err}");
+        let _ = fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn a_partial_last_line_is_cut_off() {
