@@ -140,9 +140,9 @@ fn runs_with_only_bpf_perfmon_and_net_admin() {
 
     ok(&["detach", "--all"]);
     let _ = std::fs::remove_file(&policy);
-    let _ = std::fs::remove_dir_all(
-        std::path::Path::new("/run/xdpgate").join(pins.trim_matches('/').replace('/', "_")),
-    );
+    let _ = std::fs::remove_dir_all(xdpgate_dataplane::state::dir(
+        &xdpgate_dataplane::PinDir::new(&pins),
+    ));
 }
 
 /// Runs a command as the unprivileged user `nobody`.

@@ -363,6 +363,8 @@ impl Drop for Lab {
     fn drop(&mut self) {
         let _ = self.xdpgate(&["detach", "--all"]);
         let _ = fs::remove_dir_all(&self.pins);
+        // The dataplane crate's `state::dir` (xtask does not depend on it); the pin path has
+        // no `_` or `%`, which that name would escape.
         let state =
             PathBuf::from("/run/xdpgate").join(self.pins.trim_matches('/').replace('/', "_"));
         let _ = fs::remove_dir_all(state);

@@ -35,10 +35,31 @@ pub const KEEP_GENERATIONS: u64 = 32;
 pub const LOCK_WAIT: Duration = Duration::from_secs(30);
 
 /// Where xdpgate keeps the records of the dataplane pinned at `pins` (bpffs holds only maps
-/// and links).
+/// and links): its path with `/` written `_`, and `_` and `%` escaped (`%5F`, `%25`), so no
+/// two pin directories share one (`/sys/fs/bpf/a_b` and `/sys/fs/bpf/a/b` did). A directory
+/// of the earlier name (`_` not escaped) is taken over, moved to this one, when this one
+/// does not exist yet and the pin directory does, but not the one with every `_` of the
+/// path a `/`: that one keeps the earlier name as its own.
 pub fn dir(pins: &PinDir) -> PathBuf {
-    let name = pins.path().to_string_lossy().trim_matches('/').replace('/', "_");
-    Path::new(ROOT).join(name)
+    let path = pins.path().to_string_lossy();
+    let path = path.trim_matches('/');
+    let mut name = String::with_capacity(path.len());
+    for c in path.chars() {
+        match c {
+            '/' => name.push('_'),
+            '_' => name.push_str("%5F"),
+            '%' => name.push_str("%25"),
+            c => name.push(c),
+        }
+    }
+    let dir = Path::new(ROOT).join(&name);
+    let earlier = Path::new(ROOT).join(path.replace('/', "_"));
+    let slashed = Path::new("/").join(path.replace('_', "/"));
+    if earlier != dir && !dir.exists() && pins.path().is_dir() && !slashed.exists() {
+        // Atomic: of two processes at once, one moves it and the other finds it moved.
+        let _ = fs::rename(&earlier, &dir);
+    }
+    dir
 }
 
 /// Where the state directories are, one per pin directory.
@@ -373,6 +394,45 @@ pub fn path_of(pins: &PinDir, generation: u64) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Pin directories whose paths differ only in `/` against `_` have state directories of
+    /// their own (seen failing: both were `/run/xdpgate/sys_fs_bpf_x_a_b`, and one's `set add`
+    /// recompiled the other's policy); one of the earlier name is taken over.
+    #[test]
+    fn every_pin_directory_has_a_state_directory_of_its_own() {
+        let tag = format!("xgstate{}", std::process::id());
+        let pins = |p: &str| PinDir::new(format!("/sys/fs/bpf/{tag}/{p}"));
+        let names = ["a_b", "a/b", "a%5Fb", "a/_b", "a_/b", "a__b"];
+        let dirs: Vec<PathBuf> = names.iter().map(|p| dir(&pins(p))).collect();
+        for (i, d) in dirs.iter().enumerate() {
+            for (j, e) in dirs.iter().enumerate().skip(i + 1) {
+                assert_ne!(d, e, "{} and {}", names[i], names[j]);
+            }
+        }
+        assert_eq!(
+            dir(&PinDir::new("/sys/fs/bpf/xdpgate")),
+            Path::new(ROOT).join("sys_fs_bpf_xdpgate"),
+            "a path without `_` or `%` keeps its name"
+        );
+        // Made by an earlier build for `.../keep_me`: found under the new name, records kept;
+        // but not taken by `.../keep_me` while `.../keep/me` is there, whose name it is now.
+        fs::create_dir_all(ROOT).unwrap();
+        let earlier = Path::new(ROOT).join(format!("sys_fs_bpf_{tag}_keep_me"));
+        fs::create_dir_all(&earlier).unwrap();
+        fs::write(earlier.join("record"), "kept").unwrap();
+        let bpffs = Path::new("/sys/fs/bpf").join(&tag);
+        fs::create_dir_all(bpffs.join("keep/me")).unwrap();
+        fs::create_dir_all(bpffs.join("keep_me")).unwrap();
+        let now = dir(&pins("keep_me"));
+        assert_eq!(now, Path::new(ROOT).join(format!("sys_fs_bpf_{tag}_keep%5Fme")));
+        assert!(earlier.exists() && !now.exists(), "taken from .../keep/me");
+        fs::remove_dir_all(bpffs.join("keep")).unwrap();
+        assert_eq!(dir(&pins("keep_me")), now);
+        assert_eq!(fs::read_to_string(now.join("record")).unwrap(), "kept");
+        assert!(!earlier.exists());
+        fs::remove_dir_all(now).unwrap();
+        fs::remove_dir_all(bpffs).unwrap();
+    }
 
     /// A command asking whether an agent runs, at the instant one starts, does not stop it
     /// (seen failing: "an agent (pid ) already runs"); a running agent still does.
