@@ -2377,7 +2377,9 @@ fn parse_subnet(text: &str) -> Result<IpNet, String> {
 fn unmapped_prefix(text: &str, net: IpNet) -> Result<IpNet, String> {
     match net {
         IpNet::V6(n) if n.prefix_len() >= 96 && n.network().to_ipv4_mapped().is_some() => {
-            Err(format!("\"{text}\" is IPv4-mapped: write the IPv4 prefix"))
+            let v4 = n.network().to_ipv4_mapped().expect("checked above");
+            let v4 = ipnet::Ipv4Net::new(v4, n.prefix_len() - 96).expect("at most 32 bits");
+            Err(format!("\"{text}\" is IPv4-mapped: write {v4}"))
         }
         _ => Ok(net),
     }
@@ -3811,7 +3813,7 @@ load_balancers:
                 "policy.yaml:7:13: nsgs[0].hosts[0]: \"::ffff:198.51.100.7\" is an IPv4-mapped \
                  IPv6 address, which packets to and from it do not carry: write 198.51.100.7",
                 "policy.yaml:8:15: nsgs[0].subnets[0]: \"::ffff:198.51.100.0/120\" is \
-                 IPv4-mapped: write the IPv4 prefix",
+                 IPv4-mapped: write 198.51.100.0/24",
             ]
         );
         let bogons = with_rule(&[("source", "[\"::ffff:0:0/96\", \"::ffff:203.0.113.7\"]")]);

@@ -576,7 +576,7 @@ nat_gateways:
         assert!(errors.iter().any(|e| e.ends_with(want)), "{want}\n{errors:?}");
         // A prefix too (seen failing: loaded, as an IPv6 public address).
         let want = "nat_gateways[0].public_addresses[7]: \"::ffff:192.0.2.104/126\" is \
-                    IPv4-mapped: write the IPv4 prefix";
+                    IPv4-mapped: write 192.0.2.104/30";
         assert!(errors.iter().any(|e| e.ends_with(want)), "{want}\n{errors:?}");
         assert_eq!(errors.len(), 8, "{errors:?}");
     }
