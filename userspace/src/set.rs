@@ -49,12 +49,14 @@ pub struct Elements {
 }
 
 impl Elements {
-    /// Every element parsed, or an error naming each bad one (nothing is changed).
+    /// Every element parsed, each once (one written twice is one element, and counted so),
+    /// or an error naming each bad one (nothing is changed).
     fn parse(&self) -> Result<Vec<Element>> {
         let mut parsed = Vec::new();
         let mut bad = Vec::new();
         for text in &self.elements {
             match xdpgate_policy::parse_set_element(text) {
+                Ok(e) if parsed.contains(&e) => {}
                 Ok(e) => parsed.push(e),
                 Err(e) => bad.push(e),
             }
