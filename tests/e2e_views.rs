@@ -158,6 +158,33 @@ fn next_hop_is_where_packets_go_and_names_missing_routes_and_failed_neighbours()
     let (c, code) = connectivity(&g.pins, &["--src", CLIENT4, "--dst", "192.0.2.65:80"]);
     assert_eq!(code, 1, "{c}");
     assert!(c["blocked_by"].as_str().unwrap().contains("neighbour entry failed"), "{c}");
+
+    // A frontend with no route of its own, to the server: reachable through the attached
+    // interface, which translates (the load balancer's forwarding has tests of its own);
+    // not from the interface xdpgate is not attached to, where the stack routes the
+    // frontend address as it is (seen failing: both views applied the translation there too
+    // and said reachable by the server's route).
+    let lb = format!(
+        "{OPEN}load_balancers:\n  - name: lb\n    frontends: [{{name: fe, address: 192.0.2.200}}]\n    \
+         backend_pools: [{{name: p, backends: [{SERVER4}]}}]\n    rules:\n      - {{name: r, \
+         frontend: fe, protocol: udp, frontend_port: 7000, backend_port: 7000, backend_pool: \
+         p}}\n"
+    );
+    g.apply("lb.yaml", &lb);
+    let (c, code) = connectivity(
+        &g.pins,
+        &["--src", CLIENT4, "--dst", "192.0.2.200:7000", "--protocol", "udp"],
+    );
+    assert_eq!((code, &c["reachable"]), (0, &Value::Bool(true)), "{c}");
+    let args = ["--src", "192.0.2.34", "--dst", "192.0.2.200:7000", "--protocol", "udp"];
+    let hop = next_hop(&g.pins, &args);
+    assert_eq!(hop["arrival"]["interface"], alt.as_str(), "{hop}");
+    assert_eq!(hop["translation"], Value::Null, "{hop}");
+    assert_eq!(hop["forwarding"], "no_route", "{hop}");
+    let (c, code) = connectivity(&g.pins, &args);
+    assert_eq!((code, &c["reachable"]), (1, &Value::Bool(false)), "{c}");
+    assert_eq!(c["blocked_by"], "no route to 192.0.2.200", "{c}");
+    assert!(!udp_arrives(&other, &g.server, "192.0.2.200:7000".parse().unwrap()));
 }
 
 const POLICY: &str = r#"

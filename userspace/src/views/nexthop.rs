@@ -531,7 +531,13 @@ pub fn resolve(pins: &PinDir, flow: &Flow, iface: Option<&str>) -> Result<NextHo
     let outbound = arrival.as_ref().is_some_and(|a| a.role == Some("internal"));
     let policy = if pins.path().exists() { running_policy(pins)? } else { None };
     let rotation = Rotation::read(pins, policy.as_ref())?;
-    let translation = policy.as_ref().and_then(|p| translation(p, &rotation, flow, outbound));
+    // Arriving by an interface xdpgate is not attached to, nothing translates it: the
+    // stack routes the destination as it is.
+    let unattached = arrival.as_ref().is_some_and(|a| a.hook.is_none());
+    let translation = policy
+        .as_ref()
+        .filter(|_| !unattached)
+        .and_then(|p| translation(p, &rotation, flow, outbound));
     let mut hop = NextHop {
         flow: *flow,
         arrival: arrival.clone(),
