@@ -249,6 +249,87 @@ fn sighup_with_a_broken_policy_keeps_the_running_one() {
     agent.stop();
 }
 
+/// The state directory on a tmpfs of its own, unmounted (its files gone with it) on drop.
+struct SmallStateDir(PathBuf);
+
+impl SmallStateDir {
+    /// Mounts a 256 KiB tmpfs over `pins`' state directory, with what it held copied in.
+    fn mount(pins: &Pins) -> Self {
+        let dir = xdpgate_dataplane::state::dir(&pins.dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let copy = dir.with_extension("copy");
+        common::run("cp", &["-a", dir.to_str().unwrap(), copy.to_str().unwrap()]);
+        common::run(
+            "mount",
+            &["-t", "tmpfs", "-o", "size=256k,mode=0700", "xgstate", dir.to_str().unwrap()],
+        );
+        common::run("cp", &["-a", &format!("{}/.", copy.display()), dir.to_str().unwrap()]);
+        std::fs::remove_dir_all(&copy).unwrap();
+        Self(dir)
+    }
+
+    /// Fills it: writes until the disk is full.
+    fn fill(&self) {
+        let mut f = std::fs::File::create(self.0.join("fill")).unwrap();
+        let block = [0u8; 4096];
+        while f.write_all(&block).is_ok() {}
+    }
+
+    fn free(&self) {
+        std::fs::remove_file(self.0.join("fill")).unwrap();
+    }
+}
+
+impl Drop for SmallStateDir {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// A full `/run` under the agent: a reload fails (its generation's record cannot be
+/// written), and nothing may still say the last one went well. The agent's metrics say it
+/// failed, and `status` that the agent has no state file (seen failing: `status` said
+/// "last reload ... ok" from the file an earlier reload wrote, and the served metric 1).
+/// With room again a reload works, and both say so.
+#[test]
+fn a_full_run_under_the_agent_reports_no_reload_as_good() {
+    let lab = Gateway::new();
+    let small = SmallStateDir::mount(&lab.pins);
+    let file = lab.write_policy("policy.yaml", &policy(8080));
+    let mut agent = Agent::start(&lab, &["--policy", file.to_str().unwrap()]);
+    agent.wait_applied(&lab);
+    assert_eq!(served_metric(&lab, "xdpgate_config_last_reload_successful"), Some(1.0));
+    let before = generation(&lab.pins);
+
+    small.fill();
+    std::fs::write(&file, policy(9090)).unwrap();
+    agent.signal(libc::SIGHUP);
+    wait_for("the failed reload served", Duration::from_secs(10), || {
+        agent.assert_running("SIGHUP with /run full");
+        served_metric(&lab, "xdpgate_config_last_reload_successful") == Some(0.0)
+    });
+    let log = agent.log();
+    assert!(log.contains("No space left on device"), "{log}");
+    assert_eq!(generation(&lab.pins), before, "the kernel's policy is unchanged");
+    assert!(reaches(&lab, 8080) && !reaches(&lab, 9090), "the old policy stays in force");
+    let text = lab.pins.xdpgate(&["status"]);
+    let pid = agent.child.id();
+    assert!(text.contains(&format!("agent          pid {pid}: no state file")), "{text}");
+    assert!(!text.contains("ok (generation"), "{text}");
+    assert_eq!(status(&lab.pins)["agent_without_state"], pid, "{text}");
+
+    small.free();
+    agent.signal(libc::SIGHUP);
+    wait_for("the good reload served", Duration::from_secs(10), || {
+        agent.assert_running("SIGHUP with room again");
+        served_metric(&lab, "xdpgate_config_last_reload_successful") == Some(1.0)
+    });
+    assert!(reaches(&lab, 9090) && !reaches(&lab, 8080), "the new policy is in force");
+    let text = lab.pins.xdpgate(&["status"]);
+    assert!(text.contains("ok (generation") && !text.contains("no state file"), "{text}");
+    agent.stop();
+}
+
 /// Removes the state directory as `rm -rf` does, again while a running agent writes a file
 /// into it meanwhile (the removal then finds it not empty).
 fn remove_state_dir(pins: &Pins) {

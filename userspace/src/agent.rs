@@ -41,7 +41,7 @@ use xdpgate_policy::{
 };
 
 use crate::{
-    agent_state::{self, AgentState, Reload},
+    agent_state::{self, AgentState, Live, Reload},
     bgp::announce,
     flowlog,
     health::{Change, Found, Health, ProbeStats, Prober, Start, Target},
@@ -397,10 +397,14 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     }
     // Probe results and durations, for the metrics; kept across reloads.
     let probe_stats = ProbeStats::default();
+    // The agent's state, for its metrics whether or not `agent.json` can be written.
+    let live = Live::default();
     // Serves GET /metrics until run returns (the server stops when dropped). A bad
     // address or a port in use fails here, before anything changes.
     let _metrics = match metrics_addr {
-        Some(addr) => Some(crate::metrics::spawn(addr, pins.clone(), probe_stats.clone()).await?),
+        Some(addr) => Some(
+            crate::metrics::spawn(addr, pins.clone(), probe_stats.clone(), live.clone()).await?,
+        ),
         None => None,
     };
     if let Some(node) = &node
@@ -527,7 +531,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
         &probe_stats,
         &mut failing,
     );
-    save_state(pins, &mut state, &failing);
+    save_state(pins, &mut state, &failing, &live);
     loop {
         tokio::select! {
             ready = async { events.as_mut().expect("guarded").readable_mut().await }, if events.is_some() => {
@@ -613,10 +617,10 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                 if reload.gave_up(Instant::now()) {
                     // As long as a one-shot writer waits, and then as it gives up.
                     reloaded(pins, file, &mut state, Err(WriteLock::busy(pins, LOCK_WAIT)));
-                    save_state(pins, &mut state, &failing);
+                    save_state(pins, &mut state, &failing, &live);
                 }
                 tick(pins, &mut loggers, flow_log.as_mut(), &mut failing);
-                if !owner.held(pins) && !renew(pins, &mut owner, &mut state, bgp_table, &mut failing) {
+                if !owner.held(pins) && !renew(pins, &mut owner, &mut state, bgp_table, &mut failing, &live) {
                     taken_over = true;
                     break;
                 }
@@ -641,7 +645,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                 // Failures (and recoveries) of any job since the last write, at most once a
                 // second.
                 if failing.list() != state.failing {
-                    save_state(pins, &mut state, &failing);
+                    save_state(pins, &mut state, &failing, &live);
                 }
             }
             _ = hup.recv() => {
@@ -713,7 +717,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                     };
                     reloaded(pins, file, &mut state, result);
                     announce_node(pins, node.as_ref(), &running.lbs, &down, &health_tables, &drains.0, &probe_stats, &mut failing);
-                    save_state(pins, &mut state, &failing);
+                    save_state(pins, &mut state, &failing, &live);
                 }
                 if health_tables.rebuild(&lock, pins, &mut maps, &running.lbs, &down, &mut drains, &mut failing) {
                     announce_node(pins, node.as_ref(), &running.lbs, &down, &health_tables, &drains.0, &probe_stats, &mut failing);
@@ -810,11 +814,16 @@ fn reloaded(pins: &PinDir, file: &Path, state: &mut AgentState, result: Result<u
     }
 }
 
-/// Writes `agent.json`; a failure is logged (the agent's work does not depend on it).
-fn save_state(pins: &PinDir, state: &mut AgentState, failing: &Failing) {
+/// Writes `agent.json`, and gives the state to the agent's metrics endpoint. A failed write
+/// is logged (the agent's work does not depend on it) and removes the file: an older state
+/// (a reload that went well) must not stand for this one; `status` then says the agent
+/// wrote none.
+fn save_state(pins: &PinDir, state: &mut AgentState, failing: &Failing, live: &Live) {
     state.failing = failing.list();
+    live.set(state);
     if let Err(e) = state.write(pins) {
-        warn!("agent state: {e:#}");
+        agent_state::remove(pins);
+        warn!("agent state: {e:#}; agent.json removed, so that no older state stands for it");
     }
 }
 
@@ -1019,6 +1028,7 @@ fn renew(
     state: &mut AgentState,
     bgp_table: Option<u32>,
     failing: &mut Failing,
+    live: &Live,
 ) -> bool {
     if let Some(pid) = state::agent_pid(pins) {
         error!(
@@ -1036,7 +1046,7 @@ fn renew(
              are lost",
             state::dir(pins).display()
         );
-        save_state(pins, state, failing);
+        save_state(pins, state, failing, live);
         // Its claim went with the directory.
         if let Some(table) = bgp_table {
             failing.check("claiming the bgp table again", announce::claim_table(pins, table));

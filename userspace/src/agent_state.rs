@@ -5,6 +5,7 @@
 use std::{
     fs,
     path::PathBuf,
+    sync::{Arc, Mutex, PoisonError},
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -85,6 +86,21 @@ impl AgentState {
 
 pub fn remove(pins: &PinDir) {
     let _ = fs::remove_file(path(pins));
+}
+
+/// The running agent's state as it is now, for the agent's own metrics endpoint, which so
+/// reports a reload even when `agent.json` cannot be written (a full `/run`).
+#[derive(Clone, Default)]
+pub struct Live(Arc<Mutex<Option<AgentState>>>);
+
+impl Live {
+    pub fn set(&self, state: &AgentState) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some(state.clone());
+    }
+
+    pub fn get(&self) -> Option<AgentState> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
 }
 
 #[cfg(test)]

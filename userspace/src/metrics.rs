@@ -47,7 +47,7 @@ use xdpgate_dataplane::{
 };
 
 use crate::{
-    agent_state::{self, AgentState},
+    agent_state::{self, AgentState, Live},
     health::{ProbeCounts, ProbeStats},
 };
 
@@ -665,9 +665,11 @@ pub fn render(pins: &PinDir) -> Result<String> {
     Snapshot::read(pins, None)?.render()
 }
 
-/// As [`render`], with the agent's probe results.
-fn render_served(pins: &PinDir, probes: &ProbeStats) -> Result<String> {
-    Snapshot::read(pins, Some(probes))?.render()
+/// As [`render`], with the agent's probe results and its state as it is.
+fn render_served(pins: &PinDir, probes: &ProbeStats, agent: &Live) -> Result<String> {
+    let mut snapshot = Snapshot::read(pins, Some(probes))?;
+    snapshot.agent = agent.get();
+    snapshot.render()
 }
 
 /// The connections the server holds, oldest first.
@@ -761,6 +763,8 @@ impl Drop for Server {
 struct Source {
     pins: PinDir,
     probes: ProbeStats,
+    /// The agent's own state, not `agent.json` (which a full `/run` leaves unwritten).
+    agent: Live,
     last: Shared,
 }
 
@@ -799,12 +803,17 @@ impl Shared {
     }
 }
 
-pub async fn spawn(addr: SocketAddr, pins: PinDir, probes: ProbeStats) -> Result<Server> {
+pub async fn spawn(
+    addr: SocketAddr,
+    pins: PinDir,
+    probes: ProbeStats,
+    agent: Live,
+) -> Result<Server> {
     let listener = listen(addr).with_context(|| format!("metrics: listening on {addr}"))?;
     let addr = listener.local_addr()?;
     info!("metrics at http://{addr}/metrics");
     let conns = Arc::new(Connections::default());
-    let source = Source { pins, probes, last: Shared::default() };
+    let source = Source { pins, probes, agent, last: Shared::default() };
     let task = tokio::spawn(accept_loop(listener, source, conns.clone()));
     Ok(Server { task, conns, addr })
 }
@@ -894,8 +903,8 @@ async fn answer(
     }
     // A request being answered keeps its connection (it is not displaced).
     answering.store(true, Ordering::Release);
-    let (pins, probes) = (source.pins.clone(), source.probes.clone());
-    let rendered = source.last.get(arrived, move || render_served(&pins, &probes)).await;
+    let (pins, probes, agent) = (source.pins.clone(), source.probes.clone(), source.agent.clone());
+    let rendered = source.last.get(arrived, move || render_served(&pins, &probes, &agent)).await;
     answering.store(false, Ordering::Release);
     Ok(match rendered.as_ref() {
         Ok(body) => {
@@ -1300,7 +1309,9 @@ mod tests {
     /// A server for a pin directory that holds no dataplane: `/metrics` answers 500.
     async fn server() -> Server {
         let pins = PinDir::new("/nonexistent/xdpgate-metrics-test");
-        spawn("127.0.0.1:0".parse().unwrap(), pins, ProbeStats::default()).await.unwrap()
+        spawn("127.0.0.1:0".parse().unwrap(), pins, ProbeStats::default(), Live::default())
+            .await
+            .unwrap()
     }
 
     /// Sends `req` and reads the whole answer (the server closes after one).

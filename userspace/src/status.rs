@@ -25,6 +25,10 @@ pub struct Status {
     pub tables: Option<TablesStatus>,
     /// What the agent (`xdpgate run`) last wrote about itself; none if it never ran here.
     pub agent: Option<AgentStatus>,
+    /// The pid of an agent that runs the dataplane but has no state file (it could not
+    /// write one: a full `/run`), so how its last reload went is not known here.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_without_state: Option<u32>,
     /// BGP announcements (`xdpgate bgp`); none when no agent with a `bgp:` section ran here
     /// and the node is not drained.
     pub bgp: Option<crate::bgp::cmd::BgpReport>,
@@ -336,6 +340,8 @@ pub fn read(pins: &PinDir) -> anyhow::Result<Status> {
             set_change_unfinished: unfinished,
         }
     });
+    let agent =
+        agent_state::read(pins).map(|state| AgentStatus { running: state.running(pins), state });
     Ok(Status {
         pin_dir: pins.path().to_path_buf(),
         interfaces,
@@ -345,8 +351,11 @@ pub fn read(pins: &PinDir) -> anyhow::Result<Status> {
             log::warn!("table sizes: {e:#}");
             None
         }),
-        agent: agent_state::read(pins)
-            .map(|state| AgentStatus { running: state.running(pins), state }),
+        agent_without_state: match &agent {
+            Some(a) if a.running => None,
+            _ => dataplane::state::agent_pid(pins),
+        },
+        agent,
         bgp: crate::bgp::cmd::report(pins).ok().filter(|r| r.agent.is_some() || r.node_drained),
     })
 }

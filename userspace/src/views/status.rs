@@ -51,8 +51,15 @@ impl View for Status {
         if let Some(t) = &s.tables {
             out += &tables(t);
         }
-        if let Some(a) = &s.agent {
-            out += &agent(a);
+        match (&s.agent, s.agent_without_state) {
+            (_, Some(pid)) => {
+                out += &format!(
+                    "agent          pid {pid}: no state file (it could not write one: see its \
+                     log); how its last reload went is not known here\n"
+                );
+            }
+            (Some(a), None) => out += &agent(a),
+            (None, None) => {}
         }
         if let Some(b) = &s.bgp {
             out += &bgp(b);
@@ -221,6 +228,7 @@ mod tests {
                 },
             }),
             agent: None,
+            agent_without_state: None,
             bgp: None,
         };
         let text = status.text();
