@@ -637,7 +637,10 @@ struct Tmpfs(PathBuf);
 impl Tmpfs {
     fn new(at: PathBuf) -> Self {
         std::fs::create_dir_all(&at).unwrap();
-        common::run("mount", &["-t", "tmpfs", "-o", "size=64k", "tmpfs", at.to_str().unwrap()]);
+        // Mode 0755, a log disk only root writes to (a tmpfs is 1777 by default, where the
+        // agent refuses to write a flow log).
+        let at_str = at.to_str().unwrap();
+        common::run("mount", &["-t", "tmpfs", "-o", "size=64k,mode=0755", "tmpfs", at_str]);
         Self(at)
     }
 }

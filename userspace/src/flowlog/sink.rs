@@ -105,58 +105,49 @@ fn cut_partial_line(file: &File, len: u64) -> (u64, bool) {
     }
 }
 
-/// Opens the flow log at `path` for appending (created mode 0640), refusing what another
-/// user could have put there for the agent, which runs as root, to append to, cut and
-/// rotate: a symlink not made by the agent's own user (one in a log directory that user
-/// can write, pointing at any file), and a regular file not the agent's user's, or with a
-/// second name (a hard link to another file). Symlinks the agent's user made are followed
-/// (`/dev/stdout`); FIFOs and devices are taken as they are.
+/// Opens the flow log at `path` for appending (created mode 0640), in a directory only root
+/// or the agent's user can change. The agent runs as root and appends to, cuts and rotates
+/// what it finds at the path: in a directory another user can write, a symlink or hard
+/// link planted there would make it write to any file, and a FIFO would hand that user the
+/// log. The rule is logrotate's: the directory owned by root or the agent's user, not
+/// writable by others, nor by its group unless that is root's. What is in such a directory
+/// was put there by root and is taken as it is (a symlink such as `/dev/stdout`, a file of
+/// a log shipper's user). The file is opened through the directory's resolved path, as
+/// checked.
 fn open_own(path: &Path) -> Result<File> {
     let shown = path.display();
-    let open = |follow: bool| {
-        let mut options = OpenOptions::new();
-        options.read(true).create(true).append(true).mode(0o640);
-        if !follow {
-            options.custom_flags(libc::O_NOFOLLOW);
-        }
-        options.open(path).with_context(|| format!("opening flow log {shown}"))
-    };
+    let name = path.file_name().with_context(|| format!("flow log {shown}: no file name"))?;
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = fs::canonicalize(parent)
+        .with_context(|| format!("flow log {shown}: its directory {}", parent.display()))?;
+    let meta = fs::metadata(&dir).with_context(|| format!("flow log {shown}"))?;
     // SAFETY: geteuid cannot fail.
     let me = unsafe { libc::geteuid() };
-    let file = match open(false) {
-        Err(e)
-            if e.downcast_ref::<io::Error>().and_then(io::Error::raw_os_error)
-                == Some(libc::ELOOP) =>
-        {
-            let link = fs::symlink_metadata(path).with_context(|| format!("flow log {shown}"))?;
-            if link.uid() != me {
-                anyhow::bail!(
-                    "flow log {shown} is a symlink of uid {}, not of the agent's user \
-                     ({me}): not followed (whoever can write its directory could point it at \
-                     any file); name the file itself",
-                    link.uid()
-                );
-            }
-            open(true)?
-        }
-        other => other?,
+    let mode = meta.mode() & 0o7777;
+    let others = if meta.uid() != 0 && meta.uid() != me {
+        Some(format!("owned by uid {}", meta.uid()))
+    } else if mode & 0o002 != 0 {
+        Some(format!("writable by every user (mode {mode:o})"))
+    } else if mode & 0o020 != 0 && meta.gid() != 0 {
+        Some(format!("writable by group {} (mode {mode:o})", meta.gid()))
+    } else {
+        None
     };
-    let meta = file.metadata().with_context(|| format!("flow log {shown}"))?;
-    if meta.is_file() && meta.uid() != me {
+    if let Some(others) = others {
         anyhow::bail!(
-            "flow log {shown} belongs to uid {}, not to the agent's user ({me}): not written, \
-             cut or rotated; remove it, or give it to that user",
-            meta.uid()
+            "flow log {shown}: its directory {} is {others}: another user could put a link or \
+             a file there for the agent (uid {me}) to write to; name a file in a directory \
+             only root can change, such as /var/log/xdpgate",
+            dir.display()
         );
     }
-    if meta.is_file() && meta.nlink() > 1 {
-        anyhow::bail!(
-            "flow log {shown} has {} names (hard links): not written, cut or rotated, as \
-             another of its names may be a file that is not a log",
-            meta.nlink()
-        );
-    }
-    Ok(file)
+    OpenOptions::new()
+        .read(true)
+        .create(true)
+        .append(true)
+        .mode(0o640)
+        .open(dir.join(name))
+        .with_context(|| format!("opening flow log {shown}"))
 }
 
 impl FileSink {
@@ -385,56 +376,58 @@ impl Sink {
 mod tests {
     use serde_json::json;
 
+    use std::os::unix::fs::PermissionsExt as _;
+
     use super::*;
 
-    /// What another user could plant at the flow log's path for the agent (root) to append
-    /// to, cut and rotate: a symlink to a file of root's, a hard link to one, a file of its
-    /// own. Each is refused and the file behind it left as it was (seen failing: the
-    /// symlinked file lost its last, unterminated line, and would have taken flow records).
-    /// A symlink of the agent's own user is followed. Needs root (it gives files away).
+    /// A flow log in a directory another user can write, where that user could plant a
+    /// symlink or a hard link to a file of root's (or a FIFO to read the log from), is
+    /// refused, and the file behind the link left as it was (seen failing: the symlinked
+    /// file lost its last, unterminated line, and would have taken flow records). In a
+    /// directory only root can change, a link root made is followed, and a file of another
+    /// user's is written. Needs root (it gives files away).
     #[test]
-    fn a_flow_log_another_user_could_plant_is_refused() {
+    fn a_flow_log_where_another_user_could_plant_it_is_refused() {
         use std::os::unix::fs::{chown, lchown, symlink};
         assert_eq!(unsafe { libc::geteuid() }, 0, "run as root: the test gives files away");
-        let dir = std::env::temp_dir().join(format!("xgplant{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
+        let top = std::env::temp_dir().join(format!("xgplant{}", std::process::id()));
+        let _ = fs::remove_dir_all(&top);
+        let dir = top.join("logs");
         fs::create_dir_all(&dir).unwrap();
-        let victim = dir.join("victim");
+        fs::set_permissions(&top, fs::Permissions::from_mode(0o755)).unwrap();
+        let victim = top.join("victim");
         let content = "root-only line\nsetting=1";
         fs::write(&victim, content).unwrap();
         let nobody = 65534;
         let log = dir.join("flows.jsonl");
-        let refused = |why: &str| {
-            let err = Sink::open(log.to_str().unwrap(), 1 << 20, 1).err();
-            let err = err.unwrap_or_else(|| panic!("{why}: opened")).to_string();
-            assert_eq!(fs::read_to_string(&victim).unwrap(), content, "{why}: {err}");
-            err
-        };
-
+        let open = || Sink::open(log.to_str().unwrap(), 1 << 20, 1);
         symlink(&victim, &log).unwrap();
         lchown(&log, Some(nobody), None).unwrap();
-        let err = refused("a symlink of another user's");
-        assert!(err.contains("is a symlink of uid 65534"), "{err}");
-
-        // The same symlink made by root: followed (the file is root's, one name).
-        lchown(&log, Some(0), None).unwrap();
-        let Ok(Sink::File(sink)) = Sink::open(log.to_str().unwrap(), 1 << 20, 1) else {
-            panic!("a symlink of root's is followed")
-        };
-        drop(sink);
-        fs::write(&victim, content).unwrap();
+        for (owner, mode, why) in [
+            (nobody, 0o755, "owned by uid 65534"),
+            (0, 0o777, "writable by every user (mode 777)"),
+            (0, 0o1777, "writable by every user (mode 1777)"),
+        ] {
+            chown(&dir, Some(owner), None).unwrap();
+            fs::set_permissions(&dir, fs::Permissions::from_mode(mode)).unwrap();
+            let err = open().err().unwrap_or_else(|| panic!("{why}: opened")).to_string();
+            assert!(err.contains(why), "{why}: {err}");
+            assert_eq!(fs::read_to_string(&victim).unwrap(), content, "{why}: {err}");
+        }
+        // Root's directory: what is in it is root's doing, a link followed, a file of another
+        // user's written to.
+        chown(&dir, Some(0), None).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(matches!(open(), Ok(Sink::File(_))), "a link in root's directory");
         fs::remove_file(&log).unwrap();
-
-        fs::hard_link(&victim, &log).unwrap();
-        let err = refused("a hard link");
-        assert!(err.contains("has 2 names"), "{err}");
-        fs::remove_file(&log).unwrap();
-
         fs::write(&log, "{}\n").unwrap();
         chown(&log, Some(nobody), None).unwrap();
-        let err = refused("a file of another user's");
-        assert!(err.contains("belongs to uid 65534"), "{err}");
-        let _ = fs::remove_dir_all(&dir);
+        let Ok(mut sink) = open() else { panic!("a shipper's file in root's directory") };
+        let mut lines = Lines::default();
+        lines.push(&json!({"a": 1}));
+        sink.write_lines(&lines).unwrap();
+        assert_eq!(fs::read_to_string(&log).unwrap(), "{}\n{\"a\":1}\n");
+        let _ = fs::remove_dir_all(&top);
     }
 
     #[test]
