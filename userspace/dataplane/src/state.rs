@@ -36,10 +36,13 @@ pub const LOCK_WAIT: Duration = Duration::from_secs(30);
 
 /// Where xdpgate keeps the records of the dataplane pinned at `pins` (bpffs holds only maps
 /// and links): its path with `/` written `_`, and `_` and `%` escaped (`%5F`, `%25`), so no
-/// two pin directories share one (`/sys/fs/bpf/a_b` and `/sys/fs/bpf/a/b` did). A directory
-/// of the earlier name (`_` not escaped) is taken over, moved to this one, when this one
-/// does not exist yet and the pin directory does, but not the one with every `_` of the
-/// path a `/`: that one keeps the earlier name as its own.
+/// two pin directories share one (`/sys/fs/bpf/a_b` and `/sys/fs/bpf/a/b` did).
+///
+/// A directory of the earlier name (`_` not escaped), when this one does not exist yet and
+/// the pin directory does, is this dataplane's only if no other directory could have had
+/// that name (one reading its `_` and `/` otherwise). Then, while an agent of an earlier
+/// build holds it, it is used as it is (the agent's lock, its records); once none does, it
+/// is moved to this name. Otherwise it is left to whoever it is, and this one starts anew.
 pub fn dir(pins: &PinDir) -> PathBuf {
     let path = pins.path().to_string_lossy();
     let path = path.trim_matches('/');
@@ -54,12 +57,37 @@ pub fn dir(pins: &PinDir) -> PathBuf {
     }
     let dir = Path::new(ROOT).join(&name);
     let earlier = Path::new(ROOT).join(path.replace('/', "_"));
-    let slashed = Path::new("/").join(path.replace('_', "/"));
-    if earlier != dir && !dir.exists() && pins.path().is_dir() && !slashed.exists() {
-        // Atomic: of two processes at once, one moves it and the other finds it moved.
-        let _ = fs::rename(&earlier, &dir);
+    if earlier == dir || dir.exists() || !earlier.is_dir() || !pins.path().is_dir() {
+        return dir;
     }
+    if !only_reading(path) {
+        return dir;
+    }
+    if agent_pid_in(&earlier).is_some() {
+        return earlier;
+    }
+    // Atomic: of two processes at once, one moves it and the other finds it moved.
+    let _ = fs::rename(&earlier, &dir);
     dir
+}
+
+/// Whether `path` (a pin directory's, without its leading `/`) is the only existing
+/// directory among the paths that read its `/` and `_` either way: the only one an earlier
+/// build's state directory name (every `/` written `_`) can have been of.
+fn only_reading(path: &str) -> bool {
+    let seps: Vec<usize> = path.match_indices(['/', '_']).map(|(i, _)| i).collect();
+    // Past this, too many readings to ask about: left alone.
+    if seps.len() > 12 {
+        return false;
+    }
+    (0..1u32 << seps.len()).all(|choice| {
+        let mut reading = path.as_bytes().to_vec();
+        for (bit, &i) in seps.iter().enumerate() {
+            reading[i] = if choice >> bit & 1 == 1 { b'/' } else { b'_' };
+        }
+        let reading = String::from_utf8(reading).expect("only ASCII bytes replaced");
+        reading == path || !Path::new("/").join(reading).is_dir()
+    })
 }
 
 /// Where the state directories are, one per pin directory.
@@ -414,8 +442,10 @@ mod tests {
             Path::new(ROOT).join("sys_fs_bpf_xdpgate"),
             "a path without `_` or `%` keeps its name"
         );
-        // Made by an earlier build for `.../keep_me`: found under the new name, records kept;
-        // but not taken by `.../keep_me` while `.../keep/me` is there, whose name it is now.
+        // Made by an earlier build for `.../keep_me`: not taken while `.../keep/me` is
+        // there too, which could have had that name; else used as it is while an earlier
+        // agent holds it (no lock taken from it), and moved to the new name once none does,
+        // its records kept.
         fs::create_dir_all(ROOT).unwrap();
         let earlier = Path::new(ROOT).join(format!("sys_fs_bpf_{tag}_keep_me"));
         fs::create_dir_all(&earlier).unwrap();
@@ -423,14 +453,28 @@ mod tests {
         let bpffs = Path::new("/sys/fs/bpf").join(&tag);
         fs::create_dir_all(bpffs.join("keep/me")).unwrap();
         fs::create_dir_all(bpffs.join("keep_me")).unwrap();
-        let now = dir(&pins("keep_me"));
-        assert_eq!(now, Path::new(ROOT).join(format!("sys_fs_bpf_{tag}_keep%5Fme")));
-        assert!(earlier.exists() && !now.exists(), "taken from .../keep/me");
+        let new = Path::new(ROOT).join(format!("sys_fs_bpf_{tag}_keep%5Fme"));
+        assert_eq!(dir(&pins("keep_me")), new);
+        assert!(earlier.exists() && !new.exists(), "taken from .../keep/me");
         fs::remove_dir_all(bpffs.join("keep")).unwrap();
-        assert_eq!(dir(&pins("keep_me")), now);
-        assert_eq!(fs::read_to_string(now.join("record")).unwrap(), "kept");
+        fs::write(earlier.join(AGENT_LOCK), "4242").unwrap();
+        let lock = File::open(earlier.join(AGENT_LOCK)).unwrap();
+        let held = flock(lock, FlockArg::LockExclusiveNonblock, Duration::ZERO).unwrap();
+        assert_eq!(dir(&pins("keep_me")), earlier, "an earlier agent's, while it runs");
+        assert!(earlier.exists() && !new.exists());
+        drop(held);
+        assert_eq!(dir(&pins("keep_me")), new);
+        assert_eq!(fs::read_to_string(new.join("record")).unwrap(), "kept");
         assert!(!earlier.exists());
-        fs::remove_dir_all(now).unwrap();
+        fs::remove_dir_all(new).unwrap();
+        // A path with `%` and no `_` has one reading: its own (seen failing: never moved).
+        let earlier = Path::new(ROOT).join(format!("sys_fs_bpf_{tag}_p%q"));
+        fs::create_dir_all(&earlier).unwrap();
+        fs::create_dir_all(bpffs.join("p%q")).unwrap();
+        let new = dir(&pins("p%q"));
+        assert_eq!(new, Path::new(ROOT).join(format!("sys_fs_bpf_{tag}_p%25q")));
+        assert!(new.exists() && !earlier.exists());
+        fs::remove_dir_all(new).unwrap();
         fs::remove_dir_all(bpffs).unwrap();
     }
 
