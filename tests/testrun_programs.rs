@@ -50,7 +50,7 @@ fn judge(name: &str, prog: &Program, report: &mut Vec<String>) {
     let insns = info
         .unwrap_or_else(|e| panic!("{name}: loaded, but no info: {e}"))
         .verified_instruction_count()
-        .unwrap_or(0);
+        .unwrap_or_else(|| panic!("{name}: the kernel does not say what it verified (5.16+)"));
     eprintln!("{name}: {insns} instructions verified");
     if insns > BUDGET {
         report.push(format!("{name}: {insns} instructions verified, over {BUDGET}"));

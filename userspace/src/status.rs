@@ -25,8 +25,9 @@ pub struct Status {
     pub tables: Option<TablesStatus>,
     /// What the agent (`xdpgate run`) last wrote about itself; none if it never ran here.
     pub agent: Option<AgentStatus>,
-    /// The pid of an agent that runs the dataplane but has no state file (it could not
-    /// write one: a full `/run`), so how its last reload went is not known here.
+    /// The pid of an agent that runs the dataplane but has no state file (while it starts,
+    /// or when it could not write one: a full `/run`), so how its last reload went is not
+    /// known here.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub agent_without_state: Option<u32>,
     /// BGP announcements (`xdpgate bgp`); none when no agent with a `bgp:` section ran here

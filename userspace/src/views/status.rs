@@ -54,8 +54,8 @@ impl View for Status {
         match (&s.agent, s.agent_without_state) {
             (_, Some(pid)) => {
                 out += &format!(
-                    "agent          pid {pid}: no state file (it could not write one: see its \
-                     log); how its last reload went is not known here\n"
+                    "agent          pid {pid}: no state file (not yet, or it could not write \
+                     one: see its log); how its last reload went is not known here\n"
                 );
             }
             (Some(a), None) => out += &agent(a),
