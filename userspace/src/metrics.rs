@@ -202,7 +202,10 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    pub fn read(pins: &PinDir, probes: Option<&ProbeStats>) -> Result<Self> {
+    /// `served`: read for the agent's own endpoint, with its probe results and its state as
+    /// it holds it (`agent.json` may be unwritable: a full `/run`); else the state is read
+    /// from that file, and there are no probe results.
+    pub fn read(pins: &PinDir, served: Option<(&ProbeStats, &Live)>) -> Result<Self> {
         let stats = stats::read(pins)?;
         let (_, config) = apply::active(pins)?;
         // Names come from the running generation's record: nothing is recompiled per scrape.
@@ -220,8 +223,11 @@ impl Snapshot {
             set_change_unfinished: apply::changing(pins)?,
             applied_at,
             nat,
-            agent: agent_state::read(pins).filter(|a| a.running(pins)),
-            probes: probes.map(ProbeStats::snapshot).unwrap_or_default(),
+            agent: match served {
+                Some((_, live)) => live.get(),
+                None => agent_state::read(pins).filter(|a| a.running(pins)),
+            },
+            probes: served.map(|(probes, _)| probes.snapshot()).unwrap_or_default(),
         })
     }
 
@@ -667,9 +673,7 @@ pub fn render(pins: &PinDir) -> Result<String> {
 
 /// As [`render`], with the agent's probe results and its state as it is.
 fn render_served(pins: &PinDir, probes: &ProbeStats, agent: &Live) -> Result<String> {
-    let mut snapshot = Snapshot::read(pins, Some(probes))?;
-    snapshot.agent = agent.get();
-    snapshot.render()
+    Snapshot::read(pins, Some((probes, agent)))?.render()
 }
 
 /// The connections the server holds, oldest first.

@@ -57,10 +57,12 @@ pub fn dir(pins: &PinDir) -> PathBuf {
     }
     let dir = Path::new(ROOT).join(&name);
     let earlier = Path::new(ROOT).join(path.replace('/', "_"));
-    if earlier == dir || dir.exists() || !earlier.is_dir() || !pins.path().is_dir() {
-        return dir;
-    }
-    if !only_reading(path) {
+    if earlier == dir
+        || dir.exists()
+        || !earlier.is_dir()
+        || !pins.path().is_dir()
+        || !only_reading(path)
+    {
         return dir;
     }
     if agent_pid_in(&earlier).is_some() {
