@@ -1,7 +1,7 @@
 //! The NAT gateway end to end: a host in a private subnet reaches a server on the
 //! "internet" through xdpgate; the server only ever sees the pool address; TCP (a real
 //! download), UDP (fragmented too) and ping work; translations idle out; a small pool runs
-//! out and recovers.
+//! out and recovers; ICMP errors from the protected side leave translated.
 //!
 //!   host 198.51.100.10 -- int0 [gw] ext0 -- 203.0.113.10 server
 //!                        public address 192.0.2.100 (routed to the gateway)
@@ -20,7 +20,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Netns, Pins, run, unique};
+use common::{
+    Netns, Pins,
+    gateway::{CLIENT4, Gateway, SERVER4},
+    run, unique,
+};
 use xdpgate_common::{
     flow::FlowKey,
     nat::{NAT_ACTIVE, NAT_COOLDOWN, NatEntry},
@@ -750,5 +754,74 @@ fn pin_to_cpu(cpu: usize) {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);
         assert_eq!(libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set), 0);
+    }
+}
+
+/// A load balancer in front of a UDP port nothing listens on, and a NAT gateway, for the
+/// `Gateway` topology (client on the internet, server in the protected subnet).
+const ERRORS_POLICY: &str = r#"
+virtual_network:
+  address_space: [198.51.100.0/24]
+load_balancers:
+  - name: lb
+    frontends:
+      - {name: vip, address: 192.0.2.10}
+    backend_pools:
+      - {name: dns, backends: [198.51.100.10]}
+    rules:
+      - {name: dns, frontend: vip, protocol: udp, frontend_port: 53, backend_port: 5353,
+         backend_pool: dns}
+nat_gateways:
+  - name: natgw
+    public_addresses: [192.0.2.100]
+    subnets: [198.51.100.0/24]
+"#;
+
+/// What a connected UDP socket hears after sending one datagram: `ConnectionRefused` when
+/// an ICMP port unreachable it takes for its own came back, `WouldBlock` when nothing did.
+fn answer_to(s: &UdpSocket) -> std::io::ErrorKind {
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    s.send(b"anyone?").unwrap();
+    match s.recv(&mut [0u8; 64]) {
+        Ok(n) => panic!("an answer of {n} bytes"),
+        Err(e) => e.kind(),
+    }
+}
+
+/// The protected side's ICMP errors leave translated, at both hooks: a backend's port
+/// unreachable reaches the client from the frontend, a private host's reaches the internet
+/// host from the public address, each quoting the datagram as its sender sent it, so the
+/// sender's connected socket is told "connection refused". (Untranslated they came from the
+/// private address, which no socket of the sender's matches: it waited out its timeout.)
+#[test]
+fn port_unreachable_from_the_protected_side_reaches_the_sender_translated() {
+    for hook in ["xdp", "tc"] {
+        let net = Gateway::with_hooks(hook, hook);
+        net.take_redirects();
+        net.apply("errors.yaml", ERRORS_POLICY);
+
+        let client = net.client.run(|| UdpSocket::bind((CLIENT4, 0)).unwrap());
+        client.connect("192.0.2.10:53").unwrap();
+        assert_eq!(
+            answer_to(&client),
+            std::io::ErrorKind::ConnectionRefused,
+            "{hook}: the client's socket hears the backend's port unreachable"
+        );
+
+        // The internet host learns the server's public address and port from a datagram,
+        // then writes back after the server's socket has closed.
+        let internet = net.client.run(|| UdpSocket::bind((CLIENT4, 7000)).unwrap());
+        internet.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let server = net.server.run(|| UdpSocket::bind((SERVER4, 0)).unwrap());
+        server.send_to(b"hello", (CLIENT4, 7000)).unwrap();
+        let (_, public) = internet.recv_from(&mut [0u8; 64]).expect("a datagram through NAT");
+        assert_eq!(public.ip().to_string(), "192.0.2.100", "{hook}: translated");
+        drop(server);
+        internet.connect(public).unwrap();
+        assert_eq!(
+            answer_to(&internet),
+            std::io::ErrorKind::ConnectionRefused,
+            "{hook}: the internet host's socket hears the private host's port unreachable"
+        );
     }
 }

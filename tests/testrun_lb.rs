@@ -9,7 +9,10 @@ use std::{collections::HashSet, net::IpAddr};
 
 use common::{
     kernel::{DROP, Kernel, PASS},
-    packet::{ACK, FIN, L4, RST, SYN, endpoints, flow_key, frame, frame_vlan, tcp_frame},
+    packet::{
+        ACK, ETH_LEN, FIN, L4, RST, SYN, endpoints, flow_key, frame, frame_vlan, quoted_endpoints,
+        tcp_frame,
+    },
 };
 use xdpgate_common::iface::Role;
 
@@ -106,6 +109,31 @@ fn dnat_v6_udp_and_tcp() {
     k.arrive_as(Role::External);
     let out = k.through(&frame("2001:db8:2::7", "2001:db8:f::10", L4::Tcp(40000, 80, SYN)));
     assert_eq!(endpoints(&out).3, 8080);
+}
+
+/// A backend's port unreachable about a client's datagram reaches the client from the
+/// frontend, quoting the datagram as the client sent it (frontend address and port): the
+/// client's socket sees it, and no backend address leaves. Over TCP too (a firewall's
+/// administratively prohibited, say).
+#[test]
+fn a_backends_icmp_error_leaves_from_the_frontend() {
+    let k = Kernel::new();
+    k.apply(POLICY);
+    for (client, frontend, l4) in [
+        ("2001:db8:2::7", "2001:db8:f::10", L4::Udp(5000, 53)),
+        ("203.0.113.7", "192.0.2.10", L4::Tcp(40000, 80, SYN)),
+    ] {
+        k.arrive_as(Role::External);
+        let sent = frame(client, frontend, l4);
+        let got = k.through(&sent);
+        let backend = endpoints(&got).1.to_string();
+        k.arrive_as(Role::Internal);
+        let out =
+            k.through(&frame_vlan(&backend, client, L4::PortUnreachable, &[], &got[ETH_LEN..]));
+        let (src, dst, ..) = endpoints(&out);
+        assert_eq!((src, dst), (ip(frontend), ip(client)), "{l4:?}: outer addresses");
+        assert_eq!(quoted_endpoints(&out), endpoints(&sent), "{l4:?}: the quote as sent");
+    }
 }
 
 #[test]

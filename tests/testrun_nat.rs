@@ -12,7 +12,7 @@ use common::{
     kernel::{DROP, Kernel, PASS},
     packet::{
         ACK, ETH_LEN, L4, RST, SYN, checksums_ok, endpoints, flow_key, fragment, frame, frame_vlan,
-        tcp_frame,
+        quoted_endpoints, tcp_frame,
     },
 };
 use xdpgate_common::iface::Role;
@@ -215,39 +215,51 @@ fn icmp_error_quoting_a_translated_packet_is_translated_back() {
     k.apply(POLICY);
     k.arrive_as(Role::Internal);
     let out = k.through(&frame("198.51.100.10", "203.0.113.7", L4::Tcp(40000, 443, SYN)));
-    let quoted = out[ETH_LEN..ETH_LEN + 20 + 8].to_vec(); // IP header + 8 bytes, as routers quote
-    let mut icmp = vec![3u8, 4, 0, 0, 0, 0, 0x05, 0xdc]; // type 3 code 4, next-hop MTU 1500
-    icmp.extend_from_slice(&quoted);
-    let c = !ones(&icmp);
-    icmp[2..4].copy_from_slice(&c.to_be_bytes());
-    let mut pkt = frame("203.0.113.1", "192.0.2.100", L4::Echo(1));
-    pkt.truncate(ETH_LEN + 20);
-    pkt.extend_from_slice(&icmp);
-    let total = (pkt.len() - ETH_LEN) as u16;
-    pkt[ETH_LEN + 2..ETH_LEN + 4].copy_from_slice(&total.to_be_bytes());
-    pkt[ETH_LEN + 10..ETH_LEN + 12].copy_from_slice(&[0, 0]);
-    let c = !ones(&pkt[ETH_LEN..ETH_LEN + 20]);
-    pkt[ETH_LEN + 10..ETH_LEN + 12].copy_from_slice(&c.to_be_bytes());
-    checksums_ok(&pkt).expect("error built right");
-
+    // The IP header and 8 bytes, as routers quote.
+    let pkt = frame_vlan(
+        "203.0.113.1",
+        "192.0.2.100",
+        L4::TooBig(1500),
+        &[],
+        &out[ETH_LEN..ETH_LEN + 28],
+    );
     k.arrive_as(Role::External);
     let out = k.through(&pkt);
     let inner = ETH_LEN + 20 + 8;
     assert_eq!(&out[ETH_LEN + 16..ETH_LEN + 20], &[198, 51, 100, 10], "outer destination");
     assert_eq!(&out[inner + 12..inner + 16], &[198, 51, 100, 10], "quoted source address");
     assert_eq!(u16::from_be_bytes([out[inner + 20], out[inner + 21]]), 40000, "quoted source port");
-    assert_eq!(!ones(&out[inner..inner + 20]), 0, "quoted IPv4 header checksum");
 }
 
-fn ones(data: &[u8]) -> u16 {
-    let mut sum = 0u32;
-    for c in data.chunks(2) {
-        sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+/// A private host's port unreachable about a reply it got through the gateway leaves from
+/// the public address, quoting the reply as the remote host sent it (public address and
+/// port): the remote's socket takes it for its own, and no private address leaves.
+#[test]
+fn icmp_error_from_the_private_host_leaves_translated() {
+    let k = Kernel::new();
+    k.apply(POLICY);
+    for (private, remote, public) in [
+        ("198.51.100.10", "203.0.113.7", "192.0.2.100"),
+        ("2001:db8:1::10", "2001:db8:2::7", "2001:db8:e::100"),
+    ] {
+        k.arrive_as(Role::Internal);
+        let port = endpoints(&k.through(&frame(private, remote, L4::Udp(40000, 53)))).2;
+        k.arrive_as(Role::External);
+        let reply = k.through(&frame(remote, public, L4::Udp(53, port)));
+        assert_eq!(endpoints(&reply), (ip(remote), ip(private), 53, 40000));
+
+        // The private host's socket is gone: it answers the reply with an error quoting it.
+        k.arrive_as(Role::Internal);
+        let out =
+            k.through(&frame_vlan(private, remote, L4::PortUnreachable, &[], &reply[ETH_LEN..]));
+        let (src, dst, ..) = endpoints(&out);
+        assert_eq!((src, dst), (ip(public), ip(remote)), "{private}: outer addresses");
+        assert_eq!(
+            quoted_endpoints(&out),
+            (ip(remote), ip(public), 53, port),
+            "{private}: the quote is the reply as the remote sent it"
+        );
     }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum as u16
 }
 
 #[test]

@@ -11,7 +11,7 @@ use std::net::IpAddr;
 
 use common::{
     kernel::{Kernel, PASS, link_tc_pipeline},
-    packet::{ACK, ETH_LEN, L4, SYN, checksums_ok, endpoints, frame, frame_vlan},
+    packet::{ACK, ETH_LEN, L4, SYN, checksums_ok, endpoints, frame, frame_vlan, quoted_endpoints},
 };
 use xdpgate_common::iface::Role;
 use xdpgate_dataplane::stats;
@@ -151,28 +151,20 @@ fn icmp_error_translated_back_on_skbs() {
     t.k.apply(NAT);
     t.k.arrive_as(Role::Internal);
     let out = t.through(&frame("198.51.100.10", "203.0.113.7", L4::Tcp(40000, 443, SYN)));
-    let quoted = out[ETH_LEN..ETH_LEN + 20 + 8].to_vec();
-    let mut icmp = vec![3u8, 4, 0, 0, 0, 0, 0x05, 0xdc];
-    icmp.extend_from_slice(&quoted);
-    let c = !ones(&icmp);
-    icmp[2..4].copy_from_slice(&c.to_be_bytes());
-    let mut pkt = frame("203.0.113.1", "192.0.2.100", L4::Echo(1));
-    pkt.truncate(ETH_LEN + 20);
-    pkt.extend_from_slice(&icmp);
-    let total = (pkt.len() - ETH_LEN) as u16;
-    pkt[ETH_LEN + 2..ETH_LEN + 4].copy_from_slice(&total.to_be_bytes());
-    pkt[ETH_LEN + 10..ETH_LEN + 12].copy_from_slice(&[0, 0]);
-    let c = !ones(&pkt[ETH_LEN..ETH_LEN + 20]);
-    pkt[ETH_LEN + 10..ETH_LEN + 12].copy_from_slice(&c.to_be_bytes());
-    checksums_ok(&pkt).expect("error built right");
-
+    // The IP header and 8 bytes, as routers quote.
+    let pkt = frame_vlan(
+        "203.0.113.1",
+        "192.0.2.100",
+        L4::TooBig(1500),
+        &[],
+        &out[ETH_LEN..ETH_LEN + 28],
+    );
     t.k.arrive_as(Role::External);
     let out = t.through(&pkt);
     let inner = ETH_LEN + 20 + 8;
     assert_eq!(&out[ETH_LEN + 16..ETH_LEN + 20], &[198, 51, 100, 10], "outer destination");
     assert_eq!(&out[inner + 12..inner + 16], &[198, 51, 100, 10], "quoted source address");
     assert_eq!(u16::from_be_bytes([out[inner + 20], out[inner + 21]]), 40000, "quoted port");
-    assert_eq!(!ones(&out[inner..inner + 20]), 0, "quoted IPv4 header checksum");
 }
 
 /// ICMPv6 "packet too big" quoting a translated IPv6 packet, on a socket buffer: the outer
@@ -185,18 +177,9 @@ fn icmpv6_error_translated_back_on_skbs() {
     let out = t.through(&frame("2001:db8:1::10", "2001:db8:2::7", L4::Tcp(40000, 443, SYN)));
     let public = &out[ETH_LEN + 8..ETH_LEN + 24];
     assert_eq!(public, "2001:db8:e::100".parse::<std::net::Ipv6Addr>().unwrap().octets());
-    let mut icmp = vec![2u8, 0, 0, 0, 0, 0, 0x05, 0x00]; // packet too big, MTU 1280
-    icmp.extend_from_slice(&out[ETH_LEN..ETH_LEN + 40 + 8]);
-    let mut pkt = frame_vlan("2001:db8:2::1", "2001:db8:e::100", L4::Raw(58), &[], &icmp);
+    let quote = &out[ETH_LEN..ETH_LEN + 40 + 8];
+    let pkt = frame_vlan("2001:db8:2::1", "2001:db8:e::100", L4::TooBig(1280), &[], quote);
     let l4 = ETH_LEN + 40;
-    let mut pseudo = pkt[ETH_LEN + 8..ETH_LEN + 40].to_vec();
-    pseudo.extend_from_slice(&(icmp.len() as u32).to_be_bytes());
-    pseudo.extend_from_slice(&[0, 0, 0, 58]);
-    pseudo.extend_from_slice(&pkt[l4..]);
-    let c = !ones(&pseudo);
-    pkt[l4 + 2..l4 + 4].copy_from_slice(&c.to_be_bytes());
-    checksums_ok(&pkt).expect("error built right");
-
     t.k.arrive_as(Role::External);
     let out = t.through(&pkt);
     let private = "2001:db8:1::10".parse::<std::net::Ipv6Addr>().unwrap().octets();
@@ -204,6 +187,28 @@ fn icmpv6_error_translated_back_on_skbs() {
     assert_eq!(&out[ETH_LEN + 24..ETH_LEN + 40], &private, "outer destination");
     assert_eq!(&out[inner + 8..inner + 24], &private, "quoted source address");
     assert_eq!(u16::from_be_bytes([out[inner + 40], out[inner + 41]]), 40000, "quoted port");
+}
+
+/// A private host's port unreachable about a translated reply leaves translated on a
+/// socket buffer too: from the public address, quoting the reply as the remote sent it.
+#[test]
+fn icmp_error_from_the_private_host_leaves_translated_on_skbs() {
+    let t = Tc::new();
+    t.k.apply(NAT);
+    for (private, remote, public) in [
+        ("198.51.100.10", "203.0.113.7", "192.0.2.100"),
+        ("2001:db8:1::10", "2001:db8:2::7", "2001:db8:e::100"),
+    ] {
+        t.k.arrive_as(Role::Internal);
+        let port = endpoints(&t.through(&frame(private, remote, L4::Udp(40000, 53)))).2;
+        t.k.arrive_as(Role::External);
+        let reply = t.through(&frame(remote, public, L4::Udp(53, port)));
+        t.k.arrive_as(Role::Internal);
+        let error = frame_vlan(private, remote, L4::PortUnreachable, &[], &reply[ETH_LEN..]);
+        let out = t.through(&error);
+        assert_eq!(endpoints(&out).0, ip(public), "{private}: outer source");
+        assert_eq!(quoted_endpoints(&out), (ip(remote), ip(public), 53, port), "{private}: quote");
+    }
 }
 
 const LB: &str = r#"
@@ -224,7 +229,7 @@ load_balancers:
 
 /// The load balancer on socket buffers makes the same choice and the same bytes as on
 /// frames: a client's packets through the tc pipeline and through the XDP one (each with
-/// its own tables) come out identical, and so do the backend's replies.
+/// its own tables) come out identical, and so do the backend's replies and its ICMP errors.
 #[test]
 fn load_balancing_same_bytes_as_xdp() {
     let t = Tc::new();
@@ -248,6 +253,22 @@ fn load_balancing_same_bytes_as_xdp() {
             let tc_back = t.through(&reply);
             assert_eq!(x.run_out(&reply), (PASS, tc_back.clone()), "reply as XDP does it");
             assert_eq!(endpoints(&tc_back), (ip(vip), ip(client), 80, port), "un-DNAT");
+            // The backend's error about the client's packet leaves from the frontend.
+            let error = frame_vlan(
+                &backend.to_string(),
+                client,
+                L4::PortUnreachable,
+                &[],
+                &tc_out[ETH_LEN..],
+            );
+            let tc_error = t.through(&error);
+            assert_eq!(x.run_out(&error), (PASS, tc_error.clone()), "error as XDP does it");
+            assert_eq!(endpoints(&tc_error).0, ip(vip), "error from the frontend");
+            assert_eq!(
+                quoted_endpoints(&tc_error),
+                endpoints(&syn),
+                "quoted as the client sent it"
+            );
             t.k.arrive_as(Role::External);
             x.arrive_as(Role::External);
         }
@@ -265,17 +286,6 @@ fn truncated_packet_dropped_once() {
     let (v, _) = t.run_out(&pkt[..ETH_LEN + 20 + 10]);
     assert_eq!(v, TC_ACT_SHOT);
     assert_eq!(t.k.drops("malformed"), drops + 1);
-}
-
-fn ones(data: &[u8]) -> u16 {
-    let mut sum = 0u32;
-    for c in data.chunks(2) {
-        sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
-    }
-    while sum >> 16 != 0 {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum as u16
 }
 
 /// Every map lookup of every stage, at XDP, tc ingress and tc egress, is inlined by the

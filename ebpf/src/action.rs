@@ -4,8 +4,14 @@
 
 use xdpgate_common::flow::{FlowValue, NAT_DST, NAT_ENCAP, NAT_NEXT_HOP, NAT_NONE, NAT_SRC};
 
-/// A flow action that rewrites an ICMP error back to the host of a translated flow.
-pub const NAT_ICMP_ERROR: u8 = 4;
+/// A flow action that rewrites an ICMP error about a translated flow's packet back to that
+/// flow's host (the entry it belongs to rewrites the destination: the error comes in from
+/// the translated side).
+pub const NAT_ICMP_ERROR_DST: u8 = 4;
+
+/// The same for an error from the flow's host or its side (the entry rewrites the source:
+/// the error goes out to the translated side, from the translated address).
+pub const NAT_ICMP_ERROR_SRC: u8 = 10;
 
 /// A new flow that still needs its SNAT port claimed (`port` holds the gateway index).
 pub const NAT_PENDING_SNAT: u8 = 5;
@@ -20,8 +26,14 @@ pub const JUDGED: Action = Action { nat: 9, addr: [0; 4], port: 0 };
 
 // A request is told from a rewrite by its `nat` alone.
 const _: () = {
-    let requests =
-        [NAT_ICMP_ERROR, NAT_PENDING_SNAT, RECLASSIFY.nat, NOT_ESTABLISHED.nat, JUDGED.nat];
+    let requests = [
+        NAT_ICMP_ERROR_DST,
+        NAT_ICMP_ERROR_SRC,
+        NAT_PENDING_SNAT,
+        RECLASSIFY.nat,
+        NOT_ESTABLISHED.nat,
+        JUDGED.nat,
+    ];
     let rewrites = [NAT_NONE, NAT_DST, NAT_SRC, NAT_NEXT_HOP, NAT_ENCAP];
     let mut i = 0;
     while i < requests.len() {

@@ -24,7 +24,7 @@ use xdpgate_common::{
 };
 
 use crate::{
-    action::{Action, NAT_ICMP_ERROR, NAT_PENDING_SNAT},
+    action::{Action, NAT_ICMP_ERROR_DST, NAT_ICMP_ERROR_SRC, NAT_PENDING_SNAT},
     clock, events, forward,
     headers::IPPROTO_TCP,
     icmp,
@@ -932,12 +932,13 @@ fn frag_key(meta: &PacketMeta) -> FragKey {
 
 /// The first fragment of a datagram was allowed with `action`: its later fragments follow
 /// it, with the same address rewrite. (An ICMP error's later fragments only quote more of
-/// the packet: they need just the outer destination the error's rewrite gave the first.)
+/// the packet: they need just the outer address the error's rewrite gave the first.)
 #[inline(always)]
 pub fn remember_first_fragment(meta: &PacketMeta, action: &Action) {
     let nat = match action.nat {
         NAT_DST | NAT_SRC | NAT_NEXT_HOP | NAT_ENCAP => action.nat,
-        NAT_ICMP_ERROR => NAT_DST,
+        NAT_ICMP_ERROR_DST => NAT_DST,
+        NAT_ICMP_ERROR_SRC => NAT_SRC,
         _ => NAT_NONE,
     };
     let value = FragValue { addr: action.addr, nat, _pad: [0; 3] };

@@ -49,11 +49,13 @@ pub trait Hook: EbpfContext + Packet + Sized {
         addr: &[u32; 4],
         port: u16,
     ) -> Result<(), DropReason>;
-    /// Translates an ICMP error back to the translated flow's host (see
+    /// Translates an ICMP error about a translated flow as the flow entry it belongs to
+    /// (rewriting the destination, `NAT_DST`, or the source) translates its packets (see
     /// `nat::rewrite_icmp_error`).
     fn rewrite_icmp_error(
         &self,
         meta: &PacketMeta,
+        kind: u8,
         addr: &[u32; 4],
         port: u16,
     ) -> Result<(), DropReason>;
@@ -133,10 +135,11 @@ impl Hook for XdpContext {
     fn rewrite_icmp_error(
         &self,
         meta: &PacketMeta,
+        kind: u8,
         addr: &[u32; 4],
         port: u16,
     ) -> Result<(), DropReason> {
-        nat::rewrite_icmp_error(self, meta, addr, port)
+        nat::rewrite_icmp_error(self, meta, kind, addr, port)
     }
 
     #[inline(always)]
@@ -222,10 +225,11 @@ impl Hook for TcContext {
     fn rewrite_icmp_error(
         &self,
         meta: &PacketMeta,
+        kind: u8,
         addr: &[u32; 4],
         port: u16,
     ) -> Result<(), DropReason> {
-        nat::rewrite_icmp_error_skb(self, meta, addr, port)
+        nat::rewrite_icmp_error_skb(self, meta, kind, addr, port)
     }
 
     #[inline(always)]

@@ -1,16 +1,20 @@
 //! ICMP errors (destination unreachable, time exceeded, packet too big, parameter problem)
 //! belong to the flow of the packet they quote. An error about an allowed flow passes as
-//! part of it, and when that flow is translated the error is translated back too (outer
-//! destination, and the quoted packet's source address and port), so path-MTU discovery
-//! works through NAT and load balancing.
+//! part of it, and when that flow is translated the error is translated as its packets are,
+//! both ways: one coming in from the translated side reaches the flow's host (outer
+//! destination, the quoted source address and port), so path-MTU discovery works through
+//! NAT and load balancing; one going out from the host's side (a backend's or a private
+//! host's port unreachable) leaves from the translated address and quotes the packet as
+//! its sender sent it (outer source, the quoted destination address and port), so the
+//! sender's socket sees it and no private address leaves (as RFC 5508 asks of a NAT).
 
 use xdpgate_common::{
-    flow::{FlowKey, NAT_DST},
+    flow::{FlowKey, NAT_DST, NAT_SRC},
     is_icmp,
 };
 
 use crate::{
-    action::{Action, NAT_ICMP_ERROR},
+    action::{Action, NAT_ICMP_ERROR_DST, NAT_ICMP_ERROR_SRC},
     headers::{IPPROTO_TCP, IPPROTO_UDP, IcmpHdr, Ipv4Hdr, Ipv6Hdr, be16},
     maps::{EMBRYOS, FLOWS},
     parse::{FRAG_LATER, Packet, PacketMeta, is_echo, ptr_at},
@@ -110,8 +114,10 @@ pub fn related(ctx: &impl Packet, meta: &PacketMeta) -> Option<Action> {
     }
     // Errors about a flow's first packets (an unreachable port, say) belong to an embryo.
     let entry = unsafe { FLOWS.get(&key).or_else(|| EMBRYOS.get(&key))? };
-    Some(match entry.nat {
-        NAT_DST => Action { nat: NAT_ICMP_ERROR, addr: entry.nat_addr, port: entry.nat_port },
-        _ => Action::PASS,
-    })
+    let nat = match entry.nat {
+        NAT_DST => NAT_ICMP_ERROR_DST,
+        NAT_SRC => NAT_ICMP_ERROR_SRC,
+        _ => return Some(Action::PASS),
+    };
+    Some(Action { nat, addr: entry.nat_addr, port: entry.nat_port })
 }

@@ -45,7 +45,10 @@ use xdpgate_common::{
 };
 
 use crate::{
-    action::{Action, JUDGED, NAT_ICMP_ERROR, NAT_PENDING_SNAT, NOT_ESTABLISHED, RECLASSIFY},
+    action::{
+        Action, JUDGED, NAT_ICMP_ERROR_DST, NAT_ICMP_ERROR_SRC, NAT_PENDING_SNAT, NOT_ESTABLISHED,
+        RECLASSIFY,
+    },
     flow::Lookup,
     hook::{Hook, tc_verdict},
     maps::{
@@ -392,7 +395,7 @@ fn act_stage<H: Hook>(ctx: &H) -> Result<u32, DropReason> {
         flow::remember_first_fragment(meta, action);
     }
     let hop = match action.nat {
-        NAT_NONE | NAT_ICMP_ERROR => None,
+        NAT_NONE | NAT_ICMP_ERROR_DST | NAT_ICMP_ERROR_SRC => None,
         _ => flow::next_hop_cache(meta),
     };
     act(ctx, meta, action, hop)
@@ -445,10 +448,17 @@ fn act<H: Hook>(
         // Its flow stays embryonic (the backend answers the client directly), so it never
         // takes the entry stage's cached way.
         NAT_ENCAP => encap::forward(ctx, meta, &action.addr, len, hop),
-        // Not a flow's own packet: no flow entry to keep its next hop in.
-        NAT_ICMP_ERROR => {
-            forward::forward(ctx, meta, &meta.src, &action.addr, len, None, false, || {
-                ctx.rewrite_icmp_error(meta, &action.addr, action.port)
+        // Not a flow's own packet: no flow entry to keep its next hop in. An error going
+        // back to the flow's host travels to the translated address, one going out leaves
+        // from it.
+        NAT_ICMP_ERROR_DST | NAT_ICMP_ERROR_SRC => {
+            let (kind, src, to) = if action.nat == NAT_ICMP_ERROR_DST {
+                (NAT_DST, &meta.src, &action.addr)
+            } else {
+                (NAT_SRC, &action.addr, &meta.dst)
+            };
+            forward::forward(ctx, meta, src, to, len, None, false, || {
+                ctx.rewrite_icmp_error(meta, kind, &action.addr, action.port)
             })
         }
         _ => forward::forward(ctx, meta, &action.addr, &meta.dst, len, hop, true, || {

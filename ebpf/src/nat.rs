@@ -151,47 +151,68 @@ pub fn decrement_ttl(ctx: &XdpContext, meta: &PacketMeta) -> Result<bool, DropRe
     Ok(true)
 }
 
-/// Translates an ICMP error about a translated flow back to that flow's host: the outer
-/// destination, and the quoted packet's source address and port (or echo identifier)
-/// become `addr` and `port`. The ICMP checksum covers the quoted bytes, so it follows every
-/// word changed there, the quoted IPv4 header checksum included. (The quoted L4 checksum
-/// is left as it is: it may not even be in the quote, and no receiver checks it.)
+/// Where an ICMP error's rewrite of `kind` writes, as offsets into the outer and the quoted
+/// IP header and the quoted L4 header: an error coming back to a flow's host (`NAT_DST`)
+/// gets a new outer destination and quoted source, one going out from the host's side
+/// (`NAT_SRC`) a new outer source and quoted destination; the quoted port (or echo
+/// identifier) is the one of the quoted side.
+#[inline(always)]
+fn icmp_error_fields(family: u8, kind: u8, proto: u8) -> (usize, usize, usize) {
+    let dst = kind == NAT_DST;
+    let (outer, inner) = match (family, dst) {
+        (4, true) => (16, 12),
+        (4, false) => (12, 16),
+        (_, true) => (24, 8),
+        (_, false) => (8, 24),
+    };
+    let port = match proto {
+        IPPROTO_TCP | IPPROTO_UDP if dst => 0,
+        IPPROTO_TCP | IPPROTO_UDP => 2,
+        _ => 4,
+    };
+    (outer, inner, port)
+}
+
+/// Translates an ICMP error about a translated flow as that flow's packets are: the outer
+/// address and the quoted packet's opposite address and port (or echo identifier) become
+/// `addr` and `port` (see [`icmp_error_fields`]). The ICMP checksum covers the quoted
+/// bytes, so it follows every word changed there, the quoted IPv4 header checksum included.
+/// (The quoted L4 checksum is left as it is: it may not even be in the quote, and no
+/// receiver checks it.)
 #[inline(always)]
 pub fn rewrite_icmp_error(
     ctx: &XdpContext,
     meta: &PacketMeta,
+    kind: u8,
     addr: &[u32; 4],
     port: u16,
 ) -> Result<(), DropReason> {
     let (l3, l4, proto) = inner_offsets(ctx, meta).ok_or(DropReason::Malformed)?;
+    let (outer_at, inner_at, port_at) = icmp_error_fields(meta.family, kind, proto);
     let check_off = meta.l4() + 2;
     let mut check = u16::from_be_bytes(*mut_at::<[u8; 2]>(ctx, check_off)?);
     if meta.family == 4 {
-        let outer: &mut Ipv4Hdr = mut_at(ctx, meta.l3())?;
         let new = addr[0].to_ne_bytes();
-        let old = outer.dst;
-        outer.dst = new;
+        let field: &mut [u8; 4] = mut_at(ctx, meta.l3() + outer_at)?;
+        let old = *field;
+        *field = new;
+        let outer: &mut Ipv4Hdr = mut_at(ctx, meta.l3())?;
         outer.check = csum_replace32(u16::from_be_bytes(outer.check), old, new).to_be_bytes();
+        let field: &mut [u8; 4] = mut_at(ctx, l3 + inner_at)?;
+        let old = *field;
+        *field = new;
         let inner: &mut Ipv4Hdr = mut_at(ctx, l3)?;
-        let old = inner.src;
-        inner.src = new;
         let old_inner_check = u16::from_be_bytes(inner.check);
         let new_inner_check = csum_replace32(old_inner_check, old, new);
         inner.check = new_inner_check.to_be_bytes();
         check = csum_replace32(check, old, new);
         check = csum_replace16(check, old_inner_check, new_inner_check);
     } else {
-        let outer: &mut Ipv6Hdr = mut_at(ctx, meta.l3())?;
         // ICMPv6 covers the outer pseudo-header.
-        check = replace_addr6(&mut outer.dst, addr, check);
-        let inner: &mut Ipv6Hdr = mut_at(ctx, l3)?;
-        check = replace_addr6(&mut inner.src, addr, check);
+        check = replace_addr6(mut_at(ctx, meta.l3() + outer_at)?, addr, check);
+        check = replace_addr6(mut_at(ctx, l3 + inner_at)?, addr, check);
     }
-    let at = match proto {
-        IPPROTO_TCP | IPPROTO_UDP => 0,
-        _ => 4,
-    };
-    let field: &mut [u8; 2] = mut_at(ctx, l4 + at)?;
+    let field: &mut [u8; 2] = mut_at(ctx, l4 + port_at)?;
     let old = u16::from_be_bytes(*field);
     *field = port.to_be_bytes();
     check = csum_replace16(check, old, port);
@@ -328,40 +349,39 @@ pub fn decrement_ttl_skb(ctx: &TcContext, meta: &PacketMeta) -> Result<bool, Dro
 }
 
 /// [`rewrite_icmp_error`] on a socket buffer. Every word changed inside the quote is ICMP
-/// payload (no pseudo-header); the outer IPv6 destination is in ICMPv6's pseudo-header.
+/// payload (no pseudo-header); the outer IPv6 addresses are in ICMPv6's pseudo-header.
 #[inline(always)]
 pub fn rewrite_icmp_error_skb(
     ctx: &TcContext,
     meta: &PacketMeta,
+    kind: u8,
     addr: &[u32; 4],
     port: u16,
 ) -> Result<(), DropReason> {
     let (l3, l4, proto) = inner_offsets(ctx, meta).ok_or(DropReason::Malformed)?;
+    let (outer_at, inner_at, port_at) = icmp_error_fields(meta.family, kind, proto);
     let check = meta.l4() + 2;
     let outer = meta.l3();
     if meta.family == 4 {
-        replace32(ctx, outer + 16, addr[0], outer + 10, 0, 0)?;
+        replace32(ctx, outer + outer_at, addr[0], outer + 10, 0, 0)?;
         // The quoted header's checksum is ICMP payload too: computed here, then replaced
         // like any other word of it.
-        // TTL, protocol, checksum and source in one read.
-        let h = read::<[u8; 8]>(ctx, l3 + 8)?;
-        let old = [h[4], h[5], h[6], h[7]];
+        // TTL, protocol, checksum and both addresses in one read.
+        let h = read::<[u8; 12]>(ctx, l3 + 8)?;
+        let old =
+            if inner_at == 12 { [h[4], h[5], h[6], h[7]] } else { [h[8], h[9], h[10], h[11]] };
         let new_inner_check =
             csum_replace32(u16::from_be_bytes([h[2], h[3]]), old, addr[0].to_ne_bytes());
-        replace32(ctx, l3 + 12, addr[0], 0, check, 0)?;
+        replace32(ctx, l3 + inner_at, addr[0], 0, check, 0)?;
         replace16(ctx, l3 + 10, new_inner_check, check, 0)?;
     } else {
         for (i, w) in addr.iter().enumerate() {
-            replace32(ctx, outer + 24 + 4 * i, *w, 0, check, BPF_F_PSEUDO_HDR as u64)?;
+            replace32(ctx, outer + outer_at + 4 * i, *w, 0, check, BPF_F_PSEUDO_HDR as u64)?;
         }
         for (i, w) in addr.iter().enumerate() {
-            replace32(ctx, l3 + 8 + 4 * i, *w, 0, check, 0)?;
+            replace32(ctx, l3 + inner_at + 4 * i, *w, 0, check, 0)?;
         }
     }
-    let at = match proto {
-        IPPROTO_TCP | IPPROTO_UDP => 0,
-        _ => 4,
-    };
-    replace16(ctx, l4 + at, port, check, 0)?;
+    replace16(ctx, l4 + port_at, port, check, 0)?;
     Ok(())
 }

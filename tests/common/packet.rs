@@ -3,7 +3,9 @@
 
 use std::net::IpAddr;
 
-use etherparse::{IpHeaders, PacketBuilder, PacketBuilderStep, VlanId};
+use etherparse::{
+    Icmpv4Type, Icmpv6Type, IpHeaders, PacketBuilder, PacketBuilderStep, VlanId, icmpv4, icmpv6,
+};
 use xdpgate_common::flow::FlowKey;
 
 pub const MAC_A: [u8; 6] = [0x02, 0, 0, 0, 0, 0xa];
@@ -20,6 +22,12 @@ pub enum L4 {
     Echo(u16),
     /// ICMP or ICMPv6 echo reply with this identifier.
     EchoReply(u16),
+    /// An ICMP or ICMPv6 port unreachable; the payload is the packet it quotes, from its IP
+    /// header on.
+    PortUnreachable,
+    /// An ICMP fragmentation needed or ICMPv6 packet too big with this MTU; the payload is
+    /// the packet it quotes.
+    TooBig(u16),
     /// No L4 header built: the payload follows the IP header as protocol (next header) `n`.
     Raw(u8),
 }
@@ -76,6 +84,20 @@ pub fn frame_vlan(src: &str, dst: &str, l4: L4, vlans: &[u16], payload: &[u8]) -
         L4::Echo(id) => ip.icmpv4_echo_request(id, 1).write(&mut out, payload),
         L4::EchoReply(id) if v6 => ip.icmpv6_echo_reply(id, 1).write(&mut out, payload),
         L4::EchoReply(id) => ip.icmpv4_echo_reply(id, 1).write(&mut out, payload),
+        L4::PortUnreachable if v6 => ip
+            .icmpv6(Icmpv6Type::DestinationUnreachable(icmpv6::DestUnreachableCode::Port))
+            .write(&mut out, payload),
+        L4::PortUnreachable => ip
+            .icmpv4(Icmpv4Type::DestinationUnreachable(icmpv4::DestUnreachableHeader::Port))
+            .write(&mut out, payload),
+        L4::TooBig(mtu) if v6 => {
+            ip.icmpv6(Icmpv6Type::PacketTooBig { mtu: mtu.into() }).write(&mut out, payload)
+        }
+        L4::TooBig(mtu) => ip
+            .icmpv4(Icmpv4Type::DestinationUnreachable(
+                icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: mtu },
+            ))
+            .write(&mut out, payload),
         L4::Raw(n) => ip.write(&mut out, n.into(), payload),
     }
     .expect("build packet");
@@ -194,8 +216,16 @@ pub fn offload_checksum(frame: &mut [u8], ip: usize) -> (u16, u16) {
 }
 
 /// Verifies the IPv4 header checksum and the TCP/UDP/ICMP(v6) checksum of an untagged frame
-/// from scratch (not incrementally, so it can catch a wrong incremental update).
+/// from scratch (not incrementally, so it can catch a wrong incremental update), and the
+/// header checksum of an IPv4 packet an ICMP error quotes.
 pub fn checksums_ok(p: &[u8]) -> Result<(), String> {
+    if let Some(quote) = quoted(p).filter(|q| q.first().is_some_and(|v| v >> 4 == 4))
+        && !quote
+            .get(..usize::from(quote[0] & 0xf) * 4)
+            .is_some_and(|h| folds_to_ffff(ones_sum(h, 0)))
+    {
+        return Err("quoted IPv4 header checksum".into());
+    }
     let ip = &p[ETH_LEN..];
     let (proto, l4, pseudo): (u8, &[u8], u32) = if ip[0] >> 4 == 4 {
         let ihl = usize::from(ip[0] & 0xf) * 4;
@@ -220,6 +250,24 @@ pub fn checksums_ok(p: &[u8]) -> Result<(), String> {
         _ => true,
     };
     if ok { Ok(()) } else { Err(format!("L4 (protocol {proto}) checksum")) }
+}
+
+/// The packet an ICMP or ICMPv6 error in an untagged frame quotes, from its IP header on.
+pub fn quoted(p: &[u8]) -> Option<&[u8]> {
+    let ip = &p[ETH_LEN..];
+    let (l4, error) = if ip[0] >> 4 == 4 {
+        let l4 = usize::from(ip[0] & 0xf) * 4;
+        (l4, ip[9] == 1 && ip.get(l4).is_some_and(|t| matches!(t, 3 | 11 | 12)))
+    } else {
+        (40, ip[6] == 58 && ip.get(40).is_some_and(|t| matches!(t, 1..=4)))
+    };
+    ip.get(l4 + 8..).filter(|_| error)
+}
+
+/// [`endpoints`] of the packet an ICMP or ICMPv6 error quotes.
+pub fn quoted_endpoints(p: &[u8]) -> (IpAddr, IpAddr, u16, u16) {
+    let quote = quoted(p).expect("an ICMP error");
+    endpoints(&[&p[..ETH_LEN], quote].concat())
 }
 
 /// (source, destination, source port, destination port) of an untagged TCP/UDP frame.
