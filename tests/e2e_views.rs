@@ -406,6 +406,50 @@ fn lb_nat_and_nsg(hook: &str) {
     assert_eq!(code, 0, "{c}");
     assert!(connects(&lan, "192.0.2.10:80"));
 
+    // A backend calling its own load balancer (hairpin): the backend it is sent to has it on
+    // its link and answers it there directly, so the connection never completes, and the
+    // views say so (seen failing: reachable, the next hop a redirect and no more).
+    for (i, client, who) in [
+        (1, "198.51.100.12", "has 198.51.100.12 on its link"),
+        (0, "198.51.100.11", "the client itself"),
+    ] {
+        let args = ["--src", client, "--dst", "192.0.2.10:80"];
+        let (c, code) = connectivity(&lan.pins, &args);
+        assert_eq!(code, 1, "{c}");
+        let why = c["blocked_by"].as_str().unwrap();
+        assert!(why.contains(who) && why.contains("hairpin"), "{c}");
+        assert_eq!(c["next_hop"]["reply_bypasses_gateway"].as_str(), Some(why), "{c}");
+        let trace =
+            lan.pins.xdpgate(
+                &[
+                    &[
+                        "trace",
+                        "--iface",
+                        "int0",
+                        "--protocol",
+                        "tcp",
+                        "--dst-port",
+                        "80",
+                        "--json",
+                    ][..],
+                    &args[..2],
+                    &["--dst", "192.0.2.10"],
+                ]
+                .concat(),
+            );
+        let trace: Value = serde_json::from_str(&trace).unwrap();
+        let reply = trace["stages"].as_array().unwrap().iter().find(|s| s["stage"] == "reply");
+        assert_eq!(reply.map(|s| s["decision"].as_str().unwrap()), Some(why), "{trace}");
+        let frontend: SocketAddr = "192.0.2.10:80".parse().unwrap();
+        let connected = lan.backends[i].run(move || {
+            TcpStream::connect_timeout(&frontend, Duration::from_millis(1500)).is_ok()
+        });
+        assert!(!connected, "{client} reached its own frontend");
+    }
+    // From outside the link, nothing of the kind.
+    let (c, _) = connectivity(&lan.pins, &["--src", "203.0.113.10", "--dst", "192.0.2.10:80"]);
+    assert_eq!(c["next_hop"]["reply_bypasses_gateway"], Value::Null, "{c}");
+
     // Outbound through the NAT gateway.
     let (c, code) =
         connectivity(&lan.pins, &["--src", "198.51.100.11", "--dst", "203.0.113.10:80"]);

@@ -33,7 +33,7 @@ use xdpgate_dataplane::{
 
 use crate::{
     filter::Protocol,
-    views::{OutputArgs, View, to_json},
+    views::{OutputArgs, View, nexthop, to_json},
 };
 
 /// Send one crafted packet through the dataplane attached to an interface
@@ -323,7 +323,16 @@ pub fn run(pins: &PinDir, args: &TraceArgs) -> Result<Report> {
         .find(|r| r.stages != 0)
         .ok_or_else(|| anyhow!("the programs recorded nothing: a build without tracing?"))?;
     let names = Names::read(pins).ok();
-    Ok(report(args, link.hook, &rec, names.as_ref(), pins))
+    let mut report = report(args, link.hook, &rec, names.as_ref(), pins);
+    // The dataplane sends a load balancer's packet on either way; whether its answers can
+    // come back is the routes' to say.
+    if rec.nat == NAT_DST && report.verdict != "drop" {
+        let backend = flows::addr(&rec.nat_addr, if args.src.is_ipv6() { 6 } else { 4 });
+        if let Some(why) = nexthop::reply_bypass(ifindex, args.src, backend)? {
+            report.stages.push(Stage { stage: "reply", decision: why });
+        }
+    }
+    Ok(report)
 }
 
 fn report(

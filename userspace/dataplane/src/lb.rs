@@ -220,8 +220,12 @@ pub struct BackendReport {
     /// Flows of this service pinned to the backend now (established and embryonic): a
     /// drained backend is empty when this reaches 0.
     pub flows: u64,
+    /// The backend's packets and bytes: counted per backend address, over every rule that
+    /// sends to it (`counted_over`), not this rule's alone.
     pub packets: u64,
     pub bytes: u64,
+    /// The rules (`LB/RULE`) whose packets `packets` and `bytes` sum.
+    pub counted_over: Vec<String>,
 }
 
 /// Reads the live state of the load balancers of the running generation (`record`), with
@@ -302,6 +306,7 @@ pub fn report(
                         flows: flows.get(&(id as u32, b)).copied().unwrap_or(0),
                         packets: c.packets,
                         bytes: c.bytes,
+                        counted_over: Vec::new(),
                     })
                 })
                 .collect::<Result<_>>()?,
@@ -311,6 +316,15 @@ pub fn report(
                 None => None,
             },
         });
+    }
+    let mut rules: BTreeMap<IpAddr, Vec<String>> = BTreeMap::new();
+    for s in &out {
+        for b in &s.backends {
+            rules.entry(b.address).or_default().push(format!("{}/{}", s.load_balancer, s.rule));
+        }
+    }
+    for b in out.iter_mut().flat_map(|s| s.backends.iter_mut()) {
+        b.counted_over = rules[&b.address].clone();
     }
     Ok(out)
 }

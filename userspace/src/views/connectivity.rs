@@ -17,7 +17,7 @@ use super::{
 /// One step of the path.
 #[derive(Debug, Clone, Serialize)]
 pub struct Step {
-    /// load_balancer, nsg, nat or next_hop.
+    /// load_balancer, nsg, nat, next_hop or reply (the answers' way back).
     pub step: &'static str,
     /// Whether this step lets the flow through.
     pub ok: bool,
@@ -99,6 +99,9 @@ pub fn check(pins: &PinDir, hop: NextHop) -> Result<Connectivity> {
         let ok =
             matches!(hop.forwarding, Forwarding::Redirect | Forwarding::Stack | Forwarding::Local);
         steps.push(Step { step: "next_hop", ok, detail: hop.reason.clone() });
+        if let Some(why) = &hop.reply_bypasses_gateway {
+            steps.push(Step { step: "reply", ok: false, detail: why.clone() });
+        }
     }
     let blocked_by = steps.iter().find(|s| !s.ok).map(|s| s.detail.clone());
     Ok(Connectivity {

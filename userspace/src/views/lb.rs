@@ -54,17 +54,31 @@ impl View for [ServiceReport] {
                 ]);
             }
             for b in &s.backends {
+                // Counted per backend: over every rule it serves, marked where that is more.
+                let mark = if b.counted_over.len() > 1 { "*" } else { "" };
                 g.row([
                     String::new(),
                     format!("  {}", b.address),
                     health(b),
                     b.flows.to_string(),
-                    b.packets.to_string(),
-                    super::bytes(b.bytes),
+                    format!("{}{mark}", b.packets),
+                    format!("{}{mark}", super::bytes(b.bytes)),
                 ]);
             }
         }
         let mut out = g.render();
+        let shared: std::collections::BTreeMap<_, _> = self
+            .iter()
+            .flat_map(|s| &s.backends)
+            .filter(|b| b.counted_over.len() > 1)
+            .map(|b| (b.address, b.counted_over.join(", ")))
+            .collect();
+        if !shared.is_empty() {
+            out += "* a backend's packets and bytes over every rule it serves:\n";
+            for (address, rules) in shared {
+                out += &format!("  {address}: {rules}\n");
+            }
+        }
         if self.is_empty() {
             out += "(no load balancers)\n";
         }
@@ -114,6 +128,7 @@ mod tests {
                     flows: 2,
                     packets: 20,
                     bytes: 2000,
+                    counted_over: vec!["edge/http".into()],
                 },
                 BackendReport {
                     address: "198.51.100.11".parse().unwrap(),
@@ -123,6 +138,7 @@ mod tests {
                     flows: 1,
                     packets: 10,
                     bytes: 1000,
+                    counted_over: vec!["edge/http".into(), "edge/ssh".into()],
                 },
             ],
             outer_source: Some("10.0.1.2".parse().unwrap()),
@@ -142,7 +158,16 @@ mod tests {
             "maglev 0123456789abcdef (198.51.100.10 75.0%, 198.51.100.11 25.0%)",
             "{text}"
         );
-        assert_eq!(lines.len(), 4, "{text}");
+        // A backend two rules send to: its counters are marked, and the note says over what.
+        assert_eq!(
+            lines.split_off(4),
+            [
+                "* a backend's packets and bytes over every rule it \
+                   serves:",
+                "  198.51.100.11: edge/http, edge/ssh"
+            ],
+            "{text}"
+        );
         assert!(
             lines[1].starts_with("edge/http")
                 && lines[1].contains("192.0.2.10:80/tcp [2001:db8::10]:80/tcp"),
@@ -155,12 +180,14 @@ mod tests {
             "{text}"
         );
         assert!(lines[3].contains("198.51.100.11") && lines[3].contains(" drained "), "{text}");
+        assert!(lines[3].ends_with("10*  1000 B*"), "{text}");
         let json = report.json().unwrap();
         assert_eq!(json[0]["backends"][1]["drained"], true);
         assert_eq!(json[0]["backends"][1]["flows"], 1);
         assert_eq!(json[0]["backends"][0]["address"], "198.51.100.10");
         assert_eq!(json[0]["traffic"], serde_json::json!({"packets": 30, "bytes": 3000}));
         assert_eq!(json[0]["backends"][1]["traffic"]["bytes"], 1000);
+        assert_eq!(json[0]["backends"][1]["counted_over"][1], "edge/ssh");
         assert!(json[0].get("packets").is_none(), "{json}");
         assert_eq!(
             json[0]["maglev"]["slots"][1],

@@ -472,6 +472,9 @@ pub struct NextHop {
     pub forwarding: Forwarding,
     /// Why, in words.
     pub reason: String,
+    /// Why the answers would not come back through the gateway (see [`reply_bypass`]), in
+    /// words; `None`: they do, or nothing is translated.
+    pub reply_bypasses_gateway: Option<String>,
 }
 
 const METHOD: &str = "bpf_fib_lookup from XDP (BPF_PROG_TEST_RUN), as the forwarding stage";
@@ -551,6 +554,7 @@ pub fn resolve(pins: &PinDir, flow: &Flow, iface: Option<&str>) -> Result<NextHo
         mtu: None,
         forwarding: Forwarding::NoBackend,
         reason: String::new(),
+        reply_bypasses_gateway: None,
     };
     let looked_up = match &translation {
         Some(t) => match t.apply(flow) {
@@ -587,7 +591,46 @@ pub fn resolve(pins: &PinDir, flow: &Flow, iface: Option<&str>) -> Result<NextHo
         };
     }
     (hop.forwarding, hop.reason) = judge(&hop, &answer, looked_up.dst, policy.is_some())?;
+    let dnat = matches!(
+        &hop.translation,
+        Some(Translation::LoadBalancer { forwarding: "dnat", .. } | Translation::InboundNat { .. })
+    );
+    if let (true, Some(a), Some(e)) = (dnat, &hop.arrival, &hop.egress)
+        && a.ifindex == e.ifindex
+    {
+        hop.reply_bypasses_gateway = reply_bypass(a.ifindex, flow.src, looked_up.dst)?;
+    }
     Ok(hop)
+}
+
+/// Why the answers of a load balancer's destination-translated flow, which keeps its
+/// source, would not come back through the gateway, for a client arriving by `arrival` and
+/// the backend it is sent to: the client is on the link the backend is reached by, so the
+/// backend answers it there directly, from its own address, and the client, which called
+/// the frontend, does not take the answer (a backend calling its own frontend: hairpin).
+/// `None`: the backend is reached by another link, or the client is behind a router.
+pub fn reply_bypass(arrival: u32, client: IpAddr, backend: IpAddr) -> Result<Option<String>> {
+    let ask = |src, dst| {
+        fib::lookup(&fib::Query { src, dst, proto: 0, sport: 0, dport: 0, ifindex: arrival })
+    };
+    if ask(client, backend)?.ifindex != Some(arrival) {
+        return Ok(None);
+    }
+    let back = ask(backend, client)?;
+    if back.ifindex != Some(arrival) || back.via_gateway {
+        return Ok(None);
+    }
+    let link = fib::ifname(arrival).unwrap_or_else(|| format!("ifindex {arrival}"));
+    let who = if client == backend {
+        format!("the backend {backend} is the client itself: it answers itself")
+    } else {
+        format!("the backend {backend} has {client} on its link ({link}): it answers it directly")
+    };
+    Ok(Some(format!(
+        "{who}, from {backend}, not through the gateway, and the client, which called the \
+         frontend, does not take that answer (a backend cannot reach its own load balancer \
+         through the gateway: hairpin)"
+    )))
 }
 
 /// How the packet leaves, and why.
@@ -785,6 +828,9 @@ impl View for NextHop {
             out += &format!("mtu          {m}\n");
         }
         out += &format!("next hop     {}\n", super::wrap(&self.reason, 13));
+        if let Some(why) = &self.reply_bypasses_gateway {
+            out += &format!("reply        {}\n", super::wrap(why, 13));
+        }
         out
     }
 }
