@@ -4,10 +4,15 @@
 //!
 //!   server 198.51.100.10 -- int [gw] ext -- client 203.0.113.10
 //!   on the gateway: 203.0.113.0/24 via ext with `mtu lock 1280`; NAT 198.51.100.0/24 → 192.0.2.100
+//!
+//! The gateway's own ICMP errors about a translated packet reach its sender quoting what it
+//! sent, for a NAT gateway's private host and a load balancer's client alike.
 
 mod common;
 
-use common::gateway::{CLIENT4, Gateway};
+use std::{net::UdpSocket, thread, time::Duration};
+
+use common::gateway::{CLIENT4, Gateway, SERVER4};
 
 const NAT_POLICY: &str = r#"virtual_network:
   address_space: [198.51.100.0/24]
@@ -132,4 +137,59 @@ fn xdp_snat_host_gets_the_gateways_own_errors() {
         }
     }
     snat_host_gets_the_gateways_own_errors(net);
+}
+
+/// A UDP load balancer in front of the server.
+const LB_POLICY: &str = r#"virtual_network:
+  address_space: [198.51.100.0/24]
+load_balancers:
+  - name: lb
+    frontends:
+      - {name: vip, address: 192.0.2.10}
+    backend_pools:
+      - {name: dns, backends: [198.51.100.10]}
+    rules:
+      - {name: dns, frontend: vip, protocol: udp, frontend_port: 53, backend_port: 5353,
+         backend_pool: dns}
+"#;
+
+/// The path MTU the client's kernel has learnt for `dst`, if any (`ip route get`'s cache).
+fn learnt_mtu(net: &Gateway, dst: &str) -> Option<u32> {
+    let out = net.client.exec("ip", &["-4", "route", "get", dst]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut words = text.split_whitespace();
+    words.find(|w| *w == "mtu").and_then(|_| words.next()).map(|n| n.parse().unwrap())
+}
+
+/// A load balancer's client gets the gateway's own "fragmentation needed" about its datagram
+/// (too long for the route to the backend) quoting the datagram as it sent it, to the
+/// frontend, so it learns the path MTU to the frontend, at either hook. (The stack answers
+/// the translated packet: until the egress program translated its error, the error quoted
+/// the backend, and the client learnt nothing for the frontend; seen failing so.)
+#[test]
+fn lb_client_learns_the_path_mtu_from_the_gateways_own_error() {
+    for hook in ["xdp", "tc"] {
+        let net = Gateway::with_hooks(hook, hook);
+        net.take_redirects();
+        net.apply("lb.yaml", LB_POLICY);
+        net.gw.exec(
+            "ip",
+            &["route", "replace", "198.51.100.0/24", "dev", &net.int, "mtu", "lock", "1280"],
+        );
+        let client = net.client.run(|| UdpSocket::bind((CLIENT4, 0)).unwrap());
+        client.connect("192.0.2.10:53").unwrap();
+        // 1,428 bytes of IP, with DF (Linux's default for UDP): through the client's link,
+        // not the gateway's route on. Sent again while nothing is learnt (the first may meet
+        // an unresolved neighbour, and an error of the stack's is rate-limited).
+        for _ in 0..10 {
+            // Refused once the error is in (EMSGSIZE): no matter.
+            let _ = client.send(&[0u8; 1400]);
+            thread::sleep(Duration::from_millis(200));
+            if learnt_mtu(&net, "192.0.2.10").is_some() {
+                break;
+            }
+        }
+        assert_eq!(learnt_mtu(&net, "192.0.2.10"), Some(1280), "{hook}: the frontend's path MTU");
+        assert_eq!(learnt_mtu(&net, SERVER4), None, "{hook}: nothing learnt for the backend");
+    }
 }

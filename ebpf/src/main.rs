@@ -439,9 +439,9 @@ fn act<H: Hook>(
         NAT_NEXT_HOP => {
             forward::forward(ctx, meta, &meta.src, &action.addr, len, hop, false, || Ok(()))
         }
-        // The stack's own errors about a destination-translated packet (one of a load
-        // balancer's, whose frontend may be this host's address) would need translating on
-        // their way out; not done: such a packet goes to the stack translated.
+        // A packet the stack answers with an error of its own goes to it translated too (a
+        // load balancer's frontend may be this host's address, which the stack would take
+        // for its own); the egress stage translates that error on its way out.
         NAT_DST => forward::forward(ctx, meta, &meta.src, &action.addr, len, hop, false, || {
             ctx.rewrite(meta, NAT_DST, &action.addr, action.port)
         }),
@@ -639,6 +639,15 @@ fn egress_policy_stage(ctx: &TcContext) -> Result<Option<()>, DropReason> {
     if icmp::is_error(meta) {
         // As on arrival: an error about no flow is judged as new, not looked up by its key.
         return match icmp::related(ctx, meta) {
+            // The stack's own error about a packet it got translated (a load balancer's
+            // client's packet too long for the route to the backend, say) leaves as the
+            // flow's answers do, quoting what the sender sent, so that the sender takes it
+            // for its own. Only the source: the packet is routed already. (An unfragmented
+            // error: the stack's never are.)
+            Some(a) if a.nat == NAT_ICMP_ERROR_SRC && meta.frag == FRAG_NONE => {
+                ctx.rewrite_icmp_error(meta, NAT_SRC, &a.addr, a.port)?;
+                Ok(Some(()))
+            }
             Some(_) => Ok(Some(())),
             None => enter(ctx, &EGRESS_PIPELINE, EGRESS_NEW),
         };
