@@ -410,7 +410,7 @@ fn lb_nat_and_nsg(hook: &str) {
     // its link and answers it there directly, so the connection never completes, and the
     // views say so (seen failing: reachable, the next hop a redirect and no more).
     for (i, client, who) in [
-        (1, "198.51.100.12", "has 198.51.100.12 on its link"),
+        (1, "198.51.100.12", "and 198.51.100.12 share the subnet 198.51.100.0/24"),
         (0, "198.51.100.11", "the client itself"),
     ] {
         let args = ["--src", client, "--dst", "192.0.2.10:80"];
@@ -449,6 +449,19 @@ fn lb_nat_and_nsg(hook: &str) {
     // From outside the link, nothing of the kind.
     let (c, _) = connectivity(&lan.pins, &["--src", "203.0.113.10", "--dst", "192.0.2.10:80"]);
     assert_eq!(c["next_hop"]["reply_bypasses_gateway"], Value::Null, "{c}");
+    // Nor from a second subnet of the backends' link: the backend answers it through its
+    // gateway, and a real connection works (seen failing with the check on the link alone:
+    // called unreachable).
+    lan.gw.exec("ip", &["addr", "add", "192.0.2.129/25", "dev", "int0"]);
+    lan.backends[2].exec("ip", &["addr", "add", "192.0.2.130/25", "dev", "eth0"]);
+    let args = ["--src", "192.0.2.130", "--dst", "192.0.2.10:80"];
+    let (c, code) = connectivity(&lan.pins, &args);
+    assert_eq!((code, &c["next_hop"]["reply_bypasses_gateway"]), (0, &Value::Null), "{c}");
+    // Bound to that subnet's address (std connects from none it is given).
+    let connect = "import socket; s = socket.socket(); s.settimeout(1.5); \
+                   s.bind(('192.0.2.130', 0)); s.connect(('192.0.2.10', 80))";
+    let out = lan.backends[2].try_exec("python3", &["-c", connect]);
+    assert!(out.status.success(), "from the link's second subnet: {out:?}");
 
     // Outbound through the NAT gateway.
     let (c, code) =

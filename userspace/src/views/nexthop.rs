@@ -5,11 +5,12 @@
 //! attached to: redirected by the dataplane, or handed to the host's stack.
 
 use std::{
-    collections::HashSet,
+    collections::{BTreeMap, HashSet},
     net::{IpAddr, SocketAddr},
 };
 
 use anyhow::{Context, Result, anyhow, bail};
+use ipnet::IpNet;
 use serde::Serialize;
 use xdpgate_dataplane::{
     Hook, PinDir, apply, drain,
@@ -603,28 +604,66 @@ pub fn resolve(pins: &PinDir, flow: &Flow, iface: Option<&str>) -> Result<NextHo
     Ok(hop)
 }
 
+/// The subnets of each interface of the current namespace: its addresses with their
+/// prefixes (link-local ones left out: they name no subnet the gateway routes).
+pub fn interface_networks() -> Result<BTreeMap<String, Vec<IpNet>>> {
+    let mut nets: BTreeMap<String, Vec<IpNet>> = BTreeMap::new();
+    for a in nix::ifaddrs::getifaddrs().context("listing addresses")? {
+        let (Some(addr), Some(mask)) = (a.address, a.netmask) else { continue };
+        let net = match (addr.as_sockaddr_in(), mask.as_sockaddr_in()) {
+            (Some(a), Some(m)) => IpNet::with_netmask(IpAddr::V4(a.ip()), IpAddr::V4(m.ip())).ok(),
+            _ => match (addr.as_sockaddr_in6(), mask.as_sockaddr_in6()) {
+                (Some(a), Some(m)) => {
+                    IpNet::with_netmask(IpAddr::V6(a.ip()), IpAddr::V6(m.ip())).ok()
+                }
+                _ => None,
+            },
+        };
+        if let Some(net) =
+            net.filter(|n| !matches!(n.addr(), IpAddr::V6(a) if a.is_unicast_link_local()))
+        {
+            nets.entry(a.interface_name).or_default().push(net);
+        }
+    }
+    Ok(nets)
+}
+
 /// Why the answers of a load balancer's destination-translated flow, which keeps its
 /// source, would not come back through the gateway, for a client arriving by `arrival` and
-/// the backend it is sent to: the client is on the link the backend is reached by, so the
-/// backend answers it there directly, from its own address, and the client, which called
-/// the frontend, does not take the answer (a backend calling its own frontend: hairpin).
-/// `None`: the backend is reached by another link, or the client is behind a router.
+/// the backend it is sent to: the backend is the client itself, or both are in one of the
+/// subnets of that link, so the backend answers it there directly, from its own address,
+/// and the client, which called the frontend, does not take the answer (a backend calling
+/// its own frontend: hairpin). `None`: the backend is reached by another link, or the
+/// client is in another subnet (behind a router, or in a second subnet of the link, which
+/// the backend reaches through its gateway).
 pub fn reply_bypass(arrival: u32, client: IpAddr, backend: IpAddr) -> Result<Option<String>> {
-    let ask = |src, dst| {
-        fib::lookup(&fib::Query { src, dst, proto: 0, sport: 0, dport: 0, ifindex: arrival })
-    };
-    if ask(client, backend)?.ifindex != Some(arrival) {
-        return Ok(None);
-    }
-    let back = ask(backend, client)?;
-    if back.ifindex != Some(arrival) || back.via_gateway {
+    let to_backend = fib::lookup(&fib::Query {
+        src: client,
+        dst: backend,
+        proto: 0,
+        sport: 0,
+        dport: 0,
+        ifindex: arrival,
+    })?;
+    if to_backend.ifindex != Some(arrival) {
         return Ok(None);
     }
     let link = fib::ifname(arrival).unwrap_or_else(|| format!("ifindex {arrival}"));
-    let who = if client == backend {
-        format!("the backend {backend} is the client itself: it answers itself")
-    } else {
-        format!("the backend {backend} has {client} on its link ({link}): it answers it directly")
+    let shared = interface_networks()?
+        .remove(&link)
+        .unwrap_or_default()
+        .into_iter()
+        .find(|n| n.contains(&client) && n.contains(&backend));
+    let who = match shared {
+        _ if client == backend => {
+            format!("the backend {backend} is the client itself: it answers itself")
+        }
+        Some(net) => format!(
+            "the backend {backend} and {client} share the subnet {} on {link}: the backend \
+             answers it directly",
+            net.trunc()
+        ),
+        None => return Ok(None),
     };
     Ok(Some(format!(
         "{who}, from {backend}, not through the gateway, and the client, which called the \

@@ -5,7 +5,7 @@
 //! with their public addresses; as text, JSON, Graphviz DOT, or SVG drawn by `dot`.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::HashSet,
     fmt::Write as _,
     io::Write as _,
     net::IpAddr,
@@ -95,25 +95,7 @@ pub struct Topology {
 
 /// Every interface of the current namespace but loopback, with its addresses.
 fn interfaces(attached: &[status::IfaceStatus]) -> Result<Vec<Interface>> {
-    let mut addrs: BTreeMap<String, Vec<IpNet>> = BTreeMap::new();
-    for a in nix::ifaddrs::getifaddrs().context("listing addresses")? {
-        let (Some(addr), Some(mask)) = (a.address, a.netmask) else { continue };
-        let net = match (addr.as_sockaddr_in(), mask.as_sockaddr_in()) {
-            (Some(a), Some(m)) => IpNet::with_netmask(IpAddr::V4(a.ip()), IpAddr::V4(m.ip())).ok(),
-            _ => match (addr.as_sockaddr_in6(), mask.as_sockaddr_in6()) {
-                (Some(a), Some(m)) => {
-                    IpNet::with_netmask(IpAddr::V6(a.ip()), IpAddr::V6(m.ip())).ok()
-                }
-                _ => None,
-            },
-        };
-        // Link-local addresses name no subnet the gateway routes.
-        if let Some(net) =
-            net.filter(|n| !matches!(n.addr(), IpAddr::V6(a) if a.is_unicast_link_local()))
-        {
-            addrs.entry(a.interface_name).or_default().push(net);
-        }
-    }
+    let mut addrs = nexthop::interface_networks()?;
     let mut out = Vec::new();
     for i in nix::net::if_::if_nameindex().context("listing interfaces")?.iter() {
         let name = i.name().to_string_lossy().into_owned();
