@@ -338,10 +338,26 @@ impl Failing {
         }
     }
 
+    /// For `agent.json` (and `status`, and the metrics): each error cut to its first
+    /// `LISTED_ERROR` bytes, as a failing attach's verifier log runs to megabytes (it is
+    /// logged whole, once).
     fn list(&self) -> Vec<String> {
-        self.0.iter().map(|(job, msg)| format!("{job}: {msg}")).collect()
+        self.0
+            .iter()
+            .map(|(job, msg)| match msg.char_indices().nth(LISTED_ERROR) {
+                Some((cut, _)) => format!(
+                    "{job}: {}... ({} bytes more in the agent's log)",
+                    &msg[..cut],
+                    msg.len() - cut
+                ),
+                None => format!("{job}: {msg}"),
+            })
+            .collect()
     }
 }
+
+/// How much of a failing job's error `agent.json` keeps, in characters.
+const LISTED_ERROR: usize = 1000;
 
 /// Loads and compiles the policy file, touching nothing.
 fn prepare(pins: &PinDir, file: &Path) -> Result<(Policy, String, compile::Compiled, CompiledLb)> {
@@ -1241,6 +1257,24 @@ impl HealthTables {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A failing attach's error carries the verifier's log, megabytes of it: the state file
+    /// keeps its first thousand characters and says how much more the log has (seen failing:
+    /// it kept all of it).
+    #[test]
+    fn a_failing_jobs_error_is_kept_short_for_the_state_file() {
+        let mut failing = Failing::default();
+        let log = "verifier: ".to_owned() + &"insn\n".repeat(200_000);
+        failing.check::<()>("node file", Err(anyhow!("{log}")));
+        failing.check::<()>("route watch", Err(anyhow!("no netlink")));
+        let list = failing.list();
+        assert_eq!(list[1], "route watch: no netlink");
+        assert!(list[0].starts_with("node file: verifier: insn\ninsn"), "{}", &list[0][..40]);
+        assert!(list[0].len() < 1100, "{} bytes", list[0].len());
+        assert!(
+            list[0].ends_with(&format!("... ({} bytes more in the agent's log)", log.len() - 1000))
+        );
+    }
 
     #[test]
     fn the_sweep_runs_at_most_once_per_twenty_times_its_duration_or_a_second() {
