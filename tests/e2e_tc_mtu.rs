@@ -191,5 +191,34 @@ fn lb_client_learns_the_path_mtu_from_the_gateways_own_error() {
         }
         assert_eq!(learnt_mtu(&net, "192.0.2.10"), Some(1280), "{hook}: the frontend's path MTU");
         assert_eq!(learnt_mtu(&net, SERVER4), None, "{hook}: nothing learnt for the backend");
+
+        // TTL 1: the gateway's "time exceeded" reaches the client's socket (its quote is what
+        // the socket sent) from the gateway's own address, as a router's does, so that
+        // traceroute shows the hop (seen failing while the egress program gave it the
+        // frontend's address: "2 11 0 192.0.2.10").
+        let out = net.client.try_exec("python3", &["-c", TIME_EXCEEDED]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(text.trim(), "2 11 0 203.0.113.1", "{hook}: {out:?}");
     }
 }
+
+/// Sends a UDP datagram with TTL 1 to the frontend on a connected socket with `IP_RECVERR`,
+/// and prints the ICMP error the socket took for its own: origin, type, code, and the
+/// address it came from (`SO_EE_OFFENDER`).
+const TIME_EXCEEDED: &str = r#"
+import select, socket, struct
+IP_RECVERR = 11  # linux/in.h; not every Python names it
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
+s.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 1)
+s.connect(("192.0.2.10", 53))
+for _ in range(5):
+    s.send(b"hop?")
+    if select.select([s], [], [], 1)[0]:
+        break
+_, anc, _, _ = s.recvmsg(64, 512, socket.MSG_ERRQUEUE | socket.MSG_DONTWAIT)
+for level, kind, data in anc:
+    if level == socket.IPPROTO_IP and kind == IP_RECVERR:
+        _, origin, icmp_type, code = struct.unpack("=IBBB", data[:7])
+        print(origin, icmp_type, code, socket.inet_ntoa(data[20:24]))
+"#;

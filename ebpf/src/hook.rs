@@ -50,14 +50,15 @@ pub trait Hook: EbpfContext + Packet + Sized {
         port: u16,
     ) -> Result<(), DropReason>;
     /// Translates an ICMP error about a translated flow as the flow entry it belongs to
-    /// (rewriting the destination, `NAT_DST`, or the source) translates its packets (see
-    /// `nat::rewrite_icmp_error`).
+    /// (rewriting the destination, `NAT_DST`, or the source) translates its packets; the
+    /// outer address too when `outer` (see `nat::rewrite_icmp_error`).
     fn rewrite_icmp_error(
         &self,
         meta: &PacketMeta,
         kind: u8,
         addr: &[u32; 4],
         port: u16,
+        outer: bool,
     ) -> Result<(), DropReason>;
     /// Decrements the TTL (hop limit); false when it would reach zero.
     fn decrement_ttl(&self, meta: &PacketMeta) -> Result<bool, DropReason>;
@@ -138,8 +139,9 @@ impl Hook for XdpContext {
         kind: u8,
         addr: &[u32; 4],
         port: u16,
+        outer: bool,
     ) -> Result<(), DropReason> {
-        nat::rewrite_icmp_error(self, meta, kind, addr, port)
+        nat::rewrite_icmp_error(self, meta, kind, addr, port, outer)
     }
 
     #[inline(always)]
@@ -228,8 +230,9 @@ impl Hook for TcContext {
         kind: u8,
         addr: &[u32; 4],
         port: u16,
+        outer: bool,
     ) -> Result<(), DropReason> {
-        nat::rewrite_icmp_error_skb(self, meta, kind, addr, port)
+        nat::rewrite_icmp_error_skb(self, meta, kind, addr, port, outer)
     }
 
     #[inline(always)]

@@ -53,6 +53,25 @@ pub fn inner_offsets(ctx: &impl Packet, meta: &PacketMeta) -> Option<(usize, usi
     (l4 + 8 <= ip_end(ctx, meta)?).then_some((l3, l4, proto))
 }
 
+/// Where the quoted packet's own L4 checksum lies, when the quote holds it (0: nothing to
+/// keep up to date), and whether it covers the addresses (a pseudo-header: TCP, UDP,
+/// ICMPv6; not ICMP, whose checksum covers the echo identifier alone).
+#[inline(always)]
+pub fn quoted_check(
+    ctx: &impl Packet,
+    meta: &PacketMeta,
+    l4: usize,
+    proto: u8,
+) -> Option<(usize, bool)> {
+    let (off, pseudo) = match proto {
+        IPPROTO_TCP => (l4 + 16, true),
+        IPPROTO_UDP => (l4 + 6, true),
+        p if is_icmp(meta.family, p) => (l4 + 2, meta.family == 6),
+        _ => return Some((0, false)),
+    };
+    Some(if off + 2 <= ip_end(ctx, meta)? { (off, pseudo) } else { (0, false) })
+}
+
 /// Where the packet's own IP datagram ends (its length field; ICMP is never GSO).
 #[inline(always)]
 fn ip_end(ctx: &impl Packet, meta: &PacketMeta) -> Option<usize> {

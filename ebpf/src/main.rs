@@ -458,7 +458,7 @@ fn act<H: Hook>(
                 (NAT_SRC, &action.addr, &meta.dst)
             };
             forward::forward(ctx, meta, src, to, len, None, false, || {
-                ctx.rewrite_icmp_error(meta, kind, &action.addr, action.port)
+                ctx.rewrite_icmp_error(meta, kind, &action.addr, action.port, true)
             })
         }
         _ => forward::forward(ctx, meta, &action.addr, &meta.dst, len, hop, true, || {
@@ -640,12 +640,12 @@ fn egress_policy_stage(ctx: &TcContext) -> Result<Option<()>, DropReason> {
         // As on arrival: an error about no flow is judged as new, not looked up by its key.
         return match icmp::related(ctx, meta) {
             // The stack's own error about a packet it got translated (a load balancer's
-            // client's packet too long for the route to the backend, say) leaves as the
-            // flow's answers do, quoting what the sender sent, so that the sender takes it
-            // for its own. Only the source: the packet is routed already. (An unfragmented
-            // error: the stack's never are.)
+            // client's packet too long for the route to the backend, say) quotes what the
+            // sender sent, so that the sender takes it for its own; it comes from this
+            // host's address, as a router's does (traceroute shows this hop). (An
+            // unfragmented error: the stack's never are.)
             Some(a) if a.nat == NAT_ICMP_ERROR_SRC && meta.frag == FRAG_NONE => {
-                ctx.rewrite_icmp_error(meta, NAT_SRC, &a.addr, a.port)?;
+                ctx.rewrite_icmp_error(meta, NAT_SRC, &a.addr, a.port, false)?;
                 Ok(Some(()))
             }
             Some(_) => Ok(Some(())),

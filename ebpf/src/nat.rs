@@ -10,7 +10,7 @@ use xdpgate_common::{flow::NAT_DST, stats::DropReason};
 
 use crate::{
     headers::{IPPROTO_TCP, IPPROTO_UDP, Ipv4Hdr, Ipv6Hdr},
-    icmp::inner_offsets,
+    icmp::{inner_offsets, quoted_check},
     parse::{FRAG_LATER, PacketMeta, is_echo, ptr_at},
 };
 
@@ -34,16 +34,24 @@ fn csum_replace32(check: u16, old: [u8; 4], new: [u8; 4]) -> u16 {
     csum_replace16(c, u16::from_be_bytes([old[2], old[3]]), u16::from_be_bytes([new[2], new[3]]))
 }
 
-/// Writes `addr` into an IPv6 address field; returns `check` updated for the change.
+/// `check` after an IPv6 address it covers changed from `old` to `new`.
 #[inline(always)]
-fn replace_addr6(field: &mut [u8; 16], addr: &[u32; 4], mut check: u16) -> u16 {
-    for (i, w) in addr.iter().enumerate() {
-        let new = w.to_ne_bytes();
-        let old = [field[i * 4], field[i * 4 + 1], field[i * 4 + 2], field[i * 4 + 3]];
-        field[i * 4..i * 4 + 4].copy_from_slice(&new);
-        check = csum_replace32(check, old, new);
+fn csum_replace_addr6(mut check: u16, old: &[u8; 16], new: &[u32; 4]) -> u16 {
+    for (i, w) in new.iter().enumerate() {
+        let old = [old[i * 4], old[i * 4 + 1], old[i * 4 + 2], old[i * 4 + 3]];
+        check = csum_replace32(check, old, w.to_ne_bytes());
     }
     check
+}
+
+/// Writes `addr` into an IPv6 address field; returns `check` updated for the change.
+#[inline(always)]
+fn replace_addr6(field: &mut [u8; 16], addr: &[u32; 4], check: u16) -> u16 {
+    let old = *field;
+    for (i, w) in addr.iter().enumerate() {
+        field[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    csum_replace_addr6(check, &old, addr)
 }
 
 #[inline(always)]
@@ -173,12 +181,13 @@ fn icmp_error_fields(family: u8, kind: u8, proto: u8) -> (usize, usize, usize) {
     (outer, inner, port)
 }
 
-/// Translates an ICMP error about a translated flow as that flow's packets are: the outer
-/// address and the quoted packet's opposite address and port (or echo identifier) become
-/// `addr` and `port` (see [`icmp_error_fields`]). The ICMP checksum covers the quoted
-/// bytes, so it follows every word changed there, the quoted IPv4 header checksum included.
-/// (The quoted L4 checksum is left as it is: it may not even be in the quote, and no
-/// receiver checks it.)
+/// Translates an ICMP error about a translated flow as that flow's packets are: the
+/// quoted packet's address and port (or echo identifier) on the translated side become
+/// `addr` and `port` (see [`icmp_error_fields`]), and, when `outer`, the outer address on
+/// that side too (not for the host's own errors, which come from its address). The quote's
+/// checksums follow (its IPv4 header's, and its L4 one where the quote holds it: the
+/// quote is then the packet as its sender sent it), and so does the ICMP checksum, which
+/// covers the quote.
 #[inline(always)]
 pub fn rewrite_icmp_error(
     ctx: &XdpContext,
@@ -186,18 +195,24 @@ pub fn rewrite_icmp_error(
     kind: u8,
     addr: &[u32; 4],
     port: u16,
+    outer: bool,
 ) -> Result<(), DropReason> {
     let (l3, l4, proto) = inner_offsets(ctx, meta).ok_or(DropReason::Malformed)?;
+    let (q_off, q_pseudo) = quoted_check(ctx, meta, l4, proto).ok_or(DropReason::Malformed)?;
     let (outer_at, inner_at, port_at) = icmp_error_fields(meta.family, kind, proto);
     let check_off = meta.l4() + 2;
     let mut check = u16::from_be_bytes(*mut_at::<[u8; 2]>(ctx, check_off)?);
+    let old_q = if q_off != 0 { u16::from_be_bytes(*mut_at::<[u8; 2]>(ctx, q_off)?) } else { 0 };
+    let mut q = old_q;
     if meta.family == 4 {
         let new = addr[0].to_ne_bytes();
-        let field: &mut [u8; 4] = mut_at(ctx, meta.l3() + outer_at)?;
-        let old = *field;
-        *field = new;
-        let outer: &mut Ipv4Hdr = mut_at(ctx, meta.l3())?;
-        outer.check = csum_replace32(u16::from_be_bytes(outer.check), old, new).to_be_bytes();
+        if outer {
+            let field: &mut [u8; 4] = mut_at(ctx, meta.l3() + outer_at)?;
+            let old = *field;
+            *field = new;
+            let ip: &mut Ipv4Hdr = mut_at(ctx, meta.l3())?;
+            ip.check = csum_replace32(u16::from_be_bytes(ip.check), old, new).to_be_bytes();
+        }
         let field: &mut [u8; 4] = mut_at(ctx, l3 + inner_at)?;
         let old = *field;
         *field = new;
@@ -207,17 +222,40 @@ pub fn rewrite_icmp_error(
         inner.check = new_inner_check.to_be_bytes();
         check = csum_replace32(check, old, new);
         check = csum_replace16(check, old_inner_check, new_inner_check);
+        if q_pseudo {
+            q = csum_replace32(q, old, new);
+        }
     } else {
         // ICMPv6 covers the outer pseudo-header.
-        check = replace_addr6(mut_at(ctx, meta.l3() + outer_at)?, addr, check);
-        check = replace_addr6(mut_at(ctx, l3 + inner_at)?, addr, check);
+        if outer {
+            check = replace_addr6(mut_at(ctx, meta.l3() + outer_at)?, addr, check);
+        }
+        let field: &mut [u8; 16] = mut_at(ctx, l3 + inner_at)?;
+        let old = *field;
+        check = replace_addr6(field, addr, check);
+        if q_pseudo {
+            q = csum_replace_addr6(q, &old, addr);
+        }
     }
     let field: &mut [u8; 2] = mut_at(ctx, l4 + port_at)?;
     let old = u16::from_be_bytes(*field);
     *field = port.to_be_bytes();
     check = csum_replace16(check, old, port);
+    q = csum_replace16(q, old, port);
+    if quoted_check_kept(meta, proto, q_off, old_q) {
+        let q = if proto == IPPROTO_UDP && q == 0 { 0xffff } else { q };
+        *mut_at::<[u8; 2]>(ctx, q_off)? = q.to_be_bytes();
+        check = csum_replace16(check, old_q, q);
+    }
     *mut_at::<[u8; 2]>(ctx, check_off)? = check.to_be_bytes();
     Ok(())
+}
+
+/// Whether the quoted L4 checksum at `q_off` (0: not in the quote), `old_q`, is kept up to
+/// date: not a quoted UDP datagram over IPv4 without one, which stays without.
+#[inline(always)]
+fn quoted_check_kept(meta: &PacketMeta, proto: u8, q_off: usize, old_q: u16) -> bool {
+    q_off != 0 && !(meta.family == 4 && proto == IPPROTO_UDP && old_q == 0)
 }
 
 // The same rewrites on a socket buffer (the tc hook). Its L4 checksum may be
@@ -357,31 +395,51 @@ pub fn rewrite_icmp_error_skb(
     kind: u8,
     addr: &[u32; 4],
     port: u16,
+    outer: bool,
 ) -> Result<(), DropReason> {
     let (l3, l4, proto) = inner_offsets(ctx, meta).ok_or(DropReason::Malformed)?;
+    let (q_off, q_pseudo) = quoted_check(ctx, meta, l4, proto).ok_or(DropReason::Malformed)?;
     let (outer_at, inner_at, port_at) = icmp_error_fields(meta.family, kind, proto);
     let check = meta.l4() + 2;
-    let outer = meta.l3();
+    let ip = meta.l3();
+    let old_q = if q_off != 0 { u16::from_be_bytes(read::<[u8; 2]>(ctx, q_off)?) } else { 0 };
+    let mut q = old_q;
     if meta.family == 4 {
-        replace32(ctx, outer + outer_at, addr[0], outer + 10, 0, 0)?;
+        if outer {
+            replace32(ctx, ip + outer_at, addr[0], ip + 10, 0, 0)?;
+        }
         // The quoted header's checksum is ICMP payload too: computed here, then replaced
         // like any other word of it.
         // TTL, protocol, checksum and both addresses in one read.
         let h = read::<[u8; 12]>(ctx, l3 + 8)?;
         let old =
             if inner_at == 12 { [h[4], h[5], h[6], h[7]] } else { [h[8], h[9], h[10], h[11]] };
-        let new_inner_check =
-            csum_replace32(u16::from_be_bytes([h[2], h[3]]), old, addr[0].to_ne_bytes());
+        let new = addr[0].to_ne_bytes();
+        let new_inner_check = csum_replace32(u16::from_be_bytes([h[2], h[3]]), old, new);
         replace32(ctx, l3 + inner_at, addr[0], 0, check, 0)?;
         replace16(ctx, l3 + 10, new_inner_check, check, 0)?;
-    } else {
-        for (i, w) in addr.iter().enumerate() {
-            replace32(ctx, outer + outer_at + 4 * i, *w, 0, check, BPF_F_PSEUDO_HDR as u64)?;
+        if q_pseudo {
+            q = csum_replace32(q, old, new);
         }
+    } else {
+        if outer {
+            for (i, w) in addr.iter().enumerate() {
+                replace32(ctx, ip + outer_at + 4 * i, *w, 0, check, BPF_F_PSEUDO_HDR as u64)?;
+            }
+        }
+        let old = read::<[u8; 16]>(ctx, l3 + inner_at)?;
         for (i, w) in addr.iter().enumerate() {
             replace32(ctx, l3 + inner_at + 4 * i, *w, 0, check, 0)?;
         }
+        if q_pseudo {
+            q = csum_replace_addr6(q, &old, addr);
+        }
     }
-    replace16(ctx, l4 + port_at, port, check, 0)?;
+    let old = replace16(ctx, l4 + port_at, port, check, 0)?;
+    q = csum_replace16(q, old, port);
+    if quoted_check_kept(meta, proto, q_off, old_q) {
+        let q = if proto == IPPROTO_UDP && q == 0 { 0xffff } else { q };
+        replace16(ctx, q_off, q, check, 0)?;
+    }
     Ok(())
 }

@@ -216,8 +216,9 @@ pub fn offload_checksum(frame: &mut [u8], ip: usize) -> (u16, u16) {
 }
 
 /// Verifies the IPv4 header checksum and the TCP/UDP/ICMP(v6) checksum of an untagged frame
-/// from scratch (not incrementally, so it can catch a wrong incremental update), and the
-/// header checksum of an IPv4 packet an ICMP error quotes.
+/// from scratch (not incrementally, so it can catch a wrong incremental update), and those
+/// of the packet an ICMP error quotes: its IPv4 header's, and, when the quote holds all of
+/// it, its L4 one.
 pub fn checksums_ok(p: &[u8]) -> Result<(), String> {
     if let Some(quote) = quoted(p).filter(|q| q.first().is_some_and(|v| v >> 4 == 4))
         && !quote
@@ -225,6 +226,9 @@ pub fn checksums_ok(p: &[u8]) -> Result<(), String> {
             .is_some_and(|h| folds_to_ffff(ones_sum(h, 0)))
     {
         return Err("quoted IPv4 header checksum".into());
+    }
+    if let Some(quote) = quoted(p).filter(|q| whole(q)) {
+        checksums_ok(&[&p[..ETH_LEN], quote].concat()).map_err(|e| format!("quoted {e}"))?;
     }
     let ip = &p[ETH_LEN..];
     let (proto, l4, pseudo): (u8, &[u8], u32) = if ip[0] >> 4 == 4 {
@@ -262,6 +266,16 @@ pub fn quoted(p: &[u8]) -> Option<&[u8]> {
         (40, ip[6] == 58 && ip.get(40).is_some_and(|t| matches!(t, 1..=4)))
     };
     ip.get(l4 + 8..).filter(|_| error)
+}
+
+/// Whether `ip` holds the whole of the IP packet it starts with (its length field's).
+fn whole(ip: &[u8]) -> bool {
+    let len = match ip.first().map(|v| v >> 4) {
+        Some(4) if ip.len() >= 20 => usize::from(u16::from_be_bytes([ip[2], ip[3]])),
+        Some(6) if ip.len() >= 40 => 40 + usize::from(u16::from_be_bytes([ip[4], ip[5]])),
+        _ => return false,
+    };
+    len == ip.len()
 }
 
 /// [`endpoints`] of the packet an ICMP or ICMPv6 error quotes.
