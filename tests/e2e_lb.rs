@@ -370,10 +370,10 @@ fn load_balancing_end_to_end() {
         let b1 = b["address"] == "198.51.100.11";
         let want: &[&str] =
             if b1 { &["lb/http", "lb/sticky", "lb/to-b1"] } else { &["lb/http", "lb/sticky"] };
-        assert_eq!(b["counted_over"], serde_json::json!(want), "{b}");
+        assert_eq!(b["rules_sending"], serde_json::json!(want), "{b}");
     }
     let text = t.pins.xdpgate(&["lb"]);
-    assert!(text.contains("* a backend's packets and bytes over every rule it serves:"), "{text}");
+    assert!(text.contains("* a backend's packets and bytes over every rule sending"), "{text}");
     assert!(text.contains("198.51.100.11: lb/http, lb/sticky, lb/to-b1"), "{text}");
 }
 

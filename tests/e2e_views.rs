@@ -446,6 +446,12 @@ fn lb_nat_and_nsg(hook: &str) {
         });
         assert!(!connected, "{client} reached its own frontend");
     }
+    // Whichever way its packets come in (asymmetric routing): the backend answers on its
+    // own link (seen failing while the check asked for the arrival interface).
+    let args = ["--src", "198.51.100.12", "--dst", "192.0.2.10:80", "--iface", "ext0"];
+    let (c, code) = connectivity(&lan.pins, &args);
+    assert_eq!(code, 1, "{c}");
+    assert!(c["blocked_by"].as_str().unwrap().contains("hairpin"), "{c}");
     // From outside the link, nothing of the kind.
     let (c, _) = connectivity(&lan.pins, &["--src", "203.0.113.10", "--dst", "192.0.2.10:80"]);
     assert_eq!(c["next_hop"]["reply_bypasses_gateway"], Value::Null, "{c}");

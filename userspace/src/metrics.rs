@@ -1011,7 +1011,7 @@ mod tests {
                         flows: 0,
                         packets: 12,
                         bytes: 1200,
-                        counted_over: vec!["edge/http".into()],
+                        rules_sending: vec!["edge/http".into()],
                     },
                     BackendReport {
                         address: "2001:db8::11".parse::<IpAddr>().unwrap(),
@@ -1021,7 +1021,7 @@ mod tests {
                         flows: 0,
                         packets: 8,
                         bytes: 800,
-                        counted_over: vec!["edge/http".into()],
+                        rules_sending: vec!["edge/http".into()],
                     },
                 ],
                 maglev: None,

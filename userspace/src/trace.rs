@@ -25,7 +25,7 @@ use xdpgate_common::{
     },
 };
 use xdpgate_dataplane::{
-    Hook, PinDir, apply,
+    Hook, PinDir, apply, fib,
     flows::{self, Names, SideRules},
     ifindex, link_info,
     state::{Tool, ToolLock},
@@ -326,9 +326,19 @@ pub fn run(pins: &PinDir, args: &TraceArgs) -> Result<Report> {
     let mut report = report(args, link.hook, &rec, names.as_ref(), pins);
     // The dataplane sends a load balancer's packet on either way; whether its answers can
     // come back is the routes' to say.
-    if rec.nat == NAT_DST && report.verdict != "drop" {
+    if rec.nat == NAT_DST && rec.lb == LB_SELECTED && report.verdict != "drop" {
         let backend = flows::addr(&rec.nat_addr, if args.src.is_ipv6() { 6 } else { 4 });
-        if let Some(why) = nexthop::reply_bypass(ifindex, args.src, backend)? {
+        let to_backend = fib::lookup(&fib::Query {
+            src: args.src,
+            dst: backend,
+            proto: 0,
+            sport: 0,
+            dport: 0,
+            ifindex,
+        })?;
+        if let Some(egress) = to_backend.ifindex
+            && let Some(why) = nexthop::reply_bypass(egress, args.src, backend)?
+        {
             report.stages.push(Stage { stage: "reply", decision: why });
         }
     }

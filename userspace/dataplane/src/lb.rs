@@ -220,12 +220,13 @@ pub struct BackendReport {
     /// Flows of this service pinned to the backend now (established and embryonic): a
     /// drained backend is empty when this reaches 0.
     pub flows: u64,
-    /// The backend's packets and bytes: counted per backend address, over every rule that
-    /// sends to it (`counted_over`), not this rule's alone.
+    /// The backend's packets and bytes since it was added: counted per backend address,
+    /// over every rule that sends to it (`rules_sending`) or did (a rule since removed),
+    /// not this rule's alone.
     pub packets: u64,
     pub bytes: u64,
-    /// The rules (`LB/RULE`) whose packets `packets` and `bytes` sum.
-    pub counted_over: Vec<String>,
+    /// The rules in force (`LB/RULE`) that send to this backend.
+    pub rules_sending: Vec<String>,
 }
 
 /// Reads the live state of the load balancers of the running generation (`record`), with
@@ -306,7 +307,7 @@ pub fn report(
                         flows: flows.get(&(id as u32, b)).copied().unwrap_or(0),
                         packets: c.packets,
                         bytes: c.bytes,
-                        counted_over: Vec::new(),
+                        rules_sending: Vec::new(),
                     })
                 })
                 .collect::<Result<_>>()?,
@@ -324,7 +325,7 @@ pub fn report(
         }
     }
     for b in out.iter_mut().flat_map(|s| s.backends.iter_mut()) {
-        b.counted_over = rules[&b.address].clone();
+        b.rules_sending = rules[&b.address].clone();
     }
     Ok(out)
 }

@@ -55,7 +55,7 @@ impl View for [ServiceReport] {
             }
             for b in &s.backends {
                 // Counted per backend: over every rule it serves, marked where that is more.
-                let mark = if b.counted_over.len() > 1 { "*" } else { "" };
+                let mark = if b.rules_sending.len() > 1 { "*" } else { "" };
                 g.row([
                     String::new(),
                     format!("  {}", b.address),
@@ -70,11 +70,12 @@ impl View for [ServiceReport] {
         let shared: std::collections::BTreeMap<_, _> = self
             .iter()
             .flat_map(|s| &s.backends)
-            .filter(|b| b.counted_over.len() > 1)
-            .map(|b| (b.address, b.counted_over.join(", ")))
+            .filter(|b| b.rules_sending.len() > 1)
+            .map(|b| (b.address, b.rules_sending.join(", ")))
             .collect();
         if !shared.is_empty() {
-            out += "* a backend's packets and bytes over every rule it serves:\n";
+            out += "* a backend's packets and bytes over every rule sending to it (and any \
+                    removed since):\n";
             for (address, rules) in shared {
                 out += &format!("  {address}: {rules}\n");
             }
@@ -128,7 +129,7 @@ mod tests {
                     flows: 2,
                     packets: 20,
                     bytes: 2000,
-                    counted_over: vec!["edge/http".into()],
+                    rules_sending: vec!["edge/http".into()],
                 },
                 BackendReport {
                     address: "198.51.100.11".parse().unwrap(),
@@ -138,7 +139,7 @@ mod tests {
                     flows: 1,
                     packets: 10,
                     bytes: 1000,
-                    counted_over: vec!["edge/http".into(), "edge/ssh".into()],
+                    rules_sending: vec!["edge/http".into(), "edge/ssh".into()],
                 },
             ],
             outer_source: Some("10.0.1.2".parse().unwrap()),
@@ -162,8 +163,8 @@ mod tests {
         assert_eq!(
             lines.split_off(4),
             [
-                "* a backend's packets and bytes over every rule it \
-                   serves:",
+                "* a backend's packets and bytes over every rule sending to it (and any \
+                 removed since):",
                 "  198.51.100.11: edge/http, edge/ssh"
             ],
             "{text}"
@@ -187,7 +188,7 @@ mod tests {
         assert_eq!(json[0]["backends"][0]["address"], "198.51.100.10");
         assert_eq!(json[0]["traffic"], serde_json::json!({"packets": 30, "bytes": 3000}));
         assert_eq!(json[0]["backends"][1]["traffic"]["bytes"], 1000);
-        assert_eq!(json[0]["backends"][1]["counted_over"][1], "edge/ssh");
+        assert_eq!(json[0]["backends"][1]["rules_sending"][1], "edge/ssh");
         assert!(json[0].get("packets").is_none(), "{json}");
         assert_eq!(
             json[0]["maglev"]["slots"][1],

@@ -596,10 +596,8 @@ pub fn resolve(pins: &PinDir, flow: &Flow, iface: Option<&str>) -> Result<NextHo
         &hop.translation,
         Some(Translation::LoadBalancer { forwarding: "dnat", .. } | Translation::InboundNat { .. })
     );
-    if let (true, Some(a), Some(e)) = (dnat, &hop.arrival, &hop.egress)
-        && a.ifindex == e.ifindex
-    {
-        hop.reply_bypasses_gateway = reply_bypass(a.ifindex, flow.src, looked_up.dst)?;
+    if let (true, Some(_), Some(e)) = (dnat, &hop.arrival, &hop.egress) {
+        hop.reply_bypasses_gateway = reply_bypass(e.ifindex, flow.src, looked_up.dst)?;
     }
     Ok(hop)
 }
@@ -629,26 +627,15 @@ pub fn interface_networks() -> Result<BTreeMap<String, Vec<IpNet>>> {
 }
 
 /// Why the answers of a load balancer's destination-translated flow, which keeps its
-/// source, would not come back through the gateway, for a client arriving by `arrival` and
-/// the backend it is sent to: the backend is the client itself, or both are in one of the
-/// subnets of that link, so the backend answers it there directly, from its own address,
-/// and the client, which called the frontend, does not take the answer (a backend calling
-/// its own frontend: hairpin). `None`: the backend is reached by another link, or the
-/// client is in another subnet (behind a router, or in a second subnet of the link, which
-/// the backend reaches through its gateway).
-pub fn reply_bypass(arrival: u32, client: IpAddr, backend: IpAddr) -> Result<Option<String>> {
-    let to_backend = fib::lookup(&fib::Query {
-        src: client,
-        dst: backend,
-        proto: 0,
-        sport: 0,
-        dport: 0,
-        ifindex: arrival,
-    })?;
-    if to_backend.ifindex != Some(arrival) {
-        return Ok(None);
-    }
-    let link = fib::ifname(arrival).unwrap_or_else(|| format!("ifindex {arrival}"));
+/// source, would not come back through the gateway, for a client and the backend it is
+/// sent to by the link `egress`: the backend is the client itself, or both are in one of
+/// the subnets of that link, so the backend answers it there directly, from its own
+/// address, and the client, which called the frontend, does not take the answer (a backend
+/// calling its own frontend: hairpin), whichever way the client's packets came in. `None`:
+/// the client is in another subnet (behind a router, or in a second subnet of the link,
+/// which the backend reaches through its gateway).
+pub fn reply_bypass(egress: u32, client: IpAddr, backend: IpAddr) -> Result<Option<String>> {
+    let link = fib::ifname(egress).unwrap_or_else(|| format!("ifindex {egress}"));
     let shared = interface_networks()?
         .remove(&link)
         .unwrap_or_default()
