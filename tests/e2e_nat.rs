@@ -22,7 +22,7 @@ use std::{
 
 use common::{
     Netns, Pins,
-    gateway::{CLIENT4, Gateway, SERVER4},
+    gateway::{CLIENT4, Gateway, SERVER4, UDP_LB_AND_NAT_POLICY},
     run, unique,
 };
 use xdpgate_common::{
@@ -757,26 +757,6 @@ fn pin_to_cpu(cpu: usize) {
     }
 }
 
-/// A load balancer in front of a UDP port nothing listens on, and a NAT gateway, for the
-/// `Gateway` topology (client on the internet, server in the protected subnet).
-const ERRORS_POLICY: &str = r#"
-virtual_network:
-  address_space: [198.51.100.0/24]
-load_balancers:
-  - name: lb
-    frontends:
-      - {name: vip, address: 192.0.2.10}
-    backend_pools:
-      - {name: dns, backends: [198.51.100.10]}
-    rules:
-      - {name: dns, frontend: vip, protocol: udp, frontend_port: 53, backend_port: 5353,
-         backend_pool: dns}
-nat_gateways:
-  - name: natgw
-    public_addresses: [192.0.2.100]
-    subnets: [198.51.100.0/24]
-"#;
-
 /// What a connected UDP socket hears after sending one datagram: `ConnectionRefused` when
 /// an ICMP port unreachable it takes for its own came back, `WouldBlock` when nothing did.
 fn answer_to(s: &UdpSocket) -> std::io::ErrorKind {
@@ -798,7 +778,7 @@ fn port_unreachable_from_the_protected_side_reaches_the_sender_translated() {
     for hook in ["xdp", "tc"] {
         let net = Gateway::with_hooks(hook, hook);
         net.take_redirects();
-        net.apply("errors.yaml", ERRORS_POLICY);
+        net.apply("errors.yaml", UDP_LB_AND_NAT_POLICY);
 
         let client = net.client.run(|| UdpSocket::bind((CLIENT4, 0)).unwrap());
         client.connect("192.0.2.10:53").unwrap();

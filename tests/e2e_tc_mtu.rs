@@ -12,7 +12,7 @@ mod common;
 
 use std::{net::UdpSocket, thread, time::Duration};
 
-use common::gateway::{CLIENT4, Gateway, SERVER4};
+use common::gateway::{CLIENT4, Gateway, SERVER4, UDP_LB_AND_NAT_POLICY};
 
 const NAT_POLICY: &str = r#"virtual_network:
   address_space: [198.51.100.0/24]
@@ -139,20 +139,6 @@ fn xdp_snat_host_gets_the_gateways_own_errors() {
     snat_host_gets_the_gateways_own_errors(net);
 }
 
-/// A UDP load balancer in front of the server.
-const LB_POLICY: &str = r#"virtual_network:
-  address_space: [198.51.100.0/24]
-load_balancers:
-  - name: lb
-    frontends:
-      - {name: vip, address: 192.0.2.10}
-    backend_pools:
-      - {name: dns, backends: [198.51.100.10]}
-    rules:
-      - {name: dns, frontend: vip, protocol: udp, frontend_port: 53, backend_port: 5353,
-         backend_pool: dns}
-"#;
-
 /// The path MTU the client's kernel has learnt for `dst`, if any (`ip route get`'s cache).
 fn learnt_mtu(net: &Gateway, dst: &str) -> Option<u32> {
     let out = net.client.exec("ip", &["-4", "route", "get", dst]);
@@ -171,7 +157,7 @@ fn lb_client_learns_the_path_mtu_from_the_gateways_own_error() {
     for hook in ["xdp", "tc"] {
         let net = Gateway::with_hooks(hook, hook);
         net.take_redirects();
-        net.apply("lb.yaml", LB_POLICY);
+        net.apply("lb.yaml", UDP_LB_AND_NAT_POLICY);
         net.gw.exec(
             "ip",
             &["route", "replace", "198.51.100.0/24", "dev", &net.int, "mtu", "lock", "1280"],

@@ -38,6 +38,26 @@ nat_gateways:
     subnets: [198.51.100.0/24]
 "#;
 
+/// A UDP load balancer in front of the server (192.0.2.10:53 to its port 5353, where
+/// nothing listens unless a test does) and a NAT gateway (192.0.2.100) for its subnet.
+pub const UDP_LB_AND_NAT_POLICY: &str = r#"
+virtual_network:
+  address_space: [198.51.100.0/24]
+load_balancers:
+  - name: lb
+    frontends:
+      - {name: vip, address: 192.0.2.10}
+    backend_pools:
+      - {name: dns, backends: [198.51.100.10]}
+    rules:
+      - {name: dns, frontend: vip, protocol: udp, frontend_port: 53, backend_port: 5353,
+         backend_pool: dns}
+nat_gateways:
+  - name: natgw
+    public_addresses: [192.0.2.100]
+    subnets: [198.51.100.0/24]
+"#;
+
 pub const CLIENT4: &str = "203.0.113.10";
 pub const CLIENT6: &str = "2001:db8:2::10";
 pub const SERVER4: &str = "198.51.100.10";
