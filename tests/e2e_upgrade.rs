@@ -656,58 +656,66 @@ fn upgrade_from_a_build_without_rule_traffic_counters_counts_them() {
     assert!(packets >= 5, "a connection's handshake, data and close: {packets}");
 }
 
-/// Pins drop counters as a build with fewer reasons had them (`DROP_STATS`, 10 entries).
-fn pin_earlier_drop_counters(lab: &Gateway) -> std::path::PathBuf {
-    let pin = lab.pins.dir.map(xdpgate_common::maps::DROP_STATS_V1);
-    let args = ["type", "percpu_array", "key", "4", "value", "8", "entries", "10"];
+/// The drop counters of earlier builds: their pin names and entries (10 reasons, then 13
+/// with the encapsulation ones).
+const EARLIER_DROPS: [(&str, u32); 2] = [("DROP_STATS", 10), ("DROP_STATS_V2", 13)];
+
+/// Pins drop counters as an earlier build had them, `name` with `entries` reasons.
+fn pin_earlier_drop_counters(lab: &Gateway, name: &str, entries: u32) -> std::path::PathBuf {
+    let pin = lab.pins.dir.map(name);
+    let entries = entries.to_string();
+    let args = ["type", "percpu_array", "key", "4", "value", "8", "entries", &entries];
     common::run(
         "bpftool",
-        &[&["map", "create", pin.to_str().unwrap()][..], &args, &["name", "DROP_STATS"]].concat(),
+        &[&["map", "create", pin.to_str().unwrap()][..], &args, &["name", name]].concat(),
     );
     pin
 }
 
-/// The drop counters of a build with fewer reasons (pinned as `DROP_STATS`, 10 entries) are
-/// left beside this build's longer array (`DROP_STATS_V2`) by the load, and unpinned by
-/// `upgrade` once its programs run; the new counters count.
+/// The drop counters of an earlier build with fewer reasons (each earlier layout) are
+/// left beside this build's longer array by the load, and unpinned by `upgrade` once its
+/// programs run; the new counters count.
 #[test]
 fn upgrade_unpins_the_earlier_drop_counters() {
-    use xdpgate_common::maps::DROP_STATS_V1;
-    let lab = Gateway::new();
-    lab.apply("policy.yaml", POLICY);
-    let pin = pin_earlier_drop_counters(&lab);
-    // The pin set of a build before the new reasons has only the shorter array: `stats`
-    // reads it until the upgrade (it failed outright before, as would the agent's metrics
-    // in the middle of a fleet's roll).
-    let v2 = lab.pins.dir.map(xdpgate_common::maps::DROP_STATS);
-    std::fs::remove_file(&v2).unwrap();
-    assert!(drops(&lab, "encap_too_big") == 0, "the old build's counters are read");
-    lab.pins.xdpgate(&["upgrade"]);
-    assert!(v2.exists(), "the upgrade pins this build's counters");
-    assert!(!pin.exists(), "{DROP_STATS_V1} unpinned");
-    assert!(drops(&lab, "encap_too_big") == 0, "this build's reasons are read");
+    for (name, entries) in EARLIER_DROPS {
+        let lab = Gateway::new();
+        lab.apply("policy.yaml", POLICY);
+        let pin = pin_earlier_drop_counters(&lab, name, entries);
+        // The pin set of an earlier build has only its shorter array: `stats` reads it until
+        // the upgrade (it failed outright before, as would the agent's metrics in the
+        // middle of a fleet's roll).
+        let this = lab.pins.dir.map(xdpgate_common::maps::DROP_STATS);
+        std::fs::remove_file(&this).unwrap();
+        assert!(drops(&lab, "nat_untranslatable") == 0, "{name}: the old build's counters read");
+        lab.pins.xdpgate(&["upgrade"]);
+        assert!(this.exists(), "{name}: the upgrade pins this build's counters");
+        assert!(!pin.exists(), "{name} unpinned");
+        assert!(drops(&lab, "nat_untranslatable") == 0, "{name}: this build's reasons are read");
+    }
 }
 
-/// While the earlier build's drop counters are pinned beside this build's (an upgrade that
+/// While an earlier build's drop counters are pinned beside this build's (an upgrade that
 /// failed after its load pinned them, or one killed before it unpinned the earlier), the
 /// earlier programs may still count into theirs: `stats` reads the sum of both. (Before:
 /// it read this build's array alone, empty while the earlier programs ran on.)
 #[test]
 fn stats_adds_the_earlier_drop_counters_while_both_are_pinned() {
     use aya::maps::{MapData, PerCpuArray, PerCpuValues};
-    use xdpgate_common::{maps::DROP_STATS_V1, stats::DropReason};
-    let lab = Gateway::new();
-    lab.apply("policy.yaml", POLICY);
-    let pin = pin_earlier_drop_counters(&lab);
-    // No NAT gateway here: this build's programs count no such drop.
-    let reason = DropReason::NatExhausted as u32;
-    assert_eq!(drops(&lab, "nat_exhausted"), 0);
-    let mut earlier: PerCpuArray<MapData, u64> =
-        lab.pins.dir.open_map(DROP_STATS_V1).unwrap().try_into().unwrap();
-    let cpus = aya::util::nr_cpus().unwrap();
-    earlier.set(reason, PerCpuValues::try_from(vec![7u64; cpus]).unwrap(), 0).unwrap();
-    assert_eq!(drops(&lab, "nat_exhausted"), 7 * cpus as u64, "the earlier programs' drops");
-    lab.pins.xdpgate(&["upgrade"]);
-    assert!(!pin.exists(), "{DROP_STATS_V1} unpinned");
-    assert_eq!(drops(&lab, "nat_exhausted"), 0, "this build's counters alone");
+    use xdpgate_common::stats::DropReason;
+    for (name, entries) in EARLIER_DROPS {
+        let lab = Gateway::new();
+        lab.apply("policy.yaml", POLICY);
+        let pin = pin_earlier_drop_counters(&lab, name, entries);
+        // No NAT gateway here: this build's programs count no such drop.
+        let reason = DropReason::NatExhausted as u32;
+        assert_eq!(drops(&lab, "nat_exhausted"), 0);
+        let mut earlier: PerCpuArray<MapData, u64> =
+            lab.pins.dir.open_map(name).unwrap().try_into().unwrap();
+        let cpus = aya::util::nr_cpus().unwrap();
+        earlier.set(reason, PerCpuValues::try_from(vec![7u64; cpus]).unwrap(), 0).unwrap();
+        assert_eq!(drops(&lab, "nat_exhausted"), 7 * cpus as u64, "{name}: its programs' drops");
+        lab.pins.xdpgate(&["upgrade"]);
+        assert!(!pin.exists(), "{name} unpinned");
+        assert_eq!(drops(&lab, "nat_exhausted"), 0, "{name}: this build's counters alone");
+    }
 }

@@ -298,6 +298,35 @@ fn unmatched_inbound_and_inside_traffic() {
     assert_eq!((verdict, out), (PASS, pkt));
 }
 
+/// Protocols a NAT gateway cannot translate (ESP, GRE, ICMP other than echo and errors)
+/// are dropped as `nat_untranslatable`, not as a failed allocation: no pool ran out (seen
+/// failing: counted as `nat_exhausted` and among the gateway's failed allocations, which
+/// tell an operator the pool is too small).
+#[test]
+fn an_untranslatable_protocol_is_no_failed_allocation() {
+    use aya::maps::{MapData, PerCpuArray};
+    let k = Kernel::new();
+    k.apply(POLICY);
+    k.arrive_as(Role::Internal);
+    let failures = || -> u64 {
+        let map: PerCpuArray<MapData, u64> =
+            k.pins.dir.open_map(xdpgate_common::maps::NAT_FAILURES).unwrap().try_into().unwrap();
+        map.get(&0, 0).unwrap().iter().sum()
+    };
+    let timestamp = [13u8, 0, 0xf2, 0xfd, 0, 1, 0, 1];
+    let packets = [
+        frame_vlan("198.51.100.10", "203.0.113.7", L4::Raw(50), &[], &[0u8; 16]),
+        frame_vlan("198.51.100.10", "203.0.113.7", L4::Raw(47), &[], &[0u8; 8]),
+        frame_vlan("198.51.100.10", "203.0.113.7", L4::Raw(1), &[], &timestamp),
+        frame_vlan("2001:db8:1::10", "2001:db8:2::7", L4::Raw(50), &[], &[0u8; 16]),
+    ];
+    for (i, pkt) in packets.iter().enumerate() {
+        assert_eq!(k.run(pkt), DROP, "packet {i}");
+        assert_eq!(k.drops("nat_untranslatable"), i as u64 + 1, "packet {i}");
+    }
+    assert_eq!((k.drops("nat_exhausted"), failures()), (0, 0));
+}
+
 #[test]
 fn a_small_pool_runs_out_and_ports_serve_many_destinations() {
     let k = Kernel::new();

@@ -18,12 +18,14 @@ pub const IFACE_INDEX: &str = "IFACE_INDEX";
 pub const IFACE_INDEX_ENTRIES: u32 = 4_096;
 /// `PerCpuArray<Counter>`: packets and bytes per interface slot and XDP verdict.
 pub const IFACE_STATS: &str = "IFACE_STATS";
-/// `PerCpuArray<u64>`: dropped packets per [`crate::stats::DropReason`]. The name carries
-/// the number of reasons' version: a build with more reasons pins a longer array beside the
-/// old one (whose pin `check_pinned_layouts` would refuse), and counts start again at zero.
-pub const DROP_STATS: &str = "DROP_STATS_V2";
-/// The drop counters of builds before the encapsulation reasons, which `upgrade` unpins.
-pub const DROP_STATS_V1: &str = "DROP_STATS";
+/// `PerCpuArray<u64>`: dropped packets per [`crate::stats::DropReason`], with room for more
+/// (`DROP_SLOTS`). The name carries the layout's version: a build with a longer array pins
+/// it beside the old one (whose pin `check_pinned_layouts` would refuse), and counts start
+/// again at zero.
+pub const DROP_STATS: &str = "DROP_STATS_V3";
+/// The drop counters of earlier builds (10 reasons, then 13 with the encapsulation ones),
+/// which `upgrade` unpins.
+pub const EARLIER_DROP_STATS: [&str; 2] = ["DROP_STATS", "DROP_STATS_V2"];
 
 /// Interfaces one dataplane can be attached to at once. Slot 0 counts packets seen on an
 /// interface the agent did not register (for example `BPF_PROG_TEST_RUN` on `lo`).

@@ -68,9 +68,17 @@ pub enum DropReason {
     /// (no route, no neighbour entry yet, an interface not under xdpgate); the outer packet
     /// cannot go to the stack instead, which refuses its own source address on arrival.
     EncapUnreachable = 12,
+    /// A new flow from a NAT gateway's subnet of a protocol it cannot translate (not TCP,
+    /// UDP or ICMP echo: ESP, GRE, an ICMP timestamp request).
+    NatUntranslatable = 13,
 }
 
-pub const DROP_REASONS: u32 = 13;
+pub const DROP_REASONS: u32 = 14;
+
+/// Entries of the pinned drop counters: room for reasons to come, so that adding one needs
+/// no new layout (and no `upgrade` that starts the counts again at zero).
+pub const DROP_SLOTS: u32 = 32;
+const _: () = assert!(DROP_REASONS <= DROP_SLOTS, "more drop reasons than counters");
 
 /// Each `DropReason`'s name (in JSON, metrics and `--reason`) and help, in index order.
 pub const DROP_REASON_TABLE: [(&str, &str); DROP_REASONS as usize] = [
@@ -87,6 +95,7 @@ pub const DROP_REASON_TABLE: [(&str, &str); DROP_REASONS as usize] = [
     ("encap_too_big", "longer than the route's MTU to its backend once encapsulated"),
     ("encap_no_source", "an encapsulating rule's packet on a node without an outer source"),
     ("encap_unreachable", "no route or neighbour entry (yet) towards an encapsulated backend"),
+    ("nat_untranslatable", "a NAT gateway cannot translate its protocol (not TCP, UDP, echo)"),
 ];
 
 pub const DROP_REASON_NAMES: [&str; DROP_REASONS as usize] = {

@@ -207,7 +207,7 @@ pub fn encapsulate_skb(
     let grow = i32::from(overhead(meta.family));
     // Refused for a packet with its VLAN tag still in the data (the kernel takes a tag off
     // before tc ingress; a second, inner tag stays), or an aggregate of another kind (a
-    // UDP tunnel's): counted as `malformed`, DROP_STATS_V2 having no spare reason.
+    // UDP tunnel's): counted as `malformed`.
     ctx.adjust_room(grow, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, u64::from(flags))
         .map_err(|_| DropReason::Malformed)?;
     // Each segment of an aggregate is an outer packet, whose IDs GSO numbers on from the

@@ -30,7 +30,7 @@ use xdpgate_common::{
         CLASS_ID_ENTRIES, CLASSES_PER_SLOT, FieldClass, FieldKey, MAX_RULES, PolicyConfig,
         RuleBitmap, SLOTS, TABLES, TableScope,
     },
-    stats::{Counter, DROP_REASONS, EGRESS_VERDICTS, VERDICTS},
+    stats::{Counter, DROP_SLOTS, EGRESS_VERDICTS, VERDICTS},
     trace::TraceRecord,
 };
 
@@ -67,8 +67,8 @@ fn iface_config_hashed(ifindex: u32) -> Option<&'static IfaceConfig> {
 pub static IFACE_STATS: PerCpuArray<Counter> = PerCpuArray::pinned(MAX_IFACES * VERDICTS, 0);
 
 /// Dropped packets per reason.
-#[map(name = "DROP_STATS_V2")]
-pub static DROP_STATS: PerCpuArray<u64> = PerCpuArray::pinned(DROP_REASONS, 0);
+#[map(name = "DROP_STATS_V3")]
+pub static DROP_STATS: PerCpuArray<u64> = PerCpuArray::pinned(DROP_SLOTS, 0);
 
 /// Every field of every NSG table: (table, field, value prefix) -> bitmap of matching rules.
 #[map(name = "NSG_FIELDS")]

@@ -223,7 +223,11 @@ fn nth_bit(mut bits: u32, k: u32) -> u32 {
 #[inline(always)]
 pub fn allocate(meta: &PacketMeta, gw: u32, now: u64) -> Result<u32, DropReason> {
     let config = NAT_GATEWAYS.get(gw).ok_or(DropReason::Internal)?;
-    if !translatable(meta) || config.n_addrs == 0 {
+    // No port to claim: not a failed allocation.
+    if !translatable(meta) {
+        return Err(DropReason::NatUntranslatable);
+    }
+    if config.n_addrs == 0 {
         return Err(exhausted(gw));
     }
     let h = lb::hash(meta, 0);

@@ -28,9 +28,9 @@ use aya::{
 use xdpgate_common::{
     iface::{IfaceConfig, Role},
     maps::{
-        DROP_STATS_V1, EGRESS, EGRESS_NEW, EGRESS_PARSE, EGRESS_PIPELINE, EGRESS_POLICY, EVENTS,
-        IFACE_INDEX, IFACE_INDEX_ENTRIES, IFACES, MAX_IFACES, PIPELINE, PIPELINE_ACT, PIPELINE_NEW,
-        PIPELINE_POLICY, PIPELINE_SNAT, SCRATCH, TC_PARSE, TC_PIPELINE,
+        EARLIER_DROP_STATS, EGRESS, EGRESS_NEW, EGRESS_PARSE, EGRESS_PIPELINE, EGRESS_POLICY,
+        EVENTS, IFACE_INDEX, IFACE_INDEX_ENTRIES, IFACES, MAX_IFACES, PIPELINE, PIPELINE_ACT,
+        PIPELINE_NEW, PIPELINE_POLICY, PIPELINE_SNAT, SCRATCH, TC_PARSE, TC_PIPELINE,
     },
 };
 
@@ -946,11 +946,13 @@ pub fn upgrade(pins: &PinDir) -> Result<Vec<(String, bool)>> {
         migrate::copy(pins)?;
         migrate::finish(pins)?;
     }
-    // The drop counters of a build with fewer reasons: no program uses them now.
-    let old_drops = pins.map(DROP_STATS_V1);
-    if old_drops.exists() {
-        fs::remove_file(&old_drops)
-            .with_context(|| format!("unpinning {}", old_drops.display()))?;
+    // The drop counters of builds with shorter arrays: no program uses them now.
+    for name in EARLIER_DROP_STATS {
+        let old_drops = pins.map(name);
+        if old_drops.exists() {
+            fs::remove_file(&old_drops)
+                .with_context(|| format!("unpinning {}", old_drops.display()))?;
+        }
     }
     Ok(names.into_iter().zip(added).collect())
 }

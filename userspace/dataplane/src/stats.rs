@@ -14,7 +14,7 @@ use xdpgate_common::{
     },
     iface::{IfaceConfig, Role},
     maps::{
-        DROP_STATS, DROP_STATS_V1, EGRESS_STATS, EMBRYOS, EVENT_STATS, FLOW_STATS, FLOWS,
+        DROP_STATS, EARLIER_DROP_STATS, EGRESS_STATS, EMBRYOS, EVENT_STATS, FLOW_STATS, FLOWS,
         IFACE_STATS, IFACES, NSG_HITS, NSG_TRAFFIC,
     },
     nsg::{MAX_RULES, TABLES_PER_SLOT},
@@ -225,12 +225,12 @@ impl Stats {
 pub fn read(pins: &PinDir) -> Result<Stats> {
     let ifaces: HashMap<_, u32, IfaceConfig> = pins.open_map(IFACES)?.try_into()?;
     let counters: PerCpuArray<_, Counter> = pins.open_map(IFACE_STATS)?.try_into()?;
-    // Programs of a build before the encapsulation reasons count into the shorter array
-    // until `xdpgate upgrade` replaces them and unpins it; meanwhile this build's array may
-    // be pinned too (by an upgrade that failed after its load, or was killed before the
-    // unpin), and programs of either build count: both are added.
+    // Programs of an earlier build count into its shorter array until `xdpgate upgrade`
+    // replaces them and unpins it; meanwhile this build's array may be pinned too (by an
+    // upgrade that failed after its load, or was killed before the unpin), and programs of
+    // either build count: all are added.
     let mut arrays: Vec<PerCpuArray<_, u64>> = Vec::new();
-    for name in [DROP_STATS, DROP_STATS_V1] {
+    for name in [DROP_STATS].iter().chain(&EARLIER_DROP_STATS) {
         match pins.open_map(name) {
             Ok(map) => arrays.push(map.try_into()?),
             // Not pinned (an upgrade may unpin the earlier one between two reads).
