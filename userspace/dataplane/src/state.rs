@@ -135,8 +135,39 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
+    } else {
+        remove_stale_temporaries(path);
     }
     result
+}
+
+/// How old a writer's temporary file must be before another may take it for a killed
+/// writer's: a live one keeps its for milliseconds (and its pid may be of another pid
+/// namespace, where it looks dead).
+const STALE_TEMPORARY: Duration = Duration::from_secs(60);
+
+/// Removes the temporary files of [`write_atomic`] beside `path` that writers killed
+/// between creating and renaming them left: of no live process, and old.
+fn remove_stale_temporaries(path: &Path) {
+    let (Some(dir), Some(stem)) = (path.parent(), path.file_stem().and_then(|s| s.to_str())) else {
+        return;
+    };
+    let Ok(entries) = fs::read_dir(dir) else { return };
+    let prefix = format!("{stem}.tmp");
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(&prefix)) else { continue };
+        let Ok(pid) = pid.parse::<libc::pid_t>() else { continue };
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > STALE_TEMPORARY));
+        // Signal 0: whether a process of that pid exists.
+        let dead = pid > 0 && unsafe { libc::kill(pid, 0) } == -1 && Errno::last() == Errno::ESRCH;
+        if old && dead {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
 }
 
 /// A JSON file `name` of the state directory, or `T::default()` when there is none.
@@ -424,6 +455,36 @@ pub fn path_of(pins: &PinDir, generation: u64) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A temporary file a killed writer left beside a file is removed by the next write of
+    /// it once it is old; a fresh one, or one of a live process, stays (seen failing: the
+    /// killed writer's stayed for good).
+    #[test]
+    fn a_killed_writers_temporary_file_goes_with_the_next_write() {
+        let dir = std::env::temp_dir().join(format!("xgtmp{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        // A pid no process has: a child's, reaped.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let aged = std::time::SystemTime::now() - STALE_TEMPORARY - Duration::from_secs(5);
+        let stale = dir.join(format!("sets.tmp{dead}"));
+        let fresh = dir.join(format!("sets.tmp{}", dead + 1_000_000));
+        let live = dir.join("sets.tmp1");
+        let other = dir.join(format!("agent.tmp{dead}"));
+        for (file, when) in
+            [(&stale, Some(aged)), (&fresh, None), (&live, Some(aged)), (&other, Some(aged))]
+        {
+            let f = File::create(file).unwrap();
+            if let Some(t) = when {
+                f.set_modified(t).unwrap();
+            }
+        }
+        write_atomic(&dir.join("sets.json"), b"{}", 0o600).unwrap();
+        let left: Vec<bool> = [&stale, &fresh, &live, &other].iter().map(|f| f.exists()).collect();
+        fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(left, [false, true, true, true], "stale, fresh, live, another file's");
+    }
 
     /// Pin directories whose paths differ only in `/` against `_` have state directories of
     /// their own (seen failing: both were `/run/xdpgate/sys_fs_bpf_x_a_b`, and one's `set add`
