@@ -146,17 +146,16 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
 /// namespace, where it looks dead).
 const STALE_TEMPORARY: Duration = Duration::from_secs(60);
 
-/// Removes the temporary files of [`write_atomic`] beside `path` that writers killed
-/// between creating and renaming them left: of no live process, and old.
+/// Removes the temporary files of [`write_atomic`] in `path`'s directory (one of the state
+/// directory's, all xdpgate's own) that writers killed between creating and renaming them
+/// left, of whatever file (a generation's record is never written again): of no live
+/// process, and old.
 fn remove_stale_temporaries(path: &Path) {
-    let (Some(dir), Some(stem)) = (path.parent(), path.file_stem().and_then(|s| s.to_str())) else {
-        return;
-    };
+    let Some(dir) = path.parent() else { return };
     let Ok(entries) = fs::read_dir(dir) else { return };
-    let prefix = format!("{stem}.tmp");
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(&prefix)) else { continue };
+        let Some((_, pid)) = name.to_str().and_then(|n| n.rsplit_once(".tmp")) else { continue };
         let Ok(pid) = pid.parse::<libc::pid_t>() else { continue };
         let old = entry
             .metadata()
@@ -456,9 +455,9 @@ pub fn path_of(pins: &PinDir, generation: u64) -> PathBuf {
 mod tests {
     use super::*;
 
-    /// A temporary file a killed writer left beside a file is removed by the next write of
-    /// it once it is old; a fresh one, or one of a live process, stays (seen failing: the
-    /// killed writer's stayed for good).
+    /// A temporary file a killed writer left in a state directory is removed by the next
+    /// write there once it is old, whatever file it was for; a fresh one, or one of a live
+    /// process, stays (seen failing: the killed writer's stayed for good).
     #[test]
     fn a_killed_writers_temporary_file_goes_with_the_next_write() {
         let dir = std::env::temp_dir().join(format!("xgtmp{}", std::process::id()));
@@ -483,7 +482,7 @@ mod tests {
         write_atomic(&dir.join("sets.json"), b"{}", 0o600).unwrap();
         let left: Vec<bool> = [&stale, &fresh, &live, &other].iter().map(|f| f.exists()).collect();
         fs::remove_dir_all(&dir).unwrap();
-        assert_eq!(left, [false, true, true, true], "stale, fresh, live, another file's");
+        assert_eq!(left, [false, true, true, false], "stale, fresh, live, another file's");
     }
 
     /// Pin directories whose paths differ only in `/` against `_` have state directories of
