@@ -167,18 +167,23 @@ pub fn decrement_ttl(ctx: &XdpContext, meta: &PacketMeta) -> Result<bool, DropRe
 #[inline(always)]
 fn icmp_error_fields(family: u8, kind: u8, proto: u8) -> (usize, usize, usize) {
     let dst = kind == NAT_DST;
-    let (outer, inner) = match (family, dst) {
-        (4, true) => (16, 12),
-        (4, false) => (12, 16),
-        (_, true) => (24, 8),
-        (_, false) => (8, 24),
-    };
     let port = match proto {
         IPPROTO_TCP | IPPROTO_UDP if dst => 0,
         IPPROTO_TCP | IPPROTO_UDP => 2,
         _ => 4,
     };
-    (outer, inner, port)
+    (addr_offset(family, dst), addr_offset(family, !dst), port)
+}
+
+/// Where the destination (`dst`) or the source address lies in an IP header of `family`.
+#[inline(always)]
+fn addr_offset(family: u8, dst: bool) -> usize {
+    match (family, dst) {
+        (4, true) => 16,
+        (4, false) => 12,
+        (_, true) => 24,
+        (_, false) => 8,
+    }
 }
 
 /// Translates an ICMP error about a translated flow as that flow's packets are: the
@@ -242,8 +247,7 @@ pub fn rewrite_icmp_error(
     *field = port.to_be_bytes();
     check = csum_replace16(check, old, port);
     q = csum_replace16(q, old, port);
-    if quoted_check_kept(meta, proto, q_off, old_q) {
-        let q = if proto == IPPROTO_UDP && q == 0 { 0xffff } else { q };
+    if let Some(q) = quoted_check_value(meta, proto, q_off, old_q, q) {
         *mut_at::<[u8; 2]>(ctx, q_off)? = q.to_be_bytes();
         check = csum_replace16(check, old_q, q);
     }
@@ -251,11 +255,21 @@ pub fn rewrite_icmp_error(
     Ok(())
 }
 
-/// Whether the quoted L4 checksum at `q_off` (0: not in the quote), `old_q`, is kept up to
-/// date: not a quoted UDP datagram over IPv4 without one, which stays without.
+/// What to write over the quoted L4 checksum at `q_off` (0: not in the quote), `old_q`,
+/// now `q`: nothing for a quoted UDP datagram over IPv4 without one, which stays without,
+/// and all ones for a UDP checksum that comes out 0 (RFC 768).
 #[inline(always)]
-fn quoted_check_kept(meta: &PacketMeta, proto: u8, q_off: usize, old_q: u16) -> bool {
-    q_off != 0 && !(meta.family == 4 && proto == IPPROTO_UDP && old_q == 0)
+fn quoted_check_value(
+    meta: &PacketMeta,
+    proto: u8,
+    q_off: usize,
+    old_q: u16,
+    q: u16,
+) -> Option<u16> {
+    if q_off == 0 || (meta.family == 4 && proto == IPPROTO_UDP && old_q == 0) {
+        return None;
+    }
+    Some(if proto == IPPROTO_UDP && q == 0 { 0xffff } else { q })
 }
 
 // The same rewrites on a socket buffer (the tc hook). Its L4 checksum may be
@@ -339,10 +353,10 @@ pub fn rewrite_skb(
     let addr_flags = BPF_F_PSEUDO_HDR as u64 | mangled;
     let l3 = meta.l3();
     if meta.family == 4 {
-        let off = l3 + if dst { 16 } else { 12 };
+        let off = l3 + addr_offset(4, dst);
         replace32(ctx, off, addr[0], l3 + 10, addr_check, addr_flags)?;
     } else {
-        let off = l3 + if dst { 24 } else { 8 };
+        let off = l3 + addr_offset(6, dst);
         for (i, w) in addr.iter().enumerate() {
             replace32(ctx, off + 4 * i, *w, 0, addr_check, addr_flags)?;
         }
@@ -437,8 +451,7 @@ pub fn rewrite_icmp_error_skb(
     }
     let old = replace16(ctx, l4 + port_at, port, check, 0)?;
     q = csum_replace16(q, old, port);
-    if quoted_check_kept(meta, proto, q_off, old_q) {
-        let q = if proto == IPPROTO_UDP && q == 0 { 0xffff } else { q };
+    if let Some(q) = quoted_check_value(meta, proto, q_off, old_q, q) {
         replace16(ctx, q_off, q, check, 0)?;
     }
     Ok(())
