@@ -27,6 +27,12 @@ nat_gateways:
     subnets: [198.51.100.0/24, 2001:db8:1::/64]
 "#;
 
+/// A private host, a remote one and the gateway's public address, of each family.
+const HOSTS: [(&str, &str, &str); 2] = [
+    ("198.51.100.10", "203.0.113.7", "192.0.2.100"),
+    ("2001:db8:1::10", "2001:db8:2::7", "2001:db8:e::100"),
+];
+
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
@@ -35,10 +41,7 @@ fn ip(s: &str) -> IpAddr {
 fn snat_out_and_back_tcp_udp_v4_v6() {
     let k = Kernel::new();
     k.apply(POLICY);
-    for (private, remote, public) in [
-        ("198.51.100.10", "203.0.113.7", "192.0.2.100"),
-        ("2001:db8:1::10", "2001:db8:2::7", "2001:db8:e::100"),
-    ] {
+    for (private, remote, public) in HOSTS {
         for l4 in [L4::Tcp(40000, 443, SYN), L4::Udp(40000, 53)] {
             k.arrive_as(Role::Internal);
             let out = k.through(&frame(private, remote, l4));
@@ -68,10 +71,7 @@ fn snat_out_and_back_tcp_udp_v4_v6() {
 fn snat_icmp_echo_by_identifier() {
     let k = Kernel::new();
     k.apply(POLICY);
-    for (private, remote, public) in [
-        ("198.51.100.10", "203.0.113.7", "192.0.2.100"),
-        ("2001:db8:1::10", "2001:db8:2::7", "2001:db8:e::100"),
-    ] {
+    for (private, remote, public) in HOSTS {
         k.arrive_as(Role::Internal);
         let out = k.through(&frame(private, remote, L4::Echo(777)));
         let id =
@@ -130,10 +130,7 @@ fn fragmented_datagrams_are_translated_whole() {
     let k = Kernel::new();
     k.apply(POLICY);
     let data: Vec<u8> = (0..600u32).map(|i| i as u8).collect();
-    for (private, remote, public) in [
-        ("198.51.100.10", "203.0.113.7", "192.0.2.100"),
-        ("2001:db8:1::10", "2001:db8:2::7", "2001:db8:e::100"),
-    ] {
+    for (private, remote, public) in HOSTS {
         k.arrive_as(Role::Internal);
         let out = frame_vlan(private, remote, L4::Udp(40300, 53), &[], &data);
         let (src, dst, port, dport) = endpoints(&k.through_fragmented(&out, 0x1234));
@@ -259,10 +256,7 @@ fn an_error_quoting_a_whole_datagram_is_translated_back_whole() {
 fn icmp_error_from_the_private_host_leaves_translated() {
     let k = Kernel::new();
     k.apply(POLICY);
-    for (private, remote, public) in [
-        ("198.51.100.10", "203.0.113.7", "192.0.2.100"),
-        ("2001:db8:1::10", "2001:db8:2::7", "2001:db8:e::100"),
-    ] {
+    for (private, remote, public) in HOSTS {
         k.arrive_as(Role::Internal);
         let port = endpoints(&k.through(&frame(private, remote, L4::Udp(40000, 53)))).2;
         k.arrive_as(Role::External);

@@ -339,7 +339,7 @@ impl Failing {
     }
 
     /// For `agent.json` (and `status`, and the metrics): each error cut to its first
-    /// `LISTED_ERROR` bytes, as a failing attach's verifier log runs to megabytes (it is
+    /// `LISTED_ERROR` characters, as a failing attach's verifier log runs to megabytes (it is
     /// logged whole, once).
     fn list(&self) -> Vec<String> {
         self.0
