@@ -727,3 +727,92 @@ fn the_hosts_big_tcp_aggregates_pass() {
         println!("{net}: egress passed {packets:?} packets, {b:?} bytes in all");
     }
 }
+
+/// The host's NSG with a deny of the named set `blocked` (empty at first) before an allow
+/// of TCP 7000 inbound.
+const CUT_POLICY: &str = r#"virtual_network:
+  address_space: [198.51.100.0/24, 2001:db8:1::/64]
+sets:
+  blocked: []
+nsgs:
+  - name: host-nsg
+    hosts: [198.51.100.10, 2001:db8:1::10]
+    rules:
+      - {name: deny-blocked, priority: 100, direction: inbound, access: deny, protocol: "*", source: blocked, destination: "*", destination_ports: "*"}
+      - {name: allow-7000, priority: 110, direction: inbound, access: allow, protocol: tcp, source: ["*"], destination: ["*"], destination_ports: [7000]}
+"#;
+
+/// Whether `what`, written to `from`, reaches `to` within `wait`.
+fn says(from: &mut TcpStream, to: &mut TcpStream, what: &[u8], wait: Duration) -> bool {
+    to.set_read_timeout(Some(wait)).unwrap();
+    from.write_all(what).unwrap();
+    let mut got = vec![0u8; what.len()];
+    to.read_exact(&mut got).is_ok_and(|()| got == what)
+}
+
+/// A connection the host accepted (its peer opened it, the inbound rules allowed it) keeps
+/// the inbound rules as its judge when its flow is gone and the host sends next: with the
+/// flow merely deleted, the host's segment passes and the peer's answer makes the flow again,
+/// by the allow rule; once a set change denies the peer, the cut holds both ways. (Judged as
+/// a new outbound flow, the host's next segment made one, by `AllowInternetOutBound`, and
+/// the denied peer's segments passed as its answers: seen failing before the fix, the host's
+/// segment reached the denied peer in both families.)
+#[test]
+fn an_accepted_connection_cut_by_a_deny_stays_cut_when_the_host_sends() {
+    accepted_connection_cut("xdp");
+}
+
+#[test]
+fn an_accepted_connection_cut_by_a_deny_stays_cut_when_the_host_sends_at_tc() {
+    accepted_connection_cut("tc");
+}
+
+fn accepted_connection_cut(hook: &str) {
+    let lab = Lab::new();
+    let args = ["attach", "--hook", hook, "--iface", &lab.iface, "--role", "external"];
+    lab.pins.xdpgate(&args);
+    lab.pins.apply(CUT_POLICY);
+    let sa = |a: &str, p: u16| SocketAddr::new(a.parse().unwrap(), p);
+    for (host, net) in [(HOST4, NET4), (HOST6, NET6)] {
+        let to = sa(host, 7000);
+        let listener = lab.host.run(move || TcpListener::bind(to).expect("bind"));
+        let mut client =
+            lab.net.run(move || TcpStream::connect_timeout(&to, PASS_WAIT).expect("connect"));
+        let (mut server, _) = listener.accept().expect("accept");
+        assert!(says(&mut client, &mut server, b"hello", PASS_WAIT), "{net} to {to}");
+        assert!(says(&mut server, &mut client, b"welcome", PASS_WAIT), "{to} to {net}");
+
+        // Its flow gone, the host speaks first.
+        lab.pins.xdpgate(&["flows", "delete", "--addr", net]);
+        assert!(
+            says(&mut server, &mut client, b"still here", PASS_WAIT),
+            "{to} to {net} after its flow was deleted\n{}",
+            lab.pins.xdpgate(&["stats"])
+        );
+        assert!(says(&mut client, &mut server, b"me too", PASS_WAIT), "{net} to {to}");
+        let flows = lab.pins.xdpgate(&["flows", "--addr", net]);
+        assert!(
+            flows.contains("allow-7000") && !flows.contains("AllowInternetOutBound"),
+            "the connection's flow, made again, is not the inbound rule's:\n{flows}"
+        );
+
+        // The peer denied: the host's next segment does not bring the connection back.
+        let before = stats(&lab.pins);
+        lab.pins.xdpgate(&["set", "add", "blocked", net]);
+        assert!(
+            !says(&mut server, &mut client, b"cut?", DROP_WAIT),
+            "{to} reached the denied {net}\n{}",
+            lab.pins.xdpgate(&["flows", "--addr", net])
+        );
+        assert!(!says(&mut client, &mut server, b"cut!", DROP_WAIT), "{net} reached {to}");
+        let after = stats(&lab.pins);
+        assert!(
+            rule_hits(&after, "deny-blocked") > rule_hits(&before, "deny-blocked"),
+            "deny-blocked not counted: {after}"
+        );
+        assert!(
+            egress(&after, &lab.iface, "drop") > egress(&before, &lab.iface, "drop"),
+            "the host's segments were not dropped at egress: {after}"
+        );
+    }
+}

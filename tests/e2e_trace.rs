@@ -365,3 +365,88 @@ fn a_real_packet_carrying_a_marker_is_not_taken_for_a_trace() {
     let flows = json(&gw.pins.xdpgate(&["flows", "--json", "--top", "0", "--port", "40200"]));
     assert_eq!(flows.as_array().map(Vec::len), Some(1), "{flows:#}");
 }
+
+/// UDP 9000 allowed from the Internet, but not from the set `blocked` (empty at first); UDP
+/// and embryonic flows idle out after 4 s.
+const STALE_POLICY: &str = r#"virtual_network:
+  address_space: [198.51.100.0/24]
+settings: {udp_idle_timeout: 4, embryonic_timeout: 4}
+sets:
+  blocked: []
+nsgs:
+  - name: web
+    subnets: [198.51.100.0/24]
+    rules:
+      - {name: deny-blocked, priority: 100, direction: inbound, access: deny, protocol: "*", source: blocked, destination: "*", destination_ports: "*"}
+      - {name: allow-udp, priority: 110, direction: inbound, access: allow, protocol: udp, source: [Internet], destination: ["*"], destination_ports: [9000]}
+"#;
+
+/// A packet of a flow the running policy would judge again (decided before a set change
+/// denied its source) is traced as the real packet is decided: classified again, dropped
+/// by the deny, the entry left as it is; a real datagram then meets the same. A packet of a
+/// flow idled out is a new flow's. (Before: `pass`, from the entry, while real datagrams
+/// were dropped; and a hit on the idle entry. Both seen failing.)
+#[test]
+fn a_flow_judged_again_or_idled_out_is_traced_as_the_lookups_see_it() {
+    let gw = Gateway::new().without_ipv6();
+    gw.pins.apply(STALE_POLICY);
+    let send = |gw: &Gateway, port: u16| {
+        gw.client.run(move || {
+            let s = std::net::UdpSocket::bind((CLIENT4, port)).unwrap();
+            s.send_to(b"flow", (SERVER4, 9000)).unwrap();
+        })
+    };
+    let flows = |gw: &Gateway, port: u16| {
+        let out = gw.pins.xdpgate(&["flows", "--json", "--top", "0", "--port", &port.to_string()]);
+        json(&out).as_array().unwrap().len()
+    };
+    let wait_flows = |gw: &Gateway, port: u16, want: usize| {
+        let start = std::time::Instant::now();
+        while flows(gw, port) != want {
+            assert!(start.elapsed().as_secs() < 10, "port {port}: not {want} flows");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    let udp = |gw: &Gateway, port: u16| {
+        let args = ["trace", "--json", "--iface", &gw.ext, "--src", CLIENT4, "--dst", SERVER4];
+        let port = port.to_string();
+        let udp = ["--protocol", "udp", "--src-port", &port, "--dst-port", "9000"];
+        json(&gw.pins.xdpgate(&[&args[..], &udp].concat()))
+    };
+    let lookup = |t: &serde_json::Value| {
+        let stages = t["stages"].as_array().unwrap();
+        let s = stages.iter().find(|s| s["stage"] == "lookup").expect("a lookup stage");
+        s["decision"].as_str().unwrap().to_owned()
+    };
+
+    send(&gw, 6122);
+    wait_flows(&gw, 6122, 1);
+    let t = udp(&gw, 6122);
+    assert_eq!((&t["verdict"], rule_of(&t)), (&"pass".into(), "web/allow-udp".into()), "{t:#}");
+
+    gw.pins.xdpgate(&["set", "add", "blocked", CLIENT4]);
+    assert_leaves_state_alone(&gw, "a trace judging a flow again changed it", || {
+        let t = udp(&gw, 6122);
+        assert_eq!(
+            (&t["verdict"], &t["reason"], rule_of(&t)),
+            (&"drop".into(), &"policy".into(), "web/deny-blocked".into()),
+            "{t:#}"
+        );
+        assert!(lookup(&t).contains("classified again"), "{t:#}");
+    });
+    send(&gw, 6122);
+    wait_flows(&gw, 6122, 0);
+
+    gw.pins.xdpgate(&["set", "del", "blocked", CLIENT4]);
+    send(&gw, 6123);
+    wait_flows(&gw, 6123, 1);
+    assert!(lookup(&udp(&gw, 6123)).starts_with("hit: embryonic flow"));
+    // Past the 4 s timeouts: the lookups would take it for a new flow.
+    std::thread::sleep(std::time::Duration::from_millis(5500));
+    let t = udp(&gw, 6123);
+    assert_eq!(
+        (lookup(&t), &t["verdict"]),
+        ("miss: no flow, a new flow".into(), &"pass".into()),
+        "{t:#}"
+    );
+}

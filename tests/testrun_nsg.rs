@@ -825,3 +825,68 @@ fn table_scopes_skip_only_what_cannot_match() {
     }
     assert_eq!(k.run(&ssh(41004)), DROP, "deny-ssh-from-internet, after the switch");
 }
+
+/// An ICMP error passes by the flow it quotes only while the flow's own next packet would
+/// pass by it: once a new policy denies the flow (its next packet judged again and dropped),
+/// or once it has idled out, the error is one about no flow, judged as new (here denied by
+/// `DenyAllInBound`). Seen failing before the fix: a router's port unreachable about an
+/// outbound DNS flow reached the private host after an apply that denied the flow, and
+/// after the flow had idled out, in both families.
+#[test]
+fn an_icmp_error_passes_only_by_a_flow_that_would_pass() {
+    const ALLOW: &str = r#"
+virtual_network:
+  address_space: [198.51.100.0/24, 2001:db8:1::/64]
+settings: {udp_idle_timeout: 4}
+nsgs:
+  - name: web
+    subnets: [198.51.100.0/24, 2001:db8:1::/64]
+    rules:
+      - {name: dns-out, priority: 100, direction: outbound, access: allow, protocol: udp,
+         source: ["*"], destination: [Internet], destination_ports: [53]}
+"#;
+    let deny = ALLOW.replace("access: allow", "access: deny");
+    // (private host, DNS server, a router on the way)
+    let hosts = [
+        ("198.51.100.10", "203.0.113.7", "203.0.113.77"),
+        ("2001:db8:1::10", "2001:db8:2::7", "2001:db8:2::77"),
+    ];
+    let k = Kernel::new();
+    // The query opens the flow; the router's error about it comes back.
+    let query = |private: &str, server: &str, port: u16| frame(private, server, L4::Udp(port, 53));
+    let error = |router: &str, private: &str, query: &[u8]| {
+        frame_vlan(router, private, L4::PortUnreachable, &[], &query[ETH_LEN..])
+    };
+    let ask = |private: &str, server: &str, port: u16| {
+        k.arrive_as(Role::Internal);
+        let q = query(private, server, port);
+        assert_eq!(k.run(&q), PASS, "{private}:{port}: the query");
+        k.arrive_as(Role::External);
+        q
+    };
+
+    k.apply(ALLOW);
+    let first: Vec<_> = hosts.iter().map(|(p, s, _)| ask(p, s, 40000)).collect();
+    for ((private, _, router), q) in hosts.iter().zip(&first) {
+        assert_eq!(k.run(&error(router, private, q)), PASS, "{private}: error of a live flow");
+    }
+    k.apply(&deny);
+    for ((private, _, router), q) in hosts.iter().zip(&first) {
+        assert_eq!(k.run(&error(router, private, q)), DROP, "{private}: error of a denied flow");
+    }
+    k.arrive_as(Role::Internal);
+    for (q, (private, ..)) in first.iter().zip(&hosts) {
+        assert_eq!(k.run(q), DROP, "{private}: the denied flow's own datagram");
+    }
+
+    k.apply(ALLOW);
+    let second: Vec<_> = hosts.iter().map(|(p, s, _)| ask(p, s, 40001)).collect();
+    for ((private, _, router), q) in hosts.iter().zip(&second) {
+        assert_eq!(k.run(&error(router, private, q)), PASS, "{private}: error of a live flow");
+    }
+    // Past the 4 s UDP timeout, both directions silent.
+    std::thread::sleep(std::time::Duration::from_millis(5500));
+    for ((private, _, router), q) in hosts.iter().zip(&second) {
+        assert_eq!(k.run(&error(router, private, q)), DROP, "{private}: error of an idle flow");
+    }
+}

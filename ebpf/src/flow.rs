@@ -17,8 +17,8 @@ use xdpgate_common::{
     lb::NO_BACKEND,
     nat::NAT_ACTIVE,
     nsg::{
-        DIR_OUTBOUND, FLAG_MIDSTREAM, FLAG_NO_FRONTENDS, FLAG_NO_NAT, FLAG_REEVALUATE, MAX_RULES,
-        TABLES_PER_SLOT,
+        DIR_INBOUND, DIR_OUTBOUND, FLAG_MIDSTREAM, FLAG_NO_FRONTENDS, FLAG_NO_NAT, FLAG_REEVALUATE,
+        MAX_RULES, TABLES_PER_SLOT,
     },
     stats::DropReason,
 };
@@ -677,6 +677,7 @@ fn fresh(
 /// vouches for it, and an answer confirms it. Answers that open nothing make no flow.
 #[inline(always)]
 pub fn create_host(
+    ctx: &impl EbpfContext,
     active: &Active<'_>,
     meta: &PacketMeta,
     dir: u32,
@@ -691,6 +692,15 @@ pub fn create_host(
         return judge(active, meta, dir, len).map(|_| ());
     }
     let [forward, reply] = fresh(active, meta, dir, len)?;
+    if forward.tcp & TCP_MIDSTREAM != 0 && forward::host_listens(ctx, meta) {
+        // A connection the host accepted: its peer opened it, and the inbound rules judge
+        // it, as they judged its SYN. Judged outbound, a connection a policy change cut
+        // (its peer now denied) came back with the host's next segment. It passes without
+        // a flow; the peer's next segment makes one, judged the same way
+        // (`host_connection`).
+        forward.reply = 1;
+        return judge(active, as_classified(meta, forward)?, DIR_INBOUND, len).map(|_| ());
+    }
     forward.rules = judge(active, meta, dir, len)?;
     if forward.tcp & TCP_MIDSTREAM != 0 {
         count(FLOW_STAT_PICKED_UP);
@@ -818,9 +828,7 @@ fn count_lb(service: u32, backend: u32, len: u64) {
 /// whatever rule took its old number.
 #[inline(always)]
 fn stale(active: &Active<'_>, entry: &mut FlowValue) -> bool {
-    // Never current under the mark: a build from before it stamped flows with the marked
-    // value itself (2^63 + N), which would equal it.
-    if entry.generation == active.config.generation && !active.config.changing() {
+    if decided_now(active, entry) {
         return false;
     }
     if active.config.flags & FLAG_REEVALUATE != 0 {
@@ -839,6 +847,43 @@ fn stale(active: &Active<'_>, entry: &mut FlowValue) -> bool {
     }
     entry.generation = generation;
     false
+}
+
+/// Whether `entry` was decided under the running policy. Never under the mark: a build from
+/// before it stamped flows with the marked value itself (2^63 + N), which would equal it.
+#[inline(always)]
+fn decided_now(active: &Active<'_>, entry: &FlowValue) -> bool {
+    entry.generation == active.config.generation && !active.config.changing()
+}
+
+/// Whether the lookups would classify the flow of `entry` again (`Lookup::Stale`), for a
+/// packet that only reads it: an ICMP error about the flow, `xdpgate trace`'s.
+#[inline(always)]
+pub fn judged_again(active: &Active<'_>, entry: &FlowValue) -> bool {
+    !decided_now(active, entry) && active.config.flags & FLAG_REEVALUATE != 0
+}
+
+/// Whether the flow of `entry` (`key`'s, in the established table when `ESTABLISHED`, else
+/// the embryonic one) has idled out as the lookups judge it, for a packet that only reads
+/// it: both directions silent past its timeout. (The lookups then remove it; such a packet
+/// leaves it to them.) The table a constant: chosen at run time, the compiler merges the
+/// two tables' lookups into one call the verifier cannot inline.
+#[inline(always)]
+pub fn idled_out<const ESTABLISHED: bool>(
+    active: &Active<'_>,
+    key: &FlowKey,
+    entry: &FlowValue,
+) -> bool {
+    let now = clock::now_ns();
+    let (family, proto) = (key.family, key.proto);
+    let (timeout, twin) = if ESTABLISHED {
+        let timeout = active.config.idle_timeout_ns(family, proto, entry.tcp, entry.idle_s);
+        (timeout, unsafe { FLOWS.get(&key.twin(entry)) })
+    } else {
+        let timeout = active.config.embryo_timeout_ns(family, proto, entry);
+        (timeout, unsafe { EMBRYOS.get(&key.twin(entry)) })
+    };
+    now.saturating_sub(entry.last_seen_ns) > timeout && !seen_within(twin, now, timeout)
 }
 
 /// The number in the running slot of `rule`, a rule of the slot the last apply retired.
@@ -876,6 +921,10 @@ pub fn reclassify(active: &Active<'_>, meta: &PacketMeta) -> Result<(), DropReas
     // A rule's flow count counts a flow judged again after a change once, not each packet
     // of it under a set change's mark.
     let decision = classify(active, as_classified(meta, entry)?, !active.config.changing());
+    // `xdpgate trace`'s packet: the verdict recorded, the entry left as it is.
+    if trace::judged_again(decision.allowed, decision.rules) {
+        return if decision.allowed { Ok(()) } else { Err(DropReason::Policy) };
+    }
     if decision.allowed {
         entry.rules = decision.rules;
         entry.generation = generation;

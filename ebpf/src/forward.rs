@@ -77,32 +77,56 @@ fn lookup<H: Hook>(
 /// forwarded" alike for one of this host's addresses and for no route at all.)
 #[inline(always)]
 pub fn host_connection(ctx: &impl EbpfContext, meta: &PacketMeta) -> bool {
+    let state =
+        tcp_socket_state(ctx, meta.family, (&meta.src, meta.sport), (&meta.dst, meta.dport));
+    state.is_some_and(|state| state != TCP_LISTEN)
+}
+
+/// Whether the host listens where its own segment `meta` comes from (its source address
+/// and port): then the segment's connection is one the host accepted, which its peer
+/// opened. Asked as the peer's segment from port 0, which no connection has: the lookup
+/// finds no connected socket and falls through to the listeners.
+#[inline(always)]
+pub fn host_listens(ctx: &impl EbpfContext, meta: &PacketMeta) -> bool {
+    let state = tcp_socket_state(ctx, meta.family, (&meta.dst, 0), (&meta.src, meta.sport));
+    state == Some(TCP_LISTEN)
+}
+
+/// The state of the TCP socket of this namespace that a segment from address and port
+/// `src` to `dst` would reach, if any.
+#[inline(always)]
+fn tcp_socket_state(
+    ctx: &impl EbpfContext,
+    family: u8,
+    (saddr, sport): (&[u32; 4], u16),
+    (daddr, dport): (&[u32; 4], u16),
+) -> Option<u32> {
     let mut tuple: bpf_sock_tuple = unsafe { zeroed() };
-    let size = if meta.family == 4 {
+    let size = if family == 4 {
         tuple.__bindgen_anon_1.ipv4 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
-            saddr: meta.src[0],
-            daddr: meta.dst[0],
-            sport: meta.sport.to_be(),
-            dport: meta.dport.to_be(),
+            saddr: saddr[0],
+            daddr: daddr[0],
+            sport: sport.to_be(),
+            dport: dport.to_be(),
         };
         size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>()
     } else {
         tuple.__bindgen_anon_1.ipv6 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 {
-            saddr: meta.src,
-            daddr: meta.dst,
-            sport: meta.sport.to_be(),
-            dport: meta.dport.to_be(),
+            saddr: *saddr,
+            daddr: *daddr,
+            sport: sport.to_be(),
+            dport: dport.to_be(),
         };
         size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2>()
     };
     let netns = BPF_F_CURRENT_NETNS as u64;
     let sk = unsafe { bpf_sk_lookup_tcp(ctx.as_ptr(), &mut tuple, size as u32, netns, 0) };
     if sk.is_null() {
-        return false;
+        return None;
     }
     let state = unsafe { (*sk).state };
     unsafe { bpf_sk_release(sk as *mut _) };
-    state != TCP_LISTEN
+    Some(state)
 }
 
 /// Sends the packet towards `next_hop` (its destination, or the backend of a floating-IP

@@ -15,8 +15,10 @@ use xdpgate_common::{
 
 use crate::{
     action::{Action, NAT_ICMP_ERROR_DST, NAT_ICMP_ERROR_SRC},
+    flow,
     headers::{IPPROTO_TCP, IPPROTO_UDP, IcmpHdr, Ipv4Hdr, Ipv6Hdr, be16},
     maps::{EMBRYOS, FLOWS},
+    nsg::Active,
     parse::{FRAG_LATER, Packet, PacketMeta, is_echo, ptr_at},
 };
 
@@ -84,9 +86,11 @@ fn ip_end(ctx: &impl Packet, meta: &PacketMeta) -> Option<usize> {
 }
 
 /// The action for an ICMP error whose quoted packet belongs to a known flow: the error
-/// travels like that flow's replies, so it is looked up as one.
+/// travels like that flow's replies, so it is looked up as one. A flow the lookups would
+/// not pass a packet of as it stands (idled out, or to be judged again under a newer
+/// policy, which may deny it) vouches for no error: the error is then one about no flow.
 #[inline(always)]
-pub fn related(ctx: &impl Packet, meta: &PacketMeta) -> Option<Action> {
+pub fn related(ctx: &impl Packet, active: &Active<'_>, meta: &PacketMeta) -> Option<Action> {
     let (l3, l4, proto) = inner_offsets(ctx, meta)?;
     let mut key = FlowKey {
         src: [0; 4],
@@ -132,7 +136,16 @@ pub fn related(ctx: &impl Packet, meta: &PacketMeta) -> Option<Action> {
         return None;
     }
     // Errors about a flow's first packets (an unreachable port, say) belong to an embryo.
-    let entry = unsafe { FLOWS.get(&key).or_else(|| EMBRYOS.get(&key))? };
+    let (entry, idle) = match unsafe { FLOWS.get(&key) } {
+        Some(e) => (e, flow::idled_out::<true>(active, &key, e)),
+        None => {
+            let e = unsafe { EMBRYOS.get(&key)? };
+            (e, flow::idled_out::<false>(active, &key, e))
+        }
+    };
+    if idle || flow::judged_again(active, entry) {
+        return None;
+    }
     let nat = match entry.nat {
         NAT_DST => NAT_ICMP_ERROR_DST,
         NAT_SRC => NAT_ICMP_ERROR_SRC,

@@ -55,6 +55,7 @@ use crate::{
         ACTION, DROP_STATS, EGRESS_PIPELINE, EGRESS_STATS, EMBRYOS, FLOW_SCRATCH, FLOWS,
         IFACE_STATS, SCRATCH, iface_config,
     },
+    nsg::Active,
     parse::{FRAG_FIRST, FRAG_LATER, FRAG_NONE, Packet, PacketMeta, Parsed, parse},
 };
 
@@ -175,7 +176,7 @@ fn parse_stage<H: Hook>(ctx: &H, iface: Option<&IfaceConfig>) -> Result<u32, Dro
         return Ok(xdp_action::XDP_PASS);
     };
     if ctx.traced() {
-        return traced_entry(ctx, &meta);
+        return traced_entry(ctx, &active, &meta);
     }
     // Most packets belong to an established flow: decided here, without the policy stage.
     let looked = meta.frag == FRAG_NONE && !icmp::is_error(&meta);
@@ -222,20 +223,35 @@ fn parse_stage<H: Hook>(ctx: &H, iface: Option<&IfaceConfig>) -> Result<u32, Dro
 /// entry (no counters, state or clock moved); a packet with a flow is reported as its flow
 /// and goes no further, one without goes to the new-flow stage.
 #[inline(always)]
-fn traced_entry<H: Hook>(ctx: &H, meta: &PacketMeta) -> Result<u32, DropReason> {
+fn traced_entry<H: Hook>(
+    ctx: &H,
+    active: &Active<'_>,
+    meta: &PacketMeta,
+) -> Result<u32, DropReason> {
     let key = flow::key(meta);
-    // As the lookups judge it: an entry of another echo type is not the packet's flow.
-    let ours = |e: &&xdpgate_common::flow::FlowValue| !flow::other_echo(meta, e);
-    let established = unsafe { FLOWS.get(&key) }.filter(ours);
-    let entry = established.or_else(|| unsafe { EMBRYOS.get(&key) }.filter(ours));
+    // As the lookups judge it: an entry of another echo type, or one idled out, is not the
+    // packet's flow.
+    let established = unsafe { FLOWS.get(&key) }
+        .filter(|e| !flow::other_echo(meta, e) && !flow::idled_out::<true>(active, &key, e));
+    let entry = established.or_else(|| {
+        unsafe { EMBRYOS.get(&key) }
+            .filter(|e| !flow::other_echo(meta, e) && !flow::idled_out::<false>(active, &key, e))
+    });
     trace::lookup(entry, established.is_some());
-    if entry.is_some() {
+    let again = entry.is_some_and(|e| flow::judged_again(active, e));
+    if entry.is_some() && !again {
         return Ok(xdp_action::XDP_PASS);
     }
     let slot = SCRATCH.get_ptr_mut(0).ok_or(DropReason::Internal)?;
     unsafe { *slot = *meta };
-    let slot = ACTION.get_ptr_mut(0).ok_or(DropReason::Internal)?;
-    unsafe { *slot = Action::PASS };
+    // A flow decided under an older policy: classified again, as its next packet would
+    // have it, the verdict recorded, the entry left as it is.
+    if again {
+        request_reclassify()?;
+    } else {
+        let slot = ACTION.get_ptr_mut(0).ok_or(DropReason::Internal)?;
+        unsafe { *slot = Action::PASS };
+    }
     enter(ctx, H::stages(), PIPELINE_NEW)
 }
 
@@ -257,7 +273,7 @@ fn policy_stage<H: Hook>(ctx: &H) -> Result<u32, DropReason> {
     }
     let len = Packet::len(ctx) as u64;
     let error = icmp::is_error(meta);
-    let action = match error.then(|| icmp::related(ctx, meta)).flatten() {
+    let action = match error.then(|| icmp::related(ctx, &active, meta)).flatten() {
         Some(action) => action,
         // An error about no flow is judged as new (and makes none), not looked up by its
         // own key: an ICMP flow of a type without identifier has the key of every such
@@ -294,6 +310,9 @@ fn new_flow_stage<H: Hook>(ctx: &H) -> Result<u32, DropReason> {
     }
     if take_reclassify() {
         flow::reclassify(&active, meta)?;
+        if ctx.traced() {
+            return Ok(xdp_action::XDP_PASS);
+        }
         request(JUDGED)?;
         return enter(ctx, H::stages(), PIPELINE_POLICY);
     }
@@ -638,7 +657,7 @@ fn egress_policy_stage(ctx: &TcContext) -> Result<Option<()>, DropReason> {
     }
     if icmp::is_error(meta) {
         // As on arrival: an error about no flow is judged as new, not looked up by its key.
-        return match icmp::related(ctx, meta) {
+        return match icmp::related(ctx, &active, meta) {
             // The stack's own error about a packet it got translated (a load balancer's
             // client's packet too long for the route to the backend, say) quotes what the
             // sender sent, so that the sender takes it for its own; it comes from this
@@ -683,7 +702,7 @@ fn egress_new_stage(ctx: &TcContext) -> Result<Option<()>, DropReason> {
         request(JUDGED)?;
         return enter(ctx, &EGRESS_PIPELINE, EGRESS_POLICY);
     }
-    flow::create_host(&active, meta, u32::from(meta.dir), u64::from(ctx.len()))?;
+    flow::create_host(ctx, &active, meta, u32::from(meta.dir), u64::from(ctx.len()))?;
     Ok(egress_passed(meta))
 }
 

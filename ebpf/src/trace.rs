@@ -107,6 +107,18 @@ pub fn denied(rules: [u16; 2], generation: u64) -> bool {
     true
 }
 
+/// The NSG layers judged the traced packet's flow, decided under an older policy, again:
+/// allowed or denied by `rules`; whether a trace is active (then the entry is left as it
+/// is). The generation stays the entry's, which the report compares with the running one.
+#[inline(never)]
+pub fn judged_again(allowed: bool, rules: [u16; 2]) -> bool {
+    let Some(t) = record().filter(|t| t.active != 0) else { return false };
+    t.stages |= STAGE_NEW_FLOW;
+    t.nsg = if allowed { NSG_ALLOWED } else { NSG_DENIED };
+    t.rules = rules;
+    true
+}
+
 /// The new flow the NSG layers allowed (and the load balancer's choice, and the SNAT
 /// stage's translation), as it would be created; whether a trace is active (then it is
 /// not created).

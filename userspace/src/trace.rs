@@ -395,24 +395,33 @@ fn report(
         LOOKUP_ESTABLISHED | LOOKUP_EMBRYONIC => {
             let state = if r.lookup == LOOKUP_ESTABLISHED { "established" } else { "embryonic" };
             let current = apply::active(pins).map(|(_, c)| c.generation).unwrap_or(0);
-            let stale = if current != 0 && current != r.generation {
-                " (decided under an older policy: classified again)"
-            } else {
-                ""
-            };
-            add(
-                "lookup",
+            let reply = if r.flow_reply != 0 { ", reply direction" } else { "" };
+            let rewrite = nat_text(r.nat, r.nat_addr, r.nat_port);
+            // Judged again, the record holds the rules of the new verdict (the `nsg` stage).
+            let line = if r.stages & STAGE_NEW_FLOW != 0 {
                 format!(
-                    "hit: {state} flow{}{stale}; rules: {}; rewrite: {}",
-                    if r.flow_reply != 0 { ", reply direction" } else { "" },
-                    rule_text(&rules),
-                    nat_text(r.nat, r.nat_addr, r.nat_port)
-                ),
-            );
+                    "hit: {state} flow{reply}, decided under an older policy (generation {}): \
+                     classified again; rewrite: {rewrite}",
+                    r.generation
+                )
+            } else {
+                let stale = if current != 0 && current != r.generation {
+                    " (decided under an older policy, kept: reevaluate_flows is off)"
+                } else {
+                    ""
+                };
+                format!(
+                    "hit: {state} flow{reply}{stale}; rules: {}; rewrite: {rewrite}",
+                    rule_text(&rules)
+                )
+            };
+            add("lookup", line);
         }
         _ => {}
     }
-    if r.stages & STAGE_NEW_FLOW != 0 {
+    let hit = matches!(r.lookup, LOOKUP_ESTABLISHED | LOOKUP_EMBRYONIC);
+    // A flow judged again keeps its backend: no load balancer's choice to show.
+    if r.stages & STAGE_NEW_FLOW != 0 && !hit {
         match r.lb {
             LB_SELECTED => {
                 let backend = names.and_then(|n| n.backend(r.backend));
@@ -431,6 +440,8 @@ fn report(
             LB_NO_BACKEND => add("lb", "frontend without a backend for new flows".into()),
             _ => add("lb", "not a frontend".into()),
         }
+    }
+    if r.stages & STAGE_NEW_FLOW != 0 {
         let nsg = match r.nsg {
             NSG_ALLOWED if rules.outbound.is_none() && rules.inbound.is_none() => {
                 "allowed: no NSG applies".to_owned()
