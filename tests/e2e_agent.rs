@@ -596,6 +596,85 @@ fn simulated_reboot_attaches_from_the_node_file() {
     agent.stop();
 }
 
+/// The dataplane made anew under a running agent leaves it without its policy: its pin
+/// directory removed (a cleaner of /sys/fs/bpf, say; the programs go with their links and
+/// every port is open), or detached, removed and attached again by hand (the resize of the
+/// limits section). The agent applies its policy to the new maps, and with a node file makes
+/// them itself and attaches its interfaces only after the apply: the denied port is closed
+/// again, the allowed one open, and its state says nothing failing once done. (Before: with
+/// a node file the agent attached to maps without a policy and reported its last reload as
+/// good, every port open until a SIGHUP; its pin directory gone, it never attached again;
+/// without a node file nothing applied the policy. Each seen failing.)
+#[test]
+fn the_agent_applies_its_policy_again_to_a_dataplane_made_anew() {
+    let lab = Gateway::new();
+    let file = lab.write_policy("policy.yaml", &policy(8080));
+    let node = lab.write_policy(
+        "node.yaml",
+        &format!(
+            "interfaces:\n  - {{name: {}, role: external}}\n  - {{name: {}, role: internal}}\n",
+            lab.ext, lab.int
+        ),
+    );
+    let attached = |pins: &Pins| -> usize {
+        let out = pins.try_xdpgate(&["status", "--json"]);
+        if !out.status.success() {
+            return 0;
+        }
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["interfaces"]
+            .as_array()
+            .map_or(0, |a| a.iter().filter(|i| i["program_id"].is_u64()).count())
+    };
+    let in_force = |lab: &Gateway| {
+        lab.pins.try_xdpgate(&["status", "--json"]).status.success()
+            && generation(&lab.pins) >= 1
+            && attached(&lab.pins) == 2
+    };
+    let no_failure = |lab: &Gateway| {
+        lab.pins
+            .agent_record()
+            .is_some_and(|s| s["failing"].as_array().is_some_and(|f| f.is_empty()))
+    };
+    let args = ["--policy", file.to_str().unwrap(), "--node", node.to_str().unwrap()];
+    let mut agent = Agent::start(&lab, &args);
+    agent.wait_applied(&lab);
+    assert!(reaches(&lab, 8080) && !reaches(&lab, 9090), "the policy at start");
+
+    std::fs::remove_dir_all(lab.pins.dir.path()).unwrap();
+    wait_for(
+        "the policy in force again, both interfaces attached",
+        Duration::from_secs(30),
+        || {
+            agent.assert_running("its pin directory removed");
+            in_force(&lab)
+        },
+    );
+    assert!(!reaches(&lab, 9090), "the denied port, once the agent made the dataplane again");
+    assert!(reaches(&lab, 8080), "the allowed port, once the agent made the dataplane again");
+    wait_for("nothing failing", Duration::from_secs(10), || no_failure(&lab));
+    let log = agent.log();
+    assert!(log.contains("the policy is in force again"), "{log}");
+    agent.stop();
+
+    // By hand, without a node file: the operator's attach makes maps with no policy.
+    let mut agent = Agent::start(&lab, &args[..2]);
+    agent.wait_applied(&lab);
+    lab.pins.xdpgate(&["detach", "--all"]);
+    std::fs::remove_dir_all(lab.pins.dir.path()).unwrap();
+    for (iface, role) in [(&lab.ext, "external"), (&lab.int, "internal")] {
+        lab.pins.xdpgate(&["attach", "--iface", iface, "--role", role, "--flows", "100000"]);
+    }
+    wait_for("the policy applied to the maps made by hand", Duration::from_secs(30), || {
+        agent.assert_running("the dataplane made again by hand");
+        in_force(&lab)
+    });
+    assert!(!reaches(&lab, 9090) && reaches(&lab, 8080), "the policy on the new maps");
+    assert_eq!(status(&lab.pins)["tables"]["flows"]["capacity"], 100_000);
+    wait_for("nothing failing", Duration::from_secs(15), || no_failure(&lab));
+    agent.stop();
+}
+
 /// The agent attaches a node file's interface under the write lock, as `xdpgate attach`
 /// does: while another writer holds it (an operator's attach of the same interface, say),
 /// the agent's retry waits its turn (seen failing: it attached under the held lock, where

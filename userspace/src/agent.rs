@@ -485,14 +485,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
 
     // The dataplane's flow events, read as they come when a flow log is wanted.
     let mut events = match flow_log {
-        Some(_) => {
-            let ring = dataplane::event_ring(pins)?;
-            // SAFETY: the ring owns its map fd, open until the AsyncFd drops it.
-            Some(
-                unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
-                    .map_err(|e| anyhow!("{e}"))?,
-            )
-        }
+        Some(_) => Some(event_reader(pins)?),
         None => None,
     };
     // Next hops cached by the dataplane follow route, neighbour and link changes at once.
@@ -533,6 +526,10 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     let mut ticks = 0u64;
     // Set when another agent took the dataplane after this one lost its lock (see `renew`).
     let mut taken_over = false;
+    // Set while the dataplane runs no policy of the agent's (see `policy_lost`), until a
+    // reload has applied it again; then the node file's interfaces are attached at once.
+    let mut restoring = false;
+    let mut attach_soon = false;
     let (mut tx, mut rx) = mpsc::channel::<Change>(256);
     let mut prober = Prober::spawn_counted(start, max_concurrent, tx.clone(), probe_stats.clone());
     // Announced only once nothing above can fail: an agent that exits on an error leaves no
@@ -647,10 +644,21 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                 // Drain, undrain, a detach or a reattach: within a second. Before the
                 // reattach below, so that a detached node is withdrawn in every case.
                 announce_node(pins, node.as_ref(), &running.lbs, &down, &health_tables, &drains.0, &probe_stats, &mut failing);
+                // Tried at once, then every 10 s while the policy is still not in force.
+                if policy_lost(pins) && (!restoring || ticks.is_multiple_of(10)) {
+                    restoring = true;
+                    restore(pins, node.as_ref(), file, &mut failing);
+                    reload.ask(Instant::now());
+                    turn.want(pins);
+                }
+                // Never onto a dataplane without the policy: an interface attached to it
+                // would pass everything.
                 if let Some(node) = &node
-                    && ticks.is_multiple_of(10)
+                    && (ticks.is_multiple_of(10) || attach_soon)
+                    && !restoring
                     && !node::missing(pins, node).is_empty()
                 {
+                    attach_soon = false;
                     attach_node(pins, node, Duration::ZERO, &mut failing);
                 }
                 sweeper.start(pins, &running.names, flow_log.as_ref().map(|l| &l.reported));
@@ -732,6 +740,19 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                         }
                     };
                     reloaded(pins, file, &mut state, result);
+                    if restoring && !policy_lost(pins) {
+                        restoring = false;
+                        attach_soon = true;
+                        info!("the policy is in force again on the dataplane's new maps");
+                        failing.check("dataplane", Ok(()));
+                        // The maps the agent held are not the dataplane's any more.
+                        if let Some(m) = failing.check("load balancer maps", LbMaps::open(pins)) {
+                            maps = m;
+                        }
+                        if events.is_some() {
+                            events = failing.check("flow log events", event_reader(pins));
+                        }
+                    }
                     announce_node(pins, node.as_ref(), &running.lbs, &down, &health_tables, &drains.0, &probe_stats, &mut failing);
                     save_state(pins, &mut state, &failing, &live);
                 }
@@ -876,6 +897,44 @@ fn announce_node(
 fn encap(node: &Option<Node>, lbs: &CompiledLb) -> Result<xdpgate_dataplane::encap::Chosen> {
     let avoid = xdpgate_dataplane::encap::frontends(lbs);
     node.as_ref().map_or(Ok(Default::default()), |n| n.encap_sources(&avoid))
+}
+
+/// The reader of the dataplane's flow events, woken as they come.
+fn event_reader(pins: &PinDir) -> Result<AsyncFd<RingBuf<MapData>>> {
+    let ring = dataplane::event_ring(pins)?;
+    // SAFETY: the ring owns its map fd, open until the AsyncFd drops it.
+    unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }.map_err(|e| anyhow!("{e}"))
+}
+
+/// Whether the dataplane runs no policy: its maps gone (its pin directory removed, say) or
+/// made anew (no policy applied to them: re-made by hand for other table sizes, or made by
+/// the agent's own attach after that). Its interfaces, if attached, pass everything. The
+/// agent's policy is in force from its start-up on, so this is never its own doing.
+fn policy_lost(pins: &PinDir) -> bool {
+    apply::active(pins).map_or(true, |(_, config)| config.generation == 0)
+}
+
+/// Readies a dataplane that lost its policy for the reload that applies it again, as at
+/// start-up: with a node file, its maps are made again if they are gone (the pin directory
+/// too). Recorded as failing until the policy is in force again.
+fn restore(pins: &PinDir, node: Option<&Node>, file: &Path, failing: &mut Failing) {
+    let made = match node {
+        Some(node) if dataplane::event_ring(pins).is_err() => {
+            dataplane::load_sized(pins, &node.tables).map(drop).context("making its maps again")
+        }
+        _ => Ok(()),
+    };
+    let lost = anyhow!(
+        "no policy in force (its maps were removed or made anew): applying {} again, no \
+         interface of the node file attached until then",
+        file.display()
+    );
+    let error = match made {
+        Ok(()) => lost,
+        Err(e) => e.context(lost),
+    };
+    warn!("dataplane: {error:#}");
+    failing.check("dataplane", Err::<(), _>(error));
 }
 
 /// Attaches the interfaces of the node file that have no pinned link.
