@@ -516,3 +516,50 @@ fn a_capture_held_up_past_its_lease_says_so() {
     assert!(err.contains("its lease ran out"), "{err}");
     let _ = std::fs::remove_file(&path);
 }
+
+/// `-w` into a directory other users write to (`/tmp`) writes only a file of the capturing
+/// user's own: a symbolic link there is not followed, and a file another user made, or one
+/// with a second name (a hard link to a file of root's), is refused and left as it was; a
+/// file of its own is emptied and made 0600. (Before: a root-only file was overwritten
+/// through the link, and another user's file, mode 0666, filled with payloads they could
+/// read. Seen failing.)
+#[test]
+fn capture_writes_only_a_file_of_its_own() {
+    use std::os::unix::fs::{PermissionsExt, chown, symlink};
+    let gw = xdp_gateway();
+    gw.pins.apply(NAT_POLICY);
+    let mode = |p: &PathBuf| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let victim = file("victim");
+    std::fs::write(&victim, "secret").unwrap();
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let link = file("link");
+    symlink(&victim, &link).unwrap();
+    let hard = file("hard");
+    std::fs::hard_link(&victim, &hard).unwrap();
+    let theirs = file("theirs");
+    std::fs::write(&theirs, "theirs").unwrap();
+    chown(&theirs, Some(65534), Some(65534)).unwrap();
+    std::fs::set_permissions(&theirs, std::fs::Permissions::from_mode(0o666)).unwrap();
+    for (path, says) in
+        [(&link, "symbolic link"), (&theirs, "belongs to uid 65534"), (&hard, "has 2 names")]
+    {
+        let out =
+            gw.pins.try_xdpgate(&["capture", "--duration", "0.2", "-w", path.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(says), "{}: {err}", path.display());
+    }
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "secret");
+    assert_eq!(std::fs::read_to_string(&theirs).unwrap(), "theirs");
+    assert_eq!((mode(&victim), mode(&theirs)), (0o600, 0o666));
+
+    let own = file("own");
+    std::fs::write(&own, "an older capture").unwrap();
+    std::fs::set_permissions(&own, std::fs::Permissions::from_mode(0o666)).unwrap();
+    Capture::start(&gw, &["--duration", "0.2", "-w", own.to_str().unwrap()], Stdio::null())
+        .finish();
+    assert!(pcap(&own).is_empty());
+    assert_eq!(mode(&own), 0o600);
+    for p in [victim, link, hard, theirs, own] {
+        let _ = std::fs::remove_file(p);
+    }
+}

@@ -8,13 +8,14 @@
 use std::{
     borrow::Cow,
     cell::RefCell,
-    fs::OpenOptions,
+    fs::{File, OpenOptions},
     io::{self, BufWriter, Write},
     net::IpAddr,
     os::{
         fd::{AsFd, AsRawFd},
-        unix::fs::OpenOptionsExt as _,
+        unix::fs::{MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _},
     },
+    path::Path,
     rc::Rc,
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -425,11 +426,7 @@ pub fn run(pins: &PinDir, args: &CaptureArgs) -> Result<Summary> {
     let out: Box<dyn Write> = if args.write == "-" {
         Box::new(BufWriter::new(io::stdout().lock()))
     } else {
-        // Whole packets, payloads and all: a new file for root only, as dumpcap makes them.
-        let file = (OpenOptions::new().write(true).create(true).truncate(true).mode(0o600))
-            .open(&args.write)
-            .with_context(|| format!("creating {}", args.write))?;
-        Box::new(BufWriter::new(file))
+        Box::new(BufWriter::new(open_output(Path::new(&args.write))?))
     };
     let mut sink = Sink::new(out, args.format, args.snaplen)?;
     // A reader that goes away (tcpdump -c) ends the capture as a bound would: a write
@@ -456,6 +453,38 @@ pub fn run(pins: &PinDir, args: &CaptureArgs) -> Result<Summary> {
     summary.stopped_by = stop;
     summary.bytes = sink.written;
     Ok(summary)
+}
+
+/// The capture file at `path`, empty, root's only: whole packets, payloads and all, as
+/// dumpcap makes them (mode 0600). It may be in a directory others write to (`/tmp`), so
+/// it is not a link another user put there for root to write through (to a file of
+/// root's: the last component is not followed, a file with other names is refused), nor a
+/// file another user made beforehand (readable by them, or theirs to read later).
+fn open_output(path: &Path) -> Result<File> {
+    let shown = path.display();
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .with_context(|| format!("creating {shown} (a symbolic link is not followed)"))?;
+    let meta = file.metadata().with_context(|| format!("{shown}"))?;
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if !meta.file_type().is_file() {
+        bail!("{shown} is not a regular file: not written to");
+    }
+    if meta.uid() != me {
+        bail!("{shown} belongs to uid {}, not to this user ({me}): not written to", meta.uid());
+    }
+    if meta.nlink() != 1 {
+        bail!("{shown} has {} names (hard links): not written to", meta.nlink());
+    }
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("{shown}: making it root's only"))?;
+    file.set_len(0).with_context(|| format!("emptying {shown}"))?;
+    Ok(file)
 }
 
 fn wait_readable(rings: &[PerfEventArrayBuffer<MapData>], timeout: Duration) {
