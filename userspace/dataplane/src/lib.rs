@@ -161,9 +161,12 @@ pub fn is_permission_error(e: &anyhow::Error) -> bool {
 
 impl PinDir {
     /// The pin directory at `path`, held as one absolute path however it was spelled
-    /// (`/sys/fs/bpf//xdpgate`, `./xdpgate` from `/sys/fs/bpf`, `..`): its state directory
-    /// is named after it ([`state::dir`]), and two spellings must not make two, or a writer
-    /// would miss the agent's lock and the run-time state beside the same maps.
+    /// (`/sys/fs/bpf//xdpgate`, `./xdpgate` from `/sys/fs/bpf`, `..`, a symbolic link to
+    /// `/sys/fs/bpf` on the way): its state directory is named after it ([`state::dir`]),
+    /// and two spellings must not make two, or a writer would miss the agent's lock and the
+    /// run-time state beside the same maps. Its directories on the way are resolved as far
+    /// as they exist; the last component is left as it is (a link there is refused, see
+    /// [`PinDir::check`]).
     pub fn new(path: impl Into<PathBuf>) -> Self {
         let path = path.into();
         let path = std::path::absolute(&path).unwrap_or(path);
@@ -176,6 +179,20 @@ impl PinDir {
                 }
                 part => normal.push(part),
             }
+        }
+        let Some(name) = normal.file_name().map(ToOwned::to_owned) else { return Self(normal) };
+        // The longest existing ancestor, resolved; the rest as written.
+        let mut ancestor = normal.parent().map(Path::to_path_buf).unwrap_or_default();
+        let mut rest = vec![name];
+        while !ancestor.as_os_str().is_empty() {
+            if let Ok(real) = fs::canonicalize(&ancestor) {
+                return Self(rest.iter().rev().fold(real, |p, c| p.join(c)));
+            }
+            match ancestor.file_name() {
+                Some(c) => rest.push(c.to_owned()),
+                None => break,
+            }
+            ancestor.pop();
         }
         Self(normal)
     }
@@ -1366,5 +1383,22 @@ mod tests {
         }
         let here = std::env::current_dir().unwrap();
         assert_eq!(PinDir::new("xg/").path(), here.join("xg"));
+        // Through a symbolic link to a directory on the way, existing or not past it (seen
+        // failing before: a state directory of its own, and an `apply` beside the agent).
+        let dir = std::env::temp_dir().join(format!("xgpins{}", std::process::id()));
+        fs::create_dir_all(dir.join("real")).unwrap();
+        let real = fs::canonicalize(dir.join("real")).unwrap();
+        std::os::unix::fs::symlink(&real, dir.join("alias")).unwrap();
+        for tail in ["xdpgate", "not/yet/xdpgate"] {
+            let through = PinDir::new(dir.join("alias").join(tail));
+            assert_eq!(through.path(), real.join(tail));
+            assert_eq!(state::dir(&through), state::dir(&PinDir::new(real.join(tail))));
+        }
+        // The last component is not resolved: a link there is refused, not followed.
+        assert_eq!(
+            PinDir::new(dir.join("alias")).path(),
+            fs::canonicalize(&dir).unwrap().join("alias")
+        );
+        fs::remove_dir_all(&dir).unwrap();
     }
 }
