@@ -364,6 +364,19 @@ fn the_agent_takes_its_lock_again_when_the_state_directory_goes() {
     assert!(reaches(&lab, 8080) && !reaches(&lab, 9090), "the agent's policy stays");
     assert!(agent.log().contains("lost this agent's lock"), "{}", agent.log());
     assert_eq!(lab.pins.agent_record().unwrap()["pid"].as_u64(), Some(u64::from(pid)));
+    // The running policy's record went with the directory: commands that need it say so,
+    // and what writes it again (seen failing: "no policy applied yet", with one in force).
+    let out = lab.pins.try_xdpgate(&["set", "list"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && stderr.contains("is in force")
+            && stderr.contains("its record is gone")
+            && stderr.contains("kill -HUP"),
+        "{stderr}"
+    );
+    agent.reload(&lab, &file, 8080, "the reload that writes the record again");
+    lab.pins.xdpgate(&["set", "list"]);
 
     // Another agent takes the dataplane while this one's lock is gone (this one stopped
     // meanwhile): this one then stops with an error, leaving the other its state file.

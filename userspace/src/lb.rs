@@ -3,7 +3,7 @@
 
 use std::net::IpAddr;
 
-use anyhow::{Result, anyhow};
+use anyhow::Result;
 use xdpgate_dataplane::{PinDir, apply, drain, lb, state};
 
 use crate::views::{self, OutputArgs};
@@ -49,8 +49,7 @@ pub fn run(pins: &PinDir, args: LbArgs) -> Result<()> {
         None => {
             // Before the record: the tables read are the record's, whole.
             let lock = args.maglev.then(|| state::ReadLock::acquire(pins)).transpose()?;
-            let record = apply::running(pins)?
-                .ok_or_else(|| anyhow!("no policy applied to {} yet", pins.path().display()))?;
+            let record = apply::running_record(pins)?;
             let drained = drain::read_warned(pins)?;
             let report = lb::report(pins, &record, &drained, lock.as_ref())?;
             // Let writers (the agent's failover among them) go before printing: a reader

@@ -273,8 +273,7 @@ fn chosen_policy(pins: &PinDir, file: Option<PathBuf>) -> Result<policy::Policy>
 
 /// The record of the running generation, or an error that says why there is none.
 fn running_record(pins: &PinDir) -> Result<policy::names::Record> {
-    apply::running(pins)?
-        .ok_or_else(|| anyhow!("no policy applied to {} yet", pins.path().display()))
+    apply::running_record(pins)
 }
 
 fn main() -> ExitCode {

@@ -4,7 +4,7 @@
 
 use std::{collections::HashMap, path::PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use aya::{
     Pod,
     maps::{
@@ -412,6 +412,25 @@ pub fn apply(pins: &PinDir, compiled: &Compiled, settings: &Settings) -> Result<
 pub fn running(pins: &PinDir) -> Result<Option<Record>> {
     let (_, config) = active(pins)?;
     state::record(pins, config.generation)
+}
+
+/// [`running`], or why there is none: no policy applied yet, or the record of the one in
+/// force gone with the state directory (its run-time changes with it), which a reload or
+/// an apply of the policy writes again.
+pub fn running_record(pins: &PinDir) -> Result<Record> {
+    let (_, config) = active(pins)?;
+    if config.generation == 0 {
+        bail!("no policy applied to {} yet", pins.path().display());
+    }
+    state::record(pins, config.generation)?.ok_or_else(|| {
+        anyhow!(
+            "generation {} is in force at {}, but its record is gone from {} (the state \
+             directory was removed?): reload the agent (kill -HUP) or apply the policy again",
+            config.generation,
+            pins.path().display(),
+            state::dir(pins).display()
+        )
+    })
 }
 
 /// The running generation's record: its path and policy source. `None` before the first

@@ -174,8 +174,7 @@ pub struct Changed {
 /// have it in their pool (each swapped whole). Backends taken out by probes stay out.
 pub fn set(pins: &PinDir, lb_name: &str, backend: IpAddr, drain: bool) -> Result<Changed> {
     let lock = WriteLock::acquire(pins)?;
-    let record = apply::running(pins)?
-        .ok_or_else(|| anyhow!("no policy applied to {} yet", pins.path().display()))?;
+    let record = apply::running_record(pins)?;
     let policy = xdpgate_policy::load_str(&record.source, "the applied policy")
         .map_err(|e| anyhow!("the applied policy no longer loads: {e}"))?;
     let lbs = xdpgate_policy::lb::compile(&policy)?.carried(&record.backends, &record.services)?;

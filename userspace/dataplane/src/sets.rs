@@ -369,8 +369,7 @@ fn write_config(pins: &PinDir, slot: u32, config: PolicyConfig) -> Result<()> {
 }
 
 fn running(pins: &PinDir) -> Result<Record> {
-    apply::running(pins)?
-        .ok_or_else(|| anyhow!("no policy applied to {} yet", pins.path().display()))
+    apply::running_record(pins)
 }
 
 fn load(record: &Record, changes: &SetChanges) -> Result<xdpgate_policy::Policy> {
