@@ -1248,3 +1248,48 @@ fn sigterm_and_sighup_while_another_writer_holds_the_lock() {
     assert_eq!(generation(&lab.pins), before + 2);
     assert!(reaches(&lab, 8080) && !reaches(&lab, 9090), "the applied policy is in force");
 }
+
+/// The state directory remounted read-only under the agent: `agent.json` can neither be
+/// written nor removed, and after a failed reload it still says the earlier one went well.
+/// The agent writes it every 5 s, and a running agent's state older than 15 s is not taken
+/// for its own: `status` says it has no state file, `xdpgate metrics` has no reload metric
+/// (seen failing: `status` said "ok" and the metric 1, from the older file). Writable again,
+/// the next reload is reported.
+#[test]
+fn a_read_only_run_under_the_agent_reports_no_reload_as_good() {
+    struct ReadOnly(PathBuf);
+    impl Drop for ReadOnly {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let lab = Gateway::new();
+    let file = lab.write_policy("policy.yaml", &policy(8080));
+    let mut agent = Agent::start(&lab, &["--policy", file.to_str().unwrap()]);
+    agent.wait_applied(&lab);
+    let dir = xdpgate_dataplane::state::dir(&lab.pins.dir);
+    let d = dir.to_str().unwrap();
+    common::run("mount", &["--bind", d, d]);
+    let read_only = ReadOnly(dir.clone());
+    common::run("mount", &["-o", "remount,bind,ro", d]);
+    std::fs::write(&file, policy(9090)).unwrap();
+    agent.signal(libc::SIGHUP);
+    let pid = agent.child.id();
+    wait_for("the state no longer taken for the agent's", Duration::from_secs(30), || {
+        agent.assert_running("SIGHUP with /run read-only");
+        lab.pins.xdpgate(&["status"]).contains(&format!("agent          pid {pid}: no state file"))
+    });
+    let log = agent.log();
+    assert!(log.contains("Read-only file system"), "{log}");
+    assert!(!lab.pins.xdpgate(&["status"]).contains("ok (generation"));
+    let metrics = lab.pins.xdpgate(&["metrics"]);
+    assert!(!metrics.contains("xdpgate_config_last_reload_successful"), "{metrics}");
+    assert!(reaches(&lab, 8080) && !reaches(&lab, 9090), "the old policy stays in force");
+
+    drop(read_only);
+    agent.reload(&lab, &file, 9090, "the reload with /run writable again");
+    wait_for("the reload reported", Duration::from_secs(10), || {
+        lab.pins.xdpgate(&["status"]).contains("ok (generation")
+    });
+    agent.stop();
+}

@@ -469,6 +469,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
         last_reload: Reload::now(&Ok(generation)),
         last_success_unix: None,
         failing: Vec::new(),
+        written_unix: None,
     };
     state.last_success_unix = Some(state.last_reload.unix);
     if let Some(node) = &node {
@@ -667,8 +668,9 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                     interim.start(pins, &running.names, log);
                 }
                 // Failures (and recoveries) of any job since the last write, at most once a
-                // second.
-                if failing.list() != state.failing {
+                // second; and every few seconds all the same, so that a state it could not
+                // write is seen to be old (`agent_state::read`).
+                if failing.list() != state.failing || ticks.is_multiple_of(agent_state::REWRITE_SECS) {
                     save_state(pins, &mut state, &failing, &live);
                 }
             }
@@ -857,6 +859,7 @@ fn reloaded(pins: &PinDir, file: &Path, state: &mut AgentState, result: Result<u
 /// wrote none.
 fn save_state(pins: &PinDir, state: &mut AgentState, failing: &Failing, live: &Live) {
     state.failing = failing.list();
+    state.written_unix = Some(agent_state::now_unix());
     live.set(state);
     if let Err(e) = state.write(pins) {
         agent_state::remove(pins);

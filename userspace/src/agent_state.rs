@@ -29,7 +29,19 @@ pub struct AgentState {
     /// of the node file, ...), one message each.
     #[serde(default)]
     pub failing: Vec<String>,
+    /// When the agent wrote this, in seconds since the Unix epoch: it writes it again every
+    /// [`REWRITE_SECS`] (absent from agents before 2026-12-05).
+    #[serde(default)]
+    pub written_unix: Option<f64>,
 }
+
+/// How often a running agent writes its state again, changed or not.
+pub const REWRITE_SECS: u64 = 5;
+
+/// How old a running agent's state may be before it is not taken for the agent's: older, it
+/// could not write it since (a read-only `/run`, or a full one where the file could not be
+/// removed either), and it may say a reload went well that failed since.
+const STALE_SECS: f64 = 15.0;
 
 /// One attempt to load the policy file (the first one at start, then one per SIGHUP).
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -64,9 +76,12 @@ pub fn path(pins: &PinDir) -> PathBuf {
 }
 
 /// The state the agent last wrote, if any (whether or not it still runs: see
-/// [`AgentState::running`]).
+/// [`AgentState::running`]); but not that of a running agent that has not written it for
+/// [`STALE_SECS`], which is not its state now.
 pub fn read(pins: &PinDir) -> Option<AgentState> {
-    serde_json::from_slice(&fs::read(path(pins)).ok()?).ok()
+    let state: AgentState = serde_json::from_slice(&fs::read(path(pins)).ok()?).ok()?;
+    let stale = state.written_unix.is_some_and(|w| now_unix() - w > STALE_SECS);
+    (!stale || !state.running(pins)).then_some(state)
 }
 
 impl AgentState {
@@ -119,6 +134,7 @@ mod tests {
             last_reload: Reload::now(&Ok(1)),
             last_success_unix: None,
             failing: Vec::new(),
+            written_unix: None,
         };
         assert!(!agent.running(&pins), "pid 1, no agent lock held");
         let lock = state::AgentLock::acquire(&pins).unwrap();

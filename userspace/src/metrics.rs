@@ -1054,6 +1054,7 @@ mod tests {
                 },
                 last_success_unix: Some(1_700_000_000.5),
                 failing: Vec::new(),
+                written_unix: None,
             }),
             probes: vec![(
                 ProbeKey {

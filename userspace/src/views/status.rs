@@ -55,7 +55,9 @@ impl View for Status {
             (_, Some(pid)) => {
                 out += &format!(
                     "agent          pid {pid}: no state file (not yet, or it could not write \
-                     one: see its log); how its last reload went is not known here\n"
+                     one: see its log; it writes it every {} s, and one older than that is not \
+                     taken for its state); how its last reload went is not known here\n",
+                    crate::agent_state::REWRITE_SECS
                 );
             }
             (Some(a), None) => out += &agent(a),
