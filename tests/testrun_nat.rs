@@ -342,6 +342,12 @@ fn a_small_pool_runs_out_and_ports_serve_many_destinations() {
     // The same ports serve another destination.
     let out = k.through(&frame("198.51.100.10", "203.0.113.8", L4::Tcp(40004, 443, SYN)));
     assert!((2000..=2003).contains(&endpoints(&out).2));
+    // `xdpgate nat` counts the ports in use, not the translations: four of four, with five
+    // translations (seen failing: 5 ports in use of a range of 4).
+    let record = xdpgate_dataplane::apply::running(&k.pins.dir).unwrap().unwrap();
+    let report = xdpgate_dataplane::nat::report(&k.pins.dir, &record).unwrap();
+    let ports_in_use = report[0].addresses[0].1;
+    assert_eq!((ports_in_use, report[0].translations, report[0].ports_per_address), (4, 5, 4));
     // Existing translations are untouched by the failure.
     k.arrive_as(Role::External);
     let port = *ports.iter().next().unwrap();

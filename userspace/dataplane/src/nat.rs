@@ -473,7 +473,8 @@ pub struct GatewayReport {
     /// that idles out.
     #[serde(rename = "nat_gateway")]
     pub name: Option<String>,
-    /// Public address and the ports in use on it (cooling-down ports included); in JSON
+    /// Public address and the distinct ports in use on it (cooling-down ports included; a
+    /// port serving translations to several destinations counted once); in JSON
     /// `[{"address": .., "ports_in_use": n}]`.
     #[serde(serialize_with = "addresses_json")]
     pub addresses: Vec<(IpAddr, usize)>,
@@ -511,9 +512,14 @@ pub fn report(pins: &PinDir, record: &Record) -> Result<Vec<GatewayReport>> {
     // By address, as `expire` finds a translation's gateway.
     let on = |addresses: &[IpAddr]| -> (Vec<(IpAddr, usize)>, usize) {
         let mine: Vec<_> = claims.iter().filter(|(k, _)| addresses.contains(&claimed(k))).collect();
+        // Distinct ports: one serves a translation per destination (endpoint-dependent
+        // mapping), and counted per translation it could pass the range's size.
         let ports = addresses
             .iter()
-            .map(|a| (*a, mine.iter().filter(|(k, _)| claimed(k) == *a).count()))
+            .map(|a| {
+                let on_a = mine.iter().filter(|(k, _)| claimed(k) == *a);
+                (*a, on_a.map(|(k, _)| k.dport).collect::<std::collections::HashSet<_>>().len())
+            })
             .collect();
         (ports, mine.iter().filter(|(_, t)| t.state == NAT_ACTIVE).count())
     };
