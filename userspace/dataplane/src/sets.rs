@@ -46,7 +46,17 @@ const FILE: &str = "sets.json";
 /// The run-time changes to the sets of the policy running at `pins` (none when the file is
 /// absent).
 pub fn changes(pins: &PinDir) -> Result<SetChanges> {
-    state::read_json(pins, FILE)
+    state::read_json(pins, FILE).map_err(|e| {
+        if !e.root_cause().is::<serde_json::Error>() {
+            return e;
+        }
+        // Written whole by a rename: only a hand edit or a damaged disk breaks it.
+        e.context(format!(
+            "the sets' run-time changes ({}) do not read: mend the file, or remove it to go \
+             back to the policy file's elements (`xdpgate set add` puts changes back)",
+            state::dir(pins).join(FILE).display()
+        ))
+    })
 }
 
 /// Keeps `changes` as the run-time changes of the running policy's sets.
@@ -375,4 +385,21 @@ fn running(pins: &PinDir) -> Result<Record> {
 fn load(record: &Record, changes: &SetChanges) -> Result<xdpgate_policy::Policy> {
     xdpgate_policy::load_str_with_sets(&record.source, "the applied policy", changes)
         .map_err(|e| anyhow!("the applied policy with the sets' changes does not load: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `sets.json` that does not parse (a hand edit) stops every writer: the error says
+    /// which file and what to do (before: only the parser's "EOF while parsing").
+    #[test]
+    fn a_broken_changes_file_says_how_to_go_on() {
+        let pins = PinDir::new(format!("/tmp/xgtest-sets-{}", std::process::id()));
+        let dir = state::ensure_dir(&pins).unwrap();
+        std::fs::write(dir.join(FILE), "{\"blocklist\": {\"added\": [").unwrap();
+        let error = format!("{:#}", changes(&pins).unwrap_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(error.contains("sets.json") && error.contains("remove it to go back"), "{error}");
+    }
 }
