@@ -379,7 +379,7 @@ nsgs:
 }
 
 /// An interface attached by a build without the egress program (its XDP link alone, as
-/// unpinning the egress link leaves it): the host's own connections fail as they did, status
+/// unpinning the egress link leaves it): the host's own packets leave unjudged, status
 /// says the program is missing, and `upgrade` adds it. A later upgrade replaces it in place,
 /// and `detach` removes both programs.
 #[test]
@@ -402,8 +402,12 @@ fn upgrade_adds_the_egress_program_and_detach_removes_both() {
     assert_eq!(egress_ids(), (None, None));
     assert!(tcx().is_empty(), "{:?}", tcx());
     assert!(lab.pins.xdpgate(&["status"]).contains("none (xdpgate upgrade adds it)"));
-    let got = http_get(&lab.host, sa(NET4, 80), DROP_WAIT);
-    assert!(got.is_err(), "without the egress program the answers are new inbound flows");
+    // Without it the host's own packets leave unjudged: its SYN to port 25 reaches the
+    // internet (the answer, judged at arrival by the outbound rules as the host's
+    // connection's, is dropped).
+    let sent = lab.smtp_segments();
+    assert!(!connects(&lab.host, sa(NET4, 25), DROP_WAIT), "the host reached port 25");
+    assert!(lab.smtp_segments() > sent, "without the egress program the SYN stays in");
 
     // From another network namespace the program cannot be attached: refused, nothing
     // changes.
@@ -426,6 +430,9 @@ fn upgrade_adds_the_egress_program_and_detach_removes_both() {
     assert!(link.is_some() && prog.is_some());
     let got = http_get(&lab.host, sa(NET4, 80), PASS_WAIT);
     assert!(got.is_ok(), "the host's own HTTP GET after upgrade: {got:?}");
+    let sent = lab.smtp_segments();
+    assert!(!connects(&lab.host, sa(NET4, 25), DROP_WAIT), "the host reached port 25");
+    assert_eq!(lab.smtp_segments(), sent, "the egress program keeps the SYN to port 25 in");
 
     // In place: the same link runs the new program.
     let out = lab.pins.xdpgate(&["upgrade"]);
@@ -782,19 +789,34 @@ fn accepted_connection_cut(hook: &str) {
         assert!(says(&mut client, &mut server, b"hello", PASS_WAIT), "{net} to {to}");
         assert!(says(&mut server, &mut client, b"welcome", PASS_WAIT), "{to} to {net}");
 
-        // Its flow gone, the host speaks first.
+        // Its flow gone, the host speaks first, its peer muted: the host's segment alone
+        // makes the flow again, the inbound rule's (so that errors about its segments, a
+        // router's "fragmentation needed", pass as the flow's; seen failing while it
+        // passed without a flow).
         lab.pins.xdpgate(&["flows", "delete", "--addr", net]);
-        assert!(
-            says(&mut server, &mut client, b"still here", PASS_WAIT),
-            "{to} to {net} after its flow was deleted\n{}",
-            lab.pins.xdpgate(&["stats"])
-        );
+        lab.net.exec("nft", &["add", "table", "inet", "xgmute"]);
+        let hook = "{ type filter hook output priority 0; }";
+        lab.net.exec("nft", &["add", "chain", "inet", "xgmute", "out", hook]);
+        lab.net
+            .exec("nft", &["add", "rule", "inet", "xgmute", "out", "tcp", "dport", "7000", "drop"]);
+        server.write_all(b"still here").unwrap();
+        let flows = |lab: &Lab| lab.pins.xdpgate(&["flows", "--addr", net]);
+        let start = std::time::Instant::now();
+        while !flows(&lab).contains("allow-7000") {
+            assert!(
+                start.elapsed() < PASS_WAIT,
+                "no flow made by the host's segment:\n{}",
+                flows(&lab)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(!flows(&lab).contains("AllowInternetOutBound"), "{}", flows(&lab));
+        lab.net.exec("nft", &["delete", "table", "inet", "xgmute"]);
+        let mut got = [0u8; 10];
+        client.set_read_timeout(Some(PASS_WAIT)).unwrap();
+        client.read_exact(&mut got).expect("the host's segment after its flow was deleted");
+        assert_eq!(&got, b"still here");
         assert!(says(&mut client, &mut server, b"me too", PASS_WAIT), "{net} to {to}");
-        let flows = lab.pins.xdpgate(&["flows", "--addr", net]);
-        assert!(
-            flows.contains("allow-7000") && !flows.contains("AllowInternetOutBound"),
-            "the connection's flow, made again, is not the inbound rule's:\n{flows}"
-        );
 
         // The peer denied: the host's next segment does not bring the connection back.
         let before = stats(&lab.pins);
@@ -814,5 +836,38 @@ fn accepted_connection_cut(hook: &str) {
             egress(&after, &lab.iface, "drop") > egress(&before, &lab.iface, "drop"),
             "the host's segments were not dropped at egress: {after}"
         );
+    }
+}
+
+/// A connection the host opened whose flow is gone (idled out, or deleted): when the peer
+/// speaks first, its segment is judged as the host's SYN was, by the outbound rules, and
+/// the connection carries on both ways, at XDP and at tc, both families. (Judged inbound,
+/// to the host's ephemeral port, it was denied by `DenyAllInBound`: seen failing, nothing
+/// reached the host.)
+#[test]
+fn the_hosts_own_connection_carries_on_when_the_peer_speaks_first_after_its_flow_went() {
+    for hook in ["xdp", "tc"] {
+        let lab = Lab::new();
+        let args = ["attach", "--hook", hook, "--iface", &lab.iface, "--role", "external"];
+        lab.pins.xdpgate(&args);
+        lab.pins.apply(POLICY);
+        let sa = |a: &str, p: u16| SocketAddr::new(a.parse().unwrap(), p);
+        for net in [NET4, NET6] {
+            let to = sa(net, 7100);
+            let listener = lab.net.run(move || TcpListener::bind(to).expect("bind"));
+            let mut client =
+                lab.host.run(move || TcpStream::connect_timeout(&to, PASS_WAIT).expect("connect"));
+            let (mut server, _) = listener.accept().expect("accept");
+            assert!(says(&mut client, &mut server, b"hello", PASS_WAIT), "{hook}: to {to}");
+            lab.pins.xdpgate(&["flows", "delete", "--addr", net]);
+            assert!(
+                says(&mut server, &mut client, b"news", PASS_WAIT),
+                "{hook}: {to} speaking first after the flow went\n{}",
+                lab.pins.xdpgate(&["stats"])
+            );
+            assert!(says(&mut client, &mut server, b"thanks", PASS_WAIT), "{hook}: to {to}");
+            let flows = lab.pins.xdpgate(&["flows", "--addr", net]);
+            assert!(flows.contains("AllowInternetOutBound"), "{hook}: {flows}");
+        }
     }
 }

@@ -827,7 +827,8 @@ fn table_scopes_skip_only_what_cannot_match() {
 }
 
 /// An ICMP error passes by the flow it quotes only while the flow's own next packet would
-/// pass by it: once a new policy denies the flow (its next packet judged again and dropped),
+/// pass by it: after a change that leaves the flow allowed, once its packet was judged
+/// again; once a new policy denies the flow (its next packet judged again and dropped),
 /// or once it has idled out, the error is one about no flow, judged as new (here denied by
 /// `DenyAllInBound`). Seen failing before the fix: a router's port unreachable about an
 /// outbound DNS flow reached the private host after an apply that denied the flow, and
@@ -869,6 +870,15 @@ nsgs:
     let first: Vec<_> = hosts.iter().map(|(p, s, _)| ask(p, s, 40000)).collect();
     for ((private, _, router), q) in hosts.iter().zip(&first) {
         assert_eq!(k.run(&error(router, private, q)), PASS, "{private}: error of a live flow");
+    }
+    // A change that leaves the flow allowed: its query, classified again, passes, and the
+    // error about it with it, though the answer's direction has not been classified again
+    // (seen failing: dropped, the error looked up by that direction's entry alone).
+    let unrelated = ALLOW.replace("destination_ports: [53]", "destination_ports: [53, 853]");
+    k.apply(&unrelated);
+    for (private, server, router) in hosts {
+        let q = ask(private, server, 40000);
+        assert_eq!(k.run(&error(router, private, &q)), PASS, "{private}: after a change");
     }
     k.apply(&deny);
     for ((private, _, router), q) in hosts.iter().zip(&first) {

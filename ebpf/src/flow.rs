@@ -566,7 +566,17 @@ pub fn create(
                 }
                 return Err(DropReason::NatUnmatched);
             } else {
-                if midstream && !forward::host_connection(ctx, meta) {
+                if midstream && forward::host_connection(ctx, meta) {
+                    // A connection the host opened (it does not listen where the segment
+                    // goes): judged as its SYN was, by the outbound rules, its flow the
+                    // host's, this segment in its reply direction. Judged inbound, to the
+                    // host's ephemeral port, the peer's segment of a connection whose flow
+                    // had idled out was denied.
+                    if !forward::host_listens(ctx, meta, false) {
+                        forward.reply = 1;
+                        forward.direction = DIR_OUTBOUND as u8;
+                    }
+                } else if midstream {
                     if !pickup {
                         return Err(DropReason::NoFlow);
                     }
@@ -692,16 +702,19 @@ pub fn create_host(
         return judge(active, meta, dir, len).map(|_| ());
     }
     let [forward, reply] = fresh(active, meta, dir, len)?;
-    if forward.tcp & TCP_MIDSTREAM != 0 && forward::host_listens(ctx, meta) {
-        // A connection the host accepted: its peer opened it, and the inbound rules judge
-        // it, as they judged its SYN. Judged outbound, a connection a policy change cut
-        // (its peer now denied) came back with the host's next segment. It passes without
-        // a flow; the peer's next segment makes one, judged the same way
-        // (`host_connection`).
+    // A connection the host accepted (it listens where the segment comes from): its peer
+    // opened it, and the inbound rules judge it, as they judged its SYN; its flow is made as
+    // the peer's, this segment in its reply direction. Judged as the host's outbound, a
+    // connection a policy change cut (its peer now denied) came back with the host's next
+    // segment.
+    let judged = if forward.tcp & TCP_MIDSTREAM != 0 && forward::host_listens(ctx, meta, true) {
         forward.reply = 1;
-        return judge(active, as_classified(meta, forward)?, DIR_INBOUND, len).map(|_| ());
-    }
-    forward.rules = judge(active, meta, dir, len)?;
+        forward.direction = DIR_INBOUND as u8;
+        as_classified(meta, forward)?
+    } else {
+        meta
+    };
+    forward.rules = judge(active, judged, u32::from(forward.direction), len)?;
     if forward.tcp & TCP_MIDSTREAM != 0 {
         count(FLOW_STAT_PICKED_UP);
     }
@@ -866,23 +879,56 @@ pub fn judged_again(active: &Active<'_>, entry: &FlowValue) -> bool {
 /// Whether the flow of `entry` (`key`'s, in the established table when `ESTABLISHED`, else
 /// the embryonic one) has idled out as the lookups judge it, for a packet that only reads
 /// it: both directions silent past its timeout. (The lookups then remove it; such a packet
-/// leaves it to them.) The table a constant: chosen at run time, the compiler merges the
-/// two tables' lookups into one call the verifier cannot inline.
+/// leaves it to them.)
 #[inline(always)]
 pub fn idled_out<const ESTABLISHED: bool>(
     active: &Active<'_>,
     key: &FlowKey,
     entry: &FlowValue,
 ) -> bool {
-    let now = clock::now_ns();
+    let (timeout, twin) = timeout_and_twin::<ESTABLISHED>(active, key, entry);
+    silent(entry, twin, timeout)
+}
+
+/// Whether the flow of `entry` (as [`idled_out`] has it) vouches for an ICMP error about
+/// it: not idled out, and not waiting in both directions to be classified again under a
+/// newer policy. Each direction's own next packet classifies its entry again; one that
+/// passed (the packet the error is about, most often) is the flow's verdict under the
+/// running policy.
+#[inline(always)]
+pub fn vouches<const ESTABLISHED: bool>(
+    active: &Active<'_>,
+    key: &FlowKey,
+    entry: &FlowValue,
+) -> bool {
+    let (timeout, twin) = timeout_and_twin::<ESTABLISHED>(active, key, entry);
+    let again = judged_again(active, entry) && twin.is_none_or(|t| judged_again(active, t));
+    !silent(entry, twin, timeout) && !again
+}
+
+/// The idle timeout of `entry` and its other direction's entry. The table a constant:
+/// chosen at run time, the compiler merges the two tables' lookups into one call the
+/// verifier cannot inline.
+#[inline(always)]
+fn timeout_and_twin<const ESTABLISHED: bool>(
+    active: &Active<'_>,
+    key: &FlowKey,
+    entry: &FlowValue,
+) -> (u64, Option<&'static FlowValue>) {
     let (family, proto) = (key.family, key.proto);
-    let (timeout, twin) = if ESTABLISHED {
+    if ESTABLISHED {
         let timeout = active.config.idle_timeout_ns(family, proto, entry.tcp, entry.idle_s);
         (timeout, unsafe { FLOWS.get(&key.twin(entry)) })
     } else {
         let timeout = active.config.embryo_timeout_ns(family, proto, entry);
         (timeout, unsafe { EMBRYOS.get(&key.twin(entry)) })
-    };
+    }
+}
+
+/// Both directions of a flow silent for more than `timeout`.
+#[inline(always)]
+fn silent(entry: &FlowValue, twin: Option<&FlowValue>, timeout: u64) -> bool {
+    let now = clock::now_ns();
     now.saturating_sub(entry.last_seen_ns) > timeout && !seen_within(twin, now, timeout)
 }
 

@@ -82,14 +82,19 @@ pub fn host_connection(ctx: &impl EbpfContext, meta: &PacketMeta) -> bool {
     state.is_some_and(|state| state != TCP_LISTEN)
 }
 
-/// Whether the host listens where its own segment `meta` comes from (its source address
-/// and port): then the segment's connection is one the host accepted, which its peer
-/// opened. Asked as the peer's segment from port 0, which no connection has: the lookup
-/// finds no connected socket and falls through to the listeners.
+/// Whether the host listens at the local end of segment `meta` (its source when
+/// `local_is_src`, the host's own segment; else its destination): then the segment's
+/// connection is one the host accepted, which its peer opened. Asked as the peer's segment
+/// from port 0, which no connection has: the lookup finds no connected socket and falls
+/// through to the listeners.
 #[inline(always)]
-pub fn host_listens(ctx: &impl EbpfContext, meta: &PacketMeta) -> bool {
-    let state = tcp_socket_state(ctx, meta.family, (&meta.dst, 0), (&meta.src, meta.sport));
-    state == Some(TCP_LISTEN)
+pub fn host_listens(ctx: &impl EbpfContext, meta: &PacketMeta, local_is_src: bool) -> bool {
+    let (local, port, peer) = if local_is_src {
+        (&meta.src, meta.sport, &meta.dst)
+    } else {
+        (&meta.dst, meta.dport, &meta.src)
+    };
+    tcp_socket_state(ctx, meta.family, (peer, 0), (local, port)) == Some(TCP_LISTEN)
 }
 
 /// The state of the TCP socket of this namespace that a segment from address and port

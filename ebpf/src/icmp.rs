@@ -87,8 +87,9 @@ fn ip_end(ctx: &impl Packet, meta: &PacketMeta) -> Option<usize> {
 
 /// The action for an ICMP error whose quoted packet belongs to a known flow: the error
 /// travels like that flow's replies, so it is looked up as one. A flow the lookups would
-/// not pass a packet of as it stands (idled out, or to be judged again under a newer
-/// policy, which may deny it) vouches for no error: the error is then one about no flow.
+/// not pass a packet of as it stands (idled out, or in neither direction judged again
+/// under a newer policy, which may deny it) vouches for no error: the error is then one
+/// about no flow.
 #[inline(always)]
 pub fn related(ctx: &impl Packet, active: &Active<'_>, meta: &PacketMeta) -> Option<Action> {
     let (l3, l4, proto) = inner_offsets(ctx, meta)?;
@@ -136,14 +137,14 @@ pub fn related(ctx: &impl Packet, active: &Active<'_>, meta: &PacketMeta) -> Opt
         return None;
     }
     // Errors about a flow's first packets (an unreachable port, say) belong to an embryo.
-    let (entry, idle) = match unsafe { FLOWS.get(&key) } {
-        Some(e) => (e, flow::idled_out::<true>(active, &key, e)),
+    let (entry, vouches) = match unsafe { FLOWS.get(&key) } {
+        Some(e) => (e, flow::vouches::<true>(active, &key, e)),
         None => {
             let e = unsafe { EMBRYOS.get(&key)? };
-            (e, flow::idled_out::<false>(active, &key, e))
+            (e, flow::vouches::<false>(active, &key, e))
         }
     };
-    if idle || flow::judged_again(active, entry) {
+    if !vouches {
         return None;
     }
     let nat = match entry.nat {

@@ -459,24 +459,48 @@ pub fn run(pins: &PinDir, args: &CaptureArgs) -> Result<Summary> {
 /// dumpcap makes them (mode 0600). It may be in a directory others write to (`/tmp`), so
 /// it is not a link another user put there for root to write through (to a file of
 /// root's: the last component is not followed, a file with other names is refused), nor a
-/// file another user made beforehand (readable by them, or theirs to read later).
+/// file or FIFO another user made beforehand (readable by them, or theirs to read later).
+/// A FIFO or device of this user's own (`/dev/null`, a pipe to a reader) is written as it
+/// is.
 fn open_output(path: &Path) -> Result<File> {
+    use std::os::unix::fs::FileTypeExt as _;
     let shown = path.display();
+    refuse_others_links(path)?;
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    let belongs =
+        |uid: u32| anyhow!("{shown} belongs to uid {uid}, not to this user ({me}): not written to");
+    // Before the open too: another user's FIFO with no reader fails it otherwise.
+    if let Ok(meta) = std::fs::symlink_metadata(path)
+        && !meta.file_type().is_symlink()
+        && meta.uid() != me
+    {
+        return Err(belongs(meta.uid()));
+    }
+    // Not blocking: a FIFO without a reader would hold the open (and the capture's lock)
+    // for good, signals and all; its owner is checked first.
     let file = OpenOptions::new()
         .write(true)
         .create(true)
         .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(path)
-        .with_context(|| format!("creating {shown} (a symbolic link is not followed)"))?;
+        .with_context(|| {
+            format!("creating {shown} (a symbolic link is not followed, a FIFO needs a reader)")
+        })?;
     let meta = file.metadata().with_context(|| format!("{shown}"))?;
-    // SAFETY: geteuid cannot fail.
-    let me = unsafe { libc::geteuid() };
-    if !meta.file_type().is_file() {
-        bail!("{shown} is not a regular file: not written to");
-    }
     if meta.uid() != me {
-        bail!("{shown} belongs to uid {}, not to this user ({me}): not written to", meta.uid());
+        return Err(belongs(meta.uid()));
+    }
+    let kind = meta.file_type();
+    // Blocking from here: a reader slower than the packets holds the capture up, as it must.
+    nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_WRONLY))
+        .with_context(|| format!("{shown}"))?;
+    if kind.is_fifo() || kind.is_char_device() {
+        return Ok(file);
+    }
+    if !kind.is_file() {
+        bail!("{shown} is not a regular file, a FIFO or a character device: not written to");
     }
     if meta.nlink() != 1 {
         bail!("{shown} has {} names (hard links): not written to", meta.nlink());
@@ -485,6 +509,27 @@ fn open_output(path: &Path) -> Result<File> {
         .with_context(|| format!("{shown}: making it root's only"))?;
     file.set_len(0).with_context(|| format!("emptying {shown}"))?;
     Ok(file)
+}
+
+/// Refuses a path through a symbolic link another user owns (a directory of root's reached
+/// through a link in `/tmp`, say): only the last component is opened without following.
+fn refuse_others_links(path: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    let absolute = std::path::absolute(path).with_context(|| format!("{}", path.display()))?;
+    for dir in absolute.ancestors().skip(1) {
+        let Ok(meta) = std::fs::symlink_metadata(dir) else { continue };
+        if meta.file_type().is_symlink() && meta.uid() != 0 && meta.uid() != me {
+            bail!(
+                "{}: {} is a symbolic link of uid {}: not followed",
+                path.display(),
+                dir.display(),
+                meta.uid()
+            );
+        }
+    }
+    Ok(())
 }
 
 fn wait_readable(rings: &[PerfEventArrayBuffer<MapData>], timeout: Duration) {
