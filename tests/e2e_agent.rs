@@ -645,15 +645,23 @@ fn the_agent_applies_its_policy_again_to_a_dataplane_made_anew() {
             && attached(&lab.pins) == 2
     };
     let no_failure = |lab: &Gateway| {
-        lab.pins
-            .agent_record()
-            .is_some_and(|s| s["failing"].as_array().is_some_and(|f| f.is_empty()))
+        let record = lab.pins.agent_record();
+        let failing = record.as_ref().map(|r| r["failing"].clone());
+        let ok = failing.as_ref().is_some_and(|f| f.as_array().is_some_and(|f| f.is_empty()));
+        if !ok {
+            eprintln!("failing: {failing:?}");
+        }
+        ok
     };
     let args = ["--policy", file.to_str().unwrap(), "--node", node.to_str().unwrap()];
     let mut agent = Agent::start(&lab, &args);
     agent.wait_applied(&lab);
     assert!(reaches(&lab, 8080) && !reaches(&lab, 9090), "the policy at start");
 
+    // The file broken meanwhile, not reloaded: the policy that ran is restored, from its
+    // record (seen failing while the restore read the file: nothing attached, every port
+    // open until the file was mended).
+    std::fs::write(&file, BROKEN).unwrap();
     std::fs::remove_dir_all(lab.pins.dir.path()).unwrap();
     wait_for(
         "the policy in force again, both interfaces attached",
@@ -671,6 +679,7 @@ fn the_agent_applies_its_policy_again_to_a_dataplane_made_anew() {
     agent.stop();
 
     // By hand, without a node file: the operator's attach makes maps with no policy.
+    std::fs::write(&file, policy(8080)).unwrap();
     let mut agent = Agent::start(&lab, &args[..2]);
     agent.wait_applied(&lab);
     lab.pins.xdpgate(&["detach", "--all"]);

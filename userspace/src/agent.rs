@@ -368,6 +368,31 @@ fn prepare(pins: &PinDir, file: &Path) -> Result<(Policy, String, compile::Compi
     Ok((policy, source, tables, lbs))
 }
 
+/// What a restore applies (see `policy_lost`): the policy the agent ran, from the record
+/// of `generation`, its last, with the sets' run-time changes; its policy file only when
+/// that record is gone too. Not the file first: one broken or edited since the last reload
+/// would leave the dataplane unfiltered, or put an edit in force without a reload.
+fn prepare_restore(
+    pins: &PinDir,
+    file: &Path,
+    generation: u64,
+) -> Result<(Policy, String, compile::Compiled, CompiledLb)> {
+    let Ok(Some(record)) = dataplane::state::record(pins, generation) else {
+        warn!(
+            "dataplane: the record of generation {generation} is gone: applying {} again",
+            file.display()
+        );
+        return prepare(pins, file);
+    };
+    let what = format!("{} as generation {generation} ran it", file.display());
+    let changes = dataplane::sets::changes(pins)?;
+    let policy = policy::yaml::load_str_with_sets(&record.source, &what, &changes)
+        .map_err(|errors| anyhow!("{what} no longer loads:\n{errors}"))?;
+    let (tables, lbs) =
+        policy::compile_all(&policy).with_context(|| format!("{what}: cannot be applied"))?;
+    Ok((policy, record.source, tables, lbs))
+}
+
 /// Logs every line of a failed load, so each error is its own timestamped log line.
 fn log_errors(what: &str, e: &anyhow::Error) {
     error!("{what}");
@@ -690,7 +715,12 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                 if reload.take() {
                     // Loaded under the lock, so no `xdpgate set` comes between the load of the
                     // sets' changes and the install.
-                    let result = match prepare(pins, file) {
+                    let prepared = if restoring {
+                        prepare_restore(pins, file, state.generation)
+                    } else {
+                        prepare(pins, file)
+                    };
+                    let result = match prepared {
                         Err(e) => Err(e),
                         Ok((policy, source, tables, lbs)) => {
                             // The old probes stop, so that no change of theirs lands on the new
@@ -747,6 +777,8 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                         attach_soon = true;
                         info!("the policy is in force again on the dataplane's new maps");
                         failing.check("dataplane", Ok(()));
+                        // Route changes heard while the maps were gone failed to be marked.
+                        failing.check("route generation", routes::invalidate(pins));
                         // The maps the agent held are not the dataplane's any more.
                         if let Some(m) = failing.check("load balancer maps", LbMaps::open(pins)) {
                             maps = m;
@@ -862,8 +894,15 @@ fn save_state(pins: &PinDir, state: &mut AgentState, failing: &Failing, live: &L
     state.written_unix = Some(agent_state::now_unix());
     live.set(state);
     if let Err(e) = state.write(pins) {
-        agent_state::remove(pins);
-        warn!("agent state: {e:#}; agent.json removed, so that no older state stands for it");
+        if agent_state::remove(pins) {
+            warn!("agent state: {e:#}; agent.json removed, so that no older state stands for it");
+        } else {
+            warn!(
+                "agent state: {e:#}; agent.json could not be removed either: it is not taken \
+                 for this agent's state {} s after it was written",
+                agent_state::STALE_SECS
+            );
+        }
     }
 }
 
@@ -928,8 +967,9 @@ fn restore(pins: &PinDir, node: Option<&Node>, file: &Path, failing: &mut Failin
         _ => Ok(()),
     };
     let lost = anyhow!(
-        "no policy in force (its maps were removed or made anew): applying {} again, no \
-         interface of the node file attached until then",
+        "no policy in force (its maps were removed or made anew): applying the policy it ran \
+         again ({} as its last generation's record holds it), no interface of the node file \
+         attached until then",
         file.display()
     );
     let error = match made {

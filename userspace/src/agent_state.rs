@@ -41,7 +41,7 @@ pub const REWRITE_SECS: u64 = 5;
 /// How old a running agent's state may be before it is not taken for the agent's: older, it
 /// could not write it since (a read-only `/run`, or a full one where the file could not be
 /// removed either), and it may say a reload went well that failed since.
-const STALE_SECS: f64 = 15.0;
+pub const STALE_SECS: f64 = 15.0;
 
 /// One attempt to load the policy file (the first one at start, then one per SIGHUP).
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -99,8 +99,12 @@ impl AgentState {
     }
 }
 
-pub fn remove(pins: &PinDir) {
-    let _ = fs::remove_file(path(pins));
+/// Removes `agent.json`; whether it is gone.
+pub fn remove(pins: &PinDir) -> bool {
+    match fs::remove_file(path(pins)) {
+        Ok(()) => true,
+        Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+    }
 }
 
 /// The running agent's state as it is now, for the agent's own metrics endpoint, which so

@@ -423,9 +423,14 @@ pub fn running_record(pins: &PinDir) -> Result<Record> {
         bail!("no policy applied to {} yet", pins.path().display());
     }
     state::record(pins, config.generation)?.ok_or_else(|| {
+        // With an agent, only its reload: it refuses an apply beside it.
+        let fix = match state::agent_pid(pins) {
+            Some(pid) => format!("reload the agent (kill -HUP {pid})"),
+            None => "apply the policy again".to_owned(),
+        };
         anyhow!(
             "generation {} is in force at {}, but its record is gone from {} (the state \
-             directory was removed?): reload the agent (kill -HUP) or apply the policy again",
+             directory was removed?): {fix}",
             config.generation,
             pins.path().display(),
             state::dir(pins).display()

@@ -55,9 +55,11 @@ impl View for Status {
             (_, Some(pid)) => {
                 out += &format!(
                     "agent          pid {pid}: no state file (not yet, or it could not write \
-                     one: see its log; it writes it every {} s, and one older than that is not \
-                     taken for its state); how its last reload went is not known here\n",
-                    crate::agent_state::REWRITE_SECS
+                     one, or it is stopped: see its log; it writes it every {} s, and one older \
+                     than {} s is not taken for its state); how its last reload went is not \
+                     known here\n",
+                    crate::agent_state::REWRITE_SECS,
+                    crate::agent_state::STALE_SECS
                 );
             }
             (Some(a), None) => out += &agent(a),
