@@ -749,6 +749,20 @@ nsgs:
       - {name: allow-7000, priority: 110, direction: inbound, access: allow, protocol: tcp, source: ["*"], destination: ["*"], destination_ports: [7000]}
 "#;
 
+/// A TCP connection from namespace `client` to a listener of namespace `server` at `to`:
+/// its two ends (client, server), and the listener, kept (whether the host listens decides
+/// how its segments without a flow are judged).
+fn connection(
+    client: &Netns,
+    server: &Netns,
+    to: SocketAddr,
+) -> (TcpStream, TcpStream, TcpListener) {
+    let listener = server.run(move || TcpListener::bind(to).expect("bind"));
+    let client = client.run(move || TcpStream::connect_timeout(&to, PASS_WAIT).expect("connect"));
+    let (server, _) = listener.accept().expect("accept");
+    (client, server, listener)
+}
+
 /// Whether `what`, written to `from`, reaches `to` within `wait`.
 fn says(from: &mut TcpStream, to: &mut TcpStream, what: &[u8], wait: Duration) -> bool {
     to.set_read_timeout(Some(wait)).unwrap();
@@ -782,10 +796,7 @@ fn accepted_connection_cut(hook: &str) {
     let sa = |a: &str, p: u16| SocketAddr::new(a.parse().unwrap(), p);
     for (host, net) in [(HOST4, NET4), (HOST6, NET6)] {
         let to = sa(host, 7000);
-        let listener = lab.host.run(move || TcpListener::bind(to).expect("bind"));
-        let mut client =
-            lab.net.run(move || TcpStream::connect_timeout(&to, PASS_WAIT).expect("connect"));
-        let (mut server, _) = listener.accept().expect("accept");
+        let (mut client, mut server, _listener) = connection(&lab.net, &lab.host, to);
         assert!(says(&mut client, &mut server, b"hello", PASS_WAIT), "{net} to {to}");
         assert!(says(&mut server, &mut client, b"welcome", PASS_WAIT), "{to} to {net}");
 
@@ -854,10 +865,7 @@ fn the_hosts_own_connection_carries_on_when_the_peer_speaks_first_after_its_flow
         let sa = |a: &str, p: u16| SocketAddr::new(a.parse().unwrap(), p);
         for net in [NET4, NET6] {
             let to = sa(net, 7100);
-            let listener = lab.net.run(move || TcpListener::bind(to).expect("bind"));
-            let mut client =
-                lab.host.run(move || TcpStream::connect_timeout(&to, PASS_WAIT).expect("connect"));
-            let (mut server, _) = listener.accept().expect("accept");
+            let (mut client, mut server, _listener) = connection(&lab.host, &lab.net, to);
             assert!(says(&mut client, &mut server, b"hello", PASS_WAIT), "{hook}: to {to}");
             lab.pins.xdpgate(&["flows", "delete", "--addr", net]);
             assert!(

@@ -450,11 +450,10 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     };
     if let Some(node) = &node
         && !node::missing(pins, node).is_empty()
-        && dataplane::event_ring(pins).is_err()
     {
         // After a reboot: create the maps (pinned) and apply the policy before the first
         // attach, so no packet meets an empty policy.
-        dataplane::load_sized(pins, &node.tables).context("loading the dataplane")?;
+        load_if_gone(pins, node).context("loading the dataplane")?;
     }
     dataplane::event_ring(pins).map_err(|_| {
         anyhow!(
@@ -960,12 +959,8 @@ fn policy_lost(pins: &PinDir) -> bool {
 /// start-up: with a node file, its maps are made again if they are gone (the pin directory
 /// too). Recorded as failing until the policy is in force again.
 fn restore(pins: &PinDir, node: Option<&Node>, file: &Path, failing: &mut Failing) {
-    let made = match node {
-        Some(node) if dataplane::event_ring(pins).is_err() => {
-            dataplane::load_sized(pins, &node.tables).map(drop).context("making its maps again")
-        }
-        _ => Ok(()),
-    };
+    let made =
+        node.map_or(Ok(()), |node| load_if_gone(pins, node).context("making its maps again"));
     let lost = anyhow!(
         "no policy in force (its maps were removed or made anew): applying the policy it ran \
          again ({} as its last generation's record holds it), no interface of the node file \
@@ -978,6 +973,14 @@ fn restore(pins: &PinDir, node: Option<&Node>, file: &Path, failing: &mut Failin
     };
     warn!("dataplane: {error:#}");
     failing.check("dataplane", Err::<(), _>(error));
+}
+
+/// Creates and pins the dataplane's maps at the node file's sizes, when they are not there.
+fn load_if_gone(pins: &PinDir, node: &Node) -> Result<()> {
+    if dataplane::event_ring(pins).is_err() {
+        dataplane::load_sized(pins, &node.tables)?;
+    }
+    Ok(())
 }
 
 /// Attaches the interfaces of the node file that have no pinned link.

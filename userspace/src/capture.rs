@@ -13,7 +13,7 @@ use std::{
     net::IpAddr,
     os::{
         fd::{AsFd, AsRawFd},
-        unix::fs::{MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _},
+        unix::fs::{FileTypeExt as _, MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _},
     },
     path::Path,
     rc::Rc,
@@ -463,11 +463,10 @@ pub fn run(pins: &PinDir, args: &CaptureArgs) -> Result<Summary> {
 /// A FIFO or device of this user's own (`/dev/null`, a pipe to a reader) is written as it
 /// is.
 fn open_output(path: &Path) -> Result<File> {
-    use std::os::unix::fs::FileTypeExt as _;
     let shown = path.display();
-    refuse_others_links(path)?;
     // SAFETY: geteuid cannot fail.
     let me = unsafe { libc::geteuid() };
+    refuse_others_links(path, me)?;
     let belongs =
         |uid: u32| anyhow!("{shown} belongs to uid {uid}, not to this user ({me}): not written to");
     // Before the open too: another user's FIFO with no reader fails it otherwise.
@@ -511,12 +510,10 @@ fn open_output(path: &Path) -> Result<File> {
     Ok(file)
 }
 
-/// Refuses a path through a symbolic link another user owns (a directory of root's reached
-/// through a link in `/tmp`, say): only the last component is opened without following.
-fn refuse_others_links(path: &Path) -> Result<()> {
-    use std::os::unix::fs::MetadataExt as _;
-    // SAFETY: geteuid cannot fail.
-    let me = unsafe { libc::geteuid() };
+/// Refuses a path through a symbolic link of a user other than root and `me` (a directory
+/// of root's reached through a link in `/tmp`, say): only the last component is opened
+/// without following.
+fn refuse_others_links(path: &Path, me: u32) -> Result<()> {
     let absolute = std::path::absolute(path).with_context(|| format!("{}", path.display()))?;
     for dir in absolute.ancestors().skip(1) {
         let Ok(meta) = std::fs::symlink_metadata(dir) else { continue };

@@ -271,11 +271,6 @@ fn chosen_policy(pins: &PinDir, file: Option<PathBuf>) -> Result<policy::Policy>
     }
 }
 
-/// The record of the running generation, or an error that says why there is none.
-fn running_record(pins: &PinDir) -> Result<policy::names::Record> {
-    apply::running_record(pins)
-}
-
 fn main() -> ExitCode {
     // Like other command-line tools: a closed pipe (`xdpgate metrics | head`) ends the
     // process quietly instead of a panic on write.
@@ -489,7 +484,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Lb(args) => xdpgate::lb::run(&pins, args)?,
         Command::Set(args) => xdpgate::set::run(&pins, args)?,
         Command::Nat { output } => {
-            let report = nat::report(&pins, &running_record(&pins)?)?;
+            let report = nat::report(&pins, &apply::running_record(&pins)?)?;
             views::print(report.as_slice(), output.format())?;
         }
         Command::Observe(args) => observe::run(&pins, args)?,

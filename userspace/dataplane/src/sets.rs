@@ -77,7 +77,7 @@ pub struct SetReport {
 
 /// The sets of the running policy.
 pub fn list(pins: &PinDir) -> Result<Vec<SetReport>> {
-    let record = running(pins)?;
+    let record = apply::running_record(pins)?;
     let changes = changes(pins)?;
     let policy = load(&record, &changes)?;
     Ok(policy
@@ -123,7 +123,7 @@ pub struct Changed {
 pub fn change(pins: &PinDir, name: &str, what: Change) -> Result<Changed> {
     let _lock = WriteLock::acquire(pins)?;
     let started = Instant::now();
-    let record = running(pins)?;
+    let record = apply::running_record(pins)?;
     let old = changes(pins)?;
     let mut new = old.clone();
     match what {
@@ -376,10 +376,6 @@ fn moved_on(pins: &PinDir, compiled: &compile::Compiled, slot: u32, moved: Polic
 fn write_config(pins: &PinDir, slot: u32, config: PolicyConfig) -> Result<()> {
     let mut configs: Array<_, PolicyConfig> = pins.open_map(POLICY_CONFIG)?.try_into()?;
     Ok(configs.set(slot, config, 0)?)
-}
-
-fn running(pins: &PinDir) -> Result<Record> {
-    apply::running_record(pins)
 }
 
 fn load(record: &Record, changes: &SetChanges) -> Result<xdpgate_policy::Policy> {
