@@ -132,6 +132,8 @@ pub fn flow(f: &FlowValue) -> bool {
     t.nat = f.nat;
     t.nat_addr = f.nat_addr;
     t.nat_port = f.nat_port;
+    // A flow rebuilt from a NAT translation's reply tuple is made in its reply direction.
+    t.flow_reply = f.reply;
     if f.service != NO_BACKEND {
         t.lb = LB_SELECTED;
         t.service = f.service;

@@ -355,7 +355,13 @@ fn report(
     let v6 = args.src.is_ipv6();
     let mut stages = Vec::new();
     let mut add = |stage: &'static str, decision: String| stages.push(Stage { stage, decision });
-    let rules = names.map(|n| n.rules(r.rules, r.generation)).unwrap_or_default();
+    let hit = matches!(r.lookup, LOOKUP_ESTABLISHED | LOOKUP_EMBRYONIC);
+    let current = apply::active(pins).map(|(_, c)| c.generation).unwrap_or(0);
+    // A flow judged again holds the new verdict's rules, numbered as the running policy
+    // numbers them (`r.generation` stays the entry's, for the lookup's line).
+    let judged_again = hit && r.stages & STAGE_NEW_FLOW != 0;
+    let numbered = if judged_again { current } else { r.generation };
+    let rules = names.map(|n| n.rules(r.rules, numbered)).unwrap_or_default();
     let rule_text = |rules: &SideRules| {
         let side = |name: &str, r: &Option<xdpgate_dataplane::flows::RuleName>| {
             r.as_ref().map(|r| format!("{name} {}/{} ({:?})", r.nsg, r.rule, r.layer))
@@ -367,13 +373,18 @@ fn report(
                 .collect();
         if both.is_empty() { "no rule named".to_owned() } else { both.join(", ") }
     };
+    // A reply direction undoes its flow's rewrite: a load balancer's reply gets the
+    // frontend back as its source, a NAT gateway's reply the private host as its destination.
+    let reply = r.flow_reply != 0;
     let nat_text = |nat: u8, a: [u32; 4], port: u16| {
         let a = flows::addr(&a, if v6 { 6 } else { 4 });
-        match nat {
-            NAT_DST => format!("destination to {a}:{port} (load balancer)"),
-            NAT_NEXT_HOP => format!("to backend {a} unchanged (floating IP / DSR)"),
-            NAT_ENCAP => format!("encapsulated to backend {a} (IP-in-IP / DSR)"),
-            NAT_SRC => format!("source to {a}:{port} (NAT gateway)"),
+        match (nat, reply) {
+            (NAT_DST, false) => format!("destination to {a}:{port} (load balancer)"),
+            (NAT_SRC, true) => format!("source back to {a}:{port} (load balancer's reply)"),
+            (NAT_NEXT_HOP, _) => format!("to backend {a} unchanged (floating IP / DSR)"),
+            (NAT_ENCAP, _) => format!("encapsulated to backend {a} (IP-in-IP / DSR)"),
+            (NAT_SRC, false) => format!("source to {a}:{port} (NAT gateway)"),
+            (NAT_DST, true) => format!("destination back to {a}:{port} (NAT gateway's reply)"),
             _ => "none".to_owned(),
         }
     };
@@ -394,11 +405,10 @@ fn report(
         LOOKUP_MISS => add("lookup", "miss: no flow, a new flow".into()),
         LOOKUP_ESTABLISHED | LOOKUP_EMBRYONIC => {
             let state = if r.lookup == LOOKUP_ESTABLISHED { "established" } else { "embryonic" };
-            let current = apply::active(pins).map(|(_, c)| c.generation).unwrap_or(0);
-            let reply = if r.flow_reply != 0 { ", reply direction" } else { "" };
+            let reply = if reply { ", reply direction" } else { "" };
             let rewrite = nat_text(r.nat, r.nat_addr, r.nat_port);
             // Judged again, the record holds the rules of the new verdict (the `nsg` stage).
-            let line = if r.stages & STAGE_NEW_FLOW != 0 {
+            let line = if judged_again {
                 format!(
                     "hit: {state} flow{reply}, decided under an older policy (generation {}): \
                      classified again; rewrite: {rewrite}",
@@ -419,7 +429,6 @@ fn report(
         }
         _ => {}
     }
-    let hit = matches!(r.lookup, LOOKUP_ESTABLISHED | LOOKUP_EMBRYONIC);
     // A flow judged again keeps its backend: no load balancer's choice to show.
     if r.stages & STAGE_NEW_FLOW != 0 && !hit {
         match r.lb {
@@ -458,10 +467,13 @@ fn report(
             format!("NAT gateway #{}: a port would be claimed (not for a trace)", r.snat_gateway),
         );
     }
-    if r.stages & STAGE_ACT != 0 || (r.stages & STAGE_NEW_FLOW != 0 && r.nat != NAT_NONE) {
+    let verdict = VERDICT_NAMES.get(usize::from(r.verdict)).copied().unwrap_or("aborted");
+    // The act stage rewrote the packet; a new flow (or one judged again) the policy stage
+    // dropped was never rewritten.
+    let rewritten = r.stages & STAGE_NEW_FLOW != 0 && r.nat != NAT_NONE && verdict != "drop";
+    if r.stages & STAGE_ACT != 0 || rewritten {
         add("rewrite", nat_text(r.nat, r.nat_addr, r.nat_port));
     }
-    let verdict = VERDICT_NAMES.get(usize::from(r.verdict)).copied().unwrap_or("aborted");
     if r.stages & STAGE_END != 0 {
         add(
             "forward",
