@@ -118,7 +118,8 @@ pub fn run(pins: &PinDir, args: Args) -> Result<()> {
             f.check(pins)?;
             let all = flows::list_where(pins, f.state, |flow| f.matches(flow), 0)?;
             let format = args.output.format();
-            views::print(&views::flows::Listed::new(all, args.top, format), format)
+            let running = apply::active(pins).map_or(0, |(_, c)| c.generation);
+            views::print(&views::flows::Listed::new(all, args.top, format, running), format)
         }
         Some(Action::Delete(d)) => {
             d.filter.check(pins)?;

@@ -17,16 +17,21 @@ pub fn endpoint(a: IpAddr, port: Option<u16>) -> String {
 }
 
 /// The deciding rule as `NSG/RULE` (east-west: the source side's, `>`, the destination
-/// side's), or its index when the generation's names are gone.
-fn rule(f: &Flow) -> String {
+/// side's), or its index when the generation's names are gone; marked when a policy other
+/// than the `running` one decided it (its next packet has it judged again, or renumbered).
+fn rule(f: &Flow, running: u64) -> String {
     let name = |r: &RuleName| format!("{}/{}", r.nsg, r.rule);
-    match (&f.rules.outbound, &f.rules.inbound, f.rule_index) {
+    let rule = match (&f.rules.outbound, &f.rules.inbound, f.rule_index) {
         (Some(o), Some(i), _) => format!("{} > {}", name(o), name(i)),
         (Some(r), None, _) | (None, Some(r), _) => name(r),
-        (None, None, Some(i)) => format!("#{i} (generation {})", f.generation),
+        (None, None, Some(i)) => return format!("#{i} (generation {})", f.generation),
         (None, None, None) => "-".into(),
-    }
+    };
+    if running != 0 && f.generation != running { format!("{rule} {OLDER}") } else { rule }
 }
+
+/// The mark of a flow decided under an older policy, explained under the table.
+const OLDER: &str = "(older policy)";
 
 /// The rewrite: a load balancer's rule and backend, or a NAT.
 fn via(f: &Flow) -> String {
@@ -44,22 +49,29 @@ fn via(f: &Flow) -> String {
 /// Flows the table shows unless --top says otherwise (JSON has them all).
 pub const TABLE_TOP: usize = 20;
 
-/// The flows shown, out of how many matched.
+/// The flows shown, out of how many matched, and the generation of the running policy
+/// (0: none known).
 pub struct Listed {
     pub flows: Vec<Flow>,
     pub total: usize,
+    pub running: u64,
 }
 
 impl Listed {
     /// `all` (most bytes first) cut to `top` (0: all; none given: [`TABLE_TOP`] in a table,
     /// all in JSON).
-    pub fn new(mut all: Vec<Flow>, top: Option<usize>, format: super::Format) -> Self {
+    pub fn new(
+        mut all: Vec<Flow>,
+        top: Option<usize>,
+        format: super::Format,
+        running: u64,
+    ) -> Self {
         let total = all.len();
         let top = top.unwrap_or(if format == super::Format::Json { 0 } else { TABLE_TOP });
         if top > 0 {
             all.truncate(top);
         }
-        Self { flows: all, total }
+        Self { flows: all, total, running }
     }
 }
 
@@ -69,7 +81,14 @@ impl View for Listed {
     }
 
     fn text(&self) -> String {
-        let mut out = self.flows.text();
+        let mut out = table(&self.flows, self.running);
+        if self.running != 0 && self.flows.iter().any(|f| f.generation != self.running) {
+            out += &format!(
+                "{OLDER}: decided before the running policy (generation {}); its next packet \
+                 has it judged again (reevaluate_flows), or counted under the rule's new number\n",
+                self.running
+            );
+        }
         if self.flows.len() < self.total {
             out += &format!(
                 "showing {} of {} flows (--top N for more, --top 0 for all)\n",
@@ -91,43 +110,48 @@ impl View for [Flow] {
     }
 
     fn text(&self) -> String {
-        let mut g = Grid::new(&[
-            "STATE\nDIR",
-            "PROTO",
-            "SOURCE\nDESTINATION",
-            "RULE\nNAT/BACKEND",
-            "PACKETS\nREPLY",
-            "BYTES\nREPLY",
-            "IDLE",
-        ])
-        .right(&[4, 5, 6])
-        .fit(&[2, 3]);
-        for f in self {
-            g.row([
-                f.state.name().to_string(),
-                f.protocol.clone(),
-                endpoint(f.src, f.src_port),
-                rule(f),
-                f.forward.packets.to_string(),
-                super::bytes(f.forward.bytes),
-                format!("{:.1}s", f.idle_seconds),
-            ]);
-            g.row([
-                f.direction.to_string(),
-                f.icmp_id.map(|id| format!("id {id}")).unwrap_or_default(),
-                endpoint(f.dst, f.dst_port),
-                via(f),
-                f.reply.packets.to_string(),
-                super::bytes(f.reply.bytes),
-                if f.expired { "expired".into() } else { String::new() },
-            ]);
-        }
-        let mut out = g.render();
-        if self.is_empty() {
-            out += "(no flows)\n";
-        }
-        out
+        table(self, 0)
     }
+}
+
+/// The rows of `flows`, their rules marked when not decided by the `running` generation.
+fn table(flows: &[Flow], running: u64) -> String {
+    let mut g = Grid::new(&[
+        "STATE\nDIR",
+        "PROTO",
+        "SOURCE\nDESTINATION",
+        "RULE\nNAT/BACKEND",
+        "PACKETS\nREPLY",
+        "BYTES\nREPLY",
+        "IDLE",
+    ])
+    .right(&[4, 5, 6])
+    .fit(&[2, 3]);
+    for f in flows {
+        g.row([
+            f.state.name().to_string(),
+            f.protocol.clone(),
+            endpoint(f.src, f.src_port),
+            rule(f, running),
+            f.forward.packets.to_string(),
+            super::bytes(f.forward.bytes),
+            format!("{:.1}s", f.idle_seconds),
+        ]);
+        g.row([
+            f.direction.to_string(),
+            f.icmp_id.map(|id| format!("id {id}")).unwrap_or_default(),
+            endpoint(f.dst, f.dst_port),
+            via(f),
+            f.reply.packets.to_string(),
+            super::bytes(f.reply.bytes),
+            if f.expired { "expired".into() } else { String::new() },
+        ]);
+    }
+    let mut out = g.render();
+    if flows.is_empty() {
+        out += "(no flows)\n";
+    }
+    out
 }
 
 #[cfg(test)]
@@ -192,6 +216,21 @@ mod tests {
         assert_eq!(json[0]["rule"], "allow-web");
         assert_eq!(json[0]["forward"]["bytes"], 500);
         assert_eq!(json[0]["state"], "established");
+    }
+
+    /// A flow an older policy decided says so: its rule may be one the running policy no
+    /// longer has, or denies the flow at its next packet. (Before: shown as any other.)
+    #[test]
+    fn a_flow_of_an_older_policy_is_marked() {
+        let listed =
+            |running| Listed::new(vec![flow()], None, crate::views::Format::Table, running);
+        let older = listed(4).text();
+        assert!(older.contains("web/allow-web (older policy)"), "{older}");
+        assert!(older.contains("before the running policy (generation 4)"), "{older}");
+        for running in [3, 0] {
+            let text = listed(running).text();
+            assert!(!text.contains("older policy"), "running {running}: {text}");
+        }
     }
 
     #[test]
