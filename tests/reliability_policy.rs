@@ -1246,22 +1246,24 @@ fn check_names_the_file_of_a_policy_over_the_rule_capacity() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Two policies that each fit the trie alone but not beside each other: applying the second
-/// over the first is refused before anything is written, with a message that says so, and
-/// the running policy, its record and the trie stay exactly as they were.
+/// A policy over half the trie, applied over a small one: refused before anything is
+/// written, as `check` refuses it, and the running policy, its record and the trie stay
+/// exactly as they were. (Before: applied, since it fitted beside the small one; then
+/// neither the same file could be applied again, nor a set element added or removed. Seen
+/// failing.)
 #[test]
-fn apply_refuses_a_policy_that_does_not_fit_beside_the_running_one() {
+fn apply_refuses_a_policy_over_half_the_nsg_field_trie() {
     let (failures, stderr) = isolated(false, |_| {
         let k = Kernel::new();
         let dir = std::env::temp_dir().join(common::unique("relcap"));
         std::fs::create_dir_all(&dir).unwrap();
         let first = dir.join("first.yaml");
-        let source = over_half(true);
-        std::fs::write(&first, &source).unwrap();
+        std::fs::write(&first, GOOD).unwrap();
         k.pins.xdpgate(&["apply", first.to_str().unwrap()]);
         k.arrive_as(Role::External);
         assert_eq!(k.run(&frame("203.0.113.7", "198.51.100.10", L4::Tcp(999, 80, SYN))), PASS);
         let (_, config) = apply::active(&k.pins.dir).unwrap();
+        let source = GOOD.to_owned();
         let mut running = Running { k: &k, generation: config.generation, source, port: 30000 };
         let entries = nsg_field_entries(&k.pins.dir);
 
@@ -1275,8 +1277,8 @@ fn apply_refuses_a_policy_that_does_not_fit_beside_the_running_one() {
         if out.status.success() {
             failures.push("the second policy was applied".to_owned());
         }
-        if !stderr.contains("the running policy uses") {
-            failures.push("the message does not say the running policy takes the room".into());
+        if !stderr.contains("a policy may use at most 131072 (half") {
+            failures.push("the message does not say a policy may use half the trie".into());
         }
         let after = nsg_field_entries(&k.pins.dir);
         if after != entries {

@@ -254,6 +254,9 @@ pub fn prepare(
     let last = first + TABLES_PER_SLOT as u8;
     let (stale, running_entries): (Vec<Key<FieldKey>>, Vec<Key<FieldKey>>) =
         fields.keys().filter_map(|k| k.ok()).partition(|k| (first..last).contains(&k.data().table));
+    // Within a policy's half first, as `check` holds it: a policy over it could run, but
+    // neither be applied again (a reload of its own file) nor take a set's additions.
+    check_nsg_fields(compiled.field_entries(), None)?;
     check_nsg_fields(compiled.field_entries(), Some(running_entries.len()))?;
     for k in stale {
         fields.remove(&k).context("clearing the inactive policy slot")?;

@@ -184,9 +184,13 @@ pub fn change(pins: &PinDir, name: &str, what: Change) -> Result<Changed> {
         wanted.iter().filter(|(id, b)| live.get(*id) != Some(*b)).collect();
     let removals: Vec<&EntryId> = live.keys().filter(|id| !wanted.contains_key(*id)).collect();
     // A policy's share of the table, as `check` and `apply` hold it to: grown past it, the
-    // next apply or reload of the same file could not be written beside it.
-    compile::check_nsg_fields(wanted.len(), None)
-        .with_context(|| format!("set {name}: nothing was changed"))?;
+    // next apply or reload of the same file could not be written beside it. A change that
+    // does not grow the policy is never refused for it (one over it, of an earlier build,
+    // can still lose elements).
+    if wanted.len() > live.len() {
+        compile::check_nsg_fields(wanted.len(), None)
+            .with_context(|| format!("set {name}: nothing was changed"))?;
+    }
     // Nothing the kernel holds differs (elements it had already, or inside others): no
     // verdict can change, so no flow is judged again; only the change is kept. Unless a
     // change killed half-way left its mark, which only a new generation takes away.
