@@ -26,6 +26,7 @@ load_balancers:
     rules:
       - {name: http, frontend: vip, protocol: tcp, frontend_port: 80, backend_port: 8080,
          backend_pool: web}
+      - {name: ssh, frontend: vip, protocol: tcp, frontend_port: 22, backend_pool: web}
 nat_gateways:
   - name: natgw
     public_addresses: [192.0.2.100]
@@ -172,6 +173,17 @@ fn traces_and_verify_flow(gw: &Gateway) {
     let rewrite = said("rewrite").unwrap_or_else(|| panic!("no rewrite: {lb:#}"));
     assert_eq!(rewrite, format!("destination to {backend}:8080 (load balancer)"));
     assert_eq!(rule_of(&lb), "web/allow-web");
+
+    // A frontend's packet the NSG denies (at its backend's port 22) shows the load
+    // balancer's choice, and no rewrite. (Before: "not a frontend". Seen failing.)
+    let denied = trace(gw, &gw.ext, CLIENT4, "192.0.2.10", "22");
+    let stages = denied["stages"].as_array().unwrap();
+    let said =
+        |name: &str| stages.iter().find(|s| s["stage"] == name).map(|s| s["decision"].clone());
+    let chosen = said("lb").unwrap_or_else(|| panic!("no lb stage: {denied:#}"));
+    assert!(chosen.as_str().unwrap().starts_with("lb/ssh: backend 198.51.100.1"), "{denied:#}");
+    assert_eq!((rule_of(&denied), said("rewrite")), ("web/deny-ssh".into(), None), "{denied:#}");
+    assert_eq!(denied["verdict"], "drop", "{denied:#}");
 
     let out = trace(gw, &gw.int, SERVER4, CLIENT4, "443");
     let stages: Vec<_> =

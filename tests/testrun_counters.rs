@@ -6,7 +6,7 @@ mod common;
 
 use common::{
     kernel::{DROP, Kernel, PASS},
-    packet::{ACK, L4, SYN, frame},
+    packet::{ACK, L4, SYN, frame, set_ipv4_frag},
 };
 use xdpgate_common::iface::Role;
 use xdpgate_dataplane::stats;
@@ -117,4 +117,49 @@ fn a_flow_kept_without_reevaluation_counts_under_its_own_rules() {
     let before: Vec<_> = rules.iter().map(|r| counters(&k, r)).collect();
     assert_eq!((k.run(&data), k.run(&answer)), (PASS, PASS), "the flow is kept");
     assert_eq!(rules.iter().map(|r| counters(&k, r)).collect::<Vec<_>>(), before);
+}
+
+/// A denied datagram's later fragments count under no rule: no rule decides them (they
+/// carry no ports; dropped as `fragment`). A flow a new policy denies counts its denied
+/// packet under the deny rule, as a new flow's denied packet does. (Before: each later
+/// fragment counted a flow under DenyAllInBound, and the flow's denied packet no packet or
+/// byte. Seen failing.)
+#[test]
+fn denied_fragments_and_a_flow_cut_by_a_change_count_as_they_were_decided() {
+    let k = Kernel::new();
+    k.apply(POLICY);
+    k.arrive_as(Role::Internal);
+    let (a, b) = ("198.51.100.10", "198.51.100.140");
+    let ip = common::packet::ETH_LEN;
+    let mut first = frame(a, b, L4::Tcp(40002, 22, SYN));
+    set_ipv4_frag(&mut first, ip, true, 0);
+    let mut later = frame(a, b, L4::Tcp(40002, 22, SYN));
+    set_ipv4_frag(&mut later, ip, false, 100);
+    let vnet_out = counters(&k, "AllowVnetOutBound");
+    assert_eq!(k.run(&first), DROP);
+    let fragments = k.drops("fragment");
+    for _ in 0..2 {
+        assert_eq!(k.run(&later), DROP);
+    }
+    assert_eq!(k.drops("fragment"), fragments + 2, "the later fragments dropped as such");
+    let len = first.len() as u64;
+    assert_eq!(counters(&k, "b-no-ssh"), (1, 1, len), "the first fragment, denied");
+    assert_eq!(counters(&k, "DenyAllInBound"), (0, 0, 0), "no rule for the later ones");
+    let after = counters(&k, "AllowVnetOutBound");
+    assert_eq!(after, (vnet_out.0 + 1, vnet_out.1 + 1, vnet_out.2 + len));
+
+    // The web flow, then a policy whose b-web-in denies it (reevaluate_flows, the default).
+    for pkt in [&frame(a, b, L4::Tcp(40003, 80, SYN)), &frame(b, a, L4::Tcp(80, 40003, SYN | ACK))]
+    {
+        assert_eq!(k.run(pkt), PASS);
+    }
+    k.apply(&POLICY.replace(
+        "{name: b-web-in, priority: 100, direction: inbound, access: allow",
+        "{name: b-web-in, priority: 100, direction: inbound, access: deny",
+    ));
+    let before = counters(&k, "b-web-in");
+    let data = frame(a, b, L4::Tcp(40003, 80, ACK));
+    assert_eq!(k.run(&data), DROP, "the flow is cut");
+    let len = data.len() as u64;
+    assert_eq!(counters(&k, "b-web-in"), (before.0 + 1, before.1 + 1, before.2 + len));
 }

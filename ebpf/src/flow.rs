@@ -623,7 +623,7 @@ pub fn create(
     if !decision.allowed {
         // The clock as `fresh` read it: a helper call fewer on the denied path.
         let now = forward.last_seen_ns;
-        if !trace::denied(decision.rules, forward.generation) {
+        if !trace::denied(forward, decision.rules) {
             let (dir, generation) = (forward.direction, forward.generation);
             events::emit(EVENT_DENY, key, decision.rules, dir, generation, now, Some(forward));
         }
@@ -950,7 +950,7 @@ fn moved_rule(active: &Active<'_>, rule: u16) -> u16 {
 /// was): a flow the new policy denies is removed, both ways, and its packet dropped; one it
 /// allows takes the new generation and deciding rules.
 #[inline(always)]
-pub fn reclassify(active: &Active<'_>, meta: &PacketMeta) -> Result<(), DropReason> {
+pub fn reclassify(active: &Active<'_>, meta: &PacketMeta, len: u64) -> Result<(), DropReason> {
     let key = key(meta);
     // The entry the lookup found stale: not an established one of another echo type.
     let established = FLOWS.get_ptr_mut(&key).filter(|e| !other_echo(meta, unsafe { &**e }));
@@ -976,6 +976,9 @@ pub fn reclassify(active: &Active<'_>, meta: &PacketMeta) -> Result<(), DropReas
         entry.generation = generation;
         return Ok(());
     }
+    // The packet it denied, as a new flow's denied packet counts (an allowed one counts
+    // under the flow's rules as it passes).
+    count_rules(decision.rules, len);
     let now = clock::now_ns();
     let dir = entry.direction;
     events::emit(EVENT_DENY, &key, decision.rules, dir, generation, now, Some(entry));
@@ -1053,7 +1056,9 @@ pub fn later_fragment(meta: &PacketMeta) -> Option<Action> {
 /// no NSG applies to it at all.
 #[inline(always)]
 pub fn unknown_fragment(active: &Active<'_>, meta: &PacketMeta) -> Result<(), DropReason> {
-    if classify(active, meta, true).unfiltered { Ok(()) } else { Err(DropReason::Fragment) }
+    // Not counted as a rule's hit: no rule decides it (it carries no ports), and each of a
+    // datagram's fragments would count as a flow of its own.
+    if classify(active, meta, false).unfiltered { Ok(()) } else { Err(DropReason::Fragment) }
 }
 
 /// An unknown non-first fragment that a NAT gateway would translate: without its first

@@ -309,7 +309,7 @@ fn new_flow_stage<H: Hook>(ctx: &H) -> Result<u32, DropReason> {
         return Ok(xdp_action::XDP_PASS);
     }
     if take_reclassify() {
-        flow::reclassify(&active, meta)?;
+        flow::reclassify(&active, meta, Packet::len(ctx) as u64)?;
         if ctx.traced() {
             return Ok(xdp_action::XDP_PASS);
         }
@@ -698,7 +698,7 @@ fn egress_new_stage(ctx: &TcContext) -> Result<Option<()>, DropReason> {
         return Ok(Some(()));
     }
     if take_reclassify() {
-        flow::reclassify(&active, meta)?;
+        flow::reclassify(&active, meta, u64::from(ctx.len()))?;
         request(JUDGED)?;
         return enter(ctx, &EGRESS_PIPELINE, EGRESS_POLICY);
     }

@@ -95,16 +95,27 @@ pub fn stage(bit: u8) {
 // map value), nothing the stage must build on its stack for them, and are functions of
 // their own (BPF-to-BPF calls), so their work adds nothing to the stages' frames.
 
-/// The NSG layers denied the new flow by `rules`; whether a trace is active (then no
-/// event is sent).
+/// The NSG layers denied the new flow `f` by `rules` (after the load balancer's choice,
+/// which the report shows); whether a trace is active (then no event is sent).
 #[inline(never)]
-pub fn denied(rules: [u16; 2], generation: u64) -> bool {
+pub fn denied(f: &FlowValue, rules: [u16; 2]) -> bool {
     let Some(t) = record().filter(|t| t.active != 0) else { return false };
     t.stages |= STAGE_NEW_FLOW;
     t.nsg = NSG_DENIED;
     t.rules = rules;
-    t.generation = generation;
+    t.generation = f.generation;
+    selected(t, f);
     true
+}
+
+/// The load balancer's choice for the new flow `f`, if it is a frontend's.
+#[inline(always)]
+fn selected(t: &mut TraceRecord, f: &FlowValue) {
+    if f.service != NO_BACKEND {
+        t.lb = LB_SELECTED;
+        t.service = f.service;
+        t.backend = f.backend;
+    }
 }
 
 /// The NSG layers judged the traced packet's flow, decided under an older policy, again:
@@ -134,11 +145,7 @@ pub fn flow(f: &FlowValue) -> bool {
     t.nat_port = f.nat_port;
     // A flow rebuilt from a NAT translation's reply tuple is made in its reply direction.
     t.flow_reply = f.reply;
-    if f.service != NO_BACKEND {
-        t.lb = LB_SELECTED;
-        t.service = f.service;
-        t.backend = f.backend;
-    }
+    selected(t, f);
     true
 }
 
