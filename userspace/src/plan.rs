@@ -305,6 +305,11 @@ fn denied(new: &Policy, f: &Flow) -> Option<String> {
     if !new.settings.reevaluate_flows {
         return None;
     }
+    denial(new, f)
+}
+
+/// The rule of `policy` that denies the first packet of `f`, if one does.
+fn denial(policy: &Policy, f: &Flow) -> Option<String> {
     // The first packet as the NSGs judged it: after a load balancer's rewrite (at the
     // backend, also for direct server return, whose port is kept), before a NAT gateway's
     // (outbound rules judge the private source).
@@ -322,7 +327,7 @@ fn denied(new: &Policy, f: &Flow) -> Option<String> {
         sport: f.src_port.or(f.icmp_id),
         dport: dst_port.or(f.icmp_id),
     };
-    let verdict = reference::evaluate(new, &pkt);
+    let verdict = reference::evaluate(policy, &pkt);
     if verdict.allowed {
         return None;
     }
@@ -365,9 +370,15 @@ impl Plan {
                 direction: f.direction,
             },
         };
+        // Live: a flow idle past its timeout is gone at its next packet, whatever is
+        // applied.
+        let live: Vec<&Flow> = live.iter().filter(|f| !f.expired).collect();
         let (mut cut, mut orphans) = (Vec::new(), Vec::new());
-        for f in live {
-            if let Some(reason) = denied(new, f) {
+        for &f in &live {
+            // Only what this change cuts: a flow the running policy denies already (decided
+            // under an older one, and not judged again since) is cut at its next packet
+            // whatever is applied.
+            if let Some(reason) = denied(new, f).filter(|_| denial(old, f).is_none()) {
                 cut.push(listed(f, reason));
             } else if let Some(reason) = orphaned(new, f)
                 && orphaned(old, f).is_none()
@@ -756,6 +767,21 @@ nat_gateways:
         // keep a backend or NAT address the policy no longer has", with "no changes").
         let plan = Plan::new("t.yaml".into(), Some(2), Some(&new), &new, &live);
         assert_eq!((plan.flows_cut, plan.flows_orphaned), (0, 0));
+    }
+
+    /// A flow the running policy denies already (decided under an older one, idle since) is
+    /// not cut by the change, nor is an expired one live. (Before: applying the running
+    /// file again said "no changes" and "1 of 1 would be cut". Seen failing.)
+    #[test]
+    fn only_flows_the_running_policy_allows_are_cut() {
+        let closed = load(&BASE.replace("destination_ports: [8080]", "destination_ports: [8081]"));
+        let live = [lb_flow("198.51.100.11")];
+        let plan = Plan::new("t.yaml".into(), Some(2), Some(&closed), &closed, &live);
+        assert_eq!((plan.live_flows, plan.flows_cut), (1, 0), "{}", plan.text());
+        let mut expired = lb_flow("198.51.100.11");
+        expired.expired = true;
+        let plan = Plan::new("t.yaml".into(), Some(2), Some(&load(BASE)), &closed, &[expired]);
+        assert_eq!((plan.live_flows, plan.flows_cut), (0, 0), "{}", plan.text());
     }
 
     /// A direct-server-return flow (floating IP, or encapsulated) keeps the frontend port and
