@@ -403,7 +403,7 @@ fn icmp_by_family_agrees_with_the_kernel() {
 }
 
 /// Runs `xdpgate verify-flow --batch - EXTRA` with `input` on standard input.
-fn verify_batch(pins: &Pins, extra: &[&str], input: &str) -> Output {
+fn verify_batch(pins: &Pins, extra: &[&str], input: impl AsRef<[u8]>) -> Output {
     use std::io::Write as _;
     let mut child = std::process::Command::new(common::xdpgate_bin())
         .args(["--pin-dir", pins.dir.path().to_str().unwrap(), "verify-flow", "--batch", "-"])
@@ -413,7 +413,7 @@ fn verify_batch(pins: &Pins, extra: &[&str], input: &str) -> Output {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    child.stdin.take().unwrap().write_all(input.as_ref()).unwrap();
     child.wait_with_output().unwrap()
 }
 
@@ -487,5 +487,22 @@ fn a_batch_answers_as_single_calls_do_and_goes_on_past_a_bad_line() {
     // Every line answered: status 0.
     let out = verify_batch(pins, &[], "inbound tcp 198.51.100.10:1500 203.0.113.7:40000\n");
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    // A line that is not UTF-8 is a bad line: the batch goes on past it. (Before: it ended
+    // the batch, unanswered. Seen failing.)
+    let good = b"inbound tcp 198.51.100.10:1500 203.0.113.7:40000\n";
+    let out = verify_batch(pins, &[], [&good[..], b"\xff\xfe bad\r\n", good].concat());
+    let lines: Vec<serde_json::Value> = out
+        .stdout
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_slice(l).unwrap())
+        .collect();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert_eq!(lines.len(), 3, "{}", text(&out));
+    assert_eq!(
+        (&lines[1]["line"], &lines[1]["error"]),
+        (&2.into(), &"the line is not UTF-8".into())
+    );
+    assert_eq!((&lines[2]["line"], &lines[2]["allowed"]), (&3.into(), &true.into()));
     std::fs::remove_file(&file).unwrap();
 }

@@ -197,15 +197,20 @@ pub fn batch(
     mut out: impl std::io::Write,
 ) -> Result<bool> {
     let mut all = true;
-    for (n, line) in input.lines().enumerate() {
+    for (n, line) in input.split(b'\n').enumerate() {
         let line = line.context("reading the batch")?;
+        // A line that is not UTF-8 is a bad line like any other.
+        let (line, utf8) = match String::from_utf8(line) {
+            Ok(line) => (line, true),
+            Err(e) => (String::from_utf8_lossy(e.as_bytes()).into_owned(), false),
+        };
         let text = line.trim();
         if text.is_empty() || text.starts_with('#') {
             continue;
         }
-        let answered = batch_line(text)
-            .and_then(|pkt| answer_json(&pkt, &verifier.answer(&pkt)?))
-            .map(|mut v| {
+        let parsed = if utf8 { batch_line(text) } else { Err(anyhow!("the line is not UTF-8")) };
+        let answered =
+            parsed.and_then(|pkt| answer_json(&pkt, &verifier.answer(&pkt)?)).map(|mut v| {
                 v["line"] = (n + 1).into();
                 v
             });
