@@ -19,7 +19,7 @@ use crate::{
     headers::{IPPROTO_TCP, IPPROTO_UDP, IcmpHdr, Ipv4Hdr, Ipv6Hdr, be16},
     maps::{EMBRYOS, FLOWS},
     nsg::Active,
-    parse::{FRAG_LATER, Packet, PacketMeta, is_echo, ptr_at},
+    parse::{FRAG_LATER, Packet, PacketMeta, ipv6_chain, is_echo, ptr_at},
 };
 
 #[inline(always)]
@@ -41,6 +41,7 @@ pub fn is_error(meta: &PacketMeta) -> bool {
 #[inline(always)]
 pub fn inner_offsets(ctx: &impl Packet, meta: &PacketMeta) -> Option<(usize, usize, u8)> {
     let l3 = meta.l4() + 8;
+    let end = ip_end(ctx, meta)?;
     let (l4, proto) = if meta.family == 4 {
         let ip = unsafe { &*ptr_at::<Ipv4Hdr>(ctx, l3).ok()? };
         let ihl = ((ip.version_ihl & 0x0f) as usize) * 4;
@@ -49,10 +50,17 @@ pub fn inner_offsets(ctx: &impl Packet, meta: &PacketMeta) -> Option<(usize, usi
         }
         (l3 + ihl, ip.proto)
     } else {
+        // Past the quoted packet's extension headers (a fragment's among them, which a
+        // Packet Too Big about a fragmented datagram quotes): a later fragment quotes no
+        // L4 header.
         let ip = unsafe { &*ptr_at::<Ipv6Hdr>(ctx, l3).ok()? };
-        (l3 + 40, ip.next_hdr)
+        let chain = ipv6_chain(ctx, l3 + 40, ip.next_hdr, end).ok()?;
+        if chain.fragment.is_some_and(|(_, fo)| fo & 0xfff8 != 0) {
+            return None;
+        }
+        (chain.off, chain.proto)
     };
-    (l4 + 8 <= ip_end(ctx, meta)?).then_some((l3, l4, proto))
+    (l4 + 8 <= end).then_some((l3, l4, proto))
 }
 
 /// Where the quoted packet's own L4 checksum lies, when the quote holds it (0: nothing to

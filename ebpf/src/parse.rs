@@ -266,8 +266,40 @@ fn parse_ipv6(
     meta.hop_limit = ip.hop_limit;
     meta.src = words(&ip.src);
     meta.dst = words(&ip.dst);
-    let mut next = ip.next_hdr;
-    let mut off = off + size_of::<Ipv6Hdr>();
+    let chain = ipv6_chain(ctx, off + hdr, ip.next_hdr, end)?;
+    meta.proto = chain.proto;
+    if let Some((id, fo)) = chain.fragment {
+        meta.frag_id = id;
+        if fo & 0xfff8 != 0 {
+            meta.frag = FRAG_LATER;
+        } else if fo & 1 != 0 {
+            meta.frag = FRAG_FIRST;
+        }
+    }
+    Ok((chain.off, end))
+}
+
+/// Where an IPv6 packet's extension headers lead.
+pub struct Ipv6Chain {
+    /// The header after them (the L4 header; in a later fragment, the fragment's data).
+    pub off: usize,
+    /// Its protocol.
+    pub proto: u8,
+    /// The Fragment header's identification and offset field (offset and M flag).
+    pub fragment: Option<(u32, u16)>,
+}
+
+/// Follows the extension headers from `off` (the first one's type `next`) of an IPv6
+/// datagram that ends at `end`: the packet's own, or one an ICMPv6 error quotes. Stops at a
+/// later fragment's Fragment header (what follows is data).
+#[inline(always)]
+pub fn ipv6_chain(
+    ctx: &impl Packet,
+    mut off: usize,
+    mut next: u8,
+    end: usize,
+) -> Result<Ipv6Chain, DropReason> {
+    let mut fragment = None;
     // One more round than headers followed: the last finds the L4 protocol. Every header
     // lies inside the datagram: one read past its end (Ethernet padding, or a forger's)
     // would name a protocol the packet does not carry.
@@ -288,20 +320,12 @@ fn parse_ipv6(
                 next = frag.next_hdr;
                 off += size_of::<Ipv6FragHdr>();
                 let fo = be16(frag.frag_off);
-                meta.frag_id = u32::from_be_bytes(frag.id);
+                fragment = Some((u32::from_be_bytes(frag.id), fo));
                 if fo & 0xfff8 != 0 {
-                    meta.proto = next;
-                    meta.frag = FRAG_LATER;
-                    return Ok((off, end));
-                }
-                if fo & 1 != 0 {
-                    meta.frag = FRAG_FIRST;
+                    return Ok(Ipv6Chain { off, proto: next, fragment });
                 }
             }
-            _ => {
-                meta.proto = next;
-                return Ok((off, end));
-            }
+            _ => return Ok(Ipv6Chain { off, proto: next, fragment }),
         }
     }
     Err(DropReason::TooDeep)
