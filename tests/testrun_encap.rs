@@ -254,6 +254,49 @@ fn encapsulated_bytes_at_xdp_and_tc() {
 
 /// At XDP a VLAN-tagged frame keeps its tag in front of the outer header (the link-layer
 /// header moves to the new start of the frame); the rest is as for an untagged frame.
+/// A router's "fragmentation needed" (IPv4) or "packet too big" (IPv6) about a backend's
+/// direct reply comes to the frontend address: it goes on to the flow's backend, encapsulated
+/// as the flow's packets are, at both hooks. Without the flow on this gateway (ECMP spreads
+/// errors by their own addresses), to the backend the load balancer picks for the quoted
+/// flow, the one its SYN then goes to. An error about a port no rule serves is not sent.
+/// (Before: passed to the stack, which routed it back to the router, and path-MTU
+/// discovery failed. Seen failing.)
+#[test]
+fn an_error_about_a_direct_reply_goes_on_to_its_backend() {
+    isolated(true, |ns| {
+        let lab = Lab::new(&ns, &["10.99.0.1/24", "2001:db8:99::1/64"]);
+        lab.k.apply(POLICY);
+        let cases = [
+            ("203.0.113.7", "192.0.2.10", "203.0.113.1"),
+            ("2001:db8:2::7", "2001:db8:f::10", "2001:db8:2::1"),
+        ];
+        for at in [At::Xdp, At::Tc] {
+            for (client, frontend, router) in cases {
+                let sport = if at == At::Xdp { 43000 } else { 44000 };
+                // The backend's reply as it left, from the frontend address: quoted whole.
+                let error = |sport| {
+                    let reply = frame(frontend, client, L4::Tcp(80, sport, SYN | ACK));
+                    frame_vlan(router, frontend, L4::TooBig(1280), &[], &reply[ETH_LEN..])
+                };
+                let backend =
+                    lab.encapsulated(at, &frame(client, frontend, L4::Tcp(sport, 80, SYN)));
+                assert_eq!(
+                    lab.encapsulated(at, &error(sport)),
+                    backend,
+                    "{at:?} {client}: the flow's"
+                );
+                let unseen = lab.encapsulated(at, &error(sport + 1));
+                let syn = frame(client, frontend, L4::Tcp(sport + 1, 80, SYN));
+                assert_eq!(lab.encapsulated(at, &syn), unseen, "{at:?} {client}: the Maglev pick");
+                let reply = frame(frontend, client, L4::Tcp(9999, sport, SYN | ACK));
+                let stray = frame_vlan(router, frontend, L4::TooBig(1280), &[], &reply[ETH_LEN..]);
+                let redirect = if at == At::Xdp { XDP_REDIRECT } else { TC_ACT_REDIRECT };
+                assert_ne!(lab.run(at, &stray).0, redirect, "{at:?}: no rule for port 9999");
+            }
+        }
+    });
+}
+
 #[test]
 fn vlan_tag_kept_in_front_of_the_outer_header() {
     isolated(true, |ns| {

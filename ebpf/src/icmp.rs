@@ -9,15 +9,17 @@
 //! sender's socket sees it and no private address leaves (as RFC 5508 asks of a NAT).
 
 use xdpgate_common::{
-    flow::{FlowKey, NAT_DST, NAT_SRC},
+    flow::{FlowKey, NAT_DST, NAT_ENCAP, NAT_NEXT_HOP, NAT_SRC},
     is_icmp,
+    nsg::FLAG_NO_FRONTENDS,
 };
 
 use crate::{
     action::{Action, NAT_ICMP_ERROR_DST, NAT_ICMP_ERROR_SRC},
     flow,
     headers::{IPPROTO_TCP, IPPROTO_UDP, IcmpHdr, Ipv4Hdr, Ipv6Hdr, be16},
-    maps::{EMBRYOS, FLOWS},
+    lb::{self, Lb},
+    maps::{CLASSIFY_SCRATCH, EMBRYOS, FLOWS},
     nsg::Active,
     parse::{FRAG_LATER, Packet, PacketMeta, ipv6_chain, is_echo, ptr_at},
 };
@@ -147,10 +149,10 @@ pub fn related(ctx: &impl Packet, active: &Active<'_>, meta: &PacketMeta) -> Opt
     // Errors about a flow's first packets (an unreachable port, say) belong to an embryo.
     let (entry, vouches) = match unsafe { FLOWS.get(&key) } {
         Some(e) => (e, flow::vouches::<true>(active, &key, e)),
-        None => {
-            let e = unsafe { EMBRYOS.get(&key)? };
-            (e, flow::vouches::<false>(active, &key, e))
-        }
+        None => match unsafe { EMBRYOS.get(&key) } {
+            Some(e) => (e, flow::vouches::<false>(active, &key, e)),
+            None => return to_direct_backend(active, meta, &key),
+        },
     };
     if !vouches {
         return None;
@@ -158,7 +160,34 @@ pub fn related(ctx: &impl Packet, active: &Active<'_>, meta: &PacketMeta) -> Opt
     let nat = match entry.nat {
         NAT_DST => NAT_ICMP_ERROR_DST,
         NAT_SRC => NAT_ICMP_ERROR_SRC,
+        // About a backend's direct reply (from the frontend address, not through this
+        // gateway): the error goes on to the backend as the flow's packets do, which hold
+        // the frontend address too. Passed to the stack, which does not hold that address,
+        // it went back to the router (path-MTU discovery failed for such flows).
+        NAT_ENCAP | NAT_NEXT_HOP if entry.reply == 0 => entry.nat,
         _ => return Some(Action::PASS),
     };
     Some(Action { nat, addr: entry.nat_addr, port: entry.nat_port })
+}
+
+/// An error about a backend's direct reply whose flow this gateway does not hold: routers
+/// spread errors over the gateways by the error's own addresses, not the flow's. Sent to the
+/// backend the load balancer picks for the flow the error quotes, which every gateway picks
+/// alike (as Katran does); the backend's stack checks the quote against its own sockets.
+#[inline(always)]
+fn to_direct_backend(active: &Active<'_>, meta: &PacketMeta, key: &FlowKey) -> Option<Action> {
+    if active.config.flags & FLAG_NO_FRONTENDS != 0 {
+        return None;
+    }
+    // The flow's first packet, as the load balancer saw it.
+    let m = unsafe { &mut *CLASSIFY_SCRATCH.get_ptr_mut(0)? };
+    *m = *meta;
+    (m.src, m.dst, m.sport, m.dport, m.proto) = (key.src, key.dst, key.sport, key.dport, key.proto);
+    match lb::select(m) {
+        Lb::Selected(s) if s.encap => Some(Action { nat: NAT_ENCAP, addr: s.addr, port: s.port }),
+        Lb::Selected(s) if s.floating_ip => {
+            Some(Action { nat: NAT_NEXT_HOP, addr: s.addr, port: s.port })
+        }
+        _ => None,
+    }
 }
