@@ -297,6 +297,43 @@ fn an_error_about_a_direct_reply_goes_on_to_its_backend() {
     });
 }
 
+/// A packet to a frontend address on a port or protocol no rule serves, where the route
+/// sends it on (the address is no table's but BGP's: back out to the router, which sends it
+/// here again until its TTL runs out), is dropped as `no_lb_rule`; one to a frontend
+/// address that is this host's own goes to its stack as any packet. Served ports are
+/// balanced as before. (Before: passed to the stack, which routed it back: a loop between
+/// gateway and router, 32 copies of every such packet. Seen failing.)
+#[test]
+fn a_frontend_address_on_a_port_no_rule_serves_is_not_routed_back() {
+    isolated(true, |ns| {
+        let lab = Lab::new(&ns, &["10.99.0.1/24", "2001:db8:99::1/64"]);
+        common::run("ip", &["-n", &ns, "route", "add", "default", "via", "10.99.0.2"]);
+        common::run("ip", &["-n", &ns, "route", "add", "default", "via", "2001:db8:99::2"]);
+        lab.k.apply(POLICY);
+        for at in [At::Xdp, At::Tc] {
+            for (client, frontend) in
+                [("203.0.113.7", "192.0.2.10"), ("2001:db8:2::7", "2001:db8:f::10")]
+            {
+                for l4 in [L4::Tcp(45000, 9999, SYN), L4::Udp(45000, 80), L4::Echo(7)] {
+                    let before = lab.k.drops("no_lb_rule");
+                    let verdict = lab.run(at, &frame(client, frontend, l4)).0;
+                    let dropped = if at == At::Xdp { DROP } else { TC_ACT_SHOT };
+                    assert_eq!(verdict, dropped, "{at:?} {frontend} {l4:?}");
+                    assert_eq!(lab.k.drops("no_lb_rule"), before + 1, "{at:?} {frontend} {l4:?}");
+                }
+                let syn = frame(client, frontend, L4::Tcp(45001, 80, SYN));
+                lab.encapsulated(at, &syn);
+            }
+        }
+        // This host's own address: its stack's.
+        common::run("ip", &["-n", &ns, "addr", "add", "192.0.2.10/32", "dev", "lo"]);
+        let before = lab.k.drops("no_lb_rule");
+        let syn = frame("203.0.113.7", "192.0.2.10", L4::Tcp(45002, 9999, SYN));
+        assert_eq!(lab.run(At::Xdp, &syn).0, common::kernel::PASS, "to the host's stack");
+        assert_eq!(lab.k.drops("no_lb_rule"), before);
+    });
+}
+
 #[test]
 fn vlan_tag_kept_in_front_of_the_outer_header() {
     isolated(true, |ns| {

@@ -53,6 +53,9 @@ pub const SVC_MIDSTREAM: u8 = 16;
 /// Encapsulated to the backend (`flow::NAT_ENCAP`); with `SVC_FLOATING_IP`, as the inner
 /// packet keeps the frontend address.
 pub const SVC_ENCAP: u8 = 32;
+/// No rule: the entry of every port and protocol (port 0, protocol 0) of a frontend address
+/// without HA ports, which only says the address is a frontend's (`DropReason::NoLbRule`).
+pub const SVC_NO_RULE: u8 = 64;
 
 /// Index of a Maglev slot in the `MAGLEV` array.
 #[inline(always)]

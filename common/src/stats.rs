@@ -71,9 +71,13 @@ pub enum DropReason {
     /// A new flow from a NAT gateway's subnet of a protocol it cannot translate (not TCP,
     /// UDP or ICMP echo: ESP, GRE, an ICMP timestamp request).
     NatUntranslatable = 13,
+    /// To a load balancer's frontend address on a port or protocol no rule serves, routed
+    /// on from here (not this host's address): back to the router that sent it, which
+    /// sends it here again until its TTL runs out.
+    NoLbRule = 14,
 }
 
-pub const DROP_REASONS: u32 = 14;
+pub const DROP_REASONS: u32 = 15;
 
 /// Entries of the pinned drop counters: room for reasons to come, so that adding one needs
 /// no new layout (and no `upgrade` that starts the counts again at zero).
@@ -96,6 +100,7 @@ pub const DROP_REASON_TABLE: [(&str, &str); DROP_REASONS as usize] = [
     ("encap_no_source", "an encapsulating rule's packet on a node without an outer source"),
     ("encap_unreachable", "no route or neighbour entry (yet) towards an encapsulated backend"),
     ("nat_untranslatable", "a NAT gateway cannot translate its protocol (not TCP, UDP, echo)"),
+    ("no_lb_rule", "to a frontend address on a port or protocol no load-balancing rule serves"),
 ];
 
 pub const DROP_REASON_NAMES: [&str; DROP_REASONS as usize] = {

@@ -27,6 +27,7 @@ use crate::{
     action::{Action, NAT_ICMP_ERROR_DST, NAT_ICMP_ERROR_SRC, NAT_PENDING_SNAT},
     clock, events, forward,
     headers::IPPROTO_TCP,
+    hook::Hook,
     icmp,
     lb::{self, Lb},
     maps::{
@@ -504,7 +505,7 @@ fn taken_over(meta: &PacketMeta, key: &FlowKey, entry: &FlowValue) -> bool {
 /// (of the packet as it will reach the backend), then both directions into the flow table.
 #[inline(always)]
 pub fn create(
-    ctx: &impl EbpfContext,
+    ctx: &impl Hook,
     active: &Active<'_>,
     meta: &PacketMeta,
     dir: u32,
@@ -529,8 +530,15 @@ pub fn create(
     let lookup_frontends = active.config.flags & FLAG_NO_FRONTENDS == 0;
     let nat = active.config.flags & FLAG_NO_NAT == 0;
     let lb = if lookup_frontends { lb::select(meta) } else { Lb::NotFrontend };
+    // A frontend's address on a port no rule serves: this host's own (a frontend may be),
+    // or not routed on, it goes to the stack as any packet; routed on, it would go back to
+    // the router that sent it here (a frontend announced over BGP lives in no table used
+    // for forwarding), which sends it here again until its TTL runs out.
+    if matches!(lb, Lb::NoRule) && forward::routed_on(ctx, meta) {
+        return Err(DropReason::NoLbRule);
+    }
     match lb {
-        Lb::NotFrontend => {
+        Lb::NotFrontend | Lb::NoRule => {
             // A translation outlives its flow entries: rebuild them from it.
             let translation = if nat { snat::existing(key) } else { None };
             if let Some(t) = translation {

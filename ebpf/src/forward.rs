@@ -35,6 +35,7 @@ const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 pub const FIB_SUCCESS: i64 = 0;
 pub const FIB_FRAG_NEEDED: i64 = 8;
+const FIB_NO_NEIGH: i64 = 7;
 /// `bpf_sock.state` of a listening socket.
 const TCP_LISTEN: u32 = 10;
 
@@ -70,6 +71,16 @@ fn lookup<H: Hook>(
     }
     let rc = unsafe { fib_lookup(ctx.as_ptr(), p, size_of::<bpf_fib_lookup>() as i32, 0) };
     Ok((rc, p))
+}
+
+/// Whether the FIB sends a packet to `meta`'s destination on from here: a unicast route
+/// out, not one of this host's addresses (nor no route, nor a blackhole: the stack drops
+/// those itself).
+#[inline(always)]
+pub fn routed_on<H: Hook>(ctx: &H, meta: &PacketMeta) -> bool {
+    // The route alone is asked: a length any route takes.
+    let route = lookup(ctx, meta, &meta.src, &meta.dst, 20).map(|(rc, _)| rc);
+    matches!(route, Ok(FIB_SUCCESS | FIB_NO_NEIGH | FIB_FRAG_NEEDED))
 }
 
 /// Whether a TCP segment belongs to a connection of this host itself: a socket of this

@@ -3,7 +3,8 @@
 
 use xdpgate_common::lb::{
     BackendInfo, DIST_MASK, DIST_SOURCE_IP, DIST_SOURCE_IP_PROTOCOL, FrontendKey, MAGLEV_SIZE,
-    NO_BACKEND, SVC_ENCAP, SVC_FLOATING_IP, SVC_MIDSTREAM, SVC_NO_BACKEND, Service, maglev_index,
+    NO_BACKEND, SVC_ENCAP, SVC_FLOATING_IP, SVC_MIDSTREAM, SVC_NO_BACKEND, SVC_NO_RULE, Service,
+    maglev_index,
 };
 
 use crate::{
@@ -30,6 +31,8 @@ pub struct Selection {
 pub enum Lb {
     /// The destination is no frontend: plain forwarding.
     NotFrontend,
+    /// A frontend's address, on a port or protocol no rule serves.
+    NoRule,
     /// A frontend without a backend for new flows.
     NoBackend,
     Selected(Selection),
@@ -50,6 +53,9 @@ fn frontend(meta: &PacketMeta) -> Option<&'static Service> {
 #[inline(always)]
 pub fn select(meta: &PacketMeta) -> Lb {
     let Some(svc) = frontend(meta) else { return Lb::NotFrontend };
+    if svc.flags & SVC_NO_RULE != 0 {
+        return Lb::NoRule;
+    }
     let backend = if svc.backend != NO_BACKEND {
         svc.backend
     } else if svc.flags & SVC_NO_BACKEND != 0 {

@@ -12,7 +12,7 @@ use aya::maps::{Array, HashMap, MapData};
 use xdpgate_common::{
     lb::{
         BackendInfo, FrontendKey, MAGLEV_SIZE, MAX_BACKENDS, NO_BACKEND, SVC_ENCAP, SVC_NO_BACKEND,
-        Service, maglev_index,
+        SVC_NO_RULE, Service, maglev_index,
     },
     maps::{BACKENDS, FRONTENDS, MAGLEV},
 };
@@ -55,7 +55,8 @@ impl LbMaps {
                 self.backends.set(i, BackendInfo::default(), 0)?;
             }
         }
-        let wanted: BTreeMap<_, _> = lb.frontends.iter().map(|f| (key_bytes(&f.0), f.0)).collect();
+        let keys = lb.frontends.iter().map(|f| f.0).chain(lb.no_rule.iter().copied());
+        let wanted: BTreeMap<_, _> = keys.map(|k| (key_bytes(&k), k)).collect();
         let stale: Vec<FrontendKey> = self
             .frontends
             .keys()
@@ -68,6 +69,18 @@ impl LbMaps {
         for (id, spec) in lb.services.iter().enumerate() {
             let healthy = |b: u32| health.healthy_in(spec, lb.backends[b as usize]);
             self.update_service(lb, id as u32, &healthy)?;
+        }
+        // No service's: an id none has.
+        let no_rule = Service {
+            id: NO_BACKEND,
+            backend: NO_BACKEND,
+            backend_port: 0,
+            flags: SVC_NO_RULE,
+            table: 0,
+            idle_timeout_s: 0,
+        };
+        for key in &lb.no_rule {
+            self.frontends.insert(key, no_rule, 0)?;
         }
         Ok(())
     }
@@ -348,7 +361,8 @@ impl LbMaps {
 
     /// Service `id`'s live Maglev table: the half its frontends point at.
     fn live_table(&self, record: &Record, id: u32) -> Result<Option<MaglevReport>> {
-        let svc = self.frontends.iter().filter_map(|e| e.ok()).find(|(_, s)| s.id == id);
+        let mut services = self.frontends.iter().filter_map(|e| e.ok());
+        let svc = services.find(|(_, s)| s.id == id && s.flags & SVC_NO_RULE == 0);
         let Some((_, svc)) = svc else { return Ok(None) };
         if svc.backend != NO_BACKEND || svc.flags & SVC_NO_BACKEND != 0 {
             return Ok(None);

@@ -66,6 +66,10 @@ pub struct CompiledLb {
     pub services: Vec<ServiceSpec>,
     /// Each frontend key with its service, and the fixed backend of inbound NAT mappings.
     pub frontends: Vec<(FrontendKey, u32, u32, u16)>,
+    /// The every-port key (port 0, protocol 0) of each frontend address without HA ports,
+    /// but a NAT gateway's public address (its translations' replies come to any port):
+    /// packets to the address on a port no rule serves are the load balancer's to drop.
+    pub no_rule: Vec<FrontendKey>,
 }
 
 impl CompiledLb {
@@ -115,6 +119,7 @@ impl CompiledLb {
                 (key, service_ids.of[service as usize], backend, port)
             })
             .collect();
+        out.no_rule = self.no_rule;
         Ok(out)
     }
 
@@ -260,10 +265,28 @@ pub fn compile(policy: &Policy) -> Result<CompiledLb> {
     if out.backends.len() > MAX_BACKENDS as usize {
         bail!("{} backends exceed the table size {MAX_BACKENDS}", out.backends.len());
     }
-    if out.frontends.len() > MAX_FRONTENDS as usize {
-        bail!("{} frontend ports exceed the table size {MAX_FRONTENDS}", out.frontends.len());
+    out.no_rule = no_rule_keys(policy, &out.frontends);
+    let entries = out.frontends.len() + out.no_rule.len();
+    if entries > MAX_FRONTENDS as usize {
+        bail!("{entries} frontend ports and addresses exceed the table size {MAX_FRONTENDS}");
     }
     Ok(out)
+}
+
+/// [`CompiledLb::no_rule`] of `policy`, whose frontend keys are `frontends`.
+fn no_rule_keys(policy: &Policy, frontends: &[(FrontendKey, u32, u32, u16)]) -> Vec<FrontendKey> {
+    let public: std::collections::HashSet<IpAddr> =
+        policy.nat_gateways.iter().flat_map(|g| g.public_addresses.iter().copied()).collect();
+    let every_port = |k: &FrontendKey| k.port == 0 && k.proto == 0;
+    let ha: std::collections::HashSet<IpAddr> =
+        frontends.iter().filter(|f| every_port(&f.0)).map(|f| frontend_addr(&f.0)).collect();
+    let addresses: std::collections::BTreeSet<IpAddr> =
+        frontends.iter().map(|f| frontend_addr(&f.0)).collect();
+    addresses
+        .into_iter()
+        .filter(|a| !ha.contains(a) && !public.contains(a))
+        .map(|a| frontend_key(a, 0, 0))
+        .collect()
 }
 
 /// The Maglev table of a service over the backends `healthy` says can take new flows;
