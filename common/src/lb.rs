@@ -53,9 +53,17 @@ pub const SVC_MIDSTREAM: u8 = 16;
 /// Encapsulated to the backend (`flow::NAT_ENCAP`); with `SVC_FLOATING_IP`, as the inner
 /// packet keeps the frontend address.
 pub const SVC_ENCAP: u8 = 32;
-/// No rule: the entry of every port and protocol (port 0, protocol 0) of a frontend address
-/// without HA ports, which only says the address is a frontend's (`DropReason::NoLbRule`).
+/// A frontend address's own entry ([`ADDRESS_PROTO`]): no rule serves a packet that no
+/// (address, protocol, port) entry took (`DropReason::NoLbRule`).
 pub const SVC_NO_RULE: u8 = 64;
+/// A frontend address's own entry: its HA-ports rule, at (port 0, protocol 0), serves every
+/// packet that no other entry took.
+pub const SVC_HA_PORTS: u8 = 128;
+/// The protocol of a frontend address's own entry (port 0), which says what serves a packet
+/// no (address, protocol, port) entry took (`SVC_HA_PORTS`, `SVC_NO_RULE`): an address
+/// without one is no frontend's. IANA's reserved protocol: no packet carries it, so programs
+/// from before these entries, which look up (port 0, protocol 0) only, never meet one.
+pub const ADDRESS_PROTO: u8 = 255;
 
 /// Index of a Maglev slot in the `MAGLEV` array.
 #[inline(always)]

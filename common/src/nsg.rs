@@ -293,6 +293,11 @@ pub const FLAG_NO_FRONTENDS: u32 = 4;
 /// or NAT subnet. Set when the policy has no gateway and no translation is left (those of a
 /// removed gateway are rebuilt into flows until they idle out). A skip, as above.
 pub const FLAG_NO_NAT: u32 = 8;
+/// Every frontend address has its own entry (`lb::ADDRESS_PROTO`): a new flow that no
+/// (address, protocol, port) entry takes looks that one up instead of the HA-ports entry.
+/// A presence flag: set with the entries by the agent that writes them, so that entries
+/// an older agent writes (without them) keep the older lookup.
+pub const FLAG_FRONTEND_ADDRESSES: u32 = 16;
 /// Idle timeout of a TCP flow after RST, or FIN both ways.
 pub const TCP_CLOSED_TIMEOUT_NS: u64 = 10_000_000_000;
 

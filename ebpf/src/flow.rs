@@ -186,7 +186,7 @@ fn established_entry(
     let alive = now.saturating_sub(entry.last_seen_ns) <= timeout
         || seen_within(unsafe { FLOWS.get(&key.twin(entry)) }, now, timeout);
     if alive
-        && backend_usable(meta, entry)
+        && backend_usable(active, meta, entry)
         && !reopens(meta, entry)
         && !taken_over(meta, key, entry)
     {
@@ -315,7 +315,7 @@ fn embryo(
         forget_embryo(key, entry);
         return Ok(Lookup::Miss);
     }
-    if !backend_usable(meta, entry) || reopens(meta, entry) {
+    if !backend_usable(active, meta, entry) || reopens(meta, entry) {
         count(FLOW_STAT_EMBRYOS_CLOSED);
         forget_embryo(key, entry);
         return Ok(Lookup::Miss);
@@ -458,12 +458,12 @@ fn count(stat: u32) {
 /// packet (no probe judges that rule, its own probe passes, all are down and it sends to
 /// all) keeps its flows, which would only be made again on the same backend, every packet.
 #[inline(always)]
-fn backend_usable(meta: &PacketMeta, entry: &FlowValue) -> bool {
+fn backend_usable(active: &Active<'_>, meta: &PacketMeta, entry: &FlowValue) -> bool {
     entry.backend == NO_BACKEND
         || entry.reply != 0
         || meta.proto == IPPROTO_TCP
         || BACKENDS.get(entry.backend).is_some_and(|b| b.healthy != 0)
-        || matches!(lb::select(meta), Lb::Selected(s)
+        || matches!(lb::select(meta, active.config.flags), Lb::Selected(s)
             if s.service == entry.service && s.backend == entry.backend)
 }
 
@@ -529,7 +529,8 @@ pub fn create(
     // apply), their hash and trie lookups are skipped.
     let lookup_frontends = active.config.flags & FLAG_NO_FRONTENDS == 0;
     let nat = active.config.flags & FLAG_NO_NAT == 0;
-    let lb = if lookup_frontends { lb::select(meta) } else { Lb::NotFrontend };
+    let flags = active.config.flags;
+    let lb = if lookup_frontends { lb::select(meta, flags) } else { Lb::NotFrontend };
     // A frontend's address on a port no rule serves: this host's own (a frontend may be),
     // or not routed on, it goes to the stack as any packet; routed on, it would go back to
     // the router that sent it here (a frontend announced over BGP lives in no table used

@@ -183,7 +183,7 @@ fn to_direct_backend(active: &Active<'_>, meta: &PacketMeta, key: &FlowKey) -> O
     let m = unsafe { &mut *CLASSIFY_SCRATCH.get_ptr_mut(0)? };
     *m = *meta;
     (m.src, m.dst, m.sport, m.dport, m.proto) = (key.src, key.dst, key.sport, key.dport, key.proto);
-    match lb::select(m) {
+    match lb::select(m, active.config.flags) {
         Lb::Selected(s) if s.encap => Some(Action { nat: NAT_ENCAP, addr: s.addr, port: s.port }),
         Lb::Selected(s) if s.floating_ip => {
             Some(Action { nat: NAT_NEXT_HOP, addr: s.addr, port: s.port })

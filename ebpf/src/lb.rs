@@ -1,10 +1,13 @@
 //! Load balancing of a flow's first packet: find the frontend, pick a backend from the
 //! service's live Maglev table with the hash its distribution mode asks for.
 
-use xdpgate_common::lb::{
-    BackendInfo, DIST_MASK, DIST_SOURCE_IP, DIST_SOURCE_IP_PROTOCOL, FrontendKey, MAGLEV_SIZE,
-    NO_BACKEND, SVC_ENCAP, SVC_FLOATING_IP, SVC_MIDSTREAM, SVC_NO_BACKEND, SVC_NO_RULE, Service,
-    maglev_index,
+use xdpgate_common::{
+    lb::{
+        ADDRESS_PROTO, BackendInfo, DIST_MASK, DIST_SOURCE_IP, DIST_SOURCE_IP_PROTOCOL,
+        FrontendKey, MAGLEV_SIZE, NO_BACKEND, SVC_ENCAP, SVC_FLOATING_IP, SVC_HA_PORTS,
+        SVC_MIDSTREAM, SVC_NO_BACKEND, SVC_NO_RULE, Service, maglev_index,
+    },
+    nsg::FLAG_FRONTEND_ADDRESSES,
 };
 
 use crate::{
@@ -38,21 +41,38 @@ pub enum Lb {
     Selected(Selection),
 }
 
+/// The service of `meta`'s frontend, or its address's `SVC_NO_RULE` entry. `addresses`:
+/// each frontend address has its own entry (`FLAG_FRONTEND_ADDRESSES`).
 #[inline(always)]
-fn frontend(meta: &PacketMeta) -> Option<&'static Service> {
-    let exact =
+fn frontend(meta: &PacketMeta, addresses: bool) -> Option<&'static Service> {
+    // One key, rewritten for each lookup: the new-flow stage's stack is at its limit.
+    let mut key =
         FrontendKey { addr: meta.dst, port: meta.dport, proto: meta.proto, family: meta.family };
-    if let Some(s) = unsafe { FRONTENDS.get(&exact) } {
+    if let Some(s) = unsafe { FRONTENDS.get(&key) } {
         return Some(s);
     }
     // HA ports: every port and protocol of the address.
-    let any = FrontendKey { addr: meta.dst, port: 0, proto: 0, family: meta.family };
-    unsafe { FRONTENDS.get(&any) }
+    key.port = 0;
+    key.proto = 0;
+    if !addresses {
+        return unsafe { FRONTENDS.get(&key) };
+    }
+    key.proto = ADDRESS_PROTO;
+    let address = unsafe { FRONTENDS.get(&key)? };
+    if address.flags & SVC_HA_PORTS == 0 {
+        return Some(address);
+    }
+    key.proto = 0;
+    unsafe { FRONTENDS.get(&key) }
 }
 
+/// The load balancer's choice for a new flow's first packet `meta`; `flags`, the running
+/// policy's (`FLAG_FRONTEND_ADDRESSES`).
 #[inline(always)]
-pub fn select(meta: &PacketMeta) -> Lb {
-    let Some(svc) = frontend(meta) else { return Lb::NotFrontend };
+pub fn select(meta: &PacketMeta, flags: u32) -> Lb {
+    let Some(svc) = frontend(meta, flags & FLAG_FRONTEND_ADDRESSES != 0) else {
+        return Lb::NotFrontend;
+    };
     if svc.flags & SVC_NO_RULE != 0 {
         return Lb::NoRule;
     }

@@ -23,9 +23,9 @@ use xdpgate_common::{
     nat::{AddrKey, NatEntry},
     nsg::{
         BITMAP_WORDS, CLASSES_PER_ENTRY, CLASSES_PER_SLOT, FIELD_DPORT, FIELD_PROTO, FIELD_SPORT,
-        FLAG_MIDSTREAM, FLAG_NO_FRONTENDS, FLAG_NO_NAT, FLAG_REEVALUATE, FieldClass, FieldKey,
-        KEY_HEADER_BITS, MAX_RULES, PolicyConfig, RuleBitmap, TABLES_PER_SLOT, TableScope,
-        class_bit, class_index, wildcard_bit,
+        FLAG_FRONTEND_ADDRESSES, FLAG_MIDSTREAM, FLAG_NO_FRONTENDS, FLAG_NO_NAT, FLAG_REEVALUATE,
+        FieldClass, FieldKey, KEY_HEADER_BITS, MAX_RULES, PolicyConfig, RuleBitmap,
+        TABLES_PER_SLOT, TableScope, class_bit, class_index, wildcard_bit,
     },
     stats::Counter,
     words,
@@ -94,7 +94,8 @@ impl Lookups {
     }
 
     fn flags(self) -> u32 {
-        (if self.frontends { 0 } else { FLAG_NO_FRONTENDS })
+        // With the frontends, `lb::install` wrote each address's own entry.
+        (if self.frontends { FLAG_FRONTEND_ADDRESSES } else { FLAG_NO_FRONTENDS })
             | if self.nat { 0 } else { FLAG_NO_NAT }
     }
 }

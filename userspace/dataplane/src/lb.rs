@@ -11,8 +11,8 @@ use anyhow::Result;
 use aya::maps::{Array, HashMap, MapData};
 use xdpgate_common::{
     lb::{
-        BackendInfo, FrontendKey, MAGLEV_SIZE, MAX_BACKENDS, NO_BACKEND, SVC_ENCAP, SVC_NO_BACKEND,
-        SVC_NO_RULE, Service, maglev_index,
+        ADDRESS_PROTO, BackendInfo, FrontendKey, MAGLEV_SIZE, MAX_BACKENDS, NO_BACKEND, SVC_ENCAP,
+        SVC_NO_BACKEND, Service, maglev_index,
     },
     maps::{BACKENDS, FRONTENDS, MAGLEV},
 };
@@ -55,7 +55,7 @@ impl LbMaps {
                 self.backends.set(i, BackendInfo::default(), 0)?;
             }
         }
-        let keys = lb.frontends.iter().map(|f| f.0).chain(lb.no_rule.iter().copied());
+        let keys = lb.frontends.iter().map(|f| f.0).chain(lb.addresses.iter().map(|a| a.0));
         let wanted: BTreeMap<_, _> = keys.map(|k| (key_bytes(&k), k)).collect();
         let stale: Vec<FrontendKey> = self
             .frontends
@@ -70,17 +70,17 @@ impl LbMaps {
             let healthy = |b: u32| health.healthy_in(spec, lb.backends[b as usize]);
             self.update_service(lb, id as u32, &healthy)?;
         }
-        // No service's: an id none has.
-        let no_rule = Service {
-            id: NO_BACKEND,
-            backend: NO_BACKEND,
-            backend_port: 0,
-            flags: SVC_NO_RULE,
-            table: 0,
-            idle_timeout_s: 0,
-        };
-        for key in &lb.no_rule {
-            self.frontends.insert(key, no_rule, 0)?;
+        self.install_addresses(lb)
+    }
+
+    /// Writes each frontend address's own entry (`CompiledLb::addresses`). Before the
+    /// policy that says to look them up (`FLAG_FRONTEND_ADDRESSES`) runs: [`Self::install`]
+    /// follows the switch to a policy, and until then its addresses would be no frontend's.
+    pub fn install_addresses(&mut self, lb: &CompiledLb) -> Result<()> {
+        for &(key, flags) in &lb.addresses {
+            // No service's: an id none has.
+            let svc = Service { id: NO_BACKEND, backend: NO_BACKEND, flags, ..Service::default() };
+            self.frontends.insert(key, svc, 0)?;
         }
         Ok(())
     }
@@ -362,7 +362,7 @@ impl LbMaps {
     /// Service `id`'s live Maglev table: the half its frontends point at.
     fn live_table(&self, record: &Record, id: u32) -> Result<Option<MaglevReport>> {
         let mut services = self.frontends.iter().filter_map(|e| e.ok());
-        let svc = services.find(|(_, s)| s.id == id && s.flags & SVC_NO_RULE == 0);
+        let svc = services.find(|(k, s)| s.id == id && k.proto != ADDRESS_PROTO);
         let Some((_, svc)) = svc else { return Ok(None) };
         if svc.backend != NO_BACKEND || svc.flags & SVC_NO_BACKEND != 0 {
             return Ok(None);

@@ -7,9 +7,9 @@ use anyhow::{Result, bail};
 use xdpgate_common::{
     family_bytes,
     lb::{
-        DIST_FIVE_TUPLE, DIST_SOURCE_IP, DIST_SOURCE_IP_PROTOCOL, FrontendKey, MAGLEV_SIZE,
-        MAX_BACKENDS, MAX_FRONTENDS, MAX_SERVICES, NO_BACKEND, SVC_ENCAP, SVC_FLOATING_IP,
-        SVC_MIDSTREAM,
+        ADDRESS_PROTO, DIST_FIVE_TUPLE, DIST_SOURCE_IP, DIST_SOURCE_IP_PROTOCOL, FrontendKey,
+        MAGLEV_SIZE, MAX_BACKENDS, MAX_FRONTENDS, MAX_SERVICES, NO_BACKEND, SVC_ENCAP,
+        SVC_FLOATING_IP, SVC_HA_PORTS, SVC_MIDSTREAM, SVC_NO_RULE,
     },
     words,
 };
@@ -66,10 +66,10 @@ pub struct CompiledLb {
     pub services: Vec<ServiceSpec>,
     /// Each frontend key with its service, and the fixed backend of inbound NAT mappings.
     pub frontends: Vec<(FrontendKey, u32, u32, u16)>,
-    /// The every-port key (port 0, protocol 0) of each frontend address without HA ports,
-    /// but a NAT gateway's public address (its translations' replies come to any port):
-    /// packets to the address on a port no rule serves are the load balancer's to drop.
-    pub no_rule: Vec<FrontendKey>,
+    /// Each frontend address's own entry (`lb::ADDRESS_PROTO`) and what it says:
+    /// `SVC_HA_PORTS`, or `SVC_NO_RULE` (packets to the address on a port no rule serves
+    /// are the load balancer's to drop; no NAT gateway has a frontend's address).
+    pub addresses: Vec<(FrontendKey, u8)>,
 }
 
 impl CompiledLb {
@@ -119,7 +119,7 @@ impl CompiledLb {
                 (key, service_ids.of[service as usize], backend, port)
             })
             .collect();
-        out.no_rule = self.no_rule;
+        out.addresses = self.addresses;
         Ok(out)
     }
 
@@ -265,28 +265,23 @@ pub fn compile(policy: &Policy) -> Result<CompiledLb> {
     if out.backends.len() > MAX_BACKENDS as usize {
         bail!("{} backends exceed the table size {MAX_BACKENDS}", out.backends.len());
     }
-    out.no_rule = no_rule_keys(policy, &out.frontends);
-    let entries = out.frontends.len() + out.no_rule.len();
+    out.addresses = address_entries(&out.frontends);
+    let entries = out.frontends.len() + out.addresses.len();
     if entries > MAX_FRONTENDS as usize {
         bail!("{entries} frontend ports and addresses exceed the table size {MAX_FRONTENDS}");
     }
     Ok(out)
 }
 
-/// [`CompiledLb::no_rule`] of `policy`, whose frontend keys are `frontends`.
-fn no_rule_keys(policy: &Policy, frontends: &[(FrontendKey, u32, u32, u16)]) -> Vec<FrontendKey> {
-    let public: std::collections::HashSet<IpAddr> =
-        policy.nat_gateways.iter().flat_map(|g| g.public_addresses.iter().copied()).collect();
+/// [`CompiledLb::addresses`]: of the addresses of `frontends`.
+fn address_entries(frontends: &[(FrontendKey, u32, u32, u16)]) -> Vec<(FrontendKey, u8)> {
     let every_port = |k: &FrontendKey| k.port == 0 && k.proto == 0;
     let ha: std::collections::HashSet<IpAddr> =
         frontends.iter().filter(|f| every_port(&f.0)).map(|f| frontend_addr(&f.0)).collect();
     let addresses: std::collections::BTreeSet<IpAddr> =
         frontends.iter().map(|f| frontend_addr(&f.0)).collect();
-    addresses
-        .into_iter()
-        .filter(|a| !ha.contains(a) && !public.contains(a))
-        .map(|a| frontend_key(a, 0, 0))
-        .collect()
+    let flag = |a: &IpAddr| if ha.contains(a) { SVC_HA_PORTS } else { SVC_NO_RULE };
+    addresses.into_iter().map(|a| (frontend_key(a, 0, ADDRESS_PROTO), flag(&a))).collect()
 }
 
 /// The Maglev table of a service over the backends `healthy` says can take new flows;
@@ -386,6 +381,23 @@ load_balancers:
             "      - {{name: {name}, frontend: vip, protocol: tcp, frontend_port: {port}, \
              backend_port: 80, backend_pool: web}}\n"
         )
+    }
+
+    /// Each frontend address has its own entry: `SVC_NO_RULE`, or `SVC_HA_PORTS` with HA
+    /// ports.
+    #[test]
+    fn each_frontend_address_has_its_own_entry() {
+        let vip = frontend_key("192.0.2.10".parse().unwrap(), 0, ADDRESS_PROTO);
+        assert_eq!(lbs("198.51.100.11", &rule("http", 80)).addresses, [(vip, SVC_NO_RULE)]);
+        let yaml = "virtual_network: {address_space: [198.51.100.0/24]}
+load_balancers:
+  - name: edge
+    frontends: [{name: vip, address: 192.0.2.10}]
+    backend_pools: [{name: web, backends: [198.51.100.11]}]
+    rules: [{name: ha, frontend: vip, protocol: all, frontend_port: 0, backend_pool: web}]
+";
+        let compiled = compile(&crate::load_str(yaml, "lb.yaml").unwrap()).unwrap();
+        assert_eq!(compiled.addresses, [(vip, SVC_HA_PORTS)]);
     }
 
     /// Each frontend as (key, load balancer/rule, fixed backend address) and each service's
