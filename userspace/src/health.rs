@@ -346,22 +346,30 @@ type States = Arc<Mutex<HashMap<ProbeKey, (Probe, Tracker)>>>;
 /// Where each target's count stood when its prober stopped, with its probe.
 pub type Found = HashMap<ProbeKey, (Probe, Tracker)>;
 
-/// The targets a prober starts with and where each one's count starts.
-pub struct Start(Vec<(Target, Tracker)>);
+/// The targets a prober starts with and where each one's count starts, and the targets
+/// found under another name (old key, new key).
+pub struct Start(Vec<(Target, Tracker)>, Vec<(ProbeKey, ProbeKey)>);
 
 impl Start {
     /// `targets` (a key's first only), each going on from where a stopped prober `found`
     /// it: with its count while its probe is the same, else only its state (a changed
     /// probe counts afresh); a target not found starts down if `down` has it, else
-    /// healthy.
+    /// healthy. A target found only under another name (its probe or load balancer
+    /// renamed, the probe itself the same) is the one found: a rename starts no backend
+    /// afresh (as unanswered, a BGP node withdrew its frontends until the first answer).
     pub fn new(targets: Vec<Target>, found: &Found, down: &BTreeSet<ProbeKey>) -> Self {
         let mut seen = HashSet::new();
+        let mut renamed = Vec::new();
         let start = targets
             .into_iter()
             .filter(|t| seen.insert(t.key()))
             .map(|t| {
-                let tracker = match found.get(&t.key()) {
-                    Some((probe, tracker)) if *probe == t.probe => tracker.clone(),
+                let tracker = match found.get(&t.key()).or_else(|| {
+                    let (old, found) = renamed_from(&t, found)?;
+                    renamed.push((old.clone(), t.key()));
+                    Some(found)
+                }) {
+                    Some((probe, tracker)) if same_probe(probe, &t.probe) => tracker.clone(),
                     Some((_, tracker)) => Tracker::new(tracker.health()),
                     None if down.contains(&t.key()) => Tracker::new(Health::Unhealthy),
                     None => Tracker::new(Health::Healthy),
@@ -369,7 +377,7 @@ impl Start {
                 (t, tracker)
             })
             .collect();
-        Self(start)
+        Self(start, renamed)
     }
 
     /// The targets that start down.
@@ -386,6 +394,20 @@ impl Start {
         let probed = self.0.iter().map(|(t, _)| t.key()).collect();
         ProbeHealth { pid, down: self.down(), probed }
     }
+}
+
+/// Whether two probes probe alike, whatever their names.
+fn same_probe(a: &Probe, b: &Probe) -> bool {
+    Probe { name: String::new(), ..a.clone() } == Probe { name: String::new(), ..b.clone() }
+}
+
+/// The target `found` holds for `t` under another name: the same backend and probe, its
+/// load balancer's first.
+fn renamed_from<'f>(t: &Target, found: &'f Found) -> Option<(&'f ProbeKey, &'f (Probe, Tracker))> {
+    let mut alike =
+        found.iter().filter(|(k, (p, _))| k.backend == t.backend && same_probe(p, &t.probe));
+    let first = alike.clone().find(|(k, _)| k.lb == t.lb);
+    first.or_else(|| alike.next())
 }
 
 /// How one target's probes went, since the agent started (kept across reloads).
@@ -414,6 +436,16 @@ impl ProbeStats {
         }
         c.seconds_total += took.as_secs_f64();
         c.last_seconds = took.as_secs_f64();
+    }
+
+    /// Moves the counts of each target renamed (old key, new key) to its new name.
+    fn rename(&self, renamed: &[(ProbeKey, ProbeKey)]) {
+        let mut all = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        for (old, new) in renamed {
+            if let Some(counts) = all.get(old).copied() {
+                all.entry(new.clone()).or_insert(counts);
+            }
+        }
     }
 
     /// Forgets the targets not in `keep` (no longer probed: their series end).
@@ -460,6 +492,7 @@ impl Prober {
         changes: mpsc::Sender<Change>,
         stats: ProbeStats,
     ) -> Prober {
+        stats.rename(&start.1);
         stats.keep(&start.0.iter().map(|(t, _)| t.key()).collect());
         let limit = Arc::new(Semaphore::new(max_concurrent.max(1)));
         let states: States = Arc::new(Mutex::new(
@@ -900,6 +933,31 @@ mod tests {
         assert!(start.down().is_empty());
         let _prober = Prober::spawn_counted(start, 1, tx, ProbeStats::default());
         assert!(tokio::time::timeout(Duration::from_secs(1), rx.recv()).await.is_err());
+    }
+
+    /// A probe (or load balancer) renamed by a reload is the same target: it goes on from
+    /// the state and counts found under its old name, which ends. (Before: a new target,
+    /// healthy but unanswered, for which a BGP node withdrew every frontend it served
+    /// until its first answer, whatever the backends' health. Seen failing.) A probe that
+    /// changed besides its name starts afresh.
+    #[tokio::test]
+    async fn a_renamed_probe_goes_on_from_its_state_and_counts() {
+        let old = target(ProbeKind::Tcp, closed_port().await, 100);
+        let down = Tracker { health: Health::Unhealthy, successes: 0, failures: 2 };
+        let found: Found = [(key("p"), (old.probe.clone(), down))].into();
+        let stats = ProbeStats::default();
+        stats.record(key("p"), true, Duration::from_millis(1));
+        let renamed =
+            Target { probe: Probe { name: "q".into(), ..old.probe.clone() }, ..old.clone() };
+        let start = Start::new(vec![renamed.clone()], &found, &BTreeSet::new());
+        assert_eq!(start.down(), [key("q")].into(), "its state goes on");
+        let (tx, _rx) = mpsc::channel(16);
+        let _prober = Prober::spawn_counted(start, 1, tx, stats.clone());
+        let counts: Vec<_> =
+            stats.snapshot().into_iter().map(|(k, c)| (k.probe, c.successes)).collect();
+        assert_eq!(counts, [("q".to_owned(), 1)], "its counts go on under the new name");
+        let changed = Target { probe: Probe { port: old.probe.port + 1, ..renamed.probe }, ..old };
+        assert!(Start::new(vec![changed], &found, &BTreeSet::new()).down().is_empty());
     }
 
     /// A prober started without a target forgets its counts: their series end (seen
