@@ -639,6 +639,13 @@ pub fn create(
         return Err(DropReason::Policy);
     }
     forward.rules = decision.rules;
+    // A packet the gateway will not send on (its TTL runs out here) claims no port and
+    // makes no flow: the stack answers it with "time exceeded", quoting it as sent
+    // (traceroute's first hop through a NAT gateway). (A load balancer's keeps its embryo:
+    // the egress program finds the flow there to translate the stack's error back.)
+    if snat_gateway.is_some() && forward::ttl(ctx, meta)? <= 1 {
+        return Ok(Action::PASS);
+    }
     if let Some(gw) = snat_gateway {
         // The port claim runs in a stage of its own, which then commits the flow.
         return Ok(Action { nat: NAT_PENDING_SNAT, addr: [0; 4], port: gw as u16 });

@@ -149,6 +149,16 @@ pub fn set_ipv4_frag(p: &mut [u8], off: usize, more: bool, offset8: u16) {
     fix_ipv4_checksum(p, off);
 }
 
+/// Sets the TTL (IPv4, its header checksum updated) or hop limit (IPv6) of an untagged frame.
+pub fn set_ttl(p: &mut [u8], ttl: u8) {
+    if p[ETH_LEN] >> 4 == 4 {
+        p[ETH_LEN + 8] = ttl;
+        fix_ipv4_checksum(p, ETH_LEN);
+    } else {
+        p[ETH_LEN + 7] = ttl;
+    }
+}
+
 /// Inserts IPv6 extension headers (each `(type, 8-byte blocks beyond the first)`) between
 /// the IPv6 header and its payload, fixing next-header chain and payload length.
 pub fn insert_ipv6_ext(p: &[u8], exts: &[(u8, u8)]) -> Vec<u8> {
