@@ -422,6 +422,29 @@ fn end_to_end(hook: &str) {
             echo(&mut s, b"still there\n");
         }
     }
+    // `next-hop` asks the FIB about the outer packet, as the dataplane does: from the node's
+    // outer source, IP in IP. A policy route for the client's own address towards the
+    // backends (a blackhole) is not the encapsulated packet's. (Before: asked from the
+    // client's address, it said "no route" while the packets were sent. Seen failing.)
+    lab.gw.exec("ip", &["route", "add", "blackhole", "198.51.100.0/24", "table", "100"]);
+    lab.gw.exec("ip", &["rule", "add", "from", CLIENT4, "lookup", "100", "pref", "100"]);
+    let hop = lab.json(&[
+        "next-hop",
+        "--json",
+        "--src",
+        &format!("{CLIENT4}:40000"),
+        "--dst",
+        &format!("{VIP4}:80"),
+    ]);
+    assert_eq!(hop["looked_up"]["src"], "10.0.1.2", "{hop:#}");
+    assert_eq!(
+        (&hop["forwarding"], &hop["looked_up"]["protocol"]),
+        (&"redirect".into(), &"4".into()),
+        "{hop:#}"
+    );
+    let (mut s, _) = connect(&lab, VIP4, 80).expect("connect under the client's policy route");
+    echo(&mut s, b"sent as next-hop says\n");
+    lab.gw.exec("ip", &["rule", "del", "pref", "100"]);
     // The agent sends from the node file's sources, and `lb` says so.
     for service in lab.json(&["lb", "--json"]).as_array().unwrap() {
         let rule = service["rule"].as_str().unwrap();

@@ -35,8 +35,8 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use headers::{
-    EthHdr, IPPROTO_DSTOPTS, IPPROTO_FRAGMENT, IPPROTO_HOPOPTS, IPPROTO_ROUTING, Ipv4Hdr,
-    Ipv6ExtHdr, Ipv6FragHdr, Ipv6Hdr,
+    EthHdr, IPPROTO_DSTOPTS, IPPROTO_FRAGMENT, IPPROTO_HOPOPTS, IPPROTO_IPIP, IPPROTO_IPV6,
+    IPPROTO_ROUTING, Ipv4Hdr, Ipv6ExtHdr, Ipv6FragHdr, Ipv6Hdr,
 };
 use xdpgate_common::{
     decap::{DECAP_COUNTERS, DecapCounter, DecapKey, MAX_DECAP_FRONTENDS, MAX_DECAP_SOURCES},
@@ -54,8 +54,6 @@ static DECAP_STATS: PerCpuArray<u64> = PerCpuArray::pinned(DECAP_COUNTERS, 0);
 
 const ETH_P_IP: [u8; 2] = 0x0800u16.to_be_bytes();
 const ETH_P_IPV6: [u8; 2] = 0x86ddu16.to_be_bytes();
-const IPPROTO_IPIP: u8 = 4;
-const IPPROTO_IPV6: u8 = 41;
 const ETH_LEN: usize = core::mem::size_of::<EthHdr>();
 const IPV4_LEN: usize = core::mem::size_of::<Ipv4Hdr>();
 const IPV6_LEN: usize = core::mem::size_of::<Ipv6Hdr>();

@@ -25,15 +25,12 @@ use xdpgate_common::{
 
 use crate::{
     forward::{self, FIB_FRAG_NEEDED},
-    headers::IPPROTO_UDP,
+    headers::{IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_UDP},
     hook::Hook,
     maps::{ENCAP_IDS, ENCAP_SOURCES},
     parse::{PacketMeta, ptr_at},
 };
 
-/// Outer header protocol numbers: IPv4 in IP, IPv6 in IP.
-const IPPROTO_IPIP: u8 = 4;
-const IPPROTO_IPV6: u8 = 41;
 /// The outer header's TTL (hop limit): the path to the backend is a new path.
 const OUTER_TTL: u8 = 64;
 
@@ -65,7 +62,7 @@ pub fn forward<H: Hook>(
     let ip_len = ctx
         .wire_len(meta, (len as u16).wrapping_sub(meta.l3_off))
         .saturating_add(ctx.encap_wire_overhead(meta, overhead(meta.family)));
-    let hop = match forward::hop_for(ctx, meta, &source, backend, ip_len, cache)? {
+    let hop = match forward::hop_for(ctx, meta, &source, backend, ip_len, cache, true)? {
         Ok(hop) => hop,
         Err(FIB_FRAG_NEEDED) => return Err(DropReason::EncapTooBig),
         Err(_) => return Err(DropReason::EncapUnreachable),

@@ -26,6 +26,7 @@ use xdpgate_common::{
 };
 
 use crate::{
+    headers::{IPPROTO_IPIP, IPPROTO_IPV6},
     hook::Hook,
     maps::{FIB_PARAMS, ROUTE_GENERATION},
     parse::{Packet, PacketMeta, ptr_at},
@@ -48,12 +49,19 @@ fn lookup<H: Hook>(
     src: &[u32; 4],
     dst: &[u32; 4],
     ip_len: u16,
+    encapsulated: bool,
 ) -> Result<(i64, &'static mut bpf_fib_lookup), DropReason> {
     let p = unsafe { &mut *FIB_PARAMS.get_ptr_mut(0).ok_or(DropReason::Internal)? };
     *p = unsafe { zeroed() };
-    p.l4_protocol = meta.proto;
-    p.sport = meta.sport.to_be();
-    p.dport = meta.dport.to_be();
+    // An encapsulated packet is asked about as the outer packet it leaves as: IP in IP (of
+    // its own family), no ports, as policy routing (`ip rule ... ipproto`) sees it.
+    if encapsulated {
+        p.l4_protocol = if meta.family == 4 { IPPROTO_IPIP } else { IPPROTO_IPV6 };
+    } else {
+        p.l4_protocol = meta.proto;
+        p.sport = meta.sport.to_be();
+        p.dport = meta.dport.to_be();
+    }
     p.ifindex = ctx.arrival();
     // Host order, unlike the addresses: the kernel compares it with the route's MTU. Never
     // 0, which would skip that check (and, on a socket buffer, leave only the device's MTU
@@ -79,7 +87,7 @@ fn lookup<H: Hook>(
 #[inline(always)]
 pub fn routed_on<H: Hook>(ctx: &H, meta: &PacketMeta) -> bool {
     // The route alone is asked: a length any route takes.
-    let route = lookup(ctx, meta, &meta.src, &meta.dst, 20).map(|(rc, _)| rc);
+    let route = lookup(ctx, meta, &meta.src, &meta.dst, 20, false).map(|(rc, _)| rc);
     matches!(route, Ok(FIB_SUCCESS | FIB_NO_NEIGH | FIB_FRAG_NEEDED))
 }
 
@@ -173,7 +181,7 @@ pub fn forward<H: Hook>(
         return Ok(xdp_action::XDP_PASS);
     }
     let ip_len = ctx.wire_len(meta, (len as u16).wrapping_sub(meta.l3_off));
-    let hop = match hop_for(ctx, meta, src, next_hop, ip_len, cache)? {
+    let hop = match hop_for(ctx, meta, src, next_hop, ip_len, cache, false)? {
         Ok(hop) => Some(hop),
         Err(rc) => {
             if own_errors && rc == FIB_FRAG_NEEDED && !fragmentable(ctx, meta)? {
@@ -188,7 +196,7 @@ pub fn forward<H: Hook>(
 /// The next hop of a packet from `src` to `dst` whose `ip_len` bytes leave (from the IP
 /// header on): the flow direction's cached one `cache` while it holds, or else the FIB's
 /// answer, then cached. `Err`: the FIB's return code, or `FIB_SUCCESS` for an interface
-/// this hook may not send to.
+/// this hook may not send to. `encapsulated`: asked about as the outer packet.
 #[inline(always)]
 pub fn hop_for<H: Hook>(
     ctx: &H,
@@ -197,6 +205,7 @@ pub fn hop_for<H: Hook>(
     dst: &[u32; 4],
     ip_len: u16,
     cache: Option<&mut NextHop>,
+    encapsulated: bool,
 ) -> Result<Result<NextHop, i64>, DropReason> {
     let generation = ROUTE_GENERATION.get(0).copied().unwrap_or(0);
     // The low bits: ages are told by wrapping differences.
@@ -205,7 +214,7 @@ pub fn hop_for<H: Hook>(
     match cache {
         Some(hop) if holds(hop, generation, now, iif, ip_len) => Ok(Ok(*hop)),
         cache => {
-            let (rc, p) = lookup(ctx, meta, src, dst, ip_len)?;
+            let (rc, p) = lookup(ctx, meta, src, dst, ip_len, encapsulated)?;
             if rc != FIB_SUCCESS || !H::may_send_to(p.ifindex) {
                 return Ok(Err(rc));
             }

@@ -93,6 +93,9 @@ pub const ETH_P_8021AD: u16 = 0x88a8;
 pub const IPPROTO_HOPOPTS: u8 = 0;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+/// IPv4 in IP, and IPv6 in IP: an encapsulated packet's outer protocol.
+pub const IPPROTO_IPIP: u8 = 4;
+pub const IPPROTO_IPV6: u8 = 41;
 pub const IPPROTO_ROUTING: u8 = 43;
 pub const IPPROTO_FRAGMENT: u8 = 44;
 pub const IPPROTO_DSTOPTS: u8 = 60;

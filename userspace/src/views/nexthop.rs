@@ -567,6 +567,24 @@ pub fn resolve(pins: &PinDir, flow: &Flow, iface: Option<&str>) -> Result<NextHo
         },
         None => *flow,
     };
+    // An encapsulated flow leaves as its outer packet, from the node's outer source, IP in
+    // IP: the dataplane asks the FIB about that one.
+    let looked_up = match &translation {
+        Some(Translation::LoadBalancer { forwarding: "ipip", .. }) => {
+            let sources = xdpgate_dataplane::encap::read(pins).unwrap_or_default();
+            let (source, outer) = match looked_up.dst {
+                IpAddr::V4(_) => (sources.v4.map(IpAddr::from), 4),
+                IpAddr::V6(_) => (sources.v6.map(IpAddr::from), 41),
+            };
+            let Some(src) = source else {
+                hop.reason = "no outer source address of its family (forwarding: ipip)".into();
+                return Ok(hop);
+            };
+            let protocol = (looked_up.protocol.0, outer);
+            Flow { protocol, src, dst: looked_up.dst, src_port: None, dst_port: None }
+        }
+        _ => looked_up,
+    };
     hop.looked_up = Some(looked_up);
     let answer = fib::lookup(&fib::Query {
         src: looked_up.src,
