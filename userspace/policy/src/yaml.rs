@@ -242,13 +242,20 @@ pub fn read_source(path: &Path) -> Result<String, String> {
     if !file.metadata().map_err(cannot)?.is_file() {
         return Err("not a regular file".into());
     }
-    let mut src = String::new();
-    file.take(tree::MAX_FILE_BYTES as u64 + 1).read_to_string(&mut src).map_err(cannot)?;
-    if src.len() > tree::MAX_FILE_BYTES {
+    let mut bytes = Vec::new();
+    file.take(tree::MAX_FILE_BYTES as u64 + 1).read_to_end(&mut bytes).map_err(cannot)?;
+    if bytes.len() > tree::MAX_FILE_BYTES {
         let max = tree::MAX_FILE_BYTES;
         return Err(format!("the file holds more than {max} bytes; at most {max} are accepted"));
     }
-    Ok(src)
+    String::from_utf8(bytes).map_err(|e| {
+        // Where, as an editor counts: lines, and characters within the line.
+        let valid = std::str::from_utf8(&e.as_bytes()[..e.utf8_error().valid_up_to()])
+            .expect("valid up to there");
+        let line = valid.matches('\n').count() + 1;
+        let column = valid.rsplit('\n').next().unwrap_or_default().chars().count() + 1;
+        format!("not UTF-8 text: an invalid byte at line {line}, column {column}")
+    })
 }
 
 // ---------------------------------------------------------------------------------------
@@ -3252,6 +3259,17 @@ nsgs:
             err.to_string(),
             "/nonexistent/policy.yaml: cannot read: No such file or directory (os error 2)"
         );
+    }
+
+    /// A file that is not UTF-8 says where its first invalid byte is. (Before: "stream did
+    /// not contain valid UTF-8", no place. Seen failing.)
+    #[test]
+    fn a_file_not_utf8_says_where() {
+        let path = std::env::temp_dir().join(format!("xdpgate-utf8-{}.yaml", std::process::id()));
+        std::fs::write(&path, b"nsgs:\n  - name: \"ab\xffc\"\n").unwrap();
+        let err = load_file(&path).unwrap_err().to_string();
+        std::fs::remove_file(&path).unwrap();
+        assert!(err.ends_with("not UTF-8 text: an invalid byte at line 2, column 14"), "{err}");
     }
 
     #[test]
