@@ -323,12 +323,14 @@ impl Command {
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
-    if let Some(ns) = &cli.netns {
-        netns::enter(ns)?;
-    }
+    // The pins first: a user without privileges is told so, not that the namespace could
+    // not be entered (the pins are the host's bpffs, the same from any network namespace).
     let pins = PinDir::new(&cli.pin_dir);
     if cli.command.uses_pins() {
         pins.check()?;
+    }
+    if let Some(ns) = &cli.netns {
+        netns::enter(ns)?;
     }
     match cli.command {
         Command::Attach { iface, role, hook, mode, tables } => {
