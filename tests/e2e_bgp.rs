@@ -308,6 +308,7 @@ fn detach_withdraws_and_an_agent_without_bgp_removes_a_killed_ones_routes() {
     wait_table(&gw, "not announced again after the agent's attach", both);
     // Killed: its routes stay (as in the crash case above). The next agent's node file has
     // no bgp: section; nothing would look after those routes, so they go.
+    let killed = bgp_report(&gw.pins)["agent"]["pid"].clone();
     gw.agent = None;
     assert!(both(&gw.table()), "{}", gw.table());
     // An apply with no agent that removes a frontend withdraws its route, which nothing
@@ -323,6 +324,9 @@ fn detach_withdraws_and_an_agent_without_bgp_removes_a_killed_ones_routes() {
     assert!(table.contains(VIP) && !table.contains(VIP6), "{table}");
     let report = bgp_report(&gw.pins);
     assert!(report.to_string().contains("removed from the policy"), "{report}");
+    // The record still names the agent that set the table up, not the apply (seen failing:
+    // the apply's pid, "not running").
+    assert_eq!(report["agent"]["pid"], killed, "{report}");
     // Back as it was, for the detach below.
     gw.pins.apply(POLICY);
     gw.ns.exec("ip", &["route", "add", VIP6, "dev", "lo", "table", "4242", "proto", "245"]);

@@ -819,7 +819,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     // First, while the dataplane is certainly in force: the peers stop sending here. Not
     // when another agent runs it now: the routes and the state file are that one's.
     if !taken_over && let Some(bgp) = node.as_ref().and_then(|n| n.bgp.as_ref()) {
-        match announce::withdraw_all(pins, bgp.table, "the agent stopped") {
+        match announce::withdraw_all(pins, std::process::id(), bgp.table, "the agent stopped") {
             Ok(n) => info!("bgp: withdrew {n} routes from table {} before stopping", bgp.table),
             Err(e) => error!("bgp: withdrawing this node's routes failed: {e:#}"),
         }

@@ -248,7 +248,8 @@ pub fn update(
         .copied()
         .collect();
     // Both errors, when there are two: neither hides the other in `status`.
-    match (sync(pins, bgp.table, drained, (announce, no_peer), withheld), unread) {
+    let agent = std::process::id();
+    match (sync(pins, agent, bgp.table, drained, (announce, no_peer), withheld), unread) {
         (Ok(_), None) => Ok(()),
         (Err(e), None) | (Ok(_), Some(e)) => Err(e),
         (Err(synced), Some(e)) => Err(anyhow::anyhow!("{e:#}; {synced:#}")),
@@ -260,7 +261,7 @@ pub const WAITING_FOR_TABLES: &str = "its backends answer again; the load-balanc
      lock is busy, or the rebuild failed)";
 
 /// Makes the table hold exactly the routes of `announce`, and records it (`bgp.json`, written
-/// only when something changed). How many routes it withdrew. Each route is changed on its
+/// only when something changed) as agent `agent`'s. How many routes it withdrew. Each route is changed on its
 /// own, withdrawals first: one the kernel refuses (an IPv6 route with IPv6 off on the host)
 /// holds back no other, least of all a withdrawal. The record keeps what the agent wants
 /// announced (`drain --wait` compares the table with it), less an add refused, which is
@@ -268,6 +269,7 @@ pub const WAITING_FOR_TABLES: &str = "its backends answer again; the load-balanc
 /// returned once the rest is done.
 fn sync(
     pins: &PinDir,
+    agent: u32,
     table: u32,
     node_drained: bool,
     (mut announce, mut no_peer): (Vec<IpAddr>, Vec<IpAddr>),
@@ -313,7 +315,7 @@ fn sync(
         failed.push(error);
     }
     let record = Announcements {
-        pid: std::process::id(),
+        pid: agent,
         table,
         node_drained,
         no_peer: {
@@ -353,7 +355,7 @@ pub fn forget_other_table(pins: &PinDir, table: Option<u32>) -> Result<()> {
             dir.display()
         ),
         None => {
-            withdraw_all(pins, last.table, "this agent does not keep the table")?;
+            withdraw_all(pins, last.pid, last.table, "this agent does not keep the table")?;
         }
     }
     let path = state::dir(pins).join(FILE);
@@ -381,7 +383,7 @@ fn unattended(pins: &PinDir) -> Result<Option<Announcements>> {
 /// how many it removed.
 pub fn withdraw_without_agent(pins: &PinDir, why: &str) -> Result<usize> {
     let Some(last) = unattended(pins)? else { return Ok(0) };
-    withdraw_all(pins, last.table, why)
+    withdraw_all(pins, last.pid, last.table, why)
 }
 
 /// After an apply with no agent running: the routes an earlier agent left for frontends
@@ -408,18 +410,19 @@ pub fn withdraw_removed_without_agent(pins: &PinDir, lbs: &CompiledLb) -> Result
         )
         .collect();
     let (drained, _) = node_drain::drained_or_last(pins);
-    sync(pins, last.table, drained, (announce, last.no_peer), withheld)
+    sync(pins, last.pid, last.table, drained, (announce, last.no_peer), withheld)
 }
 
-/// Removes every route of the table (before the agent stops on purpose); how many.
-pub fn withdraw_all(pins: &PinDir, table: u32, why: &str) -> Result<usize> {
+/// Removes every route of the table (before the agent stops on purpose, or for it once it
+/// has); how many. `agent`: the agent whose table it is, which the record goes on naming.
+pub fn withdraw_all(pins: &PinDir, agent: u32, table: u32, why: &str) -> Result<usize> {
     let frontends: Vec<Withheld> = host_routes::list(table)?
         .into_iter()
         .map(|address| Withheld { address, reason: why.to_owned() })
         .collect();
     // Only for the record: a drain file that cannot be read must not keep the routes.
     let (drained, _) = node_drain::drained_or_last(pins);
-    sync(pins, table, drained, Default::default(), frontends)
+    sync(pins, agent, table, drained, Default::default(), frontends)
 }
 
 #[cfg(test)]
