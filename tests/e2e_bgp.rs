@@ -115,8 +115,9 @@ struct Gateway {
     /// Its number n: links 203.0.113.(4n-3)/30 and 2001:db8:ff:n::/64, the router's end first.
     n: u8,
     addr: String,
-    /// The router's end of the link.
+    /// The router's end of the link, and its own.
     router_iface: String,
+    iface: String,
     node_file: PathBuf,
     /// The backends (IPv4 and IPv6), answering their probes while held.
     backends: Option<EchoServer>,
@@ -151,8 +152,18 @@ impl Gateway {
         let bird_conf =
             pins.xdpgate(&["bgp", "bird-config", "--node", node_file.to_str().unwrap()]);
         let bird = bird.then(|| Bird::start(&ns, &bird_conf));
-        let mut gw =
-            Self { ns, pins, n, addr, router_iface, node_file, backends: None, agent: None, bird };
+        let mut gw = Self {
+            ns,
+            pins,
+            n,
+            addr,
+            router_iface,
+            iface,
+            node_file,
+            backends: None,
+            agent: None,
+            bird,
+        };
         gw.open_backends();
         gw.agent = Some(NodeAgent::start(&gw.ns, &gw.pins, POLICY, &node));
         gw
@@ -292,6 +303,41 @@ fn wait_table(gw: &Gateway, what: &str, done: impl Fn(&str) -> bool) {
         let table = gw.table();
         (done(&table), format!("{what}: table 4242 holds:\n{table}"))
     });
+}
+
+/// A dataplane made anew by hand (detached, its pins removed, attached again), whose policy the agent cannot
+/// apply again (its record gone, its file broken), passes everything: the node announces
+/// nothing, and says why. (Before: it announced as soon as the interface was attached.
+/// Seen failing.)
+#[test]
+fn a_node_whose_policy_is_not_in_force_announces_nothing() {
+    let router = Netns::new("bgprt");
+    let gw = Gateway::new(&router, 1, false);
+    let both = |t: &str| t.contains(VIP) && t.contains(VIP6);
+    wait_table(&gw, "never announced", both);
+    std::fs::write(gw.agent.as_ref().unwrap().policy_file(), "nsgs: [\n").unwrap();
+    let records = xdpgate_dataplane::state::dir(&gw.pins.dir).join("generations");
+    for record in std::fs::read_dir(&records).unwrap() {
+        std::fs::remove_file(record.unwrap().path()).unwrap();
+    }
+    gw.pins.xdpgate(&["detach", "--all"]);
+    wait_table(&gw, "still announced after detach", str::is_empty);
+    std::fs::remove_dir_all(gw.pins.dir.path()).unwrap();
+    gw.pins.xdpgate(&["attach", "--iface", &gw.iface, "--role", "external"]);
+    // The agent notices within a second, and tries again every 10 s.
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        let table = gw.table();
+        assert!(
+            table.is_empty(),
+            "announced with no policy in force:\n{table}\n{}\n{}",
+            gw.pins.xdpgate(&["status"]),
+            gw.agent.as_ref().unwrap().log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let report = bgp_report(&gw.pins);
+    assert!(report.to_string().contains("no policy in force"), "{report}");
 }
 
 /// Without BIRD: the agent's table alone.

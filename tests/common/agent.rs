@@ -42,6 +42,11 @@ impl NodeAgent {
         std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
     }
 
+    /// The policy file it runs (a reload reads it again).
+    pub fn policy_file(&self) -> PathBuf {
+        self.dir.join("policy.yaml")
+    }
+
     /// Its process id.
     pub fn pid(&self) -> u32 {
         self.child.id()

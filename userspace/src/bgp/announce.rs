@@ -19,7 +19,7 @@ use anyhow::{Context, Result, bail};
 use log::info;
 use serde::{Deserialize, Serialize};
 use xdpgate_common::lb::NO_BACKEND;
-use xdpgate_dataplane::{PinDir, host_routes, probes::ProbeKey, state};
+use xdpgate_dataplane::{PinDir, apply, host_routes, probes::ProbeKey, state};
 use xdpgate_policy::lb::{AllHealthy, BackendHealth, CompiledLb, ServiceSpec, frontend_addr};
 
 use super::node_drain;
@@ -228,12 +228,17 @@ pub fn update(
     // returned after.
     let (drained, unread) = node_drain::drained_or_last(pins);
     let missing: Vec<&str> = node::missing(pins, node).iter().map(|i| i.name.as_str()).collect();
+    // A dataplane made anew (no policy applied to its maps) passes everything: no traffic
+    // is drawn to it until the agent has its policy in force again.
+    let no_policy = apply::active(pins).map_or(true, |(_, config)| config.generation == 0);
     let blocked = if drained && unread.is_some() {
         Some("the node's drain state cannot be read (xdpgate drain or undrain sets it)".to_owned())
     } else if drained {
         Some("the node is drained (xdpgate undrain announces it again)".to_owned())
+    } else if !missing.is_empty() {
+        Some(format!("not attached to {}", missing.join(", ")))
     } else {
-        (!missing.is_empty()).then(|| format!("not attached to {}", missing.join(", ")))
+        no_policy.then(|| "no policy in force (the agent applies it again)".to_owned())
     };
     let (announce, mut withheld) = plan(&frontends(lbs, health), blocked.as_deref());
     if blocked.is_none() {
