@@ -1460,8 +1460,8 @@ load_balancers:
     /// At a start, the last agent's saved health says which probes of a flagged backend
     /// failed, and the others start up; where it says nothing of a backend (or is lost),
     /// every probe of a flagged backend starts down. At a reload, each probe goes on where
-    /// the old prober found it, and one it did not run (added, renamed) starts down if its
-    /// backend is down under another.
+    /// the old prober found it (a renamed one under its old name), and one it did not run
+    /// (added) starts down if its backend is down under another.
     #[test]
     fn which_probes_start_down() {
         let probe = |name: &str| policy::model::Probe {
@@ -1497,7 +1497,9 @@ load_balancers:
         let none = BTreeSet::new();
         let lost = starting_down(&targets, &none, |_| false, &flagged);
         assert_eq!(lost, keys(&[&targets[0], &targets[1]]));
-        // Reload: "https" renamed "tls"; x down under "http", y up.
+        // Reload: "https" renamed "tls" (the same probe otherwise); x down under "http", up
+        // under "https", y up: "tls" goes on from "https" (before 2026-12-05 it started down,
+        // as a new probe, for x).
         let down = crate::health::Tracker::new(Health::Unhealthy);
         let up = crate::health::Tracker::new(Health::Healthy);
         let found: Found = [
@@ -1508,6 +1510,10 @@ load_balancers:
         .into();
         let renamed = vec![t(x, "http"), t(x, "tls"), t(y, "http"), t(y, "tls")];
         let start = going_on(renamed.clone(), &found);
-        assert_eq!(start.down(), keys(&[&renamed[0], &renamed[1]]));
+        assert_eq!(start.down(), keys(&[&renamed[0]]));
+        // Added, with no probe of its own gone: new, down for the backend down under another.
+        let added = vec![t(x, "http"), t(x, "https"), t(x, "tls"), t(y, "http")];
+        let start = going_on(added.clone(), &found);
+        assert_eq!(start.down(), keys(&[&added[0], &added[2]]));
     }
 }

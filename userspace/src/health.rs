@@ -360,12 +360,13 @@ impl Start {
     pub fn new(targets: Vec<Target>, found: &Found, down: &BTreeSet<ProbeKey>) -> Self {
         let mut seen = HashSet::new();
         let mut renamed = Vec::new();
+        let wanted: HashSet<ProbeKey> = targets.iter().map(Target::key).collect();
         let start = targets
             .into_iter()
             .filter(|t| seen.insert(t.key()))
             .map(|t| {
                 let tracker = match found.get(&t.key()).or_else(|| {
-                    let (old, found) = renamed_from(&t, found)?;
+                    let (old, found) = renamed_from(&t, found, &wanted)?;
                     renamed.push((old.clone(), t.key()));
                     Some(found)
                 }) {
@@ -401,13 +402,25 @@ fn same_probe(a: &Probe, b: &Probe) -> bool {
     Probe { name: String::new(), ..a.clone() } == Probe { name: String::new(), ..b.clone() }
 }
 
-/// The target `found` holds for `t` under another name: the same backend and probe, its
-/// load balancer's first.
-fn renamed_from<'f>(t: &Target, found: &'f Found) -> Option<(&'f ProbeKey, &'f (Probe, Tracker))> {
-    let mut alike =
-        found.iter().filter(|(k, (p, _))| k.backend == t.backend && same_probe(p, &t.probe));
-    let first = alike.clone().find(|(k, _)| k.lb == t.lb);
-    first.or_else(|| alike.next())
+/// The target `found` holds for `t` under another name: of the same backend and probe, and
+/// gone from the targets `wanted` now, the one of its load balancer, or else the only one.
+/// None when that is not one target: then `t` is a new probe.
+fn renamed_from<'f>(
+    t: &Target,
+    found: &'f Found,
+    wanted: &HashSet<ProbeKey>,
+) -> Option<(&'f ProbeKey, &'f (Probe, Tracker))> {
+    let alike: Vec<_> = found
+        .iter()
+        .filter(|(k, (p, _))| {
+            k.backend == t.backend && same_probe(p, &t.probe) && !wanted.contains(*k)
+        })
+        .collect();
+    let same_lb: Vec<_> = alike.iter().filter(|(k, _)| k.lb == t.lb).copied().collect();
+    match (same_lb.as_slice(), alike.as_slice()) {
+        ([one], _) | ([], [one]) => Some(*one),
+        _ => None,
+    }
 }
 
 /// How one target's probes went, since the agent started (kept across reloads).
