@@ -16,8 +16,8 @@ use common::{
     isolated,
     kernel::{DROP, Kernel, link_tc_pipeline},
     packet::{
-        ACK, ETH_LEN, L4, SYN, encapsulate, fix_ipv4_checksum, flow_key, frame, frame_vlan,
-        tcp_frame,
+        ACK, ETH_LEN, L4, SYN, encapsulate, fix_ipv4_checksum, flow_key, fragment, frame,
+        frame_vlan, tcp_frame,
     },
 };
 use xdpgate_common::{
@@ -323,7 +323,24 @@ fn a_frontend_address_on_a_port_no_rule_serves_is_not_routed_back() {
                 }
                 let syn = frame(client, frontend, L4::Tcp(45001, 80, SYN));
                 lab.encapsulated(at, &syn);
+                // A later fragment whose first fragment was not seen cannot be balanced
+                // either (before: passed, and routed back; seen failing).
+                let datagram = frame_vlan(client, frontend, L4::Udp(45002, 53), &[], &[0; 64]);
+                let [_, later] = fragment(&datagram, 32, 0x77);
+                let before = lab.k.drops("fragment");
+                let dropped = if at == At::Xdp { DROP } else { TC_ACT_SHOT };
+                assert_eq!(lab.run(at, &later).0, dropped, "{at:?} {frontend}: later fragment");
+                assert_eq!(lab.k.drops("fragment"), before + 1, "{at:?} {frontend}");
             }
+        }
+        // `next-hop` (and so `connectivity`) says so (seen failing: "no translation: the
+        // dataplane passes it to the host's stack").
+        for (dst, says) in [("192.0.2.10:9999", "no_lb_rule"), ("192.0.2.10:80", "redirect")] {
+            let args = ["next-hop", "--json", "--iface", "eg", "--src", "203.0.113.7:45000"];
+            let hop: serde_json::Value =
+                serde_json::from_str(&lab.k.pins.xdpgate(&[&args[..], &["--dst", dst]].concat()))
+                    .unwrap();
+            assert_eq!(hop["forwarding"], says, "{dst}: {hop:#}");
         }
         // This host's own address: its stack's.
         common::run("ip", &["-n", &ns, "addr", "add", "192.0.2.10/32", "dev", "lo"]);

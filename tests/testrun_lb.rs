@@ -356,6 +356,53 @@ load_balancers:
       - {name: dsr-web, frontend: dsr, protocol: tcp, frontend_port: 80, backend_pool: web, floating_ip: true}
 "#;
 
+/// A port both policies serve is balanced throughout while applies switch its frontend
+/// address between HA ports and a port rule: the new keys go in before the stale ones go,
+/// and the address's own entry says HA ports, or no rule, only once its keys are in.
+/// (Before: a window in each apply sent such SYNs on untranslated, or dropped them. Seen
+/// failing.) Protocol 255, whose key is the address's own entry's, is balanced by HA ports.
+#[test]
+fn a_port_both_policies_serve_is_balanced_while_they_switch() {
+    const APPLIES: usize = 16;
+    let ha = HA_AND_FLOATING.to_owned();
+    let port = ha.replace(
+        "{name: ha-ports, frontend: appliance, protocol: all, frontend_port: 0,",
+        "{name: ha-ports, frontend: appliance, protocol: tcp, frontend_port: 80,",
+    );
+    assert_ne!(ha, port);
+    let k = std::sync::Arc::new(Kernel::new());
+    k.apply(&ha);
+    k.arrive_as(Role::External);
+    let mut raw = frame("203.0.113.7", "192.0.2.20", L4::Udp(1, 2));
+    raw[ETH_LEN + 9] = 255;
+    common::packet::fix_ipv4_checksum(&mut raw, ETH_LEN);
+    let nvas = ["198.51.100.21", "198.51.100.22"].map(ip);
+    assert!(nvas.contains(&endpoints(&k.through(&raw)).1), "protocol 255 balanced");
+    let pins = k.pins.dir.path().to_owned();
+    let applier = std::thread::spawn(move || {
+        let pins = xdpgate_dataplane::PinDir::new(pins);
+        for i in 0..APPLIES {
+            let src = if i % 2 == 0 { &port } else { &ha };
+            let p = xdpgate_policy::load_str(src, "t.yaml").unwrap();
+            xdpgate_dataplane::transaction::apply_policy(&pins, &p, src, &|_| true).unwrap();
+        }
+    });
+    let (mut sent, mut missed) = (0u32, 0u32);
+    while !applier.is_finished() {
+        let sport = 10_000 + (sent % 50_000) as u16;
+        let (verdict, out) =
+            k.run_out(&frame("203.0.113.7", "192.0.2.20", L4::Tcp(sport, 80, SYN)));
+        if verdict == DROP || !nvas.contains(&endpoints(&out).1) {
+            missed += 1;
+        }
+        sent += 1;
+    }
+    applier.join().unwrap();
+    eprintln!("{sent} SYNs over {APPLIES} applies, {missed} not balanced");
+    assert!(sent > 1_000, "{sent} SYNs");
+    assert_eq!(missed, 0, "{missed} of {sent} SYNs to a port both policies serve not balanced");
+}
+
 /// HA ports: every protocol and port of the frontend is balanced, ports kept.
 #[test]
 fn ha_ports_balance_every_port_and_protocol() {

@@ -1078,11 +1078,21 @@ pub fn unknown_fragment(active: &Active<'_>, meta: &PacketMeta) -> Result<(), Dr
 }
 
 /// An unknown non-first fragment that a NAT gateway would translate: without its first
-/// fragment's translation it cannot be, and must not leave with its private source.
+/// fragment's translation it cannot be, and must not leave with its private source. Nor can
+/// one to a load balancer's frontend address be balanced: routed on from here, it would go
+/// back to the router that sent it (a frontend address is in no forwarding table), and come
+/// back until its TTL ran out.
 #[inline(always)]
-pub fn untranslated_fragment(active: &Active<'_>, meta: &PacketMeta) -> Result<(), DropReason> {
-    let nat = active.config.flags & FLAG_NO_NAT == 0;
-    if nat && snat::gateway(meta, u32::from(meta.dir)).is_some() {
+pub fn untranslated_fragment(
+    ctx: &impl Hook,
+    active: &Active<'_>,
+    meta: &PacketMeta,
+) -> Result<(), DropReason> {
+    let flags = active.config.flags;
+    if flags & FLAG_NO_NAT == 0 && snat::gateway(meta, u32::from(meta.dir)).is_some() {
+        return Err(DropReason::Fragment);
+    }
+    if lb::frontend_address(meta, flags) && forward::routed_on(ctx, meta) {
         return Err(DropReason::Fragment);
     }
     Ok(())

@@ -48,7 +48,10 @@ fn frontend(meta: &PacketMeta, addresses: bool) -> Option<&'static Service> {
     // One key, rewritten for each lookup: the new-flow stage's stack is at its limit.
     let mut key =
         FrontendKey { addr: meta.dst, port: meta.dport, proto: meta.proto, family: meta.family };
-    if let Some(s) = unsafe { FRONTENDS.get(&key) } {
+    // Protocol 255 (no ports) has the key of the address's own entry, which is no service.
+    if !(addresses && meta.proto == ADDRESS_PROTO)
+        && let Some(s) = unsafe { FRONTENDS.get(&key) }
+    {
         return Some(s);
     }
     // HA ports: every port and protocol of the address.
@@ -64,6 +67,14 @@ fn frontend(meta: &PacketMeta, addresses: bool) -> Option<&'static Service> {
     }
     key.proto = 0;
     unsafe { FRONTENDS.get(&key) }
+}
+
+/// Whether `meta`'s destination is a frontend's address, as its own entry says (known only
+/// with `FLAG_FRONTEND_ADDRESSES` in `flags`).
+#[inline(always)]
+pub fn frontend_address(meta: &PacketMeta, flags: u32) -> bool {
+    let own = FrontendKey { addr: meta.dst, port: 0, proto: ADDRESS_PROTO, family: meta.family };
+    flags & FLAG_FRONTEND_ADDRESSES != 0 && unsafe { FRONTENDS.get(&own) }.is_some()
 }
 
 /// The load balancer's choice for a new flow's first packet `meta`; `flags`, the running

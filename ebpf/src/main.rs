@@ -304,7 +304,7 @@ fn new_flow_stage<H: Hook>(ctx: &H) -> Result<u32, DropReason> {
     events::set_origin(ctx.arrival(), Packet::len(ctx) as u32, EVENT_AT_INGRESS, meta.tcp_flags);
     let active = nsg::active().ok_or(DropReason::Internal)?;
     if meta.frag == FRAG_LATER {
-        flow::untranslated_fragment(&active, meta)?;
+        flow::untranslated_fragment(ctx, &active, meta)?;
         flow::unknown_fragment(&active, meta)?;
         return Ok(xdp_action::XDP_PASS);
     }

@@ -11,8 +11,8 @@ use anyhow::Result;
 use aya::maps::{Array, HashMap, MapData};
 use xdpgate_common::{
     lb::{
-        ADDRESS_PROTO, BackendInfo, FrontendKey, MAGLEV_SIZE, MAX_BACKENDS, NO_BACKEND, SVC_ENCAP,
-        SVC_NO_BACKEND, Service, maglev_index,
+        ADDRESS_PROTO, BackendInfo, FrontendKey, MAGLEV_SIZE, MAX_BACKENDS, MAX_FRONTENDS,
+        NO_BACKEND, SVC_ENCAP, SVC_NO_BACKEND, Service, maglev_index,
     },
     maps::{BACKENDS, FRONTENDS, MAGLEV},
 };
@@ -41,8 +41,11 @@ impl LbMaps {
     }
 
     /// Installs `lb` in full: backends (clearing the slots of backends the policy no longer
-    /// has), every service's table, then the frontends (removing frontends the policy no
-    /// longer has).
+    /// has), every service's table and its frontends, each frontend address's own entry,
+    /// then the removal of the frontends the policy no longer has: a port both policies
+    /// serve is served throughout, and an address's own entry never says HA ports, or no
+    /// rule, before the keys it means are in. (The removal goes first when the table could
+    /// not hold both.)
     pub fn install(&mut self, lb: &CompiledLb, health: &dyn BackendHealth) -> Result<()> {
         // A retired backend (in no pool) takes no flow: the non-TCP flows it has move.
         let in_use = lb.in_use();
@@ -57,30 +60,33 @@ impl LbMaps {
         }
         let keys = lb.frontends.iter().map(|f| f.0).chain(lb.addresses.iter().map(|a| a.0));
         let wanted: BTreeMap<_, _> = keys.map(|k| (key_bytes(&k), k)).collect();
-        let stale: Vec<FrontendKey> = self
-            .frontends
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| !wanted.contains_key(&key_bytes(k)))
-            .collect();
-        for k in stale {
-            self.frontends.remove(&k)?;
+        let present: Vec<FrontendKey> = self.frontends.keys().filter_map(|k| k.ok()).collect();
+        let stale: Vec<FrontendKey> =
+            present.iter().filter(|k| !wanted.contains_key(&key_bytes(k))).copied().collect();
+        // Kept, then added: the table holds them all beside the stale ones.
+        let added = wanted.len() - (present.len() - stale.len());
+        let room = present.len() + added <= MAX_FRONTENDS as usize;
+        if !room {
+            self.remove(&stale)?;
         }
         for (id, spec) in lb.services.iter().enumerate() {
             let healthy = |b: u32| health.healthy_in(spec, lb.backends[b as usize]);
             self.update_service(lb, id as u32, &healthy)?;
         }
-        self.install_addresses(lb)
-    }
-
-    /// Writes each frontend address's own entry (`CompiledLb::addresses`). Before the
-    /// policy that says to look them up (`FLAG_FRONTEND_ADDRESSES`) runs: [`Self::install`]
-    /// follows the switch to a policy, and until then its addresses would be no frontend's.
-    pub fn install_addresses(&mut self, lb: &CompiledLb) -> Result<()> {
         for &(key, flags) in &lb.addresses {
             // No service's: an id none has.
             let svc = Service { id: NO_BACKEND, backend: NO_BACKEND, flags, ..Service::default() };
             self.frontends.insert(key, svc, 0)?;
+        }
+        if room {
+            self.remove(&stale)?;
+        }
+        Ok(())
+    }
+
+    fn remove(&mut self, keys: &[FrontendKey]) -> Result<()> {
+        for k in keys {
+            self.frontends.remove(k)?;
         }
         Ok(())
     }

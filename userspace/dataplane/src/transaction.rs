@@ -159,7 +159,6 @@ fn install_locked(
     // found no frontend and started a plain flow to its address, which outlived the install.
     // Drained backends stay out of the tables whatever the probes say.
     let (drained, broken) = drain::read_locked(pins, lock)?;
-    maps.install_addresses(lbs)?;
     let health = drain::WithDrained { health, drained: &drained };
     let mut install = || -> Result<()> {
         lb_maps::restart_counters(pins, lbs, running.as_ref())?;

@@ -452,6 +452,9 @@ pub enum Forwarding {
     ForwardingDisabled,
     /// No backend takes new flows.
     NoBackend,
+    /// To a frontend address on a port or protocol no rule serves, routed on: dropped
+    /// (`no_lb_rule`).
+    NoLbRule,
 }
 
 /// What `next-hop` says.
@@ -610,6 +613,23 @@ pub fn resolve(pins: &PinDir, flow: &Flow, iface: Option<&str>) -> Result<NextHo
         };
     }
     (hop.forwarding, hop.reason) = judge(&hop, &answer, looked_up.dst, policy.is_some())?;
+    // A frontend's address on a port no rule serves, which the route sends on: the dataplane
+    // drops it (it would go back to the router that sent it).
+    let frontend = policy.as_ref().filter(|_| hop.translation.is_none()).and_then(|p| {
+        p.load_balancers.iter().find(|lb| lb.frontends.iter().any(|f| f.address == flow.dst))
+    });
+    if let (Some(lb), Some(Interface { hook: Some(_), .. })) = (frontend, &hop.arrival)
+        && answer.outcome.routed()
+    {
+        hop.forwarding = Forwarding::NoLbRule;
+        hop.reason = format!(
+            "{} is a frontend of load balancer {} and no rule of it serves this {}: the \
+             dataplane drops it (no_lb_rule), which the route would send back out",
+            flow.dst,
+            lb.name,
+            if flow.dst_port.is_some() { "port" } else { "protocol" }
+        );
+    }
     let dnat = matches!(
         &hop.translation,
         Some(Translation::LoadBalancer { forwarding: "dnat", .. } | Translation::InboundNat { .. })
