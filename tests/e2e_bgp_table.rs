@@ -60,12 +60,26 @@ fn listing_the_announcement_table_reads_only_its_routes() {
     assert_eq!(absent.messages, 0);
 }
 
-/// The fleet's policy of the tests below: an IPv4 and an IPv6 frontend, each with a probed
-/// backend; and a node with a `bgp:` section and nothing to attach (so it counts as
-/// attached).
-fn policy_and_node() -> (xdpgate_policy::lb::CompiledLb, xdpgate::node::Node) {
-    let policy = xdpgate_policy::load_str(
-        r#"
+/// The fleet's policy of the tests below, in force in a dataplane of its own (a node
+/// whose dataplane runs no policy announces nothing): an IPv4 and an IPv6 frontend, each
+/// with a probed backend; and a node with a `bgp:` section and nothing to attach (so it
+/// counts as attached).
+fn policy_and_node() -> (common::kernel::Kernel, xdpgate_policy::lb::CompiledLb, xdpgate::node::Node)
+{
+    let kernel = common::kernel::Kernel::new();
+    kernel.apply(POLICY);
+    let policy = xdpgate_policy::load_str(POLICY, "test").unwrap();
+    let lbs = xdpgate_policy::lb::compile(&policy).unwrap();
+    let mut node = xdpgate::node::parse(
+        "interfaces:\n  - {name: eth0, role: external}\nbgp: {router_id: 203.0.113.2, \
+         local_as: 65001, peers: [{address: 203.0.113.1, as: 65000}]}\n",
+    )
+    .unwrap();
+    node.interfaces.clear();
+    (kernel, lbs, node)
+}
+
+const POLICY: &str = r#"
 virtual_network: {address_space: [198.51.100.0/24, "2001:db8:1::/64"]}
 load_balancers:
   - name: edge
@@ -82,19 +96,7 @@ load_balancers:
          backend_pool: web, probe: up}
       - {name: http6, frontend: v6, protocol: tcp, frontend_port: 80, backend_port: 80,
          backend_pool: web6, probe: up}
-"#,
-        "test",
-    )
-    .unwrap();
-    let lbs = xdpgate_policy::lb::compile(&policy).unwrap();
-    let mut node = xdpgate::node::parse(
-        "interfaces:\n  - {name: eth0, role: external}\nbgp: {router_id: 203.0.113.2, \
-         local_as: 65001, peers: [{address: 203.0.113.1, as: 65000}]}\n",
-    )
-    .unwrap();
-    node.interfaces.clear();
-    (lbs, node)
-}
+"#;
 
 /// A route the kernel refuses to add (IPv6 off on the host, with an IPv6 frontend in the
 /// fleet's policy) holds back no other change: an IPv4 frontend whose backends died is
@@ -105,8 +107,8 @@ fn a_route_the_kernel_refuses_holds_back_no_withdrawal() {
     use xdpgate::bgp::announce;
     let ns = Netns::new("xgbr");
     ns.exec("sysctl", &["-qw", "net.ipv6.conf.lo.disable_ipv6=1"]);
-    let pins = common::Pins::new();
-    let (lbs, node) = policy_and_node();
+    let (kernel, lbs, node) = policy_and_node();
+    let pins = &kernel.pins;
     let dir = pins.dir.clone();
     let (first, second, table) = ns.run(move || {
         let all = |_: IpAddr| true;
@@ -142,8 +144,8 @@ fn a_route_not_the_agents_is_left_alone() {
         "ip",
         &["route", "add", "192.0.2.10/32", "dev", "lo", "table", &table, "proto", "static"],
     );
-    let pins = common::Pins::new();
-    let (lbs, node) = policy_and_node();
+    let (kernel, lbs, node) = policy_and_node();
+    let pins = &kernel.pins;
     let dir = pins.dir.clone();
     let (result, ours) = ns.run(move || {
         let all = |_: IpAddr| true;
