@@ -299,11 +299,14 @@ fn a_killed_first_apply_never_runs_a_policy_without_its_frontends() {
     let file = std::env::temp_dir().join(format!("{}.yaml", unique("ctlfirst")));
     std::fs::write(&file, &src).unwrap();
     let small = xdpgate_dataplane::SizeRequest { flows: Some(1024), nat_translations: Some(1024) };
+    // The generation, and the frontend keys and the addresses' own entries in place.
     let state = |k: &Kernel| {
         let generation = apply::active(&k.pins.dir).unwrap().1.generation;
         let frontends: aya::maps::HashMap<_, FrontendKey, Service> =
             k.pins.dir.open_map(FRONTENDS).unwrap().try_into().unwrap();
-        (generation, frontends.keys().count())
+        let keys: Vec<FrontendKey> = frontends.keys().map(Result::unwrap).collect();
+        let own = keys.iter().filter(|k| k.proto == xdpgate_common::lb::ADDRESS_PROTO).count();
+        (generation, keys.len() - own, own)
     };
     let spawn = |k: &Kernel| {
         Command::new(xdpgate_bin())
@@ -322,7 +325,11 @@ fn a_killed_first_apply_never_runs_a_policy_without_its_frontends() {
     assert!(spawn(&k).wait().unwrap().success());
     let span = start.elapsed().as_micros() as u64;
     let whole = state(&k);
-    assert_eq!(whole, (1, 3), "a whole first apply: generation 1, three frontends");
+    assert_eq!(
+        whole,
+        (1, 3, 2),
+        "a whole first apply: generation 1, three frontends, two addresses"
+    );
     let mut rng = Rng(0x00f1_257a);
     let (mut cut, mut running) = (0, 0);
     for round in 0..30 {
@@ -331,10 +338,11 @@ fn a_killed_first_apply_never_runs_a_policy_without_its_frontends() {
         std::thread::sleep(Duration::from_micros(rng.range(0, span)));
         let _ = child.kill();
         cut += usize::from(!child.wait().unwrap().success());
-        let (generation, frontends) = state(&k);
+        let (generation, frontends, own) = state(&k);
         if generation > 0 {
             running += 1;
             assert_eq!(frontends, 3, "kill {round}: a policy runs with {frontends} of 3 frontends");
+            assert_eq!(own, 2, "kill {round}: a policy runs with {own} of 2 address entries");
         }
     }
     let _ = std::fs::remove_file(&file);
