@@ -63,9 +63,8 @@ impl LbMaps {
         let present: Vec<FrontendKey> = self.frontends.keys().filter_map(|k| k.ok()).collect();
         let stale: Vec<FrontendKey> =
             present.iter().filter(|k| !wanted.contains_key(&key_bytes(k))).copied().collect();
-        // Kept, then added: the table holds them all beside the stale ones.
-        let added = wanted.len() - (present.len() - stale.len());
-        let room = present.len() + added <= MAX_FRONTENDS as usize;
+        // Every wanted key in beside the stale ones, before these go.
+        let room = wanted.len() + stale.len() <= MAX_FRONTENDS as usize;
         if !room {
             self.remove(&stale)?;
         }
