@@ -690,6 +690,12 @@ fn a_set_del_takes_a_range_out_whole_never_a_piece_of_it() {
     let out = lab.pins.xdpgate(&["set", "add", "blocklist", added, added]);
     assert!(out.contains("1 element added to set blocklist"), "{out}");
     assert_eq!(lab.blocklist(), ["192.0.2.99/32", added, range]);
+    // Elements the set holds already (added, or the file's) are not counted as added (seen
+    // failing: "2 elements added" with nothing written).
+    let out = lab.pins.xdpgate(&["set", "add", "blocklist", added, "192.0.2.99"]);
+    let said = format!("no element added to set blocklist ({added} 192.0.2.99/32 there already)");
+    assert!(out.contains(&said) && out.contains(": 0 NSG table entries written"), "{out}");
+    assert_eq!(lab.blocklist(), ["192.0.2.99/32", added, range]);
     let out = lab.pins.xdpgate(&["set", "del", "blocklist", range, added]);
     assert!(out.contains("2 elements deleted from set blocklist"), "{out}");
     assert_eq!(lab.blocklist(), ["192.0.2.99/32"]);

@@ -84,11 +84,16 @@ pub fn run(pins: &PinDir, args: SetArgs) -> Result<()> {
         _ => Change::Reset,
     };
     let done = sets::change(pins, name, change)?;
-    let what = match elements.len() {
-        0 => format!("set {name} {verb} the policy file's elements"),
-        1 => format!("1 element {verb} set {name}"),
-        n => format!("{n} elements {verb} set {name}"),
+    let mut what = match (&args.action, elements.len() - done.already.len()) {
+        (SetAction::Reset { .. }, _) => format!("set {name} {verb} the policy file's elements"),
+        (_, 0) => format!("no element {verb} set {name}"),
+        (_, 1) => format!("1 element {verb} set {name}"),
+        (_, n) => format!("{n} elements {verb} set {name}"),
     };
+    if !done.already.is_empty() {
+        let listed: Vec<String> = done.already.iter().map(Element::to_string).collect();
+        what += &format!(" ({} there already)", listed.join(" "));
+    }
     println!(
         "{what}: {} NSG table entries written, {} removed in {:.1} ms (compile {:.1} ms); \
          generation {}",

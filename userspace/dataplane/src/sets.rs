@@ -107,6 +107,8 @@ pub enum Change<'a> {
 #[derive(Debug, Serialize)]
 pub struct Changed {
     pub set: String,
+    /// Elements asked to be added that the set held already (as written).
+    pub already: Vec<Element>,
     /// Trie entries written (new or with other rules) and removed.
     pub entries_written: usize,
     pub entries_removed: usize,
@@ -141,9 +143,17 @@ pub fn change(pins: &PinDir, name: &str, what: Change) -> Result<Changed> {
             if names.is_empty() { "none".to_owned() } else { names.join(", ") }
         );
     };
-    if let Change::Del(nets) = what {
-        old.check_elements(name, nets, file)?;
-    }
+    let already = match what {
+        Change::Add(nets) => {
+            let held = old.effective(name, file);
+            nets.iter().filter(|n| held.contains(n)).copied().collect()
+        }
+        Change::Del(nets) => {
+            old.check_elements(name, nets, file)?;
+            Vec::new()
+        }
+        Change::Reset => Vec::new(),
+    };
     // Only what still differs from the file is kept: an element deleted twice in one command
     // (or as X and X/32) was recorded as a removed file element the file never listed, and
     // kept that address out once the file listed it.
@@ -198,6 +208,7 @@ pub fn change(pins: &PinDir, name: &str, what: Change) -> Result<Changed> {
         save(pins, &new)?;
         return Ok(Changed {
             set: name.to_owned(),
+            already,
             entries_written: 0,
             entries_removed: 0,
             generation: config.generation,
@@ -266,6 +277,7 @@ pub fn change(pins: &PinDir, name: &str, what: Change) -> Result<Changed> {
     }
     Ok(Changed {
         set: name.to_owned(),
+        already,
         entries_written: writes.len(),
         entries_removed: removals.len(),
         generation,
