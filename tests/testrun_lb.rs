@@ -403,6 +403,79 @@ fn a_port_both_policies_serve_is_balanced_while_they_switch() {
     assert_eq!(missed, 0, "{missed} of {sent} SYNs to a port both policies serve not balanced");
 }
 
+/// With the service table full, a new rule takes a retired rule's id: the retired rule's
+/// frontend keys, which still name that id until they go, go before the id's Maglev table is
+/// rewritten for the new rule. (Before: for the whole rewrite, a SYN to the retired rule's
+/// frontend was sent to the new rule's backends. Seen failing.)
+#[test]
+fn a_retired_rules_frontend_never_reaches_the_rule_taking_its_id() {
+    const APPLIES: usize = 8;
+    let nat_rules: String = (0..xdpgate_common::lb::MAX_SERVICES - 1)
+        .map(|i| {
+            format!(
+                "      - {{name: n{i}, frontend: a, protocol: tcp, frontend_port: {}, \
+                 backend: 198.51.100.30, backend_port: 22}}\n",
+                2000 + i
+            )
+        })
+        .collect();
+    let policy = |rule: &str, frontend: &str, pool: &str| {
+        format!(
+            r#"
+virtual_network:
+  address_space: [198.51.100.0/24]
+nsgs:
+  - name: backends
+    subnets: [198.51.100.0/24]
+    rules:
+      - {{name: web, priority: 100, direction: inbound, access: allow, protocol: tcp,
+         source: Internet, destination: "*", destination_ports: "*"}}
+load_balancers:
+  - name: lb
+    frontends:
+      - {{name: a, address: 192.0.2.10}}
+      - {{name: b, address: 192.0.2.11}}
+    backend_pools:
+      - {{name: pa, backends: [198.51.100.21]}}
+      - {{name: pb, backends: [198.51.100.22]}}
+    rules:
+      - {{name: {rule}, frontend: {frontend}, protocol: tcp, frontend_port: 80, backend_pool: {pool}}}
+    inbound_nat_rules:
+{nat_rules}"#
+        )
+    };
+    let (old, new) = (policy("old", "a", "pa"), policy("new", "b", "pb"));
+    let k = std::sync::Arc::new(Kernel::new());
+    k.apply(&old);
+    k.arrive_as(Role::External);
+    let syn = |to: &str, sport: u16| frame("203.0.113.7", to, L4::Tcp(sport, 80, SYN));
+    assert_eq!(endpoints(&k.through(&syn("192.0.2.10", 1))).1, ip("198.51.100.21"));
+    let pins = k.pins.dir.path().to_owned();
+    let applier = std::thread::spawn(move || {
+        let pins = xdpgate_dataplane::PinDir::new(pins);
+        for i in 0..APPLIES {
+            let src = if i % 2 == 0 { &new } else { &old };
+            let p = xdpgate_policy::load_str(src, "t.yaml").unwrap();
+            xdpgate_dataplane::transaction::apply_policy(&pins, &p, src, &|_| true).unwrap();
+        }
+    });
+    let (mut sent, mut wrong) = (0u32, Vec::new());
+    while !applier.is_finished() {
+        let sport = 10_000 + (sent % 50_000) as u16;
+        for (to, other) in [("192.0.2.10", "198.51.100.22"), ("192.0.2.11", "198.51.100.21")] {
+            let (verdict, out) = k.run_out(&syn(to, sport));
+            if verdict != DROP && endpoints(&out).1 == ip(other) {
+                wrong.push(to);
+            }
+            sent += 1;
+        }
+    }
+    applier.join().unwrap();
+    eprintln!("{sent} SYNs over {APPLIES} applies, {} to the other rule's backend", wrong.len());
+    assert!(sent > 1_000, "{sent} SYNs");
+    assert!(wrong.is_empty(), "{} of {sent} SYNs reached the other rule's backend", wrong.len());
+}
+
 /// HA ports: every protocol and port of the frontend is balanced, ports kept.
 #[test]
 fn ha_ports_balance_every_port_and_protocol() {

@@ -45,8 +45,14 @@ impl LbMaps {
     /// then the removal of the frontends the policy no longer has: a port both policies
     /// serve is served throughout, and an address's own entry never says HA ports, or no
     /// rule, before the keys it means are in. (The removal goes first when the table could
-    /// not hold both.)
-    pub fn install(&mut self, lb: &CompiledLb, health: &dyn BackendHealth) -> Result<()> {
+    /// not hold both, and for a key whose service id now stands for another rule than in
+    /// `running`: that id's Maglev table is about to become the other rule's.)
+    pub fn install(
+        &mut self,
+        lb: &CompiledLb,
+        health: &dyn BackendHealth,
+        running: Option<&Record>,
+    ) -> Result<()> {
         // A retired backend (in no pool) takes no flow: the non-TCP flows it has move.
         let in_use = lb.in_use();
         for (i, addr) in lb.backends.iter().enumerate() {
@@ -65,9 +71,13 @@ impl LbMaps {
             present.iter().filter(|k| !wanted.contains_key(&key_bytes(k))).copied().collect();
         // Every wanted key in beside the stale ones, before these go.
         let room = wanted.len() + stale.len() <= MAX_FRONTENDS as usize;
-        if !room {
-            self.remove(&stale)?;
-        }
+        let reused = |k: &FrontendKey| {
+            self.frontends.get(k, 0).is_ok_and(|s| {
+                (s.id as usize) < lb.services.len() && !carried(running, lb, s.id as usize)
+            })
+        };
+        let (first, stale): (Vec<_>, Vec<_>) = stale.iter().partition(|k| !room || reused(k));
+        self.remove(&first)?;
         for (id, spec) in lb.services.iter().enumerate() {
             let healthy = |b: u32| health.healthy_in(spec, lb.backends[b as usize]);
             self.update_service(lb, id as u32, &healthy)?;
@@ -77,9 +87,7 @@ impl LbMaps {
             let svc = Service { id: NO_BACKEND, backend: NO_BACKEND, flags, ..Service::default() };
             self.frontends.insert(key, svc, 0)?;
         }
-        if room {
-            self.remove(&stale)?;
-        }
+        self.remove(&stale)?;
         Ok(())
     }
 
@@ -158,6 +166,12 @@ pub fn pinned_unhealthy(pins: &PinDir) -> Result<HashSet<IpAddr>> {
     Ok(out)
 }
 
+/// Whether service id `i` of `lbs` stands for the rule it stood for in `running`.
+fn carried(running: Option<&Record>, lbs: &CompiledLb, i: usize) -> bool {
+    let (before, now) = (running.and_then(|r| r.services.get(i)), &lbs.services[i]);
+    before.is_some_and(|b| b.lb == now.lb && b.rule == now.rule)
+}
+
 fn key_bytes(k: &FrontendKey) -> ([u32; 4], u16, u8, u8) {
     (k.addr, k.port, k.proto, k.family)
 }
@@ -172,12 +186,8 @@ pub fn restart_counters(pins: &PinDir, lbs: &CompiledLb, running: Option<&Record
         stats::Counter,
     };
     let kept = |same: bool, i: usize| same.then_some(i as u32);
-    let services: Vec<Option<u32>> = (lbs.services.iter().enumerate())
-        .map(|(i, s)| {
-            let before = running.and_then(|r| r.services.get(i));
-            kept(before.is_some_and(|b| b.lb == s.lb && b.rule == s.rule), i)
-        })
-        .collect();
+    let services: Vec<Option<u32>> =
+        (0..lbs.services.len()).map(|i| kept(carried(running, lbs, i), i)).collect();
     let backends: Vec<Option<u32>> = (lbs.backends.iter().enumerate())
         .map(|(i, a)| kept(running.and_then(|r| r.backends.get(i)) == Some(a), i))
         .collect();

@@ -162,7 +162,7 @@ fn install_locked(
     let health = drain::WithDrained { health, drained: &drained };
     let mut install = || -> Result<()> {
         lb_maps::restart_counters(pins, lbs, running.as_ref())?;
-        maps.install(lbs, &health)?;
+        maps.install(lbs, &health, running.as_ref())?;
         nat_maps.install(pins, policy, running.as_ref())
     };
     // Past the flip the new policy runs: a failure from here on is reported as partly applied.
