@@ -8,11 +8,10 @@ use anyhow::{Context, Result, anyhow, bail};
 use aya::{
     Pod,
     maps::{
-        Array, MapData, PerCpuArray,
+        Array, PerCpuArray,
         lpm_trie::{Key, LpmTrie},
     },
 };
-use aya_obj::generated::{bpf_attr, bpf_cmd};
 use xdpgate_common::{
     flow::FlowKey,
     lb::{FrontendKey, Service},
@@ -41,6 +40,7 @@ use crate::{
     PinDir,
     carried::carried,
     state::{self, WriteLock},
+    table,
 };
 
 /// What is running: the slot packets use and its settings, with the generation flows are
@@ -135,7 +135,7 @@ fn write_classes(pins: &PinDir, compiled: &Compiled, slot: u32) -> Result<u32> {
                     bitmap: *bitmap,
                 })
                 .collect();
-            update_batch(&bitmaps, slot * CLASSES_PER_SLOT + used, &values)
+            table::update_batch(&bitmaps, slot * CLASSES_PER_SLOT + used, &values)
                 .context("writing NSG classes")?;
             let (first, _) = class_index(table_id, field, 0);
             let entries: Vec<[u16; 4]> = classes
@@ -143,51 +143,12 @@ fn write_classes(pins: &PinDir, compiled: &Compiled, slot: u32) -> Result<u32> {
                 .chunks(CLASSES_PER_ENTRY as usize)
                 .map(|chunk| std::array::from_fn(|i| chunk[i] + used as u16))
                 .collect();
-            update_batch(&ids, first, &entries).context("writing NSG class ids")?;
+            table::update_batch(&ids, first, &entries).context("writing NSG class ids")?;
             used += classes.bitmaps.len() as u32;
         }
         bits |= class_bit(t as u32);
     }
     Ok(bits)
-}
-
-/// Writes `values` into `array` from index `first` on in one `BPF_MAP_UPDATE_BATCH` call
-/// (Linux 5.6): a port field's 16,385 entries, and its classes, one `bpf()` call each
-/// took tens of milliseconds.
-fn update_batch<V: Pod>(array: &Array<MapData, V>, first: u32, values: &[V]) -> Result<()> {
-    use aya::maps::IterableMap as _;
-    use std::os::fd::{AsFd as _, AsRawFd as _};
-    let keys: Vec<u32> = (first..first + values.len() as u32).collect();
-    // SAFETY: all-zero is a valid bpf_attr.
-    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
-    attr.batch.keys = keys.as_ptr() as u64;
-    attr.batch.values = values.as_ptr() as u64;
-    attr.batch.count = values.len() as u32;
-    attr.batch.map_fd = array.map().fd().as_fd().as_raw_fd() as u32;
-    // SAFETY: attr is a valid bpf_attr for the command; the buffers hold `count` keys and
-    // values of the map's key and value sizes (aya checked them when `array` was made), and
-    // outlive the call, which only reads them.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            bpf_cmd::BPF_MAP_UPDATE_BATCH as libc::c_long,
-            &mut attr,
-            size_of::<bpf_attr>(),
-        )
-    };
-    if ret < 0 {
-        return Err(aya::sys::SyscallError {
-            call: "BPF_MAP_UPDATE_BATCH",
-            io_error: std::io::Error::last_os_error(),
-        }
-        .into());
-    }
-    // SAFETY: the kernel wrote back how many it updated.
-    let done = unsafe { attr.batch.count } as usize;
-    if done != values.len() {
-        bail!("BPF_MAP_UPDATE_BATCH updated {done} of {} entries", values.len());
-    }
-    Ok(())
 }
 
 /// Writes where each rule of the running slot goes in the new one (`moved`: old and new
@@ -204,7 +165,7 @@ fn write_rule_moves(pins: &PinDir, running_slot: u32, moved: &[(u32, u32)]) -> R
     for &(old, new) in moved {
         to[(old - first) as usize] = new as u16 + 1;
     }
-    update_batch(&moves, first, &to).context("writing where the running rules move")
+    table::update_batch(&moves, first, &to).context("writing where the running rules move")
 }
 
 fn map_empty<K: Pod, V: Pod>(pins: &PinDir, name: &str) -> Result<bool> {

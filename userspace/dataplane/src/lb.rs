@@ -22,7 +22,7 @@ use xdpgate_policy::{
     names::Record,
 };
 
-use crate::{PinDir, encap::Sources, probes::ProbeKey, state::ReadLock};
+use crate::{PinDir, encap::Sources, probes::ProbeKey, state::ReadLock, table};
 
 /// The dataplane's load-balancer maps, opened from their pins.
 pub struct LbMaps {
@@ -126,9 +126,8 @@ impl LbMaps {
         if !spec.pool.is_empty() {
             match maglev_table(spec, &lb.backends, healthy) {
                 Some(table) => {
-                    for (slot, b) in table.iter().enumerate() {
-                        self.maglev.set(maglev_index(id, u32::from(next), slot as u32), *b, 0)?;
-                    }
+                    let first = maglev_index(id, u32::from(next), 0);
+                    table::update_batch(&self.maglev, first, &table)?;
                 }
                 None => flags |= SVC_NO_BACKEND,
             }
