@@ -162,6 +162,34 @@ fn inbound_nat_rule_and_nsg_on_the_translated_packet() {
     assert_eq!(k.run(&frame("203.0.113.7", "192.0.2.10", L4::Tcp(40002, 443, SYN))), PASS);
 }
 
+/// A client's flow to an address that became a frontend while the client kept trying (SYNs
+/// sent again, datagrams) is balanced from its next packet on: it was forwarded untranslated
+/// for as long as the client kept trying (seen failing). With no load balancer before, and
+/// with one that did not have the address.
+#[test]
+fn a_flow_begun_before_its_address_became_a_frontend_is_balanced() {
+    let none = &POLICY[..POLICY.find("load_balancers:").unwrap()];
+    let other = POLICY
+        .replace("{name: v4, address: 192.0.2.10}", "{name: v4, address: 192.0.2.99}")
+        .replace("address: \"2001:db8:f::10\"", "address: \"2001:db8:f::99\"");
+    assert_ne!(other, POLICY);
+    let web4 = ["198.51.100.11", "198.51.100.12", "198.51.100.13"].map(ip);
+    let web6 = ["2001:db8:1::11", "2001:db8:1::12", "2001:db8:1::13"].map(ip);
+    for before in [none, other.as_str()] {
+        let k = Kernel::new();
+        k.apply(before);
+        k.arrive_as(Role::External);
+        let syn = frame("203.0.113.7", "192.0.2.10", L4::Tcp(40000, 80, SYN));
+        let dns = frame("2001:db8:2::7", "2001:db8:f::10", L4::Udp(40000, 53));
+        for p in [&syn, &dns] {
+            assert_eq!(k.through(p), *p, "no frontend yet: on as addressed");
+        }
+        k.apply(POLICY);
+        assert!(web4.contains(&endpoints(&k.through(&syn)).1), "the SYN sent again balanced");
+        assert!(web6.contains(&endpoints(&k.through(&dns)).1), "the next datagram balanced");
+    }
+}
+
 #[test]
 fn all_backends_down() {
     let k = Kernel::new();

@@ -315,7 +315,10 @@ fn embryo(
         forget_embryo(key, entry);
         return Ok(Lookup::Miss);
     }
-    if !backend_usable(active, meta, entry) || reopens(meta, entry) {
+    if !backend_usable(active, meta, entry)
+        || reopens(meta, entry)
+        || (!judged && newly_balanced(active, meta, entry))
+    {
         count(FLOW_STAT_EMBRYOS_CLOSED);
         forget_embryo(key, entry);
         return Ok(Lookup::Miss);
@@ -465,6 +468,21 @@ fn backend_usable(active: &Active<'_>, meta: &PacketMeta, entry: &FlowValue) -> 
         || BACKENDS.get(entry.backend).is_some_and(|b| b.healthy != 0)
         || matches!(lb::select(meta, active.config.flags), Lb::Selected(s)
             if s.service == entry.service && s.backend == entry.backend)
+}
+
+/// An untranslated flow, not yet established, decided before an apply after which its
+/// destination is a frontend (one added while a client's SYNs or datagrams went on): its
+/// next packet is decided as a new flow, and balanced. (Kept, the flow went on unbalanced for
+/// as long as the client kept trying.) An established connection goes on as it was. Looked
+/// up once per flow after an apply: [`stale`] then stamps it with the running generation.
+#[inline(always)]
+fn newly_balanced(active: &Active<'_>, meta: &PacketMeta, entry: &FlowValue) -> bool {
+    !decided_now(active, entry)
+        && entry.reply == 0
+        && entry.backend == NO_BACKEND
+        && entry.nat == NAT_NONE
+        && active.config.flags & FLAG_NO_FRONTENDS == 0
+        && !matches!(lb::select(meta, active.config.flags), Lb::NotFrontend)
 }
 
 /// An ICMP packet that is not the echo message its entry's direction carries: a peer's echo
