@@ -342,6 +342,31 @@ fn a_frontend_address_on_a_port_no_rule_serves_is_not_routed_back() {
                     .unwrap();
             assert_eq!(hop["forwarding"], says, "{dst}: {hop:#}");
         }
+        // A frontend no rule uses is a frontend all the same, whose every port no rule
+        // serves, also where the load balancers have no rule at all (seen failing: routed
+        // back, while `next-hop` said no_lb_rule).
+        let unused = "      - {name: unused, address: 192.0.2.40}\n";
+        let beside = POLICY.replace("    backend_pools:", &format!("{unused}    backend_pools:"));
+        let alone = format!(
+            "{}load_balancers:\n  - name: lb\n    frontends:\n{unused}",
+            &POLICY[..POLICY.find("load_balancers:").unwrap()]
+        );
+        assert_ne!(beside, POLICY);
+        for policy in [beside, alone] {
+            lab.k.apply(&policy);
+            for at in [At::Xdp, At::Tc] {
+                let before = lab.k.drops("no_lb_rule");
+                let syn = frame("203.0.113.7", "192.0.2.40", L4::Tcp(45003, 9999, SYN));
+                let dropped = if at == At::Xdp { DROP } else { TC_ACT_SHOT };
+                assert_eq!(lab.run(at, &syn).0, dropped, "{at:?} {policy}");
+                assert_eq!(lab.k.drops("no_lb_rule"), before + 1, "{at:?} {policy}");
+            }
+            let args = ["next-hop", "--json", "--iface", "eg", "--src", "203.0.113.7:45000"];
+            let hop = lab.k.pins.xdpgate(&[&args[..], &["--dst", "192.0.2.40:9999"]].concat());
+            let hop: serde_json::Value = serde_json::from_str(&hop).unwrap();
+            assert_eq!(hop["forwarding"], "no_lb_rule", "{hop:#}");
+        }
+        lab.k.apply(POLICY);
         // This host's own address: its stack's.
         common::run("ip", &["-n", &ns, "addr", "add", "192.0.2.10/32", "dev", "lo"]);
         let before = lab.k.drops("no_lb_rule");

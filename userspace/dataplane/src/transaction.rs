@@ -140,7 +140,7 @@ fn install_locked(
     let mut maps = LbMaps::open(pins)?;
     let mut nat_maps = nat::NatMaps::open(pins)?;
     let lookups =
-        apply::Lookups::of(pins, !lbs.frontends.is_empty(), !policy.nat_gateways.is_empty())?;
+        apply::Lookups::of(pins, !lbs.addresses.is_empty(), !policy.nat_gateways.is_empty())?;
     let prepared = apply::prepare(pins, tables, &policy.settings, lookups, running.as_ref())?;
     let mut unswitched = apply::UnswitchedScopes::of(pins, &prepared);
     let record = Record::new(

@@ -265,7 +265,8 @@ pub fn compile(policy: &Policy) -> Result<CompiledLb> {
     if out.backends.len() > MAX_BACKENDS as usize {
         bail!("{} backends exceed the table size {MAX_BACKENDS}", out.backends.len());
     }
-    out.addresses = address_entries(&out.frontends);
+    let addresses = policy.load_balancers.iter().flat_map(|lb| lb.frontends.iter());
+    out.addresses = address_entries(&out.frontends, addresses.map(|f| f.address));
     let entries = out.frontends.len() + out.addresses.len();
     if entries > MAX_FRONTENDS as usize {
         bail!("{entries} frontend ports and addresses exceed the table size {MAX_FRONTENDS}");
@@ -273,13 +274,16 @@ pub fn compile(policy: &Policy) -> Result<CompiledLb> {
     Ok(out)
 }
 
-/// [`CompiledLb::addresses`]: of the addresses of `frontends`.
-fn address_entries(frontends: &[(FrontendKey, u32, u32, u16)]) -> Vec<(FrontendKey, u8)> {
+/// [`CompiledLb::addresses`]: of every frontend address (one no rule uses is a frontend all
+/// the same, whose every port no rule serves), HA ports where a key of `frontends` says so.
+fn address_entries(
+    frontends: &[(FrontendKey, u32, u32, u16)],
+    addresses: impl Iterator<Item = IpAddr>,
+) -> Vec<(FrontendKey, u8)> {
     let every_port = |k: &FrontendKey| k.port == 0 && k.proto == 0;
     let ha: std::collections::HashSet<IpAddr> =
         frontends.iter().filter(|f| every_port(&f.0)).map(|f| frontend_addr(&f.0)).collect();
-    let addresses: std::collections::BTreeSet<IpAddr> =
-        frontends.iter().map(|f| frontend_addr(&f.0)).collect();
+    let addresses: std::collections::BTreeSet<IpAddr> = addresses.collect();
     let flag = |a: &IpAddr| if ha.contains(a) { SVC_HA_PORTS } else { SVC_NO_RULE };
     addresses.into_iter().map(|a| (frontend_key(a, 0, ADDRESS_PROTO), flag(&a))).collect()
 }
