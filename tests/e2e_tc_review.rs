@@ -406,4 +406,11 @@ fn recreated_device_does_not_leak_interface_slots() {
     };
     assert_eq!(role("keep0"), Some("external".into()), "{status}");
     assert_eq!(role("gw0"), Some("internal".into()), "{status}");
+    // Deleted and then detached (not attached again): its slot is freed too (seen failing:
+    // kept, one per device, until every slot was in use).
+    b.exec("ip", &["link", "del", "gw0"]);
+    pins.xdpgate(&["detach", "--iface", "gw0"]);
+    let out = common::run("bpftool", &["-j", "map", "dump", "pinned", map.to_str().unwrap()]);
+    let entries: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool json");
+    assert_eq!(entries.as_array().map(Vec::len), Some(1), "IFACES: {entries}");
 }

@@ -732,7 +732,6 @@ pub fn attach_sized(
         // container, say): its links are detached for good, and left pinned they would
         // refuse this attach and leave the new device unfiltered.
         detach(pins, ifname).with_context(|| format!("removing the stale links of {ifname}"))?;
-        forget_dead_registrations(pins)?;
     }
     if link_pin.exists() {
         // One ingress hook per interface: switching is refused rather than done in two
@@ -1079,6 +1078,9 @@ pub fn detach(pins: &PinDir, ifname: &str) -> Result<()> {
         write_iface(pins, ifindex, None)?;
         let mut egress: DevMapHash<_> = pins.open_map(EGRESS)?.try_into()?;
         let _ = egress.remove(ifindex);
+    } else {
+        // Its registration is one of those no live link claims.
+        forget_dead_registrations(pins)?;
     }
     Ok(())
 }
@@ -1091,9 +1093,9 @@ pub fn link_gone(pins: &PinDir, ifname: &str) -> bool {
 }
 
 /// Forgets the registrations of deleted devices: those of no live pinned link. A deleted
-/// device's link no longer tells its ifindex, so its detach cannot forget it; each device
-/// recreated and attached again (a restarted container's veth) would otherwise hold on to
-/// one more of the `MAX_IFACES` slots.
+/// device's link no longer tells its ifindex, so its detach cannot forget it by that; each
+/// device deleted and detached, or recreated and attached again (a restarted container's
+/// veth), would otherwise hold on to one more of the `MAX_IFACES` slots.
 fn forget_dead_registrations(pins: &PinDir) -> Result<()> {
     let live: Vec<u32> = pins
         .attached()?
