@@ -1258,6 +1258,56 @@ fn sigterm_and_sighup_while_another_writer_holds_the_lock() {
     assert!(reaches(&lab, 8080) && !reaches(&lab, 9090), "the applied policy is in force");
 }
 
+/// An agent started while its state directory is full, on the policy already in force,
+/// runs on from the running generation and reports its apply failed (seen failing: it
+/// exited, and its service manager would start it again and again, leaving the dataplane
+/// with no agent: no probes, no sweep, no NAT expiry). On another policy it exits, changing
+/// nothing. With room again, its next reload applies.
+#[test]
+fn an_agent_starts_on_the_running_policy_while_its_state_directory_is_full() {
+    struct Mounted(PathBuf);
+    impl Drop for Mounted {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let lab = Gateway::new();
+    let dir = xdpgate_dataplane::state::ensure_dir(&lab.pins.dir).unwrap();
+    let d = dir.to_str().unwrap();
+    common::run("mount", &["-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", d]);
+    let _mounted = Mounted(dir.clone());
+    let file = lab.write_policy("policy.yaml", &policy(8080));
+    let mut agent = Agent::start(&lab, &["--policy", file.to_str().unwrap()]);
+    agent.wait_applied(&lab);
+    agent.stop();
+    let before = generation(&lab.pins);
+    let filler = dir.join("filler");
+    let mut f = std::fs::File::create(&filler).unwrap();
+    while io::Write::write_all(&mut f, &[0; 4096]).is_ok() {}
+    drop(f);
+
+    let other = lab.write_policy("other.yaml", &policy(9090));
+    let mut refused = Agent::start(&lab, &["--policy", other.to_str().unwrap()]);
+    let status = refused.child.wait().unwrap();
+    let log = refused.log();
+    assert!(!status.success() && log.contains("No space left on device"), "{status}: {log}");
+
+    let mut agent = Agent::start(&lab, &["--policy", file.to_str().unwrap()]);
+    wait_for("the agent's failed apply logged", Duration::from_secs(20), || {
+        agent.assert_running("a start with its state directory full");
+        agent.log().contains(&format!("generation {before} stays in force"))
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    agent.assert_running("2 s more");
+    assert_eq!(generation(&lab.pins), before);
+    assert!(reaches(&lab, 8080) && !reaches(&lab, 9090), "the running policy stays in force");
+
+    std::fs::remove_file(&filler).unwrap();
+    agent.reload(&lab, &file, 9090, "the reload with room in the state directory again");
+    assert!(reaches(&lab, 9090), "the reloaded policy is in force");
+    agent.stop();
+}
+
 /// The state directory remounted read-only under the agent: `agent.json` can neither be
 /// written nor removed, and after a failed reload it still says the earlier one went well.
 /// The agent writes it every 5 s, and a running agent's state older than 15 s is not taken

@@ -478,11 +478,25 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     let down_now = down_at_start(&targets_now, &saved, &flagged);
     let start = Start::new(targets_now, &Found::new(), &down_now);
     let mut down = start.health(std::process::id());
-    // Before the first apply writes into it.
-    xdpgate_dataplane::state::ensure_dir(pins)?;
-    let (generation, lbs) =
-        transaction::install(pins, &policy, &source, &tables, &lbs, &down, encap(&node, &lbs)?)?;
-    info!("applied {} as generation {generation}", file.display());
+    let sources = encap(&node, &lbs)?;
+    // The state directory first: the apply writes into it.
+    let installed = xdpgate_dataplane::state::ensure_dir(pins)
+        .and_then(|_| transaction::install(pins, &policy, &source, &tables, &lbs, &down, sources));
+    // One that failed after its switch runs all the same, as after a reload; one that failed
+    // before it (a full or read-only state directory) leaves the running generation in
+    // force, which the agent goes on from when it is this file's whole: exiting would leave
+    // the dataplane with no agent (no probes, no sweep, no NAT expiry) for as long as the
+    // directory stays so, the service manager starting it again and again.
+    let (generation, lbs, start_error) = match installed {
+        Ok((generation, lbs)) => (generation, lbs, None),
+        Err(e) => match e.downcast::<transaction::AppliedPartly>() {
+            Ok(partly) => (partly.generation, partly.lbs.clone(), Some(anyhow!("{partly}"))),
+            Err(e) => match in_force(pins, &source, &lbs) {
+                Some((generation, lbs)) => (generation, lbs, Some(e)),
+                None => return Err(e),
+            },
+        },
+    };
     for key in &down.down {
         info!("backend {} starts unhealthy (probe {key}), as it was", key.backend);
     }
@@ -495,7 +509,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
         failing: Vec::new(),
         written_unix: None,
     };
-    state.last_success_unix = Some(state.last_reload.unix);
+    reloaded(pins, file, &mut state, start_error.map_or(Ok(generation), Err));
     if let Some(node) = &node {
         attach_node(pins, node, LOCK_WAIT, &mut failing);
     }
@@ -857,7 +871,17 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     Ok(())
 }
 
-/// Records and logs the result of a reload.
+/// The generation in force and `lbs` numbered as it has them, when it runs `source` whole
+/// (no change of it left unfinished).
+fn in_force(pins: &PinDir, source: &str, lbs: &CompiledLb) -> Option<(u64, CompiledLb)> {
+    let record = apply::running(pins).ok()??;
+    if record.source != source || apply::changing(pins).unwrap_or(true) {
+        return None;
+    }
+    Some((record.generation, lbs.clone().carried(&record.backends, &record.services).ok()?))
+}
+
+/// Records and logs the result of a reload (or of the agent's first apply).
 fn reloaded(pins: &PinDir, file: &Path, state: &mut AgentState, result: Result<u64>) {
     state.last_reload = Reload::now(&result);
     match result {
