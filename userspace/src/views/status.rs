@@ -41,7 +41,9 @@ impl View for Status {
                             the next set change or apply\n";
                 }
             }
-            Some(_) => out += "policy         none applied yet\n",
+            Some(_) => {
+                out += "policy         none applied yet: every packet passes unfiltered\n";
+            }
             None => out += "policy         - (no pinned maps: is xdpgate attached?)\n",
         }
         match s.flow_entries {
@@ -194,7 +196,7 @@ mod tests {
 
     #[test]
     fn summary_then_one_line_per_interface() {
-        let status = Status {
+        let mut status = Status {
             pin_dir: PathBuf::from("/sys/fs/bpf/xdpgate"),
             interfaces: vec![
                 iface("eth0", "here", None, Some(2)),
@@ -271,6 +273,10 @@ mod tests {
         assert_eq!(json["interfaces"][1]["netns"], "blue");
         assert_eq!(json["interfaces"][1]["interface"], "veth1");
         assert_eq!([&json["interfaces"][0]["hook"], &json["interfaces"][3]["hook"]], ["xdp", "tc"]);
+        // Attached, no policy yet: every port is open, which it says.
+        status.policy.as_mut().expect("set above").generation = 0;
+        let text = status.text();
+        assert!(text.contains("none applied yet: every packet passes unfiltered"), "{text}");
 
         let none =
             Status { interfaces: vec![], policy: None, flow_entries: None, tables: None, ..status };
