@@ -840,6 +840,14 @@ fn a_set_add_killed_before_the_generation_moves_on_leaves_no_old_verdict() {
     lab.tcp_works(sock(SERVER6, 80), "an allowed client while flows are judged on each packet");
     assert_eq!(flows(), before + 1, "allow-web's flows for one connection under the mark");
     assert!(set_change_unfinished(&lab), "status does not say the set change is unfinished");
+    // Nor is `plan` of the running file taken for a comparison of what the kernel holds
+    // (seen failing: "no changes", and nothing more).
+    let (_, source) = xdpgate_dataplane::apply::applied_source(&lab.pins.dir).unwrap();
+    let file = std::env::temp_dir().join(format!("{}.yaml", common::unique("plan")));
+    std::fs::write(&file, source).unwrap();
+    let plan = lab.pins.xdpgate(&["plan", file.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&file);
+    assert!(plan.contains("an `xdpgate set` change is running or was killed"), "{plan}");
 
     lab.pins.xdpgate(&["set", "reset", "blocklist"]);
     assert!(!set_change_unfinished(&lab), "still unfinished after the next set command");

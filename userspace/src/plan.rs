@@ -68,13 +68,14 @@ pub fn run(pins: &PinDir, args: Args) -> Result<()> {
         None => None,
     };
     let live = flows::list(pins, &flows::Filter::default(), 0)?;
-    let plan = Plan::new(
+    let mut plan = Plan::new(
         args.file.display().to_string(),
         apply::running(pins)?.map(|r| r.generation),
         old.as_ref(),
         &new,
         &live,
     );
+    plan.set_change_unfinished = apply::changing(pins)?;
     views::print(&plan, args.output.format())
 }
 
@@ -169,6 +170,9 @@ pub struct Plan {
     /// rewrite they have (a TCP flow its backend) until they end.
     pub flows_orphaned: usize,
     pub orphaned: Vec<CutFlow>,
+    /// An `xdpgate set` change is running or was killed: the running tables may hold
+    /// elements the comparison (of the sources with the recorded set changes) cannot see.
+    pub set_change_unfinished: bool,
 }
 
 fn json(v: &impl Serialize) -> Value {
@@ -403,6 +407,7 @@ impl Plan {
             cut,
             flows_orphaned: orphans.len(),
             orphaned: orphans,
+            set_change_unfinished: false,
         }
     }
 }
@@ -531,6 +536,11 @@ impl View for Plan {
             && self.nat_gateways.is_empty()
             && self.sets.is_empty()
             && self.settings.is_empty();
+        if self.set_change_unfinished {
+            out += "  an `xdpgate set` change is running or was killed: the running tables may \
+                    hold set elements this comparison cannot see (`xdpgate status`); the apply \
+                    makes them whole\n";
+        }
         if nothing {
             out += "  no changes\n";
         }
