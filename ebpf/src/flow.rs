@@ -470,19 +470,21 @@ fn backend_usable(active: &Active<'_>, meta: &PacketMeta, entry: &FlowValue) -> 
             if s.service == entry.service && s.backend == entry.backend)
 }
 
-/// An untranslated flow, not yet established, decided before an apply after which its
-/// destination is a frontend (one added while a client's SYNs or datagrams went on): its
+/// An untranslated flow, not yet established, decided before an apply after which a rule
+/// serves its destination (a frontend added while a client's SYNs or datagrams went on): its
 /// next packet is decided as a new flow, and balanced. (Kept, the flow went on unbalanced for
-/// as long as the client kept trying.) An established connection goes on as it was. Looked
-/// up once per flow after an apply: [`stale`] then stamps it with the running generation.
+/// as long as the client kept trying.) An established connection goes on as it was, and so
+/// does a flow to a port no rule serves (the gateway's own address's: a handshake in flight
+/// would lose its ACK). Looked up once per flow after an apply, not under a set change's
+/// mark: [`stale`] then stamps it with the running generation.
 #[inline(always)]
 fn newly_balanced(active: &Active<'_>, meta: &PacketMeta, entry: &FlowValue) -> bool {
-    !decided_now(active, entry)
+    entry.generation != active.config.decided()
         && entry.reply == 0
         && entry.backend == NO_BACKEND
         && entry.nat == NAT_NONE
         && active.config.flags & FLAG_NO_FRONTENDS == 0
-        && !matches!(lb::select(meta, active.config.flags), Lb::NotFrontend)
+        && matches!(lb::select(meta, active.config.flags), Lb::Selected(_) | Lb::NoBackend)
 }
 
 /// An ICMP packet that is not the echo message its entry's direction carries: a peer's echo
