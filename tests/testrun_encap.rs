@@ -10,7 +10,7 @@
 
 mod common;
 
-use std::net::IpAddr;
+use std::{collections::HashSet, net::IpAddr};
 
 use common::{
     isolated,
@@ -373,6 +373,39 @@ fn a_frontend_address_on_a_port_no_rule_serves_is_not_routed_back() {
         let syn = frame("203.0.113.7", "192.0.2.10", L4::Tcp(45002, 9999, SYN));
         assert_eq!(lab.run(At::Xdp, &syn).0, common::kernel::PASS, "to the host's stack");
         assert_eq!(lab.k.drops("no_lb_rule"), before);
+    });
+}
+
+/// `next-hop` names the backend the dataplane sends the flow to, as its Maglev table picks
+/// it from the flow's ports (seen failing: it named the pool's first healthy backend for
+/// every flow, while two thirds went elsewhere).
+#[test]
+fn next_hop_names_the_backend_the_flow_goes_to() {
+    isolated(true, |ns| {
+        let lab = Lab::new(&ns, &["10.99.0.1/24", "2001:db8:99::1/64"]);
+        common::run("ip", &["-n", &ns, "route", "add", "default", "via", "10.99.0.2"]);
+        common::run("ip", &["-n", &ns, "route", "add", "default", "via", "2001:db8:99::2"]);
+        lab.k.apply(POLICY);
+        let next_hop = |src: &str, dst: &str| -> serde_json::Value {
+            let args = ["next-hop", "--json", "--iface", "eg", "--src", src, "--dst", dst];
+            serde_json::from_str(&lab.k.pins.xdpgate(&args)).unwrap()
+        };
+        let mut backends = HashSet::new();
+        for (client, frontend, src, dst) in [
+            ("203.0.113.7", "192.0.2.10", "203.0.113.7:", "192.0.2.10:80"),
+            ("2001:db8:2::7", "2001:db8:f::10", "[2001:db8:2::7]:", "[2001:db8:f::10]:80"),
+        ] {
+            for sport in 46000..46012u16 {
+                let sent =
+                    lab.encapsulated(At::Xdp, &frame(client, frontend, L4::Tcp(sport, 80, SYN)));
+                let hop = next_hop(&format!("{src}{sport}"), dst);
+                let said = &hop["translation"];
+                assert_eq!(said["backend"], sent.to_string(), "{sport}: {hop:#}");
+                assert_eq!(said["picked"], true, "{hop:#}");
+                backends.insert(sent);
+            }
+        }
+        assert!(backends.len() >= 4, "24 flows over 3 backends a family: {backends:?}");
     });
 }
 

@@ -3,9 +3,9 @@
 
 use xdpgate_common::{
     lb::{
-        ADDRESS_PROTO, BackendInfo, DIST_MASK, DIST_SOURCE_IP, DIST_SOURCE_IP_PROTOCOL,
-        FrontendKey, MAGLEV_SIZE, NO_BACKEND, SVC_ENCAP, SVC_FLOATING_IP, SVC_HA_PORTS,
-        SVC_MIDSTREAM, SVC_NO_BACKEND, SVC_NO_RULE, Service, maglev_index,
+        ADDRESS_PROTO, BackendInfo, DIST_MASK, FrontendKey, MAGLEV_SIZE, NO_BACKEND, SVC_ENCAP,
+        SVC_FLOATING_IP, SVC_HA_PORTS, SVC_MIDSTREAM, SVC_NO_BACKEND, SVC_NO_RULE, Service,
+        flow_hash, maglev_index,
     },
     nsg::FLAG_FRONTEND_ADDRESSES,
 };
@@ -122,37 +122,8 @@ pub fn select(meta: &PacketMeta, flags: u32) -> Lb {
     })
 }
 
-/// Murmur3-style mixing of the fields the distribution mode names: the 5-tuple, the two
-/// addresses, or the addresses and the protocol.
+/// The Maglev hash of `meta`'s flow ([`flow_hash`]).
 #[inline(always)]
 pub fn hash(meta: &PacketMeta, dist: u8) -> u32 {
-    let mut h = 0x9747_b28c_u32;
-    // Indexed, not iterator-chained: the verifier must see every access in bounds.
-    for i in 0..4 {
-        h = mix(h, meta.src[i]);
-        h = mix(h, meta.dst[i]);
-    }
-    if dist != DIST_SOURCE_IP {
-        h = mix(h, u32::from(meta.proto));
-    }
-    if dist != DIST_SOURCE_IP && dist != DIST_SOURCE_IP_PROTOCOL {
-        h = mix(h, (u32::from(meta.sport) << 16) | u32::from(meta.dport));
-    }
-    fmix(h)
-}
-
-#[inline(always)]
-fn mix(h: u32, v: u32) -> u32 {
-    let k = v.wrapping_mul(0xcc9e_2d51).rotate_left(15).wrapping_mul(0x1b87_3593);
-    (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
-}
-
-/// Murmur3's finalizer: every input bit moves about half the output bits.
-#[inline(always)]
-pub fn fmix(mut h: u32) -> u32 {
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    h ^ (h >> 16)
+    flow_hash(&meta.src, &meta.dst, meta.proto, (meta.sport, meta.dport), dist)
 }

@@ -238,7 +238,8 @@ pub fn allocate(meta: &PacketMeta, gw: u32, now: u64) -> Result<u32, DropReason>
     if usable == 0 {
         return Err(exhausted(gw));
     }
-    let k = lb::fmix(meta.src[0] ^ meta.src[1] ^ meta.src[2] ^ meta.src[3]) % usable.count_ones();
+    let k = xdpgate_common::lb::fmix(meta.src[0] ^ meta.src[1] ^ meta.src[2] ^ meta.src[3])
+        % usable.count_ones();
     // Masked for the verifier: the k-th of at most 16 bits is below 16.
     let index = nth_bit(usable, k) & (MAX_PUBLIC_ADDRS as u32 - 1);
     let public = config.addrs[index as usize];

@@ -11,8 +11,8 @@ use anyhow::Result;
 use aya::maps::{Array, HashMap, MapData};
 use xdpgate_common::{
     lb::{
-        ADDRESS_PROTO, BackendInfo, FrontendKey, MAGLEV_SIZE, MAX_BACKENDS, MAX_FRONTENDS,
-        NO_BACKEND, SVC_ENCAP, SVC_NO_BACKEND, Service, maglev_index,
+        ADDRESS_PROTO, BackendInfo, DIST_MASK, FrontendKey, MAGLEV_SIZE, MAX_BACKENDS,
+        MAX_FRONTENDS, NO_BACKEND, SVC_ENCAP, SVC_NO_BACKEND, Service, flow_hash, maglev_index,
     },
     maps::{BACKENDS, FRONTENDS, MAGLEV},
 };
@@ -163,6 +163,42 @@ pub fn pinned_unhealthy(pins: &PinDir) -> Result<HashSet<IpAddr>> {
         }
     }
     Ok(out)
+}
+
+/// The backend the running tables give a new flow from `src` to frontend `dst` (`proto`,
+/// `ports` in host order, both 0 for a protocol without), as the new-flow stage picks it:
+/// the frontend's service (its port's key, else its address's HA ports), then the service's
+/// fixed backend or its live Maglev table's slot for the flow's hash. `None`: no frontend
+/// of that port, or no backend takes new flows.
+pub fn pick(
+    pins: &PinDir,
+    src: IpAddr,
+    dst: IpAddr,
+    proto: u8,
+    ports: (u16, u16),
+) -> Result<Option<IpAddr>> {
+    let frontends: HashMap<_, FrontendKey, Service> = pins.open_map(FRONTENDS)?.try_into()?;
+    // Protocol 255's key is the address's own entry, no service.
+    let exact = (proto != ADDRESS_PROTO)
+        .then(|| frontends.get(&frontend_key(dst, ports.1, proto), 0).ok())
+        .flatten();
+    let Some(svc) = exact.or_else(|| frontends.get(&frontend_key(dst, 0, 0), 0).ok()) else {
+        return Ok(None);
+    };
+    if svc.flags & SVC_NO_BACKEND != 0 {
+        return Ok(None);
+    }
+    let backend = if svc.backend != NO_BACKEND {
+        svc.backend
+    } else {
+        let maglev: Array<_, u32> = pins.open_map(MAGLEV)?.try_into()?;
+        let (src, dst) = (frontend_key(src, 0, 0).addr, frontend_key(dst, 0, 0).addr);
+        let hash = flow_hash(&src, &dst, proto, ports, svc.flags & DIST_MASK);
+        maglev.get(&maglev_index(svc.id, u32::from(svc.table & 1), hash % MAGLEV_SIZE), 0)?
+    };
+    let backends: Array<_, BackendInfo> = pins.open_map(BACKENDS)?.try_into()?;
+    let info = backends.get(&backend, 0)?;
+    Ok((info.family != 0).then(|| crate::flows::addr(&info.addr, info.family)))
 }
 
 /// Whether service id `i` of `lbs` stands for the rule it stood for in `running`.

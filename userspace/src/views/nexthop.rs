@@ -198,9 +198,12 @@ pub enum Translation {
         load_balancer: String,
         rule: String,
         backends: Vec<BackendHealth>,
-        /// The backend looked up here (the first one new flows may go to; the dataplane
-        /// picks among them per flow by Maglev hash). `None`: none takes new flows.
+        /// The backend looked up here: the one the running tables give this flow (`picked`),
+        /// or where its ports are not known (or for ICMP), the first one new flows may go to.
+        /// `None`: none takes new flows.
         backend: Option<IpAddr>,
+        /// Whether `backend` is the flow's own, as the dataplane's Maglev table picks it.
+        picked: bool,
         backend_port: Option<u16>,
         /// Direct server return: the destination address stays the frontend's (floating IP,
         /// or encapsulation: `forwarding`).
@@ -274,6 +277,7 @@ pub fn translation(
                 rule: rule.name.clone(),
                 backends,
                 backend,
+                picked: false,
                 backend_port,
                 floating_ip: rule.forwarding.keeps_destination(),
                 forwarding: rule.forwarding.name(),
@@ -367,6 +371,7 @@ impl Translation {
                 rule,
                 backends,
                 backend,
+                picked,
                 backend_port,
                 floating_ip,
                 forwarding,
@@ -389,9 +394,13 @@ impl Translation {
                     None => "no healthy backend".into(),
                 };
                 let all = if *send_to_all { ", all down: sent to all" } else { "" };
+                let which = match backend {
+                    Some(_) if !*picked => ", the first of them: the flow's ports pick its own",
+                    _ => "",
+                };
                 format!(
                     "load balancer {load_balancer}, rule {rule}: {to} ({healthy} of {} \
-                     backends healthy{drained}{all})",
+                     backends healthy{drained}{all}{which})",
                     backends.len()
                 )
             }
@@ -541,10 +550,26 @@ pub fn resolve(pins: &PinDir, flow: &Flow, iface: Option<&str>) -> Result<NextHo
     // Arriving by an interface xdpgate is not attached to, nothing translates it: the
     // stack routes the destination as it is.
     let unattached = arrival.as_ref().is_some_and(|a| a.hook.is_none());
-    let translation = policy
+    let mut translation = policy
         .as_ref()
         .filter(|_| !unattached)
         .and_then(|p| translation(p, &rotation, flow, outbound));
+    if let Some(Translation::LoadBalancer { backend: Some(backend), picked, .. }) =
+        translation.as_mut()
+    {
+        // The flow's own backend where its fields are known: TCP and UDP with both ports,
+        // a protocol without ports (an echo's identifier is not asked for).
+        let ports = match flow.proto() {
+            6 | 17 => flow.src_port.zip(flow.dst_port),
+            p if xdpgate_common::is_icmp(flow.protocol.0, p) => None,
+            _ => Some((0, 0)),
+        };
+        if let Some(ports) = ports
+            && let Ok(Some(own)) = lb::pick(pins, flow.src, flow.dst, flow.proto(), ports)
+        {
+            (*backend, *picked) = (own, true);
+        }
+    }
     let mut hop = NextHop {
         flow: *flow,
         arrival: arrival.clone(),
