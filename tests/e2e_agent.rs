@@ -187,6 +187,31 @@ fn served_metric(lab: &Gateway, name: &'static str) -> Option<f64> {
     body.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
+/// The metrics port taken by another process (any local user can take an unprivileged
+/// one): the agent starts all the same, its policy in force, says the metrics are failing,
+/// and serves them once the port is free (seen failing: it exited with status 1, and its
+/// service manager would start it again and again).
+#[test]
+fn an_agent_whose_metrics_port_is_taken_runs_and_serves_them_once_free() {
+    let lab = Gateway::new();
+    let squatter = lab.gw.run(|| std::net::TcpListener::bind("127.0.0.1:9477").unwrap());
+    let file = lab.write_policy("policy.yaml", &policy(8080));
+    let mut agent = Agent::start(&lab, &["--policy", file.to_str().unwrap()]);
+    agent.wait_applied(&lab);
+    assert!(reaches(&lab, 8080) && !reaches(&lab, 9090), "the policy is in force");
+    let status = lab.pins.xdpgate(&["status"]);
+    assert!(status.contains("failing: metrics: listening on 127.0.0.1:9477"), "{status}");
+    drop(squatter);
+    wait_for("the metrics served", Duration::from_secs(30), || {
+        agent.assert_running("the metrics port free again");
+        served_metric(&lab, "xdpgate_config_last_reload_successful") == Some(1.0)
+    });
+    wait_for("no longer failing", Duration::from_secs(10), || {
+        !lab.pins.xdpgate(&["status"]).contains("failing: metrics")
+    });
+    agent.stop();
+}
+
 #[test]
 fn sighup_with_a_broken_policy_keeps_the_running_one() {
     let lab = Gateway::new();

@@ -440,14 +440,25 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     let probe_stats = ProbeStats::default();
     // The agent's state, for its metrics whether or not `agent.json` can be written.
     let live = Live::default();
-    // Serves GET /metrics until run returns (the server stops when dropped). A bad
-    // address or a port in use fails here, before anything changes.
-    let _metrics = match metrics_addr {
-        Some(addr) => Some(
-            crate::metrics::spawn(addr, pins.clone(), probe_stats.clone(), live.clone()).await?,
-        ),
-        None => None,
+    // Serves GET /metrics until run returns (the server stops when dropped). An address
+    // that cannot be bound (a port in use: any local user can take an unprivileged one) is
+    // tried again every 10 s, listed as failing meanwhile: the dataplane's agent does not
+    // stay down for its metrics.
+    let serve_metrics = || async {
+        match metrics_addr {
+            Some(addr) => {
+                crate::metrics::spawn(addr, pins.clone(), probe_stats.clone(), live.clone())
+                    .await
+                    .map(Some)
+            }
+            None => Ok(None),
+        }
     };
+    let mut metrics_error = None;
+    let mut metrics = serve_metrics().await.unwrap_or_else(|e| {
+        metrics_error = Some(e);
+        None
+    });
     if let Some(node) = &node
         && !node::missing(pins, node).is_empty()
     {
@@ -463,6 +474,9 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
         )
     })?;
     let mut failing = Failing::default();
+    if let Some(e) = metrics_error {
+        failing.check::<()>("metrics", Err(e));
+    }
     // Backends out of service, by probe. They stay out across a reload, and across a
     // restart (from the flags of the running dataplane), until their probes succeed
     // `threshold` times: neither puts a dead backend back into rotation.
@@ -672,6 +686,9 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                     save_state(pins, &mut state, &failing, &live);
                 }
                 tick(pins, &mut loggers, flow_log.as_mut(), &mut failing);
+                if metrics.is_none() && metrics_addr.is_some() && ticks % 10 == 0 {
+                    metrics = failing.check("metrics", serve_metrics().await).flatten();
+                }
                 if !owner.held(pins) && !renew(pins, &mut owner, &mut state, bgp_table, &mut failing, &live) {
                     taken_over = true;
                     break;

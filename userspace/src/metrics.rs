@@ -813,7 +813,7 @@ pub async fn spawn(
     probes: ProbeStats,
     agent: Live,
 ) -> Result<Server> {
-    let listener = listen(addr).with_context(|| format!("metrics: listening on {addr}"))?;
+    let listener = listen(addr).with_context(|| format!("listening on {addr}"))?;
     let addr = listener.local_addr()?;
     info!("metrics at http://{addr}/metrics");
     let conns = Arc::new(Connections::default());
