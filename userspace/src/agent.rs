@@ -686,7 +686,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                     save_state(pins, &mut state, &failing, &live);
                 }
                 tick(pins, &mut loggers, flow_log.as_mut(), &mut failing);
-                if metrics.is_none() && metrics_addr.is_some() && ticks % 10 == 0 {
+                if metrics.is_none() && metrics_addr.is_some() && ticks.is_multiple_of(10) {
                     metrics = failing.check("metrics", serve_metrics().await).flatten();
                 }
                 if !owner.held(pins) && !renew(pins, &mut owner, &mut state, bgp_table, &mut failing, &live) {
