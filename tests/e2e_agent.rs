@@ -1283,6 +1283,15 @@ fn sigterm_and_sighup_while_another_writer_holds_the_lock() {
     assert!(reaches(&lab, 8080) && !reaches(&lab, 9090), "the applied policy is in force");
 }
 
+/// A mount the test made over a directory, taken off when dropped (the test failing too).
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
 /// An agent started while its state directory is full, on the policy already in force,
 /// runs on from the running generation and reports its apply failed (seen failing: it
 /// exited, and its service manager would start it again and again, leaving the dataplane
@@ -1290,17 +1299,11 @@ fn sigterm_and_sighup_while_another_writer_holds_the_lock() {
 /// nothing. With room again, its next reload applies.
 #[test]
 fn an_agent_starts_on_the_running_policy_while_its_state_directory_is_full() {
-    struct Mounted(PathBuf);
-    impl Drop for Mounted {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(&self.0).status();
-        }
-    }
     let lab = Gateway::new();
     let dir = xdpgate_dataplane::state::ensure_dir(&lab.pins.dir).unwrap();
     let d = dir.to_str().unwrap();
     common::run("mount", &["-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", d]);
-    let _mounted = Mounted(dir.clone());
+    let _mounted = Unmount(dir.clone());
     let file = lab.write_policy("policy.yaml", &policy(8080));
     let mut agent = Agent::start(&lab, &["--policy", file.to_str().unwrap()]);
     agent.wait_applied(&lab);
@@ -1341,12 +1344,6 @@ fn an_agent_starts_on_the_running_policy_while_its_state_directory_is_full() {
 /// the next reload is reported.
 #[test]
 fn a_read_only_run_under_the_agent_reports_no_reload_as_good() {
-    struct ReadOnly(PathBuf);
-    impl Drop for ReadOnly {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(&self.0).status();
-        }
-    }
     let lab = Gateway::new();
     let file = lab.write_policy("policy.yaml", &policy(8080));
     let mut agent = Agent::start(&lab, &["--policy", file.to_str().unwrap()]);
@@ -1354,7 +1351,7 @@ fn a_read_only_run_under_the_agent_reports_no_reload_as_good() {
     let dir = xdpgate_dataplane::state::dir(&lab.pins.dir);
     let d = dir.to_str().unwrap();
     common::run("mount", &["--bind", d, d]);
-    let read_only = ReadOnly(dir.clone());
+    let read_only = Unmount(dir.clone());
     common::run("mount", &["-o", "remount,bind,ro", d]);
     std::fs::write(&file, policy(9090)).unwrap();
     agent.signal(libc::SIGHUP);
