@@ -373,6 +373,48 @@ fn upgrade_skips_a_deleted_device() {
     common::assert_ingress_hook(&pins, &b, "g1", "tc");
 }
 
+/// Devices of two network namespaces with one ifindex cannot share a dataplane, which tells
+/// interfaces apart by ifindex: the second attach is refused, naming the first, which keeps
+/// its role and its registration (seen failing: the second took its role over, and its
+/// detach unregistered it; a NAT gateway's internal interface let private sources out
+/// untranslated).
+#[test]
+fn a_device_of_another_namespace_with_the_same_ifindex_is_refused() {
+    let a = common::Netns::new("ixa");
+    let b = common::Netns::new("ixb");
+    let peer = common::Netns::new("ixp");
+    a.exec("ip", &["link", "add", "x0", "type", "veth", "peer", "name", "p0", "netns", &peer.name]);
+    b.exec("ip", &["link", "add", "y0", "type", "veth", "peer", "name", "q0", "netns", &peer.name]);
+    let ifindex = |ns: &common::Netns, dev: &str| -> u64 {
+        let out = ns.exec("ip", &["-j", "link", "show", "dev", dev]);
+        let links: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip json");
+        links[0]["ifindex"].as_u64().expect("ifindex")
+    };
+    assert_eq!(ifindex(&a, "x0"), ifindex(&b, "y0"), "the first device of a new namespace");
+    for (ns, dev) in [(&a, "x0"), (&b, "y0")] {
+        ns.exec("ip", &["link", "set", dev, "up"]);
+    }
+    let mut pins = common::Pins::in_netns(&a);
+    pins.xdpgate(&["attach", "--iface", "x0", "--role", "internal"]);
+    pins.netns = Some(b.name.clone());
+    let out = pins.try_xdpgate(&["attach", "--iface", "y0", "--role", "external"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("as x0 has"), "{err}");
+    let out = pins.try_xdpgate(&["detach", "--iface", "y0"]);
+    assert!(!out.status.success(), "y0 was never attached");
+    pins.netns = Some(a.name.clone());
+    let status: serde_json::Value =
+        serde_json::from_str(&pins.xdpgate(&["status", "--json"])).expect("status json");
+    let x0 = status["interfaces"]
+        .as_array()
+        .and_then(|all| all.iter().find(|i| i["interface"] == "x0").cloned());
+    assert_eq!(x0.as_ref().map(|i| i["role"].clone()), Some("internal".into()), "{status}");
+    let map = pins.dir.path().join("IFACES");
+    let out = common::run("bpftool", &["-j", "map", "dump", "pinned", map.to_str().unwrap()]);
+    let entries: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool json");
+    assert_eq!(entries.as_array().map(Vec::len), Some(1), "IFACES: {entries}");
+}
+
 /// Each recreation of an attached device attached again keeps one registration (one of the
 /// 63 interface slots): the deleted device's is forgotten, a live one's is kept. They used to
 /// pile up, one per restart of the container, until `attach` failed with every slot in use.

@@ -746,6 +746,22 @@ pub fn attach_sized(
             link_pin.display()
         );
     }
+    // One dataplane tells interfaces apart by ifindex, which is per network namespace: a
+    // device of another namespace (or this one under an earlier name) with this ifindex
+    // would take over the attached one's registration (its role, counters, forwarding).
+    let taken = pins
+        .attached()?
+        .into_iter()
+        .find(|name| name != ifname && link_info(pins, name).is_ok_and(|l| l.ifindex == ifindex));
+    if let Some(other) = taken {
+        bail!(
+            "{ifname} has ifindex {ifindex}, as {other} has, which is attached under {} (in \
+             another network namespace, or renamed since): one dataplane tells interfaces \
+             apart by ifindex, so they cannot share one. Attach {ifname} under a pin \
+             directory of its own (--pin-dir), or detach {other} first; nothing was attached",
+            pins.path().display()
+        );
+    }
     // Links whose devices were deleted run nothing: with only those, `upgrade` has nothing
     // to replace, and this attach carries the tables over itself.
     if migrate::pending(pins) && pins.attached()?.iter().any(|n| !link_gone(pins, n)) {
