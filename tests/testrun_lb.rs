@@ -164,8 +164,9 @@ fn inbound_nat_rule_and_nsg_on_the_translated_packet() {
 
 /// A client's flow to an address that became a frontend while the client kept trying (SYNs
 /// sent again, datagrams) is balanced from its next packet on: it was forwarded untranslated
-/// for as long as the client kept trying (seen failing). With no load balancer before, and
-/// with one that did not have the address.
+/// for as long as the client kept trying (seen failing). A connection under way (its answers
+/// bypassing the gateway: its flow never leaves the embryonic table) goes on as it was.
+/// With no load balancer before, and with one that did not have the address.
 #[test]
 fn a_flow_begun_before_its_address_became_a_frontend_is_balanced() {
     let none = &POLICY[..POLICY.find("load_balancers:").unwrap()];
@@ -181,12 +182,17 @@ fn a_flow_begun_before_its_address_became_a_frontend_is_balanced() {
         k.arrive_as(Role::External);
         let syn = frame("203.0.113.7", "192.0.2.10", L4::Tcp(40000, 80, SYN));
         let dns = frame("2001:db8:2::7", "2001:db8:f::10", L4::Udp(40000, 53));
-        for p in [&syn, &dns] {
+        // A connection whose answers bypass the gateway: its flow stays an embryo.
+        let direct = frame("203.0.113.7", "192.0.2.10", L4::Tcp(40001, 80, SYN));
+        let going_on = frame("203.0.113.7", "192.0.2.10", L4::Tcp(40001, 80, ACK));
+        for p in [&syn, &dns, &direct, &going_on] {
             assert_eq!(k.through(p), *p, "no frontend yet: on as addressed");
         }
         k.apply(POLICY);
         assert!(web4.contains(&endpoints(&k.through(&syn)).1), "the SYN sent again balanced");
         assert!(web6.contains(&endpoints(&k.through(&dns)).1), "the next datagram balanced");
+        // Seen failing: its segment found its flow forgotten, and was dropped (`no_flow`).
+        assert_eq!(k.through(&going_on), going_on, "a connection under way goes on as it was");
     }
 }
 

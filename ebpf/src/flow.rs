@@ -473,8 +473,9 @@ fn backend_usable(active: &Active<'_>, meta: &PacketMeta, entry: &FlowValue) -> 
 /// An untranslated flow, not yet established, decided before an apply after which a rule
 /// serves its destination (a frontend added while a client's SYNs or datagrams went on): its
 /// next packet is decided as a new flow, and balanced. (Kept, the flow went on unbalanced for
-/// as long as the client kept trying.) An established connection goes on as it was, and so
-/// does a flow to a port no rule serves (the gateway's own address's: a handshake in flight
+/// as long as the client kept trying.) An established connection goes on as it was (also one
+/// whose answers bypass the gateway: only a SYN is decided afresh), and so does a flow to a
+/// port no rule serves (the gateway's own address's: a handshake in flight
 /// would lose its ACK). Looked up once per flow after an apply, not under a set change's
 /// mark: [`stale`] then stamps it with the running generation.
 #[inline(always)]
@@ -483,6 +484,9 @@ fn newly_balanced(active: &Active<'_>, meta: &PacketMeta, entry: &FlowValue) -> 
         && entry.reply == 0
         && entry.backend == NO_BACKEND
         && entry.nat == NAT_NONE
+        // A TCP flow's SYN sent again: anything else is of a connection under way (one whose
+        // answers bypass the gateway stays an embryo for good).
+        && (meta.proto != IPPROTO_TCP || meta.tcp_flags & (TH_SYN | TH_ACK) == TH_SYN)
         && active.config.flags & FLAG_NO_FRONTENDS == 0
         && matches!(lb::select(meta, active.config.flags), Lb::Selected(_) | Lb::NoBackend)
 }
