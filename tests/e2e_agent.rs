@@ -1334,6 +1334,17 @@ fn an_agent_starts_on_the_running_policy_while_its_state_directory_is_full() {
     agent.reload(&lab, &file, 9090, "the reload with room in the state directory again");
     assert!(reaches(&lab, 9090), "the reloaded policy is in force");
     agent.stop();
+
+    // Where no agent left its lock file, the start cannot write one: it exits, naming it
+    // (seen failing: "No space left on device", and no file).
+    std::fs::remove_file(dir.join("agent.lock")).unwrap();
+    let mut f = std::fs::File::create(&filler).unwrap();
+    while io::Write::write_all(&mut f, &[0; 4096]).is_ok() {}
+    drop(f);
+    let mut refused = Agent::start(&lab, &["--policy", file.to_str().unwrap()]);
+    let status = refused.child.wait().unwrap();
+    let log = refused.log();
+    assert!(!status.success() && log.contains("agent.lock: No space left"), "{status}: {log}");
 }
 
 /// The state directory remounted read-only under the agent: `agent.json` can neither be

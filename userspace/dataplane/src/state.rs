@@ -376,8 +376,11 @@ pub fn pid_lock(pins: &PinDir, path: &Path, wait: Duration) -> Result<Result<Flo
     let Some(mut locked) = flock(file, FlockArg::LockExclusiveNonblock, wait)? else {
         return Ok(Err(fs::read_to_string(path).unwrap_or_default().trim().to_string()));
     };
-    locked.set_len(0)?;
-    write!(locked, "{}", std::process::id())?;
+    (|| -> std::io::Result<()> {
+        locked.set_len(0)?;
+        write!(locked, "{}", std::process::id())
+    })()
+    .with_context(|| format!("writing this process's pid to {}", path.display()))?;
     Ok(Ok(locked))
 }
 
