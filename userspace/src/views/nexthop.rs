@@ -649,7 +649,8 @@ pub fn resolve(pins: &PinDir, flow: &Flow, iface: Option<&str>) -> Result<NextHo
         hop.forwarding = Forwarding::NoLbRule;
         hop.reason = format!(
             "{} is a frontend of load balancer {} and no rule of it serves this {}: the \
-             dataplane drops it (no_lb_rule), which the route would send back out",
+             dataplane drops it (no_lb_rule), which the route would send on (a frontend \
+             announced over BGP: back to the router)",
             flow.dst,
             lb.name,
             if flow.dst_port.is_some() { "port" } else { "protocol" }
