@@ -212,6 +212,33 @@ fn an_agent_whose_metrics_port_is_taken_runs_and_serves_them_once_free() {
     agent.stop();
 }
 
+/// Flow events the dataplane loses to a full ring (a flood of new flows) leave begin and
+/// deny lines out of the flow log: the agent's log says how many (seen failing: only
+/// `xdpgate stats` and the metrics counted them). The loss is written into the dataplane's
+/// counter here, as its programs count one.
+#[test]
+fn flow_events_lost_to_a_full_ring_are_logged() {
+    use aya::maps::{PerCpuArray, PerCpuValues};
+    use xdpgate_common::{events::EVENTS_LOST, maps::EVENT_STATS};
+    let lab = Gateway::new();
+    let file = lab.write_policy("policy.yaml", &policy(8080));
+    let log = lab.dir.join("flows.jsonl");
+    let args = ["--policy", file.to_str().unwrap(), "--flow-log", log.to_str().unwrap()];
+    let mut agent = Agent::start(&lab, &args);
+    agent.wait_applied(&lab);
+    let mut stats: PerCpuArray<_, u64> =
+        lab.pins.dir.open_map(EVENT_STATS).unwrap().try_into().unwrap();
+    let mut lost: Vec<u64> = stats.get(&EVENTS_LOST, 0).unwrap().iter().copied().collect();
+    lost[0] += 7;
+    let values = PerCpuValues::try_from(lost).unwrap();
+    stats.set(EVENTS_LOST, values, 0).unwrap();
+    wait_for("the loss in the agent's log", Duration::from_secs(10), || {
+        agent.assert_running("events lost");
+        agent.log().contains("7 flow events lost to a full event ring")
+    });
+    agent.stop();
+}
+
 #[test]
 fn sighup_with_a_broken_policy_keeps_the_running_one() {
     let lab = Gateway::new();
