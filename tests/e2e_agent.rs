@@ -1350,7 +1350,10 @@ fn an_agent_starts_on_the_running_policy_while_its_state_directory_is_full() {
     let mut agent = Agent::start(&lab, &["--policy", file.to_str().unwrap()]);
     wait_for("the agent's failed apply logged", Duration::from_secs(20), || {
         agent.assert_running("a start with its state directory full");
-        agent.log().contains(&format!("generation {before} stays in force"))
+        agent.log().contains(&format!(
+            "start of {} failed; generation {before} stays in force",
+            file.display()
+        ))
     });
     std::thread::sleep(Duration::from_secs(2));
     agent.assert_running("2 s more");

@@ -523,7 +523,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
         failing: Vec::new(),
         written_unix: None,
     };
-    reloaded(pins, file, &mut state, start_error.map_or(Ok(generation), Err));
+    reloaded(pins, file, &mut state, "start", start_error.map_or(Ok(generation), Err));
     if let Some(node) = &node {
         attach_node(pins, node, LOCK_WAIT, &mut failing);
     }
@@ -685,7 +685,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                 turn.want(pins);
                 if reload.gave_up(Instant::now()) {
                     // As long as a one-shot writer waits, and then as it gives up.
-                    reloaded(pins, file, &mut state, Err(WriteLock::busy(pins, LOCK_WAIT)));
+                    reloaded(pins, file, &mut state, "reload", Err(WriteLock::busy(pins, LOCK_WAIT)));
                     save_state(pins, &mut state, &failing, &live);
                 }
                 tick(pins, &mut loggers, flow_log.as_mut(), &mut failing);
@@ -815,7 +815,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                             }
                         }
                     };
-                    reloaded(pins, file, &mut state, result);
+                    reloaded(pins, file, &mut state, "reload", result);
                     if restoring && !policy_lost(pins) {
                         restoring = false;
                         attach_soon = true;
@@ -912,8 +912,8 @@ fn in_force(pins: &PinDir, source: &str, lbs: &CompiledLb) -> Option<(u64, Compi
     Some((record.generation, lbs.clone().carried(&record.backends, &record.services).ok()?))
 }
 
-/// Records and logs the result of a reload (or of the agent's first apply).
-fn reloaded(pins: &PinDir, file: &Path, state: &mut AgentState, result: Result<u64>) {
+/// Records and logs the result of a reload (`what`: or of the agent's start, its first apply).
+fn reloaded(pins: &PinDir, file: &Path, state: &mut AgentState, what: &str, result: Result<u64>) {
     state.last_reload = Reload::now(&result);
     match result {
         Ok(generation) => {
@@ -929,7 +929,7 @@ fn reloaded(pins: &PinDir, file: &Path, state: &mut AgentState, result: Result<u
             }
             log_errors(
                 &format!(
-                    "reload of {} failed; generation {} stays in force:",
+                    "{what} of {} failed; generation {} stays in force:",
                     file.display(),
                     state.generation
                 ),
