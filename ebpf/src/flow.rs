@@ -475,9 +475,9 @@ fn backend_usable(active: &Active<'_>, meta: &PacketMeta, entry: &FlowValue) -> 
 /// next packet is decided as a new flow, and balanced. (Kept, the flow went on unbalanced for
 /// as long as the client kept trying.) An established connection goes on as it was (also one
 /// whose answers bypass the gateway: only a SYN is decided afresh), and so does a flow to a
-/// port no rule serves (the gateway's own address's: a handshake in flight
-/// would lose its ACK). Looked up once per flow after an apply, not under a set change's
-/// mark: [`stale`] then stamps it with the running generation.
+/// port no rule serves (the gateway's own address's: a handshake in flight would lose its
+/// ACK). Looked up once per flow after an apply, not under a set change's mark: [`stale`]
+/// then stamps it with the running generation.
 #[inline(always)]
 fn newly_balanced(active: &Active<'_>, meta: &PacketMeta, entry: &FlowValue) -> bool {
     entry.generation != active.config.decided()

@@ -497,7 +497,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     let installed = xdpgate_dataplane::state::ensure_dir(pins)
         .and_then(|_| transaction::install(pins, &policy, &source, &tables, &lbs, &down, sources));
     // One that failed after its switch runs all the same, as after a reload; one that failed
-    // before it (a full or read-only state directory) leaves the running generation in
+    // before it (its state directory full, say) leaves the running generation in
     // force, which the agent goes on from when it is this file's whole: exiting would leave
     // the dataplane with no agent (no probes, no sweep, no NAT expiry) for as long as the
     // directory stays so, the service manager starting it again and again.
