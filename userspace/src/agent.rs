@@ -454,11 +454,8 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
             None => Ok(None),
         }
     };
-    let mut metrics_error = None;
-    let mut metrics = serve_metrics().await.unwrap_or_else(|e| {
-        metrics_error = Some(e);
-        None
-    });
+    let mut failing = Failing::default();
+    let mut metrics = failing.check("metrics", serve_metrics().await).flatten();
     if let Some(node) = &node
         && !node::missing(pins, node).is_empty()
     {
@@ -473,10 +470,6 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
             pins.path().display()
         )
     })?;
-    let mut failing = Failing::default();
-    if let Some(e) = metrics_error {
-        failing.check::<()>("metrics", Err(e));
-    }
     // Backends out of service, by probe. They stay out across a reload, and across a
     // restart (from the flags of the running dataplane), until their probes succeed
     // `threshold` times: neither puts a dead backend back into rotation.

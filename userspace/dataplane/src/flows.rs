@@ -495,7 +495,7 @@ pub(crate) fn lone_exchange(proto: u8, reply: Option<&FlowValue>) -> bool {
 }
 
 /// Whether a flow of protocol `proto` can be a lone exchange ([`lone_exchange`]): not TCP.
-fn lone_protocol(proto: u8) -> bool {
+pub(crate) fn lone_protocol(proto: u8) -> bool {
     proto != 6
 }
 

@@ -10,11 +10,13 @@ use std::{
 use anyhow::Result;
 use aya::maps::{Array, HashMap, MapData};
 use xdpgate_common::{
+    family_bytes,
     lb::{
         ADDRESS_PROTO, BackendInfo, DIST_MASK, FrontendKey, MAGLEV_SIZE, MAX_BACKENDS,
         MAX_FRONTENDS, NO_BACKEND, SVC_ENCAP, SVC_NO_BACKEND, Service, flow_hash, maglev_index,
     },
     maps::{BACKENDS, FRONTENDS, MAGLEV},
+    words,
 };
 
 use xdpgate_policy::{
@@ -192,7 +194,7 @@ pub fn pick(
         svc.backend
     } else {
         let maglev: Array<_, u32> = pins.open_map(MAGLEV)?.try_into()?;
-        let (src, dst) = (frontend_key(src, 0, 0).addr, frontend_key(dst, 0, 0).addr);
+        let (src, dst) = (words(&family_bytes(src).1), words(&family_bytes(dst).1));
         let hash = flow_hash(&src, &dst, proto, ports, svc.flags & DIST_MASK);
         maglev.get(&maglev_index(svc.id, u32::from(svc.table & 1), hash % MAGLEV_SIZE), 0)?
     };

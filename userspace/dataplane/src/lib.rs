@@ -749,11 +749,8 @@ pub fn attach_sized(
     // One dataplane tells interfaces apart by ifindex, which is per network namespace: a
     // device of another namespace (or this one under an earlier name) with this ifindex
     // would take over the attached one's registration (its role, counters, forwarding).
-    let taken = pins
-        .attached()?
-        .into_iter()
-        .find(|name| name != ifname && link_info(pins, name).is_ok_and(|l| l.ifindex == ifindex));
-    if let Some(other) = taken {
+    let taken = live_links(pins)?.into_iter().find(|(name, i)| name != ifname && *i == ifindex);
+    if let Some((other, _)) = taken {
         bail!(
             "{ifname} has ifindex {ifindex}, as {other} has, which is attached under {} (in \
              another network namespace, or renamed since): one dataplane tells interfaces \
@@ -1113,13 +1110,7 @@ pub fn link_gone(pins: &PinDir, ifname: &str) -> bool {
 /// device deleted and detached, or recreated and attached again (a restarted container's
 /// veth), would otherwise hold on to one more of the `MAX_IFACES` slots.
 fn forget_dead_registrations(pins: &PinDir) -> Result<()> {
-    let live: Vec<u32> = pins
-        .attached()?
-        .iter()
-        .filter_map(|name| link_info(pins, name).ok())
-        .map(|l| l.ifindex)
-        .filter(|&i| i != 0)
-        .collect();
+    let live: Vec<u32> = live_links(pins)?.into_iter().map(|(_, ifindex)| ifindex).collect();
     let ifaces: HashMap<_, u32, IfaceConfig> = pins.open_map(IFACES)?.try_into()?;
     let dead: Vec<u32> =
         ifaces.keys().filter_map(|k| k.ok()).filter(|i| !live.contains(i)).collect();
@@ -1127,6 +1118,19 @@ fn forget_dead_registrations(pins: &PinDir) -> Result<()> {
         unregister(pins, ifindex);
     }
     Ok(())
+}
+
+/// Each attached interface's name with the ifindex its pinned link reports, but those whose
+/// device was deleted (their links report 0).
+fn live_links(pins: &PinDir) -> Result<Vec<(String, u32)>> {
+    Ok(pins
+        .attached()?
+        .into_iter()
+        .filter_map(|name| {
+            let ifindex = link_info(pins, &name).ok()?.ifindex;
+            (ifindex != 0).then_some((name, ifindex))
+        })
+        .collect())
 }
 
 /// Forgets `ifindex` (after a failed attach).

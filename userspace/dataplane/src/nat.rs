@@ -357,16 +357,14 @@ pub fn expire(
             proto => u64::from(idle_timeout_s(policy, gw, proto, &seen)) * 1_000_000_000,
         };
         // Not in the established table (which never drops an entry for room), a translation
-        // goes after the embryonic timeout when it is a lone exchange (answered, not TCP, or
-        // its embryo pushed out), as
+        // goes after the embryonic timeout when it is a lone exchange (answered, not TCP), as
         // the sweep ends one without a translation: held for the gateway's, a resolver's
-        // queries would crowd the embryonic table (LRU), pushing out handshakes. And when it
+        // queries would crowd the embryonic table (LRU), pushing out handshakes. So does one
+        // of such a protocol with no embryo left (pushed out by newer ones, a flood's: a live
+        // stream's next packet makes its entries again, from the translation). And when it
         // is a half-open TCP one (see `half_open`), as Azure's half-open timer frees its port.
         let embryonic = reads[0] == [None, None];
-        // Or one of another protocol than TCP with no embryo left (pushed out by newer ones,
-        // a flood's: a live stream's next packet makes its entries again, from the
-        // translation), as `half_open` has a TCP one.
-        let pushed_out = reads[1] == [None, None] && reply.proto != 6;
+        let pushed_out = reads[1] == [None, None] && crate::flows::lone_protocol(reply.proto);
         let lone = embryonic
             && (pushed_out || crate::flows::lone_exchange(reply.proto, reads[1][1].as_ref()));
         let half_open = embryonic && reply.proto == 6 && half_open(&reads[1]);
