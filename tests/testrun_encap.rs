@@ -366,6 +366,32 @@ fn a_frontend_address_on_a_port_no_rule_serves_is_not_routed_back() {
             let hop: serde_json::Value = serde_json::from_str(&hop).unwrap();
             assert_eq!(hop["forwarding"], "no_lb_rule", "{hop:#}");
         }
+        // `trace` says why the frontend chose no backend: no rule serves the port, or every
+        // backend is down (seen failing: no `lb` stage, only the drop's reason).
+        let trace = |port: &str| -> serde_json::Value {
+            let args = ["trace", "--json", "--iface", "eg", "--src", "203.0.113.7"];
+            let tcp = ["--dst", "192.0.2.10", "--protocol", "tcp", "--dst-port", port];
+            serde_json::from_str(&lab.k.pins.xdpgate(&[&args[..], &tcp].concat())).unwrap()
+        };
+        let lb_stage = |t: &serde_json::Value| {
+            let stages = t["stages"].as_array().unwrap();
+            stages.iter().find(|s| s["stage"] == "lb").map(|s| s["decision"].to_string())
+        };
+        let probe = "    probes:\n      - {name: up, protocol: tcp, port: 80}\n    rules:\n      - {name: web,";
+        let probed = POLICY.replacen("    rules:\n      - {name: web,", probe, 1).replace(
+            "backend_pool: web4, forwarding: ipip}",
+            "backend_pool: web4, forwarding: ipip, probe: up}",
+        );
+        assert_ne!(probed, POLICY);
+        lab.k.apply_with_health(&probed, |_| false);
+        for (port, says, reason) in
+            [("9999", "no rule serves", "no_lb_rule"), ("80", "without a backend", "no_backend")]
+        {
+            let t = trace(port);
+            let stage = lb_stage(&t).unwrap_or_else(|| panic!("no lb stage: {t:#}"));
+            assert!(stage.contains(says), "{port}: {t:#}");
+            assert_eq!((&t["verdict"], &t["reason"]), (&"drop".into(), &reason.into()), "{t:#}");
+        }
         lab.k.apply(POLICY);
         // This host's own address: its stack's.
         common::run("ip", &["-n", &ns, "addr", "add", "192.0.2.10/32", "dev", "lo"]);

@@ -36,6 +36,8 @@ pub const LOOKUP_EMBRYONIC: u8 = 3;
 pub const LB_NOT_FRONTEND: u8 = 0;
 pub const LB_SELECTED: u8 = 1;
 pub const LB_NO_BACKEND: u8 = 2;
+/// A frontend's address on a port or protocol no rule serves.
+pub const LB_NO_RULE: u8 = 3;
 
 /// `TraceRecord::nsg`.
 pub const NSG_NOT_ASKED: u8 = 0;

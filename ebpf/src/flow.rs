@@ -21,6 +21,7 @@ use xdpgate_common::{
         MAX_RULES, TABLES_PER_SLOT,
     },
     stats::DropReason,
+    trace::{LB_NO_BACKEND, LB_NO_RULE},
 };
 
 use crate::{
@@ -559,8 +560,11 @@ pub fn create(
     // or not routed on, it goes to the stack as any packet; routed on, it would go back to
     // the router that sent it here (a frontend announced over BGP lives in no table used
     // for forwarding), which sends it here again until its TTL runs out.
-    if matches!(lb, Lb::NoRule) && forward::routed_on(ctx, meta) {
-        return Err(DropReason::NoLbRule);
+    if matches!(lb, Lb::NoRule) {
+        trace::lb(LB_NO_RULE);
+        if forward::routed_on(ctx, meta) {
+            return Err(DropReason::NoLbRule);
+        }
     }
     match lb {
         Lb::NotFrontend | Lb::NoRule => {
@@ -619,8 +623,10 @@ pub fn create(
                 snat_gateway = if nat { snat::gateway(meta, dir) } else { None };
             }
         }
-        Lb::NoBackend if midstream => return Err(DropReason::NoFlow),
-        Lb::NoBackend => return Err(DropReason::NoBackend),
+        Lb::NoBackend => {
+            trace::lb(LB_NO_BACKEND);
+            return Err(if midstream { DropReason::NoFlow } else { DropReason::NoBackend });
+        }
         Lb::Selected(sel) => {
             if midstream {
                 if !pickup && !sel.midstream {

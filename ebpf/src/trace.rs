@@ -159,6 +159,13 @@ pub fn action(a: &Action) {
     })
 }
 
+/// The load balancer found a frontend but chose no backend (`LB_NO_RULE`,
+/// `LB_NO_BACKEND`): no flow is made, which the stages below would record.
+#[inline(never)]
+pub fn lb(outcome: u8) {
+    with(|t| t.lb = outcome)
+}
+
 #[inline(never)]
 pub fn snat(gateway: u32) {
     with(|t| t.snat_gateway = gateway as u16)

@@ -19,9 +19,9 @@ use xdpgate_common::{
     nsg::DIR_INBOUND,
     stats::{DROP_REASON_NAMES, VERDICT_NAMES},
     trace::{
-        LB_NO_BACKEND, LB_SELECTED, LOOKUP_EMBRYONIC, LOOKUP_ESTABLISHED, LOOKUP_MISS, NSG_ALLOWED,
-        NSG_DENIED, STAGE_ACT, STAGE_END, STAGE_NEW_FLOW, STAGE_PARSE, STAGE_SNAT, TRACE,
-        TRACE_ARMED, TraceRecord,
+        LB_NO_BACKEND, LB_NO_RULE, LB_NOT_FRONTEND, LB_SELECTED, LOOKUP_EMBRYONIC,
+        LOOKUP_ESTABLISHED, LOOKUP_MISS, NSG_ALLOWED, NSG_DENIED, STAGE_ACT, STAGE_END,
+        STAGE_NEW_FLOW, STAGE_PARSE, STAGE_SNAT, TRACE, TRACE_ARMED, TraceRecord,
     },
 };
 use xdpgate_dataplane::{
@@ -429,8 +429,9 @@ fn report(
         }
         _ => {}
     }
-    // A flow judged again keeps its backend: no load balancer's choice to show.
-    if r.stages & STAGE_NEW_FLOW != 0 && !hit {
+    // A flow judged again keeps its backend: no load balancer's choice to show. A frontend
+    // that chose no backend made no flow (no new-flow stage), yet says so.
+    if r.stages & STAGE_NEW_FLOW != 0 && !hit || r.lb != LB_NOT_FRONTEND {
         match r.lb {
             LB_SELECTED => {
                 let backend = names.and_then(|n| n.backend(r.backend));
@@ -447,6 +448,12 @@ fn report(
                 );
             }
             LB_NO_BACKEND => add("lb", "frontend without a backend for new flows".into()),
+            LB_NO_RULE => add(
+                "lb",
+                "frontend address, but no rule serves this port or protocol (routed on, \
+                 it is dropped; to this host, its stack's)"
+                    .into(),
+            ),
             _ => add("lb", "not a frontend".into()),
         }
     }
