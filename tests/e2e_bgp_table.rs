@@ -60,6 +60,31 @@ fn listing_the_announcement_table_reads_only_its_routes() {
     assert_eq!(absent.messages, 0);
 }
 
+/// A frontend no rule uses is not announced (it would draw traffic the gateway drops as
+/// `no_lb_rule`), and `xdpgate bgp` says why (seen failing: it was listed nowhere).
+#[test]
+fn a_frontend_no_rule_uses_is_withheld_and_says_why() {
+    use xdpgate::bgp::announce;
+    let ns = Netns::new("xgbu");
+    let (kernel, lbs, node) = policy_and_node();
+    let dir = kernel.pins.dir.clone();
+    let (result, mut ours) = ns.run(move || {
+        let all = |_: IpAddr| true;
+        let result = announce::update(&dir, &node, &lbs, &all, &all).map_err(|e| format!("{e:#}"));
+        (result, host_routes::list(TABLE).unwrap())
+    });
+    result.unwrap();
+    ours.sort();
+    let [v4, v6, spare]: [IpAddr; 3] =
+        ["192.0.2.10", "2001:db8::10", "192.0.2.12"].map(|a| a.parse().unwrap());
+    assert_eq!(ours, [v4, v6]);
+    let record = announce::read(&kernel.pins.dir).unwrap().expect("bgp.json written");
+    let withheld: Vec<_> = record.withheld.iter().map(|w| (w.address, w.reason.as_str())).collect();
+    assert_eq!(withheld, [(spare, "no load-balancing rule uses it")], "{record:?}");
+    let shown = kernel.pins.xdpgate(&["bgp"]);
+    assert!(shown.contains("192.0.2.12") && shown.contains("no load-balancing rule"), "{shown}");
+}
+
 /// The fleet's policy of the tests below, in force in a dataplane of its own (a node
 /// whose dataplane runs no policy announces nothing): an IPv4 and an IPv6 frontend, each
 /// with a probed backend; and a node with a `bgp:` section and nothing to attach (so it
@@ -86,6 +111,7 @@ load_balancers:
     frontends:
       - {name: v4, address: 192.0.2.10}
       - {name: v6, address: "2001:db8::10"}
+      - {name: spare, address: 192.0.2.12}
     backend_pools:
       - {name: web, backends: [198.51.100.11]}
       - {name: web6, backends: ["2001:db8:1::11"]}

@@ -172,6 +172,18 @@ pub fn frontends(lbs: &CompiledLb, health: &dyn BackendHealth) -> BTreeMap<IpAdd
     out
 }
 
+/// The frontend addresses no rule uses (`serving`: [`frontends`]), never announced: they
+/// would draw traffic the gateway drops (`no_lb_rule`). Listed, so that `xdpgate bgp` says
+/// why.
+fn unused<'a>(
+    lbs: &'a CompiledLb,
+    serving: &'a BTreeMap<IpAddr, bool>,
+) -> impl Iterator<Item = Withheld> + 'a {
+    (lbs.addresses.iter().map(|(key, _)| frontend_addr(key)))
+        .filter(|address| !serving.contains_key(address))
+        .map(|address| Withheld { address, reason: "no load-balancing rule uses it".to_owned() })
+}
+
 /// `health` for announcing: a probed backend counts only once its probe has answered (since
 /// the agent started), so a starting agent does not announce a frontend and withdraw it
 /// again when the first probes fail.
@@ -240,13 +252,15 @@ pub fn update(
     } else {
         no_policy.then(|| "no policy in force (the agent applies it again)".to_owned())
     };
-    let (announce, mut withheld) = plan(&frontends(lbs, health), blocked.as_deref());
+    let serving = frontends(lbs, health);
+    let (announce, mut withheld) = plan(&serving, blocked.as_deref());
     if blocked.is_none() {
         let answering = frontends(lbs, probed);
         for w in withheld.iter_mut().filter(|w| answering.get(&w.address) == Some(&true)) {
             w.reason = WAITING_FOR_TABLES.to_owned();
         }
     }
+    withheld.extend(unused(lbs, &serving));
     let no_peer = announce
         .iter()
         .filter(|a| !bgp.peers.iter().any(|p| p.address.is_ipv4() == a.is_ipv4()))
@@ -441,6 +455,7 @@ load_balancers:
     frontends:
       - {name: vip, address: 192.0.2.10}
       - {name: ssh, address: 192.0.2.11}
+      - {name: spare, address: 192.0.2.12}
     backend_pools:
       - {name: web, backends: [198.51.100.11, 198.51.100.12]}
     probes:
@@ -475,6 +490,10 @@ load_balancers:
         assert!(announce.is_empty());
         assert_eq!(withheld.len(), 2);
         assert_eq!(plan(&frontends(&lbs, &one), None).0, [vip]);
+        // A frontend no rule uses is listed as such (seen failing: not listed at all).
+        let spare: Vec<_> = unused(&lbs, &up).map(|w| (w.address, w.reason)).collect();
+        let why = "no load-balancing rule uses it".to_owned();
+        assert_eq!(spare, [("192.0.2.12".parse::<IpAddr>().unwrap(), why)]);
         // Before its probe has answered, a probed backend does not count; the NAT mapping's
         // (unprobed) does.
         let answered = HashSet::new();
