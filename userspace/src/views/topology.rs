@@ -70,6 +70,9 @@ pub struct Service {
 pub struct LbNode {
     pub name: String,
     pub services: Vec<Service>,
+    /// Frontend addresses no rule uses: a packet to one is dropped (`no_lb_rule`) where
+    /// it would be routed on.
+    pub unused_frontends: Vec<IpAddr>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -223,7 +226,14 @@ fn build(
                         .collect(),
                 }
             }));
-            LbNode { name: lb.name.clone(), services }
+            let used: HashSet<usize> = (lb.rules.iter().map(|r| r.frontend))
+                .chain(lb.inbound_nat_rules.iter().map(|r| r.frontend))
+                .collect();
+            let unused_frontends = (lb.frontends.iter().enumerate())
+                .filter(|(i, _)| !used.contains(i))
+                .map(|(_, f)| f.address)
+                .collect();
+            LbNode { name: lb.name.clone(), services, unused_frontends }
         })
         .collect();
     let nat_gateways = nat_list
@@ -319,6 +329,9 @@ impl View for Topology {
                         })
                         .collect();
                     g.row([lb.name.clone(), s.rule.clone(), frontend(s), list(&backends)]);
+                }
+                for f in &lb.unused_frontends {
+                    g.row([lb.name.clone(), "(no rule uses it)".into(), f.to_string(), "-".into()]);
                 }
             }
             out += "\n";
@@ -605,6 +618,7 @@ mod tests {
                         },
                     ],
                 }],
+                unused_frontends: vec![ip("192.0.2.12")],
             }],
             nat_gateways: vec![NatNode {
                 name: "gw".into(),
@@ -636,6 +650,35 @@ mod tests {
             ]
         );
         assert!(text.contains("policy generation 3"), "{text}");
+        let unused = text.lines().find(|l| l.contains("192.0.2.12")).map(words);
+        assert_eq!(unused.unwrap(), ["edge", "(no", "rule", "uses", "it)", "192.0.2.12", "-"]);
+    }
+
+    /// A frontend no rule uses is listed (seen failing: it was shown nowhere, while its
+    /// packets were dropped as `no_lb_rule`).
+    #[test]
+    fn a_frontend_no_rule_uses_is_listed() {
+        const POLICY: &str = r#"
+virtual_network: {address_space: [198.51.100.0/24]}
+load_balancers:
+  - name: edge
+    frontends:
+      - {name: vip, address: 192.0.2.10}
+      - {name: ssh, address: 192.0.2.11}
+      - {name: spare, address: 192.0.2.12}
+    backend_pools:
+      - {name: web, backends: [198.51.100.11]}
+    rules:
+      - {name: http, frontend: vip, protocol: tcp, frontend_port: 80, backend_pool: web}
+    inbound_nat_rules:
+      - {name: admin, frontend: ssh, protocol: tcp, frontend_port: 2201,
+         backend: 198.51.100.11, backend_port: 22}
+"#;
+        let policy = xdpgate_policy::load_str(POLICY, "test").unwrap();
+        let t = build(vec![], Some(&policy), &Rotation::default(), Some(1));
+        let spare: IpAddr = "192.0.2.12".parse().unwrap();
+        assert_eq!(t.load_balancers[0].unused_frontends, [spare]);
+        assert_eq!(t.load_balancers[0].services.len(), 2);
     }
 
     #[test]
