@@ -219,7 +219,10 @@ fn an_agent_whose_metrics_port_is_taken_runs_and_serves_them_once_free() {
 #[test]
 fn flow_events_lost_to_a_full_ring_are_logged() {
     use aya::maps::{PerCpuArray, PerCpuValues};
-    use xdpgate_common::{events::EVENTS_LOST, maps::EVENT_STATS};
+    use xdpgate_common::{
+        events::{EVENTS_LOST, EVENTS_SUPPRESSED},
+        maps::EVENT_STATS,
+    };
     let lab = Gateway::new();
     let file = lab.write_policy("policy.yaml", &policy(8080));
     let log = lab.dir.join("flows.jsonl");
@@ -236,6 +239,28 @@ fn flow_events_lost_to_a_full_ring_are_logged() {
         agent.assert_running("events lost");
         agent.log().contains("7 flow events lost to a full event ring")
     });
+    // And the flow log has a `gap` record saying how many lines are missing (seen failing:
+    // nothing in the flow log told its reader).
+    let gap = || {
+        let lines = std::fs::read_to_string(&log).unwrap_or_default();
+        let gaps: Vec<serde_json::Value> = (lines.lines())
+            .map(|l| serde_json::from_str(l).unwrap())
+            .filter(|l: &serde_json::Value| l["state"] == "gap")
+            .collect();
+        gaps
+    };
+    wait_for("the gap record", Duration::from_secs(10), || !gap().is_empty());
+    let gaps = gap();
+    assert_eq!(gaps.len(), 1, "{gaps:?}");
+    assert_eq!(gaps[0]["missing"], serde_json::json!({"ring_full": 7, "rate_limited": 0}));
+    assert_eq!((&gaps[0]["decision"], &gaps[0]["version"]), (&"none".into(), &2.into()));
+    // Denies the rate limit held back are a gap too.
+    let mut held: Vec<u64> = stats.get(&EVENTS_SUPPRESSED, 0).unwrap().iter().copied().collect();
+    held[0] += 3;
+    stats.set(EVENTS_SUPPRESSED, PerCpuValues::try_from(held).unwrap(), 0).unwrap();
+    wait_for("the second gap record", Duration::from_secs(10), || gap().len() == 2);
+    let missing = &gap()[1]["missing"];
+    assert_eq!(*missing, serde_json::json!({"ring_full": 0, "rate_limited": 3}));
     agent.stop();
 }
 

@@ -569,9 +569,10 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     let mut expiry = tokio::time::interval(std::time::Duration::from_secs(1));
     // Programs come and go with attach and upgrade: look for new ones every tick.
     let mut loggers = Vec::new();
-    // Flow events lost to a full ring (a flood of new flows) so far: their `begin` and
-    // `deny` lines are missing from the flow log, which the agent's log says.
-    let mut events_lost = dataplane::stats::event_losses(pins).map_or(0, |(_, lost)| lost);
+    // Flow events the rate limit held back and those lost to a full ring (a flood of new
+    // flows) so far: their lines are missing from the flow log, which a `gap` record in it
+    // says, and for a full ring the agent's log too.
+    let mut events_missing = dataplane::stats::event_losses(pins).unwrap_or_default();
     let mut ticks = 0u64;
     // Set when another agent took the dataplane after this one lost its lock (see `renew`).
     let mut taken_over = false;
@@ -682,16 +683,23 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                     save_state(pins, &mut state, &failing, &live);
                 }
                 tick(pins, &mut loggers, flow_log.as_mut(), &mut failing);
-                if flow_log.is_some()
-                    && let Ok((_, lost)) = dataplane::stats::event_losses(pins)
-                    && lost > events_lost
+                if let Some(log) = flow_log.as_mut()
+                    && let Ok(now) = dataplane::stats::event_losses(pins)
+                    && now != events_missing
                 {
-                    warn!(
-                        "flow log: {} flow events lost to a full event ring (a flood of new \
-                         flows): their begin and deny lines are missing ({lost} in all)",
-                        lost - events_lost
-                    );
-                    events_lost = lost;
+                    let limited = now.0.saturating_sub(events_missing.0);
+                    let lost = now.1.saturating_sub(events_missing.1);
+                    if lost > 0 {
+                        warn!(
+                            "flow log: {lost} flow events lost to a full event ring (a flood of \
+                             new flows): their begin and deny lines are missing ({} in all)",
+                            now.1
+                        );
+                    }
+                    if limited + lost > 0 {
+                        queued(&mut failing, log.write_lines([flowlog::gap_line(lost, limited)]));
+                    }
+                    events_missing = now;
                 }
                 if metrics.is_none() && metrics_addr.is_some() && ticks.is_multiple_of(10) {
                     metrics = failing.check("metrics", serve_metrics().await).flatten();

@@ -134,6 +134,20 @@ fn record(time_unix: f64, state: &str, decision: &str) -> Map<String, Value> {
     m
 }
 
+/// The record of lines missing since the previous one (or the agent's start): `ring_full`
+/// events a full ring lost (a flood of new flows), `rate_limited` denies and drops the rate
+/// limit held back. Written within a second of the loss, so that a reader of the log
+/// knows it has a gap, and where.
+pub fn gap_line(ring_full: u64, rate_limited: u64) -> Value {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64();
+    let mut m = record(now, "gap", "none");
+    m.insert("missing".into(), json!({"ring_full": ring_full, "rate_limited": rate_limited}));
+    Value::Object(m)
+}
+
 /// The 5-tuple of the flow's first packet: `protocol`, `src`, `src_port`, `dst`,
 /// `dst_port` (ports for TCP, UDP and SCTP only; `icmp_id` for ICMP echo).
 fn tuple(out: &mut Map<String, Value>, key: &FlowKey) {
