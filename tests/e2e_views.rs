@@ -479,6 +479,22 @@ fn lb_nat_and_nsg(hook: &str) {
     assert_eq!(c["next_hop"]["egress"]["interface"], "ext0", "{c}");
     let nat = c["steps"].as_array().unwrap().iter().find(|s| s["step"] == "nat").cloned();
     assert!(nat.is_some_and(|s| s["detail"].as_str().unwrap().contains("192.0.2.100")), "{c}");
+    // A protocol the NAT gateway has no port for (GRE) is unreachable, as the dataplane
+    // drops it (seen failing: reachable, "source becomes 192.0.2.100").
+    let (c, code) = connectivity(
+        &lan.pins,
+        &["--src", "198.51.100.11", "--dst", "203.0.113.10", "--protocol", "47"],
+    );
+    assert_eq!((code, &c["next_hop"]["forwarding"]), (1, &"nat_untranslatable".into()), "{c}");
+    let blocked = c["blocked_by"].as_str().unwrap_or_default();
+    assert!(blocked.contains("natgw translates TCP, UDP and ICMP echo only"), "{c}");
+    let untranslatable =
+        || xdpgate_dataplane::stats::read(&lan.pins.dir).unwrap().drops("nat_untranslatable");
+    let before = untranslatable();
+    let gre = "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_RAW, 47); \
+               s.sendto(b'x' * 20, ('203.0.113.10', 0))";
+    lan.backends[0].exec("python3", &["-c", gre]);
+    wait_for("the GRE packet dropped", Duration::from_secs(5), || untranslatable() > before);
 }
 
 /// Packets the external interface's ingress program sent on itself (redirect) and left to

@@ -90,11 +90,11 @@ pub fn check(pins: &PinDir, hop: NextHop) -> Result<Connectivity> {
             });
         }
         if let Some(t @ Translation::NatGateway { public_addresses, .. }) = &hop.translation {
-            steps.push(Step {
-                step: "nat",
-                ok: !public_addresses.is_empty(),
-                detail: t.describe(),
-            });
+            let (ok, detail) = match hop.forwarding {
+                Forwarding::NatUntranslatable => (false, hop.reason.clone()),
+                _ => (!public_addresses.is_empty(), t.describe()),
+            };
+            steps.push(Step { step: "nat", ok, detail });
         }
         let ok =
             matches!(hop.forwarding, Forwarding::Redirect | Forwarding::Stack | Forwarding::Local);

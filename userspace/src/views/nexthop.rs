@@ -464,6 +464,9 @@ pub enum Forwarding {
     /// To a frontend address on a port or protocol no rule serves, routed on: dropped
     /// (`no_lb_rule`).
     NoLbRule,
+    /// Through a NAT gateway, a protocol it has no port to claim for: dropped
+    /// (`nat_untranslatable`).
+    NatUntranslatable,
 }
 
 /// What `next-hop` says.
@@ -654,6 +657,19 @@ pub fn resolve(pins: &PinDir, flow: &Flow, iface: Option<&str>) -> Result<NextHo
             flow.dst,
             lb.name,
             if flow.dst_port.is_some() { "port" } else { "protocol" }
+        );
+    }
+    // A NAT gateway claims a port, or an echo's identifier: the dataplane drops what has
+    // neither (ESP, GRE, ICMP other than echo), as its `snat::translatable` says.
+    if let Some(Translation::NatGateway { gateway, .. }) = &hop.translation
+        && !matches!(flow.proto(), 6 | 17)
+        && !xdpgate_common::is_icmp(flow.protocol.0, flow.proto())
+    {
+        hop.forwarding = Forwarding::NatUntranslatable;
+        hop.reason = format!(
+            "NAT gateway {gateway} translates TCP, UDP and ICMP echo only: the dataplane \
+             drops {} from its subnets (nat_untranslatable)",
+            protocol_name(flow.protocol.0, flow.proto())
         );
     }
     let dnat = matches!(
