@@ -1145,3 +1145,23 @@ fn drains_in_force(pins: &xdpgate_dataplane::PinDir) -> xdpgate_dataplane::drain
     assert!(broken.is_none(), "{broken:?}");
     drained
 }
+
+/// `xdpgate lb` counts a backend's live flows: an embryo idle past the embryonic timeout
+/// (the next packet finds no flow; the sweep removes it) is not one (seen failing: counted
+/// for as long as the entry stayed, while `flows` marked it expired).
+#[test]
+fn an_expired_embryo_is_no_live_flow_of_its_backend() {
+    let k = Kernel::new();
+    k.apply(POLICY);
+    k.arrive_as(Role::External);
+    let out = k.through(&frame("203.0.113.7", "192.0.2.10", L4::Tcp(40200, 80, SYN)));
+    let backend = endpoints(&out).1;
+    let live = |k: &Kernel| {
+        let report = running_report(&k.pins.dir).unwrap();
+        let http = report.iter().find(|s| s.rule == "http").unwrap();
+        http.backends.iter().find(|b| b.address == backend).unwrap().flows
+    };
+    assert_eq!(live(&k), 1, "the SYN's embryo");
+    age_embryo(&k, &client_key("192.0.2.10", 40200, 80), 61 * S);
+    assert_eq!(live(&k), 0, "idle past the embryonic timeout (60 s)");
+}

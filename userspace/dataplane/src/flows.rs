@@ -536,15 +536,7 @@ fn describe(
     let ports = has_ports(key.proto);
     let icmp_echo = is_icmp(key.family, key.proto);
     let traffic = |v: Option<FlowValue>| v.as_ref().map(Traffic::from).unwrap_or_default();
-    let last_seen = forward.iter().chain(reply.iter()).map(|v| v.last_seen_ns).max().unwrap_or(0);
-    let idle_ns = now.saturating_sub(last_seen);
-    let tcp = forward.iter().chain(reply.iter()).fold(0, |a, v| a | v.tcp);
-    let timeout = match state {
-        FlowState::Established => names.timeout_ns(key.family, key.proto, tcp, main.idle_s),
-        FlowState::Embryonic => {
-            names.embryo_timeout_ns(key.family, key.proto, &FlowValue { tcp, ..main })
-        }
-    };
+    let (idle_ns, timeout) = idle(names, now, state, &key, forward, reply);
     let rules = names.rules(main.rules, main.generation);
     let resolved = rules.deciding().cloned();
     // The rewrite lives in the forward entry (a lone reply entry still names a load
@@ -594,6 +586,28 @@ fn describe(
         expired: idle_ns > timeout,
         incomplete: forward.is_none() || reply.is_none(),
     }
+}
+
+/// How long a flow has been idle at `now`, and the timeout its entries give it (both ns):
+/// past it, the next packet finds no flow, and the sweep removes it.
+fn idle(
+    names: &Names,
+    now: u64,
+    state: FlowState,
+    key: &FlowKey,
+    forward: Option<FlowValue>,
+    reply: Option<FlowValue>,
+) -> (u64, u64) {
+    let main = forward.or(reply).expect("a flow has an entry");
+    let last_seen = forward.iter().chain(reply.iter()).map(|v| v.last_seen_ns).max().unwrap_or(0);
+    let tcp = forward.iter().chain(reply.iter()).fold(0, |a, v| a | v.tcp);
+    let timeout = match state {
+        FlowState::Established => names.timeout_ns(key.family, key.proto, tcp, main.idle_s),
+        FlowState::Embryonic => {
+            names.embryo_timeout_ns(key.family, key.proto, &FlowValue { tcp, ..main })
+        }
+    };
+    (now.saturating_sub(last_seen), timeout)
 }
 
 /// A flow as the tables hold it: the key of its first packet's direction and its entries,
@@ -664,16 +678,26 @@ pub fn list_where(
 
 /// Flows per load-balancing service and backend (ids), counted once each (by the entry of
 /// the first packet's direction): what `xdpgate lb` shows, without naming every flow.
+/// Flows idle past their timeout are not counted: the next packet finds none, the sweep
+/// removes them.
 pub fn per_backend(pins: &PinDir) -> Result<HashMap<(u32, u32), u64>> {
+    let names = Names::read(pins)?;
     let established = Entries::read(pins, FLOWS)?;
     let embryos = Entries::read(pins, EMBRYOS)?;
-    let young = embryos.iter().filter(|(k, _)| !established.contains(k));
+    let now = monotonic_ns();
     let mut out = HashMap::new();
-    for (_, v) in established.iter().chain(young) {
-        if v.reply == 0 && v.service != NO_BACKEND {
+    let mut count = |state, (key, forward, reply, _): Paired| {
+        let (idle_ns, timeout) = idle(&names, now, state, &key, forward, reply);
+        if let Some(v) = forward.filter(|v| v.service != NO_BACKEND && idle_ns <= timeout) {
             *out.entry((v.service, v.backend)).or_default() += 1;
         }
-    }
+    };
+    pair(&established, |p| count(FlowState::Established, p));
+    pair(&embryos, |p| {
+        if !established.contains(&p.0) {
+            count(FlowState::Embryonic, p)
+        }
+    });
     Ok(out)
 }
 
