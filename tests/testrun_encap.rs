@@ -704,3 +704,35 @@ fn cli_apply_keeps_the_node_files_source() {
         assert_eq!(read().v4, Some(SOURCE4.parse().unwrap()), "unchanged");
     });
 }
+
+/// Neighbour discovery is the kernel's where addressed to the link (multicast, link-local)
+/// or to this host; routed on, a router forwards it, payload and all, so the policy judges
+/// it: denied here, as the NSG allows only TCP 80 and 443 to the backends (seen failing: an
+/// NS carrying 600 bytes passed a deny to a backend's address, and was forwarded).
+#[test]
+fn neighbour_discovery_routed_on_is_judged_by_the_policy() {
+    isolated(true, |ns| {
+        let lab = Lab::new(&ns, &["10.99.0.1/24", "2001:db8:99::1/64"]);
+        lab.k.apply(POLICY);
+        // An NS (type 135) with hop limit 255, its target the destination, and a payload.
+        let solicit = |dst: &str| {
+            let target: std::net::Ipv6Addr = dst.parse().unwrap();
+            let mut body = vec![135, 0, 0, 0, 0, 0, 0, 0];
+            body.extend_from_slice(&target.octets());
+            body.extend_from_slice(&[0x5a; 600]);
+            let mut f = frame_vlan("2001:db8:2::7", dst, L4::Raw(58), &[], &body);
+            f[ETH_LEN + 7] = 255;
+            f
+        };
+        for at in [At::Xdp, At::Tc] {
+            let pass = if at == At::Xdp { common::kernel::PASS } else { -1i32 as u32 };
+            let dropped = if at == At::Xdp { DROP } else { TC_ACT_SHOT };
+            for dst in ["ff02::1:ff00:11", "fe80::11", SOURCE6] {
+                assert_eq!(lab.run(at, &solicit(dst)).0, pass, "{at:?} to {dst}: the kernel's");
+            }
+            let before = lab.k.drops("policy");
+            assert_eq!(lab.run(at, &solicit("2001:db8:1::11")).0, dropped, "{at:?} routed on");
+            assert_eq!(lab.k.drops("policy"), before + 1, "{at:?}");
+        }
+    });
+}

@@ -56,7 +56,9 @@ use crate::{
         IFACE_STATS, SCRATCH, iface_config,
     },
     nsg::Active,
-    parse::{FRAG_FIRST, FRAG_LATER, FRAG_NONE, Packet, PacketMeta, Parsed, parse},
+    parse::{
+        FRAG_FIRST, FRAG_LATER, FRAG_NONE, Packet, PacketMeta, Parsed, is_link_control, parse,
+    },
 };
 
 /// Stage one: parse. IP packets go on to the policy stage by tail call once a policy is
@@ -164,6 +166,11 @@ fn parse_stage<H: Hook>(ctx: &H, iface: Option<&IfaceConfig>) -> Result<u32, Dro
         }
     };
     let Parsed::Ip(mut meta) = parsed else { return Ok(xdp_action::XDP_PASS) };
+    // Neighbour discovery to this host's own address (a neighbour's reachability probe):
+    // the kernel's. Routed on, the policy judges it.
+    if is_link_control(&meta) && !forward::routed_on(ctx, &meta) {
+        return Ok(xdp_action::XDP_PASS);
+    }
     meta.iface_slot = iface.map_or(0, |c| c.slot) as u8;
     meta.dir = direction(iface) as u8;
     if ctx.traced() {
@@ -600,6 +607,8 @@ fn egress_parse_stage(ctx: &TcContext, slot: u32) -> Result<Option<()>, DropReas
         return Ok(None);
     }
     let meta = match parse(ctx) {
+        // The host's own neighbour discovery, also to a neighbour's unicast address.
+        Ok(Parsed::Ip(meta)) if is_link_control(&meta) => return Ok(None),
         Ok(Parsed::Ip(meta)) => meta,
         Ok(Parsed::LinkControl) => return Ok(None),
         Err(e) => {

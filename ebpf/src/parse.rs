@@ -55,6 +55,20 @@ pub struct PacketMeta {
 }
 
 impl PacketMeta {
+    /// Whether the destination is one routed on: not multicast, broadcast or IPv6 link-local
+    /// (mDNS, SSDP, neighbour discovery's). (Linux forwards IPv4 link-local, 169.254.0.0/16,
+    /// by its routes.)
+    #[inline(always)]
+    pub fn routed_dst(&self) -> bool {
+        // Addresses as they lie in the packet: the first byte is the lowest of `dst[0]`.
+        let [a, b] = [self.dst[0] as u8, (self.dst[0] >> 8) as u8];
+        if self.family == 4 {
+            a & 0xf0 != 0xe0 && self.dst[0] != u32::MAX
+        } else {
+            a != 0xff && (a, b & 0xc0) != (0xfe, 0x80)
+        }
+    }
+
     /// ICMP of the packet's own family (`xdpgate_common::is_icmp`): only then are there an
     /// ICMP type, an echo identifier or a quoted packet.
     #[inline(always)]
@@ -173,7 +187,10 @@ pub fn parse(ctx: &impl Packet) -> Result<Parsed, DropReason> {
     meta.l4_off = l4_off as u16;
     if meta.frag != FRAG_LATER {
         parse_l4(ctx, l4_off, ip_end, &mut meta)?;
-        if is_link_control(&meta) {
+        // To a unicast address the packet is the pipeline's: a router forwards it (ND's
+        // hop limit is checked by receivers, not routers), payload and all, so only the
+        // ingress stage can tell (by the route) one to this host's own address.
+        if is_link_control(&meta) && !meta.routed_dst() {
             return Ok(Parsed::LinkControl);
         }
     }
@@ -418,11 +435,14 @@ pub fn answer_mark(family: u8, mark: u32) -> u32 {
     if family == 4 { 10 - mark } else { 259 - mark }
 }
 
-/// Neighbour discovery (133-137) with hop limit 255, which receivers require (RFC 4861) and
-/// which proves it was not routed, and MLD (130-132, 143) with hop limit 1 (RFC 3810), which
-/// no router forwards. Neither can carry traffic past the policy.
+/// Neighbour discovery (133-137) with hop limit 255, which receivers require (RFC 4861),
+/// and MLD (130-132, 143) with hop limit 1 (RFC 3810): left to the kernel where addressed to
+/// the link (multicast, link-local) or to this host. Routed on, a router forwards them (the
+/// hop limit then 254; a receiver drops such ND, not its payload's reader), so they are
+/// judged as any packet (until 2026-12-05 an NS with any payload passed a deny-all policy
+/// both ways, and left a NAT gateway's subnet untranslated).
 #[inline(always)]
-fn is_link_control(meta: &PacketMeta) -> bool {
+pub fn is_link_control(meta: &PacketMeta) -> bool {
     meta.family == 6
         && meta.is_icmp()
         && match meta.icmp_type {

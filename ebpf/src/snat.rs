@@ -46,24 +46,12 @@ fn in_trie(
 /// destination outside the virtual network.
 #[inline(always)]
 pub fn gateway(meta: &PacketMeta, dir: u32) -> Option<u32> {
-    if dir != DIR_OUTBOUND || !routed(meta) || in_trie(&VNET, meta.family, &meta.dst).is_some() {
+    // Multicast, broadcast and IPv6 link-local destinations are left untranslated.
+    if dir != DIR_OUTBOUND || !meta.routed_dst() || in_trie(&VNET, meta.family, &meta.dst).is_some()
+    {
         return None;
     }
     in_trie(&NAT_SUBNETS, meta.family, &meta.src)
-}
-
-/// Whether the destination is one routed on: not multicast, broadcast or IPv6 link-local
-/// (mDNS, SSDP), which a NAT gateway leaves untranslated. (Linux forwards IPv4 link-local,
-/// 169.254.0.0/16, by its routes: that is translated as any destination outside.)
-#[inline(always)]
-fn routed(meta: &PacketMeta) -> bool {
-    // Addresses as they lie in the packet: the first byte is the lowest of `dst[0]`.
-    let [a, b] = [meta.dst[0] as u8, (meta.dst[0] >> 8) as u8];
-    if meta.family == 4 {
-        a & 0xf0 != 0xe0 && meta.dst[0] != u32::MAX
-    } else {
-        a != 0xff && (a, b & 0xc0) != (0xfe, 0x80)
-    }
 }
 
 /// How long a flow translated by gateway `gw` may idle: as long as its translation, so the
