@@ -123,3 +123,39 @@ fn floating_ip_and_ha_ports_end_to_end() {
     assert!(udp.0 == "b1" || udp.0 == "b2", "{udp:?}");
     assert_eq!(udp.1.to_string(), "192.0.2.20:5300", "the answer comes from the frontend");
 }
+
+/// Floating IP with no neighbour entry for the backend (a rule without a probe, a gateway
+/// just started or its neighbours flushed): the first SYN is dropped (`direct_unreachable`:
+/// the stack, with no route to the frontend, answered "network unreachable", which ended the
+/// connect at once), the agent resolves the backend's entry, and the SYN sent again gets
+/// through (seen failing: "Network is unreachable" on every try, for good).
+#[test]
+fn floating_ip_without_a_neighbour_entry_connects_once_the_agent_resolves_it() {
+    let lan = Lan::new(1);
+    lan.backends[0].exec("ip", &["addr", "add", "192.0.2.30/32", "dev", "lo"]);
+    serve(&lan.backends[0], "b1");
+    let policy =
+        POLICY.replace("backends: [198.51.100.11, 198.51.100.12]", "backends: [198.51.100.11]");
+    let node = "interfaces:\n  - {name: ext0, role: external}\n  - {name: int0, role: internal}\n";
+    let agent = common::agent::NodeAgent::start(&lan.gw, &lan.pins, &policy, node);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !lan.pins.agent_started(agent.pid()) {
+        assert!(std::time::Instant::now() < deadline, "the agent did not start: {}", agent.log());
+        thread::sleep(Duration::from_millis(50));
+    }
+    lan.gw.exec("ip", &["neigh", "flush", "dev", "int0"]);
+    let unreachable =
+        || xdpgate_dataplane::stats::read(&lan.pins.dir).unwrap().drops("direct_unreachable");
+    let before = unreachable();
+    let answer = lan.client.run(|| {
+        let addr: SocketAddr = "192.0.2.30:80".parse().unwrap();
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("connect to the floating IP: {e}"));
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).expect("answer");
+        answer
+    });
+    assert_eq!(answer, "b1 192.0.2.30");
+    assert!(unreachable() > before, "the first SYN was dropped, not passed to the stack");
+}

@@ -134,6 +134,21 @@ pub struct NextHop {
     pub _pad: [u8; 2],
 }
 
+/// A neighbour entry the dataplane needed and found missing (`bpf_fib_lookup` reads the
+/// neighbour table, never fills it): the next hop's address (network-order words, IPv4 in
+/// the first) on interface `ifindex`, for the agent to resolve (`maps::NEIGHBOURS_WANTED`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NeighbourKey {
+    pub addr: [u32; 4],
+    pub ifindex: u32,
+    /// 4 or 6.
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+crate::pod!(NeighbourKey);
+
 impl NextHop {
     pub const NONE: NextHop = NextHop {
         generation: 0,

@@ -86,6 +86,13 @@ pub const ROUTE_GENERATION: &str = "ROUTE_GEN";
 /// (IPv4 in the first); all zero: none. Node-specific, so not in the policy: the agent and
 /// `apply` write it. A new map: pin sets from before it get it on their next load.
 pub const ENCAP_SOURCES: &str = "ENCAP_SOURCES";
+/// `LruHashMap<flow::NeighbourKey, u64>`: next hops the FIB found no neighbour entry for,
+/// with the time (ns) last wanted; the agent resolves each (a floating-IP or encapsulated
+/// packet cannot go to the stack, which would resolve it) and removes it. A new map: pin
+/// sets from before it get it on their next load.
+pub const NEIGHBOURS_WANTED: &str = "NEIGH_WANTED";
+/// Its size: next hops wanted within one of the agent's ticks.
+pub const MAX_NEIGHBOURS_WANTED: u32 = 256;
 pub const ENCAP_SOURCE_V4: u32 = 0;
 pub const ENCAP_SOURCE_V6: u32 = 1;
 /// `PerCpuArray<u64>`: flow-table counters, indexed by `flow::FLOW_STAT_*`.

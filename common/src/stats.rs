@@ -75,9 +75,17 @@ pub enum DropReason {
     /// on from here (not this host's address): back to the router that sent it, which
     /// sends it here again until its TTL runs out.
     NoLbRule = 14,
+    /// The FIB gave no next hop this hook can send to for a floating-IP rule's backend (no
+    /// neighbour entry yet, no route, an interface not under xdpgate): the packet, its
+    /// destination the frontend's, cannot go to the stack instead, which has no route to
+    /// the frontend (it answered "network unreachable").
+    DirectUnreachable = 15,
+    /// A floating-IP rule's packet longer than the route's MTU to its backend (the stack,
+    /// with no route to the frontend, cannot answer it with "fragmentation needed").
+    DirectTooBig = 16,
 }
 
-pub const DROP_REASONS: u32 = 15;
+pub const DROP_REASONS: u32 = 17;
 
 /// Entries of the pinned drop counters: room for reasons to come, so that adding one needs
 /// no new layout (and no `upgrade` that starts the counts again at zero).
@@ -101,6 +109,8 @@ pub const DROP_REASON_TABLE: [(&str, &str); DROP_REASONS as usize] = [
     ("encap_unreachable", "no route or neighbour entry (yet) towards an encapsulated backend"),
     ("nat_untranslatable", "a NAT gateway cannot translate its protocol (not TCP, UDP, echo)"),
     ("no_lb_rule", "to a frontend address on a port or protocol no load-balancing rule serves"),
+    ("direct_unreachable", "no neighbour entry (yet) or route towards a floating-IP backend"),
+    ("direct_too_big", "longer than the route's MTU to its floating-IP backend"),
 ];
 
 pub const DROP_REASON_NAMES: [&str; DROP_REASONS as usize] = {

@@ -3,7 +3,9 @@
 //! `hook::Hook::send`). Whatever the FIB cannot answer yet (no neighbour entry, a local
 //! destination, an interface the hook may not send to, a packet too long for the route)
 //! goes to the kernel stack instead, which
-//! forwards the already rewritten packet and learns the neighbour for the next one. A flow
+//! forwards the already rewritten packet and learns the neighbour for the next one; a
+//! packet that cannot go there (floating IP, encapsulated) is dropped, and the agent
+//! resolves the neighbour the FIB found missing (`NEIGHBOURS_WANTED`). A flow
 //! direction keeps its next hop in its entry, so the FIB is asked once per flow (and again
 //! after a route change or a short while), not per packet.
 
@@ -17,18 +19,19 @@ use aya_ebpf::{
         xdp_action,
     },
     helpers::generated::{
-        bpf_fib_lookup as fib_lookup, bpf_jiffies64, bpf_sk_lookup_tcp, bpf_sk_release,
+        bpf_fib_lookup as fib_lookup, bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_sk_lookup_tcp,
+        bpf_sk_release,
     },
 };
 use xdpgate_common::{
-    flow::{HOP_MAX_AGE_JIFFIES, NextHop},
+    flow::{HOP_MAX_AGE_JIFFIES, NeighbourKey, NextHop},
     stats::DropReason,
 };
 
 use crate::{
     headers::{IPPROTO_IPIP, IPPROTO_IPV6},
     hook::Hook,
-    maps::{FIB_PARAMS, ROUTE_GENERATION},
+    maps::{FIB_PARAMS, NEIGHBOURS_WANTED, ROUTE_GENERATION},
     parse::{Packet, PacketMeta, ptr_at},
 };
 
@@ -193,6 +196,32 @@ pub fn forward<H: Hook>(
     send(ctx, meta, hop, rewrite)
 }
 
+/// Sends a floating-IP packet, unchanged, to its backend `backend` (by the flow direction's
+/// cached next hop `cache` while it holds). What the FIB cannot send (no neighbour entry
+/// yet, too long for the route) is dropped and counted, as an encapsulated packet is: the
+/// stack, which would route it by its destination, the frontend's, has no route there and
+/// answered "network unreachable", which ends the client's connect at once (the agent
+/// resolves the backends' neighbour entries, so a SYN sent again gets through).
+#[inline(always)]
+pub fn direct<H: Hook>(
+    ctx: &H,
+    meta: &PacketMeta,
+    backend: &[u32; 4],
+    len: u64,
+    cache: Option<&mut NextHop>,
+) -> Result<u32, DropReason> {
+    // The stack sends the time-exceeded (or takes the packet, if the frontend is its own).
+    if ttl(ctx, meta)? <= 1 {
+        return Ok(xdp_action::XDP_PASS);
+    }
+    let ip_len = ctx.wire_len(meta, (len as u16).wrapping_sub(meta.l3_off));
+    match hop_for(ctx, meta, &meta.src, backend, ip_len, cache, false)? {
+        Ok(hop) => send(ctx, meta, Some(hop), || Ok(())),
+        Err(FIB_FRAG_NEEDED) => Err(DropReason::DirectTooBig),
+        Err(_) => Err(DropReason::DirectUnreachable),
+    }
+}
+
 /// The next hop of a packet from `src` to `dst` whose `ip_len` bytes leave (from the IP
 /// header on): the flow direction's cached one `cache` while it holds, or else the FIB's
 /// answer, then cached. `Err`: the FIB's return code, or `FIB_SUCCESS` for an interface
@@ -215,6 +244,9 @@ pub fn hop_for<H: Hook>(
         Some(hop) if holds(hop, generation, now, iif, ip_len) => Ok(Ok(*hop)),
         cache => {
             let (rc, p) = lookup(ctx, meta, src, dst, ip_len, encapsulated)?;
+            if rc == FIB_NO_NEIGH {
+                want_neighbour(meta.family, p);
+            }
             if rc != FIB_SUCCESS || !H::may_send_to(p.ifindex) {
                 return Ok(Err(rc));
             }
@@ -234,6 +266,22 @@ pub fn hop_for<H: Hook>(
             Ok(Ok(hop))
         }
     }
+}
+
+/// Asks the agent to resolve the next hop the FIB just found no neighbour entry for (it
+/// filled in the interface and the next hop's address, the gateway's or the destination's):
+/// a packet the stack takes instead resolves it itself, but one this hook must send (to a
+/// floating-IP or encapsulated backend) cannot go there.
+#[inline(never)]
+fn want_neighbour(family: u8, p: &bpf_fib_lookup) {
+    let addr = if family == 4 {
+        [unsafe { p.__bindgen_anon_4.ipv4_dst }, 0, 0, 0]
+    } else {
+        unsafe { p.__bindgen_anon_4.ipv6_dst }
+    };
+    let key = NeighbourKey { addr, ifindex: p.ifindex, family, _pad: [0; 3] };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let _ = NEIGHBOURS_WANTED.insert(&key, &now, 0);
 }
 
 /// [`forward`] by the cached next hop alone, for a packet of an established flow in the

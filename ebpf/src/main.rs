@@ -462,9 +462,7 @@ fn act<H: Hook>(
     let len = Packet::len(ctx) as u64;
     match action.nat {
         NAT_NONE => Ok(xdp_action::XDP_PASS),
-        NAT_NEXT_HOP => {
-            forward::forward(ctx, meta, &meta.src, &action.addr, len, hop, false, || Ok(()))
-        }
+        NAT_NEXT_HOP => forward::direct(ctx, meta, &action.addr, len, hop),
         // A packet the stack answers with an error of its own goes to it translated too (a
         // load balancer's frontend may be this host's address, which the stack would take
         // for its own); the egress stage translates that error on its way out.

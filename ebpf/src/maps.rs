@@ -13,14 +13,15 @@ use aya_ebpf::{
 use xdpgate_common::{
     capture::{CaptureConfig, CaptureRecord},
     events::{Bucket, EVENT_RING_BYTES, FlowEvent, MONITOR_RING_BYTES},
-    flow::{FLOW_STATS_LEN, FlowKey, FlowValue, FragKey, FragValue},
+    flow::{FLOW_STATS_LEN, FlowKey, FlowValue, FragKey, FragValue, NeighbourKey},
     iface::IfaceConfig,
     lb::{
         BackendInfo, FrontendKey, MAGLEV_SIZE, MAX_BACKENDS, MAX_FRONTENDS, MAX_SERVICES, Service,
     },
     maps::{
         EGRESS_STAGES, EMBRYO_ENTRIES, FLOW_ENTRIES, FRAG_ENTRIES, IFACE_INDEX_ENTRIES, MAX_EGRESS,
-        MAX_IFACES, NAT_PREFIXES, NSG_FIELD_ENTRIES, PIPELINE_STAGES, TC_STAGES,
+        MAX_IFACES, MAX_NEIGHBOURS_WANTED, NAT_PREFIXES, NSG_FIELD_ENTRIES, PIPELINE_STAGES,
+        TC_STAGES,
     },
     nat::{
         AddrKey, MAX_NAT_GATEWAYS, MAX_PUBLIC_ADDRS, NAT_ENTRIES, NatEntry, NatGatewayConfig,
@@ -223,6 +224,11 @@ pub static BACKEND_STATS: PerCpuArray<Counter> = PerCpuArray::pinned(MAX_BACKEND
 /// This node's outer source address per family for encapsulated flows; the agent writes it.
 #[map(name = "ENCAP_SOURCES")]
 pub static ENCAP_SOURCES: Array<[u32; 4]> = Array::pinned(2, 0);
+
+/// Next hops the FIB found no neighbour entry for (`xdpgate_common::maps::NEIGHBOURS_WANTED`).
+#[map(name = "NEIGH_WANTED")]
+pub static NEIGHBOURS_WANTED: LruHashMap<NeighbourKey, u64> =
+    LruHashMap::pinned(MAX_NEIGHBOURS_WANTED, 0);
 
 /// The route generation next hops are cached under (`flow::NextHop`); the agent bumps it.
 #[map(name = "ROUTE_GEN")]

@@ -683,6 +683,9 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                     save_state(pins, &mut state, &failing, &live);
                 }
                 tick(pins, &mut loggers, flow_log.as_mut(), &mut failing);
+                // Next hops a floating-IP or encapsulated packet found unresolved (and was
+                // dropped for): resolved now, so the client's next try gets through.
+                failing.check("neighbour resolution", dataplane::neighbours::resolve_wanted(pins));
                 if let Some(log) = flow_log.as_mut()
                     && let Ok(now) = dataplane::stats::event_losses(pins)
                     && now != events_missing

@@ -294,6 +294,30 @@ pub fn neighbour(ifindex: u32, addr: IpAddr) -> Result<Option<Neighbour>> {
     Ok(found)
 }
 
+/// Makes the kernel resolve the neighbour entry of `addr` on interface `ifindex` (as `ip
+/// neigh replace ADDR dev DEV use` does: `NTF_USE` creates the entry if need be and sends a
+/// solicitation, as a packet the stack sends there would), in the current network namespace.
+pub fn resolve(ifindex: u32, addr: IpAddr) -> Result<()> {
+    const NLM_F_REPLACE: u16 = 0x100;
+    const NLM_F_CREATE: u16 = 0x400;
+    const NTF_USE: u8 = 0x01;
+    let (family, bytes) = match addr {
+        IpAddr::V4(a) => (AF_INET, a.octets().to_vec()),
+        IpAddr::V6(a) => (AF_INET6, a.octets().to_vec()),
+    };
+    let flags = rtnetlink::NLM_F_REQUEST | rtnetlink::NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE;
+    let mut req = rtnetlink::header(RTM_NEWNEIGH, flags);
+    // ndmsg: family, padding, ifindex, state (none: NTF_USE leaves it to the resolution),
+    // flags, type.
+    req.extend_from_slice(&[family, 0, 0, 0]);
+    req.extend_from_slice(&(ifindex as i32).to_ne_bytes());
+    req.extend_from_slice(&0u16.to_ne_bytes());
+    req.extend_from_slice(&[NTF_USE, 0]);
+    rtnetlink::attr(&mut req, NDA_DST, &bytes);
+    rtnetlink::request(req, "resolving a neighbour", |_, _| {})
+        .with_context(|| format!("resolving the neighbour {addr} on ifindex {ifindex}"))
+}
+
 /// One `RTM_NEWNEIGH` body, when it is `addr` on `ifindex`.
 fn parse_neighbour(body: &[u8], ifindex: u32, addr: IpAddr) -> Option<Neighbour> {
     let nd_ifindex = i32::from_ne_bytes(body.get(4..8)?.try_into().ok()?);

@@ -47,6 +47,7 @@ pub mod lease;
 pub mod migrate;
 pub mod monitor;
 pub mod nat;
+pub mod neighbours;
 pub mod netns;
 pub mod probes;
 pub mod routes;
