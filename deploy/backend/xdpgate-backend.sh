@@ -117,7 +117,8 @@ while [ $# -gt 0 ]; do
 		;;
 	--pin-dir)
 		need_value "$@"
-		pin_dir=$2
+		# One directory, one state, however it is spelt (a trailing slash, a relative path).
+		pin_dir=$(realpath -m -- "$2")
 		shift 2
 		;;
 	--path-mtu)
@@ -385,6 +386,48 @@ served() {
 	return 0
 }
 
+# How to run xdpgate as this script does, for a message.
+xdpgate_command() {
+	echo "xdpgate${netns:+ --netns $netns}${pin_dir:+ --pin-dir $pin_dir} $*"
+}
+
+# Refuses, for $1 (up or down), xdpgate's decap program under this pin directory when this
+# script has no record of it (attached by hand, or the record lost): up would add to
+# frontends and gateways it was never given, and down would leave it, saying nothing was
+# served.
+refuse_unrecorded_program() {
+	command -v "$XDPGATE" >/dev/null 2>&1 || return 0
+	status=$(xg decap status 2>/dev/null) || return 0
+	case $status in "the decap program is attached to no interface"*) return 0 ;; esac
+	die "$1: this script did not set up (or lost its record of) xdpgate's decap program in" \
+		"${netns:-this host} under ${pin_dir:-the default pin directory}: left as it is" \
+		"(\`$(xdpgate_command decap detach --all)\` removes it); nothing was changed:
+$status"
+}
+
+# `down` with no record for this namespace and pin directory: the namespace's record under
+# another pin directory is named (a `down` given another --pin-dir than `up`), and so is a
+# program this script did not set up; with neither, there is nothing to undo (as after an
+# earlier `down`).
+down_unrecorded() {
+	for saved in /run/xdpgate-backend/*/; do
+		[ -d "$saved" ] || continue
+		[ "$(cat "$saved/netns" 2>/dev/null || true)" = "$netns" ] || continue
+		if [ ! -e "$saved/pin_dir" ]; then
+			other="the record in $saved"
+		elif [ -n "$(cat "$saved/pin_dir")" ]; then
+			other="--pin-dir $(cat "$saved/pin_dir")"
+		else
+			other="no --pin-dir"
+		fi
+		die "down: ${netns:-this host} was set up with $other: run down with that;" \
+			"nothing was changed"
+	done
+	refuse_unrecorded_program down
+	[ -z "$gateways" ] || die "down: no gateway to remove: this host serves no frontend"
+	echo "xdpgate-backend.sh: down: no frontend served"
+}
+
 up() {
 	[ -n "$frontends" ] || die "up: name at least one frontend address"
 	previous=$(cat "$state/decap" 2>/dev/null || true)
@@ -417,6 +460,9 @@ up() {
 	if [ -n "$previous" ] && [ "$previous" != "$decap" ]; then
 		die "up: this host decapsulates with $previous already: run down first to switch to $decap"
 	fi
+	if [ "$decap" = xdpgate ] && [ -z "$previous" ]; then
+		refuse_unrecorded_program up
+	fi
 	if [ "$decap" = kernel ] && [ -z "$previous" ]; then
 		for fam in $(families); do
 			if [ "$fam" = 4 ]; then kind=ipip; else kind=ip6tnl; fi
@@ -438,6 +484,7 @@ up() {
 	mkdir -p "$state"
 	chmod 700 "$state"
 	echo "$decap" >"$state/decap"
+	echo "$pin_dir" >"$state/pin_dir"
 	if [ -n "$netns" ]; then
 		echo "$netns" >"$state/netns"
 		netns_id "$netns" >"$state/netns_id"
@@ -504,6 +551,10 @@ remove_gateways() {
 }
 
 down() {
+	if [ ! -d "$state" ]; then
+		down_unrecorded
+		return
+	fi
 	if [ -n "$gateways" ]; then
 		remove_gateways
 		[ -n "$frontends" ] || return 0

@@ -1,0 +1,172 @@
+//! deploy/backend/xdpgate-backend.sh's `up` and `down` against what an operator does
+//! around them: a default route changed between two `up`s, a stricter advmss of its own,
+//! addresses on lo the script did not add, a gateway family missing, a namespace deleted
+//! and created again under its name, a pin directory spelt another way. Each `up` uses
+//! xdpgate's decap program (the machine's kernel has no ipip module); no packet is sent.
+
+mod common;
+
+use std::{
+    path::PathBuf,
+    process::{Command, Output},
+};
+
+use common::{Netns, Pins, veth};
+use serde_json::{Value, json};
+use xdpgate_dataplane::decap;
+
+const VIP4: &str = "192.0.2.10";
+const VIP4B: &str = "192.0.2.11";
+/// The backend's neighbours on its link: the router and the gateways.
+const ROUTER4: &str = "198.51.100.1";
+const ROUTER4B: &str = "198.51.100.3";
+const ROUTER6: &str = "2001:db8:1::1";
+const BACKEND4: &str = "198.51.100.2";
+const BACKEND6: &str = "2001:db8:1::2";
+const GATEWAY4: &str = "198.51.100.1";
+const GATEWAY6: &str = "2001:db8:1::1";
+
+fn script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/backend/xdpgate-backend.sh")
+}
+
+/// A backend namespace with one link (to a peer namespace) and default routes over it,
+/// `proto static metric 5` as an operator would set them.
+struct Lab {
+    // Field order is drop order: detach (needs the namespace) before the namespaces go.
+    pins: Pins,
+    _peer: Netns,
+    backend: Netns,
+    b_if: String,
+}
+
+impl Lab {
+    fn new() -> Self {
+        let peer = Netns::new("xbsp");
+        let backend = Netns::new("xbs");
+        let (_, b_if) = link(&peer, &backend);
+        let pins = Pins::in_netns(&backend);
+        Lab { pins, _peer: peer, backend, b_if }
+    }
+
+    /// The script with `args`, then `--netns` and `pin_dir` (none: the option left out).
+    fn script_in(&self, args: &[&str], pin_dir: Option<&str>) -> Output {
+        let mut cmd = Command::new("sh");
+        cmd.arg(script()).args(args).args(["--netns", &self.backend.name]);
+        if let Some(dir) = pin_dir {
+            cmd.args(["--pin-dir", dir]);
+        }
+        cmd.env("XDPGATE", common::xdpgate_bin()).output().expect("run the backend script")
+    }
+
+    fn pin_dir(&self) -> String {
+        self.pins.dir.path().to_string_lossy().into_owned()
+    }
+
+    /// The script against this lab's namespace and pin directory.
+    fn script(&self, args: &[&str]) -> Output {
+        self.script_in(args, Some(&self.pin_dir()))
+    }
+
+    fn script_ok(&self, args: &[&str]) -> String {
+        let out = self.script(args);
+        assert!(out.status.success(), "xdpgate-backend.sh {args:?}:\n{}", text(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `up` of `frontends` with xdpgate's program on the lab's link, and `more` options
+    /// (the gateways named there, else both of the lab's).
+    fn up(&self, frontends: &[&str], more: &[&str]) -> Output {
+        let decap = ["--decap", "xdpgate", "--interface", &self.b_if];
+        let mut args = [&["up"][..], frontends, &decap].concat();
+        if !more.contains(&"--gateway") {
+            args.extend(["--gateway", GATEWAY4, "--gateway", GATEWAY6]);
+        }
+        args.extend(more);
+        self.script(&args)
+    }
+
+    fn up_ok(&self, frontends: &[&str], more: &[&str]) -> String {
+        let out = self.up(frontends, more);
+        assert!(out.status.success(), "up {frontends:?} {more:?}:\n{}", text(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn route(&self, family: &str) -> String {
+        let out = self.backend.exec("ip", &[family, "route", "show", "default"]).stdout;
+        String::from_utf8_lossy(&out).trim().to_string()
+    }
+
+    fn lo_addrs(&self) -> String {
+        let out = self.backend.exec("ip", &["addr", "show", "dev", "lo"]).stdout;
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    fn status(&self) -> Value {
+        serde_json::from_str(&self.pins.xdpgate(&["decap", "status", "--json"])).unwrap()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = self.script(&["down"]);
+    }
+}
+
+/// A link from `peer` to `backend` with the backend's default routes over it.
+fn link(peer: &Netns, backend: &Netns) -> (String, String) {
+    let (p_if, b_if) = veth(
+        peer,
+        &format!("{ROUTER4}/24,{ROUTER4B}/24,{ROUTER6}/64"),
+        backend,
+        &format!("{BACKEND4}/24,{BACKEND6}/64"),
+    );
+    for (family, router) in [("-4", ROUTER4), ("-6", ROUTER6)] {
+        let route = ["route", "add", "default", "via", router, "proto", "static", "metric", "5"];
+        backend.exec("ip", &[&[family][..], &route].concat());
+    }
+    (p_if, b_if)
+}
+
+fn text(out: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+/// changing nothing (seen failing: `up` took them over, `down` said "no frontend served").
+#[test]
+fn pins_the_script_did_not_record_are_left_alone() {
+    let lab = Lab::new();
+    let attach = ["decap", "attach", &lab.b_if, "--frontend", VIP4B, "--gateway", "203.0.113.0/24"];
+    lab.pins.xdpgate(&attach);
+    let before = lab.status();
+    let out = lab.up(&[VIP4], &[]);
+    let err = text(&out);
+    assert!(!out.status.success() && err.contains("decap detach --all"), "{err}");
+    assert!(!lab.lo_addrs().contains(VIP4), "{}", lab.lo_addrs());
+    let out = lab.script(&["down"]);
+    let err = text(&out);
+    assert!(!out.status.success() && err.contains("decap detach --all"), "{err}");
+    let after = lab.status();
+    assert_eq!(after["frontends"], before["frontends"], "{after}");
+    assert_eq!(after["gateways"], before["gateways"], "{after}");
+    lab.pins.xdpgate(&["decap", "detach", "--all"]);
+    // Idempotent: nothing left, nothing to say.
+    lab.script_ok(&["down"]);
+}
+
+/// `--pin-dir`, another pin directory, it undoes nothing and names the one `up` was given.
+#[test]
+fn down_finds_the_state_of_a_pin_dir_however_spelt() {
+    let lab = Lab::new();
+    lab.up_ok(&[VIP4], &[]);
+    let out = lab.script_in(&["down"], None);
+    let err = text(&out);
+    let says = format!("--pin-dir {}", lab.pin_dir());
+    assert!(!out.status.success() && err.contains(&says), "{err}");
+    assert_eq!(lab.status()["frontends"], json!([VIP4]));
+    let out = lab.script_in(&["down"], Some(&format!("{}//", lab.pin_dir())));
+    assert!(out.status.success() && text(&out).contains("no frontend served"), "{}", text(&out));
+    assert!(!lab.lo_addrs().contains(VIP4), "{}", lab.lo_addrs());
+    assert!(!decap::dir(&lab.pins.dir).path().exists(), "down left the program");
+    assert!(!lab.route("-4").contains("advmss"), "{}", lab.route("-4"));
+}
