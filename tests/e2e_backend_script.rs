@@ -11,7 +11,7 @@ use std::{
     process::{Command, Output},
 };
 
-use common::{Netns, Pins, veth};
+use common::{Netns, Pins, run, veth};
 use serde_json::{Value, json};
 use xdpgate_dataplane::decap;
 
@@ -130,6 +130,24 @@ fn link(peer: &Netns, backend: &Netns) -> (String, String) {
 
 fn text(out: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+/// the new namespace's program decapsulated from the old gateway for the old frontend).
+#[test]
+fn a_recreated_namespace_gets_none_of_the_old_pins() {
+    let lab = Lab::new();
+    lab.up_ok(&[VIP4], &["--gateway", "198.51.100.5"]);
+    run("ip", &["netns", "del", &lab.backend.name]);
+    run("ip", &["netns", "add", &lab.backend.name]);
+    let peer = Netns::new("xbsp");
+    let (_, b_if) = link(&peer, &lab.backend);
+    let up = ["up", VIP4B, "--decap", "xdpgate", "--interface", &b_if, "--gateway", "198.51.100.6"];
+    lab.script_ok(&up);
+    let status = lab.status();
+    assert_eq!(status["frontends"], json!([VIP4B]), "{status}");
+    assert_eq!(status["gateways"], json!(["198.51.100.6/32"]), "{status}");
+    lab.script_ok(&["down"]);
+    assert!(!decap::dir(&lab.pins.dir).path().exists());
 }
 
 /// changing nothing (seen failing: `up` took them over, `down` said "no frontend served").

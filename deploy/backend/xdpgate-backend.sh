@@ -209,6 +209,16 @@ netns_id() {
 	stat -L -c %d:%i "/run/netns/$1" 2>/dev/null || true
 }
 
+# Detaches the decap program a dead namespace's state $1 recorded, pins and all: bpffs
+# outlives the namespace, and one created again under its name would otherwise be given its
+# frontends and gateways by its first `up`.
+forget_pins() {
+	[ "$(cat "$1/decap" 2>/dev/null || true)" = xdpgate ] && [ -e "$1/pin_dir" ] || return 0
+	if [ -n "$(cat "$1/pin_dir")" ]; then set -- --pin-dir "$(cat "$1/pin_dir")"; else set --; fi
+	"$XDPGATE" "$@" decap detach --all >/dev/null ||
+		echo "xdpgate-backend.sh: could not detach a deleted namespace's decap program" >&2
+}
+
 # The state of namespaces deleted since (with all up did in them) is of no use any more,
 # nor is that of a namespace whose name a new one took.
 for saved in /run/xdpgate-backend/*/netns; do
@@ -216,6 +226,7 @@ for saved in /run/xdpgate-backend/*/netns; do
 	dir=${saved%/netns}
 	id=$(netns_id "$(cat "$saved")")
 	if [ -z "$id" ] || { [ -e "$dir/netns_id" ] && [ "$(cat "$dir/netns_id")" != "$id" ]; }; then
+		forget_pins "$dir"
 		rm -rf "$dir"
 	fi
 done
