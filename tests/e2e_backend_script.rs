@@ -132,6 +132,28 @@ fn text(out: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
 
+/// after `up` stays too.
+#[test]
+fn a_later_up_and_down_keep_a_changed_default_route() {
+    let lab = Lab::new();
+    lab.up_ok(&[VIP4], &[]);
+    assert!(lab.route("-4").contains("advmss 1440"), "{}", lab.route("-4"));
+    let moved = format!("default via {ROUTER4B} dev {} proto static metric 5", lab.b_if);
+    let replace: Vec<&str> = ["route", "replace"].into_iter().chain(moved.split(' ')).collect();
+    lab.backend.exec("ip", &replace);
+    lab.up_ok(&[VIP4B], &[]);
+    assert_eq!(lab.route("-4"), format!("{moved} advmss 1440"), "the gateway change was undone");
+    lab.script_ok(&["down"]);
+    assert_eq!(lab.route("-4"), moved);
+
+    // The operator's own advmss, set after `up`: `down` leaves it.
+    lab.up_ok(&[VIP4], &[]);
+    let own: Vec<&str> = ["route", "change"].into_iter().chain(moved.split(' ')).collect();
+    lab.backend.exec("ip", &[&own[..], &["advmss", "1300"]].concat());
+    lab.script_ok(&["down"]);
+    assert_eq!(lab.route("-4"), format!("{moved} advmss 1300"));
+}
+
 /// the new namespace's program decapsulated from the old gateway for the old frontend).
 #[test]
 fn a_recreated_namespace_gets_none_of_the_old_pins() {

@@ -281,50 +281,82 @@ route_args() {
 		-e 's/ rt_trap//g' -e 's/ offload//g' -e 's/ trap//g'
 }
 
+# The default route of family $1 when one `ip route change` can change it and give it
+# back: not a multipath route, one of several, nor one from a router advertisement (whose
+# timer the next advertisement replaces anyway).
+changeable_default() {
+	route=$(ipc -"$1" route show default)
+	case $route in
+	'' | *"
+"* | *nexthop* | *" expires "*) return 1 ;;
+	esac
+	echo "$route"
+}
+
+# The advmss of route $1, if it has one.
+advmss_of() {
+	echo "$1" | sed -n 's/.* advmss \([0-9]*\).*/\1/p'
+}
+
+# Changes route $2 of family $1 to have advmss $3, or none when that is empty.
+set_advmss() {
+	set -f
+	# shellcheck disable=SC2046
+	ipc -"$1" route change $(echo "$2" | route_args | sed 's/ advmss [0-9]*//') ${3:+advmss "$3"}
+	set +f
+}
+
+# A state of an earlier version saved the whole route at the first `up`: its advmss was
+# the route's own, and the one on the route now is up's.
+legacy_route_state() {
+	[ -e "$state/route$1" ] || return 0
+	advmss_of "$(cat "$state/route$1")" >"$state/advmss$1"
+	advmss_of "$(ipc -"$1" route show default)" >"$state/advmss$1.set"
+	rm -f "$state/route$1"
+}
+
 # Lowers the MSS this host advertises to clients reached by the default route of family $1
 # (the replies to clients leave by it): the gateways add a 20-byte (IPv4) or 40-byte (IPv6)
 # header to every client packet, which must still fit the path MTU; a client sending full
 # segments of the usual MSS would otherwise see them dropped (or, with DF, get "fragmentation
-# needed" from a gateway). Remembers the route as it was, once, for down.
-# The route is saved as it was (its own advmss too) and `down` puts it back verbatim; one
-# `ip route change` cannot give back a multipath route or several default routes, nor the
-# timer of a route from a router advertisement (which the next one replaces anyway): those
-# are left alone.
+# needed" from a gateway). Only the advmss is up's: each `up` changes the route as it is
+# then (its gateway may have changed since), and remembers the route's own advmss for down.
 lower_mss() {
 	fam=$1
-	saved=$state/route$fam
-	if [ -e "$saved" ]; then route=$(cat "$saved"); else route=$(ipc -"$fam" route show default); fi
-	if [ -z "$route" ]; then
+	legacy_route_state "$fam"
+	if [ -z "$(ipc -"$fam" route show default)" ]; then
 		echo "xdpgate-backend.sh: no IPv$fam default route: set 'advmss' on the routes" \
 			"to your IPv$fam clients yourself" >&2
 		return
 	fi
-	case $route in
-	*"
-"* | *nexthop* | *" expires "*)
+	if ! route=$(changeable_default "$fam"); then
 		echo "xdpgate-backend.sh: the IPv$fam default route is multipath, one of several or" \
 			"from a router advertisement: left as it is; set 'advmss' on the routes to your" \
-			"IPv$fam clients yourself:" "$route" >&2
+			"IPv$fam clients yourself:" "$(ipc -"$fam" route show default)" >&2
 		return
-		;;
-	esac
+	fi
 	if [ "$fam" = 4 ]; then advmss=$((path_mtu - 20 - 20 - 20)); else advmss=$((path_mtu - 40 - 40 - 20)); fi
-	[ -e "$saved" ] || echo "$route" >"$saved"
-	set -f
-	# shellcheck disable=SC2046
-	ipc -"$fam" route change $(echo "$route" | route_args | sed 's/ advmss [0-9]*//') advmss "$advmss"
-	set +f
+	have=$(advmss_of "$route")
+	ours=$(cat "$state/advmss$fam.set" 2>/dev/null || true)
+	if [ -z "$ours" ] || [ "$have" != "$ours" ]; then echo "$have" >"$state/advmss$fam"; fi
+	set_advmss "$fam" "$route" "$advmss"
+	echo "$advmss" >"$state/advmss$fam.set"
 }
 
+# Gives the default route of family $1 its own advmss back, if it still has the one up set
+# (one set by the operator since is theirs), leaving the rest of it as it is now.
 restore_mss() {
 	fam=$1
-	[ -e "$state/route$fam" ] || return 0
-	set -f
-	# shellcheck disable=SC2046
-	ipc -"$fam" route change $(route_args <"$state/route$fam") || echo "xdpgate-backend.sh:" \
-		"could not restore the IPv$fam default route: $(cat "$state/route$fam")" >&2
-	set +f
-	rm -f "$state/route$fam"
+	legacy_route_state "$fam"
+	[ -e "$state/advmss$fam.set" ] || return 0
+	ours=$(cat "$state/advmss$fam.set")
+	if route=$(changeable_default "$fam") && [ "$(advmss_of "$route")" = "$ours" ]; then
+		set_advmss "$fam" "$route" "$(cat "$state/advmss$fam")"
+	else
+		echo "xdpgate-backend.sh: the IPv$fam default route no longer has the advmss $ours" \
+			"up set: left as it is" >&2
+	fi
+	rm -f "$state/advmss$fam" "$state/advmss$fam.set"
 }
 
 # The gateways of family $1 (4 or 6), saved and given, comma-separated.
