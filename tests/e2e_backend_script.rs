@@ -17,6 +17,7 @@ use xdpgate_dataplane::decap;
 
 const VIP4: &str = "192.0.2.10";
 const VIP4B: &str = "192.0.2.11";
+const VIP6: &str = "2001:db8::10";
 /// The backend's neighbours on its link: the router and the gateways.
 const ROUTER4: &str = "198.51.100.1";
 const ROUTER4B: &str = "198.51.100.3";
@@ -152,6 +153,21 @@ fn a_later_up_and_down_keep_a_changed_default_route() {
     lab.backend.exec("ip", &[&own[..], &["advmss", "1300"]].concat());
     lab.script_ok(&["down"]);
     assert_eq!(lab.route("-4"), format!("{moved} advmss 1300"));
+}
+
+/// `down` leaves it (seen failing: raised to 1440, and back to 1200 at `down`).
+#[test]
+fn a_stricter_advmss_of_the_routes_own_is_kept() {
+    let lab = Lab::new();
+    let own = ["route", "change", "default", "via", ROUTER4, "proto", "static", "metric", "5"];
+    lab.backend.exec("ip", &[&own[..], &["advmss", "1200"]].concat());
+    let before = lab.route("-4");
+    lab.up_ok(&[VIP4, VIP6], &[]);
+    assert_eq!(lab.route("-4"), before);
+    assert!(lab.route("-6").contains("advmss 1400"), "{}", lab.route("-6"));
+    lab.script_ok(&["down"]);
+    assert_eq!(lab.route("-4"), before);
+    assert!(!lab.route("-6").contains("advmss"), "{}", lab.route("-6"));
 }
 
 /// the new namespace's program decapsulated from the old gateway for the old frontend).

@@ -1217,14 +1217,14 @@ fn script_down_of_a_gateway_keeps_the_rest() {
     lab.script_ok(&["down"]);
 }
 
-/// `down` puts back the default route `up` lowered the MSS on as it was: its own advmss
-/// included; a multipath one is not changed at all.
+/// `down` puts back the default route `up` lowered the MSS on as it was: its own (higher)
+/// advmss included; a multipath one is not changed at all.
 #[test]
 fn down_restores_a_default_route_with_its_own_advmss() {
     let lab = Lab::new();
-    lab.backend.exec("ip", &["route", "change", "default", "via", SENDER4, "advmss", "1300"]);
+    lab.backend.exec("ip", &["route", "change", "default", "via", SENDER4, "advmss", "1450"]);
     let before = lab.routes();
-    assert!(before.contains("advmss 1300"), "{before}");
+    assert!(before.contains("advmss 1450"), "{before}");
     lab.script_ok(&["up", VIP4, "--decap", "xdpgate", "--interface", &lab.b_if]);
     assert!(lab.routes().contains("advmss 1440"), "{}", lab.routes());
     lab.script_ok(&["down"]);

@@ -319,8 +319,9 @@ legacy_route_state() {
 # (the replies to clients leave by it): the gateways add a 20-byte (IPv4) or 40-byte (IPv6)
 # header to every client packet, which must still fit the path MTU; a client sending full
 # segments of the usual MSS would otherwise see them dropped (or, with DF, get "fragmentation
-# needed" from a gateway). Only the advmss is up's: each `up` changes the route as it is
-# then (its gateway may have changed since), and remembers the route's own advmss for down.
+# needed" from a gateway). A lower advmss on the route is kept. Only the advmss is up's:
+# each `up` changes the route as it is then (its gateway may have changed since), and
+# remembers the route's own advmss for down.
 lower_mss() {
 	fam=$1
 	legacy_route_state "$fam"
@@ -337,6 +338,8 @@ lower_mss() {
 	fi
 	if [ "$fam" = 4 ]; then advmss=$((path_mtu - 20 - 20 - 20)); else advmss=$((path_mtu - 40 - 40 - 20)); fi
 	have=$(advmss_of "$route")
+	# A lower one, the operator's or an earlier `up`'s, is stricter still: kept.
+	if [ -n "$have" ] && [ "$have" -le "$advmss" ]; then return; fi
 	ours=$(cat "$state/advmss$fam.set" 2>/dev/null || true)
 	if [ -z "$ours" ] || [ "$have" != "$ours" ]; then echo "$have" >"$state/advmss$fam"; fi
 	set_advmss "$fam" "$route" "$advmss"
