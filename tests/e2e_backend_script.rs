@@ -170,6 +170,31 @@ fn a_stricter_advmss_of_the_routes_own_is_kept() {
     assert!(!lab.route("-6").contains("advmss"), "{}", lab.route("-6"));
 }
 
+/// loopback address is no frontend, refused (seen failing: `down ::1` deleted it).
+#[test]
+fn down_removes_only_the_addresses_up_added() {
+    const ELSE: &str = "192.0.2.99";
+    let lab = Lab::new();
+    let on_lo = |addr: &str| lab.lo_addrs().contains(&format!(" {addr}/"));
+    lab.backend.exec("ip", &["addr", "add", &format!("{VIP4B}/32"), "dev", "lo"]);
+    lab.up_ok(&[VIP4, VIP4B], &[]);
+    lab.backend.exec("ip", &["addr", "add", &format!("{ELSE}/32"), "dev", "lo"]);
+    let out = lab.script(&["down", ELSE]);
+    assert!(out.status.success() && text(&out).contains("not served"), "{}", text(&out));
+    assert!(on_lo(ELSE), "down deleted an address it was not serving");
+    assert_eq!(lab.status()["frontends"], json!([VIP4, VIP4B]));
+    for loopback in ["::1", "127.0.0.1"] {
+        let out = lab.script(&["down", loopback]);
+        let err = text(&out);
+        assert!(!out.status.success() && err.contains("not a frontend"), "{loopback}: {err}");
+        assert!(on_lo(loopback), "down {loopback} deleted it");
+    }
+    lab.script_ok(&["down"]);
+    assert!(!on_lo(VIP4), "{}", lab.lo_addrs());
+    assert!(on_lo(VIP4B), "down deleted an address that was there before up");
+    assert!(on_lo(ELSE));
+}
+
 /// the new namespace's program decapsulated from the old gateway for the old frontend).
 #[test]
 fn a_recreated_namespace_gets_none_of_the_old_pins() {

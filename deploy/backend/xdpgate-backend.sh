@@ -231,6 +231,17 @@ for saved in /run/xdpgate-backend/*/netns; do
 	fi
 done
 
+# Refuses an address no client sends to, as `xdpgate decap attach` does: loopback,
+# unspecified, multicast, broadcast, or IPv4-mapped (packets to it carry the IPv4 address).
+frontend_check() {
+	case $1 in
+	127.* | 0.0.0.0 | 22[4-9].* | 23[0-9].* | 255.255.255.255 | :: | ::1 | [fF][fF]* | ::[fF][fF][fF][fF]:*)
+		die "'$1' is not a frontend: a loopback, unspecified, multicast, broadcast or" \
+			"IPv4-mapped address"
+		;;
+	esac
+}
+
 # A gateway's address or prefix: an address (the family() checks) and a length within it.
 gateway_family() {
 	fam=$(family "${1%%/*}")
@@ -248,6 +259,7 @@ gateway_family() {
 # Checked before anything changes.
 for f in $frontends; do
 	family "$f" >/dev/null
+	frontend_check "$f"
 done
 for g in $gateways; do
 	gateway_family "$g" >/dev/null
@@ -432,6 +444,18 @@ served() {
 	return 0
 }
 
+# Removes line $2 from state file $1.
+forget() {
+	grep -vxF "$2" "$state/$1" >"$state/$1.new" || true
+	mv "$state/$1.new" "$state/$1"
+}
+
+# The frontend addresses up added to lo, the only ones down deletes (an address there
+# before is someone else's). A state of an earlier version did not say: its frontends.
+added_list() {
+	[ -e "$state/added" ] || served >"$state/added"
+}
+
 # How to run xdpgate as this script does, for a message.
 xdpgate_command() {
 	echo "xdpgate${netns:+ --netns $netns}${pin_dir:+ --pin-dir $pin_dir} $*"
@@ -556,12 +580,14 @@ up() {
 	fi
 
 	ipc link set lo up
+	added_list
 	for f in $frontends; do
 		if [ "$(family "$f")" = 4 ]; then len=32; else len=128; fi
 		if [ -z "$(ipc addr show dev lo to "$f/$len")" ]; then
 			ipc addr add "$f/$len" dev lo
+			grep -qxF "$f" "$state/added" || echo "$f" >>"$state/added"
 		fi
-		if ! served | grep -qx "$f"; then
+		if ! served | grep -qxF "$f"; then
 			echo "$f" >>"$state/frontends"
 		fi
 	done
@@ -607,19 +633,24 @@ down() {
 	fi
 	[ -n "$frontends" ] || frontends=$(served | tr '\n' ' ')
 	decap=$(cat "$state/decap" 2>/dev/null || echo "${decap:-}")
+	added_list
+	stopped=
 	for f in $frontends; do
+		if ! served | grep -qxF "$f"; then
+			echo "xdpgate-backend.sh: down: $f is not served here: left as it is" >&2
+			continue
+		fi
 		if [ "$(family "$f")" = 4 ]; then len=32; else len=128; fi
-		if [ -n "$(ipc addr show dev lo to "$f/$len")" ]; then
+		if grep -qxF "$f" "$state/added" && [ -n "$(ipc addr show dev lo to "$f/$len")" ]; then
 			ipc addr del "$f/$len" dev lo
 		fi
-		if [ -e "$state/frontends" ]; then
-			grep -vx "$f" "$state/frontends" >"$state/frontends.new" || true
-			mv "$state/frontends.new" "$state/frontends"
-		fi
+		forget frontends "$f"
+		forget added "$f"
+		stopped="$stopped $f"
 	done
-	if [ "$decap" = xdpgate ] && [ -n "$frontends" ]; then
+	if [ "$decap" = xdpgate ] && [ -n "$stopped" ]; then
 		set --
-		for f in $frontends; do set -- "$@" --frontend "$f"; done
+		for f in $stopped; do set -- "$@" --frontend "$f"; done
 		xg decap remove "$@" >/dev/null
 	fi
 	if [ -n "$(served)" ]; then
