@@ -133,6 +133,9 @@ fn text(out: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
 
+/// A later `up` lowers the MSS on the default route as it is then, and `down` takes only
+/// its advmss off the route as it is then: a gateway changed between them stays (seen
+/// failing: both put back the route saved at the first `up`). An advmss the operator set
 /// after `up` stays too.
 #[test]
 fn a_later_up_and_down_keep_a_changed_default_route() {
@@ -155,6 +158,7 @@ fn a_later_up_and_down_keep_a_changed_default_route() {
     assert_eq!(lab.route("-4"), format!("{moved} advmss 1300"));
 }
 
+/// `up` keeps an advmss of the route's own that is lower than the one it would set, and
 /// `down` leaves it (seen failing: raised to 1440, and back to 1200 at `down`).
 #[test]
 fn a_stricter_advmss_of_the_routes_own_is_kept() {
@@ -170,6 +174,8 @@ fn a_stricter_advmss_of_the_routes_own_is_kept() {
     assert!(!lab.route("-6").contains("advmss"), "{}", lab.route("-6"));
 }
 
+/// `down` deletes from lo only the addresses `up` added: not one that was there before
+/// `up`, nor one named to `down` that is not served (seen failing: both deleted); a
 /// loopback address is no frontend, refused (seen failing: `down ::1` deleted it).
 #[test]
 fn down_removes_only_the_addresses_up_added() {
@@ -195,6 +201,39 @@ fn down_removes_only_the_addresses_up_added() {
     assert!(on_lo(ELSE));
 }
 
+/// A frontend of a family no gateway is of is refused, as its encapsulated packets would
+/// be dropped while the gateways' plain health probes pass (seen failing: accepted), at
+/// `up` and at `down --gateway` taking the family's last gateway (seen failing: done),
+/// nothing changed; with that family's last frontend, that gateway may go.
+#[test]
+fn a_frontend_family_needs_a_gateway_of_its_family() {
+    let lab = Lab::new();
+    let out = lab.up(&[VIP4, VIP6], &["--gateway", "203.0.113.0/24"]);
+    let err = text(&out);
+    assert!(!out.status.success() && err.contains("no IPv6 gateway"), "{err}");
+    assert!(!lab.lo_addrs().contains(VIP4), "{}", lab.lo_addrs());
+    assert!(!decap::dir(&lab.pins.dir).path().exists(), "a refused up attached");
+    lab.up_ok(&[VIP4], &["--gateway", GATEWAY4]);
+    let out = lab.up(&[VIP6], &["--gateway", GATEWAY4]);
+    let err = text(&out);
+    assert!(!out.status.success() && err.contains("no IPv6 gateway"), "{err}");
+    assert_eq!(lab.status()["frontends"], json!([VIP4]));
+    lab.up_ok(&[VIP6], &["--gateway", GATEWAY6]);
+    let both = json!([format!("{GATEWAY4}/32"), format!("{GATEWAY6}/128")]);
+    assert_eq!(lab.status()["gateways"], both);
+
+    let out = lab.script(&["down", "--gateway", GATEWAY6]);
+    let err = text(&out);
+    assert!(!out.status.success() && err.contains("no IPv6 gateway"), "{err}");
+    assert_eq!(lab.status()["gateways"], both);
+    lab.script_ok(&["down", "--gateway", GATEWAY6, VIP6]);
+    let status = lab.status();
+    assert_eq!(status["gateways"], json!([format!("{GATEWAY4}/32")]), "{status}");
+    assert_eq!(status["frontends"], json!([VIP4]), "{status}");
+}
+
+/// A namespace deleted and created again under its name starts afresh: the dead one's
+/// frontend and gateway, pinned under its pin directory, go with its state (seen failing:
 /// the new namespace's program decapsulated from the old gateway for the old frontend).
 #[test]
 fn a_recreated_namespace_gets_none_of_the_old_pins() {
@@ -213,6 +252,8 @@ fn a_recreated_namespace_gets_none_of_the_old_pins() {
     assert!(!decap::dir(&lab.pins.dir).path().exists());
 }
 
+/// Decap pins the script did not record (a program attached by hand, or its state lost):
+/// `up` does not add to them, and `down` does not claim nothing was served; both say why,
 /// changing nothing (seen failing: `up` took them over, `down` said "no frontend served").
 #[test]
 fn pins_the_script_did_not_record_are_left_alone() {
@@ -235,6 +276,8 @@ fn pins_the_script_did_not_record_are_left_alone() {
     lab.script_ok(&["down"]);
 }
 
+/// `down` finds the state `up` left whatever the spelling of the same pin directory (seen
+/// failing with a trailing slash: "no frontend served", everything left); without
 /// `--pin-dir`, another pin directory, it undoes nothing and names the one `up` was given.
 #[test]
 fn down_finds_the_state_of_a_pin_dir_however_spelt() {

@@ -374,6 +374,22 @@ restore_mss() {
 	rm -f "$state/advmss$fam" "$state/advmss$fam.set"
 }
 
+# Refuses, for $1 (up or down), frontends $2 of a family no gateway in $3 is of: the
+# gateways encapsulate an IPv4 frontend's packets in IPv4 and an IPv6 one's in IPv6, which
+# the backend would drop as from no gateway while the gateways' plain health probes pass,
+# keeping it in their tables. $4: what to do instead.
+need_gateway_families() {
+	for fam in $(for f in $2; do family "$f"; done | sort -u); do
+		for g in $3; do
+			[ "$(gateway_family "$g")" != "$fam" ] || continue 2
+		done
+		of=$(for f in $2; do if [ "$(family "$f")" = "$fam" ]; then echo "$f"; fi; done |
+			sort -u | paste -s -d' ' -)
+		die "$1: no IPv$fam gateway for the IPv$fam frontends ($of): their IP-in-IP comes" \
+			"from IPv$fam gateways; $4; nothing was changed"
+	done
+}
+
 # The gateways of family $1 (4 or 6), saved and given, comma-separated.
 gateways_of() {
 	for g in $gateways; do
@@ -521,6 +537,7 @@ up() {
 	[ -n "$gateways" ] || die "up: name the gateways' outer source addresses (--gateway ADDR):" \
 		"IP-in-IP from anyone else would pass by their policy (--gateway 0.0.0.0/0 --gateway" \
 		"::/0 trusts any host)"
+	need_gateway_families up "$(served) $frontends" "$gateways" "name one with --gateway"
 	if ! command -v nft >/dev/null 2>&1; then
 		[ "$decap" != kernel ] || die "up: --decap kernel needs nft (nftables) to accept" \
 			"IP-in-IP from the gateways only; nothing was changed"
@@ -611,6 +628,12 @@ remove_gateways() {
 	[ -n "$left" ] || die "down: that is every gateway: IP-in-IP would be accepted from no one;" \
 		"run up --gateway with the new one first, or down alone to undo everything; nothing" \
 		"was changed"
+	# The frontends this down leaves served.
+	kept=$(for f in $(served); do
+		case " $frontends " in *" $f "*) ;; *) echo "$f" ;; esac
+	done)
+	need_gateway_families down "$kept" "$left" \
+		"name those frontends too, or up --gateway another gateway of that family first"
 	if [ "$(cat "$state/decap")" = xdpgate ]; then
 		set --
 		for g in $gateways; do set -- "$@" --gateway "$g"; done
