@@ -1,6 +1,6 @@
 //! The agent's BGP table read on its own (issue 16): the agent lists its table every second,
 //! and a host with a full BGP table (900k routes in another table) must not pay for a dump
-//! of all its routes each time. The kernel filters by table and protocol (strict checking);
+//! of all its routes each time. The kernel filters by table (strict checking);
 //! what one listing reads is counted, not timed (the time is printed).
 
 mod common;
@@ -48,12 +48,14 @@ fn listing_the_announcement_table_reads_only_its_routes() {
         "one listing of table {TABLE} beside {many} other routes: {} route messages read, {:?}",
         listing.messages, took
     );
-    let mut routes: Vec<String> = listing.routes.iter().map(IpAddr::to_string).collect();
+    let mut routes: Vec<String> = listing.ours().iter().map(IpAddr::to_string).collect();
     routes.sort();
     assert_eq!(routes, ["192.0.2.10", "2001:db8::10"]);
+    // The table's routes only: its 2 of ours and the other protocol's (read, as one may
+    // hide the agent's from the daemon).
     assert_eq!(
-        listing.messages, 2,
-        "the kernel sent {} route messages for a table of 2 routes of ours",
+        listing.messages, 3,
+        "the kernel sent {} route messages for a table of 3 routes, 2 of ours",
         listing.messages
     );
     assert!(absent.routes.is_empty());
@@ -188,4 +190,93 @@ fn a_route_not_the_agents_is_left_alone() {
     let record = announce::read(&pins.dir).unwrap().expect("bgp.json written");
     let v4: IpAddr = "192.0.2.10".parse().unwrap();
     assert!(record.withheld.iter().any(|w| w.address == v4), "{record:?}");
+}
+
+/// A route of another protocol for a frontend's address in the agent's table that the BGP
+/// daemon learns instead of the agent's (BIRD's kernel protocol keeps one route per address,
+/// the lowest metric's, and of two at one metric the one it heard of last): an IPv6 one at
+/// metric 100 (the agent's then at the kernel's default 1024), and an IPv4 one appended at
+/// the agent's metric. What `bgp` and the record call announced is exactly what the daemon
+/// learns: the IPv6 frontend still is (the agent's route takes the lowest metric), the
+/// IPv4 one is withheld naming the other route, which stays; once it goes, the agent adds
+/// its route again (so the daemon hears of it at once). Seen failing: both still said
+/// announced, the daemon learning neither.
+#[test]
+fn a_route_that_hides_the_agents_from_the_daemon_is_never_shown_announced() {
+    use xdpgate::{bgp::announce, views::View};
+    let ns = Netns::new("xgbh");
+    let (kernel, lbs, node) = policy_and_node();
+    let (dir, name) = (kernel.pins.dir.clone(), ns.name.clone());
+    let (v4, v6): (IpAddr, IpAddr) =
+        ("192.0.2.10".parse().unwrap(), "2001:db8::10".parse().unwrap());
+    let (before, hidden, after) = ns.run(move || {
+        let all = |_: IpAddr| true;
+        let update =
+            || announce::update(&dir, &node, &lbs, &all, &all).map_err(|e| format!("{e:#}"));
+        let ip = |args: &[&str]| common::run("ip", &[&["-n", name.as_str()], args].concat());
+        let seen = || {
+            let report = xdpgate::bgp::cmd::report(&dir).unwrap();
+            let record = report.agent.clone().expect("bgp.json written");
+            let table = TABLE.to_string();
+            let shown = ["-4", "-6"].map(|f| ip(&[f, "route", "show", "table", &table]).stdout);
+            let shown = String::from_utf8(shown.concat()).unwrap();
+            (record, report.routes.clone(), report.text(), learned(&name), shown)
+        };
+        update().unwrap();
+        let table = TABLE.to_string();
+        let static_v6 = ["2001:db8::10", "dev", "lo", "table", &table, "proto", "static"];
+        ip(&[&["-6", "route", "add"][..], &static_v6, &["metric", "100"]].concat());
+        let static_v4 = ["192.0.2.10", "dev", "lo", "table", &table, "proto", "static"];
+        ip(&[&["route", "append"][..], &static_v4].concat());
+        // Before the agent's next check, `bgp` already tells the hidden route from the others.
+        let before = seen();
+        let hidden = (update(), seen());
+        ip(&[&["route", "del"][..], &static_v4].concat());
+        (before, hidden, (update(), seen()))
+    });
+    let (_, routes, text, daemon, _) = before;
+    assert_eq!((&routes, &daemon), (&vec![v6], &vec![v6]), "{text}");
+    assert!(text.contains("withheld       192.0.2.10: another's route"), "{text}");
+    let (result, (record, routes, text, daemon, shown)) = hidden;
+    eprintln!("{result:?}\n{text}\n{shown}");
+    assert_eq!(daemon, [v6], "the daemon learns the agent's IPv6 route, not the IPv4 one");
+    assert_eq!(record.announced, daemon, "the record announces what the daemon learns: {record:?}");
+    assert_eq!(routes, daemon, "`bgp` shows as announced what the daemon learns");
+    let why = record.withheld.iter().find(|w| w.address == v4).expect("the IPv4 one is withheld");
+    assert!(why.reason.contains("192.0.2.10 proto static metric 0"), "{why:?}");
+    assert!(text.contains("withheld       192.0.2.10: another's route"), "{text}");
+    assert!(result.unwrap_err().contains("192.0.2.10"), "an error names the hidden frontend");
+    assert!(shown.contains("192.0.2.10 dev lo proto static"), "the static routes stay: {shown}");
+    assert!(shown.contains("2001:db8::10 dev lo proto static metric 100"), "{shown}");
+    // The other route gone, the agent's is added again and the daemon learns it.
+    let (result, (record, routes, _, daemon, _)) = after;
+    result.unwrap();
+    assert_eq!(daemon, [v4, v6]);
+    assert_eq!((record.announced, routes), (daemon.clone(), daemon));
+}
+
+/// What a BGP daemon learns from the agent's table in namespace `ns`: the addresses whose
+/// lowest-metric route there is the agent's alone (`ip -j route show`, as `ip` reads it).
+fn learned(ns: &str) -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    for family in ["-4", "-6"] {
+        let table = TABLE.to_string();
+        let json = common::run("ip", &["-n", ns, "-j", family, "route", "show", "table", &table]);
+        let routes: Vec<serde_json::Value> = serde_json::from_slice(&json.stdout).unwrap();
+        let mut by_addr: std::collections::BTreeMap<IpAddr, Vec<(u64, String)>> =
+            Default::default();
+        for r in &routes {
+            let Some(addr) = r["dst"].as_str().and_then(|d| d.parse().ok()) else { continue };
+            let metric = r["metric"].as_u64().unwrap_or(0);
+            by_addr.entry(addr).or_default().push((metric, r["protocol"].as_str().unwrap().into()));
+        }
+        for (addr, routes) in by_addr {
+            let best = routes.iter().map(|r| r.0).min().unwrap();
+            let at_best: Vec<_> = routes.iter().filter(|r| r.0 == best).collect();
+            if at_best.len() == 1 && at_best[0].1 == host_routes::PROTO.to_string() {
+                out.push(addr);
+            }
+        }
+    }
+    out
 }

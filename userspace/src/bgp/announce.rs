@@ -284,8 +284,9 @@ pub const WAITING_FOR_TABLES: &str = "its backends answer again; the load-balanc
 /// own, withdrawals first: one the kernel refuses (an IPv6 route with IPv6 off on the host)
 /// holds back no other, least of all a withdrawal. The record keeps what the agent wants
 /// announced (`drain --wait` compares the table with it), less an add refused, which is
-/// withheld with the kernel's reason, as is a route whose withdrawal was; the error is
-/// returned once the rest is done.
+/// withheld with the kernel's reason, as is a route whose withdrawal was, and a route
+/// another's in the table hides from the daemon ([`host_routes::Listing::hiding`]); the
+/// error is returned once the rest is done.
 fn sync(
     pins: &PinDir,
     agent: u32,
@@ -294,7 +295,8 @@ fn sync(
     (mut announce, mut no_peer): (Vec<IpAddr>, Vec<IpAddr>),
     mut withheld: Vec<Withheld>,
 ) -> Result<usize> {
-    let now = host_routes::list(table)?;
+    let listing = host_routes::read(table)?;
+    let now = listing.ours();
     let mut failed = Vec::new();
     let mut withdrawn = 0;
     for addr in now.iter().filter(|a| !announce.contains(a)) {
@@ -315,21 +317,21 @@ fn sync(
         );
     }
     let mut refused = Vec::new();
-    for addr in announce.iter().filter(|a| !now.contains(a)) {
-        match host_routes::add(table, *addr) {
-            Ok(()) => info!("bgp: announcing {addr} (table {table})"),
-            Err(e) => refused.push((*addr, format!("{e:#}"))),
+    for &addr in &announce {
+        if let Err((reason, error)) = put(table, &listing, addr) {
+            refused.push((addr, reason, error));
         }
     }
     if !refused.is_empty() {
-        // A refused add whose route is there now is announced (another agent's add, as one
-        // takes over from the other, came first).
-        let held = host_routes::list(table).unwrap_or_default();
-        refused.retain(|(addr, _)| !held.contains(addr));
+        // A refused add whose route is there now, and seen, is announced (another agent's
+        // add, as one takes over from the other, came first).
+        if let Ok(held) = host_routes::read(table) {
+            let ours = held.ours();
+            refused.retain(|(a, ..)| !ours.contains(a) || held.hiding(*a).is_some());
+        }
     }
-    for (address, error) in refused {
+    for (address, reason, error) in refused {
         announce.retain(|a| *a != address);
-        let reason = format!("its route could not be added: {error}");
         withheld.push(Withheld { address, reason });
         failed.push(error);
     }
@@ -430,6 +432,43 @@ pub fn withdraw_removed_without_agent(pins: &PinDir, lbs: &CompiledLb) -> Result
         .collect();
     let (drained, _) = node_drain::drained_or_last(pins);
     sync(pins, last.pid, last.table, drained, (announce, last.no_peer), withheld)
+}
+
+/// Puts the agent's route of `addr` in `table` (`listing`: the table as it was) where the
+/// daemon learns it, unless another's hides it; else why not, and the error.
+fn put(table: u32, listing: &host_routes::Listing, addr: IpAddr) -> Result<(), (String, String)> {
+    let mut there = listing.ours().contains(&addr);
+    if let Some(other) = listing.hiding(addr) {
+        // Taken out, to be added again at the agent's metric (below the other's), or else
+        // once the other goes: the daemon hears of that add at once, where it would learn
+        // a route left in place only at its next scan of the table.
+        let why = hidden(table, other);
+        host_routes::remove(table, addr)
+            .map_err(|e| (format!("{why}; {e:#}"), format!("{addr}: {why}; {e:#}")))?;
+        info!("bgp: took out the route of {addr} (table {table}): {why}");
+        there = false;
+    }
+    if there {
+        return Ok(());
+    }
+    if let Some(other) = listing.blocking(addr) {
+        let why = hidden(table, other);
+        return Err((why.clone(), format!("{addr}: {why}")));
+    }
+    host_routes::add(table, addr)
+        .map_err(|e| (format!("its route could not be added: {e:#}"), format!("{e:#}")))?;
+    info!("bgp: announcing {addr} (table {table})");
+    Ok(())
+}
+
+/// Why the agent's route of an address is not in `table`, or is and the daemon does not
+/// learn it: `other`, of another protocol, hides it, and is not the agent's to remove.
+pub fn hidden(table: u32, other: host_routes::Route) -> String {
+    format!(
+        "another's route for it in table {table} hides the agent's from the BGP daemon \
+         ({other}: the daemon learns one route per address, the lowest metric's); the agent \
+         neither replaces nor removes it"
+    )
 }
 
 /// Removes every route of the table (before the agent stops on purpose, or for it once it

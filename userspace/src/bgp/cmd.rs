@@ -8,7 +8,7 @@ use serde::Serialize;
 use xdpgate_dataplane::{PinDir, host_routes};
 
 use super::{
-    announce::{self, Announcements},
+    announce::{self, Announcements, Withheld},
     bird, node_drain,
 };
 use crate::views::{self, OutputArgs, View};
@@ -41,8 +41,12 @@ pub struct BgpReport {
     pub node_drained: bool,
     /// Whether the agent that wrote `agent` still runs.
     pub agent_running: bool,
-    /// The routes in the agent's kernel table now (what the daemon announces).
+    /// The agent's routes in its kernel table now that the daemon learns (announces).
     pub routes: Vec<std::net::IpAddr>,
+    /// The agent's routes in the table that another's hides from the daemon, and by which
+    /// (the agent takes them out within a second, saying so in its record).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub hidden: Vec<Withheld>,
     /// The agent's last record; none if no agent with a bgp: section ran here.
     pub agent: Option<Announcements>,
 }
@@ -64,7 +68,8 @@ impl View for BgpReport {
         let agent = if self.agent_running { "running" } else { "not running" };
         out += &format!("agent          pid {} ({agent}), table {}\n", a.pid, a.table);
         out += &format!("announced      {}\n", announce::list(&self.routes));
-        for w in &a.withheld {
+        let recorded = |h: &&Withheld| a.withheld.iter().any(|w| w.address == h.address);
+        for w in a.withheld.iter().chain(self.hidden.iter().filter(|h| !recorded(h))) {
             out += &format!("withheld       {}: {}\n", w.address, w.reason);
         }
         for addr in &a.no_peer {
@@ -80,15 +85,24 @@ impl View for BgpReport {
 
 pub fn report(pins: &PinDir) -> Result<BgpReport> {
     let agent = announce::read(pins)?;
-    let routes = match &agent {
-        Some(a) => host_routes::list(a.table)?,
-        None => Vec::new(),
-    };
+    let (mut routes, mut hidden) = (Vec::new(), Vec::new());
+    if let Some(a) = &agent {
+        let listing = host_routes::read(a.table)?;
+        for address in listing.ours() {
+            match listing.hiding(address) {
+                Some(other) => {
+                    hidden.push(Withheld { address, reason: announce::hidden(a.table, other) })
+                }
+                None => routes.push(address),
+            }
+        }
+    }
     let (node_drained, _) = node_drain::drained_or_last(pins);
     Ok(BgpReport {
         node_drained,
         agent_running: agent.as_ref().is_some_and(|a| a.agent_running(pins)),
         routes,
+        hidden,
         agent,
     })
 }
