@@ -163,7 +163,8 @@ impl<'a> Subject<'a> {
             src_port: f.src_port,
             dst: f.dst,
             dst_port: f.dst_port,
-            proto: protocol_number(&f.protocol, f.src.is_ipv6()),
+            // 255 (reserved) for a name no parser knows.
+            proto: protocol_number(&f.protocol, if f.src.is_ipv6() { 6 } else { 4 }).unwrap_or(255),
             translated_src: nat.filter(|(k, _)| *k == "snat").map(|(_, t)| t),
             translated_dst: nat.filter(|(k, _)| *k != "snat").map(|(_, t)| t).or_else(|| {
                 f.load_balancer.as_ref().and_then(|lb| lb.backend).map(|b| (b, f.dst_port))
@@ -179,14 +180,14 @@ impl<'a> Subject<'a> {
     }
 }
 
-/// The number of a protocol as `flows` names it (`tcp`, `icmpv6`, `47`); 255 (reserved)
-/// for a name it does not know.
-fn protocol_number(name: &str, v6: bool) -> u8 {
-    match name.parse::<Protocol>() {
-        Ok(Protocol::Number(n)) => n,
-        Ok(Protocol::AnyIcmp) => xdpgate_common::icmp_proto(if v6 { 6 } else { 4 }),
-        Err(_) => 255,
-    }
+/// The number of protocol `name` in address family `family` (4 or 6): the one reading of
+/// a protocol's name or number for every command that takes one (`icmp` is the family's
+/// ICMP), accepting every name `flows::protocol_name` prints.
+pub fn protocol_number(name: &str, family: u8) -> Result<u8, String> {
+    Ok(match name.parse::<Protocol>()? {
+        Protocol::Number(n) => n,
+        Protocol::AnyIcmp => xdpgate_common::icmp_proto(family),
+    })
 }
 
 /// Whether `--rule want` names rule `rule` of NSG `nsg`: RULE, or NSG/RULE.
@@ -354,5 +355,21 @@ mod tests {
         assert!(e.contains("nat_unmatched"), "{e}");
         let e = filter(&["--verdict", "maybe"]).unwrap_err().to_string();
         assert!(e.contains("translated"), "{e}");
+    }
+
+    /// Every name a command prints for a protocol reads back as that protocol, in either
+    /// family: `flows --json` and `verify-flow`'s answers are input for `verify-flow
+    /// --batch`, `next-hop` and the filters (before, `verify-flow` refused `icmpv6` and
+    /// `next-hop` `esp`, both of which they print).
+    #[test]
+    fn every_printed_protocol_name_reads_back() {
+        for family in [4, 6] {
+            for n in 0..=255u8 {
+                let name = xdpgate_dataplane::flows::protocol_name(family, n);
+                assert_eq!(protocol_number(&name, family), Ok(n), "{name} (IPv{family})");
+            }
+        }
+        assert_eq!(protocol_number("ICMP", 6), Ok(58));
+        assert!(protocol_number("gre", 4).unwrap_err().contains("unknown protocol \"gre\""));
     }
 }

@@ -262,19 +262,6 @@ fn rules(old: &Policy, new: &Policy) -> Changes<RuleChange> {
     c
 }
 
-fn protocol_number(f: &Flow) -> Option<u8> {
-    match f.protocol.as_str() {
-        "tcp" => Some(6),
-        "udp" => Some(17),
-        "icmp" => Some(1),
-        "icmpv6" => Some(58),
-        "esp" => Some(50),
-        "ah" => Some(51),
-        "sctp" => Some(132),
-        n => n.parse().ok(),
-    }
-}
-
 /// What `new` no longer has of the live flow `f`'s rewrite: its load balancer, rule or
 /// backend, or its NAT gateway's public address.
 fn orphaned(new: &Policy, f: &Flow) -> Option<String> {
@@ -325,7 +312,8 @@ fn denial(policy: &Policy, f: &Flow) -> Option<String> {
     };
     let pkt = Packet {
         direction: if f.direction == "outbound" { Direction::Outbound } else { Direction::Inbound },
-        proto: protocol_number(f)?,
+        proto: crate::filter::protocol_number(&f.protocol, if f.src.is_ipv6() { 6 } else { 4 })
+            .ok()?,
         src: f.src,
         dst,
         sport: f.src_port.or(f.icmp_id),

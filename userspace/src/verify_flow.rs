@@ -59,7 +59,8 @@ pub struct Args {
     /// the destination's inbound layers.
     #[arg(long, value_enum, required_unless_present = "batch", conflicts_with = "batch")]
     direction: Option<DirectionArg>,
-    /// tcp, udp, icmp (ICMPv6 for IPv6 addresses), esp, ah, or a protocol number.
+    /// tcp, udp, icmp (ICMPv6 for IPv6 addresses), icmpv6, esp, ah, sctp or a protocol
+    /// number.
     #[arg(long, required_unless_present = "batch", conflicts_with = "batch")]
     protocol: Option<String>,
     /// Address of the protected side, with :PORT for TCP and UDP ([v6]:PORT).
@@ -102,19 +103,6 @@ fn unbracketed_port(s: &str) -> Option<String> {
         .then(|| format!("[{addr}]:{port}"))
 }
 
-fn protocol_number(name: &str, v6: bool) -> Result<u8> {
-    Ok(match name.to_ascii_lowercase().as_str() {
-        "tcp" => 6,
-        "udp" => 17,
-        "icmp" => xdpgate_common::icmp_proto(if v6 { 6 } else { 4 }),
-        "esp" => 50,
-        "ah" => 51,
-        n => n.parse().map_err(|_| {
-            anyhow!("unknown protocol {name:?} (tcp, udp, icmp, esp, ah or a number)")
-        })?,
-    })
-}
-
 /// The flow's first packet, from the four things an operator names; every mistake is an
 /// error that says what to write instead.
 pub fn packet(
@@ -129,7 +117,8 @@ pub fn packet(
         bail!("local and remote must be of the same address family");
     }
     let v6 = local_ip.is_ipv6();
-    let proto = protocol_number(protocol, v6)?;
+    let proto =
+        crate::filter::protocol_number(protocol, if v6 { 6 } else { 4 }).map_err(|e| anyhow!(e))?;
     let name = protocol_name(if v6 { 6 } else { 4 }, proto);
     if proto == 6 || proto == 17 {
         for (side, text, port) in [("local", local, local_port), ("remote", remote, remote_port)] {
@@ -284,6 +273,16 @@ mod tests {
         assert!(e.contains("icmpv6 has no ports"), "{e}");
         let p = packet(DirectionArg::Inbound, "icmp", "198.51.100.2", "203.0.113.9").unwrap();
         assert_eq!((p.proto, p.sport, p.dport), (1, None, None));
+    }
+
+    /// `icmpv6`, the name the answers (and `flows --json`) give ICMPv6, is read back, also
+    /// in a batch (before: "unknown protocol \"icmpv6\"").
+    #[test]
+    fn the_protocol_names_printed_are_read() {
+        let p = packet(DirectionArg::Inbound, "icmpv6", "2001:db8::1", "2001:db8::2").unwrap();
+        assert_eq!(p.proto, 58);
+        assert_eq!(batch_line("outbound icmpv6 2001:db8::1 2001:db8::2").unwrap().proto, 58);
+        assert_eq!(batch_line("inbound sctp 198.51.100.2 203.0.113.9").unwrap().proto, 132);
     }
 
     #[test]

@@ -33,8 +33,8 @@ pub struct FlowArgs {
     /// Destination of the flow: ADDRESS, or ADDRESS:PORT ([v6]:PORT) for TCP and UDP.
     #[arg(long, value_name = "ADDR[:PORT]")]
     pub dst: String,
-    /// tcp, udp, icmp (ICMPv6 for IPv6 addresses) or a protocol number. Default: tcp when
-    /// --dst has a port, icmp otherwise.
+    /// tcp, udp, icmp (ICMPv6 for IPv6 addresses), icmpv6, esp, ah, sctp or a protocol
+    /// number. Default: tcp when --dst has a port, icmp otherwise.
     #[arg(long)]
     pub protocol: Option<String>,
     /// The interface the flow arrives by. Default: the one the route back to --src leaves
@@ -100,14 +100,7 @@ impl FlowArgs {
         let family = if src.is_ipv4() { 4 } else { 6 };
         let default = if dst_port.is_some() { "tcp" } else { "icmp" };
         let name = self.protocol.as_deref().unwrap_or(default);
-        let proto = match name.to_ascii_lowercase().as_str() {
-            "tcp" => 6,
-            "udp" => 17,
-            "icmp" | "icmpv6" => xdpgate_common::icmp_proto(family),
-            n => n.parse().map_err(|_| {
-                anyhow!("unknown protocol {name:?} (tcp, udp, icmp or a protocol number)")
-            })?,
-        };
+        let proto = crate::filter::protocol_number(name, family).map_err(|e| anyhow!(e))?;
         let ported = proto == 6 || proto == 17;
         if !ported && (src_port.is_some() || dst_port.is_some()) {
             bail!("protocol {name} has no ports: leave the port out of --src and --dst");
@@ -1017,5 +1010,10 @@ mod tests {
         assert!(err(args("203.0.113.7", "2001:db8::2", None)).contains("same address family"));
         assert!(err(args("nowhere", "192.0.2.1", None)).contains("--src \"nowhere\""));
         assert!(err(args("203.0.113.7", "192.0.2.1", Some("gre"))).contains("unknown protocol"));
+        // The names the views print read back (before, `esp`, which they print for 50, was
+        // an unknown protocol).
+        let f = args("203.0.113.7", "192.0.2.1", Some("esp")).flow().unwrap();
+        assert_eq!((f.proto(), f.describe()), (50, "esp 203.0.113.7 -> 192.0.2.1".into()));
+        assert_eq!(args("2001:db8::1", "2001:db8::2", Some("icmpv6")).flow().unwrap().proto(), 58);
     }
 }
