@@ -253,6 +253,12 @@ fn plan_lists_the_changes_and_the_live_flows_a_deny_would_cut_and_changes_nothin
         "{plan}"
     );
     assert!(cut["reason"].as_str().unwrap().contains("DenyAllInBound"), "{plan}");
+    // The rule itself, as the JSON vocabulary names rules (until 2026-12-05 only in words).
+    assert_eq!(
+        (&cut["denied_by"]["nsg"], &cut["denied_by"]["rule"], &cut["denied_by"]["direction"]),
+        (&"web".into(), &"DenyAllInBound".into(), &"inbound".into()),
+        "{plan}"
+    );
     assert!(plan["live_flows"].as_u64().unwrap() >= 2, "{plan}");
     let text = gw.pins.xdpgate(&["plan", file]);
     eprintln!("$ xdpgate plan next.yaml\n{text}");

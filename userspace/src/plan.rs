@@ -14,7 +14,7 @@ use xdpgate_dataplane::{
     sets,
 };
 use xdpgate_policy::{
-    self as policy, Access, Direction, Policy, compile,
+    self as policy, Access, Direction, Layer, Policy, compile,
     reference::{self, Packet},
     sets::SetChanges,
 };
@@ -133,7 +133,21 @@ impl<T> Changes<T> {
 pub struct CutFlow {
     #[serde(flatten)]
     pub flow: FlowId,
+    /// Why, in words.
     pub reason: String,
+    /// The rule that denies a cut flow's first packet (`None`: an orphaned flow, or a deny
+    /// no rule names).
+    pub denied_by: Option<DenyingRule>,
+}
+
+/// A rule as `verify-flow`'s `decided_by` names it.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct DenyingRule {
+    pub nsg: String,
+    pub rule: String,
+    pub priority: u32,
+    pub direction: Direction,
+    pub layer: Layer,
 }
 
 #[derive(Debug, Serialize, PartialEq)]
@@ -290,17 +304,17 @@ fn orphaned(new: &Policy, f: &Flow) -> Option<String> {
     None
 }
 
-/// Why `new` would cut the live flow `f` (the rule that denies its first packet), if it
-/// would.
-fn denied(new: &Policy, f: &Flow) -> Option<String> {
+/// Why `new` would cut the live flow `f`, if it would: in words, and the rule that denies
+/// its first packet.
+fn denied(new: &Policy, f: &Flow) -> Option<(String, Option<DenyingRule>)> {
     if !new.settings.reevaluate_flows {
         return None;
     }
     denial(new, f)
 }
 
-/// The rule of `policy` that denies the first packet of `f`, if one does.
-fn denial(policy: &Policy, f: &Flow) -> Option<String> {
+/// Whether `policy` denies the first packet of `f`: why in words, and the rule that does.
+fn denial(policy: &Policy, f: &Flow) -> Option<(String, Option<DenyingRule>)> {
     // The first packet as the NSGs judged it: after a load balancer's rewrite (at the
     // backend, also for direct server return, whose port is kept), before a NAT gateway's
     // (outbound rules judge the private source).
@@ -323,15 +337,24 @@ fn denial(policy: &Policy, f: &Flow) -> Option<String> {
     if verdict.allowed {
         return None;
     }
-    Some(match verdict.decided_by.iter().find(|r| r.access == Access::Deny) {
-        Some(r) => format!(
-            "denied by {}/{} (priority {}, {})",
-            r.nsg,
-            r.rule,
-            r.priority,
-            lower(r.direction)
+    Some(match verdict.decided_by.into_iter().find(|r| r.access == Access::Deny) {
+        Some(r) => (
+            format!(
+                "denied by {}/{} (priority {}, {})",
+                r.nsg,
+                r.rule,
+                r.priority,
+                lower(r.direction)
+            ),
+            Some(DenyingRule {
+                nsg: r.nsg,
+                rule: r.rule,
+                priority: r.priority,
+                direction: r.direction,
+                layer: r.layer,
+            }),
         ),
-        None => "denied".into(),
+        None => ("denied".into(), None),
     })
 }
 
@@ -351,8 +374,9 @@ impl Plan {
             ..new.clone()
         };
         let old = old.unwrap_or(&empty);
-        let listed = |f: &Flow, reason: String| CutFlow {
+        let listed = |f: &Flow, (reason, denied_by): (String, Option<DenyingRule>)| CutFlow {
             reason,
+            denied_by,
             flow: FlowId {
                 protocol: f.protocol.clone(),
                 src: f.src,
@@ -377,7 +401,7 @@ impl Plan {
             {
                 // Only what this change takes away: a flow whose backend or address an
                 // earlier change removed is no news.
-                orphans.push(listed(f, reason));
+                orphans.push(listed(f, (reason, None)));
             }
         }
         Plan {
@@ -753,6 +777,15 @@ nat_gateways:
         let plan = Plan::new("t.yaml".into(), Some(1), Some(&old), &closed, &live[..1]);
         assert_eq!(plan.cut[0].reason, "denied by web/DenyAllInBound (priority 65500, inbound)");
         assert_eq!((plan.flows_cut, plan.flows_orphaned), (1, 0));
+        // `--json` names the rule as the other views do, not only in the prose (before: the
+        // reason alone. Seen failing).
+        let json = views::to_json(&plan).unwrap();
+        assert_eq!(
+            json["cut"][0]["denied_by"],
+            serde_json::json!({"nsg": "web", "rule": "DenyAllInBound", "priority": 65500,
+                "direction": "inbound", "layer": "subnet"}),
+            "{json:#}"
+        );
         // Without re-evaluation a reload cuts nothing.
         let kept = load(&format!(
             "settings: {{reevaluate_flows: false}}\n{}",
