@@ -375,6 +375,8 @@ fn bad_filters_are_refused() {
         (&["--protocol", "icmp", "--port", "80"][..], "--port 80 needs a protocol with ports"),
         (&["--src", "203.0.113.0/24", "--dst", "2001:db8::1"][..], "different address families"),
         (&["--iface", "nosuch0"][..], "nosuch0"),
+        // As `trace` refuses it (before: it ran and captured nothing. Seen failing).
+        (&["--iface", "lo", "--duration", "1"][..], "lo is not attached to xdpgate"),
     ] {
         let out = gw.pins.try_xdpgate(&[&["capture", "-w", "/dev/null"][..], args].concat());
         let err = String::from_utf8_lossy(&out.stderr);

@@ -89,6 +89,8 @@ fn runs_with_only_bpf_perfmon_and_net_admin() {
     assert!(stats.contains(&ib) && stats.contains(&ib_tc), "{stats}");
     let summary = ok(&["capture", "--duration", "0.2", "-w", "/dev/null"]);
     assert!(summary.is_empty(), "the summary goes to standard error: {summary}");
+    // Its check that the interface is attached reads the pinned link: no more privilege.
+    ok(&["capture", "--iface", &ib_tc, "--duration", "0.2", "-w", "/dev/null"]);
     // trace opens the attached program by its id, which the kernel allows CAP_SYS_ADMIN
     // alone: refused, saying so.
     let out = xdpgate_with(

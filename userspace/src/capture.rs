@@ -51,7 +51,7 @@ use xdpgate_common::{
 use xdpgate_dataplane::{
     PinDir, ifindex,
     lease::{Held, Lease},
-    monotonic_ns,
+    link_info, monotonic_ns,
     state::Tool,
 };
 
@@ -75,7 +75,8 @@ pub struct CaptureArgs {
     /// reason as its comment.
     #[arg(long, value_enum, default_value = "pcap")]
     pub format: Format,
-    /// Only packets arriving on this interface (default: every attached one).
+    /// Only packets arriving on this interface, one xdpgate is attached to (default: every
+    /// attached one).
     #[arg(long)]
     pub iface: Option<String>,
     /// Which copies to take: pre (as the packet arrived), post (as the pipeline leaves it:
@@ -404,6 +405,10 @@ fn wall_time(ns: u64) -> Duration {
 /// standard error (standard output may be the capture).
 pub fn run(pins: &PinDir, args: &CaptureArgs) -> Result<Summary> {
     let config = config(args)?;
+    // No copy would ever come from an interface the dataplane does not see, as `trace` says.
+    if let Some(name) = &args.iface {
+        link_info(pins, name).with_context(|| format!("{name} is not attached to xdpgate"))?;
+    }
     // Before the file is opened (truncated): a bound the header alone would pass.
     if let Some(max) = args.max_bytes {
         let header = Sink::header_len(args.format, args.snaplen)?;
