@@ -506,3 +506,86 @@ fn a_flow_judged_again_or_idled_out_is_traced_as_the_lookups_see_it() {
         "{t:#}"
     );
 }
+
+/// The packets the external interface's ingress program redirected and passed, from the
+/// dataplane's own counters.
+fn external_verdicts(gw: &Gateway) -> (u64, u64) {
+    let stats = xdpgate_dataplane::stats::read(&gw.pins.dir).expect("stats");
+    let ext = stats.interfaces.iter().find(|i| i.role == Some("external")).expect("external");
+    (ext.verdict("redirect").packets, ext.verdict("pass").packets)
+}
+
+/// A packet of an open load-balanced connection (both ways) is traced as the act stage
+/// forwards it, which a trace does not run for an existing flow: redirected where the hooks
+/// allow it (XDP into an XDP interface; tc into any attached one), else passed to the
+/// stack, as the dataplane's counters show for the connection's real packets. (Before:
+/// `pass`, the record's default, while the packets were redirected. Seen failing.)
+#[test]
+fn an_existing_translated_flow_is_traced_as_the_act_stage_forwards_it() {
+    use std::{
+        io::Write,
+        net::{TcpListener, TcpStream},
+        time::Duration,
+    };
+    for (int_hook, forward) in [("xdp", "redirect"), ("tc", "pass")] {
+        let gw = Gateway::with_hooks("xdp", int_hook);
+        gw.take_redirects();
+        gw.pins.apply(common::gateway::TRANSLATING_POLICY);
+        // The neighbours, so that the FIB answers in full from the first packet.
+        gw.gw.exec("ping", &["-c", "1", "-W", "1", SERVER4]);
+        gw.gw.exec("ping", &["-c", "1", "-W", "1", CLIENT4]);
+        let listener = gw.server.run(|| TcpListener::bind((SERVER4, 8080)).expect("listen"));
+        let to: std::net::SocketAddr = "192.0.2.10:80".parse().unwrap();
+        let mut conn = gw
+            .client
+            .run(move || TcpStream::connect_timeout(&to, Duration::from_secs(5)).expect("connect"));
+        let _accepted = common::tcp::accept_within(&listener, Duration::from_secs(5));
+        let (redirected, passed) = external_verdicts(&gw);
+        conn.write_all(b"through the load balancer").unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        let (now_redirected, now_passed) = external_verdicts(&gw);
+        let real = if now_redirected > redirected { "redirect" } else { "pass" };
+        assert!(now_redirected > redirected || now_passed > passed, "no packet counted");
+        assert_eq!(real, forward, "xdp->{int_hook}: the dataplane's counters");
+
+        let port = conn.local_addr().unwrap().port().to_string();
+        let t = trace_with(
+            &gw,
+            &gw.ext,
+            CLIENT4,
+            "192.0.2.10",
+            "80",
+            &["--src-port", &port, "--tcp-flags", "AP"],
+        );
+        let stage = |t: &serde_json::Value, name: &str| {
+            let stages = t["stages"].as_array().unwrap();
+            let s = stages.iter().find(|s| s["stage"] == name);
+            s.map(|s| s["decision"].as_str().unwrap().to_owned()).unwrap_or_default()
+        };
+        assert!(stage(&t, "lookup").starts_with("hit: established flow"), "{t:#}");
+        assert_eq!(t["verdict"], forward, "xdp->{int_hook}: {t:#}");
+        assert!(stage(&t, "forward").contains(&gw.int), "{t:#}");
+        // The backend's answers: tc, or XDP, redirects them into the XDP interface.
+        let back = gw.pins.xdpgate(&[
+            "trace",
+            "--json",
+            "--iface",
+            &gw.int,
+            "--src",
+            SERVER4,
+            "--src-port",
+            "8080",
+            "--dst",
+            CLIENT4,
+            "--dst-port",
+            &port,
+            "--protocol",
+            "tcp",
+            "--tcp-flags",
+            "A",
+        ]);
+        let back = json(&back);
+        assert!(stage(&back, "lookup").contains("reply direction"), "{back:#}");
+        assert_eq!(back["verdict"], "redirect", "{int_hook}->xdp: {back:#}");
+    }
+}

@@ -33,7 +33,11 @@ use xdpgate_dataplane::{
 
 use crate::{
     filter::Protocol,
-    views::{OutputArgs, View, nexthop, to_json},
+    views::{
+        OutputArgs, View,
+        nexthop::{self, Forwarding},
+        to_json,
+    },
 };
 
 /// Send one crafted packet through the dataplane attached to an interface
@@ -79,7 +83,8 @@ pub struct Report {
     pub packet: PacketDesc,
     /// Each stage the packet went through, in order, with its decision.
     pub stages: Vec<Stage>,
-    /// pass, drop, redirect (sent out of another interface by the dataplane).
+    /// pass, drop, redirect (sent out of another interface by the dataplane); unknown for
+    /// an existing flow's packet whose forwarding could not be told.
     pub verdict: &'static str,
     /// A drop's reason, as `xdpgate stats` names it.
     pub reason: Option<&'static str>,
@@ -324,6 +329,9 @@ pub fn run(pins: &PinDir, args: &TraceArgs) -> Result<Report> {
         .ok_or_else(|| anyhow!("the programs recorded nothing: a build without tracing?"))?;
     let names = Names::read(pins).ok();
     let mut report = report(args, link.hook, &rec, names.as_ref(), pins);
+    if forwarded_untraced(&rec, report.verdict) {
+        act_forwarding(pins, args, ifindex, &rec, &mut report);
+    }
     // The dataplane sends a load balancer's packet on either way; whether its answers can
     // come back is the routes' to say.
     if rec.nat == NAT_DST && rec.lb == LB_SELECTED && report.verdict != "drop" {
@@ -343,6 +351,83 @@ pub fn run(pins: &PinDir, args: &TraceArgs) -> Result<Report> {
         }
     }
     Ok(report)
+}
+
+/// Whether the packet is one of an existing translated flow, which the act stage would
+/// rewrite and forward, but which the trace stopped before it (a trace leaves the entry
+/// alone): the record's verdict is not the act stage's.
+fn forwarded_untraced(r: &TraceRecord, verdict: &str) -> bool {
+    let hit = matches!(r.lookup, LOOKUP_ESTABLISHED | LOOKUP_EMBRYONIC);
+    hit && r.stages & STAGE_ACT == 0 && r.nat != NAT_NONE && verdict != "drop"
+}
+
+/// Says how the act stage would forward the packet of an existing translated flow `r`,
+/// arriving by `ifindex`: as `next-hop` does, by the FIB's answer for the packet as
+/// rewritten; where that cannot be told, that the verdict is unknown.
+fn act_forwarding(
+    pins: &PinDir,
+    args: &TraceArgs,
+    ifindex: u32,
+    r: &TraceRecord,
+    report: &mut Report,
+) {
+    let (verdict, decision) = match nexthop_of(pins, args, ifindex, r) {
+        Ok(hop) => {
+            let verdict = match hop.forwarding {
+                Forwarding::Redirect => "redirect",
+                // Whatever the FIB says otherwise, the dataplane leaves the packet to the
+                // stack (which may then drop it: the reason says why).
+                _ => "pass",
+            };
+            let how = "as the act stage would, by the FIB's answer now: a trace does not run \
+                       it for an existing flow's packet";
+            (verdict, format!("{} ({how})", hop.reason))
+        }
+        Err(e) => (
+            "unknown",
+            format!(
+                "not traced: the act stage forwards an existing flow's packet, and how could                  not be told ({e:#}); `xdpgate next-hop` says where its packets go"
+            ),
+        ),
+    };
+    report.verdict = verdict;
+    report.stages.retain(|s| s.stage != "forward");
+    report.stages.push(Stage { stage: "forward", decision });
+}
+
+/// The act stage's forwarding of `r`'s packet, rewritten by the flow's translation.
+fn nexthop_of(
+    pins: &PinDir,
+    args: &TraceArgs,
+    ifindex: u32,
+    r: &TraceRecord,
+) -> Result<nexthop::NextHop> {
+    let family = if args.src.is_ipv6() { 6 } else { 4 };
+    let proto = match args.protocol {
+        Protocol::Number(n) => n,
+        Protocol::AnyIcmp => xdpgate_common::icmp_proto(family),
+    };
+    let ports = has_ports(args);
+    let packet = nexthop::Flow {
+        protocol: (family, proto),
+        src: args.src,
+        dst: args.dst,
+        src_port: ports.then_some(args.src_port),
+        dst_port: args.dst_port.filter(|_| ports),
+    };
+    let to = flows::addr(&r.nat_addr, family);
+    let port = Some(r.nat_port).filter(|_| ports);
+    // Where the act stage sends it: the rewritten destination, or source; a floating IP's
+    // and an encapsulated packet go to the backend with their destination kept.
+    let looked_up = match r.nat {
+        NAT_DST => nexthop::Flow { dst: to, dst_port: port, ..packet },
+        NAT_SRC => nexthop::Flow { src: to, src_port: port, ..packet },
+        NAT_NEXT_HOP => nexthop::Flow { dst: to, ..packet },
+        NAT_ENCAP => nexthop::encapsulated(pins, &nexthop::Flow { dst: to, ..packet })
+            .map_err(|why| anyhow!(why))?,
+        other => bail!("a rewrite the trace does not know ({other})"),
+    };
+    nexthop::act_forwarding(pins, ifindex, looked_up)
 }
 
 fn report(

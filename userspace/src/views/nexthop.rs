@@ -486,6 +486,27 @@ pub struct NextHop {
     pub reply_bypasses_gateway: Option<String>,
 }
 
+impl NextHop {
+    /// `flow` arriving by `arrival`, not looked up yet.
+    fn new(flow: Flow, arrival: Option<Interface>) -> Self {
+        NextHop {
+            flow,
+            arrival,
+            translation: None,
+            looked_up: None,
+            method: METHOD,
+            outcome: None,
+            egress: None,
+            gateway: None,
+            neighbour: None,
+            mtu: None,
+            forwarding: Forwarding::NoBackend,
+            reason: String::new(),
+            reply_bypasses_gateway: None,
+        }
+    }
+}
+
 const METHOD: &str = "bpf_fib_lookup from XDP (BPF_PROG_TEST_RUN), as the forwarding stage";
 
 fn interface(ifindex: u32, attached: &[IfaceStatus]) -> Interface {
@@ -566,21 +587,7 @@ pub fn resolve(pins: &PinDir, flow: &Flow, iface: Option<&str>) -> Result<NextHo
             (*backend, *picked) = (own, true);
         }
     }
-    let mut hop = NextHop {
-        flow: *flow,
-        arrival: arrival.clone(),
-        translation: translation.clone(),
-        looked_up: None,
-        method: METHOD,
-        outcome: None,
-        egress: None,
-        gateway: None,
-        neighbour: None,
-        mtu: None,
-        forwarding: Forwarding::NoBackend,
-        reason: String::new(),
-        reply_bypasses_gateway: None,
-    };
+    let mut hop = NextHop { translation: translation.clone(), ..NextHop::new(*flow, arrival) };
     let looked_up = match &translation {
         Some(t) => match t.apply(flow) {
             Some(f) => f,
@@ -595,45 +602,18 @@ pub fn resolve(pins: &PinDir, flow: &Flow, iface: Option<&str>) -> Result<NextHo
     // IP: the dataplane asks the FIB about that one.
     let looked_up = match &translation {
         Some(Translation::LoadBalancer { forwarding: "ipip", .. }) => {
-            let sources = xdpgate_dataplane::encap::read(pins).unwrap_or_default();
-            let (source, outer) = match looked_up.dst {
-                IpAddr::V4(_) => (sources.v4.map(IpAddr::from), 4),
-                IpAddr::V6(_) => (sources.v6.map(IpAddr::from), 41),
-            };
-            let Some(src) = source else {
-                hop.reason = "no outer source address of its family (forwarding: ipip)".into();
-                return Ok(hop);
-            };
-            let protocol = (looked_up.protocol.0, outer);
-            Flow { protocol, src, dst: looked_up.dst, src_port: None, dst_port: None }
+            match encapsulated(pins, &looked_up) {
+                Ok(outer) => outer,
+                Err(why) => {
+                    hop.reason = why;
+                    return Ok(hop);
+                }
+            }
         }
         _ => looked_up,
     };
-    hop.looked_up = Some(looked_up);
-    let answer = fib::lookup(&fib::Query {
-        src: looked_up.src,
-        dst: looked_up.dst,
-        proto: looked_up.proto(),
-        sport: looked_up.src_port.unwrap_or(0),
-        dport: looked_up.dst_port.unwrap_or(0),
-        ifindex: arrival.as_ref().map_or(LOOPBACK, |a| a.ifindex),
-    })?;
-    hop.outcome = Some(answer.outcome);
-    hop.egress = answer.ifindex.map(|i| interface(i, &attached));
-    hop.gateway = answer.neighbour.filter(|_| answer.via_gateway);
-    if let (Some(egress), Some(n)) = (&hop.egress, answer.neighbour) {
-        let entry = fib::neighbour(egress.ifindex, n)?;
-        hop.neighbour = Some(NeighbourReport {
-            address: n,
-            state: entry.as_ref().map_or(NeighbourState::None, |e| e.state),
-            mac: entry.and_then(|e| e.mac).or(answer.dmac).map(|m| fib::mac_string(&m)),
-        });
-        hop.mtu = match answer.mtu {
-            Some(m) if m > 0 => Some(u32::from(m)),
-            _ => fib::link_mtu(&egress.interface).ok(),
-        };
-    }
-    (hop.forwarding, hop.reason) = judge(&hop, &answer, looked_up.dst, policy.is_some())?;
+    let translated = hop.translation.is_some();
+    let answer = route(&mut hop, looked_up, &attached, policy.is_some(), translated)?;
     // A frontend's address on a port no rule serves, which the route sends on: the dataplane
     // drops it (it would go back to the router that sent it).
     let frontend = policy.as_ref().filter(|_| hop.translation.is_none()).and_then(|p| {
@@ -672,6 +652,71 @@ pub fn resolve(pins: &PinDir, flow: &Flow, iface: Option<&str>) -> Result<NextHo
     if let (true, Some(_), Some(e)) = (dnat, &hop.arrival, &hop.egress) {
         hop.reply_bypasses_gateway = reply_bypass(e.ifindex, flow.src, looked_up.dst)?;
     }
+    Ok(hop)
+}
+
+/// The outer packet of the encapsulated flow `inner` (IP in IP to its backend, from the
+/// node's outer source of its family), as the dataplane asks the FIB about it; `Err`: why
+/// there is none.
+pub fn encapsulated(pins: &PinDir, inner: &Flow) -> Result<Flow, String> {
+    let sources = xdpgate_dataplane::encap::read(pins).unwrap_or_default();
+    let (source, outer) = match inner.dst {
+        IpAddr::V4(_) => (sources.v4.map(IpAddr::from), 4),
+        IpAddr::V6(_) => (sources.v6.map(IpAddr::from), 41),
+    };
+    let src =
+        source.ok_or("no outer source address of its family (forwarding: ipip)".to_owned())?;
+    let protocol = (inner.protocol.0, outer);
+    Ok(Flow { protocol, src, dst: inner.dst, src_port: None, dst_port: None })
+}
+
+/// Asks the FIB about `looked_up` (the flow as the forwarding stage sees it: translated,
+/// or its outer packet) arriving by `hop.arrival`, and fills in how it leaves: the answer,
+/// egress, gateway, neighbour, MTU, forwarding and its reason. `translated`: the act stage
+/// forwards it (only then may the dataplane redirect it).
+fn route(
+    hop: &mut NextHop,
+    looked_up: Flow,
+    attached: &[IfaceStatus],
+    applied: bool,
+    translated: bool,
+) -> Result<fib::Answer> {
+    hop.looked_up = Some(looked_up);
+    let answer = fib::lookup(&fib::Query {
+        src: looked_up.src,
+        dst: looked_up.dst,
+        proto: looked_up.proto(),
+        sport: looked_up.src_port.unwrap_or(0),
+        dport: looked_up.dst_port.unwrap_or(0),
+        ifindex: hop.arrival.as_ref().map_or(LOOPBACK, |a| a.ifindex),
+    })?;
+    hop.outcome = Some(answer.outcome);
+    hop.egress = answer.ifindex.map(|i| interface(i, attached));
+    hop.gateway = answer.neighbour.filter(|_| answer.via_gateway);
+    if let (Some(egress), Some(n)) = (&hop.egress, answer.neighbour) {
+        let entry = fib::neighbour(egress.ifindex, n)?;
+        hop.neighbour = Some(NeighbourReport {
+            address: n,
+            state: entry.as_ref().map_or(NeighbourState::None, |e| e.state),
+            mac: entry.and_then(|e| e.mac).or(answer.dmac).map(|m| fib::mac_string(&m)),
+        });
+        hop.mtu = match answer.mtu {
+            Some(m) if m > 0 => Some(u32::from(m)),
+            _ => fib::link_mtu(&egress.interface).ok(),
+        };
+    }
+    (hop.forwarding, hop.reason) = judge(hop, &answer, looked_up.dst, applied, translated)?;
+    Ok(answer)
+}
+
+/// How the act stage forwards a packet of an existing translated flow arriving by the
+/// interface `arrival`, rewritten as `looked_up` (the outer packet, for IP in IP): as for
+/// the flow's first packet, by the FIB's answer. For `trace`, which does not run the act
+/// stage for a packet of an existing flow.
+pub fn act_forwarding(pins: &PinDir, arrival: u32, looked_up: Flow) -> Result<NextHop> {
+    let attached = status::read(pins)?.interfaces;
+    let mut hop = NextHop::new(looked_up, Some(interface(arrival, &attached)));
+    route(&mut hop, looked_up, &attached, true, true)?;
     Ok(hop)
 }
 
@@ -738,6 +783,7 @@ fn judge(
     answer: &fib::Answer,
     dst: IpAddr,
     applied: bool,
+    translated: bool,
 ) -> Result<(Forwarding, String)> {
     let egress = hop.egress.as_ref().map_or("-", |e| e.interface.as_str());
     let arrival = match &hop.arrival {
@@ -792,7 +838,7 @@ fn judge(
             ),
         ),
         // Only translated flows are forwarded by the dataplane itself (the act stage).
-        Outcome::Success if hop.translation.is_none() => (
+        Outcome::Success if !translated => (
             Forwarding::Stack,
             format!(
                 "no translation: the dataplane passes it (once allowed) to the host's stack, \
