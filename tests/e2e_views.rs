@@ -565,3 +565,53 @@ fn the_hosts_own_traffic_with_forwarding_off() {
         assert!(hop["reason"].as_str().unwrap().contains("route is unknown"), "{hop}");
     });
 }
+
+/// Whether a UDP datagram from the client to `dst` (a raw frame to the gateway's external
+/// MAC, whatever the client's routes say of `dst`) reaches a socket the gateway binds there.
+fn gateway_takes(g: &Gateway, dst: std::net::Ipv4Addr, port: u16) -> bool {
+    let sock = g.gw.run(move || UdpSocket::bind((dst, port)).expect("bind"));
+    sock.set_read_timeout(Some(Duration::from_millis(1000))).unwrap();
+    let client: std::net::Ipv4Addr = CLIENT4.parse().unwrap();
+    let mut frame = Vec::new();
+    etherparse::PacketBuilder::ethernet2([0; 6], [0; 6])
+        .ipv4(client.octets(), dst.octets(), 64)
+        .udp(40000, port)
+        .write(&mut frame, b"martian?")
+        .unwrap();
+    common::send_frame(&g.client, &g.client_if, g.gw.mac(&g.ext), frame).unwrap();
+    sock.recv_from(&mut [0u8; 64]).is_ok()
+}
+
+/// A loopback destination from outside is unreachable: the kernel drops the packet as a
+/// martian (as a real datagram shows), whatever its route says; from IPv6 likewise (not "no
+/// route back" to a source that has one); a multicast destination is refused, naming it.
+/// (Before: 127.0.0.1 "delivered locally", reachable; ::1 and ff02::1 "no route back to
+/// 2001:db8:2::10". Seen failing.)
+#[test]
+fn loopback_and_multicast_destinations_from_outside() {
+    let g = Gateway::new();
+    g.apply("open.yaml", OPEN);
+    assert!(gateway_takes(&g, "203.0.113.1".parse().unwrap(), 9301), "the frame's way");
+    assert!(!gateway_takes(&g, "127.0.0.1".parse().unwrap(), 9302), "a martian taken");
+
+    let (c, code) = connectivity(&g.pins, &["--src", CLIENT4, "--dst", "127.0.0.1:80"]);
+    assert_eq!((code, &c["next_hop"]["forwarding"]), (1, &"martian".into()), "{c:#}");
+    assert!(c["blocked_by"].as_str().unwrap().contains("as a martian"), "{c:#}");
+    let hop = next_hop(&g.pins, &["--src", CLIENT6, "--dst", "[::1]:80"]);
+    assert_eq!(
+        (&hop["forwarding"], &hop["arrival"]["interface"]),
+        (&"martian".into(), &g.ext.as_str().into()),
+        "{hop:#}"
+    );
+    // From this host, its loopback addresses are its own.
+    let hop = next_hop(&g.pins, &["--src", "127.0.0.1", "--dst", "127.0.0.1:80"]);
+    assert_eq!(hop["forwarding"], "local", "{hop:#}");
+
+    for dst in ["ff02::1", "224.0.0.1", "255.255.255.255"] {
+        let src = if dst.contains(':') { CLIENT6 } else { CLIENT4 };
+        let out = g.pins.try_xdpgate(&["connectivity", "--src", src, "--dst", dst]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{dst}: {err}");
+        assert!(err.contains(&format!("--dst {dst} is ")) && err.contains("unicast"), "{err}");
+    }
+}

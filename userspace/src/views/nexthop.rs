@@ -90,12 +90,31 @@ fn parse_endpoint(flag: &str, s: &str) -> Result<(IpAddr, Option<u16>)> {
     })
 }
 
+/// What `dst` is, and why no unicast route leads to it: multicast, the limited broadcast
+/// or unspecified.
+fn not_unicast(dst: IpAddr) -> Option<&'static str> {
+    match dst {
+        a if a.is_multicast() => Some(
+            "a multicast address (the kernel forwards multicast only by a multicast router's \
+             routes, and takes it in for the groups this host joined)",
+        ),
+        a if a.is_unspecified() => Some("the unspecified address (no packet goes to it)"),
+        IpAddr::V4(a) if a.is_broadcast() => {
+            Some("the limited broadcast address (it stays on the link it is sent on)")
+        }
+        _ => None,
+    }
+}
+
 impl FlowArgs {
     pub fn flow(&self) -> Result<Flow> {
         let (src, src_port) = parse_endpoint("--src", &self.src)?;
         let (dst, dst_port) = parse_endpoint("--dst", &self.dst)?;
         if src.is_ipv4() != dst.is_ipv4() {
             bail!("--src and --dst must be of the same address family");
+        }
+        if let Some(what) = not_unicast(dst) {
+            bail!("--dst {dst} is {what}; next-hop and connectivity answer for a unicast one");
         }
         let family = if src.is_ipv4() { 4 } else { 6 };
         let default = if dst_port.is_some() { "tcp" } else { "icmp" };
@@ -446,6 +465,9 @@ pub enum Forwarding {
     Stack,
     /// Delivered to this host.
     Local,
+    /// Dropped by the kernel as it arrives: a loopback address on a packet from outside
+    /// (a martian).
+    Martian,
     /// Nowhere: no route (or a blackhole, unreachable or prohibit route).
     NoRoute,
     /// The stack cannot reach the next hop: its neighbour entry failed.
@@ -522,8 +544,15 @@ fn interface(ifindex: u32, attached: &[IfaceStatus]) -> Interface {
 /// The interface the route back to `src` leaves by: where its packets arrive. `None` when
 /// `src` is this host's (or unreachable from here).
 fn arrival_of(flow: &Flow) -> Result<Option<u32>> {
+    // A loopback address is no source the FIB routes from (IPv6 finds no route): the way
+    // back is the route to the source alone.
+    let src = match flow.dst {
+        IpAddr::V4(a) if a.is_loopback() => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+        IpAddr::V6(a) if a.is_loopback() => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+        a => a,
+    };
     let back = fib::lookup(&fib::Query {
-        src: flow.dst,
+        src,
         dst: flow.src,
         proto: flow.proto(),
         sport: flow.dst_port.unwrap_or(0),
@@ -543,6 +572,26 @@ pub fn is_local(addr: IpAddr) -> Result<bool> {
         s.as_sockaddr_in().map(|v4| IpAddr::V4(v4.ip())) == Some(addr)
             || s.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())) == Some(addr)
     }))
+}
+
+/// Why the kernel drops `flow` as it arrives by `arrival`, if it does: a loopback
+/// destination (or source) on a packet from outside is a martian (IPv4's 127/8 is routed
+/// where the interface's `route_localnet` is on).
+fn martian(flow: &Flow, arrival: Option<&Interface>) -> Option<String> {
+    let a = arrival.filter(|a| a.ifindex != LOOPBACK)?;
+    let (which, addr) = [("destination", flow.dst), ("source", flow.src)]
+        .into_iter()
+        .find(|(_, addr)| addr.is_loopback())?;
+    let localnet =
+        std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/{}/route_localnet", a.interface));
+    if addr.is_ipv4() && localnet.is_ok_and(|v| v.trim() == "1") {
+        return None;
+    }
+    Some(format!(
+        "{addr} is a loopback address: the kernel drops a packet with that {which} arriving \
+         by {}, not the loopback device, as a martian",
+        a.interface
+    ))
 }
 
 /// Answers `next-hop` for `flow` arriving by `iface` (or the interface the route to its
@@ -588,6 +637,10 @@ pub fn resolve(pins: &PinDir, flow: &Flow, iface: Option<&str>) -> Result<NextHo
         }
     }
     let mut hop = NextHop { translation: translation.clone(), ..NextHop::new(*flow, arrival) };
+    if let Some(why) = martian(flow, hop.arrival.as_ref()) {
+        (hop.looked_up, hop.forwarding, hop.reason) = (Some(*flow), Forwarding::Martian, why);
+        return Ok(hop);
+    }
     let looked_up = match &translation {
         Some(t) => match t.apply(flow) {
             Some(f) => f,
@@ -1056,6 +1109,8 @@ mod tests {
         assert!(err(args("203.0.113.7", "2001:db8::2", None)).contains("same address family"));
         assert!(err(args("nowhere", "192.0.2.1", None)).contains("--src \"nowhere\""));
         assert!(err(args("203.0.113.7", "192.0.2.1", Some("gre"))).contains("unknown protocol"));
+        assert!(err(args("2001:db8::1", "ff02::1", None)).contains("ff02::1 is a multicast"));
+        assert!(err(args("203.0.113.7", "0.0.0.0", None)).contains("the unspecified address"));
         // The names the views print read back (before, `esp`, which they print for 50, was
         // an unknown protocol).
         let f = args("203.0.113.7", "192.0.2.1", Some("esp")).flow().unwrap();
