@@ -144,6 +144,12 @@ fn floating_ip_without_a_neighbour_entry_connects_once_the_agent_resolves_it() {
         thread::sleep(Duration::from_millis(50));
     }
     lan.gw.exec("ip", &["neigh", "flush", "dev", "int0"]);
+    // `next-hop` says so (seen failing: "the dataplane passes it to the host's stack, which
+    // resolves it and forwards it").
+    let args = ["next-hop", "--json", "--src", "203.0.113.10:40000", "--dst", "192.0.2.30:80"];
+    let hop: serde_json::Value = serde_json::from_str(&lan.pins.xdpgate(&args)).unwrap();
+    assert_eq!(hop["forwarding"], "dropped", "{hop:#}");
+    assert!(hop["reason"].as_str().unwrap().contains("direct_unreachable"), "{hop:#}");
     let unreachable =
         || xdpgate_dataplane::stats::read(&lan.pins.dir).unwrap().drops("direct_unreachable");
     let before = unreachable();

@@ -375,6 +375,8 @@ fn act_forwarding(
         Ok(hop) => {
             let verdict = match hop.forwarding {
                 Forwarding::Redirect => "redirect",
+                // A floating-IP or encapsulated packet it cannot send itself.
+                Forwarding::Dropped => "drop",
                 // Whatever the FIB says otherwise, the dataplane leaves the packet to the
                 // stack (which may then drop it: the reason says why).
                 _ => "pass",
@@ -386,7 +388,8 @@ fn act_forwarding(
         Err(e) => (
             "unknown",
             format!(
-                "not traced: the act stage forwards an existing flow's packet, and how could                  not be told ({e:#}); `xdpgate next-hop` says where its packets go"
+                "not traced: the act stage forwards an existing flow's packet, and how could \
+                 not be told ({e:#}); `xdpgate next-hop` says where its packets go"
             ),
         ),
     };

@@ -482,6 +482,10 @@ pub enum Forwarding {
     /// Through a NAT gateway, a protocol it has no port to claim for: dropped
     /// (`nat_untranslatable`).
     NatUntranslatable,
+    /// A floating-IP or encapsulated packet the dataplane cannot send itself (no neighbour
+    /// entry yet, an interface it may not redirect to): it cannot go to the host's stack
+    /// instead, so it is dropped (`direct_unreachable`, `encap_unreachable`).
+    Dropped,
 }
 
 /// What `next-hop` says.
@@ -839,6 +843,18 @@ fn judge(
     translated: bool,
 ) -> Result<(Forwarding, String)> {
     let egress = hop.egress.as_ref().map_or("-", |e| e.interface.as_str());
+    // A floating-IP or encapsulated packet cannot go to the host's stack (its destination a
+    // frontend the stack has no route to, or its source this node's own): what the
+    // dataplane cannot send itself it drops, under this reason.
+    let stackless = match &hop.translation {
+        Some(Translation::LoadBalancer { forwarding: "ipip", .. }) => {
+            Some(("an encapsulated", "encap_unreachable"))
+        }
+        Some(Translation::LoadBalancer { forwarding: "floating_ip", .. }) => {
+            Some(("a floating-IP", "direct_unreachable"))
+        }
+        _ => None,
+    };
     let arrival = match &hop.arrival {
         None => {
             return Ok(match answer.outcome {
@@ -911,6 +927,14 @@ fn judge(
                     Forwarding::Redirect,
                     format!("the dataplane ({}) redirects it out of {egress}", hook.name()),
                 )
+            } else if let Some((kind, reason)) = stackless {
+                (
+                    Forwarding::Dropped,
+                    format!(
+                        "{egress} is not a redirect target of the {} hook, and {kind} packet                          cannot go to the host's stack: the dataplane drops it ({reason});                          attach {egress} to xdpgate",
+                        hook.name()
+                    ),
+                )
             } else {
                 (
                     Forwarding::Stack,
@@ -926,6 +950,13 @@ fn judge(
                 )
             }
         }
+        Outcome::NoNeighbour if let Some((kind, reason)) = stackless => (
+            Forwarding::Dropped,
+            format!(
+                "no resolved neighbour for {} on {egress}, and {kind} packet cannot go to the                  host's stack: the dataplane drops it ({reason}) until the running agent has                  resolved the entry (within a second: a SYN sent again gets through)",
+                answer.neighbour.map_or("-".into(), |n| n.to_string()),
+            ),
+        ),
         Outcome::NoNeighbour => match hop.neighbour.as_ref().map(|n| n.state) {
             Some(NeighbourState::Failed) => (
                 Forwarding::NeighbourFailed,
