@@ -1043,3 +1043,60 @@ fn a_set_add_failing_half_way_changes_nothing() {
     assert!(out.contains("2 elements added to set blocklist"), "{out}");
     lab.tcp_blocked(&[(sock(SERVER4, 80), "blocked once the set add has room")]);
 }
+
+/// A neighbour solicitation crafted to a routed address (hop limit 255, a payload) does not
+/// cross the policy (no rule allows ICMPv6 in), also where the arrival interface's IPv6
+/// forwarding is off while the host forwards (`all.forwarding`: an uplink that takes router
+/// advertisements), where the FIB asked from that interface says only "forwarding
+/// disabled" (seen failing there: forwarded to the server, payload and all). Neighbour
+/// discovery between the hosts and the gateway goes on meanwhile (the SYN's handshake).
+#[test]
+fn a_crafted_solicitation_to_a_routed_address_does_not_cross_the_policy() {
+    let gw = Gateway::new();
+    gw.pins.apply(POLICY);
+    let marker = "xdpgate-nd-marker";
+    let listen = format!(
+        "import socket, sys\n\
+         s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)\n\
+         s.settimeout(2)\n\
+         print('ready', flush=True)\n\
+         try:\n    \
+             while True:\n        \
+                 if b'{marker}' in s.recv(2048): print('got'); break\n\
+         except socket.timeout: print('none')\n"
+    );
+    let send = format!(
+        "import socket, ipaddress\n\
+         s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)\n\
+         s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, 255)\n\
+         ns = bytes([135, 0, 0, 0, 0, 0, 0, 0]) + ipaddress.ip_address('{SERVER6}').packed\n\
+         s.sendto(ns + b'{marker}' * 20, ('{SERVER6}', 0))\n"
+    );
+    for uplink_forwarding in ["1", "0"] {
+        // `all` first: setting it sets every interface's.
+        gw.gw.exec("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"]);
+        let key = format!("net.ipv6.conf.{}.forwarding={uplink_forwarding}", gw.ext);
+        gw.gw.exec("sysctl", &["-qw", &key]);
+        let mut server = std::process::Command::new("ip")
+            .args(["netns", "exec", &gw.server.name, "python3", "-c", &listen])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = server.stdout.take().unwrap();
+        let mut ready = [0u8; 6];
+        out.read_exact(&mut ready).unwrap();
+        let drops = || {
+            let stats: serde_json::Value =
+                serde_json::from_str(&gw.pins.xdpgate(&["stats", "--json"])).unwrap();
+            stats["drops"]["policy"]["packets"].as_u64().unwrap()
+        };
+        let before = drops();
+        gw.client.exec("python3", &["-c", &send]);
+        let mut heard = String::new();
+        out.read_to_string(&mut heard).unwrap();
+        server.wait().unwrap();
+        assert_eq!(heard.trim(), "none", "uplink forwarding {uplink_forwarding}: forwarded");
+        let after = drops();
+        assert!(after > before, "uplink forwarding {uplink_forwarding}: not dropped by policy");
+    }
+}

@@ -54,6 +54,20 @@ fn lookup<H: Hook>(
     ip_len: u16,
     encapsulated: bool,
 ) -> Result<(i64, &'static mut bpf_fib_lookup), DropReason> {
+    lookup_from(ctx, meta, src, dst, ip_len, encapsulated, ctx.arrival())
+}
+
+/// [`lookup`] as for a packet arriving by interface `iif`.
+#[inline(always)]
+fn lookup_from<H: Hook>(
+    ctx: &H,
+    meta: &PacketMeta,
+    src: &[u32; 4],
+    dst: &[u32; 4],
+    ip_len: u16,
+    encapsulated: bool,
+    iif: u32,
+) -> Result<(i64, &'static mut bpf_fib_lookup), DropReason> {
     let p = unsafe { &mut *FIB_PARAMS.get_ptr_mut(0).ok_or(DropReason::Internal)? };
     *p = unsafe { zeroed() };
     // An encapsulated packet is asked about as the outer packet it leaves as: IP in IP (of
@@ -65,7 +79,7 @@ fn lookup<H: Hook>(
         p.sport = meta.sport.to_be();
         p.dport = meta.dport.to_be();
     }
-    p.ifindex = ctx.arrival();
+    p.ifindex = iif;
     // Host order, unlike the addresses: the kernel compares it with the route's MTU. Never
     // 0, which would skip that check (and, on a socket buffer, leave only the device's MTU
     // checked, by `is_skb_forwardable`, which passes any GSO aggregate unchecked): the
@@ -92,6 +106,17 @@ pub fn routed_on<H: Hook>(ctx: &H, meta: &PacketMeta) -> bool {
     // The route alone is asked: a length any route takes.
     let route = lookup(ctx, meta, &meta.src, &meta.dst, 20, false).map(|(rc, _)| rc);
     matches!(route, Ok(FIB_SUCCESS | FIB_NO_NEIGH | FIB_FRAG_NEEDED))
+}
+
+/// Whether `meta`'s destination is this host's own address (or has no route): the FIB
+/// asked as from the loopback device, whose `forwarding` follows `all`, where the kernel's
+/// IPv6 forwarding looks; the arrival interface's may be off while the kernel forwards (an
+/// uplink that takes router advertisements), and the FIB then says only that.
+#[inline(always)]
+pub fn to_this_host<H: Hook>(ctx: &H, meta: &PacketMeta) -> bool {
+    const LOOPBACK: u32 = 1;
+    let route = lookup_from(ctx, meta, &meta.src, &meta.dst, 20, false, LOOPBACK);
+    !matches!(route.map(|(rc, _)| rc), Ok(FIB_SUCCESS | FIB_NO_NEIGH | FIB_FRAG_NEEDED))
 }
 
 /// Whether a TCP segment belongs to a connection of this host itself: a socket of this
@@ -245,7 +270,7 @@ pub fn hop_for<H: Hook>(
         cache => {
             let (rc, p) = lookup(ctx, meta, src, dst, ip_len, encapsulated)?;
             if rc == FIB_NO_NEIGH {
-                want_neighbour(meta.family, p);
+                want_neighbour(p);
             }
             if rc != FIB_SUCCESS || !H::may_send_to(p.ifindex) {
                 return Ok(Err(rc));
@@ -273,11 +298,13 @@ pub fn hop_for<H: Hook>(
 /// a packet the stack takes instead resolves it itself, but one this hook must send (to a
 /// floating-IP or encapsulated backend) cannot go there.
 #[inline(never)]
-fn want_neighbour(family: u8, p: &bpf_fib_lookup) {
-    let addr = if family == 4 {
-        [unsafe { p.__bindgen_anon_4.ipv4_dst }, 0, 0, 0]
+fn want_neighbour(p: &bpf_fib_lookup) {
+    // The next hop's family: an IPv4 route may have an IPv6 gateway (RFC 5549), which the
+    // FIB then names with its family.
+    let (addr, family) = if p.family == AF_INET6 {
+        (unsafe { p.__bindgen_anon_4.ipv6_dst }, 6)
     } else {
-        unsafe { p.__bindgen_anon_4.ipv6_dst }
+        ([unsafe { p.__bindgen_anon_4.ipv4_dst }, 0, 0, 0], 4)
     };
     let key = NeighbourKey { addr, ifindex: p.ifindex, family, _pad: [0; 3] };
     let now = unsafe { bpf_ktime_get_coarse_ns() };

@@ -168,7 +168,7 @@ fn parse_stage<H: Hook>(ctx: &H, iface: Option<&IfaceConfig>) -> Result<u32, Dro
     let Parsed::Ip(mut meta) = parsed else { return Ok(xdp_action::XDP_PASS) };
     // Neighbour discovery to this host's own address (a neighbour's reachability probe):
     // the kernel's. Routed on, the policy judges it.
-    if is_link_control(&meta) && !forward::routed_on(ctx, &meta) {
+    if is_link_control(&meta) && forward::to_this_host(ctx, &meta) {
         return Ok(xdp_action::XDP_PASS);
     }
     meta.iface_slot = iface.map_or(0, |c| c.slot) as u8;
