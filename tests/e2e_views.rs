@@ -488,6 +488,9 @@ fn lb_nat_and_nsg(hook: &str) {
         &["--src", "198.51.100.11", "--dst", "203.0.113.10", "--protocol", "47"],
     );
     assert_eq!((code, &c["next_hop"]["forwarding"]), (1, &"nat_untranslatable".into()), "{c}");
+    // Nothing translated, nothing looked up (seen failing: "source becomes 192.0.2.100").
+    let hop = &c["next_hop"];
+    assert_eq!((&hop["translation"], &hop["looked_up"]), (&Value::Null, &Value::Null), "{c}");
     let blocked = c["blocked_by"].as_str().unwrap_or_default();
     assert!(blocked.contains("natgw translates TCP, UDP and ICMP echo only"), "{c}");
     let untranslatable =

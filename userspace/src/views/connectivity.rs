@@ -62,6 +62,10 @@ pub fn check(pins: &PinDir, hop: NextHop) -> Result<Connectivity> {
             detail: t.describe(),
         });
     }
+    // Dropped before any lookup, untranslated.
+    if hop.forwarding == Forwarding::NatUntranslatable {
+        steps.push(Step { step: "nat", ok: false, detail: hop.reason.clone() });
+    }
     if let Some(seen) = hop.looked_up {
         if through || hop.arrival.is_none() {
             // The NSGs judge the private source and, behind a load balancer, the backend.
@@ -90,11 +94,11 @@ pub fn check(pins: &PinDir, hop: NextHop) -> Result<Connectivity> {
             });
         }
         if let Some(t @ Translation::NatGateway { public_addresses, .. }) = &hop.translation {
-            let (ok, detail) = match hop.forwarding {
-                Forwarding::NatUntranslatable => (false, hop.reason.clone()),
-                _ => (!public_addresses.is_empty(), t.describe()),
-            };
-            steps.push(Step { step: "nat", ok, detail });
+            steps.push(Step {
+                step: "nat",
+                ok: !public_addresses.is_empty(),
+                detail: t.describe(),
+            });
         }
         let ok =
             matches!(hop.forwarding, Forwarding::Redirect | Forwarding::Stack | Forwarding::Local);

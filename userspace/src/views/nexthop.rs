@@ -645,6 +645,22 @@ pub fn resolve(pins: &PinDir, flow: &Flow, iface: Option<&str>) -> Result<NextHo
         (hop.looked_up, hop.forwarding, hop.reason) = (Some(*flow), Forwarding::Martian, why);
         return Ok(hop);
     }
+    // A NAT gateway claims a port, or an echo's identifier: the dataplane drops what has
+    // neither (ESP, GRE, ICMP other than echo), as its `snat::translatable` says, untranslated
+    // and unrouted.
+    if let Some(Translation::NatGateway { gateway, .. }) = &translation
+        && !matches!(flow.proto(), 6 | 17)
+        && !xdpgate_common::is_icmp(flow.protocol.0, flow.proto())
+    {
+        hop.translation = None;
+        hop.forwarding = Forwarding::NatUntranslatable;
+        hop.reason = format!(
+            "NAT gateway {gateway} translates TCP, UDP and ICMP echo only: the dataplane \
+             drops {} from its subnets (nat_untranslatable)",
+            protocol_name(flow.protocol.0, flow.proto())
+        );
+        return Ok(hop);
+    }
     let looked_up = match &translation {
         Some(t) => match t.apply(flow) {
             Some(f) => f,
@@ -687,19 +703,6 @@ pub fn resolve(pins: &PinDir, flow: &Flow, iface: Option<&str>) -> Result<NextHo
             flow.dst,
             lb.name,
             if flow.dst_port.is_some() { "port" } else { "protocol" }
-        );
-    }
-    // A NAT gateway claims a port, or an echo's identifier: the dataplane drops what has
-    // neither (ESP, GRE, ICMP other than echo), as its `snat::translatable` says.
-    if let Some(Translation::NatGateway { gateway, .. }) = &hop.translation
-        && !matches!(flow.proto(), 6 | 17)
-        && !xdpgate_common::is_icmp(flow.protocol.0, flow.proto())
-    {
-        hop.forwarding = Forwarding::NatUntranslatable;
-        hop.reason = format!(
-            "NAT gateway {gateway} translates TCP, UDP and ICMP echo only: the dataplane \
-             drops {} from its subnets (nat_untranslatable)",
-            protocol_name(flow.protocol.0, flow.proto())
         );
     }
     let dnat = matches!(
