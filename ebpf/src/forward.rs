@@ -222,8 +222,9 @@ pub fn forward<H: Hook>(
 }
 
 /// Sends a floating-IP packet, unchanged, to its backend `backend` (by the flow direction's
-/// cached next hop `cache` while it holds). What the FIB cannot send (no neighbour entry
-/// yet, too long for the route) is dropped and counted, as an encapsulated packet is: the
+/// cached next hop `cache` while it holds). What the FIB routes and cannot send (no
+/// neighbour entry yet, too long for the route, an interface this hook may not send to) is
+/// dropped and counted, as an encapsulated packet is: the
 /// stack, which would route it by its destination, the frontend's, has no route there and
 /// answered "network unreachable", which ends the client's connect at once (the agent
 /// resolves the backends' neighbour entries, so a SYN sent again gets through).
@@ -243,7 +244,10 @@ pub fn direct<H: Hook>(
     match hop_for(ctx, meta, &meta.src, backend, ip_len, cache, false)? {
         Ok(hop) => send(ctx, meta, Some(hop), || Ok(())),
         Err(FIB_FRAG_NEEDED) => Err(DropReason::DirectTooBig),
-        Err(_) => Err(DropReason::DirectUnreachable),
+        // A route but no neighbour yet, or an interface this hook may not send to.
+        Err(FIB_NO_NEIGH | FIB_SUCCESS) => Err(DropReason::DirectUnreachable),
+        // No route to the backend, forwarding off here: the stack's, as any packet's.
+        Err(_) => Ok(xdp_action::XDP_PASS),
     }
 }
 
