@@ -67,11 +67,12 @@ fn serve(ns: &common::Netns, name: &'static str) {
     });
 }
 
-/// A TCP request from the client: the answer (backend name and the address it was sent to).
-fn tcp(lan: &Lan, to: &'static str) -> String {
+/// A TCP request from the client, connecting for at most `connect` seconds: the answer
+/// (backend name and the address it was sent to).
+fn tcp(lan: &Lan, to: &'static str, connect: u64) -> String {
     lan.client.run(move || {
         let addr: SocketAddr = to.parse().unwrap();
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(connect))
             .unwrap_or_else(|e| panic!("connect to {to}: {e}"));
         s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
         let mut answer = String::new();
@@ -98,14 +99,14 @@ fn floating_ip_and_ha_ports_end_to_end() {
 
     // Floating IP: the backends receive the packets still addressed to the frontend and
     // answer from it themselves; new connections spread over both.
-    let answers: Vec<String> = (0..20).map(|_| tcp(&lan, "192.0.2.30:80")).collect();
+    let answers: Vec<String> = (0..20).map(|_| tcp(&lan, "192.0.2.30:80", 2)).collect();
     let names: HashSet<&str> = answers.iter().map(|a| a.split(' ').next().unwrap()).collect();
     assert_eq!(names, HashSet::from(["b1", "b2"]), "{answers:?}");
     assert!(answers.iter().all(|a| a.ends_with(" 192.0.2.30")), "sent to the VIP: {answers:?}");
 
     // HA ports: any port and protocol of the frontend is balanced, DNAT-ed to a backend's
     // own address with the port kept.
-    let answers: Vec<String> = (0..20).map(|_| tcp(&lan, "192.0.2.20:7001")).collect();
+    let answers: Vec<String> = (0..20).map(|_| tcp(&lan, "192.0.2.20:7001", 2)).collect();
     let names: HashSet<&str> = answers.iter().map(|a| a.split(' ').next().unwrap()).collect();
     assert_eq!(names, HashSet::from(["b1", "b2"]), "{answers:?}");
     for a in &answers {
@@ -153,15 +154,8 @@ fn floating_ip_without_a_neighbour_entry_connects_once_the_agent_resolves_it() {
     let unreachable =
         || xdpgate_dataplane::stats::read(&lan.pins.dir).unwrap().drops("direct_unreachable");
     let before = unreachable();
-    let answer = lan.client.run(|| {
-        let addr: SocketAddr = "192.0.2.30:80".parse().unwrap();
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-            .unwrap_or_else(|e| panic!("connect to the floating IP: {e}"));
-        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        let mut answer = String::new();
-        s.read_to_string(&mut answer).expect("answer");
-        answer
-    });
+    // Long enough for the SYN sent again (after 1 s) once the agent's tick resolved it.
+    let answer = tcp(&lan, "192.0.2.30:80", 5);
     assert_eq!(answer, "b1 192.0.2.30");
     assert!(unreachable() > before, "the first SYN was dropped, not passed to the stack");
 }

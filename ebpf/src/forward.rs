@@ -43,23 +43,11 @@ const FIB_NO_NEIGH: i64 = 7;
 /// `bpf_sock.state` of a listening socket.
 const TCP_LISTEN: u32 = 10;
 
-/// Asks the kernel's FIB where a packet from `src` to `dst` goes. The parameters live in
-/// per-CPU scratch, not on the stack, which the callers' stages need.
+/// Asks the kernel's FIB where a packet from `src` to `dst` goes, as arriving by interface
+/// `iif`. The parameters live in per-CPU scratch, not on the stack, which the callers'
+/// stages need.
 #[inline(always)]
 fn lookup<H: Hook>(
-    ctx: &H,
-    meta: &PacketMeta,
-    src: &[u32; 4],
-    dst: &[u32; 4],
-    ip_len: u16,
-    encapsulated: bool,
-) -> Result<(i64, &'static mut bpf_fib_lookup), DropReason> {
-    lookup_from(ctx, meta, src, dst, ip_len, encapsulated, ctx.arrival())
-}
-
-/// [`lookup`] as for a packet arriving by interface `iif`.
-#[inline(always)]
-fn lookup_from<H: Hook>(
     ctx: &H,
     meta: &PacketMeta,
     src: &[u32; 4],
@@ -104,7 +92,7 @@ fn lookup_from<H: Hook>(
 #[inline(always)]
 pub fn routed_on<H: Hook>(ctx: &H, meta: &PacketMeta) -> bool {
     // The route alone is asked: a length any route takes.
-    let route = lookup(ctx, meta, &meta.src, &meta.dst, 20, false).map(|(rc, _)| rc);
+    let route = lookup(ctx, meta, &meta.src, &meta.dst, 20, false, ctx.arrival()).map(|(rc, _)| rc);
     matches!(route, Ok(FIB_SUCCESS | FIB_NO_NEIGH | FIB_FRAG_NEEDED))
 }
 
@@ -115,7 +103,7 @@ pub fn routed_on<H: Hook>(ctx: &H, meta: &PacketMeta) -> bool {
 #[inline(always)]
 pub fn to_this_host<H: Hook>(ctx: &H, meta: &PacketMeta) -> bool {
     const LOOPBACK: u32 = 1;
-    let route = lookup_from(ctx, meta, &meta.src, &meta.dst, 20, false, LOOPBACK);
+    let route = lookup(ctx, meta, &meta.src, &meta.dst, 20, false, LOOPBACK);
     !matches!(route.map(|(rc, _)| rc), Ok(FIB_SUCCESS | FIB_NO_NEIGH | FIB_FRAG_NEEDED))
 }
 
@@ -272,7 +260,7 @@ pub fn hop_for<H: Hook>(
     match cache {
         Some(hop) if holds(hop, generation, now, iif, ip_len) => Ok(Ok(*hop)),
         cache => {
-            let (rc, p) = lookup(ctx, meta, src, dst, ip_len, encapsulated)?;
+            let (rc, p) = lookup(ctx, meta, src, dst, ip_len, encapsulated, iif)?;
             if rc == FIB_NO_NEIGH {
                 want_neighbour(p);
             }
