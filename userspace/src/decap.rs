@@ -129,19 +129,12 @@ pub fn run(pins: &PinDir, args: DecapArgs) -> Result<()> {
             );
         }
         DecapAction::Remove(r) => {
-            // First: a refused gateway leaves the frontends as they were too.
+            let removed = decap::remove(pins, &r.gateways, &r.frontends)?;
             if !r.gateways.is_empty() {
-                let removed = decap::remove_gateways(pins, &r.gateways)?;
-                println!("decap gateways removed: {}", list(&removed));
+                println!("decap gateways removed: {}", list(&removed.gateways));
             }
             if !r.frontends.is_empty() {
-                let removed = decap::remove_frontends(pins, &r.frontends)?;
-                let not: Vec<IpAddr> =
-                    r.frontends.iter().filter(|f| !removed.contains(f)).copied().collect();
-                println!("decap frontends removed: {}", list(&removed));
-                if !not.is_empty() {
-                    println!("not decapsulated for before: {}", list(&not));
-                }
+                println!("decap frontends removed: {}", list(&removed.frontends));
             }
         }
         DecapAction::Detach(d) => {

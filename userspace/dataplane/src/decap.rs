@@ -317,78 +317,131 @@ fn trusted(map: &LpmTrie<MapData, AddrKey, u32>) -> Vec<IpNet> {
     nets
 }
 
+/// What [`remove`] removed.
+#[derive(Debug)]
+pub struct Removed {
+    pub gateways: Vec<IpNet>,
+    pub frontends: Vec<IpAddr>,
+}
+
 /// Stops decapsulating from `gateways` (as `attach` added them, address or prefix: not the
-/// gateways they contain); returns them. A gateway it does not decapsulate from, or
-/// removing the last (`attach` requires one; [`detach`] stops it all), is refused before
-/// any is removed.
-pub fn remove_gateways(pins: &PinDir, gateways: &[IpNet]) -> Result<Vec<IpNet>> {
+/// gateways they contain) and for `frontends`. Everything is checked before anything is
+/// removed: a gateway it does not decapsulate from, removing the last (`attach` requires
+/// one; [`detach`] stops it all), or a frontend it does not decapsulate for (a misspelt
+/// address would leave the intended one served) is refused, and nothing changes.
+pub fn remove(pins: &PinDir, gateways: &[IpNet], frontends: &[IpAddr]) -> Result<Removed> {
     let dir = dir(pins);
     if !dir.check()? || !dir.map(DECAP_SOURCES).exists() {
         bail!(
-            "the decap program is attached to no interface (under {}): no gateway to remove",
+            "the decap program is attached to no interface (under {}): nothing to remove",
             dir.path().display()
         );
     }
     let _lock = crate::state::WriteLock::acquire(&dir)?;
-    let mut map: LpmTrie<_, AddrKey, u32> = dir.open_map(DECAP_SOURCES)?.try_into()?;
-    let trusted = trusted(&map);
-    let mut removing: Vec<IpNet> = gateways.iter().map(IpNet::trunc).collect();
-    removing.sort();
-    removing.dedup();
-    let names = |nets: &[IpNet]| nets.iter().map(ToString::to_string).collect::<Vec<_>>();
-    if let Some(g) = removing.iter().find(|g| !trusted.contains(g)) {
+    let mut sources: LpmTrie<_, AddrKey, u32> = dir.open_map(DECAP_SOURCES)?.try_into()?;
+    let mut served: HashMap<_, DecapKey, u32> = dir.open_map(DECAP_FRONTENDS)?.try_into()?;
+    let names = |all: &[String]| if all.is_empty() { "none".into() } else { all.join(", ") };
+
+    let trusted = trusted(&sources);
+    let gateways = sorted(gateways.iter().map(IpNet::trunc));
+    if let Some(g) = gateways.iter().find(|g| !trusted.contains(g)) {
         bail!(
             "{g} is not a gateway the decap program decapsulates from (its gateways: {}); \
              nothing was removed",
-            names(&trusted).join(", ")
+            names(&strings(&trusted))
         );
     }
-    if trusted.iter().all(|g| removing.contains(g)) {
+    if !gateways.is_empty() && trusted.iter().all(|g| gateways.contains(g)) {
         bail!(
             "removing {} would leave no gateway: the program would decapsulate from no one \
              and drop every IP-in-IP packet for its frontends. Add the new gateway first \
              (xdpgate decap attach IFACE --frontend ADDR --gateway ADDR|PREFIX), or detach \
              the program (xdpgate decap detach --all); nothing was removed",
-            names(&removing).join(", ")
+            strings(&gateways).join(", ")
         );
     }
-    for (i, g) in removing.iter().enumerate() {
-        if let Err(e) = map.remove(&crate::nat::prefix_key(g)) {
-            // All or nothing: put back those already removed (as `add_gateways` writes them).
-            let lost: Vec<_> = removing[..i]
-                .iter()
-                .filter(|r| map.insert(&crate::nat::prefix_key(r), 1, 0).is_err())
-                .collect();
-            let left = if lost.is_empty() {
-                "nothing was removed".to_string()
-            } else {
-                format!(
-                    "could not put back {}: they are removed",
-                    names(&lost.into_iter().copied().collect::<Vec<_>>()).join(", ")
-                )
-            };
-            return Err(anyhow::Error::new(e).context(format!("removing gateway {g}; {left}")));
-        }
+    let frontends = sorted(frontends.iter().copied());
+    if let Some(f) = frontends.iter().find(|f| served.get(&key(**f), 0).is_err()) {
+        let all = sorted(served.keys().filter_map(Result::ok).map(|k| addr(&k)));
+        bail!(
+            "{f} is not a frontend the decap program decapsulates for (its frontends: {}); \
+             nothing was removed",
+            names(&strings(&all))
+        );
     }
-    Ok(removing)
+
+    // All or nothing: a failure puts back what was removed (as `attach` writes it).
+    let steps: Vec<Entry> = gateways
+        .iter()
+        .map(|g| Entry::Gateway(*g))
+        .chain(frontends.iter().map(|f| Entry::Frontend(*f)))
+        .collect();
+    for (i, entry) in steps.iter().enumerate() {
+        let Err(e) = entry.remove(&mut sources, &mut served) else { continue };
+        let lost: Vec<String> = steps[..i]
+            .iter()
+            .filter(|r| !r.put_back(&mut sources, &mut served))
+            .map(ToString::to_string)
+            .collect();
+        let left = if lost.is_empty() {
+            "nothing was removed".to_string()
+        } else {
+            format!("could not put back {}: they are removed", lost.join(", "))
+        };
+        return Err(anyhow::Error::new(e).context(format!("removing {entry}; {left}")));
+    }
+    Ok(Removed { gateways, frontends })
 }
 
-/// Stops decapsulating for `frontends`; returns those that were served (the others are
-/// left out). The program stays attached (see [`detach`]).
-pub fn remove_frontends(pins: &PinDir, frontends: &[IpAddr]) -> Result<Vec<IpAddr>> {
-    let dir = dir(pins);
-    if !dir.check()? || !dir.map(DECAP_FRONTENDS).exists() {
-        return Ok(Vec::new());
-    }
-    let _lock = crate::state::WriteLock::acquire(&dir)?;
-    let mut map: HashMap<_, DecapKey, u32> = dir.open_map(DECAP_FRONTENDS)?.try_into()?;
-    let mut removed = Vec::new();
-    for &f in frontends {
-        if map.remove(&key(f)).is_ok() {
-            removed.push(f);
+/// A gateway or a frontend of the decap program's maps.
+enum Entry {
+    Gateway(IpNet),
+    Frontend(IpAddr),
+}
+
+impl Entry {
+    fn remove(
+        &self,
+        sources: &mut LpmTrie<MapData, AddrKey, u32>,
+        served: &mut HashMap<MapData, DecapKey, u32>,
+    ) -> Result<(), aya::maps::MapError> {
+        match self {
+            Entry::Gateway(g) => sources.remove(&crate::nat::prefix_key(g)),
+            Entry::Frontend(f) => served.remove(&key(*f)),
         }
     }
-    Ok(removed)
+
+    /// Writes it back as `attach` does; whether that worked.
+    fn put_back(
+        &self,
+        sources: &mut LpmTrie<MapData, AddrKey, u32>,
+        served: &mut HashMap<MapData, DecapKey, u32>,
+    ) -> bool {
+        match self {
+            Entry::Gateway(g) => sources.insert(&crate::nat::prefix_key(g), 1, 0).is_ok(),
+            Entry::Frontend(f) => served.insert(key(*f), 1, 0).is_ok(),
+        }
+    }
+}
+
+impl std::fmt::Display for Entry {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        match self {
+            Entry::Gateway(g) => write!(f, "gateway {g}"),
+            Entry::Frontend(a) => write!(f, "frontend {a}"),
+        }
+    }
+}
+
+fn sorted<T: Ord>(items: impl Iterator<Item = T>) -> Vec<T> {
+    let mut v: Vec<T> = items.collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+fn strings(items: &[impl ToString]) -> Vec<String> {
+    items.iter().map(ToString::to_string).collect()
 }
 
 /// Detaches the decap program from `ifname`. The last detach removes its maps (frontends,
