@@ -35,7 +35,7 @@ struct Cli {
 #[derive(clap::Args)]
 struct TablesArgs {
     /// Established flows the flow table holds (two entries each; the embryonic table holds
-    /// a quarter as many). Default 524,288; 440 bytes of kernel memory per flow (220 MiB
+    /// a quarter as many). Default 524,288; 520 bytes of kernel memory per flow (260 MiB
     /// at the default). Only on the first attach: a size other than the pinned one is
     /// refused.
     #[arg(long, value_name = "N")]
@@ -352,9 +352,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     mode.to_possible_value().expect("no skipped values").get_name()
                 ),
             };
-            // Before anything is made: a size out of range changes nothing.
+            // Before anything is made: a refused attach leaves nothing behind.
             let sizes = tables.request();
-            sizes.check()?;
+            dataplane::check_attach(&pins, &iface, &sizes)?;
             pins.ensure()?;
             let _lock = WriteLock::acquire(&pins)?;
             dataplane::attach_sized(&pins, &iface, role, ingress, &sizes)?;

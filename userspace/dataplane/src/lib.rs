@@ -637,6 +637,10 @@ impl Hook {
     /// The hook for `ifname` (of the current network namespace) when none is asked: tc for
     /// the drivers in `TC_DRIVERS`, XDP for the rest (physical NICs).
     pub fn default_for(ifname: &str) -> Result<Hook> {
+        // Said plainly first: the driver's ioctl would answer "no such device" or, for the
+        // loopback device, "operation not supported".
+        ifindex(ifname)?;
+        ethernet(ifname)?;
         let driver = driver(ifname)?;
         Ok(if TC_DRIVERS.contains(&driver.as_str()) { Hook::Tc } else { Hook::Xdp })
     }
@@ -707,6 +711,16 @@ impl From<Mode> for Ingress {
     fn from(mode: Mode) -> Self {
         Ingress::Xdp(mode)
     }
+}
+
+/// Refuses, before anything is made, what [`attach_sized`] would refuse at its start: an
+/// interface that is not there or not Ethernet, and table sizes out of range, other than
+/// the pinned ones, or more than the machine's memory. A refused first attach then leaves
+/// no pin directory behind (the sizes are checked again under the write lock).
+pub fn check_attach(pins: &PinDir, ifname: &str, sizes: &SizeRequest) -> Result<()> {
+    ifindex(ifname)?;
+    ethernet(ifname)?;
+    tables::plan(pins, sizes).map(drop)
 }
 
 /// Attaches the dataplane to `ifname` with `role`, pins the link and registers the interface.
@@ -1251,6 +1265,7 @@ pub fn ifindex(ifname: &str) -> Result<u32> {
 /// header as Ethernet and pass every packet as non-IP, unjudged by the NSG, at either hook.
 pub(crate) fn ethernet(ifname: &str) -> Result<()> {
     const ARPHRD_ETHER: u16 = 1;
+    const ARPHRD_LOOPBACK: u16 = 772;
     let sock = inet_socket("SIOCGIFHWADDR")?;
     let mut req = ifreq(ifname);
     use std::os::fd::AsRawFd;
@@ -1260,6 +1275,13 @@ pub(crate) fn ethernet(ifname: &str) -> Result<()> {
     }
     // SAFETY: SIOCGIFHWADDR sets the hwaddr member.
     let kind = unsafe { req.ifr_ifru.ifru_hwaddr.sa_family };
+    if kind == ARPHRD_LOOPBACK {
+        bail!(
+            "{ifname} is the loopback device: no packet arrives on it from a network. Attach \
+             xdpgate to the interfaces the traffic arrives by; the host's own traffic is judged \
+             there (host mode)"
+        );
+    }
     if kind != ARPHRD_ETHER {
         bail!(
             "{ifname} is not an Ethernet interface (link type {kind}: an L3 device such as tun, \
