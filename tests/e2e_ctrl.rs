@@ -328,6 +328,13 @@ fn flows_delete_removes_a_live_flow_and_its_next_packet_is_judged_anew() {
     let denied = gw.pins.try_xdpgate(&["flows", "delete", "--port", "8082", "--verdict", "denied"]);
     assert!(!denied.status.success());
     assert!(String::from_utf8_lossy(&denied.stderr).contains("--verdict denied selects no flow"));
+    assert_eq!(denied.status.code(), Some(1), "an error");
+    // A command line that does not parse: status 2, as the README says.
+    for args in [&["flows", "--state", "bogus"][..], &["flows", "delete", "--port", "99999"]] {
+        let out = gw.pins.try_xdpgate(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.code() == Some(2) && err.contains("try '--help'"), "{args:?}: {err}");
+    }
     // The filter flags observe and capture share, with the flow table's own.
     let out = gw.pins.xdpgate(&[
         "flows",
