@@ -248,7 +248,38 @@ fn read_interfaces(v: &tree::Node, problems: &mut Problems) -> Vec<Interface> {
     if items.is_empty() {
         problems.push(anyhow::anyhow!("interfaces: lists no interface"));
     }
-    items.iter().filter_map(|item| read_interface(item, problems)).collect()
+    let mut seen = HashSet::new();
+    items
+        .iter()
+        .filter_map(|item| {
+            let i = read_interface(item, problems)?;
+            if !seen.insert(i.name.clone()) {
+                let at = at(item.pos);
+                problems.push(anyhow::anyhow!("{at}: interfaces: {} is listed twice", i.name));
+                return None;
+            }
+            Some(i)
+        })
+        .collect()
+}
+
+/// Why `name` cannot name a Linux interface, if it cannot: at most IFNAMSIZ - 1 bytes, no
+/// '/', ':' or whitespace, not "." or ".." ('/' would also escape `links/`); a control
+/// character would be printed raw by the views.
+fn not_an_interface_name(name: &str) -> Option<&'static str> {
+    if name.is_empty() {
+        Some("it is empty")
+    } else if name.len() > 15 {
+        Some("longer than 15 bytes")
+    } else if name.contains(['/', ':']) {
+        Some("'/' and ':' are not allowed")
+    } else if name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        Some("whitespace and control characters are not allowed")
+    } else if name == "." || name == ".." {
+        Some("\".\" and \"..\" are not allowed")
+    } else {
+        None
+    }
 }
 
 /// One interface item, every problem of it noted (a field written wrong is not also
@@ -269,7 +300,14 @@ fn read_interface(item: &tree::Node, problems: &mut Problems) -> Option<Interfac
         let key = text_of(k).unwrap_or_default();
         let value = text_of(v);
         match (key.as_str(), value.as_deref()) {
-            ("name", Some(n)) => name = Some(n.to_owned()),
+            ("name", Some(n)) => match not_an_interface_name(n) {
+                None => name = Some(n.to_owned()),
+                Some(why) => problems.push(anyhow::anyhow!(
+                    "{}: name: {:?} is not an interface name: {why}",
+                    at(v.pos),
+                    tree::elide(n)
+                )),
+            },
             ("role", Some("external")) => role = Some(RoleName::External),
             ("role", Some("internal")) => role = Some(RoleName::Internal),
             ("mode", Some("native")) => mode = Some((ModeName::Native, v.pos)),
@@ -425,32 +463,9 @@ fn read_source(
 pub fn parse(text: &str) -> Result<Node> {
     let mut problems = Problems::new();
     let node = read(text, &mut problems);
-    if let Some(node) = &node {
-        check_interfaces(node, &mut problems);
-    }
     match node {
         Some(node) if problems.is_empty() => Ok(node),
         _ => Err(combined(problems)),
-    }
-}
-
-/// The interfaces' names: valid, each once.
-fn check_interfaces(node: &Node, problems: &mut Problems) {
-    let mut seen = HashSet::new();
-    for i in &node.interfaces {
-        // IFNAMSIZ - 1; Linux refuses '/', ':' and whitespace ('/' would also escape
-        // links/), and a control character would be printed raw by the views.
-        if i.name.is_empty()
-            || i.name.len() > 15
-            || i.name.contains(['/', ':'])
-            || i.name.chars().any(|c| c.is_whitespace() || c.is_control())
-            || i.name == "."
-            || i.name == ".."
-        {
-            problems.push(anyhow::anyhow!("interfaces: {:?} is not an interface name", i.name));
-        } else if !seen.insert(&i.name) {
-            problems.push(anyhow::anyhow!("interfaces: {} is listed twice", i.name));
-        }
     }
 }
 
@@ -607,13 +622,13 @@ mod tests {
             "9 problems:",
             "line 2, column 24: role: string \"outside\" is not valid here",
             "line 3, column 34: unknown field \"mtu\"",
+            "line 5, column 5: interfaces: eth2 is listed twice",
             "line 6, column 17: tables: flows: 10 is out of range",
             "line 6, column 21: tables: unknown field \"embryos\"",
             "line 7, column 18: bgp: router_id: 0.0.0.0 is not a router ID",
             "line 7, column 48: bgp: peers: fe80::1 is link-local",
             "line 7, column 77: bgp: peers: as is missing",
             "line 8, column 26: encapsulation: source4: 127.0.0.1 is a loopback address",
-            "interfaces: eth2 is listed twice",
         ];
         let lines: Vec<&str> = e.lines().collect();
         assert_eq!(lines.len(), expected.len(), "{e}");
@@ -693,7 +708,12 @@ mod tests {
                 "interfaces:\n  - {name: eth0, role: external, mtu: 9000}",
                 "column 34: unknown field \"mtu\"",
             ),
-            ("interfaces:\n  - {name: ../x, role: external}", "not an interface name"),
+            // At its place, saying why (seen failing: no line, no reason, listed last).
+            (
+                "interfaces:\n  - {name: ../x, role: external}",
+                "line 2, column 12: name: \"../x\" is not an interface name: '/' and ':' are not \
+                 allowed",
+            ),
             // Linux refuses ':' in a name, and xdpgate prints names raw (seen failing: both
             // accepted, and the agent would wait for the first forever).
             ("interfaces:\n  - {name: \"eth0:1\", role: external}", "not an interface name"),
@@ -703,8 +723,15 @@ mod tests {
                 "line 2, column 47: mode: applies to XDP only",
             ),
             ("interfaces:\n  - {name: v, role: external, hook: ebpf}", "hook: xdp or tc"),
-            ("interfaces:\n  - {name: averyveryverylongname, role: external}", "not an interface"),
-            ("interfaces:\n  - {name: a, role: external}\n  - {name: a, role: internal}", "twice"),
+            (
+                "interfaces:\n  - {name: averyveryverylongname, role: external}",
+                "line 2, column 12: name: \"averyveryverylongname\" is not an interface name: \
+                 longer than 15 bytes",
+            ),
+            (
+                "interfaces:\n  - {name: a, role: external}\n  - {name: a, role: internal}",
+                "line 3, column 5: interfaces: a is listed twice",
+            ),
             (
                 "interfaces:\n  - {name: a, role: external}\ntables: {flows: 10}",
                 "line 3, column 17: tables: flows: 10 is out of range (between 64 and \
