@@ -106,11 +106,12 @@ pub enum PinDirError {
     #[error("{NEEDS_PRIVILEGES}: {what} {}", path.display())]
     PermissionDenied { what: &'static str, path: PathBuf, source: nix::Error },
     #[error(
-        "refusing pin directory {}: it is a symbolic link, which would let its owner redirect \
-         the dataplane's pins; remove it (rm {}) and attach again",
-        path.display(), path.display()
+        "refusing pin directory {}: it is a symbolic link (to {}), which would let its owner \
+         redirect the dataplane's pins; name the directory itself (--pin-dir), or remove the \
+         link if it is not yours (rm {})",
+        path.display(), target.display(), path.display()
     )]
-    Symlink { path: PathBuf },
+    Symlink { path: PathBuf, target: PathBuf },
     #[error("refusing pin directory {}: not a directory", path.display())]
     NotDirectory { path: PathBuf },
     #[error(
@@ -348,7 +349,10 @@ fn check_dir(path: &Path) -> Result<bool, PinDirError> {
     };
     let path_buf = || path.to_path_buf();
     match SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) {
-        SFlag::S_IFLNK => return Err(PinDirError::Symlink { path: path_buf() }),
+        SFlag::S_IFLNK => {
+            let target = fs::read_link(path).unwrap_or_else(|_| "?".into());
+            return Err(PinDirError::Symlink { path: path_buf(), target });
+        }
         SFlag::S_IFDIR => {}
         _ => return Err(PinDirError::NotDirectory { path: path_buf() }),
     }
@@ -1443,6 +1447,15 @@ mod tests {
         assert_eq!(
             PinDir::new(dir.join("alias")).path(),
             fs::canonicalize(&dir).unwrap().join("alias")
+        );
+        // Refused naming where it points, for any command (seen failing: "remove it and
+        // attach again", to a `status` through a link the user made to the real directory).
+        let err = check_dir(&dir.join("alias")).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("a symbolic link (to {})", real.display()))
+                && err.contains("name the directory itself (--pin-dir)")
+                && !err.contains("attach again"),
+            "{err}"
         );
         fs::remove_dir_all(&dir).unwrap();
     }
