@@ -134,8 +134,13 @@ fn attach_counts_real_tcp_udp_icmp_then_detaches() {
     );
     assert_eq!(counted, rx, "xdpgate counted {counted} packets, the interface received {rx}");
 
-    // Detach: the program is gone from the interface and traffic still flows.
-    let out = pins.xdpgate(&["detach", "--iface", &sb]);
+    // Detach: the program is gone from the interface and traffic still flows. From the
+    // host's namespace, without --netns: the pin directory's link names the interface.
+    let mut detach = std::process::Command::new(common::xdpgate_bin());
+    detach.arg("--pin-dir").arg(pins.dir.path()).args(["detach", "--iface", &sb]);
+    let out = detach.output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.contains("detached"), "{out}");
     let link = String::from_utf8_lossy(&server.exec("ip", &["-d", "link", "show", &sb]).stdout)
         .into_owned();
