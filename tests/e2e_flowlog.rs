@@ -413,6 +413,31 @@ fn interim_records_of_a_long_flow_carry_the_traffic_since_the_last_record() {
     }
 }
 
+/// An agent restarted while a flow runs (an upgrade needs one) counts the flow's records
+/// from its totals as it starts: the first record after the restart carries what came
+/// since, not the flow's whole life again (seen failing: 8 packets, the 3 before the
+/// restart counted twice), and no record's delta counts anything twice.
+#[test]
+fn an_agent_restart_counts_no_packet_twice() {
+    let lab = Gateway::new();
+    let (agent, flow) = EchoFlow::start(&lab);
+    flow.exchange(3);
+    flow.wait_for_continuing(3);
+    drop(agent);
+    let policy = lab.dir.join("policy.yaml");
+    let _agent = start_agent(&lab, &policy, &flow.log, &["--flow-log-interval", "1"]);
+    wait_for_policy(&lab);
+    flow.exchange(5);
+    flow.wait_for_continuing(8);
+    let records = flow.ended();
+    let delta = |r: &Value| r["delta"]["forward"]["packets"].as_u64().unwrap();
+    let after = records.iter().position(|r| forward_packets(r) == 8).unwrap();
+    assert!(delta(&records[after]) <= 5, "counted again: {records:#?}");
+    let counted: u64 = records.iter().map(delta).sum();
+    assert!(counted <= 8, "{counted} packets in the deltas of a flow of 8: {records:#?}");
+    assert_eq!(forward_packets(records.last().unwrap()), 8, "{records:#?}");
+}
+
 /// The sweep removes a flow's two entries one after the other, and a walk for interim
 /// records (or a sweep) that reads the table between the two sees one. The direction it did
 /// not read keeps the totals of the flow's last record: nothing is counted down. Here the

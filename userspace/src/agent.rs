@@ -507,6 +507,14 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     for key in &down.down {
         info!("backend {} starts unhealthy (probe {key}), as it was", key.backend);
     }
+    // Before any event or removal, and before agent.json says this agent runs: flows an
+    // earlier agent logged count from their totals now, not from zero (seen: a restart
+    // doubled every long flow's packets). None yet on a first start.
+    if let Some(log) = flow_log.as_ref()
+        && let Err(e) = flowlog::seed_running(pins, &log.reported)
+    {
+        warn!("flow log: reading the running flows' totals: {e:#}; counting them from zero");
+    }
     let mut state = AgentState {
         pid: std::process::id(),
         policy_file: file.to_path_buf(),

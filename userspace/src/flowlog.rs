@@ -379,6 +379,25 @@ impl Reported {
         Some(counts)
     }
 
+    /// Takes the totals of the flows `read` hands on as what their next records count
+    /// from, writing nothing: as the agent starts, for the flows already running, whose
+    /// records an earlier agent wrote (counted from zero, their first record here would
+    /// count their whole life again). What they carried since that agent's last record is
+    /// in their totals and in no delta. Returns how many.
+    pub fn seed(
+        &self,
+        read: impl FnOnce(&mut dyn FnMut(FlowEntries)) -> Result<()>,
+    ) -> Result<usize> {
+        let mut guard = self.lock();
+        let ReportedState { last, walks, .. } = &mut *guard;
+        let before = last.len();
+        read(&mut |flow| {
+            let totals = Counts::of(&flow, EachWay::default()).totals;
+            last.insert(flow.key, (totals, *walks));
+        })?;
+        Ok(last.len() - before)
+    }
+
     /// A walk's lines are counted and not written yet.
     fn unwritten(&self) -> bool {
         self.0.1.load(Ordering::SeqCst)
@@ -436,6 +455,15 @@ pub fn interim_lines(
 ) -> Result<Walked> {
     let read = |each: &mut dyn FnMut(FlowEntries)| flows::established(pins, each);
     walk_lines(reported, read, |f| f.describe(names), probes, queue, WALK_PACE, stop)
+}
+
+/// [`Reported::seed`] with the established flows under `pins` (none before the first
+/// attach made the table).
+pub fn seed_running(pins: &PinDir, reported: &Reported) -> Result<usize> {
+    if !pins.map(xdpgate_common::maps::FLOWS).exists() {
+        return Ok(0);
+    }
+    reported.seed(|each| flows::established(pins, each))
 }
 
 /// [`interim_lines`] of the flows `read` hands on, described by `describe`, queued at
@@ -712,6 +740,20 @@ mod tests {
     /// A walk that reads one of a flow's two entries (between their removals, or their
     /// inserts) counts the other direction as the flow's last record did: no line when the
     /// entry it read has nothing new, and only what that entry has new otherwise.
+    #[test]
+    fn flows_running_as_the_agent_starts_count_from_their_totals_then() {
+        let reported = Reported::default();
+        let seeded = reported.seed(|each| {
+            each(flow(5));
+            Ok(())
+        });
+        assert_eq!(seeded.unwrap(), 1);
+        assert!(walked(&reported, &[flow(5)]).is_empty(), "no traffic since");
+        assert_eq!(walked(&reported, &[flow(8)]).iter().map(delta).collect::<Vec<_>>(), [3]);
+        let key = flow(8).key;
+        assert_eq!(reported.removed(&key).0.packets, 8, "its end counts from there too");
+    }
+
     #[test]
     fn a_direction_the_walk_did_not_read_keeps_its_last_totals() {
         let reported = Reported::default();
