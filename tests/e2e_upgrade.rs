@@ -114,6 +114,39 @@ fn upgrade_in_place_keeps_running_connections() {
     assert_eq!(flows(&stats), 1);
 }
 
+/// `upgrade` with an agent of another build running (an earlier binary, replaced under its
+/// name) says to restart it, naming its pid (seen failing: nothing said, while an earlier
+/// agent's metrics failed on a counter map the upgrade unpinned); with the agent of this
+/// very binary, nothing.
+#[test]
+fn upgrade_names_an_agent_of_another_build_to_restart() {
+    let lab = Gateway::new();
+    let policy = lab.write_policy("policy.yaml", POLICY);
+    lab.apply("policy.yaml", POLICY);
+    let other = lab.dir.join("xdpgate-earlier");
+    std::fs::copy(common::xdpgate_bin(), &other).unwrap();
+    for (bin, named) in [(other, true), (common::xdpgate_bin(), false)] {
+        let args: Vec<_> = lab.pins.agent(&policy).get_args().map(|a| a.to_owned()).collect();
+        let mut agent = std::process::Command::new(&bin)
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !lab.pins.agent_started(agent.id()) {
+            assert!(std::time::Instant::now() < deadline, "the agent did not start");
+            thread::sleep(Duration::from_millis(50));
+        }
+        let out = lab.pins.xdpgate(&["upgrade"]);
+        let _ = agent.kill();
+        let _ = agent.wait();
+        let says = format!("the agent (pid {}) runs another build: restart it", agent.id());
+        assert_eq!(out.contains(&says), named, "{}: {out}", bin.display());
+        assert!(out.contains(&format!("upgraded {}", lab.ext)), "{out}");
+    }
+}
+
 /// Maps pinned with another layout (as an older build might have left them) are refused
 /// with an error that names them, and the running dataplane carries on untouched.
 #[test]

@@ -322,6 +322,16 @@ impl Command {
     }
 }
 
+/// Whether process `pid` runs this very executable file (not a copy, nor the file an
+/// upgrade replaced under its name).
+fn runs_this_binary(pid: u32) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    let id = |m: std::fs::Metadata| (m.dev(), m.ino());
+    let theirs = std::fs::metadata(format!("/proc/{pid}/exe")).map(id);
+    let ours = std::env::current_exe().and_then(std::fs::metadata).map(id);
+    matches!((theirs, ours), (Ok(a), Ok(b)) if a == b)
+}
+
 fn run(cli: Cli) -> Result<ExitCode> {
     // The pins first: a user without privileges is told so, not that the namespace could
     // not be entered (the pins are the host's bpffs, the same from any network namespace).
@@ -374,6 +384,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             for (name, egress_added) in dataplane::upgrade(&pins)? {
                 let added = if egress_added { " (egress program added)" } else { "" };
                 println!("upgraded {name}{added}");
+            }
+            if let Some(pid) = dataplane::state::agent_pid(&pins).filter(|&p| !runs_this_binary(p))
+            {
+                println!(
+                    "the agent (pid {pid}) runs another build: restart it with this one (an \
+                     earlier build's views, metrics and flow log may not read what this upgrade \
+                     changed)"
+                );
             }
         }
         Command::Detach { iface, all } => {
