@@ -20,11 +20,11 @@ pub const IFACE_INDEX_ENTRIES: u32 = 4_096;
 pub const IFACE_STATS: &str = "IFACE_STATS";
 /// `PerCpuArray<u64>`: dropped packets per [`crate::stats::DropReason`], with room for more
 /// (`DROP_SLOTS`). The name carries the layout's version: a build with a longer array pins
-/// it beside the old one (whose pin `check_pinned_layouts` would refuse), and counts start
-/// again at zero.
+/// it beside the old one (whose pin `check_pinned_layouts` would refuse).
 pub const DROP_STATS: &str = "DROP_STATS_V3";
-/// The drop counters of earlier builds (10 reasons, then 13 with the encapsulation ones),
-/// which `upgrade` unpins.
+/// The drop counters of earlier builds (10 reasons, then 13 with the encapsulation ones,
+/// numbered as this build's): left pinned by `upgrade`, and added to this build's by
+/// `stats`, so that drop counts never go down across an upgrade or a downgrade.
 pub const EARLIER_DROP_STATS: [&str; 2] = ["DROP_STATS", "DROP_STATS_V2"];
 
 /// Interfaces one dataplane can be attached to at once. Slot 0 counts packets seen on an

@@ -28,9 +28,9 @@ use aya::{
 use xdpgate_common::{
     iface::{IfaceConfig, Role},
     maps::{
-        EARLIER_DROP_STATS, EGRESS, EGRESS_NEW, EGRESS_PARSE, EGRESS_PIPELINE, EGRESS_POLICY,
-        EVENTS, IFACE_INDEX, IFACE_INDEX_ENTRIES, IFACES, MAX_IFACES, PIPELINE, PIPELINE_ACT,
-        PIPELINE_NEW, PIPELINE_POLICY, PIPELINE_SNAT, SCRATCH, TC_PARSE, TC_PIPELINE,
+        EGRESS, EGRESS_NEW, EGRESS_PARSE, EGRESS_PIPELINE, EGRESS_POLICY, EVENTS, IFACE_INDEX,
+        IFACE_INDEX_ENTRIES, IFACES, MAX_IFACES, PIPELINE, PIPELINE_ACT, PIPELINE_NEW,
+        PIPELINE_POLICY, PIPELINE_SNAT, SCRATCH, TC_PARSE, TC_PIPELINE,
     },
 };
 
@@ -994,14 +994,8 @@ pub fn upgrade(pins: &PinDir) -> Result<Vec<(String, bool)>> {
         migrate::copy(pins)?;
         migrate::finish(pins)?;
     }
-    // The drop counters of builds with shorter arrays: no program uses them now.
-    for name in EARLIER_DROP_STATS {
-        let old_drops = pins.map(name);
-        if old_drops.exists() {
-            fs::remove_file(&old_drops)
-                .with_context(|| format!("unpinning {}", old_drops.display()))?;
-        }
-    }
+    // The drop counters of builds with shorter arrays stay pinned (see `EARLIER_DROP_STATS`):
+    // `stats` adds their counts, and an earlier build's agent still running reads them.
     Ok(names.into_iter().zip(added).collect())
 }
 

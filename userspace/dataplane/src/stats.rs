@@ -226,9 +226,8 @@ pub fn read(pins: &PinDir) -> Result<Stats> {
     let ifaces: HashMap<_, u32, IfaceConfig> = pins.open_map(IFACES)?.try_into()?;
     let counters: PerCpuArray<_, Counter> = pins.open_map(IFACE_STATS)?.try_into()?;
     // Programs of an earlier build count into its shorter array until `xdpgate upgrade`
-    // replaces them and unpins it; meanwhile this build's array may be pinned too (by an
-    // upgrade that failed after its load, or was killed before the unpin), and programs of
-    // either build count: all are added.
+    // replaces them (and again after a downgrade); the array stays pinned, its counts part
+    // of the totals, which then never go down: all pinned arrays are added.
     let mut arrays: Vec<PerCpuArray<_, u64>> = Vec::new();
     for name in [DROP_STATS].iter().chain(&EARLIER_DROP_STATS) {
         match pins.open_map(name) {
