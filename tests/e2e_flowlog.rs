@@ -416,7 +416,9 @@ fn interim_records_of_a_long_flow_carry_the_traffic_since_the_last_record() {
 /// An agent restarted while a flow runs (an upgrade needs one) counts the flow's records
 /// from its totals as it starts: the first record after the restart carries what came
 /// since, not the flow's whole life again (seen failing: 8 packets, the 3 before the
-/// restart counted twice), and no record's delta counts anything twice.
+/// restart counted twice), and no record's delta counts anything twice. A flow that began
+/// while no agent ran counts from zero (its `begin` event waited in the ring; seen failing
+/// with every running flow counted from the agent's start: no record, its 4 in no delta).
 #[test]
 fn an_agent_restart_counts_no_packet_twice() {
     let lab = Gateway::new();
@@ -424,11 +426,26 @@ fn an_agent_restart_counts_no_packet_twice() {
     flow.exchange(3);
     flow.wait_for_continuing(3);
     drop(agent);
+    let unlogged = lab.client.run(|| {
+        let s = UdpSocket::bind((EchoFlow::KEY.0, 41501)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        s
+    });
+    for _ in 0..4 {
+        unlogged.send_to(&[7u8; 100], (EchoFlow::KEY.1, EchoFlow::KEY.3)).unwrap();
+        unlogged.recv_from(&mut [0u8; 512]).expect("reply through the gateway");
+    }
     let policy = lab.dir.join("policy.yaml");
     let _agent = start_agent(&lab, &policy, &flow.log, &["--flow-log-interval", "1"]);
     wait_for_policy(&lab);
     flow.exchange(5);
     flow.wait_for_continuing(8);
+    let first = |log: &Path| {
+        of_flow(log, 41501, EchoFlow::KEY.3).into_iter().find(|l| l["state"] == "continuing")
+    };
+    wait_until("the unlogged flow's record", Duration::from_secs(5), || first(&flow.log).is_some());
+    let record = first(&flow.log).unwrap();
+    assert_eq!(record["delta"]["forward"]["packets"], 4, "{record}");
     let records = flow.ended();
     let delta = |r: &Value| r["delta"]["forward"]["packets"].as_u64().unwrap();
     let after = records.iter().position(|r| forward_packets(r) == 8).unwrap();

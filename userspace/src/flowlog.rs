@@ -313,6 +313,10 @@ struct ReportedState {
     /// While a walk is under way: the flows the agent removed since it began. It may have
     /// read them before they were removed, and must not count them again.
     ended: Option<HashSet<FlowKey>>,
+    /// Flows whose `last` is only what [`Reported::seed`] found, no record written from it
+    /// yet: a `begin` event of one read later (left in the ring while no agent ran) shows
+    /// no agent logged it, and it counts from zero again.
+    seeded: HashSet<FlowKey>,
 }
 
 impl Reported {
@@ -329,6 +333,7 @@ impl Reported {
         if let Some(ended) = &mut m.ended {
             ended.insert(*key);
         }
+        m.seeded.remove(key);
         m.last.remove(key).map(|(totals, _)| totals).unwrap_or_default()
     }
 
@@ -357,6 +362,8 @@ impl Reported {
         if whole {
             m.walks = walk;
             m.last.retain(|_, (_, seen)| *seen + 1 >= walk);
+            let ReportedState { last, seeded, .. } = &mut *m;
+            seeded.retain(|k| last.contains_key(k));
         }
         Ok(())
     }
@@ -365,7 +372,7 @@ impl Reported {
     /// record and was not removed since the walk began.
     fn count(&self, walk: u64, read: &FlowEntries) -> Option<Counts> {
         let mut guard = self.lock();
-        let ReportedState { last, ended, .. } = &mut *guard;
+        let ReportedState { last, ended, seeded, .. } = &mut *guard;
         if ended.as_ref().is_some_and(|e| e.contains(&read.key)) {
             return None;
         }
@@ -375,6 +382,7 @@ impl Reported {
         if counts.totals == counts.before {
             return None;
         }
+        seeded.remove(&read.key);
         self.0.1.store(true, Ordering::SeqCst);
         Some(counts)
     }
@@ -383,19 +391,32 @@ impl Reported {
     /// from, writing nothing: as the agent starts, for the flows already running, whose
     /// records an earlier agent wrote (counted from zero, their first record here would
     /// count their whole life again). What they carried since that agent's last record is
-    /// in their totals and in no delta. Returns how many.
+    /// in their totals and in no delta. A flow no agent logged (its `begin` event still
+    /// in the ring) counts from zero again once that event is read ([`Reported::begun`]).
+    /// Returns how many.
     pub fn seed(
         &self,
         read: impl FnOnce(&mut dyn FnMut(FlowEntries)) -> Result<()>,
     ) -> Result<usize> {
         let mut guard = self.lock();
-        let ReportedState { last, walks, .. } = &mut *guard;
+        let ReportedState { last, walks, seeded, .. } = &mut *guard;
         let before = last.len();
         read(&mut |flow| {
             let totals = Counts::of(&flow, EachWay::default()).totals;
             last.insert(flow.key, (totals, *walks));
+            seeded.insert(flow.key);
         })?;
         Ok(last.len() - before)
+    }
+
+    /// A `begin` event of the flow was read: if the flow was seeded and nothing was
+    /// written from the seed yet, no agent logged it (its event waited in the ring), and
+    /// its records count from zero.
+    pub fn begun(&self, key: &FlowKey) {
+        let mut m = self.lock();
+        if m.seeded.remove(key) {
+            m.last.remove(key);
+        }
     }
 
     /// A walk's lines are counted and not written yet.
@@ -596,6 +617,9 @@ impl FlowLog {
 
     /// The line of a dataplane event.
     pub fn event_line(&mut self, names: &Names, e: &FlowEvent) -> Value {
+        if e.kind == EVENT_BEGIN {
+            self.reported.begun(&e.key);
+        }
         let interface = (e.version >= 2)
             .then(|| self.ifnames.entry(e.ifindex).or_insert_with(|| stats::ifname(e.ifindex)))
             .and_then(|n| n.as_deref());
