@@ -1275,9 +1275,8 @@ pub(crate) fn ethernet(ifname: &str) -> Result<()> {
     let kind = unsafe { req.ifr_ifru.ifru_hwaddr.sa_family };
     if kind == ARPHRD_LOOPBACK {
         bail!(
-            "{ifname} is the loopback device: no packet arrives on it from a network. Attach \
-             xdpgate to the interfaces the traffic arrives by; the host's own traffic is judged \
-             there (host mode)"
+            "{ifname} is the loopback device, not an Ethernet interface: no packet arrives on \
+             it from a network; attach to the interface the traffic arrives by"
         );
     }
     if kind != ARPHRD_ETHER {
