@@ -365,9 +365,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
             // Before anything is made: a refused attach leaves nothing behind.
             let sizes = tables.request();
             dataplane::check_attach(&pins, &iface, &sizes)?;
-            pins.ensure()?;
+            let made = pins.ensure()?;
             let _lock = WriteLock::acquire(&pins)?;
-            dataplane::attach_sized(&pins, &iface, role, ingress, &sizes)?;
+            if let Err(e) = dataplane::attach_sized(&pins, &iface, role, ingress, &sizes) {
+                // A first attach that failed (the driver refused the program, say) takes its
+                // tables with it: left pinned, they held their memory and fixed their sizes
+                // for the next attach.
+                if made {
+                    let _ = std::fs::remove_dir_all(pins.path());
+                }
+                return Err(e);
+            }
             let how = match ingress {
                 Ingress::Xdp(mode) => format!("XDP in {mode:?} mode"),
                 Ingress::Tc => "tc ingress with tcx".into(),

@@ -287,10 +287,10 @@ impl PinDir {
         Ok(())
     }
 
-    /// Makes sure bpffs is mounted under the pin directory and the directory exists. A
-    /// directory that is already there is checked, never adopted: chmod would not take it
-    /// from an owner who made it first.
-    pub fn ensure(&self) -> Result<()> {
+    /// Makes sure bpffs is mounted under the pin directory and the directory exists;
+    /// whether this call made it. A directory that is already there is checked, never
+    /// adopted: chmod would not take it from an owner who made it first.
+    pub fn ensure(&self) -> Result<bool> {
         ensure_bpffs(&self.0)?;
         self.check_parents()?;
         if let Some(parent) = self.0.parent() {
@@ -300,10 +300,12 @@ impl PinDir {
 
         use nix::sys::stat::Mode;
         // The pin directory is checked before links/ and egress/ are made in it.
+        let mut made = false;
         for dir in [self.0.clone(), self.links(), self.egress_links()] {
             // Maps and links are the dataplane's state: only root may open them.
             match nix::unistd::mkdir(&dir, Mode::S_IRWXU) {
-                Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
+                Ok(()) => made |= dir == self.0,
+                Err(nix::errno::Errno::EEXIST) => {}
                 Err(e) => return Err(denied_or_other("creating", &dir, e).into()),
             }
             check_dir(&dir)?;
@@ -311,7 +313,7 @@ impl PinDir {
             fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
                 .with_context(|| format!("restricting {}", dir.display()))?;
         }
-        Ok(())
+        Ok(made)
     }
 
     /// Opens a pinned map by name.
