@@ -201,6 +201,29 @@ fn down_removes_only_the_addresses_up_added() {
     assert!(on_lo(ELSE));
 }
 
+/// `down` finishes when the program no longer decapsulates for a frontend the script
+/// recorded (removed by hand, or recorded under another spelling): seen failing once
+/// `decap remove` refused such a frontend: `down` stopped half done, its addresses and
+/// records gone, the program attached and its nftables table left.
+#[test]
+fn down_finishes_when_a_frontend_was_removed_from_the_program() {
+    let lab = Lab::new();
+    lab.up_ok(&[VIP4, VIP4B], &[]);
+    lab.pins.xdpgate(&["decap", "remove", "--frontend", VIP4]);
+    lab.script_ok(&["down"]);
+    assert!(!lab.lo_addrs().contains(&format!(" {VIP4B}/")), "{}", lab.lo_addrs());
+    assert!(decap::attached(&lab.pins.dir).unwrap_or_default().is_empty(), "still attached");
+    let table = lab.backend.try_exec("nft", &["list", "table", "inet", "xdpgate_backend"]);
+    assert!(!table.status.success(), "the nftables table outlived down");
+    // `decap remove` itself still refuses such a frontend without --missing-ok.
+    lab.up_ok(&[VIP4], &[]);
+    let out = lab.pins.try_xdpgate(&["decap", "remove", "--frontend", VIP4B]);
+    assert!(!out.status.success(), "{}", text(&out));
+    let out = lab.pins.xdpgate(&["decap", "remove", "--missing-ok", "--frontend", VIP4B]);
+    assert!(out.contains(&format!("not decapsulated for: {VIP4B}")), "{out}");
+    assert_eq!(lab.status()["frontends"], json!([VIP4]));
+}
+
 /// A frontend of a family no gateway is of is refused, as its encapsulated packets would
 /// be dropped while the gateways' plain health probes pass (seen failing: accepted), at
 /// `up` and at `down --gateway` taking the family's last gateway (seen failing: done),

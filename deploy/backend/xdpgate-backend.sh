@@ -674,7 +674,9 @@ down() {
 	if [ "$decap" = xdpgate ] && [ -n "$stopped" ]; then
 		set --
 		for f in $stopped; do set -- "$@" --frontend "$f"; done
-		xg decap remove "$@" >/dev/null
+		# --missing-ok: one removed by hand, or recorded under another spelling, must not
+		# stop a down half done (its addresses and records are gone already).
+		xg decap remove --missing-ok "$@" >/dev/null
 	fi
 	if [ -n "$(served)" ]; then
 		echo "xdpgate-backend.sh: still serving $(served | tr '\n' ' ' | sed 's/ $//')"

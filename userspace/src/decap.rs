@@ -92,6 +92,10 @@ pub struct RemoveArgs {
     /// Repeat for more; at least one must be left.
     #[arg(long = "gateway", value_name = "ADDR|PREFIX", value_parser = crate::filter::parse_net)]
     pub gateways: Vec<IpNet>,
+    /// Leave out a frontend the program does not decapsulate for, instead of refusing
+    /// (for scripts whose own records may have drifted from the program's).
+    #[arg(long, requires = "frontends")]
+    pub missing_ok: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -129,12 +133,15 @@ pub fn run(pins: &PinDir, args: DecapArgs) -> Result<()> {
             );
         }
         DecapAction::Remove(r) => {
-            let removed = decap::remove(pins, &r.gateways, &r.frontends)?;
+            let removed = decap::remove(pins, &r.gateways, &r.frontends, r.missing_ok)?;
             if !r.gateways.is_empty() {
                 println!("decap gateways removed: {}", list(&removed.gateways));
             }
             if !r.frontends.is_empty() {
                 println!("decap frontends removed: {}", list(&removed.frontends));
+            }
+            if !removed.missing.is_empty() {
+                println!("not decapsulated for: {}", list(&removed.missing));
             }
         }
         DecapAction::Detach(d) => {

@@ -322,14 +322,22 @@ fn trusted(map: &LpmTrie<MapData, AddrKey, u32>) -> Vec<IpNet> {
 pub struct Removed {
     pub gateways: Vec<IpNet>,
     pub frontends: Vec<IpAddr>,
+    /// Frontends left out as not decapsulated for (`missing_ok`).
+    pub missing: Vec<IpAddr>,
 }
 
 /// Stops decapsulating from `gateways` (as `attach` added them, address or prefix: not the
 /// gateways they contain) and for `frontends`. Everything is checked before anything is
 /// removed: a gateway it does not decapsulate from, removing the last (`attach` requires
 /// one; [`detach`] stops it all), or a frontend it does not decapsulate for (a misspelt
-/// address would leave the intended one served) is refused, and nothing changes.
-pub fn remove(pins: &PinDir, gateways: &[IpNet], frontends: &[IpAddr]) -> Result<Removed> {
+/// address would leave the intended one served; left out instead when `missing_ok`) is
+/// refused, and nothing changes.
+pub fn remove(
+    pins: &PinDir,
+    gateways: &[IpNet],
+    frontends: &[IpAddr],
+    missing_ok: bool,
+) -> Result<Removed> {
     let dir = dir(pins);
     if !dir.check()? || !dir.map(DECAP_SOURCES).exists() {
         bail!(
@@ -360,8 +368,10 @@ pub fn remove(pins: &PinDir, gateways: &[IpNet], frontends: &[IpAddr]) -> Result
             strings(&gateways).join(", ")
         );
     }
-    let frontends = sorted(frontends.iter().copied());
-    if let Some(f) = frontends.iter().find(|f| served.get(&key(**f), 0).is_err()) {
+    let (frontends, missing): (Vec<IpAddr>, Vec<IpAddr>) = sorted(frontends.iter().copied())
+        .into_iter()
+        .partition(|f| served.get(&key(*f), 0).is_ok());
+    if let Some(f) = missing.first().filter(|_| !missing_ok) {
         let all = sorted(served.keys().filter_map(Result::ok).map(|k| addr(&k)));
         bail!(
             "{f} is not a frontend the decap program decapsulates for (its frontends: {}); \
@@ -390,7 +400,7 @@ pub fn remove(pins: &PinDir, gateways: &[IpNet], frontends: &[IpAddr]) -> Result
         };
         return Err(anyhow::Error::new(e).context(format!("removing {entry}; {left}")));
     }
-    Ok(Removed { gateways, frontends })
+    Ok(Removed { gateways, frontends, missing })
 }
 
 /// A gateway or a frontend of the decap program's maps.
