@@ -117,15 +117,22 @@ fn upgrade_in_place_keeps_running_connections() {
 /// `upgrade` with an agent of another build running (an earlier binary, replaced under its
 /// name) says to restart it, naming its pid (seen failing: nothing said, while an earlier
 /// agent's metrics failed on a counter map the upgrade unpinned); with the agent of this
-/// very binary, nothing.
+/// very binary, or of a byte-identical copy, nothing (seen failing: the copy was "another
+/// build").
 #[test]
 fn upgrade_names_an_agent_of_another_build_to_restart() {
     let lab = Gateway::new();
     let policy = lab.write_policy("policy.yaml", POLICY);
     lab.apply("policy.yaml", POLICY);
-    let other = lab.dir.join("xdpgate-earlier");
-    std::fs::copy(common::xdpgate_bin(), &other).unwrap();
-    for (bin, named) in [(other, true), (common::xdpgate_bin(), false)] {
+    // Another build: the same program with a byte more at the end (it still runs).
+    let (other, copy) = (lab.dir.join("xdpgate-earlier"), lab.dir.join("xdpgate-copy"));
+    std::fs::copy(common::xdpgate_bin(), &copy).unwrap();
+    let mut bytes = std::fs::read(common::xdpgate_bin()).unwrap();
+    bytes.push(0);
+    std::fs::write(&other, bytes).unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&other, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for (bin, named) in [(other, true), (copy, false), (common::xdpgate_bin(), false)] {
         let args: Vec<_> = lab.pins.agent(&policy).get_args().map(|a| a.to_owned()).collect();
         let mut agent = std::process::Command::new(&bin)
             .args(args)

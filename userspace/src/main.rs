@@ -322,14 +322,18 @@ impl Command {
     }
 }
 
-/// Whether process `pid` runs this very executable file (not a copy, nor the file an
-/// upgrade replaced under its name).
+/// Whether process `pid` runs this build: this executable file, or one of the same bytes
+/// (a copy; not the file an upgrade replaced under its name).
 fn runs_this_binary(pid: u32) -> bool {
     use std::os::unix::fs::MetadataExt as _;
+    let (theirs, ours) = (format!("/proc/{pid}/exe"), std::env::current_exe());
+    let Ok(ours) = ours else { return false };
     let id = |m: std::fs::Metadata| (m.dev(), m.ino());
-    let theirs = std::fs::metadata(format!("/proc/{pid}/exe")).map(id);
-    let ours = std::env::current_exe().and_then(std::fs::metadata).map(id);
-    matches!((theirs, ours), (Ok(a), Ok(b)) if a == b)
+    let same_file = matches!(
+        (std::fs::metadata(&theirs).map(id), std::fs::metadata(&ours).map(id)),
+        (Ok(a), Ok(b)) if a == b
+    );
+    same_file || matches!((std::fs::read(&theirs), std::fs::read(&ours)), (Ok(a), Ok(b)) if a == b)
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
