@@ -314,7 +314,22 @@ fn read_interface(item: &tree::Node, problems: &mut Problems) -> Option<Interfac
             ("mode", Some("skb")) => mode = Some((ModeName::Skb, v.pos)),
             ("hook", Some("xdp")) => hook = Some(Hook::Xdp),
             ("hook", Some("tc")) => hook = Some(Hook::Tc),
-            ("name" | "role" | "mode" | "hook", _) => problems.push(anyhow::anyhow!(
+            // A name YAML reads as a number or a boolean (`12`, `0x10`, `true`): quoted, it is
+            // a name (seen: the values of role, hook and mode offered instead).
+            ("name", None) => {
+                let quote = match &v.kind {
+                    Kind::Scalar { text, plain: true } => {
+                        format!(": quote it (name: \"{}\")", tree::elide(text))
+                    }
+                    _ => String::new(),
+                };
+                problems.push(anyhow::anyhow!(
+                    "{}: name: expected an interface name, found {}{quote}",
+                    at(v.pos),
+                    v.describe()
+                ))
+            }
+            ("role" | "mode" | "hook", _) => problems.push(anyhow::anyhow!(
                 "{}: {key}: {} is not valid here (role: external or internal; hook: xdp or tc; \
                  mode: native or skb)",
                 at(v.pos),
@@ -723,6 +738,11 @@ mod tests {
                 "line 2, column 47: mode: applies to XDP only",
             ),
             ("interfaces:\n  - {name: v, role: external, hook: ebpf}", "hook: xdp or tc"),
+            (
+                "interfaces:\n  - {name: 12, role: external}",
+                "line 2, column 12: name: expected an interface name, found integer 12: quote it \
+                 (name: \"12\")",
+            ),
             (
                 "interfaces:\n  - {name: averyveryverylongname, role: external}",
                 "line 2, column 12: name: \"averyveryverylongname\" is not an interface name: \
