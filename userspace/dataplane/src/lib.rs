@@ -352,7 +352,10 @@ fn check_dir(path: &Path) -> Result<bool, PinDirError> {
     let path_buf = || path.to_path_buf();
     match SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) {
         SFlag::S_IFLNK => {
-            let target = fs::read_link(path).unwrap_or_else(|_| "?".into());
+            // Where it leads, resolved (a relative link's target names no directory alone).
+            let parent = path.parent().unwrap_or(Path::new("/"));
+            let target = fs::read_link(path).map(|t| parent.join(t)).unwrap_or_else(|_| "?".into());
+            let target = fs::canonicalize(&target).unwrap_or(target);
             return Err(PinDirError::Symlink { path: path_buf(), target });
         }
         SFlag::S_IFDIR => {}
@@ -1444,14 +1447,18 @@ mod tests {
             fs::canonicalize(&dir).unwrap().join("alias")
         );
         // Refused naming where it points, for any command (seen failing: "remove it and
-        // attach again", to a `status` through a link the user made to the real directory).
-        let err = check_dir(&dir.join("alias")).unwrap_err().to_string();
-        assert!(
-            err.contains(&format!("a symbolic link (to {})", real.display()))
-                && err.contains("name the directory itself (--pin-dir)")
-                && !err.contains("attach again"),
-            "{err}"
-        );
+        // attach again", to a `status` through a link the user made to the real directory),
+        // a relative link's target resolved (seen: "(to real)").
+        std::os::unix::fs::symlink("real", dir.join("relative")).unwrap();
+        for link in ["alias", "relative"] {
+            let err = check_dir(&dir.join(link)).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("a symbolic link (to {})", real.display()))
+                    && err.contains("name the directory itself (--pin-dir)")
+                    && !err.contains("attach again"),
+                "{err}"
+            );
+        }
         fs::remove_dir_all(&dir).unwrap();
     }
 }
