@@ -224,6 +224,19 @@ fn down_finishes_when_a_frontend_was_removed_from_the_program() {
     assert_eq!(lab.status()["frontends"], json!([VIP4]));
 }
 
+/// An IPv6 frontend written in capitals is the one `decap status` shows in lower case:
+/// `down` of either spelling stops it (seen failing: "not served here", exit 0).
+#[test]
+fn down_takes_an_ipv6_frontend_however_its_letters_are_written() {
+    let lab = Lab::new();
+    lab.up_ok(&[VIP4, "2001:DB8::10"], &[]);
+    assert_eq!(lab.status()["frontends"], json!([VIP4, VIP6]));
+    let out = lab.script_ok(&["down", VIP6]);
+    assert!(!out.contains("not served"), "{out}");
+    assert_eq!(lab.status()["frontends"], json!([VIP4]));
+    assert!(!lab.lo_addrs().contains("2001:db8::10/"), "{}", lab.lo_addrs());
+}
+
 /// A frontend of a family no gateway is of is refused, as its encapsulated packets would
 /// be dropped while the gateways' plain health probes pass (seen failing: accepted), at
 /// `up` and at `down --gateway` taking the family's last gateway (seen failing: done),

@@ -83,6 +83,12 @@ shift
 need_value() {
 	[ $# -ge 2 ] || die "$1 needs a value"
 }
+# Addresses in lower case, as xdpgate writes them: `2001:DB8::10` and `2001:db8::10` are one
+# frontend to `down` (other spellings, `2001:db8:0::10`, still are not: write them as
+# `xdpgate decap status` does).
+lower() {
+	printf '%s\n' "$1" | tr 'A-F' 'a-f'
+}
 while [ $# -gt 0 ]; do
 	case $1 in
 	--decap)
@@ -92,7 +98,7 @@ while [ $# -gt 0 ]; do
 		;;
 	--gateway)
 		need_value "$@"
-		gateways="$gateways $2"
+		gateways="$gateways $(lower "$2")"
 		shift 2
 		;;
 	--interface)
@@ -135,7 +141,7 @@ while [ $# -gt 0 ]; do
 	-h | --help) usage ;;
 	-*) die "unknown option '$1'" ;;
 	*)
-		frontends="$frontends $1"
+		frontends="$frontends $(lower "$1")"
 		shift
 		;;
 	esac
