@@ -154,6 +154,53 @@ fn upgrade_names_an_agent_of_another_build_to_restart() {
     }
 }
 
+/// An upgrade whose second link update fails (EBUSY, injected by strace) says it stopped
+/// half way and to run it again, which finishes it (seen failing: only the link's error,
+/// nothing about the interfaces already on this build).
+#[test]
+fn an_upgrade_stopped_half_way_says_so() {
+    let lab = Gateway::new();
+    lab.apply("policy.yaml", POLICY);
+    let strace = |options: &[&str]| {
+        let cmd = lab.pins.command();
+        std::process::Command::new("strace")
+            .args(["-f", "-qq", "-e", "trace=bpf"])
+            .args(options)
+            .arg("--")
+            .arg(cmd.get_program())
+            .args(cmd.get_args())
+            .arg("upgrade")
+            .output()
+            .expect("strace (setup.sh installs it)")
+    };
+    // Which bpf call is the second link update, in an upgrade like the one to come.
+    let trace = lab.dir.join("upgrade.strace");
+    assert!(strace(&["-o", trace.to_str().unwrap()]).status.success());
+    let calls: Vec<String> = std::fs::read_to_string(&trace)
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("bpf(") && !l.contains("resumed>"))
+        .map(str::to_owned)
+        .collect();
+    let updates: Vec<usize> = calls
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.contains("BPF_LINK_UPDATE"))
+        .map(|(i, _)| i + 1)
+        .collect();
+    assert!(updates.len() >= 4, "two interfaces, two links each: {updates:?}");
+    let inject = format!("inject=bpf:error=EBUSY:when={}", updates[1]);
+    let out = strace(&["-o", "/dev/null", "-e", &inject]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("the upgrade stopped half way") && err.contains("run `xdpgate upgrade` again"),
+        "{err}"
+    );
+    let out = lab.pins.xdpgate(&["upgrade"]);
+    assert!(out.contains(&format!("upgraded {}", lab.int)), "{out}");
+}
+
 /// Maps pinned with another layout (as an older build might have left them) are refused
 /// with an error that names them, and the running dataplane carries on untouched.
 #[test]

@@ -983,16 +983,36 @@ pub fn upgrade(pins: &PinDir) -> Result<Vec<(String, bool)>> {
             return Err(e);
         }
     };
-    let egress: &mut SchedClassifier =
-        ebpf.program_mut(EGRESS_PROGRAM).expect("loaded above").try_into()?;
+    // Each link is replaced in one step, but not all of them at once: a failure (or a kill)
+    // between two leaves some interfaces on this build's programs and some on the earlier's,
+    // both working; `upgrade` again finishes it.
+    let mut replaced = 0;
     let mut added = Vec::new();
-    for (name, step) in names.iter().zip(steps) {
-        added.push(upgrade_egress(egress, pins, name, step)?);
-    }
-    for (name, hook) in names.iter().zip(hooks) {
-        let pinned = PinnedLink::from_pin(pins.link(name))
-            .with_context(|| format!("opening the pinned link of {name}"))?;
-        replace_ingress(&mut ebpf, (PROGRAM, TC_PROGRAM), pinned, hook, name)?;
+    let replace_all = || -> Result<()> {
+        let egress: &mut SchedClassifier =
+            ebpf.program_mut(EGRESS_PROGRAM).expect("loaded above").try_into()?;
+        for (name, step) in names.iter().zip(steps) {
+            added.push(upgrade_egress(egress, pins, name, step)?);
+            replaced += 1;
+        }
+        for (name, hook) in names.iter().zip(hooks) {
+            let pinned = PinnedLink::from_pin(pins.link(name))
+                .with_context(|| format!("opening the pinned link of {name}"))?;
+            replace_ingress(&mut ebpf, (PROGRAM, TC_PROGRAM), pinned, hook, name)?;
+            replaced += 1;
+        }
+        Ok(())
+    };
+    if let Err(e) = replace_all() {
+        return Err(if replaced == 0 {
+            e.context("nothing was replaced")
+        } else {
+            e.context(
+                "the upgrade stopped half way: some programs are this build's, the others the \
+                 earlier build's, and traffic goes on through both; run `xdpgate upgrade` \
+                 again to finish it",
+            )
+        });
     }
     if migrating {
         // The flows the earlier programs made until they were replaced; then their tables go.
