@@ -482,15 +482,25 @@ fn tables_the_machine_cannot_hold_are_refused_before_anything_is_made() {
     }
     // Refused by the driver once the tables were made (a bridge has no native XDP): they go
     // too (seen failing: every map left pinned, 328 MiB, and the sizes fixed for the next
-    // attach).
+    // attach), in a new pin directory and in one there already but empty (seen failing).
     a.exec("ip", &["link", "add", "szmbr0", "type", "bridge"]);
     let args =
         ["attach", "--iface", "szmbr0", "--hook", "xdp", "--mode", "native", "--flows", "64"];
-    let out = fresh.try_xdpgate(&args);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("native XDP"), "{err}");
-    assert!(!fresh.dir.path().exists(), "{} was left", fresh.dir.path().display());
-    assert!(!pins.dir.link(&ia).exists(), "not attached");
+    for dir in [&fresh, &pins] {
+        let out = dir.try_xdpgate(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("native XDP"), "{err}");
+        if dir.dir.path().exists() {
+            let left = dir.dir.pinned_files().unwrap();
+            assert!(left.is_empty(), "left pinned: {left:?}");
+        }
+    }
+    // The tables of a dataplane there before are not a failed attach's to take.
+    pins.xdpgate(&["attach", "--iface", &ia, "--flows", "64"]);
+    let made = pins.dir.pinned_files().unwrap().len();
+    assert!(!pins.try_xdpgate(&args).status.success());
+    assert_eq!(pins.dir.pinned_files().unwrap().len(), made, "the running dataplane's tables");
+    assert!(pins.dir.link(&ia).exists(), "still attached");
 }
 
 /// `attach --help` gives the kernel memory a flow takes as the tables are sized (seen

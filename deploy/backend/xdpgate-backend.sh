@@ -84,8 +84,8 @@ need_value() {
 	[ $# -ge 2 ] || die "$1 needs a value"
 }
 # Addresses in lower case, as xdpgate writes them: `2001:DB8::10` and `2001:db8::10` are one
-# frontend to `down` (other spellings, `2001:db8:0::10`, still are not: write them as
-# `xdpgate decap status` does).
+# frontend to `down` (other spellings, `2001:db8:0::10`, still are not: `down` one as `up`
+# was given it).
 lower() {
 	printf '%s\n' "$1" | tr 'A-F' 'a-f'
 }

@@ -369,14 +369,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
             // Before anything is made: a refused attach leaves nothing behind.
             let sizes = tables.request();
             dataplane::check_attach(&pins, &iface, &sizes)?;
-            let made = pins.ensure()?;
+            pins.ensure()?;
             let _lock = WriteLock::acquire(&pins)?;
+            // Under the lock: another attach may have made the dataplane meanwhile.
+            let first = pins.pinned_files()?.is_empty();
             if let Err(e) = dataplane::attach_sized(&pins, &iface, role, ingress, &sizes) {
                 // A first attach that failed (the driver refused the program, say) takes its
                 // tables with it: left pinned, they held their memory and fixed their sizes
                 // for the next attach.
-                if made {
-                    let _ = std::fs::remove_dir_all(pins.path());
+                if first {
+                    for pin in pins.pinned_files().unwrap_or_default() {
+                        let _ = std::fs::remove_file(pin);
+                    }
                 }
                 return Err(e);
             }

@@ -287,10 +287,10 @@ impl PinDir {
         Ok(())
     }
 
-    /// Makes sure bpffs is mounted under the pin directory and the directory exists;
-    /// whether this call made it. A directory that is already there is checked, never
-    /// adopted: chmod would not take it from an owner who made it first.
-    pub fn ensure(&self) -> Result<bool> {
+    /// Makes sure bpffs is mounted under the pin directory and the directory exists. A
+    /// directory that is already there is checked, never adopted: chmod would not take it
+    /// from an owner who made it first.
+    pub fn ensure(&self) -> Result<()> {
         ensure_bpffs(&self.0)?;
         self.check_parents()?;
         if let Some(parent) = self.0.parent() {
@@ -300,12 +300,10 @@ impl PinDir {
 
         use nix::sys::stat::Mode;
         // The pin directory is checked before links/ and egress/ are made in it.
-        let mut made = false;
         for dir in [self.0.clone(), self.links(), self.egress_links()] {
             // Maps and links are the dataplane's state: only root may open them.
             match nix::unistd::mkdir(&dir, Mode::S_IRWXU) {
-                Ok(()) => made |= dir == self.0,
-                Err(nix::errno::Errno::EEXIST) => {}
+                Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
                 Err(e) => return Err(denied_or_other("creating", &dir, e).into()),
             }
             check_dir(&dir)?;
@@ -313,7 +311,22 @@ impl PinDir {
             fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
                 .with_context(|| format!("restricting {}", dir.display()))?;
         }
-        Ok(made)
+        Ok(())
+    }
+
+    /// The maps and programs pinned in the directory itself (not in `links/`, `egress/` or
+    /// the decap program's directory).
+    pub fn pinned_files(&self) -> Result<Vec<PathBuf>> {
+        let mut files = Vec::new();
+        for entry in
+            fs::read_dir(&self.0).with_context(|| format!("reading {}", self.0.display()))?
+        {
+            let entry = entry?;
+            if !entry.file_type()?.is_dir() {
+                files.push(entry.path());
+            }
+        }
+        Ok(files)
     }
 
     /// Opens a pinned map by name.
