@@ -659,10 +659,6 @@ impl Hook {
     /// The hook for `ifname` (of the current network namespace) when none is asked: tc for
     /// the drivers in `TC_DRIVERS`, XDP for the rest (physical NICs).
     pub fn default_for(ifname: &str) -> Result<Hook> {
-        // Said plainly first: the driver's ioctl would answer "no such device" or, for the
-        // loopback device, "operation not supported".
-        ifindex(ifname)?;
-        ethernet(ifname)?;
         let driver = driver(ifname)?;
         Ok(if TC_DRIVERS.contains(&driver.as_str()) { Hook::Tc } else { Hook::Xdp })
     }
@@ -686,7 +682,12 @@ fn driver(ifname: &str) -> Result<String> {
     // SAFETY: SIOCETHTOOL with ETHTOOL_GDRVINFO fills the ethtool_drvinfo `info` points to,
     // which lives across the call.
     if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCETHTOOL, &mut req) } != 0 {
-        bail!("reading the driver of {ifname}: {}", std::io::Error::last_os_error());
+        let error = std::io::Error::last_os_error();
+        // Said plainly where it can be: the ioctl answers "no such device" for an interface
+        // that is not there, "operation not supported" for the loopback device.
+        ifindex(ifname)?;
+        ethernet(ifname)?;
+        bail!("reading the driver of {ifname}: {error}");
     }
     let end = info.driver.iter().position(|&b| b == 0).unwrap_or(info.driver.len());
     Ok(String::from_utf8_lossy(&info.driver[..end]).into_owned())
