@@ -1100,3 +1100,84 @@ fn a_crafted_solicitation_to_a_routed_address_does_not_cross_the_policy() {
         assert!(after > before, "uplink forwarding {uplink_forwarding}: not dropped by policy");
     }
 }
+
+/// A full established table (64 flows, filled by answered UDP streams through the gateway)
+/// refuses no new connection: a TCP connection of each family echoes 16 KiB and closes,
+/// and the server's socket leaves LAST-ACK (its FIN and the client's last ACK passed); a
+/// further UDP stream is answered too. `stats` counts the refused confirmations and no
+/// packet as `flow_table_full`. (Seen failing before the fix: the connection's confirming
+/// ACK was dropped and its embryo forgotten, so the client was established, the server was
+/// not, and the echo never came.)
+#[test]
+fn a_full_established_table_keeps_new_connections_working() {
+    let started = Instant::now();
+    let net = Gateway::attached_with(&["--flows", "64"]);
+    let lab = Lab {
+        _echo: EchoServer::start(&net.server, vec![sock(SERVER4, 80), sock(SERVER6, 80)]),
+        net,
+    };
+    lab.apply("policy", POLICY);
+    let mdns = lab.udp(&lab.server, sock(SERVER4, 5353));
+    let echo = std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        while let Ok((n, from)) = mdns.recv_from(&mut buf) {
+            if mdns.send_to(&buf[..n], from).is_err() {
+                return;
+            }
+        }
+    });
+    // Two exchanges confirm a stream (one alone stays embryonic).
+    let stream = |i: usize| {
+        let s = lab.udp(&lab.client, sock(CLIENT4, 0));
+        for round in 0..2 {
+            s.send_to(format!("stream {i} round {round}").as_bytes(), sock(SERVER4, 5353)).unwrap();
+            recv(&s, PASS_WAIT).unwrap_or_else(|| panic!("stream {i}: no answer in round {round}"));
+        }
+    };
+    for i in 0..64 {
+        stream(i);
+    }
+    let entries = |stats: &serde_json::Value| stats["flow_table"]["flows"]["entries"].as_u64();
+    assert_eq!(entries(&lab.stats()), Some(128), "the established table is full");
+    let before = lab.stats();
+    for addr in [sock(SERVER4, 80), sock(SERVER6, 80)] {
+        let mut s = lab.tcp_works(addr, "a connection while the table is full");
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).expect("the server's FIN");
+        assert!(rest.is_empty(), "{addr}: nothing after the echo");
+    }
+    // The server answers the client's FIN with its own; the client's ACK of that ends its
+    // LAST-ACK (the state it stayed in while the ACK was dropped).
+    let deadline = Instant::now() + PASS_WAIT;
+    loop {
+        let out = lab.server.exec("ss", &["-Htan", "state", "last-ack"]);
+        let left = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if left.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "server sockets left in LAST-ACK: {left}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    stream(64);
+    let after = lab.stats();
+    assert_eq!(entries(&after), Some(128), "still full");
+    let refused = |s: &serde_json::Value| s["flow_table"]["embryonic"]["refused"].as_u64().unwrap();
+    assert!(
+        refused(&after) > refused(&before),
+        "confirmations refused: {} -> {}",
+        refused(&before),
+        refused(&after)
+    );
+    assert!(after["drops"]["policy"]["packets"].is_u64(), "drops by reason: {after}");
+    let full = &after["drops"]["flow_table_full"]["packets"];
+    assert!(full.as_u64().unwrap_or(0) == 0, "dropped as flow_table_full: {full}");
+    drop(lab);
+    let _ = echo.join();
+    println!(
+        "a table of 64 flows, full: two TCP connections and a UDP stream worked, {} \
+         confirmations refused, in {:?}",
+        refused(&after) - refused(&before),
+        started.elapsed()
+    );
+}

@@ -308,7 +308,7 @@ fn ids(flows: &[Json]) -> Vec<String> {
         .collect()
 }
 
-const FAMILIES: [&str; 18] = [
+const FAMILIES: [&str; 19] = [
     "xdpgate_build_info",
     "xdpgate_interface_packets_total",
     "xdpgate_interface_bytes_total",
@@ -323,6 +323,7 @@ const FAMILIES: [&str; 18] = [
     "xdpgate_flow_table_capacity",
     "xdpgate_flow_table_entries",
     "xdpgate_embryonic_flows_total",
+    "xdpgate_embryonic_confirmations_refused_total",
     "xdpgate_flows_rebuilt_total",
     "xdpgate_flows_picked_up_total",
     "xdpgate_policy_generation",

@@ -57,7 +57,9 @@ pub enum DropReason {
     NoFlow = 6,
     NatExhausted = 7,
     NatUnmatched = 8,
-    /// Refused so that no established flow is evicted for a new one.
+    /// No longer counted: builds before 2026-12-05 dropped a new flow's confirming packet
+    /// when the established table was full; a flow now stays embryonic instead. Kept so
+    /// that the indexes after it, and the counts of pinned arrays, keep their meaning.
     FlowTableFull = 9,
     /// An encapsulated packet would exceed the route's MTU towards its backend.
     EncapTooBig = 10,
@@ -103,7 +105,7 @@ pub const DROP_REASON_TABLE: [(&str, &str); DROP_REASONS as usize] = [
     ("no_flow", "a TCP segment other than a SYN that belongs to no flow"),
     ("nat_exhausted", "a NAT gateway found no free public port"),
     ("nat_unmatched", "a packet to a NAT public address that matches no translation"),
-    ("flow_table_full", "the established flow table was full"),
+    ("flow_table_full", "the established flow table was full (builds before 2026-12-05)"),
     ("encap_too_big", "longer than the route's MTU to its backend once encapsulated"),
     ("encap_no_source", "an encapsulating rule's packet on a node without an outer source"),
     ("encap_unreachable", "no route or neighbour entry (yet) towards an encapsulated backend"),

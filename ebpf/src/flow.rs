@@ -1,8 +1,9 @@
 //! The flow tables: the first packet of a flow is classified, every later packet of it (and
 //! of its reply direction) is one hash lookup. A new flow is embryonic until both ends have
-//! taken part, then established; a flood of new flows can evict only embryos, and a full
-//! established table refuses new flows. Entries expire by idle time, early once TCP has
-//! closed, and are classified again after a policy change when so configured.
+//! taken part, then established; a flood of new flows can evict only embryos, and a flow a
+//! full established table has no room for stays embryonic. Entries expire by idle time,
+//! early once TCP has closed, and are classified again after a policy change when so
+//! configured.
 
 use aya_ebpf::EbpfContext;
 use xdpgate_common::{
@@ -111,18 +112,13 @@ pub enum Lookup {
 /// it is not stale (while a set change runs, every flow would be, and the packet would go
 /// round between the two stages).
 #[inline(always)]
-pub fn lookup(
-    active: &Active<'_>,
-    meta: &PacketMeta,
-    len: u64,
-    judged: bool,
-) -> Result<Lookup, DropReason> {
+pub fn lookup(active: &Active<'_>, meta: &PacketMeta, len: u64, judged: bool) -> Lookup {
     // The coarse clock (tick resolution) is plenty for timeouts counted in seconds, and
     // the precise one cost a third of an established packet here (100 vs 68 ns).
     let now = clock::now_ns();
     let key = key(meta);
     if let Some(found) = established(active, meta, &key, now, len, judged) {
-        return Ok(found);
+        return found;
     }
     lookup_embryo(active, meta, &key, now, len, judged)
 }
@@ -151,8 +147,8 @@ pub fn lookup_embryo(
     now: u64,
     len: u64,
     judged: bool,
-) -> Result<Lookup, DropReason> {
-    let Some(entry) = EMBRYOS.get_ptr_mut(key) else { return Ok(Lookup::Miss) };
+) -> Lookup {
+    let Some(entry) = EMBRYOS.get_ptr_mut(key) else { return Lookup::Miss };
     embryo(active, meta, key, unsafe { &mut *entry }, now, len, judged)
 }
 
@@ -304,9 +300,9 @@ fn embryo(
     now: u64,
     len: u64,
     judged: bool,
-) -> Result<Lookup, DropReason> {
+) -> Lookup {
     if other_echo(meta, entry) {
-        return Ok(Lookup::Miss);
+        return Lookup::Miss;
     }
     let timeout = active.config.embryo_timeout_ns(meta.family, meta.proto, entry);
     if now.saturating_sub(entry.last_seen_ns) > timeout
@@ -314,7 +310,7 @@ fn embryo(
     {
         count(FLOW_STAT_EMBRYOS_EXPIRED);
         forget_embryo(key, entry);
-        return Ok(Lookup::Miss);
+        return Lookup::Miss;
     }
     if !backend_usable(active, meta, entry)
         || reopens(meta, entry)
@@ -322,10 +318,10 @@ fn embryo(
     {
         count(FLOW_STAT_EMBRYOS_CLOSED);
         forget_embryo(key, entry);
-        return Ok(Lookup::Miss);
+        return Lookup::Miss;
     }
     if !judged && stale(active, entry) {
-        return Ok(Lookup::Stale);
+        return Lookup::Stale;
     }
     touch(entry, now, len);
     snat::count_translated(meta, entry, len, now);
@@ -347,13 +343,13 @@ fn embryo(
                 // its tuple is then a new connection (`reopens`).
                 entry.tcp |= TCP_FIN;
             }
-            return Ok(Lookup::Hit(action));
+            return Lookup::Hit(action);
         }
         if flags & TH_RST != 0 {
             // Refused or aborted before it was established: over, and its RST passes.
             count(FLOW_STAT_EMBRYOS_CLOSED);
             forget_embryo(key, entry);
-            return Ok(Lookup::Hit(action));
+            return Lookup::Hit(action);
         }
         let confirms = if entry.reply != 0 {
             if flags & (TH_SYN | TH_ACK) == TH_SYN | TH_ACK
@@ -370,17 +366,18 @@ fn embryo(
                 && meta.tcp_ack == entry.seq
         };
         if !confirms {
-            return Ok(Lookup::Hit(action));
+            return Lookup::Hit(action);
         }
     } else if !exchanged_again(key, entry) {
-        return Ok(Lookup::Hit(action));
+        return Lookup::Hit(action);
     }
     // A flow whose answers bypass the gateway is never confirmed: what comes on its reply
     // tuple did not come from its backend (a spoofer filling the established table, say).
     if entry.replies_direct() {
-        return Ok(Lookup::Hit(action));
+        return Lookup::Hit(action);
     }
-    confirm(meta, key, entry).map(|()| Lookup::Hit(action))
+    confirm(meta, key, entry);
+    Lookup::Hit(action)
 }
 
 /// Whether a packet of an embryonic flow of another protocol than TCP confirms it: an
@@ -399,42 +396,41 @@ fn exchanged_again(key: &FlowKey, entry: &FlowValue) -> bool {
             || unsafe { EMBRYOS.get(&key.twin(entry)) }.is_some_and(|t| t.packets > 0))
 }
 
-/// Moves an embryonic flow's two entries to the established table. A full table refuses
-/// the flow (it is forgotten, its packet dropped): no established flow makes room for it.
+/// Moves an embryonic flow's two entries to the established table. A full table evicts no
+/// established flow for it, nor refuses it: the flow stays embryonic (its packet passes), as
+/// it was, and its next confirming packet tries again. Dropping that packet and forgetting
+/// the embryo left a TCP client established and its server not.
 #[inline(always)]
-fn confirm(meta: &PacketMeta, key: &FlowKey, entry: &mut FlowValue) -> Result<(), DropReason> {
+fn confirm(meta: &PacketMeta, key: &FlowKey, entry: &mut FlowValue) {
     let twin_key = key.twin(entry);
     let Some(twin) = EMBRYOS.get_ptr_mut(&twin_key) else {
         // Its other half was evicted: stays embryonic, confirmed by no one; it idles out.
-        return Ok(());
+        return;
     };
     let twin = unsafe { &mut *twin };
+    // The embryo keeps the acknowledgement number a retry must match.
+    let kept = (entry.seq, entry.tcp, twin.seq, twin.tcp);
     learn_sequences(meta, entry, twin);
-    let established = establish(key, entry, &twin_key, twin);
-    count(if established.is_ok() {
-        FLOW_STAT_EMBRYOS_CONFIRMED
+    if establish(key, entry, &twin_key, twin) {
+        count(FLOW_STAT_EMBRYOS_CONFIRMED);
+        forget_embryo(key, entry);
     } else {
-        FLOW_STAT_EMBRYOS_REFUSED
-    });
-    forget_embryo(key, entry);
-    established
+        count(FLOW_STAT_EMBRYOS_REFUSED);
+        (entry.seq, entry.tcp, twin.seq, twin.tcp) = kept;
+    }
 }
 
-/// Puts a flow's two entries into the established table, both or neither: a full table
-/// refuses the flow.
+/// Puts a flow's two entries into the established table, both or neither (a full table).
 #[inline(always)]
-fn establish(
-    key: &FlowKey,
-    entry: &FlowValue,
-    twin_key: &FlowKey,
-    twin: &FlowValue,
-) -> Result<(), DropReason> {
-    FLOWS.insert(key, entry, 0).map_err(|_| DropReason::FlowTableFull)?;
+fn establish(key: &FlowKey, entry: &FlowValue, twin_key: &FlowKey, twin: &FlowValue) -> bool {
+    if FLOWS.insert(key, entry, 0).is_err() {
+        return false;
+    }
     if FLOWS.insert(twin_key, twin, 0).is_err() {
         let _ = FLOWS.remove(key);
-        return Err(DropReason::FlowTableFull);
+        return false;
     }
-    Ok(())
+    true
 }
 
 #[inline(always)]
@@ -680,7 +676,7 @@ pub fn create(
         // The port claim runs in a stage of its own, which then commits the flow.
         return Ok(Action { nat: NAT_PENDING_SNAT, addr: [0; 4], port: gw as u16 });
     }
-    commit(meta, key, forward, reply, rebuilt)?;
+    commit(meta, key, forward, reply, rebuilt);
     count_lb(forward.service, forward.backend, len);
     Ok(Action::of(forward))
 }
@@ -764,11 +760,12 @@ pub fn create_host(
     if forward.tcp & TCP_MIDSTREAM != 0 {
         count(FLOW_STAT_PICKED_UP);
     }
-    commit(meta, &key(meta), forward, reply, false)
+    commit(meta, &key(meta), forward, reply, false);
+    Ok(())
 }
 
 /// Puts a new flow's two entries into the embryonic table (the established one when
-/// `established`, refused there when it is full): `forward` for the packet's own
+/// `established` and it has room): `forward` for the packet's own
 /// direction, and the other direction, which comes back from where the packet goes with
 /// the rewrite undone: a DNAT-ed flow's reply gets the frontend back as its source, a
 /// SNAT-ed flow's reply the private host as its destination.
@@ -779,12 +776,12 @@ pub fn commit(
     forward: &mut FlowValue,
     reply: &mut FlowValue,
     established: bool,
-) -> Result<(), DropReason> {
+) {
     // `xdpgate trace`'s flow is recorded, not created. An ICMP error about no flow answers
     // a packet and opens nothing (conntrack never makes one NEW): judged, it makes no
     // flow, which would let the peer's ICMP in as its answers.
     if trace::flow(forward) || icmp::is_error(meta) {
-        return Ok(());
+        return;
     }
     *reply = *forward;
     reply.reply = 1 - forward.reply;
@@ -806,9 +803,15 @@ pub fn commit(
     let twin = key.twin(forward);
     if established {
         learn_sequences(meta, forward, reply);
-        establish(key, forward, &twin, reply)?;
+    }
+    if established && establish(key, forward, &twin, reply) {
         count(FLOW_STAT_REBUILT);
     } else {
+        if established {
+            // A full table: the rebuilt flow is an embryo picked up mid-stream, which the
+            // other side's next segment confirms once there is room.
+            count(FLOW_STAT_EMBRYOS_REFUSED);
+        }
         // A full embryonic table evicts its least recently used entries; a failed insert
         // only means the next packet is decided again.
         let _ = EMBRYOS.insert(key, &*forward, 0);
@@ -820,7 +823,6 @@ pub fn commit(
         let (dir, generation) = (forward.direction, forward.generation);
         events::emit(EVENT_BEGIN, key, rules, dir, generation, now, Some(forward));
     }
-    Ok(())
 }
 
 /// The SNAT stage: claims a public port of gateway `gw` for the new flow whose forward entry
@@ -839,7 +841,7 @@ pub fn commit_snat(meta: &PacketMeta, gw: u32, len: u64) -> Result<Action, DropR
     forward.nat_addr = snat::public_address(gw, claim >> 16).ok_or(DropReason::Internal)?;
     forward.nat_port = claim as u16;
     forward.idle_s = snat::idle_s(gw, meta.proto);
-    commit(meta, &key(meta), forward, reply, false)?;
+    commit(meta, &key(meta), forward, reply, false);
     snat::count_translated(meta, forward, len, now);
     Ok(Action::of(forward))
 }

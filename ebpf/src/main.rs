@@ -287,9 +287,9 @@ fn policy_stage<H: Hook>(ctx: &H) -> Result<u32, DropReason> {
         // error between its two hosts.
         None if error => return enter(ctx, H::stages(), PIPELINE_NEW),
         None => match if not_established {
-            flow::lookup_embryo(&active, meta, &flow::key(meta), clock::now_ns(), len, false)?
+            flow::lookup_embryo(&active, meta, &flow::key(meta), clock::now_ns(), len, false)
         } else {
-            flow::lookup(&active, meta, len, judged)?
+            flow::lookup(&active, meta, len, judged)
         } {
             Lookup::Hit(action) => action,
             Lookup::Miss => return enter(ctx, H::stages(), PIPELINE_NEW),
@@ -680,9 +680,9 @@ fn egress_policy_stage(ctx: &TcContext) -> Result<Option<()>, DropReason> {
     }
     let len = u64::from(ctx.len());
     let found = if not_established {
-        flow::lookup_embryo(&active, meta, &flow::key(meta), clock::now_ns(), len, false)?
+        flow::lookup_embryo(&active, meta, &flow::key(meta), clock::now_ns(), len, false)
     } else {
-        flow::lookup(&active, meta, len, judged)?
+        flow::lookup(&active, meta, len, judged)
     };
     match found {
         Lookup::Hit(_) => Ok(egress_passed(meta)),

@@ -456,7 +456,7 @@ impl Snapshot {
             "xdpgate_embryonic_flows_total",
             Counter,
             "Embryonic (not yet confirmed) flows by outcome: created, and ended as confirmed, \
-             expired (with those the agent ended: lone exchanges, and embryos of NAT translations it expired), refused (established table full), \
+             expired (with those the agent ended: lone exchanges, and embryos of NAT translations it expired), \
              closed, or evicted by newer embryonic flows (derived: created less the other \
              outcomes and the live ones).",
         );
@@ -465,12 +465,18 @@ impl Snapshot {
             ("created", e.created),
             ("confirmed", e.confirmed),
             ("expired", e.expired),
-            ("refused", e.refused),
             ("closed", e.closed),
             ("evicted", e.evicted),
         ] {
             embryos.add(vec![("outcome", outcome.into())], Int(n));
         }
+        let mut refused = Family::new(
+            "xdpgate_embryonic_confirmations_refused_total",
+            Counter,
+            "Confirmations the full established table refused: each leaves its flow embryonic, \
+             to be confirmed by a later packet once there is room.",
+        );
+        refused.add(Vec::new(), Int(table.embryonic.refused));
         let mut rebuilt = Family::new(
             "xdpgate_flows_rebuilt_total",
             Counter,
@@ -642,6 +648,7 @@ impl Snapshot {
             capacity,
             entries,
             embryos,
+            refused,
             rebuilt,
             picked_up,
             generation,
@@ -1136,6 +1143,7 @@ mod tests {
                 "xdpgate_flow_table_capacity",
                 "xdpgate_flow_table_entries",
                 "xdpgate_embryonic_flows_total",
+                "xdpgate_embryonic_confirmations_refused_total",
                 "xdpgate_flows_rebuilt_total",
                 "xdpgate_flows_picked_up_total",
                 "xdpgate_policy_generation",
@@ -1205,9 +1213,10 @@ mod tests {
             r#"xdpgate_embryonic_flows_total{outcome="created"} 30"#,
             r#"xdpgate_embryonic_flows_total{outcome="confirmed"} 20"#,
             r#"xdpgate_embryonic_flows_total{outcome="expired"} 3"#,
-            r#"xdpgate_embryonic_flows_total{outcome="refused"} 1"#,
             r#"xdpgate_embryonic_flows_total{outcome="closed"} 2"#,
             r#"xdpgate_embryonic_flows_total{outcome="evicted"} 2"#,
+            "# TYPE xdpgate_embryonic_confirmations_refused_total counter",
+            "xdpgate_embryonic_confirmations_refused_total 1",
             "xdpgate_flows_rebuilt_total 4",
             "xdpgate_flows_picked_up_total 9",
             "xdpgate_policy_generation 4",

@@ -162,6 +162,9 @@ pub struct EmbryonicTable {
     pub created: u64,
     pub confirmed: u64,
     pub expired: u64,
+    /// Confirmations the full established table refused, each leaving its flow embryonic
+    /// (the flow's next confirming packet tries again): events, not outcomes. (Builds
+    /// before 2026-12-05 forgot such a flow; their refusals show as evicted here.)
     pub refused: u64,
     pub closed: u64,
     /// Pushed out of the table, wholly or by half, by newer embryonic flows: what was
@@ -173,9 +176,8 @@ pub struct EmbryonicTable {
 impl EmbryonicTable {
     /// Fills in `evicted` from the others.
     fn derive_evicted(mut self) -> Self {
-        self.evicted = self
-            .created
-            .saturating_sub(self.confirmed + self.expired + self.refused + self.closed + self.live);
+        self.evicted =
+            self.created.saturating_sub(self.confirmed + self.expired + self.closed + self.live);
         self
     }
 }
@@ -460,7 +462,8 @@ mod tests {
             live: 12,
             ..Default::default()
         };
-        assert_eq!(t.derive_evicted().evicted, 20);
+        // Refusals leave flows embryonic: no outcome.
+        assert_eq!(t.derive_evicted().evicted, 25);
         // Created during the read but seen live: never below zero.
         let t = EmbryonicTable { created: 10, confirmed: 8, live: 5, ..Default::default() };
         assert_eq!(t.derive_evicted().evicted, 0);

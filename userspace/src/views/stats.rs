@@ -43,8 +43,8 @@ impl View for Stats {
         out += &format!(
             "\nFLOW TABLES\n\
              established: {} entries (two per flow), room for {} flows\n\
-             embryonic: {} flows, room for {}; created {}, confirmed {}, expired {}, refused {}, \
-             closed {}, evicted {}\n\
+             embryonic: {} flows, room for {}; created {}, confirmed {}, expired {}, closed {}, \
+             evicted {}; confirmations refused (established table full) {}\n\
              flows rebuilt from NAT translations {}, picked up mid-stream {}\n",
             t.flows.entries,
             t.flows.capacity,
@@ -53,9 +53,9 @@ impl View for Stats {
             e.created,
             e.confirmed,
             e.expired,
-            e.refused,
             e.closed,
             e.evicted,
+            e.refused,
             t.rebuilt,
             t.picked_up
         );
@@ -175,8 +175,8 @@ mod tests {
         assert!(text.contains("1 over the denied-flow rate limit, 2 lost"), "{text}");
         for want in [
             "established: 10 entries (two per flow), room for 524288 flows",
-            "embryonic: 3 flows, room for 131072; created 40, confirmed 5, expired 4, refused 2, \
-             closed 1, evicted 25",
+            "embryonic: 3 flows, room for 131072; created 40, confirmed 5, expired 4, closed 1, \
+             evicted 25; confirmations refused (established table full) 2",
             "rebuilt from NAT translations 7, picked up mid-stream 8",
         ] {
             assert!(text.contains(want), "{want} missing from {text}");
