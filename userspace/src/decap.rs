@@ -82,8 +82,19 @@ pub struct AttachArgs {
 }
 
 #[derive(Debug, clap::Args)]
-#[group(required = true, multiple = true)]
 pub struct RemoveArgs {
+    #[command(flatten)]
+    pub what: RemoveTargets,
+    /// Leave out a frontend the program does not decapsulate for, instead of refusing
+    /// (for scripts whose own records may have drifted from the program's).
+    #[arg(long, requires = "frontends")]
+    pub missing_ok: bool,
+}
+
+/// What to remove: frontends, gateways or both (`--missing-ok` is no choice of its own).
+#[derive(Debug, clap::Args)]
+#[group(required = true, multiple = true)]
+pub struct RemoveTargets {
     /// A frontend address to stop decapsulating for. Repeat for more.
     #[arg(long = "frontend", value_name = "ADDR")]
     pub frontends: Vec<IpAddr>,
@@ -92,10 +103,6 @@ pub struct RemoveArgs {
     /// Repeat for more; at least one must be left.
     #[arg(long = "gateway", value_name = "ADDR|PREFIX", value_parser = crate::filter::parse_net)]
     pub gateways: Vec<IpNet>,
-    /// Leave out a frontend the program does not decapsulate for, instead of refusing
-    /// (for scripts whose own records may have drifted from the program's).
-    #[arg(long, requires = "frontends")]
-    pub missing_ok: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -132,8 +139,8 @@ pub fn run(pins: &PinDir, args: DecapArgs) -> Result<()> {
                 list(&done.added)
             );
         }
-        DecapAction::Remove(r) => {
-            let removed = decap::remove(pins, &r.gateways, &r.frontends, r.missing_ok)?;
+        DecapAction::Remove(RemoveArgs { what: r, missing_ok }) => {
+            let removed = decap::remove(pins, &r.gateways, &r.frontends, missing_ok)?;
             if !r.gateways.is_empty() {
                 println!("decap gateways removed: {}", list(&removed.gateways));
             }

@@ -590,6 +590,34 @@ mod tests {
         assert!(Cli::try_parse_from(["xdpgate", "detach", "--all", "--json"]).is_err());
     }
 
+    /// `decap remove` needs a frontend or a gateway; `--missing-ok` qualifies frontends and
+    /// is no choice of its own (seen failing: the usage line offered it as one).
+    #[test]
+    fn decap_remove_needs_a_frontend_or_a_gateway() {
+        let mut cli = Cli::command();
+        let usage = cli
+            .find_subcommand_mut("decap")
+            .and_then(|d| d.find_subcommand_mut("remove"))
+            .expect("decap remove")
+            .render_usage()
+            .to_string();
+        assert!(usage.contains("<--frontend <ADDR>|--gateway <ADDR|PREFIX>>"), "{usage}");
+        for bad in [&["--missing-ok"][..], &[][..], &["--gateway", "192.0.2.1", "--missing-ok"]] {
+            let args = ["xdpgate", "decap", "remove"].iter().chain(bad);
+            assert!(Cli::try_parse_from(args).is_err(), "{bad:?} accepted");
+        }
+        for good in [
+            &["--frontend", "192.0.2.10", "--missing-ok"][..],
+            &["--gateway", "192.0.2.1"],
+            &["--frontend", "192.0.2.10", "--gateway", "192.0.2.1"],
+        ] {
+            let args = ["xdpgate", "decap", "remove"].iter().chain(good);
+            if let Err(e) = Cli::try_parse_from(args) {
+                panic!("{good:?}: {e}");
+            }
+        }
+    }
+
     /// `--help` explains every command, flag and listed value.
     #[test]
     fn every_command_flag_and_value_has_help() {
