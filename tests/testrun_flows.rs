@@ -17,7 +17,7 @@ use common::{
     packet::{L4, flow_key, frame},
 };
 use xdpgate_common::{
-    flow::{FlowKey, FlowValue, NAT_DST, NAT_SRC, NO_RULES, TCP_CLOSED},
+    flow::{ASSURED, FlowKey, FlowValue, NAT_DST, NAT_SRC, NO_RULES, TCP_CLOSED},
     iface::Role,
     lb::NO_BACKEND,
     maps::{EMBRYO_ENTRIES, EMBRYOS, FLOW_ENTRIES, FLOWS, NAT_MAP},
@@ -85,6 +85,39 @@ fn sweep(k: &Kernel) -> (flows::Swept, Vec<FlowEntries>) {
     })
     .expect("sweep");
     (swept, ended)
+}
+
+/// `ASSURED` embryos (established flows the full table had no room for) are walked for the
+/// flow log and swept as established flows are: a closed one idle past its 10 s is removed
+/// and its end handed on, an open one idle 61 s (past the embryonic timeout, within TCP's
+/// 240 s) stays, and an unassured TCP embryo is left to the LRU (seen failing: neither
+/// walked nor swept, so their flows had no `continuing` or `end` records).
+#[test]
+fn assured_embryos_are_logged_and_swept_as_established() {
+    let k = Kernel::new();
+    k.apply(POLICY);
+    let server = "198.51.100.10";
+    let now = monotonic_ns();
+    let mut embryos = table_of(&k.pins.dir, EMBRYOS);
+    let (closed, open, plain) =
+        (("203.0.113.5", 40005), ("203.0.113.6", 40006), ("203.0.113.7", 40007));
+    for (c, tcp, idle) in [(closed, ASSURED | TCP_CLOSED, 11), (open, ASSURED, 61), (plain, 0, 11)]
+    {
+        for (key, reply) in
+            [(flow_key(c.0, server, c.1, 80, 6), 0), (flow_key(server, c.0, 80, c.1, 6), 1)]
+        {
+            embryos.insert(key, FlowValue { tcp, ..entry(reply, now - idle * S) }, 0).unwrap();
+        }
+    }
+    let mut walked = Vec::new();
+    flows::established(&k.pins.dir, |e| walked.push(e.key)).unwrap();
+    let fwd = |c: (&str, u16)| flow_key(c.0, server, c.1, 80, 6);
+    assert_eq!(walked, [fwd(closed), fwd(open)], "walked for the flow log");
+    let (_, ended) = sweep(&k);
+    let ended: Vec<FlowKey> = ended.iter().map(|e| e.key).collect();
+    assert_eq!(ended, [fwd(closed)], "swept");
+    assert!(k.embryo(&fwd(closed)).is_none(), "the closed one removed");
+    assert!(k.embryo(&fwd(open)).is_some() && k.embryo(&fwd(plain)).is_some(), "kept");
 }
 
 /// A last-seen stamp a little ahead of the clock a packet read (another CPU stamped the

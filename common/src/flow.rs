@@ -74,7 +74,7 @@ pub struct FlowValue {
     pub direction: u8,
     /// 1 when this entry is the reply direction.
     pub reply: u8,
-    /// `TCP_*` state bits.
+    /// `TCP_*` state bits, and `ASSURED`.
     pub tcp: u8,
     /// `NAT_*`: which address and port of this direction's packets `nat_addr`/`nat_port`
     /// replace.
@@ -196,12 +196,18 @@ pub const TCP_MIDSTREAM: u8 = 8;
 /// Established TCP flows: `seq` holds this direction's sequence number (an entry without it,
 /// established by a build before, takes its next segment's).
 pub const TCP_SEQ: u8 = 16;
+/// Any protocol (in the `tcp` bits): an embryonic flow both ends took part in, which the
+/// full established table had no room for. It is judged as an established flow (its idle
+/// timeout; resets and FINs believed only in sequence; the agent logs and sweeps it), and
+/// each of its packets tries the move again.
+pub const ASSURED: u8 = 32;
 
-/// `FLOW_STATS` counters. An embryonic flow ends in one of four ways: confirmed (moved to
-/// the established table), expired (a packet of it found it idle past its timeout), refused
-/// (confirmed while the established table was full) or closed (RST, or denied after a policy
-/// change, before confirmation); the rest were evicted by newer embryonic flows, or are still
-/// in the table.
+/// `FLOW_STATS` counters. An embryonic flow ends in one of three ways: confirmed (moved to
+/// the established table), expired (a packet of it found it idle past its timeout) or
+/// closed (RST, or denied after a policy change, before confirmation); the rest were evicted
+/// by newer embryonic flows, or are still in the table. Refused counts the flows the full
+/// established table had no room for as they were confirmed (`ASSURED`): no outcome, as
+/// they stay embryonic until one of those.
 pub const FLOW_STAT_EMBRYOS_CREATED: u32 = 0;
 pub const FLOW_STAT_EMBRYOS_CONFIRMED: u32 = 1;
 pub const FLOW_STAT_EMBRYOS_EXPIRED: u32 = 2;

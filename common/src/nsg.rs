@@ -200,11 +200,15 @@ impl PolicyConfig {
     /// than the flow's idle timeout; a flow whose answers bypass the gateway, which stays
     /// embryonic for life, its idle timeout (its forward packets keep it), closed or not:
     /// the server's FIN is never seen, so the client's is only a half close (and the
-    /// client's RST removes the flow at once).
+    /// client's RST removes the flow at once); an `ASSURED` one, as established, its idle
+    /// timeout.
     #[inline(always)]
     pub fn embryo_timeout_ns(&self, family: u8, proto: u8, entry: &crate::flow::FlowValue) -> u64 {
         if entry.replies_direct() {
             return self.idle_timeout_ns(family, proto, 0, entry.idle_s);
+        }
+        if entry.tcp & crate::flow::ASSURED != 0 {
+            return self.idle_timeout_ns(family, proto, entry.tcp, entry.idle_s);
         }
         self.idle_timeout_ns(family, proto, entry.tcp, entry.idle_s).min(self.embryonic_timeout_ns)
     }

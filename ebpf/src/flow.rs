@@ -9,7 +9,7 @@ use aya_ebpf::EbpfContext;
 use xdpgate_common::{
     events::{EVENT_BEGIN, EVENT_DENY},
     flow::{
-        FLOW_STAT_EMBRYOS_CLOSED, FLOW_STAT_EMBRYOS_CONFIRMED, FLOW_STAT_EMBRYOS_CREATED,
+        ASSURED, FLOW_STAT_EMBRYOS_CLOSED, FLOW_STAT_EMBRYOS_CONFIRMED, FLOW_STAT_EMBRYOS_CREATED,
         FLOW_STAT_EMBRYOS_EXPIRED, FLOW_STAT_EMBRYOS_REFUSED, FLOW_STAT_PICKED_UP,
         FLOW_STAT_REBUILT, FlowKey, FlowValue, FragKey, FragValue, NAT_DST, NAT_ENCAP,
         NAT_NEXT_HOP, NAT_NONE, NAT_SRC, NO_RULE, NO_RULES, NextHop, TCP_ANSWERED, TCP_CLOSED,
@@ -196,7 +196,7 @@ fn established_entry(
             && in_sequence(entry, meta.tcp_seq)
             && meta.tcp_flags & (TH_FIN | TH_RST) != 0
         {
-            track_close(key, entry, meta.tcp_flags);
+            track_close(entry, meta.tcp_flags, FLOWS.get_ptr_mut(&key.twin(entry)));
         }
         return Some(Lookup::Hit(Action::of(entry)));
     }
@@ -326,6 +326,10 @@ fn embryo(
     touch(entry, now, len);
     snat::count_translated(meta, entry, len, now);
     let action = Action::of(entry);
+    if entry.tcp & ASSURED != 0 {
+        assured(meta, key, entry);
+        return Lookup::Hit(action);
+    }
     if meta.proto == IPPROTO_TCP {
         let flags = meta.tcp_flags;
         // A flow whose answers bypass the gateway lives here for good (never confirmed,
@@ -397,9 +401,9 @@ fn exchanged_again(key: &FlowKey, entry: &FlowValue) -> bool {
 }
 
 /// Moves an embryonic flow's two entries to the established table. A full table evicts no
-/// established flow for it, nor refuses it: the flow stays embryonic (its packet passes), as
-/// it was, and its next confirming packet tries again. Dropping that packet and forgetting
-/// the embryo left a TCP client established and its server not.
+/// established flow for it, nor refuses it: the flow stays embryonic, `ASSURED` (its packet
+/// passes), and each of its packets tries again. Dropping the packet and forgetting the
+/// embryo left a TCP client established and its server not.
 #[inline(always)]
 fn confirm(meta: &PacketMeta, key: &FlowKey, entry: &mut FlowValue) {
     let twin_key = key.twin(entry);
@@ -408,29 +412,58 @@ fn confirm(meta: &PacketMeta, key: &FlowKey, entry: &mut FlowValue) {
         return;
     };
     let twin = unsafe { &mut *twin };
-    // The embryo keeps the acknowledgement number a retry must match.
-    let kept = (entry.seq, entry.tcp, twin.seq, twin.tcp);
     learn_sequences(meta, entry, twin);
     if establish(key, entry, &twin_key, twin) {
         count(FLOW_STAT_EMBRYOS_CONFIRMED);
         forget_embryo(key, entry);
-    } else {
-        count(FLOW_STAT_EMBRYOS_REFUSED);
-        (entry.seq, entry.tcp, twin.seq, twin.tcp) = kept;
     }
 }
 
-/// Puts a flow's two entries into the established table, both or neither (a full table).
+/// A packet of an `ASSURED` embryo: judged as an established flow's (an RST or FIN counts
+/// only in sequence, as a spoofer must otherwise guess it, and closes the flow, which the
+/// agent's sweep then ends), then the move is tried again.
 #[inline(always)]
-fn establish(key: &FlowKey, entry: &FlowValue, twin_key: &FlowKey, twin: &FlowValue) -> bool {
-    if FLOWS.insert(key, entry, 0).is_err() {
-        return false;
+fn assured(meta: &PacketMeta, key: &FlowKey, entry: &mut FlowValue) {
+    let twin_key = key.twin(entry);
+    let twin = EMBRYOS.get_ptr_mut(&twin_key);
+    if meta.proto == IPPROTO_TCP
+        && meta.tcp_flags & (TH_FIN | TH_RST) != 0
+        && in_sequence(entry, meta.tcp_seq)
+    {
+        track_close(entry, meta.tcp_flags, twin);
     }
-    if FLOWS.insert(twin_key, twin, 0).is_err() {
+    let Some(twin) = twin else { return };
+    if establish(key, entry, &twin_key, unsafe { &mut *twin }) {
+        count(FLOW_STAT_EMBRYOS_CONFIRMED);
+        forget_embryo(key, entry);
+    }
+}
+
+/// Puts a flow's two entries into the established table, both or neither. A full table
+/// refuses them: both are marked `ASSURED` (counted once, as the flow is refused), to stay
+/// in the embryonic table as an established flow would be judged.
+#[inline(always)]
+fn establish(
+    key: &FlowKey,
+    entry: &mut FlowValue,
+    twin_key: &FlowKey,
+    twin: &mut FlowValue,
+) -> bool {
+    let assured = entry.tcp & ASSURED != 0;
+    entry.tcp &= !ASSURED;
+    twin.tcp &= !ASSURED;
+    if FLOWS.insert(key, &*entry, 0).is_ok() {
+        if FLOWS.insert(twin_key, &*twin, 0).is_ok() {
+            return true;
+        }
         let _ = FLOWS.remove(key);
-        return false;
     }
-    true
+    if !assured {
+        count(FLOW_STAT_EMBRYOS_REFUSED);
+    }
+    entry.tcp |= ASSURED;
+    twin.tcp |= ASSURED;
+    false
 }
 
 #[inline(always)]
@@ -803,15 +836,10 @@ pub fn commit(
     let twin = key.twin(forward);
     if established {
         learn_sequences(meta, forward, reply);
-    }
-    if established && establish(key, forward, &twin, reply) {
         count(FLOW_STAT_REBUILT);
-    } else {
-        if established {
-            // A full table: the rebuilt flow is an embryo picked up mid-stream, which the
-            // other side's next segment confirms once there is room.
-            count(FLOW_STAT_EMBRYOS_REFUSED);
-        }
+    }
+    // A full established table: the rebuilt flow waits in the embryonic one, `ASSURED`.
+    if !(established && establish(key, forward, &twin, reply)) {
         // A full embryonic table evicts its least recently used entries; a failed insert
         // only means the next packet is decided again.
         let _ = EMBRYOS.insert(key, &*forward, 0);
@@ -1042,8 +1070,8 @@ pub fn reclassify(active: &Active<'_>, meta: &PacketMeta, len: u64) -> Result<()
 
 /// RST closes the flow; FIN closes it once both directions have sent one.
 #[inline(always)]
-fn track_close(key: &FlowKey, entry: &mut FlowValue, flags: u8) {
-    let twin = FLOWS.get_ptr_mut(&key.twin(entry)).map(|p| unsafe { &mut *p });
+fn track_close(entry: &mut FlowValue, flags: u8, twin: Option<*mut FlowValue>) {
+    let twin = twin.map(|p| unsafe { &mut *p });
     if flags & TH_RST != 0 {
         entry.tcp |= TCP_CLOSED;
         if let Some(t) = twin {

@@ -473,8 +473,9 @@ impl Snapshot {
         let mut refused = Family::new(
             "xdpgate_embryonic_confirmations_refused_total",
             Counter,
-            "Confirmations the full established table refused: each leaves its flow embryonic, \
-             to be confirmed by a later packet once there is room.",
+            "Flows the full established table had no room for as they were confirmed (each \
+             counted once): they wait in the embryonic table, judged as established flows, \
+             until there is room.",
         );
         refused.add(Vec::new(), Int(table.embryonic.refused));
         let mut rebuilt = Family::new(

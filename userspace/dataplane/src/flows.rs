@@ -17,7 +17,7 @@ use anyhow::{Result, bail};
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use serde::Serialize;
 use xdpgate_common::{
-    flow::{FlowKey, FlowValue, NAT_DST, NAT_ENCAP, NAT_NEXT_HOP, NAT_SRC, NO_RULE},
+    flow::{ASSURED, FlowKey, FlowValue, NAT_DST, NAT_ENCAP, NAT_NEXT_HOP, NAT_SRC, NO_RULE},
     is_icmp,
     lb::NO_BACKEND,
     maps::{EMBRYOS, FLOWS, NAT_MAP},
@@ -214,9 +214,16 @@ struct Entries(Vec<(FlowKey, FlowValue)>);
 
 impl Entries {
     fn read(pins: &PinDir, name: &str) -> Result<Self> {
+        Self::read_where(pins, name, |_| true)
+    }
+
+    /// The entries of table `name` that `keep` keeps.
+    fn read_where(pins: &PinDir, name: &str, keep: impl Fn(&FlowValue) -> bool) -> Result<Self> {
         let mut all = Vec::new();
         table::for_each(&open(pins, name)?, |k, v| {
-            all.push((*k, *v));
+            if keep(v) {
+                all.push((*k, *v));
+            }
             Ok(())
         })?;
         Ok(Self::of(all))
@@ -396,7 +403,7 @@ pub struct Swept {
 /// else frees these entries), and the embryonic flows of other protocols than TCP that
 /// were answered and are idle past theirs from `EMBRYOS` (a lone exchange, a DNS query and
 /// its answer, is never confirmed: its end is written here, not left to the table's LRU,
-/// which would lose it); and hands each one to `on_end` (for the flow log). Setting `stop`,
+/// which would lose it), as are the `ASSURED` ones (established flows waiting for room); and hands each one to `on_end` (for the flow log). Setting `stop`,
 /// or an error from `on_end`, ends the pass early. The dataplane already treats an idle
 /// entry as gone (its next packet starts a new flow), so removing one changes no verdict.
 ///
@@ -436,15 +443,16 @@ pub fn remove_idle(
     };
     // The protocol first: a flood's TCP embryos are not read again one by one.
     let embryo = |key: &FlowKey, v: &FlowValue| {
-        lone_protocol(key.proto)
+        (lone_protocol(key.proto) || v.tcp & ASSURED != 0)
             && now.saturating_sub(v.last_seen_ns)
                 > names.embryo_timeout_ns(key.family, key.proto, v)
     };
     let mut sweep = |name, idle: &dyn Fn(&FlowKey, &FlowValue) -> bool| -> Result<()> {
         let walk = open(pins, name)?;
         let mut map = open(pins, name)?;
-        // An embryo is ended here only as a lone exchange: one never answered (and TCP's)
-        // is left to the table's LRU.
+        // An embryo is ended here only as a lone exchange or an `ASSURED` flow (an
+        // established one waiting for room): one never answered (and TCP's) is left to
+        // the table's LRU.
         let embryos = name == EMBRYOS;
         table::for_each(&walk, |key, seen| {
             if stop.load(Ordering::Relaxed) {
@@ -465,7 +473,8 @@ pub fn remove_idle(
                 return Ok(());
             }
             let reply = if value.reply != 0 { Some(&value) } else { twin.as_ref() };
-            if embryos && !(twin.is_some() && lone_exchange(key.proto, reply)) {
+            let assured = value.tcp & ASSURED != 0;
+            if embryos && !(twin.is_some() && (assured || lone_exchange(key.proto, reply))) {
                 return Ok(());
             }
             let removed = u64::from(map.remove(key).is_ok())
@@ -786,12 +795,15 @@ pub fn delete(
     Ok(out)
 }
 
-/// Every established flow's entries, handed to `each` one at a time (one walk of `FLOWS`;
-/// for the flow log's interim records). Only the table's entries are held, not the flows.
+/// Every established flow's entries, handed to `each` one at a time (one walk of `FLOWS`,
+/// then of `EMBRYOS` for the `ASSURED` flows, which wait there for room in it; for the flow
+/// log's interim records). Only the tables' entries are held, not the flows.
 pub fn established(pins: &PinDir, mut each: impl FnMut(FlowEntries)) -> Result<()> {
     pair(&Entries::read(pins, FLOWS)?, |(key, forward, reply, _)| {
         each(FlowEntries { key, forward, reply })
     });
+    let assured = Entries::read_where(pins, EMBRYOS, |v| v.tcp & ASSURED != 0)?;
+    pair(&assured, |(key, forward, reply, _)| each(FlowEntries { key, forward, reply }));
     Ok(())
 }
 

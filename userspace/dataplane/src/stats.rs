@@ -162,9 +162,10 @@ pub struct EmbryonicTable {
     pub created: u64,
     pub confirmed: u64,
     pub expired: u64,
-    /// Confirmations the full established table refused, each leaving its flow embryonic
-    /// (the flow's next confirming packet tries again): events, not outcomes. (Builds
-    /// before 2026-12-05 forgot such a flow; their refusals show as evicted here.)
+    /// Flows the full established table had no room for as they were confirmed (`ASSURED`,
+    /// each counted once): they wait in the embryonic table until there is room, so this is
+    /// no outcome. (Builds before 2026-12-05 forgot such a flow; their refusals show as
+    /// evicted here.)
     pub refused: u64,
     pub closed: u64,
     /// Pushed out of the table, wholly or by half, by newer embryonic flows: what was
