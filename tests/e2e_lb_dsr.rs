@@ -159,3 +159,48 @@ fn floating_ip_without_a_neighbour_entry_connects_once_the_agent_resolves_it() {
     assert_eq!(answer, "b1 192.0.2.30");
     assert!(unreachable() > before, "the first SYN was dropped, not passed to the stack");
 }
+
+/// A floating-IP packet too long for the route to its backend (the gateway's route to the
+/// backends locked at MTU 1400, the client's link at 1500) is answered at XDP with ICMP
+/// "fragmentation needed" from the frontend, naming 1400: the client's TCP sends smaller
+/// segments and a 20,000-byte upload arrives whole (seen failing before: dropped as
+/// `direct_too_big`, no MTU learnt, the upload stalled).
+#[test]
+fn floating_ip_packets_too_big_for_the_backend_route_teach_the_path_mtu() {
+    let lan = Lan::new(2);
+    for (i, backend) in lan.backends.iter().enumerate() {
+        backend.exec("ip", &["addr", "add", "192.0.2.30/32", "dev", "lo"]);
+        let listener = common::run_in(&backend.name, || TcpListener::bind("0.0.0.0:80").unwrap());
+        thread::spawn(move || {
+            for mut s in listener.incoming().flatten() {
+                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                let mut got = vec![0u8; 20_000];
+                let read = s.read_exact(&mut got).map(|()| got.len());
+                let _ = s.write_all(format!("got {read:?}").as_bytes());
+            }
+        });
+        // Floating IP needs each backend's neighbour entry (see above).
+        lan.gw.exec("ping", &["-c", "1", "-W", "2", &common::lan::backend_addr(i)]);
+    }
+    // The route's MTU, locked (the FIB applies only a locked one).
+    let route = ["route", "change", "198.51.100.0/24", "dev", "int0", "src", "198.51.100.1"];
+    lan.gw.exec("ip", &[&route[..], &["mtu", "lock", "1400"]].concat());
+    lan.pins.apply(POLICY);
+    let answer = lan.client.run(|| {
+        let to = "192.0.2.30:80".parse().unwrap();
+        let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(2))
+            .map_err(|e| format!("connect: {e}"))?;
+        s.write_all(&[7u8; 20_000]).map_err(|e| format!("upload: {e}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        Ok::<_, String>(answer)
+    });
+    let stats: serde_json::Value =
+        serde_json::from_str(&lan.pins.xdpgate(&["stats", "--json"])).unwrap();
+    assert_eq!(answer, Ok("got Ok(20000)".into()), "the upload arrived whole: {}", stats["drops"]);
+    let learnt = lan.client.exec("ip", &["route", "get", "192.0.2.30"]);
+    let learnt = String::from_utf8_lossy(&learnt.stdout);
+    assert!(learnt.contains("mtu 1400"), "the client learnt the path MTU: {learnt}");
+    assert_eq!(stats["drops"]["direct_too_big"]["packets"], 0, "answered, not dropped");
+}

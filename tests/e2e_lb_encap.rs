@@ -14,8 +14,9 @@
 //! spread over both backends as the gateway's flow table says and carry data both ways; a
 //! connection whose flow was deleted at the gateway carries on (mid-stream pickup, same
 //! backend); an NSG deny on a frontend port still denies; a bulk transfer fits thanks to
-//! the script's MSS; a UDP datagram too big once encapsulated is dropped and counted
-//! (`encap_too_big`) while one that fits is answered. At tc, UDP datagrams arriving as one
+//! the script's MSS; a UDP datagram too big once encapsulated is answered with ICMP "too
+//! big" at XDP (the client learns the MTU and sends it again in fragments that fit) and
+//! dropped and counted at tc (`encap_too_big`), while one that fits is answered. At tc, UDP datagrams arriving as one
 //! GSO aggregate are encapsulated and answered. A connection idle past the embryonic
 //! timeout while its backend is drained keeps that backend (its flow, never confirmed,
 //! idles out after the TCP timeout).
@@ -169,6 +170,10 @@ impl Lab {
         // which veth runs with GRO on; a local sender's partial checksums do not survive an
         // XDP redirect (see common::lan).
         client.exec("ethtool", &["-K", &c_gw, "tx", if xdp { "off" } else { "on" }]);
+        if xdp {
+            // The gateway's ICMP "too big" goes back out of its veth by redirect: NAPI.
+            client.exec("ethtool", &["-K", &c_gw, "gro", "on"]);
+        }
         router.exec("ethtool", &["-K", &r_g, "gro", "on"]);
         if !xdp {
             for dev in [&g_c, &g_r] {
@@ -396,17 +401,21 @@ fn end_to_end(hook: &str) {
         assert!(lab.drops("policy") > denied, "counted as policy drops");
 
         // UDP: a datagram that fits once encapsulated is answered by a backend; one that
-        // does not (DF: Linux sets it on datagrams within the path MTU) is dropped and
-        // counted.
+        // does not (DF: Linux sets it on datagrams within the path MTU) is not. At XDP the
+        // gateway answers it with ICMP "fragmentation needed" / "packet too big" naming the
+        // MTU less the outer header, which the client's kernel learns: it sends the same
+        // datagram again in fragments that fit, and a backend answers (seen failing before:
+        // dropped, no MTU learnt, never answered). At tc it is dropped and counted, each time.
         let header = if v6 { 40 + 8 } else { 20 + 8 };
-        let fits = 1500 - (if v6 { 40 } else { 20 }) - header;
+        let outer = if v6 { 40 } else { 20 };
+        let fits = 1500 - outer - header;
         let too_big = lab.drops("encap_too_big");
         let to = SocketAddr::new(vip.parse().unwrap(), 53);
         let answers = run_in(&lab.client.name, move || {
             let bind = if to.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" };
             let u = UdpSocket::bind(bind).unwrap();
             u.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
-            [fits, fits + 1].map(|n| {
+            [fits, fits + 1, fits + 1].map(|n| {
                 u.send_to(&vec![0u8; n], to).expect("send");
                 let mut buf = [0u8; 64];
                 u.recv_from(&mut buf)
@@ -414,10 +423,23 @@ fn end_to_end(hook: &str) {
                     .map(|(n, _)| String::from_utf8_lossy(&buf[..n]).into_owned())
             })
         });
-        let [small, big] = answers;
+        let [small, big, again] = answers;
         assert!(small.is_some_and(|a| a.ends_with(&format!(" {fits}"))), "{vip}: fits");
         assert_eq!(big, None, "{vip}: {} bytes do not fit once encapsulated", fits + 1);
-        assert_eq!(lab.drops("encap_too_big"), too_big + 1, "{vip}: counted once");
+        let learnt = String::from_utf8_lossy(&lab.client.exec("ip", &["route", "get", vip]).stdout)
+            .into_owned();
+        if hook == "xdp" {
+            assert!(learnt.contains(&format!("mtu {}", 1500 - outer)), "{vip}: {learnt}");
+            assert!(
+                again.is_some_and(|a| a.ends_with(&format!(" {}", fits + 1))),
+                "{vip}: sent again in fragments that fit"
+            );
+            assert_eq!(lab.drops("encap_too_big"), too_big, "{vip}: answered, not dropped");
+        } else {
+            assert!(!learnt.contains(" mtu "), "{vip}: {learnt}");
+            assert_eq!(again, None, "{vip}: dropped again");
+            assert_eq!(lab.drops("encap_too_big"), too_big + 2, "{vip}: counted each time");
+        }
         for (mut s, _) in kept {
             echo(&mut s, b"still there\n");
         }

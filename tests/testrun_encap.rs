@@ -16,8 +16,8 @@ use common::{
     isolated,
     kernel::{DROP, Kernel, link_tc_pipeline},
     packet::{
-        ACK, ETH_LEN, L4, SYN, encapsulate, fix_ipv4_checksum, flow_key, fragment, frame,
-        frame_vlan, tcp_frame,
+        ACK, ETH_LEN, L4, SYN, checksums_ok, encapsulate, fix_ipv4_checksum, flow_key, fragment,
+        frame, frame_vlan, quoted, set_ipv4_frag, tcp_frame,
     },
 };
 use xdpgate_common::{
@@ -59,6 +59,7 @@ const HOP_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x99, 0x02];
 /// The outer sources: `eg`'s global addresses.
 const SOURCE4: &str = "10.99.0.1";
 const SOURCE6: &str = "2001:db8:99::1";
+const XDP_TX: u32 = 3;
 const XDP_REDIRECT: u32 = 4;
 const TC_ACT_REDIRECT: u32 = 7;
 const TC_ACT_SHOT: u32 = 2;
@@ -489,18 +490,22 @@ fn midstream_pickup_same_backend_and_judged() {
 }
 
 /// The FIB checks the outer length against the route's MTU: a packet that fits only
-/// before encapsulation is dropped, counted as `encap_too_big`; one that fits after goes.
+/// before encapsulation is answered at XDP with ICMP "fragmentation needed" / "packet too
+/// big" from the frontend, naming the MTU less the outer header and quoting the packet's
+/// start, back out of the interface it came by: seen failing before as a drop.
+/// At tc, and at XDP for IPv4 without DF, it is dropped and counted as `encap_too_big`.
+/// One that fits after encapsulation goes.
 #[test]
-fn too_big_once_encapsulated_is_dropped_and_counted() {
+fn too_big_once_encapsulated_is_answered_or_dropped() {
     isolated(true, |ns| {
         let lab = Lab::new(&ns, &["10.99.0.1/24", "2001:db8:99::1/64"]);
         lab.k.apply(POLICY);
         lab.set_mtu(1400);
         for at in [At::Xdp, At::Tc] {
             let sport = if at == At::Xdp { 40300 } else { 41300 };
-            for (client, frontend, headers) in [
-                ("203.0.113.7", "192.0.2.10", 40 + 20),
-                ("2001:db8:2::7", "2001:db8:f::10", 60 + 40),
+            for (client, frontend, headers, outer) in [
+                ("203.0.113.7", "192.0.2.10", 40 + 20, 20),
+                ("2001:db8:2::7", "2001:db8:f::10", 60 + 40, 40),
             ] {
                 // The largest payload whose outer packet is exactly the MTU, and one more.
                 let fits = 1400 - headers;
@@ -509,11 +514,52 @@ fn too_big_once_encapsulated_is_dropped_and_counted() {
                 let ok = frame_vlan(client, frontend, L4::Tcp(sport, 80, ACK), &[], &vec![1; fits]);
                 lab.encapsulated(at, &ok);
                 let too_big = lab.k.drops("encap_too_big");
-                let big =
+                let mut big =
                     frame_vlan(client, frontend, L4::Tcp(sport, 80, ACK), &[], &vec![1; fits + 1]);
-                let (verdict, _) = lab.run(at, &big);
-                assert_eq!(verdict, if at == At::Xdp { DROP } else { TC_ACT_SHOT }, "{at:?}");
-                assert_eq!(lab.k.drops("encap_too_big"), too_big + 1, "{at:?} {client}");
+                if outer == 20 {
+                    big[14 + 6] |= 0x40;
+                    fix_ipv4_checksum(&mut big, 14);
+                }
+                let (verdict, out) = lab.run(at, &big);
+                if at == At::Tc {
+                    assert_eq!(verdict, TC_ACT_SHOT, "{at:?}");
+                    assert_eq!(lab.k.drops("encap_too_big"), too_big + 1, "{at:?} {client}");
+                    continue;
+                }
+                // Test runs arrive by `lo`, which is no redirect target: `XDP_TX` (attached,
+                // the arrival interface's redirect: e2e_lb_encap).
+                assert_eq!(verdict, XDP_TX, "{client}: answered back out");
+                assert_eq!(lab.k.drops("encap_too_big"), too_big, "{client}: not a drop");
+                assert_eq!((&out[..6], &out[6..12]), (&big[6..12], &big[..6]), "MACs swapped");
+                checksums_ok(&out).unwrap_or_else(|e| panic!("{client}: {e}"));
+                let ip = &out[14..];
+                let (src, dst, icmp): (IpAddr, IpAddr, &[u8]) = if outer == 20 {
+                    let a = |o: usize| IpAddr::from(<[u8; 4]>::try_from(&ip[o..o + 4]).unwrap());
+                    (a(12), a(16), &ip[20..])
+                } else {
+                    let a = |o: usize| IpAddr::from(<[u8; 16]>::try_from(&ip[o..o + 16]).unwrap());
+                    (a(8), a(24), &ip[40..])
+                };
+                assert_eq!((src, dst), (frontend.parse().unwrap(), client.parse().unwrap()));
+                let mtu = 1400 - outer as u32;
+                if outer == 20 {
+                    assert_eq!(ip[9], 1, "ICMP");
+                    assert_eq!((icmp[0], icmp[1]), (3, 4), "fragmentation needed");
+                    assert_eq!(u32::from(u16::from_be_bytes([icmp[6], icmp[7]])), mtu);
+                } else {
+                    assert_eq!(ip[6], 58, "ICMPv6");
+                    assert_eq!((icmp[0], icmp[1]), (2, 0), "packet too big");
+                    assert_eq!(u32::from_be_bytes(icmp[4..8].try_into().unwrap()), mtu);
+                }
+                let quote = quoted(&out).expect("a quote");
+                assert!(quote.len() >= 128, "{client}: quotes {} bytes", quote.len());
+                assert_eq!(quote, &big[14..14 + quote.len()], "{client}: quotes the packet");
+                // IPv4 without DF: a router would fragment; dropped, as before.
+                if outer == 20 {
+                    set_ipv4_frag(&mut big, 14, false, 0);
+                    assert_eq!(lab.run(at, &big).0, DROP, "{client} without DF");
+                    assert_eq!(lab.k.drops("encap_too_big"), too_big + 1, "{client} without DF");
+                }
             }
         }
     });

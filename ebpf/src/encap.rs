@@ -64,7 +64,11 @@ pub fn forward<H: Hook>(
         .saturating_add(ctx.encap_wire_overhead(meta, overhead(meta.family)));
     let hop = match forward::hop_for(ctx, meta, &source, backend, ip_len, cache, true)? {
         Ok(hop) => hop,
-        Err(FIB_FRAG_NEEDED) => return Err(DropReason::EncapTooBig),
+        // What fits inside the outer header.
+        Err((FIB_FRAG_NEEDED, mtu)) => {
+            let inner = mtu.saturating_sub(overhead(meta.family));
+            return ctx.too_big(meta, inner, DropReason::EncapTooBig);
+        }
         Err(_) => return Err(DropReason::EncapUnreachable),
     };
     ctx.decrement_ttl(meta)?;

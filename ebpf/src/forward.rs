@@ -199,7 +199,7 @@ pub fn forward<H: Hook>(
     let ip_len = ctx.wire_len(meta, (len as u16).wrapping_sub(meta.l3_off));
     let hop = match hop_for(ctx, meta, src, next_hop, ip_len, cache, false)? {
         Ok(hop) => Some(hop),
-        Err(rc) => {
+        Err((rc, _)) => {
             if own_errors && rc == FIB_FRAG_NEEDED && !fragmentable(ctx, meta)? {
                 return Ok(xdp_action::XDP_PASS);
             }
@@ -231,9 +231,9 @@ pub fn direct<H: Hook>(
     let ip_len = ctx.wire_len(meta, (len as u16).wrapping_sub(meta.l3_off));
     match hop_for(ctx, meta, &meta.src, backend, ip_len, cache, false)? {
         Ok(hop) => send(ctx, meta, Some(hop), || Ok(())),
-        Err(FIB_FRAG_NEEDED) => Err(DropReason::DirectTooBig),
+        Err((FIB_FRAG_NEEDED, mtu)) => ctx.too_big(meta, mtu, DropReason::DirectTooBig),
         // A route but no neighbour yet, or an interface this hook may not send to.
-        Err(FIB_NO_NEIGH | FIB_SUCCESS) => Err(DropReason::DirectUnreachable),
+        Err((FIB_NO_NEIGH | FIB_SUCCESS, _)) => Err(DropReason::DirectUnreachable),
         // No route to the backend, forwarding off here: the stack's, as any packet's.
         Err(_) => Ok(xdp_action::XDP_PASS),
     }
@@ -242,7 +242,8 @@ pub fn direct<H: Hook>(
 /// The next hop of a packet from `src` to `dst` whose `ip_len` bytes leave (from the IP
 /// header on): the flow direction's cached one `cache` while it holds, or else the FIB's
 /// answer, then cached. `Err`: the FIB's return code, or `FIB_SUCCESS` for an interface
-/// this hook may not send to. `encapsulated`: asked about as the outer packet.
+/// this hook may not send to, with the route's MTU (for `FIB_FRAG_NEEDED`).
+/// `encapsulated`: asked about as the outer packet.
 #[inline(always)]
 pub fn hop_for<H: Hook>(
     ctx: &H,
@@ -252,7 +253,7 @@ pub fn hop_for<H: Hook>(
     ip_len: u16,
     cache: Option<&mut NextHop>,
     encapsulated: bool,
-) -> Result<Result<NextHop, i64>, DropReason> {
+) -> Result<Result<NextHop, (i64, u16)>, DropReason> {
     let generation = ROUTE_GENERATION.get(0).copied().unwrap_or(0);
     // The low bits: ages are told by wrapping differences.
     let now = unsafe { bpf_jiffies64() } as u32;
@@ -265,7 +266,7 @@ pub fn hop_for<H: Hook>(
                 want_neighbour(p);
             }
             if rc != FIB_SUCCESS || !H::may_send_to(p.ifindex) {
-                return Ok(Err(rc));
+                return Ok(Err((rc, unsafe { p.__bindgen_anon_1.mtu_result })));
             }
             let hop = NextHop {
                 generation,

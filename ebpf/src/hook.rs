@@ -25,7 +25,7 @@ use crate::{
     maps::{EGRESS, PIPELINE, TC_PIPELINE, iface_config},
     nat,
     parse::{Packet, PacketMeta, ptr_at},
-    trace,
+    too_big, trace,
 };
 
 /// Headers are pulled into a socket buffer's linear area this far (a short packet, to its
@@ -86,6 +86,10 @@ pub trait Hook: EbpfContext + Packet + Sized {
     /// Writes the next hop's MACs and sends the packet out of its interface; the XDP
     /// verdict (`XDP_REDIRECT` when sent, `XDP_PASS` to leave it to the stack).
     fn send(&self, hop: &NextHop) -> Result<u32, DropReason>;
+    /// A packet the route towards its backend allows only `mtu` bytes of, which the stack
+    /// cannot answer: answered with ICMP "too big" where this hook can ([`too_big`]),
+    /// else dropped for `reason`.
+    fn too_big(&self, meta: &PacketMeta, mtu: u16, reason: DropReason) -> Result<u32, DropReason>;
 }
 
 #[inline(always)]
@@ -187,6 +191,15 @@ impl Hook for XdpContext {
     fn send(&self, hop: &NextHop) -> Result<u32, DropReason> {
         set_macs(self, hop)?;
         Ok(EGRESS.redirect(hop.ifindex, 0).unwrap_or(xdp_action::XDP_PASS))
+    }
+
+    /// Back out of the arrival interface by a devmap redirect, not `XDP_TX`: a veth sends
+    /// its `XDP_TX` frames on to its peer only when the peer runs an XDP program, and
+    /// redirected ones when it runs NAPI (GRO on), as forwarded packets need anyway.
+    #[inline(always)]
+    fn too_big(&self, meta: &PacketMeta, mtu: u16, reason: DropReason) -> Result<u32, DropReason> {
+        too_big::answer(self, meta, mtu).ok_or(reason)?;
+        Ok(EGRESS.redirect(self.arrival(), 0).unwrap_or(xdp_action::XDP_TX))
     }
 }
 
@@ -316,6 +329,18 @@ impl Hook for TcContext {
         } else {
             xdp_action::XDP_DROP
         })
+    }
+
+    /// A socket buffer may be a GSO aggregate or carry a local sender's partial checksum
+    /// (see `too_big`): dropped.
+    #[inline(always)]
+    fn too_big(
+        &self,
+        _meta: &PacketMeta,
+        _mtu: u16,
+        reason: DropReason,
+    ) -> Result<u32, DropReason> {
+        Err(reason)
     }
 }
 

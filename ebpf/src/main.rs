@@ -21,6 +21,7 @@ mod nat;
 mod nsg;
 mod parse;
 mod snat;
+mod too_big;
 mod trace;
 
 use aya_ebpf::{
