@@ -330,6 +330,22 @@ fn a_full_established_table_keeps_new_flows_embryonic() {
             assert_eq!(k.run(&spoofed), PASS, "a reset or FIN out of sequence");
             assert!(k.embryo(&key).is_some_and(|e| e.tcp & (TCP_FIN | TCP_CLOSED) == 0));
         }
+        // A connection that sends more than the 4 MiB window: its segments move the mark
+        // on, so its FIN at 9 MiB is believed (seen failing after an outside review: only a
+        // FIN or RST moved it, and the real FIN was taken for a spoofer's).
+        let mut long =
+            Conn::new("long", ("203.0.113.9", 40000), ("198.51.100.20", 80), Role::External);
+        long.open(&k);
+        let long_key = flow_key("203.0.113.9", "198.51.100.20", 40000, 80, 6);
+        k.arrive_as(Role::External);
+        for (mib, flags) in [(3, ACK), (6, ACK), (9, FIN | ACK)] {
+            let seq = CLIENT_ISN + 1 + (mib << 20);
+            let segment =
+                tcp_frame("203.0.113.9", "198.51.100.20", (40000, 80), flags, seq, SERVER_ISN + 1);
+            assert_eq!(k.run(&segment), PASS);
+        }
+        assert!(k.embryo(&long_key).is_some_and(|e| e.tcp & TCP_FIN != 0), "the FIN believed");
+        embryonic += 1;
         // The established connection keeps working both ways.
         assert_eq!((old.forward(&k), old.back(&k)), (PASS, PASS), "the old connection");
         assert!(old.established(&k));

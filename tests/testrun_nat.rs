@@ -560,6 +560,52 @@ fn a_lone_exchange_goes_after_the_embryonic_timeout() {
     assert_eq!((e.created, e.confirmed, e.expired, e.evicted, e.live), (3, 1, 1, 1, 0), "{e:?}");
 }
 
+/// A flow the full established table had no room for (its embryo `ASSURED`, as the
+/// dataplane marks it) keeps its translation for the gateway's UDP timeout, not the
+/// embryonic one, and its `end` is handed on when it goes (seen failing after an outside
+/// review: expired as a lone exchange at 61 s, a new public port for the stream; and with
+/// that fixed, no `end`).
+#[test]
+fn an_assured_flow_keeps_its_translation_as_established() {
+    use xdpgate_common::{
+        flow::{ASSURED, FlowKey, FlowValue},
+        maps::EMBRYOS,
+    };
+    let k = Kernel::new();
+    k.apply(POLICY);
+    let policy = xdpgate_policy::load_str(POLICY, "t.yaml").unwrap();
+    let request = frame("198.51.100.10", "203.0.113.7", L4::Udp(40100, 53));
+    k.arrive_as(Role::Internal);
+    let (public, _, port, _) = endpoints(&k.through(&request));
+    k.arrive_as(Role::External);
+    assert_eq!(k.run(&frame("203.0.113.7", &public.to_string(), L4::Udp(53, port))), PASS);
+    let key = flow_key("198.51.100.10", "203.0.113.7", 40100, 53, 17);
+    let mut embryos: aya::maps::HashMap<_, FlowKey, FlowValue> =
+        k.pins.dir.open_map(EMBRYOS).unwrap().try_into().unwrap();
+    let forward = embryos.get(&key, 0).unwrap();
+    for k_ in [key, key.twin(&forward)] {
+        let mut v = embryos.get(&k_, 0).unwrap();
+        v.tcp |= ASSURED;
+        embryos.insert(k_, v, 0).unwrap();
+    }
+    let now = xdpgate_dataplane::nat::monotonic_ns();
+    let mut ended = Vec::new();
+    let mut expire = |after_s: u64| {
+        xdpgate_dataplane::nat::expire(
+            &k.pins.dir,
+            &policy,
+            now + after_s * 1_000_000_000,
+            &mut ended,
+        )
+        .unwrap()
+        .expired
+    };
+    assert_eq!(expire(61), 0, "kept past the embryonic timeout");
+    assert_eq!(expire(241), 1, "gone after the gateway's UDP timeout");
+    assert_eq!(ended.iter().map(|e| e.key).collect::<Vec<_>>(), [key], "its end handed on");
+    assert!(k.embryo(&key).is_none());
+}
+
 /// A half-open TCP translation (a SYN never answered, or a handshake the remote reset) goes
 /// after the embryonic timeout (60 s), as Azure's half-open timer frees such a port early;
 /// held for the gateway's TCP idle timeout (240 s), a scan from one host filled the shared

@@ -426,9 +426,11 @@ fn confirm(meta: &PacketMeta, key: &FlowKey, entry: &mut FlowValue) {
 fn assured(meta: &PacketMeta, key: &FlowKey, entry: &mut FlowValue) {
     let twin_key = key.twin(entry);
     let twin = EMBRYOS.get_ptr_mut(&twin_key);
+    // Every segment moves the sequence mark on, as on an established flow: a FIN or RST
+    // is judged against where its sender stands.
     if meta.proto == IPPROTO_TCP
-        && meta.tcp_flags & (TH_FIN | TH_RST) != 0
         && in_sequence(entry, meta.tcp_seq)
+        && meta.tcp_flags & (TH_FIN | TH_RST) != 0
     {
         track_close(entry, meta.tcp_flags, twin);
     }

@@ -11,7 +11,7 @@ use aya::maps::{
 use ipnet::IpNet;
 use xdpgate_common::{
     family_bytes,
-    flow::{FlowKey, FlowValue, NAT_DST, TCP_ANSWERED, TCP_CLOSED},
+    flow::{ASSURED, FlowKey, FlowValue, NAT_DST, TCP_ANSWERED, TCP_CLOSED},
     maps::{
         EMBRYOS, FLOWS, NAT_CREATED, NAT_FAILURES, NAT_GATEWAYS, NAT_MAP, NAT_PUBLIC,
         NAT_PUBLIC_VERSION, NAT_SUBNETS, NAT_TRAFFIC, VNET,
@@ -363,11 +363,15 @@ pub fn expire(
         // of such a protocol with no embryo left (pushed out by newer ones, a flood's: a live
         // stream's next packet makes its entries again, from the translation). And when it
         // is a half-open TCP one (see `half_open`), as Azure's half-open timer frees its port.
+        // An `ASSURED` flow, which waits among the embryos for room in the established
+        // table, is an established one: neither lone nor half-open.
         let embryonic = reads[0] == [None, None];
+        let assured = reads[1].iter().flatten().any(|v| v.tcp & ASSURED != 0);
         let pushed_out = reads[1] == [None, None] && crate::flows::lone_protocol(reply.proto);
         let lone = embryonic
+            && !assured
             && (pushed_out || crate::flows::lone_exchange(reply.proto, reads[1][1].as_ref()));
-        let half_open = embryonic && reply.proto == 6 && half_open(&reads[1]);
+        let half_open = embryonic && !assured && reply.proto == 6 && half_open(&reads[1]);
         let timeout = if lone || half_open {
             timeout.min(u64::from(policy.settings.embryonic_timeout) * 1_000_000_000)
         } else {
@@ -388,10 +392,14 @@ pub fn expire(
         let released = retire(&mut map, &reply, &t, cooldown_s(gw), now, remove_flow)?;
         out.released += usize::from(released);
         // As the table that had it before it went: the established one, or the embryonic
-        // one for a lone exchange (answered, never confirmed; not TCP's, as the sweep). Not
-        // when another remover took the flow first: its end is theirs.
+        // one for a lone exchange (answered, never confirmed; not TCP's, as the sweep) or an
+        // `ASSURED` flow. Not when another remover took the flow first: its end is theirs.
         let took = |i: usize| removed[i].contains(&true);
-        let had = if lone { took(1).then_some(reads[1]) } else { took(0).then_some(reads[0]) };
+        let had = if lone || (embryonic && assured) {
+            took(1).then_some(reads[1])
+        } else {
+            took(0).then_some(reads[0])
+        };
         ended.extend(match had {
             Some([Some(f), r]) => Some(FlowEntries::of(forward, f, reply, r)),
             Some([None, Some(r)]) => Some(FlowEntries::of(reply, r, forward, None)),
