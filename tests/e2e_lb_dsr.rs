@@ -162,9 +162,9 @@ fn floating_ip_without_a_neighbour_entry_connects_once_the_agent_resolves_it() {
 
 /// A floating-IP packet too long for the route to its backend (the gateway's route to the
 /// backends locked at MTU 1400, the client's link at 1500) is answered at XDP with ICMP
-/// "fragmentation needed" from the frontend, naming 1400: the client's TCP sends smaller
-/// segments and a 20,000-byte upload arrives whole (seen failing before: dropped as
-/// `direct_too_big`, no MTU learnt, the upload stalled).
+/// "fragmentation needed" from the frontend, naming 1400, and counted as `direct_too_big`:
+/// the client's TCP sends smaller segments and a 20,000-byte upload arrives whole (seen
+/// failing before: 16 drops, no MTU learnt, the upload stalled).
 #[test]
 fn floating_ip_packets_too_big_for_the_backend_route_teach_the_path_mtu() {
     let lan = Lan::new(2);
@@ -202,5 +202,6 @@ fn floating_ip_packets_too_big_for_the_backend_route_teach_the_path_mtu() {
     let learnt = lan.client.exec("ip", &["route", "get", "192.0.2.30"]);
     let learnt = String::from_utf8_lossy(&learnt.stdout);
     assert!(learnt.contains("mtu 1400"), "the client learnt the path MTU: {learnt}");
-    assert_eq!(stats["drops"]["direct_too_big"]["packets"], 0, "answered, not dropped");
+    let answered = stats["drops"]["direct_too_big"]["packets"].as_u64().unwrap();
+    assert!(answered > 0, "answered and counted as direct_too_big");
 }

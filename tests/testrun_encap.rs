@@ -59,7 +59,6 @@ const HOP_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x99, 0x02];
 /// The outer sources: `eg`'s global addresses.
 const SOURCE4: &str = "10.99.0.1";
 const SOURCE6: &str = "2001:db8:99::1";
-const XDP_TX: u32 = 3;
 const XDP_REDIRECT: u32 = 4;
 const TC_ACT_REDIRECT: u32 = 7;
 const TC_ACT_SHOT: u32 = 2;
@@ -492,9 +491,11 @@ fn midstream_pickup_same_backend_and_judged() {
 /// The FIB checks the outer length against the route's MTU: a packet that fits only
 /// before encapsulation is answered at XDP with ICMP "fragmentation needed" / "packet too
 /// big" from the frontend, naming the MTU less the outer header and quoting the packet's
-/// start, back out of the interface it came by: seen failing before as a drop.
-/// At tc, and at XDP for IPv4 without DF, it is dropped and counted as `encap_too_big`.
-/// One that fits after encapsulation goes.
+/// start, routed back to its sender by the FIB (the next hop's MACs, not the arriving
+/// frame's: seen failing after an outside review, which sent it from whatever MAC the
+/// frame was addressed to), and counted as `encap_too_big` all the same (seen failing
+/// before: dropped, no answer). Not answered, only dropped: with no route back, to a
+/// multicast source, at tc, and for IPv4 without DF. One that fits after encapsulation goes.
 #[test]
 fn too_big_once_encapsulated_is_answered_or_dropped() {
     isolated(true, |ns| {
@@ -520,17 +521,25 @@ fn too_big_once_encapsulated_is_answered_or_dropped() {
                     big[14 + 6] |= 0x40;
                     fix_ipv4_checksum(&mut big, 14);
                 }
-                let (verdict, out) = lab.run(at, &big);
+                let dropped = if at == At::Xdp { DROP } else { TC_ACT_SHOT };
                 if at == At::Tc {
-                    assert_eq!(verdict, TC_ACT_SHOT, "{at:?}");
+                    assert_eq!(lab.run(at, &big).0, dropped, "{at:?}");
                     assert_eq!(lab.k.drops("encap_too_big"), too_big + 1, "{at:?} {client}");
                     continue;
                 }
-                // Test runs arrive by `lo`, which is no redirect target: `XDP_TX` (attached,
-                // the arrival interface's redirect: e2e_lb_encap).
-                assert_eq!(verdict, XDP_TX, "{client}: answered back out");
-                assert_eq!(lab.k.drops("encap_too_big"), too_big, "{client}: not a drop");
-                assert_eq!((&out[..6], &out[6..12]), (&big[6..12], &big[..6]), "MACs swapped");
+                // No route back to the client yet: dropped, not answered.
+                assert_eq!(lab.run(at, &big).0, DROP, "{client}: no route back");
+                let subnet = if outer == 20 { "203.0.113.0/24" } else { "2001:db8:2::/64" };
+                let hop = if outer == 20 { "10.99.0.2" } else { "2001:db8:99::2" };
+                common::run("ip", &["-n", &ns, "route", "add", subnet, "via", hop, "dev", "eg"]);
+                let (verdict, out) = lab.run(at, &big);
+                assert_eq!(verdict, XDP_REDIRECT, "{client}: answered, routed back");
+                assert_eq!(lab.k.drops("encap_too_big"), too_big + 2, "{client}: counted");
+                assert_eq!(
+                    (&out[..6], &out[6..12]),
+                    (&HOP_MAC[..], &GW_MAC[..]),
+                    "the route's MACs"
+                );
                 checksums_ok(&out).unwrap_or_else(|e| panic!("{client}: {e}"));
                 let ip = &out[14..];
                 let (src, dst, icmp): (IpAddr, IpAddr, &[u8]) = if outer == 20 {
@@ -554,11 +563,23 @@ fn too_big_once_encapsulated_is_answered_or_dropped() {
                 let quote = quoted(&out).expect("a quote");
                 assert!(quote.len() >= 128, "{client}: quotes {} bytes", quote.len());
                 assert_eq!(quote, &big[14..14 + quote.len()], "{client}: quotes the packet");
-                // IPv4 without DF: a router would fragment; dropped, as before.
                 if outer == 20 {
-                    set_ipv4_frag(&mut big, 14, false, 0);
-                    assert_eq!(lab.run(at, &big).0, DROP, "{client} without DF");
-                    assert_eq!(lab.k.drops("encap_too_big"), too_big + 1, "{client} without DF");
+                    // IPv4 without DF: a router would fragment; dropped, as before.
+                    let mut no_df = big.clone();
+                    set_ipv4_frag(&mut no_df, 14, false, 0);
+                    assert_eq!(lab.run(at, &no_df).0, DROP, "{client} without DF");
+                    // From a multicast source: no route back to such a sender.
+                    let mut multicast = frame_vlan(
+                        "224.0.0.5",
+                        frontend,
+                        L4::Tcp(5000, 80, SYN),
+                        &[],
+                        &vec![1; fits + 1],
+                    );
+                    multicast[14 + 6] |= 0x40;
+                    fix_ipv4_checksum(&mut multicast, 14);
+                    assert_eq!(lab.run(at, &multicast).0, DROP, "a multicast source");
+                    assert_eq!(lab.k.drops("encap_too_big"), too_big + 4, "counted");
                 }
             }
         }

@@ -44,8 +44,8 @@ const FIB_NO_NEIGH: i64 = 7;
 const TCP_LISTEN: u32 = 10;
 
 /// Asks the kernel's FIB where a packet from `src` to `dst` goes, as arriving by interface
-/// `iif`. The parameters live in per-CPU scratch, not on the stack, which the callers'
-/// stages need.
+/// `iif`: `meta`'s own packet, or one of protocol `other` without ports. The parameters
+/// live in per-CPU scratch, not on the stack, which the callers' stages need.
 #[inline(always)]
 fn lookup<H: Hook>(
     ctx: &H,
@@ -53,15 +53,13 @@ fn lookup<H: Hook>(
     src: &[u32; 4],
     dst: &[u32; 4],
     ip_len: u16,
-    encapsulated: bool,
+    other: Option<u8>,
     iif: u32,
 ) -> Result<(i64, &'static mut bpf_fib_lookup), DropReason> {
     let p = unsafe { &mut *FIB_PARAMS.get_ptr_mut(0).ok_or(DropReason::Internal)? };
     *p = unsafe { zeroed() };
-    // An encapsulated packet is asked about as the outer packet it leaves as: IP in IP (of
-    // its own family), no ports, as policy routing (`ip rule ... ipproto`) sees it.
-    if encapsulated {
-        p.l4_protocol = if meta.family == 4 { IPPROTO_IPIP } else { IPPROTO_IPV6 };
+    if let Some(proto) = other {
+        p.l4_protocol = proto;
     } else {
         p.l4_protocol = meta.proto;
         p.sport = meta.sport.to_be();
@@ -92,7 +90,7 @@ fn lookup<H: Hook>(
 #[inline(always)]
 pub fn routed_on<H: Hook>(ctx: &H, meta: &PacketMeta) -> bool {
     // The route alone is asked: a length any route takes.
-    let route = lookup(ctx, meta, &meta.src, &meta.dst, 20, false, ctx.arrival()).map(|(rc, _)| rc);
+    let route = lookup(ctx, meta, &meta.src, &meta.dst, 20, None, ctx.arrival()).map(|(rc, _)| rc);
     matches!(route, Ok(FIB_SUCCESS | FIB_NO_NEIGH | FIB_FRAG_NEEDED))
 }
 
@@ -103,7 +101,7 @@ pub fn routed_on<H: Hook>(ctx: &H, meta: &PacketMeta) -> bool {
 #[inline(always)]
 pub fn to_this_host<H: Hook>(ctx: &H, meta: &PacketMeta) -> bool {
     const LOOPBACK: u32 = 1;
-    let route = lookup(ctx, meta, &meta.src, &meta.dst, 20, false, LOOPBACK);
+    let route = lookup(ctx, meta, &meta.src, &meta.dst, 20, None, LOOPBACK);
     !matches!(route.map(|(rc, _)| rc), Ok(FIB_SUCCESS | FIB_NO_NEIGH | FIB_FRAG_NEEDED))
 }
 
@@ -224,7 +222,8 @@ pub fn direct<H: Hook>(
     len: u64,
     cache: Option<&mut NextHop>,
 ) -> Result<u32, DropReason> {
-    // The stack sends the time-exceeded (or takes the packet, if the frontend is its own).
+    // The stack's (it takes the packet if the frontend is its own; else, with no route to
+    // the frontend, it answers "network unreachable", not "time exceeded": a known limit).
     if ttl(ctx, meta)? <= 1 {
         return Ok(xdp_action::XDP_PASS);
     }
@@ -261,7 +260,11 @@ pub fn hop_for<H: Hook>(
     match cache {
         Some(hop) if holds(hop, generation, now, iif, ip_len) => Ok(Ok(*hop)),
         cache => {
-            let (rc, p) = lookup(ctx, meta, src, dst, ip_len, encapsulated, iif)?;
+            // An encapsulated packet is asked about as the outer packet it leaves as: IP in
+            // IP (of its own family), no ports, as policy routing (`ip rule ... ipproto`)
+            // sees it.
+            let outer = if meta.family == 4 { IPPROTO_IPIP } else { IPPROTO_IPV6 };
+            let (rc, p) = lookup(ctx, meta, src, dst, ip_len, encapsulated.then_some(outer), iif)?;
             if rc == FIB_NO_NEIGH {
                 want_neighbour(p);
             }
@@ -284,6 +287,34 @@ pub fn hop_for<H: Hook>(
             Ok(Ok(hop))
         }
     }
+}
+
+/// The next hop of an ICMP error of `ip_len` bytes from `meta`'s destination back to its
+/// source, routed as the kernel routes its own: `None` when the FIB has no unicast route
+/// out of an interface this hook sends to, or no neighbour entry (a source that is no
+/// host's: multicast, broadcast, unspecified, loopback, this host's own), or when the
+/// source is the destination itself.
+#[inline(always)]
+pub fn back_to_sender<H: Hook>(ctx: &H, meta: &PacketMeta, ip_len: u16) -> Option<NextHop> {
+    if meta.src == meta.dst || meta.src == [0; 4] {
+        return None;
+    }
+    let icmp = if meta.family == 4 { 1 } else { 58 };
+    let (rc, p) =
+        lookup(ctx, meta, &meta.dst, &meta.src, ip_len, Some(icmp), ctx.arrival()).ok()?;
+    if rc != FIB_SUCCESS || !H::may_send_to(p.ifindex) {
+        return None;
+    }
+    Some(NextHop {
+        generation: 0,
+        jiffies: 0,
+        ifindex: p.ifindex,
+        dmac: p.dmac,
+        smac: p.smac,
+        iif: 0,
+        max_len: ip_len,
+        _pad: [0; 2],
+    })
 }
 
 /// Asks the agent to resolve the next hop the FIB just found no neighbour entry for (it

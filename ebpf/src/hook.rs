@@ -20,9 +20,9 @@ use aya_ebpf::{
 use xdpgate_common::{flow::NextHop, maps::TC_PARSE, stats::DropReason};
 
 use crate::{
-    encap,
+    encap, forward,
     headers::{EthHdr, IPPROTO_TCP, IPPROTO_UDP},
-    maps::{EGRESS, PIPELINE, TC_PIPELINE, iface_config},
+    maps::{DROP_STATS, EGRESS, PIPELINE, TC_PIPELINE, iface_config},
     nat,
     parse::{Packet, PacketMeta, ptr_at},
     too_big, trace,
@@ -193,13 +193,17 @@ impl Hook for XdpContext {
         Ok(EGRESS.redirect(hop.ifindex, 0).unwrap_or(xdp_action::XDP_PASS))
     }
 
-    /// Back out of the arrival interface by a devmap redirect, not `XDP_TX`: a veth sends
-    /// its `XDP_TX` frames on to its peer only when the peer runs an XDP program, and
-    /// redirected ones when it runs NAPI (GRO on), as forwarded packets need anyway.
+    /// Routed back to the sender by the FIB (its MACs and interface, not the arriving
+    /// frame's: those a sender chooses), and sent by devmap redirect. The packet still
+    /// counts as dropped for `reason`: it goes no further, as a router counts its own.
     #[inline(always)]
     fn too_big(&self, meta: &PacketMeta, mtu: u16, reason: DropReason) -> Result<u32, DropReason> {
+        let hop = forward::back_to_sender(self, meta, too_big::answer_len(meta)).ok_or(reason)?;
         too_big::answer(self, meta, mtu).ok_or(reason)?;
-        Ok(EGRESS.redirect(self.arrival(), 0).unwrap_or(xdp_action::XDP_TX))
+        if let Some(c) = DROP_STATS.get_ptr_mut(reason as u32) {
+            unsafe { *c += 1 };
+        }
+        self.send(&hop)
     }
 }
 

@@ -3,8 +3,9 @@
 //! MTU it has, as a router on the path would, so that path-MTU discovery works. The stack
 //! cannot send it for these packets: floating-IP and encapsulated ones, which it would route
 //! by their destination, the frontend, which it has no route to. As Katran does, the frame
-//! itself becomes the answer (from the frontend's address, quoting the packet's start) and
-//! goes back out of the interface it came by (`Hook::too_big`). At XDP only: a socket
+//! itself becomes the answer (from the frontend's address, quoting the packet's start),
+//! routed back to the sender as the kernel routes its own errors (`Hook::too_big`). At XDP
+//! only: a socket
 //! buffer at tc may be a GSO aggregate or carry a local sender's partial checksum, and is
 //! dropped.
 
@@ -28,20 +29,23 @@ const QUOTE_V6: usize = 256;
 const ETH: usize = 14;
 const TTL: u8 = 64;
 
+/// The IP length of the answer to a packet of `meta`'s family.
+#[inline(always)]
+pub fn answer_len(meta: &PacketMeta) -> u16 {
+    (if meta.family == 4 { 20 + 8 + QUOTE_V4 } else { 40 + 8 + QUOTE_V6 }) as u16
+}
+
 /// Turns the frame into the ICMP error about it, addressed back to its sender, for a route
-/// of `mtu` bytes (what the packet, as it leaves, may be long); `None` where no error is
-/// due or none can be made here, and the packet is to be dropped: IPv4 without DF (a
-/// router would fragment it), a later fragment, an ICMP error itself, a VLAN-tagged frame,
-/// or a packet shorter than the quote.
+/// of `mtu` bytes (what the packet, as it leaves, may be long); its MACs are the sender's
+/// to write. `None` where no error is due or none can be made here, and the packet is to
+/// be dropped: IPv4 without DF (a router would fragment it), a later fragment, an ICMP
+/// error itself, a VLAN-tagged frame, or a packet shorter than the quote.
 #[inline(always)]
 pub fn answer(ctx: &XdpContext, meta: &PacketMeta, mtu: u16) -> Option<()> {
     if meta.l3() != ETH || meta.frag == FRAG_LATER || icmp::is_error(meta) {
         return None;
     }
-    let (src, dst, ether_type) = {
-        let eth = unsafe { &*ptr_at::<EthHdr>(ctx, 0).ok()? };
-        (eth.src, eth.dst, eth.ether_type)
-    };
+    let ether_type = unsafe { &*ptr_at::<EthHdr>(ctx, 0).ok()? }.ether_type;
     let (head, quote) = if meta.family == 4 {
         let flags = unsafe { *ptr_at::<[u8; 8]>(ctx, ETH).ok()? }[6];
         if flags & 0x40 == 0 {
@@ -62,13 +66,8 @@ pub fn answer(ctx: &XdpContext, meta: &PacketMeta, mtu: u16) -> Option<()> {
     {
         return None;
     }
-    // Every pointer afresh: the frame moved. Back to where it came from.
-    let out = ptr_at::<EthHdr>(ctx, 0).ok()? as *mut EthHdr;
-    unsafe {
-        (*out).dst = src;
-        (*out).src = dst;
-        (*out).ether_type = ether_type;
-    }
+    // Every pointer afresh: the frame moved.
+    unsafe { (*(ptr_at::<EthHdr>(ctx, 0).ok()? as *mut EthHdr)).ether_type = ether_type };
     if meta.family == 4 { v4(ctx, meta, mtu) } else { v6(ctx, meta, mtu) }
 }
 
