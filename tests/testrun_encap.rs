@@ -568,18 +568,24 @@ fn too_big_once_encapsulated_is_answered_or_dropped() {
                     let mut no_df = big.clone();
                     set_ipv4_frag(&mut no_df, 14, false, 0);
                     assert_eq!(lab.run(at, &no_df).0, DROP, "{client} without DF");
-                    // From a multicast source: no route back to such a sender.
-                    let mut multicast = frame_vlan(
-                        "224.0.0.5",
-                        frontend,
-                        L4::Tcp(5000, 80, SYN),
-                        &[],
-                        &vec![1; fits + 1],
-                    );
-                    multicast[14 + 6] |= 0x40;
-                    fix_ipv4_checksum(&mut multicast, 14);
-                    assert_eq!(lab.run(at, &multicast).0, DROP, "a multicast source");
-                    assert_eq!(lab.k.drops("encap_too_big"), too_big + 4, "counted");
+                    // From sources no host has: never answered, even where a default
+                    // route would take them (seen failing after an outside review).
+                    common::run("ip", &["-n", &ns, "route", "add", "default", "via", hop]);
+                    for (i, source) in
+                        ["224.0.0.5", "255.255.255.255", "0.1.2.3"].into_iter().enumerate()
+                    {
+                        let mut martian = frame_vlan(
+                            source,
+                            frontend,
+                            L4::Tcp(5000, 80, SYN),
+                            &[],
+                            &vec![1; fits + 1],
+                        );
+                        martian[14 + 6] |= 0x40;
+                        fix_ipv4_checksum(&mut martian, 14);
+                        assert_eq!(lab.run(at, &martian).0, DROP, "from {source}");
+                        assert_eq!(lab.k.drops("encap_too_big"), too_big + 4 + i as u64, "counted");
+                    }
                 }
             }
         }

@@ -560,6 +560,18 @@ fn a_lone_exchange_goes_after_the_embryonic_timeout() {
     assert_eq!((e.created, e.confirmed, e.expired, e.evicted, e.live), (3, 1, 1, 1, 0), "{e:?}");
 }
 
+const S: u64 = 1_000_000_000;
+
+/// The translations `nat::expire` ends at `now`, their flows' ends added to `ended`.
+fn expire_after(
+    k: &Kernel,
+    policy: &xdpgate_policy::Policy,
+    now: u64,
+    ended: &mut Vec<FlowEntries>,
+) -> usize {
+    xdpgate_dataplane::nat::expire(&k.pins.dir, policy, now, ended).unwrap().expired
+}
+
 /// A flow the full established table had no room for (its embryo `ASSURED`, as the
 /// dataplane marks it) keeps its translation for the gateway's UDP timeout, not the
 /// embryonic one, and its `end` is handed on when it goes (seen failing after an outside
@@ -590,16 +602,7 @@ fn an_assured_flow_keeps_its_translation_as_established() {
     }
     let now = xdpgate_dataplane::nat::monotonic_ns();
     let mut ended = Vec::new();
-    let mut expire = |after_s: u64| {
-        xdpgate_dataplane::nat::expire(
-            &k.pins.dir,
-            &policy,
-            now + after_s * 1_000_000_000,
-            &mut ended,
-        )
-        .unwrap()
-        .expired
-    };
+    let mut expire = |after_s: u64| expire_after(&k, &policy, now + after_s * S, &mut ended);
     assert_eq!(expire(61), 0, "kept past the embryonic timeout");
     assert_eq!(expire(241), 1, "gone after the gateway's UDP timeout");
     assert_eq!(ended.iter().map(|e| e.key).collect::<Vec<_>>(), [key], "its end handed on");
@@ -642,16 +645,7 @@ fn a_half_open_tcp_translation_goes_after_the_embryonic_timeout() {
     assert!(k.established(&key(40203)).is_some(), "the full handshake confirmed its flow");
     let now = xdpgate_dataplane::nat::monotonic_ns();
     let mut ended = Vec::new();
-    let mut expire = |after_s: u64| {
-        xdpgate_dataplane::nat::expire(
-            &k.pins.dir,
-            &policy,
-            now + after_s * 1_000_000_000,
-            &mut ended,
-        )
-        .unwrap()
-        .expired
-    };
+    let mut expire = |after_s: u64| expire_after(&k, &policy, now + after_s * S, &mut ended);
     assert_eq!(expire(59), 0, "within the embryonic timeout");
     assert_eq!(expire(61), 2, "the unanswered and the reset translations");
     for sport in [40200, 40202] {

@@ -290,18 +290,29 @@ pub fn hop_for<H: Hook>(
 }
 
 /// The next hop of an ICMP error of `ip_len` bytes from `meta`'s destination back to its
-/// source, routed as the kernel routes its own: `None` when the FIB has no unicast route
-/// out of an interface this hook sends to, or no neighbour entry (a source that is no
-/// host's: multicast, broadcast, unspecified, loopback, this host's own), or when the
-/// source is the destination itself.
+/// source, routed as the kernel routes its own: `None` for a source no host has (IPv4
+/// multicast, the limited broadcast, 0/8 and 127/8, IPv6 multicast; a default route
+/// would take them), the destination itself, or when the FIB has no unicast route out of
+/// an interface this hook sends to (this host's own, a subnet broadcast, loopback) or no
+/// neighbour entry yet (the agent resolves it, as for forwarding).
 #[inline(always)]
 pub fn back_to_sender<H: Hook>(ctx: &H, meta: &PacketMeta, ip_len: u16) -> Option<NextHop> {
-    if meta.src == meta.dst || meta.src == [0; 4] {
+    // Addresses as they lie in the packet: the first byte is the lowest of `src[0]`.
+    let first = meta.src[0] as u8;
+    let martian = if meta.family == 4 {
+        matches!(first, 0 | 127 | 224..=239) || meta.src[0] == u32::MAX
+    } else {
+        first == 0xff || meta.src == [0; 4]
+    };
+    if martian || meta.src == meta.dst {
         return None;
     }
     let icmp = if meta.family == 4 { 1 } else { 58 };
     let (rc, p) =
         lookup(ctx, meta, &meta.dst, &meta.src, ip_len, Some(icmp), ctx.arrival()).ok()?;
+    if rc == FIB_NO_NEIGH {
+        want_neighbour(p);
+    }
     if rc != FIB_SUCCESS || !H::may_send_to(p.ifindex) {
         return None;
     }
