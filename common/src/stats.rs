@@ -61,8 +61,8 @@ pub enum DropReason {
     /// when the established table was full; a flow now stays embryonic instead. Kept so
     /// that the indexes after it, and the counts of pinned arrays, keep their meaning.
     FlowTableFull = 9,
-    /// An encapsulated packet would exceed the route's MTU towards its backend, where no
-    /// ICMP "too big" could be sent instead (the tc hook, IPv4 without DF, a VLAN tag).
+    /// An encapsulated packet would exceed the route's MTU towards its backend: counted
+    /// whether or not it is answered with ICMP "too big" (see `too_big.rs` in the dataplane).
     EncapTooBig = 10,
     /// An encapsulating rule's packet, on a node without an outer source address of its
     /// family (`ENCAP_SOURCES`).
@@ -83,9 +83,9 @@ pub enum DropReason {
     /// destination the frontend's, cannot go to the stack instead, which has no route to
     /// the frontend (it answered "network unreachable").
     DirectUnreachable = 15,
-    /// A floating-IP rule's packet longer than the route's MTU to its backend, where no
-    /// ICMP "too big" could be sent instead (as for `EncapTooBig`; the stack, with no route
-    /// to the frontend, cannot answer it).
+    /// A floating-IP rule's packet longer than the route's MTU to its backend: counted
+    /// whether or not it is answered with ICMP "too big", as `EncapTooBig` (the stack, with
+    /// no route to the frontend, cannot answer it).
     DirectTooBig = 16,
 }
 

@@ -50,7 +50,8 @@ pub fn forward<H: Hook>(
     len: u64,
     cache: Option<&mut NextHop>,
 ) -> Result<u32, DropReason> {
-    // The stack sends the time-exceeded (or takes the packet, if the frontend is its own).
+    // The stack's (it takes the packet if the frontend is its own; else, with no route to
+    // the frontend, it answers "network unreachable", not "time exceeded": a known limit).
     if forward::ttl(ctx, meta)? <= 1 {
         return Ok(xdp_action::XDP_PASS);
     }

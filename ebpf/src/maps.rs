@@ -114,8 +114,8 @@ pub static ACTIVE_SLOT: Array<u32> = Array::pinned(1, 0);
 #[map(name = "POLICY_CONFIG")]
 pub static POLICY_CONFIG: Array<PolicyConfig> = Array::pinned(SLOTS, 0);
 
-/// Established flows, one entry per direction. A plain hash: when full, new flows are
-/// refused rather than live ones evicted. Sized by the loader.
+/// Established flows, one entry per direction. A plain hash: when full, no live flow is
+/// evicted for a new one (which waits `ASSURED` in `EMBRYOS`). Sized by the loader.
 #[map(name = "FLOWS_V2")]
 pub static FLOWS: HashMap<FlowKey, FlowValue> = HashMap::pinned(FLOW_ENTRIES, 0);
 

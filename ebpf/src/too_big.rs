@@ -4,7 +4,8 @@
 //! cannot send it for these packets: floating-IP and encapsulated ones, which it would route
 //! by their destination, the frontend, which it has no route to. As Katran does, the frame
 //! itself becomes the answer (from the frontend's address, quoting the packet's start),
-//! routed back to the sender as the kernel routes its own errors (`Hook::too_big`). At XDP
+//! routed back to the sender by a FIB lookup as for a packet forwarded from the arrival
+//! interface (`Hook::too_big`). At XDP
 //! only: a socket
 //! buffer at tc may be a GSO aggregate or carry a local sender's partial checksum, and is
 //! dropped.

@@ -37,8 +37,8 @@ use crate::{PinDir, apply, monotonic_ns, state, stats::Traffic, table};
 #[serde(rename_all = "lowercase")]
 pub enum FlowState {
     /// Not confirmed yet (TCP: no handshake seen through; UDP and ICMP: no reply yet, or a
-    /// lone exchange: no packet since the reply), in
-    /// `EMBRYOS`: a flood of new flows evicts these first.
+    /// lone exchange: no packet since the reply), or `ASSURED` (confirmed, waiting for room
+    /// in a full established table), in `EMBRYOS`: a flood of new flows evicts these first.
     Embryonic,
     /// Confirmed, in `FLOWS`.
     Established,
