@@ -64,8 +64,9 @@ pub const ACTIVE_SLOT: &str = "ACTIVE_SLOT";
 pub const POLICY_CONFIG: &str = "POLICY_CONFIG";
 /// `HashMap<FlowKey, FlowValue>`: established (confirmed) flows, one entry per direction.
 /// Not LRU: a full table evicts no live flow for a new one (which waits `ASSURED` among the
-/// embryos); the agent removes idle entries. The name carries the layout's version: a build with another layout pins
-/// its own table beside the old one, and `upgrade` copies the flows over (see `FLOWS_V1`).
+/// embryos); the agent removes idle entries. The name carries the layout's version: a build
+/// with another layout pins its own table beside the old one, and `upgrade` copies the
+/// flows over (see `FLOWS_V1`).
 pub const FLOWS: &str = "FLOWS_V2";
 /// `LruHashMap<FlowKey, FlowValue>`: embryonic (unconfirmed) flows, one entry per direction.
 /// A flood of new flows evicts only other embryonic ones. Versioned as `FLOWS` is.

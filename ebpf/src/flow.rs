@@ -413,10 +413,7 @@ fn confirm(meta: &PacketMeta, key: &FlowKey, entry: &mut FlowValue) {
     };
     let twin = unsafe { &mut *twin };
     learn_sequences(meta, entry, twin);
-    if establish(key, entry, &twin_key, twin) {
-        count(FLOW_STAT_EMBRYOS_CONFIRMED);
-        forget_embryo(key, entry);
-    }
+    establish_embryo(key, entry, &twin_key, twin);
 }
 
 /// A packet of an `ASSURED` embryo: judged as an established flow's (an RST or FIN counts
@@ -434,8 +431,20 @@ fn assured(meta: &PacketMeta, key: &FlowKey, entry: &mut FlowValue) {
     {
         track_close(entry, meta.tcp_flags, twin);
     }
-    let Some(twin) = twin else { return };
-    if establish(key, entry, &twin_key, unsafe { &mut *twin }) {
+    if let Some(twin) = twin {
+        establish_embryo(key, entry, &twin_key, unsafe { &mut *twin });
+    }
+}
+
+/// [`establish`] for an embryonic flow: once moved, it is confirmed and its embryo goes.
+#[inline(always)]
+fn establish_embryo(
+    key: &FlowKey,
+    entry: &mut FlowValue,
+    twin_key: &FlowKey,
+    twin: &mut FlowValue,
+) {
+    if establish(key, entry, twin_key, twin) {
         count(FLOW_STAT_EMBRYOS_CONFIRMED);
         forget_embryo(key, entry);
     }

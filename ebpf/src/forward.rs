@@ -292,9 +292,9 @@ pub fn hop_for<H: Hook>(
 /// The next hop of an ICMP error of `ip_len` bytes from `meta`'s destination back to its
 /// source, routed as a packet forwarded from the arrival interface: `None` for a source no
 /// host has (IPv4 multicast, the limited broadcast, 0/8 and 127/8, IPv6 multicast; a
-/// default route would take them), the destination itself, or when the FIB has no unicast route out of
-/// an interface this hook sends to (this host's own, a subnet broadcast, loopback) or no
-/// neighbour entry yet (the agent resolves it, as for forwarding).
+/// default route would take them), the destination itself, or when the FIB has no unicast
+/// route out of an interface this hook sends to (this host's own, a subnet broadcast,
+/// loopback) or no neighbour entry yet (the agent resolves it, as for forwarding).
 #[inline(always)]
 pub fn back_to_sender<H: Hook>(ctx: &H, meta: &PacketMeta, ip_len: u16) -> Option<NextHop> {
     // Addresses as they lie in the packet: the first byte is the lowest of `src[0]`.

@@ -22,7 +22,7 @@ use xdpgate_common::{flow::NextHop, maps::TC_PARSE, stats::DropReason};
 use crate::{
     encap, forward,
     headers::{EthHdr, IPPROTO_TCP, IPPROTO_UDP},
-    maps::{DROP_STATS, EGRESS, PIPELINE, TC_PIPELINE, iface_config},
+    maps::{EGRESS, PIPELINE, TC_PIPELINE, count_drop_reason, iface_config},
     nat,
     parse::{Packet, PacketMeta, ptr_at},
     too_big, trace,
@@ -200,9 +200,7 @@ impl Hook for XdpContext {
     fn too_big(&self, meta: &PacketMeta, mtu: u16, reason: DropReason) -> Result<u32, DropReason> {
         let hop = forward::back_to_sender(self, meta, too_big::answer_len(meta)).ok_or(reason)?;
         too_big::answer(self, meta, mtu).ok_or(reason)?;
-        if let Some(c) = DROP_STATS.get_ptr_mut(reason as u32) {
-            unsafe { *c += 1 };
-        }
+        count_drop_reason(reason);
         self.send(&hop)
     }
 }

@@ -53,8 +53,8 @@ use crate::{
     flow::Lookup,
     hook::{Hook, tc_verdict},
     maps::{
-        ACTION, DROP_STATS, EGRESS_PIPELINE, EGRESS_STATS, EMBRYOS, FLOW_SCRATCH, FLOWS,
-        IFACE_STATS, SCRATCH, iface_config,
+        ACTION, EGRESS_PIPELINE, EGRESS_STATS, EMBRYOS, FLOW_SCRATCH, FLOWS, IFACE_STATS, SCRATCH,
+        count_drop_reason, iface_config,
     },
     nsg::Active,
     parse::{
@@ -550,9 +550,7 @@ fn count_verdict(ctx: &impl Packet, slot: u32, action: u32) {
 /// `SCRATCH`.
 #[inline(always)]
 fn count_drop<H: Hook>(ctx: &H, reason: DropReason, parsed: bool, point: u8) {
-    if let Some(c) = DROP_STATS.get_ptr_mut(reason as u32) {
-        unsafe { *c += 1 };
-    }
+    count_drop_reason(reason);
     events::dropped(reason as u32, parsed, point, ctx.arrival(), Packet::len(ctx) as u32);
     if reason == DropReason::Internal {
         // Rare by construction (a missing stage or scratch map), so worth a log line; never

@@ -31,7 +31,7 @@ use xdpgate_common::{
         CLASS_ID_ENTRIES, CLASSES_PER_SLOT, FieldClass, FieldKey, MAX_RULES, PolicyConfig,
         RuleBitmap, SLOTS, TABLES, TableScope,
     },
-    stats::{Counter, DROP_SLOTS, EGRESS_VERDICTS, VERDICTS},
+    stats::{Counter, DROP_SLOTS, DropReason, EGRESS_VERDICTS, VERDICTS},
     trace::TraceRecord,
 };
 
@@ -70,6 +70,14 @@ pub static IFACE_STATS: PerCpuArray<Counter> = PerCpuArray::pinned(MAX_IFACES * 
 /// Dropped packets per reason.
 #[map(name = "DROP_STATS_V3")]
 pub static DROP_STATS: PerCpuArray<u64> = PerCpuArray::pinned(DROP_SLOTS, 0);
+
+/// Counts a packet dropped for `reason` (per-CPU slot: a plain add is exact).
+#[inline(always)]
+pub fn count_drop_reason(reason: DropReason) {
+    if let Some(c) = DROP_STATS.get_ptr_mut(reason as u32) {
+        unsafe { *c += 1 };
+    }
+}
 
 /// Every field of every NSG table: (table, field, value prefix) -> bitmap of matching rules.
 #[map(name = "NSG_FIELDS")]

@@ -456,7 +456,8 @@ impl Snapshot {
             "xdpgate_embryonic_flows_total",
             Counter,
             "Embryonic (not yet confirmed) flows by outcome: created, and ended as confirmed, \
-             expired (with those the agent ended: lone exchanges, ASSURED flows, and embryos of NAT translations it expired), \
+             expired (with those the agent ended: lone exchanges, ASSURED flows, and embryos \
+             of NAT translations it expired), \
              closed, or evicted by newer embryonic flows (derived: created less the other \
              outcomes and the live ones).",
         );

@@ -403,7 +403,8 @@ pub struct Swept {
 /// else frees these entries), and the embryonic flows of other protocols than TCP that
 /// were answered and are idle past theirs from `EMBRYOS` (a lone exchange, a DNS query and
 /// its answer, is never confirmed: its end is written here, not left to the table's LRU,
-/// which would lose it), as are the `ASSURED` ones (established flows waiting for room); and hands each one to `on_end` (for the flow log). Setting `stop`,
+/// which would lose it), as are the `ASSURED` ones (established flows waiting for room);
+/// and hands each one to `on_end` (for the flow log). Setting `stop`,
 /// or an error from `on_end`, ends the pass early. The dataplane already treats an idle
 /// entry as gone (its next packet starts a new flow), so removing one changes no verdict.
 ///
