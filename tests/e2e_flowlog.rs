@@ -758,3 +758,62 @@ fn flow_log_lines_name_the_rule_after_a_set_add() {
         "{line}"
     );
 }
+
+/// A flow's `begin` line comes before its `continuing` ones, also for a flow a walk finds
+/// while its `begin` event still waits in the ring (read every 100 ms). The agent's loop is
+/// held up once (stopped 150 ms, as a long reload would hold it), which moves its ring reads
+/// to 50 ms after each walk starts; then new UDP flows every 10 ms for 4 s, each with two
+/// exchanges (so established, with traffic, as the walks every second find it). (Seen
+/// failing before the agent read the ring ahead of a walk's lines: 10 and 13 of 400
+/// flows' first line was `continuing`.)
+#[test]
+fn a_flows_begin_comes_before_its_continuing_records() {
+    let lab = Gateway::new();
+    let (agent, flow) = EchoFlow::start(&lab);
+    flow.exchange(2);
+    flow.wait_for_continuing(2);
+    // Walks start on the agent's 1 s tick: at this millisecond of every second.
+    let time = flow.records("continuing")[0]["time"].as_str().unwrap().to_owned();
+    let walk_ms: u64 = time[20..23].parse().unwrap();
+    let now_ms = || {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis()
+            as u64
+    };
+    let resume_at = (now_ms() + 300) / 1000 * 1000 + 1000 + (walk_ms + 550) % 1000;
+    thread::sleep(Duration::from_millis(resume_at - 150 - now_ms()));
+    common::sigstop(agent.0.id());
+    thread::sleep(Duration::from_millis(resume_at.saturating_sub(now_ms())));
+    common::run("kill", &["-CONT", &agent.0.id().to_string()]);
+
+    const FLOWS: u16 = 400;
+    const FIRST: u16 = 43000;
+    lab.client.run(|| {
+        for sport in FIRST..FIRST + FLOWS {
+            let s = UdpSocket::bind((EchoFlow::KEY.0, sport)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            // Two exchanges: one alone is a lone exchange, never established.
+            for _ in 0..2 {
+                s.send_to(&[7u8; 100], (EchoFlow::KEY.1, EchoFlow::KEY.3)).unwrap();
+                s.recv_from(&mut [0u8; 512]).expect("reply through the gateway");
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    });
+    let last = FIRST + FLOWS - 1;
+    wait_until("the last flow's continuing record", Duration::from_secs(10), || {
+        of_flow(&flow.log, last, EchoFlow::KEY.3).iter().any(|l| l["state"] == "continuing")
+    });
+    let lines = read_lines(&flow.log);
+    let (mut continued, mut disordered) = (0, Vec::new());
+    for sport in FIRST..FIRST + FLOWS {
+        let of: Vec<&Value> = lines.iter().filter(|l| l["src_port"] == sport).collect();
+        assert!(!of.is_empty(), "no line of port {sport}");
+        if of[0]["state"] != "begin" {
+            disordered.push(of[0]);
+        }
+        continued += usize::from(of.iter().any(|l| l["state"] == "continuing"));
+    }
+    // Every flow lived through a walk with traffic since its begin.
+    assert_eq!(continued, usize::from(FLOWS), "flows with a continuing record");
+    assert!(disordered.is_empty(), "{} flows' first line: {disordered:#?}", disordered.len());
+}

@@ -664,6 +664,10 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
             joined = async { interim.pass.as_mut().expect("guarded").await }, if interim.pass.is_some() => {
                 interim.pass = None;
                 if let Some(log) = flow_log.as_mut() {
+                    // The `begin` lines of the flows new to the walks go first.
+                    if let Some(ring) = events.as_mut() {
+                        log_events(pins, ring.get_mut(), &mut running.names, Some(&mut *log), &mut failing);
+                    }
                     write_walk(joined, log, &mut failing);
                 }
             }
@@ -888,7 +892,11 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     if let Some(log) = flow_log.as_mut() {
         if let Some(pass) = interim.pass.take() {
             interim.stop.store(true, Ordering::Relaxed);
-            write_walk(pass.await, log, &mut failing);
+            let walked = pass.await;
+            if let Some(ring) = events.as_mut() {
+                log_events(pins, ring.get_mut(), &mut running.names, Some(&mut *log), &mut failing);
+            }
+            write_walk(walked, log, &mut failing);
         }
         if let Some(mut ends) = ends {
             while let Some(first) = ends.recv().await {

@@ -35,6 +35,13 @@ impl Lines {
         self.ends.push(self.bytes.len());
     }
 
+    /// Adds `other`'s lines after these.
+    pub fn append(&mut self, other: Lines) {
+        let at = self.bytes.len();
+        self.bytes.extend_from_slice(&other.bytes);
+        self.ends.extend(other.ends.iter().map(|end| at + end));
+    }
+
     pub fn len(&self) -> usize {
         self.ends.len()
     }
