@@ -1005,8 +1005,8 @@ mod tests {
     /// read the ring (one may have begun as the walk read it, its `begin` event waiting
     /// there); those of known flows in chunks as the walk goes. Past the room for new
     /// flows' lines, a new flow's first record waits for the next walk, which counts it
-    /// from zero. (Seen failing before: every line in chunks, `e2e_flowlog
-    /// a_flows_begin_comes_before_its_continuing_records`.)
+    /// from zero. (`e2e_flowlog a_flows_begin_comes_before_its_continuing_records` shows the
+    /// order with real traffic, and was seen failing before.)
     #[test]
     fn new_flows_lines_wait_for_the_walks_end() {
         let one = |port, packets| FlowEntries {
