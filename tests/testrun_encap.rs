@@ -592,6 +592,59 @@ fn too_big_once_encapsulated_is_answered_or_dropped() {
     });
 }
 
+/// Frames sent to a link-layer broadcast or multicast address are neither forwarded nor
+/// answered (RFC 1812 5.3.4; the stack's forwarding drops them too, as not addressed to
+/// this host), and are counted `link_broadcast`: a new flow's SYN, a later segment of the
+/// flow (whose next hop is cached), a segment too big once encapsulated, at both hooks,
+/// each of them sent by redirect when sent to the gateway's MAC. (Seen failing before:
+/// redirected.)
+#[test]
+fn frames_to_a_link_broadcast_are_not_forwarded() {
+    isolated(true, |ns| {
+        let lab = Lab::new(&ns, &["10.99.0.1/24", "2001:db8:99::1/64"]);
+        lab.k.apply(POLICY);
+        lab.set_mtu(1400);
+        for (subnet, hop) in
+            [("203.0.113.0/24", "10.99.0.2"), ("2001:db8:2::/64", "2001:db8:99::2")]
+        {
+            common::run("ip", &["-n", &ns, "route", "add", subnet, "via", hop, "dev", "eg"]);
+        }
+        let mut sport = 40700;
+        for at in [At::Xdp, At::Tc] {
+            let dropped = if at == At::Xdp { DROP } else { TC_ACT_SHOT };
+            for (client, frontend, group, fits) in [
+                ("203.0.113.7", "192.0.2.10", [0xff; 6], 1400 - 60),
+                ("203.0.113.7", "192.0.2.10", [0x01, 0, 0x5e, 0, 0, 1], 1400 - 60),
+                ("2001:db8:2::7", "2001:db8:f::10", [0x33, 0x33, 0, 0, 0, 1], 1400 - 100),
+            ] {
+                sport += 1;
+                let to_group = |mut f: Vec<u8>| {
+                    f[..6].copy_from_slice(&group);
+                    f
+                };
+                let syn = frame(client, frontend, L4::Tcp(sport, 80, SYN));
+                let data =
+                    |n| frame_vlan(client, frontend, L4::Tcp(sport, 80, ACK), &[], &vec![1; n]);
+                let mut big = data(fits + 1);
+                if !client.contains(':') {
+                    big[14 + 6] |= 0x40;
+                    fix_ipv4_checksum(&mut big, 14);
+                }
+                let (counted, too_big) =
+                    (lab.k.drops("link_broadcast"), lab.k.drops("encap_too_big"));
+                let what = format!("{at:?} {client} to {group:02x?}");
+                assert_eq!(lab.run(at, &to_group(syn.clone())).0, dropped, "{what}: SYN");
+                lab.encapsulated(at, &syn);
+                lab.encapsulated(at, &data(100));
+                assert_eq!(lab.run(at, &to_group(data(100))).0, dropped, "{what}: segment");
+                assert_eq!(lab.run(at, &to_group(big)).0, dropped, "{what}: too big");
+                assert_eq!(lab.k.drops("link_broadcast"), counted + 3, "{what}");
+                assert_eq!(lab.k.drops("encap_too_big"), too_big, "{what}: not answered");
+            }
+        }
+    });
+}
+
 /// What the FIB cannot send from here is dropped and counted, never handed to the stack
 /// (which would refuse the gateway's own source address): no neighbour entry for the next
 /// hop (`encap_unreachable`); and with no outer source in the map (only if something

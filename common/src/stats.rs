@@ -87,9 +87,13 @@ pub enum DropReason {
     /// whether or not it is answered with ICMP "too big", as `EncapTooBig` (the stack, with
     /// no route to the frontend, cannot answer it).
     DirectTooBig = 16,
+    /// A packet the dataplane would forward, sent to a link-layer broadcast or multicast
+    /// address: routers do not forward those, nor answer them with ICMP errors (RFC 1812
+    /// 5.3.4, 4.3.2.7), and the stack's forwarding drops them as not addressed to it.
+    LinkBroadcast = 17,
 }
 
-pub const DROP_REASONS: u32 = 17;
+pub const DROP_REASONS: u32 = 18;
 
 /// Entries of the pinned drop counters: room for reasons to come, so that adding one needs
 /// no new layout (and no `upgrade` that starts the counts again at zero).
@@ -115,6 +119,7 @@ pub const DROP_REASON_TABLE: [(&str, &str); DROP_REASONS as usize] = [
     ("no_lb_rule", "to a frontend address on a port or protocol no load-balancing rule serves"),
     ("direct_unreachable", "no neighbour entry (yet) or route towards a floating-IP backend"),
     ("direct_too_big", "longer than the route's MTU to its floating-IP backend"),
+    ("link_broadcast", "to be forwarded, but sent to a link-layer broadcast or multicast address"),
 ];
 
 pub const DROP_REASON_NAMES: [&str; DROP_REASONS as usize] = {

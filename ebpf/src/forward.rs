@@ -253,6 +253,7 @@ pub fn hop_for<H: Hook>(
     cache: Option<&mut NextHop>,
     encapsulated: bool,
 ) -> Result<Result<NextHop, (i64, u16)>, DropReason> {
+    sent_to_this_host(meta)?;
     let generation = ROUTE_GENERATION.get(0).copied().unwrap_or(0);
     // The low bits: ages are told by wrapping differences.
     let now = unsafe { bpf_jiffies64() } as u32;
@@ -358,6 +359,9 @@ pub fn by_cache<H: Hook>(
     cache: &NextHop,
     rewrite: impl FnOnce() -> Result<(), DropReason>,
 ) -> Option<Result<u32, DropReason>> {
+    if let Err(reason) = sent_to_this_host(meta) {
+        return Some(Err(reason));
+    }
     if ttl(ctx, meta).ok()? <= 1 {
         return None;
     }
@@ -368,6 +372,13 @@ pub fn by_cache<H: Hook>(
         return None;
     }
     Some(send(ctx, meta, Some(*cache), rewrite))
+}
+
+/// A frame sent to a link-layer broadcast or multicast address is never forwarded, nor
+/// answered with an ICMP error (RFC 1812 5.3.4, 4.3.2.7): everyone on the link got it.
+#[inline(always)]
+fn sent_to_this_host(meta: &PacketMeta) -> Result<(), DropReason> {
+    if meta.link_group != 0 { Err(DropReason::LinkBroadcast) } else { Ok(()) }
 }
 
 /// Rewrites the packet and sends it by `hop`; without one (or with its TTL out), to the

@@ -39,6 +39,9 @@ pub struct PacketMeta {
     /// once by the parse stage for every stage.
     pub iface_slot: u8,
     pub dir: u8,
+    /// 1: the frame was sent to a link-layer broadcast or multicast address (which the
+    /// dataplane never forwards).
+    pub link_group: u8,
     /// Source and destination port in host order; for ICMP echo both hold the identifier.
     pub sport: u16,
     pub dport: u16,
@@ -158,7 +161,7 @@ pub fn ptr_at<T>(ctx: &impl Packet, off: usize) -> Result<*const T, DropReason> 
 
 #[inline(always)]
 pub fn parse(ctx: &impl Packet) -> Result<Parsed, DropReason> {
-    let (ether_type, l3_off) = parse_eth(ctx)?;
+    let (ether_type, l3_off, link_group) = parse_eth(ctx)?;
     let mut meta = PacketMeta {
         family: 0,
         proto: 0,
@@ -169,6 +172,7 @@ pub fn parse(ctx: &impl Packet) -> Result<Parsed, DropReason> {
         hop_limit: 0,
         iface_slot: 0,
         dir: 0,
+        link_group,
         sport: 0,
         dport: 0,
         l3_off: l3_off as u16,
@@ -197,16 +201,18 @@ pub fn parse(ctx: &impl Packet) -> Result<Parsed, DropReason> {
     Ok(Parsed::Ip(meta))
 }
 
-/// Ethernet and up to [`MAX_VLAN_TAGS`] VLAN tags: returns the inner EtherType and the
-/// offset of the L3 header.
+/// Ethernet and up to [`MAX_VLAN_TAGS`] VLAN tags: returns the inner EtherType, the
+/// offset of the L3 header and whether the frame went to a group (broadcast or multicast)
+/// address.
 #[inline(always)]
-fn parse_eth(ctx: &impl Packet) -> Result<(u16, usize), DropReason> {
+fn parse_eth(ctx: &impl Packet) -> Result<(u16, usize, u8), DropReason> {
     let eth: *const EthHdr = ptr_at(ctx, 0)?;
+    let group = unsafe { (*eth).dst[0] } & 1;
     let mut ether_type = be16(unsafe { (*eth).ether_type });
     let mut off = size_of::<EthHdr>();
     for _ in 0..MAX_VLAN_TAGS {
         if ether_type != ETH_P_8021Q && ether_type != ETH_P_8021AD {
-            return Ok((ether_type, off));
+            return Ok((ether_type, off, group));
         }
         let vlan: *const VlanHdr = ptr_at(ctx, off)?;
         ether_type = be16(unsafe { (*vlan).ether_type });
@@ -215,7 +221,7 @@ fn parse_eth(ctx: &impl Packet) -> Result<(u16, usize), DropReason> {
     if ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD {
         return Err(DropReason::TooDeep);
     }
-    Ok((ether_type, off))
+    Ok((ether_type, off, group))
 }
 
 /// The length of the IP packet at `off` whose length field says `field`. A field of 0 on a
