@@ -108,6 +108,12 @@ impl FlowValue {
         matches!(self.nat, NAT_NEXT_HOP | NAT_ENCAP)
             || (self.reply != 0 && self.nat == NAT_NONE && self.service != crate::lb::NO_BACKEND)
     }
+
+    /// An embryonic entry judged as established (see `ASSURED`).
+    #[inline(always)]
+    pub fn assured(&self) -> bool {
+        self.tcp & ASSURED != 0
+    }
 }
 
 /// A forwarded flow direction's next hop, as the kernel's FIB gave it. Used while the

@@ -207,7 +207,7 @@ impl PolicyConfig {
         if entry.replies_direct() {
             return self.idle_timeout_ns(family, proto, 0, entry.idle_s);
         }
-        if entry.tcp & crate::flow::ASSURED != 0 {
+        if entry.assured() {
             return self.idle_timeout_ns(family, proto, entry.tcp, entry.idle_s);
         }
         self.idle_timeout_ns(family, proto, entry.tcp, entry.idle_s).min(self.embryonic_timeout_ns)

@@ -326,7 +326,7 @@ fn embryo(
     touch(entry, now, len);
     snat::count_translated(meta, entry, len, now);
     let action = Action::of(entry);
-    if entry.tcp & ASSURED != 0 {
+    if entry.assured() {
         assured(meta, key, entry);
         return Lookup::Hit(action);
     }
@@ -460,7 +460,7 @@ fn establish(
     twin_key: &FlowKey,
     twin: &mut FlowValue,
 ) -> bool {
-    let assured = entry.tcp & ASSURED != 0;
+    let assured = entry.assured();
     entry.tcp &= !ASSURED;
     twin.tcp &= !ASSURED;
     if FLOWS.insert(key, &*entry, 0).is_ok() {

@@ -17,7 +17,7 @@ use anyhow::{Result, bail};
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use serde::Serialize;
 use xdpgate_common::{
-    flow::{ASSURED, FlowKey, FlowValue, NAT_DST, NAT_ENCAP, NAT_NEXT_HOP, NAT_SRC, NO_RULE},
+    flow::{FlowKey, FlowValue, NAT_DST, NAT_ENCAP, NAT_NEXT_HOP, NAT_SRC, NO_RULE},
     is_icmp,
     lb::NO_BACKEND,
     maps::{EMBRYOS, FLOWS, NAT_MAP},
@@ -444,7 +444,7 @@ pub fn remove_idle(
     };
     // The protocol first: a flood's TCP embryos are not read again one by one.
     let embryo = |key: &FlowKey, v: &FlowValue| {
-        (lone_protocol(key.proto) || v.tcp & ASSURED != 0)
+        (lone_protocol(key.proto) || v.assured())
             && now.saturating_sub(v.last_seen_ns)
                 > names.embryo_timeout_ns(key.family, key.proto, v)
     };
@@ -474,7 +474,7 @@ pub fn remove_idle(
                 return Ok(());
             }
             let reply = if value.reply != 0 { Some(&value) } else { twin.as_ref() };
-            let assured = value.tcp & ASSURED != 0;
+            let assured = value.assured();
             if embryos && !(twin.is_some() && (assured || lone_exchange(key.proto, reply))) {
                 return Ok(());
             }
@@ -803,7 +803,7 @@ pub fn established(pins: &PinDir, mut each: impl FnMut(FlowEntries)) -> Result<(
     pair(&Entries::read(pins, FLOWS)?, |(key, forward, reply, _)| {
         each(FlowEntries { key, forward, reply })
     });
-    let assured = Entries::read_where(pins, EMBRYOS, |v| v.tcp & ASSURED != 0)?;
+    let assured = Entries::read_where(pins, EMBRYOS, FlowValue::assured)?;
     pair(&assured, |(key, forward, reply, _)| each(FlowEntries { key, forward, reply }));
     Ok(())
 }

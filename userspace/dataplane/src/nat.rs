@@ -11,7 +11,7 @@ use aya::maps::{
 use ipnet::IpNet;
 use xdpgate_common::{
     family_bytes,
-    flow::{ASSURED, FlowKey, FlowValue, NAT_DST, TCP_ANSWERED, TCP_CLOSED},
+    flow::{FlowKey, FlowValue, NAT_DST, TCP_ANSWERED, TCP_CLOSED},
     maps::{
         EMBRYOS, FLOWS, NAT_CREATED, NAT_FAILURES, NAT_GATEWAYS, NAT_MAP, NAT_PUBLIC,
         NAT_PUBLIC_VERSION, NAT_SUBNETS, NAT_TRAFFIC, VNET,
@@ -366,7 +366,7 @@ pub fn expire(
         // An `ASSURED` flow, which waits among the embryos for room in the established
         // table, is an established one: neither lone nor half-open.
         let embryonic = reads[0] == [None, None];
-        let assured = reads[1].iter().flatten().any(|v| v.tcp & ASSURED != 0);
+        let assured = reads[1].iter().flatten().any(FlowValue::assured);
         let pushed_out = reads[1] == [None, None] && crate::flows::lone_protocol(reply.proto);
         let lone = embryonic
             && !assured
