@@ -594,28 +594,35 @@ fn too_big_once_encapsulated_is_answered_or_dropped() {
 
 /// Frames sent to a link-layer broadcast or multicast address are neither forwarded nor
 /// answered (RFC 1812 5.3.4; the stack's forwarding drops them too, as not addressed to
-/// this host), and are counted `link_broadcast`: a new flow's SYN, a later segment of the
-/// flow (whose next hop is cached), a segment too big once encapsulated, at both hooks,
-/// each of them sent by redirect when sent to the gateway's MAC. (Seen failing before:
-/// redirected.)
+/// this host), and are counted `link_broadcast`: a new flow's SYN, which makes no flow, a
+/// later segment of the flow (whose next hop is cached), a segment too big once
+/// encapsulated, at both hooks, each of them sent by redirect when sent to the gateway's
+/// MAC; through a NAT gateway, a datagram that claims no port and makes no flow. One to
+/// this host's own address is left to the stack, untranslated, with no flow. (Seen failing
+/// before: redirected; then, after an outside review, with the flow and the port made
+/// before the drop.)
 #[test]
 fn frames_to_a_link_broadcast_are_not_forwarded() {
     isolated(true, |ns| {
         let lab = Lab::new(&ns, &["10.99.0.1/24", "2001:db8:99::1/64"]);
         lab.k.apply(POLICY);
         lab.set_mtu(1400);
-        for (subnet, hop) in
-            [("203.0.113.0/24", "10.99.0.2"), ("2001:db8:2::/64", "2001:db8:99::2")]
-        {
-            common::run("ip", &["-n", &ns, "route", "add", subnet, "via", hop, "dev", "eg"]);
+        for hop in ["10.99.0.2", "2001:db8:99::2"] {
+            common::run("ip", &["-n", &ns, "route", "add", "default", "via", hop, "dev", "eg"]);
         }
         let mut sport = 40700;
         for at in [At::Xdp, At::Tc] {
             let dropped = if at == At::Xdp { DROP } else { TC_ACT_SHOT };
-            for (client, frontend, group, fits) in [
-                ("203.0.113.7", "192.0.2.10", [0xff; 6], 1400 - 60),
-                ("203.0.113.7", "192.0.2.10", [0x01, 0, 0x5e, 0, 0, 1], 1400 - 60),
-                ("2001:db8:2::7", "2001:db8:f::10", [0x33, 0x33, 0, 0, 0, 1], 1400 - 100),
+            for (client, frontend, local, group, fits) in [
+                ("203.0.113.7", "192.0.2.10", "10.99.0.1", [0xff; 6], 1400 - 60),
+                ("203.0.113.7", "192.0.2.10", "10.99.0.1", [0x01, 0, 0x5e, 0, 0, 1], 1400 - 60),
+                (
+                    "2001:db8:2::7",
+                    "2001:db8:f::10",
+                    "2001:db8:99::1",
+                    [0x33, 0x33, 0, 0, 0, 1],
+                    1400 - 100,
+                ),
             ] {
                 sport += 1;
                 let to_group = |mut f: Vec<u8>| {
@@ -634,15 +641,69 @@ fn frames_to_a_link_broadcast_are_not_forwarded() {
                     (lab.k.drops("link_broadcast"), lab.k.drops("encap_too_big"));
                 let what = format!("{at:?} {client} to {group:02x?}");
                 assert_eq!(lab.run(at, &to_group(syn.clone())).0, dropped, "{what}: SYN");
+                let key = flow_key(client, frontend, sport, 80, 6);
+                assert!(lab.k.flow(&key).is_none(), "{what}: no flow");
                 lab.encapsulated(at, &syn);
                 lab.encapsulated(at, &data(100));
                 assert_eq!(lab.run(at, &to_group(data(100))).0, dropped, "{what}: segment");
                 assert_eq!(lab.run(at, &to_group(big)).0, dropped, "{what}: too big");
                 assert_eq!(lab.k.drops("link_broadcast"), counted + 3, "{what}");
                 assert_eq!(lab.k.drops("encap_too_big"), too_big, "{what}: not answered");
+                // To this host: the stack's.
+                let to_host = to_group(frame(client, local, L4::Udp(sport, 5000)));
+                let (verdict, out) = lab.run(at, &to_host);
+                assert!(
+                    verdict != dropped && verdict != XDP_REDIRECT && verdict != TC_ACT_REDIRECT
+                );
+                assert_eq!(out[..to_host.len()], to_host[..], "{what}: to this host, unchanged");
+                assert!(lab.k.flow(&flow_key(client, local, sport, 5000, 17)).is_none(), "{what}");
             }
         }
+        // Through a NAT gateway: no port claimed, no flow.
+        lab.k.apply(NAT_POLICY);
+        lab.k.arrive_as(Role::Internal);
+        for (at, sport) in [(At::Xdp, 40800), (At::Tc, 40801)] {
+            let dropped = if at == At::Xdp { DROP } else { TC_ACT_SHOT };
+            let redirect = if at == At::Xdp { XDP_REDIRECT } else { TC_ACT_REDIRECT };
+            let datagram = frame("198.51.100.10", "203.0.113.7", L4::Udp(sport, 53));
+            let mut broadcast = datagram.clone();
+            broadcast[..6].copy_from_slice(&[0xff; 6]);
+            assert_eq!(lab.run(at, &broadcast).0, dropped, "{at:?}");
+            let key = flow_key("198.51.100.10", "203.0.113.7", sport, 53, 17);
+            assert!(lab.k.flow(&key).is_none(), "{at:?}: no flow");
+            assert_eq!(translations(&lab), 0, "{at:?}: no port claimed");
+            assert_eq!(lab.run(at, &datagram).0, redirect, "{at:?}: to the gateway's MAC");
+            assert!(translations(&lab) > 0, "{at:?}: translated");
+            clear_translations(&lab);
+        }
     });
+}
+
+/// A NAT gateway for the backends' subnet.
+const NAT_POLICY: &str = r#"
+virtual_network:
+  address_space: [198.51.100.0/24]
+nat_gateways:
+  - name: natgw
+    public_addresses: [192.0.2.100]
+    subnets: [198.51.100.0/24]
+"#;
+
+fn nat_map(
+    lab: &Lab,
+) -> aya::maps::HashMap<aya::maps::MapData, FlowKey, xdpgate_common::nat::NatEntry> {
+    lab.k.pins.dir.open_map(xdpgate_common::maps::NAT_MAP).unwrap().try_into().unwrap()
+}
+
+fn translations(lab: &Lab) -> usize {
+    nat_map(lab).keys().count()
+}
+
+fn clear_translations(lab: &Lab) {
+    let mut map = nat_map(lab);
+    for key in map.keys().map(Result::unwrap).collect::<Vec<_>>() {
+        map.remove(&key).unwrap();
+    }
 }
 
 /// What the FIB cannot send from here is dropped and counted, never handed to the stack

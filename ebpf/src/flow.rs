@@ -590,10 +590,18 @@ pub fn create(
     let mut rebuilt = false;
     // A NAT gateway whose port the SNAT stage claims once the policy allows the flow.
     let mut snat_gateway = None;
+    // A frame sent to the whole link (a broadcast or multicast MAC) to a unicast address: a
+    // router never forwards it (RFC 1812 5.3.4), so it is neither balanced nor translated,
+    // and makes no flow (a plain one would let the same tuple pass untranslated later):
+    // what is addressed to this host is judged and left to the stack.
+    let link_group = meta.link_group != 0;
+    if link_group && forward::routed_on(ctx, meta) {
+        return Err(DropReason::LinkBroadcast);
+    }
     // Without a load balancer or a NAT gateway in the policy (flags the agent sets at
     // apply), their hash and trie lookups are skipped.
-    let lookup_frontends = active.config.flags & FLAG_NO_FRONTENDS == 0;
-    let nat = active.config.flags & FLAG_NO_NAT == 0;
+    let lookup_frontends = !link_group && active.config.flags & FLAG_NO_FRONTENDS == 0;
+    let nat = !link_group && active.config.flags & FLAG_NO_NAT == 0;
     let flags = active.config.flags;
     let lb = if lookup_frontends { lb::select(meta, flags) } else { Lb::NotFrontend };
     // A frontend's address on a port no rule serves: this host's own (a frontend may be),
@@ -709,6 +717,9 @@ pub fn create(
         return Err(DropReason::Policy);
     }
     forward.rules = decision.rules;
+    if link_group {
+        return Ok(Action::PASS);
+    }
     // A packet the gateway will not send on (its TTL runs out here) claims no port and
     // makes no flow: the stack answers it with "time exceeded", quoting it as sent
     // (traceroute's first hop through a NAT gateway). (A load balancer's keeps its embryo:

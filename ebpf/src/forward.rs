@@ -253,19 +253,25 @@ pub fn hop_for<H: Hook>(
     cache: Option<&mut NextHop>,
     encapsulated: bool,
 ) -> Result<Result<NextHop, (i64, u16)>, DropReason> {
-    sent_to_this_host(meta)?;
     let generation = ROUTE_GENERATION.get(0).copied().unwrap_or(0);
     // The low bits: ages are told by wrapping differences.
     let now = unsafe { bpf_jiffies64() } as u32;
     let iif = ctx.arrival();
     match cache {
-        Some(hop) if holds(hop, generation, now, iif, ip_len) => Ok(Ok(*hop)),
+        Some(hop) if holds(hop, generation, now, iif, ip_len) => {
+            sent_to_this_host(meta)?;
+            Ok(Ok(*hop))
+        }
         cache => {
             // An encapsulated packet is asked about as the outer packet it leaves as: IP in
             // IP (of its own family), no ports, as policy routing (`ip rule ... ipproto`)
             // sees it.
             let outer = if meta.family == 4 { IPPROTO_IPIP } else { IPPROTO_IPV6 };
             let (rc, p) = lookup(ctx, meta, src, dst, ip_len, encapsulated.then_some(outer), iif)?;
+            // Routed on from here (sent, or answered too big): not what the whole link got.
+            if matches!(rc, FIB_SUCCESS | FIB_NO_NEIGH | FIB_FRAG_NEEDED) {
+                sent_to_this_host(meta)?;
+            }
             if rc == FIB_NO_NEIGH {
                 want_neighbour(p);
             }

@@ -272,7 +272,7 @@ impl Sweeper {
 struct Interim {
     every: Option<Duration>,
     next: Instant,
-    pass: Option<JoinHandle<Result<flowlog::Walked>>>,
+    pass: Option<JoinHandle<flowlog::Walked>>,
     /// Set as the agent stops: a walk under way writes what it has.
     stop: Arc<AtomicBool>,
 }
@@ -1181,16 +1181,18 @@ fn log_ends(
     queued(failing, log.write_ends(lines));
 }
 
-/// Writes the lines of a walk for interim records (none if it failed, which is logged),
-/// then the `end` lines held for them.
+/// Writes the lines of a walk for interim records (what it counted, also when its read
+/// failed part-way, which is logged), then the `end` lines held for them.
 fn write_walk(
-    joined: Result<Result<flowlog::Walked>, tokio::task::JoinError>,
+    joined: Result<flowlog::Walked, tokio::task::JoinError>,
     log: &mut flowlog::FlowLog,
     failing: &mut Failing,
 ) {
-    let walked = joined.map_err(|e| anyhow!("the interim records' thread failed: {e}"));
-    let walked = failing.check("flow log interim records", walked.and_then(|r| r));
-    let walked = walked.unwrap_or_default();
+    let mut walked = joined.unwrap_or_else(|e| flowlog::Walked {
+        failed: Some(anyhow!("the interim records' thread failed: {e}")),
+        ..Default::default()
+    });
+    failing.check("flow log interim records", walked.failed.take().map_or(Ok(()), Err));
     if let Some(dropped) = walked.dropped {
         queued(failing, Err(dropped));
     }

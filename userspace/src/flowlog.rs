@@ -338,13 +338,14 @@ impl Reported {
     }
 
     /// One walk: `read` hands each flow it reads to the walk, which hands `counted` those
-    /// with traffic since their last record, with their counts and whether the flow is new
-    /// to the walks, one at a time (the lock is held for the counting of one flow, not for
+    /// with traffic since their last record, with their counts and whether this is the
+    /// flow's first record (counted from zero: a flow new to the walks, or a new flow on a
+    /// known tuple), one at a time (the lock is held for the counting of one flow, not for
     /// `counted`). Their lines are then unwritten ([`Reported::written`]). `counted` tells
-    /// whether there is room for more new flows' lines: past that, a new flow's first
-    /// record waits for the next walk, which counts it from zero. `read` tells whether it
-    /// handed on every flow: a walk that failed or was cut short is no miss for the flows it
-    /// did not hand on.
+    /// whether there is room for more first records: past that, the first record of a flow
+    /// new to the walks waits for the next walk, which counts it from zero. `read` tells
+    /// whether it handed on every flow: a walk that failed or was cut short is no miss for
+    /// the flows it did not hand on.
     fn walk(
         &self,
         read: impl FnOnce(&mut dyn FnMut(FlowEntries)) -> Result<bool>,
@@ -357,33 +358,32 @@ impl Reported {
         };
         let mut room = true;
         let whole = read(&mut |flow| {
-            if let Some((counts, new)) = self.count(walk, &flow, room) {
-                room = counted(&flow, counts, new);
+            if let Some((counts, first)) = self.count(walk, &flow, room) {
+                room = counted(&flow, counts, first);
             }
-        })?;
+        });
         let mut m = self.lock();
         m.ended = None;
-        if whole {
+        if let Ok(true) = whole {
             m.walks = walk;
             m.last.retain(|_, (_, seen)| *seen + 1 >= walk);
             let ReportedState { last, seeded, .. } = &mut *m;
             seeded.retain(|k| last.contains_key(k));
         }
-        Ok(())
+        whole.map(|_| ())
     }
 
     /// The counts of a flow walk number `walk` read, if it has traffic since its last
-    /// record and was not removed since the walk began, and whether the flow is new to the
-    /// walks; with no `room` for a new flow's line, none, and its next walk counts it from
-    /// zero.
+    /// record and was not removed since the walk began, and whether this is its first
+    /// record; none for a flow new to the walks when there is no `room` for first records
+    /// (its next walk counts it from zero).
     fn count(&self, walk: u64, read: &FlowEntries, room: bool) -> Option<(Counts, bool)> {
         let mut guard = self.lock();
         let ReportedState { last, ended, seeded, .. } = &mut *guard;
         if ended.as_ref().is_some_and(|e| e.contains(&read.key)) {
             return None;
         }
-        let new = !last.contains_key(&read.key);
-        if new && !room {
+        if !room && !last.contains_key(&read.key) {
             last.insert(read.key, (EachWay::default(), walk));
             return None;
         }
@@ -395,7 +395,7 @@ impl Reported {
         }
         seeded.remove(&read.key);
         self.0.1.store(true, Ordering::SeqCst);
-        Some((counts, new))
+        Some((counts, counts.before == EachWay::default()))
     }
 
     /// Takes the totals of the flows `read` hands on as what their next records count
@@ -468,14 +468,18 @@ const WALK_PACE: Pace = Pace { chunk: 1 << 20, stall: Duration::from_secs(5), ne
 /// dropped, if any were.
 #[derive(Default)]
 pub struct Walked {
-    /// The walk's last lines, and those of the flows new to the walks (no walk found them
-    /// before): one of these may have begun as the walk read it, its `begin` event still in
-    /// the ring, which the loop reads before it writes them. (A flow an earlier walk found
-    /// had its event in the ring before that walk's end.)
+    /// The walk's last lines, and the flows' first records (counted from zero: a flow no
+    /// walk found before, or a new flow on a tuple one did): one of these may have begun as
+    /// the walk read it, its `begin` event still in the ring, which the loop reads before it
+    /// writes them. (A flow an earlier walk found had its event in the ring before that
+    /// walk's end.)
     pub rest: Lines,
     /// Chunks queued.
     pub chunks: usize,
     pub dropped: Option<anyhow::Error>,
+    /// Why the read of the table stopped part-way, if it did: the lines of what it counted
+    /// are written all the same (their flows' next records count from them).
+    pub failed: Option<anyhow::Error>,
 }
 
 /// One walk of the flow table for `continuing` records: a line for each flow with traffic
@@ -491,7 +495,7 @@ pub fn interim_lines(
     probes: &Probes,
     queue: &Queue,
     stop: &AtomicBool,
-) -> Result<Walked> {
+) -> Walked {
     let read = |each: &mut dyn FnMut(FlowEntries)| flows::established(pins, each);
     walk_lines(reported, read, |f| f.describe(names), probes, queue, WALK_PACE, stop)
 }
@@ -515,7 +519,7 @@ fn walk_lines(
     queue: &Queue,
     pace: Pace,
     stop: &AtomicBool,
-) -> Result<Walked> {
+) -> Walked {
     let now = wall_clock(monotonic_ns());
     let (mut walked, mut new_lines) = (Walked::default(), Lines::default());
     let (mut lost, mut waiting) = (0, true);
@@ -528,9 +532,11 @@ fn walk_lines(
         })?;
         Ok(!stop.load(Ordering::Relaxed))
     };
-    reported.walk(read, |read, counts, new| {
+    let counted = reported.walk(read, |read, counts, first| {
         let line = flow_line(read, &describe(read), "continuing", now, counts);
-        if new {
+        // Past the room, a first record of a flow an earlier walk found (its begin read
+        // before that walk's end) goes in a chunk.
+        if first && new_lines.bytes() < pace.new {
             probes.push(&mut new_lines, line);
             return new_lines.bytes() < pace.new;
         }
@@ -547,12 +553,13 @@ fn walk_lines(
             }
         }
         new_lines.bytes() < pace.new
-    })?;
+    });
     walked.rest.append(new_lines);
+    walked.failed = counted.err();
     if lost > 0 {
         log::warn!("flow log: {lost} chunks of a walk's lines dropped");
     }
-    Ok(walked)
+    walked
 }
 
 /// The agent's own health-probe connections: a local address to a probe target's port on
@@ -868,6 +875,25 @@ mod tests {
         assert_eq!(walked(&reported, &[flow(5)]).iter().map(delta).collect::<Vec<_>>(), [2]);
     }
 
+    /// A read of the table that fails part-way: the lines of the flows it counted are kept
+    /// for the flow log (their next records count from them), the error beside them.
+    #[test]
+    fn a_walk_whose_read_fails_keeps_what_it_counted() {
+        let reported = Reported::default();
+        let read = |each: &mut dyn FnMut(FlowEntries)| {
+            each(flow(3));
+            Err(anyhow::anyhow!("the table went away"))
+        };
+        let sink = Sink::open("/dev/null", 1 << 30, 1).unwrap();
+        let log = FlowLog::new(sink, ProbeTraffic::Omit);
+        let (queue, stop) = (log.writer.queue(), AtomicBool::new(false));
+        let walk =
+            walk_lines(&reported, read, |_| described(), &log.probes, &queue, pace(1 << 20), &stop);
+        assert_eq!(walk.rest.len(), 1, "the flow counted");
+        assert!(walk.failed.is_some());
+        assert_eq!(walked(&reported, &[flow(5)]).iter().map(delta).collect::<Vec<_>>(), [2]);
+    }
+
     /// A walk that the agent's stop cuts short counts the flows it reached and no other,
     /// and is no miss for those it did not reach.
     #[test]
@@ -890,8 +916,7 @@ mod tests {
         let log = FlowLog::new(sink, ProbeTraffic::Omit);
         let queue = log.writer.queue();
         let walked =
-            walk_lines(&reported, read, |_| described(), &log.probes, &queue, pace(1 << 20), &stop)
-                .unwrap();
+            walk_lines(&reported, read, |_| described(), &log.probes, &queue, pace(1 << 20), &stop);
         assert_eq!(walked.rest.len(), 1, "the flow reached");
         let packets = |port| reported.lock().last.get(&one(port, 0).key).map(|(t, _)| t.0.packets);
         assert_eq!((packets(1001), packets(1000)), (Some(5), Some(3)));
@@ -930,8 +955,7 @@ mod tests {
         };
         let stop = AtomicBool::new(false);
         let walked =
-            walk_lines(&reported, read, |_| described(), &probes, &queue, pace(1024), &stop)
-                .unwrap();
+            walk_lines(&reported, read, |_| described(), &probes, &queue, pace(1024), &stop);
         assert!(walked.chunks > 10 && walked.dropped.is_none(), "{} chunks", walked.chunks);
         log.write_interim(walked.rest).unwrap();
         for _ in 0..=walked.chunks {
@@ -953,8 +977,7 @@ mod tests {
             Ok(())
         };
         let walked =
-            walk_lines(&reported, read, |_| described(), &probes, &queue, pace(1024), &stopped)
-                .unwrap();
+            walk_lines(&reported, read, |_| described(), &probes, &queue, pace(1024), &stopped);
         assert!(walked.rest.is_empty() && walked.chunks == 0);
         assert!(reported.lock().last.values().all(|(t, _)| t.0.packets == 3), "not counted");
         let _ = fs::remove_dir_all(&dir);
@@ -988,8 +1011,7 @@ mod tests {
         );
         let started = std::time::Instant::now();
         let queue = writer.queue();
-        let walked =
-            walk_lines(&reported, read, |_| described(), &probes, &queue, pace, &go).unwrap();
+        let walked = walk_lines(&reported, read, |_| described(), &probes, &queue, pace, &go);
         let took = started.elapsed();
         assert!(walked.dropped.is_some(), "the lines that did not fit dropped");
         assert!(
@@ -1001,11 +1023,11 @@ mod tests {
         let _ = fs::remove_dir_all(&dir);
     }
 
-    /// The lines of flows no walk found before go out at the walk's end, after the loop has
-    /// read the ring (one may have begun as the walk read it, its `begin` event waiting
-    /// there); those of known flows in chunks as the walk goes. Past the room for new
-    /// flows' lines, a new flow's first record waits for the next walk, which counts it
-    /// from zero. (`e2e_flowlog a_flows_begin_comes_before_its_continuing_records` shows the
+    /// A flow's first record (a flow no walk found before, or a new flow on a known tuple)
+    /// goes out at the walk's end, after the loop has read the ring (the flow may have
+    /// begun as the walk read it, its `begin` event waiting there); those of known flows in
+    /// chunks as the walk goes. Past the room for first records, a new flow's first record
+    /// waits for the next walk, which counts it from zero. (`e2e_flowlog a_flows_begin_comes_before_its_continuing_records` shows the
     /// order with real traffic, and was seen failing before.)
     #[test]
     fn new_flows_lines_wait_for_the_walks_end() {
@@ -1021,18 +1043,19 @@ mod tests {
         let mut log = FlowLog::new(sink, ProbeTraffic::Omit);
         let (reported, probes, queue) =
             (log.reported.clone(), log.probes.clone(), log.writer.queue());
-        walked(&reported, &(1000..1010).map(|p| one(p, 1)).collect::<Vec<_>>());
-        // Known 1000..1010 and new 2000..2010, alternating; chunks of a line, room for
-        // three new ones (about 400 bytes each).
-        let live: Vec<_> = (0..10).flat_map(|i| [one(1000 + i, 2), one(2000 + i, 2)]).collect();
+        walked(&reported, &(1000..1010).map(|p| one(p, 5)).collect::<Vec<_>>());
+        // Known 1000..1010 (1000 a new flow on its tuple: fewer packets) and new
+        // 2000..2010, alternating; chunks of a line, room for three first records (about
+        // 400 bytes each).
+        let known = |p| one(p, if p == 1000 { 2 } else { 6 });
+        let live: Vec<_> = (0..10).flat_map(|i| [known(1000 + i), one(2000 + i, 2)]).collect();
         let read = |each: &mut dyn FnMut(FlowEntries)| {
             live.iter().for_each(|f| each(*f));
             Ok(())
         };
         let (pace, go) = (Pace { chunk: 1, new: 1000, ..pace(1) }, AtomicBool::new(false));
-        let walk =
-            walk_lines(&reported, read, |_| described(), &probes, &queue, pace, &go).unwrap();
-        assert_eq!(walk.chunks, 10, "a chunk for each known flow's line");
+        let walk = walk_lines(&reported, read, |_| described(), &probes, &queue, pace, &go);
+        assert_eq!(walk.chunks, 9, "a chunk for each known flow's line");
         log.write_interim(walk.rest).unwrap();
         for _ in 0..=walk.chunks {
             assert!(matches!(log.writer.wait(), Some(Done::Wrote(Ok(())))));
@@ -1042,14 +1065,15 @@ mod tests {
             .lines()
             .map(|l| serde_json::from_str::<Value>(l).unwrap()["src_port"].as_u64().unwrap())
             .collect();
-        let want: Vec<u64> = (1000..1010).chain(2000..2003).collect();
-        assert_eq!(ports, want, "the new flows' lines last");
+        let want: Vec<u64> = (1001..1010).chain([1000, 2000, 2001]).collect();
+        assert_eq!(ports, want, "the first records last");
         let last = |port| reported.lock().last.get(&one(port, 0).key).map(|(t, _)| t.0.packets);
-        assert_eq!((last(2002), last(2003), last(2009)), (Some(2), Some(0), Some(0)));
+        assert_eq!((last(1000), last(2001), last(2002)), (Some(2), Some(2), Some(0)));
+        assert_eq!(last(2009), Some(0));
         // The next walk counts those that waited from zero.
         let lines = walked(&reported, &live);
         let ports: Vec<u64> = lines.iter().map(|l| l["src_port"].as_u64().unwrap()).collect();
-        assert_eq!(ports, (2003..2010).collect::<Vec<_>>());
+        assert_eq!(ports, (2002..2010).collect::<Vec<_>>());
         assert!(lines.iter().all(|l| delta(l) == 2), "{lines:#?}");
         let _ = fs::remove_dir_all(&dir);
     }

@@ -73,7 +73,10 @@ pub fn walk(pins: &PinDir, flows: usize) -> Result<Walk> {
     let started = Instant::now();
     let queue = log.writer.queue();
     let go = AtomicBool::new(false);
-    let walked = flowlog::interim_lines(pins, &names, &Reported::default(), &probes, &queue, &go)?;
+    let walked = flowlog::interim_lines(pins, &names, &Reported::default(), &probes, &queue, &go);
+    if let Some(e) = walked.failed {
+        bail!("the walk failed: {e:#}");
+    }
     let walk_secs = started.elapsed().as_secs_f64();
     if let Some(e) = walked.dropped {
         bail!("the walk's lines were dropped: {e:#}");
