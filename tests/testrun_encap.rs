@@ -598,9 +598,11 @@ fn too_big_once_encapsulated_is_answered_or_dropped() {
 /// later segment of the flow (whose next hop is cached), a segment too big once
 /// encapsulated, at both hooks, each of them sent by redirect when sent to the gateway's
 /// MAC; through a NAT gateway, a datagram that claims no port and makes no flow. One to
-/// this host's own address is left to the stack, untranslated, with no flow. (Seen failing
-/// before: redirected; then, after an outside review, with the flow and the port made
-/// before the drop.)
+/// this host's own address is left to the stack, untranslated, with no flow, and one to a
+/// NAT gateway's public address is unmatched; the link's own traffic (to multicast or
+/// broadcast addresses) passes. (Seen failing before: redirected; then, after an outside
+/// review, with the flow and the port made before the drop; after a second, with mDNS and
+/// DHCP dropped where a default route exists, and the public address's frame passed.)
 #[test]
 fn frames_to_a_link_broadcast_are_not_forwarded() {
     isolated(true, |ns| {
@@ -658,9 +660,31 @@ fn frames_to_a_link_broadcast_are_not_forwarded() {
                 assert_eq!(out[..to_host.len()], to_host[..], "{what}: to this host, unchanged");
                 assert!(lab.k.flow(&flow_key(client, local, sport, 5000, 17)).is_none(), "{what}");
             }
+            // The link's own traffic, to a multicast or broadcast address, also where the
+            // default route would take it (seen dropped after the review fix, by a second
+            // outside review).
+            for (dst, mac) in [
+                ("224.0.0.251", [0x01, 0, 0x5e, 0, 0, 0xfb]),
+                ("255.255.255.255", [0xff; 6]),
+                ("ff02::fb", [0x33, 0x33, 0, 0, 0, 0xfb]),
+            ] {
+                let src = if dst.contains(':') { "2001:db8:2::7" } else { "203.0.113.7" };
+                let mut f = frame(src, dst, L4::Udp(5353, 5353));
+                f[..6].copy_from_slice(&mac);
+                assert_ne!(lab.run(at, &f).0, dropped, "{at:?} to {dst}");
+            }
         }
-        // Through a NAT gateway: no port claimed, no flow.
+        // Through a NAT gateway: no port claimed, no flow. To its public address (here this
+        // host's own), untranslated, unmatched as a frame to the gateway's MAC would be.
         lab.k.apply(NAT_POLICY);
+        common::run("ip", &["-n", &ns, "addr", "add", "192.0.2.100/32", "dev", "lo"]);
+        for at in [At::Xdp, At::Tc] {
+            let unmatched = lab.k.drops("nat_unmatched");
+            let mut f = frame("203.0.113.7", "192.0.2.100", L4::Udp(53, 7777));
+            f[..6].copy_from_slice(&[0xff; 6]);
+            assert_eq!(lab.run(at, &f).0, if at == At::Xdp { DROP } else { TC_ACT_SHOT });
+            assert_eq!(lab.k.drops("nat_unmatched"), unmatched + 1, "{at:?}");
+        }
         lab.k.arrive_as(Role::Internal);
         for (at, sport) in [(At::Xdp, 40800), (At::Tc, 40801)] {
             let dropped = if at == At::Xdp { DROP } else { TC_ACT_SHOT };

@@ -593,15 +593,16 @@ pub fn create(
     // A frame sent to the whole link (a broadcast or multicast MAC) to a unicast address: a
     // router never forwards it (RFC 1812 5.3.4), so it is neither balanced nor translated,
     // and makes no flow (a plain one would let the same tuple pass untranslated later):
-    // what is addressed to this host is judged and left to the stack.
-    let link_group = meta.link_group != 0;
+    // what is addressed to this host is judged and left to the stack. (To a multicast or
+    // broadcast address it is the link's own traffic: DHCP, mDNS, VRRP.)
+    let link_group = meta.link_group != 0 && meta.routed_dst();
     if link_group && forward::routed_on(ctx, meta) {
         return Err(DropReason::LinkBroadcast);
     }
     // Without a load balancer or a NAT gateway in the policy (flags the agent sets at
     // apply), their hash and trie lookups are skipped.
     let lookup_frontends = !link_group && active.config.flags & FLAG_NO_FRONTENDS == 0;
-    let nat = !link_group && active.config.flags & FLAG_NO_NAT == 0;
+    let nat = active.config.flags & FLAG_NO_NAT == 0;
     let flags = active.config.flags;
     let lb = if lookup_frontends { lb::select(meta, flags) } else { Lb::NotFrontend };
     // A frontend's address on a port no rule serves: this host's own (a frontend may be),
@@ -617,7 +618,7 @@ pub fn create(
     match lb {
         Lb::NotFrontend | Lb::NoRule => {
             // A translation outlives its flow entries: rebuild them from it.
-            let translation = if nat { snat::existing(key) } else { None };
+            let translation = if nat && !link_group { snat::existing(key) } else { None };
             if let Some(t) = translation {
                 rebuilt = midstream;
                 // An echo request on a translation's reply tuple answers none of the host's
@@ -668,7 +669,7 @@ pub fn create(
                     count(FLOW_STAT_PICKED_UP);
                 }
                 // NSG outbound rules judge the private source, before translation.
-                snat_gateway = if nat { snat::gateway(meta, dir) } else { None };
+                snat_gateway = if nat && !link_group { snat::gateway(meta, dir) } else { None };
             }
         }
         Lb::NoBackend => {
