@@ -602,7 +602,8 @@ fn too_big_once_encapsulated_is_answered_or_dropped() {
 /// NAT gateway's public address is unmatched; the link's own traffic (to multicast or
 /// broadcast addresses) passes. (Seen failing before: redirected; then, after an outside
 /// review, with the flow and the port made before the drop; after a second, with mDNS and
-/// DHCP dropped where a default route exists, and the public address's frame passed.)
+/// DHCP dropped where a default route exists, the public address's frame passed, a group
+/// segment counted in its flow and a group first fragment remembered for its later one.)
 #[test]
 fn frames_to_a_link_broadcast_are_not_forwarded() {
     isolated(true, |ns| {
@@ -647,7 +648,9 @@ fn frames_to_a_link_broadcast_are_not_forwarded() {
                 assert!(lab.k.flow(&key).is_none(), "{what}: no flow");
                 lab.encapsulated(at, &syn);
                 lab.encapsulated(at, &data(100));
+                let packets = lab.k.flow(&key).expect("the flow").packets;
                 assert_eq!(lab.run(at, &to_group(data(100))).0, dropped, "{what}: segment");
+                assert_eq!(lab.k.flow(&key).unwrap().packets, packets, "{what}: not counted");
                 assert_eq!(lab.run(at, &to_group(big)).0, dropped, "{what}: too big");
                 assert_eq!(lab.k.drops("link_broadcast"), counted + 3, "{what}");
                 assert_eq!(lab.k.drops("encap_too_big"), too_big, "{what}: not answered");
@@ -698,6 +701,15 @@ fn frames_to_a_link_broadcast_are_not_forwarded() {
             assert_eq!(translations(&lab), 0, "{at:?}: no port claimed");
             assert_eq!(lab.run(at, &datagram).0, redirect, "{at:?}: to the gateway's MAC");
             assert!(translations(&lab) > 0, "{at:?}: translated");
+            // A first fragment sent to the link leaves nothing for its later fragments.
+            let data: Vec<u8> = (0..600u32).map(|i| i as u8).collect();
+            let whole = frame_vlan("198.51.100.10", "203.0.113.7", L4::Udp(sport, 53), &[], &data);
+            let [mut first, later] = fragment(&whole, 304, 0x4400 + u32::from(sport));
+            first[..6].copy_from_slice(&[0xff; 6]);
+            let unknown = lab.k.drops("fragment");
+            assert_eq!(lab.run(at, &first).0, dropped, "{at:?}: first fragment");
+            assert_eq!(lab.run(at, &later).0, dropped, "{at:?}: later fragment, alone");
+            assert_eq!(lab.k.drops("fragment"), unknown + 1, "{at:?}");
             clear_translations(&lab);
         }
     });

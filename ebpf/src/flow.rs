@@ -590,15 +590,12 @@ pub fn create(
     let mut rebuilt = false;
     // A NAT gateway whose port the SNAT stage claims once the policy allows the flow.
     let mut snat_gateway = None;
-    // A frame sent to the whole link (a broadcast or multicast MAC) to a unicast address: a
-    // router never forwards it (RFC 1812 5.3.4), so it is neither balanced nor translated,
-    // and makes no flow (a plain one would let the same tuple pass untranslated later):
-    // what is addressed to this host is judged and left to the stack. (To a multicast or
-    // broadcast address it is the link's own traffic: DHCP, mDNS, VRRP.)
+    // A frame sent to the whole link (a broadcast or multicast MAC) to a unicast address
+    // not routed on (the entry stage dropped those: `forward::link_group_routed_on`): it is
+    // neither balanced nor translated, and makes no flow (a plain one would let the same
+    // tuple pass untranslated later); what is addressed to this host is judged and left to
+    // the stack.
     let link_group = meta.link_group != 0 && meta.routed_dst();
-    if link_group && forward::routed_on(ctx, meta) {
-        return Err(DropReason::LinkBroadcast);
-    }
     // Without a load balancer or a NAT gateway in the policy (flags the agent sets at
     // apply), their hash and trie lookups are skipped.
     let lookup_frontends = !link_group && active.config.flags & FLAG_NO_FRONTENDS == 0;

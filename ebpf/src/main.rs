@@ -186,6 +186,10 @@ fn parse_stage<H: Hook>(ctx: &H, iface: Option<&IfaceConfig>) -> Result<u32, Dro
     if ctx.traced() {
         return traced_entry(ctx, &active, &meta);
     }
+    // Dropped before its flow is looked up: it counts, confirms and remembers nothing.
+    if forward::link_group_routed_on(ctx, &meta) {
+        return Err(DropReason::LinkBroadcast);
+    }
     // Most packets belong to an established flow: decided here, without the policy stage.
     let looked = meta.frag == FRAG_NONE && !icmp::is_error(&meta);
     let found = if looked {
