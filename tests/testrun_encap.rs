@@ -698,9 +698,9 @@ fn frames_to_a_link_broadcast_are_not_forwarded() {
             assert_eq!(lab.run(at, &broadcast).0, dropped, "{at:?}");
             let key = flow_key("198.51.100.10", "203.0.113.7", sport, 53, 17);
             assert!(lab.k.flow(&key).is_none(), "{at:?}: no flow");
-            assert_eq!(translations(&lab), 0, "{at:?}: no port claimed");
+            assert_eq!(lab.k.translations(), 0, "{at:?}: no port claimed");
             assert_eq!(lab.run(at, &datagram).0, redirect, "{at:?}: to the gateway's MAC");
-            assert!(translations(&lab) > 0, "{at:?}: translated");
+            assert!(lab.k.translations() > 0, "{at:?}: translated");
             // A first fragment sent to the link leaves nothing for its later fragments.
             let data: Vec<u8> = (0..600u32).map(|i| i as u8).collect();
             let whole = frame_vlan("198.51.100.10", "203.0.113.7", L4::Udp(sport, 53), &[], &data);
@@ -710,7 +710,7 @@ fn frames_to_a_link_broadcast_are_not_forwarded() {
             assert_eq!(lab.run(at, &first).0, dropped, "{at:?}: first fragment");
             assert_eq!(lab.run(at, &later).0, dropped, "{at:?}: later fragment, alone");
             assert_eq!(lab.k.drops("fragment"), unknown + 1, "{at:?}");
-            clear_translations(&lab);
+            lab.k.clear_translations();
         }
     });
 }
@@ -724,23 +724,6 @@ nat_gateways:
     public_addresses: [192.0.2.100]
     subnets: [198.51.100.0/24]
 "#;
-
-fn nat_map(
-    lab: &Lab,
-) -> aya::maps::HashMap<aya::maps::MapData, FlowKey, xdpgate_common::nat::NatEntry> {
-    lab.k.pins.dir.open_map(xdpgate_common::maps::NAT_MAP).unwrap().try_into().unwrap()
-}
-
-fn translations(lab: &Lab) -> usize {
-    nat_map(lab).keys().count()
-}
-
-fn clear_translations(lab: &Lab) {
-    let mut map = nat_map(lab);
-    for key in map.keys().map(Result::unwrap).collect::<Vec<_>>() {
-        map.remove(&key).unwrap();
-    }
-}
 
 /// What the FIB cannot send from here is dropped and counted, never handed to the stack
 /// (which would refuse the gateway's own source address): no neighbour entry for the next

@@ -297,28 +297,11 @@ fn a_packet_whose_ttl_runs_out_here_makes_no_translation() {
         assert_eq!(k.run_out(&probe), (PASS, probe.clone()), "{private}: to the stack as sent");
         let key = flow_key(private, remote, 40500, 33434, 17);
         assert!(k.flow(&key).is_none(), "{private}: no flow");
-        assert_eq!(translations(&k), 0, "{private}: no translation");
+        assert_eq!(k.translations(), 0, "{private}: no translation");
         set_ttl(&mut probe, 2);
         assert_ne!(endpoints(&k.through(&probe)).0, ip(private), "{private}: TTL 2 is translated");
-        assert!(translations(&k) > 0, "{private}: its translation");
-        clear_translations(&k);
-    }
-}
-
-fn translations(k: &Kernel) -> usize {
-    let map: aya::maps::HashMap<_, xdpgate_common::flow::FlowKey, xdpgate_common::nat::NatEntry> =
-        k.pins.dir.open_map(xdpgate_common::maps::NAT_MAP).unwrap().try_into().unwrap();
-    map.keys().count()
-}
-
-fn clear_translations(k: &Kernel) {
-    let mut map: aya::maps::HashMap<
-        _,
-        xdpgate_common::flow::FlowKey,
-        xdpgate_common::nat::NatEntry,
-    > = k.pins.dir.open_map(xdpgate_common::maps::NAT_MAP).unwrap().try_into().unwrap();
-    for key in map.keys().map(Result::unwrap).collect::<Vec<_>>() {
-        map.remove(&key).unwrap();
+        assert!(k.translations() > 0, "{private}: its translation");
+        k.clear_translations();
     }
 }
 

@@ -7,7 +7,8 @@ use aya::programs::{TestRun, TestRunOptions, Xdp};
 use xdpgate_common::{
     flow::{FlowKey, FlowValue},
     iface::{IfaceConfig, Role},
-    maps::{EMBRYOS, FLOW_STATS, FLOWS},
+    maps::{EMBRYOS, FLOW_STATS, FLOWS, NAT_MAP},
+    nat::NatEntry,
 };
 use xdpgate_dataplane::{stats, transaction};
 use xdpgate_policy::{self as policy, lb::CompiledLb};
@@ -166,6 +167,23 @@ impl Kernel {
 
     pub fn drops(&self, reason: &str) -> u64 {
         stats::read(&self.pins.dir).unwrap().drops(reason)
+    }
+
+    /// The NAT table's entries (two per translation: each direction's key).
+    pub fn translations(&self) -> usize {
+        self.nat_map().keys().count()
+    }
+
+    /// Empties the NAT table.
+    pub fn clear_translations(&self) {
+        let mut map = self.nat_map();
+        for key in map.keys().map(Result::unwrap).collect::<Vec<_>>() {
+            map.remove(&key).unwrap();
+        }
+    }
+
+    fn nat_map(&self) -> aya::maps::HashMap<aya::maps::MapData, FlowKey, NatEntry> {
+        self.pins.dir.open_map(NAT_MAP).unwrap().try_into().unwrap()
     }
 }
 
