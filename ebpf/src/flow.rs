@@ -591,10 +591,10 @@ pub fn create(
     // A NAT gateway whose port the SNAT stage claims once the policy allows the flow.
     let mut snat_gateway = None;
     // A frame sent to the whole link (a broadcast or multicast MAC) to a unicast address
-    // not routed on (the entry stage dropped those: `forward::link_group_routed_on`): it is
-    // neither balanced nor translated, and makes no flow (a plain one would let the same
-    // tuple pass untranslated later); what is addressed to this host is judged and left to
-    // the stack.
+    // not routed on (the entry stage drops those, and sends the rest here without a flow
+    // lookup): it is neither balanced nor translated, and makes no flow (a plain one would
+    // let the same tuple pass untranslated later); what is addressed to this host is judged
+    // and left to the stack.
     let link_group = meta.link_group != 0 && meta.routed_dst();
     // Without a load balancer or a NAT gateway in the policy (flags the agent sets at
     // apply), their hash and trie lookups are skipped.

@@ -380,14 +380,6 @@ pub fn by_cache<H: Hook>(
     Some(send(ctx, meta, Some(*cache), rewrite))
 }
 
-/// Whether a frame sent to a link-layer broadcast or multicast address is for a unicast
-/// address the FIB routes on from here, which no router forwards (RFC 1812 5.3.4). (To a
-/// multicast or broadcast address it is the link's own traffic: DHCP, mDNS, VRRP.)
-#[inline(always)]
-pub fn link_group_routed_on<H: Hook>(ctx: &H, meta: &PacketMeta) -> bool {
-    meta.link_group != 0 && meta.routed_dst() && routed_on(ctx, meta)
-}
-
 /// A frame sent to a link-layer broadcast or multicast address is never forwarded, nor
 /// answered with an ICMP error (RFC 1812 5.3.4, 4.3.2.7): everyone on the link got it.
 #[inline(always)]

@@ -186,9 +186,19 @@ fn parse_stage<H: Hook>(ctx: &H, iface: Option<&IfaceConfig>) -> Result<u32, Dro
     if ctx.traced() {
         return traced_entry(ctx, &active, &meta);
     }
-    // Dropped before its flow is looked up: it counts, confirms and remembers nothing.
-    if forward::link_group_routed_on(ctx, &meta) {
-        return Err(DropReason::LinkBroadcast);
+    // A frame sent to the whole link (a broadcast or multicast MAC) to a unicast address
+    // touches no flow, so it counts, confirms and remembers nothing: routed on from here it
+    // is dropped (no router forwards it, RFC 1812 5.3.4); else it is judged as a new flow's
+    // packet and left to the stack, with no flow (`flow::create`). (To a multicast or
+    // broadcast address it is the link's own traffic: DHCP, mDNS, VRRP.)
+    if meta.link_group != 0 && meta.routed_dst() {
+        if forward::routed_on(ctx, &meta) {
+            return Err(DropReason::LinkBroadcast);
+        }
+        let slot = SCRATCH.get_ptr_mut(0).ok_or(DropReason::Internal)?;
+        unsafe { *slot = meta };
+        request(Action::PASS)?;
+        return enter(ctx, H::stages(), PIPELINE_NEW);
     }
     // Most packets belong to an established flow: decided here, without the policy stage.
     let looked = meta.frag == FRAG_NONE && !icmp::is_error(&meta);
