@@ -87,9 +87,11 @@ pub enum DropReason {
     /// whether or not it is answered with ICMP "too big", as `EncapTooBig` (the stack, with
     /// no route to the frontend, cannot answer it).
     DirectTooBig = 16,
-    /// A packet the dataplane would forward, sent to a link-layer broadcast or multicast
-    /// address: routers do not forward those, nor answer them with ICMP errors (RFC 1812
-    /// 5.3.4, 4.3.2.7), and the stack's forwarding drops them as not addressed to it.
+    /// Sent to a link-layer broadcast or multicast address, to a unicast address the FIB
+    /// routes on from here (before the policy judges it; also on a translated flow, where
+    /// it would be forwarded): routers do not forward those, nor answer them with ICMP
+    /// errors (RFC 1812 5.3.4, 4.3.2.7), and the stack's forwarding drops them as not
+    /// addressed to it.
     LinkBroadcast = 17,
 }
 

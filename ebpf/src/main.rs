@@ -187,9 +187,9 @@ fn parse_stage<H: Hook>(ctx: &H, iface: Option<&IfaceConfig>) -> Result<u32, Dro
         return traced_entry(ctx, &active, &meta);
     }
     // A frame sent to the whole link (a broadcast or multicast MAC) to a unicast address
-    // touches no flow, so it counts, confirms and remembers nothing: routed on from here it
-    // is dropped (no router forwards it, RFC 1812 5.3.4); else it is judged as a new flow's
-    // packet and left to the stack, with no flow (`flow::create`). (To a multicast or
+    // touches no flow (it counts in, confirms and remembers nothing of one): routed on from
+    // here it is dropped (no router forwards it, RFC 1812 5.3.4); else it is judged as a new
+    // flow's packet and left to the stack, with no flow (`flow::create`). (To a multicast or
     // broadcast address it is the link's own traffic: DHCP, mDNS, VRRP.)
     if meta.link_group != 0 && meta.routed_dst() {
         if forward::routed_on(ctx, &meta) {
