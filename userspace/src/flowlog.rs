@@ -342,8 +342,8 @@ impl Reported {
     /// flow's first record (counted from zero: a flow new to the walks, or a new flow on a
     /// known tuple), one at a time (the lock is held for the counting of one flow, not for
     /// `counted`). Their lines are then unwritten ([`Reported::written`]). `counted` tells
-    /// whether there is room for more first records: past that, the first record of a flow
-    /// new to the walks waits for the next walk, which counts it from zero. `read` tells
+    /// whether there is room for more first records: past that, a first record waits for a
+    /// later walk, which counts it from zero. `read` tells
     /// whether it handed on every flow: a walk that failed or was cut short is no miss for
     /// the flows it did not hand on.
     fn walk(
