@@ -664,11 +664,8 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
             joined = async { interim.pass.as_mut().expect("guarded").await }, if interim.pass.is_some() => {
                 interim.pass = None;
                 if let Some(log) = flow_log.as_mut() {
-                    // The `begin` lines of the flows new to the walks go first.
-                    if let Some(ring) = events.as_mut() {
-                        log_events(pins, ring.get_mut(), &mut running.names, Some(&mut *log), &mut failing);
-                    }
-                    write_walk(joined, log, &mut failing);
+                    let ring = events.as_mut().map(AsyncFd::get_mut);
+                    write_walk(pins, joined, ring, &mut running.names, log, &mut failing);
                 }
             }
             Some(change) = rx.recv() => {
@@ -892,11 +889,8 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     if let Some(log) = flow_log.as_mut() {
         if let Some(pass) = interim.pass.take() {
             interim.stop.store(true, Ordering::Relaxed);
-            let walked = pass.await;
-            if let Some(ring) = events.as_mut() {
-                log_events(pins, ring.get_mut(), &mut running.names, Some(&mut *log), &mut failing);
-            }
-            write_walk(walked, log, &mut failing);
+            let (walked, ring) = (pass.await, events.as_mut().map(AsyncFd::get_mut));
+            write_walk(pins, walked, ring, &mut running.names, log, &mut failing);
         }
         if let Some(mut ends) = ends {
             while let Some(first) = ends.recv().await {
@@ -1182,12 +1176,20 @@ fn log_ends(
 }
 
 /// Writes the lines of a walk for interim records (what it counted, also when its read
-/// failed part-way, which is logged), then the `end` lines held for them.
+/// failed part-way, which is logged), then the `end` lines held for them. First the events
+/// waiting in `ring`: the `begin` line of a flow the walk found as it began goes before
+/// the flow's first record.
 fn write_walk(
+    pins: &PinDir,
     joined: Result<flowlog::Walked, tokio::task::JoinError>,
+    ring: Option<&mut RingBuf<MapData>>,
+    names: &mut Arc<flows::Names>,
     log: &mut flowlog::FlowLog,
     failing: &mut Failing,
 ) {
+    if let Some(ring) = ring {
+        log_events(pins, ring, names, Some(&mut *log), failing);
+    }
     let mut walked = joined.unwrap_or_else(|e| flowlog::Walked {
         failed: Some(anyhow!("the interim records' thread failed: {e}")),
         ..Default::default()
