@@ -468,6 +468,31 @@ fn an_embryo_missing_either_entry_is_counted_evicted_not_live() {
     assert_eq!((e.created, e.live, e.entries, e.evicted), (4, 2, 6, 2), "{e:?}");
 }
 
+/// Embryonic flows `flows delete` removes are counted as deleted, not as pushed out by newer
+/// flows: `evicted` is what an operator watches for a flood. A flow that had already lost
+/// an entry to the LRU stays counted as evicted when its other half is deleted.
+#[test]
+fn deleted_embryos_are_not_counted_evicted() {
+    let k = Kernel::new();
+    k.apply(POLICY);
+    let server = "198.51.100.10";
+    k.arrive_as(Role::External);
+    for port in 6001..=6004 {
+        assert_eq!(k.run(&frame("203.0.113.9", server, L4::Udp(port, 53))), PASS);
+    }
+    table_of(&k.pins.dir, EMBRYOS).remove(&flow_key(server, "203.0.113.9", 53, 6003, 17)).unwrap();
+    let read = || stats::read(&k.pins.dir).unwrap().flow_table.embryonic;
+    assert_eq!((read().live, read().evicted), (3, 1));
+
+    let gone = [Some(6001), Some(6002), Some(6003)];
+    let deleted =
+        flows::delete(&k.pins.dir, None, |f| gone.contains(&f.src_port), None, false).unwrap();
+    assert_eq!((deleted.flows.len(), deleted.entries), (3, 5));
+    let e = read();
+    // Seen failing before deleted embryos were counted: evicted 3.
+    assert_eq!((e.created, e.live, e.entries, e.deleted, e.evicted), (4, 1, 2, 2, 1), "{e:?}");
+}
+
 /// `flows --json` is for programs: every flow unless --top says otherwise. The table keeps a
 /// default of 20 for people and says what it left out.
 #[test]

@@ -458,8 +458,8 @@ impl Snapshot {
             "Embryonic (not yet confirmed) flows by outcome: created, and ended as confirmed, \
              expired (with those the agent ended: lone exchanges, ASSURED flows, and embryos \
              of NAT translations it expired), \
-             closed, or evicted by newer embryonic flows (derived: created less the other \
-             outcomes and the live ones).",
+             closed, deleted (by `xdpgate flows delete`), or evicted by newer embryonic flows \
+             (derived: created less the other outcomes and the live ones).",
         );
         let e = &table.embryonic;
         for (outcome, n) in [
@@ -467,6 +467,7 @@ impl Snapshot {
             ("confirmed", e.confirmed),
             ("expired", e.expired),
             ("closed", e.closed),
+            ("deleted", e.deleted),
             ("evicted", e.evicted),
         ] {
             embryos.add(vec![("outcome", outcome.into())], Int(n));
@@ -995,6 +996,7 @@ mod tests {
                         expired: 3,
                         refused: 1,
                         closed: 2,
+                        deleted: 1,
                         evicted: 2,
                     },
                     rebuilt: 4,
@@ -1216,6 +1218,7 @@ mod tests {
             r#"xdpgate_embryonic_flows_total{outcome="confirmed"} 20"#,
             r#"xdpgate_embryonic_flows_total{outcome="expired"} 3"#,
             r#"xdpgate_embryonic_flows_total{outcome="closed"} 2"#,
+            r#"xdpgate_embryonic_flows_total{outcome="deleted"} 1"#,
             r#"xdpgate_embryonic_flows_total{outcome="evicted"} 2"#,
             "# TYPE xdpgate_embryonic_confirmations_refused_total counter",
             "xdpgate_embryonic_confirmations_refused_total 1",

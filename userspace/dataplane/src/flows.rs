@@ -13,7 +13,7 @@ use std::{
     sync::atomic::{AtomicBool, Ordering},
 };
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use serde::Serialize;
 use xdpgate_common::{
@@ -758,10 +758,15 @@ pub fn delete(
     let mut out = Deleted { flows: Vec::new(), entries: 0, translations: 0 };
     let (mut established, mut embryos) = (open(pins, FLOWS)?, open(pins, EMBRYOS)?);
     let now = monotonic_ns();
+    // Embryonic flows removed with both entries: counted apart, or they would pass for
+    // evicted ones (one already missing a half is counted evicted, and stays so).
+    let mut whole_embryos = 0;
     for h in held {
         if !dry_run {
             let entries = &mut out.entries;
+            let whole_embryos = &mut whole_embryos;
             let mut remove_flow = || {
+                let mut embryo_entries = 0;
                 for (k, other) in [(h.key, h.reply_key), (h.reply_key, h.key)] {
                     // A flow read as embryonic may have been confirmed since: it is in the
                     // established table now, and must go from there, or it runs on (with
@@ -771,7 +776,9 @@ pub fn delete(
                     let gone = match h.flow.state {
                         FlowState::Established => established.remove(&k).is_ok(),
                         FlowState::Embryonic => {
-                            embryos.remove(&k).is_ok()
+                            let embryo = embryos.remove(&k).is_ok();
+                            embryo_entries += u32::from(embryo);
+                            embryo
                                 | (established.get(&k, 0).is_ok_and(|v| k.twin(&v) == other)
                                     && established.remove(&k).is_ok())
                         }
@@ -779,6 +786,9 @@ pub fn delete(
                     if gone {
                         *entries += 1;
                     }
+                }
+                if embryo_entries == 2 {
+                    *whole_embryos += 1;
                 }
                 Ok(())
             };
@@ -793,6 +803,13 @@ pub fn delete(
         }
         out.flows.push(h.flow);
     }
+    crate::stats::add_deleted_embryos(pins, whole_embryos).with_context(|| {
+        format!(
+            "{} flows were deleted, but counting their {whole_embryos} embryonic ones failed \
+             (`stats` shows them as evicted)",
+            out.flows.len()
+        )
+    })?;
     Ok(out)
 }
 

@@ -168,6 +168,8 @@ pub struct EmbryonicTable {
     /// evicted here.)
     pub refused: u64,
     pub closed: u64,
+    /// Removed by `xdpgate flows delete` with both their entries.
+    pub deleted: u64,
     /// Pushed out of the table, wholly or by half, by newer embryonic flows: what was
     /// created and neither ended another way nor is still live. Derived, so it can be off by the flows created or ended
     /// while the table was read.
@@ -177,41 +179,55 @@ pub struct EmbryonicTable {
 impl EmbryonicTable {
     /// Fills in `evicted` from the others.
     fn derive_evicted(mut self) -> Self {
-        self.evicted =
-            self.created.saturating_sub(self.confirmed + self.expired + self.closed + self.live);
+        self.evicted = self
+            .created
+            .saturating_sub(self.confirmed + self.expired + self.closed + self.deleted + self.live);
         self
     }
 }
 
-/// The file that counts the embryos the agent's sweep (lone exchanges) and NAT expiry (the
-/// embryos of the translations it expires) have ended: the dataplane's counters are per
-/// CPU, which userspace cannot add to without losing the dataplane's own adds, and
-/// uncounted they would pass for evicted ones. In the state directory, which lives as long
-/// as the pinned counters (both go at a reboot).
-fn ended_path(pins: &PinDir) -> std::path::PathBuf {
-    state::dir(pins).join("embryos-ended")
+/// The files that count embryos ended from userspace: the dataplane's counters are per
+/// CPU, which userspace cannot add to without losing the dataplane's own adds, and uncounted
+/// they would pass for evicted ones. In the state directory, which lives as long as the
+/// pinned counters (both go at a reboot). `embryos-ended`: those the agent's sweep (lone
+/// exchanges) and NAT expiry (the embryos of the translations it expires) ended, written by
+/// the agent alone; `embryos-deleted`: those `flows delete` removed, under the write lock.
+const ENDED: &str = "embryos-ended";
+const DELETED: &str = "embryos-deleted";
+
+/// A count kept in file `name` of the state directory; 0 when none (or unreadable).
+fn embryo_count(pins: &PinDir, name: &str) -> u64 {
+    let path = state::dir(pins).join(name);
+    std::fs::read_to_string(path).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
 }
 
-/// Embryos the agent has ended so far ([`ended_path`]); 0 when none (or unreadable).
-pub fn ended_embryos(pins: &PinDir) -> u64 {
-    std::fs::read_to_string(ended_path(pins)).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
-}
-
-/// Starts the count of ended embryos afresh, as the dataplane's counters are made anew.
-pub fn forget_ended_embryos(pins: &PinDir) {
-    let _ = std::fs::remove_file(ended_path(pins));
-}
-
-/// Counts `n` more embryos ended by this process (the agent: its sweep thread and its loop,
-/// one at a time).
-pub fn add_ended_embryos(pins: &PinDir, n: u64) -> Result<()> {
+/// Adds `n` to the count in file `name`, one writer at a time (see [`ENDED`]).
+fn add_embryo_count(pins: &PinDir, name: &str, n: u64) -> Result<()> {
     static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
     if n == 0 {
         return Ok(());
     }
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let total = ended_embryos(pins) + n;
-    state::write_atomic(&ended_path(pins), total.to_string().as_bytes(), 0o600)
+    let total = embryo_count(pins, name) + n;
+    state::write_atomic(&state::dir(pins).join(name), total.to_string().as_bytes(), 0o600)
+}
+
+/// Starts the counts of embryos ended from userspace afresh, as the dataplane's counters
+/// are made anew.
+pub fn forget_ended_embryos(pins: &PinDir) {
+    for name in [ENDED, DELETED] {
+        let _ = std::fs::remove_file(state::dir(pins).join(name));
+    }
+}
+
+/// Counts `n` more embryos ended by the agent (its sweep thread and its loop).
+pub fn add_ended_embryos(pins: &PinDir, n: u64) -> Result<()> {
+    add_embryo_count(pins, ENDED, n)
+}
+
+/// Counts `n` more embryos removed by `flows delete`, which holds the write lock.
+pub fn add_deleted_embryos(pins: &PinDir, n: u64) -> Result<()> {
+    add_embryo_count(pins, DELETED, n)
 }
 
 impl Stats {
@@ -350,7 +366,8 @@ pub fn flow_table(pins: &PinDir) -> Result<FlowTable> {
         created: sum(FLOW_STAT_EMBRYOS_CREATED)?,
         confirmed: sum(FLOW_STAT_EMBRYOS_CONFIRMED)?,
         // And the lone exchanges the agent ended, idle past the embryonic timeout.
-        expired: sum(FLOW_STAT_EMBRYOS_EXPIRED)? + ended_embryos(pins),
+        expired: sum(FLOW_STAT_EMBRYOS_EXPIRED)? + embryo_count(pins, ENDED),
+        deleted: embryo_count(pins, DELETED),
         refused: sum(FLOW_STAT_EMBRYOS_REFUSED)?,
         closed: sum(FLOW_STAT_EMBRYOS_CLOSED)?,
         ..Default::default()

@@ -44,7 +44,7 @@ impl View for Stats {
             "\nFLOW TABLES\n\
              established: {} entries (two per flow), room for {} flows\n\
              embryonic: {} flows, room for {}; created {}, confirmed {}, expired {}, closed {}, \
-             evicted {}; confirmations refused (established table full) {}\n\
+             deleted {}, evicted {}; confirmations refused (established table full) {}\n\
              flows rebuilt from NAT translations {}, picked up mid-stream {}\n",
             t.flows.entries,
             t.flows.capacity,
@@ -54,6 +54,7 @@ impl View for Stats {
             e.confirmed,
             e.expired,
             e.closed,
+            e.deleted,
             e.evicted,
             e.refused,
             t.rebuilt,
@@ -144,6 +145,7 @@ mod tests {
                     expired: 4,
                     refused: 2,
                     closed: 1,
+                    deleted: 6,
                     evicted: 25,
                 },
                 rebuilt: 7,
@@ -176,7 +178,7 @@ mod tests {
         for want in [
             "established: 10 entries (two per flow), room for 524288 flows",
             "embryonic: 3 flows, room for 131072; created 40, confirmed 5, expired 4, closed 1, \
-             evicted 25; confirmations refused (established table full) 2",
+             deleted 6, evicted 25; confirmations refused (established table full) 2",
             "rebuilt from NAT translations 7, picked up mid-stream 8",
         ] {
             assert!(text.contains(want), "{want} missing from {text}");
@@ -213,7 +215,8 @@ mod tests {
             serde_json::json!({
                 "flows": {"capacity": 524_288, "entries": 10},
                 "embryonic": {"capacity": 131_072, "live": 3, "created": 40, "confirmed": 5,
-                              "expired": 4, "refused": 2, "closed": 1, "evicted": 25},
+                              "expired": 4, "refused": 2, "closed": 1, "deleted": 6,
+                              "evicted": 25},
                 "rebuilt": 7,
                 "picked_up": 8,
             })
