@@ -44,7 +44,7 @@ use aya::programs::{TestRun, TestRunOptions};
 use common::{
     Netns, Pins, isolated,
     kernel::{DROP, Kernel, PASS},
-    packet::{ACK, FIN, MAC_A, MAC_B, RST, SYN, fix_ipv4_checksum},
+    packet::{self, ACK, FIN, MAC_A, MAC_B, RST, SYN, fix_ipv4_checksum},
     rng::Rng,
     veth,
 };
@@ -220,17 +220,9 @@ fn l3_of(p: &[u8]) -> usize {
     off
 }
 
-/// Replaces the IPv4 options (IHL grows), fixing total length and checksum.
+/// Replaces the IPv4 options (see [`packet::with_ipv4_options`]) of a frame built here.
 fn with_ipv4_options(p: &[u8], options: &[u8]) -> Vec<u8> {
-    assert_eq!(options.len() % 4, 0, "options are 32-bit words");
-    let ip = l3_of(p);
-    let mut out = p.to_vec();
-    out.splice(ip + 20..ip + 20, options.iter().copied());
-    out[ip] = 0x40 | ((20 + options.len()) / 4) as u8;
-    let total = (out.len() - ip) as u16;
-    out[ip + 2..ip + 4].copy_from_slice(&total.to_be_bytes());
-    fix_ipv4_checksum(&mut out, ip);
-    out
+    packet::with_ipv4_options(p, l3_of(p), options)
 }
 
 /// Sets the IPv4 fragment field and id; keeps the frame as it is.
@@ -484,6 +476,29 @@ fn ipv4_options_ok(o: &[u8]) -> bool {
     true
 }
 
+/// Why the dataplane refuses a packet whose IPv4 options are the first `len` bytes of
+/// `rest` (the frame from the options on), walked as it walks them: up to 8, each read as
+/// type and length (the length byte may lie past the options): a source route (LSRR,
+/// SSRR), which a kernel accepting source routing forwards past the policy, or more options
+/// than it follows.
+fn ipv4_options_refused(rest: &[u8], len: usize) -> Option<&'static str> {
+    let mut i = 0;
+    for _ in 0..8 {
+        let (Some(&kind), Some(&olen)) = (rest.get(i), rest.get(i + 1)) else { return None };
+        match kind {
+            0 => return None,
+            1 => i += 1,
+            131 | 137 => return Some("IPv4 source route"),
+            _ if olen < 2 => return None,
+            _ => i += usize::from(olen),
+        }
+        if i >= len {
+            return None;
+        }
+    }
+    Some("more IPv4 options than the parser follows")
+}
+
 fn ipv4(p: &[u8], l3: usize) -> Shape {
     if !need(p, l3, 20) {
         return Shape::Broken("IPv4 header truncated");
@@ -520,6 +535,11 @@ fn ipv4(p: &[u8], l3: usize) -> Shape {
         padded: l3 + total < p.len(),
         odd: Vec::new(),
     };
+    if ihl > 20
+        && let Some(why) = ipv4_options_refused(&p[l3 + 20..], ihl - 20)
+    {
+        return Shape::Broken(why);
+    }
     if !ipv4_options_ok(&p[l3 + 20..l3 + ihl]) {
         m.odd.push("IPv4 options malformed");
     }
@@ -974,7 +994,7 @@ fn corpus() -> Vec<Case> {
 
     // IPv4 options: NOPs, record route, timestamp, router alert, loose source route, and
     // options that lie about their length.
-    let options: [(&str, Vec<u8>); 7] = [
+    let options: [(&str, Vec<u8>); 9] = [
         ("4 NOPs", vec![1, 1, 1, 1]),
         ("record route", {
             let mut o = vec![7, 39, 4];
@@ -988,6 +1008,12 @@ fn corpus() -> Vec<Case> {
         }),
         ("router alert", vec![148, 4, 0, 0]),
         ("loose source route via the inside host", vec![131, 7, 4, 198, 51, 100, 10, 0]),
+        ("strict source route after a NOP", vec![1, 137, 7, 4, 198, 51, 100, 10]),
+        ("nine NOPs then a loose source route", {
+            let mut o = vec![1; 9];
+            o.extend([131, 7, 4, 198, 51, 100, 10]);
+            o
+        }),
         ("option length 0", vec![7, 0, 0, 0]),
         ("option length past the header", vec![1, 1, 68, 40]),
     ];

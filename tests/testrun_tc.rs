@@ -10,8 +10,10 @@ mod common;
 use std::net::IpAddr;
 
 use common::{
-    kernel::{Kernel, PASS, link_tc_pipeline},
-    packet::{ACK, ETH_LEN, L4, SYN, checksums_ok, endpoints, frame, frame_vlan, quoted_endpoints},
+    kernel::{DROP, Kernel, PASS, link_tc_pipeline},
+    packet::{
+        self, ACK, ETH_LEN, L4, SYN, checksums_ok, endpoints, frame, frame_vlan, quoted_endpoints,
+    },
 };
 use xdpgate_common::iface::Role;
 use xdpgate_dataplane::stats;
@@ -286,6 +288,41 @@ fn truncated_packet_dropped_once() {
     let (v, _) = t.run_out(&pkt[..ETH_LEN + 20 + 10]);
     assert_eq!(v, TC_ACT_SHOT);
     assert_eq!(t.k.drops("malformed"), drops + 1);
+}
+
+/// A source-routed IPv4 packet (LSRR, SSRR) is dropped as `source_route` at XDP and at tc,
+/// also when its destination field names an address no NSG covers (the gateway's own): a
+/// kernel that accepts source routing would forward it on to the route's next address, a
+/// protected host's denied port, which nothing judged (seen passing before, after an
+/// outside review). A router alert, a timestamp and padding pass as before.
+#[test]
+fn source_routed_packets_are_dropped_at_both_hooks() {
+    let t = Tc::new();
+    t.k.apply(NSG);
+    t.k.arrive_as(Role::External);
+    let server = [198, 51, 100, 10];
+    let lsrr = [&[0x83, 7, 4][..], &server, &[0]].concat();
+    let ssrr = [&[1, 0x89, 7, 4][..], &server].concat();
+    // To the gateway's own address on the denied port 22, routed on to the server.
+    let routed = |opts: &[u8]| {
+        let f = frame("203.0.113.7", "203.0.113.1", L4::Tcp(40000, 22, SYN));
+        packet::with_ipv4_options(&f, ETH_LEN, opts)
+    };
+    for (name, opts) in [("LSRR", &lsrr), ("SSRR after a NOP", &ssrr)] {
+        let drops = t.k.drops("source_route");
+        assert_eq!(t.k.run(&routed(opts)), DROP, "{name} at XDP");
+        assert_eq!(t.run_out(&routed(opts)).0, TC_ACT_SHOT, "{name} at tc");
+        assert_eq!(t.k.drops("source_route"), drops + 2, "{name}: counted");
+    }
+    // Options that route nothing: an allowed packet still passes at both hooks.
+    let mut timestamp = vec![68, 12, 5, 0];
+    timestamp.resize(12, 0);
+    for opts in [vec![148, 4, 0, 0], timestamp, vec![1, 1, 1, 0]] {
+        let f = frame("203.0.113.7", "198.51.100.10", L4::Tcp(40001, 443, SYN));
+        let f = packet::with_ipv4_options(&f, ETH_LEN, &opts);
+        assert_eq!(t.k.run(&f), PASS, "{opts:?} at XDP");
+        assert_eq!(t.run_out(&f).0, TC_ACT_UNSPEC, "{opts:?} at tc");
+    }
 }
 
 /// Every map lookup of every stage, at XDP, tc ingress and tc egress, is inlined by the

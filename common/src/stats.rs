@@ -93,9 +93,14 @@ pub enum DropReason {
     /// errors (RFC 1812 5.3.4, 4.3.2.7), and the stack's forwarding drops them as not
     /// addressed to it.
     LinkBroadcast = 17,
+    /// An IPv4 packet with a source-route option (LSRR or SSRR): judged by the address in its
+    /// destination field, where a kernel that accepts source routing (off by default) would
+    /// then forward it to the next address of its route, past the policy. Routers drop these
+    /// by default (RFC 7126 4.4.3, 4.4.4), and so does Linux.
+    SourceRoute = 18,
 }
 
-pub const DROP_REASONS: u32 = 18;
+pub const DROP_REASONS: u32 = 19;
 
 /// Entries of the pinned drop counters: room for reasons to come, so that adding one needs
 /// no new layout (and no `upgrade` that starts the counts again at zero).
@@ -122,6 +127,7 @@ pub const DROP_REASON_TABLE: [(&str, &str); DROP_REASONS as usize] = [
     ("direct_unreachable", "no neighbour entry (yet) or route towards a floating-IP backend"),
     ("direct_too_big", "longer than the route's MTU to its floating-IP backend"),
     ("link_broadcast", "to be forwarded, but sent to a link-layer broadcast or multicast address"),
+    ("source_route", "an IPv4 packet with a source-route option (LSRR, SSRR)"),
 ];
 
 pub const DROP_REASON_NAMES: [&str; DROP_REASONS as usize] = {

@@ -136,6 +136,19 @@ pub fn fix_ipv4_checksum(p: &mut [u8], off: usize) {
     p[off + 10..off + 12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
 }
 
+/// Inserts IPv4 options into the header at `ip` (IHL grows), fixing total length and
+/// checksum.
+pub fn with_ipv4_options(p: &[u8], ip: usize, options: &[u8]) -> Vec<u8> {
+    assert_eq!(options.len() % 4, 0, "options are 32-bit words");
+    let mut out = p.to_vec();
+    out.splice(ip + 20..ip + 20, options.iter().copied());
+    out[ip] = 0x40 | ((20 + options.len()) / 4) as u8;
+    let total = (out.len() - ip) as u16;
+    out[ip + 2..ip + 4].copy_from_slice(&total.to_be_bytes());
+    fix_ipv4_checksum(&mut out, ip);
+    out
+}
+
 /// Sets the IPv4 total length (and checksum).
 pub fn set_ipv4_total_len(p: &mut [u8], off: usize, len: u16) {
     p[off + 2..off + 4].copy_from_slice(&len.to_be_bytes());
