@@ -418,6 +418,41 @@ fn remove_state_dir(pins: &Pins) {
     }
 }
 
+/// A one-shot apply that got in while the agent's lock was gone with its state directory
+/// (in the second before the agent takes it again; here the agent is stopped meanwhile) is
+/// not left in force: once the agent holds its lock again it finds a running generation of
+/// another policy than its own, says so, and applies its own again (seen failing after an
+/// outside review: the other policy stayed in force, while the agent went on from its own
+/// copy, whose next health change rebuilt a load balancer the running policy had dropped).
+#[test]
+fn an_apply_that_got_in_while_the_agents_lock_was_gone_is_undone() {
+    let lab = Gateway::new();
+    let file = lab.write_policy("policy.yaml", &policy(8080));
+    let mut agent = Agent::start(&lab, &["--policy", file.to_str().unwrap()]);
+    agent.wait_applied(&lab);
+    common::sigstop(agent.child.id());
+    remove_state_dir(&lab.pins);
+    let other = lab.write_policy("other.yaml", &policy(9090));
+    lab.pins.xdpgate(&["apply", other.to_str().unwrap()]);
+    assert!(reaches(&lab, 9090) && !reaches(&lab, 8080), "the other policy in force");
+    let overridden = generation(&lab.pins);
+    agent.signal(libc::SIGCONT);
+    wait_for("the agent's policy in force again", Duration::from_secs(20), || {
+        agent.assert_running("its lock taken again after another writer's apply");
+        generation(&lab.pins) > overridden
+    });
+    assert!(reaches(&lab, 8080) && !reaches(&lab, 9090), "the agent's policy in force");
+    let log = agent.log();
+    assert!(
+        log.contains(&format!("generation {overridden} was applied by another writer")),
+        "{log}"
+    );
+    assert!(log.contains("the agent's policy is in force again"), "{log}");
+    let text = lab.pins.xdpgate(&["status"]);
+    assert!(!text.contains("another writer"), "no longer failing: {text}");
+    agent.stop();
+}
+
 /// The state directory removed under a running agent (a cleaner of `/run`): the agent takes
 /// its lock again within seconds, so a one-shot apply is still refused beside it and the
 /// policy stays the agent's (seen failing: the lock was never taken again, so `agent_pid`,

@@ -45,6 +45,7 @@ use crate::{
     bgp::announce,
     flowlog,
     health::{Change, Found, Health, ProbeStats, Prober, Start, Target},
+    host_cover,
     lock_turn::LockTurn,
     node::{self, Node},
 };
@@ -138,6 +139,9 @@ pub struct RunConfig {
 /// The policy the agent runs, compiled.
 struct Running {
     policy: Policy,
+    /// The policy's source as applied (the file's text), which its generations' records
+    /// hold: one of another source is another writer's.
+    source: String,
     lbs: CompiledLb,
     names: Arc<flows::Names>,
 }
@@ -384,13 +388,44 @@ fn prepare_restore(
         );
         return prepare(pins, file);
     };
-    let what = format!("{} as generation {generation} ran it", file.display());
+    prepare_source(
+        pins,
+        &format!("{} as generation {generation} ran it", file.display()),
+        record.source,
+    )
+}
+
+/// A policy the agent ran, `source` (`what` names it), loaded with the sets' run-time
+/// changes and compiled, touching nothing: what a restore and the undoing of another
+/// writer's apply put in force again. Not the file, which may have been edited since
+/// without a reload.
+fn prepare_source(
+    pins: &PinDir,
+    what: &str,
+    source: String,
+) -> Result<(Policy, String, compile::Compiled, CompiledLb)> {
     let changes = dataplane::sets::changes(pins)?;
-    let policy = policy::yaml::load_str_with_sets(&record.source, &what, &changes)
+    let policy = policy::yaml::load_str_with_sets(&source, what, &changes)
         .map_err(|errors| anyhow!("{what} no longer loads:\n{errors}"))?;
     let (tables, lbs) =
         policy::compile_all(&policy).with_context(|| format!("{what}: cannot be applied"))?;
-    Ok((policy, record.source, tables, lbs))
+    Ok((policy, source, tables, lbs))
+}
+
+/// Whether the running generation is another writer's: its record holds another policy
+/// than `source`, the agent's (`xdpgate set` moves the generation on with the same
+/// source). Only a one-shot `apply` in the moments the agent's lock was gone with its
+/// state directory can do that.
+fn applied_by_another(pins: &PinDir, source: &str) -> Option<anyhow::Error> {
+    let (_, config) = apply::active(pins).ok()?;
+    let record = dataplane::state::record(pins, config.generation).ok()??;
+    (record.source != source).then(|| {
+        anyhow!(
+            "generation {} was applied by another writer while this agent's lock was gone \
+             with its state directory: the agent applies its own policy again",
+            config.generation
+        )
+    })
 }
 
 /// Logs every line of a failed load, so each error is its own timestamped log line.
@@ -530,7 +565,8 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     }
     failing.check("bgp announcements", announce::forget_other_table(pins, bgp_table));
     let names = Arc::new(flows::Names::read(pins)?);
-    let mut running = Running { policy, lbs, names };
+    let mut running = Running { policy, source, lbs, names };
+    warn_uncovered(pins, &running.policy);
     let mut sweeper = Sweeper::new();
     let mut interim = Interim::new(flow_log_interval);
     if let Some(log) = flow_log.as_mut() {
@@ -587,6 +623,9 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     // Set while the dataplane runs no policy of the agent's (see `policy_lost`), until a
     // reload has applied it again; then the node file's interfaces are attached at once.
     let mut restoring = false;
+    // Another writer applied a policy while the agent's lock was gone (`applied_by_another`):
+    // the next reload applies the agent's own again.
+    let mut overridden = false;
     let mut attach_soon = false;
     let (mut tx, mut rx) = mpsc::channel::<Change>(256);
     let mut prober = Prober::spawn_counted(start, max_concurrent, tx.clone(), probe_stats.clone());
@@ -716,9 +755,21 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                 if metrics.is_none() && metrics_addr.is_some() && ticks.is_multiple_of(10) {
                     metrics = failing.check("metrics", serve_metrics().await).flatten();
                 }
-                if !owner.held(pins) && !renew(pins, &mut owner, &mut state, bgp_table, &mut failing, &live) {
-                    taken_over = true;
-                    break;
+                if !owner.held(pins) {
+                    if !renew(pins, &mut owner, &mut state, bgp_table, &mut failing, &live) {
+                        taken_over = true;
+                        break;
+                    }
+                    // A one-shot apply that got in while the lock was gone: undone, or the
+                    // agent would go on from its own copy (a health change rebuilding a
+                    // load balancer the running policy no longer has).
+                    if let Some(e) = applied_by_another(pins, &running.source) {
+                        error!("{e:#}");
+                        failing.check("another writer", Err::<(), _>(e));
+                        overridden = true;
+                        reload.ask(Instant::now());
+                        turn.want(pins);
+                    }
                 }
                 follow_generation(pins, &mut running.names, &mut failing);
                 // `lb drain` and `enable` (which rebuild the tables themselves), and a file
@@ -774,6 +825,9 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                     // sets' changes and the install.
                     let prepared = if restoring {
                         prepare_restore(pins, file, state.generation)
+                    } else if overridden {
+                        let what = format!("{} as the agent ran it", file.display());
+                        prepare_source(pins, &what, running.source.clone())
                     } else {
                         prepare(pins, file)
                     };
@@ -807,7 +861,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                                 Ok((generation, lbs, error)) => {
                                     let names = failing.check("reading the new policy's rule names", flows::Names::read(pins));
                                     let names = names.map(Arc::new).unwrap_or(running.names);
-                                    running = Running { policy, lbs, names };
+                                    running = Running { policy, source, lbs, names };
                                     down = down_new;
                                     health_tables = HealthTables::built_from(&down);
                                     prober = Prober::spawn_counted(start, max_concurrent, tx.clone(), probe_stats.clone());
@@ -828,7 +882,16 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                             }
                         }
                     };
+                    let ok = result.is_ok();
                     reloaded(pins, file, &mut state, "reload", result);
+                    if ok {
+                        warn_uncovered(pins, &running.policy);
+                    }
+                    if overridden && ok {
+                        overridden = false;
+                        info!("the agent's policy is in force again");
+                        failing.check("another writer", Ok(()));
+                    }
                     if restoring && !policy_lost(pins) {
                         restoring = false;
                         attach_soon = true;
@@ -950,6 +1013,14 @@ fn reloaded(pins: &PinDir, file: &Path, state: &mut AgentState, what: &str, resu
                 &e,
             );
         }
+    }
+}
+
+/// Logs the host's addresses that host mode leaves open (see [`host_cover`]).
+fn warn_uncovered(pins: &PinDir, policy: &Policy) {
+    match host_cover::warnings(pins, policy) {
+        Ok(warnings) => warnings.iter().for_each(|w| warn!("{w}")),
+        Err(e) => warn!("{e:#}"),
     }
 }
 

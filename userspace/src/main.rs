@@ -461,6 +461,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let (generation, lbs) = transaction::apply_policy(&pins, &policy, &source, &health)
                 .with_context(|| format!("{}: cannot be applied", file.display()))?;
             println!("applied {} as generation {generation}", file.display());
+            for w in xdpgate::host_cover::warnings(&pins, &policy).unwrap_or_default() {
+                eprintln!("warning: {w}");
+            }
             // Under the write lock: an agent starting now announces after this, not before;
             // and only while this policy runs (a later apply withdraws for its own).
             let withdrawn = WriteLock::acquire(&pins).and_then(|_lock| {

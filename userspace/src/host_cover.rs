@@ -1,0 +1,123 @@
+//! Host mode's blind spot, said at every apply: a host NSG covers the addresses it lists,
+//! while the kernel takes a packet for any of its addresses (and an IPv6 link-local one for
+//! its own interface) whatever interface it arrives on. Where an attached interface carries
+//! an address a host NSG covers (host mode), the host's addresses no NSG covers are open
+//! through it: its automatic IPv6 link-local address above all.
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use anyhow::{Context, Result};
+use xdpgate_dataplane::PinDir;
+use xdpgate_policy::{Layer, Policy};
+
+/// One warning per attached interface in host mode with addresses of this host (in the
+/// dataplane's namespace) that no NSG covers.
+pub fn warnings(pins: &PinDir, policy: &Policy) -> Result<Vec<String>> {
+    let attached = pins.attached()?;
+    let mut by_iface: BTreeMap<String, Vec<IpAddr>> = BTreeMap::new();
+    for a in nix::ifaddrs::getifaddrs().context("listing this host's addresses")? {
+        let ip = a.address.as_ref().and_then(|s| {
+            s.as_sockaddr_in()
+                .map(|s| IpAddr::V4(s.ip()))
+                .or_else(|| s.as_sockaddr_in6().map(|s| IpAddr::V6(s.ip())))
+        });
+        if let Some(ip) = ip.filter(|ip| !ip.is_loopback()) {
+            by_iface.entry(a.interface_name).or_default().push(ip);
+        }
+    }
+    Ok(uncovered(policy, &attached, &by_iface))
+}
+
+/// [`warnings`] for the host's addresses `by_iface`.
+fn uncovered(
+    policy: &Policy,
+    attached: &[String],
+    by_iface: &BTreeMap<String, Vec<IpAddr>>,
+) -> Vec<String> {
+    let covered_at = |layer, ip: &IpAddr| {
+        policy.nsgs.iter().any(|n| n.associated(layer).iter().any(|net| net.contains(ip)))
+    };
+    let covered = |ip: &IpAddr| covered_at(Layer::Host, ip) || covered_at(Layer::Subnet, ip);
+    let mut out = Vec::new();
+    for iface in attached {
+        let own = by_iface.get(iface).map(Vec::as_slice).unwrap_or_default();
+        if !own.iter().any(|ip| covered_at(Layer::Host, ip)) {
+            continue;
+        }
+        // Its own addresses, and the others of the host but their link-local ones, which the
+        // kernel takes only on their interface.
+        let mut open: Vec<String> = by_iface
+            .iter()
+            .flat_map(|(name, ips)| ips.iter().map(move |ip| (name, ip)))
+            .filter(|(name, ip)| (*name == iface || !link_local(ip)) && !covered(ip))
+            .map(|(name, ip)| if link_local(ip) { format!("{ip}%{name}") } else { ip.to_string() })
+            .collect();
+        open.sort();
+        open.dedup();
+        if !open.is_empty() {
+            out.push(format!(
+                "{iface} is in host mode (a host NSG covers its address), but no NSG covers this \
+                 host's {}: packets to {} arriving on {iface} pass unfiltered; list {} under the \
+                 NSG's `hosts`",
+                open.join(", "),
+                if open.len() == 1 { "it" } else { "them" },
+                if open.len() == 1 { "it" } else { "them" },
+            ));
+        }
+    }
+    out
+}
+
+fn link_local(ip: &IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => v6.is_unicast_link_local(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POLICY: &str = r#"
+virtual_network:
+  address_space: [198.51.100.0/24]
+nsgs:
+  - name: host
+    hosts: [198.51.100.10, "2001:db8:1::10"]
+  - name: lan
+    subnets: [10.1.0.0/24]
+"#;
+
+    fn addrs(list: &[(&str, &str)]) -> BTreeMap<String, Vec<IpAddr>> {
+        let mut m: BTreeMap<String, Vec<IpAddr>> = BTreeMap::new();
+        for (iface, ip) in list {
+            m.entry(iface.to_string()).or_default().push(ip.parse().unwrap());
+        }
+        m
+    }
+
+    /// The attached interface's link-local address and the host's uncovered addresses are
+    /// named; covered ones, another interface's link-local one and a gateway's interfaces
+    /// (no host NSG covers their addresses) are not.
+    #[test]
+    fn names_what_no_nsg_covers_in_host_mode() {
+        let policy = xdpgate_policy::yaml::load_str(POLICY, "policy.yaml").unwrap();
+        let host = addrs(&[
+            ("eth0", "198.51.100.10"),
+            ("eth0", "2001:db8:1::10"),
+            ("eth0", "fe80::1"),
+            ("docker0", "172.17.0.1"),
+            ("docker0", "fe80::2"),
+            ("eth1", "10.1.0.5"),
+        ]);
+        let w = uncovered(&policy, &["eth0".into()], &host);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].starts_with("eth0 is in host mode"), "{w:?}");
+        assert!(w[0].contains("this host's 172.17.0.1, fe80::1%eth0: packets to them"), "{w:?}");
+        let gateway = addrs(&[("eth0", "203.0.113.1"), ("eth0", "fe80::1")]);
+        assert!(uncovered(&policy, &["eth0".into()], &gateway).is_empty());
+        let covered = addrs(&[("eth0", "198.51.100.10"), ("eth1", "10.1.0.5")]);
+        assert!(uncovered(&policy, &["eth0".into()], &covered).is_empty());
+    }
+}
