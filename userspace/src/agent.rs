@@ -558,6 +558,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
         last_success_unix: None,
         failing: Vec::new(),
         written_unix: None,
+        node_interfaces: node.iter().flat_map(|n| &n.interfaces).map(|i| i.name.clone()).collect(),
     };
     reloaded(pins, file, &mut state, "start", start_error.map_or(Ok(generation), Err));
     if let Some(node) = &node {

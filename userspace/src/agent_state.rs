@@ -33,6 +33,10 @@ pub struct AgentState {
     /// [`REWRITE_SECS`] (absent from agents before 2026-12-05).
     #[serde(default)]
     pub written_unix: Option<f64>,
+    /// The interfaces of its node file, which it attaches again whenever they are detached
+    /// (absent from agents before 2026-12-06).
+    #[serde(default)]
+    pub node_interfaces: Vec<String>,
 }
 
 /// How often a running agent writes its state again, changed or not.
@@ -139,6 +143,7 @@ mod tests {
             last_success_unix: None,
             failing: Vec::new(),
             written_unix: None,
+            node_interfaces: Vec::new(),
         };
         assert!(!agent.running(&pins), "pid 1, no agent lock held");
         let lock = state::AgentLock::acquire(&pins).unwrap();

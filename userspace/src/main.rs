@@ -5,8 +5,8 @@ use std::{path::PathBuf, process::ExitCode};
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{CommandFactory as _, Parser, Subcommand, ValueEnum as _};
 use xdpgate::{
-    agent, bgp, capture, cli_docs, flowlog, flows_cmd, metrics, observe, plan, status, trace,
-    verify_flow,
+    agent, agent_state, bgp, capture, cli_docs, flowlog, flows_cmd, metrics, observe, plan, status,
+    trace, verify_flow,
     views::{self, OutputArgs},
 };
 use xdpgate_common::{iface::Role, maps::DEFAULT_PIN_DIR};
@@ -416,9 +416,30 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 println!("not attached to any interface under {}", pins.path().display());
             }
             let _lock = if names.is_empty() { None } else { Some(WriteLock::acquire(&pins)?) };
-            for name in names {
-                dataplane::detach(&pins, &name)?;
+            for name in &names {
+                dataplane::detach(&pins, name)?;
                 println!("detached from {name}");
+            }
+            // A running agent attaches its node file's interfaces again within seconds,
+            // unfiltered until then: said, as the operator may mean it (to have one attached
+            // anew with the node file's hook) or not.
+            if let Some(agent) = agent_state::read(&pins).filter(|a| a.running(&pins)) {
+                let back: Vec<&str> = names
+                    .iter()
+                    .filter(|n| agent.node_interfaces.contains(n))
+                    .map(String::as_str)
+                    .collect();
+                if !back.is_empty() {
+                    let (verb, it) = if back.len() == 1 { ("is", "it") } else { ("are", "them") };
+                    eprintln!(
+                        "warning: {} {verb} in the node file of the running agent (pid {}), \
+                         which attaches {it} again within 10 s, unfiltered until then; to keep \
+                         {it} detached, stop the agent first, or take {it} out of its node file \
+                         and restart it",
+                        back.join(", "),
+                        agent.pid,
+                    );
+                }
             }
             // A running agent withdraws within a second; a crashed one's routes go now.
             let withdrawn = bgp::announce::withdraw_without_agent(&pins, "the node is detached")?;

@@ -1066,6 +1066,7 @@ mod tests {
                 last_success_unix: Some(1_700_000_000.5),
                 failing: Vec::new(),
                 written_unix: None,
+                node_interfaces: Vec::new(),
             }),
             probes: vec![(
                 ProbeKey {
