@@ -757,7 +757,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                     metrics = failing.check("metrics", serve_metrics().await).flatten();
                 }
                 if !owner.held(pins) {
-                    if !renew(pins, &mut owner, &mut state, bgp_table, &mut failing, &live) {
+                    if !renew(pins, &mut owner, &running.names, &mut state, bgp_table, &mut failing, &live) {
                         taken_over = true;
                         break;
                     }
@@ -1297,6 +1297,7 @@ fn expire_nat(
 fn renew(
     pins: &PinDir,
     owner: &mut AgentLock,
+    names: &flows::Names,
     state: &mut AgentState,
     bgp_table: Option<u32>,
     failing: &mut Failing,
@@ -1313,12 +1314,22 @@ fn renew(
     if let Some(lock) = failing.check("taking the agent lock again", AgentLock::acquire(pins)) {
         *owner = lock;
         error!(
-            "the state directory {} lost this agent's lock (removed?): taken again; the \
-             records of earlier applies, the sets' run-time changes and the drains it held \
-             are lost",
+            "the state directory {} lost this agent's lock (removed?): taken again, and the \
+             records of the generations it knows written again; the sets' run-time changes \
+             and the drains it held are lost",
             state::dir(pins).display()
         );
         save_state(pins, state, failing, live);
+        // The records of the generations it read (the running one's above all), which went
+        // with the directory: reloads number the load balancers' services and backends as
+        // the running generation does (live flows name them by id), and the views name its
+        // rules.
+        for record in names.records().iter().rev() {
+            if matches!(dataplane::state::record(pins, record.generation), Ok(None)) {
+                let saved = dataplane::state::save(pins, record);
+                failing.check("writing the generations' records again", saved);
+            }
+        }
         // Its claim went with the directory.
         if let Some(table) = bgp_table {
             failing.check("claiming the bgp table again", announce::claim_table(pins, table));

@@ -323,6 +323,11 @@ impl Names {
         self.config.generation
     }
 
+    /// The records read, newest first.
+    pub fn records(&self) -> &[Record] {
+        &self.records
+    }
+
     /// The rules of both sides of a flow decided under `generation`.
     pub fn rules(&self, rules: [u16; 2], generation: u64) -> SideRules {
         let side = |dir: u32| self.rule(rules[dir as usize], generation, dir);
