@@ -756,7 +756,11 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                 if metrics.is_none() && metrics_addr.is_some() && ticks.is_multiple_of(10) {
                     metrics = failing.check("metrics", serve_metrics().await).flatten();
                 }
-                if !owner.held(pins) {
+                if owner.held(pins) {
+                    // Its lock where it was (a directory moved away and back): whatever
+                    // failed to take it again meanwhile is over.
+                    failing.check("taking the agent lock again", Ok(()));
+                } else {
                     if !renew(pins, &mut owner, &running.names, &mut state, bgp_table, &mut failing, &live) {
                         taken_over = true;
                         break;
