@@ -267,6 +267,14 @@ fn routing6() -> Ext {
     Ext { kind: 43, body: vec![0, 0, 0, 0, 0, 0] }
 }
 
+/// A segment routing header (type 4) with one segment left, to `next` (16 bytes): a source
+/// route.
+fn segment_route6(next: [u8; 16]) -> Ext {
+    let mut body = vec![4, 1, 0, 0, 0, 0];
+    body.extend(next);
+    Ext { kind: 43, body }
+}
+
 fn frag6(offset8: u16, more: bool, id: u32) -> Ext {
     let mut body = vec![0u8; 6];
     body[0..2].copy_from_slice(&((offset8 << 3) | u16::from(more)).to_be_bytes());
@@ -496,7 +504,11 @@ fn ipv4_options_refused(rest: &[u8], len: usize) -> Option<&'static str> {
             return None;
         }
     }
-    Some("more IPv4 options than the parser follows")
+    // Past the last option followed, only end-of-list padding (or a lone byte).
+    match (rest.get(i), rest.get(i + 1)) {
+        (Some(&kind), Some(_)) if kind != 0 => Some("more IPv4 options than the parser follows"),
+        _ => None,
+    }
 }
 
 fn ipv4(p: &[u8], l3: usize) -> Shape {
@@ -581,8 +593,13 @@ fn ipv6(p: &[u8], l3: usize) -> Shape {
     for i in 0..7 {
         match next {
             0 | 43 | 60 => {
-                if !need(p, off, 2) {
+                // Read as four bytes (every such header has eight at least): a routing
+                // header's segments left, not 0, is a source route.
+                if !need(p, off, 4) {
                     return Shape::Broken("IPv6 extension header truncated");
+                }
+                if next == 43 && p[off + 3] != 0 && off + 4 <= end {
+                    return Shape::Broken("IPv6 source route");
                 }
                 if off + 2 > end {
                     m.beyond_ip = true;
@@ -994,7 +1011,7 @@ fn corpus() -> Vec<Case> {
 
     // IPv4 options: NOPs, record route, timestamp, router alert, loose source route, and
     // options that lie about their length.
-    let options: [(&str, Vec<u8>); 9] = [
+    let options: [(&str, Vec<u8>); 11] = [
         ("4 NOPs", vec![1, 1, 1, 1]),
         ("record route", {
             let mut o = vec![7, 39, 4];
@@ -1009,6 +1026,17 @@ fn corpus() -> Vec<Case> {
         ("router alert", vec![148, 4, 0, 0]),
         ("loose source route via the inside host", vec![131, 7, 4, 198, 51, 100, 10, 0]),
         ("strict source route after a NOP", vec![1, 137, 7, 4, 198, 51, 100, 10]),
+        ("eight timestamps then end-of-list padding", {
+            let mut o = [30, 2].repeat(8);
+            o.extend([0, 0, 0, 0]);
+            o
+        }),
+        ("seven NOPs, a router alert, end of list", {
+            let mut o = vec![1; 7];
+            o.extend([148, 4, 0, 0, 0]);
+            o.extend([0; 4]);
+            o
+        }),
         ("nine NOPs then a loose source route", {
             let mut o = vec![1; 9];
             o.extend([131, 7, 4, 198, 51, 100, 10]);
@@ -1086,6 +1114,18 @@ fn corpus() -> Vec<Case> {
     c.with_truncations("ipv6 hop-by-hop + tcp to 22", with_ipv6_ext(&f, &[opts6(0, 0)]));
     let f = udp5001(&mut c);
     c.add("ipv6 routing + udp to 5001", with_ipv6_ext(&f, &[routing6()]));
+    // To an allowed port, routed on by a segment routing header: dropped (a source route).
+    let f = udp5000(&mut c);
+    let server: std::net::Ipv6Addr = INSIDE6.parse().unwrap();
+    c.add(
+        "ipv6 segment routing, one segment left + udp to 5000",
+        with_ipv6_ext(&f, &[segment_route6(server.octets())]),
+    );
+    let f = udp5000(&mut c);
+    c.add(
+        "ipv6 destination options, segment routing + udp to 5000",
+        with_ipv6_ext(&f, &[opts6(60, 0), segment_route6(server.octets())]),
+    );
     let f = udp5000(&mut c);
     c.add("ipv6 destination options + udp to 5000", with_ipv6_ext(&f, &[opts6(60, 1)]));
     let f = tcp22(&mut c);

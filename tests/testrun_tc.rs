@@ -290,7 +290,8 @@ fn truncated_packet_dropped_once() {
     assert_eq!(t.k.drops("malformed"), drops + 1);
 }
 
-/// A source-routed IPv4 packet (LSRR, SSRR) is dropped as `source_route` at XDP and at tc,
+/// A source-routed IPv4 packet (LSRR, SSRR), or an IPv6 one (a routing header with segments
+/// left), is dropped as `source_route` at XDP and at tc,
 /// also when its destination field names an address no NSG covers (the gateway's own): a
 /// kernel that accepts source routing would forward it on to the route's next address, a
 /// protected host's denied port, which nothing judged (seen passing before, after an
@@ -314,6 +315,21 @@ fn source_routed_packets_are_dropped_at_both_hooks() {
         assert_eq!(t.run_out(&routed(opts)).0, TC_ACT_SHOT, "{name} at tc");
         assert_eq!(t.k.drops("source_route"), drops + 2, "{name}: counted");
     }
+    // IPv6's: a segment routing header with a segment left, to the server (seen passing
+    // after a second review).
+    let mut v6 = frame("2001:db8:3::7", "2001:db8:2::1", L4::Udp(40002, 5000));
+    let ip = ETH_LEN;
+    let next = v6[ip + 6];
+    let server: std::net::Ipv6Addr = "2001:db8:1::10".parse().unwrap();
+    let rh = [&[next, 2, 4, 1, 0, 0, 0, 0][..], &server.octets()].concat();
+    v6.splice(ip + 40..ip + 40, rh.iter().copied());
+    v6[ip + 6] = 43;
+    let len = u16::from_be_bytes([v6[ip + 4], v6[ip + 5]]) + rh.len() as u16;
+    v6[ip + 4..ip + 6].copy_from_slice(&len.to_be_bytes());
+    let drops = t.k.drops("source_route");
+    assert_eq!(t.k.run(&v6), DROP, "segment routing at XDP");
+    assert_eq!(t.run_out(&v6).0, TC_ACT_SHOT, "segment routing at tc");
+    assert_eq!(t.k.drops("source_route"), drops + 2, "segment routing: counted");
     // Options that route nothing: an allowed packet still passes at both hooks.
     let mut timestamp = vec![68, 12, 5, 0];
     timestamp.resize(12, 0);

@@ -46,6 +46,16 @@ pub struct Ipv6ExtHdr {
     pub hdr_len: u8,
 }
 
+/// A routing header's first four bytes (RFC 8200 4.4).
+#[repr(C)]
+pub struct Ipv6RoutingHdr {
+    pub next_hdr: u8,
+    pub hdr_len: u8,
+    pub routing_type: u8,
+    /// Addresses still to visit after the destination field's: not 0, the packet goes on.
+    pub segments_left: u8,
+}
+
 #[repr(C)]
 pub struct Ipv6FragHdr {
     pub next_hdr: u8,

@@ -56,7 +56,7 @@ pub fn inner_offsets(ctx: &impl Packet, meta: &PacketMeta) -> Option<(usize, usi
         // Packet Too Big about a fragmented datagram quotes): a later fragment quotes no
         // L4 header.
         let ip = unsafe { &*ptr_at::<Ipv6Hdr>(ctx, l3).ok()? };
-        let chain = ipv6_chain(ctx, l3 + 40, ip.next_hdr, end).ok()?;
+        let chain = ipv6_chain(ctx, l3 + 40, ip.next_hdr, end, false).ok()?;
         if chain.fragment.is_some_and(|(_, fo)| fo & 0xfff8 != 0) {
             return None;
         }

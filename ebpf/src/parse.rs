@@ -263,7 +263,12 @@ fn source_routed(ctx: &impl Packet, off: usize, end: usize) -> Result<(), DropRe
             return Ok(());
         }
     }
-    Err(DropReason::TooDeep)
+    // Past the last option followed: only end-of-list padding, or a byte too short to
+    // hold a source route.
+    match ptr_at::<[u8; 2]>(ctx, at) {
+        Ok(option) if unsafe { (*option)[0] } != EOL => Err(DropReason::TooDeep),
+        _ => Ok(()),
+    }
 }
 
 /// IPv4 options [`source_routed`] follows.
@@ -328,7 +333,7 @@ fn parse_ipv6(
     meta.hop_limit = ip.hop_limit;
     meta.src = words(&ip.src);
     meta.dst = words(&ip.dst);
-    let chain = ipv6_chain(ctx, off + hdr, ip.next_hdr, end)?;
+    let chain = ipv6_chain(ctx, off + hdr, ip.next_hdr, end, true)?;
     meta.proto = chain.proto;
     if let Some((id, fo)) = chain.fragment {
         meta.frag_id = id;
@@ -352,14 +357,15 @@ pub struct Ipv6Chain {
 }
 
 /// Follows the extension headers from `off` (the first one's type `next`) of an IPv6
-/// datagram that ends at `end`: the packet's own, or one an ICMPv6 error quotes. Stops at a
-/// later fragment's Fragment header (what follows is data).
+/// datagram that ends at `end`: the packet's own (`own`), or one an ICMPv6 error quotes.
+/// Stops at a later fragment's Fragment header (what follows is data).
 #[inline(always)]
 pub fn ipv6_chain(
     ctx: &impl Packet,
     mut off: usize,
     mut next: u8,
     end: usize,
+    own: bool,
 ) -> Result<Ipv6Chain, DropReason> {
     let mut fragment = None;
     // One more round than headers followed: the last finds the L4 protocol. Every header
@@ -371,8 +377,16 @@ pub fn ipv6_chain(
         }
         match next {
             IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
-                let ext: *const Ipv6ExtHdr = inside(ctx, off, end)?;
+                // Four bytes: every such header has eight at least.
+                let ext: *const Ipv6RoutingHdr = inside(ctx, off, end)?;
                 let ext = unsafe { &*ext };
+                // A routing header with segments left: the packet goes on from its
+                // destination to another address, which the policy never judged (a source
+                // route, as IPv4's LSRR; a kernel with segment routing on forwards it). A
+                // quoted packet's is only read.
+                if own && next == IPPROTO_ROUTING && ext.segments_left != 0 {
+                    return Err(DropReason::SourceRoute);
+                }
                 next = ext.next_hdr;
                 off += (ext.hdr_len as usize + 1) * 8;
             }
