@@ -414,18 +414,22 @@ fn prepare_source(
 
 /// Whether the running generation is another writer's: its record holds another policy
 /// than `source`, the agent's (`xdpgate set` moves the generation on with the same
-/// source). Only a one-shot `apply` in the moments the agent's lock was gone with its
-/// state directory can do that.
-fn applied_by_another(pins: &PinDir, source: &str) -> Option<anyhow::Error> {
+/// source), or it has none and is none the agent knows of (`names`; their records are
+/// written again before this is asked). Only a one-shot `apply` in the moments the agent's
+/// lock was gone with its state directory can do that.
+fn applied_by_another(pins: &PinDir, source: &str, names: &flows::Names) -> Option<anyhow::Error> {
     let (_, config) = apply::active(pins).ok()?;
-    let record = dataplane::state::record(pins, config.generation).ok()??;
-    (record.source != source).then(|| {
-        anyhow!(
-            "generation {} was applied by another writer while this agent's lock was gone \
-             with its state directory: the agent applies its own policy again",
-            config.generation
-        )
-    })
+    let generation = config.generation;
+    let why = match dataplane::state::record(pins, generation).ok()? {
+        Some(record) if record.source != source => "its record holds another policy",
+        Some(_) => return None,
+        None if names.records().iter().any(|r| r.generation == generation) => return None,
+        None => "its record is gone, and the agent never knew it",
+    };
+    Some(anyhow!(
+        "generation {generation} was applied by another writer while this agent's lock was \
+         gone with its state directory ({why}): the agent applies its own policy again"
+    ))
 }
 
 /// Logs every line of a failed load, so each error is its own timestamped log line.
@@ -627,6 +631,8 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     // Another writer applied a policy while the agent's lock was gone (`applied_by_another`):
     // the next reload applies the agent's own again.
     let mut overridden = false;
+    // A SIGHUP since the last reload: the next one reads the file.
+    let mut file_asked = false;
     let mut attach_soon = false;
     let (mut tx, mut rx) = mpsc::channel::<Change>(256);
     let mut prober = Prober::spawn_counted(start, max_concurrent, tx.clone(), probe_stats.clone());
@@ -768,7 +774,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                     // A one-shot apply that got in while the lock was gone: undone, or the
                     // agent would go on from its own copy (a health change rebuilding a
                     // load balancer the running policy no longer has).
-                    if let Some(e) = applied_by_another(pins, &running.source) {
+                    if let Some(e) = applied_by_another(pins, &running.source, &running.names) {
                         error!("{e:#}");
                         failing.check("another writer", Err::<(), _>(e));
                         overridden = true;
@@ -818,9 +824,12 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                 }
                 // Read and applied in the next turn at the write lock: a SIGHUP during
                 // another writer's hold is applied after it (several, once).
-                if reload.ask(Instant::now()) {
+                if reload.ask(Instant::now()) || overridden {
                     info!("SIGHUP: reloading {}", file.display());
                 }
+                // The file, even where the reload asked already would apply the policy the
+                // agent ran (undoing another writer's apply): the operator's newer word.
+                file_asked = true;
                 turn.want(pins);
             }
             taken = turn.taken(), if turn.wanted() => {
@@ -830,7 +839,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                     // sets' changes and the install.
                     let prepared = if restoring {
                         prepare_restore(pins, file, state.generation)
-                    } else if overridden {
+                    } else if overridden && !file_asked {
                         let what = format!("{} as the agent ran it", file.display());
                         prepare_source(pins, &what, running.source.clone())
                     } else {
@@ -888,6 +897,7 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                         }
                     };
                     let ok = result.is_ok();
+                    file_asked = false;
                     reloaded(pins, file, &mut state, "reload", result);
                     if ok {
                         warn_uncovered(pins, &running.policy);
