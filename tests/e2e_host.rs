@@ -318,7 +318,7 @@ fn apply_names_the_hosts_addresses_no_nsg_covers() {
         String::from_utf8_lossy(&out.stderr).into_owned()
     };
     let said = apply(POLICY);
-    let named = format!("{link_local}%{}", lab.iface);
+    let named = format!("this host's {link_local}: packets to it");
     assert!(
         said.contains(&format!("warning: {} is in host mode", lab.iface)) && said.contains(&named),
         "{said}"
@@ -326,6 +326,34 @@ fn apply_names_the_hosts_addresses_no_nsg_covers() {
     let covered = POLICY.replace("2001:db8:1::10]", &format!("2001:db8:1::10, \"{link_local}\"]"));
     let said = apply(&covered);
     assert!(!said.contains("host mode"), "{said}");
+}
+
+/// Without `--netns`, run from another namespace that has an interface of the attached
+/// one's name (another device), `apply` says nothing of that namespace's addresses (seen
+/// failing after a second review: it named them as the host's).
+#[test]
+fn apply_elsewhere_names_no_other_namespaces_addresses() {
+    let lab = Lab::new();
+    lab.pins.xdpgate(&["attach", "--hook", "xdp", "--iface", &lab.iface, "--role", "external"]);
+    // The same name in the other namespace, at an index the host's device does not have.
+    let peer = format!("{}p", lab.iface);
+    let link = ["link", "add", "name", &lab.iface, "index", "4000", "type", "veth", "peer", "name"];
+    lab.net.exec("ip", &[&link[..], &[peer.as_str()]].concat());
+    lab.net.exec("ip", &["addr", "add", "198.51.100.10/32", "dev", &lab.iface]);
+    lab.net.exec("ip", &["addr", "add", "192.0.2.99/32", "dev", &lab.iface]);
+    let file = std::env::temp_dir().join(format!("xgh-elsewhere-{}.yaml", std::process::id()));
+    std::fs::write(&file, POLICY).unwrap();
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", lab.net.name))
+        .arg(common::xdpgate_bin())
+        .args(["--pin-dir", lab.pins.dir.path().to_str().unwrap(), "apply"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&file);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("192.0.2.99") && !stderr.contains("host mode"), "{stderr}");
 }
 
 #[test]

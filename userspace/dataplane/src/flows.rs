@@ -13,7 +13,7 @@ use std::{
     sync::atomic::{AtomicBool, Ordering},
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use serde::Serialize;
 use xdpgate_common::{
@@ -808,13 +808,14 @@ pub fn delete(
         }
         out.flows.push(h.flow);
     }
-    crate::stats::add_deleted_embryos(pins, whole_embryos).with_context(|| {
-        format!(
-            "{} flows were deleted, but counting their {whole_embryos} embryonic ones failed \
-             (`stats` shows them as evicted)",
-            out.flows.len()
-        )
-    })?;
+    // The flows are gone whatever happens to their count: said, not an error (a retry would
+    // find nothing to delete, and the list of what went would be lost).
+    if let Err(e) = crate::stats::add_deleted_embryos(pins, whole_embryos) {
+        log::warn!(
+            "counting the {whole_embryos} deleted embryonic flows failed (`stats` shows them as \
+             evicted): {e:#}"
+        );
+    }
     Ok(out)
 }
 

@@ -208,6 +208,8 @@ fn add_embryo_count(pins: &PinDir, name: &str, n: u64) -> Result<()> {
         return Ok(());
     }
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    // Made again if a cleaner of `/run` removed it (the count then starts from zero).
+    state::ensure_dir(pins)?;
     let total = embryo_count(pins, name) + n;
     state::write_atomic(&state::dir(pins).join(name), total.to_string().as_bytes(), 0o600)
 }
