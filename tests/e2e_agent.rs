@@ -32,7 +32,7 @@ use std::{
 
 use common::{
     Pins,
-    gateway::{Gateway, SERVER4},
+    gateway::{CLIENT4, Gateway, SERVER4},
 };
 use serde_json::Value;
 use xdpgate::flowlog;
@@ -418,6 +418,47 @@ fn remove_state_dir(pins: &Pins) {
     }
 }
 
+/// The sets' run-time changes, which the kernel enforces, survive the state directory's
+/// removal under a running agent: it writes them again with its lock, so `set list` shows
+/// the element, `set del` removes it and a reload keeps it meanwhile (seen failing after an
+/// outside review: `set list` showed none, `set del` refused it as not in the set, and the
+/// next reload lifted the block without a word).
+#[test]
+fn the_sets_changes_outlive_the_state_directory_under_the_agent() {
+    let lab = Gateway::new();
+    let text = policy(8080).replace("priority: 100", "priority: 200").replace("nsgs:", "sets:\n  blocked: []\nnsgs:").replace(
+        "    rules:\n",
+        "    rules:\n      - {name: deny-blocked, priority: 100, direction: inbound, access: deny, \
+         protocol: any, source: blocked, destination: \"*\"}\n",
+    );
+    let file = lab.write_policy("policy.yaml", &text);
+    let mut agent = Agent::start(&lab, &["--policy", file.to_str().unwrap()]);
+    agent.wait_applied(&lab);
+    assert!(reaches(&lab, 8080), "open before the set change");
+    lab.pins.xdpgate(&["set", "add", "blocked", CLIENT4]);
+    assert!(!reaches(&lab, 8080), "the client blocked");
+    // The agent has read the change (it reads the file each second) before it goes.
+    std::thread::sleep(Duration::from_millis(1500));
+    remove_state_dir(&lab.pins);
+    let pid = agent.child.id();
+    wait_for("the agent's lock taken again", Duration::from_secs(10), || {
+        agent.assert_running("its state directory removed");
+        xdpgate_dataplane::state::agent_pid(&lab.pins.dir) == Some(pid)
+    });
+    let listed = lab.pins.xdpgate(&["set", "list"]);
+    assert!(listed.contains(CLIENT4), "{listed}");
+    let before = generation(&lab.pins);
+    agent.signal(libc::SIGHUP);
+    wait_for("a reload after the directory went", Duration::from_secs(20), || {
+        agent.assert_running("SIGHUP");
+        generation(&lab.pins) > before
+    });
+    assert!(!reaches(&lab, 8080), "still blocked after the reload");
+    lab.pins.xdpgate(&["set", "del", "blocked", CLIENT4]);
+    assert!(reaches(&lab, 8080), "open once the element is deleted");
+    agent.stop();
+}
+
 /// The state directory moved away, a file put in its place, then moved back (an operator's
 /// mistake, undone): the agent fails to take its lock again while the file is there, says
 /// so, and once its directory is back with its lock in it, no longer lists the failure
@@ -557,7 +598,7 @@ fn the_agent_takes_its_lock_again_when_the_state_directory_goes() {
     let record = xdpgate_dataplane::state::record(&lab.pins.dir, running).unwrap();
     assert!(record.is_some_and(|r| r.source == policy(8080)), "generation {running}'s record");
     lab.pins.xdpgate(&["set", "list"]);
-    assert!(agent.log().contains("records of the generations it knows written again"));
+    assert!(agent.log().contains("records of the generations it knows and the sets'"));
     agent.reload(&lab, &file, 8080, "a reload after the records were written again");
     lab.pins.xdpgate(&["set", "list"]);
 

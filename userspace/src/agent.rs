@@ -38,6 +38,7 @@ use xdpgate_dataplane::{
 use xdpgate_policy::{
     self as policy, Policy, compile,
     lb::{BackendHealth, CompiledLb},
+    sets::SetChanges,
 };
 
 use crate::{
@@ -633,6 +634,9 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     let mut overridden = false;
     // A SIGHUP since the last reload: the next one reads the file.
     let mut file_asked = false;
+    // The sets' run-time changes as last read (`xdpgate set`), for the state directory
+    // should it go: the kernel still enforces them.
+    let mut sets_kept = dataplane::sets::changes(pins).unwrap_or_default();
     let mut attach_soon = false;
     let (mut tx, mut rx) = mpsc::channel::<Change>(256);
     let mut prober = Prober::spawn_counted(start, max_concurrent, tx.clone(), probe_stats.clone());
@@ -762,12 +766,18 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                 if metrics.is_none() && metrics_addr.is_some() && ticks.is_multiple_of(10) {
                     metrics = failing.check("metrics", serve_metrics().await).flatten();
                 }
+                // Read before the lock is looked at: a directory that went in between is
+                // seen as gone, and its (absent) file not taken for "no changes".
+                let sets_now = dataplane::sets::changes(pins);
                 if owner.held(pins) {
                     // Its lock where it was (a directory moved away and back): whatever
                     // failed to take it again meanwhile is over.
                     failing.check("taking the agent lock again", Ok(()));
+                    if let Ok(now) = sets_now {
+                        sets_kept = now;
+                    }
                 } else {
-                    if !renew(pins, &mut owner, &running.names, &mut state, bgp_table, &mut failing, &live) {
+                    if !renew(pins, &mut owner, &running.names, &sets_kept, &mut state, bgp_table, &mut failing, &live) {
                         taken_over = true;
                         break;
                     }
@@ -1312,6 +1322,7 @@ fn renew(
     pins: &PinDir,
     owner: &mut AgentLock,
     names: &flows::Names,
+    sets: &SetChanges,
     state: &mut AgentState,
     bgp_table: Option<u32>,
     failing: &mut Failing,
@@ -1329,8 +1340,8 @@ fn renew(
         *owner = lock;
         error!(
             "the state directory {} lost this agent's lock (removed?): taken again, and the \
-             records of the generations it knows written again; the sets' run-time changes \
-             and the drains it held are lost",
+             records of the generations it knows and the sets' run-time changes written \
+             again; the drains it held are lost",
             state::dir(pins).display()
         );
         save_state(pins, state, failing, live);
@@ -1343,6 +1354,13 @@ fn renew(
                 let saved = dataplane::state::save(pins, record);
                 failing.check("writing the generations' records again", saved);
             }
+        }
+        // And the sets' run-time changes, which the kernel still enforces: `xdpgate set`
+        // shows and undoes them, and the next reload keeps them.
+        if *sets != SetChanges::default()
+            && matches!(dataplane::sets::changes(pins), Ok(c) if c == SetChanges::default())
+        {
+            failing.check("writing the sets' changes again", dataplane::sets::save(pins, sets));
         }
         // Its claim went with the directory.
         if let Some(table) = bgp_table {
