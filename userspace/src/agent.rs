@@ -145,6 +145,9 @@ struct Running {
     source: String,
     lbs: CompiledLb,
     names: Arc<flows::Names>,
+    /// The sets' run-time changes as last read (`xdpgate set`), for the state directory
+    /// should it go: the kernel still enforces them.
+    sets: SetChanges,
 }
 
 /// When the sweep of idle flows may run next: a pass starts at most once per max(1 s, 20
@@ -571,7 +574,8 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     }
     failing.check("bgp announcements", announce::forget_other_table(pins, bgp_table));
     let names = Arc::new(flows::Names::read(pins)?);
-    let mut running = Running { policy, source, lbs, names };
+    let sets = dataplane::sets::changes(pins).unwrap_or_default();
+    let mut running = Running { policy, source, lbs, names, sets };
     warn_uncovered(pins, &running.policy);
     let mut sweeper = Sweeper::new();
     let mut interim = Interim::new(flow_log_interval);
@@ -634,9 +638,6 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
     let mut overridden = false;
     // A SIGHUP since the last reload: the next one reads the file.
     let mut file_asked = false;
-    // The sets' run-time changes as last read (`xdpgate set`), for the state directory
-    // should it go: the kernel still enforces them.
-    let mut sets_kept = dataplane::sets::changes(pins).unwrap_or_default();
     let mut attach_soon = false;
     let (mut tx, mut rx) = mpsc::channel::<Change>(256);
     let mut prober = Prober::spawn_counted(start, max_concurrent, tx.clone(), probe_stats.clone());
@@ -774,10 +775,10 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                     // failed to take it again meanwhile is over.
                     failing.check("taking the agent lock again", Ok(()));
                     if let Ok(now) = sets_now {
-                        sets_kept = now;
+                        running.sets = now;
                     }
                 } else {
-                    if !renew(pins, &mut owner, &running.names, &sets_kept, &mut state, bgp_table, &mut failing, &live) {
+                    if !renew(pins, &mut owner, &running, &mut state, bgp_table, &mut failing, &live) {
                         taken_over = true;
                         break;
                     }
@@ -885,7 +886,8 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                                 Ok((generation, lbs, error)) => {
                                     let names = failing.check("reading the new policy's rule names", flows::Names::read(pins));
                                     let names = names.map(Arc::new).unwrap_or(running.names);
-                                    running = Running { policy, source, lbs, names };
+                                    let sets = std::mem::take(&mut running.sets);
+                                    running = Running { policy, source, lbs, names, sets };
                                     down = down_new;
                                     health_tables = HealthTables::built_from(&down);
                                     prober = Prober::spawn_counted(start, max_concurrent, tx.clone(), probe_stats.clone());
@@ -1321,8 +1323,7 @@ fn expire_nat(
 fn renew(
     pins: &PinDir,
     owner: &mut AgentLock,
-    names: &flows::Names,
-    sets: &SetChanges,
+    running: &Running,
     state: &mut AgentState,
     bgp_table: Option<u32>,
     failing: &mut Failing,
@@ -1349,7 +1350,7 @@ fn renew(
         // with the directory: reloads number the load balancers' services and backends as
         // the running generation does (live flows name them by id), and the views name its
         // rules.
-        for record in names.records().iter().rev() {
+        for record in running.names.records().iter().rev() {
             if matches!(dataplane::state::record(pins, record.generation), Ok(None)) {
                 let saved = dataplane::state::save(pins, record);
                 failing.check("writing the generations' records again", saved);
@@ -1357,9 +1358,9 @@ fn renew(
         }
         // And the sets' run-time changes, which the kernel still enforces: `xdpgate set`
         // shows and undoes them, and the next reload keeps them.
-        if *sets != SetChanges::default()
-            && matches!(dataplane::sets::changes(pins), Ok(c) if c == SetChanges::default())
-        {
+        let sets = &running.sets;
+        let none = SetChanges::default();
+        if *sets != none && matches!(dataplane::sets::changes(pins), Ok(c) if c == none) {
             failing.check("writing the sets' changes again", dataplane::sets::save(pins, sets));
         }
         // Its claim went with the directory.
