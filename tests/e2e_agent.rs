@@ -577,6 +577,8 @@ fn the_agent_takes_its_lock_again_when_the_state_directory_goes() {
     let file = lab.write_policy("policy.yaml", &policy(8080));
     let mut agent = Agent::start(&lab, &["--policy", file.to_str().unwrap()]);
     agent.wait_applied(&lab);
+    // A second at least between the apply and the records written again (their dates).
+    std::thread::sleep(Duration::from_millis(1100));
     remove_state_dir(&lab.pins);
     let pid = agent.child.id();
     wait_for("the agent's lock taken again", Duration::from_secs(10), || {
@@ -596,7 +598,11 @@ fn the_agent_takes_its_lock_again_when_the_state_directory_goes() {
     // was gone, and the next reload renumbered the services under live flows).
     let running = generation(&lab.pins);
     let record = xdpgate_dataplane::state::record(&lab.pins.dir, running).unwrap();
-    assert!(record.is_some_and(|r| r.source == policy(8080)), "generation {running}'s record");
+    let record = record.unwrap_or_else(|| panic!("generation {running}'s record"));
+    assert_eq!(record.source, policy(8080));
+    // Dated as applied, not as written again (seen failing after a review: "3s ago").
+    let applied = status(&lab.pins)["policy"]["applied_unix_seconds"].as_u64();
+    assert_eq!(applied, Some(record.applied_unix));
     lab.pins.xdpgate(&["set", "list"]);
     assert!(agent.log().contains("records of the generations it knows and the sets'"));
     agent.reload(&lab, &file, 8080, "a reload after the records were written again");

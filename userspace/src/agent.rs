@@ -10,7 +10,7 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    time::{Duration, Instant},
+    time::{Duration, Instant, UNIX_EPOCH},
 };
 
 use anyhow::{Context, Result, anyhow};
@@ -1352,7 +1352,12 @@ fn renew(
         // rules.
         for record in running.names.records().iter().rev() {
             if matches!(dataplane::state::record(pins, record.generation), Ok(None)) {
-                let saved = dataplane::state::save(pins, record);
+                // Dated when it was made: `status` tells the generation's age by its file.
+                let saved = dataplane::state::save(pins, record).and_then(|()| {
+                    let at = UNIX_EPOCH + Duration::from_secs(record.applied_unix);
+                    let file = std::fs::File::open(state::path_of(pins, record.generation))?;
+                    Ok(file.set_modified(at)?)
+                });
                 failing.check("writing the generations' records again", saved);
             }
         }
