@@ -93,10 +93,11 @@ pub enum DropReason {
     /// errors (RFC 1812 5.3.4, 4.3.2.7), and the stack's forwarding drops them as not
     /// addressed to it.
     LinkBroadcast = 17,
-    /// An IPv4 packet with a source-route option (LSRR or SSRR): judged by the address in its
-    /// destination field, where a kernel that accepts source routing (off by default) would
-    /// then forward it to the next address of its route, past the policy. Routers drop these
-    /// by default (RFC 7126 4.4.3, 4.4.4), and so does Linux.
+    /// An IPv4 packet with a source-route option (LSRR or SSRR), or an IPv6 packet with a
+    /// routing header whose segments left are not 0: judged by the address in its
+    /// destination field, where a kernel that accepts source routing or segment routing
+    /// (off by default) would then forward it to the next address of its route, past the
+    /// policy. Routers drop IPv4's by default (RFC 7126 4.4.3, 4.4.4).
     SourceRoute = 18,
 }
 
@@ -127,7 +128,10 @@ pub const DROP_REASON_TABLE: [(&str, &str); DROP_REASONS as usize] = [
     ("direct_unreachable", "no neighbour entry (yet) or route towards a floating-IP backend"),
     ("direct_too_big", "longer than the route's MTU to its floating-IP backend"),
     ("link_broadcast", "to be forwarded, but sent to a link-layer broadcast or multicast address"),
-    ("source_route", "an IPv4 packet with a source-route option (LSRR, SSRR)"),
+    (
+        "source_route",
+        "an IPv4 source route (LSRR, SSRR) or an IPv6 routing header with segments left",
+    ),
 ];
 
 pub const DROP_REASON_NAMES: [&str; DROP_REASONS as usize] = {
