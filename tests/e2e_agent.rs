@@ -492,6 +492,14 @@ fn the_agent_lists_no_lock_failure_once_its_state_directory_is_back() {
     agent.stop();
 }
 
+/// Stops the agent (it is continued by the caller), removes its state directory and
+/// applies `file` with a one-shot apply, which no agent lock refuses then.
+fn apply_while_the_lock_is_gone(agent: &Agent, lab: &Gateway, file: &Path) {
+    common::sigstop(agent.child.id());
+    remove_state_dir(&lab.pins);
+    lab.pins.xdpgate(&["apply", file.to_str().unwrap()]);
+}
+
 /// A one-shot apply that got in while the agent's lock was gone with its state directory
 /// (in the second before the agent takes it again; here the agent is stopped meanwhile) is
 /// not left in force: once the agent holds its lock again it finds a running generation of
@@ -504,10 +512,8 @@ fn an_apply_that_got_in_while_the_agents_lock_was_gone_is_undone() {
     let file = lab.write_policy("policy.yaml", &policy(8080));
     let mut agent = Agent::start(&lab, &["--policy", file.to_str().unwrap()]);
     agent.wait_applied(&lab);
-    common::sigstop(agent.child.id());
-    remove_state_dir(&lab.pins);
     let other = lab.write_policy("other.yaml", &policy(9090));
-    lab.pins.xdpgate(&["apply", other.to_str().unwrap()]);
+    apply_while_the_lock_is_gone(&agent, &lab, &other);
     assert!(reaches(&lab, 9090) && !reaches(&lab, 8080), "the other policy in force");
     let overridden = generation(&lab.pins);
     agent.signal(libc::SIGCONT);
@@ -528,9 +534,7 @@ fn an_apply_that_got_in_while_the_agents_lock_was_gone_is_undone() {
     // The directory removed once more after the other apply, its record with it: a
     // generation the agent never knew is another writer's too (seen failing after a second
     // review: left in force).
-    common::sigstop(agent.child.id());
-    remove_state_dir(&lab.pins);
-    lab.pins.xdpgate(&["apply", other.to_str().unwrap()]);
+    apply_while_the_lock_is_gone(&agent, &lab, &other);
     remove_state_dir(&lab.pins);
     let overridden = generation(&lab.pins);
     agent.signal(libc::SIGCONT);
@@ -544,9 +548,7 @@ fn an_apply_that_got_in_while_the_agents_lock_was_gone_is_undone() {
     // A SIGHUP while the agent waits for the write lock to undo another writer's apply:
     // the file it reads then is applied, not the policy it ran (seen failing after a second
     // review: the SIGHUP was lost, the edited file never applied).
-    common::sigstop(agent.child.id());
-    remove_state_dir(&lab.pins);
-    lab.pins.xdpgate(&["apply", other.to_str().unwrap()]);
+    apply_while_the_lock_is_gone(&agent, &lab, &other);
     let lock = xdpgate_dataplane::state::WriteLock::acquire(&lab.pins.dir).expect("write lock");
     agent.signal(libc::SIGCONT);
     let said = |what: &str| agent.log().matches(what).count();

@@ -443,12 +443,9 @@ fn the_other_familys_icmp_number_is_a_plain_protocol_in_the_flow_table() {
     }
 }
 
-/// An embryonic flow that lost one of its two entries to the table's LRU cannot be confirmed
-/// any more (its answer finds no flow, or the other half is gone): `stats` counts it evicted,
-/// not live, so live flows never exceed the table's capacity. (A SYN flood in CI once showed
-/// 131,521 "live" of 131,072: forward entries whose reply entries had been pushed out.)
-#[test]
-fn an_embryo_missing_either_entry_is_counted_evicted_not_live() {
+/// A dataplane holding four embryonic UDP flows from 203.0.113.9 (ports 6001-6004) to the
+/// returned server's port 53.
+fn four_udp_embryos() -> (Kernel, &'static str) {
     let k = Kernel::new();
     k.apply(POLICY);
     let server = "198.51.100.10";
@@ -456,6 +453,16 @@ fn an_embryo_missing_either_entry_is_counted_evicted_not_live() {
     for port in 6001..=6004 {
         assert_eq!(k.run(&frame("203.0.113.9", server, L4::Udp(port, 53))), PASS);
     }
+    (k, server)
+}
+
+/// An embryonic flow that lost one of its two entries to the table's LRU cannot be confirmed
+/// any more (its answer finds no flow, or the other half is gone): `stats` counts it evicted,
+/// not live, so live flows never exceed the table's capacity. (A SYN flood in CI once showed
+/// 131,521 "live" of 131,072: forward entries whose reply entries had been pushed out.)
+#[test]
+fn an_embryo_missing_either_entry_is_counted_evicted_not_live() {
+    let (k, server) = four_udp_embryos();
     let read = || stats::read(&k.pins.dir).unwrap().flow_table.embryonic;
     let e = read();
     assert_eq!((e.created, e.live, e.entries, e.evicted), (4, 4, 8, 0), "{e:?}");
@@ -473,13 +480,7 @@ fn an_embryo_missing_either_entry_is_counted_evicted_not_live() {
 /// an entry to the LRU stays counted as evicted when its other half is deleted.
 #[test]
 fn deleted_embryos_are_not_counted_evicted() {
-    let k = Kernel::new();
-    k.apply(POLICY);
-    let server = "198.51.100.10";
-    k.arrive_as(Role::External);
-    for port in 6001..=6004 {
-        assert_eq!(k.run(&frame("203.0.113.9", server, L4::Udp(port, 53))), PASS);
-    }
+    let (k, server) = four_udp_embryos();
     table_of(&k.pins.dir, EMBRYOS).remove(&flow_key(server, "203.0.113.9", 53, 6003, 17)).unwrap();
     let read = || stats::read(&k.pins.dir).unwrap().flow_table.embryonic;
     assert_eq!((read().live, read().evicted), (3, 1));
