@@ -1126,19 +1126,20 @@ fn a_full_established_table_keeps_new_connections_working() {
             }
         }
     });
-    // Two exchanges confirm a stream (one alone stays embryonic).
+    // Two exchanges confirm a stream (one alone stays embryonic). Each stream's socket is
+    // kept, so no later stream gets its port back and makes no new flow.
     let stream = |i: usize| {
         let s = lab.udp(&lab.client, sock(CLIENT4, 0));
         for round in 0..2 {
             s.send_to(format!("stream {i} round {round}").as_bytes(), sock(SERVER4, 5353)).unwrap();
             recv(&s, PASS_WAIT).unwrap_or_else(|| panic!("stream {i}: no answer in round {round}"));
         }
+        s
     };
-    for i in 0..64 {
-        stream(i);
-    }
+    let streams: Vec<_> = (0..64).map(stream).collect();
     let entries = |stats: &serde_json::Value| stats["flow_table"]["flows"]["entries"].as_u64();
-    assert_eq!(entries(&lab.stats()), Some(128), "the established table is full");
+    let full = lab.stats();
+    assert_eq!(entries(&full), Some(128), "the established table is full: {}", full["flow_table"]);
     let before = lab.stats();
     for addr in [sock(SERVER4, 80), sock(SERVER6, 80)] {
         let mut s = lab.tcp_works(addr, "a connection while the table is full");
@@ -1159,7 +1160,7 @@ fn a_full_established_table_keeps_new_connections_working() {
         assert!(Instant::now() < deadline, "server sockets left in LAST-ACK: {left}");
         std::thread::sleep(Duration::from_millis(50));
     }
-    stream(64);
+    let _last = stream(64);
     let after = lab.stats();
     assert_eq!(entries(&after), Some(128), "still full");
     let refused = |s: &serde_json::Value| s["flow_table"]["embryonic"]["refused"].as_u64().unwrap();
@@ -1172,7 +1173,7 @@ fn a_full_established_table_keeps_new_connections_working() {
     assert!(after["drops"]["policy"]["packets"].is_u64(), "drops by reason: {after}");
     let full = &after["drops"]["flow_table_full"]["packets"];
     assert!(full.as_u64().unwrap_or(0) == 0, "dropped as flow_table_full: {full}");
-    drop(lab);
+    drop((streams, lab));
     let _ = echo.join();
     println!(
         "a table of 64 flows, full: two TCP connections and a UDP stream worked, {} \
