@@ -437,16 +437,25 @@ fn the_sets_changes_outlive_the_state_directory_under_the_agent() {
     assert!(reaches(&lab, 8080), "open before the set change");
     lab.pins.xdpgate(&["set", "add", "blocked", CLIENT4]);
     assert!(!reaches(&lab, 8080), "the client blocked");
-    // The agent has read the change (it reads the file each second) before it goes.
-    std::thread::sleep(Duration::from_millis(1500));
+    // The agent has read the change (it reads the file each tick, before it writes its
+    // state) before it goes: two writes of its state after the change, the second in a
+    // later tick than the first, so that tick's read came after the change.
+    let changed = xdpgate::agent_state::now_unix();
+    let written = || xdpgate::agent_state::read(&lab.pins.dir).and_then(|s| s.written_unix);
+    wait_for("the agent's state written after the change", Duration::from_secs(20), || {
+        written().is_some_and(|w| w > changed)
+    });
+    let first = written();
+    wait_for("the agent's state written once more", Duration::from_secs(20), || written() > first);
     remove_state_dir(&lab.pins);
     let pid = agent.child.id();
-    wait_for("the agent's lock taken again", Duration::from_secs(10), || {
+    // Its lock first, then the records and the sets' changes written again.
+    wait_for("the agent's lock and the sets' changes back", Duration::from_secs(10), || {
         agent.assert_running("its state directory removed");
+        let listed = lab.pins.try_xdpgate(&["set", "list"]);
         xdpgate_dataplane::state::agent_pid(&lab.pins.dir) == Some(pid)
+            && String::from_utf8_lossy(&listed.stdout).contains(CLIENT4)
     });
-    let listed = lab.pins.xdpgate(&["set", "list"]);
-    assert!(listed.contains(CLIENT4), "{listed}");
     let before = generation(&lab.pins);
     agent.signal(libc::SIGHUP);
     wait_for("a reload after the directory went", Duration::from_secs(20), || {
@@ -583,9 +592,12 @@ fn the_agent_takes_its_lock_again_when_the_state_directory_goes() {
     std::thread::sleep(Duration::from_millis(1100));
     remove_state_dir(&lab.pins);
     let pid = agent.child.id();
-    wait_for("the agent's lock taken again", Duration::from_secs(10), || {
+    let running = generation(&lab.pins);
+    // Its lock first, then the records written again.
+    wait_for("the agent's lock and records back", Duration::from_secs(10), || {
         agent.assert_running("its state directory removed");
         xdpgate_dataplane::state::agent_pid(&lab.pins.dir) == Some(pid)
+            && matches!(xdpgate_dataplane::state::record(&lab.pins.dir, running), Ok(Some(_)))
     });
     let other = lab.write_policy("other.yaml", &policy(9090));
     let out = lab.pins.try_xdpgate(&["apply", other.to_str().unwrap()]);
@@ -598,7 +610,6 @@ fn the_agent_takes_its_lock_again_when_the_state_directory_goes() {
     // holds again, so reloads number load balancers as the running generation does and the
     // views name its rules (seen failing after an outside review: `set list` said the record
     // was gone, and the next reload renumbered the services under live flows).
-    let running = generation(&lab.pins);
     let record = xdpgate_dataplane::state::record(&lab.pins.dir, running).unwrap();
     let record = record.unwrap_or_else(|| panic!("generation {running}'s record"));
     assert_eq!(record.source, policy(8080));

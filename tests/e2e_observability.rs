@@ -602,7 +602,7 @@ load_balancers:
     backend_pools:
       - {name: servers, backends: [198.51.100.10]}
     probes:
-      - {name: up, protocol: tcp, port: 8080, interval: 200, timeout: 150, threshold: 2}
+      - {name: up, protocol: tcp, port: 8080, interval: 1000, timeout: 1000, threshold: 2}
       - {name: closed, protocol: tcp, port: 9, interval: 200, timeout: 150, threshold: 2}
     rules:
       - {name: alt-web, frontend: vip, protocol: tcp, frontend_port: 8080, backend_port: 8080, backend_pool: servers, probe: up}
@@ -707,9 +707,10 @@ fn a_backend_of_several_rules_is_counted_once_and_unprobed_rules_report_no_healt
         0.0
     );
     let took = sample(&scrape, "xdpgate_probe_duration_seconds_total", &probe);
-    assert!(took > 0.0 && took < 0.15 * ok, "{took} s for {ok} probes (timeout 150 ms)");
+    // Its timeout is a second: a loaded machine's slow connect is no failure here.
+    assert!(took > 0.0 && took < ok, "{took} s for {ok} probes (timeout 1 s)");
     let last = sample(&scrape, "xdpgate_probe_last_duration_seconds", &probe);
-    assert!(last > 0.0 && last < 0.15, "last probe {last} s");
+    assert!(last > 0.0 && last < 1.0, "last probe {last} s");
     let version = env!("CARGO_PKG_VERSION");
     assert_eq!(sample(&scrape, "xdpgate_build_info", &[("version", version)]), 1.0);
     lab.stop_agent();

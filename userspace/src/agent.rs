@@ -1339,12 +1339,6 @@ fn renew(
     }
     if let Some(lock) = failing.check("taking the agent lock again", AgentLock::acquire(pins)) {
         *owner = lock;
-        error!(
-            "the state directory {} lost this agent's lock (removed?): taken again, and the \
-             records of the generations it knows and the sets' run-time changes written \
-             again; the drains it held are lost",
-            state::dir(pins).display()
-        );
         save_state(pins, state, failing, live);
         // The records of the generations it read (the running one's above all), which went
         // with the directory: reloads number the load balancers' services and backends as
@@ -1368,6 +1362,13 @@ fn renew(
         if *sets != none && matches!(dataplane::sets::changes(pins), Ok(c) if c == none) {
             failing.check("writing the sets' changes again", dataplane::sets::save(pins, sets));
         }
+        // Said once it is so.
+        error!(
+            "the state directory {} lost this agent's lock (removed?): taken again, and the \
+             records of the generations it knows and the sets' run-time changes written \
+             again; the drains it held are lost",
+            state::dir(pins).display()
+        );
         // Its claim went with the directory.
         if let Some(table) = bgp_table {
             failing.check("claiming the bgp table again", announce::claim_table(pins, table));
