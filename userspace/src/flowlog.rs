@@ -19,7 +19,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde_json::{Map, Value, json};
 use xdpgate_common::{
     events::{EVENT_AT_EGRESS, EVENT_BEGIN, EVENT_DENY, FlowEvent, NO_REASON},
@@ -588,15 +588,7 @@ impl ProbeConnections {
 
     /// The host's addresses now.
     pub fn local_addresses() -> Result<HashSet<IpAddr>> {
-        let addrs = nix::ifaddrs::getifaddrs().context("listing the host's addresses")?;
-        Ok(addrs
-            .filter_map(|a| a.address)
-            .filter_map(|a| {
-                a.as_sockaddr_in()
-                    .map(|s| IpAddr::V4(s.ip()))
-                    .or_else(|| a.as_sockaddr_in6().map(|s| IpAddr::V6(s.ip())))
-            })
-            .collect())
+        Ok(crate::host_addrs::list()?.into_iter().map(|a| a.ip).collect())
     }
 }
 

@@ -6,7 +6,7 @@
 
 use std::{collections::BTreeMap, net::IpAddr};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use xdpgate_dataplane::PinDir;
 use xdpgate_policy::{Layer, Policy};
 
@@ -24,15 +24,8 @@ pub fn warnings(pins: &PinDir, policy: &Policy) -> Result<Vec<String>> {
         })
         .collect();
     let mut by_iface: BTreeMap<String, Vec<IpAddr>> = BTreeMap::new();
-    for a in nix::ifaddrs::getifaddrs().context("listing this host's addresses")? {
-        let ip = a.address.as_ref().and_then(|s| {
-            s.as_sockaddr_in()
-                .map(|s| IpAddr::V4(s.ip()))
-                .or_else(|| s.as_sockaddr_in6().map(|s| IpAddr::V6(s.ip())))
-        });
-        if let Some(ip) = ip.filter(|ip| !ip.is_loopback()) {
-            by_iface.entry(a.interface_name).or_default().push(ip);
-        }
+    for a in crate::host_addrs::list()?.into_iter().filter(|a| !a.ip.is_loopback()) {
+        by_iface.entry(a.interface).or_default().push(a.ip);
     }
     Ok(uncovered(policy, &attached, &by_iface))
 }

@@ -12,6 +12,7 @@ pub mod filter;
 pub mod flowlog;
 pub mod flows_cmd;
 pub mod health;
+pub mod host_addrs;
 pub mod host_cover;
 pub mod lb;
 pub mod lock_turn;

@@ -9,7 +9,7 @@ use std::{
     net::{IpAddr, SocketAddr},
 };
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Result, anyhow, bail};
 use ipnet::IpNet;
 use serde::Serialize;
 use xdpgate_dataplane::{
@@ -20,7 +20,10 @@ use xdpgate_dataplane::{
 };
 use xdpgate_policy::{LbProtocol, Policy};
 
-use crate::status::{self, IfaceStatus};
+use crate::{
+    host_addrs,
+    status::{self, IfaceStatus},
+};
 
 use super::{OutputArgs, View};
 
@@ -569,15 +572,6 @@ fn arrival_of(flow: &Flow) -> Result<Option<u32>> {
 /// The loopback device's ifindex (always 1).
 const LOOPBACK: u32 = 1;
 
-/// Whether `addr` is one of this host's addresses (in the current network namespace).
-pub fn is_local(addr: IpAddr) -> Result<bool> {
-    let addrs = nix::ifaddrs::getifaddrs().context("listing this host's addresses")?;
-    Ok(addrs.filter_map(|a| a.address).any(|s| {
-        s.as_sockaddr_in().map(|v4| IpAddr::V4(v4.ip())) == Some(addr)
-            || s.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())) == Some(addr)
-    }))
-}
-
 /// Why the kernel drops `flow` as it arrives by `arrival`, if it does: a loopback
 /// destination (or source) on a packet from outside is a martian (IPv4's 127/8 is routed
 /// where the interface's `route_localnet` is on).
@@ -604,7 +598,7 @@ pub fn resolve(pins: &PinDir, flow: &Flow, iface: Option<&str>) -> Result<NextHo
     let attached = if pins.path().exists() { status::read(pins)?.interfaces } else { vec![] };
     let arrival = match iface {
         Some(name) => Some(fib::ifindex(name)?),
-        None if is_local(flow.src)? => None,
+        None if host_addrs::is_local(flow.src)? => None,
         None => Some(arrival_of(flow)?.ok_or_else(|| {
             anyhow!(
                 "no route back to {}: cannot tell which interface its packets arrive by; \
@@ -784,21 +778,11 @@ pub fn act_forwarding(pins: &PinDir, arrival: u32, looked_up: Flow) -> Result<Ne
 /// prefixes (link-local ones left out: they name no subnet the gateway routes).
 pub fn interface_networks() -> Result<BTreeMap<String, Vec<IpNet>>> {
     let mut nets: BTreeMap<String, Vec<IpNet>> = BTreeMap::new();
-    for a in nix::ifaddrs::getifaddrs().context("listing addresses")? {
-        let (Some(addr), Some(mask)) = (a.address, a.netmask) else { continue };
-        let net = match (addr.as_sockaddr_in(), mask.as_sockaddr_in()) {
-            (Some(a), Some(m)) => IpNet::with_netmask(IpAddr::V4(a.ip()), IpAddr::V4(m.ip())).ok(),
-            _ => match (addr.as_sockaddr_in6(), mask.as_sockaddr_in6()) {
-                (Some(a), Some(m)) => {
-                    IpNet::with_netmask(IpAddr::V6(a.ip()), IpAddr::V6(m.ip())).ok()
-                }
-                _ => None,
-            },
-        };
+    for a in host_addrs::list()? {
         if let Some(net) =
-            net.filter(|n| !matches!(n.addr(), IpAddr::V6(a) if a.is_unicast_link_local()))
+            a.net.filter(|n| !matches!(n.addr(), IpAddr::V6(a) if a.is_unicast_link_local()))
         {
-            nets.entry(a.interface_name).or_default().push(net);
+            nets.entry(a.interface).or_default().push(net);
         }
     }
     Ok(nets)
@@ -873,7 +857,7 @@ fn judge(
                         }
                     },
                 ),
-                _ if is_local(dst)? => no_route(Outcome::NotForwarded, dst)?,
+                _ if host_addrs::is_local(dst)? => no_route(Outcome::NotForwarded, dst)?,
                 // The helper checks forwarding on the interface it is asked from, here the
                 // loopback device, before it looks at any route.
                 Outcome::ForwardingDisabled => (
@@ -993,7 +977,7 @@ fn judge(
 
 fn no_route(outcome: Outcome, dst: IpAddr) -> Result<(Forwarding, String)> {
     Ok(match outcome {
-        Outcome::NotForwarded if is_local(dst)? => {
+        Outcome::NotForwarded if host_addrs::is_local(dst)? => {
             (Forwarding::Local, format!("{dst} is this host's own address: delivered locally"))
         }
         Outcome::NotForwarded => (Forwarding::NoRoute, format!("no route to {dst}")),
