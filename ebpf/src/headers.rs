@@ -39,16 +39,10 @@ pub struct Ipv6Hdr {
     pub dst: [u8; 16],
 }
 
-/// The first two bytes shared by hop-by-hop, routing and destination-options headers.
+/// The first four bytes of a hop-by-hop, routing or destination-options header (each has
+/// eight at least); the last two are a routing header's (RFC 8200 4.4).
 #[repr(C)]
 pub struct Ipv6ExtHdr {
-    pub next_hdr: u8,
-    pub hdr_len: u8,
-}
-
-/// A routing header's first four bytes (RFC 8200 4.4).
-#[repr(C)]
-pub struct Ipv6RoutingHdr {
     pub next_hdr: u8,
     pub hdr_len: u8,
     pub routing_type: u8,

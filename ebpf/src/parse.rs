@@ -378,7 +378,7 @@ pub fn ipv6_chain(
         match next {
             IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
                 // Four bytes: every such header has eight at least.
-                let ext: *const Ipv6RoutingHdr = inside(ctx, off, end)?;
+                let ext: *const Ipv6ExtHdr = inside(ctx, off, end)?;
                 let ext = unsafe { &*ext };
                 // A routing header with segments left: the packet goes on from its
                 // destination to another address, which the policy never judged (a source
