@@ -132,8 +132,35 @@ fn send(gw: &Gateway, sport: u16, dport: u16) {
     assert_eq!(from.ip().to_string(), "192.0.2.100", "translated by the NAT gateway");
 }
 
-fn file(name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("{}.{name}", unique("cap")))
+/// A new path under the temporary directory, removed (file, link or directory) when the
+/// test ends, passed or failed.
+fn file(name: &str) -> TempPath {
+    TempPath(std::env::temp_dir().join(format!("{}.{name}", unique("cap"))))
+}
+
+struct TempPath(PathBuf);
+
+impl std::ops::Deref for TempPath {
+    type Target = PathBuf;
+    fn deref(&self) -> &PathBuf {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for TempPath {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempPath {
+    fn drop(&mut self) {
+        match std::fs::symlink_metadata(&self.0) {
+            Ok(m) if m.is_dir() => drop(std::fs::remove_dir_all(&self.0)),
+            Ok(_) => drop(std::fs::remove_file(&self.0)),
+            Err(_) => {}
+        }
+    }
 }
 
 /// (source, source port, destination port) of a captured Ethernet frame's UDP packet.
@@ -231,7 +258,6 @@ fn nat_before_and_after(gw: Gateway) {
     assert_eq!(text.lines().count(), 2, "{text}");
     assert!(text.contains("198.51.100.10.40000 > 203.0.113.10.9999"), "{text}");
     assert!(text.contains("192.0.2.100."), "{text}");
-    let _ = std::fs::remove_file(&path);
 }
 
 #[test]
@@ -313,8 +339,6 @@ fn bounds_stop_a_capture() {
         "{size}: {summary}"
     );
     assert!(!pcapng(&path).is_empty());
-    let _ = std::fs::remove_file(&path);
-    let _ = std::fs::remove_file(&path);
 
     let cap = Capture::start(
         &gw,
@@ -362,7 +386,6 @@ fn a_killed_capture_stops_copying() {
         send(&gw, sport, 9999);
     }
     assert_eq!(copies(&gw.pins), before, "copies after the lease lapsed");
-    let _ = std::fs::remove_file(&path);
 }
 
 /// Filters the kernel cannot judge at arrival, and flags that contradict each other, are
@@ -406,7 +429,6 @@ fn bad_filters_are_refused() {
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "kept", "{format}");
         assert_eq!(lease(&gw.pins), 0, "{format} took a lease");
     }
-    let _ = std::fs::remove_file(&path);
 }
 
 /// The kernel's wait channel of process `pid`'s main thread (`anon_pipe_write` while it is
@@ -495,7 +517,6 @@ fn a_refused_second_capture_leaves_the_first_one_capturing() {
     let summary = cap.finish();
     let text = tcpdump(&path);
     assert_eq!(text.lines().count(), 4, "{text}\n{summary}");
-    let _ = std::fs::remove_file(&path);
 }
 
 /// A capture held up past its lease (stopped here) says so on standard error when it
@@ -516,7 +537,6 @@ fn a_capture_held_up_past_its_lease_says_so() {
     unsafe { libc::kill(pid, libc::SIGINT) };
     let err = cap.finish();
     assert!(err.contains("its lease ran out"), "{err}");
-    let _ = std::fs::remove_file(&path);
 }
 
 /// `-w` into a directory other users write to (`/tmp`) writes only a file of the capturing
@@ -551,9 +571,9 @@ fn capture_writes_only_a_file_of_its_own() {
     std::os::unix::fs::lchown(&dir_link, Some(65534), Some(65534)).unwrap();
     let through = dir_link.join("out.pcap");
     for (path, says) in [
-        (&link, "symbolic link"),
-        (&theirs, "belongs to uid 65534"),
-        (&hard, "has 2 names"),
+        (&*link, "symbolic link"),
+        (&*theirs, "belongs to uid 65534"),
+        (&*hard, "has 2 names"),
         (&through, "is a symbolic link of uid 65534"),
     ] {
         let out =
@@ -563,8 +583,6 @@ fn capture_writes_only_a_file_of_its_own() {
     }
     assert_eq!(std::fs::read_to_string(&victim).unwrap(), "secret");
     assert_eq!(std::fs::read_to_string(dir.join("out.pcap")).unwrap(), "precious");
-    let _ = std::fs::remove_dir_all(&dir);
-    let _ = std::fs::remove_file(&dir_link);
     assert_eq!(std::fs::read_to_string(&theirs).unwrap(), "theirs");
     assert_eq!((mode(&victim), mode(&theirs)), (0o600, 0o666));
 
@@ -584,8 +602,4 @@ fn capture_writes_only_a_file_of_its_own() {
     let out = gw.pins.try_xdpgate(&["capture", "--duration", "0.2", "-w", fifo.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("belongs to uid 65534"), "{err}");
-    let _ = std::fs::remove_file(&fifo);
-    for p in [victim, link, hard, theirs, own] {
-        let _ = std::fs::remove_file(p);
-    }
 }
