@@ -22,6 +22,7 @@ use common::{
     Netns,
     echo::EchoServer,
     gateway::{CLIENT4, CLIENT6, Gateway, SERVER4, SERVER6},
+    packet::L4,
     tcp::{accept_within, read_within},
 };
 
@@ -1181,4 +1182,81 @@ fn a_full_established_table_keeps_new_connections_working() {
         refused(&after) - refused(&before),
         started.elapsed()
     );
+}
+
+/// Datagrams from the internet side forged with sources of the virtual network (an inside
+/// address, and the gateway's own inside address, which a backend's decapsulation may
+/// trust), to a port only `AllowVnetInBound` opens, are dropped as `spoofed` at XDP and at
+/// tc, IPv4 and IPv6; the internet's own allowed datagram passes, and the server's
+/// datagram out (its own address, on its own side) too. (Seen failing before the check:
+/// all four forged datagrams reached the server; an outside review's find.)
+#[test]
+fn virtual_network_sources_from_outside_are_dropped_at_both_hooks() {
+    const OPEN_TO_INTERNET: u16 = 5353;
+    const VNET_ONLY: u16 = 7000;
+    let policy = "virtual_network:\n  address_space: [198.51.100.0/24, 2001:db8:1::/64]\n\
+        nsgs:\n  - name: servers\n    subnets: [198.51.100.0/24, 2001:db8:1::/64]\n    rules:\n      \
+        - {name: allow-mdns, priority: 100, direction: inbound, access: allow, protocol: udp, \
+        source: Internet, destination: \"*\", destination_ports: [5353]}\n";
+    for (hook, build) in [("xdp", Gateway::new as fn() -> Gateway), ("tc", Gateway::tc)] {
+        let net = build();
+        net.apply("policy", policy);
+        let bind = |ip: &str, port: u16| {
+            let addr = sock(ip, port);
+            let s = net.server.run(move || UdpSocket::bind(addr).unwrap());
+            s.set_nonblocking(true).unwrap();
+            s
+        };
+        let closed = [bind(SERVER4, VNET_ONLY), bind(SERVER6, VNET_ONLY)];
+        let open = [bind(SERVER4, OPEN_TO_INTERNET), bind(SERVER6, OPEN_TO_INTERNET)];
+        let spoofed = || {
+            let stats: serde_json::Value =
+                serde_json::from_str(&net.pins.xdpgate(&["stats", "--json"])).unwrap();
+            stats["drops"]["spoofed"]["packets"].as_u64().unwrap_or(0)
+        };
+        let gw_mac = net.gw.mac(&net.ext);
+        let forged = [
+            ("198.51.100.20", SERVER4),
+            ("198.51.100.1", SERVER4),
+            ("2001:db8:1::20", SERVER6),
+            ("2001:db8:1::1", SERVER6),
+        ];
+        for (src, dst) in forged {
+            let frame = common::packet::frame(src, dst, L4::Udp(40000, VNET_ONLY));
+            common::send_frame(&net.client, &net.client_if, gw_mac, frame).unwrap();
+        }
+        // Then the internet's own, behind them on the same path.
+        for dst in [SERVER4, SERVER6] {
+            let frame = common::packet::frame_vlan(
+                if dst == SERVER4 { CLIENT4 } else { CLIENT6 },
+                dst,
+                L4::Udp(40001, OPEN_TO_INTERNET),
+                &[],
+                b"from the internet",
+            );
+            common::send_frame(&net.client, &net.client_if, gw_mac, frame).unwrap();
+        }
+        let deadline = Instant::now() + PASS_WAIT;
+        let mut heard = [false; 2];
+        while heard != [true; 2] {
+            assert!(Instant::now() < deadline, "{hook}: the internet's datagrams heard {heard:?}");
+            for (s, h) in open.iter().zip(heard.iter_mut()) {
+                *h |= s.recv_from(&mut [0u8; 64]).is_ok();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // The forged ones went first: had they passed, they would be here.
+        for s in &closed {
+            let got = s.recv_from(&mut [0u8; 64]);
+            assert!(got.is_err(), "{hook}: a forged datagram reached the server: {got:?}");
+        }
+        assert_eq!(spoofed(), 4, "{hook}: dropped as spoofed");
+        // The server's own datagram out: a source of the virtual network, on its side.
+        let client = net.client.run(|| UdpSocket::bind(sock(CLIENT4, 9999)).unwrap());
+        client.set_read_timeout(Some(PASS_WAIT)).unwrap();
+        net.server.run(|| {
+            UdpSocket::bind(sock(SERVER4, 0)).unwrap().send_to(b"out", sock(CLIENT4, 9999)).unwrap()
+        });
+        assert!(client.recv_from(&mut [0u8; 64]).is_ok(), "{hook}: the server's datagram out");
+    }
 }

@@ -99,9 +99,15 @@ pub enum DropReason {
     /// (off by default) would then forward it to the next address of its route, past the
     /// policy. Routers drop IPv4's by default (RFC 7126 4.4.3, 4.4.4).
     SourceRoute = 18,
+    /// A new flow's first packet from an address of the virtual network that arrived where
+    /// that address cannot be: the FIB reaches it by another interface xdpgate is attached
+    /// to, or, on an external interface, at this host itself or not at all (a strict
+    /// reverse-path check, as the kernel's `rp_filter` makes for IPv4 only). Judged as from
+    /// the virtual network, it would pass `AllowVnetInBound`.
+    Spoofed = 19,
 }
 
-pub const DROP_REASONS: u32 = 19;
+pub const DROP_REASONS: u32 = 20;
 
 /// Entries of the pinned drop counters: room for reasons to come, so that adding one needs
 /// no new layout (and no `upgrade` that starts the counts again at zero).
@@ -132,6 +138,7 @@ pub const DROP_REASON_TABLE: [(&str, &str); DROP_REASONS as usize] = [
         "source_route",
         "an IPv4 source route (LSRR, SSRR) or an IPv6 routing header with segments left",
     ),
+    ("spoofed", "from a virtual network address that lies behind another interface, or nowhere"),
 ];
 
 pub const DROP_REASON_NAMES: [&str; DROP_REASONS as usize] = {

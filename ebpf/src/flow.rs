@@ -714,6 +714,13 @@ pub fn create(
         }
         return Err(DropReason::Policy);
     }
+    // Allowed as from the virtual network (`AllowVnetInBound` allows any such source): only
+    // where that source can be. A rebuilt translation's reply direction comes from outside.
+    if snat::in_virtual_network(meta.family, &meta.src)
+        && forward::spoofed(ctx, meta, dir == DIR_INBOUND)
+    {
+        return Err(DropReason::Spoofed);
+    }
     forward.rules = decision.rules;
     if link_group {
         return Ok(Action::PASS);

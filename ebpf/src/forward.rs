@@ -31,7 +31,7 @@ use xdpgate_common::{
 use crate::{
     headers::{IPPROTO_IPIP, IPPROTO_IPV6},
     hook::Hook,
-    maps::{FIB_PARAMS, NEIGHBOURS_WANTED, ROUTE_GENERATION},
+    maps::{FIB_PARAMS, NEIGHBOURS_WANTED, ROUTE_GENERATION, iface_config},
     parse::{Packet, PacketMeta, ptr_at},
 };
 
@@ -39,6 +39,11 @@ const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 pub const FIB_SUCCESS: i64 = 0;
 pub const FIB_FRAG_NEEDED: i64 = 8;
+const FIB_BLACKHOLE: i64 = 1;
+const FIB_UNREACHABLE: i64 = 2;
+const FIB_PROHIBIT: i64 = 3;
+/// One of this host's addresses, a broadcast or multicast route, or no route at all.
+const FIB_NOT_FWDED: i64 = 4;
 const FIB_NO_NEIGH: i64 = 7;
 /// `bpf_sock.state` of a listening socket.
 const TCP_LISTEN: u32 = 10;
@@ -103,6 +108,28 @@ pub fn to_this_host<H: Hook>(ctx: &H, meta: &PacketMeta) -> bool {
     const LOOPBACK: u32 = 1;
     let route = lookup(ctx, meta, &meta.src, &meta.dst, 20, None, LOOPBACK);
     !matches!(route.map(|(rc, _)| rc), Ok(FIB_SUCCESS | FIB_NO_NEIGH | FIB_FRAG_NEEDED))
+}
+
+/// Whether `meta`'s source cannot be where the packet came from (see `DropReason::Spoofed`):
+/// the FIB, asked for the way back to it, names another attached interface, or, for a
+/// packet that came in by an `external` one, this host itself, no route or a rejecting
+/// one. A host whose forwarding is off cannot be asked (the FIB says only that): no check;
+/// nor on the loopback device, which carries only this host's own packets.
+#[inline(always)]
+pub fn spoofed<H: Hook>(ctx: &H, meta: &PacketMeta, external: bool) -> bool {
+    const LOOPBACK: u32 = 1;
+    if ctx.arrival() == LOOPBACK {
+        return false;
+    }
+    let back = lookup(ctx, meta, &meta.dst, &meta.src, 20, Some(meta.proto), LOOPBACK);
+    let Ok((rc, p)) = back else { return false };
+    match rc {
+        FIB_SUCCESS | FIB_NO_NEIGH => {
+            p.ifindex != ctx.arrival() && iface_config(p.ifindex).is_some_and(|c| c.slot != 0)
+        }
+        FIB_BLACKHOLE | FIB_UNREACHABLE | FIB_PROHIBIT | FIB_NOT_FWDED => external,
+        _ => false,
+    }
 }
 
 /// Whether a TCP segment belongs to a connection of this host itself: a socket of this

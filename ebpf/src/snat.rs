@@ -32,6 +32,12 @@ fn addr_key(family: u8, addr: &[u32; 4]) -> AddrKey {
     AddrKey { family, _pad: [0; 3], addr: *addr }
 }
 
+/// Whether `addr` is in the virtual network (its address space and peerings).
+#[inline(always)]
+pub fn in_virtual_network(family: u8, addr: &[u32; 4]) -> bool {
+    in_trie(&VNET, family, addr).is_some()
+}
+
 #[inline(always)]
 fn in_trie(
     trie: &aya_ebpf::maps::LpmTrie<AddrKey, u32>,
