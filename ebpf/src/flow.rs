@@ -1077,6 +1077,16 @@ pub fn reclassify(active: &Active<'_>, meta: &PacketMeta, len: u64) -> Result<()
     if decision.allowed {
         entry.rules = decision.rules;
         entry.generation = generation;
+        // Its twin too, judged with it: the first packet the other way would judge the
+        // flow again, and count it in its rule's flows a second time.
+        let twin_key = key.twin(entry);
+        let twin =
+            if established { FLOWS.get_ptr_mut(&twin_key) } else { EMBRYOS.get_ptr_mut(&twin_key) };
+        if let Some(twin) = twin {
+            let twin = unsafe { &mut *twin };
+            twin.rules = decision.rules;
+            twin.generation = generation;
+        }
         return Ok(());
     }
     // The packet it denied, as a new flow's denied packet counts (an allowed one counts
