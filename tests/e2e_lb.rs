@@ -375,6 +375,22 @@ fn load_balancing_end_to_end() {
     let text = t.pins.xdpgate(&["lb"]);
     assert!(text.contains("* a backend's packets and bytes over every rule sending"), "{text}");
     assert!(text.contains("198.51.100.11: lb/http, lb/sticky, lb/to-b1"), "{text}");
+    // Down for the probed rules; the inbound NAT rule, which probes nothing, still sends
+    // it new flows (seen failing after an outside review: UNHEALTHY there too).
+    let after = |rule: &str| {
+        let rows: Vec<&str> = text.lines().skip_while(|l| !l.contains(rule)).take(2).collect();
+        rows.get(1).map(|r| r.split_whitespace().collect::<Vec<_>>()).unwrap_or_default()
+    };
+    assert_eq!(after("lb/http").get(1), Some(&"UNHEALTHY"), "{text}");
+    assert_eq!(after("lb/to-b1")[..2], ["198.51.100.11", "unprobed"], "{text}");
+    // Without an agent nothing probes: `lb` says so (seen failing: health shown as last
+    // probed, unsaid).
+    let quiet = t.pins.try_xdpgate(&["lb"]);
+    assert!(!String::from_utf8_lossy(&quiet.stderr).contains("no agent runs"));
+    t.stop_agent();
+    let alone = t.pins.try_xdpgate(&["lb"]);
+    let warned = String::from_utf8_lossy(&alone.stderr);
+    assert!(alone.status.success() && warned.contains("no agent runs"), "{warned}");
 }
 
 impl Topology {

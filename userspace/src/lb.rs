@@ -55,6 +55,14 @@ pub fn run(pins: &PinDir, args: LbArgs) -> Result<()> {
             // Let writers (the agent's failover among them) go before printing: a reader
             // of the output may be slow, or never read (`| less`).
             drop(lock);
+            // With no agent, health is what the probes last said, however old.
+            let probed = report.iter().any(|s| s.probe.is_some());
+            if probed && !crate::agent_state::read(pins).is_some_and(|a| a.running(pins)) {
+                eprintln!(
+                    "warning: no agent runs (xdpgate run): nothing probes the backends, and \
+                     their health is as the probes last left it"
+                );
+            }
             return views::print(report.as_slice(), args.output.format());
         }
         Some(LbAction::Drain(t)) => (t, true),

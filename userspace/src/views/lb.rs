@@ -59,7 +59,7 @@ impl View for [ServiceReport] {
                 g.row([
                     String::new(),
                     format!("  {}", b.address),
-                    health(b),
+                    health(s, b),
                     b.flows.to_string(),
                     format!("{}{mark}", b.packets),
                     format!("{}{mark}", super::bytes(b.bytes)),
@@ -96,15 +96,21 @@ fn shares(m: &MaglevReport) -> String {
     m.slots.iter().map(share).collect::<Vec<_>>().join(", ")
 }
 
-/// A drained backend takes no new flows whatever its probes say; its flows finish.
-fn health(b: &BackendReport) -> String {
-    match (b.healthy, b.drained) {
-        (true, false) => "healthy",
-        (false, false) => "UNHEALTHY",
-        (true, true) => "drained",
-        (false, true) => "UNHEALTHY,drained",
+/// The backend as rule `s` sees it: by the rule's own probe, or `unprobed` for a rule
+/// without one, which sends it new flows whatever the probes of others say (seen shown
+/// UNHEALTHY, by the backend's one flag, while it took half the new flows). A drained
+/// backend takes no new flows whatever its probes say; its flows finish.
+fn health(s: &ServiceReport, b: &BackendReport) -> String {
+    let state = match (&s.probe, b.healthy_in_rule) {
+        (None, _) => "unprobed",
+        (Some(_), true) => "healthy",
+        (Some(_), false) => "UNHEALTHY",
+    };
+    match (state, b.drained) {
+        (state, false) => state.to_string(),
+        ("healthy", true) => "drained".to_string(),
+        (state, true) => format!("{state},drained"),
     }
-    .to_string()
 }
 
 #[cfg(test)]
