@@ -732,6 +732,7 @@ mod tests {
             idle_seconds: 0.0,
             expired: false,
             incomplete: false,
+            tcp_state: None,
         }
     }
 

@@ -655,6 +655,7 @@ nat_gateways:
             idle_seconds: 0.0,
             expired: false,
             incomplete: false,
+            tcp_state: None,
         }
     }
 

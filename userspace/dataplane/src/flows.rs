@@ -17,7 +17,9 @@ use anyhow::{Result, bail};
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use serde::Serialize;
 use xdpgate_common::{
-    flow::{FlowKey, FlowValue, NAT_DST, NAT_ENCAP, NAT_NEXT_HOP, NAT_SRC, NO_RULE},
+    flow::{
+        FlowKey, FlowValue, NAT_DST, NAT_ENCAP, NAT_NEXT_HOP, NAT_SRC, NO_RULE, TCP_CLOSED, TCP_FIN,
+    },
     is_icmp,
     lb::NO_BACKEND,
     maps::{EMBRYOS, FLOWS, NAT_MAP},
@@ -108,6 +110,9 @@ pub struct Flow {
     /// Only one direction's entry is in the table (the other was evicted, or replaced by a
     /// newer flow's).
     pub incomplete: bool,
+    /// A TCP flow's close as the dataplane tracks it: `open`, `closing` (a FIN one way) or
+    /// `closed` (FINs both ways, or a reset; its entries linger 10 s); none for others.
+    pub tcp_state: Option<&'static str>,
 }
 
 /// A rule as the generation that decided a flow names it.
@@ -600,6 +605,16 @@ fn describe(
         idle_seconds: idle_ns as f64 / 1e9,
         expired: idle_ns > timeout,
         incomplete: forward.is_none() || reply.is_none(),
+        tcp_state: (key.proto == 6).then(|| {
+            let tcp = forward.iter().chain(reply.iter()).fold(0, |a, v| a | v.tcp);
+            if tcp & TCP_CLOSED != 0 {
+                "closed"
+            } else if tcp & TCP_FIN != 0 {
+                "closing"
+            } else {
+                "open"
+            }
+        }),
     }
 }
 
@@ -834,7 +849,7 @@ pub fn established(pins: &PinDir, mut each: impl FnMut(FlowEntries)) -> Result<(
 #[cfg(test)]
 mod tests {
     use xdpgate_common::{
-        flow::{NAT_NONE, NO_RULES, TCP_CLOSED, TCP_FIN},
+        flow::{NAT_NONE, NO_RULES},
         words,
     };
 
@@ -936,6 +951,26 @@ mod tests {
             let at = |now| describe(&names, now, FlowState::Embryonic, k, f, r).expired;
             assert!(!at(11_000_000_000) && at(61_000_000_000), "{f:?} {r:?}");
         }
+    }
+
+    /// A TCP flow's close as its entries record it, for `flows` (an outside review saw a
+    /// closed connection shown as a live one until its entries went, 10 s later).
+    #[test]
+    fn a_tcp_flows_close_is_shown() {
+        let names = names();
+        let k = key([203, 0, 113, 10], 40000, [198, 51, 100, 10], 80);
+        let state = |tcp| {
+            let mut v = value(1, 1);
+            v.tcp = tcp;
+            describe(&names, 2, FlowState::Established, k, Some(value(0, 1)), Some(v)).tcp_state
+        };
+        assert_eq!(state(0), Some("open"));
+        assert_eq!(state(TCP_FIN), Some("closing"));
+        assert_eq!(state(TCP_FIN | TCP_CLOSED), Some("closed"));
+        assert_eq!(state(TCP_CLOSED), Some("closed"), "a reset");
+        let udp = FlowKey { proto: 17, ..k };
+        let v = Some(value(0, 1));
+        assert_eq!(describe(&names, 2, FlowState::Established, udp, v, None).tcp_state, None);
     }
 
     #[test]

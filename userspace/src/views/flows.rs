@@ -144,7 +144,12 @@ fn table(flows: &[Flow], running: u64) -> String {
             via(f),
             f.reply.packets.to_string(),
             super::bytes(f.reply.bytes),
-            if f.expired { "expired".into() } else { String::new() },
+            // A closed connection's entries linger: said, or it looks like a live one.
+            match (f.expired, f.tcp_state) {
+                (true, _) => "expired".into(),
+                (false, Some(s)) if s != "open" => s.into(),
+                _ => String::new(),
+            },
         ]);
     }
     let mut out = g.render();
@@ -194,6 +199,7 @@ mod tests {
             idle_seconds: 2.5,
             expired: false,
             incomplete: false,
+            tcp_state: None,
         }
     }
 
@@ -230,6 +236,17 @@ mod tests {
         for running in [3, 0] {
             let text = listed(running).text();
             assert!(!text.contains("older policy"), "running {running}: {text}");
+        }
+    }
+
+    /// A closed connection's entries linger 10 s: its row says so, where `expired` goes.
+    #[test]
+    fn a_closing_or_closed_connection_says_so() {
+        for (state, shown) in [("open", false), ("closing", true), ("closed", true)] {
+            let f = Flow { tcp_state: Some(state), ..flow() };
+            let text = [f].text();
+            let second = text.lines().nth(3).unwrap();
+            assert_eq!(second.trim_end().ends_with(state), shown, "{text}");
         }
     }
 
