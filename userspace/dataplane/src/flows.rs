@@ -572,7 +572,9 @@ fn describe(
         Some(Nat {
             kind,
             address: addr(&f.nat_addr, key.family),
-            port: (ports && f.nat != NAT_NEXT_HOP && f.nat != NAT_ENCAP).then_some(f.nat_port),
+            // An echo flow's identifier stands for its port (a NAT gateway claims one).
+            port: ((ports || icmp_echo) && f.nat != NAT_NEXT_HOP && f.nat != NAT_ENCAP)
+                .then_some(f.nat_port),
         })
     });
     let load_balancer = (main.service != NO_BACKEND).then(|| {
@@ -971,6 +973,21 @@ mod tests {
         let udp = FlowKey { proto: 17, ..k };
         let v = Some(value(0, 1));
         assert_eq!(describe(&names, 2, FlowState::Established, udp, v, None).tcp_state, None);
+    }
+
+    /// A translated echo flow shows the identifier it has outside, as a port (an outside
+    /// review found only the inside one, with no way to match an outside capture).
+    #[test]
+    fn a_translated_echo_flow_shows_its_outside_identifier() {
+        let names = names();
+        let k =
+            FlowKey { proto: 1, dport: 0, ..key([198, 51, 100, 10], 14785, [203, 0, 113, 10], 0) };
+        let mut v = value(0, 1);
+        (v.nat, v.nat_addr, v.nat_port) = (NAT_SRC, v4([192, 0, 2, 100]), 27205);
+        let flow = describe(&names, 2, FlowState::Established, k, Some(v), None);
+        assert_eq!(flow.icmp_id, Some(14785));
+        let nat = flow.nat.expect("translated");
+        assert_eq!((nat.kind, nat.port), ("snat", Some(27205)));
     }
 
     #[test]
