@@ -44,6 +44,8 @@ const FIB_UNREACHABLE: i64 = 2;
 const FIB_PROHIBIT: i64 = 3;
 /// One of this host's addresses, a broadcast or multicast route, or no route at all.
 const FIB_NOT_FWDED: i64 = 4;
+/// Forwarding is off on the interface asked from.
+const FIB_FWD_DISABLED: i64 = 5;
 const FIB_NO_NEIGH: i64 = 7;
 /// `bpf_sock.state` of a listening socket.
 const TCP_LISTEN: u32 = 10;
@@ -113,16 +115,25 @@ pub fn to_this_host<H: Hook>(ctx: &H, meta: &PacketMeta) -> bool {
 /// Whether `meta`'s source cannot be where the packet came from (see `DropReason::Spoofed`):
 /// the FIB, asked for the way back to it, names another attached interface, or, for a
 /// packet that came in by an `external` one, this host itself, no route or a rejecting
-/// one. A host whose forwarding is off cannot be asked (the FIB says only that): no check;
-/// nor on the loopback device, which carries only this host's own packets.
+/// one. Asked as from the loopback device (whose `forwarding` follows `all`), else, where
+/// only some interfaces forward, from the arrival one; a host whose forwarding is off
+/// cannot be asked (the FIB says only that): no check. None on the loopback device, which
+/// carries only this host's own packets, nor for an IPv6 link-local source, which names
+/// no place beyond its link (every interface has a route to `fe80::/64`).
 #[inline(always)]
 pub fn spoofed<H: Hook>(ctx: &H, meta: &PacketMeta, external: bool) -> bool {
     const LOOPBACK: u32 = 1;
-    if ctx.arrival() == LOOPBACK {
+    let [a, b] = [meta.src[0] as u8, (meta.src[0] >> 8) as u8];
+    if ctx.arrival() == LOOPBACK || (meta.family == 6 && (a, b & 0xc0) == (0xfe, 0x80)) {
         return false;
     }
     let back = lookup(ctx, meta, &meta.dst, &meta.src, 20, Some(meta.proto), LOOPBACK);
-    let Ok((rc, p)) = back else { return false };
+    let Ok((mut rc, p)) = back else { return false };
+    if rc == FIB_FWD_DISABLED {
+        // The parameters as asked (the FIB stops before it writes them): only the place.
+        p.ifindex = ctx.arrival();
+        rc = unsafe { fib_lookup(ctx.as_ptr(), p, size_of::<bpf_fib_lookup>() as i32, 0) };
+    }
     match rc {
         FIB_SUCCESS | FIB_NO_NEIGH => {
             p.ifindex != ctx.arrival() && iface_config(p.ifindex).is_some_and(|c| c.slot != 0)
