@@ -1195,7 +1195,7 @@ fn virtual_network_sources_from_outside_are_dropped_at_both_hooks() {
     const OPEN_TO_INTERNET: u16 = 5353;
     const VNET_ONLY: u16 = 7000;
     // Link-local in the virtual network too: its sources name no place, and are not checked.
-    let policy = "virtual_network:\n  address_space: [198.51.100.0/24, 2001:db8:1::/64, \
+    let policy = "virtual_network:\n  address_space: [198.51.0.0/16, 2001:db8:1::/64, \
         fe80::/10]\n\
         nsgs:\n  - name: servers\n    subnets: [198.51.100.0/24, 2001:db8:1::/64]\n    rules:\n      \
         - {name: allow-mdns, priority: 100, direction: inbound, access: allow, protocol: udp, \
@@ -1293,6 +1293,29 @@ fn virtual_network_sources_from_outside_are_dropped_at_both_hooks() {
                 assert!(Instant::now() < deadline, "per-interface forwarding: not dropped");
                 std::thread::sleep(Duration::from_millis(20));
             }
+            // Address space no inside route covers, with a default route out: the way back
+            // is the arrival interface, and a forged source there passes (a limit) until
+            // the space has an unreachable route of its own.
+            net.gw.exec("ip", &["route", "add", "default", "via", CLIENT4]);
+            // A port each: the first one's flow would take the second one in.
+            let forge = |port| {
+                let frame = common::packet::frame("198.51.7.7", SERVER4, L4::Udp(port, VNET_ONLY));
+                common::send_frame(&net.client, &net.client_if, gw_mac, frame).unwrap();
+            };
+            forge(40003);
+            closed[0].set_read_timeout(Some(PASS_WAIT)).unwrap();
+            closed[0].set_nonblocking(false).unwrap();
+            let got = closed[0].recv_from(&mut [0u8; 64]);
+            assert!(got.is_ok_and(|(_, from)| from == sock("198.51.7.7", 40003)), "the limit");
+            net.gw.exec("ip", &["route", "add", "unreachable", "198.51.0.0/16"]);
+            forge(40004);
+            let deadline = Instant::now() + PASS_WAIT;
+            while spoofed() < 6 {
+                assert!(Instant::now() < deadline, "unreachable route: not dropped");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            closed[0].set_nonblocking(true).unwrap();
+            assert!(closed[0].recv_from(&mut [0u8; 64]).is_err(), "unreachable route: passed");
         }
     }
 }
