@@ -390,6 +390,11 @@ fn echoed(s: &mut TcpStream, wait: Duration) -> bool {
 #[test]
 fn a_translated_flow_follows_its_next_hop_when_it_changes() {
     let mut lab = Lab::new("");
+    // Retransmissions are what the test counts: only for a lost segment, not for a loaded
+    // machine's late echo (no tail-loss probe; a second before a timeout, not 200 ms). A
+    // segment lost to the old MAC is still sent again within the echo's 3 s.
+    lab.host.exec("sysctl", &["-qw", "net.ipv4.tcp_early_retrans=0"]);
+    lab.host.exec("ip", &["route", "change", "default", "via", "198.51.100.1", "rto_min", "1s"]);
     let _echo =
         common::echo::EchoServer::start(&lab.server, vec!["203.0.113.10:7".parse().unwrap()]);
     let mut s = lab.host.run(|| {
