@@ -103,6 +103,28 @@ fn snat_icmp_echo_by_identifier() {
     }
 }
 
+/// An error quoting an echo reply "from" the public address, on the key of a host's pings
+/// out, is about no flow: dropped, not translated to the host, while one quoting the
+/// host's request is translated back (seen failing after an outside review: the host got
+/// an error quoting a reply it never sent).
+#[test]
+fn an_error_quoting_an_echo_reply_the_host_never_sent_is_dropped() {
+    let k = Kernel::new();
+    k.apply(POLICY);
+    for (private, remote, public) in HOSTS {
+        k.arrive_as(Role::Internal);
+        let request = k.through(&frame(private, remote, L4::Echo(778)));
+        let l4 = ETH_LEN + ip_len(&request);
+        let mut reply = request.clone();
+        reply[l4] = if request[l4] == 8 { 0 } else { 129 };
+        k.arrive_as(Role::External);
+        let error = |quoted: &[u8]| frame_vlan(remote, public, L4::PortUnreachable, &[], quoted);
+        assert_eq!(k.run(&error(&reply[ETH_LEN..])), DROP, "{remote}: quoting a reply");
+        let out = k.through(&error(&request[ETH_LEN..]));
+        assert_eq!(endpoints(&out).1, ip(private), "{remote}: quoting the request");
+    }
+}
+
 /// A translated flow lives in the flow table as long as its translation: a TCP connection
 /// idle longer than the policy's TCP timeout, but not the gateway's, still works.
 #[test]

@@ -21,7 +21,7 @@ use crate::{
     lb::{self, Lb},
     maps::{CLASSIFY_SCRATCH, EMBRYOS, FLOWS},
     nsg::Active,
-    parse::{FRAG_LATER, Packet, PacketMeta, ipv6_chain, is_echo, ptr_at},
+    parse::{FRAG_LATER, Packet, PacketMeta, answer_mark, ipv6_chain, is_echo, ptr_at},
 };
 
 #[inline(always)]
@@ -123,6 +123,8 @@ pub fn related(ctx: &impl Packet, active: &Active<'_>, meta: &PacketMeta) -> Opt
         key.src = xdpgate_common::words(&ip.dst);
         key.dst = xdpgate_common::words(&ip.src);
     }
+    // A quoted echo message's mark (its type + 1, as `parse::echo_mark`), else 0.
+    let mut quoted_echo = 0;
     match proto {
         IPPROTO_TCP | IPPROTO_UDP => {
             let ports = unsafe { &*ptr_at::<[u8; 4]>(ctx, l4).ok()? };
@@ -138,6 +140,7 @@ pub fn related(ctx: &impl Packet, active: &Active<'_>, meta: &PacketMeta) -> Opt
             let id = u16::from_be_bytes([icmp.rest[0], icmp.rest[1]]);
             key.sport = id;
             key.dport = id;
+            quoted_echo = u32::from(icmp.kind) + 1;
         }
         _ => return None,
     }
@@ -154,7 +157,14 @@ pub fn related(ctx: &impl Packet, active: &Active<'_>, meta: &PacketMeta) -> Opt
             None => return to_direct_backend(active, meta, &key),
         },
     };
-    if !vouches {
+    // The quoted echo message must be the one its direction carries, the answer of what
+    // the entry's direction carries (an error quoting an echo reply the host never sent,
+    // on its pings' key, is about no flow). Entries without a mark are not checked.
+    if !vouches
+        || (quoted_echo != 0
+            && entry.seq != 0
+            && answer_mark(meta.family, entry.seq) != quoted_echo)
+    {
         return None;
     }
     let nat = match entry.nat {
