@@ -536,6 +536,36 @@ fn midstream_pickup_follows_its_settings() {
     });
 }
 
+/// A client's FIN in the segment that completes the handshake (a request sent and shut in
+/// one go) counts: the server's FIN then closes the flow, which goes 10 s after as any
+/// closed connection does (seen failing after an outside review: left half closed for the
+/// TCP idle timeout, and a new connection on its tuple taken for it), IPv4 and IPv6.
+#[test]
+fn a_fin_in_the_handshakes_last_segment_counts() {
+    let k = Kernel::new();
+    k.apply(POLICY);
+    for (client, server) in [("203.0.113.7", "198.51.100.20"), ("2001:db8:2::7", "2001:db8:1::20")]
+    {
+        let seg = |from: &str, to: &str, ports, flags, seq, ack| {
+            tcp_frame(from, to, ports, flags, seq, ack)
+        };
+        k.arrive_as(Role::External);
+        assert_eq!(k.run(&seg(client, server, (40100, 80), SYN, CLIENT_ISN, 0)), PASS);
+        k.arrive_as(Role::Internal);
+        let synack = seg(server, client, (80, 40100), SYN | ACK, SERVER_ISN, CLIENT_ISN + 1);
+        assert_eq!(k.run(&synack), PASS);
+        k.arrive_as(Role::External);
+        let last = seg(client, server, (40100, 80), ACK | FIN, CLIENT_ISN + 1, SERVER_ISN + 1);
+        assert_eq!(k.run(&last), PASS);
+        k.arrive_as(Role::Internal);
+        let fin = seg(server, client, (80, 40100), FIN | ACK, SERVER_ISN + 1, CLIENT_ISN + 2);
+        assert_eq!(k.run(&fin), PASS);
+        let key = flow_key(client, server, 40100, 80, 6);
+        let entry = k.established(&key).expect("confirmed by the handshake's last segment");
+        assert_ne!(entry.tcp & TCP_CLOSED, 0, "{client}: closed (tcp {:#x})", entry.tcp);
+    }
+}
+
 /// A segment without a flow is let through to the policy as "for this host" only when a
 /// connection of the host owns it: not for a destination without a route (the old test
 /// asked the FIB, which says "not forwarded" for both), nor for an address of the host

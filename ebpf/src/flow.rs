@@ -380,6 +380,11 @@ fn embryo(
     if entry.replies_direct() {
         return Lookup::Hit(action);
     }
+    // The confirming segment may carry its sender's FIN (a request sent and shut in one
+    // go): counted, or the peer's FIN would leave the flow half closed for good.
+    if meta.proto == IPPROTO_TCP && meta.tcp_flags & TH_FIN != 0 {
+        entry.tcp |= TCP_FIN;
+    }
     confirm(meta, key, entry);
     Lookup::Hit(action)
 }
