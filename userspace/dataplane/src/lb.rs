@@ -330,6 +330,7 @@ pub fn report(
     };
     let maps = LbMaps::open(pins)?;
     let outer_sources = maps.outer_sources(crate::encap::read(pins).unwrap_or_default());
+    let fixed = maps.fixed_services();
     let mut out = Vec::new();
     for (id, spec) in record.services.iter().enumerate() {
         // A retired service (the running policy dropped it; its id names it for the flows
@@ -368,7 +369,9 @@ pub fn report(
                         address,
                         healthy,
                         healthy_in_rule,
-                        drained: drained.contains(&spec.lb, address),
+                        // An inbound NAT rule's backend is not drained (its rule has no table).
+                        drained: !fixed.contains(&(id as u32))
+                            && drained.contains(&spec.lb, address),
                         flows: flows.get(&(id as u32, b)).copied().unwrap_or(0),
                         packets: c.packets,
                         bytes: c.bytes,
@@ -396,6 +399,17 @@ pub fn report(
 }
 
 impl LbMaps {
+    /// The services with a fixed backend (inbound NAT rules), by id: no drain applies to
+    /// them.
+    fn fixed_services(&self) -> std::collections::HashSet<u32> {
+        self.frontends
+            .iter()
+            .filter_map(|e| e.ok())
+            .filter(|(_, s)| s.backend != NO_BACKEND)
+            .map(|(_, s)| s.id)
+            .collect()
+    }
+
     /// The outer source of each service that encapsulates, by id: `sources`' of its
     /// frontends' family.
     fn outer_sources(&self, sources: Sources) -> BTreeMap<u32, IpAddr> {
