@@ -1217,6 +1217,10 @@ fn virtual_network_sources_from_outside_are_dropped_at_both_hooks() {
             stats["drops"]["spoofed"]["packets"].as_u64().unwrap_or(0)
         };
         let gw_mac = net.gw.mac(&net.ext);
+        let forge = |src: &str, dst: &str, port: u16| {
+            let frame = common::packet::frame(src, dst, L4::Udp(port, VNET_ONLY));
+            common::send_frame(&net.client, &net.client_if, gw_mac, frame).unwrap();
+        };
         let forged = [
             ("198.51.100.20", SERVER4),
             ("198.51.100.1", SERVER4),
@@ -1224,8 +1228,7 @@ fn virtual_network_sources_from_outside_are_dropped_at_both_hooks() {
             ("2001:db8:1::1", SERVER6),
         ];
         for (src, dst) in forged {
-            let frame = common::packet::frame(src, dst, L4::Udp(40000, VNET_ONLY));
-            common::send_frame(&net.client, &net.client_if, gw_mac, frame).unwrap();
+            forge(src, dst, 40000);
         }
         // Then the internet's own, behind them on the same path.
         for dst in [SERVER4, SERVER6] {
@@ -1284,8 +1287,7 @@ fn virtual_network_sources_from_outside_are_dropped_at_both_hooks() {
             for iface in [&net.ext, &net.int] {
                 net.gw.exec("sysctl", &["-qw", &format!("net.ipv4.conf.{iface}.forwarding=1")]);
             }
-            let frame = common::packet::frame("198.51.100.20", SERVER4, L4::Udp(40002, VNET_ONLY));
-            common::send_frame(&net.client, &net.client_if, gw_mac, frame).unwrap();
+            forge("198.51.100.20", SERVER4, 40002);
             let deadline = Instant::now() + PASS_WAIT;
             while spoofed() < 5 {
                 let got = closed[0].recv_from(&mut [0u8; 64]);
@@ -1298,17 +1300,13 @@ fn virtual_network_sources_from_outside_are_dropped_at_both_hooks() {
             // the space has an unreachable route of its own.
             net.gw.exec("ip", &["route", "add", "default", "via", CLIENT4]);
             // A port each: the first one's flow would take the second one in.
-            let forge = |port| {
-                let frame = common::packet::frame("198.51.7.7", SERVER4, L4::Udp(port, VNET_ONLY));
-                common::send_frame(&net.client, &net.client_if, gw_mac, frame).unwrap();
-            };
-            forge(40003);
+            forge("198.51.7.7", SERVER4, 40003);
             closed[0].set_read_timeout(Some(PASS_WAIT)).unwrap();
             closed[0].set_nonblocking(false).unwrap();
             let got = closed[0].recv_from(&mut [0u8; 64]);
             assert!(got.is_ok_and(|(_, from)| from == sock("198.51.7.7", 40003)), "the limit");
             net.gw.exec("ip", &["route", "add", "unreachable", "198.51.0.0/16"]);
-            forge(40004);
+            forge("198.51.7.7", SERVER4, 40004);
             let deadline = Instant::now() + PASS_WAIT;
             while spoofed() < 6 {
                 assert!(Instant::now() < deadline, "unreachable route: not dropped");

@@ -546,19 +546,17 @@ fn a_fin_in_the_handshakes_last_segment_counts() {
     k.apply(POLICY);
     for (client, server) in [("203.0.113.7", "198.51.100.20"), ("2001:db8:2::7", "2001:db8:1::20")]
     {
-        let seg = |from: &str, to: &str, ports, flags, seq, ack| {
-            tcp_frame(from, to, ports, flags, seq, ack)
-        };
         k.arrive_as(Role::External);
-        assert_eq!(k.run(&seg(client, server, (40100, 80), SYN, CLIENT_ISN, 0)), PASS);
+        assert_eq!(k.run(&tcp_frame(client, server, (40100, 80), SYN, CLIENT_ISN, 0)), PASS);
         k.arrive_as(Role::Internal);
-        let synack = seg(server, client, (80, 40100), SYN | ACK, SERVER_ISN, CLIENT_ISN + 1);
+        let synack = tcp_frame(server, client, (80, 40100), SYN | ACK, SERVER_ISN, CLIENT_ISN + 1);
         assert_eq!(k.run(&synack), PASS);
         k.arrive_as(Role::External);
-        let last = seg(client, server, (40100, 80), ACK | FIN, CLIENT_ISN + 1, SERVER_ISN + 1);
+        let last =
+            tcp_frame(client, server, (40100, 80), ACK | FIN, CLIENT_ISN + 1, SERVER_ISN + 1);
         assert_eq!(k.run(&last), PASS);
         k.arrive_as(Role::Internal);
-        let fin = seg(server, client, (80, 40100), FIN | ACK, SERVER_ISN + 1, CLIENT_ISN + 2);
+        let fin = tcp_frame(server, client, (80, 40100), FIN | ACK, SERVER_ISN + 1, CLIENT_ISN + 2);
         assert_eq!(k.run(&fin), PASS);
         let key = flow_key(client, server, 40100, 80, 6);
         let entry = k.established(&key).expect("confirmed by the handshake's last segment");

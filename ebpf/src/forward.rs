@@ -32,7 +32,7 @@ use crate::{
     headers::{IPPROTO_IPIP, IPPROTO_IPV6},
     hook::Hook,
     maps::{FIB_PARAMS, NEIGHBOURS_WANTED, ROUTE_GENERATION, iface_config},
-    parse::{Packet, PacketMeta, ptr_at},
+    parse::{Packet, PacketMeta, ipv6_link_local, ptr_at},
 };
 
 const AF_INET: u8 = 2;
@@ -123,8 +123,7 @@ pub fn to_this_host<H: Hook>(ctx: &H, meta: &PacketMeta) -> bool {
 #[inline(always)]
 pub fn spoofed<H: Hook>(ctx: &H, meta: &PacketMeta, external: bool) -> bool {
     const LOOPBACK: u32 = 1;
-    let [a, b] = [meta.src[0] as u8, (meta.src[0] >> 8) as u8];
-    if ctx.arrival() == LOOPBACK || (meta.family == 6 && (a, b & 0xc0) == (0xfe, 0x80)) {
+    if ctx.arrival() == LOOPBACK || (meta.family == 6 && ipv6_link_local(&meta.src)) {
         return false;
     }
     let back = lookup(ctx, meta, &meta.dst, &meta.src, 20, Some(meta.proto), LOOPBACK);

@@ -64,11 +64,11 @@ impl PacketMeta {
     #[inline(always)]
     pub fn routed_dst(&self) -> bool {
         // Addresses as they lie in the packet: the first byte is the lowest of `dst[0]`.
-        let [a, b] = [self.dst[0] as u8, (self.dst[0] >> 8) as u8];
+        let a = self.dst[0] as u8;
         if self.family == 4 {
             a & 0xf0 != 0xe0 && self.dst[0] != u32::MAX
         } else {
-            a != 0xff && (a, b & 0xc0) != (0xfe, 0x80)
+            a != 0xff && !ipv6_link_local(&self.dst)
         }
     }
 
@@ -460,6 +460,13 @@ fn inside<T>(ctx: &impl Packet, off: usize, end: usize) -> Result<*const T, Drop
         return Err(DropReason::Malformed);
     }
     ptr_at(ctx, off)
+}
+
+/// Whether an IPv6 address, as it lies in the packet, is link-local (`fe80::/10`).
+#[inline(always)]
+pub fn ipv6_link_local(addr: &[u32; 4]) -> bool {
+    let [a, b] = [addr[0] as u8, (addr[0] >> 8) as u8];
+    (a, b & 0xc0) == (0xfe, 0x80)
 }
 
 /// Echo request or reply, the ICMP messages that form a flow by identifier: `kind` is the

@@ -57,7 +57,7 @@ pub fn run(pins: &PinDir, args: LbArgs) -> Result<()> {
             drop(lock);
             // With no agent, health is what the probes last said, however old.
             let probed = report.iter().any(|s| s.probe.is_some());
-            if probed && !crate::agent_state::read(pins).is_some_and(|a| a.running(pins)) {
+            if probed && state::agent_pid(pins).is_none() {
                 eprintln!(
                     "warning: no agent runs (xdpgate run): nothing probes the backends, and \
                      their health is as the probes last left it"

@@ -608,7 +608,7 @@ fn describe(
         expired: idle_ns > timeout,
         incomplete: forward.is_none() || reply.is_none(),
         tcp_state: (key.proto == 6).then(|| {
-            let tcp = forward.iter().chain(reply.iter()).fold(0, |a, v| a | v.tcp);
+            let tcp = tcp_flags(forward, reply);
             if tcp & TCP_CLOSED != 0 {
                 "closed"
             } else if tcp & TCP_FIN != 0 {
@@ -632,7 +632,7 @@ fn idle(
 ) -> (u64, u64) {
     let main = forward.or(reply).expect("a flow has an entry");
     let last_seen = forward.iter().chain(reply.iter()).map(|v| v.last_seen_ns).max().unwrap_or(0);
-    let tcp = forward.iter().chain(reply.iter()).fold(0, |a, v| a | v.tcp);
+    let tcp = tcp_flags(forward, reply);
     let timeout = match state {
         FlowState::Established => names.timeout_ns(key.family, key.proto, tcp, main.idle_s),
         FlowState::Embryonic => {
@@ -640,6 +640,11 @@ fn idle(
         }
     };
     (now.saturating_sub(last_seen), timeout)
+}
+
+/// The TCP state flags of a flow's entries together (either direction's FIN or close).
+fn tcp_flags(forward: Option<FlowValue>, reply: Option<FlowValue>) -> u8 {
+    forward.iter().chain(reply.iter()).fold(0, |a, v| a | v.tcp)
 }
 
 /// A flow as the tables hold it: the key of its first packet's direction and its entries,
