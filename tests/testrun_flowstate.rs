@@ -13,7 +13,7 @@ use aya::maps::HashMap;
 use common::{
     isolated,
     kernel::{DROP, Kernel, PASS},
-    packet::{ACK, FIN, L4, RST, SYN, endpoints, flow_key, frame, tcp_frame},
+    packet::{ACK, ETH_LEN, FIN, L4, RST, SYN, endpoints, flow_key, frame, frame_vlan, tcp_frame},
 };
 use xdpgate_common::{
     flow::{
@@ -596,4 +596,93 @@ fn only_the_hosts_own_connections_are_exempt() {
         assert_eq!(k.flow_stat(FLOW_STAT_PICKED_UP), picked, "the host's own is no pickup");
         drop((server, client));
     });
+}
+
+/// An NSG on the inside hosts, no NAT gateway: their connections out are rewritten by
+/// nothing.
+const INSIDE: &str = r#"
+virtual_network:
+  address_space: [198.51.100.0/24, 2001:db8:1::/64]
+nsgs:
+  - name: inside
+    subnets: [198.51.100.0/24, 2001:db8:1::/64]
+    rules:
+      - {name: allow-web, priority: 100, direction: inbound, access: allow, protocol: tcp,
+         source: Internet, destination: "*", destination_ports: [80]}
+"#;
+
+/// A SYN that nothing rewrites makes one embryonic entry, and the first segment back the
+/// reply's (a flood of unanswered SYNs takes half the room, and one insert a SYN). What
+/// comes back finds the flow whatever it is: a SYN-ACK (the handshake then confirms the
+/// flow), a reset (it passes and ends the flow), an ICMP error about the SYN (it passes,
+/// though the policy lets in nothing from there). A translated flow makes both at once.
+#[test]
+fn a_syn_waits_for_its_answer_with_one_entry() {
+    let k = Kernel::new();
+    k.apply(INSIDE);
+    let pairs = [
+        ("198.51.100.30", "203.0.113.9", "203.0.113.1"),
+        ("2001:db8:1::30", "2001:db8:2::9", "2001:db8:2::1"),
+    ];
+    for (client, server, router) in pairs {
+        let syn = |port: u16| tcp_frame(client, server, (port, 443), SYN, CLIENT_ISN, 0);
+        let back = |port: u16, flags: u8, seq: u32| {
+            tcp_frame(server, client, (443, port), flags, seq, CLIENT_ISN + 1)
+        };
+        let first = |port: u16| flow_key(client, server, port, 443, 6);
+        let reply = |port: u16| flow_key(server, client, 443, port, 6);
+        let what = |port: u16| format!("{client}:{port}");
+
+        // The handshake.
+        k.arrive_as(Role::Internal);
+        assert_eq!(k.run(&syn(41000)), PASS, "{}: SYN", what(41000));
+        assert!(k.embryo(&first(41000)).is_some(), "{}: the SYN's entry", what(41000));
+        assert_eq!(
+            k.embryo(&reply(41000)),
+            None,
+            "{}: no reply entry before the answer",
+            what(41000)
+        );
+        k.arrive_as(Role::External);
+        assert_eq!(k.run(&back(41000, SYN | ACK, SERVER_ISN)), PASS, "{}: SYN-ACK", what(41000));
+        let made = k.embryo(&reply(41000)).expect("the SYN-ACK makes the reply entry");
+        assert_eq!((made.reply, made.packets), (1, 1), "{}: the reply entry", what(41000));
+        k.arrive_as(Role::Internal);
+        let ack = tcp_frame(client, server, (41000, 443), ACK, CLIENT_ISN + 1, SERVER_ISN + 1);
+        assert_eq!(k.run(&ack), PASS, "{}: ACK", what(41000));
+        assert!(
+            k.established(&first(41000)).is_some() && k.established(&reply(41000)).is_some(),
+            "{}: confirmed by the handshake",
+            what(41000)
+        );
+
+        // Refused: the reset passes, and the flow is over.
+        assert_eq!(k.run(&syn(41001)), PASS);
+        k.arrive_as(Role::External);
+        assert_eq!(k.run(&back(41001, RST | ACK, 0)), PASS, "{}: the reset", what(41001));
+        assert_eq!(k.flow(&first(41001)), None, "{}: ended by the reset", what(41001));
+        assert_eq!(k.flow(&reply(41001)), None, "{}: ended by the reset", what(41001));
+
+        // Unreachable: a router's error about the SYN passes.
+        k.arrive_as(Role::Internal);
+        let sent = syn(41002);
+        assert_eq!(k.run(&sent), PASS);
+        k.arrive_as(Role::External);
+        let error = frame_vlan(router, client, L4::PortUnreachable, &[], &sent[ETH_LEN..]);
+        assert_eq!(k.run(&error), PASS, "{}: an ICMP error about the SYN", what(41002));
+        // Unrelated, the same error is the policy's to judge: dropped.
+        let other = frame_vlan(router, client, L4::PortUnreachable, &[], &syn(41003)[ETH_LEN..]);
+        assert_eq!(k.run(&other), DROP, "{}: an error about no SYN sent", what(41003));
+        // Nor does a SYN from the server find the flow: judged as a new one, denied.
+        assert_eq!(k.run(&back(41002, SYN, SERVER_ISN)), DROP, "{}: a SYN back", what(41002));
+    }
+    // Translated (the load balancer of `POLICY`): both entries at once.
+    k.apply(POLICY);
+    k.arrive_as(Role::External);
+    let (v, out) =
+        k.run_out(&tcp_frame("203.0.113.7", "192.0.2.10", (41010, 80), SYN, CLIENT_ISN, 0));
+    assert_eq!(v, PASS);
+    let (_, backend, _, port) = endpoints(&out);
+    let key = flow_key(&backend.to_string(), "203.0.113.7", port, 41010, 6);
+    assert!(k.embryo(&key).is_some(), "a balanced SYN makes its reply entry with it");
 }

@@ -109,6 +109,19 @@ impl FlowValue {
             || (self.reply != 0 && self.nat == NAT_NONE && self.service != crate::lb::NO_BACKEND)
     }
 
+    /// The first entry of a TCP flow opened by a SYN that nothing rewrites, before its
+    /// answer: such a flow waits with this one entry, and the first segment back makes the
+    /// reply's (a flood of SYNs costs one insert each, and half the room). `proto`: the
+    /// key's.
+    #[inline(always)]
+    pub fn waits_for_answer(&self, proto: u8) -> bool {
+        proto == 6
+            && self.reply == 0
+            && self.nat == NAT_NONE
+            && self.service == crate::lb::NO_BACKEND
+            && self.tcp & (TCP_MIDSTREAM | TCP_ANSWERED | ASSURED) == 0
+    }
+
     /// An embryonic entry judged as established (see `ASSURED`).
     #[inline(always)]
     pub fn assured(&self) -> bool {

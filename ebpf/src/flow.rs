@@ -5,7 +5,7 @@
 //! early once TCP has closed, and are classified again after a policy change when so
 //! configured.
 
-use aya_ebpf::EbpfContext;
+use aya_ebpf::{EbpfContext, bindings::BPF_NOEXIST};
 use xdpgate_common::{
     events::{EVENT_BEGIN, EVENT_DENY},
     flow::{
@@ -148,8 +148,59 @@ pub fn lookup_embryo(
     len: u64,
     judged: bool,
 ) -> Lookup {
-    let Some(entry) = EMBRYOS.get_ptr_mut(key) else { return Lookup::Miss };
+    let entry = match EMBRYOS.get_ptr_mut(key) {
+        Some(entry) => entry,
+        None => match answered(meta, key) {
+            Some(entry) => entry,
+            None => return Lookup::Miss,
+        },
+    };
     embryo(active, meta, key, unsafe { &mut *entry }, now, len, judged)
+}
+
+/// The first segment back of a flow that waits for its answer with one entry (see
+/// `FlowValue::waits_for_answer`): makes the reply entry the SYN did not, and returns it.
+#[inline(always)]
+fn answered(meta: &PacketMeta, key: &FlowKey) -> Option<*mut FlowValue> {
+    let first = waiting_for(meta, key)?;
+    let reply = unsafe { &mut (*FLOW_SCRATCH.get_ptr_mut(0)?)[1] };
+    reply_of(first, reply);
+    // Not over a copy another CPU's segment made meanwhile.
+    let _ = EMBRYOS.insert(key, &*reply, u64::from(BPF_NOEXIST));
+    EMBRYOS.get_ptr_mut(key)
+}
+
+/// [`waiting_first`] for a packet on `key`: a segment other than a SYN. A SYN opens a
+/// flow of its own, not looked up here, so that the SYN of every new flow pays no lookup
+/// more. (The second SYN of a simultaneous open is judged as a new flow's.)
+#[inline(always)]
+pub fn waiting_for(meta: &PacketMeta, key: &FlowKey) -> Option<&'static FlowValue> {
+    if meta.tcp_flags & (TH_SYN | TH_ACK | TH_RST | TH_FIN) == TH_SYN {
+        return None;
+    }
+    waiting_first(key)
+}
+
+/// The entry of a flow waiting for its answer (see `FlowValue::waits_for_answer`) whose
+/// reply entry would have `key`: the reply entry's stand-in until it is made.
+#[inline(always)]
+pub fn waiting_first(key: &FlowKey) -> Option<&'static FlowValue> {
+    if key.proto != IPPROTO_TCP {
+        return None;
+    }
+    unsafe { EMBRYOS.get(&key.reversed()) }.filter(|e| e.waits_for_answer(key.proto))
+}
+
+/// The reply entry of the flow whose entry of the other direction is `forward`, before a
+/// rewrite is undone in it: the same decision, no packets yet. A call of its own: inlined
+/// in `commit`, it cost the new-flow stage stack it does not have.
+#[inline(never)]
+fn reply_of(forward: &FlowValue, reply: &mut FlowValue) {
+    *reply = *forward;
+    reply.reply = 1 - forward.reply;
+    reply.packets = 0;
+    reply.bytes = 0;
+    reply.nat = NAT_NONE;
 }
 
 #[inline(always)]
@@ -833,7 +884,8 @@ pub fn create_host(
 /// `established` and it has room): `forward` for the packet's own
 /// direction, and the other direction, which comes back from where the packet goes with
 /// the rewrite undone: a DNAT-ed flow's reply gets the frontend back as its source, a
-/// SNAT-ed flow's reply the private host as its destination.
+/// SNAT-ed flow's reply the private host as its destination. (A SYN that nothing rewrites
+/// leaves the reply's to its answer, see `FlowValue::waits_for_answer`.)
 #[inline(always)]
 pub fn commit(
     meta: &PacketMeta,
@@ -848,14 +900,10 @@ pub fn commit(
     if trace::flow(forward) || icmp::is_error(meta) {
         return;
     }
-    *reply = *forward;
-    reply.reply = 1 - forward.reply;
+    reply_of(forward, reply);
     if forward.seq != 0 && meta.is_icmp() {
         reply.seq = answer_mark(meta.family, forward.seq);
     }
-    reply.packets = 0;
-    reply.bytes = 0;
-    reply.nat = NAT_NONE;
     if forward.nat == NAT_DST {
         reply.nat = NAT_SRC;
         reply.nat_addr = meta.dst;
@@ -875,7 +923,10 @@ pub fn commit(
         // A full embryonic table evicts its least recently used entries; a failed insert
         // only means the next packet is decided again.
         let _ = EMBRYOS.insert(key, &*forward, 0);
-        let _ = EMBRYOS.insert(&twin, &*reply, 0);
+        // A SYN that nothing rewrites waits for its answer with one entry.
+        if !forward.waits_for_answer(key.proto) {
+            let _ = EMBRYOS.insert(&twin, &*reply, 0);
+        }
         count(FLOW_STAT_EMBRYOS_CREATED);
     }
     if forward.reply == 0 {

@@ -8,7 +8,10 @@
 //!   misses the established table and hits the embryonic one (a SYN retransmission, or a
 //!   SYN flood's repeated tuple);
 //! - first packet, allowed: many distinct allowed packets, each run once (repeat 1), so
-//!   each is classified and creates its flow entries;
+//!   each is classified and creates its flow entry;
+//! - the answer's first packet: the server's SYN-ACK of each of those flows, run once: it
+//!   misses both tables, finds the flow by the reversed key, and makes its reply entry
+//!   (what the first packet no longer pays);
 //! - first packet, denied: a packet only `DenyAllInBound` (the table's last bit) matches,
 //!   repeated N times; a denied packet creates no flow, so every repeat is classified.
 
@@ -19,8 +22,8 @@ use serde::Serialize;
 
 use crate::common::{
     ALLOWED_PORT, Bench, CLIENT_FIXED, Config, DENIED_PORT, Family, FlowState, FlowTables, Machine,
-    SUBNET_HOST_V4, SUBNET_HOST_V6, TCP_SYN, XDP_DROP, XDP_PASS, client, expect_verdict, handshake,
-    median, ms, run, server, tcp_frame, thousands,
+    SUBNET_HOST_V4, SUBNET_HOST_V6, TCP_SYN, TCP_SYN_ACK, XDP_DROP, XDP_PASS, client,
+    expect_verdict, handshake, median, ms, run, server, tcp_frame, thousands,
 };
 
 /// User-rule counts measured (the inbound subnet table holds 4,096 rules, defaults included).
@@ -36,18 +39,25 @@ pub enum Case {
     Established,
     Embryonic,
     FirstAllowed,
+    FirstAnswer,
     FirstDenied,
 }
 
 impl Case {
-    pub const ALL: [Case; 4] =
-        [Case::Established, Case::Embryonic, Case::FirstAllowed, Case::FirstDenied];
+    pub const ALL: [Case; 5] = [
+        Case::Established,
+        Case::Embryonic,
+        Case::FirstAllowed,
+        Case::FirstAnswer,
+        Case::FirstDenied,
+    ];
 
     pub fn label(self) -> &'static str {
         match self {
             Case::Established => "established flow",
             Case::Embryonic => "embryonic flow (unanswered SYN again)",
             Case::FirstAllowed => "first packet, allowed",
+            Case::FirstAnswer => "the answer's first packet (SYN-ACK)",
             Case::FirstDenied => "first packet, denied",
         }
     }
@@ -326,6 +336,7 @@ struct Setup {
     emb: (Vec<f64>, Vec<f64>),
     den: (Vec<f64>, Vec<f64>),
     first: (Vec<f64>, Vec<f64>),
+    answer: (Vec<f64>, Vec<f64>),
 }
 
 impl Setup {
@@ -359,6 +370,7 @@ impl Setup {
             emb: Default::default(),
             den: Default::default(),
             first: Default::default(),
+            answer: Default::default(),
         })
     }
 
@@ -403,18 +415,35 @@ impl Setup {
         }
         self.first.0.push(sum / f64::from(cfg.distinct));
         self.first.1.push(sum_noop / f64::from(cfg.distinct));
+
+        // The answers: each flow's SYN-ACK once, after all the first packets (as cold).
+        let answers: Vec<Vec<u8>> = (0..cfg.distinct)
+            .map(|i| tcp_frame(self.family, dst, src, ALLOWED_PORT, 10_000 + i, TCP_SYN_ACK))
+            .collect();
+        let (mut sum, mut sum_noop) = (0.0, 0.0);
+        for p in &answers {
+            let (v, ns) = run(gate, p, 1)?;
+            expect_verdict("the answer's first packet", v, XDP_PASS)?;
+            sum += ns;
+        }
+        for p in &answers {
+            sum_noop += run(noop, p, 1)?.1;
+        }
+        self.answer.0.push(sum / f64::from(cfg.distinct));
+        self.answer.1.push(sum_noop / f64::from(cfg.distinct));
         Ok(())
     }
 
     fn finish(self, cfg: &Config) -> Result<Vec<Row>> {
         // Sanity: the measured flows are still where their rows say; every first packet
-        // created its two embryonic entries (forward and reply), so each was classified; and
-        // the established table holds only the established flow.
+        // created its embryonic entry and its answer the reply's (the unanswered SYN has
+        // its one), so each was classified and each answer found its flow; and the
+        // established table holds only the established flow.
         let tables = FlowTables::open(&self.bench)?;
         tables.expect("established flow", FlowState::Established, &[&self.established])?;
         tables.expect("embryonic flow", FlowState::Embryonic, &[&self.embryonic])?;
         let (flows, embryos) = tables.entries();
-        let want = 2 * (cfg.runs * usize::from(cfg.distinct) + 1);
+        let want = 2 * cfg.runs * usize::from(cfg.distinct) + 1;
         if (flows, embryos) != (2, want) {
             bail!(
                 "{flows} established and {embryos} embryonic entries after the runs, want 2 and \
@@ -428,6 +457,7 @@ impl Setup {
             row(Case::Established, rules, family, repeat, self.est.0, self.est.1),
             row(Case::Embryonic, rules, family, repeat, self.emb.0, self.emb.1),
             row(Case::FirstAllowed, rules, family, distinct, self.first.0, self.first.1),
+            row(Case::FirstAnswer, rules, family, distinct, self.answer.0, self.answer.1),
             row(Case::FirstDenied, rules, family, repeat, self.den.0, self.den.1),
         ])
     }
@@ -559,10 +589,13 @@ pub fn markdown(r: &Report) -> String {
          packet, denied*: a packet only DenyAllInBound (the \
          table's last rule) matches, repeated {rep} times (denied packets create no flow, so \
          each repeat is a full classification). *first packet, allowed*: {dist} distinct \
-         packets (distinct source ports), each run once and classified, creating its flow (two \
-         embryonic entries, in the new-flow stage; checked after the runs); the \
+         packets (distinct source ports), each run once and classified, creating its flow (its \
+         one embryonic entry, in the new-flow stage; checked after the runs); the \
          kernel's per-run time (its timer overhead included) is averaged, and the no-op runs on \
-         the same packets the same way. *rules*: inbound user rules that do not match the test \
+         the same packets the same way. *the answer's first packet*: the server's SYN-ACK of \
+         each of those flows, once each after them all, averaged the same way (each misses \
+         both tables, finds its flow by the reversed key and makes the reply entry the SYN \
+         left to it; checked). *rules*: inbound user rules that do not match the test \
          packets (other destination ports or other sources), the last being the allow rule for \
          them at priority 4096, plus the NSG's default rules. One NSG can use only 3,997 \
          priorities (100-4096), so at 4,000 rules 3 fillers sit in a second NSG on the other \

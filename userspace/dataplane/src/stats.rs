@@ -151,9 +151,11 @@ pub struct EstablishedTable {
 /// Embryonic flows: how many the table holds and holds now, and how they ended.
 #[derive(Debug, Default, Serialize, PartialEq, Eq, Clone, Copy)]
 pub struct EmbryonicTable {
-    /// Flows the table holds (two entries each).
+    /// Flows the table holds at two entries each (a SYN waiting for its answer takes one:
+    /// twice as many of those fit).
     pub capacity: u64,
-    /// Embryonic flows in the table now with both their entries.
+    /// Embryonic flows in the table now with both their entries, or waiting for their
+    /// answer with one.
     pub live: u64,
     /// Entries in the table (one per direction; an evicted flow may leave one behind).
     /// Shown in the metrics; `stats --json` keeps to the agreed fields.
@@ -375,20 +377,21 @@ pub fn flow_table(pins: &PinDir) -> Result<FlowTable> {
         ..Default::default()
     };
     let (rebuilt, picked_up) = (sum(FLOW_STAT_REBUILT)?, sum(FLOW_STAT_PICKED_UP)?);
-    // Live: flows with both entries. One that lost either to the LRU cannot be confirmed
-    // any more, so it counts as evicted (and live stays within the capacity).
+    // Live: flows with both entries, and SYNs waiting for their answer with one (see
+    // `FlowValue::waits_for_answer`). One that lost either to the LRU cannot be confirmed
+    // any more, so it counts as evicted.
     let embryos: HashMap<MapData, FlowKey, FlowValue> = pins.open_map(EMBRYOS)?.try_into()?;
     let (mut replies, mut twins) = (HashSet::new(), Vec::new());
     table::for_each(&embryos, |k, v| {
         embryonic.entries += 1;
         if v.reply == 0 {
-            twins.push(k.twin(v));
+            twins.push((k.twin(v), v.waits_for_answer(k.proto)));
         } else {
             replies.insert(*k);
         }
         Ok(())
     })?;
-    embryonic.live = twins.iter().filter(|t| replies.contains(t)).count() as u64;
+    embryonic.live = twins.iter().filter(|(t, waits)| *waits || replies.contains(t)).count() as u64;
     let flows: HashMap<MapData, FlowKey, FlowValue> = pins.open_map(FLOWS)?.try_into()?;
     Ok(FlowTable {
         flows: EstablishedTable { capacity: capacity(FLOWS)?, entries: table::count(&flows)? },
