@@ -686,3 +686,55 @@ fn a_syn_waits_for_its_answer_with_one_entry() {
     let key = flow_key(&backend.to_string(), "203.0.113.7", port, 41010, 6);
     assert!(k.embryo(&key).is_some(), "a balanced SYN makes its reply entry with it");
 }
+
+/// A simultaneous open (both ends' SYNs cross) through the gateway is one flow, confirmed
+/// by the handshake, as conntrack has it: where the policy lets the second SYN in, that
+/// SYN's flow becomes the first one's reply (seen failing without: two flows, neither ever
+/// confirmed); where it does not, that SYN is dropped and the flow goes on with the other
+/// end's SYN-ACK.
+#[test]
+fn crossing_syns_make_one_flow() {
+    const OPEN: &str = r#"
+virtual_network:
+  address_space: [198.51.100.0/24, 2001:db8:1::/64]
+nsgs:
+  - name: inside
+    subnets: [198.51.100.0/24, 2001:db8:1::/64]
+    rules:
+      - {name: allow-in, priority: 100, direction: inbound, access: allow, protocol: tcp,
+         source: Internet, destination: "*", destination_ports: ["*"]}
+"#;
+    let k = Kernel::new();
+    for (policy, second_syn) in [(OPEN, PASS), (INSIDE, DROP)] {
+        k.apply(policy);
+        for (a, b) in [("198.51.100.30", "203.0.113.9"), ("2001:db8:1::30", "2001:db8:2::9")] {
+            let port = if second_syn == PASS { 41020 } else { 41021 };
+            let (a_isn, b_isn) = (CLIENT_ISN, SERVER_ISN);
+            let from_a = |flags, seq, ack| tcp_frame(a, b, (port, 443), flags, seq, ack);
+            let from_b = |flags, seq, ack| tcp_frame(b, a, (443, port), flags, seq, ack);
+            let what = format!("{a}:{port}");
+            k.arrive_as(Role::Internal);
+            assert_eq!(k.run(&from_a(SYN, a_isn, 0)), PASS, "{what}: A's SYN");
+            k.arrive_as(Role::External);
+            assert_eq!(k.run(&from_b(SYN, b_isn, 0)), second_syn, "{what}: B's SYN");
+            if second_syn == PASS {
+                k.arrive_as(Role::Internal);
+                let synack = from_a(SYN | ACK, a_isn, b_isn + 1);
+                assert_eq!(k.run(&synack), PASS, "{what}: A's SYN-ACK");
+            }
+            k.arrive_as(Role::External);
+            let synack = from_b(SYN | ACK, b_isn, a_isn + 1);
+            assert_eq!(k.run(&synack), PASS, "{what}: B's SYN-ACK");
+            k.arrive_as(Role::Internal);
+            assert_eq!(k.run(&from_a(ACK, a_isn + 1, b_isn + 1)), PASS, "{what}: A's ACK");
+            let (ab, ba) = (flow_key(a, b, port, 443, 6), flow_key(b, a, 443, port, 6));
+            assert!(
+                k.established(&ab).is_some() && k.established(&ba).is_some(),
+                "{what}: one flow, confirmed (embryos {:?} {:?})",
+                k.embryo(&ab),
+                k.embryo(&ba)
+            );
+            assert_eq!(k.established(&ba).map(|e| e.reply), Some(1), "{what}: B's side the reply");
+        }
+    }
+}

@@ -172,7 +172,8 @@ fn answered(meta: &PacketMeta, key: &FlowKey) -> Option<*mut FlowValue> {
 
 /// [`waiting_first`] for a packet on `key`: a segment other than a SYN. A SYN opens a
 /// flow of its own, not looked up here, so that the SYN of every new flow pays no lookup
-/// more. (The second SYN of a simultaneous open is judged as a new flow's.)
+/// more. (The second SYN of a simultaneous open is judged as a new flow's, which becomes
+/// this one's reply if the policy lets it in: see `crossed`.)
 #[inline(always)]
 pub fn waiting_for(meta: &PacketMeta, key: &FlowKey) -> Option<&'static FlowValue> {
     if meta.tcp_flags & (TH_SYN | TH_ACK | TH_RST | TH_FIN) == TH_SYN {
@@ -416,6 +417,9 @@ fn embryo(
             }
             flags & TH_SYN == 0 && entry.tcp & TCP_MIDSTREAM != 0
         } else {
+            if flags & (TH_SYN | TH_ACK) == TH_SYN | TH_ACK {
+                crossed(key, entry);
+            }
             entry.tcp & TCP_ANSWERED != 0
                 && flags & (TH_SYN | TH_ACK) == TH_ACK
                 && meta.tcp_ack == entry.seq
@@ -438,6 +442,25 @@ fn embryo(
     }
     confirm(meta, key, entry);
     Lookup::Hit(action)
+}
+
+/// A SYN-ACK from the end that sent a waiting flow's SYN (`entry`'s): the other end's SYN
+/// crossed it (a simultaneous open), and made a flow of its own on the reply tuple (see
+/// `waiting_for`). That flow becomes this one's reply entry, as conntrack takes the second
+/// SYN for the first one's reply: the other end's SYN-ACK then answers this flow, and the
+/// handshake confirms it.
+#[inline(always)]
+fn crossed(key: &FlowKey, entry: &FlowValue) {
+    if !entry.waits_for_answer(key.proto) {
+        return;
+    }
+    let Some(other) = EMBRYOS.get_ptr_mut(&key.twin(entry)) else { return };
+    let other = unsafe { &mut *other };
+    if other.waits_for_answer(key.proto) {
+        let (packets, bytes, seen) = (other.packets, other.bytes, other.last_seen_ns);
+        reply_of(entry, other);
+        (other.packets, other.bytes, other.last_seen_ns) = (packets, bytes, seen);
+    }
 }
 
 /// Whether a packet of an embryonic flow of another protocol than TCP confirms it: an
