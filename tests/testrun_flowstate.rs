@@ -611,13 +611,15 @@ nsgs:
          source: Internet, destination: "*", destination_ports: [80]}
 "#;
 
-/// A SYN that nothing rewrites makes one embryonic entry, and the first segment back the
-/// reply's (a flood of unanswered SYNs takes half the room, and one insert a SYN). What
-/// comes back finds the flow whatever it is: a SYN-ACK (the handshake then confirms the
-/// flow), a reset (it passes and ends the flow), an ICMP error about the SYN (it passes,
-/// though the policy lets in nothing from there). A translated flow makes both at once.
+/// A SYN that nothing rewrites makes one embryonic entry (`TCP_LONE`), and no reply entry
+/// until the flow is confirmed (a flood of SYNs takes one entry and one insert a SYN,
+/// answered or not). What comes back finds the flow by its first entry, whatever it is: a
+/// SYN-ACK (counted there; the handshake then confirms the flow, the SYN-ACK counted in the
+/// reply entry made then), a reset (it passes and ends the flow), an ICMP error about the
+/// SYN (it passes, though the policy lets in nothing from there). A translated flow makes
+/// both entries at once.
 #[test]
-fn a_syn_waits_for_its_answer_with_one_entry() {
+fn a_syn_waits_alone_until_confirmed() {
     let k = Kernel::new();
     k.apply(INSIDE);
     let pairs = [
@@ -645,16 +647,19 @@ fn a_syn_waits_for_its_answer_with_one_entry() {
         );
         k.arrive_as(Role::External);
         assert_eq!(k.run(&back(41000, SYN | ACK, SERVER_ISN)), PASS, "{}: SYN-ACK", what(41000));
-        let made = k.embryo(&reply(41000)).expect("the SYN-ACK makes the reply entry");
-        assert_eq!((made.reply, made.packets), (1, 1), "{}: the reply entry", what(41000));
+        assert_eq!(k.embryo(&reply(41000)), None, "{}: still no reply entry", what(41000));
+        let answered = k.embryo(&first(41000)).expect("the SYN's entry");
+        assert_eq!(answered.answers().0, 1, "{}: the SYN-ACK counted", what(41000));
         k.arrive_as(Role::Internal);
         let ack = tcp_frame(client, server, (41000, 443), ACK, CLIENT_ISN + 1, SERVER_ISN + 1);
         assert_eq!(k.run(&ack), PASS, "{}: ACK", what(41000));
-        assert!(
-            k.established(&first(41000)).is_some() && k.established(&reply(41000)).is_some(),
-            "{}: confirmed by the handshake",
-            what(41000)
-        );
+        let (f, r) = (k.established(&first(41000)), k.established(&reply(41000)));
+        let (Some(f), Some(r)) = (f, r) else {
+            panic!("{}: not confirmed by the handshake: {f:?} {r:?}", what(41000))
+        };
+        assert_eq!((f.packets, r.packets, r.reply), (2, 1, 1), "{}: counts", what(41000));
+        assert_eq!((f.nat_addr, r.nat_addr), ([0; 4], [0; 4]), "{}: no count left", what(41000));
+        assert_eq!(k.embryo(&first(41000)), None, "{}: the embryo gone", what(41000));
 
         // Refused: the reset passes, and the flow is over.
         assert_eq!(k.run(&syn(41001)), PASS);

@@ -109,17 +109,63 @@ impl FlowValue {
             || (self.reply != 0 && self.nat == NAT_NONE && self.service != crate::lb::NO_BACKEND)
     }
 
-    /// The first entry of a TCP flow opened by a SYN that nothing rewrites, before its
-    /// answer: such a flow waits with this one entry, and the first segment back makes the
-    /// reply's (a flood of SYNs costs one insert each, and half the room). `proto`: the
-    /// key's.
+    /// Whether a new flow's forward entry may wait alone (`TCP_LONE`): a TCP flow opened by
+    /// a SYN that nothing rewrites. `proto`: the key's.
     #[inline(always)]
-    pub fn waits_for_answer(&self, proto: u8) -> bool {
+    pub fn may_wait_alone(&self, proto: u8) -> bool {
         proto == 6
             && self.reply == 0
             && self.nat == NAT_NONE
             && self.service == crate::lb::NO_BACKEND
             && self.tcp & (TCP_MIDSTREAM | TCP_ANSWERED | ASSURED) == 0
+    }
+
+    /// The entry of a flow waiting alone (see `TCP_LONE`).
+    #[inline(always)]
+    pub fn lone(&self) -> bool {
+        self.reply == 0 && self.tcp & TCP_LONE != 0
+    }
+
+    /// The packets, bytes and last-seen time of a lone flow's reply direction (see
+    /// `TCP_LONE`), kept in `nat_addr`, which a flow nothing rewrites does not use.
+    #[inline(always)]
+    pub fn answers(&self) -> (u32, u32, u64) {
+        let a = &self.nat_addr;
+        (a[0], a[1], u64::from(a[2]) | u64::from(a[3]) << 32)
+    }
+
+    /// Counts a packet of a lone flow's reply direction, `len` bytes long, seen at `now`.
+    #[inline(always)]
+    pub fn count_answer(&mut self, len: u64, now: u64) {
+        let a = &mut self.nat_addr;
+        a[0] = a[0].wrapping_add(1);
+        a[1] = a[1].wrapping_add(len as u32);
+        (a[2], a[3]) = (now as u32, (now >> 32) as u32);
+    }
+
+    /// Writes the reply entry of the flow whose entry of the other direction is `self`
+    /// into `reply`, before a rewrite is undone in it: the same decision, and the packets
+    /// of that direction so far (none, but a lone flow's answers).
+    #[inline(always)]
+    pub fn reply_into(&self, reply: &mut FlowValue) {
+        *reply = *self;
+        reply.reply = 1 - self.reply;
+        reply.packets = 0;
+        reply.bytes = 0;
+        reply.nat = NAT_NONE;
+        if self.lone() {
+            let (packets, bytes, seen) = self.answers();
+            (reply.packets, reply.bytes, reply.last_seen_ns) = (packets.into(), bytes.into(), seen);
+            reply.nat_addr = [0; 4];
+            reply.tcp &= !(TCP_LONE | TCP_ANSWERED);
+        }
+    }
+
+    /// A lone flow whose reply entry is made: no longer lone, its answers counted there.
+    #[inline(always)]
+    pub fn not_lone(&mut self) {
+        self.tcp &= !TCP_LONE;
+        self.nat_addr = [0; 4];
     }
 
     /// An embryonic entry judged as established (see `ASSURED`).
@@ -220,6 +266,12 @@ pub const TCP_SEQ: u8 = 16;
 /// timeout; resets and FINs believed only in sequence; the agent logs and sweeps it), and
 /// each of its packets tries the move again.
 pub const ASSURED: u8 = 32;
+/// Embryonic TCP flow (forward entry): opened by a SYN that nothing rewrites, it waits with
+/// this one entry, and no reply entry, until confirmed: a flood of SYNs costs one insert
+/// and one entry each, answered or not. A packet that comes back finds it by the reversed
+/// key and counts in it (`FlowValue::answers`); the reply entry is made when the flow is
+/// confirmed, or when such a packet needs more than counting.
+pub const TCP_LONE: u8 = 64;
 
 /// `FLOW_STATS` counters. An embryonic flow ends in one of three ways: confirmed (moved to
 /// the established table), expired (a packet of it found it idle past its timeout) or

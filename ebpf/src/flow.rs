@@ -13,7 +13,7 @@ use xdpgate_common::{
         FLOW_STAT_EMBRYOS_EXPIRED, FLOW_STAT_EMBRYOS_REFUSED, FLOW_STAT_PICKED_UP,
         FLOW_STAT_REBUILT, FlowKey, FlowValue, FragKey, FragValue, NAT_DST, NAT_ENCAP,
         NAT_NEXT_HOP, NAT_NONE, NAT_SRC, NO_RULE, NO_RULES, NextHop, TCP_ANSWERED, TCP_CLOSED,
-        TCP_FIN, TCP_MIDSTREAM, TCP_SEQ,
+        TCP_FIN, TCP_LONE, TCP_MIDSTREAM, TCP_SEQ,
     },
     lb::NO_BACKEND,
     nat::NAT_ACTIVE,
@@ -150,22 +150,64 @@ pub fn lookup_embryo(
 ) -> Lookup {
     let entry = match EMBRYOS.get_ptr_mut(key) {
         Some(entry) => entry,
-        None => match answered(meta, key) {
-            Some(entry) => entry,
-            None => return Lookup::Miss,
-        },
+        None => {
+            let Some(first) = waiting_for(meta, key) else { return Lookup::Miss };
+            let first = unsafe { &mut *first };
+            if let Some(found) = answer(active, meta, key, first, now, len) {
+                return found;
+            }
+            match made_reply(key, first) {
+                Some(entry) => entry,
+                None => return Lookup::Miss,
+            }
+        }
     };
     embryo(active, meta, key, unsafe { &mut *entry }, now, len, judged)
 }
 
-/// The first segment back of a flow that waits for its answer with one entry (see
-/// `FlowValue::waits_for_answer`): makes the reply entry the SYN did not, and returns it.
+/// A packet back of a lone flow (`TCP_LONE`, on the reply tuple `key`), judged without a
+/// reply entry in what is nearly every case: the flow decided under the running policy
+/// and not idle. It passes as the flow's and counts in its entry; a SYN-ACK marks the
+/// flow answered (its initiator's ACK then confirms it), a reset ends it. `None`: another
+/// case, for which [`made_reply`] makes the reply entry and the embryo path judges it.
 #[inline(always)]
-fn answered(meta: &PacketMeta, key: &FlowKey) -> Option<*mut FlowValue> {
-    let first = waiting_for(meta, key)?;
+fn answer(
+    active: &Active<'_>,
+    meta: &PacketMeta,
+    key: &FlowKey,
+    first: &mut FlowValue,
+    now: u64,
+    len: u64,
+) -> Option<Lookup> {
+    let timeout = active.config.embryo_timeout_ns(meta.family, meta.proto, first);
+    let idle = now.saturating_sub(first.last_seen_ns) > timeout;
+    if !decided_now(active, first) || (idle && !answered_within(first, now, timeout)) {
+        return None;
+    }
+    count_rules(first.rules, len);
+    let flags = meta.tcp_flags;
+    if flags & TH_RST != 0 {
+        // Refused or aborted before it was established: over, and its RST passes.
+        count(FLOW_STAT_EMBRYOS_CLOSED);
+        let _ = EMBRYOS.remove(&key.reversed());
+        return Some(Lookup::Hit(Action::PASS));
+    }
+    if flags & (TH_SYN | TH_ACK) == TH_SYN | TH_ACK {
+        first.tcp |= TCP_ANSWERED;
+        first.seq = meta.tcp_seq.wrapping_add(1);
+    }
+    first.count_answer(len, now);
+    Some(Lookup::Hit(Action::PASS))
+}
+
+/// Makes the reply entry of the lone flow `first` (on `key`), its answers counted in it,
+/// and returns it.
+#[inline(always)]
+fn made_reply(key: &FlowKey, first: &mut FlowValue) -> Option<*mut FlowValue> {
     let reply = unsafe { &mut (*FLOW_SCRATCH.get_ptr_mut(0)?)[1] };
     reply_of(first, reply);
-    // Not over a copy another CPU's segment made meanwhile.
+    first.not_lone();
+    // Not over one another CPU's packet made meanwhile.
     let _ = EMBRYOS.insert(key, &*reply, u64::from(BPF_NOEXIST));
     EMBRYOS.get_ptr_mut(key)
 }
@@ -175,33 +217,29 @@ fn answered(meta: &PacketMeta, key: &FlowKey) -> Option<*mut FlowValue> {
 /// more. (The second SYN of a simultaneous open is judged as a new flow's, which becomes
 /// this one's reply if the policy lets it in: see `crossed`.)
 #[inline(always)]
-pub fn waiting_for(meta: &PacketMeta, key: &FlowKey) -> Option<&'static FlowValue> {
+pub fn waiting_for(meta: &PacketMeta, key: &FlowKey) -> Option<*mut FlowValue> {
     if meta.tcp_flags & (TH_SYN | TH_ACK | TH_RST | TH_FIN) == TH_SYN {
         return None;
     }
     waiting_first(key)
 }
 
-/// The entry of a flow waiting for its answer (see `FlowValue::waits_for_answer`) whose
-/// reply entry would have `key`: the reply entry's stand-in until it is made.
+/// The entry of a lone flow (`TCP_LONE`) whose reply entry would have `key`: its stand-in
+/// until it is made.
 #[inline(always)]
-pub fn waiting_first(key: &FlowKey) -> Option<&'static FlowValue> {
+pub fn waiting_first(key: &FlowKey) -> Option<*mut FlowValue> {
     if key.proto != IPPROTO_TCP {
         return None;
     }
-    unsafe { EMBRYOS.get(&key.reversed()) }.filter(|e| e.waits_for_answer(key.proto))
+    EMBRYOS.get_ptr_mut(&key.reversed()).filter(|e| unsafe { &**e }.lone())
 }
 
-/// The reply entry of the flow whose entry of the other direction is `forward`, before a
-/// rewrite is undone in it: the same decision, no packets yet. A call of its own: inlined
-/// in `commit`, it cost the new-flow stage stack it does not have.
+/// The reply entry of the flow whose entry of the other direction is `forward` (see
+/// `FlowValue::reply_into`). A call of its own: inlined in `commit`, it cost the new-flow
+/// stage stack it does not have.
 #[inline(never)]
 fn reply_of(forward: &FlowValue, reply: &mut FlowValue) {
-    *reply = *forward;
-    reply.reply = 1 - forward.reply;
-    reply.packets = 0;
-    reply.bytes = 0;
-    reply.nat = NAT_NONE;
+    forward.reply_into(reply);
 }
 
 #[inline(always)]
@@ -358,6 +396,7 @@ fn embryo(
     }
     let timeout = active.config.embryo_timeout_ns(meta.family, meta.proto, entry);
     if now.saturating_sub(entry.last_seen_ns) > timeout
+        && !answered_within(entry, now, timeout)
         && !seen_within(unsafe { EMBRYOS.get(&key.twin(entry)) }, now, timeout)
     {
         count(FLOW_STAT_EMBRYOS_EXPIRED);
@@ -450,16 +489,20 @@ fn embryo(
 /// SYN for the first one's reply: the other end's SYN-ACK then answers this flow, and the
 /// handshake confirms it.
 #[inline(always)]
-fn crossed(key: &FlowKey, entry: &FlowValue) {
-    if !entry.waits_for_answer(key.proto) {
+fn crossed(key: &FlowKey, entry: &mut FlowValue) {
+    if !entry.lone() {
         return;
     }
     let Some(other) = EMBRYOS.get_ptr_mut(&key.twin(entry)) else { return };
     let other = unsafe { &mut *other };
-    if other.waits_for_answer(key.proto) {
+    if other.lone() {
+        // Its own packets are the reply direction's, as the first flow's answers are.
         let (packets, bytes, seen) = (other.packets, other.bytes, other.last_seen_ns);
         reply_of(entry, other);
-        (other.packets, other.bytes, other.last_seen_ns) = (packets, bytes, seen);
+        other.packets += packets;
+        other.bytes += bytes;
+        other.last_seen_ns = other.last_seen_ns.max(seen);
+        entry.not_lone();
     }
 }
 
@@ -486,13 +529,26 @@ fn exchanged_again(key: &FlowKey, entry: &FlowValue) -> bool {
 #[inline(always)]
 fn confirm(meta: &PacketMeta, key: &FlowKey, entry: &mut FlowValue) {
     let twin_key = key.twin(entry);
-    let Some(twin) = EMBRYOS.get_ptr_mut(&twin_key) else {
+    let lone = entry.lone();
+    let twin = match EMBRYOS.get_ptr_mut(&twin_key) {
+        Some(twin) => twin,
+        // A lone flow's reply entry is made now, straight into the established table.
+        None if lone => {
+            let Some(pair) = FLOW_SCRATCH.get_ptr_mut(0) else { return };
+            let reply = unsafe { &mut (*pair)[1] };
+            reply_of(entry, reply);
+            entry.not_lone();
+            reply
+        }
         // Its other half was evicted: stays embryonic, confirmed by no one; it idles out.
-        return;
+        None => return,
     };
     let twin = unsafe { &mut *twin };
     learn_sequences(meta, entry, twin);
-    establish_embryo(key, entry, &twin_key, twin);
+    if !establish_embryo(key, entry, &twin_key, twin) && lone {
+        // No room: the flow waits `ASSURED` in the embryonic table, with both entries.
+        let _ = EMBRYOS.insert(&twin_key, &*twin, 0);
+    }
 }
 
 /// A packet of an `ASSURED` embryo: judged as an established flow's (an RST or FIN counts
@@ -511,7 +567,7 @@ fn assured(meta: &PacketMeta, key: &FlowKey, entry: &mut FlowValue) {
         track_close(entry, meta.tcp_flags, twin);
     }
     if let Some(twin) = twin {
-        establish_embryo(key, entry, &twin_key, unsafe { &mut *twin });
+        let _ = establish_embryo(key, entry, &twin_key, unsafe { &mut *twin });
     }
 }
 
@@ -522,11 +578,13 @@ fn establish_embryo(
     entry: &mut FlowValue,
     twin_key: &FlowKey,
     twin: &mut FlowValue,
-) {
+) -> bool {
     if establish(key, entry, twin_key, twin) {
         count(FLOW_STAT_EMBRYOS_CONFIRMED);
         forget_embryo(key, entry);
+        return true;
     }
+    false
 }
 
 /// Puts a flow's two entries into the established table, both or neither. A full table
@@ -945,9 +1003,13 @@ pub fn commit(
     if !(established && establish(key, forward, &twin, reply)) {
         // A full embryonic table evicts its least recently used entries; a failed insert
         // only means the next packet is decided again.
+        // A SYN that nothing rewrites waits alone, without a reply entry (`TCP_LONE`).
+        let lone = forward.may_wait_alone(key.proto);
+        if lone {
+            forward.tcp |= TCP_LONE;
+        }
         let _ = EMBRYOS.insert(key, &*forward, 0);
-        // A SYN that nothing rewrites waits for its answer with one entry.
-        if !forward.waits_for_answer(key.proto) {
+        if !lone {
             let _ = EMBRYOS.insert(&twin, &*reply, 0);
         }
         count(FLOW_STAT_EMBRYOS_CREATED);
@@ -1111,7 +1173,16 @@ fn timeout_and_twin<const ESTABLISHED: bool>(
 #[inline(always)]
 fn silent(entry: &FlowValue, twin: Option<&FlowValue>, timeout: u64) -> bool {
     let now = clock::now_ns();
-    now.saturating_sub(entry.last_seen_ns) > timeout && !seen_within(twin, now, timeout)
+    now.saturating_sub(entry.last_seen_ns) > timeout
+        && !seen_within(twin, now, timeout)
+        && !answered_within(entry, now, timeout)
+}
+
+/// Whether a lone flow's answers (its reply direction's packets, see `TCP_LONE`) were seen
+/// within `timeout`.
+#[inline(always)]
+fn answered_within(entry: &FlowValue, now: u64, timeout: u64) -> bool {
+    entry.lone() && now.saturating_sub(entry.answers().2) <= timeout
 }
 
 /// The number in the running slot of `rule`, a rule of the slot the last apply retired.

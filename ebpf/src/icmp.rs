@@ -152,8 +152,10 @@ pub fn related(ctx: &impl Packet, active: &Active<'_>, meta: &PacketMeta) -> Opt
     // Errors about a flow's first packets (an unreachable port, say) belong to an embryo.
     let (entry, vouches) = match unsafe { FLOWS.get(&key) } {
         Some(e) => (e, flow::vouches::<true>(active, &key, e)),
-        // A SYN's flow waits for its answer without a reply entry (`waiting_first`).
-        None => match unsafe { EMBRYOS.get(&key) }.or_else(|| flow::waiting_first(&key)) {
+        // A lone flow (`TCP_LONE`) has no reply entry: its own stands in.
+        None => match unsafe { EMBRYOS.get(&key) }
+            .or_else(|| flow::waiting_first(&key).map(|e| unsafe { &*e }))
+        {
             Some(e) => (e, flow::vouches::<false>(active, &key, e)),
             None => return to_direct_backend(active, meta, &key),
         },

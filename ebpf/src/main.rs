@@ -257,7 +257,7 @@ fn traced_entry<H: Hook>(
         .filter(|e| !flow::other_echo(meta, e) && !flow::idled_out::<true>(active, &key, e));
     let entry = established.or_else(|| {
         unsafe { EMBRYOS.get(&key) }
-            .or_else(|| flow::waiting_for(meta, &key))
+            .or_else(|| flow::waiting_for(meta, &key).map(|e| unsafe { &*e }))
             .filter(|e| !flow::other_echo(meta, e) && !flow::idled_out::<false>(active, &key, e))
     });
     trace::lookup(entry, established.is_some());

@@ -10,8 +10,8 @@
 //! - first packet, allowed: many distinct allowed packets, each run once (repeat 1), so
 //!   each is classified and creates its flow entry;
 //! - the answer's first packet: the server's SYN-ACK of each of those flows, run once: it
-//!   misses both tables, finds the flow by the reversed key, and makes its reply entry
-//!   (what the first packet no longer pays);
+//!   misses both tables, finds the flow by the reversed key and is counted there (such a
+//!   flow has no reply entry until it is confirmed);
 //! - first packet, denied: a packet only `DenyAllInBound` (the table's last bit) matches,
 //!   repeated N times; a denied packet creates no flow, so every repeat is classified.
 
@@ -436,14 +436,14 @@ impl Setup {
 
     fn finish(self, cfg: &Config) -> Result<Vec<Row>> {
         // Sanity: the measured flows are still where their rows say; every first packet
-        // created its embryonic entry and its answer the reply's (the unanswered SYN has
-        // its one), so each was classified and each answer found its flow; and the
-        // established table holds only the established flow.
+        // created its one embryonic entry (a flow nothing rewrites has no reply entry until
+        // confirmed), so each was classified; and the established table holds only the
+        // established flow. (Each answer passed: it found its flow.)
         let tables = FlowTables::open(&self.bench)?;
         tables.expect("established flow", FlowState::Established, &[&self.established])?;
         tables.expect("embryonic flow", FlowState::Embryonic, &[&self.embryonic])?;
         let (flows, embryos) = tables.entries();
-        let want = 2 * cfg.runs * usize::from(cfg.distinct) + 1;
+        let want = cfg.runs * usize::from(cfg.distinct) + 1;
         if (flows, embryos) != (2, want) {
             bail!(
                 "{flows} established and {embryos} embryonic entries after the runs, want 2 and \
@@ -594,8 +594,8 @@ pub fn markdown(r: &Report) -> String {
          kernel's per-run time (its timer overhead included) is averaged, and the no-op runs on \
          the same packets the same way. *the answer's first packet*: the server's SYN-ACK of \
          each of those flows, once each after them all, averaged the same way (each misses \
-         both tables, finds its flow by the reversed key and makes the reply entry the SYN \
-         left to it; checked). *rules*: inbound user rules that do not match the test \
+         both tables, finds its flow by the reversed key and is counted there; checked). \
+         *rules*: inbound user rules that do not match the test \
          packets (other destination ports or other sources), the last being the allow rule for \
          them at priority 4096, plus the NSG's default rules. One NSG can use only 3,997 \
          priorities (100-4096), so at 4,000 rules 3 fillers sit in a second NSG on the other \

@@ -108,7 +108,7 @@ pub struct Flow {
     /// Idle past its timeout: the next packet starts a new flow.
     pub expired: bool,
     /// Only one direction's entry is in the table (the other was evicted, or replaced by a
-    /// newer flow's).
+    /// newer flow's). Not a TCP flow that waits with one entry until confirmed.
     pub incomplete: bool,
     /// A TCP flow's close as the dataplane tracks it: `open`, `closing` (a FIN one way) or
     /// `closed` (FINs both ways, or a reset; its entries linger 10 s); none for others.
@@ -531,7 +531,13 @@ fn pair(entries: &Entries, mut each: impl FnMut(Paired)) {
         if let Some((i, _)) = reply {
             used[i] = true;
         }
-        each((*key, Some(*value), reply.map(|(_, v)| *v), back));
+        // A lone flow's answers are its reply direction's (see `TCP_LONE`).
+        let answered = || {
+            let mut r = FlowValue::default();
+            value.reply_into(&mut r);
+            (value.lone() && r.packets > 0).then_some(r)
+        };
+        each((*key, Some(*value), reply.map(|(_, v)| *v).or_else(answered), back));
     }
     for (i, (key, value)) in entries.iter().enumerate() {
         if value.reply != 0 && !used[i] {
@@ -606,7 +612,8 @@ fn describe(
         reply: traffic(reply),
         idle_seconds: idle_ns as f64 / 1e9,
         expired: idle_ns > timeout,
-        incomplete: forward.is_none() || reply.is_none(),
+        // A lone flow (`TCP_LONE`) is whole with its one entry.
+        incomplete: forward.is_none() || (reply.is_none() && !forward.is_some_and(|f| f.lone())),
         tcp_state: (key.proto == 6).then(|| {
             let tcp = tcp_flags(forward, reply);
             if tcp & TCP_CLOSED != 0 {
@@ -794,6 +801,9 @@ pub fn delete(
             let whole_embryos = &mut whole_embryos;
             let mut remove_flow = || {
                 let mut embryo_entries = 0;
+                // A lone flow (`TCP_LONE`) is whole with its one entry.
+                let lone = h.flow.state == FlowState::Embryonic
+                    && embryos.get(&h.key, 0).is_ok_and(|v| v.lone());
                 for (k, other) in [(h.key, h.reply_key), (h.reply_key, h.key)] {
                     // A flow read as embryonic may have been confirmed since: it is in the
                     // established table now, and must go from there, or it runs on (with
@@ -814,7 +824,7 @@ pub fn delete(
                         *entries += 1;
                     }
                 }
-                if embryo_entries == 2 {
+                if embryo_entries == 2 || (lone && embryo_entries == 1) {
                     *whole_embryos += 1;
                 }
                 Ok(())

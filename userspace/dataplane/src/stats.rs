@@ -377,15 +377,14 @@ pub fn flow_table(pins: &PinDir) -> Result<FlowTable> {
         ..Default::default()
     };
     let (rebuilt, picked_up) = (sum(FLOW_STAT_REBUILT)?, sum(FLOW_STAT_PICKED_UP)?);
-    // Live: flows with both entries, and SYNs waiting for their answer with one (see
-    // `FlowValue::waits_for_answer`). One that lost either to the LRU cannot be confirmed
+    // Live: flows with both entries, and lone ones (see `TCP_LONE`). One that lost either to the LRU cannot be confirmed
     // any more, so it counts as evicted.
     let embryos: HashMap<MapData, FlowKey, FlowValue> = pins.open_map(EMBRYOS)?.try_into()?;
     let (mut replies, mut twins) = (HashSet::new(), Vec::new());
     table::for_each(&embryos, |k, v| {
         embryonic.entries += 1;
         if v.reply == 0 {
-            twins.push((k.twin(v), v.waits_for_answer(k.proto)));
+            twins.push((k.twin(v), v.lone()));
         } else {
             replies.insert(*k);
         }
