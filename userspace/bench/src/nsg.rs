@@ -12,17 +12,21 @@
 //! - the answer's first packet: the server's SYN-ACK of each of those flows, run once: it
 //!   misses both tables, finds the flow by the reversed key and is counted there (such a
 //!   flow has no reply entry until it is confirmed);
+//! - the confirming ACK: the client's ACK of each of those flows, run once: it moves the
+//!   flow to the established table;
 //! - first packet, denied: a packet only `DenyAllInBound` (the table's last bit) matches,
 //!   repeated N times; a denied packet creates no flow, so every repeat is classified.
 
 use std::fmt::Write as _;
 
 use anyhow::{Result, bail};
+use aya::programs::Xdp;
 use serde::Serialize;
+use xdpgate_common::iface::Role;
 
 use crate::common::{
     ALLOWED_PORT, Bench, CLIENT_FIXED, Config, DENIED_PORT, Family, FlowState, FlowTables, Machine,
-    SUBNET_HOST_V4, SUBNET_HOST_V6, TCP_SYN, TCP_SYN_ACK, XDP_DROP, XDP_PASS, client,
+    SUBNET_HOST_V4, SUBNET_HOST_V6, TCP_ACK, TCP_SYN, TCP_SYN_ACK, XDP_DROP, XDP_PASS, client,
     expect_verdict, handshake, median, ms, run, server, tcp_frame, thousands,
 };
 
@@ -40,15 +44,17 @@ pub enum Case {
     Embryonic,
     FirstAllowed,
     FirstAnswer,
+    Confirming,
     FirstDenied,
 }
 
 impl Case {
-    pub const ALL: [Case; 5] = [
+    pub const ALL: [Case; 6] = [
         Case::Established,
         Case::Embryonic,
         Case::FirstAllowed,
         Case::FirstAnswer,
+        Case::Confirming,
         Case::FirstDenied,
     ];
 
@@ -58,6 +64,7 @@ impl Case {
             Case::Embryonic => "embryonic flow (unanswered SYN again)",
             Case::FirstAllowed => "first packet, allowed",
             Case::FirstAnswer => "the answer's first packet (SYN-ACK)",
+            Case::Confirming => "the confirming ACK (the handshake's last)",
             Case::FirstDenied => "first packet, denied",
         }
     }
@@ -337,6 +344,7 @@ struct Setup {
     den: (Vec<f64>, Vec<f64>),
     first: (Vec<f64>, Vec<f64>),
     answer: (Vec<f64>, Vec<f64>),
+    confirm: (Vec<f64>, Vec<f64>),
 }
 
 impl Setup {
@@ -371,6 +379,7 @@ impl Setup {
             den: Default::default(),
             first: Default::default(),
             answer: Default::default(),
+            confirm: Default::default(),
         })
     }
 
@@ -397,57 +406,50 @@ impl Setup {
         self.den.0.push(ns);
         self.den.1.push(run(noop, &self.denied, cfg.repeat)?.1);
 
-        // First packets: a client of its own per run and distinct source ports, each packet
-        // run once; the kernel's per-run figure (timer overhead included) is averaged, and
-        // the no-op runs on the very same packets.
+        // A handshake per flow, a client of its own per run and distinct source ports: all
+        // the SYNs (first packets), then all the SYN-ACKs, then all the ACKs that confirm
+        // the flows, each packet run once (cold).
         let (src, dst) = (client(self.family, 1 + r as u16), server(self.family));
-        let packets: Vec<Vec<u8>> = (0..cfg.distinct)
-            .map(|i| tcp_frame(self.family, src, dst, 10_000 + i, ALLOWED_PORT, TCP_SYN))
-            .collect();
-        let (mut sum, mut sum_noop) = (0.0, 0.0);
-        for p in &packets {
-            let (v, ns) = run(gate, p, 1)?;
-            expect_verdict("first packet, allowed", v, XDP_PASS)?;
-            sum += ns;
-        }
-        for p in &packets {
-            sum_noop += run(noop, p, 1)?.1;
-        }
-        self.first.0.push(sum / f64::from(cfg.distinct));
-        self.first.1.push(sum_noop / f64::from(cfg.distinct));
-
-        // The answers: each flow's SYN-ACK once, after all the first packets (as cold).
-        let answers: Vec<Vec<u8>> = (0..cfg.distinct)
-            .map(|i| tcp_frame(self.family, dst, src, ALLOWED_PORT, 10_000 + i, TCP_SYN_ACK))
-            .collect();
-        let (mut sum, mut sum_noop) = (0.0, 0.0);
-        for p in &answers {
-            let (v, ns) = run(gate, p, 1)?;
-            expect_verdict("the answer's first packet", v, XDP_PASS)?;
-            sum += ns;
-        }
-        for p in &answers {
-            sum_noop += run(noop, p, 1)?.1;
-        }
-        self.answer.0.push(sum / f64::from(cfg.distinct));
-        self.answer.1.push(sum_noop / f64::from(cfg.distinct));
+        let each = |from, to, flags, out: bool| -> Vec<Vec<u8>> {
+            (0..cfg.distinct)
+                .map(|i| {
+                    let (sport, dport) =
+                        if out { (10_000 + i, ALLOWED_PORT) } else { (ALLOWED_PORT, 10_000 + i) };
+                    tcp_frame(self.family, from, to, sport, dport, flags)
+                })
+                .collect()
+        };
+        let (ns, noop_ns) =
+            once_each(gate, noop, "first packet, allowed", &each(src, dst, TCP_SYN, true))?;
+        (self.first.0.push(ns), self.first.1.push(noop_ns));
+        // The answers come in from the servers' side.
+        self.bench.arrive_as(Role::Internal)?;
+        let answers = each(dst, src, TCP_SYN_ACK, false);
+        let answered = once_each(gate, noop, "the answer's first packet", &answers);
+        self.bench.arrive_as(Role::External)?;
+        let (ns, noop_ns) = answered?;
+        (self.answer.0.push(ns), self.answer.1.push(noop_ns));
+        let (ns, noop_ns) =
+            once_each(gate, noop, "the confirming ACK", &each(src, dst, TCP_ACK, true))?;
+        (self.confirm.0.push(ns), self.confirm.1.push(noop_ns));
         Ok(())
     }
 
     fn finish(self, cfg: &Config) -> Result<Vec<Row>> {
-        // Sanity: the measured flows are still where their rows say; every first packet
-        // created its one embryonic entry (a flow nothing rewrites has no reply entry until
-        // confirmed), so each was classified; and the established table holds only the
-        // established flow. (Each answer passed: it found its flow.)
+        // Sanity: the measured flows are still where their rows say; every handshake
+        // confirmed its flow (both entries established), so each first packet was
+        // classified and made its flow, and each answer found it; and the embryonic table
+        // holds only the unanswered SYN's entry (one: a flow nothing rewrites has no reply
+        // entry until confirmed).
         let tables = FlowTables::open(&self.bench)?;
         tables.expect("established flow", FlowState::Established, &[&self.established])?;
         tables.expect("embryonic flow", FlowState::Embryonic, &[&self.embryonic])?;
         let (flows, embryos) = tables.entries();
-        let want = cfg.runs * usize::from(cfg.distinct) + 1;
-        if (flows, embryos) != (2, want) {
+        let want = 2 * (cfg.runs * usize::from(cfg.distinct) + 1);
+        if (flows, embryos) != (want, 1) {
             bail!(
-                "{flows} established and {embryos} embryonic entries after the runs, want 2 and \
-                 {want}: some first packets did not create their flow"
+                "{flows} established and {embryos} embryonic entries after the runs, want \
+                 {want} and 1: some handshakes did not confirm their flow"
             );
         }
         let (rules, family) = (self.rules, self.family);
@@ -458,9 +460,27 @@ impl Setup {
             row(Case::Embryonic, rules, family, repeat, self.emb.0, self.emb.1),
             row(Case::FirstAllowed, rules, family, distinct, self.first.0, self.first.1),
             row(Case::FirstAnswer, rules, family, distinct, self.answer.0, self.answer.1),
+            row(Case::Confirming, rules, family, distinct, self.confirm.0, self.confirm.1),
             row(Case::FirstDenied, rules, family, repeat, self.den.0, self.den.1),
         ])
     }
+}
+
+/// Runs each of `packets` once through `gate`, then through `noop`: the mean ns per packet
+/// of each (the kernel's per-run figure, its timer overhead included). Each must pass.
+fn once_each(gate: &Xdp, noop: &Xdp, what: &str, packets: &[Vec<u8>]) -> Result<(f64, f64)> {
+    let mut sum = 0.0;
+    for p in packets {
+        let (v, ns) = run(gate, p, 1)?;
+        expect_verdict(what, v, XDP_PASS)?;
+        sum += ns;
+    }
+    let mut sum_noop = 0.0;
+    for p in packets {
+        sum_noop += run(noop, p, 1)?.1;
+    }
+    let n = packets.len() as f64;
+    Ok((sum / n, sum_noop / n))
 }
 
 /// Every policy is loaded first; each run then measures them all in turn, so a slow moment
@@ -594,8 +614,10 @@ pub fn markdown(r: &Report) -> String {
          kernel's per-run time (its timer overhead included) is averaged, and the no-op runs on \
          the same packets the same way. *the answer's first packet*: the server's SYN-ACK of \
          each of those flows, once each after them all, averaged the same way (each misses \
-         both tables, finds its flow by the reversed key and is counted there; checked). \
-         *rules*: inbound user rules that do not match the test \
+         both tables, finds its flow by the reversed key and is counted there). *the \
+         confirming ACK*: the client's ACK of each, once each after all the SYN-ACKs, \
+         averaged the same way (each confirms its flow: both entries into the established \
+         table; checked after the runs). *rules*: inbound user rules that do not match the test \
          packets (other destination ports or other sources), the last being the allow rule for \
          them at priority 4096, plus the NSG's default rules. One NSG can use only 3,997 \
          priorities (100-4096), so at 4,000 rules 3 fillers sit in a second NSG on the other \
