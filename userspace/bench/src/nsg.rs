@@ -409,30 +409,28 @@ impl Setup {
         // A handshake per flow, a client of its own per run and distinct source ports: all
         // the SYNs (first packets), then all the SYN-ACKs, then all the ACKs that confirm
         // the flows, each packet run once (cold).
-        let (src, dst) = (client(self.family, 1 + r as u16), server(self.family));
+        let family = self.family;
+        let (src, dst) = (client(family, 1 + r as u16), server(family));
         let each = |from, to, flags, out: bool| -> Vec<Vec<u8>> {
             (0..cfg.distinct)
                 .map(|i| {
                     let (sport, dport) =
                         if out { (10_000 + i, ALLOWED_PORT) } else { (ALLOWED_PORT, 10_000 + i) };
-                    tcp_frame(self.family, from, to, sport, dport, flags)
+                    tcp_frame(family, from, to, sport, dport, flags)
                 })
                 .collect()
         };
-        let (ns, noop_ns) =
-            once_each(gate, noop, "first packet, allowed", &each(src, dst, TCP_SYN, true))?;
-        (self.first.0.push(ns), self.first.1.push(noop_ns));
+        let syns = each(src, dst, TCP_SYN, true);
+        once_each(gate, noop, "first packet, allowed", &syns, &mut self.first)?;
         // The answers come in from the servers' side.
         self.bench.arrive_as(Role::Internal)?;
         let answers = each(dst, src, TCP_SYN_ACK, false);
-        let answered = once_each(gate, noop, "the answer's first packet", &answers);
+        let answered =
+            once_each(gate, noop, "the answer's first packet", &answers, &mut self.answer);
         self.bench.arrive_as(Role::External)?;
-        let (ns, noop_ns) = answered?;
-        (self.answer.0.push(ns), self.answer.1.push(noop_ns));
-        let (ns, noop_ns) =
-            once_each(gate, noop, "the confirming ACK", &each(src, dst, TCP_ACK, true))?;
-        (self.confirm.0.push(ns), self.confirm.1.push(noop_ns));
-        Ok(())
+        answered?;
+        let acks = each(src, dst, TCP_ACK, true);
+        once_each(gate, noop, "the confirming ACK", &acks, &mut self.confirm)
     }
 
     fn finish(self, cfg: &Config) -> Result<Vec<Row>> {
@@ -466,9 +464,16 @@ impl Setup {
     }
 }
 
-/// Runs each of `packets` once through `gate`, then through `noop`: the mean ns per packet
-/// of each (the kernel's per-run figure, its timer overhead included). Each must pass.
-fn once_each(gate: &Xdp, noop: &Xdp, what: &str, packets: &[Vec<u8>]) -> Result<(f64, f64)> {
+/// Runs each of `packets` once through `gate`, then through `noop`, and adds the mean ns
+/// per packet of each (the kernel's per-run figure, its timer overhead included) to
+/// `figures`. Each must pass.
+fn once_each(
+    gate: &Xdp,
+    noop: &Xdp,
+    what: &str,
+    packets: &[Vec<u8>],
+    figures: &mut (Vec<f64>, Vec<f64>),
+) -> Result<()> {
     let mut sum = 0.0;
     for p in packets {
         let (v, ns) = run(gate, p, 1)?;
@@ -480,7 +485,9 @@ fn once_each(gate: &Xdp, noop: &Xdp, what: &str, packets: &[Vec<u8>]) -> Result<
         sum_noop += run(noop, p, 1)?.1;
     }
     let n = packets.len() as f64;
-    Ok((sum / n, sum_noop / n))
+    figures.0.push(sum / n);
+    figures.1.push(sum_noop / n);
+    Ok(())
 }
 
 /// Every policy is loaded first; each run then measures them all in turn, so a slow moment
