@@ -966,7 +966,7 @@ pub fn create_host(
 /// direction, and the other direction, which comes back from where the packet goes with
 /// the rewrite undone: a DNAT-ed flow's reply gets the frontend back as its source, a
 /// SNAT-ed flow's reply the private host as its destination. (A SYN that nothing rewrites
-/// leaves the reply's to its answer, see `FlowValue::waits_for_answer`.)
+/// makes its own alone, see `TCP_LONE`.)
 #[inline(always)]
 pub fn commit(
     meta: &PacketMeta,
@@ -1001,9 +1001,9 @@ pub fn commit(
     }
     // A full established table: the rebuilt flow waits in the embryonic one, `ASSURED`.
     if !(established && establish(key, forward, &twin, reply)) {
-        // A full embryonic table evicts its least recently used entries; a failed insert
+        // A SYN that nothing rewrites waits alone, without a reply entry (`TCP_LONE`). A
+        // full embryonic table evicts its least recently used entries; a failed insert
         // only means the next packet is decided again.
-        // A SYN that nothing rewrites waits alone, without a reply entry (`TCP_LONE`).
         let lone = forward.may_wait_alone(key.proto);
         if lone {
             forward.tcp |= TCP_LONE;
