@@ -436,8 +436,8 @@ impl Snapshot {
         let mut capacity = Family::new(
             "xdpgate_flow_table_capacity",
             Gauge,
-            "Flows a flow table holds (two entries each): flows (established) or embryonic (not \
-             confirmed yet).",
+            "Flows a flow table holds at two entries each: flows (established) or embryonic \
+             (not confirmed yet; a TCP flow nothing rewrites takes one entry there).",
         );
         let mut entries = Family::new(
             "xdpgate_flow_table_entries",

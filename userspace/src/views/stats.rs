@@ -43,12 +43,14 @@ impl View for Stats {
         out += &format!(
             "\nFLOW TABLES\n\
              established: {} entries (two per flow), room for {} flows\n\
-             embryonic: {} flows, room for {}; created {}, confirmed {}, expired {}, closed {}, \
+             embryonic: {} flows in {} entries, room for {} flows of two entries (a TCP flow \
+             nothing rewrites takes one); created {}, confirmed {}, expired {}, closed {}, \
              deleted {}, evicted {}; confirmations refused (established table full) {}\n\
              flows rebuilt from NAT translations {}, picked up mid-stream {}\n",
             t.flows.entries,
             t.flows.capacity,
             e.live,
+            e.entries,
             e.capacity,
             e.created,
             e.confirmed,
@@ -177,7 +179,8 @@ mod tests {
         assert!(text.contains("1 over the denied-flow rate limit, 2 lost"), "{text}");
         for want in [
             "established: 10 entries (two per flow), room for 524288 flows",
-            "embryonic: 3 flows, room for 131072; created 40, confirmed 5, expired 4, closed 1, \
+            "embryonic: 3 flows in 6 entries, room for 131072 flows of two entries (a TCP flow \
+             nothing rewrites takes one); created 40, confirmed 5, expired 4, closed 1, \
              deleted 6, evicted 25; confirmations refused (established table full) 2",
             "rebuilt from NAT translations 7, picked up mid-stream 8",
         ] {
