@@ -503,6 +503,8 @@ fn crossed(key: &FlowKey, entry: &mut FlowValue) {
         other.bytes += bytes;
         other.last_seen_ns = other.last_seen_ns.max(seen);
         entry.not_lone();
+        // Its flow is over, joined to this one: counted as closed, not left to look evicted.
+        count(FLOW_STAT_EMBRYOS_CLOSED);
     }
 }
 
