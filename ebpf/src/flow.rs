@@ -204,12 +204,20 @@ fn answer(
 /// and returns it.
 #[inline(always)]
 fn made_reply(key: &FlowKey, first: &mut FlowValue) -> Option<*mut FlowValue> {
-    let reply = unsafe { &mut (*FLOW_SCRATCH.get_ptr_mut(0)?)[1] };
-    reply_of(first, reply);
-    first.not_lone();
+    let reply = lone_reply(first)?;
     // Not over one another CPU's packet made meanwhile.
     let _ = EMBRYOS.insert(key, &*reply, u64::from(BPF_NOEXIST));
     EMBRYOS.get_ptr_mut(key)
+}
+
+/// The reply entry of the lone flow `first`, its answers counted in it, built in per-CPU
+/// scratch; `first` is no longer lone.
+#[inline(always)]
+fn lone_reply(first: &mut FlowValue) -> Option<&'static mut FlowValue> {
+    let reply = unsafe { &mut (*FLOW_SCRATCH.get_ptr_mut(0)?)[1] };
+    reply_of(first, reply);
+    first.not_lone();
+    Some(reply)
 }
 
 /// [`waiting_first`] for a packet on `key`: a segment other than a SYN. A SYN opens a
@@ -535,13 +543,10 @@ fn confirm(meta: &PacketMeta, key: &FlowKey, entry: &mut FlowValue) {
     let twin = match EMBRYOS.get_ptr_mut(&twin_key) {
         Some(twin) => twin,
         // A lone flow's reply entry is made now, straight into the established table.
-        None if lone => {
-            let Some(pair) = FLOW_SCRATCH.get_ptr_mut(0) else { return };
-            let reply = unsafe { &mut (*pair)[1] };
-            reply_of(entry, reply);
-            entry.not_lone();
-            reply
-        }
+        None if lone => match lone_reply(entry) {
+            Some(reply) => reply,
+            None => return,
+        },
         // Its other half was evicted: stays embryonic, confirmed by no one; it idles out.
         None => return,
     };

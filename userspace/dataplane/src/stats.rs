@@ -151,11 +151,10 @@ pub struct EstablishedTable {
 /// Embryonic flows: how many the table holds and holds now, and how they ended.
 #[derive(Debug, Default, Serialize, PartialEq, Eq, Clone, Copy)]
 pub struct EmbryonicTable {
-    /// Flows the table holds at two entries each (a SYN waiting for its answer takes one:
+    /// Flows the table holds at two entries each (a lone TCP flow, `TCP_LONE`, takes one:
     /// twice as many of those fit).
     pub capacity: u64,
-    /// Embryonic flows in the table now with both their entries, or waiting for their
-    /// answer with one.
+    /// Embryonic flows in the table now with both their entries, or lone with one.
     pub live: u64,
     /// Entries in the table (one per direction; an evicted flow may leave one behind).
     /// Shown in the metrics; `stats --json` keeps to the agreed fields.
@@ -377,8 +376,8 @@ pub fn flow_table(pins: &PinDir) -> Result<FlowTable> {
         ..Default::default()
     };
     let (rebuilt, picked_up) = (sum(FLOW_STAT_REBUILT)?, sum(FLOW_STAT_PICKED_UP)?);
-    // Live: flows with both entries, and lone ones (see `TCP_LONE`). One that lost either to the LRU cannot be confirmed
-    // any more, so it counts as evicted.
+    // Live: flows with both entries, and lone ones (see `TCP_LONE`). One that lost either
+    // to the LRU cannot be confirmed any more, so it counts as evicted.
     let embryos: HashMap<MapData, FlowKey, FlowValue> = pins.open_map(EMBRYOS)?.try_into()?;
     let (mut replies, mut twins) = (HashSet::new(), Vec::new());
     table::for_each(&embryos, |k, v| {
@@ -390,7 +389,7 @@ pub fn flow_table(pins: &PinDir) -> Result<FlowTable> {
         }
         Ok(())
     })?;
-    embryonic.live = twins.iter().filter(|(t, waits)| *waits || replies.contains(t)).count() as u64;
+    embryonic.live = twins.iter().filter(|(t, lone)| *lone || replies.contains(t)).count() as u64;
     let flows: HashMap<MapData, FlowKey, FlowValue> = pins.open_map(FLOWS)?.try_into()?;
     Ok(FlowTable {
         flows: EstablishedTable { capacity: capacity(FLOWS)?, entries: table::count(&flows)? },
