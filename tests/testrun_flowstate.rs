@@ -19,7 +19,7 @@ use xdpgate_common::{
     flow::{
         FLOW_STAT_EMBRYOS_CLOSED, FLOW_STAT_EMBRYOS_CONFIRMED, FLOW_STAT_EMBRYOS_CREATED,
         FLOW_STAT_EMBRYOS_REFUSED, FLOW_STAT_PICKED_UP, FLOW_STAT_REBUILT, FlowKey, FlowValue,
-        TCP_CLOSED, TCP_FIN,
+        TCP_ANSWERED, TCP_CLOSED, TCP_FIN,
     },
     iface::Role,
     maps::{EMBRYO_ENTRIES, EMBRYOS, FLOWS},
@@ -764,4 +764,111 @@ fn crossing_syns_make_one_flow() {
             assert_eq!(made, want, "{what}: created, confirmed, closed");
         }
     }
+}
+
+/// A flow's handshake believes only what its hosts would (RFC 9293 3.10.7.3), so that an
+/// off-path spoofer who knows the tuple must still guess a sequence number: before the
+/// answer, a SYN-ACK or reset from the server counts only if it acknowledges the SYN (up to
+/// 64 KiB past its number + 1: TCP Fast Open's data), a reset from the client only at the
+/// SYN's number + 1; once answered, no SYN-ACK changes the number the client's ACK must
+/// acknowledge, and a reset counts only at it. What does not count passes, for the hosts to
+/// judge, and changes nothing. For every kind of flow: one entry (plain) or two (balanced,
+/// translated), IPv4 and IPv6. Seen failing before the check: the spoofed SYN-ACK stalled
+/// the flow, and each spoofed reset ended it.
+#[test]
+fn a_handshake_believes_only_what_fits_it() {
+    isolated(false, |_| {
+        let k = Kernel::new();
+        k.apply(POLICY);
+        let far = 70_000; // past the 64 KiB a SYN's answer may acknowledge
+        for (i, mut conn) in connections().into_iter().enumerate() {
+            let port = |conn: &mut Conn, n: u16| conn.client.1 = 42000 + 10 * i as u16 + n;
+            let syn = |conn: &mut Conn, isn: u32| {
+                k.arrive_as(conn.client_role);
+                let (c, t) = (&conn.client, &conn.to);
+                let (v, out) = k.run_out(&tcp_frame(&c.0, &t.0, (c.1, t.1), SYN, isn, 0));
+                assert_eq!(v, PASS, "{}: SYN", conn.what);
+                let (src, dst, sport, dport) = endpoints(&out);
+                conn.answer = Some(((dst.to_string(), dport), (src.to_string(), sport)));
+            };
+            let from_client = |conn: &Conn, flags: u8, seq: u32, ack: u32| {
+                k.arrive_as(conn.client_role);
+                let (c, t) = (&conn.client, &conn.to);
+                k.run(&tcp_frame(&c.0, &t.0, (c.1, t.1), flags, seq, ack))
+            };
+            let from_server = |conn: &Conn, flags: u8, seq: u32, ack: u32| {
+                let (from, to) = conn.answer.as_ref().expect("SYN sent");
+                k.arrive_as(conn.server_role());
+                k.run(&tcp_frame(&from.0, &to.0, (from.1, to.1), flags, seq, ack))
+            };
+            let first = |conn: &Conn| {
+                let key = flow_key(&conn.client.0, &conn.to.0, conn.client.1, conn.to.1, 6);
+                k.embryo(&key)
+            };
+            let answered = |conn: &Conn| first(conn).is_some_and(|e| e.tcp & TCP_ANSWERED != 0);
+            let closed = || k.flow_stat(FLOW_STAT_EMBRYOS_CLOSED);
+
+            // Spoofed, each passes and changes nothing; then the real handshake confirms.
+            port(&mut conn, 0);
+            syn(&mut conn, CLIENT_ISN);
+            let (what, before) = (conn.what.clone(), closed());
+            for (flags, seq, ack) in [(RST, 1, 0), (RST | ACK, 1, CLIENT_ISN + 1 + far), (0, 1, 0)]
+            {
+                assert_eq!(from_server(&conn, flags, seq, ack), PASS, "{what}: {flags:#x}");
+            }
+            assert_eq!(from_client(&conn, RST, CLIENT_ISN + 1 + far, 0), PASS, "{what}");
+            let blind = CLIENT_ISN.wrapping_sub(far);
+            assert_eq!(from_server(&conn, SYN | ACK, 5, blind), PASS, "{what}: a blind SYN-ACK");
+            assert!(first(&conn).is_some() && !answered(&conn), "{what}: unanswered");
+            assert_eq!(from_server(&conn, SYN | ACK, SERVER_ISN, CLIENT_ISN + 1), PASS, "{what}");
+            assert!(answered(&conn), "{what}: answered");
+            let other = SERVER_ISN + 5_000;
+            assert_eq!(from_server(&conn, SYN | ACK, other, CLIENT_ISN + 1), PASS, "{what}");
+            assert_eq!(from_server(&conn, RST, SERVER_ISN + 2, 0), PASS, "{what}");
+            assert_eq!(from_client(&conn, RST | ACK, CLIENT_ISN + 1, SERVER_ISN + 2), PASS);
+            assert_eq!(closed(), before, "{what}: no spoofed reset ended it");
+            assert_eq!(from_client(&conn, ACK, CLIENT_ISN + 1, SERVER_ISN + 1), PASS, "{what}");
+            assert!(conn.established(&k), "{what}: confirmed by the handshake");
+
+            // The resets that fit end it, each at its stage.
+            let resets: [(bool, bool, u8, u32, u32); 4] = [
+                (false, false, RST | ACK, 0, CLIENT_ISN + 1),
+                (false, true, RST, CLIENT_ISN + 1, 0),
+                (true, false, RST, SERVER_ISN + 1, 0),
+                (true, true, RST | ACK, CLIENT_ISN + 1, SERVER_ISN + 1),
+            ];
+            for (n, (answer, client, flags, seq, ack)) in resets.into_iter().enumerate() {
+                port(&mut conn, 1 + n as u16);
+                syn(&mut conn, CLIENT_ISN);
+                if answer {
+                    from_server(&conn, SYN | ACK, SERVER_ISN, CLIENT_ISN + 1);
+                }
+                let before = closed();
+                let v = if client {
+                    from_client(&conn, flags, seq, ack)
+                } else {
+                    from_server(&conn, flags, seq, ack)
+                };
+                assert_eq!(v, PASS, "{what}: reset {n}");
+                assert_eq!((first(&conn), closed()), (None, before + 1), "{what}: reset {n}");
+            }
+
+            // TCP Fast Open: the answer acknowledges the SYN's data too.
+            port(&mut conn, 6);
+            syn(&mut conn, CLIENT_ISN);
+            assert_eq!(from_server(&conn, SYN | ACK, SERVER_ISN, CLIENT_ISN + 1 + 500), PASS);
+            assert!(answered(&conn), "{what}: a Fast Open answer");
+
+            // Sent again with a later number (a new connection on the tuple), the SYN's
+            // answer is to that one; an earlier number is not taken.
+            port(&mut conn, 7);
+            syn(&mut conn, CLIENT_ISN);
+            syn(&mut conn, CLIENT_ISN + 100_000);
+            syn(&mut conn, CLIENT_ISN + 50_000);
+            assert_eq!(from_server(&conn, SYN | ACK, SERVER_ISN, CLIENT_ISN + 1), PASS);
+            assert!(!answered(&conn), "{what}: the older SYN's answer");
+            from_server(&conn, SYN | ACK, SERVER_ISN, CLIENT_ISN + 100_001);
+            assert!(answered(&conn), "{what}: the newer SYN's answer");
+        }
+    });
 }

@@ -277,7 +277,8 @@ fn closed_connection_reopened_on_its_tuple_is_balanced_afresh() {
     let backend_of = |sport: u16, flags: u8| backend_of(&k, sport, 80, flags);
     let first = backend_of(44000, SYN);
     let open = (44001..44200).find(|p| backend_of(*p, SYN) == first).expect("same backend");
-    backend_of(44000, RST);
+    // The client's reset, at its SYN's number + 1 (`L4::Tcp`'s SYN is at 1000).
+    k.through(&tcp_frame("203.0.113.7", "192.0.2.10", (44000, 80), RST, 1001, 0));
 
     k.apply_with_health(POLICY, |b| b != first);
     assert_eq!(backend_of(open, SYN), first, "a retransmitted SYN keeps its backend");

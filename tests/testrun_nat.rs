@@ -632,7 +632,9 @@ fn a_half_open_tcp_translation_goes_after_the_embryonic_timeout() {
         let (public, _, port, _) = endpoints(&out);
         k.arrive_as(Role::External);
         for &flags in answers {
-            let answer = frame("203.0.113.7", &public.to_string(), L4::Tcp(443, port, flags));
+            // Acknowledging the SYN (`L4::Tcp`'s is at 1000).
+            let answer =
+                tcp_frame("203.0.113.7", &public.to_string(), (443, port), flags, 1000, 1001);
             assert_eq!(k.run(&answer), PASS);
         }
         k.arrive_as(Role::Internal);

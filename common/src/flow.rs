@@ -87,9 +87,12 @@ pub struct FlowValue {
     /// Load-balancer service and backend of the flow, or `NO_BACKEND`.
     pub service: u32,
     pub backend: u32,
-    /// A TCP sequence number. Embryonic flows (forward entry): the one the initiator's ACK
-    /// must acknowledge to confirm the flow (the responder's SYN-ACK sequence number + 1;
-    /// see `TCP_ANSWERED`). Established flows, with `TCP_SEQ`: the one this direction's
+    /// A TCP sequence number. Embryonic flows opened by a SYN (forward entry): the SYN's
+    /// sequence number + 1, which its answer or a reset must acknowledge; once answered,
+    /// the one the initiator's ACK must acknowledge to confirm the flow (the responder's
+    /// SYN-ACK sequence number + 1; see `TCP_ANSWERED`). 0 in an entry of a build before
+    /// 2026-12-06, which kept no number until the answer. Established flows, with
+    /// `TCP_SEQ`: the one this direction's
     /// sender was last seen at, near which its RST and FIN are believed. ICMP echo flows:
     /// the echo type this direction carries, + 1 (requests and replies share a key).
     pub seq: u32,
@@ -253,8 +256,8 @@ pub const NO_RULES: [u16; 2] = [NO_RULE; 2];
 pub const TCP_FIN: u8 = 1;
 /// RST seen, or FIN both ways: the flow expires after `TCP_CLOSED_TIMEOUT_NS`.
 pub const TCP_CLOSED: u8 = 2;
-/// Embryonic TCP flow (forward entry): the responder answered with a SYN-ACK, whose sequence
-/// number + 1 is in `ack`.
+/// Embryonic TCP flow (forward entry): the responder answered with a SYN-ACK that
+/// acknowledges the SYN, whose sequence number + 1 is now in `seq`.
 pub const TCP_ANSWERED: u8 = 4;
 /// The flow was taken up from a TCP segment other than a SYN: an answer confirms it.
 pub const TCP_MIDSTREAM: u8 = 8;

@@ -185,19 +185,64 @@ fn answer(
         return None;
     }
     count_rules(first.rules, len);
-    let flags = meta.tcp_flags;
-    if flags & TH_RST != 0 {
+    if handshake(meta, first, true) {
         // Refused or aborted before it was established: over, and its RST passes.
         count(FLOW_STAT_EMBRYOS_CLOSED);
         let _ = EMBRYOS.remove(&key.reversed());
         return Some(Lookup::Hit(Action::PASS));
     }
-    if flags & (TH_SYN | TH_ACK) == TH_SYN | TH_ACK {
-        first.tcp |= TCP_ANSWERED;
-        first.seq = meta.tcp_seq.wrapping_add(1);
-    }
     first.count_answer(len, now);
     Some(Lookup::Hit(Action::PASS))
+}
+
+/// Follows a TCP segment of an embryonic flow through its handshake, in the flow's forward
+/// entry `first` (`back`: the segment comes from the answering end); true: a reset ends
+/// the flow. Until answered, the flow keeps its SYN's sequence number + 1 in `seq`: only
+/// a SYN-ACK or a reset from the answering end that acknowledges it, or a reset from the
+/// initiator at it, counts, as its host takes only those (RFC 9293 3.10.7.3). Once
+/// answered, `seq` holds the SYN-ACK's number + 1, which no later SYN-ACK changes, and a
+/// reset counts at it. So an off-path spoofer must guess a number to end the flow or to
+/// keep it from being confirmed. What does not count passes unchanged, for its host to
+/// judge, as conntrack ignores it: an ACK of an older connection on the tuple, say, which
+/// the initiator answers with the reset that clears that connection.
+#[inline(never)]
+fn handshake(meta: &PacketMeta, first: &mut FlowValue, back: bool) -> bool {
+    let (flags, seq, ack) = (meta.tcp_flags, meta.tcp_seq, meta.tcp_ack);
+    let rst = flags & TH_RST != 0;
+    let answered = first.tcp & TCP_ANSWERED != 0;
+    // Picked up mid-stream (no SYN seen), or made by a build that kept no number: any
+    // reset counts, and any SYN-ACK answers.
+    let unknown = first.tcp & TCP_MIDSTREAM != 0 || (first.seq == 0 && !answered);
+    let acks_syn = flags & TH_ACK != 0 && (unknown || syn_acked(first, ack));
+    if back && !answered && !rst && flags & TH_SYN != 0 && acks_syn {
+        first.tcp |= TCP_ANSWERED;
+        first.seq = seq.wrapping_add(1);
+        return false;
+    }
+    if !back && !answered && flags & (TH_SYN | TH_ACK | TH_RST | TH_FIN) == TH_SYN {
+        // A new connection on the tuple, its number later than the last (as RFC 9293
+        // 3.4.1 asks of it, and conntrack takes it): the one to answer now.
+        if unknown || (seq.wrapping_add(1).wrapping_sub(first.seq) as i32) > 0 {
+            first.seq = seq.wrapping_add(1);
+        }
+        return false;
+    }
+    rst && (unknown
+        || match (back, answered) {
+            (true, false) => acks_syn,
+            (false, false) => syn_acked(first, seq),
+            (true, true) => seq == first.seq,
+            (false, true) => flags & TH_ACK != 0 && ack == first.seq,
+        })
+}
+
+/// Whether `n` acknowledges the SYN of the unanswered flow `first`: its number + 1, or up
+/// to 64 KiB past it, as a SYN may carry data (TCP Fast Open) that its answer acknowledges
+/// too. (A blind guess then hits one time in 65,536, an established flow's reset window
+/// one in 512.)
+#[inline(always)]
+fn syn_acked(first: &FlowValue, n: u32) -> bool {
+    n.wrapping_sub(first.seq) <= u32::from(u16::MAX)
 }
 
 /// Makes the reply entry of the lone flow `first` (on `key`), its answers counted in it,
@@ -448,20 +493,22 @@ fn embryo(
             }
             return Lookup::Hit(action);
         }
-        if flags & TH_RST != 0 {
+        let ends = if entry.reply == 0 {
+            handshake(meta, entry, false)
+        } else {
+            match EMBRYOS.get_ptr_mut(&key.twin(entry)) {
+                Some(first) => handshake(meta, unsafe { &mut *first }, true),
+                // Its forward entry was pushed out: no number left to judge a reset by.
+                None => flags & TH_RST != 0,
+            }
+        };
+        if ends {
             // Refused or aborted before it was established: over, and its RST passes.
             count(FLOW_STAT_EMBRYOS_CLOSED);
             forget_embryo(key, entry);
             return Lookup::Hit(action);
         }
         let confirms = if entry.reply != 0 {
-            if flags & (TH_SYN | TH_ACK) == TH_SYN | TH_ACK
-                && let Some(first) = EMBRYOS.get_ptr_mut(&key.twin(entry))
-            {
-                let first = unsafe { &mut *first };
-                first.tcp |= TCP_ANSWERED;
-                first.seq = meta.tcp_seq.wrapping_add(1);
-            }
             flags & TH_SYN == 0 && entry.tcp & TCP_MIDSTREAM != 0
         } else {
             if flags & (TH_SYN | TH_ACK) == TH_SYN | TH_ACK {
@@ -912,7 +959,6 @@ fn fresh(
     f.rules = NO_RULES;
     f.direction = dir as u8;
     f.reply = 0;
-    f.tcp = if midstream(meta) { TCP_MIDSTREAM } else { 0 };
     // Volatile: merged with the zeroes after it, the store began a memset at an odd offset,
     // which the compiler writes one byte at a time (21 stores at every new flow).
     unsafe { core::ptr::write_volatile(&mut f.nat, NAT_NONE) };
@@ -921,9 +967,23 @@ fn fresh(
     f.idle_s = 0;
     f.service = NO_BACKEND;
     f.backend = NO_BACKEND;
-    f.seq = echo_mark(meta);
+    first_marks(meta, f);
     f.hop = NextHop::NONE;
     Ok(pair)
+}
+
+/// A new flow's `tcp` bits and `seq` from its first packet: a SYN's number + 1, which its
+/// answer must acknowledge (see `handshake`), or an echo's mark. A call of its own:
+/// inlined, it cost the new-flow stage stack it does not have.
+#[inline(never)]
+fn first_marks(meta: &PacketMeta, f: &mut FlowValue) {
+    if meta.proto == IPPROTO_TCP {
+        f.seq = meta.tcp_seq.wrapping_add(1);
+        f.tcp = if midstream(meta) { TCP_MIDSTREAM } else { 0 };
+    } else {
+        f.seq = echo_mark(meta);
+        f.tcp = 0;
+    }
 }
 
 /// The first packet of a flow the host itself sends (seen by the tc egress program): judged
