@@ -1382,3 +1382,46 @@ fn a_fast_open_connection_is_confirmed() {
         }
     }
 }
+
+/// A server's first SYN-ACK lost past the gateway, and the SYN sent again answered anew
+/// with another sequence number (the listener was replaced meanwhile; a server with SYN
+/// cookies does so too): that answer's ACK confirms the flow. Seen failing after an
+/// outside review: the gateway kept the first answer's number, the flow stayed embryonic
+/// and, idle past `embryonic_timeout`, the connection was cut.
+#[test]
+fn a_syn_answered_anew_is_confirmed() {
+    let gw = Gateway::new();
+    gw.apply("base.yaml", POLICY);
+    let server = sock(SERVER4, 80);
+    let first = gw.server.run(move || TcpListener::bind(server).unwrap());
+    // The client's kernel never sees the server's SYN-ACKs while this stands.
+    let nft = |args: &str| gw.client.exec("nft", &args.split(' ').collect::<Vec<_>>());
+    nft("add table inet lose");
+    nft("add chain inet lose in { type filter hook input priority 0 ; }");
+    nft("add rule inet lose in tcp sport 80 tcp flags & (syn|ack) == syn|ack drop");
+    let client = gw.client.spawn(move || TcpStream::connect_timeout(&server, PASS_WAIT * 2));
+    // The gateway has counted the first SYN-ACK (the flow's reply direction).
+    let start = Instant::now();
+    let answered = || {
+        let flows = gw.pins.xdpgate(&["flows", "--json", "--top", "0", "--port", "80"]);
+        let flows: serde_json::Value = serde_json::from_str(&flows).unwrap();
+        flows.as_array().unwrap().iter().any(|f| f["reply"]["packets"].as_u64() > Some(0))
+    };
+    while !answered() {
+        assert!(start.elapsed() < PASS_WAIT, "the gateway saw no SYN-ACK");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A new listener: the SYN sent again gets an answer of its own, with a new number.
+    drop(first);
+    let second = gw.server.run(move || TcpListener::bind(server).unwrap());
+    nft("delete table inet lose");
+    let mut s = client.join().unwrap().expect("the connection, on the SYN sent again");
+    let mut accepted = gw.server.run(move || accept_within(&second, PASS_WAIT));
+    s.write_all(b"anew").unwrap();
+    assert_eq!(read_within(&mut accepted, PASS_WAIT).as_deref(), Some(&b"anew"[..]));
+    let port = s.local_addr().unwrap().port().to_string();
+    let flows = gw.pins.xdpgate(&["flows", "--json", "--top", "0", "--port", &port]);
+    let flows: serde_json::Value = serde_json::from_str(&flows).unwrap();
+    let state = flows.as_array().unwrap().first().map(|f| f["state"].clone());
+    assert_eq!(state, Some("established".into()), "{flows:#}");
+}

@@ -90,10 +90,11 @@ pub struct FlowValue {
     /// A TCP sequence number. Embryonic flows opened by a SYN (forward entry): the SYN's
     /// sequence number + 1, which its answer or a reset must acknowledge; once answered,
     /// the one the initiator's ACK must acknowledge to confirm the flow (the responder's
-    /// SYN-ACK sequence number + 1; see `TCP_ANSWERED`). 0 in an entry of a build before
-    /// 2026-12-06, which kept no number until the answer. Established flows, with
-    /// `TCP_SEQ`: the one this direction's
-    /// sender was last seen at, near which its RST and FIN are believed. ICMP echo flows:
+    /// SYN-ACK sequence number + 1; see `TCP_ANSWERED`), the SYN's then kept in the
+    /// reply entry's `seq` (a lone flow's in `hop.generation`; the dataplane's
+    /// `flow::kept_syn`). 0 in an entry of a build before 2026-12-06, which kept no
+    /// number until the answer. Established flows, with `TCP_SEQ`: the one this
+    /// direction's sender was last seen at, near which its RST and FIN are believed. ICMP echo flows:
     /// the echo type this direction carries, + 1 (requests and replies share a key).
     pub seq: u32,
     /// Where this direction's packets were last forwarded (flows the dataplane forwards
@@ -160,6 +161,11 @@ impl FlowValue {
             let (packets, bytes, seen) = self.answers();
             (reply.packets, reply.bytes, reply.last_seen_ns) = (packets.into(), bytes.into(), seen);
             reply.nat_addr = [0; 4];
+            // An answered flow's SYN number moves to where a flow of two entries keeps it.
+            if self.tcp & TCP_ANSWERED != 0 {
+                reply.seq = self.hop.generation;
+            }
+            reply.hop = NextHop::NONE;
             reply.tcp &= !(TCP_LONE | TCP_ANSWERED);
         }
     }
@@ -169,6 +175,7 @@ impl FlowValue {
     pub fn not_lone(&mut self) {
         self.tcp &= !TCP_LONE;
         self.nat_addr = [0; 4];
+        self.hop = NextHop::NONE;
     }
 
     /// An embryonic entry judged as established (see `ASSURED`).

@@ -185,7 +185,7 @@ fn answer(
         return None;
     }
     count_rules(first.rules, len);
-    if handshake(meta, first, true) {
+    if handshake(meta, first, true, None) {
         // Refused or aborted before it was established: over, and its RST passes.
         count(FLOW_STAT_EMBRYOS_CLOSED);
         let _ = EMBRYOS.remove(&key.reversed());
@@ -196,27 +196,40 @@ fn answer(
 }
 
 /// Follows a TCP segment of an embryonic flow through its handshake, in the flow's forward
-/// entry `first` (`back`: the segment comes from the answering end); true: a reset ends
-/// the flow. Until answered, the flow keeps its SYN's sequence number + 1 in `seq`: only
-/// a SYN-ACK or a reset from the answering end that acknowledges it, or a reset from the
-/// initiator at it, counts, as its host takes only those (RFC 9293 3.10.7.3). Once
-/// answered, `seq` holds the SYN-ACK's number + 1, which no later SYN-ACK changes, and a
-/// reset counts at it. So an off-path spoofer must guess a number to end the flow or to
-/// keep it from being confirmed. What does not count passes unchanged, for its host to
-/// judge, as conntrack ignores it: an ACK of an older connection on the tuple, say, which
-/// the initiator answers with the reset that clears that connection.
+/// entry `first` (`back`: the segment comes from the answering end, and `reply` is the
+/// flow's reply entry, if it has one); true: a reset ends the flow. Until answered, the
+/// flow keeps its SYN's sequence number + 1 in `seq`: only a SYN-ACK or a reset from the
+/// answering end that acknowledges it, or a reset from the initiator at it, counts, as its
+/// host takes only those (RFC 9293 3.10.7.3). Once answered, `seq` holds the SYN-ACK's
+/// number + 1 (the SYN's is kept, see [`kept_syn`]), which only another SYN-ACK that
+/// acknowledges the SYN changes (the first one lost past the gateway, the server answered
+/// the SYN sent again anew), and a reset counts only at it. So an off-path spoofer must
+/// guess a number to end the flow or to keep it from being confirmed. What does not count
+/// passes unchanged, for its host to judge, as conntrack ignores it: an ACK of an older
+/// connection on the tuple, say, which the initiator answers with the reset that clears
+/// that connection.
 #[inline(never)]
-fn handshake(meta: &PacketMeta, first: &mut FlowValue, back: bool) -> bool {
+fn handshake(
+    meta: &PacketMeta,
+    first: &mut FlowValue,
+    back: bool,
+    reply: Option<&mut FlowValue>,
+) -> bool {
     let (flags, seq, ack) = (meta.tcp_flags, meta.tcp_seq, meta.tcp_ack);
     let rst = flags & TH_RST != 0;
     let answered = first.tcp & TCP_ANSWERED != 0;
     // Picked up mid-stream (no SYN seen), or made by a build that kept no number: any
     // reset counts, and any SYN-ACK answers.
     let unknown = first.tcp & TCP_MIDSTREAM != 0 || (first.seq == 0 && !answered);
-    let acks_syn = flags & TH_ACK != 0 && (unknown || syn_acked(first, ack));
-    if back && !answered && !rst && flags & TH_SYN != 0 && acks_syn {
-        first.tcp |= TCP_ANSWERED;
-        first.seq = seq.wrapping_add(1);
+    if back && !rst && flags & (TH_SYN | TH_ACK) == TH_SYN | TH_ACK {
+        if !answered && (unknown || acks_syn(ack, first.seq)) {
+            let syn = first.seq;
+            *kept_syn(first, reply) = syn;
+            first.tcp |= TCP_ANSWERED;
+            first.seq = seq.wrapping_add(1);
+        } else if answered && acks_syn(ack, *kept_syn(first, reply)) {
+            first.seq = seq.wrapping_add(1);
+        }
         return false;
     }
     if !back && !answered && flags & (TH_SYN | TH_ACK | TH_RST | TH_FIN) == TH_SYN {
@@ -229,20 +242,31 @@ fn handshake(meta: &PacketMeta, first: &mut FlowValue, back: bool) -> bool {
     }
     rst && (unknown
         || match (back, answered) {
-            (true, false) => acks_syn,
-            (false, false) => syn_acked(first, seq),
+            (true, false) => flags & TH_ACK != 0 && acks_syn(ack, first.seq),
+            (false, false) => acks_syn(seq, first.seq),
             (true, true) => seq == first.seq,
             (false, true) => flags & TH_ACK != 0 && ack == first.seq,
         })
 }
 
-/// Whether `n` acknowledges the SYN of the unanswered flow `first`: its number + 1, or up
-/// to 64 KiB past it, as a SYN may carry data (TCP Fast Open) that its answer acknowledges
-/// too. (A blind guess then hits one time in 65,536, an established flow's reset window
-/// one in 512.)
+/// Where an answered embryonic TCP flow keeps its SYN's number + 1, its `seq` holding the
+/// answer's: the reply entry's `seq`, which holds no number of its own until the flow is
+/// confirmed, or a lone flow's `hop` (`TCP_LONE`: the dataplane forwards no flow that
+/// nothing rewrites, so it caches no next hop).
 #[inline(always)]
-fn syn_acked(first: &FlowValue, n: u32) -> bool {
-    n.wrapping_sub(first.seq) <= u32::from(u16::MAX)
+fn kept_syn<'a>(first: &'a mut FlowValue, reply: Option<&'a mut FlowValue>) -> &'a mut u32 {
+    match reply {
+        Some(reply) => &mut reply.seq,
+        None => &mut first.hop.generation,
+    }
+}
+
+/// Whether `n` acknowledges a SYN whose number + 1 is `syn`: that, or up to 64 KiB past
+/// it, as a SYN may carry data (TCP Fast Open) that its answer acknowledges too. (A blind
+/// guess then hits one time in 65,536, an established flow's reset window one in 512.)
+#[inline(always)]
+fn acks_syn(n: u32, syn: u32) -> bool {
+    n.wrapping_sub(syn) <= u32::from(u16::MAX)
 }
 
 /// Makes the reply entry of the lone flow `first` (on `key`), its answers counted in it,
@@ -494,10 +518,10 @@ fn embryo(
             return Lookup::Hit(action);
         }
         let ends = if entry.reply == 0 {
-            handshake(meta, entry, false)
+            handshake(meta, entry, false, None)
         } else {
             match EMBRYOS.get_ptr_mut(&key.twin(entry)) {
-                Some(first) => handshake(meta, unsafe { &mut *first }, true),
+                Some(first) => handshake(meta, unsafe { &mut *first }, true, Some(entry)),
                 // Its forward entry was pushed out: no number left to judge a reset by.
                 None => flags & TH_RST != 0,
             }
