@@ -99,6 +99,8 @@ pub struct FlowValue {
     pub seq: u32,
     /// Where this direction's packets were last forwarded (flows the dataplane forwards
     /// itself: load-balanced and translated ones), so that the FIB need not be asked again.
+    /// A lone flow (`TCP_LONE`), never forwarded by the dataplane, keeps its SYN's number
+    /// here once answered (`generation`; see `seq`).
     pub hop: NextHop,
 }
 
