@@ -198,9 +198,11 @@ fn answer(
 /// Follows a TCP segment of an embryonic flow through its handshake, in the flow's forward
 /// entry `first` (`back`: the segment comes from the answering end, and `reply` is the
 /// flow's reply entry, if it has one); true: a reset ends the flow. Until answered, the
-/// flow keeps its SYN's sequence number + 1 in `seq`: only a SYN-ACK or a reset from the
-/// answering end that acknowledges it, or a reset from the initiator at it, counts, as its
-/// host takes only those (RFC 9293 3.10.7.3). Once answered, `seq` holds the SYN-ACK's
+/// flow keeps its first SYN's sequence number + 1 in `seq`: only a SYN-ACK or a reset from
+/// the answering end that acknowledges it, or a reset from the initiator at it, counts, as
+/// its host takes only those (RFC 9293 3.10.7.3). A SYN with another number changes it
+/// not: conntrack takes a later one as a new connection on the tuple, but so it would a
+/// spoofer's, whose number it then knows (an outside review's find). Once answered, `seq` holds the SYN-ACK's
 /// number + 1 (the SYN's is kept, see [`kept_syn`]), which only another SYN-ACK that
 /// acknowledges the SYN changes (the first one lost past the gateway, the server answered
 /// the SYN sent again anew), and a reset counts only at it. So an off-path spoofer must
@@ -228,14 +230,6 @@ fn handshake(
             first.tcp |= TCP_ANSWERED;
             first.seq = seq.wrapping_add(1);
         } else if answered && acks_syn(ack, *kept_syn(first, reply)) {
-            first.seq = seq.wrapping_add(1);
-        }
-        return false;
-    }
-    if !back && !answered && flags & (TH_SYN | TH_ACK | TH_RST | TH_FIN) == TH_SYN {
-        // A new connection on the tuple, its number later than the last (as RFC 9293
-        // 3.4.1 asks of it, and conntrack takes it): the one to answer now.
-        if unknown || (seq.wrapping_add(1).wrapping_sub(first.seq) as i32) > 0 {
             first.seq = seq.wrapping_add(1);
         }
         return false;
