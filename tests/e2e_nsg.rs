@@ -1318,6 +1318,12 @@ fn virtual_network_sources_from_outside_are_dropped_at_both_hooks() {
     }
 }
 
+/// The flows `xdpgate flows --json --port` lists for `port`.
+fn flows_on_port(gw: &Gateway, port: u16) -> Vec<serde_json::Value> {
+    let text = gw.pins.xdpgate(&["flows", "--json", "--top", "0", "--port", &port.to_string()]);
+    serde_json::from_str(&text).expect("flows json")
+}
+
 /// TCP Fast Open through the gateway, both families: a SYN that carries data is answered
 /// by a SYN-ACK that acknowledges the data too, which answers the flow as one at the SYN's
 /// number + 1 does, and the handshake confirms it. Seen failing with the answer taken only
@@ -1373,12 +1379,11 @@ fn a_fast_open_connection_is_confirmed() {
         io::BufRead::read_line(&mut out, &mut line).unwrap();
         assert!(child.wait().unwrap().success());
         assert_eq!(line.trim(), "1", "{server}: the second SYN's data taken (Fast Open)");
-        let flows = gw.pins.xdpgate(&["flows", "--json", "--top", "0", "--port", "80"]);
-        let flows: serde_json::Value = serde_json::from_str(&flows).unwrap();
+        let flows = flows_on_port(&gw, 80);
         for port in ports {
-            let flow = flows.as_array().unwrap().iter().find(|f| f["src_port"] == port);
+            let flow = flows.iter().find(|f| f["src_port"] == port);
             let state = flow.map(|f| f["state"].clone());
-            assert_eq!(state, Some("established".into()), "{server}:{port}: {flows:#}");
+            assert_eq!(state, Some("established".into()), "{server}:{port}: {flows:#?}");
         }
     }
 }
@@ -1402,11 +1407,8 @@ fn a_syn_answered_anew_is_confirmed() {
     let client = gw.client.spawn(move || TcpStream::connect_timeout(&server, PASS_WAIT * 2));
     // The gateway has counted the first SYN-ACK (the flow's reply direction).
     let start = Instant::now();
-    let answered = || {
-        let flows = gw.pins.xdpgate(&["flows", "--json", "--top", "0", "--port", "80"]);
-        let flows: serde_json::Value = serde_json::from_str(&flows).unwrap();
-        flows.as_array().unwrap().iter().any(|f| f["reply"]["packets"].as_u64() > Some(0))
-    };
+    let answered =
+        || flows_on_port(&gw, 80).iter().any(|f| f["reply"]["packets"].as_u64() > Some(0));
     while !answered() {
         assert!(start.elapsed() < PASS_WAIT, "the gateway saw no SYN-ACK");
         std::thread::sleep(Duration::from_millis(20));
@@ -1419,9 +1421,7 @@ fn a_syn_answered_anew_is_confirmed() {
     let mut accepted = gw.server.run(move || accept_within(&second, PASS_WAIT));
     s.write_all(b"anew").unwrap();
     assert_eq!(read_within(&mut accepted, PASS_WAIT).as_deref(), Some(&b"anew"[..]));
-    let port = s.local_addr().unwrap().port().to_string();
-    let flows = gw.pins.xdpgate(&["flows", "--json", "--top", "0", "--port", &port]);
-    let flows: serde_json::Value = serde_json::from_str(&flows).unwrap();
-    let state = flows.as_array().unwrap().first().map(|f| f["state"].clone());
-    assert_eq!(state, Some("established".into()), "{flows:#}");
+    let flows = flows_on_port(&gw, s.local_addr().unwrap().port());
+    let state = flows.first().map(|f| f["state"].clone());
+    assert_eq!(state, Some("established".into()), "{flows:#?}");
 }

@@ -94,8 +94,9 @@ pub struct FlowValue {
     /// reply entry's `seq` (a lone flow's in `hop.generation`; the dataplane's
     /// `flow::kept_syn`). 0 in an entry of a build before 2026-12-06, which kept no
     /// number until the answer. Established flows, with `TCP_SEQ`: the one this
-    /// direction's sender was last seen at, near which its RST and FIN are believed. ICMP echo flows:
-    /// the echo type this direction carries, + 1 (requests and replies share a key).
+    /// direction's sender was last seen at, near which its RST and FIN are believed. ICMP
+    /// echo flows: the echo type this direction carries, + 1 (requests and replies share a
+    /// key).
     pub seq: u32,
     /// Where this direction's packets were last forwarded (flows the dataplane forwards
     /// itself: load-balanced and translated ones), so that the FIB need not be asked again.

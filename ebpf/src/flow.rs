@@ -202,9 +202,9 @@ fn answer(
 /// the answering end that acknowledges it, or a reset from the initiator at it, counts, as
 /// its host takes only those (RFC 9293 3.10.7.3). A SYN with another number changes it
 /// not: conntrack takes a later one as a new connection on the tuple, but so it would a
-/// spoofer's, whose number it then knows (an outside review's find). Once answered, `seq` holds the SYN-ACK's
-/// number + 1 (the SYN's is kept, see [`kept_syn`]), which only another SYN-ACK that
-/// acknowledges the SYN changes (the first one lost past the gateway, the server answered
+/// spoofer's, whose number it then knows (an outside review's find). Once answered, `seq`
+/// holds the SYN-ACK's number + 1 (the SYN's is kept, see [`kept_syn`]), which only
+/// another SYN-ACK that acknowledges the SYN changes (the first one lost past the gateway, the server answered
 /// the SYN sent again anew), and a reset counts only at it. So an off-path spoofer must
 /// guess a number to end the flow or to keep it from being confirmed. What does not count
 /// passes unchanged, for its host to judge, as conntrack ignores it: an ACK of an older
