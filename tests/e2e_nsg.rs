@@ -1105,10 +1105,10 @@ fn a_crafted_solicitation_to_a_routed_address_does_not_cross_the_policy() {
 /// A full established table (64 flows, filled by answered UDP streams through the gateway)
 /// refuses no new connection: a TCP connection of each family echoes 16 KiB and closes,
 /// and the server's socket leaves LAST-ACK (its FIN and the client's last ACK passed); a
-/// further UDP stream is answered too. `stats` counts the refused confirmations and no
-/// packet as `flow_table_full`. (Seen failing before the fix: the connection's confirming
-/// ACK was dropped and its embryo forgotten, so the client was established, the server was
-/// not, and the echo never came.)
+/// further UDP stream is answered too, and `flows` lists it as `assured`. `stats` counts
+/// the refused confirmations and no packet as `flow_table_full`. (Seen failing before the
+/// fix: the connection's confirming ACK was dropped and its embryo forgotten, so the client
+/// was established, the server was not, and the echo never came.)
 #[test]
 fn a_full_established_table_keeps_new_connections_working() {
     let started = Instant::now();
@@ -1161,7 +1161,20 @@ fn a_full_established_table_keeps_new_connections_working() {
         assert!(Instant::now() < deadline, "server sockets left in LAST-ACK: {left}");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let _last = stream(64);
+    let last = stream(64);
+    // Its flow waits among the embryos, confirmed: listed as `assured`, not `embryonic`,
+    // which reads as a handshake or answer never seen (seen failing: `embryonic`).
+    let port = last.local_addr().unwrap().port();
+    let listed = flows_on_port(&lab, port);
+    assert_eq!(listed.len(), 1, "one flow from port {port}: {listed:?}");
+    assert_eq!(listed[0]["state"], "assured", "{:?}", listed[0]);
+    let in_state = |state: &str| {
+        let text = lab.pins.xdpgate(&["flows", "--json", "--top", "0", "--state", state]);
+        let flows: Vec<serde_json::Value> = serde_json::from_str(&text).expect("flows json");
+        flows.iter().any(|f| f["src_port"] == port)
+    };
+    assert!(in_state("assured"), "--state assured lists it");
+    assert!(!in_state("embryonic") && !in_state("established"), "no other state lists it");
     let after = lab.stats();
     assert_eq!(entries(&after), Some(128), "still full");
     let refused = |s: &serde_json::Value| s["flow_table"]["embryonic"]["refused"].as_u64().unwrap();

@@ -24,7 +24,8 @@ pub struct FilterArgs {
     /// gateway flow's public address count as ends).
     #[arg(long, value_name = "IP")]
     pub addr: Option<IpAddr>,
-    /// Only flows in this state: embryonic or established.
+    /// Only flows in this state: embryonic, assured (confirmed, waiting for room in a full
+    /// established table) or established.
     #[arg(long, value_name = "STATE")]
     pub state: Option<FlowState>,
 }

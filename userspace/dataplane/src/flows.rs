@@ -34,14 +34,17 @@ use xdpgate_policy::{
 
 use crate::{PinDir, apply, monotonic_ns, state, stats::Traffic, table};
 
-/// Which table a flow is in.
+/// Where a flow is in its life, and so in which table.
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum FlowState {
     /// Not confirmed yet (TCP: no handshake seen through; UDP and ICMP: no reply yet, or a
-    /// lone exchange: no packet since the reply), or `ASSURED` (confirmed, waiting for room
-    /// in a full established table), in `EMBRYOS`: a flood of new flows evicts these first.
+    /// lone exchange: no packet since the reply), in `EMBRYOS`: a flood of new flows evicts
+    /// these first.
     Embryonic,
+    /// Confirmed, but the full established table had no room for it: judged as established,
+    /// it waits in `EMBRYOS` (marked `ASSURED`), where a flood can still push it out.
+    Assured,
     /// Confirmed, in `FLOWS`.
     Established,
 }
@@ -50,7 +53,22 @@ impl FlowState {
     pub fn name(self) -> &'static str {
         match self {
             FlowState::Embryonic => "embryonic",
+            FlowState::Assured => "assured",
             FlowState::Established => "established",
+        }
+    }
+
+    /// Whether the flow's entries are in `EMBRYOS` (else `FLOWS`).
+    fn in_embryos(self) -> bool {
+        self != FlowState::Established
+    }
+
+    /// The state of a flow whose entries are in `EMBRYOS`.
+    fn of_embryo(forward: Option<FlowValue>, reply: Option<FlowValue>) -> FlowState {
+        if forward.iter().chain(reply.iter()).any(FlowValue::assured) {
+            FlowState::Assured
+        } else {
+            FlowState::Embryonic
         }
     }
 }
@@ -61,8 +79,9 @@ impl FromStr for FlowState {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "embryonic" => Ok(FlowState::Embryonic),
+            "assured" => Ok(FlowState::Assured),
             "established" => Ok(FlowState::Established),
-            _ => Err(format!("{s:?} is not a flow state (embryonic or established)")),
+            _ => Err(format!("{s:?} is not a flow state (embryonic, assured or established)")),
         }
     }
 }
@@ -640,11 +659,10 @@ fn idle(
     let main = forward.or(reply).expect("a flow has an entry");
     let last_seen = forward.iter().chain(reply.iter()).map(|v| v.last_seen_ns).max().unwrap_or(0);
     let tcp = tcp_flags(forward, reply);
-    let timeout = match state {
-        FlowState::Established => names.timeout_ns(key.family, key.proto, tcp, main.idle_s),
-        FlowState::Embryonic => {
-            names.embryo_timeout_ns(key.family, key.proto, &FlowValue { tcp, ..main })
-        }
+    let timeout = if state.in_embryos() {
+        names.embryo_timeout_ns(key.family, key.proto, &FlowValue { tcp, ..main })
+    } else {
+        names.timeout_ns(key.family, key.proto, tcp, main.idle_s)
     };
     (now.saturating_sub(last_seen), timeout)
 }
@@ -662,7 +680,7 @@ struct Held {
     flow: Flow,
 }
 
-/// The flows in `state` (none: both) for which `keep` holds, unordered. Each table is read
+/// The flows in `state` (none: every state) for which `keep` holds, unordered. Each table is read
 /// in one walk, the embryonic one first: a flow confirmed during the read (put into the
 /// established table, then taken out of the embryonic one) is seen in both, and is then
 /// taken once, as established. (Read the other way round, it could be missed in both.)
@@ -673,11 +691,11 @@ fn matching(
 ) -> Result<Vec<Held>> {
     let names = Names::read(pins)?;
     let want = |s: FlowState| state.is_none_or(|f| f == s);
-    let read = |s: FlowState, name| {
-        if want(s) { Entries::read(pins, name) } else { Ok(Entries::default()) }
+    let read = |table: bool, name| {
+        if table { Entries::read(pins, name) } else { Ok(Entries::default()) }
     };
-    let embryos = read(FlowState::Embryonic, EMBRYOS)?;
-    let established = read(FlowState::Established, FLOWS)?;
+    let embryos = read(state.is_none_or(FlowState::in_embryos), EMBRYOS)?;
+    let established = read(want(FlowState::Established), FLOWS)?;
     let now = monotonic_ns();
     let mut held = Vec::new();
     let mut hold = |state, (key, forward, reply, reply_key): Paired| {
@@ -688,8 +706,9 @@ fn matching(
     };
     pair(&established, |p| hold(FlowState::Established, p));
     pair(&embryos, |p| {
-        if !established.contains(&p.0) {
-            hold(FlowState::Embryonic, p)
+        let state = FlowState::of_embryo(p.1, p.2);
+        if want(state) && !established.contains(&p.0) {
+            hold(state, p)
         }
     });
     Ok(held)
@@ -700,7 +719,7 @@ pub fn list(pins: &PinDir, filter: &Filter, top: usize) -> Result<Vec<Flow>> {
     list_where(pins, filter.state, |f| filter.matches(f), top)
 }
 
-/// The flows in `state` (none: both) for which `keep` holds, most bytes first; at most
+/// The flows in `state` (none: every state) for which `keep` holds, most bytes first; at most
 /// `top` of them (0: all).
 pub fn list_where(
     pins: &PinDir,
@@ -739,7 +758,7 @@ pub fn per_backend(pins: &PinDir) -> Result<HashMap<(u32, u32), u64>> {
     pair(&established, |p| count(FlowState::Established, p));
     pair(&embryos, |p| {
         if !established.contains(&p.0) {
-            count(FlowState::Embryonic, p)
+            count(FlowState::of_embryo(p.1, p.2), p)
         }
     });
     Ok(out)
@@ -756,7 +775,7 @@ pub struct Deleted {
     pub translations: u64,
 }
 
-/// Removes the flows in `state` (none: both) for which `keep` holds (`conntrack -D`): both
+/// Removes the flows in `state` (none: every state) for which `keep` holds (`conntrack -D`): both
 /// directions' entries, in the
 /// table each is in, and the translation of a flow through a NAT gateway (else the next
 /// packet would rebuild the flow from it). A deleted flow's next packet is judged as a new
@@ -802,23 +821,22 @@ pub fn delete(
             let mut remove_flow = || {
                 let mut embryo_entries = 0;
                 // A lone flow (`TCP_LONE`) is whole with its one entry.
-                let lone = h.flow.state == FlowState::Embryonic
-                    && embryos.get(&h.key, 0).is_ok_and(|v| v.lone());
+                let lone =
+                    h.flow.state.in_embryos() && embryos.get(&h.key, 0).is_ok_and(|v| v.lone());
                 for (k, other) in [(h.key, h.reply_key), (h.reply_key, h.key)] {
                     // A flow read as embryonic may have been confirmed since: it is in the
                     // established table now, and must go from there, or it runs on (with
                     // its translation ended, its port free for another flow). Only its own
                     // entry: another flow's may share a tuple (a closed connection's reply
                     // entry, where two frontend ports reach one backend port).
-                    let gone = match h.flow.state {
-                        FlowState::Established => established.remove(&k).is_ok(),
-                        FlowState::Embryonic => {
-                            let embryo = embryos.remove(&k).is_ok();
-                            embryo_entries += u32::from(embryo);
-                            embryo
-                                | (established.get(&k, 0).is_ok_and(|v| k.twin(&v) == other)
-                                    && established.remove(&k).is_ok())
-                        }
+                    let gone = if h.flow.state.in_embryos() {
+                        let embryo = embryos.remove(&k).is_ok();
+                        embryo_entries += u32::from(embryo);
+                        embryo
+                            | (established.get(&k, 0).is_ok_and(|v| k.twin(&v) == other)
+                                && established.remove(&k).is_ok())
+                    } else {
+                        established.remove(&k).is_ok()
                     };
                     if gone {
                         *entries += 1;
@@ -929,9 +947,10 @@ mod tests {
     #[test]
     fn states_parse_and_filter() {
         assert_eq!("embryonic".parse(), Ok(FlowState::Embryonic));
+        assert_eq!("assured".parse(), Ok(FlowState::Assured));
         assert_eq!("established".parse(), Ok(FlowState::Established));
         let err = "syn_sent".parse::<FlowState>().unwrap_err();
-        assert!(err.contains("embryonic or established"), "{err}");
+        assert!(err.contains("embryonic, assured or established"), "{err}");
         let names = names();
         let k = key([203, 0, 113, 10], 40000, [198, 51, 100, 10], 80);
         let embryo = describe(&names, 2, FlowState::Embryonic, k, Some(value(0, 1)), None);
