@@ -193,8 +193,9 @@ enum Command {
     ///          --protocol tcp --dst-port 443
     Trace(trace::TraceArgs),
     /// List the flows in the flow tables, most bytes first: state (embryonic: not confirmed
-    /// yet, or waiting for room in a full established table; established), 5-tuple of the first packet, direction, deciding rule, NAT or
-    /// backend, traffic each way and idle time.
+    /// yet; assured: confirmed, waiting for room in a full established table; established),
+    /// 5-tuple of the first packet, direction, deciding rule, NAT or backend, traffic each
+    /// way and idle time.
     ///
     /// Example: xdpgate flows --port 443 --top 50; xdpgate flows delete --port 22
     Flows(flows_cmd::Args),
