@@ -45,9 +45,9 @@ pub struct Row {
 pub type Report = Rows<Row>;
 
 /// One walk for interim records of a table whose every flow had traffic since its last
-/// record (a `Reported` that knows each flow at half its counts): the agent's walk (`flowlog::interim_lines`, on its thread,
-/// which queues its lines in chunks as it goes), the loop queueing the last of them, and
-/// the flow log's thread writing them to a file.
+/// record (a `Reported` that knows each flow at half its counts): the agent's walk
+/// (`flowlog::interim_lines`, on its thread, which queues its lines in chunks as it goes),
+/// the loop queueing the last of them, and the flow log's thread writing them to a file.
 #[derive(Serialize, Clone, Copy)]
 pub struct Walk {
     pub lines: usize,
