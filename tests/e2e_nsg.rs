@@ -1105,10 +1105,10 @@ fn a_crafted_solicitation_to_a_routed_address_does_not_cross_the_policy() {
 /// A full established table (64 flows, filled by answered UDP streams through the gateway)
 /// refuses no new connection: a TCP connection of each family echoes 16 KiB and closes,
 /// and the server's socket leaves LAST-ACK (its FIN and the client's last ACK passed); a
-/// further UDP stream is answered too, and `flows` lists it as `assured`. `stats` counts
-/// the refused confirmations and no packet as `flow_table_full`. (Seen failing before the
-/// fix: the connection's confirming ACK was dropped and its embryo forgotten, so the client
-/// was established, the server was not, and the echo never came.)
+/// further UDP stream is answered too, and `flows` and `trace` call its flow `assured`.
+/// `stats` counts the refused confirmations and no packet as `flow_table_full`. (Seen
+/// failing before the fix: the connection's confirming ACK was dropped and its embryo
+/// forgotten, so the client was established, the server was not, and the echo never came.)
 #[test]
 fn a_full_established_table_keeps_new_connections_working() {
     let started = Instant::now();
@@ -1175,6 +1175,17 @@ fn a_full_established_table_keeps_new_connections_working() {
     };
     assert!(in_state("assured"), "--state assured lists it");
     assert!(!in_state("embryonic") && !in_state("established"), "no other state lists it");
+    // And `trace` of its next datagram says so (seen failing after an outside review:
+    // "hit: embryonic flow").
+    let (port, ext) = (port.to_string(), lab.ext.clone());
+    let args = ["trace", "--json", "--iface", &ext, "--src", CLIENT4, "--dst", SERVER4];
+    let udp = ["--protocol", "udp", "--src-port", &port, "--dst-port", "5353"];
+    let traced: serde_json::Value =
+        serde_json::from_str(&lab.pins.xdpgate(&[&args[..], &udp].concat())).expect("json");
+    let lookup =
+        traced["stages"].as_array().and_then(|s| s.iter().find(|s| s["stage"] == "lookup"));
+    let lookup = lookup.and_then(|s| s["decision"].as_str()).unwrap_or_default();
+    assert!(lookup.starts_with("hit: assured flow"), "{traced:#}");
     let after = lab.stats();
     assert_eq!(entries(&after), Some(128), "still full");
     let refused = |s: &serde_json::Value| s["flow_table"]["embryonic"]["refused"].as_u64().unwrap();

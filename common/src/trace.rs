@@ -31,6 +31,14 @@ pub const LOOKUP_NONE: u8 = 0;
 pub const LOOKUP_MISS: u8 = 1;
 pub const LOOKUP_ESTABLISHED: u8 = 2;
 pub const LOOKUP_EMBRYONIC: u8 = 3;
+/// An embryonic entry marked `ASSURED`: confirmed, waiting for room in the established table.
+pub const LOOKUP_ASSURED: u8 = 4;
+
+/// Whether `lookup` found the packet's flow.
+#[inline(always)]
+pub const fn lookup_hit(lookup: u8) -> bool {
+    matches!(lookup, LOOKUP_ESTABLISHED | LOOKUP_EMBRYONIC | LOOKUP_ASSURED)
+}
 
 /// `TraceRecord::lb`.
 pub const LB_NOT_FRONTEND: u8 = 0;

@@ -19,9 +19,9 @@ use xdpgate_common::{
     nsg::DIR_INBOUND,
     stats::{DROP_REASON_NAMES, VERDICT_NAMES},
     trace::{
-        LB_NO_BACKEND, LB_NO_RULE, LB_NOT_FRONTEND, LB_SELECTED, LOOKUP_EMBRYONIC,
+        LB_NO_BACKEND, LB_NO_RULE, LB_NOT_FRONTEND, LB_SELECTED, LOOKUP_ASSURED, LOOKUP_EMBRYONIC,
         LOOKUP_ESTABLISHED, LOOKUP_MISS, NSG_ALLOWED, NSG_DENIED, STAGE_ACT, STAGE_END,
-        STAGE_NEW_FLOW, STAGE_PARSE, STAGE_SNAT, TRACE, TRACE_ARMED, TraceRecord,
+        STAGE_NEW_FLOW, STAGE_PARSE, STAGE_SNAT, TRACE, TRACE_ARMED, TraceRecord, lookup_hit,
     },
 };
 use xdpgate_dataplane::{
@@ -357,7 +357,7 @@ pub fn run(pins: &PinDir, args: &TraceArgs) -> Result<Report> {
 /// rewrite and forward, but which the trace stopped before it (a trace leaves the entry
 /// alone): the record's verdict is not the act stage's.
 fn forwarded_untraced(r: &TraceRecord, verdict: &str) -> bool {
-    let hit = matches!(r.lookup, LOOKUP_ESTABLISHED | LOOKUP_EMBRYONIC);
+    let hit = lookup_hit(r.lookup);
     hit && r.stages & STAGE_ACT == 0 && r.nat != NAT_NONE && verdict != "drop"
 }
 
@@ -443,7 +443,7 @@ fn report(
     let v6 = args.src.is_ipv6();
     let mut stages = Vec::new();
     let mut add = |stage: &'static str, decision: String| stages.push(Stage { stage, decision });
-    let hit = matches!(r.lookup, LOOKUP_ESTABLISHED | LOOKUP_EMBRYONIC);
+    let hit = lookup_hit(r.lookup);
     let current = apply::active(pins).map(|(_, c)| c.generation).unwrap_or(0);
     // A flow judged again holds the new verdict's rules, numbered as the running policy
     // numbers them (`r.generation` stays the entry's, for the lookup's line).
@@ -491,8 +491,12 @@ fn report(
     }
     match r.lookup {
         LOOKUP_MISS => add("lookup", "miss: no flow, a new flow".into()),
-        LOOKUP_ESTABLISHED | LOOKUP_EMBRYONIC => {
-            let state = if r.lookup == LOOKUP_ESTABLISHED { "established" } else { "embryonic" };
+        LOOKUP_ESTABLISHED | LOOKUP_EMBRYONIC | LOOKUP_ASSURED => {
+            let state = match r.lookup {
+                LOOKUP_ESTABLISHED => "established",
+                LOOKUP_ASSURED => "assured",
+                _ => "embryonic",
+            };
             let reply = if reply { ", reply direction" } else { "" };
             let rewrite = nat_text(r.nat, r.nat_addr, r.nat_port);
             // Judged again, the record holds the rules of the new verdict (the `nsg` stage).
