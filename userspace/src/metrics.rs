@@ -437,7 +437,8 @@ impl Snapshot {
             "xdpgate_flow_table_capacity",
             Gauge,
             "Flows a flow table holds at two entries each: flows (established) or embryonic \
-             (not confirmed yet; a TCP flow nothing rewrites takes one entry there).",
+             (not confirmed yet, or assured: confirmed, waiting for room in the flows table; a \
+             TCP flow nothing rewrites takes one entry there).",
         );
         let mut entries = Family::new(
             "xdpgate_flow_table_entries",
