@@ -31,14 +31,6 @@ pub const LOOKUP_NONE: u8 = 0;
 pub const LOOKUP_MISS: u8 = 1;
 pub const LOOKUP_ESTABLISHED: u8 = 2;
 pub const LOOKUP_EMBRYONIC: u8 = 3;
-/// An embryonic entry marked `ASSURED`: confirmed, waiting for room in the established table.
-pub const LOOKUP_ASSURED: u8 = 4;
-
-/// Whether `lookup` found the packet's flow.
-#[inline(always)]
-pub const fn lookup_hit(lookup: u8) -> bool {
-    matches!(lookup, LOOKUP_ESTABLISHED | LOOKUP_EMBRYONIC | LOOKUP_ASSURED)
-}
 
 /// `TraceRecord::lb`.
 pub const LB_NOT_FRONTEND: u8 = 0;
@@ -83,7 +75,11 @@ pub struct TraceRecord {
     /// The flow entry found: its direction and whether it is a reply direction.
     pub flow_direction: u8,
     pub flow_reply: u8,
-    pub _pad: [u8; 5],
+    /// 1: the embryonic entry found is `ASSURED` (confirmed, waiting for room in the
+    /// established table). A byte of the padding, and `lookup` stays `LOOKUP_EMBRYONIC`, so
+    /// a CLI and programs of different builds still read each other's records.
+    pub assured: u8,
+    pub _pad: [u8; 4],
 }
 
 pod!(TraceRecord);

@@ -58,7 +58,7 @@ panel("Translated bytes", [(f"sum by (gateway, direction) (rate({m('xdpgate_nat_
 panel("NAT drops by gateway", [(f"sum by (gateway, reason) (rate({m('xdpgate_nat_dropped_packets_total')}{R}))", "{{gateway}} {{reason}}")], unit="pps", w=24, desc="Azure's Dropped Packets: nat_exhausted (no free port for a new flow), nat_unmatched (to a public address, no translation: scans, or replies after a translation idled out).")
 row("Flow table")
 panel("Flow table use", [(f"{m('xdpgate_flow_table_entries')} / on (instance, table) (2 * {m('xdpgate_flow_table_capacity')})", "{{table}}")], unit="percentunit")
-panel("Embryonic flows by outcome", [(f"sum by (outcome) (rate({m('xdpgate_embryonic_flows_total')}{R}))", "{{outcome}}"), (f"sum (rate({m('xdpgate_embryonic_confirmations_refused_total')}{R}))", "confirmations refused")], unit="ops", desc="Refused confirmations (the established table full) leave their flows embryonic, passing.")
+panel("Embryonic flows by outcome", [(f"sum by (outcome) (rate({m('xdpgate_embryonic_flows_total')}{R}))", "{{outcome}}"), (f"sum (rate({m('xdpgate_embryonic_confirmations_refused_total')}{R}))", "confirmations refused")], unit="ops", desc="Refused confirmations (the established table full) leave their flows in the embryonic table, assured, passing.")
 panel("Flows rebuilt and picked up", [(f"rate({m('xdpgate_flows_rebuilt_total')}{R})", "rebuilt"), (f"rate({m('xdpgate_flows_picked_up_total')}{R})", "picked up")], unit="ops")
 panel("Flow-log events held back", [(f"sum by (reason) (rate({m('xdpgate_flow_events_dropped_total')}{R}))", "{{reason}}")], unit="ops")
 panel("Established flow entries", [(m("xdpgate_flows"), "{{instance}}")], w=24)

@@ -7,8 +7,8 @@ use xdpgate_common::{
     flow::FlowValue,
     lb::NO_BACKEND,
     trace::{
-        LB_SELECTED, LOOKUP_ASSURED, LOOKUP_EMBRYONIC, LOOKUP_ESTABLISHED, LOOKUP_MISS,
-        NSG_ALLOWED, NSG_DENIED, STAGE_END, STAGE_LOOKUP, STAGE_NEW_FLOW, STAGE_PARSE, TraceRecord,
+        LB_SELECTED, LOOKUP_EMBRYONIC, LOOKUP_ESTABLISHED, LOOKUP_MISS, NSG_ALLOWED, NSG_DENIED,
+        STAGE_END, STAGE_LOOKUP, STAGE_NEW_FLOW, STAGE_PARSE, TraceRecord,
     },
 };
 
@@ -73,11 +73,8 @@ pub fn lookup(entry: Option<&FlowValue>, established: bool) {
             t.lookup = LOOKUP_MISS;
             return;
         };
-        t.lookup = match (established, e.assured()) {
-            (true, _) => LOOKUP_ESTABLISHED,
-            (false, true) => LOOKUP_ASSURED,
-            (false, false) => LOOKUP_EMBRYONIC,
-        };
+        t.lookup = if established { LOOKUP_ESTABLISHED } else { LOOKUP_EMBRYONIC };
+        t.assured = u8::from(!established && e.assured());
         t.generation = e.generation;
         t.rules = e.rules;
         t.nat = e.nat;

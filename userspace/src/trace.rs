@@ -19,9 +19,9 @@ use xdpgate_common::{
     nsg::DIR_INBOUND,
     stats::{DROP_REASON_NAMES, VERDICT_NAMES},
     trace::{
-        LB_NO_BACKEND, LB_NO_RULE, LB_NOT_FRONTEND, LB_SELECTED, LOOKUP_ASSURED, LOOKUP_EMBRYONIC,
+        LB_NO_BACKEND, LB_NO_RULE, LB_NOT_FRONTEND, LB_SELECTED, LOOKUP_EMBRYONIC,
         LOOKUP_ESTABLISHED, LOOKUP_MISS, NSG_ALLOWED, NSG_DENIED, STAGE_ACT, STAGE_END,
-        STAGE_NEW_FLOW, STAGE_PARSE, STAGE_SNAT, TRACE, TRACE_ARMED, TraceRecord, lookup_hit,
+        STAGE_NEW_FLOW, STAGE_PARSE, STAGE_SNAT, TRACE, TRACE_ARMED, TraceRecord,
     },
 };
 use xdpgate_dataplane::{
@@ -357,7 +357,7 @@ pub fn run(pins: &PinDir, args: &TraceArgs) -> Result<Report> {
 /// rewrite and forward, but which the trace stopped before it (a trace leaves the entry
 /// alone): the record's verdict is not the act stage's.
 fn forwarded_untraced(r: &TraceRecord, verdict: &str) -> bool {
-    let hit = lookup_hit(r.lookup);
+    let hit = matches!(r.lookup, LOOKUP_ESTABLISHED | LOOKUP_EMBRYONIC);
     hit && r.stages & STAGE_ACT == 0 && r.nat != NAT_NONE && verdict != "drop"
 }
 
@@ -443,7 +443,7 @@ fn report(
     let v6 = args.src.is_ipv6();
     let mut stages = Vec::new();
     let mut add = |stage: &'static str, decision: String| stages.push(Stage { stage, decision });
-    let hit = lookup_hit(r.lookup);
+    let hit = matches!(r.lookup, LOOKUP_ESTABLISHED | LOOKUP_EMBRYONIC);
     let current = apply::active(pins).map(|(_, c)| c.generation).unwrap_or(0);
     // A flow judged again holds the new verdict's rules, numbered as the running policy
     // numbers them (`r.generation` stays the entry's, for the lookup's line).
@@ -491,11 +491,11 @@ fn report(
     }
     match r.lookup {
         LOOKUP_MISS => add("lookup", "miss: no flow, a new flow".into()),
-        LOOKUP_ESTABLISHED | LOOKUP_EMBRYONIC | LOOKUP_ASSURED => {
-            let state = match r.lookup {
-                LOOKUP_ESTABLISHED => "established",
-                LOOKUP_ASSURED => "assured",
-                _ => "embryonic",
+        LOOKUP_ESTABLISHED | LOOKUP_EMBRYONIC => {
+            let state = match (r.lookup, r.assured) {
+                (LOOKUP_ESTABLISHED, _) => "established",
+                (_, 0) => "embryonic",
+                _ => "assured",
             };
             let reply = if reply { ", reply direction" } else { "" };
             let rewrite = nat_text(r.nat, r.nat_addr, r.nat_port);

@@ -413,7 +413,8 @@ impl FlowEntries {
         self.forward.or(self.reply).expect("a read flow has an entry")
     }
 
-    /// The flow as `xdpgate flows` would have shown it last.
+    /// The flow as `xdpgate flows` would have shown it last, but always `established`: an
+    /// `assured` flow among them is judged as one (the flow log writes no state).
     pub fn describe(&self, names: &Names) -> Flow {
         describe(names, monotonic_ns(), FlowState::Established, self.key, self.forward, self.reply)
     }
