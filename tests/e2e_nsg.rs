@@ -1168,11 +1168,8 @@ fn a_full_established_table_keeps_new_connections_working() {
     let listed = flows_on_port(&lab, port);
     assert_eq!(listed.len(), 1, "one flow from port {port}: {listed:?}");
     assert_eq!(listed[0]["state"], "assured", "{:?}", listed[0]);
-    let in_state = |state: &str| {
-        let text = lab.pins.xdpgate(&["flows", "--json", "--top", "0", "--state", state]);
-        let flows: Vec<serde_json::Value> = serde_json::from_str(&text).expect("flows json");
-        flows.iter().any(|f| f["src_port"] == port)
-    };
+    let in_state =
+        |state: &str| flows_where(&lab, &["--state", state]).iter().any(|f| f["src_port"] == port);
     assert!(in_state("assured"), "--state assured lists it");
     assert!(!in_state("embryonic") && !in_state("established"), "no other state lists it");
     // And `trace` of its next datagram says so (seen failing after an outside review:
@@ -1344,7 +1341,12 @@ fn virtual_network_sources_from_outside_are_dropped_at_both_hooks() {
 
 /// The flows `xdpgate flows --json --port` lists for `port`.
 fn flows_on_port(gw: &Gateway, port: u16) -> Vec<serde_json::Value> {
-    let text = gw.pins.xdpgate(&["flows", "--json", "--top", "0", "--port", &port.to_string()]);
+    flows_where(gw, &["--port", &port.to_string()])
+}
+
+/// Every flow `xdpgate flows --json` lists with the filter `filter`.
+fn flows_where(gw: &Gateway, filter: &[&str]) -> Vec<serde_json::Value> {
+    let text = gw.pins.xdpgate(&[&["flows", "--json", "--top", "0"][..], filter].concat());
     serde_json::from_str(&text).expect("flows json")
 }
 

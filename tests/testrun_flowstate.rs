@@ -770,11 +770,12 @@ fn crossing_syns_make_one_flow() {
 /// off-path spoofer who knows the tuple must still guess a sequence number: before the
 /// answer, a SYN-ACK or reset from the server counts only if it acknowledges the SYN (up to
 /// 64 KiB past its number + 1: TCP Fast Open's data), a reset from the client only at the
-/// SYN's number + 1, and no SYN with another number changes that; once answered, only another answer that acknowledges the SYN changes
-/// the number the client's ACK must acknowledge, and a reset counts only at it. What does
-/// not count passes, for the hosts to judge, and changes nothing. For every kind of flow:
-/// one entry (plain) or two (balanced, translated), IPv4 and IPv6. Seen failing before the
-/// check: the first spoofed reset ended the flow.
+/// SYN's number + 1, and no SYN with another number changes that; once answered, only
+/// another answer that acknowledges the SYN changes the number the client's ACK must
+/// acknowledge, and a reset counts only at it. What does not count passes, for the hosts to
+/// judge, and changes nothing. For every kind of flow: one entry (plain) or two (balanced,
+/// translated), IPv4 and IPv6. Seen failing before the check: the first spoofed reset
+/// ended the flow.
 #[test]
 fn a_handshake_believes_only_what_fits_it() {
     isolated(false, |_| {

@@ -204,12 +204,12 @@ fn answer(
 /// not: conntrack takes a later one as a new connection on the tuple, but so it would a
 /// spoofer's, whose number it then knows (an outside review's find). Once answered, `seq`
 /// holds the SYN-ACK's number + 1 (the SYN's is kept, see [`kept_syn`]), which only
-/// another SYN-ACK that acknowledges the SYN changes (the first one lost past the gateway, the server answered
-/// the SYN sent again anew), and a reset counts only at it. So an off-path spoofer must
-/// guess a number to end the flow or to keep it from being confirmed. What does not count
-/// passes unchanged, for its host to judge, as conntrack ignores it: an ACK of an older
-/// connection on the tuple, say, which the initiator answers with the reset that clears
-/// that connection.
+/// another SYN-ACK that acknowledges the SYN changes (the first one lost past the gateway,
+/// the server answered the SYN sent again anew), and a reset counts only at it. So an
+/// off-path spoofer must guess a number to end the flow or to keep it from being
+/// confirmed. What does not count passes unchanged, for its host to judge, as conntrack
+/// ignores it: an ACK of an older connection on the tuple, say, which the initiator
+/// answers with the reset that clears that connection.
 #[inline(never)]
 fn handshake(
     meta: &PacketMeta,

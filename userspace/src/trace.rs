@@ -26,7 +26,7 @@ use xdpgate_common::{
 };
 use xdpgate_dataplane::{
     Hook, PinDir, apply, fib,
-    flows::{self, Names, SideRules},
+    flows::{self, FlowState, Names, SideRules},
     ifindex, link_info,
     state::{Tool, ToolLock},
 };
@@ -492,11 +492,13 @@ fn report(
     match r.lookup {
         LOOKUP_MISS => add("lookup", "miss: no flow, a new flow".into()),
         LOOKUP_ESTABLISHED | LOOKUP_EMBRYONIC => {
+            // Named as `flows` names it.
             let state = match (r.lookup, r.assured) {
-                (LOOKUP_ESTABLISHED, _) => "established",
-                (_, 0) => "embryonic",
-                _ => "assured",
-            };
+                (LOOKUP_ESTABLISHED, _) => FlowState::Established,
+                (_, 0) => FlowState::Embryonic,
+                _ => FlowState::Assured,
+            }
+            .name();
             let reply = if reply { ", reply direction" } else { "" };
             let rewrite = nat_text(r.nat, r.nat_addr, r.nat_port);
             // Judged again, the record holds the rules of the new verdict (the `nsg` stage).
