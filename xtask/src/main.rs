@@ -2,6 +2,7 @@
 
 mod bench;
 mod pps;
+mod test;
 
 use std::{
     path::{Path, PathBuf},
@@ -22,9 +23,11 @@ struct Cli {
 enum Task {
     /// Install what the eBPF build and the tests need (idempotent, fast when done).
     Setup,
-    /// Run every test: unit, BPF_PROG_TEST_RUN and end-to-end (as root, one at a time).
+    /// Run every test: unit, BPF_PROG_TEST_RUN and end-to-end (as root; two test binaries at
+    /// a time, one test at a time in each).
     Test {
-        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        /// Extra arguments for `cargo test` (e.g. a test name filter): with any, Cargo runs
+        /// the chosen tests itself, one at a time.
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
@@ -69,13 +72,7 @@ fn main() -> Result<()> {
         Task::Setup => setup(),
         Task::Test { args } => {
             setup()?;
-            // Kernel tests share kernel state (bpffs, namespaces, attached programs): one
-            // test at a time.
-            run(Command::new("cargo")
-                .current_dir(&root)
-                .args(["test", "--workspace", "--exclude", "xdpgate-ebpf"])
-                .args(&args)
-                .args(["--", "--test-threads=1"]))
+            test::test(&root, &args)
         }
         Task::Demo => {
             setup()?;

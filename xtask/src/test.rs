@@ -1,0 +1,175 @@
+//! `cargo xtask test`: every test binary of the workspace, built once, then run two at a time.
+//!
+//! Within a binary the tests run one at a time: many are timed, and some change state of
+//! their process. Binaries do not share kernel state: every test names its namespaces, links,
+//! pins and state directories after its process. Two binaries at once is what two full runs
+//! from two clones on one 2-vCPU VM have shown to be safe, run after run; the suite waits on
+//! traffic and timers far more than it computes, so two at a time halve its time there.
+
+use std::{
+    collections::VecDeque,
+    fs::File,
+    io::BufReader,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::Mutex,
+    thread,
+    time::Instant,
+};
+
+use anyhow::{Context, Result, bail};
+use cargo_metadata::Message;
+
+use crate::run;
+
+/// Test binaries run at once unless `XDPGATE_TEST_JOBS` says otherwise.
+const DEFAULT_JOBS: usize = 2;
+
+const CARGO_TEST: [&str; 4] = ["test", "--workspace", "--exclude", "xdpgate-ebpf"];
+
+/// A built test binary and how Cargo would run it.
+struct Binary {
+    /// What Cargo prints after `Running`: the test's source, or `unittests` and the crate's.
+    label: String,
+    exe: PathBuf,
+    /// Cargo runs a test binary in its package's directory.
+    dir: PathBuf,
+}
+
+/// What one binary did.
+struct Outcome {
+    label: String,
+    passed: u64,
+    failed: u64,
+    ok: bool,
+}
+
+pub fn test(root: &Path, args: &[String]) -> Result<()> {
+    if !args.is_empty() {
+        // A chosen part (a filter, `--test NAME`, `--nocapture`): Cargo's own runner, so
+        // every argument means what it means to `cargo test`.
+        return run(Command::new("cargo")
+            .current_dir(root)
+            .args(CARGO_TEST)
+            .args(args)
+            .args(["--", "--test-threads=1"]));
+    }
+    let jobs = match std::env::var("XDPGATE_TEST_JOBS") {
+        Ok(v) => v.parse().ok().filter(|&n| n > 0).with_context(|| {
+            format!("XDPGATE_TEST_JOBS={v:?}: expected a number of test binaries above 0")
+        })?,
+        Err(_) => DEFAULT_JOBS,
+    };
+    let started = Instant::now();
+    let queue = Mutex::new(build(root)?);
+    let total = queue.lock().unwrap().len();
+    let print = Mutex::new(());
+    let outcomes = Mutex::new(Vec::new());
+    thread::scope(|s| {
+        for _ in 0..jobs {
+            s.spawn(|| {
+                loop {
+                    // Its own statement: the queue's lock must not last the binary's run.
+                    let Some(bin) = queue.lock().unwrap().pop_front() else { break };
+                    let outcome = run_binary(&bin, &print);
+                    outcomes.lock().unwrap().push(outcome);
+                }
+            });
+        }
+    });
+    // Doc tests are compiled as they run: Cargo's runner, after the binaries.
+    let doc = run(Command::new("cargo").current_dir(root).args(CARGO_TEST).arg("--doc"));
+    let outcomes = outcomes.into_inner().unwrap();
+    let passed: u64 = outcomes.iter().map(|o| o.passed).sum();
+    let failed: u64 = outcomes.iter().map(|o| o.failed).sum();
+    let bad: Vec<&str> = outcomes.iter().filter(|o| !o.ok).map(|o| o.label.as_str()).collect();
+    println!(
+        "\nxtask test: {total} test binaries, {jobs} at a time, {passed} tests passed, \
+         {failed} failed, in {:.1} minutes",
+        started.elapsed().as_secs_f64() / 60.0
+    );
+    if !bad.is_empty() {
+        bail!("test binaries failed: {}", bad.join(", "));
+    }
+    doc
+}
+
+/// Builds every test binary of the workspace (Cargo's diagnostics on stderr) and lists them.
+fn build(root: &Path) -> Result<VecDeque<Binary>> {
+    let mut child = Command::new("cargo")
+        .current_dir(root)
+        .args(CARGO_TEST)
+        .args(["--no-run", "--message-format=json-render-diagnostics"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("spawning cargo test --no-run")?;
+    let mut binaries = Vec::new();
+    for message in Message::parse_stream(BufReader::new(child.stdout.take().unwrap())) {
+        let Message::CompilerArtifact(artifact) = message.context("reading Cargo's messages")?
+        else {
+            continue;
+        };
+        let Some(exe) = artifact.executable.filter(|_| artifact.profile.test) else {
+            continue;
+        };
+        let dir = artifact.manifest_path.parent().context("a manifest without a directory")?;
+        let src = &artifact.target.src_path;
+        let label = if artifact.target.is_test() {
+            src.strip_prefix(dir).unwrap_or(src).to_string()
+        } else {
+            format!("unittests {} ({})", src.strip_prefix(dir).unwrap_or(src), artifact.target.name)
+        };
+        binaries.push(Binary { label, exe: exe.into(), dir: dir.into() });
+    }
+    if !child.wait().context("waiting for cargo test --no-run")?.success() {
+        bail!("building the tests failed");
+    }
+    // Cargo's messages come in the order builds finish; a name order keeps runs alike.
+    binaries.sort_by(|a, b| a.label.cmp(&b.label));
+    Ok(binaries.into())
+}
+
+/// Runs one binary's tests one at a time, its output printed in one piece when it ends.
+fn run_binary(bin: &Binary, print: &Mutex<()>) -> Outcome {
+    eprintln!("xtask test: starting {}", bin.label);
+    let started = Instant::now();
+    let (status, output) = match spawn_merged(bin) {
+        Ok(done) => done,
+        Err(e) => (false, format!("{e:#}\n")),
+    };
+    let (mut passed, mut failed) = (0, 0);
+    for line in output.lines().filter(|l| l.starts_with("test result:")) {
+        passed += count_before(line, " passed;");
+        failed += count_before(line, " failed;");
+    }
+    let _guard = print.lock().unwrap();
+    println!("     Running {} ({})", bin.label, bin.exe.display());
+    print!("{output}");
+    println!("xtask test: {} took {:.1} s", bin.label, started.elapsed().as_secs_f64());
+    Outcome { label: bin.label.clone(), passed, failed, ok: status }
+}
+
+/// Runs the binary with its stdout and stderr in one file beside it, as a terminal would
+/// show them. A file, not a pipe: a daemon a test leaves behind holding its output must not
+/// keep the run waiting.
+fn spawn_merged(bin: &Binary) -> Result<(bool, String)> {
+    let log = bin.exe.with_extension("log");
+    let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+    let status = Command::new(&bin.exe)
+        .arg("--test-threads=1")
+        .current_dir(&bin.dir)
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .status()
+        .with_context(|| format!("running {}", bin.exe.display()))?;
+    let bytes = std::fs::read(&log).with_context(|| format!("reading {}", log.display()))?;
+    Ok((status.success(), String::from_utf8_lossy(&bytes).into_owned()))
+}
+
+/// The number before `word` in a `test result:` line.
+fn count_before(line: &str, word: &str) -> u64 {
+    line.split_once(word)
+        .and_then(|(head, _)| head.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
