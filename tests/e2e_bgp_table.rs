@@ -16,7 +16,7 @@ const TABLE: u32 = 4242;
 fn listing_the_announcement_table_reads_only_its_routes() {
     let ns = Netns::new("xgbt");
     // A BGP daemon's routes in another table (XDPGATE_LONG=1: a full table's 900,000).
-    let many = if std::env::var_os("XDPGATE_LONG").is_some() { 900_000 } else { 20_000 };
+    let many = if common::long() { 900_000 } else { 20_000 };
     let batch: String = (0..many)
         .map(|i: u32| {
             let [_, a, b, c] = i.to_be_bytes();

@@ -38,7 +38,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Netns, Pins, pktgen_bin, retransmissions, run, unique};
+use common::{Netns, Pins, long, pktgen_bin, retransmissions, run, unique};
 use serde_json::Value;
 
 const ECHO_PORT: u16 = 9000;
@@ -52,10 +52,6 @@ const PUBLIC6: &str = "2001:db8:e::100";
 /// How long an idle connection has, after the flood, to carry its message each way: TCP's
 /// first retransmissions (200 ms, doubling) fit several times over.
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
-
-fn long() -> bool {
-    std::env::var_os("XDPGATE_LONG").is_some_and(|v| v == "1")
-}
 
 fn policy() -> String {
     format!(

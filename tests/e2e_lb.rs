@@ -601,8 +601,7 @@ fn a_health_change_made_while_the_lock_is_held_reaches_the_table_after() {
         t.agent_log().contains(&format!("backend {b2} unhealthy"))
     });
     // Longer than the agent waits for the lock: before the fix, 30 s (`LOCK_WAIT`).
-    let long = std::env::var_os("XDPGATE_LONG").is_some();
-    thread::sleep(Duration::from_secs(if long { 32 } else { 4 }));
+    thread::sleep(Duration::from_secs(if common::long() { 32 } else { 4 }));
     assert_eq!(t.table_members(0).len(), 3, "the table changed under another writer's lock");
     drop(lock);
     let took = t.wait_for("b2 to leave the table", Duration::from_secs(5), |t| {

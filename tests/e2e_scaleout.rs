@@ -42,7 +42,7 @@ use common::{
     assert_ingress_hook,
     bgp::{self, Bird, Peer},
     echo_conns::{EchoBackend, EchoClients, Summary},
-    unique, veth,
+    long, unique, veth,
 };
 use serde_json::Value;
 
@@ -575,10 +575,6 @@ fn table(rows: &[Row]) -> String {
         );
     }
     out
-}
-
-fn long() -> bool {
-    std::env::var_os("XDPGATE_LONG").is_some_and(|v| v == "1")
 }
 
 fn scale_out(reach: Reach) {

@@ -138,7 +138,7 @@ fn concurrent_applies_leave_one_whole_policy_and_distinct_generations() {
     let p = Policies::new(&[(1000, 1999), (3000, 3999)]);
     assert_ne!(p.entries[0], p.entries[1]);
     k.apply(&p.sources[0]);
-    let races = if std::env::var_os("XDPGATE_LONG").is_some() { 1000 } else { 200 };
+    let races = if common::long() { 1000 } else { 200 };
     for race in 0..races {
         let children = [p.spawn_apply(&k.pins, 0), p.spawn_apply(&k.pins, 1)];
         let mut generations = Vec::new();

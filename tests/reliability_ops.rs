@@ -36,16 +36,13 @@ use aya::maps::HashMap as BpfHashMap;
 use common::{
     Netns, Pins, isolated,
     kernel::{DROP, Kernel, PASS},
+    long,
     packet::{ACK, L4, SYN, endpoints, flow_key, frame, tcp_frame},
     run, unique,
 };
 use xdpgate_common::{flow::FlowKey, iface::Role, maps::NAT_MAP, nat::NatEntry};
 use xdpgate_dataplane::{apply, flows, transaction};
 use xdpgate_policy::{lb as lb_image, load_str};
-
-fn long() -> bool {
-    std::env::var("XDPGATE_LONG").is_ok_and(|v| v == "1")
-}
 
 fn json(text: &str) -> serde_json::Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"))

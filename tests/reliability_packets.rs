@@ -44,6 +44,7 @@ use aya::programs::{TestRun, TestRunOptions};
 use common::{
     Netns, Pins, isolated,
     kernel::{DROP, Kernel, PASS},
+    long,
     packet::{self, ACK, FIN, MAC_A, MAC_B, RST, SYN, fix_ipv4_checksum},
     rng::Rng,
     veth,
@@ -92,10 +93,6 @@ fn env_number(name: &str) -> Option<u64> {
         None => s.parse(),
     };
     Some(parsed.unwrap_or_else(|e| panic!("{name}={s}: {e}")))
-}
-
-fn long() -> bool {
-    std::env::var("XDPGATE_LONG").is_ok_and(|v| v == "1")
 }
 
 // ---------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ use std::{
 use common::{
     isolated,
     kernel::{DROP, Kernel, PASS},
+    long,
     packet::{ACK, L4, SYN, frame},
     rng::Rng,
 };
@@ -45,10 +46,6 @@ fn env_number(name: &str) -> Option<u64> {
         None => s.parse(),
     };
     Some(parsed.unwrap_or_else(|e| panic!("{name}={s}: {e}")))
-}
-
-fn long() -> bool {
-    std::env::var("XDPGATE_LONG").is_ok_and(|v| v == "1")
 }
 
 /// A policy in block style (every field on a line of its own, so line mutations hit single

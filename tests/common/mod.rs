@@ -70,6 +70,11 @@ pub fn sigstop(pid: u32) {
     }
 }
 
+/// `XDPGATE_LONG=1`: the longer variants of the tests that have one.
+pub fn long() -> bool {
+    std::env::var_os("XDPGATE_LONG").is_some_and(|v| v == "1")
+}
+
 /// A short name unique to this process and call, fit for interfaces (15 chars max).
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}{}x{}", std::process::id() % 100_000, SEQ.fetch_add(1, Ordering::Relaxed))
