@@ -132,6 +132,15 @@ impl Agent {
         });
     }
 
+    /// Stops the agent (SIGSTOP) while it holds no write lock: its writes (a reload's
+    /// cleanup after the generation flipped) hold the lock on the pin directory, which a
+    /// stopped holder keeps, and the next writer would wait `LOCK_WAIT` (30 s) for it (seen:
+    /// 3 of 40 stops right after a reload; a CI run's second agent timed out so).
+    fn stop_between_writes(&self, lab: &Gateway) {
+        let _lock = xdpgate_dataplane::state::WriteLock::acquire(&lab.pins.dir).unwrap();
+        common::sigstop(self.child.id());
+    }
+
     fn signal(&self, sig: libc::c_int) {
         // SAFETY: a signal to our own child.
         assert_eq!(unsafe { libc::kill(self.child.id() as i32, sig) }, 0);
@@ -504,7 +513,7 @@ fn the_agent_lists_no_lock_failure_once_its_state_directory_is_back() {
 /// Stops the agent (it is continued by the caller), removes its state directory and
 /// applies `file` with a one-shot apply, which no agent lock refuses then.
 fn apply_while_the_lock_is_gone(agent: &Agent, lab: &Gateway, file: &Path) {
-    common::sigstop(agent.child.id());
+    agent.stop_between_writes(lab);
     remove_state_dir(&lab.pins);
     lab.pins.xdpgate(&["apply", file.to_str().unwrap()]);
 }
@@ -623,7 +632,7 @@ fn the_agent_takes_its_lock_again_when_the_state_directory_goes() {
 
     // Another agent takes the dataplane while this one's lock is gone (this one stopped
     // meanwhile): this one then stops with an error, leaving the other its state file.
-    common::sigstop(agent.child.id());
+    agent.stop_between_writes(&lab);
     remove_state_dir(&lab.pins);
     let args = ["--policy", other.to_str().unwrap(), "--metrics-addr", "off"];
     let mut second = Agent::start(&lab, &args);
