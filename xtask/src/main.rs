@@ -26,9 +26,10 @@ enum Task {
     /// Run every test: unit, BPF_PROG_TEST_RUN and end-to-end (as root; two test binaries at
     /// a time, one test at a time in each).
     Test {
-        /// Extra arguments for `cargo test` (e.g. a test name filter): with any, Cargo runs
-        /// the chosen tests itself, one at a time.
-        #[arg(trailing_var_arg = true)]
+        /// Extra arguments for `cargo test` (`-p xdpgate --test e2e_nsg`, a test name
+        /// filter, `-- --nocapture`): with any, Cargo runs the chosen tests itself, one at a
+        /// time.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
     /// Build a demo topology in network namespaces, attach xdpgate and send real traffic.

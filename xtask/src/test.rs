@@ -1,10 +1,10 @@
 //! `cargo xtask test`: every test binary of the workspace, built once, then run two at a time.
 //!
 //! Within a binary the tests run one at a time: many are timed, and some change state of
-//! their process. Binaries do not share kernel state: every test names its namespaces, links,
-//! pins and state directories after its process. Two binaries at once is what two full runs
-//! from two clones on one 2-vCPU VM have shown to be safe, run after run; the suite waits on
-//! traffic and timers far more than it computes, so two at a time halve its time there.
+//! their process. Binaries name their namespaces, links, pins and state directories after
+//! their process; a few use up what the whole machine has and run with no other beside them
+//! ([`ALONE`]). The suite waits on traffic and timers far more than it computes, so two
+//! binaries at a time about halve its time on a 2-vCPU machine.
 
 use std::{
     collections::VecDeque,
@@ -25,12 +25,22 @@ use crate::run;
 /// Test binaries run at once unless `XDPGATE_TEST_JOBS` says otherwise.
 const DEFAULT_JOBS: usize = 2;
 
+/// Test targets run first, one at a time, with no other binary beside them: `quick` (the
+/// bench) holds gigabytes of tables and keeps both CPUs busy; `e2e_pktgen` holds most of the
+/// kernel's XDP memory-model ids, which another traffic generator then waits for;
+/// `testrun_events` counts interrupt work on its CPU, which another binary's wake-ups add to.
+const ALONE: [&str; 3] = ["quick", "e2e_pktgen", "testrun_events"];
+
 const CARGO_TEST: [&str; 4] = ["test", "--workspace", "--exclude", "xdpgate-ebpf"];
 
 /// A built test binary and how Cargo would run it.
 struct Binary {
-    /// What Cargo prints after `Running`: the test's source, or `unittests` and the crate's.
+    /// The test target's name, or `unittests` and the crate's: what the summary names.
     label: String,
+    /// What Cargo prints after `Running`: the test's source.
+    src: String,
+    /// Whether it runs with no other binary beside it ([`ALONE`]).
+    alone: bool,
     exe: PathBuf,
     /// Cargo runs a test binary in its package's directory.
     dir: PathBuf,
@@ -46,13 +56,19 @@ struct Outcome {
 
 pub fn test(root: &Path, args: &[String]) -> Result<()> {
     if !args.is_empty() {
-        // A chosen part (a filter, `--test NAME`, `--nocapture`): Cargo's own runner, so
-        // every argument means what it means to `cargo test`.
+        // A chosen part (`-p xdpgate --test e2e_nsg`, a filter, `-- --nocapture`): Cargo's
+        // own runner, so every argument means what it means to `cargo test`; what follows
+        // `--` goes to the test binaries after `--test-threads=1`.
+        let (cargo, harness) = match args.iter().position(|a| a == "--") {
+            Some(i) => (&args[..i], &args[i + 1..]),
+            None => (args, &[][..]),
+        };
         return run(Command::new("cargo")
             .current_dir(root)
             .args(CARGO_TEST)
-            .args(args)
-            .args(["--", "--test-threads=1"]));
+            .args(cargo)
+            .args(["--", "--test-threads=1"])
+            .args(harness));
     }
     let jobs = match std::env::var("XDPGATE_TEST_JOBS") {
         Ok(v) => v.parse().ok().filter(|&n| n > 0).with_context(|| {
@@ -61,10 +77,15 @@ pub fn test(root: &Path, args: &[String]) -> Result<()> {
         Err(_) => DEFAULT_JOBS,
     };
     let started = Instant::now();
-    let queue = Mutex::new(build(root)?);
-    let total = queue.lock().unwrap().len();
+    let (alone, together): (VecDeque<Binary>, VecDeque<Binary>) =
+        build(root)?.into_iter().partition(|b| b.alone);
+    let total = alone.len() + together.len();
     let print = Mutex::new(());
     let outcomes = Mutex::new(Vec::new());
+    for bin in &alone {
+        outcomes.lock().unwrap().push(run_binary(bin, &print));
+    }
+    let queue = Mutex::new(together);
     thread::scope(|s| {
         for _ in 0..jobs {
             s.spawn(|| {
@@ -113,13 +134,14 @@ fn build(root: &Path) -> Result<VecDeque<Binary>> {
             continue;
         };
         let dir = artifact.manifest_path.parent().context("a manifest without a directory")?;
-        let src = &artifact.target.src_path;
-        let label = if artifact.target.is_test() {
-            src.strip_prefix(dir).unwrap_or(src).to_string()
+        let target = &artifact.target;
+        let (label, alone) = if target.is_test() {
+            (target.name.clone(), ALONE.contains(&target.name.as_str()))
         } else {
-            format!("unittests {} ({})", src.strip_prefix(dir).unwrap_or(src), artifact.target.name)
+            (format!("unittests {}", target.name), false)
         };
-        binaries.push(Binary { label, exe: exe.into(), dir: dir.into() });
+        let src = target.src_path.strip_prefix(dir).unwrap_or(&target.src_path).to_string();
+        binaries.push(Binary { label, src, alone, exe: exe.into(), dir: dir.into() });
     }
     if !child.wait().context("waiting for cargo test --no-run")?.success() {
         bail!("building the tests failed");
@@ -131,7 +153,7 @@ fn build(root: &Path) -> Result<VecDeque<Binary>> {
 
 /// Runs one binary's tests one at a time, its output printed in one piece when it ends.
 fn run_binary(bin: &Binary, print: &Mutex<()>) -> Outcome {
-    eprintln!("xtask test: starting {}", bin.label);
+    eprintln!("xtask test: starting {} (output in {})", bin.label, log_path(bin).display());
     let started = Instant::now();
     let (status, output) = match spawn_merged(bin) {
         Ok(done) => done,
@@ -143,7 +165,7 @@ fn run_binary(bin: &Binary, print: &Mutex<()>) -> Outcome {
         failed += count_before(line, " failed;");
     }
     let _guard = print.lock().unwrap();
-    println!("     Running {} ({})", bin.label, bin.exe.display());
+    println!("     Running {} ({})", bin.src, bin.exe.display());
     print!("{output}");
     println!("xtask test: {} took {:.1} s", bin.label, started.elapsed().as_secs_f64());
     Outcome { label: bin.label.clone(), passed, failed, ok: status }
@@ -153,7 +175,7 @@ fn run_binary(bin: &Binary, print: &Mutex<()>) -> Outcome {
 /// show them. A file, not a pipe: a daemon a test leaves behind holding its output must not
 /// keep the run waiting.
 fn spawn_merged(bin: &Binary) -> Result<(bool, String)> {
-    let log = bin.exe.with_extension("log");
+    let log = log_path(bin);
     let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
     let status = Command::new(&bin.exe)
         .arg("--test-threads=1")
@@ -164,6 +186,11 @@ fn spawn_merged(bin: &Binary) -> Result<(bool, String)> {
         .with_context(|| format!("running {}", bin.exe.display()))?;
     let bytes = std::fs::read(&log).with_context(|| format!("reading {}", log.display()))?;
     Ok((status.success(), String::from_utf8_lossy(&bytes).into_owned()))
+}
+
+/// Where a binary's output goes: beside it.
+fn log_path(bin: &Binary) -> PathBuf {
+    bin.exe.with_extension("log")
 }
 
 /// The number before `word` in a `test result:` line.
