@@ -109,7 +109,16 @@ pub fn in_use(pins: &PinDir) -> Result<bool> {
         attached.extend(crate::egress_link_info(pins, &name)?.map(|(_, prog)| prog));
     }
     for info in aya::programs::loaded_programs() {
-        let info = info?;
+        let info = match info {
+            // Freed between its id's listing and its opening: any program of the machine
+            // may go at any moment, and an attached one stays loaded, so it was not ours.
+            Err(aya::programs::ProgramError::SyscallError(e))
+                if e.io_error.kind() == std::io::ErrorKind::NotFound =>
+            {
+                continue;
+            }
+            info => info?,
+        };
         if attached.contains(&info.id()) {
             let maps = info.map_ids()?.unwrap_or_default();
             if pipelines.iter().flatten().any(|p| maps.contains(p)) {
@@ -218,6 +227,44 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(cut.is_err() && still, "cut short: {cut:?}, pending {still}");
         assert!(done);
+    }
+
+    /// Loads a program of two instructions (`r0 = 0; exit`) and closes it at once.
+    fn load_and_free_a_program() {
+        let insns: [u64; 2] = [0x0000_0000_0000_00b7, 0x0000_0000_0000_0095];
+        let license = c"GPL";
+        // bpf_attr for BPF_PROG_LOAD: prog_type, insn_cnt, insns, license (the rest zero).
+        let mut attr = [0u64; 16];
+        attr[0] = 1 /* BPF_PROG_TYPE_SOCKET_FILTER */ | (insns.len() as u64) << 32;
+        attr[1] = insns.as_ptr() as u64;
+        attr[2] = license.as_ptr() as u64;
+        // SAFETY: bpf(2) reads the attribute and the buffers it points to, all alive here.
+        let fd = unsafe {
+            libc::syscall(libc::SYS_bpf, 5 /* BPF_PROG_LOAD */, attr.as_mut_ptr(), 128)
+        };
+        assert!(fd >= 0, "BPF_PROG_LOAD: {}", std::io::Error::last_os_error());
+        // SAFETY: our own descriptor, closed once.
+        unsafe { libc::close(fd as i32) };
+    }
+
+    /// Another process's programs come and go while `attach` or `upgrade` asks which run
+    /// (seen failing: `No such file or directory` when one was freed between its id's
+    /// listing and its opening; the suite's other test binaries load and free dataplanes
+    /// all the time).
+    #[test]
+    fn programs_freed_meanwhile_do_not_fail_the_question() {
+        let pins = PinDir::new(format!("/sys/fs/bpf/xgmigrate-none-{}", std::process::id()));
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    load_and_free_a_program();
+                }
+            });
+            let asked = (0..3_000).map(|_| in_use(&pins)).find(Result::is_err);
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            assert!(asked.is_none(), "{asked:?}");
+        });
     }
 
     #[test]
