@@ -330,3 +330,29 @@ fn down_finds_the_state_of_a_pin_dir_however_spelt() {
     assert!(!decap::dir(&lab.pins.dir).path().exists(), "down left the program");
     assert!(!lab.route("-4").contains("advmss"), "{}", lab.route("-4"));
 }
+
+/// Runs of the script take turns (units for several namespaces start at once, and each run
+/// cleans up the state of every namespace, which another run may be writing): an `up`
+/// waits while another run holds the lock, changing nothing, and goes on once it is free
+/// (seen failing: it went on at once).
+#[test]
+fn runs_of_the_script_take_turns() {
+    use std::os::fd::AsRawFd;
+    let lab = Lab::new();
+    std::fs::create_dir_all("/run/xdpgate-backend").unwrap();
+    let lock = std::fs::File::create("/run/xdpgate-backend/.lock").unwrap();
+    // SAFETY: flock(2) on our own open file.
+    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+    std::thread::scope(|s| {
+        let up = s.spawn(|| lab.up(&[VIP4], &[]));
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        let waited = !up.is_finished();
+        let untouched = !decap::dir(&lab.pins.dir).path().exists();
+        drop(lock);
+        let out = up.join().unwrap();
+        assert!(waited && untouched, "went on beside another run: {}", text(&out));
+        assert!(out.status.success(), "{}", text(&out));
+    });
+    assert_eq!(lab.status()["frontends"], json!([VIP4]));
+    lab.script_ok(&["down"]);
+}

@@ -225,6 +225,13 @@ forget_pins() {
 		echo "xdpgate-backend.sh: could not detach a deleted namespace's decap program" >&2
 }
 
+# One run at a time on a host (units for several namespaces start at once): each cleans up
+# the state of every namespace below, and would remove what another run is writing. The
+# lock goes with this shell; nothing this script starts outlives it.
+mkdir -p /run/xdpgate-backend
+exec 9>/run/xdpgate-backend/.lock
+flock -w 60 9 || die "another xdpgate-backend.sh has run for 60 s; nothing was changed"
+
 # The state of namespaces deleted since (with all up did in them) is of no use any more,
 # nor is that of a namespace whose name a new one took.
 for saved in /run/xdpgate-backend/*/netns; do
