@@ -14,7 +14,7 @@ use std::{
     process::{Command, Stdio},
     sync::Mutex,
     thread,
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
@@ -24,6 +24,9 @@ use crate::run;
 
 /// Test binaries run at once unless `XDPGATE_TEST_JOBS` says otherwise.
 const DEFAULT_JOBS: usize = 2;
+
+/// How long one test binary may run: the longest takes about 4 minutes on the slowest VM.
+const BINARY_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
 /// Test targets run first, one at a time, with no other binary beside them: `quick` (the
 /// bench) holds gigabytes of tables and keeps both CPUs busy; `e2e_pktgen` holds most of the
@@ -177,15 +180,33 @@ fn run_binary(bin: &Binary, print: &Mutex<()>) -> Outcome {
 fn spawn_merged(bin: &Binary) -> Result<(bool, String)> {
     let log = log_path(bin);
     let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-    let status = Command::new(&bin.exe)
+    let mut child = Command::new(&bin.exe)
         .arg("--test-threads=1")
         .current_dir(&bin.dir)
         .stdout(out.try_clone()?)
         .stderr(out)
-        .status()
+        .spawn()
         .with_context(|| format!("running {}", bin.exe.display()))?;
+    let started = Instant::now();
+    // A binary that hangs is stopped, so the run ends and its output shows which test hung
+    // (libtest names a test running over 60 s); its guards do not run then.
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break Some(status);
+        }
+        if started.elapsed() > BINARY_TIMEOUT {
+            child.kill()?;
+            child.wait()?;
+            break None;
+        }
+        thread::sleep(Duration::from_millis(100));
+    };
     let bytes = std::fs::read(&log).with_context(|| format!("reading {}", log.display()))?;
-    Ok((status.success(), String::from_utf8_lossy(&bytes).into_owned()))
+    let mut output = String::from_utf8_lossy(&bytes).into_owned();
+    if status.is_none() {
+        output += &format!("\nxtask test: killed after {} s\n", BINARY_TIMEOUT.as_secs());
+    }
+    Ok((status.is_some_and(|s| s.success()), output))
 }
 
 /// Where a binary's output goes: beside it.
