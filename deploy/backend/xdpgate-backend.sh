@@ -230,7 +230,10 @@ forget_pins() {
 # lock goes with this shell; nothing this script starts outlives it.
 mkdir -p /run/xdpgate-backend
 exec 9>/run/xdpgate-backend/.lock
-flock -w 60 9 || die "another xdpgate-backend.sh has run for 60 s; nothing was changed"
+flock -E 75 -w 60 9 || {
+	[ $? -eq 75 ] && die "another xdpgate-backend.sh has run for 60 s; nothing was changed"
+	die "could not lock /run/xdpgate-backend/.lock (flock, from util-linux); nothing was changed"
+}
 
 # The state of namespaces deleted since (with all up did in them) is of no use any more,
 # nor is that of a namespace whose name a new one took.

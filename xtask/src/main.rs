@@ -71,8 +71,11 @@ fn main() -> Result<()> {
     let root = root();
     match cli.task {
         Task::Setup => setup(),
-        Task::Test { args } => {
+        Task::Test { .. } => {
             setup()?;
+            // The words after `test` as given: clap drops a leading `--` (`cargo xtask test
+            // -- --nocapture`), which tells Cargo's options from the test binaries'.
+            let args: Vec<String> = std::env::args().skip(2).collect();
             test::test(&root, &args)
         }
         Task::Demo => {

@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use cargo_metadata::Message;
 
 use crate::run;
@@ -34,16 +34,14 @@ const BINARY_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// `testrun_events` counts interrupt work on its CPU, which another binary's wake-ups add to.
 const ALONE: [&str; 3] = ["quick", "e2e_pktgen", "testrun_events"];
 
-const CARGO_TEST: [&str; 4] = ["test", "--workspace", "--exclude", "xdpgate-ebpf"];
-
 /// A built test binary and how Cargo would run it.
 struct Binary {
-    /// The test target's name, or `unittests` and the crate's: what the summary names.
+    /// What the summary names: the test target, or `unittests`, the source and the crate.
     label: String,
+    /// The target's name, as [`ALONE`] names it.
+    target: String,
     /// What Cargo prints after `Running`: the test's source.
     src: String,
-    /// Whether it runs with no other binary beside it ([`ALONE`]).
-    alone: bool,
     exe: PathBuf,
     /// Cargo runs a test binary in its package's directory.
     dir: PathBuf,
@@ -66,9 +64,10 @@ pub fn test(root: &Path, args: &[String]) -> Result<()> {
             Some(i) => (&args[..i], &args[i + 1..]),
             None => (args, &[][..]),
         };
+        // The workspace's default members (every crate but the eBPF one) unless `-p` says.
         return run(Command::new("cargo")
             .current_dir(root)
-            .args(CARGO_TEST)
+            .arg("test")
             .args(cargo)
             .args(["--", "--test-threads=1"])
             .args(harness));
@@ -80,8 +79,13 @@ pub fn test(root: &Path, args: &[String]) -> Result<()> {
         Err(_) => DEFAULT_JOBS,
     };
     let started = Instant::now();
+    let binaries = build(root)?;
+    for name in ALONE {
+        let found = binaries.iter().filter(|b| b.target == name).count();
+        ensure!(found == 1, "{found} test targets named {name:?} (ALONE names one)");
+    }
     let (alone, together): (VecDeque<Binary>, VecDeque<Binary>) =
-        build(root)?.into_iter().partition(|b| b.alone);
+        binaries.into_iter().partition(|b| ALONE.contains(&b.target.as_str()));
     let total = alone.len() + together.len();
     let print = Mutex::new(());
     let outcomes = Mutex::new(Vec::new());
@@ -102,7 +106,10 @@ pub fn test(root: &Path, args: &[String]) -> Result<()> {
         }
     });
     // Doc tests are compiled as they run: Cargo's runner, after the binaries.
-    let doc = run(Command::new("cargo").current_dir(root).args(CARGO_TEST).arg("--doc"));
+    let doc = run(Command::new("cargo")
+        .current_dir(root)
+        .args(["test", "--doc", "--"])
+        .arg("--test-threads=1"));
     let outcomes = outcomes.into_inner().unwrap();
     let passed: u64 = outcomes.iter().map(|o| o.passed).sum();
     let failed: u64 = outcomes.iter().map(|o| o.failed).sum();
@@ -112,18 +119,18 @@ pub fn test(root: &Path, args: &[String]) -> Result<()> {
          {failed} failed, in {:.1} minutes",
         started.elapsed().as_secs_f64() / 60.0
     );
-    if !bad.is_empty() {
-        bail!("test binaries failed: {}", bad.join(", "));
+    match (bad.is_empty(), doc) {
+        (true, doc) => doc,
+        (false, Ok(())) => bail!("test binaries failed: {}", bad.join(", ")),
+        (false, Err(e)) => bail!("test binaries failed: {}; doc tests: {e:#}", bad.join(", ")),
     }
-    doc
 }
 
 /// Builds every test binary of the workspace (Cargo's diagnostics on stderr) and lists them.
 fn build(root: &Path) -> Result<VecDeque<Binary>> {
     let mut child = Command::new("cargo")
         .current_dir(root)
-        .args(CARGO_TEST)
-        .args(["--no-run", "--message-format=json-render-diagnostics"])
+        .args(["test", "--no-run", "--message-format=json-render-diagnostics"])
         .stdout(Stdio::piped())
         .spawn()
         .context("spawning cargo test --no-run")?;
@@ -138,17 +145,20 @@ fn build(root: &Path) -> Result<VecDeque<Binary>> {
         };
         let dir = artifact.manifest_path.parent().context("a manifest without a directory")?;
         let target = &artifact.target;
-        let (label, alone) = if target.is_test() {
-            (target.name.clone(), ALONE.contains(&target.name.as_str()))
-        } else {
-            (format!("unittests {}", target.name), false)
-        };
         let src = target.src_path.strip_prefix(dir).unwrap_or(&target.src_path).to_string();
-        binaries.push(Binary { label, src, alone, exe: exe.into(), dir: dir.into() });
+        // A crate's library and program have unit tests of the same crate name.
+        let label = if target.is_test() {
+            target.name.clone()
+        } else {
+            format!("unittests {src} ({})", target.name)
+        };
+        let target = target.name.clone();
+        binaries.push(Binary { label, target, src, exe: exe.into(), dir: dir.into() });
     }
     if !child.wait().context("waiting for cargo test --no-run")?.success() {
         bail!("building the tests failed");
     }
+    ensure!(!binaries.is_empty(), "cargo test --no-run reported no test binary");
     // Cargo's messages come in the order builds finish; a name order keeps runs alike.
     binaries.sort_by(|a, b| a.label.cmp(&b.label));
     Ok(binaries.into())
@@ -188,8 +198,9 @@ fn spawn_merged(bin: &Binary) -> Result<(bool, String)> {
         .spawn()
         .with_context(|| format!("running {}", bin.exe.display()))?;
     let started = Instant::now();
-    // A binary that hangs is stopped, so the run ends and its output shows which test hung
-    // (libtest names a test running over 60 s); its guards do not run then.
+    // A binary that hangs is killed, so the run ends and its output shows which test hung
+    // (one test at a time, libtest names each as it starts). Only the binary: what it
+    // started and its guards would have removed is left (a killed run's leftovers).
     let status = loop {
         if let Some(status) = child.try_wait()? {
             break Some(status);

@@ -1,7 +1,7 @@
 //! `xdpgate-bench --quick`, every section, in the suite: the benchmark is code users run to
 //! check this project's figures, and a section that stops goes unseen otherwise (the `flows`
 //! section stopped at 100,000 flows for a day in 2026-12). Its figures here mean nothing: the
-//! build is a debug one and another test binary runs beside it.
+//! build is a debug one (`cargo xtask test` runs it with no other test binary beside it).
 
 use std::{path::Path, process::Command};
 

@@ -254,15 +254,23 @@ mod tests {
     #[test]
     fn programs_freed_meanwhile_do_not_fail_the_question() {
         let pins = PinDir::new(format!("/sys/fs/bpf/xgmigrate-none-{}", std::process::id()));
-        let stop = std::sync::atomic::AtomicBool::new(false);
+        use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+        /// Stops the loader however the question ends (a panic included): the scope waits.
+        struct Stop<'a>(&'a AtomicBool);
+        impl Drop for Stop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Relaxed);
+            }
+        }
+        let stop = AtomicBool::new(false);
         std::thread::scope(|s| {
             s.spawn(|| {
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                while !stop.load(Relaxed) {
                     load_and_free_a_program();
                 }
             });
+            let _stop = Stop(&stop);
             let asked = (0..3_000).map(|_| in_use(&pins)).find(Result::is_err);
-            stop.store(true, std::sync::atomic::Ordering::Relaxed);
             assert!(asked.is_none(), "{asked:?}");
         });
     }
