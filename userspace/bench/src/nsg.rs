@@ -14,8 +14,13 @@
 //!   flow has no reply entry until it is confirmed);
 //! - the confirming ACK: the client's ACK of each of those flows, run once: it moves the
 //!   flow to the established table;
-//! - first packet, denied: a packet only `DenyAllInBound` (the table's last bit) matches,
-//!   repeated N times; a denied packet creates no flow, so every repeat is classified.
+//! - first packet, denied: a packet to a port no rule names, so only `DenyAllInBound` (the
+//!   table's last bit) matches, repeated N times; a denied packet creates no flow, so every
+//!   repeat is classified. Its port's class has rules only in the bitmaps' last word, so the
+//!   scan reads that word alone;
+//! - first packet, denied at the service port: the allowed port from a source no rule
+//!   allows (a port scan from outside), repeated N times: the port's class has rules in
+//!   every word, so the scan reads them all before `DenyAllInBound`, the worst case.
 
 use std::fmt::Write as _;
 
@@ -26,8 +31,8 @@ use xdpgate_common::iface::Role;
 
 use crate::common::{
     ALLOWED_PORT, Bench, CLIENT_FIXED, Config, DENIED_PORT, Family, FlowState, FlowTables, Machine,
-    SUBNET_HOST_V4, SUBNET_HOST_V6, TCP_ACK, TCP_SYN, TCP_SYN_ACK, XDP_DROP, XDP_PASS, client,
-    expect_verdict, handshake, median, ms, run, server, tcp_frame, thousands,
+    SUBNET_HOST_V4, SUBNET_HOST_V6, TCP_ACK, TCP_SYN, TCP_SYN_ACK, XDP_DROP, XDP_PASS, addr4,
+    client, expect_verdict, handshake, median, ms, run, server, tcp_frame, thousands,
 };
 
 /// User-rule counts measured (the inbound subnet table holds 4,096 rules, defaults included).
@@ -46,16 +51,18 @@ pub enum Case {
     FirstAnswer,
     Confirming,
     FirstDenied,
+    FirstDeniedScanned,
 }
 
 impl Case {
-    pub const ALL: [Case; 6] = [
+    pub const ALL: [Case; 7] = [
         Case::Established,
         Case::Embryonic,
         Case::FirstAllowed,
         Case::FirstAnswer,
         Case::Confirming,
         Case::FirstDenied,
+        Case::FirstDeniedScanned,
     ];
 
     pub fn label(self) -> &'static str {
@@ -66,6 +73,7 @@ impl Case {
             Case::FirstAnswer => "the answer's first packet (SYN-ACK)",
             Case::Confirming => "the confirming ACK (the handshake's last)",
             Case::FirstDenied => "first packet, denied",
+            Case::FirstDeniedScanned => "first packet, denied at the service port (every word)",
         }
     }
 }
@@ -338,10 +346,13 @@ struct Setup {
     /// The SYN of a flow no one answers: it stays embryonic.
     embryonic: Vec<u8>,
     denied: Vec<u8>,
+    /// To the allowed port from a source no rule allows.
+    scanned: Vec<u8>,
     /// (xdpgate, no-op) ns per packet, one entry per run.
     est: (Vec<f64>, Vec<f64>),
     emb: (Vec<f64>, Vec<f64>),
     den: (Vec<f64>, Vec<f64>),
+    scan: (Vec<f64>, Vec<f64>),
     first: (Vec<f64>, Vec<f64>),
     answer: (Vec<f64>, Vec<f64>),
     confirm: (Vec<f64>, Vec<f64>),
@@ -359,14 +370,16 @@ impl Setup {
             handshake(&bench, "established flow", family, (fixed, 40_000), (dst, ALLOWED_PORT))?;
         let embryonic = tcp_frame(family, fixed, dst, 40_002, ALLOWED_PORT, TCP_SYN);
         let denied = tcp_frame(family, fixed, dst, 40_001, DENIED_PORT, TCP_SYN);
+        let scanned = tcp_frame(family, stranger(family), dst, 40_003, ALLOWED_PORT, TCP_SYN);
         let gate = bench.gate()?;
         expect_verdict("established flow", run(gate, &established, 1)?.0, XDP_PASS)?;
         expect_verdict("embryonic flow", run(gate, &embryonic, 1)?.0, XDP_PASS)?;
         expect_verdict("first packet, denied", run(gate, &denied, 1)?.0, XDP_DROP)?;
+        expect_verdict("denied at the service port", run(gate, &scanned, 1)?.0, XDP_DROP)?;
         let tables = FlowTables::open(&bench)?;
         tables.expect("established flow", FlowState::Established, &[&established])?;
         tables.expect("embryonic flow", FlowState::Embryonic, &[&embryonic])?;
-        tables.expect("first packet, denied", FlowState::None, &[&denied])?;
+        tables.expect("first packet, denied", FlowState::None, &[&denied, &scanned])?;
         Ok(Self {
             family,
             rules,
@@ -374,9 +387,11 @@ impl Setup {
             established,
             embryonic,
             denied,
+            scanned,
             est: Default::default(),
             emb: Default::default(),
             den: Default::default(),
+            scan: Default::default(),
             first: Default::default(),
             answer: Default::default(),
             confirm: Default::default(),
@@ -400,11 +415,16 @@ impl Setup {
         self.emb.0.push(ns);
         self.emb.1.push(run(noop, &self.embryonic, cfg.repeat)?.1);
 
-        // Denied: every repeat is a full classification ending at the last bit.
+        // Denied: every repeat is classified, ending at the last bit; the port's class
+        // leaves one word to scan, the service port's every word.
         let (v, ns) = run(gate, &self.denied, cfg.repeat)?;
         expect_verdict("first packet, denied", v, XDP_DROP)?;
         self.den.0.push(ns);
         self.den.1.push(run(noop, &self.denied, cfg.repeat)?.1);
+        let (v, ns) = run(gate, &self.scanned, cfg.repeat)?;
+        expect_verdict("denied at the service port", v, XDP_DROP)?;
+        self.scan.0.push(ns);
+        self.scan.1.push(run(noop, &self.scanned, cfg.repeat)?.1);
 
         // A handshake per flow, a client of its own per run and distinct source ports: all
         // the SYNs (first packets), then all the SYN-ACKs, then all the ACKs that confirm
@@ -460,7 +480,16 @@ impl Setup {
             row(Case::FirstAnswer, rules, family, distinct, self.answer.0, self.answer.1),
             row(Case::Confirming, rules, family, distinct, self.confirm.0, self.confirm.1),
             row(Case::FirstDenied, rules, family, repeat, self.den.0, self.den.1),
+            row(Case::FirstDeniedScanned, rules, family, repeat, self.scan.0, self.scan.1),
         ])
+    }
+}
+
+/// A source outside every rule's: only the `*` sources of the default rules match it.
+fn stranger(family: Family) -> [u8; 16] {
+    match family {
+        Family::IPv4 => addr4(std::net::Ipv4Addr::new(192, 0, 2, 1)),
+        Family::IPv6 => std::net::Ipv6Addr::new(0x2001, 0xdb8, 3, 0, 0, 0, 0, 1).octets(),
     }
 }
 
@@ -613,9 +642,13 @@ pub fn markdown(r: &Report) -> String {
          an allowed flow no one answered, sent again {rep} times (each misses the \
          established table and hits the embryonic one: what a SYN retransmission or a \
          flood's repeated tuple costs; the flow is checked to stay embryonic). *first \
-         packet, denied*: a packet only DenyAllInBound (the \
+         packet, denied*: a packet to a port no rule names, so only DenyAllInBound (the \
          table's last rule) matches, repeated {rep} times (denied packets create no flow, so \
-         each repeat is a full classification). *first packet, allowed*: {dist} distinct \
+         each repeat is classified; the port's class has rules only in the bitmaps' last \
+         word, so the scan reads that word alone). *first packet, denied at the service \
+         port*: the allowed port from a source no rule allows (192.0.2.1, 2001:db8:3::1), \
+         repeated the same way: the port's class has rules in every word, so the scan reads \
+         them all (the worst case). *first packet, allowed*: {dist} distinct \
          packets (distinct source ports), each run once and classified, creating its flow (its \
          one embryonic entry, in the new-flow stage; checked after the runs); the \
          kernel's per-run time (its timer overhead included) is averaged, and the no-op runs on \
