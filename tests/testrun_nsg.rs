@@ -702,6 +702,78 @@ fn class_arrays_and_the_trie_agree() {
     assert_eq!(with_classes.map(|(_, v)| v), want, "{with_classes:?}");
 }
 
+/// A full table (4,096 rules) decides by its last words too: user rules alternately allowing
+/// and denying a port each, up to the last priority, then `DenyAllInBound` in the last bit;
+/// with the class arrays and with the trie alike.
+#[test]
+fn a_full_tables_last_words_decide() {
+    use std::fmt::Write as _;
+
+    use aya::maps::Array;
+    use xdpgate_common::{
+        maps::POLICY_CONFIG,
+        nsg::{DIR_INBOUND, LAYER_SUBNET, MAX_RULES, PolicyConfig, class_bit, table_in_slot},
+    };
+    // 3,997 user rules (priorities 100-4096) and 93 in a second NSG, with three inbound
+    // defaults each: 4,096 rules in the inbound subnet table.
+    const BIG: u16 = 3_997;
+    const SECOND: u16 = MAX_RULES as u16 - BIG - 6;
+    let mut yaml = String::from(
+        "virtual_network:\n  address_space: [198.51.100.0/24]\nnsgs:\n  - name: big\n    \
+         subnets: [198.51.100.0/25]\n    rules:\n",
+    );
+    let rule = |y: &mut String, name: &str, k: u16, access: &str, port: u32| {
+        let _ = writeln!(
+            y,
+            "      - {{name: {name}{k}, priority: {}, direction: inbound, access: {access}, \
+             protocol: tcp, source: ['*'], destination: ['*'], destination_ports: [{port}]}}",
+            100 + k
+        );
+    };
+    for k in 0..BIG {
+        let access = if k % 2 == 0 { "allow" } else { "deny" };
+        rule(&mut yaml, "r", k, access, 10_000 + u32::from(k));
+    }
+    yaml.push_str("  - name: second\n    subnets: [198.51.100.128/25]\n    rules:\n");
+    for k in 0..SECOND {
+        rule(&mut yaml, "s", k, "allow", 30_000 + u32::from(k));
+    }
+
+    let k = Kernel::new();
+    k.arrive_as(Role::External);
+    k.apply(&yaml);
+    let inbound = class_bit(table_in_slot(DIR_INBOUND, LAYER_SUBNET));
+    let (slot, config) = xdpgate_dataplane::apply::active(&k.pins.dir).unwrap();
+    assert_eq!(config.rule_counts[table_in_slot(DIR_INBOUND, LAYER_SUBNET) as usize], MAX_RULES);
+    assert_ne!(config.flags & inbound, 0, "the table's classes fit: {:#x}", config.flags);
+
+    // The last 100 user rules (bits 3,990 on: the last two words), and a port only
+    // DenyAllInBound matches. Each pass its own source ports: no flow answers for another.
+    let verdicts = |pass: u16| -> Vec<(u32, u32, u32)> {
+        let mut out: Vec<(u32, u32, u32)> = (BIG - 100..BIG)
+            .map(|r| {
+                let port = 10_000 + r;
+                let want = if r % 2 == 0 { PASS } else { DROP };
+                let sport = 20_000 + pass * 1_000 + (r - (BIG - 100));
+                let got = k.run(&frame("203.0.113.7", "198.51.100.10", L4::Tcp(sport, port, SYN)));
+                (u32::from(port), got, want)
+            })
+            .collect();
+        let sport = 20_000 + pass * 1_000 + 999;
+        let got = k.run(&frame("203.0.113.7", "198.51.100.10", L4::Tcp(sport, 9_999, SYN)));
+        out.push((9_999, got, DROP));
+        out
+    };
+    let wrong = |v: Vec<(u32, u32, u32)>| -> Vec<(u32, u32, u32)> {
+        v.into_iter().filter(|(_, got, want)| got != want).collect()
+    };
+    assert_eq!(wrong(verdicts(1)), [], "with the class arrays: (port, verdict, want)");
+    let mut configs: Array<_, PolicyConfig> =
+        k.pins.dir.open_map(POLICY_CONFIG).unwrap().try_into().unwrap();
+    configs.set(slot, PolicyConfig { flags: config.flags & !inbound, ..config }, 0).unwrap();
+    assert_eq!(wrong(verdicts(2)), [], "with the trie: (port, verdict, want)");
+}
+
 /// A table is skipped, without its trie lookup, for a packet whose local address lies
 /// outside its scope (`TableScope`): the verdicts are those of looking every table up, a
 /// scope of another generation skips nothing, and `xdpgate set` keeps the scopes current.

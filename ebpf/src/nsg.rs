@@ -5,7 +5,7 @@
 //! five is the highest-priority matching rule. The cost depends on the bitmap width, not on
 //! how many rules there are or how many match.
 
-use aya_ebpf::{cty::c_void, helpers::generated::bpf_loop, maps::lpm_trie::Key};
+use aya_ebpf::maps::lpm_trie::Key;
 use xdpgate_common::{
     flow::NO_RULES,
     nsg::{
@@ -190,24 +190,7 @@ fn match_table_of(table: u32, count: u32, fields: u32, meta: &PacketMeta) -> Opt
         (sport, dport, proto, in_use)
     };
 
-    if todo == 0 {
-        return None;
-    }
-    let mut scan = Scan { maps: [local, remote, sport, dport, proto], todo };
-    // bpf_loop: the verifier checks the scan's body once, not once per word (64) at every
-    // layer of every call site, which is what the program's complexity limit allows. Each
-    // iteration empties a stride or finds the rule, so these many always end with `todo`
-    // empty or found: the result below reads `FOUND` (bit 63) as found only because no
-    // unscanned word 63 is left in it.
-    unsafe {
-        bpf_loop(
-            words.div_ceil(SCAN_STRIDE as u32),
-            scan_words as *mut c_void,
-            &mut scan as *mut Scan as *mut c_void,
-            0,
-        );
-    }
-    (scan.todo & FOUND != 0).then(|| opaque(scan.todo as u32 & (MAX_RULES - 1)))
+    scan(&[local, remote, sport, dport, proto], todo)
 }
 
 /// `xdpgate_match_table`'s `fields` bit for a table with classes.
@@ -221,49 +204,38 @@ fn class(table: u32, field: u8, value: u32) -> Option<&'static FieldClass> {
     NSG_CLASSES.get(table / TABLES_PER_SLOT * CLASSES_PER_SLOT + u32::from(class))
 }
 
-/// `Scan::todo` once a rule is found: this bit and the rule's number.
-const FOUND: u64 = 1 << 63;
-
-/// Words of the bitmaps one `bpf_loop` iteration scans: an iteration (an indirect call)
-/// cost about as much as the five loads of a word, and a rule matched only by the table's
-/// last rule (a denied packet) walks every word.
-const SCAN_STRIDE: usize = 8;
-
-/// The five field bitmaps of a table lookup and the words still to scan (bit `i`: word
-/// `i`), or, once found, `FOUND` and the first rule set in all five. One word for both keeps
-/// the frame (on the stack under the new-flow stage's, 512 bytes for the chain) as it was.
-#[repr(C)]
-struct Scan {
-    maps: [&'static RuleBitmap; 5],
-    todo: u64,
-}
-
-/// `SCAN_STRIDE` words of the bitmap scan (a `bpf_loop` body): stops at the first word with
-/// a rule set in all five bitmaps, or when no word is left to scan. Each iteration takes the
-/// stride of the lowest word still to scan, not the `index`-th: strides the port classes'
-/// summaries rule out (all but the last for a packet only the default rules match) cost no
-/// iteration.
-extern "C" fn scan_words(_index: u64, ctx: *mut c_void) -> i64 {
-    let scan = unsafe { &mut *(ctx as *mut Scan) };
-    let todo = scan.todo;
-    let base = (todo.trailing_zeros() as usize & !(SCAN_STRIDE - 1)) & (BITMAP_WORDS - 1);
-    let stride = todo >> base & ((1 << SCAN_STRIDE) - 1);
-    let [a, b, c, d, e] = scan.maps;
-    for j in 0..SCAN_STRIDE {
-        if stride & (1 << j) == 0 {
+/// The first rule set in all five bitmaps `[local, remote, sport, dport, proto]`, among
+/// the words set in `todo` (bit `i`: word `i`).
+///
+/// A bounded loop, checked by the verifier once per program as part of the global
+/// function, with no call per word (a `bpf_loop` callback, eight words a call, cost 20 ns a
+/// call on a VM whose kernel routes every return through AMD's return-stack mitigation).
+/// The remote address and the destination port come first: they are what tells a table's
+/// rules apart (the local address is narrowed to the table's NSGs, the source port and the
+/// protocol are mostly `*`), so most words end at two loads.
+#[inline(always)]
+fn scan(maps: &[&RuleBitmap; 5], todo: u64) -> Option<u32> {
+    let [local, remote, sport, dport, proto] = *maps;
+    // Word by word, not by the lowest bit of `todo`: the verifier could not bound a word
+    // index found that way (BPF has no count-trailing-zeros; LLVM's is a table lookup).
+    for i in 0..BITMAP_WORDS {
+        let left = todo >> i;
+        if left == 0 {
+            return None;
+        }
+        if left & 1 == 0 {
             continue;
         }
-        let i = base + j;
-        let w = a.words[i] & b.words[i] & c.words[i] & d.words[i] & e.words[i];
+        let w = remote.words[i] & dport.words[i];
+        if w == 0 {
+            continue;
+        }
+        let w = w & local.words[i] & sport.words[i] & proto.words[i];
         if w != 0 {
-            scan.todo = FOUND | (i as u64 * 64 + u64::from(w.trailing_zeros()));
-            return 1;
+            return Some(opaque(i as u32 * 64 + w.trailing_zeros()));
         }
     }
-    // Done with this stride: what is left lies beyond it.
-    let left = todo & !(((1 << SCAN_STRIDE) - 1) << base);
-    scan.todo = left;
-    i64::from(left == 0)
+    None
 }
 
 /// Hides a value from the verifier's range tracking (a volatile round trip through a
