@@ -703,11 +703,12 @@ fn class_arrays_and_the_trie_agree() {
 }
 
 /// A full table (4,096 rules) decides by its last words too: user rules alternately allowing
-/// and denying a port each, up to the last priority, then `DenyAllInBound` in the last bit;
-/// with the class arrays and with the trie alike.
+/// and denying a port each, up to the last priority, then `DenyAllInBound` in the last
+/// word; each packet by its own rule (its hit counter), with the class arrays and with the
+/// trie alike.
 #[test]
 fn a_full_tables_last_words_decide() {
-    use std::fmt::Write as _;
+    use std::{collections::HashMap, fmt::Write as _};
 
     use aya::maps::Array;
     use xdpgate_common::{
@@ -747,31 +748,45 @@ fn a_full_tables_last_words_decide() {
     assert_eq!(config.rule_counts[table_in_slot(DIR_INBOUND, LAYER_SUBNET) as usize], MAX_RULES);
     assert_ne!(config.flags & inbound, 0, "the table's classes fit: {:#x}", config.flags);
 
-    // The last 100 user rules (bits 3,990 on: the last two words), and a port only
-    // DenyAllInBound matches. Each pass its own source ports: no flow answers for another.
-    let verdicts = |pass: u16| -> Vec<(u32, u32, u32)> {
-        let mut out: Vec<(u32, u32, u32)> = (BIG - 100..BIG)
-            .map(|r| {
-                let port = 10_000 + r;
-                let want = if r % 2 == 0 { PASS } else { DROP };
-                let sport = 20_000 + pass * 1_000 + (r - (BIG - 100));
-                let got = k.run(&frame("203.0.113.7", "198.51.100.10", L4::Tcp(sport, port, SYN)));
-                (u32::from(port), got, want)
-            })
+    // Packets each rule decides, by name: a name's counters summed over its NSGs.
+    let hits = || -> HashMap<String, u64> {
+        let stats = xdpgate_dataplane::stats::read(&k.pins.dir).unwrap();
+        let mut by_name = HashMap::new();
+        for r in stats.policy.expect("a policy is applied").rules {
+            *by_name.entry(r.rule).or_default() += r.flows;
+        }
+        by_name
+    };
+    // The last 70 user rules (bits 4,020 on: the last two words), and a port only
+    // DenyAllInBound matches; each pass its own source ports, so no flow answers for
+    // another. Returns (port, verdict, want, deciding rule, want) where any differ.
+    let pass = |pass: u16| -> Vec<(u32, u32, u32, String, String)> {
+        let mut cases: Vec<(u32, u32, String)> = (BIG - 70..BIG)
+            .map(|r| (10_000 + u32::from(r), if r % 2 == 0 { PASS } else { DROP }, format!("r{r}")))
             .collect();
-        let sport = 20_000 + pass * 1_000 + 999;
-        let got = k.run(&frame("203.0.113.7", "198.51.100.10", L4::Tcp(sport, 9_999, SYN)));
-        out.push((9_999, got, DROP));
-        out
+        cases.push((9_999, DROP, "DenyAllInBound".to_owned()));
+        let mut wrong = Vec::new();
+        for (i, (port, want, rule)) in cases.into_iter().enumerate() {
+            let sport = 20_000 + pass * 1_000 + i as u16;
+            let before = hits();
+            let got =
+                k.run(&frame("203.0.113.7", "198.51.100.10", L4::Tcp(sport, port as u16, SYN)));
+            let after = hits();
+            let decided: Vec<&String> =
+                after.iter().filter(|(n, c)| before.get(*n) != Some(c)).map(|(n, _)| n).collect();
+            let decided = format!("{decided:?}");
+            let wanted = format!("{:?}", [&rule]);
+            if got != want || decided != wanted {
+                wrong.push((port, got, want, decided, wanted));
+            }
+        }
+        wrong
     };
-    let wrong = |v: Vec<(u32, u32, u32)>| -> Vec<(u32, u32, u32)> {
-        v.into_iter().filter(|(_, got, want)| got != want).collect()
-    };
-    assert_eq!(wrong(verdicts(1)), [], "with the class arrays: (port, verdict, want)");
+    assert_eq!(pass(1), [], "with the class arrays");
     let mut configs: Array<_, PolicyConfig> =
         k.pins.dir.open_map(POLICY_CONFIG).unwrap().try_into().unwrap();
     configs.set(slot, PolicyConfig { flags: config.flags & !inbound, ..config }, 0).unwrap();
-    assert_eq!(wrong(verdicts(2)), [], "with the trie: (port, verdict, want)");
+    assert_eq!(pass(2), [], "with the trie");
 }
 
 /// A table is skipped, without its trie lookup, for a packet whose local address lies

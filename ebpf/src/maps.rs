@@ -184,10 +184,6 @@ pub struct CachedClock {
 #[map(name = "ENCAP_IDS")]
 pub static ENCAP_IDS: PerCpuArray<u32> = PerCpuArray::pinned(1, 0);
 
-/// Per-CPU scratch word for `nsg::opaque`.
-#[map(name = "OPAQUE")]
-pub static OPAQUE: PerCpuArray<u32> = PerCpuArray::pinned(1, 0);
-
 /// Later stages of the pipeline, entered by tail call. Pinned: the kernel empties a program
 /// array when no user reference to it is left, and the pin is that reference once the
 /// agent has exited. Its name is versioned with the flow tables' (see `maps::PIPELINE`).

@@ -21,7 +21,7 @@ use crate::{
     headers::{IPPROTO_TCP, IPPROTO_UDP},
     maps::{
         ACTIVE_SLOT, LPM_KEY, NSG_CLASS_IDS, NSG_CLASSES, NSG_FIELDS, NSG_HITS, NSG_RULES,
-        NSG_SCOPES, OPAQUE, POLICY_CONFIG,
+        NSG_SCOPES, POLICY_CONFIG,
     },
     parse::{FRAG_LATER, PacketMeta},
 };
@@ -62,8 +62,8 @@ const LAYERS: [(u32, u32); 4] = [
 ];
 
 /// Inlined into its callers: a frame of its own would add to the chain of frames under the
-/// new-flow stage (with `xdpgate_match_table` and the scan below it), which the verifier
-/// caps at 512 bytes.
+/// new-flow stage (with `xdpgate_match_table` below it), which the verifier caps at 512
+/// bytes.
 #[inline(always)]
 pub fn classify(active: &Active<'_>, meta: &PacketMeta, count_hits: bool) -> Decision {
     let mut decision = Decision { allowed: true, rules: NO_RULES, unfiltered: true };
@@ -208,16 +208,17 @@ fn class(table: u32, field: u8, value: u32) -> Option<&'static FieldClass> {
 /// the words set in `todo` (bit `i`: word `i`).
 ///
 /// A bounded loop, checked by the verifier once per program as part of the global
-/// function, with no call per word (a `bpf_loop` callback, eight words a call, cost 20 ns a
-/// call on a VM whose kernel routes every return through AMD's return-stack mitigation).
+/// function, with no call per word (a `bpf_loop` callback, eight words a call, cost about
+/// 20 ns a call on a VM whose kernel routes every return through AMD's return-stack
+/// mitigation).
 /// The remote address and the destination port come first: they are what tells a table's
 /// rules apart (the local address is narrowed to the table's NSGs, the source port and the
 /// protocol are mostly `*`), so most words end at two loads.
 #[inline(always)]
 fn scan(maps: &[&RuleBitmap; 5], todo: u64) -> Option<u32> {
     let [local, remote, sport, dport, proto] = *maps;
-    // Word by word, not by the lowest bit of `todo`: the verifier could not bound a word
-    // index found that way (BPF has no count-trailing-zeros; LLVM's is a table lookup).
+    // Counted to 64, not driven by the lowest bit of `todo`: the verifier needs a loop it
+    // can see end.
     for i in 0..BITMAP_WORDS {
         let left = todo >> i;
         if left == 0 {
@@ -232,24 +233,10 @@ fn scan(maps: &[&RuleBitmap; 5], todo: u64) -> Option<u32> {
         }
         let w = w & local.words[i] & sport.words[i] & proto.words[i];
         if w != 0 {
-            return Some(opaque(i as u32 * 64 + w.trailing_zeros()));
+            return Some(i as u32 * 64 + w.trailing_zeros());
         }
     }
     None
-}
-
-/// Hides a value from the verifier's range tracking (a volatile round trip through a
-/// per-CPU map). Each iteration of the bitmap scan returns a different known rule number, and
-/// the verifier would explore the rest of the program once per number.
-#[inline(always)]
-fn opaque(v: u32) -> u32 {
-    match OPAQUE.get_ptr_mut(0) {
-        Some(p) => unsafe {
-            core::ptr::write_volatile(p, v);
-            core::ptr::read_volatile(p)
-        },
-        None => v,
-    }
 }
 
 #[inline(always)]

@@ -18,9 +18,10 @@
 //!   table's last bit) matches, repeated N times; a denied packet creates no flow, so every
 //!   repeat is classified. Its port's class has rules only in the bitmaps' last word, so the
 //!   scan reads that word alone;
-//! - first packet, denied at the service port: the allowed port from a source no rule
-//!   allows (a port scan from outside), repeated N times: the port's class has rules in
-//!   every word, so the scan reads them all before `DenyAllInBound`, the worst case.
+//! - first packet, denied at the service port: a connection attempt to the allowed port
+//!   from a source no rule allows, repeated N times: the port's class has rules in every
+//!   word, so the scan visits them all before `DenyAllInBound` (reading two of the five
+//!   bitmaps of each: the source's has no rule before the last word).
 
 use std::fmt::Write as _;
 
@@ -647,8 +648,9 @@ pub fn markdown(r: &Report) -> String {
          each repeat is classified; the port's class has rules only in the bitmaps' last \
          word, so the scan reads that word alone). *first packet, denied at the service \
          port*: the allowed port from a source no rule allows (192.0.2.1, 2001:db8:3::1), \
-         repeated the same way: the port's class has rules in every word, so the scan reads \
-         them all (the worst case). *first packet, allowed*: {dist} distinct \
+         repeated the same way: the port's class has rules in every word, so the scan visits \
+         them all (reading the source's and the port's bitmaps of each; the source's has no \
+         rule before the last word). *first packet, allowed*: {dist} distinct \
          packets (distinct source ports), each run once and classified, creating its flow (its \
          one embryonic entry, in the new-flow stage; checked after the runs); the \
          kernel's per-run time (its timer overhead included) is averaged, and the no-op runs on \
