@@ -208,16 +208,17 @@ fn class(table: u32, field: u8, value: u32) -> Option<&'static FieldClass> {
 /// the words set in `todo` (bit `i`: word `i`).
 ///
 /// Bounded loops, checked by the verifier once per program as part of the global function,
-/// with no call per word (a `bpf_loop` callback, eight words a call, cost about 20 ns a
-/// call on a VM whose kernel routes every return through AMD's return-stack mitigation).
+/// with no call at all (a `bpf_loop` callback, eight words a call, cost about 20 ns a call
+/// on a VM whose kernel routes every return through AMD's return-stack mitigation).
 /// The remote address and the destination port come first: they are what tells a table's
 /// rules apart (the local address is narrowed to the table's NSGs, the source port and the
 /// protocol are mostly `*`), so most words end at two loads.
 #[inline(always)]
 fn scan(maps: &[&RuleBitmap; 5], todo: u64) -> Option<u32> {
     let [local, remote, sport, dport, proto] = *maps;
-    // Eight words at a time, by a counter the verifier sees bounded: eight words `todo`
-    // leaves out cost one test (the class summaries often leave all but the last out).
+    // Eight words a trip, by a counter the verifier sees bounded: eight words `todo`
+    // leaves out cost one trip (the class summaries often leave all but the last out).
+    const _: () = assert!(BITMAP_WORDS % 8 == 0 && BITMAP_WORDS <= 64, "todo has a bit a word");
     let mut base = 0;
     while base < BITMAP_WORDS {
         let left = todo >> base;
