@@ -62,10 +62,15 @@ use crate::{
     },
 };
 
+// Every stage is `#[inline(always)]`: aya's macro wraps the body in an inner function, and
+// LLVM left a body this large out of line, so each stage paid a BPF-to-BPF call and its
+// return (on a kernel with SRSO's "Safe RET", a return thunk that mispredicts).
+
 /// Stage one: parse. IP packets go on to the policy stage by tail call once a policy is
 /// applied; the split keeps each program small enough for the verifier to check every path
 /// (each parse path would otherwise be explored again through classification).
 #[xdp]
+#[inline(always)]
 pub fn xdpgate(ctx: XdpContext) -> u32 {
     let iface = iface_config(ctx.ingress_ifindex() as u32);
     finish(&ctx, iface.map_or(0, |c| c.slot), false, parse_stage(&ctx, iface))
@@ -73,6 +78,7 @@ pub fn xdpgate(ctx: XdpContext) -> u32 {
 
 /// Stage two: flow lookup (hit: done; miss: the new-flow stage).
 #[xdp]
+#[inline(always)]
 pub fn xdpgate_policy(ctx: XdpContext) -> u32 {
     let result = policy_stage(&ctx);
     finish(&ctx, parsed_slot(), true, result)
@@ -80,6 +86,7 @@ pub fn xdpgate_policy(ctx: XdpContext) -> u32 {
 
 /// Stage two, for a packet without a flow: load balancing, NSG classification, a new flow.
 #[xdp]
+#[inline(always)]
 pub fn xdpgate_new_flow(ctx: XdpContext) -> u32 {
     let result = new_flow_stage(&ctx);
     finish(&ctx, parsed_slot(), true, result)
@@ -87,6 +94,7 @@ pub fn xdpgate_new_flow(ctx: XdpContext) -> u32 {
 
 /// Stage two and a half, for new flows through a NAT gateway: claim a public port.
 #[xdp]
+#[inline(always)]
 pub fn xdpgate_snat(ctx: XdpContext) -> u32 {
     let result = snat_stage(&ctx);
     finish(&ctx, parsed_slot(), true, result)
@@ -94,6 +102,7 @@ pub fn xdpgate_snat(ctx: XdpContext) -> u32 {
 
 /// Stage three, for flows that rewrite headers: NAT and forwarding.
 #[xdp]
+#[inline(always)]
 pub fn xdpgate_act(ctx: XdpContext) -> u32 {
     let result = act_stage(&ctx);
     finish(&ctx, parsed_slot(), true, result)
@@ -111,6 +120,7 @@ pub fn xdpgate_act(ctx: XdpContext) -> u32 {
 
 /// tc stage one: parse (see `xdpgate`).
 #[classifier]
+#[inline(always)]
 pub fn xdpgate_tc(ctx: TcContext) -> i32 {
     let iface = iface_config(ctx.arrival());
     tc_verdict(finish(&ctx, iface.map_or(0, |c| c.slot), false, parse_stage(&ctx, iface)))
@@ -118,6 +128,7 @@ pub fn xdpgate_tc(ctx: TcContext) -> i32 {
 
 /// tc stage two: flow lookup (see `xdpgate_policy`).
 #[classifier]
+#[inline(always)]
 pub fn xdpgate_tc_policy(ctx: TcContext) -> i32 {
     let result = policy_stage(&ctx);
     tc_verdict(finish(&ctx, parsed_slot(), true, result))
@@ -125,6 +136,7 @@ pub fn xdpgate_tc_policy(ctx: TcContext) -> i32 {
 
 /// tc new-flow stage (see `xdpgate_new_flow`).
 #[classifier]
+#[inline(always)]
 pub fn xdpgate_tc_new_flow(ctx: TcContext) -> i32 {
     let result = new_flow_stage(&ctx);
     tc_verdict(finish(&ctx, parsed_slot(), true, result))
@@ -132,6 +144,7 @@ pub fn xdpgate_tc_new_flow(ctx: TcContext) -> i32 {
 
 /// tc SNAT stage (see `xdpgate_snat`).
 #[classifier]
+#[inline(always)]
 pub fn xdpgate_tc_snat(ctx: TcContext) -> i32 {
     let result = snat_stage(&ctx);
     tc_verdict(finish(&ctx, parsed_slot(), true, result))
@@ -139,6 +152,7 @@ pub fn xdpgate_tc_snat(ctx: TcContext) -> i32 {
 
 /// tc act stage: NAT and forwarding (see `xdpgate_act`).
 #[classifier]
+#[inline(always)]
 pub fn xdpgate_tc_act(ctx: TcContext) -> i32 {
     let result = act_stage(&ctx);
     tc_verdict(finish(&ctx, parsed_slot(), true, result))
@@ -584,6 +598,7 @@ fn count_drop<H: Hook>(ctx: &H, reason: DropReason, parsed: bool, point: u8) {
 
 /// Egress stage one: parse the host's own IP packets, then the policy stage.
 #[classifier]
+#[inline(always)]
 pub fn xdpgate_egress(ctx: TcContext) -> i32 {
     let slot = iface_config(unsafe { (*ctx.skb.skb).ifindex }).map_or(0, |c| c.slot);
     finish_egress(&ctx, slot, false, egress_parse_stage(&ctx, slot))
@@ -591,6 +606,7 @@ pub fn xdpgate_egress(ctx: TcContext) -> i32 {
 
 /// Egress stage two: flow lookup (hit: done; miss: the new-flow stage).
 #[classifier]
+#[inline(always)]
 pub fn xdpgate_egress_policy(ctx: TcContext) -> i32 {
     let result = egress_policy_stage(&ctx);
     finish_egress(&ctx, parsed_slot(), true, result)
@@ -599,6 +615,7 @@ pub fn xdpgate_egress_policy(ctx: TcContext) -> i32 {
 /// Egress stage three, for a packet of the host's without a flow: NSG classification, a new
 /// flow.
 #[classifier]
+#[inline(always)]
 pub fn xdpgate_egress_new(ctx: TcContext) -> i32 {
     let result = egress_new_stage(&ctx);
     finish_egress(&ctx, parsed_slot(), true, result)
