@@ -399,33 +399,22 @@ impl Setup {
         })
     }
 
-    /// Run `r` of the three cases; each xdpgate figure is followed at once by the no-op's.
+    /// Run `r` of every case; each xdpgate figure is followed at once by the no-op's.
     fn measure(&mut self, cfg: &Config, r: usize) -> Result<()> {
         let gate = self.bench.gate()?;
         let noop = self.bench.noop()?;
 
+        let repeat = |what, packet: &[u8], want, figures: &mut (Vec<f64>, Vec<f64>)| {
+            repeated(gate, noop, cfg.repeat, what, packet, want, figures)
+        };
         // Established: every repeat is a hit in the established table.
-        let (v, ns) = run(gate, &self.established, cfg.repeat)?;
-        expect_verdict("established flow", v, XDP_PASS)?;
-        self.est.0.push(ns);
-        self.est.1.push(run(noop, &self.established, cfg.repeat)?.1);
-
+        repeat("established flow", &self.established, XDP_PASS, &mut self.est)?;
         // Embryonic: every repeat misses the established table and hits the embryonic one.
-        let (v, ns) = run(gate, &self.embryonic, cfg.repeat)?;
-        expect_verdict("embryonic flow", v, XDP_PASS)?;
-        self.emb.0.push(ns);
-        self.emb.1.push(run(noop, &self.embryonic, cfg.repeat)?.1);
-
+        repeat("embryonic flow", &self.embryonic, XDP_PASS, &mut self.emb)?;
         // Denied: every repeat is classified, ending at the last bit; the port's class
         // leaves one word to scan, the service port's every word.
-        let (v, ns) = run(gate, &self.denied, cfg.repeat)?;
-        expect_verdict("first packet, denied", v, XDP_DROP)?;
-        self.den.0.push(ns);
-        self.den.1.push(run(noop, &self.denied, cfg.repeat)?.1);
-        let (v, ns) = run(gate, &self.scanned, cfg.repeat)?;
-        expect_verdict("denied at the service port", v, XDP_DROP)?;
-        self.scan.0.push(ns);
-        self.scan.1.push(run(noop, &self.scanned, cfg.repeat)?.1);
+        repeat("first packet, denied", &self.denied, XDP_DROP, &mut self.den)?;
+        repeat("denied at the service port", &self.scanned, XDP_DROP, &mut self.scan)?;
 
         // A handshake per flow, a client of its own per run and distinct source ports: all
         // the SYNs (first packets), then all the SYN-ACKs, then all the ACKs that confirm
@@ -492,6 +481,24 @@ fn stranger(family: Family) -> [u8; 16] {
         Family::IPv4 => addr4(std::net::Ipv4Addr::new(192, 0, 2, 1)),
         Family::IPv6 => std::net::Ipv6Addr::new(0x2001, 0xdb8, 3, 0, 0, 0, 0, 1).octets(),
     }
+}
+
+/// Runs `packet` `repeat` times through `gate` (it must end in `want`), then as often
+/// through `noop`, and adds the ns per packet of each to `figures`.
+fn repeated(
+    gate: &Xdp,
+    noop: &Xdp,
+    repeat: u32,
+    what: &str,
+    packet: &[u8],
+    want: u32,
+    figures: &mut (Vec<f64>, Vec<f64>),
+) -> Result<()> {
+    let (v, ns) = run(gate, packet, repeat)?;
+    expect_verdict(what, v, want)?;
+    figures.0.push(ns);
+    figures.1.push(run(noop, packet, repeat)?.1);
+    Ok(())
 }
 
 /// Runs each of `packets` once through `gate`, then through `noop`, and adds the mean ns
