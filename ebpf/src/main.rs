@@ -62,9 +62,9 @@ use crate::{
     },
 };
 
-// Every stage is `#[inline(always)]`: aya's macro wraps the body in an inner function, and
-// LLVM left a body this large out of line, so each stage paid a BPF-to-BPF call and its
-// return (on a kernel with SRSO's "Safe RET", a return thunk that mispredicts).
+// `#[inline(always)]` below aya's attribute lands on the inner function its macro wraps
+// each stage's body in: LLVM had left seven of these bodies out of line, a BPF-to-BPF call
+// and return per stage (costly where returns go through SRSO's "Safe RET" thunk).
 
 /// Stage one: parse. IP packets go on to the policy stage by tail call once a policy is
 /// applied; the split keeps each program small enough for the verifier to check every path

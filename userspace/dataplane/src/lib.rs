@@ -1432,6 +1432,25 @@ pub fn link_info(pins: &PinDir, ifname: &str) -> Result<IngressLinkInfo> {
 mod tests {
     use super::*;
 
+    /// Every stage's body is inlined into its program: none is a function of its own, named
+    /// after its program and nested in it as aya's macro makes it, which each packet would
+    /// call (seen failing with `#[inline(always)]` taken off the policy stage).
+    #[test]
+    fn no_stage_calls_its_own_body() {
+        let obj = aya_obj::Object::parse(EBPF_OBJ).expect("parse the eBPF object");
+        let mut called: Vec<&String> = obj
+            .programs
+            .keys()
+            .filter(|p| {
+                let nested = format!("{0}{1}{0}{1}", p.len(), p);
+                obj.functions.values().any(|f| f.name.contains(&nested))
+            })
+            .collect();
+        called.sort();
+        assert!(obj.programs.contains_key(POLICY_PROGRAM), "no policy stage in the object");
+        assert!(called.is_empty(), "stages that call their body: {called:?}");
+    }
+
     #[test]
     fn only_refusals_of_bpf_calls_and_pins_need_privileges() {
         let io = |errno| std::io::Error::from_raw_os_error(errno);
