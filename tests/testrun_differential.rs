@@ -12,7 +12,7 @@
 mod common;
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     fmt::{self, Write as _},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     time::{Duration, Instant},
@@ -33,7 +33,7 @@ use ipnet::IpNet;
 use xdpgate_common::{
     iface::Role,
     maps::NSG_HITS,
-    nsg::{MAX_RULES, TABLES_PER_SLOT},
+    nsg::{BITMAP_WORDS, MAX_RULES, TABLES_PER_SLOT},
 };
 use xdpgate_dataplane::apply;
 use xdpgate_policy::{
@@ -486,10 +486,16 @@ struct Tally {
     by_default_rule: usize,
     two_layers: usize,
     unfiltered: usize,
+    /// Decisions by the bitmap word of the deciding rule (each layer's).
+    words: BTreeMap<u32, usize>,
 }
 
 impl Tally {
-    fn record(&mut self, v: &Verdict) {
+    /// `rules`: the deciding rules' global indices (see `Applied::index`).
+    fn record(&mut self, v: &Verdict, rules: &[u32]) {
+        for &r in rules {
+            *self.words.entry(r % MAX_RULES / 64).or_default() += 1;
+        }
         self.packets += 1;
         self.allowed += usize::from(v.allowed);
         match v.decided_by.len() {
@@ -573,7 +579,7 @@ impl Harness {
     }
 
     /// Runs one packet; `Err` describes a disagreement with the reference.
-    fn check(&mut self, a: &Applied, p: &Pkt) -> Result<Verdict, Mismatch> {
+    fn check(&mut self, a: &Applied, p: &Pkt) -> Result<(Verdict, Vec<u32>), Mismatch> {
         let role = match p.dir {
             Direction::Inbound => Role::External,
             Direction::Outbound => Role::Internal,
@@ -617,7 +623,7 @@ impl Harness {
                 ),
             });
         }
-        Ok(want)
+        Ok((want, counters))
     }
 }
 
@@ -857,7 +863,7 @@ impl Run {
         for _ in 0..packets {
             let pkt = self.tuples.fresh(&mut self.rng, &universe);
             match self.h.check(&applied, &pkt) {
-                Ok(v) => self.tally.record(&v),
+                Ok((v, rules)) => self.tally.record(&v, &rules),
                 Err(mismatch) => {
                     self.tally.packets += 1;
                     let spec = applied.spec.clone();
@@ -1179,6 +1185,49 @@ fn full_table_policy(rng: &mut Rng) -> PolicySpec {
     spec
 }
 
+/// The inbound subnet-layer table filled to `MAX_RULES` rules as in `full_table_policy`,
+/// but with narrow rules: one source address of a few dozen and one destination port (a
+/// few, for one rule in eight) each, so that a packet aimed at a rule is decided by that
+/// rule wherever in the table it sits, and any other by a default rule at the table's end.
+/// The classifier's scan then decides in every word of the bitmaps, the last one included,
+/// which broad random rules never make it do (they decide in the first words).
+fn deep_table_policy(rng: &mut Rng) -> PolicySpec {
+    let mut spec = vnet();
+    let mut priorities: Vec<u32> = (100..=4096).collect();
+    let mut port = 1000u16;
+    let mut nsg = |name: &str, subnets: &[&str], count: usize| {
+        rng.shuffle(&mut priorities);
+        let rules = priorities[..count]
+            .iter()
+            .map(|&p| {
+                let source = if rng.percent(50) {
+                    format!("203.0.113.{}", rng.range(1, 40))
+                } else {
+                    format!("2001:db8:2::{:x}", rng.range(1, 40))
+                };
+                let width = if rng.percent(12) { rng.range(2, 5) as u16 } else { 1 };
+                let ports = match width {
+                    1 => port.to_string(),
+                    w => format!("{port}-{}", port + w - 1),
+                };
+                port += width;
+                let access = if rng.percent(50) { "allow" } else { "deny" };
+                let protocol = *rng.pick(&["tcp", "udp", "*"]);
+                let mut r = rule(format!("d{p}"), p, true, access, protocol, &[&source], &["*"]);
+                r.destination_ports = Some(vec![ports]);
+                r
+            })
+            .collect();
+        NsgSpec { name: name.to_owned(), subnets: strings(subnets), hosts: vec![], rules }
+    };
+    // 2000 + 3 defaults + 2090 + 3 defaults = 4096 inbound subnet-layer rules.
+    let big = nsg("big", &["198.51.100.0/25", "2001:db8:1::/80"], 2000);
+    let rest = MAX_RULES as usize - 2000 - 3 - 3;
+    let second = nsg("second", &["198.51.100.128/25", "2001:db8:1:0:1::/80"], rest);
+    spec.nsgs.extend([big, second]);
+    spec
+}
+
 #[test]
 fn kernel_agrees_with_reference_on_edge_cases() {
     let seed = seed();
@@ -1210,13 +1259,26 @@ fn kernel_agrees_with_reference_on_edge_cases() {
     let err = load_str(&over.yaml(), "over.yaml").expect_err("4097 rules in one table");
     assert!(err.to_string().contains("exceed the table size"), "{err}");
     policies.push(("full table", full, 400));
+    policies.push(("full table of narrow rules", deep_table_policy(rng), 600));
 
     let mut kinds = Vec::new();
+    let mut deep = BTreeMap::new();
     for (kind, spec, packets) in &policies {
         let t = Instant::now();
+        let before = run.tally.words.clone();
         run.policy(spec, *packets);
         kinds.push(format!("{kind} ({} rules) {:.1?}", spec.rule_count(), t.elapsed()));
+        if kind.contains("narrow") {
+            deep = run.tally.words.clone();
+            deep.retain(|w, n| *n > before.get(w).copied().unwrap_or(0));
+        }
     }
+    // Not a test of the dataplane unless the scan had to go deep: decisions in most words
+    // of the full table's bitmaps, and in its last (the defaults', and the last user rules').
+    let last = BITMAP_WORDS as u32 - 1;
+    kinds.push(format!("narrow rules decided in {} of {BITMAP_WORDS} bitmap words", deep.len()));
+    assert!(deep.len() >= BITMAP_WORDS * 3 / 4, "decided in too few words: {deep:?}");
+    assert!(deep.contains_key(&last), "never decided in the last word: {deep:?}");
     println!(
         "differential edge cases: {} policies, {} packets, {} mismatches (seed {seed}) in \
          {:.1?}\n  {}\n  {}",
