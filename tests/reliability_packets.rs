@@ -46,7 +46,7 @@ use common::{
     kernel::{DROP, Kernel, PASS},
     long,
     packet::{self, ACK, FIN, MAC_A, MAC_B, RST, SYN, fix_ipv4_checksum},
-    rng::Rng,
+    rng::{Rng, env_number},
     veth,
 };
 use etherparse::{IpHeaders, IpNumber, PacketBuilder, PacketBuilderStep, VlanId};
@@ -81,19 +81,6 @@ nsgs:
       - {name: allow-app, priority: 110, direction: inbound, access: allow, protocol: udp,
          source: ["*"], destination: ["*"], destination_ports: [5000]}
 "#;
-
-// ---------------------------------------------------------------------------------------
-// A deterministic PRNG (splitmix64).
-
-fn env_number(name: &str) -> Option<u64> {
-    let s = std::env::var(name).ok()?;
-    let s = s.trim();
-    let parsed = match s.strip_prefix("0x") {
-        Some(hex) => u64::from_str_radix(hex, 16),
-        None => s.parse(),
-    };
-    Some(parsed.unwrap_or_else(|e| panic!("{name}={s}: {e}")))
-}
 
 // ---------------------------------------------------------------------------------------
 // Building frames.

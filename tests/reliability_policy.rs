@@ -30,23 +30,13 @@ use common::{
     kernel::{DROP, Kernel, PASS},
     long,
     packet::{ACK, L4, SYN, frame},
-    rng::Rng,
+    rng::{Rng, env_number},
 };
 use xdpgate_common::iface::Role;
 use xdpgate_dataplane::apply;
 use xdpgate_policy::{compile, lb, load_str, printable};
 
 const DEFAULT_SEED: u64 = 0x9071_c1e5;
-
-fn env_number(name: &str) -> Option<u64> {
-    let s = std::env::var(name).ok()?;
-    let s = s.trim();
-    let parsed = match s.strip_prefix("0x") {
-        Some(hex) => u64::from_str_radix(hex, 16),
-        None => s.parse(),
-    };
-    Some(parsed.unwrap_or_else(|e| panic!("{name}={s}: {e}")))
-}
 
 /// A policy in block style (every field on a line of its own, so line mutations hit single
 /// fields), with NSGs, a load balancer and a NAT gateway.

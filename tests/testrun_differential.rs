@@ -26,7 +26,7 @@ use common::{
         DOC_RANGES, LITERALS, NsgSpec, PolicySpec, RuleSpec, fresh_priority, random_policy,
         random_rule, strings,
     },
-    rng::Rng,
+    rng::{Rng, env_number},
 };
 use etherparse::{IpHeaders, IpNumber, PacketBuilder, PacketBuilderStep};
 use ipnet::IpNet;
@@ -45,23 +45,11 @@ const DEFAULT_SEED: u64 = 0x5eed_d1ff;
 const DEFAULT_CASES: usize = 10_000;
 
 fn seed() -> u64 {
-    match std::env::var("XDPGATE_DIFF_SEED") {
-        Ok(s) => {
-            let s = s.trim();
-            let parsed = match s.strip_prefix("0x") {
-                Some(hex) => u64::from_str_radix(hex, 16),
-                None => s.parse(),
-            };
-            parsed.unwrap_or_else(|e| panic!("XDPGATE_DIFF_SEED={s}: {e}"))
-        }
-        Err(_) => DEFAULT_SEED,
-    }
+    env_number("XDPGATE_DIFF_SEED").unwrap_or(DEFAULT_SEED)
 }
 
 fn cases() -> usize {
-    std::env::var("XDPGATE_DIFF_CASES").map_or(DEFAULT_CASES, |s| {
-        s.trim().parse().unwrap_or_else(|e| panic!("XDPGATE_DIFF_CASES={s}: {e}"))
-    })
+    env_number("XDPGATE_DIFF_CASES").map_or(DEFAULT_CASES, |n| n as usize)
 }
 
 // ---------------------------------------------------------------------------------------

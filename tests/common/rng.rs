@@ -66,3 +66,15 @@ impl Rng {
         self.next() as u8
     }
 }
+
+/// The number in environment variable `name` (decimal or 0x-hex), if set: a seed or a count
+/// of cases. A value that is not one fails the test.
+pub fn env_number(name: &str) -> Option<u64> {
+    let s = std::env::var(name).ok()?;
+    let s = s.trim();
+    let parsed = match s.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    Some(parsed.unwrap_or_else(|e| panic!("{name}={s}: {e}")))
+}
