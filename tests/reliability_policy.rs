@@ -13,8 +13,8 @@
 //!   established flow) stay as they were.
 //!
 //! Knobs: `XDPGATE_POLICY_CASES` (mutated documents, default 2000; `XDPGATE_LONG=1` makes it
-//! 30000), `XDPGATE_POLICY_SEED` (printed on failure); `XDPGATE_SHOW=1` prints rejections
-//! that name no line or no field.
+//! 30000), `XDPGATE_POLICY_SEED` (decimal or 0x-hex, printed on failure); `XDPGATE_SHOW=1`
+//! prints rejections that name no line or no field.
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! A small deterministic PRNG (splitmix64) for the randomized tests: seeded, so every
-//! failure can be replayed from the seed it prints.
+//! failure can be replayed from the seed it prints; and the seeds and case counts they
+//! take from the environment.
 
 pub struct Rng(pub u64);
 
