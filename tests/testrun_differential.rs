@@ -33,7 +33,7 @@ use ipnet::IpNet;
 use xdpgate_common::{
     iface::Role,
     maps::NSG_HITS,
-    nsg::{BITMAP_WORDS, MAX_RULES, TABLES_PER_SLOT},
+    nsg::{BITMAP_WORDS, MAX_RULES, TABLES_PER_SLOT, addr4_bit},
 };
 use xdpgate_dataplane::apply;
 use xdpgate_policy::{
@@ -477,6 +477,10 @@ struct Tally {
     /// Packets the kernel classified, by table and bitmap word of each layer's deciding rule
     /// (`Applied::index`'s numbering: `table * MAX_RULES + bit`).
     words: BTreeMap<(u32, u32), usize>,
+    /// Tables with rules whose IPv4 addresses the kernel searched in ranges, and those it
+    /// looked up in the trie (`addr4_bit`): both ways must agree with the reference.
+    ranged_tables: usize,
+    trie_tables: usize,
 }
 
 impl Tally {
@@ -507,13 +511,15 @@ impl fmt::Display for Tally {
         write!(
             f,
             "{} allowed, {} denied; decided by a user rule {}, by a default rule {}, \
-             at two layers {}, unfiltered {}",
+             at two layers {}, unfiltered {}; tables with IPv4 ranges {}, without {}",
             self.allowed,
             self.packets - self.allowed,
             self.by_user_rule,
             self.by_default_rule,
             self.two_layers,
-            self.unfiltered
+            self.unfiltered,
+            self.ranged_tables,
+            self.trie_tables
         )
     }
 }
@@ -849,6 +855,14 @@ impl Run {
         let applied = self.h.apply(spec).unwrap_or_else(|e| {
             panic!("generated policy #{policy_no} rejected: {e}\n{}", spec.yaml())
         });
+        let (_, config) = apply::active(&self.h.k.pins.dir).expect("active slot");
+        for t in (0..TABLES_PER_SLOT).filter(|&t| config.rule_counts[t as usize] > 0) {
+            if config.flags & addr4_bit(t) != 0 {
+                self.tally.ranged_tables += 1;
+            } else {
+                self.tally.trie_tables += 1;
+            }
+        }
         let universe = Universe::new(&applied.policy);
         for _ in 0..packets {
             let pkt = self.tuples.fresh(&mut self.rng, &universe);
@@ -897,6 +911,7 @@ fn kernel_agrees_with_reference_on_random_policies() {
         assert!((tally.packets - tally.allowed) * 10 > tally.packets, "too few denied: {tally}");
         assert!(tally.by_user_rule * 5 > tally.packets, "user rules decide too rarely: {tally}");
         assert!(tally.two_layers * 20 > tally.packets, "two layers too rarely: {tally}");
+        assert!(tally.ranged_tables > 0, "no table searched its IPv4 ranges: {tally}");
     }
 }
 
@@ -1297,6 +1312,10 @@ fn kernel_agrees_with_reference_on_edge_cases() {
         run.tally
     );
     run.report("edge cases", seed);
+    // Both ways of finding IPv4 addresses: the narrow full table's ports take nearly all
+    // the slot's classes, so its tables keep the trie (two, in the default seed).
+    let tally = &run.tally;
+    assert!(tally.ranged_tables > 0 && tally.trie_tables > 0, "one way only: {tally}");
     // Not a test of the scan unless it had to go deep: decisions in most words of the full
     // table's bitmaps, and in its last (the defaults', and the last user rules').
     assert!(words.len() >= BITMAP_WORDS * 3 / 4, "decided in too few words: {words:?}");

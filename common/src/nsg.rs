@@ -134,6 +134,46 @@ pub const fn class_bit(table_in_slot: u32) -> u32 {
     1 << (16 + table_in_slot)
 }
 
+/// Boundaries one table's IPv4 address field holds in `NSG_ADDR4_RANGES` (a power of two:
+/// the search halves it). A field with more (over about 2,000 prefixes) is looked up in the
+/// trie (its table's `addr4_bit` clear).
+pub const ADDR4_RANGES: usize = 4096;
+
+/// An IPv4 address field of one table as sorted ranges: range `i` runs from `starts[i]`
+/// (a host-order address) to the next start, and its addresses match the rules of class
+/// `classes[i]` (an index into the slot's part of `NSG_CLASSES`, as a port's). `starts[0]`
+/// is 0; past the last range the entries repeat it. A search reads 12 entries where a trie
+/// walk visits every node on the address's path.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Addr4Ranges {
+    pub starts: [u32; ADDR4_RANGES],
+    pub classes: [u16; ADDR4_RANGES],
+}
+
+/// `NSG_ADDR4_RANGES` entries: the source and destination fields of every table of both
+/// slots.
+pub const ADDR4_RANGE_ENTRIES: u32 = TABLES * 2;
+
+/// The `NSG_ADDR4_RANGES` entry of `field` (`FIELD_SRC4` or `FIELD_DST4`) of `table` (a
+/// global table id, slot included).
+#[inline(always)]
+pub const fn addr4_index(table: u32, field: u8) -> u32 {
+    table * 2 + (field - FIELD_SRC4) as u32
+}
+
+/// The `PolicyConfig::flags` bit saying that the table at `table_in_slot` finds its IPv4
+/// addresses through `NSG_ADDR4_RANGES` rather than the trie (bits 20-23). Cleared by a
+/// set change (which rewrites only the trie) until the next apply, and never set by an
+/// agent from before the ranges.
+#[inline(always)]
+pub const fn addr4_bit(table_in_slot: u32) -> u32 {
+    1 << (20 + table_in_slot)
+}
+
+/// Every table's `addr4_bit`.
+pub const ADDR4_BITS: u32 = 0xf << 20;
+
 pub const ACCESS_ALLOW: u32 = 1;
 pub const ACCESS_DENY: u32 = 2;
 
@@ -305,4 +345,4 @@ pub const FLAG_FRONTEND_ADDRESSES: u32 = 16;
 /// Idle timeout of a TCP flow after RST, or FIN both ways.
 pub const TCP_CLOSED_TIMEOUT_NS: u64 = 10_000_000_000;
 
-pod!(FieldKey, RuleBitmap, FieldClass, PolicyConfig, TableScope);
+pod!(FieldKey, RuleBitmap, FieldClass, Addr4Ranges, PolicyConfig, TableScope);

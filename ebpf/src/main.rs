@@ -4,6 +4,7 @@
 //! sends: parse -> flow lookup (-> new flow of the host's) -> count.
 #![no_std]
 #![no_main]
+#![feature(asm_experimental_arch)]
 
 mod action;
 mod capture;

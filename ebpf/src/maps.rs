@@ -28,8 +28,8 @@ use xdpgate_common::{
         NatTraffic,
     },
     nsg::{
-        CLASS_ID_ENTRIES, CLASSES_PER_SLOT, FieldClass, FieldKey, MAX_RULES, PolicyConfig,
-        RuleBitmap, SLOTS, TABLES, TableScope,
+        ADDR4_RANGE_ENTRIES, Addr4Ranges, CLASS_ID_ENTRIES, CLASSES_PER_SLOT, FieldClass, FieldKey,
+        MAX_RULES, PolicyConfig, RuleBitmap, SLOTS, TABLES, TableScope,
     },
     stats::{Counter, DROP_SLOTS, DropReason, EGRESS_VERDICTS, VERDICTS},
     trace::TraceRecord,
@@ -91,6 +91,11 @@ pub static NSG_CLASS_IDS: Array<[u16; 4]> = Array::pinned(CLASS_ID_ENTRIES, 0);
 /// The rules of each port class (with their word summary), `CLASSES_PER_SLOT` per slot.
 #[map(name = "NSG_CLASSES")]
 pub static NSG_CLASSES: Array<FieldClass> = Array::pinned(SLOTS * CLASSES_PER_SLOT, 0);
+
+/// The IPv4 address fields of every NSG table as sorted ranges, each with its class in
+/// `NSG_CLASSES` (see `nsg::addr4_index`): a search of an array in place of a trie walk.
+#[map(name = "NSG_ADDR4_RANGES")]
+pub static NSG_ADDR4_RANGES: Array<Addr4Ranges> = Array::pinned(ADDR4_RANGE_ENTRIES, 0);
 
 /// Where each table's local address can match (`nsg::TableScope`), by global table id.
 #[map(name = "NSG_SCOPES")]

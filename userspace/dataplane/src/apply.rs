@@ -8,7 +8,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use aya::{
     Pod,
     maps::{
-        Array, PerCpuArray,
+        Array, MapData, PerCpuArray,
         lpm_trie::{Key, LpmTrie},
     },
 };
@@ -16,15 +16,16 @@ use xdpgate_common::{
     flow::FlowKey,
     lb::{FrontendKey, Service},
     maps::{
-        ACTIVE_SLOT, FRONTENDS, NAT_MAP, NAT_PUBLIC, NSG_CLASS_IDS, NSG_CLASSES, NSG_FIELDS,
-        NSG_HITS, NSG_RULE_MOVES, NSG_RULES, NSG_SCOPES, NSG_TRAFFIC, POLICY_CONFIG,
+        ACTIVE_SLOT, FRONTENDS, NAT_MAP, NAT_PUBLIC, NSG_ADDR4_RANGES, NSG_CLASS_IDS, NSG_CLASSES,
+        NSG_FIELDS, NSG_HITS, NSG_RULE_MOVES, NSG_RULES, NSG_SCOPES, NSG_TRAFFIC, POLICY_CONFIG,
     },
     nat::{AddrKey, NatEntry},
     nsg::{
-        BITMAP_WORDS, CLASSES_PER_ENTRY, CLASSES_PER_SLOT, FIELD_DPORT, FIELD_PROTO, FIELD_SPORT,
-        FLAG_FRONTEND_ADDRESSES, FLAG_MIDSTREAM, FLAG_NO_FRONTENDS, FLAG_NO_NAT, FLAG_REEVALUATE,
-        FieldClass, FieldKey, KEY_HEADER_BITS, MAX_RULES, PolicyConfig, RuleBitmap,
-        TABLES_PER_SLOT, TableScope, class_bit, class_index, wildcard_bit,
+        Addr4Ranges, BITMAP_WORDS, CLASSES_PER_ENTRY, CLASSES_PER_SLOT, FIELD_DPORT, FIELD_DST4,
+        FIELD_PROTO, FIELD_SPORT, FIELD_SRC4, FLAG_FRONTEND_ADDRESSES, FLAG_MIDSTREAM,
+        FLAG_NO_FRONTENDS, FLAG_NO_NAT, FLAG_REEVALUATE, FieldClass, FieldKey, KEY_HEADER_BITS,
+        MAX_RULES, PolicyConfig, RuleBitmap, TABLES_PER_SLOT, TableScope, addr4_bit, addr4_index,
+        class_bit, class_index, wildcard_bit,
     },
     stats::Counter,
     words,
@@ -32,7 +33,7 @@ use xdpgate_common::{
 
 use xdpgate_policy::{
     Settings,
-    compile::{Compiled, access_code, check_nsg_fields},
+    compile::{Addr4Classes, Compiled, FieldClasses, access_code, check_nsg_fields},
     names::{Record, RuleName},
 };
 
@@ -101,54 +102,111 @@ impl Lookups {
 }
 
 /// Writes the classes of the port and protocol fields of `slot`'s tables into its part of
-/// `NSG_CLASS_IDS` and `NSG_CLASSES`, as long as the slot's classes fit, and returns the
-/// `class_bit`s of the tables written. A table whose classes do not fit is left to the trie,
-/// which holds every field as before.
+/// `NSG_CLASS_IDS` and `NSG_CLASSES`, and their IPv4 address fields as ranges into
+/// `NSG_ADDR4_RANGES` (classes in `NSG_CLASSES` too), as long as the slot's classes fit,
+/// and returns the `class_bit`s and `addr4_bit`s of the tables written. What does not fit is
+/// left to the trie, which holds every field as before.
 fn write_classes(pins: &PinDir, compiled: &Compiled, slot: u32) -> Result<u32> {
     let ids: Array<_, [u16; 4]> = pins.open_map(NSG_CLASS_IDS)?.try_into()?;
     let bitmaps: Array<_, FieldClass> = pins.open_map(NSG_CLASSES)?.try_into()?;
+    // None pinned (a dataplane loaded before the map, whose programs read only the trie).
+    let ranges_map: Option<Array<_, Addr4Ranges>> =
+        pins.open_map(NSG_ADDR4_RANGES).ok().map(TryInto::try_into).transpose()?;
     let mut used = 0u32;
     let mut bits = 0;
     for (t, table) in compiled.tables.iter().enumerate() {
         if table.rules.is_empty() {
             continue;
         }
-        let mut fields = Vec::new();
-        let mut room = (CLASSES_PER_SLOT - used) as usize;
-        for field in [FIELD_SPORT, FIELD_DPORT, FIELD_PROTO] {
-            let Some(classes) = table.classes(field, room) else { break };
-            room -= classes.bitmaps.len();
-            fields.push((field, classes));
+        let table_id = slot * TABLES_PER_SLOT + t as u32;
+        let mut left = (CLASSES_PER_SLOT - used) as usize;
+        let fields: Vec<_> = [FIELD_SPORT, FIELD_DPORT, FIELD_PROTO]
+            .into_iter()
+            .map_while(|field| {
+                let classes = table.classes(field, left)?;
+                left -= classes.bitmaps.len();
+                Some((field, classes))
+            })
+            .collect();
+        if fields.len() == 3 {
+            for (field, classes) in fields {
+                let first = write_bitmaps(&bitmaps, slot, &mut used, &classes)?;
+                let (entry, _) = class_index(table_id, field, 0);
+                let entries: Vec<[u16; 4]> = classes
+                    .ids
+                    .chunks(CLASSES_PER_ENTRY as usize)
+                    .map(|chunk| std::array::from_fn(|i| chunk[i] + first))
+                    .collect();
+                table::update_batch(&ids, entry, &entries).context("writing NSG class ids")?;
+            }
+            bits |= class_bit(t as u32);
         }
-        if fields.len() < 3 {
+    }
+    // The addresses after every table's ports: no table has fewer classes than before the
+    // ranges.
+    let Some(ranges_map) = ranges_map else { return Ok(bits) };
+    for (t, table) in compiled.tables.iter().enumerate() {
+        if table.rules.is_empty() {
             continue;
         }
         let table_id = slot * TABLES_PER_SLOT + t as u32;
-        for (field, classes) in fields {
-            let values: Vec<FieldClass> = classes
-                .bitmaps
-                .iter()
-                .map(|bitmap| FieldClass {
-                    summary: (0..BITMAP_WORDS)
-                        .filter(|&w| bitmap.words[w] != 0)
-                        .fold(0, |s, w| s | 1 << w),
-                    bitmap: *bitmap,
-                })
-                .collect();
-            table::update_batch(&bitmaps, slot * CLASSES_PER_SLOT + used, &values)
-                .context("writing NSG classes")?;
-            let (first, _) = class_index(table_id, field, 0);
-            let entries: Vec<[u16; 4]> = classes
-                .ids
-                .chunks(CLASSES_PER_ENTRY as usize)
-                .map(|chunk| std::array::from_fn(|i| chunk[i] + used as u16))
-                .collect();
-            table::update_batch(&ids, first, &entries).context("writing NSG class ids")?;
-            used += classes.bitmaps.len() as u32;
+        let mut left = (CLASSES_PER_SLOT - used) as usize;
+        let fields: Vec<_> = [FIELD_SRC4, FIELD_DST4]
+            .into_iter()
+            .map_while(|field| {
+                let ranges = table.addr4_ranges(field, left)?;
+                left -= ranges.classes.bitmaps.len();
+                Some((field, ranges))
+            })
+            .collect();
+        if fields.len() == 2 {
+            for (field, ranges) in fields {
+                let first = write_bitmaps(&bitmaps, slot, &mut used, &ranges.classes)?;
+                table::update_batch(
+                    &ranges_map,
+                    addr4_index(table_id, field),
+                    &[kernel_ranges(&ranges, first)],
+                )
+                .context("writing NSG address ranges")?;
+            }
+            bits |= addr4_bit(t as u32);
         }
-        bits |= class_bit(t as u32);
     }
     Ok(bits)
+}
+
+/// Writes `classes` into `slot`'s part of `NSG_CLASSES` after the `used` ones; their first
+/// id.
+fn write_bitmaps(
+    bitmaps: &Array<MapData, FieldClass>,
+    slot: u32,
+    used: &mut u32,
+    classes: &FieldClasses,
+) -> Result<u16> {
+    let values: Vec<FieldClass> = classes
+        .bitmaps
+        .iter()
+        .map(|bitmap| FieldClass {
+            summary: (0..BITMAP_WORDS).filter(|&w| bitmap.words[w] != 0).fold(0, |s, w| s | 1 << w),
+            bitmap: *bitmap,
+        })
+        .collect();
+    table::update_batch(bitmaps, slot * CLASSES_PER_SLOT + *used, &values)
+        .context("writing NSG classes")?;
+    let first = *used as u16;
+    *used += values.len() as u32;
+    Ok(first)
+}
+
+/// `ranges` as the kernel searches them, its class ids from `first`: padded to
+/// `ADDR4_RANGES` with the last range (its start at the top: only 255.255.255.255 finds one).
+fn kernel_ranges(ranges: &Addr4Classes, first: u16) -> Addr4Ranges {
+    let n = ranges.starts.len();
+    let last = ranges.classes.ids[n - 1] + first;
+    Addr4Ranges {
+        starts: std::array::from_fn(|i| ranges.starts.get(i).copied().unwrap_or(u32::MAX)),
+        classes: std::array::from_fn(|i| ranges.classes.ids.get(i).map_or(last, |id| id + first)),
+    }
 }
 
 /// Writes where each rule of the running slot goes in the new one (`moved`: old and new

@@ -12,11 +12,12 @@ use aya::maps::{
     lpm_trie::{Key, LpmTrie},
 };
 use xdpgate_common::{
-    maps::{NSG_CLASS_IDS, NSG_CLASSES, NSG_FIELDS, NSG_RULES, NSG_SCOPES},
+    maps::{NSG_ADDR4_RANGES, NSG_CLASS_IDS, NSG_CLASSES, NSG_FIELDS, NSG_RULES, NSG_SCOPES},
     nsg::{
-        CLASSES_PER_SLOT, FIELD_DPORT, FIELD_PROTO, FIELD_SPORT, FieldClass, FieldKey,
-        KEY_HEADER_BITS, MAX_RULES, NO_PORT, PolicyConfig, RuleBitmap, TABLES_PER_SLOT, TableScope,
-        class_bit, class_index, local_fields, proto_class_value, table_in_slot,
+        Addr4Ranges, CLASSES_PER_SLOT, FIELD_DPORT, FIELD_DST4, FIELD_PROTO, FIELD_SPORT,
+        FIELD_SRC4, FieldClass, FieldKey, KEY_HEADER_BITS, MAX_RULES, NO_PORT, PolicyConfig,
+        RuleBitmap, TABLES_PER_SLOT, TableScope, addr4_bit, addr4_index, class_bit, class_index,
+        local_fields, proto_class_value, table_in_slot,
     },
     words,
 };
@@ -41,6 +42,9 @@ pub struct PinnedTables {
     /// `NSG_CLASS_IDS` and `NSG_CLASSES`, where the ports and protocols of the tables whose
     /// `class_bit` is set are looked up (absent under a dataplane from before them).
     classes: Option<ClassMaps>,
+    /// `NSG_ADDR4_RANGES`, where the IPv4 addresses of the tables whose `addr4_bit` is set
+    /// are looked up (absent under a dataplane from before them).
+    ranges: Option<Array<MapData, Addr4Ranges>>,
     /// `NSG_SCOPES`: a table whose scope leaves the local address out is skipped, as the
     /// kernel skips it (absent under a dataplane from before scopes).
     scopes: Option<Array<MapData, TableScope>>,
@@ -61,6 +65,7 @@ impl PinnedTables {
                 (Ok(ids), Ok(bitmaps)) => Some((ids.try_into()?, bitmaps.try_into()?)),
                 _ => None,
             },
+            ranges: pins.open_map(NSG_ADDR4_RANGES).ok().map(TryInto::try_into).transpose()?,
             scopes: pins.open_map(NSG_SCOPES).ok().map(TryInto::try_into).transpose()?,
         })
     }
@@ -187,6 +192,19 @@ impl NsgTables for PinnedTables {
             let (entry, id) = class_index(self.table_id(t), field, v);
             let class = ids.get(&entry, 0).context("reading NSG_CLASS_IDS")?[id as usize];
             let index = self.slot * CLASSES_PER_SLOT + u32::from(class);
+            return Ok(Some(bitmaps.get(&index, 0).context("reading NSG_CLASSES")?.bitmap));
+        }
+        // The ranges the kernel searches for this table's IPv4 addresses.
+        if let (Some((_, bitmaps)), Some(ranges)) = (&self.classes, &self.ranges)
+            && self.config.flags & addr4_bit(t) != 0
+            && [FIELD_SRC4, FIELD_DST4].contains(&field)
+        {
+            let ranges = ranges
+                .get(&addr4_index(self.table_id(t), field), 0)
+                .context("reading NSG_ADDR4_RANGES")?;
+            let addr = u32::from_be_bytes([value[0], value[1], value[2], value[3]]);
+            let i = ranges.starts.partition_point(|&s| s <= addr) - 1;
+            let index = self.slot * CLASSES_PER_SLOT + u32::from(ranges.classes[i]);
             return Ok(Some(bitmaps.get(&index, 0).context("reading NSG_CLASSES")?.bitmap));
         }
         let key =

@@ -13,10 +13,10 @@ use anyhow::{Result, bail};
 use ipnet::IpNet;
 use xdpgate_common::icmp_proto;
 use xdpgate_common::nsg::{
-    ACCESS_ALLOW, ACCESS_DENY, BITMAP_WORDS, DIR_INBOUND, DIR_OUTBOUND, FIELD_DPORT, FIELD_DST4,
-    FIELD_DST6, FIELD_PROTO, FIELD_SPORT, FIELD_SRC4, FIELD_SRC6, LAYER_HOST, LAYER_SUBNET,
-    MAX_RULES, PORT_VALUES, PROTO_VALUES, RuleBitmap, TABLES_PER_SLOT, TableScope, local_fields,
-    proto_class_value, proto_value, table_in_slot,
+    ACCESS_ALLOW, ACCESS_DENY, ADDR4_RANGES, BITMAP_WORDS, DIR_INBOUND, DIR_OUTBOUND, FIELD_DPORT,
+    FIELD_DST4, FIELD_DST6, FIELD_PROTO, FIELD_SPORT, FIELD_SRC4, FIELD_SRC6, LAYER_HOST,
+    LAYER_SUBNET, MAX_RULES, PORT_VALUES, PROTO_VALUES, RuleBitmap, TABLES_PER_SLOT, TableScope,
+    local_fields, proto_class_value, proto_value, table_in_slot,
 };
 
 use xdpgate_common::maps::NSG_FIELD_ENTRIES;
@@ -224,6 +224,62 @@ impl Table {
         ids.resize(PORT_VALUES as usize, id);
         Some(FieldClasses { ids, bitmaps: interner.bitmaps })
     }
+}
+
+/// An IPv4 address field as ranges with their classes (see `xdpgate_common::nsg::Addr4Ranges`): range `i`
+/// starts at `starts[i]` (host order, the first at 0) and has the rules of class
+/// `classes.ids[i]`; two neighbours never share a class.
+#[derive(Debug, PartialEq)]
+pub struct Addr4Classes {
+    pub starts: Vec<u32>,
+    pub classes: FieldClasses,
+}
+
+impl Table {
+    /// The ranges of `field` (`FIELD_SRC4` or `FIELD_DST4`): every address gets exactly
+    /// the rules the field's trie lookup gives it (none where the trie has no entry).
+    /// `None` past `limit` classes or `ADDR4_RANGES` ranges.
+    pub fn addr4_ranges(&self, field: u8, limit: usize) -> Option<Addr4Classes> {
+        let entries: HashMap<(u32, u8), &RuleBitmap> = self
+            .fields
+            .iter()
+            .filter(|((f, _, _), _)| *f == field)
+            .map(|((_, value, len), bitmap)| {
+                ((u32::from_be_bytes([value[0], value[1], value[2], value[3]]), *len), bitmap)
+            })
+            .collect();
+        // The longest prefix holding an address changes only where one starts or ends.
+        let mut edges = vec![0u32];
+        for &(net, len) in entries.keys() {
+            edges.push(net);
+            edges.extend(u32::try_from(u64::from(net) + (1u64 << (32 - len))).ok());
+        }
+        edges.sort_unstable();
+        edges.dedup();
+        let none = RuleBitmap { words: [0; BITMAP_WORDS] };
+        let mut interner = Interner::default();
+        let (mut starts, mut ids) = (Vec::new(), Vec::new());
+        for at in edges {
+            let bitmap = (0..=32u8)
+                .rev()
+                .find_map(|len| entries.get(&(at & mask4(len), len)).copied())
+                .unwrap_or(&none);
+            let id = interner.id(bitmap, limit)?;
+            if ids.last() != Some(&id) {
+                starts.push(at);
+                ids.push(id);
+            }
+        }
+        (starts.len() <= ADDR4_RANGES).then_some(Addr4Classes {
+            starts,
+            classes: FieldClasses { ids, bitmaps: interner.bitmaps },
+        })
+    }
+}
+
+/// The netmask of an IPv4 prefix `len` bits long, in host order.
+fn mask4(len: u8) -> u32 {
+    u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0)
 }
 
 #[derive(Debug)]
@@ -808,6 +864,56 @@ nsgs:
         }
         // Past the limit, no classes.
         assert!(table.classes(FIELD_DPORT, 2).is_none());
+    }
+
+    #[test]
+    fn address_ranges_give_every_address_the_tries_rules() {
+        // Nested, adjacent and overlapping prefixes, the ends of the address space, and a
+        // local field narrowed to the subnets (no entry outside them).
+        let src = r#"
+virtual_network:
+  address_space: [198.51.100.0/24, 203.0.113.0/24]
+nsgs:
+  - name: web
+    subnets: [198.51.100.0/25, 203.0.113.0/24]
+    rules:
+      - {name: a, priority: 100, direction: inbound, access: allow, protocol: tcp,
+         source: [192.0.2.0/24, 192.0.2.128/25, 0.0.0.0/8], destination: "*",
+         destination_ports: [80]}
+      - {name: b, priority: 110, direction: inbound, access: deny, protocol: "*",
+         source: [192.0.2.64/26, 192.0.3.0/24, 255.255.255.255], destination: 198.51.100.7,
+         destination_ports: "*"}
+      - {name: c, priority: 120, direction: inbound, access: allow, protocol: udp,
+         source: "*", destination: [198.51.100.0/26, 203.0.113.128/25],
+         destination_ports: [53]}
+      - {name: d, priority: 130, direction: inbound, access: deny, protocol: "*",
+         source: [192.0.2.65, 10.0.0.0/8], destination: "*", destination_ports: "*"}
+"#;
+        let policy = crate::load_str(src, "t.yaml").unwrap();
+        let compiled = compile(&policy).unwrap();
+        let table = &compiled.tables[table_in_slot(DIR_INBOUND, LAYER_SUBNET) as usize];
+        for field in [FIELD_SRC4, FIELD_DST4] {
+            let ranges = table.addr4_ranges(field, 4096).unwrap();
+            assert_eq!(ranges.starts[0], 0);
+            assert!(ranges.starts.windows(2).all(|w| w[0] < w[1]), "{:?}", ranges.starts);
+            assert!(ranges.classes.ids.windows(2).all(|w| w[0] != w[1]));
+            let class_of = |addr: u32| {
+                let i = ranges.starts.partition_point(|&s| s <= addr) - 1;
+                ranges.classes.bitmaps[usize::from(ranges.classes.ids[i])]
+            };
+            let mut addrs = vec![0, u32::MAX, 0xc000_0241, 0xc633_6407, 0x0a01_0203];
+            for &s in &ranges.starts {
+                addrs.extend([s, s.wrapping_sub(1), s.wrapping_add(1)]);
+            }
+            for addr in addrs {
+                let mut value = [0; 16];
+                value[..4].copy_from_slice(&addr.to_be_bytes());
+                let want = trie_answer(table, field, value, 32);
+                assert_eq!(class_of(addr), want, "field {field} address {addr:#x}");
+            }
+            // Past the limit, no ranges.
+            assert!(table.addr4_ranges(field, 1).is_none());
+        }
     }
 
     #[test]
