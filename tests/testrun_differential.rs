@@ -33,9 +33,9 @@ use ipnet::IpNet;
 use xdpgate_common::{
     iface::Role,
     maps::NSG_HITS,
-    nsg::{BITMAP_WORDS, MAX_RULES, TABLES_PER_SLOT, addr4_bit},
+    nsg::{BITMAP_WORDS, MAX_RULES, TABLES_PER_SLOT},
 };
-use xdpgate_dataplane::apply;
+use xdpgate_dataplane::{apply, verify};
 use xdpgate_policy::{
     Access, Direction, Layer, Policy, Ports, Protocol, compile, load_str,
     reference::{Packet, Verdict, evaluate},
@@ -478,7 +478,8 @@ struct Tally {
     /// (`Applied::index`'s numbering: `table * MAX_RULES + bit`).
     words: BTreeMap<(u32, u32), usize>,
     /// Tables with rules whose IPv4 addresses the kernel searched in ranges, and those it
-    /// looked up in the trie (`addr4_bit`): both ways must agree with the reference.
+    /// looked up in the trie (`PinnedTables::ranged`): both ways must agree with the
+    /// reference.
     ranged_tables: usize,
     trie_tables: usize,
 }
@@ -855,9 +856,9 @@ impl Run {
         let applied = self.h.apply(spec).unwrap_or_else(|e| {
             panic!("generated policy #{policy_no} rejected: {e}\n{}", spec.yaml())
         });
-        let (_, config) = apply::active(&self.h.k.pins.dir).expect("active slot");
-        for t in (0..TABLES_PER_SLOT).filter(|&t| config.rule_counts[t as usize] > 0) {
-            if config.flags & addr4_bit(t) != 0 {
+        let tables = verify::PinnedTables::open(&self.h.k.pins.dir).expect("pinned tables");
+        for t in (0..TABLES_PER_SLOT).filter(|&t| tables.config.rule_counts[t as usize] > 0) {
+            if tables.ranged(t) {
                 self.tally.ranged_tables += 1;
             } else {
                 self.tally.trie_tables += 1;

@@ -803,16 +803,7 @@ fn table_scopes_skip_only_what_cannot_match() {
     };
     let k = Kernel::new();
     k.arrive_as(Role::External);
-    // A rule names the set, so that a set change changes entries (one of an unused set
-    // moves no generation on).
-    let admins_rule = "source_ports: [5353]}\n      - {name: allow-admins, priority: 450, \
-                       direction: inbound, access: allow, protocol: tcp, source: [admins], \
-                       destination: [\"*\"], destination_ports: [8022]}\n";
-    let policy = format!(
-        "{}sets:\n  admins: [198.51.100.77]\n",
-        POLICY.replace("source_ports: [5353]}\n", admins_rule)
-    );
-    assert!(policy.contains("allow-admins"));
+    let policy = with_admins();
     k.apply(&policy);
     let scopes =
         || -> Array<_, TableScope> { k.pins.dir.open_map(NSG_SCOPES).unwrap().try_into().unwrap() };
@@ -897,24 +888,133 @@ fn table_scopes_skip_only_what_cannot_match() {
 
     // A slot prepared and never switched on (a failed or refused apply) keeps no scope of
     // the generation it was prepared for, which the next writer would number alike.
-    use xdpgate_dataplane::apply;
     let parsed = xdpgate_policy::load_str(&policy, "t.yaml").unwrap();
+    let staged = |slot| slot * TABLES_PER_SLOT + table_in_slot(DIR_INBOUND, LAYER_SUBNET);
+    let stamp = |slot| scopes().get(&staged(slot), 0).unwrap().generation;
+    for (switch, prepared, before, after) in prepare_twice(&k, &compiled, &parsed.settings, stamp) {
+        assert_eq!(before, prepared);
+        assert_eq!(after, if switch { prepared } else { 0 }, "switched: {switch}");
+    }
+    assert_eq!(k.run(&ssh(41004)), DROP, "deny-ssh-from-internet, after the switch");
+}
+
+/// `POLICY` with a set, `admins`, and a rule that names it (allowing TCP port 8022), so
+/// that a set change changes entries (one of an unused set moves no generation on).
+fn with_admins() -> String {
+    let admins_rule = "source_ports: [5353]}\n      - {name: allow-admins, priority: 450, \
+                       direction: inbound, access: allow, protocol: tcp, source: [admins], \
+                       destination: [\"*\"], destination_ports: [8022]}\n";
+    let policy = format!(
+        "{}sets:\n  admins: [198.51.100.77]\n",
+        POLICY.replace("source_ports: [5353]}\n", admins_rule)
+    );
+    assert!(policy.contains("allow-admins"));
+    policy
+}
+
+/// Prepares `compiled` twice, switching it on the second time, and gives for each: whether
+/// it was switched on, the prepared generation, and `stamp` of the prepared slot before and
+/// after its `apply::Unswitched` guard went.
+fn prepare_twice(
+    k: &Kernel,
+    compiled: &xdpgate_policy::compile::Compiled,
+    settings: &xdpgate_policy::Settings,
+    stamp: impl Fn(u32) -> u64,
+) -> [(bool, u64, u64, u64); 2] {
+    use xdpgate_dataplane::apply;
     let lookups = apply::Lookups::of(&k.pins.dir, false, false).unwrap();
-    for switch in [false, true] {
-        let prepared =
-            apply::prepare(&k.pins.dir, &compiled, &parsed.settings, lookups, None).unwrap();
-        let mut unswitched = apply::UnswitchedScopes::of(&k.pins.dir, &prepared);
-        let staged = prepared.slot * TABLES_PER_SLOT + table_in_slot(DIR_INBOUND, LAYER_SUBNET);
-        assert_eq!(scopes().get(&staged, 0).unwrap().generation, prepared.generation);
+    [false, true].map(|switch| {
+        let prepared = apply::prepare(&k.pins.dir, compiled, settings, lookups, None).unwrap();
+        let mut unswitched = apply::Unswitched::of(&k.pins.dir, &prepared);
+        let before = stamp(prepared.slot);
         if switch {
             apply::switch(&k.pins.dir, &prepared).unwrap();
             unswitched.switched();
         }
         drop(unswitched);
-        let left = scopes().get(&staged, 0).unwrap().generation;
-        assert_eq!(left, if switch { prepared.generation } else { 0 }, "switched: {switch}");
+        (switch, prepared.generation, before, stamp(prepared.slot))
+    })
+}
+
+/// A table's IPv4 ranges are searched only while the slot's generation is the one that
+/// wrote them: a set change (which moves the generation on and rewrites only the trie, as
+/// an xdpgate from before the ranges would) leaves them unsearched until the next apply,
+/// and a slot prepared but never switched on keeps none for the generation the next writer
+/// would give it.
+#[test]
+fn ipv4_ranges_are_searched_only_under_the_generation_that_wrote_them() {
+    use aya::maps::Array;
+    use xdpgate_common::{
+        maps::NSG_ADDR4_RANGES,
+        nsg::{
+            Addr4Ranges, DIR_INBOUND, FIELD_DST4, FIELD_SRC4, LAYER_SUBNET, TABLES_PER_SLOT,
+            addr4_index, table_in_slot,
+        },
+    };
+    use xdpgate_dataplane::{apply, sets, verify::PinnedTables};
+    let k = Kernel::new();
+    k.arrive_as(Role::External);
+    let policy = with_admins();
+    k.apply(&policy);
+    let ranges = || -> Array<_, Addr4Ranges> {
+        k.pins.dir.open_map(NSG_ADDR4_RANGES).unwrap().try_into().unwrap()
+    };
+    let t = table_in_slot(DIR_INBOUND, LAYER_SUBNET);
+    let ranged = || PinnedTables::open(&k.pins.dir).unwrap().ranged(t);
+    let (slot, config) = apply::active(&k.pins.dir).unwrap();
+    let (src, dst) = {
+        let table = slot * TABLES_PER_SLOT + t;
+        (addr4_index(table, FIELD_SRC4), addr4_index(table, FIELD_DST4))
+    };
+    assert!(ranged(), "the inbound subnet table has no ranges");
+    assert_eq!(ranges().get(&src, 0).unwrap().generation, config.generation);
+    let ssh = |sport| frame("203.0.113.7", "198.51.100.10", L4::Tcp(sport, 22, SYN));
+    assert_eq!(k.run(&ssh(42000)), DROP, "deny-ssh-from-internet");
+
+    // The kernel reads them: with every destination in the class of 0.0.0.0 (outside the
+    // subnet, no rule), the table matches nothing and ssh passes. Of another generation,
+    // the trie decides again.
+    let mut map = ranges();
+    let good = map.get(&dst, 0).unwrap();
+    let mut emptied = good;
+    emptied.classes = [good.classes[0]; _];
+    map.set(dst, emptied, 0).unwrap();
+    assert_eq!(k.run(&ssh(42001)), PASS, "the classifier ignores the ranges");
+    map.set(src, Addr4Ranges { generation: config.generation + 1, ..map.get(&src, 0).unwrap() }, 0)
+        .unwrap();
+    assert!(!ranged());
+    assert_eq!(k.run(&ssh(42002)), DROP, "ranges of another generation were searched");
+    k.apply(&policy);
+    assert!(ranged());
+    assert_eq!(k.run(&ssh(42003)), DROP, "after an apply");
+
+    // A set change moves the generation on, rewriting only the trie: the trie decides,
+    // with the new element, until the next apply.
+    let admin = |sport| frame("203.0.113.9", "198.51.100.10", L4::Tcp(sport, 8022, SYN));
+    assert_eq!(k.run(&admin(42004)), DROP, "not an admin yet");
+    sets::change(&k.pins.dir, "admins", sets::Change::Add(&["203.0.113.9/32".parse().unwrap()]))
+        .unwrap();
+    assert!(!ranged(), "the ranges from before the set change are searched");
+    assert_eq!(k.run(&admin(42005)), PASS, "an admin after the set change");
+    // Applied as the CLI applies a file: with the sets' run-time changes.
+    let changes = sets::changes(&k.pins.dir).unwrap();
+    let loaded = xdpgate_policy::load_str_with_sets(&policy, "t.yaml", &changes).unwrap();
+    xdpgate_dataplane::transaction::apply_policy(&k.pins.dir, &loaded, &policy, &|_| true).unwrap();
+    assert!(ranged(), "no ranges after the apply");
+    assert_eq!(k.run(&admin(42006)), PASS, "an admin after the apply");
+
+    // A slot prepared and never switched on keeps no ranges of the generation it was
+    // prepared for, which the next writer would number alike.
+    let compiled = xdpgate_policy::compile::compile(&loaded).unwrap();
+    let stamp = |slot| {
+        let staged = addr4_index(slot * TABLES_PER_SLOT + t, FIELD_SRC4);
+        ranges().get(&staged, 0).unwrap().generation
+    };
+    for (switch, prepared, before, after) in prepare_twice(&k, &compiled, &loaded.settings, stamp) {
+        assert_eq!(before, prepared);
+        assert_eq!(after, if switch { prepared } else { 0 }, "switched: {switch}");
     }
-    assert_eq!(k.run(&ssh(41004)), DROP, "deny-ssh-from-internet, after the switch");
+    assert_eq!(k.run(&ssh(42007)), DROP, "deny-ssh-from-internet, after the switch");
 }
 
 /// An ICMP error passes by the flow it quotes only while the flow's own next packet would

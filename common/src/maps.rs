@@ -41,7 +41,7 @@ pub const NSG_CLASS_IDS: &str = "NSG_CLASS_IDS";
 /// `Array<FieldClass>`: the port classes' rules, `nsg::CLASSES_PER_SLOT` per slot.
 pub const NSG_CLASSES: &str = "NSG_CLASSES";
 /// `Array<nsg::Addr4Ranges>`: the IPv4 address fields of every NSG table as ranges
-/// (`nsg::addr4_index`), for the tables whose `nsg::addr4_bit` is set. A new map: pin sets
+/// (`nsg::addr4_index`), searched while their generation is their slot's. A new map: pin sets
 /// from before it get it on their next load.
 pub const NSG_ADDR4_RANGES: &str = "NSG_ADDR4_RANGES";
 /// `PerCpuArray<u64>`: flows decided by rule `table * MAX_RULES + bit`.

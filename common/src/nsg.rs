@@ -135,18 +135,26 @@ pub const fn class_bit(table_in_slot: u32) -> u32 {
 }
 
 /// Boundaries one table's IPv4 address field holds in `NSG_ADDR4_RANGES` (a power of two:
-/// the search halves it). A field with more (over about 2,000 prefixes) is looked up in the
-/// trie (its table's `addr4_bit` clear).
+/// the search halves it). A table with more in a field (over about 2,000 prefixes) is
+/// looked up in the trie.
 pub const ADDR4_RANGES: usize = 4096;
 
 /// An IPv4 address field of one table as sorted ranges: range `i` runs from `starts[i]`
 /// (a host-order address) to the next start, and its addresses match the rules of class
 /// `classes[i]` (an index into the slot's part of `NSG_CLASSES`, as a port's). `starts[0]`
-/// is 0; past the last range the entries repeat it. A search reads 12 entries where a trie
-/// walk visits every node on the address's path.
+/// is 0; after the last range, padding starts at 255.255.255.255 with the last range's
+/// class. A search reads 12 entries where a trie walk visits every node on the address's
+/// path.
+///
+/// The dataplane searches a table's ranges only while its slot's `PolicyConfig::generation`
+/// is `generation`, the one of the apply that wrote them (both fields, before the
+/// configuration): any writer that moves the generation on without writing ranges (`xdpgate
+/// set`, which rewrites only the trie; an xdpgate from before the ranges) turns them off
+/// until the next apply, without knowing of them.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Addr4Ranges {
+    pub generation: u64,
     pub starts: [u32; ADDR4_RANGES],
     pub classes: [u16; ADDR4_RANGES],
 }
@@ -161,18 +169,6 @@ pub const ADDR4_RANGE_ENTRIES: u32 = TABLES * 2;
 pub const fn addr4_index(table: u32, field: u8) -> u32 {
     table * 2 + (field - FIELD_SRC4) as u32
 }
-
-/// The `PolicyConfig::flags` bit saying that the table at `table_in_slot` finds its IPv4
-/// addresses through `NSG_ADDR4_RANGES` rather than the trie (bits 20-23). Cleared by a
-/// set change (which rewrites only the trie) until the next apply, and never set by an
-/// agent from before the ranges.
-#[inline(always)]
-pub const fn addr4_bit(table_in_slot: u32) -> u32 {
-    1 << (20 + table_in_slot)
-}
-
-/// Every table's `addr4_bit`.
-pub const ADDR4_BITS: u32 = 0xf << 20;
 
 pub const ACCESS_ALLOW: u32 = 1;
 pub const ACCESS_DENY: u32 = 2;

@@ -21,11 +21,11 @@ use xdpgate_common::{
     },
     nat::{AddrKey, NatEntry},
     nsg::{
-        Addr4Ranges, BITMAP_WORDS, CLASSES_PER_ENTRY, CLASSES_PER_SLOT, FIELD_DPORT, FIELD_DST4,
-        FIELD_PROTO, FIELD_SPORT, FIELD_SRC4, FLAG_FRONTEND_ADDRESSES, FLAG_MIDSTREAM,
+        ADDR4_RANGES, Addr4Ranges, BITMAP_WORDS, CLASSES_PER_ENTRY, CLASSES_PER_SLOT, FIELD_DPORT,
+        FIELD_DST4, FIELD_PROTO, FIELD_SPORT, FIELD_SRC4, FLAG_FRONTEND_ADDRESSES, FLAG_MIDSTREAM,
         FLAG_NO_FRONTENDS, FLAG_NO_NAT, FLAG_REEVALUATE, FieldClass, FieldKey, KEY_HEADER_BITS,
-        MAX_RULES, PolicyConfig, RuleBitmap, TABLES_PER_SLOT, TableScope, addr4_bit, addr4_index,
-        class_bit, class_index, wildcard_bit,
+        MAX_RULES, PolicyConfig, RuleBitmap, TABLES_PER_SLOT, TableScope, addr4_index, class_bit,
+        class_index, wildcard_bit,
     },
     stats::Counter,
     words,
@@ -59,7 +59,8 @@ pub fn changing(pins: &PinDir) -> Result<bool> {
     Ok(active_as_written(pins)?.1.changing())
 }
 
-fn active_as_written(pins: &PinDir) -> Result<(u32, PolicyConfig)> {
+/// The running slot and its settings as written, a set change's mark included.
+pub fn active_as_written(pins: &PinDir) -> Result<(u32, PolicyConfig)> {
     let slot_map: Array<_, u32> = pins.open_map(ACTIVE_SLOT)?.try_into()?;
     let configs: Array<_, PolicyConfig> = pins.open_map(POLICY_CONFIG)?.try_into()?;
     let slot = slot_map.get(&0, 0)? & 1;
@@ -104,9 +105,10 @@ impl Lookups {
 /// Writes the classes of the port and protocol fields of `slot`'s tables into its part of
 /// `NSG_CLASS_IDS` and `NSG_CLASSES`, and their IPv4 address fields as ranges into
 /// `NSG_ADDR4_RANGES` (classes in `NSG_CLASSES` too), as long as the slot's classes fit,
-/// and returns the `class_bit`s and `addr4_bit`s of the tables written. What does not fit is
-/// left to the trie, which holds every field as before.
-fn write_classes(pins: &PinDir, compiled: &Compiled, slot: u32) -> Result<u32> {
+/// and returns the `class_bit`s of the tables written. What does not fit is left to the
+/// trie, which holds every field as before. Ranges are stamped with `generation`, the one
+/// the slot's configuration will have: others are not searched.
+fn write_classes(pins: &PinDir, compiled: &Compiled, slot: u32, generation: u64) -> Result<u32> {
     let ids: Array<_, [u16; 4]> = pins.open_map(NSG_CLASS_IDS)?.try_into()?;
     let bitmaps: Array<_, FieldClass> = pins.open_map(NSG_CLASSES)?.try_into()?;
     // None pinned (a dataplane loaded before the map, whose programs read only the trie).
@@ -146,30 +148,32 @@ fn write_classes(pins: &PinDir, compiled: &Compiled, slot: u32) -> Result<u32> {
     // ranges.
     let Some(ranges_map) = ranges_map else { return Ok(bits) };
     for (t, table) in compiled.tables.iter().enumerate() {
-        if table.rules.is_empty() {
-            continue;
-        }
         let table_id = slot * TABLES_PER_SLOT + t as u32;
         let mut left = (CLASSES_PER_SLOT - used) as usize;
         let fields: Vec<_> = [FIELD_SRC4, FIELD_DST4]
             .into_iter()
+            .filter(|_| !table.rules.is_empty())
             .map_while(|field| {
                 let ranges = table.addr4_ranges(field, left)?;
                 left -= ranges.classes.bitmaps.len();
                 Some((field, ranges))
             })
             .collect();
-        if fields.len() == 2 {
+        if fields.len() < 2 {
+            // Of no generation: ranges a failed apply left for the generation this one will
+            // have (the next writer numbers the slot alike) must not be searched.
+            table::update_batch(&ranges_map, addr4_index(table_id, FIELD_SRC4), &[NO_RANGES])
+                .context("writing NSG address ranges")?;
+        } else {
             for (field, ranges) in fields {
                 let first = write_bitmaps(&bitmaps, slot, &mut used, &ranges.classes)?;
                 table::update_batch(
                     &ranges_map,
                     addr4_index(table_id, field),
-                    &[kernel_ranges(&ranges, first)],
+                    &[kernel_ranges(&ranges, first, generation)],
                 )
                 .context("writing NSG address ranges")?;
             }
-            bits |= addr4_bit(t as u32);
         }
     }
     Ok(bits)
@@ -198,12 +202,17 @@ fn write_bitmaps(
     Ok(first)
 }
 
+/// Ranges of no generation: never searched.
+const NO_RANGES: Addr4Ranges =
+    Addr4Ranges { generation: 0, starts: [0; ADDR4_RANGES], classes: [0; ADDR4_RANGES] };
+
 /// `ranges` as the kernel searches them, its class ids from `first`: padded to
 /// `ADDR4_RANGES` with the last range (its start at the top: only 255.255.255.255 finds one).
-fn kernel_ranges(ranges: &Addr4Classes, first: u16) -> Addr4Ranges {
+fn kernel_ranges(ranges: &Addr4Classes, first: u16, generation: u64) -> Addr4Ranges {
     let n = ranges.starts.len();
     let last = ranges.classes.ids[n - 1] + first;
     Addr4Ranges {
+        generation,
         starts: std::array::from_fn(|i| ranges.starts.get(i).copied().unwrap_or(u32::MAX)),
         classes: std::array::from_fn(|i| ranges.classes.ids.get(i).map_or(last, |id| id + first)),
     }
@@ -335,10 +344,10 @@ pub fn prepare(
         }
     }
 
-    let classes = write_classes(pins, compiled, slot)?;
+    let generation = active_config.generation + 1;
+    let classes = write_classes(pins, compiled, slot, generation)?;
     write_rule_moves(pins, active_slot, &moved)?;
 
-    let generation = active_config.generation + 1;
     let s = |secs: u32| u64::from(secs) * 1_000_000_000;
     let config = PolicyConfig {
         generation,
@@ -372,15 +381,16 @@ pub fn write_scopes(pins: &PinDir, compiled: &Compiled, slot: u32, generation: u
     Ok(())
 }
 
-/// The prepared slot's scopes, made of no generation again (they skip nothing) unless the
-/// slot was switched on: a writer from before scopes that prepares the slot next takes the
-/// same generation number, and would run its tables under this policy's scopes.
-pub struct UnswitchedScopes<'a> {
+/// The prepared slot's scopes and IPv4 ranges, made of no generation again (scopes then skip
+/// nothing, ranges are not searched) unless the slot was switched on: a writer from before
+/// them that prepares the slot next takes the same generation number, and would run its
+/// tables under this policy's scopes and ranges.
+pub struct Unswitched<'a> {
     pins: &'a PinDir,
     slot: Option<u32>,
 }
 
-impl<'a> UnswitchedScopes<'a> {
+impl<'a> Unswitched<'a> {
     pub fn of(pins: &'a PinDir, prepared: &Prepared) -> Self {
         Self { pins, slot: Some(prepared.slot) }
     }
@@ -390,13 +400,18 @@ impl<'a> UnswitchedScopes<'a> {
     }
 }
 
-impl Drop for UnswitchedScopes<'_> {
+impl Drop for Unswitched<'_> {
     fn drop(&mut self) {
         let Some(slot) = self.slot else { return };
         let Ok(map) = self.pins.open_map(NSG_SCOPES) else { return };
         let Ok(mut scopes) = Array::<_, TableScope>::try_from(map) else { return };
         for t in 0..TABLES_PER_SLOT {
             let _ = scopes.set(slot * TABLES_PER_SLOT + t, TableScope::default(), 0);
+        }
+        let Ok(map) = self.pins.open_map(NSG_ADDR4_RANGES) else { return };
+        let Ok(mut ranges) = Array::<_, Addr4Ranges>::try_from(map) else { return };
+        for t in 0..TABLES_PER_SLOT {
+            let _ = ranges.set(addr4_index(slot * TABLES_PER_SLOT + t, FIELD_SRC4), NO_RANGES, 0);
         }
     }
 }

@@ -26,8 +26,7 @@ use serde::Serialize;
 use xdpgate_common::{
     maps::{NSG_FIELDS, POLICY_CONFIG},
     nsg::{
-        ADDR4_BITS, FieldKey, GENERATION_CHANGING, KEY_HEADER_BITS, PolicyConfig, RuleBitmap,
-        TABLES_PER_SLOT,
+        FieldKey, GENERATION_CHANGING, KEY_HEADER_BITS, PolicyConfig, RuleBitmap, TABLES_PER_SLOT,
     },
     words,
 };
@@ -161,10 +160,6 @@ pub fn change(pins: &PinDir, name: &str, what: Change) -> Result<Changed> {
     let new = new.pruned(&policy.sets);
     let compiled = compile::compile(&policy)?;
     let (slot, config) = apply::active(pins)?;
-    // Only the trie is rewritten here (entry by entry, each whole to a packet): the tables'
-    // IPv4 addresses are looked up there from the first write on, not in ranges the change
-    // leaves behind, until the next apply writes new ones.
-    let config = PolicyConfig { flags: config.flags & !ADDR4_BITS, ..config };
     // The bits of the live tables are the record's rules: a set changes which addresses
     // match, never which rules there are or their order.
     for (t, table) in compiled.tables.iter().enumerate() {

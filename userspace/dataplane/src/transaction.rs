@@ -142,7 +142,7 @@ fn install_locked(
     let lookups =
         apply::Lookups::of(pins, !lbs.addresses.is_empty(), !policy.nat_gateways.is_empty())?;
     let prepared = apply::prepare(pins, tables, &policy.settings, lookups, running.as_ref())?;
-    let mut unswitched = apply::UnswitchedScopes::of(pins, &prepared);
+    let mut unswitched = apply::Unswitched::of(pins, &prepared);
     let record = Record::new(
         prepared.generation,
         prepared.slot,

@@ -16,8 +16,8 @@ use xdpgate_common::{
     nsg::{
         Addr4Ranges, CLASSES_PER_SLOT, FIELD_DPORT, FIELD_DST4, FIELD_PROTO, FIELD_SPORT,
         FIELD_SRC4, FieldClass, FieldKey, KEY_HEADER_BITS, MAX_RULES, NO_PORT, PolicyConfig,
-        RuleBitmap, TABLES_PER_SLOT, TableScope, addr4_bit, addr4_index, class_bit, class_index,
-        local_fields, proto_class_value, table_in_slot,
+        RuleBitmap, TABLES_PER_SLOT, TableScope, addr4_index, class_bit, class_index, local_fields,
+        proto_class_value, table_in_slot,
     },
     words,
 };
@@ -42,9 +42,12 @@ pub struct PinnedTables {
     /// `NSG_CLASS_IDS` and `NSG_CLASSES`, where the ports and protocols of the tables whose
     /// `class_bit` is set are looked up (absent under a dataplane from before them).
     classes: Option<ClassMaps>,
-    /// `NSG_ADDR4_RANGES`, where the IPv4 addresses of the tables whose `addr4_bit` is set
-    /// are looked up (absent under a dataplane from before them).
+    /// `NSG_ADDR4_RANGES`, where the IPv4 addresses of the tables in `ranged` are looked up
+    /// (absent under a dataplane from before them).
     ranges: Option<Array<MapData, Addr4Ranges>>,
+    /// By table within the slot: whether the kernel searches its IPv4 ranges (written for
+    /// the slot's generation as it stands, a set change's mark included).
+    ranged: [bool; TABLES_PER_SLOT as usize],
     /// `NSG_SCOPES`: a table whose scope leaves the local address out is skipped, as the
     /// kernel skips it (absent under a dataplane from before scopes).
     scopes: Option<Array<MapData, TableScope>>,
@@ -55,23 +58,41 @@ type ClassMaps = (Array<MapData, [u16; 4]>, Array<MapData, FieldClass>);
 
 impl PinnedTables {
     pub fn open(pins: &PinDir) -> Result<Self> {
-        let (slot, config) = apply::active(pins).context("reading the active policy slot")?;
+        let (slot, written) =
+            apply::active_as_written(pins).context("reading the active policy slot")?;
+        let ranges: Option<Array<MapData, Addr4Ranges>> =
+            pins.open_map(NSG_ADDR4_RANGES).ok().map(TryInto::try_into).transpose()?;
+        let mut ranged = [false; TABLES_PER_SLOT as usize];
+        if let Some(ranges) = &ranges {
+            for (t, ranged) in ranged.iter_mut().enumerate() {
+                let entry = addr4_index(slot * TABLES_PER_SLOT + t as u32, FIELD_SRC4);
+                let stamp = ranges.get(&entry, 0).context("reading NSG_ADDR4_RANGES")?.generation;
+                *ranged = stamp == written.generation;
+            }
+        }
         Ok(Self {
             slot,
-            config,
+            config: PolicyConfig { generation: written.decided(), ..written },
             fields: pins.open_map(NSG_FIELDS)?.try_into()?,
             rules: pins.open_map(NSG_RULES)?.try_into()?,
             classes: match (pins.open_map(NSG_CLASS_IDS), pins.open_map(NSG_CLASSES)) {
                 (Ok(ids), Ok(bitmaps)) => Some((ids.try_into()?, bitmaps.try_into()?)),
                 _ => None,
             },
-            ranges: pins.open_map(NSG_ADDR4_RANGES).ok().map(TryInto::try_into).transpose()?,
+            ranges,
+            ranged,
             scopes: pins.open_map(NSG_SCOPES).ok().map(TryInto::try_into).transpose()?,
         })
     }
 
     pub fn generation(&self) -> u64 {
         self.config.generation
+    }
+
+    /// Whether the kernel searches the IPv4 ranges of table `t` of this slot rather than
+    /// the trie.
+    pub fn ranged(&self, t: u32) -> bool {
+        self.ranged[t as usize]
     }
 
     fn table_id(&self, t: u32) -> u32 {
@@ -196,7 +217,7 @@ impl NsgTables for PinnedTables {
         }
         // The ranges the kernel searches for this table's IPv4 addresses.
         if let (Some((_, bitmaps)), Some(ranges)) = (&self.classes, &self.ranges)
-            && self.config.flags & addr4_bit(t) != 0
+            && self.ranged(t)
             && [FIELD_SRC4, FIELD_DST4].contains(&field)
         {
             let ranges = ranges

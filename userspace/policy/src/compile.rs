@@ -266,14 +266,14 @@ impl Table {
                 .unwrap_or(&none);
             let id = interner.id(bitmap, limit)?;
             if ids.last() != Some(&id) {
+                if starts.len() == ADDR4_RANGES {
+                    return None;
+                }
                 starts.push(at);
                 ids.push(id);
             }
         }
-        (starts.len() <= ADDR4_RANGES).then_some(Addr4Classes {
-            starts,
-            classes: FieldClasses { ids, bitmaps: interner.bitmaps },
-        })
+        Some(Addr4Classes { starts, classes: FieldClasses { ids, bitmaps: interner.bitmaps } })
     }
 }
 
@@ -914,6 +914,27 @@ nsgs:
             // Past the limit, no ranges.
             assert!(table.addr4_ranges(field, 1).is_none());
         }
+
+        // Past `ADDR4_RANGES`, none either.
+        let hosts = |n: u32| {
+            let list: Vec<String> =
+                (0..n).map(|i| format!("10.{}.{}.1", i / 256, i % 256)).collect();
+            let src = format!(
+                "virtual_network:\n  address_space: [198.51.100.0/24]\nnsgs:\n  - name: web\n    \
+                 subnets: [198.51.100.0/24]\n    rules:\n      - {{name: a, priority: 100, \
+                 direction: inbound, access: allow, protocol: tcp, source: [{}], \
+                 destination: \"*\", destination_ports: [80]}}\n",
+                list.join(", ")
+            );
+            let compiled = compile(&crate::load_str(&src, "t.yaml").unwrap()).unwrap();
+            let table = &compiled.tables[table_in_slot(DIR_INBOUND, LAYER_SUBNET) as usize];
+            table.addr4_ranges(FIELD_SRC4, 4096).map(|r| r.starts.len())
+        };
+        // The default rules' prefixes add their own; each host more adds two.
+        let one = hosts(1).unwrap();
+        let most = 1 + (ADDR4_RANGES - one) as u32 / 2;
+        assert_eq!(hosts(most), Some(one + 2 * (most as usize - 1)));
+        assert_eq!(hosts(most + 1), None);
     }
 
     #[test]
