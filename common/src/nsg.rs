@@ -147,10 +147,11 @@ pub const ADDR4_RANGES: usize = 4096;
 /// path.
 ///
 /// The dataplane searches a table's ranges only while its slot's `PolicyConfig::generation`
-/// is `generation`, the one of the apply that wrote them (both fields, before the
-/// configuration): any writer that moves the generation on without writing ranges (`xdpgate
-/// set`, which rewrites only the trie; an xdpgate from before the ranges) turns them off
-/// until the next apply, without knowing of them.
+/// is `generation`, the one of the apply that wrote them (the destination's, then the
+/// source's, whose stamp it reads, before the configuration): any writer that moves the
+/// generation on without writing ranges (`xdpgate set`, which rewrites only the trie; an
+/// xdpgate from before the ranges) turns them off until the next apply, without knowing of
+/// them.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Addr4Ranges {

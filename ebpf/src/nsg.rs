@@ -216,8 +216,8 @@ const CLASSES: u32 = 1 << 8;
 /// `xdpgate_match_table`'s `fields` bit for a table with IPv4 address ranges.
 const ADDR4: u32 = 1 << 9;
 
-/// Whether `table`'s IPv4 ranges were written for `generation` (see `Addr4Ranges`; the
-/// apply writes both fields, so the source's stands for both).
+/// Whether `table`'s IPv4 ranges were written for `generation` (see `Addr4Ranges`: the
+/// apply writes the source's last, so its stamp stands for both).
 #[inline(always)]
 fn ranges_current(table: u32, generation: u64) -> bool {
     NSG_ADDR4_RANGES.get(addr4_index(table, FIELD_SRC4)).is_some_and(|r| r.generation == generation)

@@ -160,12 +160,13 @@ fn write_classes(pins: &PinDir, compiled: &Compiled, slot: u32, generation: u64)
             })
             .collect();
         if fields.len() < 2 {
-            // Of no generation: ranges a failed apply left for the generation this one will
+            // Of no generation: ranges a killed apply left for the generation this one will
             // have (the next writer numbers the slot alike) must not be searched.
             table::update_batch(&ranges_map, addr4_index(table_id, FIELD_SRC4), &[NO_RANGES])
                 .context("writing NSG address ranges")?;
         } else {
-            for (field, ranges) in fields {
+            // The source last: its stamp stands for both fields (`Addr4Ranges`).
+            for (field, ranges) in fields.into_iter().rev() {
                 let first = write_bitmaps(&bitmaps, slot, &mut used, &ranges.classes)?;
                 table::update_batch(
                     &ranges_map,
@@ -345,6 +346,9 @@ pub fn prepare(
     }
 
     let generation = active_config.generation + 1;
+    // From the first range stamped with `generation` to the end of `prepare` (the caller's
+    // own guard then takes over): a failed prepare leaves no ranges or scopes of it.
+    let mut unswitched = Unswitched { pins, slot: Some(slot) };
     let classes = write_classes(pins, compiled, slot, generation)?;
     write_rule_moves(pins, active_slot, &moved)?;
 
@@ -364,6 +368,7 @@ pub fn prepare(
     };
     write_scopes(pins, compiled, slot, generation)?;
     configs.set(slot, config, 0)?;
+    unswitched.switched();
     Ok(Prepared { running: (active_slot, active_config.generation), slot, generation })
 }
 
@@ -441,7 +446,9 @@ pub fn switch(pins: &PinDir, prepared: &Prepared) -> Result<()> {
 pub fn apply(pins: &PinDir, compiled: &Compiled, settings: &Settings) -> Result<u64> {
     let _lock = WriteLock::acquire(pins)?;
     let prepared = prepare(pins, compiled, settings, Lookups::installed(pins)?, None)?;
+    let mut unswitched = Unswitched::of(pins, &prepared);
     switch(pins, &prepared)?;
+    unswitched.switched();
     Ok(prepared.generation)
 }
 

@@ -37,6 +37,9 @@ use crate::{PinDir, apply, state};
 pub struct PinnedTables {
     pub slot: u32,
     pub config: PolicyConfig,
+    /// The slot's generation as written, a set change's mark included (`config` has the
+    /// generation flows are decided under).
+    written: u64,
     fields: LpmTrie<MapData, FieldKey, RuleBitmap>,
     rules: Array<MapData, u32>,
     /// `NSG_CLASS_IDS` and `NSG_CLASSES`, where the ports and protocols of the tables whose
@@ -73,6 +76,7 @@ impl PinnedTables {
         Ok(Self {
             slot,
             config: PolicyConfig { generation: written.decided(), ..written },
+            written: written.generation,
             fields: pins.open_map(NSG_FIELDS)?.try_into()?,
             rules: pins.open_map(NSG_RULES)?.try_into()?,
             classes: match (pins.open_map(NSG_CLASS_IDS), pins.open_map(NSG_CLASSES)) {
@@ -365,8 +369,9 @@ impl<'a> Verifier<'a> {
             }
             // Only an apply switches slots; the slot read stays whole while it stays active,
             // so an unchanged generation means every lookup saw that generation.
-            let (slot, config) = apply::active(pins)?;
-            if (slot, config.generation) != (tables.slot, tables.generation()) {
+            // As written: a set change's mark turns the ranges off.
+            let (slot, config) = apply::active_as_written(pins)?;
+            if (slot, config.generation) != (tables.slot, tables.written) {
                 **tables = PinnedTables::open(pins)?;
                 *names = None;
                 continue;
