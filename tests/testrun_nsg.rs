@@ -914,7 +914,7 @@ fn with_admins() -> String {
 
 /// Prepares `compiled` twice, switching it on the second time, and gives for each: whether
 /// it was switched on, the prepared generation, and `stamp` of the prepared slot before and
-/// after its `apply::Unswitched` guard went.
+/// after it was dropped.
 fn prepare_twice(
     k: &Kernel,
     compiled: &xdpgate_policy::compile::Compiled,
@@ -924,15 +924,14 @@ fn prepare_twice(
     use xdpgate_dataplane::apply;
     let lookups = apply::Lookups::of(&k.pins.dir, false, false).unwrap();
     [false, true].map(|switch| {
-        let prepared = apply::prepare(&k.pins.dir, compiled, settings, lookups, None).unwrap();
-        let mut unswitched = apply::Unswitched::of(&k.pins.dir, &prepared);
-        let before = stamp(prepared.slot);
+        let mut prepared = apply::prepare(&k.pins.dir, compiled, settings, lookups, None).unwrap();
+        let (slot, generation) = (prepared.slot, prepared.generation);
+        let before = stamp(slot);
         if switch {
-            apply::switch(&k.pins.dir, &prepared).unwrap();
-            unswitched.switched();
+            apply::switch(&k.pins.dir, &mut prepared).unwrap();
         }
-        drop(unswitched);
-        (switch, prepared.generation, before, stamp(prepared.slot))
+        drop(prepared);
+        (switch, generation, before, stamp(slot))
     })
 }
 

@@ -213,6 +213,11 @@ impl PolicyConfig {
         self.generation & !GENERATION_CHANGING
     }
 
+    /// This configuration with the generation flows are decided under (`decided`).
+    pub const fn as_decided(&self) -> Self {
+        Self { generation: self.decided(), ..*self }
+    }
+
     /// Whether a set change is rewriting this slot's trie, or was killed doing so.
     #[inline(always)]
     pub const fn changing(&self) -> bool {

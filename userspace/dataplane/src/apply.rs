@@ -49,7 +49,7 @@ use crate::{
 /// was killed doing so, is [`changing`]'s to say).
 pub fn active(pins: &PinDir) -> Result<(u32, PolicyConfig)> {
     let (slot, config) = active_as_written(pins)?;
-    Ok((slot, PolicyConfig { generation: config.decided(), ..config }))
+    Ok((slot, config.as_decided()))
 }
 
 /// Whether the running slot's trie is being changed by `xdpgate set`, or was left half
@@ -121,50 +121,32 @@ fn write_classes(pins: &PinDir, compiled: &Compiled, slot: u32, generation: u64)
             continue;
         }
         let table_id = slot * TABLES_PER_SLOT + t as u32;
-        let mut left = (CLASSES_PER_SLOT - used) as usize;
-        let fields: Vec<_> = [FIELD_SPORT, FIELD_DPORT, FIELD_PROTO]
-            .into_iter()
-            .map_while(|field| {
-                let classes = table.classes(field, left)?;
-                left -= classes.bitmaps.len();
-                Some((field, classes))
-            })
-            .collect();
-        if fields.len() == 3 {
-            for (field, classes) in fields {
-                let first = write_bitmaps(&bitmaps, slot, &mut used, &classes)?;
-                let (entry, _) = class_index(table_id, field, 0);
-                let entries: Vec<[u16; 4]> = classes
-                    .ids
-                    .chunks(CLASSES_PER_ENTRY as usize)
-                    .map(|chunk| std::array::from_fn(|i| chunk[i] + first))
-                    .collect();
-                table::update_batch(&ids, entry, &entries).context("writing NSG class ids")?;
-            }
-            bits |= class_bit(t as u32);
+        let ports = [FIELD_SPORT, FIELD_DPORT, FIELD_PROTO];
+        let Some(fields) = all_fit(&ports, used, |f, left| table.classes(f, left), |c| c) else {
+            continue;
+        };
+        for (field, classes) in fields {
+            let first = write_bitmaps(&bitmaps, slot, &mut used, &classes)?;
+            let (entry, _) = class_index(table_id, field, 0);
+            let entries: Vec<[u16; 4]> = classes
+                .ids
+                .chunks(CLASSES_PER_ENTRY as usize)
+                .map(|chunk| std::array::from_fn(|i| chunk[i] + first))
+                .collect();
+            table::update_batch(&ids, entry, &entries).context("writing NSG class ids")?;
         }
+        bits |= class_bit(t as u32);
     }
     // The addresses after every table's ports: no table has fewer classes than before the
     // ranges.
     let Some(ranges_map) = ranges_map else { return Ok(bits) };
     for (t, table) in compiled.tables.iter().enumerate() {
         let table_id = slot * TABLES_PER_SLOT + t as u32;
-        let mut left = (CLASSES_PER_SLOT - used) as usize;
-        let fields: Vec<_> = [FIELD_SRC4, FIELD_DST4]
-            .into_iter()
-            .filter(|_| !table.rules.is_empty())
-            .map_while(|field| {
-                let ranges = table.addr4_ranges(field, left)?;
-                left -= ranges.classes.bitmaps.len();
-                Some((field, ranges))
-            })
-            .collect();
-        if fields.len() < 2 {
-            // Of no generation: ranges a killed apply left for the generation this one will
-            // have (the next writer numbers the slot alike) must not be searched.
-            table::update_batch(&ranges_map, addr4_index(table_id, FIELD_SRC4), &[NO_RANGES])
-                .context("writing NSG address ranges")?;
-        } else {
+        let addrs = [FIELD_SRC4, FIELD_DST4];
+        let fields = (!table.rules.is_empty())
+            .then(|| all_fit(&addrs, used, |f, left| table.addr4_ranges(f, left), |r| &r.classes))
+            .flatten();
+        if let Some(fields) = fields {
             // The source last: its stamp stands for both fields (`Addr4Ranges`).
             for (field, ranges) in fields.into_iter().rev() {
                 let first = write_bitmaps(&bitmaps, slot, &mut used, &ranges.classes)?;
@@ -175,9 +157,34 @@ fn write_classes(pins: &PinDir, compiled: &Compiled, slot: u32, generation: u64)
                 )
                 .context("writing NSG address ranges")?;
             }
+        } else {
+            // Of no generation: ranges a killed apply left for the generation this one will
+            // have (the next writer numbers the slot alike) must not be searched.
+            table::update_batch(&ranges_map, addr4_index(table_id, FIELD_SRC4), &[NO_RANGES])
+                .context("writing NSG address ranges")?;
         }
     }
     Ok(bits)
+}
+
+/// Every one of `fields` as `build` makes it from what is left of the slot's classes after
+/// `used`, or `None` unless all fit: a table searches all its fields' classes or none.
+fn all_fit<T>(
+    fields: &[u8],
+    used: u32,
+    build: impl Fn(u8, usize) -> Option<T>,
+    classes: impl Fn(&T) -> &FieldClasses,
+) -> Option<Vec<(u8, T)>> {
+    let mut left = (CLASSES_PER_SLOT - used) as usize;
+    let built: Vec<_> = fields
+        .iter()
+        .map_while(|&field| {
+            let made = build(field, left)?;
+            left -= classes(&made).bitmaps.len();
+            Some((field, made))
+        })
+        .collect();
+    (built.len() == fields.len()).then_some(built)
 }
 
 /// Writes `classes` into `slot`'s part of `NSG_CLASSES` after the `used` ones; their first
@@ -241,15 +248,17 @@ fn map_empty<K: Pod, V: Pod>(pins: &PinDir, name: &str) -> Result<bool> {
     Ok(map.keys().next().is_none())
 }
 
-/// A policy written into the inactive slot, not yet switched on.
-pub struct Prepared {
+/// A policy written into the inactive slot, not yet switched on. Dropped before [`switch`]
+/// succeeds, it makes the slot's scopes and ranges of no generation again (`Unswitched`).
+pub struct Prepared<'a> {
     /// The slot and generation running when the write began (what the flip compares).
     running: (u32, u64),
     pub slot: u32,
     pub generation: u64,
+    unswitched: Unswitched<'a>,
 }
 
-impl Prepared {
+impl Prepared<'_> {
     /// The generation running when the write began (0: no policy yet).
     pub fn running_generation(&self) -> u64 {
         self.running.1
@@ -260,13 +269,13 @@ impl Prepared {
 /// packets and bytes) of rules that the running generation (`running`, its record) also has
 /// carry over, so a reload does not reset them; the others start at zero. The caller holds
 /// the write lock.
-pub fn prepare(
-    pins: &PinDir,
+pub fn prepare<'a>(
+    pins: &'a PinDir,
     compiled: &Compiled,
     settings: &Settings,
     lookups: Lookups,
     running: Option<&Record>,
-) -> Result<Prepared> {
+) -> Result<Prepared<'a>> {
     let (active_slot, active_config) = active(pins)?;
     let slot = 1 - active_slot;
     let mut fields: LpmTrie<_, FieldKey, RuleBitmap> = pins.open_map(NSG_FIELDS)?.try_into()?;
@@ -346,9 +355,9 @@ pub fn prepare(
     }
 
     let generation = active_config.generation + 1;
-    // From the first range stamped with `generation` to the end of `prepare` (the caller's
-    // own guard then takes over): a failed prepare leaves no ranges or scopes of it.
-    let mut unswitched = Unswitched { pins, slot: Some(slot) };
+    // From the first range stamped with `generation` until `switch`: a failed prepare, or
+    // one never switched on, leaves no ranges or scopes of it.
+    let unswitched = Unswitched { pins, slot: Some(slot) };
     let classes = write_classes(pins, compiled, slot, generation)?;
     write_rule_moves(pins, active_slot, &moved)?;
 
@@ -368,8 +377,7 @@ pub fn prepare(
     };
     write_scopes(pins, compiled, slot, generation)?;
     configs.set(slot, config, 0)?;
-    unswitched.switched();
-    Ok(Prepared { running: (active_slot, active_config.generation), slot, generation })
+    Ok(Prepared { running: (active_slot, active_config.generation), slot, generation, unswitched })
 }
 
 /// Writes the `TableScope`s of `compiled`'s tables into `slot`, for `generation`: written
@@ -390,19 +398,10 @@ pub fn write_scopes(pins: &PinDir, compiled: &Compiled, slot: u32, generation: u
 /// nothing, ranges are not searched) unless the slot was switched on: a writer from before
 /// them that prepares the slot next takes the same generation number, and would run its
 /// tables under this policy's scopes and ranges.
-pub struct Unswitched<'a> {
+struct Unswitched<'a> {
     pins: &'a PinDir,
+    /// `None` once switched on.
     slot: Option<u32>,
-}
-
-impl<'a> Unswitched<'a> {
-    pub fn of(pins: &'a PinDir, prepared: &Prepared) -> Self {
-        Self { pins, slot: Some(prepared.slot) }
-    }
-
-    pub fn switched(&mut self) {
-        self.slot = None;
-    }
 }
 
 impl Drop for Unswitched<'_> {
@@ -424,7 +423,7 @@ impl Drop for Unswitched<'_> {
 /// Switches the prepared slot on (one 4-byte write: a packet sees the whole old policy or
 /// the whole new one), unless the dataplane changed since `prepare` read it: a
 /// compare-and-swap on the generation, against writers that ignore the lock.
-pub fn switch(pins: &PinDir, prepared: &Prepared) -> Result<()> {
+pub fn switch(pins: &PinDir, prepared: &mut Prepared) -> Result<()> {
     let (slot, config) = active(pins)?;
     if (slot, config.generation) != prepared.running {
         bail!(
@@ -438,6 +437,7 @@ pub fn switch(pins: &PinDir, prepared: &Prepared) -> Result<()> {
     }
     let mut slot_map: Array<_, u32> = pins.open_map(ACTIVE_SLOT)?.try_into()?;
     slot_map.set(0, prepared.slot, 0)?;
+    prepared.unswitched.slot = None;
     Ok(())
 }
 
@@ -445,10 +445,8 @@ pub fn switch(pins: &PinDir, prepared: &Prepared) -> Result<()> {
 /// new generation.
 pub fn apply(pins: &PinDir, compiled: &Compiled, settings: &Settings) -> Result<u64> {
     let _lock = WriteLock::acquire(pins)?;
-    let prepared = prepare(pins, compiled, settings, Lookups::installed(pins)?, None)?;
-    let mut unswitched = Unswitched::of(pins, &prepared);
-    switch(pins, &prepared)?;
-    unswitched.switched();
+    let mut prepared = prepare(pins, compiled, settings, Lookups::installed(pins)?, None)?;
+    switch(pins, &mut prepared)?;
     Ok(prepared.generation)
 }
 

@@ -141,8 +141,7 @@ fn install_locked(
     let mut nat_maps = nat::NatMaps::open(pins)?;
     let lookups =
         apply::Lookups::of(pins, !lbs.addresses.is_empty(), !policy.nat_gateways.is_empty())?;
-    let prepared = apply::prepare(pins, tables, &policy.settings, lookups, running.as_ref())?;
-    let mut unswitched = apply::Unswitched::of(pins, &prepared);
+    let mut prepared = apply::prepare(pins, tables, &policy.settings, lookups, running.as_ref())?;
     let record = Record::new(
         prepared.generation,
         prepared.slot,
@@ -172,11 +171,9 @@ fn install_locked(
     };
     if prepared.running_generation() == 0 {
         install()?;
-        apply::switch(pins, &prepared)?;
-        unswitched.switched();
+        apply::switch(pins, &mut prepared)?;
     } else {
-        apply::switch(pins, &prepared)?;
-        unswitched.switched();
+        apply::switch(pins, &mut prepared)?;
         install().map_err(partly)?;
     }
     // Only now: until the flip the drains and kept changes are those of the policy still

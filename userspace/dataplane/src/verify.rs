@@ -45,12 +45,11 @@ pub struct PinnedTables {
     /// `NSG_CLASS_IDS` and `NSG_CLASSES`, where the ports and protocols of the tables whose
     /// `class_bit` is set are looked up (absent under a dataplane from before them).
     classes: Option<ClassMaps>,
-    /// `NSG_ADDR4_RANGES`, where the IPv4 addresses of the tables in `ranged` are looked up
-    /// (absent under a dataplane from before them).
-    ranges: Option<Array<MapData, Addr4Ranges>>,
-    /// By table within the slot: whether the kernel searches its IPv4 ranges (written for
-    /// the slot's generation as it stands, a set change's mark included).
-    ranged: [bool; TABLES_PER_SLOT as usize],
+    /// By table within the slot: the `NSG_ADDR4_RANGES` entries (source, destination) the
+    /// kernel searches for its IPv4 addresses, if they were written for the slot's
+    /// generation as it stands, a set change's mark included. Read once: only an apply
+    /// writes them, into the slot not running.
+    ranges: Vec<Option<[Box<Addr4Ranges>; 2]>>,
     /// `NSG_SCOPES`: a table whose scope leaves the local address out is skipped, as the
     /// kernel skips it (absent under a dataplane from before scopes).
     scopes: Option<Array<MapData, TableScope>>,
@@ -63,19 +62,25 @@ impl PinnedTables {
     pub fn open(pins: &PinDir) -> Result<Self> {
         let (slot, written) =
             apply::active_as_written(pins).context("reading the active policy slot")?;
-        let ranges: Option<Array<MapData, Addr4Ranges>> =
-            pins.open_map(NSG_ADDR4_RANGES).ok().map(TryInto::try_into).transpose()?;
-        let mut ranged = [false; TABLES_PER_SLOT as usize];
-        if let Some(ranges) = &ranges {
-            for (t, ranged) in ranged.iter_mut().enumerate() {
-                let entry = addr4_index(slot * TABLES_PER_SLOT + t as u32, FIELD_SRC4);
-                let stamp = ranges.get(&entry, 0).context("reading NSG_ADDR4_RANGES")?.generation;
-                *ranged = stamp == written.generation;
+        let mut ranges = vec![None; TABLES_PER_SLOT as usize];
+        // None pinned under a dataplane from before them.
+        if let Ok(map) = pins.open_map(NSG_ADDR4_RANGES) {
+            let map: Array<_, Addr4Ranges> = map.try_into()?;
+            for (t, ranges) in ranges.iter_mut().enumerate() {
+                let read = |field| -> Result<Box<Addr4Ranges>> {
+                    let entry = addr4_index(slot * TABLES_PER_SLOT + t as u32, field);
+                    Ok(Box::new(map.get(&entry, 0).context("reading NSG_ADDR4_RANGES")?))
+                };
+                // The source's stamp stands for both fields.
+                let src = read(FIELD_SRC4)?;
+                if src.generation == written.generation {
+                    *ranges = Some([src, read(FIELD_DST4)?]);
+                }
             }
         }
         Ok(Self {
             slot,
-            config: PolicyConfig { generation: written.decided(), ..written },
+            config: written.as_decided(),
             written: written.generation,
             fields: pins.open_map(NSG_FIELDS)?.try_into()?,
             rules: pins.open_map(NSG_RULES)?.try_into()?,
@@ -84,7 +89,6 @@ impl PinnedTables {
                 _ => None,
             },
             ranges,
-            ranged,
             scopes: pins.open_map(NSG_SCOPES).ok().map(TryInto::try_into).transpose()?,
         })
     }
@@ -96,7 +100,7 @@ impl PinnedTables {
     /// Whether the kernel searches the IPv4 ranges of table `t` of this slot rather than
     /// the trie.
     pub fn ranged(&self, t: u32) -> bool {
-        self.ranged[t as usize]
+        self.ranges[t as usize].is_some()
     }
 
     fn table_id(&self, t: u32) -> u32 {
@@ -220,13 +224,10 @@ impl NsgTables for PinnedTables {
             return Ok(Some(bitmaps.get(&index, 0).context("reading NSG_CLASSES")?.bitmap));
         }
         // The ranges the kernel searches for this table's IPv4 addresses.
-        if let (Some((_, bitmaps)), Some(ranges)) = (&self.classes, &self.ranges)
-            && self.ranged(t)
+        if let (Some((_, bitmaps)), Some([src, dst])) = (&self.classes, &self.ranges[t as usize])
             && [FIELD_SRC4, FIELD_DST4].contains(&field)
         {
-            let ranges = ranges
-                .get(&addr4_index(self.table_id(t), field), 0)
-                .context("reading NSG_ADDR4_RANGES")?;
+            let ranges = if field == FIELD_SRC4 { src } else { dst };
             let addr = u32::from_be_bytes([value[0], value[1], value[2], value[3]]);
             let i = ranges.starts.partition_point(|&s| s <= addr) - 1;
             let index = self.slot * CLASSES_PER_SLOT + u32::from(ranges.classes[i]);

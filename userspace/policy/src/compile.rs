@@ -141,24 +141,15 @@ impl Table {
     /// Every `proto_class_value`'s rules: the longest of the field's entries matching the
     /// value `[proto, family]` (closed over covering prefixes, as the trie holds them).
     fn proto_classes(&self, limit: usize) -> Option<FieldClasses> {
-        let entries: HashMap<_, _> = self
-            .fields
-            .iter()
-            .filter(|((f, _, _), _)| *f == FIELD_PROTO)
-            .map(|((_, value, len), bitmap)| ((*value, *len), bitmap))
-            .collect();
-        let none = RuleBitmap { words: [0; BITMAP_WORDS] };
+        let trie = self.trie(FIELD_PROTO);
         let mut interner = Interner::default();
         let mut ids = vec![0; PROTO_VALUES as usize];
         for family in [4, 6] {
             for proto in 0..=u8::MAX {
                 let mut value = [0; 16];
                 value[..2].copy_from_slice(&proto_value(family, proto));
-                let bitmap = [16, 8, 0]
-                    .into_iter()
-                    .find_map(|len| entries.get(&(mask(value, len), len)).copied())
-                    .unwrap_or(&none);
-                ids[proto_class_value(family, proto) as usize] = interner.id(bitmap, limit)?;
+                ids[proto_class_value(family, proto) as usize] =
+                    interner.id(&trie.longest(value, 16), limit)?;
             }
         }
         Some(FieldClasses { ids, bitmaps: interner.bitmaps })
@@ -240,31 +231,22 @@ impl Table {
     /// the rules the field's trie lookup gives it (none where the trie has no entry).
     /// `None` past `limit` classes or `ADDR4_RANGES` ranges.
     pub fn addr4_ranges(&self, field: u8, limit: usize) -> Option<Addr4Classes> {
-        let entries: HashMap<(u32, u8), &RuleBitmap> = self
-            .fields
-            .iter()
-            .filter(|((f, _, _), _)| *f == field)
-            .map(|((_, value, len), bitmap)| {
-                ((u32::from_be_bytes([value[0], value[1], value[2], value[3]]), *len), bitmap)
-            })
-            .collect();
+        let trie = self.trie(field);
         // The longest prefix holding an address changes only where one starts or ends.
         let mut edges = vec![0u32];
-        for &(net, len) in entries.keys() {
+        for &(net, len) in trie.0.keys() {
+            let net = u32::from_be_bytes([net[0], net[1], net[2], net[3]]);
             edges.push(net);
             edges.extend(u32::try_from(u64::from(net) + (1u64 << (32 - len))).ok());
         }
         edges.sort_unstable();
         edges.dedup();
-        let none = RuleBitmap { words: [0; BITMAP_WORDS] };
         let mut interner = Interner::default();
         let (mut starts, mut ids) = (Vec::new(), Vec::new());
         for at in edges {
-            let bitmap = (0..=32u8)
-                .rev()
-                .find_map(|len| entries.get(&(at & mask4(len), len)).copied())
-                .unwrap_or(&none);
-            let id = interner.id(bitmap, limit)?;
+            let mut value = [0; 16];
+            value[..4].copy_from_slice(&at.to_be_bytes());
+            let id = interner.id(&trie.longest(value, 32), limit)?;
             if ids.last() != Some(&id) {
                 if starts.len() == ADDR4_RANGES {
                     return None;
@@ -277,9 +259,31 @@ impl Table {
     }
 }
 
-/// The netmask of an IPv4 prefix `len` bits long, in host order.
-fn mask4(len: u8) -> u32 {
-    u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0)
+/// One field's entries as the kernel's LPM trie holds them: (value, prefix length) to rules.
+struct FieldTrie<'a>(HashMap<([u8; 16], u8), &'a RuleBitmap>);
+
+impl FieldTrie<'_> {
+    /// The trie's answer for `value`'s first `bits`: the rules of the longest entry covering
+    /// it (each entry already holds its covering entries' rules), none if no entry does.
+    fn longest(&self, value: [u8; 16], bits: u8) -> RuleBitmap {
+        (0..=bits)
+            .rev()
+            .find_map(|len| self.0.get(&(mask(value, len), len)).copied().copied())
+            .unwrap_or(RuleBitmap { words: [0; BITMAP_WORDS] })
+    }
+}
+
+impl Table {
+    /// The entries of `field`, to be looked up as the kernel does.
+    fn trie(&self, field: u8) -> FieldTrie<'_> {
+        FieldTrie(
+            self.fields
+                .iter()
+                .filter(|((f, _, _), _)| *f == field)
+                .map(|((_, value, len), bitmap)| ((*value, *len), bitmap))
+                .collect(),
+        )
+    }
 }
 
 #[derive(Debug)]
@@ -807,6 +811,7 @@ nsgs:
     }
 
     /// The longest of a table's entries for `field` that covers `value`'s first `bits`.
+    /// Written apart from `FieldTrie::longest`, as the oracle it is checked against.
     fn trie_answer(table: &Table, field: u8, value: [u8; 16], bits: u8) -> RuleBitmap {
         (0..=bits)
             .rev()
