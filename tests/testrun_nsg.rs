@@ -1016,6 +1016,64 @@ fn ipv4_ranges_are_searched_only_under_the_generation_that_wrote_them() {
     assert_eq!(k.run(&ssh(42007)), DROP, "deny-ssh-from-internet, after the switch");
 }
 
+/// An apply whose table gets no IPv4 ranges (here more than `ADDR4_RANGES` in its source)
+/// leaves none stamped with its generation: ranges an apply killed before its switch left
+/// in the slot, stamped with the generation the next apply takes too, are not searched
+/// under the next apply's policy. Seen failing with the stamp of no generation not written
+/// (the killed apply's ranges, which give every address no rule, let a denied SYN pass).
+#[test]
+fn a_table_without_ranges_leaves_none_of_a_killed_apply() {
+    use aya::maps::Array;
+    use xdpgate_common::{
+        maps::NSG_ADDR4_RANGES,
+        nsg::{
+            ADDR4_RANGES, Addr4Ranges, CLASSES_PER_SLOT, DIR_INBOUND, FIELD_DST4, FIELD_SRC4,
+            LAYER_SUBNET, TABLES_PER_SLOT, addr4_index, table_in_slot,
+        },
+    };
+    use xdpgate_dataplane::{apply, verify::PinnedTables};
+    let k = Kernel::new();
+    k.arrive_as(Role::External);
+    k.apply(POLICY);
+    let t = table_in_slot(DIR_INBOUND, LAYER_SUBNET);
+    assert!(PinnedTables::open(&k.pins.dir).unwrap().ranged(t), "no ranges to begin with");
+
+    // What an apply killed after writing its ranges leaves in the slot it was preparing:
+    // ranges of the next generation, every address in a class no rule is in.
+    let (slot, config) = apply::active(&k.pins.dir).unwrap();
+    let next = (1 - slot) * TABLES_PER_SLOT + t;
+    let mut map: Array<_, Addr4Ranges> =
+        k.pins.dir.open_map(NSG_ADDR4_RANGES).unwrap().try_into().unwrap();
+    let killed = Addr4Ranges {
+        generation: config.generation + 1,
+        starts: std::array::from_fn(|i| if i == 0 { 0 } else { u32::MAX }),
+        classes: [(CLASSES_PER_SLOT - 1) as u16; ADDR4_RANGES],
+    };
+    map.set(addr4_index(next, FIELD_DST4), killed, 0).unwrap();
+    map.set(addr4_index(next, FIELD_SRC4), killed, 0).unwrap();
+
+    // Sources 10.0.0.0, 10.0.0.2, ...: each its own range, and a gap after it.
+    let sources: Vec<String> =
+        (0..ADDR4_RANGES / 2 + 1).map(|i| format!("10.0.{}.{}", i / 128, i % 128 * 2)).collect();
+    let many = format!(
+        "source_ports: [5353]}}\n      - {{name: deny-many, priority: 500, direction: \
+         inbound, access: deny, protocol: tcp, source: [{}], destination: [\"*\"], \
+         destination_ports: [9000]}}\n",
+        sources.join(", ")
+    );
+    let policy = POLICY.replace("source_ports: [5353]}\n", &many);
+    assert!(policy.contains("deny-many"));
+    assert_eq!(k.apply(&policy), config.generation + 1);
+    let (slot, _) = apply::active(&k.pins.dir).unwrap();
+    assert_eq!(slot * TABLES_PER_SLOT + t, next);
+    assert!(!PinnedTables::open(&k.pins.dir).unwrap().ranged(t), "the killed apply's ranges");
+    assert_eq!(map.get(&addr4_index(next, FIELD_SRC4), 0).unwrap().generation, 0);
+    let ssh = frame("203.0.113.7", "198.51.100.10", L4::Tcp(42000, 22, SYN));
+    assert_eq!(k.run(&ssh), DROP, "deny-ssh-from-internet");
+    let many = frame("10.0.1.2", "198.51.100.10", L4::Tcp(42000, 9000, SYN));
+    assert_eq!(k.run(&many), DROP, "deny-many");
+}
+
 /// An ICMP error passes by the flow it quotes only while the flow's own next packet would
 /// pass by it: after a change that leaves the flow allowed, once its packet was judged
 /// again; once a new policy denies the flow (its next packet judged again and dropped),

@@ -250,6 +250,7 @@ fn map_empty<K: Pod, V: Pod>(pins: &PinDir, name: &str) -> Result<bool> {
 
 /// A policy written into the inactive slot, not yet switched on. Dropped before [`switch`]
 /// succeeds, it makes the slot's scopes and ranges of no generation again (`Unswitched`).
+#[must_use = "dropped unswitched, it undoes the slot's scopes and ranges"]
 pub struct Prepared<'a> {
     /// The slot and generation running when the write began (what the flip compares).
     running: (u32, u64),

@@ -47,8 +47,10 @@ pub struct PinnedTables {
     classes: Option<ClassMaps>,
     /// By table within the slot: the `NSG_ADDR4_RANGES` entries (source, destination) the
     /// kernel searches for its IPv4 addresses, if they were written for the slot's
-    /// generation as it stands, a set change's mark included. Read once: only an apply
-    /// writes them, into the slot not running.
+    /// generation as it stands, a set change's mark included. Read once: an apply writes
+    /// them into the slot not running. (A failed apply's guard can also turn off the
+    /// running slot's, after a writer ignoring the lock switched that slot on under the
+    /// same generation; an xdpgate from before the ranges, see the README.)
     ranges: Vec<Option<[Box<Addr4Ranges>; 2]>>,
     /// `NSG_SCOPES`: a table whose scope leaves the local address out is skipped, as the
     /// kernel skips it (absent under a dataplane from before scopes).

@@ -811,7 +811,8 @@ nsgs:
     }
 
     /// The longest of a table's entries for `field` that covers `value`'s first `bits`.
-    /// Written apart from `FieldTrie::longest`, as the oracle it is checked against.
+    /// A linear scan of the table's entries, apart from `FieldTrie`'s map (the same
+    /// longest-match rule, written again as the oracle the compiler is checked against).
     fn trie_answer(table: &Table, field: u8, value: [u8; 16], bits: u8) -> RuleBitmap {
         (0..=bits)
             .rev()
