@@ -143,8 +143,8 @@ pub const ADDR4_RANGES: usize = 4096;
 /// (a host-order address) to the next start, and its addresses match the rules of class
 /// `classes[i]` (an index into the slot's part of `NSG_CLASSES`, as a port's). `starts[0]`
 /// is 0; after the last range, padding starts at 255.255.255.255 with the last range's
-/// class. A search reads 12 entries where a trie walk visits every node on the address's
-/// path.
+/// class. A search reads 18 entries, in six steps of three independent reads, where a
+/// trie walk visits every node on the address's path.
 ///
 /// The dataplane searches a table's ranges only while its slot's `PolicyConfig::generation`
 /// is `generation`, the one of the apply that wrote them (the destination's, then the
