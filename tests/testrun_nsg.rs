@@ -1070,8 +1070,10 @@ fn a_table_without_ranges_leaves_none_of_a_killed_apply() {
     assert_eq!(map.get(&addr4_index(next, FIELD_SRC4), 0).unwrap().generation, 0);
     let ssh = frame("203.0.113.7", "198.51.100.10", L4::Tcp(42000, 22, SYN));
     assert_eq!(k.run(&ssh), DROP, "deny-ssh-from-internet");
+    assert_eq!(k.rule_flows("deny-ssh-from-internet"), 1);
     let many = frame("10.0.1.2", "198.51.100.10", L4::Tcp(42000, 9000, SYN));
     assert_eq!(k.run(&many), DROP, "deny-many");
+    assert_eq!(k.rule_flows("deny-many"), 1, "deny-many decided");
 }
 
 /// An ICMP error passes by the flow it quotes only while the flow's own next packet would

@@ -134,8 +134,8 @@ pub const fn class_bit(table_in_slot: u32) -> u32 {
     1 << (16 + table_in_slot)
 }
 
-/// Boundaries one table's IPv4 address field holds in `NSG_ADDR4_RANGES` (a power of two:
-/// the search halves it). A table with more in a field (over about 2,000 prefixes) is
+/// Boundaries one table's IPv4 address field holds in `NSG_ADDR4_RANGES` (4^6: the search
+/// quarters it six times, asserted in the eBPF crate). A table with more in a field (over about 2,000 prefixes) is
 /// looked up in the trie.
 pub const ADDR4_RANGES: usize = 4096;
 
