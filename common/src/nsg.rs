@@ -135,8 +135,8 @@ pub const fn class_bit(table_in_slot: u32) -> u32 {
 }
 
 /// Boundaries one table's IPv4 address field holds in `NSG_ADDR4_RANGES` (4^6: the search
-/// quarters it six times, asserted in the eBPF crate). A table with more in a field (over about 2,000 prefixes) is
-/// looked up in the trie.
+/// quarters it six times, asserted in the eBPF crate). A table with more in a field (over
+/// about 2,000 prefixes) is looked up in the trie.
 pub const ADDR4_RANGES: usize = 4096;
 
 /// An IPv4 address field of one table as sorted ranges: range `i` runs from `starts[i]`
