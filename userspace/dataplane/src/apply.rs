@@ -140,31 +140,38 @@ fn write_classes(pins: &PinDir, compiled: &Compiled, slot: u32, generation: u64)
     // The addresses after every table's ports: no table has fewer classes than before the
     // ranges.
     let Some(ranges_map) = ranges_map else { return Ok(bits) };
+    unstamp_ranges(&ranges_map, slot)?;
     for (t, table) in compiled.tables.iter().enumerate() {
+        if table.rules.is_empty() {
+            continue;
+        }
         let table_id = slot * TABLES_PER_SLOT + t as u32;
         let addrs = [FIELD_SRC4, FIELD_DST4];
-        let fields = (!table.rules.is_empty())
-            .then(|| all_fit(&addrs, used, |f, left| table.addr4_ranges(f, left), |r| &r.classes))
-            .flatten();
-        if let Some(fields) = fields {
-            // The source last: its stamp stands for both fields (`Addr4Ranges`).
-            for (field, ranges) in fields.into_iter().rev() {
-                let first = write_bitmaps(&bitmaps, slot, &mut used, &ranges.classes)?;
-                table::update_batch(
-                    &ranges_map,
-                    addr4_index(table_id, field),
-                    &[kernel_ranges(&ranges, first, generation)],
-                )
-                .context("writing NSG address ranges")?;
-            }
-        } else {
-            // Of no generation: ranges a killed apply left for the generation this one will
-            // have (the next writer numbers the slot alike) must not be searched.
-            table::update_batch(&ranges_map, addr4_index(table_id, FIELD_SRC4), &[NO_RANGES])
-                .context("writing NSG address ranges")?;
+        let fits = all_fit(&addrs, used, |f, left| table.addr4_ranges(f, left), |r| &r.classes);
+        let Some(fields) = fits else { continue };
+        // The source last: its stamp stands for both fields (`Addr4Ranges`).
+        for (field, ranges) in fields.into_iter().rev() {
+            let first = write_bitmaps(&bitmaps, slot, &mut used, &ranges.classes)?;
+            table::update_batch(
+                &ranges_map,
+                addr4_index(table_id, field),
+                &[kernel_ranges(&ranges, first, generation)],
+            )
+            .context("writing NSG address ranges")?;
         }
     }
     Ok(bits)
+}
+
+/// Makes every table's IPv4 ranges in `slot` of no generation, so none is searched: ranges
+/// a killed apply left, stamped with the generation the slot's next apply takes (every
+/// writer numbers it alike), must not be, where that apply gives the table none.
+fn unstamp_ranges(ranges: &Array<MapData, Addr4Ranges>, slot: u32) -> Result<()> {
+    for t in 0..TABLES_PER_SLOT {
+        let source = addr4_index(slot * TABLES_PER_SLOT + t, FIELD_SRC4);
+        table::update_batch(ranges, source, &[NO_RANGES]).context("writing NSG address ranges")?;
+    }
+    Ok(())
 }
 
 /// Every one of `fields` as `build` makes it from what is left of the slot's classes after
@@ -414,10 +421,8 @@ impl Drop for Unswitched<'_> {
             let _ = scopes.set(slot * TABLES_PER_SLOT + t, TableScope::default(), 0);
         }
         let Ok(map) = self.pins.open_map(NSG_ADDR4_RANGES) else { return };
-        let Ok(mut ranges) = Array::<_, Addr4Ranges>::try_from(map) else { return };
-        for t in 0..TABLES_PER_SLOT {
-            let _ = ranges.set(addr4_index(slot * TABLES_PER_SLOT + t, FIELD_SRC4), NO_RANGES, 0);
-        }
+        let Ok(ranges) = Array::<_, Addr4Ranges>::try_from(map) else { return };
+        let _ = unstamp_ranges(&ranges, slot);
     }
 }
 

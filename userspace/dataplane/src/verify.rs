@@ -51,7 +51,7 @@ pub struct PinnedTables {
     /// them into the slot not running. (A failed apply's guard can also turn off the
     /// running slot's, after a writer ignoring the lock switched that slot on under the
     /// same generation; an xdpgate from before the ranges, see the README.)
-    ranges: Vec<Option<[Box<Addr4Ranges>; 2]>>,
+    ranges: [Option<[Box<Addr4Ranges>; 2]>; TABLES_PER_SLOT as usize],
     /// `NSG_SCOPES`: a table whose scope leaves the local address out is skipped, as the
     /// kernel skips it (absent under a dataplane from before scopes).
     scopes: Option<Array<MapData, TableScope>>,
@@ -64,11 +64,11 @@ impl PinnedTables {
     pub fn open(pins: &PinDir) -> Result<Self> {
         let (slot, written) =
             apply::active_as_written(pins).context("reading the active policy slot")?;
-        let mut ranges = vec![None; TABLES_PER_SLOT as usize];
+        let mut ranges = [const { None }; TABLES_PER_SLOT as usize];
         // None pinned under a dataplane from before them.
         if let Ok(map) = pins.open_map(NSG_ADDR4_RANGES) {
             let map: Array<_, Addr4Ranges> = map.try_into()?;
-            for (t, ranges) in ranges.iter_mut().enumerate() {
+            for (t, table) in ranges.iter_mut().enumerate() {
                 let read = |field| -> Result<Box<Addr4Ranges>> {
                     let entry = addr4_index(slot * TABLES_PER_SLOT + t as u32, field);
                     Ok(Box::new(map.get(&entry, 0).context("reading NSG_ADDR4_RANGES")?))
@@ -76,7 +76,7 @@ impl PinnedTables {
                 // The source's stamp stands for both fields.
                 let src = read(FIELD_SRC4)?;
                 if src.generation == written.generation {
-                    *ranges = Some([src, read(FIELD_DST4)?]);
+                    *table = Some([src, read(FIELD_DST4)?]);
                 }
             }
         }
