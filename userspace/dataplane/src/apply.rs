@@ -163,15 +163,14 @@ fn write_classes(pins: &PinDir, compiled: &Compiled, slot: u32, generation: u64)
     Ok(bits)
 }
 
-/// Makes every table's IPv4 ranges in `slot` of no generation, so none is searched: ranges
-/// a killed apply left, stamped with the generation the slot's next apply takes (every
-/// writer numbers it alike), must not be, where that apply gives the table none.
+/// Stamps every table's IPv4 ranges in `slot` with no generation, so none is searched until
+/// an apply stamps them again: ranges an apply left when killed or failed before its switch
+/// carry the generation the slot's next writer takes (every writer numbers it alike). One
+/// write for the slot's entries, which lie together (the destinations' stamps are not read).
 fn unstamp_ranges(ranges: &Array<MapData, Addr4Ranges>, slot: u32) -> Result<()> {
-    for t in 0..TABLES_PER_SLOT {
-        let source = addr4_index(slot * TABLES_PER_SLOT + t, FIELD_SRC4);
-        table::update_batch(ranges, source, &[NO_RANGES]).context("writing NSG address ranges")?;
-    }
-    Ok(())
+    let first = addr4_index(slot * TABLES_PER_SLOT, FIELD_SRC4);
+    let none = vec![NO_RANGES; 2 * TABLES_PER_SLOT as usize];
+    table::update_batch(ranges, first, &none).context("writing NSG address ranges")
 }
 
 /// Every one of `fields` as `build` makes it from what is left of the slot's classes after

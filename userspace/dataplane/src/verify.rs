@@ -48,9 +48,10 @@ pub struct PinnedTables {
     /// By table within the slot: the `NSG_ADDR4_RANGES` entries (source, destination) the
     /// kernel searches for its IPv4 addresses, if they were written for the slot's
     /// generation as it stands, a set change's mark included. Read once: an apply writes
-    /// them into the slot not running. (A failed apply's guard can also turn off the
-    /// running slot's, after a writer ignoring the lock switched that slot on under the
-    /// same generation; an xdpgate from before the ranges, see the README.)
+    /// them into the slot not running. (An apply, at its start or by its guard when it
+    /// fails, can also turn off the running slot's, after a writer ignoring the lock
+    /// switched that slot on under the same generation; an xdpgate from before the ranges,
+    /// see the README.)
     ranges: [Option<[Box<Addr4Ranges>; 2]>; TABLES_PER_SLOT as usize],
     /// `NSG_SCOPES`: a table whose scope leaves the local address out is skipped, as the
     /// kernel skips it (absent under a dataplane from before scopes).
@@ -68,7 +69,7 @@ impl PinnedTables {
         // None pinned under a dataplane from before them.
         if let Ok(map) = pins.open_map(NSG_ADDR4_RANGES) {
             let map: Array<_, Addr4Ranges> = map.try_into()?;
-            for (t, table) in ranges.iter_mut().enumerate() {
+            for (t, table_ranges) in ranges.iter_mut().enumerate() {
                 let read = |field| -> Result<Box<Addr4Ranges>> {
                     let entry = addr4_index(slot * TABLES_PER_SLOT + t as u32, field);
                     Ok(Box::new(map.get(&entry, 0).context("reading NSG_ADDR4_RANGES")?))
@@ -76,7 +77,7 @@ impl PinnedTables {
                 // The source's stamp stands for both fields.
                 let src = read(FIELD_SRC4)?;
                 if src.generation == written.generation {
-                    *table = Some([src, read(FIELD_DST4)?]);
+                    *table_ranges = Some([src, read(FIELD_DST4)?]);
                 }
             }
         }
