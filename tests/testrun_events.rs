@@ -10,7 +10,7 @@ use aya::{
 };
 use common::{
     kernel::{DROP, Kernel, PASS, link_tc_pipeline},
-    packet::{L4, SYN, frame},
+    packet::{L4, SYN, fragment, frame, frame_vlan},
 };
 use xdpgate::flowlog;
 use xdpgate_common::{
@@ -196,11 +196,14 @@ fn a_flood_of_denied_packets_is_rate_limited_and_counted() {
     assert!(sent >= DENY_EVENTS_PER_SEC / 2, "the bucket starts full: {sent} events");
 }
 
-/// Rare events reach the agent's log through aya-log: here the policy stage goes missing
-/// from the pipeline, the dataplane fails closed and says why.
+/// Rare events reach the agent's log through aya-log: here a stage goes missing from the
+/// pipeline (the new-flow stage, which a new flow's first packet enters from the entry
+/// stage; the policy stage, which a first fragment enters), the dataplane fails closed and
+/// says why.
 #[test]
 fn a_missing_stage_fails_closed_and_is_logged() {
     use std::sync::{Arc, Mutex};
+    use xdpgate_common::maps::{PIPELINE, PIPELINE_NEW, PIPELINE_POLICY};
 
     #[derive(Clone, Default)]
     struct Capture(Arc<Mutex<Vec<String>>>);
@@ -214,25 +217,26 @@ fn a_missing_stage_fails_closed_and_is_logged() {
         fn flush(&self) {}
     }
 
-    let mut k = Kernel::new();
-    k.apply(POLICY);
-    let capture = Capture::default();
-    let mut logger =
-        aya_log::EbpfLogger::init_with_logger(k.ebpf_mut(), capture.clone()).expect("logger");
-    let mut pipeline: aya::maps::ProgramArray<_> =
-        k.pins.dir.open_map(xdpgate_common::maps::PIPELINE).unwrap().try_into().unwrap();
-    pipeline.clear_index(&xdpgate_common::maps::PIPELINE_POLICY).unwrap();
+    let syn = frame_vlan("203.0.113.7", "198.51.100.10", L4::Tcp(40000, 80, SYN), &[], &[0; 32]);
+    let [first_fragment, _] = fragment(&syn, 24, 7);
+    for (stage, packet) in [(PIPELINE_NEW, &syn), (PIPELINE_POLICY, &first_fragment)] {
+        let mut k = Kernel::new();
+        k.apply(POLICY);
+        let capture = Capture::default();
+        let mut logger =
+            aya_log::EbpfLogger::init_with_logger(k.ebpf_mut(), capture.clone()).expect("logger");
+        let mut pipeline: aya::maps::ProgramArray<_> =
+            k.pins.dir.open_map(PIPELINE).unwrap().try_into().unwrap();
+        pipeline.clear_index(&stage).unwrap();
 
-    let before = k.drops("internal");
-    assert_eq!(
-        k.run(&frame("203.0.113.7", "198.51.100.10", L4::Tcp(40000, 80, SYN))),
-        DROP,
-        "fails closed"
-    );
-    assert_eq!(k.drops("internal"), before + 1);
-    logger.flush();
-    let lines = capture.0.lock().unwrap().clone();
-    assert!(lines.iter().any(|l| l.contains("pipeline stage or scratch map missing")), "{lines:?}");
+        let before = k.drops("internal");
+        assert_eq!(k.run(packet), DROP, "stage {stage} missing: fails closed");
+        assert_eq!(k.drops("internal"), before + 1, "stage {stage}");
+        logger.flush();
+        let lines = capture.0.lock().unwrap().clone();
+        let logged = lines.iter().any(|l| l.contains("pipeline stage or scratch map missing"));
+        assert!(logged, "stage {stage}: {lines:?}");
+    }
 }
 
 /// IRQ work interrupts taken so far on `cpu` (a ring buffer's wake-up is one).

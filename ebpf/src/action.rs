@@ -16,12 +16,13 @@ pub const NAT_ICMP_ERROR_SRC: u8 = 10;
 /// A new flow that still needs its SNAT port claimed (`port` holds the gateway index).
 pub const NAT_PENDING_SNAT: u8 = 5;
 
-/// Not a rewrite: the policy stage asks the new-flow stage to classify the packet's flow
+/// Not a rewrite: the stage before asks the new-flow stage to classify the packet's flow
 /// again (it was decided under an older policy).
 pub const RECLASSIFY: Action = Action { nat: 6, addr: [0; 4], port: 0 };
 
-/// Not a rewrite: the new-flow stage has just classified the packet's flow again (at the
-/// policy stage's `RECLASSIFY`), so the policy stage takes the flow as it stands.
+/// Not a rewrite: the new-flow stage has just classified the packet's flow again (at
+/// `RECLASSIFY`, or finding its embryonic flow stale), so the policy stage takes the flow
+/// as it stands.
 pub const JUDGED: Action = Action { nat: 9, addr: [0; 4], port: 0 };
 
 // A request is told from a rewrite by its `nat` alone.
@@ -52,7 +53,7 @@ const _: () = {
 };
 
 /// Not a rewrite: the entry stage found the packet's flow in no established entry (it looks
-/// there itself), so the policy stage looks among the embryonic flows alone.
+/// there itself), so the new-flow stage looks among the embryonic flows before it makes one.
 pub const NOT_ESTABLISHED: Action = Action { nat: 7, addr: [0; 4], port: 0 };
 
 /// What the dataplane does with an allowed packet beyond passing it: the header rewrite

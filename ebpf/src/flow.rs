@@ -775,17 +775,18 @@ fn taken_over(meta: &PacketMeta, key: &FlowKey, entry: &FlowValue) -> bool {
         && unsafe { EMBRYOS.get(key) }.is_some()
 }
 
-/// The first packet of a flow: load balancing (if it is for a frontend), NSG classification
-/// (of the packet as it will reach the backend), then both directions into the flow table.
+/// The first packet of a flow (`key`: its key, `key(meta)`): load balancing (if it is for a
+/// frontend), NSG classification (of the packet as it will reach the backend), then both
+/// directions into the flow table.
 #[inline(always)]
 pub fn create(
     ctx: &impl Hook,
     active: &Active<'_>,
     meta: &PacketMeta,
+    key: &FlowKey,
     dir: u32,
     len: u64,
 ) -> Result<Action, DropReason> {
-    let key = &key(meta);
     // Connections start with a SYN. Any other segment without a flow starts one only when
     // its state can be rebuilt (a NAT translation still holds it), when the policy or its
     // load-balancing rule picks flows up mid-stream, or when it belongs to a connection of

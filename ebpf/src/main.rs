@@ -35,7 +35,7 @@ use aya_ebpf::{
 use aya_log_ebpf::error;
 use xdpgate_common::{
     events::{EVENT_AT_EGRESS, EVENT_AT_INGRESS},
-    flow::{NAT_DST, NAT_ENCAP, NAT_NEXT_HOP, NAT_NONE, NAT_SRC, NextHop},
+    flow::{FlowKey, NAT_DST, NAT_ENCAP, NAT_NEXT_HOP, NAT_NONE, NAT_SRC, NextHop},
     iface::{IfaceConfig, Role},
     maps::{
         EGRESS_NEW, EGRESS_PARSE, EGRESS_POLICY, PIPELINE_ACT, PIPELINE_NEW, PIPELINE_POLICY,
@@ -67,8 +67,9 @@ use crate::{
 // each stage's body in: LLVM had left seven of these bodies out of line, a BPF-to-BPF call
 // and return per stage (costly where returns go through SRSO's "Safe RET" thunk).
 
-/// Stage one: parse. IP packets go on to the policy stage by tail call once a policy is
-/// applied; the split keeps each program small enough for the verifier to check every path
+/// Stage one: parse, and the established table. IP packets without an established flow go
+/// on by tail call (to the new-flow stage, or for fragments and ICMP errors the policy
+/// stage) once a policy is applied; the split keeps each program small enough for the verifier to check every path
 /// (each parse path would otherwise be explored again through classification).
 #[xdp]
 #[inline(always)]
@@ -77,7 +78,8 @@ pub fn xdpgate(ctx: XdpContext) -> u32 {
     finish(&ctx, iface.map_or(0, |c| c.slot), false, parse_stage(&ctx, iface))
 }
 
-/// Stage two: flow lookup (hit: done; miss: the new-flow stage).
+/// Stage two, for what the entry stage does not look up itself: later fragments, ICMP
+/// errors, a flow judged again (hit: done; miss: the new-flow stage).
 #[xdp]
 #[inline(always)]
 pub fn xdpgate_policy(ctx: XdpContext) -> u32 {
@@ -85,7 +87,8 @@ pub fn xdpgate_policy(ctx: XdpContext) -> u32 {
     finish(&ctx, parsed_slot(), true, result)
 }
 
-/// Stage two, for a packet without a flow: load balancing, NSG classification, a new flow.
+/// Stage two, for a packet without an established flow: its embryonic flow's, else load
+/// balancing, NSG classification, a new flow.
 #[xdp]
 #[inline(always)]
 pub fn xdpgate_new_flow(ctx: XdpContext) -> u32 {
@@ -246,11 +249,14 @@ fn parse_stage<H: Hook>(ctx: &H, iface: Option<&IfaceConfig>) -> Result<u32, Dro
             request_reclassify()?;
             enter(ctx, H::stages(), PIPELINE_NEW)
         }
+        // Straight to the new-flow stage, which asks the embryonic table first: a packet of
+        // no flow takes one tail call fewer than by way of the policy stage.
+        _ if looked => {
+            request(NOT_ESTABLISHED)?;
+            enter(ctx, H::stages(), PIPELINE_NEW)
+        }
         _ => {
-            // The policy stage need not ask the established table again.
-            let note = if looked { NOT_ESTABLISHED } else { Action::PASS };
-            let slot = ACTION.get_ptr_mut(0).ok_or(DropReason::Internal)?;
-            unsafe { *slot = note };
+            request(Action::PASS)?;
             enter(ctx, H::stages(), PIPELINE_POLICY)
         }
     }
@@ -298,8 +304,7 @@ fn policy_stage<H: Hook>(ctx: &H) -> Result<u32, DropReason> {
     // Written by the parse stage on this CPU just before the tail call.
     let meta = SCRATCH.get(0).ok_or(DropReason::Internal)?;
     let active = nsg::active().ok_or(DropReason::Internal)?;
-    let not_established = take_request(NOT_ESTABLISHED);
-    let judged = !not_established && take_request(JUDGED);
+    let judged = take_request(JUDGED);
     if meta.frag == FRAG_LATER {
         let Some(action) = flow::later_fragment(meta) else {
             return enter(ctx, H::stages(), PIPELINE_NEW);
@@ -317,11 +322,7 @@ fn policy_stage<H: Hook>(ctx: &H) -> Result<u32, DropReason> {
         // own key: an ICMP flow of a type without identifier has the key of every such
         // error between its two hosts.
         None if error => return enter(ctx, H::stages(), PIPELINE_NEW),
-        None => match if not_established {
-            flow::lookup_embryo(&active, meta, &flow::key(meta), clock::now_ns(), len, false)
-        } else {
-            flow::lookup(&active, meta, len, judged)
-        } {
+        None => match flow::lookup(&active, meta, len, judged) {
             Lookup::Hit(action) => action,
             Lookup::Miss => return enter(ctx, H::stages(), PIPELINE_NEW),
             Lookup::Stale => {
@@ -333,30 +334,60 @@ fn policy_stage<H: Hook>(ctx: &H) -> Result<u32, DropReason> {
     decided(ctx, meta, action)
 }
 
-/// Whatever needs the NSG classifier: a new flow, a flow decided under an older policy (it
-/// goes back to the policy stage once classified again), a later fragment of an unknown
-/// datagram.
+/// A packet the entry stage found no established flow for (its embryonic flow's, if it has
+/// one), and whatever needs the NSG classifier: a new flow, a flow decided under an older
+/// policy (it goes back to the policy stage once classified again), a later fragment of an
+/// unknown datagram.
 #[inline(always)]
 fn new_flow_stage<H: Hook>(ctx: &H) -> Result<u32, DropReason> {
     let meta = SCRATCH.get(0).ok_or(DropReason::Internal)?;
-    events::set_origin(ctx.arrival(), Packet::len(ctx) as u32, EVENT_AT_INGRESS, meta.tcp_flags);
     let active = nsg::active().ok_or(DropReason::Internal)?;
-    if meta.frag == FRAG_LATER {
-        flow::untranslated_fragment(ctx, &active, meta)?;
-        flow::unknown_fragment(&active, meta)?;
-        return Ok(xdp_action::XDP_PASS);
-    }
-    if take_reclassify() {
-        flow::reclassify(&active, meta, Packet::len(ctx) as u64)?;
-        if ctx.traced() {
-            return Ok(xdp_action::XDP_PASS);
-        }
-        request(JUDGED)?;
-        return enter(ctx, H::stages(), PIPELINE_POLICY);
-    }
     let len = Packet::len(ctx) as u64;
-    let action = flow::create(ctx, &active, meta, u32::from(meta.dir), len)?;
+    // One key for the embryonic table's lookup and the new flow: two would not fit the
+    // stack.
+    let key = flow::key(meta);
+    let found = embryo(&active, meta, &key, len);
+    let action = match found {
+        Some(Lookup::Hit(action)) => action,
+        _ => {
+            events::set_origin(ctx.arrival(), len as u32, EVENT_AT_INGRESS, meta.tcp_flags);
+            if meta.frag == FRAG_LATER {
+                flow::untranslated_fragment(ctx, &active, meta)?;
+                flow::unknown_fragment(&active, meta)?;
+                return Ok(xdp_action::XDP_PASS);
+            }
+            if judge_again(&found) {
+                flow::reclassify(&active, meta, len)?;
+                if ctx.traced() {
+                    return Ok(xdp_action::XDP_PASS);
+                }
+                request(JUDGED)?;
+                return enter(ctx, H::stages(), PIPELINE_POLICY);
+            }
+            flow::create(ctx, &active, meta, &key, u32::from(meta.dir), len)?
+        }
+    };
     decided(ctx, meta, action)
+}
+
+/// The embryonic table's answer for a packet the entry stage sent with `NOT_ESTABLISHED`
+/// (it found no established flow); `None` for any other.
+#[inline(always)]
+fn embryo(active: &Active<'_>, meta: &PacketMeta, key: &FlowKey, len: u64) -> Option<Lookup> {
+    take_request(NOT_ESTABLISHED)
+        .then(|| flow::lookup_embryo(active, meta, key, clock::now_ns(), len, false))
+}
+
+/// Whether the new-flow stage classifies the packet's flow again, by what [`embryo`] found:
+/// an embryonic flow decided under an older policy, or the stage before asked
+/// (`RECLASSIFY`).
+#[inline(always)]
+fn judge_again(found: &Option<Lookup>) -> bool {
+    match found {
+        Some(Lookup::Stale) => true,
+        Some(_) => false,
+        None => take_reclassify(),
+    }
 }
 
 /// Asks the new-flow stage entered next to classify the packet's flow again.
@@ -597,7 +628,8 @@ fn count_drop<H: Hook>(ctx: &H, reason: DropReason, parsed: bool, point: u8) {
 // on this CPU in the middle of an egress pipeline, and an egress program never runs in the
 // middle of an XDP one (XDP transmits through devmaps, past tc).
 
-/// Egress stage one: parse the host's own IP packets, then the policy stage.
+/// Egress stage one: parse the host's own IP packets and look in the established table,
+/// then (without an established flow) the new-flow stage, or the policy stage.
 #[classifier]
 #[inline(always)]
 pub fn xdpgate_egress(ctx: TcContext) -> i32 {
@@ -605,7 +637,8 @@ pub fn xdpgate_egress(ctx: TcContext) -> i32 {
     finish_egress(&ctx, slot, false, egress_parse_stage(&ctx, slot))
 }
 
-/// Egress stage two: flow lookup (hit: done; miss: the new-flow stage).
+/// Egress stage two, for fragments, ICMP errors and a flow judged again: flow lookup (hit:
+/// done; miss: the new-flow stage).
 #[classifier]
 #[inline(always)]
 pub fn xdpgate_egress_policy(ctx: TcContext) -> i32 {
@@ -613,8 +646,8 @@ pub fn xdpgate_egress_policy(ctx: TcContext) -> i32 {
     finish_egress(&ctx, parsed_slot(), true, result)
 }
 
-/// Egress stage three, for a packet of the host's without a flow: NSG classification, a new
-/// flow.
+/// Egress stage three, for a packet of the host's without an established flow: its
+/// embryonic flow's, else NSG classification, a new flow.
 #[classifier]
 #[inline(always)]
 pub fn xdpgate_egress_new(ctx: TcContext) -> i32 {
@@ -672,10 +705,13 @@ fn egress_parse_stage(ctx: &TcContext, slot: u32) -> Result<Option<()>, DropReas
         request_reclassify()?;
         return enter(ctx, &EGRESS_PIPELINE, EGRESS_NEW);
     }
-    // The policy stage need not ask the established table again.
-    let note = if looked { NOT_ESTABLISHED } else { Action::PASS };
-    let action = ACTION.get_ptr_mut(0).ok_or(DropReason::Internal)?;
-    unsafe { *action = note };
+    // As on arrival: without an established flow, to the new-flow stage, which asks the
+    // embryonic table first.
+    if looked {
+        request(NOT_ESTABLISHED)?;
+        return enter(ctx, &EGRESS_PIPELINE, EGRESS_NEW);
+    }
+    request(Action::PASS)?;
     enter(ctx, &EGRESS_PIPELINE, EGRESS_POLICY)
 }
 
@@ -686,8 +722,7 @@ fn egress_parse_stage(ctx: &TcContext, slot: u32) -> Result<Option<()>, DropReas
 fn egress_policy_stage(ctx: &TcContext) -> Result<Option<()>, DropReason> {
     let meta = SCRATCH.get(0).ok_or(DropReason::Internal)?;
     let active = nsg::active().ok_or(DropReason::Internal)?;
-    let not_established = take_request(NOT_ESTABLISHED);
-    let judged = !not_established && take_request(JUDGED);
+    let judged = take_request(JUDGED);
     if meta.frag == FRAG_LATER {
         return match flow::later_fragment(meta) {
             Some(_) => Ok(Some(())),
@@ -710,13 +745,7 @@ fn egress_policy_stage(ctx: &TcContext) -> Result<Option<()>, DropReason> {
             None => enter(ctx, &EGRESS_PIPELINE, EGRESS_NEW),
         };
     }
-    let len = u64::from(ctx.len());
-    let found = if not_established {
-        flow::lookup_embryo(&active, meta, &flow::key(meta), clock::now_ns(), len, false)
-    } else {
-        flow::lookup(&active, meta, len, judged)
-    };
-    match found {
+    match flow::lookup(&active, meta, u64::from(ctx.len()), judged) {
         Lookup::Hit(_) => Ok(egress_passed(meta)),
         Lookup::Miss => enter(ctx, &EGRESS_PIPELINE, EGRESS_NEW),
         Lookup::Stale => {
@@ -730,13 +759,17 @@ fn egress_policy_stage(ctx: &TcContext) -> Result<Option<()>, DropReason> {
 #[inline(always)]
 fn egress_new_stage(ctx: &TcContext) -> Result<Option<()>, DropReason> {
     let meta = SCRATCH.get(0).ok_or(DropReason::Internal)?;
-    events::set_origin(ctx.arrival(), ctx.len(), EVENT_AT_EGRESS, meta.tcp_flags);
     let active = nsg::active().ok_or(DropReason::Internal)?;
+    let found = embryo(&active, meta, &flow::key(meta), u64::from(ctx.len()));
+    if let Some(Lookup::Hit(_)) = found {
+        return Ok(egress_passed(meta));
+    }
+    events::set_origin(ctx.arrival(), ctx.len(), EVENT_AT_EGRESS, meta.tcp_flags);
     if meta.frag == FRAG_LATER {
         flow::unknown_fragment(&active, meta)?;
         return Ok(Some(()));
     }
-    if take_reclassify() {
+    if judge_again(&found) {
         flow::reclassify(&active, meta, u64::from(ctx.len()))?;
         request(JUDGED)?;
         return enter(ctx, &EGRESS_PIPELINE, EGRESS_POLICY);

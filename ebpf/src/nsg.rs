@@ -9,10 +9,10 @@ use aya_ebpf::maps::lpm_trie::Key;
 use xdpgate_common::{
     flow::NO_RULES,
     nsg::{
-        ACCESS_DENY, ADDR4_RANGES, BITMAP_WORDS, CLASSES_PER_SLOT, DIR_INBOUND, DIR_OUTBOUND,
-        FIELD_DPORT, FIELD_DST4, FIELD_DST6, FIELD_PROTO, FIELD_SPORT, FIELD_SRC4, FIELD_SRC6,
-        FieldClass, FieldKey, KEY_HEADER_BITS, LAYER_HOST, LAYER_SUBNET, MAX_RULES, NO_PORT,
-        PolicyConfig, RuleBitmap, TABLES_PER_SLOT, addr4_index, class_bit, class_index,
+        ACCESS_DENY, ADDR4_RANGES, Addr4Ranges, BITMAP_WORDS, CLASSES_PER_SLOT, DIR_INBOUND,
+        DIR_OUTBOUND, FIELD_DPORT, FIELD_DST4, FIELD_DST6, FIELD_PROTO, FIELD_SPORT, FIELD_SRC4,
+        FIELD_SRC6, FieldClass, FieldKey, KEY_HEADER_BITS, LAYER_HOST, LAYER_SUBNET, MAX_RULES,
+        NO_PORT, PolicyConfig, RuleBitmap, TABLES_PER_SLOT, addr4_index, class_bit, class_index,
         proto_class_value, proto_value, table_in_slot,
     },
 };
@@ -226,24 +226,26 @@ fn ranges_current(table: u32, generation: u64) -> bool {
 /// The class of IPv4 address `value` in `field` of `table`.
 #[inline(always)]
 fn addr4_class(table: u32, field: u8, value: &[u32; 4]) -> Option<&'static FieldClass> {
-    let class =
-        u32::try_from(xdpgate_addr4_class(addr4_index(table, field), u32::from_be(value[0])))
-            .ok()?;
+    let ranges = NSG_ADDR4_RANGES.get_ptr(addr4_index(table, field))?;
+    let class = u32::try_from(xdpgate_addr4_class(ranges, u32::from_be(value[0]))).ok()?;
     NSG_CLASSES.get(table / TABLES_PER_SLOT * CLASSES_PER_SLOT + class)
 }
 
-/// The class id of IPv4 address `addr` (host order) in `NSG_ADDR4_RANGES` entry `entry`:
-/// that of the last range starting at or before it, found in six quarterings (three
+/// The class id of IPv4 address `addr` (host order) in `ranges`, an `NSG_ADDR4_RANGES`
+/// entry: that of the last range starting at or before it, found in six quarterings (three
 /// independent compares a step, where halving makes twelve steps of one, each waiting for
-/// the last); -1 without the entry. A global function, as `xdpgate_match_table`: checked
-/// once, with its arguments unknown. Inlined, the search's index, which the verifier tracks
-/// exactly, multiplied the states of the scan after it: the new-flow stages took
+/// the last); -1 for a null `ranges`. A global function, as `xdpgate_match_table`: checked
+/// once, with its arguments unknown. Inlined, the search's index, which the verifier
+/// tracks exactly, multiplied the states of the scan after it: the new-flow stages took
 /// 334,000-408,000 instructions to verify (53,000 before the ranges; 98,000 with this
-/// function).
+/// function, 125,000 since the stage does the embryonic lookup too). It is given the entry,
+/// not its index: a lookup here would take stack for its key, and this frame counts in the
+/// deepest chain of calls (the new-flow stage, the match, this), which fills the
+/// verifier's 512 bytes (the stage 432, the match 80, this 0).
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub extern "C" fn xdpgate_addr4_class(entry: u32, addr: u32) -> i64 {
-    let Some(ranges) = NSG_ADDR4_RANGES.get(entry) else { return -1 };
+pub extern "C" fn xdpgate_addr4_class(ranges: *const Addr4Ranges, addr: u32) -> i64 {
+    let Some(ranges) = (unsafe { ranges.as_ref() }) else { return -1 };
     // Opaque (see `opaque`): knowing `addr` below 2^32 the optimizer makes the sign test a
     // compare, which BPF makes with a branch, and the verifier would walk both ways of
     // every compare.
