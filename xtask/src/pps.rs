@@ -3,7 +3,8 @@
 //!
 //! ```text
 //!   [gen ns] ppsgN ==veth==> ppsdN [dut ns]   program on ppsdN: xdp_noop | xdpgate
-//!   xdpgate-pktgen (live frames, xdp_tx)       the DUT's stack drops what is passed
+//!   xdpgate-pktgen (live frames, xdp_tx;       the DUT's stack drops what is passed
+//!   --via packet: AF_PACKET)
 //! ```
 //!
 //! The generator (`xdpgate-pktgen`, on CPU 0) sends 60-byte UDP frames of 256 flows from
@@ -54,6 +55,10 @@ struct Args {
     /// CPU 0 (see the limits in the report: on a 2-CPU VM this is not the cleaner figure).
     #[arg(long)]
     two_cpus: bool,
+    /// How the generator sends (its `--via`): live frames, or an AF_PACKET socket where the
+    /// kernel refuses live frames (slower: each frame an skb the veth copies again).
+    #[arg(long, default_value = "live", value_parser = ["live", "packet"])]
+    via: String,
 }
 
 /// Flows the generator cycles through.
@@ -139,7 +144,7 @@ pub fn pps(root: &Path, raw: &[String]) -> Result<()> {
     fs::write(&deny, denying)?;
 
     let machine = machine(cpus);
-    let lab = Lab::new(bins)?;
+    let lab = Lab::new(bins, &args.via)?;
     let mut placements = vec![Placement::OneCpu];
     if args.two_cpus {
         if cpus < 2 {
@@ -171,7 +176,7 @@ pub fn pps(root: &Path, raw: &[String]) -> Result<()> {
     }
     drop(lab);
 
-    let md = markdown(&machine, &placements, &samples, seconds, rounds);
+    let md = markdown(&machine, &placements, &samples, seconds, rounds, &args.via);
     print!("{md}");
     let path = out_dir.join("pps.md");
     fs::write(&path, &md).with_context(|| format!("writing {}", path.display()))?;
@@ -189,6 +194,8 @@ struct Bins {
 /// removed on drop.
 struct Lab {
     bins: Bins,
+    /// The generator's `--via`.
+    via: String,
     gen_ns: String,
     dut_ns: String,
     gen_if: String,
@@ -198,10 +205,11 @@ struct Lab {
 }
 
 impl Lab {
-    fn new(bins: Bins) -> Result<Self> {
+    fn new(bins: Bins, via: &str) -> Result<Self> {
         let id = std::process::id() % 10_000;
         let lab = Self {
             bins,
+            via: via.to_string(),
             gen_ns: format!("xgpps-gen{id}"),
             dut_ns: format!("xgpps-dut{id}"),
             gen_if: format!("ppsg{id}"),
@@ -346,8 +354,8 @@ impl Lab {
         let args = format!(
             "--netns {} --iface {} --duration {seconds} --cpu 0 --dst-mac {} \
              --src 203.0.113.1-203.0.113.200 --sport 10000-10063 --flows {FLOWS} --dst {DST} \
-             --dport 9 --json",
-            self.gen_ns, self.gen_if, self.dut_mac
+             --dport 9 --via {} --json",
+            self.gen_ns, self.gen_if, self.dut_mac, self.via
         );
         let json = output(Command::new(&self.bins.pktgen).args(args.split_whitespace()))?;
         let secs = number(&json, "seconds")?;
@@ -464,6 +472,7 @@ fn markdown(
     samples: &[Vec<Vec<Sample>>],
     seconds: f64,
     rounds: usize,
+    via: &str,
 ) -> String {
     let mut md = String::new();
     let _ = writeln!(md, "### Packets per second through veth (`cargo xtask pps`)\n");
@@ -523,8 +532,7 @@ fn markdown(
     }
     let _ = writeln!(
         md,
-        "Method: `cargo xtask pps`. Generator: `xdpgate-pktgen` (BPF_PROG_TEST_RUN live frames, \
-         `xdp_tx`) in its own network namespace, 60-byte UDP/IPv4 frames of {FLOWS} flows \
+        "Method: `cargo xtask pps{}`. Generator: `xdpgate-pktgen` ({}) in its own network namespace, 60-byte UDP/IPv4 frames of {FLOWS} flows \
          (64 source ports x 4 addresses of 203.0.113.0/24) to {DST}:9, addressed to the DUT's \
          MAC, over a veth pair into the DUT's namespace. Each figure is the median of {rounds} \
          round(s) of {seconds} s (after 0.3 s of warm-up); each round measures every case in turn, \
@@ -537,7 +545,15 @@ fn markdown(
          (not its address, no forwarding: IpInAddrErrors); xdpgate's allow case takes the \
          same path after its flow lookup, its deny case stops in XDP. The object has no \
          XDP_DROP program, so there is no drop baseline for the deny case: its ratio compares \
-         a classification and drop in XDP with a pass through the stack.\n"
+         a classification and drop in XDP with a pass through the stack.\n",
+        if via == "live" { "" } else { " --via packet" },
+        if via == "live" {
+            "BPF_PROG_TEST_RUN live frames, `xdp_tx`"
+        } else {
+            "an AF_PACKET socket, 64 frames per `sendmmsg`, past the qdisc: each frame an skb, \
+             which the veth copies into a page for the DUT's XDP, so the generator's share of \
+             the one-CPU figures is larger than with live frames"
+        },
     );
     let _ = writeln!(
         md,

@@ -26,6 +26,7 @@ use aya::programs::loaded_programs;
 use serde::Serialize;
 use xdpgate_common::iface::Role;
 use xdpgate_dataplane::{self as dataplane, Mode, PinDir, netns};
+use xdpgate_pktgen::packet::PacketSocket;
 
 use crate::{
     common::{
@@ -635,43 +636,10 @@ impl Topology {
 /// Frames per `sendmmsg` call of the generator.
 const GEN_BATCH: usize = 64;
 
-/// An AF_PACKET socket bound to `ifindex` of the calling thread's namespace, sending
-/// straight to the driver (no qdisc) and receiving nothing.
-fn packet_socket(ifindex: u32) -> Result<OwnedFd> {
-    // SAFETY: plain socket calls on an fd owned here and a zeroed sockaddr_ll.
-    unsafe {
-        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            bail!("AF_PACKET socket: {}", std::io::Error::last_os_error());
-        }
-        let fd = OwnedFd::from_raw_fd(fd);
-        let one: libc::c_int = 1;
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_PACKET,
-            libc::PACKET_QDISC_BYPASS,
-            (&one as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        );
-        let mut sll: libc::sockaddr_ll = std::mem::zeroed();
-        sll.sll_family = libc::AF_PACKET as u16;
-        sll.sll_ifindex = ifindex as i32;
-        if libc::bind(
-            fd.as_raw_fd(),
-            (&sll as *const libc::sockaddr_ll).cast(),
-            size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-        ) != 0
-        {
-            bail!("binding the AF_PACKET socket: {}", std::io::Error::last_os_error());
-        }
-        Ok(fd)
-    }
-}
-
 /// Sends `frame` out of the generator's veth for `secs` (or just `count` frames) from a
-/// thread in the generator namespace pinned to `cpu`: an AF_PACKET socket, `sendmmsg` of
-/// 64 copies at a time, no qdisc. Every frame is copied into a fresh skb, so what the DUT
-/// does to a packet never leaks into the next one. Returns (frames sent, seconds).
+/// thread in the generator namespace pinned to `cpu`: `xdpgate-pktgen`'s AF_PACKET sender,
+/// 64 copies per `sendmmsg`, no qdisc. Every frame is copied into a fresh skb, so what the
+/// DUT does to a packet never leaks into the next one. Returns (frames sent, seconds).
 fn blast(
     topo: &Topology,
     frame: &[u8],
@@ -685,34 +653,13 @@ fn blast(
         s.spawn(|| -> Result<(u64, f64)> {
             netns::enter(&gen_ns)?;
             pin_to_cpu(cpu);
-            let fd = packet_socket(ifindex)?;
-            let mut iov =
-                libc::iovec { iov_base: frame.as_ptr() as *mut libc::c_void, iov_len: frame.len() };
-            // SAFETY: zeroed mmsghdrs, each pointing at the one iovec, which outlives the calls.
-            let mut msgs: Vec<libc::mmsghdr> = (0..GEN_BATCH)
-                .map(|_| {
-                    let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
-                    m.msg_hdr.msg_iov = &mut iov;
-                    m.msg_hdr.msg_iovlen = 1;
-                    m
-                })
-                .collect();
+            let socket = PacketSocket::new(ifindex).context("the generator's AF_PACKET socket")?;
             let start = Instant::now();
             let mut sent = 0u64;
             loop {
                 let n = count.map_or(GEN_BATCH, |c| (c - sent as usize).min(GEN_BATCH));
-                // SAFETY: n initialized mmsghdrs of a live vector.
-                let r = unsafe { libc::sendmmsg(fd.as_raw_fd(), msgs.as_mut_ptr(), n as u32, 0) };
-                if r < 0 {
-                    let e = std::io::Error::last_os_error();
-                    if e.raw_os_error() != Some(libc::ENOBUFS)
-                        && e.raw_os_error() != Some(libc::EAGAIN)
-                    {
-                        bail!("sendmmsg: {e}");
-                    }
-                } else {
-                    sent += r as u64;
-                }
+                socket.send(frame, n as u64, GEN_BATCH).context("sendmmsg")?;
+                sent += n as u64;
                 let done = match count {
                     Some(c) => sent as usize >= c,
                     None => start.elapsed().as_secs_f64() >= secs,

@@ -22,6 +22,10 @@
 //! `--burst` frames of each per run. `--rate` shortens the bursts and sleeps between runs.
 //! What was sent is read back from the interface's TX counters in this namespace.
 //!
+//! Where the kernel refuses live-frames test runs (EPERM on some hardened or sandboxed
+//! kernels, EINVAL before Linux 5.18), `--via auto` (the default) sends through an AF_PACKET
+//! socket instead (`packet.rs`) and says so in its report; `--via live` fails instead.
+//!
 //! `xdpgate-pktgen sink` is the other end for benchmarks: it attaches a baseline program of
 //! the object (`xdp_noop` by default) to an interface until stopped, and reports what the
 //! interface received.
@@ -51,14 +55,17 @@ use xdpgate_dataplane::{
     self as dataplane, EBPF_OBJ, Mode, NOOP_PROGRAM, PinDir, TX_PROGRAM, netns,
 };
 
+use xdpgate_pktgen::packet::PacketSocket;
+
 use crate::frame::{AddrRange, FrameSpec, Mac, PortRange, Proto};
 
 /// The largest live-frames batch the kernel accepts (`TEST_XDP_MAX_BATCH`).
 pub const MAX_BATCH: u32 = 256;
 
 /// Send generated UDP/TCP frames out of an interface at up to line rate: BPF_PROG_TEST_RUN in
-/// live-frames mode with the xdpgate object's xdp_tx program (no kernel pktgen needed).
-/// Reports what left from the interface's TX counters. `xdpgate-pktgen sink` holds a baseline
+/// live-frames mode with the xdpgate object's xdp_tx program (no kernel pktgen needed), or an
+/// AF_PACKET socket where the kernel refuses live frames. Reports what left from the
+/// interface's TX counters. `xdpgate-pktgen sink` holds a baseline
 /// program (xdp_noop) on the receiving interface instead of xdpgate.
 ///
 /// Example: xdpgate-pktgen --netns gen --iface veth0 --count 1000000 --dst-mac MAC
@@ -133,9 +140,14 @@ pub struct SendArgs {
     /// Frames of one template per test run (one system call) before the next template.
     #[arg(long, value_name = "N", default_value_t = 1024)]
     pub burst: u32,
-    /// Frames the kernel builds and flushes at a time (1-256).
+    /// Frames the kernel builds and flushes at a time (1-256); through AF_PACKET, frames per
+    /// system call.
     #[arg(long, value_name = "N", default_value_t = 64)]
     pub batch: u32,
+    /// How frames leave: live-frames test runs, an AF_PACKET socket, or live frames unless
+    /// the kernel refuses them.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub via: Via,
     /// Sender threads, taking turns through the templates. One keeps a CPU busy; on a veth
     /// more only contend for the peer's one receive ring.
     #[arg(long, value_name = "N", default_value_t = 1)]
@@ -147,6 +159,18 @@ pub struct SendArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// How frames leave (see the module's documentation).
+#[derive(clap::ValueEnum, Serialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Via {
+    /// Live frames, or AF_PACKET where the kernel refuses them.
+    Auto,
+    /// `BPF_PROG_TEST_RUN` live frames through `xdp_tx` only.
+    Live,
+    /// An AF_PACKET socket past the qdisc.
+    Packet,
 }
 
 /// A baseline program held on an interface.
@@ -241,14 +265,20 @@ pub struct SendReport {
     pub family: &'static str,
     pub size: usize,
     pub flows: usize,
-    /// Frames handed to the kernel (program runs).
+    /// How the frames left: `live` or `packet` (never `auto`).
+    pub via: Via,
+    /// Why not live frames, when `--via auto` fell back to AF_PACKET.
+    pub live_refused: Option<&'static str>,
+    /// Frames handed to the kernel (program runs, or frames an AF_PACKET socket took).
     pub submitted: u64,
     /// From the interface's TX counters: what left (on a veth: what the peer took in).
     pub tx_packets: u64,
+    /// A veth whose peer runs XDP counts an AF_PACKET frame without its 14-byte Ethernet
+    /// header (it has been pulled off the skb by then), a live frame whole.
     pub tx_bytes: u64,
     /// Frames the interface dropped (on a veth: the peer's receive ring was full).
     pub tx_dropped: u64,
-    /// Wall-clock seconds from the first to the last test run's return.
+    /// Wall-clock seconds from the first to the last send's return.
     pub seconds: f64,
     /// tx_packets / seconds.
     pub pps: f64,
@@ -280,6 +310,13 @@ impl SendReport {
             human_rate(self.pps),
             self.bits_per_second / 1e9,
         );
+        match (&self.via, &self.live_refused) {
+            (Via::Packet, Some(why)) => {
+                out += &format!("  through AF_PACKET: the kernel refused live frames ({why})\n")
+            }
+            (Via::Packet, None) => out += "  through AF_PACKET\n",
+            _ => {}
+        }
         if self.tx_dropped > 0 {
             out += &format!(
                 "  {} frames dropped by {} (on a veth: the peer's receive ring was full)\n",
@@ -338,17 +375,26 @@ pub fn send(args: &SendArgs) -> Result<SendReport> {
     spec.size = args.size.unwrap_or(spec.headers_len().max(60));
     let templates = spec.templates(args.flows)?;
 
-    let mut ebpf = load_object()?;
-    let prog = dataplane::program(&mut ebpf, TX_PROGRAM)?;
-    let _hold = match DispatcherHold::new(prog) {
-        Ok(hold) => Some(hold),
-        Err(e) => {
-            eprintln!(
-                "pktgen: warning: cannot hold {TX_PROGRAM} in the XDP dispatcher ({e:#}); each \
-                 test run will wait for RCU twice: use large --burst"
-            );
-            None
-        }
+    // Live frames need the object's xdp_tx, held in the XDP dispatcher; AF_PACKET nothing.
+    let mut ebpf = if args.via == Via::Packet { None } else { Some(load_object()?) };
+    let mut live = None;
+    let mut _hold = None;
+    if let Some(ebpf) = &mut ebpf {
+        let prog = dataplane::program(ebpf, TX_PROGRAM)?;
+        _hold = DispatcherHold::new(prog)
+            .inspect_err(|e| {
+                eprintln!(
+                    "pktgen: warning: cannot hold {TX_PROGRAM} in the XDP dispatcher ({e:#}); \
+                     each test run will wait for RCU twice: use large --burst"
+                )
+            })
+            .ok();
+        live = Some(Out::Live { prog: &*prog, ifindex, batch: args.batch });
+    }
+    let packet = || -> Result<Out<'_>> {
+        let socket = PacketSocket::new(ifindex)
+            .with_context(|| format!("an AF_PACKET socket on {}", args.iface))?;
+        Ok(Out::Packet { socket, batch: args.batch as usize })
     };
 
     let count = match (args.count, args.duration) {
@@ -356,8 +402,7 @@ pub fn send(args: &SendArgs) -> Result<SendReport> {
         (None, Some(_)) => u64::MAX,
         (None, None) => 1_000_000,
     };
-    let deadline = args.duration.map(Duration::from_secs_f64);
-    // With a rate, about a thousand runs a second: short bursts, even pacing.
+    // With a rate, about a thousand sends a second: short bursts, even pacing.
     let burst = if args.rate > 0 {
         u64::from(args.burst).min((args.rate / 1000).max(1))
     } else {
@@ -367,14 +412,12 @@ pub fn send(args: &SendArgs) -> Result<SendReport> {
     let stop = install_stop_handler()?;
     let before = dev_counters(&args.iface)?;
     let start = Instant::now();
-    let run = Run {
-        prog,
+    let new_run = |out| Run {
+        out,
         templates: &templates,
-        ifindex,
-        batch: args.batch,
         burst,
         rate: args.rate,
-        deadline,
+        deadline: args.duration.map(Duration::from_secs_f64),
         start,
         threads: args.threads.max(1),
         cpu: args.cpu,
@@ -384,11 +427,38 @@ pub fn send(args: &SendArgs) -> Result<SendReport> {
         id_waits_ms: AtomicU64::new(0),
         stop,
     };
+    let mut run = new_run(match live {
+        Some(live) => live,
+        None => packet()?,
+    });
+    // The first send, before the senders start, finds out whether the kernel takes live
+    // frames: sender 0 goes on from the template after it.
+    let mut first = 0;
+    let mut live_refused = None;
+    let first_interrupted = match run.step(&mut first) {
+        Ok(step) => step == Step::Interrupted,
+        Err(e) => match refused(&e).filter(|_| run.out.is_live()) {
+            Some(why) if args.via == Via::Auto => {
+                eprintln!(
+                    "pktgen: the kernel refuses live frames ({why}): sending through AF_PACKET"
+                );
+                live_refused = Some(why);
+                run = new_run(packet()?);
+                first = 0;
+                false
+            }
+            Some(why) => bail!(
+                "this kernel refuses live-frames test runs ({why}: {e}); --via packet (or \
+                 auto) sends through an AF_PACKET socket"
+            ),
+            None => return Err(e.context(run.out.describe(&args.iface, ifindex))),
+        },
+    };
     let results: Vec<Result<bool>> = std::thread::scope(|s| {
         let workers: Vec<_> = (0..run.threads)
             .map(|t| {
                 let run = &run;
-                s.spawn(move || run.worker(t))
+                s.spawn(move || run.worker(if t == 0 { first } else { t }))
             })
             .collect();
         workers
@@ -396,11 +466,9 @@ pub fn send(args: &SendArgs) -> Result<SendReport> {
             .map(|w| w.join().unwrap_or_else(|_| Err(anyhow!("a sender panicked"))))
             .collect()
     });
-    let mut interrupted = false;
+    let mut interrupted = first_interrupted;
     for r in results {
-        interrupted |= r.with_context(|| {
-            format!("live-frames test run of {TX_PROGRAM} on {} (ifindex {ifindex})", args.iface)
-        })?;
+        interrupted |= r.with_context(|| run.out.describe(&args.iface, ifindex))?;
     }
     let submitted = run.submitted.load(Ordering::Relaxed);
     let seconds = start.elapsed().as_secs_f64();
@@ -415,6 +483,8 @@ pub fn send(args: &SendArgs) -> Result<SendReport> {
         family: if args.dst.is_ipv4() { "IPv4" } else { "IPv6" },
         size: templates[0].len(),
         flows: templates.len(),
+        via: if run.out.is_live() { Via::Live } else { Via::Packet },
+        live_refused,
         submitted,
         tx_packets,
         tx_bytes,
@@ -468,10 +538,8 @@ impl DispatcherHold {
 
 /// One generator run shared by its sender threads.
 struct Run<'a> {
-    prog: &'a Xdp,
+    out: Out<'a>,
     templates: &'a [Vec<u8>],
-    ifindex: u32,
-    batch: u32,
     burst: u64,
     rate: u64,
     deadline: Option<Duration>,
@@ -480,9 +548,9 @@ struct Run<'a> {
     cpu: Option<usize>,
     /// Frames not yet handed out to a sender.
     budget: AtomicU64,
-    /// Frames the kernel has sent (program runs), all senders.
+    /// Frames the kernel has taken (program runs, or frames of `sendmmsg`), all senders.
     submitted: AtomicU64,
-    /// When a test run last succeeded, in ms from `start`.
+    /// When a send last succeeded, in ms from `start`.
     last_progress_ms: AtomicU64,
     /// Time spent waiting for the kernel's XDP memory-model ids.
     id_waits_ms: AtomicU64,
@@ -517,7 +585,7 @@ impl Run<'_> {
     /// faster than that, or whose frames are held, run out of ids: the run fails with
     /// ENOSPC and is tried again once some are released. Gives up after
     /// 30 s without a release (the kernel has been seen to take 15 s to release 50,000).
-    fn wait_for_memory_ids(&self, e: &aya::programs::ProgramError) -> Result<()> {
+    fn wait_for_memory_ids(&self, e: &std::io::Error) -> Result<()> {
         let waited = Instant::now();
         std::thread::sleep(Duration::from_millis(10));
         let total = self.id_waits_ms.fetch_add(10, Ordering::Relaxed) + 10;
@@ -533,55 +601,127 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// Sender `t`: templates t, t + threads, ... in turn, one test run each. Returns whether
-    /// a signal stopped it.
-    fn worker(&self, t: usize) -> Result<bool> {
+    /// A sender: from template `next`, then every `threads`-th, one send of `burst` frames
+    /// each. Returns whether a signal stopped it.
+    fn worker(&self, mut next: usize) -> Result<bool> {
         if let Some(cpu) = self.cpu {
             pin_cpu(cpu)?;
         }
-        let mut next = t;
         loop {
-            if self.stop.load(Ordering::Relaxed) {
-                return Ok(true);
-            }
-            if self.deadline.is_some_and(|d| self.start.elapsed() >= d) {
-                return Ok(false);
-            }
-            let n = self.reserve(self.burst);
-            if n == 0 {
-                return Ok(false);
-            }
-            let frame = &self.templates[next % self.templates.len()];
-            next += self.threads;
-            let ctx = xdp_md(frame.len(), self.ifindex);
-            let res = self.prog.test_run(TestRunOptions {
-                data_in: Some(frame),
-                ctx_in: Some(&ctx),
-                repeat: n as u32,
-                attrs: TestRunAttrs::new().xdp_live_frames(self.batch),
-                ..Default::default()
-            });
-            match res {
-                Ok(_) => {}
-                Err(e) if is_eintr(&e) => return Ok(true),
-                Err(e) if errno(&e) == Some(libc::ENOSPC) => {
-                    self.wait_for_memory_ids(&e)?;
-                    // The frames were not sent: they go back to the budget.
-                    self.budget.fetch_add(n, Ordering::Relaxed);
-                    next -= self.threads;
-                    continue;
-                }
-                Err(e) => return Err(e.into()),
-            }
-            let total = self.submitted.fetch_add(n, Ordering::Relaxed) + n;
-            self.last_progress_ms.store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
-            if self.rate > 0 {
-                let due = Duration::from_secs_f64(total as f64 / self.rate as f64);
-                if let Some(ahead) = due.checked_sub(self.start.elapsed()) {
-                    std::thread::sleep(ahead);
-                }
+            match self.step(&mut next)? {
+                Step::Sent => {}
+                Step::Done => return Ok(false),
+                Step::Interrupted => return Ok(true),
             }
         }
+    }
+
+    /// One send of template `next` (and `next` moved on), or why none.
+    fn step(&self, next: &mut usize) -> Result<Step> {
+        if self.stop.load(Ordering::Relaxed) {
+            return Ok(Step::Interrupted);
+        }
+        if self.deadline.is_some_and(|d| self.start.elapsed() >= d) {
+            return Ok(Step::Done);
+        }
+        let n = self.reserve(self.burst);
+        if n == 0 {
+            return Ok(Step::Done);
+        }
+        let frame = &self.templates[*next % self.templates.len()];
+        match self.out.send(frame, n) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => return Ok(Step::Interrupted),
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && self.out.is_live() => {
+                self.wait_for_memory_ids(&e)?;
+                // The frames were not sent: they go back to the budget, the template stays.
+                self.budget.fetch_add(n, Ordering::Relaxed);
+                return Ok(Step::Sent);
+            }
+            Err(e) => return Err(e.into()),
+        }
+        *next += self.threads;
+        let total = self.submitted.fetch_add(n, Ordering::Relaxed) + n;
+        self.last_progress_ms.store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        if self.rate > 0 {
+            let due = Duration::from_secs_f64(total as f64 / self.rate as f64);
+            if let Some(ahead) = due.checked_sub(self.start.elapsed()) {
+                std::thread::sleep(ahead);
+            }
+        }
+        Ok(Step::Sent)
+    }
+}
+
+/// What one `Run::step` did.
+#[derive(Debug, PartialEq, Eq)]
+enum Step {
+    /// Sent a burst, or will try it again.
+    Sent,
+    /// The count or the duration is reached.
+    Done,
+    /// A signal came.
+    Interrupted,
+}
+
+/// Where the frames go.
+enum Out<'a> {
+    /// Live-frames test runs of `xdp_tx` "received" on `ifindex`, `batch` frames built and
+    /// flushed at a time.
+    Live { prog: &'a Xdp, ifindex: u32, batch: u32 },
+    /// An AF_PACKET socket, `batch` frames per `sendmmsg`.
+    Packet { socket: PacketSocket, batch: usize },
+}
+
+impl Out<'_> {
+    fn is_live(&self) -> bool {
+        matches!(self, Out::Live { .. })
+    }
+
+    /// Sends `frame` `n` times.
+    fn send(&self, frame: &[u8], n: u64) -> std::io::Result<()> {
+        match self {
+            Out::Live { prog, ifindex, batch } => {
+                let ctx = xdp_md(frame.len(), *ifindex);
+                prog.test_run(TestRunOptions {
+                    data_in: Some(frame),
+                    ctx_in: Some(&ctx),
+                    // A burst is at most `--burst`, a u32.
+                    repeat: n as u32,
+                    attrs: TestRunAttrs::new().xdp_live_frames(*batch),
+                    ..Default::default()
+                })
+                .map(drop)
+                .map_err(|e| match e {
+                    aya::programs::ProgramError::SyscallError(s) => s.io_error,
+                    e => std::io::Error::other(e),
+                })
+            }
+            Out::Packet { socket, batch } => socket.send(frame, n, *batch),
+        }
+    }
+
+    /// What failed, for an error's context.
+    fn describe(&self, iface: &str, ifindex: u32) -> String {
+        match self {
+            Out::Live { .. } => {
+                format!("live-frames test run of {TX_PROGRAM} on {iface} (ifindex {ifindex})")
+            }
+            Out::Packet { .. } => format!("sendmmsg on an AF_PACKET socket on {iface}"),
+        }
+    }
+}
+
+/// The errno's name when a live-frames test run failed because the kernel will not do them
+/// at all: EPERM where a hardened or sandboxed kernel forbids them, EINVAL before Linux 5.18
+/// (no such flag), EOPNOTSUPP or ENOTSUPP (524) where XDP test runs are not built in.
+fn refused(e: &anyhow::Error) -> Option<&'static str> {
+    match e.downcast_ref::<std::io::Error>()?.raw_os_error()? {
+        libc::EPERM => Some("EPERM"),
+        libc::EINVAL => Some("EINVAL"),
+        libc::EOPNOTSUPP => Some("EOPNOTSUPP"),
+        524 => Some("ENOTSUPP"),
+        _ => None,
     }
 }
 
@@ -598,17 +738,6 @@ pub fn human_rate(pps: f64) -> String {
     } else {
         format!("{pps:.0} pps")
     }
-}
-
-fn errno(e: &aya::programs::ProgramError) -> Option<i32> {
-    match e {
-        aya::programs::ProgramError::SyscallError(s) => s.io_error.raw_os_error(),
-        _ => None,
-    }
-}
-
-fn is_eintr(e: &aya::programs::ProgramError) -> bool {
-    errno(e) == Some(libc::EINTR)
 }
 
 /// The 24-byte `struct xdp_md` given as `ctx_in`: data at 0 (no metadata), data_end at the
@@ -926,6 +1055,24 @@ mod tests {
         assert_eq!(e.kind(), clap::error::ErrorKind::ArgumentConflict);
         assert!(p("--count 5").is_err(), "sending needs --iface");
         assert!(p("sink --iface v0 --count 5").is_err(), "the sink does not count");
+        assert_eq!(p("--iface v0").unwrap().send.unwrap().via, Via::Auto);
+        assert_eq!(p("--iface v0 --via packet").unwrap().send.unwrap().via, Via::Packet);
+        assert!(p("--iface v0 --via pktgen").is_err());
+    }
+
+    /// Only the errnos of a kernel that will not do live frames at all make `--via auto` fall
+    /// back: an interrupted or out-of-ids run is the generator's to handle, a bad address a
+    /// failure.
+    #[test]
+    fn refusals_are_told_from_failures() {
+        let err = |errno| anyhow::Error::from(std::io::Error::from_raw_os_error(errno));
+        assert_eq!(refused(&err(libc::EPERM)), Some("EPERM"));
+        assert_eq!(refused(&err(libc::EINVAL)), Some("EINVAL"));
+        assert_eq!(refused(&err(524)), Some("ENOTSUPP"));
+        for errno in [libc::EINTR, libc::ENOSPC, libc::EFAULT, libc::ENXIO] {
+            assert_eq!(refused(&err(errno)), None, "errno {errno}");
+        }
+        assert_eq!(refused(&anyhow!("not an io::Error")), None);
     }
 
     #[test]

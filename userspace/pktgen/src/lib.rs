@@ -1,0 +1,3 @@
+//! What the generator shares with the bench: sending frames through an AF_PACKET socket.
+
+pub mod packet;
