@@ -1010,11 +1010,13 @@ fn first_marks(meta: &PacketMeta, f: &mut FlowValue) {
 /// load balancing, no translation. A TCP segment other than a SYN starts one too, mid-stream
 /// (a connection from before the attach, or whose flow expired): the host's own socket
 /// vouches for it, and an answer confirms it. Answers that open nothing make no flow.
+/// `key` is the packet's own (`key(meta)`), as its caller looked it up.
 #[inline(always)]
 pub fn create_host(
     ctx: &impl EbpfContext,
     active: &Active<'_>,
     meta: &PacketMeta,
+    key: &FlowKey,
     dir: u32,
     len: u64,
 ) -> Result<(), DropReason> {
@@ -1043,7 +1045,7 @@ pub fn create_host(
     if forward.tcp & TCP_MIDSTREAM != 0 {
         count(FLOW_STAT_PICKED_UP);
     }
-    commit(meta, &key(meta), forward, reply, false);
+    commit(meta, key, forward, reply, false);
     Ok(())
 }
 

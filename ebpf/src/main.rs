@@ -69,8 +69,9 @@ use crate::{
 
 /// Stage one: parse, and the established table. IP packets without an established flow go
 /// on by tail call (to the new-flow stage, or for fragments and ICMP errors the policy
-/// stage) once a policy is applied; the split keeps each program small enough for the verifier to check every path
-/// (each parse path would otherwise be explored again through classification).
+/// stage) once a policy is applied; the split keeps each program small enough for the
+/// verifier to check every path (each parse path would otherwise be explored again through
+/// classification).
 #[xdp]
 #[inline(always)]
 pub fn xdpgate(ctx: XdpContext) -> u32 {
@@ -760,7 +761,8 @@ fn egress_policy_stage(ctx: &TcContext) -> Result<Option<()>, DropReason> {
 fn egress_new_stage(ctx: &TcContext) -> Result<Option<()>, DropReason> {
     let meta = SCRATCH.get(0).ok_or(DropReason::Internal)?;
     let active = nsg::active().ok_or(DropReason::Internal)?;
-    let found = embryo(&active, meta, &flow::key(meta), u64::from(ctx.len()));
+    let key = flow::key(meta);
+    let found = embryo(&active, meta, &key, u64::from(ctx.len()));
     if let Some(Lookup::Hit(_)) = found {
         return Ok(egress_passed(meta));
     }
@@ -774,7 +776,7 @@ fn egress_new_stage(ctx: &TcContext) -> Result<Option<()>, DropReason> {
         request(JUDGED)?;
         return enter(ctx, &EGRESS_PIPELINE, EGRESS_POLICY);
     }
-    flow::create_host(ctx, &active, meta, u32::from(meta.dir), u64::from(ctx.len()))?;
+    flow::create_host(ctx, &active, meta, &key, u32::from(meta.dir), u64::from(ctx.len()))?;
     Ok(egress_passed(meta))
 }
 
