@@ -590,7 +590,7 @@ fn flood(lab: &Lab, v6: bool, count: u64) -> Value {
         .args(["--dst-mac", &dst_mac, "--src", src, "--sport", sport, "--dst", dst])
         .args(["--dport", &ECHO_PORT.to_string()])
         .args(["--count", &count.to_string(), "--flows", &count.to_string()])
-        // One frame per test run, one sender: every SYN a distinct template, none repeated
+        // One frame per send, one sender: every SYN a distinct template, none repeated
         // (senders share one budget, so a faster second sender would wrap around its
         // templates and repeat them).
         .args(["--burst", "1", "--threads", "1"])

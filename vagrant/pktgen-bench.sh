@@ -174,7 +174,7 @@ kernel_pktgen() { # COUNT
 xdp_pktgen() { # COUNT
   local json
   json=$("$PKTGEN" --netns "$GEN_NS" --iface "$GEN_IF" --count "$1" --dst-mac "$DUT_MAC" \
-    --src 203.0.113.1-203.0.113.4 --sport 10000-10063 --flows 256 --dst "$DST" --dport 9 --json)
+    --src 203.0.113.1-203.0.113.4 --sport 10000-10063 --flows 256 --dst "$DST" --dport 9 --via live --json)
   local submitted seconds
   submitted=$(echo "$json" | sed -n 's/.*"submitted": \([0-9]*\).*/\1/p')
   seconds=$(echo "$json" | sed -n 's/.*"seconds": \([0-9.e-]*\).*/\1/p')

@@ -41,10 +41,10 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Packets per second through a veth pair, xdpgate against xdp_noop, with the
-    /// live-frames generator `xdpgate-pktgen` (writes target/bench/pps.md).
+    /// Packets per second through a veth pair, xdpgate against xdp_noop, with the generator
+    /// `xdpgate-pktgen`, live frames or `--via packet` (writes target/bench/pps.md).
     Pps {
-        /// Extra arguments (`--quick`, `--seconds N`, `--rounds N`).
+        /// Extra arguments (`--quick`, `--seconds N`, `--rounds N`, `--via packet`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },

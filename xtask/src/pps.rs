@@ -55,8 +55,8 @@ struct Args {
     /// CPU 0 (see the limits in the report: on a 2-CPU VM this is not the cleaner figure).
     #[arg(long)]
     two_cpus: bool,
-    /// How the generator sends (its `--via`): live frames, or an AF_PACKET socket where the
-    /// kernel refuses live frames (slower: each frame an skb the veth copies again).
+    /// How the generator sends (its `--via`): live frames, or an AF_PACKET socket, for a
+    /// kernel that refuses live frames (slower: each frame an skb the veth copies again).
     #[arg(long, default_value = "live", value_parser = ["live", "packet"])]
     via: String,
 }

@@ -317,6 +317,10 @@ impl SendReport {
             (Via::Packet, None) => out += "  through AF_PACKET\n",
             _ => {}
         }
+        if self.via == Via::Packet {
+            out += "  (a veth whose peer runs XDP counts these frames' bytes without their \
+                    14-byte Ethernet header)\n";
+        }
         if self.tx_dropped > 0 {
             out += &format!(
                 "  {} frames dropped by {} (on a veth: the peer's receive ring was full)\n",
@@ -349,8 +353,8 @@ pub fn send(args: &SendArgs) -> Result<SendReport> {
     if !(1..=MAX_BATCH).contains(&args.batch) {
         bail!("--batch must be 1-{MAX_BATCH}");
     }
-    if args.burst == 0 || args.flows == 0 {
-        bail!("--burst and --flows must be at least 1");
+    if args.burst == 0 || args.flows == 0 || args.count == Some(0) {
+        bail!("--burst, --flows and --count must be at least 1");
     }
     if let Some(d) = args.duration
         && !(d.is_finite() && d > 0.0)
@@ -433,6 +437,9 @@ pub fn send(args: &SendArgs) -> Result<SendReport> {
     });
     // The first send, before the senders start, finds out whether the kernel takes live
     // frames: sender 0 goes on from the template after it.
+    if let Some(cpu) = args.cpu {
+        pin_cpu(cpu)?;
+    }
     let mut first = 0;
     let mut live_refused = None;
     let first_interrupted = match run.step(&mut first) {
@@ -440,9 +447,10 @@ pub fn send(args: &SendArgs) -> Result<SendReport> {
         Err(e) => match refused(&e).filter(|_| run.out.is_live()) {
             Some(why) if args.via == Via::Auto => {
                 eprintln!(
-                    "pktgen: the kernel refuses live frames ({why}): sending through AF_PACKET"
+                    "pktgen: the kernel refuses live frames ({e}): sending through AF_PACKET"
                 );
                 live_refused = Some(why);
+                _hold = None;
                 run = new_run(packet()?);
                 first = 0;
                 false
@@ -629,8 +637,8 @@ impl Run<'_> {
             return Ok(Step::Done);
         }
         let frame = &self.templates[*next % self.templates.len()];
-        match self.out.send(frame, n) {
-            Ok(()) => {}
+        let taken = match self.out.send(frame, n) {
+            Ok(taken) => taken,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => return Ok(Step::Interrupted),
             Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && self.out.is_live() => {
                 self.wait_for_memory_ids(&e)?;
@@ -639,9 +647,12 @@ impl Run<'_> {
                 return Ok(Step::Sent);
             }
             Err(e) => return Err(e.into()),
-        }
+        };
         *next += self.threads;
-        let total = self.submitted.fetch_add(n, Ordering::Relaxed) + n;
+        let total = self.submitted.fetch_add(taken, Ordering::Relaxed) + taken;
+        if taken < n {
+            return Ok(Step::Interrupted);
+        }
         self.last_progress_ms.store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
         if self.rate > 0 {
             let due = Duration::from_secs_f64(total as f64 / self.rate as f64);
@@ -678,8 +689,9 @@ impl Out<'_> {
         matches!(self, Out::Live { .. })
     }
 
-    /// Sends `frame` `n` times.
-    fn send(&self, frame: &[u8], n: u64) -> std::io::Result<()> {
+    /// Sends `frame` `n` times; returns how many the kernel took (fewer only if a signal
+    /// came).
+    fn send(&self, frame: &[u8], n: u64) -> std::io::Result<u64> {
         match self {
             Out::Live { prog, ifindex, batch } => {
                 let ctx = xdp_md(frame.len(), *ifindex);
@@ -691,7 +703,7 @@ impl Out<'_> {
                     attrs: TestRunAttrs::new().xdp_live_frames(*batch),
                     ..Default::default()
                 })
-                .map(drop)
+                .map(|_| n)
                 .map_err(|e| match e {
                     aya::programs::ProgramError::SyscallError(s) => s.io_error,
                     e => std::io::Error::other(e),
