@@ -213,6 +213,7 @@ fn frames_a_device_drops_are_counted_once_and_the_run_ends() {
     let report = json(&out.stdout);
     assert_eq!(report["submitted"], FRAMES, "{report}");
     assert_eq!(report["tx_packets"], 0, "{report}");
+    assert_eq!(report["refused"], FRAMES, "each handed back once: {report}");
     // Plus what the kernel itself may have queued there (IPv6 autoconfiguration).
     let dropped = report["tx_dropped"].as_u64().unwrap();
     assert!((FRAMES..=FRAMES + SLACK).contains(&dropped), "every frame dropped once: {report}");

@@ -86,8 +86,9 @@ pub struct PathRow {
     /// Median of the per-run ratios to no filter on the same traffic in the same run.
     pub ratio_to_none: f64,
     pub runs_pps: Vec<f64>,
-    /// Medians: what the generator handed its veth (taken in, or dropped when the DUT's
-    /// receive ring was full), what the DUT took in, what reached the sink.
+    /// Medians: what the generator's socket got accepted by its veth (the veth hands a frame
+    /// back when the DUT's receive ring is full), what the DUT took in, what reached the
+    /// sink.
     pub sent_pps: f64,
     pub taken_pps: f64,
     pub forwarded_pps: f64,
@@ -658,7 +659,10 @@ fn blast(
             let mut sent = 0u64;
             loop {
                 let n = count.map_or(GEN_BATCH, |c| (c - sent as usize).min(GEN_BATCH));
-                sent += socket.send(frame, n as u64, GEN_BATCH).context("sendmmsg")?;
+                // What the veth accepted: a frame handed back (its DUT's ring full) is sent
+                // again.
+                let s = socket.send(frame, n as u64, GEN_BATCH).context("sendmmsg")?;
+                sent += s.taken - s.refused;
                 let done = match count {
                     Some(c) => sent as usize >= c,
                     None => start.elapsed().as_secs_f64() >= secs,

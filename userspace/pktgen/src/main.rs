@@ -55,7 +55,7 @@ use xdpgate_dataplane::{
     self as dataplane, EBPF_OBJ, Mode, NOOP_PROGRAM, PinDir, TX_PROGRAM, netns,
 };
 
-use xdpgate_pktgen::packet::PacketSocket;
+use xdpgate_pktgen::packet::{PacketSocket, Sent};
 
 use crate::frame::{AddrRange, FrameSpec, Mac, PortRange, Proto};
 
@@ -137,7 +137,8 @@ pub struct SendArgs {
     /// Source MAC (default: the sending interface's).
     #[arg(long, value_name = "MAC", value_parser = parse_mac)]
     pub src_mac: Option<Mac>,
-    /// Frames of one template per test run (one system call) before the next template.
+    /// Frames of one template per test run (one system call; through AF_PACKET, --batch
+    /// frames per call) before the next template.
     #[arg(long, value_name = "N", default_value_t = 1024)]
     pub burst: u32,
     /// Frames the kernel builds and flushes at a time (1-256); through AF_PACKET, frames per
@@ -278,6 +279,10 @@ pub struct SendReport {
     pub tx_bytes: u64,
     /// Frames the interface dropped (on a veth: the peer's receive ring was full).
     pub tx_dropped: u64,
+    /// Through AF_PACKET: frames the kernel handed back with ENOBUFS, not sent again (part
+    /// of `submitted`). A veth without a qdisc dropped them and counts them in `tx_dropped`
+    /// too; a device whose queue was stopped (a NIC's full ring) counts them nowhere.
+    pub refused: u64,
     /// Wall-clock seconds from the first to the last send's return.
     pub seconds: f64,
     /// tx_packets / seconds.
@@ -321,9 +326,17 @@ impl SendReport {
             out += "  (a veth whose peer runs XDP counts these frames' bytes without their \
                     14-byte Ethernet header)\n";
         }
+        if self.refused > 0 {
+            out += &format!(
+                "  {} frames handed back by the kernel (ENOBUFS: dropped by {}, or its queue \
+                 was stopped), not sent again\n",
+                self.refused, self.iface
+            );
+        }
         if self.tx_dropped > 0 {
             out += &format!(
-                "  {} frames dropped by {} (on a veth: the peer's receive ring was full)\n",
+                "  {} frames dropped by {} (on a veth: the peer's receive ring was full, or the \
+                 peer is down)\n",
                 self.tx_dropped, self.iface
             );
         }
@@ -427,6 +440,7 @@ pub fn send(args: &SendArgs) -> Result<SendReport> {
         cpu: args.cpu,
         budget: AtomicU64::new(count),
         submitted: AtomicU64::new(0),
+        refused: AtomicU64::new(0),
         last_progress_ms: AtomicU64::new(0),
         id_waits_ms: AtomicU64::new(0),
         stop,
@@ -497,6 +511,7 @@ pub fn send(args: &SendArgs) -> Result<SendReport> {
         tx_packets,
         tx_bytes,
         tx_dropped: after.tx_dropped.saturating_sub(before.tx_dropped),
+        refused: run.refused.load(Ordering::Relaxed),
         seconds,
         pps: rate(tx_packets, seconds),
         bits_per_second: rate(tx_bytes * 8, seconds),
@@ -558,6 +573,8 @@ struct Run<'a> {
     budget: AtomicU64,
     /// Frames the kernel has taken (program runs, or frames of `sendmmsg`), all senders.
     submitted: AtomicU64,
+    /// Of them, frames an AF_PACKET socket handed back (`Sent::refused`).
+    refused: AtomicU64,
     /// When a send last succeeded, in ms from `start`.
     last_progress_ms: AtomicU64,
     /// Time spent waiting for the kernel's XDP memory-model ids.
@@ -637,8 +654,8 @@ impl Run<'_> {
             return Ok(Step::Done);
         }
         let frame = &self.templates[*next % self.templates.len()];
-        let taken = match self.out.send(frame, n) {
-            Ok(taken) => taken,
+        let Sent { taken, refused } = match self.out.send(frame, n) {
+            Ok(sent) => sent,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => return Ok(Step::Interrupted),
             Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && self.out.is_live() => {
                 self.wait_for_memory_ids(&e)?;
@@ -650,6 +667,7 @@ impl Run<'_> {
         };
         *next += self.threads;
         let total = self.submitted.fetch_add(taken, Ordering::Relaxed) + taken;
+        self.refused.fetch_add(refused, Ordering::Relaxed);
         if taken < n {
             return Ok(Step::Interrupted);
         }
@@ -690,8 +708,8 @@ impl Out<'_> {
     }
 
     /// Sends `frame` `n` times; returns how many the kernel took (fewer only if a signal
-    /// came).
-    fn send(&self, frame: &[u8], n: u64) -> std::io::Result<u64> {
+    /// came: a live-frames run it cuts short fails with EINTR, its frames uncounted).
+    fn send(&self, frame: &[u8], n: u64) -> std::io::Result<Sent> {
         match self {
             Out::Live { prog, ifindex, batch } => {
                 let ctx = xdp_md(frame.len(), *ifindex);
@@ -703,7 +721,7 @@ impl Out<'_> {
                     attrs: TestRunAttrs::new().xdp_live_frames(*batch),
                     ..Default::default()
                 })
-                .map(|_| n)
+                .map(|_| Sent { taken: n, refused: 0 })
                 .map_err(|e| match e {
                     aya::programs::ProgramError::SyscallError(s) => s.io_error,
                     e => std::io::Error::other(e),

@@ -61,11 +61,13 @@ impl PacketSocket {
         Ok(Self { fd })
     }
 
-    /// Hands `frame` to the kernel `n` times, up to `batch` per system call, and returns
-    /// how many it took: each frame either left or was dropped by the device (and counted
-    /// in its `tx_dropped`), as live frames are. Fewer than `n` only when a signal
-    /// interrupted a call that was waiting for room in the socket's send buffer.
-    pub fn send(&self, frame: &[u8], n: u64, batch: usize) -> io::Result<u64> {
+    /// Hands `frame` to the kernel `n` times, up to `batch` per system call. Every frame is
+    /// handed over once: one the kernel hands back with ENOBUFS is `refused` and not sent
+    /// again. A veth without a qdisc (as `ip link add` makes them) has dropped it and counts
+    /// it in `tx_dropped`; a device whose queue is stopped (a NIC's full ring) counts it
+    /// nowhere. Fewer than `n` are taken only when a signal interrupted a call waiting for
+    /// room in the socket's send buffer.
+    pub fn send(&self, frame: &[u8], n: u64, batch: usize) -> io::Result<Sent> {
         let mut iov =
             libc::iovec { iov_base: frame.as_ptr().cast_mut().cast(), iov_len: frame.len() };
         // SAFETY: a zeroed msghdr is valid; it points at `iov`, which outlives every call
@@ -75,28 +77,63 @@ impl PacketSocket {
         msg.msg_hdr.msg_iovlen = 1;
         let per_call = batch.clamp(1, MAX_BATCH).min(usize::try_from(n).unwrap_or(MAX_BATCH));
         let mut msgs = vec![msg; per_call];
-        let mut taken = 0;
-        while taken < n {
-            let k = per_call.min(usize::try_from(n - taken).unwrap_or(per_call));
+        let mut sent = Sent::default();
+        while sent.taken < n {
+            let k = per_call.min(usize::try_from(n - sent.taken).unwrap_or(per_call));
             // SAFETY: `msgs` holds at least `k` headers, each valid as above.
-            let sent =
+            let ret =
                 unsafe { libc::sendmmsg(self.fd.as_raw_fd(), msgs.as_mut_ptr(), k as u32, 0) };
-            // A device that drops a frame (its peer's ring full, no carrier) fails its send
-            // with ENOBUFS. `sendmmsg` stops at the first failure and, when frames went before
-            // it, returns their count and forgets the error. Either way the failed frame was
-            // taken and dropped: it is not sent again. (In a run being stopped, the forgotten
-            // error may instead be a signal's: one frame too many is counted.)
-            if sent < 0 {
-                let e = io::Error::last_os_error();
-                match e.raw_os_error() {
-                    Some(libc::ENOBUFS) => taken += 1,
-                    Some(libc::EINTR) => return Ok(taken),
-                    _ => return Err(e),
+            match outcome(ret, k, io::Error::last_os_error) {
+                Ok(call) => {
+                    sent.taken += call.taken;
+                    sent.refused += call.refused;
                 }
-            } else {
-                taken += (sent as u64 + 1).min(k as u64);
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => break,
+                Err(e) => return Err(e),
             }
         }
-        Ok(taken)
+        Ok(sent)
+    }
+}
+
+/// Frames the kernel took in a send, and of them those it handed back with ENOBUFS.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Sent {
+    pub taken: u64,
+    pub refused: u64,
+}
+
+/// What one `sendmmsg` of `k` frames that returned `ret` did. It stops at the first frame
+/// that fails; when frames went before it, it returns their count and forgets the error,
+/// which is taken to be ENOBUFS, the one a frame can meet alone (in a run being stopped it
+/// may instead be a signal's: one frame too many is counted). An error that ends the send:
+/// EINTR (nothing went), or any but ENOBUFS.
+fn outcome(ret: libc::c_int, k: usize, error: impl FnOnce() -> io::Error) -> io::Result<Sent> {
+    match usize::try_from(ret) {
+        Ok(went) if went >= k => Ok(Sent { taken: k as u64, refused: 0 }),
+        Ok(went) => Ok(Sent { taken: went as u64 + 1, refused: 1 }),
+        Err(_) => match error() {
+            e if e.raw_os_error() == Some(libc::ENOBUFS) => Ok(Sent { taken: 1, refused: 1 }),
+            e => Err(e),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_frame_handed_back_is_refused_once_and_an_error_ends_the_send() {
+        let errno = |e| move || io::Error::from_raw_os_error(e);
+        let never = || -> io::Error { panic!("errno read after a success") };
+        assert_eq!(outcome(64, 64, never).unwrap(), Sent { taken: 64, refused: 0 });
+        // The 11th frame failed after 10 went.
+        assert_eq!(outcome(10, 64, never).unwrap(), Sent { taken: 11, refused: 1 });
+        assert_eq!(outcome(-1, 64, errno(libc::ENOBUFS)).unwrap(), Sent { taken: 1, refused: 1 });
+        let e = outcome(-1, 64, errno(libc::EINTR)).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::Interrupted);
+        let e = outcome(-1, 64, errno(libc::EMSGSIZE)).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EMSGSIZE));
     }
 }
