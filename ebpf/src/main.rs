@@ -761,22 +761,23 @@ fn egress_policy_stage(ctx: &TcContext) -> Result<Option<()>, DropReason> {
 fn egress_new_stage(ctx: &TcContext) -> Result<Option<()>, DropReason> {
     let meta = SCRATCH.get(0).ok_or(DropReason::Internal)?;
     let active = nsg::active().ok_or(DropReason::Internal)?;
+    let len = ctx.len();
     let key = flow::key(meta);
-    let found = embryo(&active, meta, &key, u64::from(ctx.len()));
+    let found = embryo(&active, meta, &key, u64::from(len));
     if let Some(Lookup::Hit(_)) = found {
         return Ok(egress_passed(meta));
     }
-    events::set_origin(ctx.arrival(), ctx.len(), EVENT_AT_EGRESS, meta.tcp_flags);
+    events::set_origin(ctx.arrival(), len, EVENT_AT_EGRESS, meta.tcp_flags);
     if meta.frag == FRAG_LATER {
         flow::unknown_fragment(&active, meta)?;
         return Ok(Some(()));
     }
     if judge_again(&found) {
-        flow::reclassify(&active, meta, u64::from(ctx.len()))?;
+        flow::reclassify(&active, meta, u64::from(len))?;
         request(JUDGED)?;
         return enter(ctx, &EGRESS_PIPELINE, EGRESS_POLICY);
     }
-    flow::create_host(ctx, &active, meta, &key, u32::from(meta.dir), u64::from(ctx.len()))?;
+    flow::create_host(ctx, &active, meta, &key, u32::from(meta.dir), u64::from(len))?;
     Ok(egress_passed(meta))
 }
 
