@@ -215,7 +215,7 @@ fn a_route_that_hides_the_agents_from_the_daemon_is_never_shown_announced() {
             || announce::update(&dir, &node, &lbs, &all, &all).map_err(|e| format!("{e:#}"));
         let ip = |args: &[&str]| common::run("ip", &[&["-n", name.as_str()], args].concat());
         let seen = || {
-            let report = xdpgate::bgp::cmd::report(&dir).unwrap();
+            let report = xdpgate::bgp::report::report(&dir).unwrap();
             let record = report.agent.clone().expect("bgp.json written");
             let table = TABLE.to_string();
             let shown = ["-4", "-6"].map(|f| ip(&[f, "route", "show", "table", &table]).stdout);

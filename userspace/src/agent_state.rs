@@ -13,7 +13,7 @@ use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use xdpgate_dataplane::{PinDir, state};
 
-use crate::status::rfc3339;
+use crate::dates::rfc3339;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct AgentState {

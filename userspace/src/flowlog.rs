@@ -35,7 +35,7 @@ use xdpgate_dataplane::{
     stats::{self, Traffic},
 };
 
-use crate::status::rfc3339;
+use crate::dates::rfc3339;
 
 mod sink;
 mod writer;

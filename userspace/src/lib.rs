@@ -7,6 +7,7 @@ pub mod agent_state;
 pub mod bgp;
 pub mod capture;
 pub mod cli_docs;
+pub mod dates;
 pub mod decap;
 pub mod filter;
 pub mod flowlog;

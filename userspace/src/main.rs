@@ -238,7 +238,7 @@ enum Command {
     /// the others are withheld), or BIRD's configuration for it (`bgp bird-config`).
     ///
     /// Example: xdpgate bgp; xdpgate bgp bird-config --node /etc/xdpgate/node.yaml
-    Bgp(bgp::cmd::BgpArgs),
+    Bgp(views::bgp::BgpArgs),
     /// Drain this node: the agent withdraws every BGP announcement of it, so the routers
     /// send new connections to the other gateways (kept across agent restarts).
     ///
@@ -554,7 +554,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::NextHop(args) => views::nexthop::run(&pins, &args)?,
         Command::Topology(args) => views::topology::run(&pins, &args)?,
-        Command::Bgp(args) => bgp::cmd::run(&pins, args)?,
+        Command::Bgp(args) => views::bgp::run(&pins, args)?,
         Command::Drain(args) => bgp::node_drain::run(&pins, &args, true)?,
         Command::Undrain(args) => bgp::node_drain::run(&pins, &args, false)?,
         Command::Decap(args) => xdpgate::decap::run(&pins, args)?,

@@ -20,11 +20,13 @@
 //! rules; a family not given takes the first global address of the listed interfaces
 //! (see `xdpgate_dataplane::encap`).
 //!
-//! `bgp:` (optional, [`crate::bgp::node`]) makes the agent announce the frontends.
+//! `bgp:` (optional, [`bgp`]) makes the agent announce the frontends.
 //!
 //! `tables:` sizes the flow and NAT tables when the agent creates them (the first attach
 //! after a reboot); while they are pinned a different size is reported as failing (`status`)
 //! and the pinned size stays.
+
+pub mod bgp;
 
 use std::{collections::HashSet, net::IpAddr, path::Path};
 
@@ -43,7 +45,7 @@ pub struct Node {
     /// Table sizes for the first attach (`tables:`); none asked: the defaults.
     pub tables: dataplane::SizeRequest,
     /// This node's BGP values (`bgp:`); none: the agent announces nothing.
-    pub bgp: Option<crate::bgp::node::Bgp>,
+    pub bgp: Option<bgp::Bgp>,
     /// Outer source addresses given for encapsulation (`encapsulation:`).
     pub encapsulation: dataplane::encap::Sources,
 }
@@ -220,7 +222,7 @@ fn read(text: &str, problems: &mut Problems) -> Option<Node> {
                 node.interfaces = read_interfaces(v, problems);
             }
             Some("tables") => read_tables(v, &mut node.tables, problems),
-            Some("bgp") => node.bgp = crate::bgp::node::read(v, problems),
+            Some("bgp") => node.bgp = bgp::read(v, problems),
             Some("encapsulation") => node.encapsulation = read_encapsulation(v, problems),
             _ => problems.push(anyhow::anyhow!(
                 "{}: unknown field {:?} (known: interfaces, tables, bgp, encapsulation)",

@@ -34,8 +34,9 @@ use xdpgate_dataplane::{
 };
 
 use crate::{
+    dates,
     filter::{FlowFilter, Subject, Verdict},
-    flowlog, status,
+    flowlog,
     views::{OutputArgs, flows::endpoint},
 };
 
@@ -417,7 +418,7 @@ pub fn run(pins: &PinDir, args: ObserveArgs) -> Result<()> {
             let secs = tick.elapsed().as_secs_f64();
             if held + lost > 0 {
                 let text = if json {
-                    serde_json::json!({"time": status::rfc3339(unix_now()), "held_back": held, "lost": lost, "interval_seconds": secs}).to_string()
+                    serde_json::json!({"time": dates::rfc3339(unix_now()), "held_back": held, "lost": lost, "interval_seconds": secs}).to_string()
                 } else {
                     format!(
                         "... {held} events held back by the rate limit in the last second{}",

@@ -32,7 +32,7 @@ pub struct Status {
     pub agent_without_state: Option<u32>,
     /// BGP announcements (`xdpgate bgp`); none when no agent with a `bgp:` section ran here
     /// and the node is not drained.
-    pub bgp: Option<crate::bgp::cmd::BgpReport>,
+    pub bgp: Option<crate::bgp::report::BgpReport>,
 }
 
 #[derive(Debug, Serialize)]
@@ -336,7 +336,7 @@ pub fn read(pins: &PinDir) -> anyhow::Result<Status> {
             generation: config.generation,
             slot,
             applied_path: path,
-            applied_at: unix.map(rfc3339),
+            applied_at: unix.map(crate::dates::rfc3339),
             applied_unix: unix,
             set_change_unfinished: unfinished,
         }
@@ -357,42 +357,13 @@ pub fn read(pins: &PinDir) -> anyhow::Result<Status> {
             _ => dataplane::state::agent_pid(pins),
         },
         agent,
-        bgp: crate::bgp::cmd::report(pins).ok().filter(|r| r.agent.is_some() || r.node_drained),
+        bgp: crate::bgp::report::report(pins).ok().filter(|r| r.agent.is_some() || r.node_drained),
     })
-}
-
-/// `secs` since the Unix epoch as `YYYY-MM-DDTHH:MM:SSZ`.
-pub fn rfc3339(secs: u64) -> String {
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn dates_are_rfc3339_utc() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
-        assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
-        assert_eq!(rfc3339(4_107_542_399), "2100-02-28T23:59:59Z");
-    }
 
     #[test]
     fn a_link_is_matched_by_ifindex_and_program() {

@@ -7,7 +7,7 @@ use std::{fmt::Write as _, net::IpAddr};
 
 use xdpgate_dataplane::host_routes;
 
-use super::node::Bgp;
+use crate::node::bgp::Bgp;
 
 /// The `bird.conf` of a node with values `bgp`.
 pub fn config(bgp: &Bgp) -> String {

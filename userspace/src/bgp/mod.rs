@@ -5,6 +5,5 @@
 
 pub mod announce;
 pub mod bird;
-pub mod cmd;
-pub mod node;
 pub mod node_drain;
+pub mod report;

@@ -3,6 +3,7 @@
 //! `-o json`) for programs. The data comes from the dataplane crate's reports (and
 //! `crate::status`); these modules only present it.
 
+pub mod bgp;
 pub mod connectivity;
 pub mod flows;
 pub mod lb;

@@ -9,7 +9,7 @@ use anyhow::Result;
 use xdpgate_dataplane::tables::{TableStatus, TablesStatus, thousands};
 
 use crate::{
-    bgp::{announce, cmd::BgpReport},
+    bgp::{announce, report::BgpReport},
     status::{AgentStatus, Status},
 };
 

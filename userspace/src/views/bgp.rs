@@ -1,17 +1,17 @@
-//! `xdpgate bgp`: what this node announces (the agent's record and the kernel table), and
+//! `xdpgate bgp`: what this node announces ([`crate::bgp::report`]), and
 //! `xdpgate bgp bird-config --node FILE`: BIRD's configuration for this node.
 
 use std::path::PathBuf;
 
 use anyhow::{Result, anyhow};
-use serde::Serialize;
-use xdpgate_dataplane::{PinDir, host_routes};
+use xdpgate_dataplane::PinDir;
 
-use super::{
-    announce::{self, Announcements, Withheld},
+use super::{OutputArgs, View};
+use crate::bgp::{
+    announce::{self, Withheld},
     bird, node_drain,
+    report::{BgpReport, report},
 };
-use crate::views::{self, OutputArgs, View};
 
 #[derive(Debug, clap::Args)]
 #[command(args_conflicts_with_subcommands = true)]
@@ -34,26 +34,9 @@ pub enum BgpAction {
     },
 }
 
-/// What `xdpgate bgp` shows.
-#[derive(Debug, Serialize)]
-pub struct BgpReport {
-    /// Whether `xdpgate drain` is in force.
-    pub node_drained: bool,
-    /// Whether the agent that wrote `agent` still runs.
-    pub agent_running: bool,
-    /// The agent's routes in its kernel table now that the daemon learns (announces).
-    pub routes: Vec<std::net::IpAddr>,
-    /// The agent's routes in the table that another's hides from the daemon, and by which
-    /// (the agent takes them out within a second, saying so in its record).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub hidden: Vec<Withheld>,
-    /// The agent's last record; none if no agent with a bgp: section ran here.
-    pub agent: Option<Announcements>,
-}
-
 impl View for BgpReport {
     fn json(&self) -> Result<serde_json::Value> {
-        views::to_json(self)
+        super::to_json(self)
     }
 
     fn text(&self) -> String {
@@ -83,37 +66,13 @@ impl View for BgpReport {
     }
 }
 
-pub fn report(pins: &PinDir) -> Result<BgpReport> {
-    let agent = announce::read(pins)?;
-    let (mut routes, mut hidden) = (Vec::new(), Vec::new());
-    if let Some(a) = &agent {
-        let listing = host_routes::read(a.table)?;
-        for address in listing.ours() {
-            match listing.hiding(address) {
-                Some(other) => {
-                    hidden.push(Withheld { address, reason: announce::hidden(a.table, other) })
-                }
-                None => routes.push(address),
-            }
-        }
-    }
-    let (node_drained, _) = node_drain::drained_or_last(pins);
-    Ok(BgpReport {
-        node_drained,
-        agent_running: agent.as_ref().is_some_and(|a| a.agent_running(pins)),
-        routes,
-        hidden,
-        agent,
-    })
-}
-
 pub fn run(pins: &PinDir, args: BgpArgs) -> Result<()> {
     match args.action {
         None => {
             if let (_, Some(e)) = node_drain::drained_or_last(pins) {
                 eprintln!("warning: {e:#}; the node shown drained or not as the agent last had it");
             }
-            views::print(&report(pins)?, args.output.format())
+            super::print(&report(pins)?, args.output.format())
         }
         Some(BgpAction::BirdConfig { node }) => {
             let n = crate::node::load(&node)?;

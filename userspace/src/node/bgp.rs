@@ -20,7 +20,7 @@ use anyhow::{Result, anyhow, bail};
 use xdpgate_dataplane::host_routes::DEFAULT_TABLE;
 use xdpgate_policy::tree::{self, Kind, Value};
 
-use crate::node::{Problems, at, text_of};
+use super::{Problems, at, text_of};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Bgp {
@@ -315,6 +315,6 @@ mod tests {
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/bird/");
         let node = crate::node::load(std::path::Path::new(&format!("{dir}node.yaml"))).unwrap();
         let shipped = std::fs::read_to_string(format!("{dir}bird.conf")).unwrap();
-        assert_eq!(super::super::bird::config(&node.bgp.unwrap()), shipped);
+        assert_eq!(crate::bgp::bird::config(&node.bgp.unwrap()), shipped);
     }
 }
