@@ -90,7 +90,7 @@ pub struct CaptureArgs {
     #[arg(long, value_name = "BYTES")]
     pub max_bytes: Option<u64>,
     /// Stop after this many seconds.
-    #[arg(long, value_name = "SECONDS")]
+    #[arg(long, value_name = "SECONDS", value_parser = crate::dates::fractional_seconds)]
     pub duration: Option<f64>,
     /// Bytes kept of each packet (at most 65535).
     #[arg(long, default_value_t = 262, value_parser = clap::value_parser!(u32).range(1..=MAX_SNAPLEN as i64))]
@@ -438,7 +438,7 @@ pub fn run(pins: &PinDir, args: &CaptureArgs) -> Result<Summary> {
     // error, not a signal that skips clearing the lease.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
     let started = Instant::now();
-    let deadline = args.duration.map(|s| started + Duration::from_secs_f64(s.max(0.0)));
+    let deadline = args.duration.map(|s| started + Duration::from_secs_f64(s));
     let mut summary = Summary { packets: 0, bytes: 0, lost: 0, stopped_by: "" };
     let stop = loop {
         if INTERRUPTED.load(Ordering::Relaxed) {

@@ -1,4 +1,5 @@
-//! Dates as the CLI, the agent's records and the flow log print them.
+//! Dates as the CLI, the agent's records and the flow log print them, and spans of time as
+//! the CLI reads them.
 
 /// `secs` since the Unix epoch as `YYYY-MM-DDTHH:MM:SSZ` (UTC, RFC 3339).
 pub fn rfc3339(secs: u64) -> String {
@@ -8,6 +9,29 @@ pub fn rfc3339(secs: u64) -> String {
         .unwrap_or(jiff::Timestamp::MAX)
         .strftime("%Y-%m-%dT%H:%M:%SZ")
         .to_string()
+}
+
+/// The longest span a `SECONDS` flag takes: a year. Larger values overflowed the clocks
+/// they were added to, and the commands panicked after they had changed something (an
+/// agent after installing its policy, a capture after emptying its file).
+pub const MAX_SECONDS: u64 = 365 * 86_400;
+
+/// A `SECONDS` flag's value: whole seconds, at most [`MAX_SECONDS`].
+pub fn seconds(s: &str) -> Result<u64, String> {
+    let n: u64 = s.parse().map_err(|e| format!("not a number of seconds: {e}"))?;
+    if n > MAX_SECONDS {
+        return Err(format!("at most {MAX_SECONDS} (a year)"));
+    }
+    Ok(n)
+}
+
+/// A `SECONDS` flag's value that may have a fraction: from 0 to [`MAX_SECONDS`].
+pub fn fractional_seconds(s: &str) -> Result<f64, String> {
+    let n: f64 = s.parse().map_err(|e| format!("not a number of seconds: {e}"))?;
+    if !(0.0..=MAX_SECONDS as f64).contains(&n) {
+        return Err(format!("from 0 to {MAX_SECONDS} (a year)"));
+    }
+    Ok(n)
 }
 
 #[cfg(test)]

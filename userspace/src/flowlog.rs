@@ -61,7 +61,7 @@ pub struct FlowLogArgs {
     pub flow_log_keep: u32,
     /// Write an interim (`continuing`) record of each flow that had traffic since its last
     /// record every SECONDS (Azure's version 2 "C" records); 0: none.
-    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    #[arg(long, value_name = "SECONDS", default_value_t = 60, value_parser = crate::dates::seconds)]
     pub flow_log_interval: u64,
     /// The agent's own health-probe connections: left out of the flow log (`omit`), or
     /// written with `"probe": true` (`mark`).

@@ -615,6 +615,41 @@ mod tests {
         assert!(Cli::try_parse_from(["xdpgate", "detach", "--all", "--json"]).is_err());
     }
 
+    /// Spans of time are refused past a year, and negative or not finite, when the command
+    /// line is read: larger ones overflowed the clocks they were added to, and the agent
+    /// panicked after installing its policy, `capture` after emptying its file, `drain`
+    /// after writing its record (seen failing: all accepted).
+    #[test]
+    fn spans_of_time_are_bounded() {
+        let run = ["run", "--policy", "p.yaml", "--flow-log-interval"];
+        let capture = ["capture", "-w", "out.pcap", "--duration"];
+        let drain = ["drain", "--wait"];
+        let bad: [(&[&str], &[&str]); 3] = [
+            (&run, &["31536001", "18446744073709551615", "-1", "1.5"]),
+            (&capture, &["31536001", "1e20", "inf", "NaN", "-1"]),
+            (&drain, &["31536001", "18446744073709551615"]),
+        ];
+        for (command, values) in bad {
+            for value in values {
+                let args = ["xdpgate"].iter().chain(command).chain([value]);
+                assert!(Cli::try_parse_from(args).is_err(), "{command:?} {value} accepted");
+            }
+        }
+        let good: [(&[&str], &[&str]); 3] = [
+            (&run, &["0", "60", "31536000"]),
+            (&capture, &["0", "2.5", "31536000"]),
+            (&drain, &["0", "31536000"]),
+        ];
+        for (command, values) in good {
+            for value in values {
+                let args = ["xdpgate"].iter().chain(command).chain([value]);
+                if let Err(e) = Cli::try_parse_from(args) {
+                    panic!("{command:?} {value}: {e}");
+                }
+            }
+        }
+    }
+
     /// `decap remove` needs a frontend or a gateway; `--missing-ok` qualifies frontends and
     /// is no choice of its own (seen failing: the usage line offered it as one).
     #[test]

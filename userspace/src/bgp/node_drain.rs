@@ -62,7 +62,7 @@ pub struct DrainArgs {
     /// Wait up to this many seconds until the agent has removed (drain) or put back
     /// (undrain) the node's routes in its announcement table, and fail if it has not; an
     /// undrain fails, too, when the agent announces none of the node's frontends.
-    #[arg(long, value_name = "SECONDS")]
+    #[arg(long, value_name = "SECONDS", value_parser = crate::dates::seconds)]
     pub wait: Option<u64>,
 }
 
