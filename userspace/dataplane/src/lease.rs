@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 
 use crate::{
     PinDir, monotonic_ns,
@@ -50,6 +50,7 @@ impl Lease {
         every: Duration,
     ) -> Result<Self> {
         let lock = ToolLock::acquire(pins, tool, Duration::ZERO)?;
+        unheld(&held, tool, length)?;
         held.begin()?;
         held.renew(monotonic_ns() + length.as_nanos() as u64)?;
         let (stop, stopped) = mpsc::channel::<()>();
@@ -63,6 +64,29 @@ impl Lease {
             held.release();
         });
         Ok(Self { stop: Some(stop), thread: Some(thread), _lock: lock })
+    }
+}
+
+/// Returns once no other command holds the lease in the kernel: the lock alone does not
+/// say so when its file went with the state directory (a cleaner of /run) while its holder
+/// ran on, renewing its lease. A lease whose holder died lapses within `length`; one that is
+/// renewed meanwhile, or runs longer, is another command's.
+fn unheld(held: &impl Held, tool: Tool, length: Duration) -> Result<()> {
+    let first = held.until()?;
+    let give_up = monotonic_ns() + length.as_nanos() as u64;
+    loop {
+        let (until, now) = (held.until()?, monotonic_ns());
+        if until <= now {
+            return Ok(());
+        }
+        if until != first || now > give_up {
+            bail!(
+                "another xdpgate {} holds its lease in the dataplane (its lock file is gone: \
+                 the state directory was removed under it); nothing was changed",
+                tool.name()
+            );
+        }
+        std::thread::sleep(Duration::from_nanos(until - now).min(Duration::from_millis(50)));
     }
 }
 
