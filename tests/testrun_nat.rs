@@ -327,6 +327,36 @@ fn a_packet_whose_ttl_runs_out_here_makes_no_translation() {
     }
 }
 
+/// A first fragment whose TTL runs out at the gateway goes to the stack as sent, and the
+/// rest of its datagram does not leave untranslated: its later fragments (their TTL not out)
+/// are dropped as any whose first fragment was not translated. (Before: the first
+/// fragment's "no rewrite" was remembered, and its later fragments, any number of them,
+/// were routed on with the private source. Found by an outside review; seen failing.)
+#[test]
+fn a_first_fragment_whose_ttl_runs_out_lets_no_later_one_leave_untranslated() {
+    let k = Kernel::new();
+    k.apply(POLICY);
+    let data: Vec<u8> = (0..600u32).map(|i| i as u8).collect();
+    for (private, remote) in [("198.51.100.10", "203.0.113.7"), ("2001:db8:1::10", "2001:db8:2::7")]
+    {
+        k.arrive_as(Role::Internal);
+        let datagram = frame_vlan(private, remote, L4::Udp(40600, 53), &[], &data);
+        let [mut first, later] = fragment(&datagram, 304, 0x4444);
+        set_ttl(&mut first, 1);
+        assert_eq!(k.run_out(&first), (PASS, first.clone()), "{private}: to the stack as sent");
+        let before = k.drops("fragment");
+        let (verdict, out) = k.run_out(&later);
+        assert_eq!(
+            verdict,
+            DROP,
+            "{private}: a later fragment passed, source {:?}",
+            endpoints(&out).0
+        );
+        assert_eq!(k.drops("fragment"), before + 1, "{private}");
+        assert_eq!(k.translations(), 0, "{private}: no translation");
+    }
+}
+
 /// A private host's port unreachable about a reply it got through the gateway leaves from
 /// the public address, quoting the reply as the remote host sent it (public address and
 /// port): the remote's socket takes it for its own, and no private address leaves.

@@ -34,6 +34,7 @@ const _: () = {
         RECLASSIFY.nat,
         NOT_ESTABLISHED.nat,
         JUDGED.nat,
+        TO_STACK.nat,
     ];
     let rewrites = [NAT_NONE, NAT_DST, NAT_SRC, NAT_NEXT_HOP, NAT_ENCAP];
     let mut i = 0;
@@ -51,6 +52,11 @@ const _: () = {
         i += 1;
     }
 };
+
+/// Not a rewrite: the packet goes to the stack as it is, and nothing of it is remembered,
+/// not even a first fragment's verdict (whose later fragments would pass as it did): a new
+/// flow's packet that a NAT gateway would translate but whose TTL runs out here.
+pub const TO_STACK: Action = Action { nat: 11, addr: [0; 4], port: 0 };
 
 /// Not a rewrite: the entry stage found the packet's flow in no established entry (it looks
 /// there itself), so the new-flow stage looks among the embryonic flows before it makes one.

@@ -26,7 +26,7 @@ use xdpgate_common::{
 };
 
 use crate::{
-    action::{Action, NAT_ICMP_ERROR_DST, NAT_ICMP_ERROR_SRC, NAT_PENDING_SNAT},
+    action::{Action, NAT_ICMP_ERROR_DST, NAT_ICMP_ERROR_SRC, NAT_PENDING_SNAT, TO_STACK},
     clock, events, forward,
     headers::IPPROTO_TCP,
     hook::Hook,
@@ -937,10 +937,12 @@ pub fn create(
     }
     // A packet the gateway will not send on (its TTL runs out here) claims no port and
     // makes no flow: the stack answers it with "time exceeded", quoting it as sent
-    // (traceroute's first hop through a NAT gateway). (A load balancer's keeps its embryo:
-    // the egress program finds the flow there to translate the stack's error back.)
+    // (traceroute's first hop through a NAT gateway). Nor, as a first fragment, does it
+    // leave its verdict to the rest of its datagram, which must not leave untranslated.
+    // (A load balancer's keeps its embryo: the egress program finds the flow there to
+    // translate the stack's error back.)
     if snat_gateway.is_some() && forward::ttl(ctx, meta)? <= 1 {
-        return Ok(Action::PASS);
+        return Ok(TO_STACK);
     }
     if let Some(gw) = snat_gateway {
         // The port claim runs in a stage of its own, which then commits the flow.

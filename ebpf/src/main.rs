@@ -49,7 +49,7 @@ use xdpgate_common::{
 use crate::{
     action::{
         Action, JUDGED, NAT_ICMP_ERROR_DST, NAT_ICMP_ERROR_SRC, NAT_PENDING_SNAT, NOT_ESTABLISHED,
-        RECLASSIFY,
+        RECLASSIFY, TO_STACK,
     },
     flow::Lookup,
     hook::{Hook, tc_verdict},
@@ -427,6 +427,9 @@ fn take_request(request: Action) -> bool {
 /// Passes a packet whose flow needs no rewrite, or hands it to the stage that rewrites it.
 #[inline(always)]
 fn decided<H: Hook>(ctx: &H, meta: &PacketMeta, action: Action) -> Result<u32, DropReason> {
+    if action.nat == TO_STACK.nat {
+        return Ok(xdp_action::XDP_PASS);
+    }
     if action.nat == NAT_NONE {
         if meta.frag == FRAG_FIRST {
             flow::remember_first_fragment(meta, &action);
