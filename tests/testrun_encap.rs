@@ -937,6 +937,39 @@ fn cli_apply_keeps_the_node_files_source() {
     });
 }
 
+/// An apply that fails after its checks (here: its record cannot be saved) leaves the
+/// outer sources as they were, so the policy still running keeps sending from the address
+/// its backends trust. (Before: they were written first, and the failed apply changed
+/// them. Found by an outside review; seen failing.)
+#[test]
+fn a_failed_apply_leaves_the_outer_sources() {
+    isolated(true, |ns| {
+        let lab = Lab::new(&ns, &["10.99.0.1/24", "2001:db8:99::1/64"]);
+        for a in ["10.77.0.1/32", "10.77.0.2/32"] {
+            common::run("ip", &["-n", &ns, "addr", "add", a, "dev", "lo"]);
+        }
+        let given =
+            |a: &str| xdpgate_dataplane::encap::Sources { v4: Some(a.parse().unwrap()), v6: None };
+        let read = || xdpgate_dataplane::encap::read(&lab.k.pins.dir).unwrap();
+        let generation = agent_install(&lab, POLICY, given("10.77.0.1")).expect("the install");
+        assert_eq!(read().v4, given("10.77.0.1").v4);
+        // The next generation's record cannot be written: a directory, not empty, in its
+        // place.
+        let blocker = xdpgate_dataplane::state::path_of(&lab.k.pins.dir, generation + 1);
+        std::fs::create_dir_all(blocker.join("x")).unwrap();
+        let failed = agent_install(&lab, POLICY, given("10.77.0.2"));
+        std::fs::remove_dir_all(&blocker).unwrap();
+        let err = format!("{:#}", failed.expect_err("the record cannot be saved"));
+        assert!(err.contains("saving the record"), "{err}");
+        let (_, running) = xdpgate_dataplane::apply::active(&lab.k.pins.dir).unwrap();
+        assert_eq!(running.generation, generation, "switched on");
+        assert_eq!(read().v4, given("10.77.0.1").v4, "changed by the failed apply");
+        // Applied, the new source is written.
+        agent_install(&lab, POLICY, given("10.77.0.2")).expect("the install");
+        assert_eq!(read().v4, given("10.77.0.2").v4);
+    });
+}
+
 /// Neighbour discovery is the kernel's where addressed to the link (multicast, link-local)
 /// or to this host; routed on, a router forwards it, payload and all, so the policy judges
 /// it: denied here, as the NSG allows only TCP 80 and 443 to the backends (seen failing: an

@@ -134,10 +134,10 @@ pub fn frontends(lbs: &CompiledLb) -> Vec<IpAddr> {
 }
 
 /// Refuses `lbs` when one of its encapsulating rules has a frontend of a family `chosen`
-/// lacks, naming the rule and what `applier` can do, or when a source is one of its
-/// frontends; otherwise writes the sources into `ENCAP_SOURCES` (a dataplane loaded before
-/// the map has none: only a policy that needs it is refused) and logs them.
-pub fn install(pins: &PinDir, lbs: &CompiledLb, chosen: &Chosen, applier: Applier) -> Result<()> {
+/// lacks, naming the rule and what `applier` can do, when a source is one of its
+/// frontends, or when it needs `ENCAP_SOURCES` and the dataplane was loaded before the map.
+/// Writes nothing: [`install`] does, once the policy is sure to be applied.
+pub fn check(pins: &PinDir, lbs: &CompiledLb, chosen: &Chosen, applier: Applier) -> Result<()> {
     let sources = chosen.sources;
     let frontends = frontends(lbs);
     for (source, from) in [
@@ -183,16 +183,22 @@ pub fn install(pins: &PinDir, lbs: &CompiledLb, chosen: &Chosen, applier: Applie
             );
         }
     }
-    let map = match pins.open_map(ENCAP_SOURCES) {
-        Ok(map) => map,
-        Err(e) if lbs.services.iter().any(|s| s.flags & SVC_ENCAP != 0) => {
-            return Err(e.context(
-                "this dataplane was loaded by a build without encapsulation: attach again \
-                 (xdpgate upgrade) before applying a policy with forwarding: ipip",
-            ));
-        }
-        Err(_) => return Ok(()),
-    };
+    match pins.open_map(ENCAP_SOURCES) {
+        Err(e) if lbs.services.iter().any(|s| s.flags & SVC_ENCAP != 0) => Err(e.context(
+            "this dataplane was loaded by a build without encapsulation: attach again \
+             (xdpgate upgrade) before applying a policy with forwarding: ipip",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Writes the sources `chosen` into `ENCAP_SOURCES` (none pinned: a dataplane loaded before
+/// the map, whose policy [`check`] let through needs none) and logs them. With the load
+/// balancers' tables: a policy that fails before them leaves the sources its running
+/// policy sends from.
+pub fn install(pins: &PinDir, lbs: &CompiledLb, chosen: &Chosen) -> Result<()> {
+    let sources = chosen.sources;
+    let Ok(map) = pins.open_map(ENCAP_SOURCES) else { return Ok(()) };
     let mut map: Array<_, [u32; 4]> = map.try_into()?;
     let v4 = sources.v4.map_or([0; 4], |a| {
         let mut b = [0u8; 16];
