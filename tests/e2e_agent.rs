@@ -477,6 +477,43 @@ fn the_sets_changes_outlive_the_state_directory_under_the_agent() {
     agent.stop();
 }
 
+/// A reload that comes right after the state directory went, before the agent's next tick
+/// has noticed, keeps the sets' run-time changes all the same: the agent writes them again
+/// before it loads the policy (seen failing after an outside review: the reload lifted the
+/// block, while `set list` went on showing it).
+#[test]
+fn a_reload_right_after_the_state_directory_went_keeps_the_sets_changes() {
+    let lab = Gateway::new();
+    let text = policy(8080).replace("priority: 100", "priority: 200").replace("nsgs:", "sets:\n  blocked: []\nnsgs:").replace(
+        "    rules:\n",
+        "    rules:\n      - {name: deny-blocked, priority: 100, direction: inbound, access: deny, \
+         protocol: any, source: blocked, destination: \"*\"}\n",
+    );
+    let file = lab.write_policy("policy.yaml", &text);
+    let mut agent = Agent::start(&lab, &["--policy", file.to_str().unwrap()]);
+    agent.wait_applied(&lab);
+    lab.pins.xdpgate(&["set", "add", "blocked", CLIENT4]);
+    assert!(!reaches(&lab, 8080), "the client blocked");
+    let changed = xdpgate::agent_state::now_unix();
+    let written = || xdpgate::agent_state::read(&lab.pins.dir).and_then(|s| s.written_unix);
+    wait_for("the agent's state written after the change", Duration::from_secs(20), || {
+        written().is_some_and(|w| w > changed)
+    });
+    let first = written();
+    wait_for("the agent's state written once more", Duration::from_secs(20), || written() > first);
+    let before = generation(&lab.pins);
+    remove_state_dir(&lab.pins);
+    agent.signal(libc::SIGHUP);
+    wait_for("a reload after the directory went", Duration::from_secs(20), || {
+        agent.assert_running("SIGHUP");
+        generation(&lab.pins) > before
+    });
+    assert!(!reaches(&lab, 8080), "the block lifted by the reload");
+    let listed = lab.pins.xdpgate(&["set", "list"]);
+    assert!(listed.contains(CLIENT4), "{listed}");
+    agent.stop();
+}
+
 /// The state directory moved away, a file put in its place, then moved back (an operator's
 /// mistake, undone): the agent fails to take its lock again while the file is there, says
 /// so, and once its directory is back with its lock in it, no longer lists the failure

@@ -846,6 +846,15 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
             taken = turn.taken(), if turn.wanted() => {
                 let Some(lock) = failing.check("write lock", taken) else { continue };
                 if reload.take() {
+                    // The state directory gone since the last tick: the sets' run-time
+                    // changes (and the records) written again first, or the policy would be
+                    // loaded without the changes the kernel enforces.
+                    if !owner.held(pins)
+                        && !renew(pins, &mut owner, &running, &mut state, bgp_table, &mut failing, &live)
+                    {
+                        taken_over = true;
+                        break;
+                    }
                     // Loaded under the lock, so no `xdpgate set` comes between the load of the
                     // sets' changes and the install.
                     let prepared = if restoring {
