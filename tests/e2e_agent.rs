@@ -427,6 +427,32 @@ fn remove_state_dir(pins: &Pins) {
     }
 }
 
+/// An agent running `policy(8080)` with a set, `blocked`, whose elements a rule denies.
+fn agent_with_a_blocklist(lab: &Gateway) -> Agent {
+    let text = policy(8080).replace("priority: 100", "priority: 200").replace("nsgs:", "sets:\n  blocked: []\nnsgs:").replace(
+        "    rules:\n",
+        "    rules:\n      - {name: deny-blocked, priority: 100, direction: inbound, access: deny, \
+         protocol: any, source: blocked, destination: \"*\"}\n",
+    );
+    let file = lab.write_policy("policy.yaml", &text);
+    let mut agent = Agent::start(lab, &["--policy", file.to_str().unwrap()]);
+    agent.wait_applied(lab);
+    agent
+}
+
+/// Returns once the agent has read the sets' changes made before the call (it reads the
+/// file each tick, before it writes its state): two writes of its state after the call, the
+/// second in a later tick than the first, so that tick's read came after the change.
+fn agent_read_the_sets(lab: &Gateway) {
+    let changed = xdpgate::agent_state::now_unix();
+    let written = || xdpgate::agent_state::read(&lab.pins.dir).and_then(|s| s.written_unix);
+    wait_for("the agent's state written after the change", Duration::from_secs(20), || {
+        written().is_some_and(|w| w > changed)
+    });
+    let first = written();
+    wait_for("the agent's state written once more", Duration::from_secs(20), || written() > first);
+}
+
 /// The sets' run-time changes, which the kernel enforces, survive the state directory's
 /// removal under a running agent: it writes them again with its lock, so `set list` shows
 /// the element, `set del` removes it and a reload keeps it meanwhile (seen failing after an
@@ -435,27 +461,11 @@ fn remove_state_dir(pins: &Pins) {
 #[test]
 fn the_sets_changes_outlive_the_state_directory_under_the_agent() {
     let lab = Gateway::new();
-    let text = policy(8080).replace("priority: 100", "priority: 200").replace("nsgs:", "sets:\n  blocked: []\nnsgs:").replace(
-        "    rules:\n",
-        "    rules:\n      - {name: deny-blocked, priority: 100, direction: inbound, access: deny, \
-         protocol: any, source: blocked, destination: \"*\"}\n",
-    );
-    let file = lab.write_policy("policy.yaml", &text);
-    let mut agent = Agent::start(&lab, &["--policy", file.to_str().unwrap()]);
-    agent.wait_applied(&lab);
+    let mut agent = agent_with_a_blocklist(&lab);
     assert!(reaches(&lab, 8080), "open before the set change");
     lab.pins.xdpgate(&["set", "add", "blocked", CLIENT4]);
     assert!(!reaches(&lab, 8080), "the client blocked");
-    // The agent has read the change (it reads the file each tick, before it writes its
-    // state) before it goes: two writes of its state after the change, the second in a
-    // later tick than the first, so that tick's read came after the change.
-    let changed = xdpgate::agent_state::now_unix();
-    let written = || xdpgate::agent_state::read(&lab.pins.dir).and_then(|s| s.written_unix);
-    wait_for("the agent's state written after the change", Duration::from_secs(20), || {
-        written().is_some_and(|w| w > changed)
-    });
-    let first = written();
-    wait_for("the agent's state written once more", Duration::from_secs(20), || written() > first);
+    agent_read_the_sets(&lab);
     remove_state_dir(&lab.pins);
     let pid = agent.child.id();
     // Its lock first, then the records and the sets' changes written again.
@@ -484,23 +494,10 @@ fn the_sets_changes_outlive_the_state_directory_under_the_agent() {
 #[test]
 fn a_reload_right_after_the_state_directory_went_keeps_the_sets_changes() {
     let lab = Gateway::new();
-    let text = policy(8080).replace("priority: 100", "priority: 200").replace("nsgs:", "sets:\n  blocked: []\nnsgs:").replace(
-        "    rules:\n",
-        "    rules:\n      - {name: deny-blocked, priority: 100, direction: inbound, access: deny, \
-         protocol: any, source: blocked, destination: \"*\"}\n",
-    );
-    let file = lab.write_policy("policy.yaml", &text);
-    let mut agent = Agent::start(&lab, &["--policy", file.to_str().unwrap()]);
-    agent.wait_applied(&lab);
+    let mut agent = agent_with_a_blocklist(&lab);
     lab.pins.xdpgate(&["set", "add", "blocked", CLIENT4]);
     assert!(!reaches(&lab, 8080), "the client blocked");
-    let changed = xdpgate::agent_state::now_unix();
-    let written = || xdpgate::agent_state::read(&lab.pins.dir).and_then(|s| s.written_unix);
-    wait_for("the agent's state written after the change", Duration::from_secs(20), || {
-        written().is_some_and(|w| w > changed)
-    });
-    let first = written();
-    wait_for("the agent's state written once more", Duration::from_secs(20), || written() > first);
+    agent_read_the_sets(&lab);
     let before = generation(&lab.pins);
     remove_state_dir(&lab.pins);
     agent.signal(libc::SIGHUP);

@@ -497,6 +497,25 @@ fn a_capture_blocked_on_its_reader_keeps_its_lease_and_a_second_is_refused() {
 /// first one captured nothing more) and its file (the same `-w` path was truncated).
 #[test]
 fn a_refused_second_capture_leaves_the_first_one_capturing() {
+    second_capture_refused(|_| {}, "another xdpgate capture (pid");
+}
+
+/// A second capture started after the state directory went, with the first one's lock
+/// file in it (a cleaner of /run), is refused all the same, by the first one's lease in
+/// the dataplane, and leaves the first one capturing into its file. (Seen failing: the
+/// second took a new lock and ran, its perf rings opened over the first one's.)
+#[test]
+fn a_capture_whose_lock_file_went_keeps_the_dataplane() {
+    second_capture_refused(
+        |gw| std::fs::remove_dir_all(xdpgate_dataplane::state::dir(&gw.pins.dir)).unwrap(),
+        "holds its lease",
+    );
+}
+
+/// Starts a capture of 4 copies, does `between`, checks that a second capture into the same
+/// file is refused saying `says` (bounded, should it run), and that the first one then
+/// takes its 4 copies into its file.
+fn second_capture_refused(between: impl FnOnce(&Gateway), says: &str) {
     let gw = Gateway::tc();
     gw.pins.apply(NAT_POLICY);
     let path = file("pcap");
@@ -507,39 +526,10 @@ fn a_refused_second_capture_leaves_the_first_one_capturing() {
         Stdio::null(),
     );
     wait_for("the first capture to hold its lease", || lease(&gw.pins) > monotonic_ns());
-    let out = gw.pins.try_xdpgate(&["capture", "-w", p, "--port", "53"]);
+    between(&gw);
+    let out = gw.pins.try_xdpgate(&["capture", "-w", p, "--port", "53", "--duration", "2"]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("another xdpgate capture (pid"), "{err}");
-    wait_for("the first capture to take its 4 copies after the refusal", || {
-        blast(&gw, 5, 9999);
-        cap.child.try_wait().unwrap().is_some()
-    });
-    let summary = cap.finish();
-    let text = tcpdump(&path);
-    assert_eq!(text.lines().count(), 4, "{text}\n{summary}");
-}
-
-/// A second capture started after the state directory went, with the first one's lock
-/// file in it (a cleaner of /run), is refused all the same, by the first one's lease in
-/// the dataplane, and leaves the first one capturing into its file. (Seen failing: the
-/// second took a new lock and ran, its perf rings opened over the first one's.)
-#[test]
-fn a_capture_whose_lock_file_went_keeps_the_dataplane() {
-    let gw = Gateway::tc();
-    gw.pins.apply(NAT_POLICY);
-    let path = file("pcap");
-    let mut cap = Capture::start(
-        &gw,
-        &["--protocol", "udp", "--port", "9999", "--count", "4", "-w", path.to_str().unwrap()],
-        Stdio::null(),
-    );
-    wait_for("the first capture to hold its lease", || lease(&gw.pins) > monotonic_ns());
-    std::fs::remove_dir_all(xdpgate_dataplane::state::dir(&gw.pins.dir)).unwrap();
-    let other = file("pcap");
-    let second = ["capture", "-w", other.to_str().unwrap(), "--port", "53", "--duration", "2"];
-    let out = gw.pins.try_xdpgate(&second);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("holds its lease"), "{err}");
+    assert!(!out.status.success() && err.contains(says), "{err}");
     wait_for("the first capture to take its 4 copies after the refusal", || {
         blast(&gw, 5, 9999);
         cap.child.try_wait().unwrap().is_some()
