@@ -55,7 +55,9 @@ const _: () = {
 
 /// Not a rewrite: the packet goes to the stack as it is, and nothing of it is remembered,
 /// not even a first fragment's verdict (whose later fragments would pass as it did): a new
-/// flow's packet that a NAT gateway would translate but whose TTL runs out here.
+/// flow's packet that a NAT gateway would translate but whose TTL runs out here. Returned
+/// by `flow::create` only, never left for another stage; checked above with the requests
+/// so that no code is shared.
 pub const TO_STACK: Action = Action { nat: 11, addr: [0; 4], port: 0 };
 
 /// Not a rewrite: the entry stage found the packet's flow in no established entry (it looks

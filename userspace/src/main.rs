@@ -618,33 +618,42 @@ mod tests {
     /// Spans of time are refused past a year, and negative or not finite, when the command
     /// line is read: larger ones overflowed the clocks they were added to, and the agent
     /// panicked after installing its policy, `capture` after emptying its file, `drain`
-    /// after writing its record (seen failing: all accepted).
+    /// after writing its record (seen failing: the large values accepted, and capture's
+    /// `-1`, `inf` and `NaN`).
     #[test]
     fn spans_of_time_are_bounded() {
-        let run = ["run", "--policy", "p.yaml", "--flow-log-interval"];
-        let capture = ["capture", "-w", "out.pcap", "--duration"];
-        let drain = ["drain", "--wait"];
-        let bad: [(&[&str], &[&str]); 3] = [
-            (&run, &["31536001", "18446744073709551615", "-1", "1.5"]),
-            (&capture, &["31536001", "1e20", "inf", "NaN", "-1"]),
-            (&drain, &["31536001", "18446744073709551615"]),
+        let run = ["run", "--policy", "p.yaml"];
+        let capture = ["capture", "-w", "out.pcap"];
+        let drain = ["drain"];
+        // `--flag=value`, so that a negative value reaches the flag's parser.
+        let parse = |command: &[&str], flag: &str, value: &str| {
+            let flag = format!("{flag}={value}");
+            Cli::try_parse_from(["xdpgate"].iter().chain(command).chain([&flag.as_str()]))
+        };
+        // (command, flag, refused values, taken values)
+        type Case<'a> = (&'a [&'a str], &'a str, &'a [&'a str], &'a [&'a str]);
+        let cases: [Case; 3] = [
+            (
+                &run,
+                "--flow-log-interval",
+                &["31536001", "18446744073709551615", "-1"],
+                &["0", "60", "31536000"],
+            ),
+            (
+                &capture,
+                "--duration",
+                &["31536001", "1e20", "inf", "NaN", "-1"],
+                &["0", "2.5", "31536000"],
+            ),
+            (&drain, "--wait", &["31536001", "18446744073709551615", "-1"], &["0", "31536000"]),
         ];
-        for (command, values) in bad {
-            for value in values {
-                let args = ["xdpgate"].iter().chain(command).chain([value]);
-                assert!(Cli::try_parse_from(args).is_err(), "{command:?} {value} accepted");
+        for (command, flag, bad, good) in cases {
+            for value in bad {
+                assert!(parse(command, flag, value).is_err(), "{flag}={value} accepted");
             }
-        }
-        let good: [(&[&str], &[&str]); 3] = [
-            (&run, &["0", "60", "31536000"]),
-            (&capture, &["0", "2.5", "31536000"]),
-            (&drain, &["0", "31536000"]),
-        ];
-        for (command, values) in good {
-            for value in values {
-                let args = ["xdpgate"].iter().chain(command).chain([value]);
-                if let Err(e) = Cli::try_parse_from(args) {
-                    panic!("{command:?} {value}: {e}");
+            for value in good {
+                if let Err(e) = parse(command, flag, value) {
+                    panic!("{flag}={value}: {e}");
                 }
             }
         }

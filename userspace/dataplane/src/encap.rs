@@ -15,7 +15,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use aya::maps::Array;
+use aya::maps::{Array, MapData};
 use xdpgate_common::{
     lb::SVC_ENCAP,
     maps::{ENCAP_SOURCE_V4, ENCAP_SOURCE_V6, ENCAP_SOURCES},
@@ -133,11 +133,20 @@ pub fn frontends(lbs: &CompiledLb) -> Vec<IpAddr> {
     out
 }
 
+/// `ENCAP_SOURCES`, as [`check`] opened it for [`install`].
+pub type SourcesMap = Array<MapData, [u32; 4]>;
+
 /// Refuses `lbs` when one of its encapsulating rules has a frontend of a family `chosen`
 /// lacks, naming the rule and what `applier` can do, when a source is one of its
 /// frontends, or when it needs `ENCAP_SOURCES` and the dataplane was loaded before the map.
-/// Writes nothing: [`install`] does, once the policy is sure to be applied.
-pub fn check(pins: &PinDir, lbs: &CompiledLb, chosen: &Chosen, applier: Applier) -> Result<()> {
+/// Writes nothing: [`install`] writes the map it returns (none pinned: a dataplane loaded
+/// before it, whose policy needs none) once the policy is sure to be applied.
+pub fn check(
+    pins: &PinDir,
+    lbs: &CompiledLb,
+    chosen: &Chosen,
+    applier: Applier,
+) -> Result<Option<SourcesMap>> {
     let sources = chosen.sources;
     let frontends = frontends(lbs);
     for (source, from) in [
@@ -184,22 +193,21 @@ pub fn check(pins: &PinDir, lbs: &CompiledLb, chosen: &Chosen, applier: Applier)
         }
     }
     match pins.open_map(ENCAP_SOURCES) {
+        Ok(map) => Ok(Some(map.try_into()?)),
         Err(e) if lbs.services.iter().any(|s| s.flags & SVC_ENCAP != 0) => Err(e.context(
             "this dataplane was loaded by a build without encapsulation: attach again \
              (xdpgate upgrade) before applying a policy with forwarding: ipip",
         )),
-        _ => Ok(()),
+        Err(_) => Ok(None),
     }
 }
 
-/// Writes the sources `chosen` into `ENCAP_SOURCES` (none pinned: a dataplane loaded before
-/// the map, whose policy [`check`] let through needs none) and logs them. With the load
+/// Writes the sources `chosen` into `map`, [`check`]'s, and logs them. With the load
 /// balancers' tables: a policy that fails before them leaves the sources its running
 /// policy sends from.
-pub fn install(pins: &PinDir, lbs: &CompiledLb, chosen: &Chosen) -> Result<()> {
+pub fn install(map: Option<&mut SourcesMap>, lbs: &CompiledLb, chosen: &Chosen) -> Result<()> {
     let sources = chosen.sources;
-    let Ok(map) = pins.open_map(ENCAP_SOURCES) else { return Ok(()) };
-    let mut map: Array<_, [u32; 4]> = map.try_into()?;
+    let Some(map) = map else { return Ok(()) };
     let v4 = sources.v4.map_or([0; 4], |a| {
         let mut b = [0u8; 16];
         b[..4].copy_from_slice(&a.octets());

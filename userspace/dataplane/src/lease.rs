@@ -52,16 +52,25 @@ impl Lease {
         let lock = ToolLock::acquire(pins, tool, Duration::ZERO)?;
         unheld(&held, tool, length)?;
         held.begin()?;
-        held.renew(monotonic_ns() + length.as_nanos() as u64)?;
+        // The end last written: a lease that says another is not this command's any more.
+        let mut mine = monotonic_ns() + length.as_nanos() as u64;
+        held.renew(mine)?;
         let (stop, stopped) = mpsc::channel::<()>();
         let thread = std::thread::spawn(move || {
             // Ends when the holder drops its sender.
             while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
-                if let Err(e) = renew(&mut held, tool, length) {
-                    eprintln!("xdpgate {}: renewing its lease failed: {e:#}", tool.name());
+                match renew(&mut held, tool, length, mine) {
+                    Ok(Some(until)) => mine = until,
+                    // Left to its holder: no renewal, and no release.
+                    Ok(None) => return,
+                    Err(e) => {
+                        eprintln!("xdpgate {}: renewing its lease failed: {e:#}", tool.name())
+                    }
                 }
             }
-            held.release();
+            if held.until().is_ok_and(|until| until == mine) {
+                held.release();
+            }
         });
         Ok(Self { stop: Some(stop), thread: Some(thread), _lock: lock })
     }
@@ -90,8 +99,20 @@ fn unheld(held: &impl Held, tool: Tool, length: Duration) -> Result<()> {
     }
 }
 
-fn renew(held: &mut impl Held, tool: Tool, length: Duration) -> Result<()> {
+/// Renews the lease last written to end at `mine`; its new end, or `None` when another
+/// command holds it now (this one was held up past its end, and its lock file went with the
+/// state directory: see [`unheld`]).
+fn renew(held: &mut impl Held, tool: Tool, length: Duration, mine: u64) -> Result<Option<u64>> {
     let (was, now) = (held.until()?, monotonic_ns());
+    if was != mine && was > now {
+        eprintln!(
+            "xdpgate {}: another xdpgate {} holds its lease now (this process was held up past \
+             its own): the dataplane no longer sends to this one",
+            tool.name(),
+            tool.name()
+        );
+        return Ok(None);
+    }
     if was < now {
         eprintln!(
             "xdpgate {}: its lease ran out {} ms ago (this process was held up), and the \
@@ -100,7 +121,9 @@ fn renew(held: &mut impl Held, tool: Tool, length: Duration) -> Result<()> {
             (now - was) / 1_000_000
         );
     }
-    held.renew(now + length.as_nanos() as u64)
+    let until = now + length.as_nanos() as u64;
+    held.renew(until)?;
+    Ok(Some(until))
 }
 
 impl Drop for Lease {

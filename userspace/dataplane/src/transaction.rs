@@ -136,7 +136,7 @@ fn install_locked(
     };
     // Refused here, before anything is written, when a rule needs a source the node lacks.
     let sources = sources.complete_on(&pins.attached()?, &encap::frontends(lbs))?;
-    encap::check(pins, lbs, &sources, applier)?;
+    let mut encap_sources = encap::check(pins, lbs, &sources, applier)?;
     let mut maps = LbMaps::open(pins)?;
     let mut nat_maps = nat::NatMaps::open(pins)?;
     let lookups =
@@ -160,10 +160,10 @@ fn install_locked(
     let (drained, broken) = drain::read_locked(pins, lock)?;
     let health = drain::WithDrained { health, drained: &drained };
     let mut install = || -> Result<()> {
-        encap::install(pins, lbs, &sources)?;
         lb_maps::restart_counters(pins, lbs, running.as_ref())?;
         maps.install(lbs, &health, running.as_ref())?;
-        nat_maps.install(pins, policy, running.as_ref())
+        nat_maps.install(pins, policy, running.as_ref())?;
+        encap::install(encap_sources.as_mut(), lbs, &sources)
     };
     // Past the flip the new policy runs: a failure from here on is reported as partly applied.
     let generation = prepared.generation;

@@ -1,7 +1,7 @@
 //! Operator views: every view command (`status`, `stats`, `flows`, `lb`, `nat`, `rules`,
 //! `verify-flow`) prints through [`print`], as a table for people or as JSON (`--json`,
 //! `-o json`) for programs. The data comes from the dataplane crate's reports (and
-//! `crate::status`); these modules only present it.
+//! `crate::status`, `crate::bgp::report`); these modules only present it.
 
 pub mod bgp;
 pub mod connectivity;
