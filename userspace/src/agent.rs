@@ -777,19 +777,9 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                     if let Ok(now) = sets_now {
                         running.sets = now;
                     }
-                } else {
-                    match renew(pins, &mut owner, &running, &mut state, bgp_table, &mut failing, &live) {
-                        Renewed::TakenOver => {
-                            taken_over = true;
-                            break;
-                        }
-                        Renewed::Overridden => {
-                            overridden = true;
-                            reload.ask(Instant::now());
-                            turn.want(pins);
-                        }
-                        Renewed::Ours => {}
-                    }
+                } else if !renew(pins, &mut owner, &running, &mut state, bgp_table, &mut failing, &live, (&mut overridden, &mut reload, &mut turn)) {
+                    taken_over = true;
+                    break;
                 }
                 follow_generation(pins, &mut running.names, &mut failing);
                 // `lb drain` and `enable` (which rebuild the tables themselves), and a file
@@ -847,20 +837,13 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                     // The state directory gone since the last tick: the sets' run-time
                     // changes (and the records) written again first, or the policy would be
                     // loaded without the changes the kernel enforces.
-                    if !owner.held(pins) {
-                        match renew(pins, &mut owner, &running, &mut state, bgp_table, &mut failing, &live) {
-                            Renewed::TakenOver => {
-                                taken_over = true;
-                                break;
-                            }
-                            // Undone by this reload if it applies the file, else by the next.
-                            Renewed::Overridden => {
-                                overridden = true;
-                                reload.ask(Instant::now());
-                                turn.want(pins);
-                            }
-                            Renewed::Ours => {}
-                        }
+                    // A one-shot apply found meanwhile is undone by this reload if it applies
+                    // the file, else by the next.
+                    if !owner.held(pins)
+                        && !renew(pins, &mut owner, &running, &mut state, bgp_table, &mut failing, &live, (&mut overridden, &mut reload, &mut turn))
+                    {
+                        taken_over = true;
+                        break;
                     }
                     // Loaded under the lock, so no `xdpgate set` comes between the load of the
                     // sets' changes and the install.
@@ -1333,22 +1316,14 @@ fn expire_nat(
     ended
 }
 
-/// What [`renew`] found.
-enum Renewed {
-    /// The lock is this agent's again, and the policy in force its own.
-    Ours,
-    /// Another agent took the dataplane meanwhile: this one stops, as it would not have
-    /// started.
-    TakenOver,
-    /// A one-shot apply got in while the lock was gone (logged): to be undone by a reload,
-    /// or the agent would go on from its own copy (a health change rebuilding a load
-    /// balancer the running policy no longer has).
-    Overridden,
-}
-
 /// Takes the agent lock again once its file is gone from the state directory (see
-/// [`AgentLock::held`]), writes the agent's state there again, and says whether the policy
-/// in force is still its own.
+/// [`AgentLock::held`]), and writes the agent's state there again. A one-shot apply that
+/// got in while the lock was gone is logged and marked `overridden`, with a reload asked
+/// (`undo`: the flag, the reload and the lock turn), or the agent would go on from its own
+/// copy (a health change rebuilding a load balancer the running policy no longer has).
+/// False when another agent has taken the dataplane meanwhile: this one stops, as it would
+/// not have started.
+#[expect(clippy::too_many_arguments, reason = "the agent's state it renews, each needed")]
 fn renew(
     pins: &PinDir,
     owner: &mut AgentLock,
@@ -1357,14 +1332,15 @@ fn renew(
     bgp_table: Option<u32>,
     failing: &mut Failing,
     live: &Live,
-) -> Renewed {
+    undo: (&mut bool, &mut PendingReload, &mut LockTurn),
+) -> bool {
     if let Some(pid) = state::agent_pid(pins) {
         error!(
             "another agent (pid {pid}) took the dataplane after this one's lock went with the \
              state directory ({}): this agent stops",
             state::dir(pins).display()
         );
-        return Renewed::TakenOver;
+        return false;
     }
     if let Some(lock) = failing.check("taking the agent lock again", AgentLock::acquire(pins)) {
         *owner = lock;
@@ -1403,14 +1379,15 @@ fn renew(
             failing.check("claiming the bgp table again", announce::claim_table(pins, table));
         }
     }
-    match applied_by_another(pins, &running.source, &running.names) {
-        Some(e) => {
-            error!("{e:#}");
-            failing.check("another writer", Err::<(), _>(e));
-            Renewed::Overridden
-        }
-        None => Renewed::Ours,
+    if let Some(e) = applied_by_another(pins, &running.source, &running.names) {
+        error!("{e:#}");
+        failing.check("another writer", Err::<(), _>(e));
+        let (overridden, reload, turn) = undo;
+        *overridden = true;
+        reload.ask(Instant::now());
+        turn.want(pins);
     }
+    true
 }
 
 /// The once-a-second jobs that need no write lock; none of their errors ends the agent.
