@@ -362,7 +362,8 @@ fn cached_hop(pins: &Pins, sport: u16) -> ([u8; 6], u32) {
         dport: 7,
         proto: 6,
         family: 4,
-        _pad: [0; 2],
+        kind: 0,
+        _pad: 0,
     };
     let hop = flows.get(&key, 0).expect("the connection's established entry").hop;
     (hop.dmac, hop.ifindex)

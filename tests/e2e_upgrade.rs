@@ -561,7 +561,8 @@ fn a_small_table_for_test_runs_holds_flows() {
         dport: 53,
         proto: 17,
         family: 4,
-        _pad: [0; 2],
+        kind: 0,
+        _pad: 0,
     };
     assert!(k.flow(&key).is_some(), "the flow is in the 128-entry table");
 }

@@ -1760,6 +1760,85 @@ fn a_peers_echo_request_is_not_taken_for_a_reply() {
     });
 }
 
+/// Every ICMP flow's entry holds the message its direction carries. A flow of a message
+/// without identifier (the host's timestamp or node information query here) has the key of
+/// an echo flow of identifier 0, and a flow the host's own unsolicited echo reply opens has
+/// that of the peer's echo requests: the peer's requests passed in as their answers, past
+/// a policy that denies them (seen failing: passed). The query's answer still passes.
+#[test]
+fn a_peers_icmp_request_is_not_taken_for_the_answer_of_another_message() {
+    must_drop(POLICY.into(), "ICMP requests in as answers", |k, passed| {
+        for (outside, inside, v6) in PEERS {
+            let (query, answer) = if v6 { (139, 140) } else { (13, 14) };
+            k.arrive_as(Role::Internal);
+            let out = build(&spec(inside, outside, Body::Icmp(query, 0)));
+            assert_eq!(k.run(&out), PASS, "type {query} out");
+            let reply = build(&spec(outside, inside, Body::Icmp(answer, 0)));
+            k.arrive_as(Role::External);
+            assert_eq!(k.run(&reply), PASS, "its answer, type {answer}");
+            let ping = build(&spec(outside, inside, Body::Echo(0)));
+            passed.unless_dropped(k, &format!("a ping of id 0 after type {query} out"), &ping);
+            let same = build(&spec(outside, inside, Body::Icmp(query, 0)));
+            passed.unless_dropped(k, &format!("type {query} in after one out"), &same);
+            assert_eq!(k.run(&reply), PASS, "the answers go on, type {answer}");
+            // An echo reply opens nothing that answers it.
+            k.arrive_as(Role::Internal);
+            let out = build(&spec(inside, outside, Body::EchoReply(78)));
+            assert_eq!(k.run(&out), PASS, "an unsolicited echo reply out");
+            k.arrive_as(Role::External);
+            let ping = build(&spec(outside, inside, Body::Echo(78)));
+            passed.unless_dropped(k, "a ping in after an echo reply out", &ping);
+        }
+    });
+}
+
+/// ICMP messages without identifier have ports 0 in their flow keys, as an echo of
+/// identifier 0: the key holds their kind, so that the host's timestamp (or node
+/// information) request and its ping of identifier 0 to the same peer, both unanswered,
+/// are two flows, each answered (seen failing with the kind left out: the later flow took
+/// the key, and the timestamp's answer was dropped). An extended echo (RFC 8335) is
+/// answered too.
+#[test]
+fn icmp_flows_without_identifier_live_apart() {
+    isolated(false, |_| {
+        let k = Kernel::new();
+        k.apply(POLICY);
+        for (outside, inside, v6) in PEERS {
+            let (query, answer, probe, found) =
+                if v6 { (139, 140, 160, 161) } else { (13, 14, 42, 43) };
+            k.arrive_as(Role::Internal);
+            for out in [Body::Icmp(query, 0), Body::Echo(0), Body::Icmp(probe, 0)] {
+                assert_eq!(k.run(&build(&spec(inside, outside, out))), PASS);
+            }
+            k.arrive_as(Role::External);
+            for back in [Body::Icmp(answer, 0), Body::EchoReply(0), Body::Icmp(found, 0)] {
+                let name = format!("{back:?} in, {inside}'s answer");
+                assert_eq!(k.run(&build(&spec(outside, inside, back))), PASS, "{name}");
+            }
+        }
+    });
+}
+
+/// An earlier build gave the reply entry of a flow opened by the host's echo reply the
+/// echo request's mark: a peer's echo requests, on that entry, are not its flow's (seen
+/// failing: passed, past a policy that denies them).
+#[test]
+fn an_earlier_builds_entry_lets_no_echo_request_in_as_an_answer() {
+    must_drop(POLICY.into(), "requests in on an earlier build's entry", |k, passed| {
+        for (outside, inside, v6) in PEERS {
+            k.arrive_as(Role::Internal);
+            let out = build(&spec(inside, outside, Body::EchoReply(79)));
+            assert_eq!(k.run(&out), PASS, "an unsolicited echo reply out");
+            let proto = if v6 { 58 } else { 1 };
+            let key = packet::flow_key(outside, inside, 79, 79, proto);
+            k.change_flow(&key, |e| e.seq = if v6 { 129 } else { 9 });
+            k.arrive_as(Role::External);
+            let ping = build(&spec(outside, inside, Body::Echo(79)));
+            passed.unless_dropped(k, "a ping in on the entry", &ping);
+        }
+    });
+}
+
 /// Where the policy allows a peer's pings, those with the identifier of the host's own live
 /// beside the host's flow, and after a policy change each is judged again by its own entry
 /// (seen failing: the peer's request was dropped, handed between the stages until the

@@ -579,7 +579,8 @@ fn floating_ip_keeps_the_frontend_address() {
         dport: 80,
         proto: 6,
         family: 4,
-        _pad: [0; 2],
+        kind: 0,
+        _pad: 0,
     };
     let entry = k.flow(&key).expect("flow entry");
     assert_eq!(entry.nat, xdpgate_common::flow::NAT_NEXT_HOP);
@@ -751,7 +752,8 @@ fn client_key(dst: &str, sport: u16, dport: u16) -> xdpgate_common::flow::FlowKe
         dport,
         proto: 6,
         family: 4,
-        _pad: [0; 2],
+        kind: 0,
+        _pad: 0,
     }
 }
 

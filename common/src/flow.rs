@@ -15,7 +15,12 @@ pub struct FlowKey {
     pub dport: u16,
     pub proto: u8,
     pub family: u8,
-    pub _pad: [u8; 2],
+    /// An ICMP message's kind of flow: its type, or that of the request it answers; 0 for
+    /// echo (whose identifier is the key's ports) and any other protocol. Messages without
+    /// identifier have ports 0 alike: kept apart by this, as conntrack's ICMP tuple keeps
+    /// them by type. 0 in every key of a build before 2026-12-07.
+    pub kind: u8,
+    pub _pad: u8,
 }
 
 impl FlowKey {
@@ -52,7 +57,8 @@ impl FlowKey {
             dport: self.sport,
             proto: self.proto,
             family: self.family,
-            _pad: [0; 2],
+            kind: self.kind,
+            _pad: 0,
         }
     }
 }
@@ -95,8 +101,9 @@ pub struct FlowValue {
     /// `flow::kept_syn`). 0 in an entry of a build before 2026-12-06, which kept no
     /// number until the answer. Established flows, with `TCP_SEQ`: the one this
     /// direction's sender was last seen at, near which its RST and FIN are believed. ICMP
-    /// echo flows: the echo type this direction carries, + 1 (requests and replies share a
-    /// key).
+    /// flows: the ICMP type this direction carries, + 1 (requests and replies share a key,
+    /// and so do messages without identifier and echoes of identifier 0), or
+    /// `ICMP_NO_ANSWER`; 0 in an entry of a build before 2026-12-07 that was no echo.
     pub seq: u32,
     /// Where this direction's packets were last forwarded (flows the dataplane forwards
     /// itself: load-balanced and translated ones), so that the FIB need not be asked again.
@@ -243,6 +250,10 @@ impl NextHop {
 /// How long a cached next hop is used without asking the FIB again: 100 ms to 1 s, as the
 /// kernel's tick is 1,000 to 100 per second.
 pub const HOP_MAX_AGE_JIFFIES: u32 = 100;
+
+/// The mark (`FlowValue::seq`) of an ICMP flow's reply entry whose first message asks for
+/// no answer (an echo reply, say): no message carries it (marks are types + 1).
+pub const ICMP_NO_ANSWER: u32 = 0x1_0000;
 
 pub const NAT_NONE: u8 = 0;
 /// Rewrite the destination (the client's packets to a frontend, DNAT to the backend).

@@ -11,9 +11,9 @@ use xdpgate_common::{
     flow::{
         ASSURED, FLOW_STAT_EMBRYOS_CLOSED, FLOW_STAT_EMBRYOS_CONFIRMED, FLOW_STAT_EMBRYOS_CREATED,
         FLOW_STAT_EMBRYOS_EXPIRED, FLOW_STAT_EMBRYOS_REFUSED, FLOW_STAT_PICKED_UP,
-        FLOW_STAT_REBUILT, FlowKey, FlowValue, FragKey, FragValue, NAT_DST, NAT_ENCAP,
-        NAT_NEXT_HOP, NAT_NONE, NAT_SRC, NO_RULE, NO_RULES, NextHop, TCP_ANSWERED, TCP_CLOSED,
-        TCP_FIN, TCP_LONE, TCP_MIDSTREAM, TCP_SEQ,
+        FLOW_STAT_REBUILT, FlowKey, FlowValue, FragKey, FragValue, ICMP_NO_ANSWER, NAT_DST,
+        NAT_ENCAP, NAT_NEXT_HOP, NAT_NONE, NAT_SRC, NO_RULE, NO_RULES, NextHop, TCP_ANSWERED,
+        TCP_CLOSED, TCP_FIN, TCP_LONE, TCP_MIDSTREAM, TCP_SEQ,
     },
     lb::NO_BACKEND,
     nat::NAT_ACTIVE,
@@ -37,7 +37,7 @@ use crate::{
         NSG_RULE_MOVES, NSG_TRAFFIC, SERVICE_STATS,
     },
     nsg::{Active, classify},
-    parse::{PacketMeta, answer_mark, echo_mark, is_echo_request},
+    parse::{PacketMeta, icmp_kind, icmp_mark, is_echo_request, paired_mark},
     snat, trace,
 };
 
@@ -55,7 +55,8 @@ pub fn key(meta: &PacketMeta) -> FlowKey {
         dport: meta.dport,
         proto: meta.proto,
         family: meta.family,
-        _pad: [0; 2],
+        kind: icmp_kind(meta),
+        _pad: 0,
     }
 }
 
@@ -336,7 +337,7 @@ fn established_entry(
     len: u64,
     judged: bool,
 ) -> Option<Lookup> {
-    if other_echo(meta, entry) {
+    if other_message(meta, entry) {
         return None;
     }
     let timeout = active.config.idle_timeout_ns(meta.family, meta.proto, entry.tcp, entry.idle_s);
@@ -462,7 +463,7 @@ fn embryo(
     len: u64,
     judged: bool,
 ) -> Lookup {
-    if other_echo(meta, entry) {
+    if other_message(meta, entry) {
         return Lookup::Miss;
     }
     let timeout = active.config.embryo_timeout_ns(meta.family, meta.proto, entry);
@@ -741,14 +742,18 @@ fn newly_balanced(active: &Active<'_>, meta: &PacketMeta, entry: &FlowValue) -> 
         && matches!(lb::select(meta, active.config.flags), Lb::Selected(_) | Lb::NoBackend)
 }
 
-/// An ICMP packet that is not the echo message its entry's direction carries: a peer's echo
-/// request on the reply entry of a host's pings (their key is the same), or a non-echo
-/// message on an echo flow of identifier 0. Not the flow's: decided as new, by the policy,
-/// and the flow is left as it is. (Entries without a mark, of an earlier build or of a
-/// non-echo ICMP flow, are not checked.)
+/// An ICMP packet that is not the message its entry's direction carries: a peer's echo
+/// request on the reply entry of a host's pings (their key is the same), or a request on
+/// the reply entry of a flow its answer opened (held since an earlier build, which let the
+/// peer's requests in as the answers of the host's unsolicited echo reply). Not the flow's:
+/// decided as new, by the policy, and the flow is left as it is. (Entries without a mark,
+/// of an earlier build, are not checked.)
 #[inline(always)]
-pub fn other_echo(meta: &PacketMeta, entry: &FlowValue) -> bool {
-    meta.is_icmp() && entry.seq != 0 && entry.seq != echo_mark(meta)
+pub fn other_message(meta: &PacketMeta, entry: &FlowValue) -> bool {
+    meta.is_icmp()
+        && entry.seq != 0
+        && (entry.seq != icmp_mark(meta)
+            || (entry.reply != 0 && paired_mark(meta.family, entry.seq).1))
 }
 
 /// A SYN on the tuple of a closed connection (the client reused its port) opens a new one,
@@ -829,7 +834,7 @@ pub fn create(
             if let Some(t) = translation {
                 rebuilt = midstream;
                 // An echo request on a translation's reply tuple answers none of the host's
-                // pings (see `other_echo`): unsolicited, as any packet to a public address.
+                // pings (see `other_message`): unsolicited, as any packet to a public address.
                 if t.state != NAT_ACTIVE || (t.kind == NAT_DST && is_echo_request(meta)) {
                     if trace::counting() {
                         snat::unmatched(u32::from(t.gateway));
@@ -1002,7 +1007,7 @@ fn first_marks(meta: &PacketMeta, f: &mut FlowValue) {
         f.seq = meta.tcp_seq.wrapping_add(1);
         f.tcp = if midstream(meta) { TCP_MIDSTREAM } else { 0 };
     } else {
-        f.seq = echo_mark(meta);
+        f.seq = icmp_mark(meta);
         f.tcp = 0;
     }
 }
@@ -1072,8 +1077,11 @@ pub fn commit(
         return;
     }
     reply_of(forward, reply);
-    if forward.seq != 0 && meta.is_icmp() {
-        reply.seq = answer_mark(meta.family, forward.seq);
+    if meta.is_icmp() {
+        // The other direction carries a request's answer, or a rebuilt answer's request (a
+        // NAT translation's reply direction); a message that asks nothing, nothing.
+        let (paired, request) = paired_mark(meta.family, forward.seq);
+        reply.seq = if request || forward.reply != 0 { paired } else { ICMP_NO_ANSWER };
     }
     if forward.nat == NAT_DST {
         reply.nat = NAT_SRC;
@@ -1295,8 +1303,8 @@ fn moved_rule(active: &Active<'_>, rule: u16) -> u16 {
 #[inline(always)]
 pub fn reclassify(active: &Active<'_>, meta: &PacketMeta, len: u64) -> Result<(), DropReason> {
     let key = key(meta);
-    // The entry the lookup found stale: not an established one of another echo type.
-    let established = FLOWS.get_ptr_mut(&key).filter(|e| !other_echo(meta, unsafe { &**e }));
+    // The entry the lookup found stale: not an established one of another ICMP message.
+    let established = FLOWS.get_ptr_mut(&key).filter(|e| !other_message(meta, unsafe { &**e }));
     let (entry, established) = match established {
         Some(e) => (e, true),
         None => match EMBRYOS.get_ptr_mut(&key) {

@@ -21,7 +21,7 @@ use crate::{
     lb::{self, Lb},
     maps::{CLASSIFY_SCRATCH, EMBRYOS, FLOWS},
     nsg::Active,
-    parse::{FRAG_LATER, Packet, PacketMeta, answer_mark, ipv6_chain, is_echo, ptr_at},
+    parse::{FRAG_LATER, Packet, PacketMeta, ipv6_chain, is_echo, paired_mark, ptr_at},
 };
 
 #[inline(always)]
@@ -110,7 +110,8 @@ pub fn related(ctx: &impl Packet, active: &Active<'_>, meta: &PacketMeta) -> Opt
         dport: 0,
         proto,
         family: meta.family,
-        _pad: [0; 2],
+        kind: 0,
+        _pad: 0,
     };
     // The quoted packet went from its source to its destination; a reply to it comes from
     // the destination: that is the entry the error belongs to.
@@ -123,7 +124,7 @@ pub fn related(ctx: &impl Packet, active: &Active<'_>, meta: &PacketMeta) -> Opt
         key.src = xdpgate_common::words(&ip.dst);
         key.dst = xdpgate_common::words(&ip.src);
     }
-    // A quoted echo message's mark (its type + 1, as `parse::echo_mark`), else 0.
+    // A quoted echo message's mark (its type + 1, as `parse::icmp_mark`), else 0.
     let mut quoted_echo = 0;
     match proto {
         IPPROTO_TCP | IPPROTO_UDP => {
@@ -160,13 +161,13 @@ pub fn related(ctx: &impl Packet, active: &Active<'_>, meta: &PacketMeta) -> Opt
             None => return to_direct_backend(active, meta, &key),
         },
     };
-    // The quoted echo message must be the one its direction carries, the answer of what
+    // The quoted echo message must be the one its direction carries, paired with what
     // the entry's direction carries (an error quoting an echo reply the host never sent,
     // on its pings' key, is about no flow). Entries without a mark are not checked.
     if !vouches
         || (quoted_echo != 0
             && entry.seq != 0
-            && answer_mark(meta.family, entry.seq) != quoted_echo)
+            && paired_mark(meta.family, entry.seq).0 != quoted_echo)
     {
         return None;
     }

@@ -273,14 +273,14 @@ fn traced_entry<H: Hook>(
     meta: &PacketMeta,
 ) -> Result<u32, DropReason> {
     let key = flow::key(meta);
-    // As the lookups judge it: an entry of another echo type, or one idled out, is not the
+    // As the lookups judge it: an entry of another ICMP message, or one idled out, is not the
     // packet's flow.
     let established = unsafe { FLOWS.get(&key) }
-        .filter(|e| !flow::other_echo(meta, e) && !flow::idled_out::<true>(active, &key, e));
+        .filter(|e| !flow::other_message(meta, e) && !flow::idled_out::<true>(active, &key, e));
     let entry = established.or_else(|| {
         unsafe { EMBRYOS.get(&key) }
             .or_else(|| flow::waiting_for(meta, &key).map(|e| unsafe { &*e }))
-            .filter(|e| !flow::other_echo(meta, e) && !flow::idled_out::<false>(active, &key, e))
+            .filter(|e| !flow::other_message(meta, e) && !flow::idled_out::<false>(active, &key, e))
     });
     trace::lookup(entry, established.is_some());
     let again = entry.is_some_and(|e| flow::judged_again(active, e));

@@ -5,7 +5,7 @@
 use core::mem::size_of;
 
 use aya_ebpf::programs::{TcContext, XdpContext};
-use xdpgate_common::{stats::DropReason, words};
+use xdpgate_common::{flow::ICMP_NO_ANSWER, stats::DropReason, words};
 
 use crate::headers::*;
 
@@ -476,15 +476,26 @@ pub fn is_echo(family: u8, kind: u8) -> bool {
     if family == 4 { kind == 0 || kind == 8 } else { kind == 128 || kind == 129 }
 }
 
-/// An echo request or reply's mark for its flow entry (its type + 1), 0 for any other
-/// packet. Requests and replies share a key (the identifier both ways), so each entry of an
-/// echo flow holds the type its direction carries: see `flow::other_echo`.
+/// An ICMP message's mark for its flow's entries (its type + 1), 0 for any other packet.
+/// A request and its answer share a key (an echo's identifier both ways, a message
+/// without identifier its `icmp_kind`): each entry of an ICMP flow holds the message its
+/// direction carries, see `flow::other_message`.
 #[inline(always)]
-pub fn echo_mark(meta: &PacketMeta) -> u32 {
-    if meta.is_icmp() && is_echo(meta.family, meta.icmp_type) {
-        u32::from(meta.icmp_type) + 1
-    } else {
-        0
+pub fn icmp_mark(meta: &PacketMeta) -> u32 {
+    if meta.is_icmp() { u32::from(meta.icmp_type) + 1 } else { 0 }
+}
+
+/// The kind of flow an ICMP message without identifier belongs to, which its flow key
+/// holds (`FlowKey::kind`): its request's type, for a request's answer, else its own. 0
+/// for an echo, keyed by its identifier, and for any other protocol.
+#[inline(always)]
+pub fn icmp_kind(meta: &PacketMeta) -> u8 {
+    if !meta.is_icmp() || is_echo(meta.family, meta.icmp_type) {
+        return 0;
+    }
+    match paired_mark(meta.family, u32::from(meta.icmp_type) + 1) {
+        (request, false) if request != ICMP_NO_ANSWER => (request - 1) as u8,
+        _ => meta.icmp_type,
     }
 }
 
@@ -494,11 +505,21 @@ pub fn is_echo_request(meta: &PacketMeta) -> bool {
     meta.is_icmp() && meta.icmp_type == if meta.family == 4 { 8 } else { 128 }
 }
 
-/// The mark of the echo message that answers one marked `mark` (request and reply, 8 and 0
-/// in ICMP, 128 and 129 in ICMPv6).
+/// The mark of the message paired with one marked `mark`, and whether `mark` is the
+/// request's: the requests that ask for an answer and their answers, as conntrack pairs
+/// them (echo; IPv4's timestamp, information and address mask; IPv6's node information),
+/// and the extended echo of RFC 8335 (`ping -e`). `ICMP_NO_ANSWER` for any other message.
 #[inline(always)]
-pub fn answer_mark(family: u8, mark: u32) -> u32 {
-    if family == 4 { 10 - mark } else { 259 - mark }
+pub fn paired_mark(family: u8, mark: u32) -> (u32, bool) {
+    let kind = mark.wrapping_sub(1);
+    let (other, request) = match (family == 4, kind) {
+        (true, 8) => (0, true),
+        (true, 0) => (8, false),
+        (true, 13 | 15 | 17 | 42) | (false, 128 | 139 | 160) => (kind + 1, true),
+        (true, 14 | 16 | 18 | 43) | (false, 129 | 140 | 161) => (kind - 1, false),
+        _ => return (ICMP_NO_ANSWER, false),
+    };
+    (other + 1, request)
 }
 
 /// Neighbour discovery (133-137) with hop limit 255, which receivers require (RFC 4861),

@@ -250,7 +250,8 @@ pub fn allocate(meta: &PacketMeta, gw: u32, now: u64) -> Result<u32, DropReason>
             dport: port,
             proto: meta.proto,
             family: meta.family,
-            _pad: [0; 2],
+            kind: 0,
+            _pad: 0,
         };
         let back = NatEntry {
             addr: meta.src,
@@ -268,7 +269,8 @@ pub fn allocate(meta: &PacketMeta, gw: u32, now: u64) -> Result<u32, DropReason>
                 dport: meta.dport,
                 proto: meta.proto,
                 family: meta.family,
-                _pad: [0; 2],
+                kind: 0,
+                _pad: 0,
             };
             let out = NatEntry {
                 addr: public,

@@ -430,5 +430,5 @@ pub fn flow_key(src: &str, dst: &str, sport: u16, dport: u16, proto: u8) -> Flow
         IpAddr::V6(v) => xdpgate_common::words(&v.octets()),
     };
     let family = if src.contains(':') { 6 } else { 4 };
-    FlowKey { src: words(src), dst: words(dst), sport, dport, proto, family, _pad: [0; 2] }
+    FlowKey { src: words(src), dst: words(dst), sport, dport, proto, family, kind: 0, _pad: 0 }
 }

@@ -592,7 +592,8 @@ pub fn flow_key(p: &[u8]) -> Result<FlowKey> {
         dport: u16::from_be_bytes([l4[2], l4[3]]),
         proto: 6,
         family,
-        _pad: [0; 2],
+        kind: 0,
+        _pad: 0,
     })
 }
 

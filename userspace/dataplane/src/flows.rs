@@ -908,7 +908,7 @@ mod tests {
     }
 
     fn key(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> FlowKey {
-        FlowKey { src: v4(src), dst: v4(dst), sport, dport, proto: 6, family: 4, _pad: [0; 2] }
+        FlowKey { src: v4(src), dst: v4(dst), sport, dport, proto: 6, family: 4, kind: 0, _pad: 0 }
     }
 
     fn value(reply: u8, packets: u64) -> FlowValue {

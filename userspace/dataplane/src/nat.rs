@@ -263,7 +263,8 @@ fn forward_key(reply: &FlowKey, t: &NatEntry) -> FlowKey {
         dport: if echo { t.port } else { reply.sport },
         proto: reply.proto,
         family: reply.family,
-        _pad: [0; 2],
+        kind: 0,
+        _pad: 0,
     }
 }
 
