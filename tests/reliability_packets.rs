@@ -50,7 +50,7 @@ use common::{
     veth,
 };
 use etherparse::{IpHeaders, IpNumber, PacketBuilder, PacketBuilderStep, VlanId};
-use xdpgate_common::iface::Role;
+use xdpgate_common::{flow::FlowKey, iface::Role};
 use xdpgate_dataplane::stats;
 use xdpgate_policy::{
     Direction, Policy, load_str,
@@ -1792,12 +1792,12 @@ fn a_peers_icmp_request_is_not_taken_for_the_answer_of_another_message() {
     });
 }
 
-/// ICMP messages without identifier have ports 0 in their flow keys, as an echo of
+/// ICMP messages other than echo have ports 0 in their flow keys, as an echo of
 /// identifier 0: the key holds their kind, so that the host's timestamp (or node
 /// information) request and its ping of identifier 0 to the same peer, both unanswered,
 /// are two flows, each answered (seen failing with the kind left out: the later flow took
-/// the key, and the timestamp's answer was dropped). An extended echo (RFC 8335) is
-/// answered too.
+/// the key, and the timestamp's answer was dropped), and an ICMPv6 message of the reserved
+/// type 0 takes neither's. An extended echo (RFC 8335) is answered too.
 #[test]
 fn icmp_flows_without_identifier_live_apart() {
     isolated(false, |_| {
@@ -1807,8 +1807,13 @@ fn icmp_flows_without_identifier_live_apart() {
             let (query, answer, probe, found) =
                 if v6 { (139, 140, 160, 161) } else { (13, 14, 42, 43) };
             k.arrive_as(Role::Internal);
-            for out in [Body::Icmp(query, 0), Body::Echo(0), Body::Icmp(probe, 0)] {
-                assert_eq!(k.run(&build(&spec(inside, outside, out))), PASS);
+            // ICMPv6's reserved type 0 as well, whose type is an echo's kind.
+            let reserved = v6.then_some(Body::Icmp(0, 0));
+            for out in [Body::Icmp(query, 0), Body::Echo(0), Body::Icmp(probe, 0)]
+                .into_iter()
+                .chain(reserved)
+            {
+                assert_eq!(k.run(&build(&spec(inside, outside, out))), PASS, "{out:?} out");
             }
             k.arrive_as(Role::External);
             for back in [Body::Icmp(answer, 0), Body::EchoReply(0), Body::Icmp(found, 0)] {
@@ -1819,22 +1824,32 @@ fn icmp_flows_without_identifier_live_apart() {
     });
 }
 
-/// An earlier build gave the reply entry of a flow opened by the host's echo reply the
-/// echo request's mark: a peer's echo requests, on that entry, are not its flow's (seen
-/// failing: passed, past a policy that denies them).
+/// Entries as an earlier build wrote them: the reply entry of a flow opened by the host's
+/// echo reply with the echo request's mark, and a timestamp (node information) flow with
+/// no mark and no kind, on the key of an echo of identifier 0. A peer's echo requests are
+/// the flow of neither (seen failing: passed, past a policy that denies them).
 #[test]
-fn an_earlier_builds_entry_lets_no_echo_request_in_as_an_answer() {
-    must_drop(POLICY.into(), "requests in on an earlier build's entry", |k, passed| {
+fn an_earlier_builds_entries_let_no_echo_request_in_as_an_answer() {
+    must_drop(POLICY.into(), "requests in on an earlier build's entries", |k, passed| {
         for (outside, inside, v6) in PEERS {
+            let proto = if v6 { 58 } else { 1 };
             k.arrive_as(Role::Internal);
             let out = build(&spec(inside, outside, Body::EchoReply(79)));
             assert_eq!(k.run(&out), PASS, "an unsolicited echo reply out");
-            let proto = if v6 { 58 } else { 1 };
             let key = packet::flow_key(outside, inside, 79, 79, proto);
-            k.change_flow(&key, |e| e.seq = if v6 { 129 } else { 9 });
+            k.change_flow(&key, &key, |e| e.seq = if v6 { 129 } else { 9 });
+            let query = if v6 { 139 } else { 13 };
+            let out = build(&spec(inside, outside, Body::Icmp(query, 0)));
+            assert_eq!(k.run(&out), PASS, "type {query} out");
+            for (from, to) in [(inside, outside), (outside, inside)] {
+                let earlier = packet::flow_key(from, to, 0, 0, proto);
+                k.change_flow(&FlowKey { kind: query, ..earlier }, &earlier, |e| e.seq = 0);
+            }
             k.arrive_as(Role::External);
-            let ping = build(&spec(outside, inside, Body::Echo(79)));
-            passed.unless_dropped(k, "a ping in on the entry", &ping);
+            for id in [79, 0] {
+                let ping = build(&spec(outside, inside, Body::Echo(id)));
+                passed.unless_dropped(k, &format!("a ping of id {id} in"), &ping);
+            }
         }
     });
 }

@@ -16,8 +16,8 @@ pub struct FlowKey {
     pub proto: u8,
     pub family: u8,
     /// An ICMP message's kind of flow: its type, or that of the request it answers; 0 for
-    /// echo (whose identifier is the key's ports) and any other protocol. Messages without
-    /// identifier have ports 0 alike: kept apart by this, as conntrack's ICMP tuple keeps
+    /// echo (whose identifier is the key's ports) and any other protocol. Messages other
+    /// than echo have ports 0 alike: kept apart by this, as conntrack's ICMP tuple keeps
     /// them by type. 0 in every key of a build before 2026-12-07.
     pub kind: u8,
     pub _pad: u8,
@@ -101,9 +101,9 @@ pub struct FlowValue {
     /// `flow::kept_syn`). 0 in an entry of a build before 2026-12-06, which kept no
     /// number until the answer. Established flows, with `TCP_SEQ`: the one this
     /// direction's sender was last seen at, near which its RST and FIN are believed. ICMP
-    /// flows: the ICMP type this direction carries, + 1 (requests and replies share a key,
-    /// and so do messages without identifier and echoes of identifier 0), or
-    /// `ICMP_NO_ANSWER`; 0 in an entry of a build before 2026-12-07 that was no echo.
+    /// flows: the ICMP type this direction carries, + 1 (requests and replies share a
+    /// key), or `ICMP_NO_ANSWER`; 0 in an entry of a build before 2026-12-07 that was no
+    /// echo, which no ICMP packet is taken for.
     pub seq: u32,
     /// Where this direction's packets were last forwarded (flows the dataplane forwards
     /// itself: load-balanced and translated ones), so that the FIB need not be asked again.

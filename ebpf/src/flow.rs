@@ -743,15 +743,15 @@ fn newly_balanced(active: &Active<'_>, meta: &PacketMeta, entry: &FlowValue) -> 
 }
 
 /// An ICMP packet that is not the message its entry's direction carries: a peer's echo
-/// request on the reply entry of a host's pings (their key is the same), or a request on
-/// the reply entry of a flow its answer opened (held since an earlier build, which let the
-/// peer's requests in as the answers of the host's unsolicited echo reply). Not the flow's:
-/// decided as new, by the policy, and the flow is left as it is. (Entries without a mark,
-/// of an earlier build, are not checked.)
+/// request on the reply entry of a host's pings (their key is the same), a request on the
+/// reply entry of a flow its answer opened (as an earlier build wrote it, which let the
+/// peer's requests in as the answers of the host's unsolicited echo reply), any message on
+/// an entry without a mark (an earlier build's flow of a message other than echo, on the
+/// key of an echo of identifier 0). Not the flow's: decided as new, by the policy, and the
+/// flow is left as it is.
 #[inline(always)]
 pub fn other_message(meta: &PacketMeta, entry: &FlowValue) -> bool {
     meta.is_icmp()
-        && entry.seq != 0
         && (entry.seq != icmp_mark(meta)
             || (entry.reply != 0 && paired_mark(meta.family, entry.seq).1))
 }

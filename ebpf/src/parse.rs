@@ -477,17 +477,18 @@ pub fn is_echo(family: u8, kind: u8) -> bool {
 }
 
 /// An ICMP message's mark for its flow's entries (its type + 1), 0 for any other packet.
-/// A request and its answer share a key (an echo's identifier both ways, a message
-/// without identifier its `icmp_kind`): each entry of an ICMP flow holds the message its
-/// direction carries, see `flow::other_message`.
+/// A request and its answer share a key (an echo's identifier both ways, another
+/// message's `icmp_kind`): each entry of an ICMP flow holds the message its direction
+/// carries, see `flow::other_message`.
 #[inline(always)]
 pub fn icmp_mark(meta: &PacketMeta) -> u32 {
     if meta.is_icmp() { u32::from(meta.icmp_type) + 1 } else { 0 }
 }
 
-/// The kind of flow an ICMP message without identifier belongs to, which its flow key
-/// holds (`FlowKey::kind`): its request's type, for a request's answer, else its own. 0
-/// for an echo, keyed by its identifier, and for any other protocol.
+/// The kind of flow an ICMP message other than echo belongs to, which its flow key holds
+/// (`FlowKey::kind`; its ports are 0): its request's type, for a request's answer, else
+/// its own. 0 for an echo, keyed by its identifier, and for any other protocol; ICMPv6's
+/// reserved type 0 takes 128, the echo request's type, which no other message's kind is.
 #[inline(always)]
 pub fn icmp_kind(meta: &PacketMeta) -> u8 {
     if !meta.is_icmp() || is_echo(meta.family, meta.icmp_type) {
@@ -495,6 +496,7 @@ pub fn icmp_kind(meta: &PacketMeta) -> u8 {
     }
     match paired_mark(meta.family, u32::from(meta.icmp_type) + 1) {
         (request, false) if request != ICMP_NO_ANSWER => (request - 1) as u8,
+        _ if meta.icmp_type == 0 => 128,
         _ => meta.icmp_type,
     }
 }

@@ -85,15 +85,15 @@ impl Kernel {
         self.lookup(EMBRYOS, key)
     }
 
-    /// Changes the flow entry of a 5-tuple where it is, established or embryonic (an entry
-    /// as another build would have written it).
-    pub fn change_flow(&self, key: &FlowKey, change: impl FnOnce(&mut FlowValue)) {
+    /// Writes the flow entry of `key`, changed, under `into`, in the table that holds it:
+    /// an entry as another build would have written it.
+    pub fn change_flow(&self, key: &FlowKey, into: &FlowKey, change: impl FnOnce(&mut FlowValue)) {
         let table = if self.established(key).is_some() { FLOWS } else { EMBRYOS };
         let mut map: aya::maps::HashMap<_, FlowKey, FlowValue> =
             self.pins.dir.open_map(table).unwrap().try_into().unwrap();
         let mut entry = map.get(key, 0).expect("a flow entry to change");
         change(&mut entry);
-        map.insert(key, entry, 0).unwrap();
+        map.insert(into, entry, 0).unwrap();
     }
 
     fn lookup(&self, table: &str, key: &FlowKey) -> Option<FlowValue> {
