@@ -839,11 +839,12 @@ pub async fn run(pins: &PinDir, config: RunConfig) -> Result<()> {
                     // loaded without the changes the kernel enforces.
                     // A one-shot apply found meanwhile is undone by this reload if it applies
                     // the file, else by the next.
-                    if !owner.held(pins)
-                        && !renew(pins, &mut owner, &running, &mut state, bgp_table, &mut failing, &live, (&mut overridden, &mut reload, &mut turn))
-                    {
-                        taken_over = true;
-                        break;
+                    if !owner.held(pins) {
+                        info!("the reload found the agent lock gone: taking it again first");
+                        if !renew(pins, &mut owner, &running, &mut state, bgp_table, &mut failing, &live, (&mut overridden, &mut reload, &mut turn)) {
+                            taken_over = true;
+                            break;
+                        }
                     }
                     // Loaded under the lock, so no `xdpgate set` comes between the load of the
                     // sets' changes and the install.
