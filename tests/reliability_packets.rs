@@ -1826,8 +1826,9 @@ fn icmp_flows_without_identifier_live_apart() {
 
 /// Entries as an earlier build wrote them: the reply entry of a flow opened by the host's
 /// echo reply with the echo request's mark, and a timestamp (node information) flow with
-/// no mark and no kind, on the key of an echo of identifier 0. A peer's echo requests are
-/// the flow of neither (seen failing: passed, past a policy that denies them).
+/// no mark and no kind, on the key of an echo of identifier 0. A peer's echo requests, and
+/// its error quoting a ping of identifier 0, are the flow of neither (seen failing: passed,
+/// past a policy that denies them).
 #[test]
 fn an_earlier_builds_entries_let_no_echo_request_in_as_an_answer() {
     must_drop(POLICY.into(), "requests in on an earlier build's entries", |k, passed| {
@@ -1850,6 +1851,11 @@ fn an_earlier_builds_entries_let_no_echo_request_in_as_an_answer() {
                 let ping = build(&spec(outside, inside, Body::Echo(id)));
                 passed.unless_dropped(k, &format!("a ping of id {id} in"), &ping);
             }
+            // An error about a ping of identifier 0 the host never sent.
+            let never = build(&spec(inside, outside, Body::Echo(0)));
+            let (kind, code) = if v6 { (1, 3) } else { (3, 1) };
+            let err = icmp_error(outside, inside, kind, code, &quote(&never));
+            passed.unless_dropped(k, "an error quoting a ping of id 0", &err);
         }
     });
 }

@@ -163,12 +163,9 @@ pub fn related(ctx: &impl Packet, active: &Active<'_>, meta: &PacketMeta) -> Opt
     };
     // The quoted echo message must be the one its direction carries, paired with what
     // the entry's direction carries (an error quoting an echo reply the host never sent,
-    // on its pings' key, is about no flow). Entries without a mark are not checked.
-    if !vouches
-        || (quoted_echo != 0
-            && entry.seq != 0
-            && paired_mark(meta.family, entry.seq).0 != quoted_echo)
-    {
+    // on its pings' key, is about no flow; nor is one on an entry without a mark, an
+    // earlier build's flow of a message other than echo).
+    if !vouches || (quoted_echo != 0 && paired_mark(meta.family, entry.seq).0 != quoted_echo) {
         return None;
     }
     let nat = match entry.nat {
