@@ -37,7 +37,7 @@ use crate::{
         NSG_RULE_MOVES, NSG_TRAFFIC, SERVICE_STATS,
     },
     nsg::{Active, classify},
-    parse::{PacketMeta, icmp_kind, icmp_mark, is_echo_request, paired_mark},
+    parse::{PacketMeta, icmp_mark, is_echo_request, paired_mark},
     snat, trace,
 };
 
@@ -55,7 +55,7 @@ pub fn key(meta: &PacketMeta) -> FlowKey {
         dport: meta.dport,
         proto: meta.proto,
         family: meta.family,
-        kind: icmp_kind(meta),
+        kind: meta.icmp_kind,
         _pad: 0,
     }
 }

@@ -32,7 +32,10 @@ pub struct PacketMeta {
     pub frag: u8,
     pub tcp_flags: u8,
     pub icmp_type: u8,
-    pub icmp_code: u8,
+    /// An ICMP message's kind of flow (`FlowKey::kind`, see `icmp_kind`), 0 for any other
+    /// packet: worked out once, here. (Until 2026-12-07 this byte held the ICMP code, which
+    /// nothing read.)
+    pub icmp_kind: u8,
     /// IPv6 hop limit (0 for IPv4).
     pub hop_limit: u8,
     /// The arrival interface's counter slot and the packet's direction (`DIR_*`), looked up
@@ -168,7 +171,7 @@ pub fn parse(ctx: &impl Packet) -> Result<Parsed, DropReason> {
         frag: FRAG_NONE,
         tcp_flags: 0,
         icmp_type: 0,
-        icmp_code: 0,
+        icmp_kind: 0,
         hop_limit: 0,
         iface_slot: 0,
         dir: 0,
@@ -439,7 +442,7 @@ fn parse_l4(
             let icmp: *const IcmpHdr = inside(ctx, off, end)?;
             let icmp = unsafe { &*icmp };
             meta.icmp_type = icmp.kind;
-            meta.icmp_code = icmp.code;
+            meta.icmp_kind = icmp_kind(meta.family, icmp.kind);
             if is_echo(meta.family, icmp.kind) {
                 let id = be16([icmp.rest[0], icmp.rest[1]]);
                 meta.sport = id;
@@ -485,19 +488,19 @@ pub fn icmp_mark(meta: &PacketMeta) -> u32 {
     if meta.is_icmp() { u32::from(meta.icmp_type) + 1 } else { 0 }
 }
 
-/// The kind of flow an ICMP message other than echo belongs to, which its flow key holds
-/// (`FlowKey::kind`; its ports are 0): its request's type, for a request's answer, else
-/// its own. 0 for an echo, keyed by its identifier, and for any other protocol; ICMPv6's
-/// reserved type 0 takes 128, the echo request's type, which no other message's kind is.
+/// The kind of flow an ICMP message of type `kind` belongs to, other than echo, which its
+/// flow key holds (`FlowKey::kind`; its ports are 0): its request's type, for a request's
+/// answer, else its own. 0 for an echo, keyed by its identifier; ICMPv6's reserved type 0
+/// takes 128, the echo request's type, which no other message's kind is.
 #[inline(always)]
-pub fn icmp_kind(meta: &PacketMeta) -> u8 {
-    if !meta.is_icmp() || is_echo(meta.family, meta.icmp_type) {
+pub fn icmp_kind(family: u8, kind: u8) -> u8 {
+    if is_echo(family, kind) {
         return 0;
     }
-    match paired_mark(meta.family, u32::from(meta.icmp_type) + 1) {
+    match paired_mark(family, u32::from(kind) + 1) {
         (request, false) if request != ICMP_NO_ANSWER => (request - 1) as u8,
-        _ if meta.icmp_type == 0 => 128,
-        _ => meta.icmp_type,
+        _ if kind == 0 => 128,
+        _ => kind,
     }
 }
 
