@@ -320,8 +320,8 @@ fn policy_stage<H: Hook>(ctx: &H) -> Result<u32, DropReason> {
     let action = match error.then(|| icmp::related(ctx, &active, meta)).flatten() {
         Some(action) => action,
         // An error about no flow is judged as new (and makes none), not looked up by its
-        // own key: an ICMP flow of a type without identifier has the key of every such
-        // error between its two hosts.
+        // own key (an earlier build's ICMP flow of a message other than echo has the key
+        // of every such error between its two hosts).
         None if error => return enter(ctx, H::stages(), PIPELINE_NEW),
         None => match flow::lookup(&active, meta, len, judged) {
             Lookup::Hit(action) => action,
