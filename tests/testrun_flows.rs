@@ -486,8 +486,14 @@ fn deleted_embryos_are_not_counted_evicted() {
     assert_eq!((read().live, read().evicted), (3, 1));
 
     let gone = [Some(6001), Some(6002), Some(6003)];
-    let deleted =
-        flows::delete(&k.pins.dir, None, |f| gone.contains(&f.src_port), None, false).unwrap();
+    let deleted = xdpgate_dataplane::delete::flows(
+        &k.pins.dir,
+        None,
+        |f| gone.contains(&f.src_port),
+        None,
+        false,
+    )
+    .unwrap();
     assert_eq!((deleted.flows.len(), deleted.entries), (3, 5));
     let e = read();
     // Seen failing before deleted embryos were counted: evicted 3.
@@ -497,7 +503,8 @@ fn deleted_embryos_are_not_counted_evicted() {
     // count starts again there (seen failing after a review: an error after the flows were
     // deleted, with no list of them).
     std::fs::remove_dir_all(xdpgate_dataplane::state::dir(&k.pins.dir)).unwrap();
-    let deleted = flows::delete(&k.pins.dir, None, |_| true, None, false).unwrap();
+    let deleted =
+        xdpgate_dataplane::delete::flows(&k.pins.dir, None, |_| true, None, false).unwrap();
     assert_eq!((deleted.flows.len(), deleted.entries), (1, 2));
     assert_eq!(read().deleted, 1);
 }
@@ -562,7 +569,8 @@ fn a_lone_syn_is_live() {
     let e = read();
     assert_eq!((e.created, e.live, e.entries, e.evicted), (2, 1, 1, 1), "{e:?}");
     // Deleted whole with its one entry, not evicted (seen failing: evicted 2).
-    let deleted = flows::delete(&k.pins.dir, None, |_| true, None, false).unwrap();
+    let deleted =
+        xdpgate_dataplane::delete::flows(&k.pins.dir, None, |_| true, None, false).unwrap();
     assert_eq!((deleted.flows.len(), deleted.entries), (1, 1));
     let e = read();
     assert_eq!((e.live, e.entries, e.deleted, e.evicted), (0, 0, 1, 1), "{e:?}");

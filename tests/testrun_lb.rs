@@ -358,7 +358,14 @@ fn deleting_a_new_flow_leaves_another_flows_entry_on_its_backend_tuple() {
     // The client's next connection from the same port, to :80: the same backend tuple.
     to(Role::External, tcp_frame(c, vip, (p, 80), SYN, 9000, 0));
     let keep = |f: &flows::Flow| f.src_port == Some(p) && f.dst_port == Some(80);
-    let out = flows::delete(&k.pins.dir, Some(FlowState::Embryonic), keep, None, false).unwrap();
+    let out = xdpgate_dataplane::delete::flows(
+        &k.pins.dir,
+        Some(FlowState::Embryonic),
+        keep,
+        None,
+        false,
+    )
+    .unwrap();
     assert_eq!(out.flows.len(), 1);
     assert!(k.embryo(&flow_key(c, vip, p, 80, 6)).is_none(), "the new flow deleted");
     assert!(k.established(&shared).is_some(), "the closed connection's reply entry deleted");
@@ -1139,7 +1146,8 @@ fn running_report(
     pins: &xdpgate_dataplane::PinDir,
 ) -> anyhow::Result<Vec<xdpgate_dataplane::lb::ServiceReport>> {
     let record = xdpgate_dataplane::apply::running(pins)?.unwrap();
-    xdpgate_dataplane::lb::report(pins, &record, &drains_in_force(pins), None)
+    let drained = drains_in_force(pins);
+    xdpgate_dataplane::lb::report(pins, &record, |lb, b| drained.contains(lb, b), None)
 }
 
 /// The drains in force, from a file that parses.

@@ -335,7 +335,7 @@ fn a_flow_confirmed_during_a_delete_goes() {
         }
         f.src_port == Some(40030)
     };
-    let out = xdpgate_dataplane::flows::delete(&k.pins.dir, None, keep, None, false).unwrap();
+    let out = xdpgate_dataplane::delete::flows(&k.pins.dir, None, keep, None, false).unwrap();
     assert_eq!((out.flows.len(), out.entries), (1, 2));
     assert!(k.flow(&fwd).is_none() && k.flow(&rev).is_none(), "entries left");
 }

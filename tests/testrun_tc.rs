@@ -16,7 +16,7 @@ use common::{
     },
 };
 use xdpgate_common::iface::Role;
-use xdpgate_dataplane::stats;
+use xdpgate_dataplane::{counts::Traffic, stats};
 
 const TC_ACT_UNSPEC: u32 = -1i32 as u32;
 const TC_ACT_SHOT: u32 = 2;
@@ -86,7 +86,7 @@ fn verdicts_are_tc_verdicts_counted_as_xdp_ones() {
     let (v, _) = t.run_out(&frame("203.0.113.7", "198.51.100.10", L4::Tcp(40000, 443, ACK)));
     assert_eq!(v, TC_ACT_UNSPEC, "established");
     let (pass1, drop1) = (counted("pass"), counted("drop"));
-    let delta = |a: stats::Traffic, b: stats::Traffic| (b.packets - a.packets, b.bytes - a.bytes);
+    let delta = |a: Traffic, b: Traffic| (b.packets - a.packets, b.bytes - a.bytes);
     assert_eq!(delta(pass0, pass1), (2, 2 * allowed.len() as u64), "pass counted");
     assert_eq!(delta(drop0, drop1), (1, denied.len() as u64), "drop counted");
 }

@@ -11,6 +11,22 @@ pub fn rfc3339(secs: u64) -> String {
         .to_string()
 }
 
+/// The dataplane's monotonic nanoseconds as wall-clock seconds since the Unix epoch.
+pub fn wall_clock(mono_ns: u64) -> f64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64();
+    now - (xdpgate_dataplane::monotonic_ns().saturating_sub(mono_ns)) as f64 / 1e9
+}
+
+/// Seconds since the Unix epoch as RFC 3339 in UTC with milliseconds.
+pub fn rfc3339_millis(unix: f64) -> String {
+    let ms = (unix.max(0.0) * 1e3).round() as u64;
+    let whole = rfc3339(ms / 1000);
+    format!("{}.{:03}Z", whole.trim_end_matches('Z'), ms % 1000)
+}
+
 /// The longest span a `SECONDS` flag takes: a year. Larger values overflowed the clocks
 /// they were added to, and the commands panicked after they had changed something (an
 /// agent after installing its policy, a capture after emptying its file).

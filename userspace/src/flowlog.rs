@@ -30,12 +30,13 @@ use xdpgate_common::{
 
 use xdpgate_dataplane::{
     PinDir,
+    counts::Traffic,
     flows::{self, Flow, FlowEntries, Names, RuleName},
     nat::monotonic_ns,
-    stats::{self, Traffic},
+    stats,
 };
 
-use crate::dates::rfc3339;
+use crate::dates::{rfc3339_millis, wall_clock};
 
 mod sink;
 mod writer;
@@ -93,22 +94,6 @@ pub enum ProbeTraffic {
     Mark,
 }
 
-/// The dataplane's monotonic nanoseconds as wall-clock seconds since the Unix epoch.
-pub fn wall_clock(mono_ns: u64) -> f64 {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs_f64();
-    now - (monotonic_ns().saturating_sub(mono_ns)) as f64 / 1e9
-}
-
-/// Seconds since the Unix epoch as RFC 3339 in UTC with milliseconds.
-pub fn time(unix: f64) -> String {
-    let ms = (unix.max(0.0) * 1e3).round() as u64;
-    let whole = rfc3339(ms / 1000);
-    format!("{}.{:03}Z", whole.trim_end_matches('Z'), ms % 1000)
-}
-
 fn rule_name(r: Option<&RuleName>) -> Value {
     r.map_or(Value::Null, |r| json!({"nsg": r.nsg, "rule": r.rule}))
 }
@@ -128,7 +113,7 @@ fn rule_fields(out: &mut Map<String, Value>, rules: &flows::SideRules) {
 fn record(time_unix: f64, state: &str, decision: &str) -> Map<String, Value> {
     let mut m = Map::new();
     m.insert("version".into(), json!(VERSION));
-    m.insert("time".into(), json!(time(time_unix)));
+    m.insert("time".into(), json!(rfc3339_millis(time_unix)));
     m.insert("state".into(), json!(state));
     m.insert("decision".into(), json!(decision));
     m

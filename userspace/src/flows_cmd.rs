@@ -6,7 +6,8 @@ use std::{fmt::Write as _, net::IpAddr};
 use anyhow::{Context as _, Result, bail};
 use xdpgate_dataplane::{
     PinDir, apply,
-    flows::{self, Deleted, Flow, FlowState},
+    delete::{self, Deleted},
+    flows::{self, Flow, FlowState},
 };
 
 use crate::{
@@ -141,7 +142,7 @@ pub fn run(pins: &PinDir, args: Args) -> Result<()> {
             };
             let f = &d.filter;
             let deleted =
-                flows::delete(pins, f.state, |flow| f.matches(flow), policy.as_ref(), d.dry_run)?;
+                delete::flows(pins, f.state, |flow| f.matches(flow), policy.as_ref(), d.dry_run)?;
             views::print(&DeleteReport { deleted, dry_run: d.dry_run }, d.output.format())
         }
     }

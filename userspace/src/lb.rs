@@ -51,7 +51,7 @@ pub fn run(pins: &PinDir, args: LbArgs) -> Result<()> {
             let lock = args.maglev.then(|| state::ReadLock::acquire(pins)).transpose()?;
             let record = apply::running_record(pins)?;
             let drained = drain::read_warned(pins)?;
-            let report = lb::report(pins, &record, &drained, lock.as_ref())?;
+            let report = lb::report(pins, &record, |lb, b| drained.contains(lb, b), lock.as_ref())?;
             // Let writers (the agent's failover among them) go before printing: a reader
             // of the output may be slow, or never read (`| less`).
             drop(lock);

@@ -243,9 +243,9 @@ enum Command {
     /// send new connections to the other gateways (kept across agent restarts).
     ///
     /// Example: xdpgate drain --wait 10
-    Drain(bgp::node_drain::DrainArgs),
+    Drain(bgp::drain_cmd::DrainArgs),
     /// Undo `xdpgate drain`: the agent announces the node's frontends again.
-    Undrain(bgp::node_drain::DrainArgs),
+    Undrain(bgp::drain_cmd::DrainArgs),
     /// On a backend: strip the gateways' IP-in-IP encapsulation (xdpgate's own XDP
     /// decapsulation program) for the frontends it serves.
     ///
@@ -555,8 +555,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::NextHop(args) => views::nexthop::run(&pins, &args)?,
         Command::Topology(args) => views::topology::run(&pins, &args)?,
         Command::Bgp(args) => views::bgp::run(&pins, args)?,
-        Command::Drain(args) => bgp::node_drain::run(&pins, &args, true)?,
-        Command::Undrain(args) => bgp::node_drain::run(&pins, &args, false)?,
+        Command::Drain(args) => bgp::drain_cmd::run(&pins, &args, true)?,
+        Command::Undrain(args) => bgp::drain_cmd::run(&pins, &args, false)?,
         Command::Decap(args) => xdpgate::decap::run(&pins, args)?,
         Command::Connectivity(args) => {
             if !views::connectivity::run(&pins, &args)? {

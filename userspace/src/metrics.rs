@@ -212,7 +212,10 @@ impl Snapshot {
         let record = apply::running(pins)?;
         let (services, nat) = match &record {
             // A broken drain file is the agent's to report (`status`), not each scrape's.
-            Some(r) => (lb::report(pins, r, &drain::read(pins)?.0, None)?, nat::report(pins, r)?),
+            Some(r) => {
+                let drained = drain::read(pins)?.0;
+                (lb::report(pins, r, |lb, b| drained.contains(lb, b), None)?, nat::report(pins, r)?)
+            }
             None => (Vec::new(), Vec::new()),
         };
         let applied_at = record.map(|r| r.applied_unix as f64);
@@ -946,10 +949,9 @@ mod tests {
 
     use super::*;
     use xdpgate_dataplane::{
+        counts::Traffic,
         lb::BackendReport,
-        stats::{
-            EmbryonicTable, EstablishedTable, FlowTable, IfaceStats, PolicyStats, RuleHits, Traffic,
-        },
+        stats::{EmbryonicTable, EstablishedTable, FlowTable, IfaceStats, PolicyStats, RuleHits},
     };
     use xdpgate_policy::{Direction, Layer};
 

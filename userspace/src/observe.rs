@@ -36,7 +36,6 @@ use xdpgate_dataplane::{
 use crate::{
     dates,
     filter::{FlowFilter, Subject, Verdict},
-    flowlog,
     views::{OutputArgs, flows::endpoint},
 };
 
@@ -146,7 +145,7 @@ pub fn tcp_flags(flags: u8) -> String {
 
 /// `time_ns` (the dataplane's monotonic clock) as RFC 3339 UTC with milliseconds.
 fn time(mono_ns: u64) -> String {
-    flowlog::time(flowlog::wall_clock(mono_ns))
+    dates::rfc3339_millis(dates::wall_clock(mono_ns))
 }
 
 /// Reads events with the names they need: rules, backends (re-read when a newer policy

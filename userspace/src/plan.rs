@@ -606,8 +606,8 @@ impl View for Plan {
 #[cfg(test)]
 mod tests {
     use xdpgate_dataplane::{
+        counts::Traffic,
         flows::{FlowState, LbFlow, Nat, SideRules},
-        stats::Traffic,
     };
 
     use super::*;

@@ -55,7 +55,7 @@ impl Elements {
         let mut parsed = Vec::new();
         let mut bad = Vec::new();
         for text in &self.elements {
-            match xdpgate_policy::parse_set_element(text) {
+            match text.parse::<Element>() {
                 Ok(e) if parsed.contains(&e) => {}
                 Ok(e) => parsed.push(e),
                 Err(e) => bad.push(e),

@@ -297,12 +297,12 @@ pub struct BackendReport {
 /// Reads the live state of the load balancers of the running generation (`record`), with
 /// each service's live Maglev table when `maglev` (a bpf() call per slot: 16,381 a service),
 /// under the read lock taken before `record` was read: no rebuild tears the tables read,
-/// and their backend numbers are the record's. `drained`: the drains in force
-/// ([`crate::drain::read`]).
+/// and their backend numbers are the record's. `drained`: whether a load balancer's
+/// backend is drained (the drains in force, as `drain::read` reads them).
 pub fn report(
     pins: &PinDir,
     record: &Record,
-    drained: &crate::drain::Drained,
+    drained: impl Fn(&str, IpAddr) -> bool,
     maglev: Option<&ReadLock>,
 ) -> Result<Vec<ServiceReport>> {
     use aya::maps::PerCpuArray;
@@ -370,8 +370,7 @@ pub fn report(
                         healthy,
                         healthy_in_rule,
                         // An inbound NAT rule's backend is not drained (its rule has no table).
-                        drained: !fixed.contains(&(id as u32))
-                            && drained.contains(&spec.lb, address),
+                        drained: !fixed.contains(&(id as u32)) && drained(&spec.lb, address),
                         flows: flows.get(&(id as u32, b)).copied().unwrap_or(0),
                         packets: c.packets,
                         bytes: c.bytes,

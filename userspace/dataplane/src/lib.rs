@@ -36,7 +36,9 @@ use xdpgate_common::{
 
 pub mod apply;
 mod carried;
+pub mod counts;
 pub mod decap;
+pub mod delete;
 pub mod drain;
 pub mod encap;
 pub mod fib;
@@ -436,7 +438,7 @@ pub fn load_sized(pins: &PinDir, sizes: &SizeRequest) -> Result<Ebpf> {
     let (chosen, entries) = tables::plan(pins, sizes)?;
     // Counters made afresh: so is the count of the embryos the agent ended beside them.
     if !pins.map(xdpgate_common::maps::FLOW_STATS).exists() {
-        stats::forget_ended_embryos(pins);
+        counts::forget_ended_embryos(pins);
     }
     let mut loader = EbpfLoader::new();
     loader.default_map_pin_directory(pins.path());

@@ -27,7 +27,7 @@ use xdpgate_common::{
 
 use xdpgate_policy::{NatGateway, Policy, names::Record};
 
-use crate::{PinDir, carried::remap, flows::FlowEntries, stats::Traffic};
+use crate::{PinDir, carried::remap, counts::Traffic, flows::FlowEntries};
 
 pub fn addr_key(addr: IpAddr) -> AddrKey {
     let (family, bytes) = family_bytes(addr);
@@ -172,7 +172,7 @@ pub struct GatewayTraffic {
     pub inbound: Traffic,
     /// Drop reason (`nat_exhausted`, `nat_unmatched`) to packets; JSON
     /// `{"nat_exhausted": {"packets": n}, ..}`.
-    #[serde(serialize_with = "crate::stats::drops_by_reason")]
+    #[serde(serialize_with = "crate::counts::drops_by_reason")]
     pub dropped: Vec<(&'static str, u64)>,
 }
 
@@ -335,7 +335,7 @@ pub fn expire(
         Ok(())
     })?;
     let mut out = Expired::default();
-    // Embryonic flows ended whole (see `stats::add_ended_embryos`; one missing a half
+    // Embryonic flows ended whole (see `counts::add_ended_embryos`; one missing a half
     // counts as evicted already).
     let mut embryos_ended = 0;
     let result = entries.into_iter().try_for_each(|(reply, t)| -> Result<()> {
@@ -410,7 +410,7 @@ pub fn expire(
         Ok(())
     });
     // Counted however the pass ended: these embryos are gone.
-    let counted = crate::stats::add_ended_embryos(pins, embryos_ended);
+    let counted = crate::counts::add_ended_embryos(pins, embryos_ended);
     result?;
     counted?;
     Ok(out)

@@ -21,8 +21,8 @@ use std::path::Path;
 use anyhow::{Result, anyhow};
 pub use model::*;
 pub use yaml::{
-    PolicyError, PolicyErrors, load_file, load_str, load_str_with_sets, parse_set_element,
-    printable, read_source, unforwardable, unreachable,
+    PolicyError, PolicyErrors, load_file, load_str, load_str_with_sets, printable, read_source,
+    unforwardable, unreachable,
 };
 
 /// Loads a policy file; every validation error is listed as file:line: field: reason.

@@ -36,6 +36,26 @@ impl Element {
             _ => unreachable!("Element::range keeps one family"),
         }
     }
+
+    /// An address, prefix or range; `None` if `text` is none of them (a name).
+    pub(crate) fn parse(text: &str) -> Option<Result<Element, String>> {
+        if let Ok(addr) = text.parse::<IpAddr>() {
+            return Some(Ok(IpNet::from(addr).into()));
+        }
+        if text.contains('/') {
+            return Some(parse_prefix(text).map(Element::from));
+        }
+        if let Some((lo, hi)) = text.split_once('-')
+            && (lo.trim().parse::<IpAddr>().is_ok() || hi.trim().parse::<IpAddr>().is_ok())
+        {
+            return Some(parse_range(text, lo.trim(), hi.trim()));
+        }
+        // Names start with a letter; this was meant as an address.
+        if text.starts_with(|c: char| c.is_ascii_digit()) || text.contains(':') {
+            return Some(Err(format!("invalid address \"{text}\"")));
+        }
+        None
+    }
 }
 
 impl From<IpNet> for Element {
@@ -58,8 +78,37 @@ impl std::str::FromStr for Element {
     type Err = String;
 
     fn from_str(text: &str) -> Result<Self, String> {
-        crate::yaml::parse_set_element(text)
+        Self::parse(text)
+            .unwrap_or_else(|| Err(format!("\"{text}\" is not an address, prefix or range")))
     }
+}
+
+/// A prefix in CIDR notation. Host bits are rejected rather than truncated: they are
+/// usually a typo in the address or the length.
+pub(crate) fn parse_prefix(text: &str) -> Result<IpNet, String> {
+    let net: IpNet = text.parse().map_err(|_| format!("invalid prefix \"{text}\""))?;
+    if net != net.trunc() {
+        return Err(format!(
+            "invalid prefix \"{text}\": host bits set; did you mean {}?",
+            net.trunc()
+        ));
+    }
+    Ok(net)
+}
+
+/// `lo-hi`, the addresses from `lo` to `hi`.
+fn parse_range(text: &str, lo: &str, hi: &str) -> Result<Element, String> {
+    let parse = |s: &str| {
+        s.parse::<IpAddr>().map_err(|_| format!("invalid range \"{text}\": bad address \"{s}\""))
+    };
+    let (lo, hi) = (parse(lo)?, parse(hi)?);
+    Element::range(lo, hi).ok_or_else(|| {
+        if lo.is_ipv4() == hi.is_ipv4() {
+            format!("invalid range \"{text}\": start is after end")
+        } else {
+            format!("invalid range \"{text}\": addresses of different families")
+        }
+    })
 }
 
 impl Serialize for Element {

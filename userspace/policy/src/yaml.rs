@@ -29,7 +29,7 @@ use super::{
         InboundNatRule, Layer, LbProtocol, LbRule, LoadBalancer, Nsg, Policy, PortRange, Ports,
         Prefixes, Probe, ProbeKind, Protocol, Rule, Settings,
     },
-    sets::{Element, SetChanges},
+    sets::{Element, SetChanges, parse_prefix},
     tree::{self, Node},
 };
 
@@ -1083,7 +1083,7 @@ impl Loader<'_> {
     fn elements(&mut self, path: &str, list: &List) -> Vec<Element> {
         let mut elements = Vec::new();
         for (path, text) in list.iter(path) {
-            let Some(element) = self.check(&path, parse_set_element(text)) else { continue };
+            let Some(element) = self.check(&path, text.parse::<Element>()) else { continue };
             if !self.spend(&path, element.prefixes().len()) {
                 return Vec::new();
             }
@@ -2323,13 +2323,6 @@ fn family_name(address: IpAddr) -> &'static str {
     if address.is_ipv4() { "IPv4" } else { "IPv6" }
 }
 
-/// An element given to a named set at run time (`xdpgate set add`): an address, a prefix
-/// (no host bits) or a range, as in the policy file.
-pub fn parse_set_element(text: &str) -> Result<Element, String> {
-    parse_element(text)
-        .unwrap_or_else(|| Err(format!("\"{text}\" is not an address, prefix or range")))
-}
-
 /// Whether every item of `list` is an IPv6 address, prefix or range (`Some(true)`), or
 /// every one an IPv4 one (`Some(false)`); `None` for a mix, or where a name or `*` stands.
 fn literal_family(list: &List) -> Option<bool> {
@@ -2348,55 +2341,7 @@ fn literal_family(list: &List) -> Option<bool> {
 
 /// An address, prefix or range as prefixes; `None` if `text` is none of them (a name).
 fn parse_literal(text: &str) -> Option<Result<Vec<IpNet>, String>> {
-    parse_element(text).map(|e| e.map(|e| e.prefixes()))
-}
-
-/// An address, prefix or range; `None` if `text` is none of them (a name).
-fn parse_element(text: &str) -> Option<Result<Element, String>> {
-    if let Ok(addr) = text.parse::<IpAddr>() {
-        return Some(Ok(IpNet::from(addr).into()));
-    }
-    if text.contains('/') {
-        return Some(parse_prefix(text).map(Element::from));
-    }
-    if let Some((lo, hi)) = text.split_once('-')
-        && (lo.trim().parse::<IpAddr>().is_ok() || hi.trim().parse::<IpAddr>().is_ok())
-    {
-        return Some(parse_range(text, lo.trim(), hi.trim()));
-    }
-    // Names start with a letter; this was meant as an address.
-    if text.starts_with(|c: char| c.is_ascii_digit()) || text.contains(':') {
-        return Some(Err(format!("invalid address \"{text}\"")));
-    }
-    None
-}
-
-/// A prefix in CIDR notation. Host bits are rejected rather than truncated: they are
-/// usually a typo in the address or the length.
-fn parse_prefix(text: &str) -> Result<IpNet, String> {
-    let net: IpNet = text.parse().map_err(|_| format!("invalid prefix \"{text}\""))?;
-    if net != net.trunc() {
-        return Err(format!(
-            "invalid prefix \"{text}\": host bits set; did you mean {}?",
-            net.trunc()
-        ));
-    }
-    Ok(net)
-}
-
-/// `lo-hi`, the addresses from `lo` to `hi`.
-fn parse_range(text: &str, lo: &str, hi: &str) -> Result<Element, String> {
-    let parse = |s: &str| {
-        s.parse::<IpAddr>().map_err(|_| format!("invalid range \"{text}\": bad address \"{s}\""))
-    };
-    let (lo, hi) = (parse(lo)?, parse(hi)?);
-    Element::range(lo, hi).ok_or_else(|| {
-        if lo.is_ipv4() == hi.is_ipv4() {
-            format!("invalid range \"{text}\": start is after end")
-        } else {
-            format!("invalid range \"{text}\": addresses of different families")
-        }
-    })
+    Element::parse(text).map(|e| e.map(|e| e.prefixes()))
 }
 
 /// A subnet an NSG or a NAT gateway is associated with: never IPv4-mapped (see

@@ -69,6 +69,19 @@ pub fn read(pins: &PinDir) -> Result<Option<Announcements>> {
     state::read_json(pins, FILE)
 }
 
+/// Whether the node is drained, for what must go on when the file cannot be read (broken
+/// by hand): then as the agent's record last had it (drained without one: a node whose
+/// state is unknown is not announced), with the error.
+pub fn drained_or_last(pins: &PinDir) -> (bool, Option<anyhow::Error>) {
+    match node_drain::read(pins) {
+        Ok(d) => (d.drained, None),
+        Err(e) => {
+            let last = read(pins).ok().flatten();
+            (last.is_none_or(|l| l.node_drained), Some(e))
+        }
+    }
+}
+
 /// The kernel table a running agent announces from, and in which network namespace
 /// (`net:[inode]`, read from its own `/proc/self/ns/net`: no other process's is read).
 #[derive(Debug, Serialize, Deserialize)]
@@ -238,7 +251,7 @@ pub fn update(
     // A drain file that cannot be read: the node stays drained or not as it was, and the
     // rest (a frontend whose backends fail, a detach) is still withdrawn; the error is
     // returned after.
-    let (drained, unread) = node_drain::drained_or_last(pins);
+    let (drained, unread) = drained_or_last(pins);
     let missing: Vec<&str> = node::missing(pins, node).iter().map(|i| i.name.as_str()).collect();
     // A dataplane made anew (no policy applied to its maps) passes everything: no traffic
     // is drawn to it until the agent has its policy in force again.
@@ -430,7 +443,7 @@ pub fn withdraw_removed_without_agent(pins: &PinDir, lbs: &CompiledLb) -> Result
                 .map(|address| Withheld { address, reason: "removed from the policy".to_owned() }),
         )
         .collect();
-    let (drained, _) = node_drain::drained_or_last(pins);
+    let (drained, _) = drained_or_last(pins);
     sync(pins, last.pid, last.table, drained, (announce, last.no_peer), withheld)
 }
 
@@ -479,7 +492,7 @@ pub fn withdraw_all(pins: &PinDir, agent: u32, table: u32, why: &str) -> Result<
         .map(|address| Withheld { address, reason: why.to_owned() })
         .collect();
     // Only for the record: a drain file that cannot be read must not keep the routes.
-    let (drained, _) = node_drain::drained_or_last(pins);
+    let (drained, _) = drained_or_last(pins);
     sync(pins, agent, table, drained, Default::default(), frontends)
 }
 

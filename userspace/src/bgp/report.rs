@@ -5,10 +5,7 @@ use anyhow::Result;
 use serde::Serialize;
 use xdpgate_dataplane::{PinDir, host_routes};
 
-use super::{
-    announce::{self, Announcements, Withheld},
-    node_drain,
-};
+use super::announce::{self, Announcements, Withheld};
 
 /// What `xdpgate bgp` shows.
 #[derive(Debug, Serialize)]
@@ -41,7 +38,7 @@ pub fn report(pins: &PinDir) -> Result<BgpReport> {
             }
         }
     }
-    let (node_drained, _) = node_drain::drained_or_last(pins);
+    let (node_drained, _) = announce::drained_or_last(pins);
     Ok(BgpReport {
         node_drained,
         agent_running: agent.as_ref().is_some_and(|a| a.agent_running(pins)),

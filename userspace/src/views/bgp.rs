@@ -9,7 +9,7 @@ use xdpgate_dataplane::PinDir;
 use super::{OutputArgs, View};
 use crate::bgp::{
     announce::{self, Withheld},
-    bird, node_drain,
+    bird,
     report::{BgpReport, report},
 };
 
@@ -69,7 +69,7 @@ impl View for BgpReport {
 pub fn run(pins: &PinDir, args: BgpArgs) -> Result<()> {
     match args.action {
         None => {
-            if let (_, Some(e)) = node_drain::drained_or_last(pins) {
+            if let (_, Some(e)) = announce::drained_or_last(pins) {
                 eprintln!("warning: {e:#}; the node shown drained or not as the agent last had it");
             }
             super::print(&report(pins)?, args.output.format())

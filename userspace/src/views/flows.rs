@@ -162,8 +162,8 @@ fn table(flows: &[Flow], running: u64) -> String {
 #[cfg(test)]
 mod tests {
     use xdpgate_dataplane::{
+        counts::Traffic,
         flows::{FlowState, LbFlow, Nat, SideRules},
-        stats::Traffic,
     };
     use xdpgate_policy::Layer;
 

@@ -96,7 +96,7 @@ pub fn traffic_table(gateways: &[(&str, &GatewayTraffic)]) -> String {
 
 #[cfg(test)]
 mod tests {
-    use xdpgate_dataplane::stats::Traffic;
+    use xdpgate_dataplane::counts::Traffic;
 
     use super::*;
 

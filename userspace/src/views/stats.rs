@@ -102,10 +102,9 @@ impl View for Stats {
 #[cfg(test)]
 mod tests {
     use xdpgate_dataplane::{
+        counts::Traffic,
         nat::{GatewayTraffic, NamedTraffic},
-        stats::{
-            EmbryonicTable, EstablishedTable, FlowTable, IfaceStats, PolicyStats, RuleHits, Traffic,
-        },
+        stats::{EmbryonicTable, EstablishedTable, FlowTable, IfaceStats, PolicyStats, RuleHits},
     };
     use xdpgate_policy::{Direction, Layer};
 

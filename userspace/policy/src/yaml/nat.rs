@@ -16,11 +16,12 @@ use super::{
     super::{
         model::{NatGateway, PortRange},
         prefix_set::PrefixSet,
+        sets::parse_prefix,
         tree::Node,
     },
     List, Loader, Located, Named, Names, RawLoadBalancer, RawPolicy, Reader, family_name, in_range,
     item_names, normalized, parse_address, parse_idle_timeout, parse_literal, parse_nat_port_range,
-    parse_prefix, unforwardable, unmapped, unmapped_prefix,
+    unforwardable, unmapped, unmapped_prefix,
 };
 
 /// Azure allows 16 public addresses per NAT gateway, prefixes included.
