@@ -30,14 +30,13 @@ use crate::{
     clock, events, forward,
     headers::IPPROTO_TCP,
     hook::Hook,
-    icmp,
     lb::{self, Lb},
     maps::{
         BACKEND_STATS, BACKENDS, CLASSIFY_SCRATCH, EMBRYOS, FLOW_SCRATCH, FLOW_STATS, FLOWS, FRAGS,
         NSG_RULE_MOVES, NSG_TRAFFIC, SERVICE_STATS,
     },
     nsg::{Active, classify},
-    parse::{PacketMeta, icmp_mark, is_echo_request, paired_mark},
+    parse::{PacketMeta, icmp_mark, is_echo_request, is_icmp_error, paired_mark},
     snat, trace,
 };
 
@@ -1032,7 +1031,7 @@ pub fn create_host(
     // which would let the peer's ICMP or segments in as its answers (a spoofer's blind ACK
     // would confirm a flow made from the SYN-ACK to its spoofed SYN).
     let tcp = if meta.proto == IPPROTO_TCP { meta.tcp_flags } else { 0 };
-    if icmp::is_error(meta) || tcp & TH_RST != 0 || tcp & (TH_SYN | TH_ACK) == TH_SYN | TH_ACK {
+    if is_icmp_error(meta) || tcp & TH_RST != 0 || tcp & (TH_SYN | TH_ACK) == TH_SYN | TH_ACK {
         return judge(active, meta, dir, len).map(|_| ());
     }
     let [forward, reply] = fresh(active, meta, dir, len)?;
@@ -1073,7 +1072,7 @@ pub fn commit(
     // `xdpgate trace`'s flow is recorded, not created. An ICMP error about no flow answers
     // a packet and opens nothing (conntrack never makes one NEW): judged, it makes no
     // flow, which would let the peer's ICMP in as its answers.
-    if trace::flow(forward) || icmp::is_error(meta) {
+    if trace::flow(forward) || is_icmp_error(meta) {
         return;
     }
     reply_of(forward, reply);
@@ -1127,7 +1126,7 @@ pub fn commit_snat(meta: &PacketMeta, gw: u32, len: u64) -> Result<Action, DropR
     let pair = FLOW_SCRATCH.get_ptr_mut(0).ok_or(DropReason::Internal)?;
     let [forward, reply] = unsafe { &mut *pair };
     // An ICMP error about no flow has no translation to leave by (see `commit`).
-    if icmp::is_error(meta) {
+    if is_icmp_error(meta) {
         return Err(DropReason::NoFlow);
     }
     let claim = snat::allocate(meta, gw, now)?;

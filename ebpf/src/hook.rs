@@ -8,30 +8,22 @@
 //!
 //! Stages speak XDP verdicts (`xdp_action`) for both hooks, which is also how `IFACE_STATS`
 //! counts them; the tc entry points turn them into tc verdicts at the very end
-//! ([`tc_verdict`]).
+//! ([`tc_verdict`]). The trait is here, its two implementations in `xdp.rs` and `tc.rs`.
+
+mod tc;
+mod xdp;
 
 use aya_ebpf::{
     EbpfContext,
     bindings::{TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
-    helpers::generated::bpf_redirect,
     maps::ProgramArray,
-    programs::{TcContext, XdpContext},
 };
-use xdpgate_common::{flow::NextHop, maps::TC_PARSE, stats::DropReason};
+use xdpgate_common::{flow::NextHop, stats::DropReason};
 
 use crate::{
-    encap, forward,
-    headers::{EthHdr, IPPROTO_TCP, IPPROTO_UDP},
-    maps::{EGRESS, PIPELINE, TC_PIPELINE, count_drop_reason, iface_config},
-    nat,
+    headers::EthHdr,
     parse::{Packet, PacketMeta, ptr_at},
-    too_big, trace,
 };
-
-/// Headers are pulled into a socket buffer's linear area this far (a short packet, to its
-/// end) when they do not lie there already: past the deepest the parser follows and an
-/// ICMP error's quote (as `EGRESS_PULL`).
-const TC_PULL: u32 = 1024;
 
 pub trait Hook: EbpfContext + Packet + Sized {
     /// Whether this is `xdpgate trace`'s packet: it carries the running trace's marker
@@ -98,252 +90,6 @@ fn set_macs(ctx: &impl Packet, hop: &NextHop) -> Result<(), DropReason> {
     eth.dst = hop.dmac;
     eth.src = hop.smac;
     Ok(())
-}
-
-impl Hook for XdpContext {
-    /// The marker is in the frame's metadata (which an XDP program before this one could
-    /// also write: only the armed marker is trusted).
-    #[inline(always)]
-    fn traced(&self) -> bool {
-        let meta = unsafe { (*self.ctx).data_meta } as usize;
-        // Metadata is 4-byte aligned: two word loads, no copy through the stack.
-        if meta + 8 > XdpContext::data(self) {
-            return false;
-        }
-        let (lo, hi) = unsafe { (*(meta as *const u32), *((meta + 4) as *const u32)) };
-        // The call only for a marker at all.
-        (lo | hi) != 0 && trace::armed(lo, hi)
-    }
-
-    #[inline(always)]
-    fn arrival(&self) -> u32 {
-        self.ingress_ifindex() as u32
-    }
-
-    #[inline(always)]
-    fn stages() -> &'static ProgramArray {
-        &PIPELINE
-    }
-
-    #[inline(always)]
-    fn rewrite(
-        &self,
-        meta: &PacketMeta,
-        kind: u8,
-        addr: &[u32; 4],
-        port: u16,
-    ) -> Result<(), DropReason> {
-        nat::rewrite(self, meta, kind, addr, port)
-    }
-
-    #[inline(always)]
-    fn rewrite_icmp_error(
-        &self,
-        meta: &PacketMeta,
-        kind: u8,
-        addr: &[u32; 4],
-        port: u16,
-        outer: bool,
-    ) -> Result<(), DropReason> {
-        nat::rewrite_icmp_error(self, meta, kind, addr, port, outer)
-    }
-
-    #[inline(always)]
-    fn decrement_ttl(&self, meta: &PacketMeta) -> Result<bool, DropReason> {
-        nat::decrement_ttl(self, meta)
-    }
-
-    /// A frame is what leaves.
-    #[inline(always)]
-    fn wire_len(&self, _meta: &PacketMeta, ip_len: u16) -> u16 {
-        ip_len
-    }
-
-    /// A frame is what leaves.
-    #[inline(always)]
-    fn encap_wire_overhead(&self, _meta: &PacketMeta, overhead: u16) -> u16 {
-        overhead
-    }
-
-    #[inline(always)]
-    fn encapsulate(
-        &self,
-        meta: &PacketMeta,
-        src: &[u32; 4],
-        dst: &[u32; 4],
-    ) -> Result<(), DropReason> {
-        encap::encapsulate_xdp(self, meta, src, dst)
-    }
-
-    /// A frame is all there is.
-    #[inline(always)]
-    fn parse_again(&self) -> Result<(), DropReason> {
-        Ok(())
-    }
-
-    /// A devmap redirect needs the target in `EGRESS` (the interfaces XDP is attached to).
-    #[inline(always)]
-    fn may_send_to(ifindex: u32) -> bool {
-        EGRESS.get_ifindex(ifindex).is_some()
-    }
-
-    #[inline(always)]
-    fn send(&self, hop: &NextHop) -> Result<u32, DropReason> {
-        set_macs(self, hop)?;
-        Ok(EGRESS.redirect(hop.ifindex, 0).unwrap_or(xdp_action::XDP_PASS))
-    }
-
-    /// Routed back to the sender by the FIB (its MACs and interface, not the arriving
-    /// frame's: those a sender chooses), and sent by devmap redirect. The packet still
-    /// counts as dropped for `reason`: it goes no further, as a router counts its own.
-    #[inline(always)]
-    fn too_big(&self, meta: &PacketMeta, mtu: u16, reason: DropReason) -> Result<u32, DropReason> {
-        let hop = forward::back_to_sender(self, meta, too_big::answer_len(meta)).ok_or(reason)?;
-        too_big::answer(self, meta, mtu).ok_or(reason)?;
-        count_drop_reason(reason);
-        self.send(&hop)
-    }
-}
-
-impl Hook for TcContext {
-    /// The marker is in the control block (`cb[0]`, `cb[1]`), which `BPF_PROG_TEST_RUN`
-    /// fills from its context, but also another tcx program before ours or the device a
-    /// packet was redirected from: only the armed marker is trusted.
-    #[inline(always)]
-    fn traced(&self) -> bool {
-        let cb = unsafe { (*self.skb.skb).cb };
-        // The call only for a marker at all (most packets' `cb` is zero here).
-        (cb[0] | cb[1]) != 0 && trace::armed(cb[0], cb[1])
-    }
-
-    /// At tc ingress the socket buffer's device is the one it arrived by.
-    #[inline(always)]
-    fn arrival(&self) -> u32 {
-        unsafe { (*self.skb.skb).ifindex }
-    }
-
-    #[inline(always)]
-    fn stages() -> &'static ProgramArray {
-        &TC_PIPELINE
-    }
-
-    #[inline(always)]
-    fn rewrite(
-        &self,
-        meta: &PacketMeta,
-        kind: u8,
-        addr: &[u32; 4],
-        port: u16,
-    ) -> Result<(), DropReason> {
-        nat::rewrite_skb(self, meta, kind, addr, port)
-    }
-
-    #[inline(always)]
-    fn rewrite_icmp_error(
-        &self,
-        meta: &PacketMeta,
-        kind: u8,
-        addr: &[u32; 4],
-        port: u16,
-        outer: bool,
-    ) -> Result<(), DropReason> {
-        nat::rewrite_icmp_error_skb(self, meta, kind, addr, port, outer)
-    }
-
-    #[inline(always)]
-    fn decrement_ttl(&self, meta: &PacketMeta) -> Result<bool, DropReason> {
-        nat::decrement_ttl_skb(self, meta)
-    }
-
-    /// A GSO aggregate leaves as segments of `gso_size` bytes of payload behind copies of
-    /// its headers: that is the length to check against the route's MTU (its whole length,
-    /// up to 64 KiB and more, would always be "fragmentation needed"; and 0, the FIB's other
-    /// choice for a socket buffer, checks only the device's MTU with `is_skb_forwardable`,
-    /// which passes every GSO aggregate unchecked).
-    #[inline(always)]
-    fn wire_len(&self, meta: &PacketMeta, ip_len: u16) -> u16 {
-        let gso = unsafe { (*self.skb.skb).gso_size };
-        if gso == 0 {
-            return ip_len;
-        }
-        let l4_hdr = match meta.proto {
-            // The TCP header's length, from its data offset (in the linear area with the
-            // rest of the headers); the longest possible when it cannot be read.
-            IPPROTO_TCP => ptr_at::<[u8; 13]>(self, meta.l4())
-                .map_or(60, |h| u32::from(unsafe { (*h)[12] } >> 4) * 4),
-            IPPROTO_UDP => 8,
-            _ => 60,
-        };
-        let hdrs = (meta.l4() - meta.l3()) as u32 + l4_hdr;
-        (gso + hdrs).min(u32::from(u16::MAX)) as u16
-    }
-
-    #[inline(always)]
-    fn encap_wire_overhead(&self, meta: &PacketMeta, overhead: u16) -> u16 {
-        encap::skb_wire_overhead(self, meta, overhead)
-    }
-
-    #[inline(always)]
-    fn encapsulate(
-        &self,
-        meta: &PacketMeta,
-        src: &[u32; 4],
-        dst: &[u32; 4],
-    ) -> Result<(), DropReason> {
-        encap::encapsulate_skb(self, meta, src, dst)
-    }
-
-    /// A GRO aggregate from a veth has its headers in the linear area, but a packet a local
-    /// sender built from pages, or one from a driver that builds skbs from fragments, may
-    /// not: pull them there and parse once more (after the pull the linear area holds what
-    /// it can, so this happens once).
-    #[inline(always)]
-    fn parse_again(&self) -> Result<(), DropReason> {
-        let want = TcContext::len(self).min(TC_PULL);
-        if ((TcContext::data_end(self) - TcContext::data(self)) as u32) < want
-            && self.pull_data(want).is_ok()
-        {
-            unsafe { TC_PIPELINE.tail_call(self, TC_PARSE) };
-            return Err(DropReason::Internal);
-        }
-        Ok(())
-    }
-
-    /// The interfaces registered with xdpgate, by either hook: a redirect from tc reaches
-    /// any device, and the packet is handed to its transmit path (the kernel segments a
-    /// GSO aggregate there if the device cannot). Packets for other interfaces go through
-    /// the stack, as from XDP, so what the operator did not put under xdpgate keeps the
-    /// stack's forwarding path (netfilter included).
-    #[inline(always)]
-    fn may_send_to(ifindex: u32) -> bool {
-        iface_config(ifindex).is_some_and(|c| c.slot != 0)
-    }
-
-    /// MACs from the cached FIB answer and a plain redirect to the egress device: the
-    /// neighbour was resolved when the FIB answered (`bpf_redirect_neigh` would resolve it
-    /// again per packet).
-    #[inline(always)]
-    fn send(&self, hop: &NextHop) -> Result<u32, DropReason> {
-        set_macs(self, hop)?;
-        let rc = unsafe { bpf_redirect(hop.ifindex, 0) };
-        Ok(if rc == i64::from(TC_ACT_REDIRECT) {
-            xdp_action::XDP_REDIRECT
-        } else {
-            xdp_action::XDP_DROP
-        })
-    }
-
-    /// A socket buffer may be a GSO aggregate or carry a local sender's partial checksum
-    /// (see `too_big`): dropped.
-    #[inline(always)]
-    fn too_big(
-        &self,
-        _meta: &PacketMeta,
-        _mtu: u16,
-        reason: DropReason,
-    ) -> Result<u32, DropReason> {
-        Err(reason)
-    }
 }
 
 /// The tc verdict for a stage's XDP verdict: pass is `TC_ACT_UNSPEC` (`TCX_NEXT`: later tcx

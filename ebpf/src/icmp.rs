@@ -21,20 +21,8 @@ use crate::{
     lb::{self, Lb},
     maps::{CLASSIFY_SCRATCH, EMBRYOS, FLOWS},
     nsg::Active,
-    parse::{FRAG_LATER, Packet, PacketMeta, ipv6_chain, is_echo, paired_mark, ptr_at},
+    parse::{Packet, PacketMeta, ipv6_chain, is_echo, paired_mark, ptr_at},
 };
-
-#[inline(always)]
-pub fn is_error(meta: &PacketMeta) -> bool {
-    if meta.frag == FRAG_LATER || !meta.is_icmp() {
-        return false;
-    }
-    if meta.family == 4 {
-        matches!(meta.icmp_type, 3 | 11 | 12)
-    } else {
-        matches!(meta.icmp_type, 1..=4)
-    }
-}
 
 /// Offsets of the quoted packet: its IP header and its L4 header, whose first 8 bytes (all
 /// an error must quote) lie inside the error's own IP packet. Bytes past its end (Ethernet

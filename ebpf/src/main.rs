@@ -59,7 +59,8 @@ use crate::{
     },
     nsg::Active,
     parse::{
-        FRAG_FIRST, FRAG_LATER, FRAG_NONE, Packet, PacketMeta, Parsed, is_link_control, parse,
+        FRAG_FIRST, FRAG_LATER, FRAG_NONE, Packet, PacketMeta, Parsed, is_icmp_error,
+        is_link_control, parse,
     },
 };
 
@@ -220,7 +221,7 @@ fn parse_stage<H: Hook>(ctx: &H, iface: Option<&IfaceConfig>) -> Result<u32, Dro
         return enter(ctx, H::stages(), PIPELINE_NEW);
     }
     // Most packets belong to an established flow: decided here, without the policy stage.
-    let looked = meta.frag == FRAG_NONE && !icmp::is_error(&meta);
+    let looked = meta.frag == FRAG_NONE && !is_icmp_error(&meta);
     let found = if looked {
         let len = Packet::len(ctx) as u64;
         flow::lookup_established(&active, &meta, len)
@@ -316,7 +317,7 @@ fn policy_stage<H: Hook>(ctx: &H) -> Result<u32, DropReason> {
         return hand_on(ctx, action, PIPELINE_ACT);
     }
     let len = Packet::len(ctx) as u64;
-    let error = icmp::is_error(meta);
+    let error = is_icmp_error(meta);
     let action = match error.then(|| icmp::related(ctx, &active, meta)).flatten() {
         Some(action) => action,
         // An error about no flow is judged as new (and makes none), not looked up by its
@@ -697,7 +698,7 @@ fn egress_parse_stage(ctx: &TcContext, slot: u32) -> Result<Option<()>, DropReas
     meta.dir = DIR_OUTBOUND as u8;
     // As on arrival: a packet of an established flow is decided here, without the policy
     // stage.
-    let looked = meta.frag == FRAG_NONE && !icmp::is_error(&meta);
+    let looked = meta.frag == FRAG_NONE && !is_icmp_error(&meta);
     let found =
         if looked { flow::lookup_established(&active, &meta, u64::from(ctx.len())) } else { None };
     if let Some((Lookup::Hit(_), _)) = found {
@@ -733,7 +734,7 @@ fn egress_policy_stage(ctx: &TcContext) -> Result<Option<()>, DropReason> {
             None => enter(ctx, &EGRESS_PIPELINE, EGRESS_NEW),
         };
     }
-    if icmp::is_error(meta) {
+    if is_icmp_error(meta) {
         // As on arrival: an error about no flow is judged as new, not looked up by its key.
         return match icmp::related(ctx, &active, meta) {
             // The stack's own error about a packet it got translated (a load balancer's

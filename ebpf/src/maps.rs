@@ -1,7 +1,7 @@
 //! Every map of the dataplane, in one place. Names come from `xdpgate_common::maps`; all are
 //! pinned by name so a restarted agent finds the running state.
 
-use crate::{action::Action, parse::PacketMeta, snat::PublicMemo};
+use crate::{action::Action, parse::PacketMeta};
 use aya_ebpf::{
     macros::map,
     maps::lpm_trie::Key,
@@ -263,6 +263,17 @@ pub static NAT_PUBLIC: HashMap<AddrKey, u32> =
 /// Bumped by the writer after every change of `NAT_PUBLIC` (see `snat::public_gateway`).
 #[map(name = "NAT_PUBLIC_VERSION")]
 pub static NAT_PUBLIC_VERSION: Array<u64> = Array::pinned(1, 0);
+
+/// The last `NAT_PUBLIC` answer on this CPU (`snat::public_gateway`): when it was read,
+/// and under which `NAT_PUBLIC_VERSION`.
+#[repr(C)]
+pub struct PublicMemo {
+    pub version: u64,
+    pub read_ns: u64,
+    pub key: AddrKey,
+    /// The gateway's index, or `snat::NO_GATEWAY`.
+    pub gateway: u32,
+}
 
 /// Per-CPU: the last `NAT_PUBLIC` answer (see `snat::public_gateway`).
 #[map(name = "PUBLIC_MEMO")]

@@ -472,6 +472,20 @@ pub fn ipv6_link_local(addr: &[u32; 4]) -> bool {
     (a, b & 0xc0) == (0xfe, 0x80)
 }
 
+/// An ICMP error (destination unreachable, time exceeded, parameter problem; ICMPv6's
+/// packet too big too), whose quote tells which flow it is about.
+#[inline(always)]
+pub fn is_icmp_error(meta: &PacketMeta) -> bool {
+    if meta.frag == FRAG_LATER || !meta.is_icmp() {
+        return false;
+    }
+    if meta.family == 4 {
+        matches!(meta.icmp_type, 3 | 11 | 12)
+    } else {
+        matches!(meta.icmp_type, 1..=4)
+    }
+}
+
 /// Echo request or reply, the ICMP messages that form a flow by identifier: `kind` is the
 /// type of an ICMP message of address family `family`.
 #[inline(always)]

@@ -99,17 +99,6 @@ pub fn count_translated(meta: &PacketMeta, entry: &FlowValue, len: u64, now: u64
     }
 }
 
-/// The last `NAT_PUBLIC` answer on this CPU: when it was read, and under which
-/// `NAT_PUBLIC_VERSION`.
-#[repr(C)]
-pub struct PublicMemo {
-    version: u64,
-    read_ns: u64,
-    key: AddrKey,
-    /// The gateway's index, or `NO_GATEWAY`.
-    gateway: u32,
-}
-
 const NO_GATEWAY: u32 = u32::MAX;
 
 /// How long an answer is used: it is forgotten at once when the version changes, and

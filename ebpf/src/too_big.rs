@@ -17,8 +17,7 @@ use aya_ebpf::{
 
 use crate::{
     headers::EthHdr,
-    icmp,
-    parse::{FRAG_LATER, PacketMeta, ptr_at},
+    parse::{FRAG_LATER, PacketMeta, is_icmp_error, ptr_at},
 };
 
 /// Bytes of the packet quoted: its IP header (an IPv4 one with any options, IPv6 with
@@ -43,7 +42,7 @@ pub fn answer_len(meta: &PacketMeta) -> u16 {
 /// error itself, a VLAN-tagged frame, or a packet shorter than the quote.
 #[inline(always)]
 pub fn answer(ctx: &XdpContext, meta: &PacketMeta, mtu: u16) -> Option<()> {
-    if meta.l3() != ETH || meta.frag == FRAG_LATER || icmp::is_error(meta) {
+    if meta.l3() != ETH || meta.frag == FRAG_LATER || is_icmp_error(meta) {
         return None;
     }
     let ether_type = unsafe { &*ptr_at::<EthHdr>(ctx, 0).ok()? }.ether_type;
