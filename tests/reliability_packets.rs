@@ -28,7 +28,7 @@
 mod common;
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashSet},
     fmt::Write as _,
     io,
     net::{IpAddr, SocketAddr, TcpListener, UdpSocket},
@@ -1820,6 +1820,21 @@ fn icmp_flows_without_identifier_live_apart() {
                 let name = format!("{back:?} in, {inside}'s answer");
                 assert_eq!(k.run(&build(&spec(outside, inside, back))), PASS, "{name}");
             }
+            // `flows` tells them apart: the ping by its identifier, the others by their
+            // kind (seen failing before: each shown as `id 0`).
+            let shown: BTreeSet<(Option<u16>, Option<u8>)> =
+                xdpgate_dataplane::flows::list(&k.pins.dir, &Default::default(), 0)
+                    .unwrap()
+                    .iter()
+                    .filter(|f| f.dst.to_string() == outside)
+                    .map(|f| (f.icmp_id, f.icmp_type))
+                    .collect();
+            let mut want =
+                BTreeSet::from([(Some(0), None), (None, Some(query)), (None, Some(probe))]);
+            if v6 {
+                want.insert((None, Some(0)));
+            }
+            assert_eq!(shown, want, "{outside}");
         }
     });
 }

@@ -23,7 +23,28 @@ pub struct FlowKey {
     pub _pad: u8,
 }
 
+/// See `FlowKey::icmp_flow`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IcmpFlow {
+    Echo(u16),
+    Type(u8),
+}
+
 impl FlowKey {
+    /// What an ICMP flow is kept by, as people name it: `Echo(identifier)`, or `Type(t)` for
+    /// another message, `kind` (ICMPv6's reserved type 0, whose kind is 128, is 0 again);
+    /// `None` for other protocols.
+    pub fn icmp_flow(&self) -> Option<IcmpFlow> {
+        if !crate::is_icmp(self.family, self.proto) {
+            return None;
+        }
+        Some(match self.kind {
+            0 => IcmpFlow::Echo(self.sport),
+            128 if self.family == 6 => IcmpFlow::Type(0),
+            kind => IcmpFlow::Type(kind),
+        })
+    }
+
     /// The key of the other direction of `entry`'s flow: the reverse of this direction's
     /// packet as it leaves, after the entry's rewrite. (An echo flow's "ports" are both its
     /// identifier, which a translation rewrites.)

@@ -23,7 +23,7 @@ use anyhow::Result;
 use serde_json::{Map, Value, json};
 use xdpgate_common::{
     events::{EVENT_AT_EGRESS, EVENT_BEGIN, EVENT_DENY, FlowEvent, NO_REASON},
-    flow::{FlowKey, FlowValue},
+    flow::{FlowKey, FlowValue, IcmpFlow},
     nsg::DIR_INBOUND,
     stats::DROP_REASON_NAMES,
 };
@@ -134,7 +134,8 @@ pub fn gap_line(ring_full: u64, rate_limited: u64) -> Value {
 }
 
 /// The 5-tuple of the flow's first packet: `protocol`, `src`, `src_port`, `dst`,
-/// `dst_port` (ports for TCP, UDP and SCTP only; `icmp_id` for ICMP echo).
+/// `dst_port` (ports for TCP, UDP and SCTP only; `icmp_id` for ICMP echo, `icmp_type` for
+/// other ICMP).
 fn tuple(out: &mut Map<String, Value>, key: &FlowKey) {
     let ports = matches!(key.proto, 6 | 17 | 132);
     let name = flows::protocol_name(key.family, key.proto);
@@ -144,9 +145,11 @@ fn tuple(out: &mut Map<String, Value>, key: &FlowKey) {
     out.insert("src_port".into(), if ports { json!(key.sport) } else { Value::Null });
     out.insert("dst".into(), json!(flows::addr(&key.dst, key.family).to_string()));
     out.insert("dst_port".into(), if ports { json!(key.dport) } else { Value::Null });
-    if xdpgate_common::is_icmp(key.family, key.proto) {
-        out.insert("icmp_id".into(), json!(key.sport));
-    }
+    match key.icmp_flow() {
+        Some(IcmpFlow::Echo(id)) => out.insert("icmp_id".into(), json!(id)),
+        Some(IcmpFlow::Type(t)) => out.insert("icmp_type".into(), json!(t)),
+        None => None,
+    };
 }
 
 fn direction(d: u8) -> &'static str {
@@ -703,6 +706,7 @@ mod tests {
             dst: [198, 51, 100, 1].into(),
             dst_port: Some(53),
             icmp_id: None,
+            icmp_type: None,
             direction: "inbound",
             generation: 1,
             nsg: None,
@@ -754,6 +758,21 @@ mod tests {
     fn packets(l: &Value) -> [u64; 4] {
         let at = |v: &Value, d: &str| v[d]["packets"].as_u64().unwrap();
         [at(l, "forward"), at(l, "reply"), at(&l["delta"], "forward"), at(&l["delta"], "reply")]
+    }
+
+    /// An echo flow's line names its identifier, another ICMP flow's its kind: both had
+    /// `icmp_id` 0 before, a timestamp flow and a ping of identifier 0 alike.
+    #[test]
+    fn an_icmp_line_names_the_echo_identifier_or_the_kind() {
+        let fields = |kind: u8, proto: u8| {
+            let key = FlowKey { proto, family: 4, sport: 7, dport: 7, kind, ..Default::default() };
+            let mut m = Map::new();
+            tuple(&mut m, &key);
+            (m.get("icmp_id").cloned(), m.get("icmp_type").cloned())
+        };
+        assert_eq!(fields(0, 1), (Some(json!(7)), None), "echo");
+        assert_eq!(fields(13, 1), (None, Some(json!(13))), "timestamp");
+        assert_eq!(fields(0, 17), (None, None), "udp");
     }
 
     /// What a record counts, by what the read found and the flow's last record.

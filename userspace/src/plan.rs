@@ -641,6 +641,7 @@ nat_gateways:
             dst: dst.parse().unwrap(),
             dst_port: Some(dst_port),
             icmp_id: None,
+            icmp_type: None,
             direction: "inbound",
             generation: 1,
             nsg: None,

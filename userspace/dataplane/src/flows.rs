@@ -18,7 +18,8 @@ use aya::maps::{HashMap as BpfHashMap, MapData};
 use serde::Serialize;
 use xdpgate_common::{
     flow::{
-        FlowKey, FlowValue, NAT_DST, NAT_ENCAP, NAT_NEXT_HOP, NAT_SRC, NO_RULE, TCP_CLOSED, TCP_FIN,
+        FlowKey, FlowValue, IcmpFlow, NAT_DST, NAT_ENCAP, NAT_NEXT_HOP, NAT_SRC, NO_RULE,
+        TCP_CLOSED, TCP_FIN,
     },
     is_icmp,
     lb::NO_BACKEND,
@@ -99,6 +100,10 @@ pub struct Flow {
     pub dst_port: Option<u16>,
     /// Identifier of an ICMP echo flow.
     pub icmp_id: Option<u16>,
+    /// The kind of another ICMP flow (`FlowKey::icmp_flow`): its request's type (13, a
+    /// timestamp request, for the request and its reply), or its own message's type for a
+    /// message that has no answer.
+    pub icmp_type: Option<u8>,
     /// `inbound` (arrived on an external interface) or `outbound`.
     pub direction: &'static str,
     /// Policy generation that decided the flow.
@@ -580,7 +585,8 @@ fn describe(
 ) -> Flow {
     let main = forward.or(reply).expect("a flow has an entry");
     let ports = has_ports(key.proto);
-    let icmp_echo = is_icmp(key.family, key.proto);
+    let icmp = key.icmp_flow();
+    let icmp_echo = matches!(icmp, Some(IcmpFlow::Echo(_)));
     let traffic = |v: Option<FlowValue>| v.as_ref().map(Traffic::from).unwrap_or_default();
     let (idle_ns, timeout) = idle(names, now, state, &key, forward, reply);
     let rules = names.rules(main.rules, main.generation);
@@ -618,7 +624,14 @@ fn describe(
         src_port: ports.then_some(key.sport),
         dst: addr(&key.dst, key.family),
         dst_port: ports.then_some(key.dport),
-        icmp_id: icmp_echo.then_some(key.sport),
+        icmp_id: match icmp {
+            Some(IcmpFlow::Echo(id)) => Some(id),
+            _ => None,
+        },
+        icmp_type: match icmp {
+            Some(IcmpFlow::Type(t)) => Some(t),
+            _ => None,
+        },
         direction: if u32::from(main.direction) == DIR_OUTBOUND { "outbound" } else { "inbound" },
         generation: main.generation,
         nsg: resolved.as_ref().map(|r| r.nsg.clone()),
@@ -918,6 +931,32 @@ mod tests {
         assert_eq!(flow.icmp_id, Some(14785));
         let nat = flow.nat.expect("translated");
         assert_eq!((nat.kind, nat.port), ("snat", Some(27205)));
+    }
+
+    /// A flow of another ICMP message shows its kind, not an identifier: a timestamp flow and
+    /// a ping of identifier 0 to one peer looked alike (both `id 0`) before.
+    #[test]
+    fn an_icmp_flow_other_than_echo_shows_its_type() {
+        let names = names();
+        let ping = FlowKey {
+            proto: 1,
+            sport: 0,
+            dport: 0,
+            ..key([198, 51, 100, 10], 0, [203, 0, 113, 10], 0)
+        };
+        let v = Some(value(0, 1));
+        let flow = describe(&names, 2, FlowState::Established, ping, v, None);
+        assert_eq!((flow.icmp_id, flow.icmp_type), (Some(0), None));
+        let timestamp = FlowKey { kind: 13, ..ping };
+        let flow = describe(&names, 2, FlowState::Established, timestamp, v, None);
+        assert_eq!((flow.icmp_id, flow.icmp_type), (None, Some(13)));
+        // ICMPv6's reserved type 0 is kept as kind 128, no echo's.
+        let reserved = FlowKey { family: 6, proto: 58, kind: 128, ..ping };
+        let flow = describe(&names, 2, FlowState::Established, reserved, v, None);
+        assert_eq!((flow.icmp_id, flow.icmp_type), (None, Some(0)));
+        let udp = FlowKey { proto: 17, ..ping };
+        let flow = describe(&names, 2, FlowState::Established, udp, v, None);
+        assert_eq!((flow.icmp_id, flow.icmp_type), (None, None));
     }
 
     #[test]

@@ -139,7 +139,11 @@ fn table(flows: &[Flow], running: u64) -> String {
         ]);
         g.row([
             f.direction.to_string(),
-            f.icmp_id.map(|id| format!("id {id}")).unwrap_or_default(),
+            match (f.icmp_id, f.icmp_type) {
+                (Some(id), _) => format!("id {id}"),
+                (None, Some(kind)) => format!("type {kind}"),
+                (None, None) => String::new(),
+            },
             endpoint(f.dst, f.dst_port),
             via(f),
             f.reply.packets.to_string(),
@@ -178,6 +182,7 @@ mod tests {
             dst: "198.51.100.10".parse().unwrap(),
             dst_port: Some(80),
             icmp_id: None,
+            icmp_type: None,
             direction: "inbound",
             generation: 3,
             nsg: Some("web".into()),
