@@ -134,3 +134,77 @@ impl Drop for Lease {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        sync::{Arc, Mutex},
+        time::Instant,
+    };
+
+    use super::*;
+    use crate::state;
+
+    /// A lease in memory, shared with the test as the pinned map is with other commands.
+    #[derive(Clone)]
+    struct Memory(Arc<Mutex<u64>>);
+
+    impl Held for Memory {
+        fn until(&self) -> Result<u64> {
+            Ok(*self.0.lock().unwrap())
+        }
+        fn renew(&mut self, until: u64) -> Result<()> {
+            *self.0.lock().unwrap() = until;
+            Ok(())
+        }
+        fn release(&mut self) {
+            *self.0.lock().unwrap() = 0;
+        }
+    }
+
+    /// The pin and state directories, removed however the test ends.
+    struct Dirs(PinDir);
+
+    impl Drop for Dirs {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(state::dir(&self.0));
+            let _ = std::fs::remove_dir_all(self.0.path());
+        }
+    }
+
+    fn wait_for(what: &str, done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "{what}: not within 10 s");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// A lease another command took over (this one held up past its end, its lock file gone
+    /// with the state directory) is left to it: not renewed over, and not released when this
+    /// one ends; its own lease is released (seen failing with the renewal's check of the
+    /// end it last wrote taken out: it went on renewing over the other's).
+    #[test]
+    fn a_lease_another_command_holds_is_left_to_it() {
+        let dirs = Dirs(PinDir::new(format!("/tmp/xgtest-lease-{}", std::process::id())));
+        std::fs::create_dir_all(dirs.0.path()).unwrap();
+        let memory = Memory(Arc::new(Mutex::new(0)));
+        let (length, every) = (Duration::from_millis(300), Duration::from_millis(20));
+        let lease = Lease::take(&dirs.0, Tool::Observe, memory.clone(), length, every).unwrap();
+        let first = memory.until().unwrap();
+        wait_for("renewed", || memory.until().unwrap() != first);
+        let theirs = monotonic_ns() + 60_000_000_000;
+        *memory.0.lock().unwrap() = theirs;
+        let renewing = lease.thread.as_ref().unwrap();
+        wait_for("the renewal gives the lease up", || renewing.is_finished());
+        assert_eq!(memory.until().unwrap(), theirs, "renewed over the other's");
+        drop(lease);
+        assert_eq!(memory.until().unwrap(), theirs, "released the other's");
+        // Theirs ended: this command's next lease is its own, and released at its end.
+        *memory.0.lock().unwrap() = 0;
+        let lease = Lease::take(&dirs.0, Tool::Observe, memory.clone(), length, every).unwrap();
+        assert!(memory.until().unwrap() > monotonic_ns(), "taken");
+        drop(lease);
+        assert_eq!(memory.until().unwrap(), 0, "released");
+    }
+}
