@@ -134,10 +134,10 @@ pub fn gap_line(ring_full: u64, rate_limited: u64) -> Value {
 }
 
 /// The 5-tuple of the flow's first packet: `protocol`, `src`, `src_port`, `dst`,
-/// `dst_port` (ports for TCP, UDP and SCTP only; `icmp_id` for ICMP echo, `icmp_type` for
-/// other ICMP).
+/// `dst_port` (ports for TCP and UDP only; `icmp_id` for ICMP echo, `icmp_type` for other
+/// ICMP).
 fn tuple(out: &mut Map<String, Value>, key: &FlowKey) {
-    let ports = matches!(key.proto, 6 | 17 | 132);
+    let ports = flows::has_ports(key.proto);
     let name = flows::protocol_name(key.family, key.proto);
     // Named, or its number (as a number).
     out.insert("protocol".into(), name.parse::<u8>().map_or_else(|_| json!(name), |n| json!(n)));
@@ -773,6 +773,10 @@ mod tests {
         assert_eq!(fields(0, 1), (Some(json!(7)), None), "echo");
         assert_eq!(fields(13, 1), (None, Some(json!(13))), "timestamp");
         assert_eq!(fields(0, 17), (None, None), "udp");
+        // SCTP's ports are not read: none, not 0 (until 2026-12-07).
+        let mut m = Map::new();
+        tuple(&mut m, &FlowKey { proto: 132, family: 4, ..Default::default() });
+        assert_eq!((&m["src_port"], &m["dst_port"]), (&Value::Null, &Value::Null), "sctp");
     }
 
     /// What a record counts, by what the read found and the flow's last record.

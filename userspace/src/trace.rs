@@ -614,7 +614,7 @@ fn tcp_flags(args: &TraceArgs) -> String {
 }
 
 fn has_ports(args: &TraceArgs) -> bool {
-    matches!(args.protocol, Protocol::Number(6 | 17))
+    matches!(args.protocol, Protocol::Number(p) if flows::has_ports(p))
 }
 
 fn proto_name(args: &TraceArgs) -> &'static str {

@@ -305,9 +305,10 @@ pub fn protocol_name(family: u8, proto: u8) -> String {
     }
 }
 
-/// Whether packets of `proto` have ports.
+/// Whether the dataplane reads the ports of `proto`'s packets: TCP's and UDP's. Others'
+/// (SCTP's among them) are 0 in their keys: their flows are kept by address alone.
 pub fn has_ports(proto: u8) -> bool {
-    matches!(proto, 6 | 17 | 132)
+    matches!(proto, 6 | 17)
 }
 
 /// What names the numbers in flow entries: the records of the running generation and of
@@ -950,6 +951,10 @@ mod tests {
         let timestamp = FlowKey { kind: 13, ..ping };
         let flow = describe(&names, 2, FlowState::Established, timestamp, v, None);
         assert_eq!((flow.icmp_id, flow.icmp_type), (None, Some(13)));
+        // SCTP's ports are not read: shown as none, not as port 0 (until 2026-12-07).
+        let sctp = FlowKey { proto: 132, ..key([198, 51, 100, 10], 0, [203, 0, 113, 10], 0) };
+        let flow = describe(&names, 2, FlowState::Established, sctp, v, None);
+        assert_eq!((flow.src_port, flow.dst_port, flow.icmp_id), (None, None, None));
         // ICMPv6's reserved type 0 is kept as kind 128, no echo's.
         let reserved = FlowKey { family: 6, proto: 58, kind: 128, ..ping };
         let flow = describe(&names, 2, FlowState::Established, reserved, v, None);
