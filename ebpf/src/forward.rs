@@ -29,7 +29,7 @@ use xdpgate_common::{
 };
 
 use crate::{
-    headers::{IPPROTO_IPIP, IPPROTO_IPV6},
+    headers::{EthHdr, IPPROTO_IPIP, IPPROTO_IPV6},
     hook::Hook,
     maps::{FIB_PARAMS, NEIGHBOURS_WANTED, ROUTE_GENERATION, iface_config},
     parse::{Packet, PacketMeta, ipv6_link_local, ptr_at},
@@ -474,4 +474,13 @@ fn holds(hop: &NextHop, generation: u32, now: u32, iif: u32, ip_len: u16) -> boo
         && now.wrapping_sub(hop.jiffies) < HOP_MAX_AGE_JIFFIES
         && hop.iif == iif
         && ip_len <= hop.max_len
+}
+
+/// Writes the next hop's MAC addresses into the frame.
+#[inline(always)]
+pub fn set_macs(ctx: &impl Packet, hop: &NextHop) -> Result<(), DropReason> {
+    let eth = unsafe { &mut *(ptr_at::<EthHdr>(ctx, 0)? as *mut EthHdr) };
+    eth.dst = hop.dmac;
+    eth.src = hop.smac;
+    Ok(())
 }

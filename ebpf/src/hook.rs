@@ -1,6 +1,7 @@
 //! The hook the ingress pipeline runs at: XDP (a frame, before any socket buffer exists) or
 //! tc ingress (a socket buffer, possibly a GRO aggregate or a CHECKSUM_PARTIAL packet of a
-//! local sender across a veth). One copy of every stage serves both; what differs is here:
+//! local sender across a veth). One copy of every stage serves both; what differs is this
+//! trait's:
 //! where the arrival interface is read, the stage array, how a header field is rewritten
 //! (in place with RFC 1624 updates on a frame; with the kernel's checksum helpers on a
 //! socket buffer, which keep CHECKSUM_PARTIAL and CHECKSUM_COMPLETE right), which
@@ -8,10 +9,8 @@
 //!
 //! Stages speak XDP verdicts (`xdp_action`) for both hooks, which is also how `IFACE_STATS`
 //! counts them; the tc entry points turn them into tc verdicts at the very end
-//! ([`tc_verdict`]). The trait is here, its two implementations in `xdp.rs` and `tc.rs`.
-
-mod tc;
-mod xdp;
+//! ([`tc_verdict`]). The trait is here; its two implementations are `xdp.rs` and `tc.rs`,
+//! above the stages' modules they call into (`nat`, `forward`, `encap`, `too_big`).
 
 use aya_ebpf::{
     EbpfContext,
@@ -20,10 +19,7 @@ use aya_ebpf::{
 };
 use xdpgate_common::{flow::NextHop, stats::DropReason};
 
-use crate::{
-    headers::EthHdr,
-    parse::{Packet, PacketMeta, ptr_at},
-};
+use crate::parse::{Packet, PacketMeta};
 
 pub trait Hook: EbpfContext + Packet + Sized {
     /// Whether this is `xdpgate trace`'s packet: it carries the running trace's marker
@@ -82,14 +78,6 @@ pub trait Hook: EbpfContext + Packet + Sized {
     /// cannot answer: answered with ICMP "too big" where this hook can ([`too_big`]),
     /// else dropped for `reason`.
     fn too_big(&self, meta: &PacketMeta, mtu: u16, reason: DropReason) -> Result<u32, DropReason>;
-}
-
-#[inline(always)]
-fn set_macs(ctx: &impl Packet, hop: &NextHop) -> Result<(), DropReason> {
-    let eth = unsafe { &mut *(ptr_at::<EthHdr>(ctx, 0)? as *mut EthHdr) };
-    eth.dst = hop.dmac;
-    eth.src = hop.smac;
-    Ok(())
 }
 
 /// The tc verdict for a stage's XDP verdict: pass is `TC_ACT_UNSPEC` (`TCX_NEXT`: later tcx

@@ -22,8 +22,10 @@ mod nat;
 mod nsg;
 mod parse;
 mod snat;
+mod tc;
 mod too_big;
 mod trace;
+mod xdp;
 
 use aya_ebpf::{
     EbpfContext,

@@ -1,7 +1,9 @@
 //! Within each crate the modules depend one way, as the crates do (Cargo refuses a cycle of
 //! crates; nothing refuses one of modules): no module reaches, by a `crate::`, `super::` or
-//! `self::` path, a module that reaches back. A module may use its ancestors (Rust lets it
-//! see their private items for that), and test modules (`#[cfg(test)]`) are not counted.
+//! `self::` path (or through what a module re-exports), a module that reaches back. A module
+//! may use its ancestors (Rust lets it see their private items for that); a use of another
+//! module's child counts as a use of that module too, so two subtrees depend one way as
+//! wholes. Test modules (`#[cfg(test)]`) are not counted.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -12,22 +14,24 @@ use std::{
 use proc_macro2::{TokenStream, TokenTree};
 use syn::{Attribute, Item, UseTree, visit::Visit};
 
-/// Every crate's source folder, from the workspace root.
-const CRATES: [&str; 8] = [
-    "common/src",
-    "ebpf/src",
-    "userspace/policy/src",
-    "userspace/dataplane/src",
-    "userspace/src",
-    "userspace/pktgen/src",
-    "userspace/bench/src",
-    "xtask/src",
-];
-
 /// A module's path in its crate (`["bgp", "announce"]`; the root is empty).
 type Module = Vec<String>;
 
-/// Each module's source files (a crate's library and program share the root).
+/// The source folders of the workspace's crates (their libraries' and programs').
+fn crates() -> BTreeSet<PathBuf> {
+    let metadata = cargo_metadata::MetadataCommand::new().no_deps().exec().unwrap();
+    let mut dirs = BTreeSet::new();
+    for package in metadata.workspace_packages() {
+        for target in &package.targets {
+            if target.is_lib() || target.is_bin() {
+                dirs.insert(target.src_path.parent().unwrap().as_std_path().to_path_buf());
+            }
+        }
+    }
+    dirs
+}
+
+/// Each module's source files (a crate's library and programs share the root).
 fn modules(src: &Path) -> BTreeMap<Module, Vec<PathBuf>> {
     let mut out: BTreeMap<Module, Vec<PathBuf>> = BTreeMap::new();
     let mut dirs = vec![src.to_path_buf()];
@@ -38,7 +42,8 @@ fn modules(src: &Path) -> BTreeMap<Module, Vec<PathBuf>> {
                 dirs.push(path);
                 continue;
             }
-            if path.extension().is_none_or(|e| e != "rs") {
+            // Not an editor's lock link, say.
+            if !path.is_file() || path.extension().is_none_or(|e| e != "rs") {
                 continue;
             }
             let rel = path.strip_prefix(src).unwrap().with_extension("");
@@ -60,28 +65,116 @@ fn cfg_test(attrs: &[Attribute]) -> bool {
     })
 }
 
-/// The paths a file names, each as written (`crate::flows::addr`, `super::announce`).
+/// What one module's files name: the paths in them as written (`crate::flows::addr`,
+/// `super::announce`), what they re-export, and the items they define.
 #[derive(Default)]
-struct Paths(Vec<Vec<String>>);
+struct Names {
+    paths: Vec<Vec<String>>,
+    /// A `pub use`'s names, each with the path it stands for.
+    reexports: Vec<(String, Vec<String>)>,
+    /// A `pub use ...::*`'s paths.
+    globs: Vec<Vec<String>>,
+    items: BTreeSet<String>,
+}
 
-impl Paths {
-    fn use_tree(&mut self, prefix: &mut Vec<String>, tree: &UseTree) {
+impl Names {
+    fn use_tree(&mut self, prefix: &mut Vec<String>, tree: &UseTree, public: bool) {
+        let mut leaf = |names: &mut Self, name: &syn::Ident, path: Vec<String>| {
+            if public {
+                names.reexports.push((name.to_string(), path.clone()));
+            }
+            names.paths.push(path);
+        };
         match tree {
             UseTree::Path(p) => {
                 prefix.push(p.ident.to_string());
-                self.use_tree(prefix, &p.tree);
+                self.use_tree(prefix, &p.tree, public);
                 prefix.pop();
             }
-            UseTree::Name(n) if n.ident == "self" => self.0.push(prefix.clone()),
-            UseTree::Name(n) => self.0.push([&prefix[..], &[n.ident.to_string()]].concat()),
-            UseTree::Rename(r) => self.0.push([&prefix[..], &[r.ident.to_string()]].concat()),
-            UseTree::Glob(_) => self.0.push(prefix.clone()),
-            UseTree::Group(g) => g.items.iter().for_each(|t| self.use_tree(prefix, t)),
+            UseTree::Name(n) if n.ident == "self" => {
+                let name = syn::Ident::new(prefix.last().unwrap(), n.ident.span());
+                leaf(self, &name, prefix.clone())
+            }
+            UseTree::Name(n) => {
+                leaf(self, &n.ident, [&prefix[..], &[n.ident.to_string()]].concat())
+            }
+            UseTree::Rename(r) => {
+                leaf(self, &r.rename, [&prefix[..], &[r.ident.to_string()]].concat())
+            }
+            UseTree::Glob(_) => {
+                if public {
+                    self.globs.push(prefix.clone());
+                }
+                self.paths.push(prefix.clone());
+            }
+            UseTree::Group(g) => g.items.iter().for_each(|t| self.use_tree(prefix, t, public)),
         }
+    }
+
+    /// The paths in a token stream (a macro's arguments, an attribute's): `crate`, `super`
+    /// or `self` and the `::name`s after it, and each string that holds such a path.
+    fn tokens(&mut self, tokens: TokenStream) {
+        let mut path: Option<Vec<String>> = None;
+        let mut colons = 0;
+        for token in tokens {
+            match &token {
+                TokenTree::Punct(p) if p.as_char() == ':' && path.is_some() => {
+                    colons += 1;
+                    continue;
+                }
+                TokenTree::Ident(i) => {
+                    let name = i.to_string();
+                    if let Some(p) = path.as_mut().filter(|_| colons == 2) {
+                        p.push(name);
+                        colons = 0;
+                        continue;
+                    }
+                    self.paths.extend(path.take());
+                    if matches!(name.as_str(), "crate" | "super" | "self") {
+                        path = Some(vec![name]);
+                    }
+                    colons = 0;
+                    continue;
+                }
+                TokenTree::Group(g) => self.tokens(g.stream()),
+                TokenTree::Literal(l) => {
+                    if let Ok(syn::Lit::Str(s)) = syn::parse_str::<syn::Lit>(&l.to_string()) {
+                        let text = s.value();
+                        if ["crate::", "super::", "self::"].iter().any(|p| text.starts_with(p)) {
+                            self.paths.push(text.split("::").map(str::to_owned).collect());
+                        }
+                    }
+                }
+                TokenTree::Punct(_) => {}
+            }
+            self.paths.extend(path.take());
+            colons = 0;
+        }
+        self.paths.extend(path);
     }
 }
 
-impl<'ast> Visit<'ast> for Paths {
+impl<'ast> Visit<'ast> for Names {
+    fn visit_file(&mut self, file: &'ast syn::File) {
+        for item in &file.items {
+            let name = match item {
+                Item::Const(i) => Some(&i.ident),
+                Item::Enum(i) => Some(&i.ident),
+                Item::Fn(i) => Some(&i.sig.ident),
+                Item::Macro(i) => i.ident.as_ref(),
+                Item::Mod(i) => Some(&i.ident),
+                Item::Static(i) => Some(&i.ident),
+                Item::Struct(i) => Some(&i.ident),
+                Item::Trait(i) => Some(&i.ident),
+                Item::Type(i) => Some(&i.ident),
+                Item::Union(i) => Some(&i.ident),
+                _ => None,
+            };
+            self.items.extend(name.map(ToString::to_string));
+        }
+        syn::visit::visit_file(self, file);
+    }
+
     fn visit_item(&mut self, item: &'ast Item) {
         let attrs = match item {
             Item::Mod(i) => &i.attrs,
@@ -94,13 +187,16 @@ impl<'ast> Visit<'ast> for Paths {
             return;
         }
         match item {
-            Item::Use(u) => self.use_tree(&mut Vec::new(), &u.tree),
+            Item::Use(u) => {
+                let public = !matches!(u.vis, syn::Visibility::Inherited);
+                self.use_tree(&mut Vec::new(), &u.tree, public)
+            }
             _ => syn::visit::visit_item(self, item),
         }
     }
 
     fn visit_path(&mut self, path: &'ast syn::Path) {
-        self.0.push(path.segments.iter().map(|s| s.ident.to_string()).collect());
+        self.paths.push(path.segments.iter().map(|s| s.ident.to_string()).collect());
         syn::visit::visit_path(self, path);
     }
 
@@ -118,107 +214,102 @@ impl<'ast> Visit<'ast> for Paths {
     }
 }
 
-impl Paths {
-    /// The paths in a token stream: `crate`, `super` or `self` and the `::name`s after it,
-    /// and each string that holds such a path.
-    fn tokens(&mut self, tokens: TokenStream) {
-        let mut path: Option<Vec<String>> = None;
-        let mut colons = 0;
-        for token in tokens {
-            match &token {
-                TokenTree::Punct(p) if p.as_char() == ':' && path.is_some() => {
-                    colons += 1;
-                    continue;
-                }
-                TokenTree::Ident(i) => {
-                    let name = i.to_string();
-                    match path.as_mut() {
-                        Some(p) if colons == 2 => {
-                            p.push(name);
-                            colons = 0;
-                            continue;
-                        }
-                        _ => {}
-                    }
-                    self.0.extend(path.take());
-                    if matches!(name.as_str(), "crate" | "super" | "self") {
-                        path = Some(vec![name]);
-                    }
-                    colons = 0;
-                    continue;
-                }
-                TokenTree::Group(g) => self.tokens(g.stream()),
-                TokenTree::Literal(l) => {
-                    if let Ok(syn::Lit::Str(s)) = syn::parse_str::<syn::Lit>(&l.to_string()) {
-                        let text = s.value();
-                        if text.starts_with("crate::") || text.starts_with("super::") {
-                            self.0.push(text.split("::").map(str::to_owned).collect());
-                        }
-                    }
-                }
-                TokenTree::Punct(_) => {}
+/// A crate's modules and what each names.
+struct Crate(BTreeMap<Module, Names>);
+
+impl Crate {
+    fn read(src: &Path) -> Self {
+        let mut out = BTreeMap::new();
+        for (module, files) in modules(src) {
+            let mut names = Names::default();
+            for file in files {
+                let text = fs::read_to_string(&file).unwrap();
+                let parsed =
+                    syn::parse_file(&text).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+                names.visit_file(&parsed);
             }
-            self.0.extend(path.take());
-            colons = 0;
+            out.insert(module, names);
         }
-        self.0.extend(path);
+        Self(out)
     }
-}
 
-/// The module a path written in `here` reaches, if it reaches one of the crate's.
-fn reached(
-    mods: &BTreeMap<Module, Vec<PathBuf>>,
-    here: &Module,
-    path: &[String],
-) -> Option<Module> {
-    let mut at: Module = match path.first()?.as_str() {
-        "crate" => Vec::new(),
-        "self" | "super" => here.clone(),
-        // A child module named without `self::`.
-        first if mods.contains_key(&[&here[..], &[first.to_owned()]].concat()) => here.clone(),
-        _ => return None,
-    };
-    let mut rest = path;
-    if matches!(path[0].as_str(), "crate" | "self") {
-        rest = &path[1..];
-    }
-    while let Some(("super", tail)) = rest.split_first().map(|(s, t)| (s.as_str(), t)) {
-        at.pop()?;
-        rest = tail;
-    }
-    // The longest prefix that is a module.
-    let mut found = None;
-    for seg in rest {
-        at.push(seg.clone());
-        if !mods.contains_key(&at) {
-            break;
+    /// The module a path written in `here` reaches, if it reaches one of the crate's: the
+    /// module it names, or the one a module re-exports the named item from.
+    fn reached(&self, here: &Module, path: &[String], depth: usize) -> Option<Module> {
+        let mut at: Module = match path.first()?.as_str() {
+            "crate" => Vec::new(),
+            "self" | "super" => here.clone(),
+            // A child module named without `self::`.
+            first if self.0.contains_key(&[&here[..], &[first.to_owned()]].concat()) => {
+                here.clone()
+            }
+            _ => return None,
+        };
+        let mut rest = if matches!(path[0].as_str(), "crate" | "self") { &path[1..] } else { path };
+        while let Some((first, tail)) = rest.split_first()
+            && first == "super"
+        {
+            at.pop()?;
+            rest = tail;
         }
-        found = Some(at.clone());
+        // The longest prefix that is a module, then what it re-exports under the next name.
+        let mut found = None;
+        for seg in rest {
+            at.push(seg.clone());
+            if !self.0.contains_key(&at) {
+                at.pop();
+                if depth < 8 {
+                    found = self.reexported(&at, seg, depth + 1).or(found);
+                }
+                break;
+            }
+            found = Some(at.clone());
+        }
+        found
     }
-    found
-}
 
-/// Each module's dependencies on others of its crate, ancestors left out.
-fn dependencies(src: &Path) -> BTreeMap<Module, BTreeSet<Module>> {
-    let mods = modules(src);
-    let mut deps = BTreeMap::new();
-    for (here, files) in &mods {
-        let mut paths = Paths::default();
-        for file in files {
-            let text = fs::read_to_string(file).unwrap();
-            let parsed =
-                syn::parse_file(&text).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
-            paths.visit_file(&parsed);
+    /// The module `module` takes `name` from by a `pub use`, if any.
+    fn reexported(&self, module: &Module, name: &str, depth: usize) -> Option<Module> {
+        let names = &self.0[module];
+        if let Some((_, path)) = names.reexports.iter().find(|(n, _)| n == name) {
+            return self.reached(module, path, depth);
         }
-        let to: BTreeSet<Module> = paths
-            .0
-            .iter()
-            .filter_map(|p| reached(&mods, here, p))
-            .filter(|m| !here.starts_with(m))
-            .collect();
-        deps.insert(here.clone(), to);
+        if names.items.contains(name) {
+            return None;
+        }
+        names.globs.iter().find_map(|glob| {
+            let from = self.reached(module, glob, depth)?;
+            let defines = self.0[&from].items.contains(name);
+            if defines { Some(from) } else { self.reexported(&from, name, depth + 1) }
+        })
     }
-    deps
+
+    /// Each module's dependencies on others of its crate: a use of another subtree's module
+    /// is one of each of that module's ancestors below the two's common one, by this
+    /// module and each of its own ancestors below it. A use of an ancestor is none.
+    fn dependencies(&self) -> BTreeMap<Module, BTreeSet<Module>> {
+        let mut deps: BTreeMap<Module, BTreeSet<Module>> =
+            self.0.keys().map(|m| (m.clone(), BTreeSet::new())).collect();
+        for (here, names) in &self.0 {
+            for to in names.paths.iter().filter_map(|p| self.reached(here, p, 0)) {
+                if here.starts_with(&to) {
+                    continue;
+                }
+                let common = here.iter().zip(&to).take_while(|(a, b)| a == b).count();
+                let froms = if common == here.len() {
+                    here.len()..=here.len()
+                } else {
+                    common + 1..=here.len()
+                };
+                for i in froms {
+                    for j in common + 1..=to.len() {
+                        deps.entry(here[..i].to_vec()).or_default().insert(to[..j].to_vec());
+                    }
+                }
+            }
+        }
+        deps
+    }
 }
 
 /// The groups of modules that reach each other (strongly connected, more than one).
@@ -263,53 +354,89 @@ fn describe(group: &BTreeSet<Module>, deps: &BTreeMap<Module, BTreeSet<Module>>)
 
 #[test]
 fn modules_depend_one_way_within_each_crate() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let crates = crates();
+    assert!(crates.len() >= 8, "the workspace's crates: {crates:?}");
     let mut found = Vec::new();
-    for krate in CRATES {
-        let deps = dependencies(&root.join(krate));
-        assert!(deps.len() > 1, "{krate}: no modules found");
+    for src in &crates {
+        let deps = Crate::read(src).dependencies();
+        assert!(deps.len() > 1, "{}: no modules found", src.display());
         for group in cycles(&deps) {
-            found.push(format!("{krate}: {}", describe(&group, &deps)));
+            found.push(format!("{}: {}", src.display(), describe(&group, &deps)));
         }
     }
     assert!(found.is_empty(), "modules that use each other:\n{}", found.join("\n"));
+}
+
+/// A crate written for a test, removed however the test ends.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("xdpgate-layers-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        Self(dir)
+    }
+
+    fn write(&self, name: &str, text: &str) {
+        let path = self.0.join(name);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(path, text).unwrap();
+    }
+
+    fn cycles(&self) -> Vec<String> {
+        let deps = Crate::read(&self.0).dependencies();
+        cycles(&deps).iter().map(|g| describe(g, &deps)).collect()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
 }
 
 /// The check finds a cycle however it is closed, and none through a test module or an
 /// ancestor.
 #[test]
 fn a_cycle_is_found() {
-    /// Removed however the test ends.
-    struct Dir(PathBuf);
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.0);
-        }
-    }
-    let dir = Dir(std::env::temp_dir().join(format!("xdpgate-layers-{}", std::process::id())));
-    let dir = &dir.0;
-    let write = |name: &str, text: &str| {
-        let path = dir.join(name);
-        fs::create_dir_all(path.parent().unwrap()).unwrap();
-        fs::write(path, text).unwrap();
-    };
-    write("lib.rs", "mod a; mod b; mod c; pub fn root() {}");
-    write("a.rs", "use crate::b::{self, f};\npub fn g() { crate::root() }");
-    write("b.rs", "pub fn f() { super::c::h() }\n#[cfg(test)]\nmod tests { use crate::a; }");
-    write("c/mod.rs", "mod d;\npub fn h() {}");
-    write("c/d.rs", "use super::h;\nfn e() { crate::c::h() }");
-    let deps = dependencies(dir);
-    assert!(cycles(&deps).is_empty(), "{deps:?}");
-    // Closed by a path in a body, in a macro's arguments, in an attribute's string.
+    let c = Scratch::new("closed");
+    c.write("lib.rs", "mod a; mod b; mod c; pub fn root() {}");
+    c.write("a.rs", "use crate::b::{self, f};\npub fn g() { crate::root() }");
+    c.write("b.rs", "pub fn f() { super::c::h() }\n#[cfg(test)]\nmod tests { use crate::a; }");
+    c.write("c/mod.rs", "mod d;\npub fn h() {}");
+    c.write("c/d.rs", "use super::h;\nfn e() { crate::c::h() }");
+    assert_eq!(c.cycles(), Vec::<String>::new());
+    // Closed by a path in a body, in a `use` in a body, in a macro's arguments, in an
+    // attribute's string.
     for closing in [
         "pub fn h() { crate::a::g() }",
+        "pub fn h() { use crate::a::g; g() }",
         "pub fn h() { let _ = vec![crate::a::g()]; }",
         "#[derive(serde::Serialize)]\npub struct H(#[serde(serialize_with = \"crate::a::g\")] u8);",
     ] {
-        write("c/mod.rs", &format!("mod d;\n{closing}"));
-        let deps = dependencies(dir);
-        let found = cycles(&deps);
-        assert_eq!(found.len(), 1, "{closing}: {deps:?}");
-        assert_eq!(describe(&found[0], &deps), "a -> b, b -> c, c -> a", "{closing}");
+        c.write("c/mod.rs", &format!("mod d;\n{closing}"));
+        assert_eq!(c.cycles(), ["a -> b, b -> c, c -> a"], "{closing}");
     }
+}
+
+/// Through a re-export (by name, or a glob), and between subtrees: a module that uses
+/// another's child uses that module.
+#[test]
+fn a_cycle_through_a_reexport_or_a_child_is_found() {
+    let c = Scratch::new("reexport");
+    c.write("a.rs", "pub fn g() { crate::f() }");
+    c.write("b.rs", "pub fn f() { crate::a::g() }");
+    for lib in ["mod a; mod b; pub use b::f;", "mod a; mod b; pub use b::*;"] {
+        c.write("lib.rs", lib);
+        assert_eq!(c.cycles(), ["a -> b, b -> a"], "{lib}");
+    }
+    c.write("lib.rs", "mod a; mod b; pub fn f() {}");
+    assert_eq!(c.cycles(), Vec::<String>::new(), "the root's own f");
+    let c = Scratch::new("child");
+    c.write("lib.rs", "mod a; mod b;");
+    c.write("a/mod.rs", "mod c; pub fn g() { crate::b::f() }");
+    c.write("a/c.rs", "pub fn h() {}");
+    c.write("b.rs", "pub fn f() { crate::a::c::h() }");
+    assert_eq!(c.cycles(), ["a -> b, b -> a"]);
 }

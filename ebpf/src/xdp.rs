@@ -3,9 +3,9 @@
 use aya_ebpf::{bindings::xdp_action, maps::ProgramArray, programs::XdpContext};
 use xdpgate_common::{flow::NextHop, stats::DropReason};
 
-use super::{Hook, set_macs};
 use crate::{
     encap, forward,
+    hook::Hook,
     maps::{EGRESS, PIPELINE, count_drop_reason},
     nat,
     parse::PacketMeta,
@@ -101,7 +101,7 @@ impl Hook for XdpContext {
 
     #[inline(always)]
     fn send(&self, hop: &NextHop) -> Result<u32, DropReason> {
-        set_macs(self, hop)?;
+        forward::set_macs(self, hop)?;
         Ok(EGRESS.redirect(hop.ifindex, 0).unwrap_or(xdp_action::XDP_PASS))
     }
 

@@ -9,10 +9,10 @@ use aya_ebpf::{
 };
 use xdpgate_common::{flow::NextHop, maps::TC_PARSE, stats::DropReason};
 
-use super::{Hook, set_macs};
 use crate::{
-    encap,
+    encap, forward,
     headers::{IPPROTO_TCP, IPPROTO_UDP},
+    hook::Hook,
     maps::{TC_PIPELINE, iface_config},
     nat,
     parse::{PacketMeta, ptr_at},
@@ -143,7 +143,7 @@ impl Hook for TcContext {
     /// again per packet).
     #[inline(always)]
     fn send(&self, hop: &NextHop) -> Result<u32, DropReason> {
-        set_macs(self, hop)?;
+        forward::set_macs(self, hop)?;
         let rc = unsafe { bpf_redirect(hop.ifindex, 0) };
         Ok(if rc == i64::from(TC_ACT_REDIRECT) {
             xdp_action::XDP_REDIRECT
