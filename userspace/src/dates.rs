@@ -1,5 +1,5 @@
-//! Dates as the CLI, the agent's records and the flow log print them, and spans of time as
-//! the CLI reads them.
+//! Dates as the CLI, the agent's records and the flow log print them (the dataplane's
+//! monotonic clock among them, as wall-clock time), and spans of time as the CLI reads them.
 
 /// `secs` since the Unix epoch as `YYYY-MM-DDTHH:MM:SSZ` (UTC, RFC 3339).
 pub fn rfc3339(secs: u64) -> String {

@@ -38,7 +38,7 @@ impl Element {
     }
 
     /// An address, prefix or range; `None` if `text` is none of them (a name).
-    pub(crate) fn parse(text: &str) -> Option<Result<Element, String>> {
+    pub(crate) fn literal(text: &str) -> Option<Result<Element, String>> {
         if let Ok(addr) = text.parse::<IpAddr>() {
             return Some(Ok(IpNet::from(addr).into()));
         }
@@ -78,7 +78,7 @@ impl std::str::FromStr for Element {
     type Err = String;
 
     fn from_str(text: &str) -> Result<Self, String> {
-        Self::parse(text)
+        Self::literal(text)
             .unwrap_or_else(|| Err(format!("\"{text}\" is not an address, prefix or range")))
     }
 }

@@ -2341,7 +2341,7 @@ fn literal_family(list: &List) -> Option<bool> {
 
 /// An address, prefix or range as prefixes; `None` if `text` is none of them (a name).
 fn parse_literal(text: &str) -> Option<Result<Vec<IpNet>, String>> {
-    Element::parse(text).map(|e| e.map(|e| e.prefixes()))
+    Element::literal(text).map(|e| e.map(|e| e.prefixes()))
 }
 
 /// A subnet an NSG or a NAT gateway is associated with: never IPv4-mapped (see

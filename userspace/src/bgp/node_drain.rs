@@ -1,6 +1,7 @@
-//! Whether the whole node is drained (`xdpgate drain`): kept in
-//! `node_drain.json` in the state directory, so it survives agent restarts; the agent reads
-//! it every second.
+//! Whether the whole node is drained (`xdpgate drain`): kept in `node_drain.json` in the
+//! state directory, so it survives agent restarts; the agent reads it every second. When the
+//! file cannot be read, `announce::drained_or_last` goes by the announcements' record; the
+//! command is `drain_cmd.rs`.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
