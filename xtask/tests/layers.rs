@@ -79,7 +79,7 @@ struct Names {
 
 impl Names {
     fn use_tree(&mut self, prefix: &mut Vec<String>, tree: &UseTree, public: bool) {
-        let mut leaf = |names: &mut Self, name: &syn::Ident, path: Vec<String>| {
+        let leaf = |names: &mut Self, name: &syn::Ident, path: Vec<String>| {
             if public {
                 names.reexports.push((name.to_string(), path.clone()));
             }
