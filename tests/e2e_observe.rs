@@ -139,6 +139,8 @@ fn the_hosts_own_flows_are_seen_at_egress() {
         (e["verdict"].as_str(), e["direction"].as_str()),
         (Some("allowed"), Some("outbound"))
     );
+    // A ping: its identifier, no ports and no other kind.
+    assert!(e["icmp_id"].is_u64() && e["src_port"].is_null() && e["icmp_type"].is_null(), "{e}");
 }
 
 /// Text output: one line per event, within 100 columns, ending after `--count`.

@@ -21,8 +21,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 use xdpgate_common::{
     events::{EVENT_AT_EGRESS, FlowEvent, NO_REASON},
-    flow::{NAT_DST, NAT_ENCAP, NAT_NEXT_HOP, NAT_SRC},
-    is_icmp,
+    flow::{IcmpFlow, NAT_DST, NAT_ENCAP, NAT_NEXT_HOP, NAT_SRC},
     lb::NO_BACKEND,
     nsg::DIR_INBOUND,
     stats::DROP_REASON_NAMES,
@@ -116,6 +115,9 @@ pub struct Event {
     pub src_port: Option<u16>,
     pub dst: Option<IpAddr>,
     pub dst_port: Option<u16>,
+    /// An ICMP echo's identifier, or another ICMP message's kind (as `xdpgate flows`).
+    pub icmp_id: Option<u16>,
+    pub icmp_type: Option<u8>,
     /// `SYN`, `SYN|ACK`, ...: TCP only.
     pub tcp_flags: Option<String>,
     /// The deciding rule (the destination side's where an NSG applied there).
@@ -187,7 +189,9 @@ impl Describer {
             _ => Verdict::Dropped,
         };
         let (src, dst) = (addr(&e.key.src), addr(&e.key.dst));
-        let echo = is_icmp(family, e.key.proto);
+        let icmp = e.key.icmp_flow().filter(|_| parsed);
+        // A translated echo's identifier is carried as its port.
+        let echo = matches!(icmp, Some(IcmpFlow::Echo(_)));
         let translated = match (e.nat, src, dst) {
             (NAT_DST, Some(src), Some(_)) => Some(Translated {
                 src,
@@ -239,6 +243,14 @@ impl Describer {
             src_port: port(e.key.sport),
             dst,
             dst_port: port(e.key.dport),
+            icmp_id: match icmp {
+                Some(IcmpFlow::Echo(id)) => Some(id),
+                _ => None,
+            },
+            icmp_type: match icmp {
+                Some(IcmpFlow::Type(t)) => Some(t),
+                _ => None,
+            },
             tcp_flags: (parsed && e.key.proto == 6).then(|| tcp_flags(e.tcp_flags)),
             rule: rules.deciding().map(|r| Rule { nsg: r.nsg.clone(), rule: r.rule.clone() }),
             translated,
@@ -334,6 +346,11 @@ impl Event {
                     }
                 }
                 line += &format!(" {proto} {from} -> {to}");
+                match (self.icmp_id, self.icmp_type) {
+                    (Some(id), _) => line += &format!(" id {id}"),
+                    (None, Some(kind)) => line += &format!(" type {kind}"),
+                    (None, None) => {}
+                }
             }
             _ => line += " (not parsed)",
         }
@@ -506,6 +523,34 @@ mod tests {
         assert!(filter(&["--dst", "198.51.100.0/24"]).matches(&ev.subject().unwrap()));
         assert!(ev.selected(EventType::Flow, &filter(&["--port", "8080"])));
         assert!(!ev.selected(EventType::Drop, &filter(&[])));
+    }
+
+    /// An ICMP event names the echo's identifier, or another message's kind, as `flows`
+    /// does (seen failing: neither was shown).
+    #[test]
+    fn an_icmp_event_names_its_identifier_or_kind() {
+        let key = |kind, id| FlowKey {
+            src: words([203, 0, 113, 7]),
+            dst: words([198, 51, 100, 10]),
+            sport: id,
+            dport: id,
+            proto: 1,
+            family: 4,
+            kind,
+            _pad: 0,
+        };
+        let event = |key| FlowEvent {
+            kind: EVENT_BEGIN,
+            version: EVENT_VERSION,
+            key,
+            ..Default::default()
+        };
+        let ping = describe(&event(key(0, 7)));
+        assert_eq!((ping.icmp_id, ping.icmp_type, ping.src_port), (Some(7), None, None));
+        assert!(ping.line().contains("icmp 203.0.113.7 -> 198.51.100.10 id 7"), "{}", ping.line());
+        let timestamp = describe(&event(key(13, 0)));
+        assert_eq!((timestamp.icmp_id, timestamp.icmp_type), (None, Some(13)));
+        assert!(timestamp.line().contains("198.51.100.10 type 13"), "{}", timestamp.line());
     }
 
     #[test]
