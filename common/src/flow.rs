@@ -30,6 +30,24 @@ pub enum IcmpFlow {
     Type(u8),
 }
 
+impl IcmpFlow {
+    /// An echo's identifier.
+    pub fn identifier(self) -> Option<u16> {
+        match self {
+            IcmpFlow::Echo(id) => Some(id),
+            IcmpFlow::Type(_) => None,
+        }
+    }
+
+    /// Another message's type.
+    pub fn message_type(self) -> Option<u8> {
+        match self {
+            IcmpFlow::Type(t) => Some(t),
+            IcmpFlow::Echo(_) => None,
+        }
+    }
+}
+
 impl FlowKey {
     /// What an ICMP flow is kept by, as people name it: `Echo(identifier)`, or `Type(t)` for
     /// another message, `kind` (ICMPv6's reserved type 0, whose kind is 128, is 0 again);

@@ -243,14 +243,8 @@ impl Describer {
             src_port: port(e.key.sport),
             dst,
             dst_port: port(e.key.dport),
-            icmp_id: match icmp {
-                Some(IcmpFlow::Echo(id)) => Some(id),
-                _ => None,
-            },
-            icmp_type: match icmp {
-                Some(IcmpFlow::Type(t)) => Some(t),
-                _ => None,
-            },
+            icmp_id: icmp.and_then(IcmpFlow::identifier),
+            icmp_type: icmp.and_then(IcmpFlow::message_type),
             tcp_flags: (parsed && e.key.proto == 6).then(|| tcp_flags(e.tcp_flags)),
             rule: rules.deciding().map(|r| Rule { nsg: r.nsg.clone(), rule: r.rule.clone() }),
             translated,

@@ -625,14 +625,8 @@ fn describe(
         src_port: ports.then_some(key.sport),
         dst: addr(&key.dst, key.family),
         dst_port: ports.then_some(key.dport),
-        icmp_id: match icmp {
-            Some(IcmpFlow::Echo(id)) => Some(id),
-            _ => None,
-        },
-        icmp_type: match icmp {
-            Some(IcmpFlow::Type(t)) => Some(t),
-            _ => None,
-        },
+        icmp_id: icmp.and_then(IcmpFlow::identifier),
+        icmp_type: icmp.and_then(IcmpFlow::message_type),
         direction: if u32::from(main.direction) == DIR_OUTBOUND { "outbound" } else { "inbound" },
         generation: main.generation,
         nsg: resolved.as_ref().map(|r| r.nsg.clone()),
