@@ -237,6 +237,7 @@ pub fn dropped(reason: u32, parsed: bool, point: u8, ifindex: u32, bytes: u32) {
         e.key.dport = m.dport;
         e.key.proto = m.proto;
         e.key.family = m.family;
+        e.key.kind = m.icmp_kind;
         e.direction = m.dir;
         e.tcp_flags = m.tcp_flags;
     }
