@@ -156,7 +156,9 @@ pub struct Subject<'a> {
 impl<'a> Subject<'a> {
     /// A flow of the flow table: allowed, or translated when it has a NAT or backend.
     pub fn of_flow(f: &'a Flow) -> Self {
-        let nat = f.nat.as_ref().map(|n| (n.kind, (n.address, n.port)));
+        // A translated ping's identifier (its rewrite's `port`) is no port.
+        let port = |p: Option<u16>| p.filter(|_| f.src_port.is_some());
+        let nat = f.nat.as_ref().map(|n| (n.kind, (n.address, port(n.port))));
         let translated = f.nat.is_some() || f.load_balancer.is_some();
         Subject {
             src: f.src,
@@ -329,6 +331,44 @@ mod tests {
         assert!(!filter(&["--src", "10.0.0.5"]).unwrap().matches(&s));
         // Nothing to match a reason against.
         assert!(!filter(&["--reason", "policy"]).unwrap().matches(&s));
+    }
+
+    /// A translated ping's identifier is no port: `--port` does not select it, nor would
+    /// `flows delete --port` delete it (found by an outside review: it did).
+    #[test]
+    fn a_translated_pings_identifier_is_no_port() {
+        let ping = Flow {
+            state: xdpgate_dataplane::flows::FlowState::Established,
+            protocol: "icmp".into(),
+            src: "198.51.100.10".parse().unwrap(),
+            src_port: None,
+            dst: "203.0.113.7".parse().unwrap(),
+            dst_port: None,
+            icmp_id: Some(7),
+            icmp_type: None,
+            direction: "outbound",
+            generation: 1,
+            nsg: None,
+            rule: None,
+            layer: None,
+            rule_index: None,
+            rules: Default::default(),
+            nat: Some(xdpgate_dataplane::flows::Nat {
+                kind: "snat",
+                address: "192.0.2.100".parse().unwrap(),
+                port: Some(40000),
+            }),
+            load_balancer: None,
+            forward: Default::default(),
+            reply: Default::default(),
+            idle_seconds: 0.0,
+            expired: false,
+            incomplete: false,
+            tcp_state: None,
+        };
+        let s = Subject::of_flow(&ping);
+        assert!(!filter(&["--port", "40000"]).unwrap().matches(&s));
+        assert!(filter(&["--src", "192.0.2.100"]).unwrap().matches(&s), "its public address");
     }
 
     #[test]
