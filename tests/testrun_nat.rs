@@ -404,8 +404,8 @@ fn unmatched_inbound_and_inside_traffic() {
 /// are dropped as `nat_untranslatable`, not as a failed allocation: no pool ran out (seen
 /// failing: counted as `nat_exhausted` and among the gateway's failed allocations, which
 /// tell an operator the pool is too small). An ICMP message other than echo is so even
-/// beside the host's ping of identifier 0 (seen failing on ea91ac1, before the kind was in
-/// the flow key: it passed on that ping's flow).
+/// beside the host's ping of identifier 0 (seen failing on ea91ac1, before the flow key's
+/// ICMP kind and the entries' ICMP marks: it passed on that ping's flow).
 #[test]
 fn an_untranslatable_protocol_is_no_failed_allocation() {
     use aya::maps::{MapData, PerCpuArray};
@@ -428,8 +428,8 @@ fn an_untranslatable_protocol_is_no_failed_allocation() {
         assert_eq!(k.run(pkt), DROP, "packet {i}");
         assert_eq!(k.drops("nat_untranslatable"), i as u64 + 1, "packet {i}");
     }
-    // Nor does it ride the translation of a ping of identifier 0 to the same peer, whose
-    // key differs from its by the kind alone (ports 0 both).
+    // Nor does it ride the translation of a ping of identifier 0 to the same peer (ports 0
+    // both; the flow key's kind and the entries' ICMP marks tell them apart).
     k.through(&frame("198.51.100.10", "203.0.113.7", L4::Echo(0)));
     assert_eq!(k.run(&packets[2]), DROP, "a timestamp request beside a ping of id 0");
     assert_eq!(k.drops("nat_untranslatable"), packets.len() as u64 + 1);

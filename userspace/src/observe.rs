@@ -190,12 +190,10 @@ impl Describer {
         };
         let (src, dst) = (addr(&e.key.src), addr(&e.key.dst));
         let icmp = e.key.icmp_flow().filter(|_| parsed);
-        // A translated echo's identifier is carried as its port.
-        let echo = matches!(icmp, Some(IcmpFlow::Echo(_)));
         let translated = match (e.nat, src, dst) {
             (NAT_DST, Some(src), Some(_)) => Some(Translated {
                 src,
-                src_port: port(if echo { e.nat_port } else { e.key.sport }),
+                src_port: port(e.key.sport),
                 dst: flows::addr(&e.nat_addr, family),
                 dst_port: port(e.nat_port),
             }),
@@ -203,7 +201,7 @@ impl Describer {
                 src: flows::addr(&e.nat_addr, family),
                 src_port: port(e.nat_port),
                 dst,
-                dst_port: port(if echo { e.nat_port } else { e.key.dport }),
+                dst_port: port(e.key.dport),
             }),
             _ => None,
         };

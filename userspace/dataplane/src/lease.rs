@@ -194,9 +194,17 @@ mod tests {
         let first = memory.until().unwrap();
         wait_for("renewed", || memory.until().unwrap() != first);
         let theirs = monotonic_ns() + 60_000_000_000;
-        *memory.0.lock().unwrap() = theirs;
         let renewing = lease.thread.as_ref().unwrap();
-        wait_for("the renewal gives the lease up", || renewing.is_finished());
+        // Written again should a renewal that read its own end just before overwrite it (as
+        // the other command's renewal then finds this one's and gives up); a renewal that
+        // never checks overwrites it every time and never gives up.
+        wait_for("the renewal gives the lease up", || {
+            let mut until = memory.0.lock().unwrap();
+            if *until != theirs {
+                *until = theirs;
+            }
+            renewing.is_finished()
+        });
         assert_eq!(memory.until().unwrap(), theirs, "renewed over the other's");
         drop(lease);
         assert_eq!(memory.until().unwrap(), theirs, "released the other's");
