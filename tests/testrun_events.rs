@@ -44,11 +44,9 @@ fn drain(k: &Kernel) -> Vec<FlowEvent> {
     out
 }
 
-/// A packet to a NAT gateway's public address that matches no translation reaches the flow
-/// log as a drop with its reason (before: counted only), with the version-2 fields: the
-/// interface, TCP flags and length.
-#[test]
-fn nat_unmatched_drops_reach_the_flow_log() {
+/// A NAT gateway with public address 192.0.2.100, packets arriving from outside, no
+/// events yet.
+fn at_a_nat_gateway() -> Kernel {
     let k = Kernel::new();
     k.apply(
         r#"
@@ -60,6 +58,15 @@ nat_gateways:
     );
     k.arrive_as(Role::External);
     drain(&k);
+    k
+}
+
+/// A packet to a NAT gateway's public address that matches no translation reaches the flow
+/// log as a drop with its reason (before: counted only), with the version-2 fields: the
+/// interface, TCP flags and length.
+#[test]
+fn nat_unmatched_drops_reach_the_flow_log() {
+    let k = at_a_nat_gateway();
     let pkt = frame("203.0.113.7", "192.0.2.100", L4::Tcp(443, 5555, SYN));
     assert_eq!(k.run(&pkt), DROP);
     let events = drain(&k);
@@ -75,17 +82,7 @@ nat_gateways:
 /// failing after an outside review: kind 0, read as a ping of identifier 0).
 #[test]
 fn a_dropped_icmp_message_names_its_kind() {
-    let k = Kernel::new();
-    k.apply(
-        r#"
-virtual_network:
-  address_space: [198.51.100.0/24]
-nat_gateways:
-  - {name: natgw, public_addresses: [192.0.2.100], subnets: [198.51.100.0/24]}
-"#,
-    );
-    k.arrive_as(Role::External);
-    drain(&k);
+    let k = at_a_nat_gateway();
     let timestamp = [13u8, 0, 0xf2, 0xfd, 0, 1, 0, 1];
     assert_eq!(k.run(&frame_vlan("203.0.113.7", "192.0.2.100", L4::Raw(1), &[], &timestamp)), DROP);
     let events = drain(&k);
