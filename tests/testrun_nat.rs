@@ -405,7 +405,7 @@ fn unmatched_inbound_and_inside_traffic() {
 /// failing: counted as `nat_exhausted` and among the gateway's failed allocations, which
 /// tell an operator the pool is too small). An ICMP message other than echo is so even
 /// beside the host's ping of identifier 0 (seen failing on ea91ac1, before the flow key's
-/// ICMP kind and the entries' ICMP marks: it passed on that ping's flow).
+/// ICMP kind: it passed on that ping's flow).
 #[test]
 fn an_untranslatable_protocol_is_no_failed_allocation() {
     use aya::maps::{MapData, PerCpuArray};
@@ -429,7 +429,7 @@ fn an_untranslatable_protocol_is_no_failed_allocation() {
         assert_eq!(k.drops("nat_untranslatable"), i as u64 + 1, "packet {i}");
     }
     // Nor does it ride the translation of a ping of identifier 0 to the same peer (ports 0
-    // both; the flow key's kind and the entries' ICMP marks tell them apart).
+    // both: the flow key's ICMP kind tells them apart, in the flow and NAT tables alike).
     k.through(&frame("198.51.100.10", "203.0.113.7", L4::Echo(0)));
     assert_eq!(k.run(&packets[2]), DROP, "a timestamp request beside a ping of id 0");
     assert_eq!(k.drops("nat_untranslatable"), packets.len() as u64 + 1);

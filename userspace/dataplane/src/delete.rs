@@ -11,7 +11,7 @@ use crate::{
     monotonic_ns, state,
 };
 
-/// What `flows` removed (or, dry, would remove).
+/// What [`flows`] removed (or, dry, would remove).
 #[derive(Debug, Serialize)]
 pub struct Deleted {
     /// The flows matched, as they were just before.

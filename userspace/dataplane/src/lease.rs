@@ -182,8 +182,9 @@ mod tests {
 
     /// A lease another command took over (this one held up past its end, its lock file gone
     /// with the state directory) is left to it: not renewed over, and not released when this
-    /// one ends; its own lease is released (seen failing with the renewal's check of the
-    /// end it last wrote taken out: it went on renewing over the other's).
+    /// one ends, whether a renewal or the end finds it; its own lease is released (seen
+    /// failing with the renewal's check of the end it last wrote taken out: it went on
+    /// renewing over the other's; with the end's taken out: it released the other's).
     #[test]
     fn a_lease_another_command_holds_is_left_to_it() {
         let dirs = Dirs(PinDir::new(format!("/tmp/xgtest-lease-{}", std::process::id())));
@@ -208,6 +209,13 @@ mod tests {
         assert_eq!(memory.until().unwrap(), theirs, "renewed over the other's");
         drop(lease);
         assert_eq!(memory.until().unwrap(), theirs, "released the other's");
+        // Taken over between two renewals: this command's end leaves it too.
+        *memory.0.lock().unwrap() = 0;
+        let rarely = Duration::from_secs(3600);
+        let lease = Lease::take(&dirs.0, Tool::Observe, memory.clone(), length, rarely).unwrap();
+        *memory.0.lock().unwrap() = theirs;
+        drop(lease);
+        assert_eq!(memory.until().unwrap(), theirs, "released the other's at its end");
         // Theirs ended: this command's next lease is its own, and released at its end.
         *memory.0.lock().unwrap() = 0;
         let lease = Lease::take(&dirs.0, Tool::Observe, memory.clone(), length, every).unwrap();

@@ -69,9 +69,9 @@ pub fn read(pins: &PinDir) -> Result<Option<Announcements>> {
     state::read_json(pins, FILE)
 }
 
-/// Whether the node is drained, for what must go on when the file cannot be read (broken
-/// by hand): then as the agent's record last had it (drained without one: a node whose
-/// state is unknown is not announced), with the error.
+/// Whether the node is drained (`node_drain`), for what must go on when its file cannot be
+/// read (broken by hand): then as the agent's record last had it (drained without one: a
+/// node whose state is unknown is not announced), with the error.
 pub fn drained_or_last(pins: &PinDir) -> (bool, Option<anyhow::Error>) {
     match node_drain::read(pins) {
         Ok(d) => (d.drained, None),
