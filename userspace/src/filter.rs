@@ -157,8 +157,7 @@ impl<'a> Subject<'a> {
     /// A flow of the flow table: allowed, or translated when it has a NAT or backend.
     pub fn of_flow(f: &'a Flow) -> Self {
         // A translated ping's identifier (its rewrite's `port`) is no port.
-        let port = |p: Option<u16>| p.filter(|_| f.src_port.is_some());
-        let nat = f.nat.as_ref().map(|n| (n.kind, (n.address, port(n.port))));
+        let nat = f.nat.as_ref().map(|n| (n.kind, (n.address, n.port.filter(|_| f.has_ports()))));
         let translated = f.nat.is_some() || f.load_balancer.is_some();
         Subject {
             src: f.src,

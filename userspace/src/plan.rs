@@ -324,18 +324,16 @@ fn denial(policy: &Policy, f: &Flow) -> Option<(String, Option<DenyingRule>)> {
         }
         _ => (f.dst, f.dst_port),
     };
-    let proto =
-        crate::filter::protocol_number(&f.protocol, if f.src.is_ipv6() { 6 } else { 4 }).ok()?;
-    // Ports as the classifier reads them: an echo identifier (which a rewrite may carry as
-    // its port) is none.
-    let ports = xdpgate_dataplane::flows::has_ports(proto);
     let pkt = Packet {
         direction: if f.direction == "outbound" { Direction::Outbound } else { Direction::Inbound },
-        proto,
+        proto: crate::filter::protocol_number(&f.protocol, if f.src.is_ipv6() { 6 } else { 4 })
+            .ok()?,
         src: f.src,
         dst,
-        sport: f.src_port.filter(|_| ports),
-        dport: dst_port.filter(|_| ports),
+        // Ports as the classifier reads them: an echo's identifier (which a rewrite carries
+        // as its port) is none.
+        sport: f.src_port,
+        dport: dst_port.filter(|_| f.has_ports()),
     };
     let verdict = reference::evaluate(policy, &pkt);
     if verdict.allowed {

@@ -190,7 +190,9 @@ impl Flow {
         self.forward.packets + self.reply.packets
     }
 
-    fn has_ports(&self) -> bool {
+    /// Whether the flow's protocol has ports (`has_ports`): else a rewrite's `port` is an
+    /// echo's identifier, no port.
+    pub fn has_ports(&self) -> bool {
         self.src_port.is_some()
     }
 }
